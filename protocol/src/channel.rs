@@ -1,0 +1,127 @@
+//! A typed, framed channel: `Channel<S, Tx, Rx>` can only send `Tx` and
+//! receive `Rx`, so a worker cannot send a response by mistake.
+
+use std::marker::PhantomData;
+
+use futures_util::{SinkExt, StreamExt};
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+use crate::codec::{self, CodecError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChannelError {
+    #[error("i/o error on the channel")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+impl ChannelError {
+    /// Whether the peer sent something this side cannot read (as opposed to
+    /// the connection failing).
+    pub fn is_protocol_violation(&self) -> bool {
+        match self {
+            ChannelError::Codec(_) => true,
+            // LengthDelimitedCodec reports an oversized frame as InvalidData.
+            ChannelError::Io(e) => e.kind() == std::io::ErrorKind::InvalidData,
+        }
+    }
+}
+
+pub struct Channel<S, Tx, Rx> {
+    tx: ChannelTx<WriteHalf<S>, Tx>,
+    rx: ChannelRx<ReadHalf<S>, Rx>,
+}
+
+pub struct ChannelTx<W, Tx> {
+    inner: FramedWrite<W, LengthDelimitedCodec>,
+    _tx: PhantomData<fn(Tx)>,
+}
+
+pub struct ChannelRx<R, Rx> {
+    inner: FramedRead<R, LengthDelimitedCodec>,
+    _rx: PhantomData<fn() -> Rx>,
+}
+
+impl<S, Tx, Rx> Channel<S, Tx, Rx>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    Tx: Serialize,
+    Rx: DeserializeOwned,
+{
+    pub fn new(stream: S) -> Self {
+        let (r, w) = tokio::io::split(stream);
+        Channel {
+            tx: ChannelTx {
+                inner: FramedWrite::new(w, codec::framing()),
+                _tx: PhantomData,
+            },
+            rx: ChannelRx {
+                inner: FramedRead::new(r, codec::framing()),
+                _rx: PhantomData,
+            },
+        }
+    }
+
+    pub async fn send(&mut self, msg: &Tx) -> Result<(), ChannelError> {
+        self.tx.send(msg).await
+    }
+
+    pub async fn recv(&mut self) -> Result<Option<Rx>, ChannelError> {
+        self.rx.recv().await
+    }
+
+    pub(crate) async fn recv_raw(&mut self) -> Result<Option<bytes::BytesMut>, ChannelError> {
+        self.rx.recv_raw().await
+    }
+
+    pub fn split(self) -> (ChannelTx<WriteHalf<S>, Tx>, ChannelRx<ReadHalf<S>, Rx>) {
+        (self.tx, self.rx)
+    }
+}
+
+impl<W: AsyncWrite + Unpin, Tx: Serialize> ChannelTx<W, Tx> {
+    /// Sends and flushes one message.
+    pub async fn send(&mut self, msg: &Tx) -> Result<(), ChannelError> {
+        self.inner.send(codec::to_bytes(msg)?).await?;
+        Ok(())
+    }
+
+    /// Queues one message without flushing; call `flush` after a batch.
+    pub async fn feed(&mut self, msg: &Tx) -> Result<(), ChannelError> {
+        self.inner.feed(codec::to_bytes(msg)?).await?;
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> Result<(), ChannelError> {
+        SinkExt::<bytes::Bytes>::flush(&mut self.inner).await?;
+        Ok(())
+    }
+}
+
+impl<R: AsyncRead + Unpin, Rx: DeserializeOwned> ChannelRx<R, Rx> {
+    /// The next message, or `None` when the peer closed cleanly between
+    /// frames.
+    pub async fn recv(&mut self) -> Result<Option<Rx>, ChannelError> {
+        match self.recv_raw().await? {
+            Some(frame) => Ok(Some(codec::decode(&frame)?)),
+            None => Ok(None),
+        }
+    }
+
+    pub(crate) async fn recv_raw(&mut self) -> Result<Option<bytes::BytesMut>, ChannelError> {
+        match self.inner.next().await {
+            Some(Ok(frame)) => Ok(Some(frame)),
+            Some(Err(e)) => Err(e.into()),
+            None => Ok(None),
+        }
+    }
+
+    /// Whether a complete frame may already be buffered, so a server can
+    /// batch replies before flushing.
+    pub fn has_buffered(&self) -> bool {
+        !self.inner.read_buffer().is_empty()
+    }
+}

@@ -1,0 +1,26 @@
+//! The wire protocol between rotor's workers (and the `rotor` control command)
+//! and the allocator: length-prefixed bincode frames, versioned messages, a
+//! typed channel, and the `Hello` handshake.
+#![forbid(unsafe_code)]
+
+mod channel;
+mod codec;
+mod handshake;
+mod message;
+
+pub use channel::{Channel, ChannelError, ChannelRx, ChannelTx};
+pub use codec::{decode, decode_prefix, encode, CodecError, MAX_FRAME_LEN};
+pub use handshake::{client_handshake, server_handshake, HandshakeError};
+pub use message::{
+    AddrStatus, ClientFrame, Envelope, Families, Hello, HelloReply, NoAddress, PeerStatus, Request,
+    Response, Role, SourceStatus, StatusReport, PROTOCOL_MAJOR, PROTOCOL_MINOR,
+};
+
+/// The channel a client (worker or control command) holds: it can only send
+/// requests and read responses.
+pub type ClientChannel<S> = Channel<S, ClientFrame, HelloOrResponse>;
+
+/// The channel the allocator holds for one client.
+pub type ServerChannel<S> = Channel<S, HelloOrResponse, ClientFrame>;
+
+pub use message::HelloOrResponse;

@@ -1,0 +1,203 @@
+//! The messages. Compatibility rule: enum variants and struct fields are only
+//! ever appended (bincode encodes a variant by its index and fields by
+//! position); `tests/golden.rs` pins the bytes of every message.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Bumped on any change an older peer would misread. Peers with different
+/// majors refuse each other with a reason.
+pub const PROTOCOL_MAJOR: u16 = 1;
+/// Bumped when something is appended that an older peer may ignore.
+pub const PROTOCOL_MINOR: u16 = 0;
+
+/// What a connecting peer is; the allocator lists workers in its status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Worker,
+    Control,
+}
+
+/// First frame from each side.
+///
+/// The first two fields are frozen forever, so a peer of any version can read
+/// the other's version and refuse it with a reason; fields after them may be
+/// appended (a reader ignores trailing bytes of a `Hello`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub major: u16,
+    pub minor: u16,
+    pub role: Role,
+    pub pid: u32,
+    /// Free-form software name and version, for logs and status.
+    pub software: String,
+}
+
+impl Hello {
+    pub fn new(role: Role, software: impl Into<String>) -> Self {
+        Hello {
+            major: PROTOCOL_MAJOR,
+            minor: PROTOCOL_MINOR,
+            role,
+            pid: std::process::id(),
+            software: software.into(),
+        }
+    }
+}
+
+/// The allocator's answer to a client's `Hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloReply {
+    Accepted(Hello),
+    /// `server` stays last so that a newer `Hello` with appended fields
+    /// still decodes.
+    Refused { reason: String, server: Hello },
+}
+
+/// Frames a client sends: exactly one `Hello`, then requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientFrame {
+    Hello(Hello),
+    Request(Envelope<Request>),
+}
+
+/// Frames the allocator sends: exactly one `HelloReply`, then responses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloOrResponse {
+    Hello(HelloReply),
+    Response(Envelope<Response>),
+}
+
+/// A request or response with the id that ties them together, so one
+/// connection carries many requests in flight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope<B> {
+    pub id: u64,
+    pub body: B,
+}
+
+/// Address families a destination resolved to; a lease must be of one of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Families {
+    pub v4: bool,
+    pub v6: bool,
+}
+
+impl Families {
+    pub const ANY: Families = Families { v4: true, v6: true };
+
+    pub fn of<'a>(addrs: impl IntoIterator<Item = &'a IpAddr>) -> Families {
+        let mut f = Families {
+            v4: false,
+            v6: false,
+        };
+        for a in addrs {
+            match a {
+                IpAddr::V4(_) => f.v4 = true,
+                IpAddr::V6(_) => f.v6 = true,
+            }
+        }
+        f
+    }
+
+    pub fn accepts(&self, ip: &IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(_) => self.v4,
+            IpAddr::V6(_) => self.v6,
+        }
+    }
+}
+
+impl std::fmt::Display for Families {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.v4, self.v6) {
+            (true, true) => f.write_str("IPv4 or IPv6"),
+            (true, false) => f.write_str("IPv4"),
+            (false, true) => f.write_str("IPv6"),
+            (false, false) => f.write_str("no family"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// The next source address of one of these families.
+    Lease { families: Families },
+    /// A snapshot of the allocator's state.
+    Status,
+    /// Re-read the pool sources now.
+    Reload,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// `seq` counts leases since the allocator started (or since the state it
+    /// resumed); `generation` identifies the pool the address came from.
+    Leased { ip: IpAddr, seq: u64, generation: u64 },
+    /// No address can be leased: a configuration error, reported to clients.
+    NoAddress { reason: NoAddress, generation: u64 },
+    Status(StatusReport),
+    Reloaded { generation: u64, size: u32 },
+    /// The request could not be served (e.g. a control request a worker may
+    /// not make).
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NoAddress {
+    /// The pool has no addresses at all.
+    EmptyPool,
+    /// The pool has addresses, none of an acceptable family.
+    NoFamily { wanted: Families },
+}
+
+impl std::fmt::Display for NoAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoAddress::EmptyPool => f.write_str("the source address pool is empty"),
+            NoAddress::NoFamily { wanted } => {
+                write!(f, "the source address pool has no {wanted} address")
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub generation: u64,
+    /// Index into `pool` of the next address to lease.
+    pub cursor: u32,
+    pub pool: Vec<AddrStatus>,
+    pub leases_total: u64,
+    /// Seconds since the Unix epoch of the last refresh, if any ran.
+    pub last_refresh_unix: Option<u64>,
+    pub sources: Vec<SourceStatus>,
+    pub peers: Vec<PeerStatus>,
+    pub uptime_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AddrStatus {
+    pub ip: IpAddr,
+    pub leases: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceStatus {
+    /// How the operator named it: `--pool 10.0.0.0/30`, `--pool-file /etc/…`.
+    pub name: String,
+    pub addresses: u32,
+    /// `None` when the last read succeeded; else why it failed (the last good
+    /// addresses are kept).
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    pub role: Role,
+    pub pid: u32,
+    pub software: String,
+    pub connected_secs: u64,
+    pub leases: u64,
+}

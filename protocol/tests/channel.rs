@@ -1,0 +1,113 @@
+//! The typed channel and the handshake over an in-memory pipe.
+
+use rotor_protocol::*;
+use tokio::io::AsyncWriteExt;
+
+fn pair() -> (
+    ClientChannel<tokio::io::DuplexStream>,
+    ServerChannel<tokio::io::DuplexStream>,
+) {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    (Channel::new(a), Channel::new(b))
+}
+
+#[tokio::test]
+async fn handshake_then_requests_round_trip() {
+    let (mut client, mut server) = pair();
+    let srv = tokio::spawn(async move {
+        let theirs = server_handshake(&mut server, Hello::new(Role::Control, "alloc"))
+            .await
+            .unwrap();
+        assert_eq!(theirs.role, Role::Worker);
+        let req = server.recv().await.unwrap().unwrap();
+        let ClientFrame::Request(env) = req else {
+            panic!("expected a request, got {req:?}")
+        };
+        server
+            .send(&HelloOrResponse::Response(Envelope {
+                id: env.id,
+                body: Response::Reloaded {
+                    generation: 1,
+                    size: 0,
+                },
+            }))
+            .await
+            .unwrap();
+    });
+    let server_hello = client_handshake(&mut client, Hello::new(Role::Worker, "w"))
+        .await
+        .unwrap();
+    assert_eq!(server_hello.software, "alloc");
+    client
+        .send(&ClientFrame::Request(Envelope {
+            id: 77,
+            body: Request::Reload,
+        }))
+        .await
+        .unwrap();
+    match client.recv().await.unwrap().unwrap() {
+        HelloOrResponse::Response(Envelope { id: 77, .. }) => {}
+        other => panic!("unexpected {other:?}"),
+    }
+    srv.await.unwrap();
+}
+
+#[tokio::test]
+async fn other_major_is_refused_with_a_reason() {
+    let (mut client, mut server) = pair();
+    let srv =
+        tokio::spawn(async move { server_handshake(&mut server, Hello::new(Role::Control, "a")).await });
+    let mut hello = Hello::new(Role::Worker, "future");
+    hello.major = PROTOCOL_MAJOR + 1;
+    match client_handshake(&mut client, hello).await {
+        Err(HandshakeError::Refused(reason)) => assert!(reason.contains("protocol"), "{reason}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(matches!(
+        srv.await.unwrap(),
+        Err(HandshakeError::VersionMismatch { .. })
+    ));
+}
+
+#[tokio::test]
+async fn oversized_frame_is_refused_before_allocation() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let mut server: ServerChannel<_> = Channel::new(b);
+    let mut raw = a;
+    raw.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    let err = server.recv().await.unwrap_err();
+    assert!(err.is_protocol_violation(), "{err:?}");
+}
+
+#[tokio::test]
+async fn garbage_payload_is_a_decode_error() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let mut server: ServerChannel<_> = Channel::new(b);
+    let mut raw = a;
+    raw.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await.unwrap();
+    let err = server.recv().await.unwrap_err();
+    assert!(err.is_protocol_violation(), "{err:?}");
+}
+
+#[test]
+fn trailing_bytes_are_refused_outside_hello() {
+    let mut bytes = encode(&ClientFrame::Request(Envelope {
+        id: 1,
+        body: Request::Status,
+    }))
+    .unwrap();
+    bytes.push(0);
+    assert!(matches!(
+        decode::<ClientFrame>(&bytes),
+        Err(CodecError::Trailing(1))
+    ));
+}
+
+#[test]
+fn families_of_addresses() {
+    let v4: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+    let v6: std::net::IpAddr = "::1".parse().unwrap();
+    assert_eq!(Families::of(&[v4]), Families { v4: true, v6: false });
+    assert_eq!(Families::of(&[v4, v6]), Families::ANY);
+    assert!(!Families::of(&[v6]).accepts(&v4));
+}

@@ -1,0 +1,143 @@
+//! Golden bytes: every message's encoding is pinned, so a change that would
+//! make an older peer misread a newer one fails here first. A failing case
+//! means the wire format changed: append instead, or bump PROTOCOL_MAJOR.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use rotor_protocol::*;
+
+fn hello() -> Hello {
+    Hello {
+        major: 1,
+        minor: 0,
+        role: Role::Worker,
+        pid: 4242,
+        software: "w".into(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn check<T>(msg: T, golden: &str)
+where
+    T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+{
+    let bytes = encode(&msg).unwrap();
+    assert_eq!(hex(&bytes), golden, "encoding of {msg:?} changed");
+    let back: T = decode(&bytes).unwrap();
+    assert_eq!(back, msg);
+}
+
+const V4: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+const V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
+
+#[test]
+fn golden_client_frames() {
+    check(ClientFrame::Hello(hello()), "00010000fb92100177");
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::Lease {
+                families: Families { v4: true, v6: false },
+            },
+        }),
+        "0107000100",
+    );
+    check(
+        ClientFrame::Request(Envelope {
+            id: 300,
+            body: Request::Status,
+        }),
+        "01fb2c0101",
+    );
+    check(
+        ClientFrame::Request(Envelope {
+            id: 1,
+            body: Request::Reload,
+        }),
+        "010102",
+    );
+}
+
+#[test]
+fn golden_server_frames() {
+    check(HelloOrResponse::Hello(HelloReply::Accepted(hello())), "0000010000fb92100177");
+    check(
+        HelloOrResponse::Hello(HelloReply::Refused {
+            reason: "no".into(),
+            server: hello(),
+        }),
+        "0001026e6f010000fb92100177",
+    );
+    let resp = |body| HelloOrResponse::Response(Envelope { id: 9, body });
+    check(
+        resp(Response::Leased {
+            ip: V4,
+            seq: 1000,
+            generation: 3,
+        }),
+        "01090000c0000207fbe80303",
+    );
+    check(
+        resp(Response::Leased {
+            ip: V6,
+            seq: 1,
+            generation: 1,
+        }),
+        "0109000120010db80000000000000000000000010101",
+    );
+    check(
+        resp(Response::NoAddress {
+            reason: NoAddress::EmptyPool,
+            generation: 2,
+        }),
+        "0109010002",
+    );
+    check(
+        resp(Response::NoAddress {
+            reason: NoAddress::NoFamily {
+                wanted: Families { v4: false, v6: true },
+            },
+            generation: 2,
+        }),
+        "01090101000102",
+    );
+    check(
+        resp(Response::Reloaded {
+            generation: 4,
+            size: 8,
+        }),
+        "0109030408",
+    );
+    check(
+        resp(Response::Error {
+            message: "x".into(),
+        }),
+        "0109040178",
+    );
+    check(
+        resp(Response::Status(StatusReport {
+            generation: 2,
+            cursor: 1,
+            pool: vec![AddrStatus { ip: V4, leases: 5 }],
+            leases_total: 5,
+            last_refresh_unix: Some(1_700_000_000),
+            sources: vec![SourceStatus {
+                name: "--pool 192.0.2.7".into(),
+                addresses: 1,
+                error: None,
+            }],
+            peers: vec![PeerStatus {
+                role: Role::Control,
+                pid: 1,
+                software: "c".into(),
+                connected_secs: 2,
+                leases: 0,
+            }],
+            uptime_secs: 60,
+        })),
+        "01090202010100c0000207050501fc00f1536501102d2d706f6f6c203139322e302e322e370100010101016302003c",
+    );
+}
