@@ -1,1 +1,12 @@
-//! placeholder
+//! rotor's allocator: owns the pool of source addresses and the rotation
+//! cursor, refreshes the pool from its sources, and hands out leases to
+//! workers over a Unix socket, one at a time, so the rotation order is global
+//! across every worker process.
+
+pub mod pool;
+pub mod server;
+pub mod source;
+pub mod spec;
+pub mod state;
+
+pub use server::{bind_socket, run, BindError, Config};

@@ -119,9 +119,11 @@ impl<R: AsyncRead + Unpin, Rx: DeserializeOwned> ChannelRx<R, Rx> {
         }
     }
 
-    /// Whether a complete frame may already be buffered, so a server can
-    /// batch replies before flushing.
-    pub fn has_buffered(&self) -> bool {
-        !self.inner.read_buffer().is_empty()
+    /// Whether a whole frame is already buffered, so a server can batch its
+    /// replies and flush once when it has read everything that came in.
+    pub fn has_complete_frame(&self) -> bool {
+        let buf = self.inner.read_buffer();
+        buf.len() >= 4
+            && buf.len() - 4 >= u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
     }
 }

@@ -7,6 +7,7 @@ mod channel;
 mod codec;
 mod handshake;
 mod message;
+mod report;
 
 pub use channel::{Channel, ChannelError, ChannelRx, ChannelTx};
 pub use codec::{decode, decode_prefix, encode, CodecError, MAX_FRAME_LEN};
@@ -15,6 +16,7 @@ pub use message::{
     AddrStatus, ClientFrame, Envelope, Families, Hello, HelloReply, NoAddress, PeerStatus, Request,
     Response, Role, SourceStatus, StatusReport, PROTOCOL_MAJOR, PROTOCOL_MINOR,
 };
+pub use report::error_chain;
 
 /// The channel a client (worker or control command) holds: it can only send
 /// requests and read responses.

@@ -17,6 +17,7 @@ pub const PROTOCOL_MINOR: u16 = 0;
 pub enum Role {
     Worker,
     Control,
+    Allocator,
 }
 
 /// First frame from each side.
@@ -52,7 +53,10 @@ pub enum HelloReply {
     Accepted(Hello),
     /// `server` stays last so that a newer `Hello` with appended fields
     /// still decodes.
-    Refused { reason: String, server: Hello },
+    Refused {
+        reason: String,
+        server: Hello,
+    },
 }
 
 /// Frames a client sends: exactly one `Hello`, then requests.
@@ -134,14 +138,26 @@ pub enum Request {
 pub enum Response {
     /// `seq` counts leases since the allocator started (or since the state it
     /// resumed); `generation` identifies the pool the address came from.
-    Leased { ip: IpAddr, seq: u64, generation: u64 },
+    Leased {
+        ip: IpAddr,
+        seq: u64,
+        generation: u64,
+    },
     /// No address can be leased: a configuration error, reported to clients.
-    NoAddress { reason: NoAddress, generation: u64 },
+    NoAddress {
+        reason: NoAddress,
+        generation: u64,
+    },
     Status(StatusReport),
-    Reloaded { generation: u64, size: u32 },
+    Reloaded {
+        generation: u64,
+        size: u32,
+    },
     /// The request could not be served (e.g. a control request a worker may
     /// not make).
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -56,7 +56,9 @@ async fn handshake_then_requests_round_trip() {
 async fn other_major_is_refused_with_a_reason() {
     let (mut client, mut server) = pair();
     let srv =
-        tokio::spawn(async move { server_handshake(&mut server, Hello::new(Role::Control, "a")).await });
+        tokio::spawn(
+            async move { server_handshake(&mut server, Hello::new(Role::Control, "a")).await },
+        );
     let mut hello = Hello::new(Role::Worker, "future");
     hello.major = PROTOCOL_MAJOR + 1;
     match client_handshake(&mut client, hello).await {
@@ -84,7 +86,9 @@ async fn garbage_payload_is_a_decode_error() {
     let (a, b) = tokio::io::duplex(1 << 16);
     let mut server: ServerChannel<_> = Channel::new(b);
     let mut raw = a;
-    raw.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).await.unwrap();
+    raw.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff])
+        .await
+        .unwrap();
     let err = server.recv().await.unwrap_err();
     assert!(err.is_protocol_violation(), "{err:?}");
 }
@@ -107,7 +111,13 @@ fn trailing_bytes_are_refused_outside_hello() {
 fn families_of_addresses() {
     let v4: std::net::IpAddr = "127.0.0.1".parse().unwrap();
     let v6: std::net::IpAddr = "::1".parse().unwrap();
-    assert_eq!(Families::of(&[v4]), Families { v4: true, v6: false });
+    assert_eq!(
+        Families::of(&[v4]),
+        Families {
+            v4: true,
+            v6: false
+        }
+    );
     assert_eq!(Families::of(&[v4, v6]), Families::ANY);
     assert!(!Families::of(&[v6]).accepts(&v4));
 }

@@ -40,7 +40,10 @@ fn golden_client_frames() {
         ClientFrame::Request(Envelope {
             id: 7,
             body: Request::Lease {
-                families: Families { v4: true, v6: false },
+                families: Families {
+                    v4: true,
+                    v6: false,
+                },
             },
         }),
         "0107000100",
@@ -63,7 +66,10 @@ fn golden_client_frames() {
 
 #[test]
 fn golden_server_frames() {
-    check(HelloOrResponse::Hello(HelloReply::Accepted(hello())), "0000010000fb92100177");
+    check(
+        HelloOrResponse::Hello(HelloReply::Accepted(hello())),
+        "0000010000fb92100177",
+    );
     check(
         HelloOrResponse::Hello(HelloReply::Refused {
             reason: "no".into(),
@@ -98,7 +104,10 @@ fn golden_server_frames() {
     check(
         resp(Response::NoAddress {
             reason: NoAddress::NoFamily {
-                wanted: Families { v4: false, v6: true },
+                wanted: Families {
+                    v4: false,
+                    v6: true,
+                },
             },
             generation: 2,
         }),

@@ -1,1 +1,13 @@
-//! placeholder
+//! rotor's worker: an HTTP/1.1 forward proxy (absolute-form requests and
+//! CONNECT tunnels) that sends every request from the next source address
+//! the allocator leases it.
+
+pub mod connect;
+pub mod error;
+pub mod lease;
+pub mod listener;
+pub mod proxy;
+pub mod server;
+
+pub use lease::LeaseClient;
+pub use server::{run, Config, Stopped};

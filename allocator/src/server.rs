@@ -1,0 +1,285 @@
+//! The lease server: accepts worker and control connections on the Unix
+//! socket, runs the refresh loop, and answers requests in order.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rotor_protocol::{
+    error_chain, server_handshake, Channel, ChannelError, ClientFrame, Envelope, HandshakeError,
+    Hello, HelloOrResponse, Request, Response, Role, ServerChannel,
+};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::source::Source;
+use crate::state::{Allocator, RefreshOutcome};
+
+pub const SOFTWARE: &str = concat!("rotor-allocator/", env!("CARGO_PKG_VERSION"));
+
+/// A peer must say Hello this fast, or it is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A peer that does not read its replies for this long is dropped, so it
+/// cannot pin memory or a task.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub sources: Vec<Source>,
+    pub refresh: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot create the socket directory {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("an allocator is already serving {0}")]
+    InUse(PathBuf),
+    #[error("cannot bind {path}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Binds the allocator's socket. A socket file left by a dead allocator is
+/// replaced; one a live allocator answers on is not.
+pub fn bind_socket(path: &Path) -> Result<UnixListener, BindError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| BindError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    match UnixListener::bind(path) {
+        Ok(l) => Ok(l),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(BindError::InUse(path.to_path_buf()));
+            }
+            info!(socket = %path.display(), "replacing a stale socket file");
+            let _ = std::fs::remove_file(path);
+            UnixListener::bind(path).map_err(|source| BindError::Bind {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+        Err(source) => Err(BindError::Bind {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+type ReloadReply = oneshot::Sender<RefreshOutcome>;
+
+/// Serves until `shutdown` is cancelled. `reload` (SIGHUP) re-reads the pool
+/// sources at once.
+pub async fn run(
+    listener: UnixListener,
+    config: Config,
+    reload: Arc<Notify>,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let alloc = Arc::new(Allocator::new(config.sources.clone()));
+    // The pool is loaded before the first connection is accepted, so no
+    // worker ever sees the empty pool of a starting allocator.
+    let outcome = refresh(&alloc).await;
+    info!(
+        pool = outcome.size,
+        generation = outcome.generation,
+        sources = config.sources.len(),
+        "allocator ready"
+    );
+    if outcome.size == 0 {
+        warn!("the pool is empty: every proxy request will get 503 until it is not");
+    }
+
+    let tracker = TaskTracker::new();
+    let (reload_tx, reload_rx) = mpsc::channel::<ReloadReply>(16);
+    tracker.spawn(refresh_loop(
+        alloc.clone(),
+        config.refresh,
+        reload,
+        reload_rx,
+        shutdown.clone(),
+    ));
+
+    let ids = AtomicU64::new(1);
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let id = ids.fetch_add(1, Ordering::Relaxed);
+        let alloc = alloc.clone();
+        let reload_tx = reload_tx.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(
+            async move {
+                tokio::select! {
+                    r = serve(stream, id, &alloc, &reload_tx) => {
+                        if let Err(e) = r {
+                            log_conn_error(&e);
+                        }
+                    }
+                    _ = shutdown.cancelled() => {}
+                }
+                alloc.peer_gone(id);
+            }
+            .instrument(tracing::info_span!("conn", id)),
+        );
+    }
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+async fn refresh(alloc: &Arc<Allocator>) -> RefreshOutcome {
+    let sources = alloc.sources();
+    let reads = tokio::task::spawn_blocking(move || sources.iter().map(Source::read).collect())
+        .await
+        .expect("reading pool sources panicked");
+    alloc.apply_refresh(reads)
+}
+
+async fn refresh_loop(
+    alloc: Arc<Allocator>,
+    every: Duration,
+    reload: Arc<Notify>,
+    mut requests: mpsc::Receiver<ReloadReply>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let (why, reply) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => ("interval", None),
+            _ = reload.notified() => ("signal", None),
+            Some(r) = requests.recv() => ("request", Some(r)),
+        };
+        let outcome = refresh(&alloc).await;
+        if outcome.changed {
+            info!(
+                why,
+                pool = outcome.size,
+                generation = outcome.generation,
+                "pool refreshed"
+            );
+        } else {
+            debug!(why, pool = outcome.size, "pool unchanged");
+        }
+        if let Some(r) = reply {
+            let _ = r.send(outcome);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("handshake")]
+    Handshake(#[from] HandshakeError),
+    #[error("no Hello within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error(transparent)]
+    Channel(#[from] ChannelError),
+    #[error("a second Hello on the same connection")]
+    DuplicateHello,
+    #[error("peer did not read its replies for {0:?}")]
+    WriteTimeout(Duration),
+}
+
+fn log_conn_error(e: &ConnError) {
+    let msg = error_chain(e);
+    let garbage = match e {
+        ConnError::Channel(c) => c.is_protocol_violation(),
+        ConnError::Handshake(HandshakeError::Channel(c)) => c.is_protocol_violation(),
+        ConnError::Handshake(HandshakeError::Closed) => false,
+        ConnError::Handshake(_) | ConnError::DuplicateHello => true,
+        ConnError::HandshakeTimeout(_) | ConnError::WriteTimeout(_) => true,
+    };
+    if garbage {
+        warn!(error = %msg, "closing connection: peer broke the protocol");
+    } else {
+        debug!(error = %msg, "connection ended");
+    }
+}
+
+async fn serve(
+    stream: UnixStream,
+    id: u64,
+    alloc: &Allocator,
+    reload: &mpsc::Sender<ReloadReply>,
+) -> Result<(), ConnError> {
+    let mut chan: ServerChannel<UnixStream> = Channel::new(stream);
+    let hello = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        server_handshake(&mut chan, Hello::new(Role::Allocator, SOFTWARE)),
+    )
+    .await
+    .map_err(|_| ConnError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
+    debug!(role = ?hello.role, pid = hello.pid, software = %hello.software, "peer connected");
+    alloc.peer_connected(id, hello);
+
+    let (mut tx, mut rx) = chan.split();
+    while let Some(frame) = rx.recv().await? {
+        let env = match frame {
+            ClientFrame::Request(env) => env,
+            ClientFrame::Hello(_) => return Err(ConnError::DuplicateHello),
+        };
+        let body = match env.body {
+            Request::Lease { families } => alloc.lease(id, families),
+            Request::Status => Response::Status(alloc.status()),
+            Request::Reload => {
+                let (reply_tx, reply_rx) = oneshot::channel();
+                let outcome = match reload.send(reply_tx).await {
+                    Ok(()) => reply_rx.await.ok(),
+                    Err(_) => None,
+                };
+                match outcome {
+                    Some(o) => Response::Reloaded {
+                        generation: o.generation,
+                        size: o.size as u32,
+                    },
+                    None => Response::Error {
+                        message: "the allocator is shutting down".into(),
+                    },
+                }
+            }
+        };
+        let msg = HelloOrResponse::Response(Envelope { id: env.id, body });
+        let write = async {
+            tx.feed(&msg).await?;
+            // Batch replies to pipelined requests; flush once nothing more
+            // is waiting to be read.
+            if !rx.has_complete_frame() {
+                tx.flush().await?;
+            }
+            Ok::<_, ChannelError>(())
+        };
+        tokio::time::timeout(WRITE_TIMEOUT, write)
+            .await
+            .map_err(|_| ConnError::WriteTimeout(WRITE_TIMEOUT))??;
+    }
+    debug!("peer disconnected");
+    Ok(())
+}

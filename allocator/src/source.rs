@@ -1,0 +1,267 @@
+//! Where pool addresses come from: literal specs, a file of specs, the
+//! addresses on an interface (by name or MAC address), or the host's own
+//! global addresses. Sources are re-read on every refresh.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use crate::spec::{parse_spec, SpecError};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// `--pool SPEC`: fixed, expanded once at start.
+    List { spec: String, addrs: Vec<IpAddr> },
+    /// `--pool-file PATH`: one spec per line, `#` comments.
+    File(PathBuf),
+    /// `--interface NAME|MAC`.
+    Interface(InterfaceSelector),
+    /// The host's own global (not loopback, not link-local) addresses on all
+    /// interfaces: the default when no other source is given.
+    HostAddresses,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InterfaceSelector {
+    Name(String),
+    Mac([u8; 6]),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}")]
+    Spec {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: SpecError,
+    },
+    #[error("cannot list network interfaces")]
+    Interfaces(#[source] nix::Error),
+    #[error("no interface {0}")]
+    NoInterface(String),
+}
+
+impl Source {
+    /// A `--pool` spec, checked and expanded now so a typo stops the start.
+    pub fn list(spec: &str) -> Result<Source, SpecError> {
+        Ok(Source::List {
+            spec: spec.to_string(),
+            addrs: parse_spec(spec)?,
+        })
+    }
+
+    pub fn interface(arg: &str) -> Source {
+        Source::Interface(match parse_mac(arg) {
+            Some(mac) => InterfaceSelector::Mac(mac),
+            None => InterfaceSelector::Name(arg.to_string()),
+        })
+    }
+
+    /// How the operator named it, for logs and status.
+    pub fn name(&self) -> String {
+        match self {
+            Source::List { spec, .. } => format!("--pool {spec}"),
+            Source::File(p) => format!("--pool-file {}", p.display()),
+            Source::Interface(InterfaceSelector::Name(n)) => format!("--interface {n}"),
+            Source::Interface(InterfaceSelector::Mac(m)) => {
+                format!("--interface {}", format_mac(m))
+            }
+            Source::HostAddresses => "host addresses".to_string(),
+        }
+    }
+
+    /// Reads the source's current addresses. Blocking (file and netlink
+    /// I/O): call from a blocking context.
+    pub fn read(&self) -> Result<Vec<IpAddr>, SourceError> {
+        match self {
+            Source::List { addrs, .. } => Ok(addrs.clone()),
+            Source::File(path) => read_pool_file(path),
+            Source::Interface(sel) => interface_addrs(sel),
+            Source::HostAddresses => host_addrs(),
+        }
+    }
+}
+
+pub fn read_pool_file(path: &PathBuf) -> Result<Vec<IpAddr>, SourceError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SourceError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    parse_pool_text(&text).map_err(|(line, source)| SourceError::Spec {
+        path: path.clone(),
+        line,
+        source,
+    })
+}
+
+/// One spec per line; `#` starts a comment; blank lines are skipped.
+pub fn parse_pool_text(text: &str) -> Result<Vec<IpAddr>, (usize, SpecError)> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        out.extend(parse_spec(line).map_err(|e| (n + 1, e))?);
+    }
+    Ok(out)
+}
+
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    Some(mac)
+}
+
+fn format_mac(m: &[u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Addresses that can serve as a source: not link-local (they need a scope
+/// to bind), multicast or unspecified.
+fn bindable(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => !v4.is_unspecified() && !v4.is_multicast() && !v4.is_broadcast(),
+        IpAddr::V6(v6) => {
+            !v6.is_unspecified() && !v6.is_multicast() && (v6.segments()[0] & 0xffc0) != 0xfe80
+        }
+    }
+}
+
+fn global(ip: &IpAddr) -> bool {
+    bindable(ip)
+        && !ip.is_loopback()
+        && match ip {
+            IpAddr::V4(v4) => !v4.is_link_local(),
+            IpAddr::V6(_) => true,
+        }
+}
+
+struct IfAddr {
+    name: String,
+    ip: Option<IpAddr>,
+    mac: Option<[u8; 6]>,
+}
+
+fn list_interfaces() -> Result<Vec<IfAddr>, SourceError> {
+    let addrs = nix::ifaddrs::getifaddrs().map_err(SourceError::Interfaces)?;
+    Ok(addrs
+        .map(|a| {
+            let (ip, mac) = match &a.address {
+                Some(sa) => (
+                    sa.as_sockaddr_in()
+                        .map(|s| IpAddr::V4(s.ip()))
+                        .or_else(|| sa.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip()))),
+                    sa.as_link_addr().and_then(|l| l.addr()),
+                ),
+                None => (None, None),
+            };
+            IfAddr {
+                name: a.interface_name,
+                ip,
+                mac,
+            }
+        })
+        .collect())
+}
+
+fn interface_addrs(sel: &InterfaceSelector) -> Result<Vec<IpAddr>, SourceError> {
+    let all = list_interfaces()?;
+    let names: Vec<&str> = match sel {
+        InterfaceSelector::Name(n) => all
+            .iter()
+            .filter(|a| &a.name == n)
+            .map(|a| a.name.as_str())
+            .collect(),
+        InterfaceSelector::Mac(m) => all
+            .iter()
+            .filter(|a| a.mac.as_ref() == Some(m))
+            .map(|a| a.name.as_str())
+            .collect(),
+    };
+    if names.is_empty() {
+        let what = match sel {
+            InterfaceSelector::Name(n) => format!("named {n}"),
+            InterfaceSelector::Mac(m) => format!("with MAC address {}", format_mac(m)),
+        };
+        return Err(SourceError::NoInterface(what));
+    }
+    Ok(all
+        .iter()
+        .filter(|a| names.contains(&a.name.as_str()))
+        .filter_map(|a| a.ip)
+        .filter(bindable)
+        .collect())
+}
+
+fn host_addrs() -> Result<Vec<IpAddr>, SourceError> {
+    Ok(list_interfaces()?
+        .into_iter()
+        .filter_map(|a| a.ip)
+        .filter(global)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_text_with_comments_and_blank_lines() {
+        let text = "# office\n127.0.0.2-127.0.0.3  # two\n\n   \n::1\n";
+        let addrs = parse_pool_text(text).unwrap();
+        assert_eq!(addrs.len(), 3);
+        let err = parse_pool_text("127.0.0.1\nbogus\n").unwrap_err();
+        assert_eq!(err.0, 2);
+        assert!(parse_pool_text("# nothing\n").unwrap().is_empty());
+    }
+
+    #[test]
+    fn mac_addresses() {
+        assert_eq!(
+            parse_mac("02:fc:00:00:00:01"),
+            Some([0x02, 0xfc, 0, 0, 0, 1])
+        );
+        assert_eq!(parse_mac("02-FC-00-00-00-0a"), Some([2, 0xfc, 0, 0, 0, 10]));
+        assert_eq!(parse_mac("eth0"), None);
+        assert_eq!(parse_mac("02:fc:00:00:00"), None);
+        assert_eq!(parse_mac("02:fc:00:00:00:1"), None);
+    }
+
+    #[test]
+    fn loopback_interface_by_name_and_missing_interface() {
+        let lo = Source::interface("lo").read().unwrap();
+        assert!(lo.contains(&"127.0.0.1".parse().unwrap()), "{lo:?}");
+        let err = Source::interface("rotor-no-such0").read().unwrap_err();
+        assert!(err.to_string().contains("rotor-no-such0"), "{err}");
+    }
+
+    #[test]
+    fn host_addresses_exclude_loopback_and_link_local() {
+        for ip in Source::HostAddresses.read().unwrap() {
+            assert!(global(&ip), "{ip}");
+        }
+        assert!(!global(&"127.0.0.1".parse().unwrap()));
+        assert!(!global(&"fe80::1".parse().unwrap()));
+        assert!(!global(&"169.254.1.1".parse().unwrap()));
+        assert!(global(&"192.0.2.2".parse().unwrap()));
+    }
+}

@@ -1,0 +1,212 @@
+//! Pool specifications as an operator writes them: one address, a range
+//! (`127.0.0.2-127.0.0.9`), a CIDR (`192.0.2.0/29`), or a comma list of these.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+/// Largest number of addresses one spec may expand to, so a typo such as
+/// `2001:db8::/32` is an error rather than an attempt to allocate 2^96
+/// addresses.
+pub const MAX_SPEC_ADDRESSES: u128 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("empty address specification")]
+    Empty,
+    #[error("`{0}` is not an IP address")]
+    BadAddress(String),
+    #[error("`{0}`: a prefix length must be a number no larger than {1}")]
+    BadPrefix(String, u8),
+    #[error("range `{0}` mixes IPv4 and IPv6")]
+    MixedRange(String),
+    #[error("range `{0}` ends before it starts")]
+    Backwards(String),
+    #[error("`{0}` expands to {1} addresses, more than the {max} one spec may hold", max = MAX_SPEC_ADDRESSES)]
+    TooLarge(String, u128),
+}
+
+/// Expands a spec into its addresses, in order. Duplicates are kept here;
+/// the pool removes them.
+pub fn parse_spec(spec: &str) -> Result<Vec<IpAddr>, SpecError> {
+    let mut out = Vec::new();
+    let mut any = false;
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        any = true;
+        expand_one(part, &mut out)?;
+    }
+    if !any {
+        return Err(SpecError::Empty);
+    }
+    Ok(out)
+}
+
+fn parse_ip(s: &str) -> Result<IpAddr, SpecError> {
+    let s = s.trim();
+    let s = s
+        .strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .unwrap_or(s);
+    s.parse().map_err(|_| SpecError::BadAddress(s.to_string()))
+}
+
+fn expand_one(part: &str, out: &mut Vec<IpAddr>) -> Result<(), SpecError> {
+    if let Some((addr, len)) = part.split_once('/') {
+        let base = parse_ip(addr)?;
+        let bits: u8 = if base.is_ipv4() { 32 } else { 128 };
+        let len: u8 = len
+            .trim()
+            .parse()
+            .ok()
+            .filter(|l| *l <= bits)
+            .ok_or_else(|| SpecError::BadPrefix(part.to_string(), bits))?;
+        let host_bits = u32::from(bits - len);
+        let count: u128 = if host_bits >= 128 {
+            u128::MAX
+        } else {
+            1u128 << host_bits
+        };
+        if count > MAX_SPEC_ADDRESSES {
+            return Err(SpecError::TooLarge(part.to_string(), count));
+        }
+        let first = to_u128(base) & !(count - 1);
+        push_range(base.is_ipv4(), first, first + count - 1, out);
+        return Ok(());
+    }
+    // A range. IPv6 addresses contain no '-', so splitting on it is safe.
+    if let Some((a, b)) = part.split_once('-') {
+        let (a, b) = (parse_ip(a)?, parse_ip(b)?);
+        if a.is_ipv4() != b.is_ipv4() {
+            return Err(SpecError::MixedRange(part.to_string()));
+        }
+        let (lo, hi) = (to_u128(a), to_u128(b));
+        if hi < lo {
+            return Err(SpecError::Backwards(part.to_string()));
+        }
+        let count = (hi - lo).saturating_add(1);
+        if count > MAX_SPEC_ADDRESSES {
+            return Err(SpecError::TooLarge(part.to_string(), count));
+        }
+        push_range(a.is_ipv4(), lo, hi, out);
+        return Ok(());
+    }
+    out.push(parse_ip(part)?);
+    Ok(())
+}
+
+fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+fn push_range(v4: bool, lo: u128, hi: u128, out: &mut Vec<IpAddr>) {
+    out.reserve((hi - lo + 1) as usize);
+    for n in lo..=hi {
+        out.push(if v4 {
+            // In range by construction: both ends came from IPv4 addresses.
+            IpAddr::V4(Ipv4Addr::from(n as u32))
+        } else {
+            IpAddr::V6(Ipv6Addr::from(n))
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ips(list: &[&str]) -> Vec<IpAddr> {
+        list.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn single_addresses() {
+        assert_eq!(parse_spec("127.0.0.2").unwrap(), ips(&["127.0.0.2"]));
+        assert_eq!(parse_spec("::1").unwrap(), ips(&["::1"]));
+        assert_eq!(parse_spec("[2001:db8::1]").unwrap(), ips(&["2001:db8::1"]));
+    }
+
+    #[test]
+    fn ranges() {
+        assert_eq!(
+            parse_spec("127.0.0.2-127.0.0.4").unwrap(),
+            ips(&["127.0.0.2", "127.0.0.3", "127.0.0.4"])
+        );
+        assert_eq!(
+            parse_spec("10.0.0.255-10.0.1.0").unwrap(),
+            ips(&["10.0.0.255", "10.0.1.0"])
+        );
+        assert_eq!(
+            parse_spec("2001:db8::fffe-2001:db8::1:0").unwrap(),
+            ips(&["2001:db8::fffe", "2001:db8::ffff", "2001:db8::1:0"])
+        );
+        assert_eq!(
+            parse_spec("127.0.0.5-127.0.0.5").unwrap(),
+            ips(&["127.0.0.5"])
+        );
+    }
+
+    #[test]
+    fn cidrs_include_every_address_of_the_block() {
+        assert_eq!(
+            parse_spec("192.0.2.0/30").unwrap(),
+            ips(&["192.0.2.0", "192.0.2.1", "192.0.2.2", "192.0.2.3"])
+        );
+        // Host bits in the base are ignored, as `ip route` does.
+        assert_eq!(
+            parse_spec("192.0.2.3/31").unwrap(),
+            ips(&["192.0.2.2", "192.0.2.3"])
+        );
+        assert_eq!(parse_spec("192.0.2.9/32").unwrap(), ips(&["192.0.2.9"]));
+        assert_eq!(parse_spec("2001:db8::/126").unwrap().len(), 4);
+    }
+
+    #[test]
+    fn comma_lists_mix_forms() {
+        assert_eq!(
+            parse_spec("127.0.0.2, 127.0.0.4-127.0.0.5,::1").unwrap(),
+            ips(&["127.0.0.2", "127.0.0.4", "127.0.0.5", "::1"])
+        );
+    }
+
+    #[test]
+    fn bad_specs_say_what_is_wrong() {
+        assert_eq!(parse_spec(""), Err(SpecError::Empty));
+        assert_eq!(parse_spec(" , "), Err(SpecError::Empty));
+        assert_eq!(
+            parse_spec("127.0.0.256"),
+            Err(SpecError::BadAddress("127.0.0.256".into()))
+        );
+        assert_eq!(
+            parse_spec("host.example"),
+            Err(SpecError::BadAddress("host.example".into()))
+        );
+        assert!(matches!(
+            parse_spec("10.0.0.0/33"),
+            Err(SpecError::BadPrefix(_, 32))
+        ));
+        assert!(matches!(
+            parse_spec("10.0.0.0/x"),
+            Err(SpecError::BadPrefix(..))
+        ));
+        assert!(matches!(
+            parse_spec("10.0.0.1-::1"),
+            Err(SpecError::MixedRange(_))
+        ));
+        assert!(matches!(
+            parse_spec("10.0.0.9-10.0.0.1"),
+            Err(SpecError::Backwards(_))
+        ));
+        assert!(matches!(
+            parse_spec("2001:db8::/32"),
+            Err(SpecError::TooLarge(..))
+        ));
+        assert!(matches!(parse_spec("::/0"), Err(SpecError::TooLarge(..))));
+        assert!(matches!(
+            parse_spec("0.0.0.0/0"),
+            Err(SpecError::TooLarge(..))
+        ));
+        let msg = parse_spec("10.0.0.0/8").unwrap_err().to_string();
+        assert!(msg.contains("16777216"), "{msg}");
+    }
+}

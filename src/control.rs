@@ -1,0 +1,36 @@
+//! The control client behind `rotor status` and `rotor reload`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rotor_protocol::{
+    client_handshake, Channel, ClientChannel, ClientFrame, Envelope, Hello, HelloOrResponse,
+    Request, Response, Role,
+};
+use tokio::net::UnixStream;
+
+/// Sends one request to the allocator and returns its answer.
+pub async fn request(socket: &Path, body: Request) -> anyhow::Result<Response> {
+    use anyhow::Context;
+    let exchange = async {
+        let stream = UnixStream::connect(socket)
+            .await
+            .with_context(|| format!("cannot connect to the allocator at {}", socket.display()))?;
+        let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
+        client_handshake(
+            &mut chan,
+            Hello::new(Role::Control, concat!("rotor/", env!("CARGO_PKG_VERSION"))),
+        )
+        .await?;
+        chan.send(&ClientFrame::Request(Envelope { id: 1, body }))
+            .await?;
+        match chan.recv().await? {
+            Some(HelloOrResponse::Response(env)) => Ok(env.body),
+            Some(other) => anyhow::bail!("unexpected frame from the allocator: {other:?}"),
+            None => anyhow::bail!("the allocator closed the connection"),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .context("the allocator did not answer within 10s")?
+}

@@ -1,0 +1,55 @@
+//! Signals, handled in one place: SIGTERM drains, SIGINT stops fast (a
+//! second SIGTERM too), SIGHUP reloads.
+
+use std::sync::Arc;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+#[derive(Clone, Default)]
+pub struct Signals {
+    /// SIGTERM or SIGINT: stop accepting work and drain.
+    pub shutdown: CancellationToken,
+    /// SIGINT, or a second SIGTERM: stop now.
+    pub fast: CancellationToken,
+    /// SIGHUP.
+    pub reload: Arc<Notify>,
+}
+
+impl Signals {
+    /// Installs the handlers; must run inside the runtime.
+    pub fn install() -> std::io::Result<Signals> {
+        let s = Signals::default();
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        let me = s.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = term.recv() => {
+                        if me.shutdown.is_cancelled() {
+                            info!("second SIGTERM: stopping now");
+                            me.fast.cancel();
+                        } else {
+                            info!("SIGTERM: draining");
+                            me.shutdown.cancel();
+                        }
+                    }
+                    _ = int.recv() => {
+                        info!("SIGINT: stopping now");
+                        me.fast.cancel();
+                        me.shutdown.cancel();
+                    }
+                    _ = hup.recv() => {
+                        info!("SIGHUP: reloading");
+                        me.reload.notify_one();
+                    }
+                }
+            }
+        });
+        Ok(s)
+    }
+}

@@ -1,0 +1,203 @@
+//! Every way a proxied request can fail, classified once: who is at fault,
+//! which status the client gets, and the RFC 9209 `Proxy-Status` error type.
+
+use std::io;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+use rotor_protocol::{error_chain, NoAddress};
+
+use crate::lease::LeaseError;
+
+/// The name this proxy gives itself in `Proxy-Status`.
+pub const PROXY_NAME: &str = "rotor";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NoAddress(NoAddress),
+    #[error("source address {ip} cannot be used on this host")]
+    SourceUnavailable {
+        ip: IpAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("allocator unavailable")]
+    Allocator(#[source] LeaseError),
+    #[error("cannot resolve {host}")]
+    Dns {
+        host: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{host} resolved to no address")]
+    DnsEmpty { host: String },
+    #[error("resolving {host} took longer than {timeout:?}")]
+    DnsTimeout { host: String, timeout: Duration },
+    #[error("connection to {dest} refused")]
+    Refused {
+        dest: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{dest} is unreachable")]
+    Unreachable {
+        dest: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connecting to {dest} failed")]
+    Connect {
+        dest: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("connecting to {dest} took longer than {timeout:?}")]
+    ConnectTimeout { dest: String, timeout: Duration },
+    #[error("{dest} sent no response within {timeout:?}")]
+    ResponseTimeout { dest: String, timeout: Duration },
+    #[error("upstream HTTP exchange with {dest} failed")]
+    Upstream {
+        dest: String,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+/// Who caused a failure: decides the log level and nothing else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Client,
+    Upstream,
+    /// rotor's configuration or its allocator: an operator must act.
+    Internal,
+}
+
+impl ProxyError {
+    pub fn fault(&self) -> Fault {
+        use ProxyError::*;
+        match self {
+            BadRequest(_) => Fault::Client,
+            NoAddress(_) | SourceUnavailable { .. } | Allocator(_) => Fault::Internal,
+            _ => Fault::Upstream,
+        }
+    }
+
+    /// Status code and `Proxy-Status` error type (RFC 9209 §2.3).
+    pub fn classify(&self) -> (StatusCode, Option<&'static str>) {
+        use ProxyError::*;
+        match self {
+            BadRequest(_) => (StatusCode::BAD_REQUEST, None),
+            NoAddress(_) | SourceUnavailable { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some("proxy_configuration_error"),
+            ),
+            Allocator(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some("proxy_internal_error"),
+            ),
+            Dns { .. } | DnsEmpty { .. } => (StatusCode::BAD_GATEWAY, Some("dns_error")),
+            DnsTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Some("dns_timeout")),
+            Refused { .. } => (StatusCode::BAD_GATEWAY, Some("connection_refused")),
+            Unreachable { .. } => (StatusCode::BAD_GATEWAY, Some("destination_ip_unroutable")),
+            Connect { .. } => (StatusCode::BAD_GATEWAY, Some("proxy_internal_error")),
+            ConnectTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Some("connection_timeout")),
+            ResponseTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Some("http_response_timeout")),
+            Upstream { .. } => (StatusCode::BAD_GATEWAY, Some("http_protocol_error")),
+        }
+    }
+
+    /// Classifies a failed connect by its errno.
+    pub fn from_connect(dest: String, source: io::Error) -> ProxyError {
+        match source.raw_os_error() {
+            Some(libc::ECONNREFUSED) => ProxyError::Refused { dest, source },
+            Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EADDRNOTAVAIL) => {
+                ProxyError::Unreachable { dest, source }
+            }
+            _ => ProxyError::Connect { dest, source },
+        }
+    }
+
+    /// The response the client gets: the status, a `Proxy-Status` header and
+    /// a one-line plain-text body saying what happened.
+    pub fn to_response(&self) -> Response<Full<Bytes>> {
+        let (status, kind) = self.classify();
+        let text = error_chain(self);
+        let mut resp = Response::new(Full::new(Bytes::from(format!("{text}\n"))));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        if let Some(kind) = kind {
+            if let Ok(v) = HeaderValue::from_str(&proxy_status(kind, &text)) {
+                h.insert("proxy-status", v);
+            }
+        }
+        resp
+    }
+}
+
+/// `rotor; error=KIND; details="…"` with `details` as a structured-field
+/// string (RFC 8941 §3.3.3): printable ASCII, `"` and `\` escaped.
+pub fn proxy_status(kind: &str, details: &str) -> String {
+    let mut d = String::with_capacity(details.len());
+    for c in details.chars() {
+        match c {
+            '"' | '\\' => {
+                d.push('\\');
+                d.push(c);
+            }
+            ' '..='~' => d.push(c),
+            _ => d.push('?'),
+        }
+    }
+    format!("{PROXY_NAME}; error={kind}; details=\"{d}\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_pool_is_503_configuration_error() {
+        let r = ProxyError::NoAddress(NoAddress::EmptyPool).to_response();
+        assert_eq!(r.status(), 503);
+        let ps = r.headers()["proxy-status"].to_str().unwrap();
+        assert!(
+            ps.starts_with("rotor; error=proxy_configuration_error; details=\""),
+            "{ps}"
+        );
+    }
+
+    #[test]
+    fn connect_errors_by_errno() {
+        let e = ProxyError::from_connect(
+            "x:1".into(),
+            io::Error::from_raw_os_error(libc::ECONNREFUSED),
+        );
+        assert_eq!(
+            e.classify(),
+            (StatusCode::BAD_GATEWAY, Some("connection_refused"))
+        );
+        let e = ProxyError::from_connect(
+            "x:1".into(),
+            io::Error::from_raw_os_error(libc::ENETUNREACH),
+        );
+        assert_eq!(e.classify().1, Some("destination_ip_unroutable"));
+    }
+
+    #[test]
+    fn details_are_escaped() {
+        assert_eq!(
+            proxy_status("dns_error", "a \"b\" \\ é"),
+            "rotor; error=dns_error; details=\"a \\\"b\\\" \\\\ ?\""
+        );
+    }
+}

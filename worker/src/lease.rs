@@ -1,0 +1,288 @@
+//! The worker's allocator client: one Unix-socket connection carrying many
+//! leases in flight (matched by envelope id), reconnected with backoff when
+//! the allocator restarts. Requests wait up to the lease timeout for it; the
+//! worker never picks an address by itself, so the rotation stays global.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rotor_protocol::{
+    client_handshake, error_chain, Channel, ClientChannel, ClientFrame, Envelope, Families,
+    HandshakeError, Hello, HelloOrResponse, NoAddress, Request, Response, Role,
+};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+pub const SOFTWARE: &str = concat!("rotor-worker/", env!("CARGO_PKG_VERSION"));
+
+const BACKOFF_MIN: Duration = Duration::from_millis(20);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub ip: IpAddr,
+    pub seq: u64,
+    pub generation: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("{0}")]
+    NoAddress(NoAddress),
+    #[error("no answer from the allocator within {0:?}")]
+    Timeout(Duration),
+    #[error("unexpected answer from the allocator: {0}")]
+    Unexpected(String),
+}
+
+type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Response>>>>;
+
+struct Conn {
+    requests: mpsc::UnboundedSender<Envelope<Request>>,
+    /// `None` once the connection is gone, so no waiter is left behind.
+    pending: Pending,
+}
+
+pub struct LeaseClient {
+    conn: watch::Receiver<Option<Arc<Conn>>>,
+    next_id: AtomicU64,
+    timeout: Duration,
+}
+
+impl LeaseClient {
+    /// Starts the connection manager; it runs until `shutdown`.
+    pub fn start(
+        path: PathBuf,
+        timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> Arc<LeaseClient> {
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(manage(path, tx, shutdown));
+        Arc::new(LeaseClient {
+            conn: rx,
+            next_id: AtomicU64::new(1),
+            timeout,
+        })
+    }
+
+    /// Waits until the allocator connection is up (for readiness).
+    pub async fn connected(&self, within: Duration) -> bool {
+        let mut rx = self.conn.clone();
+        tokio::time::timeout(within, rx.wait_for(Option::is_some))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.conn.borrow().is_some()
+    }
+
+    /// The next address of one of `families`, or why there is none.
+    pub async fn lease(&self, families: Families) -> Result<Lease, LeaseError> {
+        match self.request(Request::Lease { families }).await? {
+            Response::Leased {
+                ip,
+                seq,
+                generation,
+            } => Ok(Lease {
+                ip,
+                seq,
+                generation,
+            }),
+            Response::NoAddress { reason, .. } => Err(LeaseError::NoAddress(reason)),
+            other => Err(LeaseError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    async fn request(&self, body: Request) -> Result<Response, LeaseError> {
+        let deadline = Instant::now() + self.timeout;
+        let mut watch = self.conn.clone();
+        loop {
+            let conn =
+                match tokio::time::timeout_at(deadline, watch.wait_for(Option::is_some)).await {
+                    Ok(Ok(c)) => c.clone().expect("waited for Some"),
+                    _ => return Err(LeaseError::Timeout(self.timeout)),
+                };
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            let registered = match conn
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
+                Some(p) => {
+                    p.insert(id, tx);
+                    true
+                }
+                None => false,
+            };
+            if !registered {
+                // Gone between the watch and here: wait for the next one.
+                wait_replaced(&mut watch, &conn, deadline).await;
+                continue;
+            }
+            let sent = conn.requests.send(Envelope {
+                id,
+                body: body.clone(),
+            });
+            if sent.is_ok() {
+                match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(Ok(resp)) => return Ok(resp),
+                    // The connection died with our request in flight: the
+                    // allocator may or may not have counted it; ask again.
+                    Ok(Err(_)) => {}
+                    Err(_) => {
+                        remove_pending(&conn.pending, id);
+                        return Err(LeaseError::Timeout(self.timeout));
+                    }
+                }
+            } else {
+                remove_pending(&conn.pending, id);
+            }
+            // Let the manager publish the connection's end before retrying.
+            wait_replaced(&mut watch, &conn, deadline).await;
+        }
+    }
+}
+
+/// Waits (until `deadline`) for the manager to publish that `conn` is gone.
+async fn wait_replaced(
+    watch: &mut watch::Receiver<Option<Arc<Conn>>>,
+    conn: &Arc<Conn>,
+    deadline: Instant,
+) {
+    let replaced = |c: &Option<Arc<Conn>>| c.as_ref().is_none_or(|c| !Arc::ptr_eq(c, conn));
+    let _ = tokio::time::timeout_at(deadline, watch.wait_for(replaced)).await;
+}
+
+fn remove_pending(pending: &Pending, id: u64) {
+    if let Some(p) = pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        p.remove(&id);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error("cannot connect")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    #[error("no handshake reply within 5s")]
+    Timeout,
+}
+
+async fn connect(path: &PathBuf) -> Result<ClientChannel<UnixStream>, ConnectError> {
+    let stream = UnixStream::connect(path).await?;
+    let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        client_handshake(&mut chan, Hello::new(Role::Worker, SOFTWARE)),
+    )
+    .await
+    .map_err(|_| ConnectError::Timeout)??;
+    Ok(chan)
+}
+
+async fn manage(
+    path: PathBuf,
+    publish: watch::Sender<Option<Arc<Conn>>>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = BACKOFF_MIN;
+    let mut failures = 0u32;
+    loop {
+        let chan = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = connect(&path) => r,
+        };
+        let chan = match chan {
+            Ok(c) => c,
+            Err(e) => {
+                failures += 1;
+                // One warning per outage, not one per retry.
+                if failures == 1 {
+                    warn!(allocator = %path.display(), error = %error_chain(&e), "allocator unreachable; retrying");
+                } else {
+                    debug!(allocator = %path.display(), error = %error_chain(&e), failures, "allocator still unreachable");
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                continue;
+            }
+        };
+        info!(allocator = %path.display(), "connected to the allocator");
+        failures = 0;
+        backoff = BACKOFF_MIN;
+
+        let (requests_tx, mut requests_rx) = mpsc::unbounded_channel::<Envelope<Request>>();
+        let conn = Arc::new(Conn {
+            requests: requests_tx,
+            pending: Mutex::new(Some(HashMap::new())),
+        });
+        let (mut tx, mut rx) = chan.split();
+        publish.send_replace(Some(conn.clone()));
+
+        let writer = async {
+            while let Some(env) = requests_rx.recv().await {
+                tx.feed(&ClientFrame::Request(env)).await?;
+                // Batch whatever else is queued into one write.
+                while let Ok(env) = requests_rx.try_recv() {
+                    tx.feed(&ClientFrame::Request(env)).await?;
+                }
+                tx.flush().await?;
+            }
+            Ok::<_, rotor_protocol::ChannelError>(())
+        };
+        let reader = async {
+            loop {
+                match rx.recv().await? {
+                    Some(HelloOrResponse::Response(env)) => {
+                        let waiter = conn
+                            .pending
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .as_mut()
+                            .and_then(|p| p.remove(&env.id));
+                        if let Some(w) = waiter {
+                            let _ = w.send(env.body);
+                        }
+                    }
+                    Some(HelloOrResponse::Hello(_)) => {
+                        warn!("allocator sent a second Hello; reconnecting");
+                        return Ok(());
+                    }
+                    None => return Ok::<_, rotor_protocol::ChannelError>(()),
+                }
+            }
+        };
+        let ended = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            r = writer => Some(r),
+            r = reader => Some(r),
+        };
+        publish.send_replace(None);
+        // Dropping the waiters wakes every request in flight to retry.
+        conn.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match ended {
+            None => return,
+            Some(Ok(())) => warn!("allocator closed the connection; reconnecting"),
+            Some(Err(e)) => {
+                warn!(error = %error_chain(&e), "allocator connection failed; reconnecting")
+            }
+        }
+    }
+}

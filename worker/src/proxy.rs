@@ -1,0 +1,365 @@
+//! The proxy service: one lease per request, an upstream connection bound to
+//! the leased address, then the request forwarded (absolute-form) or a tunnel
+//! opened (CONNECT).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use rotor_protocol::{error_chain, Families};
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::connect::{connect_from, resolve};
+use crate::error::{Fault, ProxyError};
+use crate::lease::{Lease, LeaseClient, LeaseError};
+
+pub type ProxyBody = Either<Incoming, Either<Full<Bytes>, Empty<Bytes>>>;
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+}
+
+pub struct Proxy {
+    leases: Arc<LeaseClient>,
+    config: ProxyConfig,
+    /// CONNECT tunnels outlive the HTTP connection they came from; the
+    /// tracker lets shutdown wait for them.
+    tunnels: TaskTracker,
+}
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus
+/// the proxy's own credentials: none of them crosses the proxy.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "proxy-connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+];
+
+impl Proxy {
+    pub fn new(leases: Arc<LeaseClient>, config: ProxyConfig, tunnels: TaskTracker) -> Proxy {
+        Proxy {
+            leases,
+            config,
+            tunnels,
+        }
+    }
+
+    pub async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let target = req.uri().to_string();
+        let result = if method == Method::CONNECT {
+            self.connect(req, client).await
+        } else {
+            self.forward(req).await
+        };
+        let ms = start.elapsed().as_millis() as u64;
+        Ok(match result {
+            Ok((resp, lease)) => {
+                debug!(%client, %method, %target, source = %lease.ip, seq = lease.seq, status = resp.status().as_u16(), ms, "request");
+                resp
+            }
+            Err(e) => {
+                let resp = e.to_response();
+                let error = error_chain(&e);
+                let status = resp.status().as_u16();
+                match e.fault() {
+                    Fault::Internal => {
+                        warn!(%client, %method, %target, status, %error, "request failed")
+                    }
+                    Fault::Client | Fault::Upstream => {
+                        debug!(%client, %method, %target, status, %error, ms, "request failed")
+                    }
+                }
+                resp.map(|b| Either::Right(Either::Left(b)))
+            }
+        })
+    }
+
+    async fn lease(&self, families: Families) -> Result<Lease, ProxyError> {
+        self.leases.lease(families).await.map_err(|e| match e {
+            LeaseError::NoAddress(reason) => ProxyError::NoAddress(reason),
+            other => ProxyError::Allocator(other),
+        })
+    }
+
+    /// Resolves, leases and connects: the part plain requests and tunnels
+    /// share.
+    async fn open(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<(tokio::net::TcpStream, Lease), ProxyError> {
+        let addrs = resolve(host, port, self.config.connect_timeout).await?;
+        let ips: Vec<_> = addrs.iter().map(|a| a.ip()).collect();
+        let lease = self.lease(Families::of(&ips)).await?;
+        let stream = connect_from(lease.ip, &addrs, self.config.connect_timeout).await?;
+        Ok((stream, lease))
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<(Response<ProxyBody>, Lease), ProxyError> {
+        let (host, port, host_header) = absolute_target(req.uri())?;
+        let (stream, lease) = self.open(&host, port).await?;
+        let dest = format!("{host}:{port}");
+
+        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| ProxyError::Upstream {
+                dest: dest.clone(),
+                source,
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %error_chain(&e), "upstream connection ended with an error");
+            }
+        });
+
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        // The client's `Expect: 100-continue` was answered by this side.
+        parts.headers.remove(header::EXPECT);
+        // RFC 9112 §3.2.2: the target's authority replaces any Host sent.
+        parts.headers.insert(header::HOST, host_header);
+        parts.uri = origin_form(&parts.uri);
+        parts.version = Version::HTTP_11;
+        let upstream_req = Request::from_parts(parts, body);
+
+        let timeout = self.config.response_timeout;
+        let resp = match tokio::time::timeout(timeout, sender.send_request(upstream_req)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(source)) => return Err(ProxyError::Upstream { dest, source }),
+            Err(_) => return Err(ProxyError::ResponseTimeout { dest, timeout }),
+        };
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok((Response::from_parts(parts, Either::Left(body)), lease))
+    }
+
+    async fn connect(
+        &self,
+        mut req: Request<Incoming>,
+        client: SocketAddr,
+    ) -> Result<(Response<ProxyBody>, Lease), ProxyError> {
+        let (host, port) = connect_target(req.uri())?;
+        // 200 only once the upstream connection is up.
+        let (mut upstream, lease) = self.open(&host, port).await?;
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        let dest = format!("{host}:{port}");
+        self.tunnels.spawn(async move {
+            let upgraded = match on_upgrade.await {
+                Ok(u) => u,
+                Err(e) => {
+                    debug!(%client, %dest, error = %error_chain(&e), "client left before the tunnel opened");
+                    return;
+                }
+            };
+            let mut client_io = TokioIo::new(upgraded);
+            match tokio::io::copy_bidirectional(&mut client_io, &mut upstream).await {
+                Ok((up, down)) => debug!(%client, %dest, source = %lease.ip, up, down, "tunnel closed"),
+                Err(e) => debug!(%client, %dest, source = %lease.ip, error = %e, "tunnel ended with an error"),
+            }
+        });
+        let resp = Response::builder()
+            .status(StatusCode::OK)
+            .body(Either::Right(Either::Right(Empty::new())))
+            .expect("static response is valid");
+        Ok((resp, lease))
+    }
+}
+
+/// `host`, `port` and the `Host` header value of an absolute-form target.
+fn absolute_target(uri: &Uri) -> Result<(String, u16, HeaderValue), ProxyError> {
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(ProxyError::BadRequest(
+                "https:// targets need a CONNECT tunnel (set the proxy for https too)".into(),
+            ))
+        }
+        Some(other) => {
+            return Err(ProxyError::BadRequest(format!(
+                "unsupported scheme `{other}`"
+            )))
+        }
+        None => {
+            return Err(ProxyError::BadRequest(
+                "rotor is a forward proxy: send an absolute http:// URI or CONNECT host:port"
+                    .into(),
+            ))
+        }
+    }
+    let auth = uri
+        .authority()
+        .ok_or_else(|| ProxyError::BadRequest("the target URI has no host".into()))?;
+    let host = auth.host();
+    if host.is_empty() {
+        return Err(ProxyError::BadRequest(
+            "the target URI has an empty host".into(),
+        ));
+    }
+    let port = auth.port_u16().unwrap_or(80);
+    let host_header = match auth.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.to_string(),
+    };
+    let host_header = HeaderValue::from_str(&host_header).map_err(|_| {
+        ProxyError::BadRequest("the target host is not a valid header value".into())
+    })?;
+    Ok((host.to_string(), port, host_header))
+}
+
+/// `host` and `port` of a CONNECT target (`authority-form`, port required).
+fn connect_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
+    let auth = uri
+        .authority()
+        .filter(|_| {
+            uri.scheme().is_none()
+                && uri
+                    .path_and_query()
+                    .is_none_or(|p| p.as_str().is_empty() || p.as_str() == "/")
+        })
+        .ok_or_else(|| ProxyError::BadRequest("CONNECT needs a host:port target".into()))?;
+    let port = auth
+        .port_u16()
+        .ok_or_else(|| ProxyError::BadRequest("CONNECT target has no port".into()))?;
+    if auth.host().is_empty() || port == 0 {
+        return Err(ProxyError::BadRequest(
+            "CONNECT target is not a host:port".into(),
+        ));
+    }
+    Ok((auth.host().to_string(), port))
+}
+
+fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(pq) if pq.as_str().starts_with('/') => {
+            Uri::from_maybe_shared(Bytes::copy_from_slice(pq.as_str().as_bytes()))
+                .unwrap_or_else(|_| Uri::from_static("/"))
+        }
+        // `http://host?q` has a query but an empty path.
+        Some(pq) => format!("/{}", pq.as_str())
+            .parse()
+            .unwrap_or_else(|_| Uri::from_static("/")),
+        None => Uri::from_static("/"),
+    }
+}
+
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absolute_targets() {
+        let (h, p, hh) = absolute_target(&"http://example.com/x".parse().unwrap()).unwrap();
+        assert_eq!(
+            (h.as_str(), p, hh.to_str().unwrap()),
+            ("example.com", 80, "example.com")
+        );
+        let (h, p, hh) = absolute_target(&"http://u:pw@[::1]:8080/".parse().unwrap()).unwrap();
+        assert_eq!(
+            (h.as_str(), p, hh.to_str().unwrap()),
+            ("[::1]", 8080, "[::1]:8080")
+        );
+        for bad in ["/x", "https://example.com/", "ftp://example.com/"] {
+            assert!(
+                matches!(
+                    absolute_target(&bad.parse().unwrap()),
+                    Err(ProxyError::BadRequest(_))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn connect_targets() {
+        assert_eq!(
+            connect_target(&"example.com:443".parse().unwrap()).unwrap(),
+            ("example.com".into(), 443)
+        );
+        assert_eq!(
+            connect_target(&"[::1]:8443".parse().unwrap()).unwrap(),
+            ("[::1]".into(), 8443)
+        );
+        for bad in [
+            "example.com",
+            "http://example.com:443/",
+            "/path",
+            "example.com:0",
+        ] {
+            assert!(connect_target(&bad.parse().unwrap()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn origin_forms() {
+        assert_eq!(
+            origin_form(&"http://h/a/b?c=d".parse().unwrap()),
+            "/a/b?c=d"
+        );
+        assert_eq!(origin_form(&"http://h".parse().unwrap()), "/");
+        assert_eq!(origin_form(&"http://h?q=1".parse().unwrap()), "/?q=1");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_named_by_connection_go() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "close, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic Zm9vOmJhcg=="),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("trailer", "x"),
+            ("x-keep", "yes"),
+        ] {
+            h.append(k, v.parse().unwrap());
+        }
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
+    }
+}

@@ -1,0 +1,144 @@
+//! The worker's accept loop, HTTP/1.1 connection serving, and graceful drain.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rotor_protocol::error_chain;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::lease::LeaseClient;
+use crate::proxy::{Proxy, ProxyConfig};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    /// A client must send a whole request head this fast.
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted; a larger one gets 431.
+    pub max_head_bytes: usize,
+    /// How long in-flight requests and tunnels may take to finish on
+    /// shutdown.
+    pub drain_timeout: Duration,
+}
+
+/// How the worker stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Everything in flight finished.
+    Drained,
+    /// The drain deadline passed with work still in flight, or a fast stop.
+    Cut,
+}
+
+/// Serves the listeners until `shutdown` is cancelled, then drains: no new
+/// connections, idle keep-alive connections closed at once, in-flight
+/// requests and tunnels given up to the drain timeout. `fast` cancelled
+/// cuts the drain short.
+pub async fn run(
+    listeners: Vec<std::net::TcpListener>,
+    leases: Arc<LeaseClient>,
+    config: Config,
+    shutdown: CancellationToken,
+    fast: CancellationToken,
+) -> io::Result<Stopped> {
+    let tunnels = TaskTracker::new();
+    let proxy = Arc::new(Proxy::new(leases, config.proxy.clone(), tunnels.clone()));
+    // hyper-util's GracefulShutdown does not take upgradeable connections,
+    // so each connection task watches `shutdown` itself.
+    let connections = TaskTracker::new();
+
+    let (accepted_tx, mut accepted) = mpsc::channel::<(TcpStream, std::net::SocketAddr)>(1024);
+    let acceptors = TaskTracker::new();
+    for l in listeners {
+        let l = TcpListener::from_std(l)?;
+        info!(listen = %l.local_addr()?, "listening");
+        let tx = accepted_tx.clone();
+        let stop = shutdown.clone();
+        acceptors.spawn(async move {
+            loop {
+                let r = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = l.accept() => r,
+                };
+                match r {
+                    Ok(conn) => {
+                        if tx.send(conn).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+    }
+    drop(accepted_tx);
+    acceptors.close();
+
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(config.max_head_bytes.max(8192))
+        .keep_alive(true);
+
+    while let Some((stream, client)) = accepted.recv().await {
+        let _ = stream.set_nodelay(true);
+        let proxy = proxy.clone();
+        let service = service_fn(move |req| proxy.clone().handle(req, client));
+        let conn = builder
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        let stop = shutdown.clone();
+        connections.spawn(
+            async move {
+                tokio::pin!(conn);
+                let result = tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = stop.cancelled() => {
+                        // Idle: closes now. Busy: finishes the request in
+                        // flight, answers it with `Connection: close`, closes.
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = result {
+                    debug!(error = %error_chain(&e), "client connection ended with an error");
+                }
+            }
+            .instrument(tracing::debug_span!("client", %client)),
+        );
+    }
+
+    // Every acceptor has stopped: drain.
+    connections.close();
+    tunnels.close();
+    info!(
+        connections = connections.len(),
+        tunnels = tunnels.len(),
+        "draining"
+    );
+    let drain = async {
+        connections.wait().await;
+        tunnels.wait().await;
+    };
+    let stopped = tokio::select! {
+        r = tokio::time::timeout(config.drain_timeout, drain) => {
+            if r.is_ok() { Stopped::Drained } else { Stopped::Cut }
+        }
+        _ = fast.cancelled() => Stopped::Cut,
+    };
+    info!(?stopped, "stopped");
+    Ok(stopped)
+}
