@@ -74,7 +74,10 @@ pub enum ProxyError {
 pub enum Fault {
     Client,
     Upstream,
-    /// rotor's configuration or its allocator: an operator must act.
+    /// rotor's configuration or its allocator: an operator must act. An
+    /// empty pool or a lost allocator is already reported once by the
+    /// allocator or the lease client, so only a pool address this host
+    /// cannot bind counts here.
     Internal,
 }
 
@@ -83,7 +86,8 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadRequest(_) => Fault::Client,
-            NoAddress(_) | SourceUnavailable { .. } | Allocator(_) => Fault::Internal,
+            SourceUnavailable { .. } => Fault::Internal,
+            NoAddress(_) | Allocator(_) => Fault::Upstream,
             _ => Fault::Upstream,
         }
     }

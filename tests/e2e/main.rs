@@ -1,0 +1,8 @@
+//! End-to-end tests: real allocator and worker processes, a loopback pool
+//! (127.0.0.2–127.0.0.9) and a loopback origin that records the source
+//! address of every request. All traffic stays on 127.0.0.0/8.
+
+mod util;
+
+mod rotation;
+mod errors;

@@ -1,0 +1,166 @@
+//! Every request takes the next pool address, globally, whatever worker or
+//! connection it came through.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Request;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::util::*;
+
+const POOL: &str = "127.0.0.2-127.0.0.9";
+
+fn cycle(pool: &[IpAddr], n: usize) -> Vec<IpAddr> {
+    pool.iter().copied().cycle().take(n).collect()
+}
+
+#[tokio::test]
+async fn sequential_requests_follow_the_pool_order_across_three_workers() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", POOL]).await;
+    let workers = [
+        Worker::start(&alloc.socket, &[]).await,
+        Worker::start(&alloc.socket, &[]).await,
+        Worker::start(&alloc.socket, &[]).await,
+    ];
+    // 26 requests, each on a new connection, round-robin over the workers:
+    // the origin must see the pool in order, wrapping around, as if there
+    // were one process.
+    for i in 0..26 {
+        let r = get(workers[i % 3].addr, &origin.url("/")).await;
+        assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
+        assert_eq!(&r.body[..], b"hello");
+    }
+    assert_eq!(origin.sources(), cycle(&ips(2..=9), 26));
+    // Each request had its own upstream connection from its own address.
+    assert_eq!(*origin.connections.lock().unwrap(), cycle(&ips(2..=9), 26));
+    let status = status_json(&alloc.socket);
+    assert_eq!(status["leases_total"], 26);
+    let workers_seen = status["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["role"] == "Worker")
+        .filter(|p| p["leases"].as_u64().unwrap() > 0)
+        .count();
+    assert_eq!(workers_seen, 3, "{status}");
+}
+
+#[tokio::test]
+async fn keep_alive_connection_rotates_per_request_to_one_destination() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.5"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let mut conn = ProxyConn::open(worker.addr).await;
+    for _ in 0..10 {
+        assert_eq!(conn.get(&origin.url("/")).await.status, 200);
+    }
+    // One client connection, ten requests to one destination, ten sources
+    // in pool order: no upstream connection was reused across addresses.
+    assert_eq!(origin.sources(), cycle(&ips(2..=5), 10));
+}
+
+#[tokio::test]
+async fn concurrent_requests_are_exactly_balanced() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", POOL]).await;
+    let w1 = Worker::start(&alloc.socket, &[]).await;
+    let w2 = Worker::start(&alloc.socket, &[]).await;
+    let mut tasks = Vec::new();
+    for c in 0..16 {
+        let proxy = if c % 2 == 0 { w1.addr } else { w2.addr };
+        let url = origin.url("/");
+        tasks.push(tokio::spawn(async move {
+            let mut conn = ProxyConn::open(proxy).await;
+            for _ in 0..10 {
+                assert_eq!(conn.get(&url).await.status, 200);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut counts: HashMap<IpAddr, usize> = HashMap::new();
+    for ip in origin.sources() {
+        *counts.entry(ip).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 8, "{counts:?}");
+    assert!(counts.values().all(|&n| n == 20), "{counts:?}");
+}
+
+#[tokio::test]
+async fn connect_tunnels_rotate_and_carry_data_both_ways() {
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.4"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let data = pattern(1 << 20);
+    for _ in 0..5 {
+        let (code, mut s) = connect_tunnel(worker.addr, &echo.addr.to_string()).await;
+        assert_eq!(code, 200);
+        let (mut r, mut w) = s.split();
+        let send = async {
+            w.write_all(&data).await.unwrap();
+            w.shutdown().await.unwrap();
+        };
+        let mut back = Vec::new();
+        let recv = r.read_to_end(&mut back);
+        let (_, n) = tokio::join!(send, recv);
+        n.unwrap();
+        assert!(back == data, "tunnel corrupted data ({} bytes back)", back.len());
+    }
+    assert_eq!(*echo.peers.lock().unwrap(), cycle(&ips(2..=4), 5));
+}
+
+#[tokio::test]
+async fn plain_requests_and_tunnels_share_one_rotation() {
+    let origin = Origin::start().await;
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200); // .2
+    let (code, _tunnel) = connect_tunnel(worker.addr, &echo.addr.to_string()).await; // .3
+    assert_eq!(code, 200);
+    assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200); // .2
+    assert_eq!(origin.sources(), [ips(2..=2), ips(2..=2)].concat());
+    assert_eq!(*echo.peers.lock().unwrap(), ips(3..=3));
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_stay_and_end_to_end_headers_pass() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let req = Request::get(origin.url("/?q=1"))
+        .header("host", "wrong.example")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "secret")
+        .header("keep-alive", "timeout=9")
+        .header("proxy-connection", "keep-alive")
+        .header("proxy-authorization", "Basic dXNlcjpwYXNz")
+        .header("te", "trailers")
+        .header("x-end", "1")
+        .header("user-agent", "rotor-test")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let r = ProxyConn::open(worker.addr).await.send(req).await;
+    assert_eq!(r.status, 200);
+    // Response: the origin's end-to-end header passes, its Keep-Alive does not.
+    assert_eq!(r.headers["x-origin"], "yes");
+    assert!(r.headers.get("keep-alive").is_none());
+    let seen = origin.seen.lock().unwrap()[0].clone();
+    assert_eq!(seen.path, "/?q=1", "the origin must get origin-form");
+    assert_eq!(seen.headers["host"], origin.addr.to_string());
+    assert_eq!(seen.headers["x-end"], "1");
+    assert_eq!(seen.headers["user-agent"], "rotor-test");
+    for h in ["x-hop", "keep-alive", "proxy-connection", "proxy-authorization", "te"] {
+        assert!(seen.headers.get(h).is_none(), "{h} crossed the proxy");
+    }
+    // `connection` may be re-added by the client library of the proxy, but
+    // it must not carry what the client sent.
+    if let Some(c) = seen.headers.get("connection") {
+        assert!(!c.to_str().unwrap().contains("x-hop"));
+    }
+}

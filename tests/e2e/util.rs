@@ -1,0 +1,394 @@
+//! Helpers for the end-to-end tests: real rotor processes (killed on drop),
+//! a loopback origin that records each request's source address, a CONNECT
+//! echo server, and a client that speaks to the proxy.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+pub const ALLOCATOR: &str = env!("CARGO_BIN_EXE_rotor-allocator");
+pub const WORKER: &str = env!("CARGO_BIN_EXE_rotor-worker");
+pub const ROTOR: &str = env!("CARGO_BIN_EXE_rotor");
+
+/// How long any wait in these tests may take before it fails the test.
+pub const PATIENCE: Duration = Duration::from_secs(15);
+
+pub fn ips(range: std::ops::RangeInclusive<u8>) -> Vec<IpAddr> {
+    range.map(|n| IpAddr::from([127, 0, 0, n])).collect()
+}
+
+/// A child process, killed (SIGKILL) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(program: &str, args: &[&str]) -> Proc {
+        let child = Command::new(program)
+            .args(args)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
+        Proc {
+            child,
+            name: format!("{program} {}", args.join(" ")),
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).unwrap_or_else(|e| panic!("cannot signal {}: {e}", self.name));
+    }
+
+    /// Waits for the process to exit; panics after `within`.
+    pub fn wait(&mut self, within: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "{} did not exit within {within:?}", self.name);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `ready` every 20 ms until it holds; panics after `PATIENCE`.
+pub async fn eventually<F, Fut>(what: &str, mut ready: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    while !ready().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// An allocator on a socket in its own temporary directory.
+pub struct Allocator {
+    pub proc: Proc,
+    pub socket: PathBuf,
+    pub dir: Arc<tempfile::TempDir>,
+}
+
+impl Allocator {
+    pub async fn start(args: &[&str]) -> Allocator {
+        let dir = Arc::new(tempfile::tempdir().unwrap());
+        Allocator::start_in(dir, args).await
+    }
+
+    pub async fn start_in(dir: Arc<tempfile::TempDir>, args: &[&str]) -> Allocator {
+        let socket = dir.path().join("allocator.sock");
+        let mut all = vec!["--socket", socket.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let mut proc = Proc::spawn(ALLOCATOR, &all);
+        let s = socket.clone();
+        eventually("the allocator socket", || {
+            let s = s.clone();
+            async move { tokio::net::UnixStream::connect(&s).await.is_ok() }
+        })
+        .await;
+        assert!(proc.is_running());
+        Allocator { proc, socket, dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A worker listening on its own loopback port.
+pub struct Worker {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+}
+
+impl Worker {
+    pub async fn start(socket: &Path, extra: &[&str]) -> Worker {
+        Worker::start_on(socket, free_port(), extra).await
+    }
+
+    pub async fn start_on(socket: &Path, port: u16, extra: &[&str]) -> Worker {
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let listen = addr.to_string();
+        let mut args = vec!["--socket", socket.to_str().unwrap(), "--listen", &listen];
+        args.extend_from_slice(extra);
+        let proc = Proc::spawn(WORKER, &args);
+        eventually("the worker port", || async move { TcpStream::connect(addr).await.is_ok() }).await;
+        Worker { proc, addr }
+    }
+}
+
+/// What the origin saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub source: IpAddr,
+    pub method: String,
+    pub path: String,
+    pub headers: http::HeaderMap,
+    pub body_len: usize,
+}
+
+/// A loopback HTTP origin on 127.0.0.1 that records every request.
+///
+/// Paths: `/` answers `hello`; `/bytes/N` streams N bytes of a known
+/// pattern in chunks; `/echo` answers with the request body;
+/// `/slow/MS` waits MS milliseconds, then answers.
+#[derive(Clone)]
+pub struct Origin {
+    pub addr: SocketAddr,
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    /// TCP connections accepted, to tell reuse from new connections.
+    pub connections: Arc<Mutex<Vec<IpAddr>>>,
+}
+
+pub fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+impl Origin {
+    pub async fn start() -> Origin {
+        Origin::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(bind: SocketAddr) -> Origin {
+        let listener = TcpListener::bind(bind).await.unwrap();
+        let origin = Origin {
+            addr: listener.local_addr().unwrap(),
+            seen: Arc::default(),
+            connections: Arc::default(),
+        };
+        let o = origin.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, peer)) = listener.accept().await else {
+                    return;
+                };
+                o.connections.lock().unwrap().push(peer.ip());
+                let o = o.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| o.clone().serve(req, peer.ip()));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        origin
+    }
+
+    async fn serve(
+        self,
+        req: Request<Incoming>,
+        source: IpAddr,
+    ) -> Result<Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>, Infallible> {
+        let (parts, body) = req.into_parts();
+        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let path = parts.uri.path().to_string();
+        self.seen.lock().unwrap().push(Seen {
+            source,
+            method: parts.method.to_string(),
+            path: parts.uri.to_string(),
+            headers: parts.headers.clone(),
+            body_len: body.len(),
+        });
+        let full = |b: Bytes| Full::new(b).boxed();
+        let resp = if let Some(n) = path.strip_prefix("/bytes/") {
+            let n: usize = n.parse().unwrap();
+            let data = Bytes::from(pattern(n));
+            let chunks: Vec<Result<Frame<Bytes>, Infallible>> = (0..n)
+                .step_by(16 * 1024)
+                .map(|i| Ok(Frame::data(data.slice(i..(i + 16 * 1024).min(n)))))
+                .collect();
+            // No Content-Length: the response is chunked.
+            Response::new(StreamBody::new(futures_util::stream::iter(chunks)).boxed())
+        } else if path == "/echo" {
+            Response::new(full(body))
+        } else if let Some(ms) = path.strip_prefix("/slow/") {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+            Response::new(full(Bytes::from_static(b"slow")))
+        } else {
+            let mut r = Response::new(full(Bytes::from_static(b"hello")));
+            r.headers_mut().insert("x-origin", "yes".parse().unwrap());
+            r.headers_mut().insert("keep-alive", "timeout=5".parse().unwrap());
+            r
+        };
+        Ok(resp)
+    }
+
+    pub fn sources(&self) -> Vec<IpAddr> {
+        self.seen.lock().unwrap().iter().map(|s| s.source).collect()
+    }
+
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+}
+
+/// A TCP server that echoes what it reads and records each peer's address.
+pub struct Echo {
+    pub addr: SocketAddr,
+    pub peers: Arc<Mutex<Vec<IpAddr>>>,
+}
+
+impl Echo {
+    pub async fn start() -> Echo {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peers: Arc<Mutex<Vec<IpAddr>>> = Arc::default();
+        let p = peers.clone();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut s, peer)) = listener.accept().await else {
+                    return;
+                };
+                p.lock().unwrap().push(peer.ip());
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        Echo { addr, peers }
+    }
+}
+
+/// An HTTP/1.1 client connection to the proxy (keep-alive).
+pub struct ProxyConn {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn proxy_status(&self) -> String {
+        self.headers
+            .get("proxy-status")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+}
+
+impl ProxyConn {
+    pub async fn open(proxy: SocketAddr) -> ProxyConn {
+        let stream = TcpStream::connect(proxy).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        ProxyConn { sender }
+    }
+
+    pub async fn send(&mut self, req: Request<Full<Bytes>>) -> Reply {
+        self.sender.ready().await.expect("proxy connection closed");
+        let resp = tokio::time::timeout(PATIENCE, self.sender.send_request(req))
+            .await
+            .expect("no response from the proxy")
+            .expect("request through the proxy failed");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        Reply {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        }
+    }
+
+    pub async fn get(&mut self, url: &str) -> Reply {
+        self.send(Request::get(url).body(Full::default()).unwrap()).await
+    }
+}
+
+/// One GET through the proxy on a new connection.
+pub async fn get(proxy: SocketAddr, url: &str) -> Reply {
+    ProxyConn::open(proxy).await.get(url).await
+}
+
+/// Opens a CONNECT tunnel; returns the status line's code and the stream.
+pub async fn connect_tunnel(proxy: SocketAddr, target: &str) -> (u16, TcpStream) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad CONNECT response: {head:?}"));
+    (code, s)
+}
+
+/// Reads a response head byte by byte (so nothing after it is consumed).
+pub async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(PATIENCE, s.read(&mut byte))
+            .await
+            .expect("no response head")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Runs `rotor status --json` against `socket`.
+pub fn status_json(socket: &Path) -> serde_json::Value {
+    let out = Command::new(ROTOR)
+        .args(["status", "--json", "--socket", socket.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "rotor status failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
