@@ -21,7 +21,8 @@ async fn empty_pool_answers_503_and_contacts_nobody() {
     let r = get(worker.addr, &origin.url("/")).await;
     assert_eq!(r.status, 503);
     assert!(
-        r.proxy_status().starts_with("rotor; error=proxy_configuration_error"),
+        r.proxy_status()
+            .starts_with("rotor; error=proxy_configuration_error"),
         "{}",
         r.proxy_status()
     );
@@ -41,7 +42,11 @@ async fn no_address_of_the_destination_family_is_503_not_a_fallback() {
     let r = get(worker.addr, &origin.url("/")).await;
     assert_eq!(r.status, 503);
     assert!(r.proxy_status().contains("error=proxy_configuration_error"));
-    assert!(String::from_utf8_lossy(&r.body).contains("no IPv6 address"), "{:?}", r.body);
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("no IPv6 address"),
+        "{:?}",
+        r.body
+    );
     assert_eq!(origin.connections.lock().unwrap().len(), 0);
     // The failed lease did not consume an address.
     let v4 = Origin::start().await;
@@ -55,7 +60,10 @@ async fn ipv6_pool_serves_an_ipv6_destination() {
     let alloc = Allocator::start(&["--pool", "127.0.0.2,::1"]).await;
     let worker = Worker::start(&alloc.socket, &[]).await;
     assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
-    assert_eq!(origin.sources(), vec!["::1".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(
+        origin.sources(),
+        vec!["::1".parse::<std::net::IpAddr>().unwrap()]
+    );
 }
 
 #[tokio::test]
@@ -72,34 +80,58 @@ async fn upstream_failures_map_to_502_and_504() {
     let bad_name = format!("http://{}.invalid/", "a".repeat(70));
     let r = get(worker.addr, &bad_name).await;
     assert_eq!(r.status, 502);
-    assert!(r.proxy_status().contains("error=dns_error"), "{}", r.proxy_status());
+    assert!(
+        r.proxy_status().contains("error=dns_error"),
+        "{}",
+        r.proxy_status()
+    );
 
     let closed = free_port();
     let r = get(worker.addr, &format!("http://127.0.0.1:{closed}/")).await;
     assert_eq!(r.status, 502);
-    assert!(r.proxy_status().contains("error=connection_refused"), "{}", r.proxy_status());
+    assert!(
+        r.proxy_status().contains("error=connection_refused"),
+        "{}",
+        r.proxy_status()
+    );
     let (code, _) = connect_tunnel(worker.addr, &format!("127.0.0.1:{closed}")).await;
     assert_eq!(code, 502);
 
     // A listener whose accept queue is full drops SYNs: connect times out.
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    sock.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
     sock.listen(0).unwrap();
     let full = sock.local_addr().unwrap().as_socket().unwrap();
     let mut fillers = Vec::new();
     for _ in 0..4 {
-        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(full)).await {
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(full)).await
+        {
             fillers.push(s);
         }
     }
     let r = get(worker.addr, &format!("http://{full}/")).await;
     assert_eq!(r.status, 504);
-    assert!(r.proxy_status().contains("error=connection_timeout"), "{}", r.proxy_status());
+    assert!(
+        r.proxy_status().contains("error=connection_timeout"),
+        "{}",
+        r.proxy_status()
+    );
 
     let origin = Origin::start().await;
     let r = get(worker.addr, &origin.url("/slow/3000")).await;
     assert_eq!(r.status, 504);
-    assert!(r.proxy_status().contains("error=http_response_timeout"), "{}", r.proxy_status());
+    assert!(
+        r.proxy_status().contains("error=http_response_timeout"),
+        "{}",
+        r.proxy_status()
+    );
 }
 
 #[tokio::test]
@@ -109,7 +141,9 @@ async fn malformed_and_non_proxy_requests_get_400() {
     let origin = Origin::start().await;
 
     let mut s = TcpStream::connect(worker.addr).await.unwrap();
-    s.write_all(b"\x16\x03\x01garbage that is not http\r\n\r\n").await.unwrap();
+    s.write_all(b"\x16\x03\x01garbage that is not http\r\n\r\n")
+        .await
+        .unwrap();
     let mut out = Vec::new();
     let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out)).await;
     let text = String::from_utf8_lossy(&out);
@@ -117,7 +151,9 @@ async fn malformed_and_non_proxy_requests_get_400() {
 
     // Origin-form: a client that forgot it is talking to a proxy.
     let mut s = TcpStream::connect(worker.addr).await.unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     assert!(read_head(&mut s).await.starts_with("HTTP/1.1 400"));
 
     let r = get(worker.addr, "https://127.0.0.1/").await;
@@ -151,7 +187,11 @@ async fn unreachable_allocator_is_503_after_the_lease_timeout() {
     let started = std::time::Instant::now();
     let r = get(worker.addr, &origin.url("/")).await;
     assert_eq!(r.status, 503);
-    assert!(r.proxy_status().contains("error=proxy_internal_error"), "{}", r.proxy_status());
+    assert!(
+        r.proxy_status().contains("error=proxy_internal_error"),
+        "{}",
+        r.proxy_status()
+    );
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert_eq!(origin.count(), 0);
 }

@@ -4,5 +4,5 @@
 
 mod util;
 
-mod rotation;
 mod errors;
+mod rotation;

@@ -109,7 +109,11 @@ async fn connect_tunnels_rotate_and_carry_data_both_ways() {
         let recv = r.read_to_end(&mut back);
         let (_, n) = tokio::join!(send, recv);
         n.unwrap();
-        assert!(back == data, "tunnel corrupted data ({} bytes back)", back.len());
+        assert!(
+            back == data,
+            "tunnel corrupted data ({} bytes back)",
+            back.len()
+        );
     }
     assert_eq!(*echo.peers.lock().unwrap(), cycle(&ips(2..=4), 5));
 }
@@ -155,7 +159,13 @@ async fn hop_by_hop_headers_stay_and_end_to_end_headers_pass() {
     assert_eq!(seen.headers["host"], origin.addr.to_string());
     assert_eq!(seen.headers["x-end"], "1");
     assert_eq!(seen.headers["user-agent"], "rotor-test");
-    for h in ["x-hop", "keep-alive", "proxy-connection", "proxy-authorization", "te"] {
+    for h in [
+        "x-hop",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "te",
+    ] {
         assert!(seen.headers.get(h).is_none(), "{h} crossed the proxy");
     }
     // `connection` may be re-added by the client library of the proxy, but

@@ -40,7 +40,10 @@ impl Proc {
     pub fn spawn(program: &str, args: &[&str]) -> Proc {
         let child = Command::new(program)
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
@@ -65,7 +68,11 @@ impl Proc {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "{} did not exit within {within:?}", self.name);
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {within:?}",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -153,7 +160,10 @@ impl Worker {
         let mut args = vec!["--socket", socket.to_str().unwrap(), "--listen", &listen];
         args.extend_from_slice(extra);
         let proc = Proc::spawn(WORKER, &args);
-        eventually("the worker port", || async move { TcpStream::connect(addr).await.is_ok() }).await;
+        eventually("the worker port", || async move {
+            TcpStream::connect(addr).await.is_ok()
+        })
+        .await;
         Worker { proc, addr }
     }
 }
@@ -206,7 +216,8 @@ impl Origin {
                 o.connections.lock().unwrap().push(peer.ip());
                 let o = o.clone();
                 tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| o.clone().serve(req, peer.ip()));
+                    let svc =
+                        hyper::service::service_fn(move |req| o.clone().serve(req, peer.ip()));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
@@ -222,7 +233,11 @@ impl Origin {
         source: IpAddr,
     ) -> Result<Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>, Infallible> {
         let (parts, body) = req.into_parts();
-        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = body
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         let path = parts.uri.path().to_string();
         self.seen.lock().unwrap().push(Seen {
             source,
@@ -249,7 +264,8 @@ impl Origin {
         } else {
             let mut r = Response::new(full(Bytes::from_static(b"hello")));
             r.headers_mut().insert("x-origin", "yes".parse().unwrap());
-            r.headers_mut().insert("keep-alive", "timeout=5".parse().unwrap());
+            r.headers_mut()
+                .insert("keep-alive", "timeout=5".parse().unwrap());
             r
         };
         Ok(resp)
@@ -342,7 +358,8 @@ impl ProxyConn {
     }
 
     pub async fn get(&mut self, url: &str) -> Reply {
-        self.send(Request::get(url).body(Full::default()).unwrap()).await
+        self.send(Request::get(url).body(Full::default()).unwrap())
+            .await
     }
 }
 
@@ -389,6 +406,10 @@ pub fn status_json(socket: &Path) -> serde_json::Value {
         .args(["status", "--json", "--socket", socket.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "rotor status failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "rotor status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }

@@ -74,10 +74,7 @@ pub enum ProxyError {
 pub enum Fault {
     Client,
     Upstream,
-    /// rotor's configuration or its allocator: an operator must act. An
-    /// empty pool or a lost allocator is already reported once by the
-    /// allocator or the lease client, so only a pool address this host
-    /// cannot bind counts here.
+    /// rotor's configuration or its allocator: an operator must act.
     Internal,
 }
 
@@ -86,10 +83,17 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadRequest(_) => Fault::Client,
-            SourceUnavailable { .. } => Fault::Internal,
-            NoAddress(_) | Allocator(_) => Fault::Upstream,
+            NoAddress(_) | SourceUnavailable { .. } | Allocator(_) => Fault::Internal,
             _ => Fault::Upstream,
         }
+    }
+
+    /// Whether each occurrence deserves a warning. An empty pool or a lost
+    /// allocator is reported once by the allocator or the lease client; a
+    /// warning per request would flood the log. A pool address this host
+    /// cannot bind is reported by nobody else.
+    pub fn warn_each(&self) -> bool {
+        matches!(self, ProxyError::SourceUnavailable { .. })
     }
 
     /// Status code and `Proxy-Status` error type (RFC 9209 §2.3).

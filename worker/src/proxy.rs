@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::connect::{connect_from, resolve};
-use crate::error::{Fault, ProxyError};
+use crate::error::ProxyError;
 use crate::lease::{Lease, LeaseClient, LeaseError};
 
 pub type ProxyBody = Either<Incoming, Either<Full<Bytes>, Empty<Bytes>>>;
@@ -83,13 +83,10 @@ impl Proxy {
                 let resp = e.to_response();
                 let error = error_chain(&e);
                 let status = resp.status().as_u16();
-                match e.fault() {
-                    Fault::Internal => {
-                        warn!(%client, %method, %target, status, %error, "request failed")
-                    }
-                    Fault::Client | Fault::Upstream => {
-                        debug!(%client, %method, %target, status, %error, ms, "request failed")
-                    }
+                if e.warn_each() {
+                    warn!(%client, %method, %target, status, %error, "request failed");
+                } else {
+                    debug!(fault = ?e.fault(), %client, %method, %target, status, %error, ms, "request failed");
                 }
                 resp.map(|b| Either::Right(Either::Left(b)))
             }
