@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Start one allocator and N workers sharing one port, and supervise them.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Show the allocator's pool, lease counts, cursor and connected workers.
     Status {
         #[command(flatten)]
@@ -49,7 +49,7 @@ fn main() -> ExitCode {
     rt.block_on(async {
         match cli.command {
             Cmd::Up(args) => match Signals::install() {
-                Ok(signals) => rotor::up::run(args, signals).await,
+                Ok(signals) => rotor::up::run(*args, signals).await,
                 Err(e) => {
                     tracing::error!("cannot install signal handlers: {e}");
                     ExitCode::FAILURE

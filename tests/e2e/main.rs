@@ -4,5 +4,10 @@
 
 mod util;
 
+mod bad_input;
+mod bodies;
 mod errors;
+mod refresh;
+mod restart;
 mod rotation;
+mod up;

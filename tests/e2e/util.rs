@@ -114,7 +114,8 @@ pub fn free_port() -> u16 {
 pub struct Allocator {
     pub proc: Proc,
     pub socket: PathBuf,
-    pub dir: Arc<tempfile::TempDir>,
+    /// Keeps the socket's directory alive as long as the allocator.
+    _dir: Arc<tempfile::TempDir>,
 }
 
 impl Allocator {
@@ -135,11 +136,11 @@ impl Allocator {
         })
         .await;
         assert!(proc.is_running());
-        Allocator { proc, socket, dir }
-    }
-
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        Allocator {
+            proc,
+            socket,
+            _dir: dir,
+        }
     }
 }
 

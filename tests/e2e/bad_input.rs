@@ -1,0 +1,142 @@
+//! Garbage on either socket costs only the connection that sent it.
+
+use std::time::Duration;
+
+use rotor_protocol::{encode, ClientFrame, Envelope, Families, Hello, Request, Role};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::util::*;
+
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut f = (payload.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Reads until the allocator closes the connection (or `PATIENCE`).
+async fn read_until_closed(s: &mut UnixStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out)).await;
+    assert!(r.is_ok(), "the allocator kept a bad connection open");
+    out
+}
+
+#[tokio::test]
+async fn garbage_on_the_allocator_socket_closes_only_that_connection() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+
+    // A length far over the maximum.
+    let mut s = UnixStream::connect(&alloc.socket).await.unwrap();
+    s.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    read_until_closed(&mut s).await;
+
+    // A well-formed frame of undecodable bytes.
+    let mut s = UnixStream::connect(&alloc.socket).await.unwrap();
+    s.write_all(&frame(&[0xff; 32])).await.unwrap();
+    read_until_closed(&mut s).await;
+
+    // A request before the Hello.
+    let mut s = UnixStream::connect(&alloc.socket).await.unwrap();
+    let req = ClientFrame::Request(Envelope {
+        id: 1,
+        body: Request::Status,
+    });
+    s.write_all(&frame(&encode(&req).unwrap())).await.unwrap();
+    read_until_closed(&mut s).await;
+
+    // Garbage after a good Hello.
+    let mut s = UnixStream::connect(&alloc.socket).await.unwrap();
+    let hello = ClientFrame::Hello(Hello::new(Role::Worker, "fuzz"));
+    s.write_all(&frame(&encode(&hello).unwrap())).await.unwrap();
+    s.write_all(&frame(b"\x01\x02\x03")).await.unwrap();
+    read_until_closed(&mut s).await;
+
+    // Another major: refused with a reason, then closed.
+    let mut s = UnixStream::connect(&alloc.socket).await.unwrap();
+    let mut future = Hello::new(Role::Worker, "from the future");
+    future.major += 1;
+    s.write_all(&frame(&encode(&ClientFrame::Hello(future)).unwrap()))
+        .await
+        .unwrap();
+    let reply = read_until_closed(&mut s).await;
+    assert!(
+        String::from_utf8_lossy(&reply).contains("upgrade them together"),
+        "{reply:?}"
+    );
+
+    // A peer that connects and says nothing is dropped after the handshake
+    // timeout; meanwhile everyone else is served.
+    let mut silent = UnixStream::connect(&alloc.socket).await.unwrap();
+
+    // A peer that floods lease requests and never reads its replies.
+    let mut flood = UnixStream::connect(&alloc.socket).await.unwrap();
+    flood
+        .write_all(&frame(
+            &encode(&ClientFrame::Hello(Hello::new(Role::Worker, "flood"))).unwrap(),
+        ))
+        .await
+        .unwrap();
+    let lease = frame(
+        &encode(&ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::Lease {
+                families: Families::ANY,
+            },
+        }))
+        .unwrap(),
+    );
+    let burst: Vec<u8> = lease
+        .iter()
+        .copied()
+        .cycle()
+        .take(lease.len() * 20_000)
+        .collect();
+    let _ = tokio::time::timeout(Duration::from_secs(2), flood.write_all(&burst)).await;
+
+    for _ in 0..4 {
+        assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
+    }
+    assert!(status_json(&alloc.socket)["pool"].as_array().unwrap().len() == 2);
+    read_until_closed(&mut silent).await;
+    let mut alloc = alloc;
+    assert!(alloc.proc.is_running());
+}
+
+#[tokio::test]
+async fn garbage_on_the_proxy_port_never_takes_the_worker_down() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let mut worker = Worker::start(&alloc.socket, &["--header-read-timeout", "500ms"]).await;
+    let inputs: Vec<Vec<u8>> = vec![
+        vec![0u8; 1024],
+        (0..=255u8).cycle().take(70_000).collect(),
+        b"GET http://127.0.0.1/ HTTP/1.1\r\nContent-Length: x\r\n\r\n".to_vec(),
+        b"GET http://127.0.0.1/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n".to_vec(),
+        b"CONNECT :::: HTTP/1.1\r\n\r\n".to_vec(),
+        b"\r\n\r\n\r\n".to_vec(),
+    ];
+    for input in inputs {
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        let _ = s.write_all(&input).await;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            out.is_empty() || text.starts_with("HTTP/1.1 4") || text.starts_with("HTTP/1.1 5"),
+            "{text}"
+        );
+    }
+    // A slow client that never finishes its head is cut off.
+    let mut slow = TcpStream::connect(worker.addr).await.unwrap();
+    slow.write_all(b"GET http://127.0.0.1/ HTTP/1.1\r\nX-A: ")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(PATIENCE, slow.read_to_end(&mut out)).await;
+    assert!(r.is_ok(), "a slowloris client was kept");
+    assert!(worker.proc.is_running());
+    assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
+}

@@ -1,0 +1,154 @@
+//! The pool is re-read on the interval, on SIGHUP and on `rotor reload`,
+//! swapped atomically, and kept when a source fails to read.
+
+use std::net::IpAddr;
+use std::process::Command;
+use std::sync::Arc;
+
+use nix::sys::signal::Signal;
+
+use crate::util::*;
+
+fn pool_of(status: &serde_json::Value) -> Vec<IpAddr> {
+    status["pool"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["ip"].as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
+async fn wait_for_pool(socket: &std::path::Path, want: &[IpAddr]) {
+    eventually(&format!("pool {want:?}"), || async {
+        pool_of(&status_json(socket)) == want
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pool_file_is_reread_on_the_interval() {
+    let origin = Origin::start().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let file = dir.path().join("pool.txt");
+    std::fs::write(&file, "127.0.0.2\n").unwrap();
+    let alloc = Allocator::start_in(
+        dir,
+        &["--pool-file", file.to_str().unwrap(), "--refresh", "200ms"],
+    )
+    .await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
+
+    std::fs::write(&file, "# swapped\n127.0.0.3-127.0.0.4\n").unwrap();
+    wait_for_pool(&alloc.socket, &ips(3..=4)).await;
+    for _ in 0..4 {
+        assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
+    }
+    let seen = origin.sources();
+    assert_eq!(seen[0], ips(2..=2)[0]);
+    assert_eq!(&seen[1..], &[ips(3..=4), ips(3..=4)].concat()[..]);
+    let status = status_json(&alloc.socket);
+    assert!(status["generation"].as_u64().unwrap() >= 2);
+    assert!(status["last_refresh_unix"].as_u64().is_some());
+}
+
+#[tokio::test]
+async fn sighup_and_rotor_reload_reread_at_once() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let file = dir.path().join("pool.txt");
+    std::fs::write(&file, "127.0.0.2\n").unwrap();
+    let alloc = Allocator::start_in(
+        dir,
+        &["--pool-file", file.to_str().unwrap(), "--refresh", "1h"],
+    )
+    .await;
+
+    std::fs::write(&file, "127.0.0.5\n").unwrap();
+    alloc.proc.signal(Signal::SIGHUP);
+    wait_for_pool(&alloc.socket, &ips(5..=5)).await;
+
+    std::fs::write(&file, "127.0.0.6-127.0.0.7\n").unwrap();
+    let out = Command::new(ROTOR)
+        .args(["reload", "--socket", alloc.socket.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("2 addresses"), "{text}");
+    // `rotor reload` answers after the refresh: no waiting needed.
+    assert_eq!(pool_of(&status_json(&alloc.socket)), ips(6..=7));
+}
+
+#[tokio::test]
+async fn a_failed_read_keeps_the_last_good_pool_and_an_empty_file_empties_it() {
+    let origin = Origin::start().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let file = dir.path().join("pool.txt");
+    std::fs::write(&file, "127.0.0.2-127.0.0.3\n").unwrap();
+    let alloc = Allocator::start_in(
+        dir,
+        &["--pool-file", file.to_str().unwrap(), "--refresh", "1h"],
+    )
+    .await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let reload = || {
+        let out = Command::new(ROTOR)
+            .args(["reload", "--socket", alloc.socket.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+    };
+
+    std::fs::remove_file(&file).unwrap();
+    reload();
+    let status = status_json(&alloc.socket);
+    assert_eq!(pool_of(&status), ips(2..=3));
+    let err = status["sources"][0]["error"].as_str().unwrap();
+    assert!(err.contains("cannot read"), "{err}");
+    assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
+
+    std::fs::write(&file, "not an address\n").unwrap();
+    reload();
+    let status = status_json(&alloc.socket);
+    assert_eq!(pool_of(&status), ips(2..=3));
+    assert!(status["sources"][0]["error"]
+        .as_str()
+        .unwrap()
+        .contains(":1"));
+
+    std::fs::write(&file, "").unwrap();
+    reload();
+    assert!(pool_of(&status_json(&alloc.socket)).is_empty());
+    assert_eq!(get(worker.addr, &origin.url("/")).await.status, 503);
+    assert_eq!(origin.count(), 1);
+}
+
+#[tokio::test]
+async fn interface_source_reads_the_loopback_addresses() {
+    let alloc = Allocator::start(&["--interface", "lo"]).await;
+    let pool = pool_of(&status_json(&alloc.socket));
+    assert!(pool.contains(&"127.0.0.1".parse().unwrap()), "{pool:?}");
+    let alloc = Allocator::start(&["--interface", "00:00:00:00:00:00"]).await;
+    let pool = pool_of(&status_json(&alloc.socket));
+    assert!(pool.contains(&"127.0.0.1".parse().unwrap()), "{pool:?}");
+}
+
+#[tokio::test]
+async fn bad_pool_spec_stops_the_start_with_a_clear_error() {
+    let out = Command::new(ALLOCATOR)
+        .args([
+            "--socket",
+            "/nonexistent/x.sock",
+            "--pool",
+            "127.0.0.9-127.0.0.2",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ends before it starts"), "{err}");
+}

@@ -1,0 +1,65 @@
+//! The allocator can die and come back: workers reconnect by themselves and
+//! requests wait for it up to the lease timeout.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::util::*;
+
+#[tokio::test]
+async fn requests_wait_for_a_restarted_allocator() {
+    let origin = Origin::start().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let alloc = Allocator::start_in(dir.clone(), &["--pool", "127.0.0.2-127.0.0.3"]).await;
+    let worker = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
+    assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
+
+    // SIGKILL: the socket file stays behind, stale.
+    drop(alloc);
+    let url = origin.url("/");
+    let waiting = tokio::spawn(async move { get(worker.addr, &url).await.status });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the request did not wait for the allocator"
+    );
+    let alloc = Allocator::start_in(dir, &["--pool", "127.0.0.2-127.0.0.3"]).await;
+    assert_eq!(waiting.await.unwrap(), 200);
+    let _ = &alloc;
+    assert_eq!(origin.count(), 2);
+}
+
+#[tokio::test]
+async fn allocator_gone_past_the_lease_timeout_is_503_then_recovers() {
+    let origin = Origin::start().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let alloc = Allocator::start_in(dir.clone(), &["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &["--lease-timeout", "300ms"]).await;
+    drop(alloc);
+    let r = get(worker.addr, &origin.url("/")).await;
+    assert_eq!(r.status, 503);
+    assert!(r.proxy_status().contains("proxy_internal_error"));
+    let _alloc = Allocator::start_in(dir, &["--pool", "127.0.0.2"]).await;
+    eventually("the worker to reconnect", || async {
+        get(worker.addr, &origin.url("/")).await.status == 200
+    })
+    .await;
+    assert_eq!(origin.sources(), ips(2..=2));
+}
+
+#[tokio::test]
+async fn a_live_allocator_socket_is_not_taken_over() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let out = std::process::Command::new(ALLOCATOR)
+        .args([
+            "--socket",
+            alloc.socket.to_str().unwrap(),
+            "--pool",
+            "127.0.0.3",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already serving"));
+    assert_eq!(status_json(&alloc.socket)["pool"][0]["ip"], "127.0.0.2");
+}
