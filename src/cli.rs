@@ -1,17 +1,167 @@
-//! Command-line flags of the allocator and the worker; `rotor up` reuses
-//! them and passes them on to its children.
+//! Command-line flags and the configuration file, resolved into one
+//! validated set of settings per binary. A flag (or its environment
+//! variable) wins over the file, the file over the built-in default.
+//! `rotor up` reuses these flags and passes them on to its children.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
 use rotor_allocator::source::Source;
 use rotor_allocator::spec::SpecError;
+use serde::Deserialize;
 
 fn duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("invalid configuration file {0}")]
+    Parse(PathBuf, #[source] toml::de::Error),
+    #[error("`{key}` in {file}: `{value}` is not a duration (e.g. 500ms, 20s, 1m)")]
+    Duration {
+        file: PathBuf,
+        key: &'static str,
+        value: String,
+    },
+    #[error("invalid pool specification")]
+    Spec(#[from] SpecError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// `rotor.toml`: the same keys as the flags, by program.
+///
+/// ```toml
+/// socket = "/run/rotor/allocator.sock"
+/// [allocator]
+/// pool = ["203.0.113.0/28"]
+/// refresh = "20s"
+/// [worker]
+/// listen = ["127.0.0.1:8080"]
+/// lease-timeout = "2s"
+/// [up]
+/// workers = 4
+/// ```
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub socket: Option<PathBuf>,
+    #[serde(default)]
+    pub allocator: AllocatorFile,
+    #[serde(default)]
+    pub worker: WorkerFile,
+    #[serde(default)]
+    pub up: UpFile,
+    #[serde(skip)]
+    path: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AllocatorFile {
+    #[serde(default)]
+    pub pool: Vec<String>,
+    #[serde(default)]
+    pub pool_file: Vec<PathBuf>,
+    #[serde(default)]
+    pub interface: Vec<String>,
+    pub refresh: Option<String>,
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct WorkerFile {
+    #[serde(default)]
+    pub listen: Vec<SocketAddr>,
+    pub lease_timeout: Option<String>,
+    pub connect_timeout: Option<String>,
+    pub response_timeout: Option<String>,
+    pub header_read_timeout: Option<String>,
+    pub max_head_bytes: Option<usize>,
+    pub drain_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct UpFile {
+    pub workers: Option<u16>,
+}
+
+impl FileConfig {
+    pub fn load(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
+        let Some(path) = path else {
+            return Ok(FileConfig::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
+        let mut file: FileConfig =
+            toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e))?;
+        file.path = path.to_path_buf();
+        Ok(file)
+    }
+
+    fn duration(
+        &self,
+        key: &'static str,
+        value: &Option<String>,
+    ) -> Result<Option<Duration>, ConfigError> {
+        value
+            .as_deref()
+            .map(|v| {
+                humantime::parse_duration(v).map_err(|_| ConfigError::Duration {
+                    file: self.path.clone(),
+                    key,
+                    value: v.to_string(),
+                })
+            })
+            .transpose()
+    }
+}
+
+/// Flags every binary has.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// The allocator's Unix socket [default: /run/rotor/allocator.sock for
+    /// root, else $XDG_RUNTIME_DIR/rotor/allocator.sock].
+    #[arg(
+        long = "socket",
+        alias = "allocator",
+        env = "ROTOR_SOCKET",
+        value_name = "PATH"
+    )]
+    pub socket: Option<PathBuf>,
+    /// A TOML configuration file (keys as the flags, in [allocator],
+    /// [worker] and [up] sections; `socket` at the top). Flags win.
+    #[arg(long, env = "ROTOR_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Validate the flags and the configuration file, say what is wrong or
+    /// what would be used, and exit (0: valid).
+    #[arg(long)]
+    pub check: bool,
+}
+
+impl CommonArgs {
+    pub fn socket(&self, file: &FileConfig) -> PathBuf {
+        self.socket
+            .clone()
+            .or_else(|| file.socket.clone())
+            .unwrap_or_else(crate::paths::default_socket)
+    }
+
+    /// What children of `rotor up` get: the same file and socket.
+    pub fn to_args(&self, socket: &Path) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec!["--socket".into(), socket.into()];
+        if let Some(c) = &self.config {
+            a.extend(["--config".into(), c.into()]);
+        }
+        a
+    }
 }
 
 /// Where the pool comes from. With none of these, the pool is the host's
@@ -30,27 +180,21 @@ pub struct PoolArgs {
     /// address (02:fc:00:00:00:01); re-read on every refresh. Repeatable.
     #[arg(long = "interface", value_name = "NAME|MAC")]
     pub interface: Vec<String>,
-    /// How often the pool sources are re-read (SIGHUP re-reads at once).
-    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = duration)]
-    pub refresh: Duration,
+    /// How often the pool sources are re-read (SIGHUP re-reads at once)
+    /// [default: 20s].
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub refresh: Option<Duration>,
+    /// Where the rotation state is kept across restarts [default:
+    /// /var/lib/rotor for root, else $XDG_STATE_HOME/rotor].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Keep no rotation state: a restarted allocator starts from the first
+    /// address.
+    #[arg(long, conflicts_with = "state_dir")]
+    pub no_state: bool,
 }
 
 impl PoolArgs {
-    /// The sources, in the order given (`--pool`, then files, then
-    /// interfaces). A bad `--pool` spec is an error here, before start.
-    pub fn sources(&self) -> Result<Vec<Source>, SpecError> {
-        let mut out = Vec::new();
-        for spec in &self.pool {
-            out.push(Source::list(spec)?);
-        }
-        out.extend(self.pool_file.iter().cloned().map(Source::File));
-        out.extend(self.interface.iter().map(|i| Source::interface(i)));
-        if out.is_empty() {
-            out.push(Source::HostAddresses);
-        }
-        Ok(out)
-    }
-
     pub fn to_args(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = Vec::new();
         for p in &self.pool {
@@ -62,18 +206,248 @@ impl PoolArgs {
         for i in &self.interface {
             a.extend(["--interface".into(), i.into()]);
         }
-        a.extend([
-            "--refresh".into(),
-            humantime::format_duration(self.refresh).to_string().into(),
-        ]);
+        if let Some(r) = self.refresh {
+            a.extend(["--refresh".into(), fmt_duration(r)]);
+        }
+        if let Some(d) = &self.state_dir {
+            a.extend(["--state-dir".into(), d.into()]);
+        }
+        if self.no_state {
+            a.push("--no-state".into());
+        }
         a
+    }
+
+    pub fn resolve(&self, file: &FileConfig) -> Result<PoolSettings, ConfigError> {
+        let f = &file.allocator;
+        // The flags replace the file's sources as a whole, so a one-off
+        // `--pool` does not mix with the file's pool.
+        let flags_given =
+            !(self.pool.is_empty() && self.pool_file.is_empty() && self.interface.is_empty());
+        let (pool, pool_file, interface) = if flags_given {
+            (&self.pool, &self.pool_file, &self.interface)
+        } else {
+            (&f.pool, &f.pool_file, &f.interface)
+        };
+        let mut sources = Vec::new();
+        for spec in pool {
+            sources.push(Source::list(spec)?);
+        }
+        sources.extend(pool_file.iter().cloned().map(Source::File));
+        sources.extend(interface.iter().map(|i| Source::interface(i)));
+        if sources.is_empty() {
+            sources.push(Source::HostAddresses);
+        }
+        let refresh = match self.refresh {
+            Some(r) => r,
+            None => file
+                .duration("allocator.refresh", &f.refresh)?
+                .unwrap_or(Duration::from_secs(20)),
+        };
+        if refresh.is_zero() {
+            return Err(ConfigError::Invalid(
+                "refresh must be longer than 0s".into(),
+            ));
+        }
+        let state_dir = if self.no_state {
+            None
+        } else {
+            Some(
+                self.state_dir
+                    .clone()
+                    .or_else(|| f.state_dir.clone())
+                    .unwrap_or_else(crate::paths::default_state_dir),
+            )
+        };
+        Ok(PoolSettings {
+            sources,
+            refresh,
+            state_dir,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub sources: Vec<Source>,
+    pub refresh: Duration,
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AllocatorArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub pool: PoolArgs,
+}
+
+/// The worker's tunables; `rotor up` passes them on unchanged.
+#[derive(Debug, Clone, Args)]
+pub struct WorkerTuning {
+    /// How long a request waits for a lease (e.g. while the allocator
+    /// restarts) before it gets 503 [default: 2s].
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub lease_timeout: Option<Duration>,
+    /// Limit on resolving the destination and on connecting to it
+    /// [default: 10s].
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub connect_timeout: Option<Duration>,
+    /// Limit on the destination's response head once the request is sent
+    /// [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub response_timeout: Option<Duration>,
+    /// A client must send a whole request head within this [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub header_read_timeout: Option<Duration>,
+    /// Largest request head accepted; larger gets 431 [default: 65536].
+    #[arg(long, value_name = "BYTES")]
+    pub max_head_bytes: Option<usize>,
+    /// On SIGTERM, how long in-flight requests and tunnels may take
+    /// [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub drain_timeout: Option<Duration>,
+}
+
+fn fmt_duration(d: Duration) -> OsString {
+    humantime::format_duration(d).to_string().into()
+}
+
+impl WorkerTuning {
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let durations = [
+            ("--lease-timeout", self.lease_timeout),
+            ("--connect-timeout", self.connect_timeout),
+            ("--response-timeout", self.response_timeout),
+            ("--header-read-timeout", self.header_read_timeout),
+            ("--drain-timeout", self.drain_timeout),
+        ];
+        for (flag, value) in durations {
+            if let Some(d) = value {
+                a.extend([flag.into(), fmt_duration(d)]);
+            }
+        }
+        if let Some(n) = self.max_head_bytes {
+            a.extend(["--max-head-bytes".into(), n.to_string().into()]);
+        }
+        a
+    }
+
+    pub fn resolve(&self, file: &FileConfig) -> Result<WorkerSettingsTuning, ConfigError> {
+        let f = &file.worker;
+        let pick = |flag: Option<Duration>,
+                    key,
+                    value: &Option<String>,
+                    default: u64|
+         -> Result<Duration, ConfigError> {
+            Ok(match flag {
+                Some(d) => d,
+                None => file
+                    .duration(key, value)?
+                    .unwrap_or(Duration::from_secs(default)),
+            })
+        };
+        let t = WorkerSettingsTuning {
+            lease_timeout: pick(
+                self.lease_timeout,
+                "worker.lease-timeout",
+                &f.lease_timeout,
+                2,
+            )?,
+            config: rotor_worker::Config {
+                proxy: rotor_worker::proxy::ProxyConfig {
+                    connect_timeout: pick(
+                        self.connect_timeout,
+                        "worker.connect-timeout",
+                        &f.connect_timeout,
+                        10,
+                    )?,
+                    response_timeout: pick(
+                        self.response_timeout,
+                        "worker.response-timeout",
+                        &f.response_timeout,
+                        60,
+                    )?,
+                },
+                header_read_timeout: pick(
+                    self.header_read_timeout,
+                    "worker.header-read-timeout",
+                    &f.header_read_timeout,
+                    30,
+                )?,
+                max_head_bytes: self
+                    .max_head_bytes
+                    .or(f.max_head_bytes)
+                    .unwrap_or(64 * 1024),
+                drain_timeout: pick(
+                    self.drain_timeout,
+                    "worker.drain-timeout",
+                    &f.drain_timeout,
+                    30,
+                )?,
+            },
+        };
+        if t.config.max_head_bytes < 8192 {
+            return Err(ConfigError::Invalid(
+                "max-head-bytes must be at least 8192".into(),
+            ));
+        }
+        Ok(t)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettingsTuning {
+    pub lease_timeout: Duration,
+    pub config: rotor_worker::Config,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// Where the worker takes client connections from.
+#[derive(Debug, Clone, Args)]
+pub struct ListenArgs {
+    /// Address to accept proxy clients on; repeatable. Bound with
+    /// SO_REUSEPORT so several workers share it [default: 127.0.0.1:8080,
+    /// unless sockets are passed by systemd or --listen-fd].
+    #[arg(long = "listen", value_name = "ADDR")]
+    pub listen: Vec<SocketAddr>,
+    /// Accept on the listening socket inherited as descriptor N (as
+    /// `rotor up` passes it); repeatable.
+    #[arg(long = "listen-fd", value_name = "N")]
+    pub listen_fd: Vec<i32>,
+}
+
+impl ListenArgs {
+    /// The addresses to bind, given that `passed` sockets were inherited.
+    pub fn resolve(&self, file: &FileConfig, passed: usize) -> Vec<SocketAddr> {
+        if !self.listen.is_empty() {
+            self.listen.clone()
+        } else if passed > 0 {
+            Vec::new()
+        } else if !file.worker.listen.is_empty() {
+            file.worker.listen.clone()
+        } else {
+            vec![DEFAULT_LISTEN.parse().expect("valid default")]
+        }
     }
 }
 
 #[derive(Debug, Clone, Args)]
-pub struct SocketArg {
-    /// The allocator's Unix socket [default: /run/rotor/allocator.sock for
-    /// root, else $XDG_RUNTIME_DIR/rotor/allocator.sock].
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub listen: ListenArgs,
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub tuning: WorkerTuning,
+}
+
+/// Where `rotor status` and `rotor reload` find the allocator.
+#[derive(Debug, Clone, Args)]
+pub struct ControlArgs {
+    /// The allocator's Unix socket [default: as the allocator's].
     #[arg(
         long = "socket",
         alias = "allocator",
@@ -81,93 +455,17 @@ pub struct SocketArg {
         value_name = "PATH"
     )]
     pub socket: Option<PathBuf>,
+    /// The configuration file, for its `socket`.
+    #[arg(long, env = "ROTOR_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
 }
 
-impl SocketArg {
-    pub fn path(&self) -> PathBuf {
-        self.socket
-            .clone()
-            .unwrap_or_else(crate::paths::default_socket)
-    }
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct AllocatorArgs {
-    #[command(flatten)]
-    pub socket: SocketArg,
-    #[command(flatten)]
-    pub pool: PoolArgs,
-    /// Validate the flags, read the pool sources once, print the pool, exit.
-    #[arg(long)]
-    pub check: bool,
-}
-
-/// The worker's tunables; `rotor up` passes them on unchanged.
-#[derive(Debug, Clone, Args)]
-pub struct WorkerTuning {
-    /// How long a request waits for a lease (e.g. while the allocator
-    /// restarts) before it gets 503.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = duration)]
-    pub lease_timeout: Duration,
-    /// Limit on resolving the destination and on connecting to it.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = duration)]
-    pub connect_timeout: Duration,
-    /// Limit on the destination's response head once the request is sent.
-    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = duration)]
-    pub response_timeout: Duration,
-    /// A client must send a whole request head within this.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration)]
-    pub header_read_timeout: Duration,
-    /// Largest request head accepted (larger: 431).
-    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
-    pub max_head_bytes: usize,
-    /// On SIGTERM, how long in-flight requests and tunnels may take.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration)]
-    pub drain_timeout: Duration,
-}
-
-impl WorkerTuning {
-    pub fn to_args(&self) -> Vec<OsString> {
-        let d = |d: Duration| OsString::from(humantime::format_duration(d).to_string());
-        vec![
-            "--lease-timeout".into(),
-            d(self.lease_timeout),
-            "--connect-timeout".into(),
-            d(self.connect_timeout),
-            "--response-timeout".into(),
-            d(self.response_timeout),
-            "--header-read-timeout".into(),
-            d(self.header_read_timeout),
-            "--max-head-bytes".into(),
-            self.max_head_bytes.to_string().into(),
-            "--drain-timeout".into(),
-            d(self.drain_timeout),
-        ]
-    }
-
-    pub fn config(&self) -> rotor_worker::Config {
-        rotor_worker::Config {
-            proxy: rotor_worker::proxy::ProxyConfig {
-                connect_timeout: self.connect_timeout,
-                response_timeout: self.response_timeout,
-            },
-            header_read_timeout: self.header_read_timeout,
-            max_head_bytes: self.max_head_bytes,
-            drain_timeout: self.drain_timeout,
+impl ControlArgs {
+    pub fn socket(&self) -> Result<PathBuf, ConfigError> {
+        if let Some(s) = &self.socket {
+            return Ok(s.clone());
         }
+        let file = FileConfig::load(self.config.as_deref())?;
+        Ok(file.socket.unwrap_or_else(crate::paths::default_socket))
     }
-}
-
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
-
-#[derive(Debug, Clone, Args)]
-pub struct WorkerArgs {
-    /// Address to accept proxy clients on; repeatable. Bound with
-    /// SO_REUSEPORT so several workers share it.
-    #[arg(long = "listen", value_name = "ADDR", default_value = DEFAULT_LISTEN)]
-    pub listen: Vec<SocketAddr>,
-    #[command(flatten)]
-    pub socket: SocketArg,
-    #[command(flatten)]
-    pub tuning: WorkerTuning,
 }

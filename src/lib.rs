@@ -2,6 +2,7 @@
 //! logging and signal handling, the control client, and `rotor up`'s
 //! supervisor. The binaries themselves only parse flags and call in here.
 
+pub mod activation;
 pub mod cli;
 pub mod control;
 pub mod paths;

@@ -15,3 +15,18 @@ pub fn default_socket() -> PathBuf {
         None => PathBuf::from(format!("/tmp/rotor-{uid}/allocator.sock")),
     }
 }
+
+/// The rotation state directory: `/var/lib/rotor` for root, else
+/// `$XDG_STATE_HOME/rotor` (or `~/.local/state/rotor`).
+pub fn default_state_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/rotor");
+    }
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("rotor");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/state/rotor"),
+        None => PathBuf::from(format!("/tmp/rotor-{}/state", nix::unistd::geteuid())),
+    }
+}

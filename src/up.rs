@@ -4,8 +4,10 @@
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -16,32 +18,80 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::cli::{PoolArgs, SocketArg, WorkerTuning, DEFAULT_LISTEN};
+use crate::cli::{CommonArgs, FileConfig, PoolArgs, WorkerTuning, DEFAULT_LISTEN};
 use crate::signals::Signals;
 
 #[derive(Debug, Clone, Args)]
 pub struct UpArgs {
-    /// Worker processes sharing the listening port.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub workers: u16,
-    /// Address the workers accept proxy clients on; repeatable.
-    #[arg(long = "listen", value_name = "ADDR", default_value = DEFAULT_LISTEN)]
+    /// Worker processes sharing the listening sockets [default: 2].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub workers: Option<u16>,
+    /// Address the workers accept proxy clients on; repeatable [default:
+    /// 127.0.0.1:8080].
+    #[arg(long = "listen", value_name = "ADDR")]
     pub listen: Vec<SocketAddr>,
     #[command(flatten)]
-    pub socket: SocketArg,
+    pub common: CommonArgs,
     #[command(flatten)]
     pub pool: PoolArgs,
     #[command(flatten)]
     pub tuning: WorkerTuning,
 }
 
+/// Most listening sockets `rotor up` passes to a worker.
+const MAX_LISTENERS: usize = 64;
+
 /// How long children get to stop after the drain timeout before SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
 pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
-    if let Err(e) = args.pool.sources() {
-        error!("invalid --pool: {e}");
+    let file = match FileConfig::load(args.common.config.as_deref()) {
+        Ok(f) => f,
+        Err(e) => {
+            error!("{}", rotor_protocol::error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    // Validate here, so a mistake is reported once, not by every child.
+    let tuning = match args
+        .pool
+        .resolve(&file)
+        .and_then(|_| args.tuning.resolve(&file))
+    {
+        Ok(t) => t,
+        Err(e) => {
+            error!("{}", rotor_protocol::error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let workers = args.workers.or(file.up.workers).unwrap_or(2);
+    let listen = if !args.listen.is_empty() {
+        args.listen.clone()
+    } else if !file.worker.listen.is_empty() {
+        file.worker.listen.clone()
+    } else {
+        vec![DEFAULT_LISTEN.parse().expect("valid default")]
+    };
+    if listen.len() > MAX_LISTENERS {
+        error!("at most {MAX_LISTENERS} listen addresses");
         return ExitCode::from(2);
+    }
+    if args.common.check {
+        eprintln!("ok: {workers} workers on {listen:?}");
+        return ExitCode::SUCCESS;
+    }
+    // One listening socket per address, shared by every worker: a worker
+    // that stops leaves queued connections to the others instead of
+    // resetting them (as closing one SO_REUSEPORT socket would).
+    let mut listeners = Vec::new();
+    for addr in &listen {
+        match rotor_worker::listener::bind_reuseport(*addr) {
+            Ok(l) => listeners.push(std::os::fd::OwnedFd::from(l)),
+            Err(e) => {
+                error!("{}", rotor_protocol::error_chain(&e));
+                return ExitCode::FAILURE;
+            }
+        }
     }
     let dir = match std::env::current_exe() {
         Ok(p) => p.parent().map(Path::to_path_buf).unwrap_or_default(),
@@ -50,14 +100,15 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let socket = args.socket.path();
-    let mut alloc_args: Vec<OsString> = vec!["--socket".into(), socket.clone().into()];
+    let socket = args.common.socket(&file);
+    let mut alloc_args = args.common.to_args(&socket);
     alloc_args.extend(args.pool.to_args());
-    let mut worker_args: Vec<OsString> = vec!["--socket".into(), socket.clone().into()];
-    for l in &args.listen {
-        worker_args.extend(["--listen".into(), l.to_string().into()]);
+    let mut worker_args = args.common.to_args(&socket);
+    for i in 0..listeners.len() {
+        worker_args.extend(["--listen-fd".into(), (3 + i).to_string().into()]);
     }
     worker_args.extend(args.tuning.to_args());
+    let listener_fds: Arc<Vec<RawFd>> = Arc::new(listeners.iter().map(|l| l.as_raw_fd()).collect());
 
     let alloc_stop = CancellationToken::new();
     let alloc = tokio::spawn(supervise(
@@ -65,6 +116,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             name: "allocator".into(),
             program: dir.join("rotor-allocator"),
             args: alloc_args,
+            fds: Arc::default(),
         },
         alloc_stop.clone(),
         signals.clone(),
@@ -78,30 +130,32 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         return ExitCode::FAILURE;
     }
 
-    let workers = TaskTracker::new();
-    for i in 1..=args.workers {
-        workers.spawn(supervise(
+    let slots = TaskTracker::new();
+    for i in 1..=workers {
+        slots.spawn(supervise(
             Slot {
                 name: format!("worker {i}"),
                 program: dir.join("rotor-worker"),
                 args: worker_args.clone(),
+                fds: listener_fds.clone(),
             },
             signals.shutdown.clone(),
             signals.clone(),
             false,
-            args.tuning.drain_timeout + KILL_GRACE,
+            tuning.config.drain_timeout + KILL_GRACE,
         ));
     }
-    workers.close();
+    slots.close();
     info!(
-        workers = args.workers,
-        listen = ?args.listen,
+        workers,
+        ?listen,
         socket = %socket.display(),
         "rotor is up"
     );
     signals.shutdown.cancelled().await;
     // Workers drain first: they still need leases while they do.
-    workers.wait().await;
+    slots.wait().await;
+    drop(listeners);
     alloc_stop.cancel();
     let _ = alloc.await;
     info!("rotor is down");
@@ -127,19 +181,38 @@ struct Slot {
     name: String,
     program: PathBuf,
     args: Vec<OsString>,
+    /// Descriptors the child gets as 3, 4, … (`--listen-fd`).
+    fds: Arc<Vec<RawFd>>,
 }
 
 impl Slot {
     fn spawn(&self) -> std::io::Result<Child> {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args).kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe, and this closure touches no
-        // memory shared with the parent. PDEATHSIG makes the child stop if
-        // `rotor up` is killed outright, so no orphan keeps the port.
+        let fds = self.fds.clone();
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes async-signal-safe calls (prctl, fcntl, dup2) on memory it
+        // reads but does not allocate or free.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
+                // PDEATHSIG: the child stops if `rotor up` is killed outright,
+                // so no orphan keeps the port.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // Move the listeners out of the way of 3.. first, then onto
+                // 3.. (dup2 clears close-on-exec on the copies).
+                let mut high = [0 as RawFd; MAX_LISTENERS];
+                for (i, fd) in fds.iter().enumerate() {
+                    high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 1024);
+                    if high[i] < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, fd) in high.iter().take(fds.len()).enumerate() {
+                    if libc::dup2(*fd, 3 + i as RawFd) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });

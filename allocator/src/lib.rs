@@ -3,10 +3,11 @@
 //! workers over a Unix socket, one at a time, so the rotation order is global
 //! across every worker process.
 
+pub mod persist;
 pub mod pool;
 pub mod server;
 pub mod source;
 pub mod spec;
 pub mod state;
 
-pub use server::{bind_socket, run, BindError, Config};
+pub use server::{bind_socket, run, BindError, Config, RunError};

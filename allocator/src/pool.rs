@@ -33,6 +33,15 @@ impl Pool {
         pool
     }
 
+    /// An empty pool whose generations continue from `generation` (the one
+    /// a previous allocator reached).
+    pub fn continuing(generation: u64) -> Pool {
+        Pool {
+            generation,
+            ..Pool::default()
+        }
+    }
+
     pub fn addrs(&self) -> &[IpAddr] {
         &self.addrs
     }

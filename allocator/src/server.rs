@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::persist::{PersistError, Saved, StateFile};
 use crate::source::Source;
 use crate::state::{Allocator, RefreshOutcome};
 
@@ -32,7 +33,18 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Config {
     pub sources: Vec<Source>,
     pub refresh: Duration,
+    /// Where the rotation state is kept across restarts; `None`: nowhere.
+    pub state_dir: Option<PathBuf>,
 }
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    State(#[from] PersistError),
+}
+
+/// How often the allocator tells systemd how it is doing (`STATUS=`).
+const STATUS_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -90,8 +102,22 @@ pub async fn run(
     config: Config,
     reload: Arc<Notify>,
     shutdown: CancellationToken,
-) -> io::Result<()> {
-    let alloc = Arc::new(Allocator::new(config.sources.clone()));
+) -> Result<(), RunError> {
+    let (state, saved) = match &config.state_dir {
+        None => (None, Saved::default()),
+        Some(dir) => match StateFile::open(dir) {
+            Ok((file, saved)) => {
+                info!(file = %file.path().display(), resumed = saved.is_some(), "rotation state");
+                (Some(file), saved.unwrap_or_default())
+            }
+            Err(e @ PersistError::Locked(_)) => return Err(e.into()),
+            Err(e) => {
+                warn!(error = %error_chain(&e), "running without a rotation state file: a restart starts the rotation over");
+                (None, Saved::default())
+            }
+        },
+    };
+    let alloc = Arc::new(Allocator::resuming(config.sources.clone(), state, saved));
     // The pool is loaded before the first connection is accepted, so no
     // worker ever sees the empty pool of a starting allocator.
     let outcome = refresh(&alloc).await;
@@ -104,6 +130,11 @@ pub async fn run(
     if outcome.size == 0 {
         warn!("the pool is empty: every proxy request will get 503 until it is not");
     }
+    alloc.persist();
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status_line(&alloc, 0.0)),
+    ]);
 
     let tracker = TaskTracker::new();
     let (reload_tx, reload_rx) = mpsc::channel::<ReloadReply>(16);
@@ -114,6 +145,8 @@ pub async fn run(
         reload_rx,
         shutdown.clone(),
     ));
+
+    tracker.spawn(report_status(alloc.clone(), shutdown.clone()));
 
     let ids = AtomicU64::new(1);
     loop {
@@ -148,9 +181,40 @@ pub async fn run(
             .instrument(tracing::info_span!("conn", id)),
         );
     }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracker.close();
     tracker.wait().await;
+    alloc.persist();
     Ok(())
+}
+
+fn status_line(alloc: &Allocator, leases_per_sec: f64) -> String {
+    let s = alloc.status();
+    let workers = s.peers.iter().filter(|p| p.role == Role::Worker).count();
+    format!(
+        "pool {} addresses (generation {}), {leases_per_sec:.0} leases/s, {workers} workers",
+        s.pool.len(),
+        s.generation
+    )
+}
+
+/// `STATUS=` for `systemctl status`, every few seconds.
+async fn report_status(alloc: Arc<Allocator>, shutdown: CancellationToken) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let mut last = alloc.status().leases_total;
+    let mut tick = tokio::time::interval(STATUS_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = alloc.status().leases_total;
+        let rate = (now - last) as f64 / STATUS_EVERY.as_secs_f64();
+        last = now;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status_line(&alloc, rate))]);
+    }
 }
 
 async fn refresh(alloc: &Arc<Allocator>) -> RefreshOutcome {
@@ -178,6 +242,7 @@ async fn refresh_loop(
             Some(r) = requests.recv() => ("request", Some(r)),
         };
         let outcome = refresh(&alloc).await;
+        alloc.persist();
         if outcome.changed {
             info!(
                 why,
@@ -272,6 +337,7 @@ async fn serve(
             // Batch replies to pipelined requests; flush once nothing more
             // is waiting to be read.
             if !rx.has_complete_frame() {
+                alloc.persist();
                 tx.flush().await?;
             }
             Ok::<_, ChannelError>(())

@@ -11,6 +11,7 @@ use rotor_protocol::{
     error_chain, AddrStatus, Families, Hello, PeerStatus, Response, SourceStatus, StatusReport,
 };
 
+use crate::persist::{Saved, StateFile};
 use crate::pool::Pool;
 use crate::source::{Source, SourceError};
 
@@ -25,6 +26,13 @@ struct Inner {
     sources: Vec<SourceState>,
     last_refresh: Option<SystemTime>,
     peers: BTreeMap<u64, Peer>,
+    /// Where to resume the rotation once the first refresh loaded the pool.
+    resume_at: Option<IpAddr>,
+    state: Option<StateFile>,
+    /// Leases or a refresh not yet written to the state file.
+    dirty: bool,
+    /// Whether a failed state write has already been logged.
+    state_failed: bool,
 }
 
 struct SourceState {
@@ -51,10 +59,19 @@ pub struct RefreshOutcome {
 
 impl Allocator {
     pub fn new(sources: Vec<Source>) -> Allocator {
+        Allocator::resuming(sources, None, Saved::default())
+    }
+
+    /// An allocator that continues the rotation `saved` in `state`.
+    pub fn resuming(sources: Vec<Source>, state: Option<StateFile>, saved: Saved) -> Allocator {
         Allocator {
             inner: Mutex::new(Inner {
-                pool: Pool::default(),
-                seq: 0,
+                pool: Pool::continuing(saved.generation),
+                seq: saved.seq,
+                resume_at: saved.next_due,
+                state,
+                dirty: false,
+                state_failed: false,
                 sources: sources
                     .into_iter()
                     .map(|source| SourceState {
@@ -114,6 +131,14 @@ impl Allocator {
             .flat_map(|s| s.last_good.iter().copied())
             .collect();
         let changed = inner.pool.replace(addrs);
+        if let Some(ip) = inner.resume_at.take() {
+            if inner.pool.resume_at(ip) {
+                tracing::info!(next = %ip, seq = inner.seq, "resuming the saved rotation");
+            } else {
+                tracing::info!(saved = %ip, "the saved next address is no longer in the pool; starting at the first");
+            }
+        }
+        inner.dirty |= changed;
         inner.last_refresh = Some(SystemTime::now());
         RefreshOutcome {
             changed,
@@ -129,6 +154,7 @@ impl Allocator {
         match inner.pool.lease(families) {
             Ok(l) => {
                 inner.seq += 1;
+                inner.dirty = true;
                 let seq = inner.seq;
                 if let Some(p) = inner.peers.get_mut(&peer) {
                     p.leases += 1;
@@ -143,6 +169,32 @@ impl Allocator {
                 reason,
                 generation: inner.pool.generation(),
             },
+        }
+    }
+
+    /// Writes the rotation to the state file if it changed since the last
+    /// write. Called before lease replies are flushed, so no address is
+    /// handed out that a restart would hand out again.
+    pub fn persist(&self) {
+        let mut inner = self.lock();
+        if !inner.dirty {
+            return;
+        }
+        inner.dirty = false;
+        let saved = Saved {
+            generation: inner.pool.generation(),
+            seq: inner.seq,
+            next_due: inner.pool.next_due(),
+        };
+        let Some(state) = &inner.state else { return };
+        match state.write(&saved) {
+            Ok(()) => inner.state_failed = false,
+            Err(e) => {
+                if !inner.state_failed {
+                    tracing::warn!(file = %state.path().display(), error = %e, "cannot write the rotation state");
+                }
+                inner.state_failed = true;
+            }
         }
     }
 
@@ -163,12 +215,6 @@ impl Allocator {
 
     pub fn pool_size(&self) -> usize {
         self.lock().pool.len()
-    }
-
-    /// The address due next and the lease sequence, for the state file.
-    pub fn rotation(&self) -> (Option<IpAddr>, u64, u64) {
-        let inner = self.lock();
-        (inner.pool.next_due(), inner.seq, inner.pool.generation())
     }
 
     pub fn status(&self) -> StatusReport {

@@ -3,9 +3,11 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use rotor::cli::AllocatorArgs;
+use rotor::activation;
+use rotor::cli::{AllocatorArgs, FileConfig};
 use rotor::signals::Signals;
 use rotor_protocol::error_chain;
+use tracing::{error, info};
 
 /// rotor's allocator: owns the pool of source addresses, refreshes it, and
 /// leases the next address to workers over a Unix socket.
@@ -19,16 +21,43 @@ struct Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     rotor::init_logging("info");
-    let sources = match cli.args.pool.sources() {
-        Ok(s) => s,
+    // Before any thread exists: this clears the activation variables.
+    let passed = match activation::take_systemd() {
+        Ok(p) => p,
         Err(e) => {
-            tracing::error!("invalid --pool: {}", error_chain(&e));
+            error!("{}", error_chain(&e));
             return ExitCode::from(2);
         }
     };
-    if cli.args.check {
-        return check(&sources);
+    let file = match FileConfig::load(cli.args.common.config.as_deref()) {
+        Ok(f) => f,
+        Err(e) => {
+            error!("{}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let pool = match cli.args.pool.resolve(&file) {
+        Ok(p) => p,
+        Err(e) => {
+            error!("{}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let socket = cli.args.common.socket(&file);
+    let passed_socket = match activation::select(&passed, "allocator").first() {
+        Some(p) => match activation::unix_listener(p) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                error!("{}", error_chain(&e));
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    if cli.args.common.check {
+        return check(&pool, &socket, passed_socket.is_some());
     }
+
     // One lock serves every lease; a single thread is all it needs.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -38,45 +67,86 @@ fn main() -> ExitCode {
         let signals = match Signals::install() {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!("cannot install signal handlers: {e}");
+                error!("cannot install signal handlers: {e}");
                 return ExitCode::FAILURE;
             }
         };
-        let path = cli.args.socket.path();
-        let listener = match rotor_allocator::bind_socket(&path) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!("{}", error_chain(&e));
-                return ExitCode::FAILURE;
+        let (listener, owned) = match passed_socket {
+            Some(l) => {
+                info!("using the socket passed by systemd");
+                match l
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::UnixListener::from_std(l))
+                {
+                    Ok(l) => (l, false),
+                    Err(e) => {
+                        error!("cannot use the passed socket: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
             }
+            None => match rotor_allocator::bind_socket(&socket) {
+                Ok(l) => {
+                    info!(socket = %socket.display(), "allocator listening");
+                    (l, true)
+                }
+                Err(e) => {
+                    error!("{}", error_chain(&e));
+                    return ExitCode::FAILURE;
+                }
+            },
         };
-        tracing::info!(socket = %path.display(), "allocator listening");
         let config = rotor_allocator::Config {
-            sources,
-            refresh: cli.args.pool.refresh,
+            sources: pool.sources,
+            refresh: pool.refresh,
+            state_dir: pool.state_dir,
         };
         let result = rotor_allocator::run(listener, config, signals.reload, signals.shutdown).await;
-        let _ = std::fs::remove_file(&path);
+        // A socket systemd passed is systemd's to remove.
+        if owned {
+            let _ = std::fs::remove_file(&socket);
+        }
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                tracing::error!("allocator failed: {e}");
+                error!("{}", error_chain(&e));
                 ExitCode::FAILURE
             }
         }
     })
 }
 
-fn check(sources: &[rotor_allocator::source::Source]) -> ExitCode {
+/// `--check`: read every source once and report.
+fn check(pool: &rotor::cli::PoolSettings, socket: &std::path::Path, passed: bool) -> ExitCode {
     let mut ok = true;
-    for s in sources {
+    let mut total = 0;
+    for s in &pool.sources {
         match s.read() {
-            Ok(addrs) => eprintln!("{}: {} addresses", s.name(), addrs.len()),
+            Ok(addrs) => {
+                total += addrs.len();
+                eprintln!("ok: {}: {} addresses", s.name(), addrs.len());
+            }
             Err(e) => {
                 ok = false;
-                eprintln!("{}: {}", s.name(), error_chain(&e));
+                eprintln!("error: {}: {}", s.name(), error_chain(&e));
             }
         }
+    }
+    if passed {
+        eprintln!("ok: socket passed by systemd");
+    } else {
+        eprintln!("ok: socket {}", socket.display());
+    }
+    eprintln!(
+        "ok: refresh every {}, state {}",
+        humantime::format_duration(pool.refresh),
+        pool.state_dir
+            .as_ref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_else(|| "not kept".into())
+    );
+    if total == 0 {
+        eprintln!("warning: the pool is empty: clients will get 503");
     }
     if ok {
         ExitCode::SUCCESS

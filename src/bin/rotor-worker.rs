@@ -3,10 +3,12 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use rotor::cli::WorkerArgs;
+use rotor::activation;
+use rotor::cli::{FileConfig, WorkerArgs};
 use rotor::signals::Signals;
 use rotor_protocol::error_chain;
 use rotor_worker::{listener, LeaseClient, Stopped};
+use tracing::error;
 
 /// rotor's worker: an HTTP/1.1 forward proxy that sends every request (and
 /// every CONNECT tunnel) from the next address the allocator leases it.
@@ -17,9 +19,68 @@ struct Cli {
     args: WorkerArgs,
 }
 
+/// Exit codes: drained cleanly.
+const EXIT_DRAINED: u8 = 0;
+/// Bad flags or configuration.
+const EXIT_CONFIG: u8 = 2;
+/// The drain deadline passed with requests or tunnels still in flight.
+const EXIT_DRAIN_CUT: u8 = 3;
+/// SIGINT: stopped at once.
+const EXIT_FAST: u8 = 130;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     rotor::init_logging("info");
+    let fail = |e: &dyn std::error::Error| {
+        error!("{}", error_chain(e));
+        ExitCode::from(EXIT_CONFIG)
+    };
+    // Before any thread exists: this clears the activation variables.
+    let mut passed = match activation::take_systemd() {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    let file = match FileConfig::load(cli.args.common.config.as_deref()) {
+        Ok(f) => f,
+        Err(e) => return fail(&e),
+    };
+    let tuning = match cli.args.tuning.resolve(&file) {
+        Ok(t) => t,
+        Err(e) => return fail(&e),
+    };
+    for fd in &cli.args.listen.listen_fd {
+        match activation::take_fd(*fd) {
+            Ok(p) => passed.push(p),
+            Err(e) => return fail(&e),
+        }
+    }
+    let mut listeners = Vec::new();
+    for p in activation::select(&passed, "proxy") {
+        match activation::tcp_listener(p) {
+            Ok(l) => listeners.push(l),
+            Err(e) => return fail(&e),
+        }
+    }
+    let inherited = listeners.len();
+    for addr in cli.args.listen.resolve(&file, inherited) {
+        match listener::bind_reuseport(addr) {
+            Ok(l) => listeners.push(l),
+            Err(e) => return fail(&e),
+        }
+    }
+    let socket = cli.args.common.socket(&file);
+    if cli.args.common.check {
+        for l in &listeners {
+            eprintln!(
+                "ok: listen {}",
+                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+            );
+        }
+        eprintln!("ok: allocator socket {}", socket.display());
+        eprintln!("ok: {:?}", tuning);
+        return ExitCode::SUCCESS;
+    }
+
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -28,40 +89,25 @@ fn main() -> ExitCode {
         let signals = match Signals::install() {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!("cannot install signal handlers: {e}");
+                error!("cannot install signal handlers: {e}");
                 return ExitCode::FAILURE;
             }
         };
-        let mut listeners = Vec::new();
-        for addr in &cli.args.listen {
-            match listener::bind_reuseport(*addr) {
-                Ok(l) => listeners.push(l),
-                Err(e) => {
-                    tracing::error!("{}", error_chain(&e));
-                    return ExitCode::FAILURE;
-                }
-            }
-        }
-        let tuning = &cli.args.tuning;
-        let leases = LeaseClient::start(
-            cli.args.socket.path(),
-            tuning.lease_timeout,
-            signals.fast.clone(),
-        );
-        match rotor_worker::run(
+        let leases = LeaseClient::start(socket, tuning.lease_timeout, signals.fast.clone());
+        let result = rotor_worker::run(
             listeners,
             leases,
-            tuning.config(),
-            signals.shutdown,
+            tuning.config,
+            signals.shutdown.clone(),
             signals.fast.clone(),
         )
-        .await
-        {
-            Ok(Stopped::Drained) if !signals.fast.is_cancelled() => ExitCode::SUCCESS,
-            // SIGINT, or work was cut at the drain deadline.
-            Ok(_) => ExitCode::from(130),
+        .await;
+        match result {
+            _ if signals.fast.is_cancelled() => ExitCode::from(EXIT_FAST),
+            Ok(Stopped::Drained) => ExitCode::from(EXIT_DRAINED),
+            Ok(Stopped::Cut) => ExitCode::from(EXIT_DRAIN_CUT),
             Err(e) => {
-                tracing::error!("worker failed: {e}");
+                error!("worker failed: {e}");
                 ExitCode::FAILURE
             }
         }

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rotor::cli::SocketArg;
+use rotor::cli::ControlArgs;
 use rotor::signals::Signals;
 use rotor::up::UpArgs;
 use rotor_protocol::{error_chain, Request, Response, StatusReport};
@@ -25,7 +25,7 @@ enum Cmd {
     /// Show the allocator's pool, lease counts, cursor and connected workers.
     Status {
         #[command(flatten)]
-        socket: SocketArg,
+        control: ControlArgs,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -33,7 +33,7 @@ enum Cmd {
     /// Re-read the pool sources now (as SIGHUP to the allocator does).
     Reload {
         #[command(flatten)]
-        socket: SocketArg,
+        control: ControlArgs,
     },
 }
 
@@ -55,27 +55,29 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
-            Cmd::Status { socket, json } => report(
-                rotor::control::request(&socket.path(), Request::Status).await,
-                |r| match r {
+            Cmd::Status { control, json } => {
+                report(request(&control, Request::Status).await, |r| match r {
                     Response::Status(s) if json => {
                         Some(serde_json::to_string_pretty(&s).expect("status serializes"))
                     }
                     Response::Status(s) => Some(format_status(&s)),
                     _ => None,
-                },
-            ),
-            Cmd::Reload { socket } => report(
-                rotor::control::request(&socket.path(), Request::Reload).await,
-                |r| match r {
+                })
+            }
+            Cmd::Reload { control } => {
+                report(request(&control, Request::Reload).await, |r| match r {
                     Response::Reloaded { generation, size } => Some(format!(
                         "pool reloaded: {size} addresses, generation {generation}"
                     )),
                     _ => None,
-                },
-            ),
+                })
+            }
         }
     })
+}
+
+async fn request(control: &ControlArgs, body: Request) -> anyhow::Result<Response> {
+    rotor::control::request(&control.socket()?, body).await
 }
 
 #[allow(clippy::print_stdout)]

@@ -38,6 +38,8 @@ async fn rotor_up_serves_restarts_workers_and_stops_everything() {
             socket.to_str().unwrap(),
             "--drain-timeout",
             "5s",
+            "--state-dir",
+            dir.path().join("state").to_str().unwrap(),
         ],
     );
     let proxy = listen.parse().unwrap();

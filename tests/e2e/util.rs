@@ -126,7 +126,13 @@ impl Allocator {
 
     pub async fn start_in(dir: Arc<tempfile::TempDir>, args: &[&str]) -> Allocator {
         let socket = dir.path().join("allocator.sock");
-        let mut all = vec!["--socket", socket.to_str().unwrap()];
+        let state = dir.path().join("state");
+        let mut all = vec![
+            "--socket",
+            socket.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ];
         all.extend_from_slice(args);
         let mut proc = Proc::spawn(ALLOCATOR, &all);
         let s = socket.clone();

@@ -35,6 +35,8 @@ pub struct Proxy {
     /// CONNECT tunnels outlive the HTTP connection they came from; the
     /// tracker lets shutdown wait for them.
     tunnels: TaskTracker,
+    /// Requests handled, for the status line.
+    pub requests: std::sync::atomic::AtomicU64,
 }
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus
@@ -57,6 +59,7 @@ impl Proxy {
             leases,
             config,
             tunnels,
+            requests: Default::default(),
         }
     }
 
@@ -66,6 +69,8 @@ impl Proxy {
         client: SocketAddr,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let method = req.method().clone();
         let target = req.uri().to_string();
         let result = if method == Method::CONNECT {
@@ -91,6 +96,10 @@ impl Proxy {
                 resp.map(|b| Either::Right(Either::Left(b)))
             }
         })
+    }
+
+    pub fn leases(&self) -> &LeaseClient {
+        &self.leases
     }
 
     async fn lease(&self, families: Families) -> Result<Lease, ProxyError> {

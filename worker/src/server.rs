@@ -86,6 +86,12 @@ pub async fn run(
     drop(accepted_tx);
     acceptors.close();
 
+    tokio::spawn(notify_systemd(
+        proxy.clone(),
+        connections.clone(),
+        shutdown.clone(),
+    ));
+
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -122,6 +128,7 @@ pub async fn run(
     }
 
     // Every acceptor has stopped: drain.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     connections.close();
     tunnels.close();
     info!(
@@ -141,4 +148,41 @@ pub async fn run(
     };
     info!(?stopped, "stopped");
     Ok(stopped)
+}
+
+/// `READY=1` once the worker listens and has its allocator connection, then
+/// a `STATUS=` line every few seconds for `systemctl status`.
+async fn notify_systemd(proxy: Arc<Proxy>, connections: TaskTracker, shutdown: CancellationToken) {
+    use sd_notify::{notify, NotifyState};
+    use std::sync::atomic::Ordering;
+    const EVERY: Duration = Duration::from_secs(5);
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    tokio::select! {
+        _ = shutdown.cancelled() => return,
+        _ = proxy.leases().connected(Duration::MAX) => {}
+    }
+    let _ = notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    let mut last = proxy.requests.load(Ordering::Relaxed);
+    let mut tick = tokio::time::interval(EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = proxy.requests.load(Ordering::Relaxed);
+        let line = format!(
+            "{} client connections, {:.0} requests/s, allocator {}",
+            connections.len(),
+            (now - last) as f64 / EVERY.as_secs_f64(),
+            if proxy.leases().is_connected() {
+                "connected"
+            } else {
+                "unreachable"
+            }
+        );
+        last = now;
+        let _ = notify(&[NotifyState::Status(&line)]);
+    }
 }

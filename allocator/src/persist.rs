@@ -1,0 +1,171 @@
+//! The rotation state file, so a restarted allocator resumes the rotation
+//! where the last one stopped: the address due next, the lease sequence and
+//! the pool generation.
+//!
+//! The state is one 48-byte record at offset 0, rewritten in place with one
+//! `pwrite` before any lease reply that it covers is sent. A single write of
+//! that size inside one page is all-or-nothing for a process that dies (even
+//! by SIGKILL: the kernel holds the data); a checksum rejects a record torn
+//! by a power loss, and the allocator then starts from the first address.
+//! An exclusive `flock` keeps two allocators off one state directory.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::net::IpAddr;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+const MAGIC: &[u8; 4] = b"RTR1";
+const LEN: usize = 48;
+pub const FILE_NAME: &str = "rotation.state";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Saved {
+    pub generation: u64,
+    pub seq: u64,
+    pub next_due: Option<IpAddr>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("cannot use the state directory {0}")]
+    Dir(PathBuf, #[source] io::Error),
+    #[error("cannot open the state file {0}")]
+    Open(PathBuf, #[source] io::Error),
+    #[error("another allocator is using the state file {0}")]
+    Locked(PathBuf),
+}
+
+pub struct StateFile {
+    file: Flock<File>,
+    path: PathBuf,
+}
+
+impl StateFile {
+    /// Opens (or creates) the state file in `dir`, locks it, and returns the
+    /// saved state, if a valid one is there.
+    pub fn open(dir: &Path) -> Result<(StateFile, Option<Saved>), PersistError> {
+        std::fs::create_dir_all(dir).map_err(|e| PersistError::Dir(dir.into(), e))?;
+        let path = dir.join(FILE_NAME);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| PersistError::Open(path.clone(), e))?;
+        let file = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|_| PersistError::Locked(path.clone()))?;
+        let mut buf = [0u8; LEN];
+        let saved = match file.read_exact_at(&mut buf, 0) {
+            Ok(()) => decode(&buf),
+            Err(_) => None,
+        };
+        Ok((StateFile { file, path }, saved))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn write(&self, s: &Saved) -> io::Result<()> {
+        self.file.write_all_at(&encode(s), 0)
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+fn encode(s: &Saved) -> [u8; LEN] {
+    let mut b = [0u8; LEN];
+    b[..4].copy_from_slice(MAGIC);
+    match s.next_due {
+        None => b[4] = 0,
+        Some(IpAddr::V4(v4)) => {
+            b[4] = 4;
+            b[24..28].copy_from_slice(&v4.octets());
+        }
+        Some(IpAddr::V6(v6)) => {
+            b[4] = 6;
+            b[24..40].copy_from_slice(&v6.octets());
+        }
+    }
+    b[8..16].copy_from_slice(&s.generation.to_be_bytes());
+    b[16..24].copy_from_slice(&s.seq.to_be_bytes());
+    let sum = fnv1a(&b[..40]);
+    b[40..48].copy_from_slice(&sum.to_be_bytes());
+    b
+}
+
+fn decode(b: &[u8; LEN]) -> Option<Saved> {
+    if &b[..4] != MAGIC || fnv1a(&b[..40]).to_be_bytes() != b[40..48] {
+        return None;
+    }
+    let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+    let next_due = match b[4] {
+        0 => None,
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(&b[24..28]).ok()?)),
+        6 => Some(IpAddr::from(<[u8; 16]>::try_from(&b[24..40]).ok()?)),
+        _ => return None,
+    };
+    Some(Saved {
+        generation: u64_at(8),
+        seq: u64_at(16),
+        next_due,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_resume() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, saved) = StateFile::open(dir.path()).unwrap();
+        assert_eq!(saved, None);
+        for ip in ["127.0.0.3", "2001:db8::7"] {
+            let s = Saved {
+                generation: 7,
+                seq: 12345,
+                next_due: Some(ip.parse().unwrap()),
+            };
+            f.write(&s).unwrap();
+            assert_eq!(decode(&encode(&s)), Some(s));
+        }
+        drop(f);
+        let (_f, saved) = StateFile::open(dir.path()).unwrap();
+        assert_eq!(
+            saved.unwrap().next_due,
+            Some("2001:db8::7".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn torn_or_foreign_records_are_ignored() {
+        let s = Saved {
+            generation: 1,
+            seq: 2,
+            next_due: None,
+        };
+        let mut b = encode(&s);
+        b[17] ^= 1;
+        assert_eq!(decode(&b), None);
+        assert_eq!(decode(&[0u8; LEN]), None);
+    }
+
+    #[test]
+    fn a_second_allocator_cannot_share_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_first, _) = StateFile::open(dir.path()).unwrap();
+        assert!(matches!(
+            StateFile::open(dir.path()),
+            Err(PersistError::Locked(_))
+        ));
+    }
+}
