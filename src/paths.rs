@@ -16,9 +16,20 @@ pub fn default_socket() -> PathBuf {
     }
 }
 
-/// The rotation state directory: `/var/lib/rotor` for root, else
+/// The rotation state directory: systemd's `$STATE_DIRECTORY` (from
+/// `StateDirectory=`), else `/var/lib/rotor` for root, else
 /// `$XDG_STATE_HOME/rotor` (or `~/.local/state/rotor`).
 pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
+        // systemd separates several directories with ':'; rotor asks for one.
+        let first = dir
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        return PathBuf::from(first);
+    }
     if nix::unistd::geteuid().is_root() {
         return PathBuf::from("/var/lib/rotor");
     }

@@ -2,11 +2,15 @@
 //! (127.0.0.2–127.0.0.9) and a loopback origin that records the source
 //! address of every request. All traffic stays on 127.0.0.0/8.
 
+// The load tests print their figures (run with --nocapture to see them).
+#![allow(clippy::print_stdout)]
+
 mod util;
 
 mod bad_input;
 mod bodies;
 mod errors;
+mod production;
 mod refresh;
 mod restart;
 mod rotation;

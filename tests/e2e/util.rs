@@ -38,7 +38,13 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(program: &str, args: &[&str]) -> Proc {
-        let child = Command::new(program)
+        Proc::spawn_cmd(Command::new(program), program, args)
+    }
+
+    /// Spawns `cmd` (prepared by the caller: environment, inherited
+    /// descriptors) with `args`.
+    pub fn spawn_cmd(mut cmd: Command, program: &str, args: &[&str]) -> Proc {
+        let child = cmd
             .args(args)
             .env(
                 "RUST_LOG",
@@ -265,6 +271,25 @@ impl Origin {
             Response::new(StreamBody::new(futures_util::stream::iter(chunks)).boxed())
         } else if path == "/echo" {
             Response::new(full(body))
+        } else if let Some(spec) = path.strip_prefix("/trickle/") {
+            // `/trickle/N/MS`: N bytes in 64 KiB chunks, MS apart.
+            let (n, ms) = spec.split_once('/').unwrap();
+            let (n, ms): (usize, u64) = (n.parse().unwrap(), ms.parse().unwrap());
+            let data = Bytes::from(pattern(n));
+            let chunks = futures_util::stream::unfold(0usize, move |at| {
+                let data = data.clone();
+                async move {
+                    if at >= n {
+                        return None;
+                    }
+                    if at > 0 {
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    let end = (at + 64 * 1024).min(n);
+                    Some((Ok::<_, Infallible>(Frame::data(data.slice(at..end))), end))
+                }
+            });
+            Response::new(StreamBody::new(chunks).boxed())
         } else if let Some(ms) = path.strip_prefix("/slow/") {
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
             Response::new(full(Bytes::from_static(b"slow")))
@@ -324,6 +349,14 @@ pub struct ProxyConn {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
 }
 
+/// A failed exchange, and whether it failed before any of the response
+/// arrived (so an idempotent request may be retried).
+#[derive(Debug)]
+pub struct SendError {
+    pub message: String,
+    pub before_response: bool,
+}
+
 pub struct Reply {
     pub status: u16,
     pub headers: http::HeaderMap,
@@ -367,6 +400,42 @@ impl ProxyConn {
     pub async fn get(&mut self, url: &str) -> Reply {
         self.send(Request::get(url).body(Full::default()).unwrap())
             .await
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
+    }
+
+    /// A GET that reports failure instead of panicking.
+    pub async fn try_get(&mut self, url: &str) -> Result<Reply, SendError> {
+        let err = |message: String, before_response| SendError {
+            message,
+            before_response,
+        };
+        self.sender
+            .ready()
+            .await
+            .map_err(|e| err(format!("connection not ready: {e}"), true))?;
+        let req = Request::get(url).body(Full::default()).unwrap();
+        let resp = tokio::time::timeout(PATIENCE, self.sender.send_request(req))
+            .await
+            .map_err(|_| err("no response".into(), false))?
+            .map_err(|e| {
+                // hyper: the connection closed before a response began.
+                let before = e.is_canceled() || e.is_incomplete_message();
+                err(format!("{e:?}"), before)
+            })?;
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| err(format!("body: {e}"), false))?
+            .to_bytes();
+        Ok(Reply {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        })
     }
 }
 

@@ -102,7 +102,13 @@ pub async fn run(
     while let Some((stream, client)) = accepted.recv().await {
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
-        let service = service_fn(move |req| proxy.clone().handle(req, client));
+        // Set when the connection's first request arrives: see below.
+        let first = Arc::new(FirstRequest::default());
+        let seen = first.clone();
+        let service = service_fn(move |req| {
+            seen.arrived();
+            proxy.clone().handle(req, client)
+        });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
@@ -113,10 +119,22 @@ pub async fn run(
                 let result = tokio::select! {
                     r = conn.as_mut() => r,
                     _ = stop.cancelled() => {
-                        // Idle: closes now. Busy: finishes the request in
-                        // flight, answers it with `Connection: close`, closes.
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
+                        // A client that has just connected is about to send
+                        // its first request: serve that one (answered with
+                        // `Connection: close`) rather than drop it unread.
+                        // Clients between keep-alive requests are closed at
+                        // once; a busy connection finishes its request.
+                        let r = tokio::select! {
+                            r = conn.as_mut() => Some(r),
+                            _ = first.wait() => None,
+                        };
+                        match r {
+                            Some(r) => r,
+                            None => {
+                                conn.as_mut().graceful_shutdown();
+                                conn.await
+                            }
+                        }
                     }
                 };
                 if let Err(e) = result {
@@ -184,5 +202,26 @@ async fn notify_systemd(proxy: Arc<Proxy>, connections: TaskTracker, shutdown: C
         );
         last = now;
         let _ = notify(&[NotifyState::Status(&line)]);
+    }
+}
+
+/// Whether a connection has received its first request.
+#[derive(Default)]
+struct FirstRequest {
+    arrived: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl FirstRequest {
+    fn arrived(&self) {
+        if !self.arrived.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            self.notify.notify_one();
+        }
+    }
+
+    async fn wait(&self) {
+        if !self.arrived.load(std::sync::atomic::Ordering::Acquire) {
+            self.notify.notified().await;
+        }
     }
 }

@@ -1,0 +1,508 @@
+//! Running in production on one host: socket activation, readiness,
+//! graceful drain, rolling worker restarts and allocator restarts under a
+//! steady load, with nothing lost. Each load test prints its figures.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixDatagram};
+
+use crate::util::*;
+
+/// A worker that accepts on the shared listening socket `fd` (as systemd's
+/// `Sockets=` or `rotor up` would pass it).
+fn worker_on_shared_socket(fd: RawFd, socket: &Path, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(WORKER);
+    // SAFETY: dup2 is async-signal-safe; it runs in the child before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut args = vec!["--listen-fd", "3", "--socket", socket.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    Proc::spawn_cmd(cmd, WORKER, &args)
+}
+
+fn shared_listener() -> (std::net::TcpListener, SocketAddr) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    (l, addr)
+}
+
+/// Counts of a load run.
+#[derive(Default)]
+struct Tally {
+    requests: AtomicU64,
+    new_connections: AtomicU64,
+    tunnels: AtomicU64,
+    tunnel_bytes: AtomicU64,
+    /// Requests re-sent because the server closed an idle keep-alive
+    /// connection as they were sent (RFC 9110 §9.2.2 allows any client to
+    /// retry an idempotent request then, and HTTP clients do).
+    retried: AtomicU64,
+    failures: Mutex<Vec<String>>,
+}
+
+impl Tally {
+    fn fail(&self, what: String) {
+        self.failures.lock().unwrap().push(what);
+    }
+
+    fn report(&self, name: &str) -> usize {
+        let failures = self.failures.lock().unwrap();
+        println!(
+            "{name}: {} requests ({} on new connections), {} tunnels ({} bytes echoed), {} keep-alive retries, {} failed",
+            self.requests.load(Ordering::Relaxed),
+            self.new_connections.load(Ordering::Relaxed),
+            self.tunnels.load(Ordering::Relaxed),
+            self.tunnel_bytes.load(Ordering::Relaxed),
+            self.retried.load(Ordering::Relaxed),
+            failures.len()
+        );
+        for f in failures.iter().take(10) {
+            println!("  failure: {f}");
+        }
+        failures.len()
+    }
+}
+
+/// A steady, bounded load on `proxy`: keep-alive clients, a client that
+/// opens a connection per request, and CONNECT tunnels moving data. Runs
+/// until `stop`, and at most `limit`.
+async fn load(
+    proxy: SocketAddr,
+    origin: Origin,
+    echo: SocketAddr,
+    stop: Arc<AtomicBool>,
+    limit: Duration,
+) -> Arc<Tally> {
+    let tally = Arc::new(Tally::default());
+    let deadline = Instant::now() + limit;
+    let running =
+        move |stop: &AtomicBool| !stop.load(Ordering::Relaxed) && Instant::now() < deadline;
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let (t, o, stop) = (tally.clone(), origin.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let url = o.url("/");
+            let mut conn: Option<(ProxyConn, bool)> = None;
+            while running(&stop) {
+                let (c, reused) = match conn.take() {
+                    Some((c, _)) if c.is_closed() => (ProxyConn::open(proxy).await, false),
+                    Some((c, _)) => (c, true),
+                    None => (ProxyConn::open(proxy).await, false),
+                };
+                let mut c = c;
+                match c.try_get(&url).await {
+                    Ok(r) if r.status == 200 => {
+                        t.requests.fetch_add(1, Ordering::Relaxed);
+                        conn = Some((c, true));
+                    }
+                    Ok(r) => t.fail(format!("keep-alive: status {}", r.status)),
+                    Err(e) if reused && e.before_response => {
+                        t.retried.fetch_add(1, Ordering::Relaxed);
+                        match ProxyConn::open(proxy).await.try_get(&url).await {
+                            Ok(r) if r.status == 200 => t.requests.fetch_add(1, Ordering::Relaxed),
+                            other => {
+                                t.fail(format!(
+                                    "keep-alive retry: {:?}",
+                                    other.map(|r| r.status).map_err(|e| e.message)
+                                ));
+                                continue;
+                            }
+                        };
+                    }
+                    Err(e) => t.fail(format!("keep-alive: {}", e.message)),
+                }
+            }
+        }));
+    }
+    for _ in 0..3 {
+        let (t, o, stop) = (tally.clone(), origin.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let url = o.url("/");
+            while running(&stop) {
+                match ProxyConn::open(proxy).await.try_get(&url).await {
+                    Ok(r) if r.status == 200 => {
+                        t.requests.fetch_add(1, Ordering::Relaxed);
+                        t.new_connections.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => t.fail(format!("new connection: status {}", r.status)),
+                    Err(e) => t.fail(format!("new connection: {}", e.message)),
+                }
+            }
+        }));
+    }
+    for _ in 0..2 {
+        let (t, stop) = (tally.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let data = pattern(256 * 1024);
+            while running(&stop) {
+                match tunnel_round(proxy, echo, &data).await {
+                    Ok(()) => {
+                        t.tunnels.fetch_add(1, Ordering::Relaxed);
+                        t.tunnel_bytes
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => t.fail(format!("tunnel: {e}")),
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    tally
+}
+
+/// One CONNECT tunnel: `data` out in 16 KiB writes, echoed back, compared.
+async fn tunnel_round(proxy: SocketAddr, echo: SocketAddr, data: &[u8]) -> Result<(), String> {
+    let (code, mut s) = connect_tunnel(proxy, &echo.to_string()).await;
+    if code != 200 {
+        return Err(format!("CONNECT status {code}"));
+    }
+    let (mut r, mut w) = s.split();
+    let send = async {
+        for chunk in data.chunks(16 * 1024) {
+            w.write_all(chunk).await?;
+        }
+        w.shutdown().await
+    };
+    let mut back = Vec::with_capacity(data.len());
+    let (sent, got) = tokio::join!(send, r.read_to_end(&mut back));
+    sent.map_err(|e| format!("send: {e}"))?;
+    got.map_err(|e| format!("receive: {e}"))?;
+    if back != data {
+        return Err(format!(
+            "{} bytes back of {}, or corrupted",
+            back.len(),
+            data.len()
+        ));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_restart_of_three_workers_loses_nothing() {
+    let origin = Origin::start().await;
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.9"]).await;
+    let (listener, proxy) = shared_listener();
+    let fd = listener.as_raw_fd();
+    let extra = ["--drain-timeout", "10s"];
+    let mut workers: Vec<Proc> = (0..3)
+        .map(|_| worker_on_shared_socket(fd, &alloc.socket, &extra))
+        .collect();
+    eventually("the workers", || async {
+        get(proxy, &origin.url("/")).await.status == 200
+    })
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(load(
+        proxy,
+        origin.clone(),
+        echo.addr,
+        stop.clone(),
+        Duration::from_secs(60),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut exits = Vec::new();
+    for slot in workers.iter_mut() {
+        let mut old = std::mem::replace(slot, worker_on_shared_socket(fd, &alloc.socket, &extra));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        old.signal(Signal::SIGTERM);
+        let status = tokio::task::spawn_blocking(move || old.wait(Duration::from_secs(15)))
+            .await
+            .unwrap();
+        exits.push(status.code());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let tally = load.await.unwrap();
+    let failed = tally.report("rolling restart");
+    assert_eq!(
+        exits,
+        vec![Some(0); 3],
+        "every replaced worker drained and exited 0"
+    );
+    assert_eq!(failed, 0);
+    assert!(
+        tally.requests.load(Ordering::Relaxed) > 100,
+        "the load did not run"
+    );
+    assert!(tally.tunnels.load(Ordering::Relaxed) > 0);
+    // The rotation stayed global: every address served its share.
+    let mut counts: HashMap<IpAddr, usize> = HashMap::new();
+    for ip in origin.sources() {
+        *counts.entry(ip).or_default() += 1;
+    }
+    let (min, max) = (
+        counts.values().min().unwrap(),
+        counts.values().max().unwrap(),
+    );
+    assert_eq!(counts.len(), 8);
+    assert!(
+        max - min <= 2 + tally.tunnels.load(Ordering::Relaxed) as usize,
+        "{counts:?}"
+    );
+    drop(listener);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocator_killed_and_restarted_under_load_loses_nothing() {
+    let origin = Origin::start().await;
+    let echo = Echo::start().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let pool = ["--pool", "127.0.0.2-127.0.0.9"];
+    let alloc = Allocator::start_in(dir.clone(), &pool).await;
+    let (listener, proxy) = shared_listener();
+    let fd = listener.as_raw_fd();
+    let extra = ["--lease-timeout", "5s"];
+    let _workers: Vec<Proc> = (0..2)
+        .map(|_| worker_on_shared_socket(fd, &alloc.socket, &extra))
+        .collect();
+    eventually("the workers", || async {
+        get(proxy, &origin.url("/")).await.status == 200
+    })
+    .await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(load(
+        proxy,
+        origin.clone(),
+        echo.addr,
+        stop.clone(),
+        Duration::from_secs(60),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = origin.count();
+    drop(alloc); // SIGKILL
+    let killed_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let alloc = Allocator::start_in(dir, &pool).await;
+    println!("allocator down for {:?}", killed_at.elapsed());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    let tally = load.await.unwrap();
+    let failed = tally.report("allocator restart");
+    assert_eq!(failed, 0);
+    assert!(
+        origin.count() > before,
+        "no request was served after the restart"
+    );
+    // The restarted allocator continued the saved sequence.
+    let status = status_json(&alloc.socket);
+    assert!(status["leases_total"].as_u64().unwrap() as usize >= origin.count());
+    drop(listener);
+}
+
+#[tokio::test]
+async fn restarted_allocator_continues_the_rotation_where_it_stopped() {
+    let origin = Origin::start().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let pool = ["--pool", "127.0.0.2-127.0.0.9"];
+    let alloc = Allocator::start_in(dir.clone(), &pool).await;
+    let worker = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
+    for _ in 0..5 {
+        assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
+    }
+    drop(alloc); // SIGKILL: no chance to save anything at exit
+    let _alloc = Allocator::start_in(dir, &pool).await;
+    for _ in 0..7 {
+        assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
+    }
+    let want: Vec<IpAddr> = ips(2..=9).into_iter().cycle().take(12).collect();
+    assert_eq!(origin.sources(), want);
+}
+
+#[tokio::test]
+async fn drain_lets_a_long_download_and_a_tunnel_finish() {
+    let origin = Origin::start().await;
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let mut worker = Worker::start(&alloc.socket, &["--drain-timeout", "20s"]).await;
+    let n = 4 << 20;
+    // 64 chunks, 30 ms apart: about two seconds.
+    let url = origin.url(&format!("/trickle/{n}/30"));
+    let proxy = worker.addr;
+    let download = tokio::spawn(async move { get(proxy, &url).await });
+    let (code, mut tunnel) = connect_tunnel(worker.addr, &echo.addr.to_string()).await;
+    assert_eq!(code, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    worker.proc.signal(Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Stopped accepting: a new connection is refused.
+    assert!(TcpStream::connect(worker.addr).await.is_err());
+    // The tunnel still carries data both ways.
+    tunnel.write_all(b"still there?").await.unwrap();
+    let mut buf = [0u8; 12];
+    tunnel.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"still there?");
+    let r = download.await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body[..] == pattern(n)[..],
+        "download cut or corrupted: {} bytes",
+        r.body.len()
+    );
+    assert!(worker.proc.is_running(), "exited with a tunnel open");
+    drop(tunnel);
+    let status = tokio::task::spawn_blocking(move || {
+        let s = worker.proc.wait(Duration::from_secs(10));
+        (s, worker)
+    })
+    .await
+    .unwrap()
+    .0;
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "drain slept out its timeout"
+    );
+}
+
+#[tokio::test]
+async fn idle_worker_stops_at_once_and_sigint_is_a_fast_stop() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let mut idle = Worker::start(&alloc.socket, &["--drain-timeout", "30s"]).await;
+    // An idle keep-alive client does not hold the drain.
+    let origin = Origin::start().await;
+    let mut conn = ProxyConn::open(idle.addr).await;
+    assert_eq!(conn.get(&origin.url("/")).await.status, 200);
+    let t0 = Instant::now();
+    idle.proc.signal(Signal::SIGTERM);
+    let status = idle.proc.wait(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        t0.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t0.elapsed()
+    );
+
+    let mut busy = Worker::start(&alloc.socket, &["--drain-timeout", "30s"]).await;
+    let url = origin.url("/slow/20000");
+    let proxy = busy.addr;
+    let _slow =
+        tokio::spawn(async move { ProxyConn::open(proxy).await.try_get(&url).await.is_ok() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    busy.proc.signal(Signal::SIGINT);
+    let status = busy.proc.wait(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(130));
+}
+
+/// A Unix datagram socket standing in for systemd's NOTIFY_SOCKET.
+async fn notify_socket(dir: &Path) -> (UnixDatagram, String) {
+    let path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    (sock, path.to_str().unwrap().to_string())
+}
+
+async fn wait_for_notify(sock: &UnixDatagram, want: &str) -> String {
+    let mut all = String::new();
+    let mut buf = vec![0u8; 4096];
+    let deadline = Instant::now() + PATIENCE;
+    while !all.contains(want) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = tokio::time::timeout(left, sock.recv(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no {want} notification; got {all:?}"))
+            .unwrap();
+        all.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    all
+}
+
+#[tokio::test]
+async fn socket_activation_of_both_binaries_and_readiness() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("allocator.sock");
+    let (notify_alloc, alloc_path) = notify_socket(&dir.path().join("a").tap_mkdir()).await;
+    let (notify_worker, worker_path) = notify_socket(&dir.path().join("w").tap_mkdir()).await;
+    let state = dir.path().join("state");
+
+    // The allocator's socket is systemd's: it exists before the allocator
+    // runs, and the first connection starts it.
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.env("NOTIFY_SOCKET", &alloc_path);
+    let _alloc = Proc::spawn_cmd(
+        cmd,
+        "systemd-socket-activate",
+        &[
+            "-l",
+            socket.to_str().unwrap(),
+            "--fdname=allocator",
+            "-E",
+            "NOTIFY_SOCKET",
+            ALLOCATOR,
+            "--pool",
+            "127.0.0.2-127.0.0.3",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+    );
+    eventually("the activation socket", || {
+        let s = socket.clone();
+        async move { s.exists() }
+    })
+    .await;
+
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut cmd = Command::new("systemd-socket-activate");
+    cmd.env("NOTIFY_SOCKET", &worker_path);
+    let _worker = Proc::spawn_cmd(
+        cmd,
+        "systemd-socket-activate",
+        &[
+            "-l",
+            &listen,
+            "--fdname=proxy",
+            "-E",
+            "NOTIFY_SOCKET",
+            "-E",
+            &format!("ROTOR_SOCKET={}", socket.display()),
+            WORKER,
+        ],
+    );
+    let proxy: SocketAddr = listen.parse().unwrap();
+    eventually("the proxy socket", || async move {
+        TcpStream::connect(proxy).await.is_ok()
+    })
+    .await;
+    // That connect started the worker; the worker's connect started the
+    // allocator. Both report ready.
+    let origin = Origin::start().await;
+    assert_eq!(get(proxy, &origin.url("/")).await.status, 200);
+    assert_eq!(get(proxy, &origin.url("/")).await.status, 200);
+    assert_eq!(origin.sources(), ips(2..=3));
+    let a = wait_for_notify(&notify_alloc, "READY=1").await;
+    assert!(a.contains("STATUS=pool 2 addresses"), "{a}");
+    wait_for_notify(&notify_worker, "READY=1").await;
+}
+
+trait TapMkdir {
+    fn tap_mkdir(self) -> Self;
+}
+
+impl TapMkdir for std::path::PathBuf {
+    fn tap_mkdir(self) -> Self {
+        std::fs::create_dir_all(&self).unwrap();
+        self
+    }
+}
