@@ -86,6 +86,8 @@ pub struct WorkerFile {
     pub header_read_timeout: Option<String>,
     pub max_head_bytes: Option<usize>,
     pub drain_timeout: Option<String>,
+    pub upstream_idle_timeout: Option<String>,
+    pub upstream_max_idle: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -307,6 +309,15 @@ pub struct WorkerTuning {
     /// [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = duration)]
     pub drain_timeout: Option<Duration>,
+    /// How long an idle upstream connection is kept for the next request
+    /// leased the same source address to the same destination; 0 disables
+    /// reuse [default: 4s].
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub upstream_idle_timeout: Option<Duration>,
+    /// Most idle upstream connections kept per (source address,
+    /// destination) [default: 16].
+    #[arg(long, value_name = "N")]
+    pub upstream_max_idle: Option<usize>,
 }
 
 fn fmt_duration(d: Duration) -> OsString {
@@ -322,6 +333,7 @@ impl WorkerTuning {
             ("--response-timeout", self.response_timeout),
             ("--header-read-timeout", self.header_read_timeout),
             ("--drain-timeout", self.drain_timeout),
+            ("--upstream-idle-timeout", self.upstream_idle_timeout),
         ];
         for (flag, value) in durations {
             if let Some(d) = value {
@@ -330,6 +342,9 @@ impl WorkerTuning {
         }
         if let Some(n) = self.max_head_bytes {
             a.extend(["--max-head-bytes".into(), n.to_string().into()]);
+        }
+        if let Some(n) = self.upstream_max_idle {
+            a.extend(["--upstream-max-idle".into(), n.to_string().into()]);
         }
         a
     }
@@ -369,6 +384,13 @@ impl WorkerTuning {
                         &f.response_timeout,
                         60,
                     )?,
+                    upstream_idle_timeout: pick(
+                        self.upstream_idle_timeout,
+                        "worker.upstream-idle-timeout",
+                        &f.upstream_idle_timeout,
+                        4,
+                    )?,
+                    upstream_max_idle: self.upstream_max_idle.or(f.upstream_max_idle).unwrap_or(16),
                 },
                 header_read_timeout: pick(
                     self.header_read_timeout,

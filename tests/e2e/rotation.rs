@@ -35,8 +35,9 @@ async fn sequential_requests_follow_the_pool_order_across_three_workers() {
         assert_eq!(&r.body[..], b"hello");
     }
     assert_eq!(origin.sources(), cycle(&ips(2..=9), 26));
-    // Each request had its own upstream connection from its own address.
-    assert_eq!(*origin.connections.lock().unwrap(), cycle(&ips(2..=9), 26));
+    // Requests 25 and 26 met the same (worker, address) pair as requests 1
+    // and 2: their connections were reused, and from the right address.
+    assert_eq!(origin.connections_used(), 24);
     let status = status_json(&alloc.socket);
     assert_eq!(status["leases_total"], 26);
     let workers_seen = status["peers"]
@@ -59,8 +60,83 @@ async fn keep_alive_connection_rotates_per_request_to_one_destination() {
         assert_eq!(conn.get(&origin.url("/")).await.status, 200);
     }
     // One client connection, ten requests to one destination, ten sources
-    // in pool order: no upstream connection was reused across addresses.
+    // in pool order: no upstream connection was reused across addresses,
+    // and each address's connection was reused.
     assert_eq!(origin.sources(), cycle(&ips(2..=5), 10));
+    assert_eq!(origin.connections_used(), 4);
+}
+
+#[tokio::test]
+async fn upstream_reuse_can_be_turned_off() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3"]).await;
+    let worker = Worker::start(&alloc.socket, &["--upstream-idle-timeout", "0s"]).await;
+    let mut conn = ProxyConn::open(worker.addr).await;
+    for _ in 0..6 {
+        assert_eq!(conn.get(&origin.url("/")).await.status, 200);
+    }
+    assert_eq!(origin.sources(), cycle(&ips(2..=3), 6));
+    assert_eq!(origin.connections_used(), 6);
+}
+
+/// An origin that answers one request per connection as if it kept the
+/// connection alive, then closes it a moment later, as a server with a short
+/// keep-alive timeout does. Records each connection's source.
+async fn closing_origin() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<IpAddr>>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let peers: std::sync::Arc<std::sync::Mutex<Vec<IpAddr>>> = Default::default();
+    let p = peers.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, peer)) = listener.accept().await else {
+                return;
+            };
+            p.lock().unwrap().push(peer.ip());
+            tokio::spawn(async move {
+                let head = read_request_head(&mut s).await;
+                if head.is_empty() {
+                    return;
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            });
+        }
+    });
+    (addr, peers)
+}
+
+async fn read_request_head(s: &mut tokio::net::TcpStream) -> Vec<u8> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b).await {
+            Ok(1) => head.push(b[0]),
+            _ => return Vec::new(),
+        }
+    }
+    head
+}
+
+#[tokio::test]
+async fn a_pooled_connection_the_destination_closed_is_replaced_not_failed() {
+    let (origin, peers) = closing_origin().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let mut conn = ProxyConn::open(worker.addr).await;
+    for i in 0..20 {
+        let r = conn.get(&format!("http://{origin}/")).await;
+        assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
+        // Sometimes just before the origin closes, sometimes after.
+        tokio::time::sleep(std::time::Duration::from_millis(i % 3 * 6)).await;
+    }
+    let peers = peers.lock().unwrap();
+    assert!(peers.iter().all(|p| *p == ips(2..=2)[0]), "{peers:?}");
 }
 
 #[tokio::test]

@@ -185,6 +185,8 @@ impl Worker {
 #[derive(Debug, Clone)]
 pub struct Seen {
     pub source: IpAddr,
+    /// Index of the TCP connection it came on, into `Origin::connections`.
+    pub conn: usize,
     pub method: String,
     pub path: String,
     pub headers: http::HeaderMap,
@@ -226,11 +228,16 @@ impl Origin {
                 let Ok((stream, peer)) = listener.accept().await else {
                     return;
                 };
-                o.connections.lock().unwrap().push(peer.ip());
+                let conn = {
+                    let mut c = o.connections.lock().unwrap();
+                    c.push(peer.ip());
+                    c.len() - 1
+                };
                 let o = o.clone();
                 tokio::spawn(async move {
-                    let svc =
-                        hyper::service::service_fn(move |req| o.clone().serve(req, peer.ip()));
+                    let svc = hyper::service::service_fn(move |req| {
+                        o.clone().serve(req, peer.ip(), conn)
+                    });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc)
                         .await;
@@ -244,6 +251,7 @@ impl Origin {
         self,
         req: Request<Incoming>,
         source: IpAddr,
+        conn: usize,
     ) -> Result<Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>, Infallible> {
         let (parts, body) = req.into_parts();
         let body = body
@@ -254,6 +262,7 @@ impl Origin {
         let path = parts.uri.path().to_string();
         self.seen.lock().unwrap().push(Seen {
             source,
+            conn,
             method: parts.method.to_string(),
             path: parts.uri.to_string(),
             headers: parts.headers.clone(),
@@ -305,6 +314,24 @@ impl Origin {
 
     pub fn sources(&self) -> Vec<IpAddr> {
         self.seen.lock().unwrap().iter().map(|s| s.source).collect()
+    }
+
+    /// Checks, at the origin, that every request on a connection came from
+    /// that connection's source address (reuse never crossed addresses), and
+    /// returns how many connections carried the requests.
+    pub fn connections_used(&self) -> usize {
+        let conns = self.connections.lock().unwrap().clone();
+        let seen = self.seen.lock().unwrap();
+        for s in seen.iter() {
+            assert_eq!(
+                s.source, conns[s.conn],
+                "a request left from another address than its connection"
+            );
+        }
+        let mut used: Vec<usize> = seen.iter().map(|s| s.conn).collect();
+        used.sort_unstable();
+        used.dedup();
+        used.len()
     }
 
     pub fn count(&self) -> usize {

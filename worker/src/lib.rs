@@ -8,6 +8,7 @@ pub mod lease;
 pub mod listener;
 pub mod proxy;
 pub mod server;
+pub mod upstream;
 
 pub use lease::LeaseClient;
 pub use server::{run, Config, Stopped};

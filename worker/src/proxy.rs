@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -20,18 +21,25 @@ use tracing::{debug, warn};
 use crate::connect::{connect_from, resolve};
 use crate::error::ProxyError;
 use crate::lease::{Lease, LeaseClient, LeaseError};
+use crate::upstream::{Key, PooledBody, Sender, UpstreamPool};
 
-pub type ProxyBody = Either<Incoming, Either<Full<Bytes>, Empty<Bytes>>>;
+pub type ProxyBody = Either<PooledBody, Either<Full<Bytes>, Empty<Bytes>>>;
 
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    /// How long an idle upstream connection is kept for the next request
+    /// from the same source address to the same destination; zero: never.
+    pub upstream_idle_timeout: Duration,
+    /// Most idle connections kept per (source address, destination).
+    pub upstream_max_idle: usize,
 }
 
 pub struct Proxy {
     leases: Arc<LeaseClient>,
     config: ProxyConfig,
+    upstream: Arc<UpstreamPool>,
     /// CONNECT tunnels outlive the HTTP connection they came from; the
     /// tracker lets shutdown wait for them.
     tunnels: TaskTracker,
@@ -57,6 +65,7 @@ impl Proxy {
     pub fn new(leases: Arc<LeaseClient>, config: ProxyConfig, tunnels: TaskTracker) -> Proxy {
         Proxy {
             leases,
+            upstream: UpstreamPool::new(config.upstream_idle_timeout, config.upstream_max_idle),
             config,
             tunnels,
             requests: Default::default(),
@@ -102,6 +111,10 @@ impl Proxy {
         &self.leases
     }
 
+    pub fn upstream(&self) -> &Arc<UpstreamPool> {
+        &self.upstream
+    }
+
     async fn lease(&self, families: Families) -> Result<Lease, ProxyError> {
         self.leases.lease(families).await.map_err(|e| match e {
             LeaseError::NoAddress(reason) => ProxyError::NoAddress(reason),
@@ -109,33 +122,31 @@ impl Proxy {
         })
     }
 
-    /// Resolves, leases and connects: the part plain requests and tunnels
-    /// share.
-    async fn open(
+    /// Resolves the destination and leases an address of a family it has.
+    async fn resolve_and_lease(
         &self,
         host: &str,
         port: u16,
-    ) -> Result<(tokio::net::TcpStream, Lease), ProxyError> {
+    ) -> Result<(Vec<SocketAddr>, Lease), ProxyError> {
         let addrs = resolve(host, port, self.config.connect_timeout).await?;
         let ips: Vec<_> = addrs.iter().map(|a| a.ip()).collect();
         let lease = self.lease(Families::of(&ips)).await?;
-        let stream = connect_from(lease.ip, &addrs, self.config.connect_timeout).await?;
-        Ok((stream, lease))
+        Ok((addrs, lease))
     }
 
-    async fn forward(
+    /// A new HTTP/1.1 connection from `source`.
+    async fn dial(
         &self,
-        req: Request<Incoming>,
-    ) -> Result<(Response<ProxyBody>, Lease), ProxyError> {
-        let (host, port, host_header) = absolute_target(req.uri())?;
-        let (stream, lease) = self.open(&host, port).await?;
-        let dest = format!("{host}:{port}");
-
-        let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        source: std::net::IpAddr,
+        addrs: &[SocketAddr],
+        dest: &str,
+    ) -> Result<Sender, ProxyError> {
+        let stream = connect_from(source, addrs, self.config.connect_timeout).await?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
             .map_err(|source| ProxyError::Upstream {
-                dest: dest.clone(),
+                dest: dest.to_string(),
                 source,
             })?;
         tokio::spawn(async move {
@@ -143,6 +154,21 @@ impl Proxy {
                 debug!(error = %error_chain(&e), "upstream connection ended with an error");
             }
         });
+        Ok(sender)
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+    ) -> Result<(Response<ProxyBody>, Lease), ProxyError> {
+        let (host, port, host_header) = absolute_target(req.uri())?;
+        let (addrs, lease) = self.resolve_and_lease(&host, port).await?;
+        let dest = format!("{host}:{port}");
+        let key = Key {
+            source: lease.ip,
+            host: host.to_ascii_lowercase(),
+            port,
+        };
 
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -152,16 +178,57 @@ impl Proxy {
         parts.headers.insert(header::HOST, host_header);
         parts.uri = origin_form(&parts.uri);
         parts.version = Version::HTTP_11;
-        let upstream_req = Request::from_parts(parts, body);
+        // Without a body the request can be sent again, should a reused
+        // connection turn out to have been closed by the destination.
+        let replay = body.is_end_stream().then(|| {
+            (
+                parts.method.clone(),
+                parts.uri.clone(),
+                parts.headers.clone(),
+            )
+        });
+        let body = match replay {
+            Some(_) => Either::Right(Empty::new()),
+            None => Either::Left(body),
+        };
 
+        let (mut sender, reused) = match self.upstream.checkout(&key).await {
+            Some(s) => (s, true),
+            None => (self.dial(lease.ip, &addrs, &dest).await?, false),
+        };
         let timeout = self.config.response_timeout;
-        let resp = match tokio::time::timeout(timeout, sender.send_request(upstream_req)).await {
+        let first = tokio::time::timeout(
+            timeout,
+            sender.send_request(Request::from_parts(parts, body)),
+        )
+        .await;
+        let resp = match first {
             Ok(Ok(r)) => r,
+            Ok(Err(e))
+                if reused
+                    && replay
+                        .as_ref()
+                        .is_some_and(|(m, _, h)| may_resend(m, h, &e)) =>
+            {
+                debug!(%dest, source = %lease.ip, "reused upstream connection was closed; retrying on a new one");
+                let (method, uri, headers) = replay.expect("checked");
+                let mut req = Request::new(Either::Right(Empty::new()));
+                *req.method_mut() = method;
+                *req.uri_mut() = uri;
+                *req.headers_mut() = headers;
+                sender = self.dial(lease.ip, &addrs, &dest).await?;
+                match tokio::time::timeout(timeout, sender.send_request(req)).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(source)) => return Err(ProxyError::Upstream { dest, source }),
+                    Err(_) => return Err(ProxyError::ResponseTimeout { dest, timeout }),
+                }
+            }
             Ok(Err(source)) => return Err(ProxyError::Upstream { dest, source }),
             Err(_) => return Err(ProxyError::ResponseTimeout { dest, timeout }),
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        let body = PooledBody::new(body, self.upstream.clone(), key, sender);
         Ok((Response::from_parts(parts, Either::Left(body)), lease))
     }
 
@@ -172,7 +239,8 @@ impl Proxy {
     ) -> Result<(Response<ProxyBody>, Lease), ProxyError> {
         let (host, port) = connect_target(req.uri())?;
         // 200 only once the upstream connection is up.
-        let (mut upstream, lease) = self.open(&host, port).await?;
+        let (addrs, lease) = self.resolve_and_lease(&host, port).await?;
+        let mut upstream = connect_from(lease.ip, &addrs, self.config.connect_timeout).await?;
         let on_upgrade = hyper::upgrade::on(&mut req);
         let dest = format!("{host}:{port}");
         self.tunnels.spawn(async move {
@@ -195,6 +263,19 @@ impl Proxy {
             .expect("static response is valid");
         Ok((resp, lease))
     }
+}
+
+/// Whether a request that failed on a reused upstream connection, before any
+/// response, may be sent again on a new one: the destination closing an idle
+/// connection just as a request goes out is routine. As other HTTP clients
+/// do (RFC 9110 §9.2.2), only idempotent requests are re-sent, unless
+/// nothing of the request was written.
+fn may_resend(method: &Method, headers: &HeaderMap, e: &hyper::Error) -> bool {
+    let idempotent = matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    ) || headers.contains_key("idempotency-key");
+    e.is_canceled() || idempotent
 }
 
 /// `host`, `port` and the `Host` header value of an absolute-form target.

@@ -1,0 +1,190 @@
+//! Idle upstream HTTP/1.1 connections kept for reuse, keyed by (source
+//! address, destination): a connection is only ever reused for a request
+//! leased the same source address, so reuse never changes the address a
+//! destination sees. (hyper-util's pooled client keys by destination only,
+//! which would send requests out of whichever address connected first.)
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use tokio_util::sync::CancellationToken;
+
+/// The body sent upstream: the client's, or none (so a request without a
+/// body can be re-sent on a fresh connection).
+pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+pub type Sender = SendRequest<UpstreamBody>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub source: IpAddr,
+    /// Lower-cased host of the request target.
+    pub host: String,
+    pub port: u16,
+}
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+pub struct UpstreamPool {
+    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    /// How long an idle connection is kept; `ZERO` disables reuse.
+    idle_timeout: Duration,
+    max_idle_per_key: usize,
+}
+
+/// How long checkout waits for a returned connection to finish its previous
+/// exchange before passing it over.
+const READY_WAIT: Duration = Duration::from_millis(20);
+
+impl UpstreamPool {
+    pub fn new(idle_timeout: Duration, max_idle_per_key: usize) -> Arc<UpstreamPool> {
+        Arc::new(UpstreamPool {
+            idle: Mutex::new(HashMap::new()),
+            idle_timeout,
+            max_idle_per_key,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<Idle>>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn enabled(&self) -> bool {
+        !self.idle_timeout.is_zero()
+    }
+
+    /// An idle connection for `key`, ready for a request.
+    pub async fn checkout(&self, key: &Key) -> Option<Sender> {
+        loop {
+            let idle = {
+                let mut map = self.lock();
+                let list = map.get_mut(key)?;
+                let idle = list.pop();
+                if list.is_empty() {
+                    map.remove(key);
+                }
+                idle?
+            };
+            if idle.since.elapsed() >= self.idle_timeout || idle.sender.is_closed() {
+                continue;
+            }
+            let mut sender = idle.sender;
+            match tokio::time::timeout(READY_WAIT, sender.ready()).await {
+                Ok(Ok(())) => return Some(sender),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Keeps `sender` for the next request with the same key.
+    pub fn checkin(&self, key: Key, sender: Sender) {
+        if !self.enabled() || sender.is_closed() {
+            return;
+        }
+        let mut map = self.lock();
+        let list = map.entry(key).or_default();
+        if list.len() < self.max_idle_per_key {
+            list.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Idle connections now (for status and tests).
+    pub fn idle_count(&self) -> usize {
+        self.lock().values().map(Vec::len).sum()
+    }
+
+    /// Drops expired and closed connections every `idle_timeout`, so idle
+    /// sockets do not pile up.
+    pub async fn reap(self: Arc<Self>, shutdown: CancellationToken) {
+        if !self.enabled() {
+            return;
+        }
+        let mut tick = tokio::time::interval(self.idle_timeout.max(Duration::from_millis(100)));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    self.lock().clear();
+                    return;
+                }
+                _ = tick.tick() => {}
+            }
+            let timeout = self.idle_timeout;
+            self.lock().retain(|_, list| {
+                list.retain(|i| i.since.elapsed() < timeout && !i.sender.is_closed());
+                !list.is_empty()
+            });
+        }
+    }
+}
+
+/// A response body that hands its connection back to the pool once it has
+/// been read to the end. Dropped early (the client went away), the
+/// connection is closed instead: it may still carry unread bytes.
+pub struct PooledBody {
+    inner: Incoming,
+    home: Option<(Arc<UpstreamPool>, Key, Sender)>,
+}
+
+impl PooledBody {
+    pub fn new(inner: Incoming, pool: Arc<UpstreamPool>, key: Key, sender: Sender) -> PooledBody {
+        let mut body = PooledBody {
+            inner,
+            home: Some((pool, key, sender)),
+        };
+        // An empty body (HEAD, 204, 304, Content-Length: 0) may never be
+        // polled.
+        if body.inner.is_end_stream() {
+            body.go_home();
+        }
+        body
+    }
+
+    fn go_home(&mut self) {
+        if let Some((pool, key, sender)) = self.home.take() {
+            pool.checkin(key, sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(None) => self.go_home(),
+            // A length-delimited body is complete with its last byte; the
+            // server need not poll again to see the end.
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.go_home(),
+            Poll::Ready(Some(Err(_))) => self.home = None,
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
