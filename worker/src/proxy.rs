@@ -47,6 +47,10 @@ pub struct Proxy {
     pub requests: std::sync::atomic::AtomicU64,
 }
 
+/// Relay buffer per direction of a CONNECT tunnel: large enough that bulk
+/// transfers move in few system calls.
+const TUNNEL_BUFFER: usize = 64 * 1024;
+
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus
 /// the proxy's own credentials: none of them crosses the proxy.
 const HOP_BY_HOP: [&str; 9] = [
@@ -81,7 +85,8 @@ impl Proxy {
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let method = req.method().clone();
-        let target = req.uri().to_string();
+        // A cheap clone (shared bytes), formatted only if a line is logged.
+        let target = req.uri().clone();
         let result = if method == Method::CONNECT {
             self.connect(req, client).await
         } else {
@@ -178,23 +183,22 @@ impl Proxy {
         parts.headers.insert(header::HOST, host_header);
         parts.uri = origin_form(&parts.uri);
         parts.version = Version::HTTP_11;
-        // Without a body the request can be sent again, should a reused
-        // connection turn out to have been closed by the destination.
-        let replay = body.is_end_stream().then(|| {
+        let (mut sender, reused) = match self.upstream.checkout(&key).await {
+            Some(s) => (s, true),
+            None => (self.dial(lease.ip, &addrs, &dest).await?, false),
+        };
+        // On a reused connection, a request without a body can be sent
+        // again, should the destination have closed that connection.
+        let replay = (reused && body.is_end_stream()).then(|| {
             (
                 parts.method.clone(),
                 parts.uri.clone(),
                 parts.headers.clone(),
             )
         });
-        let body = match replay {
-            Some(_) => Either::Right(Empty::new()),
-            None => Either::Left(body),
-        };
-
-        let (mut sender, reused) = match self.upstream.checkout(&key).await {
-            Some(s) => (s, true),
-            None => (self.dial(lease.ip, &addrs, &dest).await?, false),
+        let body = match body.is_end_stream() {
+            true => Either::Right(Empty::new()),
+            false => Either::Left(body),
         };
         let timeout = self.config.response_timeout;
         let first = tokio::time::timeout(
@@ -205,10 +209,9 @@ impl Proxy {
         let resp = match first {
             Ok(Ok(r)) => r,
             Ok(Err(e))
-                if reused
-                    && replay
-                        .as_ref()
-                        .is_some_and(|(m, _, h)| may_resend(m, h, &e)) =>
+                if replay
+                    .as_ref()
+                    .is_some_and(|(m, _, h)| may_resend(m, h, &e)) =>
             {
                 debug!(%dest, source = %lease.ip, "reused upstream connection was closed; retrying on a new one");
                 let (method, uri, headers) = replay.expect("checked");
@@ -252,7 +255,9 @@ impl Proxy {
                 }
             };
             let mut client_io = TokioIo::new(upgraded);
-            match tokio::io::copy_bidirectional(&mut client_io, &mut upstream).await {
+            match tokio::io::copy_bidirectional_with_sizes(&mut client_io, &mut upstream, TUNNEL_BUFFER, TUNNEL_BUFFER)
+                .await
+            {
                 Ok((up, down)) => debug!(%client, %dest, source = %lease.ip, up, down, "tunnel closed"),
                 Err(e) => debug!(%client, %dest, source = %lease.ip, error = %e, "tunnel ended with an error"),
             }

@@ -1,0 +1,364 @@
+//! `rotor-bench`: the load generators `bench/run` cannot get from wrk —
+//! allocator lease rate and round trip, CONNECT bulk throughput and set-up
+//! rate, and idle client connections for memory figures. Loopback only;
+//! every loop is bounded in time and count. Prints one line of figures per
+//! measurement.
+#![allow(clippy::print_stdout)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use rotor_protocol::{
+    client_handshake, Channel, ClientChannel, ClientFrame, Envelope, Families, Hello,
+    HelloOrResponse, Request, Response, Role,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Leases per second and lease round trip against a running allocator.
+    Lease {
+        #[arg(long)]
+        socket: PathBuf,
+        /// Concurrent allocator connections to measure, e.g. 1,4,16.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+        conns: Vec<usize>,
+        #[arg(long, default_value = "3")]
+        seconds: u64,
+        /// Leases in flight per connection for the capacity figure.
+        #[arg(long, default_value = "64")]
+        depth: usize,
+    },
+    /// CONNECT tunnels: bulk throughput and set-up rate, through each proxy
+    /// given and direct.
+    Tunnel {
+        /// `name=127.0.0.1:port`, repeatable.
+        #[arg(long = "proxy", value_parser = named_addr)]
+        proxies: Vec<(String, SocketAddr)>,
+        /// Bytes per bulk transfer.
+        #[arg(long, default_value_t = 512 << 20)]
+        bytes: u64,
+        #[arg(long, default_value = "5")]
+        seconds: u64,
+        /// Concurrent clients for the set-up rate.
+        #[arg(long, default_value = "16")]
+        clients: usize,
+    },
+    /// Opens N client connections, sends one request on each through the
+    /// proxy, then holds them idle; prints `ready` and waits.
+    Idle {
+        #[arg(long)]
+        proxy: SocketAddr,
+        #[arg(long)]
+        target: String,
+        #[arg(long, default_value = "5000")]
+        conns: usize,
+        #[arg(long, default_value = "10")]
+        hold: u64,
+    },
+}
+
+fn named_addr(s: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) = s.split_once('=').ok_or("expected name=addr")?;
+    Ok((name.to_string(), addr.parse().map_err(|e| format!("{e}"))?))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Lease {
+            socket,
+            conns,
+            seconds,
+            depth,
+        } => {
+            for c in conns {
+                lease_bench(&socket, c, 1, Duration::from_secs(seconds)).await?;
+                lease_bench(&socket, c, depth, Duration::from_secs(seconds)).await?;
+            }
+        }
+        Cmd::Tunnel {
+            proxies,
+            bytes,
+            seconds,
+            clients,
+        } => tunnel_bench(proxies, bytes, Duration::from_secs(seconds), clients).await?,
+        Cmd::Idle {
+            proxy,
+            target,
+            conns,
+            hold,
+        } => idle(proxy, &target, conns, Duration::from_secs(hold)).await?,
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// `conns` connections, each keeping `depth` leases in flight, for `dur`.
+async fn lease_bench(
+    socket: &PathBuf,
+    conns: usize,
+    depth: usize,
+    dur: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + dur;
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let stream = UnixStream::connect(socket)
+            .await
+            .with_context(|| format!("connect {}", socket.display()))?;
+        let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
+        client_handshake(&mut chan, Hello::new(Role::Worker, "rotor-bench")).await?;
+        tasks.push(tokio::spawn(async move {
+            let (mut tx, mut rx) = chan.split();
+            let mut sent_at = vec![Instant::now(); depth];
+            let mut rtts = Vec::new();
+            let lease = |id: u64| {
+                ClientFrame::Request(Envelope {
+                    id,
+                    body: Request::Lease {
+                        families: Families::ANY,
+                    },
+                })
+            };
+            for id in 0..depth as u64 {
+                sent_at[id as usize] = Instant::now();
+                tx.feed(&lease(id)).await?;
+            }
+            tx.flush().await?;
+            let mut next = depth as u64;
+            while let Some(HelloOrResponse::Response(env)) = rx.recv().await? {
+                let slot = (env.id % depth as u64) as usize;
+                rtts.push(sent_at[slot].elapsed());
+                if !matches!(env.body, Response::Leased { .. }) {
+                    bail!("allocator answered {:?}", env.body);
+                }
+                if Instant::now() >= deadline {
+                    break;
+                }
+                sent_at[(next % depth as u64) as usize] = Instant::now();
+                tx.send(&lease(next)).await?;
+                next += 1;
+            }
+            Ok::<_, anyhow::Error>(rtts)
+        }));
+    }
+    let started = Instant::now();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    println!(
+        "lease conns={conns} in_flight_per_conn={depth} leases/s={:.0} rtt_p50_us={:.1} rtt_p99_us={:.1} leases={}",
+        all.len() as f64 / secs,
+        percentile(&all, 0.5).as_secs_f64() * 1e6,
+        percentile(&all, 0.99).as_secs_f64() * 1e6,
+        all.len()
+    );
+    Ok(())
+}
+
+/// The far end of the tunnels. A connection starting with `B` is a bulk
+/// transfer: an 8-byte length, that many bytes, answered with the count read
+/// (no half-close, which some proxies end a tunnel on). Anything else is a
+/// set-up probe: one byte, echoed.
+async fn sink() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut first = [0u8; 1];
+                if s.read_exact(&mut first).await.is_err() {
+                    return;
+                }
+                if first[0] != b'B' {
+                    let _ = s.write_all(&first).await;
+                    return;
+                }
+                let mut len = [0u8; 8];
+                if s.read_exact(&mut len).await.is_err() {
+                    return;
+                }
+                let want = u64::from_be_bytes(len);
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut n = 0u64;
+                while n < want {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k as u64,
+                    }
+                }
+                let _ = s.write_all(&n.to_be_bytes()).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn open(proxy: Option<SocketAddr>, target: SocketAddr) -> anyhow::Result<TcpStream> {
+    let Some(proxy) = proxy else {
+        return Ok(TcpStream::connect(target).await?);
+    };
+    let mut s = TcpStream::connect(proxy).await?;
+    s.set_nodelay(true)?;
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await?;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).await? == 0 {
+            bail!("proxy closed during CONNECT");
+        }
+        head.push(b[0]);
+    }
+    let line = String::from_utf8_lossy(&head);
+    if !line.starts_with("HTTP/1.1 200") && !line.starts_with("HTTP/1.0 200") {
+        bail!("CONNECT refused: {}", line.lines().next().unwrap_or(""));
+    }
+    Ok(s)
+}
+
+async fn tunnel_bench(
+    proxies: Vec<(String, SocketAddr)>,
+    bytes: u64,
+    dur: Duration,
+    clients: usize,
+) -> anyhow::Result<()> {
+    let target = sink().await?;
+    let mut paths: Vec<(String, Option<SocketAddr>)> = vec![("direct".into(), None)];
+    paths.extend(proxies.into_iter().map(|(n, a)| (n, Some(a))));
+    for (name, proxy) in &paths {
+        if let Err(e) = tunnel_path(name, *proxy, target, bytes, dur, clients).await {
+            println!("tunnel path={name} error={e:#}");
+        }
+    }
+    Ok(())
+}
+
+async fn tunnel_path(
+    name: &str,
+    proxy: Option<SocketAddr>,
+    target: SocketAddr,
+    bytes: u64,
+    dur: Duration,
+    clients: usize,
+) -> anyhow::Result<()> {
+    {
+        let proxy = &proxy;
+        // Bulk: one stream of `bytes`, counted by the sink.
+        let mut s = open(*proxy, target).await?;
+        let chunk = vec![0x5au8; 256 * 1024];
+        let t0 = Instant::now();
+        s.write_all(b"B").await?;
+        s.write_all(&bytes.to_be_bytes()).await?;
+        let mut sent = 0u64;
+        while sent < bytes {
+            let k = chunk.len().min((bytes - sent) as usize);
+            s.write_all(&chunk[..k]).await?;
+            sent += k as u64;
+        }
+        let mut count = [0u8; 8];
+        s.read_exact(&mut count).await?;
+        let secs = t0.elapsed().as_secs_f64();
+        let got = u64::from_be_bytes(count);
+        if got != sent {
+            bail!("{name}: sink got {got} of {sent} bytes");
+        }
+        println!(
+            "tunnel_bulk path={name} MiB/s={:.0} bytes={sent}",
+            sent as f64 / secs / (1 << 20) as f64
+        );
+
+        // Set-up rate: CONNECT, one byte each way, close; `clients` at once.
+        let done = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let deadline = Instant::now() + dur;
+        let mut tasks = Vec::new();
+        for _ in 0..clients {
+            let (done, errors, proxy) = (done.clone(), errors.clone(), *proxy);
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    let r = async {
+                        let mut s = open(proxy, target).await?;
+                        s.write_all(b"x").await?;
+                        let mut b = [0u8; 1];
+                        s.read_exact(&mut b).await?;
+                        Ok::<_, anyhow::Error>(())
+                    }
+                    .await;
+                    match r {
+                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            }));
+        }
+        let t0 = Instant::now();
+        for t in tasks {
+            t.await?;
+        }
+        println!(
+            "tunnel_setup path={name} clients={clients} setups/s={:.0} errors={}",
+            done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64(),
+            errors.load(Ordering::Relaxed)
+        );
+    }
+    Ok(())
+}
+
+async fn idle(proxy: SocketAddr, target: &str, conns: usize, hold: Duration) -> anyhow::Result<()> {
+    let mut held = Vec::with_capacity(conns);
+    let req = format!("GET {target} HTTP/1.1\r\nHost: bench\r\n\r\n");
+    for _ in 0..conns {
+        let mut s = TcpStream::connect(proxy).await?;
+        s.write_all(req.as_bytes()).await?;
+        // Read the whole (small) response: head, then Content-Length bytes.
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n = tokio::time::timeout_at(deadline.into(), s.read(&mut buf)).await??;
+            if n == 0 {
+                bail!("proxy closed the connection");
+            }
+            got.extend_from_slice(&buf[..n]);
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if got.len() >= end + 4 + len {
+                    break;
+                }
+            }
+        }
+        held.push(s);
+    }
+    println!("ready conns={conns}");
+    tokio::time::sleep(hold).await;
+    drop(held);
+    Ok(())
+}
