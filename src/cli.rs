@@ -73,6 +73,12 @@ pub struct AllocatorFile {
     pub interface: Vec<String>,
     pub refresh: Option<String>,
     pub state_dir: Option<PathBuf>,
+    pub socket_mode: Option<String>,
+    pub socket_group: Option<String>,
+    #[serde(default)]
+    pub allow_uid: Vec<String>,
+    #[serde(default)]
+    pub allow_gid: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -88,6 +94,14 @@ pub struct WorkerFile {
     pub drain_timeout: Option<String>,
     pub upstream_idle_timeout: Option<String>,
     pub upstream_max_idle: Option<usize>,
+    pub idle_timeout: Option<String>,
+    pub tunnel_idle_timeout: Option<String>,
+    pub max_connections: Option<usize>,
+    #[serde(default)]
+    pub allow_destination: Vec<String>,
+    #[serde(default)]
+    pub deny_destination: Vec<String>,
+    pub deny_port: Option<Vec<u16>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -282,6 +296,69 @@ pub struct AllocatorArgs {
     pub common: CommonArgs,
     #[command(flatten)]
     pub pool: PoolArgs,
+    #[command(flatten)]
+    pub access: AccessArgs,
+}
+
+/// Who may use the allocator's socket.
+#[derive(Debug, Clone, Args)]
+pub struct AccessArgs {
+    /// Mode of the socket file, octal [default: 660].
+    #[arg(long, value_name = "MODE")]
+    pub socket_mode: Option<String>,
+    /// Group of the socket file; its members are served [default: the
+    /// allocator's group].
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
+    /// Also serve this user (name or uid); root and the allocator's own user
+    /// always are. Repeatable.
+    #[arg(long, value_name = "USER")]
+    pub allow_uid: Vec<String>,
+    /// Also serve peers whose primary group is this (name or gid).
+    /// Repeatable.
+    #[arg(long, value_name = "GROUP")]
+    pub allow_gid: Vec<String>,
+}
+
+impl AccessArgs {
+    pub fn resolve(
+        &self,
+        file: &FileConfig,
+    ) -> Result<rotor_allocator::access::Access, ConfigError> {
+        use rotor_allocator::access::{parse_group, parse_mode, parse_user, Access};
+        let f = &file.allocator;
+        let err = |e: rotor_allocator::access::AccessError| ConfigError::Invalid(e.to_string());
+        let mode = self.socket_mode.as_ref().or(f.socket_mode.as_ref());
+        let group = self.socket_group.as_ref().or(f.socket_group.as_ref());
+        let uids = if self.allow_uid.is_empty() {
+            &f.allow_uid
+        } else {
+            &self.allow_uid
+        };
+        let gids = if self.allow_gid.is_empty() {
+            &f.allow_gid
+        } else {
+            &self.allow_gid
+        };
+        Ok(Access {
+            mode: mode
+                .map(|m| parse_mode(m))
+                .transpose()
+                .map_err(err)?
+                .unwrap_or(0o660),
+            group: group.map(|g| parse_group(g)).transpose().map_err(err)?,
+            uids: uids
+                .iter()
+                .map(|u| parse_user(u))
+                .collect::<Result<_, _>>()
+                .map_err(err)?,
+            gids: gids
+                .iter()
+                .map(|g| parse_group(g))
+                .collect::<Result<_, _>>()
+                .map_err(err)?,
+        })
+    }
 }
 
 /// The worker's tunables; `rotor up` passes them on unchanged.
@@ -318,6 +395,29 @@ pub struct WorkerTuning {
     /// destination) [default: 16].
     #[arg(long, value_name = "N")]
     pub upstream_max_idle: Option<usize>,
+    /// A client connection with no bytes moving for this long is closed
+    /// (after its request in flight) [default: 60s].
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub idle_timeout: Option<Duration>,
+    /// A CONNECT tunnel with no bytes moving either way for this long is
+    /// closed [default: 5m].
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub tunnel_idle_timeout: Option<Duration>,
+    /// Most client connections and tunnels at once; past it new clients get
+    /// an immediate 503 [default: 10000].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Allow destinations in this range, even one denied by default
+    /// (loopback, private, link-local…); repeatable.
+    #[arg(long, value_name = "CIDR")]
+    pub allow_destination: Vec<String>,
+    /// Deny destinations in this range too; repeatable.
+    #[arg(long, value_name = "CIDR")]
+    pub deny_destination: Vec<String>,
+    /// Destination ports refused; repeatable; replaces the default
+    /// [default: 25]. `--deny-port 0` denies none.
+    #[arg(long, value_name = "PORT")]
+    pub deny_port: Vec<u16>,
 }
 
 fn fmt_duration(d: Duration) -> OsString {
@@ -334,6 +434,8 @@ impl WorkerTuning {
             ("--header-read-timeout", self.header_read_timeout),
             ("--drain-timeout", self.drain_timeout),
             ("--upstream-idle-timeout", self.upstream_idle_timeout),
+            ("--idle-timeout", self.idle_timeout),
+            ("--tunnel-idle-timeout", self.tunnel_idle_timeout),
         ];
         for (flag, value) in durations {
             if let Some(d) = value {
@@ -345,6 +447,18 @@ impl WorkerTuning {
         }
         if let Some(n) = self.upstream_max_idle {
             a.extend(["--upstream-max-idle".into(), n.to_string().into()]);
+        }
+        if let Some(n) = self.max_connections {
+            a.extend(["--max-connections".into(), n.to_string().into()]);
+        }
+        for c in &self.allow_destination {
+            a.extend(["--allow-destination".into(), c.into()]);
+        }
+        for c in &self.deny_destination {
+            a.extend(["--deny-destination".into(), c.into()]);
+        }
+        for p in &self.deny_port {
+            a.extend(["--deny-port".into(), p.to_string().into()]);
         }
         a
     }
@@ -391,7 +505,21 @@ impl WorkerTuning {
                         4,
                     )?,
                     upstream_max_idle: self.upstream_max_idle.or(f.upstream_max_idle).unwrap_or(16),
+                    acl: self.acl(f)?,
+                    tunnel_idle_timeout: pick(
+                        self.tunnel_idle_timeout,
+                        "worker.tunnel-idle-timeout",
+                        &f.tunnel_idle_timeout,
+                        300,
+                    )?,
                 },
+                idle_timeout: pick(
+                    self.idle_timeout,
+                    "worker.idle-timeout",
+                    &f.idle_timeout,
+                    60,
+                )?,
+                max_connections: self.max_connections.or(f.max_connections).unwrap_or(10_000),
                 header_read_timeout: pick(
                     self.header_read_timeout,
                     "worker.header-read-timeout",
@@ -410,12 +538,47 @@ impl WorkerTuning {
                 )?,
             },
         };
+        if t.config.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "max-connections must be at least 1".into(),
+            ));
+        }
         if t.config.max_head_bytes < 8192 {
             return Err(ConfigError::Invalid(
                 "max-head-bytes must be at least 8192".into(),
             ));
         }
         Ok(t)
+    }
+}
+
+impl WorkerTuning {
+    /// Flags replace the file's list of the same kind.
+    fn acl(&self, f: &WorkerFile) -> Result<rotor_worker::acl::Acl, ConfigError> {
+        let pick = |flag: &Vec<String>,
+                    file: &Vec<String>|
+         -> Result<Vec<rotor_worker::acl::Cidr>, ConfigError> {
+            let list = if flag.is_empty() { file } else { flag };
+            list.iter()
+                .map(|c| {
+                    c.parse().map_err(|e: rotor_worker::acl::CidrError| {
+                        ConfigError::Invalid(e.to_string())
+                    })
+                })
+                .collect()
+        };
+        let ports = if !self.deny_port.is_empty() {
+            self.deny_port.clone()
+        } else {
+            f.deny_port
+                .clone()
+                .unwrap_or_else(|| rotor_worker::acl::DEFAULT_DENY_PORTS.to_vec())
+        };
+        Ok(rotor_worker::acl::Acl::new(
+            pick(&self.allow_destination, &f.allow_destination)?,
+            pick(&self.deny_destination, &f.deny_destination)?,
+            ports,
+        ))
     }
 }
 

@@ -3,6 +3,7 @@
 //! workers over a Unix socket, one at a time, so the rotation order is global
 //! across every worker process.
 
+pub mod access;
 pub mod persist;
 pub mod pool;
 pub mod server;

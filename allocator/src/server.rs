@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::access::{Access, AccessError};
 use crate::persist::{PersistError, Saved, StateFile};
 use crate::source::Source;
 use crate::state::{Allocator, RefreshOutcome};
@@ -35,6 +36,8 @@ pub struct Config {
     pub refresh: Duration,
     /// Where the rotation state is kept across restarts; `None`: nowhere.
     pub state_dir: Option<PathBuf>,
+    /// Who may connect.
+    pub access: Access,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,11 +65,20 @@ pub enum BindError {
         #[source]
         source: io::Error,
     },
+    #[error(transparent)]
+    Access(#[from] AccessError),
 }
 
-/// Binds the allocator's socket. A socket file left by a dead allocator is
-/// replaced; one a live allocator answers on is not.
-pub fn bind_socket(path: &Path) -> Result<UnixListener, BindError> {
+/// Binds the allocator's socket with the mode and group of `access`. A
+/// socket file left by a dead allocator is replaced; one a live allocator
+/// answers on is not.
+pub fn bind_socket(path: &Path, access: &Access) -> Result<UnixListener, BindError> {
+    let listener = bind_path(path)?;
+    access.apply(path)?;
+    Ok(listener)
+}
+
+fn bind_path(path: &Path) -> Result<UnixListener, BindError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|source| BindError::Dir {
             path: dir.to_path_buf(),
@@ -162,6 +174,17 @@ pub async fn run(
                 }
             },
         };
+        match stream.peer_cred() {
+            Ok(cred) if config.access.allows(cred.uid(), cred.gid()) => {}
+            Ok(cred) => {
+                warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "refused a peer that is not allowed to lease");
+                continue;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot read a peer's credentials; refused");
+                continue;
+            }
+        }
         let id = ids.fetch_add(1, Ordering::Relaxed);
         let alloc = alloc.clone();
         let reload_tx = reload_tx.clone();

@@ -43,6 +43,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let access = match cli.args.access.resolve(&file) {
+        Ok(a) => a,
+        Err(e) => {
+            error!("{}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
     let socket = cli.args.common.socket(&file);
     let passed_socket = match activation::select(&passed, "allocator").first() {
         Some(p) => match activation::unix_listener(p) {
@@ -85,7 +92,7 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            None => match rotor_allocator::bind_socket(&socket) {
+            None => match rotor_allocator::bind_socket(&socket, &access) {
                 Ok(l) => {
                     info!(socket = %socket.display(), "allocator listening");
                     (l, true)
@@ -100,6 +107,7 @@ fn main() -> ExitCode {
             sources: pool.sources,
             refresh: pool.refresh,
             state_dir: pool.state_dir,
+            access,
         };
         let result = rotor_allocator::run(listener, config, signals.reload, signals.shutdown).await;
         // A socket systemd passed is systemd's to remove.

@@ -140,3 +140,67 @@ async fn garbage_on_the_proxy_port_never_takes_the_worker_down() {
     assert!(worker.proc.is_running());
     assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
 }
+
+/// `rotor status` run as `nobody`.
+fn status_as_nobody(socket: &std::path::Path) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    std::process::Command::new(ROTOR)
+        .args(["status", "--socket", socket.to_str().unwrap()])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn only_allowed_users_may_use_the_allocator_socket() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+
+    // Default mode 0660: another user cannot even connect.
+    let alloc = Allocator::start_in(dir.clone(), &["--pool", "127.0.0.2"]).await;
+    let mode = std::fs::metadata(&alloc.socket)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o660);
+    let out = status_as_nobody(&alloc.socket);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+    drop(alloc);
+
+    // A world-writable socket still checks each peer's credentials.
+    let alloc = Allocator::start_in(
+        dir.clone(),
+        &["--pool", "127.0.0.2", "--socket-mode", "666"],
+    )
+    .await;
+    let out = status_as_nobody(&alloc.socket);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    drop(alloc);
+
+    let alloc = Allocator::start_in(
+        dir,
+        &[
+            "--pool",
+            "127.0.0.2",
+            "--socket-mode",
+            "666",
+            "--allow-uid",
+            "nobody",
+        ],
+    )
+    .await;
+    let out = status_as_nobody(&alloc.socket);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

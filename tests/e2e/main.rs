@@ -7,9 +7,11 @@
 
 mod util;
 
+mod acl;
 mod bad_input;
 mod bodies;
 mod errors;
+mod limits;
 mod production;
 mod refresh;
 mod restart;

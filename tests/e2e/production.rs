@@ -32,6 +32,7 @@ fn worker_on_shared_socket(fd: RawFd, socket: &Path, extra: &[&str]) -> Proc {
         });
     }
     let mut args = vec!["--listen-fd", "3", "--socket", socket.to_str().unwrap()];
+    args.extend_from_slice(&ALLOW_LOOPBACK);
     args.extend_from_slice(extra);
     Proc::spawn_cmd(cmd, WORKER, &args)
 }
@@ -478,6 +479,8 @@ async fn socket_activation_of_both_binaries_and_readiness() {
             "-E",
             &format!("ROTOR_SOCKET={}", socket.display()),
             WORKER,
+            "--allow-destination",
+            "127.0.0.0/8",
         ],
     );
     let proxy: SocketAddr = listen.parse().unwrap();

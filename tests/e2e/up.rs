@@ -40,6 +40,8 @@ async fn rotor_up_serves_restarts_workers_and_stops_everything() {
             "5s",
             "--state-dir",
             dir.path().join("state").to_str().unwrap(),
+            "--allow-destination",
+            "127.0.0.0/8",
         ],
     );
     let proxy = listen.parse().unwrap();

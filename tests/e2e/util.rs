@@ -23,6 +23,14 @@ pub const ALLOCATOR: &str = env!("CARGO_BIN_EXE_rotor-allocator");
 pub const WORKER: &str = env!("CARGO_BIN_EXE_rotor-worker");
 pub const ROTOR: &str = env!("CARGO_BIN_EXE_rotor");
 
+/// Test origins are on loopback, which the proxy refuses by default.
+pub const ALLOW_LOOPBACK: [&str; 4] = [
+    "--allow-destination",
+    "127.0.0.0/8",
+    "--allow-destination",
+    "::1",
+];
+
 /// How long any wait in these tests may take before it fails the test.
 pub const PATIENCE: Duration = Duration::from_secs(15);
 
@@ -168,6 +176,13 @@ impl Worker {
     }
 
     pub async fn start_on(socket: &Path, port: u16, extra: &[&str]) -> Worker {
+        let mut args = ALLOW_LOOPBACK.to_vec();
+        args.extend_from_slice(extra);
+        Worker::start_exactly(socket, port, &args).await
+    }
+
+    /// A worker with only `extra` flags: the default destination rules.
+    pub async fn start_exactly(socket: &Path, port: u16, extra: &[&str]) -> Worker {
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let listen = addr.to_string();
         let mut args = vec!["--socket", socket.to_str().unwrap(), "--listen", &listen];

@@ -19,6 +19,10 @@ pub const PROXY_NAME: &str = "rotor";
 pub enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("refused")]
+    Denied(#[source] crate::acl::Denied),
+    #[error("connection limit reached")]
+    Overloaded,
     #[error("{0}")]
     NoAddress(NoAddress),
     #[error("source address {ip} cannot be used on this host")]
@@ -82,8 +86,8 @@ impl ProxyError {
     pub fn fault(&self) -> Fault {
         use ProxyError::*;
         match self {
-            BadRequest(_) => Fault::Client,
-            NoAddress(_) | SourceUnavailable { .. } | Allocator(_) => Fault::Internal,
+            BadRequest(_) | Denied(_) => Fault::Client,
+            NoAddress(_) | SourceUnavailable { .. } | Allocator(_) | Overloaded => Fault::Internal,
             _ => Fault::Upstream,
         }
     }
@@ -101,11 +105,12 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadRequest(_) => (StatusCode::BAD_REQUEST, None),
+            Denied(_) => (StatusCode::FORBIDDEN, Some("destination_ip_prohibited")),
             NoAddress(_) | SourceUnavailable { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some("proxy_configuration_error"),
             ),
-            Allocator(_) => (
+            Allocator(_) | Overloaded => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some("proxy_internal_error"),
             ),

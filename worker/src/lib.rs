@@ -2,8 +2,10 @@
 //! CONNECT tunnels) that sends every request from the next source address
 //! the allocator leases it.
 
+pub mod acl;
 pub mod connect;
 pub mod error;
+pub mod idle;
 pub mod lease;
 pub mod listener;
 pub mod proxy;

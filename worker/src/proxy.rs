@@ -18,8 +18,10 @@ use rotor_protocol::{error_chain, Families};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::acl::Acl;
 use crate::connect::{connect_from, resolve};
 use crate::error::ProxyError;
+use crate::idle::{Activity, IdleIo};
 use crate::lease::{Lease, LeaseClient, LeaseError};
 use crate::upstream::{Key, PooledBody, Sender, UpstreamPool};
 
@@ -34,6 +36,11 @@ pub struct ProxyConfig {
     pub upstream_idle_timeout: Duration,
     /// Most idle connections kept per (source address, destination).
     pub upstream_max_idle: usize,
+    /// Destinations the proxy may connect to.
+    pub acl: Acl,
+    /// A CONNECT tunnel with no bytes moving either way for this long is
+    /// closed.
+    pub tunnel_idle_timeout: Duration,
 }
 
 pub struct Proxy {
@@ -43,6 +50,8 @@ pub struct Proxy {
     /// CONNECT tunnels outlive the HTTP connection they came from; the
     /// tracker lets shutdown wait for them.
     tunnels: TaskTracker,
+    /// Client connections and tunnels, against the connection limit.
+    limit: Arc<tokio::sync::Semaphore>,
     /// Requests handled, for the status line.
     pub requests: std::sync::atomic::AtomicU64,
 }
@@ -66,12 +75,18 @@ const HOP_BY_HOP: [&str; 9] = [
 ];
 
 impl Proxy {
-    pub fn new(leases: Arc<LeaseClient>, config: ProxyConfig, tunnels: TaskTracker) -> Proxy {
+    pub fn new(
+        leases: Arc<LeaseClient>,
+        config: ProxyConfig,
+        tunnels: TaskTracker,
+        limit: Arc<tokio::sync::Semaphore>,
+    ) -> Proxy {
         Proxy {
             leases,
             upstream: UpstreamPool::new(config.upstream_idle_timeout, config.upstream_max_idle),
             config,
             tunnels,
+            limit,
             requests: Default::default(),
         }
     }
@@ -134,6 +149,13 @@ impl Proxy {
         port: u16,
     ) -> Result<(Vec<SocketAddr>, Lease), ProxyError> {
         let addrs = resolve(host, port, self.config.connect_timeout).await?;
+        // Every address the name resolved to must be allowed: a name with one
+        // private address among public ones is refused, not half-served.
+        // The connection is made to these same addresses, so a second DNS
+        // answer cannot slip another one in.
+        for a in &addrs {
+            self.config.acl.check(*a).map_err(ProxyError::Denied)?;
+        }
         let ips: Vec<_> = addrs.iter().map(|a| a.ip()).collect();
         let lease = self.lease(Families::of(&ips)).await?;
         Ok((addrs, lease))
@@ -241,6 +263,14 @@ impl Proxy {
         client: SocketAddr,
     ) -> Result<(Response<ProxyBody>, Lease), ProxyError> {
         let (host, port) = connect_target(req.uri())?;
+        // A tunnel outlives its HTTP connection: it holds a place of its own
+        // under the connection limit.
+        let permit = self
+            .limit
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ProxyError::Overloaded)?;
+        let idle_limit = self.config.tunnel_idle_timeout;
         // 200 only once the upstream connection is up.
         let (addrs, lease) = self.resolve_and_lease(&host, port).await?;
         let mut upstream = connect_from(lease.ip, &addrs, self.config.connect_timeout).await?;
@@ -254,12 +284,19 @@ impl Proxy {
                     return;
                 }
             };
-            let mut client_io = TokioIo::new(upgraded);
-            match tokio::io::copy_bidirectional_with_sizes(&mut client_io, &mut upstream, TUNNEL_BUFFER, TUNNEL_BUFFER)
-                .await
-            {
-                Ok((up, down)) => debug!(%client, %dest, source = %lease.ip, up, down, "tunnel closed"),
-                Err(e) => debug!(%client, %dest, source = %lease.ip, error = %e, "tunnel ended with an error"),
+            let _permit = permit;
+            let activity = Activity::new();
+            let mut client_io = IdleIo::new(TokioIo::new(upgraded), activity.clone());
+            let relay =
+                tokio::io::copy_bidirectional_with_sizes(&mut client_io, &mut upstream, TUNNEL_BUFFER, TUNNEL_BUFFER);
+            let result = tokio::select! {
+                r = relay => Some(r),
+                _ = activity.idle_for(idle_limit) => None,
+            };
+            match result {
+                None => debug!(%client, %dest, source = %lease.ip, "tunnel idle; closed"),
+                Some(Ok((up, down))) => debug!(%client, %dest, source = %lease.ip, up, down, "tunnel closed"),
+                Some(Err(e)) => debug!(%client, %dest, source = %lease.ip, error = %e, "tunnel ended with an error"),
             }
         });
         let resp = Response::builder()

@@ -9,11 +9,12 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rotor_protocol::error_chain;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::idle::{Activity, IdleIo};
 use crate::lease::LeaseClient;
 use crate::proxy::{Proxy, ProxyConfig};
 
@@ -27,6 +28,12 @@ pub struct Config {
     /// How long in-flight requests and tunnels may take to finish on
     /// shutdown.
     pub drain_timeout: Duration,
+    /// A client connection with no bytes moving for this long is closed
+    /// (after the request in flight, if any).
+    pub idle_timeout: Duration,
+    /// Most client connections (tunnels included) served at once; past it,
+    /// new ones get an immediate 503.
+    pub max_connections: usize,
 }
 
 /// How the worker stopped.
@@ -50,7 +57,13 @@ pub async fn run(
     fast: CancellationToken,
 ) -> io::Result<Stopped> {
     let tunnels = TaskTracker::new();
-    let proxy = Arc::new(Proxy::new(leases, config.proxy.clone(), tunnels.clone()));
+    let limit = Arc::new(Semaphore::new(config.max_connections));
+    let proxy = Arc::new(Proxy::new(
+        leases,
+        config.proxy.clone(),
+        tunnels.clone(),
+        limit.clone(),
+    ));
     // hyper-util's GracefulShutdown does not take upgradeable connections,
     // so each connection task watches `shutdown` itself.
     let connections = TaskTracker::new();
@@ -99,8 +112,26 @@ pub async fn run(
         .max_buf_size(config.max_head_bytes.max(8192))
         .keep_alive(true);
 
+    let mut last_warned: Option<tokio::time::Instant> = None;
     while let Some((stream, client)) = accepted.recv().await {
+        let permit = match limit.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                if last_warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                    warn!(
+                        limit = config.max_connections,
+                        "connection limit reached; refusing new clients with 503"
+                    );
+                    last_warned = Some(tokio::time::Instant::now());
+                }
+                tokio::spawn(refuse(stream));
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
+        let activity = Activity::new();
+        let stream = IdleIo::new(stream, activity.clone());
+        let idle_timeout = config.idle_timeout;
         let proxy = proxy.clone();
         // Set when the connection's first request arrives: see below.
         let first = Arc::new(FirstRequest::default());
@@ -115,9 +146,15 @@ pub async fn run(
         let stop = shutdown.clone();
         connections.spawn(
             async move {
+                let _permit = permit;
                 tokio::pin!(conn);
                 let result = tokio::select! {
                     r = conn.as_mut() => r,
+                    _ = activity.idle_for(idle_timeout) => {
+                        debug!("client connection idle; closing");
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
                     _ = stop.cancelled() => {
                         // A client that has just connected is about to send
                         // its first request: serve that one (answered with
@@ -203,6 +240,16 @@ async fn notify_systemd(proxy: Arc<Proxy>, connections: TaskTracker, shutdown: C
         last = now;
         let _ = notify(&[NotifyState::Status(&line)]);
     }
+}
+
+/// Answers a client past the connection limit at once, without reading its
+/// request, so it can retry elsewhere instead of waiting in a queue.
+async fn refuse(mut stream: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+        proxy-status: rotor; error=proxy_internal_error; details=\"connection limit reached\"\r\n\
+        content-length: 0\r\nconnection: close\r\n\r\n";
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(REFUSAL)).await;
 }
 
 /// Whether a connection has received its first request.

@@ -1,0 +1,84 @@
+//! Limits against hostile or careless clients, with real sockets.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::util::*;
+
+/// Reads until the peer closes; returns how long that took.
+async fn closed_within(s: &mut TcpStream, limit: Duration) -> Duration {
+    let t0 = Instant::now();
+    let mut sink = Vec::new();
+    tokio::time::timeout(limit, s.read_to_end(&mut sink))
+        .await
+        .expect("the connection was not closed in time")
+        .ok();
+    t0.elapsed()
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_and_idle_tunnels_are_closed() {
+    let origin = Origin::start().await;
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(
+        &alloc.socket,
+        &["--idle-timeout", "400ms", "--tunnel-idle-timeout", "400ms"],
+    )
+    .await;
+
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    let req = format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", origin.url("/"));
+    s.write_all(req.as_bytes()).await.unwrap();
+    assert!(read_head(&mut s).await.starts_with("HTTP/1.1 200"));
+    let took = closed_within(&mut s, Duration::from_secs(5)).await;
+    assert!(
+        took >= Duration::from_millis(300),
+        "closed too early: {took:?}"
+    );
+
+    let (code, mut tunnel) = connect_tunnel(worker.addr, &echo.addr.to_string()).await;
+    assert_eq!(code, 200);
+    // Activity keeps it open…
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        tunnel.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        tunnel.read_exact(&mut b).await.unwrap();
+    }
+    // …silence closes it.
+    closed_within(&mut tunnel, Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn the_connection_cap_refuses_quickly_and_recovers() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &["--max-connections", "3"]).await;
+    // Worker::start's readiness probe connections are gone by now; hold 3.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = ProxyConn::open(worker.addr).await;
+        assert_eq!(c.get(&origin.url("/")).await.status, 200);
+        held.push(c);
+    }
+    let t0 = Instant::now();
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(head.contains("connection limit"), "{head}");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    // The held clients are still served.
+    assert_eq!(held[0].get(&origin.url("/")).await.status, 200);
+    drop(held);
+    eventually("a free place", || async {
+        ProxyConn::open(worker.addr)
+            .await
+            .try_get(&origin.url("/"))
+            .await
+            .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+}

@@ -1,0 +1,326 @@
+//! Which destinations the proxy may connect to, decided on the resolved
+//! address (after DNS, so names that resolve to private addresses and DNS
+//! rebinding are caught) and the port, before any connection is made.
+//!
+//! Denied by default: every address that is not a public unicast address —
+//! loopback, RFC 1918, link-local (169.254.169.254, the cloud metadata
+//! service), CGNAT, unique-local (fd00:ec2::254), multicast, unspecified,
+//! broadcast, documentation and benchmarking ranges — and the IPv4-mapped,
+//! NAT64 and 6to4 forms of all IPv4 ones. `--allow-destination` opens a
+//! range (it wins over the defaults and `--deny-destination`);
+//! `--deny-destination` closes one more. Port 25 (SMTP) is denied unless the
+//! port list says otherwise.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::str::FromStr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    len: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not an address or CIDR (e.g. 203.0.113.0/24, 2001:db8::/32)")]
+pub struct CidrError(String);
+
+impl FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Cidr, CidrError> {
+        let bad = || CidrError(s.to_string());
+        let (addr, len) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match len {
+            Some(l) => l
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(bad)?,
+            None => max,
+        };
+        Ok(Cidr { addr, len })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                prefix_eq(u32::from(net).into(), u32::from(ip).into(), 32, self.len)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                prefix_eq(u128::from(net), u128::from(ip), 128, self.len)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn prefix_eq(a: u128, b: u128, bits: u8, len: u8) -> bool {
+    if len == 0 {
+        return true;
+    }
+    let shift = u32::from(bits - len);
+    (a >> shift) == (b >> shift)
+}
+
+/// Ranges denied unless allowed explicitly.
+pub const DEFAULT_DENY: &[&str] = &[
+    "0.0.0.0/8",       // "this network", unspecified
+    "10.0.0.0/8",      // RFC 1918
+    "100.64.0.0/10",   // CGNAT (RFC 6598)
+    "127.0.0.0/8",     // loopback
+    "169.254.0.0/16",  // link-local, incl. 169.254.169.254 (cloud metadata)
+    "172.16.0.0/12",   // RFC 1918
+    "192.0.0.0/24",    // IETF protocol assignments
+    "192.0.2.0/24",    // TEST-NET-1
+    "192.88.99.0/24",  // 6to4 relay anycast
+    "192.168.0.0/16",  // RFC 1918
+    "198.18.0.0/15",   // benchmarking
+    "198.51.100.0/24", // TEST-NET-2
+    "203.0.113.0/24",  // TEST-NET-3
+    "224.0.0.0/4",     // multicast
+    "240.0.0.0/4",     // reserved, incl. 255.255.255.255 (broadcast)
+    "::/128",          // unspecified
+    "::1/128",         // loopback
+    "100::/64",        // discard-only
+    "2001:db8::/32",   // documentation
+    "3fff::/20",       // documentation (RFC 9637)
+    "64:ff9b:1::/48",  // local-use NAT64
+    "fc00::/7",        // unique-local, incl. fd00:ec2::254 (cloud metadata)
+    "fe80::/10",       // link-local
+    "fec0::/10",       // site-local (deprecated)
+    "ff00::/8",        // multicast
+];
+
+/// Ports denied unless the port list says otherwise.
+pub const DEFAULT_DENY_PORTS: &[u16] = &[25];
+
+#[derive(Debug, Clone)]
+pub struct Acl {
+    allow: Vec<Cidr>,
+    deny: Vec<Cidr>,
+    deny_ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("destination {0} is in a range this proxy does not connect to ({1})")]
+    Address(IpAddr, Cidr),
+    #[error("destination port {0} is not allowed")]
+    Port(u16),
+}
+
+impl Acl {
+    /// The default rules plus the operator's.
+    pub fn new(allow: Vec<Cidr>, deny: Vec<Cidr>, deny_ports: Vec<u16>) -> Acl {
+        let mut all_deny: Vec<Cidr> = DEFAULT_DENY
+            .iter()
+            .map(|s| s.parse().expect("default ranges are valid"))
+            .collect();
+        all_deny.extend(deny);
+        Acl {
+            allow,
+            deny: all_deny,
+            deny_ports,
+        }
+    }
+
+    /// The defaults alone.
+    pub fn default_rules() -> Acl {
+        Acl::new(Vec::new(), Vec::new(), DEFAULT_DENY_PORTS.to_vec())
+    }
+
+    /// Whether the proxy may connect to `dest`.
+    pub fn check(&self, dest: SocketAddr) -> Result<(), Denied> {
+        if self.deny_ports.contains(&dest.port()) {
+            return Err(Denied::Port(dest.port()));
+        }
+        // An address is checked as itself and as every IPv4 address it
+        // embeds, so ::ffff:127.0.0.1 or 64:ff9b::a9fe:a9fe are no way around
+        // a rule.
+        let forms = forms(dest.ip());
+        if forms
+            .iter()
+            .flatten()
+            .any(|ip| self.allow.iter().any(|c| c.contains(*ip)))
+        {
+            return Ok(());
+        }
+        for ip in forms.iter().flatten() {
+            if let Some(rule) = self.deny.iter().find(|c| c.contains(*ip)) {
+                return Err(Denied::Address(dest.ip(), *rule));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `ip` and the IPv4 address it carries, if it is IPv4-mapped, NAT64
+/// (64:ff9b::/96) or 6to4 (2002::/16).
+fn forms(ip: IpAddr) -> [Option<IpAddr>; 2] {
+    let embedded = match ip {
+        IpAddr::V4(_) => None,
+        IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4),
+    };
+    [Some(ip), embedded]
+}
+
+fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = v6.segments();
+    let low = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return Some(low);
+    }
+    if s[0] == 0x2002 {
+        return Some(Ipv4Addr::new(
+            (s[1] >> 8) as u8,
+            s[1] as u8,
+            (s[2] >> 8) as u8,
+            s[2] as u8,
+        ));
+    }
+    // IPv4-compatible (deprecated ::a.b.c.d), but not :: or ::1.
+    if s[..6] == [0; 6] && u32::from(low) > 1 {
+        return Some(low);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn denied(acl: &Acl, ip: &str, port: u16) -> bool {
+        acl.check(SocketAddr::new(ip.parse().unwrap(), port))
+            .is_err()
+    }
+
+    #[test]
+    fn every_non_public_range_is_denied_by_default() {
+        let acl = Acl::default_rules();
+        for ip in [
+            "0.0.0.0",
+            "10.1.2.3",
+            "100.64.0.1",
+            "100.127.255.254",
+            "127.0.0.1",
+            "127.255.255.254",
+            "169.254.169.254",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.0.0.8",
+            "192.0.2.1",
+            "192.88.99.1",
+            "192.168.1.1",
+            "198.18.0.1",
+            "198.19.255.255",
+            "198.51.100.7",
+            "203.0.113.9",
+            "224.0.0.1",
+            "239.255.255.250",
+            "240.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "100::1",
+            "2001:db8::1",
+            "3fff::1",
+            "64:ff9b:1::1",
+            "fc00::1",
+            "fd00:ec2::254",
+            "fe80::1",
+            "fec0::1",
+            "ff02::1",
+            // IPv4-mapped, NAT64, 6to4 and IPv4-compatible forms
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::ffff:10.0.0.1",
+            "64:ff9b::7f00:1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:c0a8:0101::1",
+            "2002:7f00:0001::",
+            "::10.0.0.1",
+        ] {
+            assert!(denied(&acl, ip, 80), "{ip} should be denied");
+        }
+    }
+
+    #[test]
+    fn public_addresses_pass() {
+        let acl = Acl::default_rules();
+        for ip in [
+            "1.1.1.1",
+            "8.8.8.8",
+            "100.63.255.255",
+            "100.128.0.0",
+            "172.15.255.255",
+            "172.32.0.0",
+            "192.167.255.255",
+            "198.17.255.255",
+            "2606:4700::1111",
+            "2a00:1450::1",
+            "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+            "2002:0808:0808::1",
+        ] {
+            assert!(!denied(&acl, ip, 443), "{ip} should pass");
+        }
+    }
+
+    #[test]
+    fn ports_are_denied_by_list() {
+        let acl = Acl::default_rules();
+        assert_eq!(
+            acl.check("8.8.8.8:25".parse().unwrap()),
+            Err(Denied::Port(25))
+        );
+        let acl = Acl::new(vec![], vec![], vec![]);
+        assert!(acl.check("8.8.8.8:25".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn allow_wins_and_deny_adds() {
+        let acl = Acl::new(
+            vec!["127.0.0.0/8".parse().unwrap(), "::1".parse().unwrap()],
+            vec!["8.8.8.0/24".parse().unwrap()],
+            vec![25],
+        );
+        assert!(!denied(&acl, "127.0.0.1", 80));
+        assert!(!denied(&acl, "::ffff:127.0.0.1", 80));
+        assert!(!denied(&acl, "::1", 80));
+        assert!(denied(&acl, "10.0.0.1", 80));
+        assert!(denied(&acl, "8.8.8.8", 80));
+        assert!(denied(&acl, "127.0.0.1", 25), "the port list still applies");
+    }
+
+    #[test]
+    fn cidr_parsing() {
+        assert_eq!(
+            "10.0.0.0/8".parse::<Cidr>().unwrap().to_string(),
+            "10.0.0.0/8"
+        );
+        assert_eq!("::1".parse::<Cidr>().unwrap().to_string(), "::1/128");
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("example.com/8".parse::<Cidr>().is_err());
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("1.2.3.4".parse().unwrap()));
+        assert!(!all.contains("::1".parse().unwrap()));
+    }
+}
