@@ -97,6 +97,9 @@ pub struct WorkerFile {
     pub idle_timeout: Option<String>,
     pub tunnel_idle_timeout: Option<String>,
     pub max_connections: Option<usize>,
+    pub auth_file: Option<PathBuf>,
+    #[serde(default)]
+    pub no_auth: bool,
     #[serde(default)]
     pub allow_destination: Vec<String>,
     #[serde(default)]
@@ -407,6 +410,14 @@ pub struct WorkerTuning {
     /// an immediate 503 [default: 10000].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Users who may use the proxy: `user:argon2-hash` lines, written by
+    /// `rotor user add`. Re-read on SIGHUP.
+    #[arg(long, value_name = "PATH")]
+    pub auth_file: Option<PathBuf>,
+    /// Serve without authentication on a non-loopback address (an open
+    /// proxy: anyone who can reach it can use it).
+    #[arg(long, conflicts_with = "auth_file")]
+    pub no_auth: bool,
     /// Allow destinations in this range, even one denied by default
     /// (loopback, private, link-local…); repeatable.
     #[arg(long, value_name = "CIDR")]
@@ -451,6 +462,12 @@ impl WorkerTuning {
         if let Some(n) = self.max_connections {
             a.extend(["--max-connections".into(), n.to_string().into()]);
         }
+        if let Some(f) = &self.auth_file {
+            a.extend(["--auth-file".into(), f.into()]);
+        }
+        if self.no_auth {
+            a.push("--no-auth".into());
+        }
         for c in &self.allow_destination {
             a.extend(["--allow-destination".into(), c.into()]);
         }
@@ -478,6 +495,7 @@ impl WorkerTuning {
             })
         };
         let t = WorkerSettingsTuning {
+            no_auth: self.no_auth || f.no_auth,
             lease_timeout: pick(
                 self.lease_timeout,
                 "worker.lease-timeout",
@@ -506,6 +524,14 @@ impl WorkerTuning {
                     )?,
                     upstream_max_idle: self.upstream_max_idle.or(f.upstream_max_idle).unwrap_or(16),
                     acl: self.acl(f)?,
+                    auth: match self.auth_file.as_ref().or(f.auth_file.as_ref()) {
+                        Some(path) => {
+                            Some(rotor_worker::auth::Auth::load(path).map_err(|e| {
+                                ConfigError::Invalid(rotor_protocol::error_chain(&e))
+                            })?)
+                        }
+                        None => None,
+                    },
                     tunnel_idle_timeout: pick(
                         self.tunnel_idle_timeout,
                         "worker.tunnel-idle-timeout",
@@ -586,6 +612,25 @@ impl WorkerTuning {
 pub struct WorkerSettingsTuning {
     pub lease_timeout: Duration,
     pub config: rotor_worker::Config,
+    /// `--no-auth` (or the file's `no-auth = true`).
+    pub no_auth: bool,
+}
+
+impl WorkerSettingsTuning {
+    /// A worker reachable from other hosts must authenticate its clients,
+    /// unless the operator said `--no-auth` knowingly.
+    pub fn check_exposure(&self, listening: &[SocketAddr]) -> Result<(), ConfigError> {
+        if self.config.proxy.auth.is_some() || self.no_auth {
+            return Ok(());
+        }
+        match listening.iter().find(|a| !a.ip().is_loopback()) {
+            Some(a) => Err(ConfigError::Invalid(format!(
+                "refusing to serve {a} without authentication: anyone who can reach it could use this \
+                 proxy. Give --auth-file (users from `rotor user add`), or --no-auth to run an open proxy"
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";

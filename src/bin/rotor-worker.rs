@@ -68,6 +68,13 @@ fn main() -> ExitCode {
             Err(e) => return fail(&e),
         }
     }
+    let addrs: Vec<std::net::SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    if let Err(e) = tuning.check_exposure(&addrs) {
+        return fail(&e);
+    }
     let socket = cli.args.common.socket(&file);
     if cli.args.common.check {
         for l in &listeners {
@@ -94,6 +101,19 @@ fn main() -> ExitCode {
             }
         };
         let leases = LeaseClient::start(socket, tuning.lease_timeout, signals.fast.clone());
+        if let Some(auth) = tuning.config.proxy.auth.clone() {
+            tracing::info!(users = auth.len(), "proxy authentication on");
+            let reload = signals.reload.clone();
+            tokio::spawn(async move {
+                loop {
+                    reload.notified().await;
+                    match auth.reload() {
+                        Ok(n) => tracing::info!(users = n, "users file re-read"),
+                        Err(e) => tracing::warn!(error = %error_chain(&e), "users file not re-read; keeping the old users"),
+                    }
+                }
+            });
+        }
         let result = rotor_worker::run(
             listeners,
             leases,

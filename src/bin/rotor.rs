@@ -35,11 +35,38 @@ enum Cmd {
         #[command(flatten)]
         control: ControlArgs,
     },
+    /// Print an argon2 hash of the password read from standard input.
+    HashPassword,
+    /// Manage the users file of `--auth-file`.
+    #[command(subcommand)]
+    User(UserCmd),
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Add a user, or set a user's password; the password is read from
+    /// standard input (`printf %s "$PW" | rotor user add NAME --auth-file F`).
+    Add {
+        name: String,
+        #[arg(long, value_name = "PATH")]
+        auth_file: std::path::PathBuf,
+    },
+    /// Remove a user.
+    Remove {
+        name: String,
+        #[arg(long, value_name = "PATH")]
+        auth_file: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     rotor::init_logging("info");
+    match &cli.command {
+        Cmd::HashPassword => return hash_password(),
+        Cmd::User(cmd) => return user(cmd),
+        _ => {}
+    }
     // `rotor up` forks its children from this thread; PR_SET_PDEATHSIG is
     // tied to the forking thread, so it must live as long as the process.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -64,6 +91,7 @@ fn main() -> ExitCode {
                     _ => None,
                 })
             }
+            Cmd::HashPassword | Cmd::User(_) => unreachable!("handled before the runtime"),
             Cmd::Reload { control } => {
                 report(request(&control, Request::Reload).await, |r| match r {
                     Response::Reloaded { generation, size } => Some(format!(
@@ -162,4 +190,103 @@ fn format_status(s: &StatusReport) -> String {
         );
     }
     out.trim_end().to_string()
+}
+
+/// The password on standard input: its first line, without the newline.
+fn read_password() -> Result<String, String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read the password from standard input: {e}"))?;
+    let pw = line.trim_end_matches(['\n', '\r']).to_string();
+    if pw.is_empty() {
+        return Err("empty password (give it on standard input)".into());
+    }
+    Ok(pw)
+}
+
+#[allow(clippy::print_stdout)]
+fn hash_password() -> ExitCode {
+    match read_password() {
+        Ok(pw) => {
+            println!("{}", rotor_worker::auth::hash_password(&pw));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rotor: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn user(cmd: &UserCmd) -> ExitCode {
+    let (name, path, add) = match cmd {
+        UserCmd::Add { name, auth_file } => (name, auth_file, true),
+        UserCmd::Remove { name, auth_file } => (name, auth_file, false),
+    };
+    if name.is_empty() || name.contains([':', '\n', '#']) || name.trim() != name {
+        eprintln!("rotor: a user name may not be empty or contain ':', '#', spaces at its ends or newlines");
+        return ExitCode::from(2);
+    }
+    let result = (|| -> Result<String, String> {
+        let old = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && add => String::new(),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let mut found = false;
+        let mut lines: Vec<String> = old
+            .lines()
+            .filter(|l| {
+                let mine = l.split_once(':').is_some_and(|(u, _)| u == name);
+                found |= mine;
+                !mine
+            })
+            .map(str::to_string)
+            .collect();
+        if add {
+            let pw = read_password()?;
+            lines.push(format!("{name}:{}", rotor_worker::auth::hash_password(&pw)));
+        } else if !found {
+            return Err(format!("no user {name} in {}", path.display()));
+        }
+        let mut text = lines.join("\n");
+        text.push('\n');
+        write_private(path, &text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        Ok(match (add, found) {
+            (true, true) => format!("password of {name} changed"),
+            (true, false) => format!("user {name} added"),
+            _ => format!("user {name} removed"),
+        })
+    })();
+    match result {
+        Ok(msg) => {
+            eprintln!(
+                "rotor: {msg} in {} (workers read it on SIGHUP)",
+                path.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rotor: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes `text` to `path` atomically (a temporary file renamed over it),
+/// readable by owner and group only.
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o640)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }

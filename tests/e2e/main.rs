@@ -8,6 +8,7 @@
 mod util;
 
 mod acl;
+mod auth;
 mod bad_input;
 mod bodies;
 mod errors;

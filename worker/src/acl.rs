@@ -310,6 +310,23 @@ mod tests {
         assert!(denied(&acl, "127.0.0.1", 25), "the port list still applies");
     }
 
+    proptest::proptest! {
+        /// An IPv4 address and its IPv4-mapped IPv6 form get one verdict.
+        #[test]
+        fn mapped_forms_get_the_same_verdict(v4 in proptest::prelude::any::<u32>(), port in 1u16..) {
+            let acl = Acl::default_rules();
+            let v4 = Ipv4Addr::from(v4);
+            let a = acl.check(SocketAddr::new(IpAddr::V4(v4), port)).is_ok();
+            let b = acl.check(SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), port)).is_ok();
+            proptest::prop_assert_eq!(a, b);
+        }
+
+        #[test]
+        fn arbitrary_cidrs_never_panic(s in "\\PC{0,50}") {
+            let _ = s.parse::<Cidr>();
+        }
+    }
+
     #[test]
     fn cidr_parsing() {
         assert_eq!(

@@ -23,6 +23,8 @@ pub enum ProxyError {
     Denied(#[source] crate::acl::Denied),
     #[error("connection limit reached")]
     Overloaded,
+    #[error(transparent)]
+    Auth(crate::auth::AuthError),
     #[error("{0}")]
     NoAddress(NoAddress),
     #[error("source address {ip} cannot be used on this host")]
@@ -86,7 +88,7 @@ impl ProxyError {
     pub fn fault(&self) -> Fault {
         use ProxyError::*;
         match self {
-            BadRequest(_) | Denied(_) => Fault::Client,
+            BadRequest(_) | Denied(_) | Auth(_) => Fault::Client,
             NoAddress(_) | SourceUnavailable { .. } | Allocator(_) | Overloaded => Fault::Internal,
             _ => Fault::Upstream,
         }
@@ -105,6 +107,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadRequest(_) => (StatusCode::BAD_REQUEST, None),
+            Auth(_) => (StatusCode::PROXY_AUTHENTICATION_REQUIRED, None),
             Denied(_) => (StatusCode::FORBIDDEN, Some("destination_ip_prohibited")),
             NoAddress(_) | SourceUnavailable { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -148,6 +151,12 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if let ProxyError::Auth(_) = self {
+            h.insert(
+                header::PROXY_AUTHENTICATE,
+                HeaderValue::from_static("Basic realm=\"rotor\""),
+            );
+        }
         if let Some(kind) = kind {
             if let Ok(v) = HeaderValue::from_str(&proxy_status(kind, &text)) {
                 h.insert("proxy-status", v);

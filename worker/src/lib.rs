@@ -3,6 +3,7 @@
 //! the allocator leases it.
 
 pub mod acl;
+pub mod auth;
 pub mod connect;
 pub mod error;
 pub mod idle;

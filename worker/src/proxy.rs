@@ -19,6 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use crate::acl::Acl;
+use crate::auth::Auth;
 use crate::connect::{connect_from, resolve};
 use crate::error::ProxyError;
 use crate::idle::{Activity, IdleIo};
@@ -41,6 +42,8 @@ pub struct ProxyConfig {
     /// A CONNECT tunnel with no bytes moving either way for this long is
     /// closed.
     pub tunnel_idle_timeout: Duration,
+    /// Users who may use the proxy; `None`: anyone who can connect.
+    pub auth: Option<Arc<Auth>>,
 }
 
 pub struct Proxy {
@@ -102,10 +105,10 @@ impl Proxy {
         let method = req.method().clone();
         // A cheap clone (shared bytes), formatted only if a line is logged.
         let target = req.uri().clone();
-        let result = if method == Method::CONNECT {
-            self.connect(req, client).await
-        } else {
-            self.forward(req).await
+        let result = match self.authenticate(&req).await {
+            Err(e) => Err(e),
+            Ok(()) if method == Method::CONNECT => self.connect(req, client).await,
+            Ok(()) => self.forward(req).await,
         };
         let ms = start.elapsed().as_millis() as u64;
         Ok(match result {
@@ -125,6 +128,20 @@ impl Proxy {
                 resp.map(|b| Either::Right(Either::Left(b)))
             }
         })
+    }
+
+    async fn authenticate(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+        let Some(auth) = &self.config.auth else {
+            return Ok(());
+        };
+        let header = req
+            .headers()
+            .get(header::PROXY_AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        auth.check(header)
+            .await
+            .map(|_| ())
+            .map_err(ProxyError::Auth)
     }
 
     pub fn leases(&self) -> &LeaseClient {
@@ -457,6 +474,27 @@ mod tests {
             "example.com:0",
         ] {
             assert!(connect_target(&bad.parse().unwrap()).is_err(), "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_targets_never_panic(target in "\\PC{0,80}") {
+            if let Ok(uri) = target.parse::<Uri>() {
+                let _ = absolute_target(&uri);
+                let _ = connect_target(&uri);
+                let _ = origin_form(&uri);
+            }
+        }
+
+        #[test]
+        fn arbitrary_authorities_never_panic(host in "[a-z0-9.:\\[\\]-]{0,40}", port in proptest::option::of(0u32..70000)) {
+            let target = match port { Some(p) => format!("{host}:{p}"), None => host };
+            if let Ok(uri) = target.parse::<Uri>() {
+                if let Ok((h, p)) = connect_target(&uri) {
+                    proptest::prop_assert!(!h.is_empty() && p != 0);
+                }
+            }
         }
     }
 

@@ -1,0 +1,127 @@
+//! Proxy authentication, and the refusal to run an open proxy by accident.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Request;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::util::*;
+
+fn add_user(file: &std::path::Path, name: &str, password: &str) {
+    let mut child = Command::new(ROTOR)
+        .args(["user", "add", name, "--auth-file", file.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(password.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn basic(user: &str, pass: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    )
+}
+
+#[tokio::test]
+async fn requests_and_tunnels_need_valid_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    add_user(&users, "alice", "s3cret");
+    add_user(&users, "bob", "hunter2");
+    let text = std::fs::read_to_string(&users).unwrap();
+    assert!(
+        text.contains("alice:$argon2id$") && !text.contains("s3cret"),
+        "{text}"
+    );
+
+    let origin = Origin::start().await;
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &["--auth-file", users.to_str().unwrap()]).await;
+
+    let r = get(worker.addr, &origin.url("/")).await;
+    assert_eq!(r.status, 407);
+    assert_eq!(r.headers["proxy-authenticate"], "Basic realm=\"rotor\"");
+    for creds in [
+        basic("alice", "wrong"),
+        basic("mallory", "s3cret"),
+        "Bearer x".into(),
+    ] {
+        let req = Request::get(origin.url("/"))
+            .header("proxy-authorization", creds)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(
+            ProxyConn::open(worker.addr).await.send(req).await.status,
+            407
+        );
+    }
+    assert_eq!(origin.count(), 0);
+
+    let mut conn = ProxyConn::open(worker.addr).await;
+    for _ in 0..3 {
+        let req = Request::get(origin.url("/"))
+            .header("proxy-authorization", basic("alice", "s3cret"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        assert_eq!(conn.send(req).await.status, 200);
+    }
+    let seen = origin.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3);
+    assert!(seen
+        .iter()
+        .all(|s| s.headers.get("proxy-authorization").is_none()));
+
+    let (code, _) = connect_tunnel(worker.addr, &echo.addr.to_string()).await;
+    assert_eq!(code, 407);
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    let head = format!(
+        "CONNECT {0} HTTP/1.1\r\nHost: {0}\r\nProxy-Authorization: {1}\r\n\r\n",
+        echo.addr,
+        basic("bob", "hunter2")
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    assert!(read_head(&mut s).await.starts_with("HTTP/1.1 200"));
+    assert_eq!(echo.peers.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn a_worker_on_a_public_address_needs_auth_or_no_auth() {
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "--listen",
+            "0.0.0.0:0",
+            "--socket",
+            "/nonexistent/a.sock",
+            "--check",
+        ];
+        args.extend_from_slice(extra);
+        Command::new(WORKER).args(&args).output().unwrap()
+    };
+    let out = run(&[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("without authentication") && err.contains("--no-auth"),
+        "{err}"
+    );
+    assert!(run(&["--no-auth"]).status.success());
+}

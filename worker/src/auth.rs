@@ -1,0 +1,265 @@
+//! Proxy authentication: `Proxy-Authorization: Basic` checked against a
+//! users file of argon2 password hashes (PHC strings, one `user:hash` a
+//! line, `#` comments), as written by `rotor user add`.
+//!
+//! An argon2 check costs milliseconds of CPU by design, so it runs on the
+//! blocking pool, and a credential that passed is remembered for a few
+//! minutes: a client sends the same header with every request. An unknown
+//! user costs the same check as a wrong password, so timing does not tell
+//! which users exist. Credentials are never logged.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use argon2::Argon2;
+use base64::Engine;
+
+/// How long a verified credential is trusted without a new argon2 check.
+const REMEMBER: Duration = Duration::from_secs(300);
+/// Most remembered credentials; past it the memory is cleared.
+const REMEMBER_MAX: usize = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UsersError {
+    #[error("cannot read the users file {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("{0}:{1}: expected `user:$argon2id$…` (write it with `rotor user add`)")]
+    Line(PathBuf, usize),
+    #[error("{0}:{1}: the password hash is not a PHC string")]
+    Hash(PathBuf, usize),
+}
+
+/// Why a request is not authenticated; the client gets 407 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("proxy authentication required")]
+    Missing,
+    #[error("malformed Proxy-Authorization (expected Basic)")]
+    Malformed,
+    #[error("wrong user name or password")]
+    Wrong,
+}
+
+struct Users {
+    hashes: HashMap<String, String>,
+}
+
+pub struct Auth {
+    path: PathBuf,
+    users: RwLock<Arc<Users>>,
+    /// Header values that passed, with when.
+    remembered: Mutex<HashMap<Vec<u8>, (String, Instant)>>,
+    /// Checked against when the user does not exist, to cost the same.
+    decoy: String,
+}
+
+fn load(path: &Path) -> Result<Users, UsersError> {
+    let text = std::fs::read_to_string(path).map_err(|e| UsersError::Read(path.into(), e))?;
+    let mut hashes = HashMap::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (user, hash) = line
+            .split_once(':')
+            .filter(|(u, _)| !u.is_empty())
+            .ok_or_else(|| UsersError::Line(path.into(), n + 1))?;
+        PasswordHash::new(hash).map_err(|_| UsersError::Hash(path.into(), n + 1))?;
+        hashes.insert(user.to_string(), hash.to_string());
+    }
+    Ok(Users { hashes })
+}
+
+/// A PHC argon2id hash of `password` with a fresh random salt.
+pub fn hash_password(password: &str) -> String {
+    let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .expect("argon2 with default parameters hashes any password")
+        .to_string()
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Auth({}, {} users)", self.path.display(), self.len())
+    }
+}
+
+impl Auth {
+    pub fn load(path: &Path) -> Result<Arc<Auth>, UsersError> {
+        let users = load(path)?;
+        Ok(Arc::new(Auth {
+            path: path.to_path_buf(),
+            users: RwLock::new(Arc::new(users)),
+            remembered: Mutex::new(HashMap::new()),
+            decoy: hash_password("rotor decoy password"),
+        }))
+    }
+
+    /// Re-reads the users file (SIGHUP); a broken file keeps the old users.
+    pub fn reload(&self) -> Result<usize, UsersError> {
+        let users = load(&self.path)?;
+        let n = users.hashes.len();
+        *self.users.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(users);
+        self.remembered
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        Ok(n)
+    }
+
+    pub fn len(&self) -> usize {
+        self.users
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .hashes
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The user a `Proxy-Authorization` header value authenticates.
+    pub async fn check(self: &Arc<Self>, header: Option<&[u8]>) -> Result<String, AuthError> {
+        let header = header.ok_or(AuthError::Missing)?;
+        if let Some(user) = self.remembered(header) {
+            return Ok(user);
+        }
+        let (user, password) = parse_basic(header)?;
+        let me = self.clone();
+        let key = header.to_vec();
+        let verified =
+            tokio::task::spawn_blocking(move || me.verify(&user, &password).then_some(user))
+                .await
+                .map_err(|_| AuthError::Wrong)?;
+        match verified {
+            Some(user) => {
+                let mut mem = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+                if mem.len() >= REMEMBER_MAX {
+                    mem.clear();
+                }
+                mem.insert(key, (user.clone(), Instant::now()));
+                Ok(user)
+            }
+            None => Err(AuthError::Wrong),
+        }
+    }
+
+    fn remembered(&self, header: &[u8]) -> Option<String> {
+        let mem = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+        mem.get(header)
+            .filter(|(_, at)| at.elapsed() < REMEMBER)
+            .map(|(u, _)| u.clone())
+    }
+
+    fn verify(&self, user: &str, password: &str) -> bool {
+        let users = self.users.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let (hash, known) = match users.hashes.get(user) {
+            Some(h) => (h.as_str(), true),
+            None => (self.decoy.as_str(), false),
+        };
+        let Ok(parsed) = PasswordHash::new(hash) else {
+            return false;
+        };
+        // argon2 compares the digests in constant time.
+        let ok = Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok();
+        ok && known
+    }
+}
+
+fn parse_basic(header: &[u8]) -> Result<(String, String), AuthError> {
+    let text = std::str::from_utf8(header)
+        .map_err(|_| AuthError::Malformed)?
+        .trim();
+    let (scheme, token) = text.split_once(' ').ok_or(AuthError::Malformed)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(AuthError::Malformed);
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(token.trim())
+        .map_err(|_| AuthError::Malformed)?;
+    let decoded = String::from_utf8(decoded).map_err(|_| AuthError::Malformed)?;
+    let (user, password) = decoded.split_once(':').ok_or(AuthError::Malformed)?;
+    Ok((user.to_string(), password.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn basic(user: &str, pass: &str) -> Vec<u8> {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+        )
+        .into_bytes()
+    }
+
+    #[tokio::test]
+    async fn users_file_and_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        std::fs::write(
+            &path,
+            format!("# users\nalice:{}\n\n", hash_password("s3cret")),
+        )
+        .unwrap();
+        let auth = Auth::load(&path).unwrap();
+        assert_eq!(auth.len(), 1);
+        assert_eq!(
+            auth.check(Some(&basic("alice", "s3cret"))).await,
+            Ok("alice".into())
+        );
+        // Remembered: same answer without a new check.
+        assert_eq!(
+            auth.check(Some(&basic("alice", "s3cret"))).await,
+            Ok("alice".into())
+        );
+        assert_eq!(
+            auth.check(Some(&basic("alice", "wrong"))).await,
+            Err(AuthError::Wrong)
+        );
+        assert_eq!(
+            auth.check(Some(&basic("bob", "s3cret"))).await,
+            Err(AuthError::Wrong)
+        );
+        assert_eq!(auth.check(None).await, Err(AuthError::Missing));
+        assert_eq!(
+            auth.check(Some(b"Bearer abc")).await,
+            Err(AuthError::Malformed)
+        );
+        assert_eq!(
+            auth.check(Some(b"Basic !!!")).await,
+            Err(AuthError::Malformed)
+        );
+
+        // Reload drops removed users and what was remembered of them.
+        std::fs::write(&path, format!("bob:{}\n", hash_password("pw"))).unwrap();
+        assert_eq!(auth.reload().unwrap(), 1);
+        assert_eq!(
+            auth.check(Some(&basic("alice", "s3cret"))).await,
+            Err(AuthError::Wrong)
+        );
+        assert_eq!(
+            auth.check(Some(&basic("bob", "pw"))).await,
+            Ok("bob".into())
+        );
+    }
+
+    #[test]
+    fn bad_files_say_where() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        std::fs::write(&path, "alice\n").unwrap();
+        assert!(matches!(Auth::load(&path), Err(UsersError::Line(_, 1))));
+        std::fs::write(&path, "alice:plaintext\n").unwrap();
+        assert!(matches!(Auth::load(&path), Err(UsersError::Hash(_, 1))));
+    }
+}
