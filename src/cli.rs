@@ -100,6 +100,7 @@ pub struct WorkerFile {
     pub auth_file: Option<PathBuf>,
     #[serde(default)]
     pub no_auth: bool,
+    pub dns_cache_ttl: Option<String>,
     #[serde(default)]
     pub allow_destination: Vec<String>,
     #[serde(default)]
@@ -410,6 +411,10 @@ pub struct WorkerTuning {
     /// an immediate 503 [default: 10000].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// How long a resolved destination name is reused (the system resolver
+    /// reports no TTLs); 0 resolves every time [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = duration)]
+    pub dns_cache_ttl: Option<Duration>,
     /// Users who may use the proxy: `user:argon2-hash` lines, written by
     /// `rotor user add`. Re-read on SIGHUP.
     #[arg(long, value_name = "PATH")]
@@ -447,6 +452,7 @@ impl WorkerTuning {
             ("--upstream-idle-timeout", self.upstream_idle_timeout),
             ("--idle-timeout", self.idle_timeout),
             ("--tunnel-idle-timeout", self.tunnel_idle_timeout),
+            ("--dns-cache-ttl", self.dns_cache_ttl),
         ];
         for (flag, value) in durations {
             if let Some(d) = value {
@@ -524,6 +530,12 @@ impl WorkerTuning {
                     )?,
                     upstream_max_idle: self.upstream_max_idle.or(f.upstream_max_idle).unwrap_or(16),
                     acl: self.acl(f)?,
+                    dns_cache_ttl: pick(
+                        self.dns_cache_ttl,
+                        "worker.dns-cache-ttl",
+                        &f.dns_cache_ttl,
+                        30,
+                    )?,
                     auth: match self.auth_file.as_ref().or(f.auth_file.as_ref()) {
                         Some(path) => {
                             Some(rotor_worker::auth::Auth::load(path).map_err(|e| {

@@ -205,6 +205,10 @@ async fn plain_requests_and_tunnels_share_one_rotation() {
     assert_eq!(code, 200);
     assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200); // .2
     assert_eq!(origin.sources(), [ips(2..=2), ips(2..=2)].concat());
+    eventually("the tunnel at the echo server", || async {
+        echo.peers.lock().unwrap().len() == 1
+    })
+    .await;
     assert_eq!(*echo.peers.lock().unwrap(), ips(3..=3));
 }
 

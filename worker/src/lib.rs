@@ -5,6 +5,7 @@
 pub mod acl;
 pub mod auth;
 pub mod connect;
+pub mod dns;
 pub mod error;
 pub mod idle;
 pub mod lease;

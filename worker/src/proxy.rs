@@ -20,7 +20,8 @@ use tracing::{debug, warn};
 
 use crate::acl::Acl;
 use crate::auth::Auth;
-use crate::connect::{connect_from, resolve};
+use crate::connect::connect_from;
+use crate::dns::DnsCache;
 use crate::error::ProxyError;
 use crate::idle::{Activity, IdleIo};
 use crate::lease::{Lease, LeaseClient, LeaseError};
@@ -44,12 +45,15 @@ pub struct ProxyConfig {
     pub tunnel_idle_timeout: Duration,
     /// Users who may use the proxy; `None`: anyone who can connect.
     pub auth: Option<Arc<Auth>>,
+    /// How long a resolved name is reused; zero: resolve every time.
+    pub dns_cache_ttl: Duration,
 }
 
 pub struct Proxy {
     leases: Arc<LeaseClient>,
     config: ProxyConfig,
     upstream: Arc<UpstreamPool>,
+    dns: DnsCache,
     /// CONNECT tunnels outlive the HTTP connection they came from; the
     /// tracker lets shutdown wait for them.
     tunnels: TaskTracker,
@@ -87,6 +91,7 @@ impl Proxy {
         Proxy {
             leases,
             upstream: UpstreamPool::new(config.upstream_idle_timeout, config.upstream_max_idle),
+            dns: DnsCache::new(config.dns_cache_ttl),
             config,
             tunnels,
             limit,
@@ -165,7 +170,10 @@ impl Proxy {
         host: &str,
         port: u16,
     ) -> Result<(Vec<SocketAddr>, Lease), ProxyError> {
-        let addrs = resolve(host, port, self.config.connect_timeout).await?;
+        let addrs = self
+            .dns
+            .resolve(host, port, self.config.connect_timeout)
+            .await?;
         // Every address the name resolved to must be allowed: a name with one
         // private address among public ones is refused, not half-served.
         // The connection is made to these same addresses, so a second DNS
@@ -304,8 +312,12 @@ impl Proxy {
             let _permit = permit;
             let activity = Activity::new();
             let mut client_io = IdleIo::new(TokioIo::new(upgraded), activity.clone());
-            let relay =
-                tokio::io::copy_bidirectional_with_sizes(&mut client_io, &mut upstream, TUNNEL_BUFFER, TUNNEL_BUFFER);
+            let relay = tokio::io::copy_bidirectional_with_sizes(
+                &mut client_io,
+                &mut upstream,
+                TUNNEL_BUFFER,
+                TUNNEL_BUFFER,
+            );
             let result = tokio::select! {
                 r = relay => Some(r),
                 _ = activity.idle_for(idle_limit) => None,
