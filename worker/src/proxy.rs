@@ -349,6 +349,18 @@ fn may_resend(method: &Method, headers: &HeaderMap, e: &hyper::Error) -> bool {
     e.is_canceled() || idempotent
 }
 
+/// Checks a request target as the proxy would (for fuzzing and tests):
+/// `connect` for a CONNECT authority, else an absolute-form URI.
+pub fn check_target(uri: &Uri, connect: bool) -> Result<(String, u16), ProxyError> {
+    if connect {
+        connect_target(uri)
+    } else {
+        let (host, port, _) = absolute_target(uri)?;
+        origin_form(uri);
+        Ok((host, port))
+    }
+}
+
 /// `host`, `port` and the `Host` header value of an absolute-form target.
 fn absolute_target(uri: &Uri) -> Result<(String, u16, HeaderValue), ProxyError> {
     match uri.scheme_str() {
