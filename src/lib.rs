@@ -19,3 +19,30 @@ pub fn init_logging(default: &str) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
+
+/// Builds the runtime, installs the signal handlers, and runs `main` with
+/// them: the common start of the daemons. `multi_thread`: a worker's
+/// runtime; else a single thread (the allocator's lock needs no more).
+pub fn run_daemon<F, Fut>(multi_thread: bool, main: F) -> std::process::ExitCode
+where
+    F: FnOnce(signals::Signals) -> Fut,
+    Fut: std::future::Future<Output = std::process::ExitCode>,
+{
+    let rt = if multi_thread {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    }
+    .enable_all()
+    .build()
+    .expect("cannot start the tokio runtime");
+    rt.block_on(async {
+        match signals::Signals::install() {
+            Ok(s) => main(s).await,
+            Err(e) => {
+                tracing::error!("cannot install signal handlers: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use rotor::activation;
 use rotor::cli::{AllocatorArgs, FileConfig};
-use rotor::signals::Signals;
 use rotor_protocol::error_chain;
 use tracing::{error, info};
 
@@ -66,18 +65,7 @@ fn main() -> ExitCode {
     }
 
     // One lock serves every lease; a single thread is all it needs.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("cannot start the tokio runtime");
-    rt.block_on(async {
-        let signals = match Signals::install() {
-            Ok(s) => s,
-            Err(e) => {
-                error!("cannot install signal handlers: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+    rotor::run_daemon(false, |signals| async move {
         let (listener, owned) = match passed_socket {
             Some(l) => {
                 info!("using the socket passed by systemd");

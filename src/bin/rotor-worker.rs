@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use rotor::activation;
 use rotor::cli::{FileConfig, WorkerArgs};
-use rotor::signals::Signals;
 use rotor_protocol::error_chain;
 use rotor_worker::{listener, LeaseClient, Stopped};
 use tracing::error;
@@ -88,18 +87,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("cannot start the tokio runtime");
-    rt.block_on(async {
-        let signals = match Signals::install() {
-            Ok(s) => s,
-            Err(e) => {
-                error!("cannot install signal handlers: {e}");
-                return ExitCode::FAILURE;
-            }
-        };
+    rotor::run_daemon(true, |signals| async move {
         let leases = LeaseClient::start(socket, tuning.lease_timeout, signals.fast.clone());
         if let Some(auth) = tuning.config.proxy.auth.clone() {
             tracing::info!(users = auth.len(), "proxy authentication on");
@@ -109,7 +97,9 @@ fn main() -> ExitCode {
                     reload.notified().await;
                     match auth.reload() {
                         Ok(n) => tracing::info!(users = n, "users file re-read"),
-                        Err(e) => tracing::warn!(error = %error_chain(&e), "users file not re-read; keeping the old users"),
+                        Err(e) => {
+                            tracing::warn!(error = %error_chain(&e), "users file not re-read; keeping the old users")
+                        }
                     }
                 }
             });

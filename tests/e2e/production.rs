@@ -37,10 +37,40 @@ fn worker_on_shared_socket(fd: RawFd, socket: &Path, extra: &[&str]) -> Proc {
     Proc::spawn_cmd(cmd, WORKER, &args)
 }
 
-fn shared_listener() -> (std::net::TcpListener, SocketAddr) {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    (l, addr)
+/// `n` workers accepting on one listening socket, once they serve.
+async fn shared_workers(
+    n: usize,
+    socket: &Path,
+    extra: &[&str],
+    origin: &Origin,
+) -> (std::net::TcpListener, SocketAddr, Vec<Proc>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let workers = (0..n)
+        .map(|_| worker_on_shared_socket(listener.as_raw_fd(), socket, extra))
+        .collect();
+    eventually("the workers", || async {
+        get(proxy, &origin.url("/")).await.status == 200
+    })
+    .await;
+    (listener, proxy, workers)
+}
+
+/// Starts the bounded load; set the flag to stop it.
+fn start_load(
+    proxy: SocketAddr,
+    origin: &Origin,
+    echo: &Echo,
+) -> (Arc<AtomicBool>, tokio::task::JoinHandle<Arc<Tally>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let handle = tokio::spawn(load(
+        proxy,
+        origin.clone(),
+        echo.addr,
+        stop.clone(),
+        Duration::from_secs(60),
+    ));
+    (stop, handle)
 }
 
 /// Counts of a load run.
@@ -201,25 +231,10 @@ async fn rolling_restart_of_three_workers_loses_nothing() {
     let origin = Origin::start().await;
     let echo = Echo::start().await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.9"]).await;
-    let (listener, proxy) = shared_listener();
-    let fd = listener.as_raw_fd();
     let extra = ["--drain-timeout", "10s"];
-    let mut workers: Vec<Proc> = (0..3)
-        .map(|_| worker_on_shared_socket(fd, &alloc.socket, &extra))
-        .collect();
-    eventually("the workers", || async {
-        get(proxy, &origin.url("/")).await.status == 200
-    })
-    .await;
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(load(
-        proxy,
-        origin.clone(),
-        echo.addr,
-        stop.clone(),
-        Duration::from_secs(60),
-    ));
+    let (listener, proxy, mut workers) = shared_workers(3, &alloc.socket, &extra, &origin).await;
+    let fd = listener.as_raw_fd();
+    let (stop, load) = start_load(proxy, &origin, &echo);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut exits = Vec::new();
     for slot in workers.iter_mut() {
@@ -271,25 +286,9 @@ async fn allocator_killed_and_restarted_under_load_loses_nothing() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let pool = ["--pool", "127.0.0.2-127.0.0.9"];
     let alloc = Allocator::start_in(dir.clone(), &pool).await;
-    let (listener, proxy) = shared_listener();
-    let fd = listener.as_raw_fd();
     let extra = ["--lease-timeout", "5s"];
-    let _workers: Vec<Proc> = (0..2)
-        .map(|_| worker_on_shared_socket(fd, &alloc.socket, &extra))
-        .collect();
-    eventually("the workers", || async {
-        get(proxy, &origin.url("/")).await.status == 200
-    })
-    .await;
-
-    let stop = Arc::new(AtomicBool::new(false));
-    let load = tokio::spawn(load(
-        proxy,
-        origin.clone(),
-        echo.addr,
-        stop.clone(),
-        Duration::from_secs(60),
-    ));
+    let (listener, proxy, _workers) = shared_workers(2, &alloc.socket, &extra, &origin).await;
+    let (stop, load) = start_load(proxy, &origin, &echo);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = origin.count();
     drop(alloc); // SIGKILL

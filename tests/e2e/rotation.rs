@@ -97,7 +97,7 @@ async fn closing_origin() -> (
             };
             p.lock().unwrap().push(peer.ip());
             tokio::spawn(async move {
-                let head = read_request_head(&mut s).await;
+                let head = read_head(&mut s).await;
                 if head.is_empty() {
                     return;
                 }
@@ -109,18 +109,6 @@ async fn closing_origin() -> (
         }
     });
     (addr, peers)
-}
-
-async fn read_request_head(s: &mut tokio::net::TcpStream) -> Vec<u8> {
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match s.read(&mut b).await {
-            Ok(1) => head.push(b[0]),
-            _ => return Vec::new(),
-        }
-    }
-    head
 }
 
 #[tokio::test]

@@ -501,16 +501,16 @@ pub async fn connect_tunnel(proxy: SocketAddr, target: &str) -> (u16, TcpStream)
     (code, s)
 }
 
-/// Reads a response head byte by byte (so nothing after it is consumed).
+/// Reads a message head byte by byte (so nothing after it is consumed);
+/// what it got when the stream ends or fails.
 pub async fn read_head(s: &mut TcpStream) -> String {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         let n = tokio::time::timeout(PATIENCE, s.read(&mut byte))
             .await
-            .expect("no response head")
-            .unwrap();
-        if n == 0 {
+            .expect("no response head");
+        if !matches!(n, Ok(1)) {
             break;
         }
         head.push(byte[0]);
