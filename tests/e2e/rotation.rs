@@ -86,29 +86,16 @@ async fn closing_origin() -> (
     std::net::SocketAddr,
     std::sync::Arc<std::sync::Mutex<Vec<IpAddr>>>,
 ) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let peers: std::sync::Arc<std::sync::Mutex<Vec<IpAddr>>> = Default::default();
-    let p = peers.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, peer)) = listener.accept().await else {
-                return;
-            };
-            p.lock().unwrap().push(peer.ip());
-            tokio::spawn(async move {
-                let head = read_head(&mut s).await;
-                if head.is_empty() {
-                    return;
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            });
+    recording_server(|mut s: tokio::net::TcpStream| async move {
+        if read_head(&mut s).await.is_empty() {
+            return;
         }
-    });
-    (addr, peers)
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    })
+    .await
 }
 
 #[tokio::test]

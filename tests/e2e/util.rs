@@ -364,24 +364,36 @@ pub struct Echo {
     pub peers: Arc<Mutex<Vec<IpAddr>>>,
 }
 
+/// A TCP server on 127.0.0.1 that records each peer's address and runs
+/// `handle` on each connection.
+pub async fn recording_server<F, Fut>(handle: F) -> (SocketAddr, Arc<Mutex<Vec<IpAddr>>>)
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let peers: Arc<Mutex<Vec<IpAddr>>> = Arc::default();
+    let p = peers.clone();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, peer)) = listener.accept().await else {
+                return;
+            };
+            p.lock().unwrap().push(peer.ip());
+            tokio::spawn(handle(s));
+        }
+    });
+    (addr, peers)
+}
+
 impl Echo {
     pub async fn start() -> Echo {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let peers: Arc<Mutex<Vec<IpAddr>>> = Arc::default();
-        let p = peers.clone();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut s, peer)) = listener.accept().await else {
-                    return;
-                };
-                p.lock().unwrap().push(peer.ip());
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
+        let (addr, peers) = recording_server(|mut s: TcpStream| async move {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        })
+        .await;
         Echo { addr, peers }
     }
 }
