@@ -101,6 +101,7 @@ pub struct WorkerFile {
     #[serde(default)]
     pub no_auth: bool,
     pub dns_cache_ttl: Option<String>,
+    pub threads: Option<usize>,
     #[serde(default)]
     pub allow_destination: Vec<String>,
     #[serde(default)]
@@ -411,6 +412,10 @@ pub struct WorkerTuning {
     /// an immediate 503 [default: 10000].
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Threads of this worker's runtime; 1 runs it on one thread (scale
+    /// out with more workers instead) [default: the number of CPUs].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
     /// How long a resolved destination name is reused (the system resolver
     /// reports no TTLs); 0 resolves every time [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = duration)]
@@ -468,6 +473,9 @@ impl WorkerTuning {
         if let Some(n) = self.max_connections {
             a.extend(["--max-connections".into(), n.to_string().into()]);
         }
+        if let Some(n) = self.threads {
+            a.extend(["--threads".into(), n.to_string().into()]);
+        }
         if let Some(f) = &self.auth_file {
             a.extend(["--auth-file".into(), f.into()]);
         }
@@ -501,6 +509,10 @@ impl WorkerTuning {
             })
         };
         let t = WorkerSettingsTuning {
+            threads: self
+                .threads
+                .or(f.threads)
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             no_auth: self.no_auth || f.no_auth,
             lease_timeout: pick(
                 self.lease_timeout,
@@ -576,6 +588,9 @@ impl WorkerTuning {
                 )?,
             },
         };
+        if t.threads == 0 {
+            return Err(ConfigError::Invalid("threads must be at least 1".into()));
+        }
         if t.config.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "max-connections must be at least 1".into(),
@@ -622,6 +637,8 @@ impl WorkerTuning {
 
 #[derive(Debug, Clone)]
 pub struct WorkerSettingsTuning {
+    /// Runtime threads.
+    pub threads: usize,
     pub lease_timeout: Duration,
     pub config: rotor_worker::Config,
     /// `--no-auth` (or the file's `no-auth = true`).

@@ -21,15 +21,17 @@ pub fn init_logging(default: &str) {
 }
 
 /// Builds the runtime, installs the signal handlers, and runs `main` with
-/// them: the common start of the daemons. `multi_thread`: a worker's
-/// runtime; else a single thread (the allocator's lock needs no more).
-pub fn run_daemon<F, Fut>(multi_thread: bool, main: F) -> std::process::ExitCode
+/// them: the common start of the daemons. `threads`: 1 runs everything on
+/// the main thread; more, a multi-threaded runtime of that many.
+pub fn run_daemon<F, Fut>(threads: usize, main: F) -> std::process::ExitCode
 where
     F: FnOnce(signals::Signals) -> Fut,
     Fut: std::future::Future<Output = std::process::ExitCode>,
 {
-    let rt = if multi_thread {
-        tokio::runtime::Builder::new_multi_thread()
+    let rt = if threads > 1 {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
     } else {
         tokio::runtime::Builder::new_current_thread()
     }

@@ -65,7 +65,7 @@ fn main() -> ExitCode {
     }
 
     // One lock serves every lease; a single thread is all it needs.
-    rotor::run_daemon(false, |signals| async move {
+    rotor::run_daemon(1, |signals| async move {
         let (listener, owned) = match passed_socket {
             Some(l) => {
                 info!("using the socket passed by systemd");

@@ -87,7 +87,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
-    rotor::run_daemon(true, |signals| async move {
+    rotor::run_daemon(tuning.threads, |signals| async move {
         let leases = LeaseClient::start(socket, tuning.lease_timeout, signals.fast.clone());
         if let Some(auth) = tuning.config.proxy.auth.clone() {
             tracing::info!(users = auth.len(), "proxy authentication on");
