@@ -4,24 +4,35 @@
 use std::sync::Arc;
 
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::Notify;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Signals {
     /// SIGTERM or SIGINT: stop accepting work and drain.
     pub shutdown: CancellationToken,
     /// SIGINT, or a second SIGTERM: stop now.
     pub fast: CancellationToken,
-    /// SIGHUP.
-    pub reload: Arc<Notify>,
+    /// SIGHUP, counted: every subscriber sees every reload.
+    pub reload: Arc<watch::Sender<u64>>,
+}
+
+impl Signals {
+    /// A receiver whose `changed()` fires on each SIGHUP.
+    pub fn reloads(&self) -> watch::Receiver<u64> {
+        self.reload.subscribe()
+    }
 }
 
 impl Signals {
     /// Installs the handlers; must run inside the runtime.
     pub fn install() -> std::io::Result<Signals> {
-        let s = Signals::default();
+        let s = Signals {
+            shutdown: CancellationToken::new(),
+            fast: CancellationToken::new(),
+            reload: Arc::new(watch::channel(0).0),
+        };
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
@@ -45,7 +56,7 @@ impl Signals {
                     }
                     _ = hup.recv() => {
                         info!("SIGHUP: reloading");
-                        me.reload.notify_one();
+                        me.reload.send_modify(|n| *n += 1);
                     }
                 }
             }

@@ -141,7 +141,8 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             },
             signals.shutdown.clone(),
             signals.clone(),
-            false,
+            // Workers re-read their users file on SIGHUP.
+            true,
             tuning.config.drain_timeout + KILL_GRACE,
         ));
     }
@@ -231,6 +232,7 @@ async fn supervise(
     patience: Duration,
 ) {
     let mut backoff = Duration::from_millis(100);
+    let mut reloads = signals.reloads();
     loop {
         let started = Instant::now();
         let mut child = match slot.spawn() {
@@ -251,7 +253,7 @@ async fn supervise(
             tokio::select! {
                 s = child.wait() => break Some(s),
                 _ = stop.cancelled() => break None,
-                _ = signals.reload.notified(), if forward_hup => {
+                Ok(()) = reloads.changed(), if forward_hup => {
                     if let Some(pid) = pid {
                         let _ = kill(pid, Signal::SIGHUP);
                     }

@@ -12,7 +12,7 @@ use rotor_protocol::{
     Hello, HelloOrResponse, Request, Response, Role, ServerChannel,
 };
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -59,6 +59,8 @@ pub enum BindError {
     },
     #[error("an allocator is already serving {0}")]
     InUse(PathBuf),
+    #[error("the socket directory {0} is world-writable: put the socket where only rotor's user can write (e.g. /run/rotor)")]
+    WorldWritable(PathBuf),
     #[error("cannot bind {path}")]
     Bind {
         path: PathBuf,
@@ -80,10 +82,27 @@ pub fn bind_socket(path: &Path, access: &Access) -> Result<UnixListener, BindErr
 
 fn bind_path(path: &Path) -> Result<UnixListener, BindError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| BindError::Dir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(|source| BindError::Dir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        // Anyone could replace or pre-create the socket in a world-writable
+        // directory (such as /tmp) and take the workers' leases.
+        let mode = std::fs::metadata(dir)
+            .map_err(|source| BindError::Dir {
+                path: dir.to_path_buf(),
+                source,
+            })?
+            .permissions()
+            .mode();
+        if mode & 0o002 != 0 {
+            return Err(BindError::WorldWritable(dir.to_path_buf()));
+        }
     }
     match UnixListener::bind(path) {
         Ok(l) => Ok(l),
@@ -107,12 +126,12 @@ fn bind_path(path: &Path) -> Result<UnixListener, BindError> {
 
 type ReloadReply = oneshot::Sender<RefreshOutcome>;
 
-/// Serves until `shutdown` is cancelled. `reload` (SIGHUP) re-reads the pool
-/// sources at once.
+/// Serves until `shutdown` is cancelled. Each change of `reload` (SIGHUP)
+/// re-reads the pool sources at once.
 pub async fn run(
     listener: UnixListener,
     config: Config,
-    reload: Arc<Notify>,
+    reload: watch::Receiver<u64>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let (state, saved) = match &config.state_dir {
@@ -251,7 +270,7 @@ async fn refresh(alloc: &Arc<Allocator>) -> RefreshOutcome {
 async fn refresh_loop(
     alloc: Arc<Allocator>,
     every: Duration,
-    reload: Arc<Notify>,
+    mut reload: watch::Receiver<u64>,
     mut requests: mpsc::Receiver<ReloadReply>,
     shutdown: CancellationToken,
 ) {
@@ -261,7 +280,7 @@ async fn refresh_loop(
         let (why, reply) = tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => ("interval", None),
-            _ = reload.notified() => ("signal", None),
+            Ok(()) = reload.changed() => ("signal", None),
             Some(r) = requests.recv() => ("request", Some(r)),
         };
         let outcome = refresh(&alloc).await;
@@ -312,6 +331,42 @@ fn log_conn_error(e: &ConnError) {
     }
 }
 
+/// Most requests answered per batch (per state write and flush).
+const BATCH: usize = 64;
+
+async fn answer(
+    frame: ClientFrame,
+    id: u64,
+    alloc: &Allocator,
+    reload: &mpsc::Sender<ReloadReply>,
+) -> Result<HelloOrResponse, ConnError> {
+    let env = match frame {
+        ClientFrame::Request(env) => env,
+        ClientFrame::Hello(_) => return Err(ConnError::DuplicateHello),
+    };
+    let body = match env.body {
+        Request::Lease { families } => alloc.lease(id, families),
+        Request::Status => Response::Status(alloc.status()),
+        Request::Reload => {
+            let (reply_tx, reply_rx) = oneshot::channel();
+            let outcome = match reload.send(reply_tx).await {
+                Ok(()) => reply_rx.await.ok(),
+                Err(_) => None,
+            };
+            match outcome {
+                Some(o) => Response::Reloaded {
+                    generation: o.generation,
+                    size: o.size as u32,
+                },
+                None => Response::Error {
+                    message: "the allocator is shutting down".into(),
+                },
+            }
+        }
+    };
+    Ok(HelloOrResponse::Response(Envelope { id: env.id, body }))
+}
+
 async fn serve(
     stream: UnixStream,
     id: u64,
@@ -329,41 +384,24 @@ async fn serve(
     alloc.peer_connected(id, hello);
 
     let (mut tx, mut rx) = chan.split();
+    let mut replies = Vec::with_capacity(BATCH);
     while let Some(frame) = rx.recv().await? {
-        let env = match frame {
-            ClientFrame::Request(env) => env,
-            ClientFrame::Hello(_) => return Err(ConnError::DuplicateHello),
-        };
-        let body = match env.body {
-            Request::Lease { families } => alloc.lease(id, families),
-            Request::Status => Response::Status(alloc.status()),
-            Request::Reload => {
-                let (reply_tx, reply_rx) = oneshot::channel();
-                let outcome = match reload.send(reply_tx).await {
-                    Ok(()) => reply_rx.await.ok(),
-                    Err(_) => None,
-                };
-                match outcome {
-                    Some(o) => Response::Reloaded {
-                        generation: o.generation,
-                        size: o.size as u32,
-                    },
-                    None => Response::Error {
-                        message: "the allocator is shutting down".into(),
-                    },
-                }
+        // Answer every request already received as one batch: the state
+        // file is written once, before any reply of the batch is sent, so
+        // no lease leaves that a restart would hand out again.
+        replies.push(answer(frame, id, alloc, reload).await?);
+        while replies.len() < BATCH && rx.has_complete_frame() {
+            match rx.recv().await? {
+                Some(frame) => replies.push(answer(frame, id, alloc, reload).await?),
+                None => break,
             }
-        };
-        let msg = HelloOrResponse::Response(Envelope { id: env.id, body });
+        }
+        alloc.persist();
         let write = async {
-            tx.feed(&msg).await?;
-            // Batch replies to pipelined requests; flush once nothing more
-            // is waiting to be read.
-            if !rx.has_complete_frame() {
-                alloc.persist();
-                tx.flush().await?;
+            for msg in replies.drain(..) {
+                tx.feed(&msg).await?;
             }
-            Ok::<_, ChannelError>(())
+            tx.flush().await
         };
         tokio::time::timeout(WRITE_TIMEOUT, write)
             .await

@@ -97,7 +97,8 @@ fn main() -> ExitCode {
             state_dir: pool.state_dir,
             access,
         };
-        let result = rotor_allocator::run(listener, config, signals.reload, signals.shutdown).await;
+        let result =
+            rotor_allocator::run(listener, config, signals.reloads(), signals.shutdown).await;
         // A socket systemd passed is systemd's to remove.
         if owned {
             let _ = std::fs::remove_file(&socket);

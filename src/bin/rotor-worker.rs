@@ -91,10 +91,9 @@ fn main() -> ExitCode {
         let leases = LeaseClient::start(socket, tuning.lease_timeout, signals.fast.clone());
         if let Some(auth) = tuning.config.proxy.auth.clone() {
             tracing::info!(users = auth.len(), "proxy authentication on");
-            let reload = signals.reload.clone();
+            let mut reloads = signals.reloads();
             tokio::spawn(async move {
-                loop {
-                    reload.notified().await;
+                while reloads.changed().await.is_ok() {
                     match auth.reload() {
                         Ok(n) => tracing::info!(users = n, "users file re-read"),
                         Err(e) => {
