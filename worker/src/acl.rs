@@ -122,6 +122,54 @@ pub enum Denied {
     Address(IpAddr, Cidr),
     #[error("destination port {0} is not allowed")]
     Port(u16),
+    #[error("destination {0} is an address of this host")]
+    Local(IpAddr),
+}
+
+/// Why a destination passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allowed {
+    /// An `--allow-destination` range holds it.
+    Explicitly,
+    /// No rule denies it.
+    ByDefault,
+}
+
+/// Whether an address is one of this host's own — its interface addresses,
+/// the pool's, a prefix routed locally (`ip route add local …`) — asked of
+/// the kernel: a socket can be bound to it only if it is. A destination
+/// like that reaches the host's own services (sshd, the proxy itself) and is
+/// refused unless allowed explicitly. Answers are kept for a few seconds.
+pub struct LocalAddrs {
+    seen: std::sync::Mutex<std::collections::HashMap<IpAddr, (bool, std::time::Instant)>>,
+}
+
+const LOCAL_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+const LOCAL_MAX: usize = 4096;
+
+impl Default for LocalAddrs {
+    fn default() -> LocalAddrs {
+        LocalAddrs {
+            seen: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+}
+
+impl LocalAddrs {
+    pub fn is_local(&self, ip: IpAddr) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((local, at)) = seen.get(&ip) {
+            if at.elapsed() < LOCAL_TTL {
+                return *local;
+            }
+        }
+        let local = std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok();
+        if seen.len() >= LOCAL_MAX {
+            seen.clear();
+        }
+        seen.insert(ip, (local, std::time::Instant::now()));
+        local
+    }
 }
 
 impl Acl {
@@ -144,8 +192,8 @@ impl Acl {
         Acl::new(Vec::new(), Vec::new(), DEFAULT_DENY_PORTS.to_vec())
     }
 
-    /// Whether the proxy may connect to `dest`.
-    pub fn check(&self, dest: SocketAddr) -> Result<(), Denied> {
+    /// Whether the proxy may connect to `dest`, by the rules alone.
+    pub fn check(&self, dest: SocketAddr) -> Result<Allowed, Denied> {
         if self.deny_ports.contains(&dest.port()) {
             return Err(Denied::Port(dest.port()));
         }
@@ -158,14 +206,31 @@ impl Acl {
             .flatten()
             .any(|ip| self.allow.iter().any(|c| c.contains(*ip)))
         {
-            return Ok(());
+            return Ok(Allowed::Explicitly);
         }
         for ip in forms.iter().flatten() {
             if let Some(rule) = self.deny.iter().find(|c| c.contains(*ip)) {
                 return Err(Denied::Address(dest.ip(), *rule));
             }
         }
-        Ok(())
+        Ok(Allowed::ByDefault)
+    }
+
+    /// The rules, and then: no address of this host unless allowed
+    /// explicitly.
+    pub fn check_with(&self, dest: SocketAddr, local: &LocalAddrs) -> Result<(), Denied> {
+        match self.check(dest)? {
+            Allowed::Explicitly => Ok(()),
+            Allowed::ByDefault
+                if forms(dest.ip())
+                    .iter()
+                    .flatten()
+                    .any(|ip| local.is_local(*ip)) =>
+            {
+                Err(Denied::Local(dest.ip()))
+            }
+            Allowed::ByDefault => Ok(()),
+        }
     }
 }
 
@@ -325,6 +390,31 @@ mod tests {
         fn arbitrary_cidrs_never_panic(s in "\\PC{0,50}") {
             let _ = s.parse::<Cidr>();
         }
+    }
+
+    #[test]
+    fn the_hosts_own_addresses_need_an_explicit_allow() {
+        let local = LocalAddrs::default();
+        assert!(local.is_local("127.0.0.1".parse().unwrap()));
+        // TEST-NET-3 is configured nowhere: binding to it fails, no traffic.
+        assert!(!local.is_local("203.0.113.77".parse().unwrap()));
+        // An empty deny list shows the local check on its own.
+        let acl = Acl {
+            allow: vec![],
+            deny: vec![],
+            deny_ports: vec![],
+        };
+        assert_eq!(
+            acl.check_with("127.0.0.1:22".parse().unwrap(), &local),
+            Err(Denied::Local("127.0.0.1".parse().unwrap()))
+        );
+        assert!(acl
+            .check_with("203.0.113.77:80".parse().unwrap(), &local)
+            .is_ok());
+        let allowing = Acl::new(vec!["127.0.0.1".parse().unwrap()], vec![], vec![]);
+        assert!(allowing
+            .check_with("127.0.0.1:22".parse().unwrap(), &local)
+            .is_ok());
     }
 
     #[test]

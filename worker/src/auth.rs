@@ -21,6 +21,10 @@ use base64::Engine;
 const REMEMBER: Duration = Duration::from_secs(300);
 /// Most remembered credentials; past it the memory is cleared.
 const REMEMBER_MAX: usize = 10_000;
+/// Longest `Proxy-Authorization` value looked at.
+const MAX_HEADER: usize = 1024;
+/// How long a request waits for a free argon2 slot before it is refused.
+const VERIFY_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UsersError {
@@ -41,17 +45,34 @@ pub enum AuthError {
     Malformed,
     #[error("wrong user name or password")]
     Wrong,
+    #[error("too many credentials being checked at once")]
+    Busy,
 }
 
 struct Users {
     hashes: HashMap<String, String>,
 }
 
+/// A remembered credential: who, when, and for which users file.
+struct Remembered {
+    user: String,
+    at: Instant,
+    generation: u64,
+}
+
 pub struct Auth {
     path: PathBuf,
     users: RwLock<Arc<Users>>,
-    /// Header values that passed, with when.
-    remembered: Mutex<HashMap<Vec<u8>, (String, Instant)>>,
+    /// Bumped by every reload, so a check that raced one is not remembered
+    /// past it.
+    generation: std::sync::atomic::AtomicU64,
+    /// Digests of (user, password) pairs that passed. Keyed by the decoded
+    /// credentials, not the header bytes, so spelling variants of one header
+    /// cannot fill it; digests, so no password is kept.
+    remembered: Mutex<HashMap<[u8; 32], Remembered>>,
+    /// argon2 checks cost ~20 MiB and milliseconds each: at most this many
+    /// at once.
+    verifying: Arc<tokio::sync::Semaphore>,
     /// Checked against when the user does not exist, to cost the same.
     decoy: String,
 }
@@ -92,10 +113,13 @@ impl std::fmt::Debug for Auth {
 impl Auth {
     pub fn load(path: &Path) -> Result<Arc<Auth>, UsersError> {
         let users = load(path)?;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(Arc::new(Auth {
             path: path.to_path_buf(),
             users: RwLock::new(Arc::new(users)),
+            generation: Default::default(),
             remembered: Mutex::new(HashMap::new()),
+            verifying: Arc::new(tokio::sync::Semaphore::new(cpus)),
             decoy: hash_password("rotor decoy password"),
         }))
     }
@@ -127,34 +151,51 @@ impl Auth {
     /// The user a `Proxy-Authorization` header value authenticates.
     pub async fn check(self: &Arc<Self>, header: Option<&[u8]>) -> Result<String, AuthError> {
         let header = header.ok_or(AuthError::Missing)?;
-        if let Some(user) = self.remembered(header) {
-            return Ok(user);
+        if header.len() > MAX_HEADER {
+            return Err(AuthError::Malformed);
         }
         let (user, password) = parse_basic(header)?;
+        let key = digest(&user, &password);
+        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
+        if let Some(user) = self.remembered(&key, generation) {
+            return Ok(user);
+        }
+        let permit = tokio::time::timeout(VERIFY_WAIT, self.verifying.clone().acquire_owned())
+            .await
+            .map_err(|_| AuthError::Busy)?
+            .map_err(|_| AuthError::Busy)?;
         let me = self.clone();
-        let key = header.to_vec();
-        let verified =
-            tokio::task::spawn_blocking(move || me.verify(&user, &password).then_some(user))
-                .await
-                .map_err(|_| AuthError::Wrong)?;
+        let verified = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            me.verify(&user, &password).then_some(user)
+        })
+        .await
+        .map_err(|_| AuthError::Wrong)?;
         match verified {
             Some(user) => {
                 let mut mem = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
                 if mem.len() >= REMEMBER_MAX {
                     mem.clear();
                 }
-                mem.insert(key, (user.clone(), Instant::now()));
+                mem.insert(
+                    key,
+                    Remembered {
+                        user: user.clone(),
+                        at: Instant::now(),
+                        generation,
+                    },
+                );
                 Ok(user)
             }
             None => Err(AuthError::Wrong),
         }
     }
 
-    fn remembered(&self, header: &[u8]) -> Option<String> {
+    fn remembered(&self, key: &[u8; 32], generation: u64) -> Option<String> {
         let mem = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
-        mem.get(header)
-            .filter(|(_, at)| at.elapsed() < REMEMBER)
-            .map(|(u, _)| u.clone())
+        mem.get(key)
+            .filter(|r| r.at.elapsed() < REMEMBER && r.generation == generation)
+            .map(|r| r.user.clone())
     }
 
     fn verify(&self, user: &str, password: &str) -> bool {
@@ -172,6 +213,16 @@ impl Auth {
             .is_ok();
         ok && known
     }
+}
+
+/// BLAKE2s of the credentials, the key they are remembered by.
+fn digest(user: &str, password: &str) -> [u8; 32] {
+    use blake2::Digest;
+    let mut h = blake2::Blake2s256::new();
+    h.update(user.as_bytes());
+    h.update([0u8]);
+    h.update(password.as_bytes());
+    h.finalize().into()
 }
 
 fn parse_basic(header: &[u8]) -> Result<(String, String), AuthError> {

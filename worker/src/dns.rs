@@ -51,7 +51,11 @@ impl DnsCache {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if entries.len() >= MAX_NAMES {
             let ttl = self.ttl;
-            entries.retain(|_, (_, at)| at.elapsed() < ttl / 2);
+            entries.retain(|_, (_, at)| at.elapsed() < ttl);
+            // Still full of live names: start over rather than grow.
+            if entries.len() >= MAX_NAMES {
+                entries.clear();
+            }
         }
         entries.insert(key, (addrs.clone(), Instant::now()));
         Ok(addrs)

@@ -107,6 +107,10 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadRequest(_) => (StatusCode::BAD_REQUEST, None),
+            Auth(crate::auth::AuthError::Busy) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some("proxy_internal_error"),
+            ),
             Auth(_) => (StatusCode::PROXY_AUTHENTICATION_REQUIRED, None),
             Denied(_) => (StatusCode::FORBIDDEN, Some("destination_ip_prohibited")),
             NoAddress(_) | SourceUnavailable { .. } => (
@@ -151,7 +155,7 @@ impl ProxyError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
-        if let ProxyError::Auth(_) = self {
+        if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
             h.insert(
                 header::PROXY_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"rotor\""),

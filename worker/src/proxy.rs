@@ -18,7 +18,7 @@ use rotor_protocol::{error_chain, Families};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::acl::Acl;
+use crate::acl::{Acl, LocalAddrs};
 use crate::auth::Auth;
 use crate::connect::connect_from;
 use crate::dns::DnsCache;
@@ -54,6 +54,7 @@ pub struct Proxy {
     config: ProxyConfig,
     upstream: Arc<UpstreamPool>,
     dns: DnsCache,
+    local: LocalAddrs,
     /// CONNECT tunnels outlive the HTTP connection they came from; the
     /// tracker lets shutdown wait for them.
     tunnels: TaskTracker,
@@ -92,6 +93,7 @@ impl Proxy {
             leases,
             upstream: UpstreamPool::new(config.upstream_idle_timeout, config.upstream_max_idle),
             dns: DnsCache::new(config.dns_cache_ttl),
+            local: LocalAddrs::default(),
             config,
             tunnels,
             limit,
@@ -108,8 +110,9 @@ impl Proxy {
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let method = req.method().clone();
-        // A cheap clone (shared bytes), formatted only if a line is logged.
-        let target = req.uri().clone();
+        // Formatted only if a line is logged; without userinfo or query,
+        // which may carry the destination's credentials or tokens.
+        let target = LogTarget(req.uri().clone());
         let result = match self.authenticate(&req).await {
             Err(e) => Err(e),
             Ok(()) if method == Method::CONNECT => self.connect(req, client).await,
@@ -179,7 +182,10 @@ impl Proxy {
         // The connection is made to these same addresses, so a second DNS
         // answer cannot slip another one in.
         for a in &addrs {
-            self.config.acl.check(*a).map_err(ProxyError::Denied)?;
+            self.config
+                .acl
+                .check_with(*a, &self.local)
+                .map_err(ProxyError::Denied)?;
         }
         let ips: Vec<_> = addrs.iter().map(|a| a.ip()).collect();
         let lease = self.lease(Families::of(&ips)).await?;
@@ -336,6 +342,28 @@ impl Proxy {
     }
 }
 
+/// A request target as logged: scheme, host, port and path only.
+struct LogTarget(Uri);
+
+impl std::fmt::Display for LogTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let uri = &self.0;
+        if let Some(s) = uri.scheme_str() {
+            write!(f, "{s}://")?;
+        }
+        if let Some(a) = uri.authority() {
+            f.write_str(a.host())?;
+            if let Some(p) = a.port() {
+                write!(f, ":{p}")?;
+            }
+        }
+        if uri.scheme().is_some() || uri.authority().is_none() {
+            f.write_str(uri.path())?;
+        }
+        Ok(())
+    }
+}
+
 /// Whether a request that failed on a reused upstream connection, before any
 /// response, may be sent again on a new one: the destination closing an idle
 /// connection just as a request goes out is routine. As other HTTP clients
@@ -391,7 +419,24 @@ fn absolute_target(uri: &Uri) -> Result<(String, u16, HeaderValue), ProxyError> 
             "the target URI has an empty host".into(),
         ));
     }
-    let port = auth.port_u16().unwrap_or(80);
+    // `http::Uri` accepts `host:99999` and `host:abc`, with no port number
+    // to give: refuse rather than fall back to 80.
+    let port_text = match auth.as_str().rsplit_once(':') {
+        Some((_, p)) if !p.contains(']') => p,
+        _ => "",
+    };
+    let port = match auth.port_u16() {
+        Some(p) => p,
+        None if port_text.is_empty() => 80,
+        None => {
+            return Err(ProxyError::BadRequest(format!(
+                "invalid port `{port_text}`"
+            )))
+        }
+    };
+    if port == 0 {
+        return Err(ProxyError::BadRequest("port 0 is not a destination".into()));
+    }
     let host_header = match auth.port() {
         Some(p) => format!("{host}:{p}"),
         None => host.to_string(),
@@ -470,7 +515,14 @@ mod tests {
             (h.as_str(), p, hh.to_str().unwrap()),
             ("[::1]", 8080, "[::1]:8080")
         );
-        for bad in ["/x", "https://example.com/", "ftp://example.com/"] {
+        for bad in [
+            "/x",
+            "https://example.com/",
+            "ftp://example.com/",
+            "http://example.com:99999/",
+            "http://example.com:abc/",
+            "http://example.com:0/",
+        ] {
             assert!(
                 matches!(
                     absolute_target(&bad.parse().unwrap()),
@@ -520,6 +572,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn logged_targets_carry_no_secrets() {
+        let t = |s: &str| LogTarget(s.parse().unwrap()).to_string();
+        assert_eq!(
+            t("http://user:pw@example.com:8080/a/b?token=x"),
+            "http://example.com:8080/a/b"
+        );
+        assert_eq!(t("example.com:443"), "example.com:443");
     }
 
     #[test]

@@ -99,6 +99,7 @@ pub async fn run(
     drop(accepted_tx);
     acceptors.close();
 
+    tokio::spawn(proxy.upstream().clone().reap(fast.clone()));
     tokio::spawn(notify_systemd(
         proxy.clone(),
         connections.clone(),

@@ -188,3 +188,68 @@ impl Body for PooledBody {
         self.inner.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real upstream HTTP/1.1 connection on loopback.
+    async fn sender() -> Sender {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (s, _) = l.accept().await.unwrap();
+            let svc = hyper::service::service_fn(|_req| async {
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(Empty::<Bytes>::new()))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                .await;
+        });
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        sender
+    }
+
+    fn key(source: &str) -> Key {
+        Key {
+            source: source.parse().unwrap(),
+            host: "h".into(),
+            port: 80,
+        }
+    }
+
+    #[tokio::test]
+    async fn reuse_is_per_source_and_expires() {
+        let pool = UpstreamPool::new(Duration::from_millis(200), 4);
+        pool.checkin(key("127.0.0.2"), sender().await);
+        assert!(
+            pool.checkout(&key("127.0.0.3")).await.is_none(),
+            "another source must not get it"
+        );
+        let s = pool
+            .checkout(&key("127.0.0.2"))
+            .await
+            .expect("same source reuses");
+        pool.checkin(key("127.0.0.2"), s);
+        let stop = CancellationToken::new();
+        tokio::spawn(pool.clone().reap(stop.clone()));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            pool.idle_count(),
+            0,
+            "the reaper dropped the expired connection"
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn zero_idle_timeout_keeps_nothing() {
+        let pool = UpstreamPool::new(Duration::ZERO, 4);
+        pool.checkin(key("127.0.0.2"), sender().await);
+        assert_eq!(pool.idle_count(), 0);
+    }
+}
