@@ -3,11 +3,13 @@
 //! supervisor. The binaries themselves only parse flags and call in here.
 
 pub mod activation;
+pub mod allocator_main;
 pub mod cli;
 pub mod control;
 pub mod paths;
 pub mod signals;
 pub mod up;
+pub mod worker_main;
 
 /// Logs to stderr; `RUST_LOG` (e.g. `rotor_worker=debug`) overrides `default`.
 pub fn init_logging(default: &str) {

@@ -93,17 +93,21 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             }
         }
     }
-    let dir = match std::env::current_exe() {
-        Ok(p) => p.parent().map(Path::to_path_buf).unwrap_or_default(),
+    // The children are this same program, as `rotor allocator` and
+    // `rotor worker`: one binary is all `rotor up` needs.
+    let me = match std::env::current_exe() {
+        Ok(p) => p,
         Err(e) => {
             error!("cannot find my own executable: {e}");
             return ExitCode::FAILURE;
         }
     };
     let socket = args.common.socket(&file);
-    let mut alloc_args = args.common.to_args(&socket);
+    let mut alloc_args: Vec<OsString> = vec!["allocator".into()];
+    alloc_args.extend(args.common.to_args(&socket));
     alloc_args.extend(args.pool.to_args());
-    let mut worker_args = args.common.to_args(&socket);
+    let mut worker_args: Vec<OsString> = vec!["worker".into()];
+    worker_args.extend(args.common.to_args(&socket));
     for i in 0..listeners.len() {
         worker_args.extend(["--listen-fd".into(), (3 + i).to_string().into()]);
     }
@@ -114,7 +118,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     let alloc = tokio::spawn(supervise(
         Slot {
             name: "allocator".into(),
-            program: dir.join("rotor-allocator"),
+            program: me.clone(),
             args: alloc_args,
             fds: Arc::default(),
         },
@@ -135,7 +139,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         slots.spawn(supervise(
             Slot {
                 name: format!("worker {i}"),
-                program: dir.join("rotor-worker"),
+                program: me.clone(),
                 args: worker_args.clone(),
                 fds: listener_fds.clone(),
             },

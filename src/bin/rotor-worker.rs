@@ -3,11 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use rotor::activation;
-use rotor::cli::{FileConfig, WorkerArgs};
-use rotor_protocol::error_chain;
-use rotor_worker::{listener, LeaseClient, Stopped};
-use tracing::error;
+use rotor::cli::WorkerArgs;
 
 /// rotor's worker: an HTTP/1.1 forward proxy that sends every request (and
 /// every CONNECT tunnel) from the next address the allocator leases it.
@@ -18,107 +14,8 @@ struct Cli {
     args: WorkerArgs,
 }
 
-/// Exit codes: drained cleanly.
-const EXIT_DRAINED: u8 = 0;
-/// Bad flags or configuration.
-const EXIT_CONFIG: u8 = 2;
-/// The drain deadline passed with requests or tunnels still in flight.
-const EXIT_DRAIN_CUT: u8 = 3;
-/// SIGINT: stopped at once.
-const EXIT_FAST: u8 = 130;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     rotor::init_logging("info");
-    let fail = |e: &dyn std::error::Error| {
-        error!("{}", error_chain(e));
-        ExitCode::from(EXIT_CONFIG)
-    };
-    // Before any thread exists: this clears the activation variables.
-    let mut passed = match activation::take_systemd() {
-        Ok(p) => p,
-        Err(e) => return fail(&e),
-    };
-    let file = match FileConfig::load(cli.args.common.config.as_deref()) {
-        Ok(f) => f,
-        Err(e) => return fail(&e),
-    };
-    let tuning = match cli.args.tuning.resolve(&file) {
-        Ok(t) => t,
-        Err(e) => return fail(&e),
-    };
-    for fd in &cli.args.listen.listen_fd {
-        match activation::take_fd(*fd) {
-            Ok(p) => passed.push(p),
-            Err(e) => return fail(&e),
-        }
-    }
-    let mut listeners = Vec::new();
-    for p in activation::select(&passed, "proxy") {
-        match activation::tcp_listener(p) {
-            Ok(l) => listeners.push(l),
-            Err(e) => return fail(&e),
-        }
-    }
-    let inherited = listeners.len();
-    for addr in cli.args.listen.resolve(&file, inherited) {
-        match listener::bind_reuseport(addr) {
-            Ok(l) => listeners.push(l),
-            Err(e) => return fail(&e),
-        }
-    }
-    let addrs: Vec<std::net::SocketAddr> = listeners
-        .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .collect();
-    if let Err(e) = tuning.check_exposure(&addrs) {
-        return fail(&e);
-    }
-    let socket = cli.args.common.socket(&file);
-    if cli.args.common.check {
-        for l in &listeners {
-            eprintln!(
-                "ok: listen {}",
-                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
-            );
-        }
-        eprintln!("ok: allocator socket {}", socket.display());
-        eprintln!("ok: {:?}", tuning);
-        return ExitCode::SUCCESS;
-    }
-
-    rotor::run_daemon(tuning.threads, |signals| async move {
-        let leases = LeaseClient::start(socket, tuning.lease_timeout, signals.fast.clone());
-        if let Some(auth) = tuning.config.proxy.auth.clone() {
-            tracing::info!(users = auth.len(), "proxy authentication on");
-            let mut reloads = signals.reloads();
-            tokio::spawn(async move {
-                while reloads.changed().await.is_ok() {
-                    match auth.reload() {
-                        Ok(n) => tracing::info!(users = n, "users file re-read"),
-                        Err(e) => {
-                            tracing::warn!(error = %error_chain(&e), "users file not re-read; keeping the old users")
-                        }
-                    }
-                }
-            });
-        }
-        let result = rotor_worker::run(
-            listeners,
-            leases,
-            tuning.config,
-            signals.shutdown.clone(),
-            signals.fast.clone(),
-        )
-        .await;
-        match result {
-            _ if signals.fast.is_cancelled() => ExitCode::from(EXIT_FAST),
-            Ok(Stopped::Drained) => ExitCode::from(EXIT_DRAINED),
-            Ok(Stopped::Cut) => ExitCode::from(EXIT_DRAIN_CUT),
-            Err(e) => {
-                error!("worker failed: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
+    rotor::worker_main::worker(cli.args)
 }

@@ -37,6 +37,12 @@ enum Cmd {
     },
     /// Print an argon2 hash of the password read from standard input.
     HashPassword,
+    /// Run an allocator (as `rotor-allocator`; `rotor up` starts it so).
+    #[command(hide = true)]
+    Allocator(Box<rotor::cli::AllocatorArgs>),
+    /// Run a worker (as `rotor-worker`; `rotor up` starts it so).
+    #[command(hide = true)]
+    Worker(Box<rotor::cli::WorkerArgs>),
     /// Manage the users file of `--auth-file`.
     #[command(subcommand)]
     User(UserCmd),
@@ -62,11 +68,13 @@ enum UserCmd {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     rotor::init_logging("info");
-    match &cli.command {
+    let cli = match cli.command {
         Cmd::HashPassword => return hash_password(),
-        Cmd::User(cmd) => return user(cmd),
-        _ => {}
-    }
+        Cmd::User(cmd) => return user(&cmd),
+        Cmd::Allocator(args) => return rotor::allocator_main::allocator(*args),
+        Cmd::Worker(args) => return rotor::worker_main::worker(*args),
+        other => Cli { command: other },
+    };
     // `rotor up` forks its children from this thread; PR_SET_PDEATHSIG is
     // tied to the forking thread, so it must live as long as the process.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -91,7 +99,9 @@ fn main() -> ExitCode {
                     _ => None,
                 })
             }
-            Cmd::HashPassword | Cmd::User(_) => unreachable!("handled before the runtime"),
+            Cmd::HashPassword | Cmd::User(_) | Cmd::Allocator(_) | Cmd::Worker(_) => {
+                unreachable!("handled before the runtime")
+            }
             Cmd::Reload { control } => {
                 report(request(&control, Request::Reload).await, |r| match r {
                     Response::Reloaded { generation, size } => Some(format!(

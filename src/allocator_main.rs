@@ -1,0 +1,146 @@
+//! The allocator process: flags and configuration resolved, socket bound
+//! or inherited, then `rotor_allocator::run`. Shared by `rotor-allocator`
+//! and `rotor allocator` (which `rotor up` starts).
+
+use std::process::ExitCode;
+
+use rotor_protocol::error_chain;
+use tracing::{error, info};
+
+use crate::activation;
+use crate::cli::{AllocatorArgs, FileConfig};
+
+/// The whole life of allocator process, after logging is set up. Must run
+/// before any other thread starts (socket activation clears variables).
+pub fn allocator(args: AllocatorArgs) -> ExitCode {
+    // Before any thread exists: this clears the activation variables.
+    let passed = match activation::take_systemd() {
+        Ok(p) => p,
+        Err(e) => {
+            error!("{}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let file = match FileConfig::load(args.common.config.as_deref()) {
+        Ok(f) => f,
+        Err(e) => {
+            error!("{}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let pool = match args.pool.resolve(&file) {
+        Ok(p) => p,
+        Err(e) => {
+            error!("{}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let access = match args.access.resolve(&file) {
+        Ok(a) => a,
+        Err(e) => {
+            error!("{}", error_chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let socket = args.common.socket(&file);
+    let passed_socket = match activation::select(&passed, "allocator").first() {
+        Some(p) => match activation::unix_listener(p) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                error!("{}", error_chain(&e));
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    if args.common.check {
+        return check(&pool, &socket, passed_socket.is_some());
+    }
+
+    // One lock serves every lease; a single thread is all it needs.
+    crate::run_daemon(1, |signals| async move {
+        let (listener, owned) = match passed_socket {
+            Some(l) => {
+                info!("using the socket passed by systemd");
+                match l
+                    .set_nonblocking(true)
+                    .and_then(|()| tokio::net::UnixListener::from_std(l))
+                {
+                    Ok(l) => (l, false),
+                    Err(e) => {
+                        error!("cannot use the passed socket: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
+            None => match rotor_allocator::bind_socket(&socket, &access) {
+                Ok(l) => {
+                    info!(socket = %socket.display(), "allocator listening");
+                    (l, true)
+                }
+                Err(e) => {
+                    error!("{}", error_chain(&e));
+                    return ExitCode::FAILURE;
+                }
+            },
+        };
+        let config = rotor_allocator::Config {
+            sources: pool.sources,
+            refresh: pool.refresh,
+            state_dir: pool.state_dir,
+            access,
+        };
+        let result =
+            rotor_allocator::run(listener, config, signals.reloads(), signals.shutdown).await;
+        // A socket systemd passed is systemd's to remove.
+        if owned {
+            let _ = std::fs::remove_file(&socket);
+        }
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                error!("{}", error_chain(&e));
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+/// `--check`: read every source once and report.
+fn check(pool: &crate::cli::PoolSettings, socket: &std::path::Path, passed: bool) -> ExitCode {
+    let mut ok = true;
+    let mut total = 0;
+    for s in &pool.sources {
+        match s.read() {
+            Ok(addrs) => {
+                total += addrs.len();
+                eprintln!("ok: {}: {} addresses", s.name(), addrs.len());
+            }
+            Err(e) => {
+                ok = false;
+                eprintln!("error: {}: {}", s.name(), error_chain(&e));
+            }
+        }
+    }
+    if passed {
+        eprintln!("ok: socket passed by systemd");
+    } else {
+        eprintln!("ok: socket {}", socket.display());
+    }
+    eprintln!(
+        "ok: refresh every {}, state {}",
+        humantime::format_duration(pool.refresh),
+        pool.state_dir
+            .as_ref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_else(|| "not kept".into())
+    );
+    if total == 0 {
+        eprintln!("warning: the pool is empty: clients will get 503");
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
