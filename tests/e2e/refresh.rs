@@ -18,6 +18,20 @@ fn pool_of(status: &serde_json::Value) -> Vec<IpAddr> {
         .collect()
 }
 
+/// An allocator reading `pool.txt` (written with `initial`) every
+/// `refresh`; returns it and the file's path.
+async fn file_allocator(initial: &str, refresh: &str) -> (Allocator, std::path::PathBuf) {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let file = dir.path().join("pool.txt");
+    std::fs::write(&file, initial).unwrap();
+    let alloc = Allocator::start_in(
+        dir,
+        &["--pool-file", file.to_str().unwrap(), "--refresh", refresh],
+    )
+    .await;
+    (alloc, file)
+}
+
 async fn wait_for_pool(socket: &std::path::Path, want: &[IpAddr]) {
     eventually(&format!("pool {want:?}"), || async {
         pool_of(&status_json(socket)) == want
@@ -28,14 +42,7 @@ async fn wait_for_pool(socket: &std::path::Path, want: &[IpAddr]) {
 #[tokio::test]
 async fn pool_file_is_reread_on_the_interval() {
     let origin = Origin::start().await;
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let file = dir.path().join("pool.txt");
-    std::fs::write(&file, "127.0.0.2\n").unwrap();
-    let alloc = Allocator::start_in(
-        dir,
-        &["--pool-file", file.to_str().unwrap(), "--refresh", "200ms"],
-    )
-    .await;
+    let (alloc, file) = file_allocator("127.0.0.2\n", "200ms").await;
     let worker = Worker::start(&alloc.socket, &[]).await;
     assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
 
@@ -54,30 +61,14 @@ async fn pool_file_is_reread_on_the_interval() {
 
 #[tokio::test]
 async fn sighup_and_rotor_reload_reread_at_once() {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let file = dir.path().join("pool.txt");
-    std::fs::write(&file, "127.0.0.2\n").unwrap();
-    let alloc = Allocator::start_in(
-        dir,
-        &["--pool-file", file.to_str().unwrap(), "--refresh", "1h"],
-    )
-    .await;
+    let (alloc, file) = file_allocator("127.0.0.2\n", "1h").await;
 
     std::fs::write(&file, "127.0.0.5\n").unwrap();
     alloc.proc.signal(Signal::SIGHUP);
     wait_for_pool(&alloc.socket, &ips(5..=5)).await;
 
     std::fs::write(&file, "127.0.0.6-127.0.0.7\n").unwrap();
-    let out = Command::new(ROTOR)
-        .args(["reload", "--socket", alloc.socket.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = rotor_control("reload", &alloc.socket, &[]);
     assert!(text.contains("2 addresses"), "{text}");
     // `rotor reload` answers after the refresh: no waiting needed.
     assert_eq!(pool_of(&status_json(&alloc.socket)), ips(6..=7));
@@ -86,22 +77,9 @@ async fn sighup_and_rotor_reload_reread_at_once() {
 #[tokio::test]
 async fn a_failed_read_keeps_the_last_good_pool_and_an_empty_file_empties_it() {
     let origin = Origin::start().await;
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let file = dir.path().join("pool.txt");
-    std::fs::write(&file, "127.0.0.2-127.0.0.3\n").unwrap();
-    let alloc = Allocator::start_in(
-        dir,
-        &["--pool-file", file.to_str().unwrap(), "--refresh", "1h"],
-    )
-    .await;
+    let (alloc, file) = file_allocator("127.0.0.2-127.0.0.3\n", "1h").await;
     let worker = Worker::start(&alloc.socket, &[]).await;
-    let reload = || {
-        let out = Command::new(ROTOR)
-            .args(["reload", "--socket", alloc.socket.to_str().unwrap()])
-            .output()
-            .unwrap();
-        assert!(out.status.success());
-    };
+    let reload = || rotor_control("reload", &alloc.socket, &[]);
 
     std::fs::remove_file(&file).unwrap();
     reload();

@@ -530,16 +530,23 @@ pub async fn read_head(s: &mut TcpStream) -> String {
     String::from_utf8_lossy(&head).into_owned()
 }
 
-/// Runs `rotor status --json` against `socket`.
-pub fn status_json(socket: &Path) -> serde_json::Value {
+/// Runs `rotor COMMAND --socket SOCKET [extra]`; panics if it fails, else
+/// returns its standard output.
+pub fn rotor_control(command: &str, socket: &Path, extra: &[&str]) -> String {
     let out = Command::new(ROTOR)
-        .args(["status", "--json", "--socket", socket.to_str().unwrap()])
+        .args([command, "--socket", socket.to_str().unwrap()])
+        .args(extra)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "rotor status failed: {}",
+        "rotor {command} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `rotor status --json` against `socket`.
+pub fn status_json(socket: &Path) -> serde_json::Value {
+    serde_json::from_str(&rotor_control("status", socket, &["--json"])).unwrap()
 }
