@@ -728,3 +728,102 @@ impl ControlArgs {
         Ok(file.socket.unwrap_or_else(crate::paths::default_socket))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Worker {
+        #[command(flatten)]
+        args: WorkerArgs,
+    }
+
+    #[derive(Parser)]
+    struct Alloc {
+        #[command(flatten)]
+        args: AllocatorArgs,
+    }
+
+    fn file(text: &str) -> Result<FileConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rotor.toml");
+        std::fs::write(&path, text).unwrap();
+        FileConfig::load(Some(&path))
+    }
+
+    #[test]
+    fn the_example_configuration_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/rotor.toml");
+        let f = FileConfig::load(Some(&path)).unwrap();
+        Alloc::parse_from(["a"]).args.pool.resolve(&f).unwrap();
+        Alloc::parse_from(["a"]).args.access.resolve(&f).unwrap();
+        let t = Worker::parse_from(["w"]).args.tuning.resolve(&f).unwrap();
+        assert_eq!(t.config.max_connections, 10_000);
+        assert_eq!(f.up.workers, Some(2));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = file("[worker]\nlease-timout = \"1s\"\n").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse(..)), "{err}");
+        assert!(file("bogus = 1\n").is_err());
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let f = file("[worker]\nlease-timeout = \"7s\"\nconnect-timeout = \"3s\"\n").unwrap();
+        let w = Worker::parse_from(["w", "--lease-timeout", "1s"]);
+        let t = w.args.tuning.resolve(&f).unwrap();
+        assert_eq!(t.lease_timeout, Duration::from_secs(1));
+        assert_eq!(t.config.proxy.connect_timeout, Duration::from_secs(3));
+        assert_eq!(t.config.drain_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_bad_duration_in_the_file_names_its_key() {
+        let f = file("[worker]\ndrain-timeout = \"soon\"\n").unwrap();
+        let err = Worker::parse_from(["w"])
+            .args
+            .tuning
+            .resolve(&f)
+            .unwrap_err();
+        assert!(err.to_string().contains("worker.drain-timeout"), "{err}");
+    }
+
+    #[test]
+    fn pool_flags_replace_the_files_sources() {
+        let f = file("[allocator]\npool = [\"10.0.0.1\"]\nrefresh = \"5s\"\n").unwrap();
+        let from_file = Alloc::parse_from(["a"]).args.pool.resolve(&f).unwrap();
+        assert_eq!(from_file.sources.len(), 1);
+        assert_eq!(from_file.refresh, Duration::from_secs(5));
+        let flags = Alloc::parse_from(["a", "--pool", "127.0.0.2-127.0.0.3", "--interface", "lo"])
+            .args
+            .pool
+            .resolve(&f)
+            .unwrap();
+        assert_eq!(flags.sources.len(), 2);
+        assert!(Alloc::parse_from(["a", "--pool", "10.0.0.0/33"])
+            .args
+            .pool
+            .resolve(&f)
+            .is_err());
+    }
+
+    #[test]
+    fn a_public_listener_needs_auth_or_no_auth() {
+        let f = FileConfig::default();
+        let public: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let t = Worker::parse_from(["w"]).args.tuning.resolve(&f).unwrap();
+        assert!(t.check_exposure(&[local]).is_ok());
+        assert!(t.check_exposure(&[local, public]).is_err());
+        let t = Worker::parse_from(["w", "--no-auth"])
+            .args
+            .tuning
+            .resolve(&f)
+            .unwrap();
+        assert!(t.check_exposure(&[public]).is_ok());
+    }
+}
