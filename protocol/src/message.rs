@@ -1,6 +1,11 @@
-//! The messages. Compatibility rule: enum variants and struct fields are only
-//! ever appended (bincode encodes a variant by its index and fields by
-//! position); `tests/golden.rs` pins the bytes of every message.
+//! The messages. Compatibility rules (bincode encodes a variant by its index
+//! and fields by position, and frames are decoded strictly):
+//! - within a major version, a message's shape never changes: something new
+//!   is a new enum variant, appended (an older peer answers a request it does
+//!   not know with a decode error on that connection, never a misreading);
+//! - `Hello` alone may grow fields at its end: its readers ignore the rest;
+//! - anything else bumps `PROTOCOL_MAJOR`, and peers refuse each other.
+//! `tests/golden.rs` pins the bytes of every message.
 
 use std::net::IpAddr;
 
