@@ -5,6 +5,7 @@
 //!   not know with a decode error on that connection, never a misreading);
 //! - `Hello` alone may grow fields at its end: its readers ignore the rest;
 //! - anything else bumps `PROTOCOL_MAJOR`, and peers refuse each other.
+//!
 //! `tests/golden.rs` pins the bytes of every message.
 
 use std::net::IpAddr;
