@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rotor_protocol::{
     error_chain, server_handshake, Channel, ChannelError, ClientFrame, Envelope, HandshakeError,
-    Hello, HelloOrResponse, Request, Response, Role, ServerChannel,
+    Hello, HelloOrResponse, Request, Response, Role, ServerChannel, StatusReport,
 };
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -164,7 +164,7 @@ pub async fn run(
     alloc.persist();
     let _ = sd_notify::notify(&[
         sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&status_line(&alloc, 0.0)),
+        sd_notify::NotifyState::Status(&status_line(&alloc.status(), 0.0)),
     ]);
 
     let tracker = TaskTracker::new();
@@ -230,8 +230,7 @@ pub async fn run(
     Ok(())
 }
 
-fn status_line(alloc: &Allocator, leases_per_sec: f64) -> String {
-    let s = alloc.status();
+fn status_line(s: &StatusReport, leases_per_sec: f64) -> String {
     let workers = s.peers.iter().filter(|p| p.role == Role::Worker).count();
     format!(
         "pool {} addresses (generation {}), {leases_per_sec:.0} leases/s, {workers} workers",
@@ -252,10 +251,10 @@ async fn report_status(alloc: Arc<Allocator>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = alloc.status().leases_total;
-        let rate = (now - last) as f64 / STATUS_EVERY.as_secs_f64();
-        last = now;
-        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status_line(&alloc, rate))]);
+        let report = alloc.status();
+        let rate = (report.leases_total - last) as f64 / STATUS_EVERY.as_secs_f64();
+        last = report.leases_total;
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status_line(&report, rate))]);
     }
 }
 

@@ -97,7 +97,7 @@ pub struct Families {
 impl Families {
     pub const ANY: Families = Families { v4: true, v6: true };
 
-    pub fn of<'a>(addrs: impl IntoIterator<Item = &'a IpAddr>) -> Families {
+    pub fn of(addrs: impl IntoIterator<Item = IpAddr>) -> Families {
         let mut f = Families {
             v4: false,
             v6: false,

@@ -112,12 +112,12 @@ fn families_of_addresses() {
     let v4: std::net::IpAddr = "127.0.0.1".parse().unwrap();
     let v6: std::net::IpAddr = "::1".parse().unwrap();
     assert_eq!(
-        Families::of(&[v4]),
+        Families::of([v4]),
         Families {
             v4: true,
             v6: false
         }
     );
-    assert_eq!(Families::of(&[v4, v6]), Families::ANY);
-    assert!(!Families::of(&[v6]).accepts(&v4));
+    assert_eq!(Families::of([v4, v6]), Families::ANY);
+    assert!(!Families::of([v6]).accepts(&v4));
 }

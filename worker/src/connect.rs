@@ -11,19 +11,29 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::error::ProxyError;
 
+/// `host` without the brackets of an IPv6 literal.
+fn unbracketed(host: &str) -> &str {
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+/// The address `host` spells, if it is an IP literal (`192.0.2.1`,
+/// `[2001:db8::1]`): no lookup needed.
+pub fn ip_literal(host: &str) -> Option<IpAddr> {
+    unbracketed(host).parse().ok()
+}
+
 /// Resolves `host:port`. An IP literal needs no lookup.
 pub async fn resolve(
     host: &str,
     port: u16,
     timeout: Duration,
 ) -> Result<Vec<SocketAddr>, ProxyError> {
-    let bare = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    if let Ok(ip) = bare.parse::<IpAddr>() {
+    if let Some(ip) = ip_literal(host) {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
+    let bare = unbracketed(host);
     let lookup = tokio::net::lookup_host((bare, port));
     let addrs: Vec<SocketAddr> = match tokio::time::timeout(timeout, lookup).await {
         Ok(Ok(a)) => a.collect(),

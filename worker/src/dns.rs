@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::connect::resolve;
+use crate::connect::{ip_literal, resolve};
 use crate::error::ProxyError;
 
 /// Most names kept; past it the oldest half is dropped.
@@ -40,7 +40,7 @@ impl DnsCache {
         timeout: Duration,
     ) -> Result<Vec<SocketAddr>, ProxyError> {
         // IP literals and a disabled cache go straight through.
-        if self.ttl.is_zero() || host.starts_with('[') || host.parse::<std::net::IpAddr>().is_ok() {
+        if self.ttl.is_zero() || ip_literal(host).is_some() {
             return resolve(host, port, timeout).await;
         }
         let key = (host.to_ascii_lowercase(), port);

@@ -25,7 +25,7 @@ use crate::dns::DnsCache;
 use crate::error::ProxyError;
 use crate::idle::{Activity, IdleIo};
 use crate::lease::{Lease, LeaseClient, LeaseError};
-use crate::upstream::{Key, PooledBody, Sender, UpstreamPool};
+use crate::upstream::{Key, PooledBody, Sender, UpstreamBody, UpstreamPool};
 
 pub type ProxyBody = Either<PooledBody, Either<Full<Bytes>, Empty<Bytes>>>;
 
@@ -189,8 +189,9 @@ impl Proxy {
                 .check_with(*a, &self.local)
                 .map_err(ProxyError::Denied)?;
         }
-        let ips: Vec<_> = addrs.iter().map(|a| a.ip()).collect();
-        let lease = self.lease(Families::of(&ips)).await?;
+        let lease = self
+            .lease(Families::of(addrs.iter().map(SocketAddr::ip)))
+            .await?;
         Ok((addrs, lease))
     }
 
@@ -215,6 +216,24 @@ impl Proxy {
             }
         });
         Ok(sender)
+    }
+
+    /// Sends `req` on `sender` and waits up to the response timeout for the
+    /// response head. A timeout is an error; a failed exchange is returned
+    /// for the caller to decide whether to re-send.
+    async fn exchange(
+        &self,
+        sender: &mut Sender,
+        req: Request<UpstreamBody>,
+        dest: &str,
+    ) -> Result<Result<Response<Incoming>, hyper::Error>, ProxyError> {
+        let timeout = self.config.response_timeout;
+        tokio::time::timeout(timeout, sender.send_request(req))
+            .await
+            .map_err(|_| ProxyError::ResponseTimeout {
+                dest: dest.to_string(),
+                timeout,
+            })
     }
 
     async fn forward(
@@ -255,15 +274,12 @@ impl Proxy {
             true => Either::Right(Empty::new()),
             false => Either::Left(body),
         };
-        let timeout = self.config.response_timeout;
-        let first = tokio::time::timeout(
-            timeout,
-            sender.send_request(Request::from_parts(parts, body)),
-        )
-        .await;
-        let resp = match first {
-            Ok(Ok(r)) => r,
-            Ok(Err(e))
+        let resp = match self
+            .exchange(&mut sender, Request::from_parts(parts, body), &dest)
+            .await?
+        {
+            Ok(r) => r,
+            Err(e)
                 if replay
                     .as_ref()
                     .is_some_and(|(m, _, h)| may_resend(m, h, &e)) =>
@@ -275,14 +291,14 @@ impl Proxy {
                 *req.uri_mut() = uri;
                 *req.headers_mut() = headers;
                 sender = self.dial(lease.ip, &addrs, &dest).await?;
-                match tokio::time::timeout(timeout, sender.send_request(req)).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(source)) => return Err(ProxyError::Upstream { dest, source }),
-                    Err(_) => return Err(ProxyError::ResponseTimeout { dest, timeout }),
-                }
+                self.exchange(&mut sender, req, &dest)
+                    .await?
+                    .map_err(|source| ProxyError::Upstream {
+                        dest: dest.clone(),
+                        source,
+                    })?
             }
-            Ok(Err(source)) => return Err(ProxyError::Upstream { dest, source }),
-            Err(_) => return Err(ProxyError::ResponseTimeout { dest, timeout }),
+            Err(source) => return Err(ProxyError::Upstream { dest, source }),
         };
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
