@@ -1,57 +1,112 @@
-//! The pool and its rotation cursor: pure logic, no I/O.
+//! The pool and its rotation cursor.
 //!
 //! Pool `[A B C D]`: leases return A B C D A B … A lease asks for a set of
 //! address families; the next address of an acceptable family is returned and
 //! the cursor moves past it. Replacing the pool keeps the rotation going from
 //! the address that was due next, when it is still in the pool.
+//!
+//! The cursor, the lease sequence and the counts live in the lease table
+//! (`rotor_protocol::LeaseTable`), which workers lease from directly; the
+//! allocator leases from the same table for requests over its socket, so
+//! there is one rotation. The pool is written to the table only from here.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 
-use rotor_protocol::{Families, NoAddress};
+use rotor_protocol::{Families, LeaseTable, NoAddress, Response, TableError, TableSnapshot};
 
-#[derive(Debug, Default)]
+/// Room for this many addresses in a first table; it grows as pools do.
+const MIN_CAPACITY: usize = 64;
+
+#[derive(Debug)]
 pub struct Pool {
     addrs: Vec<IpAddr>,
-    /// Leases handed out per address, parallel to `addrs`.
-    leases: Vec<u64>,
-    /// Index of the next address to consider.
-    cursor: usize,
     generation: u64,
+    table: Arc<LeaseTable>,
+    /// Where the table's file is; `None`: in this process only.
+    home: Option<TableHome>,
+}
+
+/// Where the lease table's file goes, and who may map it.
+#[derive(Debug, Clone)]
+pub struct TableHome {
+    pub path: PathBuf,
+    pub mode: u32,
+    pub group: Option<nix::unistd::Gid>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Leased {
     pub ip: IpAddr,
+    pub seq: u64,
     pub generation: u64,
+}
+
+/// A table at `home` (or in memory) with room for `capacity` addresses.
+fn new_table(
+    home: Option<&TableHome>,
+    capacity: usize,
+    seq: u64,
+) -> Result<LeaseTable, TableError> {
+    let capacity = capacity.max(MIN_CAPACITY).next_power_of_two();
+    let Some(home) = home else {
+        return LeaseTable::anonymous(capacity, seq);
+    };
+    let table = LeaseTable::create(&home.path, capacity, seq, home.mode)?;
+    if let Some(g) = home.group {
+        nix::unistd::chown(&home.path, None, Some(g))
+            .map_err(|e| TableError::Open(home.path.display().to_string(), e.into()))?;
+    }
+    Ok(table)
 }
 
 impl Pool {
     pub fn new(addrs: Vec<IpAddr>) -> Pool {
-        let mut pool = Pool::default();
-        pool.replace(addrs);
+        let mut pool = Pool::continuing(0, 0, None).expect("an anonymous lease table");
+        pool.replace(addrs).expect("an anonymous lease table");
         pool
     }
 
-    /// An empty pool whose generations continue from `generation` (the one
-    /// a previous allocator reached).
-    pub fn continuing(generation: u64) -> Pool {
-        Pool {
+    /// An empty pool whose generations and lease sequence continue from
+    /// those a previous allocator reached, with its table at `home` (a
+    /// file workers map) or in memory.
+    pub fn continuing(
+        generation: u64,
+        seq: u64,
+        home: Option<TableHome>,
+    ) -> Result<Pool, TableError> {
+        let table = new_table(home.as_ref(), MIN_CAPACITY, seq)?;
+        Ok(Pool {
+            addrs: Vec::new(),
             generation,
-            ..Pool::default()
-        }
+            table: Arc::new(table),
+            home,
+        })
     }
 
     pub fn addrs(&self) -> &[IpAddr] {
         &self.addrs
     }
 
-    pub fn lease_counts(&self) -> impl Iterator<Item = (IpAddr, u64)> + '_ {
-        self.addrs.iter().copied().zip(self.leases.iter().copied())
+    pub fn table(&self) -> &Arc<LeaseTable> {
+        &self.table
     }
 
-    pub fn cursor(&self) -> usize {
-        self.cursor
+    /// Where workers find the table, if they can.
+    pub fn home(&self) -> Option<&PathBuf> {
+        self.home.as_ref().map(|h| &h.path)
+    }
+
+    /// The pool with each address's lease count, the cursor and the lease
+    /// sequence, as one consistent reading.
+    pub fn snapshot(&self) -> TableSnapshot {
+        self.table.snapshot()
+    }
+
+    pub fn lease_counts(&self) -> impl Iterator<Item = (IpAddr, u64)> {
+        self.snapshot().pool.into_iter()
     }
 
     pub fn generation(&self) -> u64 {
@@ -67,57 +122,75 @@ impl Pool {
     }
 
     /// The next address of an acceptable family; advances the cursor past it.
-    pub fn lease(&mut self, families: Families) -> Result<Leased, NoAddress> {
-        if self.addrs.is_empty() {
-            return Err(NoAddress::EmptyPool);
+    pub fn lease(&self, families: Families) -> Result<Leased, NoAddress> {
+        match self.table.lease(families, None) {
+            Some(Response::Leased {
+                ip,
+                seq,
+                generation,
+            }) => Ok(Leased {
+                ip,
+                seq,
+                generation,
+            }),
+            Some(Response::NoAddress { reason, .. }) => Err(reason),
+            // The table is closed only at exit and, under the allocator's
+            // lock, while it is replaced by a bigger one: never seen here.
+            _ => Err(NoAddress::EmptyPool),
         }
-        let n = self.addrs.len();
-        for step in 0..n {
-            let i = (self.cursor + step) % n;
-            if families.accepts(&self.addrs[i]) {
-                self.cursor = (i + 1) % n;
-                self.leases[i] += 1;
-                return Ok(Leased {
-                    ip: self.addrs[i],
-                    generation: self.generation,
-                });
-            }
-        }
-        Err(NoAddress::NoFamily { wanted: families })
     }
 
     /// Swaps in a new address list (duplicates removed, first one kept).
     /// Returns whether anything changed; an identical list keeps the
     /// generation, the cursor and the counts as they are.
-    pub fn replace(&mut self, addrs: Vec<IpAddr>) -> bool {
+    pub fn replace(&mut self, addrs: Vec<IpAddr>) -> Result<bool, TableError> {
         let mut seen = HashSet::with_capacity(addrs.len());
         let addrs: Vec<IpAddr> = addrs.into_iter().filter(|a| seen.insert(*a)).collect();
         if addrs == self.addrs && self.generation != 0 {
-            return false;
+            return Ok(false);
         }
-        let old: HashMap<IpAddr, u64> = self.lease_counts().collect();
-        let next_due = self.addrs.get(self.cursor).copied();
-        self.cursor = match next_due.and_then(|ip| addrs.iter().position(|a| *a == ip)) {
-            Some(i) => i,
-            // The address due next is gone: stay at the same place in the
-            // list, which past the end means the first address.
-            None if self.cursor < addrs.len() => self.cursor,
-            None => 0,
+        let index: HashMap<IpAddr, usize> =
+            addrs.iter().enumerate().map(|(i, a)| (*a, i)).collect();
+        let place = |now: &TableSnapshot| {
+            let cursor = match now.next_due().and_then(|ip| index.get(&ip).copied()) {
+                Some(i) => i,
+                // The address due next is gone: stay at the same place in
+                // the list, which past the end means the first address.
+                None if now.cursor < addrs.len() => now.cursor,
+                None => 0,
+            };
+            let old: HashMap<IpAddr, u64> = now.pool.iter().copied().collect();
+            let counts = addrs
+                .iter()
+                .map(|a| old.get(a).copied().unwrap_or(0))
+                .collect();
+            (cursor, counts)
         };
-        self.leases = addrs
-            .iter()
-            .map(|a| old.get(a).copied().unwrap_or(0))
-            .collect();
+        let generation = self.generation + 1;
+        match self.table.publish(&addrs, generation, place) {
+            Ok(()) => {}
+            Err(TableError::TooSmall { .. }) => {
+                // A bigger table: the old one is closed first, so the
+                // rotation carries over exactly; workers see it closed and
+                // ask for the new one.
+                let last = self.table.close();
+                let table = new_table(self.home.as_ref(), addrs.len() * 2, last.seq)?;
+                table.publish(&addrs, generation, |_| place(&last))?;
+                tracing::info!(capacity = table.capacity(), "lease table grown");
+                self.table = Arc::new(table);
+            }
+            Err(e) => return Err(e),
+        }
         self.addrs = addrs;
-        self.generation += 1;
-        true
+        self.generation = generation;
+        Ok(true)
     }
 
     /// Restores the cursor to an address saved earlier, if it is in the pool.
     pub fn resume_at(&mut self, next_due: IpAddr) -> bool {
         match self.addrs.iter().position(|a| *a == next_due) {
             Some(i) => {
-                self.cursor = i;
+                self.table.set_cursor(i);
                 true
             }
             None => false,
@@ -126,7 +199,7 @@ impl Pool {
 
     /// The address the next unrestricted lease would return.
     pub fn next_due(&self) -> Option<IpAddr> {
-        self.addrs.get(self.cursor).copied()
+        self.table.position().3
     }
 }
 
@@ -138,7 +211,7 @@ mod tests {
         list.iter().map(|s| s.parse().unwrap()).collect()
     }
 
-    fn take(pool: &mut Pool, n: usize, families: Families) -> Vec<String> {
+    fn take(pool: &Pool, n: usize, families: Families) -> Vec<String> {
         (0..n)
             .map(|_| pool.lease(families).unwrap().ip.to_string())
             .collect()
@@ -155,9 +228,9 @@ mod tests {
 
     #[test]
     fn rotates_and_wraps_around() {
-        let mut pool = Pool::new(ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]));
+        let pool = Pool::new(ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]));
         assert_eq!(
-            take(&mut pool, 6, Families::ANY),
+            take(&pool, 6, Families::ANY),
             ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.1", "10.0.0.2"]
         );
         let counts: Vec<u64> = pool.lease_counts().map(|(_, n)| n).collect();
@@ -166,34 +239,31 @@ mod tests {
 
     #[test]
     fn single_address_pool_always_returns_it() {
-        let mut pool = Pool::new(ips(&["10.0.0.1"]));
-        assert_eq!(take(&mut pool, 3, Families::ANY), ["10.0.0.1"; 3]);
+        let pool = Pool::new(ips(&["10.0.0.1"]));
+        assert_eq!(take(&pool, 3, Families::ANY), ["10.0.0.1"; 3]);
     }
 
     #[test]
     fn empty_pool_is_an_error() {
-        let mut pool = Pool::new(vec![]);
+        let pool = Pool::new(vec![]);
         assert_eq!(pool.lease(Families::ANY), Err(NoAddress::EmptyPool));
         assert_eq!(pool.generation(), 1);
     }
 
     #[test]
     fn family_selection_skips_other_families_without_consuming_them() {
-        let mut pool = Pool::new(ips(&["10.0.0.1", "2001:db8::1", "10.0.0.2", "2001:db8::2"]));
-        assert_eq!(take(&mut pool, 1, V6), ["2001:db8::1"]);
-        assert_eq!(take(&mut pool, 3, V4), ["10.0.0.2", "10.0.0.1", "10.0.0.2"]);
-        assert_eq!(
-            take(&mut pool, 2, Families::ANY),
-            ["2001:db8::2", "10.0.0.1"]
-        );
+        let pool = Pool::new(ips(&["10.0.0.1", "2001:db8::1", "10.0.0.2", "2001:db8::2"]));
+        assert_eq!(take(&pool, 1, V6), ["2001:db8::1"]);
+        assert_eq!(take(&pool, 3, V4), ["10.0.0.2", "10.0.0.1", "10.0.0.2"]);
+        assert_eq!(take(&pool, 2, Families::ANY), ["2001:db8::2", "10.0.0.1"]);
     }
 
     #[test]
     fn missing_family_is_an_error_never_a_fallback() {
-        let mut pool = Pool::new(ips(&["10.0.0.1"]));
+        let pool = Pool::new(ips(&["10.0.0.1"]));
         assert_eq!(pool.lease(V6), Err(NoAddress::NoFamily { wanted: V6 }));
         // The failed lease did not move the rotation.
-        assert_eq!(take(&mut pool, 1, V4), ["10.0.0.1"]);
+        assert_eq!(take(&pool, 1, V4), ["10.0.0.1"]);
     }
 
     #[test]
@@ -205,11 +275,13 @@ mod tests {
     #[test]
     fn replacement_continues_from_the_address_due_next() {
         let mut pool = Pool::new(ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]));
-        take(&mut pool, 2, Families::ANY); // next due: .3
-        assert!(pool.replace(ips(&["10.0.0.9", "10.0.0.3", "10.0.0.4", "10.0.0.1"])));
+        take(&pool, 2, Families::ANY); // next due: .3
+        assert!(pool
+            .replace(ips(&["10.0.0.9", "10.0.0.3", "10.0.0.4", "10.0.0.1"]))
+            .unwrap());
         assert_eq!(pool.generation(), 2);
         assert_eq!(
-            take(&mut pool, 5, Families::ANY),
+            take(&pool, 5, Families::ANY),
             ["10.0.0.3", "10.0.0.4", "10.0.0.1", "10.0.0.9", "10.0.0.3"]
         );
         // Counts follow their address across the swap.
@@ -221,41 +293,59 @@ mod tests {
     #[test]
     fn replacement_without_the_next_address_keeps_position_or_wraps() {
         let mut pool = Pool::new(ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]));
-        take(&mut pool, 1, Families::ANY); // next due: .2 at index 1
-        pool.replace(ips(&["10.0.0.5", "10.0.0.6", "10.0.0.7"]));
-        assert_eq!(take(&mut pool, 1, Families::ANY), ["10.0.0.6"]);
+        take(&pool, 1, Families::ANY); // next due: .2 at index 1
+        pool.replace(ips(&["10.0.0.5", "10.0.0.6", "10.0.0.7"]))
+            .unwrap();
+        assert_eq!(take(&pool, 1, Families::ANY), ["10.0.0.6"]);
 
         let mut pool = Pool::new(ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]));
-        take(&mut pool, 3, Families::ANY); // next due: .4 at index 3
-        pool.replace(ips(&["10.0.0.5", "10.0.0.6"]));
-        assert_eq!(take(&mut pool, 1, Families::ANY), ["10.0.0.5"]);
+        take(&pool, 3, Families::ANY); // next due: .4 at index 3
+        pool.replace(ips(&["10.0.0.5", "10.0.0.6"])).unwrap();
+        assert_eq!(take(&pool, 1, Families::ANY), ["10.0.0.5"]);
     }
 
     #[test]
     fn identical_replacement_changes_nothing() {
         let mut pool = Pool::new(ips(&["10.0.0.1", "10.0.0.2"]));
-        take(&mut pool, 1, Families::ANY);
-        assert!(!pool.replace(ips(&["10.0.0.1", "10.0.0.2"])));
+        take(&pool, 1, Families::ANY);
+        assert!(!pool.replace(ips(&["10.0.0.1", "10.0.0.2"])).unwrap());
         assert_eq!(pool.generation(), 1);
-        assert_eq!(take(&mut pool, 1, Families::ANY), ["10.0.0.2"]);
+        assert_eq!(take(&pool, 1, Families::ANY), ["10.0.0.2"]);
     }
 
     #[test]
     fn emptied_pool_then_refilled() {
         let mut pool = Pool::new(ips(&["10.0.0.1", "10.0.0.2"]));
-        take(&mut pool, 1, Families::ANY);
-        pool.replace(vec![]);
+        take(&pool, 1, Families::ANY);
+        pool.replace(vec![]).unwrap();
         assert_eq!(pool.lease(Families::ANY), Err(NoAddress::EmptyPool));
-        pool.replace(ips(&["10.0.0.3"]));
-        assert_eq!(take(&mut pool, 2, Families::ANY), ["10.0.0.3", "10.0.0.3"]);
+        pool.replace(ips(&["10.0.0.3"])).unwrap();
+        assert_eq!(take(&pool, 2, Families::ANY), ["10.0.0.3", "10.0.0.3"]);
     }
 
     #[test]
     fn resume_at_a_saved_address() {
         let mut pool = Pool::new(ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
         assert!(pool.resume_at("10.0.0.3".parse().unwrap()));
-        assert_eq!(take(&mut pool, 2, Families::ANY), ["10.0.0.3", "10.0.0.1"]);
+        assert_eq!(take(&pool, 2, Families::ANY), ["10.0.0.3", "10.0.0.1"]);
         assert!(!pool.resume_at("10.9.9.9".parse().unwrap()));
         assert_eq!(pool.next_due(), Some("10.0.0.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_pool_too_big_for_its_table_moves_to_a_bigger_one_without_a_skip() {
+        let small: Vec<IpAddr> = (1..=3).map(|i| IpAddr::from([10, 0, 0, i])).collect();
+        let mut pool = Pool::new(small.clone());
+        take(&pool, 2, Families::ANY); // next due: 10.0.0.3
+        let old = pool.table().clone();
+        let big: Vec<IpAddr> = (0..1000u32)
+            .map(|i| IpAddr::from(std::net::Ipv4Addr::from((10u32 << 24) + 1 + i)))
+            .collect();
+        assert!(pool.replace(big).unwrap());
+        assert!(old.is_closed() && !Arc::ptr_eq(&old, pool.table()));
+        assert_eq!(take(&pool, 2, Families::ANY), ["10.0.0.3", "10.0.0.4"]);
+        let snap = pool.snapshot();
+        assert_eq!((snap.seq, snap.pool.len()), (4, 1000));
+        assert_eq!(snap.pool[0].1, 1, "counts carried over");
     }
 }

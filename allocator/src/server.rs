@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use rotor_protocol::{
     error_chain, server_handshake, Channel, ChannelError, ClientFrame, Envelope, HandshakeError,
-    Hello, HelloOrResponse, Request, Response, Role, ServerChannel, StatusReport,
+    Hello, HelloOrResponse, LeaseTable, Request, Response, Role, ServerChannel, StatusReport,
+    TableError,
 };
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -19,6 +20,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::access::{Access, AccessError};
 use crate::persist::{PersistError, Saved, StateFile};
+use crate::pool::TableHome;
 use crate::source::Source;
 use crate::state::{Allocator, RefreshOutcome};
 
@@ -44,6 +46,8 @@ pub struct Config {
 pub enum RunError {
     #[error(transparent)]
     State(#[from] PersistError),
+    #[error(transparent)]
+    Table(TableError),
 }
 
 /// How often the allocator tells systemd how it is doing (`STATUS=`).
@@ -148,7 +152,53 @@ pub async fn run(
             }
         },
     };
-    let alloc = Arc::new(Allocator::resuming(config.sources.clone(), state, saved));
+    // The lease table lives next to the socket. One left by an allocator
+    // that was killed holds the rotation exactly as it stopped: it is
+    // closed (so no worker still mapping it leases from it) and, with a
+    // state directory, resumed from when it is ahead of the state file.
+    let table_path = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(|p| p.with_extension("leases")));
+    let mut saved = saved;
+    if let Some(path) = &table_path {
+        if let Ok(old) = LeaseTable::open(path, None) {
+            let last = old.close();
+            let next_due = last.next_due();
+            if config.state_dir.is_some() && last.seq > saved.seq {
+                info!(seq = last.seq, next = ?next_due, "resuming the rotation from the last lease table");
+                saved = Saved {
+                    generation: saved.generation.max(last.generation),
+                    seq: last.seq,
+                    next_due,
+                };
+            }
+        }
+    }
+    let home = table_path.map(|path| TableHome {
+        path,
+        // Who may connect may map it; with per-user rules, only this user
+        // (others lease over the socket, where the rules are checked).
+        mode: match config.access.uids.is_empty() && config.access.gids.is_empty() {
+            true => config.access.mode & 0o660,
+            false => 0o600,
+        },
+        group: config.access.group,
+    });
+    let sources = config.sources.clone();
+    let alloc = match Allocator::resuming(sources.clone(), state, saved, home) {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(error = %error_chain(&e), "no lease table: workers lease over the socket");
+            // `state` went with the failed attempt: reopen it.
+            let state = config
+                .state_dir
+                .as_ref()
+                .and_then(|dir| StateFile::open(dir).ok().map(|(f, _)| f));
+            Allocator::resuming(sources, state, saved, None).map_err(RunError::Table)?
+        }
+    };
+    let alloc = Arc::new(alloc);
     // The pool is loaded before the first connection is accepted, so no
     // worker ever sees the empty pool of a starting allocator.
     let outcome = refresh(&alloc).await;
@@ -178,6 +228,7 @@ pub async fn run(
     ));
 
     tracker.spawn(report_status(alloc.clone(), shutdown.clone()));
+    tracker.spawn(persist_loop(alloc.clone(), shutdown.clone()));
 
     let ids = AtomicU64::new(1);
     loop {
@@ -226,8 +277,22 @@ pub async fn run(
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracker.close();
     tracker.wait().await;
-    alloc.persist();
+    alloc.close_table();
     Ok(())
+}
+
+/// How often the leases workers take from the table reach the state file
+/// (a restart after a crash reads the table's own file first).
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+async fn persist_loop(alloc: Arc<Allocator>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(PERSIST_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => alloc.persist(),
+        }
+    }
 }
 
 fn status_line(s: &StatusReport, leases_per_sec: f64) -> String {
@@ -346,6 +411,7 @@ async fn answer(
     let body = match env.body {
         Request::Lease { families } => alloc.lease(id, families),
         Request::Status => Response::Status(alloc.status()),
+        Request::Attach => alloc.attach(id),
         Request::Reload => {
             let (reply_tx, reply_rx) = oneshot::channel();
             let outcome = match reload.send(reply_tx).await {

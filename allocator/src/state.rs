@@ -4,15 +4,16 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use rotor_protocol::{
     error_chain, AddrStatus, Families, Hello, PeerStatus, Response, SourceStatus, StatusReport,
+    TableError, PEER_SLOTS,
 };
 
 use crate::persist::{Saved, StateFile};
-use crate::pool::Pool;
+use crate::pool::{Pool, TableHome};
 use crate::source::{Source, SourceError};
 
 pub struct Allocator {
@@ -22,15 +23,14 @@ pub struct Allocator {
 
 struct Inner {
     pool: Pool,
-    seq: u64,
     sources: Vec<SourceState>,
     last_refresh: Option<SystemTime>,
     peers: BTreeMap<u64, Peer>,
     /// Where to resume the rotation once the first refresh loaded the pool.
     resume_at: Option<IpAddr>,
     state: Option<StateFile>,
-    /// Leases or a refresh not yet written to the state file.
-    dirty: bool,
+    /// What the state file holds now.
+    saved: Saved,
     /// Whether a failed state write has already been logged.
     state_failed: bool,
 }
@@ -45,7 +45,11 @@ struct SourceState {
 struct Peer {
     hello: Hello,
     since: Instant,
+    /// Leases asked over the socket, and those counted in a table the peer
+    /// no longer uses.
     leases: u64,
+    /// The peer's lease counter in the current table, once it attached.
+    slot: Option<u32>,
 }
 
 /// What one refresh changed, for the log and the `Reload` reply.
@@ -59,18 +63,24 @@ pub struct RefreshOutcome {
 
 impl Allocator {
     pub fn new(sources: Vec<Source>) -> Allocator {
-        Allocator::resuming(sources, None, Saved::default())
+        Allocator::resuming(sources, None, Saved::default(), None)
+            .expect("an anonymous lease table")
     }
 
-    /// An allocator that continues the rotation `saved` in `state`.
-    pub fn resuming(sources: Vec<Source>, state: Option<StateFile>, saved: Saved) -> Allocator {
-        Allocator {
+    /// An allocator that continues the rotation `saved` in `state`, with
+    /// its lease table at `table` (a file workers map) or in memory.
+    pub fn resuming(
+        sources: Vec<Source>,
+        state: Option<StateFile>,
+        saved: Saved,
+        table: Option<TableHome>,
+    ) -> Result<Allocator, TableError> {
+        Ok(Allocator {
             inner: Mutex::new(Inner {
-                pool: Pool::continuing(saved.generation),
-                seq: saved.seq,
+                pool: Pool::continuing(saved.generation, saved.seq, table)?,
                 resume_at: saved.next_due,
                 state,
-                dirty: false,
+                saved,
                 state_failed: false,
                 sources: sources
                     .into_iter()
@@ -84,7 +94,7 @@ impl Allocator {
                 peers: BTreeMap::new(),
             }),
             started: Instant::now(),
-        }
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -130,15 +140,32 @@ impl Allocator {
             .iter()
             .flat_map(|s| s.last_good.iter().copied())
             .collect();
-        let changed = inner.pool.replace(addrs);
+        let old_table = inner.pool.table().clone();
+        let changed = match inner.pool.replace(addrs) {
+            Ok(changed) => changed,
+            Err(e) => {
+                // Only a bigger table's file can fail; the pool stays as
+                // it was, and so does the rotation.
+                tracing::error!(error = %error_chain(&e), "cannot grow the lease table; keeping the previous pool");
+                false
+            }
+        };
+        if !Arc::ptr_eq(&old_table, inner.pool.table()) {
+            // Leases counted in the old table stay with their peers, which
+            // attach to the new one.
+            for p in inner.peers.values_mut() {
+                if let Some(slot) = p.slot.take() {
+                    p.leases += old_table.peer_leases(slot);
+                }
+            }
+        }
         if let Some(ip) = inner.resume_at.take() {
             if inner.pool.resume_at(ip) {
-                tracing::info!(next = %ip, seq = inner.seq, "resuming the saved rotation");
+                tracing::info!(next = %ip, seq = inner.saved.seq, "resuming the saved rotation");
             } else {
                 tracing::info!(saved = %ip, "the saved next address is no longer in the pool; starting at the first");
             }
         }
-        inner.dirty |= changed;
         inner.last_refresh = Some(SystemTime::now());
         RefreshOutcome {
             changed,
@@ -148,20 +175,17 @@ impl Allocator {
         }
     }
 
-    /// One lease for `peer`.
+    /// One lease for `peer`, asked over the socket.
     pub fn lease(&self, peer: u64, families: Families) -> Response {
         let mut inner = self.lock();
         match inner.pool.lease(families) {
             Ok(l) => {
-                inner.seq += 1;
-                inner.dirty = true;
-                let seq = inner.seq;
                 if let Some(p) = inner.peers.get_mut(&peer) {
                     p.leases += 1;
                 }
                 Response::Leased {
                     ip: l.ip,
-                    seq,
+                    seq: l.seq,
                     generation: l.generation,
                 }
             }
@@ -172,20 +196,69 @@ impl Allocator {
         }
     }
 
+    /// Where `peer` finds the lease table, and the counter it counts its
+    /// leases in (the lowest free one, if any is).
+    pub fn attach(&self, peer: u64) -> Response {
+        let mut inner = self.lock();
+        let Some(path) = inner.pool.home().map(|p| p.display().to_string()) else {
+            return Response::Error {
+                message: "this allocator shares no lease table; lease over the socket".into(),
+            };
+        };
+        let table = inner.pool.table().clone();
+        let taken: Vec<u32> = inner
+            .peers
+            .iter()
+            .filter(|(id, _)| **id != peer)
+            .filter_map(|(_, p)| p.slot)
+            .collect();
+        let Some(p) = inner.peers.get_mut(&peer) else {
+            return Response::Error {
+                message: "unknown peer".into(),
+            };
+        };
+        if let Some(old) = p.slot.take() {
+            p.leases += table.peer_leases(old);
+        }
+        p.slot = (0..PEER_SLOTS as u32).find(|s| !taken.contains(s));
+        if let Some(slot) = p.slot {
+            table.reset_peer(slot);
+        }
+        Response::Attached {
+            path,
+            id: table.id(),
+            slot: p.slot,
+        }
+    }
+
+    /// Closes the lease table for good (at exit): workers go back to
+    /// asking over the socket, and the state file gets the final rotation.
+    pub fn close_table(&self) {
+        let closed = self.lock().pool.table().close();
+        tracing::debug!(seq = closed.seq, "lease table closed");
+        self.persist();
+        if let Some(path) = self.lock().pool.home() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
     /// Writes the rotation to the state file if it changed since the last
     /// write. Called before lease replies are flushed, so no address is
-    /// handed out that a restart would hand out again.
+    /// handed out over the socket that a restart would hand out again, and
+    /// every second for the leases workers take from the table (whose file
+    /// a restarted allocator reads first: see `server::run`).
     pub fn persist(&self) {
         let mut inner = self.lock();
-        if !inner.dirty {
+        let (generation, _, seq, next_due) = inner.pool.table().position();
+        let saved = Saved {
+            generation: inner.pool.generation().max(generation),
+            seq,
+            next_due,
+        };
+        if saved == inner.saved {
             return;
         }
-        inner.dirty = false;
-        let saved = Saved {
-            generation: inner.pool.generation(),
-            seq: inner.seq,
-            next_due: inner.pool.next_due(),
-        };
+        inner.saved = saved;
         let Some(state) = &inner.state else { return };
         match state.write(&saved) {
             Ok(()) => inner.state_failed = false,
@@ -205,6 +278,7 @@ impl Allocator {
                 hello,
                 since: Instant::now(),
                 leases: 0,
+                slot: None,
             },
         );
     }
@@ -213,21 +287,29 @@ impl Allocator {
         self.lock().peers.remove(&id);
     }
 
+    /// Whether `peer` holds a lease counter in the table.
+    #[cfg(test)]
+    fn slot_of(&self, peer: u64) -> Option<u32> {
+        self.lock().peers.get(&peer).and_then(|p| p.slot)
+    }
+
     pub fn pool_size(&self) -> usize {
         self.lock().pool.len()
     }
 
     pub fn status(&self) -> StatusReport {
         let inner = self.lock();
+        let table = inner.pool.table();
+        let snap = inner.pool.snapshot();
         StatusReport {
             generation: inner.pool.generation(),
-            cursor: inner.pool.cursor() as u32,
-            pool: inner
+            cursor: snap.cursor as u32,
+            pool: snap
                 .pool
-                .lease_counts()
+                .into_iter()
                 .map(|(ip, leases)| AddrStatus { ip, leases })
                 .collect(),
-            leases_total: inner.seq,
+            leases_total: snap.seq,
             last_refresh_unix: inner
                 .last_refresh
                 .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -249,7 +331,7 @@ impl Allocator {
                     pid: p.hello.pid,
                     software: p.hello.software.clone(),
                     connected_secs: p.since.elapsed().as_secs(),
-                    leases: p.leases,
+                    leases: p.leases + p.slot.map_or(0, |s| table.peer_leases(s)),
                 })
                 .collect(),
             uptime_secs: self.started.elapsed().as_secs(),
@@ -297,5 +379,67 @@ mod tests {
         assert_eq!(st.peers[0].leases, 3);
         assert_eq!(st.leases_total, 3);
         assert_eq!(st.pool[0].leases, 2);
+    }
+
+    #[test]
+    fn attached_peers_get_their_own_counter_and_share_the_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = TableHome {
+            path: dir.path().join("a.leases"),
+            mode: 0o600,
+            group: None,
+        };
+        let sources = vec![Source::list("10.0.0.1-10.0.0.3").unwrap()];
+        let a = Allocator::resuming(sources, None, Saved::default(), Some(home)).unwrap();
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        a.apply_refresh(vec![Ok(vec![
+            ip("10.0.0.1"),
+            ip("10.0.0.2"),
+            ip("10.0.0.3"),
+        ])]);
+        for peer in [1, 2] {
+            a.peer_connected(peer, Hello::new(rotor_protocol::Role::Worker, "t"));
+        }
+        let table = |peer| match a.attach(peer) {
+            Response::Attached { path, id, slot } => (
+                rotor_protocol::LeaseTable::open(path.as_ref(), Some(id)).unwrap(),
+                slot,
+            ),
+            other => panic!("{other:?}"),
+        };
+        let (t1, s1) = table(1);
+        let (t2, s2) = table(2);
+        assert_eq!((s1, s2), (Some(0), Some(1)));
+        assert_eq!((a.slot_of(1), a.slot_of(2)), (s1, s2));
+        let lease = |t: &rotor_protocol::LeaseTable, s| match t.lease(Families::ANY, s) {
+            Some(Response::Leased { ip, .. }) => ip,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(lease(&t1, s1), ip("10.0.0.1"));
+        assert_eq!(lease(&t2, s2), ip("10.0.0.2"));
+        match a.lease(2, Families::ANY) {
+            Response::Leased { ip: got, seq, .. } => assert_eq!((got, seq), (ip("10.0.0.3"), 3)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(lease(&t1, s1), ip("10.0.0.1"));
+        let st = a.status();
+        let per: Vec<u64> = st.peers.iter().map(|p| p.leases).collect();
+        assert_eq!((per, st.leases_total, st.cursor), (vec![2, 2], 4, 1));
+        // A peer that leaves frees its counter for the next one.
+        a.peer_gone(1);
+        a.peer_connected(3, Hello::new(rotor_protocol::Role::Worker, "t"));
+        assert_eq!(table(3).1, Some(0));
+        assert_eq!(
+            a.status()
+                .peers
+                .iter()
+                .map(|p| p.leases)
+                .collect::<Vec<_>>(),
+            [2, 0]
+        );
+        // Closed at exit: workers fall back to the socket.
+        a.close_table();
+        assert_eq!(t2.lease(Families::ANY, s2), None);
+        assert!(!dir.path().join("a.leases").exists());
     }
 }

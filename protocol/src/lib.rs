@@ -1,22 +1,25 @@
 //! The wire protocol between rotor's workers (and the `rotor` control command)
 //! and the allocator: length-prefixed bincode frames, versioned messages, a
-//! typed channel, and the `Hello` handshake.
-#![forbid(unsafe_code)]
+//! typed channel, and the `Hello` handshake; and the lease table the
+//! allocator shares with its workers.
+#![deny(unsafe_code)]
 
 mod channel;
 mod codec;
 mod handshake;
 mod message;
 mod report;
+mod table;
 
 pub use channel::{Channel, ChannelError, ChannelRx, ChannelTx};
 pub use codec::{decode, decode_prefix, encode, CodecError, MAX_FRAME_LEN};
 pub use handshake::{client_handshake, server_handshake, HandshakeError};
 pub use message::{
     AddrStatus, ClientFrame, Envelope, Families, Hello, HelloReply, NoAddress, PeerStatus, Request,
-    Response, Role, SourceStatus, StatusReport, PROTOCOL_MAJOR, PROTOCOL_MINOR,
+    Response, Role, SourceStatus, StatusReport, MINOR_LEASE_TABLE, PROTOCOL_MAJOR, PROTOCOL_MINOR,
 };
 pub use report::error_chain;
+pub use table::{LeaseTable, TableError, TableSnapshot, PEER_SLOTS, TABLE_LAYOUT};
 
 /// The channel a client (worker or control command) holds: it can only send
 /// requests and read responses.

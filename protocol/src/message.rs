@@ -16,7 +16,9 @@ use serde::{Deserialize, Serialize};
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 0;
+pub const PROTOCOL_MINOR: u16 = 1;
+/// The first minor whose allocator answers `Request::Attach`.
+pub const MINOR_LEASE_TABLE: u16 = 1;
 
 /// What a connecting peer is; the allocator lists workers in its status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,6 +140,8 @@ pub enum Request {
     Status,
     /// Re-read the pool sources now.
     Reload,
+    /// Where the lease table is (since minor 1), to lease from it directly.
+    Attach,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,6 +167,14 @@ pub enum Response {
     /// not make).
     Error {
         message: String,
+    },
+    /// The lease table to map (see `LeaseTable`): its file, its id (so a
+    /// stale file at that path is not taken for it), and the counter the
+    /// peer counts its leases in, if one was free.
+    Attached {
+        path: String,
+        id: u64,
+        slot: Option<u32>,
     },
 }
 

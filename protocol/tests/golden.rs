@@ -62,6 +62,13 @@ fn golden_client_frames() {
         }),
         "010102",
     );
+    check(
+        ClientFrame::Request(Envelope {
+            id: 2,
+            body: Request::Attach,
+        }),
+        "010203",
+    );
 }
 
 #[test]
@@ -125,6 +132,14 @@ fn golden_server_frames() {
             message: "x".into(),
         }),
         "0109040178",
+    );
+    check(
+        resp(Response::Attached {
+            path: "/t".into(),
+            id: 258,
+            slot: Some(3),
+        }),
+        "010905022f74fb02010103",
     );
     check(
         resp(Response::Status(StatusReport {

@@ -51,7 +51,8 @@ async fn garbage_on_the_allocator_socket_closes_only_that_connection() {
     let mut s = UnixStream::connect(&alloc.socket).await.unwrap();
     let hello = ClientFrame::Hello(Hello::new(Role::Worker, "fuzz"));
     s.write_all(&frame(&encode(&hello).unwrap())).await.unwrap();
-    s.write_all(&frame(b"\x01\x02\x03")).await.unwrap();
+    // (a request with id 2 and a request variant no version has)
+    s.write_all(&frame(b"\x01\x02\x7f")).await.unwrap();
     read_until_closed(&mut s).await;
 
     // Another major: refused with a reason, then closed.

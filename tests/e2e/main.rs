@@ -17,4 +17,5 @@ mod production;
 mod refresh;
 mod restart;
 mod rotation;
+mod table;
 mod up;

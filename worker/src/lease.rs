@@ -2,20 +2,28 @@
 //! leases in flight (matched by envelope id), reconnected with backoff when
 //! the allocator restarts. Requests wait up to the lease timeout for it; the
 //! worker never picks an address by itself, so the rotation stays global.
+//!
+//! Once connected, the client asks where the allocator's lease table is and
+//! maps it: leases are then one compare-and-swap on the rotation every worker
+//! shares, with no round trip. The table is used only while the connection
+//! is up, and dropped when the allocator closes it (at exit, or when it moves
+//! the pool to a bigger table, which is then asked for again); meanwhile, and
+//! with an allocator that shares no table, leases go over the socket.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rotor_protocol::{
     client_handshake, error_chain, Channel, ClientChannel, ClientFrame, Envelope, Families,
-    HandshakeError, Hello, HelloOrResponse, NoAddress, Request, Response, Role,
+    HandshakeError, Hello, HelloOrResponse, LeaseTable, NoAddress, Request, Response, Role,
+    MINOR_LEASE_TABLE,
 };
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -48,6 +56,48 @@ struct Conn {
     requests: mpsc::UnboundedSender<Envelope<Request>>,
     /// `None` once the connection is gone, so no waiter is left behind.
     pending: Pending,
+    /// The allocator's lease table, once mapped, and this worker's counter.
+    table: RwLock<Option<(Arc<LeaseTable>, Option<u32>)>>,
+    /// Woken when the table was found closed, to ask for its successor.
+    reattach: Notify,
+}
+
+impl Conn {
+    /// A lease from the table, if one is mapped and open.
+    fn lease_from_table(&self, families: Families) -> Option<Response> {
+        let (table, slot) = self
+            .table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        let resp = table.lease(families, slot);
+        if resp.is_none() {
+            let mut current = self.table.write().unwrap_or_else(|e| e.into_inner());
+            // Unless another lease already found it closed and its
+            // successor is in.
+            if current
+                .as_ref()
+                .is_some_and(|(t, _)| Arc::ptr_eq(t, &table))
+            {
+                *current = None;
+                self.reattach.notify_one();
+            }
+        }
+        resp
+    }
+
+    /// Sends `body` with `id` and waits for the answer; `None` if the
+    /// connection ended first.
+    async fn call(&self, id: u64, body: Request) -> Option<Response> {
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()?
+            .insert(id, tx);
+        self.requests.send(Envelope { id, body }).ok()?;
+        rx.await.ok()
+    }
 }
 
 pub struct LeaseClient {
@@ -84,9 +134,22 @@ impl LeaseClient {
         self.conn.borrow().is_some()
     }
 
+    /// Whether leases come from the allocator's shared table.
+    pub fn uses_table(&self) -> bool {
+        self.conn
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.table.read().unwrap_or_else(|e| e.into_inner()).is_some())
+    }
+
     /// The next address of one of `families`, or why there is none.
     pub async fn lease(&self, families: Families) -> Result<Lease, LeaseError> {
-        match self.request(Request::Lease { families }).await? {
+        let conn = self.conn.borrow().clone();
+        let answer = match conn.and_then(|c| c.lease_from_table(families)) {
+            Some(answer) => answer,
+            None => self.request(Request::Lease { families }).await?,
+        };
+        match answer {
             Response::Leased {
                 ip,
                 seq,
@@ -179,16 +242,44 @@ enum ConnectError {
     Timeout,
 }
 
-async fn connect(path: &PathBuf) -> Result<ClientChannel<UnixStream>, ConnectError> {
+/// A connected channel and the allocator's protocol minor.
+async fn connect(path: &PathBuf) -> Result<(ClientChannel<UnixStream>, u16), ConnectError> {
     let stream = UnixStream::connect(path).await?;
     let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
-    tokio::time::timeout(
+    let server = tokio::time::timeout(
         Duration::from_secs(5),
         client_handshake(&mut chan, Hello::new(Role::Worker, SOFTWARE)),
     )
     .await
     .map_err(|_| ConnectError::Timeout)??;
-    Ok(chan)
+    Ok((chan, server.minor))
+}
+
+/// Asks where the lease table is and maps it. Returns whether to ask again
+/// when this one closes (not when the allocator has none, or it cannot be
+/// mapped from here: leases then go over the socket).
+async fn attach(conn: &Conn, id: u64) -> bool {
+    match conn.call(id, Request::Attach).await {
+        Some(Response::Attached { path, id, slot }) => {
+            match LeaseTable::open(Path::new(&path), Some(id)) {
+                Ok(table) => {
+                    debug!(table = %path, ?slot, "leasing from the allocator's table");
+                    *conn.table.write().unwrap_or_else(|e| e.into_inner()) =
+                        Some((Arc::new(table), slot));
+                    true
+                }
+                Err(e) => {
+                    info!(error = %error_chain(&e), "cannot map the allocator's lease table; leasing over its socket");
+                    false
+                }
+            }
+        }
+        Some(Response::Error { message }) => {
+            debug!(%message, "the allocator shares no lease table; leasing over its socket");
+            false
+        }
+        _ => false,
+    }
 }
 
 async fn manage(
@@ -203,7 +294,7 @@ async fn manage(
             _ = shutdown.cancelled() => return,
             r = connect(&path) => r,
         };
-        let chan = match chan {
+        let (chan, server_minor) = match chan {
             Ok(c) => c,
             Err(e) => {
                 failures += 1;
@@ -229,6 +320,8 @@ async fn manage(
         let conn = Arc::new(Conn {
             requests: requests_tx,
             pending: Mutex::new(Some(HashMap::new())),
+            table: RwLock::new(None),
+            reattach: Notify::new(),
         });
         let (mut tx, mut rx) = chan.split();
         publish.send_replace(Some(conn.clone()));
@@ -266,12 +359,26 @@ async fn manage(
                 }
             }
         };
+        let attacher = async {
+            if server_minor >= MINOR_LEASE_TABLE {
+                // Ids from the top, apart from the requests' ids.
+                let mut id = u64::MAX;
+                while attach(&conn, id).await {
+                    id -= 1;
+                    conn.reattach.notified().await;
+                }
+            }
+            std::future::pending::<()>().await
+        };
         let ended = tokio::select! {
             _ = shutdown.cancelled() => None,
             r = writer => Some(r),
             r = reader => Some(r),
+            _ = attacher => None,
         };
         publish.send_replace(None);
+        // The table is only used while the allocator that owns it is there.
+        *conn.table.write().unwrap_or_else(|e| e.into_inner()) = None;
         // Dropping the waiters wakes every request in flight to retry.
         conn.pending
             .lock()

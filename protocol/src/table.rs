@@ -1,0 +1,687 @@
+//! The lease table: the pool and its rotation cursor in a shared-memory file,
+//! so a worker takes its next address with one compare-and-swap instead of a
+//! round trip to the allocator — with the same global, atomic rotation.
+//!
+//! The allocator owns the table: it creates the file next to its socket,
+//! writes every pool into it, and hands workers its path over the socket
+//! (`Request::Attach`); it is the only writer of the pool. Workers (and the
+//! allocator itself, for leases asked over the socket) move the cursor.
+//!
+//! Layout (native-endian `u64` words; one file per allocator run):
+//!
+//! ```text
+//! line 0  magic, layout, capacity, peer slots, id
+//! line 1  state, seq
+//! line 2  generation and length of half 0, then of half 1
+//! 256 lines of per-peer lease counters
+//! half 0: capacity entries, then half 1: capacity entries
+//!         entry = family (4 or 6), high and low 64 bits, leases
+//! ```
+//!
+//! `state` packs a closed bit, a 19-bit tag (its low bit names the half in
+//! use) and the cursor. A lease reads the half the state names, picks the next
+//! address of an acceptable family, and moves the cursor past it with a
+//! compare-and-swap of the whole state, which fails if the allocator swapped
+//! in another pool meanwhile: the allocator only rewrites a half no current
+//! state names, and changes the state with read-modify-writes, so a lease
+//! whose swap succeeded read a whole, current pool (the seqlock argument).
+//! Closing sets the closed bit: no lease succeeds afterwards, and the closer
+//! reads the final cursor exactly.
+#![allow(unsafe_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::message::{Families, NoAddress, Response};
+
+const MAGIC: u64 = u64::from_le_bytes(*b"RTRLEASE");
+/// Bumped on any change of the layout above.
+pub const TABLE_LAYOUT: u64 = 1;
+/// Workers that can count their leases in the table; later ones lease
+/// through it all the same, counted by the allocator as unattributed.
+pub const PEER_SLOTS: usize = 256;
+
+const LINE: usize = 8; // words
+const STATE: usize = LINE;
+const SEQ: usize = LINE + 1;
+const HALVES: usize = 2 * LINE;
+const PEERS: usize = 3 * LINE;
+const ENTRIES: usize = PEERS + PEER_SLOTS * LINE;
+const ENTRY: usize = 4; // words
+
+const CLOSED: u64 = 1 << 63;
+const TAG_SHIFT: u32 = 44;
+const TAG_MASK: u64 = (1 << 19) - 1;
+const CURSOR_MASK: u64 = (1 << TAG_SHIFT) - 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("cannot open the lease table {0}")]
+    Open(String, #[source] io::Error),
+    #[error("cannot map the lease table")]
+    Map(#[source] io::Error),
+    #[error("{0} is not a lease table of this layout, or not the one announced")]
+    Invalid(String),
+    #[error("the lease table holds at most {capacity} addresses, not {wanted}")]
+    TooSmall { capacity: usize, wanted: usize },
+    #[error("the lease table is closed")]
+    Closed,
+}
+
+/// A mapped lease table.
+pub struct LeaseTable {
+    base: NonNull<AtomicU64>,
+    words: usize,
+    capacity: usize,
+    id: u64,
+}
+
+// The mapping is only ever accessed through atomics.
+unsafe impl Send for LeaseTable {}
+unsafe impl Sync for LeaseTable {}
+
+impl Drop for LeaseTable {
+    fn drop(&mut self) {
+        // SAFETY: `base` and `words` are the mapping made in `map`, unmapped
+        // once, here; nothing borrowed from it outlives `self`.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.words * 8) };
+    }
+}
+
+impl std::fmt::Debug for LeaseTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseTable")
+            .field("id", &self.id)
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+/// The table's rotation at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableSnapshot {
+    pub generation: u64,
+    pub cursor: usize,
+    pub seq: u64,
+    pub closed: bool,
+    /// The pool in order, with the leases each address was given.
+    pub pool: Vec<(IpAddr, u64)>,
+}
+
+impl TableSnapshot {
+    /// The address the next unrestricted lease would return.
+    pub fn next_due(&self) -> Option<IpAddr> {
+        self.pool.get(self.cursor).map(|(ip, _)| *ip)
+    }
+}
+
+fn words_for(capacity: usize) -> usize {
+    ENTRIES + 2 * capacity * ENTRY
+}
+
+fn map(file: Option<&File>, words: usize) -> Result<NonNull<AtomicU64>, TableError> {
+    let (flags, fd) = match file {
+        Some(f) => (libc::MAP_SHARED, f.as_raw_fd()),
+        None => (libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1),
+    };
+    // SAFETY: a fresh mapping at an address of the kernel's choosing; the
+    // file (if any) is at least `words * 8` bytes long (checked or set by
+    // the callers).
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            words * 8,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(TableError::Map(io::Error::last_os_error()));
+    }
+    Ok(NonNull::new(p.cast()).expect("mmap returned a null mapping"))
+}
+
+fn decode_entry(family: u64, hi: u64, lo: u64) -> Option<IpAddr> {
+    match family {
+        4 => Some(IpAddr::V4(Ipv4Addr::from(lo as u32))),
+        6 => Some(IpAddr::V6(Ipv6Addr::from(
+            (u128::from(hi) << 64) | u128::from(lo),
+        ))),
+        _ => None,
+    }
+}
+
+fn encode_entry(ip: IpAddr) -> (u64, u64, u64) {
+    match ip {
+        IpAddr::V4(a) => (4, 0, u64::from(u32::from(a))),
+        IpAddr::V6(a) => {
+            let v = u128::from(a);
+            (6, (v >> 64) as u64, v as u64)
+        }
+    }
+}
+
+/// A number unlikely to repeat between two tables at one path.
+fn fresh_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    (t ^ (u64::from(std::process::id()) << 32)).max(1)
+}
+
+impl LeaseTable {
+    /// A table in a new file at `path` with permissions `mode`, replacing
+    /// whatever was there, with room for `capacity` addresses. It starts
+    /// open and empty, its lease sequence at `seq`.
+    pub fn create(
+        path: &Path,
+        capacity: usize,
+        seq: u64,
+        mode: u32,
+    ) -> Result<LeaseTable, TableError> {
+        let name = || path.display().to_string();
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".new");
+        let tmp = std::path::PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| TableError::Open(name(), e))?;
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(|e| TableError::Open(name(), e))?;
+        let words = words_for(capacity);
+        file.set_len((words * 8) as u64)
+            .map_err(|e| TableError::Open(name(), e))?;
+        let table = LeaseTable::init(Some(&file), capacity, seq)?;
+        std::fs::rename(&tmp, path).map_err(|e| TableError::Open(name(), e))?;
+        Ok(table)
+    }
+
+    /// A table in memory only, for an allocator that serves no workers
+    /// through a table, and for tests.
+    pub fn anonymous(capacity: usize, seq: u64) -> Result<LeaseTable, TableError> {
+        LeaseTable::init(None, capacity, seq)
+    }
+
+    fn init(file: Option<&File>, capacity: usize, seq: u64) -> Result<LeaseTable, TableError> {
+        let words = words_for(capacity);
+        let table = LeaseTable {
+            base: map(file, words)?,
+            words,
+            capacity,
+            id: fresh_id(),
+        };
+        // A new file or anonymous mapping is zero-filled: state 0 is half 0,
+        // empty, open.
+        table.word(SEQ).store(seq, Ordering::Relaxed);
+        table.word(2).store(capacity as u64, Ordering::Relaxed);
+        table.word(3).store(PEER_SLOTS as u64, Ordering::Relaxed);
+        table.word(4).store(table.id, Ordering::Relaxed);
+        table.word(1).store(TABLE_LAYOUT, Ordering::Relaxed);
+        table.word(0).store(MAGIC, Ordering::Release);
+        Ok(table)
+    }
+
+    /// Maps the table at `path`; with `id`, only if it is that table.
+    pub fn open(path: &Path, id: Option<u64>) -> Result<LeaseTable, TableError> {
+        let name = || path.display().to_string();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| TableError::Open(name(), e))?;
+        let bytes = file
+            .metadata()
+            .map_err(|e| TableError::Open(name(), e))?
+            .len() as usize;
+        if bytes < ENTRIES * 8 || bytes % 8 != 0 {
+            return Err(TableError::Invalid(name()));
+        }
+        let words = bytes / 8;
+        let mut table = LeaseTable {
+            base: map(Some(&file), words)?,
+            words,
+            capacity: 0,
+            id: 0,
+        };
+        let capacity = table.word(2).load(Ordering::Relaxed) as usize;
+        table.id = table.word(4).load(Ordering::Relaxed);
+        let valid = table.word(0).load(Ordering::Acquire) == MAGIC
+            && table.word(1).load(Ordering::Relaxed) == TABLE_LAYOUT
+            && table.word(3).load(Ordering::Relaxed) == PEER_SLOTS as u64
+            && capacity <= (words - ENTRIES) / (2 * ENTRY)
+            && words_for(capacity) == words
+            && id.is_none_or(|id| id == table.id);
+        if !valid {
+            return Err(TableError::Invalid(name()));
+        }
+        table.capacity = capacity;
+        Ok(table)
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn word(&self, i: usize) -> &AtomicU64 {
+        assert!(i < self.words, "lease table word {i} out of range");
+        // SAFETY: in bounds (checked above) of a live mapping that is
+        // 8-byte aligned (page-aligned) and only accessed atomically.
+        unsafe { &*self.base.as_ptr().add(i) }
+    }
+
+    fn entry(&self, half: usize, i: usize) -> usize {
+        ENTRIES + (half * self.capacity + i) * ENTRY
+    }
+
+    fn ip_at(&self, half: usize, i: usize) -> Option<IpAddr> {
+        let e = self.entry(half, i);
+        decode_entry(
+            self.word(e).load(Ordering::Relaxed),
+            self.word(e + 1).load(Ordering::Relaxed),
+            self.word(e + 2).load(Ordering::Relaxed),
+        )
+    }
+
+    fn half_of(state: u64) -> usize {
+        ((state >> TAG_SHIFT) & 1) as usize
+    }
+
+    fn half_meta(&self, half: usize) -> (u64, usize) {
+        (
+            self.word(HALVES + 2 * half).load(Ordering::Relaxed),
+            self.word(HALVES + 2 * half + 1).load(Ordering::Relaxed) as usize,
+        )
+    }
+
+    /// The next address of one of `families`, counted for peer `slot`:
+    /// `Leased` or `NoAddress`, as the allocator would answer; `None` once
+    /// the table is closed (ask the allocator instead).
+    pub fn lease(&self, families: Families, slot: Option<u32>) -> Option<Response> {
+        let state = self.word(STATE);
+        let mut s = state.load(Ordering::Acquire);
+        loop {
+            if s & CLOSED != 0 {
+                return None;
+            }
+            let half = Self::half_of(s);
+            let (generation, len) = self.half_meta(half);
+            let cursor = (s & CURSOR_MASK) as usize;
+            let found = if len <= self.capacity {
+                (0..len).map(|k| (cursor + k) % len).find_map(|i| {
+                    self.ip_at(half, i)
+                        .filter(|ip| families.accepts(ip))
+                        .map(|ip| (i, ip))
+                })
+            } else {
+                None
+            };
+            let Some((i, ip)) = found else {
+                // Only an answer if the pool did not change while read.
+                let now = state.load(Ordering::Acquire);
+                if now != s {
+                    s = now;
+                    continue;
+                }
+                let reason = match len {
+                    0 => NoAddress::EmptyPool,
+                    _ => NoAddress::NoFamily { wanted: families },
+                };
+                return Some(Response::NoAddress { reason, generation });
+            };
+            let next = (s & !CURSOR_MASK) | ((i + 1) % len) as u64;
+            match state.compare_exchange_weak(s, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    self.word(self.entry(half, i) + 3)
+                        .fetch_add(1, Ordering::Relaxed);
+                    if let Some(slot) = slot.filter(|s| (*s as usize) < PEER_SLOTS) {
+                        self.word(PEERS + slot as usize * LINE)
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    let seq = self.word(SEQ).fetch_add(1, Ordering::Relaxed) + 1;
+                    return Some(Response::Leased {
+                        ip,
+                        seq,
+                        generation,
+                    });
+                }
+                Err(now) => s = now,
+            }
+        }
+    }
+
+    /// Whether the table was closed (the allocator stopped, or replaced it).
+    pub fn is_closed(&self) -> bool {
+        self.word(STATE).load(Ordering::Acquire) & CLOSED != 0
+    }
+
+    /// Writes a new pool (allocator only; one writer at a time). `place`
+    /// gets the rotation as it stands and returns the cursor into `addrs`
+    /// and each address's lease count; the swap is retried, and `place`
+    /// asked again, until no lease slipped in between.
+    pub fn publish<F>(
+        &self,
+        addrs: &[IpAddr],
+        generation: u64,
+        mut place: F,
+    ) -> Result<(), TableError>
+    where
+        F: FnMut(&TableSnapshot) -> (usize, Vec<u64>),
+    {
+        if addrs.len() > self.capacity {
+            return Err(TableError::TooSmall {
+                capacity: self.capacity,
+                wanted: addrs.len(),
+            });
+        }
+        let state = self.word(STATE);
+        loop {
+            let s = state.load(Ordering::Acquire);
+            if s & CLOSED != 0 {
+                return Err(TableError::Closed);
+            }
+            let snapshot = self.snapshot_at(s);
+            let (cursor, counts) = place(&snapshot);
+            let half = 1 - Self::half_of(s);
+            for (i, ip) in addrs.iter().enumerate() {
+                let (family, hi, lo) = encode_entry(*ip);
+                let e = self.entry(half, i);
+                self.word(e).store(family, Ordering::Relaxed);
+                self.word(e + 1).store(hi, Ordering::Relaxed);
+                self.word(e + 2).store(lo, Ordering::Relaxed);
+                self.word(e + 3)
+                    .store(counts.get(i).copied().unwrap_or(0), Ordering::Relaxed);
+            }
+            self.word(HALVES + 2 * half)
+                .store(generation, Ordering::Relaxed);
+            self.word(HALVES + 2 * half + 1)
+                .store(addrs.len() as u64, Ordering::Relaxed);
+            let cursor = if cursor < addrs.len() { cursor } else { 0 };
+            let tag = ((s >> TAG_SHIFT) + 1) & TAG_MASK;
+            let next = (tag << TAG_SHIFT) | cursor as u64;
+            if state
+                .compare_exchange(s, next, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Moves the cursor to `cursor` of the current pool (allocator only).
+    pub fn set_cursor(&self, cursor: usize) {
+        let state = self.word(STATE);
+        let _ = state.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+            let (_, len) = self.half_meta(Self::half_of(s));
+            (s & CLOSED == 0 && cursor < len).then_some((s & !CURSOR_MASK) | cursor as u64)
+        });
+    }
+
+    /// Closes the table for good and returns its final rotation: no lease
+    /// succeeds after this returns.
+    pub fn close(&self) -> TableSnapshot {
+        let s = self.word(STATE).fetch_or(CLOSED, Ordering::AcqRel) | CLOSED;
+        self.snapshot_at(s)
+    }
+
+    /// The rotation now, without the pool: generation, cursor, lease
+    /// sequence, and the address due next.
+    pub fn position(&self) -> (u64, usize, u64, Option<IpAddr>) {
+        loop {
+            let s = self.word(STATE).load(Ordering::Acquire);
+            let half = Self::half_of(s);
+            let (generation, len) = self.half_meta(half);
+            let cursor = (s & CURSOR_MASK) as usize;
+            let next = (cursor < len.min(self.capacity))
+                .then(|| self.ip_at(half, cursor))
+                .flatten();
+            let seq = self.word(SEQ).load(Ordering::Relaxed);
+            if self.word(STATE).load(Ordering::Acquire) == s {
+                return (generation, cursor, seq, next);
+            }
+        }
+    }
+
+    /// The rotation now.
+    pub fn snapshot(&self) -> TableSnapshot {
+        loop {
+            let s = self.word(STATE).load(Ordering::Acquire);
+            let snap = self.snapshot_at(s);
+            // A pool swapped in while read is read again.
+            if (self.word(STATE).load(Ordering::Acquire) ^ s) & !CURSOR_MASK == 0 {
+                return snap;
+            }
+        }
+    }
+
+    fn snapshot_at(&self, s: u64) -> TableSnapshot {
+        let half = Self::half_of(s);
+        let (generation, len) = self.half_meta(half);
+        let len = len.min(self.capacity);
+        let pool = (0..len)
+            .filter_map(|i| {
+                let ip = self.ip_at(half, i)?;
+                Some((
+                    ip,
+                    self.word(self.entry(half, i) + 3).load(Ordering::Relaxed),
+                ))
+            })
+            .collect();
+        TableSnapshot {
+            generation,
+            cursor: (s & CURSOR_MASK) as usize,
+            seq: self.word(SEQ).load(Ordering::Relaxed),
+            closed: s & CLOSED != 0,
+            pool,
+        }
+    }
+
+    /// Leases counted for peer `slot` since it was last reset.
+    pub fn peer_leases(&self, slot: u32) -> u64 {
+        match (slot as usize) < PEER_SLOTS {
+            true => self
+                .word(PEERS + slot as usize * LINE)
+                .load(Ordering::Relaxed),
+            false => 0,
+        }
+    }
+
+    /// Zeroes peer `slot`'s counter, for a new peer.
+    pub fn reset_peer(&self, slot: u32) {
+        if (slot as usize) < PEER_SLOTS {
+            self.word(PEERS + slot as usize * LINE)
+                .store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    fn ips(n: u8) -> Vec<IpAddr> {
+        (1..=n).map(|i| IpAddr::from([10, 0, 0, i])).collect()
+    }
+
+    fn publish(t: &LeaseTable, addrs: &[IpAddr], generation: u64) {
+        t.publish(addrs, generation, |_| (0, vec![])).unwrap();
+    }
+
+    fn leased(r: Option<Response>) -> IpAddr {
+        match r {
+            Some(Response::Leased { ip, .. }) => ip,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn rotates_wraps_and_counts() {
+        let t = LeaseTable::anonymous(8, 100).unwrap();
+        assert!(matches!(
+            t.lease(Families::ANY, None),
+            Some(Response::NoAddress {
+                reason: NoAddress::EmptyPool,
+                generation: 0
+            })
+        ));
+        publish(&t, &ips(3), 1);
+        let got: Vec<IpAddr> = (0..7)
+            .map(|_| leased(t.lease(Families::ANY, Some(2))))
+            .collect();
+        let want: Vec<IpAddr> = ips(3).into_iter().cycle().take(7).collect();
+        assert_eq!(got, want);
+        let snap = t.snapshot();
+        assert_eq!((snap.seq, snap.cursor, snap.generation), (107, 1, 1));
+        assert_eq!(snap.pool.iter().map(|p| p.1).collect::<Vec<_>>(), [3, 2, 2]);
+        assert_eq!(t.peer_leases(2), 7);
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        publish(&t, &[v6], 2);
+        assert_eq!(leased(t.lease(Families::ANY, None)), v6);
+        assert!(matches!(
+            t.lease(
+                Families {
+                    v4: true,
+                    v6: false
+                },
+                None
+            ),
+            Some(Response::NoAddress {
+                reason: NoAddress::NoFamily { .. },
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn closed_tables_lease_nothing_and_tell_the_final_cursor() {
+        let t = LeaseTable::anonymous(4, 0).unwrap();
+        publish(&t, &ips(4), 1);
+        leased(t.lease(Families::ANY, None));
+        let snap = t.close();
+        assert!(snap.closed && t.is_closed());
+        assert_eq!(snap.next_due(), Some(ips(4)[1]));
+        assert_eq!(t.lease(Families::ANY, None), None);
+        assert!(matches!(
+            t.publish(&ips(2), 2, |_| (0, vec![])),
+            Err(TableError::Closed)
+        ));
+        assert!(matches!(
+            t.publish(&ips(5), 2, |_| (0, vec![])),
+            Err(TableError::TooSmall { .. })
+        ));
+    }
+
+    #[test]
+    fn a_file_table_is_shared_and_checked_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leases");
+        let a = LeaseTable::create(&path, 16, 0, 0o600).unwrap();
+        publish(&a, &ips(4), 1);
+        let b = LeaseTable::open(&path, Some(a.id())).unwrap();
+        assert_eq!(leased(a.lease(Families::ANY, None)), ips(4)[0]);
+        assert_eq!(leased(b.lease(Families::ANY, None)), ips(4)[1]);
+        assert_eq!(leased(a.lease(Families::ANY, None)), ips(4)[2]);
+        assert!(matches!(
+            LeaseTable::open(&path, Some(a.id() + 1)),
+            Err(TableError::Invalid(_))
+        ));
+        std::fs::write(dir.path().join("junk"), vec![7u8; 100_000]).unwrap();
+        assert!(LeaseTable::open(&dir.path().join("junk"), None).is_err());
+        assert!(LeaseTable::open(&dir.path().join("none"), None).is_err());
+        // A new table at the same path: the old mapping lives on, apart.
+        a.close();
+        let c = LeaseTable::create(&path, 16, 0, 0o600).unwrap();
+        assert_ne!(c.id(), a.id());
+        assert_eq!(b.lease(Families::ANY, None), None);
+    }
+
+    /// Threads lease while the pool is swapped under them: every lease is
+    /// of the pool current at its swap, and within one pool the addresses
+    /// come out in exact rotation order, none twice out of turn.
+    #[test]
+    fn concurrent_leases_are_unique_and_in_order_across_pool_swaps() {
+        let t = Arc::new(LeaseTable::anonymous(64, 0).unwrap());
+        let pools: Vec<Vec<IpAddr>> = (0..20u8)
+            .map(|g| {
+                (0..(3 + g % 5))
+                    .map(|i| IpAddr::from([10, g, 0, i]))
+                    .collect()
+            })
+            .collect();
+        publish(&t, &pools[0], 1);
+        let threads: Vec<_> = (0..4)
+            .map(|n| {
+                let t = t.clone();
+                std::thread::spawn(move || {
+                    let mut got = Vec::new();
+                    for _ in 0..20_000 {
+                        match t.lease(Families::ANY, Some(n)) {
+                            Some(Response::Leased {
+                                ip,
+                                seq,
+                                generation,
+                            }) => got.push((seq, ip, generation)),
+                            other => panic!("{other:?}"),
+                        }
+                    }
+                    got
+                })
+            })
+            .collect();
+        for (g, pool) in pools.iter().enumerate().skip(1) {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            publish(&t, pool, g as u64 + 1);
+        }
+        let mut all: Vec<(u64, IpAddr, u64)> = threads
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
+        assert_eq!(all.len(), 80_000);
+        all.sort();
+        all.dedup_by_key(|l| l.0);
+        assert_eq!(all.len(), 80_000, "a sequence number was handed out twice");
+        // Every address belongs to the pool of its generation.
+        for (_, ip, g) in &all {
+            assert!(
+                pools[*g as usize - 1].contains(ip),
+                "{ip} not in generation {g}"
+            );
+        }
+        // Per generation, the counts differ by at most one between
+        // addresses (each swap restarts at index 0 here).
+        let mut per: HashMap<(u64, IpAddr), u64> = HashMap::new();
+        for (_, ip, g) in &all {
+            *per.entry((*g, *ip)).or_default() += 1;
+        }
+        for (g, pool) in pools.iter().enumerate() {
+            let counts: Vec<u64> = pool
+                .iter()
+                .map(|ip| per.get(&(g as u64 + 1, *ip)).copied().unwrap_or(0))
+                .collect();
+            let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+            assert!(max - min <= 1, "generation {}: {counts:?}", g + 1);
+        }
+        let total: u64 = (0..4).map(|n| t.peer_leases(n)).sum();
+        assert_eq!(total, 80_000);
+    }
+}

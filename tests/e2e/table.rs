@@ -1,0 +1,120 @@
+//! Workers lease from the allocator's shared lease table: no round trip per
+//! request, one rotation for all of them, and a stopped allocator does not
+//! stop requests. A pool that outgrows the table moves everyone to a bigger
+//! one without a skip.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::util::*;
+
+/// The allocator is stopped (SIGSTOP) until this is dropped.
+struct Stopped<'a>(&'a Allocator);
+
+impl<'a> Stopped<'a> {
+    fn new(alloc: &'a Allocator) -> Stopped<'a> {
+        alloc.proc.signal(Signal::SIGSTOP);
+        Stopped(alloc)
+    }
+}
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        self.0.proc.signal(Signal::SIGCONT);
+    }
+}
+
+/// `n` requests, each within `within`: a lease that needed the stopped
+/// allocator would wait for it and fail this.
+async fn serve_all(workers: &[&Worker], origin: &Origin, n: usize) {
+    for i in 0..n {
+        let proxy = workers[i % workers.len()].addr;
+        let r = tokio::time::timeout(Duration::from_secs(3), get(proxy, &origin.url("/")))
+            .await
+            .expect("a request waited for the stopped allocator");
+        assert_eq!(r.status, 200);
+    }
+}
+
+#[tokio::test]
+async fn workers_keep_rotating_from_the_table_while_the_allocator_is_stopped() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.9"]).await;
+    assert!(alloc.socket.with_extension("leases").exists());
+    let w1 = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
+    let w2 = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
+    serve_all(&[&w1, &w2], &origin, 2).await;
+    // The table is asked for right after the handshake.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    {
+        let _stopped = Stopped::new(&alloc);
+        serve_all(&[&w1, &w2], &origin, 18).await;
+    }
+    let want: Vec<IpAddr> = ips(2..=9).into_iter().cycle().take(20).collect();
+    assert_eq!(origin.sources(), want);
+    // The allocator counts what the workers took from the table.
+    let status = status_json(&alloc.socket);
+    assert_eq!(status["leases_total"].as_u64(), Some(20));
+    let per: Vec<u64> = status["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["role"] == "Worker")
+        .map(|p| p["leases"].as_u64().unwrap())
+        .collect();
+    assert_eq!(per, [10, 10]);
+}
+
+#[tokio::test]
+async fn a_pool_that_outgrows_the_table_moves_workers_to_a_bigger_one() {
+    let origin = Origin::start().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let file = dir.path().join("pool.txt");
+    std::fs::write(&file, "127.0.0.2-127.0.0.9\n").unwrap();
+    let alloc = Allocator::start_in(dir, &["--pool-file", file.to_str().unwrap()]).await;
+    let worker = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
+    serve_all(&[&worker], &origin, 3).await;
+
+    // 200 addresses: more than a first table holds.
+    std::fs::write(&file, "127.0.1.1-127.0.1.200\n").unwrap();
+    rotor_control("reload", &alloc.socket, &[]);
+    serve_all(&[&worker], &origin, 4).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    {
+        let _stopped = Stopped::new(&alloc);
+        serve_all(&[&worker], &origin, 4).await;
+    }
+    // The address due next (127.0.0.5) is gone, so the rotation goes on
+    // from the same place (index 3) in the new pool.
+    let new = |i: u8| IpAddr::V4(Ipv4Addr::new(127, 0, 1, i));
+    let want: Vec<IpAddr> = ips(2..=4).into_iter().chain((4..=11).map(new)).collect();
+    assert_eq!(origin.sources(), want);
+    assert_eq!(
+        status_json(&alloc.socket)["leases_total"].as_u64(),
+        Some(11)
+    );
+}
+
+#[tokio::test]
+async fn a_graceful_stop_removes_the_table_and_workers_wait_for_the_next_allocator() {
+    let origin = Origin::start().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let mut alloc = Allocator::start_in(dir.clone(), &["--pool", "127.0.0.2-127.0.0.3"]).await;
+    let table = alloc.socket.with_extension("leases");
+    let worker = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
+    serve_all(&[&worker], &origin, 1).await;
+    alloc.proc.signal(Signal::SIGTERM);
+    assert!(alloc.proc.wait(PATIENCE).success());
+    assert!(!table.exists(), "the table outlived its allocator");
+    let url = origin.url("/");
+    let waiting = tokio::spawn(async move { get(worker.addr, &url).await.status });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "a lease came from a closed table");
+    let _alloc = Allocator::start_in(dir, &["--pool", "127.0.0.2-127.0.0.3"]).await;
+    assert_eq!(waiting.await.unwrap(), 200);
+    // The rotation went on where the stopped allocator left it.
+    assert_eq!(origin.sources(), ips(2..=3));
+}
