@@ -84,9 +84,12 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             depth,
         } => {
-            for c in conns {
+            for &c in &conns {
                 lease_bench(&socket, c, 1, Duration::from_secs(seconds)).await?;
                 lease_bench(&socket, c, depth, Duration::from_secs(seconds)).await?;
+            }
+            for &c in &conns {
+                table_bench(&socket, c, Duration::from_secs(seconds)).await?;
             }
         }
         Cmd::Tunnel {
@@ -174,6 +177,68 @@ async fn lease_bench(
         percentile(&all, 0.5).as_secs_f64() * 1e6,
         percentile(&all, 0.99).as_secs_f64() * 1e6,
         all.len()
+    );
+    Ok(())
+}
+
+/// `threads` threads leasing from the allocator's lease table (what workers
+/// do), each with its own mapping, for `dur`.
+async fn table_bench(socket: &PathBuf, threads: usize, dur: Duration) -> anyhow::Result<()> {
+    let stream = UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("connect {}", socket.display()))?;
+    let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
+    client_handshake(&mut chan, Hello::new(Role::Worker, "rotor-bench")).await?;
+    chan.send(&ClientFrame::Request(Envelope {
+        id: 1,
+        body: Request::Attach,
+    }))
+    .await?;
+    let (path, id) = match chan.recv().await? {
+        Some(HelloOrResponse::Response(Envelope {
+            body: Response::Attached { path, id, .. },
+            ..
+        })) => (path, id),
+        other => bail!("the allocator answered {other:?} to Attach"),
+    };
+    let deadline = Instant::now() + dur;
+    let started = Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let table = rotor_protocol::LeaseTable::open(path.as_ref(), Some(id));
+            std::thread::spawn(move || {
+                let table = table?;
+                let (mut n, mut samples) = (0u64, Vec::new());
+                while Instant::now() < deadline {
+                    // Every 64th lease timed, to keep the samples small.
+                    for _ in 0..63 {
+                        table.lease(Families::ANY, None);
+                    }
+                    let t = Instant::now();
+                    match table.lease(Families::ANY, None) {
+                        Some(Response::Leased { .. }) => {}
+                        other => bail!("the table answered {other:?}"),
+                    }
+                    samples.push(t.elapsed());
+                    n += 64;
+                }
+                Ok::<_, anyhow::Error>((n, samples))
+            })
+        })
+        .collect();
+    let (mut total, mut all) = (0, Vec::new());
+    for w in workers {
+        let (n, samples) = w.join().expect("a bench thread panicked")?;
+        total += n;
+        all.extend(samples);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    println!(
+        "table threads={threads} leases/s={:.0} lease_p50_ns={:.0} lease_p99_ns={:.0} leases={total}",
+        total as f64 / secs,
+        percentile(&all, 0.5).as_secs_f64() * 1e9,
+        percentile(&all, 0.99).as_secs_f64() * 1e9,
     );
     Ok(())
 }
