@@ -232,10 +232,10 @@ async fn notify_systemd(proxy: Arc<Proxy>, connections: TaskTracker, shutdown: C
             "{} client connections, {:.0} requests/s, allocator {}",
             connections.len(),
             (now - last) as f64 / EVERY.as_secs_f64(),
-            if proxy.leases().is_connected() {
-                "connected"
-            } else {
-                "unreachable"
+            match (proxy.leases().is_connected(), proxy.leases().uses_table()) {
+                (true, true) => "connected (leasing from its table)",
+                (true, false) => "connected (leasing over its socket)",
+                (false, _) => "unreachable",
             }
         );
         last = now;
