@@ -118,3 +118,53 @@ async fn a_graceful_stop_removes_the_table_and_workers_wait_for_the_next_allocat
     // The rotation went on where the stopped allocator left it.
     assert_eq!(origin.sources(), ips(2..=3));
 }
+
+#[tokio::test]
+async fn a_worker_that_may_not_map_the_table_leases_over_the_socket_in_the_same_rotation() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let origin = Origin::start().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Per-user rules: the table is the allocator user's alone.
+    let alloc = Allocator::start_in(
+        dir,
+        &[
+            "--pool",
+            "127.0.0.2-127.0.0.9",
+            "--socket-mode",
+            "666",
+            "--allow-uid",
+            "nobody",
+        ],
+    )
+    .await;
+    let table = alloc.socket.with_extension("leases");
+    let mode = std::fs::metadata(&table).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let root = Worker::start(&alloc.socket, &[]).await;
+    // A worker running as `nobody`: allowed on the socket, not to the table.
+    let port = free_port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let listen = addr.to_string();
+    let mut args = vec![
+        "--socket",
+        alloc.socket.to_str().unwrap(),
+        "--listen",
+        &listen,
+    ];
+    args.extend_from_slice(&ALLOW_LOOPBACK);
+    let mut cmd = std::process::Command::new(WORKER);
+    cmd.uid(65534).gid(65534);
+    let _nobody = Proc::spawn_cmd(cmd, WORKER, &args);
+    eventually("the worker port", || async move {
+        tokio::net::TcpStream::connect(addr).await.is_ok()
+    })
+    .await;
+    for i in 0..16 {
+        let proxy = if i % 2 == 0 { root.addr } else { addr };
+        assert_eq!(get(proxy, &origin.url("/")).await.status, 200);
+    }
+    let want: Vec<IpAddr> = ips(2..=9).into_iter().cycle().take(16).collect();
+    assert_eq!(origin.sources(), want);
+}
