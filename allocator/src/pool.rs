@@ -54,12 +54,13 @@ fn new_table(
     let Some(home) = home else {
         return LeaseTable::anonymous(capacity, seq);
     };
-    let table = LeaseTable::create(&home.path, capacity, seq, home.mode)?;
-    if let Some(g) = home.group {
-        nix::unistd::chown(&home.path, None, Some(g))
-            .map_err(|e| TableError::Open(home.path.display().to_string(), e.into()))?;
-    }
-    Ok(table)
+    LeaseTable::create(
+        &home.path,
+        capacity,
+        seq,
+        home.mode,
+        home.group.map(|g| g.as_raw()),
+    )
 }
 
 impl Pool {
@@ -151,31 +152,34 @@ impl Pool {
         }
         let index: HashMap<IpAddr, usize> =
             addrs.iter().enumerate().map(|(i, a)| (*a, i)).collect();
-        let place = |now: &TableSnapshot| {
-            let cursor = match now.next_due().and_then(|ip| index.get(&ip).copied()) {
-                Some(i) => i,
-                // The address due next is gone: stay at the same place in
-                // the list, which past the end means the first address.
-                None if now.cursor < addrs.len() => now.cursor,
-                None => 0,
-            };
-            let old: HashMap<IpAddr, u64> = now.pool.iter().copied().collect();
-            let counts = addrs
-                .iter()
-                .map(|a| old.get(a).copied().unwrap_or(0))
-                .collect();
-            (cursor, counts)
+        let cursor = |due: Option<IpAddr>, now: usize| match due.and_then(|ip| index.get(&ip)) {
+            Some(i) => *i,
+            // The address due next is gone: stay at the same place in the
+            // list, which past the end means the first address.
+            None if now < addrs.len() => now,
+            None => 0,
         };
+        // Counts follow their address (a lease finishing meanwhile may go
+        // uncounted: they are for status).
+        let old: HashMap<IpAddr, u64> = self.table.snapshot().pool.into_iter().collect();
+        let counts: Vec<u64> = addrs
+            .iter()
+            .map(|a| old.get(a).copied().unwrap_or(0))
+            .collect();
         let generation = self.generation + 1;
-        match self.table.publish(&addrs, generation, place) {
+        match self.table.publish(&addrs, &counts, generation, cursor) {
             Ok(()) => {}
-            Err(TableError::TooSmall { .. }) => {
-                // A bigger table: the old one is closed first, so the
-                // rotation carries over exactly; workers see it closed and
-                // ask for the new one.
+            Err(TableError::TooSmall { .. } | TableError::Closed) => {
+                // A bigger table, made (file, mode, group) before the old one
+                // is touched: if that fails, the old one stays as it was.
+                // Then the old one is closed, so the rotation carries over
+                // exactly; workers find it closed and ask for the new one.
+                let table = new_table(self.home.as_ref(), addrs.len() * 2, 0)?;
                 let last = self.table.close();
-                let table = new_table(self.home.as_ref(), addrs.len() * 2, last.seq)?;
-                table.publish(&addrs, generation, |_| place(&last))?;
+                table.set_seq(last.seq);
+                table.publish(&addrs, &counts, generation, |_, _| {
+                    cursor(last.next_due(), last.cursor)
+                })?;
                 tracing::info!(capacity = table.capacity(), "lease table grown");
                 self.table = Arc::new(table);
             }

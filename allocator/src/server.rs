@@ -159,7 +159,7 @@ pub async fn run(
     let table_path = listener
         .local_addr()
         .ok()
-        .and_then(|a| a.as_pathname().map(|p| p.with_extension("leases")));
+        .and_then(|a| a.as_pathname().and_then(table_path_for));
     let mut saved = saved;
     if let Some(path) = &table_path {
         if let Ok(old) = LeaseTable::open(path, None) {
@@ -191,10 +191,16 @@ pub async fn run(
         Err(e) => {
             warn!(error = %error_chain(&e), "no lease table: workers lease over the socket");
             // `state` went with the failed attempt: reopen it.
-            let state = config
-                .state_dir
-                .as_ref()
-                .and_then(|dir| StateFile::open(dir).ok().map(|(f, _)| f));
+            let state = match &config.state_dir {
+                None => None,
+                Some(dir) => match StateFile::open(dir) {
+                    Ok((f, _)) => Some(f),
+                    Err(e) => {
+                        warn!(error = %error_chain(&e), "running without a rotation state file: a restart starts the rotation over");
+                        None
+                    }
+                },
+            };
             Allocator::resuming(sources, state, saved, None).map_err(RunError::Table)?
         }
     };
@@ -279,6 +285,20 @@ pub async fn run(
     tracker.wait().await;
     alloc.close_table();
     Ok(())
+}
+
+/// The lease table's path for the socket at `socket`: the socket's own
+/// name with `.leases` appended, in its directory made absolute (workers
+/// open it from wherever they run).
+pub fn table_path_for(socket: &Path) -> Option<PathBuf> {
+    let name = socket.file_name()?;
+    let dir = match socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => std::fs::canonicalize(d).ok()?,
+        None => std::env::current_dir().ok()?,
+    };
+    let mut file = name.to_owned();
+    file.push(".leases");
+    Some(dir.join(file))
 }
 
 /// How often the leases workers take from the table reach the state file

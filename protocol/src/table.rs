@@ -26,7 +26,14 @@
 //! state names, and changes the state with read-modify-writes, so a lease
 //! whose swap succeeded read a whole, current pool (the seqlock argument).
 //! Closing sets the closed bit: no lease succeeds afterwards, and the closer
-//! reads the final cursor exactly.
+//! reads the final cursor exactly. The lease sequence and the counters are
+//! bumped just after a lease's swap, so a reading taken at a close may miss
+//! the few leases still finishing: they count leases for status and logs;
+//! the rotation itself is the cursor, which is exact.
+//!
+//! Whoever can write the file can disturb the rotation (or truncate it under
+//! the processes that map it): it gets the socket's group, so run workers
+//! only as the allocator's user or group, as `deploy/` does.
 #![allow(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
@@ -187,6 +194,7 @@ impl LeaseTable {
         capacity: usize,
         seq: u64,
         mode: u32,
+        group: Option<u32>,
     ) -> Result<LeaseTable, TableError> {
         let name = || path.display().to_string();
         let mut tmp = path.as_os_str().to_owned();
@@ -203,6 +211,10 @@ impl LeaseTable {
         use std::os::unix::fs::PermissionsExt;
         file.set_permissions(std::fs::Permissions::from_mode(mode))
             .map_err(|e| TableError::Open(name(), e))?;
+        if group.is_some() {
+            std::os::unix::fs::fchown(&file, None, group)
+                .map_err(|e| TableError::Open(name(), e))?;
+        }
         let words = words_for(capacity);
         file.set_len((words * 8) as u64)
             .map_err(|e| TableError::Open(name(), e))?;
@@ -336,6 +348,7 @@ impl LeaseTable {
             };
             let Some((i, ip)) = found else {
                 // Only an answer if the pool did not change while read.
+                std::sync::atomic::fence(Ordering::Acquire);
                 let now = state.load(Ordering::Acquire);
                 if now != s {
                     s = now;
@@ -373,18 +386,21 @@ impl LeaseTable {
         self.word(STATE).load(Ordering::Acquire) & CLOSED != 0
     }
 
-    /// Writes a new pool (allocator only; one writer at a time). `place`
-    /// gets the rotation as it stands and returns the cursor into `addrs`
-    /// and each address's lease count; the swap is retried, and `place`
-    /// asked again, until no lease slipped in between.
+    /// Writes a new pool (allocator only; one writer at a time) with each
+    /// address's lease count, into the half no lease reads, then swaps it
+    /// in. `cursor` gets the address due next and the cursor as they stand
+    /// and returns the cursor into `addrs`; only that is redone, and the
+    /// swap retried, when a lease moved the cursor meanwhile, so a busy
+    /// table cannot starve a refresh.
     pub fn publish<F>(
         &self,
         addrs: &[IpAddr],
+        counts: &[u64],
         generation: u64,
-        mut place: F,
+        mut cursor: F,
     ) -> Result<(), TableError>
     where
-        F: FnMut(&TableSnapshot) -> (usize, Vec<u64>),
+        F: FnMut(Option<IpAddr>, usize) -> usize,
     {
         if addrs.len() > self.capacity {
             return Err(TableError::TooSmall {
@@ -393,37 +409,52 @@ impl LeaseTable {
             });
         }
         let state = self.word(STATE);
+        let s = state.load(Ordering::Acquire);
+        if s & CLOSED != 0 {
+            return Err(TableError::Closed);
+        }
+        // The only writer: the tag cannot change under us, so the other
+        // half stays unread until the swap below.
+        let half = 1 - Self::half_of(s);
+        for (i, ip) in addrs.iter().enumerate() {
+            let (family, hi, lo) = encode_entry(*ip);
+            let e = self.entry(half, i);
+            self.word(e).store(family, Ordering::Relaxed);
+            self.word(e + 1).store(hi, Ordering::Relaxed);
+            self.word(e + 2).store(lo, Ordering::Relaxed);
+            self.word(e + 3)
+                .store(counts.get(i).copied().unwrap_or(0), Ordering::Relaxed);
+        }
+        self.word(HALVES + 2 * half)
+            .store(generation, Ordering::Relaxed);
+        self.word(HALVES + 2 * half + 1)
+            .store(addrs.len() as u64, Ordering::Relaxed);
+        let mut s = s;
         loop {
-            let s = state.load(Ordering::Acquire);
             if s & CLOSED != 0 {
                 return Err(TableError::Closed);
             }
-            let snapshot = self.snapshot_at(s);
-            let (cursor, counts) = place(&snapshot);
-            let half = 1 - Self::half_of(s);
-            for (i, ip) in addrs.iter().enumerate() {
-                let (family, hi, lo) = encode_entry(*ip);
-                let e = self.entry(half, i);
-                self.word(e).store(family, Ordering::Relaxed);
-                self.word(e + 1).store(hi, Ordering::Relaxed);
-                self.word(e + 2).store(lo, Ordering::Relaxed);
-                self.word(e + 3)
-                    .store(counts.get(i).copied().unwrap_or(0), Ordering::Relaxed);
-            }
-            self.word(HALVES + 2 * half)
-                .store(generation, Ordering::Relaxed);
-            self.word(HALVES + 2 * half + 1)
-                .store(addrs.len() as u64, Ordering::Relaxed);
-            let cursor = if cursor < addrs.len() { cursor } else { 0 };
+            let now = (s & CURSOR_MASK) as usize;
+            let old = Self::half_of(s);
+            let (_, old_len) = self.half_meta(old);
+            let due = (now < old_len.min(self.capacity))
+                .then(|| self.ip_at(old, now))
+                .flatten();
+            let c = cursor(due, now);
+            let c = if c < addrs.len() { c } else { 0 };
             let tag = ((s >> TAG_SHIFT) + 1) & TAG_MASK;
-            let next = (tag << TAG_SHIFT) | cursor as u64;
-            if state
-                .compare_exchange(s, next, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-            {
-                return Ok(());
+            let next = (tag << TAG_SHIFT) | c as u64;
+            match state.compare_exchange(s, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(()),
+                Err(actual) => s = actual,
             }
         }
+    }
+
+    /// Sets the lease sequence of a table no lease has used yet (allocator
+    /// only: a table that replaces a closed one continues its sequence).
+    pub fn set_seq(&self, seq: u64) {
+        self.word(SEQ).store(seq, Ordering::Relaxed);
     }
 
     /// Moves the cursor to `cursor` of the current pool (allocator only).
@@ -454,7 +485,10 @@ impl LeaseTable {
                 .then(|| self.ip_at(half, cursor))
                 .flatten();
             let seq = self.word(SEQ).load(Ordering::Relaxed);
-            if self.word(STATE).load(Ordering::Acquire) == s {
+            std::sync::atomic::fence(Ordering::Acquire);
+            // A lease moving the cursor meanwhile is fine (this is a reading
+            // of one instant); a pool swapped in is read again.
+            if (self.word(STATE).load(Ordering::Acquire) ^ s) & !CURSOR_MASK == 0 {
                 return (generation, cursor, seq, next);
             }
         }
@@ -465,6 +499,7 @@ impl LeaseTable {
         loop {
             let s = self.word(STATE).load(Ordering::Acquire);
             let snap = self.snapshot_at(s);
+            std::sync::atomic::fence(Ordering::Acquire);
             // A pool swapped in while read is read again.
             if (self.word(STATE).load(Ordering::Acquire) ^ s) & !CURSOR_MASK == 0 {
                 return snap;
@@ -524,7 +559,7 @@ mod tests {
     }
 
     fn publish(t: &LeaseTable, addrs: &[IpAddr], generation: u64) {
-        t.publish(addrs, generation, |_| (0, vec![])).unwrap();
+        t.publish(addrs, &[], generation, |_, _| 0).unwrap();
     }
 
     fn leased(r: Option<Response>) -> IpAddr {
@@ -582,11 +617,11 @@ mod tests {
         assert_eq!(snap.next_due(), Some(ips(4)[1]));
         assert_eq!(t.lease(Families::ANY, None), None);
         assert!(matches!(
-            t.publish(&ips(2), 2, |_| (0, vec![])),
+            t.publish(&ips(2), &[], 2, |_, _| 0),
             Err(TableError::Closed)
         ));
         assert!(matches!(
-            t.publish(&ips(5), 2, |_| (0, vec![])),
+            t.publish(&ips(5), &[], 2, |_, _| 0),
             Err(TableError::TooSmall { .. })
         ));
     }
@@ -595,7 +630,7 @@ mod tests {
     fn a_file_table_is_shared_and_checked_on_open() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("leases");
-        let a = LeaseTable::create(&path, 16, 0, 0o600).unwrap();
+        let a = LeaseTable::create(&path, 16, 0, 0o600, None).unwrap();
         publish(&a, &ips(4), 1);
         let b = LeaseTable::open(&path, Some(a.id())).unwrap();
         assert_eq!(leased(a.lease(Families::ANY, None)), ips(4)[0]);
@@ -610,7 +645,7 @@ mod tests {
         assert!(LeaseTable::open(&dir.path().join("none"), None).is_err());
         // A new table at the same path: the old mapping lives on, apart.
         a.close();
-        let c = LeaseTable::create(&path, 16, 0, 0o600).unwrap();
+        let c = LeaseTable::create(&path, 16, 0, 0o600, None).unwrap();
         assert_ne!(c.id(), a.id());
         assert_eq!(b.lease(Families::ANY, None), None);
     }

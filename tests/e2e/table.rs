@@ -43,7 +43,9 @@ async fn serve_all(workers: &[&Worker], origin: &Origin, n: usize) {
 async fn workers_keep_rotating_from_the_table_while_the_allocator_is_stopped() {
     let origin = Origin::start().await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.9"]).await;
-    assert!(alloc.socket.with_extension("leases").exists());
+    assert!(rotor_allocator::server::table_path_for(&alloc.socket)
+        .unwrap()
+        .exists());
     let w1 = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
     let w2 = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
     serve_all(&[&w1, &w2], &origin, 2).await;
@@ -103,7 +105,7 @@ async fn a_graceful_stop_removes_the_table_and_workers_wait_for_the_next_allocat
     let origin = Origin::start().await;
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let mut alloc = Allocator::start_in(dir.clone(), &["--pool", "127.0.0.2-127.0.0.3"]).await;
-    let table = alloc.socket.with_extension("leases");
+    let table = rotor_allocator::server::table_path_for(&alloc.socket).unwrap();
     let worker = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
     serve_all(&[&worker], &origin, 1).await;
     alloc.proc.signal(Signal::SIGTERM);
@@ -139,7 +141,7 @@ async fn a_worker_that_may_not_map_the_table_leases_over_the_socket_in_the_same_
         ],
     )
     .await;
-    let table = alloc.socket.with_extension("leases");
+    let table = rotor_allocator::server::table_path_for(&alloc.socket).unwrap();
     let mode = std::fs::metadata(&table).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let root = Worker::start(&alloc.socket, &[]).await;

@@ -269,7 +269,7 @@ async fn attach(conn: &Conn, id: u64) -> bool {
                     true
                 }
                 Err(e) => {
-                    info!(error = %error_chain(&e), "cannot map the allocator's lease table; leasing over its socket");
+                    warn!(error = %error_chain(&e), "cannot map the allocator's lease table; leasing over its socket, which is slower (see README: the lease table)");
                     false
                 }
             }
