@@ -106,7 +106,8 @@ impl Pool {
         self.table.snapshot()
     }
 
-    pub fn lease_counts(&self) -> impl Iterator<Item = (IpAddr, u64)> {
+    #[cfg(test)]
+    fn lease_counts(&self) -> impl Iterator<Item = (IpAddr, u64)> {
         self.snapshot().pool.into_iter()
     }
 
@@ -202,7 +203,8 @@ impl Pool {
     }
 
     /// The address the next unrestricted lease would return.
-    pub fn next_due(&self) -> Option<IpAddr> {
+    #[cfg(test)]
+    fn next_due(&self) -> Option<IpAddr> {
         self.table.position().3
     }
 }

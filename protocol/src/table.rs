@@ -317,6 +317,16 @@ impl LeaseTable {
         ((state >> TAG_SHIFT) & 1) as usize
     }
 
+    /// The address state `s` has due next, if its cursor is in its pool.
+    fn due_at(&self, s: u64) -> Option<IpAddr> {
+        let half = Self::half_of(s);
+        let (_, len) = self.half_meta(half);
+        let cursor = (s & CURSOR_MASK) as usize;
+        (cursor < len.min(self.capacity))
+            .then(|| self.ip_at(half, cursor))
+            .flatten()
+    }
+
     fn half_meta(&self, half: usize) -> (u64, usize) {
         (
             self.word(HALVES + 2 * half).load(Ordering::Relaxed),
@@ -434,13 +444,7 @@ impl LeaseTable {
             if s & CLOSED != 0 {
                 return Err(TableError::Closed);
             }
-            let now = (s & CURSOR_MASK) as usize;
-            let old = Self::half_of(s);
-            let (_, old_len) = self.half_meta(old);
-            let due = (now < old_len.min(self.capacity))
-                .then(|| self.ip_at(old, now))
-                .flatten();
-            let c = cursor(due, now);
+            let c = cursor(self.due_at(s), (s & CURSOR_MASK) as usize);
             let c = if c < addrs.len() { c } else { 0 };
             let tag = ((s >> TAG_SHIFT) + 1) & TAG_MASK;
             let next = (tag << TAG_SHIFT) | c as u64;
@@ -478,12 +482,9 @@ impl LeaseTable {
     pub fn position(&self) -> (u64, usize, u64, Option<IpAddr>) {
         loop {
             let s = self.word(STATE).load(Ordering::Acquire);
-            let half = Self::half_of(s);
-            let (generation, len) = self.half_meta(half);
+            let (generation, _) = self.half_meta(Self::half_of(s));
             let cursor = (s & CURSOR_MASK) as usize;
-            let next = (cursor < len.min(self.capacity))
-                .then(|| self.ip_at(half, cursor))
-                .flatten();
+            let next = self.due_at(s);
             let seq = self.word(SEQ).load(Ordering::Relaxed);
             std::sync::atomic::fence(Ordering::Acquire);
             // A lease moving the cursor meanwhile is fine (this is a reading
