@@ -18,4 +18,5 @@ mod refresh;
 mod restart;
 mod rotation;
 mod table;
+mod tunnel;
 mod up;

@@ -33,7 +33,7 @@ impl Activity {
         }
     }
 
-    fn touch(&self) {
+    pub fn touch(&self) {
         let ms = self.base.elapsed().as_millis() as u64;
         // Relaxed: a few milliseconds of staleness do not matter here.
         self.last_ms.store(ms, Ordering::Relaxed);
@@ -60,6 +60,10 @@ pub struct IdleIo<T> {
 impl<T> IdleIo<T> {
     pub fn new(inner: T, activity: Activity) -> IdleIo<T> {
         IdleIo { inner, activity }
+    }
+
+    pub fn into_inner(self) -> T {
+        self.inner
     }
 }
 

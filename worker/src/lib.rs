@@ -11,6 +11,7 @@ pub mod idle;
 pub mod lease;
 pub mod listener;
 pub mod proxy;
+pub mod relay;
 pub mod server;
 pub mod upstream;
 

@@ -1,0 +1,94 @@
+//! CONNECT tunnels relay bytes whole, both ways at once, with half-closes,
+//! bytes sent behind the CONNECT head, and through the worker's splice path.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::util::*;
+
+/// Pipes the process has open (its splice relay keeps emptied ones).
+fn pipes_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("pipe:"))
+        .count()
+}
+
+#[tokio::test]
+async fn bulk_both_ways_arrives_whole_through_spliced_pipes() {
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let pipes_before = pipes_of(worker.proc.child.id());
+
+    let (code, mut s) = connect_tunnel(worker.addr, &echo.addr.to_string()).await;
+    assert_eq!(code, 200);
+    let data = pattern(24 << 20);
+    let (mut r, mut w) = s.split();
+    let send = async {
+        for chunk in data.chunks(200_000) {
+            w.write_all(chunk).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+    };
+    let mut back = Vec::with_capacity(data.len());
+    let recv = r.read_to_end(&mut back);
+    let ((), got) = tokio::time::timeout(PATIENCE, async { tokio::join!(send, recv) })
+        .await
+        .expect("tunnel stalled");
+    got.unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "tunnel corrupted the bytes");
+    // The worker moved them with splice: its pool now holds pipes.
+    assert!(
+        pipes_of(worker.proc.child.id()) > pipes_before,
+        "the worker relayed without pipes (hyper no longer hands back its TCP socket?)"
+    );
+}
+
+#[tokio::test]
+async fn bytes_sent_behind_the_connect_head_go_first() {
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    // A TLS client may send its hello without waiting for the 200.
+    let target = echo.addr;
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\nhello").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s.write_all(b", world").await.unwrap();
+    let mut back = [0u8; 12];
+    tokio::time::timeout(PATIENCE, s.read_exact(&mut back))
+        .await
+        .expect("no echo")
+        .unwrap();
+    assert_eq!(&back, b"hello, world");
+}
+
+#[tokio::test]
+async fn a_half_close_passes_through_and_the_answer_comes_back() {
+    // Reads to the client's end, then answers with what it counted.
+    let (server, _) = recording_server(|mut s: TcpStream| async move {
+        let mut all = Vec::new();
+        if s.read_to_end(&mut all).await.is_ok() {
+            let _ = s.write_all(format!("got {}", all.len()).as_bytes()).await;
+        }
+    })
+    .await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let (code, mut s) = connect_tunnel(worker.addr, &server.to_string()).await;
+    assert_eq!(code, 200);
+    s.write_all(&pattern(3 << 20)).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(PATIENCE, s.read_to_string(&mut answer))
+        .await
+        .expect("no answer after the half-close")
+        .unwrap();
+    assert_eq!(answer, format!("got {}", 3 << 20));
+}
