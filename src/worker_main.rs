@@ -80,6 +80,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
 
+    raise_fd_limit(tuning.config.max_connections);
     crate::run_daemon(tuning.threads, |signals| async move {
         let leases = LeaseClient::start(socket, tuning.lease_timeout, signals.fast.clone());
         if let Some(auth) = tuning.config.proxy.auth.clone() {
@@ -114,4 +115,38 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             }
         }
     })
+}
+
+/// Raises the soft descriptor limit to the hard one, as nginx's
+/// `worker_rlimit_nofile` and Go's runtime do: the default soft limit of
+/// 1024 would refuse clients long before `max_connections`. Each client
+/// connection may hold its socket and an upstream one (a tunnel's relay
+/// adds a pipe only while bytes are in it); warns if even the hard limit is
+/// short of that.
+fn raise_fd_limit(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the descriptor limit");
+            return;
+        }
+    };
+    let mut limit = soft;
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => limit = hard,
+            Err(e) => tracing::warn!(error = %e, soft, hard, "cannot raise the descriptor limit"),
+        }
+    }
+    let want = max_connections as u64 * 2 + 256;
+    if limit < want {
+        tracing::warn!(
+            limit,
+            max_connections,
+            "the descriptor limit is below what max_connections may need (2 per connection): raise LimitNOFILE (ulimit -n) or lower max_connections"
+        );
+    } else if limit > soft {
+        tracing::debug!(from = soft, to = limit, "descriptor limit raised");
+    }
 }

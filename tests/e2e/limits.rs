@@ -82,3 +82,54 @@ async fn the_connection_cap_refuses_quickly_and_recovers() {
     })
     .await;
 }
+
+/// The soft descriptor limit of `pid`, from /proc.
+fn soft_nofile(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    line.split_whitespace().nth(3).unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn the_worker_raises_its_descriptor_limit_to_the_hard_one() {
+    use std::os::unix::process::CommandExt;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .unwrap()
+        .1
+        .min(65_536);
+    let mut cmd = std::process::Command::new(WORKER);
+    // SAFETY: setrlimit is async-signal-safe; it runs in the child before
+    // exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let l = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "--socket",
+        alloc.socket.to_str().unwrap(),
+        "--listen",
+        &listen,
+    ];
+    args.extend_from_slice(&ALLOW_LOOPBACK);
+    let worker = Proc::spawn_cmd(cmd, WORKER, &args);
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    eventually("the worker port", || async move {
+        TcpStream::connect(addr).await.is_ok()
+    })
+    .await;
+    assert_eq!(soft_nofile(worker.child.id()), hard);
+}
