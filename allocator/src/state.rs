@@ -222,7 +222,7 @@ impl Allocator {
         }
         p.slot = (0..PEER_SLOTS as u32).find(|s| !taken.contains(s));
         if let Some(slot) = p.slot {
-            table.reset_peer(slot);
+            table.assign_peer(slot);
         }
         Response::Attached {
             path,
@@ -284,7 +284,11 @@ impl Allocator {
     }
 
     pub fn peer_gone(&self, id: u64) {
-        self.lock().peers.remove(&id);
+        let mut inner = self.lock();
+        if let Some(slot) = inner.peers.remove(&id).and_then(|p| p.slot) {
+            // Its published load must not hold its siblings back.
+            inner.pool.table().reset_peer(slot);
+        }
     }
 
     /// Whether `peer` holds a lease counter in the table.
@@ -425,8 +429,12 @@ mod tests {
         let st = a.status();
         let per: Vec<u64> = st.peers.iter().map(|p| p.leases).collect();
         assert_eq!((per, st.leases_total, st.cursor), (vec![2, 2], 4, 1));
-        // A peer that leaves frees its counter for the next one.
+        // A peer that leaves frees its counter for the next one, and its
+        // published load stops counting for its siblings.
+        t1.set_peer_load(s1.unwrap(), 5, 0);
+        assert_eq!(t2.least_sibling_load(s2.unwrap(), 5), Some(0));
         a.peer_gone(1);
+        assert_eq!(t2.least_sibling_load(s2.unwrap(), 5), None);
         a.peer_connected(3, Hello::new(rotor_protocol::Role::Worker, "t"));
         assert_eq!(table(3).1, Some(0));
         assert_eq!(

@@ -10,10 +10,10 @@
 //! Layout (native-endian `u64` words; one file per allocator run):
 //!
 //! ```text
-//! line 0  magic, layout, capacity, peer slots, id
+//! line 0  magic, layout, capacity, peer slots, id, peer slots handed out
 //! line 1  state, seq
 //! line 2  generation and length of half 0, then of half 1
-//! 256 lines of per-peer lease counters
+//! 256 peer lines: leases, accept group, load
 //! half 0: capacity entries, then half 1: capacity entries
 //!         entry = family (4 or 6), high and low 64 bits, leases
 //! ```
@@ -30,6 +30,12 @@
 //! bumped just after a lease's swap, so a reading taken at a close may miss
 //! the few leases still finishing: they count leases for status and logs;
 //! the rotation itself is the cursor, which is exact.
+//!
+//! A peer line also carries what its worker publishes for accept balancing
+//! (see the worker's `server`): the identity of the listening sockets it
+//! accepts from (its group; 0 for none) and its load, the client
+//! connections and tunnels it holds. Words a layout-1 peer did not know of
+//! are zero, so older workers simply take no part.
 //!
 //! Whoever can write the file can disturb the rotation (or truncate it under
 //! the processes that map it): it gets the socket's group, so run workers
@@ -55,6 +61,12 @@ pub const TABLE_LAYOUT: u64 = 1;
 pub const PEER_SLOTS: usize = 256;
 
 const LINE: usize = 8; // words
+/// Line 0: one past the highest peer slot ever handed out, so a scan of
+/// the peer lines stops there.
+const SLOTS_USED: usize = 5;
+/// Words of a peer line.
+const PEER_GROUP: usize = 1;
+const PEER_LOAD: usize = 2;
 const STATE: usize = LINE;
 const SEQ: usize = LINE + 1;
 const HALVES: usize = 2 * LINE;
@@ -540,12 +552,49 @@ impl LeaseTable {
         }
     }
 
-    /// Zeroes peer `slot`'s counter, for a new peer.
+    /// Zeroes peer `slot`'s line, for a new peer or when one is gone.
     pub fn reset_peer(&self, slot: u32) {
         if (slot as usize) < PEER_SLOTS {
-            self.word(PEERS + slot as usize * LINE)
-                .store(0, Ordering::Relaxed);
+            let line = PEERS + slot as usize * LINE;
+            self.word(line + PEER_GROUP).store(0, Ordering::Relaxed);
+            self.word(line + PEER_LOAD).store(0, Ordering::Relaxed);
+            self.word(line).store(0, Ordering::Relaxed);
         }
+    }
+
+    /// Hands peer `slot` out: its line zeroed, and counted in the peer
+    /// lines [`least_sibling_load`](Self::least_sibling_load) reads.
+    pub fn assign_peer(&self, slot: u32) {
+        if (slot as usize) < PEER_SLOTS {
+            self.reset_peer(slot);
+            self.word(SLOTS_USED)
+                .fetch_max(u64::from(slot) + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Publishes peer `slot`'s `load` among the peers of accept `group`
+    /// (nonzero: the peers that accept from the same listening sockets).
+    pub fn set_peer_load(&self, slot: u32, group: u64, load: u64) {
+        if (slot as usize) < PEER_SLOTS {
+            let line = PEERS + slot as usize * LINE;
+            self.word(line + PEER_LOAD).store(load, Ordering::Relaxed);
+            self.word(line + PEER_GROUP).store(group, Ordering::Relaxed);
+        }
+    }
+
+    /// The least load another peer of `group` published; `None` if no other
+    /// peer is in it. Values may be a moment old: they guide, not decide.
+    pub fn least_sibling_load(&self, slot: u32, group: u64) -> Option<u64> {
+        if group == 0 {
+            return None;
+        }
+        let used = (self.word(SLOTS_USED).load(Ordering::Relaxed) as usize).min(PEER_SLOTS);
+        (0..used)
+            .filter(|&s| s != slot as usize)
+            .map(|s| PEERS + s * LINE)
+            .filter(|&line| self.word(line + PEER_GROUP).load(Ordering::Relaxed) == group)
+            .map(|line| self.word(line + PEER_LOAD).load(Ordering::Relaxed))
+            .min()
     }
 }
 
@@ -568,6 +617,29 @@ mod tests {
             Some(Response::Leased { ip, .. }) => ip,
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn peers_see_the_least_load_of_their_own_accept_group_only() {
+        let t = LeaseTable::anonymous(4, 0).unwrap();
+        for slot in 0..4 {
+            t.assign_peer(slot);
+        }
+        assert_eq!(t.least_sibling_load(0, 7), None, "nobody published yet");
+        t.set_peer_load(0, 7, 30);
+        t.set_peer_load(1, 7, 12);
+        t.set_peer_load(2, 7, 20);
+        t.set_peer_load(3, 9, 1); // another listening socket
+        assert_eq!(t.least_sibling_load(0, 7), Some(12));
+        assert_eq!(t.least_sibling_load(1, 7), Some(20), "not its own");
+        assert_eq!(t.least_sibling_load(3, 9), None);
+        assert_eq!(t.least_sibling_load(0, 0), None, "group 0 is none");
+        // A peer gone: its line no longer counts.
+        t.reset_peer(1);
+        assert_eq!(t.least_sibling_load(0, 7), Some(20));
+        // A slot beyond those ever handed out is not read.
+        t.set_peer_load(9, 7, 0);
+        assert_eq!(t.least_sibling_load(0, 7), Some(20));
     }
 
     #[test]

@@ -508,3 +508,77 @@ impl TapMkdir for std::path::PathBuf {
         self
     }
 }
+
+/// Established client connections to `port` that each of `pids` holds,
+/// read from /proc as `ss -p` does.
+fn connections_held(port: u16, pids: &[u32]) -> Vec<usize> {
+    let mut inodes = std::collections::HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f[1].rsplit(':').next().unwrap();
+            if u16::from_str_radix(local_port, 16) == Ok(port) && f[3] == "01" {
+                inodes.insert(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    pids.iter()
+        .map(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .unwrap()
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter(|l| inodes.contains(l.to_string_lossy().as_ref()))
+                .count()
+        })
+        .collect()
+}
+
+/// Opens `n` keep-alive connections at once, each with one request served.
+async fn open_served(proxy: SocketAddr, origin: &Origin, n: usize) -> Vec<ProxyConn> {
+    let opens = (0..n).map(|_| async {
+        let mut c = ProxyConn::open(proxy).await;
+        assert_eq!(c.get(&origin.url("/")).await.status, 200);
+        c
+    });
+    futures_util::future::join_all(opens).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_sharing_a_socket_share_out_long_lived_connections() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.9"]).await;
+    let (_listener, proxy, workers) = shared_workers(2, &alloc.socket, &[], &origin).await;
+    eventually("both workers attached", || async {
+        let status = status_json(&alloc.socket);
+        let peers = status["peers"].as_array().unwrap();
+        peers.iter().filter(|p| p["role"] == "Worker").count() == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pids: Vec<u32> = workers.iter().map(|w| w.child.id()).collect();
+
+    // The second worker stopped: the first takes every connection (a
+    // stopped sibling delays none by more than a moment).
+    workers[1].signal(Signal::SIGSTOP);
+    let started = Instant::now();
+    let mut held = open_served(proxy, &origin, 16).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a stopped sibling held accepts back: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(connections_held(proxy.port(), &pids), [16, 0]);
+
+    // Back: a burst of 16 more goes mostly to the idle one, which a race
+    // for each accept would give about half.
+    workers[1].signal(Signal::SIGCONT);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    held.extend(open_served(proxy, &origin, 16).await);
+    let split = connections_held(proxy.port(), &pids);
+    assert_eq!(split.iter().sum::<usize>(), 32, "{split:?}");
+    assert!(split[1] >= 10, "the idle worker got too few: {split:?}");
+    drop(held);
+}

@@ -142,6 +142,19 @@ impl LeaseClient {
             .is_some_and(|c| c.table.read().unwrap_or_else(|e| e.into_inner()).is_some())
     }
 
+    /// Publishes this worker's `load` among the workers of accept `group`
+    /// (those sharing its listening sockets) in the lease table, and returns
+    /// the least load another of them published; `None` without a table
+    /// slot or siblings.
+    pub fn sibling_load(&self, group: u64, load: u64) -> Option<u64> {
+        let conn = self.conn.borrow().clone()?;
+        let current = conn.table.read().unwrap_or_else(|e| e.into_inner());
+        let (table, slot) = current.as_ref()?;
+        let slot = (*slot)?;
+        table.set_peer_load(slot, group, load);
+        table.least_sibling_load(slot, group)
+    }
+
     /// The next address of one of `families`, or why there is none.
     pub async fn lease(&self, families: Families) -> Result<Lease, LeaseError> {
         let conn = self.conn.borrow().clone();

@@ -2,6 +2,7 @@
 //! CONNECT tunnels) that sends every request from the next source address
 //! the allocator leases it.
 
+pub mod accept;
 pub mod acl;
 pub mod auth;
 pub mod connect;

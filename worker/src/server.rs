@@ -8,12 +8,13 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rotor_protocol::error_chain;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
+use crate::accept::{accept_loop, Balance};
 use crate::idle::{Activity, IdleIo};
 use crate::lease::LeaseClient;
 use crate::proxy::{Proxy, ProxyConfig};
@@ -59,7 +60,7 @@ pub async fn run(
     let tunnels = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let proxy = Arc::new(Proxy::new(
-        leases,
+        leases.clone(),
         config.proxy.clone(),
         tunnels.clone(),
         limit.clone(),
@@ -69,30 +70,23 @@ pub async fn run(
     let connections = TaskTracker::new();
 
     let (accepted_tx, mut accepted) = mpsc::channel::<(TcpStream, std::net::SocketAddr)>(1024);
+    let balance = Arc::new(Balance::new(
+        leases.clone(),
+        limit.clone(),
+        config.max_connections,
+        &listeners,
+    ));
+    tokio::spawn(balance.clone().publish(shutdown.clone()));
     let acceptors = TaskTracker::new();
     for l in listeners {
-        let l = TcpListener::from_std(l)?;
         info!(listen = %l.local_addr()?, "listening");
         let tx = accepted_tx.clone();
         let stop = shutdown.clone();
+        let balance = balance.clone();
         acceptors.spawn(async move {
-            loop {
-                let r = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = l.accept() => r,
-                };
-                match r {
-                    Ok(conn) => {
-                        if tx.send(conn).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
+            let addr = l.local_addr().ok();
+            if let Err(e) = accept_loop(l, balance, tx, stop).await {
+                error!(listen = ?addr, error = %e, "cannot accept on this listener");
             }
         });
     }
