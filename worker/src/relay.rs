@@ -20,6 +20,7 @@
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
@@ -102,17 +103,21 @@ async fn splice_tcp(
         upstream.write_all(&early).await?;
         activity.touch();
     }
-    let up = one_way(&client, &upstream, activity, pipes);
-    let down = one_way(&upstream, &client, activity, pipes);
+    let ended = AtomicBool::new(false);
+    let up = one_way(&client, &upstream, &ended, activity, pipes);
+    let down = one_way(&upstream, &client, &ended, activity, pipes);
     let (up, down) = tokio::try_join!(up, down)?;
     Ok((up + early.len() as u64, down))
 }
 
 /// Moves bytes from `src` to `dst` until `src` ends, then shuts `dst` for
-/// writing. Returns the bytes moved.
+/// writing, unless the other way had `ended` already: then both sockets are
+/// about to close, which sends the FIN (one system call fewer per tunnel).
+/// Returns the bytes moved.
 async fn one_way(
     src: &TcpStream,
     dst: &TcpStream,
+    ended: &AtomicBool,
     activity: &Activity,
     pipes: bool,
 ) -> io::Result<u64> {
@@ -133,6 +138,7 @@ async fn one_way(
             }
         };
         match moved {
+            Ok(0) if ended.swap(true, Ordering::Relaxed) => return Ok(total),
             Ok(0) => match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
                 Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
                 _ => return Ok(total),
