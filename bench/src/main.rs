@@ -48,13 +48,16 @@ enum Cmd {
         #[arg(long = "proxy", value_parser = named_addr)]
         proxies: Vec<(String, SocketAddr)>,
         /// Bytes per bulk transfer.
-        #[arg(long, default_value_t = 512 << 20)]
+        #[arg(long, default_value_t = 2 << 30)]
         bytes: u64,
         #[arg(long, default_value = "5")]
         seconds: u64,
         /// Concurrent clients for the set-up rate.
         #[arg(long, default_value = "16")]
         clients: usize,
+        /// Rounds over all paths, interleaved; medians at the end.
+        #[arg(long, default_value = "1")]
+        rounds: usize,
     },
     /// Opens N client connections, sends one request on each through the
     /// proxy, then holds them idle; prints `ready` and waits.
@@ -97,7 +100,17 @@ async fn main() -> anyhow::Result<()> {
             bytes,
             seconds,
             clients,
-        } => tunnel_bench(proxies, bytes, Duration::from_secs(seconds), clients).await?,
+            rounds,
+        } => {
+            tunnel_bench(
+                proxies,
+                bytes,
+                Duration::from_secs(seconds),
+                clients,
+                rounds,
+            )
+            .await?
+        }
         Cmd::Idle {
             proxy,
             target,
@@ -323,14 +336,35 @@ async fn tunnel_bench(
     bytes: u64,
     dur: Duration,
     clients: usize,
+    rounds: usize,
 ) -> anyhow::Result<()> {
     let target = sink().await?;
     let mut paths: Vec<(String, Option<SocketAddr>)> = vec![("direct".into(), None)];
     paths.extend(proxies.into_iter().map(|(n, a)| (n, Some(a))));
-    for (name, proxy) in &paths {
-        if let Err(e) = tunnel_path(name, *proxy, target, bytes, dur, clients).await {
-            println!("tunnel path={name} error={e:#}");
+    // Rounds interleaved (A B C, A B C…), then each path's medians.
+    let mut figures: Vec<(Vec<f64>, Vec<f64>)> = vec![Default::default(); paths.len()];
+    for _ in 0..rounds {
+        for ((name, proxy), (bulk, setup)) in paths.iter().zip(figures.iter_mut()) {
+            match tunnel_path(name, *proxy, target, bytes, dur, clients).await {
+                Ok((b, s)) => {
+                    bulk.push(b);
+                    setup.push(s);
+                }
+                Err(e) => println!("tunnel path={name} error={e:#}"),
+            }
         }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len().saturating_sub(1) / 2).copied().unwrap_or(0.0)
+    };
+    for ((name, _), (bulk, setup)) in paths.iter().zip(figures.iter_mut()) {
+        println!(
+            "tunnel_median path={name} rounds={} bulk_MiB/s={:.0} setups/s={:.0}",
+            bulk.len(),
+            median(bulk),
+            median(setup)
+        );
     }
     Ok(())
 }
@@ -342,7 +376,7 @@ async fn tunnel_path(
     bytes: u64,
     dur: Duration,
     clients: usize,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(f64, f64)> {
     {
         let proxy = &proxy;
         // Bulk: one stream of `bytes`, counted by the sink.
@@ -364,10 +398,8 @@ async fn tunnel_path(
         if got != sent {
             bail!("{name}: sink got {got} of {sent} bytes");
         }
-        println!(
-            "tunnel_bulk path={name} MiB/s={:.0} bytes={sent}",
-            sent as f64 / secs / (1 << 20) as f64
-        );
+        let bulk = sent as f64 / secs / (1 << 20) as f64;
+        println!("tunnel_bulk path={name} MiB/s={bulk:.0} bytes={sent}");
 
         // Set-up rate: CONNECT, one byte each way, close; `clients` at once.
         let done = Arc::new(AtomicU64::new(0));
@@ -397,13 +429,13 @@ async fn tunnel_path(
         for t in tasks {
             t.await?;
         }
+        let setups = done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
         println!(
-            "tunnel_setup path={name} clients={clients} setups/s={:.0} errors={}",
-            done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64(),
+            "tunnel_setup path={name} clients={clients} setups/s={setups:.0} errors={}",
             errors.load(Ordering::Relaxed)
         );
+        Ok((bulk, setups))
     }
-    Ok(())
 }
 
 async fn idle(proxy: SocketAddr, target: &str, conns: usize, hold: Duration) -> anyhow::Result<()> {
