@@ -134,6 +134,11 @@ pub async fn accept_loop(
     stop: CancellationToken,
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
+    // Accepted sockets inherit TCP_NODELAY from their listener on Linux:
+    // set it once here instead of a system call per connection. The first
+    // connection tells whether it took; if not, each is set.
+    let _ = socket2::SockRef::from(&listener).set_tcp_nodelay(true);
+    let mut inherits_nodelay: Option<bool> = None;
     // SAFETY: the listener owns its descriptor, which stays open and the
     // same until the AsyncFd (its owner from here) is dropped.
     let listener = unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
@@ -164,6 +169,11 @@ pub async fn accept_loop(
         deferred = false;
         match ready.try_io(|l| accept4(l.get_ref())) {
             Ok(Ok((std, peer))) => {
+                let inherited =
+                    *inherits_nodelay.get_or_insert_with(|| std.nodelay().unwrap_or(false));
+                if !inherited {
+                    let _ = std.set_nodelay(true);
+                }
                 let stream = TcpStream::from_std(std)?;
                 if tx.send((stream, peer)).await.is_err() {
                     return Ok(());
@@ -294,6 +304,29 @@ mod tests {
         let ab = [a.try_clone().unwrap(), b.try_clone().unwrap()];
         let ba = [b, a];
         assert_eq!(accept_group(&ab), accept_group(&ba));
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let leases = LeaseClient::start(
+            "/nonexistent/rotor-test.sock".into(),
+            Duration::from_secs(1),
+            CancellationToken::new(),
+        );
+        let balance = Arc::new(Balance::new(leases, Arc::new(Semaphore::new(8)), 8, &[]));
+        let (tx, mut rx) = mpsc::channel(4);
+        let stop = CancellationToken::new();
+        tokio::spawn(accept_loop(l, balance, tx, stop.clone()));
+        let _clients: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        for _ in 0..3 {
+            let (s, _) = rx.recv().await.unwrap();
+            assert!(s.nodelay().unwrap());
+        }
+        stop.cancel();
     }
 
     #[tokio::test]

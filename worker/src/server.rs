@@ -123,7 +123,6 @@ pub async fn run(
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
         let activity = Activity::new();
         let stream = IdleIo::new(stream, activity.clone());
         let idle_timeout = config.idle_timeout;
