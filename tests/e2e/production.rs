@@ -563,6 +563,21 @@ async fn workers_sharing_a_socket_share_out_long_lived_connections() {
     // The second worker stopped: the first takes every connection (a
     // stopped sibling delays none by more than a moment).
     workers[1].signal(Signal::SIGSTOP);
+    // Stopped for sure before any connection is opened (a signal takes
+    // effect a moment after kill returns: an accept in that moment would
+    // be answered only after SIGCONT).
+    let stat = format!("/proc/{}/stat", pids[1]);
+    eventually("the second worker stopped", || {
+        let stat = stat.clone();
+        async move {
+            let s = std::fs::read_to_string(&stat).unwrap_or_default();
+            s.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                == Some("T")
+        }
+    })
+    .await;
     let started = Instant::now();
     let mut held = open_served(proxy, &origin, 16).await;
     assert!(
