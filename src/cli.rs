@@ -101,6 +101,9 @@ pub struct WorkerFile {
     #[serde(default)]
     pub no_auth: bool,
     pub dns_cache_ttl: Option<String>,
+    pub resolver: Option<ResolverKind>,
+    #[serde(default)]
+    pub dns_server: Vec<String>,
     pub threads: Option<usize>,
     #[serde(default)]
     pub allow_destination: Vec<String>,
@@ -416,10 +419,22 @@ pub struct WorkerTuning {
     /// out with more workers instead) [default: the number of CPUs].
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
-    /// How long a resolved destination name is reused (the system resolver
-    /// reports no TTLs); 0 resolves every time [default: 30s].
+    /// The longest a resolved destination name is reused: the DNS resolver
+    /// keeps an answer for its records' TTL, up to this; the system resolver
+    /// (which reports no TTLs) this long; 0 resolves every time
+    /// [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = duration)]
     pub dns_cache_ttl: Option<Duration>,
+    /// How destination names are resolved: `dns`, in-process, from
+    /// /etc/hosts and the servers of /etc/resolv.conf (or --dns-server),
+    /// answers kept for their TTL; `system`, the C library's getaddrinfo
+    /// (nsswitch) [default: dns].
+    #[arg(long, value_enum, value_name = "dns|system")]
+    pub resolver: Option<ResolverKind>,
+    /// A DNS server to ask instead of those of /etc/resolv.conf, as
+    /// `IP` or `IP:PORT`; repeatable.
+    #[arg(long, value_name = "IP[:PORT]", value_parser = dns_server)]
+    pub dns_server: Vec<SocketAddr>,
     /// Users who may use the proxy: `user:argon2-hash` lines, written by
     /// `rotor user add`. Re-read on SIGHUP.
     #[arg(long, value_name = "PATH")]
@@ -439,6 +454,35 @@ pub struct WorkerTuning {
     /// [default: 25]. `--deny-port 0` denies none.
     #[arg(long, value_name = "PORT")]
     pub deny_port: Vec<u16>,
+}
+
+/// How destination names are resolved (`--resolver`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResolverKind {
+    Dns,
+    System,
+}
+
+impl ResolverKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            ResolverKind::Dns => "dns",
+            ResolverKind::System => "system",
+        }
+    }
+}
+
+/// `IP` or `IP:PORT` (port 53 by default; IPv6 with a port in brackets).
+fn dns_server(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| format!("`{s}` is not an IP address or IP:PORT"))
 }
 
 fn fmt_duration(d: Duration) -> OsString {
@@ -491,7 +535,36 @@ impl WorkerTuning {
         for p in &self.deny_port {
             a.extend(["--deny-port".into(), p.to_string().into()]);
         }
+        if let Some(r) = self.resolver {
+            a.extend(["--resolver".into(), r.as_str().into()]);
+        }
+        for d in &self.dns_server {
+            a.extend(["--dns-server".into(), d.to_string().into()]);
+        }
         a
+    }
+
+    /// `--resolver` and `--dns-server` (flags over the file's
+    /// `worker.resolver` and `worker.dns-server`).
+    fn resolver_choice(&self, f: &WorkerFile) -> Result<rotor_worker::dns::Resolver, ConfigError> {
+        let servers = if self.dns_server.is_empty() {
+            f.dns_server
+                .iter()
+                .map(|s| {
+                    dns_server(s)
+                        .map_err(|e| ConfigError::Invalid(format!("worker.dns-server: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            self.dns_server.clone()
+        };
+        match self.resolver.or(f.resolver).unwrap_or(ResolverKind::Dns) {
+            ResolverKind::Dns => Ok(rotor_worker::dns::Resolver::Dns { servers }),
+            ResolverKind::System if servers.is_empty() => Ok(rotor_worker::dns::Resolver::System),
+            ResolverKind::System => Err(ConfigError::Invalid(
+                "dns-server is for the dns resolver; the system resolver asks the servers of /etc/resolv.conf".into(),
+            )),
+        }
     }
 
     pub fn resolve(&self, file: &FileConfig) -> Result<WorkerSettingsTuning, ConfigError> {
@@ -548,6 +621,7 @@ impl WorkerTuning {
                         &f.dns_cache_ttl,
                         30,
                     )?,
+                    resolver: self.resolver_choice(f)?,
                     auth: match self.auth_file.as_ref().or(f.auth_file.as_ref()) {
                         Some(path) => {
                             Some(rotor_worker::auth::Auth::load(path).map_err(|e| {
@@ -779,6 +853,69 @@ mod tests {
         assert_eq!(t.lease_timeout, Duration::from_secs(1));
         assert_eq!(t.config.proxy.connect_timeout, Duration::from_secs(3));
         assert_eq!(t.config.drain_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn the_resolver_and_its_servers_come_from_flags_or_the_file() {
+        use rotor_worker::dns::Resolver;
+        let none = FileConfig::default();
+        let t = Worker::parse_from(["w"])
+            .args
+            .tuning
+            .resolve(&none)
+            .unwrap();
+        assert_eq!(t.config.proxy.resolver, Resolver::default());
+        let w = Worker::parse_from([
+            "w",
+            "--dns-server",
+            "127.0.0.1",
+            "--dns-server",
+            "[::1]:5353",
+        ]);
+        let t = w.args.tuning.resolve(&none).unwrap();
+        let servers = vec![
+            "127.0.0.1:53".parse().unwrap(),
+            "[::1]:5353".parse().unwrap(),
+        ];
+        assert_eq!(
+            t.config.proxy.resolver,
+            Resolver::Dns {
+                servers: servers.clone()
+            }
+        );
+        // `rotor up` hands them on to its workers.
+        let args: Vec<String> = w
+            .args
+            .tuning
+            .to_args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            args.windows(2).any(|p| p == ["--dns-server", "[::1]:5353"]),
+            "{args:?}"
+        );
+        let f = file("[worker]\nresolver = \"system\"\n").unwrap();
+        let t = Worker::parse_from(["w"]).args.tuning.resolve(&f).unwrap();
+        assert_eq!(t.config.proxy.resolver, Resolver::System);
+        let f = file("[worker]\ndns-server = [\"10.0.0.53:5300\"]\n").unwrap();
+        let t = Worker::parse_from(["w"]).args.tuning.resolve(&f).unwrap();
+        assert_eq!(
+            t.config.proxy.resolver,
+            Resolver::Dns {
+                servers: vec!["10.0.0.53:5300".parse().unwrap()]
+            }
+        );
+        // Servers make no sense for getaddrinfo, and junk is named.
+        let w = Worker::parse_from(["w", "--resolver", "system", "--dns-server", "10.0.0.53"]);
+        assert!(w.args.tuning.resolve(&none).is_err());
+        let f = file("[worker]\ndns-server = [\"resolver.example\"]\n").unwrap();
+        let err = Worker::parse_from(["w"])
+            .args
+            .tuning
+            .resolve(&f)
+            .unwrap_err();
+        assert!(err.to_string().contains("worker.dns-server"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,7 @@ mod acl;
 mod auth;
 mod bad_input;
 mod bodies;
+mod dns;
 mod errors;
 mod limits;
 mod production;

@@ -550,3 +550,103 @@ pub fn rotor_control(command: &str, socket: &Path, extra: &[&str]) -> String {
 pub fn status_json(socket: &Path) -> serde_json::Value {
     serde_json::from_str(&rotor_control("status", socket, &["--json"])).unwrap()
 }
+
+/// A DNS server on loopback UDP that answers A queries from a table the
+/// test sets (name → address and TTL), and counts the A queries per name.
+/// AAAA queries for a known name get no records; unknown names NXDOMAIN.
+pub struct Dns {
+    pub addr: SocketAddr,
+    pub answers: Arc<Mutex<std::collections::HashMap<String, (std::net::Ipv4Addr, u32)>>>,
+    pub queries: Arc<Mutex<std::collections::HashMap<String, usize>>>,
+}
+
+impl Dns {
+    pub async fn start() -> Dns {
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = sock.local_addr().unwrap();
+        let answers: Arc<Mutex<std::collections::HashMap<_, _>>> = Arc::default();
+        let queries: Arc<Mutex<std::collections::HashMap<_, _>>> = Arc::default();
+        let (a, q) = (answers.clone(), queries.clone());
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            loop {
+                let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+                    return;
+                };
+                if let Some(reply) = dns_answer(&buf[..n], &a, &q) {
+                    let _ = sock.send_to(&reply, from).await;
+                }
+            }
+        });
+        Dns {
+            addr,
+            answers,
+            queries,
+        }
+    }
+
+    pub fn set(&self, name: &str, ip: std::net::Ipv4Addr, ttl: u32) {
+        self.answers
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), (ip, ttl));
+    }
+
+    pub fn queries_for(&self, name: &str) -> usize {
+        self.queries.lock().unwrap().get(name).copied().unwrap_or(0)
+    }
+}
+
+/// The reply to one DNS query (RFC 1035 §4.1), or `None` for junk.
+fn dns_answer(
+    q: &[u8],
+    answers: &Mutex<std::collections::HashMap<String, (std::net::Ipv4Addr, u32)>>,
+    queries: &Mutex<std::collections::HashMap<String, usize>>,
+) -> Option<Vec<u8>> {
+    if q.len() < 12 || u16::from_be_bytes([q[4], q[5]]) != 1 {
+        return None;
+    }
+    let mut i = 12;
+    let mut labels = Vec::new();
+    loop {
+        let len = *q.get(i)? as usize;
+        i += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(
+            std::str::from_utf8(q.get(i..i + len)?)
+                .ok()?
+                .to_ascii_lowercase(),
+        );
+        i += len;
+    }
+    let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
+    let question_end = i + 4;
+    if q.len() < question_end {
+        return None;
+    }
+    let name = labels.join(".");
+    let known = answers.lock().unwrap().get(&name).copied();
+    let found = if qtype == 1 {
+        *queries.lock().unwrap().entry(name).or_default() += 1;
+        known
+    } else {
+        None
+    };
+    let mut r = Vec::with_capacity(64);
+    r.extend_from_slice(&q[0..2]); // id
+    r.push(0x84 | (q[2] & 0x01)); // response, authoritative, recursion desired as asked
+    r.push(0x80 | if known.is_some() { 0 } else { 3 }); // recursion available; NXDOMAIN if unknown
+    r.extend_from_slice(&1u16.to_be_bytes());
+    r.extend_from_slice(&u16::from(found.is_some()).to_be_bytes());
+    r.extend_from_slice(&[0, 0, 0, 0]);
+    r.extend_from_slice(&q[12..question_end]);
+    if let Some((ip, ttl)) = found {
+        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]); // the question's name, A, IN
+        r.extend_from_slice(&ttl.to_be_bytes());
+        r.extend_from_slice(&4u16.to_be_bytes());
+        r.extend_from_slice(&ip.octets());
+    }
+    Some(r)
+}

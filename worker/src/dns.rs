@@ -1,58 +1,173 @@
-//! A cache in front of the system resolver, so a worker does not run a
-//! blocking getaddrinfo (on the blocking pool) for every request to the same
-//! host. getaddrinfo does not report record TTLs, so answers are kept for a
-//! fixed time (`--dns-cache-ttl`); failures are not cached. The system
-//! resolver is kept on purpose: it honours /etc/hosts and nsswitch as every
-//! other program on the host does.
+//! Destination name resolution, cached.
+//!
+//! By default names go to an in-process DNS resolver (hickory): it reads
+//! `/etc/resolv.conf` (or the servers `--dns-server` names) and answers from
+//! `/etc/hosts` first, runs on the worker's own runtime (no blocking thread
+//! per lookup, as getaddrinfo needs), and keeps each answer for its records'
+//! TTL, and at most `--dns-cache-ttl`; a name that does not exist is
+//! remembered as its zone's SOA says, within the same bound. So a
+//! destination that moves is followed as soon as its TTL allows, and a busy
+//! one is not asked for on every request.
+//!
+//! `--resolver system` keeps the C library's getaddrinfo, for hosts that
+//! resolve through nsswitch (LDAP, mDNS, …). getaddrinfo reports no TTLs, so
+//! its answers are kept for a fixed `--dns-cache-ttl`; failures are not
+//! cached.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use hickory_resolver::config::{
+    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig,
+};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::TokioResolver;
+use tracing::warn;
 
 use crate::connect::{ip_literal, resolve};
 use crate::error::ProxyError;
 
-/// Most names kept; past it the oldest half is dropped.
+/// Which resolver a worker uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolver {
+    /// In-process DNS: these servers, or those of `/etc/resolv.conf` when
+    /// empty.
+    Dns { servers: Vec<SocketAddr> },
+    /// getaddrinfo.
+    System,
+}
+
+impl Default for Resolver {
+    fn default() -> Resolver {
+        Resolver::Dns {
+            servers: Vec::new(),
+        }
+    }
+}
+
+/// Most names the system resolver's cache keeps; past it the expired ones
+/// go, and if that is not enough, all.
 const MAX_NAMES: usize = 10_000;
+
+/// Records the DNS resolver's cache keeps.
+const DNS_CACHE_RECORDS: u64 = 10_000;
 
 /// (lower-cased name, port) → (addresses, when resolved).
 type Entries = HashMap<(String, u16), (Vec<SocketAddr>, Instant)>;
 
 pub struct DnsCache {
+    /// The longest an answer is kept; zero: not at all.
     ttl: Duration,
-    entries: Mutex<Entries>,
+    how: How,
+}
+
+enum How {
+    Dns(Box<TokioResolver>),
+    System(Mutex<Entries>),
 }
 
 impl DnsCache {
-    /// `ttl` zero: no caching.
-    pub fn new(ttl: Duration) -> DnsCache {
-        DnsCache {
-            ttl,
-            entries: Mutex::new(HashMap::new()),
-        }
+    /// Must run on the runtime that will do the lookups.
+    pub fn new(resolver: &Resolver, ttl: Duration) -> DnsCache {
+        let how = match resolver {
+            Resolver::System => How::System(Mutex::new(HashMap::new())),
+            Resolver::Dns { servers } => match dns_resolver(servers, ttl) {
+                Ok(r) => How::Dns(Box::new(r)),
+                Err(e) => {
+                    warn!(error = %e, "cannot set up the DNS resolver (no /etc/resolv.conf?); resolving with the system's getaddrinfo");
+                    How::System(Mutex::new(HashMap::new()))
+                }
+            },
+        };
+        DnsCache { ttl, how }
     }
 
+    /// The addresses of `host:port`, within `timeout`. An IP literal needs
+    /// no lookup.
     pub async fn resolve(
         &self,
         host: &str,
         port: u16,
         timeout: Duration,
     ) -> Result<Vec<SocketAddr>, ProxyError> {
-        // IP literals and a disabled cache go straight through.
-        if self.ttl.is_zero() || ip_literal(host).is_some() {
+        if ip_literal(host).is_some() {
+            return resolve(host, port, timeout).await;
+        }
+        match &self.how {
+            How::Dns(r) => self.resolve_dns(r, host, port, timeout).await,
+            How::System(entries) => self.resolve_system(entries, host, port, timeout).await,
+        }
+    }
+
+    async fn resolve_dns(
+        &self,
+        resolver: &TokioResolver,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Vec<SocketAddr>, ProxyError> {
+        // A name with a dot is absolute: no search domains tried first.
+        let name = match host.contains('.') && !host.ends_with('.') {
+            true => format!("{host}."),
+            false => host.to_string(),
+        };
+        let lookup = match tokio::time::timeout(timeout, resolver.lookup_ip(name.as_str())).await {
+            Ok(Ok(l)) => l,
+            Ok(Err(e)) if e.is_no_records_found() => {
+                return Err(ProxyError::DnsEmpty {
+                    host: host.to_string(),
+                })
+            }
+            Ok(Err(e)) => {
+                return Err(ProxyError::Dns {
+                    host: host.to_string(),
+                    source: io::Error::other(e),
+                })
+            }
+            Err(_) => {
+                return Err(ProxyError::DnsTimeout {
+                    host: host.to_string(),
+                    timeout,
+                })
+            }
+        };
+        let addrs: Vec<SocketAddr> = lookup
+            .iter()
+            .map(|ip: IpAddr| SocketAddr::new(ip, port))
+            .collect();
+        if addrs.is_empty() {
+            return Err(ProxyError::DnsEmpty {
+                host: host.to_string(),
+            });
+        }
+        Ok(addrs)
+    }
+
+    async fn resolve_system(
+        &self,
+        entries: &Mutex<Entries>,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Vec<SocketAddr>, ProxyError> {
+        if self.ttl.is_zero() {
             return resolve(host, port, timeout).await;
         }
         let key = (host.to_ascii_lowercase(), port);
-        if let Some(addrs) = self.lookup(&key) {
-            return Ok(addrs);
+        {
+            let entries = entries.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((addrs, _)) = entries.get(&key).filter(|(_, at)| at.elapsed() < self.ttl) {
+                return Ok(addrs.clone());
+            }
         }
         let addrs = resolve(host, port, timeout).await?;
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = entries.lock().unwrap_or_else(|e| e.into_inner());
         if entries.len() >= MAX_NAMES {
             let ttl = self.ttl;
             entries.retain(|_, (_, at)| at.elapsed() < ttl);
-            // Still full of live names: start over rather than grow.
             if entries.len() >= MAX_NAMES {
                 entries.clear();
             }
@@ -60,14 +175,45 @@ impl DnsCache {
         entries.insert(key, (addrs.clone(), Instant::now()));
         Ok(addrs)
     }
+}
 
-    fn lookup(&self, key: &(String, u16)) -> Option<Vec<SocketAddr>> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries
-            .get(key)
-            .filter(|(_, at)| at.elapsed() < self.ttl)
-            .map(|(a, _)| a.clone())
-    }
+/// The in-process resolver: `servers` (UDP, then TCP for truncated
+/// answers), or the system's configuration; `/etc/hosts` first; answers
+/// kept for their TTL, at most `max_ttl`.
+fn dns_resolver(
+    servers: &[SocketAddr],
+    max_ttl: Duration,
+) -> Result<TokioResolver, hickory_resolver::net::NetError> {
+    let mut builder = if servers.is_empty() {
+        TokioResolver::builder_tokio()?
+    } else {
+        let name_servers = servers
+            .iter()
+            .map(|s| {
+                let mut udp = ConnectionConfig::udp();
+                udp.port = s.port();
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = s.port();
+                NameServerConfig::new(s.ip(), true, vec![udp, tcp])
+            })
+            .collect();
+        TokioResolver::builder_with_config(
+            ResolverConfig::from_name_servers(name_servers),
+            TokioRuntimeProvider::default(),
+        )
+    };
+    let opts = builder.options_mut();
+    opts.use_hosts_file = ResolveHosts::Always;
+    // Both families, asked at once: the leased address picks.
+    opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
+    opts.cache_size = if max_ttl.is_zero() {
+        0
+    } else {
+        DNS_CACHE_RECORDS
+    };
+    opts.positive_max_ttl = Some(max_ttl);
+    opts.negative_max_ttl = Some(max_ttl);
+    builder.build()
 }
 
 #[cfg(test)]
@@ -75,25 +221,45 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn names_are_cached_and_literals_are_not() {
-        let cache = DnsCache::new(Duration::from_secs(30));
+    async fn system_names_are_cached_and_literals_are_not() {
+        let cache = DnsCache::new(&Resolver::System, Duration::from_secs(30));
+        let How::System(entries) = &cache.how else {
+            panic!("not the system resolver");
+        };
         // `localhost` comes from /etc/hosts: no query leaves the machine.
         let a = cache
             .resolve("localhost", 80, Duration::from_secs(5))
             .await
             .unwrap();
         assert!(a.iter().all(|s| s.ip().is_loopback()), "{a:?}");
-        assert_eq!(cache.entries.lock().unwrap().len(), 1);
+        assert_eq!(entries.lock().unwrap().len(), 1);
         let b = cache
             .resolve("LOCALHOST", 80, Duration::from_secs(5))
             .await
             .unwrap();
         assert_eq!(a, b);
-        assert_eq!(cache.entries.lock().unwrap().len(), 1);
+        assert_eq!(entries.lock().unwrap().len(), 1);
         cache
             .resolve("127.0.0.1", 80, Duration::from_secs(5))
             .await
             .unwrap();
-        assert_eq!(cache.entries.lock().unwrap().len(), 1);
+        assert_eq!(entries.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_dns_resolver_answers_hosts_file_names_without_a_server() {
+        // Port 9 (discard): nothing answers there; /etc/hosts must.
+        let servers = vec!["127.0.0.1:9".parse().unwrap()];
+        let cache = DnsCache::new(&Resolver::Dns { servers }, Duration::from_secs(30));
+        assert!(matches!(cache.how, How::Dns(_)));
+        let a = cache
+            .resolve("localhost", 80, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(
+            !a.is_empty() && a.iter().all(|s| s.ip().is_loopback()),
+            "{a:?}"
+        );
+        assert!(a.iter().all(|s| s.port() == 80));
     }
 }

@@ -45,8 +45,12 @@ pub struct ProxyConfig {
     pub tunnel_idle_timeout: Duration,
     /// Users who may use the proxy; `None`: anyone who can connect.
     pub auth: Option<Arc<Auth>>,
-    /// How long a resolved name is reused; zero: resolve every time.
+    /// The longest a resolved name is reused (the DNS resolver keeps an
+    /// answer for its TTL, up to this; the system one, this long); zero:
+    /// resolve every time.
     pub dns_cache_ttl: Duration,
+    /// How destination names are resolved.
+    pub resolver: crate::dns::Resolver,
 }
 
 pub struct Proxy {
@@ -88,7 +92,7 @@ impl Proxy {
         Proxy {
             leases,
             upstream: UpstreamPool::new(config.upstream_idle_timeout, config.upstream_max_idle),
-            dns: DnsCache::new(config.dns_cache_ttl),
+            dns: DnsCache::new(&config.resolver, config.dns_cache_ttl),
             local: LocalAddrs::default(),
             config,
             tunnels,
