@@ -122,7 +122,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
 /// 1024 would refuse clients long before `max_connections`. Each client
 /// connection may hold its socket and an upstream one (a tunnel's relay
 /// adds a pipe only while bytes are in it); warns if even the hard limit is
-/// short of that.
+/// short of one per connection, and says so if it is short of two.
 fn raise_fd_limit(max_connections: usize) {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
@@ -139,12 +139,18 @@ fn raise_fd_limit(max_connections: usize) {
             Err(e) => tracing::warn!(error = %e, soft, hard, "cannot raise the descriptor limit"),
         }
     }
-    let want = max_connections as u64 * 2 + 256;
-    if limit < want {
+    let clients = max_connections as u64 + 256;
+    if limit < clients {
         tracing::warn!(
             limit,
             max_connections,
-            "the descriptor limit is below what max_connections may need (2 per connection): raise LimitNOFILE (ulimit -n) or lower max_connections"
+            "the descriptor limit is below max_connections: clients past it will be refused; raise LimitNOFILE (ulimit -n) or lower max_connections"
+        );
+    } else if limit < 2 * clients {
+        tracing::info!(
+            limit,
+            max_connections,
+            "the descriptor limit may run short with every connection busy upstream (2 each): consider raising LimitNOFILE (ulimit -n)"
         );
     } else if limit > soft {
         tracing::debug!(from = soft, to = limit, "descriptor limit raised");
