@@ -52,6 +52,9 @@ pub struct Balance {
     limit: Arc<Semaphore>,
     max: usize,
     group: u64,
+    /// Stopped accepting (draining): out of the group, so siblings do not
+    /// hold back for a load this worker no longer takes on.
+    left: std::sync::atomic::AtomicBool,
 }
 
 impl Balance {
@@ -68,6 +71,7 @@ impl Balance {
             limit,
             max,
             group: accept_group(listeners),
+            left: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -80,17 +84,26 @@ impl Balance {
     /// Publishes the load; whether a sibling should take the next
     /// connection.
     fn leave_to_sibling(&self, queued: usize) -> Defer {
+        if self.left.load(std::sync::atomic::Ordering::Relaxed) {
+            return Defer::No;
+        }
         let mine = self.load(queued);
         Defer::choose(mine, self.leases.sibling_load(self.group, mine))
     }
 
-    /// Publishes the load every [`PUBLISH_EVERY`] until `stop`.
+    /// Publishes the load every [`PUBLISH_EVERY`] until `stop`, then
+    /// leaves the group.
     pub async fn publish(self: Arc<Self>, stop: CancellationToken) {
         let mut tick = tokio::time::interval(PUBLISH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => {
+                    self.left.store(true, std::sync::atomic::Ordering::Relaxed);
+                    // Group 0 is none: no sibling compares with this line.
+                    self.leases.sibling_load(0, 0);
+                    return;
+                }
                 _ = tick.tick() => {
                     self.leases.sibling_load(self.group, self.load(0));
                 }
