@@ -116,20 +116,6 @@ async fn the_worker_raises_its_descriptor_limit_to_the_hard_one() {
             Ok(())
         });
     }
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut args = vec![
-        "--socket",
-        alloc.socket.to_str().unwrap(),
-        "--listen",
-        &listen,
-    ];
-    args.extend_from_slice(&ALLOW_LOOPBACK);
-    let worker = Proc::spawn_cmd(cmd, WORKER, &args);
-    let addr: std::net::SocketAddr = listen.parse().unwrap();
-    eventually("the worker port", || async move {
-        TcpStream::connect(addr).await.is_ok()
-    })
-    .await;
-    assert_eq!(soft_nofile(worker.child.id()), hard);
+    let worker = Worker::start_cmd(cmd, &alloc.socket, free_port(), &ALLOW_LOOPBACK).await;
+    assert_eq!(soft_nofile(worker.proc.child.id()), hard);
 }

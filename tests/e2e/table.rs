@@ -146,25 +146,11 @@ async fn a_worker_that_may_not_map_the_table_leases_over_the_socket_in_the_same_
     assert_eq!(mode, 0o600);
     let root = Worker::start(&alloc.socket, &[]).await;
     // A worker running as `nobody`: allowed on the socket, not to the table.
-    let port = free_port();
-    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    let listen = addr.to_string();
-    let mut args = vec![
-        "--socket",
-        alloc.socket.to_str().unwrap(),
-        "--listen",
-        &listen,
-    ];
-    args.extend_from_slice(&ALLOW_LOOPBACK);
     let mut cmd = std::process::Command::new(WORKER);
     cmd.uid(65534).gid(65534);
-    let _nobody = Proc::spawn_cmd(cmd, WORKER, &args);
-    eventually("the worker port", || async move {
-        tokio::net::TcpStream::connect(addr).await.is_ok()
-    })
-    .await;
+    let nobody = Worker::start_cmd(cmd, &alloc.socket, free_port(), &ALLOW_LOOPBACK).await;
     for i in 0..16 {
-        let proxy = if i % 2 == 0 { root.addr } else { addr };
+        let proxy = if i % 2 == 0 { root.addr } else { nobody.addr };
         assert_eq!(get(proxy, &origin.url("/")).await.status, 200);
     }
     let want: Vec<IpAddr> = ips(2..=9).into_iter().cycle().take(16).collect();

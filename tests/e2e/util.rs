@@ -183,11 +183,17 @@ impl Worker {
 
     /// A worker with only `extra` flags: the default destination rules.
     pub async fn start_exactly(socket: &Path, port: u16, extra: &[&str]) -> Worker {
+        Worker::start_cmd(Command::new(WORKER), socket, port, extra).await
+    }
+
+    /// A worker from `cmd` (prepared by the caller: its user, limits…) with
+    /// only `extra` flags, once it listens.
+    pub async fn start_cmd(cmd: Command, socket: &Path, port: u16, extra: &[&str]) -> Worker {
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let listen = addr.to_string();
         let mut args = vec!["--socket", socket.to_str().unwrap(), "--listen", &listen];
         args.extend_from_slice(extra);
-        let proc = Proc::spawn(WORKER, &args);
+        let proc = Proc::spawn_cmd(cmd, WORKER, &args);
         eventually("the worker port", || async move {
             TcpStream::connect(addr).await.is_ok()
         })
