@@ -241,13 +241,29 @@ impl Pipe {
 
 /// An empty pipe (`big` or of the default size) from the pool, or a new
 /// one; `None` (logged, at most once a minute) if none can be made.
+///
+/// When the kernel refuses to grow a pipe (the user's pipe budget is spent),
+/// big ones are not asked for again for a while: each refusal costs a new
+/// pipe and its system calls for a chunk that a pooled small one moves.
 fn take_pipe(big: bool) -> Option<Pipe> {
+    static REFUSED_AT: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+    const REFUSAL_HOLDS: std::time::Duration = std::time::Duration::from_secs(10);
+    let big = big
+        && REFUSED_AT
+            .lock()
+            .expect("poisoned")
+            .is_none_or(|t| t.elapsed() >= REFUSAL_HOLDS);
     let (pool, _) = Pipe::pool(big);
     if let Some(p) = pool.lock().expect("pipe pool poisoned").pop() {
         return Some(p);
     }
     match Pipe::new(big) {
-        Ok(p) => Some(p),
+        Ok(p) => {
+            if big && !p.big {
+                *REFUSED_AT.lock().expect("poisoned") = Some(std::time::Instant::now());
+            }
+            Some(p)
+        }
         Err(e) => {
             static WARNED: Mutex<Option<std::time::Instant>> = Mutex::new(None);
             let mut last = WARNED.lock().expect("poisoned");
