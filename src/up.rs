@@ -226,6 +226,10 @@ impl Slot {
     }
 }
 
+/// How long a child's exit waits for `rotor up`'s own stop before it counts
+/// as a crash.
+const STOP_GRACE: Duration = Duration::from_millis(200);
+
 /// Runs one child until `stop`, restarting it when it dies. `forward_hup`
 /// passes SIGHUP on (the allocator reloads on it).
 async fn supervise(
@@ -266,6 +270,14 @@ async fn supervise(
         };
         match status {
             Some(s) => {
+                // A signal sent to the whole process group (Ctrl-C in a
+                // terminal) or control group reaches the child as it reaches
+                // `rotor up`: that child stopped, it did not crash.
+                let stopping = tokio::time::timeout(STOP_GRACE, stop.cancelled()).await;
+                if stopping.is_ok() {
+                    info!(child = %slot.name, status = ?s.ok(), "stopped");
+                    return;
+                }
                 warn!(child = %slot.name, status = ?s.ok(), "exited unexpectedly; restarting");
                 if started.elapsed() > Duration::from_secs(10) {
                     backoff = Duration::from_millis(100);

@@ -78,3 +78,46 @@ async fn rotor_up_serves_restarts_workers_and_stops_everything() {
     assert!(tokio::net::TcpStream::connect(proxy).await.is_err());
     assert!(!socket.exists(), "the allocator left its socket behind");
 }
+
+#[tokio::test]
+async fn ctrl_c_to_the_whole_process_group_is_a_stop_not_a_crash() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let log_path = dir.path().join("up.log");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cmd = std::process::Command::new(ROTOR);
+    // Its own process group, as a shell gives a foreground job.
+    cmd.process_group(0)
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    let mut up = Proc::spawn_cmd(
+        cmd,
+        ROTOR,
+        &[
+            "up",
+            "--workers",
+            "2",
+            "--pool",
+            "127.0.0.2",
+            "--listen",
+            &listen,
+            "--socket",
+            socket.to_str().unwrap(),
+            "--no-state",
+        ],
+    );
+    eventually("both workers", || async {
+        socket.exists() && worker_pids(&socket).len() == 2
+    })
+    .await;
+    // What a terminal does on Ctrl-C: SIGINT to every process of the group.
+    nix::sys::signal::killpg(up.pid(), Signal::SIGINT).unwrap();
+    let status = up.wait(Duration::from_secs(20));
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!log.contains("unexpectedly"), "{log}");
+    assert!(status.code().is_some(), "{status:?}");
+    assert!(
+        tokio::net::TcpStream::connect(&listen).await.is_err(),
+        "still listening"
+    );
+}
