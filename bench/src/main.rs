@@ -47,6 +47,13 @@ enum Cmd {
         /// `name=127.0.0.1:port`, repeatable.
         #[arg(long = "proxy", value_parser = named_addr)]
         proxies: Vec<(String, SocketAddr)>,
+        /// `name=127.0.0.1:port` of a plain TCP relay to the sink (no
+        /// CONNECT; a reference such as haproxy in TCP mode), repeatable.
+        #[arg(long = "relay", value_parser = named_addr)]
+        relays: Vec<(String, SocketAddr)>,
+        /// Where the far end listens (a relay's configuration names it).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        sink: SocketAddr,
         /// Bytes per bulk transfer.
         #[arg(long, default_value_t = 2 << 30)]
         bytes: u64,
@@ -97,6 +104,8 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Tunnel {
             proxies,
+            relays,
+            sink,
             bytes,
             seconds,
             clients,
@@ -104,6 +113,8 @@ async fn main() -> anyhow::Result<()> {
         } => {
             tunnel_bench(
                 proxies,
+                relays,
+                sink,
                 bytes,
                 Duration::from_secs(seconds),
                 clients,
@@ -260,8 +271,8 @@ async fn table_bench(socket: &PathBuf, threads: usize, dur: Duration) -> anyhow:
 /// transfer: an 8-byte length, that many bytes, answered with the count read
 /// (no half-close, which some proxies end a tunnel on). Anything else is a
 /// set-up probe: one byte, echoed.
-async fn sink() -> anyhow::Result<SocketAddr> {
-    let l = TcpListener::bind("127.0.0.1:0").await?;
+async fn sink(bind: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind(bind).await?;
     let addr = l.local_addr()?;
     tokio::spawn(async move {
         while let Ok((mut s, _)) = l.accept().await {
@@ -294,9 +305,25 @@ async fn sink() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-async fn open(proxy: Option<SocketAddr>, target: SocketAddr) -> anyhow::Result<TcpStream> {
-    let Some(proxy) = proxy else {
-        return Ok(TcpStream::connect(target).await?);
+/// How the client reaches the sink.
+#[derive(Clone, Copy)]
+enum Via {
+    Direct,
+    /// A proxy, asked with CONNECT.
+    Connect(SocketAddr),
+    /// A TCP relay that forwards every connection to the sink.
+    Relay(SocketAddr),
+}
+
+async fn open(via: Via, target: SocketAddr) -> anyhow::Result<TcpStream> {
+    let proxy = match via {
+        Via::Direct => return Ok(TcpStream::connect(target).await?),
+        Via::Relay(relay) => {
+            let s = TcpStream::connect(relay).await?;
+            s.set_nodelay(true)?;
+            return Ok(s);
+        }
+        Via::Connect(proxy) => proxy,
     };
     let mut s = TcpStream::connect(proxy).await?;
     s.set_nodelay(true)?;
@@ -333,14 +360,17 @@ async fn open(proxy: Option<SocketAddr>, target: SocketAddr) -> anyhow::Result<T
 
 async fn tunnel_bench(
     proxies: Vec<(String, SocketAddr)>,
+    relays: Vec<(String, SocketAddr)>,
+    sink_at: SocketAddr,
     bytes: u64,
     dur: Duration,
     clients: usize,
     rounds: usize,
 ) -> anyhow::Result<()> {
-    let target = sink().await?;
-    let mut paths: Vec<(String, Option<SocketAddr>)> = vec![("direct".into(), None)];
-    paths.extend(proxies.into_iter().map(|(n, a)| (n, Some(a))));
+    let target = sink(sink_at).await?;
+    let mut paths: Vec<(String, Via)> = vec![("direct".into(), Via::Direct)];
+    paths.extend(proxies.into_iter().map(|(n, a)| (n, Via::Connect(a))));
+    paths.extend(relays.into_iter().map(|(n, a)| (n, Via::Relay(a))));
     // Rounds interleaved (A B C, A B C…), then each path's medians.
     let mut figures: Vec<(Vec<f64>, Vec<f64>)> = vec![Default::default(); paths.len()];
     for _ in 0..rounds {
@@ -371,7 +401,7 @@ async fn tunnel_bench(
 
 async fn tunnel_path(
     name: &str,
-    proxy: Option<SocketAddr>,
+    proxy: Via,
     target: SocketAddr,
     bytes: u64,
     dur: Duration,
