@@ -261,5 +261,15 @@ mod tests {
             "{a:?}"
         );
         assert!(a.iter().all(|s| s.port() == 80));
+        // No caching at all (`--dns-cache-ttl 0s`) still resolves.
+        let servers = vec!["127.0.0.1:9".parse().unwrap()];
+        let uncached = DnsCache::new(&Resolver::Dns { servers }, Duration::ZERO);
+        for _ in 0..2 {
+            let b = uncached
+                .resolve("localhost", 81, Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert!(!b.is_empty() && b.iter().all(|s| s.port() == 81), "{b:?}");
+        }
     }
 }
