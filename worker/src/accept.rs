@@ -187,7 +187,15 @@ pub async fn accept_loop(
                 if !inherited {
                     let _ = std.set_nodelay(true);
                 }
-                let stream = TcpStream::from_std(std)?;
+                // A connection the reactor cannot take is that connection's
+                // loss, not the listener's.
+                let stream = match TcpStream::from_std(std) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        warn!(%peer, error = %e, "cannot register an accepted connection; closing it");
+                        continue;
+                    }
+                };
                 if tx.send((stream, peer)).await.is_err() {
                     return Ok(());
                 }
