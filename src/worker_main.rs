@@ -103,6 +103,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             tuning.config,
             signals.shutdown.clone(),
             signals.fast.clone(),
+            signals.reloads(),
         )
         .await;
         match result {

@@ -83,3 +83,31 @@ async fn hosts_file_names_need_no_server() {
     .await;
     assert_eq!(r.status, 200);
 }
+
+#[tokio::test]
+async fn sighup_drops_cached_answers() {
+    let dns = Dns::start().await;
+    let first = Origin::start().await;
+    let port = first.addr.port();
+    let second = Origin::start_on(SocketAddr::from(([127, 0, 0, 21], port))).await;
+    dns.set("moved.rotor.test", Ipv4Addr::new(127, 0, 0, 1), 3600);
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let server = dns.addr.to_string();
+    let worker = Worker::start(
+        &alloc.socket,
+        &["--dns-server", &server, "--upstream-idle-timeout", "0s"],
+    )
+    .await;
+    let url = format!("http://moved.rotor.test:{port}/");
+    assert_eq!(get(worker.addr, &url).await.status, 200);
+    assert_eq!(first.count(), 1);
+    dns.set("moved.rotor.test", Ipv4Addr::new(127, 0, 0, 21), 3600);
+    assert_eq!(get(worker.addr, &url).await.status, 200);
+    assert_eq!(second.count(), 0, "followed before its TTL ran out");
+    worker.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually("the moved name followed after SIGHUP", || async {
+        get(worker.addr, &url).await.status == 200 && second.count() > 0
+    })
+    .await;
+    assert_eq!(dns.queries_for("moved.rotor.test"), 2);
+}

@@ -61,7 +61,10 @@ type Entries = HashMap<(String, u16), (Vec<SocketAddr>, Instant)>;
 pub struct DnsCache {
     /// The longest an answer is kept; zero: not at all.
     ttl: Duration,
-    how: How,
+    resolver: Resolver,
+    /// Swapped whole by [`reload`](Self::reload); a lookup in flight keeps
+    /// the one it started with.
+    how: std::sync::RwLock<std::sync::Arc<How>>,
 }
 
 enum How {
@@ -69,10 +72,9 @@ enum How {
     System(Mutex<Entries>),
 }
 
-impl DnsCache {
-    /// Must run on the runtime that will do the lookups.
-    pub fn new(resolver: &Resolver, ttl: Duration) -> DnsCache {
-        let how = match resolver {
+impl How {
+    fn new(resolver: &Resolver, ttl: Duration) -> How {
+        match resolver {
             Resolver::System => How::System(Mutex::new(HashMap::new())),
             Resolver::Dns { servers } => match dns_resolver(servers, ttl) {
                 Ok(r) => How::Dns(Box::new(r)),
@@ -81,8 +83,30 @@ impl DnsCache {
                     How::System(Mutex::new(HashMap::new()))
                 }
             },
-        };
-        DnsCache { ttl, how }
+        }
+    }
+}
+
+impl DnsCache {
+    /// Must run on the runtime that will do the lookups.
+    pub fn new(resolver: &Resolver, ttl: Duration) -> DnsCache {
+        DnsCache {
+            ttl,
+            resolver: resolver.clone(),
+            how: std::sync::RwLock::new(std::sync::Arc::new(How::new(resolver, ttl))),
+        }
+    }
+
+    /// Starts over (SIGHUP): every cached answer dropped, and the DNS
+    /// resolver's configuration (`/etc/resolv.conf`, `/etc/hosts`) read
+    /// anew.
+    pub fn reload(&self) {
+        let fresh = std::sync::Arc::new(How::new(&self.resolver, self.ttl));
+        *self.how.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+    }
+
+    fn current(&self) -> std::sync::Arc<How> {
+        self.how.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The addresses of `host:port`, within `timeout`. An IP literal needs
@@ -96,7 +120,7 @@ impl DnsCache {
         if ip_literal(host).is_some() {
             return resolve(host, port, timeout).await;
         }
-        match &self.how {
+        match &*self.current() {
             How::Dns(r) => self.resolve_dns(r, host, port, timeout).await,
             How::System(entries) => self.resolve_system(entries, host, port, timeout).await,
         }
@@ -223,7 +247,8 @@ mod tests {
     #[tokio::test]
     async fn system_names_are_cached_and_literals_are_not() {
         let cache = DnsCache::new(&Resolver::System, Duration::from_secs(30));
-        let How::System(entries) = &cache.how else {
+        let how = cache.current();
+        let How::System(entries) = &*how else {
             panic!("not the system resolver");
         };
         // `localhost` comes from /etc/hosts: no query leaves the machine.
@@ -251,7 +276,7 @@ mod tests {
         // Port 9 (discard): nothing answers there; /etc/hosts must.
         let servers = vec!["127.0.0.1:9".parse().unwrap()];
         let cache = DnsCache::new(&Resolver::Dns { servers }, Duration::from_secs(30));
-        assert!(matches!(cache.how, How::Dns(_)));
+        assert!(matches!(&*cache.current(), How::Dns(_)));
         let a = cache
             .resolve("localhost", 80, Duration::from_secs(5))
             .await

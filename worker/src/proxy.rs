@@ -160,6 +160,11 @@ impl Proxy {
         &self.upstream
     }
 
+    /// Name resolution starts over: cache dropped, configuration re-read.
+    pub fn reload_dns(&self) {
+        self.dns.reload();
+    }
+
     async fn lease(&self, families: Families) -> Result<Lease, ProxyError> {
         self.leases.lease(families).await.map_err(|e| match e {
             LeaseError::NoAddress(reason) => ProxyError::NoAddress(reason),

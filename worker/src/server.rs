@@ -49,13 +49,15 @@ pub enum Stopped {
 /// Serves the listeners until `shutdown` is cancelled, then drains: no new
 /// connections, idle keep-alive connections closed at once, in-flight
 /// requests and tunnels given up to the drain timeout. `fast` cancelled
-/// cuts the drain short.
+/// cuts the drain short. Each change of `reloads` (SIGHUP) starts name
+/// resolution over.
 pub async fn run(
     listeners: Vec<std::net::TcpListener>,
     leases: Arc<LeaseClient>,
     config: Config,
     shutdown: CancellationToken,
     fast: CancellationToken,
+    mut reloads: tokio::sync::watch::Receiver<u64>,
 ) -> io::Result<Stopped> {
     let tunnels = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(config.max_connections));
@@ -94,6 +96,13 @@ pub async fn run(
     acceptors.close();
 
     tokio::spawn(proxy.upstream().clone().reap(fast.clone()));
+    let reloading = proxy.clone();
+    tokio::spawn(async move {
+        while reloads.changed().await.is_ok() {
+            reloading.reload_dns();
+            info!("name resolution reloaded: cache dropped, resolv.conf and hosts re-read");
+        }
+    });
     tokio::spawn(notify_systemd(
         proxy.clone(),
         connections.clone(),
