@@ -8,51 +8,91 @@ use std::time::Duration;
 
 use crate::util::*;
 
+/// A DNS server; two origins on one port, at 127.0.0.1 and at `moved_to`;
+/// an allocator and a worker that asks that server. Upstream connections
+/// are kept per name, so the worker keeps none: each request connects to
+/// what its name resolves to now.
+struct Moving {
+    dns: Dns,
+    first: Origin,
+    second: Origin,
+    port: u16,
+    _alloc: Allocator,
+    worker: Worker,
+}
+
+impl Moving {
+    async fn start(moved_to: [u8; 4]) -> Moving {
+        let dns = Dns::start().await;
+        let first = Origin::start().await;
+        let port = first.addr.port();
+        let second = Origin::start_on(SocketAddr::from((moved_to, port))).await;
+        let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3"]).await;
+        let server = dns.addr.to_string();
+        let worker = Worker::start(
+            &alloc.socket,
+            &["--dns-server", &server, "--upstream-idle-timeout", "0s"],
+        )
+        .await;
+        Moving {
+            dns,
+            first,
+            second,
+            port,
+            _alloc: alloc,
+            worker,
+        }
+    }
+}
+
 #[tokio::test]
 async fn answers_are_kept_for_their_ttl_and_then_asked_again() {
-    let dns = Dns::start().await;
-    // Two origins on one port, on two loopback addresses.
-    let first = Origin::start().await;
-    let port = first.addr.port();
-    let second = Origin::start_on(SocketAddr::from(([127, 0, 0, 20], port))).await;
-    dns.set("short.rotor.test", Ipv4Addr::new(127, 0, 0, 1), 1);
-    dns.set("long.rotor.test", Ipv4Addr::new(127, 0, 0, 1), 3600);
-    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3"]).await;
-    let server = dns.addr.to_string();
-    // Upstream connections are kept per name: none kept, so each request
-    // connects to what the name resolves to now.
-    let worker = Worker::start(
-        &alloc.socket,
-        &["--dns-server", &server, "--upstream-idle-timeout", "0s"],
-    )
-    .await;
-    let mut conn = ProxyConn::open(worker.addr).await;
+    let m = Moving::start([127, 0, 0, 20]).await;
+    m.dns
+        .set("short.rotor.test", Ipv4Addr::new(127, 0, 0, 1), 1);
+    m.dns
+        .set("long.rotor.test", Ipv4Addr::new(127, 0, 0, 1), 3600);
+    let mut conn = ProxyConn::open(m.worker.addr).await;
     for name in ["short", "long"] {
         for _ in 0..3 {
-            let r = conn.get(&format!("http://{name}.rotor.test:{port}/")).await;
+            let r = conn
+                .get(&format!("http://{name}.rotor.test:{}/", m.port))
+                .await;
             assert_eq!(r.status, 200, "{name}");
         }
     }
-    assert_eq!(first.count(), 6);
-    assert_eq!(dns.queries_for("short.rotor.test"), 1, "asked per request");
-    assert_eq!(dns.queries_for("long.rotor.test"), 1, "asked per request");
+    assert_eq!(m.first.count(), 6);
+    assert_eq!(
+        m.dns.queries_for("short.rotor.test"),
+        1,
+        "asked per request"
+    );
+    assert_eq!(m.dns.queries_for("long.rotor.test"), 1, "asked per request");
 
     // Both names move; only the one whose TTL ran out is followed.
-    dns.set("short.rotor.test", Ipv4Addr::new(127, 0, 0, 20), 1);
-    dns.set("long.rotor.test", Ipv4Addr::new(127, 0, 0, 20), 3600);
+    m.dns
+        .set("short.rotor.test", Ipv4Addr::new(127, 0, 0, 20), 1);
+    m.dns
+        .set("long.rotor.test", Ipv4Addr::new(127, 0, 0, 20), 3600);
     tokio::time::sleep(Duration::from_millis(2200)).await;
     for name in ["short", "long"] {
-        let r = conn.get(&format!("http://{name}.rotor.test:{port}/")).await;
+        let r = conn
+            .get(&format!("http://{name}.rotor.test:{}/", m.port))
+            .await;
         assert_eq!(r.status, 200, "{name}");
     }
     assert_eq!(
-        second.count(),
+        m.second.count(),
         1,
         "the moved short-TTL name was not followed"
     );
-    assert_eq!(first.count(), 7, "the long-TTL name was asked again early");
-    assert_eq!(dns.queries_for("short.rotor.test"), 2);
-    assert_eq!(dns.queries_for("long.rotor.test"), 1);
+    assert_eq!(
+        m.first.count(),
+        7,
+        "the long-TTL name was asked again early"
+    );
+    assert_eq!(m.dns.queries_for("short.rotor.test"), 2);
+    assert_eq!(m.dns.queries_for("long.rotor.test"), 1);
 }
 
 #[tokio::test]
@@ -86,28 +126,20 @@ async fn hosts_file_names_need_no_server() {
 
 #[tokio::test]
 async fn sighup_drops_cached_answers() {
-    let dns = Dns::start().await;
-    let first = Origin::start().await;
-    let port = first.addr.port();
-    let second = Origin::start_on(SocketAddr::from(([127, 0, 0, 21], port))).await;
-    dns.set("moved.rotor.test", Ipv4Addr::new(127, 0, 0, 1), 3600);
-    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
-    let server = dns.addr.to_string();
-    let worker = Worker::start(
-        &alloc.socket,
-        &["--dns-server", &server, "--upstream-idle-timeout", "0s"],
-    )
-    .await;
-    let url = format!("http://moved.rotor.test:{port}/");
-    assert_eq!(get(worker.addr, &url).await.status, 200);
-    assert_eq!(first.count(), 1);
-    dns.set("moved.rotor.test", Ipv4Addr::new(127, 0, 0, 21), 3600);
-    assert_eq!(get(worker.addr, &url).await.status, 200);
-    assert_eq!(second.count(), 0, "followed before its TTL ran out");
-    worker.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    let m = Moving::start([127, 0, 0, 21]).await;
+    m.dns
+        .set("moved.rotor.test", Ipv4Addr::new(127, 0, 0, 1), 3600);
+    let url = format!("http://moved.rotor.test:{}/", m.port);
+    assert_eq!(get(m.worker.addr, &url).await.status, 200);
+    assert_eq!(m.first.count(), 1);
+    m.dns
+        .set("moved.rotor.test", Ipv4Addr::new(127, 0, 0, 21), 3600);
+    assert_eq!(get(m.worker.addr, &url).await.status, 200);
+    assert_eq!(m.second.count(), 0, "followed before its TTL ran out");
+    m.worker.proc.signal(nix::sys::signal::Signal::SIGHUP);
     eventually("the moved name followed after SIGHUP", || async {
-        get(worker.addr, &url).await.status == 200 && second.count() > 0
+        get(m.worker.addr, &url).await.status == 200 && m.second.count() > 0
     })
     .await;
-    assert_eq!(dns.queries_for("moved.rotor.test"), 2);
+    assert_eq!(m.dns.queries_for("moved.rotor.test"), 2);
 }
