@@ -32,7 +32,7 @@
 //! the rotation itself is the cursor, which is exact.
 //!
 //! A peer line also carries what its worker publishes for accept balancing
-//! (see the worker's `server`): the identity of the listening sockets it
+//! (see the worker's `accept`): the identity of the listening sockets it
 //! accepts from (its group; 0 for none) and its load, the client
 //! connections and tunnels it holds. Words a layout-1 peer did not know of
 //! are zero, so older workers simply take no part.
@@ -67,6 +67,12 @@ const SLOTS_USED: usize = 5;
 /// Words of a peer line.
 const PEER_GROUP: usize = 1;
 const PEER_LOAD: usize = 2;
+
+/// The first word of peer `slot`'s line; `None` past the last slot.
+fn peer_line(slot: u32) -> Option<usize> {
+    let slot = slot as usize;
+    (slot < PEER_SLOTS).then_some(PEERS + slot * LINE)
+}
 const STATE: usize = LINE;
 const SEQ: usize = LINE + 1;
 const HALVES: usize = 2 * LINE;
@@ -387,9 +393,8 @@ impl LeaseTable {
                 Ok(_) => {
                     self.word(self.entry(half, i) + 3)
                         .fetch_add(1, Ordering::Relaxed);
-                    if let Some(slot) = slot.filter(|s| (*s as usize) < PEER_SLOTS) {
-                        self.word(PEERS + slot as usize * LINE)
-                            .fetch_add(1, Ordering::Relaxed);
+                    if let Some(line) = slot.and_then(peer_line) {
+                        self.word(line).fetch_add(1, Ordering::Relaxed);
                     }
                     let seq = self.word(SEQ).fetch_add(1, Ordering::Relaxed) + 1;
                     return Some(Response::Leased {
@@ -544,18 +549,12 @@ impl LeaseTable {
 
     /// Leases counted for peer `slot` since it was last reset.
     pub fn peer_leases(&self, slot: u32) -> u64 {
-        match (slot as usize) < PEER_SLOTS {
-            true => self
-                .word(PEERS + slot as usize * LINE)
-                .load(Ordering::Relaxed),
-            false => 0,
-        }
+        peer_line(slot).map_or(0, |line| self.word(line).load(Ordering::Relaxed))
     }
 
     /// Zeroes peer `slot`'s line, for a new peer or when one is gone.
     pub fn reset_peer(&self, slot: u32) {
-        if (slot as usize) < PEER_SLOTS {
-            let line = PEERS + slot as usize * LINE;
+        if let Some(line) = peer_line(slot) {
             self.word(line + PEER_GROUP).store(0, Ordering::Relaxed);
             self.word(line + PEER_LOAD).store(0, Ordering::Relaxed);
             self.word(line).store(0, Ordering::Relaxed);
@@ -565,7 +564,7 @@ impl LeaseTable {
     /// Hands peer `slot` out: its line zeroed, and counted in the peer
     /// lines [`least_sibling_load`](Self::least_sibling_load) reads.
     pub fn assign_peer(&self, slot: u32) {
-        if (slot as usize) < PEER_SLOTS {
+        if peer_line(slot).is_some() {
             self.reset_peer(slot);
             self.word(SLOTS_USED)
                 .fetch_max(u64::from(slot) + 1, Ordering::Relaxed);
@@ -575,8 +574,7 @@ impl LeaseTable {
     /// Publishes peer `slot`'s `load` among the peers of accept `group`
     /// (nonzero: the peers that accept from the same listening sockets).
     pub fn set_peer_load(&self, slot: u32, group: u64, load: u64) {
-        if (slot as usize) < PEER_SLOTS {
-            let line = PEERS + slot as usize * LINE;
+        if let Some(line) = peer_line(slot) {
             self.word(line + PEER_LOAD).store(load, Ordering::Relaxed);
             self.word(line + PEER_GROUP).store(group, Ordering::Relaxed);
         }
@@ -588,10 +586,13 @@ impl LeaseTable {
         if group == 0 {
             return None;
         }
-        let used = (self.word(SLOTS_USED).load(Ordering::Relaxed) as usize).min(PEER_SLOTS);
+        let used = self
+            .word(SLOTS_USED)
+            .load(Ordering::Relaxed)
+            .min(PEER_SLOTS as u64) as u32;
         (0..used)
-            .filter(|&s| s != slot as usize)
-            .map(|s| PEERS + s * LINE)
+            .filter(|&s| s != slot)
+            .filter_map(peer_line)
             .filter(|&line| self.word(line + PEER_GROUP).load(Ordering::Relaxed) == group)
             .map(|line| self.word(line + PEER_LOAD).load(Ordering::Relaxed))
             .min()
