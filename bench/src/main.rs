@@ -65,6 +65,11 @@ enum Cmd {
         /// Rounds over all paths, interleaved; medians at the end.
         #[arg(long, default_value = "1")]
         rounds: usize,
+        /// `name=PID`: the process serving path `name`, whose CPU time
+        /// (with its children's: `rotor up`'s allocator and workers) gives
+        /// the CPU each set-up and each GiB cost it. Repeatable.
+        #[arg(long = "cpu", value_parser = named_pid)]
+        cpu: Vec<(String, u32)>,
     },
     /// Opens N client connections, sends one request on each through the
     /// proxy, then holds them idle; prints `ready` and waits.
@@ -83,6 +88,43 @@ enum Cmd {
 fn named_addr(s: &str) -> Result<(String, SocketAddr), String> {
     let (name, addr) = s.split_once('=').ok_or("expected name=addr")?;
     Ok((name.to_string(), addr.parse().map_err(|e| format!("{e}"))?))
+}
+
+fn named_pid(s: &str) -> Result<(String, u32), String> {
+    let (name, pid) = s.split_once('=').ok_or("expected name=PID")?;
+    Ok((name.to_string(), pid.parse().map_err(|e| format!("{e}"))?))
+}
+
+/// User and system CPU time used so far by `root` and its children (not
+/// their children), from /proc; a process that has gone counts nothing.
+fn cpu_time(root: u32) -> Duration {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // The fields after the command name, which may hold spaces.
+    let fields = |pid: &str| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = stat.get(stat.rfind(')')? + 2..)?;
+        Some(rest.split(' ').map(str::to_string).collect::<Vec<_>>())
+    };
+    // utime and stime are fields 14 and 15 of stat(5); ppid is field 4.
+    let used = |f: &[String]| {
+        let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        n(11) + n(12)
+    };
+    let mut total = fields(&root.to_string()).map_or(0, |f| used(&f));
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if let Some(f) = fields(pid).filter(|f| f.get(1).is_some_and(|p| *p == root.to_string())) {
+            total += used(&f);
+        }
+    }
+    Duration::from_secs_f64(total as f64 / ticks)
 }
 
 #[tokio::main]
@@ -110,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
             seconds,
             clients,
             rounds,
+            cpu,
         } => {
             tunnel_bench(
                 proxies,
@@ -119,6 +162,7 @@ async fn main() -> anyhow::Result<()> {
                 Duration::from_secs(seconds),
                 clients,
                 rounds,
+                cpu,
             )
             .await?
         }
@@ -358,6 +402,7 @@ async fn open(via: Via, target: SocketAddr) -> anyhow::Result<TcpStream> {
     Ok(s)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn tunnel_bench(
     proxies: Vec<(String, SocketAddr)>,
     relays: Vec<(String, SocketAddr)>,
@@ -366,37 +411,57 @@ async fn tunnel_bench(
     dur: Duration,
     clients: usize,
     rounds: usize,
+    cpu: Vec<(String, u32)>,
 ) -> anyhow::Result<()> {
     let target = sink(sink_at).await?;
     let mut paths: Vec<(String, Via)> = vec![("direct".into(), Via::Direct)];
     paths.extend(proxies.into_iter().map(|(n, a)| (n, Via::Connect(a))));
     paths.extend(relays.into_iter().map(|(n, a)| (n, Via::Relay(a))));
     // Rounds interleaved (A B C, A B C…), then each path's medians.
-    let mut figures: Vec<(Vec<f64>, Vec<f64>)> = vec![Default::default(); paths.len()];
+    let mut figures: Vec<Vec<Figures>> = vec![Vec::new(); paths.len()];
     for _ in 0..rounds {
-        for ((name, proxy), (bulk, setup)) in paths.iter().zip(figures.iter_mut()) {
-            match tunnel_path(name, *proxy, target, bytes, dur, clients).await {
-                Ok((b, s)) => {
-                    bulk.push(b);
-                    setup.push(s);
-                }
+        for ((name, proxy), rounds) in paths.iter().zip(figures.iter_mut()) {
+            let pid = cpu.iter().find(|(n, _)| n == name).map(|(_, p)| *p);
+            match tunnel_path(name, *proxy, target, bytes, dur, clients, pid).await {
+                Ok(f) => rounds.push(f),
                 Err(e) => println!("tunnel path={name} error={e:#}"),
             }
         }
     }
-    let median = |v: &mut Vec<f64>| {
+    let median = |rounds: &[Figures], figure: fn(&Figures) -> Option<f64>| {
+        let mut v: Vec<f64> = rounds.iter().filter_map(figure).collect();
         v.sort_by(f64::total_cmp);
-        v.get(v.len().saturating_sub(1) / 2).copied().unwrap_or(0.0)
+        v.get(v.len().saturating_sub(1) / 2).copied()
     };
-    for ((name, _), (bulk, setup)) in paths.iter().zip(figures.iter_mut()) {
-        println!(
+    for ((name, _), rounds) in paths.iter().zip(figures.iter()) {
+        let mut line = format!(
             "tunnel_median path={name} rounds={} bulk_MiB/s={:.0} setups/s={:.0}",
-            bulk.len(),
-            median(bulk),
-            median(setup)
+            rounds.len(),
+            median(rounds, |f| Some(f.bulk)).unwrap_or(0.0),
+            median(rounds, |f| Some(f.setups)).unwrap_or(0.0),
         );
+        if let Some(c) = median(rounds, |f| f.cpu_per_gib) {
+            line += &format!(" proxy_cpu_s/GiB={c:.2}");
+        }
+        if let Some(c) = median(rounds, |f| f.cpu_per_setup) {
+            line += &format!(" proxy_cpu_us/setup={c:.1}");
+        }
+        println!("{line}");
     }
     Ok(())
+}
+
+/// One round of one path.
+#[derive(Clone, Copy)]
+struct Figures {
+    /// Bulk MiB/s.
+    bulk: f64,
+    /// Tunnels set up (and used, and closed) per second.
+    setups: f64,
+    /// The proxy's CPU seconds per GiB of bulk, and µs per set-up, when its
+    /// process is known.
+    cpu_per_gib: Option<f64>,
+    cpu_per_setup: Option<f64>,
 }
 
 async fn tunnel_path(
@@ -406,12 +471,16 @@ async fn tunnel_path(
     bytes: u64,
     dur: Duration,
     clients: usize,
-) -> anyhow::Result<(f64, f64)> {
+    pid: Option<u32>,
+) -> anyhow::Result<Figures> {
     {
         let proxy = &proxy;
+        // None when unknown, or when a process restarted (its count began anew).
+        let cpu_since = |before: Option<Duration>| cpu_time(pid?).checked_sub(before?);
         // Bulk: one stream of `bytes`, counted by the sink.
         let mut s = open(*proxy, target).await?;
         let chunk = vec![0x5au8; 256 * 1024];
+        let cpu0 = pid.map(cpu_time);
         let t0 = Instant::now();
         s.write_all(b"B").await?;
         s.write_all(&bytes.to_be_bytes()).await?;
@@ -424,16 +493,20 @@ async fn tunnel_path(
         let mut count = [0u8; 8];
         s.read_exact(&mut count).await?;
         let secs = t0.elapsed().as_secs_f64();
+        let cpu_per_gib =
+            cpu_since(cpu0).map(|c| c.as_secs_f64() / (sent as f64 / (1u64 << 30) as f64));
         let got = u64::from_be_bytes(count);
         if got != sent {
             bail!("{name}: sink got {got} of {sent} bytes");
         }
         let bulk = sent as f64 / secs / (1 << 20) as f64;
         println!("tunnel_bulk path={name} MiB/s={bulk:.0} bytes={sent}");
+        drop(s);
 
         // Set-up rate: CONNECT, one byte each way, close; `clients` at once.
         let done = Arc::new(AtomicU64::new(0));
         let errors = Arc::new(AtomicU64::new(0));
+        let cpu0 = pid.map(cpu_time);
         let deadline = Instant::now() + dur;
         let mut tasks = Vec::new();
         for _ in 0..clients {
@@ -459,12 +532,19 @@ async fn tunnel_path(
         for t in tasks {
             t.await?;
         }
-        let setups = done.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
+        let done = done.load(Ordering::Relaxed);
+        let setups = done as f64 / t0.elapsed().as_secs_f64();
+        let cpu_per_setup = cpu_since(cpu0).map(|c| c.as_secs_f64() * 1e6 / done.max(1) as f64);
         println!(
             "tunnel_setup path={name} clients={clients} setups/s={setups:.0} errors={}",
             errors.load(Ordering::Relaxed)
         );
-        Ok((bulk, setups))
+        Ok(Figures {
+            bulk,
+            setups,
+            cpu_per_gib,
+            cpu_per_setup,
+        })
     }
 }
 
