@@ -111,7 +111,8 @@ fn cpu_time(root: u32) -> Duration {
         let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         n(11) + n(12)
     };
-    let mut total = fields(&root.to_string()).map_or(0, |f| used(&f));
+    let root = root.to_string();
+    let mut total = fields(&root).map_or(0, |f| used(&f));
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let name = entry.file_name();
         let Some(pid) = name
@@ -120,7 +121,7 @@ fn cpu_time(root: u32) -> Duration {
         else {
             continue;
         };
-        if let Some(f) = fields(pid).filter(|f| f.get(1).is_some_and(|p| *p == root.to_string())) {
+        if let Some(f) = fields(pid).filter(|f| f.get(1) == Some(&root)) {
             total += used(&f);
         }
     }
