@@ -313,9 +313,10 @@ async fn table_bench(socket: &PathBuf, threads: usize, dur: Duration) -> anyhow:
 }
 
 /// The far end of the tunnels. A connection starting with `B` is a bulk
-/// transfer: an 8-byte length, that many bytes, answered with the count read
-/// (no half-close, which some proxies end a tunnel on). Anything else is a
-/// set-up probe: one byte, echoed.
+/// upload: an 8-byte length, that many bytes, answered with the count read
+/// (no half-close, which some proxies end a tunnel on). One starting with
+/// `D` is a bulk download: an 8-byte length, answered with that many bytes.
+/// Anything else is a set-up probe: one byte, echoed.
 async fn sink(bind: SocketAddr) -> anyhow::Result<SocketAddr> {
     let l = TcpListener::bind(bind).await?;
     let addr = l.local_addr()?;
@@ -326,7 +327,7 @@ async fn sink(bind: SocketAddr) -> anyhow::Result<SocketAddr> {
                 if s.read_exact(&mut first).await.is_err() {
                     return;
                 }
-                if first[0] != b'B' {
+                if first[0] != b'B' && first[0] != b'D' {
                     let _ = s.write_all(&first).await;
                     return;
                 }
@@ -335,6 +336,10 @@ async fn sink(bind: SocketAddr) -> anyhow::Result<SocketAddr> {
                     return;
                 }
                 let want = u64::from_be_bytes(len);
+                if first[0] == b'D' {
+                    let _ = send_bytes(&mut s, want).await;
+                    return;
+                }
                 let mut buf = vec![0u8; 256 * 1024];
                 let mut n = 0u64;
                 while n < want {
@@ -348,6 +353,18 @@ async fn sink(bind: SocketAddr) -> anyhow::Result<SocketAddr> {
         }
     });
     Ok(addr)
+}
+
+/// Writes `n` bytes to `s` in 256 KiB writes.
+async fn send_bytes(s: &mut TcpStream, n: u64) -> std::io::Result<()> {
+    let chunk = vec![0x5au8; 256 * 1024];
+    let mut sent = 0u64;
+    while sent < n {
+        let k = chunk.len().min((n - sent) as usize);
+        s.write_all(&chunk[..k]).await?;
+        sent += k as u64;
+    }
+    Ok(())
 }
 
 /// How the client reaches the sink.
@@ -436,13 +453,17 @@ async fn tunnel_bench(
     };
     for ((name, _), rounds) in paths.iter().zip(figures.iter()) {
         let mut line = format!(
-            "tunnel_median path={name} rounds={} bulk_MiB/s={:.0} setups/s={:.0}",
+            "tunnel_median path={name} rounds={} up_MiB/s={:.0} down_MiB/s={:.0} setups/s={:.0}",
             rounds.len(),
             median(rounds, |f| Some(f.bulk)).unwrap_or(0.0),
+            median(rounds, |f| Some(f.bulk_down)).unwrap_or(0.0),
             median(rounds, |f| Some(f.setups)).unwrap_or(0.0),
         );
         if let Some(c) = median(rounds, |f| f.cpu_per_gib) {
-            line += &format!(" proxy_cpu_s/GiB={c:.2}");
+            line += &format!(" up_cpu_s/GiB={c:.2}");
+        }
+        if let Some(c) = median(rounds, |f| f.cpu_per_gib_down) {
+            line += &format!(" down_cpu_s/GiB={c:.2}");
         }
         if let Some(c) = median(rounds, |f| f.cpu_per_setup) {
             line += &format!(" proxy_cpu_us/setup={c:.1}");
@@ -455,13 +476,15 @@ async fn tunnel_bench(
 /// One round of one path.
 #[derive(Clone, Copy)]
 struct Figures {
-    /// Bulk MiB/s.
+    /// Bulk MiB/s, client to far end and back.
     bulk: f64,
+    bulk_down: f64,
     /// Tunnels set up (and used, and closed) per second.
     setups: f64,
-    /// The proxy's CPU seconds per GiB of bulk, and µs per set-up, when its
-    /// process is known.
+    /// The proxy's CPU seconds per GiB of bulk each way, and µs per set-up,
+    /// when its process is known.
     cpu_per_gib: Option<f64>,
+    cpu_per_gib_down: Option<f64>,
     cpu_per_setup: Option<f64>,
 }
 
@@ -478,30 +501,44 @@ async fn tunnel_path(
         let proxy = &proxy;
         // None when unknown, or when a process restarted (its count began anew).
         let cpu_since = |before: Option<Duration>| cpu_time(pid?).checked_sub(before?);
-        // Bulk: one stream of `bytes`, counted by the sink.
+        let gib = bytes as f64 / (1u64 << 30) as f64;
+        // Bulk up: one stream of `bytes`, counted by the sink.
         let mut s = open(*proxy, target).await?;
-        let chunk = vec![0x5au8; 256 * 1024];
         let cpu0 = pid.map(cpu_time);
         let t0 = Instant::now();
         s.write_all(b"B").await?;
         s.write_all(&bytes.to_be_bytes()).await?;
-        let mut sent = 0u64;
-        while sent < bytes {
-            let k = chunk.len().min((bytes - sent) as usize);
-            s.write_all(&chunk[..k]).await?;
-            sent += k as u64;
-        }
+        send_bytes(&mut s, bytes).await?;
         let mut count = [0u8; 8];
         s.read_exact(&mut count).await?;
         let secs = t0.elapsed().as_secs_f64();
-        let cpu_per_gib =
-            cpu_since(cpu0).map(|c| c.as_secs_f64() / (sent as f64 / (1u64 << 30) as f64));
+        let cpu_per_gib = cpu_since(cpu0).map(|c| c.as_secs_f64() / gib);
         let got = u64::from_be_bytes(count);
-        if got != sent {
-            bail!("{name}: sink got {got} of {sent} bytes");
+        if got != bytes {
+            bail!("{name}: sink got {got} of {bytes} bytes");
         }
-        let bulk = sent as f64 / secs / (1 << 20) as f64;
-        println!("tunnel_bulk path={name} MiB/s={bulk:.0} bytes={sent}");
+        let bulk = bytes as f64 / secs / (1 << 20) as f64;
+        println!("tunnel_bulk path={name} dir=up MiB/s={bulk:.0} bytes={bytes}");
+        drop(s);
+
+        // Bulk down: the sink sends `bytes`, the client counts them.
+        let mut s = open(*proxy, target).await?;
+        let cpu0 = pid.map(cpu_time);
+        let t0 = Instant::now();
+        s.write_all(b"D").await?;
+        s.write_all(&bytes.to_be_bytes()).await?;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0u64;
+        while got < bytes {
+            match s.read(&mut buf).await? {
+                0 => bail!("{name}: the download ended after {got} of {bytes} bytes"),
+                k => got += k as u64,
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu_per_gib_down = cpu_since(cpu0).map(|c| c.as_secs_f64() / gib);
+        let bulk_down = bytes as f64 / secs / (1 << 20) as f64;
+        println!("tunnel_bulk path={name} dir=down MiB/s={bulk_down:.0} bytes={bytes}");
         drop(s);
 
         // Set-up rate: CONNECT, one byte each way, close; `clients` at once.
@@ -542,8 +579,10 @@ async fn tunnel_path(
         );
         Ok(Figures {
             bulk,
+            bulk_down,
             setups,
             cpu_per_gib,
+            cpu_per_gib_down,
             cpu_per_setup,
         })
     }
