@@ -128,6 +128,12 @@ fn cpu_time(root: u32) -> Duration {
     Duration::from_secs_f64(total as f64 / ticks)
 }
 
+/// CPU time `pid` (and its children) used since `before`; None when either
+/// is unknown, or when the process restarted (its count began anew).
+fn cpu_since(pid: Option<u32>, before: Option<Duration>) -> Option<Duration> {
+    cpu_time(pid?).checked_sub(before?)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
@@ -488,6 +494,57 @@ struct Figures {
     cpu_per_setup: Option<f64>,
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum Way {
+    /// The client sends, the far end answers the count it read.
+    Up,
+    /// The far end sends, the client counts.
+    Down,
+}
+
+/// One bulk stream of `bytes` through `proxy`: MiB/s, and the proxy's CPU
+/// seconds per GiB when its process is known (and did not restart).
+async fn bulk_stream(
+    name: &str,
+    proxy: Via,
+    target: SocketAddr,
+    bytes: u64,
+    way: Way,
+    pid: Option<u32>,
+) -> anyhow::Result<(f64, Option<f64>)> {
+    let mut s = open(proxy, target).await?;
+    let cpu0 = pid.map(cpu_time);
+    let t0 = Instant::now();
+    s.write_all(if way == Way::Up { b"B" } else { b"D" })
+        .await?;
+    s.write_all(&bytes.to_be_bytes()).await?;
+    if way == Way::Up {
+        send_bytes(&mut s, bytes).await?;
+        let mut count = [0u8; 8];
+        s.read_exact(&mut count).await?;
+        let got = u64::from_be_bytes(count);
+        if got != bytes {
+            bail!("{name}: sink got {got} of {bytes} bytes");
+        }
+    } else {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0u64;
+        while got < bytes {
+            match s.read(&mut buf).await? {
+                0 => bail!("{name}: the download ended after {got} of {bytes} bytes"),
+                k => got += k as u64,
+            }
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    let cpu = cpu_since(pid, cpu0).map(|c| c.as_secs_f64() / gib);
+    let rate = bytes as f64 / secs / (1 << 20) as f64;
+    let dir = if way == Way::Up { "up" } else { "down" };
+    println!("tunnel_bulk path={name} dir={dir} MiB/s={rate:.0} bytes={bytes}");
+    Ok((rate, cpu))
+}
+
 async fn tunnel_path(
     name: &str,
     proxy: Via,
@@ -499,47 +556,9 @@ async fn tunnel_path(
 ) -> anyhow::Result<Figures> {
     {
         let proxy = &proxy;
-        // None when unknown, or when a process restarted (its count began anew).
-        let cpu_since = |before: Option<Duration>| cpu_time(pid?).checked_sub(before?);
-        let gib = bytes as f64 / (1u64 << 30) as f64;
-        // Bulk up: one stream of `bytes`, counted by the sink.
-        let mut s = open(*proxy, target).await?;
-        let cpu0 = pid.map(cpu_time);
-        let t0 = Instant::now();
-        s.write_all(b"B").await?;
-        s.write_all(&bytes.to_be_bytes()).await?;
-        send_bytes(&mut s, bytes).await?;
-        let mut count = [0u8; 8];
-        s.read_exact(&mut count).await?;
-        let secs = t0.elapsed().as_secs_f64();
-        let cpu_per_gib = cpu_since(cpu0).map(|c| c.as_secs_f64() / gib);
-        let got = u64::from_be_bytes(count);
-        if got != bytes {
-            bail!("{name}: sink got {got} of {bytes} bytes");
-        }
-        let bulk = bytes as f64 / secs / (1 << 20) as f64;
-        println!("tunnel_bulk path={name} dir=up MiB/s={bulk:.0} bytes={bytes}");
-        drop(s);
-
-        // Bulk down: the sink sends `bytes`, the client counts them.
-        let mut s = open(*proxy, target).await?;
-        let cpu0 = pid.map(cpu_time);
-        let t0 = Instant::now();
-        s.write_all(b"D").await?;
-        s.write_all(&bytes.to_be_bytes()).await?;
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut got = 0u64;
-        while got < bytes {
-            match s.read(&mut buf).await? {
-                0 => bail!("{name}: the download ended after {got} of {bytes} bytes"),
-                k => got += k as u64,
-            }
-        }
-        let secs = t0.elapsed().as_secs_f64();
-        let cpu_per_gib_down = cpu_since(cpu0).map(|c| c.as_secs_f64() / gib);
-        let bulk_down = bytes as f64 / secs / (1 << 20) as f64;
-        println!("tunnel_bulk path={name} dir=down MiB/s={bulk_down:.0} bytes={bytes}");
-        drop(s);
+        let (bulk, cpu_per_gib) = bulk_stream(name, *proxy, target, bytes, Way::Up, pid).await?;
+        let (bulk_down, cpu_per_gib_down) =
+            bulk_stream(name, *proxy, target, bytes, Way::Down, pid).await?;
 
         // Set-up rate: CONNECT, one byte each way, close; `clients` at once.
         let done = Arc::new(AtomicU64::new(0));
@@ -572,7 +591,8 @@ async fn tunnel_path(
         }
         let done = done.load(Ordering::Relaxed);
         let setups = done as f64 / t0.elapsed().as_secs_f64();
-        let cpu_per_setup = cpu_since(cpu0).map(|c| c.as_secs_f64() * 1e6 / done.max(1) as f64);
+        let cpu_per_setup =
+            cpu_since(pid, cpu0).map(|c| c.as_secs_f64() * 1e6 / done.max(1) as f64);
         println!(
             "tunnel_setup path={name} clients={clients} setups/s={setups:.0} errors={}",
             errors.load(Ordering::Relaxed)
