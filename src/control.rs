@@ -4,8 +4,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use rotor_protocol::{
-    client_handshake, Channel, ClientChannel, ClientFrame, Envelope, Hello, HelloOrResponse,
-    Request, Response, Role,
+    client_handshake, Channel, ClientChannel, ClientFrame, Envelope, Hello, Request, Response,
+    Role, ServerFrame,
 };
 use tokio::net::UnixStream;
 
@@ -25,7 +25,7 @@ pub async fn request(socket: &Path, body: Request) -> anyhow::Result<Response> {
         chan.send(&ClientFrame::Request(Envelope { id: 1, body }))
             .await?;
         match chan.recv().await? {
-            Some(HelloOrResponse::Response(env)) => Ok(env.body),
+            Some(ServerFrame::Response(env)) => Ok(env.body),
             Some(other) => anyhow::bail!("unexpected frame from the allocator: {other:?}"),
             None => anyhow::bail!("the allocator closed the connection"),
         }

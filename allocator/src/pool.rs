@@ -15,7 +15,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use rotor_protocol::{Families, LeaseTable, NoAddress, Response, TableError, TableSnapshot};
+use rotor_protocol::{Families, Lease, LeaseTable, Refusal, TableError, TableSnapshot};
 
 /// Room for this many addresses in a first table; it grows as pools do.
 const MIN_CAPACITY: usize = 64;
@@ -35,13 +35,6 @@ pub struct TableHome {
     pub path: PathBuf,
     pub mode: u32,
     pub group: Option<nix::unistd::Gid>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Leased {
-    pub ip: IpAddr,
-    pub seq: u64,
-    pub generation: u64,
 }
 
 /// A table at `home` (or in memory) with room for `capacity` addresses.
@@ -123,23 +116,12 @@ impl Pool {
         self.addrs.is_empty()
     }
 
-    /// The next address of an acceptable family; advances the cursor past it.
-    pub fn lease(&self, families: Families) -> Result<Leased, NoAddress> {
-        match self.table.lease(families, None) {
-            Some(Response::Leased {
-                ip,
-                seq,
-                generation,
-            }) => Ok(Leased {
-                ip,
-                seq,
-                generation,
-            }),
-            Some(Response::NoAddress { reason, .. }) => Err(reason),
-            // The table is closed only at exit and, under the allocator's
-            // lock, while it is replaced by a bigger one: never seen here.
-            _ => Err(NoAddress::EmptyPool),
-        }
+    /// The next address of an acceptable family (the cursor moves past it),
+    /// or why there is none; `None` once the table is closed, which happens
+    /// only as the allocator stops (a table replaced by a bigger one is
+    /// closed under the allocator's lock, so no lease sees it).
+    pub fn lease(&self, families: Families) -> Option<Result<Lease, Refusal>> {
+        self.table.lease(families, None)
     }
 
     /// Swaps in a new address list (duplicates removed, first one kept).
@@ -212,6 +194,7 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rotor_protocol::NoAddress;
 
     fn ips(list: &[&str]) -> Vec<IpAddr> {
         list.iter().map(|s| s.parse().unwrap()).collect()
@@ -219,7 +202,7 @@ mod tests {
 
     fn take(pool: &Pool, n: usize, families: Families) -> Vec<String> {
         (0..n)
-            .map(|_| pool.lease(families).unwrap().ip.to_string())
+            .map(|_| pool.lease(families).unwrap().unwrap().ip.to_string())
             .collect()
     }
 
@@ -252,7 +235,10 @@ mod tests {
     #[test]
     fn empty_pool_is_an_error() {
         let pool = Pool::new(vec![]);
-        assert_eq!(pool.lease(Families::ANY), Err(NoAddress::EmptyPool));
+        assert_eq!(
+            pool.lease(Families::ANY).map(|r| r.map_err(|e| e.reason)),
+            Some(Err(NoAddress::EmptyPool))
+        );
         assert_eq!(pool.generation(), 1);
     }
 
@@ -267,7 +253,10 @@ mod tests {
     #[test]
     fn missing_family_is_an_error_never_a_fallback() {
         let pool = Pool::new(ips(&["10.0.0.1"]));
-        assert_eq!(pool.lease(V6), Err(NoAddress::NoFamily { wanted: V6 }));
+        assert_eq!(
+            pool.lease(V6).map(|r| r.map_err(|e| e.reason)),
+            Some(Err(NoAddress::NoFamily { wanted: V6 }))
+        );
         // The failed lease did not move the rotation.
         assert_eq!(take(&pool, 1, V4), ["10.0.0.1"]);
     }
@@ -324,7 +313,10 @@ mod tests {
         let mut pool = Pool::new(ips(&["10.0.0.1", "10.0.0.2"]));
         take(&pool, 1, Families::ANY);
         pool.replace(vec![]).unwrap();
-        assert_eq!(pool.lease(Families::ANY), Err(NoAddress::EmptyPool));
+        assert_eq!(
+            pool.lease(Families::ANY).map(|r| r.map_err(|e| e.reason)),
+            Some(Err(NoAddress::EmptyPool))
+        );
         pool.replace(ips(&["10.0.0.3"])).unwrap();
         assert_eq!(take(&pool, 2, Families::ANY), ["10.0.0.3", "10.0.0.3"]);
     }

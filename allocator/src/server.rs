@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rotor_protocol::{
     error_chain, server_handshake, Channel, ChannelError, ClientFrame, Envelope, HandshakeError,
-    Hello, HelloOrResponse, LeaseTable, Request, Response, Role, ServerChannel, StatusReport,
+    Hello, LeaseTable, Request, Response, Role, ServerChannel, ServerFrame, StatusReport,
     TableError,
 };
 use tokio::net::{UnixListener, UnixStream};
@@ -423,7 +423,7 @@ async fn answer(
     id: u64,
     alloc: &Allocator,
     reload: &mpsc::Sender<ReloadReply>,
-) -> Result<HelloOrResponse, ConnError> {
+) -> Result<ServerFrame, ConnError> {
     let env = match frame {
         ClientFrame::Request(env) => env,
         ClientFrame::Hello(_) => return Err(ConnError::DuplicateHello),
@@ -449,7 +449,7 @@ async fn answer(
             }
         }
     };
-    Ok(HelloOrResponse::Response(Envelope { id: env.id, body }))
+    Ok(ServerFrame::Response(Envelope { id: env.id, body }))
 }
 
 async fn serve(

@@ -179,19 +179,15 @@ impl Allocator {
     pub fn lease(&self, peer: u64, families: Families) -> Response {
         let mut inner = self.lock();
         match inner.pool.lease(families) {
-            Ok(l) => {
+            Some(Ok(lease)) => {
                 if let Some(p) = inner.peers.get_mut(&peer) {
                     p.leases += 1;
                 }
-                Response::Leased {
-                    ip: l.ip,
-                    seq: l.seq,
-                    generation: l.generation,
-                }
+                Response::Leased(lease)
             }
-            Err(reason) => Response::NoAddress {
-                reason,
-                generation: inner.pool.generation(),
+            Some(Err(refusal)) => Response::NoAddress(refusal),
+            None => Response::Error {
+                message: "the allocator is stopping".into(),
             },
         }
     }
@@ -375,7 +371,7 @@ mod tests {
         a.peer_connected(1, Hello::new(rotor_protocol::Role::Worker, "t"));
         for expect in 1..=3u64 {
             match a.lease(1, Families::ANY) {
-                Response::Leased { seq, .. } => assert_eq!(seq, expect),
+                Response::Leased(l) => assert_eq!(l.seq, expect),
                 other => panic!("{other:?}"),
             }
         }
@@ -416,13 +412,13 @@ mod tests {
         assert_eq!((s1, s2), (Some(0), Some(1)));
         assert_eq!((a.slot_of(1), a.slot_of(2)), (s1, s2));
         let lease = |t: &rotor_protocol::LeaseTable, s| match t.lease(Families::ANY, s) {
-            Some(Response::Leased { ip, .. }) => ip,
+            Some(Ok(l)) => l.ip,
             other => panic!("{other:?}"),
         };
         assert_eq!(lease(&t1, s1), ip("10.0.0.1"));
         assert_eq!(lease(&t2, s2), ip("10.0.0.2"));
         match a.lease(2, Families::ANY) {
-            Response::Leased { ip: got, seq, .. } => assert_eq!((got, seq), (ip("10.0.0.3"), 3)),
+            Response::Leased(l) => assert_eq!((l.ip, l.seq), (ip("10.0.0.3"), 3)),
             other => panic!("{other:?}"),
         }
         assert_eq!(lease(&t1, s1), ip("10.0.0.1"));

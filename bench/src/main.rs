@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use rotor_protocol::{
-    client_handshake, Channel, ClientChannel, ClientFrame, Envelope, Families, Hello,
-    HelloOrResponse, Request, Response, Role,
+    client_handshake, Channel, ClientChannel, ClientFrame, Envelope, Families, Hello, Request,
+    Response, Role, ServerFrame,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
@@ -223,10 +223,10 @@ async fn lease_bench(
             }
             tx.flush().await?;
             let mut next = depth as u64;
-            while let Some(HelloOrResponse::Response(env)) = rx.recv().await? {
+            while let Some(ServerFrame::Response(env)) = rx.recv().await? {
                 let slot = (env.id % depth as u64) as usize;
                 rtts.push(sent_at[slot].elapsed());
-                if !matches!(env.body, Response::Leased { .. }) {
+                if !matches!(env.body, Response::Leased(_)) {
                     bail!("allocator answered {:?}", env.body);
                 }
                 if Instant::now() >= deadline {
@@ -270,7 +270,7 @@ async fn table_bench(socket: &PathBuf, threads: usize, dur: Duration) -> anyhow:
     }))
     .await?;
     let (path, id) = match chan.recv().await? {
-        Some(HelloOrResponse::Response(Envelope {
+        Some(ServerFrame::Response(Envelope {
             body: Response::Attached { path, id, .. },
             ..
         })) => (path, id),
@@ -291,7 +291,7 @@ async fn table_bench(socket: &PathBuf, threads: usize, dur: Duration) -> anyhow:
                     }
                     let t = Instant::now();
                     match table.lease(Families::ANY, None) {
-                        Some(Response::Leased { .. }) => {}
+                        Some(Ok(_)) => {}
                         other => bail!("the table answered {other:?}"),
                     }
                     samples.push(t.elapsed());

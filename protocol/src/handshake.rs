@@ -5,7 +5,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::channel::{Channel, ChannelError};
 use crate::codec;
-use crate::message::{ClientFrame, Hello, HelloOrResponse, HelloReply, PROTOCOL_MAJOR};
+use crate::message::{ClientFrame, Hello, HelloReply, ServerFrame, PROTOCOL_MAJOR};
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
@@ -23,7 +23,7 @@ pub enum HandshakeError {
 
 /// Client side: send `hello`, wait for the allocator's answer.
 pub async fn client_handshake<S>(
-    chan: &mut Channel<S, ClientFrame, HelloOrResponse>,
+    chan: &mut Channel<S, ClientFrame, ServerFrame>,
     hello: Hello,
 ) -> Result<Hello, HandshakeError>
 where
@@ -32,28 +32,26 @@ where
     chan.send(&ClientFrame::Hello(hello)).await?;
     let frame = chan.recv_raw().await?.ok_or(HandshakeError::Closed)?;
     // `decode_prefix`: a newer minor may have appended fields to its Hello.
-    let (reply, _) = codec::decode_prefix::<HelloOrResponse>(&frame).map_err(ChannelError::from)?;
+    let (reply, _) = codec::decode_prefix::<ServerFrame>(&frame).map_err(ChannelError::from)?;
     match reply {
-        HelloOrResponse::Hello(HelloReply::Accepted(server)) if server.major == PROTOCOL_MAJOR => {
+        ServerFrame::Hello(HelloReply::Accepted(server)) if server.major == PROTOCOL_MAJOR => {
             Ok(server)
         }
-        HelloOrResponse::Hello(HelloReply::Accepted(server)) => {
-            Err(HandshakeError::VersionMismatch {
-                ours: PROTOCOL_MAJOR,
-                theirs: server.major,
-            })
-        }
-        HelloOrResponse::Hello(HelloReply::Refused { reason, .. }) => {
+        ServerFrame::Hello(HelloReply::Accepted(server)) => Err(HandshakeError::VersionMismatch {
+            ours: PROTOCOL_MAJOR,
+            theirs: server.major,
+        }),
+        ServerFrame::Hello(HelloReply::Refused { reason, .. }) => {
             Err(HandshakeError::Refused(reason))
         }
-        HelloOrResponse::Response(_) => Err(HandshakeError::NotHello),
+        ServerFrame::Response(_) => Err(HandshakeError::NotHello),
     }
 }
 
 /// Server side: read the client's `Hello`; refuse another major with a
 /// reason the client can print. Returns the client's `Hello` once accepted.
 pub async fn server_handshake<S>(
-    chan: &mut Channel<S, HelloOrResponse, ClientFrame>,
+    chan: &mut Channel<S, ServerFrame, ClientFrame>,
     ours: Hello,
 ) -> Result<Hello, HandshakeError>
 where
@@ -73,7 +71,7 @@ where
             "allocator speaks protocol {}.{}, client {major}.{minor}: upgrade them together",
             ours.major, ours.minor
         );
-        chan.send(&HelloOrResponse::Hello(HelloReply::Refused {
+        chan.send(&ServerFrame::Hello(HelloReply::Refused {
             reason,
             server: ours,
         }))
@@ -87,7 +85,7 @@ where
         (ClientFrame::Hello(h), _) => h,
         (ClientFrame::Request(_), _) => return Err(HandshakeError::NotHello),
     };
-    chan.send(&HelloOrResponse::Hello(HelloReply::Accepted(ours)))
+    chan.send(&ServerFrame::Hello(HelloReply::Accepted(ours)))
         .await?;
     Ok(theirs)
 }

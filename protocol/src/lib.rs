@@ -15,17 +15,16 @@ pub use channel::{Channel, ChannelError, ChannelRx, ChannelTx};
 pub use codec::{decode, decode_prefix, encode, CodecError, MAX_FRAME_LEN};
 pub use handshake::{client_handshake, server_handshake, HandshakeError};
 pub use message::{
-    AddrStatus, ClientFrame, Envelope, Families, Hello, HelloReply, NoAddress, PeerStatus, Request,
-    Response, Role, SourceStatus, StatusReport, MINOR_LEASE_TABLE, PROTOCOL_MAJOR, PROTOCOL_MINOR,
+    AddrStatus, ClientFrame, Envelope, Families, Hello, HelloReply, Lease, NoAddress, PeerStatus,
+    Refusal, Request, Response, Role, ServerFrame, SourceStatus, StatusReport, MINOR_LEASE_TABLE,
+    PROTOCOL_MAJOR, PROTOCOL_MINOR,
 };
 pub use report::error_chain;
 pub use table::{LeaseTable, TableError, TableSnapshot, PEER_SLOTS, TABLE_LAYOUT};
 
 /// The channel a client (worker or control command) holds: it can only send
 /// requests and read responses.
-pub type ClientChannel<S> = Channel<S, ClientFrame, HelloOrResponse>;
+pub type ClientChannel<S> = Channel<S, ClientFrame, ServerFrame>;
 
 /// The channel the allocator holds for one client.
-pub type ServerChannel<S> = Channel<S, HelloOrResponse, ClientFrame>;
-
-pub use message::HelloOrResponse;
+pub type ServerChannel<S> = Channel<S, ServerFrame, ClientFrame>;

@@ -76,7 +76,7 @@ pub enum ClientFrame {
 
 /// Frames the allocator sends: exactly one `HelloReply`, then responses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum HelloOrResponse {
+pub enum ServerFrame {
     Hello(HelloReply),
     Response(Envelope<Response>),
 }
@@ -144,20 +144,41 @@ pub enum Request {
     Attach,
 }
 
+/// One lease: the source address a request leaves from. The same value
+/// comes from the lease table, crosses the socket in `Response::Leased`, and
+/// reaches the worker's proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub ip: IpAddr,
+    /// Counts leases since the allocator started (or since the state it
+    /// resumed).
+    pub seq: u64,
+    /// Identifies the pool the address came from.
+    pub generation: u64,
+}
+
+/// Why no address could be leased: a configuration error, reported to
+/// clients. Crosses the socket in `Response::NoAddress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub reason: NoAddress,
+    /// The pool that had no address.
+    pub generation: u64,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.reason.fmt(f)
+    }
+}
+
+// A newtype variant holding a struct encodes exactly as the struct variant
+// with the same fields did (bincode writes fields by position): the golden
+// bytes of `Leased` and `NoAddress` did not move when they became these.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
-    /// `seq` counts leases since the allocator started (or since the state it
-    /// resumed); `generation` identifies the pool the address came from.
-    Leased {
-        ip: IpAddr,
-        seq: u64,
-        generation: u64,
-    },
-    /// No address can be leased: a configuration error, reported to clients.
-    NoAddress {
-        reason: NoAddress,
-        generation: u64,
-    },
+    Leased(Lease),
+    NoAddress(Refusal),
     Status(StatusReport),
     Reloaded {
         generation: u64,

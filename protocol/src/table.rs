@@ -51,7 +51,7 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::message::{Families, NoAddress, Response};
+use crate::message::{Families, Lease, NoAddress, Refusal};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"RTRLEASE");
 /// Bumped on any change of the layout above.
@@ -352,10 +352,10 @@ impl LeaseTable {
         )
     }
 
-    /// The next address of one of `families`, counted for peer `slot`:
-    /// `Leased` or `NoAddress`, as the allocator would answer; `None` once
-    /// the table is closed (ask the allocator instead).
-    pub fn lease(&self, families: Families, slot: Option<u32>) -> Option<Response> {
+    /// The next address of one of `families`, counted for peer `slot`, or
+    /// why there is none, as the allocator would answer; `None` once the
+    /// table is closed (ask the allocator instead).
+    pub fn lease(&self, families: Families, slot: Option<u32>) -> Option<Result<Lease, Refusal>> {
         let state = self.word(STATE);
         let mut s = state.load(Ordering::Acquire);
         loop {
@@ -386,7 +386,7 @@ impl LeaseTable {
                     0 => NoAddress::EmptyPool,
                     _ => NoAddress::NoFamily { wanted: families },
                 };
-                return Some(Response::NoAddress { reason, generation });
+                return Some(Err(Refusal { reason, generation }));
             };
             let next = (s & !CURSOR_MASK) | ((i + 1) % len) as u64;
             match state.compare_exchange_weak(s, next, Ordering::AcqRel, Ordering::Acquire) {
@@ -397,11 +397,11 @@ impl LeaseTable {
                         self.word(line).fetch_add(1, Ordering::Relaxed);
                     }
                     let seq = self.word(SEQ).fetch_add(1, Ordering::Relaxed) + 1;
-                    return Some(Response::Leased {
+                    return Some(Ok(Lease {
                         ip,
                         seq,
                         generation,
-                    });
+                    }));
                 }
                 Err(now) => s = now,
             }
@@ -613,9 +613,9 @@ mod tests {
         t.publish(addrs, &[], generation, |_, _| 0).unwrap();
     }
 
-    fn leased(r: Option<Response>) -> IpAddr {
+    fn leased(r: Option<Result<Lease, Refusal>>) -> IpAddr {
         match r {
-            Some(Response::Leased { ip, .. }) => ip,
+            Some(Ok(Lease { ip, .. })) => ip,
             other => panic!("{other:?}"),
         }
     }
@@ -648,10 +648,10 @@ mod tests {
         let t = LeaseTable::anonymous(8, 100).unwrap();
         assert!(matches!(
             t.lease(Families::ANY, None),
-            Some(Response::NoAddress {
+            Some(Err(Refusal {
                 reason: NoAddress::EmptyPool,
                 generation: 0
-            })
+            }))
         ));
         publish(&t, &ips(3), 1);
         let got: Vec<IpAddr> = (0..7)
@@ -674,10 +674,10 @@ mod tests {
                 },
                 None
             ),
-            Some(Response::NoAddress {
+            Some(Err(Refusal {
                 reason: NoAddress::NoFamily { .. },
                 ..
-            })
+            }))
         ));
     }
 
@@ -745,11 +745,11 @@ mod tests {
                     let mut got = Vec::new();
                     for _ in 0..20_000 {
                         match t.lease(Families::ANY, Some(n)) {
-                            Some(Response::Leased {
+                            Some(Ok(Lease {
                                 ip,
                                 seq,
                                 generation,
-                            }) => got.push((seq, ip, generation)),
+                            })) => got.push((seq, ip, generation)),
                             other => panic!("{other:?}"),
                         }
                     }

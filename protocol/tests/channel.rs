@@ -24,7 +24,7 @@ async fn handshake_then_requests_round_trip() {
             panic!("expected a request, got {req:?}")
         };
         server
-            .send(&HelloOrResponse::Response(Envelope {
+            .send(&ServerFrame::Response(Envelope {
                 id: env.id,
                 body: Response::Reloaded {
                     generation: 1,
@@ -46,7 +46,7 @@ async fn handshake_then_requests_round_trip() {
         .await
         .unwrap();
     match client.recv().await.unwrap().unwrap() {
-        HelloOrResponse::Response(Envelope { id: 77, .. }) => {}
+        ServerFrame::Response(Envelope { id: 77, .. }) => {}
         other => panic!("unexpected {other:?}"),
     }
     srv.await.unwrap();

@@ -74,42 +74,42 @@ fn golden_client_frames() {
 #[test]
 fn golden_server_frames() {
     check(
-        HelloOrResponse::Hello(HelloReply::Accepted(hello())),
+        ServerFrame::Hello(HelloReply::Accepted(hello())),
         "0000010000fb92100177",
     );
     check(
-        HelloOrResponse::Hello(HelloReply::Refused {
+        ServerFrame::Hello(HelloReply::Refused {
             reason: "no".into(),
             server: hello(),
         }),
         "0001026e6f010000fb92100177",
     );
-    let resp = |body| HelloOrResponse::Response(Envelope { id: 9, body });
+    let resp = |body| ServerFrame::Response(Envelope { id: 9, body });
     check(
-        resp(Response::Leased {
+        resp(Response::Leased(Lease {
             ip: V4,
             seq: 1000,
             generation: 3,
-        }),
+        })),
         "01090000c0000207fbe80303",
     );
     check(
-        resp(Response::Leased {
+        resp(Response::Leased(Lease {
             ip: V6,
             seq: 1,
             generation: 1,
-        }),
+        })),
         "0109000120010db80000000000000000000000010101",
     );
     check(
-        resp(Response::NoAddress {
+        resp(Response::NoAddress(Refusal {
             reason: NoAddress::EmptyPool,
             generation: 2,
-        }),
+        })),
         "0109010002",
     );
     check(
-        resp(Response::NoAddress {
+        resp(Response::NoAddress(Refusal {
             reason: NoAddress::NoFamily {
                 wanted: Families {
                     v4: false,
@@ -117,7 +117,7 @@ fn golden_server_frames() {
                 },
             },
             generation: 2,
-        }),
+        })),
         "01090101000102",
     );
     check(

@@ -11,7 +11,6 @@
 //! with an allocator that shares no table, leases go over the socket.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,8 +18,8 @@ use std::time::Duration;
 
 use rotor_protocol::{
     client_handshake, error_chain, Channel, ClientChannel, ClientFrame, Envelope, Families,
-    HandshakeError, Hello, HelloOrResponse, LeaseTable, NoAddress, Request, Response, Role,
-    MINOR_LEASE_TABLE,
+    HandshakeError, Hello, Lease, LeaseTable, NoAddress, Refusal, Request, Response, Role,
+    ServerFrame, MINOR_LEASE_TABLE,
 };
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -32,13 +31,6 @@ pub const SOFTWARE: &str = concat!("rotor-worker/", env!("CARGO_PKG_VERSION"));
 
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lease {
-    pub ip: IpAddr,
-    pub seq: u64,
-    pub generation: u64,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
@@ -64,7 +56,7 @@ struct Conn {
 
 impl Conn {
     /// A lease from the table, if one is mapped and open.
-    fn lease_from_table(&self, families: Families) -> Option<Response> {
+    fn lease_from_table(&self, families: Families) -> Option<Result<Lease, Refusal>> {
         let (table, slot) = self
             .table
             .read()
@@ -160,21 +152,13 @@ impl LeaseClient {
         let conn = self.conn.borrow().clone();
         let answer = match conn.and_then(|c| c.lease_from_table(families)) {
             Some(answer) => answer,
-            None => self.request(Request::Lease { families }).await?,
+            None => match self.request(Request::Lease { families }).await? {
+                Response::Leased(lease) => Ok(lease),
+                Response::NoAddress(refusal) => Err(refusal),
+                other => return Err(LeaseError::Unexpected(format!("{other:?}"))),
+            },
         };
-        match answer {
-            Response::Leased {
-                ip,
-                seq,
-                generation,
-            } => Ok(Lease {
-                ip,
-                seq,
-                generation,
-            }),
-            Response::NoAddress { reason, .. } => Err(LeaseError::NoAddress(reason)),
-            other => Err(LeaseError::Unexpected(format!("{other:?}"))),
-        }
+        answer.map_err(|r| LeaseError::NoAddress(r.reason))
     }
 
     async fn request(&self, body: Request) -> Result<Response, LeaseError> {
@@ -353,7 +337,7 @@ async fn manage(
         let reader = async {
             loop {
                 match rx.recv().await? {
-                    Some(HelloOrResponse::Response(env)) => {
+                    Some(ServerFrame::Response(env)) => {
                         let waiter = conn
                             .pending
                             .lock()
@@ -364,7 +348,7 @@ async fn manage(
                             let _ = w.send(env.body);
                         }
                     }
-                    Some(HelloOrResponse::Hello(_)) => {
+                    Some(ServerFrame::Hello(_)) => {
                         warn!("allocator sent a second Hello; reconnecting");
                         return Ok(());
                     }

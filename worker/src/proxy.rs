@@ -24,8 +24,9 @@ use crate::connect::connect_from;
 use crate::dns::DnsCache;
 use crate::error::ProxyError;
 use crate::idle::Activity;
-use crate::lease::{Lease, LeaseClient, LeaseError};
+use crate::lease::{LeaseClient, LeaseError};
 use crate::upstream::{Key, PooledBody, Sender, UpstreamBody, UpstreamPool};
+use rotor_protocol::Lease;
 
 pub type ProxyBody = Either<PooledBody, Either<Full<Bytes>, Empty<Bytes>>>;
 
