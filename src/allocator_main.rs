@@ -28,14 +28,14 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let pool = match args.pool.resolve(&file) {
+    let pool = match args.settings.pool(&file) {
         Ok(p) => p,
         Err(e) => {
             error!("{}", error_chain(&e));
             return ExitCode::from(2);
         }
     };
-    let access = match args.access.resolve(&file) {
+    let access = match args.settings.access(&file) {
         Ok(a) => a,
         Err(e) => {
             error!("{}", error_chain(&e));

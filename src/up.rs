@@ -3,7 +3,6 @@
 //! passed on, and every child is stopped before `rotor up` exits.
 
 use std::ffi::OsString;
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -18,24 +17,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::cli::{CommonArgs, FileConfig, PoolArgs, WorkerTuning, DEFAULT_LISTEN};
+use crate::cli::{AllocatorFlags, CommonArgs, FileConfig, UpFlags, WorkerFlags};
 use crate::signals::Signals;
 
 #[derive(Debug, Clone, Args)]
 pub struct UpArgs {
-    /// Worker processes sharing the listening sockets [default: 2].
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub workers: Option<u16>,
-    /// Address the workers accept proxy clients on; repeatable [default:
-    /// 127.0.0.1:8080].
-    #[arg(long = "listen", value_name = "ADDR")]
-    pub listen: Vec<SocketAddr>,
+    #[command(flatten)]
+    pub up: UpFlags,
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
-    pub pool: PoolArgs,
+    pub allocator: AllocatorFlags,
     #[command(flatten)]
-    pub tuning: WorkerTuning,
+    pub worker: WorkerFlags,
 }
 
 /// Most listening sockets `rotor up` passes to a worker.
@@ -53,10 +47,12 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         }
     };
     // Validate here, so a mistake is reported once, not by every child.
-    let tuning = match args
-        .pool
-        .resolve(&file)
-        .and_then(|_| args.tuning.resolve(&file))
+    let up = args.up.merge(&file.up);
+    let tuning = match up
+        .check()
+        .and_then(|()| args.allocator.pool(&file))
+        .and_then(|_| args.allocator.access(&file))
+        .and_then(|_| args.worker.resolve(&file))
     {
         Ok(t) => t,
         Err(e) => {
@@ -64,14 +60,8 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let workers = args.workers.or(file.up.workers).unwrap_or(2);
-    let listen = if !args.listen.is_empty() {
-        args.listen.clone()
-    } else if !file.worker.listen.is_empty() {
-        file.worker.listen.clone()
-    } else {
-        vec![DEFAULT_LISTEN.parse().expect("valid default")]
-    };
+    let workers = up.workers;
+    let listen = args.worker.listen(&file, 0);
     if listen.len() > MAX_LISTENERS {
         error!("at most {MAX_LISTENERS} listen addresses");
         return ExitCode::from(2);
@@ -105,13 +95,16 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     let socket = args.common.socket(&file);
     let mut alloc_args: Vec<OsString> = vec!["allocator".into()];
     alloc_args.extend(args.common.to_args(&socket));
-    alloc_args.extend(args.pool.to_args());
+    alloc_args.extend(args.allocator.to_args());
     let mut worker_args: Vec<OsString> = vec!["worker".into()];
     worker_args.extend(args.common.to_args(&socket));
     for i in 0..listeners.len() {
         worker_args.extend(["--listen-fd".into(), (3 + i).to_string().into()]);
     }
-    worker_args.extend(args.tuning.to_args());
+    // The workers take the listening sockets made here, not addresses.
+    let mut worker_flags = args.worker.clone();
+    worker_flags.listen.clear();
+    worker_args.extend(worker_flags.to_args());
     let listener_fds: Arc<Vec<RawFd>> = Arc::new(listeners.iter().map(|l| l.as_raw_fd()).collect());
 
     let alloc_stop = CancellationToken::new();

@@ -36,11 +36,11 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         Ok(f) => f,
         Err(e) => return fail(&e),
     };
-    let tuning = match args.tuning.resolve(&file) {
+    let tuning = match args.settings.resolve(&file) {
         Ok(t) => t,
         Err(e) => return fail(&e),
     };
-    for fd in &args.listen.listen_fd {
+    for fd in &args.listen_fd {
         match activation::take_fd(*fd) {
             Ok(p) => passed.push(p),
             Err(e) => return fail(&e),
@@ -54,7 +54,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         }
     }
     let inherited = listeners.len();
-    for addr in args.listen.resolve(&file, inherited) {
+    for addr in args.settings.listen(&file, inherited) {
         match listener::bind_reuseport(addr) {
             Ok(l) => listeners.push(l),
             Err(e) => return fail(&e),

@@ -40,11 +40,7 @@ pub fn parse_spec(spec: &str) -> Result<Vec<IpAddr>, SpecError> {
 }
 
 fn parse_ip(s: &str) -> Result<IpAddr, SpecError> {
-    let s = s.trim();
-    let s = s
-        .strip_prefix('[')
-        .and_then(|s| s.strip_suffix(']'))
-        .unwrap_or(s);
+    let s = rotor_protocol::addr::unbracketed(s.trim());
     s.parse().map_err(|_| SpecError::BadAddress(s.to_string()))
 }
 

@@ -4,6 +4,7 @@
 //! allocator shares with its workers.
 #![deny(unsafe_code)]
 
+pub mod addr;
 mod channel;
 mod codec;
 mod handshake;

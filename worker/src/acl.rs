@@ -188,6 +188,11 @@ impl Acl {
     }
 
     /// The defaults alone.
+    /// The destination ports refused.
+    pub fn deny_ports(&self) -> &[u16] {
+        &self.deny_ports
+    }
+
     pub fn default_rules() -> Acl {
         Acl::new(Vec::new(), Vec::new(), DEFAULT_DENY_PORTS.to_vec())
     }

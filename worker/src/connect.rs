@@ -9,14 +9,9 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::error::ProxyError;
+use rotor_protocol::addr::unbracketed;
 
-/// `host` without the brackets of an IPv6 literal.
-fn unbracketed(host: &str) -> &str {
-    host.strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host)
-}
+use crate::error::ProxyError;
 
 /// The address `host` spells, if it is an IP literal (`192.0.2.1`,
 /// `[2001:db8::1]`): no lookup needed.

@@ -1,0 +1,198 @@
+//! The allocator's settings: where the pool comes from, how often it is
+//! re-read, where rotation state is kept, who may use the socket.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use rotor_allocator::access::{parse_group, parse_mode, parse_user, Access};
+use rotor_allocator::source::Source;
+
+use super::settings::settings;
+use super::{CommonArgs, ConfigError, FileConfig};
+
+settings! {
+    /// The allocator's settings; `rotor up` passes them on.
+    pub struct AllocatorFlags, file AllocatorFile, resolved Allocator {
+        /// Pool addresses: one address, a range (127.0.0.2-127.0.0.9), a CIDR
+        /// (192.0.2.0/29) or a comma list of these. Repeatable. With none of
+        /// --pool, --pool-file and --interface, the pool is the host's own
+        /// global addresses; any of them as flags replaces all three of
+        /// the file.
+        #[arg(value_name = "SPEC")]
+        pool: Vec<String>,
+        /// A file of SPECs, one a line, `#` comments; re-read on every
+        /// refresh. Repeatable.
+        pool_file: Vec<PathBuf>,
+        /// The addresses currently on an interface, by name (eth0) or MAC
+        /// address (02:fc:00:00:00:01); re-read on every refresh. Repeatable.
+        #[arg(value_name = "NAME|MAC")]
+        interface: Vec<String>,
+        /// How often the pool sources are re-read (SIGHUP re-reads at once).
+        refresh: Option<Duration> = "20s",
+        /// Where the rotation state is kept across restarts [default:
+        /// /var/lib/rotor for root, else $XDG_STATE_HOME/rotor].
+        #[arg(value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Keep no rotation state: a restarted allocator starts from the
+        /// first address.
+        #[arg(conflicts_with = "state_dir")]
+        no_state: Option<bool>,
+        /// Mode of the socket file, octal.
+        #[arg(value_name = "MODE")]
+        socket_mode: Option<String> = "660",
+        /// Group of the socket file; its members are served [default: the
+        /// allocator's group].
+        #[arg(value_name = "GROUP")]
+        socket_group: Option<String>,
+        /// Also serve this user (name or uid); root and the allocator's own
+        /// user always are. Repeatable.
+        #[arg(value_name = "USER")]
+        allow_uid: Vec<String>,
+        /// Also serve peers whose primary group is this (name or gid).
+        /// Repeatable.
+        #[arg(value_name = "GROUP")]
+        allow_gid: Vec<String>,
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AllocatorArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub settings: AllocatorFlags,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub sources: Vec<Source>,
+    pub refresh: Duration,
+    pub state_dir: Option<PathBuf>,
+}
+
+impl AllocatorFlags {
+    /// The pool's sources, refresh and state directory.
+    pub fn pool(&self, file: &FileConfig) -> Result<PoolSettings, ConfigError> {
+        let mut a = self.merge(&file.allocator);
+        // The flags replace the file's sources as a whole, so a one-off
+        // `--pool` does not mix with the file's pool.
+        if !(self.pool.is_empty() && self.pool_file.is_empty() && self.interface.is_empty()) {
+            a.pool = self.pool.clone();
+            a.pool_file = self.pool_file.clone();
+            a.interface = self.interface.clone();
+        }
+        let mut sources = Vec::new();
+        for spec in &a.pool {
+            sources.push(Source::list(spec)?);
+        }
+        sources.extend(a.pool_file.into_iter().map(Source::File));
+        sources.extend(a.interface.iter().map(|i| Source::interface(i)));
+        if sources.is_empty() {
+            sources.push(Source::HostAddresses);
+        }
+        if a.refresh.is_zero() {
+            return Err(ConfigError::Invalid(
+                "refresh must be longer than 0s".into(),
+            ));
+        }
+        let state_dir = match a.no_state {
+            Some(true) => None,
+            _ => Some(a.state_dir.unwrap_or_else(crate::paths::default_state_dir)),
+        };
+        Ok(PoolSettings {
+            sources,
+            refresh: a.refresh,
+            state_dir,
+        })
+    }
+
+    /// Who may use the allocator's socket.
+    pub fn access(&self, file: &FileConfig) -> Result<Access, ConfigError> {
+        let a = self.merge(&file.allocator);
+        let err = |e: rotor_allocator::access::AccessError| ConfigError::Invalid(e.to_string());
+        Ok(Access {
+            mode: parse_mode(&a.socket_mode).map_err(err)?,
+            group: a
+                .socket_group
+                .as_deref()
+                .map(parse_group)
+                .transpose()
+                .map_err(err)?,
+            uids: a
+                .allow_uid
+                .iter()
+                .map(|u| parse_user(u))
+                .collect::<Result<_, _>>()
+                .map_err(err)?,
+            gids: a
+                .allow_gid
+                .iter()
+                .map(|g| parse_group(g))
+                .collect::<Result<_, _>>()
+                .map_err(err)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::file;
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Alloc {
+        #[command(flatten)]
+        args: AllocatorArgs,
+    }
+
+    fn flags(args: &[&str]) -> AllocatorFlags {
+        Alloc::parse_from(std::iter::once("a").chain(args.iter().copied()))
+            .args
+            .settings
+    }
+
+    #[test]
+    fn pool_flags_replace_the_files_sources() {
+        let f = file("[allocator]\npool = [\"10.0.0.1\"]\nrefresh = \"5s\"\n").unwrap();
+        let from_file = flags(&[]).pool(&f).unwrap();
+        assert_eq!(from_file.sources.len(), 1);
+        assert_eq!(from_file.refresh, Duration::from_secs(5));
+        let given = flags(&["--pool", "127.0.0.2-127.0.0.3", "--interface", "lo"])
+            .pool(&f)
+            .unwrap();
+        assert_eq!(given.sources.len(), 2);
+        assert!(flags(&["--pool", "10.0.0.0/33"]).pool(&f).is_err());
+        assert!(flags(&["--refresh", "0s"]).pool(&f).is_err());
+    }
+
+    #[test]
+    fn state_and_access_come_from_flags_or_the_file() {
+        let f = file("[allocator]\nstate-dir = \"/tmp/x\"\nsocket-mode = \"600\"\n").unwrap();
+        let p = flags(&[]).pool(&f).unwrap();
+        assert_eq!(p.state_dir, Some(PathBuf::from("/tmp/x")));
+        assert_eq!(flags(&["--no-state"]).pool(&f).unwrap().state_dir, None);
+        assert_eq!(flags(&[]).access(&f).unwrap().mode, 0o600);
+        let none = FileConfig::default();
+        assert_eq!(flags(&[]).access(&none).unwrap().mode, 0o660);
+        assert!(flags(&["--socket-mode", "999"]).access(&none).is_err());
+    }
+
+    #[test]
+    fn flags_given_are_passed_on_and_read_back_the_same() {
+        let given = flags(&["--pool", "127.0.0.2", "--refresh", "90s", "--no-state"]);
+        let args: Vec<String> = given
+            .to_args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            ["--pool=127.0.0.2", "--refresh=1m 30s", "--no-state=true"]
+        );
+        let again = flags(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        let p = again.pool(&FileConfig::default()).unwrap();
+        assert_eq!((p.refresh, p.state_dir), (Duration::from_secs(90), None));
+    }
+}

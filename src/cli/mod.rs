@@ -1,0 +1,151 @@
+//! Command-line flags and the configuration file, resolved into one
+//! validated set of settings per binary. A flag (or its environment
+//! variable) wins over the file, the file over the built-in default.
+//! `rotor up` takes the allocator's and the worker's flags and passes them
+//! on to its children.
+//!
+//! Each setting is declared once, in a `settings!` block (see `settings`):
+//! the allocator's in `allocator`, the worker's in `worker`, `rotor up`'s
+//! in `up`; `control` is where `rotor status` and `rotor reload` find the
+//! allocator.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use rotor_allocator::spec::SpecError;
+use serde::Deserialize;
+
+pub mod allocator;
+pub mod control;
+pub mod settings;
+pub mod up;
+pub mod worker;
+
+pub use allocator::{AllocatorArgs, AllocatorFlags, PoolSettings};
+pub use control::ControlArgs;
+pub use up::UpFlags;
+pub use worker::{ResolverKind, WorkerArgs, WorkerFlags, WorkerSettingsTuning, DEFAULT_LISTEN};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    #[error("invalid configuration file {0}")]
+    Parse(PathBuf, #[source] toml::de::Error),
+    #[error("invalid pool specification")]
+    Spec(#[from] SpecError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// `rotor.toml`: the same keys as the flags, by program.
+///
+/// ```toml
+/// socket = "/run/rotor/allocator.sock"
+/// [allocator]
+/// pool = ["203.0.113.0/28"]
+/// refresh = "20s"
+/// [worker]
+/// listen = ["127.0.0.1:8080"]
+/// lease-timeout = "2s"
+/// [up]
+/// workers = 4
+/// ```
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub socket: Option<PathBuf>,
+    #[serde(default)]
+    pub allocator: allocator::AllocatorFile,
+    #[serde(default)]
+    pub worker: worker::WorkerFile,
+    #[serde(default)]
+    pub up: up::UpFile,
+}
+
+impl FileConfig {
+    pub fn load(path: Option<&Path>) -> Result<FileConfig, ConfigError> {
+        let Some(path) = path else {
+            return Ok(FileConfig::default());
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e))
+    }
+}
+
+/// Flags every binary has.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    /// The allocator's Unix socket [default: /run/rotor/allocator.sock for
+    /// root, else $XDG_RUNTIME_DIR/rotor/allocator.sock].
+    #[arg(
+        long = "socket",
+        alias = "allocator",
+        env = "ROTOR_SOCKET",
+        value_name = "PATH"
+    )]
+    pub socket: Option<PathBuf>,
+    /// A TOML configuration file (keys as the flags, in [allocator],
+    /// [worker] and [up] sections; `socket` at the top). Flags win.
+    #[arg(long, env = "ROTOR_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Validate the flags and the configuration file, say what is wrong or
+    /// what would be used, and exit (0: valid).
+    #[arg(long)]
+    pub check: bool,
+}
+
+impl CommonArgs {
+    pub fn socket(&self, file: &FileConfig) -> PathBuf {
+        self.socket
+            .clone()
+            .or_else(|| file.socket.clone())
+            .unwrap_or_else(crate::paths::default_socket)
+    }
+
+    /// What children of `rotor up` get: the same file and socket.
+    pub fn to_args(&self, socket: &Path) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec!["--socket".into(), socket.into()];
+        if let Some(c) = &self.config {
+            a.extend(["--config".into(), c.into()]);
+        }
+        a
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    pub fn file(text: &str) -> Result<FileConfig, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rotor.toml");
+        std::fs::write(&path, text).unwrap();
+        FileConfig::load(Some(&path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::file;
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = file("[worker]\nlease-timout = \"1s\"\n").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse(..)), "{err}");
+        assert!(file("bogus = 1\n").is_err());
+        assert!(file("[allocator]\nlisten = [\"127.0.0.1:1\"]\n").is_err());
+    }
+
+    #[test]
+    fn a_bad_value_in_the_file_names_its_key_and_value() {
+        let err = file("[worker]\ndrain-timeout = \"soon\"\n").unwrap_err();
+        let text = rotor_protocol::error_chain(&err);
+        assert!(text.contains("drain-timeout"), "{text}");
+        assert!(text.contains("`soon` is not a duration"), "{text}");
+        let err = file("[worker]\nmax-connections = \"many\"\n").unwrap_err();
+        assert!(rotor_protocol::error_chain(&err).contains("max-connections"));
+    }
+}

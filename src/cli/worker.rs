@@ -1,0 +1,398 @@
+//! The worker's settings: where it listens, its limits and timeouts, how it
+//! resolves names, who may use it and where they may go.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use rotor_worker::acl::Cidr;
+
+use super::settings::{settings, Value};
+use super::{CommonArgs, ConfigError, FileConfig};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+settings! {
+    /// The worker's settings; `rotor up` passes them on unchanged.
+    pub struct WorkerFlags, file WorkerFile, resolved Worker {
+        /// Address to accept proxy clients on; repeatable. Bound with
+        /// SO_REUSEPORT so several workers share it [default: 127.0.0.1:8080,
+        /// unless sockets are passed by systemd or --listen-fd].
+        listen: Vec<SocketAddr>,
+        /// How long a request waits for a lease (e.g. while the allocator
+        /// restarts) before it gets 503.
+        lease_timeout: Option<Duration> = "2s",
+        /// Limit on resolving the destination and on connecting to it.
+        connect_timeout: Option<Duration> = "10s",
+        /// Limit on the destination's response head once the request is
+        /// sent.
+        response_timeout: Option<Duration> = "60s",
+        /// A client must send a whole request head within this.
+        header_read_timeout: Option<Duration> = "30s",
+        /// Largest request head accepted; larger gets 431 (at least 8192).
+        #[arg(value_name = "BYTES")]
+        max_head_bytes: Option<usize> = "65536",
+        /// On SIGTERM, how long in-flight requests and tunnels may take.
+        drain_timeout: Option<Duration> = "30s",
+        /// How long an idle upstream connection is kept for the next request
+        /// leased the same source address to the same destination; 0
+        /// disables reuse.
+        upstream_idle_timeout: Option<Duration> = "4s",
+        /// Most idle upstream connections kept per (source address,
+        /// destination).
+        upstream_max_idle: Option<usize> = "16",
+        /// A client connection with no bytes moving for this long is closed
+        /// (after its request in flight).
+        idle_timeout: Option<Duration> = "60s",
+        /// A CONNECT tunnel with no bytes moving either way for this long is
+        /// closed.
+        tunnel_idle_timeout: Option<Duration> = "5m",
+        /// Most client connections and tunnels at once; past it new clients
+        /// get an immediate 503.
+        max_connections: Option<usize> = "10000",
+        /// Threads of this worker's runtime; 1 runs it on one thread (scale
+        /// out with more workers instead) [default: the number of CPUs].
+        threads: Option<usize>,
+        /// The longest a resolved destination name is reused: the DNS
+        /// resolver keeps an answer for its records' TTL, up to this; the
+        /// system resolver (which reports no TTLs) this long; 0 resolves
+        /// every time.
+        dns_cache_ttl: Option<Duration> = "30s",
+        /// How destination names are resolved: `dns`, in-process, from
+        /// /etc/hosts and the servers of /etc/resolv.conf (or --dns-server),
+        /// answers kept for their TTL; `system`, the C library's getaddrinfo
+        /// (nsswitch).
+        resolver: Option<ResolverKind> = "dns",
+        /// A DNS server to ask instead of those of /etc/resolv.conf, as `IP`
+        /// or `IP:PORT`; repeatable.
+        dns_server: Vec<DnsServer>,
+        /// Users who may use the proxy: `user:argon2-hash` lines, written by
+        /// `rotor user add`. Re-read on SIGHUP.
+        auth_file: Option<PathBuf>,
+        /// Serve without authentication on a non-loopback address (an open
+        /// proxy: anyone who can reach it can use it).
+        #[arg(conflicts_with = "auth_file")]
+        no_auth: Option<bool>,
+        /// Allow destinations in this range, even one denied by default
+        /// (loopback, private, link-local…); repeatable.
+        allow_destination: Vec<Cidr>,
+        /// Deny destinations in this range too; repeatable.
+        deny_destination: Vec<Cidr>,
+        /// Destination ports refused; repeatable; replaces the default.
+        /// `--deny-port 0` denies none.
+        #[arg(value_name = "PORT")]
+        deny_port: Vec<u16> = "25",
+    }
+}
+
+/// How destination names are resolved (`--resolver`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolverKind {
+    Dns,
+    System,
+}
+
+impl Value for ResolverKind {
+    const NAME: &'static str = "dns|system";
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "dns" => Ok(ResolverKind::Dns),
+            "system" => Ok(ResolverKind::System),
+            _ => Err(format!("`{s}` is not a resolver: dns or system")),
+        }
+    }
+    fn show(&self) -> String {
+        match self {
+            ResolverKind::Dns => "dns",
+            ResolverKind::System => "system",
+        }
+        .into()
+    }
+}
+
+/// `IP` or `IP:PORT` (port 53 by default; IPv6 with a port in brackets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DnsServer(pub SocketAddr);
+
+impl Value for DnsServer {
+    const NAME: &'static str = "IP[:PORT]";
+    fn parse(s: &str) -> Result<Self, String> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(DnsServer(a));
+        }
+        rotor_protocol::addr::unbracketed(s)
+            .parse::<std::net::IpAddr>()
+            .map(|ip| DnsServer(SocketAddr::new(ip, 53)))
+            .map_err(|_| format!("`{s}` is not an IP address or IP:PORT"))
+    }
+    fn show(&self) -> String {
+        self.0.to_string()
+    }
+}
+
+impl Value for Cidr {
+    const NAME: &'static str = "CIDR";
+    fn parse(s: &str) -> Result<Self, String> {
+        s.parse()
+            .map_err(|e: rotor_worker::acl::CidrError| e.to_string())
+    }
+    fn show(&self) -> String {
+        self.to_string()
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// Accept on the listening socket inherited as descriptor N (as
+    /// `rotor up` passes it); repeatable.
+    #[arg(long = "listen-fd", value_name = "N")]
+    pub listen_fd: Vec<i32>,
+    #[command(flatten)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    pub settings: WorkerFlags,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettingsTuning {
+    /// Runtime threads.
+    pub threads: usize,
+    pub lease_timeout: Duration,
+    pub config: rotor_worker::Config,
+    /// `--no-auth` (or the file's `no-auth = true`).
+    pub no_auth: bool,
+}
+
+impl WorkerFlags {
+    /// The addresses to bind, given that `passed` sockets were inherited
+    /// (those replace the file's and the default listeners, not the
+    /// flags').
+    pub fn listen(&self, file: &FileConfig, passed: usize) -> Vec<SocketAddr> {
+        if self.listen.is_empty() && passed > 0 {
+            return Vec::new();
+        }
+        let w = self.merge(&file.worker);
+        if w.listen.is_empty() {
+            vec![DEFAULT_LISTEN.parse().expect("valid default")]
+        } else {
+            w.listen
+        }
+    }
+
+    /// Everything but the listeners, validated.
+    pub fn resolve(&self, file: &FileConfig) -> Result<WorkerSettingsTuning, ConfigError> {
+        let w = self.merge(&file.worker);
+        let resolver = match w.resolver {
+            ResolverKind::Dns => rotor_worker::dns::Resolver::Dns {
+                servers: w.dns_server.iter().map(|s| s.0).collect(),
+            },
+            ResolverKind::System if w.dns_server.is_empty() => rotor_worker::dns::Resolver::System,
+            ResolverKind::System => return Err(ConfigError::Invalid(
+                "dns-server is for the dns resolver; the system resolver asks the servers of /etc/resolv.conf".into(),
+            )),
+        };
+        let auth = match &w.auth_file {
+            Some(path) => Some(
+                rotor_worker::auth::Auth::load(path)
+                    .map_err(|e| ConfigError::Invalid(rotor_protocol::error_chain(&e)))?,
+            ),
+            None => None,
+        };
+        let t = WorkerSettingsTuning {
+            threads: w
+                .threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+            no_auth: w.no_auth.unwrap_or(false),
+            lease_timeout: w.lease_timeout,
+            config: rotor_worker::Config {
+                proxy: rotor_worker::proxy::ProxyConfig {
+                    connect_timeout: w.connect_timeout,
+                    response_timeout: w.response_timeout,
+                    upstream_idle_timeout: w.upstream_idle_timeout,
+                    upstream_max_idle: w.upstream_max_idle,
+                    acl: rotor_worker::acl::Acl::new(
+                        w.allow_destination,
+                        w.deny_destination,
+                        w.deny_port,
+                    ),
+                    dns_cache_ttl: w.dns_cache_ttl,
+                    resolver,
+                    auth,
+                    tunnel_idle_timeout: w.tunnel_idle_timeout,
+                },
+                idle_timeout: w.idle_timeout,
+                max_connections: w.max_connections,
+                header_read_timeout: w.header_read_timeout,
+                max_head_bytes: w.max_head_bytes,
+                drain_timeout: w.drain_timeout,
+            },
+        };
+        if t.threads == 0 {
+            return Err(ConfigError::Invalid("threads must be at least 1".into()));
+        }
+        if t.config.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "max-connections must be at least 1".into(),
+            ));
+        }
+        if t.config.max_head_bytes < 8192 {
+            return Err(ConfigError::Invalid(
+                "max-head-bytes must be at least 8192".into(),
+            ));
+        }
+        Ok(t)
+    }
+}
+
+impl WorkerSettingsTuning {
+    /// A worker reachable from other hosts must authenticate its clients,
+    /// unless the operator said `--no-auth` knowingly.
+    pub fn check_exposure(&self, listening: &[SocketAddr]) -> Result<(), ConfigError> {
+        if self.config.proxy.auth.is_some() || self.no_auth {
+            return Ok(());
+        }
+        match listening.iter().find(|a| !a.ip().is_loopback()) {
+            Some(a) => Err(ConfigError::Invalid(format!(
+                "refusing to serve {a} without authentication: anyone who can reach it could use this \
+                 proxy. Give --auth-file (users from `rotor user add`), or --no-auth to run an open proxy"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::file;
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct W {
+        #[command(flatten)]
+        args: WorkerArgs,
+    }
+
+    fn flags(args: &[&str]) -> WorkerFlags {
+        W::parse_from(std::iter::once("w").chain(args.iter().copied()))
+            .args
+            .settings
+    }
+
+    #[test]
+    fn the_example_configuration_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/rotor.toml");
+        let f = FileConfig::load(Some(&path)).unwrap();
+        let a = crate::cli::AllocatorFlags::default();
+        a.pool(&f).unwrap();
+        a.access(&f).unwrap();
+        let t = flags(&[]).resolve(&f).unwrap();
+        assert_eq!(t.config.max_connections, 10_000);
+        assert_eq!(f.up.workers, Some(Some(2)));
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let f = file("[worker]\nlease-timeout = \"7s\"\nconnect-timeout = \"3s\"\n").unwrap();
+        let t = flags(&["--lease-timeout", "1s"]).resolve(&f).unwrap();
+        assert_eq!(t.lease_timeout, Duration::from_secs(1));
+        assert_eq!(t.config.proxy.connect_timeout, Duration::from_secs(3));
+        assert_eq!(t.config.drain_timeout, Duration::from_secs(30));
+        assert_eq!(t.config.max_head_bytes, 65536);
+    }
+
+    #[test]
+    fn every_default_parses_and_help_shows_it() {
+        let t = flags(&[]).resolve(&FileConfig::default()).unwrap();
+        assert_eq!(t.config.proxy.tunnel_idle_timeout, Duration::from_secs(300));
+        let help = W::command().render_long_help().to_string();
+        assert!(help.contains("[default: 5m]"), "{help}");
+        assert!(help.contains("--deny-port <PORT>"), "{help}");
+        assert!(help.contains("--allow-destination <CIDR>"), "{help}");
+    }
+
+    #[test]
+    fn deny_ports_default_and_an_empty_list_in_the_file_denies_none() {
+        let none = FileConfig::default();
+        let ports = |t: WorkerSettingsTuning| t.config.proxy.acl.deny_ports().to_vec();
+        assert_eq!(ports(flags(&[]).resolve(&none).unwrap()), [25]);
+        let f = file("[worker]\ndeny-port = []\n").unwrap();
+        assert_eq!(ports(flags(&[]).resolve(&f).unwrap()), Vec::<u16>::new());
+        assert_eq!(
+            ports(flags(&["--deny-port", "0"]).resolve(&f).unwrap()),
+            [0]
+        );
+    }
+
+    #[test]
+    fn the_resolver_and_its_servers_come_from_flags_or_the_file() {
+        use rotor_worker::dns::Resolver;
+        let none = FileConfig::default();
+        let t = flags(&[]).resolve(&none).unwrap();
+        assert_eq!(t.config.proxy.resolver, Resolver::default());
+        let w = flags(&["--dns-server", "127.0.0.1", "--dns-server", "[::1]:5353"]);
+        let t = w.resolve(&none).unwrap();
+        let servers = vec![
+            "127.0.0.1:53".parse().unwrap(),
+            "[::1]:5353".parse().unwrap(),
+        ];
+        assert_eq!(t.config.proxy.resolver, Resolver::Dns { servers });
+        // `rotor up` hands them on to its workers.
+        let args: Vec<String> = w
+            .to_args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            args.iter().any(|a| a == "--dns-server=[::1]:5353"),
+            "{args:?}"
+        );
+        let f = file("[worker]\nresolver = \"system\"\n").unwrap();
+        let t = flags(&[]).resolve(&f).unwrap();
+        assert_eq!(t.config.proxy.resolver, Resolver::System);
+        let f = file("[worker]\ndns-server = [\"10.0.0.53:5300\"]\n").unwrap();
+        let t = flags(&[]).resolve(&f).unwrap();
+        assert_eq!(
+            t.config.proxy.resolver,
+            Resolver::Dns {
+                servers: vec!["10.0.0.53:5300".parse().unwrap()]
+            }
+        );
+        // Servers make no sense for getaddrinfo, and junk is named.
+        let w = flags(&["--resolver", "system", "--dns-server", "10.0.0.53"]);
+        assert!(w.resolve(&none).is_err());
+        let err = file("[worker]\ndns-server = [\"resolver.example\"]\n").unwrap_err();
+        let text = rotor_protocol::error_chain(&err);
+        assert!(text.contains("dns-server"), "{text}");
+        assert!(text.contains("resolver.example"), "{text}");
+    }
+
+    #[test]
+    fn a_public_listener_needs_auth_or_no_auth() {
+        let f = FileConfig::default();
+        let public: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let t = flags(&[]).resolve(&f).unwrap();
+        assert!(t.check_exposure(&[local]).is_ok());
+        assert!(t.check_exposure(&[local, public]).is_err());
+        let t = flags(&["--no-auth"]).resolve(&f).unwrap();
+        assert!(t.check_exposure(&[public]).is_ok());
+    }
+
+    #[test]
+    fn listeners_from_flags_the_file_or_the_default() {
+        let f = file("[worker]\nlisten = [\"127.0.0.1:9000\"]\n").unwrap();
+        let at = |a: &str| vec![a.parse::<SocketAddr>().unwrap()];
+        assert_eq!(flags(&[]).listen(&f, 0), at("127.0.0.1:9000"));
+        assert_eq!(flags(&[]).listen(&f, 1), vec![]);
+        assert_eq!(
+            flags(&["--listen", "127.0.0.1:9001"]).listen(&f, 1),
+            at("127.0.0.1:9001")
+        );
+        assert_eq!(
+            flags(&[]).listen(&FileConfig::default(), 0),
+            at(DEFAULT_LISTEN)
+        );
+    }
+}
