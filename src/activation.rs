@@ -58,8 +58,7 @@ pub fn take_systemd() -> Result<Vec<Passed>, ActivationError> {
 
 /// Takes descriptor `fd`, inherited from `rotor up`.
 pub fn take_fd(fd: RawFd) -> Result<Passed, ActivationError> {
-    // SAFETY: F_GETFD only queries the descriptor table.
-    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+    if fd < 3 || nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err() {
         return Err(ActivationError::NotOpen(fd));
     }
     Ok(Passed {

@@ -2,6 +2,7 @@
 //! cursor, refreshes the pool from its sources, and hands out leases to
 //! workers over a Unix socket, one at a time, so the rotation order is global
 //! across every worker process.
+#![forbid(unsafe_code)]
 
 pub mod access;
 pub mod persist;

@@ -75,12 +75,6 @@ impl StateFile {
     }
 }
 
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 fn encode(s: &Saved) -> [u8; LEN] {
     let mut b = [0u8; LEN];
     b[..4].copy_from_slice(MAGIC);
@@ -97,13 +91,14 @@ fn encode(s: &Saved) -> [u8; LEN] {
     }
     b[8..16].copy_from_slice(&s.generation.to_be_bytes());
     b[16..24].copy_from_slice(&s.seq.to_be_bytes());
-    let sum = fnv1a(&b[..40]);
+    let sum = rotor_protocol::fnv1a(b[..40].iter().copied());
     b[40..48].copy_from_slice(&sum.to_be_bytes());
     b
 }
 
 fn decode(b: &[u8; LEN]) -> Option<Saved> {
-    if &b[..4] != MAGIC || fnv1a(&b[..40]).to_be_bytes() != b[40..48] {
+    if &b[..4] != MAGIC || rotor_protocol::fnv1a(b[..40].iter().copied()).to_be_bytes() != b[40..48]
+    {
         return None;
     }
     let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));

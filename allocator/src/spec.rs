@@ -3,6 +3,8 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use ipnet::IpNet;
+
 /// Largest number of addresses one spec may expand to, so a typo such as
 /// `2001:db8::/32` is an error rather than an attempt to allocate 2^96
 /// addresses.
@@ -45,16 +47,14 @@ fn parse_ip(s: &str) -> Result<IpAddr, SpecError> {
 }
 
 fn expand_one(part: &str, out: &mut Vec<IpAddr>) -> Result<(), SpecError> {
-    if let Some((addr, len)) = part.split_once('/') {
-        let base = parse_ip(addr)?;
-        let bits: u8 = if base.is_ipv4() { 32 } else { 128 };
-        let len: u8 = len
-            .trim()
-            .parse()
-            .ok()
-            .filter(|l| *l <= bits)
-            .ok_or_else(|| SpecError::BadPrefix(part.to_string(), bits))?;
-        let host_bits = u32::from(bits - len);
+    if let Some((addr, _)) = part.split_once('/') {
+        // ipnet parses CIDRs here and in the worker's destination rules.
+        let net: IpNet = part.parse().map_err(|_| match parse_ip(addr) {
+            Err(e) => e,
+            Ok(ip) => SpecError::BadPrefix(part.to_string(), if ip.is_ipv4() { 32 } else { 128 }),
+        })?;
+        let base = net.addr();
+        let host_bits = u32::from(net.max_prefix_len() - net.prefix_len());
         let count: u128 = if host_bits >= 128 {
             u128::MAX
         } else {

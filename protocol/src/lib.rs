@@ -23,6 +23,14 @@ pub use message::{
 pub use report::error_chain;
 pub use table::{LeaseTable, TableError, TableSnapshot, PEER_SLOTS, TABLE_LAYOUT};
 
+/// FNV-1a, 64 bits: a checksum for the state file and an identity for a
+/// set of listening sockets; not for anything an attacker chooses.
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// The channel a client (worker or control command) holds: it can only send
 /// requests and read responses.
 pub type ClientChannel<S> = Channel<S, ClientFrame, ServerFrame>;

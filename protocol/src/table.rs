@@ -107,8 +107,13 @@ pub struct LeaseTable {
     id: u64,
 }
 
-// The mapping is only ever accessed through atomics.
+// SAFETY: `base` points into a shared mapping that lives as long as the
+// table (unmapped only in `drop`) and is only ever read or written through
+// `AtomicU64`s (`word`), so moving the table to another thread or using it
+// from several at once is no different from sharing an `&[AtomicU64]`.
+// Other processes write the same memory, through atomics too.
 unsafe impl Send for LeaseTable {}
+// SAFETY: as for `Send`: every access is atomic.
 unsafe impl Sync for LeaseTable {}
 
 impl Drop for LeaseTable {

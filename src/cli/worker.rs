@@ -184,10 +184,10 @@ impl WorkerFlags {
     pub fn resolve(&self, file: &FileConfig) -> Result<WorkerSettingsTuning, ConfigError> {
         let w = self.merge(&file.worker);
         let resolver = match w.resolver {
-            ResolverKind::Dns => rotor_worker::dns::Resolver::Dns {
+            ResolverKind::Dns => rotor_worker::dns::ResolverChoice::Dns {
                 servers: w.dns_server.iter().map(|s| s.0).collect(),
             },
-            ResolverKind::System if w.dns_server.is_empty() => rotor_worker::dns::Resolver::System,
+            ResolverKind::System if w.dns_server.is_empty() => rotor_worker::dns::ResolverChoice::System,
             ResolverKind::System => return Err(ConfigError::Invalid(
                 "dns-server is for the dns resolver; the system resolver asks the servers of /etc/resolv.conf".into(),
             )),
@@ -327,17 +327,17 @@ mod tests {
 
     #[test]
     fn the_resolver_and_its_servers_come_from_flags_or_the_file() {
-        use rotor_worker::dns::Resolver;
+        use rotor_worker::dns::ResolverChoice;
         let none = FileConfig::default();
         let t = flags(&[]).resolve(&none).unwrap();
-        assert_eq!(t.config.proxy.resolver, Resolver::default());
+        assert_eq!(t.config.proxy.resolver, ResolverChoice::default());
         let w = flags(&["--dns-server", "127.0.0.1", "--dns-server", "[::1]:5353"]);
         let t = w.resolve(&none).unwrap();
         let servers = vec![
             "127.0.0.1:53".parse().unwrap(),
             "[::1]:5353".parse().unwrap(),
         ];
-        assert_eq!(t.config.proxy.resolver, Resolver::Dns { servers });
+        assert_eq!(t.config.proxy.resolver, ResolverChoice::Dns { servers });
         // `rotor up` hands them on to its workers.
         let args: Vec<String> = w
             .to_args()
@@ -350,12 +350,12 @@ mod tests {
         );
         let f = file("[worker]\nresolver = \"system\"\n").unwrap();
         let t = flags(&[]).resolve(&f).unwrap();
-        assert_eq!(t.config.proxy.resolver, Resolver::System);
+        assert_eq!(t.config.proxy.resolver, ResolverChoice::System);
         let f = file("[worker]\ndns-server = [\"10.0.0.53:5300\"]\n").unwrap();
         let t = flags(&[]).resolve(&f).unwrap();
         assert_eq!(
             t.config.proxy.resolver,
-            Resolver::Dns {
+            ResolverChoice::Dns {
                 servers: vec!["10.0.0.53:5300".parse().unwrap()]
             }
         );

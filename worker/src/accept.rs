@@ -23,20 +23,17 @@
 //! worker without a table slot: both accept as they always did.
 
 use std::io;
-use std::mem::MaybeUninit;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::lease::LeaseClient;
+use crate::os;
 
 /// How long a worker holding more than its share leaves a new connection to
 /// its siblings before it accepts it itself.
@@ -88,7 +85,8 @@ impl Balance {
             return Defer::No;
         }
         let mine = self.load(queued);
-        Defer::choose(mine, self.leases.sibling_load(self.group, mine))
+        self.leases.publish_load(self.group, mine);
+        Defer::choose(mine, self.leases.least_sibling_load(self.group))
     }
 
     /// Publishes the load every [`PUBLISH_EVERY`] until `stop`, then
@@ -100,12 +98,11 @@ impl Balance {
             tokio::select! {
                 _ = stop.cancelled() => {
                     self.left.store(true, std::sync::atomic::Ordering::Relaxed);
-                    // Group 0 is none: no sibling compares with this line.
-                    self.leases.sibling_load(0, 0);
+                    self.leases.leave_group();
                     return;
                 }
                 _ = tick.tick() => {
-                    self.leases.sibling_load(self.group, self.load(0));
+                    self.leases.publish_load(self.group, self.load(0));
                 }
             }
         }
@@ -152,10 +149,7 @@ pub async fn accept_loop(
     // connection tells whether it took; if not, each is set.
     let _ = socket2::SockRef::from(&listener).set_tcp_nodelay(true);
     let mut inherits_nodelay: Option<bool> = None;
-    // SAFETY: the listener owns its descriptor, which stays open and the
-    // same until the AsyncFd (its owner from here) is dropped.
-    let listener = unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
-        .map_err(|e| e.into_parts().1)?;
+    let listener = os::register_readable(listener)?;
     let mut deferred = false;
     loop {
         let mut ready = tokio::select! {
@@ -180,7 +174,7 @@ pub async fn accept_loop(
             continue;
         }
         deferred = false;
-        match ready.try_io(|l| accept4(l.get_ref())) {
+        match ready.try_io(|l| os::accept(l.get_ref())) {
             Ok(Ok((std, peer))) => {
                 let inherited =
                     *inherits_nodelay.get_or_insert_with(|| std.nodelay().unwrap_or(false));
@@ -221,76 +215,13 @@ fn is_transient(e: &io::Error) -> bool {
     )
 }
 
-/// accept4(2), non-blocking and close-on-exec in the one call.
-fn accept4(listener: &std::net::TcpListener) -> io::Result<(std::net::TcpStream, SocketAddr)> {
-    let mut storage = MaybeUninit::<libc::sockaddr_storage>::zeroed();
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: `storage` is a zeroed sockaddr_storage whose size `len`
-    // gives; the kernel writes at most that much.
-    let fd = unsafe {
-        libc::accept4(
-            listener.as_raw_fd(),
-            storage.as_mut_ptr().cast(),
-            &mut len,
-            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: accept4 returned a new descriptor that nothing else owns.
-    let stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
-    // SAFETY: zero-initialised, then filled by the kernel; every bit pattern
-    // is a valid sockaddr_storage.
-    let storage = unsafe { storage.assume_init() };
-    let peer = match i32::from(storage.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says it is a sockaddr_in, which fits in
-            // (and is less aligned than) sockaddr_storage.
-            let a = unsafe {
-                &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
-            };
-            SocketAddr::V4(SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
-                u16::from_be(a.sin_port),
-            ))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: as above, for sockaddr_in6.
-            let a = unsafe {
-                &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
-            };
-            SocketAddr::V6(SocketAddrV6::new(
-                Ipv6Addr::from(a.sin6_addr.s6_addr),
-                u16::from_be(a.sin6_port),
-                a.sin6_flowinfo,
-                a.sin6_scope_id,
-            ))
-        }
-        _ => stream.peer_addr()?,
-    };
-    Ok((stream, peer))
-}
-
 /// The identity of a set of listening sockets: the same in every process
 /// that shares them (an inherited socket keeps its inode), different for
 /// sockets of their own. Never 0, which means none.
 fn accept_group(listeners: &[std::net::TcpListener]) -> u64 {
-    let mut inodes: Vec<u64> = listeners
-        .iter()
-        .filter_map(|l| {
-            let mut st = MaybeUninit::<libc::stat>::zeroed();
-            // SAFETY: fstat fills the stat buffer for an open descriptor.
-            let rc = unsafe { libc::fstat(l.as_raw_fd(), st.as_mut_ptr()) };
-            // SAFETY: fstat succeeded, so the buffer is initialised.
-            (rc == 0).then(|| unsafe { st.assume_init() }.st_ino)
-        })
-        .collect();
+    let mut inodes: Vec<u64> = listeners.iter().filter_map(os::inode).collect();
     inodes.sort_unstable();
-    let hash = inodes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &ino| {
-        (h ^ ino).wrapping_mul(0x0000_0100_0000_01b3)
-    });
-    hash.max(1)
+    rotor_protocol::fnv1a(inodes.iter().flat_map(|i| i.to_le_bytes())).max(1)
 }
 
 #[cfg(test)]
@@ -358,7 +289,7 @@ mod tests {
             };
             let addr = l.local_addr().unwrap();
             let client = std::net::TcpStream::connect(addr).unwrap();
-            let (s, peer) = accept4(&l).unwrap();
+            let (s, peer) = os::accept(&l).unwrap();
             assert_eq!(peer, client.local_addr().unwrap());
             assert_eq!(s.peer_addr().unwrap(), peer);
         }

@@ -15,11 +15,11 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 
+use ipnet::IpNet;
+
+/// A destination range: `203.0.113.0/24`, or one address (`2001:db8::1`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cidr {
-    addr: IpAddr,
-    len: u8,
-}
+pub struct Cidr(IpNet);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("`{0}` is not an address or CIDR (e.g. 203.0.113.0/24, 2001:db8::/32)")]
@@ -29,52 +29,25 @@ impl FromStr for Cidr {
     type Err = CidrError;
 
     fn from_str(s: &str) -> Result<Cidr, CidrError> {
-        let bad = || CidrError(s.to_string());
-        let (addr, len) = match s.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (s, None),
+        let t = s.trim();
+        let net = match t.contains('/') {
+            true => t.parse::<IpNet>().ok(),
+            false => t.parse::<IpAddr>().ok().map(IpNet::from),
         };
-        let addr: IpAddr = addr.trim().parse().map_err(|_| bad())?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = match len {
-            Some(l) => l
-                .trim()
-                .parse::<u8>()
-                .ok()
-                .filter(|l| *l <= max)
-                .ok_or_else(bad)?,
-            None => max,
-        };
-        Ok(Cidr { addr, len })
+        net.map(Cidr).ok_or_else(|| CidrError(s.to_string()))
     }
 }
 
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
+        self.0.fmt(f)
     }
 }
 
 impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                prefix_eq(u32::from(net).into(), u32::from(ip).into(), 32, self.len)
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                prefix_eq(u128::from(net), u128::from(ip), 128, self.len)
-            }
-            _ => false,
-        }
+        self.0.contains(&ip)
     }
-}
-
-fn prefix_eq(a: u128, b: u128, bits: u8, len: u8) -> bool {
-    if len == 0 {
-        return true;
-    }
-    let shift = u32::from(bits - len);
-    (a >> shift) == (b >> shift)
 }
 
 /// Ranges denied unless allowed explicitly.

@@ -27,12 +27,12 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
 use tracing::warn;
 
-use crate::connect::{ip_literal, resolve};
 use crate::error::ProxyError;
+use rotor_protocol::addr::unbracketed;
 
 /// Which resolver a worker uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resolver {
+pub enum ResolverChoice {
     /// In-process DNS: these servers, or those of `/etc/resolv.conf` when
     /// empty.
     Dns { servers: Vec<SocketAddr> },
@@ -40,9 +40,9 @@ pub enum Resolver {
     System,
 }
 
-impl Default for Resolver {
-    fn default() -> Resolver {
-        Resolver::Dns {
+impl Default for ResolverChoice {
+    fn default() -> ResolverChoice {
+        ResolverChoice::Dns {
             servers: Vec::new(),
         }
     }
@@ -58,42 +58,42 @@ const DNS_CACHE_RECORDS: u64 = 10_000;
 /// (lower-cased name, port) → (addresses, when resolved).
 type Entries = HashMap<(String, u16), (Vec<SocketAddr>, Instant)>;
 
-pub struct DnsCache {
+pub struct Resolver {
     /// The longest an answer is kept; zero: not at all.
     ttl: Duration,
-    resolver: Resolver,
+    resolver: ResolverChoice,
     /// Swapped whole by [`reload`](Self::reload); a lookup in flight keeps
     /// the one it started with.
-    how: std::sync::RwLock<std::sync::Arc<How>>,
+    backend: std::sync::RwLock<std::sync::Arc<Backend>>,
 }
 
-enum How {
+enum Backend {
     Dns(Box<TokioResolver>),
     System(Mutex<Entries>),
 }
 
-impl How {
-    fn new(resolver: &Resolver, ttl: Duration) -> How {
+impl Backend {
+    fn new(resolver: &ResolverChoice, ttl: Duration) -> Backend {
         match resolver {
-            Resolver::System => How::System(Mutex::new(HashMap::new())),
-            Resolver::Dns { servers } => match dns_resolver(servers, ttl) {
-                Ok(r) => How::Dns(Box::new(r)),
+            ResolverChoice::System => Backend::System(Mutex::new(HashMap::new())),
+            ResolverChoice::Dns { servers } => match dns_resolver(servers, ttl) {
+                Ok(r) => Backend::Dns(Box::new(r)),
                 Err(e) => {
                     warn!(error = %e, "cannot set up the DNS resolver (no /etc/resolv.conf?); resolving with the system's getaddrinfo");
-                    How::System(Mutex::new(HashMap::new()))
+                    Backend::System(Mutex::new(HashMap::new()))
                 }
             },
         }
     }
 }
 
-impl DnsCache {
+impl Resolver {
     /// Must run on the runtime that will do the lookups.
-    pub fn new(resolver: &Resolver, ttl: Duration) -> DnsCache {
-        DnsCache {
+    pub fn new(resolver: &ResolverChoice, ttl: Duration) -> Resolver {
+        Resolver {
             ttl,
             resolver: resolver.clone(),
-            how: std::sync::RwLock::new(std::sync::Arc::new(How::new(resolver, ttl))),
+            backend: std::sync::RwLock::new(std::sync::Arc::new(Backend::new(resolver, ttl))),
         }
     }
 
@@ -101,12 +101,15 @@ impl DnsCache {
     /// resolver's configuration (`/etc/resolv.conf`, `/etc/hosts`) read
     /// anew.
     pub fn reload(&self) {
-        let fresh = std::sync::Arc::new(How::new(&self.resolver, self.ttl));
-        *self.how.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        let fresh = std::sync::Arc::new(Backend::new(&self.resolver, self.ttl));
+        *self.backend.write().unwrap_or_else(|e| e.into_inner()) = fresh;
     }
 
-    fn current(&self) -> std::sync::Arc<How> {
-        self.how.read().unwrap_or_else(|e| e.into_inner()).clone()
+    fn current(&self) -> std::sync::Arc<Backend> {
+        self.backend
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The addresses of `host:port`, within `timeout`. An IP literal needs
@@ -118,11 +121,11 @@ impl DnsCache {
         timeout: Duration,
     ) -> Result<Vec<SocketAddr>, ProxyError> {
         if ip_literal(host).is_some() {
-            return resolve(host, port, timeout).await;
+            return lookup(host, port, timeout).await;
         }
         match &*self.current() {
-            How::Dns(r) => self.resolve_dns(r, host, port, timeout).await,
-            How::System(entries) => self.resolve_system(entries, host, port, timeout).await,
+            Backend::Dns(r) => self.resolve_dns(r, host, port, timeout).await,
+            Backend::System(entries) => self.resolve_system(entries, host, port, timeout).await,
         }
     }
 
@@ -178,7 +181,7 @@ impl DnsCache {
         timeout: Duration,
     ) -> Result<Vec<SocketAddr>, ProxyError> {
         if self.ttl.is_zero() {
-            return resolve(host, port, timeout).await;
+            return lookup(host, port, timeout).await;
         }
         let key = (host.to_ascii_lowercase(), port);
         {
@@ -187,7 +190,7 @@ impl DnsCache {
                 return Ok(addrs.clone());
             }
         }
-        let addrs = resolve(host, port, timeout).await?;
+        let addrs = lookup(host, port, timeout).await?;
         let mut entries = entries.lock().unwrap_or_else(|e| e.into_inner());
         if entries.len() >= MAX_NAMES {
             let ttl = self.ttl;
@@ -240,15 +243,52 @@ fn dns_resolver(
     builder.build()
 }
 
+/// The address `host` spells, if it is an IP literal (`192.0.2.1`,
+/// `[2001:db8::1]`): no lookup needed.
+pub fn ip_literal(host: &str) -> Option<IpAddr> {
+    unbracketed(host).parse().ok()
+}
+
+/// Resolves `host:port` with getaddrinfo (uncached). An IP literal needs
+/// no lookup.
+async fn lookup(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAddr>, ProxyError> {
+    if let Some(ip) = ip_literal(host) {
+        return Ok(vec![SocketAddr::new(ip, port)]);
+    }
+    let bare = unbracketed(host);
+    let lookup = tokio::net::lookup_host((bare, port));
+    let addrs: Vec<SocketAddr> = match tokio::time::timeout(timeout, lookup).await {
+        Ok(Ok(a)) => a.collect(),
+        Ok(Err(source)) => {
+            return Err(ProxyError::Dns {
+                host: bare.to_string(),
+                source,
+            })
+        }
+        Err(_) => {
+            return Err(ProxyError::DnsTimeout {
+                host: bare.to_string(),
+                timeout,
+            })
+        }
+    };
+    if addrs.is_empty() {
+        return Err(ProxyError::DnsEmpty {
+            host: bare.to_string(),
+        });
+    }
+    Ok(addrs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
     async fn system_names_are_cached_and_literals_are_not() {
-        let cache = DnsCache::new(&Resolver::System, Duration::from_secs(30));
-        let how = cache.current();
-        let How::System(entries) = &*how else {
+        let cache = Resolver::new(&ResolverChoice::System, Duration::from_secs(30));
+        let backend = cache.current();
+        let Backend::System(entries) = &*backend else {
             panic!("not the system resolver");
         };
         // `localhost` comes from /etc/hosts: no query leaves the machine.
@@ -275,8 +315,8 @@ mod tests {
     async fn the_dns_resolver_answers_hosts_file_names_without_a_server() {
         // Port 9 (discard): nothing answers there; /etc/hosts must.
         let servers = vec!["127.0.0.1:9".parse().unwrap()];
-        let cache = DnsCache::new(&Resolver::Dns { servers }, Duration::from_secs(30));
-        assert!(matches!(&*cache.current(), How::Dns(_)));
+        let cache = Resolver::new(&ResolverChoice::Dns { servers }, Duration::from_secs(30));
+        assert!(matches!(&*cache.current(), Backend::Dns(_)));
         let a = cache
             .resolve("localhost", 80, Duration::from_secs(5))
             .await
@@ -288,7 +328,7 @@ mod tests {
         assert!(a.iter().all(|s| s.port() == 80));
         // No caching at all (`--dns-cache-ttl 0s`) still resolves.
         let servers = vec!["127.0.0.1:9".parse().unwrap()];
-        let uncached = DnsCache::new(&Resolver::Dns { servers }, Duration::ZERO);
+        let uncached = Resolver::new(&ResolverChoice::Dns { servers }, Duration::ZERO);
         for _ in 0..2 {
             let b = uncached
                 .resolve("localhost", 81, Duration::from_secs(5))
@@ -296,5 +336,11 @@ mod tests {
                 .unwrap();
             assert!(!b.is_empty() && b.iter().all(|s| s.port() == 81), "{b:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn ip_literals_skip_dns() {
+        let a = lookup("[::1]", 80, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(a, vec!["[::1]:80".parse().unwrap()]);
     }
 }

@@ -134,17 +134,33 @@ impl LeaseClient {
             .is_some_and(|c| c.table.read().unwrap_or_else(|e| e.into_inner()).is_some())
     }
 
-    /// Publishes this worker's `load` among the workers of accept `group`
-    /// (those sharing its listening sockets) in the lease table, and returns
-    /// the least load another of them published; `None` without a table
-    /// slot or siblings.
-    pub fn sibling_load(&self, group: u64, load: u64) -> Option<u64> {
+    /// `f` on the lease table and this worker's slot in it, if it has both.
+    fn with_slot<T>(&self, f: impl FnOnce(&LeaseTable, u32) -> Option<T>) -> Option<T> {
         let conn = self.conn.borrow().clone()?;
         let current = conn.table.read().unwrap_or_else(|e| e.into_inner());
         let (table, slot) = current.as_ref()?;
-        let slot = (*slot)?;
-        table.set_peer_load(slot, group, load);
-        table.least_sibling_load(slot, group)
+        f(table, (*slot)?)
+    }
+
+    /// Publishes this worker's `load` among the workers of accept `group`
+    /// (those sharing its listening sockets) in the lease table.
+    pub fn publish_load(&self, group: u64, load: u64) {
+        self.with_slot(|table, slot| {
+            table.set_peer_load(slot, group, load);
+            Some(())
+        });
+    }
+
+    /// The least load another worker of accept `group` published; `None`
+    /// without a table slot or siblings.
+    pub fn least_sibling_load(&self, group: u64) -> Option<u64> {
+        self.with_slot(|table, slot| table.least_sibling_load(slot, group))
+    }
+
+    /// Leaves every accept group (group 0 is none: no sibling compares with
+    /// this worker's line any more).
+    pub fn leave_group(&self) {
+        self.publish_load(0, 0);
     }
 
     /// The next address of one of `families`, or why there is none.

@@ -1,6 +1,7 @@
 //! rotor's worker: an HTTP/1.1 forward proxy (absolute-form requests and
 //! CONNECT tunnels) that sends every request from the next source address
 //! the allocator leases it.
+#![deny(unsafe_code)]
 
 pub mod accept;
 pub mod acl;
@@ -11,6 +12,7 @@ pub mod error;
 pub mod idle;
 pub mod lease;
 pub mod listener;
+mod os;
 pub mod proxy;
 pub mod relay;
 pub mod server;

@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 use crate::acl::{Acl, LocalAddrs};
 use crate::auth::Auth;
 use crate::connect::connect_from;
-use crate::dns::DnsCache;
+use crate::dns::Resolver;
 use crate::error::ProxyError;
 use crate::idle::Activity;
 use crate::lease::{LeaseClient, LeaseError};
@@ -51,14 +51,14 @@ pub struct ProxyConfig {
     /// resolve every time.
     pub dns_cache_ttl: Duration,
     /// How destination names are resolved.
-    pub resolver: crate::dns::Resolver,
+    pub resolver: crate::dns::ResolverChoice,
 }
 
 pub struct Proxy {
     leases: Arc<LeaseClient>,
     config: ProxyConfig,
     upstream: Arc<UpstreamPool>,
-    dns: DnsCache,
+    dns: Resolver,
     local: LocalAddrs,
     /// CONNECT tunnels outlive the HTTP connection they came from; the
     /// tracker lets shutdown wait for them.
@@ -93,7 +93,7 @@ impl Proxy {
         Proxy {
             leases,
             upstream: UpstreamPool::new(config.upstream_idle_timeout, config.upstream_max_idle),
-            dns: DnsCache::new(&config.resolver, config.dns_cache_ttl),
+            dns: Resolver::new(&config.resolver, config.dns_cache_ttl),
             local: LocalAddrs::default(),
             config,
             tunnels,

@@ -25,9 +25,8 @@
 //! is relayed with `copy_bidirectional`.
 
 use std::io;
-use std::mem::MaybeUninit;
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -39,6 +38,7 @@ use tokio::net::TcpStream;
 use tracing::warn;
 
 use crate::idle::{Activity, IdleIo};
+use crate::os;
 
 /// Relay buffer per direction when the tunnel cannot splice. Measured on
 /// the bench (2 workers): 16 KiB moves bulk data as fast as 64 KiB and sets
@@ -50,14 +50,13 @@ const COPY_BUFFER: usize = 16 * 1024;
 /// is the limit.
 const CHUNK: usize = 1 << 20;
 
-/// The pipe a direction moves to once it has carried [`BULK_AFTER`] bytes.
-/// A pipe of the kernel's default 16 pages moves ≈1.5 GB/s through a worker
-/// on the bench; 256 KiB ≈2.0, 1 MiB ≈2.5 (fewer, larger splices). Pipes
+/// The pipe a direction moves to once it has carried [`BULK_AFTER`] bytes:
+/// fewer, larger splices move bulk faster than the default 16 pages. Pipes
 /// count against a per-user budget (`fs.pipe-user-pages-soft`, 64 MiB by
 /// default, shared by every worker of the user), so only bulk transfers
 /// get big ones and few are kept; past the budget the kernel refuses the
 /// growth and the pipe stays at its default size.
-const BIG_PIPE: libc::c_int = 1 << 20;
+const BIG_PIPE: usize = 1 << 20;
 const BULK_AFTER: u64 = 1 << 20;
 
 /// The buffers on the way from client to destination (the client
@@ -66,16 +65,9 @@ const BULK_AFTER: u64 = 1 << 20;
 /// set when the tunnel starts. Left to the kernel's autotuning, a bulk
 /// stream over such a path grows them to several MiB, and relayed data
 /// waits in memory long enough to leave the CPU caches between the copy in
-/// at the sender and the copy out at the receiver.
-///
-/// Measured on the bench (A/B, 8 rounds of 2 GiB each way): uploads moved
-/// 12–30 % faster, downloads the same, for ≈ 2 µs of CPU per tunnel (the
-/// TCP_INFO reads and setsockopts, ≈ 2.5 % of a set-up). Capping all four
-/// buffers (the way back too) made uploads gain less (2973 against 3379
-/// MiB/s) and each downloaded GiB cost 50 % more CPU for no speed; capping
-/// at a direction's first bytes instead of the start gave 12 % less
-/// (pinned A/B), and once 1 MiB had moved (the window grown) no better
-/// than none. The kernel doubles the value for its bookkeeping.
+/// at the sender and the copy out at the receiver. The README's
+/// performance section has the A/B that chose this (and the variants that
+/// lost). The kernel doubles the value for its bookkeeping.
 const SHORT_PATH_BUFFER: usize = 256 * 1024;
 /// The longest smoothed round trip (µs) of a short path. A window of
 /// [`SHORT_PATH_BUFFER`] still carries ≈ 2.6 GB/s over it, so the cap does
@@ -191,9 +183,7 @@ async fn one_way(
 /// `WouldBlock` if `src` had nothing after all. The pipe goes back to the
 /// pool only empty: on an error it is closed with whatever it holds.
 async fn splice_chunk(src: &TcpStream, dst: &TcpStream, pipe: Pipe) -> io::Result<usize> {
-    let n = match src.try_io(Interest::READABLE, || {
-        splice(src.as_raw_fd(), pipe.w.as_raw_fd(), CHUNK)
-    }) {
+    let n = match src.try_io(Interest::READABLE, || os::splice(src, &pipe.w, CHUNK)) {
         Ok(n) => n,
         Err(e) => {
             give_back(pipe);
@@ -203,9 +193,7 @@ async fn splice_chunk(src: &TcpStream, dst: &TcpStream, pipe: Pipe) -> io::Resul
     let mut left = n;
     while left > 0 {
         dst.writable().await?;
-        match dst.try_io(Interest::WRITABLE, || {
-            splice(pipe.r.as_raw_fd(), dst.as_raw_fd(), left)
-        }) {
+        match dst.try_io(Interest::WRITABLE, || os::splice(&pipe.r, dst, left)) {
             Ok(k) => left -= k,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
@@ -242,7 +230,7 @@ enum Buffer {
 /// a longer path keeps autotuning. Best effort: a socket whose round trip
 /// cannot be read keeps what it has. Returns whether it was capped.
 fn cap_if_short(sock: &TcpStream, buffer: Buffer) -> bool {
-    if smoothed_rtt_us(sock).is_none_or(|rtt| rtt > SHORT_PATH_RTT_US) {
+    if os::smoothed_rtt_us(sock).is_none_or(|rtt| rtt > SHORT_PATH_RTT_US) {
         return false;
     }
     let sock = socket2::SockRef::from(sock);
@@ -251,27 +239,6 @@ fn cap_if_short(sock: &TcpStream, buffer: Buffer) -> bool {
         Buffer::Send => sock.set_send_buffer_size(SHORT_PATH_BUFFER),
     };
     true
-}
-
-/// The kernel's smoothed round-trip estimate of a TCP socket, in µs.
-fn smoothed_rtt_us(sock: &TcpStream) -> Option<u32> {
-    let mut info = MaybeUninit::<libc::tcp_info>::zeroed();
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: `info` is a zeroed tcp_info whose size `len` gives; the
-    // kernel writes at most that much.
-    let r = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
-    // SAFETY: zeroed is a valid tcp_info (plain integers), written or not.
-    let info = unsafe { info.assume_init() };
-    let need = std::mem::offset_of!(libc::tcp_info, tcpi_rtt) + std::mem::size_of::<u32>();
-    (r == 0 && len as usize >= need).then_some(info.tcpi_rtt)
 }
 
 /// The two ends of a non-blocking pipe.
@@ -284,27 +251,10 @@ struct Pipe {
 
 impl Pipe {
     fn new(big: bool) -> io::Result<Pipe> {
-        let mut fds = [0 as libc::c_int; 2];
-        // SAFETY: `fds` is a valid array of two c_ints for pipe2 to fill.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 succeeded, so both are open descriptors that nothing
-        // else owns.
-        let mut pipe = unsafe {
-            Pipe {
-                r: OwnedFd::from_raw_fd(fds[0]),
-                w: OwnedFd::from_raw_fd(fds[1]),
-                big: false,
-            }
-        };
-        if big {
-            // SAFETY: F_SETPIPE_SZ on an open pipe, with an int argument.
-            // Refused past the user's pipe budget: the pipe stays small.
-            pipe.big = unsafe { libc::fcntl(pipe.w.as_raw_fd(), libc::F_SETPIPE_SZ, BIG_PIPE) }
-                >= BIG_PIPE;
-        }
-        Ok(pipe)
+        let (r, w) = os::pipe()?;
+        // Refused past the user's pipe budget: the pipe stays small.
+        let big = big && os::set_pipe_size(&w, BIG_PIPE);
+        Ok(Pipe { r, w, big })
     }
 
     fn pool(big: bool) -> (&'static Mutex<Vec<Pipe>>, usize) {
@@ -359,26 +309,6 @@ fn give_back(pipe: Pipe) {
     let mut pool = pool.lock().expect("pipe pool poisoned");
     if pool.len() < max {
         pool.push(pipe);
-    }
-}
-
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
-    // SAFETY: plain descriptors and null offsets (both are streams); the
-    // kernel checks the descriptors.
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
     }
 }
 
@@ -458,11 +388,9 @@ mod tests {
             let (pool, _) = Pipe::pool(big);
             for p in pool.lock().unwrap().iter() {
                 let mut b = [0u8; 1];
-                // SAFETY: a valid one-byte buffer and an open descriptor.
-                let n = unsafe { libc::read(p.r.as_raw_fd(), b.as_mut_ptr().cast(), 1) };
-                let e = io::Error::last_os_error();
-                assert!(
-                    n == -1 && e.kind() == io::ErrorKind::WouldBlock,
+                assert_eq!(
+                    nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&p.r), &mut b),
+                    Err(nix::errno::Errno::EAGAIN),
                     "a pooled pipe held bytes"
                 );
             }

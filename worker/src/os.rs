@@ -1,0 +1,129 @@
+//! Every system call the worker makes that the standard library does not:
+//! through `nix` and `socket2` where they wrap it safely, and the two that
+//! they do not (`TCP_INFO`, and registering a listener with the reactor)
+//! here, each with its SAFETY note. The rest of the worker has no `unsafe`.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags};
+use nix::sys::socket::{setsockopt, sockopt};
+use socket2::{SockRef, Socket};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+/// accept4(2): the connection non-blocking and close-on-exec in one call.
+pub fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+    let (sock, addr) = SockRef::from(listener).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+    let stream = TcpStream::from(sock);
+    let peer = match addr.as_socket() {
+        Some(a) => a,
+        None => stream.peer_addr()?,
+    };
+    Ok((stream, peer))
+}
+
+/// Registers `listener` with the reactor for readiness to accept.
+pub fn register_readable(listener: TcpListener) -> io::Result<AsyncFd<TcpListener>> {
+    // SAFETY: the listener owns its descriptor, which stays open and the
+    // same until the AsyncFd (its owner from here) is dropped.
+    unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
+        .map_err(|e| e.into_parts().1)
+}
+
+/// The inode of an open descriptor (an inherited socket keeps its own).
+pub fn inode(fd: &impl AsFd) -> Option<u64> {
+    nix::sys::stat::fstat(fd.as_fd().as_raw_fd())
+        .ok()
+        .map(|st| st.st_ino)
+}
+
+/// IP_BIND_ADDRESS_NO_PORT: `bind(ip, 0)` takes no port until `connect`,
+/// which picks one for the whole 4-tuple, so many source addresses do not
+/// exhaust the ephemeral ports at bind time (the IPPROTO_IP option, which
+/// the kernel honours for both families).
+pub fn set_bind_address_no_port(sock: &Socket) -> io::Result<()> {
+    setsockopt(sock, sockopt::IpBindAddressNoPort, &true).map_err(io::Error::from)
+}
+
+/// A non-blocking, close-on-exec pipe: (read end, write end).
+pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+/// Grows a pipe to `size` bytes; false where the kernel refuses (past the
+/// user's pipe budget) or gives less.
+pub fn set_pipe_size(pipe: &OwnedFd, size: usize) -> bool {
+    let want = i32::try_from(size).unwrap_or(i32::MAX);
+    nix::fcntl::fcntl(pipe.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(want)).is_ok_and(|got| got >= want)
+}
+
+/// splice(2) without blocking between two stream descriptors (one a pipe).
+pub fn splice(from: &impl AsFd, to: &impl AsFd, len: usize) -> io::Result<usize> {
+    nix::fcntl::splice(
+        from,
+        None,
+        to,
+        None,
+        len,
+        SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
+    )
+    .map_err(io::Error::from)
+}
+
+/// The kernel's smoothed round-trip estimate of a TCP socket, in µs.
+pub fn smoothed_rtt_us(sock: &impl AsRawFd) -> Option<u32> {
+    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: `info` is a zeroed tcp_info whose size `len` gives; the
+    // kernel writes at most that much. (Neither nix nor socket2 reads
+    // TCP_INFO.)
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: zeroed is a valid tcp_info (plain integers), written or not.
+    let info = unsafe { info.assume_init() };
+    let need = std::mem::offset_of!(libc::tcp_info, tcpi_rtt) + std::mem::size_of::<u32>();
+    (r == 0 && len as usize >= need).then_some(info.tcpi_rtt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_with_the_peer_address_and_non_blocking() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, peer) = accept(&l).unwrap();
+        assert_eq!(peer, c.local_addr().unwrap());
+        let mut b = [0u8; 1];
+        let e = std::io::Read::read(&mut &s, &mut b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert!(inode(&l).is_some_and(|i| i != 0));
+        assert!(smoothed_rtt_us(&s).is_some());
+    }
+
+    #[test]
+    fn pipes_grow_and_splice() {
+        let (r, w) = pipe().unwrap();
+        assert!(set_pipe_size(&w, 1 << 16));
+        nix::unistd::write(&w, b"abc").unwrap();
+        let (r2, w2) = pipe().unwrap();
+        assert_eq!(splice(&r, &w2, 16).unwrap(), 3);
+        let mut b = [0u8; 8];
+        assert_eq!(nix::unistd::read(r2.as_raw_fd(), &mut b).unwrap(), 3);
+        assert_eq!(
+            nix::unistd::read(r.as_raw_fd(), &mut b).unwrap_err(),
+            nix::errno::Errno::EAGAIN
+        );
+    }
+}
