@@ -110,11 +110,18 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
 fn check(pool: &crate::cli::PoolSettings, socket: &std::path::Path, passed: bool) -> ExitCode {
     let mut ok = true;
     let mut total = 0;
+    let mut usable = 0;
     for s in &pool.sources {
         match s.read() {
             Ok(addrs) => {
                 total += addrs.len();
-                eprintln!("ok: {}: {} addresses", s.name(), addrs.len());
+                eprintln!("ok: {}: {} entries", s.name(), addrs.len());
+                for e in &addrs {
+                    match rotor_allocator::usable::check(e) {
+                        Ok(()) => usable += 1,
+                        Err(why) => eprintln!("error: {e} cannot be used here: {why}"),
+                    }
+                }
             }
             Err(e) => {
                 ok = false;
@@ -137,6 +144,14 @@ fn check(pool: &crate::cli::PoolSettings, socket: &std::path::Path, passed: bool
     );
     if total == 0 {
         eprintln!("warning: the pool is empty: clients will get 503");
+    } else if usable == 0 {
+        eprintln!("error: no pool address can be used on this host: clients would get 503");
+        ok = false;
+    } else if usable < total {
+        eprintln!(
+            "warning: {} of {total} entries cannot be used here; they would stay out of the rotation until they can",
+            total - usable
+        );
     }
     if ok {
         ExitCode::SUCCESS

@@ -11,17 +11,27 @@ use tokio::net::UnixStream;
 
 /// Sends one request to the allocator and returns its answer.
 pub async fn request(socket: &Path, body: Request) -> anyhow::Result<Response> {
+    request_by_minor(socket, |_| body).await
+}
+
+/// Sends the request `choose` makes for the allocator's protocol minor
+/// (an older allocator is asked what it knows) and returns its answer.
+pub async fn request_by_minor(
+    socket: &Path,
+    choose: impl FnOnce(u16) -> Request,
+) -> anyhow::Result<Response> {
     use anyhow::Context;
     let exchange = async {
         let stream = UnixStream::connect(socket)
             .await
             .with_context(|| format!("cannot connect to the allocator at {}", socket.display()))?;
         let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
-        client_handshake(
+        let server = client_handshake(
             &mut chan,
             Hello::new(Role::Control, concat!("rotor/", env!("CARGO_PKG_VERSION"))),
         )
         .await?;
+        let body = choose(server.minor);
         chan.send(&ClientFrame::Request(Envelope { id: 1, body }))
             .await?;
         match chan.recv().await? {

@@ -11,5 +11,6 @@ pub mod server;
 pub mod source;
 pub mod spec;
 pub mod state;
+pub mod usable;
 
 pub use server::{bind_socket, run, BindError, Config, RunError};

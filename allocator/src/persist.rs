@@ -1,8 +1,10 @@
 //! The rotation state file, so a restarted allocator resumes the rotation
 //! where the last one stopped: the address due next, the lease sequence and
-//! the pool generation.
+//! the pool generation. The address due next is kept for each family (each
+//! rotates on its own cursor); a 48-byte record of the single-cursor
+//! releases is still read.
 //!
-//! The state is one 48-byte record at offset 0, rewritten in place with one
+//! The state is one 64-byte record at offset 0, rewritten in place with one
 //! `pwrite` before any lease reply that it covers is sent. A single write of
 //! that size inside one page is all-or-nothing for a process that dies (even
 //! by SIGKILL: the kernel holds the data); a checksum rejects a record torn
@@ -17,15 +19,20 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
 
-const MAGIC: &[u8; 4] = b"RTR1";
-const LEN: usize = 48;
+const MAGIC: &[u8; 4] = b"RTR2";
+const LEN: usize = 64;
+/// The single-cursor record: magic, family byte, generation, seq, the
+/// address due next at 24, checksum at 40.
+const MAGIC_1: &[u8; 4] = b"RTR1";
+const LEN_1: usize = 48;
 pub const FILE_NAME: &str = "rotation.state";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Saved {
     pub generation: u64,
     pub seq: u64,
-    pub next_due: Option<IpAddr>,
+    /// By `Family::index`.
+    pub next_due: [Option<IpAddr>; 2],
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,8 +66,8 @@ impl StateFile {
         let file = Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map_err(|_| PersistError::Locked(path.clone()))?;
         let mut buf = [0u8; LEN];
-        let saved = match file.read_exact_at(&mut buf, 0) {
-            Ok(()) => decode(&buf),
+        let saved = match file.read_at(&mut buf, 0) {
+            Ok(n) => decode(&buf[..n]),
             Err(_) => None,
         };
         Ok((StateFile { file, path }, saved))
@@ -78,36 +85,45 @@ impl StateFile {
 fn encode(s: &Saved) -> [u8; LEN] {
     let mut b = [0u8; LEN];
     b[..4].copy_from_slice(MAGIC);
-    match s.next_due {
-        None => b[4] = 0,
-        Some(IpAddr::V4(v4)) => {
-            b[4] = 4;
-            b[24..28].copy_from_slice(&v4.octets());
-        }
-        Some(IpAddr::V6(v6)) => {
-            b[4] = 6;
-            b[24..40].copy_from_slice(&v6.octets());
-        }
+    if let Some(IpAddr::V4(v4)) = s.next_due[0] {
+        b[4] |= 1;
+        b[24..28].copy_from_slice(&v4.octets());
+    }
+    if let Some(IpAddr::V6(v6)) = s.next_due[1] {
+        b[4] |= 2;
+        b[28..44].copy_from_slice(&v6.octets());
     }
     b[8..16].copy_from_slice(&s.generation.to_be_bytes());
     b[16..24].copy_from_slice(&s.seq.to_be_bytes());
-    let sum = rotor_protocol::fnv1a(b[..40].iter().copied());
-    b[40..48].copy_from_slice(&sum.to_be_bytes());
+    let sum = rotor_protocol::fnv1a(b[..56].iter().copied());
+    b[56..64].copy_from_slice(&sum.to_be_bytes());
     b
 }
 
-fn decode(b: &[u8; LEN]) -> Option<Saved> {
-    if &b[..4] != MAGIC || rotor_protocol::fnv1a(b[..40].iter().copied()).to_be_bytes() != b[40..48]
-    {
+fn decode(b: &[u8]) -> Option<Saved> {
+    let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+    let sum_ok = |len: usize| {
+        b.len() >= len
+            && rotor_protocol::fnv1a(b[..len - 8].iter().copied()).to_be_bytes() == b[len - 8..len]
+    };
+    let mut next_due = [None, None];
+    if b.get(..4) == Some(MAGIC) && sum_ok(LEN) {
+        if b[4] & 1 != 0 {
+            next_due[0] = Some(IpAddr::from(<[u8; 4]>::try_from(&b[24..28]).ok()?));
+        }
+        if b[4] & 2 != 0 {
+            next_due[1] = Some(IpAddr::from(<[u8; 16]>::try_from(&b[28..44]).ok()?));
+        }
+    } else if b.get(..4) == Some(MAGIC_1) && sum_ok(LEN_1) {
+        match b[4] {
+            0 => {}
+            4 => next_due[0] = Some(IpAddr::from(<[u8; 4]>::try_from(&b[24..28]).ok()?)),
+            6 => next_due[1] = Some(IpAddr::from(<[u8; 16]>::try_from(&b[24..40]).ok()?)),
+            _ => return None,
+        }
+    } else {
         return None;
     }
-    let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-    let next_due = match b[4] {
-        0 => None,
-        4 => Some(IpAddr::from(<[u8; 4]>::try_from(&b[24..28]).ok()?)),
-        6 => Some(IpAddr::from(<[u8; 16]>::try_from(&b[24..40]).ok()?)),
-        _ => return None,
-    };
     Some(Saved {
         generation: u64_at(8),
         seq: u64_at(16),
@@ -124,21 +140,46 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (f, saved) = StateFile::open(dir.path()).unwrap();
         assert_eq!(saved, None);
-        for ip in ["127.0.0.3", "2001:db8::7"] {
+        let both = [
+            Some("127.0.0.3".parse().unwrap()),
+            Some("2001:db8::7".parse().unwrap()),
+        ];
+        for next_due in [[both[0], None], [None, both[1]], both] {
             let s = Saved {
                 generation: 7,
                 seq: 12345,
-                next_due: Some(ip.parse().unwrap()),
+                next_due,
             };
             f.write(&s).unwrap();
             assert_eq!(decode(&encode(&s)), Some(s));
         }
         drop(f);
         let (_f, saved) = StateFile::open(dir.path()).unwrap();
-        assert_eq!(
-            saved.unwrap().next_due,
-            Some("2001:db8::7".parse().unwrap())
+        assert_eq!(saved.unwrap().next_due, both);
+    }
+
+    #[test]
+    fn a_single_cursor_record_is_still_read() {
+        // As the releases before per-family rotation wrote it.
+        let mut b = [0u8; LEN_1];
+        b[..4].copy_from_slice(MAGIC_1);
+        b[4] = 6;
+        b[8..16].copy_from_slice(&3u64.to_be_bytes());
+        b[16..24].copy_from_slice(&99u64.to_be_bytes());
+        b[24..40].copy_from_slice(
+            &"2001:db8::7"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
         );
+        let sum = rotor_protocol::fnv1a(b[..40].iter().copied());
+        b[40..48].copy_from_slice(&sum.to_be_bytes());
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(FILE_NAME), b).unwrap();
+        let (_f, saved) = StateFile::open(dir.path()).unwrap();
+        let saved = saved.unwrap();
+        assert_eq!((saved.generation, saved.seq), (3, 99));
+        assert_eq!(saved.next_due, [None, Some("2001:db8::7".parse().unwrap())]);
     }
 
     #[test]
@@ -146,7 +187,7 @@ mod tests {
         let s = Saved {
             generation: 1,
             seq: 2,
-            next_due: None,
+            next_due: [None, None],
         };
         let mut b = encode(&s);
         b[17] ^= 1;

@@ -1,9 +1,15 @@
-//! The pool and its rotation cursor.
+//! The pool and its rotation cursors.
 //!
-//! Pool `[A B C D]`: leases return A B C D A B … A lease asks for a set of
-//! address families; the next address of an acceptable family is returned and
-//! the cursor moves past it. Replacing the pool keeps the rotation going from
+//! Pool `[A B C D]`: leases return A B C D A B … Each address family has
+//! its own cursor over its own entries, so IPv4 and IPv6 requests, however
+//! they interleave, each rotate evenly. A lease asks for a set of address
+//! families; the next address of an acceptable one is returned and that
+//! family's cursor moves past it. An entry is an address or a prefix
+//! (`Segment`). Replacing the pool keeps each family's rotation going from
 //! the address that was due next, when it is still in the pool.
+//!
+//! Quarantined entries (addresses this host cannot bind) stay in the
+//! listing but are left out of what the table rotates over.
 //!
 //! The cursor, the lease sequence and the counts live in the lease table
 //! (`rotor_protocol::LeaseTable`), which workers lease from directly; the
@@ -15,14 +21,22 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use rotor_protocol::{Families, Lease, LeaseTable, Refusal, TableError, TableSnapshot};
+use rotor_protocol::{
+    family_total, index_of, Families, Family, Lease, LeaseTable, Refusal, Segment, TableError,
+    TableSnapshot,
+};
 
-/// Room for this many addresses in a first table; it grows as pools do.
+/// Room for this many entries in a first table; it grows as pools do.
 const MIN_CAPACITY: usize = 64;
 
 #[derive(Debug)]
 pub struct Pool {
-    addrs: Vec<IpAddr>,
+    /// Every entry, in order, quarantined or not.
+    addrs: Vec<Segment>,
+    /// Left out of the rotation.
+    quarantined: HashSet<Segment>,
+    /// What the table rotates over: `addrs` less `quarantined`.
+    active: Vec<Segment>,
     generation: u64,
     table: Arc<LeaseTable>,
     /// Where the table's file is; `None`: in this process only.
@@ -57,7 +71,7 @@ fn new_table(
 }
 
 impl Pool {
-    pub fn new(addrs: Vec<IpAddr>) -> Pool {
+    pub fn new(addrs: Vec<Segment>) -> Pool {
         let mut pool = Pool::continuing(0, 0, None).expect("an anonymous lease table");
         pool.replace(addrs).expect("an anonymous lease table");
         pool
@@ -74,14 +88,21 @@ impl Pool {
         let table = new_table(home.as_ref(), MIN_CAPACITY, seq)?;
         Ok(Pool {
             addrs: Vec::new(),
+            quarantined: HashSet::new(),
+            active: Vec::new(),
             generation,
             table: Arc::new(table),
             home,
         })
     }
 
-    pub fn addrs(&self) -> &[IpAddr] {
+    /// Every entry, quarantined or not.
+    pub fn addrs(&self) -> &[Segment] {
         &self.addrs
+    }
+
+    pub fn is_quarantined(&self, e: &Segment) -> bool {
+        self.quarantined.contains(e)
     }
 
     pub fn table(&self) -> &Arc<LeaseTable> {
@@ -93,14 +114,15 @@ impl Pool {
         self.home.as_ref().map(|h| &h.path)
     }
 
-    /// The pool with each address's lease count, the cursor and the lease
-    /// sequence, as one consistent reading.
+    /// The rotation (the entries not quarantined, each with its lease
+    /// count), the cursors and the lease sequence, as one consistent
+    /// reading.
     pub fn snapshot(&self) -> TableSnapshot {
         self.table.snapshot()
     }
 
     #[cfg(test)]
-    fn lease_counts(&self) -> impl Iterator<Item = (IpAddr, u64)> {
+    fn lease_counts(&self) -> impl Iterator<Item = (Segment, u64)> {
         self.snapshot().pool.into_iter()
     }
 
@@ -116,52 +138,101 @@ impl Pool {
         self.addrs.is_empty()
     }
 
-    /// The next address of an acceptable family (the cursor moves past it),
-    /// or why there is none; `None` once the table is closed, which happens
-    /// only as the allocator stops (a table replaced by a bigger one is
-    /// closed under the allocator's lock, so no lease sees it).
+    /// The next address of an acceptable family (that family's cursor
+    /// moves past it), or why there is none; `None` once the table is
+    /// closed, which happens only as the allocator stops (a table replaced
+    /// by a bigger one is closed under the allocator's lock, so no lease
+    /// sees it).
     pub fn lease(&self, families: Families) -> Option<Result<Lease, Refusal>> {
         self.table.lease(families, None)
     }
 
-    /// Swaps in a new address list (duplicates removed, first one kept).
+    /// Swaps in a new entry list (duplicates removed, first one kept).
     /// Returns whether anything changed; an identical list keeps the
-    /// generation, the cursor and the counts as they are.
-    pub fn replace(&mut self, addrs: Vec<IpAddr>) -> Result<bool, TableError> {
+    /// generation, the cursors and the counts as they are. Quarantine
+    /// stays with the entries still listed.
+    pub fn replace(&mut self, addrs: Vec<Segment>) -> Result<bool, TableError> {
+        let q = self.quarantined.clone();
+        self.update(addrs, q)
+    }
+
+    /// Swaps in a new entry list (duplicates removed, first one kept) with
+    /// `quarantined` (those listed) out of the rotation. Returns whether
+    /// anything changed; with nothing changed, the generation, the cursors
+    /// and the counts stay as they are.
+    pub fn update(
+        &mut self,
+        addrs: Vec<Segment>,
+        quarantined: HashSet<Segment>,
+    ) -> Result<bool, TableError> {
         let mut seen = HashSet::with_capacity(addrs.len());
-        let addrs: Vec<IpAddr> = addrs.into_iter().filter(|a| seen.insert(*a)).collect();
-        if addrs == self.addrs && self.generation != 0 {
+        let addrs: Vec<Segment> = addrs.into_iter().filter(|a| seen.insert(*a)).collect();
+        let quarantined: HashSet<Segment> = quarantined
+            .into_iter()
+            .filter(|q| seen.contains(q))
+            .collect();
+        if addrs == self.addrs && quarantined == self.quarantined && self.generation != 0 {
             return Ok(false);
         }
-        let index: HashMap<IpAddr, usize> =
-            addrs.iter().enumerate().map(|(i, a)| (*a, i)).collect();
-        let cursor = |due: Option<IpAddr>, now: usize| match due.and_then(|ip| index.get(&ip)) {
-            Some(i) => *i,
-            // The address due next is gone: stay at the same place in the
-            // list, which past the end means the first address.
-            None if now < addrs.len() => now,
-            None => 0,
+        self.publish(addrs, quarantined)?;
+        Ok(true)
+    }
+
+    /// Takes `entries` out of the rotation (`out`) or puts them back;
+    /// whether the rotation changed.
+    #[cfg(test)]
+    fn set_quarantined(&mut self, entries: &[Segment], out: bool) -> Result<bool, TableError> {
+        let mut q = self.quarantined.clone();
+        for e in entries {
+            match out {
+                true => q.insert(*e),
+                false => q.remove(e),
+            };
+        }
+        self.update(self.addrs.clone(), q)
+    }
+
+    /// Publishes `addrs` less `quarantined` as a new generation, each
+    /// family's rotation continuing from its address due next.
+    fn publish(
+        &mut self,
+        addrs: Vec<Segment>,
+        quarantined: HashSet<Segment>,
+    ) -> Result<(), TableError> {
+        let active: Vec<Segment> = addrs
+            .iter()
+            .filter(|a| !quarantined.contains(a))
+            .copied()
+            .collect();
+        let cursor = |family: Family, due: Option<IpAddr>, now: u64| {
+            match due.and_then(|ip| index_of(&active, ip)) {
+                Some(i) => i,
+                // The address due next is gone: stay at the same place in
+                // the rotation, which past the end means the first address.
+                None if now < family_total(&active, family) => now,
+                None => 0,
+            }
         };
-        // Counts follow their address (a lease finishing meanwhile may go
+        // Counts follow their entry (a lease finishing meanwhile may go
         // uncounted: they are for status).
-        let old: HashMap<IpAddr, u64> = self.table.snapshot().pool.into_iter().collect();
-        let counts: Vec<u64> = addrs
+        let old: HashMap<Segment, u64> = self.table.snapshot().pool.into_iter().collect();
+        let counts: Vec<u64> = active
             .iter()
             .map(|a| old.get(a).copied().unwrap_or(0))
             .collect();
         let generation = self.generation + 1;
-        match self.table.publish(&addrs, &counts, generation, cursor) {
+        match self.table.publish(&active, &counts, generation, cursor) {
             Ok(()) => {}
             Err(TableError::TooSmall { .. } | TableError::Closed) => {
                 // A bigger table, made (file, mode, group) before the old one
                 // is touched: if that fails, the old one stays as it was.
                 // Then the old one is closed, so the rotation carries over
                 // exactly; workers find it closed and ask for the new one.
-                let table = new_table(self.home.as_ref(), addrs.len() * 2, 0)?;
+                let table = new_table(self.home.as_ref(), active.len() * 2, 0)?;
                 let last = self.table.close();
                 table.set_seq(last.seq);
-                table.publish(&addrs, &counts, generation, |_, _| {
-                    cursor(last.next_due(), last.cursor)
+                table.publish(&active, &counts, generation, |f, _, _| {
+                    cursor(f, last.next_due(f), last.cursor(f))
                 })?;
                 tracing::info!(capacity = table.capacity(), "lease table grown");
                 self.table = Arc::new(table);
@@ -169,25 +240,29 @@ impl Pool {
             Err(e) => return Err(e),
         }
         self.addrs = addrs;
+        self.quarantined = quarantined;
+        self.active = active;
         self.generation = generation;
-        Ok(true)
+        Ok(())
     }
 
-    /// Restores the cursor to an address saved earlier, if it is in the pool.
-    pub fn resume_at(&mut self, next_due: IpAddr) -> bool {
-        match self.addrs.iter().position(|a| *a == next_due) {
-            Some(i) => {
-                self.table.set_cursor(i);
-                true
+    /// Restores each family's cursor to an address saved earlier, if it is
+    /// in the rotation; whether any was.
+    pub fn resume_at(&mut self, next_due: [Option<IpAddr>; 2]) -> bool {
+        let mut any = false;
+        for ip in next_due.into_iter().flatten() {
+            if let Some(i) = index_of(&self.active, ip) {
+                self.table.set_cursor(Family::of(&ip), i);
+                any = true;
             }
-            None => false,
         }
+        any
     }
 
-    /// The address the next unrestricted lease would return.
+    /// The address the next lease of `family` would return.
     #[cfg(test)]
-    fn next_due(&self) -> Option<IpAddr> {
-        self.table.position().3
+    fn next_due(&self, family: Family) -> Option<IpAddr> {
+        self.table.position().next_due[family.index()]
     }
 }
 
@@ -196,8 +271,14 @@ mod tests {
     use super::*;
     use rotor_protocol::NoAddress;
 
-    fn ips(list: &[&str]) -> Vec<IpAddr> {
-        list.iter().map(|s| s.parse().unwrap()).collect()
+    fn ips(list: &[&str]) -> Vec<Segment> {
+        list.iter()
+            .map(|s| Segment::single(s.parse().unwrap()))
+            .collect()
+    }
+
+    fn one(s: &str) -> Segment {
+        Segment::single(s.parse().unwrap())
     }
 
     fn take(pool: &Pool, n: usize, families: Families) -> Vec<String> {
@@ -243,11 +324,34 @@ mod tests {
     }
 
     #[test]
-    fn family_selection_skips_other_families_without_consuming_them() {
+    fn each_family_rotates_on_its_own_cursor() {
         let pool = Pool::new(ips(&["10.0.0.1", "2001:db8::1", "10.0.0.2", "2001:db8::2"]));
         assert_eq!(take(&pool, 1, V6), ["2001:db8::1"]);
-        assert_eq!(take(&pool, 3, V4), ["10.0.0.2", "10.0.0.1", "10.0.0.2"]);
-        assert_eq!(take(&pool, 2, Families::ANY), ["2001:db8::2", "10.0.0.1"]);
+        assert_eq!(take(&pool, 3, V4), ["10.0.0.1", "10.0.0.2", "10.0.0.1"]);
+        assert_eq!(take(&pool, 1, V6), ["2001:db8::2"]);
+        // Both acceptable: IPv4 first.
+        assert_eq!(take(&pool, 2, Families::ANY), ["10.0.0.2", "10.0.0.1"]);
+    }
+
+    #[test]
+    fn quarantined_entries_leave_the_rotation_and_come_back() {
+        let mut pool = Pool::new(ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
+        assert_eq!(take(&pool, 1, V4), ["10.0.0.1"]);
+        assert!(pool.set_quarantined(&[one("10.0.0.2")], true).unwrap());
+        assert!(!pool.set_quarantined(&[one("10.0.0.2")], true).unwrap());
+        assert_eq!(take(&pool, 3, V4), ["10.0.0.3", "10.0.0.1", "10.0.0.3"]);
+        assert_eq!(pool.len(), 3, "still listed");
+        assert!(pool.is_quarantined(&one("10.0.0.2")));
+        // A refresh keeps it out while it is listed.
+        pool.replace(ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]))
+            .unwrap();
+        assert_eq!(take(&pool, 3, V4), ["10.0.0.1", "10.0.0.3", "10.0.0.4"]);
+        assert!(pool.set_quarantined(&[one("10.0.0.2")], false).unwrap());
+        assert_eq!(take(&pool, 2, V4), ["10.0.0.1", "10.0.0.2"]);
+        // Every address out: a refusal, as for an empty family.
+        pool.set_quarantined(pool.addrs().to_vec().as_slice(), true)
+            .unwrap();
+        assert!(matches!(pool.lease(V4), Some(Err(_))));
     }
 
     #[test]
@@ -280,9 +384,9 @@ mod tests {
             ["10.0.0.3", "10.0.0.4", "10.0.0.1", "10.0.0.9", "10.0.0.3"]
         );
         // Counts follow their address across the swap.
-        let counts: HashMap<IpAddr, u64> = pool.lease_counts().collect();
-        assert_eq!(counts[&"10.0.0.1".parse().unwrap()], 2);
-        assert_eq!(counts[&"10.0.0.9".parse().unwrap()], 1);
+        let counts: HashMap<Segment, u64> = pool.lease_counts().collect();
+        assert_eq!(counts[&one("10.0.0.1")], 2);
+        assert_eq!(counts[&one("10.0.0.9")], 1);
     }
 
     #[test]
@@ -324,20 +428,22 @@ mod tests {
     #[test]
     fn resume_at_a_saved_address() {
         let mut pool = Pool::new(ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
-        assert!(pool.resume_at("10.0.0.3".parse().unwrap()));
+        assert!(pool.resume_at([Some("10.0.0.3".parse().unwrap()), None]));
         assert_eq!(take(&pool, 2, Families::ANY), ["10.0.0.3", "10.0.0.1"]);
-        assert!(!pool.resume_at("10.9.9.9".parse().unwrap()));
-        assert_eq!(pool.next_due(), Some("10.0.0.2".parse().unwrap()));
+        assert!(!pool.resume_at([Some("10.9.9.9".parse().unwrap()), None]));
+        assert_eq!(pool.next_due(Family::V4), Some("10.0.0.2".parse().unwrap()));
     }
 
     #[test]
     fn a_pool_too_big_for_its_table_moves_to_a_bigger_one_without_a_skip() {
-        let small: Vec<IpAddr> = (1..=3).map(|i| IpAddr::from([10, 0, 0, i])).collect();
+        let small: Vec<Segment> = (1..=3)
+            .map(|i| Segment::single(IpAddr::from([10, 0, 0, i])))
+            .collect();
         let mut pool = Pool::new(small.clone());
         take(&pool, 2, Families::ANY); // next due: 10.0.0.3
         let old = pool.table().clone();
-        let big: Vec<IpAddr> = (0..1000u32)
-            .map(|i| IpAddr::from(std::net::Ipv4Addr::from((10u32 << 24) + 1 + i)))
+        let big: Vec<Segment> = (0..1000u32)
+            .map(|i| Segment::single(std::net::Ipv4Addr::from((10u32 << 24) + 1 + i).into()))
             .collect();
         assert!(pool.replace(big).unwrap());
         assert!(old.is_closed() && !Arc::ptr_eq(&old, pool.table()));

@@ -1,6 +1,7 @@
 //! The lease server: accepts worker and control connections on the Unix
 //! socket, runs the refresh loop, and answers requests in order.
 
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rotor_protocol::{
-    error_chain, server_handshake, Channel, ChannelError, ClientFrame, Envelope, HandshakeError,
-    Hello, LeaseTable, Request, Response, Role, ServerChannel, ServerFrame, StatusReport,
-    TableError,
+    error_chain, server_handshake, Channel, ChannelError, ClientFrame, Envelope, Family,
+    HandshakeError, Hello, LeaseTable, Request, Response, Role, Segment, ServerChannel,
+    ServerFrame, StatusReport, TableError,
 };
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -164,7 +165,7 @@ pub async fn run(
     if let Some(path) = &table_path {
         if let Ok(old) = LeaseTable::open(path, None) {
             let last = old.close();
-            let next_due = last.next_due();
+            let next_due = Family::ALL.map(|f| last.next_due(f));
             if config.state_dir.is_some() && last.seq > saved.seq {
                 info!(seq = last.seq, next = ?next_due, "resuming the rotation from the last lease table");
                 saved = Saved {
@@ -302,7 +303,8 @@ pub fn table_path_for(socket: &Path) -> Option<PathBuf> {
 }
 
 /// How often the leases workers take from the table reach the state file
-/// (a restart after a crash reads the table's own file first).
+/// (a restart after a crash reads the table's own file first), and entries
+/// out of the rotation are looked at.
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
 
 async fn persist_loop(alloc: Arc<Allocator>, shutdown: CancellationToken) {
@@ -310,7 +312,10 @@ async fn persist_loop(alloc: Arc<Allocator>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => alloc.persist(),
+            _ = tick.tick() => {
+                recheck(&alloc).await;
+                alloc.persist();
+            }
         }
     }
 }
@@ -343,12 +348,40 @@ async fn report_status(alloc: Arc<Allocator>, shutdown: CancellationToken) {
     }
 }
 
+/// Reads every source and checks that this host can use what they list.
 async fn refresh(alloc: &Arc<Allocator>) -> RefreshOutcome {
     let sources = alloc.sources();
-    let reads = tokio::task::spawn_blocking(move || sources.iter().map(Source::read).collect())
+    let (reads, checks) = tokio::task::spawn_blocking(move || {
+        let reads: Vec<_> = sources.iter().map(Source::read).collect();
+        let checks = check_all(reads.iter().flatten().flatten());
+        (reads, checks)
+    })
+    .await
+    .expect("reading pool sources panicked");
+    alloc.apply_refresh(reads, &checks)
+}
+
+/// Whether this host can use each entry (blocking: a socket each).
+fn check_all<'a>(
+    entries: impl Iterator<Item = &'a Segment>,
+) -> HashMap<Segment, Result<(), String>> {
+    let mut out = HashMap::new();
+    for e in entries {
+        out.entry(*e).or_insert_with(|| crate::usable::check(e));
+    }
+    out
+}
+
+/// Checks again the entries out of the rotation whose wait is over.
+async fn recheck(alloc: &Arc<Allocator>) {
+    let due = alloc.due_checks();
+    if due.is_empty() {
+        return;
+    }
+    let checks = tokio::task::spawn_blocking(move || check_all(due.iter()))
         .await
-        .expect("reading pool sources panicked");
-    alloc.apply_refresh(reads)
+        .expect("checking pool addresses panicked");
+    alloc.apply_checks(&checks);
 }
 
 async fn refresh_loop(
@@ -431,6 +464,10 @@ async fn answer(
     let body = match env.body {
         Request::Lease { families } => alloc.lease(id, families),
         Request::Status => Response::Status(alloc.status()),
+        Request::StatusV2 => Response::StatusV2(alloc.status_v2()),
+        Request::Unusable { ip, reason } => Response::Noted {
+            quarantined: alloc.unusable(ip, &reason),
+        },
         Request::Attach => alloc.attach(id),
         Request::Reload => {
             let (reply_tx, reply_rx) = oneshot::channel();

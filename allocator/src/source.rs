@@ -5,12 +5,14 @@
 use std::net::IpAddr;
 use std::path::PathBuf;
 
+use rotor_protocol::Segment;
+
 use crate::spec::{parse_spec, SpecError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
     /// `--pool SPEC`: fixed, expanded once at start.
-    List { spec: String, addrs: Vec<IpAddr> },
+    List { spec: String, addrs: Vec<Segment> },
     /// `--pool-file PATH`: one spec per line, `#` comments.
     File(PathBuf),
     /// `--interface NAME|MAC`.
@@ -78,17 +80,21 @@ impl Source {
 
     /// Reads the source's current addresses. Blocking (file and netlink
     /// I/O): call from a blocking context.
-    pub fn read(&self) -> Result<Vec<IpAddr>, SourceError> {
+    pub fn read(&self) -> Result<Vec<Segment>, SourceError> {
         match self {
             Source::List { addrs, .. } => Ok(addrs.clone()),
             Source::File(path) => read_pool_file(path),
-            Source::Interface(sel) => interface_addrs(sel),
-            Source::HostAddresses => host_addrs(),
+            Source::Interface(sel) => Ok(singles(interface_addrs(sel)?)),
+            Source::HostAddresses => Ok(singles(host_addrs()?)),
         }
     }
 }
 
-pub fn read_pool_file(path: &PathBuf) -> Result<Vec<IpAddr>, SourceError> {
+fn singles(addrs: Vec<IpAddr>) -> Vec<Segment> {
+    addrs.into_iter().map(Segment::single).collect()
+}
+
+pub fn read_pool_file(path: &PathBuf) -> Result<Vec<Segment>, SourceError> {
     let text = std::fs::read_to_string(path).map_err(|source| SourceError::Read {
         path: path.clone(),
         source,
@@ -101,7 +107,7 @@ pub fn read_pool_file(path: &PathBuf) -> Result<Vec<IpAddr>, SourceError> {
 }
 
 /// One spec per line; `#` starts a comment; blank lines are skipped.
-pub fn parse_pool_text(text: &str) -> Result<Vec<IpAddr>, (usize, SpecError)> {
+pub fn parse_pool_text(text: &str) -> Result<Vec<Segment>, (usize, SpecError)> {
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();
@@ -249,15 +255,18 @@ mod tests {
     #[test]
     fn loopback_interface_by_name_and_missing_interface() {
         let lo = Source::interface("lo").read().unwrap();
-        assert!(lo.contains(&"127.0.0.1".parse().unwrap()), "{lo:?}");
+        assert!(
+            lo.contains(&Segment::single("127.0.0.1".parse().unwrap())),
+            "{lo:?}"
+        );
         let err = Source::interface("rotor-no-such0").read().unwrap_err();
         assert!(err.to_string().contains("rotor-no-such0"), "{err}");
     }
 
     #[test]
     fn host_addresses_exclude_loopback_and_link_local() {
-        for ip in Source::HostAddresses.read().unwrap() {
-            assert!(global(&ip), "{ip}");
+        for e in Source::HostAddresses.read().unwrap() {
+            assert!(e.is_single() && global(&e.base()), "{e}");
         }
         assert!(!global(&"127.0.0.1".parse().unwrap()));
         assert!(!global(&"fe80::1".parse().unwrap()));

@@ -1,14 +1,24 @@
 //! Pool specifications as an operator writes them: one address, a range
 //! (`127.0.0.2-127.0.0.9`), a CIDR (`192.0.2.0/29`), or a comma list of these.
+//!
+//! Addresses, ranges and CIDRs of up to [`ENUMERATE_MAX`] addresses are
+//! expanded, and rotate in exactly the order written. A larger CIDR (an IPv6
+//! /64, a /48, an IPv4 /15) stays one prefix entry that is never enumerated:
+//! rotation walks it in a full-period permutation (see
+//! `rotor_protocol::Segment`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
+use rotor_protocol::Segment;
 
-/// Largest number of addresses one spec may expand to, so a typo such as
-/// `2001:db8::/32` is an error rather than an attempt to allocate 2^96
-/// addresses.
+/// Largest number of addresses a range may expand to, so a typo such as
+/// `2001:db8::1-2001:db8:1::1` is an error rather than an attempt to
+/// allocate 2^80 addresses. (A prefix that large is written as a CIDR.)
 pub const MAX_SPEC_ADDRESSES: u128 = 1 << 20;
+/// CIDRs up to this many addresses are expanded (list order); larger ones
+/// are prefix entries.
+pub const ENUMERATE_MAX: u128 = 1 << 16;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
@@ -22,13 +32,13 @@ pub enum SpecError {
     MixedRange(String),
     #[error("range `{0}` ends before it starts")]
     Backwards(String),
-    #[error("`{0}` expands to {1} addresses, more than the {max} one spec may hold", max = MAX_SPEC_ADDRESSES)]
+    #[error("range `{0}` holds {1} addresses, more than the {max} a range may hold (write a large block as a CIDR)", max = MAX_SPEC_ADDRESSES)]
     TooLarge(String, u128),
 }
 
-/// Expands a spec into its addresses, in order. Duplicates are kept here;
+/// Expands a spec into its entries, in order. Duplicates are kept here;
 /// the pool removes them.
-pub fn parse_spec(spec: &str) -> Result<Vec<IpAddr>, SpecError> {
+pub fn parse_spec(spec: &str) -> Result<Vec<Segment>, SpecError> {
     let mut out = Vec::new();
     let mut any = false;
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -46,7 +56,7 @@ fn parse_ip(s: &str) -> Result<IpAddr, SpecError> {
     s.parse().map_err(|_| SpecError::BadAddress(s.to_string()))
 }
 
-fn expand_one(part: &str, out: &mut Vec<IpAddr>) -> Result<(), SpecError> {
+fn expand_one(part: &str, out: &mut Vec<Segment>) -> Result<(), SpecError> {
     if let Some((addr, _)) = part.split_once('/') {
         // ipnet parses CIDRs here and in the worker's destination rules.
         let net: IpNet = part.parse().map_err(|_| match parse_ip(addr) {
@@ -55,14 +65,11 @@ fn expand_one(part: &str, out: &mut Vec<IpAddr>) -> Result<(), SpecError> {
         })?;
         let base = net.addr();
         let host_bits = u32::from(net.max_prefix_len() - net.prefix_len());
-        let count: u128 = if host_bits >= 128 {
-            u128::MAX
-        } else {
-            1u128 << host_bits
-        };
-        if count > MAX_SPEC_ADDRESSES {
-            return Err(SpecError::TooLarge(part.to_string(), count));
+        if host_bits >= 128 || 1u128 << host_bits > ENUMERATE_MAX {
+            out.extend(Segment::prefix(base, net.prefix_len()));
+            return Ok(());
         }
+        let count = 1u128 << host_bits;
         let first = to_u128(base) & !(count - 1);
         push_range(base.is_ipv4(), first, first + count - 1, out);
         return Ok(());
@@ -84,7 +91,7 @@ fn expand_one(part: &str, out: &mut Vec<IpAddr>) -> Result<(), SpecError> {
         push_range(a.is_ipv4(), lo, hi, out);
         return Ok(());
     }
-    out.push(parse_ip(part)?);
+    out.push(Segment::single(parse_ip(part)?));
     Ok(())
 }
 
@@ -95,15 +102,15 @@ fn to_u128(ip: IpAddr) -> u128 {
     }
 }
 
-fn push_range(v4: bool, lo: u128, hi: u128, out: &mut Vec<IpAddr>) {
+fn push_range(v4: bool, lo: u128, hi: u128, out: &mut Vec<Segment>) {
     out.reserve((hi - lo + 1) as usize);
     for n in lo..=hi {
-        out.push(if v4 {
+        out.push(Segment::single(if v4 {
             // In range by construction: both ends came from IPv4 addresses.
             IpAddr::V4(Ipv4Addr::from(n as u32))
         } else {
             IpAddr::V6(Ipv6Addr::from(n))
-        });
+        }));
     }
 }
 
@@ -111,8 +118,10 @@ fn push_range(v4: bool, lo: u128, hi: u128, out: &mut Vec<IpAddr>) {
 mod tests {
     use super::*;
 
-    fn ips(list: &[&str]) -> Vec<IpAddr> {
-        list.iter().map(|s| s.parse().unwrap()).collect()
+    fn ips(list: &[&str]) -> Vec<Segment> {
+        list.iter()
+            .map(|s| Segment::single(s.parse().unwrap()))
+            .collect()
     }
 
     #[test]
@@ -158,6 +167,21 @@ mod tests {
     }
 
     #[test]
+    fn large_cidrs_stay_one_prefix_entry() {
+        let prefix = |s: &str, len| Segment::prefix(s.parse().unwrap(), len).unwrap();
+        assert_eq!(
+            parse_spec("2001:db8:1:2::/64").unwrap(),
+            [prefix("2001:db8:1:2::", 64)]
+        );
+        assert_eq!(parse_spec("::/0").unwrap(), [prefix("::", 0)]);
+        assert_eq!(parse_spec("10.0.0.0/8").unwrap(), [prefix("10.0.0.0", 8)]);
+        // Up to 2^16 addresses are still listed one by one.
+        assert_eq!(parse_spec("10.0.0.0/16").unwrap().len(), 1 << 16);
+        assert_eq!(parse_spec("2001:db8::/112").unwrap().len(), 1 << 16);
+        assert_eq!(parse_spec("2001:db8::/111").unwrap().len(), 1);
+    }
+
+    #[test]
     fn comma_lists_mix_forms() {
         assert_eq!(
             parse_spec("127.0.0.2, 127.0.0.4-127.0.0.5,::1").unwrap(),
@@ -194,15 +218,12 @@ mod tests {
             Err(SpecError::Backwards(_))
         ));
         assert!(matches!(
-            parse_spec("2001:db8::/32"),
+            parse_spec("10.0.0.0-10.255.255.255"),
             Err(SpecError::TooLarge(..))
         ));
-        assert!(matches!(parse_spec("::/0"), Err(SpecError::TooLarge(..))));
-        assert!(matches!(
-            parse_spec("0.0.0.0/0"),
-            Err(SpecError::TooLarge(..))
-        ));
-        let msg = parse_spec("10.0.0.0/8").unwrap_err().to_string();
-        assert!(msg.contains("16777216"), "{msg}");
+        let msg = parse_spec("2001:db8::1-2001:db8:1::1")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("as a CIDR"), "{msg}");
     }
 }

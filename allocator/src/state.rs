@@ -2,13 +2,14 @@
 //! last good read, and the connected peers. Every lease takes the one lock
 //! briefly, never across an await, so leases are atomic and globally ordered.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rotor_protocol::{
-    error_chain, AddrStatus, Families, Hello, PeerStatus, Response, SourceStatus, StatusReport,
+    error_chain, family_total, AddrStatus, EntryStatus, Families, Family, FamilyStatus, Hello,
+    PeerStatus, QuarantineStatus, Response, Segment, SourceStatus, StatusReport, StatusReportV2,
     TableError, PEER_SLOTS,
 };
 
@@ -27,18 +28,74 @@ struct Inner {
     last_refresh: Option<SystemTime>,
     peers: BTreeMap<u64, Peer>,
     /// Where to resume the rotation once the first refresh loaded the pool.
-    resume_at: Option<IpAddr>,
+    resume_at: [Option<IpAddr>; 2],
     state: Option<StateFile>,
     /// What the state file holds now.
     saved: Saved,
     /// Whether a failed state write has already been logged.
     state_failed: bool,
+    /// Entries out of the rotation: one per listed entry at most (entries
+    /// that leave the pool leave this too), so it is bounded by the pool.
+    quarantine: HashMap<Segment, Quarantine>,
+}
+
+/// Why and until when an entry is out of the rotation.
+#[derive(Debug, Clone)]
+struct Quarantine {
+    reason: String,
+    since: Instant,
+    next_check: Instant,
+    backoff: Duration,
+}
+
+/// The first wait before an entry out of the rotation is checked again;
+/// each failed check doubles it, up to [`QUARANTINE_MAX`].
+pub const QUARANTINE_MIN: Duration = Duration::from_secs(1);
+pub const QUARANTINE_MAX: Duration = Duration::from_secs(300);
+
+impl Inner {
+    /// Records one check of `e`: into quarantine (logged once), a longer
+    /// wait, or out of quarantine (logged).
+    fn judge(&mut self, e: Segment, check: &Result<(), String>, now: Instant) {
+        match (check, self.quarantine.get_mut(&e)) {
+            (Ok(()), None) => {}
+            (Ok(()), Some(_)) => {
+                self.quarantine.remove(&e);
+                tracing::info!(entry = %e, "pool address usable again; back in the rotation");
+            }
+            (Err(reason), Some(q)) => {
+                q.backoff = (q.backoff * 2).min(QUARANTINE_MAX);
+                q.next_check = now + q.backoff;
+                q.reason.clone_from(reason);
+            }
+            (Err(reason), None) => {
+                tracing::warn!(entry = %e, %reason, "pool address out of the rotation until it can be used");
+                self.quarantine.insert(
+                    e,
+                    Quarantine {
+                        reason: reason.clone(),
+                        since: now,
+                        next_check: now + QUARANTINE_MIN,
+                        backoff: QUARANTINE_MIN,
+                    },
+                );
+            }
+        }
+    }
+
+    fn publish_quarantine(&mut self) {
+        let q: HashSet<Segment> = self.quarantine.keys().copied().collect();
+        let addrs = self.pool.addrs().to_vec();
+        if let Err(e) = self.pool.update(addrs, q) {
+            tracing::error!(error = %error_chain(&e), "cannot grow the lease table; keeping the previous pool");
+        }
+    }
 }
 
 struct SourceState {
     source: Source,
     /// The last successful read; kept when a later read fails.
-    last_good: Vec<IpAddr>,
+    last_good: Vec<Segment>,
     error: Option<String>,
 }
 
@@ -82,6 +139,7 @@ impl Allocator {
                 state,
                 saved,
                 state_failed: false,
+                quarantine: HashMap::new(),
                 sources: sources
                     .into_iter()
                     .map(|source| SourceState {
@@ -112,8 +170,14 @@ impl Allocator {
     }
 
     /// Applies one read of every source (in the order of `sources()`): a
-    /// failed read keeps that source's last good addresses.
-    pub fn apply_refresh(&self, reads: Vec<Result<Vec<IpAddr>, SourceError>>) -> RefreshOutcome {
+    /// failed read keeps that source's last good addresses. `checks` says
+    /// of the entries read whether this host can use them (`usable`):
+    /// those it cannot are kept listed but out of the rotation.
+    pub fn apply_refresh(
+        &self,
+        reads: Vec<Result<Vec<Segment>, SourceError>>,
+        checks: &HashMap<Segment, Result<(), String>>,
+    ) -> RefreshOutcome {
         let mut inner = self.lock();
         let mut failed = 0;
         for (state, read) in inner.sources.iter_mut().zip(reads) {
@@ -135,13 +199,20 @@ impl Allocator {
                 }
             }
         }
-        let addrs: Vec<IpAddr> = inner
+        let addrs: Vec<Segment> = inner
             .sources
             .iter()
             .flat_map(|s| s.last_good.iter().copied())
             .collect();
+        let listed: HashSet<Segment> = addrs.iter().copied().collect();
+        inner.quarantine.retain(|e, _| listed.contains(e));
+        let now = Instant::now();
+        for (e, check) in checks {
+            inner.judge(*e, check, now);
+        }
+        let quarantined: HashSet<Segment> = inner.quarantine.keys().copied().collect();
         let old_table = inner.pool.table().clone();
-        let changed = match inner.pool.replace(addrs) {
+        let changed = match inner.pool.update(addrs, quarantined) {
             Ok(changed) => changed,
             Err(e) => {
                 // Only a bigger table's file can fail; the pool stays as
@@ -159,11 +230,12 @@ impl Allocator {
                 }
             }
         }
-        if let Some(ip) = inner.resume_at.take() {
-            if inner.pool.resume_at(ip) {
-                tracing::info!(next = %ip, seq = inner.saved.seq, "resuming the saved rotation");
+        let resume = std::mem::take(&mut inner.resume_at);
+        if resume.iter().any(Option::is_some) {
+            if inner.pool.resume_at(resume) {
+                tracing::info!(next = ?resume, seq = inner.saved.seq, "resuming the saved rotation");
             } else {
-                tracing::info!(saved = %ip, "the saved next address is no longer in the pool; starting at the first");
+                tracing::info!(saved = ?resume, "the saved next addresses are no longer in the pool; starting at the first");
             }
         }
         inner.last_refresh = Some(SystemTime::now());
@@ -173,6 +245,47 @@ impl Allocator {
             size: inner.pool.len(),
             failed_sources: failed,
         }
+    }
+
+    /// Entries out of the rotation whose next check is due.
+    pub fn due_checks(&self) -> Vec<Segment> {
+        let now = Instant::now();
+        self.lock()
+            .quarantine
+            .iter()
+            .filter(|(_, q)| q.next_check <= now)
+            .map(|(e, _)| *e)
+            .collect()
+    }
+
+    /// Applies checks of entries (from `due_checks`): usable ones go back
+    /// into the rotation, the others wait twice as long.
+    pub fn apply_checks(&self, checks: &HashMap<Segment, Result<(), String>>) {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        for (e, check) in checks {
+            if inner.pool.addrs().contains(e) {
+                inner.judge(*e, check, now);
+            }
+        }
+        inner.publish_quarantine();
+    }
+
+    /// A worker could not use `ip`: its entry leaves the rotation until a
+    /// check finds it usable again. Whether it is out now.
+    pub fn unusable(&self, ip: IpAddr, reason: &str) -> bool {
+        let mut inner = self.lock();
+        let Some(e) = inner.pool.addrs().iter().find(|e| e.contains(ip)).copied() else {
+            return false;
+        };
+        let now = Instant::now();
+        inner.judge(
+            e,
+            &Err(format!("a worker could not use {ip}: {reason}")),
+            now,
+        );
+        inner.publish_quarantine();
+        inner.pool.is_quarantined(&e)
     }
 
     /// One lease for `peer`, asked over the socket.
@@ -245,11 +358,11 @@ impl Allocator {
     /// a restarted allocator reads first: see `server::run`).
     pub fn persist(&self) {
         let mut inner = self.lock();
-        let (generation, _, seq, next_due) = inner.pool.table().position();
+        let p = inner.pool.table().position();
         let saved = Saved {
-            generation: inner.pool.generation().max(generation),
-            seq,
-            next_due,
+            generation: inner.pool.generation().max(p.generation),
+            seq: p.seq,
+            next_due: p.next_due,
         };
         if saved == inner.saved {
             return;
@@ -297,17 +410,64 @@ impl Allocator {
         self.lock().pool.len()
     }
 
+    /// The status for control clients of minor 0 and 1: one cursor (the
+    /// IPv4 one), and each entry as an address (a prefix by its first).
     pub fn status(&self) -> StatusReport {
+        let v2 = self.status_v2();
+        StatusReport {
+            generation: v2.generation,
+            cursor: v2
+                .families
+                .first()
+                .map_or(0, |f| f.cursor.min(u32::MAX.into()) as u32),
+            pool: v2
+                .pool
+                .iter()
+                .filter(|e| e.quarantine.is_none())
+                .map(|e| AddrStatus {
+                    ip: e.entry.base(),
+                    leases: e.leases,
+                })
+                .collect(),
+            leases_total: v2.leases_total,
+            last_refresh_unix: v2.last_refresh_unix,
+            sources: v2.sources,
+            peers: v2.peers,
+            uptime_secs: v2.uptime_secs,
+        }
+    }
+
+    pub fn status_v2(&self) -> StatusReportV2 {
         let inner = self.lock();
         let table = inner.pool.table();
         let snap = inner.pool.snapshot();
-        StatusReport {
+        let counts: HashMap<Segment, u64> = snap.pool.iter().copied().collect();
+        let active: Vec<Segment> = snap.pool.iter().map(|(e, _)| *e).collect();
+        let now = Instant::now();
+        StatusReportV2 {
             generation: inner.pool.generation(),
-            cursor: snap.cursor as u32,
-            pool: snap
-                .pool
+            families: Family::ALL
                 .into_iter()
-                .map(|(ip, leases)| AddrStatus { ip, leases })
+                .map(|f| FamilyStatus {
+                    family: f,
+                    cursor: snap.cursor(f),
+                    total: family_total(&active, f),
+                    next: snap.next_due(f),
+                })
+                .collect(),
+            pool: inner
+                .pool
+                .addrs()
+                .iter()
+                .map(|e| EntryStatus {
+                    entry: *e,
+                    leases: counts.get(e).copied().unwrap_or(0),
+                    quarantine: inner.quarantine.get(e).map(|q| QuarantineStatus {
+                        reason: q.reason.clone(),
+                        since_secs: now.duration_since(q.since).as_secs(),
+                        retry_in_secs: q.next_check.saturating_duration_since(now).as_secs(),
+                    }),
+                })
                 .collect(),
             leases_total: snap.seq,
             last_refresh_unix: inner
@@ -319,7 +479,11 @@ impl Allocator {
                 .iter()
                 .map(|s| SourceStatus {
                     name: s.source.name(),
-                    addresses: s.last_good.len() as u32,
+                    addresses: s
+                        .last_good
+                        .iter()
+                        .fold(0u128, |n, e| n.saturating_add(e.len()))
+                        .min(u32::MAX.into()) as u32,
                     error: s.error.clone(),
                 })
                 .collect(),
@@ -343,31 +507,81 @@ impl Allocator {
 mod tests {
     use super::*;
 
+    fn ok() -> HashMap<Segment, Result<(), String>> {
+        HashMap::new()
+    }
+
     #[test]
     fn failed_source_keeps_last_good_and_empty_read_empties() {
         let a = Allocator::new(vec![
             Source::File("/nonexistent".into()),
             Source::list("10.0.0.9").unwrap(),
         ]);
-        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
-        let out = a.apply_refresh(vec![Ok(vec![ip("10.0.0.1")]), Ok(vec![ip("10.0.0.9")])]);
+        let ip = |s: &str| Segment::single(s.parse().unwrap());
+        let out = a.apply_refresh(
+            vec![Ok(vec![ip("10.0.0.1")]), Ok(vec![ip("10.0.0.9")])],
+            &ok(),
+        );
         assert_eq!((out.changed, out.size), (true, 2));
         let err = SourceError::NoInterface("x".into());
-        let out = a.apply_refresh(vec![Err(err), Ok(vec![ip("10.0.0.9")])]);
+        let out = a.apply_refresh(vec![Err(err), Ok(vec![ip("10.0.0.9")])], &ok());
         assert_eq!((out.changed, out.size, out.failed_sources), (false, 2, 1));
         assert!(a.status().sources[0].error.is_some());
-        let out = a.apply_refresh(vec![Ok(vec![]), Ok(vec![ip("10.0.0.9")])]);
+        let out = a.apply_refresh(vec![Ok(vec![]), Ok(vec![ip("10.0.0.9")])], &ok());
         assert_eq!((out.changed, out.size), (true, 1));
         assert!(a.status().sources[0].error.is_none());
     }
 
     #[test]
+    fn unusable_entries_stay_listed_out_of_the_rotation_until_checked_good() {
+        let a = Allocator::new(vec![Source::list("10.0.0.1-10.0.0.3").unwrap()]);
+        let e = |s: &str| Segment::single(s.parse().unwrap());
+        let all = vec![e("10.0.0.1"), e("10.0.0.2"), e("10.0.0.3")];
+        let mut checks = ok();
+        checks.insert(e("10.0.0.2"), Err("not here".into()));
+        a.apply_refresh(vec![Ok(all.clone())], &checks);
+        let leased = |a: &Allocator| match a.lease(1, Families::ANY) {
+            Response::Leased(l) => l.ip.to_string(),
+            other => panic!("{other:?}"),
+        };
+        let got: Vec<String> = (0..4).map(|_| leased(&a)).collect();
+        assert_eq!(got, ["10.0.0.1", "10.0.0.3", "10.0.0.1", "10.0.0.3"]);
+        let st = a.status_v2();
+        assert_eq!(st.pool.len(), 3, "still listed");
+        let q = st.pool[1].quarantine.as_ref().expect("quarantined");
+        assert_eq!(q.reason, "not here");
+        assert!(a.due_checks().is_empty(), "not before its backoff");
+        // A worker's report takes another out at once.
+        assert!(a.unusable("10.0.0.3".parse().unwrap(), "EADDRNOTAVAIL"));
+        assert_eq!(leased(&a), "10.0.0.1");
+        assert!(!a.unusable("10.9.9.9".parse().unwrap(), "not in the pool"));
+        // A good check puts it back; a bad one doubles the wait.
+        let mut back = ok();
+        back.insert(e("10.0.0.2"), Ok(()));
+        back.insert(e("10.0.0.3"), Err("still not".into()));
+        a.apply_checks(&back);
+        let st = a.status_v2();
+        assert!(st.pool[1].quarantine.is_none());
+        assert_eq!(st.pool[2].quarantine.as_ref().unwrap().retry_in_secs, 1);
+        // Every address out: clients are told, as for an empty pool.
+        let mut none = ok();
+        for x in &all {
+            none.insert(*x, Err("gone".into()));
+        }
+        a.apply_checks(&none);
+        assert!(matches!(a.lease(1, Families::ANY), Response::NoAddress(_)));
+    }
+
+    #[test]
     fn leases_count_per_peer_and_sequence() {
         let a = Allocator::new(vec![Source::list("10.0.0.1-10.0.0.2").unwrap()]);
-        a.apply_refresh(vec![Ok("10.0.0.1,10.0.0.2"
-            .split(',')
-            .map(|s| s.parse().unwrap())
-            .collect())]);
+        a.apply_refresh(
+            vec![Ok("10.0.0.1,10.0.0.2"
+                .split(',')
+                .map(|s| Segment::single(s.parse().unwrap()))
+                .collect())],
+            &ok(),
+        );
         a.peer_connected(1, Hello::new(rotor_protocol::Role::Worker, "t"));
         for expect in 1..=3u64 {
             match a.lease(1, Families::ANY) {
@@ -392,11 +606,13 @@ mod tests {
         let sources = vec![Source::list("10.0.0.1-10.0.0.3").unwrap()];
         let a = Allocator::resuming(sources, None, Saved::default(), Some(home)).unwrap();
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
-        a.apply_refresh(vec![Ok(vec![
-            ip("10.0.0.1"),
-            ip("10.0.0.2"),
-            ip("10.0.0.3"),
-        ])]);
+        a.apply_refresh(
+            vec![Ok(["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+                .iter()
+                .map(|s| Segment::single(ip(s)))
+                .collect())],
+            &ok(),
+        );
         for peer in [1, 2] {
             a.peer_connected(peer, Hello::new(rotor_protocol::Role::Worker, "t"));
         }

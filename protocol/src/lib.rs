@@ -10,18 +10,25 @@ mod codec;
 mod handshake;
 mod message;
 mod report;
+pub mod routes;
+mod segment;
 mod table;
 
 pub use channel::{Channel, ChannelError, ChannelRx, ChannelTx};
 pub use codec::{decode, decode_prefix, encode, CodecError, MAX_FRAME_LEN};
 pub use handshake::{client_handshake, server_handshake, HandshakeError};
 pub use message::{
-    AddrStatus, ClientFrame, Envelope, Families, Hello, HelloReply, Lease, NoAddress, PeerStatus,
-    Refusal, Request, Response, Role, ServerFrame, SourceStatus, StatusReport, MINOR_LEASE_TABLE,
-    PROTOCOL_MAJOR, PROTOCOL_MINOR,
+    AddrStatus, ClientFrame, EntryStatus, Envelope, Families, FamilyStatus, Hello, HelloReply,
+    Lease, NoAddress, PeerStatus, QuarantineStatus, Refusal, Request, Response, Role, ServerFrame,
+    SourceStatus, StatusReport, StatusReportV2, MINOR_FAMILIES, MINOR_LEASE_TABLE, PROTOCOL_MAJOR,
+    PROTOCOL_MINOR,
 };
 pub use report::error_chain;
-pub use table::{LeaseTable, TableError, TableSnapshot, PEER_SLOTS, TABLE_LAYOUT};
+pub use segment::{Family, Segment};
+pub use table::{
+    address_at, family_total, index_of, LeaseTable, Position, TableError, TableSnapshot,
+    MAX_FAMILY_TOTAL, PEER_SLOTS, TABLE_LAYOUT,
+};
 
 /// FNV-1a, 64 bits: a checksum for the state file and an identity for a
 /// set of listening sockets; not for anything an attacker chooses.

@@ -12,13 +12,18 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::segment::{Family, Segment};
+
 /// Bumped on any change an older peer would misread. Peers with different
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 1;
+pub const PROTOCOL_MINOR: u16 = 2;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
+/// The first minor whose allocator answers `Request::StatusV2` and
+/// `Request::Unusable` (per-family rotation, prefixes, quarantine).
+pub const MINOR_FAMILIES: u16 = 2;
 
 /// What a connecting peer is; the allocator lists workers in its status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +147,11 @@ pub enum Request {
     Reload,
     /// Where the lease table is (since minor 1), to lease from it directly.
     Attach,
+    /// A snapshot with families, prefixes and quarantine (since minor 2).
+    StatusV2,
+    /// A worker could not use source address `ip` (since minor 2): the
+    /// allocator takes its entry out of the rotation for a while.
+    Unusable { ip: IpAddr, reason: String },
 }
 
 /// One lease: the source address a request leaves from. The same value
@@ -196,6 +206,12 @@ pub enum Response {
         path: String,
         id: u64,
         slot: Option<u32>,
+    },
+    StatusV2(StatusReportV2),
+    /// The answer to `Unusable`: whether the address's entry is out of the
+    /// rotation now.
+    Noted {
+        quarantined: bool,
     },
 }
 
@@ -255,4 +271,46 @@ pub struct PeerStatus {
     pub software: String,
     pub connected_secs: u64,
     pub leases: u64,
+}
+
+/// The allocator's state (minor 2): each family's rotation, every entry
+/// with its quarantine, the sources and the peers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReportV2 {
+    pub generation: u64,
+    pub families: Vec<FamilyStatus>,
+    pub pool: Vec<EntryStatus>,
+    pub leases_total: u64,
+    /// Seconds since the Unix epoch of the last refresh, if any ran.
+    pub last_refresh_unix: Option<u64>,
+    pub sources: Vec<SourceStatus>,
+    pub peers: Vec<PeerStatus>,
+    pub uptime_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FamilyStatus {
+    pub family: Family,
+    /// Position of the cursor in the family's rotation.
+    pub cursor: u64,
+    /// What the cursor counts through: the family's addresses in rotation
+    /// (at most 2^44).
+    pub total: u64,
+    pub next: Option<IpAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntryStatus {
+    pub entry: Segment,
+    pub leases: u64,
+    /// Why the entry is out of the rotation, if it is.
+    pub quarantine: Option<QuarantineStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineStatus {
+    pub reason: String,
+    pub since_secs: u64,
+    /// When it is checked again.
+    pub retry_in_secs: u64,
 }

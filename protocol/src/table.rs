@@ -1,35 +1,46 @@
-//! The lease table: the pool and its rotation cursor in a shared-memory file,
-//! so a worker takes its next address with one compare-and-swap instead of a
-//! round trip to the allocator — with the same global, atomic rotation.
+//! The lease table: the pool and its rotation cursors in a shared-memory
+//! file, so a worker takes its next address with one compare-and-swap
+//! instead of a round trip to the allocator — with the same global, atomic
+//! rotation.
 //!
 //! The allocator owns the table: it creates the file next to its socket,
 //! writes every pool into it, and hands workers its path over the socket
 //! (`Request::Attach`); it is the only writer of the pool. Workers (and the
-//! allocator itself, for leases asked over the socket) move the cursor.
+//! allocator itself, for leases asked over the socket) move the cursors.
 //!
-//! Layout (native-endian `u64` words; one file per allocator run):
+//! Layout 2 (native-endian `u64` words; one file per allocator run):
 //!
 //! ```text
 //! line 0  magic, layout, capacity, peer slots, id, peer slots handed out
-//! line 1  state, seq
-//! line 2  generation and length of half 0, then of half 1
+//! line 1  IPv4 state, seq, IPv6 state
+//! line 2  half 0: generation, IPv4 entries, IPv6 entries, IPv4 total, IPv6 total
+//! line 3  half 1: the same
 //! 256 peer lines: leases, accept group, load
 //! half 0: capacity entries, then half 1: capacity entries
-//!         entry = family (4 or 6), high and low 64 bits, leases
+//!         entry = family (4 or 6) | host bits << 8, high and low 64 bits,
+//!                 leases, first index
 //! ```
 //!
-//! `state` packs a closed bit, a 19-bit tag (its low bit names the half in
-//! use) and the cursor. A lease reads the half the state names, picks the next
-//! address of an acceptable family, and moves the cursor past it with a
+//! Each family rotates on its own cursor over its own entries (IPv4 entries
+//! first in a half, then IPv6), so requests to IPv4 and IPv6 destinations,
+//! however they interleave, each see their family's addresses in exact
+//! order. An entry is one address or a whole prefix (`segment`); a family's
+//! cursor counts through the sum of its entries' sizes (its total, at most
+//! 2^44), and index `i` is lease `i - first` of the entry that holds it.
+//!
+//! A state word packs a closed bit, a 19-bit tag (its low bit names the
+//! half in use) and the cursor. A lease reads the half its family's state
+//! names, finds the entry at the cursor, and moves the cursor past it with a
 //! compare-and-swap of the whole state, which fails if the allocator swapped
-//! in another pool meanwhile: the allocator only rewrites a half no current
-//! state names, and changes the state with read-modify-writes, so a lease
-//! whose swap succeeded read a whole, current pool (the seqlock argument).
-//! Closing sets the closed bit: no lease succeeds afterwards, and the closer
-//! reads the final cursor exactly. The lease sequence and the counters are
-//! bumped just after a lease's swap, so a reading taken at a close may miss
-//! the few leases still finishing: they count leases for status and logs;
-//! the rotation itself is the cursor, which is exact.
+//! in another pool meanwhile: the allocator only rewrites a half no state
+//! names (it moves both states to a new half before it writes again), and
+//! changes the states with read-modify-writes, so a lease whose swap
+//! succeeded read a whole, current pool (the seqlock argument, per state).
+//! Closing sets the closed bit of both: no lease succeeds afterwards, and
+//! the closer reads the final cursors exactly. The lease sequence and the
+//! counters are bumped just after a lease's swap, so a reading taken at a
+//! close may miss the few leases still finishing: they count leases for
+//! status and logs; the rotation itself is the cursors, which are exact.
 //!
 //! A peer line also carries what its worker publishes for accept balancing
 //! (see the worker's `accept`): the identity of the listening sockets it
@@ -44,7 +55,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
@@ -52,10 +63,11 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::message::{Families, Lease, NoAddress, Refusal};
+use crate::segment::{from_u128, Family, Segment};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"RTRLEASE");
 /// Bumped on any change of the layout above.
-pub const TABLE_LAYOUT: u64 = 1;
+pub const TABLE_LAYOUT: u64 = 2;
 /// Workers that can count their leases in the table; later ones lease
 /// through it all the same, counted by the allocator as unattributed.
 pub const PEER_SLOTS: usize = 256;
@@ -73,17 +85,27 @@ fn peer_line(slot: u32) -> Option<usize> {
     let slot = slot as usize;
     (slot < PEER_SLOTS).then_some(PEERS + slot * LINE)
 }
-const STATE: usize = LINE;
+/// The state word of each family, by `Family::index`.
+const STATES: [usize; 2] = [LINE, LINE + 2];
 const SEQ: usize = LINE + 1;
+/// Line of each half's metadata: generation, then entries and total by
+/// family.
 const HALVES: usize = 2 * LINE;
-const PEERS: usize = 3 * LINE;
+const H_ENTRIES: usize = 1;
+const H_TOTAL: usize = 3;
+const PEERS: usize = 4 * LINE;
 const ENTRIES: usize = PEERS + PEER_SLOTS * LINE;
-const ENTRY: usize = 4; // words
+const ENTRY: usize = 5; // words
+const E_LEASES: usize = 3;
+const E_FIRST: usize = 4;
 
 const CLOSED: u64 = 1 << 63;
 const TAG_SHIFT: u32 = 44;
 const TAG_MASK: u64 = (1 << 19) - 1;
 const CURSOR_MASK: u64 = (1 << TAG_SHIFT) - 1;
+/// Most addresses one family's cursor counts through: past it, the rest of
+/// a family (what comes after a prefix this large) is not reached.
+pub const MAX_FAMILY_TOTAL: u64 = 1 << TAG_SHIFT;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
@@ -93,7 +115,7 @@ pub enum TableError {
     Map(#[source] io::Error),
     #[error("{0} is not a lease table of this layout, or not the one announced")]
     Invalid(String),
-    #[error("the lease table holds at most {capacity} addresses, not {wanted}")]
+    #[error("the lease table holds at most {capacity} entries, not {wanted}")]
     TooSmall { capacity: usize, wanted: usize },
     #[error("the lease table is closed")]
     Closed,
@@ -133,22 +155,84 @@ impl std::fmt::Debug for LeaseTable {
     }
 }
 
+/// The rotation at one instant, without the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub generation: u64,
+    pub seq: u64,
+    /// By `Family::index`.
+    pub cursors: [u64; 2],
+    pub next_due: [Option<IpAddr>; 2],
+}
+
 /// The table's rotation at one instant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableSnapshot {
     pub generation: u64,
-    pub cursor: usize,
+    /// Each family's cursor, by `Family::index`.
+    pub cursors: [u64; 2],
     pub seq: u64,
     pub closed: bool,
-    /// The pool in order, with the leases each address was given.
-    pub pool: Vec<(IpAddr, u64)>,
+    /// The pool in order (IPv4 entries, then IPv6), with the leases each
+    /// entry was given.
+    pub pool: Vec<(Segment, u64)>,
 }
 
 impl TableSnapshot {
-    /// The address the next unrestricted lease would return.
-    pub fn next_due(&self) -> Option<IpAddr> {
-        self.pool.get(self.cursor).map(|(ip, _)| *ip)
+    /// The address the next lease of `family` would return.
+    pub fn next_due(&self, family: Family) -> Option<IpAddr> {
+        let entries: Vec<Segment> = self.pool.iter().map(|(s, _)| *s).collect();
+        address_at(&entries, family, self.cursors[family.index()])
     }
+
+    /// The cursor of `family`.
+    pub fn cursor(&self, family: Family) -> u64 {
+        self.cursors[family.index()]
+    }
+}
+
+/// What one family's cursor counts through: the sizes of its entries
+/// added up, at most [`MAX_FAMILY_TOTAL`].
+pub fn family_total(entries: &[Segment], family: Family) -> u64 {
+    entries
+        .iter()
+        .filter(|e| e.family() == family)
+        .fold(0u64, |t, e| {
+            t.saturating_add(u64::try_from(e.len()).unwrap_or(u64::MAX))
+        })
+        .min(MAX_FAMILY_TOTAL)
+}
+
+/// The address at index `i` of `family`'s rotation over `entries`.
+pub fn address_at(entries: &[Segment], family: Family, i: u64) -> Option<IpAddr> {
+    let mut first = 0u64;
+    for e in entries.iter().filter(|e| e.family() == family) {
+        let len = u64::try_from(e.len()).unwrap_or(u64::MAX);
+        if i - first < len {
+            return Some(e.at(u128::from(i - first)));
+        }
+        first = first.saturating_add(len);
+        if first > i {
+            break;
+        }
+    }
+    None
+}
+
+/// The index of `ip` in its family's rotation over `entries`, if it is in
+/// the part the cursor reaches.
+pub fn index_of(entries: &[Segment], ip: IpAddr) -> Option<u64> {
+    let family = Family::of(&ip);
+    let total = family_total(entries, family);
+    let mut first = 0u64;
+    for e in entries.iter().filter(|e| e.family() == family) {
+        if let Some(k) = e.index_of(ip) {
+            let i = u64::try_from(k).ok()?.checked_add(first)?;
+            return (i < total).then_some(i);
+        }
+        first = first.saturating_add(u64::try_from(e.len()).unwrap_or(u64::MAX));
+    }
+    None
 }
 
 fn words_for(capacity: usize) -> usize {
@@ -179,24 +263,28 @@ fn map(file: Option<&File>, words: usize) -> Result<NonNull<AtomicU64>, TableErr
     Ok(NonNull::new(p.cast()).expect("mmap returned a null mapping"))
 }
 
-fn decode_entry(family: u64, hi: u64, lo: u64) -> Option<IpAddr> {
-    match family {
-        4 => Some(IpAddr::V4(Ipv4Addr::from(lo as u32))),
-        6 => Some(IpAddr::V6(Ipv6Addr::from(
-            (u128::from(hi) << 64) | u128::from(lo),
-        ))),
-        _ => None,
-    }
+fn decode_entry(meta: u64, hi: u64, lo: u64) -> Option<Segment> {
+    let v = (u128::from(hi) << 64) | u128::from(lo);
+    let (family, v) = match meta & 0xff {
+        4 => (Family::V4, v & u128::from(u32::MAX)),
+        6 => (Family::V6, v),
+        _ => return None,
+    };
+    let host_bits = (meta >> 8) as u8;
+    Segment::prefix(from_u128(family, v), family.bits().checked_sub(host_bits)?)
 }
 
-fn encode_entry(ip: IpAddr) -> (u64, u64, u64) {
-    match ip {
-        IpAddr::V4(a) => (4, 0, u64::from(u32::from(a))),
-        IpAddr::V6(a) => {
-            let v = u128::from(a);
-            (6, (v >> 64) as u64, v as u64)
-        }
-    }
+fn encode_entry(e: &Segment) -> (u64, u64, u64) {
+    let v = crate::segment::to_u128(e.base());
+    let family = match e.family() {
+        Family::V4 => 4,
+        Family::V6 => 6,
+    };
+    (
+        family | (u64::from(e.host_bits()) << 8),
+        (v >> 64) as u64,
+        v as u64,
+    )
 }
 
 /// A number unlikely to repeat between two tables at one path.
@@ -327,7 +415,7 @@ impl LeaseTable {
         ENTRIES + (half * self.capacity + i) * ENTRY
     }
 
-    fn ip_at(&self, half: usize, i: usize) -> Option<IpAddr> {
+    fn segment_at(&self, half: usize, i: usize) -> Option<Segment> {
         let e = self.entry(half, i);
         decode_entry(
             self.word(e).load(Ordering::Relaxed),
@@ -340,46 +428,120 @@ impl LeaseTable {
         ((state >> TAG_SHIFT) & 1) as usize
     }
 
-    /// The address state `s` has due next, if its cursor is in its pool.
-    fn due_at(&self, s: u64) -> Option<IpAddr> {
-        let half = Self::half_of(s);
-        let (_, len) = self.half_meta(half);
-        let cursor = (s & CURSOR_MASK) as usize;
-        (cursor < len.min(self.capacity))
-            .then(|| self.ip_at(half, cursor))
-            .flatten()
+    fn generation(&self, half: usize) -> u64 {
+        self.word(HALVES + half * LINE).load(Ordering::Relaxed)
     }
 
-    fn half_meta(&self, half: usize) -> (u64, usize) {
-        (
-            self.word(HALVES + 2 * half).load(Ordering::Relaxed),
-            self.word(HALVES + 2 * half + 1).load(Ordering::Relaxed) as usize,
-        )
+    /// Where `family`'s entries of `half` are, how many, and its total;
+    /// `None` if the words do not describe a possible layout (a torn or
+    /// tampered table: the lease is retried or refused, never read out of
+    /// bounds).
+    fn family_meta(&self, half: usize, family: Family) -> Option<(usize, usize, u64)> {
+        let line = HALVES + half * LINE;
+        let n4 = self.word(line + H_ENTRIES).load(Ordering::Relaxed) as usize;
+        let n6 = self.word(line + H_ENTRIES + 1).load(Ordering::Relaxed) as usize;
+        let total = self
+            .word(line + H_TOTAL + family.index())
+            .load(Ordering::Relaxed);
+        if n4.checked_add(n6)? > self.capacity || total > MAX_FAMILY_TOTAL {
+            return None;
+        }
+        Some(match family {
+            Family::V4 => (0, n4, total),
+            Family::V6 => (n4, n6, total),
+        })
     }
 
-    /// The next address of one of `families`, counted for peer `slot`, or
-    /// why there is none, as the allocator would answer; `None` once the
-    /// table is closed (ask the allocator instead).
+    /// The address at index `i` of `family` in `half`: a binary search over
+    /// the entries' first indexes (direct when each entry is one address).
+    fn address_in(&self, half: usize, family: Family, i: u64) -> Option<(usize, IpAddr)> {
+        let (start, n, total) = self.family_meta(half, family)?;
+        if i >= total || n == 0 {
+            return None;
+        }
+        let first = |k: usize| {
+            self.word(self.entry(half, start + k) + E_FIRST)
+                .load(Ordering::Relaxed)
+        };
+        let k = if total == n as u64 {
+            i as usize
+        } else {
+            // The last entry whose first index is at most `i`.
+            let (mut lo, mut hi) = (0usize, n);
+            while hi - lo > 1 {
+                let mid = (lo + hi) / 2;
+                if first(mid) <= i {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            lo
+        };
+        let seg = self.segment_at(half, start + k)?;
+        let offset = i.checked_sub(first(k))?;
+        (seg.family() == family).then(|| (start + k, seg.at(u128::from(offset))))
+    }
+
+    /// The address state `s` of `family` has due next.
+    fn due_at(&self, family: Family, s: u64) -> Option<IpAddr> {
+        self.address_in(Self::half_of(s), family, s & CURSOR_MASK)
+            .map(|(_, ip)| ip)
+    }
+
+    /// The next address of one of `families` (IPv4 first when both are
+    /// acceptable and the pool has both), counted for peer `slot`, or why
+    /// there is none, as the allocator would answer; `None` once the table
+    /// is closed (ask the allocator instead).
     pub fn lease(&self, families: Families, slot: Option<u32>) -> Option<Result<Lease, Refusal>> {
-        let state = self.word(STATE);
+        let wanted = |f: Family| match f {
+            Family::V4 => families.v4,
+            Family::V6 => families.v6,
+        };
+        for family in Family::ALL.into_iter().filter(|f| wanted(*f)) {
+            if let Ok(lease) = self.lease_family(family, true, slot)? {
+                return Some(Ok(lease));
+            }
+        }
+        // None: say whether the pool has addresses at all.
+        let mut any_address = false;
+        let mut generation = 0;
+        for family in Family::ALL {
+            if let Err((g, had)) = self.lease_family(family, false, slot)? {
+                generation = g;
+                any_address |= had;
+            }
+        }
+        let reason = match any_address {
+            false => NoAddress::EmptyPool,
+            true => NoAddress::NoFamily { wanted: families },
+        };
+        Some(Err(Refusal { reason, generation }))
+    }
+
+    /// A lease of `family` if `wanted`; else (or with none of it) the
+    /// generation and whether the family has addresses. `None` if closed.
+    fn lease_family(
+        &self,
+        family: Family,
+        wanted: bool,
+        slot: Option<u32>,
+    ) -> Option<Result<Lease, (u64, bool)>> {
+        let state = self.word(STATES[family.index()]);
         let mut s = state.load(Ordering::Acquire);
         loop {
             if s & CLOSED != 0 {
                 return None;
             }
             let half = Self::half_of(s);
-            let (generation, len) = self.half_meta(half);
-            let cursor = (s & CURSOR_MASK) as usize;
-            let found = if len <= self.capacity {
-                (0..len).map(|k| (cursor + k) % len).find_map(|i| {
-                    self.ip_at(half, i)
-                        .filter(|ip| families.accepts(ip))
-                        .map(|ip| (i, ip))
-                })
-            } else {
-                None
+            let generation = self.generation(half);
+            let total = self.family_meta(half, family).map_or(0, |m| m.2);
+            let cursor = s & CURSOR_MASK;
+            let found = match wanted && total > 0 {
+                true => self.address_in(half, family, cursor % total),
+                false => None,
             };
-            let Some((i, ip)) = found else {
+            let Some((k, ip)) = found else {
                 // Only an answer if the pool did not change while read.
                 std::sync::atomic::fence(Ordering::Acquire);
                 let now = state.load(Ordering::Acquire);
@@ -387,16 +549,12 @@ impl LeaseTable {
                     s = now;
                     continue;
                 }
-                let reason = match len {
-                    0 => NoAddress::EmptyPool,
-                    _ => NoAddress::NoFamily { wanted: families },
-                };
-                return Some(Err(Refusal { reason, generation }));
+                return Some(Err((generation, total > 0)));
             };
-            let next = (s & !CURSOR_MASK) | ((i + 1) % len) as u64;
+            let next = (s & !CURSOR_MASK) | ((cursor % total + 1) % total);
             match state.compare_exchange_weak(s, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
-                    self.word(self.entry(half, i) + 3)
+                    self.word(self.entry(half, k) + E_LEASES)
                         .fetch_add(1, Ordering::Relaxed);
                     if let Some(line) = slot.and_then(peer_line) {
                         self.word(line).fetch_add(1, Ordering::Relaxed);
@@ -415,66 +573,90 @@ impl LeaseTable {
 
     /// Whether the table was closed (the allocator stopped, or replaced it).
     pub fn is_closed(&self) -> bool {
-        self.word(STATE).load(Ordering::Acquire) & CLOSED != 0
+        STATES
+            .iter()
+            .any(|&w| self.word(w).load(Ordering::Acquire) & CLOSED != 0)
     }
 
     /// Writes a new pool (allocator only; one writer at a time) with each
-    /// address's lease count, into the half no lease reads, then swaps it
-    /// in. `cursor` gets the address due next and the cursor as they stand
-    /// and returns the cursor into `addrs`; only that is redone, and the
-    /// swap retried, when a lease moved the cursor meanwhile, so a busy
-    /// table cannot starve a refresh.
+    /// entry's lease count, into the half no lease reads, then swaps it in,
+    /// one family at a time. The entries are laid out IPv4 first, then
+    /// IPv6, each family in the order given. `cursor` gets a family, the
+    /// address it has due next and its cursor as they stand, and returns
+    /// the cursor into the new pool; only that is redone, and the swap
+    /// retried, when a lease moved the cursor meanwhile, so a busy table
+    /// cannot starve a refresh.
     pub fn publish<F>(
         &self,
-        addrs: &[IpAddr],
+        entries: &[Segment],
         counts: &[u64],
         generation: u64,
         mut cursor: F,
     ) -> Result<(), TableError>
     where
-        F: FnMut(Option<IpAddr>, usize) -> usize,
+        F: FnMut(Family, Option<IpAddr>, u64) -> u64,
     {
-        if addrs.len() > self.capacity {
+        if entries.len() > self.capacity {
             return Err(TableError::TooSmall {
                 capacity: self.capacity,
-                wanted: addrs.len(),
+                wanted: entries.len(),
             });
         }
-        let state = self.word(STATE);
-        let s = state.load(Ordering::Acquire);
-        if s & CLOSED != 0 {
+        let s4 = self.word(STATES[0]).load(Ordering::Acquire);
+        if self.is_closed() {
             return Err(TableError::Closed);
         }
-        // The only writer: the tag cannot change under us, so the other
-        // half stays unread until the swap below.
-        let half = 1 - Self::half_of(s);
-        for (i, ip) in addrs.iter().enumerate() {
-            let (family, hi, lo) = encode_entry(*ip);
-            let e = self.entry(half, i);
-            self.word(e).store(family, Ordering::Relaxed);
-            self.word(e + 1).store(hi, Ordering::Relaxed);
-            self.word(e + 2).store(lo, Ordering::Relaxed);
-            self.word(e + 3)
-                .store(counts.get(i).copied().unwrap_or(0), Ordering::Relaxed);
-        }
-        self.word(HALVES + 2 * half)
-            .store(generation, Ordering::Relaxed);
-        self.word(HALVES + 2 * half + 1)
-            .store(addrs.len() as u64, Ordering::Relaxed);
-        let mut s = s;
-        loop {
-            if s & CLOSED != 0 {
-                return Err(TableError::Closed);
+        // The only writer, and both states name the same half between
+        // publishes: the other half stays unread until the swaps below.
+        let half = 1 - Self::half_of(s4);
+        let mut k = 0;
+        let line = HALVES + half * LINE;
+        for family in Family::ALL {
+            let mut first = 0u64;
+            let mut n = 0u64;
+            for (i, e) in entries.iter().enumerate() {
+                if e.family() != family {
+                    continue;
+                }
+                let (meta, hi, lo) = encode_entry(e);
+                let w = self.entry(half, k);
+                self.word(w).store(meta, Ordering::Relaxed);
+                self.word(w + 1).store(hi, Ordering::Relaxed);
+                self.word(w + 2).store(lo, Ordering::Relaxed);
+                self.word(w + E_LEASES)
+                    .store(counts.get(i).copied().unwrap_or(0), Ordering::Relaxed);
+                self.word(w + E_FIRST).store(first, Ordering::Relaxed);
+                first = first.saturating_add(u64::try_from(e.len()).unwrap_or(u64::MAX));
+                k += 1;
+                n += 1;
             }
-            let c = cursor(self.due_at(s), (s & CURSOR_MASK) as usize);
-            let c = if c < addrs.len() { c } else { 0 };
-            let tag = ((s >> TAG_SHIFT) + 1) & TAG_MASK;
-            let next = (tag << TAG_SHIFT) | c as u64;
-            match state.compare_exchange(s, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Ok(()),
-                Err(actual) => s = actual,
+            self.word(line + H_ENTRIES + family.index())
+                .store(n, Ordering::Relaxed);
+            self.word(line + H_TOTAL + family.index())
+                .store(first.min(MAX_FAMILY_TOTAL), Ordering::Relaxed);
+        }
+        self.word(line).store(generation, Ordering::Relaxed);
+        for family in Family::ALL {
+            let total = family_total(entries, family);
+            let state = self.word(STATES[family.index()]);
+            let mut s = state.load(Ordering::Acquire);
+            loop {
+                if s & CLOSED != 0 {
+                    return Err(TableError::Closed);
+                }
+                let c = cursor(family, self.due_at(family, s), s & CURSOR_MASK);
+                let c = if c < total { c } else { 0 };
+                let tag = ((s >> TAG_SHIFT) + 1) & TAG_MASK;
+                // Both states move to the half just written.
+                let tag = (tag & !1) | half as u64;
+                let next = (tag << TAG_SHIFT) | c;
+                match state.compare_exchange(s, next, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => break,
+                    Err(actual) => s = actual,
+                }
             }
         }
+        Ok(())
     }
 
     /// Sets the lease sequence of a table no lease has used yet (allocator
@@ -483,36 +665,51 @@ impl LeaseTable {
         self.word(SEQ).store(seq, Ordering::Relaxed);
     }
 
-    /// Moves the cursor to `cursor` of the current pool (allocator only).
-    pub fn set_cursor(&self, cursor: usize) {
-        let state = self.word(STATE);
+    /// Moves `family`'s cursor to `cursor` of the current pool (allocator
+    /// only).
+    pub fn set_cursor(&self, family: Family, cursor: u64) {
+        let state = self.word(STATES[family.index()]);
         let _ = state.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
-            let (_, len) = self.half_meta(Self::half_of(s));
-            (s & CLOSED == 0 && cursor < len).then_some((s & !CURSOR_MASK) | cursor as u64)
+            let total = self
+                .family_meta(Self::half_of(s), family)
+                .map_or(0, |m| m.2);
+            (s & CLOSED == 0 && cursor < total).then_some((s & !CURSOR_MASK) | cursor)
         });
     }
 
     /// Closes the table for good and returns its final rotation: no lease
     /// succeeds after this returns.
     pub fn close(&self) -> TableSnapshot {
-        let s = self.word(STATE).fetch_or(CLOSED, Ordering::AcqRel) | CLOSED;
+        let s = STATES.map(|w| self.word(w).fetch_or(CLOSED, Ordering::AcqRel) | CLOSED);
         self.snapshot_at(s)
     }
 
-    /// The rotation now, without the pool: generation, cursor, lease
-    /// sequence, and the address due next.
-    pub fn position(&self) -> (u64, usize, u64, Option<IpAddr>) {
+    fn states(&self) -> [u64; 2] {
+        STATES.map(|w| self.word(w).load(Ordering::Acquire))
+    }
+
+    /// Whether `then` and now name the same pools (a cursor may have moved).
+    fn same_pools(&self, then: [u64; 2]) -> bool {
+        std::sync::atomic::fence(Ordering::Acquire);
+        let now = self.states();
+        (0..2).all(|f| (now[f] ^ then[f]) & !CURSOR_MASK == 0)
+    }
+
+    /// The rotation now, without the pool: generation, lease sequence, and
+    /// each family's cursor and address due next.
+    pub fn position(&self) -> Position {
         loop {
-            let s = self.word(STATE).load(Ordering::Acquire);
-            let (generation, _) = self.half_meta(Self::half_of(s));
-            let cursor = (s & CURSOR_MASK) as usize;
-            let next = self.due_at(s);
-            let seq = self.word(SEQ).load(Ordering::Relaxed);
-            std::sync::atomic::fence(Ordering::Acquire);
-            // A lease moving the cursor meanwhile is fine (this is a reading
+            let s = self.states();
+            let p = Position {
+                generation: self.generation(Self::half_of(s[0])),
+                seq: self.word(SEQ).load(Ordering::Relaxed),
+                cursors: [s[0] & CURSOR_MASK, s[1] & CURSOR_MASK],
+                next_due: [self.due_at(Family::V4, s[0]), self.due_at(Family::V6, s[1])],
+            };
+            // A lease moving a cursor meanwhile is fine (this is a reading
             // of one instant); a pool swapped in is read again.
-            if (self.word(STATE).load(Ordering::Acquire) ^ s) & !CURSOR_MASK == 0 {
-                return (generation, cursor, seq, next);
+            if self.same_pools(s) {
+                return p;
             }
         }
     }
@@ -520,34 +717,34 @@ impl LeaseTable {
     /// The rotation now.
     pub fn snapshot(&self) -> TableSnapshot {
         loop {
-            let s = self.word(STATE).load(Ordering::Acquire);
+            let s = self.states();
             let snap = self.snapshot_at(s);
-            std::sync::atomic::fence(Ordering::Acquire);
             // A pool swapped in while read is read again.
-            if (self.word(STATE).load(Ordering::Acquire) ^ s) & !CURSOR_MASK == 0 {
+            if self.same_pools(s) {
                 return snap;
             }
         }
     }
 
-    fn snapshot_at(&self, s: u64) -> TableSnapshot {
-        let half = Self::half_of(s);
-        let (generation, len) = self.half_meta(half);
-        let len = len.min(self.capacity);
-        let pool = (0..len)
-            .filter_map(|i| {
-                let ip = self.ip_at(half, i)?;
-                Some((
-                    ip,
-                    self.word(self.entry(half, i) + 3).load(Ordering::Relaxed),
-                ))
-            })
-            .collect();
+    fn snapshot_at(&self, s: [u64; 2]) -> TableSnapshot {
+        let half = Self::half_of(s[0]);
+        let mut pool = Vec::new();
+        for family in Family::ALL {
+            let Some((start, n, _)) = self.family_meta(half, family) else {
+                continue;
+            };
+            for k in start..start + n {
+                if let Some(seg) = self.segment_at(half, k) {
+                    let leases = self.word(self.entry(half, k) + E_LEASES);
+                    pool.push((seg, leases.load(Ordering::Relaxed)));
+                }
+            }
+        }
         TableSnapshot {
-            generation,
-            cursor: (s & CURSOR_MASK) as usize,
+            generation: self.generation(half),
+            cursors: [s[0] & CURSOR_MASK, s[1] & CURSOR_MASK],
             seq: self.word(SEQ).load(Ordering::Relaxed),
-            closed: s & CLOSED != 0,
+            closed: s[0] & CLOSED != 0,
             pool,
         }
     }
@@ -614,8 +811,13 @@ mod tests {
         (1..=n).map(|i| IpAddr::from([10, 0, 0, i])).collect()
     }
 
+    fn singles(addrs: &[IpAddr]) -> Vec<Segment> {
+        addrs.iter().copied().map(Segment::single).collect()
+    }
+
     fn publish(t: &LeaseTable, addrs: &[IpAddr], generation: u64) {
-        t.publish(addrs, &[], generation, |_, _| 0).unwrap();
+        t.publish(&singles(addrs), &[], generation, |_, _, _| 0)
+            .unwrap();
     }
 
     fn leased(r: Option<Result<Lease, Refusal>>) -> IpAddr {
@@ -665,7 +867,7 @@ mod tests {
         let want: Vec<IpAddr> = ips(3).into_iter().cycle().take(7).collect();
         assert_eq!(got, want);
         let snap = t.snapshot();
-        assert_eq!((snap.seq, snap.cursor, snap.generation), (107, 1, 1));
+        assert_eq!((snap.seq, snap.cursors, snap.generation), (107, [1, 0], 1));
         assert_eq!(snap.pool.iter().map(|p| p.1).collect::<Vec<_>>(), [3, 2, 2]);
         assert_eq!(t.peer_leases(2), 7);
         let v6: IpAddr = "2001:db8::1".parse().unwrap();
@@ -693,14 +895,14 @@ mod tests {
         leased(t.lease(Families::ANY, None));
         let snap = t.close();
         assert!(snap.closed && t.is_closed());
-        assert_eq!(snap.next_due(), Some(ips(4)[1]));
+        assert_eq!(snap.next_due(Family::V4), Some(ips(4)[1]));
         assert_eq!(t.lease(Families::ANY, None), None);
         assert!(matches!(
-            t.publish(&ips(2), &[], 2, |_, _| 0),
+            t.publish(&singles(&ips(2)), &[], 2, |_, _, _| 0),
             Err(TableError::Closed)
         ));
         assert!(matches!(
-            t.publish(&ips(5), &[], 2, |_, _| 0),
+            t.publish(&singles(&ips(5)), &[], 2, |_, _, _| 0),
             Err(TableError::TooSmall { .. })
         ));
     }
@@ -797,5 +999,97 @@ mod tests {
         }
         let total: u64 = (0..4).map(|n| t.peer_leases(n)).sum();
         assert_eq!(total, 80_000);
+    }
+
+    const V4: Families = Families {
+        v4: true,
+        v6: false,
+    };
+    const V6: Families = Families {
+        v4: false,
+        v6: true,
+    };
+
+    /// Requests alternating between families each see their family's
+    /// addresses in exact order (one shared cursor gave the first address
+    /// of each family every time).
+    #[test]
+    fn each_family_rotates_on_its_own() {
+        let t = LeaseTable::anonymous(16, 0).unwrap();
+        let v6: Vec<IpAddr> = (2..=5)
+            .map(|i| format!("fd00:1::{i}").parse().unwrap())
+            .collect();
+        let v4: Vec<IpAddr> = (2..=5).map(|i| IpAddr::from([127, 0, 0, i])).collect();
+        // Interleaved in the list on purpose: the table groups them.
+        let mixed: Vec<IpAddr> = v4.iter().zip(&v6).flat_map(|(a, b)| [*a, *b]).collect();
+        publish(&t, &mixed, 1);
+        let mut got4 = Vec::new();
+        let mut got6 = Vec::new();
+        for _ in 0..8 {
+            got6.push(leased(t.lease(V6, None)));
+            got4.push(leased(t.lease(V4, None)));
+        }
+        assert_eq!(got4, v4.iter().cycle().take(8).copied().collect::<Vec<_>>());
+        assert_eq!(got6, v6.iter().cycle().take(8).copied().collect::<Vec<_>>());
+        let snap = t.snapshot();
+        assert_eq!(snap.cursors, [0, 0]);
+        assert!(snap.pool.iter().all(|(_, n)| *n == 2), "{:?}", snap.pool);
+        // Both acceptable: IPv4 first; only IPv6 in the pool: IPv6.
+        assert!(leased(t.lease(Families::ANY, None)).is_ipv4());
+        publish(&t, &v6, 2);
+        assert!(leased(t.lease(Families::ANY, None)).is_ipv6());
+        assert!(matches!(
+            t.lease(V4, None),
+            Some(Err(Refusal {
+                reason: NoAddress::NoFamily { .. },
+                generation: 2
+            }))
+        ));
+    }
+
+    /// A prefix is leased in its segment's order, never enumerated; single
+    /// addresses around it keep their places.
+    #[test]
+    fn prefixes_rotate_by_permutation_beside_single_addresses() {
+        let t = LeaseTable::anonymous(8, 0).unwrap();
+        let one: IpAddr = "2001:db8::1".parse().unwrap();
+        let p64 = Segment::prefix("2001:db8:1::".parse().unwrap(), 64).unwrap();
+        let small = Segment::prefix("2001:db8:2::".parse().unwrap(), 126).unwrap();
+        let pool = [Segment::single(one), small, p64];
+        t.publish(&pool, &[], 1, |_, _, _| 0).unwrap();
+        let got: Vec<IpAddr> = (0..1000).map(|_| leased(t.lease(V6, None))).collect();
+        assert_eq!(got[0], one);
+        assert_eq!(
+            &got[1..5],
+            &(0..4).map(|i| small.at(i)).collect::<Vec<_>>()[..]
+        );
+        assert_eq!(
+            &got[5..],
+            &(0..995).map(|i| p64.at(i)).collect::<Vec<_>>()[..]
+        );
+        let snap = t.snapshot();
+        assert_eq!(snap.cursors[1], 1000);
+        assert_eq!(snap.next_due(Family::V6), Some(p64.at(995)));
+        assert_eq!(index_of(&pool, p64.at(995)), Some(1000));
+        assert_eq!(family_total(&pool, Family::V6), MAX_FAMILY_TOTAL);
+        // Resumed at an address of the prefix, after a restart.
+        t.set_cursor(Family::V6, index_of(&pool, p64.at(5)).unwrap());
+        assert_eq!(leased(t.lease(V6, None)), p64.at(5));
+    }
+
+    /// Garbage in the metadata words (a torn or tampered table) refuses or
+    /// retries; it never reads out of bounds or panics.
+    #[test]
+    fn bad_metadata_is_refused_not_followed() {
+        let t = LeaseTable::anonymous(4, 0).unwrap();
+        publish(&t, &ips(3), 1);
+        let half = LeaseTable::half_of(t.word(STATES[0]).load(Ordering::Relaxed));
+        let line = HALVES + half * LINE;
+        t.word(line + H_ENTRIES).store(u64::MAX, Ordering::Relaxed);
+        assert!(matches!(t.lease(V4, None), Some(Err(_))));
+        t.word(line + H_ENTRIES).store(3, Ordering::Relaxed);
+        t.word(line + H_TOTAL).store(u64::MAX, Ordering::Relaxed);
+        assert!(matches!(t.lease(V4, None), Some(Err(_))));
+        let _ = t.snapshot();
     }
 }

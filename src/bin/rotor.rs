@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand};
 use rotor::cli::ControlArgs;
 use rotor::signals::Signals;
 use rotor::up::UpArgs;
-use rotor_protocol::{error_chain, Request, Response, StatusReport};
+use rotor_protocol::{
+    error_chain, Request, Response, StatusReport, StatusReportV2, MINOR_FAMILIES,
+};
 
 /// rotor: a backconnect forward proxy that sends each request from the next
 /// source address of a pool.
@@ -91,7 +93,23 @@ fn main() -> ExitCode {
                 }
             },
             Cmd::Status { control, json } => {
-                report(request(&control, Request::Status).await, |r| match r {
+                let answer = match control.socket() {
+                    Ok(socket) => {
+                        rotor::control::request_by_minor(&socket, |minor| {
+                            match minor >= MINOR_FAMILIES {
+                                true => Request::StatusV2,
+                                false => Request::Status,
+                            }
+                        })
+                        .await
+                    }
+                    Err(e) => Err(e.into()),
+                };
+                report(answer, |r| match r {
+                    Response::StatusV2(s) if json => Some(
+                        serde_json::to_string_pretty(&status_json(&s)).expect("status serializes"),
+                    ),
+                    Response::StatusV2(s) => Some(format_status_v2(&s)),
                     Response::Status(s) if json => {
                         Some(serde_json::to_string_pretty(&s).expect("status serializes"))
                     }
@@ -175,6 +193,105 @@ fn format_status(s: &StatusReport) -> String {
             ""
         };
         let _ = writeln!(out, "  {:<40} {:>10} leases{mark}", a.ip, a.leases);
+    }
+    let _ = writeln!(out, "sources:");
+    for src in &s.sources {
+        match &src.error {
+            None => {
+                let _ = writeln!(out, "  {}: {} addresses", src.name, src.addresses);
+            }
+            Some(e) => {
+                let _ = writeln!(
+                    out,
+                    "  {}: {} addresses kept; last read failed: {e}",
+                    src.name, src.addresses
+                );
+            }
+        }
+    }
+    let _ = writeln!(out, "peers: {}", s.peers.len());
+    for p in &s.peers {
+        let _ = writeln!(
+            out,
+            "  {:?} pid {} ({}) connected {}s, {} leases",
+            p.role, p.pid, p.software, p.connected_secs, p.leases
+        );
+    }
+    out.trim_end().to_string()
+}
+
+/// `rotor status --json`: each entry under `ip` as an address or a prefix
+/// (`2001:db8::/64`), each family's rotation, quarantine with its reason.
+fn status_json(s: &StatusReportV2) -> serde_json::Value {
+    use serde_json::json;
+    json!({
+        "generation": s.generation,
+        "families": s.families.iter().map(|f| json!({
+            "family": f.family.to_string(),
+            "cursor": f.cursor,
+            "total": f.total,
+            "next": f.next.map(|ip| ip.to_string()),
+        })).collect::<Vec<_>>(),
+        "pool": s.pool.iter().map(|e| json!({
+            "ip": e.entry.to_string(),
+            "leases": e.leases,
+            "quarantined": e.quarantine.as_ref().map(|q| json!({
+                "reason": q.reason,
+                "since_secs": q.since_secs,
+                "retry_in_secs": q.retry_in_secs,
+            })),
+        })).collect::<Vec<_>>(),
+        "leases_total": s.leases_total,
+        "last_refresh_unix": s.last_refresh_unix,
+        "sources": s.sources,
+        "peers": s.peers,
+        "uptime_secs": s.uptime_secs,
+    })
+}
+
+fn format_status_v2(s: &StatusReportV2) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let refreshed = s
+        .last_refresh_unix
+        .map(|t| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
+            )
+            .to_string()
+        })
+        .unwrap_or_else(|| "never".into());
+    let out_of = s.pool.iter().filter(|e| e.quarantine.is_some()).count();
+    let _ = writeln!(
+        out,
+        "pool: {} entries ({out_of} out of the rotation), generation {}, {} leases, up {}s, last refresh {refreshed}",
+        s.pool.len(),
+        s.generation,
+        s.leases_total,
+        s.uptime_secs
+    );
+    for f in s.families.iter().filter(|f| f.total > 0) {
+        let next = f.next.map(|ip| ip.to_string()).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  {}: {} addresses in rotation, at {}, next {next}",
+            f.family, f.total, f.cursor
+        );
+    }
+    for e in &s.pool {
+        let state = match &e.quarantine {
+            None => String::new(),
+            Some(q) => format!(
+                "  QUARANTINED {}s: {} (checked again in {}s)",
+                q.since_secs, q.reason, q.retry_in_secs
+            ),
+        };
+        let _ = writeln!(
+            out,
+            "  {:<40} {:>10} leases{state}",
+            e.entry.to_string(),
+            e.leases
+        );
     }
     let _ = writeln!(out, "sources:");
     for src in &s.sources {

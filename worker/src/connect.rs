@@ -57,6 +57,13 @@ pub async fn connect_from(
 }
 
 /// A non-blocking TCP socket bound to `(source, 0)`.
+///
+/// An IPv6 address inside a prefix routed to this host (`ip -6 route add
+/// local PREFIX dev lo`) is not bindable as it is: when a local route
+/// covers it, the bind is retried with `IPV6_FREEBIND`, so such a prefix
+/// works with no sysctl. An address that is not this host's still fails
+/// (freebind would let it send from an address whose answers go
+/// elsewhere), and an address that binds as it is costs nothing more.
 fn bound_socket(source: IpAddr, dest: SocketAddr) -> io::Result<TcpSocket> {
     let sock = Socket::new(
         Domain::for_address(dest),
@@ -64,8 +71,36 @@ fn bound_socket(source: IpAddr, dest: SocketAddr) -> io::Result<TcpSocket> {
         Some(Protocol::TCP),
     )?;
     crate::os::set_bind_address_no_port(&sock)?;
-    sock.bind(&SocketAddr::new(source, 0).into())?;
+    let at = SocketAddr::new(source, 0).into();
+    match sock.bind(&at) {
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) && locally_routed(source) => {
+            sock.set_freebind_v6(true)?;
+            sock.bind(&at)?;
+        }
+        r => r?,
+    }
     Ok(TcpSocket::from_std_stream(sock.into()))
+}
+
+/// Whether a local IPv6 route covers `ip`, by a reading of the routes at
+/// most a second old (kept per process: one file read a second at most,
+/// however many connections a /64 pool makes).
+fn locally_routed(ip: IpAddr) -> bool {
+    use rotor_protocol::routes::LocalRoutes;
+    use std::sync::Mutex;
+    use std::time::Instant;
+    static CACHE: Mutex<Option<(Instant, LocalRoutes)>> = Mutex::new(None);
+    if ip.is_ipv4() {
+        return false;
+    }
+    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+    let fresh = cache
+        .as_ref()
+        .is_some_and(|(at, _)| at.elapsed() < Duration::from_secs(1));
+    if !fresh {
+        *cache = Some((Instant::now(), LocalRoutes::read().unwrap_or_default()));
+    }
+    cache.as_ref().is_some_and(|(_, r)| r.covers(ip))
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! with an allocator that shares no table, leases go over the socket.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -19,7 +20,7 @@ use std::time::Duration;
 use rotor_protocol::{
     client_handshake, error_chain, Channel, ClientChannel, ClientFrame, Envelope, Families,
     HandshakeError, Hello, Lease, LeaseTable, NoAddress, Refusal, Request, Response, Role,
-    ServerFrame, MINOR_LEASE_TABLE,
+    ServerFrame, MINOR_FAMILIES, MINOR_LEASE_TABLE,
 };
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -52,6 +53,8 @@ struct Conn {
     table: RwLock<Option<(Arc<LeaseTable>, Option<u32>)>>,
     /// Woken when the table was found closed, to ask for its successor.
     reattach: Notify,
+    /// The allocator's protocol minor.
+    minor: u16,
 }
 
 impl Conn {
@@ -175,6 +178,25 @@ impl LeaseClient {
             },
         };
         answer.map_err(|r| LeaseError::NoAddress(r.reason))
+    }
+
+    /// Tells the allocator that this host could not use `ip` (it takes the
+    /// address out of the rotation for every worker, and has done so when
+    /// this returns). Whether it did; an allocator too old to be told, or
+    /// out of reach, is not waited for.
+    pub async fn report_unusable(&self, ip: IpAddr, reason: String) -> bool {
+        let knows = self
+            .conn
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| c.minor >= MINOR_FAMILIES);
+        if !knows {
+            return false;
+        }
+        matches!(
+            self.request(Request::Unusable { ip, reason }).await,
+            Ok(Response::Noted { quarantined: true })
+        )
     }
 
     async fn request(&self, body: Request) -> Result<Response, LeaseError> {
@@ -335,6 +357,7 @@ async fn manage(
             pending: Mutex::new(Some(HashMap::new())),
             table: RwLock::new(None),
             reattach: Notify::new(),
+            minor: server_minor,
         });
         let (mut tx, mut rx) = chan.split();
         publish.send_replace(Some(conn.clone()));

@@ -14,7 +14,8 @@ use http_body::Body as _;
 use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use rotor_protocol::{error_chain, Families};
+use rotor_protocol::{error_chain, Families, Lease, NoAddress};
+use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
@@ -26,7 +27,6 @@ use crate::error::ProxyError;
 use crate::idle::Activity;
 use crate::lease::{LeaseClient, LeaseError};
 use crate::upstream::{Key, PooledBody, Sender, UpstreamBody, UpstreamPool};
-use rotor_protocol::Lease;
 
 pub type ProxyBody = Either<PooledBody, Either<Full<Bytes>, Empty<Bytes>>>;
 
@@ -193,20 +193,67 @@ impl Proxy {
                 .check_with(*a, &self.local)
                 .map_err(ProxyError::Denied)?;
         }
-        let lease = self
-            .lease(Families::of(addrs.iter().map(SocketAddr::ip)))
-            .await?;
+        let lease = self.lease_for(&addrs).await?;
         Ok((addrs, lease))
     }
 
-    /// A new HTTP/1.1 connection from `source`.
+    /// A lease of the family `addrs` (a resolved destination) lists first;
+    /// of its other family only when the pool has none of the first. Never
+    /// the host's own address.
+    async fn lease_for(&self, addrs: &[SocketAddr]) -> Result<Lease, ProxyError> {
+        let all = Families::of(addrs.iter().map(SocketAddr::ip));
+        let first = match addrs.first() {
+            Some(a) => Families::of([a.ip()]),
+            None => all,
+        };
+        match self.lease(first).await {
+            Err(ProxyError::NoAddress(NoAddress::NoFamily { .. })) if first != all => {
+                self.lease(all).await.map_err(|e| match e {
+                    ProxyError::NoAddress(NoAddress::NoFamily { .. }) => {
+                        ProxyError::NoAddress(NoAddress::NoFamily { wanted: all })
+                    }
+                    other => other,
+                })
+            }
+            r => r,
+        }
+    }
+
+    /// Connects to `addrs` from `lease`'s address. If this host cannot use
+    /// that address, the allocator is told (it takes it out of the rotation
+    /// for every worker) and the connection is tried once more from the
+    /// next address: nothing has reached the destination yet.
+    async fn connect_leased(
+        &self,
+        lease: Lease,
+        addrs: &[SocketAddr],
+    ) -> Result<(TcpStream, Lease), ProxyError> {
+        let timeout = self.config.connect_timeout;
+        match connect_from(lease.ip, addrs, timeout).await {
+            Err(ProxyError::SourceUnavailable { ip, source }) => {
+                let reason = source.to_string();
+                warn!(source = %ip, error = %reason, "this host cannot use a pool address; reported, trying the next");
+                self.leases.report_unusable(ip, reason).await;
+                let next = self.lease_for(addrs).await?;
+                let stream = connect_from(next.ip, addrs, timeout).await;
+                if let Err(ProxyError::SourceUnavailable { ip, source }) = &stream {
+                    self.leases.report_unusable(*ip, source.to_string()).await;
+                }
+                Ok((stream?, next))
+            }
+            r => r.map(|s| (s, lease)),
+        }
+    }
+
+    /// A new HTTP/1.1 connection from `lease`'s address (or, should this
+    /// host not be able to use it, from the next: see `connect_leased`).
     async fn dial(
         &self,
-        source: std::net::IpAddr,
+        lease: Lease,
         addrs: &[SocketAddr],
         dest: &str,
-    ) -> Result<Sender, ProxyError> {
-        let stream = connect_from(source, addrs, self.config.connect_timeout).await?;
+    ) -> Result<(Sender, Lease), ProxyError> {
+        let (stream, lease) = self.connect_leased(lease, addrs).await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -219,7 +266,7 @@ impl Proxy {
                 debug!(error = %error_chain(&e), "upstream connection ended with an error");
             }
         });
-        Ok(sender)
+        Ok((sender, lease))
     }
 
     /// Sends `req` on `sender` and waits up to the response timeout for the
@@ -245,9 +292,9 @@ impl Proxy {
         req: Request<Incoming>,
     ) -> Result<(Response<ProxyBody>, Lease), ProxyError> {
         let (host, port, host_header) = absolute_target(req.uri())?;
-        let (addrs, lease) = self.resolve_and_lease(&host, port).await?;
+        let (addrs, mut lease) = self.resolve_and_lease(&host, port).await?;
         let dest = format!("{host}:{port}");
-        let key = Key {
+        let mut key = Key {
             source: lease.ip,
             host: host.to_ascii_lowercase(),
             port,
@@ -263,7 +310,13 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         let (mut sender, reused) = match self.upstream.checkout(&key).await {
             Some(s) => (s, true),
-            None => (self.dial(lease.ip, &addrs, &dest).await?, false),
+            None => {
+                let (s, dialed) = self.dial(lease, &addrs, &dest).await?;
+                // Another address, if the leased one could not be used.
+                lease = dialed;
+                key.source = lease.ip;
+                (s, false)
+            }
         };
         // On a reused connection, a request without a body can be sent
         // again, should the destination have closed that connection.
@@ -294,7 +347,8 @@ impl Proxy {
                 *req.method_mut() = method;
                 *req.uri_mut() = uri;
                 *req.headers_mut() = headers;
-                sender = self.dial(lease.ip, &addrs, &dest).await?;
+                (sender, lease) = self.dial(lease, &addrs, &dest).await?;
+                key.source = lease.ip;
                 self.exchange(&mut sender, req, &dest)
                     .await?
                     .map_err(|source| ProxyError::Upstream {
@@ -326,7 +380,7 @@ impl Proxy {
         let idle_limit = self.config.tunnel_idle_timeout;
         // 200 only once the upstream connection is up.
         let (addrs, lease) = self.resolve_and_lease(&host, port).await?;
-        let upstream = connect_from(lease.ip, &addrs, self.config.connect_timeout).await?;
+        let (upstream, lease) = self.connect_leased(lease, &addrs).await?;
         let on_upgrade = hyper::upgrade::on(&mut req);
         let dest = format!("{host}:{port}");
         self.tunnels.spawn(async move {

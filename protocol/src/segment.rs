@@ -1,0 +1,275 @@
+//! A pool entry: one address, or a whole prefix that is never enumerated.
+//!
+//! A prefix of `k` host bits is walked in a full-period permutation of its
+//! index: lease `i` of the prefix gets offset `perm(i)`, a bijection of
+//! `[0, 2^k)` built from steps that are each bijective on `k` bits
+//! (multiply by an odd constant, add a constant, `x ^= x >> s`). So no
+//! address repeats until the whole prefix has been used, consecutive leases
+//! land far apart (not on neighbouring addresses), and the position is one
+//! counter that can be saved and resumed; `index_of` inverts it, so the
+//! address due next can be found again after a restart or a refresh.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use serde::{Deserialize, Serialize};
+
+/// An address family, as an index (`V4` = 0, `V6` = 1) where one is needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn of(ip: &IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::V4,
+            IpAddr::V6(_) => Family::V6,
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn bits(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        })
+    }
+}
+
+/// One address (`host_bits` 0), or the `2^host_bits` addresses of a prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Segment {
+    /// The address, or the prefix's first address.
+    base: IpAddr,
+    host_bits: u8,
+}
+
+const M1: u128 = 0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835;
+const C1: u128 = 0x2545_f491_4f6c_dd1d_6a09_e667_f3bc_c909;
+const M2: u128 = 0xbf58_476d_1ce4_e5b9_94d0_49bb_1331_11eb;
+
+impl Segment {
+    pub fn single(ip: IpAddr) -> Segment {
+        Segment {
+            base: ip,
+            host_bits: 0,
+        }
+    }
+
+    /// The prefix of `ip` with `len` bits (host bits cleared); `None` if
+    /// `len` is longer than the family's addresses.
+    pub fn prefix(ip: IpAddr, len: u8) -> Option<Segment> {
+        let bits = Family::of(&ip).bits();
+        let host_bits = bits.checked_sub(len)?;
+        let base = from_u128(Family::of(&ip), to_u128(ip) & !mask(host_bits));
+        Some(Segment { base, host_bits })
+    }
+
+    pub fn family(&self) -> Family {
+        Family::of(&self.base)
+    }
+
+    pub fn base(&self) -> IpAddr {
+        self.base
+    }
+
+    pub fn host_bits(&self) -> u8 {
+        self.host_bits
+    }
+
+    /// The prefix length (the family's bits for one address).
+    pub fn prefix_len(&self) -> u8 {
+        self.family().bits() - self.host_bits
+    }
+
+    pub fn is_single(&self) -> bool {
+        self.host_bits == 0
+    }
+
+    /// Addresses it holds, saturated at `u128::MAX` (for `::/0`).
+    pub fn len(&self) -> u128 {
+        mask(self.host_bits).saturating_add(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The address lease `i` of this segment gets (`i` is taken modulo the
+    /// size).
+    pub fn at(&self, i: u128) -> IpAddr {
+        if self.host_bits == 0 {
+            return self.base;
+        }
+        let offset = permute(i & mask(self.host_bits), self.host_bits);
+        from_u128(self.family(), to_u128(self.base) | offset)
+    }
+
+    /// Which lease of this segment gets `ip`, if `ip` is in it.
+    pub fn index_of(&self, ip: IpAddr) -> Option<u128> {
+        if Family::of(&ip) != self.family() {
+            return None;
+        }
+        let m = mask(self.host_bits);
+        let v = to_u128(ip);
+        if v & !m != to_u128(self.base) {
+            return None;
+        }
+        Some(unpermute(v & m, self.host_bits))
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.index_of(ip).is_some()
+    }
+}
+
+impl fmt::Display for Segment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.host_bits {
+            0 => write!(f, "{}", self.base),
+            _ => write!(f, "{}/{}", self.base, self.prefix_len()),
+        }
+    }
+}
+
+fn mask(bits: u8) -> u128 {
+    match bits {
+        0 => 0,
+        128.. => u128::MAX,
+        b => (1u128 << b) - 1,
+    }
+}
+
+pub(crate) fn to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(a) => u128::from(u32::from(a)),
+        IpAddr::V6(a) => u128::from(a),
+    }
+}
+
+pub(crate) fn from_u128(family: Family, v: u128) -> IpAddr {
+    match family {
+        Family::V4 => IpAddr::V4(Ipv4Addr::from(v as u32)),
+        Family::V6 => IpAddr::V6(Ipv6Addr::from(v)),
+    }
+}
+
+fn shift(k: u8) -> u32 {
+    u32::from(k).div_ceil(2).max(1)
+}
+
+/// A bijection of `[0, 2^k)`.
+fn permute(i: u128, k: u8) -> u128 {
+    let m = mask(k);
+    let s = shift(k);
+    let mut x = i.wrapping_mul(M1).wrapping_add(C1) & m;
+    x ^= x >> s;
+    x = x.wrapping_mul(M2) & m;
+    x ^= x >> s;
+    x
+}
+
+/// The inverse of [`permute`].
+fn unpermute(y: u128, k: u8) -> u128 {
+    let m = mask(k);
+    let s = shift(k);
+    let mut x = unxorshift(y, s);
+    x = x.wrapping_mul(inverse(M2)) & m;
+    x = unxorshift(x, s);
+    x.wrapping_sub(C1).wrapping_mul(inverse(M1)) & m
+}
+
+fn unxorshift(y: u128, s: u32) -> u128 {
+    // x = y ^ (x >> s), solved from the top bits down.
+    let mut x = y;
+    for _ in 0..128u32.div_ceil(s) {
+        x = y ^ (x >> s);
+    }
+    x
+}
+
+/// The inverse of an odd number modulo 2^128 (Newton's iteration doubles
+/// the correct low bits each step).
+const fn inverse(a: u128) -> u128 {
+    let mut x = a;
+    let mut i = 0;
+    while i < 7 {
+        x = x.wrapping_mul(2u128.wrapping_sub(a.wrapping_mul(x)));
+        i += 1;
+    }
+    x
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn small_prefixes_are_walked_whole_without_repeats() {
+        for k in 1..=12u8 {
+            let seen: HashSet<u128> = (0..1u128 << k).map(|i| permute(i, k)).collect();
+            assert_eq!(seen.len(), 1 << k, "k = {k}");
+            assert!(seen.iter().all(|&x| x < 1 << k));
+            for i in 0..1u128 << k {
+                assert_eq!(unpermute(permute(i, k), k), i, "k = {k}, i = {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_64_walks_far_apart_and_inverts() {
+        let s = Segment::prefix("2001:db8:1::".parse().unwrap(), 64).unwrap();
+        assert_eq!(s.to_string(), "2001:db8:1::/64");
+        assert_eq!(s.len(), 1 << 64);
+        let mut seen = HashSet::new();
+        let mut prev: Option<u128> = None;
+        for i in 0..10_000u128 {
+            let ip = s.at(i);
+            assert!(s.contains(ip));
+            assert_eq!(s.index_of(ip), Some(i));
+            assert!(seen.insert(ip), "repeat at {i}");
+            let v = to_u128(ip);
+            if let Some(p) = prev {
+                assert!(v.abs_diff(p) > 1 << 16, "{i}: neighbours");
+            }
+            prev = Some(v);
+        }
+        for k in [1u8, 63, 64, 80, 127, 128] {
+            for i in [0u128, 1, 2, 12345, mask(k)] {
+                let i = i & mask(k);
+                assert_eq!(unpermute(permute(i, k), k), i, "k {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn singles_and_prefixes_know_their_own() {
+        let one = Segment::single("10.0.0.1".parse().unwrap());
+        assert_eq!(one.at(7).to_string(), "10.0.0.1");
+        assert_eq!(one.index_of("10.0.0.1".parse().unwrap()), Some(0));
+        assert_eq!(one.index_of("10.0.0.2".parse().unwrap()), None);
+        let p = Segment::prefix("10.1.2.3".parse().unwrap(), 8).unwrap();
+        assert_eq!(p.to_string(), "10.0.0.0/8");
+        assert!(p.contains("10.200.0.1".parse().unwrap()));
+        assert!(!p.contains("11.0.0.1".parse().unwrap()));
+        assert!(!p.contains("::1".parse().unwrap()));
+        assert!(Segment::prefix("10.0.0.0".parse().unwrap(), 33).is_none());
+    }
+}
