@@ -69,6 +69,24 @@ fn golden_client_frames() {
         }),
         "010203",
     );
+    // Minor 2.
+    check(
+        ClientFrame::Request(Envelope {
+            id: 3,
+            body: Request::StatusV2,
+        }),
+        "010304",
+    );
+    check(
+        ClientFrame::Request(Envelope {
+            id: 4,
+            body: Request::Unusable {
+                ip: V6,
+                reason: "r".into(),
+            },
+        }),
+        "0104050120010db80000000000000000000000010172",
+    );
 }
 
 #[test]
@@ -163,5 +181,40 @@ fn golden_server_frames() {
             uptime_secs: 60,
         })),
         "01090202010100c0000207050501fc00f1536501102d2d706f6f6c203139322e302e322e370100010101016302003c",
+    );
+    // Minor 2.
+    check(resp(Response::Noted { quarantined: true }), "01090701");
+    check(
+        resp(Response::StatusV2(StatusReportV2 {
+            generation: 2,
+            families: vec![FamilyStatus {
+                family: Family::V6,
+                cursor: 1,
+                total: 1 << 44,
+                next: Some(V6),
+            }],
+            pool: vec![
+                EntryStatus {
+                    entry: Segment::prefix(V6, 64).unwrap(),
+                    leases: 5,
+                    quarantine: None,
+                },
+                EntryStatus {
+                    entry: Segment::single(V4),
+                    leases: 0,
+                    quarantine: Some(QuarantineStatus {
+                        reason: "q".into(),
+                        since_secs: 3,
+                        retry_in_secs: 4,
+                    }),
+                },
+            ],
+            leases_total: 5,
+            last_refresh_unix: None,
+            sources: vec![],
+            peers: vec![],
+            uptime_secs: 60,
+        })),
+        "01090602010101fd0000000000100000010120010db8000000000000000000000001020120010db800000000000000000000000040050000c000020700000101710304050000003c",
     );
 }

@@ -656,3 +656,45 @@ fn dns_answer(
     }
     Some(r)
 }
+
+/// Runs `body` in a network namespace of its own, on a thread of its own
+/// (a namespace is per thread; the processes and sockets that thread makes
+/// are in it), after `ip link set lo up` and the `ip` commands of `setup`.
+/// Where namespaces cannot be made (not root), says so and returns: CI
+/// runs as root, so there the test runs. The namespace goes with the
+/// thread and the processes it started.
+pub fn in_netns<F, Fut>(test: &str, setup: &[&str], body: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let setup: Vec<String> = setup.iter().map(|s| s.to_string()).collect();
+    let test = test.to_string();
+    let run = std::thread::spawn(move || {
+        if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+            println!(
+                "SKIPPED {test}: cannot make a network namespace ({e}); it needs root, as CI has"
+            );
+            return;
+        }
+        for cmd in std::iter::once("link set lo up").chain(setup.iter().map(String::as_str)) {
+            let out = Command::new("ip")
+                .args(cmd.split_whitespace())
+                .output()
+                .expect("the ip command (iproute2)");
+            assert!(
+                out.status.success(),
+                "ip {cmd}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(body());
+    });
+    if let Err(panic) = run.join() {
+        std::panic::resume_unwind(panic);
+    }
+}

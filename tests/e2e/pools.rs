@@ -1,0 +1,192 @@
+//! The pools real hosts have: dual-stack pools rotating evenly per family,
+//! an IPv6 /64 routed to the host (AnyIP), and addresses the host cannot
+//! use kept out of the rotation. The IPv6 tests run in a network namespace
+//! of their own, with their own addresses on its loopback.
+
+use std::net::IpAddr;
+
+use rotor_protocol::Segment;
+
+use crate::util::*;
+
+fn v6(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn cycle(pool: &[IpAddr], n: usize) -> Vec<IpAddr> {
+    pool.iter().copied().cycle().take(n).collect()
+}
+
+/// Requests alternating between an IPv6 and an IPv4 destination: each
+/// family's addresses in exact order (a shared cursor gave the first
+/// address of each family every time).
+#[test]
+fn a_dual_stack_pool_rotates_each_family_evenly() {
+    in_netns(
+        "a_dual_stack_pool_rotates_each_family_evenly",
+        &[
+            "-6 addr add fd00:1::2/128 dev lo nodad",
+            "-6 addr add fd00:1::3/128 dev lo nodad",
+            "-6 addr add fd00:1::4/128 dev lo nodad",
+            "-6 addr add fd00:1::5/128 dev lo nodad",
+            "-6 addr add fd00:9::1/128 dev lo nodad",
+        ],
+        || async {
+            let origin4 = Origin::start().await;
+            let origin6 = Origin::start_on("[fd00:9::1]:0".parse().unwrap()).await;
+            let alloc = Allocator::start(&[
+                "--pool",
+                "127.0.0.2-127.0.0.5",
+                "--pool",
+                "fd00:1::2-fd00:1::5",
+            ])
+            .await;
+            let w = Worker::start(&alloc.socket, &["--allow-destination", "fd00::/8"]).await;
+            for i in 0..8 {
+                let r = get(w.addr, &origin6.url("/")).await;
+                assert_eq!(r.status, 200, "v6 {i}: {:?}", r.body);
+                let r = get(w.addr, &origin4.url("/")).await;
+                assert_eq!(r.status, 200, "v4 {i}: {:?}", r.body);
+            }
+            assert_eq!(origin4.sources(), cycle(&ips(2..=5), 8));
+            let pool6: Vec<IpAddr> = (2..=5).map(|i| v6(&format!("fd00:1::{i}"))).collect();
+            assert_eq!(origin6.sources(), cycle(&pool6, 8));
+            let status = status_json(&alloc.socket);
+            assert_eq!(status["families"][0]["total"], 4);
+            assert_eq!(status["families"][1]["next"], "fd00:1::2");
+        },
+    );
+}
+
+/// `ip -6 route add local PREFIX dev lo` and the /64 is the pool: no sysctl,
+/// never enumerated, no repeats, in the prefix's permutation order, global.
+#[test]
+fn an_ipv6_64_routed_to_the_host_is_a_pool() {
+    in_netns(
+        "an_ipv6_64_routed_to_the_host_is_a_pool",
+        &[
+            "-6 route add local 2001:db8:7::/64 dev lo",
+            "-6 addr add fd00:9::1/128 dev lo nodad",
+        ],
+        || async {
+            let origin = Origin::start_on("[fd00:9::1]:0".parse().unwrap()).await;
+            let alloc = Allocator::start(&["--pool", "2001:db8:7::/64"]).await;
+            let args = ["--allow-destination", "fd00::/8"];
+            let workers = [
+                Worker::start(&alloc.socket, &args).await,
+                Worker::start(&alloc.socket, &args).await,
+            ];
+            for i in 0..40 {
+                let r = get(workers[i % 2].addr, &origin.url("/")).await;
+                assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
+            }
+            let prefix = Segment::prefix(v6("2001:db8:7::"), 64).unwrap();
+            let want: Vec<IpAddr> = (0..40).map(|i| prefix.at(i)).collect();
+            assert_eq!(origin.sources(), want);
+            let status = status_json(&alloc.socket);
+            assert_eq!(status["pool"][0]["ip"], "2001:db8:7::/64");
+            assert_eq!(status["families"][1]["next"], prefix.at(40).to_string());
+            assert_eq!(status["families"][1]["total"], 1u64 << 44);
+        },
+    );
+}
+
+/// A listed address this host does not have: out of the rotation from the
+/// start, shown as such, and no request fails. (Nothing is sent from it:
+/// the allocator's check only binds, and no worker ever gets it.)
+#[tokio::test]
+async fn an_address_this_host_lacks_is_quarantined_not_leased() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2,203.0.113.77,127.0.0.3"]).await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    for i in 0..6 {
+        let r = get(w.addr, &origin.url("/")).await;
+        assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
+    }
+    assert_eq!(origin.sources(), cycle(&[ips(2..=2)[0], ips(3..=3)[0]], 6));
+    let status = status_json(&alloc.socket);
+    let entry = &status["pool"][1];
+    assert_eq!(entry["ip"], "203.0.113.77");
+    let reason = entry["quarantined"]["reason"].as_str().unwrap();
+    assert!(reason.contains("EADDRNOTAVAIL"), "{reason}");
+    let text = rotor_control("status", &alloc.socket, &[]);
+    assert!(text.contains("QUARANTINED"), "{text}");
+    // --check names it; with nothing usable at all it fails.
+    let check = |pool: &str| {
+        std::process::Command::new(ALLOCATOR)
+            .args([
+                "--pool",
+                pool,
+                "--no-state",
+                "--socket",
+                "/nonexistent/s",
+                "--check",
+            ])
+            .output()
+            .unwrap()
+    };
+    let some = check("127.0.0.2,203.0.113.77");
+    assert!(some.status.success());
+    assert!(String::from_utf8_lossy(&some.stderr).contains("203.0.113.77 cannot be used"));
+    assert!(!check("203.0.113.77").status.success());
+}
+
+/// An address that goes away after the allocator checked it: the worker
+/// that cannot bind it reports it, every worker stops getting it, and the
+/// request is served from the next address. Once back, it rotates again.
+#[test]
+fn an_address_that_goes_away_is_reported_and_the_request_retried() {
+    in_netns(
+        "an_address_that_goes_away_is_reported_and_the_request_retried",
+        &[
+            "-6 addr add fd00:1::2/128 dev lo nodad",
+            "-6 addr add fd00:1::3/128 dev lo nodad",
+            "-6 addr add fd00:9::1/128 dev lo nodad",
+        ],
+        || async {
+            let origin = Origin::start_on("[fd00:9::1]:0".parse().unwrap()).await;
+            let alloc = Allocator::start(&["--pool", "fd00:1::2,fd00:1::3"]).await;
+            let args = ["--allow-destination", "fd00::/8"];
+            let w = Worker::start(&alloc.socket, &args).await;
+            let ip = |cmd: &str| {
+                let ok = std::process::Command::new("ip")
+                    .args(cmd.split_whitespace())
+                    .status()
+                    .unwrap()
+                    .success();
+                assert!(ok, "ip {cmd}");
+            };
+            ip("-6 addr del fd00:1::3/128 dev lo");
+            for i in 0..4 {
+                let r = get(w.addr, &origin.url("/")).await;
+                assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
+            }
+            assert_eq!(origin.sources(), vec![v6("fd00:1::2"); 4]);
+            let status = status_json(&alloc.socket);
+            let reason = status["pool"][1]["quarantined"]["reason"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            assert!(
+                reason.contains("a worker could not use fd00:1::3"),
+                "{reason}"
+            );
+            // Back on the host: back in the rotation after its recheck.
+            ip("-6 addr add fd00:1::3/128 dev lo nodad");
+            let socket = alloc.socket.clone();
+            eventually("fd00:1::3 back in the rotation", || {
+                let socket = socket.clone();
+                async move { status_json(&socket)["pool"][1]["quarantined"].is_null() }
+            })
+            .await;
+            let mut seen = Vec::new();
+            for _ in 0..2 {
+                let r = get(w.addr, &origin.url("/")).await;
+                assert_eq!(r.status, 200);
+                seen.push(*origin.sources().last().unwrap());
+            }
+            seen.sort();
+            assert_eq!(seen, [v6("fd00:1::2"), v6("fd00:1::3")]);
+        },
+    );
+}
