@@ -71,6 +71,17 @@ enum Cmd {
         #[arg(long = "cpu", value_parser = named_pid)]
         cpu: Vec<(String, u32)>,
     },
+    /// Lease rate from lease tables holding the pools hosts have, side by
+    /// side in one run: a plain IPv4 list, a dual-stack list with requests
+    /// alternating families, an IPv6 /64, a /64 beside IPv4 addresses, and
+    /// a long list beside a prefix (the entry found by binary search).
+    Pools {
+        #[arg(long, default_value = "2")]
+        seconds: u64,
+        /// Threads leasing at once, e.g. 1,2.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        threads: Vec<usize>,
+    },
     /// Opens N client connections, sends one request on each through the
     /// proxy, then holds them idle; prints `ready` and waits.
     Idle {
@@ -179,6 +190,11 @@ async fn main() -> anyhow::Result<()> {
             conns,
             hold,
         } => idle(proxy, &target, conns, Duration::from_secs(hold)).await?,
+        Cmd::Pools { seconds, threads } => {
+            for &t in &threads {
+                pools_bench(t, Duration::from_secs(seconds))?;
+            }
+        }
     }
     Ok(())
 }
@@ -315,6 +331,71 @@ async fn table_bench(socket: &PathBuf, threads: usize, dur: Duration) -> anyhow:
         percentile(&all, 0.5).as_secs_f64() * 1e9,
         percentile(&all, 0.99).as_secs_f64() * 1e9,
     );
+    Ok(())
+}
+
+/// One in-memory lease table per kind of pool, leased from by `threads`
+/// threads for `dur` each, in turn.
+fn pools_bench(threads: usize, dur: Duration) -> anyhow::Result<()> {
+    use rotor_protocol::{LeaseTable, Segment};
+    let one = |s: String| Segment::single(s.parse().unwrap());
+    let v4: Vec<Segment> = (2..=9).map(|i| one(format!("127.0.0.{i}"))).collect();
+    let v6: Vec<Segment> = (2..=9).map(|i| one(format!("fd00:1::{i}"))).collect();
+    let p64 = Segment::prefix("2001:db8:1::".parse()?, 64).expect("a /64");
+    let long: Vec<Segment> = (0..60_000u32)
+        .map(|i| one(format!("fd00:2::{:x}:{:x}", i >> 16, i & 0xffff)))
+        .chain([p64])
+        .collect();
+    let only = |v4: bool| Families { v4, v6: !v4 };
+    let kinds: Vec<(&str, Vec<Segment>, bool)> = vec![
+        ("ipv4-8", v4.clone(), false),
+        ("dual-8+8-alternating", [v4.clone(), v6].concat(), true),
+        ("ipv6-/64", vec![p64], false),
+        ("/64+ipv4-8-alternating", [v4, vec![p64]].concat(), true),
+        ("60000-ipv6+/64", long, false),
+    ];
+    for (name, pool, alternate) in kinds {
+        let table = Arc::new(LeaseTable::anonymous(pool.len().next_power_of_two(), 0)?);
+        table.publish(&pool, &[], 1, |_, _, _| 0)?;
+        // The long list: the cursor past it, into the prefix.
+        if name.starts_with("60000") {
+            table.set_cursor(rotor_protocol::Family::V6, 60_000);
+        }
+        let deadline = Instant::now() + dur;
+        let started = Instant::now();
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let table = table.clone();
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    let fam = |i: u64| match (alternate, name.starts_with("ipv4")) {
+                        (true, _) => only(i % 2 == 0),
+                        (false, true) => only(true),
+                        (false, false) => only(false),
+                    };
+                    while Instant::now() < deadline {
+                        for _ in 0..64 {
+                            if !matches!(table.lease(fam(n), None), Some(Ok(_))) {
+                                return Err(anyhow::anyhow!("{name}: no lease"));
+                            }
+                            n += 1;
+                        }
+                    }
+                    Ok(n)
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for w in workers {
+            total += w.join().expect("a bench thread panicked")?;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        println!(
+            "pool {name:<24} threads={threads} leases/s={:>11.0} ns/lease/thread={:>6.1}",
+            total as f64 / secs,
+            secs * 1e9 * threads as f64 / total as f64
+        );
+    }
     Ok(())
 }
 
