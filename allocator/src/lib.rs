@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod metadata;
 pub mod persist;
 pub mod pool;
 pub mod server;

@@ -4,9 +4,12 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use rotor_protocol::Segment;
 
+use crate::metadata::{Metadata, MetadataError};
 use crate::spec::{parse_spec, SpecError};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +23,11 @@ pub enum Source {
     /// The host's own global (not loopback, not link-local) addresses on all
     /// interfaces: the default when no other source is given.
     HostAddresses,
+    /// `--metadata PROVIDER`: the cloud's instance metadata service.
+    Metadata(Arc<Metadata>),
+    /// `--pool-command CMD`: what a command prints, one SPEC a line, run on
+    /// every refresh with a timeout.
+    Command { cmd: String, timeout: Duration },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +55,29 @@ pub enum SourceError {
     Interfaces(#[source] nix::Error),
     #[error("no interface {0}")]
     NoInterface(String),
+    #[error("the metadata service")]
+    Metadata(#[from] MetadataError),
+    #[error("cannot run `{cmd}`")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{cmd}` did not finish within {timeout:?}; killed")]
+    CommandTimeout { cmd: String, timeout: Duration },
+    #[error("`{cmd}` failed ({status}): {stderr}")]
+    CommandFailed {
+        cmd: String,
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+    #[error("`{cmd}` line {line}")]
+    CommandSpec {
+        cmd: String,
+        line: usize,
+        #[source]
+        source: SpecError,
+    },
 }
 
 impl Source {
@@ -75,6 +106,8 @@ impl Source {
                 format!("--interface {}", format_mac(m))
             }
             Source::HostAddresses => "host addresses".to_string(),
+            Source::Metadata(m) => m.name(),
+            Source::Command { cmd, .. } => format!("--pool-command {cmd}"),
         }
     }
 
@@ -86,6 +119,8 @@ impl Source {
             Source::File(path) => read_pool_file(path),
             Source::Interface(sel) => Ok(singles(interface_addrs(sel)?)),
             Source::HostAddresses => Ok(singles(host_addrs()?)),
+            Source::Metadata(m) => Ok(m.read()?),
+            Source::Command { cmd, timeout } => run_pool_command(cmd, *timeout),
         }
     }
 }
@@ -106,6 +141,69 @@ pub fn read_pool_file(path: &PathBuf) -> Result<Vec<Segment>, SourceError> {
     })
 }
 
+/// Runs `cmd` with `sh -c`, at most `timeout`, and reads its output as a
+/// pool file. A command that fails, hangs or prints a bad line is an error
+/// (the source keeps its last good addresses).
+pub fn run_pool_command(cmd: &str, timeout: Duration) -> Result<Vec<Segment>, SourceError> {
+    use std::io::Read;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("sh")
+        .args(["-c", cmd])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| SourceError::Spawn {
+            cmd: cmd.to_string(),
+            source,
+        })?;
+    // Read while it runs, so a long output cannot fill the pipe and stall
+    // it; bounded at 16 MiB.
+    let mut out = child.stdout.take().expect("piped");
+    let mut err = child.stderr.take().expect("piped");
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = (&mut out).take(16 << 20).read_to_string(&mut text);
+        text
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = (&mut err).take(64 << 10).read_to_string(&mut text);
+        text
+    });
+    let deadline = std::time::Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(SourceError::CommandTimeout {
+                    cmd: cmd.to_string(),
+                    timeout,
+                });
+            }
+        }
+    };
+    let text = reader.join().unwrap_or_default();
+    let stderr = err_reader.join().unwrap_or_default();
+    if !status.success() {
+        return Err(SourceError::CommandFailed {
+            cmd: cmd.to_string(),
+            status,
+            stderr: stderr.lines().next().unwrap_or("").to_string(),
+        });
+    }
+    parse_pool_text(&text).map_err(|(line, source)| SourceError::CommandSpec {
+        cmd: cmd.to_string(),
+        line,
+        source,
+    })
+}
+
 /// One spec per line; `#` starts a comment; blank lines are skipped.
 pub fn parse_pool_text(text: &str) -> Result<Vec<Segment>, (usize, SpecError)> {
     let mut out = Vec::new();
@@ -119,7 +217,17 @@ pub fn parse_pool_text(text: &str) -> Result<Vec<Segment>, (usize, SpecError)> {
     Ok(out)
 }
 
+/// A MAC address as `02:fc:00:00:00:01`, `02-FC-00-00-00-01` or (as
+/// Azure writes them) `02FC00000001`.
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let s = s.trim();
+    if s.len() == 12 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let mut m = [0u8; 6];
+        for (i, b) in m.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        return Some(m);
+    }
     let parts: Vec<&str> = s.split([':', '-']).collect();
     if parts.len() != 6 {
         return None;
@@ -134,7 +242,7 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     Some(mac)
 }
 
-fn format_mac(m: &[u8; 6]) -> String {
+pub fn format_mac(m: &[u8; 6]) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
@@ -241,12 +349,29 @@ mod tests {
     }
 
     #[test]
+    fn pool_commands_print_specs_and_fail_clearly() {
+        let t = Duration::from_secs(5);
+        let got = run_pool_command("printf '127.0.0.2\\n# c\\n127.0.0.3-127.0.0.4\\n'", t).unwrap();
+        assert_eq!(got.len(), 3);
+        let err = run_pool_command("echo nope >&2; exit 3", t).unwrap_err();
+        assert!(err.to_string().contains("nope"), "{err}");
+        let err = run_pool_command("echo bogus", t).unwrap_err();
+        assert!(rotor_protocol::error_chain(&err).contains("bogus"), "{err}");
+        let started = std::time::Instant::now();
+        let err = run_pool_command("sleep 10", Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(err, SourceError::CommandTimeout { .. }), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
     fn mac_addresses() {
         assert_eq!(
             parse_mac("02:fc:00:00:00:01"),
             Some([0x02, 0xfc, 0, 0, 0, 1])
         );
         assert_eq!(parse_mac("02-FC-00-00-00-0a"), Some([2, 0xfc, 0, 0, 0, 10]));
+        assert_eq!(parse_mac("02FC0000000A"), Some([2, 0xfc, 0, 0, 0, 10]));
+        assert_eq!(parse_mac("02FC0000000"), None);
         assert_eq!(parse_mac("eth0"), None);
         assert_eq!(parse_mac("02:fc:00:00:00"), None);
         assert_eq!(parse_mac("02:fc:00:00:00:1"), None);

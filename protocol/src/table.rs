@@ -455,7 +455,19 @@ impl LeaseTable {
     /// The address at index `i` of `family` in `half`: a binary search over
     /// the entries' first indexes (direct when each entry is one address).
     fn address_in(&self, half: usize, family: Family, i: u64) -> Option<(usize, IpAddr)> {
-        let (start, n, total) = self.family_meta(half, family)?;
+        let meta = self.family_meta(half, family)?;
+        self.address_at(half, family, meta, i)
+    }
+
+    /// As [`address_in`](Self::address_in), with the family's metadata
+    /// read already.
+    fn address_at(
+        &self,
+        half: usize,
+        family: Family,
+        (start, n, total): (usize, usize, u64),
+        i: u64,
+    ) -> Option<(usize, IpAddr)> {
         if i >= total || n == 0 {
             return None;
         }
@@ -478,9 +490,24 @@ impl LeaseTable {
             }
             lo
         };
-        let seg = self.segment_at(half, start + k)?;
-        let offset = i.checked_sub(first(k))?;
-        (seg.family() == family).then(|| (start + k, seg.at(u128::from(offset))))
+        let e = self.entry(half, start + k);
+        let meta = self.word(e).load(Ordering::Relaxed);
+        let (hi, lo) = (
+            self.word(e + 1).load(Ordering::Relaxed),
+            self.word(e + 2).load(Ordering::Relaxed),
+        );
+        // One address (the common case): no segment arithmetic.
+        let ip = match (meta, family) {
+            (4, Family::V4) => IpAddr::V4(std::net::Ipv4Addr::from(lo as u32)),
+            (6, Family::V6) => IpAddr::V6(std::net::Ipv6Addr::from(
+                (u128::from(hi) << 64) | u128::from(lo),
+            )),
+            _ => {
+                let seg = decode_entry(meta, hi, lo).filter(|s| s.family() == family)?;
+                seg.at(u128::from(i.checked_sub(first(k))?))
+            }
+        };
+        Some((start + k, ip))
     }
 
     /// The address state `s` of `family` has due next.
@@ -535,11 +562,12 @@ impl LeaseTable {
             }
             let half = Self::half_of(s);
             let generation = self.generation(half);
-            let total = self.family_meta(half, family).map_or(0, |m| m.2);
+            let meta = self.family_meta(half, family);
+            let total = meta.map_or(0, |m| m.2);
             let cursor = s & CURSOR_MASK;
-            let found = match wanted && total > 0 {
-                true => self.address_in(half, family, cursor % total),
-                false => None,
+            let found = match (wanted, meta) {
+                (true, Some(m)) if total > 0 => self.address_at(half, family, m, cursor % total),
+                _ => None,
             };
             let Some((k, ip)) = found else {
                 // Only an answer if the pool did not change while read.

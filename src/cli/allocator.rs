@@ -2,13 +2,15 @@
 //! re-read, where rotation state is kept, who may use the socket.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 use rotor_allocator::access::{parse_group, parse_mode, parse_user, Access};
-use rotor_allocator::source::Source;
+use rotor_allocator::metadata::{Metadata, Provider};
+use rotor_allocator::source::{parse_mac, Source};
 
-use super::settings::settings;
+use super::settings::{settings, Value};
 use super::{CommonArgs, ConfigError, FileConfig};
 
 settings! {
@@ -28,6 +30,25 @@ settings! {
         /// address (02:fc:00:00:00:01); re-read on every refresh. Repeatable.
         #[arg(value_name = "NAME|MAC")]
         interface: Vec<String>,
+        /// Addresses the cloud's instance metadata service lists for this
+        /// host's interfaces: `aws` (IMDSv2), `gcp` or `azure`; re-read on
+        /// every refresh. Repeatable.
+        metadata: Vec<Provider>,
+        /// Where the metadata service is (a test server, a proxy)
+        /// [default: each provider's own address].
+        #[arg(value_name = "URL")]
+        metadata_endpoint: Option<String>,
+        /// Only the interfaces with this MAC address (any notation)
+        /// [default: every interface the service lists]. Repeatable.
+        #[arg(value_name = "MAC")]
+        metadata_mac: Vec<String>,
+        /// A command (run with `sh -c`) that prints SPECs, one a line, on
+        /// every refresh: a source for any other provider. Repeatable.
+        #[arg(value_name = "CMD")]
+        pool_command: Vec<String>,
+        /// How long a --pool-command may run before it is killed and its
+        /// last good addresses kept.
+        pool_command_timeout: Option<Duration> = "10s",
         /// How often the pool sources are re-read (SIGHUP re-reads at once).
         refresh: Option<Duration> = "20s",
         /// Where the rotation state is kept across restarts [default:
@@ -56,6 +77,16 @@ settings! {
     }
 }
 
+impl Value for Provider {
+    const NAME: &'static str = "aws|gcp|azure";
+    fn parse(s: &str) -> Result<Self, String> {
+        Provider::parse(s)
+    }
+    fn show(&self) -> String {
+        self.name().into()
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct AllocatorArgs {
     #[command(flatten)]
@@ -77,10 +108,17 @@ impl AllocatorFlags {
         let mut a = self.merge(&file.allocator);
         // The flags replace the file's sources as a whole, so a one-off
         // `--pool` does not mix with the file's pool.
-        if !(self.pool.is_empty() && self.pool_file.is_empty() && self.interface.is_empty()) {
+        let flags_given = !(self.pool.is_empty()
+            && self.pool_file.is_empty()
+            && self.interface.is_empty()
+            && self.metadata.is_empty()
+            && self.pool_command.is_empty());
+        if flags_given {
             a.pool = self.pool.clone();
             a.pool_file = self.pool_file.clone();
             a.interface = self.interface.clone();
+            a.metadata = self.metadata.clone();
+            a.pool_command = self.pool_command.clone();
         }
         let mut sources = Vec::new();
         for spec in &a.pool {
@@ -88,6 +126,34 @@ impl AllocatorFlags {
         }
         sources.extend(a.pool_file.into_iter().map(Source::File));
         sources.extend(a.interface.iter().map(|i| Source::interface(i)));
+        let mut macs = Vec::new();
+        for m in &a.metadata_mac {
+            macs.push(parse_mac(m).ok_or_else(|| {
+                ConfigError::Invalid(format!("metadata-mac: `{m}` is not a MAC address"))
+            })?);
+        }
+        if !macs.is_empty() && a.metadata.is_empty() {
+            return Err(ConfigError::Invalid(
+                "metadata-mac chooses interfaces of --metadata; give a provider".into(),
+            ));
+        }
+        for p in &a.metadata {
+            let endpoint = a.metadata_endpoint.as_deref();
+            if let Some(e) = endpoint.filter(|e| !e.starts_with("http://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "metadata-endpoint `{e}`: metadata services speak plain http:// on the host's link"
+                )));
+            }
+            sources.push(Source::Metadata(Arc::new(Metadata::new(
+                *p,
+                endpoint,
+                macs.clone(),
+            ))));
+        }
+        sources.extend(a.pool_command.iter().map(|cmd| Source::Command {
+            cmd: cmd.clone(),
+            timeout: a.pool_command_timeout,
+        }));
         if sources.is_empty() {
             sources.push(Source::HostAddresses);
         }
@@ -165,6 +231,26 @@ mod tests {
         assert_eq!(given.sources.len(), 2);
         assert!(flags(&["--pool", "10.0.0.0/33"]).pool(&f).is_err());
         assert!(flags(&["--refresh", "0s"]).pool(&f).is_err());
+        let cloud = flags(&[
+            "--metadata",
+            "aws",
+            "--metadata-mac",
+            "02FC00000001",
+            "--pool-command",
+            "echo 127.0.0.2",
+        ])
+        .pool(&f)
+        .unwrap();
+        assert_eq!(cloud.sources.len(), 2, "the file's pool is replaced");
+        assert!(flags(&["--metadata-mac", "02:fc:00:00:00:01"])
+            .pool(&f)
+            .is_err());
+        let f2 =
+            file("[allocator]\nmetadata = [\"gcp\"]\nmetadata-endpoint = \"http://127.0.0.1:9\"\n")
+                .unwrap();
+        let p = flags(&[]).pool(&f2).unwrap();
+        assert_eq!(p.sources[0].name(), "--metadata gcp (http://127.0.0.1:9)");
+        assert!(file("[allocator]\nmetadata = [\"oracle\"]\n").is_err());
     }
 
     #[test]

@@ -1,11 +1,15 @@
 //! The pools real hosts have: dual-stack pools rotating evenly per family,
-//! an IPv6 /64 routed to the host (AnyIP), and addresses the host cannot
-//! use kept out of the rotation. The IPv6 tests run in a network namespace
-//! of their own, with their own addresses on its loopback.
+//! an IPv6 /64 routed to the host (AnyIP), addresses the host cannot use
+//! kept out of the rotation, and a pool from the cloud's metadata service.
+//! The IPv6 tests run in a network namespace of their own, with their own
+//! addresses on its loopback.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 
 use rotor_protocol::Segment;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::util::*;
 
@@ -189,4 +193,83 @@ fn an_address_that_goes_away_is_reported_and_the_request_retried() {
             assert_eq!(seen, [v6("fd00:1::2"), v6("fd00:1::3")]);
         },
     );
+}
+
+/// A fake AWS metadata service (IMDSv2 token flow) listing `ipv4s` for one
+/// interface; the list can change under it.
+async fn fake_imds(ipv4s: Arc<Mutex<String>>) -> SocketAddr {
+    let (addr, _) = recording_server(move |mut s: TcpStream| {
+        let ipv4s = ipv4s.clone();
+        async move {
+            let mut head = Vec::new();
+            let mut b = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&b[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+            let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+            let base = "/latest/meta-data/network/interfaces/macs/";
+            let (status, body) = if head.starts_with("put /latest/api/token") {
+                (200, "tok".to_string())
+            } else if !head.contains("x-aws-ec2-metadata-token: tok") {
+                (401, String::new())
+            } else if path == base {
+                (200, "02:fc:00:00:00:01/".to_string())
+            } else if path == format!("{base}02:fc:00:00:00:01/local-ipv4s") {
+                (200, ipv4s.lock().unwrap().clone())
+            } else {
+                (404, String::new())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        }
+    })
+    .await;
+    addr
+}
+
+/// `--metadata aws`: the pool is what the (fake) instance metadata service
+/// lists, refreshed with the others; a failed read keeps the last good list.
+// Multi-threaded: the fake service must answer while the test thread
+// waits for `rotor reload`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_can_come_from_the_cloud_metadata_service() {
+    let ipv4s = Arc::new(Mutex::new("127.0.0.2\n127.0.0.3\n".to_string()));
+    let imds = fake_imds(ipv4s.clone()).await;
+    let origin = Origin::start().await;
+    let endpoint = format!("http://{imds}");
+    let alloc = Allocator::start(&[
+        "--metadata",
+        "aws",
+        "--metadata-endpoint",
+        &endpoint,
+        "--metadata-mac",
+        "02FC00000001",
+    ])
+    .await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    for _ in 0..4 {
+        assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+    }
+    assert_eq!(origin.sources(), cycle(&ips(2..=3), 4));
+    // The provider attaches one more address: in at the next refresh.
+    *ipv4s.lock().unwrap() = "127.0.0.2\n127.0.0.3\n127.0.0.4\n".to_string();
+    rotor_control("reload", &alloc.socket, &[]);
+    for _ in 0..3 {
+        assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+    }
+    assert_eq!(origin.sources()[4..], ips(2..=4)[..]);
+    // The service answers garbage: the last good list stays, and says why.
+    *ipv4s.lock().unwrap() = "garbage".to_string();
+    rotor_control("reload", &alloc.socket, &[]);
+    let status = status_json(&alloc.socket);
+    assert_eq!(status["pool"].as_array().unwrap().len(), 3);
+    let err = status["sources"][0]["error"].as_str().unwrap();
+    assert!(err.contains("`garbage` is not an IP address"), "{err}");
 }

@@ -1,0 +1,570 @@
+//! Pool addresses from the cloud's instance metadata service: the private
+//! addresses the provider assigned to each network interface (by MAC
+//! address), whether or not something has configured them on the host
+//! yet (those not configured are found and kept out of the rotation by the
+//! usability check until they are).
+//!
+//! - AWS: IMDSv2 only. A session token from `PUT /latest/api/token`
+//!   (`X-aws-ec2-metadata-token-ttl-seconds`), sent as
+//!   `X-aws-ec2-metadata-token` with every read, renewed a minute before it
+//!   expires and at once on a 401. `…/network/interfaces/macs/` lists the
+//!   MACs; `…/macs/MAC/local-ipv4s` and `…/ipv6s` their addresses.
+//! - GCP: `Metadata-Flavor: Google`; `…/instance/network-interfaces/`
+//!   lists the interfaces; each one's `mac`, `ip` and `ip-aliases/`
+//!   (CIDRs), and `ipv6s` where it has them.
+//! - Azure: `Metadata: true`; `/metadata/instance/network?api-version=…`,
+//!   one JSON document, MACs written without separators.
+//!
+//! Every exchange has a timeout; a failed or slow read is a source error,
+//! which keeps the last good addresses (as for a pool file).
+
+use std::io::Read;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rotor_protocol::Segment;
+
+use crate::source::{format_mac, parse_mac};
+use crate::spec::{parse_spec, SpecError};
+
+/// Which provider's metadata service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    Aws,
+    Gcp,
+    Azure,
+}
+
+impl Provider {
+    pub fn parse(s: &str) -> Result<Provider, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "aws" | "ec2" => Ok(Provider::Aws),
+            "gcp" | "gce" | "google" => Ok(Provider::Gcp),
+            "azure" => Ok(Provider::Azure),
+            _ => Err(format!(
+                "`{s}` is not a metadata provider: aws, gcp or azure"
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Provider::Aws => "aws",
+            Provider::Gcp => "gcp",
+            Provider::Azure => "azure",
+        }
+    }
+
+    /// The provider's own address for its metadata service.
+    pub fn default_endpoint(self) -> &'static str {
+        match self {
+            Provider::Aws | Provider::Azure => "http://169.254.169.254",
+            Provider::Gcp => "http://metadata.google.internal",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    #[error("{url}")]
+    Http {
+        url: String,
+        #[source]
+        source: Box<ureq::Error>,
+    },
+    #[error("{url} answered {status}")]
+    Status { url: String, status: u16 },
+    #[error("{url}: unreadable answer")]
+    Body {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{url}: {what}")]
+    Invalid { url: String, what: String },
+    #[error("{url}: bad address")]
+    Spec {
+        url: String,
+        #[source]
+        source: SpecError,
+    },
+    #[error("the metadata service lists no interface with MAC address {0}")]
+    NoMac(String),
+}
+
+/// How long one exchange with the metadata service may take.
+pub const TIMEOUT: Duration = Duration::from_secs(2);
+/// The IMDSv2 token's lifetime asked for, and how long before its end a
+/// new one is fetched.
+const TOKEN_TTL: Duration = Duration::from_secs(6 * 3600);
+const TOKEN_MARGIN: Duration = Duration::from_secs(60);
+
+/// One metadata source: a provider, where its service is, and which
+/// interfaces (all, if none).
+#[derive(Debug)]
+pub struct Metadata {
+    pub provider: Provider,
+    pub endpoint: String,
+    pub macs: Vec<[u8; 6]>,
+    agent: ureq::Agent,
+    /// The IMDSv2 token and when it expires.
+    token: Mutex<Option<(String, Instant)>>,
+}
+
+impl PartialEq for Metadata {
+    fn eq(&self, other: &Metadata) -> bool {
+        (self.provider, &self.endpoint, &self.macs)
+            == (other.provider, &other.endpoint, &other.macs)
+    }
+}
+
+impl Eq for Metadata {}
+
+/// Each interface the service lists: its MAC address and its addresses.
+type Interfaces = Vec<([u8; 6], Vec<Segment>)>;
+
+/// An answer: its status and its body (read whole, at most 1 MiB).
+struct Answer {
+    status: u16,
+    body: String,
+}
+
+impl Metadata {
+    pub fn new(provider: Provider, endpoint: Option<&str>, macs: Vec<[u8; 6]>) -> Metadata {
+        let endpoint = endpoint
+            .unwrap_or(provider.default_endpoint())
+            .trim_end_matches('/')
+            .to_string();
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(TIMEOUT))
+            .http_status_as_error(false)
+            // The metadata service is on this host's link: never through a
+            // proxy from the environment.
+            .proxy(None)
+            .max_redirects(0)
+            .build()
+            .into();
+        Metadata {
+            provider,
+            endpoint,
+            macs,
+            agent,
+            token: Mutex::new(None),
+        }
+    }
+
+    /// How the operator named it.
+    pub fn name(&self) -> String {
+        let mut n = format!("--metadata {} ({})", self.provider.name(), self.endpoint);
+        for m in &self.macs {
+            n.push_str(&format!(" --metadata-mac {}", format_mac(m)));
+        }
+        n
+    }
+
+    /// The addresses the service lists now, for the chosen interfaces.
+    /// Blocking: call from a blocking context.
+    pub fn read(&self) -> Result<Vec<Segment>, MetadataError> {
+        let by_mac = match self.provider {
+            Provider::Aws => self.aws()?,
+            Provider::Gcp => self.gcp()?,
+            Provider::Azure => self.azure()?,
+        };
+        let mut out = Vec::new();
+        if self.macs.is_empty() {
+            for (_, addrs) in by_mac {
+                out.extend(addrs);
+            }
+            return Ok(out);
+        }
+        for want in &self.macs {
+            match by_mac.iter().find(|(m, _)| m == want) {
+                Some((_, addrs)) => out.extend(addrs.iter().copied()),
+                None => return Err(MetadataError::NoMac(format_mac(want))),
+            }
+        }
+        Ok(out)
+    }
+
+    fn exchange(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Answer, MetadataError> {
+        let url = format!("{}{}", self.endpoint, path);
+        let http = |source| MetadataError::Http {
+            url: url.clone(),
+            source: Box::new(source),
+        };
+        let mut resp = match method {
+            "PUT" => {
+                let mut req = self.agent.put(&url);
+                for (k, v) in headers {
+                    req = req.header(*k, *v);
+                }
+                req.send_empty().map_err(http)?
+            }
+            _ => {
+                let mut req = self.agent.get(&url);
+                for (k, v) in headers {
+                    req = req.header(*k, *v);
+                }
+                req.call().map_err(http)?
+            }
+        };
+        let status = resp.status().as_u16();
+        let mut body = String::new();
+        resp.body_mut()
+            .as_reader()
+            .take(1 << 20)
+            .read_to_string(&mut body)
+            .map_err(|source| MetadataError::Body {
+                url: url.clone(),
+                source,
+            })?;
+        Ok(Answer { status, body })
+    }
+
+    /// A GET that must answer 200 (404: `None`, for lists an interface may
+    /// lack).
+    fn get(&self, path: &str, headers: &[(&str, &str)]) -> Result<Option<String>, MetadataError> {
+        let a = self.exchange("GET", path, headers)?;
+        match a.status {
+            200 => Ok(Some(a.body)),
+            404 => Ok(None),
+            status => Err(MetadataError::Status {
+                url: format!("{}{}", self.endpoint, path),
+                status,
+            }),
+        }
+    }
+
+    fn aws_token(&self, fresh: bool) -> Result<String, MetadataError> {
+        let mut token = self.token.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((t, until)) = token.as_ref() {
+            if !fresh && Instant::now() + TOKEN_MARGIN < *until {
+                return Ok(t.clone());
+            }
+        }
+        let ttl = TOKEN_TTL.as_secs().to_string();
+        let path = "/latest/api/token";
+        let a = self.exchange(
+            "PUT",
+            path,
+            &[("X-aws-ec2-metadata-token-ttl-seconds", &ttl)],
+        )?;
+        if a.status != 200 || a.body.trim().is_empty() {
+            return Err(MetadataError::Status {
+                url: format!("{}{path}", self.endpoint),
+                status: a.status,
+            });
+        }
+        let t = a.body.trim().to_string();
+        *token = Some((t.clone(), Instant::now() + TOKEN_TTL));
+        Ok(t)
+    }
+
+    /// An IMDSv2 read: with the session token, and once more with a new
+    /// token if the service says the one held is no longer good (401).
+    fn aws_get(&self, path: &str) -> Result<Option<String>, MetadataError> {
+        let token = self.aws_token(false)?;
+        let a = self.exchange("GET", path, &[("X-aws-ec2-metadata-token", &token)])?;
+        let a = match a.status {
+            401 => {
+                let token = self.aws_token(true)?;
+                self.exchange("GET", path, &[("X-aws-ec2-metadata-token", &token)])?
+            }
+            _ => a,
+        };
+        match a.status {
+            200 => Ok(Some(a.body)),
+            404 => Ok(None),
+            status => Err(MetadataError::Status {
+                url: format!("{}{}", self.endpoint, path),
+                status,
+            }),
+        }
+    }
+
+    fn aws(&self) -> Result<Interfaces, MetadataError> {
+        let base = "/latest/meta-data/network/interfaces/macs/";
+        let list = self.aws_get(base)?.unwrap_or_default();
+        let mut out = Vec::new();
+        for item in lines(&list) {
+            let mac_text = item.trim_end_matches('/');
+            let mac = self.mac(mac_text, base)?;
+            let mut addrs = Vec::new();
+            for list in ["local-ipv4s", "ipv6s"] {
+                let path = format!("{base}{mac_text}/{list}");
+                if let Some(body) = self.aws_get(&path)? {
+                    addrs.extend(self.specs(&body, &path)?);
+                }
+            }
+            out.push((mac, addrs));
+        }
+        Ok(out)
+    }
+
+    fn gcp(&self) -> Result<Interfaces, MetadataError> {
+        let h = [("Metadata-Flavor", "Google")];
+        let base = "/computeMetadata/v1/instance/network-interfaces/";
+        let list = self.get(base, &h)?.unwrap_or_default();
+        let mut out = Vec::new();
+        for item in lines(&list) {
+            let i = item.trim_end_matches('/');
+            let mac_path = format!("{base}{i}/mac");
+            let mac_text = self.get(&mac_path, &h)?.unwrap_or_default();
+            let mac = self.mac(mac_text.trim(), &mac_path)?;
+            let mut addrs = Vec::new();
+            for list in ["ip", "ip-aliases/", "ipv6s"] {
+                let path = format!("{base}{i}/{list}");
+                if let Some(body) = self.get(&path, &h)? {
+                    addrs.extend(self.specs(&body, &path)?);
+                }
+            }
+            out.push((mac, addrs));
+        }
+        Ok(out)
+    }
+
+    fn azure(&self) -> Result<Interfaces, MetadataError> {
+        let path = "/metadata/instance/network?api-version=2021-02-01";
+        let body = self.get(path, &[("Metadata", "true")])?.unwrap_or_default();
+        let url = || format!("{}{path}", self.endpoint);
+        let doc: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| MetadataError::Invalid {
+                url: url(),
+                what: format!("not the JSON expected: {e}"),
+            })?;
+        let mut out = Vec::new();
+        let interfaces = doc["interface"].as_array().cloned().unwrap_or_default();
+        for iface in interfaces {
+            let mac = self.mac(iface["macAddress"].as_str().unwrap_or(""), path)?;
+            let mut addrs = Vec::new();
+            for family in ["ipv4", "ipv6"] {
+                for a in iface[family]["ipAddress"].as_array().into_iter().flatten() {
+                    if let Some(ip) = a["privateIpAddress"].as_str().filter(|s| !s.is_empty()) {
+                        addrs.extend(self.specs(ip, path)?);
+                    }
+                }
+            }
+            out.push((mac, addrs));
+        }
+        Ok(out)
+    }
+
+    fn mac(&self, text: &str, path: &str) -> Result<[u8; 6], MetadataError> {
+        parse_mac(text).ok_or_else(|| MetadataError::Invalid {
+            url: format!("{}{path}", self.endpoint),
+            what: format!("`{text}` is not a MAC address"),
+        })
+    }
+
+    /// One address or CIDR a line (GCP's aliases are CIDRs).
+    fn specs(&self, body: &str, path: &str) -> Result<Vec<Segment>, MetadataError> {
+        let mut out = Vec::new();
+        for line in lines(body) {
+            out.extend(parse_spec(line).map_err(|source| MetadataError::Spec {
+                url: format!("{}{path}", self.endpoint),
+                source,
+            })?);
+        }
+        Ok(out)
+    }
+}
+
+fn lines(body: &str) -> impl Iterator<Item = &str> {
+    body.lines().map(str::trim).filter(|l| !l.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpListener;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    /// A metadata service on loopback: `answer(method, path, headers)`
+    /// gives (status, body); a body of `SLOW` answers after 3 s.
+    fn fake<F>(answer: F) -> String
+    where
+        F: Fn(&str, &str, &[(String, String)]) -> (u16, String) + Send + 'static,
+    {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut s) = conn else { return };
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut first = String::new();
+                if r.read_line(&mut first).is_err() {
+                    continue;
+                }
+                let mut headers = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = line.trim_end().split_once(':') {
+                        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                    }
+                }
+                let mut parts = first.split_whitespace();
+                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let (status, body) = answer(method, path, &headers);
+                if body == "SLOW" {
+                    std::thread::sleep(Duration::from_secs(3));
+                }
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 {status} X\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        url
+    }
+
+    fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        h.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+
+    fn strings(v: Vec<Segment>) -> Vec<String> {
+        v.iter().map(ToString::to_string).collect()
+    }
+
+    const MAC1: &str = "02:fc:00:00:00:01";
+    const MAC2: &str = "02:fc:00:00:00:02";
+
+    /// IMDSv2: no token, 401; a token the service has expired, 401, and a
+    /// new one is fetched; tokens are reused while good.
+    #[test]
+    fn aws_imdsv2_token_flow_and_listing() {
+        let issued = Arc::new(AtomicU32::new(0));
+        let valid = Arc::new(AtomicU32::new(0));
+        let (i, v) = (issued.clone(), valid.clone());
+        let url = fake(move |method, path, h| {
+            if method == "PUT" && path == "/latest/api/token" {
+                if header(h, "x-aws-ec2-metadata-token-ttl-seconds").is_none() {
+                    return (400, String::new());
+                }
+                let n = i.fetch_add(1, Ordering::SeqCst) + 1;
+                v.store(n, Ordering::SeqCst);
+                return (200, format!("token-{n}"));
+            }
+            let good = format!("token-{}", v.load(Ordering::SeqCst));
+            if header(h, "x-aws-ec2-metadata-token") != Some(good.as_str()) {
+                return (401, String::new());
+            }
+            let base = "/latest/meta-data/network/interfaces/macs/";
+            match path.strip_prefix(base) {
+                Some("") => (200, format!("{MAC1}/\n{MAC2}/")),
+                Some(p) if p == format!("{MAC1}/local-ipv4s") => {
+                    (200, "127.0.0.2\n127.0.0.3\n".into())
+                }
+                Some(p) if p == format!("{MAC1}/ipv6s") => (200, "2001:db8::5".into()),
+                Some(p) if p == format!("{MAC2}/local-ipv4s") => (200, "127.0.0.9".into()),
+                _ => (404, String::new()),
+            }
+        });
+        let m = Metadata::new(Provider::Aws, Some(&url), vec![]);
+        assert_eq!(
+            strings(m.read().unwrap()),
+            ["127.0.0.2", "127.0.0.3", "2001:db8::5", "127.0.0.9"]
+        );
+        assert_eq!(issued.load(Ordering::SeqCst), 1, "one token for all reads");
+        m.read().unwrap();
+        assert_eq!(issued.load(Ordering::SeqCst), 1, "and kept while good");
+        // The service forgets it: 401, a new token, the read goes through.
+        valid.store(99, Ordering::SeqCst);
+        let only = Metadata::new(Provider::Aws, Some(&url), vec![parse_mac(MAC2).unwrap()]);
+        *only.token.lock().unwrap() = Some(("token-1".into(), Instant::now() + TOKEN_TTL));
+        assert_eq!(strings(only.read().unwrap()), ["127.0.0.9"]);
+        assert_eq!(issued.load(Ordering::SeqCst), 2);
+        let missing = Metadata::new(Provider::Aws, Some(&url), vec![[2, 0, 0, 0, 0, 9]]);
+        let err = missing.read().unwrap_err();
+        assert!(err.to_string().contains("02:00:00:00:00:09"), "{err}");
+    }
+
+    #[test]
+    fn gcp_interfaces_with_aliases() {
+        let url = fake(|_, path, h| {
+            if header(h, "metadata-flavor") != Some("Google") {
+                return (403, String::new());
+            }
+            let base = "/computeMetadata/v1/instance/network-interfaces/";
+            match path.strip_prefix(base).unwrap_or("") {
+                "" => (200, "0/\n".into()),
+                "0/mac" => (200, MAC1.into()),
+                "0/ip" => (200, "127.0.0.2".into()),
+                "0/ip-aliases/" => (200, "127.0.1.0/30\n".into()),
+                _ => (404, String::new()),
+            }
+        });
+        let m = Metadata::new(Provider::Gcp, Some(&url), vec![]);
+        assert_eq!(
+            strings(m.read().unwrap()),
+            [
+                "127.0.0.2",
+                "127.0.1.0",
+                "127.0.1.1",
+                "127.0.1.2",
+                "127.0.1.3"
+            ]
+        );
+    }
+
+    #[test]
+    fn azure_network_document_with_bare_macs() {
+        let url = fake(|_, path, h| {
+            if header(h, "metadata") != Some("true")
+                || !path.starts_with("/metadata/instance/network?")
+            {
+                return (400, String::new());
+            }
+            (200, r#"{"interface":[{"macAddress":"02FC00000001",
+                "ipv4":{"ipAddress":[{"privateIpAddress":"127.0.0.2","publicIpAddress":"203.0.113.1"},
+                                     {"privateIpAddress":"127.0.0.3","publicIpAddress":""}]},
+                "ipv6":{"ipAddress":[]}}]}"#.into())
+        });
+        let m = Metadata::new(Provider::Azure, Some(&url), vec![parse_mac(MAC1).unwrap()]);
+        assert_eq!(strings(m.read().unwrap()), ["127.0.0.2", "127.0.0.3"]);
+    }
+
+    #[test]
+    fn slow_broken_and_garbled_answers_are_errors() {
+        let url = fake(|_, path, _| match path {
+            "/latest/api/token" => (200, "t".into()),
+            p if p.ends_with("/macs/") => (200, format!("{MAC1}/")),
+            p if p.ends_with("local-ipv4s") => (200, "SLOW".into()),
+            _ => (404, String::new()),
+        });
+        let started = Instant::now();
+        let err = Metadata::new(Provider::Aws, Some(&url), vec![])
+            .read()
+            .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "bounded by the timeout"
+        );
+        assert!(matches!(err, MetadataError::Http { .. }), "{err}");
+        let url = fake(|_, _, _| (500, "oops".into()));
+        let err = Metadata::new(Provider::Gcp, Some(&url), vec![])
+            .read()
+            .unwrap_err();
+        assert!(err.to_string().contains("500"), "{err}");
+        let url = fake(|_, _, _| (200, "not json".into()));
+        let err = Metadata::new(Provider::Azure, Some(&url), vec![])
+            .read()
+            .unwrap_err();
+        assert!(err.to_string().contains("JSON"), "{err}");
+        // Nothing listens: an error, not a hang.
+        let err = Metadata::new(Provider::Aws, Some("http://127.0.0.1:9"), vec![])
+            .read()
+            .unwrap_err();
+        assert!(matches!(err, MetadataError::Http { .. }), "{err}");
+    }
+}
