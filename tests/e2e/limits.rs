@@ -119,3 +119,47 @@ async fn the_worker_raises_its_descriptor_limit_to_the_hard_one() {
     let worker = Worker::start_cmd(cmd, &alloc.socket, free_port(), &ALLOW_LOOPBACK).await;
     assert_eq!(soft_nofile(worker.proc.child.id()), hard);
 }
+
+/// Clients that ask for a large body and never read it: once nothing has
+/// moved for --idle-timeout, their connections (and upstreams) are ended,
+/// so their slots come back and a new client is served.
+#[tokio::test]
+async fn clients_that_stop_reading_lose_their_slots() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(
+        &alloc.socket,
+        &["--max-connections", "2", "--idle-timeout", "500ms"],
+    )
+    .await;
+    let mut stuck = Vec::new();
+    let started = Instant::now();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        let req = format!(
+            "GET {} HTTP/1.1\r\nHost: x\r\n\r\n",
+            origin.url("/bytes/33554432")
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        // Read the head only, then stop reading.
+        assert!(read_head(&mut s).await.starts_with("HTTP/1.1 200"));
+        stuck.push(s);
+    }
+    // They hold both slots now.
+    let mut c = ProxyConn::open(worker.addr).await;
+    assert!(!matches!(c.try_get(&origin.url("/")).await, Ok(r) if r.status == 200));
+    eventually(
+        "a new client served while the stuck ones hold nothing",
+        || async {
+            let mut c = ProxyConn::open(worker.addr).await;
+            matches!(c.try_get(&origin.url("/")).await, Ok(r) if r.status == 200)
+        },
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(500),
+        "cut before the idle timeout: {took:?}"
+    );
+    drop(stuck);
+}

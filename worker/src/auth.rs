@@ -9,6 +9,7 @@
 //! which users exist. Credentials are never logged.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -25,6 +26,13 @@ const REMEMBER_MAX: usize = 10_000;
 const MAX_HEADER: usize = 1024;
 /// How long a request waits for a free argon2 slot before it is refused.
 const VERIFY_WAIT: Duration = Duration::from_secs(2);
+/// How long credentials that failed are answered from memory, with no new
+/// argon2 check (a client retrying a wrong password costs nothing).
+const FAILED_REMEMBER: Duration = Duration::from_secs(60);
+/// argon2 checks one client address may have in flight; its next ones
+/// wait (up to VERIFY_WAIT), so a flood from one address holds one slot
+/// and leaves the others to everyone else.
+const PER_CLIENT: usize = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UsersError {
@@ -75,6 +83,37 @@ pub struct Auth {
     verifying: Arc<tokio::sync::Semaphore>,
     /// Checked against when the user does not exist, to cost the same.
     decoy: String,
+    /// Digests of credentials that failed, and when (at most REMEMBER_MAX;
+    /// cleared with the users on reload).
+    failed: Mutex<HashMap<[u8; 32], Instant>>,
+    /// The checks each client address may run (an address leaves the map
+    /// with its last check or waiter: bounded by the checks asked for).
+    in_flight: Mutex<HashMap<IpAddr, Arc<tokio::sync::Semaphore>>>,
+}
+
+/// One client address's place among the checks in flight, given back when
+/// dropped.
+struct ClientSlot<'a> {
+    auth: &'a Auth,
+    client: IpAddr,
+    sem: Arc<tokio::sync::Semaphore>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        self.permit.take();
+        let mut m = self
+            .auth
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Clones are made only under this lock: the map's and this one
+        // mean nobody else waits for the address.
+        if Arc::strong_count(&self.sem) == 2 {
+            m.remove(&self.client);
+        }
+    }
 }
 
 fn load(path: &Path) -> Result<Users, UsersError> {
@@ -121,10 +160,15 @@ impl Auth {
             remembered: Mutex::new(HashMap::new()),
             verifying: Arc::new(tokio::sync::Semaphore::new(cpus)),
             decoy: hash_password("rotor decoy password"),
+            failed: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
         }))
     }
 
     /// Re-reads the users file (SIGHUP); a broken file keeps the old users.
+    /// Once this returns, no check passes on the old file's credentials: a
+    /// check that started before reads the generation this bumps, and is
+    /// done again against the new users.
     pub fn reload(&self) -> Result<usize, UsersError> {
         let users = load(&self.path)?;
         let n = users.hashes.len();
@@ -133,6 +177,13 @@ impl Auth {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        // A password that failed may be right now.
+        self.failed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(n)
     }
 
@@ -148,29 +199,81 @@ impl Auth {
         self.len() == 0
     }
 
-    /// The user a `Proxy-Authorization` header value authenticates.
-    pub async fn check(self: &Arc<Self>, header: Option<&[u8]>) -> Result<String, AuthError> {
+    /// The user a `Proxy-Authorization` header value from `client`
+    /// authenticates. Credentials that passed or failed recently are
+    /// answered from memory; a new check waits for an argon2 slot, one at
+    /// a time per client address.
+    pub async fn check(
+        self: &Arc<Self>,
+        header: Option<&[u8]>,
+        client: IpAddr,
+    ) -> Result<String, AuthError> {
         let header = header.ok_or(AuthError::Missing)?;
         if header.len() > MAX_HEADER {
             return Err(AuthError::Malformed);
         }
         let (user, password) = parse_basic(header)?;
         let key = digest(&user, &password);
-        let generation = self.generation.load(std::sync::atomic::Ordering::SeqCst);
-        if let Some(user) = self.remembered(&key, generation) {
-            return Ok(user);
+        loop {
+            use std::sync::atomic::Ordering::SeqCst;
+            // The users and their generation, read together: a reload
+            // swaps the users first, then bumps the generation.
+            let generation = self.generation.load(SeqCst);
+            let users = self.users.read().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(user) = self.remembered(&key, generation) {
+                return Ok(user);
+            }
+            if self.failed_recently(&key) {
+                return Err(AuthError::Wrong);
+            }
+            let _slot = self.client_slot(client).await?;
+            // What waited for the slot may have been answered meanwhile
+            // (the same credentials on another connection).
+            if let Some(user) = self.remembered(&key, generation) {
+                return Ok(user);
+            }
+            if self.failed_recently(&key) {
+                return Err(AuthError::Wrong);
+            }
+            let verified = self
+                .verify_blocking(users, user.clone(), password.clone())
+                .await?;
+            // A reload while this was checked: check again, against the
+            // new users, so a removed user is not let in after it.
+            if self.generation.load(SeqCst) != generation {
+                continue;
+            }
+            return self.remember(key, verified, generation);
         }
+    }
+
+    /// An argon2 check of `user`'s `password` in `users`, on the blocking
+    /// pool, when one of the slots is free.
+    async fn verify_blocking(
+        self: &Arc<Self>,
+        users: Arc<Users>,
+        user: String,
+        password: String,
+    ) -> Result<Option<String>, AuthError> {
         let permit = tokio::time::timeout(VERIFY_WAIT, self.verifying.clone().acquire_owned())
             .await
             .map_err(|_| AuthError::Busy)?
             .map_err(|_| AuthError::Busy)?;
         let me = self.clone();
-        let verified = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            me.verify(&user, &password).then_some(user)
+            me.verify(&users, &user, &password).then_some(user)
         })
         .await
-        .map_err(|_| AuthError::Wrong)?;
+        .map_err(|_| AuthError::Wrong)
+    }
+
+    fn remember(
+        &self,
+        key: [u8; 32],
+        verified: Option<String>,
+        generation: u64,
+    ) -> Result<String, AuthError> {
         match verified {
             Some(user) => {
                 let mut mem = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
@@ -187,8 +290,49 @@ impl Auth {
                 );
                 Ok(user)
             }
-            None => Err(AuthError::Wrong),
+            None => {
+                let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+                if failed.len() >= REMEMBER_MAX {
+                    failed.retain(|_, at| at.elapsed() < FAILED_REMEMBER);
+                    if failed.len() >= REMEMBER_MAX {
+                        failed.clear();
+                    }
+                }
+                failed.insert(key, Instant::now());
+                Err(AuthError::Wrong)
+            }
         }
+    }
+
+    fn failed_recently(&self, key: &[u8; 32]) -> bool {
+        let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        failed
+            .get(key)
+            .is_some_and(|at| at.elapsed() < FAILED_REMEMBER)
+    }
+
+    /// A place for `client` among the checks in flight, once it has fewer
+    /// than [`PER_CLIENT`]; `Busy` after [`VERIFY_WAIT`].
+    async fn client_slot(&self, client: IpAddr) -> Result<ClientSlot<'_>, AuthError> {
+        let sem = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(client)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(PER_CLIENT)))
+            .clone();
+        let mut slot = ClientSlot {
+            auth: self,
+            client,
+            sem: sem.clone(),
+            permit: None,
+        };
+        let permit = tokio::time::timeout(VERIFY_WAIT, sem.acquire_owned())
+            .await
+            .map_err(|_| AuthError::Busy)?
+            .map_err(|_| AuthError::Busy)?;
+        slot.permit = Some(permit);
+        Ok(slot)
     }
 
     fn remembered(&self, key: &[u8; 32], generation: u64) -> Option<String> {
@@ -198,8 +342,7 @@ impl Auth {
             .map(|r| r.user.clone())
     }
 
-    fn verify(&self, user: &str, password: &str) -> bool {
-        let users = self.users.read().unwrap_or_else(|e| e.into_inner()).clone();
+    fn verify(&self, users: &Users, user: &str, password: &str) -> bool {
         let (hash, known) = match users.hashes.get(user) {
             Some(h) => (h.as_str(), true),
             None => (self.decoy.as_str(), false),
@@ -245,6 +388,8 @@ fn parse_basic(header: &[u8]) -> Result<(String, String), AuthError> {
 mod tests {
     use super::*;
 
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     fn basic(user: &str, pass: &str) -> Vec<u8> {
         format!(
             "Basic {}",
@@ -265,29 +410,29 @@ mod tests {
         let auth = Auth::load(&path).unwrap();
         assert_eq!(auth.len(), 1);
         assert_eq!(
-            auth.check(Some(&basic("alice", "s3cret"))).await,
+            auth.check(Some(&basic("alice", "s3cret")), LOCAL).await,
             Ok("alice".into())
         );
         // Remembered: same answer without a new check.
         assert_eq!(
-            auth.check(Some(&basic("alice", "s3cret"))).await,
+            auth.check(Some(&basic("alice", "s3cret")), LOCAL).await,
             Ok("alice".into())
         );
         assert_eq!(
-            auth.check(Some(&basic("alice", "wrong"))).await,
+            auth.check(Some(&basic("alice", "wrong")), LOCAL).await,
             Err(AuthError::Wrong)
         );
         assert_eq!(
-            auth.check(Some(&basic("bob", "s3cret"))).await,
+            auth.check(Some(&basic("bob", "s3cret")), LOCAL).await,
             Err(AuthError::Wrong)
         );
-        assert_eq!(auth.check(None).await, Err(AuthError::Missing));
+        assert_eq!(auth.check(None, LOCAL).await, Err(AuthError::Missing));
         assert_eq!(
-            auth.check(Some(b"Bearer abc")).await,
+            auth.check(Some(b"Bearer abc"), LOCAL).await,
             Err(AuthError::Malformed)
         );
         assert_eq!(
-            auth.check(Some(b"Basic !!!")).await,
+            auth.check(Some(b"Basic !!!"), LOCAL).await,
             Err(AuthError::Malformed)
         );
 
@@ -295,12 +440,97 @@ mod tests {
         std::fs::write(&path, format!("bob:{}\n", hash_password("pw"))).unwrap();
         assert_eq!(auth.reload().unwrap(), 1);
         assert_eq!(
-            auth.check(Some(&basic("alice", "s3cret"))).await,
+            auth.check(Some(&basic("alice", "s3cret")), LOCAL).await,
             Err(AuthError::Wrong)
         );
         assert_eq!(
-            auth.check(Some(&basic("bob", "pw"))).await,
+            auth.check(Some(&basic("bob", "pw")), LOCAL).await,
             Ok("bob".into())
+        );
+    }
+
+    /// A check in flight when the users file drops its user (it waited for
+    /// an argon2 slot with the old users in hand) is refused: after a
+    /// reload returns, nothing passes on credentials the new file lacks.
+    #[tokio::test]
+    async fn a_check_in_flight_across_a_reload_uses_the_new_users() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        std::fs::write(&path, format!("alice:{}\n", hash_password("pw"))).unwrap();
+        let auth = Auth::load(&path).unwrap();
+        let slots = auth.verifying.available_permits() as u32;
+        let held = auth
+            .verifying
+            .clone()
+            .acquire_many_owned(slots)
+            .await
+            .unwrap();
+        let a = auth.clone();
+        let check = tokio::spawn(async move { a.check(Some(&basic("alice", "pw")), LOCAL).await });
+        // The check has its users and waits for a slot.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        std::fs::write(&path, format!("bob:{}\n", hash_password("pw"))).unwrap();
+        auth.reload().unwrap();
+        drop(held);
+        assert_eq!(check.await.unwrap(), Err(AuthError::Wrong));
+        assert_eq!(
+            auth.check(Some(&basic("alice", "pw")), LOCAL).await,
+            Err(AuthError::Wrong)
+        );
+    }
+
+    /// Wrong credentials repeated cost no argon2 check; one client address
+    /// gets one check at a time, so a flood from it leaves the other slots
+    /// to everyone else.
+    #[tokio::test]
+    async fn failures_are_remembered_and_each_client_checks_one_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        std::fs::write(&path, format!("alice:{}\n", hash_password("pw"))).unwrap();
+        let auth = Auth::load(&path).unwrap();
+        assert_eq!(
+            auth.check(Some(&basic("eve", "x")), LOCAL).await,
+            Err(AuthError::Wrong)
+        );
+        // Every slot taken: a repeat is still answered, from memory.
+        let slots = auth.verifying.available_permits() as u32;
+        let held = auth
+            .verifying
+            .clone()
+            .acquire_many_owned(slots)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        assert_eq!(
+            auth.check(Some(&basic("eve", "x")), LOCAL).await,
+            Err(AuthError::Wrong)
+        );
+        assert!(started.elapsed() < VERIFY_WAIT);
+        drop(held);
+        // A client with a check in flight waits for it (and, past the
+        // wait, is Busy); another client's check goes through meanwhile.
+        let flooder: IpAddr = "192.0.2.66".parse().unwrap();
+        let first = auth.client_slot(flooder).await.unwrap();
+        let a = auth.clone();
+        let waiting = tokio::spawn(async move { a.check(Some(&basic("eve", "y")), flooder).await });
+        let started = Instant::now();
+        assert_eq!(
+            auth.check(Some(&basic("alice", "pw")), LOCAL).await,
+            Ok("alice".into())
+        );
+        assert!(started.elapsed() < VERIFY_WAIT / 2);
+        assert_eq!(waiting.await.unwrap(), Err(AuthError::Busy));
+        drop(first);
+        assert!(
+            auth.in_flight.lock().unwrap().is_empty(),
+            "nothing left behind"
+        );
+        // A reload forgets failures (the password may be right now).
+        std::fs::write(&path, format!("eve:{}\n", hash_password("x"))).unwrap();
+        auth.reload().unwrap();
+        assert_eq!(
+            auth.check(Some(&basic("eve", "x")), LOCAL).await,
+            Ok("eve".into())
         );
     }
 

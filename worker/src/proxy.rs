@@ -114,7 +114,7 @@ impl Proxy {
         // Formatted only if a line is logged; without userinfo or query,
         // which may carry the destination's credentials or tokens.
         let target = LogTarget(req.uri().clone());
-        let result = match self.authenticate(&req).await {
+        let result = match self.authenticate(&req, client.ip()).await {
             Err(e) => Err(e),
             Ok(()) if method == Method::CONNECT => self.connect(req, client).await,
             Ok(()) => self.forward(req).await,
@@ -139,7 +139,11 @@ impl Proxy {
         })
     }
 
-    async fn authenticate(&self, req: &Request<Incoming>) -> Result<(), ProxyError> {
+    async fn authenticate(
+        &self,
+        req: &Request<Incoming>,
+        client: std::net::IpAddr,
+    ) -> Result<(), ProxyError> {
         let Some(auth) = &self.config.auth else {
             return Ok(());
         };
@@ -147,7 +151,7 @@ impl Proxy {
             .headers()
             .get(header::PROXY_AUTHORIZATION)
             .map(|v| v.as_bytes());
-        auth.check(header)
+        auth.check(header, client)
             .await
             .map(|_| ())
             .map_err(ProxyError::Auth)
@@ -491,7 +495,13 @@ fn absolute_target(uri: &Uri) -> Result<(String, u16, HeaderValue), ProxyError> 
     }
     // `http::Uri` accepts `host:99999` and `host:abc`, with no port number
     // to give: refuse rather than fall back to 80.
-    let port_text = match auth.as_str().rsplit_once(':') {
+    // Userinfo (`user:password@`) goes first: its `:` is no port, and it
+    // must never reach an error message or a log.
+    let host_port = auth
+        .as_str()
+        .rsplit_once('@')
+        .map_or(auth.as_str(), |(_, h)| h);
+    let port_text = match host_port.rsplit_once(':') {
         Some((_, p)) if !p.contains(']') => p,
         _ => "",
     };
@@ -580,6 +590,14 @@ mod tests {
             (h.as_str(), p, hh.to_str().unwrap()),
             ("example.com", 80, "example.com")
         );
+        // A password in the target is no port, and shows nowhere.
+        let (h, p, _) =
+            absolute_target(&"http://user:TopSecret@origin.test/".parse().unwrap()).unwrap();
+        assert_eq!((h.as_str(), p), ("origin.test", 80));
+        let err = absolute_target(&"http://user:TopSecret@origin.test:x/".parse().unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("TopSecret"), "{err}");
         let (h, p, hh) = absolute_target(&"http://u:pw@[::1]:8080/".parse().unwrap()).unwrap();
         assert_eq!(
             (h.as_str(), p, hh.to_str().unwrap()),

@@ -1,6 +1,7 @@
 //! The worker's accept loop, HTTP/1.1 connection serving, and graceful drain.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -139,9 +140,18 @@ pub async fn run(
         // Set when the connection's first request arrives: see below.
         let first = Arc::new(FirstRequest::default());
         let seen = first.clone();
+        // Requests whose response head is not out yet: the client waits on
+        // the destination, which is bounded by --response-timeout, not idle.
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let pending = waiting.clone();
         let service = service_fn(move |req| {
             seen.arrived();
-            proxy.clone().handle(req, client)
+            let guard = Waiting::new(&pending);
+            let proxy = proxy.clone();
+            async move {
+                let _guard = guard;
+                proxy.handle(req, client).await
+            }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -156,7 +166,22 @@ pub async fn run(
                     _ = activity.idle_for(idle_timeout) => {
                         debug!("client connection idle; closing");
                         conn.as_mut().graceful_shutdown();
-                        conn.await
+                        // A request in flight may finish while bytes move
+                        // or the destination is still to answer; a client
+                        // that stops reading (a write that never ends) is
+                        // dropped, and its upstream with it.
+                        loop {
+                            tokio::select! {
+                                r = conn.as_mut() => break r,
+                                _ = activity.idle_for(idle_timeout) => {
+                                    if waiting.load(Ordering::Relaxed) == 0 {
+                                        debug!("client connection stuck (not reading); dropped");
+                                        break Ok(());
+                                    }
+                                    activity.touch();
+                                }
+                            }
+                        }
                     }
                     _ = stop.cancelled() => {
                         // A client that has just connected is about to send
@@ -256,6 +281,22 @@ async fn refuse(mut stream: TcpStream) {
 }
 
 /// Whether a connection has received its first request.
+/// Counts a request until its response head is out.
+struct Waiting(Arc<AtomicUsize>);
+
+impl Waiting {
+    fn new(count: &Arc<AtomicUsize>) -> Waiting {
+        count.fetch_add(1, Ordering::Relaxed);
+        Waiting(count.clone())
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[derive(Default)]
 struct FirstRequest {
     arrived: std::sync::atomic::AtomicBool,
