@@ -220,11 +220,11 @@ impl WorkerFlags {
                     resolver,
                     auth,
                     tunnel_idle_timeout: w.tunnel_idle_timeout,
+                    max_head_bytes: w.max_head_bytes,
                 },
                 idle_timeout: w.idle_timeout,
                 max_connections: w.max_connections,
                 header_read_timeout: w.header_read_timeout,
-                max_head_bytes: w.max_head_bytes,
                 drain_timeout: w.drain_timeout,
             },
         };
@@ -236,7 +236,7 @@ impl WorkerFlags {
                 "max-connections must be at least 1".into(),
             ));
         }
-        if t.config.max_head_bytes < 8192 {
+        if t.config.proxy.max_head_bytes < 8192 {
             return Err(ConfigError::Invalid(
                 "max-head-bytes must be at least 8192".into(),
             ));
@@ -299,7 +299,7 @@ mod tests {
         assert_eq!(t.lease_timeout, Duration::from_secs(1));
         assert_eq!(t.config.proxy.connect_timeout, Duration::from_secs(3));
         assert_eq!(t.config.drain_timeout, Duration::from_secs(30));
-        assert_eq!(t.config.max_head_bytes, 65536);
+        assert_eq!(t.config.proxy.max_head_bytes, 65536);
     }
 
     #[test]

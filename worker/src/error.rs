@@ -19,6 +19,8 @@ pub const PROXY_NAME: &str = "rotor";
 pub enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("request head of {size} bytes, more than the {limit} accepted")]
+    HeadTooLarge { size: usize, limit: usize },
     #[error("refused")]
     Denied(#[source] crate::acl::Denied),
     #[error("connection limit reached")]
@@ -88,7 +90,7 @@ impl ProxyError {
     pub fn fault(&self) -> Fault {
         use ProxyError::*;
         match self {
-            BadRequest(_) | Denied(_) | Auth(_) => Fault::Client,
+            BadRequest(_) | HeadTooLarge { .. } | Denied(_) | Auth(_) => Fault::Client,
             NoAddress(_) | SourceUnavailable { .. } | Allocator(_) | Overloaded => Fault::Internal,
             _ => Fault::Upstream,
         }
@@ -107,6 +109,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadRequest(_) => (StatusCode::BAD_REQUEST, None),
+            HeadTooLarge { .. } => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, None),
             Auth(crate::auth::AuthError::Busy) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some("proxy_internal_error"),

@@ -52,6 +52,8 @@ pub struct ProxyConfig {
     pub dns_cache_ttl: Duration,
     /// How destination names are resolved.
     pub resolver: crate::dns::ResolverChoice,
+    /// Largest request head accepted; a larger one gets 431.
+    pub max_head_bytes: usize,
 }
 
 pub struct Proxy {
@@ -114,7 +116,15 @@ impl Proxy {
         // Formatted only if a line is logged; without userinfo or query,
         // which may carry the destination's credentials or tokens.
         let target = LogTarget(req.uri().clone());
-        let result = match self.authenticate(&req, client.ip()).await {
+        let head = head_len(&req);
+        let checked = match head > self.config.max_head_bytes {
+            true => Err(ProxyError::HeadTooLarge {
+                size: head,
+                limit: self.config.max_head_bytes,
+            }),
+            false => self.authenticate(&req, client.ip()).await,
+        };
+        let result = match checked {
             Err(e) => Err(e),
             Ok(()) if method == Method::CONNECT => self.connect(req, client).await,
             Ok(()) => self.forward(req).await,
@@ -331,6 +341,14 @@ impl Proxy {
                 parts.headers.clone(),
             )
         });
+        // hyper's client sends no body for a GET or HEAD of unknown length
+        // unless told: a body of any method arrives as it was sent.
+        if !body.is_end_stream() && body.size_hint().exact().is_none() {
+            parts.headers.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+        }
         let body = match body.is_end_stream() {
             true => Either::Right(Empty::new()),
             false => Either::Left(body),
@@ -563,7 +581,25 @@ fn origin_form(uri: &Uri) -> Uri {
     }
 }
 
+/// The size of `req`'s head as sent: request line, header lines, and the
+/// blank line (hyper's read buffer, which also bounds it, may hold more).
+fn head_len<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    req.headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
+        + 2
+}
+
+/// Removes the hop-by-hop headers (RFC 9110 §7.6.1). A message that came
+/// with `Transfer-Encoding` loses its `Content-Length` too (RFC 9112 §6.3:
+/// the length is the chunked framing's, and the other side frames it anew).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

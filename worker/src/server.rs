@@ -25,8 +25,6 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// A client must send a whole request head this fast.
     pub header_read_timeout: Duration,
-    /// Largest request head accepted; a larger one gets 431.
-    pub max_head_bytes: usize,
     /// How long in-flight requests and tunnels may take to finish on
     /// shutdown.
     pub drain_timeout: Duration,
@@ -114,7 +112,7 @@ pub async fn run(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout)
-        .max_buf_size(config.max_head_bytes.max(8192))
+        .max_buf_size(config.proxy.max_head_bytes.max(8192))
         .keep_alive(true);
 
     let mut last_warned: Option<tokio::time::Instant> = None;
