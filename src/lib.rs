@@ -11,7 +11,10 @@ pub mod signals;
 pub mod up;
 pub mod worker_main;
 
-/// Logs to stderr; `RUST_LOG` (e.g. `rotor_worker=debug`) overrides `default`.
+/// Logs to stderr; `RUST_LOG` (e.g. `info,rotor_worker=debug`) overrides
+/// `default`. A stderr that is gone (`rotor up 2>&1 | head -1`) loses the
+/// lines and nothing else: tracing's own report of a failed write would
+/// panic on that same stderr, so it is off.
 pub fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
@@ -19,6 +22,7 @@ pub fn init_logging(default: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .log_internal_errors(false)
         .init();
 }
 

@@ -60,8 +60,13 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let workers = up.workers;
+    let workers = up.workers();
     let listen = args.worker.listen(&file, 0);
+    // What a worker would refuse, refused here, once, before anything runs.
+    if let Err(e) = tuning.check_exposure(&listen) {
+        error!("{}", rotor_protocol::error_chain(&e));
+        return ExitCode::from(2);
+    }
     if listen.len() > MAX_LISTENERS {
         error!("at most {MAX_LISTENERS} listen addresses");
         return ExitCode::from(2);
@@ -70,13 +75,28 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         eprintln!("ok: {workers} workers on {listen:?}");
         return ExitCode::SUCCESS;
     }
+    let socket = args.common.socket(&file);
+    if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+        error!(
+            socket = %socket.display(),
+            "an allocator already serves this socket: is another rotor up running? Stop it, or give this one its own --socket and --listen"
+        );
+        return ExitCode::from(2);
+    }
     // One listening socket per address, shared by every worker: a worker
     // that stops leaves queued connections to the others instead of
     // resetting them (as closing one SO_REUSEPORT socket would).
     let mut listeners = Vec::new();
     for addr in &listen {
-        match rotor_worker::listener::bind_reuseport(*addr) {
+        match rotor_worker::listener::bind_exclusive(*addr) {
             Ok(l) => listeners.push(std::os::fd::OwnedFd::from(l)),
+            Err(e) if e.source.kind() == std::io::ErrorKind::AddrInUse => {
+                error!(
+                    "{}: another process (another rotor up?) listens there",
+                    rotor_protocol::error_chain(&e)
+                );
+                return ExitCode::from(2);
+            }
             Err(e) => {
                 error!("{}", rotor_protocol::error_chain(&e));
                 return ExitCode::FAILURE;
@@ -92,7 +112,6 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let socket = args.common.socket(&file);
     let mut alloc_args: Vec<OsString> = vec!["allocator".into()];
     alloc_args.extend(args.common.to_args(&socket));
     alloc_args.extend(args.allocator.to_args());
@@ -104,6 +123,11 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     // The workers take the listening sockets made here, not addresses.
     let mut worker_flags = args.worker.clone();
     worker_flags.listen.clear();
+    // Single-threaded workers, one per CPU by default: measured faster than
+    // fewer workers with a thread per CPU each (the README's figures).
+    if worker_flags.threads.is_none() && file.worker.threads.is_none() {
+        worker_flags.threads = Some(1);
+    }
     worker_args.extend(worker_flags.to_args());
     let listener_fds: Arc<Vec<RawFd>> = Arc::new(listeners.iter().map(|l| l.as_raw_fd()).collect());
 

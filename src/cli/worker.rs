@@ -290,6 +290,12 @@ mod tests {
         let t = flags(&[]).resolve(&f).unwrap();
         assert_eq!(t.config.max_connections, 10_000);
         assert_eq!(f.up.workers, Some(Some(2)));
+        assert!(
+            crate::cli::UpFlags::default()
+                .merge(&Default::default())
+                .workers()
+                >= 1
+        );
     }
 
     #[test]

@@ -121,3 +121,114 @@ async fn ctrl_c_to_the_whole_process_group_is_a_stop_not_a_crash() {
         "still listening"
     );
 }
+
+/// A second `rotor up` on a port or socket a first one holds refuses to
+/// start, saying why, instead of joining it; a public listener without
+/// authentication is refused before anything starts (and by --check).
+#[tokio::test]
+async fn a_second_rotor_up_and_a_public_open_listener_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = |socket: &std::path::Path, listen: &str| {
+        vec![
+            "up".to_string(),
+            "--workers=1".into(),
+            "--pool=127.0.0.2".into(),
+            format!("--listen={listen}"),
+            format!("--socket={}", socket.display()),
+            "--no-state".into(),
+        ]
+    };
+    let first_args = args(&socket, &listen);
+    let _first = Proc::spawn(
+        ROTOR,
+        &first_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    eventually("the first rotor up", || async {
+        socket.exists() && !worker_pids(&socket).is_empty()
+    })
+    .await;
+    let run = |args: Vec<String>| {
+        std::process::Command::new(ROTOR)
+            .args(&args)
+            .output()
+            .unwrap()
+    };
+    let other_socket = dir.path().join("b.sock");
+    let same_port = run(args(&other_socket, &listen));
+    assert_eq!(same_port.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&same_port.stderr);
+    assert!(err.contains("another process (another rotor up?)"), "{err}");
+    let other_port = format!("127.0.0.1:{}", free_port());
+    let same_socket = run(args(&socket, &other_port));
+    assert_eq!(same_socket.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&same_socket.stderr);
+    assert!(
+        err.contains("an allocator already serves this socket"),
+        "{err}"
+    );
+    assert!(!other_socket.exists());
+
+    let public = format!("0.0.0.0:{}", free_port());
+    for extra in [None, Some("--check")] {
+        let mut a = args(&dir.path().join("c.sock"), &public);
+        a.extend(extra.map(String::from));
+        let out = run(a);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("without authentication"), "{err}");
+    }
+}
+
+/// `rotor up 2>&1 | head -1`: stderr goes away. Logging must not panic
+/// (it did, in tracing's own error report), the children keep serving,
+/// and SIGTERM still stops everything.
+#[tokio::test]
+async fn rotor_up_survives_a_broken_stderr_and_still_stops() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cmd = std::process::Command::new(ROTOR);
+    cmd.args([
+        "up",
+        "--workers=1",
+        "--pool=127.0.0.2",
+        &format!("--listen={listen}"),
+        &format!("--socket={}", socket.display()),
+        "--no-state",
+        "--allow-destination=127.0.0.0/8",
+    ])
+    .env("RUST_LOG", "debug")
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    // Read one line, then hang up, as `head -1` does.
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    drop(err);
+    let proxy = listen.parse().unwrap();
+    eventually("rotor up serving", || async {
+        matches!(ProxyConn::open(proxy).await.try_get(&origin.url("/")).await, Ok(r) if r.status == 200)
+    })
+    .await;
+    for _ in 0..5 {
+        assert_eq!(get(proxy, &origin.url("/")).await.status, 200);
+    }
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rotor up ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+}
