@@ -23,6 +23,11 @@ impl Signals {
     pub fn reloads(&self) -> watch::Receiver<u64> {
         self.reload.subscribe()
     }
+
+    /// A reload as if by SIGHUP (a worker told by its allocator).
+    pub fn reload_now(&self) {
+        self.reload.send_modify(|n| *n += 1);
+    }
 }
 
 impl Signals {

@@ -97,6 +97,30 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                 }
             });
         }
+        // `rotor reload` (or SIGHUP) to the allocator reaches every worker
+        // through the lease table: the same reload as a SIGHUP here.
+        {
+            let leases = leases.clone();
+            let signals = signals.clone();
+            tokio::spawn(async move {
+                let mut seen = None;
+                let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+                loop {
+                    tokio::select! {
+                        _ = signals.shutdown.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    let now = leases.allocator_reloads();
+                    if seen.is_some() && now.is_some() && now != seen {
+                        tracing::info!("the allocator was asked to reload; reloading");
+                        signals.reload_now();
+                    }
+                    if now.is_some() {
+                        seen = now;
+                    }
+                }
+            });
+        }
         let result = rotor_worker::run(
             listeners,
             leases,

@@ -231,6 +231,7 @@ impl Pool {
                 let table = new_table(self.home.as_ref(), active.len() * 2, 0)?;
                 let last = self.table.close();
                 table.set_seq(last.seq);
+                table.set_reloads(self.table.reloads());
                 table.publish(&active, &counts, generation, |f, _, _| {
                     cursor(f, last.next_due(f), last.cursor(f))
                 })?;

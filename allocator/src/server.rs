@@ -402,6 +402,9 @@ async fn refresh_loop(
         };
         let outcome = refresh(&alloc).await;
         alloc.persist();
+        if why != "interval" {
+            alloc.announce_reload();
+        }
         if outcome.changed {
             info!(
                 why,

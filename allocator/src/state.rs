@@ -247,6 +247,12 @@ impl Allocator {
         }
     }
 
+    /// Tells workers that the operator asked for a reload: they re-read
+    /// their users file and start name resolution over.
+    pub fn announce_reload(&self) {
+        self.lock().pool.table().bump_reloads();
+    }
+
     /// Entries out of the rotation whose next check is due.
     pub fn due_checks(&self) -> Vec<Segment> {
         let now = Instant::now();

@@ -11,7 +11,8 @@
 //! Layout 2 (native-endian `u64` words; one file per allocator run):
 //!
 //! ```text
-//! line 0  magic, layout, capacity, peer slots, id, peer slots handed out
+//! line 0  magic, layout, capacity, peer slots, id, peer slots handed out,
+//!         reloads asked for
 //! line 1  IPv4 state, seq, IPv6 state
 //! line 2  half 0: generation, IPv4 entries, IPv6 entries, IPv4 total, IPv6 total
 //! line 3  half 1: the same
@@ -76,6 +77,9 @@ const LINE: usize = 8; // words
 /// Line 0: one past the highest peer slot ever handed out, so a scan of
 /// the peer lines stops there.
 const SLOTS_USED: usize = 5;
+/// Line 0: reloads asked of the allocator (`rotor reload`, SIGHUP); workers
+/// re-read what they read at start (users file, resolver) when it moves.
+const RELOADS: usize = 6;
 /// Words of a peer line.
 const PEER_GROUP: usize = 1;
 const PEER_LOAD: usize = 2;
@@ -775,6 +779,22 @@ impl LeaseTable {
             closed: s[0] & CLOSED != 0,
             pool,
         }
+    }
+
+    /// Counts a reload the operator asked for (allocator only).
+    pub fn bump_reloads(&self) {
+        self.word(RELOADS).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Carries the count over to a table that replaces this one (allocator
+    /// only), so workers see no reload that nobody asked for.
+    pub fn set_reloads(&self, n: u64) {
+        self.word(RELOADS).store(n, Ordering::Relaxed);
+    }
+
+    /// Reloads the operator asked for: a worker reloads when it moves.
+    pub fn reloads(&self) -> u64 {
+        self.word(RELOADS).load(Ordering::Relaxed)
     }
 
     /// Leases counted for peer `slot` since it was last reset.

@@ -389,7 +389,7 @@ fn user(cmd: &UserCmd) -> ExitCode {
     match result {
         Ok(msg) => {
             eprintln!(
-                "rotor: {msg} in {} (workers read it on SIGHUP)",
+                "rotor: {msg} in {}; apply it with `rotor reload` (or `systemctl reload rotor-worker@*`, SIGHUP): running workers read the file again then",
                 path.display()
             );
             ExitCode::SUCCESS

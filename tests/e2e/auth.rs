@@ -130,3 +130,56 @@ fn a_worker_on_a_public_address_needs_auth_or_no_auth() {
     );
     assert!(run(&["--no-auth"]).status.success());
 }
+
+/// `rotor reload`, to the allocator alone, reaches the workers: a removed
+/// user is refused once it returns and the workers have seen it.
+#[tokio::test]
+async fn rotor_reload_rereads_every_workers_users_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    add_user(&users, "alice", "s3cret");
+    add_user(&users, "bob", "pw");
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let auth = ["--auth-file", users.to_str().unwrap()];
+    let workers = [
+        Worker::start(&alloc.socket, &auth).await,
+        Worker::start(&alloc.socket, &auth).await,
+    ];
+    let status_as = |w: std::net::SocketAddr, who: &'static str| {
+        let url = origin.url("/");
+        async move {
+            let req = Request::get(url)
+                .header(
+                    "proxy-authorization",
+                    basic(who, if who == "alice" { "s3cret" } else { "pw" }),
+                )
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            ProxyConn::open(w).await.send(req).await.status
+        }
+    };
+    for w in &workers {
+        assert_eq!(status_as(w.addr, "alice").await, 200);
+    }
+    let out = Command::new(ROTOR)
+        .args([
+            "user",
+            "remove",
+            "alice",
+            "--auth-file",
+            users.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rotor reload"));
+    rotor_control("reload", &alloc.socket, &[]);
+    for w in &workers {
+        let addr = w.addr;
+        eventually("alice refused after rotor reload", || async move {
+            status_as(addr, "alice").await == 407
+        })
+        .await;
+        assert_eq!(status_as(w.addr, "bob").await, 200);
+    }
+}

@@ -137,6 +137,14 @@ impl LeaseClient {
             .is_some_and(|c| c.table.read().unwrap_or_else(|e| e.into_inner()).is_some())
     }
 
+    /// Reloads the operator asked of the allocator, as its lease table
+    /// counts them; `None` without a table.
+    pub fn allocator_reloads(&self) -> Option<u64> {
+        let conn = self.conn.borrow().clone()?;
+        let current = conn.table.read().unwrap_or_else(|e| e.into_inner());
+        current.as_ref().map(|(table, _)| table.reloads())
+    }
+
     /// `f` on the lease table and this worker's slot in it, if it has both.
     fn with_slot<T>(&self, f: impl FnOnce(&LeaseTable, u32) -> Option<T>) -> Option<T> {
         let conn = self.conn.borrow().clone()?;
