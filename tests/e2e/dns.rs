@@ -143,3 +143,30 @@ async fn sighup_drops_cached_answers() {
     .await;
     assert_eq!(m.dns.queries_for("moved.rotor.test"), 2);
 }
+
+/// `localhost` is what /etc/hosts says it is, as the C library has it: with
+/// only `127.0.0.1 localhost` there, `--allow-destination 127.0.0.0/8`
+/// suffices (the resolver added `::1`, and the request got 403).
+#[tokio::test]
+async fn localhost_resolves_as_the_hosts_file_says() {
+    let hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    let v6_localhost = hosts.lines().any(|l| {
+        let mut w = l.split('#').next().unwrap_or("").split_whitespace();
+        w.next().is_some_and(|ip| ip.contains(':')) && w.any(|n| n == "localhost")
+    });
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start_exactly(
+        &alloc.socket,
+        free_port(),
+        &["--allow-destination", "127.0.0.0/8"],
+    )
+    .await;
+    let url = format!("http://localhost:{}/", origin.addr.port());
+    let r = get(worker.addr, &url).await;
+    match v6_localhost {
+        false => assert_eq!(r.status, 200, "{:?}", r.body),
+        // The file says ::1 too: it is refused, as the rules say.
+        true => assert_eq!(r.status, 403, "{:?}", r.body),
+    }
+}

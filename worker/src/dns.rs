@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -68,7 +69,10 @@ pub struct Resolver {
 }
 
 enum Backend {
-    Dns(Box<TokioResolver>),
+    /// hickory, with the names of `/etc/hosts` answered first, exactly as
+    /// the file lists them (hickory adds `::1` to `localhost` on its own,
+    /// which the C library does not when the file has no such line).
+    Dns(Box<TokioResolver>, Hosts),
     System(Mutex<Entries>),
 }
 
@@ -77,7 +81,7 @@ impl Backend {
         match resolver {
             ResolverChoice::System => Backend::System(Mutex::new(HashMap::new())),
             ResolverChoice::Dns { servers } => match dns_resolver(servers, ttl) {
-                Ok(r) => Backend::Dns(Box::new(r)),
+                Ok(r) => Backend::Dns(Box::new(r), Hosts::read(Path::new(HOSTS))),
                 Err(e) => {
                     warn!(error = %e, "cannot set up the DNS resolver (no /etc/resolv.conf?); resolving with the system's getaddrinfo");
                     Backend::System(Mutex::new(HashMap::new()))
@@ -124,7 +128,13 @@ impl Resolver {
             return lookup(host, port, timeout).await;
         }
         match &*self.current() {
-            Backend::Dns(r) => self.resolve_dns(r, host, port, timeout).await,
+            Backend::Dns(_, hosts) if hosts.get(host).is_some() => Ok(hosts
+                .get(host)
+                .into_iter()
+                .flatten()
+                .map(|ip| SocketAddr::new(*ip, port))
+                .collect()),
+            Backend::Dns(r, _) => self.resolve_dns(r, host, port, timeout).await,
             Backend::System(entries) => self.resolve_system(entries, host, port, timeout).await,
         }
     }
@@ -201,6 +211,42 @@ impl Resolver {
         }
         entries.insert(key, (addrs.clone(), Instant::now()));
         Ok(addrs)
+    }
+}
+
+const HOSTS: &str = "/etc/hosts";
+
+/// The names of a hosts file and their addresses, in the file's order.
+#[derive(Debug, Default)]
+struct Hosts(HashMap<String, Vec<IpAddr>>);
+
+impl Hosts {
+    /// `path`'s names; none if it cannot be read.
+    fn read(path: &Path) -> Hosts {
+        Hosts::parse(&std::fs::read_to_string(path).unwrap_or_default())
+    }
+
+    fn parse(text: &str) -> Hosts {
+        let mut names: HashMap<String, Vec<IpAddr>> = HashMap::new();
+        for line in text.lines() {
+            let line = line.split('#').next().unwrap_or("");
+            let mut words = line.split_whitespace();
+            let Some(Ok(ip)) = words.next().map(str::parse::<IpAddr>) else {
+                continue;
+            };
+            for name in words {
+                let ips = names.entry(name.to_ascii_lowercase()).or_default();
+                if !ips.contains(&ip) {
+                    ips.push(ip);
+                }
+            }
+        }
+        Hosts(names)
+    }
+
+    fn get(&self, host: &str) -> Option<&Vec<IpAddr>> {
+        let name = host.trim_end_matches('.').to_ascii_lowercase();
+        self.0.get(&name)
     }
 }
 
@@ -316,7 +362,7 @@ mod tests {
         // Port 9 (discard): nothing answers there; /etc/hosts must.
         let servers = vec!["127.0.0.1:9".parse().unwrap()];
         let cache = Resolver::new(&ResolverChoice::Dns { servers }, Duration::from_secs(30));
-        assert!(matches!(&*cache.current(), Backend::Dns(_)));
+        assert!(matches!(&*cache.current(), Backend::Dns(..)));
         let a = cache
             .resolve("localhost", 80, Duration::from_secs(5))
             .await
@@ -342,5 +388,22 @@ mod tests {
     async fn ip_literals_skip_dns() {
         let a = lookup("[::1]", 80, Duration::from_secs(1)).await.unwrap();
         assert_eq!(a, vec!["[::1]:80".parse().unwrap()]);
+    }
+
+    /// As the C library does: a name of the hosts file gets exactly the
+    /// addresses the file lists (`localhost` with one line for 127.0.0.1
+    /// is not also `::1`).
+    #[test]
+    fn hosts_file_names_get_exactly_their_lines() {
+        let h = Hosts::parse(
+            "127.0.0.1 localhost\n# c\n10.0.0.1 Db db.example # tail\n10.0.0.2 db\nbad line\n",
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(h.get("localhost"), Some(&vec![ip("127.0.0.1")]));
+        assert_eq!(h.get("LOCALHOST."), Some(&vec![ip("127.0.0.1")]));
+        assert_eq!(h.get("db"), Some(&vec![ip("10.0.0.1"), ip("10.0.0.2")]));
+        assert_eq!(h.get("db.example"), Some(&vec![ip("10.0.0.1")]));
+        assert_eq!(h.get("c"), None);
+        assert_eq!(h.get("line"), None);
     }
 }
