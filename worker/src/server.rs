@@ -46,8 +46,9 @@ pub enum Stopped {
 }
 
 /// Serves the listeners until `shutdown` is cancelled, then drains: no new
-/// connections, idle keep-alive connections closed at once, in-flight
-/// requests and tunnels given up to the drain timeout. `fast` cancelled
+/// connections, keep-alive connections answered `Connection: close` on
+/// their next request (or closed after a short grace), in-flight requests
+/// and tunnels given up to the drain timeout. `fast` cancelled
 /// cuts the drain short. Each change of `reloads` (SIGHUP) starts name
 /// resolution over.
 pub async fn run(
@@ -135,9 +136,9 @@ pub async fn run(
         let stream = IdleIo::new(stream, activity.clone());
         let idle_timeout = config.idle_timeout;
         let proxy = proxy.clone();
-        // Set when the connection's first request arrives: see below.
-        let first = Arc::new(FirstRequest::default());
-        let seen = first.clone();
+        // Counts the connection's requests as they arrive: see the drain below.
+        let arrivals = Arc::new(Arrivals::default());
+        let seen = arrivals.clone();
         // Requests whose response head is not out yet: the client waits on
         // the destination, which is bounded by --response-timeout, not idle.
         let waiting = Arc::new(AtomicUsize::new(0));
@@ -182,14 +183,21 @@ pub async fn run(
                         }
                     }
                     _ = stop.cancelled() => {
-                        // A client that has just connected is about to send
-                        // its first request: serve that one (answered with
-                        // `Connection: close`) rather than drop it unread.
-                        // Clients between keep-alive requests are closed at
-                        // once; a busy connection finishes its request.
-                        let r = tokio::select! {
-                            r = conn.as_mut() => Some(r),
-                            _ = first.wait() => None,
+                        // HAProxy's idle-close-on-response: a connection
+                        // between requests (or just opened) is kept a short
+                        // while, and its next request is served and
+                        // answered with `Connection: close`; closing it at
+                        // once raced the client's next request, which a
+                        // client that does not retry saw fail. A request
+                        // in flight is answered with `Connection: close`.
+                        let since = arrivals.count();
+                        let r = match waiting.load(Ordering::Relaxed) {
+                            0 => tokio::select! {
+                                r = conn.as_mut() => Some(r),
+                                _ = arrivals.after(since) => None,
+                                _ = tokio::time::sleep(IDLE_CLOSE_GRACE) => None,
+                            },
+                            _ => None,
                         };
                         match r {
                             Some(r) => r,
@@ -278,7 +286,10 @@ async fn refuse(mut stream: TcpStream) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(REFUSAL)).await;
 }
 
-/// Whether a connection has received its first request.
+/// How long a draining worker keeps a connection between requests open
+/// for its next request (answered with `Connection: close`).
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
 /// Counts a request until its response head is out.
 struct Waiting(Arc<AtomicUsize>);
 
@@ -295,22 +306,31 @@ impl Drop for Waiting {
     }
 }
 
+/// The requests a connection has received, and a wake-up for each.
 #[derive(Default)]
-struct FirstRequest {
-    arrived: std::sync::atomic::AtomicBool,
+struct Arrivals {
+    count: std::sync::atomic::AtomicU64,
     notify: tokio::sync::Notify,
 }
 
-impl FirstRequest {
+impl Arrivals {
     fn arrived(&self) {
-        if !self.arrived.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            self.notify.notify_one();
-        }
+        self.count.fetch_add(1, Ordering::AcqRel);
+        self.notify.notify_waiters();
     }
 
-    async fn wait(&self) {
-        if !self.arrived.load(std::sync::atomic::Ordering::Acquire) {
-            self.notify.notified().await;
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Resolves once a request after the `since`-th has arrived.
+    async fn after(&self, since: u64) {
+        loop {
+            let notified = self.notify.notified();
+            if self.count() > since {
+                return;
+            }
+            notified.await;
         }
     }
 }
