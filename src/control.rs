@@ -24,7 +24,12 @@ pub async fn request_by_minor(
     let exchange = async {
         let stream = UnixStream::connect(socket)
             .await
-            .with_context(|| format!("cannot connect to the allocator at {}", socket.display()))?;
+            .with_context(|| {
+                format!(
+                    "no allocator answers at {} (is rotor running? start it with `rotor up`, or name its socket with --socket or ROTOR_SOCKET)",
+                    socket.display()
+                )
+            })?;
         let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
         let server = client_handshake(
             &mut chan,

@@ -205,4 +205,18 @@ async fn unreachable_allocator_is_503_after_the_lease_timeout() {
     );
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert_eq!(origin.count(), 0);
+    // The answer says where the allocator was looked for.
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.contains(socket.to_str().unwrap()), "{body}");
+    // So does `rotor status`, with what to do.
+    let out = std::process::Command::new(ROTOR)
+        .args(["status", "--socket", socket.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("nobody.sock") && err.contains("rotor up"),
+        "{err}"
+    );
 }

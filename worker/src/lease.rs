@@ -37,8 +37,8 @@ const BACKOFF_MAX: Duration = Duration::from_millis(500);
 pub enum LeaseError {
     #[error("{0}")]
     NoAddress(NoAddress),
-    #[error("no answer from the allocator within {0:?}")]
-    Timeout(Duration),
+    #[error("no answer from the allocator at {} within {after:?} (is it running?)", socket.display())]
+    Timeout { after: Duration, socket: PathBuf },
     #[error("unexpected answer from the allocator: {0}")]
     Unexpected(String),
 }
@@ -99,6 +99,8 @@ pub struct LeaseClient {
     conn: watch::Receiver<Option<Arc<Conn>>>,
     next_id: AtomicU64,
     timeout: Duration,
+    /// The allocator's socket, for messages.
+    socket: PathBuf,
 }
 
 impl LeaseClient {
@@ -109,11 +111,12 @@ impl LeaseClient {
         shutdown: CancellationToken,
     ) -> Arc<LeaseClient> {
         let (tx, rx) = watch::channel(None);
-        tokio::spawn(manage(path, tx, shutdown));
+        tokio::spawn(manage(path.clone(), tx, shutdown));
         Arc::new(LeaseClient {
             conn: rx,
             next_id: AtomicU64::new(1),
             timeout,
+            socket: path,
         })
     }
 
@@ -214,7 +217,12 @@ impl LeaseClient {
             let conn =
                 match tokio::time::timeout_at(deadline, watch.wait_for(Option::is_some)).await {
                     Ok(Ok(c)) => c.clone().expect("waited for Some"),
-                    _ => return Err(LeaseError::Timeout(self.timeout)),
+                    _ => {
+                        return Err(LeaseError::Timeout {
+                            after: self.timeout,
+                            socket: self.socket.clone(),
+                        })
+                    }
                 };
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
@@ -247,7 +255,10 @@ impl LeaseClient {
                     Ok(Err(_)) => {}
                     Err(_) => {
                         remove_pending(&conn.pending, id);
-                        return Err(LeaseError::Timeout(self.timeout));
+                        return Err(LeaseError::Timeout {
+                            after: self.timeout,
+                            socket: self.socket.clone(),
+                        });
                     }
                 }
             } else {
