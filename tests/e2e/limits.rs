@@ -70,6 +70,20 @@ async fn the_connection_cap_refuses_quickly_and_recovers() {
     assert!(head.starts_with("HTTP/1.1 503"), "{head}");
     assert!(head.contains("connection limit"), "{head}");
     assert!(t0.elapsed() < Duration::from_secs(2));
+    // Clients that send their request before reading get the 503 too,
+    // never a reset (closing with their request unread sent one).
+    for i in 0..40 {
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        let req = format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", origin.url("/"));
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut all = Vec::new();
+        let r = s.read_to_end(&mut all).await;
+        let text = String::from_utf8_lossy(&all);
+        assert!(
+            r.is_ok() && text.starts_with("HTTP/1.1 503"),
+            "refusal {i}: {r:?} {text}"
+        );
+    }
     // The held clients are still served.
     assert_eq!(held[0].get(&origin.url("/")).await.status, 200);
     drop(held);

@@ -86,7 +86,11 @@ impl Balance {
         }
         let mine = self.load(queued);
         self.leases.publish_load(self.group, mine);
-        Defer::choose(mine, self.leases.least_sibling_load(self.group))
+        Defer::choose(
+            mine,
+            self.leases.least_sibling_load(self.group),
+            self.max as u64,
+        )
     }
 
     /// Publishes the load every [`PUBLISH_EVERY`] until `stop`, then
@@ -121,14 +125,19 @@ enum Defer {
     /// Wait [`DEFER`]: this worker holds more than twice the least loaded
     /// sibling's share, which has room to take it.
     Wait,
+    /// Wait [`DEFER`], every time: this worker is full (it could only
+    /// refuse the connection) and a sibling has room.
+    Full,
 }
 
 impl Defer {
-    /// For a worker holding `mine` whose least loaded sibling holds
-    /// `least`: a sibling should take the next connection when this worker
-    /// holds more by more than one and a sixteenth.
-    fn choose(mine: u64, least: Option<u64>) -> Defer {
+    /// For a worker holding `mine` of its `max` whose least loaded sibling
+    /// holds `least`: a sibling should take the next connection when this
+    /// worker holds more by more than one and a sixteenth, and always when
+    /// this one is full and the sibling is not.
+    fn choose(mine: u64, least: Option<u64>, max: u64) -> Defer {
         match least {
+            Some(least) if mine >= max && least < max => Defer::Full,
             Some(least) if mine > 2 * least + 4 => Defer::Wait,
             Some(least) if mine > least + 1 + mine / 16 => Defer::Yield,
             _ => Defer::No,
@@ -157,15 +166,16 @@ pub async fn accept_loop(
             r = listener.readable() => r?,
         };
         let queued = tx.max_capacity() - tx.capacity();
-        let defer = match deferred {
-            true => Defer::No,
-            false => balance.leave_to_sibling(queued),
+        let defer = match (deferred, balance.leave_to_sibling(queued)) {
+            (_, Defer::Full) => Defer::Full,
+            (true, _) => Defer::No,
+            (false, d) => d,
         };
         if defer != Defer::No {
             drop(ready);
             deferred = true;
             match defer {
-                Defer::Wait => tokio::select! {
+                Defer::Wait | Defer::Full => tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(DEFER) => {}
                 },
@@ -230,18 +240,30 @@ mod tests {
 
     #[test]
     fn only_a_clearly_busier_worker_leaves_connections_to_its_siblings() {
-        assert_eq!(Defer::choose(40, None), Defer::No, "no sibling");
-        assert_eq!(Defer::choose(0, Some(0)), Defer::No);
-        assert_eq!(Defer::choose(1, Some(0)), Defer::No, "one apart: fine");
-        assert_eq!(Defer::choose(2, Some(0)), Defer::Yield);
-        assert_eq!(Defer::choose(5, Some(0)), Defer::Wait);
-        assert_eq!(Defer::choose(26, Some(24)), Defer::No);
-        assert_eq!(Defer::choose(30, Some(20)), Defer::Yield);
-        assert_eq!(Defer::choose(49, Some(1)), Defer::Wait);
+        assert_eq!(Defer::choose(40, None, 10_000), Defer::No, "no sibling");
+        assert_eq!(Defer::choose(0, Some(0), 10_000), Defer::No);
+        assert_eq!(
+            Defer::choose(1, Some(0), 10_000),
+            Defer::No,
+            "one apart: fine"
+        );
+        assert_eq!(Defer::choose(2, Some(0), 10_000), Defer::Yield);
+        assert_eq!(Defer::choose(5, Some(0), 10_000), Defer::Wait);
+        assert_eq!(Defer::choose(26, Some(24), 10_000), Defer::No);
+        assert_eq!(Defer::choose(30, Some(20), 10_000), Defer::Yield);
+        assert_eq!(Defer::choose(49, Some(1), 10_000), Defer::Wait);
         // Thousands of connections: a sixteenth of slack.
-        assert_eq!(Defer::choose(5_300, Some(5_000)), Defer::No);
-        assert_eq!(Defer::choose(5_400, Some(5_000)), Defer::Yield);
-        assert_eq!(Defer::choose(10, Some(20)), Defer::No, "the lighter one");
+        assert_eq!(Defer::choose(5_300, Some(5_000), 10_000), Defer::No);
+        assert_eq!(Defer::choose(5_400, Some(5_000), 10_000), Defer::Yield);
+        assert_eq!(
+            Defer::choose(10, Some(20), 10_000),
+            Defer::No,
+            "the lighter one"
+        );
+        // Full: leave it to a sibling with room, whatever the ratio.
+        assert_eq!(Defer::choose(100, Some(99), 100), Defer::Full);
+        assert_eq!(Defer::choose(100, Some(100), 100), Defer::No, "both full");
+        assert_eq!(Defer::choose(100, None, 100), Defer::No, "no sibling");
     }
 
     #[test]

@@ -279,11 +279,25 @@ async fn notify_systemd(proxy: Arc<Proxy>, connections: TaskTracker, shutdown: C
 /// Answers a client past the connection limit at once, without reading its
 /// request, so it can retry elsewhere instead of waiting in a queue.
 async fn refuse(mut stream: TcpStream) {
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
         proxy-status: rotor; error=proxy_internal_error; details=\"connection limit reached\"\r\n\
         content-length: 0\r\nconnection: close\r\n\r\n";
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(REFUSAL)).await;
+    // A lingering close: the 503 is followed by a FIN, and what the client
+    // sent is read (for a moment, a little) before the socket closes.
+    // Closed with its request unread, the kernel answers with a reset,
+    // which can reach the client before it has read the 503.
+    let _ = stream.shutdown().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    let mut buf = [0u8; 4096];
+    let mut read = 0;
+    while read < 64 * 1024 {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => read += n,
+            _ => break,
+        }
+    }
 }
 
 /// How long a draining worker keeps a connection between requests open
