@@ -37,6 +37,10 @@ pub struct Pool {
     quarantined: HashSet<Segment>,
     /// What the table rotates over: `addrs` less `quarantined`.
     active: Vec<Segment>,
+    /// `active`'s single addresses and its prefixes, to check a lease
+    /// against (the table's file can be written by others).
+    active_singles: HashSet<IpAddr>,
+    active_prefixes: Vec<Segment>,
     generation: u64,
     table: Arc<LeaseTable>,
     /// Where the table's file is; `None`: in this process only.
@@ -90,6 +94,8 @@ impl Pool {
             addrs: Vec::new(),
             quarantined: HashSet::new(),
             active: Vec::new(),
+            active_singles: HashSet::new(),
+            active_prefixes: Vec::new(),
             generation,
             table: Arc::new(table),
             home,
@@ -242,8 +248,63 @@ impl Pool {
         }
         self.addrs = addrs;
         self.quarantined = quarantined;
+        self.active_singles = active
+            .iter()
+            .filter(|e| e.is_single())
+            .map(|e| e.base())
+            .collect();
+        self.active_prefixes = active.iter().filter(|e| !e.is_single()).copied().collect();
         self.active = active;
         self.generation = generation;
+        Ok(())
+    }
+
+    /// Whether `ip` is an address of the rotation.
+    pub fn holds(&self, ip: IpAddr) -> bool {
+        self.active_singles.contains(&ip) || self.active_prefixes.iter().any(|p| p.contains(ip))
+    }
+
+    /// The entries in rotation (what the table should hold).
+    pub fn active(&self) -> &[Segment] {
+        &self.active
+    }
+
+    /// Whether the table still holds what was published, open: whoever can
+    /// write its file can change it (an address rewritten, the closed bit
+    /// set). `None` if it is as it should be, else what is wrong.
+    pub fn table_fault(&self) -> Option<String> {
+        let snap = self.table.snapshot();
+        if snap.closed {
+            return Some("the lease table was closed by someone else".into());
+        }
+        if snap.generation != self.generation {
+            return Some(format!(
+                "the lease table says generation {}, not {}",
+                snap.generation, self.generation
+            ));
+        }
+        let held: Vec<Segment> = snap.pool.iter().map(|(e, _)| *e).collect();
+        let mut want = self.active.clone();
+        // The table groups its entries by family.
+        want.sort_by_key(|e| e.family());
+        (held != want).then(|| "the lease table's entries are not the pool's".into())
+    }
+
+    /// A new table with the pool, in place of one that was tampered with:
+    /// the rotation continues from the old one's cursors where they are
+    /// still sane; the old one is closed, so workers attach to the new one.
+    pub fn rebuild_table(&mut self) -> Result<(), TableError> {
+        let table = new_table(self.home.as_ref(), self.active.len() * 2, 0)?;
+        let last = self.table.close();
+        table.set_seq(last.seq);
+        table.set_reloads(self.table.reloads());
+        let counts: Vec<u64> = vec![0; self.active.len()];
+        let active = self.active.clone();
+        table.publish(&active, &counts, self.generation, |f, _, _| {
+            last.cursor(f)
+                .min(family_total(&active, f).saturating_sub(1))
+        })?;
+        self.table = Arc::new(table);
         Ok(())
     }
 

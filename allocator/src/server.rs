@@ -314,6 +314,7 @@ async fn persist_loop(alloc: Arc<Allocator>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {
                 recheck(&alloc).await;
+                alloc.repair_table();
                 alloc.persist();
             }
         }
@@ -403,6 +404,7 @@ async fn refresh_loop(
         let outcome = refresh(&alloc).await;
         alloc.persist();
         if why != "interval" {
+            alloc.repair_table();
             alloc.announce_reload();
         }
         if outcome.changed {
@@ -471,6 +473,7 @@ async fn answer(
         Request::Unusable { ip, reason } => Response::Noted {
             quarantined: alloc.unusable(ip, &reason),
         },
+        Request::Pool => alloc.pool_copy(),
         Request::Attach => alloc.attach(id),
         Request::Reload => {
             let (reply_tx, reply_rx) = oneshot::channel();

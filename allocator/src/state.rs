@@ -34,6 +34,8 @@ struct Inner {
     saved: Saved,
     /// Whether a failed state write has already been logged.
     state_failed: bool,
+    /// Set when the table is closed for good (at exit).
+    closing: bool,
     /// Entries out of the rotation: one per listed entry at most (entries
     /// that leave the pool leave this too), so it is bounded by the pool.
     quarantine: HashMap<Segment, Quarantine>,
@@ -54,6 +56,31 @@ pub const QUARANTINE_MIN: Duration = Duration::from_secs(1);
 pub const QUARANTINE_MAX: Duration = Duration::from_secs(300);
 
 impl Inner {
+    /// Replaces a tampered table (see `Pool::rebuild_table`); whether it
+    /// was.
+    fn rebuild_table(&mut self) -> bool {
+        let old_table = self.pool.table().clone();
+        if let Err(e) = self.pool.rebuild_table() {
+            tracing::error!(error = %error_chain(&e), "cannot replace the lease table");
+            return false;
+        }
+        self.table_moved(&old_table);
+        true
+    }
+
+    /// After the pool moved to a new table (grown or rebuilt): leases
+    /// counted in `old` stay with their peers, which attach to the new one.
+    fn table_moved(&mut self, old: &Arc<rotor_protocol::LeaseTable>) {
+        if Arc::ptr_eq(old, self.pool.table()) {
+            return;
+        }
+        for p in self.peers.values_mut() {
+            if let Some(slot) = p.slot.take() {
+                p.leases += old.peer_leases(slot);
+            }
+        }
+    }
+
     /// Records one check of `e`: into quarantine (logged once), a longer
     /// wait, or out of quarantine (logged).
     fn judge(&mut self, e: Segment, check: &Result<(), String>, now: Instant) {
@@ -139,6 +166,7 @@ impl Allocator {
                 state,
                 saved,
                 state_failed: false,
+                closing: false,
                 quarantine: HashMap::new(),
                 sources: sources
                     .into_iter()
@@ -221,15 +249,7 @@ impl Allocator {
                 false
             }
         };
-        if !Arc::ptr_eq(&old_table, inner.pool.table()) {
-            // Leases counted in the old table stay with their peers, which
-            // attach to the new one.
-            for p in inner.peers.values_mut() {
-                if let Some(slot) = p.slot.take() {
-                    p.leases += old_table.peer_leases(slot);
-                }
-            }
-        }
+        inner.table_moved(&old_table);
         let resume = std::mem::take(&mut inner.resume_at);
         if resume.iter().any(Option::is_some) {
             if inner.pool.resume_at(resume) {
@@ -245,6 +265,30 @@ impl Allocator {
             size: inner.pool.len(),
             failed_sources: failed,
         }
+    }
+
+    /// The entries in rotation, for a worker to check its leases against.
+    pub fn pool_copy(&self) -> Response {
+        let inner = self.lock();
+        Response::Pool {
+            generation: inner.pool.generation(),
+            entries: inner.pool.active().to_vec(),
+        }
+    }
+
+    /// Checks the lease table still holds what was published, and if not
+    /// (someone who can write its file changed it), replaces it: workers
+    /// then attach to the new one. Whether it was replaced.
+    pub fn repair_table(&self) -> bool {
+        let mut inner = self.lock();
+        if inner.closing {
+            return false;
+        }
+        let Some(fault) = inner.pool.table_fault() else {
+            return false;
+        };
+        tracing::error!(%fault, "the lease table was tampered with; replacing it");
+        inner.rebuild_table()
     }
 
     /// Tells workers that the operator asked for a reload: they re-read
@@ -297,7 +341,22 @@ impl Allocator {
     /// One lease for `peer`, asked over the socket.
     pub fn lease(&self, peer: u64, families: Families) -> Response {
         let mut inner = self.lock();
-        match inner.pool.lease(families) {
+        let mut answer = inner.pool.lease(families);
+        // The table's file can be written by others: a lease of an address
+        // not in the pool, or a table closed while serving, is a table to
+        // replace before anything is handed out from it.
+        let bad = match &answer {
+            Some(Ok(l)) => !inner.pool.holds(l.ip),
+            None => !inner.closing,
+            Some(Err(_)) => false,
+        };
+        if bad {
+            tracing::error!("the lease table handed out an address not in the pool, or was closed by someone else; replacing it");
+            if inner.rebuild_table() {
+                answer = inner.pool.lease(families);
+            }
+        }
+        match answer {
             Some(Ok(lease)) => {
                 if let Some(p) = inner.peers.get_mut(&peer) {
                     p.leases += 1;
@@ -349,6 +408,7 @@ impl Allocator {
     /// Closes the lease table for good (at exit): workers go back to
     /// asking over the socket, and the state file gets the final rotation.
     pub fn close_table(&self) {
+        self.lock().closing = true;
         let closed = self.lock().pool.table().close();
         tracing::debug!(seq = closed.seq, "lease table closed");
         self.persist();

@@ -21,8 +21,9 @@ pub const PROTOCOL_MAJOR: u16 = 1;
 pub const PROTOCOL_MINOR: u16 = 2;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
-/// The first minor whose allocator answers `Request::StatusV2` and
-/// `Request::Unusable` (per-family rotation, prefixes, quarantine).
+/// The first minor whose allocator answers `Request::StatusV2`,
+/// `Request::Unusable` and `Request::Pool` (per-family rotation, prefixes,
+/// quarantine, leases checked against the pool).
 pub const MINOR_FAMILIES: u16 = 2;
 
 /// What a connecting peer is; the allocator lists workers in its status.
@@ -152,6 +153,9 @@ pub enum Request {
     /// A worker could not use source address `ip` (since minor 2): the
     /// allocator takes its entry out of the rotation for a while.
     Unusable { ip: IpAddr, reason: String },
+    /// The rotation the lease table should hold now (since minor 2): a
+    /// worker checks what it leases from the table against it.
+    Pool,
 }
 
 /// One lease: the source address a request leaves from. The same value
@@ -212,6 +216,11 @@ pub enum Response {
     /// rotation now.
     Noted {
         quarantined: bool,
+    },
+    /// The answer to `Pool`: the entries in rotation, of `generation`.
+    Pool {
+        generation: u64,
+        entries: Vec<Segment>,
     },
 }
 

@@ -87,6 +87,13 @@ fn golden_client_frames() {
         }),
         "0104050120010db80000000000000000000000010172",
     );
+    check(
+        ClientFrame::Request(Envelope {
+            id: 5,
+            body: Request::Pool,
+        }),
+        "010506",
+    );
 }
 
 #[test]
@@ -184,6 +191,13 @@ fn golden_server_frames() {
     );
     // Minor 2.
     check(resp(Response::Noted { quarantined: true }), "01090701");
+    check(
+        resp(Response::Pool {
+            generation: 3,
+            entries: vec![Segment::single(V4), Segment::prefix(V6, 64).unwrap()],
+        }),
+        "010908030200c0000207000120010db800000000000000000000000040",
+    );
     check(
         resp(Response::StatusV2(StatusReportV2 {
             generation: 2,

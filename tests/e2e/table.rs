@@ -156,3 +156,71 @@ async fn a_worker_that_may_not_map_the_table_leases_over_the_socket_in_the_same_
     let want: Vec<IpAddr> = ips(2..=9).into_iter().cycle().take(16).collect();
     assert_eq!(origin.sources(), want);
 }
+
+/// The words of the table file at `path`.
+fn table_words(path: &std::path::Path) -> Vec<u64> {
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(8)
+        .map(|w| u64::from_ne_bytes(w.try_into().unwrap()))
+        .collect()
+}
+
+fn write_word(path: &std::path::Path, i: usize, value: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&value.to_ne_bytes(), (i * 8) as u64)
+        .unwrap();
+}
+
+/// Whoever can write the table's file can rewrite it: an address changed
+/// to the host's own is never bound (workers check leases against the pool
+/// the allocator describes), a table closed by someone else does not stop
+/// requests, and the allocator replaces a tampered table within seconds.
+#[tokio::test]
+async fn a_tampered_lease_table_is_not_trusted_and_is_replaced() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.4"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    serve_all(&[&worker], &origin, 3).await;
+    let path = alloc.socket.with_file_name("allocator.sock.leases");
+    let id = |p: &std::path::Path| table_words(p)[4];
+    let first = id(&path);
+    // Every entry of 127.0.0.2 (family word 4, then 0, then the address)
+    // now says 127.0.0.1.
+    let words = table_words(&path);
+    let mut rewritten = 0;
+    for i in 0..words.len() - 2 {
+        if words[i] == 4 && words[i + 1] == 0 && words[i + 2] == 0x7f00_0002 {
+            write_word(&path, i + 2, 0x7f00_0001);
+            rewritten += 1;
+        }
+    }
+    assert!(rewritten > 0, "no entry found to rewrite");
+    serve_all(&[&worker], &origin, 30).await;
+    let own: IpAddr = Ipv4Addr::new(127, 0, 0, 1).into();
+    assert!(
+        !origin.sources().contains(&own),
+        "a request left from 127.0.0.1"
+    );
+    let p = path.clone();
+    eventually("the allocator replaces the table", || {
+        let p = p.clone();
+        async move { id(&p) != first }
+    })
+    .await;
+    // The closed bit, set by someone else: requests go on, and a new table
+    // comes.
+    let second = id(&path);
+    let state = table_words(&path)[8];
+    write_word(&path, 8, state | 1 << 63);
+    serve_all(&[&worker], &origin, 10).await;
+    let p = path.clone();
+    eventually("the allocator replaces the closed table", || {
+        let p = p.clone();
+        async move { id(&p) != second }
+    })
+    .await;
+    serve_all(&[&worker], &origin, 10).await;
+    assert!(!origin.sources().contains(&own));
+}

@@ -10,7 +10,7 @@
 //! the pool to a bigger table, which is then asked for again); meanwhile, and
 //! with an allocator that shares no table, leases go over the socket.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,14 +19,14 @@ use std::time::Duration;
 
 use rotor_protocol::{
     client_handshake, error_chain, Channel, ClientChannel, ClientFrame, Envelope, Families,
-    HandshakeError, Hello, Lease, LeaseTable, NoAddress, Refusal, Request, Response, Role,
+    HandshakeError, Hello, Lease, LeaseTable, NoAddress, Refusal, Request, Response, Role, Segment,
     ServerFrame, MINOR_FAMILIES, MINOR_LEASE_TABLE,
 };
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub const SOFTWARE: &str = concat!("rotor-worker/", env!("CARGO_PKG_VERSION"));
 
@@ -55,6 +55,9 @@ struct Conn {
     reattach: Notify,
     /// The allocator's protocol minor.
     minor: u16,
+    /// The id of a table found tampered with: not mapped again (the
+    /// allocator replaces it; a new id is attached to).
+    distrusted: Mutex<Option<u64>>,
 }
 
 impl Conn {
@@ -81,6 +84,26 @@ impl Conn {
         resp
     }
 
+    /// Stops using `table` (found tampered with): leases go over the socket
+    /// until the allocator, which checks its table every second, has
+    /// replaced it.
+    fn distrust(&self, table: &Arc<LeaseTable>) {
+        *self.distrusted.lock().unwrap_or_else(|e| e.into_inner()) = Some(table.id());
+        let mut current = self.table.write().unwrap_or_else(|e| e.into_inner());
+        if current.as_ref().is_some_and(|(t, _)| Arc::ptr_eq(t, table)) {
+            *current = None;
+            self.reattach.notify_one();
+        }
+    }
+
+    fn current_table(&self) -> Option<Arc<LeaseTable>> {
+        self.table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|(t, _)| t.clone())
+    }
+
     /// Sends `body` with `id` and waits for the answer; `None` if the
     /// connection ended first.
     async fn call(&self, id: u64, body: Request) -> Option<Response> {
@@ -95,8 +118,39 @@ impl Conn {
     }
 }
 
+/// The pool as the allocator says it is, by generation: what a lease from
+/// the table must be in (whoever can write the table's file could put any
+/// address there; a worker binds none the allocator did not publish).
+#[derive(Default)]
+struct PoolCopy {
+    generation: u64,
+    singles: HashSet<IpAddr>,
+    prefixes: Vec<Segment>,
+}
+
+impl PoolCopy {
+    fn new(generation: u64, entries: Vec<Segment>) -> PoolCopy {
+        let (singles, prefixes): (Vec<Segment>, Vec<Segment>) =
+            entries.into_iter().partition(|e| e.is_single());
+        PoolCopy {
+            generation,
+            singles: singles.iter().map(|e| e.base()).collect(),
+            prefixes,
+        }
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        self.singles.contains(&ip) || self.prefixes.iter().any(|p| p.contains(ip))
+    }
+}
+
 pub struct LeaseClient {
     conn: watch::Receiver<Option<Arc<Conn>>>,
+    /// The last two pools the allocator described (a lease taken just
+    /// before a refresh is of the one before).
+    copies: RwLock<[Option<Arc<PoolCopy>>; 2]>,
+    /// One fetch of the pool at a time.
+    fetching: tokio::sync::Mutex<()>,
     next_id: AtomicU64,
     timeout: Duration,
     /// The allocator's socket, for messages.
@@ -114,6 +168,8 @@ impl LeaseClient {
         tokio::spawn(manage(path.clone(), tx, shutdown));
         Arc::new(LeaseClient {
             conn: rx,
+            copies: RwLock::new([None, None]),
+            fetching: tokio::sync::Mutex::new(()),
             next_id: AtomicU64::new(1),
             timeout,
             socket: path,
@@ -180,15 +236,70 @@ impl LeaseClient {
     /// The next address of one of `families`, or why there is none.
     pub async fn lease(&self, families: Families) -> Result<Lease, LeaseError> {
         let conn = self.conn.borrow().clone();
-        let answer = match conn.and_then(|c| c.lease_from_table(families)) {
-            Some(answer) => answer,
-            None => match self.request(Request::Lease { families }).await? {
-                Response::Leased(lease) => Ok(lease),
-                Response::NoAddress(refusal) => Err(refusal),
-                other => return Err(LeaseError::Unexpected(format!("{other:?}"))),
-            },
+        if let Some(c) = conn {
+            let table = c.current_table();
+            match c.lease_from_table(families) {
+                Some(Ok(lease)) if self.vouch(&c, &lease).await => return Ok(lease),
+                Some(Ok(lease)) => {
+                    if let Some(t) = table {
+                        error!(source = %lease.ip, generation = lease.generation, "the lease table handed out an address the allocator did not publish: not used; leasing over the socket until the allocator replaces the table");
+                        c.distrust(&t);
+                    }
+                }
+                Some(Err(r)) => return Err(LeaseError::NoAddress(r.reason)),
+                None => {}
+            }
+        }
+        match self.request(Request::Lease { families }).await? {
+            Response::Leased(lease) => Ok(lease),
+            Response::NoAddress(refusal) => Err(LeaseError::NoAddress(refusal.reason)),
+            other => Err(LeaseError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Whether `lease`, from the table, is of a pool the allocator
+    /// published: checked against a copy asked of it (once per
+    /// generation). An allocator too old to be asked is taken at its word.
+    async fn vouch(&self, conn: &Conn, lease: &Lease) -> bool {
+        if conn.minor < MINOR_FAMILIES {
+            return true;
+        }
+        if let Some(known) = self.check_copy(lease) {
+            return known;
+        }
+        let _one = self.fetching.lock().await;
+        if let Some(known) = self.check_copy(lease) {
+            return known;
+        }
+        let Ok(Response::Pool {
+            generation,
+            entries,
+        }) = self.request(Request::Pool).await
+        else {
+            return false;
         };
-        answer.map_err(|r| LeaseError::NoAddress(r.reason))
+        {
+            let mut copies = self.copies.write().unwrap_or_else(|e| e.into_inner());
+            if copies[0]
+                .as_ref()
+                .is_none_or(|c| c.generation != generation)
+            {
+                copies[1] = copies[0].take();
+                copies[0] = Some(Arc::new(PoolCopy::new(generation, entries)));
+            }
+        }
+        self.check_copy(lease).unwrap_or(false)
+    }
+
+    /// `Some(whether lease is in its pool)` when a copy of that pool is
+    /// held.
+    fn check_copy(&self, lease: &Lease) -> Option<bool> {
+        let copies = self.copies.read().unwrap_or_else(|e| e.into_inner());
+        copies
+            .iter()
+            .flatten()
+            .find(|c| c.generation == lease.generation)
+            .map(|c| c.contains(lease.ip))
     }
 
     /// Tells the allocator that this host could not use `ip` (it takes the
@@ -314,6 +425,15 @@ async fn connect(path: &PathBuf) -> Result<(ClientChannel<UnixStream>, u16), Con
 /// mapped from here: leases then go over the socket).
 async fn attach(conn: &Conn, id: u64) -> bool {
     match conn.call(id, Request::Attach).await {
+        Some(Response::Attached { id, .. })
+            if *conn.distrusted.lock().unwrap_or_else(|e| e.into_inner()) == Some(id) =>
+        {
+            // Still the table found tampered with: over the socket until
+            // the allocator has replaced it.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            conn.reattach.notify_one();
+            true
+        }
         Some(Response::Attached { path, id, slot }) => {
             match LeaseTable::open(Path::new(&path), Some(id)) {
                 Ok(table) => {
@@ -377,6 +497,7 @@ async fn manage(
             table: RwLock::new(None),
             reattach: Notify::new(),
             minor: server_minor,
+            distrusted: Mutex::new(None),
         });
         let (mut tx, mut rx) = chan.split();
         publish.send_replace(Some(conn.clone()));
