@@ -21,7 +21,7 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let file = match FileConfig::load(args.common.config.as_deref()) {
+    let file = match FileConfig::load(args.common.at.config.as_deref()) {
         Ok(f) => f,
         Err(e) => {
             error!("{}", error_chain(&e));

@@ -39,7 +39,7 @@ const MAX_LISTENERS: usize = 64;
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
 pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
-    let file = match FileConfig::load(args.common.config.as_deref()) {
+    let file = match FileConfig::load(args.common.at.config.as_deref()) {
         Ok(f) => f,
         Err(e) => {
             error!("{}", rotor_protocol::error_chain(&e));

@@ -32,7 +32,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(&e),
     };
-    let file = match FileConfig::load(args.common.config.as_deref()) {
+    let file = match FileConfig::load(args.common.at.config.as_deref()) {
         Ok(f) => f,
         Err(e) => return fail(&e),
     };

@@ -230,6 +230,12 @@ impl Metadata {
     /// lack).
     fn get(&self, path: &str, headers: &[(&str, &str)]) -> Result<Option<String>, MetadataError> {
         let a = self.exchange("GET", path, headers)?;
+        self.listing(path, a)
+    }
+
+    /// The body of a 200, `None` for a 404 (a list an interface lacks),
+    /// else an error naming the status.
+    fn listing(&self, path: &str, a: Answer) -> Result<Option<String>, MetadataError> {
         match a.status {
             200 => Ok(Some(a.body)),
             404 => Ok(None),
@@ -277,14 +283,7 @@ impl Metadata {
             }
             _ => a,
         };
-        match a.status {
-            200 => Ok(Some(a.body)),
-            404 => Ok(None),
-            status => Err(MetadataError::Status {
-                url: format!("{}{}", self.endpoint, path),
-                status,
-            }),
-        }
+        self.listing(path, a)
     }
 
     fn aws(&self) -> Result<Interfaces, MetadataError> {

@@ -349,14 +349,8 @@ mod tests {
             .collect()
     }
 
-    const V4: Families = Families {
-        v4: true,
-        v6: false,
-    };
-    const V6: Families = Families {
-        v4: false,
-        v6: true,
-    };
+    const V4: Families = Families::V4;
+    const V6: Families = Families::V6;
 
     #[test]
     fn rotates_and_wraps_around() {

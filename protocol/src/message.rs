@@ -104,6 +104,14 @@ pub struct Families {
 
 impl Families {
     pub const ANY: Families = Families { v4: true, v6: true };
+    pub const V4: Families = Families {
+        v4: true,
+        v6: false,
+    };
+    pub const V6: Families = Families {
+        v4: false,
+        v6: true,
+    };
 
     pub fn of(addrs: impl IntoIterator<Item = IpAddr>) -> Families {
         let mut f = Families {

@@ -1049,14 +1049,8 @@ mod tests {
         assert_eq!(total, 80_000);
     }
 
-    const V4: Families = Families {
-        v4: true,
-        v6: false,
-    };
-    const V6: Families = Families {
-        v4: false,
-        v6: true,
-    };
+    const V4: Families = Families::V4;
+    const V6: Families = Families::V6;
 
     /// Requests alternating between families each see their family's
     /// addresses in exact order (one shared cursor gave the first address

@@ -8,7 +8,8 @@ use rotor::cli::ControlArgs;
 use rotor::signals::Signals;
 use rotor::up::UpArgs;
 use rotor_protocol::{
-    error_chain, Request, Response, StatusReport, StatusReportV2, MINOR_FAMILIES,
+    error_chain, PeerStatus, Request, Response, SourceStatus, StatusReport, StatusReportV2,
+    MINOR_FAMILIES,
 };
 
 /// rotor: a backconnect forward proxy that sends each request from the next
@@ -166,18 +167,51 @@ fn report(
     }
 }
 
+/// When the pool was last refreshed, for the status text.
+fn refreshed(unix: Option<u64>) -> String {
+    unix.map(|t| {
+        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t))
+            .to_string()
+    })
+    .unwrap_or_else(|| "never".into())
+}
+
+/// The sources and the peers, the end of both status texts.
+fn sources_and_peers(out: &mut String, sources: &[SourceStatus], peers: &[PeerStatus]) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "sources:");
+    for src in sources {
+        match &src.error {
+            // A prefix's size saturates the count.
+            None if src.addresses == u32::MAX => {
+                let _ = writeln!(out, "  {}: over {} addresses", src.name, u32::MAX);
+            }
+            None => {
+                let _ = writeln!(out, "  {}: {} addresses", src.name, src.addresses);
+            }
+            Some(e) => {
+                let _ = writeln!(
+                    out,
+                    "  {}: {} addresses kept; last read failed: {e}",
+                    src.name, src.addresses
+                );
+            }
+        }
+    }
+    let _ = writeln!(out, "peers: {}", peers.len());
+    for p in peers {
+        let _ = writeln!(
+            out,
+            "  {:?} pid {} ({}) connected {}s, {} leases",
+            p.role, p.pid, p.software, p.connected_secs, p.leases
+        );
+    }
+}
+
 fn format_status(s: &StatusReport) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let refreshed = s
-        .last_refresh_unix
-        .map(|t| {
-            humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
-            )
-            .to_string()
-        })
-        .unwrap_or_else(|| "never".into());
+    let refreshed = refreshed(s.last_refresh_unix);
     let _ = writeln!(
         out,
         "pool: {} addresses, generation {}, {} leases, up {}s, last refresh {refreshed}",
@@ -194,29 +228,7 @@ fn format_status(s: &StatusReport) -> String {
         };
         let _ = writeln!(out, "  {:<40} {:>10} leases{mark}", a.ip, a.leases);
     }
-    let _ = writeln!(out, "sources:");
-    for src in &s.sources {
-        match &src.error {
-            None => {
-                let _ = writeln!(out, "  {}: {} addresses", src.name, src.addresses);
-            }
-            Some(e) => {
-                let _ = writeln!(
-                    out,
-                    "  {}: {} addresses kept; last read failed: {e}",
-                    src.name, src.addresses
-                );
-            }
-        }
-    }
-    let _ = writeln!(out, "peers: {}", s.peers.len());
-    for p in &s.peers {
-        let _ = writeln!(
-            out,
-            "  {:?} pid {} ({}) connected {}s, {} leases",
-            p.role, p.pid, p.software, p.connected_secs, p.leases
-        );
-    }
+    sources_and_peers(&mut out, &s.sources, &s.peers);
     out.trim_end().to_string()
 }
 
@@ -252,15 +264,7 @@ fn status_json(s: &StatusReportV2) -> serde_json::Value {
 fn format_status_v2(s: &StatusReportV2) -> String {
     use std::fmt::Write;
     let mut out = String::new();
-    let refreshed = s
-        .last_refresh_unix
-        .map(|t| {
-            humantime::format_rfc3339_seconds(
-                std::time::UNIX_EPOCH + std::time::Duration::from_secs(t),
-            )
-            .to_string()
-        })
-        .unwrap_or_else(|| "never".into());
+    let refreshed = refreshed(s.last_refresh_unix);
     let out_of = s.pool.iter().filter(|e| e.quarantine.is_some()).count();
     let _ = writeln!(
         out,
@@ -293,29 +297,7 @@ fn format_status_v2(s: &StatusReportV2) -> String {
             e.leases
         );
     }
-    let _ = writeln!(out, "sources:");
-    for src in &s.sources {
-        match &src.error {
-            None => {
-                let _ = writeln!(out, "  {}: {} addresses", src.name, src.addresses);
-            }
-            Some(e) => {
-                let _ = writeln!(
-                    out,
-                    "  {}: {} addresses kept; last read failed: {e}",
-                    src.name, src.addresses
-                );
-            }
-        }
-    }
-    let _ = writeln!(out, "peers: {}", s.peers.len());
-    for p in &s.peers {
-        let _ = writeln!(
-            out,
-            "  {:?} pid {} ({}) connected {}s, {} leases",
-            p.role, p.pid, p.software, p.connected_secs, p.leases
-        );
-    }
+    sources_and_peers(&mut out, &s.sources, &s.peers);
     out.trim_end().to_string()
 }
 

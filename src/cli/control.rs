@@ -4,29 +4,20 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{ConfigError, FileConfig};
+use super::{ConfigError, FileConfig, SocketArgs};
 
 #[derive(Debug, Clone, Args)]
 pub struct ControlArgs {
-    /// The allocator's Unix socket [default: as the allocator's].
-    #[arg(
-        long = "socket",
-        alias = "allocator",
-        env = "ROTOR_SOCKET",
-        value_name = "PATH"
-    )]
-    pub socket: Option<PathBuf>,
-    /// The configuration file, for its `socket`.
-    #[arg(long, env = "ROTOR_CONFIG", value_name = "PATH")]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub at: SocketArgs,
 }
 
 impl ControlArgs {
     pub fn socket(&self) -> Result<PathBuf, ConfigError> {
-        if let Some(s) = &self.socket {
+        if let Some(s) = &self.at.socket {
             return Ok(s.clone());
         }
-        let file = FileConfig::load(self.config.as_deref())?;
+        let file = FileConfig::load(self.at.config.as_deref())?;
         Ok(file.socket.unwrap_or_else(crate::paths::default_socket))
     }
 }

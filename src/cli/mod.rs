@@ -74,9 +74,10 @@ impl FileConfig {
     }
 }
 
-/// Flags every binary has.
+/// Where the allocator is: its socket, or the configuration file that
+/// names it.
 #[derive(Debug, Clone, Args)]
-pub struct CommonArgs {
+pub struct SocketArgs {
     /// The allocator's Unix socket [default: /run/rotor/allocator.sock for
     /// root, else $XDG_RUNTIME_DIR/rotor/allocator.sock].
     #[arg(
@@ -90,6 +91,13 @@ pub struct CommonArgs {
     /// [worker] and [up] sections; `socket` at the top). Flags win.
     #[arg(long, env = "ROTOR_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
+}
+
+/// Flags every binary has.
+#[derive(Debug, Clone, Args)]
+pub struct CommonArgs {
+    #[command(flatten)]
+    pub at: SocketArgs,
     /// Validate the flags and the configuration file, say what is wrong or
     /// what would be used, and exit (0: valid).
     #[arg(long)]
@@ -98,7 +106,8 @@ pub struct CommonArgs {
 
 impl CommonArgs {
     pub fn socket(&self, file: &FileConfig) -> PathBuf {
-        self.socket
+        self.at
+            .socket
             .clone()
             .or_else(|| file.socket.clone())
             .unwrap_or_else(crate::paths::default_socket)
@@ -107,7 +116,7 @@ impl CommonArgs {
     /// What children of `rotor up` get: the same file and socket.
     pub fn to_args(&self, socket: &Path) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec!["--socket".into(), socket.into()];
-        if let Some(c) = &self.config {
+        if let Some(c) = &self.at.config {
             a.extend(["--config".into(), c.into()]);
         }
         a

@@ -390,6 +390,25 @@ mod tests {
 
     const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
+    /// A users file with alice (password `pw`), and its `Auth`.
+    fn alice() -> (tempfile::TempDir, Arc<Auth>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        std::fs::write(&path, format!("alice:{}\n", hash_password("pw"))).unwrap();
+        let auth = Auth::load(&path).unwrap();
+        (dir, auth)
+    }
+
+    /// Every argon2 slot, until dropped.
+    async fn hold_every_slot(auth: &Auth) -> tokio::sync::OwnedSemaphorePermit {
+        let slots = auth.verifying.available_permits() as u32;
+        auth.verifying
+            .clone()
+            .acquire_many_owned(slots)
+            .await
+            .unwrap()
+    }
+
     fn basic(user: &str, pass: &str) -> Vec<u8> {
         format!(
             "Basic {}",
@@ -454,17 +473,9 @@ mod tests {
     /// reload returns, nothing passes on credentials the new file lacks.
     #[tokio::test]
     async fn a_check_in_flight_across_a_reload_uses_the_new_users() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, auth) = alice();
         let path = dir.path().join("users");
-        std::fs::write(&path, format!("alice:{}\n", hash_password("pw"))).unwrap();
-        let auth = Auth::load(&path).unwrap();
-        let slots = auth.verifying.available_permits() as u32;
-        let held = auth
-            .verifying
-            .clone()
-            .acquire_many_owned(slots)
-            .await
-            .unwrap();
+        let held = hold_every_slot(&auth).await;
         let a = auth.clone();
         let check = tokio::spawn(async move { a.check(Some(&basic("alice", "pw")), LOCAL).await });
         // The check has its users and waits for a slot.
@@ -484,22 +495,14 @@ mod tests {
     /// to everyone else.
     #[tokio::test]
     async fn failures_are_remembered_and_each_client_checks_one_at_a_time() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, auth) = alice();
         let path = dir.path().join("users");
-        std::fs::write(&path, format!("alice:{}\n", hash_password("pw"))).unwrap();
-        let auth = Auth::load(&path).unwrap();
         assert_eq!(
             auth.check(Some(&basic("eve", "x")), LOCAL).await,
             Err(AuthError::Wrong)
         );
         // Every slot taken: a repeat is still answered, from memory.
-        let slots = auth.verifying.available_permits() as u32;
-        let held = auth
-            .verifying
-            .clone()
-            .acquire_many_owned(slots)
-            .await
-            .unwrap();
+        let held = hold_every_slot(&auth).await;
         let started = Instant::now();
         assert_eq!(
             auth.check(Some(&basic("eve", "x")), LOCAL).await,
