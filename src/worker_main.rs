@@ -172,7 +172,9 @@ fn raise_fd_limit(max_connections: usize) {
             "the descriptor limit is below max_connections: clients past it will be refused; raise LimitNOFILE (ulimit -n) or lower max_connections"
         );
     } else if limit < 2 * clients {
-        tracing::info!(
+        // Worth knowing when tuning, not at every start: it only matters
+        // if most connections are busy upstream at once.
+        tracing::debug!(
             limit,
             max_connections,
             "the descriptor limit may run short with every connection busy upstream (2 each): consider raising LimitNOFILE (ulimit -n)"
