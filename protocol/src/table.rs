@@ -159,6 +159,47 @@ impl std::fmt::Debug for LeaseTable {
     }
 }
 
+/// An entry's words as a lease read them, and the lease's offset in it.
+struct Pick {
+    k: usize,
+    family: Family,
+    meta: u64,
+    hi: u64,
+    lo: u64,
+    offset: u64,
+}
+
+impl Pick {
+    #[inline]
+    fn address(&self) -> Option<IpAddr> {
+        match (self.meta, self.family) {
+            (4, Family::V4) => Some(IpAddr::V4(std::net::Ipv4Addr::from(self.lo as u32))),
+            (6, Family::V6) => Some(IpAddr::V6(std::net::Ipv6Addr::from(
+                (u128::from(self.hi) << 64) | u128::from(self.lo),
+            ))),
+            _ => {
+                // A prefix: the family must match and the host bits fit.
+                let family = match self.meta & 0xff {
+                    4 => Family::V4,
+                    6 => Family::V6,
+                    _ => return None,
+                };
+                let host_bits = (self.meta >> 8) as u8;
+                if family != self.family || host_bits > family.bits() {
+                    return None;
+                }
+                let base = (u128::from(self.hi) << 64) | u128::from(self.lo);
+                Some(crate::segment::lease_address(
+                    family,
+                    base,
+                    host_bits,
+                    u128::from(self.offset),
+                ))
+            }
+        }
+    }
+}
+
 /// The rotation at one instant, without the pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Position {
@@ -472,6 +513,22 @@ impl LeaseTable {
         (start, n, total): (usize, usize, u64),
         i: u64,
     ) -> Option<(usize, IpAddr)> {
+        let pick = self.pick(half, family, (start, n, total), i)?;
+        Some((pick.k, pick.address()?))
+    }
+
+    /// The words of the entry at index `i` of `family` in `half`, read
+    /// (so that a compare-and-swap of the state that named `half` vouches
+    /// for them), and the lease's offset in it; the address is worked out
+    /// from them after the swap, outside the contended window.
+    #[inline]
+    fn pick(
+        &self,
+        half: usize,
+        family: Family,
+        (start, n, total): (usize, usize, u64),
+        i: u64,
+    ) -> Option<Pick> {
         if i >= total || n == 0 {
             return None;
         }
@@ -496,22 +553,19 @@ impl LeaseTable {
         };
         let e = self.entry(half, start + k);
         let meta = self.word(e).load(Ordering::Relaxed);
-        let (hi, lo) = (
-            self.word(e + 1).load(Ordering::Relaxed),
-            self.word(e + 2).load(Ordering::Relaxed),
-        );
-        // One address (the common case): no segment arithmetic.
-        let ip = match (meta, family) {
-            (4, Family::V4) => IpAddr::V4(std::net::Ipv4Addr::from(lo as u32)),
-            (6, Family::V6) => IpAddr::V6(std::net::Ipv6Addr::from(
-                (u128::from(hi) << 64) | u128::from(lo),
-            )),
-            _ => {
-                let seg = decode_entry(meta, hi, lo).filter(|s| s.family() == family)?;
-                seg.at(u128::from(i.checked_sub(first(k))?))
-            }
+        let offset = match meta >> 8 {
+            // One address (the common case): no offset to read.
+            0 => 0,
+            _ => i.checked_sub(first(k))?,
         };
-        Some((start + k, ip))
+        Some(Pick {
+            k: start + k,
+            family,
+            meta,
+            hi: self.word(e + 1).load(Ordering::Relaxed),
+            lo: self.word(e + 2).load(Ordering::Relaxed),
+            offset,
+        })
     }
 
     /// The address state `s` of `family` has due next.
@@ -552,6 +606,7 @@ impl LeaseTable {
 
     /// A lease of `family` if `wanted`; else (or with none of it) the
     /// generation and whether the family has addresses. `None` if closed.
+    #[inline]
     fn lease_family(
         &self,
         family: Family,
@@ -570,10 +625,10 @@ impl LeaseTable {
             let total = meta.map_or(0, |m| m.2);
             let cursor = s & CURSOR_MASK;
             let found = match (wanted, meta) {
-                (true, Some(m)) if total > 0 => self.address_at(half, family, m, cursor % total),
+                (true, Some(m)) if total > 0 => self.pick(half, family, m, cursor % total),
                 _ => None,
             };
-            let Some((k, ip)) = found else {
+            let Some(pick) = found else {
                 // Only an answer if the pool did not change while read.
                 std::sync::atomic::fence(Ordering::Acquire);
                 let now = state.load(Ordering::Acquire);
@@ -586,7 +641,12 @@ impl LeaseTable {
             let next = (s & !CURSOR_MASK) | ((cursor % total + 1) % total);
             match state.compare_exchange_weak(s, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
-                    self.word(self.entry(half, k) + E_LEASES)
+                    // Words that decode to no address of this family (a
+                    // tampered table) end this lease as a refusal.
+                    let Some(ip) = pick.address() else {
+                        return Some(Err((generation, true)));
+                    };
+                    self.word(self.entry(half, pick.k) + E_LEASES)
                         .fetch_add(1, Ordering::Relaxed);
                     if let Some(line) = slot.and_then(peer_line) {
                         self.word(line).fetch_add(1, Ordering::Relaxed);

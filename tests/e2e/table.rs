@@ -43,9 +43,14 @@ async fn serve_all(workers: &[&Worker], origin: &Origin, n: usize) {
 async fn workers_keep_rotating_from_the_table_while_the_allocator_is_stopped() {
     let origin = Origin::start().await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.9"]).await;
-    assert!(rotor_allocator::server::table_path_for(&alloc.socket)
-        .unwrap()
-        .exists());
+    // The socket is bound (and connectable) a moment before the table is
+    // made.
+    let table = rotor_allocator::server::table_path_for(&alloc.socket).unwrap();
+    eventually("the lease table file", || {
+        let table = table.clone();
+        async move { table.exists() }
+    })
+    .await;
     let w1 = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
     let w2 = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
     serve_all(&[&w1, &w2], &origin, 2).await;
