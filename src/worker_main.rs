@@ -110,14 +110,16 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                         _ = signals.shutdown.cancelled() => return,
                         _ = tick.tick() => {}
                     }
-                    let now = leases.allocator_reloads();
-                    if seen.is_some() && now.is_some() && now != seen {
+                    let Some((table, count)) = leases.allocator_reloads() else {
+                        continue;
+                    };
+                    // Only a count that moved in the same table: a new
+                    // table (a restarted allocator's) starts from its own.
+                    if seen.is_some_and(|(t, c)| t == table && c != count) {
                         tracing::info!("the allocator was asked to reload; reloading");
                         signals.reload_now();
                     }
-                    if now.is_some() {
-                        seen = now;
-                    }
+                    seen = Some((table, count));
                 }
             });
         }

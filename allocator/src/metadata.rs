@@ -288,7 +288,7 @@ impl Metadata {
 
     fn aws(&self) -> Result<Interfaces, MetadataError> {
         let base = "/latest/meta-data/network/interfaces/macs/";
-        let list = self.aws_get(base)?.unwrap_or_default();
+        let list = self.aws_get(base)?.ok_or_else(|| self.missing(base))?;
         let mut out = Vec::new();
         for item in lines(&list) {
             let mac_text = item.trim_end_matches('/');
@@ -308,7 +308,7 @@ impl Metadata {
     fn gcp(&self) -> Result<Interfaces, MetadataError> {
         let h = [("Metadata-Flavor", "Google")];
         let base = "/computeMetadata/v1/instance/network-interfaces/";
-        let list = self.get(base, &h)?.unwrap_or_default();
+        let list = self.get(base, &h)?.ok_or_else(|| self.missing(base))?;
         let mut out = Vec::new();
         for item in lines(&list) {
             let i = item.trim_end_matches('/');
@@ -329,7 +329,9 @@ impl Metadata {
 
     fn azure(&self) -> Result<Interfaces, MetadataError> {
         let path = "/metadata/instance/network?api-version=2021-02-01";
-        let body = self.get(path, &[("Metadata", "true")])?.unwrap_or_default();
+        let body = self
+            .get(path, &[("Metadata", "true")])?
+            .ok_or_else(|| self.missing(path))?;
         let url = || format!("{}{path}", self.endpoint);
         let doc: serde_json::Value =
             serde_json::from_str(&body).map_err(|e| MetadataError::Invalid {
@@ -351,6 +353,15 @@ impl Metadata {
             out.push((mac, addrs));
         }
         Ok(out)
+    }
+
+    /// A listing that must exist answered 404: an error (the last good
+    /// addresses are kept), not an empty pool.
+    fn missing(&self, path: &str) -> MetadataError {
+        MetadataError::Status {
+            url: format!("{}{path}", self.endpoint),
+            status: 404,
+        }
     }
 
     fn mac(&self, text: &str, path: &str) -> Result<[u8; 6], MetadataError> {
@@ -550,6 +561,11 @@ mod tests {
             "bounded by the timeout"
         );
         assert!(matches!(err, MetadataError::Http { .. }), "{err}");
+        let url = fake(|_, _, _| (404, String::new()));
+        let err = Metadata::new(Provider::Gcp, Some(&url), vec![])
+            .read()
+            .unwrap_err();
+        assert!(err.to_string().contains("404"), "{err}");
         let url = fake(|_, _, _| (500, "oops".into()));
         let err = Metadata::new(Provider::Gcp, Some(&url), vec![])
             .read()

@@ -273,21 +273,7 @@ impl Pool {
     /// write its file can change it (an address rewritten, the closed bit
     /// set). `None` if it is as it should be, else what is wrong.
     pub fn table_fault(&self) -> Option<String> {
-        let snap = self.table.snapshot();
-        if snap.closed {
-            return Some("the lease table was closed by someone else".into());
-        }
-        if snap.generation != self.generation {
-            return Some(format!(
-                "the lease table says generation {}, not {}",
-                snap.generation, self.generation
-            ));
-        }
-        let held: Vec<Segment> = snap.pool.iter().map(|(e, _)| *e).collect();
-        let mut want = self.active.clone();
-        // The table groups its entries by family.
-        want.sort_by_key(|e| e.family());
-        (held != want).then(|| "the lease table's entries are not the pool's".into())
+        self.table.fault(&self.active, self.generation)
     }
 
     /// A new table with the pool, in place of one that was tampered with:

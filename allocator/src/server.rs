@@ -367,8 +367,9 @@ fn check_all<'a>(
     entries: impl Iterator<Item = &'a Segment>,
 ) -> HashMap<Segment, Result<(), String>> {
     let mut out = HashMap::new();
+    let mut checker = crate::usable::Checker::default();
     for e in entries {
-        out.entry(*e).or_insert_with(|| crate::usable::check(e));
+        out.entry(*e).or_insert_with(|| checker.check(e));
     }
     out
 }

@@ -146,50 +146,62 @@ pub fn read_pool_file(path: &PathBuf) -> Result<Vec<Segment>, SourceError> {
 /// (the source keeps its last good addresses).
 pub fn run_pool_command(cmd: &str, timeout: Duration) -> Result<Vec<Segment>, SourceError> {
     use std::io::Read;
+    use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
     let mut child = Command::new("sh")
         .args(["-c", cmd])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Its own process group: whatever it starts goes with it.
+        .process_group(0)
         .spawn()
         .map_err(|source| SourceError::Spawn {
             cmd: cmd.to_string(),
             source,
         })?;
+    let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
     // Read while it runs, so a long output cannot fill the pipe and stall
-    // it; bounded at 16 MiB.
-    let mut out = child.stdout.take().expect("piped");
-    let mut err = child.stderr.take().expect("piped");
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = (&mut out).take(16 << 20).read_to_string(&mut text);
-        text
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = (&mut err).take(64 << 10).read_to_string(&mut text);
-        text
-    });
+    // it; what is past the limits is read and dropped.
+    fn drain(mut from: impl Read + Send + 'static, keep: usize) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            let mut buf = [0u8; 8192];
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let room = keep.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
+            String::from_utf8_lossy(&kept).into_owned()
+        })
+    }
+    let out = drain(child.stdout.take().expect("piped"), 16 << 20);
+    let err = drain(child.stderr.take().expect("piped"), 64 << 10);
     let deadline = std::time::Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
-            Ok(Some(status)) => break status,
+            Ok(Some(status)) => break Some(status),
             Ok(None) if std::time::Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(10));
             }
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(SourceError::CommandTimeout {
-                    cmd: cmd.to_string(),
-                    timeout,
-                });
-            }
+            _ => break None,
         }
     };
-    let text = reader.join().unwrap_or_default();
-    let stderr = err_reader.join().unwrap_or_default();
+    // Anything it left running (holding the pipes open) goes now, so the
+    // readers end.
+    let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+    let Some(status) = status else {
+        let _ = child.wait();
+        let _ = (out.join(), err.join());
+        return Err(SourceError::CommandTimeout {
+            cmd: cmd.to_string(),
+            timeout,
+        });
+    };
+    let text = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
     if !status.success() {
         return Err(SourceError::CommandFailed {
             cmd: cmd.to_string(),
@@ -361,6 +373,18 @@ mod tests {
         let err = run_pool_command("sleep 10", Duration::from_millis(200)).unwrap_err();
         assert!(matches!(err, SourceError::CommandTimeout { .. }), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5));
+        // Something it leaves behind holding its output open does not hold
+        // the refresh; a chatty one is not cut short.
+        let started = std::time::Instant::now();
+        let got = run_pool_command("sleep 30 & echo 127.0.0.2", t).unwrap();
+        assert_eq!(got.len(), 1);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let got = run_pool_command(
+            "head -c 200000 /dev/zero | tr '\\0' '#' >&2; echo 127.0.0.2",
+            t,
+        )
+        .unwrap();
+        assert_eq!(got.len(), 1);
     }
 
     #[test]

@@ -84,7 +84,15 @@ impl Inner {
     /// Records one check of `e`: into quarantine (logged once), a longer
     /// wait, or out of quarantine (logged).
     fn judge(&mut self, e: Segment, check: &Result<(), String>, now: Instant) {
+        self.judge_as(e, check, now, false)
+    }
+
+    /// As `judge`; a worker's `report` puts an entry in quarantine but does
+    /// not lengthen one (a burst of reports must not reach the longest
+    /// wait at once: only failed checks double it).
+    fn judge_as(&mut self, e: Segment, check: &Result<(), String>, now: Instant, report: bool) {
         match (check, self.quarantine.get_mut(&e)) {
+            (Err(_), Some(_)) if report => {}
             (Ok(()), None) => {}
             (Ok(()), Some(_)) => {
                 self.quarantine.remove(&e);
@@ -268,11 +276,25 @@ impl Allocator {
     }
 
     /// The entries in rotation, for a worker to check its leases against.
+    /// Merged into blocks (the same addresses, in far fewer entries when
+    /// they came from ranges and CIDRs), and only while that fits a frame.
     pub fn pool_copy(&self) -> Response {
+        /// Entries of at most 18 bytes each: well under the frame limit.
+        const MAX_ENTRIES: usize = 200_000;
         let inner = self.lock();
+        let entries = rotor_protocol::cover(inner.pool.active());
+        if entries.len() > MAX_ENTRIES {
+            return Response::Error {
+                message: format!(
+                    "{}: {} blocks (workers do not check their leases against it)",
+                    rotor_protocol::POOL_TOO_LARGE,
+                    entries.len()
+                ),
+            };
+        }
         Response::Pool {
             generation: inner.pool.generation(),
-            entries: inner.pool.active().to_vec(),
+            entries,
         }
     }
 
@@ -352,8 +374,13 @@ impl Allocator {
         };
         if bad {
             tracing::error!("the lease table handed out an address not in the pool, or was closed by someone else; replacing it");
-            if inner.rebuild_table() {
-                answer = inner.pool.lease(families);
+            answer = match inner.rebuild_table() {
+                true => inner.pool.lease(families),
+                // Never an address not in the pool: no answer this time.
+                false => None,
+            };
+            if matches!(&answer, Some(Ok(l)) if !inner.pool.holds(l.ip)) {
+                answer = None;
             }
         }
         match answer {
@@ -364,8 +391,11 @@ impl Allocator {
                 Response::Leased(lease)
             }
             Some(Err(refusal)) => Response::NoAddress(refusal),
-            None => Response::Error {
+            None if inner.closing => Response::Error {
                 message: "the allocator is stopping".into(),
+            },
+            None => Response::Error {
+                message: "the lease table is being repaired; ask again".into(),
             },
         }
     }

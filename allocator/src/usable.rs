@@ -14,22 +14,39 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 
 use nix::sys::socket::{setsockopt, sockopt};
+use rotor_protocol::routes::LocalRoutes;
 use rotor_protocol::Segment;
 use socket2::{Domain, Socket, Type};
 
 /// `Ok` if this host can use `entry` as a source (its first address, for
 /// a prefix); else why not.
 pub fn check(entry: &Segment) -> Result<(), String> {
-    let ip = entry.at(0);
-    match bind(ip) {
-        Ok(()) => Ok(()),
-        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) && ip.is_ipv6() => {
-            match local_v6_route(ip) {
-                Ok(true) => Ok(()),
-                _ => Err(describe(&e)),
+    Checker::default().check(entry)
+}
+
+/// Checks of many entries, with the local routes read once (at most) for
+/// all of them.
+#[derive(Default)]
+pub struct Checker {
+    routes: Option<LocalRoutes>,
+}
+
+impl Checker {
+    pub fn check(&mut self, entry: &Segment) -> Result<(), String> {
+        let ip = entry.at(0);
+        match bind(ip) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) && ip.is_ipv6() => {
+                let routes = self
+                    .routes
+                    .get_or_insert_with(|| LocalRoutes::read().unwrap_or_default());
+                match routes.covers(ip) {
+                    true => Ok(()),
+                    false => Err(describe(&e)),
+                }
             }
+            Err(e) => Err(describe(&e)),
         }
-        Err(e) => Err(describe(&e)),
     }
 }
 
@@ -51,10 +68,6 @@ fn bind(ip: IpAddr) -> io::Result<()> {
     // No port is taken: the check leaves the ephemeral ports alone.
     let _ = setsockopt(&sock, sockopt::IpBindAddressNoPort, &true);
     sock.bind(&SocketAddr::new(ip, 0).into())
-}
-
-fn local_v6_route(ip: IpAddr) -> io::Result<bool> {
-    Ok(rotor_protocol::routes::LocalRoutes::read()?.covers(ip))
 }
 
 #[cfg(test)]

@@ -20,11 +20,11 @@ pub use handshake::{client_handshake, server_handshake, HandshakeError};
 pub use message::{
     AddrStatus, ClientFrame, EntryStatus, Envelope, Families, FamilyStatus, Hello, HelloReply,
     Lease, NoAddress, PeerStatus, QuarantineStatus, Refusal, Request, Response, Role, ServerFrame,
-    SourceStatus, StatusReport, StatusReportV2, MINOR_FAMILIES, MINOR_LEASE_TABLE, PROTOCOL_MAJOR,
-    PROTOCOL_MINOR,
+    SourceStatus, StatusReport, StatusReportV2, MINOR_FAMILIES, MINOR_LEASE_TABLE, POOL_TOO_LARGE,
+    PROTOCOL_MAJOR, PROTOCOL_MINOR,
 };
 pub use report::error_chain;
-pub use segment::{Family, Segment};
+pub use segment::{cover, Family, Segment};
 pub use table::{
     address_at, family_total, index_of, LeaseTable, Position, TableError, TableSnapshot,
     MAX_FAMILY_TOTAL, PEER_SLOTS, TABLE_LAYOUT,

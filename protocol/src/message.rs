@@ -14,6 +14,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::segment::{Family, Segment};
 
+/// The start of the allocator's `Error` answer to `Pool` when its pool,
+/// even merged into blocks, is too large for a frame: workers then do not
+/// check their leases against it.
+pub const POOL_TOO_LARGE: &str = "pool too large to describe";
+
 /// Bumped on any change an older peer would misread. Peers with different
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;

@@ -153,6 +153,58 @@ pub(crate) fn lease_address(family: Family, base: u128, host_bits: u8, i: u128) 
     from_u128(family, base | permute(i & mask(host_bits), host_bits))
 }
 
+/// The fewest prefixes that hold exactly the addresses of `entries`
+/// (prefixes kept as they are, single addresses merged into runs and the
+/// runs cut into aligned blocks): the same membership, described in far
+/// fewer entries when the addresses came from ranges and CIDRs.
+pub fn cover(entries: &[Segment]) -> Vec<Segment> {
+    let mut out: Vec<Segment> = entries.iter().filter(|e| !e.is_single()).copied().collect();
+    for family in Family::ALL {
+        let mut v: Vec<u128> = entries
+            .iter()
+            .filter(|e| e.is_single() && e.family() == family)
+            .map(|e| to_u128(e.base()))
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        let mut i = 0;
+        while i < v.len() {
+            let lo = v[i];
+            let mut hi = lo;
+            while i + 1 < v.len() && v[i + 1] == hi + 1 {
+                i += 1;
+                hi = v[i];
+            }
+            i += 1;
+            // [lo, hi] in aligned blocks, largest first.
+            let mut at = lo;
+            loop {
+                let align = if at == 0 {
+                    128
+                } else {
+                    at.trailing_zeros().min(128)
+                };
+                let span = hi - at;
+                let fit = if span == u128::MAX {
+                    128
+                } else {
+                    127 - (span + 1).leading_zeros()
+                };
+                let k = align.min(fit).min(u32::from(family.bits())) as u8;
+                out.push(
+                    Segment::prefix(from_u128(family, at), family.bits() - k)
+                        .expect("a fitting prefix"),
+                );
+                match at.checked_add(mask(k)).and_then(|end| end.checked_add(1)) {
+                    Some(next) if next <= hi => at = next,
+                    _ => break,
+                }
+            }
+        }
+    }
+    out
+}
+
 fn mask(bits: u8) -> u128 {
     match bits {
         0 => 0,
@@ -295,6 +347,42 @@ mod tests {
                 assert_eq!(unpermute(permute(i, k), k), i, "k {k}");
             }
         }
+    }
+
+    #[test]
+    fn a_cover_holds_exactly_the_same_addresses() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let range = |a: u32, b: u32| -> Vec<Segment> {
+            (a..=b)
+                .map(|n| Segment::single(IpAddr::V4(Ipv4Addr::from(n))))
+                .collect()
+        };
+        // 10.0.0.1-10.0.0.9 and a lone 10.0.1.0: 1/32, 2/31, 4/30, 8/32, 9/32, …
+        let mut entries = range(0x0a00_0001, 0x0a00_0009);
+        entries.push(Segment::single(ip("10.0.1.0")));
+        entries.push(Segment::prefix(ip("2001:db8::"), 64).unwrap());
+        entries.push(Segment::single(ip("10.0.0.5")));
+        let c = cover(&entries);
+        let names: Vec<String> = c.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            names,
+            [
+                "2001:db8::/64",
+                "10.0.0.1",
+                "10.0.0.2/31",
+                "10.0.0.4/30",
+                "10.0.0.8/31",
+                "10.0.1.0"
+            ]
+        );
+        let held = |ip: IpAddr| c.iter().any(|s| s.contains(ip));
+        for n in 0x0a00_0000u32..0x0a00_0110 {
+            let a = IpAddr::V4(Ipv4Addr::from(n));
+            assert_eq!(held(a), entries.iter().any(|s| s.contains(a)), "{a}");
+        }
+        // A whole /16 listed address by address is one entry.
+        assert_eq!(cover(&range(0x0a01_0000, 0x0a01_ffff)).len(), 1);
+        assert!(cover(&[]).is_empty());
     }
 
     #[test]

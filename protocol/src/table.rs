@@ -700,6 +700,9 @@ impl LeaseTable {
         }
         // The only writer, and both states name the same half between
         // publishes: the other half stays unread until the swaps below.
+        // Leases that read the other half before the last swap are
+        // ordered before these writes.
+        std::sync::atomic::fence(Ordering::Release);
         let half = 1 - Self::half_of(s4);
         let mut k = 0;
         let line = HALVES + half * LINE;
@@ -749,6 +752,54 @@ impl LeaseTable {
             }
         }
         Ok(())
+    }
+
+    /// What is wrong with the table, against what was published (`want`,
+    /// of `generation`), if anything: whoever can write its file can
+    /// change any word. Checked: closed bits, that both states name the
+    /// same half, the generation, each family's entry count, total and
+    /// cursor, and every entry with its first index.
+    pub fn fault(&self, want: &[Segment], generation: u64) -> Option<String> {
+        let s = self.states();
+        if s.iter().any(|s| s & CLOSED != 0) {
+            return Some("closed by someone else".into());
+        }
+        let half = Self::half_of(s[0]);
+        if Self::half_of(s[1]) != half {
+            return Some("its two states name different halves".into());
+        }
+        if self.generation(half) != generation {
+            return Some(format!(
+                "generation {}, not {generation}",
+                self.generation(half)
+            ));
+        }
+        for family in Family::ALL {
+            let total = family_total(want, family);
+            let of: Vec<&Segment> = want.iter().filter(|e| e.family() == family).collect();
+            let Some((start, n, t)) = self.family_meta(half, family) else {
+                return Some("impossible entry counts".into());
+            };
+            if n != of.len() || t != total {
+                return Some(format!(
+                    "{family}: {n} entries and {t} addresses, not {} and {total}",
+                    of.len()
+                ));
+            }
+            if s[family.index()] & CURSOR_MASK >= total.max(1) {
+                return Some(format!("{family}: cursor past the end"));
+            }
+            let mut first = 0u64;
+            for (k, e) in of.iter().enumerate() {
+                let w = self.entry(half, start + k);
+                let at_first = self.word(w + E_FIRST).load(Ordering::Relaxed);
+                if self.segment_at(half, start + k) != Some(**e) || at_first != first {
+                    return Some(format!("{family}: entry {k} is not {e}"));
+                }
+                first = first.saturating_add(u64::try_from(e.len()).unwrap_or(u64::MAX));
+            }
+        }
+        None
     }
 
     /// Sets the lease sequence of a table no lease has used yet (allocator

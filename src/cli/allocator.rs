@@ -162,9 +162,16 @@ impl AllocatorFlags {
                 "refresh must be longer than 0s".into(),
             ));
         }
-        let state_dir = match a.no_state {
-            Some(true) => None,
-            _ => Some(a.state_dir.unwrap_or_else(crate::paths::default_state_dir)),
+        // A flag wins over the file: `--state-dir` over the file's
+        // `no-state`, `--no-state` over its `state-dir`.
+        let no_state = match (&self.state_dir, self.no_state) {
+            (_, Some(n)) => n,
+            (Some(_), None) => false,
+            (None, None) => a.no_state.unwrap_or(false),
+        };
+        let state_dir = match no_state {
+            true => None,
+            false => Some(a.state_dir.unwrap_or_else(crate::paths::default_state_dir)),
         };
         Ok(PoolSettings {
             sources,
@@ -259,6 +266,16 @@ mod tests {
         let p = flags(&[]).pool(&f).unwrap();
         assert_eq!(p.state_dir, Some(PathBuf::from("/tmp/x")));
         assert_eq!(flags(&["--no-state"]).pool(&f).unwrap().state_dir, None);
+        let off = file("[allocator]\nno-state = true\n").unwrap();
+        assert_eq!(flags(&[]).pool(&off).unwrap().state_dir, None);
+        assert_eq!(
+            flags(&["--state-dir", "/tmp/y"])
+                .pool(&off)
+                .unwrap()
+                .state_dir,
+            Some(PathBuf::from("/tmp/y")),
+            "the flag wins"
+        );
         assert_eq!(flags(&[]).access(&f).unwrap().mode, 0o600);
         let none = FileConfig::default();
         assert_eq!(flags(&[]).access(&none).unwrap().mode, 0o660);

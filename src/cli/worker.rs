@@ -42,8 +42,10 @@ settings! {
         /// Most idle upstream connections kept per (source address,
         /// destination).
         upstream_max_idle: Option<usize> = "16",
-        /// A client connection with no bytes moving for this long is closed
-        /// (after its request in flight).
+        /// A client connection with no bytes moving either way for this
+        /// long is closed, and its upstream with it, whichever side is
+        /// stuck; only a request still waiting for its response head
+        /// (bounded by --response-timeout) is let finish.
         idle_timeout: Option<Duration> = "60s",
         /// A CONNECT tunnel with no bytes moving either way for this long is
         /// closed.

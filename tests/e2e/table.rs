@@ -227,5 +227,20 @@ async fn a_tampered_lease_table_is_not_trusted_and_is_replaced() {
     })
     .await;
     serve_all(&[&worker], &origin, 10).await;
+    // The IPv6 state made to name the other half (its tag's low bit, bit
+    // 44): noticed too, and replaced.
+    let third = id(&path);
+    let v6_state = table_words(&path)[10];
+    write_word(&path, 10, v6_state ^ 1 << 44);
+    let p = path.clone();
+    eventually(
+        "the allocator replaces a table whose states disagree",
+        || {
+            let p = p.clone();
+            async move { id(&p) != third }
+        },
+    )
+    .await;
+    serve_all(&[&worker], &origin, 10).await;
     assert!(!origin.sources().contains(&own));
 }

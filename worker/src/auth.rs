@@ -85,7 +85,7 @@ pub struct Auth {
     decoy: String,
     /// Digests of credentials that failed, and when (at most REMEMBER_MAX;
     /// cleared with the users on reload).
-    failed: Mutex<HashMap<[u8; 32], Instant>>,
+    failed: Mutex<HashMap<[u8; 32], (Instant, u64)>>,
     /// The checks each client address may run (an address leaves the map
     /// with its last check or waiter: bounded by the checks asked for).
     in_flight: Mutex<HashMap<IpAddr, Arc<tokio::sync::Semaphore>>>,
@@ -223,7 +223,7 @@ impl Auth {
             if let Some(user) = self.remembered(&key, generation) {
                 return Ok(user);
             }
-            if self.failed_recently(&key) {
+            if self.failed_recently(&key, generation) {
                 return Err(AuthError::Wrong);
             }
             let _slot = self.client_slot(client).await?;
@@ -232,7 +232,7 @@ impl Auth {
             if let Some(user) = self.remembered(&key, generation) {
                 return Ok(user);
             }
-            if self.failed_recently(&key) {
+            if self.failed_recently(&key, generation) {
                 return Err(AuthError::Wrong);
             }
             let verified = self
@@ -293,22 +293,24 @@ impl Auth {
             None => {
                 let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
                 if failed.len() >= REMEMBER_MAX {
-                    failed.retain(|_, at| at.elapsed() < FAILED_REMEMBER);
+                    failed.retain(|_, (at, _)| at.elapsed() < FAILED_REMEMBER);
                     if failed.len() >= REMEMBER_MAX {
                         failed.clear();
                     }
                 }
-                failed.insert(key, Instant::now());
+                // With its generation: a failure that raced a reload says
+                // nothing of the new users.
+                failed.insert(key, (Instant::now(), generation));
                 Err(AuthError::Wrong)
             }
         }
     }
 
-    fn failed_recently(&self, key: &[u8; 32]) -> bool {
+    fn failed_recently(&self, key: &[u8; 32], generation: u64) -> bool {
         let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         failed
             .get(key)
-            .is_some_and(|at| at.elapsed() < FAILED_REMEMBER)
+            .is_some_and(|(at, g)| at.elapsed() < FAILED_REMEMBER && *g == generation)
     }
 
     /// A place for `client` among the checks in flight, once it has fewer

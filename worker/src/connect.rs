@@ -24,10 +24,7 @@ pub async fn connect_from(
     let attempt = async {
         let mut last = None;
         for dest in &candidates {
-            let sock = bound_socket(source, *dest).map_err(|e| ProxyError::SourceUnavailable {
-                ip: source,
-                source: e,
-            })?;
+            let sock = bound_socket(source, *dest)?;
             match sock.connect(*dest).await {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
@@ -64,20 +61,30 @@ pub async fn connect_from(
 /// works with no sysctl. An address that is not this host's still fails
 /// (freebind would let it send from an address whose answers go
 /// elsewhere), and an address that binds as it is costs nothing more.
-fn bound_socket(source: IpAddr, dest: SocketAddr) -> io::Result<TcpSocket> {
+///
+/// Only a failed `bind` is the source address's fault (`SourceUnavailable`,
+/// which the allocator is told of); a socket this process cannot open
+/// (descriptor limit, memory) is this worker's (`Socket`), and no pool
+/// address pays for it.
+fn bound_socket(source: IpAddr, dest: SocketAddr) -> Result<TcpSocket, ProxyError> {
     let sock = Socket::new(
         Domain::for_address(dest),
         Type::STREAM.nonblocking().cloexec(),
         Some(Protocol::TCP),
-    )?;
-    crate::os::set_bind_address_no_port(&sock)?;
+    )
+    .and_then(|sock| crate::os::set_bind_address_no_port(&sock).map(|()| sock))
+    .map_err(ProxyError::Socket)?;
+    let unusable = |e| ProxyError::SourceUnavailable {
+        ip: source,
+        source: e,
+    };
     let at = SocketAddr::new(source, 0).into();
     match sock.bind(&at) {
         Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) && locally_routed(source) => {
-            sock.set_freebind_v6(true)?;
-            sock.bind(&at)?;
+            sock.set_freebind_v6(true).map_err(ProxyError::Socket)?;
+            sock.bind(&at).map_err(unusable)?;
         }
-        r => r?,
+        r => r.map_err(unusable)?,
     }
     Ok(TcpSocket::from_std_stream(sock.into()))
 }

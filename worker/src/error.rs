@@ -37,6 +37,8 @@ pub enum ProxyError {
     },
     #[error("allocator unavailable")]
     Allocator(#[source] LeaseError),
+    #[error("cannot open a socket")]
+    Socket(#[source] io::Error),
     #[error("cannot resolve {host}")]
     Dns {
         host: String,
@@ -91,7 +93,9 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadRequest(_) | HeadTooLarge { .. } | Denied(_) | Auth(_) => Fault::Client,
-            NoAddress(_) | SourceUnavailable { .. } | Allocator(_) | Overloaded => Fault::Internal,
+            NoAddress(_) | SourceUnavailable { .. } | Allocator(_) | Socket(_) | Overloaded => {
+                Fault::Internal
+            }
             _ => Fault::Upstream,
         }
     }
@@ -120,7 +124,7 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some("proxy_configuration_error"),
             ),
-            Allocator(_) | Overloaded => (
+            Allocator(_) | Socket(_) | Overloaded => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some("proxy_internal_error"),
             ),

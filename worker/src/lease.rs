@@ -20,7 +20,7 @@ use std::time::Duration;
 use rotor_protocol::{
     client_handshake, error_chain, Channel, ClientChannel, ClientFrame, Envelope, Families,
     HandshakeError, Hello, Lease, LeaseTable, NoAddress, Refusal, Request, Response, Role, Segment,
-    ServerFrame, MINOR_FAMILIES, MINOR_LEASE_TABLE,
+    ServerFrame, MINOR_FAMILIES, MINOR_LEASE_TABLE, POOL_TOO_LARGE,
 };
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -58,6 +58,12 @@ struct Conn {
     /// The id of a table found tampered with: not mapped again (the
     /// allocator replaces it; a new id is attached to).
     distrusted: Mutex<Option<u64>>,
+    /// The last two pools this allocator described (a lease taken just
+    /// before a refresh is of the one before); per connection, as a
+    /// restarted allocator may count generations anew.
+    copies: RwLock<[Option<Arc<PoolCopy>>; 2]>,
+    /// One fetch of the pool at a time.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 impl Conn {
@@ -96,6 +102,20 @@ impl Conn {
         }
     }
 
+    /// `Some(whether lease is in its pool)` when a copy of that pool is
+    /// held.
+    fn check_copy(&self, lease: &Lease) -> Option<Vouch> {
+        let copies = self.copies.read().unwrap_or_else(|e| e.into_inner());
+        copies
+            .iter()
+            .flatten()
+            .find(|c| c.generation == lease.generation)
+            .map(|c| match c.contains(lease.ip) {
+                true => Vouch::Yes,
+                false => Vouch::No,
+            })
+    }
+
     fn current_table(&self) -> Option<Arc<LeaseTable>> {
         self.table
             .read()
@@ -126,9 +146,27 @@ struct PoolCopy {
     generation: u64,
     singles: HashSet<IpAddr>,
     prefixes: Vec<Segment>,
+    /// Too large for the allocator to describe: every lease passes.
+    unchecked: bool,
+}
+
+/// What a lease from the table is, checked against the pool.
+enum Vouch {
+    Yes,
+    No,
+    /// No copy of its pool could be had.
+    Unknown,
 }
 
 impl PoolCopy {
+    fn unchecked(generation: u64) -> PoolCopy {
+        PoolCopy {
+            generation,
+            unchecked: true,
+            ..PoolCopy::default()
+        }
+    }
+
     fn new(generation: u64, entries: Vec<Segment>) -> PoolCopy {
         let (singles, prefixes): (Vec<Segment>, Vec<Segment>) =
             entries.into_iter().partition(|e| e.is_single());
@@ -136,21 +174,18 @@ impl PoolCopy {
             generation,
             singles: singles.iter().map(|e| e.base()).collect(),
             prefixes,
+            unchecked: false,
         }
     }
 
     fn contains(&self, ip: IpAddr) -> bool {
-        self.singles.contains(&ip) || self.prefixes.iter().any(|p| p.contains(ip))
+        self.unchecked || self.singles.contains(&ip) || self.prefixes.iter().any(|p| p.contains(ip))
     }
 }
 
 pub struct LeaseClient {
     conn: watch::Receiver<Option<Arc<Conn>>>,
-    /// The last two pools the allocator described (a lease taken just
-    /// before a refresh is of the one before).
-    copies: RwLock<[Option<Arc<PoolCopy>>; 2]>,
-    /// One fetch of the pool at a time.
-    fetching: tokio::sync::Mutex<()>,
+
     next_id: AtomicU64,
     timeout: Duration,
     /// The allocator's socket, for messages.
@@ -168,8 +203,7 @@ impl LeaseClient {
         tokio::spawn(manage(path.clone(), tx, shutdown));
         Arc::new(LeaseClient {
             conn: rx,
-            copies: RwLock::new([None, None]),
-            fetching: tokio::sync::Mutex::new(()),
+
             next_id: AtomicU64::new(1),
             timeout,
             socket: path,
@@ -197,11 +231,14 @@ impl LeaseClient {
     }
 
     /// Reloads the operator asked of the allocator, as its lease table
-    /// counts them; `None` without a table.
-    pub fn allocator_reloads(&self) -> Option<u64> {
+    /// counts them, with the table's id (a new allocator's table counts
+    /// from 0 again); `None` without a table.
+    pub fn allocator_reloads(&self) -> Option<(u64, u64)> {
         let conn = self.conn.borrow().clone()?;
         let current = conn.table.read().unwrap_or_else(|e| e.into_inner());
-        current.as_ref().map(|(table, _)| table.reloads())
+        current
+            .as_ref()
+            .map(|(table, _)| (table.id(), table.reloads()))
     }
 
     /// `f` on the lease table and this worker's slot in it, if it has both.
@@ -239,13 +276,18 @@ impl LeaseClient {
         if let Some(c) = conn {
             let table = c.current_table();
             match c.lease_from_table(families) {
-                Some(Ok(lease)) if self.vouch(&c, &lease).await => return Ok(lease),
-                Some(Ok(lease)) => {
-                    if let Some(t) = table {
-                        error!(source = %lease.ip, generation = lease.generation, "the lease table handed out an address the allocator did not publish: not used; leasing over the socket until the allocator replaces the table");
-                        c.distrust(&t);
+                Some(Ok(lease)) => match self.vouch(&c, &lease).await {
+                    Vouch::Yes => return Ok(lease),
+                    // The pool moved on meanwhile (or the allocator did
+                    // not answer): this lease over the socket instead.
+                    Vouch::Unknown => {}
+                    Vouch::No => {
+                        if let Some(t) = table {
+                            error!(source = %lease.ip, generation = lease.generation, "the lease table handed out an address the allocator did not publish: not used; leasing over the socket until the allocator replaces the table");
+                            c.distrust(&t);
+                        }
                     }
-                }
+                },
                 Some(Err(r)) => return Err(LeaseError::NoAddress(r.reason)),
                 None => {}
             }
@@ -260,46 +302,39 @@ impl LeaseClient {
     /// Whether `lease`, from the table, is of a pool the allocator
     /// published: checked against a copy asked of it (once per
     /// generation). An allocator too old to be asked is taken at its word.
-    async fn vouch(&self, conn: &Conn, lease: &Lease) -> bool {
+    async fn vouch(&self, conn: &Conn, lease: &Lease) -> Vouch {
         if conn.minor < MINOR_FAMILIES {
-            return true;
+            return Vouch::Yes;
         }
-        if let Some(known) = self.check_copy(lease) {
+        if let Some(known) = conn.check_copy(lease) {
             return known;
         }
-        let _one = self.fetching.lock().await;
-        if let Some(known) = self.check_copy(lease) {
+        let _one = conn.fetching.lock().await;
+        if let Some(known) = conn.check_copy(lease) {
             return known;
         }
-        let Ok(Response::Pool {
-            generation,
-            entries,
-        }) = self.request(Request::Pool).await
-        else {
-            return false;
+        let copy = match self.request(Request::Pool).await {
+            Ok(Response::Pool {
+                generation,
+                entries,
+            }) => PoolCopy::new(generation, entries),
+            // A pool too large to describe in a frame is not checked.
+            Ok(Response::Error { message }) if message.starts_with(POOL_TOO_LARGE) => {
+                PoolCopy::unchecked(lease.generation)
+            }
+            _ => return Vouch::Unknown,
         };
         {
-            let mut copies = self.copies.write().unwrap_or_else(|e| e.into_inner());
+            let mut copies = conn.copies.write().unwrap_or_else(|e| e.into_inner());
             if copies[0]
                 .as_ref()
-                .is_none_or(|c| c.generation != generation)
+                .is_none_or(|c| c.generation != copy.generation)
             {
                 copies[1] = copies[0].take();
-                copies[0] = Some(Arc::new(PoolCopy::new(generation, entries)));
+                copies[0] = Some(Arc::new(copy));
             }
         }
-        self.check_copy(lease).unwrap_or(false)
-    }
-
-    /// `Some(whether lease is in its pool)` when a copy of that pool is
-    /// held.
-    fn check_copy(&self, lease: &Lease) -> Option<bool> {
-        let copies = self.copies.read().unwrap_or_else(|e| e.into_inner());
-        copies
-            .iter()
-            .flatten()
-            .find(|c| c.generation == lease.generation)
-            .map(|c| c.contains(lease.ip))
+        conn.check_copy(lease).unwrap_or(Vouch::Unknown)
     }
 
     /// Tells the allocator that this host could not use `ip` (it takes the
@@ -498,6 +533,8 @@ async fn manage(
             reattach: Notify::new(),
             minor: server_minor,
             distrusted: Mutex::new(None),
+            copies: RwLock::new([None, None]),
+            fetching: tokio::sync::Mutex::new(()),
         });
         let (mut tx, mut rx) = chan.split();
         publish.send_replace(Some(conn.clone()));
