@@ -81,6 +81,10 @@ settings! {
         allow_destination: Vec<Cidr>,
         /// Deny destinations in this range too; repeatable.
         deny_destination: Vec<Cidr>,
+        /// Add the leased source address to each response, as a
+        /// `Rotor-Source` header (plain responses and the CONNECT `200`),
+        /// so a client can log which address served it.
+        expose_source: Option<bool>,
         /// Destination ports refused; repeatable; replaces the default.
         /// `--deny-port 0` denies none.
         #[arg(value_name = "PORT")]
@@ -223,6 +227,7 @@ impl WorkerFlags {
                     auth,
                     tunnel_idle_timeout: w.tunnel_idle_timeout,
                     max_head_bytes: w.max_head_bytes,
+                    expose_source: w.expose_source.unwrap_or(false),
                 },
                 idle_timeout: w.idle_timeout,
                 max_connections: w.max_connections,

@@ -220,3 +220,56 @@ async fn unreachable_allocator_is_503_after_the_lease_timeout() {
         "{err}"
     );
 }
+
+/// A tunnelling client shows only the status line of a refused CONNECT:
+/// the reason phrase says rotor's reason. A 407 carries a Proxy-Status too.
+/// With --expose-source, responses and the CONNECT 200 say which address
+/// served them.
+#[tokio::test]
+async fn reasons_in_the_status_line_and_the_source_on_request() {
+    let origin = Origin::start().await;
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3"]).await;
+    let strict = Worker::start_exactly(&alloc.socket, free_port(), &[]).await;
+    let mut s = TcpStream::connect(strict.addr).await.unwrap();
+    s.write_all(b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(
+        head.starts_with("HTTP/1.1 403 Destination Prohibited\r\n"),
+        "{head}"
+    );
+    assert!(
+        head.contains("proxy-status: rotor; error=destination_ip_prohibited"),
+        "{head}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    std::fs::write(&users, "").unwrap();
+    let authed = Worker::start(&alloc.socket, &["--auth-file", users.to_str().unwrap()]).await;
+    let r = get(authed.addr, &origin.url("/")).await;
+    assert_eq!(r.status, 407);
+    assert!(
+        r.proxy_status().starts_with("rotor; details="),
+        "{}",
+        r.proxy_status()
+    );
+
+    let exposed = Worker::start(&alloc.socket, &["--expose-source"]).await;
+    for _ in 0..2 {
+        let r = get(exposed.addr, &origin.url("/")).await;
+        let seen = origin.sources().last().unwrap().to_string();
+        assert_eq!(r.headers["rotor-source"].to_str().unwrap(), seen);
+    }
+    let mut t = TcpStream::connect(exposed.addr).await.unwrap();
+    let req = format!("CONNECT {0} HTTP/1.1\r\nHost: {0}\r\n\r\n", echo.addr);
+    t.write_all(req.as_bytes()).await.unwrap();
+    let head = read_head(&mut t).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("rotor-source: 127.0.0."), "{head}");
+    // Without the flag, nothing is added.
+    let r = get(strict.addr, &format!("http://{}/", origin.addr)).await;
+    assert!(!r.headers.contains_key("rotor-source"));
+}

@@ -139,6 +139,35 @@ impl ProxyError {
         }
     }
 
+    /// The reason phrase of the status line: what an HTTPS client shows of
+    /// a refused CONNECT (requests: `Tunnel connection failed: 403
+    /// Destination Prohibited`), so it names rotor's reason, not only the
+    /// status's.
+    pub fn reason(&self) -> &'static str {
+        use ProxyError::*;
+        match self {
+            BadRequest(_) => "Bad Request",
+            HeadTooLarge { .. } => "Request Head Too Large",
+            Auth(crate::auth::AuthError::Busy) => "Authentication Busy",
+            Auth(_) => "Proxy Authentication Required",
+            Denied(_) => "Destination Prohibited",
+            NoAddress(rotor_protocol::NoAddress::EmptyPool) => "Pool Empty",
+            NoAddress(_) => "No Pool Address Of The Destination's Family",
+            SourceUnavailable { .. } => "Pool Address Unusable",
+            Allocator(_) => "Allocator Unavailable",
+            Socket(_) => "Proxy Out Of Sockets",
+            Overloaded => "Connection Limit Reached",
+            Dns { .. } | DnsEmpty { .. } => "DNS Error",
+            DnsTimeout { .. } => "DNS Timeout",
+            Refused { .. } => "Connection Refused",
+            Unreachable { .. } => "Destination Unreachable",
+            Connect { .. } => "Connect Failed",
+            ConnectTimeout { .. } => "Connection Timeout",
+            ResponseTimeout { .. } => "Response Timeout",
+            Upstream { .. } => "Bad Upstream Response",
+        }
+    }
+
     /// Classifies a failed connect by its errno.
     pub fn from_connect(dest: String, source: io::Error) -> ProxyError {
         match source.raw_os_error() {
@@ -157,6 +186,10 @@ impl ProxyError {
         let text = error_chain(self);
         let mut resp = Response::new(Full::new(Bytes::from(format!("{text}\n"))));
         *resp.status_mut() = status;
+        resp.extensions_mut()
+            .insert(hyper::ext::ReasonPhrase::from_static(
+                self.reason().as_bytes(),
+            ));
         let h = resp.headers_mut();
         h.insert(
             header::CONTENT_TYPE,
@@ -168,18 +201,19 @@ impl ProxyError {
                 HeaderValue::from_static("Basic realm=\"rotor\""),
             );
         }
-        if let Some(kind) = kind {
-            if let Ok(v) = HeaderValue::from_str(&proxy_status(kind, &text)) {
-                h.insert("proxy-status", v);
-            }
+        // Every refusal says it is rotor's, and why; an error type where
+        // RFC 9209 has one (none fits a 400 or a 407).
+        if let Ok(v) = HeaderValue::from_str(&proxy_status(kind, &text)) {
+            h.insert("proxy-status", v);
         }
         resp
     }
 }
 
-/// `rotor; error=KIND; details="…"` with `details` as a structured-field
-/// string (RFC 8941 §3.3.3): printable ASCII, `"` and `\` escaped.
-pub fn proxy_status(kind: &str, details: &str) -> String {
+/// `rotor; error=KIND; details="…"` (without `error` when there is no
+/// KIND) with `details` as a structured-field string (RFC 8941 §3.3.3):
+/// printable ASCII, `"` and `\` escaped.
+pub fn proxy_status(kind: Option<&str>, details: &str) -> String {
     let mut d = String::with_capacity(details.len());
     for c in details.chars() {
         match c {
@@ -191,7 +225,10 @@ pub fn proxy_status(kind: &str, details: &str) -> String {
             _ => d.push('?'),
         }
     }
-    format!("{PROXY_NAME}; error={kind}; details=\"{d}\"")
+    match kind {
+        Some(kind) => format!("{PROXY_NAME}; error={kind}; details=\"{d}\""),
+        None => format!("{PROXY_NAME}; details=\"{d}\""),
+    }
 }
 
 #[cfg(test)]
@@ -229,7 +266,7 @@ mod tests {
     #[test]
     fn details_are_escaped() {
         assert_eq!(
-            proxy_status("dns_error", "a \"b\" \\ é"),
+            proxy_status(Some("dns_error"), "a \"b\" \\ é"),
             "rotor; error=dns_error; details=\"a \\\"b\\\" \\\\ ?\""
         );
     }

@@ -54,6 +54,9 @@ pub struct ProxyConfig {
     pub resolver: crate::dns::ResolverChoice,
     /// Largest request head accepted; a larger one gets 431.
     pub max_head_bytes: usize,
+    /// Adds `Rotor-Source` (the leased address) to responses and to the
+    /// CONNECT `200`.
+    pub expose_source: bool,
 }
 
 pub struct Proxy {
@@ -383,6 +386,7 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         let body = PooledBody::new(body, self.upstream.clone(), key, sender);
+        self.expose_source(&mut parts.headers, &lease);
         Ok((Response::from_parts(parts, Either::Left(body)), lease))
     }
 
@@ -426,11 +430,22 @@ impl Proxy {
                 Some(Err(e)) => debug!(%client, %dest, source = %lease.ip, error = %e, "tunnel ended with an error"),
             }
         });
-        let resp = Response::builder()
+        let mut resp = Response::builder()
             .status(StatusCode::OK)
             .body(Either::Right(Either::Right(Empty::new())))
             .expect("static response is valid");
+        self.expose_source(resp.headers_mut(), &lease);
         Ok((resp, lease))
+    }
+
+    /// `Rotor-Source: ADDRESS` with `--expose-source`: which address served
+    /// the request, for the client's logs.
+    fn expose_source(&self, headers: &mut HeaderMap, lease: &Lease) {
+        if self.config.expose_source {
+            if let Ok(v) = HeaderValue::from_str(&lease.ip.to_string()) {
+                headers.insert(HeaderName::from_static("rotor-source"), v);
+            }
+        }
     }
 }
 

@@ -280,7 +280,7 @@ async fn notify_systemd(proxy: Arc<Proxy>, connections: TaskTracker, shutdown: C
 /// request, so it can retry elsewhere instead of waiting in a queue.
 async fn refuse(mut stream: TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+    const REFUSAL: &[u8] = b"HTTP/1.1 503 Connection Limit Reached\r\n\
         proxy-status: rotor; error=proxy_internal_error; details=\"connection limit reached\"\r\n\
         content-length: 0\r\nconnection: close\r\n\r\n";
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(REFUSAL)).await;
