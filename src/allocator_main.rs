@@ -89,6 +89,7 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
             refresh: pool.refresh,
             state_dir: pool.state_dir,
             access,
+            max_sessions: pool.max_sessions,
         };
         let result =
             rotor_allocator::run(listener, config, signals.reloads(), signals.shutdown).await;

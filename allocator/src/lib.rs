@@ -9,6 +9,7 @@ pub mod metadata;
 pub mod persist;
 pub mod pool;
 pub mod server;
+pub mod sessions;
 pub mod source;
 pub mod spec;
 pub mod state;

@@ -41,6 +41,8 @@ pub struct Config {
     pub state_dir: Option<PathBuf>,
     /// Who may connect.
     pub access: Access,
+    /// Sticky sessions held at most.
+    pub max_sessions: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,6 +207,7 @@ pub async fn run(
             Allocator::resuming(sources, state, saved, None).map_err(RunError::Table)?
         }
     };
+    alloc.limit_sessions(config.max_sessions);
     let alloc = Arc::new(alloc);
     // The pool is loaded before the first connection is accepted, so no
     // worker ever sees the empty pool of a starting allocator.
@@ -315,6 +318,7 @@ async fn persist_loop(alloc: Arc<Allocator>, shutdown: CancellationToken) {
             _ = tick.tick() => {
                 recheck(&alloc).await;
                 alloc.repair_table();
+                alloc.expire_sessions();
                 alloc.persist();
             }
         }
@@ -475,6 +479,18 @@ async fn answer(
             quarantined: alloc.unusable(ip, &reason),
         },
         Request::Pool => alloc.pool_copy(),
+        Request::LeaseSession {
+            families,
+            key,
+            ttl_secs,
+            strict,
+        } => alloc.lease_session(
+            id,
+            families,
+            &key,
+            Duration::from_secs(u64::from(ttl_secs)),
+            strict,
+        ),
         Request::Attach => alloc.attach(id),
         Request::Reload => {
             let (reply_tx, reply_rx) = oneshot::channel();

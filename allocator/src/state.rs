@@ -9,12 +9,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rotor_protocol::{
     error_chain, family_total, AddrStatus, EntryStatus, Families, Family, FamilyStatus, Hello,
-    PeerStatus, QuarantineStatus, Response, Segment, SourceStatus, StatusReport, StatusReportV2,
-    TableError, PEER_SLOTS,
+    Lease, PeerStatus, QuarantineStatus, Refusal, Response, Segment, SourceStatus, StatusReport,
+    StatusReportV2, TableError, PEER_SLOTS,
 };
 
 use crate::persist::{Saved, StateFile};
 use crate::pool::{Pool, TableHome};
+use crate::sessions::{Pinned, Sessions};
 use crate::source::{Source, SourceError};
 
 pub struct Allocator {
@@ -36,6 +37,8 @@ struct Inner {
     state_failed: bool,
     /// Set when the table is closed for good (at exit).
     closing: bool,
+    /// Sticky sessions (bounded; expired every second).
+    sessions: Sessions,
     /// Entries out of the rotation: one per listed entry at most (entries
     /// that leave the pool leave this too), so it is bounded by the pool.
     quarantine: HashMap<Segment, Quarantine>,
@@ -54,8 +57,54 @@ struct Quarantine {
 /// each failed check doubles it, up to [`QUARANTINE_MAX`].
 pub const QUARANTINE_MIN: Duration = Duration::from_secs(1);
 pub const QUARANTINE_MAX: Duration = Duration::from_secs(300);
+/// Sticky sessions held at most, unless configured.
+pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 
 impl Inner {
+    /// The next address of one of `families` from the table, checked
+    /// against the pool: the table's file can be written by others, so a
+    /// lease of an address not in the pool, or a table closed while
+    /// serving, is a table to replace before anything is handed out.
+    fn lease_checked(&mut self, families: Families) -> Option<Result<Lease, Refusal>> {
+        let mut answer = self.pool.lease(families);
+        let bad = match &answer {
+            Some(Ok(l)) => !self.pool.holds(l.ip),
+            None => !self.closing,
+            Some(Err(_)) => false,
+        };
+        if bad {
+            tracing::error!("the lease table handed out an address not in the pool, or was closed by someone else; replacing it");
+            answer = match self.rebuild_table() {
+                true => self.pool.lease(families),
+                // Never an address not in the pool: no answer this time.
+                false => None,
+            };
+            if matches!(&answer, Some(Ok(l)) if !self.pool.holds(l.ip)) {
+                answer = None;
+            }
+        }
+        answer
+    }
+
+    /// The reply to a lease asked by `peer`.
+    fn answer(&mut self, peer: u64, answer: Option<Result<Lease, Refusal>>) -> Response {
+        match answer {
+            Some(Ok(lease)) => {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.leases += 1;
+                }
+                Response::Leased(lease)
+            }
+            Some(Err(refusal)) => Response::NoAddress(refusal),
+            None if self.closing => Response::Error {
+                message: "the allocator is stopping".into(),
+            },
+            None => Response::Error {
+                message: "the lease table is being repaired; ask again".into(),
+            },
+        }
+    }
+
     /// Replaces a tampered table (see `Pool::rebuild_table`); whether it
     /// was.
     fn rebuild_table(&mut self) -> bool {
@@ -175,6 +224,7 @@ impl Allocator {
                 saved,
                 state_failed: false,
                 closing: false,
+                sessions: Sessions::new(DEFAULT_MAX_SESSIONS),
                 quarantine: HashMap::new(),
                 sources: sources
                     .into_iter()
@@ -363,41 +413,65 @@ impl Allocator {
     /// One lease for `peer`, asked over the socket.
     pub fn lease(&self, peer: u64, families: Families) -> Response {
         let mut inner = self.lock();
-        let mut answer = inner.pool.lease(families);
-        // The table's file can be written by others: a lease of an address
-        // not in the pool, or a table closed while serving, is a table to
-        // replace before anything is handed out from it.
-        let bad = match &answer {
-            Some(Ok(l)) => !inner.pool.holds(l.ip),
-            None => !inner.closing,
-            Some(Err(_)) => false,
-        };
-        if bad {
-            tracing::error!("the lease table handed out an address not in the pool, or was closed by someone else; replacing it");
-            answer = match inner.rebuild_table() {
-                true => inner.pool.lease(families),
-                // Never an address not in the pool: no answer this time.
-                false => None,
-            };
-            if matches!(&answer, Some(Ok(l)) if !inner.pool.holds(l.ip)) {
-                answer = None;
+        let answer = inner.lease_checked(families);
+        inner.answer(peer, answer)
+    }
+
+    /// A lease for sticky session `key` (see `sessions`): its address
+    /// while the session lasts and the address is in the rotation, else
+    /// the next one, kept for it; `strict`, an address that left is not
+    /// replaced.
+    pub fn lease_session(
+        &self,
+        peer: u64,
+        families: Families,
+        key: &str,
+        ttl: Duration,
+        strict: bool,
+    ) -> Response {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let mut last = None;
+        for family in Family::ALL {
+            if !families.accepts_family(family) {
+                continue;
             }
-        }
-        match answer {
-            Some(Ok(lease)) => {
-                if let Some(p) = inner.peers.get_mut(&peer) {
-                    p.leases += 1;
+            let Inner { sessions, pool, .. } = &mut *inner;
+            match sessions.pinned(key, family, now, |ip| pool.holds(ip)) {
+                Pinned::Address(ip) => {
+                    let lease = Lease {
+                        ip,
+                        seq: pool.table().next_seq(),
+                        generation: pool.generation(),
+                    };
+                    return inner.answer(peer, Some(Ok(lease)));
                 }
-                Response::Leased(lease)
+                Pinned::Gone(ip) if strict => return Response::SessionLost { ip },
+                Pinned::Gone(ip) => {
+                    tracing::info!(session = %key.split('\0').nth(1).unwrap_or(""), from = %ip, "session address left the rotation; the session moves to the next address");
+                }
+                Pinned::Nothing => {}
             }
-            Some(Err(refusal)) => Response::NoAddress(refusal),
-            None if inner.closing => Response::Error {
-                message: "the allocator is stopping".into(),
-            },
-            None => Response::Error {
-                message: "the lease table is being repaired; ask again".into(),
-            },
+            match inner.lease_checked(Families::only(family)) {
+                Some(Ok(lease)) => {
+                    inner.sessions.pin(key, lease.ip, ttl, now);
+                    return inner.answer(peer, Some(Ok(lease)));
+                }
+                other => last = Some(other),
+            }
         }
+        let answer = last.unwrap_or_else(|| inner.lease_checked(families));
+        inner.answer(peer, answer)
+    }
+
+    /// Drops the sessions that ended (every second).
+    pub fn expire_sessions(&self) {
+        self.lock().sessions.expire(Instant::now());
+    }
+
+    /// Holds at most `n` sticky sessions (the oldest go first past it).
+    pub fn limit_sessions(&self, n: usize) {
+        self.lock().sessions = Sessions::new(n);
     }
 
     /// Where `peer` finds the lease table, and the counter it counts its
@@ -542,6 +616,7 @@ impl Allocator {
         let now = Instant::now();
         StatusReportV2 {
             generation: inner.pool.generation(),
+            sessions: inner.sessions.len().min(u32::MAX as usize) as u32,
             families: Family::ALL
                 .into_iter()
                 .map(|f| FamilyStatus {

@@ -132,6 +132,21 @@ impl Families {
         f
     }
 
+    /// Only `family`.
+    pub fn only(family: Family) -> Families {
+        Families {
+            v4: family == Family::V4,
+            v6: family == Family::V6,
+        }
+    }
+
+    pub fn accepts_family(&self, family: Family) -> bool {
+        match family {
+            Family::V4 => self.v4,
+            Family::V6 => self.v6,
+        }
+    }
+
     pub fn accepts(&self, ip: &IpAddr) -> bool {
         match ip {
             IpAddr::V4(_) => self.v4,
@@ -169,6 +184,17 @@ pub enum Request {
     /// The rotation the lease table should hold now (since minor 2): a
     /// worker checks what it leases from the table against it.
     Pool,
+    /// A lease for a sticky session (since minor 2): the address `key`
+    /// (user and session id) was given before, while the session lasts
+    /// (`ttl_secs` from its first lease) and the address is in the
+    /// rotation; else the next address, kept for it. `strict`: an address
+    /// that left is not replaced (`SessionLost`).
+    LeaseSession {
+        families: Families,
+        key: String,
+        ttl_secs: u32,
+        strict: bool,
+    },
 }
 
 /// One lease: the source address a request leaves from. The same value
@@ -235,6 +261,11 @@ pub enum Response {
         generation: u64,
         entries: Vec<Segment>,
     },
+    /// The answer to a strict `LeaseSession` whose address left the
+    /// rotation.
+    SessionLost {
+        ip: IpAddr,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -300,6 +331,8 @@ pub struct PeerStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReportV2 {
     pub generation: u64,
+    /// Sticky sessions held.
+    pub sessions: u32,
     pub families: Vec<FamilyStatus>,
     pub pool: Vec<EntryStatus>,
     pub leases_total: u64,

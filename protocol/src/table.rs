@@ -892,6 +892,12 @@ impl LeaseTable {
         }
     }
 
+    /// The next lease sequence number, for a lease not taken from the
+    /// rotation (a sticky session's).
+    pub fn next_seq(&self) -> u64 {
+        self.word(SEQ).fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     /// Counts a reload the operator asked for (allocator only).
     pub fn bump_reloads(&self) {
         self.word(RELOADS).fetch_add(1, Ordering::Relaxed);

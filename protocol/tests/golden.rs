@@ -94,6 +94,18 @@ fn golden_client_frames() {
         }),
         "010506",
     );
+    check(
+        ClientFrame::Request(Envelope {
+            id: 6,
+            body: Request::LeaseSession {
+                families: Families::V4,
+                key: "u\0s".into(),
+                ttl_secs: 600,
+                strict: true,
+            },
+        }),
+        "010607010003750073fb580201",
+    );
 }
 
 #[test]
@@ -191,6 +203,7 @@ fn golden_server_frames() {
     );
     // Minor 2.
     check(resp(Response::Noted { quarantined: true }), "01090701");
+    check(resp(Response::SessionLost { ip: V4 }), "01090900c0000207");
     check(
         resp(Response::Pool {
             generation: 3,
@@ -201,6 +214,7 @@ fn golden_server_frames() {
     check(
         resp(Response::StatusV2(StatusReportV2 {
             generation: 2,
+            sessions: 1,
             families: vec![FamilyStatus {
                 family: Family::V6,
                 cursor: 1,
@@ -229,6 +243,6 @@ fn golden_server_frames() {
             peers: vec![],
             uptime_secs: 60,
         })),
-        "01090602010101fd0000000000100000010120010db8000000000000000000000001020120010db800000000000000000000000040050000c000020700000101710304050000003c",
+        "0109060201010101fd0000000000100000010120010db8000000000000000000000001020120010db800000000000000000000000040050000c000020700000101710304050000003c",
     );
 }

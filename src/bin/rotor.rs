@@ -238,6 +238,7 @@ fn status_json(s: &StatusReportV2) -> serde_json::Value {
     use serde_json::json;
     json!({
         "generation": s.generation,
+        "sessions": s.sessions,
         "families": s.families.iter().map(|f| json!({
             "family": f.family.to_string(),
             "cursor": f.cursor,
@@ -268,9 +269,10 @@ fn format_status_v2(s: &StatusReportV2) -> String {
     let out_of = s.pool.iter().filter(|e| e.quarantine.is_some()).count();
     let _ = writeln!(
         out,
-        "pool: {} entries ({out_of} out of the rotation), generation {}, {} leases, up {}s, last refresh {refreshed}",
+        "pool: {} entries ({out_of} out of the rotation), generation {}, {} sticky sessions, {} leases, up {}s, last refresh {refreshed}",
         s.pool.len(),
         s.generation,
+        s.sessions,
         s.leases_total,
         s.uptime_secs
     );

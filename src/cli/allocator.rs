@@ -49,6 +49,9 @@ settings! {
         /// How long a --pool-command may run before it is killed and its
         /// last good addresses kept.
         pool_command_timeout: Option<Duration> = "10s",
+        /// Most sticky sessions held (`USER-session-ID` usernames); past it
+        /// the oldest goes first.
+        max_sessions: Option<usize> = "100000",
         /// How often the pool sources are re-read (SIGHUP re-reads at once).
         refresh: Option<Duration> = "20s",
         /// Where the rotation state is kept across restarts [default:
@@ -100,6 +103,7 @@ pub struct PoolSettings {
     pub sources: Vec<Source>,
     pub refresh: Duration,
     pub state_dir: Option<PathBuf>,
+    pub max_sessions: usize,
 }
 
 impl AllocatorFlags {
@@ -177,6 +181,7 @@ impl AllocatorFlags {
             sources,
             refresh: a.refresh,
             state_dir,
+            max_sessions: a.max_sessions.max(1),
         })
     }
 

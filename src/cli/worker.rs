@@ -81,6 +81,12 @@ settings! {
         allow_destination: Vec<Cidr>,
         /// Deny destinations in this range too; repeatable.
         deny_destination: Vec<Cidr>,
+        /// How long a sticky session (`USER-session-ID` as the proxy user
+        /// name) keeps its address when the name does not say
+        /// (`-sessionttl-DURATION`); counted from its first lease.
+        session_ttl: Option<Duration> = "10m",
+        /// The longest a session may ask for.
+        session_max_ttl: Option<Duration> = "24h",
         /// Add the leased source address to each response, as a
         /// `Rotor-Source` header (plain responses and the CONNECT `200`),
         /// so a client can log which address served it.
@@ -228,6 +234,8 @@ impl WorkerFlags {
                     tunnel_idle_timeout: w.tunnel_idle_timeout,
                     max_head_bytes: w.max_head_bytes,
                     expose_source: w.expose_source.unwrap_or(false),
+                    session_ttl: w.session_ttl.min(w.session_max_ttl),
+                    session_max_ttl: w.session_max_ttl,
                 },
                 idle_timeout: w.idle_timeout,
                 max_connections: w.max_connections,

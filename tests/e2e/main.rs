@@ -19,6 +19,7 @@ mod production;
 mod refresh;
 mod restart;
 mod rotation;
+mod sessions;
 mod table;
 mod tunnel;
 mod up;

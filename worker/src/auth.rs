@@ -199,6 +199,15 @@ impl Auth {
         self.len() == 0
     }
 
+    /// Whether the users file holds `name`.
+    pub fn has_user(&self, name: &str) -> bool {
+        self.users
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .hashes
+            .contains_key(name)
+    }
+
     /// The user a `Proxy-Authorization` header value from `client`
     /// authenticates. Credentials that passed or failed recently are
     /// answered from memory; a new check waits for an argon2 slot, one at
@@ -208,11 +217,19 @@ impl Auth {
         header: Option<&[u8]>,
         client: IpAddr,
     ) -> Result<String, AuthError> {
-        let header = header.ok_or(AuthError::Missing)?;
-        if header.len() > MAX_HEADER {
-            return Err(AuthError::Malformed);
-        }
-        let (user, password) = parse_basic(header)?;
+        let (user, password) = credentials(header)?;
+        self.check_credentials(&user, &password, client).await
+    }
+
+    /// Whether `user` (a name of the users file, without session
+    /// parameters) with `password` is let in.
+    pub async fn check_credentials(
+        self: &Arc<Self>,
+        user: &str,
+        password: &str,
+        client: IpAddr,
+    ) -> Result<String, AuthError> {
+        let (user, password) = (user.to_string(), password.to_string());
         let key = digest(&user, &password);
         loop {
             use std::sync::atomic::Ordering::SeqCst;
@@ -368,6 +385,15 @@ fn digest(user: &str, password: &str) -> [u8; 32] {
     h.update([0u8]);
     h.update(password.as_bytes());
     h.finalize().into()
+}
+
+/// The user name and password of a `Proxy-Authorization: Basic` value.
+pub fn credentials(header: Option<&[u8]>) -> Result<(String, String), AuthError> {
+    let header = header.ok_or(AuthError::Missing)?;
+    if header.len() > MAX_HEADER {
+        return Err(AuthError::Malformed);
+    }
+    parse_basic(header)
 }
 
 fn parse_basic(header: &[u8]) -> Result<(String, String), AuthError> {

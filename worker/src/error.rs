@@ -39,6 +39,10 @@ pub enum ProxyError {
     Allocator(#[source] LeaseError),
     #[error("cannot open a socket")]
     Socket(#[source] io::Error),
+    #[error(transparent)]
+    Session(crate::session::ParamError),
+    #[error("the session's address {ip} left the pool (a strict session does not move)")]
+    SessionLost { ip: IpAddr },
     #[error("cannot resolve {host}")]
     Dns {
         host: String,
@@ -92,7 +96,7 @@ impl ProxyError {
     pub fn fault(&self) -> Fault {
         use ProxyError::*;
         match self {
-            BadRequest(_) | HeadTooLarge { .. } | Denied(_) | Auth(_) => Fault::Client,
+            BadRequest(_) | HeadTooLarge { .. } | Denied(_) | Auth(_) | Session(_) => Fault::Client,
             NoAddress(_) | SourceUnavailable { .. } | Allocator(_) | Socket(_) | Overloaded => {
                 Fault::Internal
             }
@@ -118,7 +122,8 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some("proxy_internal_error"),
             ),
-            Auth(_) => (StatusCode::PROXY_AUTHENTICATION_REQUIRED, None),
+            Auth(_) | Session(_) => (StatusCode::PROXY_AUTHENTICATION_REQUIRED, None),
+            SessionLost { .. } => (StatusCode::BAD_GATEWAY, Some("proxy_configuration_error")),
             Denied(_) => (StatusCode::FORBIDDEN, Some("destination_ip_prohibited")),
             NoAddress(_) | SourceUnavailable { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -150,6 +155,8 @@ impl ProxyError {
             HeadTooLarge { .. } => "Request Head Too Large",
             Auth(crate::auth::AuthError::Busy) => "Authentication Busy",
             Auth(_) => "Proxy Authentication Required",
+            Session(_) => "Bad Session Parameter",
+            SessionLost { .. } => "Session Address Gone",
             Denied(_) => "Destination Prohibited",
             NoAddress(rotor_protocol::NoAddress::EmptyPool) => "Pool Empty",
             NoAddress(_) => "No Pool Address Of The Destination's Family",

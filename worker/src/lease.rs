@@ -41,6 +41,8 @@ pub enum LeaseError {
     Timeout { after: Duration, socket: PathBuf },
     #[error("unexpected answer from the allocator: {0}")]
     Unexpected(String),
+    #[error("the session's address {0} left the pool")]
+    SessionLost(IpAddr),
 }
 
 type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Response>>>>;
@@ -335,6 +337,42 @@ impl LeaseClient {
             }
         }
         conn.check_copy(lease).unwrap_or(Vouch::Unknown)
+    }
+
+    /// A lease for sticky session `key` (user and id): the allocator holds
+    /// the sessions, so every worker gives a session the same address.
+    pub async fn lease_session(
+        &self,
+        families: Families,
+        key: &str,
+        ttl: Duration,
+        strict: bool,
+    ) -> Result<Lease, LeaseError> {
+        let knows = self
+            .conn
+            .borrow()
+            .as_ref()
+            .is_none_or(|c| c.minor >= MINOR_FAMILIES);
+        if !knows {
+            return Err(LeaseError::Unexpected(
+                "this allocator is too old for sticky sessions".into(),
+            ));
+        }
+        let ttl_secs = u32::try_from(ttl.as_secs().max(1)).unwrap_or(u32::MAX);
+        match self
+            .request(Request::LeaseSession {
+                families,
+                key: key.to_string(),
+                ttl_secs,
+                strict,
+            })
+            .await?
+        {
+            Response::Leased(lease) => Ok(lease),
+            Response::NoAddress(refusal) => Err(LeaseError::NoAddress(refusal.reason)),
+            Response::SessionLost { ip } => Err(LeaseError::SessionLost(ip)),
+            other => Err(LeaseError::Unexpected(format!("{other:?}"))),
+        }
     }
 
     /// Tells the allocator that this host could not use `ip` (it takes the

@@ -16,6 +16,7 @@ mod os;
 pub mod proxy;
 pub mod relay;
 pub mod server;
+pub mod session;
 pub mod upstream;
 
 pub use lease::LeaseClient;

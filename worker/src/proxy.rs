@@ -26,6 +26,7 @@ use crate::dns::Resolver;
 use crate::error::ProxyError;
 use crate::idle::Activity;
 use crate::lease::{LeaseClient, LeaseError};
+use crate::session;
 use crate::upstream::{Key, PooledBody, Sender, UpstreamBody, UpstreamPool};
 
 pub type ProxyBody = Either<PooledBody, Either<Full<Bytes>, Empty<Bytes>>>;
@@ -57,6 +58,19 @@ pub struct ProxyConfig {
     /// Adds `Rotor-Source` (the leased address) to responses and to the
     /// CONNECT `200`.
     pub expose_source: bool,
+    /// A sticky session's lifetime when its name does not say, and the
+    /// longest it may say.
+    pub session_ttl: Duration,
+    pub session_max_ttl: Duration,
+}
+
+/// The sticky session a request belongs to: its key at the allocator
+/// (user and session id), its lifetime, and whether it may move.
+#[derive(Debug, Clone)]
+struct Sticky {
+    key: String,
+    ttl: Duration,
+    strict: bool,
 }
 
 pub struct Proxy {
@@ -129,8 +143,10 @@ impl Proxy {
         };
         let result = match checked {
             Err(e) => Err(e),
-            Ok(()) if method == Method::CONNECT => self.connect(req, client).await,
-            Ok(()) => self.forward(req).await,
+            Ok(sticky) if method == Method::CONNECT => {
+                self.connect(req, client, sticky.as_ref()).await
+            }
+            Ok(sticky) => self.forward(req, sticky.as_ref()).await,
         };
         let ms = start.elapsed().as_millis() as u64;
         Ok(match result {
@@ -152,22 +168,43 @@ impl Proxy {
         })
     }
 
+    /// Checks the credentials, if a users file asks for them, and reads
+    /// the sticky session the proxy user name names (also without a users
+    /// file: then the password is ignored).
     async fn authenticate(
         &self,
         req: &Request<Incoming>,
         client: std::net::IpAddr,
-    ) -> Result<(), ProxyError> {
-        let Some(auth) = &self.config.auth else {
-            return Ok(());
-        };
+    ) -> Result<Option<Sticky>, ProxyError> {
         let header = req
             .headers()
             .get(header::PROXY_AUTHORIZATION)
             .map(|v| v.as_bytes());
-        auth.check(header, client)
-            .await
-            .map(|_| ())
-            .map_err(ProxyError::Auth)
+        let user = match &self.config.auth {
+            None => match crate::auth::credentials(header) {
+                Ok((name, _)) => session::parse(&name, |_| false).map_err(ProxyError::Session)?,
+                Err(_) => return Ok(None),
+            },
+            Some(auth) => {
+                let (name, password) =
+                    crate::auth::credentials(header).map_err(ProxyError::Auth)?;
+                let user =
+                    session::parse(&name, |n| auth.has_user(n)).map_err(ProxyError::Session)?;
+                auth.check_credentials(&user.user, &password, client)
+                    .await
+                    .map_err(ProxyError::Auth)?;
+                user
+            }
+        };
+        Ok(user.session.map(|p| Sticky {
+            // Sessions of different users are different sessions.
+            key: format!("{}\0{}", user.user, p.id),
+            ttl: p
+                .ttl
+                .unwrap_or(self.config.session_ttl)
+                .min(self.config.session_max_ttl),
+            strict: p.strict,
+        }))
     }
 
     pub fn leases(&self) -> &LeaseClient {
@@ -183,9 +220,22 @@ impl Proxy {
         self.dns.reload();
     }
 
-    async fn lease(&self, families: Families) -> Result<Lease, ProxyError> {
-        self.leases.lease(families).await.map_err(|e| match e {
+    async fn lease(
+        &self,
+        families: Families,
+        sticky: Option<&Sticky>,
+    ) -> Result<Lease, ProxyError> {
+        let answer = match sticky {
+            None => self.leases.lease(families).await,
+            Some(s) => {
+                self.leases
+                    .lease_session(families, &s.key, s.ttl, s.strict)
+                    .await
+            }
+        };
+        answer.map_err(|e| match e {
             LeaseError::NoAddress(reason) => ProxyError::NoAddress(reason),
+            LeaseError::SessionLost(ip) => ProxyError::SessionLost { ip },
             other => ProxyError::Allocator(other),
         })
     }
@@ -195,6 +245,7 @@ impl Proxy {
         &self,
         host: &str,
         port: u16,
+        sticky: Option<&Sticky>,
     ) -> Result<(Vec<SocketAddr>, Lease), ProxyError> {
         let addrs = self
             .dns
@@ -210,22 +261,26 @@ impl Proxy {
                 .check_with(*a, &self.local)
                 .map_err(ProxyError::Denied)?;
         }
-        let lease = self.lease_for(&addrs).await?;
+        let lease = self.lease_for(&addrs, sticky).await?;
         Ok((addrs, lease))
     }
 
     /// A lease of the family `addrs` (a resolved destination) lists first;
     /// of its other family only when the pool has none of the first. Never
     /// the host's own address.
-    async fn lease_for(&self, addrs: &[SocketAddr]) -> Result<Lease, ProxyError> {
+    async fn lease_for(
+        &self,
+        addrs: &[SocketAddr],
+        sticky: Option<&Sticky>,
+    ) -> Result<Lease, ProxyError> {
         let all = Families::of(addrs.iter().map(SocketAddr::ip));
         let first = match addrs.first() {
             Some(a) => Families::of([a.ip()]),
             None => all,
         };
-        match self.lease(first).await {
+        match self.lease(first, sticky).await {
             Err(ProxyError::NoAddress(NoAddress::NoFamily { .. })) if first != all => {
-                self.lease(all).await.map_err(|e| match e {
+                self.lease(all, sticky).await.map_err(|e| match e {
                     ProxyError::NoAddress(NoAddress::NoFamily { .. }) => {
                         ProxyError::NoAddress(NoAddress::NoFamily { wanted: all })
                     }
@@ -244,6 +299,7 @@ impl Proxy {
         &self,
         lease: Lease,
         addrs: &[SocketAddr],
+        sticky: Option<&Sticky>,
     ) -> Result<(TcpStream, Lease), ProxyError> {
         let timeout = self.config.connect_timeout;
         match connect_from(lease.ip, addrs, timeout).await {
@@ -251,7 +307,7 @@ impl Proxy {
                 let reason = source.to_string();
                 warn!(source = %ip, error = %reason, "this host cannot use a pool address; reported, trying the next");
                 self.leases.report_unusable(ip, reason).await;
-                let next = self.lease_for(addrs).await?;
+                let next = self.lease_for(addrs, sticky).await?;
                 let stream = connect_from(next.ip, addrs, timeout).await;
                 if let Err(ProxyError::SourceUnavailable { ip, source }) = &stream {
                     self.leases.report_unusable(*ip, source.to_string()).await;
@@ -269,8 +325,9 @@ impl Proxy {
         lease: Lease,
         addrs: &[SocketAddr],
         dest: &str,
+        sticky: Option<&Sticky>,
     ) -> Result<(Sender, Lease), ProxyError> {
-        let (stream, lease) = self.connect_leased(lease, addrs).await?;
+        let (stream, lease) = self.connect_leased(lease, addrs, sticky).await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -307,9 +364,10 @@ impl Proxy {
     async fn forward(
         &self,
         req: Request<Incoming>,
+        sticky: Option<&Sticky>,
     ) -> Result<(Response<ProxyBody>, Lease), ProxyError> {
         let (host, port, host_header) = absolute_target(req.uri())?;
-        let (addrs, mut lease) = self.resolve_and_lease(&host, port).await?;
+        let (addrs, mut lease) = self.resolve_and_lease(&host, port, sticky).await?;
         let dest = format!("{host}:{port}");
         let mut key = Key {
             source: lease.ip,
@@ -328,7 +386,7 @@ impl Proxy {
         let (mut sender, reused) = match self.upstream.checkout(&key).await {
             Some(s) => (s, true),
             None => {
-                let (s, dialed) = self.dial(lease, &addrs, &dest).await?;
+                let (s, dialed) = self.dial(lease, &addrs, &dest, sticky).await?;
                 // Another address, if the leased one could not be used.
                 lease = dialed;
                 key.source = lease.ip;
@@ -372,7 +430,7 @@ impl Proxy {
                 *req.method_mut() = method;
                 *req.uri_mut() = uri;
                 *req.headers_mut() = headers;
-                (sender, lease) = self.dial(lease, &addrs, &dest).await?;
+                (sender, lease) = self.dial(lease, &addrs, &dest, sticky).await?;
                 key.source = lease.ip;
                 self.exchange(&mut sender, req, &dest)
                     .await?
@@ -394,6 +452,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         client: SocketAddr,
+        sticky: Option<&Sticky>,
     ) -> Result<(Response<ProxyBody>, Lease), ProxyError> {
         let (host, port) = connect_target(req.uri())?;
         // A tunnel outlives its HTTP connection: it holds a place of its own
@@ -405,8 +464,8 @@ impl Proxy {
             .map_err(|_| ProxyError::Overloaded)?;
         let idle_limit = self.config.tunnel_idle_timeout;
         // 200 only once the upstream connection is up.
-        let (addrs, lease) = self.resolve_and_lease(&host, port).await?;
-        let (upstream, lease) = self.connect_leased(lease, &addrs).await?;
+        let (addrs, lease) = self.resolve_and_lease(&host, port, sticky).await?;
+        let (upstream, lease) = self.connect_leased(lease, &addrs, sticky).await?;
         let on_upgrade = hyper::upgrade::on(&mut req);
         let dest = format!("{host}:{port}");
         self.tunnels.spawn(async move {

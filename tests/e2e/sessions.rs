@@ -1,0 +1,194 @@
+//! Sticky sessions named in the proxy user name: one address for a session
+//! across workers, connections, plain requests and tunnels, held by the
+//! allocator (so worker restarts keep it), for its lifetime.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Request;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::util::*;
+
+fn basic(user: &str, pass: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    )
+}
+
+/// A GET through `proxy` as `user` (password `pw`), on `conn` if given.
+async fn get_as(proxy: SocketAddr, user: &str, url: &str, conn: Option<&mut ProxyConn>) -> Reply {
+    let req = Request::get(url)
+        .header("proxy-authorization", basic(user, "pw"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    match conn {
+        Some(c) => c.send(req).await,
+        None => ProxyConn::open(proxy).await.send(req).await,
+    }
+}
+
+/// A CONNECT through `proxy` as `user`; the echo server records the peer.
+async fn tunnel_as(proxy: SocketAddr, user: &str, target: SocketAddr) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let req = format!(
+        "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: {}\r\n\r\n",
+        basic(user, "pw")
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    assert!(read_head(&mut s).await.starts_with("HTTP/1.1 200"));
+    s.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_session_keeps_one_address_across_workers_connections_and_tunnels() {
+    let origin = Origin::start().await;
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.6"]).await;
+    let w = [
+        Worker::start(&alloc.socket, &[]).await,
+        Worker::start(&alloc.socket, &[]).await,
+    ];
+    let url = origin.url("/");
+    let mut kept = ProxyConn::open(w[0].addr).await;
+    for i in 0..20 {
+        match i % 3 {
+            0 => assert_eq!(
+                get_as(w[i % 2].addr, "u-session-cart1", &url, None)
+                    .await
+                    .status,
+                200
+            ),
+            1 => assert_eq!(
+                get_as(w[0].addr, "u-session-cart1", &url, Some(&mut kept))
+                    .await
+                    .status,
+                200
+            ),
+            _ => tunnel_as(w[i % 2].addr, "u-session-cart1", echo.addr).await,
+        }
+    }
+    let mut seen: Vec<IpAddr> = origin.sources();
+    seen.extend(echo.peers.lock().unwrap().iter().copied());
+    assert_eq!(seen.len(), 20);
+    assert!(seen.iter().all(|ip| *ip == seen[0]), "{seen:?}");
+    // Other sessions take the next addresses; sessions of other users with
+    // the same id are other sessions.
+    for user in ["u-session-cart2", "u-session-cart3", "v-session-cart1"] {
+        get_as(w[1].addr, user, &url, None).await;
+    }
+    let mut last: Vec<IpAddr> = origin.sources()[origin.count() - 3..].to_vec();
+    last.push(seen[0]);
+    last.sort();
+    last.dedup();
+    assert_eq!(last.len(), 4, "{last:?}");
+    assert_eq!(status_json(&alloc.socket)["sessions"], 4);
+
+    // A worker restart keeps it: the allocator holds the sessions.
+    let [a, b] = w;
+    drop(a);
+    drop(b);
+    let w2 = Worker::start(&alloc.socket, &[]).await;
+    get_as(w2.addr, "u-session-cart1", &url, None).await;
+    assert_eq!(*origin.sources().last().unwrap(), seen[0]);
+}
+
+#[tokio::test]
+async fn sessions_expire_move_or_fail_when_their_address_goes_and_bad_names_are_refused() {
+    let origin = Origin::start().await;
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let file = dir.path().join("pool.txt");
+    std::fs::write(&file, "127.0.0.2-127.0.0.4\n").unwrap();
+    let alloc = Allocator::start_in(dir, &["--pool-file", file.to_str().unwrap()]).await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    let url = origin.url("/");
+    let last = || *origin.sources().last().unwrap();
+    // A one-second session: after it, the next address in rotation.
+    get_as(w.addr, "u-session-short-sessionttl-1s", &url, None).await;
+    let first = last();
+    get_as(w.addr, "plain", &url, None).await; // moves the rotation on
+    get_as(w.addr, "u-session-short-sessionttl-1s", &url, None).await;
+    assert_eq!(last(), first, "within its lifetime");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    get_as(w.addr, "u-session-short-sessionttl-1s", &url, None).await;
+    assert_ne!(last(), first, "expired: the next address");
+
+    // Two sessions on one address; the address leaves the pool.
+    get_as(w.addr, "u-session-strict1-sessionstrict-1", &url, None).await;
+    let strict_ip = last();
+    let mut moving = None;
+    for i in 0..3 {
+        let name = format!("u-session-loose{i}");
+        get_as(w.addr, &name, &url, None).await;
+        if last() == strict_ip {
+            moving = Some(name);
+        }
+    }
+    let moving = moving.expect("a loose session on the strict one's address");
+    let keep: Vec<String> = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+        .into_iter()
+        .filter(|a| *a != strict_ip.to_string())
+        .map(String::from)
+        .collect();
+    std::fs::write(&file, keep.join("\n")).unwrap();
+    rotor_control("reload", &alloc.socket, &[]);
+    let r = get_as(w.addr, "u-session-strict1-sessionstrict-1", &url, None).await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    assert!(String::from_utf8_lossy(&r.body).contains("left the pool"));
+    let r = get_as(w.addr, &moving, &url, None).await;
+    assert_eq!(r.status, 200);
+    assert_ne!(last(), strict_ip, "a loose session moves");
+
+    // A mistake in the name is refused, naming the parameter.
+    let r = get_as(w.addr, "u-country-de", &url, None).await;
+    assert_eq!(r.status, 407);
+    assert!(String::from_utf8_lossy(&r.body).contains("`country`"));
+}
+
+/// With a users file the user name before the parameters is checked; a
+/// user whose own name has a dash is still a user, not parameters.
+#[tokio::test]
+async fn sessions_with_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    for name in ["alice", "team-a"] {
+        let mut child = std::process::Command::new(ROTOR)
+            .args(["user", "add", name, "--auth-file", users.to_str().unwrap()])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"pw").unwrap();
+        assert!(child.wait().unwrap().success());
+    }
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.5"]).await;
+    let w = Worker::start(&alloc.socket, &["--auth-file", users.to_str().unwrap()]).await;
+    let url = origin.url("/");
+    for _ in 0..3 {
+        assert_eq!(
+            get_as(w.addr, "alice-session-s1", &url, None).await.status,
+            200
+        );
+    }
+    let pinned = origin.sources();
+    assert!(pinned.iter().all(|ip| *ip == pinned[0]), "{pinned:?}");
+    assert_eq!(get_as(w.addr, "team-a", &url, None).await.status, 200);
+    assert_eq!(
+        get_as(w.addr, "team-a-session-s1", &url, None).await.status,
+        200
+    );
+    assert_eq!(
+        get_as(w.addr, "mallory-session-s1", &url, None)
+            .await
+            .status,
+        407
+    );
+}

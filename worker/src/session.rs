@@ -1,0 +1,168 @@
+//! Sticky sessions named in the proxy user name, as backconnect services
+//! do: `USER-session-ID[-sessionttl-DURATION][-sessionstrict-1]`. The
+//! parameters come after the user name, separated by `-`; the user name
+//! itself is what the users file is checked against. A name the users
+//! file holds whole (a user called `a-b`) is a user name, not parameters.
+//! An unknown parameter is refused (407, naming it), never ignored.
+
+use std::time::Duration;
+
+/// What a session asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionParams {
+    /// `[A-Za-z0-9_]{1,64}`.
+    pub id: String,
+    /// `-sessionttl-`; the worker's default otherwise.
+    pub ttl: Option<Duration>,
+    /// `-sessionstrict-1`: fail (502) rather than move when the address
+    /// leaves the pool.
+    pub strict: bool,
+}
+
+/// A proxy user name: the user, and the session it names, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyUser {
+    pub user: String,
+    pub session: Option<SessionParams>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParamError {
+    #[error("unknown parameter `{0}` in the proxy user name (known: session, sessionttl, sessionstrict)")]
+    Unknown(String),
+    #[error("parameter `{0}` in the proxy user name has no value")]
+    NoValue(String),
+    #[error("`{value}` is not a valid {param} (session: 1-64 of A-Z a-z 0-9 _; sessionttl: 30s, 10m, 1h; sessionstrict: 0 or 1)")]
+    BadValue { param: String, value: String },
+    #[error("sessionttl and sessionstrict need a session")]
+    NoSession,
+}
+
+/// Splits `name` into the user and the session it names. `is_user` says
+/// whether a whole name is a user of the users file (always false without
+/// one).
+pub fn parse(name: &str, is_user: impl Fn(&str) -> bool) -> Result<ProxyUser, ParamError> {
+    let plain = |user: &str| ProxyUser {
+        user: user.to_string(),
+        session: None,
+    };
+    if is_user(name) {
+        return Ok(plain(name));
+    }
+    // The user name is the longest prefix before a `-` that the users file
+    // holds (a user may have a dash in its name), else what is before the
+    // first `-`.
+    let cut = name
+        .match_indices('-')
+        .map(|(i, _)| i)
+        .rev()
+        .find(|&i| is_user(&name[..i]))
+        .or_else(|| name.find('-'));
+    let Some(cut) = cut else {
+        return Ok(plain(name));
+    };
+    let (user, rest) = (&name[..cut], &name[cut + 1..]);
+    let mut id = None;
+    let mut ttl = None;
+    let mut strict = false;
+    let mut words = rest.split('-');
+    while let Some(key) = words.next() {
+        let value = words
+            .next()
+            .ok_or_else(|| ParamError::NoValue(key.into()))?;
+        let bad = || ParamError::BadValue {
+            param: key.into(),
+            value: value.into(),
+        };
+        match key {
+            "session" => {
+                let ok = (1..=64).contains(&value.len())
+                    && value
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                id = Some(ok.then(|| value.to_string()).ok_or_else(bad)?);
+            }
+            "sessionttl" => ttl = Some(humantime::parse_duration(value).map_err(|_| bad())?),
+            "sessionstrict" => {
+                strict = match value {
+                    "1" => true,
+                    "0" => false,
+                    _ => return Err(bad()),
+                }
+            }
+            other => return Err(ParamError::Unknown(other.into())),
+        }
+    }
+    match id {
+        Some(id) => Ok(ProxyUser {
+            user: user.to_string(),
+            session: Some(SessionParams { id, ttl, strict }),
+        }),
+        None => Err(ParamError::NoSession),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_users(_: &str) -> bool {
+        false
+    }
+
+    #[test]
+    fn names_with_and_without_sessions() {
+        let p = parse("alice", no_users).unwrap();
+        assert_eq!((p.user.as_str(), p.session), ("alice", None));
+        let p = parse(
+            "alice-session-abc_1-sessionttl-30s-sessionstrict-1",
+            no_users,
+        )
+        .unwrap();
+        assert_eq!(p.user, "alice");
+        assert_eq!(
+            p.session,
+            Some(SessionParams {
+                id: "abc_1".into(),
+                ttl: Some(Duration::from_secs(30)),
+                strict: true
+            })
+        );
+        // A user the file holds whole, dash and all, also with parameters.
+        let p = parse("a-b", |n| n == "a-b").unwrap();
+        assert_eq!((p.user.as_str(), p.session), ("a-b", None));
+        let p = parse("a-b-session-x", |n| n == "a-b").unwrap();
+        assert_eq!(p.user, "a-b");
+        assert_eq!(p.session.unwrap().id, "x");
+    }
+
+    #[test]
+    fn mistakes_are_named_not_ignored() {
+        assert_eq!(
+            parse("alice-sesion-abc", no_users),
+            Err(ParamError::Unknown("sesion".into()))
+        );
+        assert_eq!(
+            parse("alice-session", no_users),
+            Err(ParamError::NoValue("session".into()))
+        );
+        assert!(matches!(
+            parse("alice-session-a.b", no_users),
+            Err(ParamError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse(&format!("alice-session-{}", "x".repeat(65)), no_users),
+            Err(ParamError::BadValue { .. })
+        ));
+        assert!(matches!(
+            parse("alice-session-a-sessionttl-soon", no_users),
+            Err(ParamError::BadValue { .. })
+        ));
+        assert_eq!(
+            parse("alice-sessionttl-1m", no_users),
+            Err(ParamError::NoSession)
+        );
+        let err = parse("alice-country-de", no_users).unwrap_err().to_string();
+        assert!(err.contains("`country`"), "{err}");
+    }
+}
