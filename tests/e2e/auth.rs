@@ -3,7 +3,6 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use base64::Engine;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
@@ -31,13 +30,6 @@ fn add_user(file: &std::path::Path, name: &str, password: &str) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn basic(user: &str, pass: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
-    )
 }
 
 #[tokio::test]

@@ -5,7 +5,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use base64::Engine;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
@@ -13,13 +12,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::util::*;
-
-fn basic(user: &str, pass: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
-    )
-}
 
 /// A GET through `proxy` as `user` (password `pw`), on `conn` if given.
 async fn get_as(proxy: SocketAddr, user: &str, url: &str, conn: Option<&mut ProxyConn>) -> Reply {

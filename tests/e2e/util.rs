@@ -698,3 +698,12 @@ where
         std::panic::resume_unwind(panic);
     }
 }
+
+/// A `Proxy-Authorization: Basic` value.
+pub fn basic(user: &str, pass: &str) -> String {
+    use base64::Engine;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    )
+}
