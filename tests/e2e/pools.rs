@@ -74,8 +74,10 @@ fn an_ipv6_64_routed_to_the_host_is_a_pool() {
         ],
         || async {
             let origin = Origin::start_on("[fd00:9::1]:0".parse().unwrap()).await;
-            let alloc = Allocator::start(&["--pool", "2001:db8:7::/64"]).await;
-            let args = ["--allow-destination", "fd00::/8"];
+            let dir = Arc::new(tempfile::tempdir().unwrap());
+            let pool = ["--pool", "2001:db8:7::/64"];
+            let alloc = Allocator::start_in(dir.clone(), &pool).await;
+            let args = ["--allow-destination", "fd00::/8", "--lease-timeout", "10s"];
             let workers = [
                 Worker::start(&alloc.socket, &args).await,
                 Worker::start(&alloc.socket, &args).await,
@@ -91,6 +93,17 @@ fn an_ipv6_64_routed_to_the_host_is_a_pool() {
             assert_eq!(status["pool"][0]["ip"], "2001:db8:7::/64");
             assert_eq!(status["families"][1]["next"], prefix.at(40).to_string());
             assert_eq!(status["families"][1]["total"], 1u64 << 44);
+            // Killed and restarted, the allocator continues the walk exactly
+            // where it was (its position found again by inverting the
+            // permutation).
+            drop(alloc);
+            let _alloc = Allocator::start_in(dir, &pool).await;
+            for i in 0..5 {
+                let r = get(workers[i % 2].addr, &origin.url("/")).await;
+                assert_eq!(r.status, 200, "after the restart {i}: {:?}", r.body);
+            }
+            let want: Vec<IpAddr> = (40..45).map(|i| prefix.at(i)).collect();
+            assert_eq!(origin.sources()[40..], want[..]);
         },
     );
 }
