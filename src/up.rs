@@ -3,6 +3,7 @@
 //! passed on, and every child is stopped before `rotor up` exits.
 
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -62,12 +63,14 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     };
     let workers = up.workers();
     let listen = args.worker.listen(&file, 0);
+    let socks_listen = args.worker.merge(&file.worker).socks_listen;
     // What a worker would refuse, refused here, once, before anything runs.
-    if let Err(e) = tuning.check_exposure(&listen) {
+    let every: Vec<SocketAddr> = listen.iter().chain(&socks_listen).copied().collect();
+    if let Err(e) = tuning.check_exposure(&every) {
         error!("{}", rotor_protocol::error_chain(&e));
         return ExitCode::from(2);
     }
-    if listen.len() > MAX_LISTENERS {
+    if every.len() > MAX_LISTENERS {
         error!("at most {MAX_LISTENERS} listen addresses");
         return ExitCode::from(2);
     }
@@ -87,7 +90,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     // that stops leaves queued connections to the others instead of
     // resetting them (as closing one SO_REUSEPORT socket would).
     let mut listeners = Vec::new();
-    for addr in &listen {
+    for addr in &every {
         match rotor_worker::listener::bind_exclusive(*addr) {
             Ok(l) => listeners.push(std::os::fd::OwnedFd::from(l)),
             Err(e) if e.source.kind() == std::io::ErrorKind::AddrInUse => {
@@ -118,11 +121,16 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     let mut worker_args: Vec<OsString> = vec!["worker".into()];
     worker_args.extend(args.common.to_args(&socket));
     for i in 0..listeners.len() {
-        worker_args.extend(["--listen-fd".into(), (3 + i).to_string().into()]);
+        let flag = match i < listen.len() {
+            true => "--listen-fd",
+            false => "--socks-listen-fd",
+        };
+        worker_args.extend([flag.into(), (3 + i).to_string().into()]);
     }
     // The workers take the listening sockets made here, not addresses.
     let mut worker_flags = args.worker.clone();
     worker_flags.listen.clear();
+    worker_flags.socks_listen.clear();
     // Single-threaded workers, one per CPU by default: measured faster than
     // fewer workers with a thread per CPU each (the README's figures).
     if worker_flags.threads.is_none() && file.worker.threads.is_none() {

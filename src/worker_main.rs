@@ -46,14 +46,44 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             Err(e) => return fail(&e),
         }
     }
+    for fd in &args.socks_listen_fd {
+        match activation::take_fd(*fd) {
+            Ok(mut p) => {
+                p.name = "socks".into();
+                passed.push(p);
+            }
+            Err(e) => return fail(&e),
+        }
+    }
+    // Sockets named `socks` (systemd's FileDescriptorName, or
+    // --socks-listen-fd) serve SOCKS5; the others HTTP.
+    let (socks_passed, http_passed): (Vec<_>, Vec<_>) =
+        passed.into_iter().partition(|p| p.name == "socks");
     let mut listeners = Vec::new();
-    for p in activation::select(&passed, "proxy") {
+    for p in activation::select(&http_passed, "proxy") {
         match activation::tcp_listener(p) {
             Ok(l) => listeners.push(l),
             Err(e) => return fail(&e),
         }
     }
-    let inherited = listeners.len();
+    let mut socks = Vec::new();
+    for p in &socks_passed {
+        match activation::tcp_listener(p) {
+            Ok(l) => socks.push(l),
+            Err(e) => return fail(&e),
+        }
+    }
+    let socks_inherited = socks.len();
+    if socks_inherited == 0 {
+        for addr in &args.settings.merge(&file.worker).socks_listen {
+            match listener::bind_reuseport(*addr) {
+                Ok(l) => socks.push(l),
+                Err(e) => return fail(&e),
+            }
+        }
+    }
+    // Sockets passed (of either kind) replace the default HTTP listener.
+    let inherited = listeners.len() + socks_inherited;
     for addr in args.settings.listen(&file, inherited) {
         match listener::bind_reuseport(addr) {
             Ok(l) => listeners.push(l),
@@ -62,6 +92,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
     }
     let addrs: Vec<std::net::SocketAddr> = listeners
         .iter()
+        .chain(&socks)
         .filter_map(|l| l.local_addr().ok())
         .collect();
     if let Err(e) = tuning.check_exposure(&addrs) {
@@ -72,6 +103,12 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         for l in &listeners {
             eprintln!(
                 "ok: listen {}",
+                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+            );
+        }
+        for l in &socks {
+            eprintln!(
+                "ok: SOCKS5 {}",
                 l.local_addr().map(|a| a.to_string()).unwrap_or_default()
             );
         }
@@ -125,6 +162,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         }
         let result = rotor_worker::run(
             listeners,
+            socks,
             leases,
             tuning.config,
             signals.shutdown.clone(),

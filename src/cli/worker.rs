@@ -20,6 +20,9 @@ settings! {
         /// SO_REUSEPORT so several workers share it [default: 127.0.0.1:8080,
         /// unless sockets are passed by systemd or --listen-fd].
         listen: Vec<SocketAddr>,
+        /// Address to accept SOCKS5 clients on (CONNECT, the same leases,
+        /// rules, users and limits as the HTTP listener); repeatable.
+        socks_listen: Vec<SocketAddr>,
         /// How long a request waits for a lease (e.g. while the allocator
         /// restarts) before it gets 503.
         lease_timeout: Option<Duration> = "2s",
@@ -160,6 +163,9 @@ pub struct WorkerArgs {
     /// `rotor up` passes it); repeatable.
     #[arg(long = "listen-fd", value_name = "N")]
     pub listen_fd: Vec<i32>,
+    /// Accept SOCKS5 clients on the inherited descriptor N; repeatable.
+    #[arg(long = "socks-listen-fd", value_name = "N")]
+    pub socks_listen_fd: Vec<i32>,
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]

@@ -20,6 +20,7 @@ mod refresh;
 mod restart;
 mod rotation;
 mod sessions;
+mod socks;
 mod table;
 mod tunnel;
 mod up;

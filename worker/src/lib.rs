@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod relay;
 pub mod server;
 pub mod session;
+pub mod socks;
 pub mod upstream;
 
 pub use lease::LeaseClient;

@@ -67,7 +67,7 @@ pub struct ProxyConfig {
 /// The sticky session a request belongs to: its key at the allocator
 /// (user and session id), its lifetime, and whether it may move.
 #[derive(Debug, Clone)]
-struct Sticky {
+pub struct Sticky {
     key: String,
     ttl: Duration,
     strict: bool,
@@ -180,17 +180,33 @@ impl Proxy {
             .headers()
             .get(header::PROXY_AUTHORIZATION)
             .map(|v| v.as_bytes());
+        match (crate::auth::credentials(header), &self.config.auth) {
+            (Ok((name, password)), _) => self.authenticate_user(&name, &password, client).await,
+            (Err(_), None) => Ok(None),
+            (Err(e), Some(_)) => Err(ProxyError::Auth(e)),
+        }
+    }
+
+    /// Whether clients must authenticate (a users file is configured).
+    pub fn auth_required(&self) -> bool {
+        self.config.auth.is_some()
+    }
+
+    /// `name` (a user, perhaps with session parameters) and `password`,
+    /// checked against the users file if there is one; the sticky session
+    /// the name asks for.
+    pub async fn authenticate_user(
+        &self,
+        name: &str,
+        password: &str,
+        client: std::net::IpAddr,
+    ) -> Result<Option<Sticky>, ProxyError> {
         let user = match &self.config.auth {
-            None => match crate::auth::credentials(header) {
-                Ok((name, _)) => session::parse(&name, |_| false).map_err(ProxyError::Session)?,
-                Err(_) => return Ok(None),
-            },
+            None => session::parse(name, |_| false).map_err(ProxyError::Session)?,
             Some(auth) => {
-                let (name, password) =
-                    crate::auth::credentials(header).map_err(ProxyError::Auth)?;
                 let user =
-                    session::parse(&name, |n| auth.has_user(n)).map_err(ProxyError::Session)?;
-                auth.check_credentials(&user.user, &password, client)
+                    session::parse(name, |n| auth.has_user(n)).map_err(ProxyError::Session)?;
+                auth.check_credentials(&user.user, password, client)
                     .await
                     .map_err(ProxyError::Auth)?;
                 user
@@ -205,6 +221,43 @@ impl Proxy {
                 .min(self.config.session_max_ttl),
             strict: p.strict,
         }))
+    }
+
+    /// A connection to `host:port` from the next address (for a SOCKS5
+    /// CONNECT): the destination rules, the lease and the retry on an
+    /// unusable address as for an HTTP CONNECT.
+    pub async fn open_tunnel(
+        &self,
+        host: &str,
+        port: u16,
+        sticky: Option<&Sticky>,
+    ) -> Result<(TcpStream, Lease), ProxyError> {
+        let (addrs, lease) = self.resolve_and_lease(host, port, sticky).await?;
+        self.connect_leased(lease, &addrs, sticky).await
+    }
+
+    /// Relays a tunnel in the background (tracked for the drain, closed
+    /// after --tunnel-idle-timeout of silence), holding `permit`.
+    pub fn relay_tunnel(
+        &self,
+        client_stream: TcpStream,
+        upstream: TcpStream,
+        client: SocketAddr,
+        dest: String,
+        lease: Lease,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let idle_limit = self.config.tunnel_idle_timeout;
+        self.tunnels.spawn(async move {
+            let _permit = permit;
+            let activity = Activity::new();
+            let relay = crate::relay::tcp_tunnel(client_stream, upstream, &activity);
+            let result = tokio::select! {
+                r = relay => Some(r),
+                _ = activity.idle_for(idle_limit) => None,
+            };
+            log_tunnel_end(client, &dest, &lease, result);
+        });
     }
 
     pub fn leases(&self) -> &LeaseClient {
@@ -483,11 +536,7 @@ impl Proxy {
                 r = relay => Some(r),
                 _ = activity.idle_for(idle_limit) => None,
             };
-            match result {
-                None => debug!(%client, %dest, source = %lease.ip, "tunnel idle; closed"),
-                Some(Ok((up, down))) => debug!(%client, %dest, source = %lease.ip, up, down, "tunnel closed"),
-                Some(Err(e)) => debug!(%client, %dest, source = %lease.ip, error = %e, "tunnel ended with an error"),
-            }
+            log_tunnel_end(client, &dest, &lease, result);
         });
         let mut resp = Response::builder()
             .status(StatusCode::OK)
@@ -504,6 +553,24 @@ impl Proxy {
             if let Ok(v) = HeaderValue::from_str(&lease.ip.to_string()) {
                 headers.insert(HeaderName::from_static("rotor-source"), v);
             }
+        }
+    }
+}
+
+/// One line when a tunnel ends (`None`: closed for silence).
+fn log_tunnel_end(
+    client: SocketAddr,
+    dest: &str,
+    lease: &Lease,
+    result: Option<std::io::Result<(u64, u64)>>,
+) {
+    match result {
+        None => debug!(%client, %dest, source = %lease.ip, "tunnel idle; closed"),
+        Some(Ok((up, down))) => {
+            debug!(%client, %dest, source = %lease.ip, up, down, "tunnel closed")
+        }
+        Some(Err(e)) => {
+            debug!(%client, %dest, source = %lease.ip, error = %e, "tunnel ended with an error")
         }
     }
 }

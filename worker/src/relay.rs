@@ -113,6 +113,16 @@ pub async fn tunnel(
     }
 }
 
+/// Relays a tunnel between two plain TCP sockets (a SOCKS5 client's and
+/// its upstream), as `tunnel` does.
+pub async fn tcp_tunnel(
+    client: TcpStream,
+    upstream: TcpStream,
+    activity: &Activity,
+) -> io::Result<(u64, u64)> {
+    splice_tcp(client, Bytes::new(), upstream, activity, true).await
+}
+
 /// The relay between two TCP sockets. `early` are bytes the client sent
 /// behind its CONNECT head, already read. `pipes: false` copies through user
 /// space throughout (the path taken when no pipe can be had; tests use it).

@@ -53,6 +53,7 @@ pub enum Stopped {
 /// resolution over.
 pub async fn run(
     listeners: Vec<std::net::TcpListener>,
+    socks: Vec<std::net::TcpListener>,
     leases: Arc<LeaseClient>,
     config: Config,
     shutdown: CancellationToken,
@@ -93,6 +94,17 @@ pub async fn run(
         });
     }
     drop(accepted_tx);
+    for l in socks {
+        info!(listen = %l.local_addr()?, "listening for SOCKS5");
+        acceptors.spawn(socks_accept(
+            l,
+            proxy.clone(),
+            limit.clone(),
+            connections.clone(),
+            config.header_read_timeout,
+            shutdown.clone(),
+        ));
+    }
     acceptors.close();
 
     tokio::spawn(proxy.upstream().clone().reap(fast.clone()));
@@ -273,6 +285,56 @@ async fn notify_systemd(proxy: Arc<Proxy>, connections: TaskTracker, shutdown: C
         );
         last = now;
         let _ = notify(&[NotifyState::Status(&line)]);
+    }
+}
+
+/// Accepts SOCKS5 clients from `listener` until `shutdown`: each holds a
+/// place under the connection limit (a client past it is closed at once:
+/// SOCKS5 has no answer before its greeting), has `within` for its
+/// handshake, and is tracked in `connections` for the drain.
+async fn socks_accept(
+    listener: std::net::TcpListener,
+    proxy: Arc<Proxy>,
+    limit: Arc<Semaphore>,
+    connections: TaskTracker,
+    within: Duration,
+    shutdown: CancellationToken,
+) {
+    let addr = listener.local_addr().ok();
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(listener))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            error!(listen = ?addr, error = %e, "cannot accept on this SOCKS5 listener");
+            return;
+        }
+    };
+    loop {
+        let (stream, client) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "SOCKS5 accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            debug!(%client, "connection limit reached; SOCKS5 client closed");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        connections.spawn(crate::socks::serve(
+            proxy.clone(),
+            stream,
+            client,
+            permit,
+            within,
+        ));
     }
 }
 

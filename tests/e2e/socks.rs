@@ -1,0 +1,301 @@
+//! SOCKS5: CONNECT through the same leases, rules and users as the HTTP
+//! listener, with reply codes that say what happened; curl as a real
+//! client.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::util::*;
+
+/// A worker with a SOCKS5 listener (and the loopback destinations allowed
+/// unless `strict`): its HTTP address and its SOCKS5 address.
+async fn socks_worker(
+    socket: &std::path::Path,
+    extra: &[&str],
+    strict: bool,
+) -> (Worker, SocketAddr) {
+    let socks: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let s = socks.to_string();
+    let mut args = vec!["--socks-listen", s.as_str()];
+    args.extend_from_slice(extra);
+    let w = match strict {
+        true => Worker::start_exactly(socket, free_port(), &args).await,
+        false => Worker::start(socket, &args).await,
+    };
+    eventually("the SOCKS5 port", || async move {
+        TcpStream::connect(socks).await.is_ok()
+    })
+    .await;
+    (w, socks)
+}
+
+/// A SOCKS5 CONNECT to `host:port` (a name, or an address) as `user`, if
+/// given: the reply code and the stream.
+async fn connect(
+    proxy: SocketAddr,
+    user: Option<(&str, &str)>,
+    host: &str,
+    port: u16,
+) -> (u8, TcpStream) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    match user {
+        None => s.write_all(&[5, 1, 0]).await.unwrap(),
+        Some(_) => s.write_all(&[5, 2, 0, 2]).await.unwrap(),
+    }
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await.unwrap();
+    if m[1] == 0xff {
+        return (0xff, s);
+    }
+    if let Some((u, p)) = user {
+        assert_eq!(m[1], 2);
+        let mut a = vec![1, u.len() as u8];
+        a.extend_from_slice(u.as_bytes());
+        a.push(p.len() as u8);
+        a.extend_from_slice(p.as_bytes());
+        s.write_all(&a).await.unwrap();
+        let mut r = [0u8; 2];
+        s.read_exact(&mut r).await.unwrap();
+        if r[1] != 0 {
+            // The subnegotiation's failure status (RFC 1929: not 0).
+            return (r[1], s);
+        }
+    }
+    let mut req = vec![5, 1, 0];
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(a)) => {
+            req.push(1);
+            req.extend_from_slice(&a.octets());
+        }
+        Ok(std::net::IpAddr::V6(a)) => {
+            req.push(4);
+            req.extend_from_slice(&a.octets());
+        }
+        Err(_) => {
+            req.extend_from_slice(&[3, host.len() as u8]);
+            req.extend_from_slice(host.as_bytes());
+        }
+    }
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).await.unwrap();
+    let rest = if head[3] == 4 { 18 } else { 6 };
+    let mut b = vec![0u8; rest];
+    s.read_exact(&mut b).await.unwrap();
+    (head[1], s)
+}
+
+async fn echo_once(s: &mut TcpStream) {
+    s.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"ping");
+}
+
+#[tokio::test]
+async fn socks5_tunnels_rotate_pin_sessions_and_say_why_they_fail() {
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.4"]).await;
+    let (_w, socks) = socks_worker(&alloc.socket, &[], false).await;
+    // By address and by name (resolved by rotor: socks5h), rotating.
+    for i in 0..6 {
+        let host = if i % 2 == 0 { "127.0.0.1" } else { "localhost" };
+        let (code, mut s) = connect(socks, None, host, echo.addr.port()).await;
+        assert_eq!(code, 0, "tunnel {i}");
+        echo_once(&mut s).await;
+    }
+    let seen = echo.peers.lock().unwrap().clone();
+    assert_eq!(seen, [ips(2..=4), ips(2..=4)].concat());
+    // A session in the user name (no users file: the password is ignored).
+    for _ in 0..3 {
+        let (code, mut s) = connect(
+            socks,
+            Some(("u-session-s1", "x")),
+            "127.0.0.1",
+            echo.addr.port(),
+        )
+        .await;
+        assert_eq!(code, 0);
+        echo_once(&mut s).await;
+    }
+    let seen = echo.peers.lock().unwrap().clone();
+    assert!(seen[6..].iter().all(|ip| *ip == seen[6]), "{seen:?}");
+    // Connection refused: 5.
+    let closed = free_port();
+    assert_eq!(connect(socks, None, "127.0.0.1", closed).await.0, 5);
+    // A name that does not resolve: host unreachable, 4.
+    assert_eq!(connect(socks, None, "no-such-host.invalid", 80).await.0, 4);
+    // BIND: command not supported, 7.
+    let mut s = TcpStream::connect(socks).await.unwrap();
+    s.write_all(&[5, 1, 0, 5, 2, 0, 1, 127, 0, 0, 1, 0, 80])
+        .await
+        .unwrap();
+    let mut r = [0u8; 6];
+    s.read_exact(&mut r).await.unwrap();
+    assert_eq!(r[3], 7);
+    // Garbage and a silent client are closed (the latter within the
+    // header-read timeout); the listener goes on.
+    let mut g = TcpStream::connect(socks).await.unwrap();
+    g.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), g.read_to_end(&mut sink))
+        .await
+        .expect("closed");
+    assert_eq!(
+        connect(socks, None, "127.0.0.1", echo.addr.port()).await.0,
+        0
+    );
+
+    // The destination rules hold: loopback is not allowed by default (2).
+    let (_strict, strict_socks) = socks_worker(&alloc.socket, &[], true).await;
+    assert_eq!(
+        connect(strict_socks, None, "127.0.0.1", echo.addr.port())
+            .await
+            .0,
+        2
+    );
+}
+
+#[tokio::test]
+async fn socks5_with_a_users_file_and_a_slow_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    let mut child = std::process::Command::new(ROTOR)
+        .args([
+            "user",
+            "add",
+            "alice",
+            "--auth-file",
+            users.to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"pw").unwrap();
+    assert!(child.wait().unwrap().success());
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let auth = [
+        "--auth-file",
+        users.to_str().unwrap(),
+        "--header-read-timeout",
+        "1s",
+    ];
+    let (_w, socks) = socks_worker(&alloc.socket, &auth, false).await;
+    // No-auth only: no acceptable method.
+    assert_eq!(
+        connect(socks, None, "127.0.0.1", echo.addr.port()).await.0,
+        0xff
+    );
+    assert_eq!(
+        connect(
+            socks,
+            Some(("alice", "wrong")),
+            "127.0.0.1",
+            echo.addr.port()
+        )
+        .await
+        .0,
+        1
+    );
+    let (code, mut s) = connect(
+        socks,
+        Some(("alice-session-a", "pw")),
+        "127.0.0.1",
+        echo.addr.port(),
+    )
+    .await;
+    assert_eq!(code, 0);
+    echo_once(&mut s).await;
+    // A client that says nothing is cut off after the header-read timeout.
+    let mut slow = TcpStream::connect(socks).await.unwrap();
+    let t0 = Instant::now();
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut sink))
+        .await
+        .expect("the slow client was not cut off");
+    assert!(t0.elapsed() >= Duration::from_millis(900));
+}
+
+/// curl, a real client, through the SOCKS5 listener (socks5h: rotor
+/// resolves the name), rotating.
+#[tokio::test]
+async fn curl_through_socks5() {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("SKIPPED curl_through_socks5: no curl (.ci/run installs it)");
+        return;
+    }
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3"]).await;
+    let (_w, socks) = socks_worker(&alloc.socket, &[], false).await;
+    let url = format!("http://localhost:{}/", origin.addr.port());
+    for _ in 0..4 {
+        let out = tokio::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "10",
+            ])
+            .args(["-x", &format!("socks5h://{socks}"), &url])
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    }
+    assert_eq!(origin.sources(), [ips(2..=3), ips(2..=3)].concat());
+}
+
+/// `rotor up --socks-listen`: bound once, passed to every worker.
+#[tokio::test]
+async fn rotor_up_serves_socks5() {
+    let echo = Echo::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let socks: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let _up = Proc::spawn(
+        ROTOR,
+        &[
+            "up",
+            "--workers=2",
+            "--pool=127.0.0.2-127.0.0.3",
+            &format!("--listen=127.0.0.1:{}", free_port()),
+            &format!("--socks-listen={socks}"),
+            &format!("--socket={}", socket.display()),
+            "--no-state",
+            "--allow-destination=127.0.0.0/8",
+        ],
+    );
+    eventually("rotor up's SOCKS5 port", || async move {
+        TcpStream::connect(socks).await.is_ok()
+    })
+    .await;
+    eventually("rotor up serving SOCKS5", || async move {
+        matches!(
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                connect(socks, None, "127.0.0.1", echo.addr.port())
+            )
+            .await,
+            Ok((0, _))
+        )
+    })
+    .await;
+    for _ in 0..4 {
+        let (code, mut s) = connect(socks, None, "127.0.0.1", echo.addr.port()).await;
+        assert_eq!(code, 0);
+        echo_once(&mut s).await;
+    }
+}

@@ -1,0 +1,353 @@
+//! SOCKS5 (RFC 1928): CONNECT to an IPv4, IPv6 or domain-name address
+//! (names resolved by rotor, so `socks5h` works), through the same leases,
+//! destination rules, limits and drain as the HTTP listener. BIND and UDP
+//! ASSOCIATE are answered "command not supported".
+//!
+//! Authentication (RFC 1929): with a users file, username/password is the
+//! only method offered, checked against it, the user name carrying the
+//! same session parameters as the HTTP proxy's (`USER-session-ID`).
+//! Without one, username/password is still taken when the client offers
+//! it (for the session parameters; the password is ignored), else no
+//! authentication. Written by hand: the protocol is a few fixed fields, and
+//! rotor must open its own source-bound upstream socket, which the crates'
+//! server loops do for you.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::debug;
+
+use crate::error::ProxyError;
+use crate::proxy::Proxy;
+
+const VERSION: u8 = 5;
+const NO_AUTH: u8 = 0x00;
+const USER_PASS: u8 = 0x02;
+const NO_METHOD: u8 = 0xff;
+
+/// Reply codes (RFC 1928 §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Reply {
+    Succeeded = 0,
+    GeneralFailure = 1,
+    NotAllowed = 2,
+    NetworkUnreachable = 3,
+    HostUnreachable = 4,
+    Refused = 5,
+    TtlExpired = 6,
+    CommandNotSupported = 7,
+    AddressNotSupported = 8,
+}
+
+impl Reply {
+    /// What a failed tunnel says, by how it failed.
+    pub fn of(e: &ProxyError) -> Reply {
+        use ProxyError::*;
+        match e {
+            Denied(_) => Reply::NotAllowed,
+            Dns { .. } | DnsEmpty { .. } => Reply::HostUnreachable,
+            Unreachable { .. } => Reply::NetworkUnreachable,
+            Refused { .. } => Reply::Refused,
+            DnsTimeout { .. } | ConnectTimeout { .. } | ResponseTimeout { .. } => Reply::TtlExpired,
+            _ => Reply::GeneralFailure,
+        }
+    }
+}
+
+/// What a client asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handshake {
+    /// The username and password, when that method was used.
+    pub credentials: Option<(String, String)>,
+    pub host: String,
+    pub port: u16,
+}
+
+/// Why a handshake ended without a CONNECT to make.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("not SOCKS5 (version {0})")]
+    Version(u8),
+    #[error("no acceptable authentication method offered")]
+    NoMethod,
+    #[error("bad username/password subnegotiation")]
+    BadAuth,
+    #[error("command {0} not supported")]
+    Command(u8),
+    #[error("address type {0} not supported")]
+    AddressType(u8),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Reads a greeting, chooses a method (and reads the credentials), and
+/// reads the request. Answers what it refuses itself (no method, BIND/UDP,
+/// unknown address types); the caller answers the CONNECT.
+pub async fn handshake<S>(s: &mut S, auth_required: bool) -> Result<Handshake, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let version = s.read_u8().await?;
+    if version != VERSION {
+        return Err(HandshakeError::Version(version));
+    }
+    let n = s.read_u8().await? as usize;
+    let mut methods = vec![0u8; n];
+    s.read_exact(&mut methods).await?;
+    let method = if methods.contains(&USER_PASS) {
+        USER_PASS
+    } else if !auth_required && methods.contains(&NO_AUTH) {
+        NO_AUTH
+    } else {
+        s.write_all(&[VERSION, NO_METHOD]).await?;
+        return Err(HandshakeError::NoMethod);
+    };
+    s.write_all(&[VERSION, method]).await?;
+    let credentials = match method {
+        USER_PASS => {
+            if s.read_u8().await? != 1 {
+                return Err(HandshakeError::BadAuth);
+            }
+            let user = read_string(s).await?;
+            let password = read_string(s).await?;
+            Some((user, password))
+        }
+        _ => None,
+    };
+    // The subnegotiation's answer comes from the caller, once checked.
+    if credentials.is_some() {
+        return Ok(Handshake {
+            credentials,
+            host: String::new(),
+            port: 0,
+        });
+    }
+    read_request(s, None).await
+}
+
+/// After the credentials were answered: the request.
+pub async fn read_request<S>(
+    s: &mut S,
+    credentials: Option<(String, String)>,
+) -> Result<Handshake, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).await?;
+    let [version, command, _, atyp] = head;
+    if version != VERSION {
+        return Err(HandshakeError::Version(version));
+    }
+    let host = match atyp {
+        1 => {
+            let mut a = [0u8; 4];
+            s.read_exact(&mut a).await?;
+            Ipv4Addr::from(a).to_string()
+        }
+        3 => read_name(s).await?,
+        4 => {
+            let mut a = [0u8; 16];
+            s.read_exact(&mut a).await?;
+            Ipv6Addr::from(a).to_string()
+        }
+        other => {
+            reply(s, Reply::AddressNotSupported, None).await?;
+            return Err(HandshakeError::AddressType(other));
+        }
+    };
+    let port = s.read_u16().await?;
+    if command != 1 {
+        reply(s, Reply::CommandNotSupported, None).await?;
+        return Err(HandshakeError::Command(command));
+    }
+    Ok(Handshake {
+        credentials,
+        host,
+        port,
+    })
+}
+
+async fn read_string<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<String> {
+    let n = s.read_u8().await? as usize;
+    let mut b = vec![0u8; n];
+    s.read_exact(&mut b).await?;
+    Ok(String::from_utf8_lossy(&b).into_owned())
+}
+
+async fn read_name<S: AsyncRead + Unpin>(s: &mut S) -> Result<String, HandshakeError> {
+    let name = read_string(s).await?;
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(HandshakeError::AddressType(3));
+    }
+    Ok(name)
+}
+
+/// The answer to the request: `code`, and the address bound upstream.
+pub async fn reply<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    code: Reply,
+    bound: Option<SocketAddr>,
+) -> io::Result<()> {
+    let bound = bound.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let mut out = vec![VERSION, code as u8, 0];
+    match bound.ip() {
+        IpAddr::V4(a) => {
+            out.push(1);
+            out.extend_from_slice(&a.octets());
+        }
+        IpAddr::V6(a) => {
+            out.push(4);
+            out.extend_from_slice(&a.octets());
+        }
+    }
+    out.extend_from_slice(&bound.port().to_be_bytes());
+    s.write_all(&out).await
+}
+
+/// Serves one SOCKS5 client: the handshake within `within`, then the
+/// tunnel, which holds `permit` (its place under the connection limit).
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    mut stream: TcpStream,
+    client: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    within: Duration,
+) {
+    let auth_required = proxy.auth_required();
+    let opened = tokio::time::timeout(within, async {
+        let mut hs = handshake(&mut stream, auth_required).await?;
+        let mut sticky = None;
+        if let Some((user, password)) = hs.credentials.take() {
+            match proxy.authenticate_user(&user, &password, client.ip()).await {
+                Ok(s) => {
+                    stream.write_all(&[1, 0]).await?;
+                    sticky = s;
+                }
+                Err(e) => {
+                    stream.write_all(&[1, 1]).await?;
+                    debug!(%client, error = %e, "SOCKS5 authentication refused");
+                    return Err(HandshakeError::BadAuth);
+                }
+            }
+            hs = read_request(&mut stream, None).await?;
+        }
+        Ok::<_, HandshakeError>((hs, sticky))
+    })
+    .await;
+    let (hs, sticky) = match opened {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            debug!(%client, error = %e, "SOCKS5 handshake ended");
+            return;
+        }
+        Err(_) => {
+            debug!(%client, "SOCKS5 handshake too slow; closed");
+            return;
+        }
+    };
+    let dest = format!("{}:{}", hs.host, hs.port);
+    let (upstream, lease) = match proxy.open_tunnel(&hs.host, hs.port, sticky.as_ref()).await {
+        Ok(x) => x,
+        Err(e) => {
+            let code = Reply::of(&e);
+            debug!(%client, %dest, error = %rotor_protocol::error_chain(&e), reply = ?code, "SOCKS5 connect failed");
+            let _ = reply(&mut stream, code, None).await;
+            return;
+        }
+    };
+    if reply(&mut stream, Reply::Succeeded, upstream.local_addr().ok())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    debug!(%client, %dest, source = %lease.ip, seq = lease.seq, "SOCKS5 tunnel");
+    proxy.relay_tunnel(stream, upstream, client, dest, lease, permit);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn run(input: &[u8], auth: bool) -> (Result<Handshake, HandshakeError>, Vec<u8>) {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        a.write_all(input).await.unwrap();
+        // The client has said all it will: a short handshake ends in an
+        // error, never a wait.
+        a.shutdown().await.unwrap();
+        let r = handshake(&mut b, auth).await;
+        drop(b);
+        let mut out = Vec::new();
+        a.read_to_end(&mut out).await.unwrap();
+        (r, out)
+    }
+
+    #[tokio::test]
+    async fn requests_of_each_address_type() {
+        let (r, out) = run(&[5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1, 0, 80], false).await;
+        let h = r.unwrap();
+        assert_eq!(
+            (h.host.as_str(), h.port, out),
+            ("127.0.0.1", 80, vec![5, 0])
+        );
+        let mut name = vec![5, 1, 0, 5, 1, 0, 3, 11];
+        name.extend_from_slice(b"example.com");
+        name.extend_from_slice(&[1, 187]);
+        assert_eq!(run(&name, false).await.0.unwrap().host, "example.com");
+        let mut v6 = vec![5, 1, 0, 5, 1, 0, 4];
+        v6.extend_from_slice(&Ipv6Addr::LOCALHOST.octets());
+        v6.extend_from_slice(&[0, 22]);
+        assert_eq!(run(&v6, false).await.0.unwrap().host, "::1");
+    }
+
+    #[tokio::test]
+    async fn methods_credentials_and_refusals() {
+        // With a users file, no-auth alone is refused with 0xff.
+        let (r, out) = run(&[5, 1, 0], true).await;
+        assert!(matches!(r, Err(HandshakeError::NoMethod)) && out == [5, 0xff]);
+        // Username/password chosen when offered.
+        let mut up = vec![5, 2, 0, 2, 1, 5];
+        up.extend_from_slice(b"alice");
+        up.push(2);
+        up.extend_from_slice(b"pw");
+        let (r, out) = run(&up, true).await;
+        assert_eq!(r.unwrap().credentials, Some(("alice".into(), "pw".into())));
+        assert_eq!(out, [5, 2]);
+        // BIND: command not supported.
+        let (r, out) = run(&[5, 1, 0, 5, 2, 0, 1, 1, 2, 3, 4, 0, 1], false).await;
+        assert!(matches!(r, Err(HandshakeError::Command(2))));
+        assert_eq!(
+            out[..4],
+            [5, 0, 5, Reply::CommandNotSupported as u8],
+            "{out:?}"
+        );
+        // Not SOCKS5 at all.
+        assert!(matches!(
+            run(b"GET / HTTP/1.1\r\n", false).await.0,
+            Err(HandshakeError::Version(b'G'))
+        ));
+        // A truncated handshake is an error, not a hang (the peer closed).
+        assert!(run(&[5, 3, 0], false).await.0.is_err());
+    }
+
+    proptest::proptest! {
+        /// Any bytes end the handshake (a request or an error), without a
+        /// panic, with or without a users file.
+        #[test]
+        fn arbitrary_handshakes_end_cleanly(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            auth in proptest::prelude::any::<bool>(),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let r = rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), run(&bytes, auth)).await });
+            proptest::prop_assert!(r.is_ok(), "the handshake waited");
+        }
+    }
+}
