@@ -299,3 +299,55 @@ async fn rotor_up_serves_socks5() {
         echo_once(&mut s).await;
     }
 }
+
+/// Python clients over SOCKS5 and over the HTTP proxy with a session in
+/// the user name: requests (PySocks) and httpx (socksio), as users run
+/// them. `.ci/run` installs them; elsewhere the test says it was skipped.
+#[tokio::test]
+async fn python_clients_through_socks5_and_sessions() {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import requests, socks, httpx, socksio"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        println!("SKIPPED python_clients_through_socks5_and_sessions: requests, pysocks, httpx, socksio not installed (.ci/run installs them)");
+        return;
+    }
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.5"]).await;
+    let (w, socks) = socks_worker(&alloc.socket, &[], false).await;
+    let url = format!("http://localhost:{}/", origin.addr.port());
+    let script = format!(
+        r#"
+import requests, httpx
+url = "{url}"
+for proxy in ["socks5h://{socks}", "socks5h://u-session-py1:x@{socks}", "http://u-session-py2:x@{http}"]:
+    for _ in range(3):
+        r = requests.get(url, proxies={{"http": proxy, "https": proxy}}, timeout=10)
+        assert r.status_code == 200, (proxy, r.status_code)
+for proxy in ["socks5://{socks}", "http://u-session-py3:x@{http}"]:
+    with httpx.Client(proxy=proxy, timeout=10) as c:
+        for _ in range(3):
+            assert c.get(url).status_code == 200, proxy
+print("ok")
+"#,
+        http = w.addr,
+    );
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = origin.sources();
+    assert_eq!(seen.len(), 15);
+    // Rotating for plain SOCKS5; each session pinned to one address.
+    assert_eq!(seen[..3], ips(2..=4)[..]);
+    for pinned in [&seen[3..6], &seen[6..9], &seen[12..15]] {
+        assert!(pinned.iter().all(|ip| *ip == pinned[0]), "{seen:?}");
+    }
+}

@@ -725,7 +725,13 @@ fn origin_form(uri: &Uri) -> Uri {
 /// The size of `req`'s head as sent: request line, header lines, and the
 /// blank line (hyper's read buffer, which also bounds it, may hold more).
 fn head_len<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    // The target as it came (no string built): scheme://authority, then
+    // the path and query.
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
     req.headers()
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
@@ -766,6 +772,15 @@ mod tests {
         assert_eq!(
             (h.as_str(), p, hh.to_str().unwrap()),
             ("example.com", 80, "example.com")
+        );
+        // The head's size counts the target as sent.
+        let req = Request::get("http://example.com:8080/a?b")
+            .header("x", "yy")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            head_len(&req),
+            "GET http://example.com:8080/a?b HTTP/1.1\r\nx: yy\r\n\r\n".len()
         );
         // A password in the target is no port, and shows nowhere.
         let (h, p, _) =

@@ -202,6 +202,7 @@ pub async fn run(
                         // once raced the client's next request, which a
                         // client that does not retry saw fail. A request
                         // in flight is answered with `Connection: close`.
+                        arrivals.watch();
                         let since = arrivals.count();
                         let r = match waiting.load(Ordering::Relaxed) {
                             0 => tokio::select! {
@@ -387,16 +388,28 @@ impl Drop for Waiting {
 struct Arrivals {
     count: std::sync::atomic::AtomicU64,
     notify: tokio::sync::Notify,
+    /// Set when the connection drains (see `arrived`).
+    watched: std::sync::atomic::AtomicBool,
 }
 
 impl Arrivals {
     fn arrived(&self) {
-        self.count.fetch_add(1, Ordering::AcqRel);
-        self.notify.notify_waiters();
+        // Only a draining connection waits: no wake-up (and its lock) per
+        // request otherwise. SeqCst both here and in `watch`: an arrival
+        // counted after the drain read the count sees the flag.
+        self.count.fetch_add(1, Ordering::SeqCst);
+        if self.watched.load(Ordering::SeqCst) {
+            self.notify.notify_waiters();
+        }
+    }
+
+    /// From now on each arrival wakes `after`.
+    fn watch(&self) {
+        self.watched.store(true, Ordering::SeqCst);
     }
 
     fn count(&self) -> u64 {
-        self.count.load(Ordering::Acquire)
+        self.count.load(Ordering::SeqCst)
     }
 
     /// Resolves once a request after the `since`-th has arrived.
