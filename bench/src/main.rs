@@ -51,6 +51,10 @@ enum Cmd {
         /// CONNECT; a reference such as haproxy in TCP mode), repeatable.
         #[arg(long = "relay", value_parser = named_addr)]
         relays: Vec<(String, SocketAddr)>,
+        /// `name=127.0.0.1:port` of a SOCKS5 proxy (CONNECT, no
+        /// authentication), repeatable.
+        #[arg(long = "socks", value_parser = named_addr)]
+        socks: Vec<(String, SocketAddr)>,
         /// Where the far end listens (a relay's configuration names it).
         #[arg(long, default_value = "127.0.0.1:0")]
         sink: SocketAddr,
@@ -165,6 +169,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Tunnel {
             proxies,
             relays,
+            socks,
             sink,
             bytes,
             seconds,
@@ -175,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
             tunnel_bench(
                 proxies,
                 relays,
+                socks,
                 sink,
                 bytes,
                 Duration::from_secs(seconds),
@@ -462,6 +468,8 @@ enum Via {
     Connect(SocketAddr),
     /// A TCP relay that forwards every connection to the sink.
     Relay(SocketAddr),
+    /// A SOCKS5 proxy, asked with CONNECT (no authentication).
+    Socks5(SocketAddr),
 }
 
 async fn open(via: Via, target: SocketAddr) -> anyhow::Result<TcpStream> {
@@ -470,6 +478,25 @@ async fn open(via: Via, target: SocketAddr) -> anyhow::Result<TcpStream> {
         Via::Relay(relay) => {
             let s = TcpStream::connect(relay).await?;
             s.set_nodelay(true)?;
+            return Ok(s);
+        }
+        Via::Socks5(proxy) => {
+            let mut s = TcpStream::connect(proxy).await?;
+            s.set_nodelay(true)?;
+            // The greeting and the request in one write; the answers (the
+            // method, then the reply with an IPv4 bound address) in order.
+            let SocketAddr::V4(t) = target else {
+                bail!("the SOCKS5 bench asks for IPv4 targets");
+            };
+            let mut hello = vec![5, 1, 0, 5, 1, 0, 1];
+            hello.extend_from_slice(&t.ip().octets());
+            hello.extend_from_slice(&t.port().to_be_bytes());
+            s.write_all(&hello).await?;
+            let mut answer = [0u8; 12];
+            s.read_exact(&mut answer).await?;
+            if answer[..2] != [5, 0] || answer[3] != 0 || answer[5] != 1 {
+                bail!("SOCKS5 refused: {answer:?}");
+            }
             return Ok(s);
         }
         Via::Connect(proxy) => proxy,
@@ -511,6 +538,7 @@ async fn open(via: Via, target: SocketAddr) -> anyhow::Result<TcpStream> {
 async fn tunnel_bench(
     proxies: Vec<(String, SocketAddr)>,
     relays: Vec<(String, SocketAddr)>,
+    socks: Vec<(String, SocketAddr)>,
     sink_at: SocketAddr,
     bytes: u64,
     dur: Duration,
@@ -522,6 +550,7 @@ async fn tunnel_bench(
     let mut paths: Vec<(String, Via)> = vec![("direct".into(), Via::Direct)];
     paths.extend(proxies.into_iter().map(|(n, a)| (n, Via::Connect(a))));
     paths.extend(relays.into_iter().map(|(n, a)| (n, Via::Relay(a))));
+    paths.extend(socks.into_iter().map(|(n, a)| (n, Via::Socks5(a))));
     // Rounds interleaved (A B C, A B C…), then each path's medians.
     let mut figures: Vec<Vec<Figures>> = vec![Vec::new(); paths.len()];
     for _ in 0..rounds {
