@@ -19,6 +19,7 @@ struct Session {
     ips: [Option<IpAddr>; 2],
     created: Instant,
     expires: Instant,
+    strict: bool,
 }
 
 #[derive(Debug)]
@@ -28,6 +29,10 @@ pub struct Sessions {
     /// whose session is gone or newer are skipped when met).
     order: VecDeque<(Instant, String)>,
     max: usize,
+    /// Strict sessions evicted before their end, until then: they fail
+    /// (as their address gone) rather than quietly take another address.
+    /// Bounded like the table.
+    evicted_strict: HashMap<String, Instant>,
 }
 
 /// What a session says of a lease of `family`.
@@ -39,6 +44,8 @@ pub enum Pinned {
     Nothing,
     /// It had one, which `good` refused (left the pool, or quarantined).
     Gone(IpAddr),
+    /// A strict session evicted (the table was full) before its end.
+    Evicted,
 }
 
 impl Sessions {
@@ -47,6 +54,7 @@ impl Sessions {
             map: HashMap::new(),
             order: VecDeque::new(),
             max: max.max(1),
+            evicted_strict: HashMap::new(),
         }
     }
 
@@ -76,12 +84,19 @@ impl Sessions {
                 Some(ip) => Pinned::Gone(ip),
                 None => Pinned::Nothing,
             },
+            None if self
+                .evicted_strict
+                .get(key)
+                .is_some_and(|until| *until > now) =>
+            {
+                Pinned::Evicted
+            }
             None => Pinned::Nothing,
         }
     }
 
     /// Pins `ip` for session `key` (created now, lasting `ttl`, if new).
-    pub fn pin(&mut self, key: &str, ip: IpAddr, ttl: Duration, now: Instant) {
+    pub fn pin(&mut self, key: &str, ip: IpAddr, ttl: Duration, strict: bool, now: Instant) {
         let family = Family::of(&ip);
         if let Some(s) = self.map.get_mut(key) {
             s.ips[family.index()] = Some(ip);
@@ -92,7 +107,18 @@ impl Sessions {
                 break;
             };
             if self.map.get(&old).is_some_and(|s| s.created == created) {
-                self.map.remove(&old);
+                if let Some(s) = self
+                    .map
+                    .remove(&old)
+                    .filter(|s| s.strict && s.expires > now)
+                {
+                    if self.evicted_strict.len() >= self.max {
+                        self.evicted_strict.retain(|_, until| *until > now);
+                    }
+                    if self.evicted_strict.len() < self.max {
+                        self.evicted_strict.insert(old, s.expires);
+                    }
+                }
             }
         }
         let mut ips = [None, None];
@@ -103,6 +129,7 @@ impl Sessions {
                 ips,
                 created: now,
                 expires: now + ttl,
+                strict,
             },
         );
         self.order.push_back((now, key.to_string()));
@@ -111,6 +138,7 @@ impl Sessions {
     /// Drops the expired sessions (and what the order no longer needs).
     pub fn expire(&mut self, now: Instant) {
         self.map.retain(|_, s| s.expires > now);
+        self.evicted_strict.retain(|_, until| *until > now);
         let map = &self.map;
         self.order
             .retain(|(created, key)| map.get(key).is_some_and(|s| s.created == *created));
@@ -140,7 +168,7 @@ mod tests {
         let mut s = Sessions::new(2);
         let all_good = |_| true;
         assert_eq!(s.pinned("a", Family::V4, t0, all_good), Pinned::Nothing);
-        s.pin("a", ip("10.0.0.1"), ttl, t0);
+        s.pin("a", ip("10.0.0.1"), ttl, false, t0);
         assert_eq!(
             s.pinned("a", Family::V4, t0, all_good),
             Pinned::Address(ip("10.0.0.1"))
@@ -152,7 +180,13 @@ mod tests {
             s.pinned("a", Family::V4, t0, gone),
             Pinned::Gone(ip("10.0.0.1"))
         );
-        s.pin("a", ip("10.0.0.2"), Duration::from_secs(1000), t0 + ttl / 2);
+        s.pin(
+            "a",
+            ip("10.0.0.2"),
+            Duration::from_secs(1000),
+            false,
+            t0 + ttl / 2,
+        );
         assert_eq!(
             s.pinned("a", Family::V4, t0 + ttl / 2, all_good),
             Pinned::Address(ip("10.0.0.2"))
@@ -163,13 +197,25 @@ mod tests {
             "fixed from the first lease"
         );
         // Bounded: the oldest goes first.
-        s.pin("b", ip("10.0.0.3"), ttl, t0 + Duration::from_secs(1));
-        s.pin("c", ip("10.0.0.4"), ttl, t0 + Duration::from_secs(2));
-        s.pin("d", ip("10.0.0.5"), ttl, t0 + Duration::from_secs(3));
+        s.pin("b", ip("10.0.0.3"), ttl, false, t0 + Duration::from_secs(1));
+        s.pin("c", ip("10.0.0.4"), ttl, false, t0 + Duration::from_secs(2));
+        s.pin("d", ip("10.0.0.5"), ttl, false, t0 + Duration::from_secs(3));
         assert_eq!(s.len(), 2);
         assert_eq!(s.pinned("b", Family::V4, t0, all_good), Pinned::Nothing);
         assert_eq!(s.on(ip("10.0.0.5")), 1);
         s.expire(t0 + Duration::from_secs(100));
         assert!(s.is_empty() && s.order.is_empty());
+        // A strict session pushed out early says so, until its end.
+        let mut s = Sessions::new(1);
+        s.pin("strict", ip("10.0.0.1"), ttl, true, t0);
+        s.pin("other", ip("10.0.0.2"), ttl, false, t0);
+        assert_eq!(
+            s.pinned("strict", Family::V4, t0, all_good),
+            Pinned::Evicted
+        );
+        assert_eq!(
+            s.pinned("strict", Family::V4, t0 + ttl, all_good),
+            Pinned::Nothing
+        );
     }
 }

@@ -447,6 +447,13 @@ impl Allocator {
                     return inner.answer(peer, Some(Ok(lease)));
                 }
                 Pinned::Gone(ip) if strict => return Response::SessionLost { ip },
+                // Pushed out of a full table: its address is unknown now.
+                Pinned::Evicted if strict => {
+                    return Response::SessionLost {
+                        ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                    }
+                }
+                Pinned::Evicted => {}
                 Pinned::Gone(ip) => {
                     tracing::info!(session = %key.split('\0').nth(1).unwrap_or(""), from = %ip, "session address left the rotation; the session moves to the next address");
                 }
@@ -454,7 +461,7 @@ impl Allocator {
             }
             match inner.lease_checked(Families::only(family)) {
                 Some(Ok(lease)) => {
-                    inner.sessions.pin(key, lease.ip, ttl, now);
+                    inner.sessions.pin(key, lease.ip, ttl, strict, now);
                     return inner.answer(peer, Some(Ok(lease)));
                 }
                 other => last = Some(other),

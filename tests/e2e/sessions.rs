@@ -138,10 +138,12 @@ async fn sessions_expire_move_or_fail_when_their_address_goes_and_bad_names_are_
     assert_eq!(r.status, 200);
     assert_ne!(last(), strict_ip, "a loose session moves");
 
-    // A mistake in the name is refused, naming the parameter.
-    let r = get_as(w.addr, "u-country-de", &url, None).await;
+    // A mistake in a session name is refused, naming the parameter; a
+    // name with a dash and no session is just a name.
+    let r = get_as(w.addr, "u-session-a-country-de", &url, None).await;
     assert_eq!(r.status, 407);
     assert!(String::from_utf8_lossy(&r.body).contains("`country`"));
+    assert_eq!(get_as(w.addr, "my-app", &url, None).await.status, 200);
 }
 
 /// With a users file the user name before the parameters is checked; a
@@ -183,4 +185,12 @@ async fn sessions_with_authentication() {
             .status,
         407
     );
+    // A wrong parameter is named to a user whose password checks out, and
+    // to nobody else (that would tell which dashed names are users).
+    let r = get_as(w.addr, "alice-session-s1-country-de", &url, None).await;
+    assert_eq!(r.status, 407);
+    assert!(String::from_utf8_lossy(&r.body).contains("`country`"));
+    let r = get_as(w.addr, "nobody-session-s1-country-de", &url, None).await;
+    assert_eq!(r.status, 407);
+    assert!(!String::from_utf8_lossy(&r.body).contains("`country`"));
 }

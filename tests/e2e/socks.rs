@@ -351,3 +351,42 @@ print("ok")
         assert!(pinned.iter().all(|ip| *ip == pinned[0]), "{seen:?}");
     }
 }
+
+/// A worker whose only socket is systemd's SOCKS5 one (no HTTP listener)
+/// serves and keeps serving: it does not take the missing HTTP acceptor
+/// for a stop.
+#[tokio::test]
+async fn a_socket_activated_socks5_only_worker_serves() {
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3"]).await;
+    let socks: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let listen = socks.to_string();
+    let _worker = Proc::spawn(
+        "systemd-socket-activate",
+        &[
+            "-l",
+            &listen,
+            "--fdname=socks",
+            "-E",
+            &format!("ROTOR_SOCKET={}", alloc.socket.display()),
+            WORKER,
+            "--allow-destination",
+            "127.0.0.0/8",
+        ],
+    );
+    eventually("the SOCKS5 socket", || async move {
+        TcpStream::connect(socks).await.is_ok()
+    })
+    .await;
+    for i in 0..4 {
+        let (code, mut s) = connect(socks, None, "127.0.0.1", echo.addr.port()).await;
+        assert_eq!(code, 0, "tunnel {i}");
+        echo_once(&mut s).await;
+        if i == 1 {
+            // Still there a moment later.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    let seen = echo.peers.lock().unwrap().clone();
+    assert_eq!(seen[seen.len() - 4..], [ips(2..=3), ips(2..=3)].concat());
+}

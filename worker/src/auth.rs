@@ -25,7 +25,7 @@ const REMEMBER_MAX: usize = 10_000;
 /// Longest `Proxy-Authorization` value looked at.
 const MAX_HEADER: usize = 1024;
 /// How long a request waits for a free argon2 slot before it is refused.
-const VERIFY_WAIT: Duration = Duration::from_secs(2);
+pub const VERIFY_WAIT: Duration = Duration::from_secs(2);
 /// How long credentials that failed are answered from memory, with no new
 /// argon2 check (a client retrying a wrong password costs nothing).
 const FAILED_REMEMBER: Duration = Duration::from_secs(60);

@@ -202,15 +202,28 @@ impl Proxy {
         client: std::net::IpAddr,
     ) -> Result<Option<Sticky>, ProxyError> {
         let user = match &self.config.auth {
+            // Without a users file a name is only read for a session when
+            // it names one: `my-app` stays a plain name, as before sessions.
+            None if !name.contains("-session") => return Ok(None),
             None => session::parse(name, |_| false).map_err(ProxyError::Session)?,
-            Some(auth) => {
-                let user =
-                    session::parse(name, |n| auth.has_user(n)).map_err(ProxyError::Session)?;
-                auth.check_credentials(&user.user, password, client)
-                    .await
-                    .map_err(ProxyError::Auth)?;
-                user
-            }
+            Some(auth) => match session::parse(name, |n| auth.has_user(n)) {
+                Ok(user) => {
+                    auth.check_credentials(&user.user, password, client)
+                        .await
+                        .map_err(ProxyError::Auth)?;
+                    user
+                }
+                // Which parameter is wrong is said only to someone whose
+                // password checks out (else it would tell whether a dashed
+                // name is a user): a wrong password is just that.
+                Err(e) => {
+                    let base = name.split('-').next().unwrap_or(name);
+                    auth.check_credentials(base, password, client)
+                        .await
+                        .map_err(ProxyError::Auth)?;
+                    return Err(ProxyError::Session(e));
+                }
+            },
         };
         Ok(user.session.map(|p| Sticky {
             // Sessions of different users are different sessions.

@@ -93,6 +93,16 @@ pub async fn run(
             }
         });
     }
+    // The accept channel stays open until the stop, also for a worker that
+    // serves SOCKS5 only (no HTTP acceptor holds a sender then).
+    {
+        let tx = accepted_tx.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            drop(tx);
+        });
+    }
     drop(accepted_tx);
     for l in socks {
         info!(listen = %l.local_addr()?, "listening for SOCKS5");
@@ -325,7 +335,24 @@ async fn socks_accept(
             },
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            debug!(%client, "connection limit reached; SOCKS5 client closed");
+            debug!(%client, "connection limit reached; SOCKS5 client refused");
+            // Its greeting read and answered "no acceptable method", then a
+            // lingering close: a refusal, not a reset.
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let mut greeting = [0u8; 257];
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    tokio::io::AsyncReadExt::read(&mut stream, &mut greeting),
+                )
+                .await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    tokio::io::AsyncWriteExt::write_all(&mut stream, &[5, 0xff]),
+                )
+                .await;
+                linger_close(stream).await;
+            });
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -342,15 +369,20 @@ async fn socks_accept(
 /// Answers a client past the connection limit at once, without reading its
 /// request, so it can retry elsewhere instead of waiting in a queue.
 async fn refuse(mut stream: TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     const REFUSAL: &[u8] = b"HTTP/1.1 503 Connection Limit Reached\r\n\
         proxy-status: rotor; error=proxy_internal_error; details=\"connection limit reached\"\r\n\
         content-length: 0\r\nconnection: close\r\n\r\n";
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(REFUSAL)).await;
-    // A lingering close: the 503 is followed by a FIN, and what the client
-    // sent is read (for a moment, a little) before the socket closes.
-    // Closed with its request unread, the kernel answers with a reset,
-    // which can reach the client before it has read the 503.
+    linger_close(stream).await;
+}
+
+/// A lingering close: a FIN after what was written, and what the client
+/// sent read (for a moment, a little) before the socket closes. Closed with
+/// its request unread, the kernel answers with a reset, which can reach the
+/// client before it has read the answer.
+pub(crate) async fn linger_close(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = stream.shutdown().await;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
     let mut buf = [0u8; 4096];

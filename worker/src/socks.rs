@@ -52,7 +52,12 @@ impl Reply {
         match e {
             Denied(_) => Reply::NotAllowed,
             Dns { .. } | DnsEmpty { .. } => Reply::HostUnreachable,
-            Unreachable { .. } => Reply::NetworkUnreachable,
+            Unreachable { source, .. } if source.raw_os_error() == Some(libc::ENETUNREACH) => {
+                Reply::NetworkUnreachable
+            }
+            Unreachable { .. } => Reply::HostUnreachable,
+            // A destination of a family the pool has none of.
+            NoAddress(rotor_protocol::NoAddress::NoFamily { .. }) => Reply::AddressNotSupported,
             Refused { .. } => Reply::Refused,
             DnsTimeout { .. } | ConnectTimeout { .. } | ResponseTimeout { .. } => Reply::TtlExpired,
             _ => Reply::GeneralFailure,
@@ -78,6 +83,8 @@ pub enum HandshakeError {
     NoMethod,
     #[error("bad username/password subnegotiation")]
     BadAuth,
+    #[error("credentials refused")]
+    Refused,
     #[error("command {0} not supported")]
     Command(u8),
     #[error("address type {0} not supported")]
@@ -151,7 +158,13 @@ where
             s.read_exact(&mut a).await?;
             Ipv4Addr::from(a).to_string()
         }
-        3 => read_name(s).await?,
+        3 => match read_name(s).await {
+            Ok(name) => name,
+            Err(e) => {
+                reply(s, Reply::GeneralFailure, None).await?;
+                return Err(e);
+            }
+        },
         4 => {
             let mut a = [0u8; 16];
             s.read_exact(&mut a).await?;
@@ -211,8 +224,9 @@ pub async fn reply<S: AsyncWrite + Unpin>(
     s.write_all(&out).await
 }
 
-/// Serves one SOCKS5 client: the handshake within `within`, then the
-/// tunnel, which holds `permit` (its place under the connection limit).
+/// Serves one SOCKS5 client: the handshake within `within` (and the wait
+/// for a password check's slot on top), then the tunnel, which holds
+/// `permit` (its place under the connection limit).
 pub async fn serve(
     proxy: Arc<Proxy>,
     mut stream: TcpStream,
@@ -221,7 +235,7 @@ pub async fn serve(
     within: Duration,
 ) {
     let auth_required = proxy.auth_required();
-    let opened = tokio::time::timeout(within, async {
+    let opened = tokio::time::timeout(within + crate::auth::VERIFY_WAIT, async {
         let mut hs = handshake(&mut stream, auth_required).await?;
         let mut sticky = None;
         if let Some((user, password)) = hs.credentials.take() {
@@ -233,7 +247,7 @@ pub async fn serve(
                 Err(e) => {
                     stream.write_all(&[1, 1]).await?;
                     debug!(%client, error = %e, "SOCKS5 authentication refused");
-                    return Err(HandshakeError::BadAuth);
+                    return Err(HandshakeError::Refused);
                 }
             }
             hs = read_request(&mut stream, None).await?;
@@ -245,6 +259,9 @@ pub async fn serve(
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             debug!(%client, error = %e, "SOCKS5 handshake ended");
+            // Whatever it said after, read: the answer is not lost to a
+            // reset.
+            crate::server::linger_close(stream).await;
             return;
         }
         Err(_) => {
@@ -259,6 +276,7 @@ pub async fn serve(
             let code = Reply::of(&e);
             debug!(%client, %dest, error = %rotor_protocol::error_chain(&e), reply = ?code, "SOCKS5 connect failed");
             let _ = reply(&mut stream, code, None).await;
+            crate::server::linger_close(stream).await;
             return;
         }
     };
