@@ -1,7 +1,6 @@
 //! Proxy authentication, and the refusal to run an open proxy by accident.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -10,27 +9,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::util::*;
-
-fn add_user(file: &std::path::Path, name: &str, password: &str) {
-    let mut child = Command::new(ROTOR)
-        .args(["user", "add", name, "--auth-file", file.to_str().unwrap()])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(password.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 #[tokio::test]
 async fn requests_and_tunnels_need_valid_credentials() {

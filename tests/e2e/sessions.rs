@@ -153,14 +153,7 @@ async fn sessions_with_authentication() {
     let dir = tempfile::tempdir().unwrap();
     let users = dir.path().join("users");
     for name in ["alice", "team-a"] {
-        let mut child = std::process::Command::new(ROTOR)
-            .args(["user", "add", name, "--auth-file", users.to_str().unwrap()])
-            .stdin(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"pw").unwrap();
-        assert!(child.wait().unwrap().success());
+        add_user(&users, name, "pw");
     }
     let origin = Origin::start().await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.5"]).await;

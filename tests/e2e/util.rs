@@ -699,6 +699,23 @@ where
     }
 }
 
+/// Adds `name` with `password` to the users file `file` with `rotor user add`.
+pub fn add_user(file: &Path, name: &str, password: &str) {
+    let mut child = Command::new(ROTOR)
+        .args(["user", "add", name, "--auth-file", file.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), password.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A `Proxy-Authorization: Basic` value.
 pub fn basic(user: &str, pass: &str) -> String {
     use base64::Engine;
