@@ -164,20 +164,7 @@ async fn socks5_tunnels_rotate_pin_sessions_and_say_why_they_fail() {
 async fn socks5_with_a_users_file_and_a_slow_client() {
     let dir = tempfile::tempdir().unwrap();
     let users = dir.path().join("users");
-    let mut child = std::process::Command::new(ROTOR)
-        .args([
-            "user",
-            "add",
-            "alice",
-            "--auth-file",
-            users.to_str().unwrap(),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"pw").unwrap();
-    assert!(child.wait().unwrap().success());
+    add_user(&users, "alice", "pw");
     let echo = Echo::start().await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let auth = [
@@ -389,4 +376,36 @@ async fn a_socket_activated_socks5_only_worker_serves() {
     }
     let seen = echo.peers.lock().unwrap().clone();
     assert_eq!(seen[seen.len() - 4..], [ips(2..=3), ips(2..=3)].concat());
+}
+
+/// A SOCKS5 client past `--max-connections` has its greeting answered "no
+/// acceptable method" and the connection closed cleanly (not reset).
+#[tokio::test]
+async fn socks5_past_the_connection_limit_is_refused() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let (_w, socks) = socks_worker(&alloc.socket, &["--max-connections", "1"], false).await;
+    // The readiness probe's connection may still hold the one place.
+    let _held = {
+        let mut held = None;
+        for _ in 0..50 {
+            let mut s = TcpStream::connect(socks).await.unwrap();
+            s.write_all(&[5, 1, 0]).await.unwrap();
+            let mut m = [0u8; 2];
+            s.read_exact(&mut m).await.unwrap();
+            if m == [5, 0] {
+                held = Some(s);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        held.expect("a place under the limit")
+    };
+    let mut s = TcpStream::connect(socks).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer))
+        .await
+        .expect("closed")
+        .expect("a clean close, not a reset");
+    assert_eq!(answer, [5, 0xff]);
 }

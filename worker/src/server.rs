@@ -150,7 +150,7 @@ pub async fn run(
                     );
                     last_warned = Some(tokio::time::Instant::now());
                 }
-                tokio::spawn(refuse(stream));
+                tokio::spawn(refuse(stream, HTTP_REFUSAL));
                 continue;
             }
         };
@@ -300,9 +300,9 @@ async fn notify_systemd(proxy: Arc<Proxy>, connections: TaskTracker, shutdown: C
 }
 
 /// Accepts SOCKS5 clients from `listener` until `shutdown`: each holds a
-/// place under the connection limit (a client past it is closed at once:
-/// SOCKS5 has no answer before its greeting), has `within` for its
-/// handshake, and is tracked in `connections` for the drain.
+/// place under the connection limit (a client past it is refused at once),
+/// has `within` for its handshake, and is tracked in `connections` for the
+/// drain.
 async fn socks_accept(
     listener: std::net::TcpListener,
     proxy: Arc<Proxy>,
@@ -336,23 +336,9 @@ async fn socks_accept(
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             debug!(%client, "connection limit reached; SOCKS5 client refused");
-            // Its greeting read and answered "no acceptable method", then a
-            // lingering close: a refusal, not a reset.
-            tokio::spawn(async move {
-                let mut stream = stream;
-                let mut greeting = [0u8; 257];
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    tokio::io::AsyncReadExt::read(&mut stream, &mut greeting),
-                )
-                .await;
-                let _ = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    tokio::io::AsyncWriteExt::write_all(&mut stream, &[5, 0xff]),
-                )
-                .await;
-                linger_close(stream).await;
-            });
+            // "No acceptable method", the answer to the greeting it sends
+            // first (read by the lingering close): a refusal, not a reset.
+            tokio::spawn(refuse(stream, &[5, 0xff]));
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -366,14 +352,17 @@ async fn socks_accept(
     }
 }
 
-/// Answers a client past the connection limit at once, without reading its
-/// request, so it can retry elsewhere instead of waiting in a queue.
-async fn refuse(mut stream: TcpStream) {
+/// What an HTTP client past the connection limit is told.
+const HTTP_REFUSAL: &[u8] = b"HTTP/1.1 503 Connection Limit Reached\r\n\
+    proxy-status: rotor; error=proxy_internal_error; details=\"connection limit reached\"\r\n\
+    content-length: 0\r\nconnection: close\r\n\r\n";
+
+/// Answers a client past the connection limit at once with `answer`,
+/// without waiting for its request, so it can retry elsewhere instead of
+/// waiting in a queue.
+async fn refuse(mut stream: TcpStream, answer: &'static [u8]) {
     use tokio::io::AsyncWriteExt;
-    const REFUSAL: &[u8] = b"HTTP/1.1 503 Connection Limit Reached\r\n\
-        proxy-status: rotor; error=proxy_internal_error; details=\"connection limit reached\"\r\n\
-        content-length: 0\r\nconnection: close\r\n\r\n";
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(REFUSAL)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(answer)).await;
     linger_close(stream).await;
 }
 
