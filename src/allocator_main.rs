@@ -90,6 +90,8 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
             state_dir: pool.state_dir,
             access,
             max_sessions: pool.max_sessions,
+            site_rules: pool.site_rules,
+            max_site_entries: pool.max_site_entries,
         };
         let result =
             rotor_allocator::run(listener, config, signals.reloads(), signals.shutdown).await;

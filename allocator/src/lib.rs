@@ -10,6 +10,7 @@ pub mod persist;
 pub mod pool;
 pub mod server;
 pub mod sessions;
+pub mod sites;
 pub mod source;
 pub mod spec;
 pub mod state;

@@ -43,6 +43,10 @@ pub struct Config {
     pub access: Access,
     /// Sticky sessions held at most.
     pub max_sessions: usize,
+    /// Per-site budgets.
+    pub site_rules: crate::sites::Rules,
+    /// Sites and (address, site) pairs held at most.
+    pub max_site_entries: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -208,6 +212,7 @@ pub async fn run(
         }
     };
     alloc.limit_sessions(config.max_sessions);
+    alloc.set_site_rules(config.site_rules.clone(), config.max_site_entries);
     let alloc = Arc::new(alloc);
     // The pool is loaded before the first connection is accepted, so no
     // worker ever sees the empty pool of a starting allocator.
@@ -319,6 +324,7 @@ async fn persist_loop(alloc: Arc<Allocator>, shutdown: CancellationToken) {
                 recheck(&alloc).await;
                 alloc.repair_table();
                 alloc.expire_sessions();
+                alloc.expire_sites();
                 alloc.persist();
             }
         }
@@ -492,6 +498,20 @@ async fn answer(
             strict,
         ),
         Request::Attach => alloc.attach(id),
+        Request::LeaseSite { families, site } => alloc.lease_site(id, families, &site),
+        Request::Pushback {
+            ip,
+            site,
+            status,
+            retry_after_secs,
+        } => Response::Noted {
+            quarantined: alloc.pushback(ip, &site, status, retry_after_secs),
+        },
+        Request::SiteOk { ip, site } => {
+            alloc.site_answered(ip, &site);
+            Response::Noted { quarantined: false }
+        }
+        Request::Sites { max } => Response::Sites(alloc.sites_report(max.min(10_000) as usize)),
         Request::Reload => {
             let (reply_tx, reply_rx) = oneshot::channel();
             let outcome = match reload.send(reply_tx).await {

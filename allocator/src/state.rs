@@ -8,14 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rotor_protocol::{
-    error_chain, family_total, AddrStatus, EntryStatus, Families, Family, FamilyStatus, Hello,
-    Lease, PeerStatus, QuarantineStatus, Refusal, Response, Segment, SourceStatus, StatusReport,
-    StatusReportV2, TableError, PEER_SLOTS,
+    error_chain, family_total, index_of, AddrStatus, EntryStatus, Families, Family, FamilyStatus,
+    Hello, Lease, PeerStatus, QuarantineStatus, Refusal, Response, Segment, SourceStatus,
+    StatusReport, StatusReportV2, TableError, PEER_SLOTS,
 };
 
 use crate::persist::{Saved, StateFile};
 use crate::pool::{Pool, TableHome};
 use crate::sessions::{Pinned, Sessions};
+use crate::sites::{Answer, Rules, Sites, DEFAULT_MAX_ENTRIES};
 use crate::source::{Source, SourceError};
 
 pub struct Allocator {
@@ -39,6 +40,8 @@ struct Inner {
     closing: bool,
     /// Sticky sessions (bounded; expired every second).
     sessions: Sessions,
+    /// Per-site budgets and cooldowns (bounded; expired every second).
+    sites: Sites,
     /// Entries out of the rotation: one per listed entry at most (entries
     /// that leave the pool leave this too), so it is bounded by the pool.
     quarantine: HashMap<Segment, Quarantine>,
@@ -57,6 +60,15 @@ struct Quarantine {
 /// each failed check doubles it, up to [`QUARANTINE_MAX`].
 pub const QUARANTINE_MIN: Duration = Duration::from_secs(1);
 pub const QUARANTINE_MAX: Duration = Duration::from_secs(300);
+/// Whether a worker's site name is one (a name or an address, short).
+fn valid_site(site: &str) -> bool {
+    !site.is_empty()
+        && site.len() <= 255
+        && site
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
+}
+
 /// Sticky sessions held at most, unless configured.
 pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 
@@ -128,6 +140,26 @@ impl Inner {
                 p.leases += old.peer_leases(slot);
             }
         }
+        self.publish_sites();
+    }
+
+    /// Writes the site filter into the table (see `sites`).
+    fn publish_sites(&mut self) {
+        let (all, filter) = self.sites.filter();
+        self.pool.table().publish_sites(all, &filter);
+    }
+
+    /// Counts a lease handed out for `peer` outside the shared rotation.
+    fn site_lease(&mut self, peer: u64, ip: IpAddr, watch: bool) -> Response {
+        let lease = Lease {
+            ip,
+            seq: self.pool.table().next_seq(),
+            generation: self.pool.generation(),
+        };
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.leases += 1;
+        }
+        Response::SiteLeased { lease, watch }
     }
 
     /// Records one check of `e`: into quarantine (logged once), a longer
@@ -225,6 +257,7 @@ impl Allocator {
                 state_failed: false,
                 closing: false,
                 sessions: Sessions::new(DEFAULT_MAX_SESSIONS),
+                sites: Sites::new(Rules::default(), DEFAULT_MAX_ENTRIES),
                 quarantine: HashMap::new(),
                 sources: sources
                     .into_iter()
@@ -469,6 +502,90 @@ impl Allocator {
         }
         let answer = last.unwrap_or_else(|| inner.lease_checked(families));
         inner.answer(peer, answer)
+    }
+
+    /// A lease for a request to `site` (see `sites`): from the site's own
+    /// rotation, skipping addresses out of budget or cooling for it, when
+    /// the allocator holds state for the site; else from the shared one.
+    pub fn lease_site(&self, peer: u64, families: Families, site: &str) -> Response {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        // At most: a start whose address may not serve, then a walk.
+        for _ in 0..2 {
+            let Inner { sites, pool, .. } = &mut *inner;
+            match sites.lease(site, families, pool.active(), now) {
+                Answer::Shared => break,
+                Answer::Address { ip, watch } => {
+                    inner.pool.table().flag_site(site);
+                    return inner.site_lease(peer, ip, watch);
+                }
+                Answer::Throttled {
+                    retry_after,
+                    cooling,
+                } => {
+                    inner.pool.table().flag_site(site);
+                    return Response::Throttled {
+                        retry_after_ms: retry_after.as_millis().max(1) as u64,
+                        cooling,
+                    };
+                }
+                Answer::Start(family) => {
+                    inner.pool.table().flag_site(site);
+                    let lease = match inner.lease_checked(Families::only(family)) {
+                        Some(Ok(l)) => l,
+                        other => return inner.answer(peer, other),
+                    };
+                    let active = inner.pool.active();
+                    let total = family_total(active, family);
+                    let index = index_of(active, lease.ip).unwrap_or(0);
+                    if let Some(watch) = inner.sites.started(site, lease.ip, index, total, now) {
+                        if let Some(p) = inner.peers.get_mut(&peer) {
+                            p.leases += 1;
+                        }
+                        return Response::SiteLeased { lease, watch };
+                    }
+                }
+            }
+        }
+        let answer = inner.lease_checked(families);
+        inner.answer(peer, answer)
+    }
+
+    /// `site` pushed back on `ip` (a worker saw it): the pair cools, for
+    /// every worker at once. Whether it started cooling now.
+    pub fn pushback(&self, ip: IpAddr, site: &str, status: u16, retry_after: Option<u32>) -> bool {
+        let mut inner = self.lock();
+        if !inner.pool.holds(ip) || !valid_site(site) {
+            return false;
+        }
+        let wait = retry_after.map(|s| Duration::from_secs(u64::from(s)));
+        let started = inner.sites.pushback(site, ip, status, wait, Instant::now());
+        inner.pool.table().flag_site(site);
+        started
+    }
+
+    /// `site` answered `ip` normally: the pair's backoff starts over.
+    pub fn site_answered(&self, ip: IpAddr, site: &str) {
+        self.lock().sites.answered(site, ip);
+    }
+
+    /// The per-site state, the most recently used `max` sites.
+    pub fn sites_report(&self, max: usize) -> rotor_protocol::SitesReport {
+        self.lock().sites.report(max, Instant::now())
+    }
+
+    /// Sets the budgets and the cap of the site table (at start).
+    pub fn set_site_rules(&self, rules: Rules, max_entries: usize) {
+        let mut inner = self.lock();
+        inner.sites = Sites::new(rules, max_entries);
+        inner.publish_sites();
+    }
+
+    /// Drops expired site state and republishes the filter (every second).
+    pub fn expire_sites(&self) {
+        let mut inner = self.lock();
+        inner.sites.expire(Instant::now());
+        inner.publish_sites();
     }
 
     /// Drops the sessions that ended (every second).

@@ -12,6 +12,7 @@ mod message;
 mod report;
 pub mod routes;
 mod segment;
+mod site;
 mod table;
 
 pub use channel::{Channel, ChannelError, ChannelRx, ChannelTx};
@@ -19,14 +20,15 @@ pub use codec::{decode, decode_prefix, encode, CodecError, MAX_FRAME_LEN};
 pub use handshake::{client_handshake, server_handshake, HandshakeError};
 pub use message::{
     AddrStatus, ClientFrame, EntryStatus, Envelope, Families, FamilyStatus, Hello, HelloReply,
-    Lease, NoAddress, PeerStatus, QuarantineStatus, Refusal, Request, Response, Role, ServerFrame,
-    SourceStatus, StatusReport, StatusReportV2, MINOR_FAMILIES, MINOR_LEASE_TABLE, POOL_TOO_LARGE,
-    PROTOCOL_MAJOR, PROTOCOL_MINOR,
+    Lease, NoAddress, PairStatus, PeerStatus, QuarantineStatus, Refusal, Request, Response, Role,
+    ServerFrame, SiteLimit, SiteStatus, SitesReport, SourceStatus, StatusReport, StatusReportV2,
+    MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_SITES, POOL_TOO_LARGE, PROTOCOL_MAJOR, PROTOCOL_MINOR,
 };
 pub use report::error_chain;
 pub use segment::{cover, Family, Segment};
+pub use site::{site_bit, site_of, SITE_FILTER_BITS};
 pub use table::{
-    address_at, family_total, index_of, LeaseTable, Position, TableError, TableSnapshot,
+    address_at, family_total, index_of, LeaseTable, Position, SiteMode, TableError, TableSnapshot,
     MAX_FAMILY_TOTAL, PEER_SLOTS, TABLE_LAYOUT,
 };
 

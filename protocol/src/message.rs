@@ -23,13 +23,17 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 2;
+pub const PROTOCOL_MINOR: u16 = 3;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
 /// `Request::Unusable` and `Request::Pool` (per-family rotation, prefixes,
 /// quarantine, leases checked against the pool).
 pub const MINOR_FAMILIES: u16 = 2;
+/// The first minor whose allocator answers `Request::LeaseSite`,
+/// `Request::Pushback`, `Request::SiteOk` and `Request::Sites` (per-site
+/// budgets and cooldowns), and publishes the site filter in its table.
+pub const MINOR_SITES: u16 = 3;
 
 /// What a connecting peer is; the allocator lists workers in its status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,6 +199,27 @@ pub enum Request {
         ttl_secs: u32,
         strict: bool,
     },
+    /// A lease for a request to `site` (since minor 3): the next address,
+    /// in the site's own rotation, with budget left for the site and not
+    /// cooling for it; a site the allocator holds nothing for is served
+    /// from the shared rotation, as `Lease`.
+    LeaseSite { families: Families, site: String },
+    /// `site` pushed back on `ip` (since minor 3): answered `status` (429,
+    /// 503 with a `Retry-After`, or one the operator counts), saying to
+    /// wait `retry_after_secs` if it said; the pair cools for that long,
+    /// else for a backoff that grows with each repeat.
+    Pushback {
+        ip: IpAddr,
+        site: String,
+        status: u16,
+        retry_after_secs: Option<u32>,
+    },
+    /// `site` answered a request from `ip` normally (since minor 3): the
+    /// pair's backoff starts over. Sent only when a `SiteLeased` asked.
+    SiteOk { ip: IpAddr, site: String },
+    /// The per-site state (since minor 3): at most `max` sites, the most
+    /// recently used first.
+    Sites { max: u32 },
 }
 
 /// One lease: the source address a request leaves from. The same value
@@ -266,6 +291,59 @@ pub enum Response {
     SessionLost {
         ip: IpAddr,
     },
+    /// The answer to `LeaseSite` when the site has state: the lease, and
+    /// whether the allocator wants to hear how the site answered it
+    /// (`SiteOk`: the pair has a backoff to clear).
+    SiteLeased {
+        lease: Lease,
+        watch: bool,
+    },
+    /// The answer to `LeaseSite` when no address may serve the site now:
+    /// the first frees in `retry_after_ms`; `cooling`: every address is
+    /// cooling for it (else the budget is used up).
+    Throttled {
+        retry_after_ms: u64,
+        cooling: bool,
+    },
+    /// The answer to `Sites`.
+    Sites(SitesReport),
+}
+
+/// The per-site state: budgets and cooldowns by site and address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SitesReport {
+    /// Sites held in all (the list may be cut short).
+    pub total: u64,
+    /// (address, site) pairs held in all, and at most.
+    pub pairs: u64,
+    pub max_entries: u64,
+    pub sites: Vec<SiteStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteStatus {
+    pub site: String,
+    /// Its budget per address: `count` requests per `period_ms`.
+    pub limit: Option<SiteLimit>,
+    pub idle_secs: u64,
+    pub addrs: Vec<PairStatus>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteLimit {
+    pub count: u32,
+    pub period_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairStatus {
+    pub ip: IpAddr,
+    /// Requests started within the last period.
+    pub used: u32,
+    /// Milliseconds until it may serve the site again, if it is cooling.
+    pub cooling_ms: Option<u64>,
+    /// Pushbacks since the last normal answer (the backoff grows with it).
+    pub strikes: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,15 +8,16 @@
 //! (`Request::Attach`); it is the only writer of the pool. Workers (and the
 //! allocator itself, for leases asked over the socket) move the cursors.
 //!
-//! Layout 2 (native-endian `u64` words; one file per allocator run):
+//! Layout 3 (native-endian `u64` words; one file per allocator run):
 //!
 //! ```text
 //! line 0  magic, layout, capacity, peer slots, id, peer slots handed out,
 //!         reloads asked for
-//! line 1  IPv4 state, seq, IPv6 state
+//! line 1  IPv4 state, seq, IPv6 state, site mode
 //! line 2  half 0: generation, IPv4 entries, IPv6 entries, IPv4 total, IPv6 total
 //! line 3  half 1: the same
 //! 256 peer lines: leases, accept group, load
+//! site filter: 2^16 bits (1024 words)
 //! half 0: capacity entries, then half 1: capacity entries
 //!         entry = family (4 or 6) | host bits << 8, high and low 64 bits,
 //!                 leases, first index
@@ -49,6 +50,13 @@
 //! connections and tunnels it holds. Words a layout-1 peer did not know of
 //! are zero, so older workers simply take no part.
 //!
+//! The site mode and filter (layout 3) tell a worker which requests need
+//! the allocator's per-site state (budgets, cooldowns: see the allocator's
+//! `sites`): mode 0, none (every lease from the table); 1, the sites whose
+//! bit (`site_bit`) is set in the filter; 2, every site. A bit set for a
+//! site the allocator holds nothing for only costs that site's requests a
+//! round trip, answered from the shared rotation all the same.
+//!
 //! Whoever can write the file can disturb the rotation (or truncate it under
 //! the processes that map it): it gets the socket's group, so run workers
 //! only as the allocator's user or group, as `deploy/` does.
@@ -65,10 +73,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::message::{Families, Lease, NoAddress, Refusal};
 use crate::segment::{from_u128, Family, Segment};
+use crate::site::{site_bit, SITE_FILTER_BITS};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"RTRLEASE");
 /// Bumped on any change of the layout above.
-pub const TABLE_LAYOUT: u64 = 2;
+pub const TABLE_LAYOUT: u64 = 3;
 /// Workers that can count their leases in the table; later ones lease
 /// through it all the same, counted by the allocator as unattributed.
 pub const PEER_SLOTS: usize = 256;
@@ -92,13 +101,17 @@ fn peer_line(slot: u32) -> Option<usize> {
 /// The state word of each family, by `Family::index`.
 const STATES: [usize; 2] = [LINE, LINE + 2];
 const SEQ: usize = LINE + 1;
+/// Line 1: which requests take the site path (see above).
+const SITE_MODE: usize = LINE + 3;
 /// Line of each half's metadata: generation, then entries and total by
 /// family.
 const HALVES: usize = 2 * LINE;
 const H_ENTRIES: usize = 1;
 const H_TOTAL: usize = 3;
 const PEERS: usize = 4 * LINE;
-const ENTRIES: usize = PEERS + PEER_SLOTS * LINE;
+const SITES: usize = PEERS + PEER_SLOTS * LINE;
+const SITE_WORDS: usize = SITE_FILTER_BITS / 64;
+const ENTRIES: usize = SITES + SITE_WORDS;
 const ENTRY: usize = 5; // words
 const E_LEASES: usize = 3;
 const E_FIRST: usize = 4;
@@ -278,6 +291,17 @@ pub fn index_of(entries: &[Segment], ip: IpAddr) -> Option<u64> {
         first = first.saturating_add(u64::try_from(e.len()).unwrap_or(u64::MAX));
     }
     None
+}
+
+/// Which requests a worker sends to the allocator's site path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SiteMode {
+    /// None: every lease from the table.
+    None,
+    /// Those to a site whose filter bit is set.
+    Filter,
+    /// Every request (a budget for every site).
+    All,
 }
 
 fn words_for(capacity: usize) -> usize {
@@ -896,6 +920,49 @@ impl LeaseTable {
     /// rotation (a sticky session's).
     pub fn next_seq(&self) -> u64 {
         self.word(SEQ).fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Which requests take the site path: [`SiteMode`].
+    #[inline]
+    pub fn site_mode(&self) -> SiteMode {
+        match self.word(SITE_MODE).load(Ordering::Acquire) {
+            0 => SiteMode::None,
+            1 => SiteMode::Filter,
+            _ => SiteMode::All,
+        }
+    }
+
+    /// Whether `site`'s bit is set in the site filter.
+    pub fn site_flagged(&self, site: &str) -> bool {
+        let bit = site_bit(site);
+        self.word(SITES + bit / 64).load(Ordering::Acquire) & (1 << (bit % 64)) != 0
+    }
+
+    /// Publishes the site filter (allocator only): `all`, every site takes
+    /// the site path; else those whose bit `filter` sets (its words, of
+    /// [`SITE_FILTER_BITS`] bits; none set: mode 0).
+    pub fn publish_sites(&self, all: bool, filter: &[u64]) {
+        let mut any = false;
+        for (i, w) in filter.iter().take(SITE_WORDS).enumerate() {
+            any |= *w != 0;
+            self.word(SITES + i).store(*w, Ordering::Release);
+        }
+        let mode = match (all, any) {
+            (true, _) => 2,
+            (false, true) => 1,
+            (false, false) => 0,
+        };
+        self.word(SITE_MODE).store(mode, Ordering::Release);
+    }
+
+    /// Sets `site`'s bit (allocator only), and mode 1 unless it is 2.
+    pub fn flag_site(&self, site: &str) {
+        let bit = site_bit(site);
+        self.word(SITES + bit / 64)
+            .fetch_or(1 << (bit % 64), Ordering::AcqRel);
+        let _ = self
+            .word(SITE_MODE)
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// Counts a reload the operator asked for (allocator only).

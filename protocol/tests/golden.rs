@@ -106,6 +106,45 @@ fn golden_client_frames() {
         }),
         "010607010003750073fb580201",
     );
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::LeaseSite {
+                families: Families::ANY,
+                site: "a.io".into(),
+            },
+        }),
+        "010708010104612e696f",
+    );
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::Pushback {
+                ip: V4,
+                site: "a.io".into(),
+                status: 429,
+                retry_after_secs: Some(30),
+            },
+        }),
+        "01070900c000020704612e696ffbad01011e",
+    );
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::SiteOk {
+                ip: V6,
+                site: "a.io".into(),
+            },
+        }),
+        "01070a0120010db800000000000000000000000104612e696f",
+    );
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::Sites { max: 200 },
+        }),
+        "01070bc8",
+    );
 }
 
 #[test]
@@ -244,5 +283,45 @@ fn golden_server_frames() {
             uptime_secs: 60,
         })),
         "0109060201010101fd0000000000100000010120010db8000000000000000000000001020120010db800000000000000000000000040050000c000020700000101710304050000003c",
+    );
+    check(
+        resp(Response::SiteLeased {
+            lease: Lease {
+                ip: V4,
+                seq: 1000,
+                generation: 3,
+            },
+            watch: true,
+        }),
+        "01090a00c0000207fbe8030301",
+    );
+    check(
+        resp(Response::Throttled {
+            retry_after_ms: 1500,
+            cooling: false,
+        }),
+        "01090bfbdc0500",
+    );
+    check(
+        resp(Response::Sites(SitesReport {
+            total: 1,
+            pairs: 1,
+            max_entries: 1000,
+            sites: vec![SiteStatus {
+                site: "a.io".into(),
+                limit: Some(SiteLimit {
+                    count: 60,
+                    period_ms: 60_000,
+                }),
+                idle_secs: 2,
+                addrs: vec![PairStatus {
+                    ip: V4,
+                    used: 3,
+                    cooling_ms: Some(900),
+                    strikes: 1,
+                }],
+            }],
+        })),
+        "01090c0101fbe8030104612e696f013cfb60ea020100c00002070301fb840301",
     );
 }

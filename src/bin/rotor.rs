@@ -8,8 +8,8 @@ use rotor::cli::ControlArgs;
 use rotor::signals::Signals;
 use rotor::up::UpArgs;
 use rotor_protocol::{
-    error_chain, PeerStatus, Request, Response, SourceStatus, StatusReport, StatusReportV2,
-    MINOR_FAMILIES,
+    error_chain, PeerStatus, Request, Response, SitesReport, SourceStatus, StatusReport,
+    StatusReportV2, MINOR_FAMILIES, MINOR_SITES,
 };
 
 /// rotor: a backconnect forward proxy that sends each request from the next
@@ -94,9 +94,10 @@ fn main() -> ExitCode {
                 }
             },
             Cmd::Status { control, json } => {
-                let answer = match control.socket() {
+                let socket = control.socket();
+                let answer = match &socket {
                     Ok(socket) => {
-                        rotor::control::request_by_minor(&socket, |minor| {
+                        rotor::control::request_by_minor(socket, |minor| {
                             match minor >= MINOR_FAMILIES {
                                 true => Request::StatusV2,
                                 false => Request::Status,
@@ -104,13 +105,41 @@ fn main() -> ExitCode {
                         })
                         .await
                     }
-                    Err(e) => Err(e.into()),
+                    Err(e) => Err(anyhow::anyhow!("{e}")),
+                };
+                // Per-site state, from an allocator that keeps it.
+                let sites = match (&socket, &answer) {
+                    (Ok(socket), Ok(Response::StatusV2(_))) => {
+                        match rotor::control::request_by_minor(socket, |minor| {
+                            match minor >= MINOR_SITES {
+                                true => Request::Sites { max: SITES_SHOWN },
+                                false => Request::Status,
+                            }
+                        })
+                        .await
+                        {
+                            Ok(Response::Sites(r)) => Some(r),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
                 };
                 report(answer, |r| match r {
-                    Response::StatusV2(s) if json => Some(
-                        serde_json::to_string_pretty(&status_json(&s)).expect("status serializes"),
-                    ),
-                    Response::StatusV2(s) => Some(format_status_v2(&s)),
+                    Response::StatusV2(s) if json => {
+                        let mut v = status_json(&s);
+                        if let Some(sites) = &sites {
+                            v["sites"] = sites_json(sites);
+                        }
+                        Some(serde_json::to_string_pretty(&v).expect("status serializes"))
+                    }
+                    Response::StatusV2(s) => {
+                        let mut text = format_status_v2(&s);
+                        if let Some(sites) = &sites {
+                            text.push('\n');
+                            text.push_str(&format_sites(sites));
+                        }
+                        Some(text.trim_end().to_string())
+                    }
                     Response::Status(s) if json => {
                         Some(serde_json::to_string_pretty(&s).expect("status serializes"))
                     }
@@ -260,6 +289,77 @@ fn status_json(s: &StatusReportV2) -> serde_json::Value {
         "peers": s.peers,
         "uptime_secs": s.uptime_secs,
     })
+}
+
+/// Sites `rotor status` shows at most (the most recently used first).
+const SITES_SHOWN: u32 = 200;
+
+fn sites_json(r: &SitesReport) -> serde_json::Value {
+    use serde_json::json;
+    json!({
+        "total": r.total,
+        "pairs": r.pairs,
+        "max_entries": r.max_entries,
+        "shown": r.sites.iter().map(|s| json!({
+            "site": s.site,
+            "limit": s.limit.map(|l| json!({"count": l.count, "period_ms": l.period_ms})),
+            "idle_secs": s.idle_secs,
+            "addresses": s.addrs.iter().map(|p| json!({
+                "ip": p.ip.to_string(),
+                "used": p.used,
+                "left": s.limit.map(|l| l.count.saturating_sub(p.used)),
+                "cooling_ms": p.cooling_ms,
+                "pushbacks": p.strikes,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn format_sites(r: &SitesReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if r.total == 0 {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "sites with budgets or cooldowns: {} ({} address entries; {} entries at most){}",
+        r.total,
+        r.pairs,
+        r.max_entries,
+        match r.total > r.sites.len() as u64 {
+            true => format!(", the {} most recent shown", r.sites.len()),
+            false => String::new(),
+        }
+    );
+    for s in &r.sites {
+        let limit = match s.limit {
+            Some(l) => format!(
+                "budget {}/{} per address",
+                l.count,
+                humantime::format_duration(std::time::Duration::from_millis(l.period_ms))
+            ),
+            None => "no budget".into(),
+        };
+        let _ = writeln!(out, "  {}: {limit}, last used {}s ago", s.site, s.idle_secs);
+        for p in &s.addrs {
+            let used = match s.limit {
+                Some(l) => format!("used {} left {}", p.used, l.count.saturating_sub(p.used)),
+                None => String::new(),
+            };
+            let cooling = match p.cooling_ms {
+                Some(ms) => format!("  COOLING {:.1}s", ms as f64 / 1000.0),
+                None => String::new(),
+            };
+            let strikes = match p.strikes {
+                0 => String::new(),
+                1 => "  (1 pushback)".into(),
+                n => format!("  ({n} pushbacks in a row)"),
+            };
+            let _ = writeln!(out, "    {:<40} {used}{cooling}{strikes}", p.ip.to_string());
+        }
+    }
+    out
 }
 
 fn format_status_v2(s: &StatusReportV2) -> String {

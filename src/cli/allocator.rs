@@ -52,6 +52,17 @@ settings! {
         /// Most sticky sessions held (`USER-session-ID` usernames); past it
         /// the oldest goes first.
         max_sessions: Option<usize> = "100000",
+        /// A budget per source address for a site: at most COUNT requests
+        /// started per PERIOD by each address (`example.com=60/1m`,
+        /// `127.0.0.1=5/1s`; `*=N/PERIOD` for every site not named). SITE
+        /// is a registrable domain (it covers its subdomains) or an
+        /// address. Repeatable.
+        #[arg(value_name = "SITE=N/PERIOD")]
+        site_limit: Vec<SiteLimitSpec>,
+        /// Most entries of per-site state (sites, and (address, site)
+        /// pairs with a budget used or a cooldown) held; past it the least
+        /// recently used sites are forgotten.
+        max_site_entries: Option<usize> = "1000000",
         /// How often the pool sources are re-read (SIGHUP re-reads at once).
         refresh: Option<Duration> = "20s",
         /// Where the rotation state is kept across restarts [default:
@@ -104,6 +115,23 @@ pub struct PoolSettings {
     pub refresh: Duration,
     pub state_dir: Option<PathBuf>,
     pub max_sessions: usize,
+    pub site_rules: rotor_allocator::sites::Rules,
+    pub max_site_entries: usize,
+}
+
+/// One `--site-limit`, checked as it is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteLimitSpec(pub String);
+
+impl Value for SiteLimitSpec {
+    const NAME: &'static str = "SITE=N/PERIOD";
+    fn parse(s: &str) -> Result<Self, String> {
+        rotor_allocator::sites::Rules::parse(&[s.to_string()])?;
+        Ok(SiteLimitSpec(s.to_string()))
+    }
+    fn show(&self) -> String {
+        self.0.clone()
+    }
 }
 
 impl AllocatorFlags {
@@ -182,6 +210,11 @@ impl AllocatorFlags {
             refresh: a.refresh,
             state_dir,
             max_sessions: a.max_sessions.max(1),
+            site_rules: rotor_allocator::sites::Rules::parse(
+                &a.site_limit.iter().map(|s| s.0.clone()).collect::<Vec<_>>(),
+            )
+            .map_err(ConfigError::Invalid)?,
+            max_site_entries: a.max_site_entries,
         })
     }
 

@@ -98,6 +98,37 @@ settings! {
         /// `--deny-port 0` denies none.
         #[arg(value_name = "PORT")]
         deny_port: Vec<u16> = "25",
+        /// How long a request waits for an address with budget left for
+        /// its site (see --site-limit) before it gets 429.
+        budget_wait: Option<Duration> = "0s",
+        /// Destination statuses that cool the address that got them, for
+        /// that site (a 503 with a Retry-After always does): a comma list.
+        #[arg(value_name = "STATUS,...")]
+        cooldown_status: Option<Statuses> = "429",
+    }
+}
+
+/// HTTP statuses, as a comma list (`403,429`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statuses(pub Vec<u16>);
+
+impl Value for Statuses {
+    const NAME: &'static str = "STATUS,...";
+    fn parse(s: &str) -> Result<Self, String> {
+        s.split(',')
+            .map(|p| match p.trim().parse::<u16>() {
+                Ok(n) if (100..=599).contains(&n) => Ok(n),
+                _ => Err(format!("`{p}` is not an HTTP status (100 to 599)")),
+            })
+            .collect::<Result<Vec<u16>, String>>()
+            .map(Statuses)
+    }
+    fn show(&self) -> String {
+        self.0
+            .iter()
+            .map(u16::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -242,6 +273,8 @@ impl WorkerFlags {
                     expose_source: w.expose_source.unwrap_or(false),
                     session_ttl: w.session_ttl.min(w.session_max_ttl),
                     session_max_ttl: w.session_max_ttl,
+                    budget_wait: w.budget_wait,
+                    cooldown_status: w.cooldown_status.0,
                 },
                 idle_timeout: w.idle_timeout,
                 max_connections: w.max_connections,

@@ -20,6 +20,7 @@ mod refresh;
 mod restart;
 mod rotation;
 mod sessions;
+mod sites;
 mod socks;
 mod table;
 mod tunnel;

@@ -218,7 +218,9 @@ pub struct Seen {
 ///
 /// Paths: `/` answers `hello`; `/bytes/N` streams N bytes of a known
 /// pattern in chunks; `/echo` answers with the request body;
-/// `/slow/MS` waits MS milliseconds, then answers.
+/// `/slow/MS` waits MS milliseconds, then answers; `/status/CODE` answers
+/// CODE, `/status/CODE/SECS` with `Retry-After: SECS`, and
+/// `/status/CODE/date/SECS` with `Retry-After` as the HTTP-date SECS ahead.
 #[derive(Clone)]
 pub struct Origin {
     pub addr: SocketAddr,
@@ -320,6 +322,21 @@ impl Origin {
                 }
             });
             Response::new(StreamBody::new(chunks).boxed())
+        } else if let Some(spec) = path.strip_prefix("/status/") {
+            let parts: Vec<&str> = spec.split('/').collect();
+            let mut r = Response::new(full(Bytes::from_static(b"status")));
+            *r.status_mut() = http::StatusCode::from_u16(parts[0].parse().unwrap()).unwrap();
+            let retry_after = match parts[1..] {
+                [secs] => Some(secs.to_string()),
+                ["date", secs] => Some(httpdate::fmt_http_date(
+                    std::time::SystemTime::now() + Duration::from_secs(secs.parse().unwrap()),
+                )),
+                _ => None,
+            };
+            if let Some(v) = retry_after {
+                r.headers_mut().insert("retry-after", v.parse().unwrap());
+            }
+            r
         } else if let Some(ms) = path.strip_prefix("/slow/") {
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
             Response::new(full(Bytes::from_static(b"slow")))

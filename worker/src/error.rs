@@ -81,6 +81,28 @@ pub enum ProxyError {
         #[source]
         source: hyper::Error,
     },
+    #[error("{}", throttled_text(site, *cooling, *retry_after))]
+    Throttled {
+        site: String,
+        retry_after: Duration,
+        cooling: bool,
+    },
+}
+
+fn throttled_text(site: &str, cooling: bool, retry_after: Duration) -> String {
+    let secs = retry_after_secs(retry_after);
+    match cooling {
+        true => format!(
+            "every address is cooling down for {site} after it pushed back; retry in {secs} s"
+        ),
+        false => format!("site budget exhausted for {site}; retry in {secs} s"),
+    }
+}
+
+/// Whole seconds for `Retry-After`, rounded up (a client that waits them
+/// finds an address free).
+fn retry_after_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
 /// Who caused a failure: decides the log level and nothing else.
@@ -96,7 +118,12 @@ impl ProxyError {
     pub fn fault(&self) -> Fault {
         use ProxyError::*;
         match self {
-            BadRequest(_) | HeadTooLarge { .. } | Denied(_) | Auth(_) | Session(_) => Fault::Client,
+            BadRequest(_)
+            | HeadTooLarge { .. }
+            | Denied(_)
+            | Auth(_)
+            | Session(_)
+            | Throttled { .. } => Fault::Client,
             NoAddress(_) | SourceUnavailable { .. } | Allocator(_) | Socket(_) | Overloaded => {
                 Fault::Internal
             }
@@ -141,6 +168,7 @@ impl ProxyError {
             ConnectTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Some("connection_timeout")),
             ResponseTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Some("http_response_timeout")),
             Upstream { .. } => (StatusCode::BAD_GATEWAY, Some("http_protocol_error")),
+            Throttled { .. } => (StatusCode::TOO_MANY_REQUESTS, Some("http_request_denied")),
         }
     }
 
@@ -172,6 +200,8 @@ impl ProxyError {
             ConnectTimeout { .. } => "Connection Timeout",
             ResponseTimeout { .. } => "Response Timeout",
             Upstream { .. } => "Bad Upstream Response",
+            Throttled { cooling: true, .. } => "Site Cooling Down",
+            Throttled { .. } => "Site Budget Exhausted",
         }
     }
 
@@ -206,6 +236,12 @@ impl ProxyError {
             h.insert(
                 header::PROXY_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"rotor\""),
+            );
+        }
+        if let ProxyError::Throttled { retry_after, .. } = self {
+            h.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(*retry_after).max(1)),
             );
         }
         // Every refusal says it is rotor's, and why; an error type where

@@ -20,7 +20,7 @@ use std::time::Duration;
 use rotor_protocol::{
     client_handshake, error_chain, Channel, ClientChannel, ClientFrame, Envelope, Families,
     HandshakeError, Hello, Lease, LeaseTable, NoAddress, Refusal, Request, Response, Role, Segment,
-    ServerFrame, MINOR_FAMILIES, MINOR_LEASE_TABLE, POOL_TOO_LARGE,
+    ServerFrame, SiteMode, MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_SITES, POOL_TOO_LARGE,
 };
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -43,7 +43,16 @@ pub enum LeaseError {
     Unexpected(String),
     #[error("the session's address {0} left the pool")]
     SessionLost(IpAddr),
+    #[error("no address may serve the site for {retry_after:?}")]
+    Throttled {
+        retry_after: Duration,
+        cooling: bool,
+    },
 }
+
+/// A lease, and whether the allocator wants to hear how the site answered
+/// it (`LeaseClient::site_answered`).
+pub type Granted = (Lease, bool);
 
 type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Response>>>>;
 
@@ -69,22 +78,24 @@ struct Conn {
 }
 
 impl Conn {
-    /// A lease from the table, if one is mapped and open.
-    fn lease_from_table(&self, families: Families) -> Option<Result<Lease, Refusal>> {
-        let (table, slot) = self
-            .table
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()?;
-        let resp = table.lease(families, slot);
+    /// The table mapped now, if any, and this worker's counter in it.
+    fn mapped(&self) -> Option<(Arc<LeaseTable>, Option<u32>)> {
+        self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A lease from `table` (the one mapped), if it is open; a closed one
+    /// is dropped, and its successor asked for.
+    fn lease_from_table(
+        &self,
+        (table, slot): &(Arc<LeaseTable>, Option<u32>),
+        families: Families,
+    ) -> Option<Result<Lease, Refusal>> {
+        let resp = table.lease(families, *slot);
         if resp.is_none() {
             let mut current = self.table.write().unwrap_or_else(|e| e.into_inner());
             // Unless another lease already found it closed and its
             // successor is in.
-            if current
-                .as_ref()
-                .is_some_and(|(t, _)| Arc::ptr_eq(t, &table))
-            {
+            if current.as_ref().is_some_and(|(t, _)| Arc::ptr_eq(t, table)) {
                 *current = None;
                 self.reattach.notify_one();
             }
@@ -118,12 +129,25 @@ impl Conn {
             })
     }
 
-    fn current_table(&self) -> Option<Arc<LeaseTable>> {
-        self.table
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|(t, _)| t.clone())
+    /// The site of `host`, if a request to it must lease through the
+    /// allocator's site path: the site has budgets or cooldowns there, as
+    /// the site filter of `table` (the one mapped) says; without a table,
+    /// always.
+    fn site_path(&self, table: Option<&LeaseTable>, host: &str) -> Option<String> {
+        if self.minor < MINOR_SITES {
+            return None;
+        }
+        let Some(table) = table else {
+            return Some(rotor_protocol::site_of(host));
+        };
+        match table.site_mode() {
+            SiteMode::None => None,
+            SiteMode::All => Some(rotor_protocol::site_of(host)),
+            SiteMode::Filter => {
+                let site = rotor_protocol::site_of(host);
+                table.site_flagged(&site).then_some(site)
+            }
+        }
     }
 
     /// Sends `body` with `id` and waits for the answer; `None` if the
@@ -272,14 +296,22 @@ impl LeaseClient {
         self.publish_load(0, 0);
     }
 
-    /// The next address of one of `families`, or why there is none.
-    pub async fn lease(&self, families: Families) -> Result<Lease, LeaseError> {
+    /// The next address of one of `families` for a request to `host`, or
+    /// why there is none.
+    pub async fn lease(&self, families: Families, host: &str) -> Result<Granted, LeaseError> {
         let conn = self.conn.borrow().clone();
         if let Some(c) = conn {
-            let table = c.current_table();
-            match c.lease_from_table(families) {
+            let mapped = c.mapped();
+            if let Some(site) = c.site_path(mapped.as_ref().map(|(t, _)| &**t), host) {
+                return self.lease_site(families, site).await;
+            }
+            let answer = mapped
+                .as_ref()
+                .and_then(|m| c.lease_from_table(m, families));
+            let table = mapped.map(|(t, _)| t);
+            match answer {
                 Some(Ok(lease)) => match self.vouch(&c, &lease).await {
-                    Vouch::Yes => return Ok(lease),
+                    Vouch::Yes => return Ok((lease, false)),
                     // The pool moved on meanwhile (or the allocator did
                     // not answer): this lease over the socket instead.
                     Vouch::Unknown => {}
@@ -295,9 +327,61 @@ impl LeaseClient {
             }
         }
         match self.request(Request::Lease { families }).await? {
-            Response::Leased(lease) => Ok(lease),
+            Response::Leased(lease) => Ok((lease, false)),
             Response::NoAddress(refusal) => Err(LeaseError::NoAddress(refusal.reason)),
             other => Err(LeaseError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// A lease through the allocator's site path: the site's own rotation
+    /// among the addresses with budget left for it and not cooling for it.
+    async fn lease_site(&self, families: Families, site: String) -> Result<Granted, LeaseError> {
+        match self.request(Request::LeaseSite { families, site }).await? {
+            Response::SiteLeased { lease, watch } => Ok((lease, watch)),
+            Response::Leased(lease) => Ok((lease, false)),
+            Response::NoAddress(refusal) => Err(LeaseError::NoAddress(refusal.reason)),
+            Response::Throttled {
+                retry_after_ms,
+                cooling,
+            } => Err(LeaseError::Throttled {
+                retry_after: Duration::from_millis(retry_after_ms),
+                cooling,
+            }),
+            other => Err(LeaseError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Tells the allocator that `site` pushed back on `ip` (it cools the
+    /// pair for every worker). Not waited for; lost if the allocator is
+    /// away.
+    pub fn site_pushed_back(
+        &self,
+        ip: IpAddr,
+        site: String,
+        status: u16,
+        retry_after: Option<u32>,
+    ) {
+        self.tell(Request::Pushback {
+            ip,
+            site,
+            status,
+            retry_after_secs: retry_after,
+        });
+    }
+
+    /// Tells the allocator that `site` answered `ip` normally (its backoff
+    /// starts over). Not waited for.
+    pub fn site_answered(&self, ip: IpAddr, site: String) {
+        self.tell(Request::SiteOk { ip, site });
+    }
+
+    /// Sends `body` without waiting for the answer (its reply, matched to
+    /// no waiter, is dropped), to an allocator that knows sites.
+    fn tell(&self, body: Request) {
+        let conn = self.conn.borrow().clone();
+        if let Some(c) = conn.filter(|c| c.minor >= MINOR_SITES) {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let _ = c.requests.send(Envelope { id, body });
         }
     }
 

@@ -14,6 +14,7 @@ pub mod lease;
 pub mod listener;
 mod os;
 pub mod proxy;
+pub mod pushback;
 pub mod relay;
 pub mod server;
 pub mod session;

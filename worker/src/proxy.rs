@@ -25,7 +25,8 @@ use crate::connect::connect_from;
 use crate::dns::Resolver;
 use crate::error::ProxyError;
 use crate::idle::Activity;
-use crate::lease::{LeaseClient, LeaseError};
+use crate::lease::{Granted, LeaseClient, LeaseError};
+use crate::pushback::Verdict;
 use crate::session;
 use crate::upstream::{Key, PooledBody, Sender, UpstreamBody, UpstreamPool};
 
@@ -62,6 +63,12 @@ pub struct ProxyConfig {
     /// longest it may say.
     pub session_ttl: Duration,
     pub session_max_ttl: Duration,
+    /// How long a request waits for an address with budget left for its
+    /// site before it gets 429.
+    pub budget_wait: Duration,
+    /// Destination statuses that cool the address for the site (429 and
+    /// 503 with a `Retry-After` always do).
+    pub cooldown_status: Vec<u16>,
 }
 
 /// The sticky session a request belongs to: its key at the allocator
@@ -245,8 +252,8 @@ impl Proxy {
         port: u16,
         sticky: Option<&Sticky>,
     ) -> Result<(TcpStream, Lease), ProxyError> {
-        let (addrs, lease) = self.resolve_and_lease(host, port, sticky).await?;
-        self.connect_leased(lease, &addrs, sticky).await
+        let (addrs, (lease, _)) = self.resolve_and_lease(host, port, sticky).await?;
+        self.connect_leased(lease, &addrs, host, sticky).await
     }
 
     /// Relays a tunnel in the background (tracked for the drain, closed
@@ -286,24 +293,74 @@ impl Proxy {
         self.dns.reload();
     }
 
+    /// A lease for a request to `host`: a sticky session's address, or
+    /// the next one (for a site with budgets or cooldowns, the next that
+    /// may serve it, waiting up to --budget-wait for one).
     async fn lease(
         &self,
         families: Families,
+        host: &str,
         sticky: Option<&Sticky>,
-    ) -> Result<Lease, ProxyError> {
-        let answer = match sticky {
-            None => self.leases.lease(families).await,
-            Some(s) => {
-                self.leases
+    ) -> Result<Granted, ProxyError> {
+        let deadline = tokio::time::Instant::now() + self.config.budget_wait;
+        loop {
+            let answer = match sticky {
+                None => self.leases.lease(families, host).await,
+                Some(s) => self
+                    .leases
                     .lease_session(families, &s.key, s.ttl, s.strict)
                     .await
+                    .map(|l| (l, false)),
+            };
+            return Err(match answer {
+                Ok(granted) => return Ok(granted),
+                Err(LeaseError::Throttled {
+                    retry_after,
+                    cooling,
+                }) => {
+                    let now = tokio::time::Instant::now();
+                    if now + retry_after <= deadline {
+                        tokio::time::sleep(retry_after).await;
+                        continue;
+                    }
+                    ProxyError::Throttled {
+                        site: rotor_protocol::site_of(host),
+                        retry_after,
+                        cooling,
+                    }
+                }
+                Err(LeaseError::NoAddress(reason)) => ProxyError::NoAddress(reason),
+                Err(LeaseError::SessionLost(ip)) => ProxyError::SessionLost { ip },
+                Err(other) => ProxyError::Allocator(other),
+            });
+        }
+    }
+
+    /// Tells the allocator what the destination's response says of the
+    /// address for its site (see `pushback`): push-back cools the pair for
+    /// every worker; a normal answer, when the allocator asked (`watch`),
+    /// clears its backoff.
+    fn observe(
+        &self,
+        host: &str,
+        lease: &Lease,
+        watch: bool,
+        status: StatusCode,
+        headers: &HeaderMap,
+    ) {
+        match crate::pushback::judge(status, headers, &self.config.cooldown_status) {
+            Verdict::Pushback { retry_after } => {
+                let site = rotor_protocol::site_of(host);
+                debug!(%site, source = %lease.ip, status = status.as_u16(), ?retry_after, "site pushed back; reported");
+                self.leases
+                    .site_pushed_back(lease.ip, site, status.as_u16(), retry_after);
             }
-        };
-        answer.map_err(|e| match e {
-            LeaseError::NoAddress(reason) => ProxyError::NoAddress(reason),
-            LeaseError::SessionLost(ip) => ProxyError::SessionLost { ip },
-            other => ProxyError::Allocator(other),
-        })
+            Verdict::Normal if watch => {
+                self.leases
+                    .site_answered(lease.ip, rotor_protocol::site_of(host));
+            }
+            _ => {}
+        }
     }
 
     /// Resolves the destination and leases an address of a family it has.
@@ -312,7 +369,7 @@ impl Proxy {
         host: &str,
         port: u16,
         sticky: Option<&Sticky>,
-    ) -> Result<(Vec<SocketAddr>, Lease), ProxyError> {
+    ) -> Result<(Vec<SocketAddr>, Granted), ProxyError> {
         let addrs = self
             .dns
             .resolve(host, port, self.config.connect_timeout)
@@ -327,8 +384,8 @@ impl Proxy {
                 .check_with(*a, &self.local)
                 .map_err(ProxyError::Denied)?;
         }
-        let lease = self.lease_for(&addrs, sticky).await?;
-        Ok((addrs, lease))
+        let granted = self.lease_for(&addrs, host, sticky).await?;
+        Ok((addrs, granted))
     }
 
     /// A lease of the family `addrs` (a resolved destination) lists first;
@@ -337,16 +394,17 @@ impl Proxy {
     async fn lease_for(
         &self,
         addrs: &[SocketAddr],
+        host: &str,
         sticky: Option<&Sticky>,
-    ) -> Result<Lease, ProxyError> {
+    ) -> Result<Granted, ProxyError> {
         let all = Families::of(addrs.iter().map(SocketAddr::ip));
         let first = match addrs.first() {
             Some(a) => Families::of([a.ip()]),
             None => all,
         };
-        match self.lease(first, sticky).await {
+        match self.lease(first, host, sticky).await {
             Err(ProxyError::NoAddress(NoAddress::NoFamily { .. })) if first != all => {
-                self.lease(all, sticky).await.map_err(|e| match e {
+                self.lease(all, host, sticky).await.map_err(|e| match e {
                     ProxyError::NoAddress(NoAddress::NoFamily { .. }) => {
                         ProxyError::NoAddress(NoAddress::NoFamily { wanted: all })
                     }
@@ -365,6 +423,7 @@ impl Proxy {
         &self,
         lease: Lease,
         addrs: &[SocketAddr],
+        host: &str,
         sticky: Option<&Sticky>,
     ) -> Result<(TcpStream, Lease), ProxyError> {
         let timeout = self.config.connect_timeout;
@@ -373,7 +432,7 @@ impl Proxy {
                 let reason = source.to_string();
                 warn!(source = %ip, error = %reason, "this host cannot use a pool address; reported, trying the next");
                 self.leases.report_unusable(ip, reason).await;
-                let next = self.lease_for(addrs, sticky).await?;
+                let (next, _) = self.lease_for(addrs, host, sticky).await?;
                 let stream = connect_from(next.ip, addrs, timeout).await;
                 if let Err(ProxyError::SourceUnavailable { ip, source }) = &stream {
                     self.leases.report_unusable(*ip, source.to_string()).await;
@@ -390,10 +449,10 @@ impl Proxy {
         &self,
         lease: Lease,
         addrs: &[SocketAddr],
-        dest: &str,
+        (host, dest): (&str, &str),
         sticky: Option<&Sticky>,
     ) -> Result<(Sender, Lease), ProxyError> {
-        let (stream, lease) = self.connect_leased(lease, addrs, sticky).await?;
+        let (stream, lease) = self.connect_leased(lease, addrs, host, sticky).await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -433,7 +492,7 @@ impl Proxy {
         sticky: Option<&Sticky>,
     ) -> Result<(Response<ProxyBody>, Lease), ProxyError> {
         let (host, port, host_header) = absolute_target(req.uri())?;
-        let (addrs, mut lease) = self.resolve_and_lease(&host, port, sticky).await?;
+        let (addrs, (mut lease, watch)) = self.resolve_and_lease(&host, port, sticky).await?;
         let dest = format!("{host}:{port}");
         let mut key = Key {
             source: lease.ip,
@@ -452,7 +511,7 @@ impl Proxy {
         let (mut sender, reused) = match self.upstream.checkout(&key).await {
             Some(s) => (s, true),
             None => {
-                let (s, dialed) = self.dial(lease, &addrs, &dest, sticky).await?;
+                let (s, dialed) = self.dial(lease, &addrs, (&host, &dest), sticky).await?;
                 // Another address, if the leased one could not be used.
                 lease = dialed;
                 key.source = lease.ip;
@@ -496,7 +555,7 @@ impl Proxy {
                 *req.method_mut() = method;
                 *req.uri_mut() = uri;
                 *req.headers_mut() = headers;
-                (sender, lease) = self.dial(lease, &addrs, &dest, sticky).await?;
+                (sender, lease) = self.dial(lease, &addrs, (&host, &dest), sticky).await?;
                 key.source = lease.ip;
                 self.exchange(&mut sender, req, &dest)
                     .await?
@@ -508,6 +567,7 @@ impl Proxy {
             Err(source) => return Err(ProxyError::Upstream { dest, source }),
         };
         let (mut parts, body) = resp.into_parts();
+        self.observe(&host, &lease, watch, parts.status, &parts.headers);
         strip_hop_by_hop(&mut parts.headers);
         let body = PooledBody::new(body, self.upstream.clone(), key, sender);
         self.expose_source(&mut parts.headers, &lease);
@@ -530,8 +590,8 @@ impl Proxy {
             .map_err(|_| ProxyError::Overloaded)?;
         let idle_limit = self.config.tunnel_idle_timeout;
         // 200 only once the upstream connection is up.
-        let (addrs, lease) = self.resolve_and_lease(&host, port, sticky).await?;
-        let (upstream, lease) = self.connect_leased(lease, &addrs, sticky).await?;
+        let (addrs, (lease, _)) = self.resolve_and_lease(&host, port, sticky).await?;
+        let (upstream, lease) = self.connect_leased(lease, &addrs, &host, sticky).await?;
         let on_upgrade = hyper::upgrade::on(&mut req);
         let dest = format!("{host}:{port}");
         self.tunnels.spawn(async move {

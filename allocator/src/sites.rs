@@ -1,0 +1,743 @@
+//! Per-site budgets and cooldowns: what keeps every source address under a
+//! site's per-address rate limit, and off a site that pushes back, across
+//! every worker (the allocator holds it all, as it holds the rotation).
+//!
+//! A site with state (a budget, or an address cooling for it) rotates on a
+//! cursor of its own over each family's addresses, taking the next one with
+//! budget left that is not cooling for it; sites without state keep the
+//! shared rotation, exact and untouched. A site's first lease is taken from
+//! the shared rotation (so sites met once each still spread over the pool),
+//! and its cursor continues from there.
+//!
+//! Budgets are a sliding window: an address may start at most `count`
+//! requests to a site within any `period` (the start times are kept). A
+//! cooldown is set by a site's `429` (or `503` with `Retry-After`, or a
+//! status the operator counts): for the `Retry-After` given, else 30 s,
+//! doubling with each repeat up to 10 min, jittered; a normal answer clears
+//! the repeats.
+//!
+//! Bounded: at most `max_entries` sites and (address, site) pairs together;
+//! past it the least recently used sites are forgotten first. State expires
+//! every second: a pair goes when its window is empty, it is not cooling
+//! and its repeats are old; a site when it holds no pair and was not used
+//! for its period.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use rotor_protocol::{
+    address_at, family_total, site_bit, site_of, Families, Family, PairStatus, Segment, SiteLimit,
+    SiteStatus, SitesReport, SITE_FILTER_BITS,
+};
+
+/// The first cooldown without a `Retry-After`; each repeat doubles it.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(30);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(600);
+/// The longest `Retry-After` honoured.
+pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(86_400);
+/// Repeats are forgotten this long after the last one.
+const STRIKES_KEPT: Duration = Duration::from_secs(1800);
+/// Sites and pairs held at most, unless configured.
+pub const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
+
+/// `count` requests per `period`, per source address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub count: u32,
+    pub period: Duration,
+}
+
+impl std::str::FromStr for Limit {
+    type Err = String;
+    /// `N/PERIOD`: `60/1m`, `5/1s`, `1000/1h`.
+    fn from_str(s: &str) -> Result<Limit, String> {
+        let (n, period) = s
+            .split_once('/')
+            .ok_or_else(|| format!("`{s}` is not COUNT/PERIOD (e.g. 60/1m)"))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("`{n}` is not a request count"))?;
+        if count == 0 {
+            return Err(
+                "a budget of 0 requests allows nothing; leave the site out, or deny it with --deny"
+                    .into(),
+            );
+        }
+        let period = humantime::parse_duration(period.trim())
+            .map_err(|e| format!("`{period}` is not a period (e.g. 1s, 1m, 1h): {e}"))?;
+        if period < Duration::from_millis(1) || period > Duration::from_secs(7 * 86_400) {
+            return Err(format!(
+                "the period `{}` must be from 1ms to 7 days",
+                period.as_millis()
+            ));
+        }
+        Ok(Limit { count, period })
+    }
+}
+
+/// The budgets the operator set: by site, and for every other site.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rules {
+    named: HashMap<String, Limit>,
+    default: Option<Limit>,
+}
+
+impl Rules {
+    /// From `SITE=N/PERIOD` specs (`*` for every site not named). A site
+    /// must be written as what requests are counted by: a registrable
+    /// domain (or an address), not a subdomain.
+    pub fn parse(specs: &[String]) -> Result<Rules, String> {
+        let mut rules = Rules::default();
+        for spec in specs {
+            let (site, limit) = spec.split_once('=').ok_or_else(|| {
+                format!("`{spec}` is not SITE=COUNT/PERIOD (e.g. example.com=60/1m)")
+            })?;
+            let site = site.trim();
+            let limit: Limit = limit.parse().map_err(|e| format!("`{spec}`: {e}"))?;
+            if site == "*" {
+                rules.default = Some(limit);
+                continue;
+            }
+            if site.is_empty() {
+                return Err(format!("`{spec}` names no site"));
+            }
+            let key = site_of(site);
+            if key != site.trim_end_matches('.').to_ascii_lowercase()
+                && key != site.trim_matches(['[', ']'])
+            {
+                return Err(format!(
+                    "`{site}` is not a site: budgets are kept per registrable domain, so write `{key}` (it covers `{site}` and every other name under it)"
+                ));
+            }
+            rules.named.insert(key, limit);
+        }
+        Ok(rules)
+    }
+
+    pub fn limit_for(&self, site: &str) -> Option<Limit> {
+        self.named.get(site).copied().or(self.default)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.named.is_empty() && self.default.is_none()
+    }
+}
+
+#[derive(Debug)]
+struct Site {
+    limit: Option<Limit>,
+    /// Each family's cursor in the site's own rotation, once it started.
+    cursor: [Option<u64>; 2],
+    addrs: HashMap<IpAddr, Pair>,
+    last_used: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Pair {
+    /// Requests started within the window, oldest first.
+    starts: VecDeque<Instant>,
+    cool_until: Option<Instant>,
+    strikes: u32,
+    last_strike: Option<Instant>,
+}
+
+impl Site {
+    /// Counts a request of `ip` against the site's budget: whether the
+    /// pair has repeats to clear (the worker then reports a normal
+    /// answer), and whether the pair is new.
+    fn start(&mut self, ip: IpAddr, now: Instant) -> (bool, bool) {
+        if self.limit.is_none() {
+            return (self.addrs.get(&ip).is_some_and(|p| p.strikes > 0), false);
+        }
+        let fresh = !self.addrs.contains_key(&ip);
+        let p = self.addrs.entry(ip).or_default();
+        p.starts.push_back(now);
+        (p.strikes > 0, fresh)
+    }
+}
+
+impl Pair {
+    /// Drops the starts that left the window.
+    fn prune(&mut self, limit: Option<Limit>, now: Instant) {
+        let Some(l) = limit else {
+            self.starts.clear();
+            return;
+        };
+        while self
+            .starts
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= l.period)
+        {
+            self.starts.pop_front();
+        }
+    }
+
+    /// `None` if it may start a request now; else when it may, and
+    /// whether it is cooling (else out of budget).
+    fn blocked(&self, limit: Option<Limit>, now: Instant) -> Option<(Instant, bool)> {
+        let cooling = self.cool_until.filter(|c| *c > now);
+        let spent = limit.and_then(|l| {
+            let n = l.count as usize;
+            (self.starts.len() >= n).then(|| self.starts[self.starts.len() - n] + l.period)
+        });
+        match (cooling, spent) {
+            (None, None) => None,
+            (Some(c), None) => Some((c, true)),
+            (None, Some(s)) => Some((s, false)),
+            (Some(c), Some(s)) => Some((c.max(s), true)),
+        }
+    }
+
+    fn is_idle(&self, now: Instant) -> bool {
+        self.starts.is_empty()
+            && self.cool_until.is_none()
+            && self
+                .last_strike
+                .is_none_or(|t| now.saturating_duration_since(t) >= STRIKES_KEPT)
+    }
+}
+
+/// What the site path says of a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Nothing held for the site: the shared rotation serves it.
+    Shared,
+    /// The site's rotation has not started for `family`: take the shared
+    /// rotation's next address of it, then `started`.
+    Start(Family),
+    /// This address; `watch`: report how the site answered.
+    Address { ip: IpAddr, watch: bool },
+    /// No address may serve the site before `retry_after`.
+    Throttled {
+        retry_after: Duration,
+        cooling: bool,
+    },
+}
+
+#[derive(Debug)]
+pub struct Sites {
+    rules: Rules,
+    map: HashMap<String, Site>,
+    pairs: usize,
+    max_entries: usize,
+    /// When the table was last found full (logged once a minute).
+    full_logged: Option<Instant>,
+}
+
+impl Sites {
+    pub fn new(rules: Rules, max_entries: usize) -> Sites {
+        Sites {
+            rules,
+            map: HashMap::new(),
+            pairs: 0,
+            max_entries: max_entries.max(16),
+            full_logged: None,
+        }
+    }
+
+    /// Sites and pairs held.
+    pub fn entries(&self) -> usize {
+        self.map.len() + self.pairs
+    }
+
+    /// Makes the site's entry (room made first) if new; whether it is
+    /// there.
+    fn ensure(&mut self, site: &str, create: bool, now: Instant) -> bool {
+        if !self.map.contains_key(site) {
+            if !create {
+                return false;
+            }
+            self.make_room(now);
+            self.map.insert(
+                site.to_string(),
+                Site {
+                    limit: self.rules.limit_for(site),
+                    cursor: [None, None],
+                    addrs: HashMap::new(),
+                    last_used: now,
+                },
+            );
+        }
+        true
+    }
+
+    /// Past the cap: expired state dropped, then the least recently used
+    /// eighth of the sites.
+    fn make_room(&mut self, now: Instant) {
+        if self.entries() < self.max_entries {
+            return;
+        }
+        self.expire(now);
+        if self.entries() < self.max_entries {
+            return;
+        }
+        let mut by_use: Vec<(Instant, String)> = self
+            .map
+            .iter()
+            .map(|(k, s)| (s.last_used, k.clone()))
+            .collect();
+        let n = (by_use.len() / 8).max(1);
+        by_use.select_nth_unstable(n - 1);
+        for (_, k) in by_use.into_iter().take(n) {
+            if let Some(s) = self.map.remove(&k) {
+                self.pairs -= s.addrs.len();
+            }
+        }
+        if self
+            .full_logged
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60))
+        {
+            self.full_logged = Some(now);
+            tracing::warn!(
+                max = self.max_entries,
+                forgot = n,
+                "the site table is full: the least recently used sites were forgotten (their budgets start over); raise --max-site-entries"
+            );
+        }
+    }
+
+    /// The next address for a request to `site` among `active` (the
+    /// rotation's entries) of one of `families`.
+    pub fn lease(
+        &mut self,
+        site: &str,
+        families: Families,
+        active: &[Segment],
+        now: Instant,
+    ) -> Answer {
+        let create = self.rules.limit_for(site).is_some();
+        if !self.ensure(site, create, now) {
+            return Answer::Shared;
+        }
+        let s = self.map.get_mut(site).expect("ensured");
+        s.last_used = now;
+        let limit = s.limit;
+        let mut earliest: Option<(Instant, bool)> = None;
+        let mut any = false;
+        for family in Family::ALL {
+            if !families.accepts_family(family) {
+                continue;
+            }
+            let total = family_total(active, family);
+            if total == 0 {
+                continue;
+            }
+            any = true;
+            let Some(start) = s.cursor[family.index()] else {
+                return Answer::Start(family);
+            };
+            // Every address the site holds nothing for is free, so a walk
+            // meets one after at most that many steps.
+            let steps = total.min(s.addrs.len() as u64 + 1);
+            for k in 0..steps {
+                let i = (start + k) % total;
+                let Some(ip) = address_at(active, family, i) else {
+                    break;
+                };
+                let pair = s.addrs.get_mut(&ip);
+                let blocked = match pair {
+                    None => None,
+                    Some(p) => {
+                        p.prune(limit, now);
+                        p.blocked(limit, now)
+                    }
+                };
+                match blocked {
+                    None => {
+                        s.cursor[family.index()] = Some((i + 1) % total);
+                        let (watch, fresh) = s.start(ip, now);
+                        self.pairs += usize::from(fresh);
+                        return Answer::Address { ip, watch };
+                    }
+                    Some((until, cooling)) => {
+                        earliest = Some(match earliest {
+                            None => (until, cooling),
+                            Some((e, c)) if until < e => (until, cooling && c),
+                            Some((e, c)) => (e, c && cooling),
+                        });
+                    }
+                }
+            }
+        }
+        match earliest {
+            Some((until, cooling)) if any => Answer::Throttled {
+                retry_after: until.saturating_duration_since(now),
+                cooling,
+            },
+            // No address of the families: the shared rotation says so.
+            _ => Answer::Shared,
+        }
+    }
+
+    /// The site's rotation of `ip`'s family starts at `ip` (taken from the
+    /// shared rotation, at `index`): counted as a start if the pair may
+    /// serve: `Some(watch)` if it may (see `Answer::Address`), `None` if
+    /// not (then `lease` walks on from it).
+    pub fn started(
+        &mut self,
+        site: &str,
+        ip: IpAddr,
+        index: u64,
+        total: u64,
+        now: Instant,
+    ) -> Option<bool> {
+        let s = self.map.get_mut(site)?;
+        let family = Family::of(&ip);
+        s.cursor[family.index()] = Some(index % total.max(1));
+        let limit = s.limit;
+        let free = match s.addrs.get_mut(&ip) {
+            None => true,
+            Some(p) => {
+                p.prune(limit, now);
+                p.blocked(limit, now).is_none()
+            }
+        };
+        if !free {
+            return None;
+        }
+        s.cursor[family.index()] = Some((index + 1) % total.max(1));
+        let (watch, fresh) = s.start(ip, now);
+        self.pairs += usize::from(fresh);
+        Some(watch)
+    }
+
+    /// `site` pushed back on `ip`: it cools for `retry_after`, else for a
+    /// backoff by its repeats. Whether it started cooling now (it was not).
+    pub fn pushback(
+        &mut self,
+        site: &str,
+        ip: IpAddr,
+        status: u16,
+        retry_after: Option<Duration>,
+        now: Instant,
+    ) -> bool {
+        let fresh_pair = self
+            .map
+            .get(site)
+            .is_none_or(|s| !s.addrs.contains_key(&ip));
+        if fresh_pair {
+            self.make_room(now);
+        }
+        self.ensure(site, true, now);
+        let Some(s) = self.map.get_mut(site) else {
+            return false;
+        };
+        let p = s.addrs.entry(ip).or_default();
+        p.strikes = p.strikes.saturating_add(1);
+        p.last_strike = Some(now);
+        let wait = match retry_after {
+            Some(d) => d.min(RETRY_AFTER_MAX),
+            None => backoff(p.strikes),
+        };
+        let was_cooling = p.cool_until.is_some_and(|c| c > now);
+        let until = now + wait;
+        p.cool_until = Some(p.cool_until.map_or(until, |c| c.max(until)));
+        if fresh_pair {
+            self.pairs += 1;
+        }
+        if !was_cooling {
+            tracing::info!(%site, source = %ip, status, secs = wait.as_secs(), "site pushed back: address cooling for this site");
+        }
+        !was_cooling
+    }
+
+    /// `site` answered `ip` normally: its repeats start over.
+    pub fn answered(&mut self, site: &str, ip: IpAddr) {
+        if let Some(p) = self.map.get_mut(site).and_then(|s| s.addrs.get_mut(&ip)) {
+            p.strikes = 0;
+            p.last_strike = None;
+        }
+    }
+
+    /// Drops what expired; logs each cooldown that ended.
+    pub fn expire(&mut self, now: Instant) {
+        let mut removed = 0;
+        self.map.retain(|site, s| {
+            let limit = s.limit;
+            s.addrs.retain(|ip, p| {
+                p.prune(limit, now);
+                if p.cool_until.is_some_and(|c| c <= now) {
+                    p.cool_until = None;
+                    tracing::info!(%site, source = %ip, "address no longer cooling for this site");
+                }
+                let keep = !p.is_idle(now);
+                removed += usize::from(!keep);
+                keep
+            });
+            let quiet = limit.map_or(Duration::ZERO, |l| l.period);
+            !s.addrs.is_empty() || now.saturating_duration_since(s.last_used) < quiet
+        });
+        self.pairs -= removed;
+    }
+
+    /// The site filter workers read: every site held and every site named,
+    /// and whether every site takes the site path (a budget for `*`).
+    pub fn filter(&self) -> (bool, Vec<u64>) {
+        let mut words = vec![0u64; SITE_FILTER_BITS / 64];
+        for site in self.map.keys().chain(self.rules.named.keys()) {
+            let b = site_bit(site);
+            words[b / 64] |= 1 << (b % 64);
+        }
+        (self.rules.default.is_some(), words)
+    }
+
+    pub fn report(&self, max: usize, now: Instant) -> SitesReport {
+        let mut sites: Vec<(&String, &Site)> = self.map.iter().collect();
+        sites.sort_by(|a, b| b.1.last_used.cmp(&a.1.last_used).then(a.0.cmp(b.0)));
+        SitesReport {
+            total: self.map.len() as u64,
+            pairs: self.pairs as u64,
+            max_entries: self.max_entries as u64,
+            sites: sites
+                .into_iter()
+                .take(max)
+                .map(|(name, s)| {
+                    let mut addrs: Vec<PairStatus> = s
+                        .addrs
+                        .iter()
+                        .map(|(ip, p)| PairStatus {
+                            ip: *ip,
+                            used: s.limit.map_or(0, |l| {
+                                p.starts
+                                    .iter()
+                                    .filter(|t| now.saturating_duration_since(**t) < l.period)
+                                    .count() as u32
+                            }),
+                            cooling_ms: p
+                                .cool_until
+                                .filter(|c| *c > now)
+                                .map(|c| c.duration_since(now).as_millis() as u64),
+                            strikes: p.strikes,
+                        })
+                        .collect();
+                    addrs.sort_by_key(|p| p.ip);
+                    SiteStatus {
+                        site: name.clone(),
+                        limit: s.limit.map(|l| SiteLimit {
+                            count: l.count,
+                            period_ms: l.period.as_millis() as u64,
+                        }),
+                        idle_secs: now.saturating_duration_since(s.last_used).as_secs(),
+                        addrs,
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// 30 s doubling per repeat up to 10 min, within ±20 % (so addresses
+/// throttled together do not come back together).
+fn backoff(strikes: u32) -> Duration {
+    let base = BACKOFF_BASE
+        .saturating_mul(1u32 << strikes.saturating_sub(1).min(8))
+        .min(BACKOFF_MAX);
+    let noise = {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ u64::from(std::process::id())
+            ^ u64::from(strikes);
+        let x = rotor_protocol::fnv1a(t.to_le_bytes());
+        (x % 401) as f64 / 1000.0 - 0.2
+    };
+    base.mul_f64(1.0 + noise)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(n: u8) -> Vec<Segment> {
+        (1..=n)
+            .map(|i| Segment::single(IpAddr::from([10, 0, 0, i])))
+            .collect()
+    }
+
+    fn ip(i: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, i])
+    }
+
+    fn rules(specs: &[&str]) -> Rules {
+        Rules::parse(&specs.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    /// Leases for `site` until throttled (at most `n`): the addresses.
+    fn take(s: &mut Sites, site: &str, active: &[Segment], n: usize, now: Instant) -> Vec<u8> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            match s.lease(site, Families::V4, active, now) {
+                Answer::Start(f) => {
+                    // As the allocator does: the shared rotation's next (1).
+                    let total = family_total(active, f);
+                    if s.started(site, ip(1), 0, total, now).is_some() {
+                        out.push(1);
+                    }
+                }
+                Answer::Address {
+                    ip: IpAddr::V4(a), ..
+                } => out.push(a.octets()[3]),
+                _ => break,
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn limits_parse_and_name_sites() {
+        let r = rules(&["example.com=60/1m", "127.0.0.1=5/1s", "*=10/1s"]);
+        assert_eq!(
+            r.limit_for("example.com"),
+            Some(Limit {
+                count: 60,
+                period: Duration::from_secs(60)
+            })
+        );
+        assert_eq!(r.limit_for("other.org").unwrap().count, 10);
+        for bad in [
+            "www.example.com=1/1s",
+            "example.com",
+            "example.com=0/1s",
+            "example.com=5/soon",
+            "=1/1s",
+            "example.com=5",
+        ] {
+            assert!(Rules::parse(&[bad.to_string()]).is_err(), "{bad}");
+        }
+        let e = Rules::parse(&["api.example.co.uk=1/1s".into()]).unwrap_err();
+        assert!(e.contains("`example.co.uk`"), "{e}");
+    }
+
+    #[test]
+    fn budgets_skip_spent_addresses_in_rotation_order() {
+        let active = pool(4);
+        let t0 = Instant::now();
+        let mut s = Sites::new(rules(&["a.com=2/1s"]), 1000);
+        // Two rounds of the site's own rotation, then nothing left.
+        assert_eq!(
+            take(&mut s, "a.com", &active, 20, t0),
+            [1, 2, 3, 4, 1, 2, 3, 4]
+        );
+        match s.lease(
+            "a.com",
+            Families::V4,
+            &active,
+            t0 + Duration::from_millis(300),
+        ) {
+            Answer::Throttled {
+                retry_after,
+                cooling,
+            } => {
+                assert_eq!(retry_after, Duration::from_millis(700));
+                assert!(!cooling);
+            }
+            other => panic!("{other:?}"),
+        }
+        // A second later the window slid: the next round, in order.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(take(&mut s, "a.com", &active, 3, t1), [1, 2, 3]);
+        // Unbudgeted sites are not held at all.
+        assert_eq!(s.lease("b.com", Families::V4, &active, t1), Answer::Shared);
+        // Within a window, an address still with budget is taken in turn.
+        let mut s = Sites::new(rules(&["a.com=1/1s"]), 1000);
+        assert_eq!(take(&mut s, "a.com", &active, 2, t0), [1, 2]);
+        let t = t0 + Duration::from_millis(1500);
+        // 1 and 2 freed; the cursor is at 3.
+        assert_eq!(take(&mut s, "a.com", &active, 10, t), [3, 4, 1, 2]);
+    }
+
+    #[test]
+    fn pushback_cools_one_address_for_one_site() {
+        let active = pool(3);
+        let t0 = Instant::now();
+        let mut s = Sites::new(Rules::default(), 1000);
+        assert!(s.pushback("a.com", ip(2), 429, Some(Duration::from_secs(5)), t0));
+        assert!(
+            !s.pushback("a.com", ip(2), 429, Some(Duration::from_secs(1)), t0),
+            "already cooling"
+        );
+        assert_eq!(take(&mut s, "a.com", &active, 4, t0), [1, 3, 1, 3]);
+        assert_eq!(s.lease("b.com", Families::V4, &active, t0), Answer::Shared);
+        // Every address cooling: throttled until the first comes back.
+        s.pushback("a.com", ip(1), 429, Some(Duration::from_secs(3)), t0);
+        s.pushback("a.com", ip(3), 429, Some(Duration::from_secs(9)), t0);
+        assert_eq!(
+            s.lease("a.com", Families::V4, &active, t0),
+            Answer::Throttled {
+                retry_after: Duration::from_secs(3),
+                cooling: true
+            }
+        );
+        let t = t0 + Duration::from_secs(6);
+        s.expire(t);
+        match s.lease("a.com", Families::V4, &active, t) {
+            Answer::Address { ip: a, watch } => {
+                assert!(a == ip(1) || a == ip(2));
+                assert!(watch, "a pair with repeats asks to hear how it went");
+                s.answered("a.com", a);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Without Retry-After: 30 s doubling, jittered, capped.
+        let mut s = Sites::new(Rules::default(), 1000);
+        let mut last = Duration::ZERO;
+        for strike in 1..=8u32 {
+            s.pushback("c.com", ip(1), 429, None, t0 + last);
+            let until = s.map["c.com"].addrs[&ip(1)].cool_until.unwrap();
+            let wait = until - (t0 + last);
+            let base = BACKOFF_BASE
+                .saturating_mul(1 << (strike - 1))
+                .min(BACKOFF_MAX);
+            assert!(
+                wait >= base.mul_f64(0.79) && wait <= base.mul_f64(1.21),
+                "{strike}: {wait:?}"
+            );
+            last += wait;
+        }
+        // A normal answer starts the backoff over.
+        s.answered("c.com", ip(1));
+        s.pushback(
+            "c.com",
+            ip(1),
+            429,
+            None,
+            t0 + last + Duration::from_secs(1),
+        );
+        assert_eq!(s.map["c.com"].addrs[&ip(1)].strikes, 1);
+    }
+
+    #[test]
+    fn state_expires_and_is_bounded() {
+        let active = pool(8);
+        let t0 = Instant::now();
+        let mut s = Sites::new(rules(&["*=1/1s"]), 64);
+        for i in 0..1000 {
+            let site = format!("s{i}.com");
+            let t = t0 + Duration::from_millis(i);
+            assert_eq!(take(&mut s, &site, &active, 1, t).len(), 1);
+            assert!(s.entries() <= 64, "{}", s.entries());
+        }
+        s.expire(t0 + Duration::from_secs(3));
+        assert_eq!((s.entries(), s.pairs), (0, 0));
+        // Cooldowns end, and the repeats are forgotten later.
+        let mut s = Sites::new(Rules::default(), 64);
+        s.pushback("a.com", ip(1), 429, Some(Duration::from_secs(2)), t0);
+        s.expire(t0 + Duration::from_secs(3));
+        assert_eq!(s.entries(), 2, "repeats kept");
+        s.expire(t0 + STRIKES_KEPT + Duration::from_secs(1));
+        assert_eq!(s.entries(), 0);
+        // The filter holds every site held and every site named.
+        let mut s = Sites::new(rules(&["n.com=1/1s"]), 64);
+        s.pushback("a.com", ip(1), 429, None, t0);
+        let (all, words) = s.filter();
+        assert!(!all);
+        let set = |site: &str| {
+            let b = site_bit(site);
+            words[b / 64] & (1 << (b % 64)) != 0
+        };
+        assert!(set("a.com") && set("n.com"));
+        assert_eq!(words.iter().map(|w| w.count_ones()).sum::<u32>(), 2);
+    }
+}

@@ -1,0 +1,69 @@
+//! Sites: what per-site budgets and cooldowns are kept by. A request's site
+//! is the registrable domain of its target host (the Public Suffix List's
+//! "eTLD+1": `www.example.co.uk` and `api.example.co.uk` are both
+//! `example.co.uk`), or the address itself for an IP-literal target.
+//!
+//! Workers name the site of each request that needs one; the allocator
+//! names the sites of its configuration the same way, so both agree.
+
+use std::net::IpAddr;
+
+/// Bits of the lease table's site filter (see `table`): a worker takes the
+/// allocator's site path for a site whose bit is set.
+pub const SITE_FILTER_BITS: usize = 1 << 16;
+
+/// The site of `host` (a name or an address, brackets allowed), lower-case
+/// and without a trailing dot. A name with no registrable part (`localhost`,
+/// a bare public suffix) is its own site.
+pub fn site_of(host: &str) -> String {
+    let h = host.trim_end_matches('.');
+    let bare = h
+        .strip_prefix('[')
+        .and_then(|s| s.strip_suffix(']'))
+        .unwrap_or(h);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return ip.to_string();
+    }
+    let lower;
+    let h = match h.bytes().any(|b| b.is_ascii_uppercase()) {
+        true => {
+            lower = h.to_ascii_lowercase();
+            lower.as_str()
+        }
+        false => h,
+    };
+    match psl::domain_str(h) {
+        Some(d) => d.to_string(),
+        None => h.to_string(),
+    }
+}
+
+/// Which bit of the site filter `site` sets.
+pub fn site_bit(site: &str) -> usize {
+    let h = crate::fnv1a(site.bytes());
+    ((h ^ (h >> 29)) as usize) & (SITE_FILTER_BITS - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sites_are_registrable_domains_or_addresses() {
+        for (host, site) in [
+            ("www.example.co.uk", "example.co.uk"),
+            ("api.example.co.uk", "example.co.uk"),
+            ("Example.COM.", "example.com"),
+            ("a.b.github.io", "b.github.io"),
+            ("localhost", "localhost"),
+            ("co.uk", "co.uk"),
+            ("127.0.0.1", "127.0.0.1"),
+            ("[::1]", "::1"),
+            ("2001:DB8::1", "2001:db8::1"),
+        ] {
+            assert_eq!(site_of(host), site, "{host}");
+        }
+        assert_ne!(site_bit("example.com"), site_bit("example.org"));
+        assert!(site_bit("example.com") < SITE_FILTER_BITS);
+    }
+}

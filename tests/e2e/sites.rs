@@ -1,0 +1,353 @@
+//! Site-aware rotation: per-site budgets (`--site-limit`) held by the
+//! allocator for every worker, and cooldowns when a site pushes back (429,
+//! 503 with Retry-After, statuses the operator counts), at a real origin.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::util::*;
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last])
+}
+
+/// The sources the origin saw from index `from` on.
+fn sources_since(origin: &Origin, from: usize) -> Vec<IpAddr> {
+    origin.sources()[from..].to_vec()
+}
+
+/// Whether `got` follows the cyclic order of `pool` from wherever it
+/// starts.
+fn in_rotation(got: &[IpAddr], pool: &[IpAddr]) -> bool {
+    let Some(first) = got.first().and_then(|g| pool.iter().position(|p| p == g)) else {
+        return got.is_empty();
+    };
+    got.iter()
+        .enumerate()
+        .all(|(k, g)| *g == pool[(first + k) % pool.len()])
+}
+
+/// The site's entry in `rotor status --json`, once it shows.
+fn site_status(socket: &std::path::Path, site: &str) -> Option<serde_json::Value> {
+    let st = status_json(socket);
+    st["sites"]["shown"]
+        .as_array()?
+        .iter()
+        .find(|s| s["site"] == site)
+        .cloned()
+}
+
+/// Cooling milliseconds of `addr` for `site`, if it cools.
+fn cooling_ms(socket: &std::path::Path, site: &str, addr: IpAddr) -> Option<u64> {
+    site_status(socket, site)?["addresses"]
+        .as_array()?
+        .iter()
+        .find(|a| a["ip"] == addr.to_string())?["cooling_ms"]
+        .as_u64()
+}
+
+async fn wait_cooling(socket: &std::path::Path, site: &str, addr: IpAddr) -> u64 {
+    let s = socket.to_path_buf();
+    let site2 = site.to_string();
+    eventually("the address cooling at the allocator", || {
+        let (s, site2) = (s.clone(), site2.clone());
+        async move { cooling_ms(&s, &site2, addr).is_some() }
+    })
+    .await;
+    cooling_ms(socket, site, addr).unwrap()
+}
+
+#[tokio::test]
+async fn budgets_hold_across_workers_and_rotation_stays_exact() {
+    let origin = Origin::start().await;
+    // Another site (another address of the origin host), without a budget.
+    let other = Origin::start_on("127.0.0.11:0".parse().unwrap()).await;
+    let pool = ips(2..=5);
+    let alloc = Allocator::start(&[
+        "--pool",
+        "127.0.0.2-127.0.0.5",
+        "--site-limit",
+        "127.0.0.1=2/3s",
+    ])
+    .await;
+    let w = [
+        Worker::start(&alloc.socket, &[]).await,
+        Worker::start(&alloc.socket, &[]).await,
+    ];
+    let url = origin.url("/");
+    // Eight requests on several connections through both workers: every
+    // address serves the site twice, in rotation order.
+    let mut conns = [
+        ProxyConn::open(w[0].addr).await,
+        ProxyConn::open(w[1].addr).await,
+    ];
+    for i in 0..8 {
+        let r = match i % 3 {
+            2 => get(w[i % 2].addr, &url).await,
+            _ => conns[i % 2].get(&url).await,
+        };
+        assert_eq!(r.status, 200, "request {i}");
+    }
+    let got = origin.sources();
+    assert!(in_rotation(&got, &pool), "{got:?}");
+    for a in &pool {
+        assert_eq!(got.iter().filter(|g| *g == a).count(), 2, "{got:?}");
+    }
+    // The ninth, from either worker, is refused by rotor: nothing reaches
+    // the site.
+    let started = Instant::now();
+    for worker in &w {
+        let r = get(worker.addr, &url).await;
+        assert_eq!(r.status, 429);
+        let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=3).contains(&retry), "{retry}");
+        let ps = r.proxy_status();
+        assert!(
+            ps.contains("error=http_request_denied") && ps.contains("site budget exhausted"),
+            "{ps}"
+        );
+    }
+    assert_eq!(origin.count(), 8);
+    // A site without a budget keeps the shared rotation, exact.
+    for _ in 0..8 {
+        assert_eq!(get(w[0].addr, &other.url("/")).await.status, 200);
+    }
+    let shared = other.sources();
+    assert!(in_rotation(&shared, &pool), "{shared:?}");
+    // Status shows the budget used per address.
+    let site = site_status(&alloc.socket, "127.0.0.1").expect("the site in status");
+    assert_eq!(site["limit"]["count"], 2);
+    for a in site["addresses"].as_array().unwrap() {
+        assert_eq!((a["used"].as_u64(), a["left"].as_u64()), (Some(2), Some(0)));
+    }
+    let text = rotor_control("status", &alloc.socket, &[]);
+    assert!(
+        text.contains("127.0.0.1: budget 2/3s per address") && text.contains("used 2 left 0"),
+        "{text}"
+    );
+    assert!(site_status(&alloc.socket, "127.0.0.11").is_none());
+    // Once the window slid, the site is served again, in its rotation.
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(started.elapsed())).await;
+    eventually("budget back", || async {
+        get(w[1].addr, &url).await.status == 200
+    })
+    .await;
+    let after = sources_since(&origin, 8);
+    assert_eq!(after.len(), 1);
+}
+
+#[tokio::test]
+async fn a_request_waits_for_budget_up_to_budget_wait() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&[
+        "--pool",
+        "127.0.0.2-127.0.0.3",
+        "--site-limit",
+        "127.0.0.1=1/1s",
+    ])
+    .await;
+    let waits = Worker::start(&alloc.socket, &["--budget-wait", "3s"]).await;
+    let short = Worker::start(&alloc.socket, &["--budget-wait", "10ms"]).await;
+    let url = origin.url("/");
+    let t0 = Instant::now();
+    for _ in 0..2 {
+        assert_eq!(get(waits.addr, &url).await.status, 200);
+    }
+    // A wait longer than --budget-wait is not waited.
+    let r = get(short.addr, &url).await;
+    assert_eq!(r.status, 429);
+    // One within it is: the third waits for the first address's window.
+    assert_eq!(get(waits.addr, &url).await.status, 200);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(origin.sources(), vec![ip(2), ip(3), ip(2)]);
+}
+
+#[tokio::test]
+async fn pushback_cools_only_that_address_for_that_site_for_as_long_as_said() {
+    let origin = Origin::start().await;
+    let other = Origin::start_on("127.0.0.12:0".parse().unwrap()).await;
+    let pool = ips(2..=4);
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.4"]).await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    let site = "127.0.0.1";
+    // A 429 with Retry-After: 3 (delay-seconds), passed to the client as is.
+    let r = get(w.addr, &origin.url("/status/429/3")).await;
+    assert_eq!((r.status, &r.body[..]), (429, &b"status"[..]));
+    assert_eq!(r.headers["retry-after"], "3");
+    assert!(
+        r.headers.get("proxy-status").is_none(),
+        "the site's own 429"
+    );
+    let cooled = origin.sources()[0];
+    let ms = wait_cooling(&alloc.socket, site, cooled).await;
+    assert!(ms <= 3000 && ms > 1500, "{ms}");
+    // Skipped for this site only.
+    for _ in 0..6 {
+        assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+    }
+    let served = sources_since(&origin, 1);
+    assert!(!served.contains(&cooled), "{served:?}");
+    for _ in 0..3 {
+        assert_eq!(get(w.addr, &other.url("/")).await.status, 200);
+    }
+    let shared = other.sources();
+    assert!(
+        shared.contains(&cooled) && in_rotation(&shared, &pool),
+        "{shared:?}"
+    );
+    // And only for as long as it said.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    let before = origin.count();
+    for _ in 0..3 {
+        assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+    }
+    assert!(sources_since(&origin, before).contains(&cooled));
+
+    // The HTTP-date form.
+    let at = origin.count();
+    assert_eq!(
+        get(w.addr, &origin.url("/status/429/date/20")).await.status,
+        429
+    );
+    let dated = origin.sources()[at];
+    let ms = wait_cooling(&alloc.socket, site, dated).await;
+    assert!((17_000..=20_000).contains(&ms), "{ms}");
+    // No Retry-After: 30 s, jittered by at most 20 %.
+    let at = origin.count();
+    assert_eq!(get(w.addr, &origin.url("/status/429")).await.status, 429);
+    let bare = origin.sources()[at];
+    assert_ne!(bare, dated);
+    let ms = wait_cooling(&alloc.socket, site, bare).await;
+    assert!((23_000..=36_000).contains(&ms), "{ms}");
+    // Every address cooling: rotor answers 429 itself, with the earliest
+    // Retry-After, and sends nothing.
+    let at = origin.count();
+    let r = get(w.addr, &origin.url("/status/503/4")).await;
+    assert_eq!(r.status, 503);
+    let last = origin.sources()[at];
+    wait_cooling(&alloc.socket, site, last).await;
+    let r = get(w.addr, &origin.url("/")).await;
+    assert_eq!(r.status, 429);
+    let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=4).contains(&retry), "{retry}");
+    assert!(
+        r.proxy_status().contains("cooling down for 127.0.0.1"),
+        "{}",
+        r.proxy_status()
+    );
+    assert_eq!(origin.count(), at + 1);
+    // The other site is served all along.
+    assert_eq!(get(w.addr, &other.url("/")).await.status, 200);
+}
+
+#[tokio::test]
+async fn forbidden_cools_only_when_counted() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3"]).await;
+    let plain = Worker::start(&alloc.socket, &[]).await;
+    let counted = Worker::start(&alloc.socket, &["--cooldown-status", "403,429"]).await;
+    assert_eq!(
+        get(plain.addr, &origin.url("/status/403")).await.status,
+        403
+    );
+    // A 503 without Retry-After says nothing of rate limits either.
+    assert_eq!(
+        get(plain.addr, &origin.url("/status/503")).await.status,
+        503
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(site_status(&alloc.socket, "127.0.0.1").is_none());
+    assert_eq!(
+        get(counted.addr, &origin.url("/status/403")).await.status,
+        403
+    );
+    let src = origin.sources()[2];
+    let ms = wait_cooling(&alloc.socket, "127.0.0.1", src).await;
+    assert!(ms > 20_000, "{ms}");
+    // Both workers skip it now: the allocator holds the cooldown.
+    for w in [&plain, &counted] {
+        for _ in 0..2 {
+            assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+        }
+    }
+    assert!(!sources_since(&origin, 3).contains(&src));
+}
+
+#[tokio::test]
+async fn a_site_is_its_registrable_domain_for_plain_requests_and_tunnels() {
+    let dns = Dns::start().await;
+    let origin = Origin::start().await;
+    let port = origin.addr.port();
+    for name in ["www.example.com", "api.example.com", "example.org"] {
+        dns.set(name, std::net::Ipv4Addr::LOCALHOST, 60);
+    }
+    let alloc =
+        Allocator::start(&["--pool", "127.0.0.2", "--site-limit", "example.com=2/30s"]).await;
+    let server = dns.addr.to_string();
+    let w = Worker::start(&alloc.socket, &["--dns-server", &server]).await;
+    let url = |host: &str| format!("http://{host}:{port}/");
+    assert_eq!(get(w.addr, &url("www.example.com")).await.status, 200);
+    // A tunnel to a subdomain counts against the same site.
+    let mut s = TcpStream::connect(w.addr).await.unwrap();
+    let target = format!("api.example.com:{port}");
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert!(read_head(&mut s).await.starts_with("HTTP/1.1 200"));
+    drop(s);
+    let r = get(w.addr, &url("api.example.com")).await;
+    assert_eq!(r.status, 429, "example.com's budget is spent");
+    assert!(
+        r.proxy_status().contains("example.com"),
+        "{}",
+        r.proxy_status()
+    );
+    // Another registrable domain is another site.
+    assert_eq!(get(w.addr, &url("example.org")).await.status, 200);
+    // A subdomain in --site-limit is refused with the site to write.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rotor-allocator"))
+        .args([
+            "--check",
+            "--pool",
+            "127.0.0.2",
+            "--site-limit",
+            "www.example.co.uk=1/1s",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("`example.co.uk`"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn budgets_survive_a_worker_restart() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&[
+        "--pool",
+        "127.0.0.2-127.0.0.3",
+        "--site-limit",
+        "127.0.0.1=1/30s",
+    ])
+    .await;
+    let port = free_port();
+    let mut w = Worker::start_on(&alloc.socket, port, &[]).await;
+    let url = origin.url("/");
+    for _ in 0..2 {
+        assert_eq!(get(w.addr, &url).await.status, 200);
+    }
+    w.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    w.proc.wait(Duration::from_secs(5));
+    let w = Worker::start_on(&alloc.socket, port, &[]).await;
+    assert_eq!(get(w.addr, &url).await.status, 429);
+    assert_eq!(origin.count(), 2);
+}

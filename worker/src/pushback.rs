@@ -1,0 +1,245 @@
+//! Reading a destination's response for push-back: `429`, `503` with a
+//! `Retry-After`, a status the operator counts, or rate-limit headers that
+//! say no request is left. The response itself passes unchanged; the
+//! allocator is told, and cools the (address, site) pair for every worker.
+//!
+//! Read: `Retry-After` (delay-seconds or an HTTP-date); `RateLimit`
+//! (draft-ietf-httpapi-ratelimit-headers, both the `limit=, remaining=,
+//! reset=` form and the structured `"policy";r=0;t=30` form);
+//! `RateLimit-Remaining` / `RateLimit-Reset`; `X-RateLimit-Remaining` /
+//! `X-RateLimit-Reset` (seconds, or a Unix time when it is one). A
+//! remaining count of 0 with a reset cools the pair until the reset; a
+//! count above 0 changes nothing (the budget rotor keeps is the operator's).
+
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, StatusCode};
+
+/// What a response says of the address that got it, for its site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Pushed back: cool it, for this many seconds if the site said.
+    Pushback { retry_after: Option<u32> },
+    /// Answered normally.
+    Normal,
+    /// Neither (an error that says nothing of rate limits).
+    Other,
+}
+
+/// Longest wait read from a header (a day).
+const MAX_WAIT: u64 = 86_400;
+
+pub fn judge(status: StatusCode, headers: &HeaderMap, counted: &[u16]) -> Verdict {
+    let code = status.as_u16();
+    let retry_after = retry_after(headers);
+    if counted.contains(&code) || (code == 503 && retry_after.is_some()) {
+        return Verdict::Pushback { retry_after };
+    }
+    if let Some(reset) = exhausted_until(headers) {
+        return Verdict::Pushback {
+            retry_after: Some(reset),
+        };
+    }
+    match status.is_success() || status.is_redirection() || status.is_informational() {
+        true => Verdict::Normal,
+        false => Verdict::Other,
+    }
+}
+
+/// `Retry-After` in seconds from now.
+pub fn retry_after(headers: &HeaderMap) -> Option<u32> {
+    let v = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(secs.min(MAX_WAIT) as u32);
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    let secs = at
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO)
+        .as_secs_f64()
+        .ceil() as u64;
+    Some(secs.min(MAX_WAIT) as u32)
+}
+
+/// Seconds until the site's rate limit resets, when its headers say no
+/// request is left.
+fn exhausted_until(headers: &HeaderMap) -> Option<u32> {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let num = |s: &str| s.trim().trim_matches('"').parse::<f64>().ok();
+    // The draft's one field: `limit=10, remaining=0, reset=30`, or
+    // `"default";r=0;t=30`.
+    if let Some(v) = text("ratelimit") {
+        let (mut remaining, mut reset) = (None, None);
+        for item in v.split([',', ';']) {
+            let Some((k, val)) = item.split_once('=') else {
+                continue;
+            };
+            match k.trim().to_ascii_lowercase().as_str() {
+                "remaining" | "r" => remaining = num(val),
+                "reset" | "t" => reset = num(val),
+                _ => {}
+            }
+        }
+        if remaining == Some(0.0) {
+            return reset.map(|r| seconds(r, false));
+        }
+        return None;
+    }
+    for prefix in ["ratelimit-", "x-ratelimit-"] {
+        let remaining = text(&format!("{prefix}remaining")).and_then(num);
+        if remaining == Some(0.0) {
+            let reset = text(&format!("{prefix}reset")).and_then(num)?;
+            return Some(seconds(reset, prefix == "x-ratelimit-"));
+        }
+    }
+    None
+}
+
+/// A reset in seconds from now; with `maybe_epoch`, a number that can only
+/// be a Unix time (past 2001) is taken as one.
+fn seconds(v: f64, maybe_epoch: bool) -> u32 {
+    let v = v.max(0.0);
+    let secs = if maybe_epoch && v > 1e9 {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        (v - now).max(0.0)
+    } else {
+        v
+    };
+    (secs.ceil() as u64).min(MAX_WAIT) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    fn verdict(status: u16, pairs: &[(&str, &str)], counted: &[u16]) -> Verdict {
+        judge(
+            StatusCode::from_u16(status).unwrap(),
+            &headers(pairs),
+            counted,
+        )
+    }
+
+    #[test]
+    fn statuses_and_retry_after() {
+        let c = [429];
+        assert_eq!(verdict(200, &[], &c), Verdict::Normal);
+        assert_eq!(verdict(302, &[], &c), Verdict::Normal);
+        assert_eq!(verdict(404, &[], &c), Verdict::Other);
+        assert_eq!(verdict(403, &[], &c), Verdict::Other);
+        assert_eq!(
+            verdict(403, &[], &[403, 429]),
+            Verdict::Pushback { retry_after: None }
+        );
+        assert_eq!(
+            verdict(429, &[], &c),
+            Verdict::Pushback { retry_after: None }
+        );
+        assert_eq!(
+            verdict(429, &[("retry-after", "7")], &c),
+            Verdict::Pushback {
+                retry_after: Some(7)
+            }
+        );
+        assert_eq!(verdict(503, &[], &c), Verdict::Other);
+        assert_eq!(
+            verdict(503, &[("retry-after", "120")], &c),
+            Verdict::Pushback {
+                retry_after: Some(120)
+            }
+        );
+        let soon = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(30));
+        match verdict(429, &[("retry-after", &soon)], &c) {
+            Verdict::Pushback {
+                retry_after: Some(s),
+            } => assert!((28..=31).contains(&s), "{s}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            verdict(429, &[("retry-after", "99999999")], &c),
+            Verdict::Pushback {
+                retry_after: Some(86_400)
+            }
+        );
+        assert_eq!(
+            verdict(429, &[("retry-after", "soon")], &c),
+            Verdict::Pushback { retry_after: None }
+        );
+    }
+
+    #[test]
+    fn rate_limit_headers() {
+        let c = [429];
+        let out = |s| Verdict::Pushback {
+            retry_after: Some(s),
+        };
+        assert_eq!(
+            verdict(200, &[("ratelimit", "limit=10, remaining=0, reset=30")], &c),
+            out(30)
+        );
+        assert_eq!(
+            verdict(200, &[("ratelimit", "\"default\";r=0;t=12")], &c),
+            out(12)
+        );
+        assert_eq!(
+            verdict(200, &[("ratelimit", "limit=10, remaining=3, reset=30")], &c),
+            Verdict::Normal
+        );
+        assert_eq!(
+            verdict(
+                200,
+                &[("ratelimit-remaining", "0"), ("ratelimit-reset", "5")],
+                &c
+            ),
+            out(5)
+        );
+        assert_eq!(
+            verdict(
+                200,
+                &[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "9")],
+                &c
+            ),
+            out(9)
+        );
+        let epoch = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 60;
+        match verdict(
+            200,
+            &[
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", &epoch.to_string()),
+            ],
+            &c,
+        ) {
+            Verdict::Pushback {
+                retry_after: Some(s),
+            } => assert!((58..=61).contains(&s), "{s}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            verdict(200, &[("x-ratelimit-remaining", "0")], &c),
+            Verdict::Normal,
+            "no reset: nothing to go by"
+        );
+    }
+}
