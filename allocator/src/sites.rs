@@ -39,7 +39,7 @@ pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(86_400);
 /// Repeats are forgotten this long after the last one.
 const STRIKES_KEPT: Duration = Duration::from_secs(1800);
 /// Sites and pairs held at most, unless configured.
-pub const DEFAULT_MAX_ENTRIES: usize = 1_000_000;
+pub const DEFAULT_MAX_ENTRIES: usize = 400_000;
 
 /// `count` requests per `period`, per source address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +74,16 @@ impl std::str::FromStr for Limit {
             ));
         }
         Ok(Limit { count, period })
+    }
+}
+
+impl Limit {
+    /// How long a start holds its place: the period and a margin of 2 %
+    /// (at most 1 s). A request reaches the site a moment after rotor counts
+    /// it, and those moments vary: without the margin, a site that counts
+    /// arrivals in a strict sliding window could see COUNT + 1 in a period.
+    pub fn window(&self) -> Duration {
+        self.period + (self.period / 50).min(Duration::from_secs(1))
     }
 }
 
@@ -125,62 +135,62 @@ impl Rules {
     }
 }
 
+/// Milliseconds since the table's epoch, plus one: 0 is "never".
+type Ms = u64;
+
+const UNSET: u64 = u64::MAX;
+
 #[derive(Debug)]
 struct Site {
+    /// Names its pairs in `Sites::pairs` (never reused).
+    id: u64,
     limit: Option<Limit>,
-    /// Each family's cursor in the site's own rotation, once it started.
-    cursor: [Option<u64>; 2],
-    addrs: HashMap<IpAddr, Pair>,
-    last_used: Instant,
+    /// Each family's cursor in the site's own rotation (`UNSET` until it
+    /// starts).
+    cursor: [u64; 2],
+    /// Its pairs in `Sites::pairs`.
+    pairs: u32,
+    last_used: Ms,
 }
 
+/// One (address, site): its starts within the window, its cooldown.
 #[derive(Debug, Default)]
 struct Pair {
     /// Requests started within the window, oldest first.
-    starts: VecDeque<Instant>,
-    cool_until: Option<Instant>,
+    starts: VecDeque<Ms>,
+    /// Cooling until then (0: not cooling).
+    cool_until: Ms,
     strikes: u32,
-    last_strike: Option<Instant>,
-}
-
-impl Site {
-    /// Counts a request of `ip` against the site's budget: whether the
-    /// pair has repeats to clear (the worker then reports a normal
-    /// answer), and whether the pair is new.
-    fn start(&mut self, ip: IpAddr, now: Instant) -> (bool, bool) {
-        if self.limit.is_none() {
-            return (self.addrs.get(&ip).is_some_and(|p| p.strikes > 0), false);
-        }
-        let fresh = !self.addrs.contains_key(&ip);
-        let p = self.addrs.entry(ip).or_default();
-        p.starts.push_back(now);
-        (p.strikes > 0, fresh)
-    }
+    last_strike: Ms,
 }
 
 impl Pair {
     /// Drops the starts that left the window.
-    fn prune(&mut self, limit: Option<Limit>, now: Instant) {
-        let Some(l) = limit else {
+    fn prune(&mut self, window: Option<u64>, now: Ms) {
+        let Some(w) = window else {
             self.starts.clear();
             return;
         };
         while self
             .starts
             .front()
-            .is_some_and(|t| now.saturating_duration_since(*t) >= l.period)
+            .is_some_and(|t| now.saturating_sub(*t) >= w)
         {
             self.starts.pop_front();
+        }
+        if self.starts.is_empty() && self.starts.capacity() > 0 {
+            self.starts = VecDeque::new();
         }
     }
 
     /// `None` if it may start a request now; else when it may, and
     /// whether it is cooling (else out of budget).
-    fn blocked(&self, limit: Option<Limit>, now: Instant) -> Option<(Instant, bool)> {
-        let cooling = self.cool_until.filter(|c| *c > now);
+    fn blocked(&self, limit: Option<Limit>, now: Ms) -> Option<(Ms, bool)> {
+        let cooling = (self.cool_until > now).then_some(self.cool_until);
         let spent = limit.and_then(|l| {
             let n = l.count as usize;
-            (self.starts.len() >= n).then(|| self.starts[self.starts.len() - n] + l.period)
+            (self.starts.len() >= n)
+                .then(|| self.starts[self.starts.len() - n] + l.window().as_millis() as u64)
         });
         match (cooling, spent) {
             (None, None) => None,
@@ -190,12 +200,11 @@ impl Pair {
         }
     }
 
-    fn is_idle(&self, now: Instant) -> bool {
+    fn is_idle(&self, now: Ms) -> bool {
         self.starts.is_empty()
-            && self.cool_until.is_none()
-            && self
-                .last_strike
-                .is_none_or(|t| now.saturating_duration_since(t) >= STRIKES_KEPT)
+            && self.cool_until == 0
+            && (self.last_strike == 0
+                || now.saturating_sub(self.last_strike) >= STRIKES_KEPT.as_millis() as u64)
     }
 }
 
@@ -216,50 +225,76 @@ pub enum Answer {
     },
 }
 
+/// The per-site state. Two maps, so a site costs one small entry and each
+/// of its pairs one more (a map per site would cost hundreds of bytes for
+/// a site with one pair).
 #[derive(Debug)]
 pub struct Sites {
     rules: Rules,
-    map: HashMap<String, Site>,
-    pairs: usize,
+    sites: HashMap<Box<str>, Site>,
+    pairs: HashMap<(u64, IpAddr), Pair>,
+    next_id: u64,
     max_entries: usize,
+    epoch: Instant,
     /// When the table was last found full (logged once a minute).
     full_logged: Option<Instant>,
 }
 
 impl Sites {
     pub fn new(rules: Rules, max_entries: usize) -> Sites {
+        Sites::with_epoch(rules, max_entries, Instant::now())
+    }
+
+    /// Times are kept as milliseconds since `epoch` (no time before it).
+    pub fn with_epoch(rules: Rules, max_entries: usize, epoch: Instant) -> Sites {
         Sites {
             rules,
-            map: HashMap::new(),
-            pairs: 0,
+            sites: HashMap::new(),
+            pairs: HashMap::new(),
+            next_id: 0,
             max_entries: max_entries.max(16),
+            epoch,
             full_logged: None,
         }
     }
 
-    /// Sites and pairs held.
-    pub fn entries(&self) -> usize {
-        self.map.len() + self.pairs
+    fn ms(&self, t: Instant) -> Ms {
+        t.saturating_duration_since(self.epoch).as_millis() as u64 + 1
     }
 
-    /// Makes the site's entry (room made first) if new; whether it is
-    /// there.
+    #[cfg(test)]
+    fn instant(&self, ms: Ms) -> Instant {
+        self.epoch + Duration::from_millis(ms.saturating_sub(1))
+    }
+
+    /// Sites and pairs held.
+    pub fn entries(&self) -> usize {
+        self.sites.len() + self.pairs.len()
+    }
+
+    /// Makes the site's entry (room made first) if new and `create`;
+    /// whether it is there.
     fn ensure(&mut self, site: &str, create: bool, now: Instant) -> bool {
-        if !self.map.contains_key(site) {
-            if !create {
-                return false;
-            }
-            self.make_room(now);
-            self.map.insert(
-                site.to_string(),
-                Site {
-                    limit: self.rules.limit_for(site),
-                    cursor: [None, None],
-                    addrs: HashMap::new(),
-                    last_used: now,
-                },
-            );
+        if self.sites.contains_key(site) {
+            return true;
         }
+        if !create {
+            return false;
+        }
+        self.make_room(now);
+        let id = self.next_id;
+        self.next_id += 1;
+        let last_used = self.ms(now);
+        self.sites.insert(
+            site.into(),
+            Site {
+                id,
+                limit: self.rules.limit_for(site),
+                cursor: [UNSET; 2],
+                pairs: 0,
+                last_used,
+            },
+        );
         true
     }
 
@@ -273,18 +308,12 @@ impl Sites {
         if self.entries() < self.max_entries {
             return;
         }
-        let mut by_use: Vec<(Instant, String)> = self
-            .map
-            .iter()
-            .map(|(k, s)| (s.last_used, k.clone()))
-            .collect();
+        let mut by_use: Vec<(Ms, u64)> = self.sites.values().map(|s| (s.last_used, s.id)).collect();
         let n = (by_use.len() / 8).max(1);
         by_use.select_nth_unstable(n - 1);
-        for (_, k) in by_use.into_iter().take(n) {
-            if let Some(s) = self.map.remove(&k) {
-                self.pairs -= s.addrs.len();
-            }
-        }
+        let gone: std::collections::HashSet<u64> = by_use[..n].iter().map(|(_, id)| *id).collect();
+        self.sites.retain(|_, s| !gone.contains(&s.id));
+        self.pairs.retain(|(id, _), _| !gone.contains(id));
         if self
             .full_logged
             .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60))
@@ -296,6 +325,24 @@ impl Sites {
                 "the site table is full: the least recently used sites were forgotten (their budgets start over); raise --max-site-entries"
             );
         }
+    }
+
+    /// Counts a request of `ip` to the site against its budget: whether
+    /// the pair has repeats to clear (the worker then reports a normal
+    /// answer).
+    fn start(&mut self, site: &str, ip: IpAddr, now: Ms) -> bool {
+        let Some(s) = self.sites.get_mut(site) else {
+            return false;
+        };
+        if s.limit.is_none() {
+            return self.pairs.get(&(s.id, ip)).is_some_and(|p| p.strikes > 0);
+        }
+        let p = self.pairs.entry((s.id, ip)).or_insert_with(|| {
+            s.pairs += 1;
+            Pair::default()
+        });
+        p.starts.push_back(now);
+        p.strikes > 0
     }
 
     /// The next address for a request to `site` among `active` (the
@@ -311,10 +358,12 @@ impl Sites {
         if !self.ensure(site, create, now) {
             return Answer::Shared;
         }
-        let s = self.map.get_mut(site).expect("ensured");
-        s.last_used = now;
-        let limit = s.limit;
-        let mut earliest: Option<(Instant, bool)> = None;
+        let t = self.ms(now);
+        let s = self.sites.get_mut(site).expect("ensured");
+        s.last_used = t;
+        let (id, limit, held) = (s.id, s.limit, s.pairs);
+        let window = limit.map(|l| l.window().as_millis() as u64);
+        let mut earliest: Option<(Ms, bool)> = None;
         let mut any = false;
         for family in Family::ALL {
             if !families.accepts_family(family) {
@@ -325,30 +374,28 @@ impl Sites {
                 continue;
             }
             any = true;
-            let Some(start) = s.cursor[family.index()] else {
+            let start = self.sites[site].cursor[family.index()];
+            if start == UNSET {
                 return Answer::Start(family);
-            };
+            }
             // Every address the site holds nothing for is free, so a walk
             // meets one after at most that many steps.
-            let steps = total.min(s.addrs.len() as u64 + 1);
+            let steps = total.min(u64::from(held) + 1);
             for k in 0..steps {
                 let i = (start + k) % total;
                 let Some(ip) = address_at(active, family, i) else {
                     break;
                 };
-                let pair = s.addrs.get_mut(&ip);
-                let blocked = match pair {
-                    None => None,
-                    Some(p) => {
-                        p.prune(limit, now);
-                        p.blocked(limit, now)
-                    }
-                };
+                let blocked = self.pairs.get_mut(&(id, ip)).and_then(|p| {
+                    p.prune(window, t);
+                    p.blocked(limit, t)
+                });
                 match blocked {
                     None => {
-                        s.cursor[family.index()] = Some((i + 1) % total);
-                        let (watch, fresh) = s.start(ip, now);
-                        self.pairs += usize::from(fresh);
+                        if let Some(s) = self.sites.get_mut(site) {
+                            s.cursor[family.index()] = (i + 1) % total;
+                        }
+                        let watch = self.start(site, ip, t);
                         return Answer::Address { ip, watch };
                     }
                     Some((until, cooling)) => {
@@ -363,7 +410,7 @@ impl Sites {
         }
         match earliest {
             Some((until, cooling)) if any => Answer::Throttled {
-                retry_after: until.saturating_duration_since(now),
+                retry_after: Duration::from_millis(until.saturating_sub(t)),
                 cooling,
             },
             // No address of the families: the shared rotation says so.
@@ -372,9 +419,9 @@ impl Sites {
     }
 
     /// The site's rotation of `ip`'s family starts at `ip` (taken from the
-    /// shared rotation, at `index`): counted as a start if the pair may
-    /// serve: `Some(watch)` if it may (see `Answer::Address`), `None` if
-    /// not (then `lease` walks on from it).
+    /// shared rotation, at `index` of `total`): counted as a start if the
+    /// pair may serve: `Some(watch)` if it may (see `Answer::Address`),
+    /// `None` if not (then `lease` walks on from it).
     pub fn started(
         &mut self,
         site: &str,
@@ -383,24 +430,27 @@ impl Sites {
         total: u64,
         now: Instant,
     ) -> Option<bool> {
-        let s = self.map.get_mut(site)?;
+        let t = self.ms(now);
+        let total = total.max(1);
+        let s = self.sites.get_mut(site)?;
         let family = Family::of(&ip);
-        s.cursor[family.index()] = Some(index % total.max(1));
-        let limit = s.limit;
-        let free = match s.addrs.get_mut(&ip) {
+        s.cursor[family.index()] = index % total;
+        let (id, limit) = (s.id, s.limit);
+        let window = limit.map(|l| l.window().as_millis() as u64);
+        let free = match self.pairs.get_mut(&(id, ip)) {
             None => true,
             Some(p) => {
-                p.prune(limit, now);
-                p.blocked(limit, now).is_none()
+                p.prune(window, t);
+                p.blocked(limit, t).is_none()
             }
         };
         if !free {
             return None;
         }
-        s.cursor[family.index()] = Some((index + 1) % total.max(1));
-        let (watch, fresh) = s.start(ip, now);
-        self.pairs += usize::from(fresh);
-        Some(watch)
+        if let Some(s) = self.sites.get_mut(site) {
+            s.cursor[family.index()] = (index + 1) % total;
+        }
+        Some(self.start(site, ip, t))
     }
 
     /// `site` pushed back on `ip`: it cools for `retry_after`, else for a
@@ -414,29 +464,33 @@ impl Sites {
         now: Instant,
     ) -> bool {
         let fresh_pair = self
-            .map
+            .sites
             .get(site)
-            .is_none_or(|s| !s.addrs.contains_key(&ip));
+            .is_none_or(|s| !self.pairs.contains_key(&(s.id, ip)));
         if fresh_pair {
             self.make_room(now);
         }
         self.ensure(site, true, now);
-        let Some(s) = self.map.get_mut(site) else {
+        let t = self.ms(now);
+        let Some(s) = self.sites.get_mut(site) else {
             return false;
         };
-        let p = s.addrs.entry(ip).or_default();
-        p.strikes = p.strikes.saturating_add(1);
-        p.last_strike = Some(now);
+        let p = self.pairs.entry((s.id, ip)).or_insert_with(|| {
+            s.pairs += 1;
+            Pair::default()
+        });
+        // Requests already in flight when the first push-back came get
+        // theirs too: one repeat per cooldown, not one per answer.
+        let was_cooling = p.cool_until > t;
+        if !was_cooling {
+            p.strikes = p.strikes.saturating_add(1);
+            p.last_strike = t;
+        }
         let wait = match retry_after {
             Some(d) => d.min(RETRY_AFTER_MAX),
-            None => backoff(p.strikes),
+            None => backoff(p.strikes.max(1)),
         };
-        let was_cooling = p.cool_until.is_some_and(|c| c > now);
-        let until = now + wait;
-        p.cool_until = Some(p.cool_until.map_or(until, |c| c.max(until)));
-        if fresh_pair {
-            self.pairs += 1;
-        }
+        p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
         if !was_cooling {
             tracing::info!(%site, source = %ip, status, secs = wait.as_secs(), "site pushed back: address cooling for this site");
         }
@@ -445,38 +499,56 @@ impl Sites {
 
     /// `site` answered `ip` normally: its repeats start over.
     pub fn answered(&mut self, site: &str, ip: IpAddr) {
-        if let Some(p) = self.map.get_mut(site).and_then(|s| s.addrs.get_mut(&ip)) {
+        let Some(s) = self.sites.get(site) else {
+            return;
+        };
+        if let Some(p) = self.pairs.get_mut(&(s.id, ip)) {
             p.strikes = 0;
-            p.last_strike = None;
+            p.last_strike = 0;
         }
     }
 
     /// Drops what expired; logs each cooldown that ended.
     pub fn expire(&mut self, now: Instant) {
-        let mut removed = 0;
-        self.map.retain(|site, s| {
-            let limit = s.limit;
-            s.addrs.retain(|ip, p| {
-                p.prune(limit, now);
-                if p.cool_until.is_some_and(|c| c <= now) {
-                    p.cool_until = None;
-                    tracing::info!(%site, source = %ip, "address no longer cooling for this site");
-                }
-                let keep = !p.is_idle(now);
-                removed += usize::from(!keep);
-                keep
-            });
-            let quiet = limit.map_or(Duration::ZERO, |l| l.period);
-            !s.addrs.is_empty() || now.saturating_duration_since(s.last_used) < quiet
+        let t = self.ms(now);
+        let by_id: HashMap<u64, (&str, Option<u64>)> = self
+            .sites
+            .iter()
+            .map(|(k, s)| (s.id, (&**k, s.limit.map(|l| l.window().as_millis() as u64))))
+            .collect();
+        let mut gone: HashMap<u64, u32> = HashMap::new();
+        self.pairs.retain(|(id, ip), p| {
+            let Some((site, window)) = by_id.get(id) else {
+                return false;
+            };
+            p.prune(*window, t);
+            if p.cool_until != 0 && p.cool_until <= t {
+                p.cool_until = 0;
+                tracing::info!(%site, source = %ip, "address no longer cooling for this site");
+            }
+            let keep = !p.is_idle(t);
+            if !keep {
+                *gone.entry(*id).or_default() += 1;
+            }
+            keep
         });
-        self.pairs -= removed;
+        self.sites.retain(|_, s| {
+            s.pairs -= gone.get(&s.id).copied().unwrap_or(0);
+            let quiet = s.limit.map_or(0, |l| l.window().as_millis() as u64);
+            s.pairs > 0 || t.saturating_sub(s.last_used) < quiet
+        });
     }
 
     /// The site filter workers read: every site held and every site named,
     /// and whether every site takes the site path (a budget for `*`).
     pub fn filter(&self) -> (bool, Vec<u64>) {
         let mut words = vec![0u64; SITE_FILTER_BITS / 64];
-        for site in self.map.keys().chain(self.rules.named.keys()) {
+        for site in self
+            .sites
+            .keys()
+            .map(|k| &**k)
+            .chain(self.rules.named.keys().map(String::as_str))
+        {
             let b = site_bit(site);
             words[b / 64] |= 1 << (b % 64);
         }
@@ -484,47 +556,61 @@ impl Sites {
     }
 
     pub fn report(&self, max: usize, now: Instant) -> SitesReport {
-        let mut sites: Vec<(&String, &Site)> = self.map.iter().collect();
+        let t = self.ms(now);
+        let mut sites: Vec<(&Box<str>, &Site)> = self.sites.iter().collect();
         sites.sort_by(|a, b| b.1.last_used.cmp(&a.1.last_used).then(a.0.cmp(b.0)));
+        sites.truncate(max);
+        let shown: HashMap<u64, usize> = sites
+            .iter()
+            .enumerate()
+            .map(|(i, (_, s))| (s.id, i))
+            .collect();
+        let mut addrs: Vec<Vec<PairStatus>> = vec![Vec::new(); sites.len()];
+        for ((id, ip), p) in &self.pairs {
+            let Some(&i) = shown.get(id) else { continue };
+            let limit = sites[i].1.limit;
+            addrs[i].push(PairStatus {
+                ip: *ip,
+                used: limit.map_or(0, |l| {
+                    let w = l.window().as_millis() as u64;
+                    p.starts
+                        .iter()
+                        .filter(|s| t.saturating_sub(**s) < w)
+                        .count() as u32
+                }),
+                cooling_ms: (p.cool_until > t).then(|| p.cool_until - t),
+                strikes: p.strikes,
+            });
+        }
         SitesReport {
-            total: self.map.len() as u64,
-            pairs: self.pairs as u64,
+            total: self.sites.len() as u64,
+            pairs: self.pairs.len() as u64,
             max_entries: self.max_entries as u64,
             sites: sites
                 .into_iter()
-                .take(max)
-                .map(|(name, s)| {
-                    let mut addrs: Vec<PairStatus> = s
-                        .addrs
-                        .iter()
-                        .map(|(ip, p)| PairStatus {
-                            ip: *ip,
-                            used: s.limit.map_or(0, |l| {
-                                p.starts
-                                    .iter()
-                                    .filter(|t| now.saturating_duration_since(**t) < l.period)
-                                    .count() as u32
-                            }),
-                            cooling_ms: p
-                                .cool_until
-                                .filter(|c| *c > now)
-                                .map(|c| c.duration_since(now).as_millis() as u64),
-                            strikes: p.strikes,
-                        })
-                        .collect();
+                .zip(addrs)
+                .map(|((name, s), mut addrs)| {
                     addrs.sort_by_key(|p| p.ip);
                     SiteStatus {
-                        site: name.clone(),
+                        site: name.to_string(),
                         limit: s.limit.map(|l| SiteLimit {
                             count: l.count,
                             period_ms: l.period.as_millis() as u64,
                         }),
-                        idle_secs: now.saturating_duration_since(s.last_used).as_secs(),
+                        idle_secs: t.saturating_sub(s.last_used) / 1000,
                         addrs,
                     }
                 })
                 .collect(),
         }
+    }
+
+    /// The pair's cooldown end and repeats (tests).
+    #[cfg(test)]
+    fn pair(&self, site: &str, ip: IpAddr) -> Option<(Instant, u32)> {
+        let s = self.sites.get(site)?;
+        let p = self.pairs.get(&(s.id, ip))?;
+        Some((self.instant(p.cool_until), p.strikes))
     }
 }
 
@@ -614,7 +700,7 @@ mod tests {
     fn budgets_skip_spent_addresses_in_rotation_order() {
         let active = pool(4);
         let t0 = Instant::now();
-        let mut s = Sites::new(rules(&["a.com=2/1s"]), 1000);
+        let mut s = Sites::with_epoch(rules(&["a.com=2/1s"]), 1000, t0);
         // Two rounds of the site's own rotation, then nothing left.
         assert_eq!(
             take(&mut s, "a.com", &active, 20, t0),
@@ -630,18 +716,19 @@ mod tests {
                 retry_after,
                 cooling,
             } => {
-                assert_eq!(retry_after, Duration::from_millis(700));
+                // The window is the period and its 2 % margin.
+                assert_eq!(retry_after, Duration::from_millis(720));
                 assert!(!cooling);
             }
             other => panic!("{other:?}"),
         }
-        // A second later the window slid: the next round, in order.
-        let t1 = t0 + Duration::from_secs(1);
+        // Once the window slid: the next round, in order.
+        let t1 = t0 + Duration::from_millis(1020);
         assert_eq!(take(&mut s, "a.com", &active, 3, t1), [1, 2, 3]);
         // Unbudgeted sites are not held at all.
         assert_eq!(s.lease("b.com", Families::V4, &active, t1), Answer::Shared);
         // Within a window, an address still with budget is taken in turn.
-        let mut s = Sites::new(rules(&["a.com=1/1s"]), 1000);
+        let mut s = Sites::with_epoch(rules(&["a.com=1/1s"]), 1000, t0);
         assert_eq!(take(&mut s, "a.com", &active, 2, t0), [1, 2]);
         let t = t0 + Duration::from_millis(1500);
         // 1 and 2 freed; the cursor is at 3.
@@ -652,11 +739,16 @@ mod tests {
     fn pushback_cools_one_address_for_one_site() {
         let active = pool(3);
         let t0 = Instant::now();
-        let mut s = Sites::new(Rules::default(), 1000);
+        let mut s = Sites::with_epoch(Rules::default(), 1000, t0);
         assert!(s.pushback("a.com", ip(2), 429, Some(Duration::from_secs(5)), t0));
         assert!(
             !s.pushback("a.com", ip(2), 429, Some(Duration::from_secs(1)), t0),
             "already cooling"
+        );
+        assert_eq!(
+            s.pair("a.com", ip(2)).unwrap().1,
+            1,
+            "one repeat per cooldown"
         );
         assert_eq!(take(&mut s, "a.com", &active, 4, t0), [1, 3, 1, 3]);
         assert_eq!(s.lease("b.com", Families::V4, &active, t0), Answer::Shared);
@@ -681,11 +773,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Without Retry-After: 30 s doubling, jittered, capped.
-        let mut s = Sites::new(Rules::default(), 1000);
+        let mut s = Sites::with_epoch(Rules::default(), 1000, t0);
         let mut last = Duration::ZERO;
         for strike in 1..=8u32 {
             s.pushback("c.com", ip(1), 429, None, t0 + last);
-            let until = s.map["c.com"].addrs[&ip(1)].cool_until.unwrap();
+            let until = s.pair("c.com", ip(1)).unwrap().0;
             let wait = until - (t0 + last);
             let base = BACKOFF_BASE
                 .saturating_mul(1 << (strike - 1))
@@ -705,14 +797,14 @@ mod tests {
             None,
             t0 + last + Duration::from_secs(1),
         );
-        assert_eq!(s.map["c.com"].addrs[&ip(1)].strikes, 1);
+        assert_eq!(s.pair("c.com", ip(1)).unwrap().1, 1);
     }
 
     #[test]
     fn state_expires_and_is_bounded() {
         let active = pool(8);
         let t0 = Instant::now();
-        let mut s = Sites::new(rules(&["*=1/1s"]), 64);
+        let mut s = Sites::with_epoch(rules(&["*=1/1s"]), 64, t0);
         for i in 0..1000 {
             let site = format!("s{i}.com");
             let t = t0 + Duration::from_millis(i);
@@ -720,16 +812,16 @@ mod tests {
             assert!(s.entries() <= 64, "{}", s.entries());
         }
         s.expire(t0 + Duration::from_secs(3));
-        assert_eq!((s.entries(), s.pairs), (0, 0));
+        assert_eq!((s.entries(), s.pairs.len()), (0, 0));
         // Cooldowns end, and the repeats are forgotten later.
-        let mut s = Sites::new(Rules::default(), 64);
+        let mut s = Sites::with_epoch(Rules::default(), 64, t0);
         s.pushback("a.com", ip(1), 429, Some(Duration::from_secs(2)), t0);
         s.expire(t0 + Duration::from_secs(3));
         assert_eq!(s.entries(), 2, "repeats kept");
         s.expire(t0 + STRIKES_KEPT + Duration::from_secs(1));
         assert_eq!(s.entries(), 0);
         // The filter holds every site held and every site named.
-        let mut s = Sites::new(rules(&["n.com=1/1s"]), 64);
+        let mut s = Sites::with_epoch(rules(&["n.com=1/1s"]), 64, t0);
         s.pushback("a.com", ip(1), 429, None, t0);
         let (all, words) = s.filter();
         assert!(!all);
@@ -739,5 +831,53 @@ mod tests {
         };
         assert!(set("a.com") && set("n.com"));
         assert_eq!(words.iter().map(|w| w.count_ones()).sum::<u32>(), 2);
+    }
+}
+/// What an entry costs, measured (resident memory, hash-table slack
+/// included): `cargo test --release -p rotor-allocator entry_cost --
+/// --ignored --nocapture`. The README quotes it.
+#[cfg(test)]
+mod memtest {
+    use super::*;
+    fn rss() -> usize {
+        let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+        s.split(' ').nth(1).unwrap().parse::<usize>().unwrap() * 4096
+    }
+    #[test]
+    #[ignore]
+    fn entry_cost() {
+        let active: Vec<Segment> = (1..=8u8)
+            .map(|i| Segment::single(IpAddr::from([10, 0, 0, i])))
+            .collect();
+        let t0 = Instant::now();
+        let mut s = Sites::new(Rules::parse(&["*=5/1s".to_string()]).unwrap(), 10_000_000);
+        let before = rss();
+        let n = 200_000;
+        for i in 0..n {
+            let site = format!("site{i:07}.com");
+            for _ in 0..3 {
+                if let Answer::Start(_) = s.lease(&site, Families::V4, &active, t0) {
+                    s.started(&site, IpAddr::from([10, 0, 0, 1]), 0, 8, t0);
+                }
+            }
+        }
+        let after = rss();
+        eprintln!(
+            "sites={} pairs={} bytes/site(with 3 pairs, 1 start each)={}",
+            s.sites.len(),
+            s.pairs.len(),
+            (after - before) / n
+        );
+        let mut s2 = Sites::new(Rules::default(), 10_000_000);
+        let before = rss();
+        for i in 0..n {
+            let site = format!("site{i:07}.com");
+            s2.pushback(&site, IpAddr::from([10, 0, 0, 1]), 429, None, t0);
+        }
+        let after = rss();
+        eprintln!(
+            "cooldown only: bytes per (site + 1 pair)={}",
+            (after - before) / n
+        );
     }
 }

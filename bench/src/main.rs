@@ -40,6 +40,34 @@ enum Cmd {
         /// Leases in flight per connection for the capacity figure.
         #[arg(long, default_value = "64")]
         depth: usize,
+        /// Lease for requests to this site (the allocator's site path: a
+        /// site with a budget or a cooldown) instead of the shared
+        /// rotation; table leases are not measured then.
+        #[arg(long)]
+        site: Option<String>,
+    },
+    /// A loopback site that answers 429 (`Retry-After: 1`) to any source
+    /// address that has sent `rate` requests within the last second, driven
+    /// through a proxy by `clients` keep-alive clients as fast as they can
+    /// for `seconds`: how much the site served, how often it pushed back,
+    /// and how often the proxy refused by itself.
+    Ban {
+        /// `name=127.0.0.1:port` of the proxy.
+        #[arg(long, value_parser = named_addr)]
+        proxy: (String, SocketAddr),
+        /// Where the site listens.
+        #[arg(long, default_value = "127.0.0.1:18090")]
+        site: SocketAddr,
+        /// Requests per second the site allows each source address.
+        #[arg(long, default_value = "50")]
+        rate: usize,
+        /// Source addresses the proxy rotates over (for the ideal rate).
+        #[arg(long, default_value = "8")]
+        sources: usize,
+        #[arg(long, default_value = "20")]
+        seconds: u64,
+        #[arg(long, default_value = "16")]
+        clients: usize,
     },
     /// CONNECT tunnels: bulk throughput and set-up rate, through each proxy
     /// given and direct.
@@ -157,14 +185,36 @@ async fn main() -> anyhow::Result<()> {
             conns,
             seconds,
             depth,
+            site,
         } => {
             for &c in &conns {
-                lease_bench(&socket, c, 1, Duration::from_secs(seconds)).await?;
-                lease_bench(&socket, c, depth, Duration::from_secs(seconds)).await?;
+                let site = site.as_deref();
+                lease_bench(&socket, c, 1, Duration::from_secs(seconds), site).await?;
+                lease_bench(&socket, c, depth, Duration::from_secs(seconds), site).await?;
             }
-            for &c in &conns {
-                table_bench(&socket, c, Duration::from_secs(seconds)).await?;
+            if site.is_none() {
+                for &c in &conns {
+                    table_bench(&socket, c, Duration::from_secs(seconds)).await?;
+                }
             }
+        }
+        Cmd::Ban {
+            proxy,
+            site,
+            rate,
+            sources,
+            seconds,
+            clients,
+        } => {
+            ban(
+                proxy,
+                site,
+                rate,
+                sources,
+                Duration::from_secs(seconds),
+                clients,
+            )
+            .await?
         }
         Cmd::Tunnel {
             proxies,
@@ -218,8 +268,10 @@ async fn lease_bench(
     conns: usize,
     depth: usize,
     dur: Duration,
+    site: Option<&str>,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + dur;
+    let site = site.map(str::to_string);
     let mut tasks = Vec::new();
     for _ in 0..conns {
         let stream = UnixStream::connect(socket)
@@ -227,15 +279,21 @@ async fn lease_bench(
             .with_context(|| format!("connect {}", socket.display()))?;
         let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
         client_handshake(&mut chan, Hello::new(Role::Worker, "rotor-bench")).await?;
+        let site = site.clone();
         tasks.push(tokio::spawn(async move {
             let (mut tx, mut rx) = chan.split();
             let mut sent_at = vec![Instant::now(); depth];
             let mut rtts = Vec::new();
             let lease = |id: u64| {
+                let families = Families::ANY;
                 ClientFrame::Request(Envelope {
                     id,
-                    body: Request::Lease {
-                        families: Families::ANY,
+                    body: match &site {
+                        None => Request::Lease { families },
+                        Some(site) => Request::LeaseSite {
+                            families,
+                            site: site.clone(),
+                        },
                     },
                 })
             };
@@ -248,7 +306,7 @@ async fn lease_bench(
             while let Some(ServerFrame::Response(env)) = rx.recv().await? {
                 let slot = (env.id % depth as u64) as usize;
                 rtts.push(sent_at[slot].elapsed());
-                if !matches!(env.body, Response::Leased(_)) {
+                if !matches!(env.body, Response::Leased(_) | Response::SiteLeased { .. }) {
                     bail!("allocator answered {:?}", env.body);
                 }
                 if Instant::now() >= deadline {
@@ -268,8 +326,12 @@ async fn lease_bench(
     }
     let secs = started.elapsed().as_secs_f64();
     all.sort_unstable();
+    let path = match &site {
+        Some(s) => format!(" site={s}"),
+        None => String::new(),
+    };
     println!(
-        "lease conns={conns} in_flight_per_conn={depth} leases/s={:.0} rtt_p50_us={:.1} rtt_p99_us={:.1} leases={}",
+        "lease{path} conns={conns} in_flight_per_conn={depth} leases/s={:.0} rtt_p50_us={:.1} rtt_p99_us={:.1} leases={}",
         all.len() as f64 / secs,
         percentile(&all, 0.5).as_secs_f64() * 1e6,
         percentile(&all, 0.99).as_secs_f64() * 1e6,
@@ -751,5 +813,184 @@ async fn idle(proxy: SocketAddr, target: &str, conns: usize, hold: Duration) -> 
     println!("ready conns={conns}");
     tokio::time::sleep(hold).await;
     drop(held);
+    Ok(())
+}
+
+/// Reads one HTTP/1.1 message head from `s` into `buf` (which may hold
+/// bytes already read); returns the head's length, or None at EOF.
+async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<Option<usize>> {
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Ok(Some(i + 4));
+        }
+        if buf.len() > 64 * 1024 {
+            bail!("head too large");
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A header's value in a head, by lower-case name.
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().skip(1).find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+#[derive(Default)]
+struct SiteCounts {
+    served: AtomicU64,
+    pushed_back: AtomicU64,
+}
+
+/// The site: each source address may start `rate` requests in any second
+/// (a sliding window); past it, 429.
+async fn banning_site(
+    bind: SocketAddr,
+    rate: usize,
+    counts: Arc<SiteCounts>,
+) -> anyhow::Result<()> {
+    use std::collections::{HashMap, VecDeque};
+    let listener = TcpListener::bind(bind)
+        .await
+        .with_context(|| format!("bind the site on {bind}"))?;
+    let windows: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, VecDeque<Instant>>>> =
+        Arc::default();
+    tokio::spawn(async move {
+        while let Ok((mut s, peer)) = listener.accept().await {
+            let (windows, counts) = (windows.clone(), counts.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                while let Ok(Some(n)) = read_head(&mut s, &mut buf).await {
+                    buf.drain(..n);
+                    let allowed = {
+                        let now = Instant::now();
+                        let mut w = windows.lock().unwrap();
+                        let q = w.entry(peer.ip()).or_default();
+                        while q
+                            .front()
+                            .is_some_and(|t| now.duration_since(*t) >= Duration::from_secs(1))
+                        {
+                            q.pop_front();
+                        }
+                        let ok = q.len() < rate;
+                        if ok {
+                            q.push_back(now);
+                        }
+                        ok
+                    };
+                    let answer: &[u8] = match allowed {
+                        true => {
+                            counts.served.fetch_add(1, Ordering::Relaxed);
+                            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                        }
+                        false => {
+                            counts.pushed_back.fetch_add(1, Ordering::Relaxed);
+                            b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 4\r\n\r\nslow"
+                        }
+                    };
+                    if s.write_all(answer).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+#[derive(Default)]
+struct ClientCounts {
+    ok: AtomicU64,
+    site_429: AtomicU64,
+    proxy_429: AtomicU64,
+    other: AtomicU64,
+}
+
+async fn ban(
+    (name, proxy): (String, SocketAddr),
+    site: SocketAddr,
+    rate: usize,
+    sources: usize,
+    dur: Duration,
+    clients: usize,
+) -> anyhow::Result<()> {
+    let site_counts = Arc::new(SiteCounts::default());
+    banning_site(site, rate, site_counts.clone()).await?;
+    let counts = Arc::new(ClientCounts::default());
+    let started = Instant::now();
+    let deadline = started + dur;
+    let request = format!("GET http://{site}/ HTTP/1.1\r\nHost: {site}\r\n\r\n");
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (counts, request) = (counts.clone(), request.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                let Ok(mut s) = TcpStream::connect(proxy).await else {
+                    counts.other.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let mut buf = Vec::new();
+                while Instant::now() < deadline {
+                    if s.write_all(request.as_bytes()).await.is_err() {
+                        break;
+                    }
+                    let left =
+                        deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
+                    let n = match tokio::time::timeout(left, read_head(&mut s, &mut buf)).await {
+                        Ok(Ok(Some(n))) => n,
+                        _ => break,
+                    };
+                    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                    buf.drain(..n);
+                    let status = head.split(' ').nth(1).unwrap_or("");
+                    let len: usize = header(&head, "content-length")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < len {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                        }
+                    }
+                    buf.drain(..len.min(buf.len()));
+                    let c = match status {
+                        "200" => &counts.ok,
+                        // The proxy's own refusal says so (RFC 9209).
+                        "429" if header(&head, "proxy-status").is_some() => &counts.proxy_429,
+                        "429" => &counts.site_429,
+                        _ => &counts.other,
+                    };
+                    c.fetch_add(1, Ordering::Relaxed);
+                    if header(&head, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))
+                    {
+                        break;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let served = site_counts.served.load(Ordering::Relaxed);
+    let ideal = (sources * rate) as f64;
+    println!(
+        "ban path={name} seconds={secs:.1} site_served={served} site_429={} proxy_429={} other={} served_per_s={:.1} ideal_per_s={ideal:.0} of_ideal_pct={:.1}",
+        site_counts.pushed_back.load(Ordering::Relaxed),
+        counts.proxy_429.load(Ordering::Relaxed),
+        counts.other.load(Ordering::Relaxed),
+        served as f64 / secs,
+        served as f64 / secs / ideal * 100.0,
+    );
     Ok(())
 }

@@ -62,7 +62,7 @@ settings! {
         /// Most entries of per-site state (sites, and (address, site)
         /// pairs with a budget used or a cooldown) held; past it the least
         /// recently used sites are forgotten.
-        max_site_entries: Option<usize> = "1000000",
+        max_site_entries: Option<usize> = "400000",
         /// How often the pool sources are re-read (SIGHUP re-reads at once).
         refresh: Option<Duration> = "20s",
         /// Where the rotation state is kept across restarts [default:
