@@ -302,7 +302,8 @@ impl Proxy {
         host: &str,
         sticky: Option<&Sticky>,
     ) -> Result<Granted, ProxyError> {
-        let deadline = tokio::time::Instant::now() + self.config.budget_wait;
+        // From the first refusal: the clock is read only then.
+        let mut deadline = None;
         loop {
             let answer = match sticky {
                 None => self.leases.lease(families, host).await,
@@ -319,6 +320,7 @@ impl Proxy {
                     cooling,
                 }) => {
                     let now = tokio::time::Instant::now();
+                    let deadline = *deadline.get_or_insert(now + self.config.budget_wait);
                     if now + retry_after <= deadline {
                         tokio::time::sleep(retry_after).await;
                         continue;

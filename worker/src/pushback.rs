@@ -13,7 +13,23 @@
 
 use std::time::{Duration, SystemTime};
 
+use http::header::HeaderName;
 use http::{HeaderMap, StatusCode};
+
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+/// (remaining, reset, whether a reset may be a Unix time) pairs.
+static SPLIT: [(HeaderName, HeaderName, bool); 2] = [
+    (
+        HeaderName::from_static("ratelimit-remaining"),
+        HeaderName::from_static("ratelimit-reset"),
+        false,
+    ),
+    (
+        HeaderName::from_static("x-ratelimit-remaining"),
+        HeaderName::from_static("x-ratelimit-reset"),
+        true,
+    ),
+];
 
 /// What a response says of the address that got it, for its site.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,11 +84,11 @@ pub fn retry_after(headers: &HeaderMap) -> Option<u32> {
 /// Seconds until the site's rate limit resets, when its headers say no
 /// request is left.
 fn exhausted_until(headers: &HeaderMap) -> Option<u32> {
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     let num = |s: &str| s.trim().trim_matches('"').parse::<f64>().ok();
     // The draft's one field: `limit=10, remaining=0, reset=30`, or
     // `"default";r=0;t=30`.
-    if let Some(v) = text("ratelimit") {
+    if let Some(v) = text(&RATELIMIT) {
         let (mut remaining, mut reset) = (None, None);
         for item in v.split([',', ';']) {
             let Some((k, val)) = item.split_once('=') else {
@@ -89,11 +105,10 @@ fn exhausted_until(headers: &HeaderMap) -> Option<u32> {
         }
         return None;
     }
-    for prefix in ["ratelimit-", "x-ratelimit-"] {
-        let remaining = text(&format!("{prefix}remaining")).and_then(num);
-        if remaining == Some(0.0) {
-            let reset = text(&format!("{prefix}reset")).and_then(num)?;
-            return Some(seconds(reset, prefix == "x-ratelimit-"));
+    for (remaining, reset, maybe_epoch) in &SPLIT {
+        if text(remaining).and_then(num) == Some(0.0) {
+            let reset = text(reset).and_then(num)?;
+            return Some(seconds(reset, *maybe_epoch));
         }
     }
     None
