@@ -145,6 +145,12 @@ fn check(pool: &crate::cli::PoolSettings, socket: &std::path::Path, passed: bool
             .map(|d| d.display().to_string())
             .unwrap_or_else(|| "not kept".into())
     );
+    if !pool.site_rules.is_empty() {
+        eprintln!(
+            "ok: site budgets per address: {} (at most {} entries of site state)",
+            pool.site_rules, pool.max_site_entries
+        );
+    }
     if total == 0 {
         eprintln!("warning: the pool is empty: clients will get 503");
     } else if usable == 0 {

@@ -135,6 +135,28 @@ impl Rules {
     }
 }
 
+impl std::fmt::Display for Rules {
+    /// `example.com=60/1m, *=5/1s`, sites in name order.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut named: Vec<_> = self.named.iter().collect();
+        named.sort_by_key(|(k, _)| *k);
+        let all = named
+            .into_iter()
+            .map(|(k, l)| (k.as_str(), l))
+            .chain(self.default.as_ref().map(|l| ("*", l)));
+        for (i, (site, l)) in all.enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(
+                f,
+                "{sep}{site}={}/{}",
+                l.count,
+                humantime::format_duration(l.period)
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Milliseconds since the table's epoch, plus one: 0 is "never".
 type Ms = u64;
 
