@@ -510,13 +510,16 @@ impl Allocator {
     pub fn lease_site(&self, peer: u64, families: Families, site: &str) -> Response {
         let mut inner = self.lock();
         let now = Instant::now();
-        // At most: a start whose address may not serve, then a walk.
-        for _ in 0..2 {
+        // Ends within three turns: a start per family at most (its cursor
+        // is set then), and a walk answers.
+        loop {
             let Inner { sites, pool, .. } = &mut *inner;
             match sites.lease(site, families, pool.active(), now) {
                 Answer::Shared => break,
-                Answer::Address { ip, watch } => {
-                    inner.pool.table().flag_site(site);
+                Answer::Address { ip, index, watch } => {
+                    let table = inner.pool.table();
+                    table.flag_site(site);
+                    table.count_lease(Family::of(&ip), index);
                     return inner.site_lease(peer, ip, watch);
                 }
                 Answer::Throttled {
@@ -675,7 +678,14 @@ impl Allocator {
     }
 
     pub fn peer_connected(&self, id: u64, hello: Hello) {
-        self.lock().peers.insert(
+        let mut inner = self.lock();
+        if hello.role == rotor_protocol::Role::Worker
+            && hello.minor < rotor_protocol::MINOR_SITES
+            && !inner.sites.rules().is_empty()
+        {
+            tracing::warn!(pid = hello.pid, software = %hello.software, "a worker too old for site budgets connected: its requests take the shared rotation, over no budget and no cooldown; upgrade it");
+        }
+        inner.peers.insert(
             id,
             Peer {
                 hello,

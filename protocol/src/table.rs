@@ -922,6 +922,22 @@ impl LeaseTable {
         self.word(SEQ).fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// Counts a lease of index `i` of `family`'s rotation taken outside
+    /// the table (the allocator's site path) in that entry's lease count.
+    pub fn count_lease(&self, family: Family, i: u64) {
+        let s = self.word(STATES[family.index()]).load(Ordering::Acquire);
+        let half = Self::half_of(s);
+        let Some(meta) = self.family_meta(half, family) else {
+            return;
+        };
+        if i < meta.2 {
+            if let Some(pick) = self.pick(half, family, meta, i) {
+                self.word(self.entry(half, pick.k) + E_LEASES)
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Which requests take the site path: [`SiteMode`].
     #[inline]
     pub fn site_mode(&self) -> SiteMode {

@@ -101,8 +101,9 @@ settings! {
         /// How long a request waits for an address with budget left for
         /// its site (see --site-limit) before it gets 429.
         budget_wait: Option<Duration> = "0s",
-        /// Destination statuses that cool the address that got them, for
-        /// that site (a 503 with a Retry-After always does): a comma list.
+        /// More destination statuses that cool the address that got them,
+        /// for that site, as a comma list (429, and a 503 with a
+        /// Retry-After, always do).
         #[arg(value_name = "STATUS,...")]
         cooldown_status: Option<Statuses> = "429",
     }
@@ -284,6 +285,11 @@ impl WorkerFlags {
         };
         if t.threads == 0 {
             return Err(ConfigError::Invalid("threads must be at least 1".into()));
+        }
+        if t.config.proxy.budget_wait > Duration::from_secs(3600) {
+            return Err(ConfigError::Invalid(
+                "budget-wait is at most 1h (a client waits that long for a site's budget)".into(),
+            ));
         }
         if t.config.max_connections == 0 {
             return Err(ConfigError::Invalid(

@@ -48,7 +48,7 @@ const MAX_WAIT: u64 = 86_400;
 pub fn judge(status: StatusCode, headers: &HeaderMap, counted: &[u16]) -> Verdict {
     let code = status.as_u16();
     let retry_after = retry_after(headers);
-    if counted.contains(&code) || (code == 503 && retry_after.is_some()) {
+    if code == 429 || counted.contains(&code) || (code == 503 && retry_after.is_some()) {
         return Verdict::Pushback { retry_after };
     }
     if let Some(reset) = exhausted_until(headers) {
@@ -86,24 +86,32 @@ pub fn retry_after(headers: &HeaderMap) -> Option<u32> {
 fn exhausted_until(headers: &HeaderMap) -> Option<u32> {
     let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     let num = |s: &str| s.trim().trim_matches('"').parse::<f64>().ok();
-    // The draft's one field: `limit=10, remaining=0, reset=30`, or
-    // `"default";r=0;t=30`.
+    // The draft's one field: `limit=10, remaining=0, reset=30` (early
+    // drafts), or a list of policies `"day";r=0;t=3600, "min";r=3;t=20`
+    // (later ones): the longest reset of a policy with none left.
     if let Some(v) = text(&RATELIMIT) {
-        let (mut remaining, mut reset) = (None, None);
-        for item in v.split([',', ';']) {
-            let Some((k, val)) = item.split_once('=') else {
-                continue;
-            };
-            match k.trim().to_ascii_lowercase().as_str() {
-                "remaining" | "r" => remaining = num(val),
-                "reset" | "t" => reset = num(val),
-                _ => {}
+        let members: Vec<&str> = match v.contains(';') {
+            true => v.split(',').collect(),
+            false => vec![v],
+        };
+        let mut until: Option<u32> = None;
+        for member in members {
+            let (mut remaining, mut reset) = (None, None);
+            for item in member.split([',', ';']) {
+                let Some((k, val)) = item.split_once('=') else {
+                    continue;
+                };
+                match k.trim().to_ascii_lowercase().as_str() {
+                    "remaining" | "r" => remaining = num(val),
+                    "reset" | "t" => reset = num(val),
+                    _ => {}
+                }
+            }
+            if let (Some(0.0), Some(r)) = (remaining, reset) {
+                until = until.max(Some(seconds(r, false)));
             }
         }
-        if remaining == Some(0.0) {
-            return reset.map(|r| seconds(r, false));
-        }
-        return None;
+        return until;
     }
     for (remaining, reset, maybe_epoch) in &SPLIT {
         if text(remaining).and_then(num) == Some(0.0) {
@@ -115,9 +123,14 @@ fn exhausted_until(headers: &HeaderMap) -> Option<u32> {
 }
 
 /// A reset in seconds from now; with `maybe_epoch`, a number that can only
-/// be a Unix time (past 2001) is taken as one.
+/// be a Unix time (past 2001) is taken as one, in seconds or milliseconds.
 fn seconds(v: f64, maybe_epoch: bool) -> u32 {
     let v = v.max(0.0);
+    let v = if maybe_epoch && v > 1e12 {
+        v / 1000.0
+    } else {
+        v
+    };
     let secs = if maybe_epoch && v > 1e9 {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
@@ -158,6 +171,11 @@ mod tests {
         assert_eq!(verdict(200, &[], &c), Verdict::Normal);
         assert_eq!(verdict(302, &[], &c), Verdict::Normal);
         assert_eq!(verdict(404, &[], &c), Verdict::Other);
+        assert_eq!(
+            verdict(429, &[], &[403]),
+            Verdict::Pushback { retry_after: None },
+            "429 always counts"
+        );
         assert_eq!(verdict(403, &[], &c), Verdict::Other);
         assert_eq!(
             verdict(403, &[], &[403, 429]),
@@ -220,6 +238,15 @@ mod tests {
         assert_eq!(
             verdict(
                 200,
+                &[("ratelimit", "\"day\";r=0;t=3600, \"minute\";r=3;t=20")],
+                &c
+            ),
+            out(3600),
+            "any policy with none left"
+        );
+        assert_eq!(
+            verdict(
+                200,
                 &[("ratelimit-remaining", "0"), ("ratelimit-reset", "5")],
                 &c
             ),
@@ -238,18 +265,20 @@ mod tests {
             .unwrap()
             .as_secs()
             + 60;
-        match verdict(
-            200,
-            &[
-                ("x-ratelimit-remaining", "0"),
-                ("x-ratelimit-reset", &epoch.to_string()),
-            ],
-            &c,
-        ) {
-            Verdict::Pushback {
-                retry_after: Some(s),
-            } => assert!((58..=61).contains(&s), "{s}"),
-            other => panic!("{other:?}"),
+        for reset in [epoch, epoch * 1000] {
+            match verdict(
+                200,
+                &[
+                    ("x-ratelimit-remaining", "0"),
+                    ("x-ratelimit-reset", &reset.to_string()),
+                ],
+                &c,
+            ) {
+                Verdict::Pushback {
+                    retry_after: Some(s),
+                } => assert!((58..=61).contains(&s), "{s}"),
+                other => panic!("{other:?}"),
+            }
         }
         assert_eq!(
             verdict(200, &[("x-ratelimit-remaining", "0")], &c),
