@@ -84,7 +84,18 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
                 }
             },
         };
+        let metrics = match pool.metrics_listen {
+            None => None,
+            Some(addr) => match std::net::TcpListener::bind(addr) {
+                Ok(l) => Some(std::sync::Arc::new(l)),
+                Err(e) => {
+                    error!("cannot listen for metrics on {addr}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            },
+        };
         let config = rotor_allocator::Config {
+            metrics,
             sources: pool.sources,
             refresh: pool.refresh,
             state_dir: pool.state_dir,

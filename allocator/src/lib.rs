@@ -6,6 +6,7 @@
 
 pub mod access;
 pub mod metadata;
+pub mod metrics;
 pub mod persist;
 pub mod pool;
 pub mod server;

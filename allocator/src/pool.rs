@@ -259,6 +259,18 @@ impl Pool {
         Ok(())
     }
 
+    /// The entry holding `ip`, in the rotation or not.
+    pub fn entry_of(&self, ip: IpAddr) -> Option<Segment> {
+        if self.active_singles.contains(&ip) {
+            return Some(Segment::single(ip));
+        }
+        self.active_prefixes
+            .iter()
+            .find(|p| p.contains(ip))
+            .or_else(|| self.addrs.iter().find(|e| e.contains(ip)))
+            .copied()
+    }
+
     /// Whether `ip` is an address of the rotation.
     pub fn holds(&self, ip: IpAddr) -> bool {
         self.active_singles.contains(&ip) || self.active_prefixes.iter().any(|p| p.contains(ip))

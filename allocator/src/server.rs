@@ -47,6 +47,8 @@ pub struct Config {
     pub site_rules: crate::sites::Rules,
     /// Sites and (address, site) pairs held at most.
     pub max_site_entries: usize,
+    /// Where `GET /metrics` is served (Prometheus), if anywhere.
+    pub metrics: Option<Arc<std::net::TcpListener>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -243,6 +245,18 @@ pub async fn run(
     ));
 
     tracker.spawn(report_status(alloc.clone(), shutdown.clone()));
+    if let Some(l) = config.metrics.as_ref().and_then(|l| l.try_clone().ok()) {
+        match l
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(l))
+        {
+            Ok(l) => {
+                info!(listen = ?l.local_addr().ok(), "serving metrics at /metrics");
+                tracker.spawn(crate::metrics::serve(l, alloc.clone(), shutdown.clone()));
+            }
+            Err(e) => warn!(error = %e, "cannot serve metrics"),
+        }
+    }
     tracker.spawn(persist_loop(alloc.clone(), shutdown.clone()));
 
     let ids = AtomicU64::new(1);
@@ -512,6 +526,17 @@ async fn answer(
             Response::Noted { quarantined: false }
         }
         Request::Sites { max } => Response::Sites(alloc.sites_report(max.min(10_000) as usize)),
+        Request::Metrics(m) => {
+            alloc.record_metrics(id, &m);
+            Response::Noted { quarantined: false }
+        }
+        Request::Steer {
+            ip,
+            release,
+            for_secs,
+        } => Response::Steered {
+            entry: alloc.steer(ip, release, for_secs.map(Duration::from_secs)),
+        },
         Request::Reload => {
             let (reply_tx, reply_rx) = oneshot::channel();
             let outcome = match reload.send(reply_tx).await {

@@ -327,6 +327,18 @@ impl Sites {
         self.epoch + Duration::from_millis(ms.saturating_sub(1))
     }
 
+    /// Sites each address cools for now.
+    pub fn cooling_by_address(&self, now: Instant) -> HashMap<IpAddr, u64> {
+        let t = self.ms(now);
+        let mut out = HashMap::new();
+        for ((_, ip), p) in &self.pairs {
+            if p.cool_until > t {
+                *out.entry(*ip).or_default() += 1;
+            }
+        }
+        out
+    }
+
     pub fn rules(&self) -> &Rules {
         &self.rules
     }

@@ -42,6 +42,8 @@ struct Inner {
     sessions: Sessions,
     /// Per-site budgets and cooldowns (bounded; expired every second).
     sites: Sites,
+    /// What the workers reported, and the allocator's own figures.
+    metrics: crate::metrics::HostMetrics,
     /// Entries out of the rotation: one per listed entry at most (entries
     /// that leave the pool leave this too), so it is bounded by the pool.
     quarantine: HashMap<Segment, Quarantine>,
@@ -54,6 +56,9 @@ struct Quarantine {
     since: Instant,
     next_check: Instant,
     backoff: Duration,
+    /// Taken out by hand (`rotor quarantine`): checks do not put it back;
+    /// it comes back at `next_check`, or by `rotor release`.
+    by_hand: bool,
 }
 
 /// The first wait before an entry out of the rotation is checked again;
@@ -172,6 +177,13 @@ impl Inner {
     /// not lengthen one (a burst of reports must not reach the longest
     /// wait at once: only failed checks double it).
     fn judge_as(&mut self, e: Segment, check: &Result<(), String>, now: Instant, report: bool) {
+        if let Some(q) = self.quarantine.get(&e).filter(|q| q.by_hand) {
+            if q.next_check <= now {
+                self.quarantine.remove(&e);
+                tracing::info!(entry = %e, "pool address back in the rotation: its time out by hand ended");
+            }
+            return;
+        }
         match (check, self.quarantine.get_mut(&e)) {
             (Err(_), Some(_)) if report => {}
             (Ok(()), None) => {}
@@ -193,6 +205,7 @@ impl Inner {
                         since: now,
                         next_check: now + QUARANTINE_MIN,
                         backoff: QUARANTINE_MIN,
+                        by_hand: false,
                     },
                 );
             }
@@ -258,6 +271,7 @@ impl Allocator {
                 closing: false,
                 sessions: Sessions::new(DEFAULT_MAX_SESSIONS),
                 sites: Sites::new(Rules::default(), DEFAULT_MAX_ENTRIES),
+                metrics: Default::default(),
                 quarantine: HashMap::new(),
                 sources: sources
                     .into_iter()
@@ -299,6 +313,7 @@ impl Allocator {
     ) -> RefreshOutcome {
         let mut inner = self.lock();
         let mut failed = 0;
+        let mut inner_source_errors = 0;
         for (state, read) in inner.sources.iter_mut().zip(reads) {
             match read {
                 Ok(addrs) => {
@@ -307,6 +322,7 @@ impl Allocator {
                 }
                 Err(e) => {
                     failed += 1;
+                    inner_source_errors += 1;
                     let msg = error_chain(&e);
                     tracing::warn!(
                         source = %state.source.name(),
@@ -318,6 +334,8 @@ impl Allocator {
                 }
             }
         }
+        inner.metrics.refreshes += 1;
+        inner.metrics.source_errors += inner_source_errors;
         let addrs: Vec<Segment> = inner
             .sources
             .iter()
@@ -443,11 +461,110 @@ impl Allocator {
         inner.pool.is_quarantined(&e)
     }
 
+    /// Takes the entry holding `ip` out of the rotation by hand (for `for_`,
+    /// or until released), or puts it back (`release`): for every worker
+    /// at once. The entry, if `ip` is in the pool.
+    pub fn steer(&self, ip: IpAddr, release: bool, for_: Option<Duration>) -> Option<Segment> {
+        let mut inner = self.lock();
+        let e = inner
+            .pool
+            .addrs()
+            .iter()
+            .find(|e| e.contains(ip))
+            .copied()?;
+        let now = Instant::now();
+        if release {
+            if inner.quarantine.remove(&e).is_some() {
+                tracing::info!(entry = %e, "pool address put back into the rotation by hand");
+            }
+        } else {
+            // Ten years stands for "until released".
+            let wait = for_.unwrap_or(Duration::from_secs(10 * 365 * 86_400));
+            let reason = match for_ {
+                Some(d) => format!("taken out by hand for {}", humantime::format_duration(d)),
+                None => "taken out by hand until released".to_string(),
+            };
+            tracing::warn!(entry = %e, %reason, "pool address out of the rotation");
+            inner.quarantine.insert(
+                e,
+                Quarantine {
+                    reason,
+                    since: now,
+                    next_check: now + wait,
+                    backoff: wait,
+                    by_hand: true,
+                },
+            );
+        }
+        inner.publish_quarantine();
+        Some(e)
+    }
+
     /// One lease for `peer`, asked over the socket.
     pub fn lease(&self, peer: u64, families: Families) -> Response {
+        let started = Instant::now();
         let mut inner = self.lock();
         let answer = inner.lease_checked(families);
-        inner.answer(peer, answer)
+        let r = inner.answer(peer, answer);
+        inner
+            .metrics
+            .allocator_lease_seconds
+            .observe(started.elapsed().as_secs_f64());
+        r
+    }
+
+    /// Adds what worker `peer` reported to the host's metrics.
+    pub fn record_metrics(&self, peer: u64, m: &rotor_protocol::WorkerMetrics) {
+        let mut inner = self.lock();
+        let pid = inner.peers.get(&peer).map_or(0, |p| p.hello.pid);
+        let Inner { metrics, pool, .. } = &mut *inner;
+        metrics.add(peer, pid, m, |ip| match pool.entry_of(ip) {
+            Some(e) => e.to_string(),
+            None => ip.to_string(),
+        });
+    }
+
+    /// The host's metrics, for a Prometheus scrape (`classic`: the
+    /// classic text format, else OpenMetrics).
+    pub fn render_metrics(&self, classic: bool) -> String {
+        let v2 = self.status_v2();
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let cooling = inner.sites.cooling_by_address(now);
+        let mut cooling_by_entry: HashMap<String, u64> = HashMap::new();
+        for (ip, n) in cooling {
+            let key = inner
+                .pool
+                .entry_of(ip)
+                .map_or(ip.to_string(), |e| e.to_string());
+            *cooling_by_entry.entry(key).or_default() += n;
+        }
+        let figures = crate::metrics::PoolFigures {
+            entries: v2
+                .pool
+                .iter()
+                .map(|e| {
+                    let k = e.entry.to_string();
+                    let c = cooling_by_entry.get(&k).copied().unwrap_or(0);
+                    (k, e.leases, e.quarantine.is_some(), c)
+                })
+                .collect(),
+            family_totals: v2
+                .families
+                .iter()
+                .map(|f| (f.family.to_string(), f.total))
+                .collect(),
+            source_addresses: v2
+                .sources
+                .iter()
+                .map(|s| (s.name.clone(), u64::from(s.addresses)))
+                .collect(),
+            leases_total: v2.leases_total,
+            sessions: u64::from(v2.sessions),
+            sites: inner.sites.report(0, now).total,
+            site_entries: inner.sites.entries() as u64,
+        };
+        crate::metrics::render(&mut inner.metrics, &figures, classic)
     }
 
     /// A lease for sticky session `key` (see `sessions`): its address
@@ -698,6 +815,7 @@ impl Allocator {
 
     pub fn peer_gone(&self, id: u64) {
         let mut inner = self.lock();
+        inner.metrics.workers.remove(&id);
         if let Some(slot) = inner.peers.remove(&id).and_then(|p| p.slot) {
             // Its published load must not hold its siblings back.
             inner.pool.table().reset_peer(slot);

@@ -23,7 +23,7 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 3;
+pub const PROTOCOL_MINOR: u16 = 4;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
@@ -34,6 +34,16 @@ pub const MINOR_FAMILIES: u16 = 2;
 /// `Request::Pushback`, `Request::SiteOk` and `Request::Sites` (per-site
 /// budgets and cooldowns), and publishes the site filter in its table.
 pub const MINOR_SITES: u16 = 3;
+/// The first minor whose allocator takes `Request::Metrics` (what workers
+/// served, for the host's Prometheus endpoint) and answers
+/// `Request::Steer` (an address taken out or put back by hand).
+pub const MINOR_METRICS: u16 = 4;
+
+/// Upper bounds (seconds) of the histograms' buckets, the same on both
+/// sides; the last bucket (+Inf) is implicit.
+pub const HISTOGRAM_BOUNDS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
 
 /// What a connecting peer is; the allocator lists workers in its status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -220,6 +230,92 @@ pub enum Request {
     /// The per-site state (since minor 3): at most `max` sites, the most
     /// recently used first.
     Sites { max: u32 },
+    /// What a worker served since its last report (since minor 4): the
+    /// allocator adds it to the host's totals (answered `Noted`).
+    Metrics(WorkerMetrics),
+    /// Takes the pool entry holding `ip` out of the rotation for
+    /// `for_secs` (None: until released), or puts it back (`release`), for
+    /// every worker (since minor 4). Answered `Steered`.
+    Steer {
+        ip: IpAddr,
+        release: bool,
+        for_secs: Option<u64>,
+    },
+}
+
+/// One worker's figures since its last report (counters are deltas;
+/// gauges are as they stand).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerMetrics {
+    /// Client connections and tunnels open now.
+    pub connections_open: u64,
+    pub tunnels_open: u64,
+    /// Requests and tunnels handled.
+    pub requests: u64,
+    pub by_source: Vec<SourceMetrics>,
+    /// rotor's own error answers, by `Proxy-Status` error (or `none` for
+    /// 400, 407, 431).
+    pub errors: Vec<(String, u64)>,
+    pub request_seconds: Histogram,
+    pub connect_seconds: Histogram,
+    pub lease_wait_seconds: Histogram,
+}
+
+/// What went out of one source address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceMetrics {
+    pub ip: IpAddr,
+    /// Destination responses by class: 1xx to 5xx.
+    pub responses: [u64; 5],
+    pub tunnels: u64,
+    pub connect_errors: u64,
+    pub bytes_to: u64,
+    pub bytes_from: u64,
+}
+
+/// Observations by bucket (`HISTOGRAM_BOUNDS`, then +Inf), and their sum
+/// in microseconds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Histogram {
+    pub counts: Vec<u64>,
+    pub sum_micros: u64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, secs: f64) {
+        if self.counts.len() != HISTOGRAM_BOUNDS.len() + 1 {
+            self.counts = vec![0; HISTOGRAM_BOUNDS.len() + 1];
+        }
+        let i = HISTOGRAM_BOUNDS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(HISTOGRAM_BOUNDS.len());
+        self.counts[i] += 1;
+        self.sum_micros += (secs * 1e6) as u64;
+    }
+
+    /// Adds `other`'s observations (of the same buckets; others are
+    /// ignored).
+    pub fn add(&mut self, other: &Histogram) {
+        if other.counts.len() != HISTOGRAM_BOUNDS.len() + 1 {
+            return;
+        }
+        if self.counts.len() != other.counts.len() {
+            self.counts = vec![0; other.counts.len()];
+        }
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.sum_micros += other.sum_micros;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count() == 0
+    }
 }
 
 /// One lease: the source address a request leaves from. The same value
@@ -307,6 +403,11 @@ pub enum Response {
     },
     /// The answer to `Sites`.
     Sites(SitesReport),
+    /// The answer to `Steer`: the entry it applied to, if `ip` is in the
+    /// pool.
+    Steered {
+        entry: Option<Segment>,
+    },
 }
 
 /// The per-site state: budgets and cooldowns by site and address.

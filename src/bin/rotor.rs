@@ -9,7 +9,7 @@ use rotor::signals::Signals;
 use rotor::up::UpArgs;
 use rotor_protocol::{
     error_chain, PeerStatus, Request, Response, SitesReport, SourceStatus, StatusReport,
-    StatusReportV2, MINOR_FAMILIES, MINOR_SITES,
+    StatusReportV2, MINOR_FAMILIES, MINOR_METRICS, MINOR_SITES,
 };
 
 /// rotor: a backconnect forward proxy that sends each request from the next
@@ -35,6 +35,22 @@ enum Cmd {
     },
     /// Re-read the pool sources now (as SIGHUP to the allocator does).
     Reload {
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Take the pool entry holding ADDR out of the rotation, for every
+    /// worker, until `rotor release` (or for --for).
+    Quarantine {
+        addr: std::net::IpAddr,
+        /// Put it back by itself after this long (`30m`, `2h`).
+        #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        for_: Option<std::time::Duration>,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Put the pool entry holding ADDR back into the rotation.
+    Release {
+        addr: std::net::IpAddr,
         #[command(flatten)]
         control: ControlArgs,
     },
@@ -150,6 +166,12 @@ fn main() -> ExitCode {
             Cmd::HashPassword | Cmd::User(_) | Cmd::Allocator(_) | Cmd::Worker(_) => {
                 unreachable!("handled before the runtime")
             }
+            Cmd::Quarantine {
+                addr,
+                for_,
+                control,
+            } => steer(&control, addr, false, for_).await,
+            Cmd::Release { addr, control } => steer(&control, addr, true, None).await,
             Cmd::Reload { control } => {
                 report(request(&control, Request::Reload).await, |r| match r {
                     Response::Reloaded { generation, size } => Some(format!(
@@ -159,6 +181,46 @@ fn main() -> ExitCode {
                 })
             }
         }
+    })
+}
+
+/// `rotor quarantine` and `rotor release`.
+async fn steer(
+    control: &ControlArgs,
+    ip: std::net::IpAddr,
+    release: bool,
+    for_: Option<std::time::Duration>,
+) -> ExitCode {
+    let answer = match control.socket() {
+        Ok(socket) => {
+            rotor::control::request_by_minor(&socket, |minor| match minor >= MINOR_METRICS {
+                true => Request::Steer {
+                    ip,
+                    release,
+                    for_secs: for_.map(|d| d.as_secs().max(1)),
+                },
+                false => Request::Status,
+            })
+            .await
+        }
+        Err(e) => Err(anyhow::anyhow!("{e}")),
+    };
+    report(answer, |r| match r {
+        Response::Steered { entry: Some(e) } => Some(match (release, for_) {
+            (true, _) => format!("{e} is back in the rotation"),
+            (false, None) => format!("{e} is out of the rotation until `rotor release {ip}`"),
+            (false, Some(d)) => format!(
+                "{e} is out of the rotation for {}",
+                humantime::format_duration(d)
+            ),
+        }),
+        Response::Steered { entry: None } => {
+            Some(format!("{ip} is not in the pool; nothing changed"))
+        }
+        Response::Status(_) => {
+            Some("the allocator is too old to take an address out by hand".into())
+        }
+        _ => None,
     })
 }
 

@@ -63,6 +63,11 @@ settings! {
         /// pairs with a budget used or a cooldown) held; past it the least
         /// recently used sites are forgotten.
         max_site_entries: Option<usize> = "400000",
+        /// Serve the host's metrics (every worker's, added up) for
+        /// Prometheus at `GET /metrics` on this address, e.g.
+        /// 127.0.0.1:9464.
+        #[arg(value_name = "ADDR")]
+        metrics_listen: Option<std::net::SocketAddr>,
         /// How often the pool sources are re-read (SIGHUP re-reads at once).
         refresh: Option<Duration> = "20s",
         /// Where the rotation state is kept across restarts [default:
@@ -117,6 +122,7 @@ pub struct PoolSettings {
     pub max_sessions: usize,
     pub site_rules: rotor_allocator::sites::Rules,
     pub max_site_entries: usize,
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// One `--site-limit`, checked as it is read.
@@ -215,6 +221,7 @@ impl AllocatorFlags {
             )
             .map_err(ConfigError::Invalid)?,
             max_site_entries: a.max_site_entries,
+            metrics_listen: a.metrics_listen,
         })
     }
 

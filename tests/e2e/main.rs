@@ -14,6 +14,7 @@ mod bodies;
 mod dns;
 mod errors;
 mod limits;
+mod metrics;
 mod pools;
 mod production;
 mod refresh;

@@ -375,6 +375,27 @@ impl LeaseClient {
         self.tell(Request::SiteOk { ip, site });
     }
 
+    /// Sends a worker's figures to the allocator; gives them back if it
+    /// could not (they are kept for the next report). An allocator too old
+    /// to take them is not sent any.
+    pub async fn report_metrics(
+        &self,
+        m: rotor_protocol::WorkerMetrics,
+    ) -> Result<(), Box<rotor_protocol::WorkerMetrics>> {
+        let knows = self
+            .conn
+            .borrow()
+            .as_ref()
+            .map(|c| c.minor >= rotor_protocol::MINOR_METRICS);
+        match knows {
+            Some(false) => Ok(()),
+            _ => match self.request(Request::Metrics(m.clone())).await {
+                Ok(_) => Ok(()),
+                Err(_) => Err(Box::new(m)),
+            },
+        }
+    }
+
     /// Sends `body` without waiting for the answer (its reply, matched to
     /// no waiter, is dropped), to an allocator that knows sites.
     fn tell(&self, body: Request) {

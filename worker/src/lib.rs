@@ -12,6 +12,7 @@ pub mod error;
 pub mod idle;
 pub mod lease;
 pub mod listener;
+pub mod meter;
 mod os;
 pub mod proxy;
 pub mod pushback;

@@ -3,7 +3,7 @@
 //! opened (CONNECT).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,7 @@ use crate::dns::Resolver;
 use crate::error::ProxyError;
 use crate::idle::Activity;
 use crate::lease::{Granted, LeaseClient, LeaseError};
+use crate::meter::Meter;
 use crate::pushback::Verdict;
 use crate::session;
 use crate::upstream::{Key, PooledBody, Sender, UpstreamBody, UpstreamPool};
@@ -93,6 +94,28 @@ pub struct Proxy {
     limit: Arc<tokio::sync::Semaphore>,
     /// Requests handled, for the status line.
     pub requests: std::sync::atomic::AtomicU64,
+    /// What was served, for the host's metrics.
+    pub meter: Arc<Meter>,
+}
+
+/// Counts a tunnel as open while it lives.
+struct TunnelOpen(Arc<Meter>);
+
+impl TunnelOpen {
+    fn new(meter: &Arc<Meter>) -> TunnelOpen {
+        meter
+            .tunnels_open
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        TunnelOpen(meter.clone())
+    }
+}
+
+impl Drop for TunnelOpen {
+    fn drop(&mut self) {
+        self.0
+            .tunnels_open
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus
@@ -125,6 +148,7 @@ impl Proxy {
             tunnels,
             limit,
             requests: Default::default(),
+            meter: Arc::default(),
         }
     }
 
@@ -155,13 +179,19 @@ impl Proxy {
             }
             Ok(sticky) => self.forward(req, sticky.as_ref()).await,
         };
-        let ms = start.elapsed().as_millis() as u64;
+        let took = start.elapsed();
+        let ms = took.as_millis() as u64;
         Ok(match result {
             Ok((resp, lease)) => {
+                match method == Method::CONNECT {
+                    true => self.meter.tunnel(lease.ip, took),
+                    false => self.meter.response(lease.ip, resp.status().as_u16(), took),
+                }
                 debug!(%client, %method, %target, source = %lease.ip, seq = lease.seq, status = resp.status().as_u16(), ms, "request");
                 resp
             }
             Err(e) => {
+                self.meter.error(e.classify().1, took);
                 let resp = e.to_response();
                 let error = error_chain(&e);
                 let status = resp.status().as_u16();
@@ -268,6 +298,7 @@ impl Proxy {
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
         let idle_limit = self.config.tunnel_idle_timeout;
+        let open = TunnelOpen::new(&self.meter);
         self.tunnels.spawn(async move {
             let _permit = permit;
             let activity = Activity::new();
@@ -276,7 +307,7 @@ impl Proxy {
                 r = relay => Some(r),
                 _ = activity.idle_for(idle_limit) => None,
             };
-            log_tunnel_end(client, &dest, &lease, result);
+            log_tunnel_end(client, &dest, &lease, result, &open.0);
         });
     }
 
@@ -304,6 +335,7 @@ impl Proxy {
     ) -> Result<Granted, ProxyError> {
         // From the first refusal: the clock is read only then.
         let mut deadline = None;
+        let asked = Instant::now();
         loop {
             let answer = match sticky {
                 None => self.leases.lease(families, host).await,
@@ -314,7 +346,10 @@ impl Proxy {
                     .map(|l| (l, false)),
             };
             return Err(match answer {
-                Ok(granted) => return Ok(granted),
+                Ok(granted) => {
+                    self.meter.leased(asked.elapsed());
+                    return Ok(granted);
+                }
                 Err(LeaseError::Throttled {
                     retry_after,
                     cooling,
@@ -429,19 +464,34 @@ impl Proxy {
         sticky: Option<&Sticky>,
     ) -> Result<(TcpStream, Lease), ProxyError> {
         let timeout = self.config.connect_timeout;
-        match connect_from(lease.ip, addrs, timeout).await {
+        let started = Instant::now();
+        let first = connect_from(lease.ip, addrs, timeout).await;
+        self.count_connect(lease.ip, &first, started);
+        match first {
             Err(ProxyError::SourceUnavailable { ip, source }) => {
                 let reason = source.to_string();
                 warn!(source = %ip, error = %reason, "this host cannot use a pool address; reported, trying the next");
                 self.leases.report_unusable(ip, reason).await;
                 let (next, _) = self.lease_for(addrs, host, sticky).await?;
+                let started = Instant::now();
                 let stream = connect_from(next.ip, addrs, timeout).await;
+                self.count_connect(next.ip, &stream, started);
                 if let Err(ProxyError::SourceUnavailable { ip, source }) = &stream {
                     self.leases.report_unusable(*ip, source.to_string()).await;
                 }
                 Ok((stream?, next))
             }
             r => r.map(|s| (s, lease)),
+        }
+    }
+
+    /// Counts one connect from `ip`: its time, or a failure the
+    /// destination caused.
+    fn count_connect(&self, ip: IpAddr, r: &Result<TcpStream, ProxyError>, started: Instant) {
+        match r {
+            Ok(_) => self.meter.connected(started.elapsed()),
+            Err(ProxyError::SourceUnavailable { .. } | ProxyError::Socket(_)) => {}
+            Err(_) => self.meter.connect_failed(ip),
         }
     }
 
@@ -537,6 +587,8 @@ impl Proxy {
                 HeaderValue::from_static("chunked"),
             );
         }
+        // Bytes sent: the body's length when it is known.
+        let sent = body.size_hint().exact().unwrap_or(0);
         let body = match body.is_end_stream() {
             true => Either::Right(Empty::new()),
             false => Either::Left(body),
@@ -571,7 +623,7 @@ impl Proxy {
         let (mut parts, body) = resp.into_parts();
         self.observe(&host, &lease, watch, parts.status, &parts.headers);
         strip_hop_by_hop(&mut parts.headers);
-        let body = PooledBody::new(body, self.upstream.clone(), key, sender);
+        let body = PooledBody::new(body, self.upstream.clone(), key, sender, &self.meter, sent);
         self.expose_source(&mut parts.headers, &lease);
         Ok((Response::from_parts(parts, Either::Left(body)), lease))
     }
@@ -596,6 +648,7 @@ impl Proxy {
         let (upstream, lease) = self.connect_leased(lease, &addrs, &host, sticky).await?;
         let on_upgrade = hyper::upgrade::on(&mut req);
         let dest = format!("{host}:{port}");
+        let open = TunnelOpen::new(&self.meter);
         self.tunnels.spawn(async move {
             let upgraded = match on_upgrade.await {
                 Ok(u) => u,
@@ -611,7 +664,7 @@ impl Proxy {
                 r = relay => Some(r),
                 _ = activity.idle_for(idle_limit) => None,
             };
-            log_tunnel_end(client, &dest, &lease, result);
+            log_tunnel_end(client, &dest, &lease, result, &open.0);
         });
         let mut resp = Response::builder()
             .status(StatusCode::OK)
@@ -632,13 +685,18 @@ impl Proxy {
     }
 }
 
-/// One line when a tunnel ends (`None`: closed for silence).
+/// One line when a tunnel ends (`None`: closed for silence), and its
+/// bytes counted.
 fn log_tunnel_end(
     client: SocketAddr,
     dest: &str,
     lease: &Lease,
     result: Option<std::io::Result<(u64, u64)>>,
+    meter: &Meter,
 ) {
+    if let Some(Ok((up, down))) = &result {
+        meter.bytes(lease.ip, *up, *down);
+    }
     match result {
         None => debug!(%client, %dest, source = %lease.ip, "tunnel idle; closed"),
         Some(Ok((up, down))) => {

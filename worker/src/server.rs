@@ -118,6 +118,23 @@ pub async fn run(
     acceptors.close();
 
     tokio::spawn(proxy.upstream().clone().reap(fast.clone()));
+    // The figures go to the allocator every second, and once more when the
+    // drain is over.
+    let reported = CancellationToken::new();
+    let reporter = {
+        let (meter, limit) = (proxy.meter.clone(), limit.clone());
+        let max = config.max_connections;
+        let open = move || {
+            let used = max.saturating_sub(limit.available_permits()) as u64;
+            used.saturating_sub(meter.tunnels_open.load(Ordering::Relaxed))
+        };
+        tokio::spawn(
+            proxy
+                .meter
+                .clone()
+                .report(leases.clone(), open, reported.clone()),
+        )
+    };
     let reloading = proxy.clone();
     tokio::spawn(async move {
         while reloads.changed().await.is_ok() {
@@ -258,6 +275,8 @@ pub async fn run(
         }
         _ = fast.cancelled() => Stopped::Cut,
     };
+    reported.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), reporter).await;
     info!(?stopped, "stopped");
     Ok(stopped)
 }

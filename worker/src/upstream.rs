@@ -137,13 +137,37 @@ impl UpstreamPool {
 pub struct PooledBody {
     inner: Incoming,
     home: Option<(Arc<UpstreamPool>, Key, Sender)>,
+    /// Where the bytes are counted (from the key's source address): those
+    /// of the request's body, and those of this body as it streams.
+    meter: Arc<crate::meter::Meter>,
+    source: std::net::IpAddr,
+    sent: u64,
+    received: u64,
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        self.meter.bytes(self.source, self.sent, self.received);
+    }
 }
 
 impl PooledBody {
-    pub fn new(inner: Incoming, pool: Arc<UpstreamPool>, key: Key, sender: Sender) -> PooledBody {
+    pub fn new(
+        inner: Incoming,
+        pool: Arc<UpstreamPool>,
+        key: Key,
+        sender: Sender,
+        meter: &Arc<crate::meter::Meter>,
+        sent: u64,
+    ) -> PooledBody {
+        let source = key.source;
         let mut body = PooledBody {
             inner,
             home: Some((pool, key, sender)),
+            meter: meter.clone(),
+            source,
+            sent,
+            received: 0,
         };
         // An empty body (HEAD, 204, 304, Content-Length: 0) may never be
         // polled.
@@ -169,6 +193,11 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                self.received += d.len() as u64;
+            }
+        }
         match &r {
             Poll::Ready(None) => self.go_home(),
             // A length-delimited body is complete with its last byte; the

@@ -1,0 +1,485 @@
+//! The host's metrics: what every worker reported (`Request::Metrics`),
+//! added up by source entry, with the allocator's own figures, in the
+//! Prometheus / OpenMetrics text format (`prometheus-client` writes it).
+//!
+//! Counters live here, not in the workers, so they do not go back when a
+//! worker restarts. Label sets are bounded: a source label is a pool entry
+//! (an address, or a prefix for addresses of a prefix), at most
+//! `MAX_SOURCES` of them (the rest as `other`); errors by their RFC 9209
+//! kind; workers by pid while connected.
+
+use std::collections::{BTreeMap, HashMap};
+
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use rotor_protocol::{Histogram, WorkerMetrics, HISTOGRAM_BOUNDS};
+
+/// Source labels kept at most (a pool's entries, and addresses that left
+/// it); past it, `other`.
+pub const MAX_SOURCES: usize = 100_000;
+
+#[derive(Debug, Default, Clone)]
+pub struct SourceTotals {
+    pub responses: [u64; 5],
+    pub tunnels: u64,
+    pub connect_errors: u64,
+    pub bytes_to: u64,
+    pub bytes_from: u64,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct WorkerGauges {
+    pub pid: u32,
+    pub connections_open: u64,
+    pub tunnels_open: u64,
+    pub requests: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct HostMetrics {
+    pub by_source: HashMap<String, SourceTotals>,
+    pub errors: HashMap<String, u64>,
+    pub requests: u64,
+    pub request_seconds: Histogram,
+    pub connect_seconds: Histogram,
+    pub lease_wait_seconds: Histogram,
+    /// The allocator's own time to answer a lease over its socket.
+    pub allocator_lease_seconds: Histogram,
+    /// By peer id, while connected.
+    pub workers: BTreeMap<u64, WorkerGauges>,
+    pub refreshes: u64,
+    pub source_errors: u64,
+    /// Per entry: leases carried over from tables (or publications) whose
+    /// counts went away, and the count last seen, so the counter only
+    /// grows.
+    leases_seen: HashMap<String, (u64, u64)>,
+}
+
+impl HostMetrics {
+    /// Adds a report of worker `peer` (pid `pid`); `label` names the
+    /// source entry of an address.
+    pub fn add(
+        &mut self,
+        peer: u64,
+        pid: u32,
+        m: &WorkerMetrics,
+        label: impl Fn(std::net::IpAddr) -> String,
+    ) {
+        self.requests += m.requests;
+        for s in &m.by_source {
+            let mut key = label(s.ip);
+            if !self.by_source.contains_key(&key) && self.by_source.len() >= MAX_SOURCES {
+                key = "other".into();
+            }
+            let t = self.by_source.entry(key).or_default();
+            for (a, b) in t.responses.iter_mut().zip(s.responses) {
+                *a += b;
+            }
+            t.tunnels += s.tunnels;
+            t.connect_errors += s.connect_errors;
+            t.bytes_to += s.bytes_to;
+            t.bytes_from += s.bytes_from;
+        }
+        for (k, n) in &m.errors {
+            // RFC 9209 kinds are short words; anything else is `other`.
+            let k = match k.len() <= 40 && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                true => k.clone(),
+                false => "other".into(),
+            };
+            *self.errors.entry(k).or_default() += n;
+        }
+        self.request_seconds.add(&m.request_seconds);
+        self.connect_seconds.add(&m.connect_seconds);
+        self.lease_wait_seconds.add(&m.lease_wait_seconds);
+        let w = self.workers.entry(peer).or_default();
+        w.pid = pid;
+        w.connections_open = m.connections_open;
+        w.tunnels_open = m.tunnels_open;
+        w.requests += m.requests;
+    }
+}
+
+/// A histogram already counted (by buckets), for the encoder.
+#[derive(Debug)]
+struct Counted(Histogram);
+
+impl EncodeMetric for Counted {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let mut buckets: Vec<(f64, u64)> = HISTOGRAM_BOUNDS
+            .iter()
+            .copied()
+            .chain([f64::MAX])
+            .zip(self.0.counts.iter().copied().chain(std::iter::repeat(0)))
+            .collect();
+        if let Some(last) = buckets.last_mut() {
+            last.0 = f64::INFINITY;
+        }
+        encoder.encode_histogram::<NoLabelSet>(
+            self.0.sum_micros as f64 / 1e6,
+            self.0.count(),
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+type Labels = Vec<(String, String)>;
+
+fn counter_family(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    values: impl IntoIterator<Item = (Labels, u64)>,
+) {
+    let f = Family::<Labels, Counter>::default();
+    for (l, v) in values {
+        f.get_or_create(&l).inc_by(v);
+    }
+    registry.register(name, help, f);
+}
+
+fn gauge_family(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    values: impl IntoIterator<Item = (Labels, i64)>,
+) {
+    let f = Family::<Labels, Gauge>::default();
+    for (l, v) in values {
+        f.get_or_create(&l).set(v);
+    }
+    registry.register(name, help, f);
+}
+
+fn label(k: &str, v: impl Into<String>) -> Labels {
+    vec![(k.to_string(), v.into())]
+}
+
+/// What the allocator knows of the pool, for the scrape.
+pub struct PoolFigures {
+    /// Per entry: its label, leases, whether out of the rotation, how many
+    /// sites it cools for, sticky sessions on it.
+    pub entries: Vec<(String, u64, bool, u64)>,
+    pub family_totals: Vec<(String, u64)>,
+    pub source_addresses: Vec<(String, u64)>,
+    pub leases_total: u64,
+    pub sessions: u64,
+    pub sites: u64,
+    pub site_entries: u64,
+}
+
+impl HostMetrics {
+    /// Lease counts that never go back: a count that fell (the entry's
+    /// table count started over) carries what it had.
+    fn leases(&mut self, entries: &[(String, u64, bool, u64)]) -> Vec<(String, u64)> {
+        entries
+            .iter()
+            .map(|(k, n, _, _)| {
+                let (carried, last) = self.leases_seen.entry(k.clone()).or_default();
+                if *n < *last {
+                    *carried += *last;
+                }
+                *last = *n;
+                (k.clone(), *carried + *n)
+            })
+            .collect()
+    }
+}
+
+/// The scrape: OpenMetrics text, or the classic Prometheus text format
+/// (`classic`: what `promtool check metrics` and older scrapers read).
+pub fn render(m: &mut HostMetrics, pool: &PoolFigures, classic: bool) -> String {
+    let leases = m.leases(&pool.entries);
+    let m = &*m;
+    let mut r = Registry::default();
+    let src = |k: &String| label("source", k.clone());
+    counter_family(
+        &mut r,
+        "rotor_source_leases",
+        "Leases of each pool entry (an address, or a prefix)",
+        leases.iter().map(|(k, n)| (src(k), *n)),
+    );
+    gauge_family(
+        &mut r,
+        "rotor_source_quarantined",
+        "1 while the entry is out of the rotation (unusable, or taken out by hand)",
+        pool.entries
+            .iter()
+            .map(|(k, _, q, _)| (src(k), i64::from(*q))),
+    );
+    gauge_family(
+        &mut r,
+        "rotor_source_cooling_sites",
+        "Sites the entry's addresses are cooling for (they pushed back)",
+        pool.entries.iter().map(|(k, _, _, c)| (src(k), *c as i64)),
+    );
+    let classes = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+    counter_family(
+        &mut r,
+        "rotor_source_responses",
+        "Destination responses by status class, by source entry",
+        m.by_source.iter().flat_map(|(k, t)| {
+            classes.iter().zip(t.responses).map(move |(c, n)| {
+                (
+                    vec![
+                        ("source".to_string(), k.clone()),
+                        ("class".to_string(), c.to_string()),
+                    ],
+                    n,
+                )
+            })
+        }),
+    );
+    counter_family(
+        &mut r,
+        "rotor_source_tunnels",
+        "Tunnels opened (HTTP CONNECT and SOCKS5), by source entry",
+        m.by_source.iter().map(|(k, t)| (src(k), t.tunnels)),
+    );
+    counter_family(
+        &mut r,
+        "rotor_source_connect_errors",
+        "Upstream connections that failed (refused, unreachable, timed out), by source entry",
+        m.by_source.iter().map(|(k, t)| (src(k), t.connect_errors)),
+    );
+    counter_family(
+        &mut r,
+        "rotor_source_sent_bytes",
+        "Bytes sent to destinations (tunnels; request bodies of known length), by source entry",
+        m.by_source.iter().map(|(k, t)| (src(k), t.bytes_to)),
+    );
+    counter_family(
+        &mut r,
+        "rotor_source_received_bytes",
+        "Bytes received from destinations (tunnels; response bodies), by source entry",
+        m.by_source.iter().map(|(k, t)| (src(k), t.bytes_from)),
+    );
+    counter_family(
+        &mut r,
+        "rotor_requests",
+        "Requests and tunnels the workers handled",
+        [(vec![], m.requests)],
+    );
+    counter_family(
+        &mut r,
+        "rotor_errors",
+        "Answers rotor gave itself, by Proxy-Status error (none: 400, 407, 431)",
+        m.errors
+            .iter()
+            .map(|(k, n)| (label("error", k.clone()), *n)),
+    );
+    r.register(
+        "rotor_request_duration_seconds",
+        "Time from a request's head to its response head (or the tunnel's 200)",
+        Counted(m.request_seconds.clone()),
+    );
+    r.register(
+        "rotor_upstream_connect_seconds",
+        "Time to connect to a destination from a leased address",
+        Counted(m.connect_seconds.clone()),
+    );
+    r.register(
+        "rotor_lease_wait_seconds",
+        "Time a request waited for its lease (with --budget-wait, its wait for a site's budget)",
+        Counted(m.lease_wait_seconds.clone()),
+    );
+    r.register(
+        "rotor_allocator_lease_seconds",
+        "Time the allocator took to answer a lease over its socket",
+        Counted(m.allocator_lease_seconds.clone()),
+    );
+    let worker = |w: &WorkerGauges| label("worker", w.pid.to_string());
+    gauge_family(
+        &mut r,
+        "rotor_worker_up",
+        "1 for each worker connected to the allocator",
+        m.workers.values().map(|w| (worker(w), 1)),
+    );
+    gauge_family(
+        &mut r,
+        "rotor_worker_connections_open",
+        "Client connections a worker holds",
+        m.workers
+            .values()
+            .map(|w| (worker(w), w.connections_open as i64)),
+    );
+    gauge_family(
+        &mut r,
+        "rotor_worker_tunnels_open",
+        "Tunnels a worker holds",
+        m.workers
+            .values()
+            .map(|w| (worker(w), w.tunnels_open as i64)),
+    );
+    counter_family(
+        &mut r,
+        "rotor_worker_requests",
+        "Requests a worker handled while connected",
+        m.workers.values().map(|w| (worker(w), w.requests)),
+    );
+    gauge_family(
+        &mut r,
+        "rotor_pool_addresses",
+        "Addresses in the rotation, by family",
+        pool.family_totals
+            .iter()
+            .map(|(f, n)| (label("family", f.clone()), *n as i64)),
+    );
+    gauge_family(
+        &mut r,
+        "rotor_pool_source_addresses",
+        "Addresses each pool source lists",
+        pool.source_addresses
+            .iter()
+            .map(|(s, n)| (label("pool_source", s.clone()), *n as i64)),
+    );
+    counter_family(
+        &mut r,
+        "rotor_pool_refreshes",
+        "Reads of the pool sources",
+        [(vec![], m.refreshes)],
+    );
+    counter_family(
+        &mut r,
+        "rotor_pool_source_errors",
+        "Reads of a pool source that failed (its last good addresses kept)",
+        [(vec![], m.source_errors)],
+    );
+    counter_family(
+        &mut r,
+        "rotor_leases",
+        "Leases handed out",
+        [(vec![], pool.leases_total)],
+    );
+    gauge_family(
+        &mut r,
+        "rotor_sessions",
+        "Sticky sessions held",
+        [(vec![], pool.sessions as i64)],
+    );
+    gauge_family(
+        &mut r,
+        "rotor_sites",
+        "Sites with budgets or cooldowns held",
+        [(vec![], pool.sites as i64)],
+    );
+    gauge_family(
+        &mut r,
+        "rotor_site_entries",
+        "Entries of per-site state held (sites and (address, site) pairs)",
+        [(vec![], pool.site_entries as i64)],
+    );
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &r).expect("writing to a String");
+    match classic {
+        true => to_classic(&out),
+        false => out,
+    }
+}
+
+/// OpenMetrics text as the classic Prometheus text format: a counter's
+/// HELP and TYPE name its `_total` samples, and no `# UNIT` or `# EOF`.
+fn to_classic(open: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open.len());
+    for line in open.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// Serves `GET /metrics` (and `/` with a pointer to it) until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    alloc: std::sync::Arc<crate::state::Allocator>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    use http_body_util::Full;
+    use hyper::{Method, Response, StatusCode};
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let alloc = alloc.clone();
+        tokio::spawn(async move {
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let alloc = alloc.clone();
+                    async move {
+                        // OpenMetrics to a scraper that asks for it (Prometheus
+                        // does), else the classic text format.
+                        let open = req
+                            .headers()
+                            .get(hyper::header::ACCEPT)
+                            .and_then(|v| v.to_str().ok())
+                            .is_some_and(|v| v.contains("application/openmetrics-text"));
+                        let (status, ctype, body) = match (req.method(), req.uri().path()) {
+                            (&Method::GET, "/metrics") if open => (
+                                StatusCode::OK,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                alloc.render_metrics(false),
+                            ),
+                            (&Method::GET, "/metrics") => (
+                                StatusCode::OK,
+                                "text/plain; version=0.0.4; charset=utf-8",
+                                alloc.render_metrics(true),
+                            ),
+                            (&Method::GET, "/") => (
+                                StatusCode::OK,
+                                "text/plain; charset=utf-8",
+                                "rotor: metrics at /metrics\n".to_string(),
+                            ),
+                            _ => (
+                                StatusCode::NOT_FOUND,
+                                "text/plain; charset=utf-8",
+                                "not found: metrics are at GET /metrics\n".to_string(),
+                            ),
+                        };
+                        let mut resp = Response::new(Full::new(bytes::Bytes::from(body)));
+                        *resp.status_mut() = status;
+                        resp.headers_mut().insert(
+                            hyper::header::CONTENT_TYPE,
+                            hyper::header::HeaderValue::from_static(ctype),
+                        );
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .timer(hyper_util::rt::TokioTimer::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await;
+        });
+    }
+}

@@ -1,0 +1,287 @@
+//! The host's metrics (`--metrics-listen`): every worker's figures added up
+//! at the allocator, checked by `promtool` and scraped by a real Prometheus
+//! server; addresses taken out of the rotation by hand.
+//!
+//! promtool and prometheus come with Debian's `prometheus` package, which
+//! `.ci/run` installs.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::util::*;
+
+/// A plain HTTP GET on loopback (no proxy): status and body.
+fn http_get(addr: SocketAddr, path: &str, accept: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    // The body may be chunked: the samples are lines of it either way.
+    (status, body)
+}
+
+/// The value of a sample line `name{labels} value` (labels as written).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The sum of every sample of `name` whose labels contain `with`.
+fn sum(text: &str, name: &str, with: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| l.contains(with))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn scrape(metrics: SocketAddr) -> String {
+    let (status, body) = http_get(metrics, "/metrics", "text/plain");
+    assert_eq!(status, 200);
+    body
+}
+
+async fn tunnel(proxy: SocketAddr, target: SocketAddr) {
+    let (status, mut s) = connect_tunnel(proxy, &target.to_string()).await;
+    assert_eq!(status, 200);
+    s.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).await.unwrap();
+}
+
+fn promtool_check(text: &str) {
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian's prometheus package; .ci/run installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn one_scrape_covers_every_worker_and_counters_survive_a_worker_restart() {
+    let origin = Origin::start().await;
+    let echo = Echo::start().await;
+    let mport = free_port();
+    let metrics: SocketAddr = ([127, 0, 0, 1], mport).into();
+    let listen = metrics.to_string();
+    let alloc =
+        Allocator::start(&["--pool", "127.0.0.2-127.0.0.5", "--metrics-listen", &listen]).await;
+    let w0 = Worker::start(&alloc.socket, &[]).await;
+    let port1 = free_port();
+    let mut w1 = Worker::start_on(&alloc.socket, port1, &[]).await;
+    let url = origin.url("/bytes/1000");
+    for _ in 0..10 {
+        assert_eq!(get(w0.addr, &url).await.status, 200);
+    }
+    for _ in 0..6 {
+        assert_eq!(get(w1.addr, &origin.url("/")).await.status, 200);
+    }
+    for _ in 0..2 {
+        tunnel(w1.addr, echo.addr).await;
+    }
+    // Refused by the destination: rotor's own answer, and a connect error.
+    assert_eq!(get(w0.addr, "http://127.0.0.1:1/").await.status, 502);
+    eventually("the workers' reports", || async {
+        let m = scrape(metrics);
+        sum(&m, "rotor_source_responses_total", "class=\"2xx\"") == 16.0
+            && sum(&m, "rotor_source_tunnels_total", "") == 2.0
+            && sum(&m, "rotor_errors_total", "connection_refused") == 1.0
+    })
+    .await;
+    let m = scrape(metrics);
+    promtool_check(&m);
+    assert_eq!(sum(&m, "rotor_worker_up", ""), 2.0, "{m}");
+    assert_eq!(sum(&m, "rotor_requests_total", ""), 19.0, "{m}");
+    assert_eq!(sum(&m, "rotor_source_connect_errors_total", ""), 1.0);
+    // Every address served, each its share; bytes counted.
+    for a in ips(2..=5) {
+        let served = sum(
+            &m,
+            "rotor_source_responses_total",
+            &format!("source=\"{a}\""),
+        );
+        assert!(served >= 3.0, "{a}: {served}\n{m}");
+    }
+    assert!(sum(&m, "rotor_source_received_bytes_total", "") >= 10_000.0 + 6.0 * 5.0);
+    assert!(sum(&m, "rotor_source_sent_bytes_total", "") >= 8.0);
+    assert_eq!(
+        sample(&m, "rotor_pool_addresses{family=\"IPv4\"}"),
+        Some(4.0),
+        "{m}"
+    );
+    assert_eq!(sample(&m, "rotor_leases_total"), Some(19.0), "{m}");
+    assert!(sample(&m, "rotor_request_duration_seconds_count").unwrap() >= 19.0);
+    assert!(sample(&m, "rotor_upstream_connect_seconds_count").unwrap() >= 9.0);
+    // A worker killed and started again: the host's counters go on.
+    w1.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    w1.proc.wait(Duration::from_secs(5));
+    let w1 = Worker::start_on(&alloc.socket, port1, &[]).await;
+    for _ in 0..4 {
+        assert_eq!(get(w1.addr, &origin.url("/")).await.status, 200);
+    }
+    eventually("the new worker's report", || async {
+        sum(
+            &scrape(metrics),
+            "rotor_source_responses_total",
+            "class=\"2xx\"",
+        ) == 20.0
+    })
+    .await;
+    let m = scrape(metrics);
+    assert_eq!(
+        sum(&m, "rotor_worker_up", ""),
+        2.0,
+        "the killed worker is gone:\n{m}"
+    );
+    // OpenMetrics to a scraper that asks for it.
+    let (status, open) = http_get(
+        metrics,
+        "/metrics",
+        "application/openmetrics-text;version=1.0.0",
+    );
+    assert_eq!(status, 200);
+    assert!(open.contains("# EOF"), "{open}");
+    assert_eq!(http_get(metrics, "/nothing", "*/*").0, 404);
+}
+
+#[tokio::test]
+async fn a_real_prometheus_scrapes_the_host() {
+    let origin = Origin::start().await;
+    let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let listen = metrics.to_string();
+    let alloc =
+        Allocator::start(&["--pool", "127.0.0.2-127.0.0.9", "--metrics-listen", &listen]).await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    for _ in 0..7 {
+        assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: rotor\n    static_configs:\n      - targets: ['{metrics}']\n"
+        ),
+    )
+    .unwrap();
+    let web: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let _prom = Proc::spawn(
+        "prometheus",
+        &[
+            &format!("--config.file={}", config.display()),
+            &format!("--storage.tsdb.path={}", dir.path().join("data").display()),
+            &format!("--web.listen-address={web}"),
+            "--log.level=warn",
+        ],
+    );
+    let query = "/api/v1/query?query=sum(rotor_source_responses_total%7Bclass%3D%222xx%22%7D)";
+    let mut last = String::new();
+    for _ in 0..120 {
+        if let Ok(mut s) = std::net::TcpStream::connect(web) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let _ = write!(
+                s,
+                "GET {query} HTTP/1.1\r\nHost: {web}\r\nConnection: close\r\n\r\n"
+            );
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            // {"status":"success","data":{"resultType":"vector","result":[{"metric":{},"value":[T,"7"]}]}}
+            if out.contains("\"value\":[") && out.contains(",\"7\"]") {
+                println!(
+                    "prometheus answered {query}: {}",
+                    out.split("\r\n\r\n").last().unwrap_or("")
+                );
+                return;
+            }
+            last = out;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("Prometheus never saw 7 requests; its last answer:\n{last}");
+}
+
+#[tokio::test]
+async fn an_address_taken_out_by_hand_stays_out_for_every_worker_until_released() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.4"]).await;
+    let w = [
+        Worker::start(&alloc.socket, &[]).await,
+        Worker::start(&alloc.socket, &[]).await,
+    ];
+    let out = rotor_control("quarantine", &alloc.socket, &["127.0.0.3"]);
+    assert!(
+        out.contains("127.0.0.3 is out of the rotation until"),
+        "{out}"
+    );
+    for i in 0..6 {
+        assert_eq!(get(w[i % 2].addr, &origin.url("/")).await.status, 200);
+    }
+    let out_ip: IpAddr = "127.0.0.3".parse().unwrap();
+    assert!(
+        !origin.sources().contains(&out_ip),
+        "{:?}",
+        origin.sources()
+    );
+    let status = rotor_control("status", &alloc.socket, &[]);
+    assert!(
+        status.contains("taken out by hand until released"),
+        "{status}"
+    );
+    // A refresh does not put it back; a check would find it usable.
+    rotor_control("reload", &alloc.socket, &[]);
+    assert_eq!(get(w[0].addr, &origin.url("/")).await.status, 200);
+    assert!(!origin.sources().contains(&out_ip));
+    let out = rotor_control("release", &alloc.socket, &["127.0.0.3"]);
+    assert!(out.contains("back in the rotation"), "{out}");
+    let before = origin.count();
+    for i in 0..3 {
+        assert_eq!(get(w[i % 2].addr, &origin.url("/")).await.status, 200);
+    }
+    assert!(origin.sources()[before..].contains(&out_ip));
+    // For a while only: back by itself.
+    rotor_control("quarantine", &alloc.socket, &["127.0.0.3", "--for", "1s"]);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let before = origin.count();
+    for i in 0..3 {
+        assert_eq!(get(w[i % 2].addr, &origin.url("/")).await.status, 200);
+    }
+    assert!(origin.sources()[before..].contains(&out_ip));
+    // An address not in the pool changes nothing, and says so.
+    let out = rotor_control("quarantine", &alloc.socket, &["10.9.9.9"]);
+    assert!(out.contains("not in the pool"), "{out}");
+}

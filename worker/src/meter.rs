@@ -1,0 +1,174 @@
+//! What a worker served, counted as it happens and sent to the allocator
+//! every second (`Request::Metrics`): the allocator keeps the host's
+//! totals and serves them to Prometheus, so one scrape covers every worker
+//! and counters do not go back when a worker restarts.
+//!
+//! One uncontended lock per event; what could not be sent (the allocator
+//! away) is kept for the next report. Bounded: one entry per source
+//! address used since the last report, one per error kind.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rotor_protocol::{Histogram, SourceMetrics, WorkerMetrics};
+use tokio_util::sync::CancellationToken;
+
+use crate::lease::LeaseClient;
+
+#[derive(Default)]
+struct Acc {
+    requests: u64,
+    sources: HashMap<IpAddr, SourceMetrics>,
+    errors: HashMap<String, u64>,
+    request_seconds: Histogram,
+    connect_seconds: Histogram,
+    lease_wait_seconds: Histogram,
+}
+
+impl Acc {
+    fn source(&mut self, ip: IpAddr) -> &mut SourceMetrics {
+        self.sources.entry(ip).or_insert_with(|| SourceMetrics {
+            ip,
+            responses: [0; 5],
+            tunnels: 0,
+            connect_errors: 0,
+            bytes_to: 0,
+            bytes_from: 0,
+        })
+    }
+}
+
+#[derive(Default)]
+pub struct Meter {
+    acc: Mutex<Acc>,
+    /// Tunnels open now (HTTP CONNECT and SOCKS5).
+    pub tunnels_open: AtomicU64,
+}
+
+impl Meter {
+    fn with(&self, f: impl FnOnce(&mut Acc)) {
+        f(&mut self.acc.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// A request answered by the destination with `status`, from `ip`,
+    /// its head after `took`.
+    pub fn response(&self, ip: IpAddr, status: u16, took: Duration) {
+        self.with(|a| {
+            a.requests += 1;
+            a.request_seconds.observe(took.as_secs_f64());
+            if let Some(class) = (status / 100).checked_sub(1).filter(|c| *c < 5) {
+                a.source(ip).responses[class as usize] += 1;
+            }
+        });
+    }
+
+    /// A tunnel opened from `ip`, after `took`.
+    pub fn tunnel(&self, ip: IpAddr, took: Duration) {
+        self.with(|a| {
+            a.requests += 1;
+            a.request_seconds.observe(took.as_secs_f64());
+            a.source(ip).tunnels += 1;
+        });
+    }
+
+    /// rotor answered by itself (`kind`: the `Proxy-Status` error).
+    pub fn error(&self, kind: Option<&str>, took: Duration) {
+        self.with(|a| {
+            a.requests += 1;
+            a.request_seconds.observe(took.as_secs_f64());
+            *a.errors
+                .entry(kind.unwrap_or("none").to_string())
+                .or_default() += 1;
+        });
+    }
+
+    pub fn connected(&self, took: Duration) {
+        self.with(|a| a.connect_seconds.observe(took.as_secs_f64()));
+    }
+
+    pub fn connect_failed(&self, ip: IpAddr) {
+        self.with(|a| a.source(ip).connect_errors += 1);
+    }
+
+    pub fn leased(&self, waited: Duration) {
+        self.with(|a| a.lease_wait_seconds.observe(waited.as_secs_f64()));
+    }
+
+    /// Bytes sent to and received from destinations from `ip`.
+    pub fn bytes(&self, ip: IpAddr, to: u64, from: u64) {
+        if to == 0 && from == 0 {
+            return;
+        }
+        self.with(|a| {
+            let s = a.source(ip);
+            s.bytes_to += to;
+            s.bytes_from += from;
+        });
+    }
+
+    /// Everything counted since the last take.
+    fn take(&self, connections_open: u64) -> WorkerMetrics {
+        let acc = std::mem::take(&mut *self.acc.lock().unwrap_or_else(|e| e.into_inner()));
+        WorkerMetrics {
+            connections_open,
+            tunnels_open: self.tunnels_open.load(Ordering::Relaxed),
+            requests: acc.requests,
+            by_source: acc.sources.into_values().collect(),
+            errors: acc.errors.into_iter().collect(),
+            request_seconds: acc.request_seconds,
+            connect_seconds: acc.connect_seconds,
+            lease_wait_seconds: acc.lease_wait_seconds,
+        }
+    }
+
+    /// Puts back what could not be sent.
+    fn put_back(&self, m: WorkerMetrics) {
+        self.with(|a| {
+            a.requests += m.requests;
+            for s in m.by_source {
+                let t = a.source(s.ip);
+                for (x, y) in t.responses.iter_mut().zip(s.responses) {
+                    *x += y;
+                }
+                t.tunnels += s.tunnels;
+                t.connect_errors += s.connect_errors;
+                t.bytes_to += s.bytes_to;
+                t.bytes_from += s.bytes_from;
+            }
+            for (k, n) in m.errors {
+                *a.errors.entry(k).or_default() += n;
+            }
+            a.request_seconds.add(&m.request_seconds);
+            a.connect_seconds.add(&m.connect_seconds);
+            a.lease_wait_seconds.add(&m.lease_wait_seconds);
+        });
+    }
+
+    /// Sends what was counted every second until `stop` (and once more
+    /// then). `connections_open` reads the client connections open now.
+    pub async fn report(
+        self: Arc<Self>,
+        leases: Arc<LeaseClient>,
+        connections_open: impl Fn() -> u64,
+        stop: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let last = tokio::select! {
+                _ = stop.cancelled() => true,
+                _ = tick.tick() => false,
+            };
+            let m = self.take(connections_open());
+            if let Err(m) = leases.report_metrics(m).await {
+                self.put_back(*m);
+            }
+            if last {
+                return;
+            }
+        }
+    }
+}
