@@ -141,6 +141,43 @@ fn golden_client_frames() {
     check(
         ClientFrame::Request(Envelope {
             id: 7,
+            body: Request::Metrics(WorkerMetrics {
+                connections_open: 3,
+                tunnels_open: 1,
+                requests: 9,
+                by_source: vec![SourceMetrics {
+                    ip: V4,
+                    responses: [0, 8, 0, 1, 0],
+                    tunnels: 1,
+                    connect_errors: 0,
+                    bytes_to: 10,
+                    bytes_from: 300,
+                }],
+                errors: vec![("dns_error".into(), 1)],
+                request_seconds: Histogram {
+                    counts: vec![1, 2],
+                    sum_micros: 500,
+                },
+                connect_seconds: Histogram::default(),
+                lease_wait_seconds: Histogram::default(),
+            }),
+        }),
+        "01070c0301090100c0000207000800010001000afb2c010109646e735f6572726f7201020102fbf40100000000",
+    );
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::Steer {
+                ip: V4,
+                release: false,
+                for_secs: Some(60),
+            },
+        }),
+        "01070d00c000020700013c",
+    );
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
             body: Request::Sites { max: 200 },
         }),
         "01070bc8",
@@ -323,5 +360,11 @@ fn golden_server_frames() {
             }],
         })),
         "01090c0101fbe8030104612e696f013cfb60ea020100c00002070301fb840301",
+    );
+    check(
+        resp(Response::Steered {
+            entry: Some(Segment::single(V4)),
+        }),
+        "01090d0100c000020700",
     );
 }

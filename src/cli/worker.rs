@@ -106,6 +106,39 @@ settings! {
         /// Retry-After, always do).
         #[arg(value_name = "STATUS,...")]
         cooldown_status: Option<Statuses> = "429",
+        /// Write a line per request and tunnel (time, client, user,
+        /// session, method, target host and port, source address, status,
+        /// Proxy-Status error, bytes each way, milliseconds) to this file,
+        /// or `-` for standard output; reopened on SIGHUP and `rotor
+        /// reload`.
+        #[arg(value_name = "PATH|-")]
+        access_log: Option<PathBuf>,
+        /// The access log's lines: `text` (space-separated) or `json` (an
+        /// object a line).
+        #[arg(value_name = "text|json")]
+        access_log_format: Option<AccessFormat> = "text",
+    }
+}
+
+/// The access log's format (`--access-log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessFormat(pub rotor_worker::access::Format);
+
+impl Value for AccessFormat {
+    const NAME: &'static str = "text|json";
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(AccessFormat(rotor_worker::access::Format::Text)),
+            "json" => Ok(AccessFormat(rotor_worker::access::Format::Json)),
+            _ => Err(format!("`{s}` is not an access log format: text or json")),
+        }
+    }
+    fn show(&self) -> String {
+        match self.0 {
+            rotor_worker::access::Format::Text => "text",
+            rotor_worker::access::Format::Json => "json",
+        }
+        .into()
     }
 }
 
@@ -249,6 +282,20 @@ impl WorkerFlags {
             ),
             None => None,
         };
+        let access_log = match &w.access_log {
+            None => None,
+            Some(p) => {
+                let target = match p.as_os_str() == "-" {
+                    true => rotor_worker::access::Target::Stdout,
+                    false => rotor_worker::access::Target::File(p.clone()),
+                };
+                Some(
+                    rotor_worker::access::AccessLog::open(target, w.access_log_format.0).map_err(
+                        |e| ConfigError::Invalid(format!("access-log {}: {e}", p.display())),
+                    )?,
+                )
+            }
+        };
         let t = WorkerSettingsTuning {
             threads: w
                 .threads
@@ -276,6 +323,7 @@ impl WorkerFlags {
                     session_max_ttl: w.session_max_ttl,
                     budget_wait: w.budget_wait,
                     cooldown_status: w.cooldown_status.0,
+                    access_log,
                 },
                 idle_timeout: w.idle_timeout,
                 max_connections: w.max_connections,

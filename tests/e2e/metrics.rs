@@ -285,3 +285,89 @@ async fn an_address_taken_out_by_hand_stays_out_for_every_worker_until_released(
     let out = rotor_control("quarantine", &alloc.socket, &["10.9.9.9"]);
     assert!(out.contains("not in the pool"), "{out}");
 }
+
+#[tokio::test]
+async fn the_access_log_has_a_line_per_request_and_tunnel_and_reopens_on_sighup() {
+    let origin = Origin::start().await;
+    let echo = Echo::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.4"]).await;
+    let w = Worker::start(
+        &alloc.socket,
+        &[
+            "--access-log",
+            path.to_str().unwrap(),
+            "--access-log-format",
+            "json",
+        ],
+    )
+    .await;
+    // A user with a session, a query the log must not keep.
+    let mut conn = ProxyConn::open(w.addr).await;
+    let req = hyper::Request::get(origin.url("/bytes/500?token=TopSecret"))
+        .header("proxy-authorization", basic("alice-session-s1", "pw"))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(conn.send(req).await.status, 200);
+    tunnel(w.addr, echo.addr).await;
+    assert_eq!(get(w.addr, "http://127.0.0.1:1/").await.status, 502);
+    let lines = |p: &std::path::Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let p = path.clone();
+    eventually("three lines", || {
+        let p = p.clone();
+        async move { lines(&p).len() == 3 }
+    })
+    .await;
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        !text.contains("TopSecret") && !text.contains("pw"),
+        "{text}"
+    );
+    let l = lines(&path);
+    let by_method = |m: &str| l.iter().find(|x| x["method"] == m).unwrap().clone();
+    let plain = l
+        .iter()
+        .find(|x| x["status"] == 200 && x["method"] == "GET")
+        .unwrap();
+    assert_eq!(plain["user"], "alice");
+    assert_eq!(plain["session"], "s1");
+    assert_eq!(plain["target"], origin.addr.to_string());
+    assert_eq!(plain["received"], 500);
+    assert!(plain["source"].as_str().unwrap().starts_with("127.0.0."));
+    let t = by_method("CONNECT");
+    assert_eq!(
+        (
+            t["status"].as_u64(),
+            t["sent"].as_u64(),
+            t["received"].as_u64()
+        ),
+        (Some(200), Some(4), Some(4))
+    );
+    let refused = l.iter().find(|x| x["status"] == 502).unwrap();
+    assert_eq!(refused["error"], "connection_refused");
+    assert_eq!(refused["target"], "127.0.0.1:1");
+    // logrotate moves the file, then SIGHUP: the next line is in a new one.
+    let moved = dir.path().join("access.log.1");
+    std::fs::rename(&path, &moved).unwrap();
+    w.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    let p = path.clone();
+    eventually("a line in the reopened file", || {
+        let p = p.clone();
+        let w = w.addr;
+        let url = origin.url("/");
+        async move {
+            get(w, &url).await;
+            p.exists() && !lines(&p).is_empty()
+        }
+    })
+    .await;
+    // Lines written before the reopen stay in the old file.
+    assert!(lines(&moved).len() >= 3);
+}

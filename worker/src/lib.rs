@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 pub mod accept;
+pub mod access;
 pub mod acl;
 pub mod auth;
 pub mod connect;

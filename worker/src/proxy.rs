@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::access::{AccessLog, Entry};
 use crate::acl::{Acl, LocalAddrs};
 use crate::auth::Auth;
 use crate::connect::connect_from;
@@ -70,6 +71,24 @@ pub struct ProxyConfig {
     /// Destination statuses that cool the address for the site (429 and
     /// 503 with a `Retry-After` always do).
     pub cooldown_status: Vec<u16>,
+    /// Where a line per request and tunnel goes, if anywhere.
+    pub access_log: Option<Arc<AccessLog>>,
+}
+
+/// Who sent a request: the user name given (never the password), and the
+/// sticky session it names.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    pub user: Option<String>,
+    pub sticky: Option<Sticky>,
+}
+
+impl Caller {
+    /// Who, in an access log entry.
+    pub fn stamp(&self, e: &mut Entry) {
+        e.user.clone_from(&self.user);
+        e.session = self.sticky.as_ref().map(|s| s.id.clone());
+    }
 }
 
 /// The sticky session a request belongs to: its key at the allocator
@@ -77,6 +96,8 @@ pub struct ProxyConfig {
 #[derive(Debug, Clone)]
 pub struct Sticky {
     key: String,
+    /// The session's id, as the user name gave it.
+    id: String,
     ttl: Duration,
     strict: bool,
 }
@@ -172,27 +193,55 @@ impl Proxy {
             }),
             false => self.authenticate(&req, client.ip()).await,
         };
+        // The access log's line, begun once the caller is known.
+        let mut entry = self.config.access_log.as_ref().map(|_| {
+            let target = log_target(req.uri(), method == Method::CONNECT);
+            let mut e = Entry::new(client, method.as_str(), target);
+            if let Ok(c) = &checked {
+                c.stamp(&mut e);
+            }
+            e
+        });
         let result = match checked {
             Err(e) => Err(e),
-            Ok(sticky) if method == Method::CONNECT => {
-                self.connect(req, client, sticky.as_ref()).await
+            Ok(caller) if method == Method::CONNECT => {
+                self.connect(req, client, caller.sticky.as_ref(), entry.clone())
+                    .await
             }
-            Ok(sticky) => self.forward(req, sticky.as_ref()).await,
+            Ok(caller) => self.forward(req, caller.sticky.as_ref()).await,
         };
         let took = start.elapsed();
         let ms = took.as_millis() as u64;
         Ok(match result {
-            Ok((resp, lease)) => {
+            Ok((mut resp, lease)) => {
                 match method == Method::CONNECT {
-                    true => self.meter.tunnel(lease.ip, took),
+                    true => {
+                        self.meter.tunnel(lease.ip, took);
+                        // The tunnel writes its line when it closes.
+                        entry = None;
+                    }
                     false => self.meter.response(lease.ip, resp.status().as_u16(), took),
                 }
                 debug!(%client, %method, %target, source = %lease.ip, seq = lease.seq, status = resp.status().as_u16(), ms, "request");
+                if let (Some(mut e), Some(log)) = (entry, &self.config.access_log) {
+                    e.source = Some(lease.ip);
+                    e.status = resp.status().as_u16();
+                    // Written when the body has been sent, with its bytes.
+                    match resp.body_mut() {
+                        Either::Left(body) => body.log_when_done(log.clone(), e),
+                        Either::Right(_) => log.log(&e),
+                    }
+                }
                 resp
             }
             Err(e) => {
                 self.meter.error(e.classify().1, took);
                 let resp = e.to_response();
+                if let (Some(mut en), Some(log)) = (entry, &self.config.access_log) {
+                    en.status = resp.status().as_u16();
+                    en.error = e.classify().1;
+                    log.log(&en);
+                }
                 let error = error_chain(&e);
                 let status = resp.status().as_u16();
                 if e.warn_each() {
@@ -212,14 +261,14 @@ impl Proxy {
         &self,
         req: &Request<Incoming>,
         client: std::net::IpAddr,
-    ) -> Result<Option<Sticky>, ProxyError> {
+    ) -> Result<Caller, ProxyError> {
         let header = req
             .headers()
             .get(header::PROXY_AUTHORIZATION)
             .map(|v| v.as_bytes());
         match (crate::auth::credentials(header), &self.config.auth) {
             (Ok((name, password)), _) => self.authenticate_user(&name, &password, client).await,
-            (Err(_), None) => Ok(None),
+            (Err(_), None) => Ok(Caller::default()),
             (Err(e), Some(_)) => Err(ProxyError::Auth(e)),
         }
     }
@@ -237,11 +286,16 @@ impl Proxy {
         name: &str,
         password: &str,
         client: std::net::IpAddr,
-    ) -> Result<Option<Sticky>, ProxyError> {
+    ) -> Result<Caller, ProxyError> {
         let user = match &self.config.auth {
             // Without a users file a name is only read for a session when
             // it names one: `my-app` stays a plain name, as before sessions.
-            None if !name.contains("-session") => return Ok(None),
+            None if !name.contains("-session") => {
+                return Ok(Caller {
+                    user: Some(name.to_string()),
+                    sticky: None,
+                })
+            }
             None => session::parse(name, |_| false).map_err(ProxyError::Session)?,
             Some(auth) => match session::parse(name, |n| auth.has_user(n)) {
                 Ok(user) => {
@@ -262,15 +316,21 @@ impl Proxy {
                 }
             },
         };
-        Ok(user.session.map(|p| Sticky {
+        let name = user.user.clone();
+        let sticky = user.session.map(|p| Sticky {
             // Sessions of different users are different sessions.
             key: format!("{}\0{}", user.user, p.id),
+            id: p.id.clone(),
             ttl: p
                 .ttl
                 .unwrap_or(self.config.session_ttl)
                 .min(self.config.session_max_ttl),
             strict: p.strict,
-        }))
+        });
+        Ok(Caller {
+            user: Some(name),
+            sticky,
+        })
     }
 
     /// A connection to `host:port` from the next address (for a SOCKS5
@@ -292,13 +352,14 @@ impl Proxy {
         &self,
         client_stream: TcpStream,
         upstream: TcpStream,
-        client: SocketAddr,
-        dest: String,
+        (client, dest): (SocketAddr, String),
         lease: Lease,
         permit: tokio::sync::OwnedSemaphorePermit,
+        entry: Option<Entry>,
     ) {
         let idle_limit = self.config.tunnel_idle_timeout;
         let open = TunnelOpen::new(&self.meter);
+        let log = self.config.access_log.clone().zip(entry);
         self.tunnels.spawn(async move {
             let _permit = permit;
             let activity = Activity::new();
@@ -307,8 +368,17 @@ impl Proxy {
                 r = relay => Some(r),
                 _ = activity.idle_for(idle_limit) => None,
             };
+            log_tunnel(
+                log,
+                &lease,
+                result.as_ref().and_then(|r| r.as_ref().ok()).copied(),
+            );
             log_tunnel_end(client, &dest, &lease, result, &open.0);
         });
+    }
+
+    pub fn access_log(&self) -> Option<&Arc<AccessLog>> {
+        self.config.access_log.as_ref()
     }
 
     pub fn leases(&self) -> &LeaseClient {
@@ -633,6 +703,7 @@ impl Proxy {
         mut req: Request<Incoming>,
         client: SocketAddr,
         sticky: Option<&Sticky>,
+        entry: Option<Entry>,
     ) -> Result<(Response<ProxyBody>, Lease), ProxyError> {
         let (host, port) = connect_target(req.uri())?;
         // A tunnel outlives its HTTP connection: it holds a place of its own
@@ -649,11 +720,13 @@ impl Proxy {
         let on_upgrade = hyper::upgrade::on(&mut req);
         let dest = format!("{host}:{port}");
         let open = TunnelOpen::new(&self.meter);
+        let log = self.config.access_log.clone().zip(entry);
         self.tunnels.spawn(async move {
             let upgraded = match on_upgrade.await {
                 Ok(u) => u,
                 Err(e) => {
                     debug!(%client, %dest, error = %error_chain(&e), "client left before the tunnel opened");
+                    log_tunnel(log, &lease, None);
                     return;
                 }
             };
@@ -664,6 +737,7 @@ impl Proxy {
                 r = relay => Some(r),
                 _ = activity.idle_for(idle_limit) => None,
             };
+            log_tunnel(log, &lease, result.as_ref().and_then(|r| r.as_ref().ok()).copied());
             log_tunnel_end(client, &dest, &lease, result, &open.0);
         });
         let mut resp = Response::builder()
@@ -682,6 +756,32 @@ impl Proxy {
                 headers.insert(HeaderName::from_static("rotor-source"), v);
             }
         }
+    }
+}
+
+/// A tunnel's access log line, when it closes: its bytes each way.
+fn log_tunnel(log: Option<(Arc<AccessLog>, Entry)>, lease: &Lease, bytes: Option<(u64, u64)>) {
+    if let Some((log, mut e)) = log {
+        e.source = Some(lease.ip);
+        e.status = 200;
+        (e.sent, e.received) = bytes.unwrap_or((0, 0));
+        log.log(&e);
+    }
+}
+
+/// What the access log says a request went to: host and port, never a
+/// path, a query or userinfo.
+fn log_target(uri: &Uri, connect: bool) -> String {
+    let Some(host) = uri.host() else {
+        return "-".into();
+    };
+    let port = uri.port_u16().unwrap_or(match (connect, uri.scheme_str()) {
+        (false, Some("https")) => 443,
+        _ => 80,
+    });
+    match host.contains(':') && !host.starts_with('[') {
+        true => format!("[{host}]:{port}"),
+        false => format!("{host}:{port}"),
     }
 }
 

@@ -139,6 +139,9 @@ pub async fn run(
     tokio::spawn(async move {
         while reloads.changed().await.is_ok() {
             reloading.reload_dns();
+            if let Some(log) = reloading.access_log() {
+                log.reopen();
+            }
             info!("name resolution reloaded: cache dropped, resolv.conf and hosts re-read");
         }
     });

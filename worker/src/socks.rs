@@ -237,12 +237,12 @@ pub async fn serve(
     let auth_required = proxy.auth_required();
     let opened = tokio::time::timeout(within + crate::auth::VERIFY_WAIT, async {
         let mut hs = handshake(&mut stream, auth_required).await?;
-        let mut sticky = None;
+        let mut caller = crate::proxy::Caller::default();
         if let Some((user, password)) = hs.credentials.take() {
             match proxy.authenticate_user(&user, &password, client.ip()).await {
-                Ok(s) => {
+                Ok(c) => {
                     stream.write_all(&[1, 0]).await?;
-                    sticky = s;
+                    caller = c;
                 }
                 Err(e) => {
                     stream.write_all(&[1, 1]).await?;
@@ -252,10 +252,10 @@ pub async fn serve(
             }
             hs = read_request(&mut stream, None).await?;
         }
-        Ok::<_, HandshakeError>((hs, sticky))
+        Ok::<_, HandshakeError>((hs, caller))
     })
     .await;
-    let (hs, sticky) = match opened {
+    let (hs, caller) = match opened {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             debug!(%client, error = %e, "SOCKS5 handshake ended");
@@ -270,9 +270,28 @@ pub async fn serve(
         }
     };
     let dest = format!("{}:{}", hs.host, hs.port);
-    let (upstream, lease) = match proxy.open_tunnel(&hs.host, hs.port, sticky.as_ref()).await {
+    let started = std::time::Instant::now();
+    let entry = proxy.access_log().map(|_| {
+        let target = match hs.host.contains(':') {
+            true => format!("[{}]:{}", hs.host, hs.port),
+            false => dest.clone(),
+        };
+        let mut e = crate::access::Entry::new(client, "SOCKS5", target);
+        caller.stamp(&mut e);
+        e
+    });
+    let (upstream, lease) = match proxy
+        .open_tunnel(&hs.host, hs.port, caller.sticky.as_ref())
+        .await
+    {
         Ok(x) => x,
         Err(e) => {
+            proxy.meter.error(e.classify().1, started.elapsed());
+            if let (Some(mut en), Some(log)) = (entry, proxy.access_log()) {
+                en.status = e.classify().0.as_u16();
+                en.error = e.classify().1;
+                log.log(&en);
+            }
             let code = Reply::of(&e);
             debug!(%client, %dest, error = %rotor_protocol::error_chain(&e), reply = ?code, "SOCKS5 connect failed");
             let _ = reply(&mut stream, code, None).await;
@@ -287,7 +306,8 @@ pub async fn serve(
         return;
     }
     debug!(%client, %dest, source = %lease.ip, seq = lease.seq, "SOCKS5 tunnel");
-    proxy.relay_tunnel(stream, upstream, client, dest, lease, permit);
+    proxy.meter.tunnel(lease.ip, started.elapsed());
+    proxy.relay_tunnel(stream, upstream, (client, dest), lease, permit, entry);
 }
 
 #[cfg(test)]

@@ -143,11 +143,18 @@ pub struct PooledBody {
     source: std::net::IpAddr,
     sent: u64,
     received: u64,
+    /// The request's access log line, written when this body is done.
+    access: Option<(Arc<crate::access::AccessLog>, crate::access::Entry)>,
 }
 
 impl Drop for PooledBody {
     fn drop(&mut self) {
         self.meter.bytes(self.source, self.sent, self.received);
+        if let Some((log, mut e)) = self.access.take() {
+            e.sent = self.sent;
+            e.received = self.received;
+            log.log(&e);
+        }
     }
 }
 
@@ -168,6 +175,7 @@ impl PooledBody {
             source,
             sent,
             received: 0,
+            access: None,
         };
         // An empty body (HEAD, 204, 304, Content-Length: 0) may never be
         // polled.
@@ -175,6 +183,11 @@ impl PooledBody {
             body.go_home();
         }
         body
+    }
+
+    /// Writes `e` to `log` once the body is done (sent, or dropped).
+    pub fn log_when_done(&mut self, log: Arc<crate::access::AccessLog>, e: crate::access::Entry) {
+        self.access = Some((log, e));
     }
 
     fn go_home(&mut self) {
