@@ -5,14 +5,13 @@
 //! reloads (SIGHUP, `rotor reload`), for logrotate. Never a password, a
 //! path, a query or userinfo: the target is host and port.
 
-use std::io::Write;
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::mpsc;
 use tracing::warn;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,12 +30,12 @@ pub enum Target {
 /// One request or tunnel.
 #[derive(Debug, Clone)]
 pub struct Entry {
-    pub time: SystemTime,
+    /// When the request began (its time of day is read when it is logged).
     pub started: Instant,
     pub client: SocketAddr,
     pub user: Option<String>,
     pub session: Option<String>,
-    pub method: String,
+    pub method: http::Method,
     /// Host and port.
     pub target: String,
     pub source: Option<IpAddr>,
@@ -48,14 +47,18 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub fn new(client: SocketAddr, method: &str, target: String) -> Entry {
+    pub fn new(
+        started: Instant,
+        client: SocketAddr,
+        method: http::Method,
+        target: String,
+    ) -> Entry {
         Entry {
-            time: SystemTime::now(),
-            started: Instant::now(),
+            started,
             client,
             user: None,
             session: None,
-            method: method.to_string(),
+            method,
             target,
             source: None,
             status: 0,
@@ -65,81 +68,160 @@ impl Entry {
         }
     }
 
-    fn line(&self, format: Format, took: Duration) -> String {
-        let time = humantime::format_rfc3339_millis(self.time);
-        let ms = took.as_secs_f64() * 1000.0;
-        match format {
-            Format::Json => {
-                let mut v = serde_json::json!({
-                    "time": time.to_string(),
-                    "client": self.client.to_string(),
-                    "user": self.user,
-                    "session": self.session,
-                    "method": self.method,
-                    "target": self.target,
-                    "source": self.source.map(|s| s.to_string()),
-                    "status": self.status,
-                    "error": self.error,
-                    "sent": self.sent,
-                    "received": self.received,
-                });
-                v["ms"] = serde_json::json!((ms * 1000.0).round() / 1000.0);
-                v.to_string()
+    /// Appends the entry's line (with its newline) to `out`; `clock`
+    /// keeps the last second's text, so most lines do not format a date.
+    fn write_line(&self, format: Format, took: Duration, out: &mut String, clock: &mut Clock) {
+        use std::fmt::Write;
+        let micros = took.as_micros();
+        let json = format == Format::Json;
+        let sep = |out: &mut String, key: &str| match json {
+            true => {
+                out.push_str(",\"");
+                out.push_str(key);
+                out.push_str("\":");
             }
-            Format::Text => {
-                let dash = |s: &Option<String>| s.clone().unwrap_or_else(|| "-".into());
-                format!(
-                    "{time} {} {} {} {} {} {} {} {} {} {} {ms:.3}",
-                    self.client,
-                    quote(&dash(&self.user)),
-                    quote(&dash(&self.session)),
-                    self.method,
-                    quote(&self.target),
-                    self.source.map_or("-".into(), |s| s.to_string()),
-                    self.status,
-                    self.error.unwrap_or("-"),
-                    self.sent,
-                    self.received,
-                )
+            false => out.push(' '),
+        };
+        if json {
+            out.push_str("{\"time\":\"");
+        }
+        let time = SystemTime::now()
+            .checked_sub(took)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        clock.write(time, out);
+        if json {
+            out.push('"');
+        }
+        sep(out, "client");
+        match json {
+            true => {
+                let _ = write!(out, "\"{}\"", self.client);
+            }
+            false => {
+                let _ = write!(out, "{}", self.client);
             }
         }
+        sep(out, "user");
+        field(out, json, self.user.as_deref());
+        sep(out, "session");
+        field(out, json, self.session.as_deref());
+        sep(out, "method");
+        field(out, json, Some(self.method.as_str()));
+        sep(out, "target");
+        field(out, json, Some(&self.target));
+        sep(out, "source");
+        match (self.source, json) {
+            (Some(ip), true) => {
+                let _ = write!(out, "\"{ip}\"");
+            }
+            (Some(ip), false) => {
+                let _ = write!(out, "{ip}");
+            }
+            (None, _) => field(out, json, None),
+        }
+        sep(out, "status");
+        let _ = write!(out, "{}", self.status);
+        sep(out, "error");
+        field(out, json, self.error);
+        sep(out, "sent");
+        let _ = write!(out, "{}", self.sent);
+        sep(out, "received");
+        let _ = write!(out, "{}", self.received);
+        sep(out, "ms");
+        let _ = write!(out, "{}.{:03}", micros / 1000, micros % 1000);
+        if json {
+            out.push('}');
+        }
+        out.push('\n');
+    }
+
+    #[cfg(test)]
+    fn line(&self, format: Format, took: Duration) -> String {
+        let mut s = String::new();
+        self.write_line(format, took, &mut s, &mut Clock::default());
+        s.pop();
+        s
     }
 }
 
-/// A field of a text line: as it is when it has no space, quote or
-/// control character, else quoted with those escaped.
-fn quote(s: &str) -> String {
-    if !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
-    {
-        return s.to_string();
+/// A value: JSON (a string, or `null`), or text (as it is when it has no
+/// space, quote or control character, else quoted; `-` for none).
+fn field(out: &mut String, json: bool, v: Option<&str>) {
+    match (v, json) {
+        (None, true) => out.push_str("null"),
+        (None, false) => out.push('-'),
+        (Some(s), true) => push_quoted(out, s, true),
+        (Some(s), false)
+            if !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') =>
+        {
+            out.push_str(s)
+        }
+        (Some(s), false) => push_quoted(out, s, false),
     }
-    let mut q = String::from("\"");
+}
+
+fn push_quoted(out: &mut String, s: &str, json: bool) {
+    use std::fmt::Write;
+    out.push('"');
     for c in s.chars() {
         match c {
             '"' | '\\' => {
-                q.push('\\');
-                q.push(c);
+                out.push('\\');
+                out.push(c);
             }
-            c if c.is_control() => q.push_str(&format!("\\x{:02x}", c as u32)),
-            c => q.push(c),
+            c if c.is_control() && json => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c if c.is_control() => {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c => out.push(c),
         }
     }
-    q.push('"');
-    q
+    out.push('"');
 }
 
-enum Msg {
-    Line(String),
-    Reopen,
+/// The text of the last second a line was written in.
+#[derive(Default)]
+struct Clock {
+    second: u64,
+    text: String,
+}
+
+impl Clock {
+    /// `2026-12-01T22:57:00.631Z`.
+    fn write(&mut self, t: SystemTime, out: &mut String) {
+        use std::fmt::Write;
+        let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let second = since.as_secs();
+        if second != self.second || self.text.is_empty() {
+            self.second = second;
+            // `…:00Z` without the `Z`: the milliseconds go before it.
+            let full = humantime::format_rfc3339_seconds(t).to_string();
+            self.text = full.trim_end_matches('Z').to_string();
+        }
+        out.push_str(&self.text);
+        let _ = write!(out, ".{:03}Z", since.subsec_millis());
+    }
+}
+
+/// Lines written and not yet taken by the writer, and whether to reopen.
+#[derive(Default)]
+struct Pending {
+    text: String,
+    clock: Clock,
+    reopen: bool,
+    closed: bool,
 }
 
 pub struct AccessLog {
-    tx: mpsc::Sender<Msg>,
+    pending: Arc<std::sync::Mutex<Pending>>,
     format: Format,
     /// Lines lost because the writer fell behind.
-    pub dropped: AtomicU64,
+    pub dropped: Arc<AtomicU64>,
+    writer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for AccessLog {
@@ -150,90 +232,116 @@ impl std::fmt::Debug for AccessLog {
     }
 }
 
-/// Lines waiting for the writer at most; past it they are dropped (and
-/// counted) rather than hold requests up.
-const QUEUE: usize = 65_536;
+/// Text waiting for the writer at most; past it lines are dropped (and
+/// counted) rather than hold requests up or grow without bound.
+const MAX_PENDING: usize = 16 << 20;
+/// How often the writer takes what was written. Requests only append to a
+/// buffer; nothing wakes a thread per line.
+const EVERY: Duration = Duration::from_millis(100);
 
 impl AccessLog {
     /// Opens the log (a file is appended to, created if need be) and
     /// starts its writer.
     pub fn open(target: Target, format: Format) -> std::io::Result<Arc<AccessLog>> {
         let mut out = Output::open(&target)?;
-        let (tx, mut rx) = mpsc::channel::<Msg>(QUEUE);
-        let log = Arc::new(AccessLog {
-            tx,
-            format,
-            dropped: AtomicU64::new(0),
-        });
-        let weak = Arc::downgrade(&log);
-        std::thread::Builder::new()
+        let pending: Arc<std::sync::Mutex<Pending>> = Arc::default();
+        let dropped: Arc<AtomicU64> = Arc::default();
+        let (p, d) = (pending.clone(), dropped.clone());
+        let writer = std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || {
-                while let Some(msg) = rx.blocking_recv() {
-                    let mut next = Some(msg);
-                    // Everything queued, then one flush.
-                    while let Some(m) = next {
-                        match m {
-                            Msg::Line(l) => out.write_line(&l),
-                            Msg::Reopen => {
-                                out.flush();
-                                match Output::open(&target) {
-                                    Ok(o) => out = o,
-                                    Err(e) => warn!(error = %e, "cannot reopen the access log; writing to the old file"),
-                                }
-                            }
-                        }
-                        next = rx.try_recv().ok();
-                    }
-                    out.flush();
-                    if let Some(log) = weak.upgrade() {
-                        let n = log.dropped.swap(0, Ordering::Relaxed);
-                        if n > 0 {
-                            warn!(lines = n, "the access log fell behind: lines dropped");
-                        }
+            .spawn(move || loop {
+                std::thread::sleep(EVERY);
+                let (text, reopen, closed) = {
+                    let mut g = p.lock().unwrap_or_else(|e| e.into_inner());
+                    (
+                        std::mem::take(&mut g.text),
+                        std::mem::take(&mut g.reopen),
+                        g.closed,
+                    )
+                };
+                out.write(&text);
+                out.flush();
+                let n = d.swap(0, Ordering::Relaxed);
+                if n > 0 {
+                    warn!(lines = n, "the access log fell behind: lines dropped");
+                }
+                if reopen {
+                    match Output::open(&target) {
+                        Ok(o) => out = o,
+                        Err(e) => warn!(error = %e, "cannot reopen the access log; writing to the old file"),
                     }
                 }
-                out.flush();
+                if closed {
+                    return;
+                }
             })?;
-        Ok(log)
+        Ok(Arc::new(AccessLog {
+            pending,
+            format,
+            dropped,
+            writer: std::sync::Mutex::new(Some(writer)),
+        }))
     }
 
     /// Writes `e`'s line, done now.
     pub fn log(&self, e: &Entry) {
-        let line = e.line(self.format, e.started.elapsed());
-        if self.tx.try_send(Msg::Line(line)).is_err() {
+        let took = e.started.elapsed();
+        let mut g = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if g.text.len() >= MAX_PENDING {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
         }
+        let Pending { text, clock, .. } = &mut *g;
+        e.write_line(self.format, took, text, clock);
     }
 
     /// Reopens the file (after logrotate moved it).
     pub fn reopen(&self) {
-        let _ = self.tx.try_send(Msg::Reopen);
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reopen = true;
+    }
+
+    /// Writes what is pending and stops the writer (at exit).
+    pub fn close(&self) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .closed = true;
+        if let Some(w) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = w.join();
+        }
     }
 }
 
+/// Unbuffered: each batch is one write, so the lines of workers sharing
+/// one file (O_APPEND) never interleave within a line.
 enum Output {
-    Stdout(std::io::BufWriter<std::io::Stdout>),
-    File(std::io::BufWriter<std::fs::File>),
+    Stdout(std::io::Stdout),
+    File(std::fs::File),
 }
 
 impl Output {
     fn open(target: &Target) -> std::io::Result<Output> {
         Ok(match target {
-            Target::Stdout => Output::Stdout(std::io::BufWriter::new(std::io::stdout())),
-            Target::File(p) => Output::File(std::io::BufWriter::new(
+            Target::Stdout => Output::Stdout(std::io::stdout()),
+            Target::File(p) => Output::File(
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(p)?,
-            )),
+            ),
         })
     }
 
-    fn write_line(&mut self, l: &str) {
+    fn write(&mut self, text: &str) {
+        if text.is_empty() {
+            return;
+        }
         let r = match self {
-            Output::Stdout(w) => writeln!(w, "{l}"),
-            Output::File(w) => writeln!(w, "{l}"),
+            Output::Stdout(w) => w.write_all(text.as_bytes()),
+            Output::File(w) => w.write_all(text.as_bytes()),
         };
         if let Err(e) = r {
             warn!(error = %e, "cannot write the access log");
@@ -255,8 +363,9 @@ mod tests {
     #[test]
     fn lines_quote_what_needs_it_and_carry_no_secrets() {
         let mut e = Entry::new(
+            Instant::now(),
             "127.0.0.1:5000".parse().unwrap(),
-            "GET",
+            http::Method::GET,
             "example.com:80".into(),
         );
         e.user = Some("al ice".into());
@@ -273,6 +382,8 @@ mod tests {
         assert_eq!(j["user"], "al ice");
         assert_eq!(j["session"], serde_json::Value::Null);
         assert_eq!(j["status"], 200);
-        assert_eq!(quote("a\"b\n"), "\"a\\\"b\\x0a\"");
+        let mut q = String::new();
+        field(&mut q, false, Some("a\"b\n"));
+        assert_eq!(q, "\"a\\\"b\\x0a\"");
     }
 }

@@ -196,7 +196,7 @@ impl Proxy {
         // The access log's line, begun once the caller is known.
         let mut entry = self.config.access_log.as_ref().map(|_| {
             let target = log_target(req.uri(), method == Method::CONNECT);
-            let mut e = Entry::new(client, method.as_str(), target);
+            let mut e = Entry::new(start, client, method.clone(), target);
             if let Ok(c) = &checked {
                 c.stamp(&mut e);
             }

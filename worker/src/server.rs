@@ -280,6 +280,10 @@ pub async fn run(
     };
     reported.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), reporter).await;
+    if let Some(log) = proxy.access_log() {
+        let log = log.clone();
+        let _ = tokio::task::spawn_blocking(move || log.close()).await;
+    }
     info!(?stopped, "stopped");
     Ok(stopped)
 }

@@ -276,7 +276,8 @@ pub async fn serve(
             true => format!("[{}]:{}", hs.host, hs.port),
             false => dest.clone(),
         };
-        let mut e = crate::access::Entry::new(client, "SOCKS5", target);
+        let method = http::Method::from_bytes(b"SOCKS5").expect("a token");
+        let mut e = crate::access::Entry::new(started, client, method, target);
         caller.stamp(&mut e);
         e
     });

@@ -144,13 +144,14 @@ pub struct PooledBody {
     sent: u64,
     received: u64,
     /// The request's access log line, written when this body is done.
-    access: Option<(Arc<crate::access::AccessLog>, crate::access::Entry)>,
+    access: Option<Box<(Arc<crate::access::AccessLog>, crate::access::Entry)>>,
 }
 
 impl Drop for PooledBody {
     fn drop(&mut self) {
         self.meter.bytes(self.source, self.sent, self.received);
-        if let Some((log, mut e)) = self.access.take() {
+        if let Some(b) = self.access.take() {
+            let (log, mut e) = *b;
             e.sent = self.sent;
             e.received = self.received;
             log.log(&e);
@@ -187,7 +188,7 @@ impl PooledBody {
 
     /// Writes `e` to `log` once the body is done (sent, or dropped).
     pub fn log_when_done(&mut self, log: Arc<crate::access::AccessLog>, e: crate::access::Entry) {
-        self.access = Some((log, e));
+        self.access = Some(Box::new((log, e)));
     }
 
     fn go_home(&mut self) {
