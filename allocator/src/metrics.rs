@@ -34,6 +34,7 @@ pub struct SourceTotals {
 #[derive(Debug, Default, Clone)]
 pub struct WorkerGauges {
     pub pid: u32,
+    pub listen: Vec<String>,
     pub connections_open: u64,
     pub tunnels_open: u64,
     pub requests: u64,
@@ -97,9 +98,34 @@ impl HostMetrics {
         self.lease_wait_seconds.add(&m.lease_wait_seconds);
         let w = self.workers.entry(peer).or_default();
         w.pid = pid;
+        w.listen.clone_from(&m.listen);
         w.connections_open = m.connections_open;
         w.tunnels_open = m.tunnels_open;
         w.requests += m.requests;
+    }
+}
+
+impl HostMetrics {
+    /// For `rotor status`.
+    pub fn report(&self) -> rotor_protocol::HostReport {
+        let mut errors: Vec<(String, u64)> =
+            self.errors.iter().map(|(k, n)| (k.clone(), *n)).collect();
+        errors.sort();
+        rotor_protocol::HostReport {
+            requests: self.requests,
+            errors,
+            workers: self
+                .workers
+                .values()
+                .map(|w| rotor_protocol::WorkerStatus {
+                    pid: w.pid,
+                    listen: w.listen.clone(),
+                    connections_open: w.connections_open,
+                    tunnels_open: w.tunnels_open,
+                    requests: w.requests,
+                })
+                .collect(),
+        }
     }
 }
 

@@ -530,6 +530,7 @@ async fn answer(
             alloc.record_metrics(id, &m);
             Response::Noted { quarantined: false }
         }
+        Request::HostStatus => Response::HostStatus(alloc.host_report()),
         Request::Steer {
             ip,
             release,

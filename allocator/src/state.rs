@@ -524,6 +524,11 @@ impl Allocator {
         });
     }
 
+    /// What the workers served, for `rotor status`.
+    pub fn host_report(&self) -> rotor_protocol::HostReport {
+        self.lock().metrics.report()
+    }
+
     /// The host's metrics, for a Prometheus scrape (`classic`: the
     /// classic text format, else OpenMetrics).
     pub fn render_metrics(&self, classic: bool) -> String {

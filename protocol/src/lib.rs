@@ -20,10 +20,11 @@ pub use codec::{decode, decode_prefix, encode, CodecError, MAX_FRAME_LEN};
 pub use handshake::{client_handshake, server_handshake, HandshakeError};
 pub use message::{
     AddrStatus, ClientFrame, EntryStatus, Envelope, Families, FamilyStatus, Hello, HelloReply,
-    Histogram, Lease, NoAddress, PairStatus, PeerStatus, QuarantineStatus, Refusal, Request,
-    Response, Role, ServerFrame, SiteLimit, SiteStatus, SitesReport, SourceMetrics, SourceStatus,
-    StatusReport, StatusReportV2, WorkerMetrics, HISTOGRAM_BOUNDS, MINOR_FAMILIES,
-    MINOR_LEASE_TABLE, MINOR_METRICS, MINOR_SITES, POOL_TOO_LARGE, PROTOCOL_MAJOR, PROTOCOL_MINOR,
+    Histogram, HostReport, Lease, NoAddress, PairStatus, PeerStatus, QuarantineStatus, Refusal,
+    Request, Response, Role, ServerFrame, SiteLimit, SiteStatus, SitesReport, SourceMetrics,
+    SourceStatus, StatusReport, StatusReportV2, WorkerMetrics, WorkerStatus, HISTOGRAM_BOUNDS,
+    MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_METRICS, MINOR_SITES, POOL_TOO_LARGE, PROTOCOL_MAJOR,
+    PROTOCOL_MINOR,
 };
 pub use report::error_chain;
 pub use segment::{cover, Family, Segment};

@@ -241,6 +241,29 @@ pub enum Request {
         release: bool,
         for_secs: Option<u64>,
     },
+    /// What the workers served, for `rotor status` (since minor 4).
+    /// Answered `HostStatus`.
+    HostStatus,
+}
+
+/// The host's figures as the workers reported them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostReport {
+    /// Requests and tunnels handled since the allocator started.
+    pub requests: u64,
+    /// rotor's own error answers, by `Proxy-Status` error.
+    pub errors: Vec<(String, u64)>,
+    pub workers: Vec<WorkerStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub pid: u32,
+    /// Where it accepts clients (`http 127.0.0.1:8080`, `socks5 …`).
+    pub listen: Vec<String>,
+    pub connections_open: u64,
+    pub tunnels_open: u64,
+    pub requests: u64,
 }
 
 /// One worker's figures since its last report (counters are deltas;
@@ -250,6 +273,8 @@ pub struct WorkerMetrics {
     /// Client connections and tunnels open now.
     pub connections_open: u64,
     pub tunnels_open: u64,
+    /// Where the worker accepts clients.
+    pub listen: Vec<String>,
     /// Requests and tunnels handled.
     pub requests: u64,
     pub by_source: Vec<SourceMetrics>,
@@ -408,6 +433,8 @@ pub enum Response {
     Steered {
         entry: Option<Segment>,
     },
+    /// The answer to `HostStatus`.
+    HostStatus(HostReport),
 }
 
 /// The per-site state: budgets and cooldowns by site and address.

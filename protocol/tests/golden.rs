@@ -144,6 +144,7 @@ fn golden_client_frames() {
             body: Request::Metrics(WorkerMetrics {
                 connections_open: 3,
                 tunnels_open: 1,
+                listen: vec!["http 127.0.0.1:8080".into()],
                 requests: 9,
                 by_source: vec![SourceMetrics {
                     ip: V4,
@@ -162,7 +163,7 @@ fn golden_client_frames() {
                 lease_wait_seconds: Histogram::default(),
             }),
         }),
-        "01070c0301090100c0000207000800010001000afb2c010109646e735f6572726f7201020102fbf40100000000",
+        "01070c0301011368747470203132372e302e302e313a38303830090100c0000207000800010001000afb2c010109646e735f6572726f7201020102fbf40100000000",
     );
     check(
         ClientFrame::Request(Envelope {
@@ -174,6 +175,13 @@ fn golden_client_frames() {
             },
         }),
         "01070d00c000020700013c",
+    );
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::HostStatus,
+        }),
+        "01070e",
     );
     check(
         ClientFrame::Request(Envelope {
@@ -360,6 +368,20 @@ fn golden_server_frames() {
             }],
         })),
         "01090c0101fbe8030104612e696f013cfb60ea020100c00002070301fb840301",
+    );
+    check(
+        resp(Response::HostStatus(HostReport {
+            requests: 5,
+            errors: vec![("dns_error".into(), 1)],
+            workers: vec![WorkerStatus {
+                pid: 7,
+                listen: vec!["http 127.0.0.1:8080".into()],
+                connections_open: 2,
+                tunnels_open: 1,
+                requests: 5,
+            }],
+        })),
+        "01090e050109646e735f6572726f72010107011368747470203132372e302e302e313a38303830020105",
     );
     check(
         resp(Response::Steered {

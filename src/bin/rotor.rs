@@ -140,16 +140,40 @@ fn main() -> ExitCode {
                     }
                     _ => None,
                 };
+                // What the workers served, from an allocator that hears it.
+                let host = match (&socket, &answer) {
+                    (Ok(socket), Ok(Response::StatusV2(_))) => {
+                        match rotor::control::request_by_minor(socket, |minor| {
+                            match minor >= MINOR_METRICS {
+                                true => Request::HostStatus,
+                                false => Request::Status,
+                            }
+                        })
+                        .await
+                        {
+                            Ok(Response::HostStatus(r)) => Some(r),
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                };
                 report(answer, |r| match r {
                     Response::StatusV2(s) if json => {
                         let mut v = status_json(&s);
                         if let Some(sites) = &sites {
                             v["sites"] = sites_json(sites);
                         }
+                        if let Some(h) = &host {
+                            v["host"] = serde_json::to_value(h).expect("host report serializes");
+                        }
                         Some(serde_json::to_string_pretty(&v).expect("status serializes"))
                     }
                     Response::StatusV2(s) => {
                         let mut text = format_status_v2(&s);
+                        if let Some(h) = &host {
+                            text.push('\n');
+                            text.push_str(&format_host(h));
+                        }
                         if let Some(sites) = &sites {
                             text.push('\n');
                             text.push_str(&format_sites(sites));
@@ -278,13 +302,19 @@ fn sources_and_peers(out: &mut String, sources: &[SourceStatus], peers: &[PeerSt
                 let _ = writeln!(out, "  {}: over {} addresses", src.name, u32::MAX);
             }
             None => {
-                let _ = writeln!(out, "  {}: {} addresses", src.name, src.addresses);
+                let _ = writeln!(
+                    out,
+                    "  {}: {}",
+                    src.name,
+                    count(src.addresses, "address", "addresses")
+                );
             }
             Some(e) => {
                 let _ = writeln!(
                     out,
-                    "  {}: {} addresses kept; last read failed: {e}",
-                    src.name, src.addresses
+                    "  {}: {} kept; last read failed: {e}",
+                    src.name,
+                    count(src.addresses, "address", "addresses")
                 );
             }
         }
@@ -293,8 +323,12 @@ fn sources_and_peers(out: &mut String, sources: &[SourceStatus], peers: &[PeerSt
     for p in peers {
         let _ = writeln!(
             out,
-            "  {:?} pid {} ({}) connected {}s, {} leases",
-            p.role, p.pid, p.software, p.connected_secs, p.leases
+            "  {:?} pid {} ({}) connected {}s, {}",
+            p.role,
+            p.pid,
+            p.software,
+            p.connected_secs,
+            count(p.leases, "lease", "leases")
         );
     }
 }
@@ -424,26 +458,79 @@ fn format_sites(r: &SitesReport) -> String {
     out
 }
 
+/// `1 address`, `3 addresses`.
+fn count(n: impl Into<u64>, one: &str, many: &str) -> String {
+    let n = n.into();
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+fn format_host(h: &rotor_protocol::HostReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let own: u64 = h.errors.iter().map(|(_, n)| n).sum();
+    let kinds = h
+        .errors
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = writeln!(
+        out,
+        "served: {}; {} by rotor itself{}",
+        count(h.requests, "request", "requests"),
+        count(own, "answer", "answers"),
+        match kinds.is_empty() {
+            true => String::new(),
+            false => format!(" ({kinds})"),
+        }
+    );
+    let _ = writeln!(out, "workers: {}", h.workers.len());
+    for w in &h.workers {
+        let _ = writeln!(
+            out,
+            "  pid {}: {}; {} open, {} open; {}",
+            w.pid,
+            match w.listen.is_empty() {
+                true => "no listener".to_string(),
+                false => w.listen.join(", "),
+            },
+            count(
+                w.connections_open,
+                "client connection",
+                "client connections"
+            ),
+            count(w.tunnels_open, "tunnel", "tunnels"),
+            count(w.requests, "request", "requests"),
+        );
+    }
+    out
+}
+
 fn format_status_v2(s: &StatusReportV2) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let refreshed = refreshed(s.last_refresh_unix);
     let out_of = s.pool.iter().filter(|e| e.quarantine.is_some()).count();
+    // Addresses counted once: what the rotation goes through.
+    let addresses: u64 = s.families.iter().map(|f| f.total).sum();
     let _ = writeln!(
         out,
-        "pool: {} entries ({out_of} out of the rotation), generation {}, {} sticky sessions, {} leases, up {}s, last refresh {refreshed}",
-        s.pool.len(),
+        "pool: {} in rotation ({}, {out_of} out of the rotation), generation {}, {}, {}, up {}s, last refresh {refreshed}",
+        count(addresses, "address", "addresses"),
+        count(s.pool.len() as u64, "entry", "entries"),
         s.generation,
-        s.sessions,
-        s.leases_total,
+        count(s.sessions, "sticky session", "sticky sessions"),
+        count(s.leases_total, "lease", "leases"),
         s.uptime_secs
     );
     for f in s.families.iter().filter(|f| f.total > 0) {
         let next = f.next.map(|ip| ip.to_string()).unwrap_or_default();
         let _ = writeln!(
             out,
-            "  {}: {} addresses in rotation, at {}, next {next}",
-            f.family, f.total, f.cursor
+            "  {}: {} in rotation, at {}, next {next}",
+            f.family,
+            count(f.total, "address", "addresses"),
+            f.cursor
         );
     }
     for e in &s.pool {
@@ -456,9 +543,10 @@ fn format_status_v2(s: &StatusReportV2) -> String {
         };
         let _ = writeln!(
             out,
-            "  {:<40} {:>10} leases{state}",
+            "  {:<40} {:>10} {}{state}",
             e.entry.to_string(),
-            e.leases
+            e.leases,
+            if e.leases == 1 { "lease" } else { "leases" }
         );
     }
     sources_and_peers(&mut out, &s.sources, &s.peers);

@@ -168,6 +168,15 @@ async fn one_scrape_covers_every_worker_and_counters_survive_a_worker_restart() 
         2.0,
         "the killed worker is gone:\n{m}"
     );
+    // `rotor status` says the same, with each worker's listener.
+    let st = rotor_control("status", &alloc.socket, &[]);
+    assert!(
+        st.contains("served: 23 requests; 1 answer by rotor itself (connection_refused 1)")
+            && st.contains("workers: 2")
+            && st.contains(&format!("http 127.0.0.1:{port1}"))
+            && st.contains("4 addresses in rotation (4 entries"),
+        "{st}"
+    );
     // OpenMetrics to a scraper that asks for it.
     let (status, open) = http_get(
         metrics,

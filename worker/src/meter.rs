@@ -44,6 +44,8 @@ impl Acc {
 #[derive(Default)]
 pub struct Meter {
     acc: Mutex<Acc>,
+    /// Where the worker accepts clients, for `rotor status`.
+    pub listen: Mutex<Vec<String>>,
     /// Tunnels open now (HTTP CONNECT and SOCKS5).
     pub tunnels_open: AtomicU64,
 }
@@ -115,6 +117,11 @@ impl Meter {
         WorkerMetrics {
             connections_open,
             tunnels_open: self.tunnels_open.load(Ordering::Relaxed),
+            listen: self
+                .listen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             requests: acc.requests,
             by_source: acc.sources.into_values().collect(),
             errors: acc.errors.into_iter().collect(),

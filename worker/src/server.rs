@@ -81,6 +81,19 @@ pub async fn run(
     ));
     tokio::spawn(balance.clone().publish(shutdown.clone()));
     let acceptors = TaskTracker::new();
+    {
+        let mut listen = proxy.meter.listen.lock().unwrap_or_else(|e| e.into_inner());
+        for l in &listeners {
+            if let Ok(a) = l.local_addr() {
+                listen.push(format!("http {a}"));
+            }
+        }
+        for l in &socks {
+            if let Ok(a) = l.local_addr() {
+                listen.push(format!("socks5 {a}"));
+            }
+        }
+    }
     for l in listeners {
         info!(listen = %l.local_addr()?, "listening");
         let tx = accepted_tx.clone();
