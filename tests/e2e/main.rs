@@ -15,6 +15,7 @@ mod dns;
 mod errors;
 mod limits;
 mod metrics;
+mod multihost;
 mod pools;
 mod production;
 mod refresh;
