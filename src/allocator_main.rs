@@ -96,6 +96,7 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
         };
         let config = rotor_allocator::Config {
             metrics,
+            admin_token: pool.admin_token.clone(),
             sources: pool.sources,
             refresh: pool.refresh,
             state_dir: pool.state_dir,

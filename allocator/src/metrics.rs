@@ -437,14 +437,15 @@ fn to_classic(open: &str) -> String {
     out
 }
 
-/// Serves `GET /metrics` (and `/` with a pointer to it) until `shutdown`.
+/// Serves `GET /metrics` (and `/` with a pointer to it), and with an
+/// admin token the admin API (`POST /admin/quarantine`, `POST
+/// /admin/release`), until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     alloc: std::sync::Arc<crate::state::Allocator>,
+    admin_token: Option<std::sync::Arc<str>>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    use http_body_util::Full;
-    use hyper::{Method, Response, StatusCode};
     loop {
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -458,47 +459,15 @@ pub async fn serve(
             },
         };
         let alloc = alloc.clone();
+        let token = admin_token.clone();
         tokio::spawn(async move {
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let alloc = alloc.clone();
+                    let (alloc, token) = (alloc.clone(), token.clone());
                     async move {
-                        // OpenMetrics to a scraper that asks for it (Prometheus
-                        // does), else the classic text format.
-                        let open = req
-                            .headers()
-                            .get(hyper::header::ACCEPT)
-                            .and_then(|v| v.to_str().ok())
-                            .is_some_and(|v| v.contains("application/openmetrics-text"));
-                        let (status, ctype, body) = match (req.method(), req.uri().path()) {
-                            (&Method::GET, "/metrics") if open => (
-                                StatusCode::OK,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                alloc.render_metrics(false),
-                            ),
-                            (&Method::GET, "/metrics") => (
-                                StatusCode::OK,
-                                "text/plain; version=0.0.4; charset=utf-8",
-                                alloc.render_metrics(true),
-                            ),
-                            (&Method::GET, "/") => (
-                                StatusCode::OK,
-                                "text/plain; charset=utf-8",
-                                "rotor: metrics at /metrics\n".to_string(),
-                            ),
-                            _ => (
-                                StatusCode::NOT_FOUND,
-                                "text/plain; charset=utf-8",
-                                "not found: metrics are at GET /metrics\n".to_string(),
-                            ),
-                        };
-                        let mut resp = Response::new(Full::new(bytes::Bytes::from(body)));
-                        *resp.status_mut() = status;
-                        resp.headers_mut().insert(
-                            hyper::header::CONTENT_TYPE,
-                            hyper::header::HeaderValue::from_static(ctype),
-                        );
-                        Ok::<_, std::convert::Infallible>(resp)
+                        Ok::<_, std::convert::Infallible>(
+                            answer(req, &alloc, token.as_deref()).await,
+                        )
                     }
                 });
             let conn = hyper::server::conn::http1::Builder::new()
@@ -507,5 +476,143 @@ pub async fn serve(
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
             let _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await;
         });
+    }
+}
+
+type Reply = hyper::Response<http_body_util::Full<bytes::Bytes>>;
+
+fn reply(status: hyper::StatusCode, ctype: &'static str, body: String) -> Reply {
+    let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(ctype),
+    );
+    resp
+}
+
+fn json_reply(status: hyper::StatusCode, v: serde_json::Value) -> Reply {
+    reply(status, "application/json", format!("{v}\n"))
+}
+
+/// Whether `given` is `token`, compared in constant time.
+fn token_matches(given: &[u8], token: &[u8]) -> bool {
+    given.len() == token.len() && given.iter().zip(token).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+}
+
+async fn answer(
+    req: hyper::Request<hyper::body::Incoming>,
+    alloc: &crate::state::Allocator,
+    token: Option<&str>,
+) -> Reply {
+    use hyper::{Method, StatusCode};
+    let text = "text/plain; charset=utf-8";
+    let path = req.uri().path().to_string();
+    match (req.method().clone(), path.as_str()) {
+        (Method::GET, "/metrics") => {
+            // OpenMetrics to a scraper that asks for it (Prometheus does),
+            // else the classic text format.
+            let open = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("application/openmetrics-text"));
+            match open {
+                true => reply(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    alloc.render_metrics(false),
+                ),
+                false => reply(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    alloc.render_metrics(true),
+                ),
+            }
+        }
+        (Method::GET, "/") => reply(StatusCode::OK, text, "rotor: metrics at /metrics\n".into()),
+        (_, "/admin/quarantine" | "/admin/release") => {
+            let Some(token) = token else {
+                return json_reply(
+                    StatusCode::NOT_FOUND,
+                    serde_json::json!({"error": "the admin API is off: start the allocator with --admin-token-file"}),
+                );
+            };
+            if req.method() != Method::POST {
+                return json_reply(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    serde_json::json!({"error": "POST a JSON object"}),
+                );
+            }
+            let given = req
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                .unwrap_or_default();
+            if !token_matches(given, token.as_bytes()) {
+                tracing::warn!(%path, "admin API: refused a request without the right token");
+                return json_reply(
+                    StatusCode::UNAUTHORIZED,
+                    serde_json::json!({"error": "an Authorization: Bearer header with the admin token is needed"}),
+                );
+            }
+            admin(req, alloc, path == "/admin/release").await
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            text,
+            "not found: metrics are at GET /metrics\n".into(),
+        ),
+    }
+}
+
+/// `{"address": "10.0.0.5"}` (and for a quarantine `"for": "30m"`).
+async fn admin(
+    req: hyper::Request<hyper::body::Incoming>,
+    alloc: &crate::state::Allocator,
+    release: bool,
+) -> Reply {
+    use http_body_util::BodyExt;
+    use hyper::StatusCode;
+    let bad =
+        |why: String| json_reply(StatusCode::BAD_REQUEST, serde_json::json!({ "error": why }));
+    let body = match http_body_util::Limited::new(req.into_body(), 4096)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return bad("the body must be a JSON object of at most 4096 bytes".into()),
+    };
+    let v: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return bad(format!("not JSON: {e}")),
+    };
+    let Some(ip) = v["address"]
+        .as_str()
+        .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+    else {
+        return bad("\"address\" must be an IP address".into());
+    };
+    let for_ = match (&v["for"], release) {
+        (serde_json::Value::Null, _) => None,
+        (serde_json::Value::String(d), false) => match humantime::parse_duration(d) {
+            Ok(d) => Some(d),
+            Err(_) => return bad(format!("\"for\": `{d}` is not a duration (30m, 2h)")),
+        },
+        _ => return bad("\"for\" is a duration (30m, 2h), for a quarantine".into()),
+    };
+    match alloc.steer(ip, release, for_) {
+        Some(entry) => json_reply(
+            StatusCode::OK,
+            serde_json::json!({
+                "entry": entry.to_string(),
+                "in_rotation": release,
+                "for_secs": for_.map(|d| d.as_secs()),
+            }),
+        ),
+        None => json_reply(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": format!("{ip} is not in the pool; nothing changed")}),
+        ),
     }
 }

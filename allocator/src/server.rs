@@ -49,6 +49,8 @@ pub struct Config {
     pub max_site_entries: usize,
     /// Where `GET /metrics` is served (Prometheus), if anywhere.
     pub metrics: Option<Arc<std::net::TcpListener>>,
+    /// The admin API's bearer token (on the metrics listener); none: off.
+    pub admin_token: Option<Arc<str>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -252,7 +254,12 @@ pub async fn run(
         {
             Ok(l) => {
                 info!(listen = ?l.local_addr().ok(), "serving metrics at /metrics");
-                tracker.spawn(crate::metrics::serve(l, alloc.clone(), shutdown.clone()));
+                tracker.spawn(crate::metrics::serve(
+                    l,
+                    alloc.clone(),
+                    config.admin_token.clone(),
+                    shutdown.clone(),
+                ));
             }
             Err(e) => warn!(error = %e, "cannot serve metrics"),
         }

@@ -68,6 +68,12 @@ settings! {
         /// 127.0.0.1:9464.
         #[arg(value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// A file holding the token (16 or more characters) of the admin
+        /// API on the metrics listener (`POST /admin/quarantine`, `POST
+        /// /admin/release` with `Authorization: Bearer TOKEN`); without
+        /// it the API is off.
+        #[arg(value_name = "PATH")]
+        admin_token_file: Option<PathBuf>,
         /// How often the pool sources are re-read (SIGHUP re-reads at once).
         refresh: Option<Duration> = "20s",
         /// Where the rotation state is kept across restarts [default:
@@ -123,6 +129,7 @@ pub struct PoolSettings {
     pub site_rules: rotor_allocator::sites::Rules,
     pub max_site_entries: usize,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    pub admin_token: Option<Arc<str>>,
 }
 
 /// One `--site-limit`, checked as it is read.
@@ -222,6 +229,28 @@ impl AllocatorFlags {
             .map_err(ConfigError::Invalid)?,
             max_site_entries: a.max_site_entries,
             metrics_listen: a.metrics_listen,
+            admin_token: match &a.admin_token_file {
+                None => None,
+                Some(_) if a.metrics_listen.is_none() => {
+                    return Err(ConfigError::Invalid(
+                        "admin-token-file: the admin API is served on metrics-listen; set it too"
+                            .into(),
+                    ))
+                }
+                Some(p) => {
+                    let t = std::fs::read_to_string(p).map_err(|e| {
+                        ConfigError::Invalid(format!("admin-token-file {}: {e}", p.display()))
+                    })?;
+                    let t = t.trim();
+                    if t.len() < 16 || t.bytes().any(|b| !b.is_ascii_graphic()) {
+                        return Err(ConfigError::Invalid(format!(
+                            "admin-token-file {}: the token must be 16 or more printable characters, no spaces",
+                            p.display()
+                        )));
+                    }
+                    Some(Arc::from(t))
+                }
+            },
         })
     }
 

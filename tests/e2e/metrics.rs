@@ -380,3 +380,105 @@ async fn the_access_log_has_a_line_per_request_and_tunnel_and_reopens_on_sighup(
     // Lines written before the reopen stay in the old file.
     assert!(lines(&moved).len() >= 3);
 }
+
+/// A POST of `body` with `token` (if any): status and body.
+fn post(addr: SocketAddr, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        out.split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_string(),
+    )
+}
+
+#[tokio::test]
+async fn the_admin_api_steers_addresses_with_its_token_only() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    let token = "k3y-0f-the-admin-api";
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let listen = metrics.to_string();
+    let alloc = Allocator::start(&[
+        "--pool",
+        "127.0.0.2-127.0.0.3",
+        "--metrics-listen",
+        &listen,
+        "--admin-token-file",
+        token_file.to_str().unwrap(),
+    ])
+    .await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    let body = r#"{"address":"127.0.0.2","for":"10m"}"#;
+    assert_eq!(post(metrics, "/admin/quarantine", None, body).0, 401);
+    assert_eq!(
+        post(
+            metrics,
+            "/admin/quarantine",
+            Some("wrong-token-of-length"),
+            body
+        )
+        .0,
+        401
+    );
+    assert_eq!(
+        post(metrics, "/admin/quarantine", Some(token), "{not json").0,
+        400
+    );
+    assert_eq!(
+        post(
+            metrics,
+            "/admin/quarantine",
+            Some(token),
+            r#"{"address":"10.9.9.9"}"#
+        )
+        .0,
+        404
+    );
+    let (status, out) = post(metrics, "/admin/quarantine", Some(token), body);
+    assert_eq!(status, 200, "{out}");
+    assert!(
+        out.contains("\"entry\":\"127.0.0.2\"") && out.contains("\"for_secs\":600"),
+        "{out}"
+    );
+    for _ in 0..4 {
+        assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+    }
+    let two: IpAddr = "127.0.0.2".parse().unwrap();
+    assert!(!origin.sources().contains(&two), "{:?}", origin.sources());
+    assert!(rotor_control("status", &alloc.socket, &[]).contains("taken out by hand for 10m"));
+    let (status, _) = post(
+        metrics,
+        "/admin/release",
+        Some(token),
+        r#"{"address":"127.0.0.2"}"#,
+    );
+    assert_eq!(status, 200);
+    let before = origin.count();
+    for _ in 0..2 {
+        assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+    }
+    assert!(origin.sources()[before..].contains(&two));
+    // Without a token file the API is off.
+    let plain: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let p = plain.to_string();
+    let _other = Allocator::start(&["--pool", "127.0.0.2", "--metrics-listen", &p]).await;
+    assert_eq!(post(plain, "/admin/release", Some(token), body).0, 404);
+}
