@@ -159,17 +159,39 @@ impl EncodeMetric for Counted {
 
 type Labels = Vec<(String, String)>;
 
+/// Registers a family of `M` (a counter or a gauge), each label set set
+/// to its value by `set`.
+fn family<M, V>(
+    registry: &mut Registry,
+    name: &str,
+    help: &str,
+    values: impl IntoIterator<Item = (Labels, V)>,
+    set: impl Fn(&M, V),
+) where
+    M: prometheus_client::metrics::TypedMetric
+        + EncodeMetric
+        + Default
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let f = Family::<Labels, M>::default();
+    for (l, v) in values {
+        set(&f.get_or_create(&l), v);
+    }
+    registry.register(name, help, f);
+}
+
 fn counter_family(
     registry: &mut Registry,
     name: &str,
     help: &str,
     values: impl IntoIterator<Item = (Labels, u64)>,
 ) {
-    let f = Family::<Labels, Counter>::default();
-    for (l, v) in values {
-        f.get_or_create(&l).inc_by(v);
-    }
-    registry.register(name, help, f);
+    family::<Counter, u64>(registry, name, help, values, |c, v| {
+        c.inc_by(v);
+    });
 }
 
 fn gauge_family(
@@ -178,11 +200,9 @@ fn gauge_family(
     help: &str,
     values: impl IntoIterator<Item = (Labels, i64)>,
 ) {
-    let f = Family::<Labels, Gauge>::default();
-    for (l, v) in values {
-        f.get_or_create(&l).set(v);
-    }
-    registry.register(name, help, f);
+    family::<Gauge, i64>(registry, name, help, values, |g, v| {
+        g.set(v);
+    });
 }
 
 fn label(k: &str, v: impl Into<String>) -> Labels {

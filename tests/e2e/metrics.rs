@@ -16,13 +16,21 @@ use crate::util::*;
 
 /// A plain HTTP GET on loopback (no proxy): status and body.
 fn http_get(addr: SocketAddr, path: &str, accept: &str) -> (u16, String) {
+    http(
+        addr,
+        &format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+        ),
+    )
+}
+
+/// Sends `request` (a whole HTTP/1.1 request, `Connection: close`) on a
+/// new connection: the status and the body (the samples are lines of it,
+/// chunked or not).
+fn http(addr: SocketAddr, request: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
+    s.write_all(request.as_bytes()).unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     let status = out
@@ -34,7 +42,6 @@ fn http_get(addr: SocketAddr, path: &str, accept: &str) -> (u16, String) {
         .split_once("\r\n\r\n")
         .map_or("", |(_, b)| b)
         .to_string();
-    // The body may be chunked: the samples are lines of it either way.
     (status, body)
 }
 
@@ -383,27 +390,13 @@ async fn the_access_log_has_a_line_per_request_and_tunnel_and_reopens_on_sighup(
 
 /// A POST of `body` with `token` (if any): status and body.
 fn post(addr: SocketAddr, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        out.split_once("\r\n\r\n")
-            .map_or("", |(_, b)| b)
-            .to_string(),
+    http(
+        addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
     )
 }
 
