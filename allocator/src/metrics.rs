@@ -21,6 +21,8 @@ use rotor_protocol::{Histogram, WorkerMetrics, HISTOGRAM_BOUNDS};
 /// Source labels kept at most (a pool's entries, and addresses that left
 /// it); past it, `other`.
 pub const MAX_SOURCES: usize = 100_000;
+/// How long a worker run's last report number is remembered.
+const RUNS_KEPT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 #[derive(Debug, Default, Clone)]
 pub struct SourceTotals {
@@ -40,7 +42,7 @@ pub struct WorkerGauges {
     pub requests: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct HostMetrics {
     pub by_source: HashMap<String, SourceTotals>,
     pub errors: HashMap<String, u64>,
@@ -54,6 +56,10 @@ pub struct HostMetrics {
     pub workers: BTreeMap<u64, WorkerGauges>,
     pub refreshes: u64,
     pub source_errors: u64,
+    /// The last report applied of each worker run (by its boot id), so a
+    /// report sent again is not counted twice; runs not heard of for
+    /// `RUNS_KEPT` are forgotten.
+    applied: HashMap<u64, (u64, std::time::Instant)>,
     /// Per entry: leases carried over from tables (or publications) whose
     /// counts went away, and the count last seen, so the counter only
     /// grows.
@@ -70,9 +76,27 @@ impl HostMetrics {
         m: &WorkerMetrics,
         label: impl Fn(std::net::IpAddr) -> String,
     ) {
+        // A report sent again (its acknowledgement lost) counts once.
+        let now = std::time::Instant::now();
+        if self
+            .applied
+            .get(&m.boot)
+            .is_some_and(|(seq, _)| m.seq <= *seq)
+        {
+            return;
+        }
+        self.applied.insert(m.boot, (m.seq, now));
+        if self.applied.len() > 1024 {
+            self.applied
+                .retain(|_, (_, t)| now.duration_since(*t) < RUNS_KEPT);
+        }
         self.requests += m.requests;
         for s in &m.by_source {
-            let mut key = label(s.ip);
+            let mut key = match s.ip.is_unspecified() {
+                // The worker's own `other`.
+                true => "other".to_string(),
+                false => label(s.ip),
+            };
             if !self.by_source.contains_key(&key) && self.by_source.len() >= MAX_SOURCES {
                 key = "other".into();
             }
@@ -213,7 +237,9 @@ fn label(k: &str, v: impl Into<String>) -> Labels {
 pub struct PoolFigures {
     /// Per entry: its label, leases, whether out of the rotation, how many
     /// sites it cools for, sticky sessions on it.
-    pub entries: Vec<(String, u64, bool, u64)>,
+    pub entries: Vec<(String, u64, bool, u64, u64)>,
+    /// Per entry: its leases, never going back (`HostMetrics::leases`).
+    pub leases: Vec<(String, u64)>,
     pub family_totals: Vec<(String, u64)>,
     pub source_addresses: Vec<(String, u64)>,
     pub leases_total: u64,
@@ -225,10 +251,10 @@ pub struct PoolFigures {
 impl HostMetrics {
     /// Lease counts that never go back: a count that fell (the entry's
     /// table count started over) carries what it had.
-    fn leases(&mut self, entries: &[(String, u64, bool, u64)]) -> Vec<(String, u64)> {
-        entries
+    pub fn leases(&mut self, entries: &[(String, u64, bool, u64, u64)]) -> Vec<(String, u64)> {
+        let out: Vec<(String, u64)> = entries
             .iter()
-            .map(|(k, n, _, _)| {
+            .map(|(k, n, ..)| {
                 let (carried, last) = self.leases_seen.entry(k.clone()).or_default();
                 if *n < *last {
                     *carried += *last;
@@ -236,15 +262,20 @@ impl HostMetrics {
                 *last = *n;
                 (k.clone(), *carried + *n)
             })
-            .collect()
+            .collect();
+        // Entries gone from the pool are forgotten (a return starts over).
+        if self.leases_seen.len() > out.len() {
+            let keep: std::collections::HashSet<&String> = out.iter().map(|(k, _)| k).collect();
+            self.leases_seen.retain(|k, _| keep.contains(k));
+        }
+        out
     }
 }
 
 /// The scrape: OpenMetrics text, or the classic Prometheus text format
 /// (`classic`: what `promtool check metrics` and older scrapers read).
-pub fn render(m: &mut HostMetrics, pool: &PoolFigures, classic: bool) -> String {
-    let leases = m.leases(&pool.entries);
-    let m = &*m;
+pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
+    let leases = &pool.leases;
     let mut r = Registry::default();
     let src = |k: &String| label("source", k.clone());
     counter_family(
@@ -259,13 +290,21 @@ pub fn render(m: &mut HostMetrics, pool: &PoolFigures, classic: bool) -> String 
         "1 while the entry is out of the rotation (unusable, or taken out by hand)",
         pool.entries
             .iter()
-            .map(|(k, _, q, _)| (src(k), i64::from(*q))),
+            .map(|(k, _, q, ..)| (src(k), i64::from(*q))),
     );
     gauge_family(
         &mut r,
         "rotor_source_cooling_sites",
         "Sites the entry's addresses are cooling for (they pushed back)",
-        pool.entries.iter().map(|(k, _, _, c)| (src(k), *c as i64)),
+        pool.entries
+            .iter()
+            .map(|(k, _, _, c, _)| (src(k), *c as i64)),
+    );
+    gauge_family(
+        &mut r,
+        "rotor_source_sessions",
+        "Sticky sessions pinned to the entry's addresses",
+        pool.entries.iter().map(|(k, .., n)| (src(k), *n as i64)),
     );
     let classes = ["1xx", "2xx", "3xx", "4xx", "5xx"];
     counter_family(
@@ -466,7 +505,12 @@ pub async fn serve(
     admin_token: Option<std::sync::Arc<str>>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    // Connections served at once; more wait in the listen queue.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
     loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
@@ -481,6 +525,7 @@ pub async fn serve(
         let alloc = alloc.clone();
         let token = admin_token.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let (alloc, token) = (alloc.clone(), token.clone());
@@ -551,6 +596,16 @@ async fn answer(
             }
         }
         (Method::GET, "/") => reply(StatusCode::OK, text, "rotor: metrics at /metrics\n".into()),
+        // For a load balancer in front of several hosts: this host serves
+        // while a worker is connected to its allocator.
+        (Method::GET, "/health") => match alloc.serving() {
+            true => reply(StatusCode::OK, text, "serving\n".into()),
+            false => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                text,
+                "no worker connected\n".into(),
+            ),
+        },
         (_, "/admin/quarantine" | "/admin/release") => {
             let Some(token) = token else {
                 return json_reply(
@@ -634,5 +689,37 @@ async fn admin(
             StatusCode::NOT_FOUND,
             serde_json::json!({"error": format!("{ip} is not in the pool; nothing changed")}),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_sent_twice_counts_once() {
+        let mut h = HostMetrics::default();
+        let m = WorkerMetrics {
+            boot: 7,
+            seq: 1,
+            requests: 5,
+            ..WorkerMetrics::default()
+        };
+        h.add(1, 100, &m, |ip| ip.to_string());
+        h.add(1, 100, &m, |ip| ip.to_string());
+        assert_eq!(h.requests, 5);
+        h.add(
+            1,
+            100,
+            &WorkerMetrics {
+                seq: 2,
+                ..m.clone()
+            },
+            |ip| ip.to_string(),
+        );
+        assert_eq!(h.requests, 10);
+        // Another run of a worker counts from its own first report.
+        h.add(2, 101, &WorkerMetrics { boot: 8, ..m }, |ip| ip.to_string());
+        assert_eq!(h.requests, 15);
     }
 }

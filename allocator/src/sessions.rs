@@ -144,6 +144,17 @@ impl Sessions {
             .retain(|(created, key)| map.get(key).is_some_and(|s| s.created == *created));
     }
 
+    /// Sessions pinned to each address (one pass over the table).
+    pub fn by_address(&self) -> std::collections::HashMap<IpAddr, u64> {
+        let mut out = std::collections::HashMap::new();
+        for s in self.map.values() {
+            for ip in s.ips.iter().flatten() {
+                *out.entry(*ip).or_default() += 1;
+            }
+        }
+        out
+    }
+
     /// Sessions pinned to `ip`.
     pub fn on(&self, ip: IpAddr) -> usize {
         self.map

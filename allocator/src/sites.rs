@@ -343,6 +343,15 @@ impl Sites {
         &self.rules
     }
 
+    /// Sites held.
+    pub fn len(&self) -> usize {
+        self.sites.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sites.is_empty()
+    }
+
     /// Sites and pairs held.
     pub fn entries(&self) -> usize {
         self.sites.len() + self.pairs.len()

@@ -478,8 +478,9 @@ impl Allocator {
                 tracing::info!(entry = %e, "pool address put back into the rotation by hand");
             }
         } else {
-            // Ten years stands for "until released".
-            let wait = for_.unwrap_or(Duration::from_secs(10 * 365 * 86_400));
+            // Ten years stands for "until released", and is the longest.
+            let ten_years = Duration::from_secs(10 * 365 * 86_400);
+            let wait = for_.unwrap_or(ten_years).min(ten_years);
             let reason = match for_ {
                 Some(d) => format!("taken out by hand for {}", humantime::format_duration(d)),
                 None => "taken out by hand until released".to_string(),
@@ -520,7 +521,8 @@ impl Allocator {
         let Inner { metrics, pool, .. } = &mut *inner;
         metrics.add(peer, pid, m, |ip| match pool.entry_of(ip) {
             Some(e) => e.to_string(),
-            None => ip.to_string(),
+            // Left the pool, or the worker's own `other`.
+            None => "other".to_string(),
         });
     }
 
@@ -533,43 +535,62 @@ impl Allocator {
     /// classic text format, else OpenMetrics).
     pub fn render_metrics(&self, classic: bool) -> String {
         let v2 = self.status_v2();
-        let mut inner = self.lock();
-        let now = Instant::now();
-        let cooling = inner.sites.cooling_by_address(now);
-        let mut cooling_by_entry: HashMap<String, u64> = HashMap::new();
-        for (ip, n) in cooling {
-            let key = inner
-                .pool
-                .entry_of(ip)
-                .map_or(ip.to_string(), |e| e.to_string());
-            *cooling_by_entry.entry(key).or_default() += n;
-        }
-        let figures = crate::metrics::PoolFigures {
-            entries: v2
+        // What the scrape needs, copied under the lock; written after it.
+        let (figures, snapshot) = {
+            let mut inner = self.lock();
+            let now = Instant::now();
+            let by_entry = |inner: &Inner, counts: HashMap<IpAddr, u64>| {
+                let mut out: HashMap<String, u64> = HashMap::new();
+                for (ip, n) in counts {
+                    if let Some(e) = inner.pool.entry_of(ip) {
+                        *out.entry(e.to_string()).or_default() += n;
+                    }
+                }
+                out
+            };
+            let cooling = by_entry(&inner, inner.sites.cooling_by_address(now));
+            let sessions = by_entry(&inner, inner.sessions.by_address());
+            let entries: Vec<(String, u64, bool, u64, u64)> = v2
                 .pool
                 .iter()
                 .map(|e| {
                     let k = e.entry.to_string();
-                    let c = cooling_by_entry.get(&k).copied().unwrap_or(0);
-                    (k, e.leases, e.quarantine.is_some(), c)
+                    let c = cooling.get(&k).copied().unwrap_or(0);
+                    let s = sessions.get(&k).copied().unwrap_or(0);
+                    (k, e.leases, e.quarantine.is_some(), c, s)
                 })
-                .collect(),
-            family_totals: v2
-                .families
-                .iter()
-                .map(|f| (f.family.to_string(), f.total))
-                .collect(),
-            source_addresses: v2
-                .sources
-                .iter()
-                .map(|s| (s.name.clone(), u64::from(s.addresses)))
-                .collect(),
-            leases_total: v2.leases_total,
-            sessions: u64::from(v2.sessions),
-            sites: inner.sites.report(0, now).total,
-            site_entries: inner.sites.entries() as u64,
+                .collect();
+            let leases = inner.metrics.leases(&entries);
+            let figures = crate::metrics::PoolFigures {
+                entries,
+                leases,
+                family_totals: v2
+                    .families
+                    .iter()
+                    .map(|f| (f.family.to_string(), f.total))
+                    .collect(),
+                source_addresses: v2
+                    .sources
+                    .iter()
+                    .map(|s| (s.name.clone(), u64::from(s.addresses)))
+                    .collect(),
+                leases_total: v2.leases_total,
+                sessions: u64::from(v2.sessions),
+                sites: inner.sites.len() as u64,
+                site_entries: inner.sites.entries() as u64,
+            };
+            (figures, inner.metrics.clone())
         };
-        crate::metrics::render(&mut inner.metrics, &figures, classic)
+        crate::metrics::render(&snapshot, &figures, classic)
+    }
+
+    /// Whether any worker is connected (the `/health` of the metrics
+    /// listener).
+    pub fn serving(&self) -> bool {
+        self.lock()
+            .peers
+            .values()
+            .any(|p| p.hello.role == rotor_protocol::Role::Worker)
     }
 
     /// A lease for sticky session `key` (see `sessions`): its address

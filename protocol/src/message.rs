@@ -270,6 +270,10 @@ pub struct WorkerStatus {
 /// gauges are as they stand).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerMetrics {
+    /// This worker run (random at its start) and the report's number in it:
+    /// a report sent twice is counted once.
+    pub boot: u64,
+    pub seq: u64,
     /// Client connections and tunnels open now.
     pub connections_open: u64,
     pub tunnels_open: u64,

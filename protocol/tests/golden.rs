@@ -142,6 +142,8 @@ fn golden_client_frames() {
         ClientFrame::Request(Envelope {
             id: 7,
             body: Request::Metrics(WorkerMetrics {
+                boot: 42,
+                seq: 1,
                 connections_open: 3,
                 tunnels_open: 1,
                 listen: vec!["http 127.0.0.1:8080".into()],
@@ -163,7 +165,7 @@ fn golden_client_frames() {
                 lease_wait_seconds: Histogram::default(),
             }),
         }),
-        "01070c0301011368747470203132372e302e302e313a38303830090100c0000207000800010001000afb2c010109646e735f6572726f7201020102fbf40100000000",
+        "01070c2a010301011368747470203132372e302e302e313a38303830090100c0000207000800010001000afb2c010109646e735f6572726f7201020102fbf40100000000",
     );
     check(
         ClientFrame::Request(Envelope {

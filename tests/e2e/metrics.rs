@@ -193,6 +193,7 @@ async fn one_scrape_covers_every_worker_and_counters_survive_a_worker_restart() 
     assert_eq!(status, 200);
     assert!(open.contains("# EOF"), "{open}");
     assert_eq!(http_get(metrics, "/nothing", "*/*").0, 404);
+    assert_eq!(http_get(metrics, "/health", "*/*").0, 200);
 }
 
 #[tokio::test]
@@ -289,9 +290,14 @@ async fn an_address_taken_out_by_hand_stays_out_for_every_worker_until_released(
         assert_eq!(get(w[i % 2].addr, &origin.url("/")).await.status, 200);
     }
     assert!(origin.sources()[before..].contains(&out_ip));
-    // For a while only: back by itself.
-    rotor_control("quarantine", &alloc.socket, &["127.0.0.3", "--for", "1s"]);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // For a while only: out at once, then back by itself.
+    rotor_control("quarantine", &alloc.socket, &["127.0.0.3", "--for", "2s"]);
+    let before = origin.count();
+    for i in 0..4 {
+        assert_eq!(get(w[i % 2].addr, &origin.url("/")).await.status, 200);
+    }
+    assert!(!origin.sources()[before..].contains(&out_ip));
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     let before = origin.count();
     for i in 0..3 {
         assert_eq!(get(w[i % 2].addr, &origin.url("/")).await.status, 200);

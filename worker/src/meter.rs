@@ -28,8 +28,18 @@ struct Acc {
     lease_wait_seconds: Histogram,
 }
 
+/// Source addresses counted apart between two reports at most (a prefix
+/// pool leases a new address each time); the rest are counted together
+/// under 0.0.0.0, which the allocator labels `other`. Keeps a report far
+/// under the frame limit.
+const MAX_SOURCES: usize = 10_000;
+
 impl Acc {
     fn source(&mut self, ip: IpAddr) -> &mut SourceMetrics {
+        let ip = match self.sources.len() >= MAX_SOURCES && !self.sources.contains_key(&ip) {
+            true => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            false => ip,
+        };
         self.sources.entry(ip).or_insert_with(|| SourceMetrics {
             ip,
             responses: [0; 5],
@@ -41,13 +51,31 @@ impl Acc {
     }
 }
 
-#[derive(Default)]
 pub struct Meter {
     acc: Mutex<Acc>,
+    /// This run, for the allocator to tell a report sent again.
+    boot: u64,
+    seq: AtomicU64,
     /// Where the worker accepts clients, for `rotor status`.
     pub listen: Mutex<Vec<String>>,
     /// Tunnels open now (HTTP CONNECT and SOCKS5).
     pub tunnels_open: AtomicU64,
+}
+
+impl Default for Meter {
+    fn default() -> Meter {
+        let boot = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ (u64::from(std::process::id()) << 40);
+        Meter {
+            acc: Mutex::default(),
+            boot: rotor_protocol::fnv1a(boot.to_le_bytes()),
+            seq: AtomicU64::new(0),
+            listen: Mutex::default(),
+            tunnels_open: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Meter {
@@ -115,6 +143,8 @@ impl Meter {
     fn take(&self, connections_open: u64) -> WorkerMetrics {
         let acc = std::mem::take(&mut *self.acc.lock().unwrap_or_else(|e| e.into_inner()));
         WorkerMetrics {
+            boot: self.boot,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
             connections_open,
             tunnels_open: self.tunnels_open.load(Ordering::Relaxed),
             listen: self
@@ -131,29 +161,6 @@ impl Meter {
         }
     }
 
-    /// Puts back what could not be sent.
-    fn put_back(&self, m: WorkerMetrics) {
-        self.with(|a| {
-            a.requests += m.requests;
-            for s in m.by_source {
-                let t = a.source(s.ip);
-                for (x, y) in t.responses.iter_mut().zip(s.responses) {
-                    *x += y;
-                }
-                t.tunnels += s.tunnels;
-                t.connect_errors += s.connect_errors;
-                t.bytes_to += s.bytes_to;
-                t.bytes_from += s.bytes_from;
-            }
-            for (k, n) in m.errors {
-                *a.errors.entry(k).or_default() += n;
-            }
-            a.request_seconds.add(&m.request_seconds);
-            a.connect_seconds.add(&m.connect_seconds);
-            a.lease_wait_seconds.add(&m.lease_wait_seconds);
-        });
-    }
-
     /// Sends what was counted every second until `stop` (and once more
     /// then). `connections_open` reads the client connections open now.
     pub async fn report(
@@ -164,14 +171,23 @@ impl Meter {
     ) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A report not acknowledged is sent again as it is (same number:
+        // the allocator counts it once); what is counted meanwhile waits.
+        let mut unsent: Option<WorkerMetrics> = None;
         loop {
             let last = tokio::select! {
                 _ = stop.cancelled() => true,
                 _ = tick.tick() => false,
             };
-            let m = self.take(connections_open());
+            let m = match unsent.take() {
+                Some(mut m) => {
+                    m.connections_open = connections_open();
+                    m
+                }
+                None => self.take(connections_open()),
+            };
             if let Err(m) = leases.report_metrics(m).await {
-                self.put_back(*m);
+                unsent = Some(*m);
             }
             if last {
                 return;
