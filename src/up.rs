@@ -64,8 +64,14 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     let workers = up.workers();
     let listen = args.worker.listen(&file, 0);
     let socks_listen = args.worker.merge(&file.worker).socks_listen;
+    let tls_listen = args.worker.merge(&file.worker).tls_listen;
     // What a worker would refuse, refused here, once, before anything runs.
-    let every: Vec<SocketAddr> = listen.iter().chain(&socks_listen).copied().collect();
+    let every: Vec<SocketAddr> = listen
+        .iter()
+        .chain(&socks_listen)
+        .chain(&tls_listen)
+        .copied()
+        .collect();
     if let Err(e) = tuning.check_exposure(&every) {
         error!("{}", rotor_protocol::error_chain(&e));
         return ExitCode::from(2);
@@ -121,9 +127,10 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     let mut worker_args: Vec<OsString> = vec!["worker".into()];
     worker_args.extend(args.common.to_args(&socket));
     for i in 0..listeners.len() {
-        let flag = match i < listen.len() {
-            true => "--listen-fd",
-            false => "--socks-listen-fd",
+        let flag = match i {
+            i if i < listen.len() => "--listen-fd",
+            i if i < listen.len() + socks_listen.len() => "--socks-listen-fd",
+            _ => "--tls-listen-fd",
         };
         worker_args.extend([flag.into(), (3 + i).to_string().into()]);
     }
@@ -131,6 +138,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     let mut worker_flags = args.worker.clone();
     worker_flags.listen.clear();
     worker_flags.socks_listen.clear();
+    worker_flags.tls_listen.clear();
     // Single-threaded workers, one per CPU by default: measured faster than
     // fewer workers with a thread per CPU each (the README's figures).
     if worker_flags.threads.is_none() && file.worker.threads.is_none() {

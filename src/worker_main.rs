@@ -55,10 +55,37 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             Err(e) => return fail(&e),
         }
     }
+    for fd in &args.tls_listen_fd {
+        match activation::take_fd(*fd) {
+            Ok(mut p) => {
+                p.name = "tls".into();
+                passed.push(p);
+            }
+            Err(e) => return fail(&e),
+        }
+    }
     // Sockets named `socks` (systemd's FileDescriptorName, or
-    // --socks-listen-fd) serve SOCKS5; the others HTTP.
+    // --socks-listen-fd) serve SOCKS5, those named `tls` (or
+    // --tls-listen-fd) HTTP over TLS; the others HTTP.
+    let (tls_passed, passed): (Vec<_>, Vec<_>) = passed.into_iter().partition(|p| p.name == "tls");
     let (socks_passed, http_passed): (Vec<_>, Vec<_>) =
         passed.into_iter().partition(|p| p.name == "socks");
+    let mut tls_listeners = Vec::new();
+    for p in &tls_passed {
+        match activation::tcp_listener(p) {
+            Ok(l) => tls_listeners.push(l),
+            Err(e) => return fail(&e),
+        }
+    }
+    let tls_inherited = tls_listeners.len();
+    if tls_inherited == 0 {
+        for addr in &args.settings.merge(&file.worker).tls_listen {
+            match listener::bind_reuseport(*addr) {
+                Ok(l) => tls_listeners.push(l),
+                Err(e) => return fail(&e),
+            }
+        }
+    }
     let mut listeners = Vec::new();
     for p in activation::select(&http_passed, "proxy") {
         match activation::tcp_listener(p) {
@@ -82,8 +109,8 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             }
         }
     }
-    // Sockets passed (of either kind) replace the default HTTP listener.
-    let inherited = listeners.len() + socks_inherited;
+    // Sockets passed (of any kind) replace the default HTTP listener.
+    let inherited = listeners.len() + socks_inherited + tls_inherited;
     for addr in args.settings.listen(&file, inherited) {
         match listener::bind_reuseport(addr) {
             Ok(l) => listeners.push(l),
@@ -93,6 +120,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
     let addrs: Vec<std::net::SocketAddr> = listeners
         .iter()
         .chain(&socks)
+        .chain(&tls_listeners)
         .filter_map(|l| l.local_addr().ok())
         .collect();
     if let Err(e) = tuning.check_exposure(&addrs) {
@@ -109,6 +137,12 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         for l in &socks {
             eprintln!(
                 "ok: SOCKS5 {}",
+                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+            );
+        }
+        for l in &tls_listeners {
+            eprintln!(
+                "ok: TLS {}",
                 l.local_addr().map(|a| a.to_string()).unwrap_or_default()
             );
         }
@@ -161,8 +195,11 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             });
         }
         let result = rotor_worker::run(
-            listeners,
-            socks,
+            rotor_worker::Listeners {
+                http: listeners,
+                socks,
+                tls: tls_listeners,
+            },
             leases,
             tuning.config,
             signals.shutdown.clone(),

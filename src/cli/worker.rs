@@ -23,6 +23,16 @@ settings! {
         /// Address to accept SOCKS5 clients on (CONNECT, the same leases,
         /// rules, users and limits as the HTTP listener); repeatable.
         socks_listen: Vec<SocketAddr>,
+        /// Address to accept proxy clients on over TLS (an `https://`
+        /// proxy: the same proxy behind a handshake); repeatable. Needs
+        /// --tls-cert and --tls-key.
+        tls_listen: Vec<SocketAddr>,
+        /// The TLS listeners' certificate chain (PEM); re-read on SIGHUP.
+        #[arg(value_name = "PATH")]
+        tls_cert: Option<PathBuf>,
+        /// The TLS listeners' private key (PEM); re-read on SIGHUP.
+        #[arg(value_name = "PATH")]
+        tls_key: Option<PathBuf>,
         /// How long a request waits for a lease (e.g. while the allocator
         /// restarts) before it gets 503.
         lease_timeout: Option<Duration> = "2s",
@@ -231,6 +241,9 @@ pub struct WorkerArgs {
     /// Accept SOCKS5 clients on the inherited descriptor N; repeatable.
     #[arg(long = "socks-listen-fd", value_name = "N")]
     pub socks_listen_fd: Vec<i32>,
+    /// Accept TLS clients on the inherited descriptor N; repeatable.
+    #[arg(long = "tls-listen-fd", value_name = "N")]
+    pub tls_listen_fd: Vec<i32>,
     #[command(flatten)]
     pub common: CommonArgs,
     #[command(flatten)]
@@ -296,6 +309,26 @@ impl WorkerFlags {
                 )
             }
         };
+        let tls =
+            match (&w.tls_cert, &w.tls_key) {
+                (Some(cert), Some(key)) => Some(
+                    rotor_worker::tls::Tls::new(rotor_worker::tls::TlsFiles {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                    })
+                    .map_err(ConfigError::Invalid)?,
+                ),
+                (None, None) if w.tls_listen.is_empty() => None,
+                (None, None) => return Err(ConfigError::Invalid(
+                    "tls-listen needs tls-cert and tls-key (a PEM certificate chain and its key)"
+                        .into(),
+                )),
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "tls-cert and tls-key go together".into(),
+                    ))
+                }
+            };
         let t = WorkerSettingsTuning {
             threads: w
                 .threads
@@ -327,6 +360,7 @@ impl WorkerFlags {
                 },
                 idle_timeout: w.idle_timeout,
                 max_connections: w.max_connections,
+                tls,
                 header_read_timeout: w.header_read_timeout,
                 drain_timeout: w.drain_timeout,
             },
@@ -357,7 +391,15 @@ impl WorkerSettingsTuning {
     /// A worker reachable from other hosts must authenticate its clients,
     /// unless the operator said `--no-auth` knowingly.
     pub fn check_exposure(&self, listening: &[SocketAddr]) -> Result<(), ConfigError> {
-        if self.config.proxy.auth.is_some() || self.no_auth {
+        if self.config.proxy.auth.is_some() {
+            if self.config.tls.is_none() {
+                if let Some(a) = listening.iter().find(|a| !a.ip().is_loopback()) {
+                    tracing::warn!(listen = %a, "passwords and targets cross the network in clear on a plain listener: add --tls-listen with a certificate (see README: TLS to the proxy)");
+                }
+            }
+            return Ok(());
+        }
+        if self.no_auth {
             return Ok(());
         }
         match listening.iter().find(|a| !a.ip().is_loopback()) {

@@ -25,5 +25,6 @@ mod sessions;
 mod sites;
 mod socks;
 mod table;
+mod tls;
 mod tunnel;
 mod up;

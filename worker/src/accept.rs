@@ -149,7 +149,8 @@ impl Defer {
 pub async fn accept_loop(
     listener: std::net::TcpListener,
     balance: Arc<Balance>,
-    tx: mpsc::Sender<(TcpStream, SocketAddr)>,
+    tx: mpsc::Sender<(TcpStream, SocketAddr, bool)>,
+    tls: bool,
     stop: CancellationToken,
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
@@ -200,7 +201,7 @@ pub async fn accept_loop(
                         continue;
                     }
                 };
-                if tx.send((stream, peer)).await.is_err() {
+                if tx.send((stream, peer, tls)).await.is_err() {
                     return Ok(());
                 }
             }
@@ -292,12 +293,12 @@ mod tests {
         let balance = Arc::new(Balance::new(leases, Arc::new(Semaphore::new(8)), 8, &[]));
         let (tx, mut rx) = mpsc::channel(4);
         let stop = CancellationToken::new();
-        tokio::spawn(accept_loop(l, balance, tx, stop.clone()));
+        tokio::spawn(accept_loop(l, balance, tx, false, stop.clone()));
         let _clients: Vec<_> = (0..3)
             .map(|_| std::net::TcpStream::connect(addr).unwrap())
             .collect();
         for _ in 0..3 {
-            let (s, _) = rx.recv().await.unwrap();
+            let (s, _, _) = rx.recv().await.unwrap();
             assert!(s.nodelay().unwrap());
         }
         stop.cancel();

@@ -21,7 +21,8 @@ pub mod relay;
 pub mod server;
 pub mod session;
 pub mod socks;
+pub mod tls;
 pub mod upstream;
 
 pub use lease::LeaseClient;
-pub use server::{run, Config, Stopped};
+pub use server::{run, Config, Listeners, Stopped};

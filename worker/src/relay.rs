@@ -84,7 +84,7 @@ static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 static BIG_POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 
 /// How the client side of the tunnel was served, as hyper hands it back.
-type ClientIo = TokioIo<IdleIo<TcpStream>>;
+type ClientIo = TokioIo<crate::server::ClientIo>;
 
 /// Relays `client` ↔ `upstream` until both sides have ended (each end's EOF
 /// is passed on as a half-close), or either fails. Returns the bytes sent
@@ -95,10 +95,28 @@ pub async fn tunnel(
     activity: &Activity,
 ) -> io::Result<(u64, u64)> {
     match client.downcast::<ClientIo>() {
-        Ok(parts) => {
-            let client = parts.io.into_inner().into_inner();
-            splice_tcp(client, parts.read_buf, upstream, activity, true).await
-        }
+        Ok(parts) => match parts.io.into_inner() {
+            tokio_util::either::Either::Left(plain) => {
+                splice_tcp(plain.into_inner(), parts.read_buf, upstream, activity, true).await
+            }
+            // TLS: the bytes are the session's to decrypt; copied.
+            tokio_util::either::Either::Right(tls) => {
+                // What the client sent right behind its CONNECT goes first.
+                let early = parts.read_buf.len() as u64;
+                if early > 0 {
+                    tokio::io::AsyncWriteExt::write_all(&mut upstream, &parts.read_buf).await?;
+                }
+                let mut client = IdleIo::new(tls, activity.clone());
+                let (up, down) = tokio::io::copy_bidirectional_with_sizes(
+                    &mut client,
+                    &mut upstream,
+                    COPY_BUFFER,
+                    COPY_BUFFER,
+                )
+                .await?;
+                Ok((up + early, down))
+            }
+        },
         Err(client) => {
             // Bytes read from or written to the client are all of them.
             let mut client = IdleIo::new(TokioIo::new(client), activity.clone());

@@ -34,7 +34,15 @@ pub struct Config {
     /// Most client connections (tunnels included) served at once; past it,
     /// new ones get an immediate 503.
     pub max_connections: usize,
+    /// The certificate of the TLS listeners, if any.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
+
+/// A client connection: plain, or TLS (both over the idle watch).
+pub type ClientIo = tokio_util::either::Either<
+    IdleIo<TcpStream>,
+    tokio_rustls::server::TlsStream<IdleIo<TcpStream>>,
+>;
 
 /// How the worker stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,15 +53,28 @@ pub enum Stopped {
     Cut,
 }
 
+/// What a worker accepts on.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    /// HTTP proxy clients.
+    pub http: Vec<std::net::TcpListener>,
+    pub socks: Vec<std::net::TcpListener>,
+    /// HTTP proxy clients over TLS.
+    pub tls: Vec<std::net::TcpListener>,
+}
+
 /// Serves the listeners until `shutdown` is cancelled, then drains: no new
 /// connections, keep-alive connections answered `Connection: close` on
 /// their next request (or closed after a short grace), in-flight requests
 /// and tunnels given up to the drain timeout. `fast` cancelled
 /// cuts the drain short. Each change of `reloads` (SIGHUP) starts name
-/// resolution over.
+/// resolution over, and re-reads the TLS certificate.
 pub async fn run(
-    listeners: Vec<std::net::TcpListener>,
-    socks: Vec<std::net::TcpListener>,
+    Listeners {
+        http: listeners,
+        socks,
+        tls: tls_listeners,
+    }: Listeners,
     leases: Arc<LeaseClient>,
     config: Config,
     shutdown: CancellationToken,
@@ -72,7 +93,8 @@ pub async fn run(
     // so each connection task watches `shutdown` itself.
     let connections = TaskTracker::new();
 
-    let (accepted_tx, mut accepted) = mpsc::channel::<(TcpStream, std::net::SocketAddr)>(1024);
+    let (accepted_tx, mut accepted) =
+        mpsc::channel::<(TcpStream, std::net::SocketAddr, bool)>(1024);
     let balance = Arc::new(Balance::new(
         leases.clone(),
         limit.clone(),
@@ -94,14 +116,26 @@ pub async fn run(
             }
         }
     }
-    for l in listeners {
-        info!(listen = %l.local_addr()?, "listening");
+    let tls = config.tls.clone();
+    let every = listeners
+        .into_iter()
+        .map(|l| (l, false))
+        .chain(tls_listeners.into_iter().map(|l| (l, true)));
+    for (l, is_tls) in every {
+        match is_tls {
+            true => info!(listen = %l.local_addr()?, "listening for TLS"),
+            false => info!(listen = %l.local_addr()?, "listening"),
+        }
+        if is_tls && tls.is_none() {
+            error!("a TLS listener without --tls-cert and --tls-key; not served");
+            continue;
+        }
         let tx = accepted_tx.clone();
         let stop = shutdown.clone();
         let balance = balance.clone();
         acceptors.spawn(async move {
             let addr = l.local_addr().ok();
-            if let Err(e) = accept_loop(l, balance, tx, stop).await {
+            if let Err(e) = accept_loop(l, balance, tx, is_tls, stop).await {
                 error!(listen = ?addr, error = %e, "cannot accept on this listener");
             }
         });
@@ -149,11 +183,15 @@ pub async fn run(
         )
     };
     let reloading = proxy.clone();
+    let reloading_tls = config.tls.clone();
     tokio::spawn(async move {
         while reloads.changed().await.is_ok() {
             reloading.reload_dns();
             if let Some(log) = reloading.access_log() {
                 log.reopen();
+            }
+            if let Some(tls) = &reloading_tls {
+                tls.reload();
             }
             info!("name resolution reloaded: cache dropped, resolv.conf and hosts re-read");
         }
@@ -172,7 +210,7 @@ pub async fn run(
         .keep_alive(true);
 
     let mut last_warned: Option<tokio::time::Instant> = None;
-    while let Some((stream, client)) = accepted.recv().await {
+    while let Some((stream, client, is_tls)) = accepted.recv().await {
         let permit = match limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
@@ -207,13 +245,38 @@ pub async fn run(
                 proxy.handle(req, client).await
             }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .with_upgrades();
+        let acceptor = match (is_tls, &tls) {
+            (true, Some(t)) => Some(t.acceptor()),
+            _ => None,
+        };
+        let builder = builder.clone();
+        let handshake_timeout = config.header_read_timeout;
         let stop = shutdown.clone();
         connections.spawn(
             async move {
                 let _permit = permit;
+                // A TLS client's handshake counts against the head's
+                // deadline (and holds its place under the limit).
+                let io: ClientIo = match acceptor {
+                    None => tokio_util::either::Either::Left(stream),
+                    Some(acceptor) => {
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                        {
+                            Ok(Ok(tls)) => tokio_util::either::Either::Right(tls),
+                            Ok(Err(e)) => {
+                                debug!(error = %e, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                debug!("TLS handshake too slow; closed");
+                                return;
+                            }
+                        }
+                    }
+                };
+                let conn = builder
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades();
                 tokio::pin!(conn);
                 let result = tokio::select! {
                     r = conn.as_mut() => r,

@@ -1,0 +1,370 @@
+//! TLS to the proxy (`--tls-listen`): curl and Python requests through an
+//! `https://` proxy, rotating, with proxy authentication, plain requests
+//! and CONNECT; an unknown CA fails on the client; a stalled handshake is
+//! cut off; garbage instead of a ClientHello closes only that connection;
+//! a certificate swapped on disk is served after SIGHUP while an open
+//! connection keeps working. Certificates are made with the openssl
+//! command, as the README tells operators to.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::util::*;
+
+/// A CA and a certificate for 127.0.0.1 signed by it, in `dir` under
+/// `name`: (ca.pem, cert.pem, key.pem).
+fn certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |f: &str| dir.join(format!("{name}-{f}"));
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl (Debian's openssl package)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let s = |p: &PathBuf| p.to_str().unwrap().to_string();
+    let (ca_key, ca, key, csr, cert, ext) = (
+        p("ca.key"),
+        p("ca.pem"),
+        p("key.pem"),
+        p("req.csr"),
+        p("cert.pem"),
+        p("ext.cnf"),
+    );
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        &s(&ca_key),
+        "-out",
+        &s(&ca),
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN=rotor test CA {name}"),
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        &s(&key),
+        "-out",
+        &s(&csr),
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n").unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &s(&csr),
+        "-CA",
+        &s(&ca),
+        "-CAkey",
+        &s(&ca_key),
+        "-CAcreateserial",
+        "-out",
+        &s(&cert),
+        "-days",
+        "2",
+        "-extfile",
+        &s(&ext),
+    ]);
+    (ca, cert, key)
+}
+
+struct TlsProxy {
+    _alloc: Allocator,
+    worker: Worker,
+    tls: SocketAddr,
+    ca: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+async fn tls_proxy(extra: &[&str]) -> TlsProxy {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificate(dir.path(), "one");
+    // The files the worker reads; swapped in place by the reload test.
+    std::fs::copy(&cert, dir.path().join("cert.pem")).unwrap();
+    std::fs::copy(&key, dir.path().join("key.pem")).unwrap();
+    let tls: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.5"]).await;
+    let listen = tls.to_string();
+    let c = dir.path().join("cert.pem");
+    let k = dir.path().join("key.pem");
+    let mut args = vec![
+        "--tls-listen",
+        &listen,
+        "--tls-cert",
+        c.to_str().unwrap(),
+        "--tls-key",
+        k.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let worker = Worker::start(&alloc.socket, &args).await;
+    eventually("the TLS listener", || async {
+        TcpStream::connect(tls).await.is_ok()
+    })
+    .await;
+    TlsProxy {
+        _alloc: alloc,
+        worker,
+        tls,
+        ca,
+        dir,
+    }
+}
+
+/// curl (waited for without blocking the test's runtime: the origin runs
+/// on it).
+async fn curl(args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "-S",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[tokio::test]
+async fn curl_and_python_through_an_https_proxy_rotating_with_auth() {
+    let origin = Origin::start().await;
+    let users = tempfile::NamedTempFile::new().unwrap();
+    add_user(users.path(), "alice", "s3cret");
+    let p = tls_proxy(&["--auth-file", users.path().to_str().unwrap()]).await;
+    let proxy = format!("https://{}", p.tls);
+    let ca = p.ca.to_str().unwrap();
+    let url = origin.url("/");
+    for _ in 0..4 {
+        let (code, out) = curl(&[
+            "--proxy",
+            &proxy,
+            "--proxy-cacert",
+            ca,
+            "--proxy-user",
+            "alice:s3cret",
+            &url,
+        ])
+        .await;
+        assert_eq!((code, out.as_str()), (0, "200"));
+    }
+    // A tunnel (CONNECT) inside the TLS connection to the proxy.
+    let (code, out) = curl(&[
+        "-p",
+        "--proxy",
+        &proxy,
+        "--proxy-cacert",
+        ca,
+        "--proxy-user",
+        "alice:s3cret",
+        &url,
+    ])
+    .await;
+    assert_eq!((code, out.as_str()), (0, "200"));
+    // Credentials are still checked.
+    let (_, out) = curl(&[
+        "--proxy",
+        &proxy,
+        "--proxy-cacert",
+        ca,
+        "--proxy-user",
+        "alice:wrong",
+        &url,
+    ])
+    .await;
+    assert_eq!(out, "407");
+    let seen = origin.sources();
+    assert_eq!(seen.len(), 5);
+    assert_eq!(seen[..4], ips(2..=5)[..], "rotating: {seen:?}");
+    // An unknown CA: the client refuses, nothing reaches the origin.
+    let (code, _) = curl(&["--proxy", &proxy, "--proxy-user", "alice:s3cret", &url]).await;
+    assert_ne!(code, 0);
+    assert_eq!(origin.count(), 5);
+    // Python requests with an https:// proxy URL, as users run it.
+    let probe = Command::new("python3")
+        .args(["-c", "import requests"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        println!("SKIPPED the Python part: requests not installed (.ci/run installs it)");
+        return;
+    }
+    let script = format!(
+        r#"
+import requests
+s = requests.Session()
+s.verify = "{ca}"
+for _ in range(3):
+    r = s.get("{url}", proxies={{"http": "https://alice:s3cret@{tls}"}}, timeout=10)
+    assert r.status_code == 200, r.status_code
+print("ok")
+"#,
+        tls = p.tls
+    );
+    let out = tokio::process::Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(origin.count(), 8);
+}
+
+#[tokio::test]
+async fn a_stalled_handshake_is_cut_off_and_garbage_closes_only_its_connection() {
+    let origin = Origin::start().await;
+    let p = tls_proxy(&["--header-read-timeout", "1s"]).await;
+    // Says nothing: cut off after the head's deadline.
+    let mut stalled = TcpStream::connect(p.tls).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut buf))
+        .await
+        .expect("a stalled handshake is cut off")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    // Garbage instead of a ClientHello: that connection ends (with an
+    // alert at most), and the listener serves the next one.
+    let mut garbage = TcpStream::connect(p.tls).await.unwrap();
+    garbage
+        .write_all(b"GET http://example.com/ HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), garbage.read_to_end(&mut rest))
+        .await
+        .expect("garbage closes its connection");
+    assert!(!String::from_utf8_lossy(&rest).contains("HTTP/1.1 200"));
+    let proxy = format!("https://{}", p.tls);
+    let (code, out) = curl(&[
+        "--proxy",
+        &proxy,
+        "--proxy-cacert",
+        p.ca.to_str().unwrap(),
+        &origin.url("/"),
+    ])
+    .await;
+    assert_eq!((code, out.as_str()), (0, "200"));
+}
+
+#[tokio::test]
+async fn a_swapped_certificate_is_served_after_sighup_and_open_connections_go_on() {
+    let origin = Origin::start().await;
+    let p = tls_proxy(&[]).await;
+    let proxy = format!("https://{}", p.tls);
+    let url = origin.url("/");
+    // A connection opened with the first certificate, kept alive.
+    let script = format!(
+        r#"
+import socket, ssl, sys
+ctx = ssl.create_default_context(cafile="{ca}")
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", {port})), server_hostname="127.0.0.1")
+req = b"GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n"
+def ask():
+    s.sendall(req)
+    data = b""
+    while b"hello" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            sys.exit("closed")
+        data += chunk
+    return data.split(b" ")[1]
+print(ask().decode(), flush=True)
+sys.stdin.readline()
+print(ask().decode(), flush=True)
+"#,
+        ca = p.ca.display(),
+        port = p.tls.port(),
+        host = origin.addr,
+    );
+    let mut kept = tokio::process::Command::new("python3")
+        .args(["-c", &script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(kept.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
+        .await
+        .unwrap();
+    assert_eq!(line.trim(), "200");
+    // A new certificate from another CA, then SIGHUP.
+    let (ca2, cert2, key2) = certificate(p.dir.path(), "two");
+    std::fs::copy(&cert2, p.dir.path().join("cert.pem")).unwrap();
+    std::fs::copy(&key2, p.dir.path().join("key.pem")).unwrap();
+    p.worker.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    eventually("the new certificate served", || async {
+        curl(&[
+            "--proxy",
+            &proxy,
+            "--proxy-cacert",
+            ca2.to_str().unwrap(),
+            &url,
+        ])
+        .await
+        .1 == "200"
+    })
+    .await;
+    let (code, _) = curl(&[
+        "--proxy",
+        &proxy,
+        "--proxy-cacert",
+        p.ca.to_str().unwrap(),
+        &url,
+    ])
+    .await;
+    assert_ne!(code, 0, "the old CA no longer verifies");
+    // The connection opened before still works.
+    kept.stdin.take().unwrap().write_all(b"\n").await.unwrap();
+    line.clear();
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
+        .await
+        .unwrap();
+    assert_eq!(line.trim(), "200");
+    let _ = kept.wait().await;
+    // A broken pair on disk keeps the one in use.
+    std::fs::write(p.dir.path().join("key.pem"), "not a key").unwrap();
+    p.worker.proc.signal(nix::sys::signal::Signal::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, out) = curl(&[
+        "--proxy",
+        &proxy,
+        "--proxy-cacert",
+        ca2.to_str().unwrap(),
+        &url,
+    ])
+    .await;
+    assert_eq!((code, out.as_str()), (0, "200"));
+}

@@ -1,0 +1,104 @@
+//! TLS to the proxy (`--tls-listen`): the same proxy behind a TLS handshake
+//! (rustls with the ring provider; TLS 1.2 and 1.3, ALPN `http/1.1`), so
+//! credentials and targets never cross the network in clear. The
+//! certificate and key are re-read on SIGHUP and `rotor reload`; a pair
+//! that does not load keeps the one in use, and the log says why.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+/// The certificate chain and key files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The pair in use, swapped whole on a reload.
+pub struct Tls {
+    files: TlsFiles,
+    config: RwLock<Arc<ServerConfig>>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("files", &self.files).finish()
+    }
+}
+
+/// Reads the pair and makes a server configuration of it.
+pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .map_err(|e| format!("tls-cert {}: {e}", files.cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("tls-cert {}: {e}", files.cert.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "tls-cert {}: no PEM certificate in it",
+            files.cert.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| format!("tls-key {}: {e}", files.key.display()))?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[
+            &tokio_rustls::rustls::version::TLS13,
+            &tokio_rustls::rustls::version::TLS12,
+        ])
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            format!(
+                "tls-cert {} and tls-key {} do not make a pair: {e}",
+                files.cert.display(),
+                files.key.display()
+            )
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+impl Tls {
+    pub fn new(files: TlsFiles) -> Result<Arc<Tls>, String> {
+        let config = load(&files)?;
+        Ok(Arc::new(Tls {
+            files,
+            config: RwLock::new(config),
+        }))
+    }
+
+    /// An acceptor with the pair in use.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(
+            self.config
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+
+    /// Reads the files again; a pair that does not load keeps the old one.
+    pub fn reload(&self) {
+        match load(&self.files) {
+            Ok(c) => {
+                *self.config.write().unwrap_or_else(|e| e.into_inner()) = c;
+                info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot reload the TLS certificate; serving the previous one")
+            }
+        }
+    }
+
+    pub fn cert(&self) -> &Path {
+        &self.files.cert
+    }
+}
