@@ -70,22 +70,11 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
     let (tls_passed, passed): (Vec<_>, Vec<_>) = passed.into_iter().partition(|p| p.name == "tls");
     let (socks_passed, http_passed): (Vec<_>, Vec<_>) =
         passed.into_iter().partition(|p| p.name == "socks");
-    let mut tls_listeners = Vec::new();
-    for p in &tls_passed {
-        match activation::tcp_listener(p) {
-            Ok(l) => tls_listeners.push(l),
-            Err(e) => return fail(&e),
-        }
-    }
-    let tls_inherited = tls_listeners.len();
-    if tls_inherited == 0 {
-        for addr in &args.settings.merge(&file.worker).tls_listen {
-            match listener::bind_reuseport(*addr) {
-                Ok(l) => tls_listeners.push(l),
-                Err(e) => return fail(&e),
-            }
-        }
-    }
+    let merged = args.settings.merge(&file.worker);
+    let (tls_listeners, tls_inherited) = match passed_or_bound(&tls_passed, &merged.tls_listen) {
+        Ok(x) => x,
+        Err(e) => return fail(e.as_ref()),
+    };
     let mut listeners = Vec::new();
     for p in activation::select(&http_passed, "proxy") {
         match activation::tcp_listener(p) {
@@ -93,22 +82,10 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             Err(e) => return fail(&e),
         }
     }
-    let mut socks = Vec::new();
-    for p in &socks_passed {
-        match activation::tcp_listener(p) {
-            Ok(l) => socks.push(l),
-            Err(e) => return fail(&e),
-        }
-    }
-    let socks_inherited = socks.len();
-    if socks_inherited == 0 {
-        for addr in &args.settings.merge(&file.worker).socks_listen {
-            match listener::bind_reuseport(*addr) {
-                Ok(l) => socks.push(l),
-                Err(e) => return fail(&e),
-            }
-        }
-    }
+    let (socks, socks_inherited) = match passed_or_bound(&socks_passed, &merged.socks_listen) {
+        Ok(x) => x,
+        Err(e) => return fail(e.as_ref()),
+    };
     // Sockets passed (of any kind) replace the default HTTP listener.
     let inherited = listeners.len() + socks_inherited + tls_inherited;
     for addr in args.settings.listen(&file, inherited) {
@@ -217,6 +194,25 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             }
         }
     })
+}
+
+/// The listeners of one kind: those passed, or else those bound at
+/// `addrs` (SO_REUSEPORT); and how many were passed.
+fn passed_or_bound(
+    passed: &[activation::Passed],
+    addrs: &[std::net::SocketAddr],
+) -> Result<(Vec<std::net::TcpListener>, usize), Box<dyn std::error::Error>> {
+    let mut out = Vec::new();
+    for p in passed {
+        out.push(activation::tcp_listener(p)?);
+    }
+    let inherited = out.len();
+    if inherited == 0 {
+        for addr in addrs {
+            out.push(listener::bind_reuseport(*addr)?);
+        }
+    }
+    Ok((out, inherited))
 }
 
 /// Raises the soft descriptor limit to the hard one, as nginx's

@@ -319,17 +319,7 @@ print("ok")
 "#,
         http = w.addr,
     );
-    let out = tokio::process::Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python(&script).await;
     let seen = origin.sources();
     assert_eq!(seen.len(), 15);
     // Rotating for plain SOCKS5; each session pinned to one address.

@@ -163,31 +163,22 @@ async fn curl_and_python_through_an_https_proxy_rotating_with_auth() {
     let proxy = format!("https://{}", p.tls);
     let ca = p.ca.to_str().unwrap();
     let url = origin.url("/");
+    // curl as alice through the https:// proxy, `more` flags first.
+    let as_alice = |more: &'static [&'static str]| {
+        let (proxy, url) = (proxy.clone(), url.clone());
+        async move {
+            let mut args: Vec<&str> = more.to_vec();
+            args.extend(["--proxy", &proxy, "--proxy-cacert", ca]);
+            args.extend(["--proxy-user", "alice:s3cret", &url]);
+            curl(&args).await
+        }
+    };
     for _ in 0..4 {
-        let (code, out) = curl(&[
-            "--proxy",
-            &proxy,
-            "--proxy-cacert",
-            ca,
-            "--proxy-user",
-            "alice:s3cret",
-            &url,
-        ])
-        .await;
+        let (code, out) = as_alice(&[]).await;
         assert_eq!((code, out.as_str()), (0, "200"));
     }
     // A tunnel (CONNECT) inside the TLS connection to the proxy.
-    let (code, out) = curl(&[
-        "-p",
-        "--proxy",
-        &proxy,
-        "--proxy-cacert",
-        ca,
-        "--proxy-user",
-        "alice:s3cret",
-        &url,
-    ])
-    .await;
+    let (code, out) = as_alice(&["-p"]).await;
     assert_eq!((code, out.as_str()), (0, "200"));
     // Credentials are still checked.
     let (_, out) = curl(&[
@@ -228,17 +219,7 @@ print("ok")
 "#,
         tls = p.tls
     );
-    let out = tokio::process::Command::new("python3")
-        .args(["-c", &script])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python(&script).await;
     assert_eq!(origin.count(), 8);
 }
 
