@@ -22,10 +22,18 @@ use crate::util::*;
 /// `Sockets=` or `rotor up` would pass it).
 fn worker_on_shared_socket(fd: RawFd, socket: &Path, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(WORKER);
-    // SAFETY: dup2 is async-signal-safe; it runs in the child before exec.
+    // SAFETY: dup2 and fcntl are async-signal-safe; they run in the child
+    // before exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(fd, 3) < 0 {
+            // dup2 clears close-on-exec on its copy, but onto itself it
+            // copies nothing: a listener that is already 3 keeps the flag,
+            // and would be closed by exec.
+            let r = match fd == 3 {
+                true => libc::fcntl(3, libc::F_SETFD, 0),
+                false => libc::dup2(fd, 3),
+            };
+            if r < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
