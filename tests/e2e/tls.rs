@@ -180,6 +180,37 @@ async fn curl_and_python_through_an_https_proxy_rotating_with_auth() {
     // A tunnel (CONNECT) inside the TLS connection to the proxy.
     let (code, out) = as_alice(&["-p"]).await;
     assert_eq!((code, out.as_str()), (0, "200"));
+    // An HTTPS origin, through a tunnel inside the TLS connection to the
+    // proxy (TLS in TLS), both verified.
+    let https_port = free_port();
+    let server = format!(
+        r#"
+import http.server, ssl
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain("{cert}", "{key}")
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.send_header("Content-Length", "2"); self.end_headers(); self.wfile.write(b"ok")
+    def log_message(self, *a): pass
+s = http.server.HTTPServer(("127.0.0.1", {https_port}), H)
+s.socket = ctx.wrap_socket(s.socket, server_side=True)
+s.serve_forever()
+"#,
+        cert = p.dir.path().join("cert.pem").display(),
+        key = p.dir.path().join("key.pem").display(),
+    );
+    let _https = Proc::spawn("python3", &["-c", &server]);
+    let https_url = format!("https://127.0.0.1:{https_port}/");
+    eventually("the HTTPS origin", || async {
+        TcpStream::connect(("127.0.0.1", https_port)).await.is_ok()
+    })
+    .await;
+    let origin_ca = ["--cacert", ca];
+    let mut args: Vec<&str> = origin_ca.to_vec();
+    args.extend(["--proxy", &proxy, "--proxy-cacert", ca]);
+    args.extend(["--proxy-user", "alice:s3cret", &https_url]);
+    let (code, out) = curl(&args).await;
+    assert_eq!((code, out.as_str()), (0, "200"));
     // Credentials are still checked.
     let (_, out) = curl(&[
         "--proxy",
