@@ -466,12 +466,7 @@ impl Allocator {
     /// at once. The entry, if `ip` is in the pool.
     pub fn steer(&self, ip: IpAddr, release: bool, for_: Option<Duration>) -> Option<Segment> {
         let mut inner = self.lock();
-        let e = inner
-            .pool
-            .addrs()
-            .iter()
-            .find(|e| e.contains(ip))
-            .copied()?;
+        let e = inner.pool.entry_of(ip)?;
         let now = Instant::now();
         if release {
             if inner.quarantine.remove(&e).is_some() {

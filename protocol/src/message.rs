@@ -341,10 +341,6 @@ impl Histogram {
     pub fn count(&self) -> u64 {
         self.counts.iter().sum()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.count() == 0
-    }
 }
 
 /// One lease: the source address a request leaves from. The same value

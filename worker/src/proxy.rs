@@ -235,11 +235,12 @@ impl Proxy {
                 resp
             }
             Err(e) => {
-                self.meter.error(e.classify().1, took);
+                let kind = e.classify().1;
+                self.meter.error(kind, took);
                 let resp = e.to_response();
                 if let (Some(mut en), Some(log)) = (entry, &self.config.access_log) {
                     en.status = resp.status().as_u16();
-                    en.error = e.classify().1;
+                    en.error = kind;
                     log.log(&en);
                 }
                 let error = error_chain(&e);

@@ -4,7 +4,7 @@
 //! certificate and key are re-read on SIGHUP and `rotor reload`; a pair
 //! that does not load keeps the one in use, and the log says why.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -96,9 +96,5 @@ impl Tls {
                 warn!(error = %e, "cannot reload the TLS certificate; serving the previous one")
             }
         }
-    }
-
-    pub fn cert(&self) -> &Path {
-        &self.files.cert
     }
 }
