@@ -22,8 +22,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use rotor_protocol::{
-    family_total, index_of, Families, Family, Lease, LeaseTable, Refusal, Segment, TableError,
-    TableSnapshot,
+    family_total, index_of, Families, Family, Lease, LeaseTable, Position, Refusal, Segment,
+    TableError, TableSnapshot,
 };
 
 /// Room for this many entries in a first table; it grows as pools do.
@@ -45,6 +45,9 @@ pub struct Pool {
     table: Arc<LeaseTable>,
     /// Where the table's file is; `None`: in this process only.
     home: Option<TableHome>,
+    /// The rotation when the table was last found sound: where a table
+    /// whose file was cut short (and its cursors lost) is rebuilt from.
+    last_sound: Option<(Position, u64)>,
 }
 
 /// Where the lease table's file goes, and who may map it.
@@ -99,6 +102,7 @@ impl Pool {
             generation,
             table: Arc::new(table),
             home,
+            last_sound: None,
         })
     }
 
@@ -284,8 +288,12 @@ impl Pool {
     /// Whether the table still holds what was published, open: whoever can
     /// write its file can change it (an address rewritten, the closed bit
     /// set). `None` if it is as it should be, else what is wrong.
-    pub fn table_fault(&self) -> Option<String> {
-        self.table.fault(&self.active, self.generation)
+    pub fn table_fault(&mut self) -> Option<String> {
+        let fault = self.table.fault(&self.active, self.generation);
+        if fault.is_none() {
+            self.last_sound = Some((self.table.position(), self.table.reloads()));
+        }
+        fault
     }
 
     /// A new table with the pool, in place of one that was tampered with:
@@ -294,13 +302,20 @@ impl Pool {
     pub fn rebuild_table(&mut self) -> Result<(), TableError> {
         let table = new_table(self.home.as_ref(), self.active.len() * 2, 0)?;
         let last = self.table.close();
-        table.set_seq(last.seq);
-        table.set_reloads(self.table.reloads());
+        // A table cut short lost its words: it continues from the last
+        // check that found it sound (at most a second of leases ago).
+        let (seq, cursors, reloads) = match (self.table.is_broken(), self.last_sound) {
+            (false, _) => (last.seq, last.cursors, self.table.reloads()),
+            (true, Some((p, r))) if p.generation == self.generation => (p.seq, p.cursors, r),
+            (true, Some((p, r))) => (p.seq, [0, 0], r),
+            (true, None) => (0, [0, 0], 0),
+        };
+        table.set_seq(seq);
+        table.set_reloads(reloads);
         let counts: Vec<u64> = vec![0; self.active.len()];
         let active = self.active.clone();
         table.publish(&active, &counts, self.generation, |f, _, _| {
-            last.cursor(f)
-                .min(family_total(&active, f).saturating_sub(1))
+            cursors[f.index()].min(family_total(&active, f).saturating_sub(1))
         })?;
         self.table = Arc::new(table);
         Ok(())

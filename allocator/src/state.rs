@@ -90,7 +90,10 @@ impl Inner {
             Some(Err(_)) => false,
         };
         if bad {
-            tracing::error!("the lease table handed out an address not in the pool, or was closed by someone else; replacing it");
+            match self.pool.table().is_broken() {
+                true => tracing::error!("the lease table's file was cut short (truncated) under rotor; replacing it"),
+                false => tracing::error!("the lease table handed out an address not in the pool, or was closed by someone else; replacing it"),
+            }
             answer = match self.rebuild_table() {
                 true => self.pool.lease(families),
                 // Never an address not in the pool: no answer this time.
@@ -120,6 +123,18 @@ impl Inner {
                 message: "the lease table is being repaired; ask again".into(),
             },
         }
+    }
+
+    /// See [`Allocator::repair_table`].
+    fn repair_table(&mut self) -> bool {
+        if self.closing {
+            return false;
+        }
+        let Some(fault) = self.pool.table_fault() else {
+            return false;
+        };
+        tracing::error!(%fault, "the lease table was tampered with; replacing it");
+        self.rebuild_table()
     }
 
     /// Replaces a tampered table (see `Pool::rebuild_table`); whether it
@@ -403,15 +418,7 @@ impl Allocator {
     /// (someone who can write its file changed it), replaces it: workers
     /// then attach to the new one. Whether it was replaced.
     pub fn repair_table(&self) -> bool {
-        let mut inner = self.lock();
-        if inner.closing {
-            return false;
-        }
-        let Some(fault) = inner.pool.table_fault() else {
-            return false;
-        };
-        tracing::error!(%fault, "the lease table was tampered with; replacing it");
-        inner.rebuild_table()
+        self.lock().repair_table()
     }
 
     /// Tells workers that the operator asked for a reload: they re-read
@@ -748,6 +755,9 @@ impl Allocator {
                 message: "this allocator shares no lease table; lease over the socket".into(),
             };
         };
+        // A worker that found the table closed or broken asks for its
+        // successor: never hand out one that is not sound.
+        inner.repair_table();
         let table = inner.pool.table().clone();
         let taken: Vec<u32> = inner
             .peers

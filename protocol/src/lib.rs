@@ -7,6 +7,7 @@
 pub mod addr;
 mod channel;
 mod codec;
+mod guard;
 mod handshake;
 mod message;
 mod report;

@@ -57,9 +57,14 @@
 //! site the allocator holds nothing for only costs that site's requests a
 //! round trip, answered from the shared rotation all the same.
 //!
-//! Whoever can write the file can disturb the rotation (or truncate it under
-//! the processes that map it): it gets the socket's group, so run workers
-//! only as the allocator's user or group, as `deploy/` does.
+//! Whoever can write the file can disturb the rotation: it gets the
+//! socket's group, so run workers only as the allocator's user or group, as
+//! `deploy/` does. What they write is never trusted blindly: workers check
+//! every lease against the pool the allocator describes over the socket,
+//! and the allocator checks the table every second and replaces it when it
+//! is not what it published. A file cut short under its mappings crashes no
+//! one either: the pages past its end would raise SIGBUS, and `guard` turns
+//! the mapping into a closed, empty table instead (`is_broken`).
 #![allow(unsafe_code)]
 
 use std::fs::{File, OpenOptions};
@@ -71,6 +76,7 @@ use std::path::Path;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::guard::Guard;
 use crate::message::{Families, Lease, NoAddress, Refusal};
 use crate::segment::{from_u128, Family, Segment};
 use crate::site::{site_bit, SITE_FILTER_BITS};
@@ -144,6 +150,8 @@ pub struct LeaseTable {
     words: usize,
     capacity: usize,
     id: u64,
+    /// Keeps a file mapping alive should the file be cut short (`guard`).
+    guard: Option<Guard>,
 }
 
 // SAFETY: `base` points into a shared mapping that lives as long as the
@@ -157,6 +165,8 @@ unsafe impl Sync for LeaseTable {}
 
 impl Drop for LeaseTable {
     fn drop(&mut self) {
+        // Unguarded first: the addresses may be reused once unmapped.
+        self.guard = None;
         // SAFETY: `base` and `words` are the mapping made in `map`, unmapped
         // once, here; nothing borrowed from it outlives `self`.
         unsafe { libc::munmap(self.base.as_ptr().cast(), self.words * 8) };
@@ -308,7 +318,12 @@ fn words_for(capacity: usize) -> usize {
     ENTRIES + 2 * capacity * ENTRY
 }
 
-fn map(file: Option<&File>, words: usize) -> Result<NonNull<AtomicU64>, TableError> {
+/// A shared mapping of `words` words: of `file`, guarded against the file
+/// being cut short (see `guard`), or anonymous.
+fn map(
+    file: Option<&File>,
+    words: usize,
+) -> Result<(NonNull<AtomicU64>, Option<Guard>), TableError> {
     let (flags, fd) = match file {
         Some(f) => (libc::MAP_SHARED, f.as_raw_fd()),
         None => (libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1),
@@ -329,7 +344,9 @@ fn map(file: Option<&File>, words: usize) -> Result<NonNull<AtomicU64>, TableErr
     if p == libc::MAP_FAILED {
         return Err(TableError::Map(io::Error::last_os_error()));
     }
-    Ok(NonNull::new(p.cast()).expect("mmap returned a null mapping"))
+    let guard = file.and_then(|_| Guard::register(p, words * 8, STATES, CLOSED));
+    let base = NonNull::new(p.cast()).expect("mmap returned a null mapping");
+    Ok((base, guard))
 }
 
 fn decode_entry(meta: u64, hi: u64, lo: u64) -> Option<Segment> {
@@ -411,11 +428,13 @@ impl LeaseTable {
 
     fn init(file: Option<&File>, capacity: usize, seq: u64) -> Result<LeaseTable, TableError> {
         let words = words_for(capacity);
+        let (base, guard) = map(file, words)?;
         let table = LeaseTable {
-            base: map(file, words)?,
+            base,
             words,
             capacity,
             id: fresh_id(),
+            guard,
         };
         // A new file or anonymous mapping is zero-filled: state 0 is half 0,
         // empty, open.
@@ -444,11 +463,13 @@ impl LeaseTable {
             return Err(TableError::Invalid(name()));
         }
         let words = bytes / 8;
+        let (base, guard) = map(Some(&file), words)?;
         let mut table = LeaseTable {
-            base: map(Some(&file), words)?,
+            base,
             words,
             capacity: 0,
             id: 0,
+            guard,
         };
         let capacity = table.word(2).load(Ordering::Relaxed) as usize;
         table.id = table.word(4).load(Ordering::Relaxed);
@@ -467,6 +488,12 @@ impl LeaseTable {
 
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// Whether the table's file was cut short under it: it now reads as
+    /// closed and empty (see `guard`), and its rotation is lost.
+    pub fn is_broken(&self) -> bool {
+        self.guard.as_ref().is_some_and(Guard::is_broken)
     }
 
     pub fn capacity(&self) -> usize {
@@ -784,6 +811,16 @@ impl LeaseTable {
     /// same half, the generation, each family's entry count, total and
     /// cursor, and every entry with its first index.
     pub fn fault(&self, want: &[Segment], generation: u64) -> Option<String> {
+        // Reading the words may find the file cut short (and the table
+        // replaced by a closed, empty one while read).
+        let fault = self.words_fault(want, generation);
+        match self.is_broken() {
+            true => Some("its file was cut short (truncated)".into()),
+            false => fault,
+        }
+    }
+
+    fn words_fault(&self, want: &[Segment], generation: u64) -> Option<String> {
         let s = self.states();
         if s.iter().any(|s| s & CLOSED != 0) {
             return Some("closed by someone else".into());

@@ -244,3 +244,65 @@ async fn a_tampered_lease_table_is_not_trusted_and_is_replaced() {
     serve_all(&[&worker], &origin, 10).await;
     assert!(!origin.sources().contains(&own));
 }
+
+/// A table file cut short under the processes that map it (to nothing, or
+/// past its states, so a lease reads a sound state and then faults on an
+/// entry) crashes none of them: without the guard every worker and the
+/// allocator died of SIGBUS. Requests go on over the socket, the allocator
+/// replaces the table, and workers lease from the new one.
+#[tokio::test]
+async fn a_lease_table_cut_short_crashes_no_one_and_is_replaced() {
+    let origin = Origin::start().await;
+    let mut alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.9"]).await;
+    let mut w1 = Worker::start(&alloc.socket, &[]).await;
+    let mut w2 = Worker::start(&alloc.socket, &[]).await;
+    serve_all(&[&w1, &w2], &origin, 8).await;
+    // Both map the table right after their handshake.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let path = alloc.socket.with_file_name("allocator.sock.leases");
+    let full = std::fs::metadata(&path).unwrap().len();
+    for cut in [0, 16_384] {
+        let before = table_words(&path)[4];
+        let (p1, p2) = (w1.addr, w2.addr);
+        let url = origin.url("/");
+        // Requests in flight while the file is cut.
+        let load = tokio::spawn(async move {
+            for i in 0..200 {
+                let proxy = if i % 2 == 0 { p1 } else { p2 };
+                let r = tokio::time::timeout(Duration::from_secs(3), get(proxy, &url))
+                    .await
+                    .expect("a request hung");
+                assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(cut)
+            .unwrap();
+        load.await.unwrap();
+        serve_all(&[&w1, &w2], &origin, 20).await;
+        assert!(alloc.proc.is_running(), "the allocator died (cut to {cut})");
+        assert!(w1.proc.is_running(), "a worker died (cut to {cut})");
+        assert!(w2.proc.is_running(), "a worker died (cut to {cut})");
+        let p = path.clone();
+        eventually("a whole new table", || {
+            let p = p.clone();
+            async move {
+                std::fs::metadata(&p).is_ok_and(|m| m.len() == full) && table_words(&p)[4] != before
+            }
+        })
+        .await;
+    }
+    // Workers lease from the new table again: a stopped allocator does not
+    // stop them.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    {
+        let _stopped = Stopped::new(&alloc);
+        serve_all(&[&w1, &w2], &origin, 16).await;
+    }
+    let pool = ips(2..=9);
+    assert!(origin.sources().iter().all(|ip| pool.contains(ip)));
+}
