@@ -141,16 +141,18 @@ impl Drop for TunnelOpen {
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus
 /// the proxy's own credentials: none of them crosses the proxy.
-const HOP_BY_HOP: [&str; 9] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
+/// Hop-by-hop headers (RFC 9110 §7.6.1, and the proxy's own), as names:
+/// a lookup by name hashes no text.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
 ];
 
 impl Proxy {
@@ -572,7 +574,7 @@ impl Proxy {
         &self,
         lease: Lease,
         addrs: &[SocketAddr],
-        (host, dest): (&str, &str),
+        (host, dest): (&str, Dest<'_>),
         sticky: Option<&Sticky>,
     ) -> Result<(Sender, Lease), ProxyError> {
         let (stream, lease) = self.connect_leased(lease, addrs, host, sticky).await?;
@@ -598,7 +600,7 @@ impl Proxy {
         &self,
         sender: &mut Sender,
         req: Request<UpstreamBody>,
-        dest: &str,
+        dest: Dest<'_>,
     ) -> Result<Result<Response<Incoming>, hyper::Error>, ProxyError> {
         let timeout = self.config.response_timeout;
         tokio::time::timeout(timeout, sender.send_request(req))
@@ -616,7 +618,8 @@ impl Proxy {
     ) -> Result<(Response<ProxyBody>, Lease), ProxyError> {
         let (host, port, host_header) = absolute_target(req.uri())?;
         let (addrs, (mut lease, watch)) = self.resolve_and_lease(&host, port, sticky).await?;
-        let dest = format!("{host}:{port}");
+        // Formatted only for an error or a log line.
+        let dest = Dest(&host, port);
         let mut key = Key {
             source: lease.ip,
             host: host.to_ascii_lowercase(),
@@ -634,7 +637,7 @@ impl Proxy {
         let (mut sender, reused) = match self.upstream.checkout(&key).await {
             Some(s) => (s, true),
             None => {
-                let (s, dialed) = self.dial(lease, &addrs, (&host, &dest), sticky).await?;
+                let (s, dialed) = self.dial(lease, &addrs, (&host, dest), sticky).await?;
                 // Another address, if the leased one could not be used.
                 lease = dialed;
                 key.source = lease.ip;
@@ -665,7 +668,7 @@ impl Proxy {
             false => Either::Left(body),
         };
         let resp = match self
-            .exchange(&mut sender, Request::from_parts(parts, body), &dest)
+            .exchange(&mut sender, Request::from_parts(parts, body), dest)
             .await?
         {
             Ok(r) => r,
@@ -680,16 +683,21 @@ impl Proxy {
                 *req.method_mut() = method;
                 *req.uri_mut() = uri;
                 *req.headers_mut() = headers;
-                (sender, lease) = self.dial(lease, &addrs, (&host, &dest), sticky).await?;
+                (sender, lease) = self.dial(lease, &addrs, (&host, dest), sticky).await?;
                 key.source = lease.ip;
-                self.exchange(&mut sender, req, &dest)
+                self.exchange(&mut sender, req, dest)
                     .await?
                     .map_err(|source| ProxyError::Upstream {
-                        dest: dest.clone(),
+                        dest: dest.to_string(),
                         source,
                     })?
             }
-            Err(source) => return Err(ProxyError::Upstream { dest, source }),
+            Err(source) => {
+                return Err(ProxyError::Upstream {
+                    dest: dest.to_string(),
+                    source,
+                })
+            }
         };
         let (mut parts, body) = resp.into_parts();
         self.observe(&host, &lease, watch, parts.status, &parts.headers);
@@ -831,6 +839,16 @@ impl std::fmt::Display for LogTarget {
     }
 }
 
+/// A destination as `host:port`, formatted only when shown.
+#[derive(Clone, Copy)]
+struct Dest<'a>(&'a str, u16);
+
+impl std::fmt::Display for Dest<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.0, self.1)
+    }
+}
+
 /// Whether a request that failed on a reused upstream connection, before any
 /// response, may be sent again on a new one: the destination closing an idle
 /// connection just as a request goes out is routine. As other HTTP clients
@@ -910,11 +928,10 @@ fn absolute_target(uri: &Uri) -> Result<(String, u16, HeaderValue), ProxyError> 
     if port == 0 {
         return Err(ProxyError::BadRequest("port 0 is not a destination".into()));
     }
-    let host_header = match auth.port() {
-        Some(p) => format!("{host}:{p}"),
-        None => host.to_string(),
-    };
-    let host_header = HeaderValue::from_str(&host_header).map_err(|_| {
+    // `host[:port]` as the target wrote it, without the userinfo (and
+    // without the colon of an empty port).
+    let host_port = host_port.strip_suffix(':').unwrap_or(host_port);
+    let host_header = HeaderValue::from_str(host_port).map_err(|_| {
         ProxyError::BadRequest("the target host is not a valid header value".into())
     })?;
     Ok((host.to_string(), port, host_header))
@@ -944,9 +961,11 @@ fn connect_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
 
 fn origin_form(uri: &Uri) -> Uri {
     match uri.path_and_query() {
+        // The path and query as parsed (shared bytes: no copy, no parse).
         Some(pq) if pq.as_str().starts_with('/') => {
-            Uri::from_maybe_shared(Bytes::copy_from_slice(pq.as_str().as_bytes()))
-                .unwrap_or_else(|_| Uri::from_static("/"))
+            let mut parts = http::uri::Parts::default();
+            parts.path_and_query = Some(pq.clone());
+            Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
         }
         // `http://host?q` has a query but an empty path.
         Some(pq) => format!("/{}", pq.as_str())
@@ -981,6 +1000,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::TRANSFER_ENCODING) {
         headers.remove(header::CONTENT_LENGTH);
     }
+    // Most messages carry none of them: one pass over the names says so.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -991,7 +1014,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in listed {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
 }
