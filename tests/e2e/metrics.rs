@@ -481,3 +481,31 @@ async fn the_admin_api_steers_addresses_with_its_token_only() {
     let _other = Allocator::start(&["--pool", "127.0.0.2", "--metrics-listen", &p]).await;
     assert_eq!(post(plain, "/admin/release", Some(token), body).0, 404);
 }
+
+/// A tunnel closed for silence (as most browser tunnels end) still counts
+/// the bytes it moved; they were lost unless the relay ended cleanly.
+#[tokio::test]
+async fn a_tunnel_closed_for_silence_still_counts_its_bytes() {
+    let echo = Echo::start().await;
+    let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let listen = metrics.to_string();
+    let alloc = Allocator::start(&["--pool", "127.0.0.2", "--metrics-listen", &listen]).await;
+    let worker = Worker::start(&alloc.socket, &["--tunnel-idle-timeout", "300ms"]).await;
+    let (code, mut t) = connect_tunnel(worker.addr, &echo.addr.to_string()).await;
+    assert_eq!(code, 200);
+    t.write_all(&[b'x'; 1000]).await.unwrap();
+    let mut back = [0u8; 1000];
+    t.read_exact(&mut back).await.unwrap();
+    // Silence: the worker closes the tunnel.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), t.read_to_end(&mut rest))
+        .await
+        .expect("the idle tunnel was not closed")
+        .ok();
+    eventually("the tunnel's bytes in the metrics", || async {
+        let m = scrape(metrics);
+        sum(&m, "rotor_source_sent_bytes_total", "") >= 1000.0
+            && sum(&m, "rotor_source_received_bytes_total", "") >= 1000.0
+    })
+    .await;
+}

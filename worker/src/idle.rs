@@ -12,11 +12,21 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-/// When bytes last moved, in milliseconds since `base`.
+/// When bytes last moved, in milliseconds since `base`, and how many moved
+/// each way (counted by `IdleIo` and the tunnel relay), so a tunnel that
+/// ends in an error or for silence still has its bytes counted.
 #[derive(Clone)]
 pub struct Activity {
     base: Instant,
-    last_ms: Arc<AtomicU64>,
+    state: Arc<State>,
+}
+
+#[derive(Default)]
+struct State {
+    last_ms: AtomicU64,
+    /// From the client (up), to the client (down).
+    up: AtomicU64,
+    down: AtomicU64,
 }
 
 impl Default for Activity {
@@ -29,20 +39,36 @@ impl Activity {
     pub fn new() -> Activity {
         Activity {
             base: Instant::now(),
-            last_ms: Arc::new(AtomicU64::new(0)),
+            state: Arc::default(),
         }
     }
 
     pub fn touch(&self) {
         let ms = self.base.elapsed().as_millis() as u64;
         // Relaxed: a few milliseconds of staleness do not matter here.
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.state.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// `n` bytes moved, from the client (`up`) or to it; touches too.
+    pub fn moved(&self, up: bool, n: u64) {
+        self.touch();
+        let count = if up { &self.state.up } else { &self.state.down };
+        count.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Bytes moved so far: from the client, to the client.
+    pub fn bytes(&self) -> (u64, u64) {
+        (
+            self.state.up.load(Ordering::Relaxed),
+            self.state.down.load(Ordering::Relaxed),
+        )
     }
 
     /// Resolves once nothing has moved for `limit`.
     pub async fn idle_for(&self, limit: Duration) {
         loop {
-            let last = self.base + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let last =
+                self.base + Duration::from_millis(self.state.last_ms.load(Ordering::Relaxed));
             let due = last + limit;
             if Instant::now() >= due {
                 return;
@@ -75,8 +101,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+        let n = buf.filled().len() - before;
+        if matches!(r, Poll::Ready(Ok(()))) && n > 0 {
+            self.activity.moved(true, n as u64);
         }
         r
     }
@@ -89,8 +116,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, data);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+        if let Poll::Ready(Ok(n @ 1..)) = r {
+            self.activity.moved(false, n as u64);
         }
         r
     }
@@ -101,8 +128,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
+        if let Poll::Ready(Ok(n @ 1..)) = r {
+            self.activity.moved(false, n as u64);
         }
         r
     }

@@ -371,12 +371,10 @@ impl Proxy {
                 r = relay => Some(r),
                 _ = activity.idle_for(idle_limit) => None,
             };
-            log_tunnel(
-                log,
-                &lease,
-                result.as_ref().and_then(|r| r.as_ref().ok()).copied(),
-            );
-            log_tunnel_end(client, &dest, &lease, result, &open.0);
+            // Whatever ended it, the bytes that moved.
+            let bytes = activity.bytes();
+            log_tunnel(log, &lease, Some(bytes));
+            log_tunnel_end(client, &dest, &lease, result, bytes, &open.0);
         });
     }
 
@@ -746,8 +744,10 @@ impl Proxy {
                 r = relay => Some(r),
                 _ = activity.idle_for(idle_limit) => None,
             };
-            log_tunnel(log, &lease, result.as_ref().and_then(|r| r.as_ref().ok()).copied());
-            log_tunnel_end(client, &dest, &lease, result, &open.0);
+            // Whatever ended it, the bytes that moved.
+            let bytes = activity.bytes();
+            log_tunnel(log, &lease, Some(bytes));
+            log_tunnel_end(client, &dest, &lease, result, bytes, &open.0);
         });
         let mut resp = Response::builder()
             .status(StatusCode::OK)
@@ -795,24 +795,23 @@ fn log_target(uri: &Uri, connect: bool) -> String {
 }
 
 /// One line when a tunnel ends (`None`: closed for silence), and its
-/// bytes counted.
+/// bytes (`up`, `down`: however it ended) counted.
 fn log_tunnel_end(
     client: SocketAddr,
     dest: &str,
     lease: &Lease,
     result: Option<std::io::Result<(u64, u64)>>,
+    (up, down): (u64, u64),
     meter: &Meter,
 ) {
-    if let Some(Ok((up, down))) = &result {
-        meter.bytes(lease.ip, *up, *down);
-    }
+    meter.bytes(lease.ip, up, down);
     match result {
-        None => debug!(%client, %dest, source = %lease.ip, "tunnel idle; closed"),
-        Some(Ok((up, down))) => {
+        None => debug!(%client, %dest, source = %lease.ip, up, down, "tunnel idle; closed"),
+        Some(Ok(_)) => {
             debug!(%client, %dest, source = %lease.ip, up, down, "tunnel closed")
         }
         Some(Err(e)) => {
-            debug!(%client, %dest, source = %lease.ip, error = %e, "tunnel ended with an error")
+            debug!(%client, %dest, source = %lease.ip, up, down, error = %e, "tunnel ended with an error")
         }
     }
 }

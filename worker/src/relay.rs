@@ -105,6 +105,7 @@ pub async fn tunnel(
                 let early = parts.read_buf.len() as u64;
                 if early > 0 {
                     tokio::io::AsyncWriteExt::write_all(&mut upstream, &parts.read_buf).await?;
+                    activity.moved(true, early);
                 }
                 let mut client = IdleIo::new(tls, activity.clone());
                 let (up, down) = tokio::io::copy_bidirectional_with_sizes(
@@ -153,13 +154,13 @@ async fn splice_tcp(
 ) -> io::Result<(u64, u64)> {
     if !early.is_empty() {
         upstream.write_all(&early).await?;
-        activity.touch();
+        activity.moved(true, early.len() as u64);
     }
     cap_if_short(&client, Buffer::Receive);
     cap_if_short(&upstream, Buffer::Send);
     let ended = AtomicBool::new(false);
-    let up = one_way(&client, &upstream, &ended, activity, pipes);
-    let down = one_way(&upstream, &client, &ended, activity, pipes);
+    let up = one_way((&client, &upstream, true), &ended, activity, pipes);
+    let down = one_way((&upstream, &client, false), &ended, activity, pipes);
     let (up, down) = tokio::try_join!(up, down)?;
     Ok((up + early.len() as u64, down))
 }
@@ -167,10 +168,10 @@ async fn splice_tcp(
 /// Moves bytes from `src` to `dst` until `src` ends, then shuts `dst` for
 /// writing, unless the other way had `ended` already: then both sockets are
 /// about to close, which sends the FIN (one system call fewer per tunnel).
-/// Returns the bytes moved.
+/// Returns the bytes moved, also counted in `activity` as they move (`up`:
+/// from the client).
 async fn one_way(
-    src: &TcpStream,
-    dst: &TcpStream,
+    (src, dst, up): (&TcpStream, &TcpStream, bool),
     ended: &AtomicBool,
     activity: &Activity,
     pipes: bool,
@@ -198,7 +199,7 @@ async fn one_way(
                 _ => return Ok(total),
             },
             Ok(n) => {
-                activity.touch();
+                activity.moved(up, n as u64);
                 total += n as u64;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
