@@ -614,7 +614,7 @@ impl Proxy {
         req: Request<Incoming>,
         sticky: Option<&Sticky>,
     ) -> Result<(Response<ProxyBody>, Lease), ProxyError> {
-        let (host, port, host_header) = absolute_target(req.uri())?;
+        let (host, port) = absolute_target(req.uri())?;
         let (addrs, (mut lease, watch)) = self.resolve_and_lease(&host, port, sticky).await?;
         // Formatted only for an error or a log line.
         let dest = Dest(&host, port);
@@ -628,8 +628,16 @@ impl Proxy {
         strip_hop_by_hop(&mut parts.headers);
         // The client's `Expect: 100-continue` was answered by this side.
         parts.headers.remove(header::EXPECT);
-        // RFC 9112 §3.2.2: the target's authority replaces any Host sent.
-        parts.headers.insert(header::HOST, host_header);
+        // RFC 9112 §3.2.2: the target's authority replaces any Host sent
+        // (most clients send that same text: then it is kept as it is).
+        let authority = host_value(&parts.uri);
+        if parts.headers.get(header::HOST).map(HeaderValue::as_bytes) != Some(authority.as_bytes())
+        {
+            let value = HeaderValue::from_str(authority).map_err(|_| {
+                ProxyError::BadRequest("the target host is not a valid header value".into())
+            })?;
+            parts.headers.insert(header::HOST, value);
+        }
         parts.uri = origin_form(&parts.uri);
         parts.version = Version::HTTP_11;
         let (mut sender, reused) = match self.upstream.checkout(&key).await {
@@ -867,14 +875,14 @@ pub fn check_target(uri: &Uri, connect: bool) -> Result<(String, u16), ProxyErro
     if connect {
         connect_target(uri)
     } else {
-        let (host, port, _) = absolute_target(uri)?;
+        let (host, port) = absolute_target(uri)?;
         origin_form(uri);
         Ok((host, port))
     }
 }
 
 /// `host`, `port` and the `Host` header value of an absolute-form target.
-fn absolute_target(uri: &Uri) -> Result<(String, u16, HeaderValue), ProxyError> {
+fn absolute_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
     match uri.scheme_str() {
         Some("http") => {}
         Some("https") => {
@@ -927,13 +935,16 @@ fn absolute_target(uri: &Uri) -> Result<(String, u16, HeaderValue), ProxyError> 
     if port == 0 {
         return Err(ProxyError::BadRequest("port 0 is not a destination".into()));
     }
-    // `host[:port]` as the target wrote it, without the userinfo (and
-    // without the colon of an empty port).
-    let host_port = host_port.strip_suffix(':').unwrap_or(host_port);
-    let host_header = HeaderValue::from_str(host_port).map_err(|_| {
-        ProxyError::BadRequest("the target host is not a valid header value".into())
-    })?;
-    Ok((host.to_string(), port, host_header))
+    Ok((host.to_string(), port))
+}
+
+/// The `Host` value of an absolute-form target: `host[:port]` as the
+/// target wrote it, without the userinfo (and without the colon of an
+/// empty port); empty without an authority.
+fn host_value(uri: &Uri) -> &str {
+    let auth = uri.authority().map_or("", |a| a.as_str());
+    let host_port = auth.rsplit_once('@').map_or(auth, |(_, h)| h);
+    host_port.strip_suffix(':').unwrap_or(host_port)
 }
 
 /// `host` and `port` of a CONNECT target (`authority-form`, port required).
@@ -1003,18 +1014,40 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
         return;
     }
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        headers.remove(name);
+    // The names `Connection` lists go too, looked up as text (no name is
+    // built). Its value is cloned (shared bytes, no copy) to let go of the
+    // map; a list only for the rare message with several.
+    let mut values = headers.get_all(header::CONNECTION).iter();
+    match (values.next().cloned(), values.next().is_some()) {
+        (None, _) => {}
+        (Some(one), false) => remove_listed(headers, &one),
+        (Some(_), true) => {
+            let all: Vec<HeaderValue> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .cloned()
+                .collect();
+            for value in &all {
+                remove_listed(headers, value);
+            }
+        }
     }
     for name in &HOP_BY_HOP {
         headers.remove(name);
+    }
+}
+
+/// Removes the headers a `Connection` value names; `close` and
+/// `keep-alive` (the usual tokens) need no lookup.
+fn remove_listed(headers: &mut HeaderMap, value: &HeaderValue) {
+    let Ok(text) = value.to_str() else { return };
+    for token in text.split(',').map(str::trim) {
+        if !token.is_empty()
+            && !token.eq_ignore_ascii_case("close")
+            && !token.eq_ignore_ascii_case("keep-alive")
+        {
+            headers.remove(token);
+        }
     }
 }
 
@@ -1024,11 +1057,15 @@ mod tests {
 
     #[test]
     fn absolute_targets() {
-        let (h, p, hh) = absolute_target(&"http://example.com/x".parse().unwrap()).unwrap();
+        let uri = "http://example.com/x".parse().unwrap();
+        let (h, p) = absolute_target(&uri).unwrap();
         assert_eq!(
-            (h.as_str(), p, hh.to_str().unwrap()),
+            (h.as_str(), p, host_value(&uri)),
             ("example.com", 80, "example.com")
         );
+        let uri = "http://Example.COM:/x".parse().unwrap();
+        assert_eq!(absolute_target(&uri).unwrap().1, 80);
+        assert_eq!(host_value(&uri), "Example.COM");
         // The head's size counts the target as sent.
         let req = Request::get("http://example.com:8080/a?b")
             .header("x", "yy")
@@ -1039,16 +1076,20 @@ mod tests {
             "GET http://example.com:8080/a?b HTTP/1.1\r\nx: yy\r\n\r\n".len()
         );
         // A password in the target is no port, and shows nowhere.
-        let (h, p, _) =
-            absolute_target(&"http://user:TopSecret@origin.test/".parse().unwrap()).unwrap();
-        assert_eq!((h.as_str(), p), ("origin.test", 80));
+        let uri = "http://user:TopSecret@origin.test/".parse().unwrap();
+        let (h, p) = absolute_target(&uri).unwrap();
+        assert_eq!(
+            (h.as_str(), p, host_value(&uri)),
+            ("origin.test", 80, "origin.test")
+        );
         let err = absolute_target(&"http://user:TopSecret@origin.test:x/".parse().unwrap())
             .unwrap_err()
             .to_string();
         assert!(!err.contains("TopSecret"), "{err}");
-        let (h, p, hh) = absolute_target(&"http://u:pw@[::1]:8080/".parse().unwrap()).unwrap();
+        let uri = "http://u:pw@[::1]:8080/".parse().unwrap();
+        let (h, p) = absolute_target(&uri).unwrap();
         assert_eq!(
-            (h.as_str(), p, hh.to_str().unwrap()),
+            (h.as_str(), p, host_value(&uri)),
             ("[::1]", 8080, "[::1]:8080")
         );
         for bad in [
