@@ -58,6 +58,18 @@ pub struct TableHome {
     pub group: Option<nix::unistd::Gid>,
 }
 
+/// What a table hands on to the one that replaces it.
+#[derive(Debug, Default)]
+struct Carried {
+    seq: u64,
+    reloads: u64,
+    /// By `Family::index`.
+    next_due: [Option<IpAddr>; 2],
+    cursors: [u64; 2],
+    /// Its file was cut short.
+    broken: bool,
+}
+
 /// A table at `home` (or in memory) with room for `capacity` addresses.
 fn new_table(
     home: Option<&TableHome>,
@@ -239,13 +251,18 @@ impl Pool {
                 // Then the old one is closed, so the rotation carries over
                 // exactly; workers find it closed and ask for the new one.
                 let table = new_table(self.home.as_ref(), active.len() * 2, 0)?;
-                let last = self.table.close();
+                let last = self.close_table();
                 table.set_seq(last.seq);
-                table.set_reloads(self.table.reloads());
+                table.set_reloads(last.reloads);
                 table.publish(&active, &counts, generation, |f, _, _| {
-                    cursor(f, last.next_due(f), last.cursor(f))
+                    cursor(f, last.next_due[f.index()], last.cursors[f.index()])
                 })?;
-                tracing::info!(capacity = table.capacity(), "lease table grown");
+                match last.broken {
+                    true => tracing::error!(
+                        "the lease table's file was cut short (truncated) under rotor; replaced"
+                    ),
+                    false => tracing::info!(capacity = table.capacity(), "lease table grown"),
+                }
                 self.table = Arc::new(table);
             }
             Err(e) => return Err(e),
@@ -291,9 +308,48 @@ impl Pool {
     pub fn table_fault(&mut self) -> Option<String> {
         let fault = self.table.fault(&self.active, self.generation);
         if fault.is_none() {
-            self.last_sound = Some((self.table.position(), self.table.reloads()));
+            let sound = (self.table.position(), self.table.reloads());
+            // Not if the file was cut while read.
+            if !self.table.is_broken() {
+                self.last_sound = Some(sound);
+            }
         }
         fault
+    }
+
+    /// Closes the table (before a new one takes its place) and returns its
+    /// final rotation; for a table whose file was cut short, the rotation
+    /// of its last sound check (at most a second of leases back), and its
+    /// file is cut to nothing so every process still mapping it moves on.
+    fn close_table(&self) -> Carried {
+        let last = self.table.close();
+        if !self.table.is_broken() {
+            return Carried {
+                seq: last.seq,
+                reloads: self.table.reloads(),
+                next_due: Family::ALL.map(|f| last.next_due(f)),
+                cursors: last.cursors,
+                broken: false,
+            };
+        }
+        self.table.condemn();
+        let Some((p, reloads)) = self.last_sound else {
+            return Carried {
+                broken: true,
+                ..Carried::default()
+            };
+        };
+        Carried {
+            seq: p.seq,
+            reloads,
+            next_due: p.next_due,
+            // Cursors count through the pool of their generation.
+            cursors: match p.generation == self.generation {
+                true => p.cursors,
+                false => [0, 0],
+            },
+            broken: true,
+        }
     }
 
     /// A new table with the pool, in place of one that was tampered with:
@@ -301,21 +357,13 @@ impl Pool {
     /// still sane; the old one is closed, so workers attach to the new one.
     pub fn rebuild_table(&mut self) -> Result<(), TableError> {
         let table = new_table(self.home.as_ref(), self.active.len() * 2, 0)?;
-        let last = self.table.close();
-        // A table cut short lost its words: it continues from the last
-        // check that found it sound (at most a second of leases ago).
-        let (seq, cursors, reloads) = match (self.table.is_broken(), self.last_sound) {
-            (false, _) => (last.seq, last.cursors, self.table.reloads()),
-            (true, Some((p, r))) if p.generation == self.generation => (p.seq, p.cursors, r),
-            (true, Some((p, r))) => (p.seq, [0, 0], r),
-            (true, None) => (0, [0, 0], 0),
-        };
-        table.set_seq(seq);
-        table.set_reloads(reloads);
+        let last = self.close_table();
+        table.set_seq(last.seq);
+        table.set_reloads(last.reloads);
         let counts: Vec<u64> = vec![0; self.active.len()];
         let active = self.active.clone();
         table.publish(&active, &counts, self.generation, |f, _, _| {
-            cursors[f.index()].min(family_total(&active, f).saturating_sub(1))
+            last.cursors[f.index()].min(family_total(&active, f).saturating_sub(1))
         })?;
         self.table = Arc::new(table);
         Ok(())

@@ -803,6 +803,11 @@ impl Allocator {
     /// a restarted allocator reads first: see `server::run`).
     pub fn persist(&self) {
         let mut inner = self.lock();
+        // A table cut short reads as zeros: keep the last good record
+        // until it is replaced.
+        if inner.pool.table().is_broken() {
+            return;
+        }
         let p = inner.pool.table().position();
         let saved = Saved {
             generation: inner.pool.generation().max(p.generation),

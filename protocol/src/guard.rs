@@ -19,7 +19,7 @@
 //! `mremap`, `munmap`, `sigaction`, `raise` (raw system calls).
 #![allow(unsafe_code)]
 
-use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Once, OnceLock};
 
 /// Mappings that can be registered at once (a process maps one table, two
@@ -32,22 +32,27 @@ const REPLACED: u8 = 2;
 const FAILED: u8 = 3;
 
 struct Slot {
+    /// Bumped before and after a slot is armed or freed: odd while it
+    /// changes, so the handler never pairs one mapping's start with
+    /// another's length.
+    version: AtomicUsize,
     /// 0: free.
     start: AtomicUsize,
     len: AtomicUsize,
     state: AtomicU8,
     /// Words of the replacement to set to `closed` (the state words).
     closed_words: [AtomicUsize; 2],
-    closed_value: AtomicUsize,
+    closed_value: AtomicU64,
 }
 
 #[allow(clippy::declare_interior_mutable_const)]
 const FREE: Slot = Slot {
+    version: AtomicUsize::new(0),
     start: AtomicUsize::new(0),
     len: AtomicUsize::new(0),
     state: AtomicU8::new(LIVE),
     closed_words: [AtomicUsize::new(0), AtomicUsize::new(0)],
-    closed_value: AtomicUsize::new(0),
+    closed_value: AtomicU64::new(0),
 };
 
 static TABLE: [Slot; SLOTS] = [FREE; SLOTS];
@@ -82,12 +87,14 @@ impl Guard {
             {
                 continue;
             }
+            slot.version.fetch_add(1, Ordering::AcqRel);
             slot.state.store(LIVE, Ordering::Relaxed);
             for (w, k) in slot.closed_words.iter().zip(closed_words) {
                 w.store(k, Ordering::Relaxed);
             }
-            slot.closed_value.store(closed as usize, Ordering::Relaxed);
+            slot.closed_value.store(closed, Ordering::Relaxed);
             slot.start.store(start as usize, Ordering::Release);
+            slot.version.fetch_add(1, Ordering::AcqRel);
             return Some(Guard { slot: i });
         }
         None
@@ -103,7 +110,10 @@ impl Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         let slot = &TABLE[self.slot];
+        slot.version.fetch_add(1, Ordering::AcqRel);
         slot.start.store(0, Ordering::Release);
+        slot.version.fetch_add(1, Ordering::AcqRel);
+        // Free for the next `register` only now.
         slot.len.store(0, Ordering::Release);
     }
 }
@@ -130,15 +140,19 @@ fn install() {
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
     let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
-    // Only faults (not a SIGBUS sent by kill) carry an address.
-    if code > 0 {
+    // Only an access past a file's end (not a SIGBUS sent by kill, nor a
+    // hardware error) is ours to mend.
+    if code == libc::BUS_ADRERR {
         for slot in TABLE.iter() {
+            // A slot changing (odd) is not mapped or no longer used: no
+            // access of it can be faulting.
+            let version = slot.version.load(Ordering::Acquire);
             let start = slot.start.load(Ordering::Acquire);
-            if start == 0 || addr < start {
+            let len = slot.len.load(Ordering::Acquire);
+            if version % 2 == 1 || slot.version.load(Ordering::Acquire) != version {
                 continue;
             }
-            let len = slot.len.load(Ordering::Acquire);
-            if addr >= start + len {
+            if start == 0 || addr < start || addr >= start + len {
                 continue;
             }
             match slot
@@ -187,7 +201,7 @@ fn replace(slot: &Slot, start: usize, len: usize) -> bool {
         if p == libc::MAP_FAILED {
             return false;
         }
-        let closed = slot.closed_value.load(Ordering::Relaxed) as u64;
+        let closed = slot.closed_value.load(Ordering::Relaxed);
         for w in &slot.closed_words {
             let k = w.load(Ordering::Relaxed);
             if (k + 1) * 8 <= len {
@@ -212,7 +226,12 @@ fn replace(slot: &Slot, start: usize, len: usize) -> bool {
 /// What would have happened without this handler.
 fn forward(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     let previous = PREVIOUS.get().copied();
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    let sent = unsafe { (*info).si_code } <= 0;
     match previous {
+        // A SIGBUS sent (not a fault) to a process that ignored SIGBUS
+        // stays ignored.
+        Some(p) if p.sa_sigaction == libc::SIG_IGN && sent => {}
         Some(p) if p.sa_sigaction != libc::SIG_DFL && p.sa_sigaction != libc::SIG_IGN => {
             if p.sa_flags & libc::SA_SIGINFO != 0 {
                 // SAFETY: the previous handler was installed with
@@ -236,8 +255,7 @@ fn forward(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void)
                 dfl.sa_sigaction = libc::SIG_DFL;
                 libc::sigemptyset(&mut dfl.sa_mask);
                 libc::sigaction(sig, &dfl, std::ptr::null_mut());
-                // SAFETY (of the read): as above.
-                if (*info).si_code <= 0 {
+                if sent {
                     libc::raise(sig);
                 }
             }

@@ -152,6 +152,10 @@ pub struct LeaseTable {
     id: u64,
     /// Keeps a file mapping alive should the file be cut short (`guard`).
     guard: Option<Guard>,
+    /// The file mapped, to see it was cut short before any page faults,
+    /// and to cut a broken table's file for every other process
+    /// (`condemn`).
+    file: Option<File>,
 }
 
 // SAFETY: `base` points into a shared mapping that lives as long as the
@@ -435,6 +439,7 @@ impl LeaseTable {
             capacity,
             id: fresh_id(),
             guard,
+            file: file.and_then(|f| f.try_clone().ok()),
         };
         // A new file or anonymous mapping is zero-filled: state 0 is half 0,
         // empty, open.
@@ -470,6 +475,7 @@ impl LeaseTable {
             capacity: 0,
             id: 0,
             guard,
+            file: Some(file),
         };
         let capacity = table.word(2).load(Ordering::Relaxed) as usize;
         table.id = table.word(4).load(Ordering::Relaxed);
@@ -490,10 +496,26 @@ impl LeaseTable {
         self.id
     }
 
-    /// Whether the table's file was cut short under it: it now reads as
-    /// closed and empty (see `guard`), and its rotation is lost.
+    /// Whether the table's file was cut short under it: its rotation is
+    /// lost, and a page past the end reads as a closed, empty table (see
+    /// `guard`) once touched.
     pub fn is_broken(&self) -> bool {
         self.guard.as_ref().is_some_and(Guard::is_broken)
+            || self
+                .file
+                .as_ref()
+                .and_then(|f| f.metadata().ok())
+                .is_some_and(|m| m.len() < (self.words * 8) as u64)
+    }
+
+    /// Cuts a broken table's file to nothing (it has been replaced: the
+    /// path names its successor), so that every process still mapping it
+    /// finds it closed at its next lease, whichever pages it touches; a
+    /// file cut past the pages they use would otherwise go on serving.
+    pub fn condemn(&self) {
+        if let Some(f) = &self.file {
+            let _ = f.set_len(0);
+        }
     }
 
     pub fn capacity(&self) -> usize {

@@ -20,7 +20,8 @@ use std::time::Duration;
 use rotor_protocol::{
     client_handshake, error_chain, Channel, ClientChannel, ClientFrame, Envelope, Families,
     HandshakeError, Hello, Lease, LeaseTable, NoAddress, Refusal, Request, Response, Role, Segment,
-    ServerFrame, SiteMode, MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_SITES, POOL_TOO_LARGE,
+    ServerFrame, SiteMode, TableError, MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_SITES,
+    POOL_TOO_LARGE,
 };
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -264,6 +265,9 @@ impl LeaseClient {
         let current = conn.table.read().unwrap_or_else(|e| e.into_inner());
         current
             .as_ref()
+            // A closed table's count may be gone (a table cut short reads
+            // as zeros): no reload is read from it.
+            .filter(|(table, _)| !table.is_closed())
             .map(|(table, _)| (table.id(), table.reloads()))
     }
 
@@ -618,6 +622,14 @@ async fn attach(conn: &Conn, id: u64) -> bool {
                     debug!(table = %path, ?slot, "leasing from the allocator's table");
                     *conn.table.write().unwrap_or_else(|e| e.into_inner()) =
                         Some((Arc::new(table), slot));
+                    true
+                }
+                // Not the table announced (replaced or cut short since):
+                // over the socket, and asked for again shortly.
+                Err(e @ TableError::Invalid(_)) => {
+                    debug!(error = %error_chain(&e), "the allocator's lease table changed under this worker; asking again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    conn.reattach.notify_one();
                     true
                 }
                 Err(e) => {
