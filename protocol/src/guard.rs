@@ -17,6 +17,11 @@
 //!
 //! Everything the handler does is async-signal-safe: atomics, `mmap`,
 //! `mremap`, `munmap`, `sigaction`, `raise` (raw system calls).
+//!
+//! One thing it does not undo: a SIGBUS *sent* (`kill -BUS`) is passed to
+//! Rust's handler, which, as before, sets the default action back and
+//! returns; from then on a cut file kills the process again, as it did
+//! before this guard existed.
 #![allow(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
