@@ -140,8 +140,7 @@ impl Drop for TunnelOpen {
 }
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus
-/// the proxy's own credentials: none of them crosses the proxy.
-/// Hop-by-hop headers (RFC 9110 §7.6.1, and the proxy's own), as names:
+/// the proxy's own credentials: none of them crosses the proxy. As names:
 /// a lookup by name hashes no text.
 const HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
@@ -371,10 +370,7 @@ impl Proxy {
                 r = relay => Some(r),
                 _ = activity.idle_for(idle_limit) => None,
             };
-            // Whatever ended it, the bytes that moved.
-            let bytes = activity.bytes();
-            log_tunnel(log, &lease, Some(bytes));
-            log_tunnel_end(client, &dest, &lease, result, bytes, &open.0);
+            log_tunnel_end(log, (client, &dest, &lease), result, &activity, &open.0);
         });
     }
 
@@ -741,7 +737,7 @@ impl Proxy {
                 Ok(u) => u,
                 Err(e) => {
                     debug!(%client, %dest, error = %error_chain(&e), "client left before the tunnel opened");
-                    log_tunnel(log, &lease, None);
+                    log_tunnel(log, &lease, (0, 0));
                     return;
                 }
             };
@@ -752,10 +748,7 @@ impl Proxy {
                 r = relay => Some(r),
                 _ = activity.idle_for(idle_limit) => None,
             };
-            // Whatever ended it, the bytes that moved.
-            let bytes = activity.bytes();
-            log_tunnel(log, &lease, Some(bytes));
-            log_tunnel_end(client, &dest, &lease, result, bytes, &open.0);
+            log_tunnel_end(log, (client, &dest, &lease), result, &activity, &open.0);
         });
         let mut resp = Response::builder()
             .status(StatusCode::OK)
@@ -777,11 +770,11 @@ impl Proxy {
 }
 
 /// A tunnel's access log line, when it closes: its bytes each way.
-fn log_tunnel(log: Option<(Arc<AccessLog>, Entry)>, lease: &Lease, bytes: Option<(u64, u64)>) {
+fn log_tunnel(log: Option<(Arc<AccessLog>, Entry)>, lease: &Lease, bytes: (u64, u64)) {
     if let Some((log, mut e)) = log {
         e.source = Some(lease.ip);
         e.status = 200;
-        (e.sent, e.received) = bytes.unwrap_or((0, 0));
+        (e.sent, e.received) = bytes;
         log.log(&e);
     }
 }
@@ -802,17 +795,19 @@ fn log_target(uri: &Uri, connect: bool) -> String {
     }
 }
 
-/// One line when a tunnel ends (`None`: closed for silence), and its
-/// bytes (`up`, `down`: however it ended) counted.
+/// When a tunnel ends (`None`: closed for silence): its bytes, however it
+/// ended (counted in `activity` as they moved), to the meter and the
+/// access log, and one debug line.
 fn log_tunnel_end(
-    client: SocketAddr,
-    dest: &str,
-    lease: &Lease,
-    result: Option<std::io::Result<(u64, u64)>>,
-    (up, down): (u64, u64),
+    log: Option<(Arc<AccessLog>, Entry)>,
+    (client, dest, lease): (SocketAddr, &str, &Lease),
+    result: Option<std::io::Result<()>>,
+    activity: &Activity,
     meter: &Meter,
 ) {
+    let (up, down) = activity.bytes();
     meter.bytes(lease.ip, up, down);
+    log_tunnel(log, lease, (up, down));
     match result {
         None => debug!(%client, %dest, source = %lease.ip, up, down, "tunnel idle; closed"),
         Some(Ok(_)) => {

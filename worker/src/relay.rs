@@ -87,13 +87,13 @@ static BIG_POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 type ClientIo = TokioIo<crate::server::ClientIo>;
 
 /// Relays `client` ↔ `upstream` until both sides have ended (each end's EOF
-/// is passed on as a half-close), or either fails. Returns the bytes sent
-/// up and down. `activity` is touched whenever bytes move.
+/// is passed on as a half-close), or either fails. `activity` counts the
+/// bytes each way as they move (whatever ends the tunnel, they are there).
 pub async fn tunnel(
     client: Upgraded,
     mut upstream: TcpStream,
     activity: &Activity,
-) -> io::Result<(u64, u64)> {
+) -> io::Result<()> {
     match client.downcast::<ClientIo>() {
         Ok(parts) => match parts.io.into_inner() {
             tokio_util::either::Either::Left(plain) => {
@@ -107,29 +107,24 @@ pub async fn tunnel(
                     tokio::io::AsyncWriteExt::write_all(&mut upstream, &parts.read_buf).await?;
                     activity.moved(true, early);
                 }
-                let mut client = IdleIo::new(tls, activity.clone());
-                let (up, down) = tokio::io::copy_bidirectional_with_sizes(
-                    &mut client,
-                    &mut upstream,
-                    COPY_BUFFER,
-                    COPY_BUFFER,
-                )
-                .await?;
-                Ok((up + early, down))
+                copy_tunnel(tls, upstream, activity).await
             }
         },
-        Err(client) => {
-            // Bytes read from or written to the client are all of them.
-            let mut client = IdleIo::new(TokioIo::new(client), activity.clone());
-            tokio::io::copy_bidirectional_with_sizes(
-                &mut client,
-                &mut upstream,
-                COPY_BUFFER,
-                COPY_BUFFER,
-            )
-            .await
-        }
+        Err(client) => copy_tunnel(TokioIo::new(client), upstream, activity).await,
     }
+}
+
+/// The relay through user space, for a client side that is not a plain
+/// TCP socket: `IdleIo` counts what is read from the client (up) and
+/// written to it (down).
+async fn copy_tunnel<T>(client: T, mut upstream: TcpStream, activity: &Activity) -> io::Result<()>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut client = IdleIo::new(client, activity.clone());
+    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER)
+        .await
+        .map(|_| ())
 }
 
 /// Relays a tunnel between two plain TCP sockets (a SOCKS5 client's and
@@ -138,7 +133,7 @@ pub async fn tcp_tunnel(
     client: TcpStream,
     upstream: TcpStream,
     activity: &Activity,
-) -> io::Result<(u64, u64)> {
+) -> io::Result<()> {
     splice_tcp(client, Bytes::new(), upstream, activity, true).await
 }
 
@@ -151,7 +146,7 @@ async fn splice_tcp(
     mut upstream: TcpStream,
     activity: &Activity,
     pipes: bool,
-) -> io::Result<(u64, u64)> {
+) -> io::Result<()> {
     if !early.is_empty() {
         upstream.write_all(&early).await?;
         activity.moved(true, early.len() as u64);
@@ -161,21 +156,19 @@ async fn splice_tcp(
     let ended = AtomicBool::new(false);
     let up = one_way((&client, &upstream, true), &ended, activity, pipes);
     let down = one_way((&upstream, &client, false), &ended, activity, pipes);
-    let (up, down) = tokio::try_join!(up, down)?;
-    Ok((up + early.len() as u64, down))
+    tokio::try_join!(up, down).map(|_| ())
 }
 
 /// Moves bytes from `src` to `dst` until `src` ends, then shuts `dst` for
 /// writing, unless the other way had `ended` already: then both sockets are
 /// about to close, which sends the FIN (one system call fewer per tunnel).
-/// Returns the bytes moved, also counted in `activity` as they move (`up`:
-/// from the client).
+/// The bytes moved are counted in `activity` (`up`: from the client).
 async fn one_way(
     (src, dst, up): (&TcpStream, &TcpStream, bool),
     ended: &AtomicBool,
     activity: &Activity,
     pipes: bool,
-) -> io::Result<u64> {
+) -> io::Result<()> {
     let mut total = 0u64;
     let mut buf: Option<Box<[u8]>> = None;
     loop {
@@ -193,10 +186,10 @@ async fn one_way(
             }
         };
         match moved {
-            Ok(0) if ended.swap(true, Ordering::Relaxed) => return Ok(total),
+            Ok(0) if ended.swap(true, Ordering::Relaxed) => return Ok(()),
             Ok(0) => match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
                 Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
-                _ => return Ok(total),
+                _ => return Ok(()),
             },
             Ok(n) => {
                 activity.moved(up, n as u64);
@@ -365,6 +358,7 @@ mod tests {
         let (mut client, relay_client) = socket_pair().await;
         let (relay_up, mut server) = socket_pair().await;
         let activity = Activity::new();
+        let counted = activity.clone();
         let early = Bytes::from_static(b"early:");
         let relay = tokio::spawn(async move {
             splice_tcp(relay_client, early, relay_up, &activity, pipes).await
@@ -406,7 +400,8 @@ mod tests {
         want_down.extend_from_slice(b":after");
         assert!(at_server == want_up, "upstream bytes differ");
         assert!(at_client == want_down, "downstream bytes differ");
-        let (n_up, n_down) = relay.await.unwrap().unwrap();
+        relay.await.unwrap().unwrap();
+        let (n_up, n_down) = counted.bytes();
         assert_eq!(n_up, want_up.len() as u64);
         assert_eq!(n_down, want_down.len() as u64);
         pools_hold_only_empty_pipes();
