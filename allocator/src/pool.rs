@@ -323,7 +323,7 @@ impl Pool {
     /// file is cut to nothing so every process still mapping it moves on.
     fn close_table(&self) -> Carried {
         let last = self.table.close();
-        if !self.table.is_broken() {
+        if !self.table.is_cut_short() {
             return Carried {
                 seq: last.seq,
                 reloads: self.table.reloads(),

@@ -90,7 +90,7 @@ impl Inner {
             Some(Err(_)) => false,
         };
         if bad {
-            match self.pool.table().is_broken() {
+            match self.pool.table().is_cut_short() {
                 true => tracing::error!("the lease table's file was cut short (truncated) under rotor; replacing it"),
                 false => tracing::error!("the lease table handed out an address not in the pool, or was closed by someone else; replacing it"),
             }
@@ -803,12 +803,14 @@ impl Allocator {
     /// a restarted allocator reads first: see `server::run`).
     pub fn persist(&self) {
         let mut inner = self.lock();
-        // A table cut short reads as zeros: keep the last good record
-        // until it is replaced.
+        let p = inner.pool.table().position();
+        // Read from a table cut short, the rotation may be zeros: the last
+        // good record stays until the table is replaced. (Checked after
+        // the read, and with no system call: this runs before every batch
+        // of socket replies.)
         if inner.pool.table().is_broken() {
             return;
         }
-        let p = inner.pool.table().position();
         let saved = Saved {
             generation: inner.pool.generation().max(p.generation),
             seq: p.seq,

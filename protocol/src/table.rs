@@ -496,11 +496,18 @@ impl LeaseTable {
         self.id
     }
 
-    /// Whether the table's file was cut short under it: its rotation is
-    /// lost, and a page past the end reads as a closed, empty table (see
-    /// `guard`) once touched.
+    /// Whether a page past the end of the table's cut file was touched:
+    /// the mapping now reads as a closed, empty table (see `guard`), and
+    /// what was read may be its zeros. No system call.
     pub fn is_broken(&self) -> bool {
         self.guard.as_ref().is_some_and(Guard::is_broken)
+    }
+
+    /// Whether the table's file was cut short under it, touched or not
+    /// (`is_broken`, or the file shorter than the mapping): its rotation is
+    /// to be taken from elsewhere. One `fstat`.
+    pub fn is_cut_short(&self) -> bool {
+        self.is_broken()
             || self
                 .file
                 .as_ref()
@@ -508,7 +515,7 @@ impl LeaseTable {
                 .is_some_and(|m| m.len() < (self.words * 8) as u64)
     }
 
-    /// Cuts a broken table's file to nothing (it has been replaced: the
+    /// Cuts a cut-short table's file to nothing (it has been replaced: the
     /// path names its successor), so that every process still mapping it
     /// finds it closed at its next lease, whichever pages it touches; a
     /// file cut past the pages they use would otherwise go on serving.
@@ -836,7 +843,7 @@ impl LeaseTable {
         // Reading the words may find the file cut short (and the table
         // replaced by a closed, empty one while read).
         let fault = self.words_fault(want, generation);
-        match self.is_broken() {
+        match self.is_cut_short() {
             true => Some("its file was cut short (truncated)".into()),
             false => fault,
         }
