@@ -40,28 +40,24 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(&e),
     };
-    for fd in &args.listen_fd {
-        match activation::take_fd(*fd) {
-            Ok(p) => passed.push(p),
-            Err(e) => return fail(&e),
-        }
-    }
-    for fd in &args.socks_listen_fd {
-        match activation::take_fd(*fd) {
-            Ok(mut p) => {
-                p.name = "socks".into();
-                passed.push(p);
+    // Descriptors given by flag, named as their flag says (`None`: the
+    // name they came with).
+    let by_flag = [
+        (&args.listen_fd, None),
+        (&args.socks_listen_fd, Some("socks")),
+        (&args.tls_listen_fd, Some("tls")),
+    ];
+    for (fds, name) in by_flag {
+        for fd in fds {
+            match activation::take_fd(*fd) {
+                Ok(mut p) => {
+                    if let Some(name) = name {
+                        p.name = name.into();
+                    }
+                    passed.push(p);
+                }
+                Err(e) => return fail(&e),
             }
-            Err(e) => return fail(&e),
-        }
-    }
-    for fd in &args.tls_listen_fd {
-        match activation::take_fd(*fd) {
-            Ok(mut p) => {
-                p.name = "tls".into();
-                passed.push(p);
-            }
-            Err(e) => return fail(&e),
         }
     }
     // Sockets named `socks` (systemd's FileDescriptorName, or
