@@ -21,15 +21,7 @@ use crate::util::*;
 fn certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
     let p = |f: &str| dir.join(format!("{name}-{f}"));
     let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .output()
-            .expect("openssl (Debian's openssl package)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run_ok("openssl", args, "openssl (Debian's openssl package)");
     };
     let s = |p: &PathBuf| p.to_str().unwrap().to_string();
     let (ca_key, ca, key, csr, cert, ext) = (

@@ -556,17 +556,25 @@ pub async fn read_head(s: &mut TcpStream) -> String {
 /// Runs `rotor COMMAND --socket SOCKET [extra]`; panics if it fails, else
 /// returns its standard output.
 pub fn rotor_control(command: &str, socket: &Path, extra: &[&str]) -> String {
-    let out = Command::new(ROTOR)
-        .args([command, "--socket", socket.to_str().unwrap()])
-        .args(extra)
+    let mut args = vec![command, "--socket", socket.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    String::from_utf8(run_ok(ROTOR, &args, "the rotor binary")).unwrap()
+}
+
+/// Runs `program` with `args` and returns its standard output; panics,
+/// with its standard error, if it fails, and says what to install
+/// (`missing`) if it cannot be started.
+pub fn run_ok(program: &str, args: &[&str], missing: &str) -> Vec<u8> {
+    let out = Command::new(program)
+        .args(args)
         .output()
-        .unwrap();
+        .unwrap_or_else(|e| panic!("{missing}: {e}"));
     assert!(
         out.status.success(),
-        "rotor {command} failed: {}",
+        "{program} {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8(out.stdout).unwrap()
+    out.stdout
 }
 
 /// Runs `rotor status --json` against `socket`.
@@ -695,15 +703,8 @@ where
             return;
         }
         for cmd in std::iter::once("link set lo up").chain(setup.iter().map(String::as_str)) {
-            let out = Command::new("ip")
-                .args(cmd.split_whitespace())
-                .output()
-                .expect("the ip command (iproute2)");
-            assert!(
-                out.status.success(),
-                "ip {cmd}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let args: Vec<&str> = cmd.split_whitespace().collect();
+            run_ok("ip", &args, "the ip command (iproute2)");
         }
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
