@@ -79,7 +79,7 @@ pub enum ProxyError {
     Upstream {
         dest: String,
         #[source]
-        source: hyper::Error,
+        source: crate::h1::Error,
     },
     #[error("{}", throttled_text(site, *cooling, *retry_after))]
     Throttled {
@@ -167,7 +167,7 @@ impl ProxyError {
             Connect { .. } => (StatusCode::BAD_GATEWAY, Some("proxy_internal_error")),
             ConnectTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Some("connection_timeout")),
             ResponseTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Some("http_response_timeout")),
-            Upstream { .. } => (StatusCode::BAD_GATEWAY, Some("http_protocol_error")),
+            Upstream { source, .. } => (StatusCode::BAD_GATEWAY, Some(source.proxy_status())),
             Throttled { .. } => (StatusCode::TOO_MANY_REQUESTS, Some("http_request_denied")),
         }
     }

@@ -13,7 +13,6 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use rotor_protocol::{error_chain, Families, Lease, NoAddress};
 use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
@@ -25,12 +24,13 @@ use crate::auth::Auth;
 use crate::connect::connect_from;
 use crate::dns::Resolver;
 use crate::error::ProxyError;
+use crate::h1::{self, Conn, ResponseBody};
 use crate::idle::Activity;
 use crate::lease::{Granted, LeaseClient, LeaseError};
 use crate::meter::Meter;
 use crate::pushback::Verdict;
 use crate::session;
-use crate::upstream::{Key, PooledBody, Sender, UpstreamBody, UpstreamPool};
+use crate::upstream::{Key, PooledBody, UpstreamPool};
 
 pub type ProxyBody = Either<PooledBody, Either<Full<Bytes>, Empty<Bytes>>>;
 
@@ -568,41 +568,33 @@ impl Proxy {
         &self,
         lease: Lease,
         addrs: &[SocketAddr],
-        (host, dest): (&str, Dest<'_>),
+        host: &str,
         sticky: Option<&Sticky>,
-    ) -> Result<(Sender, Lease), ProxyError> {
+    ) -> Result<(Conn, Lease), ProxyError> {
         let (stream, lease) = self.connect_leased(lease, addrs, host, sticky).await?;
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| ProxyError::Upstream {
-                dest: dest.to_string(),
-                source,
-            })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(error = %error_chain(&e), "upstream connection ended with an error");
-            }
-        });
-        Ok((sender, lease))
+        Ok((Conn::new(stream), lease))
     }
 
-    /// Sends `req` on `sender` and waits up to the response timeout for the
-    /// response head. A timeout is an error; a failed exchange is returned
-    /// for the caller to decide whether to re-send.
+    /// Sends the request on `conn` and waits up to the response timeout for
+    /// the response head. A timeout is an error; a failed exchange is
+    /// returned (with whether the head went out) for the caller to decide
+    /// whether to re-send.
     async fn exchange(
         &self,
-        sender: &mut Sender,
-        req: Request<UpstreamBody>,
+        conn: Conn,
+        head: &http::request::Parts,
+        body: Option<Incoming>,
         dest: Dest<'_>,
-    ) -> Result<Result<Response<Incoming>, hyper::Error>, ProxyError> {
+    ) -> Result<Result<(Response<()>, ResponseBody), (h1::Error, bool)>, ProxyError> {
         let timeout = self.config.response_timeout;
-        tokio::time::timeout(timeout, sender.send_request(req))
-            .await
-            .map_err(|_| ProxyError::ResponseTimeout {
+        let mut written = false;
+        match tokio::time::timeout(timeout, conn.exchange(head, body, &mut written)).await {
+            Ok(r) => Ok(r.map_err(|e| (e, written))),
+            Err(_) => Err(ProxyError::ResponseTimeout {
                 dest: dest.to_string(),
                 timeout,
-            })
+            }),
+        }
     }
 
     async fn forward(
@@ -636,75 +628,46 @@ impl Proxy {
         }
         parts.uri = origin_form(&parts.uri);
         parts.version = Version::HTTP_11;
-        let (mut sender, reused) = match self.upstream.checkout(&key).await {
-            Some(s) => (s, true),
+        let (mut conn, reused) = match self.upstream.checkout(&key) {
+            Some(c) => (c, true),
             None => {
-                let (s, dialed) = self.dial(lease, &addrs, (&host, dest), sticky).await?;
+                let (c, dialed) = self.dial(lease, &addrs, &host, sticky).await?;
                 // Another address, if the leased one could not be used.
                 lease = dialed;
                 key.source = lease.ip;
-                (s, false)
+                (c, false)
             }
         };
+        let body = (!body.is_end_stream()).then_some(body);
         // On a reused connection, a request without a body can be sent
         // again, should the destination have closed that connection.
-        let replay = (reused && body.is_end_stream()).then(|| {
-            (
-                parts.method.clone(),
-                parts.uri.clone(),
-                parts.headers.clone(),
-            )
-        });
-        // hyper's client sends no body for a GET or HEAD of unknown length
-        // unless told: a body of any method arrives as it was sent.
-        if !body.is_end_stream() && body.size_hint().exact().is_none() {
-            parts.headers.insert(
-                header::TRANSFER_ENCODING,
-                HeaderValue::from_static("chunked"),
-            );
-        }
-        // Bytes sent: the body's length when it is known.
-        let sent = body.size_hint().exact().unwrap_or(0);
-        let body = match body.is_end_stream() {
-            true => Either::Right(Empty::new()),
-            false => Either::Left(body),
-        };
-        let resp = match self
-            .exchange(&mut sender, Request::from_parts(parts, body), dest)
-            .await?
-        {
+        let replay = reused && body.is_none();
+        let (resp, body) = match self.exchange(conn, &parts, body, dest).await? {
             Ok(r) => r,
-            Err(e)
-                if replay
-                    .as_ref()
-                    .is_some_and(|(m, _, h)| may_resend(m, h, &e)) =>
+            Err((e, written))
+                if replay && may_resend(&parts.method, &parts.headers, &e, written) =>
             {
-                debug!(%dest, source = %lease.ip, "reused upstream connection was closed; retrying on a new one");
-                let (method, uri, headers) = replay.expect("checked");
-                let mut req = Request::new(Either::Right(Empty::new()));
-                *req.method_mut() = method;
-                *req.uri_mut() = uri;
-                *req.headers_mut() = headers;
-                (sender, lease) = self.dial(lease, &addrs, (&host, dest), sticky).await?;
+                debug!(%dest, source = %lease.ip, error = %e, "reused upstream connection was closed; retrying on a new one");
+                (conn, lease) = self.dial(lease, &addrs, &host, sticky).await?;
                 key.source = lease.ip;
-                self.exchange(&mut sender, req, dest)
+                self.exchange(conn, &parts, None, dest)
                     .await?
-                    .map_err(|source| ProxyError::Upstream {
+                    .map_err(|(source, _)| ProxyError::Upstream {
                         dest: dest.to_string(),
                         source,
                     })?
             }
-            Err(source) => {
+            Err((source, _)) => {
                 return Err(ProxyError::Upstream {
                     dest: dest.to_string(),
                     source,
                 })
             }
         };
-        let (mut parts, body) = resp.into_parts();
+        let (mut parts, ()) = resp.into_parts();
         self.observe(&host, &lease, watch, parts.status, &parts.headers);
         strip_hop_by_hop(&mut parts.headers);
-        let body = PooledBody::new(body, self.upstream.clone(), key, sender, &self.meter, sent);
+        let body = PooledBody::new(body, self.upstream.clone(), key, &self.meter);
         self.expose_source(&mut parts.headers, &lease);
         Ok((Response::from_parts(parts, Either::Left(body)), lease))
     }
@@ -856,12 +819,12 @@ impl std::fmt::Display for Dest<'_> {
 /// connection just as a request goes out is routine. As other HTTP clients
 /// do (RFC 9110 §9.2.2), only idempotent requests are re-sent, unless
 /// nothing of the request was written.
-fn may_resend(method: &Method, headers: &HeaderMap, e: &hyper::Error) -> bool {
+fn may_resend(method: &Method, headers: &HeaderMap, e: &h1::Error, written: bool) -> bool {
     let idempotent = matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     ) || headers.contains_key("idempotency-key");
-    e.is_canceled() || idempotent
+    e.before_response() && (!written || idempotent)
 }
 
 /// Checks a request target as the proxy would (for fuzzing and tests):

@@ -13,15 +13,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Empty};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use tokio_util::sync::CancellationToken;
 
-/// The body sent upstream: the client's, or none (so a request without a
-/// body can be re-sent on a fresh connection).
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
-pub type Sender = SendRequest<UpstreamBody>;
+use crate::h1::{Conn, ResponseBody};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
@@ -32,7 +26,7 @@ pub struct Key {
 }
 
 struct Idle {
-    sender: Sender,
+    conn: Conn,
     since: Instant,
 }
 
@@ -42,10 +36,6 @@ pub struct UpstreamPool {
     idle_timeout: Duration,
     max_idle_per_key: usize,
 }
-
-/// How long checkout waits for a returned connection to finish its previous
-/// exchange before passing it over.
-const READY_WAIT: Duration = Duration::from_millis(20);
 
 impl UpstreamPool {
     pub fn new(idle_timeout: Duration, max_idle_per_key: usize) -> Arc<UpstreamPool> {
@@ -64,39 +54,34 @@ impl UpstreamPool {
         !self.idle_timeout.is_zero()
     }
 
-    /// An idle connection for `key`, ready for a request.
-    pub async fn checkout(&self, key: &Key) -> Option<Sender> {
-        loop {
-            let idle = {
-                let mut map = self.lock();
-                let list = map.get_mut(key)?;
-                let idle = list.pop();
-                if list.is_empty() {
-                    map.remove(key);
-                }
-                idle?
-            };
-            if idle.since.elapsed() >= self.idle_timeout || idle.sender.is_closed() {
-                continue;
-            }
-            let mut sender = idle.sender;
-            match tokio::time::timeout(READY_WAIT, sender.ready()).await {
-                Ok(Ok(())) => return Some(sender),
-                _ => continue,
+    /// An idle connection for `key`, ready for a request (the most
+    /// recently used first: the likeliest to be still open).
+    pub fn checkout(&self, key: &Key) -> Option<Conn> {
+        let mut map = self.lock();
+        let list = map.get_mut(key)?;
+        let mut found = None;
+        while let Some(idle) = list.pop() {
+            if idle.since.elapsed() < self.idle_timeout && idle.conn.is_usable() {
+                found = Some(idle.conn);
+                break;
             }
         }
+        if list.is_empty() {
+            map.remove(key);
+        }
+        found
     }
 
-    /// Keeps `sender` for the next request with the same key.
-    pub fn checkin(&self, key: Key, sender: Sender) {
-        if !self.enabled() || sender.is_closed() {
+    /// Keeps `conn` for the next request with the same key.
+    pub fn checkin(&self, key: Key, conn: Conn) {
+        if !self.enabled() {
             return;
         }
         let mut map = self.lock();
         let list = map.entry(key).or_default();
         if list.len() < self.max_idle_per_key {
             list.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
@@ -124,7 +109,7 @@ impl UpstreamPool {
             }
             let timeout = self.idle_timeout;
             self.lock().retain(|_, list| {
-                list.retain(|i| i.since.elapsed() < timeout && !i.sender.is_closed());
+                list.retain(|i| i.since.elapsed() < timeout && i.conn.is_usable());
                 !list.is_empty()
             });
         }
@@ -135,8 +120,8 @@ impl UpstreamPool {
 /// been read to the end. Dropped early (the client went away), the
 /// connection is closed instead: it may still carry unread bytes.
 pub struct PooledBody {
-    inner: Incoming,
-    home: Option<(Arc<UpstreamPool>, Key, Sender)>,
+    inner: ResponseBody,
+    home: Option<(Arc<UpstreamPool>, Key)>,
     /// Where the bytes are counted (from the key's source address): those
     /// of the request's body, and those of this body as it streams.
     meter: Arc<crate::meter::Meter>,
@@ -161,17 +146,16 @@ impl Drop for PooledBody {
 
 impl PooledBody {
     pub fn new(
-        inner: Incoming,
+        inner: ResponseBody,
         pool: Arc<UpstreamPool>,
         key: Key,
-        sender: Sender,
         meter: &Arc<crate::meter::Meter>,
-        sent: u64,
     ) -> PooledBody {
         let source = key.source;
+        let sent = inner.sent();
         let mut body = PooledBody {
             inner,
-            home: Some((pool, key, sender)),
+            home: Some((pool, key)),
             meter: meter.clone(),
             source,
             sent,
@@ -192,20 +176,22 @@ impl PooledBody {
     }
 
     fn go_home(&mut self) {
-        if let Some((pool, key, sender)) = self.home.take() {
-            pool.checkin(key, sender);
+        if let Some((pool, key)) = self.home.take() {
+            if let Some(conn) = self.inner.take_conn() {
+                pool.checkin(key, conn);
+            }
         }
     }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = crate::h1::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::h1::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &r {
             if let Some(d) = f.data_ref() {
@@ -236,25 +222,18 @@ impl Body for PooledBody {
 mod tests {
     use super::*;
 
-    /// A real upstream HTTP/1.1 connection on loopback.
-    async fn sender() -> Sender {
+    /// A real connection on loopback; the peer closes its end when told.
+    async fn conn() -> (Conn, tokio::sync::oneshot::Sender<()>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
+        let (close, closed) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
             let (s, _) = l.accept().await.unwrap();
-            let svc = hyper::service::service_fn(|_req| async {
-                Ok::<_, std::convert::Infallible>(hyper::Response::new(Empty::<Bytes>::new()))
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                .await;
+            let _ = closed.await;
+            drop(s);
         });
         let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(s))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        sender
+        (Conn::new(s), close)
     }
 
     fn key(source: &str) -> Key {
@@ -268,16 +247,16 @@ mod tests {
     #[tokio::test]
     async fn reuse_is_per_source_and_expires() {
         let pool = UpstreamPool::new(Duration::from_millis(200), 4);
-        pool.checkin(key("127.0.0.2"), sender().await);
+        let (c, _peer) = conn().await;
+        pool.checkin(key("127.0.0.2"), c);
         assert!(
-            pool.checkout(&key("127.0.0.3")).await.is_none(),
+            pool.checkout(&key("127.0.0.3")).is_none(),
             "another source must not get it"
         );
-        let s = pool
+        let c = pool
             .checkout(&key("127.0.0.2"))
-            .await
             .expect("same source reuses");
-        pool.checkin(key("127.0.0.2"), s);
+        pool.checkin(key("127.0.0.2"), c);
         let stop = CancellationToken::new();
         tokio::spawn(pool.clone().reap(stop.clone()));
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -290,9 +269,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_connection_the_destination_closed_is_not_reused() {
+        let pool = UpstreamPool::new(Duration::from_secs(10), 4);
+        let (c, peer) = conn().await;
+        pool.checkin(key("127.0.0.2"), c);
+        peer.send(()).unwrap();
+        // The close reaches the socket (and the reactor) shortly.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(pool.checkout(&key("127.0.0.2")).is_none());
+        assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[tokio::test]
     async fn zero_idle_timeout_keeps_nothing() {
         let pool = UpstreamPool::new(Duration::ZERO, 4);
-        pool.checkin(key("127.0.0.2"), sender().await);
+        let (c, _peer) = conn().await;
+        pool.checkin(key("127.0.0.2"), c);
         assert_eq!(pool.idle_count(), 0);
     }
 }

@@ -1,0 +1,895 @@
+//! rotor's HTTP/1.1 client side: one upstream connection, driven by the
+//! task that serves the client's request.
+//!
+//! hyper's client runs each connection in a task of its own and hands every
+//! request and response across a channel to it: two task wake-ups, a
+//! channel and a oneshot per request, and a request encoder and response
+//! parser working on maps built for the purpose. A forward proxy needs less:
+//! it writes the head it already has, parses the response head once
+//! (`httparse`, as hyper does) and streams the body straight from the
+//! socket into the client's response. The connection is plain data — a
+//! socket and its read buffer — so an idle one sits in the pool with no
+//! task behind it.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{request, Method, Response, StatusCode, Version};
+use http_body::{Body, Frame};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The longest response head read (hyper's client default: 8 KiB plus
+/// 100 headers of 4 KiB).
+const MAX_HEAD: usize = 8192 + 4096 * 100;
+/// Most headers in a response head (hyper's client default).
+const MAX_HEADERS: usize = 100;
+/// Bytes asked of the socket per read.
+const READ_SIZE: usize = 16 * 1024;
+/// The longest chunk-size line (with extensions) or trailer section.
+const MAX_CHUNK_LINE: usize = 4096;
+const MAX_TRAILERS: usize = 64 * 1024;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why an exchange with the destination failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the destination closed the connection before a response")]
+    ClosedBeforeResponse,
+    #[error("the destination closed the connection in the middle of the response head")]
+    ClosedInHead,
+    #[error("connection to the destination failed")]
+    Io(#[source] io::Error),
+    #[error("the destination sent an invalid response head: {0}")]
+    Parse(#[source] httparse::Error),
+    #[error("the destination sent a response head larger than {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("the destination's response is malformed: {0}")]
+    Malformed(&'static str),
+    #[error("reading the client's request body failed")]
+    ClientBody(#[source] BoxError),
+    #[error("the destination closed the connection before the end of the body")]
+    Incomplete,
+}
+
+impl Error {
+    /// The `Proxy-Status` error type (RFC 9209 §2.3).
+    pub fn proxy_status(&self) -> &'static str {
+        match self {
+            Error::ClosedBeforeResponse | Error::ClosedInHead | Error::Io(_) => {
+                "connection_terminated"
+            }
+            Error::HeadTooLarge => "http_response_header_section_size",
+            Error::Incomplete => "http_response_incomplete",
+            Error::ClientBody(_) => "http_request_error",
+            Error::Parse(_) | Error::Malformed(_) => "http_protocol_error",
+        }
+    }
+
+    /// Whether nothing of a response arrived: the request may not have
+    /// reached the destination at all (a reused connection it had closed).
+    pub fn before_response(&self) -> bool {
+        match self {
+            Error::ClosedBeforeResponse => true,
+            Error::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// One connection to a destination, between exchanges: the socket and
+/// what was read of it.
+#[derive(Debug)]
+pub struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+}
+
+/// How a response body ends (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// No body (HEAD, 204, 304).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the destination closes the connection.
+    Close,
+}
+
+impl Conn {
+    pub fn new(io: TcpStream) -> Conn {
+        let _ = io.set_nodelay(true);
+        Conn {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Whether an idle connection can take a request: nothing arrived on
+    /// it since its last response (no close, no stray bytes). Costs no
+    /// system call unless the socket was seen readable.
+    pub fn is_usable(&self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        matches!(self.io.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Sends the request (`head`, whose headers are final, and `body`, if
+    /// the request has one) and reads the response head. The response's
+    /// body reads from this connection; once read to its end the
+    /// connection is handed back by [`ResponseBody::take_conn`].
+    ///
+    /// `written` tells, on an error, whether the head went out.
+    pub async fn exchange<B>(
+        mut self,
+        head: &request::Parts,
+        body: Option<B>,
+        written: &mut bool,
+    ) -> Result<(Response<()>, ResponseBody), Error>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let mut out = Vec::with_capacity(256);
+        let chunked = body
+            .as_ref()
+            .is_some_and(|b| b.size_hint().exact().is_none());
+        encode_head(&mut out, head, chunked);
+        self.io.write_all(&out).await.map_err(Error::Io)?;
+        *written = true;
+        let mut sent = 0;
+        let mut early = false;
+        let (status, headers, version) = match body {
+            None => read_head(&mut self.io, &mut self.buf).await?,
+            Some(body) => {
+                let (mut rd, mut wr) = self.io.split();
+                let send = send_body(&mut wr, body, chunked, &mut sent);
+                let recv = read_head(&mut rd, &mut self.buf);
+                tokio::pin!(send, recv);
+                tokio::select! {
+                    biased;
+                    r = &mut send => {
+                        r?;
+                        recv.await?
+                    }
+                    // The destination answered before taking the whole
+                    // body (a 413, a redirect): the answer goes to the
+                    // client; the connection, with part of a request in
+                    // it, is not reused.
+                    r = &mut recv => {
+                        early = true;
+                        r?
+                    }
+                }
+            }
+        };
+        let framing = framing(&head.method, status, &headers)?;
+        let reusable = !early
+            && framing != Framing::Close
+            && version == Version::HTTP_11
+            && !lists_close(&headers);
+        let mut resp = Response::new(());
+        *resp.status_mut() = status;
+        *resp.version_mut() = version;
+        *resp.headers_mut() = headers;
+        let decoder = match framing {
+            Framing::Empty => Decoder::Done,
+            Framing::Length(0) => Decoder::Done,
+            Framing::Length(n) => Decoder::Length(n),
+            Framing::Chunked => Decoder::Chunked(Chunked::Size),
+            Framing::Close => Decoder::Close,
+        };
+        let body = ResponseBody {
+            conn: Some(self),
+            decoder,
+            reusable,
+            sent,
+        };
+        Ok((resp, body))
+    }
+}
+
+/// `METHOD target HTTP/1.1`, then the headers; with `chunked`, the body is
+/// sent in chunks (its length is not known).
+fn encode_head(out: &mut Vec<u8>, head: &request::Parts, chunked: bool) {
+    out.extend_from_slice(head.method.as_str().as_bytes());
+    out.push(b' ');
+    let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in &head.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Streams the client's body to the destination (in chunks when its
+/// length is unknown), counting its bytes in `sent`.
+async fn send_body<W, B>(
+    wr: &mut W,
+    mut body: B,
+    chunked: bool,
+    sent: &mut u64,
+) -> Result<(), Error>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    use http_body_util::BodyExt;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Error::ClientBody(e.into()))?;
+        let Ok(data) = frame.into_data() else {
+            // Trailers: not forwarded (nor were they by hyper's client).
+            continue;
+        };
+        if data.is_empty() {
+            continue;
+        }
+        *sent += data.len() as u64;
+        if chunked {
+            let size = Bytes::from(format!("{:x}\r\n", data.len()));
+            let mut buf = size.chain(data).chain(&b"\r\n"[..]);
+            wr.write_all_buf(&mut buf).await.map_err(Error::Io)?;
+        } else {
+            let mut data = data;
+            wr.write_all_buf(&mut data).await.map_err(Error::Io)?;
+        }
+    }
+    if chunked {
+        wr.write_all(b"0\r\n\r\n").await.map_err(Error::Io)?;
+    }
+    wr.flush().await.map_err(Error::Io)
+}
+
+/// Reads a response head into `buf` and parses it, skipping interim
+/// (1xx) responses; the head's bytes leave `buf`, the body's stay.
+async fn read_head<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+) -> Result<(StatusCode, HeaderMap, Version), Error> {
+    let mut any = false;
+    loop {
+        if !buf.is_empty() {
+            any = true;
+            if let Some(parsed) = parse_head(buf)? {
+                match parsed {
+                    Head::Interim => continue,
+                    Head::Final(h) => return Ok(h),
+                }
+            }
+            if buf.len() >= MAX_HEAD {
+                return Err(Error::HeadTooLarge);
+            }
+        }
+        buf.reserve(READ_SIZE);
+        if rd.read_buf(buf).await.map_err(Error::Io)? == 0 {
+            return Err(match any {
+                false => Error::ClosedBeforeResponse,
+                true => Error::ClosedInHead,
+            });
+        }
+    }
+}
+
+enum Head {
+    /// A 1xx response, consumed.
+    Interim,
+    Final((StatusCode, HeaderMap, Version)),
+}
+
+/// The response head at the start of `buf`, if all of it is there.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut slots);
+    let len = match resp.parse(buf).map_err(Error::Parse)? {
+        httparse::Status::Partial => return Ok(None),
+        httparse::Status::Complete(len) => len,
+    };
+    let code = resp.code.ok_or(Error::Malformed("no status code"))?;
+    let status = StatusCode::from_u16(code).map_err(|_| Error::Malformed("invalid status code"))?;
+    let version = match resp.version {
+        Some(1) => Version::HTTP_11,
+        _ => Version::HTTP_10,
+    };
+    if status.is_informational() {
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            // The request asked for no upgrade (Upgrade does not cross).
+            return Err(Error::Malformed(
+                "101 Switching Protocols to a request without Upgrade",
+            ));
+        }
+        buf.advance(len);
+        return Ok(Some(Head::Interim));
+    }
+    // The head's bytes, shared by the header values (no copy each):
+    // where each name and value lies in them.
+    let base = buf.as_ptr() as usize;
+    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let n = resp.headers.len();
+    for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        *span = (name, h.name.len(), value, h.value.len());
+    }
+    let bytes = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(n);
+    for &(name, name_len, value, value_len) in &spans[..n] {
+        let name = HeaderName::from_bytes(&bytes[name..name + name_len])
+            .map_err(|_| Error::Malformed("invalid header name"))?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(value..value + value_len))
+            .map_err(|_| Error::Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+    Ok(Some(Head::Final((status, headers, version))))
+}
+
+/// How the response's body is delimited (RFC 9112 §6.3).
+fn framing(method: &Method, status: StatusCode, headers: &HeaderMap) -> Result<Framing, Error> {
+    if *method == Method::HEAD
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok(Framing::Empty);
+    }
+    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    if te.peek().is_some() {
+        // Chunked must be the last coding; any other ends at the close.
+        let last = te
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .last();
+        return Ok(match last {
+            Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked,
+            _ => Framing::Close,
+        });
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            let n = std::str::from_utf8(part)
+                .ok()
+                .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|p| p.parse::<u64>().ok())
+                .ok_or(Error::Malformed("invalid Content-Length"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Error::Malformed("conflicting Content-Length values"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length.map_or(Framing::Close, Framing::Length))
+}
+
+/// Whether `Connection` says the destination closes after this response.
+fn lists_close(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+}
+
+#[derive(Debug)]
+enum Decoder {
+    Length(u64),
+    Chunked(Chunked),
+    Close,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Chunked {
+    /// At a chunk-size line.
+    Size,
+    /// In a chunk's data, this much left.
+    Data(u64),
+    /// At the CRLF after a chunk's data.
+    DataEnd,
+    /// In the trailer section, this much of it read.
+    Trailers(usize),
+}
+
+/// A response body read from the destination's connection as the client
+/// takes it; the connection is kept for reuse once the body has ended.
+#[derive(Debug)]
+pub struct ResponseBody {
+    conn: Option<Conn>,
+    decoder: Decoder,
+    reusable: bool,
+    /// The request body's bytes that went out.
+    sent: u64,
+}
+
+impl ResponseBody {
+    /// The request body's bytes that went out.
+    pub fn sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// The connection, once the body has ended and it can take another
+    /// request.
+    pub fn take_conn(&mut self) -> Option<Conn> {
+        match (&self.decoder, self.reusable) {
+            (Decoder::Done, true) => self.conn.take(),
+            _ => None,
+        }
+    }
+
+    /// Reads more of the connection into its buffer; `Ok(false)` at the
+    /// end of the stream.
+    fn fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, Error>> {
+        let conn = self.conn.as_mut().ok_or(Error::Incomplete)?;
+        conn.buf.reserve(READ_SIZE);
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut conn.io),
+            cx,
+            &mut conn.buf
+        ))
+        .map_err(Error::Io)?;
+        Poll::Ready(Ok(n > 0))
+    }
+
+    /// The next piece of the body out of the buffer, if the buffer holds
+    /// one; `None`: more must be read.
+    fn decode(&mut self) -> Result<Option<Option<Bytes>>, Error> {
+        let conn = self.conn.as_mut().ok_or(Error::Incomplete)?;
+        let buf = &mut conn.buf;
+        loop {
+            match &mut self.decoder {
+                Decoder::Done => return Ok(Some(None)),
+                Decoder::Close => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Ok(Some(Some(buf.split().freeze())));
+                }
+                Decoder::Length(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = (*left).min(buf.len() as u64) as usize;
+                    *left -= take as u64;
+                    if *left == 0 {
+                        self.decoder = Decoder::Done;
+                    }
+                    return Ok(Some(Some(buf.split_to(take).freeze())));
+                }
+                Decoder::Chunked(state) => match *state {
+                    Chunked::Size => {
+                        let Some(end) = find_crlf(buf) else {
+                            if buf.len() > MAX_CHUNK_LINE {
+                                return Err(Error::Malformed("chunk-size line too long"));
+                            }
+                            return Ok(None);
+                        };
+                        let size = chunk_size(&buf[..end])?;
+                        buf.advance(end + 2);
+                        *state = match size {
+                            0 => Chunked::Trailers(0),
+                            n => Chunked::Data(n),
+                        };
+                    }
+                    Chunked::Data(left) => {
+                        if buf.is_empty() {
+                            return Ok(None);
+                        }
+                        let take = left.min(buf.len() as u64) as usize;
+                        *state = match left - take as u64 {
+                            0 => Chunked::DataEnd,
+                            n => Chunked::Data(n),
+                        };
+                        return Ok(Some(Some(buf.split_to(take).freeze())));
+                    }
+                    Chunked::DataEnd => {
+                        if buf.len() < 2 {
+                            return Ok(None);
+                        }
+                        if &buf[..2] != b"\r\n" {
+                            return Err(Error::Malformed("chunk data not followed by CRLF"));
+                        }
+                        buf.advance(2);
+                        *state = Chunked::Size;
+                    }
+                    Chunked::Trailers(seen) => {
+                        // Trailer fields are read past, line by line, up
+                        // to the empty line that ends the message.
+                        let Some(end) = find_crlf(buf) else {
+                            if seen + buf.len() > MAX_TRAILERS {
+                                return Err(Error::Malformed("trailer section too long"));
+                            }
+                            return Ok(None);
+                        };
+                        buf.advance(end + 2);
+                        match end {
+                            0 => self.decoder = Decoder::Done,
+                            _ => *state = Chunked::Trailers(seen + end + 2),
+                        }
+                    }
+                },
+            }
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+/// The size of a chunk-size line (hex digits, then perhaps extensions).
+fn chunk_size(line: &[u8]) -> Result<u64, Error> {
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let rest = &line[digits..];
+    if digits == 0 || digits > 16 || !(rest.is_empty() || matches!(rest[0], b';' | b' ' | b'\t')) {
+        return Err(Error::Malformed("invalid chunk size"));
+    }
+    let text = std::str::from_utf8(&line[..digits]).expect("hex digits are ASCII");
+    u64::from_str_radix(text, 16).map_err(|_| Error::Malformed("invalid chunk size"))
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        loop {
+            match self.decode() {
+                Err(e) => {
+                    self.reusable = false;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Ok(Some(Some(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                Ok(Some(None)) => return Poll::Ready(None),
+                Ok(None) => {}
+            }
+            match ready!(self.fill(cx)) {
+                Ok(true) => {}
+                // A body that ends at the close has ended.
+                Ok(false) if matches!(self.decoder, Decoder::Close) => {
+                    self.decoder = Decoder::Done;
+                    self.reusable = false;
+                }
+                Ok(false) => {
+                    self.reusable = false;
+                    return Poll::Ready(Some(Err(Error::Incomplete)));
+                }
+                Err(e) => {
+                    self.reusable = false;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.decoder, Decoder::Done)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.decoder {
+            Decoder::Done => http_body::SizeHint::with_exact(0),
+            Decoder::Length(n) => http_body::SizeHint::with_exact(n),
+            _ => http_body::SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty, Full, StreamBody};
+    use tokio::net::TcpListener;
+
+    /// A destination that reads one request head (and `body` bytes more,
+    /// if any), then writes `reply` in `pieces` (a byte at a time for 1)
+    /// and, with `close`, closes; what it read is returned.
+    async fn origin(
+        replies: Vec<(&'static [u8], usize, bool)>,
+    ) -> (Conn, tokio::task::JoinHandle<Vec<Vec<u8>>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut seen = Vec::new();
+            for (reply, pieces, close) in replies {
+                let mut got = Vec::new();
+                let mut b = [0u8; 4096];
+                // The request: up to its blank line, and a body that ends
+                // with the last chunk's `0\r\n\r\n` or a length given
+                // in the test by the reply being sent only then.
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut b).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&b[..n]);
+                }
+                seen.push(got);
+                for piece in reply.chunks(reply.len().div_ceil(pieces.max(1))) {
+                    s.write_all(piece).await.unwrap();
+                    s.flush().await.unwrap();
+                    if pieces > 1 {
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                }
+                if close {
+                    return seen;
+                }
+            }
+            seen
+        });
+        let s = TcpStream::connect(addr).await.unwrap();
+        (Conn::new(s), task)
+    }
+
+    fn get(method: Method) -> request::Parts {
+        let (mut parts, ()) = http::Request::new(()).into_parts();
+        parts.method = method;
+        parts.uri = "/p?q=1".parse().unwrap();
+        parts
+            .headers
+            .insert(header::HOST, HeaderValue::from_static("example.test"));
+        parts
+    }
+
+    async fn send(
+        conn: Conn,
+        head: &request::Parts,
+    ) -> Result<(Response<()>, ResponseBody), Error> {
+        let mut written = false;
+        conn.exchange(head, None::<Empty<Bytes>>, &mut written)
+            .await
+    }
+
+    async fn all(body: &mut ResponseBody) -> Result<Vec<u8>, Error> {
+        let mut out = Vec::new();
+        while let Some(f) = body.frame().await {
+            if let Ok(d) = f?.into_data() {
+                out.extend_from_slice(&d);
+            }
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn length_bodies_and_keep_alive() {
+        let (conn, origin) = origin(vec![
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nX-A: 2\r\n\r\nhello",
+                1,
+                false,
+            ),
+            (
+                b"HTTP/1.1 404 Not Found\r\ncontent-length: 3\r\n\r\nnop",
+                1,
+                false,
+            ),
+        ])
+        .await;
+        let (resp, mut body) = send(conn, &get(Method::GET)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers().get_all("x-a").iter().count(), 2);
+        assert_eq!(all(&mut body).await.unwrap(), b"hello");
+        let conn = body
+            .take_conn()
+            .expect("a finished body gives its connection back");
+        assert!(conn.is_usable());
+        let (resp, mut body) = send(conn, &get(Method::GET)).await.unwrap();
+        assert_eq!(resp.status(), 404);
+        assert_eq!(all(&mut body).await.unwrap(), b"nop");
+        let seen = origin.await.unwrap();
+        assert!(seen[0].starts_with(b"GET /p?q=1 HTTP/1.1\r\nhost: example.test\r\n\r\n"));
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_with_extensions_and_trailers_arrive_byte_by_byte() {
+        let reply: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nX-T: 1\r\n\r\n";
+        for pieces in [1, reply.len()] {
+            let (conn, _origin) = origin(vec![(reply, pieces, false)]).await;
+            let (_, mut body) = send(conn, &get(Method::GET)).await.unwrap();
+            assert_eq!(all(&mut body).await.unwrap(), b"hello, world");
+            assert!(body.take_conn().is_some(), "reusable after the last chunk");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_to_the_close_and_one_cut_short() {
+        let (conn, _o) = origin(vec![(b"HTTP/1.1 200 OK\r\n\r\nuntil the end", 2, true)]).await;
+        let (_, mut body) = send(conn, &get(Method::GET)).await.unwrap();
+        assert_eq!(all(&mut body).await.unwrap(), b"until the end");
+        assert!(
+            body.take_conn().is_none(),
+            "a close-delimited body ends its connection"
+        );
+
+        let (conn, _o) = origin(vec![(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+            1,
+            true,
+        )])
+        .await;
+        let (_, mut body) = send(conn, &get(Method::GET)).await.unwrap();
+        assert!(matches!(all(&mut body).await, Err(Error::Incomplete)));
+        assert!(body.take_conn().is_none());
+
+        let (conn, _o) = origin(vec![(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel",
+            1,
+            true,
+        )])
+        .await;
+        let (_, mut body) = send(conn, &get(Method::GET)).await.unwrap();
+        assert!(matches!(all(&mut body).await, Err(Error::Incomplete)));
+    }
+
+    #[tokio::test]
+    async fn interim_responses_and_bodiless_answers() {
+        let (conn, _o) = origin(vec![
+            (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n", 1, false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", 1, false),
+        ])
+        .await;
+        let (resp, mut body) = send(conn, &get(Method::GET)).await.unwrap();
+        assert_eq!(resp.status(), 204);
+        assert!(body.is_end_stream());
+        let conn = body.take_conn().unwrap();
+        let (resp, mut body) = send(conn, &get(Method::HEAD)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(body.is_end_stream(), "a HEAD response has no body");
+        assert!(body.take_conn().is_some());
+    }
+
+    #[tokio::test]
+    async fn malformed_responses_are_errors() {
+        type Check = fn(&Error) -> bool;
+        let cases: [(&'static [u8], Check); 5] = [
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx",
+                |e| matches!(e, Error::Malformed(_)),
+            ),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", |e| {
+                matches!(e, Error::Malformed(_))
+            }),
+            (b"SSH-2.0-OpenSSH\r\n\r\n", |e| matches!(e, Error::Parse(_))),
+            (b"HTTP/1.1 101 Switching Protocols\r\n\r\n", |e| {
+                matches!(e, Error::Malformed(_))
+            }),
+            (b"HTTP/1.1 200 OK\r\nX: y", |e| {
+                matches!(e, Error::ClosedInHead)
+            }),
+        ];
+        for (reply, is) in cases {
+            let (conn, _o) = origin(vec![(reply, 1, true)]).await;
+            let e = send(conn, &get(Method::GET)).await.unwrap_err();
+            assert!(is(&e), "{reply:?}: {e:?}");
+            assert!(!e.before_response());
+        }
+        let (conn, _o) = origin(vec![(b"", 1, true)]).await;
+        let e = send(conn, &get(Method::GET)).await.unwrap_err();
+        assert!(e.before_response(), "{e:?}");
+        assert_eq!(e.proxy_status(), "connection_terminated");
+
+        let (conn, _o) = origin(vec![(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            1,
+            false,
+        )])
+        .await;
+        let (_, mut body) = send(conn, &get(Method::GET)).await.unwrap();
+        assert!(matches!(all(&mut body).await, Err(Error::Malformed(_))));
+    }
+
+    #[tokio::test]
+    async fn a_body_of_unknown_length_goes_out_in_chunks() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let origin = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut b = [0u8; 4096];
+            while !got.ends_with(b"0\r\n\r\n") {
+                let n = s.read(&mut b).await.unwrap();
+                assert!(n > 0);
+                got.extend_from_slice(&b[..n]);
+            }
+            s.write_all(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+                .await
+                .unwrap();
+            got
+        });
+        let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
+        let frames = futures_util::stream::iter(
+            [&b"abc"[..], b"", b"defgh"]
+                .map(|d| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(d)))),
+        );
+        let mut written = false;
+        let (resp, body) = conn
+            .exchange(
+                &get(Method::POST),
+                Some(StreamBody::new(frames)),
+                &mut written,
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        assert_eq!(body.sent(), 8);
+        let got = origin.await.unwrap();
+        let text = String::from_utf8(got).unwrap();
+        assert!(text.starts_with("POST /p?q=1 HTTP/1.1\r\n"), "{text}");
+        assert!(
+            text.ends_with("transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n5\r\ndefgh\r\n0\r\n\r\n"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_early_answer_stops_the_upload() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut b = [0u8; 1024];
+            let _ = s.read(&mut b).await.unwrap();
+            s.write_all(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 4\r\n\r\nbig!")
+                .await
+                .unwrap();
+            // Keeps the connection open, reading nothing more.
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        });
+        let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
+        let mut head = get(Method::PUT);
+        head.headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("67108864"));
+        // 64 MiB that the origin never reads: without the early answer the
+        // upload would wait for ever.
+        let big = Full::new(Bytes::from(vec![b'x'; 64 << 20]));
+        let mut written = false;
+        let (resp, mut body) = tokio::time::timeout(
+            std::time::Duration::from_secs(3),
+            conn.exchange(&head, Some(big), &mut written),
+        )
+        .await
+        .expect("the answer came before the body went out")
+        .unwrap();
+        assert_eq!(resp.status(), 413);
+        assert_eq!(all(&mut body).await.unwrap(), b"big!");
+        assert!(body.take_conn().is_none(), "half a request is in it");
+    }
+
+    #[test]
+    fn chunk_sizes() {
+        assert_eq!(chunk_size(b"1a").unwrap(), 26);
+        assert_eq!(chunk_size(b"A;name=value").unwrap(), 10);
+        assert!(chunk_size(b"").is_err());
+        assert!(chunk_size(b"x").is_err());
+        assert!(chunk_size(b"1 2").is_ok(), "BWS before an extension");
+        assert!(
+            chunk_size(b"11111111111111111").is_err(),
+            "more than 64 bits"
+        );
+        assert!(chunk_size(b"-1").is_err());
+    }
+}
