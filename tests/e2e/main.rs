@@ -13,6 +13,7 @@ mod bad_input;
 mod bodies;
 mod dns;
 mod errors;
+mod fastpath;
 mod limits;
 mod metrics;
 mod multihost;

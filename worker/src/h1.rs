@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 /// 100 headers of 4 KiB).
 const MAX_HEAD: usize = 8192 + 4096 * 100;
 /// Most headers in a response head (hyper's client default).
-const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 /// Bytes asked of the socket per read.
 const READ_SIZE: usize = 16 * 1024;
 /// The longest chunk-size line (with extensions) or trailer section.
@@ -319,26 +319,55 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
         buf.advance(len);
         return Ok(Some(Head::Interim));
     }
-    // The head's bytes, shared by the header values (no copy each):
-    // where each name and value lies in them.
-    let base = buf.as_ptr() as usize;
-    let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-    let n = resp.headers.len();
-    for (span, h) in spans.iter_mut().zip(resp.headers.iter()) {
-        let name = h.name.as_ptr() as usize - base;
-        let value = h.value.as_ptr() as usize - base;
-        *span = (name, h.name.len(), value, h.value.len());
-    }
-    let bytes = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(n);
-    for &(name, name_len, value, value_len) in &spans[..n] {
-        let name = HeaderName::from_bytes(&bytes[name..name + name_len])
-            .map_err(|_| Error::Malformed("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(bytes.slice(value..value + value_len))
-            .map_err(|_| Error::Malformed("invalid header value"))?;
-        headers.append(name, value);
-    }
+    let spans = Spans::of(buf, resp.headers);
+    let head = buf.split_to(len).freeze();
+    let headers = spans
+        .header_map(&head)
+        .ok_or(Error::Malformed("invalid header name or value"))?;
     Ok(Some(Head::Final((status, headers, version))))
+}
+
+/// Where each header's name and value lie in a head's bytes, so the map
+/// can be built from the bytes once they are split off the read buffer:
+/// the values share those bytes (no copy each).
+pub(crate) struct Spans {
+    n: usize,
+    at: [(u32, u32, u32, u32); MAX_HEADERS],
+}
+
+impl Spans {
+    /// The spans of `headers`, parsed out of `buf`.
+    pub(crate) fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> Spans {
+        let base = buf.as_ptr() as usize;
+        let mut spans = Spans {
+            n: headers.len().min(MAX_HEADERS),
+            at: [(0, 0, 0, 0); MAX_HEADERS],
+        };
+        for (span, h) in spans.at.iter_mut().zip(headers) {
+            *span = (
+                (h.name.as_ptr() as usize - base) as u32,
+                h.name.len() as u32,
+                (h.value.as_ptr() as usize - base) as u32,
+                h.value.len() as u32,
+            );
+        }
+        spans
+    }
+
+    /// The header map, from `head` (the bytes the spans were taken of);
+    /// `None` if a name or value is not valid.
+    pub(crate) fn header_map(&self, head: &Bytes) -> Option<HeaderMap> {
+        let mut headers = HeaderMap::with_capacity(self.n);
+        for &(name, name_len, value, value_len) in &self.at[..self.n] {
+            let (name, value) = (name as usize, value as usize);
+            let name = HeaderName::from_bytes(&head[name..name + name_len as usize]).ok()?;
+            let value =
+                HeaderValue::from_maybe_shared(head.slice(value..value + value_len as usize))
+                    .ok()?;
+            headers.append(name, value);
+        }
+        Some(headers)
+    }
 }
 
 /// How the response's body is delimited (RFC 9112 §6.3).

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod connect;
 pub mod dns;
 pub mod error;
+pub mod fast;
 pub mod h1;
 pub mod idle;
 pub mod lease;

@@ -10,9 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body::Body as _;
 use http_body_util::{Either, Empty, Full};
-use hyper::body::Incoming;
 use rotor_protocol::{error_chain, Families, Lease, NoAddress};
 use tokio::net::TcpStream;
 use tokio_util::task::TaskTracker;
@@ -31,6 +29,24 @@ use crate::meter::Meter;
 use crate::pushback::Verdict;
 use crate::session;
 use crate::upstream::{Key, PooledBody, UpstreamPool};
+
+/// A client's request body: what hyper's server reads as the client sends
+/// it, or what the fast path has read whole.
+pub trait ClientBody:
+    http_body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+    + Unpin
+    + Send
+    + 'static
+{
+}
+
+impl<B> ClientBody for B where
+    B: http_body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Unpin
+        + Send
+        + 'static
+{
+}
 
 pub type ProxyBody = Either<PooledBody, Either<Full<Bytes>, Empty<Bytes>>>;
 
@@ -174,9 +190,12 @@ impl Proxy {
         }
     }
 
-    pub async fn handle(
+    /// Serves one request: a forward or a CONNECT. The body is hyper's
+    /// (requests hyper's server read) or one the fast path read whole
+    /// (see `fast`).
+    pub async fn handle<B: ClientBody>(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<B>,
         client: SocketAddr,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let start = Instant::now();
@@ -259,9 +278,9 @@ impl Proxy {
     /// Checks the credentials, if a users file asks for them, and reads
     /// the sticky session the proxy user name names (also without a users
     /// file: then the password is ignored).
-    async fn authenticate(
+    async fn authenticate<B>(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<B>,
         client: std::net::IpAddr,
     ) -> Result<Caller, ProxyError> {
         let header = req
@@ -579,11 +598,11 @@ impl Proxy {
     /// the response head. A timeout is an error; a failed exchange is
     /// returned (with whether the head went out) for the caller to decide
     /// whether to re-send.
-    async fn exchange(
+    async fn exchange<B: ClientBody>(
         &self,
         conn: Conn,
         head: &http::request::Parts,
-        body: Option<Incoming>,
+        body: Option<B>,
         dest: Dest<'_>,
     ) -> Result<Result<(Response<()>, ResponseBody), (h1::Error, bool)>, ProxyError> {
         let timeout = self.config.response_timeout;
@@ -597,9 +616,9 @@ impl Proxy {
         }
     }
 
-    async fn forward(
+    async fn forward<B: ClientBody>(
         &self,
-        req: Request<Incoming>,
+        req: Request<B>,
         sticky: Option<&Sticky>,
     ) -> Result<(Response<ProxyBody>, Lease), ProxyError> {
         let (host, port) = absolute_target(req.uri())?;
@@ -650,7 +669,7 @@ impl Proxy {
                 debug!(%dest, source = %lease.ip, error = %e, "reused upstream connection was closed; retrying on a new one");
                 (conn, lease) = self.dial(lease, &addrs, &host, sticky).await?;
                 key.source = lease.ip;
-                self.exchange(conn, &parts, None, dest)
+                self.exchange(conn, &parts, None::<B>, dest)
                     .await?
                     .map_err(|(source, _)| ProxyError::Upstream {
                         dest: dest.to_string(),
@@ -672,9 +691,9 @@ impl Proxy {
         Ok((Response::from_parts(parts, Either::Left(body)), lease))
     }
 
-    async fn connect(
+    async fn connect<B>(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<B>,
         client: SocketAddr,
         sticky: Option<&Sticky>,
         entry: Option<Entry>,

@@ -84,7 +84,7 @@ static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 static BIG_POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 
 /// How the client side of the tunnel was served, as hyper hands it back.
-type ClientIo = TokioIo<crate::server::ClientIo>;
+type ClientIo = TokioIo<crate::fast::Rewind<crate::server::ClientIo>>;
 
 /// Relays `client` ↔ `upstream` until both sides have ended (each end's EOF
 /// is passed on as a half-close), or either fails. `activity` counts the
@@ -95,21 +95,30 @@ pub async fn tunnel(
     activity: &Activity,
 ) -> io::Result<()> {
     match client.downcast::<ClientIo>() {
-        Ok(parts) => match parts.io.into_inner() {
-            tokio_util::either::Either::Left(plain) => {
-                splice_tcp(plain.into_inner(), parts.read_buf, upstream, activity, true).await
-            }
-            // TLS: the bytes are the session's to decrypt; copied.
-            tokio_util::either::Either::Right(tls) => {
-                // What the client sent right behind its CONNECT goes first.
-                let early = parts.read_buf.len() as u64;
-                if early > 0 {
-                    tokio::io::AsyncWriteExt::write_all(&mut upstream, &parts.read_buf).await?;
-                    activity.moved(true, early);
+        Ok(parts) => {
+            // What the client sent behind its CONNECT: what hyper read and
+            // did not use, then what the fast path read and hyper did not.
+            let (unread, io) = parts.io.into_inner().into_parts();
+            let early = match unread.is_empty() {
+                true => parts.read_buf,
+                false => [parts.read_buf, unread].concat().into(),
+            };
+            match io {
+                tokio_util::either::Either::Left(plain) => {
+                    splice_tcp(plain.into_inner(), early, upstream, activity, true).await
                 }
-                copy_tunnel(tls, upstream, activity).await
+                // TLS: the bytes are the session's to decrypt; copied.
+                tokio_util::either::Either::Right(tls) => {
+                    // What the client sent right behind its CONNECT goes first.
+                    let n = early.len() as u64;
+                    if n > 0 {
+                        tokio::io::AsyncWriteExt::write_all(&mut upstream, &early).await?;
+                        activity.moved(true, n);
+                    }
+                    copy_tunnel(tls, upstream, activity).await
+                }
             }
-        },
+        }
         Err(client) => copy_tunnel(TokioIo::new(client), upstream, activity).await,
     }
 }

@@ -229,6 +229,16 @@ pub async fn run(
         let stream = IdleIo::new(stream, activity.clone());
         let idle_timeout = config.idle_timeout;
         let proxy = proxy.clone();
+        let fast = crate::fast::Conn {
+            proxy: proxy.clone(),
+            client,
+            activity: activity.clone(),
+            idle_timeout,
+            header_timeout: config.header_read_timeout,
+            max_head: config.proxy.max_head_bytes.max(8192),
+            stop: shutdown.clone(),
+            grace: IDLE_CLOSE_GRACE,
+        };
         // Counts the connection's requests as they arrive: see the drain below.
         let arrivals = Arc::new(Arrivals::default());
         let seen = arrivals.clone();
@@ -273,6 +283,12 @@ pub async fn run(
                             }
                         }
                     }
+                };
+                // The common requests on the fast path; hyper's server takes
+                // the connection at the first that is not.
+                let io = match crate::fast::serve(io, &fast).await {
+                    crate::fast::Outcome::Closed => return,
+                    crate::fast::Outcome::Handover(io) => io,
                 };
                 let conn = builder
                     .serve_connection(TokioIo::new(io), service)

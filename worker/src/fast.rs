@@ -1,0 +1,614 @@
+//! The client side's fast path: the requests most clients of a rotating
+//! proxy send — an absolute-form `http://` request over HTTP/1.1 with no
+//! body or a small one of known length — read, parsed once (`httparse`)
+//! and answered on the connection's own task, with one buffer for the
+//! connection and no timer armed per request.
+//!
+//! Anything else — CONNECT, an upgrade, `Expect`, a chunked upload or a
+//! large one, HTTP/1.0, a malformed or oversized head — is not this path's:
+//! the connection, with every byte read so far, is handed to hyper's server
+//! (see [`Rewind`]), which serves it from there as before, errors included.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use http_body_util::{BodyExt, Either, Empty, Full};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio_util::sync::CancellationToken;
+
+use crate::h1::{Spans, MAX_HEADERS};
+use crate::idle::Activity;
+use crate::proxy::{Proxy, ProxyBody};
+
+/// The largest request body the fast path reads whole before forwarding
+/// (larger ones stream through hyper's server).
+const SMALL_BODY: usize = 64 * 1024;
+
+/// What the fast path needs of its connection.
+pub struct Conn {
+    pub proxy: Arc<Proxy>,
+    pub client: SocketAddr,
+    /// Bytes moving on the connection (the idle watch).
+    pub activity: Activity,
+    pub idle_timeout: Duration,
+    /// A head must arrive whole this long after its first byte.
+    pub header_timeout: Duration,
+    /// A head not complete in this many bytes is not this path's.
+    pub max_head: usize,
+    /// The worker is draining.
+    pub stop: CancellationToken,
+    /// How long a draining connection waits for its next request.
+    pub grace: Duration,
+}
+
+/// How the fast path left a connection.
+pub enum Outcome<I> {
+    /// Closed (by the client, for silence, after `Connection: close`, on
+    /// an error, or drained).
+    Closed,
+    /// A request this path does not serve is next: hyper's server takes
+    /// the connection, the bytes read of it first.
+    Handover(Rewind<I>),
+}
+
+/// What was made of the bytes at the start of the buffer. (Returned once
+/// per request and taken apart at once: boxing the request would cost an
+/// allocation each.)
+#[allow(clippy::large_enum_variant)]
+enum Take {
+    /// Not a whole head yet.
+    Partial,
+    /// A request for hyper's server.
+    NotMine,
+    Request {
+        parts: http::request::Parts,
+        body: usize,
+        close: bool,
+    },
+}
+
+/// Serves requests on `io` until it closes or a request that is not the
+/// fast path's is next.
+pub async fn serve<I>(mut io: I, conn: &Conn) -> Outcome<I>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(4096);
+    let mut out = Vec::with_capacity(1024);
+    // One idle watch and one drain watch for the connection's life: no
+    // timer per request.
+    let idle = conn.activity.idle_for(conn.idle_timeout);
+    let stopped = conn.stop.cancelled();
+    tokio::pin!(idle, stopped);
+    let mut draining = false;
+    loop {
+        // A whole head, taken off the buffer.
+        let mut first_byte = None;
+        let (mut parts, body_len, close) = loop {
+            if !buf.is_empty() {
+                match take_request(&mut buf, conn.max_head) {
+                    Take::Request { parts, body, close } => break (parts, body, close),
+                    Take::NotMine => return Outcome::Handover(Rewind::new(buf.freeze(), io)),
+                    Take::Partial => {}
+                }
+            }
+            buf.reserve(4096);
+            let read = match (buf.is_empty(), draining) {
+                (true, false) => tokio::select! {
+                    biased;
+                    r = io.read_buf(&mut buf) => r,
+                    _ = &mut idle => return Outcome::Closed,
+                    _ = &mut stopped => {
+                        // HAProxy's idle-close-on-response, as hyper's
+                        // path does: the next request, if it comes soon,
+                        // is served and answered `Connection: close`.
+                        draining = true;
+                        continue;
+                    }
+                },
+                (true, true) => {
+                    match tokio::time::timeout(conn.grace, io.read_buf(&mut buf)).await {
+                        Ok(r) => r,
+                        Err(_) => return Outcome::Closed,
+                    }
+                }
+                // Part of a head: the rest within the header timeout.
+                (false, _) => {
+                    let due = *first_byte
+                        .get_or_insert_with(|| tokio::time::Instant::now() + conn.header_timeout);
+                    match tokio::time::timeout_at(due, io.read_buf(&mut buf)).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            tracing::debug!("request head too slow; closed");
+                            return Outcome::Closed;
+                        }
+                    }
+                }
+            };
+            match read {
+                Ok(0) | Err(_) => return Outcome::Closed,
+                Ok(_) => {}
+            }
+        };
+        // A small body of known length, read whole.
+        while buf.len() < body_len {
+            buf.reserve(body_len - buf.len());
+            let read = tokio::select! {
+                biased;
+                r = io.read_buf(&mut buf) => r,
+                _ = &mut idle => return Outcome::Closed,
+            };
+            match read {
+                Ok(0) | Err(_) => return Outcome::Closed,
+                Ok(_) => {}
+            }
+        }
+        let body = match body_len {
+            0 => Either::Left(Empty::new()),
+            n => Either::Right(Full::new(buf.split_to(n).freeze())),
+        };
+        let head = parts.method == Method::HEAD;
+        parts.version = Version::HTTP_11;
+        let resp = match conn
+            .proxy
+            .clone()
+            .handle(Request::from_parts(parts, body), conn.client)
+            .await
+        {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        // The wait for the destination was not the client's silence.
+        conn.activity.touch();
+        let close = close || draining || conn.stop.is_cancelled();
+        let sent = tokio::select! {
+            biased;
+            r = respond(&mut io, &mut out, resp, head, close) => r,
+            // A client that stops reading, or a destination that stops
+            // sending, for the idle timeout: the connection goes.
+            _ = &mut idle => Err(io::ErrorKind::TimedOut.into()),
+        };
+        if let Err(e) = sent {
+            tracing::debug!(error = %e, "response not sent whole; connection closed");
+            return Outcome::Closed;
+        }
+        if close {
+            let _ = io.shutdown().await;
+            return Outcome::Closed;
+        }
+    }
+}
+
+/// The request at the start of `buf`, if it is whole and the fast path's;
+/// its head leaves the buffer (its body stays).
+fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut slots);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() < max_head => return Take::Partial,
+        _ => return Take::NotMine,
+    };
+    let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+        return Take::NotMine;
+    };
+    if method == "CONNECT" || !path.starts_with("http://") {
+        return Take::NotMine;
+    }
+    let mut body = None;
+    let mut close = false;
+    for h in req.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = std::str::from_utf8(h.value)
+                .ok()
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<usize>().ok());
+            match (n, body) {
+                (Some(n), None) if n <= SMALL_BODY => body = Some(n),
+                _ => return Take::NotMine,
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+            || name.eq_ignore_ascii_case(b"expect")
+            || name.eq_ignore_ascii_case(b"upgrade")
+        {
+            return Take::NotMine;
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            close |= h
+                .value
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+        }
+    }
+    let base = buf.as_ptr() as usize;
+    let method_at = method.as_ptr() as usize - base;
+    let path_at = (path.as_ptr() as usize - base, path.len());
+    let method_len = method.len();
+    let spans = Spans::of(buf, req.headers);
+    let head = buf.split_to(len).freeze();
+    let Ok(method) = Method::from_bytes(&head[method_at..method_at + method_len]) else {
+        return Take::NotMine;
+    };
+    let Ok(uri) = Uri::from_maybe_shared(head.slice(path_at.0..path_at.0 + path_at.1)) else {
+        // Its bytes are gone from the buffer: put them back for hyper.
+        return put_back(buf, head);
+    };
+    let Some(headers) = spans.header_map(&head) else {
+        return put_back(buf, head);
+    };
+    let (mut parts, ()) = Request::new(()).into_parts();
+    parts.method = method;
+    parts.uri = uri;
+    parts.headers = headers;
+    Take::Request {
+        parts,
+        body: body.unwrap_or(0),
+        close,
+    }
+}
+
+/// Puts a head taken off `buf` back in front of it (a rare path: a target
+/// or header `httparse` accepts and `http` does not).
+fn put_back(buf: &mut BytesMut, head: Bytes) -> Take {
+    let mut whole = BytesMut::with_capacity(head.len() + buf.len());
+    whole.extend_from_slice(&head);
+    whole.extend_from_slice(buf);
+    *buf = whole;
+    Take::NotMine
+}
+
+/// Writes `resp` to the client: head and (if it is ready) the first of
+/// the body in one write, then the rest as it comes.
+async fn respond<I>(
+    io: &mut I,
+    out: &mut Vec<u8>,
+    resp: Response<ProxyBody>,
+    head_request: bool,
+    close: bool,
+) -> io::Result<()>
+where
+    I: AsyncWrite + Unpin,
+{
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    let bodiless = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let framing = match (bodiless, body.size_hint().exact()) {
+        (true, _) => Framing::None,
+        (false, Some(n)) => Framing::Length(n),
+        (false, None) => Framing::Chunked,
+    };
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    let reason = parts
+        .extensions
+        .get::<hyper::ext::ReasonPhrase>()
+        .map(|r| r.as_bytes())
+        .or_else(|| status.canonical_reason().map(str::as_bytes))
+        .unwrap_or(b"");
+    out.extend_from_slice(reason);
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        date(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Length(n) if !parts.headers.contains_key(header::CONTENT_LENGTH) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa(n, &mut [0; 20]));
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        _ => {}
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if matches!(framing, Framing::None) {
+        // A HEAD response's body, if any, is not sent (its connection went
+        // back to the pool already, or is dropped with it).
+        drop(body);
+        io.write_all(out).await?;
+        return io.flush().await;
+    }
+    // The first piece of the body, if it is there already, goes with the
+    // head; a small one is copied (one write instead of two).
+    let mut pending = None;
+    let mut ended = body.is_end_stream();
+    if !ended {
+        match futures_now(&mut body) {
+            Some(Some(Ok(data))) if data.len() <= 16 * 1024 => {
+                chunk(out, &framing, &data);
+            }
+            Some(Some(Ok(data))) => pending = Some(data),
+            Some(Some(Err(e))) => return Err(io::Error::other(e)),
+            Some(None) => ended = true,
+            None => {}
+        }
+        ended |= pending.is_none() && body.is_end_stream();
+    }
+    if ended && matches!(framing, Framing::Chunked) {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    io.write_all(out).await?;
+    if let Some(data) = pending {
+        write_chunk(io, &framing, data).await?;
+    }
+    if !ended {
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(io::Error::other)?;
+            if let Ok(data) = frame.into_data() {
+                if !data.is_empty() {
+                    write_chunk(io, &framing, data).await?;
+                }
+            }
+        }
+        if matches!(framing, Framing::Chunked) {
+            io.write_all(b"0\r\n\r\n").await?;
+        }
+    }
+    io.flush().await
+}
+
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// `data` appended to `out`, in a chunk when the body is chunked.
+fn chunk(out: &mut Vec<u8>, framing: &Framing, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    if matches!(framing, Framing::Chunked) {
+        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+    } else {
+        out.extend_from_slice(data);
+    }
+}
+
+async fn write_chunk<I: AsyncWrite + Unpin>(
+    io: &mut I,
+    framing: &Framing,
+    data: Bytes,
+) -> io::Result<()> {
+    match framing {
+        Framing::Chunked => {
+            let size = Bytes::from(format!("{:x}\r\n", data.len()));
+            let mut all = size.chain(data).chain(&b"\r\n"[..]);
+            io.write_all_buf(&mut all).await
+        }
+        _ => {
+            let mut data = data;
+            io.write_all_buf(&mut data).await
+        }
+    }
+}
+
+/// The next frame of `body` if it is ready now (`None`: not yet).
+fn futures_now(
+    body: &mut ProxyBody,
+) -> Option<Option<Result<Bytes, Box<dyn std::error::Error + Send + Sync>>>> {
+    let waker = std::task::Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    match Pin::new(body).poll_frame(&mut cx) {
+        Poll::Pending => None,
+        Poll::Ready(None) => Some(None),
+        Poll::Ready(Some(Err(e))) => Some(Some(Err(e))),
+        Poll::Ready(Some(Ok(f))) => Some(Some(Ok(f.into_data().unwrap_or_default()))),
+    }
+}
+
+/// `n` in decimal, in `buf`.
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
+    }
+}
+
+/// Today's `Date` value (RFC 9110 §5.6.7), formatted once a second per
+/// thread.
+fn date(out: &mut Vec<u8>) {
+    thread_local! {
+        static CACHED: std::cell::RefCell<(u64, String)> = const {
+            std::cell::RefCell::new((u64::MAX, String::new()))
+        };
+    }
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    CACHED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs {
+            *c = (secs, httpdate::fmt_http_date(now));
+        }
+        out.extend_from_slice(c.1.as_bytes());
+    });
+}
+
+/// A connection with bytes already read of it in front: what hyper's server
+/// is given when the fast path hands a connection over.
+pub struct Rewind<I> {
+    prefix: Bytes,
+    inner: I,
+}
+
+impl<I> Rewind<I> {
+    pub fn new(prefix: Bytes, inner: I) -> Rewind<I> {
+        Rewind { prefix, inner }
+    }
+
+    /// The bytes not read yet, and the connection.
+    pub fn into_parts(self) -> (Bytes, I) {
+        (self.prefix, self.inner)
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn take(text: &str) -> (Take, BytesMut) {
+        let mut buf = BytesMut::from(text.as_bytes());
+        (take_request(&mut buf, 8192), buf)
+    }
+
+    #[test]
+    fn the_fast_path_takes_only_its_requests() {
+        let mine = [
+            "GET http://a.test/x?y HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+            "HEAD http://a.test/ HTTP/1.1\r\nConnection: keep-alive, close\r\n\r\n",
+        ];
+        for text in mine {
+            assert!(matches!(take(text).0, Take::Request { .. }), "{text}");
+        }
+        let (t, rest) = take(mine[1]);
+        let Take::Request { parts, body, close } = t else {
+            unreachable!()
+        };
+        assert_eq!((parts.method, body, close), (Method::POST, 3, false));
+        assert_eq!(&rest[..], b"abc", "the body stays in the buffer");
+        let Take::Request { parts, close, .. } = take(mine[2]).0 else {
+            unreachable!()
+        };
+        assert!(close);
+        assert_eq!(parts.uri, "http://a.test/");
+        let (Take::Request { parts, .. }, _) = take(mine[0]) else {
+            unreachable!()
+        };
+        assert_eq!(parts.uri.path_and_query().unwrap().as_str(), "/x?y");
+        assert_eq!(parts.headers["host"], "a.test");
+
+        let not_mine = [
+            "CONNECT a.test:443 HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "GET http://a.test/ HTTP/1.0\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "GET https://a.test/ HTTP/1.1\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nContent-Length: 999999\r\n\r\n",
+            "POST http://a.test/ HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+            "POST http://a.test/ HTTP/1.1\r\nContent-Length: +1\r\n\r\nx",
+            "PUT http://a.test/ HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            "GET http://a.test/ HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            "GET http://a.test/ HTTP/1.1\r\nX: \x01\r\n\r\n",
+            "\x16\x03\x01\x02\x00",
+        ];
+        for text in not_mine {
+            let (t, buf) = take(text);
+            assert!(matches!(t, Take::NotMine), "{text:?}");
+            assert_eq!(&buf[..], text.as_bytes(), "every byte stays for hyper");
+        }
+        assert!(matches!(
+            take("GET http://a.test/ HTTP/1.1\r\nHo").0,
+            Take::Partial
+        ));
+        let mut big = BytesMut::from(&b"GET http://a.test/ HTTP/1.1\r\nX: "[..]);
+        big.extend_from_slice(&[b'a'; 9000]);
+        assert!(matches!(take_request(&mut big, 8192), Take::NotMine));
+    }
+
+    #[test]
+    fn a_head_http_refuses_is_put_back_whole() {
+        // httparse takes a target `http::Uri` refuses (a space-free but
+        // invalid authority): hyper's server answers it, from every byte.
+        let text = "GET http://a b/ HTTP/1.1\r\n\r\n";
+        let (t, buf) = take(text);
+        assert!(matches!(t, Take::NotMine));
+        assert_eq!(&buf[..], text.as_bytes());
+        let text = "GET http://[::1/ HTTP/1.1\r\n\r\nnext";
+        let (t, buf) = take(text);
+        assert!(matches!(t, Take::NotMine));
+        assert_eq!(&buf[..], text.as_bytes());
+    }
+
+    #[test]
+    fn numbers_and_dates() {
+        assert_eq!(itoa(0, &mut [0; 20]), b"0");
+        assert_eq!(itoa(1234567890, &mut [0; 20]), b"1234567890");
+        assert_eq!(
+            itoa(u64::MAX, &mut [0; 20]),
+            u64::MAX.to_string().as_bytes()
+        );
+        let mut out = Vec::new();
+        date(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(httpdate::parse_http_date(&text).is_ok(), "{text}");
+    }
+}
