@@ -39,9 +39,11 @@ pub struct Config {
 }
 
 /// A client connection: plain, or TLS (both over the idle watch).
+/// (The TLS session is boxed: it is large, and a plain connection's task
+/// should not carry — and move — its room.)
 pub type ClientIo = tokio_util::either::Either<
     IdleIo<TcpStream>,
-    tokio_rustls::server::TlsStream<IdleIo<TcpStream>>,
+    Box<tokio_rustls::server::TlsStream<IdleIo<TcpStream>>>,
 >;
 
 /// How the worker stopped.
@@ -262,93 +264,99 @@ pub async fn run(
         let builder = builder.clone();
         let handshake_timeout = config.header_read_timeout;
         let stop = shutdown.clone();
-        connections.spawn(
-            async move {
-                let _permit = permit;
-                // A TLS client's handshake counts against the head's
-                // deadline (and holds its place under the limit).
-                let io: ClientIo = match acceptor {
-                    None => tokio_util::either::Either::Left(stream),
-                    Some(acceptor) => {
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
-                        {
-                            Ok(Ok(tls)) => tokio_util::either::Either::Right(tls),
-                            Ok(Err(e)) => {
-                                debug!(error = %e, "TLS handshake failed");
-                                return;
-                            }
-                            Err(_) => {
-                                debug!("TLS handshake too slow; closed");
-                                return;
-                            }
+        // The connection's task: a few hundred bytes (what is large — the
+        // TLS handshake, the fast path, hyper's connection — is boxed), as
+        // spawning moves it.
+        let fut = async move {
+            let _permit = permit;
+            // A TLS client's handshake counts against the head's
+            // deadline (and holds its place under the limit).
+            let io: ClientIo = match acceptor {
+                None => tokio_util::either::Either::Left(stream),
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, Box::pin(acceptor.accept(stream)))
+                        .await
+                    {
+                        Ok(Ok(tls)) => tokio_util::either::Either::Right(Box::new(tls)),
+                        Ok(Err(e)) => {
+                            debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!("TLS handshake too slow; closed");
+                            return;
                         }
                     }
-                };
-                // The common requests on the fast path; hyper's server takes
-                // the connection at the first that is not.
-                let io = match crate::fast::serve(io, &fast).await {
-                    crate::fast::Outcome::Closed => return,
-                    crate::fast::Outcome::Handover(io) => io,
-                };
-                let conn = builder
-                    .serve_connection(TokioIo::new(io), service)
-                    .with_upgrades();
-                tokio::pin!(conn);
-                let result = tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = activity.idle_for(idle_timeout) => {
-                        debug!("client connection idle; closing");
-                        conn.as_mut().graceful_shutdown();
-                        // A request in flight may finish while bytes move
-                        // or the destination is still to answer; a client
-                        // that stops reading (a write that never ends) is
-                        // dropped, and its upstream with it.
-                        loop {
-                            tokio::select! {
-                                r = conn.as_mut() => break r,
-                                _ = activity.idle_for(idle_timeout) => {
-                                    if waiting.load(Ordering::Relaxed) == 0 {
-                                        debug!("client connection stuck (not reading); dropped");
-                                        break Ok(());
-                                    }
-                                    activity.touch();
-                                }
-                            }
-                        }
-                    }
-                    _ = stop.cancelled() => {
-                        // HAProxy's idle-close-on-response: a connection
-                        // between requests (or just opened) is kept a short
-                        // while, and its next request is served and
-                        // answered with `Connection: close`; closing it at
-                        // once raced the client's next request, which a
-                        // client that does not retry saw fail. A request
-                        // in flight is answered with `Connection: close`.
-                        arrivals.watch();
-                        let since = arrivals.count();
-                        let r = match waiting.load(Ordering::Relaxed) {
-                            0 => tokio::select! {
-                                r = conn.as_mut() => Some(r),
-                                _ = arrivals.after(since) => None,
-                                _ = tokio::time::sleep(IDLE_CLOSE_GRACE) => None,
-                            },
-                            _ => None,
-                        };
-                        match r {
-                            Some(r) => r,
-                            None => {
-                                conn.as_mut().graceful_shutdown();
-                                conn.await
-                            }
-                        }
-                    }
-                };
-                if let Err(e) = result {
-                    debug!(error = %error_chain(&e), "client connection ended with an error");
                 }
+            };
+            // The common requests on the fast path; hyper's server takes
+            // the connection at the first that is not.
+            // Boxed, as hyper's connection below: the task (moved as it
+            // is spawned) stays small for a short connection.
+            let io = match Box::pin(crate::fast::serve(io, &fast)).await {
+                crate::fast::Outcome::Closed => return,
+                crate::fast::Outcome::Handover(io) => io,
+            };
+            let mut conn = Box::pin(
+                builder
+                    .serve_connection(TokioIo::new(io), service)
+                    .with_upgrades(),
+            );
+            let result = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = activity.idle_for(idle_timeout) => {
+                    debug!("client connection idle; closing");
+                    conn.as_mut().graceful_shutdown();
+                    // A request in flight may finish while bytes move
+                    // or the destination is still to answer; a client
+                    // that stops reading (a write that never ends) is
+                    // dropped, and its upstream with it.
+                    loop {
+                        tokio::select! {
+                            r = conn.as_mut() => break r,
+                            _ = activity.idle_for(idle_timeout) => {
+                                if waiting.load(Ordering::Relaxed) == 0 {
+                                    debug!("client connection stuck (not reading); dropped");
+                                    break Ok(());
+                                }
+                                activity.touch();
+                            }
+                        }
+                    }
+                }
+                _ = stop.cancelled() => {
+                    // HAProxy's idle-close-on-response: a connection
+                    // between requests (or just opened) is kept a short
+                    // while, and its next request is served and
+                    // answered with `Connection: close`; closing it at
+                    // once raced the client's next request, which a
+                    // client that does not retry saw fail. A request
+                    // in flight is answered with `Connection: close`.
+                    arrivals.watch();
+                    let since = arrivals.count();
+                    let r = match waiting.load(Ordering::Relaxed) {
+                        0 => tokio::select! {
+                            r = conn.as_mut() => Some(r),
+                            _ = arrivals.after(since) => None,
+                            _ = tokio::time::sleep(IDLE_CLOSE_GRACE) => None,
+                        },
+                        _ => None,
+                    };
+                    match r {
+                        Some(r) => r,
+                        None => {
+                            conn.as_mut().graceful_shutdown();
+                            conn.await
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
+                debug!(error = %error_chain(&e), "client connection ended with an error");
             }
-            .instrument(tracing::debug_span!("client", %client)),
-        );
+        }
+        .instrument(tracing::debug_span!("client", %client));
+        connections.spawn(fut);
     }
 
     // Every acceptor has stopped: drain.
