@@ -24,7 +24,7 @@ use http_body_util::{BodyExt, Either, Empty, Full};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use crate::h1::{Spans, MAX_HEADERS};
+use crate::h1::{write_data, Spans, MAX_HEADERS};
 use crate::idle::Activity;
 use crate::proxy::{Proxy, ProxyBody};
 
@@ -222,10 +222,7 @@ fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
         {
             return Take::NotMine;
         } else if name.eq_ignore_ascii_case(b"connection") {
-            close |= h
-                .value
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            close |= crate::h1::says_close(h.value);
         }
     }
     let base = buf.as_ptr() as usize;
@@ -300,12 +297,7 @@ where
         .unwrap_or(b"");
     out.extend_from_slice(reason);
     out.extend_from_slice(b"\r\n");
-    for (name, value) in &parts.headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    crate::h1::encode_headers(out, &parts.headers);
     if !parts.headers.contains_key(header::DATE) {
         out.extend_from_slice(b"date: ");
         date(out);
@@ -352,14 +344,14 @@ where
     }
     io.write_all(out).await?;
     if let Some(data) = pending {
-        write_chunk(io, &framing, data).await?;
+        write_data(io, data, matches!(framing, Framing::Chunked)).await?;
     }
     if !ended {
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(io::Error::other)?;
             if let Ok(data) = frame.into_data() {
                 if !data.is_empty() {
-                    write_chunk(io, &framing, data).await?;
+                    write_data(io, data, matches!(framing, Framing::Chunked)).await?;
                 }
             }
         }
@@ -387,24 +379,6 @@ fn chunk(out: &mut Vec<u8>, framing: &Framing, data: &[u8]) {
         out.extend_from_slice(b"\r\n");
     } else {
         out.extend_from_slice(data);
-    }
-}
-
-async fn write_chunk<I: AsyncWrite + Unpin>(
-    io: &mut I,
-    framing: &Framing,
-    data: Bytes,
-) -> io::Result<()> {
-    match framing {
-        Framing::Chunked => {
-            let size = Bytes::from(format!("{:x}\r\n", data.len()));
-            let mut all = size.chain(data).chain(&b"\r\n"[..]);
-            io.write_all_buf(&mut all).await
-        }
-        _ => {
-            let mut data = data;
-            io.write_all_buf(&mut data).await
-        }
     }
 }
 

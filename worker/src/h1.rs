@@ -208,16 +208,37 @@ fn encode_head(out: &mut Vec<u8>, head: &request::Parts, chunked: bool) {
     let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &head.headers {
+    encode_headers(out, &head.headers);
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Header lines, `name: value`, as the map holds them (names lower-case).
+pub(crate) fn encode_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
+    for (name, value) in headers {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+}
+
+/// Writes `data`, as one chunk when `chunked` (RFC 9112 §7.1), in one
+/// vectored write where it can.
+pub(crate) async fn write_data<W>(wr: &mut W, data: Bytes, chunked: bool) -> io::Result<()>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
     if chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        let size = Bytes::from(format!("{:x}\r\n", data.len()));
+        let mut all = size.chain(data).chain(&b"\r\n"[..]);
+        wr.write_all_buf(&mut all).await
+    } else {
+        let mut data = data;
+        wr.write_all_buf(&mut data).await
     }
-    out.extend_from_slice(b"\r\n");
 }
 
 /// Streams the client's body to the destination (in chunks when its
@@ -244,14 +265,7 @@ where
             continue;
         }
         *sent += data.len() as u64;
-        if chunked {
-            let size = Bytes::from(format!("{:x}\r\n", data.len()));
-            let mut buf = size.chain(data).chain(&b"\r\n"[..]);
-            wr.write_all_buf(&mut buf).await.map_err(Error::Io)?;
-        } else {
-            let mut data = data;
-            wr.write_all_buf(&mut data).await.map_err(Error::Io)?;
-        }
+        write_data(wr, data, chunked).await.map_err(Error::Io)?;
     }
     if chunked {
         wr.write_all(b"0\r\n\r\n").await.map_err(Error::Io)?;
@@ -415,7 +429,13 @@ fn lists_close(headers: &HeaderMap) -> bool {
     headers
         .get_all(header::CONNECTION)
         .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|v| says_close(v.as_bytes()))
+}
+
+/// Whether a `Connection` value lists `close`.
+pub(crate) fn says_close(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
 }
 
