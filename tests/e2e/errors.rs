@@ -273,3 +273,65 @@ async fn reasons_in_the_status_line_and_the_source_on_request() {
     let r = get(strict.addr, &format!("http://{}/", origin.addr)).await;
     assert!(!r.headers.contains_key("rotor-source"));
 }
+
+/// A destination that breaks HTTP is a 502 that says how (RFC 9209), and
+/// the worker goes on serving.
+#[tokio::test]
+async fn a_broken_destination_is_502_with_its_cause() {
+    use tokio::io::AsyncWriteExt;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let answers: [(&'static [u8], &str); 4] = [
+        (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "http_protocol_error"),
+        (b"", "connection_terminated"),
+        (b"HTTP/1.1 200 OK\r\nContent-Le", "connection_terminated"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx",
+            "http_protocol_error",
+        ),
+    ];
+    for (answer, kind) in answers {
+        let (origin, _) = recording_server(move |mut s: TcpStream| async move {
+            if read_head(&mut s).await.is_empty() {
+                return;
+            }
+            let _ = s.write_all(answer).await;
+        })
+        .await;
+        let r = get(worker.addr, &format!("http://{origin}/")).await;
+        assert_eq!(r.status, 502, "{answer:?}");
+        assert!(
+            r.proxy_status().contains(&format!("error={kind}")),
+            "{answer:?}: {}",
+            r.proxy_status()
+        );
+    }
+    // A response head larger than rotor (as hyper's client) accepts: in
+    // bytes (100 fields of 4.3 KB), and in fields (150 small ones).
+    for (fields, size) in [(100, 4300), (150, 8)] {
+        let (origin, _) = recording_server(move |mut s: TcpStream| async move {
+            if read_head(&mut s).await.is_empty() {
+                return;
+            }
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n").await;
+            let line = format!("x-big: {}\r\n", "a".repeat(size));
+            for _ in 0..fields {
+                if s.write_all(line.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+            let _ = s.write_all(b"\r\n").await;
+        })
+        .await;
+        let r = get(worker.addr, &format!("http://{origin}/")).await;
+        assert_eq!(r.status, 502);
+        assert!(
+            r.proxy_status()
+                .contains("error=http_response_header_section_size"),
+            "{fields} x {size}: {}",
+            r.proxy_status()
+        );
+    }
+    let origin = Origin::start().await;
+    assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
+}

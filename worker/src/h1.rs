@@ -44,9 +44,9 @@ pub enum Error {
     ClosedInHead,
     #[error("connection to the destination failed")]
     Io(#[source] io::Error),
-    #[error("the destination sent an invalid response head: {0}")]
+    #[error("the destination sent an invalid response head")]
     Parse(#[source] httparse::Error),
-    #[error("the destination sent a response head larger than {MAX_HEAD} bytes")]
+    #[error("the destination sent a response head of more than {MAX_HEAD} bytes or {MAX_HEADERS} fields")]
     HeadTooLarge,
     #[error("the destination's response is malformed: {0}")]
     Malformed(&'static str),
@@ -313,8 +313,14 @@ enum Head {
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut slots);
-    let len = match resp.parse(buf).map_err(Error::Parse)? {
+    let parsed = resp.parse(buf).map_err(|e| match e {
+        httparse::Error::TooManyHeaders => Error::HeadTooLarge,
+        e => Error::Parse(e),
+    });
+    let len = match parsed? {
         httparse::Status::Partial => return Ok(None),
+        // All of it may have come in the last read.
+        httparse::Status::Complete(len) if len > MAX_HEAD => return Err(Error::HeadTooLarge),
         httparse::Status::Complete(len) => len,
     };
     let code = resp.code.ok_or(Error::Malformed("no status code"))?;
