@@ -1,7 +1,9 @@
 //! One client connection served by the worker's fast path (the common
 //! requests) and, from the first request that is not the fast path's, by
 //! hyper's server: in order, whole, and with the bytes read so far handed
-//! over.
+//! over. And rotor's HTTP/1.1 client to the destination: framing that no
+//! client header can undo, keep-alive after long bodies, an answer that
+//! comes before the upload has gone.
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -198,4 +200,185 @@ async fn heads_in_pieces_small_uploads_head_and_close() {
         ["GET", "POST", "HEAD", "GET"]
     );
     assert_eq!(seen[1].body_len, 5);
+}
+
+/// `Connection: content-length` must not unframe a body: were the length
+/// dropped, the body would reach the destination as a second request.
+#[tokio::test]
+async fn a_connection_header_cannot_smuggle_a_request() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let o = origin.addr;
+    let inner = format!("GET /smuggled HTTP/1.1\r\nHost: {o}\r\n\r\n");
+    // Small (the fast path's) and large (hyper's server's) bodies.
+    for pad in [0usize, 70_000] {
+        let body = format!("{inner}{}", "x".repeat(pad));
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        s.write_all(
+            format!(
+                "POST http://{o}/echo HTTP/1.1\r\nHost: {o}\r\nConnection: content-length\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let (status, _, echoed) = response(&mut s, false).await;
+        assert_eq!(status, 200);
+        assert_eq!(echoed.len(), body.len(), "the body arrived as a body");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let seen = origin.seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().all(|r| r.path.ends_with("/echo")),
+        "{:?}",
+        seen.iter().map(|r| &r.path).collect::<Vec<_>>()
+    );
+    assert_eq!(seen.len(), 2);
+}
+
+/// A response longer than one read, with its length, leaves the client's
+/// connection open for the next request; a reason phrase of the
+/// destination's own comes through.
+#[tokio::test]
+async fn long_bodies_keep_the_connection_and_reasons_pass() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let o = origin.addr;
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    for _ in 0..3 {
+        let body = "y".repeat(40_000);
+        s.write_all(
+            format!(
+                "POST http://{o}/echo HTTP/1.1\r\nHost: {o}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let (status, head, echoed) = response(&mut s, false).await;
+        assert_eq!(status, 200, "{head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("connection: close"),
+            "{head}"
+        );
+        assert_eq!(echoed.len(), 40_000);
+    }
+    assert_eq!(
+        origin.seen.lock().unwrap().len(),
+        3,
+        "all three on one client connection"
+    );
+
+    let (custom, _) = recording_server(|mut s: TcpStream| async move {
+        if read_head(&mut s).await.is_empty() {
+            return;
+        }
+        let _ = s
+            .write_all(b"HTTP/1.1 200 Fine Thanks\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+    })
+    .await;
+    s.write_all(format!("GET http://{custom}/ HTTP/1.1\r\nHost: {custom}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (status, head, _) = response(&mut s, false).await;
+    assert_eq!(status, 200);
+    assert!(head.starts_with("HTTP/1.1 200 Fine Thanks\r\n"), "{head}");
+}
+
+/// A destination that answers at once and streams its answer while it
+/// still reads the upload (an echo) gets the whole upload.
+#[tokio::test]
+async fn an_answer_before_the_upload_ends_does_not_stop_the_upload() {
+    let (echo, _) = recording_server(|mut s: TcpStream| async move {
+        let head = read_head(&mut s).await.to_ascii_lowercase();
+        let Some(n) = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|n| n.trim().parse::<usize>().ok())
+        else {
+            return;
+        };
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await;
+        let mut left = n;
+        let mut b = vec![0u8; 16 * 1024];
+        while left > 0 {
+            let Ok(k) = s.read(&mut b[..left.min(16 * 1024)]).await else {
+                return;
+            };
+            if k == 0 {
+                return;
+            }
+            left -= k;
+            let _ = s.write_all(format!("{k:x}\r\n").as_bytes()).await;
+            let _ = s.write_all(&b[..k]).await;
+            let _ = s.write_all(b"\r\n").await;
+        }
+        let _ = s.write_all(b"0\r\n\r\n").await;
+    })
+    .await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    // 8 KiB (the fast path's, read whole) and 16 MiB (streamed by hyper's
+    // server; more than the sockets' buffers hold, so the answer comes
+    // while most of it is still to go).
+    for n in [8 * 1024, 16 << 20] {
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        let data = pattern(n);
+        s.write_all(
+            format!("POST http://{echo}/ HTTP/1.1\r\nHost: {echo}\r\nContent-Length: {n}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let (mut r, mut w) = s.split();
+        let send = async {
+            w.write_all(&data).await.unwrap();
+        };
+        let recv = async {
+            let mut all = Vec::new();
+            let _ = tokio::time::timeout(PATIENCE, async {
+                let mut b = vec![0u8; 64 * 1024];
+                loop {
+                    match r.read(&mut b).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => all.extend_from_slice(&b[..k]),
+                    }
+                    if all.ends_with(b"\r\n0\r\n\r\n") {
+                        break;
+                    }
+                }
+            })
+            .await;
+            all
+        };
+        let ((), all) = tokio::time::timeout(PATIENCE, async { tokio::join!(send, recv) })
+            .await
+            .expect("the echo stalled: the upload stopped at the answer");
+        let text_end = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert!(all.starts_with(b"HTTP/1.1 200"));
+        let body = dechunk(&all[text_end..]);
+        assert_eq!(body.len(), n, "the whole upload came back");
+        assert!(body == data);
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let end = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&b[..end]).unwrap(), 16).unwrap();
+        b = &b[end + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[..size]);
+        b = &b[size + 2..];
+    }
 }

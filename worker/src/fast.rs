@@ -232,7 +232,7 @@ fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
     let spans = Spans::of(buf, req.headers);
     let head = buf.split_to(len).freeze();
     let Ok(method) = Method::from_bytes(&head[method_at..method_at + method_len]) else {
-        return Take::NotMine;
+        return put_back(buf, head);
     };
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path_at.0..path_at.0 + path_at.1)) else {
         // Its bytes are gone from the buffer: put them back for hyper.
@@ -347,7 +347,12 @@ where
         write_data(io, data, matches!(framing, Framing::Chunked)).await?;
     }
     if !ended {
-        while let Some(frame) = body.frame().await {
+        // Until the body says it has ended (a length-delimited one need
+        // not be polled past its last byte).
+        while !body.is_end_stream() {
+            let Some(frame) = body.frame().await else {
+                break;
+            };
             let frame = frame.map_err(io::Error::other)?;
             if let Ok(data) = frame.into_data() {
                 if !data.is_empty() {

@@ -13,6 +13,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -132,44 +134,83 @@ impl Conn {
     ///
     /// `written` tells, on an error, whether the head went out.
     pub async fn exchange<B>(
-        mut self,
+        self,
         head: &request::Parts,
         body: Option<B>,
         written: &mut bool,
     ) -> Result<(Response<()>, ResponseBody), Error>
     where
-        B: Body<Data = Bytes> + Unpin,
-        B::Error: Into<BoxError>,
+        B: Body<Data = Bytes> + Unpin + Send + 'static,
+        B::Error: Into<BoxError> + Send,
     {
+        let Conn { mut io, mut buf } = self;
+        let sending = match &body {
+            None => Sending::None {
+                told: head.headers.contains_key(header::CONTENT_LENGTH),
+            },
+            Some(b) => b
+                .size_hint()
+                .exact()
+                .map_or(Sending::Chunked, Sending::Length),
+        };
         let mut out = Vec::with_capacity(256);
-        let chunked = body
-            .as_ref()
-            .is_some_and(|b| b.size_hint().exact().is_none());
-        encode_head(&mut out, head, chunked);
-        self.io.write_all(&out).await.map_err(Error::Io)?;
+        encode_head(&mut out, head, sending);
+        io.write_all(&out).await.map_err(Error::Io)?;
         *written = true;
-        let mut sent = 0;
         let mut early = false;
-        let (status, headers, version) = match body {
-            None => read_head(&mut self.io, &mut self.buf).await?,
+        let mut upload = None;
+        let sent = Arc::new(AtomicU64::new(0));
+        let (io, (status, headers, version, reason)) = match body {
+            None => {
+                let head = read_head(&mut io, &mut buf).await?;
+                (Io::Whole(io), head)
+            }
             Some(body) => {
-                let (mut rd, mut wr) = self.io.split();
-                let send = send_body(&mut wr, body, chunked, &mut sent);
-                let recv = read_head(&mut rd, &mut self.buf);
-                tokio::pin!(send, recv);
-                tokio::select! {
-                    biased;
-                    r = &mut send => {
-                        r?;
-                        recv.await?
+                // Owned halves: should the destination answer before it
+                // has the whole body, the rest can go on being sent (it may
+                // still be reading it) while the answer is relayed.
+                let (mut rd, wr) = io.into_split();
+                let mut send = Box::pin(send_body(
+                    wr,
+                    body,
+                    sending == Sending::Chunked,
+                    sent.clone(),
+                ));
+                let first = {
+                    let recv = read_head(&mut rd, &mut buf);
+                    tokio::pin!(recv);
+                    tokio::select! {
+                        biased;
+                        r = &mut send => match r {
+                            Ok(wr) => First::Sent(wr, recv.await),
+                            // The destination stopped taking the body: it
+                            // may have answered (a 413) and closed, and its
+                            // answer is the client's.
+                            Err(e @ Error::Io(_)) => First::Failed(e, Some(recv.await)),
+                            Err(e) => First::Failed(e, None),
+                        },
+                        r = &mut recv => First::Answered(r),
                     }
-                    // The destination answered before taking the whole
-                    // body (a 413, a redirect): the answer goes to the
-                    // client; the connection, with part of a request in
-                    // it, is not reused.
-                    r = &mut recv => {
+                };
+                match first {
+                    First::Sent(wr, head) => {
+                        let io = rd.reunite(wr).expect("the halves of one stream");
+                        (Io::Whole(io), head?)
+                    }
+                    First::Failed(_, Some(Ok(head))) => {
                         early = true;
-                        r?
+                        (Io::Read(rd), head)
+                    }
+                    First::Failed(e, _) => return Err(e),
+                    // The answer came before the whole body went: the
+                    // rest goes on in the background while the answer is
+                    // read; the connection, with part of a request in it,
+                    // is not reused.
+                    First::Answered(head) => {
+                        let head = head?;
+                        early = true;
+                        upload = Some(tokio::spawn(send).abort_handle());
+                        (Io::Read(rd), head)
                     }
                 }
             }
@@ -178,8 +219,14 @@ impl Conn {
         let reusable = !early
             && framing != Framing::Close
             && version == Version::HTTP_11
-            && !lists_close(&headers);
+            && !lists_close(&headers)
+            // RFC 9112 §6.3: both is a message to close after.
+            && !(headers.contains_key(header::TRANSFER_ENCODING)
+                && headers.contains_key(header::CONTENT_LENGTH));
         let mut resp = Response::new(());
+        if let Some(reason) = reason {
+            resp.extensions_mut().insert(reason);
+        }
         *resp.status_mut() = status;
         *resp.version_mut() = version;
         *resp.headers_mut() = headers;
@@ -191,26 +238,94 @@ impl Conn {
             Framing::Close => Decoder::Close,
         };
         let body = ResponseBody {
-            conn: Some(self),
+            io: Some(io),
+            buf,
             decoder,
             reusable,
             sent,
+            upload,
         };
         Ok((resp, body))
     }
 }
 
-/// `METHOD target HTTP/1.1`, then the headers; with `chunked`, the body is
-/// sent in chunks (its length is not known).
-fn encode_head(out: &mut Vec<u8>, head: &request::Parts, chunked: bool) {
+/// A response head: status, fields, version, and the reason phrase when it
+/// is not the status's usual one (passed on as sent).
+type Parsed = (
+    StatusCode,
+    HeaderMap,
+    Version,
+    Option<hyper::ext::ReasonPhrase>,
+);
+
+/// What happened first while a request body was going out.
+enum First<W> {
+    /// All of it went, then came this answer.
+    Sent(W, Result<Parsed, Error>),
+    /// Sending failed; and the answer, if one was looked for.
+    Failed(Error, Option<Result<Parsed, Error>>),
+    /// The answer came first.
+    Answered(Result<Parsed, Error>),
+}
+
+/// The read side of a connection a response comes on: all of it, or its
+/// read half while the rest of a request body is still being sent.
+#[derive(Debug)]
+enum Io {
+    Whole(TcpStream),
+    Read(tokio::net::tcp::OwnedReadHalf),
+}
+
+impl tokio::io::AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Io::Whole(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Read(r) => Pin::new(r).poll_read(cx, buf),
+        }
+    }
+}
+
+/// How a request's body is delimited on the wire: told by the body itself,
+/// never by the headers that came with it (a client's `Connection:
+/// content-length`, or a length that does not match, must not unframe it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sending {
+    /// No body: a `Content-Length: 0` only if the client sent a length.
+    None {
+        told: bool,
+    },
+    Length(u64),
+    Chunked,
+}
+
+/// `METHOD target HTTP/1.1`, then the headers, then the framing `sending`
+/// says (the head's own `Content-Length` and `Transfer-Encoding` are not
+/// written).
+fn encode_head(out: &mut Vec<u8>, head: &request::Parts, sending: Sending) {
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
     let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    encode_headers(out, &head.headers);
-    if chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    for (name, value) in &head.headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        encode_header(out, name, value);
+    }
+    match sending {
+        Sending::None { told: false } => {}
+        Sending::None { told: true } => out.extend_from_slice(b"content-length: 0\r\n"),
+        Sending::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Sending::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -218,11 +333,15 @@ fn encode_head(out: &mut Vec<u8>, head: &request::Parts, chunked: bool) {
 /// Header lines, `name: value`, as the map holds them (names lower-case).
 pub(crate) fn encode_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
     for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        encode_header(out, name, value);
     }
+}
+
+fn encode_header(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Writes `data`, as one chunk when `chunked` (RFC 9112 §7.1), in one
@@ -242,13 +361,14 @@ where
 }
 
 /// Streams the client's body to the destination (in chunks when its
-/// length is unknown), counting its bytes in `sent`.
+/// length is unknown), counting its bytes in `sent`; the writer back once
+/// all of it went.
 async fn send_body<W, B>(
-    wr: &mut W,
+    mut wr: W,
     mut body: B,
     chunked: bool,
-    sent: &mut u64,
-) -> Result<(), Error>
+    sent: Arc<AtomicU64>,
+) -> Result<W, Error>
 where
     W: tokio::io::AsyncWrite + Unpin,
     B: Body<Data = Bytes> + Unpin,
@@ -264,13 +384,17 @@ where
         if data.is_empty() {
             continue;
         }
-        *sent += data.len() as u64;
-        write_data(wr, data, chunked).await.map_err(Error::Io)?;
+        let n = data.len() as u64;
+        write_data(&mut wr, data, chunked)
+            .await
+            .map_err(Error::Io)?;
+        sent.fetch_add(n, Ordering::Relaxed);
     }
     if chunked {
         wr.write_all(b"0\r\n\r\n").await.map_err(Error::Io)?;
     }
-    wr.flush().await.map_err(Error::Io)
+    wr.flush().await.map_err(Error::Io)?;
+    Ok(wr)
 }
 
 /// Reads a response head into `buf` and parses it, skipping interim
@@ -278,7 +402,7 @@ where
 async fn read_head<R: tokio::io::AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
-) -> Result<(StatusCode, HeaderMap, Version), Error> {
+) -> Result<Parsed, Error> {
     let mut any = false;
     loop {
         if !buf.is_empty() {
@@ -306,7 +430,7 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
 enum Head {
     /// A 1xx response, consumed.
     Interim,
-    Final((StatusCode, HeaderMap, Version)),
+    Final(Parsed),
 }
 
 /// The response head at the start of `buf`, if all of it is there.
@@ -324,6 +448,13 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
         httparse::Status::Complete(len) => len,
     };
     let code = resp.code.ok_or(Error::Malformed("no status code"))?;
+    let canonical = StatusCode::from_u16(code)
+        .ok()
+        .and_then(|s| s.canonical_reason());
+    let reason = resp
+        .reason
+        .filter(|r| !r.is_empty() && Some(*r) != canonical)
+        .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes().to_vec()).ok());
     let status = StatusCode::from_u16(code).map_err(|_| Error::Malformed("invalid status code"))?;
     let version = match resp.version {
         Some(1) => Version::HTTP_11,
@@ -344,7 +475,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
     let headers = spans
         .header_map(&head)
         .ok_or(Error::Malformed("invalid header name or value"))?;
-    Ok(Some(Head::Final((status, headers, version))))
+    Ok(Some(Head::Final((status, headers, version, reason))))
 }
 
 /// Where each header's name and value lie in a head's bytes, so the map
@@ -401,8 +532,9 @@ fn framing(method: &Method, status: StatusCode, headers: &HeaderMap) -> Result<F
     let mut te = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
     if te.peek().is_some() {
         // Chunked must be the last coding; any other ends at the close.
+        // (A value that is not text is a coding that is not chunked.)
         let last = te
-            .filter_map(|v| v.to_str().ok())
+            .map(|v| v.to_str().unwrap_or("?"))
             .flat_map(|v| v.split(','))
             .map(str::trim)
             .filter(|c| !c.is_empty())
@@ -469,24 +601,42 @@ enum Chunked {
 /// takes it; the connection is kept for reuse once the body has ended.
 #[derive(Debug)]
 pub struct ResponseBody {
-    conn: Option<Conn>,
+    io: Option<Io>,
+    buf: BytesMut,
     decoder: Decoder,
     reusable: bool,
     /// The request body's bytes that went out.
-    sent: u64,
+    sent: Arc<AtomicU64>,
+    /// The rest of the request body, still going out after an early
+    /// answer: stopped when the answer has been relayed (or dropped).
+    upload: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Some(upload) = self.upload.take() {
+            upload.abort();
+        }
+    }
 }
 
 impl ResponseBody {
     /// The request body's bytes that went out.
     pub fn sent(&self) -> u64 {
-        self.sent
+        self.sent.load(Ordering::Relaxed)
     }
 
     /// The connection, once the body has ended and it can take another
     /// request.
     pub fn take_conn(&mut self) -> Option<Conn> {
-        match (&self.decoder, self.reusable) {
-            (Decoder::Done, true) => self.conn.take(),
+        if !matches!(self.decoder, Decoder::Done) || !self.reusable {
+            return None;
+        }
+        match self.io.take() {
+            Some(Io::Whole(io)) => Some(Conn {
+                io,
+                buf: std::mem::take(&mut self.buf),
+            }),
             _ => None,
         }
     }
@@ -494,12 +644,12 @@ impl ResponseBody {
     /// Reads more of the connection into its buffer; `Ok(false)` at the
     /// end of the stream.
     fn fill(&mut self, cx: &mut Context<'_>) -> Poll<Result<bool, Error>> {
-        let conn = self.conn.as_mut().ok_or(Error::Incomplete)?;
-        conn.buf.reserve(READ_SIZE);
+        let io = self.io.as_mut().ok_or(Error::Incomplete)?;
+        self.buf.reserve(READ_SIZE);
         let n = ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut conn.io),
+            Pin::new(io),
             cx,
-            &mut conn.buf
+            &mut self.buf
         ))
         .map_err(Error::Io)?;
         Poll::Ready(Ok(n > 0))
@@ -508,8 +658,11 @@ impl ResponseBody {
     /// The next piece of the body out of the buffer, if the buffer holds
     /// one; `None`: more must be read.
     fn decode(&mut self) -> Result<Option<Option<Bytes>>, Error> {
-        let conn = self.conn.as_mut().ok_or(Error::Incomplete)?;
-        let buf = &mut conn.buf;
+        // The end, even once the connection has gone back to the pool.
+        if matches!(self.decoder, Decoder::Done) {
+            return Ok(Some(None));
+        }
+        let buf = &mut self.buf;
         loop {
             match &mut self.decoder {
                 Decoder::Done => return Ok(Some(None)),
@@ -594,8 +747,9 @@ fn find_crlf(buf: &[u8]) -> Option<usize> {
 /// The size of a chunk-size line (hex digits, then perhaps extensions).
 fn chunk_size(line: &[u8]) -> Result<u64, Error> {
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    let rest = &line[digits..];
-    if digits == 0 || digits > 16 || !(rest.is_empty() || matches!(rest[0], b';' | b' ' | b'\t')) {
+    // Then nothing, or whitespace and an extension (`;…`).
+    let rest = line[digits..].trim_ascii_start();
+    if digits == 0 || digits > 16 || !(rest.is_empty() || rest[0] == b';') {
         return Err(Error::Malformed("invalid chunk size"));
     }
     let text = std::str::from_utf8(&line[..digits]).expect("hex digits are ASCII");
@@ -940,7 +1094,8 @@ mod tests {
         assert_eq!(chunk_size(b"A;name=value").unwrap(), 10);
         assert!(chunk_size(b"").is_err());
         assert!(chunk_size(b"x").is_err());
-        assert!(chunk_size(b"1 2").is_ok(), "BWS before an extension");
+        assert!(chunk_size(b"1 ;x").is_ok(), "BWS before an extension");
+        assert!(chunk_size(b"1 2").is_err());
         assert!(
             chunk_size(b"11111111111111111").is_err(),
             "more than 64 bits"

@@ -33,7 +33,7 @@ use crate::upstream::{Key, PooledBody, UpstreamPool};
 /// A client's request body: what hyper's server reads as the client sends
 /// it, or what the fast path has read whole.
 pub trait ClientBody:
-    http_body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+    http_body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send>
     + Unpin
     + Send
     + 'static
@@ -41,7 +41,7 @@ pub trait ClientBody:
 }
 
 impl<B> ClientBody for B where
-    B: http_body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+    B: http_body::Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send>
         + Unpin
         + Send
         + 'static
@@ -1019,9 +1019,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 fn remove_listed(headers: &mut HeaderMap, value: &HeaderValue) {
     let Ok(text) = value.to_str() else { return };
     for token in text.split(',').map(str::trim) {
+        // The message's framing and its Host are not the sender's to
+        // strip: `Connection: content-length` would unframe a body.
         if !token.is_empty()
-            && !token.eq_ignore_ascii_case("close")
-            && !token.eq_ignore_ascii_case("keep-alive")
+            && !["close", "keep-alive", "content-length", "host"]
+                .iter()
+                .any(|t| token.eq_ignore_ascii_case(t))
         {
             headers.remove(token);
         }
