@@ -159,7 +159,8 @@ impl Conn {
         *written = true;
         let mut early = false;
         let mut upload = None;
-        let sent = Arc::new(AtomicU64::new(0));
+        // Counted only for a body (no allocation for the common request).
+        let sent = body.as_ref().map(|_| Arc::new(AtomicU64::new(0)));
         let (io, (status, headers, version, reason)) = match body {
             None => {
                 let head = read_head(&mut io, &mut buf).await?;
@@ -174,7 +175,7 @@ impl Conn {
                     wr,
                     body,
                     sending == Sending::Chunked,
-                    sent.clone(),
+                    sent.clone().unwrap_or_default(),
                 ));
                 let first = {
                     let recv = read_head(&mut rd, &mut buf);
@@ -605,8 +606,8 @@ pub struct ResponseBody {
     buf: BytesMut,
     decoder: Decoder,
     reusable: bool,
-    /// The request body's bytes that went out.
-    sent: Arc<AtomicU64>,
+    /// The request body's bytes that went out (`None`: there was none).
+    sent: Option<Arc<AtomicU64>>,
     /// The rest of the request body, still going out after an early
     /// answer: stopped when the answer has been relayed (or dropped).
     upload: Option<tokio::task::AbortHandle>,
@@ -623,7 +624,7 @@ impl Drop for ResponseBody {
 impl ResponseBody {
     /// The request body's bytes that went out.
     pub fn sent(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
+        self.sent.as_ref().map_or(0, |s| s.load(Ordering::Relaxed))
     }
 
     /// The connection, once the body has ended and it can take another
