@@ -49,6 +49,18 @@ async fn response(s: &mut TcpStream, head_request: bool) -> (u16, String, Vec<u8
     (status, head, body)
 }
 
+/// Sends `POST http://ORIGIN/echo` with `body` (its length given) and
+/// the `extra` header lines.
+async fn echo(s: &mut TcpStream, origin: std::net::SocketAddr, extra: &str, body: &str) {
+    let head = format!(
+        "POST http://{origin}/echo HTTP/1.1\r\nHost: {origin}\r\n{extra}Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(format!("{head}{body}").as_bytes())
+        .await
+        .unwrap();
+}
+
 async fn read_line(s: &mut TcpStream) -> String {
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
@@ -215,15 +227,7 @@ async fn a_connection_header_cannot_smuggle_a_request() {
     for pad in [0usize, 70_000] {
         let body = format!("{inner}{}", "x".repeat(pad));
         let mut s = TcpStream::connect(worker.addr).await.unwrap();
-        s.write_all(
-            format!(
-                "POST http://{o}/echo HTTP/1.1\r\nHost: {o}\r\nConnection: content-length\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
+        echo(&mut s, o, "Connection: content-length\r\n", &body).await;
         let (status, _, echoed) = response(&mut s, false).await;
         assert_eq!(status, 200);
         assert_eq!(echoed.len(), body.len(), "the body arrived as a body");
@@ -249,16 +253,7 @@ async fn long_bodies_keep_the_connection_and_reasons_pass() {
     let o = origin.addr;
     let mut s = TcpStream::connect(worker.addr).await.unwrap();
     for _ in 0..3 {
-        let body = "y".repeat(40_000);
-        s.write_all(
-            format!(
-                "POST http://{o}/echo HTTP/1.1\r\nHost: {o}\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
+        echo(&mut s, o, "", &"y".repeat(40_000)).await;
         let (status, head, echoed) = response(&mut s, false).await;
         assert_eq!(status, 200, "{head}");
         assert!(
