@@ -82,7 +82,7 @@ where
     I: AsyncRead + AsyncWrite + Unpin,
 {
     let mut buf = BytesMut::with_capacity(4096);
-    let mut out = Vec::with_capacity(1024);
+    let mut out = Vec::with_capacity(512);
     // One idle watch and one drain watch for the connection's life: no
     // timer per request.
     let idle = conn.activity.idle_for(conn.idle_timeout);

@@ -241,29 +241,12 @@ pub async fn run(
             stop: shutdown.clone(),
             grace: IDLE_CLOSE_GRACE,
         };
-        // Counts the connection's requests as they arrive: see the drain below.
-        let arrivals = Arc::new(Arrivals::default());
-        let seen = arrivals.clone();
-        // Requests whose response head is not out yet: the client waits on
-        // the destination, which is bounded by --response-timeout, not idle.
-        let waiting = Arc::new(AtomicUsize::new(0));
-        let pending = waiting.clone();
-        let service = service_fn(move |req| {
-            seen.arrived();
-            let guard = Waiting::new(&pending);
-            let proxy = proxy.clone();
-            async move {
-                let _guard = guard;
-                proxy.handle(req, client).await
-            }
-        });
         let acceptor = match (is_tls, &tls) {
             (true, Some(t)) => Some(t.acceptor()),
             _ => None,
         };
         let builder = builder.clone();
         let handshake_timeout = config.header_read_timeout;
-        let stop = shutdown.clone();
         // The connection's task: a few hundred bytes (what is large — the
         // TLS handshake, the fast path, hyper's connection — is boxed), as
         // spawning moves it.
@@ -297,6 +280,26 @@ pub async fn run(
                 crate::fast::Outcome::Closed => return,
                 crate::fast::Outcome::Handover(io) => io,
             };
+            // hyper's server from here (made only now: most connections
+            // never get here). Counts the connection's requests as they
+            // arrive: see the drain below.
+            let arrivals = Arc::new(Arrivals::default());
+            let seen = arrivals.clone();
+            // Requests whose response head is not out yet: the client waits
+            // on the destination, which is bounded by --response-timeout,
+            // not idle.
+            let waiting = Arc::new(AtomicUsize::new(0));
+            let pending = waiting.clone();
+            let service = service_fn(move |req| {
+                seen.arrived();
+                let guard = Waiting::new(&pending);
+                let proxy = proxy.clone();
+                async move {
+                    let _guard = guard;
+                    proxy.handle(req, client).await
+                }
+            });
+            let stop = &fast.stop;
             let mut conn = Box::pin(
                 builder
                     .serve_connection(TokioIo::new(io), service)
