@@ -210,13 +210,25 @@ impl Conn {
                     First::Answered(head) => {
                         let head = head?;
                         early = true;
-                        upload = Some(tokio::spawn(send).abort_handle());
+                        upload = Some(send);
                         (Io::Read(rd), head)
                     }
                 }
             }
         };
         let framing = framing(&head.method, status, &headers)?;
+        // The rest of the upload, once the answer is known to be relayed.
+        // Its end sends no FIN (the destination may take the client's
+        // going as a cancel while it still answers): the connection closes
+        // with the response.
+        let upload = upload.map(|send| {
+            let task = tokio::spawn(async move {
+                if let Ok(wr) = send.await {
+                    wr.forget();
+                }
+            });
+            AbortOnDrop(task.abort_handle())
+        });
         let reusable = !early
             && framing != Framing::Close
             && version == Version::HTTP_11
@@ -244,7 +256,7 @@ impl Conn {
             decoder,
             reusable,
             sent,
-            upload,
+            _upload: upload,
         };
         Ok((resp, body))
     }
@@ -610,14 +622,16 @@ pub struct ResponseBody {
     sent: Option<Arc<AtomicU64>>,
     /// The rest of the request body, still going out after an early
     /// answer: stopped when the answer has been relayed (or dropped).
-    upload: Option<tokio::task::AbortHandle>,
+    _upload: Option<AbortOnDrop>,
 }
 
-impl Drop for ResponseBody {
+/// Stops a task when dropped.
+#[derive(Debug)]
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
     fn drop(&mut self) {
-        if let Some(upload) = self.upload.take() {
-            upload.abort();
-        }
+        self.0.abort();
     }
 }
 

@@ -134,6 +134,9 @@ pub struct PooledBody {
 
 impl Drop for PooledBody {
     fn drop(&mut self) {
+        // All of the request body that went, with what went after an early
+        // answer.
+        self.sent = self.inner.sent();
         self.meter.bytes(self.source, self.sent, self.received);
         if let Some(b) = self.access.take() {
             let (log, mut e) = *b;
