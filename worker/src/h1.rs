@@ -1103,6 +1103,74 @@ mod tests {
         assert!(body.take_conn().is_none(), "half a request is in it");
     }
 
+    /// Decodes `wire` as a chunked body fed in pieces cut at `cuts`: the
+    /// body, and what is left in the buffer after it.
+    fn dechunk_in_pieces(wire: &[u8], cuts: &[usize]) -> Result<(Vec<u8>, Vec<u8>), Error> {
+        let mut body = ResponseBody {
+            io: None,
+            buf: BytesMut::new(),
+            decoder: Decoder::Chunked(Chunked::Size),
+            reusable: true,
+            sent: None,
+            _upload: None,
+        };
+        let mut out = Vec::new();
+        let mut at = 0;
+        let mut cuts = cuts.iter().copied().chain([wire.len()]);
+        loop {
+            match body.decode()? {
+                Some(Some(d)) => out.extend_from_slice(&d),
+                Some(None) => return Ok((out, body.buf.to_vec())),
+                None => {
+                    let next = cuts.next().ok_or(Error::Incomplete)?.clamp(at, wire.len());
+                    body.buf.extend_from_slice(&wire[at..next]);
+                    at = next;
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Any body, chunked at any sizes (with extensions and trailers),
+        /// arriving cut at any points, decodes to itself and stops at the
+        /// message's end (the next message's bytes stay).
+        #[test]
+        fn chunked_bodies_decode_whole_however_they_arrive(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000),
+            sizes in proptest::collection::vec(1usize..700, 1..8),
+            extension in proptest::prelude::any::<bool>(),
+            trailers in proptest::prelude::any::<bool>(),
+            mut cuts in proptest::collection::vec(0usize..4000, 0..12),
+        ) {
+            let mut wire = Vec::new();
+            let mut rest = &data[..];
+            for size in sizes.iter().cycle() {
+                if rest.is_empty() {
+                    break;
+                }
+                let (chunk, after) = rest.split_at((*size).min(rest.len()));
+                wire.extend_from_slice(format!("{:X}", chunk.len()).as_bytes());
+                if extension {
+                    wire.extend_from_slice(b" ;name=\"v\"");
+                }
+                wire.extend_from_slice(b"\r\n");
+                wire.extend_from_slice(chunk);
+                wire.extend_from_slice(b"\r\n");
+                rest = after;
+            }
+            wire.extend_from_slice(b"0\r\n");
+            if trailers {
+                wire.extend_from_slice(b"X-Sum: 1\r\nX-Other: 2\r\n");
+            }
+            wire.extend_from_slice(b"\r\nNEXT");
+            cuts.sort_unstable();
+            let (body, left) = dechunk_in_pieces(&wire, &cuts).unwrap();
+            proptest::prop_assert_eq!(body, data);
+            // Only bytes fed past the end are left, untouched.
+            proptest::prop_assert!(b"NEXT".starts_with(&left), "{:?}", left);
+        }
+    }
+
     #[test]
     fn chunk_sizes() {
         assert_eq!(chunk_size(b"1a").unwrap(), 26);
