@@ -46,6 +46,12 @@ pub type ClientIo = tokio_util::either::Either<
     Box<tokio_rustls::server::TlsStream<IdleIo<TcpStream>>>,
 >;
 
+impl crate::fast::ClientStream for ClientIo {
+    fn closes_on_drop(&self) -> bool {
+        matches!(self, tokio_util::either::Either::Left(_))
+    }
+}
+
 /// How the worker stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {
