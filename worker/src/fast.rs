@@ -266,6 +266,35 @@ fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
     }
 }
 
+/// Takes requests off `data` as the fast path would (for fuzzing): every
+/// request it takes is whole, and what it leaves for hyper is exactly the
+/// bytes it had not taken (panics otherwise).
+#[doc(hidden)]
+pub fn take_all_for_fuzzing(data: &[u8]) {
+    let mut buf = BytesMut::from(data);
+    loop {
+        let before = buf.clone();
+        match take_request(&mut buf, 8192) {
+            Take::Request { body, .. } => {
+                assert!(buf.len() < before.len(), "a request took no bytes");
+                assert!(before.ends_with(&buf), "bytes after the head changed");
+                if body > buf.len() {
+                    return;
+                }
+                buf.advance(body);
+            }
+            Take::NotMine => {
+                assert_eq!(buf, before, "bytes lost on the way to hyper");
+                return;
+            }
+            Take::Partial => {
+                assert_eq!(buf, before);
+                return;
+            }
+        }
+    }
+}
+
 /// Puts a head taken off `buf` back in front of it (a rare path: a target
 /// or header `httparse` accepts and `http` does not).
 fn put_back(buf: &mut BytesMut, head: Bytes) -> Take {
@@ -589,6 +618,17 @@ mod tests {
         let (t, buf) = take(text);
         assert!(matches!(t, Take::NotMine));
         assert_eq!(&buf[..], text.as_bytes());
+    }
+
+    #[test]
+    fn the_fuzzing_entry_holds_its_promises_on_a_mixed_stream() {
+        take_all_for_fuzzing(
+            b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n\
+              POST http://a/ HTTP/1.1\r\nContent-Length: 2\r\n\r\nxy\
+              CONNECT a:1 HTTP/1.1\r\n\r\nrest",
+        );
+        take_all_for_fuzzing(b"GET http://a/ HTTP/1.1\r\nContent-Length: 9\r\n\r\nshort");
+        take_all_for_fuzzing(b"");
     }
 
     #[test]

@@ -755,6 +755,49 @@ impl ResponseBody {
     }
 }
 
+/// Reads `data` as a destination's response would be read (for
+/// fuzzing): the head (past interim responses), its framing, and the body
+/// from what follows, to its end or an error; never a panic, and never a
+/// body byte that was not in `data`.
+#[doc(hidden)]
+pub fn read_response_for_fuzzing(data: &[u8], head_request: bool) {
+    let mut buf = BytesMut::from(data);
+    let (status, headers) = loop {
+        match parse_head(&mut buf) {
+            Ok(Some(Head::Final((status, headers, _, _)))) => break (status, headers),
+            Ok(Some(Head::Interim)) => continue,
+            Ok(None) | Err(_) => return,
+        }
+    };
+    let method = if head_request {
+        Method::HEAD
+    } else {
+        Method::GET
+    };
+    let Ok(framing) = framing(&method, status, &headers) else {
+        return;
+    };
+    let available = buf.len();
+    let mut body = ResponseBody {
+        io: None,
+        buf,
+        decoder: match framing {
+            Framing::Empty | Framing::Length(0) => Decoder::Done,
+            Framing::Length(n) => Decoder::Length(n),
+            Framing::Chunked => Decoder::Chunked(Chunked::Size),
+            Framing::Close => Decoder::Close,
+        },
+        reusable: true,
+        sent: None,
+        _upload: None,
+    };
+    let mut total = 0;
+    while let Ok(Some(Some(piece))) = body.decode() {
+        total += piece.len();
+        assert!(total <= available, "more body than bytes");
+    }
+}
+
 fn find_crlf(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\r\n")
 }
@@ -1168,6 +1211,19 @@ mod tests {
             proptest::prop_assert_eq!(body, data);
             // Only bytes fed past the end are left, untouched.
             proptest::prop_assert!(b"NEXT".starts_with(&left), "{:?}", left);
+        }
+    }
+
+    #[test]
+    fn the_fuzzing_entry_reads_responses() {
+        for (data, head) in [
+            (&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"[..], false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\nshort", false),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", true),
+            (b"HTTP/1.0 200 OK\r\n\r\nto the close", false),
+            (b"\x00\xff", false),
+        ] {
+            read_response_for_fuzzing(data, head);
         }
     }
 
