@@ -348,9 +348,7 @@ where
     }
     match framing {
         Framing::Length(n) if !parts.headers.contains_key(header::CONTENT_LENGTH) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa(n, &mut [0; 20]));
-            out.extend_from_slice(b"\r\n");
+            crate::h1::encode_content_length(out, n);
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         _ => {}
@@ -441,19 +439,6 @@ fn futures_now(
         Poll::Ready(None) => Some(None),
         Poll::Ready(Some(Err(e))) => Some(Some(Err(e))),
         Poll::Ready(Some(Ok(f))) => Some(Some(Ok(f.into_data().unwrap_or_default()))),
-    }
-}
-
-/// `n` in decimal, in `buf`.
-fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
     }
 }
 
@@ -632,13 +617,7 @@ mod tests {
     }
 
     #[test]
-    fn numbers_and_dates() {
-        assert_eq!(itoa(0, &mut [0; 20]), b"0");
-        assert_eq!(itoa(1234567890, &mut [0; 20]), b"1234567890");
-        assert_eq!(
-            itoa(u64::MAX, &mut [0; 20]),
-            u64::MAX.to_string().as_bytes()
-        );
+    fn dates() {
         let mut out = Vec::new();
         date(&mut out);
         let text = String::from_utf8(out).unwrap();

@@ -243,17 +243,10 @@ impl Conn {
         *resp.status_mut() = status;
         *resp.version_mut() = version;
         *resp.headers_mut() = headers;
-        let decoder = match framing {
-            Framing::Empty => Decoder::Done,
-            Framing::Length(0) => Decoder::Done,
-            Framing::Length(n) => Decoder::Length(n),
-            Framing::Chunked => Decoder::Chunked(Chunked::Size),
-            Framing::Close => Decoder::Close,
-        };
         let body = ResponseBody {
             io: Some(io),
             buf,
-            decoder,
+            decoder: framing.into(),
             reusable,
             sent,
             _upload: upload,
@@ -332,12 +325,8 @@ fn encode_head(out: &mut Vec<u8>, head: &request::Parts, sending: Sending) {
     }
     match sending {
         Sending::None { told: false } => {}
-        Sending::None { told: true } => out.extend_from_slice(b"content-length: 0\r\n"),
-        Sending::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(n.to_string().as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
+        Sending::None { told: true } => encode_content_length(out, 0),
+        Sending::Length(n) => encode_content_length(out, n),
         Sending::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.extend_from_slice(b"\r\n");
@@ -347,6 +336,26 @@ fn encode_head(out: &mut Vec<u8>, head: &request::Parts, sending: Sending) {
 pub(crate) fn encode_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
     for (name, value) in headers {
         encode_header(out, name, value);
+    }
+}
+
+/// `content-length: N`, its line.
+pub(crate) fn encode_content_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    out.extend_from_slice(itoa(n, &mut [0; 20]));
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `n` in decimal, in `buf`.
+fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[i..];
+        }
     }
 }
 
@@ -598,6 +607,18 @@ enum Decoder {
     Done,
 }
 
+impl From<Framing> for Decoder {
+    /// Where reading a body delimited so starts.
+    fn from(framing: Framing) -> Decoder {
+        match framing {
+            Framing::Empty | Framing::Length(0) => Decoder::Done,
+            Framing::Length(n) => Decoder::Length(n),
+            Framing::Chunked => Decoder::Chunked(Chunked::Size),
+            Framing::Close => Decoder::Close,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum Chunked {
     /// At a chunk-size line.
@@ -781,12 +802,7 @@ pub fn read_response_for_fuzzing(data: &[u8], head_request: bool) {
     let mut body = ResponseBody {
         io: None,
         buf,
-        decoder: match framing {
-            Framing::Empty | Framing::Length(0) => Decoder::Done,
-            Framing::Length(n) => Decoder::Length(n),
-            Framing::Chunked => Decoder::Chunked(Chunked::Size),
-            Framing::Close => Decoder::Close,
-        },
+        decoder: framing.into(),
         reusable: true,
         sent: None,
         _upload: None,
@@ -1225,6 +1241,19 @@ mod tests {
         ] {
             read_response_for_fuzzing(data, head);
         }
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(itoa(0, &mut [0; 20]), b"0");
+        assert_eq!(itoa(1234567890, &mut [0; 20]), b"1234567890");
+        assert_eq!(
+            itoa(u64::MAX, &mut [0; 20]),
+            u64::MAX.to_string().as_bytes()
+        );
+        let mut out = Vec::new();
+        encode_content_length(&mut out, 42);
+        assert_eq!(out, b"content-length: 42\r\n");
     }
 
     #[test]

@@ -126,7 +126,6 @@ pub struct PooledBody {
     /// of the request's body, and those of this body as it streams.
     meter: Arc<crate::meter::Meter>,
     source: std::net::IpAddr,
-    sent: u64,
     received: u64,
     /// The request's access log line, written when this body is done.
     access: Option<Box<(Arc<crate::access::AccessLog>, crate::access::Entry)>>,
@@ -136,11 +135,11 @@ impl Drop for PooledBody {
     fn drop(&mut self) {
         // All of the request body that went, with what went after an early
         // answer.
-        self.sent = self.inner.sent();
-        self.meter.bytes(self.source, self.sent, self.received);
+        let sent = self.inner.sent();
+        self.meter.bytes(self.source, sent, self.received);
         if let Some(b) = self.access.take() {
             let (log, mut e) = *b;
-            e.sent = self.sent;
+            e.sent = sent;
             e.received = self.received;
             log.log(&e);
         }
@@ -155,13 +154,11 @@ impl PooledBody {
         meter: &Arc<crate::meter::Meter>,
     ) -> PooledBody {
         let source = key.source;
-        let sent = inner.sent();
         let mut body = PooledBody {
             inner,
             home: Some((pool, key)),
             meter: meter.clone(),
             source,
-            sent,
             received: 0,
             access: None,
         };
