@@ -20,6 +20,8 @@ use rotor_protocol::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 
+mod floor;
+
 #[derive(Parser)]
 struct Cli {
     #[command(subcommand)]
@@ -114,6 +116,23 @@ enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "1,2")]
         threads: Vec<usize>,
     },
+    /// A featureless rotating HTTP/1.1 forwarder (GET, Content-Length
+    /// responses, kept-alive upstream connections per source address): the
+    /// floor a rotating proxy's cost cannot go below on these cores, for
+    /// side-by-side runs with rotor and HAProxy. Serves for `seconds`.
+    Floor {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        origin: SocketAddr,
+        /// `A-B` (IPv4 range) or `A,B,…`.
+        #[arg(long)]
+        pool: String,
+        #[arg(long, default_value = "2")]
+        threads: usize,
+        #[arg(long, default_value = "600")]
+        seconds: u64,
+    },
     /// Opens N client connections, sends one request on each through the
     /// proxy, then holds them idle; prints `ready` and waits.
     Idle {
@@ -177,9 +196,37 @@ fn cpu_since(pid: Option<u32>, before: Option<Duration>) -> Option<Duration> {
     cpu_time(pid?).checked_sub(before?)
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
+/// `A-B` (an IPv4 range, at most 65 536 addresses) or `A,B,…`.
+fn sources(pool: &str) -> anyhow::Result<Vec<std::net::IpAddr>> {
+    if let Some((a, b)) = pool.split_once('-') {
+        let (a, b): (std::net::Ipv4Addr, std::net::Ipv4Addr) = (a.parse()?, b.parse()?);
+        let (a, b) = (u32::from(a), u32::from(b));
+        anyhow::ensure!(a <= b && b - a < 65_536, "a range of 1 to 65 536 addresses");
+        return Ok((a..=b)
+            .map(|n| std::net::Ipv4Addr::from(n).into())
+            .collect());
+    }
+    Ok(pool.split(',').map(str::parse).collect::<Result<_, _>>()?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Cmd::Floor {
+        listen,
+        origin,
+        pool,
+        threads,
+        seconds,
+    } = cli.cmd
+    {
+        return floor::run(listen, origin, sources(&pool)?, threads, seconds);
+    }
+    tokio::runtime::Runtime::new()?.block_on(run(cli.cmd))
+}
+
+async fn run(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Floor { .. } => unreachable!("served by floor::run"),
         Cmd::Lease {
             socket,
             conns,
