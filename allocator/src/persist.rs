@@ -18,6 +18,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
+use rotor_protocol::Segment;
 
 const MAGIC: &[u8; 4] = b"RTR2";
 const LEN: usize = 64;
@@ -82,6 +83,86 @@ impl StateFile {
     }
 }
 
+/// The entries taken out of the rotation by hand (`rotor quarantine`), kept
+/// beside the rotation state so an allocator restart does not put them back
+/// early: JSON, replaced whole (written to a temporary file, then renamed
+/// over) when the set changes.
+pub const HAND_FILE_NAME: &str = "quarantine.json";
+
+/// An entry out of the rotation by hand, and when that ends (seconds since
+/// the Unix epoch; `None`: until released).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandOut {
+    pub entry: Segment,
+    pub until: Option<u64>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HandFile {
+    /// `ADDRESS` or `PREFIX/LEN`, and the end in Unix seconds or null.
+    taken_out_by_hand: Vec<HandLine>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HandLine {
+    entry: String,
+    until: Option<u64>,
+}
+
+/// Reads the hand quarantines kept in `path`: none if there is no file; a
+/// file that does not parse is an error (the caller logs it and goes on).
+pub fn read_hand(path: &Path) -> io::Result<Vec<HandOut>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let file: HandFile =
+        serde_json::from_str(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    file.taken_out_by_hand
+        .into_iter()
+        .map(|l| {
+            parse_segment(&l.entry)
+                .map(|entry| HandOut {
+                    entry,
+                    until: l.until,
+                })
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{:?} is not an address or prefix", l.entry),
+                    )
+                })
+        })
+        .collect()
+}
+
+/// Replaces the file at `path` with `outs` (all or nothing: a temporary
+/// file renamed over it).
+pub fn write_hand(path: &Path, outs: &[HandOut]) -> io::Result<()> {
+    let file = HandFile {
+        taken_out_by_hand: outs
+            .iter()
+            .map(|o| HandLine {
+                entry: o.entry.to_string(),
+                until: o.until,
+            })
+            .collect(),
+    };
+    let text = serde_json::to_string_pretty(&file).map_err(io::Error::other)?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text + "\n")?;
+    std::fs::rename(&tmp, path)
+}
+
+/// `ADDRESS` or `ADDRESS/LEN`, as a segment's `Display` writes it.
+fn parse_segment(s: &str) -> Option<Segment> {
+    match s.split_once('/') {
+        None => Some(Segment::single(s.parse().ok()?)),
+        Some((ip, len)) => Segment::prefix(ip.parse().ok()?, len.parse().ok()?),
+    }
+}
+
 fn encode(s: &Saved) -> [u8; LEN] {
     let mut b = [0u8; LEN];
     b[..4].copy_from_slice(MAGIC);
@@ -133,6 +214,34 @@ fn decode(b: &[u8]) -> Option<Saved> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hand_quarantines_round_trip_and_bad_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(HAND_FILE_NAME);
+        assert_eq!(read_hand(&path).unwrap(), vec![]);
+        let outs = vec![
+            HandOut {
+                entry: Segment::single("10.0.0.5".parse().unwrap()),
+                until: Some(1_900_000_000),
+            },
+            HandOut {
+                entry: Segment::prefix("2001:db8::".parse().unwrap(), 64).unwrap(),
+                until: None,
+            },
+        ];
+        write_hand(&path, &outs).unwrap();
+        assert_eq!(read_hand(&path).unwrap(), outs);
+        assert!(!path.with_extension("json.tmp").exists());
+        std::fs::write(
+            &path,
+            "{\"taken_out_by_hand\": [{\"entry\": \"nope\", \"until\": null}]}",
+        )
+        .unwrap();
+        assert!(read_hand(&path).unwrap_err().to_string().contains("nope"));
+        std::fs::write(&path, "garbage").unwrap();
+        assert!(read_hand(&path).is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -217,6 +217,9 @@ pub async fn run(
     };
     alloc.limit_sessions(config.max_sessions);
     alloc.set_site_rules(config.site_rules.clone(), config.max_site_entries);
+    if let Some(dir) = &config.state_dir {
+        alloc.keep_hand_quarantines(dir);
+    }
     let alloc = Arc::new(alloc);
     // The pool is loaded before the first connection is accepted, so no
     // worker ever sees the empty pool of a starting allocator.

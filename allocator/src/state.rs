@@ -13,7 +13,7 @@ use rotor_protocol::{
     StatusReport, StatusReportV2, TableError, PEER_SLOTS,
 };
 
-use crate::persist::{Saved, StateFile};
+use crate::persist::{HandOut, Saved, StateFile};
 use crate::pool::{Pool, TableHome};
 use crate::sessions::{Pinned, Sessions};
 use crate::sites::{Answer, Rules, Sites, DEFAULT_MAX_ENTRIES};
@@ -47,7 +47,21 @@ struct Inner {
     /// Entries out of the rotation: one per listed entry at most (entries
     /// that leave the pool leave this too), so it is bounded by the pool.
     quarantine: HashMap<Segment, Quarantine>,
+    /// Entries taken out by hand that are not in the pool now (it changed,
+    /// or the allocator restarted before its first refresh): out again
+    /// when they come back, until their time ends. At most
+    /// [`MAX_HELD`], oldest dropped first.
+    held: Vec<HandOut>,
+    /// Where the hand quarantines are kept over a restart (the state
+    /// directory's `quarantine.json`), and what it holds.
+    hand_file: Option<std::path::PathBuf>,
+    hand_saved: Vec<HandOut>,
+    /// Whether a failed write of it has already been logged.
+    hand_failed: bool,
 }
+
+/// Hand quarantines of entries out of the pool kept for their return.
+const MAX_HELD: usize = 4096;
 
 /// Why and until when an entry is out of the rotation.
 #[derive(Debug, Clone)]
@@ -59,6 +73,41 @@ struct Quarantine {
     /// Taken out by hand (`rotor quarantine`): checks do not put it back;
     /// it comes back at `next_check`, or by `rotor release`.
     by_hand: bool,
+    /// By hand: when it ends, in Unix seconds (None: until released); what
+    /// a restart reads back.
+    until: Option<u64>,
+}
+
+/// Ten years stands for "until released", and is the longest time out by
+/// hand.
+const TEN_YEARS: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Quarantine {
+    /// Out by hand for `for_` (None: until released) from `now`.
+    fn by_hand(for_: Option<Duration>, now: Instant, restored: bool) -> Quarantine {
+        let wait = for_.unwrap_or(TEN_YEARS).min(TEN_YEARS);
+        let mut reason = match for_ {
+            Some(d) => format!("taken out by hand for {}", humantime::format_duration(d)),
+            None => "taken out by hand until released".to_string(),
+        };
+        if restored {
+            reason += " (kept over a restart or a pool change)";
+        }
+        Quarantine {
+            reason,
+            since: now,
+            next_check: now + wait,
+            backoff: wait,
+            by_hand: true,
+            until: for_.map(|d| unix_now().saturating_add(d.as_secs())),
+        }
+    }
 }
 
 /// The first wait before an entry out of the rotation is checked again;
@@ -221,6 +270,7 @@ impl Inner {
                         next_check: now + QUARANTINE_MIN,
                         backoff: QUARANTINE_MIN,
                         by_hand: false,
+                        until: None,
                     },
                 );
             }
@@ -232,6 +282,79 @@ impl Inner {
         let addrs = self.pool.addrs().to_vec();
         if let Err(e) = self.pool.update(addrs, q) {
             tracing::error!(error = %error_chain(&e), "cannot grow the lease table; keeping the previous pool");
+        }
+        self.save_hand();
+    }
+
+    /// Before the pool becomes `listed`: hand quarantines of entries that
+    /// leave it are held, and held ones whose address is listed again (in
+    /// whatever entry now holds it) are out again for the rest of their
+    /// time; those whose time ended are forgotten.
+    fn carry_hand(&mut self, listed: &HashSet<Segment>, addrs: &[Segment], now: Instant) {
+        let leaving: Vec<HandOut> = self
+            .quarantine
+            .iter()
+            .filter(|(e, q)| q.by_hand && !listed.contains(e))
+            .map(|(e, q)| HandOut {
+                entry: *e,
+                until: q.until,
+            })
+            .collect();
+        self.held.extend(leaving);
+        if self.held.is_empty() {
+            return;
+        }
+        let wall = unix_now();
+        let held = std::mem::take(&mut self.held);
+        for h in held {
+            if h.until.is_some_and(|u| u <= wall) {
+                continue;
+            }
+            let Some(e) = addrs.iter().find(|e| e.contains(h.entry.base())).copied() else {
+                self.held.push(h);
+                continue;
+            };
+            if self.quarantine.get(&e).is_some_and(|q| q.by_hand) {
+                continue;
+            }
+            let for_ = h.until.map(|u| Duration::from_secs(u - wall));
+            let q = Quarantine::by_hand(for_, now, true);
+            tracing::warn!(entry = %e, reason = %q.reason, "pool address out of the rotation");
+            self.quarantine.insert(e, q);
+        }
+        let over = self.held.len().saturating_sub(MAX_HELD);
+        self.held.drain(..over);
+    }
+
+    /// Writes the hand quarantines (in the pool and held) to the state
+    /// directory when they changed.
+    fn save_hand(&mut self) {
+        let Some(path) = &self.hand_file else { return };
+        let mut now: Vec<HandOut> = self
+            .quarantine
+            .iter()
+            .filter(|(_, q)| q.by_hand)
+            .map(|(e, q)| HandOut {
+                entry: *e,
+                until: q.until,
+            })
+            .chain(self.held.iter().copied())
+            .collect();
+        now.sort_by_key(|h| (h.entry.base(), h.entry.prefix_len()));
+        if now == self.hand_saved {
+            return;
+        }
+        match crate::persist::write_hand(path, &now) {
+            Ok(()) => {
+                self.hand_saved = now;
+                self.hand_failed = false;
+            }
+            Err(e) => {
+                if !self.hand_failed {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot keep the addresses taken out by hand: a restart would put them back");
+                }
+                self.hand_failed = true;
+            }
         }
     }
 }
@@ -288,6 +411,10 @@ impl Allocator {
                 sites: Sites::new(Rules::default(), DEFAULT_MAX_ENTRIES),
                 metrics: Default::default(),
                 quarantine: HashMap::new(),
+                held: Vec::new(),
+                hand_file: None,
+                hand_saved: Vec::new(),
+                hand_failed: false,
                 sources: sources
                     .into_iter()
                     .map(|source| SourceState {
@@ -301,6 +428,34 @@ impl Allocator {
             }),
             started: Instant::now(),
         })
+    }
+
+    /// Keeps the entries taken out by hand in `dir` (the state directory)
+    /// over a restart, and takes out again, once the pool holds them, those
+    /// an earlier allocator kept there whose time has not ended.
+    pub fn keep_hand_quarantines(&self, dir: &std::path::Path) {
+        let path = dir.join(crate::persist::HAND_FILE_NAME);
+        let mut inner = self.lock();
+        match crate::persist::read_hand(&path) {
+            Ok(kept) => {
+                let wall = unix_now();
+                let kept: Vec<HandOut> = kept
+                    .into_iter()
+                    .filter(|h| h.until.is_none_or(|u| u > wall))
+                    .collect();
+                if !kept.is_empty() {
+                    tracing::info!(file = %path.display(), entries = kept.len(), "addresses taken out by hand before the restart stay out");
+                }
+                // What the file holds (but ended ones, forgotten at the
+                // first change).
+                inner.hand_saved.clone_from(&kept);
+                inner.held.extend(kept);
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the addresses taken out by hand before the restart; they are back in the rotation");
+            }
+        }
+        inner.hand_file = Some(path);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -357,8 +512,9 @@ impl Allocator {
             .flat_map(|s| s.last_good.iter().copied())
             .collect();
         let listed: HashSet<Segment> = addrs.iter().copied().collect();
-        inner.quarantine.retain(|e, _| listed.contains(e));
         let now = Instant::now();
+        inner.carry_hand(&listed, &addrs, now);
+        inner.quarantine.retain(|e, _| listed.contains(e));
         for (e, check) in checks {
             inner.judge(*e, check, now);
         }
@@ -374,6 +530,7 @@ impl Allocator {
             }
         };
         inner.table_moved(&old_table);
+        inner.save_hand();
         let resume = std::mem::take(&mut inner.resume_at);
         if resume.iter().any(Option::is_some) {
             if inner.pool.resume_at(resume) {
@@ -473,31 +630,30 @@ impl Allocator {
     /// at once. The entry, if `ip` is in the pool.
     pub fn steer(&self, ip: IpAddr, release: bool, for_: Option<Duration>) -> Option<Segment> {
         let mut inner = self.lock();
-        let e = inner.pool.entry_of(ip)?;
+        // One held for its return (its entry is not in the pool now) is
+        // released too.
+        let held = match release {
+            true => inner
+                .held
+                .iter()
+                .find(|h| h.entry.contains(ip))
+                .map(|h| h.entry),
+            false => None,
+        };
+        inner.held.retain(|h| !(release && h.entry.contains(ip)));
+        let Some(e) = inner.pool.entry_of(ip) else {
+            inner.save_hand();
+            return held;
+        };
         let now = Instant::now();
         if release {
             if inner.quarantine.remove(&e).is_some() {
                 tracing::info!(entry = %e, "pool address put back into the rotation by hand");
             }
         } else {
-            // Ten years stands for "until released", and is the longest.
-            let ten_years = Duration::from_secs(10 * 365 * 86_400);
-            let wait = for_.unwrap_or(ten_years).min(ten_years);
-            let reason = match for_ {
-                Some(d) => format!("taken out by hand for {}", humantime::format_duration(d)),
-                None => "taken out by hand until released".to_string(),
-            };
-            tracing::warn!(entry = %e, %reason, "pool address out of the rotation");
-            inner.quarantine.insert(
-                e,
-                Quarantine {
-                    reason,
-                    since: now,
-                    next_check: now + wait,
-                    backoff: wait,
-                    by_hand: true,
-                },
-            );
+            let q = Quarantine::by_hand(for_, now, false);
+            tracing::warn!(entry = %e, reason = %q.reason, "pool address out of the rotation");
+            inner.quarantine.insert(e, q);
         }
         inner.publish_quarantine();
         Some(e)
@@ -1031,6 +1187,75 @@ mod tests {
         }
         a.apply_checks(&none);
         assert!(matches!(a.lease(1, Families::ANY), Response::NoAddress(_)));
+    }
+
+    #[test]
+    fn hand_quarantines_outlive_a_restart_and_a_pool_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = |s: &str| Segment::single(s.parse().unwrap());
+        let all = vec![e("10.0.0.1"), e("10.0.0.2"), e("10.0.0.3")];
+        let start = || {
+            let a = Allocator::new(vec![Source::list("10.0.0.1-10.0.0.3").unwrap()]);
+            a.keep_hand_quarantines(dir.path());
+            a
+        };
+        let leased = |a: &Allocator| -> Vec<String> {
+            (0..4)
+                .map(|_| match a.lease(1, Families::ANY) {
+                    Response::Leased(l) => l.ip.to_string(),
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = start();
+        a.apply_refresh(vec![Ok(all.clone())], &ok());
+        a.steer(ip("10.0.0.2"), false, None);
+        a.steer(ip("10.0.0.3"), false, Some(Duration::from_secs(3600)));
+        // Out for a second only: gone by the restart below.
+        a.steer(ip("10.0.0.1"), false, Some(Duration::from_secs(1)));
+        let kept = crate::persist::read_hand(&dir.path().join(crate::persist::HAND_FILE_NAME));
+        assert_eq!(kept.unwrap().len(), 3);
+        drop(a);
+        std::thread::sleep(Duration::from_millis(1100));
+
+        // A restart: out again once the pool is loaded, for the rest of
+        // their time.
+        let a = start();
+        a.apply_refresh(vec![Ok(all.clone())], &ok());
+        assert_eq!(leased(&a), ["10.0.0.1"; 4]);
+        let st = a.status_v2();
+        let q = st.pool[2].quarantine.as_ref().expect("out by hand");
+        assert!(q.reason.contains("kept over a restart"), "{}", q.reason);
+        assert!(
+            (3590..=3600).contains(&q.retry_in_secs),
+            "{}",
+            q.retry_in_secs
+        );
+        // A refresh without 10.0.0.2 and then with it: still out.
+        a.apply_refresh(vec![Ok(vec![e("10.0.0.1"), e("10.0.0.3")])], &ok());
+        a.apply_refresh(vec![Ok(all.clone())], &ok());
+        assert_eq!(leased(&a), ["10.0.0.1"; 4]);
+        // Released while out of the pool: not out when it comes back.
+        a.apply_refresh(vec![Ok(vec![e("10.0.0.1"), e("10.0.0.3")])], &ok());
+        assert_eq!(a.steer(ip("10.0.0.2"), true, None), Some(e("10.0.0.2")));
+        a.apply_refresh(vec![Ok(all.clone())], &ok());
+        assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.2", "10.0.0.1", "10.0.0.2"]);
+        a.steer(ip("10.0.0.3"), true, None);
+        drop(a);
+        let a = start();
+        a.apply_refresh(vec![Ok(all.clone())], &ok());
+        assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.1"]);
+        // A file that does not parse: logged, nothing out, replaced at the
+        // first change.
+        drop(a);
+        let path = dir.path().join(crate::persist::HAND_FILE_NAME);
+        std::fs::write(&path, "{").unwrap();
+        let a = start();
+        a.apply_refresh(vec![Ok(all.clone())], &ok());
+        assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.1"]);
+        a.steer(ip("10.0.0.1"), false, None);
+        assert_eq!(crate::persist::read_hand(&path).unwrap().len(), 1);
     }
 
     #[test]

@@ -348,6 +348,39 @@ async fn restarted_allocator_continues_the_rotation_where_it_stopped() {
 }
 
 #[tokio::test]
+async fn addresses_taken_out_by_hand_stay_out_over_an_allocator_restart() {
+    let origin = Origin::start().await;
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let pool = ["--pool", "127.0.0.2-127.0.0.4"];
+    let alloc = Allocator::start_in(dir.clone(), &pool).await;
+    let worker = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
+    rotor_control("quarantine", &alloc.socket, &["127.0.0.3"]);
+    rotor_control("quarantine", &alloc.socket, &["127.0.0.4", "--for", "1h"]);
+    drop(alloc); // SIGKILL: nothing written at exit
+    let alloc = Allocator::start_in(dir.clone(), &pool).await;
+    for _ in 0..4 {
+        assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
+    }
+    assert_eq!(origin.sources(), ips(2..=2).repeat(4));
+    let status = rotor_control("status", &alloc.socket, &[]);
+    assert!(status.contains("kept over a restart"), "{status}");
+    assert!(status.contains("until released"), "{status}");
+    // Released: back at once, and not out after the next restart.
+    rotor_control("release", &alloc.socket, &["127.0.0.3"]);
+    rotor_control("release", &alloc.socket, &["127.0.0.4"]);
+    drop(alloc);
+    let _alloc = Allocator::start_in(dir, &pool).await;
+    let before = origin.count();
+    for _ in 0..6 {
+        assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
+    }
+    let mut seen = origin.sources()[before..].to_vec();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, ips(2..=4));
+}
+
+#[tokio::test]
 async fn drain_lets_a_long_download_and_a_tunnel_finish() {
     let origin = Origin::start().await;
     let echo = Echo::start().await;
