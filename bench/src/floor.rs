@@ -187,16 +187,26 @@ async fn serve(
             p.next = (i + 1) % p.sources.len();
             (i, p.sources[i], p.idle[i].pop())
         };
+        // A kept connection the origin has closed meanwhile (its
+        // keep-alive timeout) fails the first read: the request (a GET) is
+        // sent again once on a new one, as rotor does.
+        let reused = idle.is_some();
         let mut up = match idle {
             Some(up) => up,
             None => connect_from(source, origin).await.context("connect")?,
         };
-        up.write_all(&out).await?;
-
         let mut got = 0;
-        let end = read_head(&mut up, &mut resp, &mut got)
-            .await?
-            .context("the origin closed")?;
+        let sent = up.write_all(&out).await;
+        let mut end = match sent {
+            Ok(()) => read_head(&mut up, &mut resp, &mut got).await,
+            Err(e) => Err(e.into()),
+        };
+        if reused && got == 0 && !matches!(end, Ok(Some(_))) {
+            up = connect_from(source, origin).await.context("connect")?;
+            up.write_all(&out).await?;
+            end = read_head(&mut up, &mut resp, &mut got).await;
+        }
+        let end = end?.context("the origin closed")?;
         out.clear();
         let length = copy_head(&resp[..end], &mut out, close).context("no content-length")?;
         let whole = end + length;
