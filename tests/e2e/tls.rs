@@ -3,8 +3,9 @@
 //! and CONNECT; an unknown CA fails on the client; a stalled handshake is
 //! cut off; garbage instead of a ClientHello closes only that connection;
 //! a certificate swapped on disk is served after SIGHUP while an open
-//! connection keeps working. Certificates are made with the openssl
-//! command, as the README tells operators to.
+//! connection keeps working; the server picks AES-128-GCM over a client's
+//! AES-256-GCM and still serves a ChaCha20-only client. Certificates are
+//! made with the openssl command, as the README tells operators to.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -371,4 +372,58 @@ print(ask().decode(), flush=True)
     ])
     .await;
     assert_eq!((code, out.as_str()), (0, "200"));
+}
+
+/// The suite `openssl s_client` with `args` (its offer, in its order)
+/// gets from the proxy at `tls`.
+async fn negotiated(tls: SocketAddr, args: &[&str]) -> String {
+    let connect = tls.to_string();
+    let mut cmd = tokio::process::Command::new("openssl");
+    cmd.args(["s_client", "-connect", &connect])
+        .args(args)
+        .stdin(std::process::Stdio::null());
+    let out = tokio::time::timeout(Duration::from_secs(10), cmd.output())
+        .await
+        .expect("openssl s_client finishes")
+        .expect("openssl (Debian's openssl package)");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.lines()
+        .find_map(|l| {
+            l.split_once("Cipher is ")
+                .map(|(_, c)| c.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no cipher in: {text}"))
+}
+
+#[tokio::test]
+async fn the_proxy_prefers_aes_128_gcm_and_still_serves_chacha20_only_clients() {
+    let p = tls_proxy(&[]).await;
+    // OpenSSL's own order puts AES-256-GCM-SHA384 first; the server's
+    // order picks AES-128-GCM (a SHA-256 handshake, in hardware).
+    let tls13 = ["-tls1_3", "-ciphersuites"];
+    let both = "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256";
+    assert_eq!(
+        negotiated(p.tls, &[&tls13[..], &[both]].concat()).await,
+        "TLS_AES_128_GCM_SHA256"
+    );
+    let chacha = "TLS_CHACHA20_POLY1305_SHA256";
+    assert_eq!(
+        negotiated(p.tls, &[&tls13[..], &[chacha]].concat()).await,
+        chacha
+    );
+    let aes256 = "TLS_AES_256_GCM_SHA384";
+    assert_eq!(
+        negotiated(p.tls, &[&tls13[..], &[aes256]].concat()).await,
+        aes256
+    );
+    let tls12 = [
+        "-tls1_2",
+        "-cipher",
+        "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-AES128-GCM-SHA256",
+    ];
+    assert_eq!(
+        negotiated(p.tls, &tls12).await,
+        "ECDHE-RSA-AES128-GCM-SHA256"
+    );
+    drop(p.worker);
 }
