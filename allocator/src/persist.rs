@@ -151,7 +151,11 @@ pub fn write_hand(path: &Path, outs: &[HandOut]) -> io::Result<()> {
     };
     let text = serde_json::to_string_pretty(&file).map_err(io::Error::other)?;
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text + "\n")?;
+    let mut f = File::create(&tmp)?;
+    io::Write::write_all(&mut f, (text + "\n").as_bytes())?;
+    // On disk before it replaces the old file (a power loss leaves one or
+    // the other, not an empty file).
+    f.sync_all()?;
     std::fs::rename(&tmp, path)
 }
 
