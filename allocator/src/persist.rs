@@ -150,11 +150,39 @@ pub fn write_hand(path: &Path, outs: &[HandOut]) -> io::Result<()> {
             .collect(),
     };
     let text = serde_json::to_string_pretty(&file).map_err(io::Error::other)?;
-    let tmp = path.with_extension("json.tmp");
+    replace_file(path, (text + "\n").as_bytes())
+}
+
+/// The sticky sessions an allocator that stopped cleanly left for the
+/// next one (JSON, written once at the stop, read once at the start).
+pub const SESSIONS_FILE_NAME: &str = "sessions.json";
+
+/// The sessions kept in `path` (none without a file); the file is removed
+/// once read, so a later crash does not bring back sessions it outlived.
+pub fn take_sessions(path: &Path) -> io::Result<Vec<crate::sessions::SavedSession>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let _ = std::fs::remove_file(path);
+    serde_json::from_str(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+}
+
+pub fn write_sessions(path: &Path, sessions: &[crate::sessions::SavedSession]) -> io::Result<()> {
+    let text = serde_json::to_vec(sessions).map_err(io::Error::other)?;
+    replace_file(path, &text)
+}
+
+/// Replaces `path` with `bytes`, all or nothing: a temporary file, synced
+/// (a power loss leaves one or the other, not an empty file), renamed
+/// over it.
+fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
     let mut f = File::create(&tmp)?;
-    io::Write::write_all(&mut f, (text + "\n").as_bytes())?;
-    // On disk before it replaces the old file (a power loss leaves one or
-    // the other, not an empty file).
+    io::Write::write_all(&mut f, bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)
 }

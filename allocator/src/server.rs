@@ -218,7 +218,7 @@ pub async fn run(
     alloc.limit_sessions(config.max_sessions);
     alloc.set_site_rules(config.site_rules.clone(), config.max_site_entries);
     if let Some(dir) = &config.state_dir {
-        alloc.keep_hand_quarantines(dir);
+        alloc.keep_state_in(dir);
     }
     let alloc = Arc::new(alloc);
     // The pool is loaded before the first connection is accepted, so no
@@ -316,6 +316,7 @@ pub async fn run(
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracker.close();
     tracker.wait().await;
+    alloc.save_sessions();
     alloc.close_table();
     Ok(())
 }

@@ -4,7 +4,8 @@
 //!
 //! A session lasts `ttl` from its first lease (not renewed by use). The
 //! table is bounded: past `max` sessions the oldest goes first; expired
-//! ones are dropped every second.
+//! ones are dropped every second. An allocator that stops cleanly keeps
+//! them in its state directory for the next one (`snapshot`, `restore`).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -33,6 +34,17 @@ pub struct Sessions {
     /// (as their address gone) rather than quietly take another address.
     /// Bounded like the table.
     evicted_strict: HashMap<String, Instant>,
+}
+
+/// A session as kept over an allocator restart.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedSession {
+    pub key: String,
+    pub ips: [Option<IpAddr>; 2],
+    /// Wall-clock milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub strict: bool,
 }
 
 /// What a session says of a lease of `family`.
@@ -155,6 +167,67 @@ impl Sessions {
         out
     }
 
+    /// Every live session, with its times as wall-clock milliseconds
+    /// (`wall_ms` is `now` on that clock), oldest first: what a restart
+    /// reads back with [`Sessions::restore`].
+    pub fn snapshot(&self, now: Instant, wall_ms: u64) -> Vec<SavedSession> {
+        let at = |t: Instant| match t.checked_duration_since(now) {
+            Some(ahead) => wall_ms.saturating_add(ahead.as_millis() as u64),
+            None => wall_ms.saturating_sub(now.duration_since(t).as_millis() as u64),
+        };
+        let mut out: Vec<SavedSession> = self
+            .map
+            .iter()
+            .filter(|(_, s)| s.expires > now)
+            .map(|(key, s)| SavedSession {
+                key: key.clone(),
+                ips: s.ips,
+                created_ms: at(s.created),
+                expires_ms: at(s.expires),
+                strict: s.strict,
+            })
+            .collect();
+        out.sort_by_key(|s| s.created_ms);
+        out
+    }
+
+    /// Takes back sessions a [`Sessions::snapshot`] kept (`wall_ms` is
+    /// `now` on the wall clock): those not yet ended, up to the bound (the
+    /// newest kept), their addresses as they were (a lease checks them as
+    /// always: one gone from the pool moves the session, or fails a strict
+    /// one). How many came back.
+    pub fn restore(&mut self, saved: Vec<SavedSession>, now: Instant, wall_ms: u64) -> usize {
+        let mut live: Vec<SavedSession> = saved
+            .into_iter()
+            .filter(|s| s.expires_ms > wall_ms && !self.map.contains_key(&s.key))
+            .collect();
+        live.sort_by_key(|s| s.created_ms);
+        let room = self.max.saturating_sub(self.map.len());
+        let skip = live.len().saturating_sub(room);
+        let mut n = 0;
+        for s in live.into_iter().skip(skip) {
+            let created = now
+                .checked_sub(Duration::from_millis(wall_ms.saturating_sub(s.created_ms)))
+                .unwrap_or(now);
+            let expires = now + Duration::from_millis(s.expires_ms - wall_ms);
+            self.order.push_back((created, s.key.clone()));
+            self.map.insert(
+                s.key,
+                Session {
+                    ips: s.ips,
+                    created,
+                    expires,
+                    strict: s.strict,
+                },
+            );
+            n += 1;
+        }
+        self.order
+            .make_contiguous()
+            .sort_by_key(|(created, _)| *created);
+        n
+    }
+
     /// Sessions pinned to `ip`.
     pub fn on(&self, ip: IpAddr) -> usize {
         self.map
@@ -170,6 +243,68 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn sessions_outlive_a_clean_restart_with_their_times_and_bound() {
+        let t0 = Instant::now();
+        let wall = 1_900_000_000_000u64;
+        let mut s = Sessions::new(10);
+        s.pin("old", ip("10.0.0.1"), Duration::from_secs(60), true, t0);
+        s.pin(
+            "new",
+            ip("10.0.0.2"),
+            Duration::from_secs(600),
+            false,
+            t0 + Duration::from_secs(5),
+        );
+        s.pin(
+            "new",
+            ip("2001:db8::7"),
+            Duration::from_secs(1),
+            false,
+            t0 + Duration::from_secs(5),
+        );
+        s.pin("short", ip("10.0.0.3"), Duration::from_secs(2), false, t0);
+        let now = t0 + Duration::from_secs(10);
+        let saved = s.snapshot(now, wall);
+        // The ended one is not kept; oldest first; times on the wall clock.
+        let keys: Vec<&str> = saved.iter().map(|s| s.key.as_str()).collect();
+        assert_eq!(keys, ["old", "new"]);
+        assert_eq!(saved[0].expires_ms, wall + 50_000);
+        assert_eq!(saved[1].created_ms, wall - 5_000);
+        assert!(saved[0].strict);
+
+        // The next allocator, 20 s of wall clock later.
+        let t1 = Instant::now() + Duration::from_secs(3600);
+        let mut r = Sessions::new(10);
+        assert_eq!(r.restore(saved.clone(), t1, wall + 20_000), 2);
+        let good = |_| true;
+        assert_eq!(
+            r.pinned("old", Family::V4, t1, good),
+            Pinned::Address(ip("10.0.0.1"))
+        );
+        assert_eq!(
+            r.pinned("new", Family::V6, t1, good),
+            Pinned::Address(ip("2001:db8::7"))
+        );
+        // Ends when it would have: 30 s left of "old".
+        let later = t1 + Duration::from_secs(31);
+        assert_eq!(r.pinned("old", Family::V4, later, good), Pinned::Nothing);
+        assert_eq!(
+            r.pinned("new", Family::V4, later, good),
+            Pinned::Address(ip("10.0.0.2"))
+        );
+        // Past its end by the restart: not back. Over the cap: the newest
+        // kept, and the oldest still goes first after.
+        let mut r = Sessions::new(10);
+        assert_eq!(r.restore(saved.clone(), t1, wall + 51_000), 1);
+        let mut one = Sessions::new(1);
+        assert_eq!(one.restore(saved, t1, wall + 20_000), 1);
+        assert_eq!(one.pinned("old", Family::V4, t1, good), Pinned::Nothing);
+        one.pin("third", ip("10.0.0.9"), Duration::from_secs(9), false, t1);
+        assert_eq!(one.pinned("new", Family::V4, t1, good), Pinned::Nothing);
+        assert_eq!(one.len(), 1);
     }
 
     #[test]

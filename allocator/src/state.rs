@@ -58,6 +58,8 @@ struct Inner {
     hand_saved: Vec<HandOut>,
     /// Whether a failed write of it has already been logged.
     hand_failed: bool,
+    /// Where the sticky sessions go when the allocator stops cleanly.
+    sessions_file: Option<std::path::PathBuf>,
 }
 
 /// Hand quarantines of entries out of the pool kept for their return.
@@ -86,6 +88,12 @@ fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Quarantine {
@@ -415,6 +423,7 @@ impl Allocator {
                 hand_file: None,
                 hand_saved: Vec::new(),
                 hand_failed: false,
+                sessions_file: None,
                 sources: sources
                     .into_iter()
                     .map(|source| SourceState {
@@ -430,12 +439,27 @@ impl Allocator {
         })
     }
 
-    /// Keeps the entries taken out by hand in `dir` (the state directory)
-    /// over a restart, and takes out again, once the pool holds them, those
-    /// an earlier allocator kept there whose time has not ended.
-    pub fn keep_hand_quarantines(&self, dir: &std::path::Path) {
-        let path = dir.join(crate::persist::HAND_FILE_NAME);
+    /// Keeps what outlives a restart in `dir` (the state directory): the
+    /// entries taken out by hand, taken out again once the pool holds them
+    /// (those whose time has not ended), and the sticky sessions an
+    /// allocator that stopped cleanly left there (see `save_sessions`).
+    /// Call after `limit_sessions`.
+    pub fn keep_state_in(&self, dir: &std::path::Path) {
         let mut inner = self.lock();
+        let path = dir.join(crate::persist::SESSIONS_FILE_NAME);
+        match crate::persist::take_sessions(&path) {
+            Ok(saved) if !saved.is_empty() => {
+                let kept = saved.len();
+                let n = inner.sessions.restore(saved, Instant::now(), unix_now_ms());
+                tracing::info!(file = %path.display(), sessions = n, ended_or_over_the_cap = kept - n, "sticky sessions kept from before the restart");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the sticky sessions kept before the restart; they start over");
+            }
+        }
+        inner.sessions_file = Some(path);
+        let path = dir.join(crate::persist::HAND_FILE_NAME);
         match crate::persist::read_hand(&path) {
             Ok(kept) => {
                 let wall = unix_now();
@@ -897,6 +921,30 @@ impl Allocator {
         self.lock().sessions.expire(Instant::now());
     }
 
+    /// Writes the live sticky sessions to the state directory for the next
+    /// allocator (at a clean stop: one that dies keeps none). Their copy is
+    /// taken under the lock, written outside it.
+    pub fn save_sessions(&self) {
+        let (path, saved) = {
+            let inner = self.lock();
+            let Some(path) = inner.sessions_file.clone() else {
+                return;
+            };
+            (path, inner.sessions.snapshot(Instant::now(), unix_now_ms()))
+        };
+        if saved.is_empty() {
+            return;
+        }
+        match crate::persist::write_sessions(&path, &saved) {
+            Ok(()) => {
+                tracing::info!(file = %path.display(), sessions = saved.len(), "sticky sessions kept for the next start")
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot keep the sticky sessions: the next start begins without them")
+            }
+        }
+    }
+
     /// Holds at most `n` sticky sessions (the oldest go first past it).
     pub fn limit_sessions(&self, n: usize) {
         self.lock().sessions = Sessions::new(n);
@@ -1196,7 +1244,7 @@ mod tests {
         let all = vec![e("10.0.0.1"), e("10.0.0.2"), e("10.0.0.3")];
         let start = || {
             let a = Allocator::new(vec![Source::list("10.0.0.1-10.0.0.3").unwrap()]);
-            a.keep_hand_quarantines(dir.path());
+            a.keep_state_in(dir.path());
             a
         };
         let leased = |a: &Allocator| -> Vec<String> {

@@ -187,3 +187,37 @@ async fn sessions_with_authentication() {
     assert_eq!(r.status, 407);
     assert!(!String::from_utf8_lossy(&r.body).contains("`country`"));
 }
+
+#[tokio::test]
+async fn sessions_outlive_a_clean_allocator_restart() {
+    let origin = Origin::start().await;
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let pool = ["--pool", "127.0.0.2-127.0.0.6"];
+    let mut alloc = Allocator::start_in(dir.clone(), &pool).await;
+    let w = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
+    let url = origin.url("/");
+    assert_eq!(
+        get_as(w.addr, "u-session-kept", &url, None).await.status,
+        200
+    );
+    let pinned = origin.sources()[0];
+    // A clean stop (SIGTERM): the sessions go to the state directory; the
+    // rotation resumes after the address the session took.
+    alloc.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(alloc.proc.wait(Duration::from_secs(10)).success());
+    assert!(dir.path().join("state/sessions.json").exists());
+    let _alloc = Allocator::start_in(dir.clone(), &pool).await;
+    for _ in 0..3 {
+        assert_eq!(
+            get_as(w.addr, "u-session-kept", &url, None).await.status,
+            200
+        );
+    }
+    assert_eq!(origin.sources()[1..], [pinned; 3]);
+    // Read once: a later start (say after a crash) does not bring back
+    // what the file held.
+    assert!(!dir.path().join("state/sessions.json").exists());
+    // Other clients rotate on from where the rotation stopped.
+    assert_eq!(get_as(w.addr, "u", &url, None).await.status, 200);
+    assert_ne!(origin.sources()[4], pinned);
+}
