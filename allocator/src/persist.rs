@@ -112,13 +112,10 @@ struct HandLine {
 /// Reads the hand quarantines kept in `path`: none if there is no file; a
 /// file that does not parse is an error (the caller logs it and goes on).
 pub fn read_hand(path: &Path) -> io::Result<Vec<HandOut>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
+    let Some(text) = read_text(path)? else {
+        return Ok(Vec::new());
     };
-    let file: HandFile =
-        serde_json::from_str(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let file: HandFile = parse_json(&text)?;
     file.taken_out_by_hand
         .into_iter()
         .map(|l| {
@@ -160,13 +157,25 @@ pub const SESSIONS_FILE_NAME: &str = "sessions.json";
 /// The sessions kept in `path` (none without a file); the file is removed
 /// once read, so a later crash does not bring back sessions it outlived.
 pub fn take_sessions(path: &Path) -> io::Result<Vec<crate::sessions::SavedSession>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
+    let Some(text) = read_text(path)? else {
+        return Ok(Vec::new());
     };
     let _ = std::fs::remove_file(path);
-    serde_json::from_str(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    parse_json(&text)
+}
+
+/// The text of `path`; `None` if there is no such file.
+fn read_text(path: &Path) -> io::Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// A state file's JSON; one that does not parse is `InvalidData`.
+fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> io::Result<T> {
+    serde_json::from_str(text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 pub fn write_sessions(path: &Path, sessions: &[crate::sessions::SavedSession]) -> io::Result<()> {

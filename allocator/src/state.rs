@@ -84,12 +84,12 @@ struct Quarantine {
 /// hand.
 const TEN_YEARS: Duration = Duration::from_secs(10 * 365 * 86_400);
 
+/// The wall clock in Unix seconds (hand quarantines' ends).
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    unix_now_ms() / 1000
 }
 
+/// The wall clock in Unix milliseconds (sessions' times).
 fn unix_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
