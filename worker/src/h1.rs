@@ -470,13 +470,6 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
         httparse::Status::Complete(len) => len,
     };
     let code = resp.code.ok_or(Error::Malformed("no status code"))?;
-    let canonical = StatusCode::from_u16(code)
-        .ok()
-        .and_then(|s| s.canonical_reason());
-    let reason = resp
-        .reason
-        .filter(|r| !r.is_empty() && Some(*r) != canonical)
-        .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes().to_vec()).ok());
     let status = StatusCode::from_u16(code).map_err(|_| Error::Malformed("invalid status code"))?;
     let version = match resp.version {
         Some(1) => Version::HTTP_11,
@@ -492,6 +485,10 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
         buf.advance(len);
         return Ok(Some(Head::Interim));
     }
+    let reason = resp
+        .reason
+        .filter(|r| !r.is_empty() && Some(*r) != status.canonical_reason())
+        .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes().to_vec()).ok());
     let spans = Spans::of(buf, resp.headers);
     let head = buf.split_to(len).freeze();
     let headers = spans
@@ -657,6 +654,19 @@ impl Drop for AbortOnDrop {
 }
 
 impl ResponseBody {
+    /// A body decoded from `buf` alone, with no connection behind it (the
+    /// fuzzing entry, tests).
+    fn from_buffer(buf: BytesMut, decoder: Decoder) -> ResponseBody {
+        ResponseBody {
+            io: None,
+            buf,
+            decoder,
+            reusable: true,
+            sent: None,
+            _upload: None,
+        }
+    }
+
     /// The request body's bytes that went out.
     pub fn sent(&self) -> u64 {
         self.sent.as_ref().map_or(0, |s| s.load(Ordering::Relaxed))
@@ -799,14 +809,7 @@ pub fn read_response_for_fuzzing(data: &[u8], head_request: bool) {
         return;
     };
     let available = buf.len();
-    let mut body = ResponseBody {
-        io: None,
-        buf,
-        decoder: framing.into(),
-        reusable: true,
-        sent: None,
-        _upload: None,
-    };
+    let mut body = ResponseBody::from_buffer(buf, framing.into());
     let mut total = 0;
     while let Ok(Some(Some(piece))) = body.decode() {
         total += piece.len();
@@ -1165,14 +1168,7 @@ mod tests {
     /// Decodes `wire` as a chunked body fed in pieces cut at `cuts`: the
     /// body, and what is left in the buffer after it.
     fn dechunk_in_pieces(wire: &[u8], cuts: &[usize]) -> Result<(Vec<u8>, Vec<u8>), Error> {
-        let mut body = ResponseBody {
-            io: None,
-            buf: BytesMut::new(),
-            decoder: Decoder::Chunked(Chunked::Size),
-            reusable: true,
-            sent: None,
-            _upload: None,
-        };
+        let mut body = ResponseBody::from_buffer(BytesMut::new(), Decoder::Chunked(Chunked::Size));
         let mut out = Vec::new();
         let mut at = 0;
         let mut cuts = cuts.iter().copied().chain([wire.len()]);
