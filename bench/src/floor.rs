@@ -12,7 +12,6 @@
 
 use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -90,17 +89,13 @@ async fn connect_from(source: IpAddr, origin: SocketAddr) -> std::io::Result<Tcp
         IpAddr::V4(_) => TcpSocket::new_v4()?,
         IpAddr::V6(_) => TcpSocket::new_v6()?,
     };
-    let one: libc::c_int = 1;
-    // SAFETY: a valid descriptor and an int option of the right size.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
+    // As rotor binds: no port taken until connect (many sources).
+    nix::sys::socket::setsockopt(
+        &socket,
+        nix::sys::socket::sockopt::IpBindAddressNoPort,
+        &true,
+    )
+    .map_err(std::io::Error::from)?;
     socket.bind(SocketAddr::new(source, 0))?;
     let stream = socket.connect(origin).await?;
     stream.set_nodelay(true)?;
