@@ -351,3 +351,27 @@ async fn budgets_survive_a_worker_restart() {
     assert_eq!(get(w.addr, &url).await.status, 429);
     assert_eq!(origin.count(), 2);
 }
+
+#[tokio::test]
+async fn a_request_made_while_the_allocator_restarts_still_counts_against_the_budget() {
+    let origin = Origin::start().await;
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let args = ["--pool", "127.0.0.2", "--site-limit", "127.0.0.1=1/30s"];
+    let mut alloc = Allocator::start_in(dir.clone(), &args).await;
+    let w = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
+    alloc.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    alloc.proc.wait(Duration::from_secs(5));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Asked while there is no allocator: it waits for one, and then
+    // leases through the site's budget, not from the shared rotation.
+    let url = origin.url("/");
+    let (addr, u) = (w.addr, url.clone());
+    let waiting = tokio::spawn(async move { get(addr, &u).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _alloc = Allocator::start_in(dir.clone(), &args).await;
+    assert_eq!(waiting.await.unwrap().status, 200);
+    let r = get(w.addr, &url).await;
+    assert_eq!(r.status, 429, "the request before was counted");
+    assert!(r.headers.contains_key("proxy-status"), "rotor's own 429");
+    assert_eq!(origin.count(), 1);
+}

@@ -303,32 +303,37 @@ impl LeaseClient {
     /// The next address of one of `families` for a request to `host`, or
     /// why there is none.
     pub async fn lease(&self, families: Families, host: &str) -> Result<Granted, LeaseError> {
-        let conn = self.conn.borrow().clone();
-        if let Some(c) = conn {
-            let mapped = c.mapped();
-            if let Some(site) = c.site_path(mapped.as_ref().map(|(t, _)| &**t), host) {
-                return self.lease_site(families, site).await;
-            }
-            let answer = mapped
-                .as_ref()
-                .and_then(|m| c.lease_from_table(m, families));
-            let table = mapped.map(|(t, _)| t);
-            match answer {
-                Some(Ok(lease)) => match self.vouch(&c, &lease).await {
-                    Vouch::Yes => return Ok((lease, false)),
-                    // The pool moved on meanwhile (or the allocator did
-                    // not answer): this lease over the socket instead.
-                    Vouch::Unknown => {}
-                    Vouch::No => {
-                        if let Some(t) = table {
-                            error!(source = %lease.ip, generation = lease.generation, "the lease table handed out an address the allocator did not publish: not used; leasing over the socket until the allocator replaces the table");
-                            c.distrust(&t);
-                        }
+        // Whether the site takes the site path is the connection's to say:
+        // while there is none (the allocator restarting), wait for it, not
+        // lease past the site's budget or cooldown from the shared rotation.
+        let current = self.conn.borrow().clone();
+        let c = match current {
+            Some(c) => c,
+            None => self.connection(Instant::now() + self.timeout).await?,
+        };
+        let mapped = c.mapped();
+        if let Some(site) = c.site_path(mapped.as_ref().map(|(t, _)| &**t), host) {
+            return self.lease_site(families, site).await;
+        }
+        let answer = mapped
+            .as_ref()
+            .and_then(|m| c.lease_from_table(m, families));
+        let table = mapped.map(|(t, _)| t);
+        match answer {
+            Some(Ok(lease)) => match self.vouch(&c, &lease).await {
+                Vouch::Yes => return Ok((lease, false)),
+                // The pool moved on meanwhile (or the allocator did
+                // not answer): this lease over the socket instead.
+                Vouch::Unknown => {}
+                Vouch::No => {
+                    if let Some(t) = table {
+                        error!(source = %lease.ip, generation = lease.generation, "the lease table handed out an address the allocator did not publish: not used; leasing over the socket until the allocator replaces the table");
+                        c.distrust(&t);
                     }
-                },
-                Some(Err(r)) => return Err(LeaseError::NoAddress(r.reason)),
-                None => {}
-            }
+                }
+            },
+            Some(Err(r)) => return Err(LeaseError::NoAddress(r.reason)),
+            None => {}
         }
         match self.request(Request::Lease { families }).await? {
             Response::Leased(lease) => Ok((lease, false)),
@@ -503,20 +508,30 @@ impl LeaseClient {
         )
     }
 
+    /// The allocator connection, once there is one (until `deadline`).
+    async fn connection(&self, deadline: Instant) -> Result<Arc<Conn>, LeaseError> {
+        self.connection_in(&mut self.conn.clone(), deadline).await
+    }
+
+    async fn connection_in(
+        &self,
+        watch: &mut watch::Receiver<Option<Arc<Conn>>>,
+        deadline: Instant,
+    ) -> Result<Arc<Conn>, LeaseError> {
+        match tokio::time::timeout_at(deadline, watch.wait_for(Option::is_some)).await {
+            Ok(Ok(c)) => Ok(c.clone().expect("waited for Some")),
+            _ => Err(LeaseError::Timeout {
+                after: self.timeout,
+                socket: self.socket.clone(),
+            }),
+        }
+    }
+
     async fn request(&self, body: Request) -> Result<Response, LeaseError> {
         let deadline = Instant::now() + self.timeout;
         let mut watch = self.conn.clone();
         loop {
-            let conn =
-                match tokio::time::timeout_at(deadline, watch.wait_for(Option::is_some)).await {
-                    Ok(Ok(c)) => c.clone().expect("waited for Some"),
-                    _ => {
-                        return Err(LeaseError::Timeout {
-                            after: self.timeout,
-                            socket: self.socket.clone(),
-                        })
-                    }
-                };
+            let conn = self.connection_in(&mut watch, deadline).await?;
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             let registered = match conn
