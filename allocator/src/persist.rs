@@ -156,7 +156,12 @@ pub const SESSIONS_FILE_NAME: &str = "sessions.json";
 
 /// The sessions kept in `path` (none without a file); the file is removed
 /// once read, so a later crash does not bring back sessions it outlived.
-pub fn take_sessions(path: &Path) -> io::Result<Vec<crate::sessions::SavedSession>> {
+pub const SITES_FILE_NAME: &str = "sites.json";
+
+/// What a clean stop kept in `path` for this start (none if there is no
+/// file). The file is removed, so a later crash does not bring back what
+/// has outlived it.
+pub fn take_kept<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<Vec<T>> {
     let Some(text) = read_text(path)? else {
         return Ok(Vec::new());
     };
@@ -164,7 +169,6 @@ pub fn take_sessions(path: &Path) -> io::Result<Vec<crate::sessions::SavedSessio
     parse_json(&text)
 }
 
-/// The text of `path`; `None` if there is no such file.
 fn read_text(path: &Path) -> io::Result<Option<String>> {
     match std::fs::read_to_string(path) {
         Ok(t) => Ok(Some(t)),
@@ -178,14 +182,12 @@ fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> io::Result<T> {
     serde_json::from_str(text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-pub fn write_sessions(path: &Path, sessions: &[crate::sessions::SavedSession]) -> io::Result<()> {
-    let text = serde_json::to_vec(sessions).map_err(io::Error::other)?;
+/// Keeps `items` in `path` for the next start (see `take_kept`).
+pub fn write_kept<T: serde::Serialize>(path: &Path, items: &[T]) -> io::Result<()> {
+    let text = serde_json::to_vec(items).map_err(io::Error::other)?;
     replace_file(path, &text)
 }
 
-/// Replaces `path` with `bytes`, all or nothing: a temporary file, synced
-/// (a power loss leaves one or the other, not an empty file), renamed
-/// over it.
 fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut name = path.file_name().unwrap_or_default().to_owned();
     name.push(".tmp");

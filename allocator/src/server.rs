@@ -316,7 +316,7 @@ pub async fn run(
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracker.close();
     tracker.wait().await;
-    alloc.save_sessions();
+    alloc.save_at_stop();
     alloc.close_table();
     Ok(())
 }

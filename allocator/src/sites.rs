@@ -21,6 +21,13 @@
 //! every second: a pair goes when its window is empty, it is not cooling
 //! and its repeats are old; a site when it holds no pair and was not used
 //! for its period.
+//!
+//! Kept over a clean restart: [`Sites::snapshot`] copies every pair with
+//! state (its starts still in the window, its cooldown, its repeats) with
+//! wall-clock times, and [`Sites::restore`] takes them back under the
+//! budgets then in force, so an allocator restarted to change a budget or
+//! to upgrade neither spends a budget twice in one window nor sends to a
+//! site that asked it to wait.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -38,6 +45,12 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(600);
 pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(86_400);
 /// Repeats are forgotten this long after the last one.
 const STRIKES_KEPT: Duration = Duration::from_secs(1800);
+/// How far before its creation a table's clock starts: pairs kept over a
+/// restart carry times up to a window (at most 7 days and a second) or
+/// the repeats' 30 min back, and times are kept as milliseconds since
+/// that start.
+const EPOCH_BACK: Duration = Duration::from_secs(8 * 86_400);
+
 /// Sites and pairs held at most, unless configured.
 pub const DEFAULT_MAX_ENTRIES: usize = 400_000;
 
@@ -155,6 +168,24 @@ impl std::fmt::Display for Rules {
         }
         Ok(())
     }
+}
+
+/// An (address, site) pair as kept over an allocator restart: times in
+/// wall-clock milliseconds since the Unix epoch.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedPair {
+    pub site: String,
+    pub source: IpAddr,
+    /// Batches of starts within the site's window, oldest first: the time
+    /// of a batch's last start, and how many it holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub starts: Vec<(u64, u32)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cool_until_ms: Option<u64>,
+    #[serde(default)]
+    pub strikes: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_strike_ms: Option<u64>,
 }
 
 /// Milliseconds since the table's epoch, plus one: 0 is "never".
@@ -301,7 +332,12 @@ pub struct Sites {
 
 impl Sites {
     pub fn new(rules: Rules, max_entries: usize) -> Sites {
-        Sites::with_epoch(rules, max_entries, Instant::now())
+        let now = Instant::now();
+        Sites::with_epoch(
+            rules,
+            max_entries,
+            now.checked_sub(EPOCH_BACK).unwrap_or(now),
+        )
     }
 
     /// Times are kept as milliseconds since `epoch` (no time before it).
@@ -735,6 +771,98 @@ impl Sites {
         }
     }
 
+    /// Every pair with state now — its starts still in the window, its
+    /// cooldown, its repeats — with wall-clock times (`wall_ms` is `now`
+    /// on that clock): what the next start takes back with
+    /// [`Sites::restore`]. Cooling pairs first.
+    pub fn snapshot(&self, now: Instant, wall_ms: u64) -> Vec<SavedPair> {
+        let t = self.ms(now);
+        let wall = |ms: Ms| (ms != 0).then(|| (wall_ms + ms).saturating_sub(t));
+        let names: HashMap<u64, &str> = self.sites.iter().map(|(k, s)| (s.id, &**k)).collect();
+        let mut out: Vec<SavedPair> = self
+            .pairs
+            .iter()
+            .filter(|(_, p)| !p.is_idle(t))
+            .filter_map(|((id, ip), p)| {
+                let window = u64::from(p.window);
+                Some(SavedPair {
+                    site: names.get(id)?.to_string(),
+                    source: *ip,
+                    starts: p
+                        .starts
+                        .iter()
+                        .filter(|(at, _)| t.saturating_sub(*at) < window)
+                        .filter_map(|&(at, n)| Some((wall(at)?, n)))
+                        .collect(),
+                    cool_until_ms: (p.cool_until > t).then(|| wall(p.cool_until)).flatten(),
+                    strikes: p.strikes,
+                    last_strike_ms: wall(p.last_strike),
+                })
+            })
+            .collect();
+        out.sort_by_key(|p| p.cool_until_ms.is_none());
+        out
+    }
+
+    /// Takes back pairs a [`Sites::snapshot`] kept (`wall_ms` is `now` on
+    /// the wall clock) under the budgets in force now: starts still in the
+    /// site's window (none for a site that has no budget now), cooldowns
+    /// not ended, repeats not forgotten; a pair left with none of these is
+    /// dropped. Up to the cap, cooling pairs first. How many came back.
+    pub fn restore(&mut self, saved: Vec<SavedPair>, now: Instant, wall_ms: u64) -> usize {
+        let t = self.ms(now);
+        // A wall-clock time on this table's clock (`None` before its start).
+        let ms = |w: u64| match w.checked_sub(wall_ms) {
+            Some(ahead) => Some(t + ahead),
+            None => t.checked_sub(wall_ms - w).filter(|&m| m > 0),
+        };
+        let mut n = 0;
+        for p in saved {
+            if self.entries() + 2 > self.max_entries {
+                break;
+            }
+            let window = self
+                .rules
+                .limit_for(&p.site)
+                .map_or(0, |l| l.window().as_millis() as u32);
+            let mut starts: Vec<(Ms, u32)> = p
+                .starts
+                .iter()
+                .filter_map(|&(at, n)| Some((ms(at)?, n)))
+                .filter(|&(at, n)| at <= t && t - at < u64::from(window) && n > 0)
+                .collect();
+            starts.sort_unstable();
+            let pair = Pair {
+                held: starts.iter().map(|(_, n)| n).sum(),
+                starts: starts.into(),
+                window,
+                cool_until: p.cool_until_ms.and_then(ms).filter(|&c| c > t).unwrap_or(0),
+                strikes: p.strikes,
+                last_strike: p
+                    .last_strike_ms
+                    .and_then(ms)
+                    .filter(|&l| l <= t)
+                    .unwrap_or(0),
+            };
+            if pair.is_idle(t)
+                || self
+                    .sites
+                    .get(&*p.site)
+                    .is_some_and(|s| self.pairs.contains_key(&(s.id, p.source)))
+            {
+                continue;
+            }
+            self.ensure(&p.site, true, now);
+            let Some(s) = self.sites.get_mut(&*p.site) else {
+                continue;
+            };
+            s.pairs += 1;
+            self.pairs.insert((s.id, p.source), pair);
+            n += 1;
+        }
+        n
+    }
+
     /// The pair's cooldown end and repeats (tests).
     #[cfg(test)]
     fn pair(&self, site: &str, ip: IpAddr) -> Option<(Instant, u32)> {
@@ -824,6 +952,92 @@ mod tests {
         }
         let e = Rules::parse(&["api.example.co.uk=1/1s".into()]).unwrap_err();
         assert!(e.contains("`example.co.uk`"), "{e}");
+    }
+
+    #[test]
+    fn budgets_used_and_cooldowns_outlive_a_restart() {
+        let active = pool(3);
+        let t0 = Instant::now();
+        let wall0 = 1_900_000_000_000;
+        let secs = Duration::from_secs;
+        let mut s = Sites::new(rules(&["a.com=2/1m"]), 1000);
+        // a.com: every address's budget spent, half of it 30 s ago.
+        assert_eq!(take(&mut s, "a.com", &active, 3, t0 - secs(30)).len(), 3);
+        assert_eq!(take(&mut s, "a.com", &active, 9, t0 - secs(10)).len(), 3);
+        // b.com: .2 told to wait an hour; c.com: .1 pushed back a minute
+        // ago (its cooldown over, its repeat remembered).
+        s.pushback("b.com", ip(2), 429, Some(secs(3600)), t0 - secs(5));
+        s.pushback("c.com", ip(1), 429, Some(secs(2)), t0 - secs(60));
+        let saved = s.snapshot(t0, wall0);
+        assert_eq!(saved.len(), 5);
+        assert_eq!(saved[0].site, "b.com", "cooling pairs first");
+        // As the file carries them.
+        let text = serde_json::to_string(&saved).unwrap();
+        let saved: Vec<SavedPair> = serde_json::from_str(&text).unwrap();
+
+        // Back 20 s later, on another clock.
+        let t1 = t0 + secs(20);
+        let wall1 = wall0 + 20_000;
+        let mut s2 = Sites::new(rules(&["a.com=2/1m"]), 1000);
+        assert_eq!(s2.restore(saved.clone(), t1, wall1), 5);
+        assert_eq!(take(&mut s2, "a.com", &active, 3, t1), [0u8; 0]);
+        match s2.lease("a.com", Families::V4, &active, t1) {
+            // The first starts leave the window (61 s) at t0 + 31 s.
+            Answer::Throttled {
+                retry_after,
+                cooling: false,
+            } => assert_eq!(retry_after, secs(11)),
+            other => panic!("a.com's budget was forgotten: {other:?}"),
+        }
+        assert_eq!(take(&mut s2, "a.com", &active, 9, t1 + secs(12)).len(), 3);
+        let (until, strikes) = s2.pair("b.com", ip(2)).unwrap();
+        assert_eq!(strikes, 1);
+        let left = until - t1;
+        assert!(left > secs(3574) && left <= secs(3575), "{left:?}");
+        assert_eq!(s2.cooling_by_address(t1).get(&ip(2)), Some(&1));
+        assert!(!take(&mut s2, "b.com", &active, 4, t1).contains(&2));
+        let (_, words) = s2.filter();
+        let bit = site_bit("b.com");
+        assert!(
+            words[bit / 64] & (1 << (bit % 64)) != 0,
+            "workers ask for b.com"
+        );
+        // c.com's next push-back is its second: 60 s, jittered.
+        s2.pushback("c.com", ip(1), 429, None, t1);
+        let (until, strikes) = s2.pair("c.com", ip(1)).unwrap();
+        assert_eq!(strikes, 2);
+        assert!(until - t1 >= secs(47) && until - t1 <= secs(73));
+
+        // Budgets changed over the restart: a.com has none now.
+        let mut s3 = Sites::new(Rules::default(), 1000);
+        assert_eq!(s3.restore(saved.clone(), t1, wall1), 2);
+        assert_eq!(s3.lease("a.com", Families::V4, &active, t1), Answer::Shared);
+        // Back two days later: everything ended.
+        let mut s4 = Sites::new(rules(&["a.com=2/1m"]), 1000);
+        assert_eq!(
+            s4.restore(saved, t1 + secs(172_800), wall1 + 172_800_000),
+            0
+        );
+        assert_eq!(s4.entries(), 0);
+
+        // Over a smaller cap, the cooling pairs are kept first.
+        let mut s = Sites::new(Rules::default(), 1000);
+        for i in 0..10 {
+            s.pushback(&format!("cool{i}.com"), ip(1), 429, Some(secs(600)), t0);
+            s.pushback(
+                &format!("warm{i}.com"),
+                ip(1),
+                429,
+                Some(secs(1)),
+                t0 - secs(9),
+            );
+        }
+        let saved = s.snapshot(t0, wall0);
+        assert_eq!(saved.len(), 20);
+        let mut small = Sites::new(Rules::default(), 16);
+        assert_eq!(small.restore(saved, t0, wall0), 8);
+        assert_eq!(small.entries(), 16);
+        assert_eq!(small.cooling_by_address(t0).get(&ip(1)), Some(&8));
     }
 
     #[test]

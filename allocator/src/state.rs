@@ -13,7 +13,7 @@ use rotor_protocol::{
     StatusReport, StatusReportV2, TableError, PEER_SLOTS,
 };
 
-use crate::persist::{HandOut, Saved, StateFile};
+use crate::persist::{HandOut, Saved, StateFile, SESSIONS_FILE_NAME, SITES_FILE_NAME};
 use crate::pool::{Pool, TableHome};
 use crate::sessions::{Pinned, Sessions};
 use crate::sites::{Answer, Rules, Sites, DEFAULT_MAX_ENTRIES};
@@ -58,8 +58,9 @@ struct Inner {
     hand_saved: Vec<HandOut>,
     /// Whether a failed write of it has already been logged.
     hand_failed: bool,
-    /// Where the sticky sessions go when the allocator stops cleanly.
-    sessions_file: Option<std::path::PathBuf>,
+    /// Where the sticky sessions and the site state go when the allocator
+    /// stops cleanly (the state directory).
+    kept_dir: Option<std::path::PathBuf>,
 }
 
 /// Hand quarantines of entries out of the pool kept for their return.
@@ -94,6 +95,47 @@ fn unix_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a clean stop kept in `dir`'s `name` (`what`, for the log), given
+/// to `restore`: how many were kept and how many it took back; `None` if
+/// nothing was kept (or the file was unreadable: logged, and they start
+/// over).
+fn take_kept<T: serde::de::DeserializeOwned>(
+    dir: &std::path::Path,
+    name: &str,
+    what: &str,
+    restore: impl FnOnce(Vec<T>) -> usize,
+) -> Option<(usize, usize)> {
+    let path = dir.join(name);
+    match crate::persist::take_kept::<T>(&path) {
+        Ok(saved) if saved.is_empty() => None,
+        Ok(saved) => {
+            let kept = saved.len();
+            Some((kept, restore(saved)))
+        }
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot read the {what} kept before the restart; they start over");
+            None
+        }
+    }
+}
+
+/// Writes `items` (`what`, for the log) to `dir`'s `name` for the next
+/// start; nothing if there are none.
+fn keep<T: serde::Serialize>(dir: &std::path::Path, name: &str, what: &str, items: &[T]) {
+    if items.is_empty() {
+        return;
+    }
+    let path = dir.join(name);
+    match crate::persist::write_kept(&path, items) {
+        Ok(()) => {
+            tracing::info!(file = %path.display(), entries = items.len(), "{what} kept for the next start")
+        }
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot keep the {what}: the next start begins without them")
+        }
+    }
 }
 
 impl Quarantine {
@@ -423,7 +465,7 @@ impl Allocator {
                 hand_file: None,
                 hand_saved: Vec::new(),
                 hand_failed: false,
-                sessions_file: None,
+                kept_dir: None,
                 sources: sources
                     .into_iter()
                     .map(|source| SourceState {
@@ -441,24 +483,42 @@ impl Allocator {
 
     /// Keeps what outlives a restart in `dir` (the state directory): the
     /// entries taken out by hand, taken out again once the pool holds them
-    /// (those whose time has not ended), and the sticky sessions an
-    /// allocator that stopped cleanly left there (see `save_sessions`).
-    /// Call after `limit_sessions`.
+    /// (those whose time has not ended), and the sticky sessions and site
+    /// budgets and cooldowns an allocator that stopped cleanly left there
+    /// (see `save_at_stop`). Call after `limit_sessions` and
+    /// `set_site_rules`.
     pub fn keep_state_in(&self, dir: &std::path::Path) {
         let mut inner = self.lock();
-        let path = dir.join(crate::persist::SESSIONS_FILE_NAME);
-        match crate::persist::take_sessions(&path) {
-            Ok(saved) if !saved.is_empty() => {
-                let kept = saved.len();
-                let n = inner.sessions.restore(saved, Instant::now(), unix_now_ms());
-                tracing::info!(file = %path.display(), sessions = n, ended_or_over_the_cap = kept - n, "sticky sessions kept from before the restart");
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "cannot read the sticky sessions kept before the restart; they start over");
-            }
+        let (now, wall) = (Instant::now(), unix_now_ms());
+        if let Some((kept, n)) = take_kept(dir, SESSIONS_FILE_NAME, "sticky sessions", |saved| {
+            inner.sessions.restore(saved, now, wall)
+        }) {
+            tracing::info!(
+                sessions = n,
+                ended_or_over_the_cap = kept - n,
+                "sticky sessions kept from before the restart"
+            );
         }
-        inner.sessions_file = Some(path);
+        if let Some((kept, n)) = take_kept(
+            dir,
+            SITES_FILE_NAME,
+            "site budgets and cooldowns",
+            |mut saved: Vec<crate::sites::SavedPair>| {
+                // The file is the allocator's own; still, no name a site
+                // could not have.
+                saved.retain(|p| valid_site(&p.site));
+                inner.sites.restore(saved, now, wall)
+            },
+        ) {
+            tracing::info!(
+                pairs = n,
+                sites = inner.sites.len(),
+                ended_or_over_the_cap = kept - n,
+                "site budgets used and cooldowns kept from before the restart"
+            );
+            inner.publish_sites();
+        }
+        inner.kept_dir = Some(dir.to_owned());
         let path = dir.join(crate::persist::HAND_FILE_NAME);
         match crate::persist::read_hand(&path) {
             Ok(kept) => {
@@ -921,28 +981,25 @@ impl Allocator {
         self.lock().sessions.expire(Instant::now());
     }
 
-    /// Writes the live sticky sessions to the state directory for the next
-    /// allocator (at a clean stop: one that dies keeps none). Their copy is
-    /// taken under the lock, written outside it.
-    pub fn save_sessions(&self) {
-        let (path, saved) = {
+    /// Writes the live sticky sessions and the site state (budgets used,
+    /// cooldowns, repeats) to the state directory for the next allocator
+    /// (at a clean stop: one that dies keeps none). Their copies are taken
+    /// under the lock, written outside it.
+    pub fn save_at_stop(&self) {
+        let (dir, sessions, sites) = {
             let inner = self.lock();
-            let Some(path) = inner.sessions_file.clone() else {
+            let Some(dir) = inner.kept_dir.clone() else {
                 return;
             };
-            (path, inner.sessions.snapshot(Instant::now(), unix_now_ms()))
+            let (now, wall) = (Instant::now(), unix_now_ms());
+            (
+                dir,
+                inner.sessions.snapshot(now, wall),
+                inner.sites.snapshot(now, wall),
+            )
         };
-        if saved.is_empty() {
-            return;
-        }
-        match crate::persist::write_sessions(&path, &saved) {
-            Ok(()) => {
-                tracing::info!(file = %path.display(), sessions = saved.len(), "sticky sessions kept for the next start")
-            }
-            Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "cannot keep the sticky sessions: the next start begins without them")
-            }
-        }
+        keep(&dir, SESSIONS_FILE_NAME, "sticky sessions", &sessions);
+        keep(&dir, SITES_FILE_NAME, "site budgets and cooldowns", &sites);
     }
 
     /// Holds at most `n` sticky sessions (the oldest go first past it).

@@ -375,3 +375,49 @@ async fn a_request_made_while_the_allocator_restarts_still_counts_against_the_bu
     assert!(r.headers.contains_key("proxy-status"), "rotor's own 429");
     assert_eq!(origin.count(), 1);
 }
+
+#[tokio::test]
+async fn budgets_used_and_cooldowns_outlive_a_clean_allocator_restart() {
+    let origin = Origin::start().await;
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let args = [
+        "--pool",
+        "127.0.0.2-127.0.0.4",
+        "--site-limit",
+        "127.0.0.1=1/30s",
+    ];
+    let mut alloc = Allocator::start_in(dir.clone(), &args).await;
+    let w = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
+    // One address spends its budget; the next is told to wait an hour.
+    assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+    assert_eq!(
+        get(w.addr, &origin.url("/status/429/3600")).await.status,
+        429
+    );
+    let [spent, told] = origin.sources()[..] else {
+        panic!("{:?}", origin.sources())
+    };
+    wait_cooling(&alloc.socket, "127.0.0.1", told).await;
+    // A clean stop (an upgrade, or a changed --site-limit) keeps them.
+    alloc.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(alloc.proc.wait(Duration::from_secs(10)).success());
+    let kept = dir.path().join("state/sites.json");
+    assert!(kept.exists());
+    let alloc = Allocator::start_in(dir.clone(), &args).await;
+    let ms = wait_cooling(&alloc.socket, "127.0.0.1", told).await;
+    assert!(ms > 3_500_000 && ms <= 3_600_000, "{ms}");
+    assert!(!kept.exists(), "read once");
+    // Only the third address may serve the site now: once.
+    assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+    let third = origin.sources()[2];
+    assert!(
+        third != spent && third != told,
+        "{:?} {}",
+        origin.sources(),
+        site_status(&alloc.socket, "127.0.0.1").unwrap()
+    );
+    let r = get(w.addr, &origin.url("/")).await;
+    assert_eq!(r.status, 429, "every budget spent or cooling");
+    assert!(r.headers.contains_key("proxy-status"), "rotor's own 429");
+    assert_eq!(origin.count(), 3);
+}
