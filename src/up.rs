@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
@@ -154,6 +155,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             program: me.clone(),
             args: alloc_args,
             fds: Arc::default(),
+            cpus: None,
         },
         alloc_stop.clone(),
         signals.clone(),
@@ -167,14 +169,26 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         return ExitCode::FAILURE;
     }
 
+    let pinned = match cpus_allowed() {
+        Ok(cpus) => up.worker_cpus(usize::from(workers), &cpus),
+        Err(e) => {
+            warn!(error = %e, "cannot read the CPUs rotor up may run on; workers are not pinned");
+            None
+        }
+    };
     let slots = TaskTracker::new();
     for i in 1..=workers {
+        let cpus = pinned.as_ref().map(|p| p[usize::from(i) - 1].clone());
+        if let Some(c) = &cpus {
+            info!(worker = i, cpus = ?c, "worker pinned");
+        }
         slots.spawn(supervise(
             Slot {
                 name: format!("worker {i}"),
                 program: me.clone(),
                 args: worker_args.clone(),
                 fds: listener_fds.clone(),
+                cpus: cpus.map(|c| cpu_set(&c)),
             },
             signals.shutdown.clone(),
             signals.clone(),
@@ -221,6 +235,26 @@ struct Slot {
     args: Vec<OsString>,
     /// Descriptors the child gets as 3, 4, … (`--listen-fd`).
     fds: Arc<Vec<RawFd>>,
+    /// The CPUs the child runs on (`--pin-workers`); it and its threads
+    /// inherit them.
+    cpus: Option<CpuSet>,
+}
+
+/// The CPUs this process may run on, ascending.
+fn cpus_allowed() -> nix::Result<Vec<usize>> {
+    let set = sched_getaffinity(Pid::from_raw(0))?;
+    Ok((0..CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap_or(false))
+        .collect())
+}
+
+fn cpu_set(cpus: &[usize]) -> CpuSet {
+    let mut set = CpuSet::new();
+    for &c in cpus {
+        // Below CpuSet::count(): read from one.
+        let _ = set.set(c);
+    }
+    set
 }
 
 impl Slot {
@@ -228,15 +262,19 @@ impl Slot {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args).kill_on_drop(true);
         let fds = self.fds.clone();
+        let cpus = self.cpus;
         // SAFETY: the closure runs in the forked child before exec and only
-        // makes async-signal-safe calls (prctl, fcntl, dup2) on memory it
-        // reads but does not allocate or free.
+        // makes async-signal-safe calls (prctl, sched_setaffinity, fcntl,
+        // dup2) on memory it reads but does not allocate or free.
         unsafe {
             cmd.pre_exec(move || {
                 // PDEATHSIG: the child stops if `rotor up` is killed outright,
                 // so no orphan keeps the port.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if let Some(set) = &cpus {
+                    sched_setaffinity(Pid::from_raw(0), set)?;
                 }
                 // Move the listeners out of the way of 3.. first, then onto
                 // 3.. (dup2 clears close-on-exec on the copies).

@@ -232,3 +232,74 @@ async fn rotor_up_survives_a_broken_stderr_and_still_stops() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+/// The CPUs `pid` may run on.
+fn cpus_of(pid: i32) -> Vec<usize> {
+    let set = nix::sched::sched_getaffinity(Pid::from_raw(pid)).unwrap();
+    (0..nix::sched::CpuSet::count())
+        .filter(|&c| set.is_set(c).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn pinned_workers_run_on_cpus_of_their_own_and_so_do_their_replacements() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut up = Proc::spawn(
+        ROTOR,
+        &[
+            "up",
+            "--workers",
+            "2",
+            "--pin-workers",
+            "--pool",
+            "127.0.0.2-127.0.0.4",
+            "--listen",
+            &listen,
+            "--socket",
+            socket.to_str().unwrap(),
+            "--no-state",
+            "--allow-destination",
+            "127.0.0.0/8",
+        ],
+    );
+    eventually("both workers", || async {
+        socket.exists() && worker_pids(&socket).len() == 2
+    })
+    .await;
+    // As rotor up was allowed (the test's own CPUs): every other CPU each,
+    // from the first and the second (the same one, on a single CPU).
+    let mine = cpus_of(0);
+    let expect: Vec<Vec<usize>> = match mine.len() {
+        1 => vec![mine.clone(), mine.clone()],
+        _ => (0..2)
+            .map(|k| mine.iter().skip(k).step_by(2).copied().collect())
+            .collect(),
+    };
+    let mut got: Vec<Vec<usize>> = worker_pids(&socket).into_iter().map(cpus_of).collect();
+    got.sort();
+    assert_eq!(got, expect);
+    let proxy = listen.parse().unwrap();
+    for _ in 0..3 {
+        assert_eq!(get(proxy, &origin.url("/")).await.status, 200);
+    }
+    assert_eq!(origin.sources(), ips(2..=4));
+    // A crashed worker's replacement takes its CPUs.
+    let pids = worker_pids(&socket);
+    let lost = cpus_of(pids[0]);
+    kill(Pid::from_raw(pids[0]), Signal::SIGKILL).unwrap();
+    eventually("a replacement worker", || async {
+        let now = worker_pids(&socket);
+        now.len() == 2 && !now.contains(&pids[0])
+    })
+    .await;
+    let new = worker_pids(&socket)
+        .into_iter()
+        .find(|p| *p != pids[1])
+        .unwrap();
+    assert_eq!(cpus_of(new), lost);
+    up.signal(Signal::SIGTERM);
+    assert!(up.wait(Duration::from_secs(20)).success());
+}
