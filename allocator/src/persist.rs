@@ -119,23 +119,18 @@ pub fn read_hand(path: &Path) -> io::Result<Vec<HandOut>> {
     file.taken_out_by_hand
         .into_iter()
         .map(|l| {
-            parse_segment(&l.entry)
-                .map(|entry| HandOut {
-                    entry,
-                    until: l.until,
-                })
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("{:?} is not an address or prefix", l.entry),
-                    )
-                })
+            let entry = l
+                .entry
+                .parse()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            Ok(HandOut {
+                entry,
+                until: l.until,
+            })
         })
         .collect()
 }
 
-/// Replaces the file at `path` with `outs` (all or nothing: a temporary
-/// file renamed over it).
 pub fn write_hand(path: &Path, outs: &[HandOut]) -> io::Result<()> {
     let file = HandFile {
         taken_out_by_hand: outs
@@ -199,13 +194,6 @@ fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// `ADDRESS` or `ADDRESS/LEN`, as a segment's `Display` writes it.
-fn parse_segment(s: &str) -> Option<Segment> {
-    match s.split_once('/') {
-        None => Some(Segment::single(s.parse().ok()?)),
-        Some((ip, len)) => Segment::prefix(ip.parse().ok()?, len.parse().ok()?),
-    }
-}
-
 fn encode(s: &Saved) -> [u8; LEN] {
     let mut b = [0u8; LEN];
     b[..4].copy_from_slice(MAGIC);

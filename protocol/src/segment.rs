@@ -147,6 +147,22 @@ impl fmt::Display for Segment {
     }
 }
 
+/// What `Display` writes back: an address, or a prefix as `BASE/LEN`.
+impl std::str::FromStr for Segment {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Segment, String> {
+        let bad = || format!("{s:?} is not an address or prefix");
+        match s.split_once('/') {
+            None => Ok(Segment::single(s.parse().map_err(|_| bad())?)),
+            Some((ip, len)) => Segment::prefix(
+                ip.parse().map_err(|_| bad())?,
+                len.parse().map_err(|_| bad())?,
+            )
+            .ok_or_else(bad),
+        }
+    }
+}
+
 /// Lease `i` of the prefix at `base` (host bits clear) with `host_bits`.
 #[inline]
 pub(crate) fn lease_address(family: Family, base: u128, host_bits: u8, i: u128) -> IpAddr {
@@ -397,5 +413,17 @@ mod tests {
         assert!(!p.contains("11.0.0.1".parse().unwrap()));
         assert!(!p.contains("::1".parse().unwrap()));
         assert!(Segment::prefix("10.0.0.0".parse().unwrap(), 33).is_none());
+    }
+
+    #[test]
+    fn segments_read_back_what_they_write() {
+        for text in ["10.0.0.1", "10.0.0.0/8", "2001:db8::7", "2001:db8:1::/64"] {
+            let seg: Segment = text.parse().unwrap();
+            assert_eq!(seg.to_string(), text);
+        }
+        for bad in ["", "nope", "10.0.0.0/33", "10.0.0.0/x", "10.0.0.1-10.0.0.2"] {
+            let e = bad.parse::<Segment>().unwrap_err();
+            assert!(e.contains("not an address or prefix"), "{e}");
+        }
     }
 }
