@@ -420,7 +420,7 @@ fn chunk(out: &mut Vec<u8>, framing: &Framing, data: &[u8]) {
         return;
     }
     if matches!(framing, Framing::Chunked) {
-        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+        out.extend_from_slice(&crate::h1::size_line(data.len()));
         out.extend_from_slice(data);
         out.extend_from_slice(b"\r\n");
     } else {

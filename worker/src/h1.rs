@@ -373,12 +373,39 @@ where
     W: tokio::io::AsyncWrite + Unpin,
 {
     if chunked {
-        let size = Bytes::from(format!("{:x}\r\n", data.len()));
-        let mut all = size.chain(data).chain(&b"\r\n"[..]);
+        let size = size_line(data.len());
+        let mut all = Buf::chain(&size[..], data).chain(&b"\r\n"[..]);
         wr.write_all_buf(&mut all).await
     } else {
         let mut data = data;
         wr.write_all_buf(&mut data).await
+    }
+}
+
+/// A chunk's size line (RFC 9112 §7.1): its length in hex and CRLF,
+/// made without an allocation.
+pub(crate) struct SizeLine {
+    buf: [u8; 18],
+    len: u8,
+}
+
+impl std::ops::Deref for SizeLine {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
+    }
+}
+
+pub(crate) fn size_line(n: usize) -> SizeLine {
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1) as usize;
+    let mut buf = [0u8; 18];
+    for (i, b) in buf.iter_mut().take(digits).enumerate() {
+        *b = b"0123456789abcdef"[(n >> (4 * (digits - 1 - i))) & 0xf];
+    }
+    buf[digits..digits + 2].copy_from_slice(b"\r\n");
+    SizeLine {
+        buf,
+        len: digits as u8 + 2,
     }
 }
 
@@ -1086,6 +1113,13 @@ mod tests {
         .await;
         let (_, mut body) = send(conn, &get(Method::GET)).await.unwrap();
         assert!(matches!(all(&mut body).await, Err(Error::Malformed(_))));
+    }
+
+    #[test]
+    fn size_lines_are_hex_and_crlf() {
+        for n in [0, 1, 9, 10, 15, 16, 255, 4096, 65_535, usize::MAX] {
+            assert_eq!(&size_line(n)[..], format!("{n:x}\r\n").as_bytes());
+        }
     }
 
     #[tokio::test]
