@@ -17,6 +17,49 @@ fn worker_pids(socket: &std::path::Path) -> Vec<i32> {
         .collect()
 }
 
+/// `rotor up` with two workers rotating over 127.0.0.2–4 on `listen`, its
+/// allocator at `socket`, and `extra` flags: once both workers are up.
+async fn up_with_two_workers(socket: &std::path::Path, listen: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "up",
+        "--workers",
+        "2",
+        "--pool",
+        "127.0.0.2-127.0.0.4",
+        "--listen",
+        listen,
+        "--socket",
+        socket.to_str().unwrap(),
+        "--allow-destination",
+        "127.0.0.0/8",
+    ];
+    args.extend_from_slice(extra);
+    let up = Proc::spawn(ROTOR, &args);
+    eventually("both workers", || async {
+        socket.exists() && worker_pids(socket).len() == 2
+    })
+    .await;
+    up
+}
+
+/// Kills worker `pid`; the worker `rotor up` starts in its place.
+async fn replaced(socket: &std::path::Path, pid: i32) -> i32 {
+    let others: Vec<i32> = worker_pids(socket)
+        .into_iter()
+        .filter(|p| *p != pid)
+        .collect();
+    kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    eventually("a replacement worker", || async {
+        let now = worker_pids(socket);
+        now.len() == 2 && !now.contains(&pid)
+    })
+    .await;
+    worker_pids(socket)
+        .into_iter()
+        .find(|p| !others.contains(p))
+        .unwrap()
+}
+
 #[tokio::test]
 async fn rotor_up_serves_restarts_workers_and_stops_everything() {
     let origin = Origin::start().await;
@@ -24,44 +67,26 @@ async fn rotor_up_serves_restarts_workers_and_stops_everything() {
     let socket = dir.path().join("a.sock");
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut up = Proc::spawn(
-        ROTOR,
+    let state = dir.path().join("state");
+    let mut up = up_with_two_workers(
+        &socket,
+        &listen,
         &[
-            "up",
-            "--workers",
-            "2",
-            "--pool",
-            "127.0.0.2-127.0.0.4",
-            "--listen",
-            &listen,
-            "--socket",
-            socket.to_str().unwrap(),
             "--drain-timeout",
             "5s",
             "--state-dir",
-            dir.path().join("state").to_str().unwrap(),
-            "--allow-destination",
-            "127.0.0.0/8",
+            state.to_str().unwrap(),
         ],
-    );
-    let proxy = listen.parse().unwrap();
-    eventually("both workers", || async {
-        socket.exists() && worker_pids(&socket).len() == 2
-    })
+    )
     .await;
+    let proxy = listen.parse().unwrap();
     for _ in 0..6 {
         assert_eq!(get(proxy, &origin.url("/")).await.status, 200);
     }
     assert_eq!(origin.sources(), [ips(2..=4), ips(2..=4)].concat());
 
     // A crashed worker is replaced.
-    let pids = worker_pids(&socket);
-    kill(Pid::from_raw(pids[0]), Signal::SIGKILL).unwrap();
-    eventually("a replacement worker", || async {
-        let now = worker_pids(&socket);
-        now.len() == 2 && !now.contains(&pids[0])
-    })
-    .await;
+    replaced(&socket, worker_pids(&socket)[0]).await;
     assert_eq!(get(proxy, &origin.url("/")).await.status, 200);
 
     // SIGTERM stops everything, cleanly.
@@ -247,28 +272,7 @@ async fn pinned_workers_run_on_cpus_of_their_own_and_so_do_their_replacements() 
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("a.sock");
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut up = Proc::spawn(
-        ROTOR,
-        &[
-            "up",
-            "--workers",
-            "2",
-            "--pin-workers",
-            "--pool",
-            "127.0.0.2-127.0.0.4",
-            "--listen",
-            &listen,
-            "--socket",
-            socket.to_str().unwrap(),
-            "--no-state",
-            "--allow-destination",
-            "127.0.0.0/8",
-        ],
-    );
-    eventually("both workers", || async {
-        socket.exists() && worker_pids(&socket).len() == 2
-    })
-    .await;
+    let mut up = up_with_two_workers(&socket, &listen, &["--pin-workers", "--no-state"]).await;
     // As rotor up was allowed (the test's own CPUs): every other CPU each,
     // from the first and the second (the same one, on a single CPU).
     let mine = cpus_of(0);
@@ -287,19 +291,9 @@ async fn pinned_workers_run_on_cpus_of_their_own_and_so_do_their_replacements() 
     }
     assert_eq!(origin.sources(), ips(2..=4));
     // A crashed worker's replacement takes its CPUs.
-    let pids = worker_pids(&socket);
-    let lost = cpus_of(pids[0]);
-    kill(Pid::from_raw(pids[0]), Signal::SIGKILL).unwrap();
-    eventually("a replacement worker", || async {
-        let now = worker_pids(&socket);
-        now.len() == 2 && !now.contains(&pids[0])
-    })
-    .await;
-    let new = worker_pids(&socket)
-        .into_iter()
-        .find(|p| *p != pids[1])
-        .unwrap();
-    assert_eq!(cpus_of(new), lost);
+    let gone = worker_pids(&socket)[0];
+    let lost = cpus_of(gone);
+    assert_eq!(cpus_of(replaced(&socket, gone).await), lost);
     up.signal(Signal::SIGTERM);
     assert!(up.wait(Duration::from_secs(20)).success());
 }
