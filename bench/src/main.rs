@@ -85,6 +85,11 @@ enum Cmd {
         /// authentication), repeatable.
         #[arg(long = "socks", value_parser = named_addr)]
         socks: Vec<(String, SocketAddr)>,
+        /// `name=127.0.0.1:port` of a proxy asked with CONNECT over TLS (an
+        /// `https://` proxy; its certificate is not checked: the bench's own
+        /// on loopback), repeatable.
+        #[arg(long = "tls-proxy", value_parser = named_addr)]
+        tls_proxies: Vec<(String, SocketAddr)>,
         /// Where the far end listens (a relay's configuration names it).
         #[arg(long, default_value = "127.0.0.1:0")]
         sink: SocketAddr,
@@ -267,6 +272,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             proxies,
             relays,
             socks,
+            tls_proxies,
             sink,
             bytes,
             seconds,
@@ -278,6 +284,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 proxies,
                 relays,
                 socks,
+                tls_proxies,
                 sink,
                 bytes,
                 Duration::from_secs(seconds),
@@ -558,7 +565,7 @@ async fn sink(bind: SocketAddr) -> anyhow::Result<SocketAddr> {
 }
 
 /// Writes `n` bytes to `s` in 256 KiB writes.
-async fn send_bytes(s: &mut TcpStream, n: u64) -> std::io::Result<()> {
+async fn send_bytes<S: tokio::io::AsyncWrite + Unpin>(s: &mut S, n: u64) -> std::io::Result<()> {
     let chunk = vec![0x5au8; 256 * 1024];
     let mut sent = 0u64;
     while sent < n {
@@ -579,15 +586,90 @@ enum Via {
     Relay(SocketAddr),
     /// A SOCKS5 proxy, asked with CONNECT (no authentication).
     Socks5(SocketAddr),
+    /// A proxy reached over TLS, asked with CONNECT.
+    TlsConnect(SocketAddr),
 }
 
-async fn open(via: Via, target: SocketAddr) -> anyhow::Result<TcpStream> {
+/// A tunnel's client end, plain or over TLS.
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for S {}
+
+/// TLS to the proxy without checking its certificate: the bench talks only
+/// to the proxies it started itself, on loopback (as wrk does).
+fn tls_connector() -> tokio_rustls::TlsConnector {
+    use tokio_rustls::rustls::client::danger::{
+        HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
+    };
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use tokio_rustls::rustls::{crypto, DigitallySignedStruct, SignatureScheme};
+
+    #[derive(Debug)]
+    struct Unchecked(Arc<crypto::CryptoProvider>);
+    impl ServerCertVerifier for Unchecked {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, tokio_rustls::rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, tokio_rustls::rustls::Error> {
+            crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, tokio_rustls::rustls::Error> {
+            crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+
+    static CONNECTOR: std::sync::OnceLock<tokio_rustls::TlsConnector> = std::sync::OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| {
+            let provider = Arc::new(crypto::ring::default_provider());
+            let config =
+                tokio_rustls::rustls::ClientConfig::builder_with_provider(provider.clone())
+                    .with_safe_default_protocol_versions()
+                    .expect("ring supports the default versions")
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(Unchecked(provider)))
+                    .with_no_client_auth();
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+        })
+        .clone()
+}
+
+async fn open(via: Via, target: SocketAddr) -> anyhow::Result<Box<dyn Stream>> {
     let proxy = match via {
-        Via::Direct => return Ok(TcpStream::connect(target).await?),
+        Via::Direct => return Ok(Box::new(TcpStream::connect(target).await?)),
         Via::Relay(relay) => {
             let s = TcpStream::connect(relay).await?;
             s.set_nodelay(true)?;
-            return Ok(s);
+            return Ok(Box::new(s));
         }
         Via::Socks5(proxy) => {
             let mut s = TcpStream::connect(proxy).await?;
@@ -606,12 +688,27 @@ async fn open(via: Via, target: SocketAddr) -> anyhow::Result<TcpStream> {
             if answer[..2] != [5, 0] || answer[3] != 0 || answer[5] != 1 {
                 bail!("SOCKS5 refused: {answer:?}");
             }
-            return Ok(s);
+            return Ok(Box::new(s));
+        }
+        Via::TlsConnect(proxy) => {
+            let s = TcpStream::connect(proxy).await?;
+            s.set_nodelay(true)?;
+            let name = tokio_rustls::rustls::pki_types::ServerName::from(proxy.ip());
+            let s = tls_connector().connect(name, s).await?;
+            return ask_connect(Box::new(s), target).await;
         }
         Via::Connect(proxy) => proxy,
     };
-    let mut s = TcpStream::connect(proxy).await?;
+    let s = TcpStream::connect(proxy).await?;
     s.set_nodelay(true)?;
+    ask_connect(Box::new(s), target).await
+}
+
+/// Asks the proxy at the other end of `s` for a tunnel to `target`.
+async fn ask_connect(
+    mut s: Box<dyn Stream>,
+    target: SocketAddr,
+) -> anyhow::Result<Box<dyn Stream>> {
     s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
         .await?;
     // The answer arrives in one segment; read it whole rather than a byte
@@ -648,6 +745,7 @@ async fn tunnel_bench(
     proxies: Vec<(String, SocketAddr)>,
     relays: Vec<(String, SocketAddr)>,
     socks: Vec<(String, SocketAddr)>,
+    tls_proxies: Vec<(String, SocketAddr)>,
     sink_at: SocketAddr,
     bytes: u64,
     dur: Duration,
@@ -660,6 +758,11 @@ async fn tunnel_bench(
     paths.extend(proxies.into_iter().map(|(n, a)| (n, Via::Connect(a))));
     paths.extend(relays.into_iter().map(|(n, a)| (n, Via::Relay(a))));
     paths.extend(socks.into_iter().map(|(n, a)| (n, Via::Socks5(a))));
+    paths.extend(
+        tls_proxies
+            .into_iter()
+            .map(|(n, a)| (n, Via::TlsConnect(a))),
+    );
     // Rounds interleaved (A B C, A B C…), then each path's medians.
     let mut figures: Vec<Vec<Figures>> = vec![Vec::new(); paths.len()];
     for _ in 0..rounds {
