@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame};
@@ -153,9 +153,13 @@ impl Conn {
                 .exact()
                 .map_or(Sending::Chunked, Sending::Length),
         };
-        let mut out = Vec::with_capacity(256);
-        encode_head(&mut out, head, sending);
-        io.write_all(&out).await.map_err(Error::Io)?;
+        // The head is made in the read buffer (empty between exchanges, its
+        // room kept with the connection), and the buffer emptied again for
+        // the response once it went.
+        buf.clear();
+        encode_head(&mut buf, head, sending);
+        io.write_all(&buf).await.map_err(Error::Io)?;
+        buf.clear();
         *written = true;
         let mut early = false;
         let mut upload = None;
@@ -311,12 +315,12 @@ enum Sending {
 /// `METHOD target HTTP/1.1`, then the headers, then the framing `sending`
 /// says (the head's own `Content-Length` and `Transfer-Encoding` are not
 /// written).
-fn encode_head(out: &mut Vec<u8>, head: &request::Parts, sending: Sending) {
-    out.extend_from_slice(head.method.as_str().as_bytes());
-    out.push(b' ');
+fn encode_head(out: &mut impl BufMut, head: &request::Parts, sending: Sending) {
+    out.put_slice(head.method.as_str().as_bytes());
+    out.put_u8(b' ');
     let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
-    out.extend_from_slice(target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    out.put_slice(target.as_bytes());
+    out.put_slice(b" HTTP/1.1\r\n");
     for (name, value) in &head.headers {
         if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
             continue;
@@ -327,23 +331,23 @@ fn encode_head(out: &mut Vec<u8>, head: &request::Parts, sending: Sending) {
         Sending::None { told: false } => {}
         Sending::None { told: true } => encode_content_length(out, 0),
         Sending::Length(n) => encode_content_length(out, n),
-        Sending::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Sending::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
     }
-    out.extend_from_slice(b"\r\n");
+    out.put_slice(b"\r\n");
 }
 
 /// Header lines, `name: value`, as the map holds them (names lower-case).
-pub(crate) fn encode_headers(out: &mut Vec<u8>, headers: &HeaderMap) {
+pub(crate) fn encode_headers(out: &mut impl BufMut, headers: &HeaderMap) {
     for (name, value) in headers {
         encode_header(out, name, value);
     }
 }
 
 /// `content-length: N`, its line.
-pub(crate) fn encode_content_length(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(b"content-length: ");
-    out.extend_from_slice(itoa(n, &mut [0; 20]));
-    out.extend_from_slice(b"\r\n");
+pub(crate) fn encode_content_length(out: &mut impl BufMut, n: u64) {
+    out.put_slice(b"content-length: ");
+    out.put_slice(itoa(n, &mut [0; 20]));
+    out.put_slice(b"\r\n");
 }
 
 /// `n` in decimal, in `buf`.
@@ -359,11 +363,11 @@ fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     }
 }
 
-fn encode_header(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
-    out.extend_from_slice(b"\r\n");
+fn encode_header(out: &mut impl BufMut, name: &HeaderName, value: &HeaderValue) {
+    out.put_slice(name.as_str().as_bytes());
+    out.put_slice(b": ");
+    out.put_slice(value.as_bytes());
+    out.put_slice(b"\r\n");
 }
 
 /// Writes `data`, as one chunk when `chunked` (RFC 9112 §7.1), in one
