@@ -621,15 +621,19 @@ impl Proxy {
         req: Request<B>,
         sticky: Option<&Sticky>,
     ) -> Result<(Response<ProxyBody>, Lease), ProxyError> {
-        let (host, port) = absolute_target(req.uri())?;
+        let (mut host, port) = absolute_target(req.uri())?;
+        // Names are case-insensitive: one lower-case copy serves the lookup,
+        // the site and the pool's key.
+        host.make_ascii_lowercase();
         let (addrs, (mut lease, watch)) = self.resolve_and_lease(&host, port, sticky).await?;
-        // Formatted only for an error or a log line.
-        let dest = Dest(&host, port);
         let mut key = Key {
             source: lease.ip,
-            host: host.to_ascii_lowercase(),
+            host,
             port,
         };
+        let host = &key.host;
+        // Formatted only for an error or a log line.
+        let dest = Dest(host, port);
 
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -650,7 +654,7 @@ impl Proxy {
         let (mut conn, reused) = match self.upstream.checkout(&key) {
             Some(c) => (c, true),
             None => {
-                let (c, dialed) = self.dial(lease, &addrs, &host, sticky).await?;
+                let (c, dialed) = self.dial(lease, &addrs, host, sticky).await?;
                 // Another address, if the leased one could not be used.
                 lease = dialed;
                 key.source = lease.ip;
@@ -667,7 +671,7 @@ impl Proxy {
                 if replay && may_resend(&parts.method, &parts.headers, &e, written) =>
             {
                 debug!(%dest, source = %lease.ip, error = %e, "reused upstream connection was closed; retrying on a new one");
-                (conn, lease) = self.dial(lease, &addrs, &host, sticky).await?;
+                (conn, lease) = self.dial(lease, &addrs, host, sticky).await?;
                 key.source = lease.ip;
                 self.exchange(conn, &parts, None::<B>, dest)
                     .await?
@@ -684,7 +688,7 @@ impl Proxy {
             }
         };
         let (mut parts, ()) = resp.into_parts();
-        self.observe(&host, &lease, watch, parts.status, &parts.headers);
+        self.observe(host, &lease, watch, parts.status, &parts.headers);
         strip_hop_by_hop(&mut parts.headers);
         let body = PooledBody::new(body, self.upstream.clone(), key, &self.meter);
         self.expose_source(&mut parts.headers, &lease);
