@@ -149,8 +149,8 @@ pub fn write_hand(path: &Path, outs: &[HandOut]) -> io::Result<()> {
 /// next one (JSON, written once at the stop, read once at the start).
 pub const SESSIONS_FILE_NAME: &str = "sessions.json";
 
-/// The sessions kept in `path` (none without a file); the file is removed
-/// once read, so a later crash does not bring back sessions it outlived.
+/// The site budgets used and cooldowns an allocator that stopped cleanly
+/// left for the next one (JSON, as the sessions).
 pub const SITES_FILE_NAME: &str = "sites.json";
 
 /// What a clean stop kept in `path` for this start (none if there is no
@@ -193,7 +193,6 @@ fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// `ADDRESS` or `ADDRESS/LEN`, as a segment's `Display` writes it.
 fn encode(s: &Saved) -> [u8; LEN] {
     let mut b = [0u8; LEN];
     b[..4].copy_from_slice(MAGIC);
