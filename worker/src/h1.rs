@@ -112,7 +112,10 @@ impl Conn {
         let _ = io.set_nodelay(true);
         Conn {
             io,
-            buf: BytesMut::new(),
+            // The room the first response's read reserves anyway, taken now:
+            // the request head is made in it first (`exchange`), in one
+            // allocation rather than grown from nothing.
+            buf: BytesMut::with_capacity(READ_SIZE),
         }
     }
 
