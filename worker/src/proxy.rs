@@ -169,6 +169,9 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::PROXY_AUTHORIZATION,
     header::PROXY_AUTHENTICATE,
 ];
+/// Where `Connection` and `Transfer-Encoding` are in [`HOP_BY_HOP`].
+const CONNECTION_AT: usize = 0;
+const TRANSFER_ENCODING_AT: usize = 5;
 
 impl Proxy {
     pub fn new(
@@ -988,33 +991,45 @@ fn head_len<B>(req: &Request<B>) -> usize {
 /// with `Transfer-Encoding` loses its `Content-Length` too (RFC 9112 §6.3:
 /// the length is the chunked framing's, and the other side frames it anew).
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        headers.remove(header::CONTENT_LENGTH);
+    // One pass over the names says which of them the message carries
+    // (most carry none, or only `Connection`): only those are looked up
+    // again, each map lookup being a hash.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
     }
-    // Most messages carry none of them: one pass over the names says so.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    if present == 0 {
         return;
+    }
+    if present & (1 << TRANSFER_ENCODING_AT) != 0 {
+        headers.remove(header::CONTENT_LENGTH);
     }
     // The names `Connection` lists go too, looked up as text (no name is
     // built). Its value is cloned (shared bytes, no copy) to let go of the
     // map; a list only for the rare message with several.
-    let mut values = headers.get_all(header::CONNECTION).iter();
-    match (values.next().cloned(), values.next().is_some()) {
-        (None, _) => {}
-        (Some(one), false) => remove_listed(headers, &one),
-        (Some(_), true) => {
-            let all: Vec<HeaderValue> = headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .cloned()
-                .collect();
-            for value in &all {
-                remove_listed(headers, value);
+    if present & (1 << CONNECTION_AT) != 0 {
+        let mut values = headers.get_all(header::CONNECTION).iter();
+        match (values.next().cloned(), values.next().is_some()) {
+            (None, _) => {}
+            (Some(one), false) => remove_listed(headers, &one),
+            (Some(_), true) => {
+                let all: Vec<HeaderValue> = headers
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .cloned()
+                    .collect();
+                for value in &all {
+                    remove_listed(headers, value);
+                }
             }
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
 }
 
@@ -1175,5 +1190,61 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn only_the_hop_by_hop_headers_present_go_and_framing_stays_right() {
+        assert_eq!(HOP_BY_HOP[CONNECTION_AT], header::CONNECTION);
+        assert_eq!(HOP_BY_HOP[TRANSFER_ENCODING_AT], header::TRANSFER_ENCODING);
+        let map = |pairs: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.append(
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            h
+        };
+        // None of them: untouched, Content-Length and all.
+        let mut h = map(&[("content-length", "5"), ("x-a", "1")]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, map(&[("content-length", "5"), ("x-a", "1")]));
+        // Connection alone (the usual response): it and what it names go.
+        let mut h = map(&[
+            ("connection", "keep-alive, X-B"),
+            ("x-b", "2"),
+            ("content-length", "5"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, map(&[("content-length", "5")]));
+        // Two Connection fields: both lists count.
+        let mut h = map(&[
+            ("connection", "x-c"),
+            ("connection", "x-d"),
+            ("x-c", "1"),
+            ("x-d", "1"),
+            ("x-e", "1"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, map(&[("x-e", "1")]));
+        // Transfer-Encoding beside Content-Length: the length goes with it
+        // (the body is re-framed on the way out); Connection cannot take
+        // the framing or the Host along.
+        let mut h = map(&[
+            ("transfer-encoding", "chunked"),
+            ("content-length", "5"),
+            ("host", "h"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, map(&[("host", "h")]));
+        let mut h = map(&[
+            ("connection", "content-length, host, upgrade"),
+            ("content-length", "5"),
+            ("host", "h"),
+            ("upgrade", "x"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, map(&[("content-length", "5"), ("host", "h")]));
     }
 }
