@@ -4,7 +4,6 @@
 //! destination sees. (hyper-util's pooled client keys by destination only,
 //! which would send requests out of whichever address connected first.)
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -12,6 +11,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use foldhash::HashMap;
 use http_body::{Body, Frame, SizeHint};
 use tokio_util::sync::CancellationToken;
 
@@ -40,7 +40,7 @@ pub struct UpstreamPool {
 impl UpstreamPool {
     pub fn new(idle_timeout: Duration, max_idle_per_key: usize) -> Arc<UpstreamPool> {
         Arc::new(UpstreamPool {
-            idle: Mutex::new(HashMap::new()),
+            idle: Mutex::new(HashMap::default()),
             idle_timeout,
             max_idle_per_key,
         })
@@ -55,21 +55,19 @@ impl UpstreamPool {
     }
 
     /// An idle connection for `key`, ready for a request (the most
-    /// recently used first: the likeliest to be still open).
+    /// recently used first: the likeliest to be still open). A list left
+    /// empty stays, with its room, until the reaper's next round: the
+    /// connection checked out now is usually checked in again a moment
+    /// later, and then finds it (no second lookup, no new list).
     pub fn checkout(&self, key: &Key) -> Option<Conn> {
         let mut map = self.lock();
         let list = map.get_mut(key)?;
-        let mut found = None;
         while let Some(idle) = list.pop() {
             if idle.since.elapsed() < self.idle_timeout && idle.conn.is_usable() {
-                found = Some(idle.conn);
-                break;
+                return Some(idle.conn);
             }
         }
-        if list.is_empty() {
-            map.remove(key);
-        }
-        found
+        None
     }
 
     /// Keeps `conn` for the next request with the same key.
@@ -90,6 +88,12 @@ impl UpstreamPool {
     /// Idle connections now (for status and tests).
     pub fn idle_count(&self) -> usize {
         self.lock().values().map(Vec::len).sum()
+    }
+
+    /// Keys with a list, empty or not.
+    #[cfg(test)]
+    fn lists(&self) -> usize {
+        self.lock().len()
     }
 
     /// Drops expired and closed connections every `idle_timeout`, so idle
@@ -256,14 +260,17 @@ mod tests {
         let c = pool
             .checkout(&key("127.0.0.2"))
             .expect("same source reuses");
+        assert!(pool.checkout(&key("127.0.0.2")).is_none(), "taken");
+        assert_eq!(pool.lists(), 1, "the emptied list waits for the checkin");
         pool.checkin(key("127.0.0.2"), c);
+        assert_eq!((pool.lists(), pool.idle_count()), (1, 1));
         let stop = CancellationToken::new();
         tokio::spawn(pool.clone().reap(stop.clone()));
         tokio::time::sleep(Duration::from_millis(600)).await;
         assert_eq!(
-            pool.idle_count(),
-            0,
-            "the reaper dropped the expired connection"
+            (pool.idle_count(), pool.lists()),
+            (0, 0),
+            "the reaper dropped the expired connection and its list"
         );
         stop.cancel();
     }
