@@ -7,7 +7,7 @@
 //! away) is kept for the next report. Bounded: one entry per source
 //! address used since the last report, one per error kind.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
