@@ -124,8 +124,8 @@ impl Resolver {
         port: u16,
         timeout: Duration,
     ) -> Result<Vec<SocketAddr>, ProxyError> {
-        if ip_literal(host).is_some() {
-            return lookup(host, port, timeout).await;
+        if let Some(ip) = ip_literal(host) {
+            return Ok(vec![SocketAddr::new(ip, port)]);
         }
         match &*self.current() {
             Backend::Dns(_, hosts) if hosts.get(host).is_some() => Ok(hosts
