@@ -20,6 +20,7 @@ use rotor_protocol::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 
+mod dns;
 mod floor;
 
 #[derive(Parser)]
@@ -138,6 +139,17 @@ enum Cmd {
         #[arg(long, default_value = "600")]
         seconds: u64,
     },
+    /// A loopback DNS server for a named destination: every A query gets
+    /// `answer` with `ttl`, any other a cacheable "no such record" (an
+    /// SOA). Runs until killed.
+    Dns {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        answer: std::net::Ipv4Addr,
+        #[arg(long, default_value = "300")]
+        ttl: u32,
+    },
     /// Opens N client connections, sends one request on each through the
     /// proxy, then holds them idle; prints `ready` and waits.
     Idle {
@@ -226,12 +238,21 @@ fn main() -> anyhow::Result<()> {
     {
         return floor::run(listen, origin, sources(&pool)?, threads, seconds);
     }
+    if let Cmd::Dns {
+        listen,
+        answer,
+        ttl,
+    } = cli.cmd
+    {
+        return dns::run(listen, answer, ttl);
+    }
     tokio::runtime::Runtime::new()?.block_on(run(cli.cmd))
 }
 
 async fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Floor { .. } => unreachable!("served by floor::run"),
+        Cmd::Dns { .. } => unreachable!("served by dns::run"),
         Cmd::Lease {
             socket,
             conns,
