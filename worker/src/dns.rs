@@ -20,13 +20,13 @@
 //! lookup futures, a cache read per family, the name parsed), more than the
 //! rest of the request.
 
-use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use foldhash::HashMap;
 use hickory_resolver::config::{
     ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig,
 };
@@ -65,7 +65,7 @@ const DNS_CACHE_RECORDS: u64 = 10_000;
 /// A worker's resolved names: lower-cased name → (addresses, until when).
 /// Bounded by [`MAX_NAMES`]; an entry is ≈ 100 bytes and its name.
 #[derive(Default)]
-struct Answers(Mutex<foldhash::HashMap<String, (Vec<IpAddr>, Instant)>>);
+struct Answers(Mutex<HashMap<String, (Vec<IpAddr>, Instant)>>);
 
 impl Answers {
     /// `host`'s addresses with `port`, if known and not expired.
@@ -258,7 +258,7 @@ impl Hosts {
     }
 
     fn parse(text: &str) -> Hosts {
-        let mut names: HashMap<String, Vec<IpAddr>> = HashMap::new();
+        let mut names: HashMap<String, Vec<IpAddr>> = HashMap::default();
         for line in text.lines() {
             let line = line.split('#').next().unwrap_or("");
             let mut words = line.split_whitespace();
