@@ -204,9 +204,10 @@ where
 /// The request at the start of `buf`, if it is whole and the fast path's;
 /// its head leaves the buffer (its body stays).
 fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut slots);
-    let len = match req.parse(buf) {
+    // Left uninitialised, as the response's (h1::parse_head).
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() < max_head => return Take::Partial,
         _ => return Take::NotMine,

@@ -491,12 +491,16 @@ enum Head {
 
 /// The response head at the start of `buf`, if all of it is there.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut slots);
-    let parsed = resp.parse(buf).map_err(|e| match e {
-        httparse::Error::TooManyHeaders => Error::HeadTooLarge,
-        e => Error::Parse(e),
-    });
+    // Left uninitialised: the parser writes the fields it finds (filling
+    // 100 empty ones first cost as much as parsing a short head).
+    let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default()
+        .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
+        .map_err(|e| match e {
+            httparse::Error::TooManyHeaders => Error::HeadTooLarge,
+            e => Error::Parse(e),
+        });
     let len = match parsed? {
         httparse::Status::Partial => return Ok(None),
         // All of it may have come in the last read.
