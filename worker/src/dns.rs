@@ -62,18 +62,33 @@ const MAX_NAMES: usize = 10_000;
 /// Records the DNS resolver's cache keeps.
 const DNS_CACHE_RECORDS: u64 = 10_000;
 
+/// The longest an answer of one address family is kept when both were
+/// asked for: the other family may have failed (a timeout, SERVFAIL) rather
+/// than have no records, and the resolver does not say which.
+const ONE_FAMILY_TTL: Duration = Duration::from_secs(2);
+
 /// A worker's resolved names: lower-cased name → (addresses, until when).
 /// Bounded by [`MAX_NAMES`]; an entry is ≈ 100 bytes and its name.
 #[derive(Default)]
-struct Answers(Mutex<HashMap<String, (Vec<IpAddr>, Instant)>>);
+struct Answers(Mutex<HashMap<String, (Vec<SocketAddr>, Instant)>>);
 
 impl Answers {
-    /// `host`'s addresses with `port`, if known and not expired.
+    /// `host`'s addresses with `port`, if known and not expired. (Kept as
+    /// socket addresses: an IPv6 scope from getaddrinfo stays with them.)
     fn get(&self, host: &str, port: u16) -> Option<Vec<SocketAddr>> {
         let name = lower(host);
         let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let (ips, until) = map.get(&*name)?;
-        (Instant::now() < *until).then(|| ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect())
+        let (addrs, until) = map.get(&*name)?;
+        (Instant::now() < *until).then(|| {
+            addrs
+                .iter()
+                .map(|a| {
+                    let mut a = *a;
+                    a.set_port(port);
+                    a
+                })
+                .collect()
+        })
     }
 
     fn put(&self, host: &str, addrs: &[SocketAddr], until: Instant) {
@@ -85,8 +100,7 @@ impl Answers {
                 map.clear();
             }
         }
-        let ips = addrs.iter().map(SocketAddr::ip).collect();
-        map.insert(lower(host).into_owned(), (ips, until));
+        map.insert(lower(host).into_owned(), (addrs.to_vec(), until));
     }
 
     #[cfg(test)]
@@ -183,19 +197,30 @@ impl Resolver {
                 return Ok(addrs);
             }
         }
-        // Kept for the records' own time (hickory's answer) or, from
-        // getaddrinfo, which tells none, the cap; at most the cap.
+        // Kept for the records' own time, at most the cap; an answer of
+        // one family when both were asked for, for ONE_FAMILY_TTL at most.
         let (addrs, until) = match &*backend {
-            Backend::Dns(r, ..) => self.resolve_dns(r, host, port, timeout).await?,
-            Backend::System(_) => (
-                lookup(host, port, timeout).await?,
-                Instant::now() + self.ttl,
-            ),
+            Backend::Dns(r, ..) => {
+                let (addrs, until) = self.resolve_dns(r, host, port, timeout).await?;
+                let one_family = addrs.iter().all(|a| a.is_ipv4() == addrs[0].is_ipv4());
+                let until = match one_family {
+                    true => until.min(Instant::now() + ONE_FAMILY_TTL),
+                    false => until,
+                };
+                (addrs, Some(until))
+            }
+            Backend::System(_) => (lookup(host, port, timeout).await?, None),
         };
-        let now = Instant::now();
-        let until = until.min(now + self.ttl);
-        if cached && until > now {
-            answers.put(host, &addrs, until);
+        if cached {
+            // The records' own time (hickory's answer), at most the cap;
+            // getaddrinfo tells none: the cap (a year at most, so that
+            // `--dns-cache-ttl 1000y` cannot overflow the clock).
+            let now = Instant::now();
+            let cap = now + self.ttl.min(Duration::from_secs(365 * 86_400));
+            let until = until.map_or(cap, |u| u.min(cap));
+            if until > now {
+                answers.put(host, &addrs, until);
+            }
         }
         Ok(addrs)
     }
@@ -436,18 +461,34 @@ mod tests {
         );
         assert_eq!(answers.get("EXAMPLE.com", 80), Some(vec![a]));
         assert_eq!(answers.get("example.org", 80), None);
+        // A link-local address keeps its scope (getaddrinfo gives one).
+        let scoped = SocketAddr::V6(std::net::SocketAddrV6::new(
+            "fe80::1".parse().unwrap(),
+            80,
+            0,
+            2,
+        ));
+        answers.put("local.example", &[scoped], now + Duration::from_secs(60));
+        match answers.get("local.example", 8080).as_deref() {
+            Some([SocketAddr::V6(a)]) => assert_eq!((a.port(), a.scope_id()), (8080, 2)),
+            other => panic!("{other:?}"),
+        }
         answers.put("soon.example", &[a], now + Duration::from_millis(20));
         assert!(answers.get("soon.example", 80).is_some());
         std::thread::sleep(Duration::from_millis(30));
         assert_eq!(answers.get("soon.example", 80), None, "expired");
         // Full: the expired go first; full of live ones, all go.
-        for i in 0..MAX_NAMES - 2 {
+        for i in 0..MAX_NAMES - 3 {
             answers.put(&format!("n{i}"), &[a], now);
         }
         assert_eq!(answers.len(), MAX_NAMES);
         answers.put("new.example", &[a], now + Duration::from_secs(60));
-        assert_eq!(answers.len(), 2, "example.com and new.example");
-        for i in 0..MAX_NAMES - 2 {
+        assert_eq!(
+            answers.len(),
+            3,
+            "example.com, local.example and new.example"
+        );
+        for i in 0..MAX_NAMES - 3 {
             answers.put(&format!("n{i}"), &[a], now + Duration::from_secs(60));
         }
         answers.put("last.example", &[a], now + Duration::from_secs(60));
