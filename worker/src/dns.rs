@@ -197,16 +197,9 @@ impl Resolver {
                 return Ok(addrs);
             }
         }
-        // Kept for the records' own time, at most the cap; an answer of
-        // one family when both were asked for, for ONE_FAMILY_TTL at most.
         let (addrs, until) = match &*backend {
             Backend::Dns(r, ..) => {
                 let (addrs, until) = self.resolve_dns(r, host, port, timeout).await?;
-                let one_family = addrs.iter().all(|a| a.is_ipv4() == addrs[0].is_ipv4());
-                let until = match one_family {
-                    true => until.min(Instant::now() + ONE_FAMILY_TTL),
-                    false => until,
-                };
                 (addrs, Some(until))
             }
             Backend::System(_) => (lookup(host, port, timeout).await?, None),
@@ -266,7 +259,14 @@ impl Resolver {
                 host: host.to_string(),
             });
         }
-        Ok((addrs, lookup.valid_until()))
+        // Good for the records' time; an answer of one family (both were
+        // asked for) for ONE_FAMILY_TTL at most.
+        let one_family = addrs.iter().all(|a| a.is_ipv4() == addrs[0].is_ipv4());
+        let until = match one_family {
+            true => lookup.valid_until().min(Instant::now() + ONE_FAMILY_TTL),
+            false => lookup.valid_until(),
+        };
+        Ok((addrs, until))
     }
 }
 
@@ -359,12 +359,9 @@ pub fn ip_literal(host: &str) -> Option<IpAddr> {
     unbracketed(host).parse().ok()
 }
 
-/// Resolves `host:port` with getaddrinfo (uncached). An IP literal needs
-/// no lookup.
+/// Resolves `host:port` with getaddrinfo (uncached; IP literals are
+/// answered before it, by [`Resolver::resolve`]).
 async fn lookup(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAddr>, ProxyError> {
-    if let Some(ip) = ip_literal(host) {
-        return Ok(vec![SocketAddr::new(ip, port)]);
-    }
     let bare = unbracketed(host);
     let lookup = tokio::net::lookup_host((bare, port));
     let addrs: Vec<SocketAddr> = match tokio::time::timeout(timeout, lookup).await {
@@ -498,8 +495,29 @@ mod tests {
 
     #[tokio::test]
     async fn ip_literals_skip_dns() {
-        let a = lookup("[::1]", 80, Duration::from_secs(1)).await.unwrap();
-        assert_eq!(a, vec!["[::1]:80".parse().unwrap()]);
+        // Port 9 (discard): no DNS server answers there; none is asked.
+        let servers = vec!["127.0.0.1:9".parse().unwrap()];
+        let dns = Resolver::new(&ResolverChoice::Dns { servers }, Duration::from_secs(30));
+        let system = Resolver::new(&ResolverChoice::System, Duration::from_secs(30));
+        for r in [&dns, &system] {
+            let a = r
+                .resolve("[::1]", 80, Duration::from_secs(1))
+                .await
+                .unwrap();
+            assert_eq!(a, vec!["[::1]:80".parse().unwrap()]);
+            let a = r.resolve("192.0.2.1", 81, Duration::from_secs(1)).await;
+            assert_eq!(a.unwrap(), vec!["192.0.2.1:81".parse().unwrap()]);
+        }
+        let (Backend::Dns(_, _, kept), Backend::System(kept_too)) =
+            (&*dns.current(), &*system.current())
+        else {
+            panic!("not the two resolvers");
+        };
+        assert_eq!(
+            (kept.len(), kept_too.len()),
+            (0, 0),
+            "literals are not kept"
+        );
     }
 
     /// As the C library does: a name of the hosts file gets exactly the
