@@ -122,19 +122,19 @@ impl Segment {
 
     /// Which lease of this segment gets `ip`, if `ip` is in it.
     pub fn index_of(&self, ip: IpAddr) -> Option<u128> {
-        if Family::of(&ip) != self.family() {
+        if !self.contains(ip) {
             return None;
         }
-        let m = mask(self.host_bits);
-        let v = to_u128(ip);
-        if v & !m != to_u128(self.base) {
-            return None;
-        }
-        Some(unpermute(v & m, self.host_bits))
+        let host = to_u128(ip) & mask(self.host_bits);
+        Some(unpermute(host, self.host_bits))
     }
 
+    /// Whether `ip` is in the segment: its network bits compared, the
+    /// permutation not inverted (a worker asks this of every lease it
+    /// takes from the table, and the inverse loops up to 64 times).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        self.index_of(ip).is_some()
+        Family::of(&ip) == self.family()
+            && to_u128(ip) & !mask(self.host_bits) == to_u128(self.base)
     }
 }
 
@@ -413,6 +413,13 @@ mod tests {
         assert!(!p.contains("11.0.0.1".parse().unwrap()));
         assert!(!p.contains("::1".parse().unwrap()));
         assert!(Segment::prefix("10.0.0.0".parse().unwrap(), 33).is_none());
+        // The network bits alone decide, at the edges too.
+        let q = Segment::prefix("10.0.0.4".parse().unwrap(), 30).unwrap();
+        for n in 0u8..12 {
+            let ip = IpAddr::V4(Ipv4Addr::new(10, 0, 0, n));
+            assert_eq!(q.contains(ip), (4..8).contains(&n), "{ip}");
+            assert_eq!(q.index_of(ip).is_some(), q.contains(ip), "{ip}");
+        }
     }
 
     #[test]
