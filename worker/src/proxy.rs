@@ -624,10 +624,12 @@ impl Proxy {
         req: Request<B>,
         sticky: Option<&Sticky>,
     ) -> Result<(Response<ProxyBody>, Lease), ProxyError> {
-        let (mut host, port) = absolute_target(req.uri())?;
+        let (mut parts, body) = req.into_parts();
+        let target = absolute_target(&parts.uri)?;
         // Names are case-insensitive: one lower-case copy serves the lookup,
         // the site and the pool's key.
-        host.make_ascii_lowercase();
+        let host = target.host.to_ascii_lowercase();
+        let port = target.port;
         let (addrs, (mut lease, watch)) = self.resolve_and_lease(&host, port, sticky).await?;
         let mut key = Key {
             source: lease.ip,
@@ -638,13 +640,12 @@ impl Proxy {
         // Formatted only for an error or a log line.
         let dest = Dest(host, port);
 
-        let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         // The client's `Expect: 100-continue` was answered by this side.
         parts.headers.remove(header::EXPECT);
         // RFC 9112 §3.2.2: the target's authority replaces any Host sent
         // (most clients send that same text: then it is kept as it is).
-        let authority = host_value(&parts.uri);
+        let authority = target.host_value;
         if parts.headers.get(header::HOST).map(HeaderValue::as_bytes) != Some(authority.as_bytes())
         {
             let value = HeaderValue::from_str(authority).map_err(|_| {
@@ -859,14 +860,24 @@ pub fn check_target(uri: &Uri, connect: bool) -> Result<(String, u16), ProxyErro
     if connect {
         connect_target(uri)
     } else {
-        let (host, port) = absolute_target(uri)?;
+        let t = absolute_target(uri)?;
         origin_form(uri);
-        Ok((host, port))
+        Ok((t.host.to_string(), t.port))
     }
 }
 
-/// `host`, `port` and the `Host` header value of an absolute-form target.
-fn absolute_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
+/// An absolute-form target's destination, and the `Host` value it
+/// gives: `host[:port]` as the target wrote it, without the userinfo (and
+/// without the colon of an empty port).
+#[derive(Debug)]
+struct Target<'a> {
+    host: &'a str,
+    port: u16,
+    host_value: &'a str,
+}
+
+/// The destination of an absolute-form target.
+fn absolute_target(uri: &Uri) -> Result<Target<'_>, ProxyError> {
     match uri.scheme_str() {
         Some("http") => {}
         Some("https") => {
@@ -889,46 +900,80 @@ fn absolute_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
     let auth = uri
         .authority()
         .ok_or_else(|| ProxyError::BadRequest("the target URI has no host".into()))?;
-    let host = auth.host();
-    if host.is_empty() {
+    let parts = split_authority(auth.as_str());
+    if parts.host.is_empty() {
         return Err(ProxyError::BadRequest(
             "the target URI has an empty host".into(),
         ));
     }
     // `http::Uri` accepts `host:99999` and `host:abc`, with no port number
-    // to give: refuse rather than fall back to 80.
-    // Userinfo (`user:password@`) goes first: its `:` is no port, and it
-    // must never reach an error message or a log.
-    let host_port = auth
-        .as_str()
-        .rsplit_once('@')
-        .map_or(auth.as_str(), |(_, h)| h);
-    let port_text = match host_port.rsplit_once(':') {
-        Some((_, p)) if !p.contains(']') => p,
-        _ => "",
-    };
-    let port = match auth.port_u16() {
-        Some(p) => p,
-        None if port_text.is_empty() => 80,
-        None => {
-            return Err(ProxyError::BadRequest(format!(
-                "invalid port `{port_text}`"
-            )))
-        }
+    // to give: refuse rather than fall back to 80. (The userinfo is not in
+    // `port`: its `:` is no port, and it must never reach an error
+    // message or a log.)
+    let port = match (parts.port.parse::<u16>(), parts.port) {
+        (Ok(p), _) => p,
+        (Err(_), "") => 80,
+        (Err(_), text) => return Err(ProxyError::BadRequest(format!("invalid port `{text}`"))),
     };
     if port == 0 {
         return Err(ProxyError::BadRequest("port 0 is not a destination".into()));
     }
-    Ok((host.to_string(), port))
+    Ok(Target {
+        host: parts.host,
+        port,
+        host_value: parts.host_value,
+    })
 }
 
-/// The `Host` value of an absolute-form target: `host[:port]` as the
-/// target wrote it, without the userinfo (and without the colon of an
-/// empty port); empty without an authority.
-fn host_value(uri: &Uri) -> &str {
-    let auth = uri.authority().map_or("", |a| a.as_str());
-    let host_port = auth.rsplit_once('@').map_or(auth, |(_, h)| h);
-    host_port.strip_suffix(':').unwrap_or(host_port)
+/// An authority's parts, as `http`'s `Authority::host` and `port` find
+/// them, in one pass over it (each of those searches it again, and the
+/// `Host` value a third time).
+#[derive(Debug, PartialEq)]
+struct AuthorityParts<'a> {
+    /// `[v6]` with its brackets, or up to the first `:`.
+    host: &'a str,
+    /// After the last `:` of `host:port` (empty without one, or when it
+    /// is inside the brackets).
+    port: &'a str,
+    /// `host[:port]`, the userinfo and a trailing `:` left out.
+    host_value: &'a str,
+}
+
+fn split_authority(auth: &str) -> AuthorityParts<'_> {
+    let b = auth.as_bytes();
+    let start = b.iter().rposition(|&c| c == b'@').map_or(0, |i| i + 1);
+    let host_port = &auth[start..];
+    let (mut first_colon, mut last_colon) = (None, None);
+    let (mut first_close, mut last_close) = (None, None);
+    for (i, &c) in host_port.as_bytes().iter().enumerate() {
+        match c {
+            b':' => {
+                first_colon.get_or_insert(i);
+                last_colon = Some(i);
+            }
+            b']' => {
+                first_close.get_or_insert(i);
+                last_close = Some(i);
+            }
+            _ => {}
+        }
+    }
+    let host = match (host_port.starts_with('['), first_close) {
+        (true, Some(i)) => &host_port[..=i],
+        (true, None) => host_port,
+        (false, _) => &host_port[..first_colon.unwrap_or(host_port.len())],
+    };
+    let port = match (last_colon, last_close) {
+        (Some(c), Some(b)) if b > c => "",
+        (Some(c), _) => &host_port[c + 1..],
+        (None, _) => "",
+    };
+    let host_value = host_port.strip_suffix(':').unwrap_or(host_port);
+    AuthorityParts {
+        host,
+        port,
+        host_value,
+    }
 }
 
 /// `host` and `port` of a CONNECT target (`authority-form`, port required).
@@ -1056,15 +1101,13 @@ mod tests {
 
     #[test]
     fn absolute_targets() {
-        let uri = "http://example.com/x".parse().unwrap();
-        let (h, p) = absolute_target(&uri).unwrap();
-        assert_eq!(
-            (h.as_str(), p, host_value(&uri)),
-            ("example.com", 80, "example.com")
-        );
-        let uri = "http://Example.COM:/x".parse().unwrap();
-        assert_eq!(absolute_target(&uri).unwrap().1, 80);
-        assert_eq!(host_value(&uri), "Example.COM");
+        let t = |uri: &str, host: &str, port: u16, value: &str| {
+            let uri: Uri = uri.parse().unwrap();
+            let t = absolute_target(&uri).unwrap();
+            assert_eq!((t.host, t.port, t.host_value), (host, port, value));
+        };
+        t("http://example.com/x", "example.com", 80, "example.com");
+        t("http://Example.COM:/x", "Example.COM", 80, "Example.COM");
         // The head's size counts the target as sent.
         let req = Request::get("http://example.com:8080/a?b")
             .header("x", "yy")
@@ -1075,22 +1118,18 @@ mod tests {
             "GET http://example.com:8080/a?b HTTP/1.1\r\nx: yy\r\n\r\n".len()
         );
         // A password in the target is no port, and shows nowhere.
-        let uri = "http://user:TopSecret@origin.test/".parse().unwrap();
-        let (h, p) = absolute_target(&uri).unwrap();
-        assert_eq!(
-            (h.as_str(), p, host_value(&uri)),
-            ("origin.test", 80, "origin.test")
+        t(
+            "http://user:TopSecret@origin.test/",
+            "origin.test",
+            80,
+            "origin.test",
         );
         let err = absolute_target(&"http://user:TopSecret@origin.test:x/".parse().unwrap())
             .unwrap_err()
             .to_string();
         assert!(!err.contains("TopSecret"), "{err}");
-        let uri = "http://u:pw@[::1]:8080/".parse().unwrap();
-        let (h, p) = absolute_target(&uri).unwrap();
-        assert_eq!(
-            (h.as_str(), p, host_value(&uri)),
-            ("[::1]", 8080, "[::1]:8080")
-        );
+        t("http://u:pw@[::1]:8080/", "[::1]", 8080, "[::1]:8080");
+        t("http://[::1]/", "[::1]", 80, "[::1]");
         for bad in [
             "/x",
             "https://example.com/",
@@ -1136,6 +1175,19 @@ mod tests {
                 let _ = absolute_target(&uri);
                 let _ = connect_target(&uri);
                 let _ = origin_form(&uri);
+            }
+        }
+
+        /// The one pass finds what `http`'s `Authority::host` and
+        /// `port_u16` find.
+        #[test]
+        fn authorities_split_as_http_splits_them(auth in "([a-z:]{0,6}@)?(\\[[0-9a-f:]{0,10}\\]|[a-z0-9.-]{0,12})(:[0-9+a]{0,6})?:?") {
+            if let Ok(a) = auth.parse::<http::uri::Authority>() {
+                let parts = split_authority(a.as_str());
+                proptest::prop_assert_eq!(parts.host, a.host());
+                proptest::prop_assert_eq!(parts.port.parse::<u16>().ok(), a.port_u16());
+                let host_port = a.as_str().rsplit_once('@').map_or(a.as_str(), |(_, h)| h);
+                proptest::prop_assert_eq!(parts.host_value, host_port.strip_suffix(':').unwrap_or(host_port));
             }
         }
 
