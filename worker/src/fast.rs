@@ -296,6 +296,13 @@ pub fn take_all_for_fuzzing(data: &[u8]) {
     }
 }
 
+/// Whether the fast path takes the request at the start of `buf` (its
+/// header map made).
+#[cfg(test)]
+pub(crate) fn take_for_tests(buf: &mut BytesMut) -> bool {
+    matches!(take_request(buf, 8192), Take::Request { .. })
+}
+
 /// Puts a head taken off `buf` back in front of it (a rare path: a target
 /// or header `httparse` accepts and `http` does not).
 fn put_back(buf: &mut BytesMut, head: Bytes) -> Take {
