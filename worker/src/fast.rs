@@ -17,7 +17,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Empty, Full};
@@ -348,14 +347,14 @@ where
         .unwrap_or(b"");
     out.extend_from_slice(reason);
     out.extend_from_slice(b"\r\n");
-    crate::h1::encode_headers(out, &parts.headers);
-    if !parts.headers.contains_key(header::DATE) {
+    let written = crate::h1::encode_headers(out, &parts.headers);
+    if !written.date {
         out.extend_from_slice(b"date: ");
         date(out);
         out.extend_from_slice(b"\r\n");
     }
     match framing {
-        Framing::Length(n) if !parts.headers.contains_key(header::CONTENT_LENGTH) => {
+        Framing::Length(n) if !written.content_length => {
             crate::h1::encode_content_length(out, n);
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
@@ -622,6 +621,48 @@ mod tests {
         );
         take_all_for_fuzzing(b"GET http://a/ HTTP/1.1\r\nContent-Length: 9\r\n\r\nshort");
         take_all_for_fuzzing(b"");
+    }
+
+    /// The response head gets a `Date` and a length only where the
+    /// response has none of its own.
+    #[tokio::test]
+    async fn date_and_length_are_added_only_when_missing() {
+        let run = |fields: &'static [(&'static str, &'static str)]| async move {
+            let mut resp = Response::new(Either::Right(Either::Left(Full::new(
+                Bytes::from_static(b"abc"),
+            ))));
+            for (n, v) in fields {
+                resp.headers_mut()
+                    .append(*n, http::HeaderValue::from_static(v));
+            }
+            let (mut io, mut out) = (Vec::new(), Vec::new());
+            respond(&mut io, &mut out, resp, false, false)
+                .await
+                .unwrap();
+            String::from_utf8(io).unwrap().to_ascii_lowercase()
+        };
+        let count = |text: &str, field: &str| text.matches(&format!("\r\n{field}: ")).count();
+        let plain = run(&[]).await;
+        assert_eq!(
+            (count(&plain, "date"), count(&plain, "content-length")),
+            (1, 1),
+            "{plain}"
+        );
+        assert!(plain.ends_with("content-length: 3\r\n\r\nabc"), "{plain}");
+        let own = run(&[
+            ("date", "Tue, 01 Dec 2026 00:00:00 GMT"),
+            ("content-length", "3"),
+        ])
+        .await;
+        assert_eq!(
+            (count(&own, "date"), count(&own, "content-length")),
+            (1, 1),
+            "{own}"
+        );
+        assert!(
+            own.contains("date: tue, 01 dec 2026 00:00:00 gmt\r\n"),
+            "{own}"
+        );
     }
 
     #[test]

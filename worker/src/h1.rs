@@ -148,9 +148,7 @@ impl Conn {
     {
         let Conn { mut io, mut buf } = self;
         let sending = match &body {
-            None => Sending::None {
-                told: head.headers.contains_key(header::CONTENT_LENGTH),
-            },
+            None => Sending::None,
             Some(b) => b
                 .size_hint()
                 .exact()
@@ -223,7 +221,7 @@ impl Conn {
                 }
             }
         };
-        let framing = framing(&head.method, status, &headers)?;
+        let (framing, close) = framing(&head.method, status, &headers)?;
         // The rest of the upload, once the answer is known to be relayed.
         // Its end sends no FIN (the destination may take the client's
         // going as a cancel while it still answers): the connection closes
@@ -236,13 +234,7 @@ impl Conn {
             });
             AbortOnDrop(task.abort_handle())
         });
-        let reusable = !early
-            && framing != Framing::Close
-            && version == Version::HTTP_11
-            && !lists_close(&headers)
-            // RFC 9112 §6.3: both is a message to close after.
-            && !(headers.contains_key(header::TRANSFER_ENCODING)
-                && headers.contains_key(header::CONTENT_LENGTH));
+        let reusable = !early && framing != Framing::Close && version == Version::HTTP_11 && !close;
         let mut resp = Response::new(());
         if let Some(reason) = reason {
             resp.extensions_mut().insert(reason);
@@ -308,9 +300,7 @@ impl tokio::io::AsyncRead for Io {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sending {
     /// No body: a `Content-Length: 0` only if the client sent a length.
-    None {
-        told: bool,
-    },
+    None,
     Length(u64),
     Chunked,
 }
@@ -324,26 +314,44 @@ fn encode_head(out: &mut impl BufMut, head: &request::Parts, sending: Sending) {
     let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
     out.put_slice(target.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
+    let mut told = false;
     for (name, value) in &head.headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        if name == header::CONTENT_LENGTH {
+            told = true;
+            continue;
+        }
+        if name == header::TRANSFER_ENCODING {
             continue;
         }
         encode_header(out, name, value);
     }
     match sending {
-        Sending::None { told: false } => {}
-        Sending::None { told: true } => encode_content_length(out, 0),
+        Sending::None if !told => {}
+        Sending::None => encode_content_length(out, 0),
         Sending::Length(n) => encode_content_length(out, n),
         Sending::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.put_slice(b"\r\n");
 }
 
-/// Header lines, `name: value`, as the map holds them (names lower-case).
-pub(crate) fn encode_headers(out: &mut impl BufMut, headers: &HeaderMap) {
+/// Header lines, `name: value`, as the map holds them (names lower-case);
+/// says whether `Date` and `Content-Length` were among them (seen on the
+/// way, not looked up after).
+pub(crate) fn encode_headers(out: &mut impl BufMut, headers: &HeaderMap) -> Written {
+    let mut written = Written::default();
     for (name, value) in headers {
+        written.date |= name == header::DATE;
+        written.content_length |= name == header::CONTENT_LENGTH;
         encode_header(out, name, value);
     }
+    written
+}
+
+/// Which fields [`encode_headers`] wrote.
+#[derive(Debug, Default)]
+pub(crate) struct Written {
+    pub date: bool,
+    pub content_length: bool,
 }
 
 /// `content-length: N`, its line.
@@ -585,53 +593,70 @@ impl Spans {
     }
 }
 
-/// How the response's body is delimited (RFC 9112 §6.3).
-fn framing(method: &Method, status: StatusCode, headers: &HeaderMap) -> Result<Framing, Error> {
+/// How the response's body is delimited (RFC 9112 §6.3), and whether the
+/// response ends its connection's reuse: `Connection: close`, or both
+/// `Transfer-Encoding` and `Content-Length` (a message to close after).
+/// One pass over the fields, not a lookup (a hash) for each name.
+fn framing(
+    method: &Method,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> Result<(Framing, bool), Error> {
+    let mut te = false;
+    // The last transfer coding named, over every value in order.
+    let mut last_coding: Option<&str> = None;
+    let mut length = None;
+    let mut bad_length = None;
+    let mut has_length = false;
+    let mut close = false;
+    for (name, value) in headers {
+        if name == header::TRANSFER_ENCODING {
+            te = true;
+            // (A value that is not text is a coding that is not chunked.)
+            let text = value.to_str().unwrap_or("?");
+            if let Some(c) = text.split(',').map(str::trim).rfind(|c| !c.is_empty()) {
+                last_coding = Some(c);
+            }
+        } else if name == header::CONTENT_LENGTH {
+            has_length = true;
+            for part in value.as_bytes().split(|&b| b == b',') {
+                let part = part.trim_ascii();
+                let n = std::str::from_utf8(part)
+                    .ok()
+                    .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|p| p.parse::<u64>().ok());
+                // The first fault found is the one told.
+                match (n, length) {
+                    (None, _) => bad_length = bad_length.or(Some("invalid Content-Length")),
+                    (Some(n), Some(l)) if l != n => {
+                        bad_length = bad_length.or(Some("conflicting Content-Length values"))
+                    }
+                    (Some(n), _) => length = Some(n),
+                }
+            }
+        } else if name == header::CONNECTION {
+            close |= says_close(value.as_bytes());
+        }
+    }
+    close |= te && has_length;
     if *method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
-        return Ok(Framing::Empty);
+        return Ok((Framing::Empty, close));
     }
-    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
-    if te.peek().is_some() {
+    if te {
         // Chunked must be the last coding; any other ends at the close.
-        // (A value that is not text is a coding that is not chunked.)
-        let last = te
-            .map(|v| v.to_str().unwrap_or("?"))
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .last();
-        return Ok(match last {
+        let framing = match last_coding {
             Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked,
             _ => Framing::Close,
-        });
+        };
+        return Ok((framing, close));
     }
-    let mut length = None;
-    for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            let n = std::str::from_utf8(part)
-                .ok()
-                .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|p| p.parse::<u64>().ok())
-                .ok_or(Error::Malformed("invalid Content-Length"))?;
-            if length.is_some_and(|l| l != n) {
-                return Err(Error::Malformed("conflicting Content-Length values"));
-            }
-            length = Some(n);
-        }
+    if let Some(e) = bad_length {
+        return Err(Error::Malformed(e));
     }
-    Ok(length.map_or(Framing::Close, Framing::Length))
-}
-
-/// Whether `Connection` says the destination closes after this response.
-fn lists_close(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| says_close(v.as_bytes()))
+    Ok((length.map_or(Framing::Close, Framing::Length), close))
 }
 
 /// Whether a `Connection` value lists `close`.
@@ -850,7 +875,7 @@ pub fn read_response_for_fuzzing(data: &[u8], head_request: bool) {
     } else {
         Method::GET
     };
-    let Ok(framing) = framing(&method, status, &headers) else {
+    let Ok((framing, _)) = framing(&method, status, &headers) else {
         return;
     };
     let available = buf.len();
@@ -1131,6 +1156,188 @@ mod tests {
         .await;
         let (_, mut body) = send(conn, &get(Method::GET)).await.unwrap();
         assert!(matches!(all(&mut body).await, Err(Error::Malformed(_))));
+    }
+
+    /// The request head's framing is the body's, a client's own
+    /// `Content-Length` and `Transfer-Encoding` never written; a bodiless
+    /// request says `Content-Length: 0` only if the client gave a length.
+    #[test]
+    fn request_heads_are_framed_by_their_bodies() {
+        let head = |fields: &[(&'static str, &'static str)], sending: Sending| {
+            let mut parts = get(Method::POST);
+            for (n, v) in fields {
+                parts.headers.append(*n, HeaderValue::from_static(v));
+            }
+            let mut out = Vec::new();
+            encode_head(&mut out, &parts, sending);
+            String::from_utf8(out).unwrap()
+        };
+        let line = "POST /p?q=1 HTTP/1.1\r\nhost: example.test\r\n";
+        type Fields = &'static [(&'static str, &'static str)];
+        let cases: &[(Fields, Sending, &str)] = &[
+            (&[], Sending::None, ""),
+            (
+                &[("content-length", "7")],
+                Sending::None,
+                "content-length: 0\r\n",
+            ),
+            (&[("transfer-encoding", "chunked")], Sending::None, ""),
+            (
+                &[("content-length", "9"), ("x", "y")],
+                Sending::Length(3),
+                "x: y\r\ncontent-length: 3\r\n",
+            ),
+            (
+                &[("content-length", "9")],
+                Sending::Chunked,
+                "transfer-encoding: chunked\r\n",
+            ),
+        ];
+        for (fields, sending, tail) in cases {
+            assert_eq!(
+                head(fields, *sending),
+                format!("{line}{tail}\r\n"),
+                "{fields:?} {sending:?}"
+            );
+        }
+    }
+
+    /// The one pass over a response's fields gives each case's framing
+    /// and whether the connection is done.
+    #[test]
+    fn framing_and_close_in_one_pass() {
+        let ok = |f: Framing, close: bool| Ok::<_, &str>((f, close));
+        let get = Method::GET;
+        type Fields = &'static [(&'static str, &'static str)];
+        type Want = Result<(Framing, bool), &'static str>;
+        let cases: &[(Method, u16, Fields, Want)] = &[
+            (get.clone(), 200, &[], ok(Framing::Close, false)),
+            (
+                get.clone(),
+                200,
+                &[("content-length", "5")],
+                ok(Framing::Length(5), false),
+            ),
+            (
+                get.clone(),
+                200,
+                &[("content-length", "5, 5"), ("content-length", "5")],
+                ok(Framing::Length(5), false),
+            ),
+            (
+                get.clone(),
+                200,
+                &[("content-length", "5"), ("content-length", "6")],
+                Err("conflicting Content-Length values"),
+            ),
+            (
+                get.clone(),
+                200,
+                &[("content-length", "x, 5")],
+                Err("invalid Content-Length"),
+            ),
+            (
+                get.clone(),
+                200,
+                &[("content-length", "5, 6, x")],
+                Err("conflicting Content-Length values"),
+            ),
+            (
+                get.clone(),
+                200,
+                &[("content-length", "")],
+                Err("invalid Content-Length"),
+            ),
+            (
+                get.clone(),
+                200,
+                &[("transfer-encoding", "chunked")],
+                ok(Framing::Chunked, false),
+            ),
+            (
+                get.clone(),
+                200,
+                &[("transfer-encoding", "gzip, Chunked ,")],
+                ok(Framing::Chunked, false),
+            ),
+            (
+                get.clone(),
+                200,
+                &[("transfer-encoding", "chunked, gzip")],
+                ok(Framing::Close, false),
+            ),
+            (
+                get.clone(),
+                200,
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("transfer-encoding", "gzip"),
+                ],
+                ok(Framing::Close, false),
+            ),
+            (
+                get.clone(),
+                200,
+                &[
+                    ("transfer-encoding", "gzip"),
+                    ("transfer-encoding", "chunked"),
+                    ("transfer-encoding", " "),
+                ],
+                ok(Framing::Chunked, false),
+            ),
+            // Both: chunked wins, the length is not even read, and the
+            // connection is not reused.
+            (
+                get.clone(),
+                200,
+                &[("content-length", "x"), ("transfer-encoding", "chunked")],
+                ok(Framing::Chunked, true),
+            ),
+            (
+                get.clone(),
+                200,
+                &[("connection", "keep-alive, Close"), ("content-length", "0")],
+                ok(Framing::Length(0), true),
+            ),
+            (
+                get.clone(),
+                200,
+                &[("connection", "closed"), ("connection", "upgrade")],
+                ok(Framing::Close, false),
+            ),
+            (
+                Method::HEAD,
+                200,
+                &[("content-length", "x")],
+                ok(Framing::Empty, false),
+            ),
+            (
+                get.clone(),
+                204,
+                &[("connection", "close")],
+                ok(Framing::Empty, true),
+            ),
+            (
+                get.clone(),
+                304,
+                &[("transfer-encoding", "chunked"), ("content-length", "3")],
+                ok(Framing::Empty, true),
+            ),
+        ];
+        for (method, status, fields, want) in cases {
+            let mut headers = HeaderMap::new();
+            for (n, v) in *fields {
+                headers.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+            }
+            let got =
+                framing(method, StatusCode::from_u16(*status).unwrap(), &headers).map_err(|e| {
+                    match e {
+                        Error::Malformed(m) => m,
+                        e => panic!("{e:?}"),
+                    }
+                });
+            assert_eq!(got, *want, "{method} {status} {fields:?}");
+        }
     }
 
     #[test]
