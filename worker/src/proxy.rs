@@ -158,7 +158,9 @@ impl Drop for TunnelOpen {
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus
 /// the proxy's own credentials: none of them crosses the proxy. As names:
 /// a lookup by name hashes no text.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// The last, `Expect`, only of a request: the client's
+/// `100-continue` was answered by this side.
+const HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
@@ -168,6 +170,7 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
     header::PROXY_AUTHORIZATION,
     header::PROXY_AUTHENTICATE,
+    header::EXPECT,
 ];
 /// Where `Connection` and `Transfer-Encoding` are in [`HOP_BY_HOP`].
 const CONNECTION_AT: usize = 0;
@@ -640,9 +643,7 @@ impl Proxy {
         // Formatted only for an error or a log line.
         let dest = Dest(host, port);
 
-        strip_hop_by_hop(&mut parts.headers);
-        // The client's `Expect: 100-continue` was answered by this side.
-        parts.headers.remove(header::EXPECT);
+        strip_hop_by_hop(&mut parts.headers, Message::Request);
         // RFC 9112 §3.2.2: the target's authority replaces any Host sent
         // (most clients send that same text: then it is kept as it is).
         let authority = target.host_value;
@@ -693,7 +694,7 @@ impl Proxy {
         };
         let (mut parts, ()) = resp.into_parts();
         self.observe(host, &lease, watch, parts.status, &parts.headers);
-        strip_hop_by_hop(&mut parts.headers);
+        strip_hop_by_hop(&mut parts.headers, Message::Response);
         let body = PooledBody::new(body, self.upstream.clone(), key, &self.meter);
         self.expose_source(&mut parts.headers, &lease);
         Ok((Response::from_parts(parts, Either::Left(body)), lease))
@@ -1035,14 +1036,23 @@ fn head_len<B>(req: &Request<B>) -> usize {
 /// Removes the hop-by-hop headers (RFC 9110 §7.6.1). A message that came
 /// with `Transfer-Encoding` loses its `Content-Length` too (RFC 9112 §6.3:
 /// the length is the chunked framing's, and the other side frames it anew).
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names says which of them the message carries
-    // (most carry none, or only `Connection`): only those are looked up
-    // again, each map lookup being a hash.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, message: Message) {
+    let names = match message {
+        Message::Request => &HOP_BY_HOP[..],
+        Message::Response => &HOP_BY_HOP[..HOP_BY_HOP.len() - 1],
+    };
+    // One pass over the fields says which of these names the message
+    // carries (most carry none, or only `Connection: keep-alive` or
+    // `close`) and whether `Connection` names other fields: only those
+    // are looked up again, each map lookup being a hash.
     let mut present = 0u16;
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+    let mut lists_fields = false;
+    for (name, value) in headers.iter() {
+        if let Some(i) = names.iter().position(|h| h == name) {
             present |= 1 << i;
+            if i == CONNECTION_AT {
+                lists_fields |= listed_fields(value.as_bytes()).next().is_some();
+            }
         }
     }
     if present == 0 {
@@ -1051,48 +1061,51 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present & (1 << TRANSFER_ENCODING_AT) != 0 {
         headers.remove(header::CONTENT_LENGTH);
     }
-    // The names `Connection` lists go too, looked up as text (no name is
-    // built). Its value is cloned (shared bytes, no copy) to let go of the
-    // map; a list only for the rare message with several.
-    if present & (1 << CONNECTION_AT) != 0 {
-        let mut values = headers.get_all(header::CONNECTION).iter();
-        match (values.next().cloned(), values.next().is_some()) {
-            (None, _) => {}
-            (Some(one), false) => remove_listed(headers, &one),
-            (Some(_), true) => {
-                let all: Vec<HeaderValue> = headers
-                    .get_all(header::CONNECTION)
-                    .iter()
-                    .cloned()
-                    .collect();
-                for value in &all {
-                    remove_listed(headers, value);
+    // The fields `Connection` names go too, looked up as text (no name is
+    // built). Its values are cloned (shared bytes, no copy) to let go of
+    // the map.
+    if lists_fields {
+        let values: Vec<HeaderValue> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .cloned()
+            .collect();
+        for value in &values {
+            for field in listed_fields(value.as_bytes()) {
+                if let Ok(field) = std::str::from_utf8(field) {
+                    headers.remove(field);
                 }
             }
         }
     }
-    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+    for (i, name) in names.iter().enumerate() {
         if present & (1 << i) != 0 {
             headers.remove(name);
         }
     }
 }
 
-/// Removes the headers a `Connection` value names; `close` and
-/// `keep-alive` (the usual tokens) need no lookup.
-fn remove_listed(headers: &mut HeaderMap, value: &HeaderValue) {
-    let Ok(text) = value.to_str() else { return };
-    for token in text.split(',').map(str::trim) {
-        // The message's framing and its Host are not the sender's to
-        // strip: `Connection: content-length` would unframe a body.
-        if !token.is_empty()
-            && !["close", "keep-alive", "content-length", "host"]
-                .iter()
-                .any(|t| token.eq_ignore_ascii_case(t))
-        {
-            headers.remove(token);
-        }
-    }
+/// Which way a message goes through the proxy.
+#[derive(Debug, Clone, Copy)]
+pub enum Message {
+    Request,
+    Response,
+}
+
+/// The fields a `Connection` value names for removal: its tokens, less
+/// the options (`close`, `keep-alive`) and the message's framing and Host,
+/// which are not the sender's to strip (`Connection: content-length`
+/// would unframe a body).
+fn listed_fields(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| {
+            !t.is_empty()
+                && ![&b"close"[..], b"keep-alive", b"content-length", b"host"]
+                    .iter()
+                    .any(|name| t.eq_ignore_ascii_case(name))
+        })
 }
 
 #[cfg(test)]
@@ -1235,11 +1248,12 @@ mod tests {
             ("transfer-encoding", "chunked"),
             ("upgrade", "websocket"),
             ("trailer", "x"),
+            ("expect", "100-continue"),
             ("x-keep", "yes"),
         ] {
             h.append(k, v.parse().unwrap());
         }
-        strip_hop_by_hop(&mut h);
+        strip_hop_by_hop(&mut h, Message::Request);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-keep"], "yes");
     }
@@ -1259,7 +1273,26 @@ mod tests {
             h
         };
         type Fields<'a> = &'a [(&'a str, &'a str)];
-        let cases: [(&str, Fields<'_>, Fields<'_>); 5] = [
+        let cases: [(&str, Fields<'_>, Fields<'_>); 7] = [
+            (
+                "Connection naming only options: it alone goes",
+                &[
+                    ("connection", " Keep-Alive ,, close"),
+                    ("x-a", "1"),
+                    ("content-length", "5"),
+                ],
+                &[("x-a", "1"), ("content-length", "5")],
+            ),
+            (
+                "a list in the second Connection field counts too",
+                &[
+                    ("connection", "keep-alive"),
+                    ("connection", "X-F"),
+                    ("x-f", "1"),
+                    ("x-g", "1"),
+                ],
+                &[("x-g", "1")],
+            ),
             (
                 "none of them: untouched, Content-Length and all",
                 &[("content-length", "5"), ("x-a", "1")],
@@ -1307,8 +1340,15 @@ mod tests {
         ];
         for (what, given, kept) in cases {
             let mut h = map(given);
-            strip_hop_by_hop(&mut h);
+            strip_hop_by_hop(&mut h, Message::Response);
             assert_eq!(h, map(kept), "{what}");
         }
+        // `Expect` goes from a request only.
+        let given = map(&[("expect", "100-continue"), ("x-a", "1")]);
+        let mut h = given.clone();
+        strip_hop_by_hop(&mut h, Message::Response);
+        assert_eq!(h, given);
+        strip_hop_by_hop(&mut h, Message::Request);
+        assert_eq!(h, map(&[("x-a", "1")]));
     }
 }
