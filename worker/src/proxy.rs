@@ -157,10 +157,11 @@ impl Drop for TunnelOpen {
 
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus
 /// the proxy's own credentials: none of them crosses the proxy. As names:
-/// a lookup by name hashes no text.
-/// The last, `Expect`, only of a request: the client's
-/// `100-continue` was answered by this side.
-const HOP_BY_HOP: [HeaderName; 10] = [
+/// a lookup by name hashes no text. The last, `Expect`, only of a request:
+/// the client's `100-continue` was answered by this side. A static: a
+/// `const` array of names is a new copy, made and dropped, wherever it is
+/// named (≈ 100 instructions each time, in a loop over the fields).
+static HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
@@ -172,9 +173,10 @@ const HOP_BY_HOP: [HeaderName; 10] = [
     header::PROXY_AUTHENTICATE,
     header::EXPECT,
 ];
-/// Where `Connection` and `Transfer-Encoding` are in [`HOP_BY_HOP`].
+/// Where `Connection`, `Transfer-Encoding` and `Expect` are in [`HOP_BY_HOP`].
 const CONNECTION_AT: usize = 0;
 const TRANSFER_ENCODING_AT: usize = 5;
+const EXPECT_AT: usize = 9;
 
 impl Proxy {
     pub fn new(
@@ -1039,7 +1041,7 @@ fn head_len<B>(req: &Request<B>) -> usize {
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, message: Message) {
     let names = match message {
         Message::Request => &HOP_BY_HOP[..],
-        Message::Response => &HOP_BY_HOP[..HOP_BY_HOP.len() - 1],
+        Message::Response => &HOP_BY_HOP[..EXPECT_AT],
     };
     // One pass over the fields says which of these names the message
     // carries (most carry none, or only `Connection: keep-alive` or
@@ -1048,7 +1050,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, message: Message) {
     let mut present = 0u16;
     let mut lists_fields = false;
     for (name, value) in headers.iter() {
-        if let Some(i) = names.iter().position(|h| h == name) {
+        if let Some(i) = hop_by_hop_at(name.as_str()).filter(|&i| i < names.len()) {
             present |= 1 << i;
             if i == CONNECTION_AT {
                 lists_fields |= listed_fields(value.as_bytes()).next().is_some();
@@ -1083,6 +1085,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, message: Message) {
             headers.remove(name);
         }
     }
+}
+
+/// Where `name` (lower case, as a map holds it) is in [`HOP_BY_HOP`]: a
+/// match on the text, which compares lengths first, instead of comparing
+/// each field's name with each of ten names.
+fn hop_by_hop_at(name: &str) -> Option<usize> {
+    Some(match name {
+        "connection" => CONNECTION_AT,
+        "proxy-connection" => 1,
+        "keep-alive" => 2,
+        "te" => 3,
+        "trailer" => 4,
+        "transfer-encoding" => TRANSFER_ENCODING_AT,
+        "upgrade" => 6,
+        "proxy-authorization" => 7,
+        "proxy-authenticate" => 8,
+        "expect" => EXPECT_AT,
+        _ => return None,
+    })
 }
 
 /// Which way a message goes through the proxy.
@@ -1262,6 +1283,11 @@ mod tests {
     fn only_the_hop_by_hop_headers_present_go_and_framing_stays_right() {
         assert_eq!(HOP_BY_HOP[CONNECTION_AT], header::CONNECTION);
         assert_eq!(HOP_BY_HOP[TRANSFER_ENCODING_AT], header::TRANSFER_ENCODING);
+        assert_eq!(HOP_BY_HOP[EXPECT_AT], header::EXPECT);
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_at(name.as_str()), Some(i), "{name}");
+        }
+        assert_eq!(hop_by_hop_at("connections"), None);
         let map = |pairs: &[(&str, &str)]| {
             let mut h = HeaderMap::new();
             for (k, v) in pairs {
