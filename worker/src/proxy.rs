@@ -913,10 +913,12 @@ fn absolute_target(uri: &Uri) -> Result<Target<'_>, ProxyError> {
     // to give: refuse rather than fall back to 80. (The userinfo is not in
     // `port`: its `:` is no port, and it must never reach an error
     // message or a log.)
-    let port = match (parts.port.parse::<u16>(), parts.port) {
-        (Ok(p), _) => p,
-        (Err(_), "") => 80,
-        (Err(_), text) => return Err(ProxyError::BadRequest(format!("invalid port `{text}`"))),
+    // A port is digits (RFC 3986 §3.2.3): `+80`, which a number parser
+    // takes, is refused too.
+    let port = match (port_number(parts.port), parts.port) {
+        (Some(p), _) => p,
+        (None, "") => 80,
+        (None, text) => return Err(ProxyError::BadRequest(format!("invalid port `{text}`"))),
     };
     if port == 0 {
         return Err(ProxyError::BadRequest("port 0 is not a destination".into()));
@@ -926,6 +928,14 @@ fn absolute_target(uri: &Uri) -> Result<Target<'_>, ProxyError> {
         port,
         host_value: parts.host_value,
     })
+}
+
+/// A port's number, if `text` is one: digits only, at most 65535.
+fn port_number(text: &str) -> Option<u16> {
+    match text.bytes().all(|b| b.is_ascii_digit()) {
+        true => text.parse().ok(),
+        false => None,
+    }
 }
 
 /// An authority's parts, as `http`'s `Authority::host` and `port` find
@@ -991,7 +1001,8 @@ fn connect_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
         })
         .ok_or_else(|| ProxyError::BadRequest("CONNECT needs a host:port target".into()))?;
     let port = auth
-        .port_u16()
+        .port()
+        .and_then(|p| port_number(p.as_str()))
         .ok_or_else(|| ProxyError::BadRequest("CONNECT target has no port".into()))?;
     if auth.host().is_empty() || port == 0 {
         return Err(ProxyError::BadRequest(
@@ -1171,6 +1182,7 @@ mod tests {
             "http://example.com:99999/",
             "http://example.com:abc/",
             "http://example.com:0/",
+            "http://example.com:+80/",
         ] {
             assert!(
                 matches!(
@@ -1197,6 +1209,7 @@ mod tests {
             "http://example.com:443/",
             "/path",
             "example.com:0",
+            "example.com:+443",
         ] {
             assert!(connect_target(&bad.parse().unwrap()).is_err(), "{bad}");
         }
