@@ -198,11 +198,14 @@ impl Resolver {
             }
         }
         let (addrs, until) = match &*backend {
+            // Boxed, as the lookups are large futures and rare (a name not
+            // kept): inline, their room would be in every request's state,
+            // moved at each await, a name kept or not.
             Backend::Dns(r, ..) => {
-                let (addrs, until) = self.resolve_dns(r, host, port, timeout).await?;
+                let (addrs, until) = Box::pin(self.resolve_dns(r, host, port, timeout)).await?;
                 (addrs, Some(until))
             }
-            Backend::System(_) => (lookup(host, port, timeout).await?, None),
+            Backend::System(_) => (Box::pin(lookup(host, port, timeout)).await?, None),
         };
         if cached {
             // The records' own time (hickory's answer), at most the cap;

@@ -527,7 +527,20 @@ impl LeaseClient {
         }
     }
 
-    async fn request(&self, body: Request) -> Result<Response, LeaseError> {
+    /// A request over the allocator's socket, and its answer. Boxed: the
+    /// socket path is rare next to the table's and its future large (about
+    /// 1 KB), which inline would be room in every request's state, moved
+    /// at each await.
+    fn request(
+        &self,
+        body: Request,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response, LeaseError>> + Send + '_>,
+    > {
+        Box::pin(self.request_unboxed(body))
+    }
+
+    async fn request_unboxed(&self, body: Request) -> Result<Response, LeaseError> {
         let deadline = Instant::now() + self.timeout;
         let mut watch = self.conn.clone();
         loop {

@@ -660,8 +660,11 @@ impl Proxy {
         parts.version = Version::HTTP_11;
         let (mut conn, reused) = match self.upstream.checkout(&key) {
             Some(c) => (c, true),
+            // The dial is boxed (here and for the retry below): a new
+            // upstream connection is rare next to a reused one, and its
+            // future (2 KB) inline would be room in every request's state.
             None => {
-                let (c, dialed) = self.dial(lease, &addrs, host, sticky).await?;
+                let (c, dialed) = Box::pin(self.dial(lease, &addrs, host, sticky)).await?;
                 // Another address, if the leased one could not be used.
                 lease = dialed;
                 key.source = lease.ip;
@@ -678,7 +681,7 @@ impl Proxy {
                 if replay && may_resend(&parts.method, &parts.headers, &e, written) =>
             {
                 debug!(%dest, source = %lease.ip, error = %e, "reused upstream connection was closed; retrying on a new one");
-                (conn, lease) = self.dial(lease, &addrs, host, sticky).await?;
+                (conn, lease) = Box::pin(self.dial(lease, &addrs, host, sticky)).await?;
                 key.source = lease.ip;
                 self.exchange(conn, &parts, None::<B>, dest)
                     .await?
