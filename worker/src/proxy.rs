@@ -912,12 +912,11 @@ fn absolute_target(uri: &Uri) -> Result<Target<'_>, ProxyError> {
             "the target URI has an empty host".into(),
         ));
     }
-    // `http::Uri` accepts `host:99999` and `host:abc`, with no port number
-    // to give: refuse rather than fall back to 80. (The userinfo is not in
-    // `port`: its `:` is no port, and it must never reach an error
-    // message or a log.)
-    // A port is digits (RFC 3986 §3.2.3): `+80`, which a number parser
-    // takes, is refused too.
+    // `http::Uri` accepts `host:99999`, `host:abc` and `host:+80`, with no
+    // port number to give (a port is digits, RFC 3986 §3.2.3): refuse
+    // rather than fall back to 80 or read a sign. (The userinfo is not in
+    // `port`: its `:` is no port, and it must never reach an error message
+    // or a log.)
     let port = match (port_number(parts.port), parts.port) {
         (Some(p), _) => p,
         (None, "") => 80,
