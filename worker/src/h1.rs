@@ -560,7 +560,9 @@ type Span = (u32, u32, u32, u32);
 const INLINE_SPANS: usize = 24;
 
 impl Spans {
-    /// The spans of `headers`, parsed out of `buf`.
+    /// The spans of `headers`, parsed out of `buf`. `headers` must be
+    /// httparse's own parse of `buf` (not fields made by hand): `header_map`
+    /// relies on httparse having checked every value byte.
     pub(crate) fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> Spans {
         let base = buf.as_ptr() as usize;
         let span = |h: &httparse::Header<'_>| {
