@@ -222,10 +222,7 @@ fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
     for h in req.headers.iter() {
         let name = h.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|v| v.parse::<usize>().ok());
+            let n = crate::h1::decimal::<usize>(h.value);
             match (n, body) {
                 (Some(n), None) if n <= SMALL_BODY => body = Some(n),
                 _ => return Take::NotMine,

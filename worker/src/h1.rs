@@ -642,11 +642,7 @@ fn framing(
         } else if name == header::CONTENT_LENGTH {
             has_length = true;
             for part in value.as_bytes().split(|&b| b == b',') {
-                let part = part.trim_ascii();
-                let n = std::str::from_utf8(part)
-                    .ok()
-                    .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|p| p.parse::<u64>().ok());
+                let n = decimal::<u64>(part.trim_ascii());
                 // The first fault found is the one told.
                 match (n, length) {
                     (None, _) => bad_length = bad_length.or(Some("invalid Content-Length")),
@@ -679,6 +675,17 @@ fn framing(
         return Err(Error::Malformed(e));
     }
     Ok((length.map_or(Framing::Close, Framing::Length), close))
+}
+
+/// The number `text` spells in decimal digits and nothing else (no sign,
+/// no space, not empty), if it fits in `T`: a Content-Length, a port. (A
+/// number parser alone would take `+5`.)
+pub(crate) fn decimal<T: std::str::FromStr>(text: &[u8]) -> Option<T> {
+    if text.is_empty() || !text.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    // Digits are ASCII: the text is UTF-8.
+    std::str::from_utf8(text).ok()?.parse().ok()
 }
 
 /// Whether a `Connection` value lists `close`.
@@ -1593,6 +1600,22 @@ mod tests {
         let mut out = Vec::new();
         encode_content_length(&mut out, 42);
         assert_eq!(out, b"content-length: 42\r\n");
+        // Digits only, in range.
+        assert_eq!(decimal::<u16>(b"007"), Some(7));
+        assert_eq!(decimal::<u16>(b"65535"), Some(65535));
+        for bad in [
+            &b""[..],
+            b"+5",
+            b"-5",
+            b" 5",
+            b"5 ",
+            b"65536",
+            b"0x1",
+            b"\xd9\xa3",
+        ] {
+            assert_eq!(decimal::<u16>(bad), None, "{bad:?}");
+        }
+        assert_eq!(decimal::<u64>(b"18446744073709551615"), Some(u64::MAX));
     }
 
     #[test]

@@ -917,7 +917,7 @@ fn absolute_target(uri: &Uri) -> Result<Target<'_>, ProxyError> {
     // rather than fall back to 80 or read a sign. (The userinfo is not in
     // `port`: its `:` is no port, and it must never reach an error message
     // or a log.)
-    let port = match (port_number(parts.port), parts.port) {
+    let port = match (h1::decimal::<u16>(parts.port.as_bytes()), parts.port) {
         (Some(p), _) => p,
         (None, "") => 80,
         (None, text) => return Err(ProxyError::BadRequest(format!("invalid port `{text}`"))),
@@ -930,14 +930,6 @@ fn absolute_target(uri: &Uri) -> Result<Target<'_>, ProxyError> {
         port,
         host_value: parts.host_value,
     })
-}
-
-/// A port's number, if `text` is one: digits only, at most 65535.
-fn port_number(text: &str) -> Option<u16> {
-    match text.bytes().all(|b| b.is_ascii_digit()) {
-        true => text.parse().ok(),
-        false => None,
-    }
 }
 
 /// An authority's parts, as `http`'s `Authority::host` and `port` find
@@ -1004,7 +996,7 @@ fn connect_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
         .ok_or_else(|| ProxyError::BadRequest("CONNECT needs a host:port target".into()))?;
     let port = auth
         .port()
-        .and_then(|p| port_number(p.as_str()))
+        .and_then(|p| h1::decimal::<u16>(p.as_str().as_bytes()))
         .ok_or_else(|| ProxyError::BadRequest("CONNECT target has no port".into()))?;
     if auth.host().is_empty() || port == 0 {
         return Err(ProxyError::BadRequest(
