@@ -118,29 +118,36 @@ pub struct Resolver {
     backend: std::sync::RwLock<std::sync::Arc<Backend>>,
 }
 
-enum Backend {
+/// How names are looked up, and the answers kept (dropped together by a
+/// reload).
+struct Backend {
+    lookup: Lookup,
+    answers: Answers,
+}
+
+enum Lookup {
     /// hickory, with the names of `/etc/hosts` answered first, exactly as
     /// the file lists them (hickory adds `::1` to `localhost` on its own,
     /// which the C library does not when the file has no such line).
-    Dns(Box<TokioResolver>, Hosts, Answers),
-    System(Answers),
+    Dns(Box<TokioResolver>, Hosts),
+    System,
 }
 
 impl Backend {
     fn new(resolver: &ResolverChoice, ttl: Duration) -> Backend {
-        match resolver {
-            ResolverChoice::System => Backend::System(Answers::default()),
+        let lookup = match resolver {
+            ResolverChoice::System => Lookup::System,
             ResolverChoice::Dns { servers } => match dns_resolver(servers, ttl) {
-                Ok(r) => Backend::Dns(
-                    Box::new(r),
-                    Hosts::read(Path::new(HOSTS)),
-                    Answers::default(),
-                ),
+                Ok(r) => Lookup::Dns(Box::new(r), Hosts::read(Path::new(HOSTS))),
                 Err(e) => {
                     warn!(error = %e, "cannot set up the DNS resolver (no /etc/resolv.conf?); resolving with the system's getaddrinfo");
-                    Backend::System(Answers::default())
+                    Lookup::System
                 }
             },
+        };
+        Backend {
+            lookup,
+            answers: Answers::default(),
         }
     }
 }
@@ -182,30 +189,27 @@ impl Resolver {
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
         let backend = self.current();
-        let answers = match &*backend {
-            Backend::Dns(_, hosts, answers) => {
-                if let Some(ips) = hosts.get(host) {
-                    return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
-                }
-                answers
+        let answers = &backend.answers;
+        if let Lookup::Dns(_, hosts) = &backend.lookup {
+            if let Some(ips) = hosts.get(host) {
+                return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
             }
-            Backend::System(answers) => answers,
-        };
+        }
         let cached = !self.ttl.is_zero();
         if cached {
             if let Some(addrs) = answers.get(host, port) {
                 return Ok(addrs);
             }
         }
-        let (addrs, until) = match &*backend {
+        let (addrs, until) = match &backend.lookup {
             // Boxed, as the lookups are large futures and rare (a name not
             // kept): inline, their room would be in every request's state,
             // moved at each await, a name kept or not.
-            Backend::Dns(r, ..) => {
+            Lookup::Dns(r, _) => {
                 let (addrs, until) = Box::pin(self.resolve_dns(r, host, port, timeout)).await?;
                 (addrs, Some(until))
             }
-            Backend::System(_) => (Box::pin(lookup(host, port, timeout)).await?, None),
+            Lookup::System => (Box::pin(lookup(host, port, timeout)).await?, None),
         };
         if cached {
             // The records' own time (hickory's answer), at most the cap;
@@ -398,10 +402,8 @@ mod tests {
     async fn system_names_are_cached_and_literals_are_not() {
         let cache = Resolver::new(&ResolverChoice::System, Duration::from_secs(30));
         let backend = cache.current();
-        let Backend::System(entries) = &*backend else {
-            panic!("not the system resolver");
-        };
-        let entries = &entries.0;
+        assert!(matches!(backend.lookup, Lookup::System));
+        let entries = &backend.answers.0;
         // `localhost` comes from /etc/hosts: no query leaves the machine.
         let a = cache
             .resolve("localhost", 80, Duration::from_secs(5))
@@ -427,7 +429,7 @@ mod tests {
         // Port 9 (discard): nothing answers there; /etc/hosts must.
         let servers = vec!["127.0.0.1:9".parse().unwrap()];
         let cache = Resolver::new(&ResolverChoice::Dns { servers }, Duration::from_secs(30));
-        assert!(matches!(&*cache.current(), Backend::Dns(..)));
+        assert!(matches!(cache.current().lookup, Lookup::Dns(..)));
         let a = cache
             .resolve("localhost", 80, Duration::from_secs(5))
             .await
@@ -511,13 +513,13 @@ mod tests {
             let a = r.resolve("192.0.2.1", 81, Duration::from_secs(1)).await;
             assert_eq!(a.unwrap(), vec!["192.0.2.1:81".parse().unwrap()]);
         }
-        let (Backend::Dns(_, _, kept), Backend::System(kept_too)) =
-            (&*dns.current(), &*system.current())
-        else {
-            panic!("not the two resolvers");
-        };
+        let (dns, system) = (dns.current(), system.current());
+        assert!(matches!(
+            (&dns.lookup, &system.lookup),
+            (Lookup::Dns(..), Lookup::System)
+        ));
         assert_eq!(
-            (kept.len(), kept_too.len()),
+            (dns.answers.len(), system.answers.len()),
             (0, 0),
             "literals are not kept"
         );
