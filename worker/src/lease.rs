@@ -531,12 +531,7 @@ impl LeaseClient {
     /// socket path is rare next to the table's and its future large (about
     /// 1 KB), which inline would be room in every request's state, moved
     /// at each await.
-    fn request(
-        &self,
-        body: Request,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Response, LeaseError>> + Send + '_>,
-    > {
+    fn request(&self, body: Request) -> crate::Boxed<'_, Result<Response, LeaseError>> {
         Box::pin(self.request_unboxed(body))
     }
 

@@ -27,4 +27,8 @@ pub mod tls;
 pub mod upstream;
 
 pub use lease::LeaseClient;
+
+/// A future on the heap: for a rare path's large future, which inline
+/// would be room in the state of every caller (moved at each await).
+pub(crate) type Boxed<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 pub use server::{run, Config, Listeners, Stopped};
