@@ -24,9 +24,12 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -149,7 +152,7 @@ impl Defer {
 pub async fn accept_loop(
     listener: std::net::TcpListener,
     balance: Arc<Balance>,
-    tx: mpsc::Sender<(TcpStream, SocketAddr, bool)>,
+    tx: mpsc::Sender<(ClientTcp, SocketAddr, bool)>,
     tls: bool,
     stop: CancellationToken,
 ) -> io::Result<()> {
@@ -192,15 +195,8 @@ pub async fn accept_loop(
                 if !inherited {
                     let _ = std.set_nodelay(true);
                 }
-                // A connection the reactor cannot take is that connection's
-                // loss, not the listener's.
-                let stream = match TcpStream::from_std(std) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        warn!(%peer, error = %e, "cannot register an accepted connection; closing it");
-                        continue;
-                    }
-                };
+                // Registered with the reactor when it first has to wait.
+                let stream = ClientTcp::new(std);
                 if tx.send((stream, peer, tls)).await.is_err() {
                     return Ok(());
                 }
@@ -233,6 +229,152 @@ fn accept_group(listeners: &[std::net::TcpListener]) -> u64 {
     let mut inodes: Vec<u64> = listeners.iter().filter_map(os::inode).collect();
     inodes.sort_unstable();
     rotor_protocol::fnv1a(inodes.iter().flat_map(|i| i.to_le_bytes())).max(1)
+}
+
+/// An accepted client connection, registered with the reactor only when it
+/// first has to wait. A client that sends its request with its connection
+/// (most do: the head is there by the time the connection is served) and
+/// reads the answer — one request per connection, or the first of many —
+/// is read and answered with plain system calls: no `epoll_ctl` to add the
+/// socket and none to remove it, and no trip through `epoll_wait` before
+/// the first read (tokio's own stream waits for the reactor's word before
+/// it tries). HAProxy serves a connection the same way.
+#[derive(Debug)]
+pub struct ClientTcp(Tcp);
+
+#[derive(Debug)]
+enum Tcp {
+    Fresh(std::net::TcpStream),
+    Registered(TcpStream),
+    /// The reactor would not take it (its error was returned).
+    Gone,
+}
+
+impl ClientTcp {
+    /// `stream` must be non-blocking.
+    pub fn new(stream: std::net::TcpStream) -> ClientTcp {
+        ClientTcp(Tcp::Fresh(stream))
+    }
+
+    /// The connection as tokio's stream (registered now if it was not).
+    pub fn into_tokio(self) -> io::Result<TcpStream> {
+        match self.0 {
+            Tcp::Fresh(s) => TcpStream::from_std(s),
+            Tcp::Registered(s) => Ok(s),
+            Tcp::Gone => Err(gone()),
+        }
+    }
+
+    #[cfg(test)]
+    fn is_registered(&self) -> bool {
+        matches!(self.0, Tcp::Registered(_))
+    }
+
+    /// The registered stream, registering it now if need be.
+    fn registered(&mut self) -> io::Result<&mut TcpStream> {
+        if let Tcp::Fresh(_) = self.0 {
+            let Tcp::Fresh(s) = std::mem::replace(&mut self.0, Tcp::Gone) else {
+                unreachable!()
+            };
+            self.0 = Tcp::Registered(TcpStream::from_std(s)?);
+        }
+        match &mut self.0 {
+            Tcp::Registered(s) => Ok(s),
+            _ => Err(gone()),
+        }
+    }
+
+    /// `op` on the socket if it is not registered yet: `None` when it
+    /// would block (the caller registers it then and waits).
+    fn fresh<T>(
+        &self,
+        mut op: impl FnMut(&std::net::TcpStream) -> io::Result<T>,
+    ) -> Option<io::Result<T>> {
+        let Tcp::Fresh(s) = &self.0 else {
+            return None;
+        };
+        loop {
+            match op(s) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                r => return Some(r),
+            }
+        }
+    }
+}
+
+fn gone() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "connection not registered with the reactor",
+    )
+}
+
+impl AsyncRead for ClientTcp {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let read = self.fresh(|mut s| {
+            let n = io::Read::read(&mut s, buf.initialize_unfilled())?;
+            buf.advance(n);
+            Ok(())
+        });
+        if let Some(r) = read {
+            return Poll::Ready(r);
+        }
+        match self.registered() {
+            Ok(s) => Pin::new(s).poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for ClientTcp {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(r) = self.fresh(|mut s| io::Write::write(&mut s, data)) {
+            return Poll::Ready(r);
+        }
+        match self.registered() {
+            Ok(s) => Pin::new(s).poll_write(cx, data),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(r) = self.fresh(|mut s| io::Write::write_vectored(&mut s, data)) {
+            return Poll::Ready(r);
+        }
+        match self.registered() {
+            Ok(s) => Pin::new(s).poll_write_vectored(cx, data),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.0 {
+            Tcp::Fresh(s) => Poll::Ready(s.shutdown(std::net::Shutdown::Write)),
+            Tcp::Registered(s) => Pin::new(s).poll_shutdown(cx),
+            Tcp::Gone => Poll::Ready(Err(gone())),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -281,6 +423,87 @@ mod tests {
         assert_eq!(accept_group(&ab), accept_group(&ba));
     }
 
+    /// A connected pair: the client's std stream, and the accepted side as
+    /// `ClientTcp`.
+    fn pair() -> (std::net::TcpStream, ClientTcp) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = os::accept(&l).unwrap();
+        (client, ClientTcp::new(s))
+    }
+
+    #[tokio::test]
+    async fn a_request_already_there_is_read_and_answered_without_the_reactor() {
+        use std::io::{Read, Write};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, mut server) = pair();
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let mut buf = bytes::BytesMut::with_capacity(4096);
+        assert_eq!(server.read_buf(&mut buf).await.unwrap(), 18);
+        assert_eq!(&buf[..], b"GET / HTTP/1.1\r\n\r\n");
+        server.write_all(b"answer").await.unwrap();
+        server.flush().await.unwrap();
+        server.shutdown().await.unwrap();
+        assert!(!server.is_registered());
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"answer", "the FIN came after the answer");
+    }
+
+    #[tokio::test]
+    async fn a_read_that_would_wait_registers_and_is_woken() {
+        use tokio::io::AsyncReadExt;
+        let (mut client, mut server) = pair();
+        let late = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            std::io::Write::write_all(&mut client, b"late").unwrap();
+            client
+        });
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), server.read(&mut buf))
+            .await
+            .expect("woken when the bytes came")
+            .unwrap();
+        assert_eq!(&buf[..n], b"late");
+        assert!(server.is_registered());
+        // The client's close is seen through the reactor.
+        drop(late.join().unwrap());
+        let n = tokio::time::timeout(Duration::from_secs(5), server.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+
+    #[tokio::test]
+    async fn a_write_that_would_wait_registers_and_finishes() {
+        use tokio::io::AsyncWriteExt;
+        let (client, mut server) = pair();
+        // More than the socket buffers hold: the write waits for the
+        // client to read.
+        let size = 32 << 20;
+        let reader = std::thread::spawn(move || {
+            let mut client = client;
+            std::thread::sleep(Duration::from_millis(100));
+            let mut got = Vec::new();
+            std::io::Read::read_to_end(&mut client, &mut got).unwrap();
+            got
+        });
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        tokio::time::timeout(Duration::from_secs(20), async {
+            server.write_all(&data).await.unwrap();
+            server.shutdown().await.unwrap();
+        })
+        .await
+        .expect("the write finished");
+        assert!(server.is_registered());
+        let got = reader.join().unwrap();
+        assert!(got == data, "all of it, in order");
+        // And as tokio's stream, which the relay takes.
+        assert!(server.into_tokio().is_ok());
+    }
+
     #[tokio::test]
     async fn accepted_connections_have_nodelay() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -299,7 +522,7 @@ mod tests {
             .collect();
         for _ in 0..3 {
             let (s, _, _) = rx.recv().await.unwrap();
-            assert!(s.nodelay().unwrap());
+            assert!(s.into_tokio().unwrap().nodelay().unwrap());
         }
         stop.cancel();
     }

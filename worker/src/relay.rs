@@ -105,7 +105,8 @@ pub async fn tunnel(
             };
             match io {
                 tokio_util::either::Either::Left(plain) => {
-                    splice_tcp(plain.into_inner(), early, upstream, activity, true).await
+                    let plain = plain.into_inner().into_tokio()?;
+                    splice_tcp(plain, early, upstream, activity, true).await
                 }
                 // TLS: the bytes are the session's to decrypt; copied.
                 tokio_util::either::Either::Right(tls) => {

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
 
-use crate::accept::{accept_loop, Balance};
+use crate::accept::{accept_loop, Balance, ClientTcp};
 use crate::idle::{Activity, IdleIo};
 use crate::lease::LeaseClient;
 use crate::proxy::{Proxy, ProxyConfig};
@@ -42,8 +42,8 @@ pub struct Config {
 /// (The TLS session is boxed: it is large, and a plain connection's task
 /// should not carry — and move — its room.)
 pub type ClientIo = tokio_util::either::Either<
-    IdleIo<TcpStream>,
-    Box<tokio_rustls::server::TlsStream<IdleIo<TcpStream>>>,
+    IdleIo<ClientTcp>,
+    Box<tokio_rustls::server::TlsStream<IdleIo<ClientTcp>>>,
 >;
 
 impl crate::fast::ClientStream for ClientIo {
@@ -102,7 +102,7 @@ pub async fn run(
     let connections = TaskTracker::new();
 
     let (accepted_tx, mut accepted) =
-        mpsc::channel::<(TcpStream, std::net::SocketAddr, bool)>(1024);
+        mpsc::channel::<(ClientTcp, std::net::SocketAddr, bool)>(1024);
     let balance = Arc::new(Balance::new(
         leases.clone(),
         limit.clone(),
@@ -229,7 +229,9 @@ pub async fn run(
                     );
                     last_warned = Some(tokio::time::Instant::now());
                 }
-                tokio::spawn(refuse(stream, HTTP_REFUSAL));
+                if let Ok(stream) = stream.into_tokio() {
+                    tokio::spawn(refuse(stream, HTTP_REFUSAL));
+                }
                 continue;
             }
         };
