@@ -303,6 +303,20 @@ impl ClientTcp {
     }
 }
 
+/// One `recv` into the unfilled part of `buf`, left uninitialised: zeroing
+/// it first, as the safe `Read` would need, cleared 4–8 KiB for each
+/// connection's first read.
+#[allow(unsafe_code)]
+fn recv(s: &std::net::TcpStream, buf: &mut ReadBuf<'_>) -> io::Result<()> {
+    // SAFETY: `recv` only writes to the slice (never de-initialises it),
+    // and reports how many of its bytes it wrote.
+    let n = socket2::SockRef::from(s).recv(unsafe { buf.unfilled_mut() })?;
+    // SAFETY: the kernel wrote the first `n` bytes of the unfilled part.
+    unsafe { buf.assume_init(n) };
+    buf.advance(n);
+    Ok(())
+}
+
 fn gone() -> io::Error {
     io::Error::new(
         io::ErrorKind::NotConnected,
@@ -316,12 +330,7 @@ impl AsyncRead for ClientTcp {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let read = self.fresh(|mut s| {
-            let n = io::Read::read(&mut s, buf.initialize_unfilled())?;
-            buf.advance(n);
-            Ok(())
-        });
-        if let Some(r) = read {
+        if let Some(r) = self.fresh(|s| recv(s, buf)) {
             return Poll::Ready(r);
         }
         match self.registered() {
