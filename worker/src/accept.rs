@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -75,19 +75,18 @@ impl Balance {
         }
     }
 
-    /// Connections held, and those accepted but not yet taken up (a burst
-    /// of accepts runs ahead of the serving loop).
-    fn load(&self, queued: usize) -> u64 {
-        (self.max.saturating_sub(self.limit.available_permits()) + queued) as u64
+    /// Connections held (each holds its permit from its accept on).
+    fn load(&self) -> u64 {
+        self.max.saturating_sub(self.limit.available_permits()) as u64
     }
 
     /// Publishes the load; whether a sibling should take the next
     /// connection.
-    fn leave_to_sibling(&self, queued: usize) -> Defer {
+    fn leave_to_sibling(&self) -> Defer {
         if self.left.load(std::sync::atomic::Ordering::Relaxed) {
             return Defer::No;
         }
-        let mine = self.load(queued);
+        let mine = self.load();
         self.leases.publish_load(self.group, mine);
         Defer::choose(
             mine,
@@ -109,7 +108,7 @@ impl Balance {
                     return;
                 }
                 _ = tick.tick() => {
-                    self.leases.publish_load(self.group, self.load(0));
+                    self.leases.publish_load(self.group, self.load());
                 }
             }
         }
@@ -148,12 +147,12 @@ impl Defer {
     }
 }
 
-/// Accepts from `listener` into `tx` until `stop`.
+/// Accepts from `listener` until `stop`, handing each connection to
+/// `serve` (which spawns its task).
 pub async fn accept_loop(
     listener: std::net::TcpListener,
     balance: Arc<Balance>,
-    tx: mpsc::Sender<(ClientTcp, SocketAddr, bool)>,
-    tls: bool,
+    serve: impl Fn(ClientTcp, SocketAddr),
     stop: CancellationToken,
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
@@ -169,8 +168,7 @@ pub async fn accept_loop(
             _ = stop.cancelled() => return Ok(()),
             r = listener.readable() => r?,
         };
-        let queued = tx.max_capacity() - tx.capacity();
-        let defer = match (deferred, balance.leave_to_sibling(queued)) {
+        let defer = match (deferred, balance.leave_to_sibling()) {
             (_, Defer::Full) => Defer::Full,
             (true, _) => Defer::No,
             (false, d) => d,
@@ -197,9 +195,7 @@ pub async fn accept_loop(
                 }
                 // Registered with the reactor when it first has to wait.
                 let stream = ClientTcp::new(std);
-                if tx.send((stream, peer, tls)).await.is_err() {
-                    return Ok(());
-                }
+                serve(stream, peer);
             }
             Ok(Err(e)) if is_transient(&e) => {}
             Ok(Err(e)) => {
@@ -523,14 +519,17 @@ mod tests {
             CancellationToken::new(),
         );
         let balance = Arc::new(Balance::new(leases, Arc::new(Semaphore::new(8)), 8, &[]));
-        let (tx, mut rx) = mpsc::channel(4);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let stop = CancellationToken::new();
-        tokio::spawn(accept_loop(l, balance, tx, false, stop.clone()));
+        let serve = move |s, _| {
+            let _ = tx.send(s);
+        };
+        tokio::spawn(accept_loop(l, balance, serve, stop.clone()));
         let _clients: Vec<_> = (0..3)
             .map(|_| std::net::TcpStream::connect(addr).unwrap())
             .collect();
         for _ in 0..3 {
-            let (s, _, _) = rx.recv().await.unwrap();
+            let s: ClientTcp = rx.recv().await.unwrap();
             assert!(s.into_tokio().unwrap().nodelay().unwrap());
         }
         stop.cancel();

@@ -10,7 +10,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rotor_protocol::error_chain;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
@@ -101,8 +101,6 @@ pub async fn run(
     // so each connection task watches `shutdown` itself.
     let connections = TaskTracker::new();
 
-    let (accepted_tx, mut accepted) =
-        mpsc::channel::<(ClientTcp, std::net::SocketAddr, bool)>(1024);
     let balance = Arc::new(Balance::new(
         leases.clone(),
         limit.clone(),
@@ -124,7 +122,24 @@ pub async fn run(
             }
         }
     }
-    let tls = config.tls.clone();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(config.proxy.max_head_bytes.max(8192))
+        .keep_alive(true);
+
+    // Each accepted connection is served from here, spawned by the accept
+    // loop that took it (no hop through a channel to a serving loop).
+    let serving = Arc::new(Serving {
+        proxy: proxy.clone(),
+        limit: limit.clone(),
+        connections: connections.clone(),
+        stop: shutdown.clone(),
+        config: config.clone(),
+        builder,
+        last_warned: std::sync::Mutex::new(None),
+    });
     let every = listeners
         .into_iter()
         .map(|l| (l, false))
@@ -134,31 +149,21 @@ pub async fn run(
             true => info!(listen = %l.local_addr()?, "listening for TLS"),
             false => info!(listen = %l.local_addr()?, "listening"),
         }
-        if is_tls && tls.is_none() {
+        if is_tls && config.tls.is_none() {
             error!("a TLS listener without --tls-cert and --tls-key; not served");
             continue;
         }
-        let tx = accepted_tx.clone();
+        let serving = serving.clone();
         let stop = shutdown.clone();
         let balance = balance.clone();
         acceptors.spawn(async move {
             let addr = l.local_addr().ok();
-            if let Err(e) = accept_loop(l, balance, tx, is_tls, stop).await {
+            let serve = move |stream, client| serving.accepted(stream, client, is_tls);
+            if let Err(e) = accept_loop(l, balance, serve, stop).await {
                 error!(listen = ?addr, error = %e, "cannot accept on this listener");
             }
         });
     }
-    // The accept channel stays open until the stop, also for a worker that
-    // serves SOCKS5 only (no HTTP acceptor holds a sender then).
-    {
-        let tx = accepted_tx.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            stop.cancelled().await;
-            drop(tx);
-        });
-    }
-    drop(accepted_tx);
     for l in socks {
         info!(listen = %l.local_addr()?, "listening for SOCKS5");
         acceptors.spawn(socks_accept(
@@ -210,51 +215,92 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .max_buf_size(config.proxy.max_head_bytes.max(8192))
-        .keep_alive(true);
+    // Every acceptor stops at the stop; then the drain.
+    shutdown.cancelled().await;
+    acceptors.wait().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    connections.close();
+    tunnels.close();
+    info!(
+        connections = connections.len(),
+        tunnels = tunnels.len(),
+        "draining"
+    );
+    let drain = async {
+        connections.wait().await;
+        tunnels.wait().await;
+    };
+    let stopped = tokio::select! {
+        r = tokio::time::timeout(config.drain_timeout, drain) => {
+            if r.is_ok() { Stopped::Drained } else { Stopped::Cut }
+        }
+        _ = fast.cancelled() => Stopped::Cut,
+    };
+    reported.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), reporter).await;
+    if let Some(log) = proxy.access_log() {
+        let log = log.clone();
+        let _ = tokio::task::spawn_blocking(move || log.close()).await;
+    }
+    info!(?stopped, "stopped");
+    Ok(stopped)
+}
 
-    let mut last_warned: Option<tokio::time::Instant> = None;
-    while let Some((stream, client, is_tls)) = accepted.recv().await {
-        let permit = match limit.clone().try_acquire_owned() {
+/// What serving an accepted client connection takes (the accept loops
+/// share it).
+struct Serving {
+    proxy: Arc<Proxy>,
+    /// A place per client connection and tunnel.
+    limit: Arc<Semaphore>,
+    connections: TaskTracker,
+    stop: CancellationToken,
+    config: Config,
+    builder: http1::Builder,
+    /// When the connection limit was last warned of (once in 10 s).
+    last_warned: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Serving {
+    /// Spawns the task that serves `stream` (a 503 at once past the
+    /// connection limit).
+    fn accepted(&self, stream: ClientTcp, client: std::net::SocketAddr, is_tls: bool) {
+        let permit = match self.limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
+                let mut last_warned = self.last_warned.lock().unwrap_or_else(|e| e.into_inner());
                 if last_warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
                     warn!(
-                        limit = config.max_connections,
+                        limit = self.config.max_connections,
                         "connection limit reached; refusing new clients with 503"
                     );
-                    last_warned = Some(tokio::time::Instant::now());
+                    *last_warned = Some(tokio::time::Instant::now());
                 }
                 if let Ok(stream) = stream.into_tokio() {
                     tokio::spawn(refuse(stream, HTTP_REFUSAL));
                 }
-                continue;
+                return;
             }
         };
         let activity = Activity::new();
         let stream = IdleIo::new(stream, activity.clone());
-        let idle_timeout = config.idle_timeout;
-        let proxy = proxy.clone();
+        let idle_timeout = self.config.idle_timeout;
+        let proxy = self.proxy.clone();
         let fast = crate::fast::Conn {
             proxy: proxy.clone(),
             client,
             activity: activity.clone(),
             idle_timeout,
-            header_timeout: config.header_read_timeout,
-            max_head: config.proxy.max_head_bytes.max(8192),
-            stop: shutdown.clone(),
+            header_timeout: self.config.header_read_timeout,
+            max_head: self.config.proxy.max_head_bytes.max(8192),
+            stop: self.stop.clone(),
             grace: IDLE_CLOSE_GRACE,
         };
-        let acceptor = match (is_tls, &tls) {
+        let acceptor = match (is_tls, &self.config.tls) {
             (true, Some(t)) => Some(t.acceptor()),
             _ => None,
         };
-        let builder = builder.clone();
-        let handshake_timeout = config.header_read_timeout;
+        let builder = self.builder.clone();
+        let handshake_timeout = self.config.header_read_timeout;
         // The connection's task: a few hundred bytes (what is large — the
         // TLS handshake, the fast path, hyper's connection — is boxed), as
         // spawning moves it.
@@ -367,36 +413,8 @@ pub async fn run(
             }
         }
         .instrument(tracing::debug_span!("client", %client));
-        connections.spawn(fut);
+        self.connections.spawn(fut);
     }
-
-    // Every acceptor has stopped: drain.
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    connections.close();
-    tunnels.close();
-    info!(
-        connections = connections.len(),
-        tunnels = tunnels.len(),
-        "draining"
-    );
-    let drain = async {
-        connections.wait().await;
-        tunnels.wait().await;
-    };
-    let stopped = tokio::select! {
-        r = tokio::time::timeout(config.drain_timeout, drain) => {
-            if r.is_ok() { Stopped::Drained } else { Stopped::Cut }
-        }
-        _ = fast.cancelled() => Stopped::Cut,
-    };
-    reported.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(2), reporter).await;
-    if let Some(log) = proxy.access_log() {
-        let log = log.clone();
-        let _ = tokio::task::spawn_blocking(move || log.close()).await;
-    }
-    info!(?stopped, "stopped");
-    Ok(stopped)
 }
 
 /// `READY=1` once the worker listens and has its allocator connection, then
