@@ -28,14 +28,6 @@ pub struct Activity {
     state: Arc<State>,
 }
 
-/// The coarse monotonic clock (CLOCK_MONOTONIC_COARSE), in milliseconds.
-fn coarse_ms() -> u64 {
-    use nix::time::{clock_gettime, ClockId};
-    clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE).map_or(0, |t| {
-        t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000
-    })
-}
-
 #[derive(Default)]
 struct State {
     last_ms: AtomicU64,
@@ -54,13 +46,13 @@ impl Activity {
     pub fn new() -> Activity {
         Activity {
             base: Instant::now(),
-            base_ms: coarse_ms(),
+            base_ms: crate::os::coarse_ms(),
             state: Arc::default(),
         }
     }
 
     pub fn touch(&self) {
-        let ms = coarse_ms().saturating_sub(self.base_ms);
+        let ms = crate::os::coarse_ms().saturating_sub(self.base_ms);
         // Relaxed: a few milliseconds of staleness do not matter here.
         self.state.last_ms.store(ms, Ordering::Relaxed);
     }

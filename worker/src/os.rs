@@ -25,6 +25,18 @@ pub fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
     Ok((stream, peer))
 }
 
+/// The coarse monotonic clock (CLOCK_MONOTONIC_COARSE), in milliseconds:
+/// the kernel's last tick, read from the vDSO without the TSC — for the
+/// timestamps taken at every request (when bytes last moved, when a pooled
+/// connection went idle). It runs up to a tick (1–10 ms) behind the fine
+/// clock, nothing to a timeout of seconds.
+pub fn coarse_ms() -> u64 {
+    use nix::time::{clock_gettime, ClockId};
+    clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE).map_or(0, |t| {
+        t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000
+    })
+}
+
 /// Registers `listener` with the reactor for readiness to accept.
 pub fn register_readable(listener: TcpListener) -> io::Result<AsyncFd<TcpListener>> {
     // SAFETY: the listener owns its descriptor, which stays open and the

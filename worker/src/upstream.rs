@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use foldhash::HashMap;
@@ -27,7 +27,16 @@ pub struct Key {
 
 struct Idle {
     conn: Conn,
-    since: Instant,
+    /// When it went idle (`os::coarse_ms`).
+    since_ms: u64,
+}
+
+impl Idle {
+    /// Not idle for `timeout` yet, and still open.
+    fn fresh(&self, now_ms: u64, timeout: Duration) -> bool {
+        u128::from(now_ms.saturating_sub(self.since_ms)) < timeout.as_millis()
+            && self.conn.is_usable()
+    }
 }
 
 pub struct UpstreamPool {
@@ -62,8 +71,9 @@ impl UpstreamPool {
     pub fn checkout(&self, key: &Key) -> Option<Conn> {
         let mut map = self.lock();
         let list = map.get_mut(key)?;
+        let now = crate::os::coarse_ms();
         while let Some(idle) = list.pop() {
-            if idle.since.elapsed() < self.idle_timeout && idle.conn.is_usable() {
+            if idle.fresh(now, self.idle_timeout) {
                 return Some(idle.conn);
             }
         }
@@ -80,7 +90,7 @@ impl UpstreamPool {
         if list.len() < self.max_idle_per_key {
             list.push(Idle {
                 conn,
-                since: Instant::now(),
+                since_ms: crate::os::coarse_ms(),
             });
         }
     }
@@ -111,9 +121,9 @@ impl UpstreamPool {
                 }
                 _ = tick.tick() => {}
             }
-            let timeout = self.idle_timeout;
+            let (timeout, now) = (self.idle_timeout, crate::os::coarse_ms());
             self.lock().retain(|_, list| {
-                list.retain(|i| i.since.elapsed() < timeout && i.conn.is_usable());
+                list.retain(|i| i.fresh(now, timeout));
                 !list.is_empty()
             });
         }
@@ -273,6 +283,20 @@ mod tests {
             "the reaper dropped the expired connection and its list"
         );
         stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_past_the_timeout_is_not_checked_out() {
+        let pool = UpstreamPool::new(Duration::from_millis(200), 4);
+        let (c, _peer) = conn().await;
+        pool.checkin(key("127.0.0.2"), c);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let c = pool
+            .checkout(&key("127.0.0.2"))
+            .expect("within the timeout");
+        pool.checkin(key("127.0.0.2"), c);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(pool.checkout(&key("127.0.0.2")).is_none(), "expired");
     }
 
     #[tokio::test]
