@@ -272,7 +272,12 @@ impl ClientTcp {
             let Tcp::Fresh(s) = std::mem::replace(&mut self.0, Tcp::Gone) else {
                 unreachable!()
             };
-            self.0 = Tcp::Registered(TcpStream::from_std(s)?);
+            // A connection the reactor cannot take is that connection's
+            // loss (it closes), not the listener's.
+            let s = TcpStream::from_std(s).inspect_err(|e| {
+                warn!(error = %e, "cannot register a client connection with the reactor; closing it");
+            })?;
+            self.0 = Tcp::Registered(s);
         }
         match &mut self.0 {
             Tcp::Registered(s) => Ok(s),
