@@ -325,19 +325,38 @@ fn gone() -> io::Error {
     )
 }
 
+impl ClientTcp {
+    /// One read or write of `arg`: `plain` on the socket while it is not
+    /// registered, `polled` through the reactor once it has to wait.
+    fn poll_io<A, T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        arg: &mut A,
+        mut plain: impl FnMut(&std::net::TcpStream, &mut A) -> io::Result<T>,
+        polled: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>, &mut A) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if let Some(r) = self.fresh(|s| plain(s, arg)) {
+            return Poll::Ready(r);
+        }
+        match self.registered() {
+            Ok(s) => polled(Pin::new(s), cx, arg),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
 impl AsyncRead for ClientTcp {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
+        mut buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if let Some(r) = self.fresh(|s| recv(s, buf)) {
-            return Poll::Ready(r);
-        }
-        match self.registered() {
-            Ok(s) => Pin::new(s).poll_read(cx, buf),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.poll_io(
+            cx,
+            &mut buf,
+            |s, buf| recv(s, buf),
+            |s, cx, buf| s.poll_read(cx, buf),
+        )
     }
 }
 
@@ -345,29 +364,27 @@ impl AsyncWrite for ClientTcp {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        data: &[u8],
+        mut data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if let Some(r) = self.fresh(|mut s| io::Write::write(&mut s, data)) {
-            return Poll::Ready(r);
-        }
-        match self.registered() {
-            Ok(s) => Pin::new(s).poll_write(cx, data),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.poll_io(
+            cx,
+            &mut data,
+            |mut s, data| io::Write::write(&mut s, data),
+            |s, cx, data| s.poll_write(cx, data),
+        )
     }
 
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-        data: &[io::IoSlice<'_>],
+        mut data: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        if let Some(r) = self.fresh(|mut s| io::Write::write_vectored(&mut s, data)) {
-            return Poll::Ready(r);
-        }
-        match self.registered() {
-            Ok(s) => Pin::new(s).poll_write_vectored(cx, data),
-            Err(e) => Poll::Ready(Err(e)),
-        }
+        self.poll_io(
+            cx,
+            &mut data,
+            |mut s, data| io::Write::write_vectored(&mut s, data),
+            |s, cx, data| s.poll_write_vectored(cx, data),
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
