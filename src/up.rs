@@ -263,15 +263,24 @@ impl Slot {
         cmd.args(&self.args).kill_on_drop(true);
         let fds = self.fds.clone();
         let cpus = self.cpus;
+        let parent = std::process::id() as libc::pid_t;
         // SAFETY: the closure runs in the forked child before exec and only
-        // makes async-signal-safe calls (prctl, sched_setaffinity, fcntl,
-        // dup2) on memory it reads but does not allocate or free.
+        // makes async-signal-safe calls (prctl, getppid, sched_setaffinity,
+        // fcntl, dup2) on memory it reads but does not allocate or free.
         unsafe {
             cmd.pre_exec(move || {
                 // PDEATHSIG: the child stops if `rotor up` is killed outright,
                 // so no orphan keeps the port.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // `rotor up` killed between the fork and the prctl: no
+                // signal will come, so the child goes now (seen once: a
+                // worker of an `up` killed right after its start lived on,
+                // retrying the allocator that had gone with it). No
+                // allocation here: an error from a raw code.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
                 if let Some(set) = &cpus {
                     sched_setaffinity(Pid::from_raw(0), set)?;
