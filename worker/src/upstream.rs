@@ -287,7 +287,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_idle_past_the_timeout_is_not_checked_out() {
-        let pool = UpstreamPool::new(Duration::from_millis(200), 4);
+        let pool = UpstreamPool::new(Duration::from_millis(600), 4);
         let (c, _peer) = conn().await;
         pool.checkin(key("127.0.0.2"), c);
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -295,7 +295,7 @@ mod tests {
             .checkout(&key("127.0.0.2"))
             .expect("within the timeout");
         pool.checkin(key("127.0.0.2"), c);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(900)).await;
         assert!(pool.checkout(&key("127.0.0.2")).is_none(), "expired");
     }
 
