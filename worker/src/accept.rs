@@ -285,21 +285,28 @@ impl ClientTcp {
         }
     }
 
-    /// `op` on the socket if it is not registered yet: `None` when it
-    /// would block (the caller registers it then and waits).
-    fn fresh<T>(
-        &self,
-        mut op: impl FnMut(&std::net::TcpStream) -> io::Result<T>,
-    ) -> Option<io::Result<T>> {
-        let Tcp::Fresh(s) = &self.0 else {
-            return None;
-        };
-        loop {
-            match op(s) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
-                r => return Some(r),
+    /// One read or write of `arg`: `plain` on the socket while it is not
+    /// registered; once that would block, registered and `polled` through
+    /// the reactor.
+    fn poll_io<A, T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        arg: &mut A,
+        mut plain: impl FnMut(&std::net::TcpStream, &mut A) -> io::Result<T>,
+        polled: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>, &mut A) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if let Tcp::Fresh(s) = &self.0 {
+            loop {
+                match plain(s, arg) {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    r => return Poll::Ready(r),
+                }
             }
+        }
+        match self.registered() {
+            Ok(s) => polled(Pin::new(s), cx, arg),
+            Err(e) => Poll::Ready(Err(e)),
         }
     }
 }
@@ -323,26 +330,6 @@ fn gone() -> io::Error {
         io::ErrorKind::NotConnected,
         "connection not registered with the reactor",
     )
-}
-
-impl ClientTcp {
-    /// One read or write of `arg`: `plain` on the socket while it is not
-    /// registered, `polled` through the reactor once it has to wait.
-    fn poll_io<A, T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        arg: &mut A,
-        mut plain: impl FnMut(&std::net::TcpStream, &mut A) -> io::Result<T>,
-        polled: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>, &mut A) -> Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        if let Some(r) = self.fresh(|s| plain(s, arg)) {
-            return Poll::Ready(r);
-        }
-        match self.registered() {
-            Ok(s) => polled(Pin::new(s), cx, arg),
-            Err(e) => Poll::Ready(Err(e)),
-        }
-    }
 }
 
 impl AsyncRead for ClientTcp {
