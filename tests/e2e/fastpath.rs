@@ -5,6 +5,8 @@
 //! client header can undo, keep-alive after long bodies, an answer that
 //! comes before the upload has gone.
 
+use std::sync::{Arc, Mutex};
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -376,4 +378,74 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
         out.extend_from_slice(&b[..size]);
         b = &b[size + 2..];
     }
+}
+
+/// Fields cross the fast path as they were sent — names in their case, in
+/// their order — less the hop-by-hop ones (and those `Connection` names)
+/// each way; a Host that differs from the target's is replaced, and goes
+/// first.
+#[tokio::test]
+async fn fields_cross_as_sent_less_the_hop_by_hop_ones() {
+    let heads: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = heads.clone();
+    let (origin, _) = recording_server(move |mut s: TcpStream| {
+        let seen = seen.clone();
+        async move {
+            loop {
+                let head = read_head(&mut s).await;
+                if head.is_empty() {
+                    return;
+                }
+                seen.lock().unwrap().push(head);
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nX-Origin-Case: Yes\r\nConnection: keep-alive, X-Drop\r\n\
+                          X-Drop: 1\r\nKEEP-ALIVE: timeout=5\r\nProxy-Authenticate: Basic\r\n\
+                          Set-Cookie: a=1\r\nset-cookie: b=2\r\nContent-Length: 2\r\n\r\nok",
+                    )
+                    .await;
+            }
+        }
+    })
+    .await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    for host in [origin.to_string(), "Wrong.Example".to_string()] {
+        let req = format!(
+            "GET http://{origin}/p HTTP/1.1\r\nUser-Agent: Case/1\r\nHost: {host}\r\n\
+             Connection: keep-alive, X-Hop\r\nX-Hop: secret\r\nProxy-Connection: keep-alive\r\n\
+             Proxy-Authorization: Basic dXNlcjpwYXNz\r\nTE: trailers\r\nX-End: 1\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (status, head, body) = response(&mut s, false).await;
+        assert_eq!((status, body.as_slice()), (200, &b"ok"[..]), "{head}");
+        let lines: Vec<&str> = head.lines().skip(1).filter(|l| !l.is_empty()).collect();
+        let kept: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| !l.to_ascii_lowercase().starts_with("date:"))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "X-Origin-Case: Yes",
+                "Set-Cookie: a=1",
+                "set-cookie: b=2",
+                "Content-Length: 2"
+            ],
+            "{head}"
+        );
+    }
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 2, "both on one upstream connection");
+    let o = origin.to_string();
+    assert_eq!(
+        heads[0],
+        format!("GET /p HTTP/1.1\r\nUser-Agent: Case/1\r\nHost: {o}\r\nX-End: 1\r\n\r\n")
+    );
+    assert_eq!(
+        heads[1],
+        format!("GET /p HTTP/1.1\r\nhost: {o}\r\nUser-Agent: Case/1\r\nX-End: 1\r\n\r\n")
+    );
 }

@@ -17,15 +17,16 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Empty, Full};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
-use crate::h1::{write_data, Spans, MAX_HEADERS};
+use crate::fields::{Fields, Spans, Wire};
+use crate::h1::{write_data, MAX_HEADERS};
 use crate::idle::Activity;
-use crate::proxy::{Proxy, ProxyBody};
+use crate::proxy::{Answer, Proxy, ProxyBody};
 
 /// A client connection as the fast path serves it.
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin {
@@ -79,6 +80,7 @@ enum Take {
     NotMine,
     Request {
         parts: http::request::Parts,
+        fields: Wire,
         body: usize,
         close: bool,
     },
@@ -101,10 +103,15 @@ where
     loop {
         // A whole head, taken off the buffer.
         let mut first_byte = None;
-        let (mut parts, body_len, close) = loop {
+        let (mut parts, fields, body_len, close) = loop {
             if !buf.is_empty() {
                 match take_request(&mut buf, conn.max_head) {
-                    Take::Request { parts, body, close } => break (parts, body, close),
+                    Take::Request {
+                        parts,
+                        fields,
+                        body,
+                        close,
+                    } => break (parts, fields, body, close),
                     Take::NotMine => return Outcome::Handover(Rewind::new(buf.freeze(), io)),
                     Take::Partial => {}
                 }
@@ -166,15 +173,11 @@ where
         };
         let head = parts.method == Method::HEAD;
         parts.version = Version::HTTP_11;
-        let resp = match conn
+        let resp = conn
             .proxy
             .clone()
-            .handle(Request::from_parts(parts, body), conn.client)
-            .await
-        {
-            Ok(r) => r,
-            Err(never) => match never {},
-        };
+            .serve(parts, Fields::Wire(fields), body, conn.client)
+            .await;
         // The wait for the destination was not the client's silence.
         conn.activity.touch();
         let close = close || draining || conn.stop.is_cancelled();
@@ -249,15 +252,15 @@ fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
         // Its bytes are gone from the buffer: put them back for hyper.
         return put_back(buf, head);
     };
-    let Some(headers) = spans.header_map(&head) else {
+    let Some(fields) = Wire::new(head.clone(), spans) else {
         return put_back(buf, head);
     };
     let (mut parts, ()) = Request::new(()).into_parts();
     parts.method = method;
     parts.uri = uri;
-    parts.headers = headers;
     Take::Request {
         parts,
+        fields,
         body: body.unwrap_or(0),
         close,
     }
@@ -293,7 +296,7 @@ pub fn take_all_for_fuzzing(data: &[u8]) {
 }
 
 /// Whether the fast path takes the request at the start of `buf` (its
-/// header map made).
+/// fields read).
 #[cfg(test)]
 pub(crate) fn take_for_tests(buf: &mut BytesMut) -> bool {
     matches!(take_request(buf, 8192), Take::Request { .. })
@@ -314,15 +317,20 @@ fn put_back(buf: &mut BytesMut, head: Bytes) -> Take {
 async fn respond<I>(
     io: &mut I,
     out: &mut Vec<u8>,
-    resp: Response<ProxyBody>,
+    resp: Answer,
     head_request: bool,
     close: bool,
 ) -> io::Result<()>
 where
     I: AsyncWrite + Unpin,
 {
-    let (parts, mut body) = resp.into_parts();
-    let status = parts.status;
+    let Answer {
+        status,
+        reason,
+        fields,
+        mut body,
+        ..
+    } = resp;
     let bodiless = head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -336,15 +344,15 @@ where
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
-    let reason = parts
-        .extensions
-        .get::<hyper::ext::ReasonPhrase>()
+    let reason = reason
+        .as_ref()
         .map(|r| r.as_bytes())
         .or_else(|| status.canonical_reason().map(str::as_bytes))
         .unwrap_or(b"");
     out.extend_from_slice(reason);
     out.extend_from_slice(b"\r\n");
-    let written = crate::h1::encode_headers(out, &parts.headers);
+    let written = fields.encode(out, true);
+    drop(fields);
     if !written.date {
         out.extend_from_slice(b"date: ");
         date(out);
@@ -551,7 +559,10 @@ mod tests {
             assert!(matches!(take(text).0, Take::Request { .. }), "{text}");
         }
         let (t, rest) = take(mine[1]);
-        let Take::Request { parts, body, close } = t else {
+        let Take::Request {
+            parts, body, close, ..
+        } = t
+        else {
             unreachable!()
         };
         assert_eq!((parts.method, body, close), (Method::POST, 3, false));
@@ -561,11 +572,14 @@ mod tests {
         };
         assert!(close);
         assert_eq!(parts.uri, "http://a.test/");
-        let (Take::Request { parts, .. }, _) = take(mine[0]) else {
+        let (Take::Request { parts, fields, .. }, _) = take(mine[0]) else {
             unreachable!()
         };
         assert_eq!(parts.uri.path_and_query().unwrap().as_str(), "/x?y");
-        assert_eq!(parts.headers["host"], "a.test");
+        assert_eq!(
+            Fields::Wire(fields).get(&http::header::HOST),
+            Some(&b"a.test"[..])
+        );
 
         let not_mine = [
             "CONNECT a.test:443 HTTP/1.1\r\nHost: a.test\r\n\r\n",
@@ -621,16 +635,29 @@ mod tests {
     }
 
     /// The response head gets a `Date` and a length only where the
-    /// response has none of its own.
+    /// response has none of its own (its fields a map, or as they came,
+    /// in any case).
     #[tokio::test]
     async fn date_and_length_are_added_only_when_missing() {
+        for wire in [false, true] {
+            date_and_length(wire).await;
+        }
+    }
+
+    async fn date_and_length(wire: bool) {
         let run = |fields: &'static [(&'static str, &'static str)]| async move {
-            let mut resp = Response::new(Either::Right(Either::Left(Full::new(
-                Bytes::from_static(b"abc"),
-            ))));
-            for (n, v) in fields {
-                resp.headers_mut()
-                    .append(*n, http::HeaderValue::from_static(v));
+            let body = Either::Right(Either::Left(Full::new(Bytes::from_static(b"abc"))));
+            let mut resp = Answer::from(http::Response::new(body));
+            if wire {
+                let upper: Vec<(String, &str)> = fields
+                    .iter()
+                    .map(|(k, v)| (k.to_ascii_uppercase(), *v))
+                    .collect();
+                let upper: Vec<(&str, &str)> =
+                    upper.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                resp.fields = Fields::Wire(crate::fields::wire_for_tests(&upper));
+            } else {
+                resp.fields = Fields::Map(crate::fields::map_for_tests(fields));
             }
             let (mut io, mut out) = (Vec::new(), Vec::new());
             respond(&mut io, &mut out, resp, false, false)

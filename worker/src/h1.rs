@@ -18,11 +18,12 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{request, Method, Response, StatusCode, Version};
+use http::{request, Method, StatusCode, Version};
 use http_body::{Body, Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use crate::fields::{Fields, Spans, Wire};
 
 /// The longest response head read (hyper's client default: 8 KiB plus
 /// 100 headers of 4 KiB).
@@ -130,8 +131,9 @@ impl Conn {
         matches!(self.io.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
-    /// Sends the request (`head`, whose headers are final, and `body`, if
-    /// the request has one) and reads the response head. The response's
+    /// Sends the request (`head` and `fields`, which are final, and `body`,
+    /// if the request has one) and reads the response head: its status,
+    /// version and reason phrase, and its fields. The response's
     /// body reads from this connection; once read to its end the
     /// connection is handed back by [`ResponseBody::take_conn`].
     ///
@@ -139,9 +141,10 @@ impl Conn {
     pub async fn exchange<B>(
         self,
         head: &request::Parts,
+        fields: &Fields,
         body: Option<B>,
         written: &mut bool,
-    ) -> Result<(Response<()>, ResponseBody), Error>
+    ) -> Result<(ResponseHead, ResponseBody), Error>
     where
         B: Body<Data = Bytes> + Unpin + Send + 'static,
         B::Error: Into<BoxError> + Send,
@@ -158,7 +161,7 @@ impl Conn {
         // room kept with the connection), and the buffer emptied again for
         // the response once it went.
         buf.clear();
-        encode_head(&mut buf, head, sending);
+        encode_head(&mut buf, head, fields, sending);
         io.write_all(&buf).await.map_err(Error::Io)?;
         buf.clear();
         *written = true;
@@ -221,7 +224,7 @@ impl Conn {
                 }
             }
         };
-        let (framing, close) = framing(&head.method, status, &headers)?;
+        let (framing, close) = framing(&head.method, status, headers.iter())?;
         // The rest of the upload, once the answer is known to be relayed.
         // Its end sends no FIN (the destination may take the client's
         // going as a cancel while it still answers): the connection closes
@@ -235,13 +238,12 @@ impl Conn {
             AbortOnDrop(task.abort_handle())
         });
         let reusable = !early && framing != Framing::Close && version == Version::HTTP_11 && !close;
-        let mut resp = Response::new(());
-        if let Some(reason) = reason {
-            resp.extensions_mut().insert(reason);
-        }
-        *resp.status_mut() = status;
-        *resp.version_mut() = version;
-        *resp.headers_mut() = headers;
+        let head = ResponseHead {
+            status,
+            version,
+            reason,
+            fields: headers,
+        };
         let body = ResponseBody {
             io: Some(io),
             buf,
@@ -250,18 +252,23 @@ impl Conn {
             sent,
             _upload: upload,
         };
-        Ok((resp, body))
+        Ok((head, body))
     }
+}
+
+/// A response head as read: its status line and fields.
+#[derive(Debug)]
+pub struct ResponseHead {
+    pub status: StatusCode,
+    pub version: Version,
+    /// When it is not the status's usual one (passed on as sent).
+    pub reason: Option<hyper::ext::ReasonPhrase>,
+    pub fields: Wire,
 }
 
 /// A response head: status, fields, version, and the reason phrase when it
 /// is not the status's usual one (passed on as sent).
-type Parsed = (
-    StatusCode,
-    HeaderMap,
-    Version,
-    Option<hyper::ext::ReasonPhrase>,
-);
+type Parsed = (StatusCode, Wire, Version, Option<hyper::ext::ReasonPhrase>);
 
 /// What happened first while a request body was going out.
 enum First<W> {
@@ -305,26 +312,16 @@ enum Sending {
     Chunked,
 }
 
-/// `METHOD target HTTP/1.1`, then the headers, then the framing `sending`
+/// `METHOD target HTTP/1.1`, then the fields, then the framing `sending`
 /// says (the head's own `Content-Length` and `Transfer-Encoding` are not
 /// written).
-fn encode_head(out: &mut impl BufMut, head: &request::Parts, sending: Sending) {
+fn encode_head(out: &mut impl BufMut, head: &request::Parts, fields: &Fields, sending: Sending) {
     out.put_slice(head.method.as_str().as_bytes());
     out.put_u8(b' ');
     let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
     out.put_slice(target.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
-    let mut told = false;
-    for (name, value) in &head.headers {
-        if name == header::CONTENT_LENGTH {
-            told = true;
-            continue;
-        }
-        if name == header::TRANSFER_ENCODING {
-            continue;
-        }
-        encode_header(out, name, value);
-    }
+    let told = fields.encode(out, false).content_length;
     match sending {
         Sending::None if !told => {}
         Sending::None => encode_content_length(out, 0),
@@ -332,26 +329,6 @@ fn encode_head(out: &mut impl BufMut, head: &request::Parts, sending: Sending) {
         Sending::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.put_slice(b"\r\n");
-}
-
-/// Header lines, `name: value`, as the map holds them (names lower-case);
-/// says whether `Date` and `Content-Length` were among them (seen on the
-/// way, not looked up after).
-pub(crate) fn encode_headers(out: &mut impl BufMut, headers: &HeaderMap) -> Written {
-    let mut written = Written::default();
-    for (name, value) in headers {
-        written.date |= name == header::DATE;
-        written.content_length |= name == header::CONTENT_LENGTH;
-        encode_header(out, name, value);
-    }
-    written
-}
-
-/// Which fields [`encode_headers`] wrote.
-#[derive(Debug, Default)]
-pub(crate) struct Written {
-    pub date: bool,
-    pub content_length: bool,
 }
 
 /// `content-length: N`, its line.
@@ -372,13 +349,6 @@ fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
             return &buf[i..];
         }
     }
-}
-
-fn encode_header(out: &mut impl BufMut, name: &HeaderName, value: &HeaderValue) {
-    out.put_slice(name.as_str().as_bytes());
-    out.put_slice(b": ");
-    out.put_slice(value.as_bytes());
-    out.put_slice(b"\r\n");
 }
 
 /// Writes `data`, as one chunk when `chunked` (RFC 9112 §7.1), in one
@@ -537,92 +507,18 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
         .and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes().to_vec()).ok());
     let spans = Spans::of(buf, resp.headers);
     let head = buf.split_to(len).freeze();
-    let headers = spans
-        .header_map(&head)
-        .ok_or(Error::Malformed("invalid header name or value"))?;
+    let headers = Wire::new(head, spans).ok_or(Error::Malformed("invalid header name"))?;
     Ok(Some(Head::Final((status, headers, version, reason))))
-}
-
-/// Where each header's name and value lie in a head's bytes, so the map
-/// can be built from the bytes once they are split off the read buffer:
-/// the values share those bytes (no copy each). The first
-/// [`INLINE_SPANS`] are kept in place, the rest (a rare head) in a list:
-/// room for all [`MAX_HEADERS`] was 1.6 KB to clear and move per head.
-pub(crate) struct Spans {
-    n: usize,
-    inline: [Span; INLINE_SPANS],
-    more: Vec<Span>,
-}
-
-/// A header's name and value: (offset, length) of each.
-type Span = (u32, u32, u32, u32);
-
-const INLINE_SPANS: usize = 24;
-
-impl Spans {
-    /// The spans of `headers`, parsed out of `buf`. `headers` must be
-    /// httparse's own parse of `buf` (not fields made by hand): `header_map`
-    /// relies on httparse having checked every value byte.
-    pub(crate) fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> Spans {
-        let base = buf.as_ptr() as usize;
-        let span = |h: &httparse::Header<'_>| {
-            (
-                (h.name.as_ptr() as usize - base) as u32,
-                h.name.len() as u32,
-                (h.value.as_ptr() as usize - base) as u32,
-                h.value.len() as u32,
-            )
-        };
-        let mut spans = Spans {
-            n: headers.len(),
-            inline: [(0, 0, 0, 0); INLINE_SPANS],
-            more: Vec::new(),
-        };
-        let (first, rest) = headers.split_at(headers.len().min(INLINE_SPANS));
-        for (slot, h) in spans.inline.iter_mut().zip(first) {
-            *slot = span(h);
-        }
-        spans.more = rest.iter().map(span).collect();
-        spans
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &Span> {
-        self.inline[..self.n.min(INLINE_SPANS)]
-            .iter()
-            .chain(&self.more)
-    }
-
-    /// The header map, from `head` (the bytes the spans were taken of);
-    /// `None` if a name is not valid.
-    #[allow(unsafe_code)]
-    pub(crate) fn header_map(&self, head: &Bytes) -> Option<HeaderMap> {
-        let mut headers = HeaderMap::with_capacity(self.n);
-        for &(name, name_len, value, value_len) in self.iter() {
-            let (name, value) = (name as usize, value as usize);
-            let name = HeaderName::from_bytes(&head[name..name + name_len as usize]).ok()?;
-            let value = head.slice(value..value + value_len as usize);
-            // SAFETY: spans are only made by `Spans::of`, of the headers
-            // httparse parsed out of these bytes, and httparse let a value
-            // through only if each of its bytes is HTAB, SP to `~` or
-            // 0x80 to 0xFF — exactly the bytes a `HeaderValue` may hold
-            // (`parsed_values_are_header_values` checks every byte, in
-            // the vectorised paths too). Checking them again cost ≈ 90
-            // instructions a header.
-            let value = unsafe { HeaderValue::from_maybe_shared_unchecked(value) };
-            headers.append(name, value);
-        }
-        Some(headers)
-    }
 }
 
 /// How the response's body is delimited (RFC 9112 §6.3), and whether the
 /// response ends its connection's reuse: `Connection: close`, or both
 /// `Transfer-Encoding` and `Content-Length` (a message to close after).
 /// One pass over the fields, not a lookup (a hash) for each name.
-fn framing(
+fn framing<'a>(
     method: &Method,
     status: StatusCode,
-    headers: &HeaderMap,
+    fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
 ) -> Result<(Framing, bool), Error> {
     let mut te = false;
     // The last transfer coding named, over every value in order.
@@ -631,17 +527,17 @@ fn framing(
     let mut bad_length = None;
     let mut has_length = false;
     let mut close = false;
-    for (name, value) in headers {
-        if name == header::TRANSFER_ENCODING {
+    for (name, value) in fields {
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
             te = true;
             // (A value that is not text is a coding that is not chunked.)
-            let text = value.to_str().unwrap_or("?");
+            let text = crate::fields::text(value).unwrap_or("?");
             if let Some(c) = text.split(',').map(str::trim).rfind(|c| !c.is_empty()) {
                 last_coding = Some(c);
             }
-        } else if name == header::CONTENT_LENGTH {
+        } else if name.eq_ignore_ascii_case(b"content-length") {
             has_length = true;
-            for part in value.as_bytes().split(|&b| b == b',') {
+            for part in value.split(|&b| b == b',') {
                 let n = decimal::<u64>(part.trim_ascii());
                 // The first fault found is the one told.
                 match (n, length) {
@@ -652,8 +548,8 @@ fn framing(
                     (Some(n), _) => length = Some(n),
                 }
             }
-        } else if name == header::CONNECTION {
-            close |= says_close(value.as_bytes());
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            close |= says_close(value);
         }
     }
     close |= te && has_length;
@@ -904,7 +800,7 @@ pub fn read_response_for_fuzzing(data: &[u8], head_request: bool) {
     } else {
         Method::GET
     };
-    let Ok((framing, _)) = framing(&method, status, &headers) else {
+    let Ok((framing, _)) = framing(&method, status, headers.iter()) else {
         return;
     };
     let available = buf.len();
@@ -985,8 +881,24 @@ impl Body for ResponseBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+    use http::Response;
     use http_body_util::{BodyExt, Empty, Full, StreamBody};
     use tokio::net::TcpListener;
+
+    /// `head`'s own map as the request's fields.
+    fn fields_of(head: &request::Parts) -> Fields {
+        Fields::Map(head.headers.clone())
+    }
+
+    /// An exchange's response head as one response, its fields a map.
+    fn joined((head, body): (ResponseHead, ResponseBody)) -> (Response<()>, ResponseBody) {
+        let mut resp = Response::new(());
+        *resp.status_mut() = head.status;
+        *resp.version_mut() = head.version;
+        *resp.headers_mut() = Fields::Wire(head.fields).into_map();
+        (resp, body)
+    }
 
     /// A destination that reads one request head (and `body` bytes more,
     /// if any), then writes `reply` in `pieces` (a byte at a time for 1)
@@ -1045,8 +957,9 @@ mod tests {
         head: &request::Parts,
     ) -> Result<(Response<()>, ResponseBody), Error> {
         let mut written = false;
-        conn.exchange(head, None::<Empty<Bytes>>, &mut written)
+        conn.exchange(head, &fields_of(head), None::<Empty<Bytes>>, &mut written)
             .await
+            .map(joined)
     }
 
     async fn all(body: &mut ResponseBody) -> Result<Vec<u8>, Error> {
@@ -1198,12 +1111,12 @@ mod tests {
                 parts.headers.append(*n, HeaderValue::from_static(v));
             }
             let mut out = Vec::new();
-            encode_head(&mut out, &parts, sending);
+            encode_head(&mut out, &parts, &fields_of(&parts), sending);
             String::from_utf8(out).unwrap()
         };
         let line = "POST /p?q=1 HTTP/1.1\r\nhost: example.test\r\n";
-        type Fields = &'static [(&'static str, &'static str)];
-        let cases: &[(Fields, Sending, &str)] = &[
+        type Pairs = &'static [(&'static str, &'static str)];
+        let cases: &[(Pairs, Sending, &str)] = &[
             (&[], Sending::None, ""),
             (
                 &[("content-length", "7")],
@@ -1237,9 +1150,9 @@ mod tests {
     fn framing_and_close_in_one_pass() {
         let ok = |f: Framing, close: bool| Ok::<_, &str>((f, close));
         let get = Method::GET;
-        type Fields = &'static [(&'static str, &'static str)];
+        type Pairs = &'static [(&'static str, &'static str)];
         type Want = Result<(Framing, bool), &'static str>;
-        let cases: &[(Method, u16, Fields, Want)] = &[
+        let cases: &[(Method, u16, Pairs, Want)] = &[
             (get.clone(), 200, &[], ok(Framing::Close, false)),
             (
                 get.clone(),
@@ -1358,14 +1271,16 @@ mod tests {
             for (n, v) in *fields {
                 headers.append(HeaderName::from_static(n), HeaderValue::from_static(v));
             }
-            let got =
-                framing(method, StatusCode::from_u16(*status).unwrap(), &headers).map_err(|e| {
-                    match e {
-                        Error::Malformed(m) => m,
-                        e => panic!("{e:?}"),
-                    }
+            let status = StatusCode::from_u16(*status).unwrap();
+            let map = Fields::Map(headers);
+            let wire = Fields::Wire(crate::fields::wire_for_tests(fields));
+            for given in [&map, &wire] {
+                let got = framing(method, status, given.iter()).map_err(|e| match e {
+                    Error::Malformed(m) => m,
+                    e => panic!("{e:?}"),
                 });
-            assert_eq!(got, *want, "{method} {status} {fields:?}");
+                assert_eq!(got, *want, "{method} {status} {fields:?}");
+            }
         }
     }
 
@@ -1403,10 +1318,12 @@ mod tests {
         let (resp, body) = conn
             .exchange(
                 &get(Method::POST),
+                &fields_of(&get(Method::POST)),
                 Some(StreamBody::new(frames)),
                 &mut written,
             )
             .await
+            .map(joined)
             .unwrap();
         assert_eq!(resp.status(), 201);
         assert_eq!(body.sent(), 8);
@@ -1443,10 +1360,11 @@ mod tests {
         let mut written = false;
         let (resp, mut body) = tokio::time::timeout(
             std::time::Duration::from_secs(3),
-            conn.exchange(&head, Some(big), &mut written),
+            conn.exchange(&head, &fields_of(&head), Some(big), &mut written),
         )
         .await
         .expect("the answer came before the body went out")
+        .map(joined)
         .unwrap();
         assert_eq!(resp.status(), 413);
         assert_eq!(all(&mut body).await.unwrap(), b"big!");
@@ -1518,14 +1436,7 @@ mod tests {
     /// in order, up to the most a head may have.
     #[test]
     fn many_fields_are_all_kept_in_order() {
-        for count in [
-            0,
-            1,
-            INLINE_SPANS - 1,
-            INLINE_SPANS,
-            INLINE_SPANS + 1,
-            MAX_HEADERS,
-        ] {
+        for count in [0, 1, 2, 24, MAX_HEADERS] {
             let mut wire = b"HTTP/1.1 200 OK\r\n".to_vec();
             for i in 0..count {
                 wire.extend_from_slice(format!("x-{}: v{i}\r\n", i % 7).as_bytes());
@@ -1535,6 +1446,7 @@ mod tests {
             let Ok(Some(Head::Final((_, headers, _, _)))) = parse_head(&mut buf) else {
                 panic!("{count} fields not parsed");
             };
+            let headers = Fields::Wire(headers).into_map();
             assert_eq!(&buf[..], b"body");
             assert_eq!(headers.len(), count);
             for k in 0..7 {

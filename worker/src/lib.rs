@@ -11,6 +11,7 @@ pub mod connect;
 pub mod dns;
 pub mod error;
 pub mod fast;
+pub mod fields;
 pub mod h1;
 pub mod idle;
 pub mod lease;

@@ -14,9 +14,20 @@
 use std::time::{Duration, SystemTime};
 
 use http::header::HeaderName;
-use http::{HeaderMap, StatusCode};
+use http::StatusCode;
+
+use crate::fields::{text, Fields};
 
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+/// The names of the fields read below but for the resets (which come with
+/// a remaining count), as text: compared with each field's (lengths first).
+const LIMIT_NAMES: [&[u8]; 4] = [
+    b"retry-after",
+    b"ratelimit",
+    b"ratelimit-remaining",
+    b"x-ratelimit-remaining",
+];
+
 /// (remaining, reset, whether a reset may be a Unix time) pairs.
 static SPLIT: [(HeaderName, HeaderName, bool); 2] = [
     (
@@ -45,18 +56,20 @@ pub enum Verdict {
 /// Longest wait read from a header (a day).
 const MAX_WAIT: u64 = 86_400;
 
-pub fn judge(status: StatusCode, headers: &HeaderMap, counted: &[u16]) -> Verdict {
+pub fn judge(status: StatusCode, fields: &Fields, counted: &[u16]) -> Verdict {
     let code = status.as_u16();
     // Most responses carry none of the fields read below: one pass over
     // the names says so and spares a lookup (a hash of the name) each.
-    let limits = headers.keys().any(|k| {
-        k == http::header::RETRY_AFTER || k == RATELIMIT || SPLIT.iter().any(|(r, _, _)| k == r)
+    let limits = fields.iter().any(|(k, _)| {
+        LIMIT_NAMES
+            .iter()
+            .any(|name| k.len() == name.len() && k.eq_ignore_ascii_case(name))
     });
-    let retry_after = limits.then(|| retry_after(headers)).flatten();
+    let retry_after = limits.then(|| retry_after(fields)).flatten();
     if code == 429 || counted.contains(&code) || (code == 503 && retry_after.is_some()) {
         return Verdict::Pushback { retry_after };
     }
-    if let Some(reset) = limits.then(|| exhausted_until(headers)).flatten() {
+    if let Some(reset) = limits.then(|| exhausted_until(fields)).flatten() {
         return Verdict::Pushback {
             retry_after: Some(reset),
         };
@@ -68,12 +81,8 @@ pub fn judge(status: StatusCode, headers: &HeaderMap, counted: &[u16]) -> Verdic
 }
 
 /// `Retry-After` in seconds from now.
-pub fn retry_after(headers: &HeaderMap) -> Option<u32> {
-    let v = headers
-        .get(http::header::RETRY_AFTER)?
-        .to_str()
-        .ok()?
-        .trim();
+pub fn retry_after(fields: &Fields) -> Option<u32> {
+    let v = text(fields.get(&http::header::RETRY_AFTER)?)?.trim();
     if let Ok(secs) = v.parse::<u64>() {
         return Some(secs.min(MAX_WAIT) as u32);
     }
@@ -88,8 +97,8 @@ pub fn retry_after(headers: &HeaderMap) -> Option<u32> {
 
 /// Seconds until the site's rate limit resets, when its headers say no
 /// request is left.
-fn exhausted_until(headers: &HeaderMap) -> Option<u32> {
-    let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+fn exhausted_until(fields: &Fields) -> Option<u32> {
+    let text = |name: &HeaderName| fields.get(name).and_then(text);
     let num = |s: &str| s.trim().trim_matches('"').parse::<f64>().ok();
     // The draft's one field: `limit=10, remaining=0, reset=30` (early
     // drafts), or a list of policies `"day";r=0;t=3600, "min";r=3;t=20`
@@ -151,23 +160,22 @@ fn seconds(v: f64, maybe_epoch: bool) -> u32 {
 mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.append(
-                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                v.parse().unwrap(),
-            );
-        }
-        h
-    }
-
+    /// The verdict on a response with these fields, the same whether
+    /// they came as a map or on the wire (in any case).
     fn verdict(status: u16, pairs: &[(&str, &str)], counted: &[u16]) -> Verdict {
-        judge(
-            StatusCode::from_u16(status).unwrap(),
-            &headers(pairs),
-            counted,
-        )
+        let status = StatusCode::from_u16(status).unwrap();
+        let map = Fields::Map(crate::fields::map_for_tests(pairs));
+        let v = judge(status, &map, counted);
+        let upper: Vec<(String, &str)> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_ascii_uppercase(), *v))
+            .collect();
+        let upper: Vec<(&str, &str)> = upper.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        for pairs in [pairs, &upper[..]] {
+            let wire = Fields::Wire(crate::fields::wire_for_tests(pairs));
+            assert_eq!(judge(status, &wire, counted), v, "{pairs:?}");
+        }
+        v
     }
 
     #[test]
@@ -224,6 +232,13 @@ mod tests {
 
     #[test]
     fn rate_limit_headers() {
+        let names = [
+            &http::header::RETRY_AFTER,
+            &RATELIMIT,
+            &SPLIT[0].0,
+            &SPLIT[1].0,
+        ];
+        assert_eq!(LIMIT_NAMES, names.map(|n| n.as_str().as_bytes()));
         let c = [429];
         let out = |s| Verdict::Pushback {
             retry_after: Some(s),
