@@ -104,6 +104,7 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
             max_sessions: pool.max_sessions,
             site_rules: pool.site_rules,
             max_site_entries: pool.max_site_entries,
+            checkpoint: pool.checkpoint,
         };
         let result =
             rotor_allocator::run(listener, config, signals.reloads(), signals.shutdown).await;

@@ -145,23 +145,35 @@ pub fn write_hand(path: &Path, outs: &[HandOut]) -> io::Result<()> {
     replace_file(path, (text + "\n").as_bytes())
 }
 
-/// The sticky sessions an allocator that stopped cleanly left for the
-/// next one (JSON, written once at the stop, read once at the start).
+/// The sticky sessions an allocator left for the next one (JSON, written
+/// at a clean stop and, while they change, every `--checkpoint`; read at
+/// the start).
 pub const SESSIONS_FILE_NAME: &str = "sessions.json";
 
-/// The site budgets used and cooldowns an allocator that stopped cleanly
-/// left for the next one (JSON, as the sessions).
+/// The site budgets used and cooldowns an allocator left for the next one
+/// (JSON, as the sessions).
 pub const SITES_FILE_NAME: &str = "sites.json";
 
-/// What a clean stop kept in `path` for this start (none if there is no
-/// file). The file is removed, so a later crash does not bring back what
-/// has outlived it.
-pub fn take_kept<T: serde::de::DeserializeOwned>(path: &Path) -> io::Result<Vec<T>> {
+/// What the last allocator kept in `path` for this start (none if there
+/// is no file). With `remove` the file goes, so that a later crash does not
+/// bring back what has outlived it (without checkpoints, which rewrite it
+/// as things change, nothing else would).
+pub fn take_kept<T: serde::de::DeserializeOwned>(path: &Path, remove: bool) -> io::Result<Vec<T>> {
     let Some(text) = read_text(path)? else {
         return Ok(Vec::new());
     };
-    let _ = std::fs::remove_file(path);
+    if remove {
+        let _ = std::fs::remove_file(path);
+    }
     parse_json(&text)
+}
+
+/// Removes what was kept in `path` (there is nothing left to keep).
+pub fn clear_kept(path: &Path) -> io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 fn read_text(path: &Path) -> io::Result<Option<String>> {

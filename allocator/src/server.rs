@@ -47,6 +47,9 @@ pub struct Config {
     pub site_rules: crate::sites::Rules,
     /// Sites and (address, site) pairs held at most.
     pub max_site_entries: usize,
+    /// How often sessions and site state are written while they change
+    /// (zero: only at a clean stop).
+    pub checkpoint: Duration,
     /// Where `GET /metrics` is served (Prometheus), if anywhere.
     pub metrics: Option<Arc<std::net::TcpListener>>,
     /// The admin API's bearer token (on the metrics listener); none: off.
@@ -218,7 +221,7 @@ pub async fn run(
     alloc.limit_sessions(config.max_sessions);
     alloc.set_site_rules(config.site_rules.clone(), config.max_site_entries);
     if let Some(dir) = &config.state_dir {
-        alloc.keep_state_in(dir);
+        alloc.keep_state_in(dir, !config.checkpoint.is_zero());
     }
     let alloc = Arc::new(alloc);
     // The pool is loaded before the first connection is accepted, so no
@@ -267,7 +270,11 @@ pub async fn run(
             Err(e) => warn!(error = %e, "cannot serve metrics"),
         }
     }
-    tracker.spawn(persist_loop(alloc.clone(), shutdown.clone()));
+    tracker.spawn(persist_loop(
+        alloc.clone(),
+        config.checkpoint,
+        shutdown.clone(),
+    ));
 
     let ids = AtomicU64::new(1);
     loop {
@@ -340,8 +347,9 @@ pub fn table_path_for(socket: &Path) -> Option<PathBuf> {
 /// out of the rotation are looked at.
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
 
-async fn persist_loop(alloc: Arc<Allocator>, shutdown: CancellationToken) {
+async fn persist_loop(alloc: Arc<Allocator>, checkpoint: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(PERSIST_EVERY);
+    let mut last_checkpoint = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -351,6 +359,14 @@ async fn persist_loop(alloc: Arc<Allocator>, shutdown: CancellationToken) {
                 alloc.expire_sessions();
                 alloc.expire_sites();
                 alloc.persist();
+                if !checkpoint.is_zero() && last_checkpoint.elapsed() >= checkpoint {
+                    last_checkpoint = tokio::time::Instant::now();
+                    // Copied under the lock; encoded and written (synced)
+                    // on a blocking thread, the stop waiting for it.
+                    if let Some(kept) = alloc.checkpoint() {
+                        let _ = tokio::task::spawn_blocking(move || kept.write(false)).await;
+                    }
+                }
             }
         }
     }

@@ -59,8 +59,43 @@ struct Inner {
     /// Whether a failed write of it has already been logged.
     hand_failed: bool,
     /// Where the sticky sessions and the site state go when the allocator
-    /// stops cleanly (the state directory).
+    /// stops cleanly and at each checkpoint (the state directory).
     kept_dir: Option<std::path::PathBuf>,
+    /// Changes to the sessions and the site state (leases of a session or
+    /// a site, push-backs, normal answers), counted; and the count the
+    /// last checkpoint wrote. A checkpoint with nothing new writes nothing.
+    changes: u64,
+    changes_kept: u64,
+}
+
+/// The sticky sessions and the site state, copied under the lock, to be
+/// written outside it ([`Kept::write`]).
+pub struct Kept {
+    dir: std::path::PathBuf,
+    sessions: Vec<crate::sessions::SavedSession>,
+    sites: Vec<crate::sites::SavedPair>,
+}
+
+impl Kept {
+    /// Writes them for the next allocator (each file replaced whole:
+    /// written aside, synced, renamed); an empty one is removed. `stop`:
+    /// the last write (told at info; a checkpoint at debug).
+    pub fn write(&self, stop: bool) {
+        keep(
+            &self.dir,
+            SESSIONS_FILE_NAME,
+            "sticky sessions",
+            &self.sessions,
+            stop,
+        );
+        keep(
+            &self.dir,
+            SITES_FILE_NAME,
+            "site budgets and cooldowns",
+            &self.sites,
+            stop,
+        );
+    }
 }
 
 /// Hand quarantines of entries out of the pool kept for their return.
@@ -105,10 +140,11 @@ fn take_kept<T: serde::de::DeserializeOwned>(
     dir: &std::path::Path,
     name: &str,
     what: &str,
+    remove: bool,
     restore: impl FnOnce(Vec<T>) -> usize,
 ) -> Option<(usize, usize)> {
     let path = dir.join(name);
-    match crate::persist::take_kept::<T>(&path) {
+    match crate::persist::take_kept::<T>(&path, remove) {
         Ok(saved) if saved.is_empty() => None,
         Ok(saved) => {
             let kept = saved.len();
@@ -122,15 +158,25 @@ fn take_kept<T: serde::de::DeserializeOwned>(
 }
 
 /// Writes `items` (`what`, for the log) to `dir`'s `name` for the next
-/// start; nothing if there are none.
-fn keep<T: serde::Serialize>(dir: &std::path::Path, name: &str, what: &str, items: &[T]) {
-    if items.is_empty() {
-        return;
-    }
+/// start; removes the file if there are none. `stop`: the last write.
+fn keep<T: serde::Serialize>(
+    dir: &std::path::Path,
+    name: &str,
+    what: &str,
+    items: &[T],
+    stop: bool,
+) {
     let path = dir.join(name);
-    match crate::persist::write_kept(&path, items) {
-        Ok(()) => {
+    let written = match items.is_empty() {
+        true => crate::persist::clear_kept(&path),
+        false => crate::persist::write_kept(&path, items),
+    };
+    match written {
+        Ok(()) if stop && !items.is_empty() => {
             tracing::info!(file = %path.display(), entries = items.len(), "{what} kept for the next start")
+        }
+        Ok(()) => {
+            tracing::debug!(file = %path.display(), entries = items.len(), "{what} checkpointed")
         }
         Err(e) => {
             tracing::warn!(file = %path.display(), error = %e, "cannot keep the {what}: the next start begins without them")
@@ -177,6 +223,20 @@ fn valid_site(site: &str) -> bool {
 pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 
 impl Inner {
+    /// The sessions and the site state as they are now, for the state
+    /// directory (none without one); the changes counted so far are
+    /// theirs.
+    fn copy_kept(&mut self) -> Option<Kept> {
+        let dir = self.kept_dir.clone()?;
+        self.changes_kept = self.changes;
+        let (now, wall) = (Instant::now(), unix_now_ms());
+        Some(Kept {
+            dir,
+            sessions: self.sessions.snapshot(now, wall),
+            sites: self.sites.snapshot(now, wall),
+        })
+    }
+
     /// The next address of one of `families` from the table, checked
     /// against the pool: the table's file can be written by others, so a
     /// lease of an address not in the pool, or a table closed while
@@ -466,6 +526,8 @@ impl Allocator {
                 hand_saved: Vec::new(),
                 hand_failed: false,
                 kept_dir: None,
+                changes: 0,
+                changes_kept: 0,
                 sources: sources
                     .into_iter()
                     .map(|source| SourceState {
@@ -485,14 +547,21 @@ impl Allocator {
     /// entries taken out by hand, taken out again once the pool holds them
     /// (those whose time has not ended), and the sticky sessions and site
     /// budgets and cooldowns an allocator that stopped cleanly left there
-    /// (see `save_at_stop`). Call after `limit_sessions` and
-    /// `set_site_rules`.
-    pub fn keep_state_in(&self, dir: &std::path::Path) {
+    /// (see `save_at_stop`) or checkpointed before it died. Call after
+    /// `limit_sessions` and `set_site_rules`. With `checkpoints` (the files
+    /// are rewritten as things change) the files stay, so that a crash
+    /// before the first checkpoint loses nothing; without, they go.
+    pub fn keep_state_in(&self, dir: &std::path::Path, checkpoints: bool) {
         let mut inner = self.lock();
         let (now, wall) = (Instant::now(), unix_now_ms());
-        if let Some((kept, n)) = take_kept(dir, SESSIONS_FILE_NAME, "sticky sessions", |saved| {
-            inner.sessions.restore(saved, now, wall)
-        }) {
+        let remove = !checkpoints;
+        if let Some((kept, n)) = take_kept(
+            dir,
+            SESSIONS_FILE_NAME,
+            "sticky sessions",
+            remove,
+            |saved| inner.sessions.restore(saved, now, wall),
+        ) {
             tracing::info!(
                 sessions = n,
                 ended_or_over_the_cap = kept - n,
@@ -503,6 +572,7 @@ impl Allocator {
             dir,
             SITES_FILE_NAME,
             "site budgets and cooldowns",
+            remove,
             |mut saved: Vec<crate::sites::SavedPair>| {
                 // The file is the allocator's own; still, no name a site
                 // could not have.
@@ -848,6 +918,7 @@ impl Allocator {
         strict: bool,
     ) -> Response {
         let mut inner = self.lock();
+        inner.changes += 1;
         let now = Instant::now();
         let mut last = None;
         for family in Family::ALL {
@@ -899,7 +970,11 @@ impl Allocator {
         // is set then), and a walk answers.
         loop {
             let Inner { sites, pool, .. } = &mut *inner;
-            match sites.lease(site, families, pool.active(), now) {
+            let answer = sites.lease(site, families, pool.active(), now);
+            if !matches!(answer, Answer::Shared) {
+                inner.changes += 1;
+            }
+            match answer {
                 Answer::Shared => break,
                 Answer::Address { ip, index, watch } => {
                     let table = inner.pool.table();
@@ -947,6 +1022,7 @@ impl Allocator {
             return false;
         }
         let wait = retry_after.map(|s| Duration::from_secs(u64::from(s)));
+        inner.changes += 1;
         let started = inner.sites.pushback(site, ip, status, wait, Instant::now());
         inner.pool.table().flag_site(site);
         started
@@ -954,7 +1030,9 @@ impl Allocator {
 
     /// `site` answered `ip` normally: the pair's backoff starts over.
     pub fn site_answered(&self, ip: IpAddr, site: &str) {
-        self.lock().sites.answered(site, ip);
+        let mut inner = self.lock();
+        inner.changes += 1;
+        inner.sites.answered(site, ip);
     }
 
     /// The per-site state, the most recently used `max` sites.
@@ -986,20 +1064,24 @@ impl Allocator {
     /// (at a clean stop: one that dies keeps none). Their copies are taken
     /// under the lock, written outside it.
     pub fn save_at_stop(&self) {
-        let (dir, sessions, sites) = {
-            let inner = self.lock();
-            let Some(dir) = inner.kept_dir.clone() else {
-                return;
-            };
-            let (now, wall) = (Instant::now(), unix_now_ms());
-            (
-                dir,
-                inner.sessions.snapshot(now, wall),
-                inner.sites.snapshot(now, wall),
-            )
+        let kept = {
+            let mut inner = self.lock();
+            inner.copy_kept()
         };
-        keep(&dir, SESSIONS_FILE_NAME, "sticky sessions", &sessions);
-        keep(&dir, SITES_FILE_NAME, "site budgets and cooldowns", &sites);
+        if let Some(kept) = kept {
+            kept.write(true);
+        }
+    }
+
+    /// The sessions and the site state to write, if they changed since
+    /// the last checkpoint (a copy taken under the lock: ≈ 1 ms per 10 000
+    /// entries; see `Kept`).
+    pub fn checkpoint(&self) -> Option<Kept> {
+        let mut inner = self.lock();
+        if inner.changes == inner.changes_kept {
+            return None;
+        }
+        inner.copy_kept()
     }
 
     /// Holds at most `n` sticky sessions (the oldest go first past it).
@@ -1294,6 +1376,47 @@ mod tests {
         assert!(matches!(a.lease(1, Families::ANY), Response::NoAddress(_)));
     }
 
+    /// A checkpoint writes the sessions and the site state when they
+    /// changed, and only then; a successor of an allocator that never
+    /// stopped takes them back.
+    #[test]
+    fn checkpoints_write_what_changed_and_a_successor_has_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = |s: &str| Segment::single(s.parse().unwrap());
+        let all = vec![e("10.0.0.1"), e("10.0.0.2"), e("10.0.0.3")];
+        let start = || {
+            let a = Allocator::new(vec![Source::list("10.0.0.1-10.0.0.3").unwrap()]);
+            a.keep_state_in(dir.path(), true);
+            a.apply_refresh(vec![Ok(all.clone())], &ok());
+            a
+        };
+        let session = |a: &Allocator| match a.lease_session(
+            1,
+            Families::ANY,
+            "u\0s1",
+            Duration::from_secs(600),
+            false,
+        ) {
+            Response::Leased(l) => l.ip,
+            other => panic!("{other:?}"),
+        };
+        let a = start();
+        assert!(a.checkpoint().is_none(), "nothing changed yet");
+        a.lease(1, Families::ANY);
+        let pinned = session(&a);
+        a.checkpoint().expect("a session began").write(false);
+        assert!(a.checkpoint().is_none(), "nothing changed since");
+        assert!(a.pushback(pinned, "example.com", 429, Some(600)));
+        a.checkpoint().expect("a cooldown began").write(false);
+        // Never stopped: the successor has what the last checkpoint wrote.
+        let b = start();
+        assert_eq!(session(&b), pinned);
+        let report = b.sites_report(10);
+        let cooling = report.sites[0].addrs[0].cooling_ms.expect("cooling");
+        assert!(cooling > 590_000, "{cooling}");
+        assert!(dir.path().join(SESSIONS_FILE_NAME).exists());
+    }
+
     #[test]
     fn hand_quarantines_outlive_a_restart_and_a_pool_change() {
         let dir = tempfile::tempdir().unwrap();
@@ -1301,7 +1424,7 @@ mod tests {
         let all = vec![e("10.0.0.1"), e("10.0.0.2"), e("10.0.0.3")];
         let start = || {
             let a = Allocator::new(vec![Source::list("10.0.0.1-10.0.0.3").unwrap()]);
-            a.keep_state_in(dir.path());
+            a.keep_state_in(dir.path(), true);
             a
         };
         let leased = |a: &Allocator| -> Vec<String> {

@@ -63,6 +63,11 @@ settings! {
         /// pairs with a budget used or a cooldown) held; past it the least
         /// recently used sites are forgotten.
         max_site_entries: Option<usize> = "400000",
+        /// How often the sticky sessions and the site state are written to
+        /// the state directory while they change, so that an allocator
+        /// that dies (SIGKILL, a crash) is followed by one that has them,
+        /// as old as this at most; 0s: only at a clean stop.
+        checkpoint: Option<Duration> = "30s",
         /// Serve the host's metrics (every worker's, added up) for
         /// Prometheus at `GET /metrics` on this address, e.g.
         /// 127.0.0.1:9464.
@@ -128,6 +133,7 @@ pub struct PoolSettings {
     pub max_sessions: usize,
     pub site_rules: rotor_allocator::sites::Rules,
     pub max_site_entries: usize,
+    pub checkpoint: Duration,
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub admin_token: Option<Arc<str>>,
 }
@@ -228,6 +234,7 @@ impl AllocatorFlags {
             )
             .map_err(ConfigError::Invalid)?,
             max_site_entries: a.max_site_entries,
+            checkpoint: a.checkpoint,
             metrics_listen: a.metrics_listen,
             admin_token: match &a.admin_token_file {
                 None => None,

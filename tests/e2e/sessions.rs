@@ -192,7 +192,8 @@ async fn sessions_with_authentication() {
 async fn sessions_outlive_a_clean_allocator_restart() {
     let origin = Origin::start().await;
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let pool = ["--pool", "127.0.0.2-127.0.0.6"];
+    // Without checkpoints: kept at the stop only.
+    let pool = ["--pool", "127.0.0.2-127.0.0.6", "--checkpoint", "0s"];
     let mut alloc = Allocator::start_in(dir.clone(), &pool).await;
     let w = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
     let url = origin.url("/");
@@ -220,4 +221,40 @@ async fn sessions_outlive_a_clean_allocator_restart() {
     // Other clients rotate on from where the rotation stopped.
     assert_eq!(get_as(w.addr, "u", &url, None).await.status, 200);
     assert_ne!(origin.sources()[4], pinned);
+}
+
+/// An allocator that is killed (no clean stop) is followed by one that has
+/// the sessions of its last checkpoint (the site state goes the same way:
+/// `checkpoints_write_what_changed_and_a_successor_has_it`).
+#[tokio::test]
+async fn sessions_outlive_a_killed_allocator() {
+    let origin = Origin::start().await;
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let args = ["--pool", "127.0.0.2-127.0.0.6", "--checkpoint", "1s"];
+    let mut alloc = Allocator::start_in(dir.clone(), &args).await;
+    let w = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
+    let url = origin.url("/");
+    assert_eq!(
+        get_as(w.addr, "u-session-crash", &url, None).await.status,
+        200
+    );
+    let pinned = origin.sources()[0];
+    let sessions = dir.path().join("state/sessions.json");
+    eventually("the session checkpointed", || {
+        let sessions = sessions.clone();
+        async move { std::fs::read_to_string(&sessions).is_ok_and(|t| t.contains("crash")) }
+    })
+    .await;
+    alloc.proc.signal(nix::sys::signal::Signal::SIGKILL);
+    alloc.proc.wait(Duration::from_secs(10));
+    let _alloc = Allocator::start_in(dir.clone(), &args).await;
+    for _ in 0..3 {
+        assert_eq!(
+            get_as(w.addr, "u-session-crash", &url, None).await.status,
+            200
+        );
+    }
+    assert_eq!(origin.sources()[1..], [pinned; 3]);
+    // The file stays for the next crash; the checkpoints keep it current.
+    assert!(sessions.exists());
 }
