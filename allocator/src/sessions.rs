@@ -9,14 +9,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rotor_protocol::Family;
 
 /// One session: its address per family (a session may reach destinations
 /// of both), and its lifetime.
-#[derive(Debug, Clone)]
-struct Session {
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Session {
     ips: [Option<IpAddr>; 2],
     created: Instant,
     expires: Instant,
@@ -25,15 +26,52 @@ struct Session {
 
 #[derive(Debug)]
 pub struct Sessions {
-    map: HashMap<String, Session>,
+    /// Keys are shared with `order` (one copy of each key), and with a
+    /// checkpoint's copy of the table (no key copied under the lock).
+    map: HashMap<Arc<str>, Session>,
     /// Keys by creation, oldest first, for eviction past `max` (entries
     /// whose session is gone or newer are skipped when met).
-    order: VecDeque<(Instant, String)>,
+    order: VecDeque<(Instant, Arc<str>)>,
     max: usize,
     /// Strict sessions evicted before their end, until then: they fail
     /// (as their address gone) rather than quietly take another address.
     /// Bounded like the table.
-    evicted_strict: HashMap<String, Instant>,
+    evicted_strict: HashMap<Arc<str>, Instant>,
+}
+
+/// The sessions as they were at a moment, copied quickly (under the
+/// allocator's lock): made into what is kept with [`Copied::saved`],
+/// outside it.
+pub struct Copied {
+    now: Instant,
+    sessions: Vec<(Arc<str>, Session)>,
+}
+
+impl Copied {
+    /// Every session live at the copy, with its times as wall-clock
+    /// milliseconds (`wall_ms` is the copy's moment on that clock), oldest
+    /// first: what a restart reads back with [`Sessions::restore`].
+    pub fn saved(self, wall_ms: u64) -> Vec<SavedSession> {
+        let now = self.now;
+        let at = |t: Instant| match t.checked_duration_since(now) {
+            Some(ahead) => wall_ms.saturating_add(ahead.as_millis() as u64),
+            None => wall_ms.saturating_sub(now.duration_since(t).as_millis() as u64),
+        };
+        let mut out: Vec<SavedSession> = self
+            .sessions
+            .into_iter()
+            .filter(|(_, s)| s.expires > now)
+            .map(|(key, s)| SavedSession {
+                key: key.to_string(),
+                ips: s.ips,
+                created_ms: at(s.created),
+                expires_ms: at(s.expires),
+                strict: s.strict,
+            })
+            .collect();
+        out.sort_by_key(|s| s.created_ms);
+        out
+    }
 }
 
 /// A session as kept over an allocator restart.
@@ -135,8 +173,9 @@ impl Sessions {
         }
         let mut ips = [None, None];
         ips[family.index()] = Some(ip);
+        let key: Arc<str> = Arc::from(key);
         self.map.insert(
-            key.to_string(),
+            key.clone(),
             Session {
                 ips,
                 created: now,
@@ -144,7 +183,7 @@ impl Sessions {
                 strict,
             },
         );
-        self.order.push_back((now, key.to_string()));
+        self.order.push_back((now, key));
     }
 
     /// Drops the expired sessions (and what the order no longer needs).
@@ -171,24 +210,17 @@ impl Sessions {
     /// (`wall_ms` is `now` on that clock), oldest first: what a restart
     /// reads back with [`Sessions::restore`].
     pub fn snapshot(&self, now: Instant, wall_ms: u64) -> Vec<SavedSession> {
-        let at = |t: Instant| match t.checked_duration_since(now) {
-            Some(ahead) => wall_ms.saturating_add(ahead.as_millis() as u64),
-            None => wall_ms.saturating_sub(now.duration_since(t).as_millis() as u64),
-        };
-        let mut out: Vec<SavedSession> = self
-            .map
-            .iter()
-            .filter(|(_, s)| s.expires > now)
-            .map(|(key, s)| SavedSession {
-                key: key.clone(),
-                ips: s.ips,
-                created_ms: at(s.created),
-                expires_ms: at(s.expires),
-                strict: s.strict,
-            })
-            .collect();
-        out.sort_by_key(|s| s.created_ms);
-        out
+        self.copy(now).saved(wall_ms)
+    }
+
+    /// The table as it is `now`, for [`Copied::saved`]: a key shared and
+    /// a few words copied per session (≈ 20 ns; turning them into what is
+    /// kept, ≈ 200).
+    pub fn copy(&self, now: Instant) -> Copied {
+        Copied {
+            now,
+            sessions: self.map.iter().map(|(k, s)| (k.clone(), *s)).collect(),
+        }
     }
 
     /// Takes back sessions a [`Sessions::snapshot`] kept (`wall_ms` is
@@ -199,7 +231,7 @@ impl Sessions {
     pub fn restore(&mut self, saved: Vec<SavedSession>, now: Instant, wall_ms: u64) -> usize {
         let mut live: Vec<SavedSession> = saved
             .into_iter()
-            .filter(|s| s.expires_ms > wall_ms && !self.map.contains_key(&s.key))
+            .filter(|s| s.expires_ms > wall_ms && !self.map.contains_key(s.key.as_str()))
             .collect();
         live.sort_by_key(|s| s.created_ms);
         let room = self.max.saturating_sub(self.map.len());
@@ -210,9 +242,10 @@ impl Sessions {
                 .checked_sub(Duration::from_millis(wall_ms.saturating_sub(s.created_ms)))
                 .unwrap_or(now);
             let expires = now + Duration::from_millis(s.expires_ms - wall_ms);
-            self.order.push_back((created, s.key.clone()));
+            let key: Arc<str> = Arc::from(s.key);
+            self.order.push_back((created, key.clone()));
             self.map.insert(
-                s.key,
+                key,
                 Session {
                     ips: s.ips,
                     created,
@@ -362,6 +395,56 @@ mod tests {
         assert_eq!(
             s.pinned("strict", Family::V4, t0 + ttl, all_good),
             Pinned::Nothing
+        );
+    }
+}
+
+/// What a session costs, measured (resident memory, hash-table slack
+/// included): `cargo test --release -p rotor-allocator session_cost --
+/// --ignored --nocapture`. The README quotes it.
+#[cfg(test)]
+mod memtest {
+    use super::*;
+
+    fn rss() -> usize {
+        let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+        s.split(' ').nth(1).unwrap().parse::<usize>().unwrap() * 4096
+    }
+
+    #[test]
+    #[ignore]
+    fn session_cost() {
+        let n = 200_000;
+        // Keys as workers send them: the user, then the session id.
+        let keys: Vec<String> = (0..n).map(|i| format!("user\0session-{i:08}")).collect();
+        let mut s = Sessions::new(n);
+        let now = Instant::now();
+        let before = rss();
+        for k in &keys {
+            s.pin(
+                k,
+                "10.0.0.1".parse().unwrap(),
+                Duration::from_secs(600),
+                false,
+                now,
+            );
+        }
+        let after = rss();
+        eprintln!(
+            "sessions={} bytes/session (a {}-byte key)={}",
+            s.len(),
+            keys[0].len(),
+            (after - before) / n
+        );
+        let t = Instant::now();
+        let copied = s.copy(now);
+        let copy = t.elapsed();
+        let t = Instant::now();
+        let saved = copied.saved(1_900_000_000_000);
+        eprintln!(
+            "copy {copy:?}, made into {} kept {:?}",
+            saved.len(),
+            t.elapsed()
         );
     }
 }

@@ -31,6 +31,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rotor_protocol::{
@@ -191,6 +192,62 @@ pub struct SavedPair {
 /// Milliseconds since the table's epoch, plus one: 0 is "never".
 type Ms = u64;
 
+/// The site state as it was at a moment, copied quickly (under the
+/// allocator's lock): made into what is kept with [`Copied::saved`],
+/// outside it.
+pub struct Copied {
+    /// The moment, on the table's clock.
+    t: Ms,
+    names: Vec<(u64, Arc<str>)>,
+    pairs: Vec<CopiedPair>,
+    /// Every pair's starts, one after the other.
+    starts: Vec<(Ms, u32)>,
+}
+
+struct CopiedPair {
+    id: u64,
+    ip: IpAddr,
+    /// Where its starts are in [`Copied::starts`].
+    starts: std::ops::Range<usize>,
+    window: u32,
+    cool_until: Ms,
+    strikes: u32,
+    last_strike: Ms,
+}
+
+impl Copied {
+    /// Every pair with state at the copy — its starts still in the
+    /// window, its cooldown, its repeats — with wall-clock times
+    /// (`wall_ms` is the copy's moment on that clock): what the next start
+    /// takes back with [`Sites::restore`]. Cooling pairs first.
+    pub fn saved(self, wall_ms: u64) -> Vec<SavedPair> {
+        let t = self.t;
+        let wall = |ms: Ms| (ms != 0).then(|| (wall_ms + ms).saturating_sub(t));
+        let names: HashMap<u64, &str> = self.names.iter().map(|(id, k)| (*id, &**k)).collect();
+        let mut out: Vec<SavedPair> = self
+            .pairs
+            .iter()
+            .filter_map(|p| {
+                let window = u64::from(p.window);
+                Some(SavedPair {
+                    site: names.get(&p.id)?.to_string(),
+                    source: p.ip,
+                    starts: self.starts[p.starts.clone()]
+                        .iter()
+                        .filter(|(at, _)| t.saturating_sub(*at) < window)
+                        .filter_map(|&(at, n)| Some((wall(at)?, n)))
+                        .collect(),
+                    cool_until_ms: (p.cool_until > t).then(|| wall(p.cool_until)).flatten(),
+                    strikes: p.strikes,
+                    last_strike_ms: wall(p.last_strike),
+                })
+            })
+            .collect();
+        out.sort_by_key(|p| p.cool_until_ms.is_none());
+        out
+    }
+}
+
 const UNSET: u64 = u64::MAX;
 
 #[derive(Debug)]
@@ -319,7 +376,8 @@ pub enum Answer {
 #[derive(Debug)]
 pub struct Sites {
     rules: Rules,
-    sites: HashMap<Box<str>, Site>,
+    /// Names shared with a checkpoint's copy (none copied under the lock).
+    sites: HashMap<Arc<str>, Site>,
     pairs: HashMap<(u64, IpAddr), Pair>,
     next_id: u64,
     /// Sites held per filter bit, so the filter is not rehashed each time.
@@ -722,7 +780,7 @@ impl Sites {
 
     pub fn report(&self, max: usize, now: Instant) -> SitesReport {
         let t = self.ms(now);
-        let mut sites: Vec<(&Box<str>, &Site)> = self.sites.iter().collect();
+        let mut sites: Vec<(&Arc<str>, &Site)> = self.sites.iter().collect();
         sites.sort_by(|a, b| b.1.last_used.cmp(&a.1.last_used).then(a.0.cmp(b.0)));
         sites.truncate(max);
         let shown: HashMap<u64, usize> = sites
@@ -776,32 +834,40 @@ impl Sites {
     /// on that clock): what the next start takes back with
     /// [`Sites::restore`]. Cooling pairs first.
     pub fn snapshot(&self, now: Instant, wall_ms: u64) -> Vec<SavedPair> {
+        self.copy(now).saved(wall_ms)
+    }
+
+    /// The table as it is `now`, for [`Copied::saved`]: per site its id
+    /// and shared name, per pair with state its few words
+    /// and starts (into one list). No allocation per entry: ≈ 20 ns a
+    /// pair, where making what is kept takes ≈ 400.
+    pub fn copy(&self, now: Instant) -> Copied {
         let t = self.ms(now);
-        let wall = |ms: Ms| (ms != 0).then(|| (wall_ms + ms).saturating_sub(t));
-        let names: HashMap<u64, &str> = self.sites.iter().map(|(k, s)| (s.id, &**k)).collect();
-        let mut out: Vec<SavedPair> = self
+        let mut starts = Vec::new();
+        let pairs = self
             .pairs
             .iter()
             .filter(|(_, p)| !p.is_idle(t))
-            .filter_map(|((id, ip), p)| {
-                let window = u64::from(p.window);
-                Some(SavedPair {
-                    site: names.get(id)?.to_string(),
-                    source: *ip,
-                    starts: p
-                        .starts
-                        .iter()
-                        .filter(|(at, _)| t.saturating_sub(*at) < window)
-                        .filter_map(|&(at, n)| Some((wall(at)?, n)))
-                        .collect(),
-                    cool_until_ms: (p.cool_until > t).then(|| wall(p.cool_until)).flatten(),
+            .map(|(&(id, ip), p)| {
+                let from = starts.len();
+                starts.extend(p.starts.iter().copied());
+                CopiedPair {
+                    id,
+                    ip,
+                    starts: from..starts.len(),
+                    window: p.window,
+                    cool_until: p.cool_until,
                     strikes: p.strikes,
-                    last_strike_ms: wall(p.last_strike),
-                })
+                    last_strike: p.last_strike,
+                }
             })
             .collect();
-        out.sort_by_key(|p| p.cool_until_ms.is_none());
-        out
+        Copied {
+            t,
+            names: self.sites.iter().map(|(k, s)| (s.id, k.clone())).collect(),
+            pairs,
+            starts,
+        }
     }
 
     /// Takes back pairs a [`Sites::snapshot`] kept (`wall_ms` is `now` on

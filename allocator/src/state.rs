@@ -68,31 +68,36 @@ struct Inner {
     changes_kept: u64,
 }
 
-/// The sticky sessions and the site state, copied under the lock, to be
+/// The sticky sessions and the site state, copied under the lock (a few
+/// words an entry, no allocation each), to be made into what is kept and
 /// written outside it ([`Kept::write`]).
 pub struct Kept {
     dir: std::path::PathBuf,
-    sessions: Vec<crate::sessions::SavedSession>,
-    sites: Vec<crate::sites::SavedPair>,
+    /// The copy's moment on the wall clock.
+    wall_ms: u64,
+    sessions: crate::sessions::Copied,
+    sites: crate::sites::Copied,
 }
 
 impl Kept {
     /// Writes them for the next allocator (each file replaced whole:
     /// written aside, synced, renamed); an empty one is removed. `stop`:
     /// the last write (told at info; a checkpoint at debug).
-    pub fn write(&self, stop: bool) {
+    pub fn write(self, stop: bool) {
+        let sessions = self.sessions.saved(self.wall_ms);
         keep(
             &self.dir,
             SESSIONS_FILE_NAME,
             "sticky sessions",
-            &self.sessions,
+            &sessions,
             stop,
         );
+        let sites = self.sites.saved(self.wall_ms);
         keep(
             &self.dir,
             SITES_FILE_NAME,
             "site budgets and cooldowns",
-            &self.sites,
+            &sites,
             stop,
         );
     }
@@ -229,11 +234,12 @@ impl Inner {
     fn copy_kept(&mut self) -> Option<Kept> {
         let dir = self.kept_dir.clone()?;
         self.changes_kept = self.changes;
-        let (now, wall) = (Instant::now(), unix_now_ms());
+        let (now, wall_ms) = (Instant::now(), unix_now_ms());
         Some(Kept {
             dir,
-            sessions: self.sessions.snapshot(now, wall),
-            sites: self.sites.snapshot(now, wall),
+            wall_ms,
+            sessions: self.sessions.copy(now),
+            sites: self.sites.copy(now),
         })
     }
 
@@ -1074,8 +1080,7 @@ impl Allocator {
     }
 
     /// The sessions and the site state to write, if they changed since
-    /// the last checkpoint (a copy taken under the lock: ≈ 1 ms per 10 000
-    /// entries; see `Kept`).
+    /// the last checkpoint (a copy taken under the lock; see `Kept`).
     pub fn checkpoint(&self) -> Option<Kept> {
         let mut inner = self.lock();
         if inner.changes == inner.changes_kept {
