@@ -14,6 +14,14 @@ pub mod sessions;
 pub mod sites;
 pub mod source;
 pub mod spec;
+
+/// Resident memory of this process now, in bytes (the ignored tests that
+/// measure what an entry costs).
+#[cfg(test)]
+pub(crate) fn rss() -> usize {
+    let s = std::fs::read_to_string("/proc/self/statm").unwrap();
+    s.split(' ').nth(1).unwrap().parse::<usize>().unwrap() * 4096
+}
 pub mod state;
 pub mod usable;
 

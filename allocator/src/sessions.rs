@@ -406,10 +406,7 @@ mod tests {
 mod memtest {
     use super::*;
 
-    fn rss() -> usize {
-        let s = std::fs::read_to_string("/proc/self/statm").unwrap();
-        s.split(' ').nth(1).unwrap().parse::<usize>().unwrap() * 4096
-    }
+    use crate::rss;
 
     #[test]
     #[ignore]

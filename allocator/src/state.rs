@@ -1381,18 +1381,30 @@ mod tests {
         assert!(matches!(a.lease(1, Families::ANY), Response::NoAddress(_)));
     }
 
+    /// An allocator over [`three`] keeping its state in `dir`
+    /// (checkpoints on; its pool not read yet).
+    fn kept_in(dir: &std::path::Path) -> Allocator {
+        let a = Allocator::new(vec![Source::list("10.0.0.1-10.0.0.3").unwrap()]);
+        a.keep_state_in(dir, true);
+        a
+    }
+
+    /// 10.0.0.1, .2 and .3.
+    fn three() -> Vec<Segment> {
+        ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+            .map(|s| Segment::single(s.parse().unwrap()))
+            .to_vec()
+    }
+
     /// A checkpoint writes the sessions and the site state when they
     /// changed, and only then; a successor of an allocator that never
     /// stopped takes them back.
     #[test]
     fn checkpoints_write_what_changed_and_a_successor_has_it() {
         let dir = tempfile::tempdir().unwrap();
-        let e = |s: &str| Segment::single(s.parse().unwrap());
-        let all = vec![e("10.0.0.1"), e("10.0.0.2"), e("10.0.0.3")];
         let start = || {
-            let a = Allocator::new(vec![Source::list("10.0.0.1-10.0.0.3").unwrap()]);
-            a.keep_state_in(dir.path(), true);
-            a.apply_refresh(vec![Ok(all.clone())], &ok());
+            let a = kept_in(dir.path());
+            a.apply_refresh(vec![Ok(three())], &ok());
             a
         };
         let session = |a: &Allocator| match a.lease_session(
@@ -1426,12 +1438,8 @@ mod tests {
     fn hand_quarantines_outlive_a_restart_and_a_pool_change() {
         let dir = tempfile::tempdir().unwrap();
         let e = |s: &str| Segment::single(s.parse().unwrap());
-        let all = vec![e("10.0.0.1"), e("10.0.0.2"), e("10.0.0.3")];
-        let start = || {
-            let a = Allocator::new(vec![Source::list("10.0.0.1-10.0.0.3").unwrap()]);
-            a.keep_state_in(dir.path(), true);
-            a
-        };
+        let all = three();
+        let start = || kept_in(dir.path());
         let leased = |a: &Allocator| -> Vec<String> {
             (0..4)
                 .map(|_| match a.lease(1, Families::ANY) {
