@@ -56,6 +56,10 @@ pub struct HostMetrics {
     pub workers: BTreeMap<u64, WorkerGauges>,
     pub refreshes: u64,
     pub source_errors: u64,
+    /// Checkpoints of the sessions and site state written, and those
+    /// that failed (a file not written: the next start lacks it).
+    pub checkpoints: u64,
+    pub checkpoint_errors: u64,
     /// The last report applied of each worker run (by its boot id), so a
     /// report sent again is not counted twice; runs not heard of for
     /// `RUNS_KEPT` are forgotten.
@@ -437,6 +441,18 @@ pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
         "rotor_pool_source_errors",
         "Reads of a pool source that failed (its last good addresses kept)",
         [(vec![], m.source_errors)],
+    );
+    counter_family(
+        &mut r,
+        "rotor_state_checkpoints",
+        "Checkpoints of the sticky sessions and site state written to the state directory",
+        [(vec![], m.checkpoints)],
+    );
+    counter_family(
+        &mut r,
+        "rotor_state_checkpoint_errors",
+        "Checkpoints that failed to write (logged; a crash now would lose what changed since the last good one)",
+        [(vec![], m.checkpoint_errors)],
     );
     counter_family(
         &mut r,

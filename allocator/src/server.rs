@@ -364,7 +364,8 @@ async fn persist_loop(alloc: Arc<Allocator>, checkpoint: Duration, shutdown: Can
                     // Copied under the lock; encoded and written (synced)
                     // on a blocking thread, the stop waiting for it.
                     if let Some(kept) = alloc.checkpoint() {
-                        let _ = tokio::task::spawn_blocking(move || kept.write(false)).await;
+                        let ok = tokio::task::spawn_blocking(move || kept.write(false)).await;
+                        alloc.checkpointed(ok.unwrap_or(false));
                     }
                 }
             }

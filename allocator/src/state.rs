@@ -82,10 +82,11 @@ pub struct Kept {
 impl Kept {
     /// Writes them for the next allocator (each file replaced whole:
     /// written aside, synced, renamed); an empty one is removed. `stop`:
-    /// the last write (told at info; a checkpoint at debug).
-    pub fn write(self, stop: bool) {
+    /// the last write (told at info; a checkpoint at debug). Whether both
+    /// were written (a failure is logged).
+    pub fn write(self, stop: bool) -> bool {
         let sessions = self.sessions.saved(self.wall_ms);
-        keep(
+        let a = keep(
             &self.dir,
             SESSIONS_FILE_NAME,
             "sticky sessions",
@@ -93,13 +94,14 @@ impl Kept {
             stop,
         );
         let sites = self.sites.saved(self.wall_ms);
-        keep(
+        let b = keep(
             &self.dir,
             SITES_FILE_NAME,
             "site budgets and cooldowns",
             &sites,
             stop,
         );
+        a && b
     }
 }
 
@@ -164,13 +166,14 @@ fn take_kept<T: serde::de::DeserializeOwned>(
 
 /// Writes `items` (`what`, for the log) to `dir`'s `name` for the next
 /// start; removes the file if there are none. `stop`: the last write.
+/// Whether it was written.
 fn keep<T: serde::Serialize>(
     dir: &std::path::Path,
     name: &str,
     what: &str,
     items: &[T],
     stop: bool,
-) {
+) -> bool {
     let path = dir.join(name);
     let written = match items.is_empty() {
         true => crate::persist::clear_kept(&path),
@@ -178,13 +181,16 @@ fn keep<T: serde::Serialize>(
     };
     match written {
         Ok(()) if stop && !items.is_empty() => {
-            tracing::info!(file = %path.display(), entries = items.len(), "{what} kept for the next start")
+            tracing::info!(file = %path.display(), entries = items.len(), "{what} kept for the next start");
+            true
         }
         Ok(()) => {
-            tracing::debug!(file = %path.display(), entries = items.len(), "{what} checkpointed")
+            tracing::debug!(file = %path.display(), entries = items.len(), "{what} checkpointed");
+            true
         }
         Err(e) => {
-            tracing::warn!(file = %path.display(), error = %e, "cannot keep the {what}: the next start begins without them")
+            tracing::warn!(file = %path.display(), error = %e, "cannot keep the {what}: the next start begins without them");
+            false
         }
     }
 }
@@ -1079,6 +1085,19 @@ impl Allocator {
         }
     }
 
+    /// Counts a checkpoint written (`ok`) or failed, for the metrics; a
+    /// failed one is tried again at the next interval, changes or not.
+    pub fn checkpointed(&self, ok: bool) {
+        let mut inner = self.lock();
+        match ok {
+            true => inner.metrics.checkpoints += 1,
+            false => {
+                inner.metrics.checkpoint_errors += 1;
+                inner.changes_kept = inner.changes_kept.wrapping_sub(1);
+            }
+        }
+    }
+
     /// The sessions and the site state to write, if they changed since
     /// the last checkpoint (a copy taken under the lock; see `Kept`).
     pub fn checkpoint(&self) -> Option<Kept> {
@@ -1421,8 +1440,16 @@ mod tests {
         assert!(a.checkpoint().is_none(), "nothing changed yet");
         a.lease(1, Families::ANY);
         let pinned = session(&a);
-        a.checkpoint().expect("a session began").write(false);
+        assert!(a.checkpoint().expect("a session began").write(false));
+        a.checkpointed(true);
         assert!(a.checkpoint().is_none(), "nothing changed since");
+        // A write that failed is tried again with nothing new.
+        a.checkpointed(false);
+        assert!(a.checkpoint().is_some(), "tried again");
+        assert!(a.checkpoint().is_none());
+        let m = a.render_metrics(false);
+        assert!(m.contains("rotor_state_checkpoints_total 1"), "{m}");
+        assert!(m.contains("rotor_state_checkpoint_errors_total 1"), "{m}");
         assert!(a.pushback(pinned, "example.com", 429, Some(600)));
         a.checkpoint().expect("a cooldown began").write(false);
         // Never stopped: the successor has what the last checkpoint wrote.
