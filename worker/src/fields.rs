@@ -7,7 +7,7 @@
 //! was sent. A header map (`http::HeaderMap`) is made only where hyper's
 //! server needs one ([`Fields::into_map`]): building a request's two maps
 //! (a name parsed and hashed per field, two allocations each), looking
-//! fields up and removing them, and dropping the maps had been a sixth of
+//! fields up and removing them, and dropping the maps had been a seventh of
 //! a keep-alive request's instructions in user space.
 
 use bytes::{BufMut, Bytes};
