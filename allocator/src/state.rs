@@ -930,7 +930,6 @@ impl Allocator {
         strict: bool,
     ) -> Response {
         let mut inner = self.lock();
-        inner.changes += 1;
         let now = Instant::now();
         let mut last = None;
         for family in Family::ALL {
@@ -962,6 +961,10 @@ impl Allocator {
             }
             match inner.lease_checked(Families::only(family)) {
                 Some(Ok(lease)) => {
+                    // A session's first address of this family: a change
+                    // for the next checkpoint (a session that only keeps
+                    // its address changes nothing).
+                    inner.changes += 1;
                     inner.sessions.pin(key, lease.ip, ttl, strict, now);
                     return inner.answer(peer, Some(Ok(lease)));
                 }
@@ -1442,7 +1445,11 @@ mod tests {
         let pinned = session(&a);
         assert!(a.checkpoint().expect("a session began").write(false));
         a.checkpointed(true);
-        assert!(a.checkpoint().is_none(), "nothing changed since");
+        assert_eq!(session(&a), pinned);
+        assert!(
+            a.checkpoint().is_none(),
+            "nothing changed since: the session kept its address"
+        );
         // A write that failed is tried again with nothing new.
         a.checkpointed(false);
         assert!(a.checkpoint().is_some(), "tried again");
