@@ -5,7 +5,7 @@
 //! reloads (SIGHUP, `rotor reload`), for logrotate. Never a password, a
 //! path, a query or userinfo: the target is host and port.
 
-use std::io::Write as _;
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tracing::warn;
+
+use crate::text;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -70,37 +72,40 @@ impl Entry {
 
     /// Appends the entry's line (with its newline) to `out`; `clock`
     /// keeps the last second's text, so most lines do not format a date.
-    fn write_line(&self, format: Format, took: Duration, out: &mut String, clock: &mut Clock) {
-        use std::fmt::Write;
-        let micros = took.as_micros();
+    /// Numbers and addresses are written by hand (`crate::text`): with
+    /// `write!` a line cost ≈ 4 900 instructions, most of a logged
+    /// request's extra.
+    fn write_line(&self, format: Format, took: Duration, out: &mut Vec<u8>, clock: &mut Clock) {
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
         let json = format == Format::Json;
-        let sep = |out: &mut String, key: &str| match json {
+        let sep = |out: &mut Vec<u8>, key: &str| match json {
             true => {
-                out.push_str(",\"");
-                out.push_str(key);
-                out.push_str("\":");
+                out.extend_from_slice(b",\"");
+                out.extend_from_slice(key.as_bytes());
+                out.extend_from_slice(b"\":");
             }
-            false => out.push(' '),
+            false => out.push(b' '),
+        };
+        // An address, quoted in JSON.
+        let quote = |out: &mut Vec<u8>| {
+            if json {
+                out.push(b'"');
+            }
         };
         if json {
-            out.push_str("{\"time\":\"");
+            out.extend_from_slice(b"{\"time\":\"");
         }
         let time = SystemTime::now()
             .checked_sub(took)
             .unwrap_or(SystemTime::UNIX_EPOCH);
         clock.write(time, out);
         if json {
-            out.push('"');
+            out.push(b'"');
         }
         sep(out, "client");
-        match json {
-            true => {
-                let _ = write!(out, "\"{}\"", self.client);
-            }
-            false => {
-                let _ = write!(out, "{}", self.client);
-            }
-        }
+        quote(out);
+        text::push_socket_addr(out, self.client);
+        quote(out);
         sep(out, "user");
         field(out, json, self.user.as_deref());
         sep(out, "session");
@@ -110,66 +115,67 @@ impl Entry {
         sep(out, "target");
         field(out, json, Some(&self.target));
         sep(out, "source");
-        match (self.source, json) {
-            (Some(ip), true) => {
-                let _ = write!(out, "\"{ip}\"");
+        match self.source {
+            Some(ip) => {
+                quote(out);
+                text::push_ip(out, ip);
+                quote(out);
             }
-            (Some(ip), false) => {
-                let _ = write!(out, "{ip}");
-            }
-            (None, _) => field(out, json, None),
+            None => field(out, json, None),
         }
         sep(out, "status");
-        let _ = write!(out, "{}", self.status);
+        text::push_decimal(out, self.status.into());
         sep(out, "error");
         field(out, json, self.error);
         sep(out, "sent");
-        let _ = write!(out, "{}", self.sent);
+        text::push_decimal(out, self.sent);
         sep(out, "received");
-        let _ = write!(out, "{}", self.received);
+        text::push_decimal(out, self.received);
         sep(out, "ms");
-        let _ = write!(out, "{}.{:03}", micros / 1000, micros % 1000);
+        text::push_decimal(out, micros / 1000);
+        out.push(b'.');
+        text::push_three_digits(out, (micros % 1000) as u32);
         if json {
-            out.push('}');
+            out.push(b'}');
         }
-        out.push('\n');
+        out.push(b'\n');
     }
 
     #[cfg(test)]
     fn line(&self, format: Format, took: Duration) -> String {
-        let mut s = String::new();
+        let mut s = Vec::new();
         self.write_line(format, took, &mut s, &mut Clock::default());
         s.pop();
-        s
+        String::from_utf8(s).expect("a line is UTF-8")
     }
 }
 
 /// A value: JSON (a string, or `null`), or text (as it is when it has no
 /// space, quote or control character, else quoted; `-` for none).
-fn field(out: &mut String, json: bool, v: Option<&str>) {
+fn field(out: &mut Vec<u8>, json: bool, v: Option<&str>) {
     match (v, json) {
-        (None, true) => out.push_str("null"),
-        (None, false) => out.push('-'),
+        (None, true) => out.extend_from_slice(b"null"),
+        (None, false) => out.push(b'-'),
         (Some(s), true) => push_quoted(out, s, true),
         (Some(s), false)
             if !s.is_empty()
                 && s.bytes()
                     .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') =>
         {
-            out.push_str(s)
+            out.extend_from_slice(s.as_bytes())
         }
         (Some(s), false) => push_quoted(out, s, false),
     }
 }
 
-fn push_quoted(out: &mut String, s: &str, json: bool) {
-    use std::fmt::Write;
-    out.push('"');
+fn push_quoted(out: &mut Vec<u8>, s: &str, json: bool) {
+    // io::Write on a Vec cannot fail.
+    out.push(b'"');
     for c in s.chars() {
         match c {
             '"' | '\\' => {
-                out.push('\\');
-                out.push(c);
+                out.push(b'\\');
+                out.push(c as u8);
             }
             c if c.is_control() && json => {
                 let _ = write!(out, "\\u{:04x}", c as u32);
@@ -177,10 +183,10 @@ fn push_quoted(out: &mut String, s: &str, json: bool) {
             c if c.is_control() => {
                 let _ = write!(out, "\\x{:02x}", c as u32);
             }
-            c => out.push(c),
+            c => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
         }
     }
-    out.push('"');
+    out.push(b'"');
 }
 
 /// The text of the last second a line was written in.
@@ -192,8 +198,7 @@ struct Clock {
 
 impl Clock {
     /// `2026-12-01T22:57:00.631Z`.
-    fn write(&mut self, t: SystemTime, out: &mut String) {
-        use std::fmt::Write;
+    fn write(&mut self, t: SystemTime, out: &mut Vec<u8>) {
         let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         let second = since.as_secs();
         if second != self.second || self.text.is_empty() {
@@ -202,15 +207,17 @@ impl Clock {
             let full = humantime::format_rfc3339_seconds(t).to_string();
             self.text = full.trim_end_matches('Z').to_string();
         }
-        out.push_str(&self.text);
-        let _ = write!(out, ".{:03}Z", since.subsec_millis());
+        out.extend_from_slice(self.text.as_bytes());
+        out.push(b'.');
+        text::push_three_digits(out, since.subsec_millis());
+        out.push(b'Z');
     }
 }
 
 /// Lines written and not yet taken by the writer, and whether to reopen.
 #[derive(Default)]
 struct Pending {
-    text: String,
+    text: Vec<u8>,
     clock: Clock,
     reopen: bool,
     closed: bool,
@@ -335,13 +342,13 @@ impl Output {
         })
     }
 
-    fn write(&mut self, text: &str) {
+    fn write(&mut self, text: &[u8]) {
         if text.is_empty() {
             return;
         }
         let r = match self {
-            Output::Stdout(w) => w.write_all(text.as_bytes()),
-            Output::File(w) => w.write_all(text.as_bytes()),
+            Output::Stdout(w) => w.write_all(text),
+            Output::File(w) => w.write_all(text),
         };
         if let Err(e) = r {
             warn!(error = %e, "cannot write the access log");
@@ -382,8 +389,30 @@ mod tests {
         assert_eq!(j["user"], "al ice");
         assert_eq!(j["session"], serde_json::Value::Null);
         assert_eq!(j["status"], 200);
-        let mut q = String::new();
+        assert_eq!(j["client"], "127.0.0.1:5000");
+        assert_eq!(j["source"], "10.0.0.1");
+        assert_eq!(j["ms"], 5.0);
+        assert_eq!(j["received"], 12);
+        // IPv6 addresses, and the time with its milliseconds.
+        e.client = "[2001:db8::7]:443".parse().unwrap();
+        e.source = Some("2001:db8:0:1::2".parse().unwrap());
+        let l = e.line(Format::Text, Duration::from_micros(1_234_567));
+        assert!(
+            l.contains(" [2001:db8::7]:443 \"al ice\" - GET example.com:80 2001:db8:0:1::2 200 - 0 12 1234.567"),
+            "{l}"
+        );
+        let time = l.split(' ').next().unwrap();
+        assert!(
+            time.len() == 24 && time.ends_with('Z') && time.as_bytes()[19] == b'.',
+            "{time}"
+        );
+        let j: serde_json::Value =
+            serde_json::from_str(&e.line(Format::Json, Duration::from_micros(7))).unwrap();
+        assert_eq!(j["client"], "[2001:db8::7]:443");
+        assert_eq!(j["source"], "2001:db8:0:1::2");
+        assert_eq!(j["ms"], 0.007);
+        let mut q = Vec::new();
         field(&mut q, false, Some("a\"b\n"));
-        assert_eq!(q, "\"a\\\"b\\x0a\"");
+        assert_eq!(q, b"\"a\\\"b\\x0a\"");
     }
 }

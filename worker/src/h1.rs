@@ -334,21 +334,8 @@ fn encode_head(out: &mut impl BufMut, head: &request::Parts, fields: &Fields, se
 /// `content-length: N`, its line.
 pub(crate) fn encode_content_length(out: &mut impl BufMut, n: u64) {
     out.put_slice(b"content-length: ");
-    out.put_slice(itoa(n, &mut [0; 20]));
+    out.put_slice(crate::text::itoa(n, &mut [0; 20]));
     out.put_slice(b"\r\n");
-}
-
-/// `n` in decimal, in `buf`.
-fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            return &buf[i..];
-        }
-    }
 }
 
 /// Writes `data`, as one chunk when `chunked` (RFC 9112 §7.1), in one
@@ -1503,12 +1490,6 @@ mod tests {
 
     #[test]
     fn numbers() {
-        assert_eq!(itoa(0, &mut [0; 20]), b"0");
-        assert_eq!(itoa(1234567890, &mut [0; 20]), b"1234567890");
-        assert_eq!(
-            itoa(u64::MAX, &mut [0; 20]),
-            u64::MAX.to_string().as_bytes()
-        );
         let mut out = Vec::new();
         encode_content_length(&mut out, 42);
         assert_eq!(out, b"content-length: 42\r\n");

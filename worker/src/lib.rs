@@ -24,6 +24,7 @@ pub mod relay;
 pub mod server;
 pub mod session;
 pub mod socks;
+mod text;
 pub mod tls;
 pub mod upstream;
 

@@ -832,17 +832,32 @@ fn log_tunnel(log: Option<(Arc<AccessLog>, Entry)>, lease: &Lease, bytes: (u64, 
 /// What the access log says a request went to: host and port, never a
 /// path, a query or userinfo.
 fn log_target(uri: &Uri, connect: bool) -> String {
-    let Some(host) = uri.host() else {
+    // One pass over the authority (`Uri::host` and `port_u16` make three).
+    let Some(auth) = uri.authority() else {
         return "-".into();
     };
-    let port = uri.port_u16().unwrap_or(match (connect, uri.scheme_str()) {
-        (false, Some("https")) => 443,
-        _ => 80,
-    });
-    match host.contains(':') && !host.starts_with('[') {
-        true => format!("[{host}]:{port}"),
-        false => format!("{host}:{port}"),
+    let parts = split_authority(auth.as_str());
+    let (host, port) = (parts.host, parts.port);
+    let default = match (connect, uri.scheme_str()) {
+        (false, Some("https")) => "443",
+        _ => "80",
+    };
+    let port = match h1::decimal::<u16>(port.as_bytes()) {
+        Some(_) => port,
+        None => default,
+    };
+    let bracket = host.contains(':') && !host.starts_with('[');
+    let mut s = String::with_capacity(host.len() + port.len() + 3);
+    if bracket {
+        s.push('[');
     }
+    s.push_str(host);
+    if bracket {
+        s.push(']');
+    }
+    s.push(':');
+    s.push_str(port);
+    s
 }
 
 /// When a tunnel ends (`None`: closed for silence): its bytes, however it
@@ -1093,6 +1108,29 @@ fn head_len(req: &request::Parts, fields: &Fields) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_targets_are_host_and_port_only() {
+        for (uri, connect, want) in [
+            (
+                "http://user:pw@example.com:8080/a?token=1",
+                false,
+                "example.com:8080",
+            ),
+            ("http://example.com/", false, "example.com:80"),
+            ("http://Example.com:/x", false, "Example.com:80"),
+            ("https://example.com/", false, "example.com:443"),
+            ("example.com:443", true, "example.com:443"),
+            ("http://[2001:db8::1]:81/", false, "[2001:db8::1]:81"),
+            ("http://[2001:db8::1]/", false, "[2001:db8::1]:80"),
+            ("[2001:db8::1]:443", true, "[2001:db8::1]:443"),
+            ("http://h:99999/", false, "h:80"),
+            ("/origin-form", false, "-"),
+        ] {
+            let uri: Uri = uri.parse().unwrap();
+            assert_eq!(log_target(&uri, connect), want, "{uri}");
+        }
+    }
 
     #[test]
     fn absolute_targets() {
