@@ -449,3 +449,108 @@ async fn fields_cross_as_sent_less_the_hop_by_hop_ones() {
         format!("GET /p HTTP/1.1\r\nhost: {o}\r\nUser-Agent: Case/1\r\nX-End: 1\r\n\r\n")
     );
 }
+
+/// Two `Host` fields are refused (RFC 9112 §3.2), on the fast path and on
+/// hyper's; a `Content-Length` sent twice or as a list reaches the client
+/// as one number (RFC 9110 §8.6); a transfer coding other than chunked is
+/// not passed on with its name taken off (the client would read a gzip
+/// body as plain): 502.
+#[tokio::test]
+async fn two_hosts_refused_and_response_framing_passed_on_plain() {
+    let heads: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = heads.clone();
+    let (origin, _) = recording_server(move |mut s: TcpStream| {
+        let seen = seen.clone();
+        async move {
+            loop {
+                let head = read_head(&mut s).await;
+                if head.is_empty() {
+                    return;
+                }
+                seen.lock().unwrap().push(head.clone());
+                let answer: &[u8] = if head.starts_with("GET /twice ") {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\nhello"
+                } else if head.starts_with("GET /list ") {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello"
+                } else if head.starts_with("GET /gzip ") {
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                } else {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                };
+                let _ = s.write_all(answer).await;
+            }
+        }
+    })
+    .await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+
+    // The fast path's request, and one hyper's server reads (a chunked
+    // upload), each with a second Host naming another site.
+    for (what, req) in [
+        (
+            "fast path",
+            format!(
+                "GET http://{origin}/a HTTP/1.1\r\nHost: {origin}\r\nHost: other.example\r\n\r\n"
+            ),
+        ),
+        (
+            "hyper's path",
+            format!(
+                "POST http://{origin}/a HTTP/1.1\r\nHost: {origin}\r\nHost: other.example\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
+            ),
+        ),
+        (
+            "a tunnel",
+            format!("CONNECT {origin} HTTP/1.1\r\nHost: {origin}\r\nhost: other.example\r\n\r\n"),
+        ),
+    ] {
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (status, head, _) = response(&mut s, false).await;
+        assert_eq!(status, 400, "{what}: {head}");
+        assert!(
+            head.to_ascii_lowercase().contains("proxy-status: rotor"),
+            "{what}: {head}"
+        );
+    }
+    assert!(
+        heads.lock().unwrap().is_empty(),
+        "nothing reached the destination"
+    );
+
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    for path in ["twice", "list"] {
+        let req = format!("GET http://{origin}/{path} HTTP/1.1\r\nHost: {origin}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (status, head, body) = response(&mut s, false).await;
+        assert_eq!(
+            (status, body.as_slice()),
+            (200, &b"hello"[..]),
+            "{path}: {head}"
+        );
+        let lengths: Vec<&str> = head
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().starts_with("content-length:"))
+            .collect();
+        assert_eq!(lengths.len(), 1, "{path}: {head}");
+        assert_eq!(
+            lengths[0].split(':').nth(1).map(str::trim),
+            Some("5"),
+            "{path}: {head}"
+        );
+    }
+    let req = format!("GET http://{origin}/gzip HTTP/1.1\r\nHost: {origin}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (status, head, body) = response(&mut s, false).await;
+    assert_eq!(status, 502, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("proxy-status: rotor"),
+        "{head}"
+    );
+    assert!(
+        String::from_utf8_lossy(&body).contains("transfer coding other than chunked"),
+        "{head}"
+    );
+}

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::{request, Method, StatusCode, Version};
+use http::{header, request, HeaderValue, Method, StatusCode, Version};
 use http_body::{Body, Frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -224,7 +224,13 @@ impl Conn {
                 }
             }
         };
-        let (framing, close) = framing(&head.method, status, headers.iter())?;
+        let Framed {
+            framing,
+            close,
+            length_field,
+        } = framing(&head.method, status, headers.iter())?;
+        let mut headers = headers;
+        length_field.apply(&mut headers);
         // The rest of the upload, once the answer is known to be relayed.
         // Its end sends no FIN (the destination may take the client's
         // going as a cancel while it still answers): the connection closes
@@ -506,23 +512,33 @@ fn framing<'a>(
     method: &Method,
     status: StatusCode,
     fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
-) -> Result<(Framing, bool), Error> {
+) -> Result<Framed, Error> {
     let mut te = false;
     // The last transfer coding named, over every value in order.
     let mut last_coding: Option<&str> = None;
+    // Codings other than chunked (identity aside), and how often chunked.
+    let (mut other_coding, mut chunked) = (false, 0);
     let mut length = None;
     let mut bad_length = None;
     let mut has_length = false;
+    // More than one Content-Length field, or a list in one.
+    let mut length_repeated = false;
     let mut close = false;
     for (name, value) in fields {
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
             te = true;
             // (A value that is not text is a coding that is not chunked.)
             let text = crate::fields::text(value).unwrap_or("?");
-            if let Some(c) = text.split(',').map(str::trim).rfind(|c| !c.is_empty()) {
+            for c in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
                 last_coding = Some(c);
+                match c {
+                    c if c.eq_ignore_ascii_case("chunked") => chunked += 1,
+                    c if c.eq_ignore_ascii_case("identity") => {}
+                    _ => other_coding = true,
+                }
             }
         } else if name.eq_ignore_ascii_case(b"content-length") {
+            length_repeated |= has_length || value.contains(&b',');
             has_length = true;
             for part in value.split(|&b| b == b',') {
                 let n = decimal::<u64>(part.trim_ascii());
@@ -540,24 +556,80 @@ fn framing<'a>(
         }
     }
     close |= te && has_length;
+    // RFC 9110 §8.6: a Content-Length that is not one number is not
+    // forwarded as it came (clients reject `5, 5` and two fields): as one
+    // value where the values agree, else not at all (without a body to
+    // frame, a bad one is no error of the response's).
+    let length_field = match (length_repeated, bad_length, length) {
+        (_, Some(_), _) => LengthField::Drop,
+        (true, None, Some(n)) => LengthField::One(n),
+        _ => LengthField::AsSent,
+    };
+    let framed = |framing| Framed {
+        framing,
+        close,
+        length_field,
+    };
     if *method == Method::HEAD
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
-        return Ok((Framing::Empty, close));
+        return Ok(framed(Framing::Empty));
     }
     if te {
-        // Chunked must be the last coding; any other ends at the close.
+        // Codings rotor would pass on still applied, with their name
+        // taken off (Transfer-Encoding is hop-by-hop): the client would
+        // read a gzip body as plain. A destination applies no coding
+        // but chunked unasked (RFC 9110 §10.1.4), and rotor asks for none.
+        if other_coding {
+            return Err(Error::Malformed("a transfer coding other than chunked"));
+        }
+        if chunked > 1 {
+            return Err(Error::Malformed("chunked applied more than once"));
+        }
+        // Chunked must be the last coding; with identity alone the body
+        // ends at the close.
         let framing = match last_coding {
             Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked,
             _ => Framing::Close,
         };
-        return Ok((framing, close));
+        return Ok(framed(framing));
     }
     if let Some(e) = bad_length {
         return Err(Error::Malformed(e));
     }
-    Ok((length.map_or(Framing::Close, Framing::Length), close))
+    Ok(framed(length.map_or(Framing::Close, Framing::Length)))
+}
+
+/// A response's framing (see [`framing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Framed {
+    framing: Framing,
+    /// The destination closes the connection after it.
+    close: bool,
+    length_field: LengthField,
+}
+
+/// What becomes of a response's `Content-Length` fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LengthField {
+    /// One field, one number (or none): as it came.
+    AsSent,
+    /// Repeated, or a list, of one number: one field with it.
+    One(u64),
+    /// Not a number, and no body framed by it: not passed on.
+    Drop,
+}
+
+impl LengthField {
+    /// Makes `fields`' Content-Length what it should be.
+    fn apply(self, fields: &mut Wire) {
+        match self {
+            LengthField::AsSent => {}
+            LengthField::One(n) => fields.insert(header::CONTENT_LENGTH, HeaderValue::from(n)),
+            LengthField::Drop => fields.remove(&header::CONTENT_LENGTH),
+        }
+    }
 }
 
 /// The number `text` spells in decimal digits and nothing else (no sign,
@@ -787,7 +859,7 @@ pub fn read_response_for_fuzzing(data: &[u8], head_request: bool) {
     } else {
         Method::GET
     };
-    let Ok((framing, _)) = framing(&method, status, headers.iter()) else {
+    let Ok(Framed { framing, .. }) = framing(&method, status, headers.iter()) else {
         return;
     };
     let available = buf.len();
@@ -1183,17 +1255,19 @@ mod tests {
                 &[("transfer-encoding", "chunked")],
                 ok(Framing::Chunked, false),
             ),
+            // Codings other than chunked would cross still applied, their
+            // name gone with the hop-by-hop field: refused.
             (
                 get.clone(),
                 200,
                 &[("transfer-encoding", "gzip, Chunked ,")],
-                ok(Framing::Chunked, false),
+                Err("a transfer coding other than chunked"),
             ),
             (
                 get.clone(),
                 200,
                 &[("transfer-encoding", "chunked, gzip")],
-                ok(Framing::Close, false),
+                Err("a transfer coding other than chunked"),
             ),
             (
                 get.clone(),
@@ -1202,7 +1276,7 @@ mod tests {
                     ("transfer-encoding", "chunked"),
                     ("transfer-encoding", "gzip"),
                 ],
-                ok(Framing::Close, false),
+                Err("a transfer coding other than chunked"),
             ),
             (
                 get.clone(),
@@ -1212,7 +1286,36 @@ mod tests {
                     ("transfer-encoding", "chunked"),
                     ("transfer-encoding", " "),
                 ],
+                Err("a transfer coding other than chunked"),
+            ),
+            (
+                get.clone(),
+                200,
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("transfer-encoding", "Chunked"),
+                ],
+                Err("chunked applied more than once"),
+            ),
+            // identity is no coding at all.
+            (
+                get.clone(),
+                200,
+                &[("transfer-encoding", "Identity, chunked")],
                 ok(Framing::Chunked, false),
+            ),
+            (
+                get.clone(),
+                200,
+                &[("transfer-encoding", "identity")],
+                ok(Framing::Close, false),
+            ),
+            // No body: nothing to decode, nothing refused.
+            (
+                Method::HEAD,
+                200,
+                &[("transfer-encoding", "gzip, chunked")],
+                ok(Framing::Empty, false),
             ),
             // Both: chunked wins, the length is not even read, and the
             // connection is not reused.
@@ -1262,12 +1365,82 @@ mod tests {
             let map = Fields::Map(headers);
             let wire = Fields::Wire(crate::fields::wire_for_tests(fields));
             for given in [&map, &wire] {
-                let got = framing(method, status, given.iter()).map_err(|e| match e {
-                    Error::Malformed(m) => m,
-                    e => panic!("{e:?}"),
-                });
+                let got = framing(method, status, given.iter())
+                    .map(|f| (f.framing, f.close))
+                    .map_err(|e| match e {
+                        Error::Malformed(m) => m,
+                        e => panic!("{e:?}"),
+                    });
                 assert_eq!(got, *want, "{method} {status} {fields:?}");
             }
+        }
+    }
+
+    #[test]
+    fn a_content_length_crosses_as_one_number() {
+        type Pairs = &'static [(&'static str, &'static str)];
+        let cases: &[(Method, u16, Pairs, LengthField, Option<&str>)] = &[
+            (
+                Method::GET,
+                200,
+                &[("content-length", "5")],
+                LengthField::AsSent,
+                Some("5"),
+            ),
+            (Method::GET, 200, &[], LengthField::AsSent, None),
+            (
+                Method::GET,
+                200,
+                &[("Content-Length", "5, 5")],
+                LengthField::One(5),
+                Some("5"),
+            ),
+            (
+                Method::GET,
+                200,
+                &[("content-length", "5"), ("Content-Length", "5")],
+                LengthField::One(5),
+                Some("5"),
+            ),
+            (
+                Method::HEAD,
+                200,
+                &[("content-length", "7,7")],
+                LengthField::One(7),
+                Some("7"),
+            ),
+            (
+                Method::HEAD,
+                200,
+                &[("content-length", "x")],
+                LengthField::Drop,
+                None,
+            ),
+            (
+                Method::GET,
+                304,
+                &[("content-length", "1, 2")],
+                LengthField::Drop,
+                None,
+            ),
+        ];
+        for (method, status, pairs, want, after) in cases {
+            let status = StatusCode::from_u16(*status).unwrap();
+            let mut wire = crate::fields::wire_for_tests(pairs);
+            let got = framing(method, status, wire.iter()).unwrap().length_field;
+            assert_eq!(got, *want, "{method} {status} {pairs:?}");
+            got.apply(&mut wire);
+            let fields = Fields::Wire(wire);
+            let lengths: Vec<_> = fields
+                .iter()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(b"content-length"))
+                .map(|(_, v)| std::str::from_utf8(v).unwrap().to_string())
+                .collect();
+            assert_eq!(
+                lengths,
+                after.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+                "{pairs:?}"
+            );
         }
     }
 

@@ -280,6 +280,10 @@ impl Proxy {
         });
         let result = match checked {
             Err(e) => Err(e),
+            // (A forward checks its Host where it replaces it.)
+            Ok(_) if method == Method::CONNECT && fields.get_only(&header::HOST).is_err() => {
+                Err(ProxyError::BadRequest("more than one Host field".into()))
+            }
             Ok(caller) if method == Method::CONNECT => {
                 let req = Request::from_parts(parts, body);
                 self.connect(req, client, caller.sticky.as_ref(), entry.clone())
@@ -687,6 +691,16 @@ impl Proxy {
         sticky: Option<&Sticky>,
     ) -> Result<(Answer, Lease), ProxyError> {
         let target = absolute_target(&parts.uri)?;
+        // RFC 9112 §3.2.2: the target's authority replaces any Host sent
+        // (most clients send that same text: then it is kept as it is).
+        // Two Host fields are refused (§3.2), not forwarded: a destination
+        // that read the second would serve another site than the one
+        // leased, budgeted and judged for.
+        let authority = target.host_value;
+        let host_as_sent = fields
+            .get_only(&header::HOST)
+            .map_err(|_| ProxyError::BadRequest("more than one Host field".into()))?
+            == Some(authority.as_bytes());
         // Names are case-insensitive: one lower-case copy serves the lookup,
         // the site and the pool's key.
         let host = target.host.to_ascii_lowercase();
@@ -702,10 +716,7 @@ impl Proxy {
         let dest = Dest(host, port);
 
         fields.strip_hop_by_hop(Message::Request);
-        // RFC 9112 §3.2.2: the target's authority replaces any Host sent
-        // (most clients send that same text: then it is kept as it is).
-        let authority = target.host_value;
-        if fields.get(&header::HOST) != Some(authority.as_bytes()) {
+        if !host_as_sent {
             let value = HeaderValue::from_str(authority).map_err(|_| {
                 ProxyError::BadRequest("the target host is not a valid header value".into())
             })?;
