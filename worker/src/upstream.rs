@@ -142,7 +142,7 @@ pub struct PooledBody {
     source: std::net::IpAddr,
     received: u64,
     /// The request's access log line, written when this body is done.
-    access: Option<Box<(Arc<crate::access::AccessLog>, crate::access::Entry)>>,
+    access: Option<(Arc<crate::access::AccessLog>, Box<crate::access::Entry>)>,
 }
 
 impl Drop for PooledBody {
@@ -151,8 +151,7 @@ impl Drop for PooledBody {
         // answer.
         let sent = self.inner.sent();
         self.meter.bytes(self.source, sent, self.received);
-        if let Some(b) = self.access.take() {
-            let (log, mut e) = *b;
+        if let Some((log, mut e)) = self.access.take() {
             e.sent = sent;
             e.received = self.received;
             log.log(&e);
@@ -185,8 +184,12 @@ impl PooledBody {
     }
 
     /// Writes `e` to `log` once the body is done (sent, or dropped).
-    pub fn log_when_done(&mut self, log: Arc<crate::access::AccessLog>, e: crate::access::Entry) {
-        self.access = Some(Box::new((log, e)));
+    pub fn log_when_done(
+        &mut self,
+        log: Arc<crate::access::AccessLog>,
+        e: Box<crate::access::Entry>,
+    ) {
+        self.access = Some((log, e));
     }
 
     fn go_home(&mut self) {
