@@ -454,7 +454,7 @@ async fn fields_cross_as_sent_less_the_hop_by_hop_ones() {
 /// hyper's; a `Content-Length` sent twice or as a list reaches the client
 /// as one number (RFC 9110 §8.6); a transfer coding other than chunked is
 /// not passed on with its name taken off (the client would read a gzip
-/// body as plain): 502.
+/// body as plain): 502 for a response, 501 for a request.
 #[tokio::test]
 async fn two_hosts_refused_and_response_framing_passed_on_plain() {
     let heads: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -515,6 +515,20 @@ async fn two_hosts_refused_and_response_framing_passed_on_plain() {
             "{what}: {head}"
         );
     }
+    // A request body still coded once hyper's server has taken its chunks
+    // off: 501 (RFC 9112 §6.1), not sent on with its coding's name gone.
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    let req = format!(
+        "POST http://{origin}/a HTTP/1.1\r\nHost: {origin}\r\n\
+         Transfer-Encoding: gzip, chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (status, head, _) = response(&mut s, false).await;
+    assert_eq!(status, 501, "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("proxy-status: rotor"),
+        "{head}"
+    );
     assert!(
         heads.lock().unwrap().is_empty(),
         "nothing reached the destination"

@@ -19,6 +19,10 @@ pub const PROXY_NAME: &str = "rotor";
 pub enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(String),
+    /// A request rotor cannot pass on as asked (RFC 9112 §6.1: a transfer
+    /// coding it does not understand is a 501).
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
     #[error("request head of {size} bytes, more than the {limit} accepted")]
     HeadTooLarge { size: usize, limit: usize },
     #[error("refused")]
@@ -119,6 +123,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadRequest(_)
+            | NotImplemented(_)
             | HeadTooLarge { .. }
             | Denied(_)
             | Auth(_)
@@ -144,6 +149,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadRequest(_) => (StatusCode::BAD_REQUEST, None),
+            NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, None),
             HeadTooLarge { .. } => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, None),
             Auth(crate::auth::AuthError::Busy) => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -180,6 +186,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadRequest(_) => "Bad Request",
+            NotImplemented(_) => "Transfer Coding Not Implemented",
             HeadTooLarge { .. } => "Request Head Too Large",
             Auth(crate::auth::AuthError::Busy) => "Authentication Busy",
             Auth(_) => "Proxy Authentication Required",

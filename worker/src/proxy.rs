@@ -707,6 +707,26 @@ impl Proxy {
             .get_only(&header::HOST)
             .map_err(|_| ProxyError::BadRequest("more than one Host field".into()))?
             == Some(authority.as_bytes());
+        // hyper's server takes chunked off a request body and nothing else;
+        // a body still coded (`gzip, chunked`) would go on with its coding's
+        // name gone (Transfer-Encoding is hop-by-hop). (The fast path takes
+        // no request with a Transfer-Encoding.)
+        if let Fields::Map(m) = &fields {
+            let codings = m.get_all(header::TRANSFER_ENCODING).iter();
+            if codings
+                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+                .any(|c| {
+                    let c = c.trim_ascii();
+                    !c.is_empty()
+                        && !c.eq_ignore_ascii_case(b"chunked")
+                        && !c.eq_ignore_ascii_case(b"identity")
+                })
+            {
+                return Err(ProxyError::NotImplemented(
+                    "a request body with a transfer coding other than chunked",
+                ));
+            }
+        }
         // Names are case-insensitive: one lower-case copy serves the lookup,
         // the site and the pool's key.
         let host = target.host.to_ascii_lowercase();
