@@ -380,12 +380,11 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     }
 }
 
-/// Fields cross the fast path as they were sent — names in their case, in
-/// their order — less the hop-by-hop ones (and those `Connection` names)
-/// each way; a Host that differs from the target's is replaced, and goes
-/// first.
-#[tokio::test]
-async fn fields_cross_as_sent_less_the_hop_by_hop_ones() {
+/// An origin that keeps every request head it reads and answers each with
+/// what `answer` gives for it.
+async fn head_recording_origin(
+    answer: fn(&str) -> &'static [u8],
+) -> (std::net::SocketAddr, Arc<Mutex<Vec<String>>>) {
     let heads: Arc<Mutex<Vec<String>>> = Arc::default();
     let seen = heads.clone();
     let (origin, _) = recording_server(move |mut s: TcpStream| {
@@ -396,16 +395,26 @@ async fn fields_cross_as_sent_less_the_hop_by_hop_ones() {
                 if head.is_empty() {
                     return;
                 }
+                let answer = answer(&head);
                 seen.lock().unwrap().push(head);
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\nX-Origin-Case: Yes\r\nConnection: keep-alive, X-Drop\r\n\
-                          X-Drop: 1\r\nKEEP-ALIVE: timeout=5\r\nProxy-Authenticate: Basic\r\n\
-                          Set-Cookie: a=1\r\nset-cookie: b=2\r\nContent-Length: 2\r\n\r\nok",
-                    )
-                    .await;
+                let _ = s.write_all(answer).await;
             }
         }
+    })
+    .await;
+    (origin, heads)
+}
+
+/// Fields cross the fast path as they were sent — names in their case, in
+/// their order — less the hop-by-hop ones (and those `Connection` names)
+/// each way; a Host that differs from the target's is replaced, and goes
+/// first.
+#[tokio::test]
+async fn fields_cross_as_sent_less_the_hop_by_hop_ones() {
+    let (origin, heads) = head_recording_origin(|_| {
+        b"HTTP/1.1 200 OK\r\nX-Origin-Case: Yes\r\nConnection: keep-alive, X-Drop\r\n\
+          X-Drop: 1\r\nKEEP-ALIVE: timeout=5\r\nProxy-Authenticate: Basic\r\n\
+          Set-Cookie: a=1\r\nset-cookie: b=2\r\nContent-Length: 2\r\n\r\nok"
     })
     .await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
@@ -457,28 +466,15 @@ async fn fields_cross_as_sent_less_the_hop_by_hop_ones() {
 /// body as plain): 502 for a response, 501 for a request.
 #[tokio::test]
 async fn two_hosts_refused_and_response_framing_passed_on_plain() {
-    let heads: Arc<Mutex<Vec<String>>> = Arc::default();
-    let seen = heads.clone();
-    let (origin, _) = recording_server(move |mut s: TcpStream| {
-        let seen = seen.clone();
-        async move {
-            loop {
-                let head = read_head(&mut s).await;
-                if head.is_empty() {
-                    return;
-                }
-                seen.lock().unwrap().push(head.clone());
-                let answer: &[u8] = if head.starts_with("GET /twice ") {
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\nhello"
-                } else if head.starts_with("GET /list ") {
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello"
-                } else if head.starts_with("GET /gzip ") {
-                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-                } else {
-                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
-                };
-                let _ = s.write_all(answer).await;
-            }
+    let (origin, heads) = head_recording_origin(|head| {
+        if head.starts_with("GET /twice ") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\ncontent-length: 5\r\n\r\nhello"
+        } else if head.starts_with("GET /list ") {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello"
+        } else if head.starts_with("GET /gzip ") {
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
         }
     })
     .await;
