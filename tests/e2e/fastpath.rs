@@ -380,6 +380,17 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     }
 }
 
+/// Sends `req` on `s` and checks that rotor answered it itself with
+/// `status` (a `Proxy-Status` field); its body.
+async fn rotors_own_answer(s: &mut TcpStream, req: &str, status: u16, what: &str) -> String {
+    s.write_all(req.as_bytes()).await.unwrap();
+    let (got, head, body) = response(s, false).await;
+    assert_eq!(got, status, "{what}: {head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("proxy-status: rotor"), "{what}: {head}");
+    String::from_utf8_lossy(&body).into_owned()
+}
+
 /// An origin that keeps every request head it reads and answers each with
 /// what `answer` gives for it.
 async fn head_recording_origin(
@@ -503,13 +514,7 @@ async fn two_hosts_refused_and_response_framing_passed_on_plain() {
         ),
     ] {
         let mut s = TcpStream::connect(worker.addr).await.unwrap();
-        s.write_all(req.as_bytes()).await.unwrap();
-        let (status, head, _) = response(&mut s, false).await;
-        assert_eq!(status, 400, "{what}: {head}");
-        assert!(
-            head.to_ascii_lowercase().contains("proxy-status: rotor"),
-            "{what}: {head}"
-        );
+        rotors_own_answer(&mut s, &req, 400, what).await;
     }
     // A request body still coded once hyper's server has taken its chunks
     // off: 501 (RFC 9112 §6.1), not sent on with its coding's name gone.
@@ -518,13 +523,7 @@ async fn two_hosts_refused_and_response_framing_passed_on_plain() {
         "POST http://{origin}/a HTTP/1.1\r\nHost: {origin}\r\n\
          Transfer-Encoding: gzip, chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
     );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let (status, head, _) = response(&mut s, false).await;
-    assert_eq!(status, 501, "{head}");
-    assert!(
-        head.to_ascii_lowercase().contains("proxy-status: rotor"),
-        "{head}"
-    );
+    rotors_own_answer(&mut s, &req, 501, "coded upload").await;
     assert!(
         heads.lock().unwrap().is_empty(),
         "nothing reached the destination"
@@ -552,15 +551,9 @@ async fn two_hosts_refused_and_response_framing_passed_on_plain() {
         );
     }
     let req = format!("GET http://{origin}/gzip HTTP/1.1\r\nHost: {origin}\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let (status, head, body) = response(&mut s, false).await;
-    assert_eq!(status, 502, "{head}");
+    let body = rotors_own_answer(&mut s, &req, 502, "coded response").await;
     assert!(
-        head.to_ascii_lowercase().contains("proxy-status: rotor"),
-        "{head}"
-    );
-    assert!(
-        String::from_utf8_lossy(&body).contains("transfer coding other than chunked"),
-        "{head}"
+        body.contains("transfer coding other than chunked"),
+        "{body}"
     );
 }
