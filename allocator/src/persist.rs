@@ -162,17 +162,40 @@ pub fn take_kept<T: serde::de::DeserializeOwned>(path: &Path, remove: bool) -> i
     let Some(text) = read_text(path)? else {
         return Ok(Vec::new());
     };
-    if remove {
+    let parsed = parse_json(&text);
+    if parsed.is_err() {
+        // Kept aside for a look, not lost: the next checkpoint would write
+        // over it (the caller says it starts without it).
+        let mut name = path.file_name().unwrap_or_default().to_owned();
+        name.push(".corrupt");
+        let _ = std::fs::rename(path, path.with_file_name(name));
+    } else if remove {
         let _ = std::fs::remove_file(path);
+        sync_dir(path);
     }
-    parse_json(&text)
+    parsed
 }
 
 /// Removes what was kept in `path` (there is nothing left to keep).
 pub fn clear_kept(path: &Path) -> io::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
+        Err(_) => Ok(()),
+        Ok(()) => {
+            sync_dir(path);
+            Ok(())
+        }
+    }
+}
+
+/// Makes a rename or removal in `path`'s directory durable (its entry is
+/// the directory's data): without it a power loss may bring back the
+/// file a checkpoint replaced or removed.
+fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
     }
 }
 
@@ -202,7 +225,9 @@ fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut f = File::create(&tmp)?;
     io::Write::write_all(&mut f, bytes)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    sync_dir(path);
+    Ok(())
 }
 
 fn encode(s: &Saved) -> [u8; LEN] {
@@ -256,6 +281,27 @@ fn decode(b: &[u8]) -> Option<Saved> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_kept_file_that_does_not_parse_is_set_aside_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sessions.json");
+        std::fs::write(&path, b"{garbage").unwrap();
+        for remove in [true, false] {
+            let got = super::take_kept::<u32>(&path, remove);
+            assert_eq!(got.unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+            assert!(!path.exists());
+            let aside = dir.path().join("sessions.json.corrupt");
+            assert_eq!(std::fs::read(&aside).unwrap(), b"{garbage");
+            std::fs::rename(&aside, &path).unwrap();
+        }
+        // A good one is read, and goes only when asked.
+        super::write_kept(&path, &[1u32, 2]).unwrap();
+        assert_eq!(super::take_kept::<u32>(&path, false).unwrap(), [1, 2]);
+        assert!(path.exists());
+        assert_eq!(super::take_kept::<u32>(&path, true).unwrap(), [1, 2]);
+        assert!(!path.exists());
+    }
+
     #[test]
     fn hand_quarantines_round_trip_and_bad_files_are_errors() {
         let dir = tempfile::tempdir().unwrap();

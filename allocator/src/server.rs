@@ -220,8 +220,14 @@ pub async fn run(
     };
     alloc.limit_sessions(config.max_sessions);
     alloc.set_site_rules(config.site_rules.clone(), config.max_site_entries);
-    if let Some(dir) = &config.state_dir {
-        alloc.keep_state_in(dir, !config.checkpoint.is_zero());
+    match &config.state_dir {
+        // Without the state file there is no lock on the directory: another
+        // allocator may be writing the same files.
+        Some(dir) if !alloc.holds_state_file() => {
+            warn!(dir = %dir.display(), "no lock on the state directory: sticky sessions, site state and quarantines by hand are not kept there");
+        }
+        Some(dir) => alloc.keep_state_in(dir, !config.checkpoint.is_zero()),
+        None => {}
     }
     let alloc = Arc::new(alloc);
     // The pool is loaded before the first connection is accepted, so no

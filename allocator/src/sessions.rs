@@ -229,6 +229,11 @@ impl Sessions {
     /// always: one gone from the pool moves the session, or fails a strict
     /// one). How many came back.
     pub fn restore(&mut self, saved: Vec<SavedSession>, now: Instant, wall_ms: u64) -> usize {
+        // A wall clock behind the one that wrote the file (a start before
+        // NTP has set it, a VM snapshot) would bring ended sessions back
+        // and lengthen the rest: it is now at least the newest session's
+        // start, and no session outlives its own lifetime.
+        let wall_ms = saved.iter().map(|s| s.created_ms).fold(wall_ms, u64::max);
         let mut live: Vec<SavedSession> = saved
             .into_iter()
             .filter(|s| s.expires_ms > wall_ms && !self.map.contains_key(s.key.as_str()))
@@ -241,7 +246,8 @@ impl Sessions {
             let created = now
                 .checked_sub(Duration::from_millis(wall_ms.saturating_sub(s.created_ms)))
                 .unwrap_or(now);
-            let expires = now + Duration::from_millis(s.expires_ms - wall_ms);
+            let left = (s.expires_ms - wall_ms).min(s.expires_ms.saturating_sub(s.created_ms));
+            let expires = now + Duration::from_millis(left);
             let key: Arc<str> = Arc::from(s.key);
             self.order.push_back((created, key.clone()));
             self.map.insert(
@@ -333,11 +339,22 @@ mod tests {
         let mut r = Sessions::new(10);
         assert_eq!(r.restore(saved.clone(), t1, wall + 51_000), 1);
         let mut one = Sessions::new(1);
-        assert_eq!(one.restore(saved, t1, wall + 20_000), 1);
+        assert_eq!(one.restore(saved.clone(), t1, wall + 20_000), 1);
         assert_eq!(one.pinned("old", Family::V4, t1, good), Pinned::Nothing);
         one.pin("third", ip("10.0.0.9"), Duration::from_secs(9), false, t1);
         assert_eq!(one.pinned("new", Family::V4, t1, good), Pinned::Nothing);
         assert_eq!(one.len(), 1);
+
+        // A wall clock an hour behind at the restart (before NTP set it):
+        // now is taken as at least the newest session's start, so "old"
+        // has at most the 55 s it had from then, not an hour more.
+        let mut behind = Sessions::new(10);
+        assert_eq!(behind.restore(saved, t1, wall - 3_600_000), 2);
+        let after = t1 + Duration::from_secs(56);
+        assert_eq!(
+            behind.pinned("old", Family::V4, after, good),
+            Pinned::Nothing
+        );
     }
 
     #[test]

@@ -877,6 +877,18 @@ impl Sites {
     /// dropped. Up to the cap, cooling pairs first. How many came back.
     pub fn restore(&mut self, saved: Vec<SavedPair>, now: Instant, wall_ms: u64) -> usize {
         let t = self.ms(now);
+        // A wall clock behind the one that wrote the file (a start before
+        // NTP has set it) would drop the window's starts as "in the
+        // future" — a spent budget forgotten — and lengthen cooldowns: it
+        // is now at least the newest start or strike the file holds, and
+        // no cooldown comes back longer than the longest one given.
+        let newest = saved
+            .iter()
+            .flat_map(|p| p.starts.iter().map(|&(at, _)| at).chain(p.last_strike_ms))
+            .max()
+            .unwrap_or(0);
+        let wall_ms = wall_ms.max(newest);
+        let longest = t + RETRY_AFTER_MAX.as_millis() as u64;
         // A wall-clock time on this table's clock (`None` before its start).
         let ms = |w: u64| match w.checked_sub(wall_ms) {
             Some(ahead) => Some(t + ahead),
@@ -902,7 +914,11 @@ impl Sites {
                 held: starts.iter().map(|(_, n)| n).sum(),
                 starts: starts.into(),
                 window,
-                cool_until: p.cool_until_ms.and_then(ms).filter(|&c| c > t).unwrap_or(0),
+                cool_until: p
+                    .cool_until_ms
+                    .and_then(ms)
+                    .filter(|&c| c > t)
+                    .map_or(0, |c| c.min(longest)),
                 strikes: p.strikes,
                 last_strike: p
                     .last_strike_ms
@@ -1073,6 +1089,20 @@ mod tests {
         let (until, strikes) = s2.pair("c.com", ip(1)).unwrap();
         assert_eq!(strikes, 2);
         assert!(until - t1 >= secs(47) && until - t1 <= secs(73));
+
+        // A wall clock an hour behind at the restart (before NTP set it):
+        // the window's starts are not dropped as "in the future" — now is
+        // at least the newest time the file holds — and the hour's
+        // cooldown comes back no longer than it was.
+        let mut behind = Sites::new(rules(&["a.com=2/1m"]), 1000);
+        assert_eq!(behind.restore(saved.clone(), t1, wall0 - 3_600_000), 5);
+        assert_eq!(
+            take(&mut behind, "a.com", &active, 3, t1),
+            [0u8; 0],
+            "a.com's budget forgotten with the clock behind"
+        );
+        let (until, _) = behind.pair("b.com", ip(2)).unwrap();
+        assert!(until - t1 <= secs(3600), "{:?}", until - t1);
 
         // Budgets changed over the restart: a.com has none now.
         let mut s3 = Sites::new(Rules::default(), 1000);

@@ -158,7 +158,7 @@ fn take_kept<T: serde::de::DeserializeOwned>(
             Some((kept, restore(saved)))
         }
         Err(e) => {
-            tracing::warn!(file = %path.display(), error = %e, "cannot read the {what} kept before the restart; they start over");
+            tracing::warn!(file = %path.display(), error = %e, "cannot read the {what} kept before the restart (a file that does not parse is kept aside as .corrupt); they start over");
             None
         }
     }
@@ -553,6 +553,12 @@ impl Allocator {
             }),
             started: Instant::now(),
         })
+    }
+
+    /// Whether this allocator holds the rotation state file, and with it
+    /// the state directory's lock.
+    pub fn holds_state_file(&self) -> bool {
+        self.lock().state.is_some()
     }
 
     /// Keeps what outlives a restart in `dir` (the state directory): the
