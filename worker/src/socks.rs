@@ -89,6 +89,8 @@ pub enum HandshakeError {
     Command(u8),
     #[error("address type {0} not supported")]
     AddressType(u8),
+    #[error("port 0 is not a destination")]
+    PortZero,
     #[error(transparent)]
     Io(#[from] io::Error),
 }
@@ -121,8 +123,14 @@ where
             if s.read_u8().await? != 1 {
                 return Err(HandshakeError::BadAuth);
             }
-            let user = read_string(s).await?;
-            let password = read_string(s).await?;
+            // RFC 1929 names bytes; rotor's users file is text, and a
+            // lossy read would make different passwords one.
+            let user = String::from_utf8(read_bytes(s).await?);
+            let password = String::from_utf8(read_bytes(s).await?);
+            let (Ok(user), Ok(password)) = (user, password) else {
+                s.write_all(&[1, 1]).await?;
+                return Err(HandshakeError::BadAuth);
+            };
             Some((user, password))
         }
         _ => None,
@@ -180,6 +188,12 @@ where
         reply(s, Reply::CommandNotSupported, None).await?;
         return Err(HandshakeError::Command(command));
     }
+    // Never a destination (the HTTP path refuses it too): connecting to it
+    // would only count a failure against a pool address.
+    if port == 0 {
+        reply(s, Reply::NotAllowed, None).await?;
+        return Err(HandshakeError::PortZero);
+    }
     Ok(Handshake {
         credentials,
         host,
@@ -187,11 +201,16 @@ where
     })
 }
 
-async fn read_string<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<String> {
+/// A length byte and that many bytes.
+async fn read_bytes<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<Vec<u8>> {
     let n = s.read_u8().await? as usize;
     let mut b = vec![0u8; n];
     s.read_exact(&mut b).await?;
-    Ok(String::from_utf8_lossy(&b).into_owned())
+    Ok(b)
+}
+
+async fn read_string<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<String> {
+    Ok(String::from_utf8_lossy(&read_bytes(s).await?).into_owned())
 }
 
 async fn read_name<S: AsyncRead + Unpin>(s: &mut S) -> Result<String, HandshakeError> {
@@ -367,6 +386,15 @@ mod tests {
             [5, 0, 5, Reply::CommandNotSupported as u8],
             "{out:?}"
         );
+        // A password that is not UTF-8 is refused, not read lossily (two
+        // such passwords would be one).
+        let (r, out) = run(&[5, 1, 2, 1, 1, b'a', 1, 0xff], true).await;
+        assert!(matches!(r, Err(HandshakeError::BadAuth)), "{r:?}");
+        assert_eq!(out, [5, 2, 1, 1]);
+        // Port 0: not a destination.
+        let (r, out) = run(&[5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1, 0, 0], false).await;
+        assert!(matches!(r, Err(HandshakeError::PortZero)), "{r:?}");
+        assert_eq!(out[..4], [5, 0, 5, Reply::NotAllowed as u8], "{out:?}");
         // Not SOCKS5 at all.
         assert!(matches!(
             run(b"GET / HTTP/1.1\r\n", false).await.0,
