@@ -167,11 +167,14 @@ async fn socks5_with_a_users_file_and_a_slow_client() {
     add_user(&users, "alice", "pw");
     let echo = Echo::start().await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let log = dir.path().join("access.log");
     let auth = [
         "--auth-file",
         users.to_str().unwrap(),
         "--header-read-timeout",
         "1s",
+        "--access-log",
+        log.to_str().unwrap(),
     ];
     let (_w, socks) = socks_worker(&alloc.socket, &auth, false).await;
     // No-auth only: no acceptable method.
@@ -199,6 +202,17 @@ async fn socks5_with_a_users_file_and_a_slow_client() {
     .await;
     assert_eq!(code, 0);
     echo_once(&mut s).await;
+    // The wrong password is in the access log (the client's address, 407),
+    // as an HTTP 407 is; the password never is.
+    eventually("the refused login in the access log", || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.lines().any(|l| l.contains(" SOCKS5 - - 407 "))
+        }
+    })
+    .await;
+    assert!(!std::fs::read_to_string(&log).unwrap().contains("wrong"));
     // A client that says nothing is cut off after the header-read timeout.
     let mut slow = TcpStream::connect(socks).await.unwrap();
     let t0 = Instant::now();

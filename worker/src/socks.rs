@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
+use crate::access::Entry;
 use crate::error::ProxyError;
 use crate::proxy::Proxy;
 
@@ -243,6 +244,11 @@ pub async fn reply<S: AsyncWrite + Unpin>(
     s.write_all(&out).await
 }
 
+/// What the access log names a SOCKS5 tunnel's method.
+fn method() -> http::Method {
+    http::Method::from_bytes(b"SOCKS5").expect("a token")
+}
+
 /// Serves one SOCKS5 client: the handshake within `within` (and the wait
 /// for a password check's slot on top), then the tunnel, which holds
 /// `permit` (its place under the connection limit).
@@ -254,6 +260,7 @@ pub async fn serve(
     within: Duration,
 ) {
     let auth_required = proxy.auth_required();
+    let began = std::time::Instant::now();
     let opened = tokio::time::timeout(within + crate::auth::VERIFY_WAIT, async {
         let mut hs = handshake(&mut stream, auth_required).await?;
         let mut caller = crate::proxy::Caller::default();
@@ -266,6 +273,14 @@ pub async fn serve(
                 Err(e) => {
                     stream.write_all(&[1, 1]).await?;
                     debug!(%client, error = %e, "SOCKS5 authentication refused");
+                    // Counted and logged as HTTP's 407 is: password
+                    // guesses over SOCKS5 show in the access log too.
+                    proxy.meter.error(None, began.elapsed());
+                    if let Some(log) = proxy.access_log() {
+                        let mut en = Entry::new(began, client, method(), "-".into());
+                        en.status = 407;
+                        log.log(&en);
+                    }
                     return Err(HandshakeError::Refused);
                 }
             }
@@ -295,8 +310,7 @@ pub async fn serve(
             true => format!("[{}]:{}", hs.host, hs.port),
             false => dest.clone(),
         };
-        let method = http::Method::from_bytes(b"SOCKS5").expect("a token");
-        let mut e = crate::access::Entry::new(started, client, method, target);
+        let mut e = Entry::new(started, client, method(), target);
         caller.stamp(&mut e);
         e
     });
