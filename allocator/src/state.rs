@@ -189,7 +189,7 @@ fn keep<T: serde::Serialize>(
             true
         }
         Err(e) => {
-            tracing::warn!(file = %path.display(), error = %e, "cannot keep the {what}: the next start begins without them");
+            tracing::warn!(file = %path.display(), error = %e, "cannot write the {what}: a start now would have the last one written, if any (tried again at the next checkpoint)");
             false
         }
     }
