@@ -45,6 +45,7 @@ pub struct Sessions {
 pub struct Copied {
     now: Instant,
     sessions: Vec<(Arc<str>, Session)>,
+    evicted_strict: Vec<(Arc<str>, Instant)>,
 }
 
 impl Copied {
@@ -67,9 +68,26 @@ impl Copied {
                 created_ms: at(s.created),
                 expires_ms: at(s.expires),
                 strict: s.strict,
+                evicted: false,
             })
             .collect();
         out.sort_by_key(|s| s.created_ms);
+        // Strict sessions pushed out of the full table still fail until
+        // their end, after a restart too (their start is not known: the
+        // copy's moment stands for it).
+        out.extend(
+            self.evicted_strict
+                .into_iter()
+                .filter(|(_, until)| *until > now)
+                .map(|(key, until)| SavedSession {
+                    key: key.to_string(),
+                    ips: [None, None],
+                    created_ms: wall_ms,
+                    expires_ms: at(until),
+                    strict: true,
+                    evicted: true,
+                }),
+        );
         out
     }
 }
@@ -83,6 +101,10 @@ pub struct SavedSession {
     pub created_ms: u64,
     pub expires_ms: u64,
     pub strict: bool,
+    /// A strict session the full table pushed out before its end: it
+    /// fails until then rather than take another address.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub evicted: bool,
 }
 
 /// What a session says of a lease of `family`.
@@ -220,6 +242,11 @@ impl Sessions {
         Copied {
             now,
             sessions: self.map.iter().map(|(k, s)| (k.clone(), *s)).collect(),
+            evicted_strict: self
+                .evicted_strict
+                .iter()
+                .map(|(k, until)| (k.clone(), *until))
+                .collect(),
         }
     }
 
@@ -234,20 +261,33 @@ impl Sessions {
         // and lengthen the rest: it is now at least the newest session's
         // start, and no session outlives its own lifetime.
         let wall_ms = saved.iter().map(|s| s.created_ms).fold(wall_ms, u64::max);
-        let mut live: Vec<SavedSession> = saved
+        // What is left of a session's time, no more than its lifetime.
+        let left = |s: &SavedSession| {
+            let left = (s.expires_ms - wall_ms).min(s.expires_ms.saturating_sub(s.created_ms));
+            now + Duration::from_millis(left)
+        };
+        let (mut live, evicted): (Vec<SavedSession>, Vec<SavedSession>) = saved
             .into_iter()
             .filter(|s| s.expires_ms > wall_ms && !self.map.contains_key(s.key.as_str()))
-            .collect();
+            .partition(|s| !s.evicted);
         live.sort_by_key(|s| s.created_ms);
         let room = self.max.saturating_sub(self.map.len());
         let skip = live.len().saturating_sub(room);
+        // Strict sessions that were pushed out, or are now (over the cap):
+        // they fail until their end, as before the restart.
+        let over = live.iter().take(skip).filter(|s| s.strict);
+        for s in evicted.iter().chain(over) {
+            if self.evicted_strict.len() < self.max {
+                self.evicted_strict
+                    .insert(Arc::from(s.key.as_str()), left(s));
+            }
+        }
         let mut n = 0;
         for s in live.into_iter().skip(skip) {
             let created = now
                 .checked_sub(Duration::from_millis(wall_ms.saturating_sub(s.created_ms)))
                 .unwrap_or(now);
-            let left = (s.expires_ms - wall_ms).min(s.expires_ms.saturating_sub(s.created_ms));
-            let expires = now + Duration::from_millis(left);
+            let expires = left(&s);
             let key: Arc<str> = Arc::from(s.key);
             self.order.push_back((created, key.clone()));
             self.map.insert(
@@ -335,12 +375,22 @@ mod tests {
             Pinned::Address(ip("10.0.0.2"))
         );
         // Past its end by the restart: not back. Over the cap: the newest
-        // kept, and the oldest still goes first after.
+        // kept, and the oldest still goes first after; the strict one
+        // pushed out fails until its end, as it would have without the
+        // restart.
         let mut r = Sessions::new(10);
         assert_eq!(r.restore(saved.clone(), t1, wall + 51_000), 1);
         let mut one = Sessions::new(1);
         assert_eq!(one.restore(saved.clone(), t1, wall + 20_000), 1);
-        assert_eq!(one.pinned("old", Family::V4, t1, good), Pinned::Nothing);
+        assert_eq!(one.pinned("old", Family::V4, t1, good), Pinned::Evicted);
+        let ended = t1 + Duration::from_secs(31);
+        assert_eq!(one.pinned("old", Family::V4, ended, good), Pinned::Nothing);
+        // And one evicted before a checkpoint is kept as evicted.
+        let kept = one.snapshot(t1, wall + 20_000);
+        assert!(kept.iter().any(|s| s.key == "old" && s.evicted), "{kept:?}");
+        let mut next = Sessions::new(1);
+        next.restore(kept, t1, wall + 20_000);
+        assert_eq!(next.pinned("old", Family::V4, t1, good), Pinned::Evicted);
         one.pin("third", ip("10.0.0.9"), Duration::from_secs(9), false, t1);
         assert_eq!(one.pinned("new", Family::V4, t1, good), Pinned::Nothing);
         assert_eq!(one.len(), 1);
