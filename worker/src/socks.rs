@@ -244,6 +244,10 @@ pub async fn reply<S: AsyncWrite + Unpin>(
     s.write_all(&out).await
 }
 
+/// How long a SOCKS5 password check may take: a wait for the client's
+/// own slot and one for argon2's, each up to `VERIFY_WAIT`, and the hash.
+const AUTH_BUDGET: Duration = Duration::from_secs(2 * crate::auth::VERIFY_WAIT.as_secs() + 1);
+
 /// What the access log names a SOCKS5 tunnel's method.
 fn method() -> http::Method {
     http::Method::from_bytes(b"SOCKS5").expect("a token")
@@ -261,18 +265,32 @@ pub async fn serve(
 ) {
     let auth_required = proxy.auth_required();
     let began = std::time::Instant::now();
-    let opened = tokio::time::timeout(within + crate::auth::VERIFY_WAIT, async {
-        let mut hs = handshake(&mut stream, auth_required).await?;
+    // The client's bytes within `within` (a slow or silent client is cut
+    // off then); the password check, which may wait for two slots (the
+    // client's own, then argon2's), has a budget of its own on top, so a
+    // busy check is answered, not cut off.
+    let start = tokio::time::Instant::now();
+    let slow = |_| HandshakeError::Io(io::ErrorKind::TimedOut.into());
+    let opened = async {
+        let read = tokio::time::timeout_at(start + within, handshake(&mut stream, auth_required));
+        let mut hs = read.await.map_err(slow)??;
         let mut caller = crate::proxy::Caller::default();
         if let Some((user, password)) = hs.credentials.take() {
-            match proxy.authenticate_user(&user, &password, client.ip()).await {
-                Ok(c) => {
+            let checking = tokio::time::Instant::now();
+            let check = proxy.authenticate_user(&user, &password, client.ip());
+            let checked = tokio::time::timeout(AUTH_BUDGET, check).await;
+            let spent = checking.elapsed();
+            match checked {
+                Ok(Ok(c)) => {
                     stream.write_all(&[1, 0]).await?;
                     caller = c;
                 }
-                Err(e) => {
+                refused => {
                     stream.write_all(&[1, 1]).await?;
-                    debug!(%client, error = %e, "SOCKS5 authentication refused");
+                    match refused {
+                        Ok(Err(e)) => debug!(%client, error = %e, "SOCKS5 authentication refused"),
+                        _ => debug!(%client, "SOCKS5 authentication not checked in time; refused"),
+                    }
                     // Counted and logged as HTTP's 407 is: password
                     // guesses over SOCKS5 show in the access log too.
                     proxy.meter.error(None, began.elapsed());
@@ -284,22 +302,24 @@ pub async fn serve(
                     return Err(HandshakeError::Refused);
                 }
             }
-            hs = read_request(&mut stream, None).await?;
+            let read =
+                tokio::time::timeout_at(start + within + spent, read_request(&mut stream, None));
+            hs = read.await.map_err(slow)??;
         }
         Ok::<_, HandshakeError>((hs, caller))
-    })
+    }
     .await;
     let (hs, caller) = match opened {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => {
+        Ok(x) => x,
+        Err(HandshakeError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
+            debug!(%client, "SOCKS5 handshake too slow; closed");
+            return;
+        }
+        Err(e) => {
             debug!(%client, error = %e, "SOCKS5 handshake ended");
             // Whatever it said after, read: the answer is not lost to a
             // reset.
             crate::server::linger_close(stream).await;
-            return;
-        }
-        Err(_) => {
-            debug!(%client, "SOCKS5 handshake too slow; closed");
             return;
         }
     };
