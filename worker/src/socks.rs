@@ -323,14 +323,14 @@ pub async fn serve(
             return;
         }
     };
-    let dest = format!("{}:{}", hs.host, hs.port);
+    // Host and port as the logs write them (an IPv6 address bracketed).
+    let dest = match hs.host.contains(':') {
+        true => format!("[{}]:{}", hs.host, hs.port),
+        false => format!("{}:{}", hs.host, hs.port),
+    };
     let started = std::time::Instant::now();
     let entry = proxy.access_log().map(|_| {
-        let target = match hs.host.contains(':') {
-            true => format!("[{}]:{}", hs.host, hs.port),
-            false => dest.clone(),
-        };
-        let mut e = Entry::new(started, client, method(), target);
+        let mut e = Entry::new(started, client, method(), dest.clone());
         caller.stamp(&mut e);
         e
     });
