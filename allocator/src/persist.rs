@@ -170,8 +170,7 @@ pub fn take_kept<T: serde::de::DeserializeOwned>(path: &Path, remove: bool) -> i
         name.push(".corrupt");
         let _ = std::fs::rename(path, path.with_file_name(name));
     } else if remove {
-        let _ = std::fs::remove_file(path);
-        sync_dir(path);
+        let _ = clear_kept(path);
     }
     parsed
 }

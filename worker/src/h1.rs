@@ -515,7 +515,7 @@ fn framing<'a>(
 ) -> Result<Framed, Error> {
     let mut te = false;
     // The last transfer coding named, over every value in order.
-    let mut last_coding: Option<&str> = None;
+    let mut last_coding = None;
     // Codings other than chunked (identity aside), and how often chunked.
     let (mut other_coding, mut chunked) = (false, 0);
     let mut length = None;
@@ -527,14 +527,12 @@ fn framing<'a>(
     for (name, value) in fields {
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
             te = true;
-            // (A value that is not text is a coding that is not chunked.)
-            let text = crate::fields::text(value).unwrap_or("?");
-            for c in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            for c in codings(value) {
                 last_coding = Some(c);
                 match c {
-                    c if c.eq_ignore_ascii_case("chunked") => chunked += 1,
-                    c if c.eq_ignore_ascii_case("identity") => {}
-                    _ => other_coding = true,
+                    Coding::Chunked => chunked += 1,
+                    Coding::Identity => {}
+                    Coding::Other => other_coding = true,
                 }
             }
         } else if name.eq_ignore_ascii_case(b"content-length") {
@@ -590,7 +588,7 @@ fn framing<'a>(
         // Chunked must be the last coding; with identity alone the body
         // ends at the close.
         let framing = match last_coding {
-            Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked,
+            Some(Coding::Chunked) => Framing::Chunked,
             _ => Framing::Close,
         };
         return Ok(framed(framing));
@@ -599,6 +597,29 @@ fn framing<'a>(
         return Err(Error::Malformed(e));
     }
     Ok(framed(length.map_or(Framing::Close, Framing::Length)))
+}
+
+/// A transfer coding, as rotor relays it: chunked it takes off and puts
+/// on again, identity is none, any other it cannot pass on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Coding {
+    Chunked,
+    Identity,
+    Other,
+}
+
+/// The codings a `Transfer-Encoding` value lists, in order (a value that
+/// is not text is a coding that is not chunked).
+pub(crate) fn codings(value: &[u8]) -> impl Iterator<Item = Coding> + '_ {
+    let text = crate::fields::text(value).unwrap_or("?");
+    text.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(|c| match c {
+            c if c.eq_ignore_ascii_case("chunked") => Coding::Chunked,
+            c if c.eq_ignore_ascii_case("identity") => Coding::Identity,
+            _ => Coding::Other,
+        })
 }
 
 /// A response's framing (see [`framing`]).

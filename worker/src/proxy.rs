@@ -282,19 +282,19 @@ impl Proxy {
         let result = match checked {
             Err(e) => Err(e),
             // (A forward checks its Host where it replaces it.)
-            Ok(_) if method == Method::CONNECT && fields.get_only(&header::HOST).is_err() => {
-                Err(ProxyError::BadRequest("more than one Host field".into()))
-            }
-            Ok(caller) if method == Method::CONNECT => {
-                let req = Request::from_parts(parts, body);
-                self.connect(
-                    req,
-                    client,
-                    caller.sticky.as_ref(),
-                    entry.as_deref().cloned(),
-                )
-                .await
-            }
+            Ok(caller) if method == Method::CONNECT => match only_host(&fields) {
+                Err(e) => Err(e),
+                Ok(_) => {
+                    let req = Request::from_parts(parts, body);
+                    self.connect(
+                        req,
+                        client,
+                        caller.sticky.as_ref(),
+                        entry.as_deref().cloned(),
+                    )
+                    .await
+                }
+            },
             Ok(caller) => {
                 self.forward(parts, fields, body, caller.sticky.as_ref())
                     .await
@@ -699,28 +699,18 @@ impl Proxy {
         let target = absolute_target(&parts.uri)?;
         // RFC 9112 §3.2.2: the target's authority replaces any Host sent
         // (most clients send that same text: then it is kept as it is).
-        // Two Host fields are refused (§3.2), not forwarded: a destination
-        // that read the second would serve another site than the one
-        // leased, budgeted and judged for.
+        // Two Host fields are refused, not forwarded (`only_host`).
         let authority = target.host_value;
-        let host_as_sent = fields
-            .get_only(&header::HOST)
-            .map_err(|_| ProxyError::BadRequest("more than one Host field".into()))?
-            == Some(authority.as_bytes());
+        let host_as_sent = only_host(&fields)? == Some(authority.as_bytes());
         // hyper's server takes chunked off a request body and nothing else;
         // a body still coded (`gzip, chunked`) would go on with its coding's
         // name gone (Transfer-Encoding is hop-by-hop). (The fast path takes
         // no request with a Transfer-Encoding.)
         if let Fields::Map(m) = &fields {
-            let codings = m.get_all(header::TRANSFER_ENCODING).iter();
-            if codings
-                .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-                .any(|c| {
-                    let c = c.trim_ascii();
-                    !c.is_empty()
-                        && !c.eq_ignore_ascii_case(b"chunked")
-                        && !c.eq_ignore_ascii_case(b"identity")
-                })
+            let values = m.get_all(header::TRANSFER_ENCODING).iter();
+            if values
+                .flat_map(|v| h1::codings(v.as_bytes()))
+                .any(|c| c == h1::Coding::Other)
             {
                 return Err(ProxyError::NotImplemented(
                     "a request body with a transfer coding other than chunked",
@@ -864,6 +854,15 @@ fn log_tunnel(log: Option<(Arc<AccessLog>, Entry)>, lease: &Lease, bytes: (u64, 
         (e.sent, e.received) = bytes;
         log.log(&e);
     }
+}
+
+/// The request's `Host`, if it sent one; two are refused (RFC 9112 §3.2):
+/// a destination that read the second would serve another site than the
+/// one leased, budgeted and judged for.
+fn only_host(fields: &Fields) -> Result<Option<&[u8]>, ProxyError> {
+    fields
+        .get_only(&header::HOST)
+        .map_err(|_| ProxyError::BadRequest("more than one Host field".into()))
 }
 
 /// What the access log says a request went to: host and port, never a
