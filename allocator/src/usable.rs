@@ -3,12 +3,13 @@
 //! "AnyIP" set-up). Checked at load, at every refresh, and again with a
 //! backoff for entries out of the rotation.
 //!
-//! The check binds a socket to the address without `IP_FREEBIND`: that
-//! succeeds for a configured address and, for IPv4, for any address of a
-//! local route. An IPv6 address of a local route is not bindable without
-//! `IPV6_FREEBIND` (which the worker sets then), so for IPv6 a local route
-//! that covers the address counts too (`rotor_protocol::routes`). Nothing
-//! is sent anywhere.
+//! The check asks the routing table (`rotor_protocol::routes`) whether a
+//! local route covers the address — with `ip_nonlocal_bind` set, a bind
+//! alone would pass any address — and binds a socket to it without
+//! `IP_FREEBIND`: that succeeds for a configured address and, for IPv4,
+//! for any address of a local route. An IPv6 address of a local route is
+//! not bindable without `IPV6_FREEBIND` (which the worker sets then), so
+//! for IPv6 the covering route counts. Nothing is sent anywhere.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -34,12 +35,15 @@ pub struct Checker {
 impl Checker {
     pub fn check(&mut self, entry: &Segment) -> Result<(), String> {
         let ip = entry.at(0);
+        let routes = self.routes.get_or_insert_with(LocalRoutes::read);
+        // With `ip_nonlocal_bind` set every address binds: the routing
+        // table has the last word where it can be read.
+        if routes.holds(ip) == Some(false) {
+            return Err(describe(&io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)));
+        }
         match bind(ip) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) && ip.is_ipv6() => {
-                let routes = self
-                    .routes
-                    .get_or_insert_with(|| LocalRoutes::read().unwrap_or_default());
                 match routes.covers(ip) {
                     true => Ok(()),
                     false => Err(describe(&e)),

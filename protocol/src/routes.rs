@@ -1,73 +1,272 @@
-//! IPv6 prefixes routed to this host (`ip -6 route add local PREFIX dev
-//! lo`, the "AnyIP" set-up): an address inside one is this host's, though
-//! no interface lists it and binding it needs `IPV6_FREEBIND`. Read from
-//! `/proc/net/ipv6_route` (every table, with the RTF_LOCAL flag). IPv4 has
-//! no such gap: an address of an IPv4 local route binds as it is.
+//! This host's local routes: the prefixes the kernel delivers to the host
+//! itself — every interface address, and prefixes routed to it (`ip route
+//! add local PREFIX dev lo`, the "AnyIP" set-up), which no interface lists.
+//! IPv4's from `/proc/net/fib_trie` (entries of type `LOCAL`), IPv6's from
+//! `/proc/net/ipv6_route` (the `RTF_LOCAL` flag), every table of this
+//! network namespace.
+//!
+//! The routing table is the answer to "is this address this host's?":
+//! a test bind is not. An IPv6 address of a local route does not bind
+//! without `IPV6_FREEBIND`, and with `net.ipv4.ip_nonlocal_bind=1` (or
+//! its IPv6 twin, common on keepalived hosts) every address binds.
 
-use std::io;
+use std::collections::HashSet;
 use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// RTF_LOCAL in `/proc/net/ipv6_route`'s flags.
 const RTF_LOCAL: u32 = 0x8000_0000;
 
-/// The local IPv6 routes: (network, prefix length).
+/// Prefixes of one family, grouped by length: a lookup is one hash probe
+/// per distinct length (a host with thousands of /32 addresses has one or
+/// two lengths), not a walk of every prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Prefixes<T: std::hash::Hash + Eq> {
+    by_len: Vec<(u8, HashSet<T>)>,
+}
+
+impl<T: std::hash::Hash + Eq> Default for Prefixes<T> {
+    fn default() -> Self {
+        Prefixes { by_len: Vec::new() }
+    }
+}
+
+macro_rules! prefixes_of {
+    ($t:ty, $bits:expr) => {
+        impl Prefixes<$t> {
+            fn mask(len: u8) -> $t {
+                match u32::from(len) {
+                    0 => 0,
+                    l => <$t>::MAX << ($bits - l.min($bits)),
+                }
+            }
+
+            fn insert(&mut self, net: $t, len: u8) {
+                let len = len.min($bits);
+                let net = net & Self::mask(len);
+                match self.by_len.iter_mut().find(|(l, _)| *l == len) {
+                    Some((_, set)) => {
+                        set.insert(net);
+                    }
+                    None => self.by_len.push((len, HashSet::from([net]))),
+                }
+            }
+
+            fn covers(&self, addr: $t) -> bool {
+                self.by_len
+                    .iter()
+                    .any(|(len, set)| set.contains(&(addr & Self::mask(*len))))
+            }
+        }
+    };
+}
+prefixes_of!(u32, 32);
+prefixes_of!(u128, 128);
+
+/// The local routes of both families; a family whose table could not be
+/// read (no `/proc`, IPv6 disabled) is unknown, not empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct LocalRoutes(Vec<(u128, u8)>);
+pub struct LocalRoutes {
+    v4: Option<Prefixes<u32>>,
+    v6: Option<Prefixes<u128>>,
+}
 
 impl LocalRoutes {
     /// This host's, now.
-    pub fn read() -> io::Result<LocalRoutes> {
-        Ok(LocalRoutes::parse(&std::fs::read_to_string(
-            "/proc/net/ipv6_route",
-        )?))
+    pub fn read() -> LocalRoutes {
+        let file = |path| std::fs::read_to_string(path).ok();
+        LocalRoutes {
+            v4: file("/proc/net/fib_trie").map(|t| parse_fib_trie(&t)),
+            v6: file("/proc/net/ipv6_route").map(|t| parse_ipv6_route(&t)),
+        }
     }
 
-    /// Lines of `ipv6_route`: destination, prefix length, …, flags.
-    pub fn parse(table: &str) -> LocalRoutes {
-        let routes = table
-            .lines()
-            .filter_map(|line| {
-                let f: Vec<&str> = line.split_whitespace().collect();
-                let dest = u128::from_str_radix(f.first()?, 16).ok()?;
-                let len = u8::from_str_radix(f.get(1)?, 16).ok()?;
-                let flags = u32::from_str_radix(f.get(8)?, 16).ok()?;
-                (flags & RTF_LOCAL != 0 && len <= 128).then_some((dest, len))
-            })
-            .collect();
-        LocalRoutes(routes)
+    /// A reading at most `max_age` old, shared by the whole process (one
+    /// reading of the files per `max_age` at most, however many
+    /// connections ask).
+    pub fn current(max_age: Duration) -> Arc<LocalRoutes> {
+        static CACHE: Mutex<Option<(Instant, Arc<LocalRoutes>)>> = Mutex::new(None);
+        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        match &*cache {
+            Some((at, routes)) if at.elapsed() < max_age => routes.clone(),
+            _ => {
+                let routes = Arc::new(LocalRoutes::read());
+                *cache = Some((Instant::now(), routes.clone()));
+                routes
+            }
+        }
     }
 
-    /// Whether a local route covers `ip` (always false for IPv4).
+    /// Lines of `ipv6_route` alone (destination, prefix length, …, flags).
+    pub fn parse(ipv6_route: &str) -> LocalRoutes {
+        LocalRoutes {
+            v4: None,
+            v6: Some(parse_ipv6_route(ipv6_route)),
+        }
+    }
+
+    /// Whether a local route covers `ip` (false if its family is unknown).
     pub fn covers(&self, ip: IpAddr) -> bool {
-        let IpAddr::V6(v6) = ip else { return false };
-        let addr = u128::from(v6);
-        self.0.iter().any(|&(dest, len)| {
-            let mask = match len {
-                0 => 0,
-                l => u128::MAX << (128 - u32::from(l)),
-            };
-            addr & mask == dest & mask
-        })
+        self.holds(ip).unwrap_or(false)
     }
+
+    /// Whether a local route covers `ip`; `None` if its family's table
+    /// could not be read.
+    pub fn holds(&self, ip: IpAddr) -> Option<bool> {
+        match ip {
+            IpAddr::V4(v4) => self.v4.as_ref().map(|p| p.covers(u32::from(v4))),
+            IpAddr::V6(v6) => self.v6.as_ref().map(|p| p.covers(u128::from(v6))),
+        }
+    }
+}
+
+fn parse_ipv6_route(table: &str) -> Prefixes<u128> {
+    let mut prefixes = Prefixes::<u128>::default();
+    for line in table.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let parsed = (|| {
+            let dest = u128::from_str_radix(f.first()?, 16).ok()?;
+            let len = u8::from_str_radix(f.get(1)?, 16).ok()?;
+            let flags = u32::from_str_radix(f.get(8)?, 16).ok()?;
+            (flags & RTF_LOCAL != 0 && len <= 128).then_some((dest, len))
+        })();
+        if let Some((dest, len)) = parsed {
+            prefixes.insert(dest, len);
+        }
+    }
+    prefixes
+}
+
+/// `fib_trie` lists each table as a tree whose leaves are `|-- ADDRESS`
+/// lines, each followed by its routes, one a line: `/LEN SCOPE TYPE`.
+fn parse_fib_trie(trie: &str) -> Prefixes<u32> {
+    let mut prefixes = Prefixes::<u32>::default();
+    let mut leaf: Option<u32> = None;
+    for line in trie.lines() {
+        let line = line.trim_start();
+        if let Some(addr) = line.strip_prefix("|-- ") {
+            leaf = addr
+                .trim()
+                .parse::<std::net::Ipv4Addr>()
+                .ok()
+                .map(u32::from);
+        } else if let Some(route) = line.strip_prefix('/') {
+            let mut f = route.split_whitespace();
+            let len = f.next().and_then(|l| l.parse::<u8>().ok());
+            if let (Some(net), Some(len), Some("LOCAL")) = (leaf, len, f.nth(1)) {
+                if len <= 32 {
+                    prefixes.insert(net, len);
+                }
+            }
+        } else {
+            leaf = None;
+        }
+    }
+    prefixes
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn local_routes_cover_their_prefix_only() {
         let table = "\
 20010db8007700000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 80000001       lo
 20010db8008800000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001     eth0
+20010db8000500000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000003 00000000 80200001       lo
 garbage
 ";
         let r = LocalRoutes::parse(table);
-        let ip = |s: &str| s.parse().unwrap();
         assert!(r.covers(ip("2001:db8:77::5")));
         assert!(r.covers(ip("2001:db8:77:0:ffff::1")));
         assert!(!r.covers(ip("2001:db8:78::5")));
         assert!(!r.covers(ip("2001:db8:88::5")), "not a local route");
+        assert!(r.covers(ip("2001:db8:5::1")), "an interface address");
+        assert!(!r.covers(ip("2001:db8:5::2")));
+        assert_eq!(r.holds(ip("10.0.0.1")), None, "IPv4 not read");
         assert!(!r.covers(ip("10.0.0.1")));
+    }
+
+    /// As a network namespace with `10.9.0.1/24` on lo, `ip route add
+    /// local 10.20.0.0/16 dev lo` and `192.0.2.5/24` on an interface shows
+    /// it (the main table merged with the local one, as without policy
+    /// rules).
+    const FIB_TRIE: &str = "\
+Main:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 universe UNICAST
+     +-- 10.0.0.0/11 2 0 2
+        +-- 10.9.0.0/24 2 0 2
+           +-- 10.9.0.0/31 1 0 0
+              |-- 10.9.0.0
+                 /24 host LOCAL
+              |-- 10.9.0.1
+                 /32 host LOCAL
+           |-- 10.9.0.255
+              /32 link BROADCAST
+        |-- 10.20.0.0
+           /16 host LOCAL
+     +-- 192.0.2.0/24 2 0 2
+        |-- 192.0.2.0
+           /24 link UNICAST
+        |-- 192.0.2.5
+           /32 host LOCAL
+        |-- 192.0.2.255
+           /32 link BROADCAST
+Local:
+  +-- 127.0.0.0/8 2 0 2
+     +-- 127.0.0.0/31 1 0 0
+        |-- 127.0.0.0
+           /8 host LOCAL
+        |-- 127.0.0.1
+           /32 host LOCAL
+";
+
+    #[test]
+    fn fib_trie_local_entries_are_the_hosts_ipv4_prefixes() {
+        let r = LocalRoutes {
+            v4: Some(parse_fib_trie(FIB_TRIE)),
+            v6: None,
+        };
+        for local in [
+            "10.9.0.7",
+            "10.20.255.1",
+            "192.0.2.5",
+            "127.0.0.1",
+            "127.9.9.9",
+        ] {
+            assert_eq!(r.holds(ip(local)), Some(true), "{local}");
+        }
+        // The default route, a link's prefix and broadcast are not local.
+        for not in [
+            "8.8.8.8",
+            "192.0.2.6",
+            "192.0.2.255",
+            "10.21.0.1",
+            "10.9.1.1",
+        ] {
+            assert_eq!(r.holds(ip(not)), Some(false), "{not}");
+        }
+        assert_eq!(r.holds(ip("::1")), None);
+    }
+
+    #[test]
+    fn this_hosts_loopback_is_local_and_a_documentation_address_is_not() {
+        let r = LocalRoutes::read();
+        assert_eq!(r.holds(ip("127.0.0.1")), Some(true));
+        assert_eq!(r.holds(ip("127.3.4.5")), Some(true));
+        assert_eq!(r.holds(ip("203.0.113.77")), Some(false));
+        assert!(!r.covers(ip("2001:db8:ffff::1")));
+        assert!(Arc::ptr_eq(
+            &LocalRoutes::current(Duration::from_secs(60)),
+            &LocalRoutes::current(Duration::from_secs(60))
+        ));
     }
 }

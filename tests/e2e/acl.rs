@@ -68,3 +68,75 @@ async fn allowed_ranges_and_denied_ports() {
     assert_eq!(get(open.addr, &origin.url("/")).await.status, 200);
     assert_eq!(origin.count(), 1);
 }
+
+/// An address of a prefix routed to the host (`ip -6 route add local`, the
+/// AnyIP set-up the README gives for a /64 pool) is this host's: a
+/// connection to it reaches the host's own services (here, one listening
+/// on every address, as sshd does). It is refused like an interface
+/// address, though it does not bind without `IPV6_FREEBIND`. The prefix is
+/// a global one, not documentation space (which the default rules deny on
+/// their own), inside a namespace of the test's own with only `lo`.
+#[test]
+fn an_address_of_a_prefix_routed_to_the_host_is_refused() {
+    in_netns(
+        "an_address_of_a_prefix_routed_to_the_host_is_refused",
+        &[
+            "-6 route add local 2a0f:7777:1::/64 dev lo",
+            "-6 addr add 2a0f:7777:2::1/128 dev lo nodad",
+        ],
+        || async {
+            let service = Echo::start_on("[::]:0".parse().unwrap()).await;
+            let port = service.addr.port();
+            let alloc = Allocator::start(&["--pool", "2a0f:7777:1::/64"]).await;
+            let worker = Worker::start_exactly(&alloc.socket, free_port(), &[]).await;
+            for host in [
+                "[2a0f:7777:1::abcd]",
+                "[2a0f:7777:2::1]",
+                "[::ffff:127.0.0.1]",
+            ] {
+                let (code, _) = connect_tunnel(worker.addr, &format!("{host}:{port}")).await;
+                assert_eq!(code, 403, "CONNECT {host}");
+                let r = get(worker.addr, &format!("http://{host}:{port}/")).await;
+                assert_eq!(r.status, 403, "GET {host}: {:?}", r.body);
+            }
+            assert!(service.peers.lock().unwrap().is_empty());
+            // Allowed explicitly, the same address is reached.
+            let allowing = Worker::start_exactly(
+                &alloc.socket,
+                free_port(),
+                &["--allow-destination", "2a0f:7777:1::/64"],
+            )
+            .await;
+            let (code, _) =
+                connect_tunnel(allowing.addr, &format!("[2a0f:7777:1::abcd]:{port}")).await;
+            assert_eq!(code, 200);
+        },
+    );
+}
+
+/// With `net.ipv4.ip_nonlocal_bind=1` (keepalived hosts set it) any
+/// address binds: a destination is still judged by the routing table, so a
+/// public address is not "an address of this host". In a namespace with
+/// only `lo` it is unreachable (502), and nothing leaves the namespace.
+#[test]
+fn nonlocal_bind_does_not_make_every_destination_local() {
+    in_netns(
+        "nonlocal_bind_does_not_make_every_destination_local",
+        &[],
+        || async {
+            std::fs::write("/proc/sys/net/ipv4/ip_nonlocal_bind", "1").unwrap();
+            assert!(std::net::UdpSocket::bind("93.184.216.34:0").is_ok());
+            let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+            let worker = Worker::start_exactly(&alloc.socket, free_port(), &[]).await;
+            let r = get(worker.addr, "http://93.184.216.34:8080/").await;
+            assert_eq!(r.status, 502, "{:?}", String::from_utf8_lossy(&r.body));
+            assert!(
+                r.proxy_status().contains("destination_ip_unroutable"),
+                "{}",
+                r.proxy_status()
+            );
+            let r = get(worker.addr, "http://127.0.0.1:8080/").await;
+            assert_eq!(r.status, 403);
+        },
+    );
+}

@@ -148,6 +148,29 @@ async fn an_address_this_host_lacks_is_quarantined_not_leased() {
     assert!(!check("203.0.113.77").status.success());
 }
 
+/// With `net.ipv4.ip_nonlocal_bind=1` (keepalived hosts set it) any
+/// address binds, so a bind alone would vouch for a mistyped one: the
+/// routing table has the last word, and the address is kept out of the
+/// rotation as without the sysctl.
+#[test]
+fn nonlocal_bind_does_not_make_a_foreign_address_usable() {
+    in_netns(
+        "nonlocal_bind_does_not_make_a_foreign_address_usable",
+        &[],
+        || async {
+            std::fs::write("/proc/sys/net/ipv4/ip_nonlocal_bind", "1").unwrap();
+            let alloc = Allocator::start(&["--pool", "127.0.0.2,93.184.216.34"]).await;
+            let status = status_json(&alloc.socket);
+            assert_eq!(status["pool"][1]["ip"], "93.184.216.34");
+            let reason = status["pool"][1]["quarantined"]["reason"]
+                .as_str()
+                .unwrap_or_default();
+            assert!(reason.contains("not an address of this host"), "{status}");
+            assert!(status["pool"][0]["quarantined"].is_null(), "{status}");
+        },
+    );
+}
+
 /// An address that goes away after the allocator checked it: the worker
 /// that cannot bind it reports it, every worker stops getting it, and the
 /// request is served from the next address. Once back, it rotates again.

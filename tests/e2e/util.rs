@@ -394,7 +394,19 @@ where
     F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    recording_server_on("127.0.0.1:0".parse().unwrap(), handle).await
+}
+
+/// `recording_server` on `bind`.
+pub async fn recording_server_on<F, Fut>(
+    bind: SocketAddr,
+    handle: F,
+) -> (SocketAddr, Arc<Mutex<Vec<IpAddr>>>)
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind(bind).await.unwrap();
     let peers: Arc<Mutex<Vec<IpAddr>>> = Arc::default();
     let p = peers.clone();
     let addr = listener.local_addr().unwrap();
@@ -412,7 +424,11 @@ where
 
 impl Echo {
     pub async fn start() -> Echo {
-        let (addr, peers) = recording_server(|mut s: TcpStream| async move {
+        Echo::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(bind: SocketAddr) -> Echo {
+        let (addr, peers) = recording_server_on(bind, |mut s: TcpStream| async move {
             let (mut r, mut w) = s.split();
             let _ = tokio::io::copy(&mut r, &mut w).await;
         })

@@ -110,38 +110,24 @@ pub enum Allowed {
 
 /// Whether an address is one of this host's own — its interface addresses,
 /// the pool's, a prefix routed locally (`ip route add local …`) — asked of
-/// the kernel: a socket can be bound to it only if it is. A destination
-/// like that reaches the host's own services (sshd, the proxy itself) and is
-/// refused unless allowed explicitly. Answers are kept for a few seconds.
-pub struct LocalAddrs {
-    seen: std::sync::Mutex<std::collections::HashMap<IpAddr, (bool, std::time::Instant)>>,
-}
+/// the kernel's routing table (`rotor_protocol::routes`, read again every
+/// few seconds). A destination like that reaches the host's own services
+/// (sshd, the proxy itself) and is refused unless allowed explicitly.
+///
+/// Not a test bind: an IPv6 address of a local route does not bind as it
+/// is (it would pass), and with `ip_nonlocal_bind` every address binds
+/// (everything would be refused). Only where a family's table cannot be
+/// read (no `/proc`) does a bind answer.
+#[derive(Default)]
+pub struct LocalAddrs(());
 
-const LOCAL_TTL: std::time::Duration = std::time::Duration::from_secs(10);
-const LOCAL_MAX: usize = 4096;
-
-impl Default for LocalAddrs {
-    fn default() -> LocalAddrs {
-        LocalAddrs {
-            seen: std::sync::Mutex::new(std::collections::HashMap::new()),
-        }
-    }
-}
+const LOCAL_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl LocalAddrs {
     pub fn is_local(&self, ip: IpAddr) -> bool {
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((local, at)) = seen.get(&ip) {
-            if at.elapsed() < LOCAL_TTL {
-                return *local;
-            }
-        }
-        let local = std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok();
-        if seen.len() >= LOCAL_MAX {
-            seen.clear();
-        }
-        seen.insert(ip, (local, std::time::Instant::now()));
-        local
+        rotor_protocol::routes::LocalRoutes::current(LOCAL_TTL)
+            .holds(ip)
+            .unwrap_or_else(|| std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok())
     }
 }
 

@@ -90,24 +90,10 @@ fn bound_socket(source: IpAddr, dest: SocketAddr) -> Result<TcpSocket, ProxyErro
 }
 
 /// Whether a local IPv6 route covers `ip`, by a reading of the routes at
-/// most a second old (kept per process: one file read a second at most,
-/// however many connections a /64 pool makes).
+/// most a second old (one file read a second at most, however many
+/// connections a /64 pool makes).
 fn locally_routed(ip: IpAddr) -> bool {
-    use rotor_protocol::routes::LocalRoutes;
-    use std::sync::Mutex;
-    use std::time::Instant;
-    static CACHE: Mutex<Option<(Instant, LocalRoutes)>> = Mutex::new(None);
-    if ip.is_ipv4() {
-        return false;
-    }
-    let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-    let fresh = cache
-        .as_ref()
-        .is_some_and(|(at, _)| at.elapsed() < Duration::from_secs(1));
-    if !fresh {
-        *cache = Some((Instant::now(), LocalRoutes::read().unwrap_or_default()));
-    }
-    cache.as_ref().is_some_and(|(_, r)| r.covers(ip))
+    ip.is_ipv6() && rotor_protocol::routes::LocalRoutes::current(Duration::from_secs(1)).covers(ip)
 }
 
 #[cfg(test)]
