@@ -34,6 +34,49 @@ pub enum SpecError {
     Backwards(String),
     #[error("range `{0}` holds {1} addresses, more than the {max} a range may hold (write a large block as a CIDR)", max = MAX_SPEC_ADDRESSES)]
     TooLarge(String, u128),
+    #[error("`{0}` holds {1}, which cannot be a source address")]
+    NotASource(String, &'static str),
+}
+
+/// Why no address of `lo..=hi` (of one family) may be in a pool, if one
+/// may not: a socket bound to the unspecified address leaves from the
+/// host's own address (what a rotating proxy must never do), and
+/// multicast, broadcast or "this network" addresses are no TCP source.
+fn not_a_source(v4: bool, lo: u128, hi: u128) -> Option<&'static str> {
+    let overlaps = |a: u128, b: u128| lo <= b && a <= hi;
+    if v4 {
+        if overlaps(0, 0) {
+            return Some(
+                "0.0.0.0, the unspecified address (the kernel would pick the host's own address)",
+            );
+        }
+        if overlaps(1, 0x00ff_ffff) {
+            return Some("an address of 0.0.0.0/8 (\"this network\")");
+        }
+        if overlaps(0xe000_0000, 0xefff_ffff) {
+            return Some("a multicast address (224.0.0.0/4)");
+        }
+        if overlaps(0xffff_ffff, 0xffff_ffff) {
+            return Some("255.255.255.255, the broadcast address");
+        }
+    } else {
+        if overlaps(0, 0) {
+            return Some(
+                "::, the unspecified address (the kernel would pick the host's own address)",
+            );
+        }
+        if overlaps(0xff00 << 112, u128::MAX) {
+            return Some("a multicast address (ff00::/8)");
+        }
+    }
+    None
+}
+
+fn check_source(part: &str, v4: bool, lo: u128, hi: u128) -> Result<(), SpecError> {
+    match not_a_source(v4, lo, hi) {
+        Some(why) => Err(SpecError::NotASource(part.to_string(), why)),
+        None => Ok(()),
+    }
 }
 
 /// Expands a spec into its entries, in order. Duplicates are kept here;
@@ -65,6 +108,12 @@ fn expand_one(part: &str, out: &mut Vec<Segment>) -> Result<(), SpecError> {
         })?;
         let base = net.addr();
         let host_bits = u32::from(net.max_prefix_len() - net.prefix_len());
+        let span = match host_bits {
+            128 => u128::MAX,
+            b => (1u128 << b) - 1,
+        };
+        let lowest = to_u128(base) & !span;
+        check_source(part, base.is_ipv4(), lowest, lowest | span)?;
         if host_bits >= 128 || 1u128 << host_bits > ENUMERATE_MAX {
             out.extend(Segment::prefix(base, net.prefix_len()));
             return Ok(());
@@ -88,10 +137,13 @@ fn expand_one(part: &str, out: &mut Vec<Segment>) -> Result<(), SpecError> {
         if count > MAX_SPEC_ADDRESSES {
             return Err(SpecError::TooLarge(part.to_string(), count));
         }
+        check_source(part, a.is_ipv4(), lo, hi)?;
         push_range(a.is_ipv4(), lo, hi, out);
         return Ok(());
     }
-    out.push(Segment::single(parse_ip(part)?));
+    let ip = parse_ip(part)?;
+    check_source(part, ip.is_ipv4(), to_u128(ip), to_u128(ip))?;
+    out.push(Segment::single(ip));
     Ok(())
 }
 
@@ -173,7 +225,7 @@ mod tests {
             parse_spec("2001:db8:1:2::/64").unwrap(),
             [prefix("2001:db8:1:2::", 64)]
         );
-        assert_eq!(parse_spec("::/0").unwrap(), [prefix("::", 0)]);
+        assert_eq!(parse_spec("2000::/3").unwrap(), [prefix("2000::", 3)]);
         assert_eq!(parse_spec("10.0.0.0/8").unwrap(), [prefix("10.0.0.0", 8)]);
         // Up to 2^16 addresses are still listed one by one.
         assert_eq!(parse_spec("10.0.0.0/16").unwrap().len(), 1 << 16);
@@ -221,6 +273,34 @@ mod tests {
             parse_spec("10.0.0.0-10.255.255.255"),
             Err(SpecError::TooLarge(..))
         ));
+        // Nothing that would leave from the host's own address, or cannot
+        // be a TCP source at all, in any form.
+        for spec in [
+            "0.0.0.0",
+            "::",
+            "[::]",
+            "0.0.0.0/0",
+            "::/0",
+            "0.0.0.0/30",
+            "0.0.0.9",
+            "10.0.0.1,0.0.0.0",
+            "0.0.0.0-0.0.0.3",
+            "224.0.0.1",
+            "239.255.255.250-240.0.0.1",
+            "255.255.255.255",
+            "255.255.255.0/24",
+            "ff02::1",
+            "fe00::/7",
+        ] {
+            assert!(
+                matches!(parse_spec(spec), Err(SpecError::NotASource(..))),
+                "{spec}: {:?}",
+                parse_spec(spec)
+            );
+        }
+        let msg = parse_spec("0.0.0.0").unwrap_err().to_string();
+        assert!(msg.contains("host's own address"), "{msg}");
+        assert!(parse_spec("1.0.0.0,223.255.255.255,240.0.0.1,fe80::1").is_ok());
         let msg = parse_spec("2001:db8::1-2001:db8:1::1")
             .unwrap_err()
             .to_string();

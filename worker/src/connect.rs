@@ -66,7 +66,21 @@ pub async fn connect_from(
 /// which the allocator is told of); a socket this process cannot open
 /// (descriptor limit, memory) is this worker's (`Socket`), and no pool
 /// address pays for it.
+///
+/// The unspecified address is refused before any socket: bound to it, a
+/// connection leaves from whatever address the kernel picks — the host's
+/// own — which a rotating proxy must never do (the allocator refuses it
+/// in a pool; this holds whatever a lease says).
 fn bound_socket(source: IpAddr, dest: SocketAddr) -> Result<TcpSocket, ProxyError> {
+    if source.is_unspecified() || source.is_multicast() {
+        return Err(ProxyError::SourceUnavailable {
+            ip: source,
+            source: io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                "not a source address: the kernel would pick the host's own",
+            ),
+        });
+    }
     let sock = Socket::new(
         Domain::for_address(dest),
         Type::STREAM.nonblocking().cloexec(),
@@ -111,6 +125,23 @@ mod tests {
         let (_, peer) = listener.accept().await.unwrap();
         assert_eq!(peer.ip(), src);
         assert_eq!(client.local_addr().unwrap().ip(), src);
+    }
+
+    #[tokio::test]
+    async fn the_unspecified_address_is_never_a_source() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dest = listener.local_addr().unwrap();
+        for src in ["0.0.0.0", "224.0.0.1"] {
+            let err = connect_from(src.parse().unwrap(), &[dest], Duration::from_secs(2))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, ProxyError::SourceUnavailable { .. }),
+                "{src}: {err}"
+            );
+        }
+        let accepted = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
+        assert!(accepted.is_err(), "nothing connected");
     }
 
     #[tokio::test]
