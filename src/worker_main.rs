@@ -157,9 +157,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                     let Some((table, count)) = leases.allocator_reloads() else {
                         continue;
                     };
-                    // Only a count that moved in the same table: a new
-                    // table (a restarted allocator's) starts from its own.
-                    if seen.is_some_and(|(t, c)| t == table && c != count) {
+                    if seen.is_some_and(|seen| reload_asked(seen, (table, count))) {
                         tracing::info!("the allocator was asked to reload; reloading");
                         signals.reload_now();
                     }
@@ -250,5 +248,36 @@ fn raise_fd_limit(max_connections: usize) {
         );
     } else if limit > soft {
         tracing::debug!(from = soft, to = limit, "descriptor limit raised");
+    }
+}
+
+/// Whether the allocator was asked to reload between two readings of the
+/// lease table's (id, reload count). In the same table, the count moved.
+/// In another table, only a count above the last: a table replaced while
+/// the allocator runs (a pool grown past it, a repair) carries the count
+/// over — a `rotor reload` whose refresh grows the pool lands in the new
+/// table, and must not be missed (a revoked user would keep access) —
+/// while a restarted allocator's table starts from 0.
+fn reload_asked((table, count): (u64, u64), (now_table, now_count): (u64, u64)) -> bool {
+    match table == now_table {
+        true => now_count != count,
+        false => now_count > count,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reload_asked;
+
+    #[test]
+    fn a_reload_is_seen_in_a_table_that_replaced_the_last() {
+        assert!(!reload_asked((1, 3), (1, 3)));
+        assert!(reload_asked((1, 3), (1, 4)));
+        // Grown past its table by the reload's own refresh: the new one
+        // carries 3 and the reload made it 4.
+        assert!(reload_asked((1, 3), (2, 4)));
+        // Replaced with nothing asked, or a restarted allocator's table.
+        assert!(!reload_asked((1, 3), (2, 3)));
+        assert!(!reload_asked((1, 3), (2, 0)));
     }
 }

@@ -105,12 +105,25 @@ fn a_worker_on_a_public_address_needs_auth_or_no_auth() {
 /// user is refused once it returns and the workers have seen it.
 #[tokio::test]
 async fn rotor_reload_rereads_every_workers_users_file() {
+    reload_rereads_users(false).await;
+}
+
+/// The same when the reload's refresh grows the pool past its lease table,
+/// so the workers find the reload in a new table.
+#[tokio::test]
+async fn a_reload_that_grows_the_pool_still_reaches_the_workers() {
+    reload_rereads_users(true).await;
+}
+
+async fn reload_rereads_users(grow: bool) {
     let dir = tempfile::tempdir().unwrap();
     let users = dir.path().join("users");
     add_user(&users, "alice", "s3cret");
     add_user(&users, "bob", "pw");
+    let pool = dir.path().join("pool");
+    std::fs::write(&pool, "127.0.0.2\n").unwrap();
     let origin = Origin::start().await;
-    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let alloc = Allocator::start(&["--pool-file", pool.to_str().unwrap()]).await;
     let auth = ["--auth-file", users.to_str().unwrap()];
     let workers = [
         Worker::start(&alloc.socket, &auth).await,
@@ -143,7 +156,14 @@ async fn rotor_reload_rereads_every_workers_users_file() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("rotor reload"));
+    if grow {
+        std::fs::write(&pool, "127.0.1.0/24\n").unwrap();
+    }
     rotor_control("reload", &alloc.socket, &[]);
+    if grow {
+        // Past the first table's room (64 entries): a new table.
+        assert_eq!(status_json(&alloc.socket)["families"][0]["total"], 256);
+    }
     for w in &workers {
         let addr = w.addr;
         eventually("alice refused after rotor reload", || async move {
