@@ -179,17 +179,23 @@ impl Meter {
                 _ = stop.cancelled() => true,
                 _ = tick.tick() => false,
             };
-            let m = match unsent.take() {
+            let (m, resent) = match unsent.take() {
                 Some(mut m) => {
                     m.connections_open = connections_open();
-                    m
+                    (m, true)
                 }
-                None => self.take(connections_open()),
+                None => (self.take(connections_open()), false),
             };
             if let Err(m) = leases.report_metrics(m).await {
                 unsent = Some(*m);
             }
             if last {
+                // The last pass: a report sent again carried nothing
+                // counted since it was made (the drain's requests, an
+                // outage's) — those go in one more, of their own number.
+                if resent && unsent.is_none() {
+                    let _ = leases.report_metrics(self.take(connections_open())).await;
+                }
                 return;
             }
         }
