@@ -48,6 +48,13 @@ pub struct Pool {
     /// The rotation when the table was last found sound: where a table
     /// whose file was cut short (and its cursors lost) is rebuilt from.
     last_sound: Option<(Position, u64)>,
+    /// By `Family::index`: the address that was due next when the family
+    /// was emptied (a source that read empty once, a file caught half
+    /// written), so a refill continues there rather than at the first.
+    held_due: [Option<IpAddr>; 2],
+    /// Whether a generation was published in this table's lineage (a
+    /// pool continuing a saved generation has published nothing yet).
+    published: bool,
 }
 
 /// Where the lease table's file goes, and who may map it.
@@ -115,6 +122,8 @@ impl Pool {
             table: Arc::new(table),
             home,
             last_sound: None,
+            held_due: [None, None],
+            published: false,
         })
     }
 
@@ -193,7 +202,7 @@ impl Pool {
             .into_iter()
             .filter(|q| seen.contains(q))
             .collect();
-        if addrs == self.addrs && quarantined == self.quarantined && self.generation != 0 {
+        if addrs == self.addrs && quarantined == self.quarantined && self.published {
             return Ok(false);
         }
         self.publish(addrs, quarantined)?;
@@ -226,8 +235,13 @@ impl Pool {
             .filter(|a| !quarantined.contains(a))
             .copied()
             .collect();
+        let held = self.held_due;
+        let before = self.table.position().next_due;
         let cursor = |family: Family, due: Option<IpAddr>, now: u64| {
-            match due.and_then(|ip| index_of(&active, ip)) {
+            match due
+                .or(held[family.index()])
+                .and_then(|ip| index_of(&active, ip))
+            {
                 Some(i) => i,
                 // The address due next is gone: stay at the same place in
                 // the rotation, which past the end means the first address.
@@ -275,9 +289,28 @@ impl Pool {
             .map(|e| e.base())
             .collect();
         self.active_prefixes = active.iter().filter(|e| !e.is_single()).copied().collect();
+        for family in [Family::V4, Family::V6] {
+            let i = family.index();
+            self.held_due[i] = match family_total(&active, family) {
+                0 => before[i].or(held[i]),
+                _ => None,
+            };
+        }
         self.active = active;
         self.generation = generation;
+        self.published = true;
         Ok(())
+    }
+
+    /// By `Family::index`: the address held as due next for a family that
+    /// is empty now (what a state file keeps for it).
+    pub fn held_due(&self) -> [Option<IpAddr>; 2] {
+        self.held_due
+    }
+
+    /// Whether `family` has an address in the rotation.
+    pub fn has_family(&self, family: Family) -> bool {
+        family_total(&self.active, family) > 0
     }
 
     /// The entry holding `ip`, in the rotation or not.
@@ -540,6 +573,25 @@ mod tests {
         );
         pool.replace(ips(&["10.0.0.3"])).unwrap();
         assert_eq!(take(&pool, 2, Families::ANY), ["10.0.0.3", "10.0.0.3"]);
+    }
+
+    /// A family emptied for a while (a source read empty once) continues
+    /// where it was when its addresses come back, not at the first.
+    #[test]
+    fn an_emptied_family_continues_where_it_was_when_refilled() {
+        let three = ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "2001:db8::1"]);
+        let mut pool = Pool::new(three.clone());
+        take(&pool, 2, Families::V4);
+        pool.replace(ips(&["2001:db8::1"])).unwrap();
+        assert_eq!(
+            pool.held_due()[Family::V4.index()],
+            Some("10.0.0.3".parse().unwrap())
+        );
+        assert!(!pool.has_family(Family::V4));
+        pool.replace(ips(&["2001:db8::1"])).unwrap();
+        pool.replace(three).unwrap();
+        assert_eq!(pool.held_due(), [None, None]);
+        assert_eq!(take(&pool, 2, Families::V4), ["10.0.0.3", "10.0.0.1"]);
     }
 
     #[test]

@@ -703,7 +703,15 @@ impl Allocator {
         };
         inner.table_moved(&old_table);
         inner.save_hand();
-        let resume = std::mem::take(&mut inner.resume_at);
+        // A saved position is used up by the first pool with addresses of
+        // its family, not by the first read: a source that reads empty at
+        // start (an interface not up yet) must not lose it.
+        let mut resume = [None, None];
+        for family in [Family::V4, Family::V6] {
+            if inner.pool.has_family(family) {
+                resume[family.index()] = inner.resume_at[family.index()].take();
+            }
+        }
         if resume.iter().any(Option::is_some) {
             if inner.pool.resume_at(resume) {
                 tracing::info!(next = ?resume, seq = inner.saved.seq, "resuming the saved rotation");
@@ -1187,10 +1195,14 @@ impl Allocator {
         if inner.pool.table().is_broken() {
             return;
         }
+        // A family with no address now keeps the position it had (or the
+        // one read at start and not used yet).
+        let held = inner.pool.held_due();
+        let next_due = [0, 1].map(|i| p.next_due[i].or(inner.resume_at[i]).or(held[i]));
         let saved = Saved {
             generation: inner.pool.generation().max(p.generation),
             seq: p.seq,
-            next_due: p.next_due,
+            next_due,
         };
         if saved == inner.saved {
             return;
@@ -1472,6 +1484,41 @@ mod tests {
         let cooling = report.sites[0].addrs[0].cooling_ms.expect("cooling");
         assert!(cooling > 590_000, "{cooling}");
         assert!(dir.path().join(SESSIONS_FILE_NAME).exists());
+    }
+
+    /// A restart whose first read is empty (an interface not up yet) keeps
+    /// the saved rotation for the first pool with addresses, in memory and
+    /// in the state file, and raises no false alarm about the table.
+    #[test]
+    fn an_empty_first_read_keeps_the_saved_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let start = || {
+            let (file, saved) = StateFile::open(dir.path()).unwrap();
+            let sources = vec![Source::list("10.0.0.1-10.0.0.3").unwrap()];
+            Allocator::resuming(sources, Some(file), saved.unwrap_or_default(), None).unwrap()
+        };
+        let next = |a: &Allocator| match a.lease(1, Families::ANY) {
+            Response::Leased(l) => l.ip.to_string(),
+            other => panic!("{other:?}"),
+        };
+        let a = start();
+        a.apply_refresh(vec![Ok(three())], &ok());
+        assert_eq!(next(&a), "10.0.0.1");
+        a.persist();
+        drop(a);
+        for _ in 0..2 {
+            let a = start();
+            a.apply_refresh(vec![Ok(vec![])], &ok());
+            assert!(
+                !a.repair_table(),
+                "no table fault after an empty first read"
+            );
+            a.persist();
+        }
+        let a = start();
+        a.apply_refresh(vec![Ok(vec![])], &ok());
+        a.apply_refresh(vec![Ok(three())], &ok());
+        assert_eq!(next(&a), "10.0.0.2");
     }
 
     #[test]
