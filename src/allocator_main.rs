@@ -53,8 +53,13 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
         },
         None => None,
     };
-    if args.common.check {
-        return check(&pool, &socket, passed_socket.is_some());
+    if args.common.check || args.common.check_config {
+        return check(
+            &pool,
+            &socket,
+            passed_socket.is_some(),
+            !args.common.check_config,
+        );
     }
 
     // One lock serves every lease; a single thread is all it needs.
@@ -122,12 +127,18 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
     })
 }
 
-/// `--check`: read every source once and report.
-fn check(pool: &crate::cli::PoolSettings, socket: &std::path::Path, passed: bool) -> ExitCode {
+/// `--check`: read every source once (unless `!read`: `--check-config`)
+/// and report.
+fn check(
+    pool: &crate::cli::PoolSettings,
+    socket: &std::path::Path,
+    passed: bool,
+    read: bool,
+) -> ExitCode {
     let mut ok = true;
     let mut total = 0;
     let mut usable = 0;
-    for s in &pool.sources {
+    for s in pool.sources.iter().filter(|_| read) {
         match s.read() {
             Ok(addrs) => {
                 total += addrs.len();
@@ -164,7 +175,11 @@ fn check(pool: &crate::cli::PoolSettings, socket: &std::path::Path, passed: bool
             pool.site_rules, pool.max_site_entries
         );
     }
-    if total == 0 {
+    if !read {
+        for s in &pool.sources {
+            eprintln!("ok: source {} (not read: --check-config)", s.name());
+        }
+    } else if total == 0 {
         eprintln!("warning: the pool is empty: clients will get 503");
     } else if usable == 0 {
         eprintln!("error: no pool address can be used on this host: clients would get 503");

@@ -102,6 +102,14 @@ pub struct CommonArgs {
     /// what would be used, and exit (0: valid).
     #[arg(long)]
     pub check: bool,
+    /// As --check, but read no pool source: what the allocator's unit runs
+    /// before a start. A source that cannot be read at that moment (a
+    /// metadata service slow at boot, a pool command's API down) is the
+    /// running allocator's to retry every --refresh, not a reason to
+    /// refuse to start — and a refused start repeated is a unit systemd
+    /// gives up on.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 impl CommonArgs {

@@ -148,6 +148,33 @@ async fn an_address_this_host_lacks_is_quarantined_not_leased() {
     assert!(!check("203.0.113.77").status.success());
 }
 
+/// `--check-config` (the unit's `ExecStartPre`) validates without reading
+/// the sources: a pool command failing at that moment does not refuse the
+/// start (the running allocator retries it), a broken flag still does.
+#[test]
+fn check_config_reads_no_source() {
+    let check = |what: &str, pool: &[&str]| {
+        std::process::Command::new(ALLOCATOR)
+            .args(pool)
+            .args(["--no-state", "--socket", "/nonexistent/s", what])
+            .output()
+            .unwrap()
+    };
+    let down = ["--pool-command", "echo metadata API down >&2; exit 1"];
+    let strict = check("--check", &down);
+    assert!(!strict.status.success());
+    assert!(String::from_utf8_lossy(&strict.stderr).contains("API down"));
+    let config = check("--check-config", &down);
+    assert!(config.status.success(), "{config:?}");
+    assert!(String::from_utf8_lossy(&config.stderr).contains("not read"));
+    assert!(!check("--check-config", &["--pool", "0.0.0.0"])
+        .status
+        .success());
+    assert!(!check("--check-config", &["--refresh", "soon"])
+        .status
+        .success());
+}
+
 /// With `net.ipv4.ip_nonlocal_bind=1` (keepalived hosts set it) any
 /// address binds, so a bind alone would vouch for a mistyped one: the
 /// routing table has the last word, and the address is kept out of the
