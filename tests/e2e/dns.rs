@@ -170,3 +170,26 @@ async fn localhost_resolves_as_the_hosts_file_says() {
         true => assert_eq!(r.status, 403, "{:?}", r.body),
     }
 }
+
+/// An IPv4-mapped literal (`[::ffff:127.0.0.1]`) is the IPv4 address: an
+/// IPv4 pool serves it, from its leased address (before, the IPv6 form
+/// asked for an IPv6 address and got 503).
+#[tokio::test]
+async fn an_ipv4_mapped_literal_is_its_ipv4_address() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let url = format!("http://[::ffff:127.0.0.1]:{}/", origin.addr.port());
+    let r = get(worker.addr, &url).await;
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        origin.sources(),
+        ["127.0.0.2".parse::<std::net::IpAddr>().unwrap()]
+    );
+    let (code, _) = connect_tunnel(
+        worker.addr,
+        &format!("[::ffff:127.0.0.1]:{}", origin.addr.port()),
+    )
+    .await;
+    assert_eq!(code, 200);
+}

@@ -10,7 +10,11 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::error::ProxyError;
 
 /// Connects to the first of `dests` (of `source`'s family) that answers,
-/// from `source`, within `timeout` overall.
+/// from `source`, within `timeout` overall. The addresses are tried in
+/// turn, each with an equal share of the time left (the last with all of
+/// it), so one that drops the SYN costs its share, not the whole timeout,
+/// and the next is still tried: a name with one dead address among four
+/// answers from the others.
 pub async fn connect_from(
     source: IpAddr,
     dests: &[SocketAddr],
@@ -21,36 +25,33 @@ pub async fn connect_from(
         .copied()
         .filter(|d| d.is_ipv4() == source.is_ipv4())
         .collect();
-    let attempt = async {
-        let mut last = None;
-        for dest in &candidates {
-            let sock = bound_socket(source, *dest)?;
-            match sock.connect(*dest).await {
-                Ok(stream) => {
-                    let _ = stream.set_nodelay(true);
-                    return Ok(stream);
-                }
-                Err(e) => last = Some(ProxyError::from_connect(dest.to_string(), e)),
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = None;
+    for (i, dest) in candidates.iter().enumerate() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let share = left / u32::try_from(candidates.len() - i).unwrap_or(u32::MAX);
+        let sock = bound_socket(source, *dest)?;
+        match tokio::time::timeout(share, sock.connect(*dest)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
+            Ok(Err(e)) => last = Some(ProxyError::from_connect(dest.to_string(), e)),
+            Err(_) => {
+                last = Some(ProxyError::ConnectTimeout {
+                    dest: dest.to_string(),
+                    timeout: share,
+                })
             }
         }
-        Err(last.unwrap_or_else(|| ProxyError::Unreachable {
-            dest: format!("{dests:?}"),
-            source: io::Error::new(
-                io::ErrorKind::AddrNotAvailable,
-                "no address of the leased family",
-            ),
-        }))
-    };
-    match tokio::time::timeout(timeout, attempt).await {
-        Ok(r) => r,
-        Err(_) => Err(ProxyError::ConnectTimeout {
-            dest: candidates
-                .first()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-            timeout,
-        }),
     }
+    Err(last.unwrap_or_else(|| ProxyError::Unreachable {
+        dest: format!("{dests:?}"),
+        source: io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            "no address of the leased family",
+        ),
+    }))
 }
 
 /// A non-blocking TCP socket bound to `(source, 0)`.
@@ -125,6 +126,54 @@ mod tests {
         let (_, peer) = listener.accept().await.unwrap();
         assert_eq!(peer.ip(), src);
         assert_eq!(client.local_addr().unwrap().ip(), src);
+    }
+
+    /// A listener whose accept queue is full drops SYNs: a dead address.
+    fn silent_listener() -> (std::net::TcpListener, Vec<std::net::TcpStream>) {
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        sock.listen(0).unwrap();
+        let listener: std::net::TcpListener = sock.into();
+        let addr = listener.local_addr().unwrap();
+        let mut held = Vec::new();
+        // Fill the queue (the kernel takes backlog + 1); later SYNs wait.
+        for _ in 0..4 {
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            let _ = s.connect(&addr.into());
+            held.push(s.into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        (listener, held)
+    }
+
+    #[tokio::test]
+    async fn an_address_that_drops_the_syn_leaves_time_for_the_next() {
+        let (dead, _held) = silent_listener();
+        let dead = dead.local_addr().unwrap();
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let src: IpAddr = "127.0.0.9".parse().unwrap();
+        let started = std::time::Instant::now();
+        let stream = connect_from(
+            src,
+            &[dead, good.local_addr().unwrap()],
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
+        assert_eq!(stream.peer_addr().unwrap(), good.local_addr().unwrap());
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(900),
+            "the first had its share: {took:?}"
+        );
+        assert!(took < Duration::from_millis(1900), "{took:?}");
+        // Alone, the dead one has the whole timeout, and says so.
+        let err = connect_from(src, &[dead], Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProxyError::ConnectTimeout { .. }), "{err}");
     }
 
     #[tokio::test]

@@ -192,7 +192,10 @@ impl Resolver {
         let answers = &backend.answers;
         if let Lookup::Dns(_, hosts) = &backend.lookup {
             if let Some(ips) = hosts.get(host) {
-                return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
+                return Ok(ips
+                    .iter()
+                    .map(|ip| SocketAddr::new(ip.to_canonical(), port))
+                    .collect());
             }
         }
         let cached = !self.ttl.is_zero();
@@ -239,17 +242,7 @@ impl Resolver {
         };
         let lookup = match tokio::time::timeout(timeout, resolver.lookup_ip(name.as_str())).await {
             Ok(Ok(l)) => l,
-            Ok(Err(e)) if e.is_no_records_found() => {
-                return Err(ProxyError::DnsEmpty {
-                    host: host.to_string(),
-                })
-            }
-            Ok(Err(e)) => {
-                return Err(ProxyError::Dns {
-                    host: host.to_string(),
-                    source: io::Error::other(e),
-                })
-            }
+            Ok(Err(e)) => return Err(dns_error(host, e, timeout)),
             Err(_) => {
                 return Err(ProxyError::DnsTimeout {
                     host: host.to_string(),
@@ -259,7 +252,7 @@ impl Resolver {
         };
         let addrs: Vec<SocketAddr> = lookup
             .iter()
-            .map(|ip: IpAddr| SocketAddr::new(ip, port))
+            .map(|ip: IpAddr| SocketAddr::new(ip.to_canonical(), port))
             .collect();
         if addrs.is_empty() {
             return Err(ProxyError::DnsEmpty {
@@ -274,6 +267,22 @@ impl Resolver {
             false => lookup.valid_until(),
         };
         Ok((addrs, until))
+    }
+}
+
+/// What a failed lookup tells the client: no records (502 `dns_error`,
+/// "no address"), the servers' silence (504 `dns_timeout`, as when rotor's
+/// own timer ends it: the resolver's timeouts and attempts, from
+/// resolv.conf, may end it first), or another failure (502).
+fn dns_error(host: &str, e: hickory_resolver::net::NetError, timeout: Duration) -> ProxyError {
+    let host = host.to_string();
+    match e {
+        e if e.is_no_records_found() => ProxyError::DnsEmpty { host },
+        hickory_resolver::net::NetError::Timeout => ProxyError::DnsTimeout { host, timeout },
+        e => ProxyError::Dns {
+            host,
+            source: io::Error::other(e),
+        },
     }
 }
 
@@ -362,8 +371,15 @@ fn lower(host: &str) -> std::borrow::Cow<'_, str> {
 
 /// The address `host` spells, if it is an IP literal (`192.0.2.1`,
 /// `[2001:db8::1]`): no lookup needed.
+/// An IPv4-mapped IPv6 address (`::ffff:192.0.2.1`) is the IPv4 address
+/// it carries: connected to as such, from an IPv4 lease (from an IPv6
+/// source the kernel refuses it), and refused with an IPv4-only pool only
+/// when that pool is empty.
 pub fn ip_literal(host: &str) -> Option<IpAddr> {
-    unbracketed(host).parse().ok()
+    unbracketed(host)
+        .parse::<IpAddr>()
+        .ok()
+        .map(|ip| ip.to_canonical())
 }
 
 /// Resolves `host:port` with getaddrinfo (uncached; IP literals are
@@ -372,7 +388,9 @@ async fn lookup(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAd
     let bare = unbracketed(host);
     let lookup = tokio::net::lookup_host((bare, port));
     let addrs: Vec<SocketAddr> = match tokio::time::timeout(timeout, lookup).await {
-        Ok(Ok(a)) => a.collect(),
+        Ok(Ok(a)) => a
+            .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+            .collect(),
         Ok(Err(source)) => {
             return Err(ProxyError::Dns {
                 host: bare.to_string(),
@@ -498,6 +516,19 @@ mod tests {
         assert!(answers.get("last.example", 80).is_some());
     }
 
+    #[test]
+    fn a_resolver_timeout_is_a_dns_timeout() {
+        let t = Duration::from_secs(10);
+        let e = dns_error("example.com", hickory_resolver::net::NetError::Timeout, t);
+        assert!(matches!(e, ProxyError::DnsTimeout { .. }), "{e}");
+        let e = dns_error(
+            "example.com",
+            hickory_resolver::net::NetError::from("odd"),
+            t,
+        );
+        assert!(matches!(e, ProxyError::Dns { .. }), "{e}");
+    }
+
     #[tokio::test]
     async fn ip_literals_skip_dns() {
         // Port 9 (discard): no DNS server answers there; none is asked.
@@ -511,6 +542,11 @@ mod tests {
                 .unwrap();
             assert_eq!(a, vec!["[::1]:80".parse().unwrap()]);
             let a = r.resolve("192.0.2.1", 81, Duration::from_secs(1)).await;
+            assert_eq!(a.unwrap(), vec!["192.0.2.1:81".parse().unwrap()]);
+            // The IPv4-mapped form is the IPv4 address.
+            let a = r
+                .resolve("[::ffff:192.0.2.1]", 81, Duration::from_secs(1))
+                .await;
             assert_eq!(a.unwrap(), vec!["192.0.2.1:81".parse().unwrap()]);
         }
         let (dns, system) = (dns.current(), system.current());

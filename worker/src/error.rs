@@ -43,6 +43,14 @@ pub enum ProxyError {
     Allocator(#[source] LeaseError),
     #[error("cannot open a socket")]
     Socket(#[source] io::Error),
+    /// `connect` found no local port free for (leased address, `dest`):
+    /// this host's ephemeral ports, not the destination's fault.
+    #[error("no local port free to connect to {dest} from the leased address (the host's ephemeral ports are in use)")]
+    Ports {
+        dest: String,
+        #[source]
+        source: io::Error,
+    },
     #[error(transparent)]
     Session(crate::session::ParamError),
     #[error("the session's address {ip} left the pool (a strict session does not move)")]
@@ -129,9 +137,12 @@ impl ProxyError {
             | Auth(_)
             | Session(_)
             | Throttled { .. } => Fault::Client,
-            NoAddress(_) | SourceUnavailable { .. } | Allocator(_) | Socket(_) | Overloaded => {
-                Fault::Internal
-            }
+            NoAddress(_)
+            | SourceUnavailable { .. }
+            | Allocator(_)
+            | Socket(_)
+            | Ports { .. }
+            | Overloaded => Fault::Internal,
             _ => Fault::Upstream,
         }
     }
@@ -162,7 +173,7 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some("proxy_configuration_error"),
             ),
-            Allocator(_) | Socket(_) | Overloaded => (
+            Allocator(_) | Socket(_) | Ports { .. } | Overloaded => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some("proxy_internal_error"),
             ),
@@ -198,6 +209,7 @@ impl ProxyError {
             SourceUnavailable { .. } => "Pool Address Unusable",
             Allocator(_) => "Allocator Unavailable",
             Socket(_) => "Proxy Out Of Sockets",
+            Ports { .. } => "Proxy Out Of Ports",
             Overloaded => "Connection Limit Reached",
             Dns { .. } | DnsEmpty { .. } => "DNS Error",
             DnsTimeout { .. } => "DNS Timeout",
@@ -216,9 +228,12 @@ impl ProxyError {
     pub fn from_connect(dest: String, source: io::Error) -> ProxyError {
         match source.raw_os_error() {
             Some(libc::ECONNREFUSED) => ProxyError::Refused { dest, source },
-            Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EADDRNOTAVAIL) => {
+            Some(libc::ENETUNREACH | libc::EHOSTUNREACH) => {
                 ProxyError::Unreachable { dest, source }
             }
+            // With IP_BIND_ADDRESS_NO_PORT the port is chosen at connect:
+            // none free for this (source, destination).
+            Some(libc::EADDRNOTAVAIL) => ProxyError::Ports { dest, source },
             _ => ProxyError::Connect { dest, source },
         }
     }
@@ -311,6 +326,18 @@ mod tests {
             io::Error::from_raw_os_error(libc::ENETUNREACH),
         );
         assert_eq!(e.classify().1, Some("destination_ip_unroutable"));
+        let e = ProxyError::from_connect(
+            "x:1".into(),
+            io::Error::from_raw_os_error(libc::EADDRNOTAVAIL),
+        );
+        assert_eq!(
+            e.classify(),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some("proxy_internal_error")
+            )
+        );
+        assert_eq!(e.fault(), Fault::Internal);
     }
 
     #[test]

@@ -648,7 +648,11 @@ impl Proxy {
     fn count_connect(&self, ip: IpAddr, r: &Result<TcpStream, ProxyError>, started: Instant) {
         match r {
             Ok(_) => self.meter.connected(started.elapsed()),
-            Err(ProxyError::SourceUnavailable { .. } | ProxyError::Socket(_)) => {}
+            Err(
+                ProxyError::SourceUnavailable { .. }
+                | ProxyError::Socket(_)
+                | ProxyError::Ports { .. },
+            ) => {}
             Err(_) => self.meter.connect_failed(ip),
         }
     }
