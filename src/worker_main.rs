@@ -99,6 +99,16 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
     if let Err(e) = tuning.check_exposure(&addrs) {
         return fail(&e);
     }
+    // A TLS socket systemd passed (rotor-worker-tls.socket) with no
+    // certificate: refused here, not left open to clients that would hang
+    // in its backlog (--check cannot see it: systemd passes sockets to
+    // ExecStart= only).
+    if !tls_listeners.is_empty() && tuning.config.tls.is_none() {
+        return fail(&crate::cli::ConfigError::Invalid(
+            "a TLS listener (tls-listen, or a socket named `tls`) needs tls-cert and tls-key"
+                .into(),
+        ));
+    }
     let socket = args.common.socket(&file);
     if args.common.check {
         for l in &listeners {

@@ -22,6 +22,15 @@ use crate::util::*;
 /// `Sockets=` or `rotor up` would pass it).
 fn worker_on_shared_socket(fd: RawFd, socket: &Path, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(WORKER);
+    pass_as_fd_3(&mut cmd, fd);
+    let mut args = vec!["--listen-fd", "3", "--socket", socket.to_str().unwrap()];
+    args.extend_from_slice(&ALLOW_LOOPBACK);
+    args.extend_from_slice(extra);
+    Proc::spawn_cmd(cmd, WORKER, &args)
+}
+
+/// `cmd`'s child gets `fd` as its descriptor 3, open across exec.
+fn pass_as_fd_3(cmd: &mut Command, fd: RawFd) {
     // SAFETY: dup2 and fcntl are async-signal-safe; they run in the child
     // before exec.
     unsafe {
@@ -39,10 +48,6 @@ fn worker_on_shared_socket(fd: RawFd, socket: &Path, extra: &[&str]) -> Proc {
             Ok(())
         });
     }
-    let mut args = vec!["--listen-fd", "3", "--socket", socket.to_str().unwrap()];
-    args.extend_from_slice(&ALLOW_LOOPBACK);
-    args.extend_from_slice(extra);
-    Proc::spawn_cmd(cmd, WORKER, &args)
 }
 
 /// `n` workers accepting on one listening socket, once they serve.
@@ -646,4 +651,31 @@ async fn workers_sharing_a_socket_share_out_long_lived_connections() {
     assert_eq!(split.iter().sum::<usize>(), 32, "{split:?}");
     assert!(split[1] >= 10, "the idle worker got too few: {split:?}");
     drop(held);
+}
+
+/// A TLS socket systemd passes (`rotor-worker-tls.socket`, named `tls`)
+/// with no certificate configured: the worker refuses to start, saying
+/// why, rather than leave the socket open to clients that would hang in
+/// its backlog (and `ExecStartPre=--check` cannot see it).
+#[test]
+fn a_tls_socket_passed_without_a_certificate_is_refused_at_start() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fd = listener.as_raw_fd();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(WORKER);
+    pass_as_fd_3(&mut cmd, fd);
+    let out = cmd
+        .args([
+            "--tls-listen-fd",
+            "3",
+            "--listen",
+            "127.0.0.1:0",
+            "--socket",
+        ])
+        .arg(dir.path().join("allocator.sock"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("needs tls-cert and tls-key"), "{stderr}");
 }

@@ -427,3 +427,78 @@ async fn the_proxy_prefers_aes_128_gcm_and_still_serves_chacha20_only_clients() 
     );
     drop(p.worker);
 }
+
+/// After the handshake, a client trickling one TLS record a byte at a time
+/// hands rotor no byte of a request, while each byte woke the idle watch:
+/// it held its connection for ever. Its first request is due within
+/// `--header-read-timeout` of the accept, whatever moves below TLS.
+#[tokio::test]
+async fn a_tls_record_trickled_after_the_handshake_is_cut_off() {
+    let p = tls_proxy(&["--header-read-timeout", "1s", "--idle-timeout", "60s"]).await;
+    let script = format!(
+        r#"
+import socket, ssl, time, sys
+ctx = ssl.create_default_context(cafile="{ca}")
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+obj = ctx.wrap_bio(inc, out, server_hostname="127.0.0.1")
+s = socket.create_connection(("127.0.0.1", {port}))
+while True:
+    try:
+        obj.do_handshake()
+        break
+    except ssl.SSLWantReadError:
+        data = out.read()
+        if data:
+            s.sendall(data)
+        chunk = s.recv(65536)
+        if not chunk:
+            sys.exit("closed during the handshake")
+        inc.write(chunk)
+data = out.read()
+if data:
+    s.sendall(data)
+# An application-data record announcing 16 KiB, sent a byte at a time.
+s.sendall(b"\x17\x03\x03\x40\x00")
+s.settimeout(0.2)
+start = time.time()
+closed = False
+while time.time() - start < 8:
+    try:
+        s.send(b"\x00")
+        r = s.recv(65536)
+        if r == b"":
+            closed = True
+            break
+    except socket.timeout:
+        pass
+    except OSError:
+        closed = True
+        break
+took = time.time() - start
+assert closed and took < 4, (closed, took)
+"#,
+        ca = p.ca.display(),
+        port = p.tls.port()
+    );
+    run_python(&script).await;
+}
+
+/// Past `--max-connections`, a TLS client is closed: a 503 in plain text
+/// is no answer to its hello (curl would report a garbled record).
+#[tokio::test]
+async fn a_tls_client_past_the_connection_limit_is_closed_not_sent_plain_text() {
+    let p = tls_proxy(&["--max-connections", "1"]).await;
+    // The start-up probe's connection gone first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _held = TcpStream::connect(p.tls).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut over = TcpStream::connect(p.tls).await.unwrap();
+    let _ = over.write_all(b"\x16\x03\x01\x00\x05hello").await;
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), over.read_to_end(&mut rest));
+    eprintln!("RESULT {:?}", r.await);
+    let _ = tokio::time::timeout(Duration::from_secs(5), over.read_to_end(&mut rest))
+        .await
+        .expect("closed");
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+}

@@ -57,6 +57,12 @@ pub struct Conn {
     pub stop: CancellationToken,
     /// How long a draining connection waits for its next request.
     pub grace: Duration,
+    /// Over TLS: when the first request's head must be whole
+    /// (`header_timeout` after the accept, the handshake counted in). As bytes below
+    /// TLS (a record trickled a byte at a time) keep the idle watch awake
+    /// without one byte of a request, each wait for a request over TLS has
+    /// a timer of its own: `idle_timeout` at most.
+    pub tls_first_head_due: Option<tokio::time::Instant>,
 }
 
 /// How the fast path left a connection.
@@ -100,9 +106,12 @@ where
     let stopped = conn.stop.cancelled();
     tokio::pin!(idle, stopped);
     let mut draining = false;
+    let tls = conn.tls_first_head_due.is_some();
+    let mut first_head_due = conn.tls_first_head_due;
     loop {
-        // A whole head, taken off the buffer.
-        let mut first_byte = None;
+        // A whole head, taken off the buffer, within the header timeout
+        // from its first byte (over TLS, the first from the accept).
+        let mut first_byte = first_head_due.take();
         let (mut parts, fields, body_len, close) = loop {
             if !buf.is_empty() {
                 match take_request(&mut buf, conn.max_head) {
@@ -118,6 +127,25 @@ where
             }
             buf.reserve(4096);
             let read = match (buf.is_empty(), draining) {
+                // Over TLS, a timer of its own (see `tls_first_head_due`).
+                (true, false) if tls => {
+                    let idle = tokio::time::Instant::now() + conn.idle_timeout;
+                    let due = first_byte.map_or(idle, |head| head.min(idle));
+                    tokio::select! {
+                        biased;
+                        r = tokio::time::timeout_at(due, io.read_buf(&mut buf)) => match r {
+                            Ok(r) => r,
+                            Err(_) => {
+                                tracing::debug!("no request over TLS in time; closed");
+                                return Outcome::Closed;
+                            }
+                        },
+                        _ = &mut stopped => {
+                            draining = true;
+                            continue;
+                        }
+                    }
+                }
                 (true, false) => tokio::select! {
                     biased;
                     r = io.read_buf(&mut buf) => r,
@@ -195,8 +223,10 @@ where
         if close {
             // TLS says goodbye (close_notify); a plain socket's close sends
             // the FIN after what was written, one system call fewer.
+            // Bounded: a client that stopped reading leaves no room for
+            // the alert, and would hold the connection for ever.
             if !io.closes_on_drop() {
-                let _ = io.shutdown().await;
+                let _ = tokio::time::timeout(conn.grace, io.shutdown()).await;
             }
             return Outcome::Closed;
         }

@@ -276,7 +276,12 @@ impl Serving {
                     *last_warned = Some(tokio::time::Instant::now());
                 }
                 if let Ok(stream) = stream.into_tokio() {
-                    tokio::spawn(refuse(stream, HTTP_REFUSAL));
+                    match is_tls {
+                        false => tokio::spawn(refuse(stream, HTTP_REFUSAL)),
+                        // A 503 in plain text is no answer to a TLS hello
+                        // (the client reports a garbled record); closed.
+                        true => tokio::spawn(linger_close(stream)),
+                    };
                 }
                 return;
             }
@@ -294,6 +299,8 @@ impl Serving {
             max_head: self.config.proxy.max_head_bytes.max(8192),
             stop: self.stop.clone(),
             grace: IDLE_CLOSE_GRACE,
+            tls_first_head_due: is_tls
+                .then(|| tokio::time::Instant::now() + self.config.header_read_timeout),
         };
         let acceptor = match (is_tls, &self.config.tls) {
             (true, Some(t)) => Some(t.acceptor()),
