@@ -521,13 +521,14 @@ pub async fn serve(
     admin_token: Option<std::sync::Arc<str>>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    // Connections served at once; more wait in the listen queue.
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+    // Connections served at once, and from one address: past either, a
+    // new connection is answered 503 at once (a scraper or a health check
+    // learns it now, not by timing out in the listen queue), so a client
+    // holding connections open cannot starve the others.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let peers = PeerCounts::default();
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(s) => s,
@@ -538,10 +539,32 @@ pub async fn serve(
                 }
             },
         };
+        let place = peers.enter(peer.ip());
+        let permit = slots.clone().try_acquire_owned();
+        let (Some(place), Ok(permit)) = (place, permit) else {
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut stream = stream;
+                let busy = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                // The answer, a FIN, and what the client sent read for a
+                // moment: closed unread, the kernel would reset the
+                // connection, perhaps before the client read the answer.
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(500), async {
+                    stream.write_all(busy).await?;
+                    stream.shutdown().await?;
+                    let mut sink = [0u8; 1024];
+                    while stream.read(&mut sink).await? > 0 {}
+                    Ok::<_, std::io::Error>(())
+                })
+                .await;
+            });
+            continue;
+        };
         let alloc = alloc.clone();
         let token = admin_token.clone();
+        let stop = shutdown.clone();
         tokio::spawn(async move {
-            let _permit = permit;
+            let (_permit, _place) = (permit, place);
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let (alloc, token) = (alloc.clone(), token.clone());
@@ -555,8 +578,47 @@ pub async fn serve(
                 .header_read_timeout(std::time::Duration::from_secs(10))
                 .timer(hyper_util::rt::TokioTimer::new())
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn).await;
+            tokio::select! {
+                _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn) => {}
+                _ = stop.cancelled() => {}
+            }
         });
+    }
+}
+
+/// Connections the metrics listener serves at once.
+const MAX_CONNECTIONS: usize = 64;
+/// … and from one address.
+const MAX_PER_PEER: usize = 8;
+
+/// Open connections by client address.
+#[derive(Default, Clone)]
+struct PeerCounts(std::sync::Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>);
+
+/// A connection's place in its address's count, given back when dropped.
+struct Place(PeerCounts, std::net::IpAddr);
+
+impl PeerCounts {
+    fn enter(&self, ip: std::net::IpAddr) -> Option<Place> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(Place(self.clone(), ip))
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        let mut map = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
     }
 }
 

@@ -509,3 +509,58 @@ async fn a_tunnel_closed_for_silence_still_counts_its_bytes() {
     })
     .await;
 }
+
+/// Connections held open on the metrics listener (idle, or a request never
+/// finished) starve nobody: past 8 from one address a new one is answered
+/// 503 at once, another address is still served, and the allocator stops
+/// at once with them open.
+#[tokio::test]
+async fn held_metrics_connections_starve_no_other_client_nor_the_stop() {
+    let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let listen = metrics.to_string();
+    let mut alloc = Allocator::start(&["--pool", "127.0.0.2", "--metrics-listen", &listen]).await;
+    eventually("the metrics listener", || async move {
+        tokio::net::TcpStream::connect(metrics).await.is_ok()
+    })
+    .await;
+    // The probe's connection gone before the eight are counted.
+    std::thread::sleep(Duration::from_millis(200));
+    let held: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(metrics).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = std::time::Instant::now();
+    assert_eq!(http_get(metrics, "/metrics", "text/plain").0, 503);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // From another address of loopback: served.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from(([127, 0, 0, 9], 0)).into())
+        .unwrap();
+    sock.connect(&metrics.into()).unwrap();
+    let mut other: std::net::TcpStream = sock.into();
+    other
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    other
+        .write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: {metrics}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+    let mut out = String::new();
+    other.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let stopping = std::time::Instant::now();
+    alloc.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(alloc.proc.wait(Duration::from_secs(10)).success());
+    assert!(
+        stopping.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        stopping.elapsed()
+    );
+    drop(held);
+}
