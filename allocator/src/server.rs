@@ -401,7 +401,9 @@ async fn report_status(alloc: Arc<Allocator>, shutdown: CancellationToken) {
             _ = tick.tick() => {}
         }
         let report = alloc.status();
-        let rate = (report.leases_total - last) as f64 / STATUS_EVERY.as_secs_f64();
+        // Saturating: a table rebuilt from its last sound reading may
+        // count from a little further back.
+        let rate = report.leases_total.saturating_sub(last) as f64 / STATUS_EVERY.as_secs_f64();
         last = report.leases_total;
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(&status_line(&report, rate))]);
     }

@@ -65,6 +65,8 @@ pub enum SourceError {
     },
     #[error("`{cmd}` did not finish within {timeout:?}; killed")]
     CommandTimeout { cmd: String, timeout: Duration },
+    #[error("`{cmd}` printed more than {max} bytes; none of it is used (a line cut at the limit could read as another address)", max = COMMAND_OUTPUT_MAX)]
+    CommandOutputTooLarge { cmd: String },
     #[error("`{cmd}` failed ({status}): {stderr}")]
     CommandFailed {
         cmd: String,
@@ -163,9 +165,14 @@ pub fn run_pool_command(cmd: &str, timeout: Duration) -> Result<Vec<Segment>, So
     let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
     // Read while it runs, so a long output cannot fill the pipe and stall
     // it; what is past the limits is read and dropped.
-    fn drain(mut from: impl Read + Send + 'static, keep: usize) -> std::thread::JoinHandle<String> {
+    // Whether anything was dropped, beside the text.
+    fn drain(
+        mut from: impl Read + Send + 'static,
+        keep: usize,
+    ) -> std::thread::JoinHandle<(String, bool)> {
         std::thread::spawn(move || {
             let mut kept = Vec::new();
+            let mut dropped = false;
             let mut buf = [0u8; 8192];
             while let Ok(n) = from.read(&mut buf) {
                 if n == 0 {
@@ -173,11 +180,12 @@ pub fn run_pool_command(cmd: &str, timeout: Duration) -> Result<Vec<Segment>, So
                 }
                 let room = keep.saturating_sub(kept.len());
                 kept.extend_from_slice(&buf[..n.min(room)]);
+                dropped |= n > room;
             }
-            String::from_utf8_lossy(&kept).into_owned()
+            (String::from_utf8_lossy(&kept).into_owned(), dropped)
         })
     }
-    let out = drain(child.stdout.take().expect("piped"), 16 << 20);
+    let out = drain(child.stdout.take().expect("piped"), COMMAND_OUTPUT_MAX);
     let err = drain(child.stderr.take().expect("piped"), 64 << 10);
     let deadline = std::time::Instant::now() + timeout;
     let status = loop {
@@ -200,13 +208,18 @@ pub fn run_pool_command(cmd: &str, timeout: Duration) -> Result<Vec<Segment>, So
             timeout,
         });
     };
-    let text = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
+    let (text, cut) = out.join().unwrap_or_default();
+    let (stderr, _) = err.join().unwrap_or_default();
     if !status.success() {
         return Err(SourceError::CommandFailed {
             cmd: cmd.to_string(),
             status,
             stderr: stderr.lines().next().unwrap_or("").to_string(),
+        });
+    }
+    if cut {
+        return Err(SourceError::CommandOutputTooLarge {
+            cmd: cmd.to_string(),
         });
     }
     parse_pool_text(&text).map_err(|(line, source)| SourceError::CommandSpec {
@@ -215,6 +228,9 @@ pub fn run_pool_command(cmd: &str, timeout: Duration) -> Result<Vec<Segment>, So
         source,
     })
 }
+
+/// What a pool command may print (16 MiB: a million addresses, one a line).
+pub const COMMAND_OUTPUT_MAX: usize = 16 << 20;
 
 /// One spec per line; `#` starts a comment; blank lines are skipped.
 pub fn parse_pool_text(text: &str) -> Result<Vec<Segment>, (usize, SpecError)> {
@@ -385,6 +401,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(got.len(), 1);
+        // Past the limit on what it prints: an error, nothing half read.
+        let err = run_pool_command(
+            "head -c 17000000 /dev/zero | tr '\\0' '#'; echo; echo 127.0.0.2",
+            t,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, SourceError::CommandOutputTooLarge { .. }),
+            "{err}"
+        );
     }
 
     #[test]

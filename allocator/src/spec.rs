@@ -100,9 +100,11 @@ fn parse_ip(s: &str) -> Result<IpAddr, SpecError> {
 }
 
 fn expand_one(part: &str, out: &mut Vec<Segment>) -> Result<(), SpecError> {
-    if let Some((addr, _)) = part.split_once('/') {
-        // ipnet parses CIDRs here and in the worker's destination rules.
-        let net: IpNet = part.parse().map_err(|_| match parse_ip(addr) {
+    if let Some((addr, len)) = part.split_once('/') {
+        // ipnet parses CIDRs here and in the worker's destination rules;
+        // an IPv6 base may come bracketed (`[2001:db8::]/64`).
+        let bare = format!("{}/{len}", rotor_protocol::addr::unbracketed(addr.trim()));
+        let net: IpNet = bare.parse().map_err(|_| match parse_ip(addr) {
             Err(e) => e,
             Ok(ip) => SpecError::BadPrefix(part.to_string(), if ip.is_ipv4() { 32 } else { 128 }),
         })?;
@@ -227,6 +229,10 @@ mod tests {
         );
         assert_eq!(parse_spec("2000::/3").unwrap(), [prefix("2000::", 3)]);
         assert_eq!(parse_spec("10.0.0.0/8").unwrap(), [prefix("10.0.0.0", 8)]);
+        assert_eq!(
+            parse_spec("[2001:db8:1:2::]/64").unwrap(),
+            [prefix("2001:db8:1:2::", 64)]
+        );
         // Up to 2^16 addresses are still listed one by one.
         assert_eq!(parse_spec("10.0.0.0/16").unwrap().len(), 1 << 16);
         assert_eq!(parse_spec("2001:db8::/112").unwrap().len(), 1 << 16);

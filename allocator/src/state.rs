@@ -780,8 +780,11 @@ impl Allocator {
     pub fn apply_checks(&self, checks: &HashMap<Segment, Result<(), String>>) {
         let mut inner = self.lock();
         let now = Instant::now();
+        // A set, not a scan a check: a /16 listed address by address falls
+        // due at once (65 536 checks against 65 536 entries under the lock).
+        let listed: HashSet<Segment> = inner.pool.addrs().iter().copied().collect();
         for (e, check) in checks {
-            if inner.pool.addrs().contains(e) {
+            if listed.contains(e) {
                 inner.judge(*e, check, now);
             }
         }
@@ -796,10 +799,13 @@ impl Allocator {
             return false;
         };
         let now = Instant::now();
-        inner.judge(
+        // A report: the entry goes out, its wait not lengthened (requests
+        // in flight on an address that went away report it many times).
+        inner.judge_as(
             e,
             &Err(format!("a worker could not use {ip}: {reason}")),
             now,
+            true,
         );
         inner.publish_quarantine();
         inner.pool.is_quarantined(&e)
@@ -1403,6 +1409,18 @@ mod tests {
         // A worker's report takes another out at once.
         assert!(a.unusable("10.0.0.3".parse().unwrap(), "EADDRNOTAVAIL"));
         assert_eq!(leased(&a), "10.0.0.1");
+        // More reports (requests in flight on it) do not lengthen its wait.
+        for _ in 0..10 {
+            assert!(a.unusable("10.0.0.3".parse().unwrap(), "EADDRNOTAVAIL"));
+        }
+        assert!(
+            a.status_v2().pool[2]
+                .quarantine
+                .as_ref()
+                .unwrap()
+                .retry_in_secs
+                <= 1
+        );
         assert!(!a.unusable("10.9.9.9".parse().unwrap(), "not in the pool"));
         // A good check puts it back; a bad one doubles the wait.
         let mut back = ok();

@@ -18,9 +18,9 @@ settings! {
     pub struct AllocatorFlags, file AllocatorFile, resolved Allocator {
         /// Pool addresses: one address, a range (127.0.0.2-127.0.0.9), a CIDR
         /// (192.0.2.0/29) or a comma list of these. Repeatable. With none of
-        /// --pool, --pool-file and --interface, the pool is the host's own
-        /// global addresses; any of them as flags replaces all three of
-        /// the file.
+        /// --pool, --pool-file, --interface, --metadata and --pool-command,
+        /// the pool is the host's own global addresses; any of them as
+        /// flags replaces all of the file's sources.
         #[arg(value_name = "SPEC")]
         pool: Vec<String>,
         /// A file of SPECs, one a line, `#` comments; re-read on every
@@ -170,6 +170,11 @@ impl AllocatorFlags {
             a.interface = self.interface.clone();
             a.metadata = self.metadata.clone();
             a.pool_command = self.pool_command.clone();
+            // What qualifies the file's metadata source goes with it.
+            a.metadata_mac = self.metadata_mac.clone();
+            if self.metadata_endpoint.is_none() {
+                a.metadata_endpoint = None;
+            }
         }
         let mut sources = Vec::new();
         for spec in &a.pool {
@@ -319,6 +324,18 @@ mod tests {
         assert_eq!(given.sources.len(), 2);
         assert!(flags(&["--pool", "10.0.0.0/33"]).pool(&f).is_err());
         assert!(flags(&["--refresh", "0s"]).pool(&f).is_err());
+        // The file's metadata interfaces go with its metadata source.
+        let meta =
+            file("[allocator]\nmetadata = [\"aws\"]\nmetadata-mac = [\"02:fc:00:00:00:01\"]\n")
+                .unwrap();
+        assert_eq!(
+            flags(&["--pool", "10.0.0.5"])
+                .pool(&meta)
+                .unwrap()
+                .sources
+                .len(),
+            1
+        );
         let cloud = flags(&[
             "--metadata",
             "aws",
