@@ -39,23 +39,48 @@ impl Idle {
     }
 }
 
+/// Idle connections a worker keeps in all. A pool of prefixes (an IPv6
+/// /64) gives each request an address never leased again, so what it
+/// checks in is never checked out: without a cap, every connection of the
+/// last `idle_timeout` would sit open (40 000 at 10 000 requests/s).
+pub const MAX_IDLE_TOTAL: usize = 4096;
+
+#[derive(Default)]
+struct Idles {
+    map: HashMap<Key, Vec<Idle>>,
+    /// Connections in `map`.
+    total: usize,
+    /// When a full pool was last swept of expired connections.
+    swept_ms: u64,
+}
+
 pub struct UpstreamPool {
-    idle: Mutex<HashMap<Key, Vec<Idle>>>,
+    idle: Mutex<Idles>,
     /// How long an idle connection is kept; `ZERO` disables reuse.
     idle_timeout: Duration,
     max_idle_per_key: usize,
+    max_idle_total: usize,
 }
 
 impl UpstreamPool {
     pub fn new(idle_timeout: Duration, max_idle_per_key: usize) -> Arc<UpstreamPool> {
+        UpstreamPool::capped(idle_timeout, max_idle_per_key, MAX_IDLE_TOTAL)
+    }
+
+    fn capped(
+        idle_timeout: Duration,
+        max_idle_per_key: usize,
+        max_idle_total: usize,
+    ) -> Arc<UpstreamPool> {
         Arc::new(UpstreamPool {
-            idle: Mutex::new(HashMap::default()),
+            idle: Mutex::new(Idles::default()),
             idle_timeout,
             max_idle_per_key,
+            max_idle_total,
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Vec<Idle>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Idles> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -69,10 +94,12 @@ impl UpstreamPool {
     /// connection checked out now is usually checked in again a moment
     /// later, and then finds it (no second lookup, no new list).
     pub fn checkout(&self, key: &Key) -> Option<Conn> {
-        let mut map = self.lock();
+        let mut idles = self.lock();
+        let Idles { map, total, .. } = &mut *idles;
         let list = map.get_mut(key)?;
         let now = crate::os::coarse_ms();
         while let Some(idle) = list.pop() {
+            *total -= 1;
             if idle.fresh(now, self.idle_timeout) {
                 return Some(idle.conn);
             }
@@ -80,30 +107,51 @@ impl UpstreamPool {
         None
     }
 
-    /// Keeps `conn` for the next request with the same key.
+    /// Keeps `conn` for the next request with the same key (closed
+    /// instead when its list, or the pool, is full: a full pool is swept
+    /// of expired connections first, at most every 100 ms).
     pub fn checkin(&self, key: Key, conn: Conn) {
         if !self.enabled() {
             return;
         }
-        let mut map = self.lock();
-        let list = map.entry(key).or_default();
+        let mut idles = self.lock();
+        let now = crate::os::coarse_ms();
+        if idles.total >= self.max_idle_total && now.saturating_sub(idles.swept_ms) >= 100 {
+            idles.swept_ms = now;
+            self.sweep(&mut idles, now);
+        }
+        if idles.total >= self.max_idle_total {
+            return;
+        }
+        let list = idles.map.entry(key).or_default();
         if list.len() < self.max_idle_per_key {
             list.push(Idle {
                 conn,
-                since_ms: crate::os::coarse_ms(),
+                since_ms: now,
             });
+            idles.total += 1;
         }
+    }
+
+    /// Drops expired and closed connections, and lists left empty.
+    fn sweep(&self, idles: &mut Idles, now_ms: u64) {
+        let timeout = self.idle_timeout;
+        idles.map.retain(|_, list| {
+            list.retain(|i| i.fresh(now_ms, timeout));
+            !list.is_empty()
+        });
+        idles.total = idles.map.values().map(Vec::len).sum();
     }
 
     /// Idle connections now (for status and tests).
     pub fn idle_count(&self) -> usize {
-        self.lock().values().map(Vec::len).sum()
+        self.lock().total
     }
 
     /// Keys with a list, empty or not.
     #[cfg(test)]
     fn lists(&self) -> usize {
-        self.lock().len()
+        self.lock().map.len()
     }
 
     /// Drops expired and closed connections every `idle_timeout`, so idle
@@ -116,16 +164,12 @@ impl UpstreamPool {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
-                    self.lock().clear();
+                    *self.lock() = Idles::default();
                     return;
                 }
                 _ = tick.tick() => {}
             }
-            let (timeout, now) = (self.idle_timeout, crate::os::coarse_ms());
-            self.lock().retain(|_, list| {
-                list.retain(|i| i.fresh(now, timeout));
-                !list.is_empty()
-            });
+            self.sweep(&mut self.lock(), crate::os::coarse_ms());
         }
     }
 }
@@ -312,6 +356,34 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(pool.checkout(&key("127.0.0.2")).is_none());
         assert_eq!(pool.idle_count(), 0);
+    }
+
+    /// A pool of prefixes checks in connections no request will ask for:
+    /// the whole pool is capped, and a full one makes room from expired
+    /// connections before it refuses one.
+    #[tokio::test]
+    async fn the_pool_is_capped_as_a_whole() {
+        let pool = UpstreamPool::capped(Duration::from_millis(300), 4, 2);
+        let mut peers = Vec::new();
+        for source in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+            let (c, peer) = conn().await;
+            peers.push(peer);
+            pool.checkin(key(source), c);
+        }
+        assert_eq!(pool.idle_count(), 2);
+        assert!(
+            pool.checkout(&key("127.0.0.4")).is_none(),
+            "the third was closed"
+        );
+        let c = pool.checkout(&key("127.0.0.2")).unwrap();
+        assert_eq!(pool.idle_count(), 1);
+        pool.checkin(key("127.0.0.2"), c);
+        // Once they expire, a full pool sweeps them and takes a new one.
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        let (c, _peer) = conn().await;
+        pool.checkin(key("127.0.0.5"), c);
+        assert_eq!(pool.idle_count(), 1);
+        assert!(pool.checkout(&key("127.0.0.5")).is_some());
     }
 
     #[tokio::test]
