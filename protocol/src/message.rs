@@ -246,6 +246,26 @@ pub enum Request {
     HostStatus,
 }
 
+impl Request {
+    /// The first protocol minor whose allocator reads this request: an
+    /// older one closes the connection on it, so it is not sent there.
+    pub fn min_minor(&self) -> u16 {
+        match self {
+            Request::Lease { .. } | Request::Status | Request::Reload => 0,
+            Request::Attach => MINOR_LEASE_TABLE,
+            Request::StatusV2
+            | Request::Unusable { .. }
+            | Request::Pool
+            | Request::LeaseSession { .. } => MINOR_FAMILIES,
+            Request::LeaseSite { .. }
+            | Request::Pushback { .. }
+            | Request::SiteOk { .. }
+            | Request::Sites { .. } => MINOR_SITES,
+            Request::Metrics(_) | Request::Steer { .. } | Request::HostStatus => MINOR_METRICS,
+        }
+    }
+}
+
 /// The host's figures as the workers reported them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostReport {

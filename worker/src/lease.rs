@@ -49,6 +49,8 @@ pub enum LeaseError {
         retry_after: Duration,
         cooling: bool,
     },
+    #[error("the allocator (protocol minor {has}) is too old for this (minor {needs} or newer)")]
+    TooOld { has: u16, needs: u16 },
 }
 
 /// A lease, and whether the allocator wants to hear how the site answered
@@ -399,7 +401,7 @@ impl LeaseClient {
         match knows {
             Some(false) => Ok(()),
             _ => match self.request(Request::Metrics(m.clone())).await {
-                Ok(_) => Ok(()),
+                Ok(_) | Err(LeaseError::TooOld { .. }) => Ok(()),
                 Err(_) => Err(Box::new(m)),
             },
         }
@@ -540,6 +542,16 @@ impl LeaseClient {
         let mut watch = self.conn.clone();
         loop {
             let conn = self.connection_in(&mut watch, deadline).await?;
+            // Checked on each connection (the first may come only now, or
+            // a new one be an older allocator's): a request an older
+            // allocator cannot read would make it close the connection,
+            // and the retry on the next would close that one too.
+            if conn.minor < body.min_minor() {
+                return Err(LeaseError::TooOld {
+                    has: conn.minor,
+                    needs: body.min_minor(),
+                });
+            }
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
             let registered = match conn
@@ -782,5 +794,60 @@ async fn manage(
                 warn!(error = %error_chain(&e), "allocator connection failed; reconnecting")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rotor_protocol::{server_handshake, ClientFrame, Role, ServerChannel, WorkerMetrics};
+
+    /// An allocator of protocol minor 0 (before the lease table and
+    /// metrics), which closes a connection on a request it cannot read,
+    /// as an old one does: the worker does not send it one (before, each
+    /// metrics report closed the connection, and the retry on the next
+    /// closed that one too: a reconnect storm for the report's timeout).
+    #[tokio::test]
+    async fn a_request_an_older_allocator_cannot_read_is_not_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let conns = Arc::new(AtomicU64::new(0));
+        let seen = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                seen.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut chan: ServerChannel<_> = ServerChannel::new(s);
+                    let mut ours = Hello::new(Role::Allocator, "old");
+                    ours.minor = 0;
+                    if server_handshake(&mut chan, ours).await.is_err() {
+                        return;
+                    }
+                    while let Ok(Some(frame)) = chan.recv().await {
+                        if let ClientFrame::Request(e) = frame {
+                            if e.body.min_minor() > 0 {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let client = LeaseClient::start(path, Duration::from_secs(2), CancellationToken::new());
+        assert!(client.connected(Duration::from_secs(2)).await);
+        let started = Instant::now();
+        assert!(client
+            .report_metrics(WorkerMetrics::default())
+            .await
+            .is_ok());
+        assert!(started.elapsed() < Duration::from_millis(500));
+        let err = client.request(Request::HostStatus).await.unwrap_err();
+        assert!(
+            matches!(err, LeaseError::TooOld { has: 0, needs: 4 }),
+            "{err}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(conns.load(Ordering::Relaxed), 1, "no reconnection");
     }
 }
