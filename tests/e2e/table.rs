@@ -76,6 +76,51 @@ async fn workers_keep_rotating_from_the_table_while_the_allocator_is_stopped() {
     assert_eq!(per, [10, 10]);
 }
 
+/// The same when the pool changed just before the allocator stopped: the
+/// workers have no copy of the new pool to check table leases against,
+/// and cannot ask for one. They wait for it a moment, once, and lease from
+/// the table unchecked (before, every request waited for the copy, then
+/// for a lease over the socket, and got 503 after twice the lease
+/// timeout, the next ones queued behind it).
+#[tokio::test]
+async fn a_pool_changed_just_before_the_allocator_stopped_delays_nothing() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.9"]).await;
+    let table = rotor_allocator::server::table_path_for(&alloc.socket).unwrap();
+    eventually("the lease table file", || {
+        let table = table.clone();
+        async move { table.exists() }
+    })
+    .await;
+    let w1 = Worker::start(&alloc.socket, &[]).await;
+    let w2 = Worker::start(&alloc.socket, &[]).await;
+    serve_all(&[&w1, &w2], &origin, 2).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // A new generation, then the allocator stops before anyone asks.
+    rotor_control("quarantine", &alloc.socket, &["127.0.0.9"]);
+    let _stopped = Stopped::new(&alloc);
+    let started = std::time::Instant::now();
+    let mut sources = Vec::new();
+    for i in 0..12 {
+        let proxy = [&w1, &w2][i % 2].addr;
+        let r = tokio::time::timeout(Duration::from_secs(3), get(proxy, &origin.url("/")))
+            .await
+            .expect("a request waited for the stopped allocator");
+        assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
+    }
+    // One wait of half a second a worker at most, not one a request.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    sources.extend(origin.sources()[2..].iter().copied());
+    assert!(
+        !sources.contains(&"127.0.0.9".parse::<IpAddr>().unwrap()),
+        "{sources:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_pool_that_outgrows_the_table_moves_workers_to_a_bigger_one() {
     let origin = Origin::start().await;

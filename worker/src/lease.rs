@@ -78,6 +78,10 @@ struct Conn {
     copies: RwLock<[Option<Arc<PoolCopy>>; 2]>,
     /// One fetch of the pool at a time.
     fetching: tokio::sync::Mutex<()>,
+    /// When a fetch of the pool last went unanswered: for a moment after,
+    /// leases from the table are used unchecked rather than each request
+    /// waiting for an allocator that is stopped or busy.
+    copy_failed: Mutex<Option<Instant>>,
 }
 
 impl Conn {
@@ -185,7 +189,16 @@ enum Vouch {
     No,
     /// No copy of its pool could be had.
     Unknown,
+    /// The allocator does not answer (stopped, busy, swapped out): the
+    /// lease is used unchecked, as the table is there for exactly that.
+    Unanswered,
 }
+
+/// How long a worker waits for the allocator's copy of a new pool before
+/// it uses a table lease unchecked, and how long after such a wait it does
+/// not wait again.
+const COPY_WAIT: Duration = Duration::from_millis(500);
+const COPY_RETRY: Duration = Duration::from_secs(1);
 
 impl PoolCopy {
     fn unchecked(generation: u64) -> PoolCopy {
@@ -323,7 +336,7 @@ impl LeaseClient {
         let table = mapped.map(|(t, _)| t);
         match answer {
             Some(Ok(lease)) => match self.vouch(&c, &lease).await {
-                Vouch::Yes => return Ok((lease, false)),
+                Vouch::Yes | Vouch::Unanswered => return Ok((lease, false)),
                 // The pool moved on meanwhile (or the allocator did
                 // not answer): this lease over the socket instead.
                 Vouch::Unknown => {}
@@ -427,11 +440,24 @@ impl LeaseClient {
         if let Some(known) = conn.check_copy(lease) {
             return known;
         }
-        let _one = conn.fetching.lock().await;
+        let failed_lately = || {
+            conn.copy_failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|at| at.elapsed() < COPY_RETRY)
+        };
+        if failed_lately() {
+            return Vouch::Unanswered;
+        }
+        let one = tokio::time::timeout(COPY_WAIT, conn.fetching.lock()).await;
         if let Some(known) = conn.check_copy(lease) {
             return known;
         }
-        let copy = match self.request(Request::Pool).await {
+        if one.is_err() || failed_lately() {
+            return Vouch::Unanswered;
+        }
+        let asked = Box::pin(self.request_unboxed(Request::Pool, COPY_WAIT.min(self.timeout)));
+        let copy = match asked.await {
             Ok(Response::Pool {
                 generation,
                 entries,
@@ -440,8 +466,17 @@ impl LeaseClient {
             Ok(Response::Error { message }) if message.starts_with(POOL_TOO_LARGE) => {
                 PoolCopy::unchecked(lease.generation)
             }
+            Err(LeaseError::Timeout { .. }) => {
+                let mut failed = conn.copy_failed.lock().unwrap_or_else(|e| e.into_inner());
+                if failed.is_none() {
+                    warn!("the allocator does not answer; leasing from its table unchecked until it does");
+                }
+                *failed = Some(Instant::now());
+                return Vouch::Unanswered;
+            }
             _ => return Vouch::Unknown,
         };
+        *conn.copy_failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
         {
             let mut copies = conn.copies.write().unwrap_or_else(|e| e.into_inner());
             if copies[0]
@@ -534,11 +569,16 @@ impl LeaseClient {
     /// 1 KB), which inline would be room in every request's state, moved
     /// at each await.
     fn request(&self, body: Request) -> crate::Boxed<'_, Result<Response, LeaseError>> {
-        Box::pin(self.request_unboxed(body))
+        Box::pin(self.request_unboxed(body, self.timeout))
     }
 
-    async fn request_unboxed(&self, body: Request) -> Result<Response, LeaseError> {
-        let deadline = Instant::now() + self.timeout;
+    /// A request answered within `within`.
+    async fn request_unboxed(
+        &self,
+        body: Request,
+        within: Duration,
+    ) -> Result<Response, LeaseError> {
+        let deadline = Instant::now() + within;
         let mut watch = self.conn.clone();
         loop {
             let conn = self.connection_in(&mut watch, deadline).await?;
@@ -725,6 +765,7 @@ async fn manage(
             distrusted: Mutex::new(None),
             copies: RwLock::new([None, None]),
             fetching: tokio::sync::Mutex::new(()),
+            copy_failed: Mutex::new(None),
         });
         let (mut tx, mut rx) = chan.split();
         publish.send_replace(Some(conn.clone()));
