@@ -622,6 +622,13 @@ impl Drop for Place {
     }
 }
 
+/// The token of an `Authorization: Bearer TOKEN` value (the scheme's
+/// name in any case, RFC 9110 §11.1).
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, token) = value.split_at_checked(7)?;
+    scheme.eq_ignore_ascii_case(b"bearer ").then_some(token)
+}
+
 type Reply = hyper::Response<http_body_util::Full<bytes::Bytes>>;
 
 fn reply(status: hyper::StatusCode, ctype: &'static str, body: String) -> Reply {
@@ -700,7 +707,7 @@ async fn answer(
             let given = req
                 .headers()
                 .get(hyper::header::AUTHORIZATION)
-                .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+                .and_then(|v| bearer_token(v.as_bytes()))
                 .unwrap_or_default();
             if !token_matches(given, token.as_bytes()) {
                 tracing::warn!(%path, "admin API: refused a request without the right token");
@@ -749,7 +756,9 @@ async fn admin(
     let for_ = match (&v["for"], release) {
         (serde_json::Value::Null, _) => None,
         (serde_json::Value::String(d), false) => match humantime::parse_duration(d) {
-            Ok(d) => Some(d),
+            // As `rotor quarantine --for`: a second at least (a zero would
+            // be no time out at all, and read back as "0 s" left).
+            Ok(d) => Some(d.max(std::time::Duration::from_secs(1))),
             Err(_) => return bad(format!("\"for\": `{d}` is not a duration (30m, 2h)")),
         },
         _ => return bad("\"for\" is a duration (30m, 2h), for a quarantine".into()),
@@ -772,6 +781,15 @@ async fn admin(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_bearer_scheme_is_read_in_any_case() {
+        assert_eq!(super::bearer_token(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(super::bearer_token(b"bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(super::bearer_token(b"BEARER abc"), Some(&b"abc"[..]));
+        assert_eq!(super::bearer_token(b"Basic abc"), None);
+        assert_eq!(super::bearer_token(b"Bear"), None);
+    }
+
     use super::*;
 
     #[test]

@@ -113,6 +113,18 @@ impl Source {
         }
     }
 
+    /// Its name on the unauthenticated metrics endpoint, `n` (from 1) its
+    /// place among the sources: a command is named by its place only (its
+    /// text may carry a token, `curl -H 'Authorization: …'`), and a long
+    /// list by its place too (a label is no place for a thousand specs).
+    pub fn metric_label(&self, n: usize) -> String {
+        match self {
+            Source::Command { .. } => format!("--pool-command #{n}"),
+            Source::List { spec, .. } if spec.len() > 64 => format!("--pool #{n}"),
+            _ => self.name(),
+        }
+    }
+
     /// Reads the source's current addresses. Blocking (file and netlink
     /// I/O): call from a blocking context.
     pub fn read(&self) -> Result<Vec<Segment>, SourceError> {
@@ -411,6 +423,19 @@ mod tests {
             matches!(err, SourceError::CommandOutputTooLarge { .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn metric_labels_name_no_command_text() {
+        let cmd = Source::Command {
+            cmd: "curl -H 'Authorization: Bearer s3cret' https://ipam/".into(),
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(cmd.metric_label(2), "--pool-command #2");
+        let short = Source::list("127.0.0.2-127.0.0.9").unwrap();
+        assert_eq!(short.metric_label(1), "--pool 127.0.0.2-127.0.0.9");
+        let long = Source::list(&vec!["127.0.0.2"; 20].join(",")).unwrap();
+        assert_eq!(long.metric_label(3), "--pool #3");
     }
 
     #[test]

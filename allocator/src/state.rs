@@ -916,7 +916,11 @@ impl Allocator {
                 source_addresses: v2
                     .sources
                     .iter()
-                    .map(|s| (s.name.clone(), u64::from(s.addresses)))
+                    .zip(&inner.sources)
+                    .enumerate()
+                    .map(|(i, (s, state))| {
+                        (state.source.metric_label(i + 1), u64::from(s.addresses))
+                    })
                     .collect(),
                 leases_total: v2.leases_total,
                 sessions: u64::from(v2.sessions),
