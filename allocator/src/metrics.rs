@@ -39,7 +39,10 @@ pub struct WorkerGauges {
     pub listen: Vec<String>,
     pub connections_open: u64,
     pub tunnels_open: u64,
+    /// Requests of the worker's run (all its connections so far).
     pub requests: u64,
+    /// The run (`WorkerMetrics::boot`).
+    pub boot: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -64,6 +67,10 @@ pub struct HostMetrics {
     /// report sent again is not counted twice; runs not heard of for
     /// `RUNS_KEPT` are forgotten.
     applied: HashMap<u64, (u64, std::time::Instant)>,
+    /// Requests of each worker run, kept as `applied` is: a worker that
+    /// reconnects (the same process, a new peer) goes on counting where it
+    /// was, so its counter never goes back.
+    run_requests: HashMap<u64, u64>,
     /// Per entry: leases carried over from tables (or publications) whose
     /// counts went away, and the count last seen, so the counter only
     /// grows.
@@ -93,6 +100,9 @@ impl HostMetrics {
         if self.applied.len() > 1024 {
             self.applied
                 .retain(|_, (_, t)| now.duration_since(*t) < RUNS_KEPT);
+            let applied = &self.applied;
+            self.run_requests
+                .retain(|boot, _| applied.contains_key(boot));
         }
         self.requests += m.requests;
         for s in &m.by_source {
@@ -129,7 +139,10 @@ impl HostMetrics {
         w.listen.clone_from(&m.listen);
         w.connections_open = m.connections_open;
         w.tunnels_open = m.tunnels_open;
-        w.requests += m.requests;
+        let run = self.run_requests.entry(m.boot).or_default();
+        *run += m.requests;
+        w.requests = *run;
+        w.boot = m.boot;
     }
 }
 
@@ -238,6 +251,7 @@ fn label(k: &str, v: impl Into<String>) -> Labels {
 }
 
 /// What the allocator knows of the pool, for the scrape.
+#[derive(Default)]
 pub struct PoolFigures {
     /// Per entry: its label, leases, whether out of the rotation, how many
     /// sites it cools for, sticky sessions on it.
@@ -408,11 +422,20 @@ pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
             .values()
             .map(|w| (worker(w), w.tunnels_open as i64)),
     );
+    // One series a worker run, however many connections it has had (an
+    // old one not yet seen gone and its successor are the same run).
+    let mut runs: BTreeMap<u64, &WorkerGauges> = BTreeMap::new();
+    for w in m.workers.values() {
+        let run = runs.entry(w.boot).or_insert(w);
+        if w.requests > run.requests {
+            *run = w;
+        }
+    }
     counter_family(
         &mut r,
         "rotor_worker_requests",
-        "Requests a worker handled while connected",
-        m.workers.values().map(|w| (worker(w), w.requests)),
+        "Requests a worker handled, across its reconnections to the allocator",
+        runs.values().map(|w| (worker(w), w.requests)),
     );
     gauge_family(
         &mut r,
@@ -781,6 +804,8 @@ async fn admin(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_bearer_scheme_is_read_in_any_case() {
         assert_eq!(super::bearer_token(b"Bearer abc"), Some(&b"abc"[..]));
@@ -790,7 +815,31 @@ mod tests {
         assert_eq!(super::bearer_token(b"Bear"), None);
     }
 
-    use super::*;
+    /// A worker that reconnects (the same run, a new peer) counts on from
+    /// where it was: its counter never goes back.
+    #[test]
+    fn a_workers_requests_survive_its_reconnection() {
+        let mut h = HostMetrics::default();
+        let m = |seq, requests| WorkerMetrics {
+            boot: 7,
+            seq,
+            requests,
+            ..WorkerMetrics::default()
+        };
+        h.add(1, 100, &m(1, 5), |ip| ip.to_string());
+        h.workers.remove(&1);
+        h.add(2, 100, &m(2, 3), |ip| ip.to_string());
+        assert_eq!(h.workers[&2].requests, 8);
+        // Both connections seen at once: one series.
+        h.add(1, 100, &m(3, 1), |ip| ip.to_string());
+        let text = render(&h, &PoolFigures::default(), true);
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("rotor_worker_requests_total{"))
+            .collect();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].ends_with(" 9"), "{lines:?}");
+    }
 
     #[test]
     fn a_report_sent_twice_counts_once() {
