@@ -21,7 +21,7 @@ pub async fn request_by_minor(
     choose: impl FnOnce(u16) -> Request,
 ) -> anyhow::Result<Response> {
     use anyhow::Context;
-    let exchange = async {
+    let connect = async {
         let stream = UnixStream::connect(socket)
             .await
             .with_context(|| {
@@ -36,7 +36,25 @@ pub async fn request_by_minor(
             Hello::new(Role::Control, concat!("rotor/", env!("CARGO_PKG_VERSION"))),
         )
         .await?;
-        let body = choose(server.minor);
+        anyhow::Ok((chan, server))
+    };
+    let (mut chan, server) = tokio::time::timeout(ANSWER_WAIT, connect)
+        .await
+        .with_context(|| {
+            format!(
+                "the allocator did not answer within {}",
+                humantime::format_duration(ANSWER_WAIT)
+            )
+        })??;
+    let body = choose(server.minor);
+    // A reload is answered once its refresh is done: every source read,
+    // each within its own timeout (a pool command's, the metadata
+    // service's), and perhaps after a refresh under way.
+    let wait = match body {
+        Request::Reload => RELOAD_WAIT,
+        _ => ANSWER_WAIT,
+    };
+    let exchange = async {
         chan.send(&ClientFrame::Request(Envelope { id: 1, body }))
             .await?;
         match chan.recv().await? {
@@ -45,7 +63,16 @@ pub async fn request_by_minor(
             None => anyhow::bail!("the allocator closed the connection"),
         }
     };
-    tokio::time::timeout(Duration::from_secs(10), exchange)
+    tokio::time::timeout(wait, exchange)
         .await
-        .context("the allocator did not answer within 10s")?
+        .with_context(|| {
+            format!(
+                "the allocator did not answer within {}",
+                humantime::format_duration(wait)
+            )
+        })?
 }
+
+/// How long an answer is waited for; a reload's, longer.
+const ANSWER_WAIT: Duration = Duration::from_secs(10);
+const RELOAD_WAIT: Duration = Duration::from_secs(120);

@@ -591,7 +591,33 @@ async fn answer(
             }
         }
     };
-    Ok(ServerFrame::Response(Envelope { id: env.id, body }))
+    let frame = ServerFrame::Response(Envelope { id: env.id, body });
+    // A report can outgrow a frame (a status of 200 000 listed IPv6
+    // addresses): an error the client can print, not a closed connection.
+    match &frame {
+        ServerFrame::Response(Envelope {
+            body:
+                Response::Status(_)
+                | Response::StatusV2(_)
+                | Response::Sites(_)
+                | Response::HostStatus(_),
+            ..
+        }) if rotor_protocol::encode(&frame)
+            .map_or(true, |bytes| bytes.len() > rotor_protocol::MAX_FRAME_LEN) =>
+        {
+            Ok(ServerFrame::Response(Envelope {
+                id: env.id,
+                body: Response::Error {
+                    message: format!(
+                        "the answer is larger than a frame ({} MiB): too many pool entries to list; \
+                         the metrics endpoint and the pool's sources say what is in it",
+                        rotor_protocol::MAX_FRAME_LEN >> 20
+                    ),
+                },
+            }))
+        }
+        _ => Ok(frame),
+    }
 }
 
 async fn serve(
@@ -636,4 +662,44 @@ async fn serve(
     }
     debug!("peer disconnected");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A status of 262 144 listed addresses is larger than a frame: the
+    /// client is told so, and the connection stays (before, the encoder
+    /// failed and the connection was closed: "the allocator closed the
+    /// connection").
+    #[tokio::test]
+    async fn a_report_larger_than_a_frame_is_an_error_not_a_closed_connection() {
+        let spec = "2001:db8:1::/112,2001:db8:2::/112,2001:db8:3::/112,2001:db8:4::/112";
+        let source = crate::source::Source::list(spec).unwrap();
+        let entries = source.read().unwrap();
+        assert_eq!(entries.len(), 4 << 16);
+        let alloc = Allocator::new(vec![source]);
+        alloc.apply_refresh(vec![Ok(entries)], &HashMap::new());
+        let (reload, _rx) = mpsc::channel(1);
+        let ask = |body| ClientFrame::Request(Envelope { id: 9, body });
+        let frame = answer(ask(Request::StatusV2), 1, &alloc, &reload)
+            .await
+            .unwrap();
+        match frame {
+            ServerFrame::Response(Envelope {
+                id: 9,
+                body: Response::Error { message },
+            }) => assert!(message.contains("larger than a frame"), "{message}"),
+            other => panic!("{:?}", std::mem::discriminant(&other)),
+        }
+        // A small answer is as it was.
+        let frame = answer(ask(Request::HostStatus), 1, &alloc, &reload).await;
+        assert!(matches!(
+            frame,
+            Ok(ServerFrame::Response(Envelope {
+                body: Response::HostStatus(_),
+                ..
+            }))
+        ));
+    }
 }

@@ -130,3 +130,35 @@ async fn bad_pool_spec_stops_the_start_with_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ends before it starts"), "{err}");
 }
+
+/// `rotor reload` waits for the reload's refresh, however long its sources
+/// take within their own timeouts: a pool command taking 10.5 s is no
+/// "did not answer within 10s" (which misled logrotate hooks and scripts
+/// while the reload went on).
+#[test]
+fn rotor_reload_waits_for_a_slow_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("slow");
+    let cmd = format!(
+        "if [ -f {f} ]; then sleep 10.5; fi; echo 127.0.0.2",
+        f = flag.display()
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let alloc = rt.block_on(Allocator::start(&[
+        "--pool-command",
+        &cmd,
+        "--pool-command-timeout",
+        "30s",
+    ]));
+    std::fs::write(&flag, "").unwrap();
+    let started = std::time::Instant::now();
+    let out = rotor_control("reload", &alloc.socket, &[]);
+    assert!(
+        started.elapsed() > std::time::Duration::from_secs(10),
+        "{out}"
+    );
+    drop(alloc);
+}
