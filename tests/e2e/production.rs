@@ -679,3 +679,44 @@ fn a_tls_socket_passed_without_a_certificate_is_refused_at_start() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("needs tls-cert and tls-key"), "{stderr}");
 }
+
+/// A full worker leaves a new connection to a sibling with room — for
+/// 10 ms at most: a sibling stopped (or wedged) with room to spare took
+/// none, and connections waited in the shared queue for ever, the full
+/// worker awake every millisecond. Now the full worker takes it after the
+/// wait and answers 503 at once, as its limit says.
+#[tokio::test]
+async fn a_full_worker_answers_when_its_sibling_with_room_is_stopped() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3"]).await;
+    let extra = ["--max-connections", "2", "--header-read-timeout", "30s"];
+    let (_listener, proxy, workers) = shared_workers(2, &alloc.socket, &extra, &origin).await;
+    // The probes' connections closed, and the loads published.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    workers[1].signal(Signal::SIGSTOP);
+    let stat = format!("/proc/{}/stat", workers[1].pid());
+    eventually("the worker stopped", || {
+        let stat = stat.clone();
+        async move {
+            let text = std::fs::read_to_string(&stat).unwrap_or_default();
+            text.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('T'))
+        }
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(proxy).await.unwrap();
+        s.write_all(b"GET http://x/ HTTP/1.1\r\n").await.unwrap();
+        held.push(s);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut over = TcpStream::connect(proxy).await.unwrap();
+    let mut head = [0u8; 12];
+    let read = tokio::time::timeout(Duration::from_secs(3), over.read_exact(&mut head)).await;
+    workers[1].signal(Signal::SIGCONT);
+    read.expect("answered while the sibling is stopped")
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 503");
+}

@@ -15,8 +15,9 @@
 //! for a connection while it holds clearly more than the least loaded of
 //! its siblings leaves it to them a moment (see [`Defer`]). It still accepts
 //! whatever remains queued after that, once, so a sibling that is busy,
-//! stopped or gone costs a new connection a millisecond at most, never the
-//! connection. Measured on the bench (2 workers, 50 keep-alive connections):
+//! stopped or gone costs a new connection a millisecond at most (10 ms when
+//! this worker is full: it then takes the connection to refuse it), never
+//! the connection. Measured on the bench (2 workers, 50 keep-alive connections):
 //! splits within 19/31, and p99 1.6–2.2 ms against 1.8–5.1 ms without.
 //! Workers that bind their own `SO_REUSEPORT` sockets are each their own
 //! group (the kernel spreads connections between those queues), and so is a
@@ -41,6 +42,12 @@ use crate::os;
 /// How long a worker holding more than its share leaves a new connection to
 /// its siblings before it accepts it itself.
 const DEFER: Duration = Duration::from_millis(1);
+
+/// How long a full worker leaves a connection to a sibling with room
+/// before it takes it (to answer 503): a sibling stopped or wedged with
+/// room to spare must not leave connections in the queue for ever, nor
+/// the full worker awake every millisecond while it waits.
+const FULL_DEFER_MAX: Duration = Duration::from_millis(10);
 
 /// How often the load is published besides at each accept, so siblings
 /// also see connections close.
@@ -127,8 +134,9 @@ enum Defer {
     /// Wait [`DEFER`]: this worker holds more than twice the least loaded
     /// sibling's share, which has room to take it.
     Wait,
-    /// Wait [`DEFER`], every time: this worker is full (it could only
-    /// refuse the connection) and a sibling has room.
+    /// Wait [`DEFER`], again and again for [`FULL_DEFER_MAX`]: this worker
+    /// is full (it could only refuse the connection) and a sibling has
+    /// room.
     Full,
 }
 
@@ -162,20 +170,21 @@ pub async fn accept_loop(
     let _ = socket2::SockRef::from(&listener).set_tcp_nodelay(true);
     let mut inherits_nodelay: Option<bool> = None;
     let listener = os::register_readable(listener)?;
-    let mut deferred = false;
+    // Since when the connection queued now was left to siblings.
+    let mut deferred: Option<tokio::time::Instant> = None;
     loop {
         let mut ready = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             r = listener.readable() => r?,
         };
         let defer = match (deferred, balance.leave_to_sibling()) {
-            (_, Defer::Full) => Defer::Full,
-            (true, _) => Defer::No,
-            (false, d) => d,
+            (Some(at), Defer::Full) if at.elapsed() < FULL_DEFER_MAX => Defer::Full,
+            (Some(_), _) => Defer::No,
+            (None, d) => d,
         };
         if defer != Defer::No {
             drop(ready);
-            deferred = true;
+            deferred.get_or_insert_with(tokio::time::Instant::now);
             match defer {
                 Defer::Wait | Defer::Full => tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
@@ -185,7 +194,7 @@ pub async fn accept_loop(
             }
             continue;
         }
-        deferred = false;
+        deferred = None;
         match ready.try_io(|l| os::accept(l.get_ref())) {
             Ok(Ok((std, peer))) => {
                 let inherited =
