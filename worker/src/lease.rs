@@ -648,6 +648,20 @@ async fn wait_replaced(
     let _ = tokio::time::timeout_at(deadline, watch.wait_for(replaced)).await;
 }
 
+/// Whether `env` is still to be sent: a lease only while its requester
+/// waits for it; anything else always (what is told without an answer
+/// waited for is sent as it is).
+fn still_wanted(pending: &Pending, env: &Envelope<Request>) -> bool {
+    match env.body {
+        Request::Lease { .. } | Request::LeaseSite { .. } | Request::LeaseSession { .. } => pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .is_some_and(|p| p.contains_key(&env.id)),
+        _ => true,
+    }
+}
+
 fn remove_pending(pending: &Pending, id: u64) {
     if let Some(p) = pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
         p.remove(&id);
@@ -770,12 +784,21 @@ async fn manage(
         let (mut tx, mut rx) = chan.split();
         publish.send_replace(Some(conn.clone()));
 
+        // A lease asked for by a request that has stopped waiting (the
+        // allocator stopped reading, and the requests queued behind it
+        // timed out) is not sent when it reads again: each would move the
+        // global rotation past an address nobody uses.
+        let wanted = |env: &Envelope<Request>| still_wanted(&conn.pending, env);
         let writer = async {
             while let Some(env) = requests_rx.recv().await {
-                tx.feed(&ClientFrame::Request(env)).await?;
+                if wanted(&env) {
+                    tx.feed(&ClientFrame::Request(env)).await?;
+                }
                 // Batch whatever else is queued into one write.
                 while let Ok(env) = requests_rx.try_recv() {
-                    tx.feed(&ClientFrame::Request(env)).await?;
+                    if wanted(&env) {
+                        tx.feed(&ClientFrame::Request(env)).await?;
+                    }
                 }
                 tx.flush().await?;
             }
@@ -842,6 +865,31 @@ async fn manage(
 mod tests {
     use super::*;
     use rotor_protocol::{server_handshake, ClientFrame, Role, ServerChannel, WorkerMetrics};
+
+    #[test]
+    fn a_lease_nobody_waits_for_is_not_sent() {
+        let pending: Pending = Mutex::new(Some(HashMap::new()));
+        let (tx, _rx) = oneshot::channel();
+        pending.lock().unwrap().as_mut().unwrap().insert(1, tx);
+        let env = |id, body| Envelope { id, body };
+        let lease = || Request::Lease {
+            families: Families::ANY,
+        };
+        assert!(still_wanted(&pending, &env(1, lease())));
+        assert!(!still_wanted(&pending, &env(2, lease())), "timed out");
+        let site = Request::LeaseSite {
+            families: Families::ANY,
+            site: "example.com".into(),
+        };
+        assert!(!still_wanted(&pending, &env(3, site)));
+        let told = Request::SiteOk {
+            ip: "127.0.0.2".parse().unwrap(),
+            site: "example.com".into(),
+        };
+        assert!(still_wanted(&pending, &env(4, told)), "told, not asked");
+        *pending.lock().unwrap() = None;
+        assert!(!still_wanted(&pending, &env(1, lease())), "connection gone");
+    }
 
     /// An allocator of protocol minor 0 (before the lease table and
     /// metrics), which closes a connection on a request it cannot read,
