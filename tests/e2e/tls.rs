@@ -502,3 +502,81 @@ async fn a_tls_client_past_the_connection_limit_is_closed_not_sent_plain_text() 
         .expect("closed");
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
 }
+
+/// A TLS client that half-closes its TCP side without a close_notify
+/// (Python's `shutdown(SHUT_WR)`, and many clients) still gets what the
+/// destination sends after that: the session's `UnexpectedEof` is the
+/// client's end, passed on as a half-close, not an error ending the
+/// tunnel both ways.
+#[tokio::test]
+async fn a_tls_tunnel_passes_on_a_half_close_without_close_notify() {
+    let p = tls_proxy(&[]).await;
+    // Answers once the client has finished, a moment later.
+    let dest = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest_addr = dest.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = dest.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(format!("got {}", got.len()).as_bytes())
+            .await
+            .unwrap();
+    });
+    let script = format!(
+        r#"
+import socket, ssl
+ctx = ssl.create_default_context(cafile="{ca}")
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(inc, out, server_hostname="127.0.0.1")
+s = socket.create_connection(("127.0.0.1", {port}))
+def pump():
+    data = out.read()
+    if data:
+        s.sendall(data)
+def fill():
+    chunk = s.recv(65536)
+    if not chunk:
+        return False
+    inc.write(chunk)
+    return True
+while True:
+    try:
+        tls.do_handshake()
+        break
+    except ssl.SSLWantReadError:
+        pump()
+        assert fill(), "closed in the handshake"
+pump()
+tls.write(b"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n")
+pump()
+reply = b""
+while b"\r\n\r\n" not in reply:
+    try:
+        reply += tls.read(65536)
+    except ssl.SSLWantReadError:
+        assert fill(), "closed before the CONNECT answer"
+assert reply.startswith(b"HTTP/1.1 200"), reply
+tls.write(b"x" * 1000)
+pump()
+s.shutdown(socket.SHUT_WR)
+answer = reply.split(b"\r\n\r\n", 1)[1]
+while True:
+    try:
+        data = tls.read(65536)
+        if not data:
+            break
+        answer += data
+    except ssl.SSLWantReadError:
+        if not fill():
+            break
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError):
+        break
+assert answer == b"got 1000", answer
+"#,
+        ca = p.ca.display(),
+        port = p.tls.port(),
+        dest = dest_addr,
+    );
+    run_python(&script).await;
+}

@@ -116,7 +116,7 @@ pub async fn tunnel(
                         tokio::io::AsyncWriteExt::write_all(&mut upstream, &early).await?;
                         activity.moved(true, n);
                     }
-                    copy_tunnel(tls, upstream, activity).await
+                    copy_tunnel(EndWithoutNotify(tls), upstream, activity).await
                 }
             }
         }
@@ -135,6 +135,53 @@ where
     tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER)
         .await
         .map(|_| ())
+}
+
+/// A TLS client's side of a tunnel, whose TCP half-close without a
+/// close_notify first (Python's `shutdown(SHUT_WR)`, many clients') reads
+/// as the end it is: the session reports it as an error (`UnexpectedEof`),
+/// which would end the relay both ways and drop what the destination still
+/// sends back. What a tunnel carries is the client's own stream, which
+/// says itself whether it is whole.
+struct EndWithoutNotify<T>(T);
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for EndWithoutNotify<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match std::pin::Pin::new(&mut self.0).poll_read(cx, buf) {
+            std::task::Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                std::task::Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for EndWithoutNotify<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 /// Relays a tunnel between two plain TCP sockets (a SOCKS5 client's and
