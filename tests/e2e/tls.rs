@@ -580,3 +580,16 @@ assert answer == b"got 1000", answer
     );
     run_python(&script).await;
 }
+
+/// `rotor status` lists a worker's TLS listener beside its others.
+#[tokio::test]
+async fn status_lists_the_tls_listener() {
+    let p = tls_proxy(&[]).await;
+    let want = format!("https {}", p.tls);
+    let socket = p._alloc.socket.clone();
+    eventually("the TLS listener in rotor status", || {
+        let (socket, want) = (socket.clone(), want.clone());
+        async move { rotor_control("status", &socket, &[]).contains(&want) }
+    })
+    .await;
+}

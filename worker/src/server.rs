@@ -121,6 +121,11 @@ pub async fn run(
                 listen.push(format!("socks5 {a}"));
             }
         }
+        for l in &tls_listeners {
+            if let Ok(a) = l.local_addr() {
+                listen.push(format!("https {a}"));
+            }
+        }
     }
     let mut builder = http1::Builder::new();
     builder
