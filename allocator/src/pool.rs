@@ -96,6 +96,35 @@ fn new_table(
     )
 }
 
+/// `addrs` less the entries another (larger) entry of the list holds: an
+/// interface's address inside a /64 that is in the pool too is the same
+/// address twice in the rotation, and a /64 inside a /48 the same addresses.
+/// Prefixes are looked up by length (a set each), so the cost is a probe
+/// per entry and prefix length, not per pair.
+fn without_covered(addrs: Vec<Segment>) -> Vec<Segment> {
+    let mut by_len: Vec<(u8, HashSet<Segment>)> = Vec::new();
+    for p in addrs.iter().filter(|e| !e.is_single()) {
+        match by_len.iter_mut().find(|(l, _)| *l == p.prefix_len()) {
+            Some((_, set)) => {
+                set.insert(*p);
+            }
+            None => by_len.push((p.prefix_len(), HashSet::from([*p]))),
+        }
+    }
+    if by_len.is_empty() {
+        return addrs;
+    }
+    addrs
+        .into_iter()
+        .filter(|e| {
+            !by_len.iter().any(|(len, set)| {
+                *len < e.prefix_len()
+                    && Segment::prefix(e.base(), *len).is_some_and(|p| set.contains(&p))
+            })
+        })
+        .collect()
+}
+
 impl Pool {
     pub fn new(addrs: Vec<Segment>) -> Pool {
         let mut pool = Pool::continuing(0, 0, None).expect("an anonymous lease table");
@@ -198,6 +227,8 @@ impl Pool {
     ) -> Result<bool, TableError> {
         let mut seen = HashSet::with_capacity(addrs.len());
         let addrs: Vec<Segment> = addrs.into_iter().filter(|a| seen.insert(*a)).collect();
+        let addrs = without_covered(addrs);
+        let seen: HashSet<Segment> = addrs.iter().copied().collect();
         let quarantined: HashSet<Segment> = quarantined
             .into_iter()
             .filter(|q| seen.contains(q))
@@ -573,6 +604,36 @@ mod tests {
         );
         pool.replace(ips(&["10.0.0.3"])).unwrap();
         assert_eq!(take(&pool, 2, Families::ANY), ["10.0.0.3", "10.0.0.3"]);
+    }
+
+    #[test]
+    fn entries_a_larger_entry_holds_are_dropped() {
+        let prefix = |s: &str, len| Segment::prefix(s.parse().unwrap(), len).unwrap();
+        let single = |s: &str| Segment::single(s.parse().unwrap());
+        let list = vec![
+            prefix("2001:db8:1::", 64),
+            single("2001:db8:1::5"),
+            prefix("2001:db8:1::", 112),
+            single("2001:db8:2::5"),
+            single("10.0.0.1"),
+            prefix("2001:db8::", 32),
+            prefix("10.0.0.0", 8),
+            single("11.0.0.1"),
+        ];
+        assert_eq!(
+            without_covered(list),
+            [
+                prefix("2001:db8::", 32),
+                prefix("10.0.0.0", 8),
+                single("11.0.0.1")
+            ]
+        );
+        let mut pool = Pool::new(vec![prefix("2001:db8:1::", 64), single("2001:db8:1::9")]);
+        assert_eq!(pool.addrs(), [prefix("2001:db8:1::", 64)]);
+        assert!(
+            !pool.replace(vec![prefix("2001:db8:1::", 64)]).unwrap(),
+            "no change"
+        );
     }
 
     /// A family emptied for a while (a source read empty once) continues
