@@ -147,6 +147,12 @@ impl HostMetrics {
 }
 
 impl HostMetrics {
+    /// Keeps the per-source totals of `listed` entries (and `other`).
+    pub fn retain_sources(&mut self, listed: &std::collections::HashSet<String>) {
+        self.by_source
+            .retain(|k, _| k == "other" || listed.contains(k));
+    }
+
     /// For `rotor status`.
     pub fn report(&self) -> rotor_protocol::HostReport {
         let mut errors: Vec<(String, u64)> =
@@ -813,6 +819,30 @@ mod tests {
         assert_eq!(super::bearer_token(b"BEARER abc"), Some(&b"abc"[..]));
         assert_eq!(super::bearer_token(b"Basic abc"), None);
         assert_eq!(super::bearer_token(b"Bear"), None);
+    }
+
+    #[test]
+    fn totals_of_entries_that_left_the_pool_go() {
+        let mut h = HostMetrics::default();
+        for (seq, ip) in [(1, "10.0.0.1"), (2, "10.0.0.2")] {
+            let m = WorkerMetrics {
+                boot: 7,
+                seq,
+                by_source: vec![rotor_protocol::SourceMetrics {
+                    ip: ip.parse().unwrap(),
+                    responses: [0; 5],
+                    tunnels: 1,
+                    connect_errors: 0,
+                    bytes_to: 0,
+                    bytes_from: 0,
+                }],
+                ..WorkerMetrics::default()
+            };
+            h.add(1, 100, &m, |ip| ip.to_string());
+        }
+        assert_eq!(h.by_source.len(), 2);
+        h.retain_sources(&["10.0.0.2".to_string()].into_iter().collect());
+        assert_eq!(h.by_source.keys().collect::<Vec<_>>(), ["10.0.0.2"]);
     }
 
     /// A worker that reconnects (the same run, a new peer) counts on from

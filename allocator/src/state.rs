@@ -703,6 +703,15 @@ impl Allocator {
         };
         inner.table_moved(&old_table);
         inner.save_hand();
+        if changed {
+            // Series of entries that left the pool go (an entry that comes
+            // back starts again: a counter reset, as Prometheus reads it),
+            // so a pool that churns does not fill the label cap with the
+            // departed and push new entries into `other`.
+            let listed: HashSet<String> =
+                inner.pool.addrs().iter().map(ToString::to_string).collect();
+            inner.metrics.retain_sources(&listed);
+        }
         // A saved position is used up by the first pool with addresses of
         // its family, not by the first read: a source that reads empty at
         // start (an interface not up yet) must not lose it.
