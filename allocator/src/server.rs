@@ -507,6 +507,19 @@ fn log_conn_error(e: &ConnError) {
         ConnError::Handshake(_) | ConnError::DuplicateHello => true,
         ConnError::HandshakeTimeout(_) | ConnError::WriteTimeout(_) => true,
     };
+    // A peer of another major retries its connection twice a second for
+    // as long as it runs: said once a minute, not at each attempt.
+    if let ConnError::Handshake(HandshakeError::VersionMismatch { .. }) = e {
+        static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+        let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            debug!(error = %msg, "refused a peer of another protocol version");
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+        warn!(error = %msg, "refused a peer of another protocol version (upgrade rotor's binaries together); said once a minute");
+        return;
+    }
     if garbage {
         warn!(error = %msg, "closing connection: peer broke the protocol");
     } else {
