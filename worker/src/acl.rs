@@ -199,7 +199,7 @@ impl Acl {
 }
 
 /// `ip` and the IPv4 address it carries, if it is IPv4-mapped, NAT64
-/// (64:ff9b::/96) or 6to4 (2002::/16).
+/// (64:ff9b::/96), IPv4-translated (::ffff:0:0/96) or 6to4 (2002::/16).
 fn forms(ip: IpAddr) -> [Option<IpAddr>; 2] {
     let embedded = match ip {
         IpAddr::V4(_) => None,
@@ -215,6 +215,10 @@ fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
         return Some(v4);
     }
     if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+        return Some(low);
+    }
+    // IPv4-translated (SIIT, RFC 6052's ::ffff:0:a.b.c.d).
+    if s[..6] == [0, 0, 0, 0, 0xffff, 0] {
         return Some(low);
     }
     if s[0] == 0x2002 {
@@ -283,6 +287,8 @@ mod tests {
             "::ffff:10.0.0.1",
             "64:ff9b::7f00:1",
             "64:ff9b::a9fe:a9fe",
+            "::ffff:0:7f00:1",
+            "::ffff:0:a9fe:a9fe",
             "2002:c0a8:0101::1",
             "2002:7f00:0001::",
             "::10.0.0.1",
