@@ -50,6 +50,24 @@ fn pass_as_fd_3(cmd: &mut Command, fd: RawFd) {
     }
 }
 
+/// Waits until process `pid` is stopped (a signal takes effect a moment
+/// after kill returns: an accept in that moment would be answered only
+/// after SIGCONT).
+async fn stopped_for_sure(pid: u32) {
+    let stat = format!("/proc/{pid}/stat");
+    eventually("the process stopped", || {
+        let stat = stat.clone();
+        async move {
+            let s = std::fs::read_to_string(&stat).unwrap_or_default();
+            s.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                == Some("T")
+        }
+    })
+    .await;
+}
+
 /// `n` workers accepting on one listening socket, once they serve.
 async fn shared_workers(
     n: usize,
@@ -618,21 +636,8 @@ async fn workers_sharing_a_socket_share_out_long_lived_connections() {
     // The second worker stopped: the first takes every connection (a
     // stopped sibling delays none by more than a moment).
     workers[1].signal(Signal::SIGSTOP);
-    // Stopped for sure before any connection is opened (a signal takes
-    // effect a moment after kill returns: an accept in that moment would
-    // be answered only after SIGCONT).
-    let stat = format!("/proc/{}/stat", pids[1]);
-    eventually("the second worker stopped", || {
-        let stat = stat.clone();
-        async move {
-            let s = std::fs::read_to_string(&stat).unwrap_or_default();
-            s.rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next())
-                == Some("T")
-        }
-    })
-    .await;
+    // Stopped for sure before any connection is opened.
+    stopped_for_sure(pids[1]).await;
     let started = Instant::now();
     let mut held = open_served(proxy, &origin, 16).await;
     assert!(
@@ -696,17 +701,7 @@ async fn a_full_worker_answers_when_its_sibling_with_room_is_stopped() {
     // The probes' connections closed, and the loads published.
     tokio::time::sleep(Duration::from_millis(300)).await;
     workers[1].signal(Signal::SIGSTOP);
-    let stat = format!("/proc/{}/stat", workers[1].pid());
-    eventually("the worker stopped", || {
-        let stat = stat.clone();
-        async move {
-            let text = std::fs::read_to_string(&stat).unwrap_or_default();
-            text.rsplit(')')
-                .next()
-                .is_some_and(|rest| rest.trim_start().starts_with('T'))
-        }
-    })
-    .await;
+    stopped_for_sure(workers[1].child.id()).await;
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut s = TcpStream::connect(proxy).await.unwrap();

@@ -39,18 +39,23 @@ async fn serve_all(workers: &[&Worker], origin: &Origin, n: usize) {
     }
 }
 
-#[tokio::test]
-async fn workers_keep_rotating_from_the_table_while_the_allocator_is_stopped() {
-    let origin = Origin::start().await;
+/// An allocator of 127.0.0.2–9 whose lease table is there: the socket is
+/// bound (and connectable) a moment before the table is made.
+async fn allocator_with_table() -> Allocator {
     let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.9"]).await;
-    // The socket is bound (and connectable) a moment before the table is
-    // made.
     let table = rotor_allocator::server::table_path_for(&alloc.socket).unwrap();
     eventually("the lease table file", || {
         let table = table.clone();
         async move { table.exists() }
     })
     .await;
+    alloc
+}
+
+#[tokio::test]
+async fn workers_keep_rotating_from_the_table_while_the_allocator_is_stopped() {
+    let origin = Origin::start().await;
+    let alloc = allocator_with_table().await;
     let w1 = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
     let w2 = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
     serve_all(&[&w1, &w2], &origin, 2).await;
@@ -85,13 +90,7 @@ async fn workers_keep_rotating_from_the_table_while_the_allocator_is_stopped() {
 #[tokio::test]
 async fn a_pool_changed_just_before_the_allocator_stopped_delays_nothing() {
     let origin = Origin::start().await;
-    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.9"]).await;
-    let table = rotor_allocator::server::table_path_for(&alloc.socket).unwrap();
-    eventually("the lease table file", || {
-        let table = table.clone();
-        async move { table.exists() }
-    })
-    .await;
+    let alloc = allocator_with_table().await;
     let w1 = Worker::start(&alloc.socket, &[]).await;
     let w2 = Worker::start(&alloc.socket, &[]).await;
     serve_all(&[&w1, &w2], &origin, 2).await;

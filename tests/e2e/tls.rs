@@ -428,6 +428,39 @@ async fn the_proxy_prefers_aes_128_gcm_and_still_serves_chacha20_only_clients() 
     drop(p.worker);
 }
 
+/// Python: a TLS session over a raw socket (`ssl.MemoryBIO`), so the
+/// socket stays the test's own to half-close or feed a byte at a time.
+/// `tls_over(ca, port)` returns the socket, the session, `pump()` (what
+/// the session wrote, sent) and `fill()` (what came, given to the session;
+/// False at the end).
+const PY_TLS_OVER: &str = r#"
+import socket, ssl
+def tls_over(ca, port):
+    ctx = ssl.create_default_context(cafile=ca)
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(inc, out, server_hostname="127.0.0.1")
+    s = socket.create_connection(("127.0.0.1", port))
+    def pump():
+        data = out.read()
+        if data:
+            s.sendall(data)
+    def fill():
+        chunk = s.recv(65536)
+        if not chunk:
+            return False
+        inc.write(chunk)
+        return True
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            pump()
+            assert fill(), "closed during the handshake"
+    pump()
+    return s, tls, pump, fill
+"#;
+
 /// After the handshake, a client trickling one TLS record a byte at a time
 /// hands rotor no byte of a request, while each byte woke the idle watch:
 /// it held its connection for ever. Its first request is due within
@@ -436,27 +469,9 @@ async fn the_proxy_prefers_aes_128_gcm_and_still_serves_chacha20_only_clients() 
 async fn a_tls_record_trickled_after_the_handshake_is_cut_off() {
     let p = tls_proxy(&["--header-read-timeout", "1s", "--idle-timeout", "60s"]).await;
     let script = format!(
-        r#"
-import socket, ssl, time, sys
-ctx = ssl.create_default_context(cafile="{ca}")
-inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-obj = ctx.wrap_bio(inc, out, server_hostname="127.0.0.1")
-s = socket.create_connection(("127.0.0.1", {port}))
-while True:
-    try:
-        obj.do_handshake()
-        break
-    except ssl.SSLWantReadError:
-        data = out.read()
-        if data:
-            s.sendall(data)
-        chunk = s.recv(65536)
-        if not chunk:
-            sys.exit("closed during the handshake")
-        inc.write(chunk)
-data = out.read()
-if data:
-    s.sendall(data)
+        r#"{PY_TLS_OVER}
+import time
+s, tls, pump, fill = tls_over("{ca}", {port})
 # An application-data record announcing 16 KiB, sent a byte at a time.
 s.sendall(b"\x17\x03\x03\x40\x00")
 s.settimeout(0.2)
@@ -524,30 +539,8 @@ async fn a_tls_tunnel_passes_on_a_half_close_without_close_notify() {
             .unwrap();
     });
     let script = format!(
-        r#"
-import socket, ssl
-ctx = ssl.create_default_context(cafile="{ca}")
-inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-tls = ctx.wrap_bio(inc, out, server_hostname="127.0.0.1")
-s = socket.create_connection(("127.0.0.1", {port}))
-def pump():
-    data = out.read()
-    if data:
-        s.sendall(data)
-def fill():
-    chunk = s.recv(65536)
-    if not chunk:
-        return False
-    inc.write(chunk)
-    return True
-while True:
-    try:
-        tls.do_handshake()
-        break
-    except ssl.SSLWantReadError:
-        pump()
-        assert fill(), "closed in the handshake"
-pump()
+        r#"{PY_TLS_OVER}
+s, tls, pump, fill = tls_over("{ca}", {port})
 tls.write(b"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n")
 pump()
 reply = b""
