@@ -289,7 +289,10 @@ impl Slot {
                 // 3.. (dup2 clears close-on-exec on the copies).
                 let mut high = [0 as RawFd; MAX_LISTENERS];
                 for (i, fd) in fds.iter().enumerate() {
-                    high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 1024);
+                    // Above 3 + MAX_LISTENERS, not a fixed 1024: with a
+                    // soft descriptor limit of 1024 (a login shell's) that
+                    // is EINVAL, and no worker would ever start.
+                    high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 3 + MAX_LISTENERS as RawFd);
                     if high[i] < 0 {
                         return Err(std::io::Error::last_os_error());
                     }

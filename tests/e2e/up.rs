@@ -297,3 +297,61 @@ async fn pinned_workers_run_on_cpus_of_their_own_and_so_do_their_replacements() 
     up.signal(Signal::SIGTERM);
     assert!(up.wait(Duration::from_secs(20)).success());
 }
+
+/// `rotor up` from a shell whose soft descriptor limit is 1024 (a login
+/// shell's default): its workers start and serve. (It moved the listeners
+/// above descriptor 1024 before placing them at 3.., which such a limit
+/// refuses: every worker start failed, retried for ever.)
+#[tokio::test]
+async fn rotor_up_starts_its_workers_under_a_descriptor_limit_of_1024() {
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let origin = Origin::start().await;
+    let mut cmd = std::process::Command::new(ROTOR);
+    // SAFETY: setrlimit is async-signal-safe; it runs in the child before
+    // exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 1024,
+                rlim_max: 1024,
+            };
+            match libc::setrlimit(libc::RLIMIT_NOFILE, &lim) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    let _up = Proc::spawn_cmd(
+        cmd,
+        ROTOR,
+        &[
+            "up",
+            "--workers",
+            "2",
+            "--pool",
+            "127.0.0.2",
+            "--listen",
+            &listen,
+            "--socket",
+            socket.to_str().unwrap(),
+            "--no-state",
+            "--allow-destination",
+            "127.0.0.0/8",
+        ],
+    );
+    let proxy: std::net::SocketAddr = listen.parse().unwrap();
+    eventually("both workers", || async {
+        socket.exists() && worker_pids(&socket).len() == 2
+    })
+    .await;
+    eventually("a worker serves", || async {
+        tokio::net::TcpStream::connect(proxy).await.is_ok()
+            && tokio::time::timeout(Duration::from_secs(1), get(proxy, &origin.url("/")))
+                .await
+                .is_ok_and(|r| r.status == 200)
+    })
+    .await;
+}
