@@ -59,11 +59,6 @@ pub struct Balance {
     limit: Arc<Semaphore>,
     max: usize,
     group: u64,
-    /// The listening sockets of the group (by inode): only connections
-    /// from these are left to siblings. A socket of this worker's own (a
-    /// TLS listener it bound, beside a shared HTTP one) has no sibling to
-    /// take from its queue.
-    inodes: Vec<u64>,
     /// Stopped accepting (draining): out of the group, so siblings do not
     /// hold back for a load this worker no longer takes on.
     left: std::sync::atomic::AtomicBool,
@@ -83,7 +78,6 @@ impl Balance {
             limit,
             max,
             group: accept_group(listeners),
-            inodes: listeners.iter().filter_map(os::inode).collect(),
             left: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -175,7 +169,6 @@ pub async fn accept_loop(
     // connection tells whether it took; if not, each is set.
     let _ = socket2::SockRef::from(&listener).set_tcp_nodelay(true);
     let mut inherits_nodelay: Option<bool> = None;
-    let balanced = os::inode(&listener).is_some_and(|i| balance.inodes.contains(&i));
     let listener = os::register_readable(listener)?;
     // Since when the connection queued now was left to siblings.
     let mut deferred: Option<tokio::time::Instant> = None;
@@ -184,11 +177,7 @@ pub async fn accept_loop(
             _ = stop.cancelled() => return Ok(()),
             r = listener.readable() => r?,
         };
-        let choice = match balanced {
-            true => balance.leave_to_sibling(),
-            false => Defer::No,
-        };
-        let defer = match (deferred, choice) {
+        let defer = match (deferred, balance.leave_to_sibling()) {
             (Some(at), Defer::Full) if at.elapsed() < FULL_DEFER_MAX => Defer::Full,
             (Some(_), _) => Defer::No,
             (None, d) => d,
