@@ -124,6 +124,13 @@ impl Conn {
 
     /// `Some(whether lease is in its pool)` when a copy of that pool is
     /// held.
+    /// Whether a copy of any pool held (this one's or the one before)
+    /// has `ip`.
+    fn ever_published(&self, ip: IpAddr) -> bool {
+        let copies = self.copies.read().unwrap_or_else(|e| e.into_inner());
+        copies.iter().flatten().any(|c| c.contains(ip))
+    }
+
     fn check_copy(&self, lease: &Lease) -> Option<Vouch> {
         let copies = self.copies.read().unwrap_or_else(|e| e.into_inner());
         copies
@@ -189,8 +196,9 @@ enum Vouch {
     No,
     /// No copy of its pool could be had.
     Unknown,
-    /// The allocator does not answer (stopped, busy, swapped out): the
-    /// lease is used unchecked, as the table is there for exactly that.
+    /// The allocator does not answer (stopped, busy, swapped out), and
+    /// the address is one an earlier copy holds: used, as the table is
+    /// there for exactly that.
     Unanswered,
 }
 
@@ -446,15 +454,24 @@ impl LeaseClient {
                 .unwrap_or_else(|e| e.into_inner())
                 .is_some_and(|at| at.elapsed() < COPY_RETRY)
         };
+        // Unanswered, a lease is used unchecked only if its address is one
+        // the allocator published before (in a copy of an earlier pool):
+        // what a quarantine or a shrunk pool leaves. An address no copy
+        // holds (a table written by someone else, or a pool grown while
+        // the allocator is away) goes over the socket.
+        let unanswered = || match conn.ever_published(lease.ip) {
+            true => Vouch::Unanswered,
+            false => Vouch::Unknown,
+        };
         if failed_lately() {
-            return Vouch::Unanswered;
+            return unanswered();
         }
         let one = tokio::time::timeout(COPY_WAIT, conn.fetching.lock()).await;
         if let Some(known) = conn.check_copy(lease) {
             return known;
         }
         if one.is_err() || failed_lately() {
-            return Vouch::Unanswered;
+            return unanswered();
         }
         let asked = Box::pin(self.request_unboxed(Request::Pool, COPY_WAIT.min(self.timeout)));
         let copy = match asked.await {
@@ -472,7 +489,8 @@ impl LeaseClient {
                     warn!("the allocator does not answer; leasing from its table unchecked until it does");
                 }
                 *failed = Some(Instant::now());
-                return Vouch::Unanswered;
+                drop(failed);
+                return unanswered();
             }
             _ => return Vouch::Unknown,
         };
@@ -657,7 +675,9 @@ fn still_wanted(pending: &Pending, env: &Envelope<Request>) -> bool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
-            .is_some_and(|p| p.contains_key(&env.id)),
+            // Its waiter there and not dropped (a request whose client
+            // went away drops it without removing it).
+            .is_some_and(|p| p.get(&env.id).is_some_and(|tx| !tx.is_closed())),
         _ => true,
     }
 }
@@ -871,12 +891,19 @@ mod tests {
         let pending: Pending = Mutex::new(Some(HashMap::new()));
         let (tx, _rx) = oneshot::channel();
         pending.lock().unwrap().as_mut().unwrap().insert(1, tx);
+        let (dropped, rx) = oneshot::channel();
+        drop(rx);
+        pending.lock().unwrap().as_mut().unwrap().insert(5, dropped);
         let env = |id, body| Envelope { id, body };
         let lease = || Request::Lease {
             families: Families::ANY,
         };
         assert!(still_wanted(&pending, &env(1, lease())));
         assert!(!still_wanted(&pending, &env(2, lease())), "timed out");
+        assert!(
+            !still_wanted(&pending, &env(5, lease())),
+            "its requester gone"
+        );
         let site = Request::LeaseSite {
             families: Families::ANY,
             site: "example.com".into(),
