@@ -510,8 +510,6 @@ async fn a_tls_client_past_the_connection_limit_is_closed_not_sent_plain_text() 
     let mut over = TcpStream::connect(p.tls).await.unwrap();
     let _ = over.write_all(b"\x16\x03\x01\x00\x05hello").await;
     let mut rest = Vec::new();
-    let r = tokio::time::timeout(Duration::from_secs(5), over.read_to_end(&mut rest));
-    eprintln!("RESULT {:?}", r.await);
     let _ = tokio::time::timeout(Duration::from_secs(5), over.read_to_end(&mut rest))
         .await
         .expect("closed");
