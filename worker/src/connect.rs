@@ -11,10 +11,11 @@ use crate::error::ProxyError;
 
 /// Connects to the first of `dests` (of `source`'s family) that answers,
 /// from `source`, within `timeout` overall. The addresses are tried in
-/// turn, each with an equal share of the time left (the last with all of
-/// it), so one that drops the SYN costs its share, not the whole timeout,
-/// and the next is still tried: a name with one dead address among four
-/// answers from the others.
+/// turn, each with an equal share of the time left but at least
+/// [`ATTEMPT_MIN`] of it (a live address on a slow path, or one SYN lost
+/// and sent again a second later, still connects), so one that drops the
+/// SYN costs its share, not the whole timeout, and the next is still
+/// tried: a name with one dead address among four answers from the others.
 pub async fn connect_from(
     source: IpAddr,
     dests: &[SocketAddr],
@@ -29,7 +30,8 @@ pub async fn connect_from(
     let mut last = None;
     for (i, dest) in candidates.iter().enumerate() {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let share = left / u32::try_from(candidates.len() - i).unwrap_or(u32::MAX);
+        let share = (left / u32::try_from(candidates.len() - i).unwrap_or(u32::MAX))
+            .max(ATTEMPT_MIN.min(left));
         let sock = bound_socket(source, *dest)?;
         match tokio::time::timeout(share, sock.connect(*dest)).await {
             Ok(Ok(stream)) => {
@@ -53,6 +55,10 @@ pub async fn connect_from(
         ),
     }))
 }
+
+/// The least time an address is given (the time left, if less): covers a
+/// SYN sent again (Linux waits 1 s, then 2 s more) on a slow path.
+const ATTEMPT_MIN: Duration = Duration::from_secs(3);
 
 /// A non-blocking TCP socket bound to `(source, 0)`.
 ///
@@ -158,17 +164,18 @@ mod tests {
         let stream = connect_from(
             src,
             &[dead, good.local_addr().unwrap()],
-            Duration::from_secs(2),
+            Duration::from_secs(5),
         )
         .await
         .unwrap();
         assert_eq!(stream.peer_addr().unwrap(), good.local_addr().unwrap());
         let took = started.elapsed();
+        // Half of 5 s is less than the least share: 3 s.
         assert!(
-            took >= Duration::from_millis(900),
+            took >= Duration::from_millis(2900),
             "the first had its share: {took:?}"
         );
-        assert!(took < Duration::from_millis(1900), "{took:?}");
+        assert!(took < Duration::from_millis(4500), "{took:?}");
         // Alone, the dead one has the whole timeout, and says so.
         let err = connect_from(src, &[dead], Duration::from_millis(300))
             .await
