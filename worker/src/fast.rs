@@ -57,8 +57,9 @@ pub struct Conn {
     pub stop: CancellationToken,
     /// How long a draining connection waits for its next request.
     pub grace: Duration,
-    /// Over TLS: when the first request's head must be whole
-    /// (`header_timeout` after the accept, the handshake counted in). As bytes below
+    /// Over TLS: when the first request's head must be whole (the later of
+    /// `header_timeout` and `idle_timeout` after the accept, the handshake
+    /// counted in). As bytes below
     /// TLS (a record trickled a byte at a time) keep the idle watch awake
     /// without one byte of a request, each wait for a request over TLS has
     /// a timer of its own: `idle_timeout` at most.

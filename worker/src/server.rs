@@ -304,8 +304,17 @@ impl Serving {
             max_head: self.config.proxy.max_head_bytes.max(8192),
             stop: self.stop.clone(),
             grace: IDLE_CLOSE_GRACE,
-            tls_first_head_due: is_tls
-                .then(|| tokio::time::Instant::now() + self.config.header_read_timeout),
+            // As a plain connection waits: the idle timeout for a first
+            // byte (a client may open its connection ahead of need), the
+            // head's timeout once it comes; over TLS bytes below it say
+            // nothing, so the later of the two from the accept.
+            tls_first_head_due: is_tls.then(|| {
+                tokio::time::Instant::now()
+                    + self
+                        .config
+                        .header_read_timeout
+                        .max(self.config.idle_timeout)
+            }),
         };
         let acceptor = match (is_tls, &self.config.tls) {
             (true, Some(t)) => Some(t.acceptor()),
