@@ -555,6 +555,10 @@ pub async fn serve(
     // learns it now, not by timing out in the listen queue), so a client
     // holding connections open cannot starve the others.
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // Refusals in flight (each holds its descriptor half a second at
+    // most): past these, a connection is closed at once, so a flood
+    // cannot take the allocator's descriptors.
+    let refusing = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
     let peers = PeerCounts::default();
     loop {
         let (stream, peer) = tokio::select! {
@@ -571,7 +575,12 @@ pub async fn serve(
         let place = peers.enter(peer.ip());
         let permit = slots.clone().try_acquire_owned();
         let (Some(place), Ok(permit)) = (place, permit) else {
+            let Ok(refusal) = refusing.clone().try_acquire_owned() else {
+                drop(stream);
+                continue;
+            };
             tokio::spawn(async move {
+                let _refusal = refusal;
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
                 let mut stream = stream;
                 let busy = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
@@ -619,6 +628,8 @@ pub async fn serve(
 const MAX_CONNECTIONS: usize = 64;
 /// … and from one address.
 const MAX_PER_PEER: usize = 8;
+/// 503s being answered at once.
+const MAX_REFUSING: usize = 256;
 
 /// Open connections by client address.
 #[derive(Default, Clone)]

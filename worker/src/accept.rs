@@ -49,6 +49,10 @@ const DEFER: Duration = Duration::from_millis(1);
 /// the full worker awake every millisecond while it waits.
 const FULL_DEFER_MAX: Duration = Duration::from_millis(10);
 
+/// How long a sibling that let a full worker's connection wait
+/// [`FULL_DEFER_MAX`] is taken for stalled.
+const STALLED_FOR: Duration = Duration::from_millis(500);
+
 /// How often the load is published besides at each accept, so siblings
 /// also see connections close.
 const PUBLISH_EVERY: Duration = Duration::from_millis(100);
@@ -172,13 +176,24 @@ pub async fn accept_loop(
     let listener = os::register_readable(listener)?;
     // Since when the connection queued now was left to siblings.
     let mut deferred: Option<tokio::time::Instant> = None;
+    // When a full worker last waited the whole FULL_DEFER_MAX in vain: for
+    // a moment after, the sibling is taken for stalled, and what is queued
+    // is taken (and refused) at once, not 10 ms a connection.
+    let mut sibling_stalled: Option<tokio::time::Instant> = None;
     loop {
         let mut ready = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             r = listener.readable() => r?,
         };
         let defer = match (deferred, balance.leave_to_sibling()) {
+            (_, Defer::Full) if sibling_stalled.is_some_and(|t| t.elapsed() < STALLED_FOR) => {
+                Defer::No
+            }
             (Some(at), Defer::Full) if at.elapsed() < FULL_DEFER_MAX => Defer::Full,
+            (Some(_), Defer::Full) => {
+                sibling_stalled = Some(tokio::time::Instant::now());
+                Defer::No
+            }
             (Some(_), _) => Defer::No,
             (None, d) => d,
         };

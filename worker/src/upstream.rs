@@ -34,8 +34,12 @@ struct Idle {
 impl Idle {
     /// Not idle for `timeout` yet, and still open.
     fn fresh(&self, now_ms: u64, timeout: Duration) -> bool {
+        self.young(now_ms, timeout) && self.conn.is_usable()
+    }
+
+    /// Not idle for `timeout` yet.
+    fn young(&self, now_ms: u64, timeout: Duration) -> bool {
         u128::from(now_ms.saturating_sub(self.since_ms)) < timeout.as_millis()
-            && self.conn.is_usable()
     }
 }
 
@@ -118,7 +122,8 @@ impl UpstreamPool {
         let now = crate::os::coarse_ms();
         if idles.total >= self.max_idle_total && now.saturating_sub(idles.swept_ms) >= 100 {
             idles.swept_ms = now;
-            self.sweep(&mut idles, now);
+            // By age alone: under the lock, no system call per connection.
+            self.sweep(&mut idles, now, false);
         }
         if idles.total >= self.max_idle_total {
             return;
@@ -133,11 +138,15 @@ impl UpstreamPool {
         }
     }
 
-    /// Drops expired and closed connections, and lists left empty.
-    fn sweep(&self, idles: &mut Idles, now_ms: u64) {
+    /// Drops expired connections (and, `closed`, those the destination
+    /// closed: a system call each), and lists left empty.
+    fn sweep(&self, idles: &mut Idles, now_ms: u64, closed: bool) {
         let timeout = self.idle_timeout;
         idles.map.retain(|_, list| {
-            list.retain(|i| i.fresh(now_ms, timeout));
+            list.retain(|i| match closed {
+                true => i.fresh(now_ms, timeout),
+                false => i.young(now_ms, timeout),
+            });
             !list.is_empty()
         });
         idles.total = idles.map.values().map(Vec::len).sum();
@@ -169,7 +178,7 @@ impl UpstreamPool {
                 }
                 _ = tick.tick() => {}
             }
-            self.sweep(&mut self.lock(), crate::os::coarse_ms());
+            self.sweep(&mut self.lock(), crate::os::coarse_ms(), true);
         }
     }
 }
