@@ -67,6 +67,38 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
     let (socks_passed, http_passed): (Vec<_>, Vec<_>) =
         passed.into_iter().partition(|p| p.name == "socks");
     let merged = args.settings.merge(&file.worker);
+    if args.common.check {
+        // Nothing is bound: the unit runs this as ExecStartPre, while
+        // systemd holds the ports (and passes them to ExecStart only).
+        let mut named: Vec<(&str, std::net::SocketAddr)> = Vec::new();
+        for p in &http_passed {
+            match activation::tcp_listener(p).map(|l| l.local_addr()) {
+                Ok(Ok(a)) => named.push(("listen (passed)", a)),
+                Ok(Err(e)) => return fail(&e),
+                Err(e) => return fail(&e),
+            }
+        }
+        let passed_any =
+            !(http_passed.is_empty() && socks_passed.is_empty() && tls_passed.is_empty());
+        for a in args.settings.listen(&file, usize::from(passed_any)) {
+            named.push(("listen", a));
+        }
+        named.extend(merged.socks_listen.iter().map(|a| ("SOCKS5", *a)));
+        named.extend(merged.tls_listen.iter().map(|a| ("TLS", *a)));
+        let addrs: Vec<std::net::SocketAddr> = named.iter().map(|(_, a)| *a).collect();
+        if let Err(e) = tuning.check_exposure(&addrs) {
+            return fail(&e);
+        }
+        for (what, a) in &named {
+            eprintln!("ok: {what} {a} (not bound by --check)");
+        }
+        eprintln!(
+            "ok: allocator socket {}",
+            args.common.socket(&file).display()
+        );
+        eprintln!("ok: {:?}", tuning);
+        return ExitCode::SUCCESS;
+    }
     let (tls_listeners, tls_inherited) = match passed_or_bound(&tls_passed, &merged.tls_listen) {
         Ok(x) => x,
         Err(e) => return fail(e.as_ref()),
@@ -110,29 +142,6 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         ));
     }
     let socket = args.common.socket(&file);
-    if args.common.check {
-        for l in &listeners {
-            eprintln!(
-                "ok: listen {}",
-                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
-            );
-        }
-        for l in &socks {
-            eprintln!(
-                "ok: SOCKS5 {}",
-                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
-            );
-        }
-        for l in &tls_listeners {
-            eprintln!(
-                "ok: TLS {}",
-                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
-            );
-        }
-        eprintln!("ok: allocator socket {}", socket.display());
-        eprintln!("ok: {:?}", tuning);
-        return ExitCode::SUCCESS;
-    }
 
     raise_fd_limit(tuning.config.max_connections);
     crate::run_daemon(tuning.threads, |signals| async move {
