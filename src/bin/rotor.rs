@@ -590,6 +590,10 @@ fn user(cmd: &UserCmd) -> ExitCode {
         return ExitCode::from(2);
     }
     let result = (|| -> Result<String, String> {
+        // One change at a time: two at once would each write the file as
+        // read before the other's, one change lost.
+        let _lock =
+            lock_dir_of(path).map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
         let old = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && add => String::new(),
@@ -635,19 +639,62 @@ fn user(cmd: &UserCmd) -> ExitCode {
     }
 }
 
-/// Writes `text` to `path` atomically (a temporary file renamed over it),
-/// readable by owner and group only.
+/// Holds an exclusive lock on `path`'s directory until dropped.
+fn lock_dir_of(path: &std::path::Path) -> std::io::Result<nix::fcntl::Flock<std::fs::File>> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let f = std::fs::File::open(dir)?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e.into())
+}
+
+/// Writes `text` to `path` atomically: a temporary file of its own name,
+/// synced, renamed over it, and the directory synced. The file keeps its
+/// owner, group and mode (the workers read it as their own user: written
+/// by root, a new file would be root's and unreadable to them); a new one
+/// is readable by owner and group only.
 fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let was = std::fs::metadata(path).ok();
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o640)
+        .create_new(true)
+        .mode(0o600)
         .open(&tmp)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let written = (|| {
+        if let Some(m) = &was {
+            let (uid, gid) = (
+                nix::unistd::Uid::from_raw(m.uid()),
+                nix::unistd::Gid::from_raw(m.gid()),
+            );
+            if (uid, gid) != (nix::unistd::geteuid(), nix::unistd::getegid()) {
+                nix::unistd::fchown(std::os::fd::AsRawFd::as_raw_fd(&f), Some(uid), Some(gid))
+                    .map_err(std::io::Error::from)?;
+            }
+        }
+        let mode = was.as_ref().map_or(0o640, |m| m.mode() & 0o7777);
+        nix::sys::stat::fchmod(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            nix::sys::stat::Mode::from_bits_truncate(mode),
+        )
+        .map_err(std::io::Error::from)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }

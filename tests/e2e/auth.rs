@@ -173,3 +173,53 @@ async fn reload_rereads_users(grow: bool) {
         assert_eq!(status_as(w.addr, "bob").await, 200);
     }
 }
+
+/// `rotor user add/remove`, run as root on a users file the workers' user
+/// owns, keeps its owner, group and mode (a new file of root's, 0640, was
+/// unreadable to the workers: a removed user kept access, and the next
+/// worker start failed); two changes at once both land.
+#[test]
+fn user_changes_keep_the_files_owner_and_mode_and_both_land() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    add_user(&users, "alice", "s3cret");
+    if nix::unistd::geteuid().is_root() {
+        nix::unistd::chown(
+            &users,
+            Some(nix::unistd::Uid::from_raw(65534)),
+            Some(nix::unistd::Gid::from_raw(65534)),
+        )
+        .unwrap();
+    }
+    std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o604)).unwrap();
+    let before = std::fs::metadata(&users).unwrap();
+    let adds: Vec<_> = ["bob", "carol"]
+        .into_iter()
+        .map(|name| {
+            let users = users.clone();
+            std::thread::spawn(move || add_user(&users, name, "pw"))
+        })
+        .collect();
+    for a in adds {
+        a.join().unwrap();
+    }
+    let after = std::fs::metadata(&users).unwrap();
+    assert_eq!(
+        (after.uid(), after.gid(), after.mode() & 0o7777),
+        (before.uid(), before.gid(), 0o604)
+    );
+    let text = std::fs::read_to_string(&users).unwrap();
+    for name in ["alice:", "bob:", "carol:"] {
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "{name} in {text}"
+        );
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n != "users")
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
