@@ -33,6 +33,8 @@ impl Signals {
 impl Signals {
     /// Installs the handlers; must run inside the runtime.
     pub fn install() -> std::io::Result<Signals> {
+        /// A SIGTERM this soon after the first is the same stop.
+        const SAME_STOP: std::time::Duration = std::time::Duration::from_secs(1);
         let s = Signals {
             shutdown: CancellationToken::new(),
             fast: CancellationToken::new(),
@@ -43,15 +45,26 @@ impl Signals {
         let mut hup = signal(SignalKind::hangup())?;
         let me = s.clone();
         tokio::spawn(async move {
+            let mut first_term: Option<std::time::Instant> = None;
             loop {
                 tokio::select! {
                     _ = term.recv() => {
-                        if me.shutdown.is_cancelled() {
-                            info!("second SIGTERM: stopping now");
-                            me.fast.cancel();
-                        } else {
-                            info!("SIGTERM: draining");
-                            me.shutdown.cancel();
+                        match first_term {
+                            // systemd's SIGTERM to the whole control group
+                            // and `rotor up`'s own reach a worker a moment
+                            // apart: the same stop, not a second one.
+                            Some(t) if t.elapsed() < SAME_STOP => {
+                                info!("SIGTERM again within a second: the same stop (a signal to the whole group); still draining");
+                            }
+                            Some(_) => {
+                                info!("second SIGTERM: stopping now");
+                                me.fast.cancel();
+                            }
+                            None => {
+                                info!("SIGTERM: draining");
+                                first_term = Some(std::time::Instant::now());
+                                me.shutdown.cancel();
+                            }
                         }
                     }
                     _ = int.recv() => {

@@ -340,6 +340,10 @@ async fn supervise(
         };
         let pid = child.id().map(|p| Pid::from_raw(p as i32));
         info!(child = %slot.name, pid = ?pid, "started");
+        // A SIGHUP seen while no child ran is not passed to the new one:
+        // it reads its files as it starts, and a SIGHUP before its
+        // handlers are in place would kill it (the default action).
+        reloads.borrow_and_update();
         let status = loop {
             tokio::select! {
                 s = child.wait() => break Some(s),

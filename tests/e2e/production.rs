@@ -743,3 +743,25 @@ fn a_worker_check_binds_nothing() {
         "{stderr}"
     );
 }
+
+/// systemd's SIGTERM to the whole control group and `rotor up`'s own reach
+/// a worker a moment apart: one stop, still a drain (a second SIGTERM had
+/// been a fast stop, cutting what was in flight). One a second or more
+/// later is the fast stop it always was.
+#[tokio::test]
+async fn two_sigterms_a_moment_apart_are_one_drain() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let origin = Origin::start().await;
+    let mut busy = Worker::start(&alloc.socket, &["--drain-timeout", "30s"]).await;
+    let url = origin.url("/slow/1500");
+    let proxy = busy.addr;
+    let slow = tokio::spawn(async move { ProxyConn::open(proxy).await.try_get(&url).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    busy.proc.signal(Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    busy.proc.signal(Signal::SIGTERM);
+    let reply = slow.await.unwrap().expect("the request in flight finished");
+    assert_eq!(reply.status, 200);
+    let status = busy.proc.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+}
