@@ -35,8 +35,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rotor_protocol::{
-    address_at, family_total, site_bit, site_of, Families, Family, PairStatus, Segment, SiteLimit,
-    SiteStatus, SitesReport, SITE_FILTER_BITS,
+    addresses_from, family_total, site_bit, site_of, Families, Family, PairStatus, Segment,
+    SiteLimit, SiteStatus, SitesReport, SITE_FILTER_BITS,
 };
 
 /// The first cooldown without a `Retry-After`; each repeat doubles it.
@@ -590,11 +590,7 @@ impl Sites {
             // Every address the site holds nothing for is free, so a walk
             // meets one after at most that many steps.
             let steps = total.min(u64::from(held) + 1);
-            for k in 0..steps {
-                let i = (start + k) % total;
-                let Some(ip) = address_at(active, family, i) else {
-                    break;
-                };
+            for (i, ip) in addresses_from(active, family, start).take(steps as usize) {
                 let blocked = self.pairs.get_mut(&(id, ip)).and_then(|p| {
                     p.prune(window, t);
                     p.blocked(limit, t)

@@ -31,8 +31,8 @@ pub use report::error_chain;
 pub use segment::{cover, Family, Segment};
 pub use site::{site_bit, site_of, SITE_FILTER_BITS};
 pub use table::{
-    address_at, family_total, index_of, LeaseTable, Position, SiteMode, TableError, TableSnapshot,
-    MAX_FAMILY_TOTAL, PEER_SLOTS, TABLE_LAYOUT,
+    address_at, addresses_from, family_total, index_of, LeaseTable, Position, SiteMode, TableError,
+    TableSnapshot, MAX_FAMILY_TOTAL, PEER_SLOTS, TABLE_LAYOUT,
 };
 
 /// FNV-1a, 64 bits: a checksum for the state file and an identity for a
