@@ -488,18 +488,30 @@ impl Sites {
         if self.entries() < self.max_entries {
             return;
         }
-        let mut by_use: Vec<(Ms, u64)> = self
+        // Sites cooling on some address go last: a site that said "wait"
+        // is, by that, one its polite clients stopped asking — the least
+        // recently used — and forgetting it would send the next request
+        // from the address it asked to rest.
+        let t = self.ms(now);
+        let cooling: std::collections::HashSet<u64> = self
+            .pairs
+            .iter()
+            .filter(|(_, p)| p.cool_until > t)
+            .map(|((id, _), _)| *id)
+            .collect();
+        let mut by_use: Vec<(bool, Ms, u64)> = self
             .sites
             .iter()
             .filter(|(k, _)| &***k != keep)
-            .map(|(_, s)| (s.last_used, s.id))
+            .map(|(_, s)| (cooling.contains(&s.id), s.last_used, s.id))
             .collect();
         if by_use.is_empty() {
             return;
         }
         let n = (by_use.len() / 8).max(1);
         by_use.select_nth_unstable(n - 1);
-        let gone: std::collections::HashSet<u64> = by_use[..n].iter().map(|(_, id)| *id).collect();
+        let gone: std::collections::HashSet<u64> =
+            by_use[..n].iter().map(|(_, _, id)| *id).collect();
         let bits = &mut self.bits;
         self.sites.retain(|k, s| {
             let keep = !gone.contains(&s.id);
@@ -1300,6 +1312,30 @@ mod tests {
         };
         assert!(set("a.com") && set("n.com"));
         assert_eq!(words.iter().map(|w| w.count_ones()).sum::<u32>(), 2);
+    }
+
+    /// A full table forgets sites that are not cooling first: the site
+    /// that said "wait" an hour is the least recently asked (its clients
+    /// obey), and forgetting it would send the next request from the
+    /// address it asked to rest.
+    #[test]
+    fn a_full_table_keeps_its_cooling_sites() {
+        let active = pool(8);
+        let t0 = Instant::now();
+        let mut s = Sites::with_epoch(rules(&["*=5/1h"]), 64, t0);
+        s.pushback("cool.com", ip(1), 429, Some(Duration::from_secs(3600)), t0);
+        for i in 0..500 {
+            let t = t0 + Duration::from_millis(10 + i);
+            take(&mut s, &format!("s{i}.com"), &active, 1, t);
+            assert!(s.entries() <= 64, "{}", s.entries());
+        }
+        assert!(
+            s.sites.contains_key("cool.com"),
+            "the cooling site was forgotten"
+        );
+        let t = t0 + Duration::from_secs(1);
+        let got = take(&mut s, "cool.com", &active, 8, t);
+        assert!(!got.is_empty() && !got.contains(&1), "{got:?}");
     }
 }
 /// What an entry costs, measured (resident memory, hash-table slack
