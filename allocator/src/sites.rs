@@ -127,6 +127,15 @@ impl Rules {
             if site.is_empty() {
                 return Err(format!("`{spec}` names no site"));
             }
+            // A name as a request's host gives it: no port, scheme or path
+            // (a budget for `example.com:8080` would match nothing), and
+            // ASCII (an IDN as its punycode, as hosts arrive).
+            let bare = site.trim_matches(['[', ']']);
+            if bare.parse::<IpAddr>().is_err() && (site.contains([':', '/']) || !site.is_ascii()) {
+                return Err(format!(
+                    "`{site}` is not a site: write a host name without a port, scheme or path, in ASCII (an international name as its punycode, xn--…)"
+                ));
+            }
             let key = site_of(site);
             if key != site.trim_end_matches('.').to_ascii_lowercase()
                 && key != site.trim_matches(['[', ']'])
@@ -1037,9 +1046,15 @@ mod tests {
             "example.com=5/soon",
             "=1/1s",
             "example.com=5",
+            "example.com:8080=1/1s",
+            "https://example.com=1/1s",
+            "bücher.de=1/1s",
         ] {
             assert!(Rules::parse(&[bad.to_string()]).is_err(), "{bad}");
         }
+        assert!(
+            Rules::parse(&["[2001:db8::1]=1/1s".into(), "xn--bcher-kva.de=1/1s".into()]).is_ok()
+        );
         let e = Rules::parse(&["api.example.co.uk=1/1s".into()]).unwrap_err();
         assert!(e.contains("`example.co.uk`"), "{e}");
     }

@@ -22,7 +22,9 @@ pub fn site_of(host: &str) -> String {
         .and_then(|s| s.strip_suffix(']'))
         .unwrap_or(h);
     if let Ok(ip) = bare.parse::<IpAddr>() {
-        return ip.to_string();
+        // One address, one site, however it is written (`::ffff:a.b.c.d`
+        // is a.b.c.d, as the destination rules and the connect see it).
+        return ip.to_canonical().to_string();
     }
     let lower;
     let h = match h.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -60,6 +62,7 @@ mod tests {
             ("127.0.0.1", "127.0.0.1"),
             ("[::1]", "::1"),
             ("2001:DB8::1", "2001:db8::1"),
+            ("[::ffff:10.0.0.1]", "10.0.0.1"),
         ] {
             assert_eq!(site_of(host), site, "{host}");
         }
