@@ -85,17 +85,41 @@ impl LocalRoutes {
     /// A reading at most `max_age` old, shared by the whole process (one
     /// reading of the files per `max_age` at most, however many
     /// connections ask).
+    ///
+    /// The files are read outside the lock, by the one caller that found
+    /// the reading stale; the others meanwhile take the stale one (a host
+    /// with a full BGP table has a `fib_trie` of megabytes).
     pub fn current(max_age: Duration) -> Arc<LocalRoutes> {
-        static CACHE: Mutex<Option<(Instant, Arc<LocalRoutes>)>> = Mutex::new(None);
-        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-        match &*cache {
-            Some((at, routes)) if at.elapsed() < max_age => routes.clone(),
-            _ => {
-                let routes = Arc::new(LocalRoutes::read());
-                *cache = Some((Instant::now(), routes.clone()));
-                routes
+        struct Cache {
+            at: Instant,
+            routes: Arc<LocalRoutes>,
+            reading: bool,
+        }
+        static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
+        let lock = || CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let mut cache = lock();
+            match &mut *cache {
+                Some(c) if c.reading || c.at.elapsed() < max_age => return c.routes.clone(),
+                Some(c) => c.reading = true,
+                None => {
+                    let routes = Arc::new(LocalRoutes::read());
+                    *cache = Some(Cache {
+                        at: Instant::now(),
+                        routes: routes.clone(),
+                        reading: false,
+                    });
+                    return routes;
+                }
             }
         }
+        let routes = Arc::new(LocalRoutes::read());
+        *lock() = Some(Cache {
+            at: Instant::now(),
+            routes: routes.clone(),
+            reading: false,
+        });
+        routes
     }
 
     /// Lines of `ipv6_route` alone (destination, prefix length, …, flags).
