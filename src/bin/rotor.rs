@@ -556,14 +556,52 @@ fn format_status_v2(s: &StatusReportV2) -> String {
 /// The password on standard input: its first line, without the newline.
 fn read_password() -> Result<String, String> {
     let mut line = String::new();
-    std::io::stdin()
-        .read_line(&mut line)
-        .map_err(|e| format!("cannot read the password from standard input: {e}"))?;
+    // Typed at a terminal: asked for, and not shown.
+    let echo_off = NoEcho::on_a_terminal();
+    if echo_off.is_some() {
+        eprint!("password: ");
+    }
+    // (ECHONL: the newline typed still shows.)
+    let read = std::io::stdin().read_line(&mut line);
+    drop(echo_off);
+    read.map_err(|e| format!("cannot read the password from standard input: {e}"))?;
     let pw = line.trim_end_matches(['\n', '\r']).to_string();
     if pw.is_empty() {
         return Err("empty password (give it on standard input)".into());
     }
     Ok(pw)
+}
+
+/// Standard input's terminal with echo off, until dropped.
+struct NoEcho(libc::termios);
+
+impl NoEcho {
+    fn on_a_terminal() -> Option<NoEcho> {
+        // SAFETY: tcgetattr/tcsetattr on descriptor 0 with a termios of
+        // our own; a descriptor that is no terminal fails them.
+        unsafe {
+            if libc::isatty(0) != 1 {
+                return None;
+            }
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return None;
+            }
+            let saved = t;
+            t.c_lflag &= !libc::ECHO;
+            t.c_lflag |= libc::ECHONL;
+            (libc::tcsetattr(0, libc::TCSANOW, &t) == 0).then_some(NoEcho(saved))
+        }
+    }
+}
+
+impl Drop for NoEcho {
+    fn drop(&mut self) {
+        // SAFETY: restores what on_a_terminal read.
+        unsafe {
+            libc::tcsetattr(0, libc::TCSANOW, &self.0);
+        }
+    }
 }
 
 #[allow(clippy::print_stdout)]
@@ -600,10 +638,13 @@ fn user(cmd: &UserCmd) -> ExitCode {
             Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
         };
         let mut found = false;
+        // Read as the workers read it: a byte-order mark dropped, each
+        // line trimmed.
+        let old = old.strip_prefix('\u{feff}').unwrap_or(&old);
         let mut lines: Vec<String> = old
             .lines()
             .filter(|l| {
-                let mine = l.split_once(':').is_some_and(|(u, _)| u == name);
+                let mine = l.trim().split_once(':').is_some_and(|(u, _)| u == name);
                 found |= mine;
                 !mine
             })

@@ -223,3 +223,46 @@ fn user_changes_keep_the_files_owner_and_mode_and_both_land() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// A users file an editor saved with a byte-order mark and indented lines
+/// is read the same by the workers and by `rotor user`: the first user is
+/// `alice`, not `\u{feff}alice`, and `rotor user remove` finds an indented
+/// one the workers let in.
+#[tokio::test]
+async fn a_bom_and_indented_lines_are_read_alike_by_workers_and_rotor_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    add_user(&users, "alice", "s3cret");
+    add_user(&users, "bob", "pw");
+    let text = std::fs::read_to_string(&users).unwrap();
+    let indented: Vec<String> = text.lines().map(|l| format!("  {l}")).collect();
+    std::fs::write(&users, format!("\u{feff}{}\n", indented.join("\n"))).unwrap();
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &["--auth-file", users.to_str().unwrap()]).await;
+    let req = Request::get(origin.url("/"))
+        .header("proxy-authorization", basic("alice", "s3cret"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(
+        ProxyConn::open(worker.addr).await.send(req).await.status,
+        200
+    );
+    let out = Command::new(ROTOR)
+        .args([
+            "user",
+            "remove",
+            "bob",
+            "--auth-file",
+            users.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let left = std::fs::read_to_string(&users).unwrap();
+    assert!(!left.contains("bob:") && left.contains("alice:"), "{left}");
+}

@@ -118,6 +118,8 @@ impl Drop for ClientSlot<'_> {
 
 fn load(path: &Path) -> Result<Users, UsersError> {
     let text = std::fs::read_to_string(path).map_err(|e| UsersError::Read(path.into(), e))?;
+    // A byte-order mark (an editor's) is no part of the first user's name.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut hashes = HashMap::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
