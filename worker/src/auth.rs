@@ -296,8 +296,12 @@ impl Auth {
         match verified {
             Some(user) => {
                 let mut mem = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+                // As the README says: the expired go, then all.
                 if mem.len() >= REMEMBER_MAX {
-                    mem.clear();
+                    mem.retain(|_, r| r.at.elapsed() < REMEMBER);
+                    if mem.len() >= REMEMBER_MAX {
+                        mem.clear();
+                    }
                 }
                 mem.insert(
                     key,
