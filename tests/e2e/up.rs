@@ -42,6 +42,29 @@ async fn up_with_two_workers(socket: &std::path::Path, listen: &str, extra: &[&s
     up
 }
 
+/// `rotor up`'s arguments for two workers rotating over 127.0.0.2 on
+/// `listen`, its allocator at `socket`, no state kept, and `extra`.
+fn two_workers_of_one_address<'a>(
+    listen: &'a str,
+    socket: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut args = vec![
+        "up",
+        "--workers",
+        "2",
+        "--pool",
+        "127.0.0.2",
+        "--listen",
+        listen,
+        "--socket",
+        socket,
+        "--no-state",
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 /// Kills worker `pid`; the worker `rotor up` starts in its place.
 async fn replaced(socket: &std::path::Path, pid: i32) -> i32 {
     let others: Vec<i32> = worker_pids(socket)
@@ -118,18 +141,7 @@ async fn ctrl_c_to_the_whole_process_group_is_a_stop_not_a_crash() {
     let mut up = Proc::spawn_cmd(
         cmd,
         ROTOR,
-        &[
-            "up",
-            "--workers",
-            "2",
-            "--pool",
-            "127.0.0.2",
-            "--listen",
-            &listen,
-            "--socket",
-            socket.to_str().unwrap(),
-            "--no-state",
-        ],
+        &two_workers_of_one_address(&listen, socket.to_str().unwrap(), &[]),
     );
     eventually("both workers", || async {
         socket.exists() && worker_pids(&socket).len() == 2
@@ -327,20 +339,11 @@ async fn rotor_up_starts_its_workers_under_a_descriptor_limit_of_1024() {
     let _up = Proc::spawn_cmd(
         cmd,
         ROTOR,
-        &[
-            "up",
-            "--workers",
-            "2",
-            "--pool",
-            "127.0.0.2",
-            "--listen",
+        &two_workers_of_one_address(
             &listen,
-            "--socket",
             socket.to_str().unwrap(),
-            "--no-state",
-            "--allow-destination",
-            "127.0.0.0/8",
-        ],
+            &["--allow-destination", "127.0.0.0/8"],
+        ),
     );
     let proxy: std::net::SocketAddr = listen.parse().unwrap();
     eventually("both workers", || async {
