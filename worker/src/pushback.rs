@@ -7,7 +7,8 @@
 //! (draft-ietf-httpapi-ratelimit-headers, both the `limit=, remaining=,
 //! reset=` form and the structured `"policy";r=0;t=30` form);
 //! `RateLimit-Remaining` / `RateLimit-Reset`; `X-RateLimit-Remaining` /
-//! `X-RateLimit-Reset` (seconds, or a Unix time when it is one). A
+//! `X-RateLimit-Reset` (seconds, or a Unix time when it is one, in any of
+//! them). A
 //! remaining count of 0 with a reset cools the pair until the reset; a
 //! count above 0 changes nothing (the budget rotor keeps is the operator's).
 
@@ -33,7 +34,9 @@ static SPLIT: [(HeaderName, HeaderName, bool); 2] = [
     (
         HeaderName::from_static("ratelimit-remaining"),
         HeaderName::from_static("ratelimit-reset"),
-        false,
+        // The draft says seconds from now; APIs that send a Unix time
+        // there exist, and a delta past 10^9 s (31 years) is none.
+        true,
     ),
     (
         HeaderName::from_static("x-ratelimit-remaining"),
@@ -122,7 +125,7 @@ fn exhausted_until(fields: &Fields) -> Option<u32> {
                 }
             }
             if let (Some(0.0), Some(r)) = (remaining, reset) {
-                until = until.max(Some(seconds(r, false)));
+                until = until.max(Some(seconds(r, true)));
             }
         }
         return until;
@@ -285,19 +288,20 @@ mod tests {
             .unwrap()
             .as_secs()
             + 60;
-        for reset in [epoch, epoch * 1000] {
-            match verdict(
-                200,
-                &[
-                    ("x-ratelimit-remaining", "0"),
-                    ("x-ratelimit-reset", &reset.to_string()),
-                ],
-                &c,
-            ) {
-                Verdict::Pushback {
-                    retry_after: Some(s),
-                } => assert!((58..=61).contains(&s), "{s}"),
-                other => panic!("{other:?}"),
+        // A Unix time, in seconds or milliseconds, in the X- fields and in
+        // the draft's (which says seconds from now; not every API does).
+        for prefix in ["x-", ""] {
+            for reset in [epoch, epoch * 1000] {
+                let (remaining, field) = (
+                    format!("{prefix}ratelimit-remaining"),
+                    format!("{prefix}ratelimit-reset"),
+                );
+                match verdict(200, &[(&remaining, "0"), (&field, &reset.to_string())], &c) {
+                    Verdict::Pushback {
+                        retry_after: Some(s),
+                    } => assert!((58..=61).contains(&s), "{prefix}: {s}"),
+                    other => panic!("{other:?}"),
+                }
             }
         }
         assert_eq!(
