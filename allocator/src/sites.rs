@@ -395,6 +395,11 @@ pub struct Sites {
     epoch: Instant,
     /// When the table was last found full (logged once a minute).
     full_logged: Option<Instant>,
+    /// When a full table was last expired to make room: once a second at
+    /// most (a pass over a full table takes milliseconds, under the
+    /// allocator's lock; a single site holding the whole table would
+    /// otherwise run one a lease).
+    room_expired: Option<Instant>,
 }
 
 impl Sites {
@@ -418,6 +423,7 @@ impl Sites {
             max_entries: max_entries.max(16),
             epoch,
             full_logged: None,
+            room_expired: None,
         }
     }
 
@@ -493,9 +499,15 @@ impl Sites {
         if self.entries() < self.max_entries {
             return;
         }
-        self.expire(now);
-        if self.entries() < self.max_entries {
-            return;
+        if self
+            .room_expired
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+        {
+            self.room_expired = Some(now);
+            self.expire(now);
+            if self.entries() < self.max_entries {
+                return;
+            }
         }
         // Sites cooling on some address go last: a site that said "wait"
         // is, by that, one its polite clients stopped asking — the least
