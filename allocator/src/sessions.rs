@@ -37,6 +37,12 @@ pub struct Sessions {
     /// (as their address gone) rather than quietly take another address.
     /// Bounded like the table.
     evicted_strict: HashMap<Arc<str>, Instant>,
+    /// When a full table was last cleared of ended sessions before an
+    /// eviction (once a second at most: a pass over the table).
+    expired_at: Option<Instant>,
+    /// When a strict session's eviction could not be remembered was last
+    /// logged.
+    unrecorded_logged: Option<Instant>,
 }
 
 /// The sessions as they were at a moment, copied quickly (under the
@@ -127,6 +133,8 @@ impl Sessions {
             order: VecDeque::new(),
             max: max.max(1),
             evicted_strict: HashMap::new(),
+            expired_at: None,
+            unrecorded_logged: None,
         }
     }
 
@@ -174,6 +182,16 @@ impl Sessions {
             s.ips[family.index()] = Some(ip);
             return;
         }
+        // Ended sessions go before a live one is evicted (the 1-s tick
+        // may not have come yet).
+        if self.map.len() >= self.max
+            && self
+                .expired_at
+                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+        {
+            self.expired_at = Some(now);
+            self.expire(now);
+        }
         while self.map.len() >= self.max {
             let Some((created, old)) = self.order.pop_front() else {
                 break;
@@ -189,6 +207,15 @@ impl Sessions {
                     }
                     if self.evicted_strict.len() < self.max {
                         self.evicted_strict.insert(old, s.expires);
+                    } else if self
+                        .unrecorded_logged
+                        .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60))
+                    {
+                        self.unrecorded_logged = Some(now);
+                        tracing::warn!(
+                            max = self.max,
+                            "strict sessions are evicted faster than they end: an evicted one can no longer be remembered, and will take another address; raise --max-sessions"
+                        );
                     }
                 }
             }
@@ -404,6 +431,27 @@ mod tests {
         assert_eq!(
             behind.pinned("old", Family::V4, after, good),
             Pinned::Nothing
+        );
+    }
+
+    /// A full table drops its ended sessions before it evicts a live one
+    /// (the oldest, here a strict one with time left).
+    #[test]
+    fn ended_sessions_go_before_a_live_one_is_evicted() {
+        let t0 = Instant::now();
+        let mut s = Sessions::new(2);
+        let all_good = |_| true;
+        s.pin("live", ip("10.0.0.1"), Duration::from_secs(60), true, t0);
+        s.pin("short", ip("10.0.0.2"), Duration::from_secs(1), false, t0);
+        let t = t0 + Duration::from_secs(2);
+        s.pin("new", ip("10.0.0.3"), Duration::from_secs(60), false, t);
+        assert_eq!(
+            s.pinned("live", Family::V4, t, all_good),
+            Pinned::Address(ip("10.0.0.1"))
+        );
+        assert_eq!(
+            s.pinned("new", Family::V4, t, all_good),
+            Pinned::Address(ip("10.0.0.3"))
         );
     }
 
