@@ -101,9 +101,14 @@ fn new_table(
 /// address twice in the rotation, and a /64 inside a /48 the same addresses.
 /// Prefixes are looked up by length (a set each), so the cost is a probe
 /// per entry and prefix length, not per pair.
-fn without_covered(addrs: Vec<Segment>) -> Vec<Segment> {
+/// A prefix out of the rotation (`quarantined`: its route missing, say)
+/// covers nothing: what it holds stays, and serves meanwhile.
+fn without_covered(addrs: Vec<Segment>, quarantined: &HashSet<Segment>) -> Vec<Segment> {
     let mut by_len: Vec<(u8, HashSet<Segment>)> = Vec::new();
-    for p in addrs.iter().filter(|e| !e.is_single()) {
+    for p in addrs
+        .iter()
+        .filter(|e| !e.is_single() && !quarantined.contains(e))
+    {
         match by_len.iter_mut().find(|(l, _)| *l == p.prefix_len()) {
             Some((_, set)) => {
                 set.insert(*p);
@@ -227,7 +232,7 @@ impl Pool {
     ) -> Result<bool, TableError> {
         let mut seen = HashSet::with_capacity(addrs.len());
         let addrs: Vec<Segment> = addrs.into_iter().filter(|a| seen.insert(*a)).collect();
-        let addrs = without_covered(addrs);
+        let addrs = without_covered(addrs, &quarantined);
         let seen: HashSet<Segment> = addrs.iter().copied().collect();
         let quarantined: HashSet<Segment> = quarantined
             .into_iter()
@@ -620,8 +625,25 @@ mod tests {
             prefix("10.0.0.0", 8),
             single("11.0.0.1"),
         ];
+        let none = HashSet::new();
+        let out = HashSet::from([prefix("2001:db8::", 32)]);
         assert_eq!(
-            without_covered(list),
+            without_covered(list.clone(), &out),
+            [
+                prefix("2001:db8:1::", 64),
+                single("2001:db8:2::5"),
+                single("10.0.0.1"),
+                prefix("2001:db8::", 32),
+                prefix("10.0.0.0", 8),
+                single("11.0.0.1"),
+            ]
+            .into_iter()
+            .filter(|e| *e != single("10.0.0.1"))
+            .collect::<Vec<_>>(),
+            "a quarantined /32 covers nothing"
+        );
+        assert_eq!(
+            without_covered(list, &none),
             [
                 prefix("2001:db8::", 32),
                 prefix("10.0.0.0", 8),
