@@ -22,8 +22,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use rotor_protocol::{
-    family_total, index_of, Families, Family, Lease, LeaseTable, Position, Refusal, Segment,
-    TableError, TableSnapshot,
+    family_total, index_of, Families, Family, Lease, LeaseTable, Position, PrefixSet, Refusal,
+    Segment, TableError, TableSnapshot,
 };
 
 /// Room for this many entries in a first table; it grows as pools do.
@@ -99,34 +99,24 @@ fn new_table(
 /// `addrs` less the entries another (larger) entry of the list holds: an
 /// interface's address inside a /64 that is in the pool too is the same
 /// address twice in the rotation, and a /64 inside a /48 the same addresses.
-/// Prefixes are looked up by length (a set each), so the cost is a probe
+/// Prefixes are looked up by length (`PrefixSet`), so the cost is a probe
 /// per entry and prefix length, not per pair.
 /// A prefix out of the rotation (`quarantined`: its route missing, say)
 /// covers nothing: what it holds stays, and serves meanwhile.
 fn without_covered(addrs: Vec<Segment>, quarantined: &HashSet<Segment>) -> Vec<Segment> {
-    let mut by_len: Vec<(u8, HashSet<Segment>)> = Vec::new();
+    let mut prefixes = PrefixSet::default();
     for p in addrs
         .iter()
         .filter(|e| !e.is_single() && !quarantined.contains(e))
     {
-        match by_len.iter_mut().find(|(l, _)| *l == p.prefix_len()) {
-            Some((_, set)) => {
-                set.insert(*p);
-            }
-            None => by_len.push((p.prefix_len(), HashSet::from([*p]))),
-        }
+        prefixes.insert(*p);
     }
-    if by_len.is_empty() {
+    if prefixes.is_empty() {
         return addrs;
     }
     addrs
         .into_iter()
-        .filter(|e| {
-            !by_len.iter().any(|(len, set)| {
-                *len < e.prefix_len()
-                    && Segment::prefix(e.base(), *len).is_some_and(|p| set.contains(&p))
-            })
-        })
+        .filter(|e| e.prefix_len() == 0 || !prefixes.holds(e, e.prefix_len() - 1))
         .collect()
 }
 

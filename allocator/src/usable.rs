@@ -35,19 +35,20 @@ pub struct Checker {
 impl Checker {
     pub fn check(&mut self, entry: &Segment) -> Result<(), String> {
         let ip = entry.at(0);
-        let routes = self.routes.get_or_insert_with(LocalRoutes::read);
+        let local = self.routes.get_or_insert_with(LocalRoutes::read).holds(ip);
         // With `ip_nonlocal_bind` set every address binds: the routing
         // table has the last word where it can be read.
-        if routes.holds(ip) == Some(false) {
+        if local == Some(false) {
             return Err(describe(&io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)));
         }
         match bind(ip) {
             Ok(()) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) && ip.is_ipv6() => {
-                match routes.covers(ip) {
-                    true => Ok(()),
-                    false => Err(describe(&e)),
-                }
+            Err(e)
+                if e.raw_os_error() == Some(libc::EADDRNOTAVAIL)
+                    && ip.is_ipv6()
+                    && local == Some(true) =>
+            {
+                Ok(())
             }
             Err(e) => Err(describe(&e)),
         }

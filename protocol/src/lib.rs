@@ -28,7 +28,7 @@ pub use message::{
     PROTOCOL_MINOR,
 };
 pub use report::error_chain;
-pub use segment::{cover, Family, Segment};
+pub use segment::{cover, Family, PrefixSet, Segment};
 pub use site::{site_bit, site_of, SITE_FILTER_BITS};
 pub use table::{
     address_at, addresses_from, family_total, index_of, LeaseTable, Position, SiteMode, TableError,

@@ -10,66 +10,21 @@
 //! without `IPV6_FREEBIND`, and with `net.ipv4.ip_nonlocal_bind=1` (or
 //! its IPv6 twin, common on keepalived hosts) every address binds.
 
-use std::collections::HashSet;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::{PrefixSet, Segment};
+
 /// RTF_LOCAL in `/proc/net/ipv6_route`'s flags.
 const RTF_LOCAL: u32 = 0x8000_0000;
-
-/// Prefixes of one family, grouped by length: a lookup is one hash probe
-/// per distinct length (a host with thousands of /32 addresses has one or
-/// two lengths), not a walk of every prefix.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Prefixes<T: std::hash::Hash + Eq> {
-    by_len: Vec<(u8, HashSet<T>)>,
-}
-
-impl<T: std::hash::Hash + Eq> Default for Prefixes<T> {
-    fn default() -> Self {
-        Prefixes { by_len: Vec::new() }
-    }
-}
-
-macro_rules! prefixes_of {
-    ($t:ty, $bits:expr) => {
-        impl Prefixes<$t> {
-            fn mask(len: u8) -> $t {
-                match u32::from(len) {
-                    0 => 0,
-                    l => <$t>::MAX << ($bits - l.min($bits)),
-                }
-            }
-
-            fn insert(&mut self, net: $t, len: u8) {
-                let len = len.min($bits);
-                let net = net & Self::mask(len);
-                match self.by_len.iter_mut().find(|(l, _)| *l == len) {
-                    Some((_, set)) => {
-                        set.insert(net);
-                    }
-                    None => self.by_len.push((len, HashSet::from([net]))),
-                }
-            }
-
-            fn covers(&self, addr: $t) -> bool {
-                self.by_len
-                    .iter()
-                    .any(|(len, set)| set.contains(&(addr & Self::mask(*len))))
-            }
-        }
-    };
-}
-prefixes_of!(u32, 32);
-prefixes_of!(u128, 128);
 
 /// The local routes of both families; a family whose table could not be
 /// read (no `/proc`, IPv6 disabled) is unknown, not empty.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LocalRoutes {
-    v4: Option<Prefixes<u32>>,
-    v6: Option<Prefixes<u128>>,
+    v4: Option<PrefixSet>,
+    v6: Option<PrefixSet>,
 }
 
 impl LocalRoutes {
@@ -97,21 +52,11 @@ impl LocalRoutes {
         }
         static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
         let lock = || CACHE.lock().unwrap_or_else(|e| e.into_inner());
-        {
-            let mut cache = lock();
-            match &mut *cache {
-                Some(c) if c.reading || c.at.elapsed() < max_age => return c.routes.clone(),
-                Some(c) => c.reading = true,
-                None => {
-                    let routes = Arc::new(LocalRoutes::read());
-                    *cache = Some(Cache {
-                        at: Instant::now(),
-                        routes: routes.clone(),
-                        reading: false,
-                    });
-                    return routes;
-                }
+        if let Some(c) = &mut *lock() {
+            if c.reading || c.at.elapsed() < max_age {
+                return c.routes.clone();
             }
+            c.reading = true;
         }
         let routes = Arc::new(LocalRoutes::read());
         *lock() = Some(Cache {
@@ -122,14 +67,6 @@ impl LocalRoutes {
         routes
     }
 
-    /// Lines of `ipv6_route` alone (destination, prefix length, …, flags).
-    pub fn parse(ipv6_route: &str) -> LocalRoutes {
-        LocalRoutes {
-            v4: None,
-            v6: Some(parse_ipv6_route(ipv6_route)),
-        }
-    }
-
     /// Whether a local route covers `ip` (false if its family is unknown).
     pub fn covers(&self, ip: IpAddr) -> bool {
         self.holds(ip).unwrap_or(false)
@@ -138,25 +75,27 @@ impl LocalRoutes {
     /// Whether a local route covers `ip`; `None` if its family's table
     /// could not be read.
     pub fn holds(&self, ip: IpAddr) -> Option<bool> {
-        match ip {
-            IpAddr::V4(v4) => self.v4.as_ref().map(|p| p.covers(u32::from(v4))),
-            IpAddr::V6(v6) => self.v6.as_ref().map(|p| p.covers(u128::from(v6))),
-        }
+        let routes = match ip {
+            IpAddr::V4(_) => self.v4.as_ref(),
+            IpAddr::V6(_) => self.v6.as_ref(),
+        };
+        routes.map(|r| r.holds(&Segment::single(ip), 128))
     }
 }
 
-fn parse_ipv6_route(table: &str) -> Prefixes<u128> {
-    let mut prefixes = Prefixes::<u128>::default();
+fn parse_ipv6_route(table: &str) -> PrefixSet {
+    let mut prefixes = PrefixSet::default();
     for line in table.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
         let parsed = (|| {
             let dest = u128::from_str_radix(f.first()?, 16).ok()?;
             let len = u8::from_str_radix(f.get(1)?, 16).ok()?;
             let flags = u32::from_str_radix(f.get(8)?, 16).ok()?;
-            (flags & RTF_LOCAL != 0 && len <= 128).then_some((dest, len))
+            (flags & RTF_LOCAL != 0).then_some(())?;
+            Segment::prefix(IpAddr::V6(Ipv6Addr::from(dest)), len)
         })();
-        if let Some((dest, len)) = parsed {
-            prefixes.insert(dest, len);
+        if let Some(p) = parsed {
+            prefixes.insert(p);
         }
     }
     prefixes
@@ -164,23 +103,19 @@ fn parse_ipv6_route(table: &str) -> Prefixes<u128> {
 
 /// `fib_trie` lists each table as a tree whose leaves are `|-- ADDRESS`
 /// lines, each followed by its routes, one a line: `/LEN SCOPE TYPE`.
-fn parse_fib_trie(trie: &str) -> Prefixes<u32> {
-    let mut prefixes = Prefixes::<u32>::default();
-    let mut leaf: Option<u32> = None;
+fn parse_fib_trie(trie: &str) -> PrefixSet {
+    let mut prefixes = PrefixSet::default();
+    let mut leaf: Option<Ipv4Addr> = None;
     for line in trie.lines() {
         let line = line.trim_start();
         if let Some(addr) = line.strip_prefix("|-- ") {
-            leaf = addr
-                .trim()
-                .parse::<std::net::Ipv4Addr>()
-                .ok()
-                .map(u32::from);
+            leaf = addr.trim().parse().ok();
         } else if let Some(route) = line.strip_prefix('/') {
             let mut f = route.split_whitespace();
             let len = f.next().and_then(|l| l.parse::<u8>().ok());
             if let (Some(net), Some(len), Some("LOCAL")) = (leaf, len, f.nth(1)) {
-                if len <= 32 {
-                    prefixes.insert(net, len);
+                if let Some(p) = Segment::prefix(IpAddr::V4(net), len) {
+                    prefixes.insert(p);
                 }
             }
         } else {
@@ -206,7 +141,10 @@ mod tests {
 20010db8000500000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000003 00000000 80200001       lo
 garbage
 ";
-        let r = LocalRoutes::parse(table);
+        let r = LocalRoutes {
+            v4: None,
+            v6: Some(parse_ipv6_route(table)),
+        };
         assert!(r.covers(ip("2001:db8:77::5")));
         assert!(r.covers(ip("2001:db8:77:0:ffff::1")));
         assert!(!r.covers(ip("2001:db8:78::5")));

@@ -138,6 +138,40 @@ impl Segment {
     }
 }
 
+/// Prefixes grouped by length: whether one of them holds a segment is a
+/// probe per distinct length (a host with thousands of /32 addresses has
+/// one or two), not a walk of every prefix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PrefixSet {
+    by_len: Vec<(u8, std::collections::HashSet<Segment>)>,
+}
+
+impl PrefixSet {
+    pub fn insert(&mut self, p: Segment) {
+        let len = p.prefix_len();
+        match self.by_len.iter_mut().find(|(l, _)| *l == len) {
+            Some((_, set)) => {
+                set.insert(p);
+            }
+            None => self
+                .by_len
+                .push((len, std::collections::HashSet::from([p]))),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_len.is_empty()
+    }
+
+    /// Whether a member no longer than `max_len` holds all of `e`.
+    pub fn holds(&self, e: &Segment, max_len: u8) -> bool {
+        self.by_len.iter().any(|(len, set)| {
+            *len <= max_len.min(e.prefix_len())
+                && Segment::prefix(e.base(), *len).is_some_and(|p| set.contains(&p))
+        })
+    }
+}
+
 impl fmt::Display for Segment {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.host_bits {
