@@ -122,8 +122,6 @@ impl Conn {
         }
     }
 
-    /// `Some(whether lease is in its pool)` when a copy of that pool is
-    /// held.
     /// Whether a copy of any pool held (this one's or the one before)
     /// has `ip`.
     fn ever_published(&self, ip: IpAddr) -> bool {
@@ -131,6 +129,8 @@ impl Conn {
         copies.iter().flatten().any(|c| c.contains(ip))
     }
 
+    /// `Some(whether lease is in its pool)` when a copy of that pool is
+    /// held.
     fn check_copy(&self, lease: &Lease) -> Option<Vouch> {
         let copies = self.copies.read().unwrap_or_else(|e| e.into_inner());
         copies
@@ -414,17 +414,11 @@ impl LeaseClient {
         &self,
         m: rotor_protocol::WorkerMetrics,
     ) -> Result<(), Box<rotor_protocol::WorkerMetrics>> {
-        let knows = self
-            .conn
-            .borrow()
-            .as_ref()
-            .map(|c| c.minor >= rotor_protocol::MINOR_METRICS);
-        match knows {
-            Some(false) => Ok(()),
-            _ => match self.request(Request::Metrics(m.clone())).await {
-                Ok(_) | Err(LeaseError::TooOld { .. }) => Ok(()),
-                Err(_) => Err(Box::new(m)),
-            },
+        // An allocator too old for metrics (`TooOld`, checked on the
+        // connection the report would go on) is not sent it.
+        match self.request(Request::Metrics(m.clone())).await {
+            Ok(_) | Err(LeaseError::TooOld { .. }) => Ok(()),
+            Err(_) => Err(Box::new(m)),
         }
     }
 
@@ -473,8 +467,10 @@ impl LeaseClient {
         if one.is_err() || failed_lately() {
             return unanswered();
         }
-        let asked = Box::pin(self.request_unboxed(Request::Pool, COPY_WAIT.min(self.timeout)));
-        let copy = match asked.await {
+        let copy = match self
+            .request_within(Request::Pool, COPY_WAIT.min(self.timeout))
+            .await
+        {
             Ok(Response::Pool {
                 generation,
                 entries,
@@ -587,7 +583,16 @@ impl LeaseClient {
     /// 1 KB), which inline would be room in every request's state, moved
     /// at each await.
     fn request(&self, body: Request) -> crate::Boxed<'_, Result<Response, LeaseError>> {
-        Box::pin(self.request_unboxed(body, self.timeout))
+        self.request_within(body, self.timeout)
+    }
+
+    /// As `request`, answered within `within`.
+    fn request_within(
+        &self,
+        body: Request,
+        within: Duration,
+    ) -> crate::Boxed<'_, Result<Response, LeaseError>> {
+        Box::pin(self.request_unboxed(body, within))
     }
 
     /// A request answered within `within`.
