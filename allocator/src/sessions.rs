@@ -40,7 +40,7 @@ pub struct Sessions {
     /// When a full table was last cleared of ended sessions before an
     /// eviction (once a second at most: a pass over the table).
     expired_at: Option<Instant>,
-    /// When a strict session's eviction could not be remembered was last
+    /// When a table full of strict sessions last refused a new one was
     /// logged.
     unrecorded_logged: Option<Instant>,
 }
@@ -175,19 +175,21 @@ impl Sessions {
         }
     }
 
-    /// Pins `ip` for session `key` (created now, lasting `ttl`, if new).
-    pub fn pin(&mut self, key: &str, ip: IpAddr, ttl: Duration, strict: bool, now: Instant) {
-        let family = Family::of(&ip);
-        if let Some(s) = self.map.get_mut(key) {
-            s.ips[family.index()] = Some(ip);
-            return;
+    /// Makes room for session `key` if it is new: ended sessions go
+    /// first, then the oldest. A strict one pushed out early is remembered
+    /// (it fails until its end rather than move). When that list is full
+    /// of live ones too, the table holds only strict sessions that must
+    /// not move: the new session is refused, with about how long until
+    /// room frees, rather than a strict one moved.
+    pub fn make_room(&mut self, key: &str, now: Instant) -> Result<(), Duration> {
+        if self.map.contains_key(key) || self.map.len() < self.max {
+            return Ok(());
         }
         // Ended sessions go before a live one is evicted (the 1-s tick
         // may not have come yet).
-        if self.map.len() >= self.max
-            && self
-                .expired_at
-                .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
+        if self
+            .expired_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
         {
             self.expired_at = Some(now);
             self.expire(now);
@@ -196,29 +198,52 @@ impl Sessions {
             let Some((created, old)) = self.order.pop_front() else {
                 break;
             };
-            if self.map.get(&old).is_some_and(|s| s.created == created) {
-                if let Some(s) = self
-                    .map
-                    .remove(&old)
-                    .filter(|s| s.strict && s.expires > now)
-                {
-                    if self.evicted_strict.len() >= self.max {
-                        self.evicted_strict.retain(|_, until| *until > now);
-                    }
-                    if self.evicted_strict.len() < self.max {
-                        self.evicted_strict.insert(old, s.expires);
-                    } else if self
+            let Some(s) = self.map.get(&old).filter(|s| s.created == created) else {
+                continue;
+            };
+            if s.strict && s.expires > now {
+                if self.evicted_strict.len() >= self.max {
+                    self.evicted_strict.retain(|_, until| *until > now);
+                }
+                if self.evicted_strict.len() >= self.max {
+                    // Room frees when a remembered one or this one ends.
+                    let wait = self
+                        .evicted_strict
+                        .values()
+                        .chain([&s.expires])
+                        .min()
+                        .map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
+                    self.order.push_front((created, old));
+                    if self
                         .unrecorded_logged
                         .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60))
                     {
                         self.unrecorded_logged = Some(now);
                         tracing::warn!(
                             max = self.max,
-                            "strict sessions are evicted faster than they end: an evicted one can no longer be remembered, and will take another address; raise --max-sessions"
+                            "the session table is full of strict sessions that may not move: new sessions are refused (503) until one ends; raise --max-sessions"
                         );
                     }
+                    return Err(wait);
                 }
+                self.evicted_strict.insert(old.clone(), s.expires);
             }
+            self.map.remove(&old);
+        }
+        Ok(())
+    }
+
+    /// Pins `ip` for session `key` (created now, lasting `ttl`, if new).
+    /// A new session needs room: see [`Sessions::make_room`], which the
+    /// caller asks first; one without room is not kept.
+    pub fn pin(&mut self, key: &str, ip: IpAddr, ttl: Duration, strict: bool, now: Instant) {
+        let family = Family::of(&ip);
+        if let Some(s) = self.map.get_mut(key) {
+            s.ips[family.index()] = Some(ip);
+            return;
+        }
+        if self.make_room(key, now).is_err() {
+            return;
         }
         let mut ips = [None, None];
         ips[family.index()] = Some(ip);
@@ -451,6 +476,41 @@ mod tests {
         );
         assert_eq!(
             s.pinned("new", Family::V4, t, all_good),
+            Pinned::Address(ip("10.0.0.3"))
+        );
+    }
+
+    /// A table (and list of evicted ones) full of live strict sessions
+    /// refuses a new session rather than move a strict one; room comes
+    /// back as they end.
+    #[test]
+    fn strict_sessions_that_cannot_be_remembered_are_not_evicted() {
+        let t0 = Instant::now();
+        let all_good = |_| true;
+        let mut s = Sessions::new(1);
+        s.pin("a", ip("10.0.0.1"), Duration::from_secs(30), true, t0);
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(s.make_room("b", t1), Ok(()));
+        s.pin("b", ip("10.0.0.2"), Duration::from_secs(10), true, t1);
+        assert_eq!(s.pinned("a", Family::V4, t1, all_good), Pinned::Evicted);
+        // "a" is remembered, the list is full: "c" waits for "b" to end.
+        let t2 = t0 + Duration::from_secs(2);
+        assert_eq!(s.make_room("c", t2), Err(Duration::from_secs(9)));
+        s.pin("c", ip("10.0.0.3"), Duration::from_secs(10), false, t2);
+        assert_eq!(
+            s.pinned("b", Family::V4, t2, all_good),
+            Pinned::Address(ip("10.0.0.2")),
+            "the strict session keeps its address"
+        );
+        assert_eq!(s.pinned("c", Family::V4, t2, all_good), Pinned::Nothing);
+        // A session already in the table needs no room.
+        assert_eq!(s.make_room("b", t2), Ok(()));
+        // "b" ended: room.
+        let t3 = t0 + Duration::from_secs(12);
+        assert_eq!(s.make_room("c", t3), Ok(()));
+        s.pin("c", ip("10.0.0.3"), Duration::from_secs(10), false, t3);
+        assert_eq!(
+            s.pinned("c", Family::V4, t3, all_good),
             Pinned::Address(ip("10.0.0.3"))
         );
     }

@@ -992,6 +992,19 @@ impl Allocator {
                 }
                 Pinned::Nothing => {}
             }
+            if let Err(wait) = inner.sessions.make_room(key, now) {
+                let minor = inner.peers.get(&peer).map_or(0, |p| p.hello.minor);
+                return match minor >= rotor_protocol::MINOR_SESSIONS_FULL {
+                    true => Response::SessionsFull {
+                        retry_after_ms: wait.as_millis().max(1) as u64,
+                    },
+                    false => Response::Error {
+                        message:
+                            "the session table is full of strict sessions; raise --max-sessions"
+                                .into(),
+                    },
+                };
+            }
             match inner.lease_checked(Families::only(family)) {
                 Some(Ok(lease)) => {
                     // A session's first address of this family: a change

@@ -24,8 +24,8 @@ pub use message::{
     Histogram, HostReport, Lease, NoAddress, PairStatus, PeerStatus, QuarantineStatus, Refusal,
     Request, Response, Role, ServerFrame, SiteLimit, SiteStatus, SitesReport, SourceMetrics,
     SourceStatus, StatusReport, StatusReportV2, WorkerMetrics, WorkerStatus, HISTOGRAM_BOUNDS,
-    MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_METRICS, MINOR_SITES, POOL_TOO_LARGE, PROTOCOL_MAJOR,
-    PROTOCOL_MINOR,
+    MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_METRICS, MINOR_SESSIONS_FULL, MINOR_SITES,
+    POOL_TOO_LARGE, PROTOCOL_MAJOR, PROTOCOL_MINOR,
 };
 pub use report::error_chain;
 pub use segment::{cover, Family, PrefixSet, Segment};

@@ -23,7 +23,7 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 4;
+pub const PROTOCOL_MINOR: u16 = 5;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
@@ -38,6 +38,9 @@ pub const MINOR_SITES: u16 = 3;
 /// served, for the host's Prometheus endpoint) and answers
 /// `Request::Steer` (an address taken out or put back by hand).
 pub const MINOR_METRICS: u16 = 4;
+/// The first minor whose worker reads `Response::SessionsFull` (an older
+/// one is sent `Response::Error`).
+pub const MINOR_SESSIONS_FULL: u16 = 5;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
 /// sides; the last bucket (+Inf) is implicit.
@@ -455,6 +458,12 @@ pub enum Response {
     },
     /// The answer to `HostStatus`.
     HostStatus(HostReport),
+    /// The answer to `LeaseSession` for a new session when the session
+    /// table is full of strict sessions that may not move: room frees in
+    /// about `retry_after_ms`.
+    SessionsFull {
+        retry_after_ms: u64,
+    },
 }
 
 /// The per-site state: budgets and cooldowns by site and address.

@@ -391,4 +391,11 @@ fn golden_server_frames() {
         }),
         "01090d0100c000020700",
     );
+    // Minor 5.
+    check(
+        resp(Response::SessionsFull {
+            retry_after_ms: 1500,
+        }),
+        "01090ffbdc05",
+    );
 }

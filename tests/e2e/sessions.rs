@@ -146,6 +146,46 @@ async fn sessions_expire_move_or_fail_when_their_address_goes_and_bad_names_are_
     assert_eq!(get_as(w.addr, "my-app", &url, None).await.status, 200);
 }
 
+/// A table full of strict sessions (and of strict ones already pushed out,
+/// which fail until their end) refuses a new session with a 503 saying
+/// when to come back, rather than move a strict one to another address.
+#[tokio::test]
+async fn a_table_full_of_strict_sessions_refuses_new_ones_rather_than_move_one() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.4", "--max-sessions", "1"]).await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    let url = origin.url("/");
+    let last = || *origin.sources().last().unwrap();
+    let one = "u-session-one-sessionttl-1h-sessionstrict-1";
+    let two = "u-session-two-sessionttl-30m-sessionstrict-1";
+    assert_eq!(get_as(w.addr, one, &url, None).await.status, 200);
+    // "two" pushes "one" out; "one" is remembered, and fails until its end.
+    assert_eq!(get_as(w.addr, two, &url, None).await.status, 200);
+    let two_ip = last();
+    let r = get_as(w.addr, one, &url, None).await;
+    assert_eq!(r.status, 502, "{:?}", r.body);
+    // Nothing can make room now: a new session is refused, and "two"
+    // keeps its address.
+    for name in ["u-session-three-sessionstrict-1", "u-session-four"] {
+        let r = get_as(w.addr, name, &url, None).await;
+        assert_eq!(r.status, 503, "{name}: {:?}", r.body);
+        assert!(
+            r.proxy_status().contains("proxy_internal_error"),
+            "{}",
+            r.proxy_status()
+        );
+        let after: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1700..=1800).contains(&after), "{after}");
+        assert!(String::from_utf8_lossy(&r.body).contains("full of strict sessions"));
+    }
+    for _ in 0..3 {
+        assert_eq!(get_as(w.addr, two, &url, None).await.status, 200);
+        assert_eq!(last(), two_ip);
+    }
+    // Requests without a session are not affected.
+    assert_eq!(get_as(w.addr, "plain", &url, None).await.status, 200);
+}
+
 /// With a users file the user name before the parameters is checked; a
 /// user whose own name has a dash is still a user, not parameters.
 #[tokio::test]

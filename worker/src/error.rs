@@ -55,6 +55,8 @@ pub enum ProxyError {
     Session(crate::session::ParamError),
     #[error("the session's address {ip} left the pool (a strict session does not move)")]
     SessionLost { ip: IpAddr },
+    #[error("the session table is full of strict sessions that may not move; a new session may start in {} s", retry_after_secs(*retry_after))]
+    SessionsFull { retry_after: Duration },
     #[error("cannot resolve {host}")]
     Dns {
         host: String,
@@ -142,6 +144,7 @@ impl ProxyError {
             | Allocator(_)
             | Socket(_)
             | Ports { .. }
+            | SessionsFull { .. }
             | Overloaded => Fault::Internal,
             _ => Fault::Upstream,
         }
@@ -173,7 +176,7 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some("proxy_configuration_error"),
             ),
-            Allocator(_) | Socket(_) | Ports { .. } | Overloaded => (
+            Allocator(_) | Socket(_) | Ports { .. } | SessionsFull { .. } | Overloaded => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some("proxy_internal_error"),
             ),
@@ -203,6 +206,7 @@ impl ProxyError {
             Auth(_) => "Proxy Authentication Required",
             Session(_) => "Bad Session Parameter",
             SessionLost { .. } => "Session Address Gone",
+            SessionsFull { .. } => "Session Table Full",
             Denied(_) => "Destination Prohibited",
             NoAddress(rotor_protocol::NoAddress::EmptyPool) => "Pool Empty",
             NoAddress(_) => "No Pool Address Of The Destination's Family",
@@ -260,7 +264,9 @@ impl ProxyError {
                 HeaderValue::from_static("Basic realm=\"rotor\""),
             );
         }
-        if let ProxyError::Throttled { retry_after, .. } = self {
+        if let ProxyError::Throttled { retry_after, .. }
+        | ProxyError::SessionsFull { retry_after } = self
+        {
             h.insert(
                 header::RETRY_AFTER,
                 HeaderValue::from(retry_after_secs(*retry_after).max(1)),

@@ -44,6 +44,8 @@ pub enum LeaseError {
     Unexpected(String),
     #[error("the session's address {0} left the pool")]
     SessionLost(IpAddr),
+    #[error("the session table is full of strict sessions; room frees in {retry_after:?}")]
+    SessionsFull { retry_after: Duration },
     #[error("no address may serve the site for {retry_after:?}")]
     Throttled {
         retry_after: Duration,
@@ -536,6 +538,9 @@ impl LeaseClient {
             Response::Leased(lease) => Ok(lease),
             Response::NoAddress(refusal) => Err(LeaseError::NoAddress(refusal.reason)),
             Response::SessionLost { ip } => Err(LeaseError::SessionLost(ip)),
+            Response::SessionsFull { retry_after_ms } => Err(LeaseError::SessionsFull {
+                retry_after: Duration::from_millis(retry_after_ms),
+            }),
             other => Err(LeaseError::Unexpected(format!("{other:?}"))),
         }
     }

@@ -518,6 +518,9 @@ impl Proxy {
                 }
                 Err(LeaseError::NoAddress(reason)) => ProxyError::NoAddress(reason),
                 Err(LeaseError::SessionLost(ip)) => ProxyError::SessionLost { ip },
+                Err(LeaseError::SessionsFull { retry_after }) => {
+                    ProxyError::SessionsFull { retry_after }
+                }
                 Err(other) => ProxyError::Allocator(other),
             });
         }
