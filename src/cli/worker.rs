@@ -39,7 +39,8 @@ settings! {
         /// Limit on resolving the destination and on connecting to it.
         connect_timeout: Option<Duration> = "10s",
         /// Limit on the destination's response head once the request is
-        /// sent.
+        /// sent, and on a destination taking none of a request body (an
+        /// upload itself may take longer).
         response_timeout: Option<Duration> = "60s",
         /// A client must send a whole request head within this.
         header_read_timeout: Option<Duration> = "30s",

@@ -132,6 +132,23 @@ async fn upstream_failures_map_to_502_and_504() {
         "{}",
         r.proxy_status()
     );
+
+    // An upload longer than the response timeout is not cut: the timeout
+    // is the answer's, once the request went.
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    let url = origin.url("/echo");
+    s.write_all(
+        format!("POST {url} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.write_all(b"a\r\n0123456789\r\n").await.unwrap();
+    }
+    s.write_all(b"0\r\n\r\n").await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
 
 #[tokio::test]

@@ -89,6 +89,8 @@ pub enum ProxyError {
     ConnectTimeout { dest: String, timeout: Duration },
     #[error("{dest} sent no response within {timeout:?}")]
     ResponseTimeout { dest: String, timeout: Duration },
+    #[error("{dest} took none of the request for {timeout:?}")]
+    WriteTimeout { dest: String, timeout: Duration },
     #[error("upstream HTTP exchange with {dest} failed")]
     Upstream {
         dest: String,
@@ -187,6 +189,10 @@ impl ProxyError {
             Connect { .. } => (StatusCode::BAD_GATEWAY, Some("proxy_internal_error")),
             ConnectTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Some("connection_timeout")),
             ResponseTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Some("http_response_timeout")),
+            WriteTimeout { .. } => (
+                StatusCode::GATEWAY_TIMEOUT,
+                Some("connection_write_timeout"),
+            ),
             Upstream { source, .. } => (StatusCode::BAD_GATEWAY, Some(source.proxy_status())),
             Throttled { .. } => (StatusCode::TOO_MANY_REQUESTS, Some("http_request_denied")),
         }
@@ -222,6 +228,7 @@ impl ProxyError {
             Connect { .. } => "Connect Failed",
             ConnectTimeout { .. } => "Connection Timeout",
             ResponseTimeout { .. } => "Response Timeout",
+            WriteTimeout { .. } => "Request Write Timeout",
             Upstream { .. } => "Bad Upstream Response",
             Throttled { cooling: true, .. } => "Site Cooling Down",
             Throttled { .. } => "Site Budget Exhausted",

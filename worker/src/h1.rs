@@ -13,7 +13,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -57,6 +57,13 @@ pub enum Error {
     ClientBody(#[source] BoxError),
     #[error("the destination closed the connection before the end of the body")]
     Incomplete,
+    /// `writing`: the destination took none of the request for `after`;
+    /// else it sent no response head within `after` of the request.
+    #[error("{}", if *writing { "the destination took none of the request" } else { "the destination sent no response head" })]
+    Timeout {
+        writing: bool,
+        after: std::time::Duration,
+    },
 }
 
 impl Error {
@@ -69,6 +76,8 @@ impl Error {
             Error::HeadTooLarge => "http_response_header_section_size",
             Error::Incomplete => "http_response_incomplete",
             Error::ClientBody(_) => "http_request_error",
+            Error::Timeout { writing: true, .. } => "connection_write_timeout",
+            Error::Timeout { .. } => "http_response_timeout",
             Error::Parse(_) | Error::Malformed(_) => "http_protocol_error",
         }
     }
@@ -137,12 +146,17 @@ impl Conn {
     /// body reads from this connection; once read to its end the
     /// connection is handed back by [`ResponseBody::take_conn`].
     ///
+    /// `wait` bounds the destination's taking the request (a body takes as
+    /// long as it takes, but one the destination takes none of for `wait`
+    /// ends it) and then its answer's head.
+    ///
     /// `written` tells, on an error, whether the head went out.
     pub async fn exchange<B>(
         self,
         head: &request::Parts,
         fields: &Fields,
         body: Option<B>,
+        wait: std::time::Duration,
         written: &mut bool,
     ) -> Result<(ResponseHead, ResponseBody), Error>
     where
@@ -162,43 +176,81 @@ impl Conn {
         // the response once it went.
         buf.clear();
         encode_head(&mut buf, head, fields, sending);
-        io.write_all(&buf).await.map_err(Error::Io)?;
-        buf.clear();
-        *written = true;
+        let timed_out = |writing| Error::Timeout {
+            writing,
+            after: wait,
+        };
         let mut early = false;
         let mut upload = None;
         // Counted only for a body (no allocation for the common request).
         let sent = body.as_ref().map(|_| Arc::new(AtomicU64::new(0)));
         let (io, (status, headers, version, reason)) = match body {
             None => {
-                let head = read_head(&mut io, &mut buf).await?;
+                // One bound for the head's going and the answer's coming.
+                let exchanged = tokio::time::timeout(wait, async {
+                    io.write_all(&buf).await.map_err(Error::Io)?;
+                    buf.clear();
+                    *written = true;
+                    read_head(&mut io, &mut buf).await
+                })
+                .await;
+                let head = exchanged.map_err(|_| timed_out(!*written))??;
                 (Io::Whole(io), head)
             }
             Some(body) => {
+                tokio::time::timeout(wait, io.write_all(&buf))
+                    .await
+                    .map_err(|_| timed_out(true))?
+                    .map_err(Error::Io)?;
+                buf.clear();
+                *written = true;
                 // Owned halves: should the destination answer before it
                 // has the whole body, the rest can go on being sent (it may
                 // still be reading it) while the answer is relayed.
                 let (mut rd, wr) = io.into_split();
+                let progress = Arc::new(Progress::default());
                 let mut send = Box::pin(send_body(
                     wr,
                     body,
                     sending == Sending::Chunked,
                     sent.clone().unwrap_or_default(),
+                    progress.clone(),
                 ));
                 let first = {
                     let recv = read_head(&mut rd, &mut buf);
                     tokio::pin!(recv);
-                    tokio::select! {
-                        biased;
-                        r = &mut send => match r {
-                            Ok(wr) => First::Sent(wr, recv.await),
-                            // The destination stopped taking the body: it
-                            // may have answered (a 413) and closed, and its
-                            // answer is the client's.
-                            Err(e @ Error::Io(_)) => First::Failed(e, Some(recv.await)),
-                            Err(e) => First::Failed(e, None),
-                        },
-                        r = &mut recv => First::Answered(r),
+                    // An upload takes as long as it takes: `wait` bounds
+                    // a destination taking none of it (a client sending
+                    // none is its idle timer's), then the answer after it.
+                    let timer = tokio::time::sleep(wait);
+                    tokio::pin!(timer);
+                    let mut seen = 0;
+                    loop {
+                        tokio::select! {
+                            biased;
+                            r = &mut send => break match r {
+                                Ok(wr) => match tokio::time::timeout(wait, &mut recv).await {
+                                    Ok(head) => First::Sent(wr, head),
+                                    Err(_) => return Err(timed_out(false)),
+                                },
+                                // The destination stopped taking the
+                                // body: it may have answered (a 413) and
+                                // closed, and its answer is the client's.
+                                Err(e @ Error::Io(_)) => {
+                                    First::Failed(e, tokio::time::timeout(wait, &mut recv).await.ok())
+                                }
+                                Err(e) => First::Failed(e, None),
+                            },
+                            r = &mut recv => break First::Answered(r),
+                            () = &mut timer => {
+                                let now = progress.written.load(Ordering::Relaxed);
+                                if now == seen && progress.writing.load(Ordering::Relaxed) {
+                                    return Err(timed_out(true));
+                                }
+                                seen = now;
+                                timer.as_mut().reset(tokio::time::Instant::now() + wait);
+                            }
+                        }
                     }
                 };
                 match first {
@@ -278,9 +330,10 @@ type Parsed = (StatusCode, Wire, Version, Option<hyper::ext::ReasonPhrase>);
 
 /// What happened first while a request body was going out.
 enum First<W> {
-    /// All of it went, then came this answer.
+    /// All of it went, then came this answer (within the wait).
     Sent(W, Result<Parsed, Error>),
-    /// Sending failed; and the answer, if one was looked for.
+    /// Sending failed; and the answer, if one was looked for and came
+    /// within the wait.
     Failed(Error, Option<Result<Parsed, Error>>),
     /// The answer came first.
     Answered(Result<Parsed, Error>),
@@ -388,13 +441,14 @@ pub(crate) fn size_line(n: usize) -> SizeLine {
 }
 
 /// Streams the client's body to the destination (in chunks when its
-/// length is unknown), counting its bytes in `sent`; the writer back once
-/// all of it went.
+/// length is unknown), counting its bytes in `sent` and its writes in
+/// `progress`; the writer back once all of it went.
 async fn send_body<W, B>(
     mut wr: W,
     mut body: B,
     chunked: bool,
     sent: Arc<AtomicU64>,
+    progress: Arc<Progress>,
 ) -> Result<W, Error>
 where
     W: tokio::io::AsyncWrite + Unpin,
@@ -412,16 +466,50 @@ where
             continue;
         }
         let n = data.len() as u64;
-        write_data(&mut wr, data, chunked)
-            .await
-            .map_err(Error::Io)?;
+        progress.writing.store(true, Ordering::Relaxed);
+        if chunked {
+            let size = size_line(data.len());
+            let mut all = Buf::chain(&size[..], data).chain(&b"\r\n"[..]);
+            progress.write(&mut wr, &mut all).await?;
+        } else {
+            let mut data = data;
+            progress.write(&mut wr, &mut data).await?;
+        }
+        progress.writing.store(false, Ordering::Relaxed);
         sent.fetch_add(n, Ordering::Relaxed);
     }
+    progress.writing.store(true, Ordering::Relaxed);
     if chunked {
-        wr.write_all(b"0\r\n\r\n").await.map_err(Error::Io)?;
+        progress.write(&mut wr, &mut &b"0\r\n\r\n"[..]).await?;
     }
     wr.flush().await.map_err(Error::Io)?;
     Ok(wr)
+}
+
+/// How an upload goes, for the wait on a destination that takes none of
+/// it: the bytes written so far, and whether a write waits on the
+/// destination (not on the client's body).
+#[derive(Debug, Default)]
+struct Progress {
+    written: AtomicU64,
+    writing: AtomicBool,
+}
+
+impl Progress {
+    /// Writes all of `buf`, counting each write.
+    async fn write<W, B>(&self, wr: &mut W, buf: &mut B) -> Result<(), Error>
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+        B: Buf,
+    {
+        while buf.has_remaining() {
+            match wr.write_buf(buf).await.map_err(Error::Io)? {
+                0 => return Err(Error::Io(io::ErrorKind::WriteZero.into())),
+                n => self.written.fetch_add(n as u64, Ordering::Relaxed),
+            };
+        }
+        Ok(())
+    }
 }
 
 /// Reads a response head into `buf` and parses it, skipping interim
@@ -966,6 +1054,9 @@ mod tests {
     use http_body_util::{BodyExt, Empty, Full, StreamBody};
     use tokio::net::TcpListener;
 
+    /// The exchanges' wait in these tests: long enough never to end one.
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
     /// `head`'s own map as the request's fields.
     fn fields_of(head: &request::Parts) -> Fields {
         Fields::Map(head.headers.clone())
@@ -1037,9 +1128,15 @@ mod tests {
         head: &request::Parts,
     ) -> Result<(Response<()>, ResponseBody), Error> {
         let mut written = false;
-        conn.exchange(head, &fields_of(head), None::<Empty<Bytes>>, &mut written)
-            .await
-            .map(joined)
+        conn.exchange(
+            head,
+            &fields_of(head),
+            None::<Empty<Bytes>>,
+            WAIT,
+            &mut written,
+        )
+        .await
+        .map(joined)
     }
 
     async fn all(body: &mut ResponseBody) -> Result<Vec<u8>, Error> {
@@ -1501,6 +1598,7 @@ mod tests {
                 &get(Method::POST),
                 &fields_of(&get(Method::POST)),
                 Some(StreamBody::new(frames)),
+                WAIT,
                 &mut written,
             )
             .await
@@ -1515,6 +1613,90 @@ mod tests {
             text.ends_with("transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n5\r\ndefgh\r\n0\r\n\r\n"),
             "{text}"
         );
+    }
+
+    /// The wait bounds a destination taking none of the upload, and then
+    /// its answer; not the upload's whole length.
+    #[tokio::test]
+    async fn the_wait_bounds_a_stalled_upload_and_the_answer_not_a_long_upload() {
+        let wait = std::time::Duration::from_millis(300);
+        // `read_every`: the origin reads 1 MiB that often (None: nothing);
+        // `answer`: whether it answers once it has the whole body.
+        async fn origin(read_every: Option<u64>, answer: bool) -> std::net::SocketAddr {
+            // Small buffers: what the origin has not read is not taken
+            // for read (and nothing is left to read after the last write).
+            let l = tokio::net::TcpSocket::new_v4().unwrap();
+            l.set_recv_buffer_size(64 << 10).unwrap();
+            l.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let l = l.listen(8).unwrap();
+            let addr = l.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                let Some(ms) = read_every else {
+                    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+                    return;
+                };
+                let mut b = vec![0u8; 1 << 20];
+                let mut got = 0;
+                while got < (16 << 20) {
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                    let mut n = 0;
+                    while n < b.len() {
+                        match s.read(&mut b[n..]).await.unwrap() {
+                            0 => return,
+                            k => n += k,
+                        }
+                    }
+                    got += n;
+                }
+                // The rest: the head's bytes.
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(50), s.read(&mut b))
+                    .await;
+                if answer {
+                    s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await
+                        .unwrap();
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+            });
+            addr
+        }
+        let mut head = get(Method::PUT);
+        head.headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from_static("16777216"));
+        let body = || Full::new(Bytes::from(vec![b'x'; 16 << 20]));
+        let connect = |addr| async move {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.set_send_buffer_size(64 << 10).unwrap();
+            Conn::new(s.connect(addr).await.unwrap())
+        };
+        // 16 MiB at 1 MiB every 100 ms: about 1.6 s, five times the wait.
+        let conn = connect(origin(Some(100), true).await).await;
+        let started = std::time::Instant::now();
+        let mut written = false;
+        let (resp, _) = conn
+            .exchange(&head, &fields_of(&head), Some(body()), wait, &mut written)
+            .await
+            .map(joined)
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(started.elapsed() > wait * 3, "{:?}", started.elapsed());
+        // Taking none of it.
+        let conn = connect(origin(None, true).await).await;
+        let started = std::time::Instant::now();
+        let e = conn
+            .exchange(&head, &fields_of(&head), Some(body()), wait, &mut written)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Timeout { writing: true, .. }), "{e:?}");
+        assert!(started.elapsed() < wait * 4, "{:?}", started.elapsed());
+        // All of it, and no answer.
+        let conn = connect(origin(Some(1), false).await).await;
+        let e = conn
+            .exchange(&head, &fields_of(&head), Some(body()), wait, &mut written)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Timeout { writing: false, .. }), "{e:?}");
     }
 
     #[tokio::test]
@@ -1541,7 +1723,7 @@ mod tests {
         let mut written = false;
         let (resp, mut body) = tokio::time::timeout(
             std::time::Duration::from_secs(3),
-            conn.exchange(&head, &fields_of(&head), Some(big), &mut written),
+            conn.exchange(&head, &fields_of(&head), Some(big), WAIT, &mut written),
         )
         .await
         .expect("the answer came before the body went out")

@@ -674,7 +674,9 @@ impl Proxy {
     }
 
     /// Sends the request on `conn` and waits up to the response timeout for
-    /// the response head. A timeout is an error; a failed exchange is
+    /// the response head (after the body, which may take longer, as long as
+    /// the destination takes some of it every response timeout). A timeout
+    /// is an error; a failed exchange is
     /// returned (with whether the head went out) for the caller to decide
     /// whether to re-send.
     async fn exchange<B: ClientBody>(
@@ -687,12 +689,20 @@ impl Proxy {
     ) -> Result<Result<Exchanged, (h1::Error, bool)>, ProxyError> {
         let timeout = self.config.response_timeout;
         let mut written = false;
-        match tokio::time::timeout(timeout, conn.exchange(head, fields, body, &mut written)).await {
-            Ok(r) => Ok(r.map_err(|e| (e, written))),
-            Err(_) => Err(ProxyError::ResponseTimeout {
+        match conn
+            .exchange(head, fields, body, timeout, &mut written)
+            .await
+        {
+            Ok(r) => Ok(Ok(r)),
+            Err(h1::Error::Timeout { writing: false, .. }) => Err(ProxyError::ResponseTimeout {
                 dest: dest.to_string(),
                 timeout,
             }),
+            Err(h1::Error::Timeout { writing: true, .. }) => Err(ProxyError::WriteTimeout {
+                dest: dest.to_string(),
+                timeout,
+            }),
+            Err(e) => Ok(Err((e, written))),
         }
     }
 

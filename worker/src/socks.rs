@@ -60,7 +60,10 @@ impl Reply {
             // A destination of a family the pool has none of.
             NoAddress(rotor_protocol::NoAddress::NoFamily { .. }) => Reply::AddressNotSupported,
             Refused { .. } => Reply::Refused,
-            DnsTimeout { .. } | ConnectTimeout { .. } | ResponseTimeout { .. } => Reply::TtlExpired,
+            DnsTimeout { .. }
+            | ConnectTimeout { .. }
+            | ResponseTimeout { .. }
+            | WriteTimeout { .. } => Reply::TtlExpired,
             _ => Reply::GeneralFailure,
         }
     }
