@@ -119,20 +119,80 @@ async fn a_chunked_body_on_a_get_arrives() {
 /// the client gets the whole body, not `Content-Length` bytes of it.
 #[tokio::test]
 async fn chunked_wins_over_a_content_length_from_the_origin() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    for lengths in [
+        "Content-Length: 5\r\n",
+        "Content-Length: 5\r\nContent-Length: 5\r\n",
+        "Content-Length: 5, 5\r\n",
+    ] {
+        let (addr, _) = recording_server(move |mut s: TcpStream| async move {
+            let mut b = [0u8; 4096];
+            let _ = s.read(&mut b).await;
+            let body = "a".repeat(100);
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n{lengths}\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        })
+        .await;
+        let r = get(worker.addr, &format!("http://{addr}/")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body.len(), 100, "{lengths:?}: {:?}", r.body);
+        assert!(!r.headers.contains_key("content-length"), "{lengths:?}");
+        // An HTTP/1.0 client (served by hyper, not the fast path): the
+        // whole body, to the close, with no length.
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        s.write_all(format!("GET http://{addr}/ HTTP/1.0\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+        assert!(!text.contains("content-length"), "{lengths:?}: {text}");
+        assert!(text.ends_with(&"a".repeat(100)), "{lengths:?}: {text}");
+    }
+}
+
+/// An HTTP/1.0 destination's answer goes to an HTTP/1.1 client as rotor's
+/// own HTTP/1.1 (RFC 9110 §6.2), on the path hyper serves too (a chunked
+/// upload), and the client's connection stays open for the next request.
+#[tokio::test]
+async fn an_http_1_0_answer_reaches_the_client_as_http_1_1() {
     let (addr, _) = recording_server(|mut s: TcpStream| async move {
         let mut b = [0u8; 4096];
         let _ = s.read(&mut b).await;
-        let body = "a".repeat(100);
-        let resp = format!(
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
-            body.len()
-        );
-        let _ = s.write_all(resp.as_bytes()).await;
+        let _ = s
+            .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+            .await;
     })
     .await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let worker = Worker::start(&alloc.socket, &[]).await;
-    let r = get(worker.addr, &format!("http://{addr}/")).await;
-    assert_eq!(r.status, 200);
-    assert_eq!(r.body.len(), 100, "{:?}", r.body);
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    for upload in [true, false, true] {
+        let req = match upload {
+            true => format!(
+                "POST http://{addr}/ HTTP/1.1\r\nHost: {addr}\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n"
+            ),
+            false => format!("GET http://{addr}/ HTTP/1.1\r\nHost: {addr}\r\n\r\n"),
+        };
+        s.write_all(req.as_bytes()).await.unwrap();
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("connection: close"),
+            "{head}"
+        );
+        let mut body = [0u8; 3];
+        tokio::time::timeout(PATIENCE, s.read_exact(&mut body))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&body, b"abc");
+    }
 }

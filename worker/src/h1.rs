@@ -646,7 +646,10 @@ fn framing<'a>(
     // forwarded as it came (clients reject `5, 5` and two fields): as one
     // value where the values agree, else not at all (without a body to
     // frame, a bad one is no error of the response's).
+    // RFC 9112 §6.3: with a Transfer-Encoding, a Content-Length is not
+    // forwarded, however many.
     let length_field = match (length_repeated, bad_length, length) {
+        _ if te => LengthField::Drop,
         (_, Some(_), _) => LengthField::Drop,
         (true, None, Some(n)) => LengthField::One(n),
         _ => LengthField::AsSent,
@@ -726,7 +729,8 @@ enum LengthField {
     AsSent,
     /// Repeated, or a list, of one number: one field with it.
     One(u64),
-    /// Not a number, and no body framed by it: not passed on.
+    /// Not a number, and no body framed by it, or beside a
+    /// Transfer-Encoding: not passed on.
     Drop,
 }
 

@@ -56,7 +56,8 @@ pub type ProxyBody = Either<PooledBody, Either<Full<Bytes>, Empty<Bytes>>>;
 /// layer, for fields that are not there.)
 pub struct Answer {
     pub status: StatusCode,
-    /// The destination's, which hyper's server repeats (`HTTP/1.0`).
+    /// The version hyper's server is given (it answers an HTTP/1.0
+    /// client in 1.0 whatever this says).
     pub version: Version,
     /// When the destination's is not the status's usual one.
     pub reason: Option<hyper::ext::ReasonPhrase>,
@@ -796,9 +797,11 @@ impl Proxy {
         resp_fields.strip_hop_by_hop(Message::Response);
         let body = PooledBody::new(body, self.upstream.clone(), key, &self.meter);
         self.expose_source(&mut resp_fields, &lease);
+        // RFC 9110 §6.2: rotor's own version, whatever the destination's
+        // (hyper answers an HTTP/1.0 client in 1.0).
         let answer = Answer {
             status: resp.status,
-            version: resp.version,
+            version: Version::HTTP_11,
             reason: resp.reason,
             fields: resp_fields,
             body: Either::Left(body),
