@@ -413,3 +413,30 @@ async fn socks5_past_the_connection_limit_is_refused() {
         .expect("a clean close, not a reset");
     assert_eq!(answer, [5, 0xff]);
 }
+
+/// A SOCKS5 client that opened its connection and said nothing (or only
+/// its greeting) does not hold the stop: it is closed within the grace an
+/// idle HTTP connection gets, and the worker's drain ends clean.
+#[tokio::test]
+async fn a_silent_socks5_client_does_not_hold_the_stop() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let (mut w, socks) = socks_worker(&alloc.socket, &["--drain-timeout", "30s"], false).await;
+    let mut silent = TcpStream::connect(socks).await.unwrap();
+    let mut greeted = TcpStream::connect(socks).await.unwrap();
+    greeted.write_all(&[5, 1, 0]).await.unwrap();
+    let mut choice = [0u8; 2];
+    greeted.read_exact(&mut choice).await.unwrap();
+    assert_eq!(choice, [5, 0]);
+    let t0 = Instant::now();
+    w.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = w.proc.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        t0.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        t0.elapsed()
+    );
+    let mut sink = Vec::new();
+    let _ = silent.read_to_end(&mut sink).await;
+    let _ = greeted.read_to_end(&mut sink).await;
+}

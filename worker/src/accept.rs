@@ -235,7 +235,7 @@ pub async fn accept_loop(
 
 /// Errors of one connection that the next accept does not share (as tokio
 /// and std treat them).
-fn is_transient(e: &io::Error) -> bool {
+pub(crate) fn is_transient(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM)

@@ -503,6 +503,7 @@ async fn socks_accept(
             _ = shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
+                Err(e) if crate::accept::is_transient(&e) => continue,
                 Err(e) => {
                     warn!(error = %e, "SOCKS5 accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -524,6 +525,8 @@ async fn socks_accept(
             client,
             permit,
             within,
+            shutdown.clone(),
+            IDLE_CLOSE_GRACE,
         ));
     }
 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::access::Entry;
@@ -258,13 +259,17 @@ fn method() -> http::Method {
 
 /// Serves one SOCKS5 client: the handshake within `within` (and the wait
 /// for a password check's slot on top), then the tunnel, which holds
-/// `permit` (its place under the connection limit).
+/// `permit` (its place under the connection limit). A handshake not done
+/// within `grace` of `stop` is cut (a tunnel open by then drains as HTTP's
+/// do).
 pub async fn serve(
     proxy: Arc<Proxy>,
     mut stream: TcpStream,
     client: SocketAddr,
     permit: OwnedSemaphorePermit,
     within: Duration,
+    stop: CancellationToken,
+    grace: Duration,
 ) {
     let auth_required = proxy.auth_required();
     let began = std::time::Instant::now();
@@ -310,8 +315,18 @@ pub async fn serve(
             hs = read.await.map_err(slow)??;
         }
         Ok::<_, HandshakeError>((hs, caller))
-    }
-    .await;
+    };
+    let stopped = async {
+        stop.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    let opened = tokio::select! {
+        r = opened => r,
+        () = stopped => {
+            debug!(%client, "SOCKS5 handshake not done at the stop; closed");
+            return;
+        }
+    };
     let (hs, caller) = match opened {
         Ok(x) => x,
         Err(HandshakeError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
