@@ -440,3 +440,30 @@ async fn a_silent_socks5_client_does_not_hold_the_stop() {
     let _ = silent.read_to_end(&mut sink).await;
     let _ = greeted.read_to_end(&mut sink).await;
 }
+
+/// The SOCKS5 reply names the leased address only with `--expose-source`,
+/// as HTTP's `Rotor-Source` does.
+#[tokio::test]
+async fn the_socks5_reply_names_the_source_only_when_asked() {
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    for (extra, want) in [
+        (&[][..], [0, 0, 0, 0]),
+        (&["--expose-source"][..], [127, 0, 0, 2]),
+    ] {
+        let (_w, socks) = socks_worker(&alloc.socket, extra, false).await;
+        let mut s = TcpStream::connect(socks).await.unwrap();
+        s.write_all(&[5, 1, 0]).await.unwrap();
+        let mut m = [0u8; 2];
+        s.read_exact(&mut m).await.unwrap();
+        let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
+        req.extend_from_slice(&echo.addr.port().to_be_bytes());
+        s.write_all(&req).await.unwrap();
+        let mut r = [0u8; 10];
+        s.read_exact(&mut r).await.unwrap();
+        assert_eq!(r[..4], [5, 0, 0, 1], "{r:?}");
+        assert_eq!(r[4..8], want, "{extra:?}: {r:?}");
+        assert_eq!(u16::from_be_bytes([r[8], r[9]]) == 0, want == [0, 0, 0, 0]);
+        echo_once(&mut s).await;
+    }
+}

@@ -359,6 +359,12 @@ impl Proxy {
         }
     }
 
+    /// Whether clients are told the leased source address
+    /// (`--expose-source`).
+    pub fn exposes_source(&self) -> bool {
+        self.config.expose_source
+    }
+
     /// Whether clients must authenticate (a users file is configured).
     pub fn auth_required(&self) -> bool {
         self.config.auth.is_some()

@@ -371,10 +371,13 @@ pub async fn serve(
             return;
         }
     };
-    if reply(&mut stream, Reply::Succeeded, upstream.local_addr().ok())
-        .await
-        .is_err()
-    {
+    // The bound address (the leased one) only with --expose-source, as
+    // over HTTP; else 0.0.0.0:0, which RFC 1928 clients take.
+    let bound = match proxy.exposes_source() {
+        true => upstream.local_addr().ok(),
+        false => None,
+    };
+    if reply(&mut stream, Reply::Succeeded, bound).await.is_err() {
         return;
     }
     debug!(%client, %dest, source = %lease.ip, seq = lease.seq, "SOCKS5 tunnel");
