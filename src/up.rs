@@ -4,7 +4,7 @@
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -146,7 +146,10 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         worker_flags.threads = Some(1);
     }
     worker_args.extend(worker_flags.to_args());
-    let listener_fds: Arc<Vec<RawFd>> = Arc::new(listeners.iter().map(|l| l.as_raw_fd()).collect());
+    // Held by every worker slot too: a descriptor number stays this
+    // socket's for as long as a slot may pass it on.
+    let listeners: Arc<Vec<OwnedFd>> = Arc::new(listeners);
+    let outcome = Arc::new(Outcome::default());
 
     let alloc_stop = CancellationToken::new();
     let alloc = tokio::spawn(supervise(
@@ -156,13 +159,25 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             args: alloc_args,
             fds: Arc::default(),
             cpus: None,
+            first_backoff: FIRST_BACKOFF,
         },
         alloc_stop.clone(),
         signals.clone(),
         true,
         KILL_GRACE,
+        Streaks::alone(outcome.clone()),
     ));
-    if !wait_for_socket(&socket, Duration::from_secs(10)).await {
+    let came_up = tokio::select! {
+        up = wait_for_socket(&socket, Duration::from_secs(10)) => up,
+        // Stopped while starting: no worker is started to be stopped.
+        _ = signals.shutdown.cancelled() => {
+            alloc_stop.cancel();
+            let _ = alloc.await;
+            info!("rotor is down");
+            return ExitCode::SUCCESS;
+        }
+    };
+    if !came_up {
         error!(socket = %socket.display(), "the allocator did not come up");
         alloc_stop.cancel();
         let _ = alloc.await;
@@ -177,6 +192,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         }
     };
     let slots = TaskTracker::new();
+    let worker_streaks = Streaks::shared(usize::from(workers), outcome.clone());
     for i in 1..=workers {
         let cpus = pinned.as_ref().map(|p| p[usize::from(i) - 1].clone());
         if let Some(c) = &cpus {
@@ -187,14 +203,16 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
                 name: format!("worker {i}"),
                 program: me.clone(),
                 args: worker_args.clone(),
-                fds: listener_fds.clone(),
+                fds: listeners.clone(),
                 cpus: cpus.map(|c| cpu_set(&c)),
+                first_backoff: FIRST_BACKOFF,
             },
             signals.shutdown.clone(),
             signals.clone(),
             // Workers re-read their users file on SIGHUP.
             true,
             tuning.config.drain_timeout + KILL_GRACE,
+            worker_streaks.clone(),
         ));
     }
     slots.close();
@@ -205,16 +223,92 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         "rotor is up"
     );
     signals.shutdown.cancelled().await;
+    // New clients are refused from now on (and those queued but not yet
+    // taken are reset), not left to wait out the drain in a queue no
+    // worker reads: the workers stop accepting now.
+    for l in listeners.iter() {
+        // SAFETY: shutdown on a descriptor this process owns.
+        unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RD) };
+    }
     // Workers drain first: they still need leases while they do.
     slots.wait().await;
-    drop(listeners);
     alloc_stop.cancel();
     let _ = alloc.await;
     info!("rotor is down");
-    if signals.fast.is_cancelled() {
-        ExitCode::from(130)
-    } else {
-        ExitCode::SUCCESS
+    outcome.code(signals.fast.is_cancelled())
+}
+
+/// How the children ended, for `rotor up`'s exit code.
+#[derive(Default)]
+struct Outcome {
+    /// A child failed to start again and again, and rotor up gave up.
+    gave_up: std::sync::atomic::AtomicBool,
+    /// A child did not stop cleanly (its drain cut, or killed).
+    unclean: std::sync::atomic::AtomicBool,
+}
+
+impl Outcome {
+    /// 1 when rotor up gave up on a child, 130 on a fast stop, 3 when a
+    /// child's drain was cut (as a worker's own exit says), else 0.
+    fn code(&self, fast: bool) -> ExitCode {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.gave_up.load(Relaxed) {
+            ExitCode::FAILURE
+        } else if fast {
+            ExitCode::from(130)
+        } else if self.unclean.load(Relaxed) {
+            ExitCode::from(3)
+        } else {
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// Starts in a row that failed quickly: past [`GIVE_UP_AFTER`] of them for
+/// the allocator, or for every worker at once, rotor up stops (exit 1)
+/// rather than restart for ever, so the service manager or the operator
+/// sees it.
+#[derive(Clone)]
+struct Streaks {
+    /// Slots failing now, of `of`.
+    failing: Arc<std::sync::atomic::AtomicUsize>,
+    of: usize,
+    outcome: Arc<Outcome>,
+}
+
+/// Quick failures in a row after which a slot counts as failing.
+const GIVE_UP_AFTER: u32 = 10;
+
+/// A run this long is no quick failure (the backoff starts over).
+const STEADY: Duration = Duration::from_secs(10);
+
+impl Streaks {
+    fn alone(outcome: Arc<Outcome>) -> Streaks {
+        Streaks::shared(1, outcome)
+    }
+
+    fn shared(of: usize, outcome: Arc<Outcome>) -> Streaks {
+        Streaks {
+            failing: Arc::default(),
+            of,
+            outcome,
+        }
+    }
+
+    /// A slot's streak reached the limit; whether every slot's has (time
+    /// to give up).
+    fn failing(&self) -> bool {
+        let n = self
+            .failing
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        n >= self.of
+    }
+
+    /// A failing slot's child ran steadily again.
+    fn recovered(&self) {
+        self.failing
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -234,10 +328,13 @@ struct Slot {
     program: PathBuf,
     args: Vec<OsString>,
     /// Descriptors the child gets as 3, 4, … (`--listen-fd`).
-    fds: Arc<Vec<RawFd>>,
+    fds: Arc<Vec<OwnedFd>>,
     /// The CPUs the child runs on (`--pin-workers`); it and its threads
     /// inherit them.
     cpus: Option<CpuSet>,
+    /// The wait before a failed child's first restart (it doubles with
+    /// each quick failure, up to [`BACKOFF_MAX`]).
+    first_backoff: Duration,
 }
 
 /// The CPUs this process may run on, ascending.
@@ -261,12 +358,17 @@ impl Slot {
     fn spawn(&self) -> std::io::Result<Child> {
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args).kill_on_drop(true);
-        let fds = self.fds.clone();
+        let fds: Vec<RawFd> = self.fds.iter().map(|f| f.as_raw_fd()).collect();
         let cpus = self.cpus;
         let parent = std::process::id() as libc::pid_t;
+        // Its own process group: a terminal's Ctrl-C reaches rotor up
+        // alone, which stops the children in order (workers, then the
+        // allocator).
+        cmd.process_group(0);
         // SAFETY: the closure runs in the forked child before exec and only
-        // makes async-signal-safe calls (prctl, getppid, sched_setaffinity,
-        // fcntl, dup2) on memory it reads but does not allocate or free.
+        // makes async-signal-safe calls (prctl, getppid, signal,
+        // sched_setaffinity, fcntl, dup2) on memory it reads but does not
+        // allocate or free.
         unsafe {
             cmd.pre_exec(move || {
                 // PDEATHSIG: the child stops if `rotor up` is killed outright,
@@ -282,6 +384,11 @@ impl Slot {
                 if libc::getppid() != parent {
                     return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
+                // A SIGHUP before the child's handler is in place (it
+                // loads its files first) would kill it, the default
+                // action: ignored until then (the handler replaces this;
+                // the child reads its files as it starts anyway).
+                libc::signal(libc::SIGHUP, libc::SIG_IGN);
                 if let Some(set) = &cpus {
                     sched_setaffinity(Pid::from_raw(0), set)?;
                 }
@@ -313,18 +420,34 @@ impl Slot {
 /// as a crash.
 const STOP_GRACE: Duration = Duration::from_millis(200);
 
-/// Runs one child until `stop`, restarting it when it dies. `forward_hup`
-/// passes SIGHUP on (the allocator reloads on it).
+/// The wait before a failed child is started again, at first.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Longest wait before a failed child is started again.
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// Runs one child until `stop`, restarting it when it dies (waiting
+/// longer after each quick failure, and giving up as `streaks` says).
+/// `forward_hup` passes SIGHUP on (the allocator reloads on it).
 async fn supervise(
     slot: Slot,
     stop: CancellationToken,
     signals: Signals,
     forward_hup: bool,
     patience: Duration,
+    streaks: Streaks,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = slot.first_backoff;
     let mut reloads = signals.reloads();
+    // Quick failures in a row, and whether they made this slot a failing one.
+    let mut quick = 0u32;
+    let mut failing = false;
     loop {
+        // Never a child started after the stop (its descriptors may be
+        // shut down).
+        if stop.is_cancelled() {
+            return;
+        }
         let started = Instant::now();
         let mut child = match slot.spawn() {
             Ok(c) => c,
@@ -334,7 +457,7 @@ async fn supervise(
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
             }
         };
@@ -365,18 +488,51 @@ async fn supervise(
                     info!(child = %slot.name, status = ?s.ok(), "stopped");
                     return;
                 }
-                warn!(child = %slot.name, status = ?s.ok(), "exited unexpectedly; restarting");
-                if started.elapsed() > Duration::from_secs(10) {
-                    backoff = Duration::from_millis(100);
+                if signals.shutdown.is_cancelled() {
+                    // The allocator stopped by a signal to the whole group
+                    // while the workers drain: started again for them, at
+                    // once, and stopped after them.
+                    info!(child = %slot.name, status = ?s.ok(), "stopped while rotor up stops; started again until the workers are done");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                    continue;
                 }
+                if started.elapsed() > STEADY {
+                    backoff = slot.first_backoff;
+                    quick = 0;
+                    if std::mem::take(&mut failing) {
+                        streaks.recovered();
+                    }
+                }
+                quick += 1;
+                if quick >= GIVE_UP_AFTER && !failing {
+                    failing = true;
+                    if streaks.failing() {
+                        error!(child = %slot.name, status = ?s.ok(), starts = quick, "failed {quick} starts in a row (and so did every other of its kind): rotor up stops; see the child's errors above");
+                        streaks
+                            .outcome
+                            .gave_up
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                        signals.shutdown.cancel();
+                        return;
+                    }
+                }
+                warn!(child = %slot.name, status = ?s.ok(), retry_in = ?backoff, "exited unexpectedly; restarting");
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
             None => {
-                stop_child(&slot.name, &mut child, pid, &signals, patience).await;
+                if !stop_child(&slot.name, &mut child, pid, &signals, patience).await {
+                    streaks
+                        .outcome
+                        .unclean
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
                 return;
             }
         }
@@ -384,14 +540,14 @@ async fn supervise(
 }
 
 /// SIGTERM (SIGINT on a fast stop), then SIGKILL if the child is still
-/// there `patience` later.
+/// there `patience` later. Whether it stopped cleanly (exit 0).
 async fn stop_child(
     name: &str,
     child: &mut Child,
     pid: Option<Pid>,
     signals: &Signals,
     patience: Duration,
-) {
+) -> bool {
     let fast = signals.fast.is_cancelled();
     if let Some(pid) = pid {
         let _ = kill(
@@ -409,8 +565,8 @@ async fn stop_child(
     loop {
         tokio::select! {
             s = child.wait() => {
-                info!(child = %name, status = ?s.ok(), "stopped");
-                return;
+                info!(child = %name, status = ?s.as_ref().ok(), "stopped");
+                return s.is_ok_and(|s| s.success());
             }
             // SIGINT arrived while draining: hurry the child too.
             _ = signals.fast.cancelled(), if !hurried => {
@@ -423,8 +579,110 @@ async fn stop_child(
                 warn!(child = %name, "did not stop in time; killing it");
                 let _ = child.start_kill();
                 let _ = child.wait().await;
-                return;
+                return false;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(name: &str, program: &str) -> Slot {
+        Slot {
+            name: name.into(),
+            program: program.into(),
+            args: vec![],
+            fds: Arc::default(),
+            cpus: None,
+            first_backoff: Duration::from_millis(1),
+        }
+    }
+
+    fn signals() -> Signals {
+        Signals {
+            shutdown: CancellationToken::new(),
+            fast: CancellationToken::new(),
+            reload: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
+
+    /// A child that fails every start is given up on after
+    /// `GIVE_UP_AFTER` starts in a row, for the last of its kind: rotor up
+    /// stops, exit 1. While another of its kind runs, it is retried.
+    #[tokio::test]
+    async fn a_child_failing_every_start_is_given_up_when_none_of_its_kind_runs() {
+        let s = signals();
+        let outcome = Arc::new(Outcome::default());
+        let streaks = Streaks::shared(2, outcome.clone());
+        let stop = s.shutdown.clone();
+        let failing = tokio::spawn(supervise(
+            slot("worker 1", "/bin/false"),
+            stop.clone(),
+            s.clone(),
+            false,
+            Duration::from_secs(1),
+            streaks.clone(),
+        ));
+        // Ten quick failures take about 1 ms · 2^10: well within 5 s.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!failing.is_finished(), "given up while another runs");
+        assert!(!s.shutdown.is_cancelled());
+        assert_eq!(
+            streaks.failing.load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // The other fails too: rotor up stops.
+        let other = tokio::spawn(supervise(
+            slot("worker 2", "/bin/false"),
+            stop.clone(),
+            s.clone(),
+            false,
+            Duration::from_secs(1),
+            streaks.clone(),
+        ));
+        tokio::time::timeout(Duration::from_secs(5), other)
+            .await
+            .expect("given up")
+            .unwrap();
+        assert!(s.shutdown.is_cancelled());
+        tokio::time::timeout(Duration::from_secs(5), failing)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(outcome.code(false), ExitCode::FAILURE);
+    }
+
+    /// A stop that the child ends cleanly is exit 0; one it does not (its
+    /// drain cut: exit 3, or killed), 3; a fast stop, 130.
+    #[tokio::test]
+    async fn the_exit_code_says_how_the_children_stopped() {
+        for (program, want) in [
+            ("/bin/sleep", ExitCode::from(3)),
+            ("/bin/true", ExitCode::SUCCESS),
+        ] {
+            let s = signals();
+            let outcome = Arc::new(Outcome::default());
+            let mut sl = slot("worker", program);
+            sl.args = vec!["30".into()];
+            let run = tokio::spawn(supervise(
+                sl,
+                s.shutdown.clone(),
+                s.clone(),
+                false,
+                Duration::from_millis(300),
+                Streaks::alone(outcome.clone()),
+            ));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            s.shutdown.cancel();
+            run.await.unwrap();
+            assert_eq!(outcome.code(false), want, "{program}");
+        }
+        let outcome = Outcome::default();
+        outcome
+            .unclean
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(outcome.code(true), ExitCode::from(130));
     }
 }

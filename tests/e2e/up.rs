@@ -358,3 +358,55 @@ async fn rotor_up_starts_its_workers_under_a_descriptor_limit_of_1024() {
     })
     .await;
 }
+
+/// Once `rotor up` is told to stop, new clients are refused at once (not
+/// queued for workers that no longer accept) while a tunnel still drains;
+/// a SIGHUP storm while a worker restarts does not kill its replacement.
+/// (Two threads: the echo server runs while the test waits for the exit.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_rotor_up_refuses_new_clients_and_sighup_spares_a_starting_worker() {
+    let echo = Echo::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut up = up_with_two_workers(&socket, &listen, &["--drain-timeout", "20s"]).await;
+    let proxy: std::net::SocketAddr = listen.parse().unwrap();
+
+    // SIGHUP every 5 ms while a worker is killed and started again: the
+    // new one lives (a SIGHUP before its handler would have killed it).
+    let pid = up.pid();
+    let storm = std::thread::spawn(move || {
+        for _ in 0..400 {
+            let _ = kill(pid, Signal::SIGHUP);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let new = replaced(&socket, worker_pids(&socket)[0]).await;
+    storm.join().unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        kill(Pid::from_raw(new), None).is_ok(),
+        "the new worker died"
+    );
+    assert!(worker_pids(&socket).contains(&new));
+
+    let (code, mut tunnel) = connect_tunnel(proxy, &echo.addr.to_string()).await;
+    assert_eq!(code, 200);
+    up.signal(Signal::SIGTERM);
+    eventually("new clients refused", || async {
+        matches!(
+            tokio::net::TcpStream::connect(proxy).await,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
+    })
+    .await;
+    // The tunnel still works, and its end ends the stop.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tunnel.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    tunnel.read_exact(&mut b).await.unwrap();
+    assert!(kill(up.pid(), None).is_ok(), "rotor up is still draining");
+    drop(tunnel);
+    let status = up.wait(Duration::from_secs(20));
+    assert!(status.success(), "{status:?}");
+}
