@@ -138,6 +138,38 @@ async fn garbage_on_the_proxy_port_never_takes_the_worker_down() {
     let mut out = Vec::new();
     let r = tokio::time::timeout(PATIENCE, slow.read_to_end(&mut out)).await;
     assert!(r.is_ok(), "a slowloris client was kept");
+    // Nor one that sends a small body a byte at a time, each within the
+    // idle timeout.
+    let mut slow = TcpStream::connect(worker.addr).await.unwrap();
+    let url = origin.url("/echo");
+    slow.write_all(
+        format!("POST {url} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut out = Vec::new();
+    let closed = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if slow.write_all(b"x").await.is_err() {
+                break;
+            }
+            if let Ok(Ok(0)) =
+                tokio::time::timeout(Duration::from_millis(1), slow.read_to_end(&mut out)).await
+            {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), closed)
+        .await
+        .expect("a slow body was kept");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        t0.elapsed()
+    );
     assert!(worker.proc.is_running());
     assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
 }

@@ -183,12 +183,22 @@ where
                 Ok(_) => {}
             }
         };
-        // A small body of known length, read whole.
+        // A small body of known length, read whole, as the head is: within
+        // the header timeout (a byte now and then does not hold the slot).
+        let mut body_due = None;
         while buf.len() < body_len {
             buf.reserve(body_len - buf.len());
+            let due =
+                *body_due.get_or_insert_with(|| tokio::time::Instant::now() + conn.header_timeout);
             let read = tokio::select! {
                 biased;
-                r = io.read_buf(&mut buf) => r,
+                r = tokio::time::timeout_at(due, io.read_buf(&mut buf)) => match r {
+                    Ok(r) => r,
+                    Err(_) => {
+                        tracing::debug!("request body too slow; closed");
+                        return Outcome::Closed;
+                    }
+                },
                 _ = &mut idle => return Outcome::Closed,
             };
             match read {
