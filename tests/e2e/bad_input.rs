@@ -130,6 +130,19 @@ async fn garbage_on_the_proxy_port_never_takes_the_worker_down() {
             "{text}"
         );
     }
+    // A broken request body is the client's fault (400), not the
+    // destination's (502).
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    let url = origin.url("/echo");
+    s.write_all(
+        format!("POST {url} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 400 Bad Request Body"), "{head}");
+    assert!(head.contains("error=http_request_error"), "{head}");
     // A slow client that never finishes its head is cut off.
     let mut slow = TcpStream::connect(worker.addr).await.unwrap();
     slow.write_all(b"GET http://127.0.0.1/ HTTP/1.1\r\nX-A: ")

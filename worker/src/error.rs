@@ -19,6 +19,8 @@ pub const PROXY_NAME: &str = "rotor";
 pub enum ProxyError {
     #[error("bad request: {0}")]
     BadRequest(String),
+    #[error("reading the request body from the client failed")]
+    ClientBody(#[source] crate::h1::BoxError),
     /// A request rotor cannot pass on as asked (RFC 9112 §6.1: a transfer
     /// coding it does not understand is a 501).
     #[error("not implemented: {0}")]
@@ -135,6 +137,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadRequest(_)
+            | ClientBody(_)
             | NotImplemented(_)
             | HeadTooLarge { .. }
             | Denied(_)
@@ -165,6 +168,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadRequest(_) => (StatusCode::BAD_REQUEST, None),
+            ClientBody(_) => (StatusCode::BAD_REQUEST, Some("http_request_error")),
             NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, None),
             HeadTooLarge { .. } => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, None),
             Auth(crate::auth::AuthError::Busy) => (
@@ -206,6 +210,7 @@ impl ProxyError {
         use ProxyError::*;
         match self {
             BadRequest(_) => "Bad Request",
+            ClientBody(_) => "Bad Request Body",
             NotImplemented(_) => "Transfer Coding Not Implemented",
             HeadTooLarge { .. } => "Request Head Too Large",
             Auth(crate::auth::AuthError::Busy) => "Authentication Busy",

@@ -36,7 +36,7 @@ const READ_SIZE: usize = 16 * 1024;
 const MAX_CHUNK_LINE: usize = 4096;
 const MAX_TRAILERS: usize = 64 * 1024;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why an exchange with the destination failed.
 #[derive(Debug, thiserror::Error)]

@@ -709,6 +709,9 @@ impl Proxy {
                 dest: dest.to_string(),
                 timeout,
             }),
+            // The client's body broke (it went, or sent a bad chunk): its
+            // fault, not the destination's.
+            Err(h1::Error::ClientBody(source)) => Err(ProxyError::ClientBody(source)),
             Err(e) => Ok(Err((e, written))),
         }
     }
