@@ -991,9 +991,19 @@ fn find_crlf(buf: &[u8]) -> Option<usize> {
 /// The size of a chunk-size line (hex digits, then perhaps extensions).
 fn chunk_size(line: &[u8]) -> Result<u64, Error> {
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    // Then nothing, or whitespace and an extension (`;…`).
-    let rest = line[digits..].trim_ascii_start();
-    if digits == 0 || digits > 16 || !(rest.is_empty() || rest[0] == b';') {
+    // Then nothing, or spaces or tabs and an extension (`;…`) without
+    // control bytes (RFC 9112 §7.1.1: no CR, LF or form feed in a line).
+    let after = &line[digits..];
+    let rest = &after[after
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count()..];
+    let bad_byte = |&b: &u8| (b < 0x20 && b != b'\t') || b == 0x7f;
+    if digits == 0
+        || digits > 16
+        || !(rest.is_empty() || rest[0] == b';')
+        || rest.iter().any(bad_byte)
+    {
         return Err(Error::Malformed("invalid chunk size"));
     }
     let text = std::str::from_utf8(&line[..digits]).expect("hex digits are ASCII");
@@ -1904,5 +1914,12 @@ mod tests {
             "more than 64 bits"
         );
         assert!(chunk_size(b"-1").is_err());
+        // Only spaces and tabs before an extension; no control bytes in it.
+        assert!(chunk_size(b"5\t;x").is_ok());
+        assert!(chunk_size(b"5\r;x").is_err());
+        assert!(chunk_size(b"5\n;").is_err());
+        assert!(chunk_size(b"5\x0c;x").is_err());
+        assert!(chunk_size(b"5;x\ny").is_err());
+        assert!(chunk_size(b"5;x=\"a\tb\"").is_ok());
     }
 }
