@@ -213,6 +213,23 @@ async fn socks5_with_a_users_file_and_a_slow_client() {
     })
     .await;
     assert!(!std::fs::read_to_string(&log).unwrap().contains("wrong"));
+    // Credentials that are not text: refused (status 1), logged as well.
+    let mut s = TcpStream::connect(socks).await.unwrap();
+    s.write_all(&[5, 1, 2, 1, 1, b'a', 1, 0xff]).await.unwrap();
+    let mut r = [0u8; 4];
+    s.read_exact(&mut r).await.unwrap();
+    assert_eq!(r, [5, 2, 1, 1]);
+    eventually("the second refused login in the access log", || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.lines()
+                .filter(|l| l.contains(" SOCKS5 - - 407 "))
+                .count()
+                == 2
+        }
+    })
+    .await;
     // A client that says nothing is cut off after the header-read timeout.
     let mut slow = TcpStream::connect(socks).await.unwrap();
     let t0 = Instant::now();

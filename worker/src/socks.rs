@@ -90,6 +90,8 @@ pub enum HandshakeError {
     BadAuth,
     #[error("credentials refused")]
     Refused,
+    #[error("credentials that are not UTF-8 text")]
+    NotText,
     #[error("command {0} not supported")]
     Command(u8),
     #[error("address type {0} not supported")]
@@ -133,8 +135,8 @@ where
             let user = String::from_utf8(read_bytes(s).await?);
             let password = String::from_utf8(read_bytes(s).await?);
             let (Ok(user), Ok(password)) = (user, password) else {
-                s.write_all(&[1, 1]).await?;
-                return Err(HandshakeError::BadAuth);
+                // Refused by the caller, counted and logged as any.
+                return Err(HandshakeError::NotText);
             };
             Some((user, password))
         }
@@ -252,6 +254,23 @@ pub async fn reply<S: AsyncWrite + Unpin>(
 /// own slot and one for argon2's, each up to `VERIFY_WAIT`, and the hash.
 const AUTH_BUDGET: Duration = Duration::from_secs(2 * crate::auth::VERIFY_WAIT.as_secs() + 1);
 
+/// Answers a refused login (RFC 1929: status 1), counted and logged as
+/// HTTP's 407 is: password guesses over SOCKS5 show in the access log too.
+async fn refuse_login(
+    proxy: &Proxy,
+    stream: &mut TcpStream,
+    began: std::time::Instant,
+    client: SocketAddr,
+) -> io::Result<()> {
+    proxy.meter.error(None, began.elapsed());
+    if let Some(log) = proxy.access_log() {
+        let mut en = Entry::new(began, client, method(), "-".into());
+        en.status = 407;
+        log.log(&en);
+    }
+    stream.write_all(&[1, 1]).await
+}
+
 /// What the access log names a SOCKS5 tunnel's method.
 fn method() -> http::Method {
     http::Method::from_bytes(b"SOCKS5").expect("a token")
@@ -281,7 +300,14 @@ pub async fn serve(
     let slow = |_| HandshakeError::Io(io::ErrorKind::TimedOut.into());
     let opened = async {
         let read = tokio::time::timeout_at(start + within, handshake(&mut stream, auth_required));
-        let mut hs = read.await.map_err(slow)??;
+        let mut hs = match read.await.map_err(slow)? {
+            Err(HandshakeError::NotText) => {
+                debug!(%client, "SOCKS5 credentials not UTF-8; refused");
+                refuse_login(&proxy, &mut stream, began, client).await?;
+                return Err(HandshakeError::Refused);
+            }
+            r => r?,
+        };
         let mut caller = crate::proxy::Caller::default();
         if let Some((user, password)) = hs.credentials.take() {
             let checking = tokio::time::Instant::now();
@@ -294,19 +320,11 @@ pub async fn serve(
                     caller = c;
                 }
                 refused => {
-                    stream.write_all(&[1, 1]).await?;
                     match refused {
                         Ok(Err(e)) => debug!(%client, error = %e, "SOCKS5 authentication refused"),
                         _ => debug!(%client, "SOCKS5 authentication not checked in time; refused"),
                     }
-                    // Counted and logged as HTTP's 407 is: password
-                    // guesses over SOCKS5 show in the access log too.
-                    proxy.meter.error(None, began.elapsed());
-                    if let Some(log) = proxy.access_log() {
-                        let mut en = Entry::new(began, client, method(), "-".into());
-                        en.status = 407;
-                        log.log(&en);
-                    }
+                    refuse_login(&proxy, &mut stream, began, client).await?;
                     return Err(HandshakeError::Refused);
                 }
             }
@@ -443,9 +461,10 @@ mod tests {
         );
         // A password that is not UTF-8 is refused, not read lossily (two
         // such passwords would be one).
+        // (The caller answers it, and counts and logs it as any refusal.)
         let (r, out) = run(&[5, 1, 2, 1, 1, b'a', 1, 0xff], true).await;
-        assert!(matches!(r, Err(HandshakeError::BadAuth)), "{r:?}");
-        assert_eq!(out, [5, 2, 1, 1]);
+        assert!(matches!(r, Err(HandshakeError::NotText)), "{r:?}");
+        assert_eq!(out, [5, 2]);
         // Port 0: not a destination.
         let (r, out) = run(&[5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1, 0, 0], false).await;
         assert!(matches!(r, Err(HandshakeError::PortZero)), "{r:?}");
