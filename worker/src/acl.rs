@@ -6,10 +6,13 @@
 //! loopback, RFC 1918, link-local (169.254.169.254, the cloud metadata
 //! service), CGNAT, unique-local (fd00:ec2::254), multicast, unspecified,
 //! broadcast, documentation and benchmarking ranges — and the IPv4-mapped,
-//! NAT64 and 6to4 forms of all IPv4 ones. `--allow-destination` opens a
-//! range (it wins over the defaults and `--deny-destination`);
-//! `--deny-destination` closes one more. Port 25 (SMTP) is denied unless the
-//! port list says otherwise.
+//! NAT64 and 6to4 forms of all IPv4 ones. The operator's rules come first:
+//! of the `--allow-destination` and `--deny-destination` ranges holding an
+//! address, the narrowest decides (a deny on a tie), so `--allow 10.0.0.0/8
+//! --deny 10.0.5.0/24` keeps 10.0.5.x out and `--deny 0.0.0.0/0 --allow
+//! 203.0.113.0/24` lets that range alone through; an address no operator
+//! rule holds gets the defaults. Port 25 (SMTP) is denied unless the port
+//! list says otherwise.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -48,6 +51,10 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         self.0.contains(&ip)
     }
+
+    fn prefix_len(&self) -> u8 {
+        self.0.prefix_len()
+    }
 }
 
 /// Ranges denied unless allowed explicitly.
@@ -85,7 +92,9 @@ pub const DEFAULT_DENY_PORTS: &[u16] = &[25];
 #[derive(Debug, Clone)]
 pub struct Acl {
     allow: Vec<Cidr>,
+    /// The operator's.
     deny: Vec<Cidr>,
+    defaults: Vec<Cidr>,
     deny_ports: Vec<u16>,
 }
 
@@ -134,14 +143,13 @@ impl LocalAddrs {
 impl Acl {
     /// The default rules plus the operator's.
     pub fn new(allow: Vec<Cidr>, deny: Vec<Cidr>, deny_ports: Vec<u16>) -> Acl {
-        let mut all_deny: Vec<Cidr> = DEFAULT_DENY
-            .iter()
-            .map(|s| s.parse().expect("default ranges are valid"))
-            .collect();
-        all_deny.extend(deny);
         Acl {
             allow,
-            deny: all_deny,
+            deny,
+            defaults: DEFAULT_DENY
+                .iter()
+                .map(|s| s.parse().expect("default ranges are valid"))
+                .collect(),
             deny_ports,
         }
     }
@@ -164,16 +172,29 @@ impl Acl {
         // An address is checked as itself and as every IPv4 address it
         // embeds, so ::ffff:127.0.0.1 or 64:ff9b::a9fe:a9fe are no way around
         // a rule.
+        // Any form the operator's narrowest rule denies is denied.
         let forms = forms(dest.ip());
-        if forms
-            .iter()
-            .flatten()
-            .any(|ip| self.allow.iter().any(|c| c.contains(*ip)))
-        {
+        let mut allowed = false;
+        for ip in forms.iter().flatten() {
+            let narrowest = |rules: &[Cidr]| {
+                rules
+                    .iter()
+                    .filter(|c| c.contains(*ip))
+                    .max_by_key(|c| c.prefix_len())
+                    .copied()
+            };
+            match (narrowest(&self.allow), narrowest(&self.deny)) {
+                (Some(a), Some(d)) if a.prefix_len() > d.prefix_len() => allowed = true,
+                (_, Some(d)) => return Err(Denied::Address(dest.ip(), d)),
+                (Some(_), None) => allowed = true,
+                (None, None) => {}
+            }
+        }
+        if allowed {
             return Ok(Allowed::Explicitly);
         }
         for ip in forms.iter().flatten() {
-            if let Some(rule) = self.deny.iter().find(|c| c.contains(*ip)) {
+            if let Some(rule) = self.defaults.iter().find(|c| c.contains(*ip)) {
                 return Err(Denied::Address(dest.ip(), *rule));
             }
         }
@@ -343,6 +364,27 @@ mod tests {
         assert!(denied(&acl, "10.0.0.1", 80));
         assert!(denied(&acl, "8.8.8.8", 80));
         assert!(denied(&acl, "127.0.0.1", 25), "the port list still applies");
+        // The narrowest operator rule decides; a deny on a tie.
+        let acl = Acl::new(
+            vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "10.0.5.7".parse().unwrap(),
+                "198.51.100.0/24".parse().unwrap(),
+            ],
+            vec![
+                "10.0.5.0/24".parse().unwrap(),
+                "198.51.100.0/24".parse().unwrap(),
+                "0.0.0.0/0".parse().unwrap(),
+            ],
+            vec![],
+        );
+        assert!(!denied(&acl, "10.1.2.3", 80));
+        assert!(denied(&acl, "10.0.5.1", 80));
+        assert!(denied(&acl, "::ffff:10.0.5.1", 80));
+        assert!(!denied(&acl, "10.0.5.7", 80), "narrower again");
+        assert!(denied(&acl, "198.51.100.1", 80), "a tie is a deny");
+        assert!(denied(&acl, "8.8.8.8", 80), "an allowlist");
+        assert!(!denied(&acl, "2606:4700::1", 80), "no IPv4 rule holds it");
     }
 
     proptest::proptest! {
@@ -372,6 +414,7 @@ mod tests {
         let acl = Acl {
             allow: vec![],
             deny: vec![],
+            defaults: vec![],
             deny_ports: vec![],
         };
         assert_eq!(
