@@ -81,7 +81,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         error!("at most {MAX_LISTENERS} listen addresses");
         return ExitCode::from(2);
     }
-    if args.common.check {
+    if args.common.check || args.common.check_config {
         eprintln!("ok: {workers} workers on {listen:?}");
         return ExitCode::SUCCESS;
     }

@@ -67,7 +67,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
     let (socks_passed, http_passed): (Vec<_>, Vec<_>) =
         passed.into_iter().partition(|p| p.name == "socks");
     let merged = args.settings.merge(&file.worker);
-    if args.common.check {
+    if args.common.check || args.common.check_config {
         // Nothing is bound: the unit runs this as ExecStartPre, while
         // systemd holds the ports (and passes them to ExecStart only).
         let mut named: Vec<(&str, std::net::SocketAddr)> = Vec::new();

@@ -107,7 +107,8 @@ pub struct CommonArgs {
     /// metadata service slow at boot, a pool command's API down) is the
     /// running allocator's to retry every --refresh, not a reason to
     /// refuse to start — and a refused start repeated is a unit systemd
-    /// gives up on.
+    /// gives up on. A worker and `rotor up`, which read no source to
+    /// check, take it as --check.
     #[arg(long)]
     pub check_config: bool,
 }

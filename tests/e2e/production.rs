@@ -722,26 +722,24 @@ async fn a_full_worker_answers_when_its_sibling_with_room_is_stopped() {
 /// proxy port (passed to `ExecStart` only): the check binds nothing, so a
 /// port held by another socket is no failure (it was EADDRINUSE, and the
 /// unit never started).
+/// `--check-config`, the allocator's, is a check in a worker too (it had
+/// been ignored: the worker started and served).
 #[test]
 fn a_worker_check_binds_nothing() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = held.local_addr().unwrap().to_string();
-    let out = Command::new(WORKER)
-        .args([
-            "--listen",
-            &port,
-            "--socket",
-            "/nonexistent/a.sock",
-            "--check",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains(&format!("listen {port} (not bound")),
-        "{stderr}"
-    );
+    for check in ["--check", "--check-config"] {
+        let out = Command::new(WORKER)
+            .args(["--listen", &port, "--socket", "/nonexistent/a.sock", check])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{check}: {stderr}");
+        assert!(
+            stderr.contains(&format!("listen {port} (not bound")),
+            "{check}: {stderr}"
+        );
+    }
 }
 
 /// systemd's SIGTERM to the whole control group and `rotor up`'s own reach

@@ -208,7 +208,7 @@ async fn a_second_rotor_up_and_a_public_open_listener_are_refused() {
     assert!(!other_socket.exists());
 
     let public = format!("0.0.0.0:{}", free_port());
-    for extra in [None, Some("--check")] {
+    for extra in [None, Some("--check"), Some("--check-config")] {
         let mut a = args(&dir.path().join("c.sock"), &public);
         a.extend(extra.map(String::from));
         let out = run(a);
