@@ -235,11 +235,15 @@ async fn one_way(
         } else {
             None
         };
+        // Counted as each write goes: a slow but moving transfer keeps
+        // the idle timer off (a chunk may be a MiB), and what went before
+        // an error is counted.
+        let count = |k: usize| activity.moved(up, k as u64);
         let moved = match pipe {
-            Some(pipe) => splice_chunk(src, dst, pipe).await,
+            Some(pipe) => splice_chunk(src, dst, pipe, count).await,
             None => {
                 let buf = buf.get_or_insert_with(|| vec![0; COPY_BUFFER].into_boxed_slice());
-                copy_chunk(src, dst, buf).await
+                copy_chunk(src, dst, buf, count).await
             }
         };
         match moved {
@@ -248,20 +252,23 @@ async fn one_way(
                 Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
                 _ => return Ok(()),
             },
-            Ok(n) => {
-                activity.moved(up, n as u64);
-                total += n as u64;
-            }
+            Ok(n) => total += n as u64,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
     }
 }
 
-/// One chunk from `src` into `pipe` and on to `dst`; 0 at `src`'s end,
-/// `WouldBlock` if `src` had nothing after all. The pipe goes back to the
-/// pool only empty: on an error it is closed with whatever it holds.
-async fn splice_chunk(src: &TcpStream, dst: &TcpStream, pipe: Pipe) -> io::Result<usize> {
+/// One chunk from `src` into `pipe` and on to `dst`, each write counted by
+/// `count`; 0 at `src`'s end, `WouldBlock` if `src` had nothing after all.
+/// The pipe goes back to the pool only empty: on an error it is closed
+/// with whatever it holds.
+async fn splice_chunk(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: Pipe,
+    count: impl Fn(usize),
+) -> io::Result<usize> {
     let n = match src.try_io(Interest::READABLE, || os::splice(src, &pipe.w, CHUNK)) {
         Ok(n) => n,
         Err(e) => {
@@ -273,7 +280,10 @@ async fn splice_chunk(src: &TcpStream, dst: &TcpStream, pipe: Pipe) -> io::Resul
     while left > 0 {
         dst.writable().await?;
         match dst.try_io(Interest::WRITABLE, || os::splice(&pipe.r, dst, left)) {
-            Ok(k) => left -= k,
+            Ok(k) => {
+                left -= k;
+                count(k);
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
@@ -282,15 +292,23 @@ async fn splice_chunk(src: &TcpStream, dst: &TcpStream, pipe: Pipe) -> io::Resul
     Ok(n)
 }
 
-/// One chunk through `buf`; 0 at `src`'s end, `WouldBlock` if `src` had
-/// nothing after all.
-async fn copy_chunk(src: &TcpStream, dst: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+/// One chunk through `buf`, each write counted by `count`; 0 at `src`'s
+/// end, `WouldBlock` if `src` had nothing after all.
+async fn copy_chunk(
+    src: &TcpStream,
+    dst: &TcpStream,
+    buf: &mut [u8],
+    count: impl Fn(usize),
+) -> io::Result<usize> {
     let n = src.try_read(buf)?;
     let mut sent = 0;
     while sent < n {
         dst.writable().await?;
         match dst.try_write(&buf[sent..n]) {
-            Ok(k) => sent += k,
+            Ok(k) => {
+                sent += k;
+                count(k);
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
@@ -475,6 +493,46 @@ mod tests {
                     "a pooled pipe held bytes"
                 );
             }
+        }
+    }
+
+    /// A destination reading slowly (about 1.3 MB/s, a MiB chunk in 0.8 s):
+    /// the bytes are counted, and the idle timer kept off, as each part of
+    /// a chunk goes, not once a whole chunk went.
+    #[tokio::test]
+    async fn a_slow_reader_keeps_the_tunnel_active() {
+        for pipes in [true, false] {
+            let (mut client, relay_client) = socket_pair().await;
+            let (relay_up, mut server) = socket_pair().await;
+            let activity = Activity::new();
+            let watched = activity.clone();
+            let relay = tokio::spawn(async move {
+                splice_tcp(relay_client, Bytes::new(), relay_up, &activity, pipes).await
+            });
+            let writer = tokio::spawn(async move {
+                let _ = client.write_all(&data(16 << 20, 1)).await;
+                client
+            });
+            // Past BULK_AFTER first (the big pipe and chunks), then slowly.
+            let mut b = vec![0u8; 64 << 10];
+            let mut got = 0;
+            while got < (2 << 20) {
+                got += server.read(&mut b).await.unwrap();
+            }
+            let slowly = async {
+                for _ in 0..40 {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    server.read_exact(&mut b).await.unwrap();
+                }
+            };
+            tokio::select! {
+                () = slowly => {}
+                () = watched.idle_for(std::time::Duration::from_millis(400)) => {
+                    panic!("pipes {pipes}: a moving tunnel taken for idle");
+                }
+            }
+            relay.abort();
+            writer.abort();
         }
     }
 
