@@ -92,3 +92,48 @@ async fn a_half_close_passes_through_and_the_answer_comes_back() {
         .unwrap();
     assert_eq!(answer, format!("got {}", 3 << 20));
 }
+
+/// A tunnel still open when the drain's time is up ends with its bytes
+/// counted and its access-log line written (its task was dropped with the
+/// runtime, unlogged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_cut_by_the_stop_is_still_logged() {
+    let echo = Echo::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let mut w = Worker::start(
+        &alloc.socket,
+        &[
+            "--access-log",
+            path.to_str().unwrap(),
+            "--access-log-format",
+            "json",
+            "--drain-timeout",
+            "1s",
+        ],
+    )
+    .await;
+    let (code, mut s) = connect_tunnel(w.addr, &echo.addr.to_string()).await;
+    assert_eq!(code, 200);
+    s.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).await.unwrap();
+    w.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let status =
+        tokio::task::spawn_blocking(move || w.proc.wait(std::time::Duration::from_secs(10)))
+            .await
+            .unwrap();
+    assert_eq!(status.code(), Some(3), "the drain was cut");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let line: serde_json::Value = serde_json::from_str(
+        text.lines()
+            .find(|l| l.contains("CONNECT"))
+            .unwrap_or_else(|| panic!("no CONNECT line: {text:?}")),
+    )
+    .unwrap();
+    assert_eq!(
+        (line["sent"].as_u64(), line["received"].as_u64()),
+        (Some(4), Some(4))
+    );
+}

@@ -173,6 +173,9 @@ pub struct Proxy {
     /// CONNECT tunnels outlive the HTTP connection they came from; the
     /// tracker lets shutdown wait for them.
     tunnels: TaskTracker,
+    /// Cancelled when the drain's time is up: the tunnels still open end,
+    /// each counted and logged.
+    tunnels_cut: tokio_util::sync::CancellationToken,
     /// Client connections and tunnels, against the connection limit.
     limit: Arc<tokio::sync::Semaphore>,
     /// Requests handled, for the status line.
@@ -213,6 +216,7 @@ impl Proxy {
             upstream: UpstreamPool::new(config.upstream_idle_timeout, config.upstream_max_idle),
             dns: Resolver::new(&config.resolver, config.dns_cache_ttl),
             local: LocalAddrs::default(),
+            tunnels_cut: tokio_util::sync::CancellationToken::new(),
             config,
             tunnels,
             limit,
@@ -452,16 +456,24 @@ impl Proxy {
         let idle_limit = self.config.tunnel_idle_timeout;
         let open = TunnelOpen::new(&self.meter);
         let log = self.config.access_log.clone().zip(entry);
+        let cut = self.tunnels_cut.clone();
         self.tunnels.spawn(async move {
             let _permit = permit;
             let activity = Activity::new();
             let relay = crate::relay::tcp_tunnel(client_stream, upstream, &activity);
             let result = tokio::select! {
-                r = relay => Some(r),
-                _ = activity.idle_for(idle_limit) => None,
+                r = relay => Ended::Relay(r),
+                _ = activity.idle_for(idle_limit) => Ended::Idle,
+                _ = cut.cancelled() => Ended::Cut,
             };
             log_tunnel_end(log, (client, &dest, &lease), result, &activity, &open.0);
         });
+    }
+
+    /// Ends the tunnels still open (the drain's time is up), each with its
+    /// bytes counted and its access-log line.
+    pub fn cut_tunnels(&self) {
+        self.tunnels_cut.cancel();
     }
 
     pub fn access_log(&self) -> Option<&Arc<AccessLog>> {
@@ -841,6 +853,7 @@ impl Proxy {
         let dest = format!("{host}:{port}");
         let open = TunnelOpen::new(&self.meter);
         let log = self.config.access_log.clone().zip(entry);
+        let cut = self.tunnels_cut.clone();
         self.tunnels.spawn(async move {
             let upgraded = match on_upgrade.await {
                 Ok(u) => u,
@@ -854,8 +867,9 @@ impl Proxy {
             let activity = Activity::new();
             let relay = crate::relay::tunnel(upgraded, upstream, &activity);
             let result = tokio::select! {
-                r = relay => Some(r),
-                _ = activity.idle_for(idle_limit) => None,
+                r = relay => Ended::Relay(r),
+                _ = activity.idle_for(idle_limit) => Ended::Idle,
+                _ = cut.cancelled() => Ended::Cut,
             };
             log_tunnel_end(log, (client, &dest, &lease), result, &activity, &open.0);
         });
@@ -947,10 +961,19 @@ fn log_target(uri: &Uri, connect: bool) -> String {
 /// When a tunnel ends (`None`: closed for silence): its bytes, however it
 /// ended (counted in `activity` as they moved), to the meter and the
 /// access log, and one debug line.
+/// How a tunnel ended.
+enum Ended {
+    Relay(std::io::Result<()>),
+    /// Nothing moved for --tunnel-idle-timeout.
+    Idle,
+    /// Still open when the drain's time was up.
+    Cut,
+}
+
 fn log_tunnel_end(
     log: Option<(Arc<AccessLog>, Entry)>,
     (client, dest, lease): (SocketAddr, &str, &Lease),
-    result: Option<std::io::Result<()>>,
+    result: Ended,
     activity: &Activity,
     meter: &Meter,
 ) {
@@ -958,11 +981,14 @@ fn log_tunnel_end(
     meter.bytes(lease.ip, up, down);
     log_tunnel(log, lease, (up, down));
     match result {
-        None => debug!(%client, %dest, source = %lease.ip, up, down, "tunnel idle; closed"),
-        Some(Ok(_)) => {
+        Ended::Idle => debug!(%client, %dest, source = %lease.ip, up, down, "tunnel idle; closed"),
+        Ended::Cut => {
+            debug!(%client, %dest, source = %lease.ip, up, down, "tunnel cut by the stop")
+        }
+        Ended::Relay(Ok(_)) => {
             debug!(%client, %dest, source = %lease.ip, up, down, "tunnel closed")
         }
-        Some(Err(e)) => {
+        Ended::Relay(Err(e)) => {
             debug!(%client, %dest, source = %lease.ip, up, down, error = %e, "tunnel ended with an error")
         }
     }

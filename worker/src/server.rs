@@ -241,6 +241,12 @@ pub async fn run(
         }
         _ = fast.cancelled() => Stopped::Cut,
     };
+    if stopped == Stopped::Cut {
+        // The tunnels still open end now, each counted and logged (their
+        // tasks would otherwise be dropped with the runtime, unlogged).
+        proxy.cut_tunnels();
+        let _ = tokio::time::timeout(Duration::from_secs(1), tunnels.wait()).await;
+    }
     reported.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), reporter).await;
     if let Some(log) = proxy.access_log() {

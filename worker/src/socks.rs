@@ -395,8 +395,10 @@ pub async fn serve(
         true => upstream.local_addr().ok(),
         false => None,
     };
-    if reply(&mut stream, Reply::Succeeded, bound).await.is_err() {
-        return;
+    // A client gone by now still has its line in the access log: the
+    // relay ends at once and logs it, as any tunnel.
+    if let Err(e) = reply(&mut stream, Reply::Succeeded, bound).await {
+        debug!(%client, %dest, error = %e, "SOCKS5 client left before the tunnel opened");
     }
     debug!(%client, %dest, source = %lease.ip, seq = lease.seq, "SOCKS5 tunnel");
     proxy.meter.tunnel(lease.ip, started.elapsed());
