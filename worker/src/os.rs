@@ -72,6 +72,13 @@ pub fn set_pipe_size(pipe: &OwnedFd, size: usize) -> bool {
     nix::fcntl::fcntl(pipe.as_raw_fd(), FcntlArg::F_SETPIPE_SZ(want)).is_ok_and(|got| got >= want)
 }
 
+/// A pipe's capacity in bytes (F_GETPIPE_SZ).
+pub fn pipe_size(pipe: &OwnedFd) -> Option<usize> {
+    nix::fcntl::fcntl(pipe.as_raw_fd(), FcntlArg::F_GETPIPE_SZ)
+        .ok()
+        .and_then(|n| usize::try_from(n).ok())
+}
+
 /// splice(2) without blocking between two stream descriptors (one a pipe).
 pub fn splice(from: &impl AsFd, to: &impl AsFd, len: usize) -> io::Result<usize> {
     nix::fcntl::splice(

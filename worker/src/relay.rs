@@ -346,12 +346,23 @@ struct Pipe {
     big: bool,
 }
 
+/// The smallest pipe worth splicing through: the default 16 pages. Past
+/// the user's pipe budget (`pipe-user-pages-soft`, shared by every process
+/// of the user: all the workers) the kernel makes pipes of 2 pages, which
+/// move less per call than the copy path's buffer.
+const SMALLEST_PIPE: usize = 16 * 4096;
+
 impl Pipe {
-    fn new(big: bool) -> io::Result<Pipe> {
+    /// A new pipe; `None` when the kernel made it too small to be worth
+    /// using (the user's pipe budget is spent).
+    fn new(big: bool) -> io::Result<Option<Pipe>> {
         let (r, w) = os::pipe()?;
+        if os::pipe_size(&w).is_some_and(|n| n < SMALLEST_PIPE) {
+            return Ok(None);
+        }
         // Refused past the user's pipe budget: the pipe stays small.
         let big = big && os::set_pipe_size(&w, BIG_PIPE);
-        Ok(Pipe { r, w, big })
+        Ok(Some(Pipe { r, w, big }))
     }
 
     fn pool(big: bool) -> (&'static Mutex<Vec<Pipe>>, usize) {
@@ -381,12 +392,28 @@ fn take_pipe(big: bool) -> Option<Pipe> {
     if let Some(p) = pool.lock().expect("pipe pool poisoned").pop() {
         return Some(p);
     }
+    // Pipes came out too small a moment ago: copied, without a new pipe
+    // made and closed for each chunk meanwhile.
+    static SMALL_AT: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+    if SMALL_AT
+        .lock()
+        .expect("poisoned")
+        .is_some_and(|t| t.elapsed() < REFUSAL_HOLDS)
+    {
+        return None;
+    }
     match Pipe::new(big) {
-        Ok(p) => {
+        Ok(Some(p)) => {
             if big && !p.big {
                 *REFUSED_AT.lock().expect("poisoned") = Some(std::time::Instant::now());
             }
             Some(p)
+        }
+        // The budget is spent: this chunk is copied, and the next ones
+        // for a while.
+        Ok(None) => {
+            *SMALL_AT.lock().expect("poisoned") = Some(std::time::Instant::now());
+            None
         }
         Err(e) => {
             static WARNED: Mutex<Option<std::time::Instant>> = Mutex::new(None);
