@@ -453,6 +453,11 @@ async fn supervise(
             Ok(c) => c,
             Err(e) => {
                 error!(child = %slot.name, program = %slot.program.display(), error = %e, "cannot start");
+                // A start that cannot even be made counts as a failed one.
+                quick += 1;
+                if give_up(&slot.name, quick, &mut failing, &streaks, &signals) {
+                    return;
+                }
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
@@ -507,17 +512,8 @@ async fn supervise(
                     }
                 }
                 quick += 1;
-                if quick >= GIVE_UP_AFTER && !failing {
-                    failing = true;
-                    if streaks.failing() {
-                        error!(child = %slot.name, status = ?s.ok(), starts = quick, "failed {quick} starts in a row (and so did every other of its kind): rotor up stops; see the child's errors above");
-                        streaks
-                            .outcome
-                            .gave_up
-                            .store(true, std::sync::atomic::Ordering::Relaxed);
-                        signals.shutdown.cancel();
-                        return;
-                    }
+                if give_up(&slot.name, quick, &mut failing, &streaks, &signals) {
+                    return;
                 }
                 warn!(child = %slot.name, status = ?s.ok(), retry_in = ?backoff, "exited unexpectedly; restarting");
                 tokio::select! {
@@ -537,6 +533,32 @@ async fn supervise(
             }
         }
     }
+}
+
+/// After `quick` failed starts in a row: whether rotor up gives up (this
+/// slot's streak made every one of its kind a failing one), and then
+/// stops it all, saying so.
+fn give_up(
+    name: &str,
+    quick: u32,
+    failing: &mut bool,
+    streaks: &Streaks,
+    signals: &Signals,
+) -> bool {
+    if quick < GIVE_UP_AFTER || *failing {
+        return false;
+    }
+    *failing = true;
+    if !streaks.failing() {
+        return false;
+    }
+    error!(child = %name, starts = quick, "failed {quick} starts in a row (and so did every other of its kind): rotor up stops; see the child's errors above");
+    streaks
+        .outcome
+        .gave_up
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    signals.shutdown.cancel();
+    true
 }
 
 /// SIGTERM (SIGINT on a fast stop), then SIGKILL if the child is still
@@ -651,6 +673,27 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        assert_eq!(outcome.code(false), ExitCode::FAILURE);
+    }
+
+    /// A program that cannot even be started counts the same.
+    #[tokio::test]
+    async fn a_child_that_cannot_start_is_given_up_too() {
+        let s = signals();
+        let outcome = Arc::new(Outcome::default());
+        let run = tokio::spawn(supervise(
+            slot("allocator", "/nonexistent/rotor"),
+            s.shutdown.clone(),
+            s.clone(),
+            false,
+            Duration::from_secs(1),
+            Streaks::alone(outcome.clone()),
+        ));
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("given up")
+            .unwrap();
+        assert!(s.shutdown.is_cancelled());
         assert_eq!(outcome.code(false), ExitCode::FAILURE);
     }
 

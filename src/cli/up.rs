@@ -10,9 +10,9 @@ settings! {
         /// per CPU].
         workers: Option<u16>,
         /// Bind each worker to CPUs of its own among those rotor up may run
-        /// on (one CPU a worker by default: worker k on the k-th, round
-        /// robin past the last; with --threads above 1, every workers-th
-        /// CPU). Measured on a 2-core host shared with the load: p99 a fifth
+        /// on: worker k to the k-th and every workers-th after it (2
+        /// workers on 4 CPUs: 0,2 and 1,3), or, with more workers than
+        /// CPUs, to the k-th round robin. Measured on a 2-core host shared with the load: p99 a fifth
         /// to a third lower, requests/s the same or better. Off by default:
         /// where a quota rather than a CPU set limits rotor (a container),
         /// the CPUs it binds to may be busy with others' work.

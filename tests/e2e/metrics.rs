@@ -101,6 +101,12 @@ fn promtool_check(text: &str) {
 
 #[tokio::test]
 async fn one_scrape_covers_every_worker_and_counters_survive_a_worker_restart() {
+    if !have(
+        "one_scrape_covers_every_worker_and_counters_survive_a_worker_restart",
+        &["promtool"],
+    ) {
+        return;
+    }
     let origin = Origin::start().await;
     let echo = Echo::start().await;
     let mport = free_port();
@@ -198,6 +204,9 @@ async fn one_scrape_covers_every_worker_and_counters_survive_a_worker_restart() 
 
 #[tokio::test]
 async fn a_real_prometheus_scrapes_the_host() {
+    if !have("a_real_prometheus_scrapes_the_host", &["prometheus"]) {
+        return;
+    }
     let origin = Origin::start().await;
     let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let listen = metrics.to_string();

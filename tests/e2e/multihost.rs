@@ -70,6 +70,12 @@ async fn get_as(front: SocketAddr, user: Option<&str>, url: &str) -> u16 {
 
 #[tokio::test]
 async fn haproxy_spreads_clients_over_hosts_and_keeps_sessions_on_one() {
+    if !have(
+        "haproxy_spreads_clients_over_hosts_and_keeps_sessions_on_one",
+        &["haproxy"],
+    ) {
+        return;
+    }
     let origin = Origin::start().await;
     let one = host("127.0.0.2-127.0.0.5").await;
     let two = host("127.0.0.6-127.0.0.9").await;

@@ -503,6 +503,12 @@ async fn wait_for_notify(sock: &UnixDatagram, want: &str) -> String {
 
 #[tokio::test]
 async fn socket_activation_of_both_binaries_and_readiness() {
+    if !have(
+        "socket_activation_of_both_binaries_and_readiness",
+        &["systemd-socket-activate"],
+    ) {
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("allocator.sock");
     let (notify_alloc, alloc_path) = notify_socket(&dir.path().join("a").tap_mkdir()).await;

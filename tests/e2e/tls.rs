@@ -149,6 +149,12 @@ async fn curl(args: &[&str]) -> (i32, String) {
 
 #[tokio::test]
 async fn curl_and_python_through_an_https_proxy_rotating_with_auth() {
+    if !have(
+        "curl_and_python_through_an_https_proxy_rotating_with_auth",
+        &["openssl", "curl", "python3"],
+    ) {
+        return;
+    }
     let origin = Origin::start().await;
     let users = tempfile::NamedTempFile::new().unwrap();
     add_user(users.path(), "alice", "s3cret");
@@ -249,6 +255,12 @@ print("ok")
 
 #[tokio::test]
 async fn a_stalled_handshake_is_cut_off_and_garbage_closes_only_its_connection() {
+    if !have(
+        "a_stalled_handshake_is_cut_off_and_garbage_closes_only_its_connection",
+        &["openssl", "curl", "python3"],
+    ) {
+        return;
+    }
     let origin = Origin::start().await;
     let p = tls_proxy(&["--header-read-timeout", "1s"]).await;
     // Says nothing: cut off after the head's deadline.
@@ -285,6 +297,12 @@ async fn a_stalled_handshake_is_cut_off_and_garbage_closes_only_its_connection()
 
 #[tokio::test]
 async fn a_swapped_certificate_is_served_after_sighup_and_open_connections_go_on() {
+    if !have(
+        "a_swapped_certificate_is_served_after_sighup_and_open_connections_go_on",
+        &["openssl", "curl", "python3"],
+    ) {
+        return;
+    }
     let origin = Origin::start().await;
     let p = tls_proxy(&[]).await;
     let proxy = format!("https://{}", p.tls);
@@ -397,6 +415,12 @@ async fn negotiated(tls: SocketAddr, args: &[&str]) -> String {
 
 #[tokio::test]
 async fn the_proxy_prefers_aes_128_gcm_and_still_serves_chacha20_only_clients() {
+    if !have(
+        "the_proxy_prefers_aes_128_gcm_and_still_serves_chacha20_only_clients",
+        &["openssl", "curl", "python3"],
+    ) {
+        return;
+    }
     let p = tls_proxy(&[]).await;
     // OpenSSL's own order puts AES-256-GCM-SHA384 first; the server's
     // order picks AES-128-GCM (a SHA-256 handshake, in hardware).
@@ -468,6 +492,12 @@ def tls_over(ca, port):
 /// whatever moves below TLS.
 #[tokio::test]
 async fn a_tls_record_trickled_after_the_handshake_is_cut_off() {
+    if !have(
+        "a_tls_record_trickled_after_the_handshake_is_cut_off",
+        &["openssl", "curl", "python3"],
+    ) {
+        return;
+    }
     let p = tls_proxy(&["--header-read-timeout", "1s", "--idle-timeout", "2s"]).await;
     let script = format!(
         r#"{PY_TLS_OVER}
@@ -503,6 +533,12 @@ assert closed and took < 4, (closed, took)
 /// is no answer to its hello (curl would report a garbled record).
 #[tokio::test]
 async fn a_tls_client_past_the_connection_limit_is_closed_not_sent_plain_text() {
+    if !have(
+        "a_tls_client_past_the_connection_limit_is_closed_not_sent_plain_text",
+        &["openssl", "curl", "python3"],
+    ) {
+        return;
+    }
     let p = tls_proxy(&["--max-connections", "1"]).await;
     // The start-up probe's connection gone first.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -524,6 +560,12 @@ async fn a_tls_client_past_the_connection_limit_is_closed_not_sent_plain_text() 
 /// tunnel both ways.
 #[tokio::test]
 async fn a_tls_tunnel_passes_on_a_half_close_without_close_notify() {
+    if !have(
+        "a_tls_tunnel_passes_on_a_half_close_without_close_notify",
+        &["openssl", "curl", "python3"],
+    ) {
+        return;
+    }
     let p = tls_proxy(&[]).await;
     // Answers once the client has finished, a moment later.
     let dest = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -576,6 +618,12 @@ assert answer == b"got 1000", answer
 /// `rotor status` lists a worker's TLS listener beside its others.
 #[tokio::test]
 async fn status_lists_the_tls_listener() {
+    if !have(
+        "status_lists_the_tls_listener",
+        &["openssl", "curl", "python3"],
+    ) {
+        return;
+    }
     let p = tls_proxy(&[]).await;
     let want = format!("https {}", p.tls);
     let socket = p._alloc.socket.clone();

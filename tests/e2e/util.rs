@@ -711,6 +711,9 @@ where
 {
     let setup: Vec<String> = setup.iter().map(|s| s.to_string()).collect();
     let test = test.to_string();
+    if !have(&test, &["ip"]) {
+        return;
+    }
     let run = std::thread::spawn(move || {
         if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
             println!(
@@ -773,4 +776,33 @@ pub async fn run_python(script: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Whether every one of `tools` (programs users have: curl, openssl,
+/// HAProxy, Prometheus, systemd's tools) is on the PATH, for `test`. A
+/// missing one fails the test under CI (`CI` set: `.ci/run` installs them
+/// first, so there nothing is skipped); elsewhere the test says it was
+/// skipped, and why, and the caller returns.
+pub fn have(test: &str, tools: &[&str]) -> bool {
+    let on_path = |tool: &str| {
+        std::env::var_os("PATH").is_some_and(|path| {
+            std::env::split_paths(&path).any(|dir| {
+                std::fs::metadata(dir.join(tool)).is_ok_and(|m| {
+                    use std::os::unix::fs::PermissionsExt;
+                    m.is_file() && m.permissions().mode() & 0o111 != 0
+                })
+            })
+        })
+    };
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| !on_path(t)).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let why = format!(
+        "{test} needs {} (.ci/run installs what the tests use)",
+        missing.join(", ")
+    );
+    assert!(std::env::var_os("CI").is_none(), "{why}");
+    println!("SKIPPED {why}");
+    false
 }
