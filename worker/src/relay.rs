@@ -523,9 +523,10 @@ mod tests {
         }
     }
 
-    /// A destination reading slowly (about 1.3 MB/s, a MiB chunk in 0.8 s):
+    /// A destination reading slowly (about 650 KB/s, a MiB chunk in 1.6 s):
     /// the bytes are counted, and the idle timer kept off, as each part of
-    /// a chunk goes, not once a whole chunk went.
+    /// a chunk goes (about every 0.1–0.2 s here), not once a whole chunk
+    /// went (every 1.6 s: past the 0.8 s limit).
     #[tokio::test]
     async fn a_slow_reader_keeps_the_tunnel_active() {
         for pipes in [true, false] {
@@ -547,14 +548,14 @@ mod tests {
                 got += server.read(&mut b).await.unwrap();
             }
             let slowly = async {
-                for _ in 0..40 {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                for _ in 0..30 {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     server.read_exact(&mut b).await.unwrap();
                 }
             };
             tokio::select! {
                 () = slowly => {}
-                () = watched.idle_for(std::time::Duration::from_millis(400)) => {
+                () = watched.idle_for(std::time::Duration::from_millis(800)) => {
                     panic!("pipes {pipes}: a moving tunnel taken for idle");
                 }
             }
