@@ -39,8 +39,9 @@ settings! {
         /// Limit on resolving the destination and on connecting to it.
         connect_timeout: Option<Duration> = "10s",
         /// Limit on the destination's response head once the request is
-        /// sent, and on a destination taking none of a request body (an
-        /// upload itself may take longer).
+        /// sent, and on an upload that stops moving: a destination taking
+        /// none of it, or a client sending none (an upload that moves may
+        /// take longer).
         response_timeout: Option<Duration> = "60s",
         /// A client must send a whole request head within this.
         header_read_timeout: Option<Duration> = "30s",

@@ -149,6 +149,20 @@ async fn upstream_failures_map_to_502_and_504() {
     s.write_all(b"0\r\n\r\n").await.unwrap();
     let head = read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // One that stops is the client's fault, within about the timeout.
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    s.write_all(
+        format!("POST {url} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let t0 = std::time::Instant::now();
+    let head = read_head(&mut s).await;
+    assert!(
+        head.starts_with("HTTP/1.1 408 Request Body Timeout"),
+        "{head}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
 }
 
 #[tokio::test]

@@ -21,6 +21,8 @@ pub enum ProxyError {
     BadRequest(String),
     #[error("reading the request body from the client failed")]
     ClientBody(#[source] crate::h1::BoxError),
+    #[error("the client sent none of its request body for {timeout:?}")]
+    ClientTimeout { timeout: Duration },
     /// A request rotor cannot pass on as asked (RFC 9112 §6.1: a transfer
     /// coding it does not understand is a 501).
     #[error("not implemented: {0}")]
@@ -138,6 +140,7 @@ impl ProxyError {
         match self {
             BadRequest(_)
             | ClientBody(_)
+            | ClientTimeout { .. }
             | NotImplemented(_)
             | HeadTooLarge { .. }
             | Denied(_)
@@ -169,6 +172,7 @@ impl ProxyError {
         match self {
             BadRequest(_) => (StatusCode::BAD_REQUEST, None),
             ClientBody(_) => (StatusCode::BAD_REQUEST, Some("http_request_error")),
+            ClientTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, Some("http_request_error")),
             NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, None),
             HeadTooLarge { .. } => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, None),
             Auth(crate::auth::AuthError::Busy) => (
@@ -211,6 +215,7 @@ impl ProxyError {
         match self {
             BadRequest(_) => "Bad Request",
             ClientBody(_) => "Bad Request Body",
+            ClientTimeout { .. } => "Request Body Timeout",
             NotImplemented(_) => "Transfer Coding Not Implemented",
             HeadTooLarge { .. } => "Request Head Too Large",
             Auth(crate::auth::AuthError::Busy) => "Authentication Busy",

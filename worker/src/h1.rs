@@ -64,6 +64,8 @@ pub enum Error {
         writing: bool,
         after: std::time::Duration,
     },
+    #[error("the client sent none of its request body for {after:?}")]
+    ClientStalled { after: std::time::Duration },
 }
 
 impl Error {
@@ -75,7 +77,7 @@ impl Error {
             }
             Error::HeadTooLarge => "http_response_header_section_size",
             Error::Incomplete => "http_response_incomplete",
-            Error::ClientBody(_) => "http_request_error",
+            Error::ClientBody(_) | Error::ClientStalled { .. } => "http_request_error",
             Error::Timeout { writing: true, .. } => "connection_write_timeout",
             Error::Timeout { .. } => "http_response_timeout",
             Error::Parse(_) | Error::Malformed(_) => "http_protocol_error",
@@ -183,7 +185,7 @@ impl Conn {
         let mut early = false;
         let mut upload = None;
         // Counted only for a body (no allocation for the common request).
-        let sent = body.as_ref().map(|_| Arc::new(AtomicU64::new(0)));
+        let sent = body.as_ref().map(|_| Arc::new(Progress::default()));
         let (io, (status, headers, version, reason)) = match body {
             None => {
                 // One bound for the head's going and the answer's coming.
@@ -208,46 +210,55 @@ impl Conn {
                 // has the whole body, the rest can go on being sent (it may
                 // still be reading it) while the answer is relayed.
                 let (mut rd, wr) = io.into_split();
-                let progress = Arc::new(Progress::default());
+                let progress = sent.clone().unwrap_or_default();
                 let mut send = Box::pin(send_body(
                     wr,
                     body,
                     sending == Sending::Chunked,
-                    sent.clone().unwrap_or_default(),
                     progress.clone(),
                 ));
                 let first = {
                     let recv = read_head(&mut rd, &mut buf);
                     tokio::pin!(recv);
-                    // An upload takes as long as it takes: `wait` bounds
-                    // a destination taking none of it (a client sending
-                    // none is its idle timer's), then the answer after it.
+                    // An upload takes as long as it takes, as long as it
+                    // moves: `wait` bounds a destination taking none of
+                    // it, a client sending none of it, then the answer.
                     let timer = tokio::time::sleep(wait);
                     tokio::pin!(timer);
-                    let mut seen = 0;
+                    let mut seen = (0, 0);
                     loop {
                         tokio::select! {
                             biased;
-                            r = &mut send => break match r {
-                                Ok(wr) => match tokio::time::timeout(wait, &mut recv).await {
-                                    Ok(head) => First::Sent(wr, head),
-                                    Err(_) => return Err(timed_out(false)),
-                                },
-                                // The destination stopped taking the
-                                // body: it may have answered (a 413) and
-                                // closed, and its answer is the client's.
-                                Err(e @ Error::Io(_)) => {
-                                    First::Failed(e, tokio::time::timeout(wait, &mut recv).await.ok())
+                            r = &mut send => {
+                                timer.as_mut().reset(tokio::time::Instant::now() + wait);
+                                break match r {
+                                    Ok(wr) => tokio::select! {
+                                        biased;
+                                        head = &mut recv => First::Sent(wr, head),
+                                        () = &mut timer => return Err(timed_out(false)),
+                                    },
+                                    // The destination stopped taking the
+                                    // body: it may have answered (a 413)
+                                    // and closed, and its answer is the
+                                    // client's.
+                                    Err(e @ Error::Io(_)) => tokio::select! {
+                                        biased;
+                                        head = &mut recv => First::Failed(e, Some(head)),
+                                        () = &mut timer => First::Failed(e, None),
+                                    },
+                                    Err(e) => First::Failed(e, None),
                                 }
-                                Err(e) => First::Failed(e, None),
-                            },
+                            }
                             r = &mut recv => break First::Answered(r),
                             () = &mut timer => {
-                                let now = progress.written.load(Ordering::Relaxed);
-                                if now == seen && progress.writing.load(Ordering::Relaxed) {
-                                    return Err(timed_out(true));
+                                let moved = progress.moved();
+                                if moved == seen {
+                                    return Err(match progress.writing.load(Ordering::Relaxed) {
+                                        true => timed_out(true),
+                                        false => Error::ClientStalled { after: wait },
+                                    });
                                 }
-                                seen = now;
+                                seen = moved;
                                 timer.as_mut().reset(tokio::time::Instant::now() + wait);
                             }
                         }
@@ -441,13 +452,12 @@ pub(crate) fn size_line(n: usize) -> SizeLine {
 }
 
 /// Streams the client's body to the destination (in chunks when its
-/// length is unknown), counting its bytes in `sent` and its writes in
-/// `progress`; the writer back once all of it went.
+/// length is unknown), counting it in `progress`; the writer back once all
+/// of it went.
 async fn send_body<W, B>(
     mut wr: W,
     mut body: B,
     chunked: bool,
-    sent: Arc<AtomicU64>,
     progress: Arc<Progress>,
 ) -> Result<W, Error>
 where
@@ -466,6 +476,7 @@ where
             continue;
         }
         let n = data.len() as u64;
+        progress.received.fetch_add(n, Ordering::Relaxed);
         progress.writing.store(true, Ordering::Relaxed);
         if chunked {
             let size = size_line(data.len());
@@ -476,7 +487,7 @@ where
             progress.write(&mut wr, &mut data).await?;
         }
         progress.writing.store(false, Ordering::Relaxed);
-        sent.fetch_add(n, Ordering::Relaxed);
+        progress.sent.fetch_add(n, Ordering::Relaxed);
     }
     progress.writing.store(true, Ordering::Relaxed);
     if chunked {
@@ -486,16 +497,27 @@ where
     Ok(wr)
 }
 
-/// How an upload goes, for the wait on a destination that takes none of
-/// it: the bytes written so far, and whether a write waits on the
-/// destination (not on the client's body).
+/// How an upload goes: the body's bytes sent (for the access log), and
+/// for the waits, the bytes taken from the client and written to the
+/// destination so far, and whether a write waits on the destination (not
+/// on the client's body).
 #[derive(Debug, Default)]
-struct Progress {
+pub(crate) struct Progress {
+    sent: AtomicU64,
+    received: AtomicU64,
     written: AtomicU64,
     writing: AtomicBool,
 }
 
 impl Progress {
+    /// Bytes taken from the client and written to the destination.
+    fn moved(&self) -> (u64, u64) {
+        (
+            self.received.load(Ordering::Relaxed),
+            self.written.load(Ordering::Relaxed),
+        )
+    }
+
     /// Writes all of `buf`, counting each write.
     async fn write<W, B>(&self, wr: &mut W, buf: &mut B) -> Result<(), Error>
     where
@@ -804,7 +826,7 @@ pub struct ResponseBody {
     decoder: Decoder,
     reusable: bool,
     /// The request body's bytes that went out (`None`: there was none).
-    sent: Option<Arc<AtomicU64>>,
+    sent: Option<Arc<Progress>>,
     /// The rest of the request body, still going out after an early
     /// answer: stopped when the answer has been relayed (or dropped).
     _upload: Option<AbortOnDrop>,
@@ -836,7 +858,9 @@ impl ResponseBody {
 
     /// The request body's bytes that went out.
     pub fn sent(&self) -> u64 {
-        self.sent.as_ref().map_or(0, |s| s.load(Ordering::Relaxed))
+        self.sent
+            .as_ref()
+            .map_or(0, |s| s.sent.load(Ordering::Relaxed))
     }
 
     /// The connection, once the body has ended and it can take another
@@ -1711,6 +1735,29 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, Error::Timeout { writing: false, .. }), "{e:?}");
+        // A client that stops sending its body (the origin reads on).
+        let conn = connect(origin(Some(1), false).await).await;
+        let started = std::time::Instant::now();
+        let stalled = futures_util::StreamExt::chain(
+            futures_util::stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(
+                Bytes::from_static(b"abc"),
+            ))]),
+            futures_util::stream::pending(),
+        );
+        let mut chunked = get(Method::POST);
+        chunked.headers.remove(header::CONTENT_LENGTH);
+        let e = conn
+            .exchange(
+                &chunked,
+                &fields_of(&chunked),
+                Some(StreamBody::new(stalled)),
+                wait,
+                &mut written,
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::ClientStalled { .. }), "{e:?}");
+        assert!(started.elapsed() < wait * 4, "{:?}", started.elapsed());
     }
 
     #[tokio::test]

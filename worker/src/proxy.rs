@@ -724,6 +724,9 @@ impl Proxy {
             // The client's body broke (it went, or sent a bad chunk): its
             // fault, not the destination's.
             Err(h1::Error::ClientBody(source)) => Err(ProxyError::ClientBody(source)),
+            Err(h1::Error::ClientStalled { after }) => {
+                Err(ProxyError::ClientTimeout { timeout: after })
+            }
             Err(e) => Ok(Err((e, written))),
         }
     }

@@ -367,7 +367,8 @@ impl Serving {
             let arrivals = Arc::new(Arrivals::default());
             let seen = arrivals.clone();
             // Requests whose response head is not out yet: the client waits
-            // on the destination, which is bounded by --response-timeout,
+            // on the destination, which is bounded by --response-timeout
+            // (the answer, and an upload that stops moving either way),
             // not idle.
             let waiting = Arc::new(AtomicUsize::new(0));
             let pending = waiting.clone();
