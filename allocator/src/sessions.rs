@@ -30,8 +30,10 @@ pub struct Sessions {
     /// checkpoint's copy of the table (no key copied under the lock).
     map: HashMap<Arc<str>, Session>,
     /// Keys by creation, oldest first, for eviction past `max` (entries
-    /// whose session is gone or newer are skipped when met).
-    order: VecDeque<(Instant, Arc<str>)>,
+    /// whose session is gone or newer are skipped when met): the
+    /// sessions that may move, and the strict ones (so a strict one that
+    /// cannot be remembered is passed over for the oldest that may move).
+    order: [VecDeque<(Instant, Arc<str>)>; 2],
     max: usize,
     /// Strict sessions evicted before their end, until then: they fail
     /// (as their address gone) rather than quietly take another address.
@@ -130,7 +132,7 @@ impl Sessions {
     pub fn new(max: usize) -> Sessions {
         Sessions {
             map: HashMap::new(),
-            order: VecDeque::new(),
+            order: [VecDeque::new(), VecDeque::new()],
             max: max.max(1),
             evicted_strict: HashMap::new(),
             expired_at: None,
@@ -175,13 +177,15 @@ impl Sessions {
         }
     }
 
-    /// Makes room for session `key` if it is new: ended sessions go
-    /// first, then the oldest. A strict one pushed out early is remembered
-    /// (it fails until its end rather than move). When that list is full
-    /// of live ones too, the table holds only strict sessions that must
-    /// not move: the new session is refused, with about how long until
-    /// room frees, rather than a strict one moved.
-    pub fn make_room(&mut self, key: &str, now: Instant) -> Result<(), Duration> {
+    /// Whether a new session `key` can be kept (none needed for one that
+    /// is there): the table has room, or a session to push out. Ended
+    /// sessions go first, then the oldest; a strict one pushed out early is
+    /// remembered (it fails until its end rather than move), and when that
+    /// list is full of live ones too, the oldest session that may move goes
+    /// instead. Only a table of strict sessions that must not move refuses,
+    /// with about how long until room frees. Nothing live is pushed out
+    /// here: [`Sessions::pin`] does that, once a lease was had.
+    pub fn room(&mut self, key: &str, now: Instant) -> Result<(), Duration> {
         if self.map.contains_key(key) || self.map.len() < self.max {
             return Ok(());
         }
@@ -194,56 +198,94 @@ impl Sessions {
             self.expired_at = Some(now);
             self.expire(now);
         }
-        while self.map.len() >= self.max {
-            let Some((created, old)) = self.order.pop_front() else {
-                break;
-            };
-            let Some(s) = self.map.get(&old).filter(|s| s.created == created) else {
-                continue;
-            };
-            if s.strict && s.expires > now {
-                if self.evicted_strict.len() >= self.max {
-                    self.evicted_strict.retain(|_, until| *until > now);
-                }
-                if self.evicted_strict.len() >= self.max {
-                    // Room frees when a remembered one or this one ends.
-                    let wait = self
-                        .evicted_strict
-                        .values()
-                        .chain([&s.expires])
-                        .min()
-                        .map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
-                    self.order.push_front((created, old));
-                    if self
-                        .unrecorded_logged
-                        .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60))
-                    {
-                        self.unrecorded_logged = Some(now);
-                        tracing::warn!(
-                            max = self.max,
-                            "the session table is full of strict sessions that may not move: new sessions are refused (503) until one ends; raise --max-sessions"
-                        );
-                    }
-                    return Err(wait);
-                }
-                self.evicted_strict.insert(old.clone(), s.expires);
-            }
-            self.map.remove(&old);
+        if self.map.len() < self.max {
+            return Ok(());
         }
-        Ok(())
+        self.victim(now).map(|_| ())
+    }
+
+    /// The queue whose first session goes next, if the table is to make
+    /// room: the older of the two firsts, unless that is a live strict
+    /// session that cannot be remembered (then the first that may move).
+    /// `Err`: only such strict sessions, and about when room frees.
+    fn victim(&mut self, now: Instant) -> Result<usize, Duration> {
+        // Entries of sessions gone or replaced, off the fronts.
+        for q in &mut self.order {
+            while let Some((created, key)) = q.front() {
+                if self.map.get(key).is_some_and(|s| s.created == *created) {
+                    break;
+                }
+                q.pop_front();
+            }
+        }
+        let first = |q: &VecDeque<(Instant, Arc<str>)>| q.front().map(|(c, _)| *c);
+        let oldest = match (first(&self.order[0]), first(&self.order[1])) {
+            (Some(a), Some(b)) => usize::from(b < a),
+            (Some(_), None) => 0,
+            (None, Some(_)) => 1,
+            (None, None) => return Ok(0),
+        };
+        if oldest == 0 {
+            return Ok(0);
+        }
+        let (_, key) = &self.order[1][0];
+        let expires = self.map[key].expires;
+        if expires <= now {
+            return Ok(1);
+        }
+        if self.evicted_strict.len() >= self.max {
+            self.evicted_strict.retain(|_, until| *until > now);
+        }
+        if self.evicted_strict.len() < self.max {
+            return Ok(1);
+        }
+        if !self.order[0].is_empty() {
+            return Ok(0);
+        }
+        // Room frees when a remembered one or the oldest ends.
+        let wait = self
+            .evicted_strict
+            .values()
+            .chain([&expires])
+            .min()
+            .map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
+        if self
+            .unrecorded_logged
+            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60))
+        {
+            self.unrecorded_logged = Some(now);
+            tracing::warn!(
+                max = self.max,
+                "the session table is full of strict sessions that may not move: new sessions are refused (503) until one ends; raise --max-sessions"
+            );
+        }
+        Err(wait)
     }
 
     /// Pins `ip` for session `key` (created now, lasting `ttl`, if new).
-    /// A new session needs room: see [`Sessions::make_room`], which the
-    /// caller asks first; one without room is not kept.
+    /// A new session in a full table pushes out the one
+    /// [`Sessions::room`] names; one without room is not kept.
     pub fn pin(&mut self, key: &str, ip: IpAddr, ttl: Duration, strict: bool, now: Instant) {
         let family = Family::of(&ip);
         if let Some(s) = self.map.get_mut(key) {
             s.ips[family.index()] = Some(ip);
             return;
         }
-        if self.make_room(key, now).is_err() {
+        if self.room(key, now).is_err() {
             return;
+        }
+        while self.map.len() >= self.max {
+            let Ok(q) = self.victim(now) else {
+                return;
+            };
+            let Some((_, old)) = self.order[q].pop_front() else {
+                break;
+            };
+            if let Some(s) = self.map.remove(&old) {
+                if s.strict && s.expires > now {
+                    self.evicted_strict.insert(old, s.expires);
+                }
+            }
         }
         let mut ips = [None, None];
         ips[family.index()] = Some(ip);
@@ -257,7 +299,7 @@ impl Sessions {
                 strict,
             },
         );
-        self.order.push_back((now, key));
+        self.order[usize::from(strict)].push_back((now, key));
     }
 
     /// Drops the expired sessions (and what the order no longer needs).
@@ -265,8 +307,9 @@ impl Sessions {
         self.map.retain(|_, s| s.expires > now);
         self.evicted_strict.retain(|_, until| *until > now);
         let map = &self.map;
-        self.order
-            .retain(|(created, key)| map.get(key).is_some_and(|s| s.created == *created));
+        for q in &mut self.order {
+            q.retain(|(created, key)| map.get(key).is_some_and(|s| s.created == *created));
+        }
     }
 
     /// Sessions pinned to each address (one pass over the table).
@@ -341,7 +384,7 @@ impl Sessions {
                 .unwrap_or(now);
             let expires = left(&s);
             let key: Arc<str> = Arc::from(s.key);
-            self.order.push_back((created, key.clone()));
+            self.order[usize::from(s.strict)].push_back((created, key.clone()));
             self.map.insert(
                 key,
                 Session {
@@ -353,9 +396,9 @@ impl Sessions {
             );
             n += 1;
         }
-        self.order
-            .make_contiguous()
-            .sort_by_key(|(created, _)| *created);
+        for q in &mut self.order {
+            q.make_contiguous().sort_by_key(|(created, _)| *created);
+        }
         n
     }
 
@@ -490,12 +533,12 @@ mod tests {
         let mut s = Sessions::new(1);
         s.pin("a", ip("10.0.0.1"), Duration::from_secs(30), true, t0);
         let t1 = t0 + Duration::from_secs(1);
-        assert_eq!(s.make_room("b", t1), Ok(()));
+        assert_eq!(s.room("b", t1), Ok(()));
         s.pin("b", ip("10.0.0.2"), Duration::from_secs(10), true, t1);
         assert_eq!(s.pinned("a", Family::V4, t1, all_good), Pinned::Evicted);
         // "a" is remembered, the list is full: "c" waits for "b" to end.
         let t2 = t0 + Duration::from_secs(2);
-        assert_eq!(s.make_room("c", t2), Err(Duration::from_secs(9)));
+        assert_eq!(s.room("c", t2), Err(Duration::from_secs(9)));
         s.pin("c", ip("10.0.0.3"), Duration::from_secs(10), false, t2);
         assert_eq!(
             s.pinned("b", Family::V4, t2, all_good),
@@ -504,15 +547,69 @@ mod tests {
         );
         assert_eq!(s.pinned("c", Family::V4, t2, all_good), Pinned::Nothing);
         // A session already in the table needs no room.
-        assert_eq!(s.make_room("b", t2), Ok(()));
+        assert_eq!(s.room("b", t2), Ok(()));
         // "b" ended: room.
         let t3 = t0 + Duration::from_secs(12);
-        assert_eq!(s.make_room("c", t3), Ok(()));
+        assert_eq!(s.room("c", t3), Ok(()));
         s.pin("c", ip("10.0.0.3"), Duration::from_secs(10), false, t3);
         assert_eq!(
             s.pinned("c", Family::V4, t3, all_good),
             Pinned::Address(ip("10.0.0.3"))
         );
+    }
+
+    /// A strict session that cannot be remembered is passed over for the
+    /// oldest that may move; and asking for room pushes nothing out (the
+    /// lease may still fail).
+    #[test]
+    fn a_session_that_may_move_goes_before_a_strict_one_that_cannot_be_remembered() {
+        let t0 = Instant::now();
+        let all_good = |_| true;
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let hour = Duration::from_secs(3600);
+        let mut s = Sessions::new(3);
+        s.pin("strict-1", ip("10.0.0.1"), hour, true, at(0));
+        s.pin("loose-1", ip("10.0.0.2"), hour, false, at(1));
+        s.pin("loose-2", ip("10.0.0.3"), hour, false, at(2));
+        // Pushed out (oldest), remembered: the list (of 3) has room.
+        s.pin("strict-2", ip("10.0.0.4"), hour, true, at(3));
+        assert_eq!(
+            s.pinned("strict-1", Family::V4, at(3), all_good),
+            Pinned::Evicted
+        );
+        // Fill the list of remembered ones.
+        s.evicted_strict.insert(Arc::from("x"), at(3) + hour);
+        s.evicted_strict.insert(Arc::from("y"), at(3) + hour);
+        // The oldest, loose-1 then loose-2, may move: they go.
+        assert_eq!(s.room("new-1", at(4)), Ok(()));
+        assert_eq!(s.len(), 3, "asking pushes nothing out");
+        s.pin("new-1", ip("10.0.0.5"), hour, false, at(4));
+        s.pin("new-2", ip("10.0.0.6"), hour, false, at(5));
+        assert_eq!(
+            s.pinned("loose-1", Family::V4, at(5), all_good),
+            Pinned::Nothing
+        );
+        assert_eq!(
+            s.pinned("loose-2", Family::V4, at(5), all_good),
+            Pinned::Nothing
+        );
+        // Now strict-2 is the oldest and cannot be remembered: new-1, the
+        // oldest that may move, goes instead.
+        s.pin("new-3", ip("10.0.0.7"), hour, false, at(6));
+        assert_eq!(
+            s.pinned("strict-2", Family::V4, at(6), all_good),
+            Pinned::Address(ip("10.0.0.4"))
+        );
+        assert_eq!(
+            s.pinned("new-1", Family::V4, at(6), all_good),
+            Pinned::Nothing
+        );
+        for (key, want) in [("new-2", "10.0.0.6"), ("new-3", "10.0.0.7")] {
+            assert_eq!(
+                s.pinned(key, Family::V4, at(6), all_good),
+                Pinned::Address(ip(want))
+            );
+        }
     }
 
     #[test]
@@ -558,7 +655,7 @@ mod tests {
         assert_eq!(s.pinned("b", Family::V4, t0, all_good), Pinned::Nothing);
         assert_eq!(s.on(ip("10.0.0.5")), 1);
         s.expire(t0 + Duration::from_secs(100));
-        assert!(s.is_empty() && s.order.is_empty());
+        assert!(s.is_empty() && s.order.iter().all(VecDeque::is_empty));
         // A strict session pushed out early says so, until its end.
         let mut s = Sessions::new(1);
         s.pin("strict", ip("10.0.0.1"), ttl, true, t0);

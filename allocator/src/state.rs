@@ -992,7 +992,7 @@ impl Allocator {
                 }
                 Pinned::Nothing => {}
             }
-            if let Err(wait) = inner.sessions.make_room(key, now) {
+            if let Err(wait) = inner.sessions.room(key, now) {
                 let minor = inner.peers.get(&peer).map_or(0, |p| p.hello.minor);
                 return match minor >= rotor_protocol::MINOR_SESSIONS_FULL {
                     true => Response::SessionsFull {
