@@ -160,6 +160,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             fds: Arc::default(),
             cpus: None,
             first_backoff: FIRST_BACKOFF,
+            steady: STEADY,
         },
         alloc_stop.clone(),
         signals.clone(),
@@ -206,6 +207,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
                 fds: listeners.clone(),
                 cpus: cpus.map(|c| cpu_set(&c)),
                 first_backoff: FIRST_BACKOFF,
+                steady: STEADY,
             },
             signals.shutdown.clone(),
             signals.clone(),
@@ -335,6 +337,8 @@ struct Slot {
     /// The wait before a failed child's first restart (it doubles with
     /// each quick failure, up to [`BACKOFF_MAX`]).
     first_backoff: Duration,
+    /// A run this long is no quick failure ([`STEADY`]).
+    steady: Duration,
 }
 
 /// The CPUs this process may run on, ascending.
@@ -448,7 +452,6 @@ async fn supervise(
         if stop.is_cancelled() {
             return;
         }
-        let started = Instant::now();
         let mut child = match slot.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -472,10 +475,23 @@ async fn supervise(
         // it reads its files as it starts, and a SIGHUP before its
         // handlers are in place would kill it (the default action).
         reloads.borrow_and_update();
+        // A child that runs steadily ends this slot's streak there and
+        // then, not when (weeks later) it exits.
+        let steady = tokio::time::sleep(slot.steady);
+        tokio::pin!(steady);
+        let mut ran_steadily = false;
         let status = loop {
             tokio::select! {
                 s = child.wait() => break Some(s),
                 _ = stop.cancelled() => break None,
+                () = &mut steady, if !ran_steadily => {
+                    ran_steadily = true;
+                    backoff = slot.first_backoff;
+                    quick = 0;
+                    if std::mem::take(&mut failing) {
+                        streaks.recovered();
+                    }
+                }
                 Ok(()) = reloads.changed(), if forward_hup => {
                     if let Some(pid) = pid {
                         let _ = kill(pid, Signal::SIGHUP);
@@ -485,9 +501,9 @@ async fn supervise(
         };
         match status {
             Some(s) => {
-                // A signal sent to the whole process group (Ctrl-C in a
-                // terminal) or control group reaches the child as it reaches
-                // `rotor up`: that child stopped, it did not crash.
+                // A signal sent to the whole control group (systemd's
+                // stop) reaches the child as it reaches `rotor up`: that
+                // child stopped, it did not crash.
                 let stopping = tokio::time::timeout(STOP_GRACE, stop.cancelled()).await;
                 if stopping.is_ok() {
                     info!(child = %slot.name, status = ?s.ok(), "stopped");
@@ -503,13 +519,6 @@ async fn supervise(
                         _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                     }
                     continue;
-                }
-                if started.elapsed() > STEADY {
-                    backoff = slot.first_backoff;
-                    quick = 0;
-                    if std::mem::take(&mut failing) {
-                        streaks.recovered();
-                    }
                 }
                 quick += 1;
                 if give_up(&slot.name, quick, &mut failing, &streaks, &signals) {
@@ -619,6 +628,7 @@ mod tests {
             fds: Arc::default(),
             cpus: None,
             first_backoff: Duration::from_millis(1),
+            steady: Duration::from_millis(300),
         }
     }
 
@@ -674,6 +684,61 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(outcome.code(false), ExitCode::FAILURE);
+    }
+
+    /// A slot that failed its streak and then runs steadily is no longer
+    /// failing: another slot's streak later does not stop rotor up.
+    #[tokio::test]
+    async fn a_slot_that_recovers_no_longer_counts_as_failing() {
+        let dir = tempfile::tempdir().unwrap();
+        let flag = dir.path().join("ok");
+        let s = signals();
+        let outcome = Arc::new(Outcome::default());
+        let streaks = Streaks::shared(2, outcome.clone());
+        let mut sl = slot("worker 1", "/bin/sh");
+        sl.args = vec![
+            "-c".into(),
+            format!("test -e {} && exec sleep 30; exit 1", flag.display()).into(),
+        ];
+        let one = tokio::spawn(supervise(
+            sl,
+            s.shutdown.clone(),
+            s.clone(),
+            false,
+            Duration::from_secs(1),
+            streaks.clone(),
+        ));
+        let failing = || streaks.failing.load(std::sync::atomic::Ordering::Relaxed);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while failing() == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("a streak");
+        // It recovers, and says so while it runs.
+        std::fs::write(&flag, "").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while failing() != 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("recovered");
+        // The other slot's streak alone does not give up.
+        let two = tokio::spawn(supervise(
+            slot("worker 2", "/bin/false"),
+            s.shutdown.clone(),
+            s.clone(),
+            false,
+            Duration::from_secs(1),
+            streaks.clone(),
+        ));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!s.shutdown.is_cancelled());
+        s.shutdown.cancel();
+        one.await.unwrap();
+        two.await.unwrap();
     }
 
     /// A program that cannot even be started counts the same.

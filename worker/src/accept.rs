@@ -34,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::lease::LeaseClient;
 use crate::os;
@@ -222,6 +222,12 @@ pub async fn accept_loop(
                 serve(stream, peer);
             }
             Ok(Err(e)) if is_transient(&e) => {}
+            // The listening socket was shut (`rotor up` stopping: the stop
+            // reaches this worker a moment later): nothing more to accept.
+            Ok(Err(e)) if is_shut(&e) => {
+                debug!("listening socket shut; no more accepts");
+                return Ok(());
+            }
             Ok(Err(e)) => {
                 // EMFILE and friends: back off instead of spinning.
                 warn!(error = %e, "accept failed");
@@ -240,6 +246,12 @@ pub(crate) fn is_transient(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM)
     )
+}
+
+/// A listening socket shut down (`shutdown(2)` on a shared one): accept
+/// says EINVAL, for good.
+pub(crate) fn is_shut(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EINVAL)
 }
 
 /// The identity of a set of listening sockets: the same in every process

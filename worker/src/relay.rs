@@ -400,7 +400,15 @@ fn take_pipe(big: bool) -> Option<Pipe> {
         .expect("poisoned")
         .is_some_and(|t| t.elapsed() < REFUSAL_HOLDS)
     {
-        return None;
+        // A small one kept, if any, rather than none.
+        return match big {
+            true => Pipe::pool(false)
+                .0
+                .lock()
+                .expect("pipe pool poisoned")
+                .pop(),
+            false => None,
+        };
     }
     match Pipe::new(big) {
         Ok(Some(p)) => {

@@ -511,6 +511,10 @@ async fn socks_accept(
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) if crate::accept::is_transient(&e) => continue,
+                Err(e) if crate::accept::is_shut(&e) => {
+                    debug!("SOCKS5 listening socket shut; no more accepts");
+                    return;
+                }
                 Err(e) => {
                     warn!(error = %e, "SOCKS5 accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
