@@ -25,4 +25,19 @@ pub(crate) fn rss() -> usize {
 pub mod state;
 pub mod usable;
 
+/// Whether `period` has passed since `last` (or nothing was done yet),
+/// noting `now` as the last time when it has: a pass or a warning at most
+/// once a period.
+pub(crate) fn due(
+    last: &mut Option<std::time::Instant>,
+    now: std::time::Instant,
+    period: std::time::Duration,
+) -> bool {
+    let due = last.is_none_or(|t| now.saturating_duration_since(t) >= period);
+    if due {
+        *last = Some(now);
+    }
+    due
+}
+
 pub use server::{bind_socket, run, BindError, Config, RunError};

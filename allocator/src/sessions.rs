@@ -191,11 +191,7 @@ impl Sessions {
         }
         // Ended sessions go before a live one is evicted (the 1-s tick
         // may not have come yet).
-        if self
-            .expired_at
-            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
-        {
-            self.expired_at = Some(now);
+        if crate::due(&mut self.expired_at, now, Duration::from_secs(1)) {
             self.expire(now);
         }
         if self.map.len() < self.max {
@@ -249,11 +245,7 @@ impl Sessions {
             .chain([&expires])
             .min()
             .map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
-        if self
-            .unrecorded_logged
-            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60))
-        {
-            self.unrecorded_logged = Some(now);
+        if crate::due(&mut self.unrecorded_logged, now, Duration::from_secs(60)) {
             tracing::warn!(
                 max = self.max,
                 "the session table is full of strict sessions that may not move: new sessions are refused (503) until one ends; raise --max-sessions"

@@ -499,11 +499,7 @@ impl Sites {
         if self.entries() < self.max_entries {
             return;
         }
-        if self
-            .room_expired
-            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(1))
-        {
-            self.room_expired = Some(now);
+        if crate::due(&mut self.room_expired, now, Duration::from_secs(1)) {
             self.expire(now);
             if self.entries() < self.max_entries {
                 return;
@@ -542,11 +538,7 @@ impl Sites {
             keep
         });
         self.pairs.retain(|(id, _), _| !gone.contains(id));
-        if self
-            .full_logged
-            .is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(60))
-        {
-            self.full_logged = Some(now);
+        if crate::due(&mut self.full_logged, now, Duration::from_secs(60)) {
             tracing::warn!(
                 max = self.max_entries,
                 forgot = n,
