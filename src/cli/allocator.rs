@@ -91,7 +91,7 @@ settings! {
         no_state: Option<bool>,
         /// Mode of the socket file, octal.
         #[arg(value_name = "MODE")]
-        socket_mode: Option<String> = "660",
+        socket_mode: Option<FileMode> = "660",
         /// Group of the socket file; its members are served [default: the
         /// allocator's group].
         #[arg(value_name = "GROUP")]
@@ -104,6 +104,21 @@ settings! {
         /// Repeatable.
         #[arg(value_name = "GROUP")]
         allow_gid: Vec<String>,
+    }
+}
+
+/// A file mode in octal, as `chmod` takes it (`660`, `0o660`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileMode(pub u32);
+
+impl Value for FileMode {
+    const NAME: &'static str = "MODE";
+    const FROM_NUMBER: bool = false;
+    fn parse(s: &str) -> Result<Self, String> {
+        parse_mode(s).map(FileMode).map_err(|e| e.to_string())
+    }
+    fn show(&self) -> String {
+        format!("{:o}", self.0)
     }
 }
 
@@ -271,7 +286,7 @@ impl AllocatorFlags {
         let a = self.merge(&file.allocator);
         let err = |e: rotor_allocator::access::AccessError| ConfigError::Invalid(e.to_string());
         Ok(Access {
-            mode: parse_mode(&a.socket_mode).map_err(err)?,
+            mode: a.socket_mode.0,
             group: a
                 .socket_group
                 .as_deref()
@@ -377,7 +392,18 @@ mod tests {
         assert_eq!(flags(&[]).access(&f).unwrap().mode, 0o600);
         let none = FileConfig::default();
         assert_eq!(flags(&[]).access(&none).unwrap().mode, 0o660);
-        assert!(flags(&["--socket-mode", "999"]).access(&none).is_err());
+        assert!(Alloc::try_parse_from(["a", "--socket-mode", "999"]).is_err());
+        // A TOML number is decimal: refused, not read as another mode.
+        let e =
+            rotor_protocol::error_chain(&file("[allocator]\nsocket-mode = 0o660\n").unwrap_err());
+        assert!(e.contains("as a string"), "{e}");
+        assert_eq!(
+            flags(&[])
+                .access(&file("[allocator]\nsocket-mode = \"0o640\"\n").unwrap())
+                .unwrap()
+                .mode,
+            0o640
+        );
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub trait Value: Sized + Clone + Send + Sync + 'static {
     const NUM_ARGS: std::ops::RangeInclusive<usize> = 1..=1;
     /// The value of a switch given without one.
     const MISSING: Option<&'static str> = None;
+    /// Whether a TOML number may stand for the value (read as its decimal
+    /// text): not for one written in another base, such as a file mode.
+    const FROM_NUMBER: bool = true;
     fn parse(s: &str) -> Result<Self, String>;
     fn show(&self) -> String;
 }
@@ -182,6 +185,12 @@ impl Raw {
     fn value<T: Value, E: serde::de::Error>(self) -> Result<T, E> {
         let text = match self {
             Raw::Bool(b) => b.to_string(),
+            Raw::Int(_) if !T::FROM_NUMBER => {
+                return Err(E::custom(format!(
+                    "write this {} as a string (e.g. \"660\"): a TOML number is not read as octal",
+                    T::NAME
+                )))
+            }
             Raw::Int(i) => i.to_string(),
             Raw::Text(s) => s,
         };
