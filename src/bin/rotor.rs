@@ -196,16 +196,56 @@ fn main() -> ExitCode {
                 control,
             } => steer(&control, addr, false, for_).await,
             Cmd::Release { addr, control } => steer(&control, addr, true, None).await,
-            Cmd::Reload { control } => {
-                report(request(&control, Request::Reload).await, |r| match r {
-                    Response::Reloaded { generation, size } => Some(format!(
-                        "pool reloaded: {size} addresses, generation {generation}"
-                    )),
-                    _ => None,
-                })
-            }
+            Cmd::Reload { control } => reload(&control).await,
         }
     })
+}
+
+/// `rotor reload`: the pool's sources read again, and what came of it. A
+/// source that failed (its last good addresses kept) is said, and is exit
+/// 1: a mistyped pool file must not pass for a reload.
+#[allow(clippy::print_stdout)]
+async fn reload(control: &ControlArgs) -> ExitCode {
+    let answer = request(control, Request::Reload).await;
+    let Ok(Response::Reloaded { generation, size }) = answer else {
+        return report(answer, |_| None);
+    };
+    let status = match control.socket() {
+        Ok(socket) => {
+            rotor::control::request_by_minor(&socket, |minor| match minor >= MINOR_FAMILIES {
+                true => Request::StatusV2,
+                false => Request::Status,
+            })
+            .await
+        }
+        Err(e) => Err(anyhow::anyhow!("{e}")),
+    };
+    let (addresses, failed): (Option<u64>, Vec<(String, String)>) = match status {
+        Ok(Response::StatusV2(s)) => (
+            Some(s.families.iter().map(|f| f.total).sum()),
+            s.sources
+                .into_iter()
+                .filter_map(|src| src.error.map(|e| (src.name, e)))
+                .collect(),
+        ),
+        Ok(Response::Status(s)) => (
+            None,
+            s.sources
+                .into_iter()
+                .filter_map(|src| src.error.map(|e| (src.name, e)))
+                .collect(),
+        ),
+        _ => (None, Vec::new()),
+    };
+    let count = addresses.map_or(String::new(), |n| format!("{n} addresses in "));
+    println!("pool reloaded: {count}{size} entries, generation {generation}");
+    if failed.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    for (name, error) in failed {
+        eprintln!("rotor: {name} could not be read (its last good addresses are kept): {error}");
+    }
+    ExitCode::FAILURE
 }
 
 /// `rotor quarantine` and `rotor release`.

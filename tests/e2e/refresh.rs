@@ -79,10 +79,26 @@ async fn a_failed_read_keeps_the_last_good_pool_and_an_empty_file_empties_it() {
     let origin = Origin::start().await;
     let (alloc, file) = file_allocator("127.0.0.2-127.0.0.3\n", "1h").await;
     let worker = Worker::start(&alloc.socket, &[]).await;
-    let reload = || rotor_control("reload", &alloc.socket, &[]);
+    // `rotor reload`: its exit code and what it said on stderr.
+    let reload = || {
+        let out = std::process::Command::new(ROTOR)
+            .args(["reload", "--socket", alloc.socket.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
 
     std::fs::remove_file(&file).unwrap();
-    reload();
+    // A source that failed is said, and is a failed reload.
+    let (code, err) = reload();
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("could not be read") && err.contains("cannot read"),
+        "{err}"
+    );
     let status = status_json(&alloc.socket);
     assert_eq!(pool_of(&status), ips(2..=3));
     let err = status["sources"][0]["error"].as_str().unwrap();
@@ -90,7 +106,7 @@ async fn a_failed_read_keeps_the_last_good_pool_and_an_empty_file_empties_it() {
     assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
 
     std::fs::write(&file, "not an address\n").unwrap();
-    reload();
+    assert_eq!(reload().0, Some(1));
     let status = status_json(&alloc.socket);
     assert_eq!(pool_of(&status), ips(2..=3));
     assert!(status["sources"][0]["error"]
@@ -99,7 +115,7 @@ async fn a_failed_read_keeps_the_last_good_pool_and_an_empty_file_empties_it() {
         .contains(":1"));
 
     std::fs::write(&file, "").unwrap();
-    reload();
+    assert_eq!(reload().0, Some(0));
     assert!(pool_of(&status_json(&alloc.socket)).is_empty());
     assert_eq!(get(worker.addr, &origin.url("/")).await.status, 503);
     assert_eq!(origin.count(), 1);
