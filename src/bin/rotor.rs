@@ -269,6 +269,20 @@ async fn steer(
         }
         Err(e) => Err(anyhow::anyhow!("{e}")),
     };
+    // Nothing changed is a failure a script must see (a mistyped address).
+    let refused = match &answer {
+        Ok(Response::Steered { entry: None }) => {
+            Some(format!("{ip} is not in the pool; nothing changed"))
+        }
+        Ok(Response::Status(_)) => {
+            Some("the allocator is too old to take an address out by hand".into())
+        }
+        _ => None,
+    };
+    if let Some(why) = refused {
+        eprintln!("rotor: {why}");
+        return ExitCode::FAILURE;
+    }
     report(answer, |r| match r {
         Response::Steered { entry: Some(e) } => Some(match (release, for_) {
             (true, _) => format!("{e} is back in the rotation"),
@@ -278,12 +292,6 @@ async fn steer(
                 humantime::format_duration(d)
             ),
         }),
-        Response::Steered { entry: None } => {
-            Some(format!("{ip} is not in the pool; nothing changed"))
-        }
-        Response::Status(_) => {
-            Some("the allocator is too old to take an address out by hand".into())
-        }
         _ => None,
     })
 }

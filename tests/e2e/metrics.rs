@@ -312,9 +312,19 @@ async fn an_address_taken_out_by_hand_stays_out_for_every_worker_until_released(
         assert_eq!(get(w[i % 2].addr, &origin.url("/")).await.status, 200);
     }
     assert!(origin.sources()[before..].contains(&out_ip));
-    // An address not in the pool changes nothing, and says so.
-    let out = rotor_control("quarantine", &alloc.socket, &["10.9.9.9"]);
-    assert!(out.contains("not in the pool"), "{out}");
+    // An address not in the pool changes nothing, and says so: exit 1.
+    let out = Command::new(ROTOR)
+        .args([
+            "quarantine",
+            "--socket",
+            alloc.socket.to_str().unwrap(),
+            "10.9.9.9",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not in the pool"), "{err}");
 }
 
 #[tokio::test]
