@@ -221,6 +221,11 @@ impl AllocatorFlags {
                 macs.clone(),
             ))));
         }
+        if !a.pool_command.is_empty() && a.pool_command_timeout.is_zero() {
+            return Err(ConfigError::Invalid(
+                "pool-command-timeout must be longer than 0s".into(),
+            ));
+        }
         sources.extend(a.pool_command.iter().map(|cmd| Source::Command {
             cmd: cmd.clone(),
             timeout: a.pool_command_timeout,

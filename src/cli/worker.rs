@@ -370,6 +370,21 @@ impl WorkerFlags {
         if t.threads == 0 {
             return Err(ConfigError::Invalid("threads must be at least 1".into()));
         }
+        // A zero here is no "off": every wait would end at once.
+        for (name, d) in [
+            ("lease-timeout", w.lease_timeout),
+            ("connect-timeout", w.connect_timeout),
+            ("response-timeout", w.response_timeout),
+            ("header-read-timeout", w.header_read_timeout),
+            ("idle-timeout", w.idle_timeout),
+            ("tunnel-idle-timeout", w.tunnel_idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be longer than 0s (with 0s every such wait would fail at once)"
+                )));
+            }
+        }
         if t.config.proxy.budget_wait > Duration::from_secs(3600) {
             return Err(ConfigError::Invalid(
                 "budget-wait is at most 1h (a client waits that long for a site's budget)".into(),
@@ -458,6 +473,15 @@ mod tests {
         assert_eq!(t.config.proxy.connect_timeout, Duration::from_secs(3));
         assert_eq!(t.config.drain_timeout, Duration::from_secs(30));
         assert_eq!(t.config.proxy.max_head_bytes, 65536);
+        // A zero wait is refused where it is no "off"; where it is, taken.
+        let none = FileConfig::default();
+        for name in ["--connect-timeout", "--response-timeout", "--idle-timeout"] {
+            let e = flags(&[name, "0s"]).resolve(&none).unwrap_err().to_string();
+            assert!(e.contains("longer than 0s"), "{name}: {e}");
+        }
+        assert!(flags(&["--upstream-idle-timeout", "0s"])
+            .resolve(&none)
+            .is_ok());
     }
 
     #[test]
