@@ -79,14 +79,36 @@ impl Access {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(self.mode)).map_err(wrap)
     }
 
-    /// Whether a peer with these credentials is served.
-    pub fn allows(&self, uid: u32, gid: u32) -> bool {
+    /// Whether a peer with these credentials is served. Its group may be
+    /// its primary one or, read from `/proc` for `pid`, a supplementary
+    /// one, as the socket file's own check (its mode and group) takes it.
+    pub fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+        let group = |gid: u32| {
+            self.gids.iter().any(|g| g.as_raw() == gid)
+                || self.group.is_some_and(|g| g.as_raw() == gid)
+        };
         uid == 0
             || uid == Uid::effective().as_raw()
             || self.uids.iter().any(|u| u.as_raw() == uid)
-            || self.gids.iter().any(|g| g.as_raw() == gid)
-            || self.group.is_some_and(|g| g.as_raw() == gid)
+            || group(gid)
+            || ((self.group.is_some() || !self.gids.is_empty())
+                && pid.is_some_and(|pid| supplementary_groups(pid).into_iter().any(group)))
     }
+}
+
+/// The supplementary groups of process `pid` (`Groups:` of its status),
+/// none if it cannot be read.
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|n| n.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -112,10 +134,20 @@ mod tests {
             gids: vec![Gid::from_raw(2000)],
             ..Access::default()
         };
-        assert!(a.allows(0, 0));
-        assert!(a.allows(Uid::effective().as_raw(), 12345));
-        assert!(a.allows(1000, 1));
-        assert!(a.allows(4242, 2000));
-        assert!(!a.allows(4242, 4242) || Uid::effective().as_raw() == 4242);
+        assert!(a.allows(0, 0, None));
+        assert!(a.allows(Uid::effective().as_raw(), 12345, None));
+        assert!(a.allows(1000, 1, None));
+        assert!(a.allows(4242, 2000, None));
+        assert!(!a.allows(4242, 4242, None) || Uid::effective().as_raw() == 4242);
+        // A supplementary group counts: this process's own, read from /proc.
+        let me = std::process::id() as i32;
+        if let Some(&g) = supplementary_groups(me).first() {
+            let by_group = Access {
+                group: Some(Gid::from_raw(g)),
+                ..Access::default()
+            };
+            assert!(by_group.allows(4242, 4242, Some(me)));
+            assert!(!by_group.allows(4242, 4242, None));
+        }
     }
 }

@@ -297,7 +297,7 @@ pub async fn run(
             },
         };
         match stream.peer_cred() {
-            Ok(cred) if config.access.allows(cred.uid(), cred.gid()) => {}
+            Ok(cred) if config.access.allows(cred.uid(), cred.gid(), cred.pid()) => {}
             Ok(cred) => {
                 warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "refused a peer that is not allowed to lease");
                 continue;

@@ -249,4 +249,31 @@ async fn only_allowed_users_may_use_the_allocator_socket() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    drop(alloc);
+
+    // --socket-group: a member by a supplementary group is served too (the
+    // socket file lets it connect; the allocator checked the primary only).
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let alloc = Allocator::start_in(dir, &["--pool", "127.0.0.2", "--socket-group", "4321"]).await;
+    let out = {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new(ROTOR);
+        cmd.args(["status", "--socket", alloc.socket.to_str().unwrap()]);
+        // SAFETY: setgroups, setgid and setuid only, in the child before exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setgroups(&[nix::unistd::Gid::from_raw(4321)])?;
+                nix::unistd::setgid(nix::unistd::Gid::from_raw(65534))?;
+                nix::unistd::setuid(nix::unistd::Uid::from_raw(65534))?;
+                Ok(())
+            });
+        }
+        cmd.output().unwrap()
+    };
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
