@@ -92,6 +92,14 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         for (what, a) in &named {
             eprintln!("ok: {what} {a} (not bound by --check)");
         }
+        if !passed_any {
+            // ExecStartPre gets no sockets: those systemd passes to the
+            // start are checked then (a public one without --auth-file is
+            // refused at the start, not here).
+            eprintln!(
+                "note: sockets systemd passes at the start (Sockets=) are not seen by --check; they are checked when the worker starts"
+            );
+        }
         eprintln!(
             "ok: allocator socket {}",
             args.common.socket(&file).display()
