@@ -79,6 +79,8 @@ pub enum BindError {
     InUse(PathBuf),
     #[error("the socket directory {0} is world-writable: put the socket where only rotor's user can write (e.g. /run/rotor)")]
     WorldWritable(PathBuf),
+    #[error("the socket directory {0} belongs to uid {1}, not to this user or root: its owner could replace the socket (e.g. a /tmp/rotor-UID made by another user); remove it, or give --socket elsewhere")]
+    ForeignDir(PathBuf, u32),
     #[error("cannot bind {path}")]
     Bind {
         path: PathBuf,
@@ -111,15 +113,19 @@ fn bind_path(path: &Path) -> Result<UnixListener, BindError> {
             })?;
         // Anyone could replace or pre-create the socket in a world-writable
         // directory (such as /tmp) and take the workers' leases.
-        let mode = std::fs::metadata(dir)
-            .map_err(|source| BindError::Dir {
-                path: dir.to_path_buf(),
-                source,
-            })?
-            .permissions()
-            .mode();
-        if mode & 0o002 != 0 {
+        // Nor may another user own it (a /tmp/rotor-UID made first by
+        // someone else).
+        let meta = std::fs::metadata(dir).map_err(|source| BindError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        if meta.permissions().mode() & 0o002 != 0 {
             return Err(BindError::WorldWritable(dir.to_path_buf()));
+        }
+        use std::os::unix::fs::MetadataExt;
+        let me = nix::unistd::Uid::effective().as_raw();
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(BindError::ForeignDir(dir.to_path_buf(), meta.uid()));
         }
     }
     match UnixListener::bind(path) {

@@ -80,3 +80,28 @@ fn a_socket_in_a_world_writable_directory_is_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("world-writable"));
     assert!(!std::path::Path::new("/tmp/rotor-test-allocator.sock").exists());
 }
+
+/// Nor in one another user owns (a `/tmp/rotor-UID` made first by someone
+/// else could have its socket replaced by them).
+#[test]
+fn a_socket_in_a_directory_another_user_owns_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let theirs = dir.path().join("rotor-0");
+    std::fs::create_dir(&theirs).unwrap();
+    nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let socket = theirs.join("allocator.sock");
+    let out = std::process::Command::new(ALLOCATOR)
+        .args([
+            "--socket",
+            socket.to_str().unwrap(),
+            "--pool",
+            "127.0.0.2",
+            "--no-state",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("belongs to uid 65534"), "{err}");
+    assert!(!socket.exists());
+}
