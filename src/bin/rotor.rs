@@ -742,7 +742,7 @@ fn lock_dir_of(path: &std::path::Path) -> std::io::Result<nix::fcntl::Flock<std:
 /// synced, renamed over it, and the directory synced. The file keeps its
 /// owner, group and mode (the workers read it as their own user: written
 /// by root, a new file would be root's and unreadable to them); a new one
-/// is readable by owner and group only.
+/// takes its directory's group, and is readable by owner and group only.
 fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -757,11 +757,22 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(&tmp)?;
+    // A new file takes its directory's group (/etc/rotor, root:rotor):
+    // written by root it would be root's, unreadable to the workers.
+    let dir_gid = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .and_then(|d| std::fs::metadata(d).ok())
+        .map(|m| m.gid());
     let written = (|| {
-        if let Some(m) = &was {
+        let owner = match &was {
+            Some(m) => Some((m.uid(), m.gid())),
+            None => dir_gid.map(|g| (nix::unistd::geteuid().as_raw(), g)),
+        };
+        if let Some((uid, gid)) = owner {
             let (uid, gid) = (
-                nix::unistd::Uid::from_raw(m.uid()),
-                nix::unistd::Gid::from_raw(m.gid()),
+                nix::unistd::Uid::from_raw(uid),
+                nix::unistd::Gid::from_raw(gid),
             );
             if (uid, gid) != (nix::unistd::geteuid(), nix::unistd::getegid()) {
                 nix::unistd::fchown(std::os::fd::AsRawFd::as_raw_fd(&f), Some(uid), Some(gid))

@@ -183,7 +183,15 @@ fn user_changes_keep_the_files_owner_and_mode_and_both_land() {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dir = tempfile::tempdir().unwrap();
     let users = dir.path().join("users");
+    // A new file takes its directory's group (/etc/rotor is root:rotor).
+    if nix::unistd::geteuid().is_root() {
+        nix::unistd::chown(dir.path(), None, Some(nix::unistd::Gid::from_raw(4321))).unwrap();
+    }
     add_user(&users, "alice", "s3cret");
+    if nix::unistd::geteuid().is_root() {
+        let new = std::fs::metadata(&users).unwrap();
+        assert_eq!((new.gid(), new.mode() & 0o7777), (4321, 0o640));
+    }
     if nix::unistd::geteuid().is_root() {
         nix::unistd::chown(
             &users,
