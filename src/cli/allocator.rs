@@ -398,6 +398,9 @@ mod tests {
         let none = FileConfig::default();
         assert_eq!(flags(&[]).access(&none).unwrap().mode, 0o660);
         assert!(Alloc::try_parse_from(["a", "--socket-mode", "999"]).is_err());
+        // A wrong TOML type says what is expected.
+        let e = rotor_protocol::error_chain(&file("[allocator]\nrefresh = 1.5\n").unwrap_err());
+        assert!(e.contains("a string (as the flag takes it)"), "{e}");
         // A TOML number is decimal: refused, not read as another mode.
         let e =
             rotor_protocol::error_chain(&file("[allocator]\nsocket-mode = 0o660\n").unwrap_err());

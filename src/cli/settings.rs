@@ -173,12 +173,41 @@ impl<T: Value> Shape for Vec<T> {
 
 /// A value as TOML writes it: text, a number or a boolean, read through
 /// the same `Value::parse` as the flag.
-#[derive(serde::Deserialize)]
-#[serde(untagged)]
 enum Raw {
     Bool(bool),
     Int(i64),
     Text(String),
+}
+
+impl<'de> serde::Deserialize<'de> for Raw {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Raw, D::Error> {
+        struct Visit;
+        impl serde::de::Visitor<'_> for Visit {
+            type Value = Raw;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                // What a wrong type (a float, a list, a table) is told.
+                f.write_str("a string (as the flag takes it), a whole number or true/false")
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<Raw, E> {
+                Ok(Raw::Bool(v))
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<Raw, E> {
+                Ok(Raw::Int(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Raw, E> {
+                i64::try_from(v)
+                    .map(Raw::Int)
+                    .map_err(|_| E::custom(format!("{v} is too large")))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Raw, E> {
+                Ok(Raw::Text(v.to_string()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Raw, E> {
+                Ok(Raw::Text(v))
+            }
+        }
+        d.deserialize_any(Visit)
+    }
 }
 
 impl Raw {
