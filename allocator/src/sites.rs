@@ -121,7 +121,11 @@ impl Rules {
             let site = site.trim();
             let limit: Limit = limit.parse().map_err(|e| format!("`{spec}`: {e}"))?;
             if site == "*" {
-                rules.default = Some(limit);
+                if rules.default.replace(limit).is_some() {
+                    return Err(format!(
+                        "`*` has two budgets (`{spec}` and one before): give one"
+                    ));
+                }
                 continue;
             }
             if site.is_empty() {
@@ -144,7 +148,11 @@ impl Rules {
                     "`{site}` is not a site: budgets are kept per registrable domain, so write `{key}` (it covers `{site}` and every other name under it)"
                 ));
             }
-            rules.named.insert(key, limit);
+            if rules.named.insert(key.clone(), limit).is_some() {
+                return Err(format!(
+                    "`{key}` has two budgets (`{spec}` and one before): give one"
+                ));
+            }
         }
         Ok(rules)
     }
@@ -1061,6 +1069,11 @@ mod tests {
         );
         let e = Rules::parse(&["api.example.co.uk=1/1s".into()]).unwrap_err();
         assert!(e.contains("`example.co.uk`"), "{e}");
+        // One budget a site: a second (which had silently won) is refused.
+        for two in [["a.io=1/1s", "A.io=2/1s"], ["*=1/1s", "*=2/1s"]] {
+            let e = Rules::parse(&two.map(String::from)).unwrap_err();
+            assert!(e.contains("two budgets"), "{e}");
+        }
     }
 
     #[test]

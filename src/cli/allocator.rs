@@ -203,6 +203,11 @@ impl AllocatorFlags {
                 ConfigError::Invalid(format!("metadata-mac: `{m}` is not a MAC address"))
             })?);
         }
+        if a.metadata_endpoint.is_some() && a.metadata.is_empty() {
+            return Err(ConfigError::Invalid(
+                "metadata-endpoint is where --metadata asks; give a provider".into(),
+            ));
+        }
         if !macs.is_empty() && a.metadata.is_empty() {
             return Err(ConfigError::Invalid(
                 "metadata-mac chooses interfaces of --metadata; give a provider".into(),

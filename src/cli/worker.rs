@@ -69,7 +69,8 @@ settings! {
         /// get an immediate 503.
         max_connections: Option<usize> = "10000",
         /// Threads of this worker's runtime; 1 runs it on one thread (scale
-        /// out with more workers instead) [default: the number of CPUs].
+        /// out with more workers instead) [default: the number of CPUs; 1
+        /// under `rotor up`].
         threads: Option<usize>,
         /// The longest a resolved destination name is reused: the DNS
         /// resolver keeps an answer for its records' TTL, up to this; the
