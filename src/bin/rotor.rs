@@ -603,19 +603,27 @@ fn format_status_v2(s: &StatusReportV2) -> String {
 
 /// The password on standard input: its first line, without the newline.
 fn read_password() -> Result<String, String> {
-    let mut line = String::new();
-    // Typed at a terminal: asked for, and not shown.
-    let echo_off = NoEcho::on_a_terminal();
-    if echo_off.is_some() {
-        eprint!("password: ");
-    }
-    // (ECHONL: the newline typed still shows.)
-    let read = std::io::stdin().read_line(&mut line);
-    drop(echo_off);
-    read.map_err(|e| format!("cannot read the password from standard input: {e}"))?;
-    let pw = line.trim_end_matches(['\n', '\r']).to_string();
+    // Typed at a terminal: asked for twice (a typo unseen would set a
+    // password nobody knows), and not shown.
+    let read = |prompt: &str| {
+        let mut line = String::new();
+        let echo_off = NoEcho::on_a_terminal();
+        let asked = echo_off.is_some();
+        if asked {
+            eprint!("{prompt}");
+        }
+        // (ECHONL: the newline typed still shows.)
+        let read = std::io::stdin().read_line(&mut line);
+        drop(echo_off);
+        read.map_err(|e| format!("cannot read the password from standard input: {e}"))?;
+        Ok::<_, String>((line.trim_end_matches(['\n', '\r']).to_string(), asked))
+    };
+    let (pw, asked) = read("password: ")?;
     if pw.is_empty() {
         return Err("empty password (give it on standard input)".into());
+    }
+    if asked && read("again: ")?.0 != pw {
+        return Err("the passwords differ; nothing changed".into());
     }
     Ok(pw)
 }

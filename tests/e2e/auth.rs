@@ -274,3 +274,54 @@ async fn a_bom_and_indented_lines_are_read_alike_by_workers_and_rotor_user() {
     let left = std::fs::read_to_string(&users).unwrap();
     assert!(!left.contains("bob:") && left.contains("alice:"), "{left}");
 }
+
+/// `rotor user add` at a terminal asks twice, and refuses two passwords
+/// that differ (a typo unseen would set one nobody knows); from a pipe it
+/// reads one line, as scripts give it.
+#[test]
+fn rotor_user_at_a_terminal_asks_twice() {
+    use std::io::Write;
+    use std::os::fd::FromRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    let at_a_terminal = |typed: &str| {
+        let (mut master, mut slave) = (0, 0);
+        // SAFETY: openpty fills two descriptors, owned as files below.
+        let r = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                std::ptr::null(),
+            )
+        };
+        assert_eq!(r, 0, "openpty");
+        // SAFETY: just opened, owned by nothing else.
+        let (mut master, slave) = unsafe {
+            (
+                std::fs::File::from_raw_fd(master),
+                std::fs::File::from_raw_fd(slave),
+            )
+        };
+        let child = std::process::Command::new(ROTOR)
+            .args(["user", "add", "bob", "--auth-file", users.to_str().unwrap()])
+            .stdin(slave)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        master.write_all(typed.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, err) = at_a_terminal("s3cret\ns3cert\n");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("again: ") && err.contains("differ"), "{err}");
+    assert!(!users.exists());
+    let (code, err) = at_a_terminal("s3cret\ns3cret\n");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(std::fs::read_to_string(&users).unwrap().starts_with("bob:"));
+}
