@@ -644,6 +644,15 @@ impl NoEcho {
                 return None;
             }
             let saved = t;
+            // A Ctrl-C (or a SIGTERM, SIGHUP, SIGQUIT) at the prompt gives
+            // the terminal its echo back before it ends the program.
+            let _ = ECHO_SAVED.set(saved);
+            for sig in STOPPING {
+                libc::signal(
+                    sig,
+                    restore_echo_and_die as extern "C" fn(libc::c_int) as libc::sighandler_t,
+                );
+            }
             t.c_lflag &= !libc::ECHO;
             t.c_lflag |= libc::ECHONL;
             (libc::tcsetattr(0, libc::TCSANOW, &t) == 0).then_some(NoEcho(saved))
@@ -651,11 +660,34 @@ impl NoEcho {
     }
 }
 
+/// The signals that end the program at the password prompt.
+const STOPPING: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+/// The terminal's settings before echo went off, for the signal handler.
+static ECHO_SAVED: std::sync::OnceLock<libc::termios> = std::sync::OnceLock::new();
+
+/// Restores the terminal, then dies of `sig` as it would have.
+extern "C" fn restore_echo_and_die(sig: libc::c_int) {
+    // SAFETY: tcsetattr, signal and raise are async-signal-safe; the
+    // termios was set before this handler was installed.
+    unsafe {
+        if let Some(t) = ECHO_SAVED.get() {
+            libc::tcsetattr(0, libc::TCSANOW, t);
+        }
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
 impl Drop for NoEcho {
     fn drop(&mut self) {
-        // SAFETY: restores what on_a_terminal read.
+        // SAFETY: restores what on_a_terminal read, and the signals'
+        // default actions.
         unsafe {
             libc::tcsetattr(0, libc::TCSANOW, &self.0);
+            for sig in STOPPING {
+                libc::signal(sig, libc::SIG_DFL);
+            }
         }
     }
 }

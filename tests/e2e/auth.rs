@@ -324,4 +324,61 @@ fn rotor_user_at_a_terminal_asks_twice() {
     let (code, err) = at_a_terminal("s3cret\ns3cret\n");
     assert_eq!(code, Some(0), "{err}");
     assert!(std::fs::read_to_string(&users).unwrap().starts_with("bob:"));
+
+    // Ctrl-C at the prompt (echo off) gives the terminal its echo back.
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: as above.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty");
+    // SAFETY: just opened, owned by nothing else.
+    let (_master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    };
+    let echo = |f: &std::fs::File| {
+        use std::os::fd::AsRawFd;
+        // SAFETY: tcgetattr into a termios of our own.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::tcgetattr(f.as_raw_fd(), &mut t) }, 0);
+        t.c_lflag & libc::ECHO != 0
+    };
+    assert!(echo(&slave));
+    let mut child = std::process::Command::new(ROTOR)
+        .args([
+            "user",
+            "add",
+            "carol",
+            "--auth-file",
+            users.to_str().unwrap(),
+        ])
+        .stdin(slave.try_clone().unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while echo(&slave) {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "echo never went off"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert!(echo(&slave), "the terminal was left without echo");
 }
