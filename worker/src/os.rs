@@ -114,6 +114,18 @@ pub fn smoothed_rtt_us(sock: &impl AsRawFd) -> Option<u32> {
     (r == 0 && len as usize >= need).then_some(info.tcpi_rtt)
 }
 
+/// Whether a TCP socket's next byte to read is at the urgent mark (TCP
+/// urgent data, `MSG_OOB`): splice stops there for good, a read goes past.
+pub fn at_urgent_mark(sock: &impl AsRawFd) -> bool {
+    // <asm-generic/sockios.h> (x86, Arm, RISC-V; libc does not name it).
+    const SIOCATMARK: libc::Ioctl = 0x8905;
+    let mut at: libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one int, ours. (Neither nix nor socket2
+    // asks it.)
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCATMARK, &mut at) };
+    r == 0 && at != 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

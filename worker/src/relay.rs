@@ -240,10 +240,20 @@ async fn one_way(
         // an error is counted.
         let count = |k: usize| activity.moved(up, k as u64);
         let moved = match pipe {
-            Some(pipe) => splice_chunk(src, dst, pipe, count).await,
+            Some(pipe) => match splice_chunk(src, dst, pipe, &count).await {
+                // splice stops at TCP urgent data for good (0, as at the
+                // end, or EAGAIN): a read goes past the mark, so this
+                // chunk is copied (one ioctl, only when splice moved
+                // nothing).
+                Ok(0) | Err(_) if os::at_urgent_mark(src) => {
+                    let buf = buf.get_or_insert_with(|| vec![0; COPY_BUFFER].into_boxed_slice());
+                    copy_chunk(src, dst, buf, &count).await
+                }
+                r => r,
+            },
             None => {
                 let buf = buf.get_or_insert_with(|| vec![0; COPY_BUFFER].into_boxed_slice());
-                copy_chunk(src, dst, buf, count).await
+                copy_chunk(src, dst, buf, &count).await
             }
         };
         match moved {
@@ -267,7 +277,7 @@ async fn splice_chunk(
     src: &TcpStream,
     dst: &TcpStream,
     pipe: Pipe,
-    count: impl Fn(usize),
+    count: &impl Fn(usize),
 ) -> io::Result<usize> {
     let n = match src.try_io(Interest::READABLE, || os::splice(src, &pipe.w, CHUNK)) {
         Ok(n) => n,
@@ -298,7 +308,7 @@ async fn copy_chunk(
     src: &TcpStream,
     dst: &TcpStream,
     buf: &mut [u8],
-    count: impl Fn(usize),
+    count: &impl Fn(usize),
 ) -> io::Result<usize> {
     let n = src.try_read(buf)?;
     let mut sent = 0;
@@ -569,6 +579,44 @@ mod tests {
             }
             relay.abort();
             writer.abort();
+        }
+    }
+
+    /// TCP urgent data (MSG_OOB, telnet's or FTP's ABOR) does not stall a
+    /// direction, nor cut what follows it: splice stops at the urgent
+    /// mark for good, so that chunk is copied (recv reads past the mark).
+    #[tokio::test]
+    async fn urgent_data_does_not_stall_a_spliced_direction() {
+        for pipes in [true, false] {
+            let (client, relay_client) = socket_pair().await;
+            let (relay_up, mut server) = socket_pair().await;
+            let activity = Activity::new();
+            let relay = tokio::spawn(async move {
+                splice_tcp(relay_client, Bytes::new(), relay_up, &activity, pipes).await
+            });
+            let client = client.into_std().unwrap();
+            client.set_nonblocking(false).unwrap();
+            let send = |b: &[u8], flags| {
+                nix::sys::socket::send(std::os::fd::AsRawFd::as_raw_fd(&client), b, flags).unwrap()
+            };
+            send(b"before", nix::sys::socket::MsgFlags::empty());
+            send(b"!", nix::sys::socket::MsgFlags::MSG_OOB);
+            send(b"after", nix::sys::socket::MsgFlags::empty());
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut got = Vec::new();
+            tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                server.read_to_end(&mut got),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("pipes {pipes}: the direction stalled"))
+            .unwrap();
+            // The urgent byte itself is out of band (not inline), as a
+            // direct connection's reader sees it.
+            assert_eq!(got, b"beforeafter", "pipes {pipes}");
+            drop(server);
+            drop(client);
+            let _ = relay.await;
         }
     }
 
