@@ -14,7 +14,7 @@ pub struct Access {
     pub group: Option<Gid>,
     /// Users served besides root and the allocator's own.
     pub uids: Vec<Uid>,
-    /// Groups (a peer's primary group) served.
+    /// Groups served (a peer's primary or a supplementary one).
     pub gids: Vec<Gid>,
 }
 
@@ -83,32 +83,43 @@ impl Access {
     /// its primary one or, read from `/proc` for `pid`, a supplementary
     /// one, as the socket file's own check (its mode and group) takes it.
     pub fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
-        let group = |gid: u32| {
-            self.gids.iter().any(|g| g.as_raw() == gid)
-                || self.group.is_some_and(|g| g.as_raw() == gid)
-        };
+        // The socket file's group: the one given, else the allocator's
+        // (whose members the file lets connect).
+        let file_group = self.group.unwrap_or_else(nix::unistd::getegid);
+        let group =
+            |gid: u32| self.gids.iter().any(|g| g.as_raw() == gid) || file_group.as_raw() == gid;
         uid == 0
             || uid == Uid::effective().as_raw()
             || self.uids.iter().any(|u| u.as_raw() == uid)
             || group(gid)
-            || ((self.group.is_some() || !self.gids.is_empty())
-                && pid.is_some_and(|pid| supplementary_groups(pid).into_iter().any(group)))
+            || pid.is_some_and(|pid| supplementary_groups(pid, uid, gid).into_iter().any(group))
     }
 }
 
 /// The supplementary groups of process `pid` (`Groups:` of its status),
-/// none if it cannot be read.
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
+/// if it is still the peer: its effective user and group are `uid` and
+/// `gid` (a pid another process took since the connect is not taken for
+/// it). None if it cannot be read.
+fn supplementary_groups(pid: i32, uid: u32, gid: u32) -> Vec<u32> {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    let field = |name: &str| -> Vec<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| {
+                v.split_whitespace()
                     .filter_map(|n| n.parse().ok())
                     .collect()
             })
-        })
-        .unwrap_or_default()
+            .unwrap_or_default()
+    };
+    // Real, effective, saved, filesystem.
+    if field("Uid:").get(1) != Some(&uid) || field("Gid:").get(1) != Some(&gid) {
+        return Vec::new();
+    }
+    field("Groups:")
 }
 
 #[cfg(test)]
@@ -141,13 +152,16 @@ mod tests {
         assert!(!a.allows(4242, 4242, None) || Uid::effective().as_raw() == 4242);
         // A supplementary group counts: this process's own, read from /proc.
         let me = std::process::id() as i32;
-        if let Some(&g) = supplementary_groups(me).first() {
+        let (uid, gid) = (Uid::effective().as_raw(), nix::unistd::getegid().as_raw());
+        if let Some(&g) = supplementary_groups(me, uid, gid).first() {
             let by_group = Access {
                 group: Some(Gid::from_raw(g)),
                 ..Access::default()
             };
-            assert!(by_group.allows(4242, 4242, Some(me)));
-            assert!(!by_group.allows(4242, 4242, None));
+            // As this process: its groups count.
+            assert!(by_group.allows(4242, gid, Some(me)));
         }
+        // A pid that is not the peer's (another user, another group).
+        assert!(supplementary_groups(me, uid.wrapping_add(1), gid).is_empty());
     }
 }

@@ -81,6 +81,8 @@ pub enum BindError {
     WorldWritable(PathBuf),
     #[error("the socket directory {0} belongs to uid {1}, not to this user or root: its owner could replace the socket (e.g. a /tmp/rotor-UID made by another user); remove it, or give --socket elsewhere")]
     ForeignDir(PathBuf, u32),
+    #[error("the socket directory {0} is a symbolic link of uid {1}: its owner could point it elsewhere; give --socket in a real directory")]
+    LinkedDir(PathBuf, u32),
     #[error("cannot bind {path}")]
     Bind {
         path: PathBuf,
@@ -101,7 +103,12 @@ pub fn bind_socket(path: &Path, access: &Access) -> Result<UnixListener, BindErr
 }
 
 fn bind_path(path: &Path) -> Result<UnixListener, BindError> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+    // A bare name is in the working directory, checked as any other.
+    let parent = path.parent().map(|d| match d.as_os_str().is_empty() {
+        true => Path::new("."),
+        false => d,
+    });
+    if let Some(dir) = parent {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -115,6 +122,17 @@ fn bind_path(path: &Path) -> Result<UnixListener, BindError> {
         // directory (such as /tmp) and take the workers' leases.
         // Nor may another user own it (a /tmp/rotor-UID made first by
         // someone else).
+        // A link another user made (in /tmp) could be pointed elsewhere
+        // after the check; root's (/var/run) or our own could not.
+        use std::os::unix::fs::MetadataExt;
+        let me = nix::unistd::Uid::effective().as_raw();
+        let link = std::fs::symlink_metadata(dir).map_err(|source| BindError::Dir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        if link.file_type().is_symlink() && link.uid() != me && link.uid() != 0 {
+            return Err(BindError::LinkedDir(dir.to_path_buf(), link.uid()));
+        }
         let meta = std::fs::metadata(dir).map_err(|source| BindError::Dir {
             path: dir.to_path_buf(),
             source,
@@ -122,8 +140,6 @@ fn bind_path(path: &Path) -> Result<UnixListener, BindError> {
         if meta.permissions().mode() & 0o002 != 0 {
             return Err(BindError::WorldWritable(dir.to_path_buf()));
         }
-        use std::os::unix::fs::MetadataExt;
-        let me = nix::unistd::Uid::effective().as_raw();
         if meta.uid() != me && meta.uid() != 0 {
             return Err(BindError::ForeignDir(dir.to_path_buf(), meta.uid()));
         }

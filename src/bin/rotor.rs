@@ -203,7 +203,8 @@ fn main() -> ExitCode {
 
 /// `rotor reload`: the pool's sources read again, and what came of it. A
 /// source that failed (its last good addresses kept) is said, and is exit
-/// 1: a mistyped pool file must not pass for a reload.
+/// 3: a mistyped pool file must not pass for a reload, nor for a reload
+/// that failed (1: the rest — workers' files, logs — was reloaded).
 #[allow(clippy::print_stdout)]
 async fn reload(control: &ControlArgs) -> ExitCode {
     let answer = request(control, Request::Reload).await;
@@ -245,7 +246,7 @@ async fn reload(control: &ControlArgs) -> ExitCode {
     for (name, error) in failed {
         eprintln!("rotor: {name} could not be read (its last good addresses are kept): {error}");
     }
-    ExitCode::FAILURE
+    ExitCode::from(3)
 }
 
 /// `rotor quarantine` and `rotor release`.
@@ -628,13 +629,16 @@ fn read_password() -> Result<String, String> {
     Ok(pw)
 }
 
-/// Standard input's terminal with echo off, until dropped.
-struct NoEcho(libc::termios);
+/// Standard input's terminal with echo off, until dropped, and the
+/// signal handlers that were in place before.
+struct NoEcho(libc::termios, [libc::sighandler_t; 4]);
 
 impl NoEcho {
     fn on_a_terminal() -> Option<NoEcho> {
         // SAFETY: tcgetattr/tcsetattr on descriptor 0 with a termios of
-        // our own; a descriptor that is no terminal fails them.
+        // our own; a descriptor that is no terminal fails them. The
+        // handler is installed only once echo is off, the saved settings
+        // set before it.
         unsafe {
             if libc::isatty(0) != 1 {
                 return None;
@@ -644,18 +648,24 @@ impl NoEcho {
                 return None;
             }
             let saved = t;
-            // A Ctrl-C (or a SIGTERM, SIGHUP, SIGQUIT) at the prompt gives
-            // the terminal its echo back before it ends the program.
-            let _ = ECHO_SAVED.set(saved);
-            for sig in STOPPING {
-                libc::signal(
-                    sig,
-                    restore_echo_and_die as extern "C" fn(libc::c_int) as libc::sighandler_t,
-                );
-            }
             t.c_lflag &= !libc::ECHO;
             t.c_lflag |= libc::ECHONL;
-            (libc::tcsetattr(0, libc::TCSANOW, &t) == 0).then_some(NoEcho(saved))
+            if libc::tcsetattr(0, libc::TCSANOW, &t) != 0 {
+                return None;
+            }
+            // A Ctrl-C (or a SIGTERM, SIGHUP, SIGQUIT) at the prompt gives
+            // the terminal its echo back before it ends the program; a
+            // signal ignored before (nohup, trap '' INT) stays ignored.
+            let _ = ECHO_SAVED.set(saved);
+            let handler = restore_echo_and_die as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            let mut before = [libc::SIG_DFL; 4];
+            for (i, sig) in STOPPING.into_iter().enumerate() {
+                before[i] = libc::signal(sig, handler);
+                if before[i] == libc::SIG_IGN {
+                    libc::signal(sig, libc::SIG_IGN);
+                }
+            }
+            Some(NoEcho(saved, before))
         }
     }
 }
@@ -681,12 +691,12 @@ extern "C" fn restore_echo_and_die(sig: libc::c_int) {
 
 impl Drop for NoEcho {
     fn drop(&mut self) {
-        // SAFETY: restores what on_a_terminal read, and the signals'
-        // default actions.
+        // SAFETY: restores what on_a_terminal read, and the handlers it
+        // replaced.
         unsafe {
             libc::tcsetattr(0, libc::TCSANOW, &self.0);
-            for sig in STOPPING {
-                libc::signal(sig, libc::SIG_DFL);
+            for (sig, before) in STOPPING.into_iter().zip(self.1) {
+                libc::signal(sig, before);
             }
         }
     }
@@ -799,9 +809,14 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
         .open(&tmp)?;
     // A new file takes its directory's group (/etc/rotor, root:rotor):
     // written by root it would be root's, unreadable to the workers.
+    // (Root only: another user may not give a file to a group of another.)
     let dir_gid = path
         .parent()
-        .filter(|d| !d.as_os_str().is_empty())
+        .map(|d| match d.as_os_str().is_empty() {
+            true => std::path::Path::new("."),
+            false => d,
+        })
+        .filter(|_| nix::unistd::geteuid().is_root())
         .and_then(|d| std::fs::metadata(d).ok())
         .map(|m| m.gid());
     let written = (|| {

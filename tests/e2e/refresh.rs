@@ -94,7 +94,7 @@ async fn a_failed_read_keeps_the_last_good_pool_and_an_empty_file_empties_it() {
     std::fs::remove_file(&file).unwrap();
     // A source that failed is said, and is a failed reload.
     let (code, err) = reload();
-    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(code, Some(3), "{err}");
     assert!(
         err.contains("could not be read") && err.contains("cannot read"),
         "{err}"
@@ -106,7 +106,7 @@ async fn a_failed_read_keeps_the_last_good_pool_and_an_empty_file_empties_it() {
     assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
 
     std::fs::write(&file, "not an address\n").unwrap();
-    assert_eq!(reload().0, Some(1));
+    assert_eq!(reload().0, Some(3));
     let status = status_json(&alloc.socket);
     assert_eq!(pool_of(&status), ips(2..=3));
     assert!(status["sources"][0]["error"]

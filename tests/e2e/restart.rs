@@ -105,3 +105,37 @@ fn a_socket_in_a_directory_another_user_owns_is_refused() {
     assert!(err.contains("belongs to uid 65534"), "{err}");
     assert!(!socket.exists());
 }
+
+/// Nor through a link another user made (they could point it elsewhere
+/// after the check).
+#[test]
+fn a_socket_directory_linked_by_another_user_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let link = dir.path().join("rotor-0");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    nix::unistd::fchownat(
+        None,
+        &link,
+        Some(nix::unistd::Uid::from_raw(65534)),
+        None,
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
+    let socket = link.join("allocator.sock");
+    let out = std::process::Command::new(ALLOCATOR)
+        .args([
+            "--socket",
+            socket.to_str().unwrap(),
+            "--pool",
+            "127.0.0.2",
+            "--no-state",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("symbolic link of uid 65534"), "{err}");
+    assert!(!real.join("allocator.sock").exists());
+}
