@@ -281,29 +281,10 @@ async fn a_bom_and_indented_lines_are_read_alike_by_workers_and_rotor_user() {
 #[test]
 fn rotor_user_at_a_terminal_asks_twice() {
     use std::io::Write;
-    use std::os::fd::FromRawFd;
     let dir = tempfile::tempdir().unwrap();
     let users = dir.path().join("users");
     let at_a_terminal = |typed: &str| {
-        let (mut master, mut slave) = (0, 0);
-        // SAFETY: openpty fills two descriptors, owned as files below.
-        let r = unsafe {
-            libc::openpty(
-                &mut master,
-                &mut slave,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                std::ptr::null(),
-            )
-        };
-        assert_eq!(r, 0, "openpty");
-        // SAFETY: just opened, owned by nothing else.
-        let (mut master, slave) = unsafe {
-            (
-                std::fs::File::from_raw_fd(master),
-                std::fs::File::from_raw_fd(slave),
-            )
-        };
+        let (mut master, slave) = pty();
         let child = std::process::Command::new(ROTOR)
             .args(["user", "add", "bob", "--auth-file", users.to_str().unwrap()])
             .stdin(slave)
@@ -326,25 +307,7 @@ fn rotor_user_at_a_terminal_asks_twice() {
     assert!(std::fs::read_to_string(&users).unwrap().starts_with("bob:"));
 
     // Ctrl-C at the prompt (echo off) gives the terminal its echo back.
-    let (mut master, mut slave) = (0, 0);
-    // SAFETY: as above.
-    let r = unsafe {
-        libc::openpty(
-            &mut master,
-            &mut slave,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(r, 0, "openpty");
-    // SAFETY: just opened, owned by nothing else.
-    let (_master, slave) = unsafe {
-        (
-            std::fs::File::from_raw_fd(master),
-            std::fs::File::from_raw_fd(slave),
-        )
-    };
+    let (_master, slave) = pty();
     let echo = |f: &std::fs::File| {
         use std::os::fd::AsRawFd;
         // SAFETY: tcgetattr into a termios of our own.
@@ -381,4 +344,28 @@ fn rotor_user_at_a_terminal_asks_twice() {
     let status = child.wait().unwrap();
     assert!(!status.success());
     assert!(echo(&slave), "the terminal was left without echo");
+}
+
+/// A pseudo-terminal: its master end and its slave end.
+fn pty() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty fills two descriptors, owned as files below.
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty");
+    // SAFETY: just opened, owned by nothing else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    }
 }

@@ -81,15 +81,8 @@ fn a_socket_in_a_world_writable_directory_is_refused() {
     assert!(!std::path::Path::new("/tmp/rotor-test-allocator.sock").exists());
 }
 
-/// Nor in one another user owns (a `/tmp/rotor-UID` made first by someone
-/// else could have its socket replaced by them).
-#[test]
-fn a_socket_in_a_directory_another_user_owns_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let theirs = dir.path().join("rotor-0");
-    std::fs::create_dir(&theirs).unwrap();
-    nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
-    let socket = theirs.join("allocator.sock");
+/// An allocator started on `socket` that must refuse it: what it said.
+fn refused_socket(socket: &std::path::Path) -> String {
     let out = std::process::Command::new(ALLOCATOR)
         .args([
             "--socket",
@@ -101,7 +94,19 @@ fn a_socket_in_a_directory_another_user_owns_is_refused() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// Nor in one another user owns (a `/tmp/rotor-UID` made first by someone
+/// else could have its socket replaced by them).
+#[test]
+fn a_socket_in_a_directory_another_user_owns_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let theirs = dir.path().join("rotor-0");
+    std::fs::create_dir(&theirs).unwrap();
+    nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let socket = theirs.join("allocator.sock");
+    let err = refused_socket(&socket);
     assert!(err.contains("belongs to uid 65534"), "{err}");
     assert!(!socket.exists());
 }
@@ -123,19 +128,7 @@ fn a_socket_directory_linked_by_another_user_is_refused() {
         nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
     )
     .unwrap();
-    let socket = link.join("allocator.sock");
-    let out = std::process::Command::new(ALLOCATOR)
-        .args([
-            "--socket",
-            socket.to_str().unwrap(),
-            "--pool",
-            "127.0.0.2",
-            "--no-state",
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_socket(&link.join("allocator.sock"));
     assert!(err.contains("symbolic link of uid 65534"), "{err}");
     assert!(!real.join("allocator.sock").exists());
 }
