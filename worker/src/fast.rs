@@ -438,7 +438,7 @@ where
     }
     io.write_all(out).await?;
     if let Some(data) = pending {
-        write_data(io, data, matches!(framing, Framing::Chunked)).await?;
+        write_data(io, data, matches!(framing, Framing::Chunked), |_| ()).await?;
     }
     if !ended {
         // Until the body says it has ended (a length-delimited one need
@@ -450,7 +450,7 @@ where
             let frame = frame.map_err(io::Error::other)?;
             if let Ok(data) = frame.into_data() {
                 if !data.is_empty() {
-                    write_data(io, data, matches!(framing, Framing::Chunked)).await?;
+                    write_data(io, data, matches!(framing, Framing::Chunked), |_| ()).await?;
                 }
             }
         }

@@ -409,19 +409,41 @@ pub(crate) fn encode_content_length(out: &mut impl BufMut, n: u64) {
 }
 
 /// Writes `data`, as one chunk when `chunked` (RFC 9112 §7.1), in one
-/// vectored write where it can.
-pub(crate) async fn write_data<W>(wr: &mut W, data: Bytes, chunked: bool) -> io::Result<()>
+/// vectored write where it can; `wrote` is told the bytes of each write.
+pub(crate) async fn write_data<W>(
+    wr: &mut W,
+    data: Bytes,
+    chunked: bool,
+    wrote: impl Fn(usize),
+) -> io::Result<()>
 where
     W: tokio::io::AsyncWrite + Unpin,
 {
     if chunked {
         let size = size_line(data.len());
         let mut all = Buf::chain(&size[..], data).chain(&b"\r\n"[..]);
-        wr.write_all_buf(&mut all).await
+        write_all_counted(wr, &mut all, wrote).await
     } else {
         let mut data = data;
-        wr.write_all_buf(&mut data).await
+        write_all_counted(wr, &mut data, wrote).await
     }
+}
+
+/// `write_all_buf`, telling `wrote` the bytes of each write.
+async fn write_all_counted<W, B>(wr: &mut W, buf: &mut B, wrote: impl Fn(usize)) -> io::Result<()>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+    B: Buf,
+{
+    while buf.has_remaining() {
+        match wr.write_buf(buf).await {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => wrote(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// A chunk's size line (RFC 9112 §7.1): its length in hex and CRLF,
@@ -478,20 +500,17 @@ where
         let n = data.len() as u64;
         progress.received.fetch_add(n, Ordering::Relaxed);
         progress.writing.store(true, Ordering::Relaxed);
-        if chunked {
-            let size = size_line(data.len());
-            let mut all = Buf::chain(&size[..], data).chain(&b"\r\n"[..]);
-            progress.write(&mut wr, &mut all).await?;
-        } else {
-            let mut data = data;
-            progress.write(&mut wr, &mut data).await?;
-        }
+        write_data(&mut wr, data, chunked, progress.wrote())
+            .await
+            .map_err(Error::Io)?;
         progress.writing.store(false, Ordering::Relaxed);
         progress.sent.fetch_add(n, Ordering::Relaxed);
     }
     progress.writing.store(true, Ordering::Relaxed);
     if chunked {
-        progress.write(&mut wr, &mut &b"0\r\n\r\n"[..]).await?;
+        write_all_counted(&mut wr, &mut &b"0\r\n\r\n"[..], progress.wrote())
+            .await
+            .map_err(Error::Io)?;
     }
     wr.flush().await.map_err(Error::Io)?;
     Ok(wr)
@@ -518,19 +537,11 @@ impl Progress {
         )
     }
 
-    /// Writes all of `buf`, counting each write.
-    async fn write<W, B>(&self, wr: &mut W, buf: &mut B) -> Result<(), Error>
-    where
-        W: tokio::io::AsyncWrite + Unpin,
-        B: Buf,
-    {
-        while buf.has_remaining() {
-            match wr.write_buf(buf).await.map_err(Error::Io)? {
-                0 => return Err(Error::Io(io::ErrorKind::WriteZero.into())),
-                n => self.written.fetch_add(n as u64, Ordering::Relaxed),
-            };
+    /// What counts each write to the destination.
+    fn wrote(&self) -> impl Fn(usize) + '_ {
+        |n| {
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
         }
-        Ok(())
     }
 }
 
