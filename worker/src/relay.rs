@@ -239,18 +239,19 @@ async fn one_way(
         // the idle timer off (a chunk may be a MiB), and what went before
         // an error is counted.
         let count = |k: usize| activity.moved(up, k as u64);
-        let moved = match pipe {
+        let spliced = match pipe {
             Some(pipe) => match splice_chunk(src, dst, pipe, &count).await {
                 // splice stops at TCP urgent data for good (0, as at the
                 // end, or EAGAIN): a read goes past the mark, so this
                 // chunk is copied (one ioctl, only when splice moved
                 // nothing).
-                Ok(0) | Err(_) if os::at_urgent_mark(src) => {
-                    let buf = buf.get_or_insert_with(|| vec![0; COPY_BUFFER].into_boxed_slice());
-                    copy_chunk(src, dst, buf, &count).await
-                }
-                r => r,
+                Ok(0) | Err(_) if os::at_urgent_mark(src) => None,
+                r => Some(r),
             },
+            None => None,
+        };
+        let moved = match spliced {
+            Some(r) => r,
             None => {
                 let buf = buf.get_or_insert_with(|| vec![0; COPY_BUFFER].into_boxed_slice());
                 copy_chunk(src, dst, buf, &count).await
