@@ -441,11 +441,8 @@ async fn supervise(
     patience: Duration,
     streaks: Streaks,
 ) {
-    let mut backoff = slot.first_backoff;
+    let mut restarts = Restarts::new(slot.first_backoff);
     let mut reloads = signals.reloads();
-    // Quick failures in a row, and whether they made this slot a failing one.
-    let mut quick = 0u32;
-    let mut failing = false;
     loop {
         // Never a child started after the stop (its descriptors may be
         // shut down).
@@ -457,15 +454,9 @@ async fn supervise(
             Err(e) => {
                 error!(child = %slot.name, program = %slot.program.display(), error = %e, "cannot start");
                 // A start that cannot even be made counts as a failed one.
-                quick += 1;
-                if give_up(&slot.name, quick, &mut failing, &streaks, &signals) {
+                if restarts.failed(&slot.name, &streaks, &signals) || !restarts.wait(&stop).await {
                     return;
                 }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
                 continue;
             }
         };
@@ -486,11 +477,7 @@ async fn supervise(
                 _ = stop.cancelled() => break None,
                 () = &mut steady, if !ran_steadily => {
                     ran_steadily = true;
-                    backoff = slot.first_backoff;
-                    quick = 0;
-                    if std::mem::take(&mut failing) {
-                        streaks.recovered();
-                    }
+                    restarts.steady(&streaks);
                 }
                 Ok(()) = reloads.changed(), if forward_hup => {
                     if let Some(pid) = pid {
@@ -514,22 +501,18 @@ async fn supervise(
                     // while the workers drain: started again for them, at
                     // once, and stopped after them.
                     info!(child = %slot.name, status = ?s.ok(), "stopped while rotor up stops; started again until the workers are done");
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    if !pause(&stop, Duration::from_millis(100)).await {
+                        return;
                     }
                     continue;
                 }
-                quick += 1;
-                if give_up(&slot.name, quick, &mut failing, &streaks, &signals) {
+                if restarts.failed(&slot.name, &streaks, &signals) {
                     return;
                 }
-                warn!(child = %slot.name, status = ?s.ok(), retry_in = ?backoff, "exited unexpectedly; restarting");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                warn!(child = %slot.name, status = ?s.ok(), retry_in = ?restarts.backoff, "exited unexpectedly; restarting");
+                if !restarts.wait(&stop).await {
+                    return;
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
             None => {
                 if !stop_child(&slot.name, &mut child, pid, &signals, patience).await {
@@ -541,6 +524,57 @@ async fn supervise(
                 return;
             }
         }
+    }
+}
+
+/// A slot's restarts: the wait before the next, and the quick failures in
+/// a row (and whether they made it a failing slot).
+struct Restarts {
+    first: Duration,
+    backoff: Duration,
+    quick: u32,
+    failing: bool,
+}
+
+impl Restarts {
+    fn new(first: Duration) -> Restarts {
+        Restarts {
+            first,
+            backoff: first,
+            quick: 0,
+            failing: false,
+        }
+    }
+
+    /// A start failed: whether rotor up gives up (see [`give_up`]).
+    fn failed(&mut self, name: &str, streaks: &Streaks, signals: &Signals) -> bool {
+        self.quick += 1;
+        give_up(name, self.quick, &mut self.failing, streaks, signals)
+    }
+
+    /// The child ran steadily: the streak and the backoff start over.
+    fn steady(&mut self, streaks: &Streaks) {
+        self.backoff = self.first;
+        self.quick = 0;
+        if std::mem::take(&mut self.failing) {
+            streaks.recovered();
+        }
+    }
+
+    /// Waits the backoff, doubled for the next time; false if `stop` came
+    /// first.
+    async fn wait(&mut self, stop: &CancellationToken) -> bool {
+        let waited = pause(stop, self.backoff).await;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        waited
+    }
+}
+
+/// Waits `d`; false if `stop` came first.
+async fn pause(stop: &CancellationToken, d: Duration) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = tokio::time::sleep(d) => true,
     }
 }
 
