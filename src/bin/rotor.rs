@@ -111,18 +111,7 @@ fn main() -> ExitCode {
             },
             Cmd::Status { control, json } => {
                 let socket = control.socket();
-                let answer = match &socket {
-                    Ok(socket) => {
-                        rotor::control::request_by_minor(socket, |minor| {
-                            match minor >= MINOR_FAMILIES {
-                                true => Request::StatusV2,
-                                false => Request::Status,
-                            }
-                        })
-                        .await
-                    }
-                    Err(e) => Err(anyhow::anyhow!("{e}")),
-                };
+                let answer = status(&control).await;
                 // Per-site state, from an allocator that keeps it.
                 let sites = match (&socket, &answer) {
                     (Ok(socket), Ok(Response::StatusV2(_))) => {
@@ -211,33 +200,18 @@ async fn reload(control: &ControlArgs) -> ExitCode {
     let Ok(Response::Reloaded { generation, size }) = answer else {
         return report(answer, |_| None);
     };
-    let status = match control.socket() {
-        Ok(socket) => {
-            rotor::control::request_by_minor(&socket, |minor| match minor >= MINOR_FAMILIES {
-                true => Request::StatusV2,
-                false => Request::Status,
-            })
-            .await
-        }
-        Err(e) => Err(anyhow::anyhow!("{e}")),
-    };
-    let (addresses, failed): (Option<u64>, Vec<(String, String)>) = match status {
+    let (addresses, sources) = match status(control).await {
         Ok(Response::StatusV2(s)) => (
-            Some(s.families.iter().map(|f| f.total).sum()),
-            s.sources
-                .into_iter()
-                .filter_map(|src| src.error.map(|e| (src.name, e)))
-                .collect(),
+            Some(s.families.iter().map(|f| f.total).sum::<u64>()),
+            s.sources,
         ),
-        Ok(Response::Status(s)) => (
-            None,
-            s.sources
-                .into_iter()
-                .filter_map(|src| src.error.map(|e| (src.name, e)))
-                .collect(),
-        ),
+        Ok(Response::Status(s)) => (None, s.sources),
         _ => (None, Vec::new()),
     };
+    let failed: Vec<(String, String)> = sources
+        .into_iter()
+        .filter_map(|src| src.error.map(|e| (src.name, e)))
+        .collect();
     let count = addresses.map_or(String::new(), |n| format!("{n} addresses in "));
     println!("pool reloaded: {count}{size} entries, generation {generation}");
     if failed.is_empty() {
@@ -295,6 +269,16 @@ async fn steer(
         }),
         _ => None,
     })
+}
+
+/// The allocator's status, as much of it as its protocol minor answers.
+async fn status(control: &ControlArgs) -> anyhow::Result<Response> {
+    let socket = control.socket()?;
+    rotor::control::request_by_minor(&socket, |minor| match minor >= MINOR_FAMILIES {
+        true => Request::StatusV2,
+        false => Request::Status,
+    })
+    .await
 }
 
 async fn request(control: &ControlArgs, body: Request) -> anyhow::Result<Response> {
