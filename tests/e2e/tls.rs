@@ -235,8 +235,7 @@ s.serve_forever()
         .output();
     if !probe.is_ok_and(|o| o.status.success()) {
         let why = "the Python part needs requests (.ci/run installs it)";
-        assert!(std::env::var_os("CI").is_none(), "{why}");
-        println!("SKIPPED {why}");
+        skip(why);
         return;
     }
     let script = format!(
