@@ -515,16 +515,8 @@ impl LeaseClient {
         ttl: Duration,
         strict: bool,
     ) -> Result<Lease, LeaseError> {
-        let knows = self
-            .conn
-            .borrow()
-            .as_ref()
-            .is_none_or(|c| c.minor >= MINOR_FAMILIES);
-        if !knows {
-            return Err(LeaseError::Unexpected(
-                "this allocator is too old for sticky sessions".into(),
-            ));
-        }
+        // An allocator too old for sessions is TooOld, as `request` checks
+        // every request's minor on the connection it goes on.
         let ttl_secs = u32::try_from(ttl.as_secs().max(1)).unwrap_or(u32::MAX);
         match self
             .request(Request::LeaseSession {
