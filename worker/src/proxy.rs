@@ -461,11 +461,7 @@ impl Proxy {
             let _permit = permit;
             let activity = Activity::new();
             let relay = crate::relay::tcp_tunnel(client_stream, upstream, &activity);
-            let result = tokio::select! {
-                r = relay => Ended::Relay(r),
-                _ = activity.idle_for(idle_limit) => Ended::Idle,
-                _ = cut.cancelled() => Ended::Cut,
-            };
+            let result = until_ended(relay, &activity, idle_limit, &cut).await;
             log_tunnel_end(log, (client, &dest, &lease), result, &activity, &open.0);
         });
     }
@@ -869,11 +865,7 @@ impl Proxy {
             let _permit = permit;
             let activity = Activity::new();
             let relay = crate::relay::tunnel(upgraded, upstream, &activity);
-            let result = tokio::select! {
-                r = relay => Ended::Relay(r),
-                _ = activity.idle_for(idle_limit) => Ended::Idle,
-                _ = cut.cancelled() => Ended::Cut,
-            };
+            let result = until_ended(relay, &activity, idle_limit, &cut).await;
             log_tunnel_end(log, (client, &dest, &lease), result, &activity, &open.0);
         });
         let mut resp = Answer::from(Response::new(Either::Right(Either::Right(Empty::new()))));
@@ -964,6 +956,21 @@ fn log_target(uri: &Uri, connect: bool) -> String {
 /// When a tunnel ends (`None`: closed for silence): its bytes, however it
 /// ended (counted in `activity` as they moved), to the meter and the
 /// access log, and one debug line.
+/// Runs a tunnel's `relay` until it ends, nothing moves on it for
+/// `idle_limit`, or the drain's time is up (`cut`).
+async fn until_ended(
+    relay: impl std::future::Future<Output = std::io::Result<()>>,
+    activity: &Activity,
+    idle_limit: Duration,
+    cut: &tokio_util::sync::CancellationToken,
+) -> Ended {
+    tokio::select! {
+        r = relay => Ended::Relay(r),
+        _ = activity.idle_for(idle_limit) => Ended::Idle,
+        _ = cut.cancelled() => Ended::Cut,
+    }
+}
+
 /// How a tunnel ended.
 enum Ended {
     Relay(std::io::Result<()>),
