@@ -392,25 +392,18 @@ impl Pipe {
 /// big ones are not asked for again for a while: each refusal costs a new
 /// pipe and its system calls for a chunk that a pooled small one moves.
 fn take_pipe(big: bool) -> Option<Pipe> {
-    static REFUSED_AT: Mutex<Option<std::time::Instant>> = Mutex::new(None);
+    static REFUSED: Moment = Moment::new();
+    // Pipes came out too small a moment ago: copied, without a new pipe
+    // made and closed for each chunk meanwhile.
+    static SMALL: Moment = Moment::new();
+    static WARNED: Moment = Moment::new();
     const REFUSAL_HOLDS: std::time::Duration = std::time::Duration::from_secs(10);
-    let big = big
-        && REFUSED_AT
-            .lock()
-            .expect("poisoned")
-            .is_none_or(|t| t.elapsed() >= REFUSAL_HOLDS);
+    let big = big && !REFUSED.within(REFUSAL_HOLDS);
     let (pool, _) = Pipe::pool(big);
     if let Some(p) = pool.lock().expect("pipe pool poisoned").pop() {
         return Some(p);
     }
-    // Pipes came out too small a moment ago: copied, without a new pipe
-    // made and closed for each chunk meanwhile.
-    static SMALL_AT: Mutex<Option<std::time::Instant>> = Mutex::new(None);
-    if SMALL_AT
-        .lock()
-        .expect("poisoned")
-        .is_some_and(|t| t.elapsed() < REFUSAL_HOLDS)
-    {
+    if SMALL.within(REFUSAL_HOLDS) {
         // A small one kept, if any, rather than none.
         return match big {
             true => Pipe::pool(false)
@@ -424,25 +417,46 @@ fn take_pipe(big: bool) -> Option<Pipe> {
     match Pipe::new(big) {
         Ok(Some(p)) => {
             if big && !p.big {
-                *REFUSED_AT.lock().expect("poisoned") = Some(std::time::Instant::now());
+                REFUSED.mark();
             }
             Some(p)
         }
         // The budget is spent: this chunk is copied, and the next ones
         // for a while.
         Ok(None) => {
-            *SMALL_AT.lock().expect("poisoned") = Some(std::time::Instant::now());
+            SMALL.mark();
             None
         }
         Err(e) => {
-            static WARNED: Mutex<Option<std::time::Instant>> = Mutex::new(None);
-            let mut last = WARNED.lock().expect("poisoned");
-            if last.is_none_or(|t| t.elapsed().as_secs() >= 60) {
+            if !WARNED.within(std::time::Duration::from_secs(60)) {
+                WARNED.mark();
                 warn!(error = %e, "no pipe for a tunnel; copying through user space (raise the descriptor limit)");
-                *last = Some(std::time::Instant::now());
             }
             None
         }
+    }
+}
+
+/// When something last happened (a refusal, a warning), shared by the
+/// process's tunnels.
+struct Moment(Mutex<Option<std::time::Instant>>);
+
+impl Moment {
+    const fn new() -> Moment {
+        Moment(Mutex::new(None))
+    }
+
+    /// Whether it happened within `d`.
+    fn within(&self, d: std::time::Duration) -> bool {
+        self.0
+            .lock()
+            .expect("poisoned")
+            .is_some_and(|t| t.elapsed() < d)
+    }
+
+    /// It happens now.
+    fn mark(&self) {
+        *self.0.lock().expect("poisoned") = Some(std::time::Instant::now());
     }
 }
 
