@@ -42,7 +42,7 @@ pub async fn request_by_minor(
         .await
         .with_context(|| {
             format!(
-                "the allocator did not answer within {}",
+                "the allocator did not answer within {} (a starting allocator answers once its first pool load is done, which a slow --pool-command or metadata service delays)",
                 humantime::format_duration(ANSWER_WAIT)
             )
         })??;

@@ -150,13 +150,16 @@ async fn bad_pool_spec_stops_the_start_with_a_clear_error() {
 /// `rotor reload` waits for the reload's refresh, however long its sources
 /// take within their own timeouts: a pool command taking 10.5 s is no
 /// "did not answer within 10s" (which misled logrotate hooks and scripts
-/// while the reload went on).
+/// while the reload went on). The first load takes half a second, and the
+/// flag is set once `Allocator::start` returns: a start that returned before
+/// the first load was done (the socket is bound first) made that load the
+/// slow one, and the reload's Hello waited behind it.
 #[test]
 fn rotor_reload_waits_for_a_slow_source() {
     let dir = tempfile::tempdir().unwrap();
     let flag = dir.path().join("slow");
     let cmd = format!(
-        "if [ -f {f} ]; then sleep 10.5; fi; echo 127.0.0.2",
+        "sleep 0.5; if [ -f {f} ]; then sleep 10.5; fi; echo 127.0.0.2",
         f = flag.display()
     );
     let rt = tokio::runtime::Builder::new_current_thread()

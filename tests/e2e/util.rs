@@ -149,10 +149,13 @@ impl Allocator {
         ];
         all.extend_from_slice(args);
         let mut proc = Proc::spawn(ALLOCATOR, &all);
+        // Ready once it answers a Hello: the socket is bound before the
+        // first pool load, and a connection made during that load waits in
+        // the backlog. A refusal (a peer not allowed) is an answer too.
         let s = socket.clone();
-        eventually("the allocator socket", || {
+        eventually("the allocator to answer on its socket", || {
             let s = s.clone();
-            async move { tokio::net::UnixStream::connect(&s).await.is_ok() }
+            async move { allocator_answers(&s).await }
         })
         .await;
         assert!(proc.is_running());
@@ -162,6 +165,20 @@ impl Allocator {
             _dir: dir,
         }
     }
+}
+
+/// Whether the allocator at `socket` answers a Hello (with its own or by
+/// closing the connection) within half a second.
+async fn allocator_answers(socket: &Path) -> bool {
+    use rotor_protocol::{client_handshake, Channel, ClientChannel, Hello, Role};
+    let Ok(stream) = tokio::net::UnixStream::connect(socket).await else {
+        return false;
+    };
+    let mut chan: ClientChannel<tokio::net::UnixStream> = Channel::new(stream);
+    let hello = client_handshake(&mut chan, Hello::new(Role::Control, "e2e readiness"));
+    tokio::time::timeout(Duration::from_millis(500), hello)
+        .await
+        .is_ok()
 }
 
 /// A worker listening on its own loopback port.
