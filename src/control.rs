@@ -63,12 +63,18 @@ pub async fn request_by_minor(
             None => anyhow::bail!("the allocator closed the connection"),
         }
     };
+    let reload = wait == RELOAD_WAIT;
     tokio::time::timeout(wait, exchange)
         .await
         .with_context(|| {
             format!(
-                "the allocator did not answer within {}",
-                humantime::format_duration(wait)
+                "the allocator did not answer within {}{}",
+                humantime::format_duration(wait),
+                if reload {
+                    " (the reload goes on in the allocator; `rotor status` shows the pool once it is done)"
+                } else {
+                    ""
+                }
             )
         })?
 }

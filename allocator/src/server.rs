@@ -435,13 +435,41 @@ async fn report_status(alloc: Arc<Allocator>, shutdown: CancellationToken) {
 async fn refresh(alloc: &Arc<Allocator>) -> RefreshOutcome {
     let sources = alloc.sources();
     let (reads, checks) = tokio::task::spawn_blocking(move || {
-        let reads: Vec<_> = sources.iter().map(Source::read).collect();
+        let reads = read_all(&sources);
         let checks = check_all(reads.iter().flatten().flatten());
         (reads, checks)
     })
     .await
     .expect("reading pool sources panicked");
     alloc.apply_refresh(reads, &checks)
+}
+
+/// Reads every source (blocking), at once: a refresh (and the `rotor
+/// reload` waiting for it) takes as long as the slowest source, not the sum
+/// of their timeouts. The reads come back in the order of `sources`.
+fn read_all(sources: &[Source]) -> Vec<Result<Vec<Segment>, crate::source::SourceError>> {
+    if sources.len() < 2 {
+        return sources.iter().map(Source::read).collect();
+    }
+    std::thread::scope(|scope| {
+        let reads: Vec<_> = sources
+            .iter()
+            .map(|s| {
+                std::thread::Builder::new()
+                    .name("pool-source".into())
+                    .spawn_scoped(scope, || s.read())
+            })
+            .collect();
+        // A thread that cannot be made (thread limit) reads in this one.
+        reads
+            .into_iter()
+            .zip(sources)
+            .map(|(t, s)| match t {
+                Ok(t) => t.join().expect("reading a pool source panicked"),
+                Err(_) => s.read(),
+            })
+            .collect()
+    })
 }
 
 /// Whether this host can use each entry (blocking: a socket each).

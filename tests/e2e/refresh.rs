@@ -181,3 +181,36 @@ fn rotor_reload_waits_for_a_slow_source() {
     );
     drop(alloc);
 }
+
+/// The pool's sources are read at once, so a refresh takes as long as the
+/// slowest of them, not the sum of their timeouts. The first command waits
+/// for the file the second makes: read one after the other, the first
+/// would time out and leave only the second's address.
+#[test]
+fn pool_sources_are_read_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("second-ran");
+    let first = format!(
+        "while [ ! -f {m} ]; do sleep 0.05; done; rm {m}; echo 127.0.0.2",
+        m = mark.display()
+    );
+    let second = format!("touch {m}; echo 127.0.0.3", m = mark.display());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let alloc = rt.block_on(Allocator::start(&[
+        "--pool-command",
+        &first,
+        "--pool-command",
+        &second,
+        "--pool-command-timeout",
+        "5s",
+    ]));
+    let st = rotor_control("status", &alloc.socket, &[]);
+    assert!(st.contains("2 addresses in rotation"), "{st}");
+    // And again on a reload, which names no failed source.
+    let out = rotor_control("reload", &alloc.socket, &[]);
+    assert!(out.contains("2 addresses"), "{out}");
+    drop(alloc);
+}
