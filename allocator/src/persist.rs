@@ -14,7 +14,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::net::IpAddr;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -55,17 +55,23 @@ impl StateFile {
     /// Opens (or creates) the state file in `dir`, locks it, and returns the
     /// saved state, if a valid one is there.
     pub fn open(dir: &Path) -> Result<(StateFile, Option<Saved>), PersistError> {
-        std::fs::create_dir_all(dir).map_err(|e| PersistError::Dir(dir.into(), e))?;
+        make_private_dir(dir).map_err(|e| PersistError::Dir(dir.into(), e))?;
         let path = dir.join(FILE_NAME);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&path)
             .map_err(|e| PersistError::Open(path.clone(), e))?;
-        let file = Flock::lock(file, FlockArg::LockExclusiveNonblock)
-            .map_err(|_| PersistError::Locked(path.clone()))?;
+        let file = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+            if e == nix::errno::Errno::EWOULDBLOCK {
+                PersistError::Locked(path.clone())
+            } else {
+                PersistError::Open(path.clone(), e.into())
+            }
+        })?;
         let mut buf = [0u8; LEN];
         let saved = match file.read_at(&mut buf, 0) {
             Ok(n) => decode(&buf[..n]),
@@ -109,26 +115,53 @@ struct HandLine {
     until: Option<u64>,
 }
 
-/// Reads the hand quarantines kept in `path`: none if there is no file; a
-/// file that does not parse is an error (the caller logs it and goes on).
-pub fn read_hand(path: &Path) -> io::Result<Vec<HandOut>> {
+/// Reads the hand quarantines kept in `path`: none if there is no file.
+/// A file that does not parse is an error (the caller logs it and goes on)
+/// and is set aside as `….corrupt`, not written over by the next change.
+/// Entries that do not parse are returned apart, to be named in the log:
+/// one bad line does not put the others back into the rotation.
+pub fn read_hand(path: &Path) -> io::Result<(Vec<HandOut>, Vec<String>)> {
     let Some(text) = read_text(path)? else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), Vec::new()));
     };
-    let file: HandFile = parse_json(&text)?;
-    file.taken_out_by_hand
-        .into_iter()
-        .map(|l| {
-            let entry = l
-                .entry
-                .parse()
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-            Ok(HandOut {
+    let file: HandFile = parse_json(&text).inspect_err(|_| set_aside(path))?;
+    let mut outs = Vec::new();
+    let mut bad = Vec::new();
+    for l in file.taken_out_by_hand {
+        match l.entry.parse() {
+            Ok(entry) => outs.push(HandOut {
                 entry,
                 until: l.until,
-            })
-        })
-        .collect()
+            }),
+            Err(_) => bad.push(l.entry),
+        }
+    }
+    Ok((outs, bad))
+}
+
+/// Renames a file that does not parse to `….corrupt`, kept for a look and
+/// not lost to the next write.
+fn set_aside(path: &Path) {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(".corrupt");
+    let _ = std::fs::rename(path, path.with_file_name(name));
+}
+
+/// Makes `dir` (and its parents) if missing; `dir` itself only its owner
+/// may read: its files name users and their session ids, which would let
+/// another local user join a session.
+fn make_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        r => r,
+    }
 }
 
 pub fn write_hand(path: &Path, outs: &[HandOut]) -> io::Result<()> {
@@ -164,11 +197,9 @@ pub fn take_kept<T: serde::de::DeserializeOwned>(path: &Path, remove: bool) -> i
     };
     let parsed = parse_json(&text);
     if parsed.is_err() {
-        // Kept aside for a look, not lost: the next checkpoint would write
-        // over it (the caller says it starts without it).
-        let mut name = path.file_name().unwrap_or_default().to_owned();
-        name.push(".corrupt");
-        let _ = std::fs::rename(path, path.with_file_name(name));
+        // The next checkpoint would write over it (the caller says it
+        // starts without it).
+        set_aside(path);
     } else if remove {
         let _ = clear_kept(path);
     }
@@ -221,7 +252,14 @@ fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut name = path.file_name().unwrap_or_default().to_owned();
     name.push(".tmp");
     let tmp = path.with_file_name(name);
-    let mut f = File::create(&tmp)?;
+    // (a file left by a crash may have another mode)
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     io::Write::write_all(&mut f, bytes)?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
@@ -303,9 +341,10 @@ mod tests {
 
     #[test]
     fn hand_quarantines_round_trip_and_bad_files_are_errors() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(HAND_FILE_NAME);
-        assert_eq!(read_hand(&path).unwrap(), vec![]);
+        assert_eq!(read_hand(&path).unwrap(), (vec![], vec![]));
         let outs = vec![
             HandOut {
                 entry: Segment::single("10.0.0.5".parse().unwrap()),
@@ -317,16 +356,43 @@ mod tests {
             },
         ];
         write_hand(&path, &outs).unwrap();
-        assert_eq!(read_hand(&path).unwrap(), outs);
+        assert_eq!(read_hand(&path).unwrap(), (outs.clone(), vec![]));
         assert!(!path.with_extension("json.tmp").exists());
+        // Only its owner may read it.
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        // One entry that is not an address is named; the others stay out.
         std::fs::write(
             &path,
-            "{\"taken_out_by_hand\": [{\"entry\": \"nope\", \"until\": null}]}",
+            "{\"taken_out_by_hand\": [{\"entry\": \"nope\", \"until\": null}, \
+             {\"entry\": \"10.0.0.5\", \"until\": 1900000000}]}",
         )
         .unwrap();
-        assert!(read_hand(&path).unwrap_err().to_string().contains("nope"));
+        assert_eq!(
+            read_hand(&path).unwrap(),
+            (outs[..1].to_vec(), vec!["nope".to_string()])
+        );
+        // A file that does not parse is an error, and set aside, not
+        // written over by the next change.
         std::fs::write(&path, "garbage").unwrap();
         assert!(read_hand(&path).is_err());
+        assert!(!path.exists());
+        let aside = path.with_file_name(format!("{HAND_FILE_NAME}.corrupt"));
+        assert_eq!(std::fs::read(aside).unwrap(), b"garbage");
+    }
+
+    #[test]
+    fn the_state_directory_and_file_are_the_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let top = tempfile::tempdir().unwrap();
+        let dir = top.path().join("var/lib/rotor");
+        let (f, _) = StateFile::open(&dir).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(f.path()), 0o600);
+        // A second allocator is told the file is in use.
+        let e = StateFile::open(&dir).err().unwrap();
+        assert!(matches!(e, PersistError::Locked(_)), "{e}");
     }
 
     use super::*;

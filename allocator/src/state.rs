@@ -609,7 +609,10 @@ impl Allocator {
         inner.kept_dir = Some(dir.to_owned());
         let path = dir.join(crate::persist::HAND_FILE_NAME);
         match crate::persist::read_hand(&path) {
-            Ok(kept) => {
+            Ok((kept, bad)) => {
+                if !bad.is_empty() {
+                    tracing::warn!(file = %path.display(), entries = ?bad, "entries taken out by hand before the restart that are not addresses or prefixes; ignored");
+                }
                 let wall = unix_now();
                 let kept: Vec<HandOut> = kept
                     .into_iter()
@@ -624,7 +627,7 @@ impl Allocator {
                 inner.held.extend(kept);
             }
             Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "cannot read the addresses taken out by hand before the restart; they are back in the rotation");
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the addresses taken out by hand before the restart (a file that does not parse is set aside as .corrupt); they are back in the rotation");
             }
         }
         inner.hand_file = Some(path);
@@ -1587,7 +1590,7 @@ mod tests {
         // Out for a second only: gone by the restart below.
         a.steer(ip("10.0.0.1"), false, Some(Duration::from_secs(1)));
         let kept = crate::persist::read_hand(&dir.path().join(crate::persist::HAND_FILE_NAME));
-        assert_eq!(kept.unwrap().len(), 3);
+        assert_eq!(kept.unwrap().0.len(), 3);
         drop(a);
         std::thread::sleep(Duration::from_millis(1100));
 
@@ -1618,8 +1621,8 @@ mod tests {
         let a = start();
         a.apply_refresh(vec![Ok(all.clone())], &ok());
         assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.1"]);
-        // A file that does not parse: logged, nothing out, replaced at the
-        // first change.
+        // A file that does not parse: logged, set aside, nothing out, and a
+        // new one at the first change.
         drop(a);
         let path = dir.path().join(crate::persist::HAND_FILE_NAME);
         std::fs::write(&path, "{").unwrap();
@@ -1627,7 +1630,8 @@ mod tests {
         a.apply_refresh(vec![Ok(all.clone())], &ok());
         assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.1"]);
         a.steer(ip("10.0.0.1"), false, None);
-        assert_eq!(crate::persist::read_hand(&path).unwrap().len(), 1);
+        assert_eq!(crate::persist::read_hand(&path).unwrap().0.len(), 1);
+        assert!(path.with_extension("json.corrupt").exists());
     }
 
     #[test]
