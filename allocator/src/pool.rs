@@ -282,7 +282,8 @@ impl Pool {
             .iter()
             .map(|a| old.get(a).copied().unwrap_or(0))
             .collect();
-        let generation = self.generation + 1;
+        // (wrapping: a table left by a killed allocator may say anything)
+        let generation = self.generation.wrapping_add(1);
         match self.table.publish(&active, &counts, generation, cursor) {
             Ok(()) => {}
             Err(TableError::TooSmall { .. } | TableError::Closed) => {

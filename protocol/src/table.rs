@@ -884,13 +884,36 @@ impl LeaseTable {
         // Reading the words may find the file cut short (and the table
         // replaced by a closed, empty one while read).
         let fault = self.words_fault(want, generation);
-        match self.is_cut_short() {
-            true => Some("its file was cut short (truncated)".into()),
+        if self.is_cut_short() {
+            return Some("its file was cut short (truncated)".into());
+        }
+        // Grown (and its header changed): a process mapping it afresh would
+        // take another layout, with entries where no one writes or checks.
+        let grown = self
+            .file
+            .as_ref()
+            .and_then(|f| f.metadata().ok())
+            .is_some_and(|m| m.len() > (self.words * 8) as u64);
+        match grown {
+            true => Some("its file was grown".into()),
             false => fault,
         }
     }
 
     fn words_fault(&self, want: &[Segment], generation: u64) -> Option<String> {
+        // The header: what a process mapping the file takes its layout from.
+        let header = [
+            MAGIC,
+            TABLE_LAYOUT,
+            self.capacity as u64,
+            PEER_SLOTS as u64,
+            self.id,
+        ];
+        if let Some(i) =
+            (0..header.len()).find(|&i| self.word(i).load(Ordering::Relaxed) != header[i])
+        {
+            return Some(format!("header word {i} changed"));
+        }
         let s = self.states();
         if s.iter().any(|s| s & CLOSED != 0) {
             return Some("closed by someone else".into());

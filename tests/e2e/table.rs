@@ -288,6 +288,26 @@ async fn a_tampered_lease_table_is_not_trusted_and_is_replaced() {
     )
     .await;
     serve_all(&[&worker], &origin, 10).await;
+    // The header's capacity doubled and the file grown to match: a worker
+    // mapping it afresh would take that layout and lease from entries no
+    // one writes or checks. Noticed, and replaced.
+    let fourth = id(&path);
+    let capacity = table_words(&path)[2];
+    write_word(&path, 2, capacity * 2);
+    let len = std::fs::metadata(&path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len * 2)
+        .unwrap();
+    let p = path.clone();
+    eventually("the allocator replaces a table with another layout", || {
+        let p = p.clone();
+        async move { id(&p) != fourth }
+    })
+    .await;
+    serve_all(&[&worker], &origin, 10).await;
     assert!(!origin.sources().contains(&own));
 }
 
