@@ -484,6 +484,8 @@ async fn two_hosts_refused_and_response_framing_passed_on_plain() {
             b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\nhello"
         } else if head.starts_with("GET /gzip ") {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        } else if head.starts_with("GET /nothing ") {
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"
         } else {
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
         }
@@ -524,10 +526,38 @@ async fn two_hosts_refused_and_response_framing_passed_on_plain() {
          Transfer-Encoding: gzip, chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
     );
     rotors_own_answer(&mut s, &req, 501, "coded upload").await;
+    // Chunked twice (RFC 9112 §6.1): hyper's server takes one off, and the
+    // other's framing was sent on as the body's data.
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    let req = format!(
+        "POST http://{origin}/a HTTP/1.1\r\nHost: {origin}\r\n\
+         Transfer-Encoding: chunked, chunked\r\n\r\n8\r\n3\r\nabc\r\n\r\n0\r\n\r\n"
+    );
+    rotors_own_answer(&mut s, &req, 400, "upload chunked twice").await;
     assert!(
         heads.lock().unwrap().is_empty(),
         "nothing reached the destination"
     );
+
+    // A 204 carries no Content-Length to the client (RFC 9110 §8.6), on
+    // the fast path (GET) and on hyper's (a GET with an Expect, which the
+    // fast path leaves to hyper), and the connection goes on.
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    for req in [
+        format!("GET http://{origin}/nothing HTTP/1.1\r\nHost: {origin}\r\n\r\n"),
+        format!(
+            "GET http://{origin}/nothing HTTP/1.1\r\nHost: {origin}\r\n\
+             Expect: 100-continue\r\n\r\n"
+        ),
+    ] {
+        s.write_all(req.as_bytes()).await.unwrap();
+        let (status, head, _) = response(&mut s, false).await;
+        assert_eq!(status, 204, "{head}");
+        assert!(
+            !head.to_ascii_lowercase().contains("content-length"),
+            "{head}"
+        );
+    }
 
     let mut s = TcpStream::connect(worker.addr).await.unwrap();
     for path in ["twice", "list"] {

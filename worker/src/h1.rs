@@ -680,9 +680,10 @@ fn framing<'a>(
     // value where the values agree, else not at all (without a body to
     // frame, a bad one is no error of the response's).
     // RFC 9112 §6.3: with a Transfer-Encoding, a Content-Length is not
-    // forwarded, however many.
+    // forwarded, however many; nor on a 204 (RFC 9110 §8.6: a client that
+    // took it would wait for a body that never comes).
     let length_field = match (length_repeated, bad_length, length) {
-        _ if te => LengthField::Drop,
+        _ if te || status == StatusCode::NO_CONTENT => LengthField::Drop,
         (_, Some(_), _) => LengthField::Drop,
         (true, None, Some(n)) => LengthField::One(n),
         _ => LengthField::AsSent,

@@ -744,14 +744,25 @@ impl Proxy {
         // a body still coded (`gzip, chunked`) would go on with its coding's
         // name gone (Transfer-Encoding is hop-by-hop). (The fast path takes
         // no request with a Transfer-Encoding.)
+        // Chunked twice (`chunked, chunked`, which RFC 9112 §6.1 forbids):
+        // hyper takes off one, and the other's framing would go on as data.
         if let Fields::Map(m) = &fields {
             let values = m.get_all(header::TRANSFER_ENCODING).iter();
-            if values
-                .flat_map(|v| h1::codings(v.as_bytes()))
-                .any(|c| c == h1::Coding::Other)
-            {
-                return Err(ProxyError::NotImplemented(
-                    "a request body with a transfer coding other than chunked",
+            let mut chunked = 0;
+            for c in values.flat_map(|v| h1::codings(v.as_bytes())) {
+                match c {
+                    h1::Coding::Other => {
+                        return Err(ProxyError::NotImplemented(
+                            "a request body with a transfer coding other than chunked",
+                        ))
+                    }
+                    h1::Coding::Chunked => chunked += 1,
+                    _ => {}
+                }
+            }
+            if chunked > 1 {
+                return Err(ProxyError::BadRequest(
+                    "a request body chunked more than once".into(),
                 ));
             }
         }
