@@ -140,22 +140,30 @@ fn unix_now_ms() -> u64 {
 }
 
 /// What a clean stop kept in `dir`'s `name` (`what`, for the log), given
-/// to `restore`: how many were kept and how many it took back; `None` if
-/// nothing was kept (or the file was unreadable: logged, and they start
-/// over).
+/// to `restore` with the wall clock in Unix milliseconds (`wall_ms`, or the
+/// file's time of writing if that is later: a clock set back since, by a
+/// start before NTP or a VM snapshot, would lengthen what was kept): how
+/// many were kept and how many it took back; `None` if nothing was kept
+/// (or the file was unreadable: logged, and they start over).
 fn take_kept<T: serde::de::DeserializeOwned>(
     dir: &std::path::Path,
     name: &str,
     what: &str,
     remove: bool,
-    restore: impl FnOnce(Vec<T>) -> usize,
+    wall_ms: u64,
+    restore: impl FnOnce(Vec<T>, u64) -> usize,
 ) -> Option<(usize, usize)> {
     let path = dir.join(name);
+    let written_ms = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_millis() as u64);
     match crate::persist::take_kept::<T>(&path, remove) {
         Ok(saved) if saved.is_empty() => None,
         Ok(saved) => {
             let kept = saved.len();
-            Some((kept, restore(saved)))
+            Some((kept, restore(saved, wall_ms.max(written_ms))))
         }
         Err(e) => {
             tracing::warn!(file = %path.display(), error = %e, "cannot read the {what} kept before the restart (a file that does not parse is kept aside as .corrupt); they start over");
@@ -578,7 +586,8 @@ impl Allocator {
             SESSIONS_FILE_NAME,
             "sticky sessions",
             remove,
-            |saved| inner.sessions.restore(saved, now, wall),
+            wall,
+            |saved, wall| inner.sessions.restore(saved, now, wall),
         ) {
             tracing::info!(
                 sessions = n,
@@ -591,7 +600,8 @@ impl Allocator {
             SITES_FILE_NAME,
             "site budgets and cooldowns",
             remove,
-            |mut saved: Vec<crate::sites::SavedPair>| {
+            wall,
+            |mut saved: Vec<crate::sites::SavedPair>, wall| {
                 // The file is the allocator's own; still, no name a site
                 // could not have.
                 saved.retain(|p| valid_site(&p.site));
@@ -1531,6 +1541,37 @@ mod tests {
         let cooling = report.sites[0].addrs[0].cooling_ms.expect("cooling");
         assert!(cooling > 590_000, "{cooling}");
         assert!(dir.path().join(SESSIONS_FILE_NAME).exists());
+    }
+
+    /// A wall clock set back since the file was written (a start before NTP
+    /// has set it, a VM snapshot) does not lengthen what was kept: the
+    /// file's time of writing counts as now when it is later.
+    #[test]
+    fn a_clock_set_back_does_not_lengthen_kept_sessions() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = kept_in(dir.path());
+        a.apply_refresh(vec![Ok(three())], &ok());
+        let r = a.lease_session(1, Families::ANY, "u\0s1", Duration::from_secs(600), false);
+        assert!(matches!(r, Response::Leased(_)), "{r:?}");
+        a.checkpoint().expect("a session began").write(false);
+        drop(a);
+        let path = dir.path().join(SESSIONS_FILE_NAME);
+        let sessions = |a: &Allocator| a.status_v2().sessions;
+        // Written a minute ago by this clock: the session is back.
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(SystemTime::now() - Duration::from_secs(60))
+            .unwrap();
+        let b = kept_in(dir.path());
+        assert_eq!(sessions(&b), 1);
+        drop(b);
+        // (with checkpoints the file stays once read)
+        // Written 11 minutes ahead of this clock (it has been set back since):
+        // its 10 minutes are over.
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(SystemTime::now() + Duration::from_secs(660))
+            .unwrap();
+        let c = kept_in(dir.path());
+        assert_eq!(sessions(&c), 0);
     }
 
     /// A restart whose first read is empty (an interface not up yet) keeps
