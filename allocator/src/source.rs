@@ -21,7 +21,8 @@ pub enum Source {
     /// `--interface NAME|MAC`.
     Interface(InterfaceSelector),
     /// The host's own global (not loopback, not link-local) addresses on all
-    /// interfaces: the default when no other source is given.
+    /// interfaces that reach the internet (see `host_addrs`): the default
+    /// when no other source is given.
     HostAddresses,
     /// `--metadata PROVIDER`: the cloud's instance metadata service.
     Metadata(Arc<Metadata>),
@@ -366,12 +367,50 @@ fn interface_addrs(sel: &InterfaceSelector) -> Result<Vec<IpAddr>, SourceError> 
         .collect())
 }
 
+/// The host's global addresses that can reach the internet: those the
+/// host routes the internet from through their own interface (eth0's, its
+/// secondary ones, a full-tunnel VPN's, an uplink that source routing
+/// picks for them), and those on the loopback interface (the addresses of
+/// a block routed to the host, put there). A bridge's (docker0, br-…,
+/// virbr0) or a split-tunnel VPN's address is left out: a request bound to
+/// it leaves through another interface, where it is dropped or masqueraded
+/// to that interface's address, so the pool would count addresses
+/// destinations never see. When the host routes the internet from none of
+/// them (no default route), every global address is kept, as the
+/// destinations reachable at all are local ones.
 fn host_addrs() -> Result<Vec<IpAddr>, SourceError> {
-    Ok(list_interfaces()?
+    let all: Vec<(String, IpAddr)> = list_interfaces()?
         .into_iter()
-        .filter_map(|a| a.ip)
-        .filter(global)
-        .collect())
+        .filter_map(|a| Some((a.name, a.ip?)))
+        .filter(|(_, ip)| global(ip))
+        .collect();
+    let own: Vec<Option<bool>> = all
+        .iter()
+        .map(|(name, ip)| {
+            let index = nix::net::if_::if_nametoindex(name.as_str()).ok()?;
+            let out = crate::usable::egress_interface(*ip, internet(*ip)).ok()??;
+            Some(out == index)
+        })
+        .collect();
+    Ok(match own.contains(&Some(true)) {
+        false => all.into_iter().map(|(_, ip)| ip).collect(),
+        true => all
+            .into_iter()
+            .zip(own)
+            .filter(|((name, _), own)| *own != Some(false) || name == "lo")
+            .map(|((_, ip), _)| ip)
+            .collect(),
+    })
+}
+
+/// An address of the internet at large, of `ip`'s family, to ask the
+/// routing table about (a documentation address: the default route, and
+/// no other, holds it; nothing is sent to it).
+fn internet(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => std::net::Ipv4Addr::new(198, 51, 100, 1).into(),
+        IpAddr::V6(_) => std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).into(),
+    }
 }
 
 #[cfg(test)]

@@ -55,6 +55,115 @@ impl Checker {
     }
 }
 
+/// The index of the interface this host sends from `src` to `dst` through
+/// (what `ip route get DST from SRC` says): a route lookup over rtnetlink,
+/// rules on the source included. Nothing is sent to `dst`. `Ok(None)`: no
+/// route there from `src` (unreachable, prohibited).
+pub fn egress_interface(src: IpAddr, dst: IpAddr) -> io::Result<Option<u32>> {
+    use nix::sys::socket::{
+        recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType,
+    };
+    const RTM_NEWROUTE: u16 = 24;
+    const RTM_GETROUTE: u16 = 26;
+    const NLMSG_ERROR: u16 = 2;
+    const NLM_F_REQUEST: u16 = 1;
+    const RTA_DST: u16 = 1;
+    const RTA_SRC: u16 = 2;
+    const RTA_OIF: u16 = 4;
+    let octets = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    let (family, bits) = match dst {
+        IpAddr::V4(_) => (libc::AF_INET as u8, 32u8),
+        IpAddr::V6(_) => (libc::AF_INET6 as u8, 128u8),
+    };
+    // nlmsghdr (length set below), rtmsg, then RTA_DST and RTA_SRC.
+    let mut msg = Vec::with_capacity(64);
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&RTM_GETROUTE.to_ne_bytes());
+    msg.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes());
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    msg.extend_from_slice(&[family, bits, bits, 0, 0, 0, 0, 0]);
+    msg.extend_from_slice(&0u32.to_ne_bytes());
+    for (kind, ip) in [(RTA_DST, dst), (RTA_SRC, src)] {
+        let value = octets(ip);
+        msg.extend_from_slice(&(4 + value.len() as u16).to_ne_bytes());
+        msg.extend_from_slice(&kind.to_ne_bytes());
+        msg.extend_from_slice(&value);
+    }
+    let len = msg.len() as u32;
+    msg[..4].copy_from_slice(&len.to_ne_bytes());
+
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    let _ = setsockopt(
+        &fd,
+        sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(1, 0),
+    );
+    send(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &msg,
+        MsgFlags::empty(),
+    )?;
+    let mut buf = [0u8; 4096];
+    let n = recv(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &mut buf,
+        MsgFlags::empty(),
+    )?;
+    let reply = &buf[..n];
+    let u16_at = |i: usize| {
+        reply
+            .get(i..i + 2)
+            .map(|b| u16::from_ne_bytes([b[0], b[1]]))
+    };
+    let u32_at = |i: usize| {
+        reply
+            .get(i..i + 4)
+            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "a route reply rotor cannot read",
+        )
+    };
+    match u16_at(4).ok_or_else(bad)? {
+        NLMSG_ERROR => {
+            let errno = -(u32_at(16).ok_or_else(bad)? as i32);
+            match errno {
+                libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES => Ok(None),
+                0 => Err(bad()),
+                e => Err(io::Error::from_raw_os_error(e)),
+            }
+        }
+        RTM_NEWROUTE => {
+            let end = (u32_at(0).ok_or_else(bad)? as usize).min(reply.len());
+            // The attributes, after the 16-byte header and 12-byte rtmsg.
+            let mut at = 28;
+            while at + 4 <= end {
+                let len = u16_at(at).ok_or_else(bad)? as usize;
+                if len < 4 {
+                    break;
+                }
+                if u16_at(at + 2) == Some(RTA_OIF) {
+                    return u32_at(at + 4).map(Some).ok_or_else(bad);
+                }
+                at += (len + 3) & !3;
+            }
+            Ok(None)
+        }
+        _ => Err(bad()),
+    }
+}
+
 fn describe(e: &io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::EADDRNOTAVAIL) => {
@@ -78,6 +187,17 @@ fn bind(ip: IpAddr) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_route_lookup_names_the_interface_out() {
+        let lo = nix::net::if_::if_nametoindex("lo").unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            egress_interface(ip("127.0.0.1"), ip("127.0.0.2")).unwrap(),
+            Some(lo)
+        );
+        assert_eq!(egress_interface(ip("::1"), ip("::1")).unwrap(), Some(lo));
+    }
 
     #[test]
     fn loopback_is_usable_and_a_foreign_address_is_not() {

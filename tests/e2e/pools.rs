@@ -340,3 +340,52 @@ async fn the_pool_can_come_from_the_cloud_metadata_service() {
     let err = status["sources"][0]["error"].as_str().unwrap();
     assert!(err.contains("`garbage` is not an IP address"), "{err}");
 }
+
+/// With no pool flags the pool is the host's addresses that reach the
+/// internet: an uplink's (with its default routes), a second one on the
+/// same interface, and a routed block's address put on lo; not a docker
+/// style bridge's, whose requests would leave through the uplink and be
+/// masqueraded to its address. Without a default route, all of them.
+#[test]
+fn the_default_pool_leaves_out_a_bridge_without_a_route_out() {
+    in_netns(
+        "the_default_pool_leaves_out_a_bridge_without_a_route_out",
+        &[
+            "link add up9 type veth peer name peer9",
+            "link set peer9 up",
+            "link set up9 up",
+            "addr add 10.1.0.2/24 dev up9",
+            "addr add 10.1.0.3/24 dev up9",
+            "route add default via 10.1.0.1 dev up9",
+            "-6 addr add fd00:5::2/64 dev up9 nodad",
+            "-6 route add default via fd00:5::1 dev up9",
+            "link add br9 type bridge",
+            "link set br9 up",
+            "addr add 172.17.0.1/16 dev br9",
+            "-6 addr add fd00:6::1/64 dev br9 nodad",
+            "addr add 198.51.100.7/32 dev lo",
+        ],
+        || async {
+            let alloc = Allocator::start(&[]).await;
+            let status = status_json(&alloc.socket);
+            let mut pool: Vec<String> = status["pool"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["ip"].as_str().unwrap().to_string())
+                .collect();
+            pool.sort();
+            assert_eq!(
+                pool,
+                ["10.1.0.2", "10.1.0.3", "198.51.100.7", "fd00:5::2"],
+                "{status}"
+            );
+            // With no default route at all, no address reaches the
+            // internet, and every one is kept (for local destinations).
+            run_ok("ip", &["route", "del", "default"], "ip");
+            run_ok("ip", &["-6", "route", "del", "default"], "ip");
+            let out = rotor_control("reload", &alloc.socket, &[]);
+            assert!(out.contains("6 addresses"), "{out}");
+        },
+    );
+}
