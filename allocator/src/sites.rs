@@ -711,6 +711,20 @@ impl Sites {
             .is_none_or(|s| !self.pairs.contains_key(&(s.id, ip)));
         if fresh_pair {
             self.make_room(now, site);
+            // One site holding the whole table (push-backs to many
+            // addresses of a prefix): this cooldown is not kept rather than
+            // the cap broken, as for a start.
+            let need = if self.sites.contains_key(site) { 1 } else { 2 };
+            if self.entries() + need > self.max_entries {
+                if crate::due(&mut self.full_logged, now, Duration::from_secs(60)) {
+                    tracing::warn!(
+                        %site,
+                        max = self.max_entries,
+                        "the site table is full of one site's addresses: a push-back is not kept; raise --max-site-entries"
+                    );
+                }
+                return false;
+            }
         }
         self.ensure(site, true, now);
         let t = self.ms(now);
@@ -1038,6 +1052,20 @@ mod tests {
             }
         }
         out
+    }
+
+    /// Push-backs from more addresses than the table holds, all for one
+    /// site (a /64 pool): the cap holds (each was one more pair).
+    #[test]
+    fn push_backs_of_one_site_keep_to_the_cap() {
+        let mut s = Sites::new(rules(&[]), 16);
+        let t0 = Instant::now();
+        for i in 1..=100u8 {
+            s.pushback("a.com", ip(i), 429, Some(Duration::from_secs(600)), t0);
+        }
+        assert!(s.entries() <= 16, "{}", s.entries());
+        // The first ones are still cooling.
+        assert!(s.pairs.values().all(|p| p.cool_until > 0));
     }
 
     #[test]
