@@ -29,7 +29,13 @@ pub async fn connect_from(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = None;
     for (i, dest) in candidates.iter().enumerate() {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let now = tokio::time::Instant::now();
+        let left = deadline.saturating_duration_since(now);
+        // Out of time: the addresses left get no SYN (a timeout polls the
+        // connect once, which sends one, before it looks at the clock).
+        if left.is_zero() && last.is_some() {
+            break;
+        }
         let share = (left / u32::try_from(candidates.len() - i).unwrap_or(u32::MAX))
             .max(ATTEMPT_MIN.min(left));
         let sock = bound_socket(source, *dest)?;
@@ -37,6 +43,14 @@ pub async fn connect_from(
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
                 return Ok(stream);
+            }
+            // The kernel gave up first (its SYN retries, `tcp_syn_retries`,
+            // ran out within the share): a timeout all the same.
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::ETIMEDOUT) => {
+                last = Some(ProxyError::ConnectTimeout {
+                    dest: dest.to_string(),
+                    timeout: now.elapsed(),
+                })
             }
             Ok(Err(e)) => last = Some(ProxyError::from_connect(dest.to_string(), e)),
             Err(_) => {
@@ -181,6 +195,19 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, ProxyError::ConnectTimeout { .. }), "{err}");
+        // Out of time after the first: the next is sent no SYN (it was,
+        // and the socket dropped at once, or on loopback even connected).
+        let good = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let err = connect_from(
+            src,
+            &[dead, good.local_addr().unwrap()],
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, ProxyError::ConnectTimeout { .. }), "{err}");
+        let accepted = tokio::time::timeout(Duration::from_millis(300), good.accept()).await;
+        assert!(accepted.is_err(), "a SYN went past the deadline");
     }
 
     #[tokio::test]

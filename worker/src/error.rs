@@ -194,6 +194,10 @@ impl ProxyError {
             DnsTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Some("dns_timeout")),
             Refused { .. } => (StatusCode::BAD_GATEWAY, Some("connection_refused")),
             Unreachable { .. } => (StatusCode::BAD_GATEWAY, Some("destination_ip_unroutable")),
+            // Reset during the handshake (a middlebox, a SYN flood guard).
+            Connect { source, .. } if source.raw_os_error() == Some(libc::ECONNRESET) => {
+                (StatusCode::BAD_GATEWAY, Some("connection_terminated"))
+            }
             Connect { .. } => (StatusCode::BAD_GATEWAY, Some("proxy_internal_error")),
             ConnectTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Some("connection_timeout")),
             ResponseTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Some("http_response_timeout")),
@@ -249,7 +253,7 @@ impl ProxyError {
     pub fn from_connect(dest: String, source: io::Error) -> ProxyError {
         match source.raw_os_error() {
             Some(libc::ECONNREFUSED) => ProxyError::Refused { dest, source },
-            Some(libc::ENETUNREACH | libc::EHOSTUNREACH) => {
+            Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ENETDOWN | libc::EHOSTDOWN) => {
                 ProxyError::Unreachable { dest, source }
             }
             // With IP_BIND_ADDRESS_NO_PORT the port is chosen at connect:
@@ -361,6 +365,15 @@ mod tests {
             )
         );
         assert_eq!(e.fault(), Fault::Internal);
+        let by =
+            |errno| ProxyError::from_connect("x:1".into(), io::Error::from_raw_os_error(errno));
+        for errno in [libc::EHOSTDOWN, libc::ENETDOWN] {
+            assert_eq!(by(errno).classify().1, Some("destination_ip_unroutable"));
+        }
+        assert_eq!(
+            by(libc::ECONNRESET).classify(),
+            (StatusCode::BAD_GATEWAY, Some("connection_terminated"))
+        );
     }
 
     #[test]
