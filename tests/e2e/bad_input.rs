@@ -151,6 +151,13 @@ async fn garbage_on_the_proxy_port_never_takes_the_worker_down() {
     let mut out = Vec::new();
     let r = tokio::time::timeout(PATIENCE, slow.read_to_end(&mut out)).await;
     assert!(r.is_ok(), "a slowloris client was kept");
+    // And told so, as hyper's path tells it.
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("HTTP/1.1 408 Request Timeout")
+            && text.contains("error=http_request_error"),
+        "{text}"
+    );
     // Nor one that sends a small body a byte at a time, each within the
     // idle timeout.
     let mut slow = TcpStream::connect(worker.addr).await.unwrap();
@@ -178,6 +185,8 @@ async fn garbage_on_the_proxy_port_never_takes_the_worker_down() {
     tokio::time::timeout(Duration::from_secs(5), closed)
         .await
         .expect("a slow body was kept");
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
     assert!(
         t0.elapsed() >= Duration::from_millis(400),
         "{:?}",

@@ -23,6 +23,10 @@ pub enum ProxyError {
     ClientBody(#[source] crate::h1::BoxError),
     #[error("the client sent none of its request body for {timeout:?}")]
     ClientTimeout { timeout: Duration },
+    /// A head, or the small body the fast path reads with it, not whole
+    /// within `--header-read-timeout` of its first byte.
+    #[error("the client sent no whole request within {timeout:?} of its first byte")]
+    HeadTimeout { timeout: Duration },
     /// A request rotor cannot pass on as asked (RFC 9112 §6.1: a transfer
     /// coding it does not understand is a 501).
     #[error("not implemented: {0}")]
@@ -141,6 +145,7 @@ impl ProxyError {
             BadRequest(_)
             | ClientBody(_)
             | ClientTimeout { .. }
+            | HeadTimeout { .. }
             | NotImplemented(_)
             | HeadTooLarge { .. }
             | Denied(_)
@@ -172,7 +177,9 @@ impl ProxyError {
         match self {
             BadRequest(_) => (StatusCode::BAD_REQUEST, None),
             ClientBody(_) => (StatusCode::BAD_REQUEST, Some("http_request_error")),
-            ClientTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, Some("http_request_error")),
+            ClientTimeout { .. } | HeadTimeout { .. } => {
+                (StatusCode::REQUEST_TIMEOUT, Some("http_request_error"))
+            }
             NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, None),
             HeadTooLarge { .. } => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, None),
             Auth(crate::auth::AuthError::Busy) => (
@@ -220,6 +227,7 @@ impl ProxyError {
             BadRequest(_) => "Bad Request",
             ClientBody(_) => "Bad Request Body",
             ClientTimeout { .. } => "Request Body Timeout",
+            HeadTimeout { .. } => "Request Timeout",
             NotImplemented(_) => "Transfer Coding Not Implemented",
             HeadTooLarge { .. } => "Request Head Too Large",
             Auth(crate::auth::AuthError::Busy) => "Authentication Busy",

@@ -173,7 +173,7 @@ where
                         Ok(r) => r,
                         Err(_) => {
                             tracing::debug!("request head too slow; closed");
-                            return Outcome::Closed;
+                            return too_slow(io, &mut out, conn).await;
                         }
                     }
                 }
@@ -196,7 +196,7 @@ where
                     Ok(r) => r,
                     Err(_) => {
                         tracing::debug!("request body too slow; closed");
-                        return Outcome::Closed;
+                        return too_slow(io, &mut out, conn).await;
                     }
                 },
                 _ = &mut idle => return Outcome::Closed,
@@ -241,8 +241,40 @@ where
             }
             return Outcome::Closed;
         }
+        trim(&mut buf, &mut out);
     }
 }
+
+/// Tells a client whose request did not come whole within the header
+/// timeout so (408, as hyper's path), then closes: within the grace, as a
+/// client this slow may not read either.
+async fn too_slow<I: ClientStream>(mut io: I, out: &mut Vec<u8>, conn: &Conn) -> Outcome<I> {
+    let e = crate::error::ProxyError::HeadTimeout {
+        timeout: conn.header_timeout,
+    };
+    let answer = crate::proxy::Answer::from(&e);
+    let _ = tokio::time::timeout(conn.grace, async {
+        respond(&mut io, out, answer, false, true).await?;
+        io.shutdown().await
+    })
+    .await;
+    Outcome::Closed
+}
+
+/// A large head or body grew a buffer: it goes back to its first size
+/// before the connection idles (a kept-alive connection would hold up to
+/// 512 KiB for its life). Bytes already read of the next request stay.
+fn trim(buf: &mut BytesMut, out: &mut Vec<u8>) {
+    if out.capacity() > KEEP_BUFFER {
+        *out = Vec::with_capacity(512);
+    }
+    if buf.is_empty() && buf.capacity() > KEEP_BUFFER {
+        *buf = BytesMut::with_capacity(4096);
+    }
+}
+
+/// The most a connection's buffers keep between requests.
+const KEEP_BUFFER: usize = 16 * 1024;
 
 /// The request at the start of `buf`, if it is whole and the fast path's;
 /// its head leaves the buffer (its body stays).
@@ -544,6 +576,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // Read whole: the fast path's buffer goes with it, not
+                // when the connection does.
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
@@ -582,6 +619,31 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn grown_buffers_are_given_back() {
+        let mut buf = bytes::BytesMut::with_capacity(128 * 1024);
+        let mut out = Vec::with_capacity(512 * 1024);
+        buf.extend_from_slice(b"GET");
+        super::trim(&mut buf, &mut out);
+        assert!(out.capacity() <= super::KEEP_BUFFER);
+        assert_eq!(&buf[..], b"GET", "the next request's bytes stay");
+        buf.clear();
+        super::trim(&mut buf, &mut out);
+        assert!(buf.capacity() <= super::KEEP_BUFFER);
+    }
+
+    /// A handover's bytes, read whole, are let go (the buffer they are in
+    /// is the fast path's, up to 128 KiB).
+    #[tokio::test]
+    async fn a_rewind_read_whole_lets_its_buffer_go() {
+        use tokio::io::AsyncReadExt;
+        let prefix = bytes::Bytes::from(vec![7u8; 1000]);
+        let (a, _b) = tokio::io::duplex(64);
+        let mut r = super::Rewind::new(prefix.clone(), a);
+        let mut got = [0u8; 1000];
+        r.read_exact(&mut got).await.unwrap();
+        assert!(prefix.is_unique(), "the rewind still holds its buffer");
+    }
     use super::*;
 
     fn take(text: &str) -> (Take, BytesMut) {

@@ -79,6 +79,13 @@ impl Answer {
     }
 }
 
+impl From<&ProxyError> for Answer {
+    /// Rotor's own answer for `e` (a failure before any request was served).
+    fn from(e: &ProxyError) -> Answer {
+        Answer::from(e.to_response().map(|b| Either::Right(Either::Left(b))))
+    }
+}
+
 impl From<Response<ProxyBody>> for Answer {
     fn from(resp: Response<ProxyBody>) -> Answer {
         let (mut parts, body) = resp.into_parts();
