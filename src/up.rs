@@ -145,6 +145,13 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     if worker_flags.threads.is_none() && file.worker.threads.is_none() {
         worker_flags.threads = Some(1);
     }
+    // The CPUs' password checks shared among the workers: each alone
+    // would take one per CPU, and N workers N times the CPUs (and 19 MiB
+    // each) under a flood of bad logins.
+    if worker_flags.auth_checks.is_none() && file.worker.auth_checks.is_none() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        worker_flags.auth_checks = Some(cpus.div_ceil(usize::from(workers)));
+    }
     worker_args.extend(worker_flags.to_args());
     // Held by every worker slot too: a descriptor number stays this
     // socket's for as long as a slot may pass it on.

@@ -88,6 +88,11 @@ settings! {
         /// Users who may use the proxy: `user:argon2-hash` lines, written by
         /// `rotor user add`. Re-read on SIGHUP.
         auth_file: Option<PathBuf>,
+        /// Most password checks at once in this worker (argon2: about
+        /// 19 MiB and some 20 ms of a CPU each); a login past them waits up
+        /// to 2 s, then gets 503 [default: the number of CPUs; under `rotor
+        /// up`, the CPUs shared among its workers].
+        auth_checks: Option<usize>,
         /// Serve without authentication on a non-loopback address (an open
         /// proxy: anyone who can reach it can use it).
         #[arg(conflicts_with = "auth_file")]
@@ -291,9 +296,14 @@ impl WorkerFlags {
                 "dns-server is for the dns resolver; the system resolver asks the servers of /etc/resolv.conf".into(),
             )),
         };
+        if w.auth_checks == Some(0) {
+            return Err(ConfigError::Invalid(
+                "auth-checks must be at least 1".into(),
+            ));
+        }
         let auth = match &w.auth_file {
             Some(path) => Some(
-                rotor_worker::auth::Auth::load(path)
+                rotor_worker::auth::Auth::load(path, w.auth_checks)
                     .map_err(|e| ConfigError::Invalid(rotor_protocol::error_chain(&e)))?,
             ),
             None => None,
@@ -483,6 +493,8 @@ mod tests {
         assert!(flags(&["--upstream-idle-timeout", "0s"])
             .resolve(&none)
             .is_ok());
+        let e = flags(&["--auth-checks", "0"]).resolve(&none).unwrap_err();
+        assert!(e.to_string().contains("auth-checks"), "{e}");
     }
 
     #[test]

@@ -152,9 +152,13 @@ impl std::fmt::Debug for Auth {
 }
 
 impl Auth {
-    pub fn load(path: &Path) -> Result<Arc<Auth>, UsersError> {
+    /// The users of `path`, checked at most `checks` at once (`None`: one
+    /// per CPU).
+    pub fn load(path: &Path, checks: Option<usize>) -> Result<Arc<Auth>, UsersError> {
         let users = load(path)?;
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let cpus = checks
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .max(1);
         Ok(Arc::new(Auth {
             path: path.to_path_buf(),
             users: RwLock::new(Arc::new(users)),
@@ -429,7 +433,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("users");
         std::fs::write(&path, format!("alice:{}\n", hash_password("pw"))).unwrap();
-        let auth = Auth::load(&path).unwrap();
+        let auth = Auth::load(&path, None).unwrap();
         (dir, auth)
     }
 
@@ -460,7 +464,7 @@ mod tests {
             format!("# users\nalice:{}\n\n", hash_password("s3cret")),
         )
         .unwrap();
-        let auth = Auth::load(&path).unwrap();
+        let auth = Auth::load(&path, None).unwrap();
         assert_eq!(auth.len(), 1);
         assert_eq!(
             auth.check(Some(&basic("alice", "s3cret")), LOCAL).await,
@@ -576,8 +580,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("users");
         std::fs::write(&path, "alice\n").unwrap();
-        assert!(matches!(Auth::load(&path), Err(UsersError::Line(_, 1))));
+        assert!(matches!(
+            Auth::load(&path, None),
+            Err(UsersError::Line(_, 1))
+        ));
         std::fs::write(&path, "alice:plaintext\n").unwrap();
-        assert!(matches!(Auth::load(&path), Err(UsersError::Hash(_, 1))));
+        assert!(matches!(
+            Auth::load(&path, None),
+            Err(UsersError::Hash(_, 1))
+        ));
     }
 }
