@@ -88,8 +88,10 @@ impl UpstreamPool {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether connections are kept at all (`--upstream-idle-timeout 0`
+    /// or `--upstream-max-idle 0` keeps none: no list is made for them).
     pub fn enabled(&self) -> bool {
-        !self.idle_timeout.is_zero()
+        !self.idle_timeout.is_zero() && self.max_idle_per_key > 0
     }
 
     /// An idle connection for `key`, ready for a request (the most
@@ -401,5 +403,10 @@ mod tests {
         let (c, _peer) = conn().await;
         pool.checkin(key("127.0.0.2"), c);
         assert_eq!(pool.idle_count(), 0);
+        // Nor --upstream-max-idle 0, which made an empty list a checkin.
+        let pool = UpstreamPool::new(Duration::from_secs(4), 0);
+        let (c, _peer) = conn().await;
+        pool.checkin(key("127.0.0.2"), c);
+        assert_eq!((pool.idle_count(), pool.lists()), (0, 0));
     }
 }
