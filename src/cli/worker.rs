@@ -68,6 +68,11 @@ settings! {
         /// Most client connections and tunnels at once; past it new clients
         /// get an immediate 503.
         max_connections: Option<usize> = "10000",
+        /// Most connections from one client address at once (an IPv6
+        /// client's /64 counts as one); past it that address's new ones get
+        /// an immediate 503 (SOCKS5: "no acceptable method"); 0: no limit.
+        /// A tunnel, once open, counts under --max-connections alone.
+        max_client_connections: Option<usize> = "0",
         /// Threads of this worker's runtime; 1 runs it on one thread (scale
         /// out with more workers instead) [default: the number of CPUs; 1
         /// under `rotor up`].
@@ -373,6 +378,7 @@ impl WorkerFlags {
                 },
                 idle_timeout: w.idle_timeout,
                 max_connections: w.max_connections,
+                max_client_connections: w.max_client_connections,
                 tls,
                 header_read_timeout: w.header_read_timeout,
                 drain_timeout: w.drain_timeout,

@@ -97,6 +97,72 @@ async fn the_connection_cap_refuses_quickly_and_recovers() {
     .await;
 }
 
+/// A client connection from `source` (a loopback address of the test's).
+async fn connect_from(source: &str, to: std::net::SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    sock.connect(to).await.unwrap()
+}
+
+/// `--max-client-connections`: one address holding its share of places
+/// (idle, before any request) is refused at once past it, on the HTTP and
+/// the SOCKS5 listener; other addresses are served, and a place comes back
+/// when a connection closes.
+#[tokio::test]
+async fn one_client_address_cannot_take_every_place() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let socks: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let s = socks.to_string();
+    let worker = Worker::start(
+        &alloc.socket,
+        &["--max-client-connections", "2", "--socks-listen", &s],
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(connect_from("127.0.0.77", worker.addr).await);
+    }
+    // Counted once accepted: give the worker a moment.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = connect_from("127.0.0.77", worker.addr).await;
+    let head = read_head(&mut third).await;
+    assert!(
+        head.starts_with("HTTP/1.1 503 Client Connection Limit Reached")
+            && head.contains("error=connection_limit_reached"),
+        "{head}"
+    );
+    let mut greeting = connect_from("127.0.0.77", socks).await;
+    greeting.write_all(&[5, 1, 0]).await.unwrap();
+    let mut reply = [0u8; 2];
+    greeting.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply, [5, 0xff], "SOCKS5: no acceptable method");
+    // Another address is served meanwhile.
+    let mut other = connect_from("127.0.0.78", worker.addr).await;
+    let req = format!(
+        "GET {} HTTP/1.1
+Host: x
+
+",
+        origin.url("/")
+    );
+    other.write_all(req.as_bytes()).await.unwrap();
+    assert!(read_head(&mut other).await.starts_with("HTTP/1.1 200"));
+    // One closed: that address has a place again.
+    drop(held.pop());
+    let worker_addr = worker.addr;
+    let req2 = req.clone();
+    eventually("a place for the address again", || {
+        let req = req2.clone();
+        async move {
+            let mut s = connect_from("127.0.0.77", worker_addr).await;
+            s.write_all(req.as_bytes()).await.unwrap();
+            read_head(&mut s).await.starts_with("HTTP/1.1 200")
+        }
+    })
+    .await;
+}
+
 /// The soft descriptor limit of `pid`, from /proc.
 fn soft_nofile(pid: u32) -> u64 {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();

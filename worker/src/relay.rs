@@ -392,6 +392,7 @@ impl Pipe {
 /// big ones are not asked for again for a while: each refusal costs a new
 /// pipe and its system calls for a chunk that a pooled small one moves.
 fn take_pipe(big: bool) -> Option<Pipe> {
+    use crate::Moment;
     static REFUSED: Moment = Moment::new();
     // Pipes came out too small a moment ago: copied, without a new pipe
     // made and closed for each chunk meanwhile.
@@ -428,35 +429,11 @@ fn take_pipe(big: bool) -> Option<Pipe> {
             None
         }
         Err(e) => {
-            if !WARNED.within(std::time::Duration::from_secs(60)) {
-                WARNED.mark();
+            if WARNED.first_in(std::time::Duration::from_secs(60)) {
                 warn!(error = %e, "no pipe for a tunnel; copying through user space (raise the descriptor limit)");
             }
             None
         }
-    }
-}
-
-/// When something last happened (a refusal, a warning), shared by the
-/// process's tunnels.
-struct Moment(Mutex<Option<std::time::Instant>>);
-
-impl Moment {
-    const fn new() -> Moment {
-        Moment(Mutex::new(None))
-    }
-
-    /// Whether it happened within `d`.
-    fn within(&self, d: std::time::Duration) -> bool {
-        self.0
-            .lock()
-            .expect("poisoned")
-            .is_some_and(|t| t.elapsed() < d)
-    }
-
-    /// It happens now.
-    fn mark(&self) {
-        *self.0.lock().expect("poisoned") = Some(std::time::Instant::now());
     }
 }
 

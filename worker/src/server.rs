@@ -34,6 +34,9 @@ pub struct Config {
     /// Most client connections (tunnels included) served at once; past it,
     /// new ones get an immediate 503.
     pub max_connections: usize,
+    /// Most connections from one client address (an IPv6 /64) at once;
+    /// past it, that client's new ones get an immediate 503. 0: no limit.
+    pub max_client_connections: usize,
     /// The certificate of the TLS listeners, if any.
     pub tls: Option<Arc<crate::tls::Tls>>,
 }
@@ -136,14 +139,16 @@ pub async fn run(
 
     // Each accepted connection is served from here, spawned by the accept
     // loop that took it (no hop through a channel to a serving loop).
+    let clients = crate::clients::Clients::new(config.max_client_connections);
     let serving = Arc::new(Serving {
         proxy: proxy.clone(),
         limit: limit.clone(),
+        clients: clients.clone(),
         connections: connections.clone(),
         stop: shutdown.clone(),
         config: config.clone(),
         builder,
-        last_warned: std::sync::Mutex::new(None),
+        last_warned: crate::Moment::new(),
     });
     let every = listeners
         .into_iter()
@@ -174,7 +179,7 @@ pub async fn run(
         acceptors.spawn(socks_accept(
             l,
             proxy.clone(),
-            limit.clone(),
+            (limit.clone(), clients.clone()),
             connections.clone(),
             config.header_read_timeout,
             shutdown.clone(),
@@ -263,12 +268,14 @@ struct Serving {
     proxy: Arc<Proxy>,
     /// A place per client connection and tunnel.
     limit: Arc<Semaphore>,
+    /// Places per client address.
+    clients: Arc<crate::clients::Clients>,
     connections: TaskTracker,
     stop: CancellationToken,
     config: Config,
     builder: http1::Builder,
     /// When the connection limit was last warned of (once in 10 s).
-    last_warned: std::sync::Mutex<Option<tokio::time::Instant>>,
+    last_warned: crate::Moment,
 }
 
 impl Serving {
@@ -278,13 +285,11 @@ impl Serving {
         let permit = match self.limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                let mut last_warned = self.last_warned.lock().unwrap_or_else(|e| e.into_inner());
-                if last_warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                if self.last_warned.first_in(Duration::from_secs(10)) {
                     warn!(
                         limit = self.config.max_connections,
                         "connection limit reached; refusing new clients with 503"
                     );
-                    *last_warned = Some(tokio::time::Instant::now());
                 }
                 if let Ok(stream) = stream.into_tokio() {
                     match is_tls {
@@ -296,6 +301,16 @@ impl Serving {
                 }
                 return;
             }
+        };
+        let Ok(slot) = self.clients.admit(client.ip()) else {
+            client_limit_reached(client, self.config.max_client_connections);
+            if let Ok(stream) = stream.into_tokio() {
+                match is_tls {
+                    false => tokio::spawn(refuse(stream, HTTP_CLIENT_REFUSAL)),
+                    true => tokio::spawn(linger_close(stream)),
+                };
+            }
+            return;
         };
         let activity = Activity::new();
         let stream = IdleIo::new(stream, activity.clone());
@@ -332,7 +347,7 @@ impl Serving {
         // TLS handshake, the fast path, hyper's connection — is boxed), as
         // spawning moves it.
         let fut = async move {
-            let _permit = permit;
+            let (_permit, _slot) = (permit, slot);
             // A TLS client's handshake counts against the head's
             // deadline (and holds its place under the limit).
             let io: ClientIo = match acceptor {
@@ -489,7 +504,7 @@ async fn notify_systemd(proxy: Arc<Proxy>, connections: TaskTracker, shutdown: C
 async fn socks_accept(
     listener: std::net::TcpListener,
     proxy: Arc<Proxy>,
-    limit: Arc<Semaphore>,
+    (limit, clients): (Arc<Semaphore>, Arc<crate::clients::Clients>),
     connections: TaskTracker,
     within: Duration,
     shutdown: CancellationToken,
@@ -529,8 +544,13 @@ async fn socks_accept(
             tokio::spawn(refuse(stream, &[5, 0xff]));
             continue;
         };
+        let Ok(slot) = clients.admit(client.ip()) else {
+            client_limit_reached(client, clients.max());
+            tokio::spawn(refuse(stream, &[5, 0xff]));
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        connections.spawn(crate::socks::serve(
+        let serve = crate::socks::serve(
             proxy.clone(),
             stream,
             client,
@@ -538,7 +558,11 @@ async fn socks_accept(
             within,
             shutdown.clone(),
             IDLE_CLOSE_GRACE,
-        ));
+        );
+        connections.spawn(async move {
+            let _slot = slot;
+            serve.await
+        });
     }
 }
 
@@ -546,6 +570,21 @@ async fn socks_accept(
 const HTTP_REFUSAL: &[u8] = b"HTTP/1.1 503 Connection Limit Reached\r\n\
     proxy-status: rotor; error=proxy_internal_error; details=\"connection limit reached\"\r\n\
     content-length: 0\r\nconnection: close\r\n\r\n";
+
+/// What an HTTP client past its address's connection limit is told.
+const HTTP_CLIENT_REFUSAL: &[u8] = b"HTTP/1.1 503 Client Connection Limit Reached\r\n\
+    proxy-status: rotor; error=connection_limit_reached; details=\"too many connections from this address\"\r\n\
+    content-length: 0\r\nconnection: close\r\n\r\n";
+
+/// Logs a client refused at its address's limit, once in 10 s.
+fn client_limit_reached(client: std::net::SocketAddr, limit: usize) {
+    static WARNED: crate::Moment = crate::Moment::new();
+    if WARNED.first_in(Duration::from_secs(10)) {
+        warn!(%client, limit, "a client address reached its connection limit; refusing its new connections with 503 (said once in 10 s)");
+    } else {
+        debug!(%client, limit, "client connection limit reached; refused");
+    }
+}
 
 /// Answers a client past the connection limit at once with `answer`,
 /// without waiting for its request, so it can retry elsewhere instead of
