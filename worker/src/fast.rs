@@ -113,8 +113,13 @@ where
         // A whole head, taken off the buffer, within the header timeout
         // from its first byte (over TLS, the first from the accept).
         let mut first_byte = first_head_due.take();
+        // How much of `buf` a parse found no whole head in: a head that
+        // comes in pieces is parsed again only once an empty line may
+        // have come (a byte at a time, each parse of the whole head made
+        // a 64 KiB one cost gigabytes of scanning).
+        let mut scanned = 0;
         let (mut parts, fields, body_len, close) = loop {
-            if !buf.is_empty() {
+            if !buf.is_empty() && head_may_end(&buf, scanned, conn.max_head) {
                 match take_request(&mut buf, conn.max_head) {
                     Take::Request {
                         parts,
@@ -123,7 +128,7 @@ where
                         close,
                     } => break (parts, fields, body, close),
                     Take::NotMine => return Outcome::Handover(Rewind::new(buf.freeze(), io)),
-                    Take::Partial => {}
+                    Take::Partial => scanned = buf.len(),
                 }
             }
             buf.reserve(4096);
@@ -275,6 +280,20 @@ fn trim(buf: &mut BytesMut, out: &mut Vec<u8>) {
 
 /// The most a connection's buffers keep between requests.
 const KEEP_BUFFER: usize = 16 * 1024;
+
+/// Whether `buf`, of which the first `scanned` bytes held no whole head,
+/// may hold one now: an empty line (`\n\n` or `\n\r\n`) in what came
+/// since, or as much as a head may be (then the parse hands it over).
+fn head_may_end(buf: &[u8], scanned: usize, max_head: usize) -> bool {
+    if scanned == 0 || buf.len() >= max_head {
+        return true;
+    }
+    // From two bytes back: an empty line may straddle the reads.
+    let from = scanned.saturating_sub(2);
+    buf[from..].iter().enumerate().any(|(i, &b)| {
+        b == b'\n' && matches!(&buf[from + i + 1..], [b'\n', ..] | [b'\r', b'\n', ..])
+    })
+}
 
 /// The request at the start of `buf`, if it is whole and the fast path's;
 /// its head leaves the buffer (its body stays).
@@ -619,6 +638,28 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_head_in_pieces_is_parsed_again_only_once_it_may_end() {
+        use super::head_may_end;
+        let head = b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n";
+        // Every split of a whole head: once all of it came, it may end.
+        for cut in 1..head.len() {
+            assert!(head_may_end(&head[..], cut, 65536), "cut at {cut}");
+        }
+        // Not before its empty line.
+        let part = b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX: y";
+        assert!(!head_may_end(part, 30, 65536));
+        // A fresh buffer is always parsed; so is a full one.
+        assert!(head_may_end(part, 0, 65536));
+        assert!(head_may_end(part, 30, part.len()));
+        // Bare LFs end a head too.
+        assert!(head_may_end(
+            b"GET http://a/ HTTP/1.1\nHost: a\n\n",
+            30,
+            65536
+        ));
+    }
+
     #[test]
     fn grown_buffers_are_given_back() {
         let mut buf = bytes::BytesMut::with_capacity(128 * 1024);
