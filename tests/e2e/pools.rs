@@ -6,6 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rotor_protocol::Segment;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -254,6 +255,75 @@ fn an_address_that_goes_away_is_reported_and_the_request_retried() {
             }
             seen.sort();
             assert_eq!(seen, [v6("fd00:1::2"), v6("fd00:1::3")]);
+        },
+    );
+}
+
+/// The same with `ip_nonlocal_bind` set (keepalived hosts: a VIP that
+/// moved to the other node): the gone address still binds, so the bind
+/// cannot tell. IPv4's connect then finds no route, and IPv6's SYN would
+/// leave from an address whose answers go elsewhere (a 10 s timeout). The
+/// worker asks the routing table, reports the address, and serves the
+/// request from the next one, in both families.
+#[test]
+fn an_address_gone_under_nonlocal_bind_is_reported_and_the_request_retried() {
+    in_netns(
+        "an_address_gone_under_nonlocal_bind_is_reported_and_the_request_retried",
+        &[
+            "addr add 10.9.9.2/32 dev lo",
+            "addr add 10.9.9.3/32 dev lo",
+            "-6 addr add fd00:1::2/128 dev lo nodad",
+            "-6 addr add fd00:1::3/128 dev lo nodad",
+            "-6 addr add fd00:9::1/128 dev lo nodad",
+        ],
+        || async {
+            for family in ["ipv4", "ipv6"] {
+                std::fs::write(format!("/proc/sys/net/{family}/ip_nonlocal_bind"), "1").unwrap();
+            }
+            let origin4 = Origin::start().await;
+            let origin6 = Origin::start_on("[fd00:9::1]:0".parse().unwrap()).await;
+            let alloc =
+                Allocator::start(&["--pool", "10.9.9.2,10.9.9.3,fd00:1::2,fd00:1::3"]).await;
+            let args = [
+                "--allow-destination",
+                "fd00::/8",
+                "--allow-destination",
+                "127.0.0.0/8",
+            ];
+            let w = Worker::start(&alloc.socket, &args).await;
+            run_ok("ip", &["addr", "del", "10.9.9.3/32", "dev", "lo"], "ip");
+            run_ok(
+                "ip",
+                &["-6", "addr", "del", "fd00:1::3/128", "dev", "lo"],
+                "ip",
+            );
+            // The worker's reading of the routes is at most a second old.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            for i in 0..4 {
+                let r =
+                    tokio::time::timeout(Duration::from_secs(5), get(w.addr, &origin4.url("/")))
+                        .await
+                        .expect("hung");
+                assert_eq!(r.status, 200, "v4 request {i}: {:?}", r.body);
+                let r =
+                    tokio::time::timeout(Duration::from_secs(5), get(w.addr, &origin6.url("/")))
+                        .await
+                        .expect("hung: a SYN from an address the host no longer holds");
+                assert_eq!(r.status, 200, "v6 request {i}: {:?}", r.body);
+            }
+            let kept: IpAddr = "10.9.9.2".parse().unwrap();
+            assert_eq!(origin4.sources(), vec![kept; 4]);
+            assert_eq!(origin6.sources(), vec![v6("fd00:1::2"); 4]);
+            let status = status_json(&alloc.socket);
+            for (i, gone) in [(1, "10.9.9.3"), (3, "fd00:1::3")] {
+                let reason = status["pool"][i]["quarantined"]["reason"]
+                    .as_str()
+                    .unwrap_or_default();
+                assert!(
+                    reason.contains(&format!("a worker could not use {gone}")),
+                    "{status}"
+                );
+            }
         },
     );
 }

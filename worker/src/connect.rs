@@ -52,6 +52,16 @@ pub async fn connect_from(
                     timeout: now.elapsed(),
                 })
             }
+            // With `ip_nonlocal_bind` an address this host no longer holds
+            // (a VIP moved to another node) binds, and its connect finds no
+            // route: the source's fault, not the destination's (another
+            // lease is tried, and the allocator told).
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::ENETUNREACH) && !this_hosts(source) => {
+                return Err(ProxyError::SourceUnavailable {
+                    ip: source,
+                    source: e,
+                });
+            }
             Ok(Err(e)) => last = Some(ProxyError::from_connect(dest.to_string(), e)),
             Err(_) => {
                 last = Some(ProxyError::ConnectTimeout {
@@ -113,6 +123,11 @@ fn bound_socket(source: IpAddr, dest: SocketAddr) -> Result<TcpSocket, ProxyErro
         ip: source,
         source: e,
     };
+    // With IPv6's `ip_nonlocal_bind` set any address binds, and the SYN
+    // would leave from an address whose answers go elsewhere.
+    if source.is_ipv6() && nonlocal_bind_v6() && !this_hosts(source) {
+        return Err(unusable(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)));
+    }
     let at = SocketAddr::new(source, 0).into();
     match sock.bind(&at) {
         Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) && locally_routed(source) => {
@@ -122,6 +137,23 @@ fn bound_socket(source: IpAddr, dest: SocketAddr) -> Result<TcpSocket, ProxyErro
         r => r.map_err(unusable)?,
     }
     Ok(TcpSocket::from_std_stream(sock.into()))
+}
+
+/// Whether this host holds `ip` (a local route covers it), by a reading of
+/// the routes at most a second old; `true` if that cannot be read.
+fn this_hosts(ip: IpAddr) -> bool {
+    rotor_protocol::routes::LocalRoutes::current(Duration::from_secs(1))
+        .holds(ip)
+        .unwrap_or(true)
+}
+
+/// Whether `net.ipv6.ip_nonlocal_bind` is set (read once).
+fn nonlocal_bind_v6() -> bool {
+    static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SET.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv6/ip_nonlocal_bind")
+            .is_ok_and(|v| v.trim() != "0")
+    })
 }
 
 /// Whether a local IPv6 route covers `ip`, by a reading of the routes at
