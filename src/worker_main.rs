@@ -181,14 +181,18 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                         _ = signals.shutdown.cancelled() => return,
                         _ = tick.tick() => {}
                     }
-                    let Some((table, count)) = leases.allocator_reloads() else {
+                    let Some(now) = leases.allocator_reloads() else {
                         continue;
                     };
-                    if seen.is_some_and(|seen| reload_asked(seen, (table, count))) {
+                    // The first look counts from the table's count when it
+                    // was mapped: a reload asked since is not lost.
+                    let since =
+                        seen.or_else(|| leases.reloads_at_attach().filter(|a| a.0 == now.0));
+                    if since.is_some_and(|since| reload_asked(since, now)) {
                         tracing::info!("the allocator was asked to reload; reloading");
                         signals.reload_now();
                     }
-                    seen = Some((table, count));
+                    seen = Some(now);
                 }
             });
         }

@@ -369,3 +369,44 @@ fn pty() -> (std::fs::File, std::fs::File) {
         )
     }
 }
+
+/// A `rotor reload` right after a worker mapped the lease table, before
+/// its watcher's first look (it looks twice a second), is not lost: the
+/// watcher counts from the table's count when it was mapped. It took that
+/// first look for its starting point, and the removed user kept access.
+#[tokio::test]
+async fn a_reload_just_after_a_worker_starts_reaches_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    add_user(&users, "alice", "s3cret");
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let auth = ["--auth-file", users.to_str().unwrap()];
+    let worker = Worker::start(&alloc.socket, &auth).await;
+    mapped(&[&worker]).await;
+    let out = Command::new(ROTOR)
+        .args([
+            "user",
+            "remove",
+            "alice",
+            "--auth-file",
+            users.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    rotor_control("reload", &alloc.socket, &[]);
+    let addr = worker.addr;
+    let url = origin.url("/");
+    eventually("alice refused after rotor reload", || {
+        let url = url.clone();
+        async move {
+            let req = Request::get(url)
+                .header("proxy-authorization", basic("alice", "s3cret"))
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            ProxyConn::open(addr).await.send(req).await.status == 407
+        }
+    })
+    .await;
+}

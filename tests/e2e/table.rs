@@ -52,6 +52,21 @@ async fn allocator_with_table() -> Allocator {
     alloc
 }
 
+/// A worker that has served nothing yet when the allocator stops leases
+/// from the table all the same: it asked for a copy of the pool when it
+/// mapped the table. (It fetched one only with its first table lease, so
+/// without the allocator it leased over the socket, and waited.)
+#[tokio::test]
+async fn a_worker_that_served_nothing_leases_from_the_table_without_the_allocator() {
+    let origin = Origin::start().await;
+    let alloc = allocator_with_table().await;
+    let w = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
+    mapped(&[&w]).await;
+    let _stopped = Stopped::new(&alloc);
+    serve_all(&[&w], &origin, 8).await;
+    assert_eq!(origin.sources(), ips(2..=9));
+}
+
 #[tokio::test]
 async fn workers_keep_rotating_from_the_table_while_the_allocator_is_stopped() {
     let origin = Origin::start().await;
@@ -59,9 +74,9 @@ async fn workers_keep_rotating_from_the_table_while_the_allocator_is_stopped() {
     let w1 = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
     let w2 = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
     serve_all(&[&w1, &w2], &origin, 2).await;
-    // The table is asked for right after the handshake (300 ms was once
-    // not enough in a full test run on the two loaded cores).
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The table is asked for right after the handshake (a sleep of 300 ms
+    // was once not enough in a full test run on the two loaded cores).
+    mapped(&[&w1, &w2]).await;
     {
         let _stopped = Stopped::new(&alloc);
         serve_all(&[&w1, &w2], &origin, 18).await;
@@ -325,7 +340,7 @@ async fn a_lease_table_cut_short_crashes_no_one_and_is_replaced() {
     let mut w2 = Worker::start(&alloc.socket, &[]).await;
     serve_all(&[&w1, &w2], &origin, 8).await;
     // Both map the table right after their handshake.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    mapped(&[&w1, &w2]).await;
     let path = alloc.socket.with_file_name("allocator.sock.leases");
     let full = std::fs::metadata(&path).unwrap().len();
     for cut in [0, 16_384, full - 8] {

@@ -181,6 +181,22 @@ async fn allocator_answers(socket: &Path) -> bool {
         .is_ok()
 }
 
+/// Waits until every worker of `workers` maps the allocator's lease table
+/// (and a moment more, for the copy of the pool each asks for then).
+pub async fn mapped(workers: &[&Worker]) {
+    for w in workers {
+        let maps = format!("/proc/{}/maps", w.proc.pid());
+        eventually("the worker maps the lease table", || {
+            let maps = maps.clone();
+            async move {
+                std::fs::read_to_string(&maps).is_ok_and(|m| m.contains("allocator.sock.leases"))
+            }
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
 /// A worker listening on its own loopback port.
 pub struct Worker {
     pub proc: Proc,

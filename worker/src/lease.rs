@@ -69,6 +69,9 @@ struct Conn {
     table: RwLock<Option<(Arc<LeaseTable>, Option<u32>)>>,
     /// Woken when the table was found closed, to ask for its successor.
     reattach: Notify,
+    /// The first table this connection mapped, and its reload count then:
+    /// what a reload asked later is told from (`reloads_since_attach`).
+    first_reloads: Mutex<Option<(u64, u64)>>,
     /// The allocator's protocol minor.
     minor: u16,
     /// The id of a table found tampered with: not mapped again (the
@@ -129,6 +132,19 @@ impl Conn {
     fn ever_published(&self, ip: IpAddr) -> bool {
         let copies = self.copies.read().unwrap_or_else(|e| e.into_inner());
         copies.iter().flatten().any(|c| c.contains(ip))
+    }
+
+    /// Keeps `copy` of the allocator's pool (with the one before it).
+    fn keep_copy(&self, copy: PoolCopy) {
+        *self.copy_failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let mut copies = self.copies.write().unwrap_or_else(|e| e.into_inner());
+        if copies[0]
+            .as_ref()
+            .is_none_or(|c| c.generation != copy.generation)
+        {
+            copies[1] = copies[0].take();
+            copies[0] = Some(Arc::new(copy));
+        }
     }
 
     /// `Some(whether lease is in its pool)` when a copy of that pool is
@@ -294,6 +310,15 @@ impl LeaseClient {
             // as zeros): no reload is read from it.
             .filter(|(table, _)| !table.is_closed())
             .map(|(table, _)| (table.id(), table.reloads()))
+    }
+
+    /// The table first mapped over this connection to the allocator, and
+    /// its reload count when it was: where a watcher that first looks
+    /// later counts from (a reload asked in between is not lost).
+    pub fn reloads_at_attach(&self) -> Option<(u64, u64)> {
+        let conn = self.conn.borrow().clone()?;
+        let first = *conn.first_reloads.lock().unwrap_or_else(|e| e.into_inner());
+        first
     }
 
     /// `f` on the lease table and this worker's slot in it, if it has both.
@@ -492,17 +517,7 @@ impl LeaseClient {
             }
             _ => return Vouch::Unknown,
         };
-        *conn.copy_failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        {
-            let mut copies = conn.copies.write().unwrap_or_else(|e| e.into_inner());
-            if copies[0]
-                .as_ref()
-                .is_none_or(|c| c.generation != copy.generation)
-            {
-                copies[1] = copies[0].take();
-                copies[0] = Some(Arc::new(copy));
-            }
-        }
+        conn.keep_copy(copy);
         conn.check_copy(lease).unwrap_or(Vouch::Unknown)
     }
 
@@ -731,6 +746,10 @@ async fn attach(conn: &Conn, id: u64) -> bool {
             match LeaseTable::open(Path::new(&path), Some(id)) {
                 Ok(table) => {
                     debug!(table = %path, ?slot, "leasing from the allocator's table");
+                    conn.first_reloads
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert((table.id(), table.reloads()));
                     *conn.table.write().unwrap_or_else(|e| e.into_inner()) =
                         Some((Arc::new(table), slot));
                     true
@@ -797,6 +816,7 @@ async fn manage(
             pending: Mutex::new(Some(HashMap::new())),
             table: RwLock::new(None),
             reattach: Notify::new(),
+            first_reloads: Mutex::new(None),
             minor: server_minor,
             distrusted: Mutex::new(None),
             copies: RwLock::new([None, None]),
@@ -852,8 +872,23 @@ async fn manage(
             if server_minor >= MINOR_LEASE_TABLE {
                 // Ids from the top, apart from the requests' ids.
                 let mut id = u64::MAX;
+                let mut first = true;
                 while attach(&conn, id).await {
                     id -= 1;
+                    // A copy of the pool at once: table leases are checked
+                    // against it, also when the allocator stops answering
+                    // before this worker's first request (without a copy
+                    // they went over the socket, and waited for it).
+                    if std::mem::take(&mut first) && server_minor >= MINOR_FAMILIES {
+                        if let Some(Response::Pool {
+                            generation,
+                            entries,
+                        }) = conn.call(id, Request::Pool).await
+                        {
+                            conn.keep_copy(PoolCopy::new(generation, entries));
+                        }
+                        id -= 1;
+                    }
                     conn.reattach.notified().await;
                 }
             }
