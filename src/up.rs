@@ -698,14 +698,18 @@ mod tests {
             Duration::from_secs(1),
             streaks.clone(),
         ));
-        // Ten quick failures take about 1 ms · 2^10: well within 5 s.
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Ten quick failures (each a start, the stop grace and a backoff
+        // doubling from 1 ms) take some 2.5 s; waited for, not slept on.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while streaks.failing.load(std::sync::atomic::Ordering::Relaxed) != 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "never counted as failing"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         assert!(!failing.is_finished(), "given up while another runs");
         assert!(!s.shutdown.is_cancelled());
-        assert_eq!(
-            streaks.failing.load(std::sync::atomic::Ordering::Relaxed),
-            1
-        );
         // The other fails too: rotor up stops.
         let other = tokio::spawn(supervise(
             slot("worker 2", "/bin/false"),
@@ -715,7 +719,7 @@ mod tests {
             Duration::from_secs(1),
             streaks.clone(),
         ));
-        tokio::time::timeout(Duration::from_secs(5), other)
+        tokio::time::timeout(Duration::from_secs(20), other)
             .await
             .expect("given up")
             .unwrap();

@@ -142,8 +142,10 @@ async fn upstream_failures_map_to_502_and_504() {
     )
     .await
     .unwrap();
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    // (1.5 s in all, 100 ms apart: a loaded machine's pause of a few
+    // hundred ms does not look like a stall of 500 ms)
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
         s.write_all(b"a\r\n0123456789\r\n").await.unwrap();
     }
     s.write_all(b"0\r\n\r\n").await.unwrap();

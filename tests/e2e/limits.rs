@@ -25,7 +25,12 @@ async fn idle_keep_alive_connections_and_idle_tunnels_are_closed() {
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let worker = Worker::start(
         &alloc.socket,
-        &["--idle-timeout", "400ms", "--tunnel-idle-timeout", "400ms"],
+        &[
+            "--idle-timeout",
+            "1500ms",
+            "--tunnel-idle-timeout",
+            "1500ms",
+        ],
     )
     .await;
 
@@ -33,23 +38,25 @@ async fn idle_keep_alive_connections_and_idle_tunnels_are_closed() {
     let req = format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", origin.url("/"));
     s.write_all(req.as_bytes()).await.unwrap();
     assert!(read_head(&mut s).await.starts_with("HTTP/1.1 200"));
-    let took = closed_within(&mut s, Duration::from_secs(5)).await;
+    let took = closed_within(&mut s, Duration::from_secs(8)).await;
+    // (the idle clock started when the answer was written, a moment
+    // before this one)
     assert!(
-        took >= Duration::from_millis(300),
+        took >= Duration::from_millis(1000),
         "closed too early: {took:?}"
     );
 
     let (code, mut tunnel) = connect_tunnel(worker.addr, &echo.addr.to_string()).await;
     assert_eq!(code, 200);
     // Activity keeps it open…
-    for _ in 0..4 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
         tunnel.write_all(b"ping").await.unwrap();
         let mut b = [0u8; 4];
         tunnel.read_exact(&mut b).await.unwrap();
     }
     // …silence closes it.
-    closed_within(&mut tunnel, Duration::from_secs(5)).await;
+    closed_within(&mut tunnel, Duration::from_secs(8)).await;
 }
 
 #[tokio::test]

@@ -419,9 +419,13 @@ async fn drain_lets_a_long_download_and_a_tunnel_finish() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let t0 = Instant::now();
     worker.proc.signal(Signal::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // Stopped accepting: a new connection is refused.
-    assert!(TcpStream::connect(worker.addr).await.is_err());
+    // Stops accepting: a new connection is refused (once the worker has
+    // seen the signal, however loaded the machine).
+    let addr = worker.addr;
+    eventually("new connections refused", || async move {
+        TcpStream::connect(addr).await.is_err()
+    })
+    .await;
     // The tunnel still carries data both ways.
     tunnel.write_all(b"still there?").await.unwrap();
     let mut buf = [0u8; 12];
@@ -662,7 +666,13 @@ async fn workers_sharing_a_socket_share_out_long_lived_connections() {
     held.extend(open_served(proxy, &origin, 16).await);
     let split = connections_held(proxy.port(), &pids);
     assert_eq!(split.iter().sum::<usize>(), 32, "{split:?}");
-    assert!(split[1] >= 10, "the idle worker got too few: {split:?}");
+    // More of the burst to the idle one than to the busy one. (A busier
+    // worker defers each accept by 1 ms for its sibling; a loaded machine
+    // may not wake the sibling in time for some.)
+    assert!(
+        split[1] > 16 - split[1],
+        "the idle worker got too few: {split:?}"
+    );
     drop(held);
 }
 
