@@ -300,13 +300,18 @@ async fn an_address_taken_out_by_hand_stays_out_for_every_worker_until_released(
     }
     assert!(origin.sources()[before..].contains(&out_ip));
     // For a while only: out at once, then back by itself.
-    rotor_control("quarantine", &alloc.socket, &["127.0.0.3", "--for", "2s"]);
+    rotor_control("quarantine", &alloc.socket, &["127.0.0.3", "--for", "5s"]);
     let before = origin.count();
     for i in 0..4 {
         assert_eq!(get(w[i % 2].addr, &origin.url("/")).await.status, 200);
     }
     assert!(!origin.sources()[before..].contains(&out_ip));
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let socket = alloc.socket.clone();
+    eventually("127.0.0.3 back by itself", || {
+        let socket = socket.clone();
+        async move { status_json(&socket)["pool"][1]["quarantined"].is_null() }
+    })
+    .await;
     let before = origin.count();
     for i in 0..3 {
         assert_eq!(get(w[i % 2].addr, &origin.url("/")).await.status, 200);

@@ -14,8 +14,10 @@ async fn requests_wait_for_a_restarted_allocator() {
     let worker = Worker::start(&alloc.socket, &["--lease-timeout", "10s"]).await;
     assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
 
-    // SIGKILL: the socket file stays behind, stale.
+    // SIGKILL: the socket file stays behind, stale. (Until the worker sees
+    // the connection closed it leases from the dead allocator's table.)
     drop(alloc);
+    unmapped(&worker).await;
     let url = origin.url("/");
     let waiting = tokio::spawn(async move { get(worker.addr, &url).await.status });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -35,7 +37,9 @@ async fn allocator_gone_past_the_lease_timeout_is_503_then_recovers() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let alloc = Allocator::start_in(dir.clone(), &["--pool", "127.0.0.2"]).await;
     let worker = Worker::start(&alloc.socket, &["--lease-timeout", "300ms"]).await;
+    mapped(&[&worker]).await;
     drop(alloc);
+    unmapped(&worker).await;
     let r = get(worker.addr, &origin.url("/")).await;
     assert_eq!(r.status, 503);
     assert!(r.proxy_status().contains("proxy_internal_error"));

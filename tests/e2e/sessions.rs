@@ -102,14 +102,14 @@ async fn sessions_expire_move_or_fail_when_their_address_goes_and_bad_names_are_
     let w = Worker::start(&alloc.socket, &[]).await;
     let url = origin.url("/");
     let last = || *origin.sources().last().unwrap();
-    // A one-second session: after it, the next address in rotation.
-    get_as(w.addr, "u-session-short-sessionttl-1s", &url, None).await;
+    // A three-second session: after it, the next address in rotation.
+    get_as(w.addr, "u-session-short-sessionttl-3s", &url, None).await;
     let first = last();
     get_as(w.addr, "plain", &url, None).await; // moves the rotation on
-    get_as(w.addr, "u-session-short-sessionttl-1s", &url, None).await;
+    get_as(w.addr, "u-session-short-sessionttl-3s", &url, None).await;
     assert_eq!(last(), first, "within its lifetime");
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    get_as(w.addr, "u-session-short-sessionttl-1s", &url, None).await;
+    tokio::time::sleep(Duration::from_millis(3300)).await;
+    get_as(w.addr, "u-session-short-sessionttl-3s", &url, None).await;
     assert_ne!(last(), first, "expired: the next address");
 
     // Two sessions on one address; the address leaves the pool.

@@ -181,20 +181,31 @@ async fn allocator_answers(socket: &Path) -> bool {
         .is_ok()
 }
 
+/// Whether `worker` maps an allocator's lease table now.
+pub fn maps_the_table(worker: &Worker) -> bool {
+    std::fs::read_to_string(format!("/proc/{}/maps", worker.proc.pid()))
+        .is_ok_and(|m| m.contains("allocator.sock.leases"))
+}
+
 /// Waits until every worker of `workers` maps the allocator's lease table
 /// (and a moment more, for the copy of the pool each asks for then).
 pub async fn mapped(workers: &[&Worker]) {
     for w in workers {
-        let maps = format!("/proc/{}/maps", w.proc.pid());
-        eventually("the worker maps the lease table", || {
-            let maps = maps.clone();
-            async move {
-                std::fs::read_to_string(&maps).is_ok_and(|m| m.contains("allocator.sock.leases"))
-            }
+        eventually("the worker maps the lease table", || async {
+            maps_the_table(w)
         })
         .await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+/// Waits until `worker` has let go of the table of an allocator that was
+/// killed (it leases from it until it sees the connection closed).
+pub async fn unmapped(worker: &Worker) {
+    eventually("the worker lets the dead allocator's table go", || async {
+        !maps_the_table(worker)
+    })
+    .await;
 }
 
 /// A worker listening on its own loopback port.
