@@ -475,9 +475,16 @@ async fn idle_worker_stops_at_once_and_sigint_is_a_fast_stop() {
     let mut busy = Worker::start(&alloc.socket, &["--drain-timeout", "30s"]).await;
     let url = origin.url("/slow/20000");
     let proxy = busy.addr;
+    let before = origin.count();
     let _slow =
         tokio::spawn(async move { ProxyConn::open(proxy).await.try_get(&url).await.is_ok() });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // In flight (so the worker runs, its handlers in place) when stopped.
+    let o = origin.clone();
+    eventually("the slow request at the origin", || {
+        let o = o.clone();
+        async move { o.count() > before }
+    })
+    .await;
     busy.proc.signal(Signal::SIGINT);
     let status = busy.proc.wait(Duration::from_secs(5));
     assert_eq!(status.code(), Some(130));
