@@ -145,16 +145,7 @@ async fn reload_rereads_users(grow: bool) {
     for w in &workers {
         assert_eq!(status_as(w.addr, "alice").await, 200);
     }
-    let out = Command::new(ROTOR)
-        .args([
-            "user",
-            "remove",
-            "alice",
-            "--auth-file",
-            users.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let out = remove_user(&users, "alice");
     assert!(String::from_utf8_lossy(&out.stderr).contains("rotor reload"));
     if grow {
         std::fs::write(&pool, "127.0.1.0/24\n").unwrap();
@@ -256,21 +247,7 @@ async fn a_bom_and_indented_lines_are_read_alike_by_workers_and_rotor_user() {
         ProxyConn::open(worker.addr).await.send(req).await.status,
         200
     );
-    let out = Command::new(ROTOR)
-        .args([
-            "user",
-            "remove",
-            "bob",
-            "--auth-file",
-            users.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    remove_user(&users, "bob");
     let left = std::fs::read_to_string(&users).unwrap();
     assert!(!left.contains("bob:") && left.contains("alice:"), "{left}");
 }
@@ -384,17 +361,7 @@ async fn a_reload_just_after_a_worker_starts_reaches_it() {
     let auth = ["--auth-file", users.to_str().unwrap()];
     let worker = Worker::start(&alloc.socket, &auth).await;
     mapped(&[&worker]).await;
-    let out = Command::new(ROTOR)
-        .args([
-            "user",
-            "remove",
-            "alice",
-            "--auth-file",
-            users.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    remove_user(&users, "alice");
     rotor_control("reload", &alloc.socket, &[]);
     let addr = worker.addr;
     let url = origin.url("/");

@@ -162,16 +162,8 @@ fn rotor_reload_waits_for_a_slow_source() {
         "sleep 0.5; if [ -f {f} ]; then sleep 10.5; fi; echo 127.0.0.2",
         f = flag.display()
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let alloc = rt.block_on(Allocator::start(&[
-        "--pool-command",
-        &cmd,
-        "--pool-command-timeout",
-        "30s",
-    ]));
+    let alloc =
+        Allocator::start_blocking(&["--pool-command", &cmd, "--pool-command-timeout", "30s"]);
     std::fs::write(&flag, "").unwrap();
     let started = std::time::Instant::now();
     let out = rotor_control("reload", &alloc.socket, &[]);
@@ -195,18 +187,14 @@ fn pool_sources_are_read_at_once() {
         m = mark.display()
     );
     let second = format!("touch {m}; echo 127.0.0.3", m = mark.display());
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let alloc = rt.block_on(Allocator::start(&[
+    let alloc = Allocator::start_blocking(&[
         "--pool-command",
         &first,
         "--pool-command",
         &second,
         "--pool-command-timeout",
         "5s",
-    ]));
+    ]);
     let st = rotor_control("status", &alloc.socket, &[]);
     assert!(st.contains("2 addresses in rotation"), "{st}");
     // And again on a reload, which names no failed source.

@@ -133,6 +133,15 @@ pub struct Allocator {
 }
 
 impl Allocator {
+    /// `start` for a test that has no runtime of its own.
+    pub fn start_blocking(args: &[&str]) -> Allocator {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(Allocator::start(args))
+    }
+
     pub async fn start(args: &[&str]) -> Allocator {
         let dir = Arc::new(tempfile::tempdir().unwrap());
         Allocator::start_in(dir, args).await
@@ -795,6 +804,26 @@ pub fn add_user(file: &Path, name: &str, password: &str) {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Removes `name` from the users file `file` with `rotor user remove`.
+pub fn remove_user(file: &Path, name: &str) -> std::process::Output {
+    let out = Command::new(ROTOR)
+        .args([
+            "user",
+            "remove",
+            name,
+            "--auth-file",
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// A `Proxy-Authorization: Basic` value.
