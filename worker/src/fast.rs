@@ -119,7 +119,10 @@ where
         // a 64 KiB one cost gigabytes of scanning).
         let mut scanned = 0;
         let (mut parts, fields, body_len, close) = loop {
-            if !buf.is_empty() && head_may_end(&buf, scanned, conn.max_head) {
+            if !buf.is_empty() && !head_may_end(&buf, scanned, conn.max_head) {
+                // Looked at: the next look starts past these bytes.
+                scanned = buf.len();
+            } else if !buf.is_empty() {
                 match take_request(&mut buf, conn.max_head) {
                     Take::Request {
                         parts,
@@ -649,6 +652,11 @@ mod tests {
         // Not before its empty line.
         let part = b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX: y";
         assert!(!head_may_end(part, 30, 65536));
+        // An empty line straddling two reads is found from where the
+        // last look ended.
+        let whole = b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert!(head_may_end(whole, whole.len() - 1, 65536));
+        assert!(head_may_end(whole, whole.len() - 2, 65536));
         // A fresh buffer is always parsed; so is a full one.
         assert!(head_may_end(part, 0, 65536));
         assert!(head_may_end(part, 30, part.len()));
