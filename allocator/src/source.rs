@@ -384,20 +384,31 @@ fn host_addrs() -> Result<Vec<IpAddr>, SourceError> {
         .filter_map(|a| Some((a.name, a.ip?)))
         .filter(|(_, ip)| global(ip))
         .collect();
+    // By index: an address added with a label (`lo:0`, as LVS and
+    // ifconfig do) is listed under it, and the kernel strips it.
+    let index = |name: &str| nix::net::if_::if_nametoindex(name).ok();
+    let lo = index("lo");
     let own: Vec<Option<bool>> = all
         .iter()
         .map(|(name, ip)| {
-            let index = nix::net::if_::if_nametoindex(name.as_str()).ok()?;
+            let index = index(name)?;
+            if Some(index) == lo {
+                return Some(true);
+            }
             let out = crate::usable::egress_interface(*ip, internet(*ip)).ok()??;
             Some(out == index)
         })
         .collect();
-    Ok(match own.contains(&Some(true)) {
+    let routed = all
+        .iter()
+        .zip(&own)
+        .any(|((name, _), own)| *own == Some(true) && index(name) != lo);
+    Ok(match routed {
         false => all.into_iter().map(|(_, ip)| ip).collect(),
         true => all
             .into_iter()
             .zip(own)
-            .filter(|((name, _), own)| *own != Some(false) || name == "lo")
+            .filter(|(_, own)| *own != Some(false))
             .map(|((_, ip), _)| ip)
             .collect(),
     })

@@ -413,7 +413,8 @@ async fn the_pool_can_come_from_the_cloud_metadata_service() {
 
 /// With no pool flags the pool is the host's addresses that reach the
 /// internet: an uplink's (with its default routes), a second one on the
-/// same interface, and a routed block's address put on lo; not a docker
+/// same interface, and a routed block's addresses put on lo (one under a
+/// label, `lo:0`, as LVS and ifconfig add them); not a docker
 /// style bridge's, whose requests would leave through the uplink and be
 /// masqueraded to its address. Without a default route, all of them.
 #[test]
@@ -434,6 +435,7 @@ fn the_default_pool_leaves_out_a_bridge_without_a_route_out() {
             "addr add 172.17.0.1/16 dev br9",
             "-6 addr add fd00:6::1/64 dev br9 nodad",
             "addr add 198.51.100.7/32 dev lo",
+            "addr add 198.51.100.8/32 dev lo label lo:0",
         ],
         || async {
             let alloc = Allocator::start(&[]).await;
@@ -447,7 +449,13 @@ fn the_default_pool_leaves_out_a_bridge_without_a_route_out() {
             pool.sort();
             assert_eq!(
                 pool,
-                ["10.1.0.2", "10.1.0.3", "198.51.100.7", "fd00:5::2"],
+                [
+                    "10.1.0.2",
+                    "10.1.0.3",
+                    "198.51.100.7",
+                    "198.51.100.8",
+                    "fd00:5::2"
+                ],
                 "{status}"
             );
             // With no default route at all, no address reaches the
@@ -455,7 +463,7 @@ fn the_default_pool_leaves_out_a_bridge_without_a_route_out() {
             run_ok("ip", &["route", "del", "default"], "ip");
             run_ok("ip", &["-6", "route", "del", "default"], "ip");
             let out = rotor_control("reload", &alloc.socket, &[]);
-            assert!(out.contains("6 addresses"), "{out}");
+            assert!(out.contains("7 addresses"), "{out}");
         },
     );
 }
