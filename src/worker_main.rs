@@ -175,6 +175,9 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             let signals = signals.clone();
             tokio::spawn(async move {
                 let mut seen = None;
+                // Where the connection's first table stood when mapped: a
+                // new one (the first look, a reconnect) is counted from.
+                let mut mapped_at = None;
                 let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
                 loop {
                     tokio::select! {
@@ -184,10 +187,16 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                     let Some(now) = leases.allocator_reloads() else {
                         continue;
                     };
-                    // The first look counts from the table's count when it
-                    // was mapped: a reload asked since is not lost.
-                    let since =
-                        seen.or_else(|| leases.reloads_at_attach().filter(|a| a.0 == now.0));
+                    // The first look over a connection counts from its
+                    // table's count when mapped, not from what it sees (a
+                    // reload asked in between is not lost), nor from a
+                    // restarted allocator's predecessor.
+                    let at = leases.reloads_at_attach();
+                    let since = match at != mapped_at {
+                        true => at,
+                        false => seen,
+                    };
+                    mapped_at = at;
                     if since.is_some_and(|since| reload_asked(since, now)) {
                         tracing::info!("the allocator was asked to reload; reloading");
                         signals.reload_now();
