@@ -483,7 +483,7 @@ impl Sites {
         if !create {
             return false;
         }
-        self.make_room(now, site);
+        self.make_room(now, site, 1);
         let id = self.next_id;
         self.next_id += 1;
         let last_used = self.ms(now);
@@ -501,15 +501,16 @@ impl Sites {
         true
     }
 
-    /// Past the cap: expired state dropped, then the least recently used
-    /// eighth of the sites (never `keep`, the one being served).
-    fn make_room(&mut self, now: Instant, keep: &str) {
-        if self.entries() < self.max_entries {
+    /// Room for `need` more entries: past the cap, expired state dropped,
+    /// then the least recently used eighth of the sites (never `keep`, the
+    /// one being served).
+    fn make_room(&mut self, now: Instant, keep: &str, need: usize) {
+        if self.entries() + need <= self.max_entries {
             return;
         }
         if crate::due(&mut self.room_expired, now, Duration::from_secs(1)) {
             self.expire(now);
-            if self.entries() < self.max_entries {
+            if self.entries() + need <= self.max_entries {
                 return;
             }
         }
@@ -567,7 +568,7 @@ impl Sites {
             return self.pairs.get(&(id, ip)).is_some_and(|p| p.strikes > 0);
         };
         if !self.pairs.contains_key(&(id, ip)) {
-            self.make_room(now, site);
+            self.make_room(now, site, 1);
             if self.entries() >= self.max_entries {
                 // This one site holds the whole table (a prefix of many
                 // addresses used within its period): the start is not
@@ -710,11 +711,11 @@ impl Sites {
             .get(site)
             .is_none_or(|s| !self.pairs.contains_key(&(s.id, ip)));
         if fresh_pair {
-            self.make_room(now, site);
             // One site holding the whole table (push-backs to many
             // addresses of a prefix): this cooldown is not kept rather than
             // the cap broken, as for a start.
             let need = if self.sites.contains_key(site) { 1 } else { 2 };
+            self.make_room(now, site, need);
             if self.entries() + need > self.max_entries {
                 if crate::due(&mut self.full_logged, now, Duration::from_secs(60)) {
                     tracing::warn!(
@@ -1066,6 +1067,22 @@ mod tests {
         assert!(s.entries() <= 16, "{}", s.entries());
         // The first ones are still cooling.
         assert!(s.pairs.values().all(|p| p.cool_until > 0));
+        // One entry short of the cap, a new site's push-back (two entries:
+        // the site and the pair) makes room for itself, not refused.
+        let mut s = Sites::new(rules(&[]), 16);
+        for i in 0..7 {
+            s.pushback(
+                &format!("s{i}.com"),
+                ip(1),
+                429,
+                Some(Duration::from_secs(600)),
+                t0,
+            );
+        }
+        assert!(s.ensure("alone.com", true, t0));
+        assert_eq!(s.entries(), 15);
+        assert!(s.pushback("new.com", ip(1), 429, Some(Duration::from_secs(600)), t0));
+        assert!(s.entries() <= 16, "{}", s.entries());
     }
 
     #[test]
