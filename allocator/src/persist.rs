@@ -65,6 +65,16 @@ impl StateFile {
             .mode(0o600)
             .open(&path)
             .map_err(|e| PersistError::Open(path.clone(), e))?;
+        // One an older rotor made under a looser umask is narrowed too.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            if file
+                .metadata()
+                .is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
+            {
+                let _ = file.set_permissions(std::fs::Permissions::from_mode(0o600));
+            }
+        }
         let file = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
             if e == nix::errno::Errno::EWOULDBLOCK {
                 PersistError::Locked(path.clone())
@@ -389,6 +399,12 @@ mod tests {
         let (f, _) = StateFile::open(&dir).unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(f.path()), 0o600);
+        // A file an older rotor left 0644 is narrowed.
+        let path = f.path().to_path_buf();
+        drop(f);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (f, _) = StateFile::open(&dir).unwrap();
         assert_eq!(mode(f.path()), 0o600);
         // A second allocator is told the file is in use.
         let e = StateFile::open(&dir).err().unwrap();

@@ -147,13 +147,22 @@ fn this_hosts(ip: IpAddr) -> bool {
         .unwrap_or(true)
 }
 
-/// Whether `net.ipv6.ip_nonlocal_bind` is set (read once).
+/// Whether `net.ipv6.ip_nonlocal_bind` is set, by a reading at most 10 s
+/// old (keepalived may set it after the worker started): one atomic load
+/// per connection, one file read per 10 s.
 fn nonlocal_bind_v6() -> bool {
-    static SET: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SET.get_or_init(|| {
-        std::fs::read_to_string("/proc/sys/net/ipv6/ip_nonlocal_bind")
-            .is_ok_and(|v| v.trim() != "0")
-    })
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // When it was read (coarse milliseconds, shifted), and its value (bit 0).
+    static READ: AtomicU64 = AtomicU64::new(0);
+    let now = crate::os::coarse_ms();
+    let last = READ.load(Ordering::Relaxed);
+    if last != 0 && now.saturating_sub(last >> 1) < 10_000 {
+        return last & 1 == 1;
+    }
+    let set = std::fs::read_to_string("/proc/sys/net/ipv6/ip_nonlocal_bind")
+        .is_ok_and(|v| v.trim() != "0");
+    READ.store((now.max(1) << 1) | u64::from(set), Ordering::Relaxed);
+    set
 }
 
 /// Whether a local IPv6 route covers `ip`, by a reading of the routes at
