@@ -63,7 +63,8 @@ settings! {
         /// (bounded by --response-timeout) is let finish.
         idle_timeout: Option<Duration> = "60s",
         /// A CONNECT tunnel with no bytes moving either way for this long is
-        /// closed.
+        /// closed; so is one whose side takes none of what waits for it for
+        /// this long, whatever moves the other way.
         tunnel_idle_timeout: Option<Duration> = "5m",
         /// Most client connections and tunnels at once; past it new clients
         /// get an immediate 503.

@@ -467,7 +467,7 @@ impl Proxy {
         self.tunnels.spawn(async move {
             let _permit = permit;
             let activity = Activity::new();
-            let relay = crate::relay::tcp_tunnel(client_stream, upstream, &activity);
+            let relay = crate::relay::tcp_tunnel(client_stream, upstream, &activity, idle_limit);
             let result = until_ended(relay, &activity, idle_limit, &cut).await;
             log_tunnel_end(log, (client, &dest, &lease), result, &activity, &open.0);
         });
@@ -882,7 +882,7 @@ impl Proxy {
             };
             let _permit = permit;
             let activity = Activity::new();
-            let relay = crate::relay::tunnel(upgraded, upstream, &activity);
+            let relay = crate::relay::tunnel(upgraded, upstream, &activity, idle_limit);
             let result = until_ended(relay, &activity, idle_limit, &cut).await;
             log_tunnel_end(log, (client, &dest, &lease), result, &activity, &open.0);
         });

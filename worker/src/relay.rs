@@ -29,6 +29,7 @@ use std::net::Shutdown;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::upgrade::Upgraded;
@@ -89,10 +90,13 @@ type ClientIo = TokioIo<crate::fast::Rewind<crate::server::ClientIo>>;
 /// Relays `client` ↔ `upstream` until both sides have ended (each end's EOF
 /// is passed on as a half-close), or either fails. `activity` counts the
 /// bytes each way as they move (whatever ends the tunnel, they are there).
+/// A side that takes none of what waits for it for `stall` ends the tunnel
+/// (plain TCP clients): bytes moving the other way do not keep it open.
 pub async fn tunnel(
     client: Upgraded,
     mut upstream: TcpStream,
     activity: &Activity,
+    stall: Duration,
 ) -> io::Result<()> {
     match client.downcast::<ClientIo>() {
         Ok(parts) => {
@@ -106,7 +110,7 @@ pub async fn tunnel(
             match io {
                 tokio_util::either::Either::Left(plain) => {
                     let plain = plain.into_inner().into_tokio()?;
-                    splice_tcp(plain, early, upstream, activity, true).await
+                    splice_tcp(plain, early, upstream, activity, (true, stall)).await
                 }
                 // TLS: the bytes are the session's to decrypt; copied.
                 tokio_util::either::Either::Right(tls) => {
@@ -190,19 +194,22 @@ pub async fn tcp_tunnel(
     client: TcpStream,
     upstream: TcpStream,
     activity: &Activity,
+    stall: Duration,
 ) -> io::Result<()> {
-    splice_tcp(client, Bytes::new(), upstream, activity, true).await
+    splice_tcp(client, Bytes::new(), upstream, activity, (true, stall)).await
 }
 
 /// The relay between two TCP sockets. `early` are bytes the client sent
 /// behind its CONNECT head, already read. `pipes: false` copies through user
 /// space throughout (the path taken when no pipe can be had; tests use it).
+/// A side that takes nothing for `stall` while bytes wait for it fails the
+/// relay.
 async fn splice_tcp(
     client: TcpStream,
     early: Bytes,
     mut upstream: TcpStream,
     activity: &Activity,
-    pipes: bool,
+    (pipes, stall): (bool, Duration),
 ) -> io::Result<()> {
     if !early.is_empty() {
         upstream.write_all(&early).await?;
@@ -211,8 +218,13 @@ async fn splice_tcp(
     cap_if_short(&client, Buffer::Receive);
     cap_if_short(&upstream, Buffer::Send);
     let ended = AtomicBool::new(false);
-    let up = one_way((&client, &upstream, true), &ended, activity, pipes);
-    let down = one_way((&upstream, &client, false), &ended, activity, pipes);
+    let up = one_way((&client, &upstream, true), &ended, activity, (pipes, stall));
+    let down = one_way(
+        (&upstream, &client, false),
+        &ended,
+        activity,
+        (pipes, stall),
+    );
     tokio::try_join!(up, down).map(|_| ())
 }
 
@@ -224,7 +236,7 @@ async fn one_way(
     (src, dst, up): (&TcpStream, &TcpStream, bool),
     ended: &AtomicBool,
     activity: &Activity,
-    pipes: bool,
+    (pipes, stall): (bool, Duration),
 ) -> io::Result<()> {
     let mut total = 0u64;
     let mut buf: Option<Box<[u8]>> = None;
@@ -240,7 +252,7 @@ async fn one_way(
         // an error is counted.
         let count = |k: usize| activity.moved(up, k as u64);
         let spliced = match pipe {
-            Some(pipe) => match splice_chunk(src, dst, pipe, &count).await {
+            Some(pipe) => match splice_chunk(src, dst, pipe, (&count, stall)).await {
                 // splice stops at TCP urgent data for good (0, as at the
                 // end, or EAGAIN): a read goes past the mark, so this
                 // chunk is copied (one ioctl, only when splice moved
@@ -254,7 +266,7 @@ async fn one_way(
             Some(r) => r,
             None => {
                 let buf = buf.get_or_insert_with(|| vec![0; COPY_BUFFER].into_boxed_slice());
-                copy_chunk(src, dst, buf, &count).await
+                copy_chunk(src, dst, buf, (&count, stall)).await
             }
         };
         match moved {
@@ -278,7 +290,7 @@ async fn splice_chunk(
     src: &TcpStream,
     dst: &TcpStream,
     pipe: Pipe,
-    count: &impl Fn(usize),
+    (count, stall): (&impl Fn(usize), Duration),
 ) -> io::Result<usize> {
     let n = match src.try_io(Interest::READABLE, || os::splice(src, &pipe.w, CHUNK)) {
         Ok(n) => n,
@@ -289,7 +301,7 @@ async fn splice_chunk(
     };
     let mut left = n;
     while left > 0 {
-        dst.writable().await?;
+        writable(dst, stall).await?;
         match dst.try_io(Interest::WRITABLE, || os::splice(&pipe.r, dst, left)) {
             Ok(k) => {
                 left -= k;
@@ -309,12 +321,12 @@ async fn copy_chunk(
     src: &TcpStream,
     dst: &TcpStream,
     buf: &mut [u8],
-    count: &impl Fn(usize),
+    (count, stall): (&impl Fn(usize), Duration),
 ) -> io::Result<usize> {
     let n = src.try_read(buf)?;
     let mut sent = 0;
     while sent < n {
-        dst.writable().await?;
+        writable(dst, stall).await?;
         match dst.try_write(&buf[sent..n]) {
             Ok(k) => {
                 sent += k;
@@ -325,6 +337,19 @@ async fn copy_chunk(
         }
     }
     Ok(n)
+}
+
+/// `dst` writable, within `stall`: a side that takes nothing of what waits
+/// for it for that long (a client that stopped reading a download while it
+/// trickles bytes up) is an error, which ends the tunnel and frees its pipe.
+async fn writable(dst: &TcpStream, stall: Duration) -> io::Result<()> {
+    match tokio::time::timeout(stall, dst.writable()).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("the peer took none of what waits for it for {stall:?}"),
+        )),
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -473,7 +498,14 @@ mod tests {
         let counted = activity.clone();
         let early = Bytes::from_static(b"early:");
         let relay = tokio::spawn(async move {
-            splice_tcp(relay_client, early, relay_up, &activity, pipes).await
+            splice_tcp(
+                relay_client,
+                early,
+                relay_up,
+                &activity,
+                (pipes, Duration::from_secs(300)),
+            )
+            .await
         });
         let up = data(n, 0x5a);
         let down = data(n, 0xa5);
@@ -545,7 +577,14 @@ mod tests {
             let activity = Activity::new();
             let watched = activity.clone();
             let relay = tokio::spawn(async move {
-                splice_tcp(relay_client, Bytes::new(), relay_up, &activity, pipes).await
+                splice_tcp(
+                    relay_client,
+                    Bytes::new(),
+                    relay_up,
+                    &activity,
+                    (pipes, Duration::from_secs(300)),
+                )
+                .await
             });
             let writer = tokio::spawn(async move {
                 let _ = client.write_all(&data(16 << 20, 1)).await;
@@ -584,7 +623,14 @@ mod tests {
             let (relay_up, mut server) = socket_pair().await;
             let activity = Activity::new();
             let relay = tokio::spawn(async move {
-                splice_tcp(relay_client, Bytes::new(), relay_up, &activity, pipes).await
+                splice_tcp(
+                    relay_client,
+                    Bytes::new(),
+                    relay_up,
+                    &activity,
+                    (pipes, Duration::from_secs(300)),
+                )
+                .await
             });
             let client = client.into_std().unwrap();
             client.set_nonblocking(false).unwrap();
