@@ -197,7 +197,7 @@ pub fn maps_the_table(worker: &Worker) -> bool {
 }
 
 /// Waits until every worker of `workers` maps the allocator's lease table
-/// (and a moment more, for the copy of the pool each asks for then).
+/// (each has a copy of the pool by then: it asks for one first).
 pub async fn mapped(workers: &[&Worker]) {
     for w in workers {
         eventually("the worker maps the lease table", || async {
@@ -205,7 +205,6 @@ pub async fn mapped(workers: &[&Worker]) {
         })
         .await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
 /// Waits until `worker` has let go of the table of an allocator that was

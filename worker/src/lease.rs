@@ -872,23 +872,23 @@ async fn manage(
             if server_minor >= MINOR_LEASE_TABLE {
                 // Ids from the top, apart from the requests' ids.
                 let mut id = u64::MAX;
-                let mut first = true;
+                // A copy of the pool first, before the table is mapped:
+                // table leases are checked against it, also when the
+                // allocator stops answering before this worker's first
+                // request (without a copy they went over the socket, and
+                // waited for it).
+                if server_minor >= MINOR_FAMILIES {
+                    if let Some(Response::Pool {
+                        generation,
+                        entries,
+                    }) = conn.call(id, Request::Pool).await
+                    {
+                        conn.keep_copy(PoolCopy::new(generation, entries));
+                    }
+                    id -= 1;
+                }
                 while attach(&conn, id).await {
                     id -= 1;
-                    // A copy of the pool at once: table leases are checked
-                    // against it, also when the allocator stops answering
-                    // before this worker's first request (without a copy
-                    // they went over the socket, and waited for it).
-                    if std::mem::take(&mut first) && server_minor >= MINOR_FAMILIES {
-                        if let Some(Response::Pool {
-                            generation,
-                            entries,
-                        }) = conn.call(id, Request::Pool).await
-                        {
-                            conn.keep_copy(PoolCopy::new(generation, entries));
-                        }
-                        id -= 1;
-                    }
                     conn.reattach.notified().await;
                 }
             }
