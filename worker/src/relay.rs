@@ -477,6 +477,27 @@ mod tests {
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
+    /// The relay between `client` and `up` on a task of its own (idle
+    /// limit out of the way).
+    fn spawn_relay(
+        client: TcpStream,
+        early: Bytes,
+        up: TcpStream,
+        activity: Activity,
+        pipes: bool,
+    ) -> tokio::task::JoinHandle<io::Result<()>> {
+        tokio::spawn(async move {
+            splice_tcp(
+                client,
+                early,
+                up,
+                &activity,
+                (pipes, Duration::from_secs(300)),
+            )
+            .await
+        })
+    }
+
     /// Two connected loopback sockets.
     async fn socket_pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -497,16 +518,7 @@ mod tests {
         let activity = Activity::new();
         let counted = activity.clone();
         let early = Bytes::from_static(b"early:");
-        let relay = tokio::spawn(async move {
-            splice_tcp(
-                relay_client,
-                early,
-                relay_up,
-                &activity,
-                (pipes, Duration::from_secs(300)),
-            )
-            .await
-        });
+        let relay = spawn_relay(relay_client, early, relay_up, activity, pipes);
         let up = data(n, 0x5a);
         let down = data(n, 0xa5);
         let (mut cr, mut cw) = client.split();
@@ -576,16 +588,7 @@ mod tests {
             let (relay_up, mut server) = socket_pair().await;
             let activity = Activity::new();
             let watched = activity.clone();
-            let relay = tokio::spawn(async move {
-                splice_tcp(
-                    relay_client,
-                    Bytes::new(),
-                    relay_up,
-                    &activity,
-                    (pipes, Duration::from_secs(300)),
-                )
-                .await
-            });
+            let relay = spawn_relay(relay_client, Bytes::new(), relay_up, activity, pipes);
             let writer = tokio::spawn(async move {
                 let _ = client.write_all(&data(16 << 20, 1)).await;
                 client
@@ -622,16 +625,7 @@ mod tests {
             let (client, relay_client) = socket_pair().await;
             let (relay_up, mut server) = socket_pair().await;
             let activity = Activity::new();
-            let relay = tokio::spawn(async move {
-                splice_tcp(
-                    relay_client,
-                    Bytes::new(),
-                    relay_up,
-                    &activity,
-                    (pipes, Duration::from_secs(300)),
-                )
-                .await
-            });
+            let relay = spawn_relay(relay_client, Bytes::new(), relay_up, activity, pipes);
             let client = client.into_std().unwrap();
             client.set_nonblocking(false).unwrap();
             let send = |b: &[u8], flags| {
