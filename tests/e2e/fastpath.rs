@@ -587,3 +587,95 @@ async fn two_hosts_refused_and_response_framing_passed_on_plain() {
         "{body}"
     );
 }
+
+/// A client that goes away while its request waits for the destination
+/// has the request given up — the upstream connection closed, not held
+/// until the answer — on the fast path and on hyper's, and logged (499,
+/// `client_closed`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_before_the_answer_has_its_request_given_up() {
+    // An origin that answers only after 10 s, and says when each request's
+    // head came and whether its connection was closed before that.
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    let (origin, _) = recording_server(move |mut s: TcpStream| {
+        let events = events.clone();
+        async move {
+            if read_head(&mut s).await.is_empty() {
+                return;
+            }
+            let _ = events.send("head");
+            let mut buf = [0u8; 1024];
+            let quiet = std::time::Duration::from_secs(10);
+            loop {
+                match tokio::time::timeout(quiet, s.read(&mut buf)).await {
+                    // The chunked upload's body.
+                    Ok(Ok(1..)) => continue,
+                    Ok(_) => {
+                        let _ = events.send("closed");
+                        return;
+                    }
+                    Err(_) => break,
+                }
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nlate")
+                .await;
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let w = Worker::start(
+        &alloc.socket,
+        &[
+            "--access-log",
+            log.to_str().unwrap(),
+            "--access-log-format",
+            "json",
+        ],
+    )
+    .await;
+    let requests = [
+        // The fast path's.
+        format!("GET http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\n\r\n"),
+        // hyper's: a chunked upload.
+        format!(
+            "POST http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\n\
+             Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        ),
+    ];
+    for (n, req) in requests.iter().enumerate() {
+        let mut s = TcpStream::connect(w.addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let within = std::time::Duration::from_secs(5);
+        let got = tokio::time::timeout(within, seen.recv()).await;
+        assert_eq!(
+            got,
+            Ok(Some("head")),
+            "request {n} did not reach the origin"
+        );
+        drop(s);
+        let got = tokio::time::timeout(within, seen.recv()).await;
+        assert_eq!(
+            got,
+            Ok(Some("closed")),
+            "request {n}: the upstream connection was kept after the client went"
+        );
+    }
+    eventually("both given-up requests logged", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move {
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            let given_up = lines
+                .iter()
+                .filter(|l| l["status"] == 499 && l["error"] == "client_closed")
+                .count();
+            given_up == 2
+        }
+    })
+    .await;
+}

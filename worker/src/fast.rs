@@ -220,11 +220,13 @@ where
         };
         let head = parts.method == Method::HEAD;
         parts.version = Version::HTTP_11;
-        let resp = conn
+        let serving = conn
             .proxy
             .clone()
-            .serve(parts, Fields::Wire(fields), body, conn.client)
-            .await;
+            .serve(parts, Fields::Wire(fields), body, conn.client);
+        let Some(resp) = watching(&mut io, &mut buf, serving).await else {
+            return Outcome::Closed;
+        };
         // The wait for the destination was not the client's silence.
         conn.activity.touch();
         let close = close || draining || conn.stop.is_cancelled();
@@ -251,6 +253,33 @@ where
         }
         trim(&mut buf, &mut out);
     }
+}
+
+/// `serving` awaited while the client is watched, as hyper's server does
+/// (`None`: it went away, and the request was given up with its upstream
+/// connection). Its end of the connection (a close, a reset) is what is
+/// looked for; a pipelined request's bytes are kept in `buf` for later,
+/// and from then on the client is not read until the answer (as hyper).
+/// Free when nothing comes: the socket's readiness was cleared by the read
+/// that ended the request, so the watch only registers for it.
+async fn watching<I, F>(io: &mut I, buf: &mut BytesMut, serving: F) -> Option<Answer>
+where
+    I: AsyncRead + Unpin,
+    F: std::future::Future<Output = Answer>,
+{
+    tokio::pin!(serving);
+    if buf.is_empty() {
+        // (No room reserved: a full buffer makes 64 bytes of room itself.)
+        tokio::select! {
+            biased;
+            resp = &mut serving => return Some(resp),
+            read = io.read_buf(buf) => match read {
+                Ok(1..) => {}
+                Ok(0) | Err(_) => return None,
+            },
+        }
+    }
+    Some(serving.await)
 }
 
 /// Tells a client whose request did not come whole within the header

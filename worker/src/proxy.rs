@@ -283,7 +283,7 @@ impl Proxy {
         };
         // The access log's line, begun once the caller is known. Boxed:
         // inline, its ≈ 200 bytes were copied with the request's state.
-        let mut entry = self.config.access_log.as_ref().map(|_| {
+        let entry = self.config.access_log.as_ref().map(|_| {
             let target = log_target(&parts.uri, method == Method::CONNECT);
             let mut e = Box::new(Entry::new(start, client, method.clone(), target));
             if let Ok(c) = &checked {
@@ -291,6 +291,17 @@ impl Proxy {
             }
             e
         });
+        // Until an answer is made, a client that goes away (its server
+        // drops this future) leaves its request counted and logged.
+        let mut abandoned = Abandoned {
+            proxy: &self,
+            start,
+            client,
+            method: &method,
+            target: &target,
+            entry,
+            armed: true,
+        };
         let result = match checked {
             Err(e) => Err(e),
             // (A forward checks its Host where it replaces it.)
@@ -302,7 +313,7 @@ impl Proxy {
                         req,
                         client,
                         caller.sticky.as_ref(),
-                        entry.as_deref().cloned(),
+                        abandoned.entry.as_deref().cloned(),
                     )
                     .await
                 }
@@ -312,6 +323,8 @@ impl Proxy {
                     .await
             }
         };
+        abandoned.armed = false;
+        let mut entry = abandoned.entry.take();
         let took = start.elapsed();
         let ms = took.as_millis() as u64;
         match result {
@@ -1241,6 +1254,40 @@ fn head_len(req: &request::Parts, fields: &Fields) -> usize {
         + uri.path_and_query().map_or(0, |p| p.as_str().len());
     let line = req.method.as_str().len() + target + 12;
     fields.encoded_len() + line + 2
+}
+
+/// A request whose client went away before it was answered: its server
+/// (hyper's, or the fast path watching the connection) dropped the
+/// request's future, and with it the lease, the upstream connection and
+/// the body. Counted as `client_closed` and logged with status 499 (as
+/// nginx does), so an operator sees requests that were given up.
+struct Abandoned<'a> {
+    proxy: &'a Proxy,
+    start: Instant,
+    client: SocketAddr,
+    method: &'a Method,
+    target: &'a LogTarget,
+    entry: Option<Box<Entry>>,
+    armed: bool,
+}
+
+/// Status of an access log line for a request its client gave up on.
+const CLIENT_CLOSED: u16 = 499;
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let took = self.start.elapsed();
+        self.proxy.meter.error(Some("client_closed"), took);
+        if let (Some(mut e), Some(log)) = (self.entry.take(), &self.proxy.config.access_log) {
+            e.status = CLIENT_CLOSED;
+            e.error = Some("client_closed");
+            log.log(&e);
+        }
+        debug!(client = %self.client, method = %self.method, target = %self.target, ms = took.as_millis() as u64, "request given up before its answer: the client went away (or the worker stopped)");
+    }
 }
 
 #[cfg(test)]
