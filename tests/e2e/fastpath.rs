@@ -636,16 +636,30 @@ async fn a_client_gone_before_the_answer_has_its_request_given_up() {
         ],
     )
     .await;
+    let get = format!("GET http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\n\r\n");
+    // (Client, then how long it stays after its request reached the origin.)
     let requests = [
-        // The fast path's.
-        format!("GET http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\n\r\n"),
+        // The fast path's: gone before its watch begins, and after.
+        (get.clone(), 0),
+        (get, 1500),
+        // A small upload, read whole by the fast path.
+        (
+            format!(
+                "POST http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\n\
+                 Content-Length: 3\r\n\r\nabc"
+            ),
+            0,
+        ),
         // hyper's: a chunked upload.
-        format!(
-            "POST http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\n\
-             Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        (
+            format!(
+                "POST http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            ),
+            0,
         ),
     ];
-    for (n, req) in requests.iter().enumerate() {
+    for (n, (req, stay)) in requests.iter().enumerate() {
         let mut s = TcpStream::connect(w.addr).await.unwrap();
         s.write_all(req.as_bytes()).await.unwrap();
         let within = std::time::Duration::from_secs(5);
@@ -655,6 +669,7 @@ async fn a_client_gone_before_the_answer_has_its_request_given_up() {
             Ok(Some("head")),
             "request {n} did not reach the origin"
         );
+        tokio::time::sleep(std::time::Duration::from_millis(*stay)).await;
         drop(s);
         let got = tokio::time::timeout(within, seen.recv()).await;
         assert_eq!(
@@ -663,7 +678,8 @@ async fn a_client_gone_before_the_answer_has_its_request_given_up() {
             "request {n}: the upstream connection was kept after the client went"
         );
     }
-    eventually("both given-up requests logged", || {
+    let want = requests.len();
+    eventually("every given-up request logged", || {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         async move {
             let lines: Vec<serde_json::Value> = text
@@ -674,7 +690,7 @@ async fn a_client_gone_before_the_answer_has_its_request_given_up() {
                 .iter()
                 .filter(|l| l["status"] == 499 && l["error"] == "client_closed")
                 .count();
-            given_up == 2
+            given_up == want
         }
     })
     .await;

@@ -224,7 +224,33 @@ where
             .proxy
             .clone()
             .serve(parts, Fields::Wire(fields), body, conn.client);
-        let Some(resp) = watching(&mut io, &mut buf, serving).await else {
+        tokio::pin!(serving);
+        // A client that closes (or resets) its connection while its request
+        // waits has the request given up, with its upstream connection, as
+        // hyper's server does. It is watched once the request has waited
+        // `WATCH_CLIENT_AFTER` for its answer (that wait wakes the task
+        // then, and says so); a pipelined request's bytes are kept for
+        // later, and from then on the client is not read until the answer
+        // (as hyper).
+        let mut watching = false;
+        let resp = std::future::poll_fn(|cx| {
+            // (A call another task left, hyper's path not taking it.)
+            crate::h1::take_watch_call();
+            if let Poll::Ready(resp) = std::future::Future::poll(serving.as_mut(), cx) {
+                return Poll::Ready(Some(resp));
+            }
+            watching |= crate::h1::take_watch_call();
+            if watching && buf.is_empty() {
+                // (No room reserved: a full buffer makes 64 bytes itself.)
+                match tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut buf) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
+                    Poll::Ready(Ok(_)) | Poll::Pending => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await;
+        let Some(resp) = resp else {
             return Outcome::Closed;
         };
         // The wait for the destination was not the client's silence.
@@ -253,33 +279,6 @@ where
         }
         trim(&mut buf, &mut out);
     }
-}
-
-/// `serving` awaited while the client is watched, as hyper's server does
-/// (`None`: it went away, and the request was given up with its upstream
-/// connection). Its end of the connection (a close, a reset) is what is
-/// looked for; a pipelined request's bytes are kept in `buf` for later,
-/// and from then on the client is not read until the answer (as hyper).
-/// Free when nothing comes: the socket's readiness was cleared by the read
-/// that ended the request, so the watch only registers for it.
-async fn watching<I, F>(io: &mut I, buf: &mut BytesMut, serving: F) -> Option<Answer>
-where
-    I: AsyncRead + Unpin,
-    F: std::future::Future<Output = Answer>,
-{
-    tokio::pin!(serving);
-    if buf.is_empty() {
-        // (No room reserved: a full buffer makes 64 bytes of room itself.)
-        tokio::select! {
-            biased;
-            resp = &mut serving => return Some(resp),
-            read = io.read_buf(buf) => match read {
-                Ok(1..) => {}
-                Ok(0) | Err(_) => return None,
-            },
-        }
-    }
-    Some(serving.await)
 }
 
 /// Tells a client whose request did not come whole within the header

@@ -189,14 +189,14 @@ impl Conn {
         let (io, (status, headers, version, reason)) = match body {
             None => {
                 // One bound for the head's going and the answer's coming.
-                let exchanged = tokio::time::timeout(wait, async {
+                let exchanged = within(wait, async {
                     io.write_all(&buf).await.map_err(Error::Io)?;
                     buf.clear();
                     *written = true;
                     read_head(&mut io, &mut buf).await
                 })
                 .await;
-                let head = exchanged.map_err(|_| timed_out(!*written))??;
+                let head = exchanged.ok_or_else(|| timed_out(!*written))??;
                 (Io::Whole(io), head)
             }
             Some(body) => {
@@ -230,12 +230,17 @@ impl Conn {
                         tokio::select! {
                             biased;
                             r = &mut send => {
-                                timer.as_mut().reset(tokio::time::Instant::now() + wait);
+                                let (first, deadline) = deadlines(tokio::time::Instant::now(), wait);
+                                timer.as_mut().reset(first);
                                 break match r {
-                                    Ok(wr) => tokio::select! {
-                                        biased;
-                                        head = &mut recv => First::Sent(wr, head),
-                                        () = &mut timer => return Err(timed_out(false)),
+                                    Ok(wr) => loop {
+                                        tokio::select! {
+                                            biased;
+                                            head = &mut recv => break First::Sent(wr, head),
+                                            () = &mut timer => if wait_over(timer.as_mut(), deadline) {
+                                                return Err(timed_out(false));
+                                            },
+                                        }
                                     },
                                     // The destination stopped taking the
                                     // body: it may have answered (a 413)
@@ -322,6 +327,92 @@ impl Conn {
             _upload: upload,
         };
         Ok((head, body))
+    }
+}
+
+/// How long a request waits for its answer before the fast path watches
+/// its client (`fast::serve`): a waiting request's task is woken then, and
+/// told so (`take_watch_call`). (Watching at once would cost a connection
+/// not yet registered with the reactor — one request per connection — its
+/// registration, two system calls; most answers come sooner.)
+pub const WATCH_CLIENT_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+
+thread_local! {
+    /// Set when a request's wait for its answer passed
+    /// `WATCH_CLIENT_AFTER`, and read by the server polling that request,
+    /// in the same poll on the same thread.
+    static WATCH_CALL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the request just polled has waited `WATCH_CLIENT_AFTER` for its
+/// answer (once: the call is taken).
+pub fn take_watch_call() -> bool {
+    WATCH_CALL.with(|c| c.replace(false))
+}
+
+/// The first deadline of a wait of `wait` from `now` (`WATCH_CLIENT_AFTER`
+/// in, if sooner), and its end.
+fn deadlines(
+    now: tokio::time::Instant,
+    wait: std::time::Duration,
+) -> (tokio::time::Instant, tokio::time::Instant) {
+    let deadline = now + wait;
+    (deadline.min(now + WATCH_CLIENT_AFTER), deadline)
+}
+
+/// A wait's timer fired: whether the wait is over (`deadline`), else it
+/// was the first deadline, and the task is told to watch its client.
+fn wait_over(
+    timer: std::pin::Pin<&mut tokio::time::Sleep>,
+    deadline: tokio::time::Instant,
+) -> bool {
+    if timer.deadline() >= deadline {
+        return true;
+    }
+    WATCH_CALL.with(|c| c.set(true));
+    timer.reset(deadline);
+    false
+}
+
+pin_project_lite::pin_project! {
+    /// `fut` within a wait (`None`: not), as `tokio::time::timeout`, but
+    /// its timer first fires `WATCH_CLIENT_AFTER` in, ending nothing: the
+    /// task is woken and told so, and the fast path begins watching its
+    /// client. (A future of its own, as tokio's: an async function's
+    /// layer moved the exchange's state once more, ≈ 270 instructions a
+    /// request.)
+    struct Within<F> {
+        #[pin]
+        fut: F,
+        #[pin]
+        timer: tokio::time::Sleep,
+        deadline: tokio::time::Instant,
+    }
+}
+
+fn within<F: std::future::Future>(wait: std::time::Duration, fut: F) -> Within<F> {
+    let (first, deadline) = deadlines(tokio::time::Instant::now(), wait);
+    Within {
+        fut,
+        timer: tokio::time::sleep_until(first),
+        deadline,
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for Within<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut me = self.project();
+        if let Poll::Ready(r) = me.fut.poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        while me.timer.as_mut().poll(cx).is_ready() {
+            if wait_over(me.timer.as_mut(), *me.deadline) {
+                return Poll::Ready(None);
+            }
+        }
+        Poll::Pending
     }
 }
 
