@@ -634,3 +634,66 @@ async fn status_lists_the_tls_listener() {
     })
     .await;
 }
+
+/// A TLS client's tunnel whose client stopped reading a download while it
+/// trickles bytes up is closed after --tunnel-idle-timeout of the download
+/// taking nothing, as a plain client's is: the bytes going up kept it open
+/// for ever.
+#[tokio::test]
+async fn a_tls_tunnel_stalled_one_way_is_closed_though_the_other_trickles() {
+    if !have(
+        "a_tls_tunnel_stalled_one_way_is_closed_though_the_other_trickles",
+        &["openssl", "python3"],
+    ) {
+        return;
+    }
+    let p = tls_proxy(&["--tunnel-idle-timeout", "1s"]).await;
+    // Reads what comes; sends far more than any buffer on the way holds.
+    let (dest, _) = recording_server(|mut s: TcpStream| async move {
+        let chunk = vec![7u8; 1 << 20];
+        let (mut r, mut w) = s.split();
+        let drain = async {
+            let mut sink = [0u8; 1024];
+            while r.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        };
+        let flood = async {
+            for _ in 0..256 {
+                if w.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::join!(drain, flood);
+    })
+    .await;
+    let script = format!(
+        r#"{PY_TLS_OVER}
+import time
+s, tls, pump, fill = tls_over("{ca}", {port})
+tls.write(b"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n")
+pump()
+reply = b""
+while b"\r\n\r\n" not in reply:
+    try:
+        reply += tls.read(65536)
+    except ssl.SSLWantReadError:
+        assert fill(), "closed before the CONNECT answer"
+assert reply.startswith(b"HTTP/1.1 200"), reply
+# Never read again; a byte up every 300 ms, until the tunnel is gone.
+start = time.time()
+gone = False
+while time.time() - start < 10:
+    time.sleep(0.3)
+    try:
+        tls.write(b"x")
+        pump()
+    except OSError:
+        gone = True
+        break
+assert gone, "the stalled tunnel was kept open by the bytes going up"
+"#,
+        ca = p.ca.display(),
+        port = p.tls.port(),
+    );
+    run_python(&script).await;
+}

@@ -90,8 +90,8 @@ type ClientIo = TokioIo<crate::fast::Rewind<crate::server::ClientIo>>;
 /// Relays `client` ↔ `upstream` until both sides have ended (each end's EOF
 /// is passed on as a half-close), or either fails. `activity` counts the
 /// bytes each way as they move (whatever ends the tunnel, they are there).
-/// A side that takes none of what waits for it for `stall` ends the tunnel
-/// (plain TCP clients): bytes moving the other way do not keep it open.
+/// A side that takes none of what waits for it for `stall` ends the tunnel:
+/// bytes moving the other way do not keep it open.
 pub async fn tunnel(
     client: Upgraded,
     mut upstream: TcpStream,
@@ -120,25 +120,126 @@ pub async fn tunnel(
                         tokio::io::AsyncWriteExt::write_all(&mut upstream, &early).await?;
                         activity.moved(true, n);
                     }
-                    copy_tunnel(EndWithoutNotify(tls), upstream, activity).await
+                    copy_tunnel(EndWithoutNotify(tls), upstream, activity, stall).await
                 }
             }
         }
-        Err(client) => copy_tunnel(TokioIo::new(client), upstream, activity).await,
+        Err(client) => copy_tunnel(TokioIo::new(client), upstream, activity, stall).await,
     }
 }
 
 /// The relay through user space, for a client side that is not a plain
 /// TCP socket: `IdleIo` counts what is read from the client (up) and
-/// written to it (down).
-async fn copy_tunnel<T>(client: T, mut upstream: TcpStream, activity: &Activity) -> io::Result<()>
+/// written to it (down); a side that takes nothing for `stall` ends it.
+async fn copy_tunnel<T>(
+    client: T,
+    upstream: TcpStream,
+    activity: &Activity,
+    stall: Duration,
+) -> io::Result<()>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut client = IdleIo::new(client, activity.clone());
+    let mut client = Stalls::new(IdleIo::new(client, activity.clone()), stall);
+    let mut upstream = Stalls::new(upstream, stall);
     tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER)
         .await
         .map(|_| ())
+}
+
+/// A stream whose writes fail once it has taken nothing for `stall` while
+/// bytes wait for it (as `writable` for the splice path): a TLS client
+/// that stopped reading a download while it trickles bytes up would keep
+/// its tunnel for ever. The timer is armed only while a write waits.
+struct Stalls<T> {
+    inner: T,
+    stall: Duration,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
+}
+
+impl<T> Stalls<T> {
+    fn new(inner: T, stall: Duration) -> Stalls<T> {
+        Stalls {
+            inner,
+            stall,
+            timer: None,
+            waiting: false,
+        }
+    }
+
+    /// `r`, a write's poll: while it waits, whether `stall` has passed
+    /// since it began to.
+    fn watch<R>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        r: std::task::Poll<io::Result<R>>,
+    ) -> std::task::Poll<io::Result<R>> {
+        use std::task::Poll;
+        if r.is_ready() {
+            self.waiting = false;
+            return r;
+        }
+        let deadline = tokio::time::Instant::now() + self.stall;
+        let timer = match (&mut self.timer, self.waiting) {
+            (Some(t), true) => t,
+            (Some(t), false) => {
+                t.as_mut().reset(deadline);
+                t
+            }
+            (None, _) => self
+                .timer
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.waiting = true;
+        match std::future::Future::poll(timer.as_mut(), cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the peer took none of what waits for it for {:?}",
+                    self.stall
+                ),
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Stalls<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Stalls<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, r)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, r)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.watch(cx, r)
+    }
 }
 
 /// A TLS client's side of a tunnel, whose TCP half-close without a
