@@ -378,7 +378,12 @@ async fn lease_bench(
             }
             tx.flush().await?;
             let mut next = depth as u64;
-            while let Some(ServerFrame::Response(env)) = rx.recv().await? {
+            // An allocator that stops answering is an error, not a hang.
+            let answer = Duration::from_secs(5);
+            while let Some(ServerFrame::Response(env)) = tokio::time::timeout(answer, rx.recv())
+                .await
+                .map_err(|_| anyhow::anyhow!("the allocator did not answer within {answer:?}"))??
+            {
                 let slot = (env.id % depth as u64) as usize;
                 rtts.push(sent_at[slot].elapsed());
                 if !matches!(env.body, Response::Leased(_) | Response::SiteLeased { .. }) {
@@ -798,7 +803,9 @@ async fn tunnel_bench(
     let median = |rounds: &[Figures], figure: fn(&Figures) -> Option<f64>| {
         let mut v: Vec<f64> = rounds.iter().filter_map(figure).collect();
         v.sort_by(f64::total_cmp);
-        v.get(v.len().saturating_sub(1) / 2).copied()
+        let n = v.len();
+        // Of an even count, the mean of the middle two.
+        (n > 0).then(|| (v[(n - 1) / 2] + v[n / 2]) / 2.0)
     };
     for ((name, _), rounds) in paths.iter().zip(figures.iter()) {
         let mut line = format!(
@@ -899,9 +906,16 @@ async fn tunnel_path(
 ) -> anyhow::Result<Figures> {
     {
         let proxy = &proxy;
-        let (bulk, cpu_per_gib) = bulk_stream(name, *proxy, target, bytes, Way::Up, pid).await?;
-        let (bulk_down, cpu_per_gib_down) =
-            bulk_stream(name, *proxy, target, bytes, Way::Down, pid).await?;
+        // A stall (a tunnel that stops moving) is an error, not a hang:
+        // each stream at 1 MiB/s at the least, and a minute more.
+        let bound = Duration::from_secs(60 + bytes / (1 << 20));
+        let bounded = |way| async move {
+            tokio::time::timeout(bound, bulk_stream(name, *proxy, target, bytes, way, pid))
+                .await
+                .map_err(|_| anyhow::anyhow!("{name}: a bulk stream not done in {bound:?}"))?
+        };
+        let (bulk, cpu_per_gib) = bounded(Way::Up).await?;
+        let (bulk_down, cpu_per_gib_down) = bounded(Way::Down).await?;
 
         // Set-up rate: CONNECT, one byte each way, close; `clients` at once.
         let done = Arc::new(AtomicU64::new(0));
@@ -919,11 +933,11 @@ async fn tunnel_path(
                         let mut b = [0u8; 1];
                         s.read_exact(&mut b).await?;
                         Ok::<_, anyhow::Error>(())
-                    }
-                    .await;
-                    match r {
-                        Ok(()) => done.fetch_add(1, Ordering::Relaxed),
-                        Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                    };
+                    // A set-up that stalls counts as an error.
+                    match tokio::time::timeout(Duration::from_secs(5), r).await {
+                        Ok(Ok(())) => done.fetch_add(1, Ordering::Relaxed),
+                        _ => errors.fetch_add(1, Ordering::Relaxed),
                     };
                 }
             }));
@@ -955,12 +969,12 @@ async fn idle(proxy: SocketAddr, target: &str, conns: usize, hold: Duration) -> 
     let mut held = Vec::with_capacity(conns);
     let req = format!("GET {target} HTTP/1.1\r\nHost: bench\r\n\r\n");
     for _ in 0..conns {
-        let mut s = TcpStream::connect(proxy).await?;
-        s.write_all(req.as_bytes()).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut s = tokio::time::timeout_at(deadline.into(), TcpStream::connect(proxy)).await??;
+        tokio::time::timeout_at(deadline.into(), s.write_all(req.as_bytes())).await??;
         // Read the whole (small) response: head, then Content-Length bytes.
         let mut buf = vec![0u8; 4096];
         let mut got = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let n = tokio::time::timeout_at(deadline.into(), s.read(&mut buf)).await??;
             if n == 0 {
