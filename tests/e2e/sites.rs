@@ -425,3 +425,43 @@ async fn budgets_used_and_cooldowns_outlive_a_clean_allocator_restart() {
     assert!(r.headers.contains_key("proxy-status"), "rotor's own 429");
     assert_eq!(origin.count(), 3);
 }
+
+/// A request waiting for its site's budget whose client goes away is given
+/// up (and logged, 499): it is not sent when the budget comes, spending it
+/// for nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_for_budget_is_given_up_when_its_client_goes() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let alloc = Allocator::start(&["--pool", "127.0.0.2", "--site-limit", "127.0.0.1=1/3s"]).await;
+    let w = Worker::start(
+        &alloc.socket,
+        &[
+            "--budget-wait",
+            "10s",
+            "--access-log",
+            log.to_str().unwrap(),
+            "--access-log-format",
+            "json",
+        ],
+    )
+    .await;
+    let url = origin.url("/");
+    assert_eq!(get(w.addr, &url).await.status, 200);
+    // The next waits about 3 s for the budget; its client leaves at once.
+    let mut s = TcpStream::connect(w.addr).await.unwrap();
+    s.write_all(format!("GET {url} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(s);
+    eventually("the given-up request logged", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move { text.contains("\"status\":499") }
+    })
+    .await;
+    // Past the budget's return: nothing more reached the site.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(origin.count(), 1, "the request was sent for a client gone");
+}

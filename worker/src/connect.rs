@@ -39,7 +39,11 @@ pub async fn connect_from(
         let share = (left / u32::try_from(candidates.len() - i).unwrap_or(u32::MAX))
             .max(ATTEMPT_MIN.min(left));
         let sock = bound_socket(source, *dest)?;
-        match tokio::time::timeout(share, sock.connect(*dest)).await {
+        // (`within`: a slow connect has the fast path watch its client.)
+        match crate::h1::within(share, sock.connect(*dest))
+            .await
+            .ok_or(())
+        {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
                 return Ok(stream);

@@ -240,7 +240,11 @@ impl Resolver {
             true => format!("{host}."),
             false => host.to_string(),
         };
-        let lookup = match tokio::time::timeout(timeout, resolver.lookup_ip(name.as_str())).await {
+        // (`within`: a slow lookup has the fast path watch its client.)
+        let lookup = match crate::h1::within(timeout, resolver.lookup_ip(name.as_str()))
+            .await
+            .ok_or(())
+        {
             Ok(Ok(l)) => l,
             Ok(Err(e)) => return Err(dns_error(host, e, timeout)),
             Err(_) => {
@@ -387,7 +391,7 @@ pub fn ip_literal(host: &str) -> Option<IpAddr> {
 async fn lookup(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAddr>, ProxyError> {
     let bare = unbracketed(host);
     let lookup = tokio::net::lookup_host((bare, port));
-    let addrs: Vec<SocketAddr> = match tokio::time::timeout(timeout, lookup).await {
+    let addrs: Vec<SocketAddr> = match crate::h1::within(timeout, lookup).await.ok_or(()) {
         Ok(Ok(a)) => a
             .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
             .collect(),

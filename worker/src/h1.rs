@@ -231,7 +231,13 @@ impl Conn {
                             biased;
                             r = &mut send => {
                                 let (first, deadline) = deadlines(tokio::time::Instant::now(), wait);
-                                timer.as_mut().reset(first);
+                                // The answer's wait first fires early (the
+                                // fast path's client watch); a failed send's
+                                // wait for an answer already sent does not.
+                                timer.as_mut().reset(match r.is_ok() {
+                                    true => first,
+                                    false => deadline,
+                                });
                                 break match r {
                                     Ok(wr) => loop {
                                         tokio::select! {
@@ -330,9 +336,9 @@ impl Conn {
     }
 }
 
-/// How long a request waits for its answer before the fast path watches
-/// its client (`fast::serve`): a waiting request's task is woken then, and
-/// told so (`take_watch_call`). (Watching at once would cost a connection
+/// How long a request waits for its answer (or its name, or its
+/// connection) before the fast path watches its client (`fast::serve`): a
+/// waiting request's task is woken then, and told so (`take_watch_call`). (Watching at once would cost a connection
 /// not yet registered with the reactor — one request per connection — its
 /// registration, two system calls; most answers come sooner.)
 pub const WATCH_CLIENT_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
@@ -350,14 +356,27 @@ pub fn take_watch_call() -> bool {
     WATCH_CALL.with(|c| c.replace(false))
 }
 
+/// Tells the server polling this request to watch its client from now:
+/// the request is about to wait long (for a site's budget).
+pub fn call_watch() {
+    WATCH_CALL.with(|c| c.set(true));
+}
+
 /// The first deadline of a wait of `wait` from `now` (`WATCH_CLIENT_AFTER`
 /// in, if sooner), and its end.
 fn deadlines(
     now: tokio::time::Instant,
     wait: std::time::Duration,
 ) -> (tokio::time::Instant, tokio::time::Instant) {
-    let deadline = now + wait;
+    let deadline = later(now, wait);
     (deadline.min(now + WATCH_CLIENT_AFTER), deadline)
+}
+
+/// `now + wait`, or about 30 years on if that is past what an instant
+/// holds (a timeout configured as `500000000000y`), as tokio's `timeout`.
+pub(crate) fn later(now: tokio::time::Instant, wait: std::time::Duration) -> tokio::time::Instant {
+    now.checked_add(wait)
+        .unwrap_or_else(|| now + std::time::Duration::from_secs(86_400 * 365 * 30))
 }
 
 /// A wait's timer fired: whether the wait is over (`deadline`), else it
@@ -369,7 +388,7 @@ fn wait_over(
     if timer.deadline() >= deadline {
         return true;
     }
-    WATCH_CALL.with(|c| c.set(true));
+    call_watch();
     timer.reset(deadline);
     false
 }
@@ -381,7 +400,7 @@ pin_project_lite::pin_project! {
     /// client. (A future of its own, as tokio's: an async function's
     /// layer moved the exchange's state once more, ≈ 270 instructions a
     /// request.)
-    struct Within<F> {
+    pub(crate) struct Within<F> {
         #[pin]
         fut: F,
         #[pin]
@@ -390,7 +409,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-fn within<F: std::future::Future>(wait: std::time::Duration, fut: F) -> Within<F> {
+pub(crate) fn within<F: std::future::Future>(wait: std::time::Duration, fut: F) -> Within<F> {
     let (first, deadline) = deadlines(tokio::time::Instant::now(), wait);
     Within {
         fut,

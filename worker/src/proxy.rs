@@ -265,6 +265,18 @@ impl Proxy {
         // which may carry the destination's credentials or tokens.
         let target = LogTarget(parts.uri.clone());
         let head = head_len(&parts, &fields);
+        // Until an answer is made, a client that goes away (its server
+        // drops this future), during the credentials' check too, leaves
+        // its request counted and logged.
+        let mut abandoned = Abandoned {
+            proxy: &self,
+            start,
+            client,
+            method: &method,
+            target: &target,
+            entry: None,
+            armed: true,
+        };
         let checked = match head > self.config.max_head_bytes {
             true => Err(ProxyError::HeadTooLarge {
                 size: head,
@@ -283,7 +295,7 @@ impl Proxy {
         };
         // The access log's line, begun once the caller is known. Boxed:
         // inline, its ≈ 200 bytes were copied with the request's state.
-        let entry = self.config.access_log.as_ref().map(|_| {
+        abandoned.entry = self.config.access_log.as_ref().map(|_| {
             let target = log_target(&parts.uri, method == Method::CONNECT);
             let mut e = Box::new(Entry::new(start, client, method.clone(), target));
             if let Ok(c) = &checked {
@@ -291,17 +303,6 @@ impl Proxy {
             }
             e
         });
-        // Until an answer is made, a client that goes away (its server
-        // drops this future) leaves its request counted and logged.
-        let mut abandoned = Abandoned {
-            proxy: &self,
-            start,
-            client,
-            method: &method,
-            target: &target,
-            entry,
-            armed: true,
-        };
         let result = match checked {
             Err(e) => Err(e),
             // (A forward checks its Host where it replaces it.)
@@ -542,6 +543,10 @@ impl Proxy {
                     let now = tokio::time::Instant::now();
                     let deadline = *deadline.get_or_insert(now + self.config.budget_wait);
                     if now + retry_after <= deadline {
+                        // Its client is watched while it waits (the fast
+                        // path's): one gone is not sent when the budget
+                        // comes.
+                        crate::h1::call_watch();
                         tokio::time::sleep(retry_after).await;
                         continue;
                     }
@@ -1281,12 +1286,25 @@ impl Drop for Abandoned<'_> {
         }
         let took = self.start.elapsed();
         self.proxy.meter.error(Some("client_closed"), took);
-        if let (Some(mut e), Some(log)) = (self.entry.take(), &self.proxy.config.access_log) {
+        // (Gone while its credentials were checked: a line without them.)
+        let entry = self.entry.take().or_else(|| {
+            self.proxy.config.access_log.as_ref().map(|_| {
+                let connect = *self.method == Method::CONNECT;
+                let target = log_target(&self.target.0, connect);
+                Box::new(Entry::new(
+                    self.start,
+                    self.client,
+                    self.method.clone(),
+                    target,
+                ))
+            })
+        });
+        if let (Some(mut e), Some(log)) = (entry, &self.proxy.config.access_log) {
             e.status = CLIENT_CLOSED;
             e.error = Some("client_closed");
             log.log(&e);
         }
-        debug!(client = %self.client, method = %self.method, target = %self.target, ms = took.as_millis() as u64, "request given up before its answer: the client went away (or the worker stopped)");
+        debug!(client = %self.client, method = %self.method, target = %self.target, ms = took.as_millis() as u64, "request given up before its answer: the client went away");
     }
 }
 

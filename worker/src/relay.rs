@@ -180,7 +180,7 @@ impl<T> Stalls<T> {
             self.waiting = false;
             return r;
         }
-        let deadline = tokio::time::Instant::now() + self.stall;
+        let deadline = crate::h1::later(tokio::time::Instant::now(), self.stall);
         let timer = match (&mut self.timer, self.waiting) {
             (Some(t), true) => t,
             (Some(t), false) => {
