@@ -32,11 +32,22 @@ pub trait Value: Sized + Clone + Send + Sync + 'static {
     fn show(&self) -> String;
 }
 
+/// The longest duration a setting takes.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
+
 impl Value for Duration {
     const NAME: &'static str = "DURATION";
     fn parse(s: &str) -> Result<Self, String> {
-        humantime::parse_duration(s)
-            .map_err(|_| format!("`{s}` is not a duration (e.g. 500ms, 20s, 1m)"))
+        let d = humantime::parse_duration(s)
+            .map_err(|_| format!("`{s}` is not a duration (e.g. 500ms, 20s, 1m)"))?;
+        // Every deadline is now + a duration: one past what a clock
+        // instant holds (`500000000000y`) would panic on the first request.
+        match d <= MAX_DURATION {
+            true => Ok(d),
+            false => Err(format!(
+                "`{s}` is longer than any duration here needs (at most 10 years)"
+            )),
+        }
     }
     fn show(&self) -> String {
         humantime::format_duration(*self).to_string()
@@ -410,5 +421,8 @@ mod tests {
             <Duration as Value>::parse("1s 500ms"),
             Ok(Duration::from_millis(1500))
         );
+        // Past what a deadline can hold: refused, not a panic later.
+        assert!(<Duration as Value>::parse("500000000000y").is_err());
+        assert!(<Duration as Value>::parse("3650days").is_ok());
     }
 }
