@@ -256,23 +256,7 @@ async fn clients_that_stop_reading_lose_their_slots() {
 /// bytes moving up kept it open for ever, with a pipe full of what waited.
 #[tokio::test]
 async fn a_tunnel_stalled_one_way_is_closed_though_the_other_trickles() {
-    let (server, _) = recording_server(|mut s: TcpStream| async move {
-        let chunk = vec![7u8; 1 << 20];
-        let (mut r, mut w) = s.split();
-        let drain = async {
-            let mut sink = [0u8; 1024];
-            while r.read(&mut sink).await.is_ok_and(|n| n > 0) {}
-        };
-        let flood = async {
-            for _ in 0..256 {
-                if w.write_all(&chunk).await.is_err() {
-                    break;
-                }
-            }
-        };
-        tokio::join!(drain, flood);
-    })
-    .await;
+    let server = flooding_server().await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let worker = Worker::start(&alloc.socket, &["--tunnel-idle-timeout", "1s"]).await;
     let (code, mut tunnel) = connect_tunnel(worker.addr, &server.to_string()).await;

@@ -457,7 +457,9 @@ async fn the_proxy_prefers_aes_128_gcm_and_still_serves_chacha20_only_clients() 
 /// socket stays the test's own to half-close or feed a byte at a time.
 /// `tls_over(ca, port)` returns the socket, the session, `pump()` (what
 /// the session wrote, sent) and `fill()` (what came, given to the session;
-/// False at the end).
+/// False at the end). `tunnel_over(ca, port, dest)` does that and asks
+/// for a tunnel to `dest` (its 200 checked), and returns the same four and
+/// what came behind the answer's head.
 const PY_TLS_OVER: &str = r#"
 import socket, ssl
 def tls_over(ca, port):
@@ -484,6 +486,18 @@ def tls_over(ca, port):
             assert fill(), "closed during the handshake"
     pump()
     return s, tls, pump, fill
+def tunnel_over(ca, port, dest):
+    s, tls, pump, fill = tls_over(ca, port)
+    tls.write(("CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n" % (dest, dest)).encode())
+    pump()
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        try:
+            reply += tls.read(65536)
+        except ssl.SSLWantReadError:
+            assert fill(), "closed before the CONNECT answer"
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    return s, tls, pump, fill, reply.split(b"\r\n\r\n", 1)[1]
 "#;
 
 /// After the handshake, a client trickling one TLS record a byte at a time
@@ -582,20 +596,10 @@ async fn a_tls_tunnel_passes_on_a_half_close_without_close_notify() {
     });
     let script = format!(
         r#"{PY_TLS_OVER}
-s, tls, pump, fill = tls_over("{ca}", {port})
-tls.write(b"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n")
-pump()
-reply = b""
-while b"\r\n\r\n" not in reply:
-    try:
-        reply += tls.read(65536)
-    except ssl.SSLWantReadError:
-        assert fill(), "closed before the CONNECT answer"
-assert reply.startswith(b"HTTP/1.1 200"), reply
+s, tls, pump, fill, answer = tunnel_over("{ca}", {port}, "{dest}")
 tls.write(b"x" * 1000)
 pump()
 s.shutdown(socket.SHUT_WR)
-answer = reply.split(b"\r\n\r\n", 1)[1]
 while True:
     try:
         data = tls.read(65536)
@@ -648,37 +652,11 @@ async fn a_tls_tunnel_stalled_one_way_is_closed_though_the_other_trickles() {
         return;
     }
     let p = tls_proxy(&["--tunnel-idle-timeout", "1s"]).await;
-    // Reads what comes; sends far more than any buffer on the way holds.
-    let (dest, _) = recording_server(|mut s: TcpStream| async move {
-        let chunk = vec![7u8; 1 << 20];
-        let (mut r, mut w) = s.split();
-        let drain = async {
-            let mut sink = [0u8; 1024];
-            while r.read(&mut sink).await.is_ok_and(|n| n > 0) {}
-        };
-        let flood = async {
-            for _ in 0..256 {
-                if w.write_all(&chunk).await.is_err() {
-                    break;
-                }
-            }
-        };
-        tokio::join!(drain, flood);
-    })
-    .await;
+    let dest = flooding_server().await;
     let script = format!(
         r#"{PY_TLS_OVER}
 import time
-s, tls, pump, fill = tls_over("{ca}", {port})
-tls.write(b"CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n")
-pump()
-reply = b""
-while b"\r\n\r\n" not in reply:
-    try:
-        reply += tls.read(65536)
-    except ssl.SSLWantReadError:
-        assert fill(), "closed before the CONNECT answer"
-assert reply.startswith(b"HTTP/1.1 200"), reply
+s, tls, pump, fill, _ = tunnel_over("{ca}", {port}, "{dest}")
 # Never read again; a byte up every 300 ms, until the tunnel is gone.
 start = time.time()
 gone = False

@@ -474,6 +474,30 @@ where
     (addr, peers)
 }
 
+/// A TCP server on 127.0.0.1 that reads whatever comes and sends 256 MiB,
+/// far more than any buffer on the way holds: a download its client can
+/// stop reading.
+pub async fn flooding_server() -> SocketAddr {
+    let (addr, _) = recording_server(|mut s: TcpStream| async move {
+        let chunk = vec![7u8; 1 << 20];
+        let (mut r, mut w) = s.split();
+        let drain = async {
+            let mut sink = [0u8; 1024];
+            while r.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        };
+        let flood = async {
+            for _ in 0..256 {
+                if w.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::join!(drain, flood);
+    })
+    .await;
+    addr
+}
+
 impl Echo {
     pub async fn start() -> Echo {
         Echo::start_on("127.0.0.1:0".parse().unwrap()).await
