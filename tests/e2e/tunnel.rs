@@ -137,3 +137,62 @@ async fn a_tunnel_cut_by_the_stop_is_still_logged() {
         (Some(4), Some(4))
     );
 }
+
+/// A request still waiting for its answer when the drain's time is up is
+/// dropped with the worker, and still logged (503, `worker_stopped`): its
+/// line was lost with the runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cut_by_the_stop_is_still_logged() {
+    let (heads, mut seen) = tokio::sync::mpsc::unbounded_channel::<()>();
+    // Takes the request and never answers.
+    let (origin, _) = recording_server(move |mut s: TcpStream| {
+        let heads = heads.clone();
+        async move {
+            if !read_head(&mut s).await.is_empty() {
+                let _ = heads.send(());
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let mut w = Worker::start(
+        &alloc.socket,
+        &[
+            "--access-log",
+            path.to_str().unwrap(),
+            "--access-log-format",
+            "json",
+            "--drain-timeout",
+            "1s",
+        ],
+    )
+    .await;
+    let mut s = TcpStream::connect(w.addr).await.unwrap();
+    s.write_all(format!("GET http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(5), seen.recv())
+        .await
+        .expect("the request did not reach the origin");
+    w.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let status =
+        tokio::task::spawn_blocking(move || w.proc.wait(std::time::Duration::from_secs(10)))
+            .await
+            .unwrap();
+    assert_eq!(status.code(), Some(3), "the drain was cut");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let line: serde_json::Value = serde_json::from_str(
+        text.lines()
+            .find(|l| l.contains("GET"))
+            .unwrap_or_else(|| panic!("no line for the request: {text:?}")),
+    )
+    .unwrap();
+    assert_eq!(
+        (line["status"].as_u64(), line["error"].as_str()),
+        (Some(503), Some("worker_stopped"))
+    );
+    drop(s);
+}

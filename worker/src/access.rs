@@ -322,6 +322,14 @@ impl AccessLog {
     }
 }
 
+/// The lines of requests dropped with the runtime (a drain that ran out)
+/// are written when the last holder goes, with the runtime's tasks.
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
 /// Unbuffered: each batch is one write, so the lines of workers sharing
 /// one file (O_APPEND) never interleave within a line.
 enum Output {

@@ -1279,13 +1279,23 @@ struct Abandoned<'a> {
 /// Status of an access log line for a request its client gave up on.
 const CLIENT_CLOSED: u16 = 499;
 
+/// The error of a request the worker dropped as it stopped (a drain that
+/// ran out): logged 503, as the connection closes with no answer.
+const WORKER_STOPPED: &str = "worker_stopped";
+
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
         if !self.armed {
             return;
         }
         let took = self.start.elapsed();
-        self.proxy.meter.error(Some("client_closed"), took);
+        // Dropped with the runtime after a drain that ran out, or by its
+        // client's going.
+        let why = match self.proxy.tunnels_cut.is_cancelled() {
+            true => WORKER_STOPPED,
+            false => "client_closed",
+        };
+        self.proxy.meter.error(Some(why), took);
         // (Gone while its credentials were checked: a line without them.)
         let entry = self.entry.take().or_else(|| {
             self.proxy.config.access_log.as_ref().map(|_| {
@@ -1300,11 +1310,14 @@ impl Drop for Abandoned<'_> {
             })
         });
         if let (Some(mut e), Some(log)) = (entry, &self.proxy.config.access_log) {
-            e.status = CLIENT_CLOSED;
-            e.error = Some("client_closed");
+            e.status = match why {
+                WORKER_STOPPED => StatusCode::SERVICE_UNAVAILABLE.as_u16(),
+                _ => CLIENT_CLOSED,
+            };
+            e.error = Some(why);
             log.log(&e);
         }
-        debug!(client = %self.client, method = %self.method, target = %self.target, ms = took.as_millis() as u64, "request given up before its answer: the client went away");
+        debug!(client = %self.client, method = %self.method, target = %self.target, ms = took.as_millis() as u64, error = why, "request given up before its answer");
     }
 }
 

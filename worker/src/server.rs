@@ -254,7 +254,9 @@ pub async fn run(
     }
     reported.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), reporter).await;
-    if let Some(log) = proxy.access_log() {
+    // After a cut, requests still in flight are dropped with the runtime,
+    // each logged then (`worker_stopped`): the log closes when it goes.
+    if let (Some(log), Stopped::Drained) = (proxy.access_log(), stopped) {
         let log = log.clone();
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
     }
