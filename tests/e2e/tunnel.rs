@@ -93,39 +93,72 @@ async fn a_half_close_passes_through_and_the_answer_comes_back() {
     assert_eq!(answer, format!("got {}", 3 << 20));
 }
 
+/// A worker with a JSON access log and a drain of 1 s, to be stopped with
+/// work in flight.
+struct CutWorker {
+    _dir: tempfile::TempDir,
+    _alloc: Allocator,
+    worker: Worker,
+    log: std::path::PathBuf,
+}
+
+impl CutWorker {
+    async fn start() -> CutWorker {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("access.log");
+        let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+        let args = [
+            "--access-log",
+            log.to_str().unwrap(),
+            "--access-log-format",
+            "json",
+        ];
+        let worker = Worker::start(
+            &alloc.socket,
+            &[&args[..], &["--drain-timeout", "1s"]].concat(),
+        )
+        .await;
+        CutWorker {
+            _dir: dir,
+            _alloc: alloc,
+            worker,
+            log,
+        }
+    }
+
+    /// SIGTERM; the drain must be cut (exit 3). The access log's text.
+    async fn stop(self) -> String {
+        let CutWorker {
+            _dir,
+            _alloc,
+            mut worker,
+            log,
+        } = self;
+        worker.proc.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = tokio::task::spawn_blocking(move || {
+            worker.proc.wait(std::time::Duration::from_secs(10))
+        })
+        .await
+        .unwrap();
+        assert_eq!(status.code(), Some(3), "the drain was cut");
+        std::fs::read_to_string(&log).unwrap()
+    }
+}
+
 /// A tunnel still open when the drain's time is up ends with its bytes
 /// counted and its access-log line written (its task was dropped with the
 /// runtime, unlogged).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tunnel_cut_by_the_stop_is_still_logged() {
     let echo = Echo::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("access.log");
-    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
-    let mut w = Worker::start(
-        &alloc.socket,
-        &[
-            "--access-log",
-            path.to_str().unwrap(),
-            "--access-log-format",
-            "json",
-            "--drain-timeout",
-            "1s",
-        ],
-    )
-    .await;
+    let cut = CutWorker::start().await;
+    let w = &cut.worker;
     let (code, mut s) = connect_tunnel(w.addr, &echo.addr.to_string()).await;
     assert_eq!(code, 200);
     s.write_all(b"ping").await.unwrap();
     let mut b = [0u8; 4];
     s.read_exact(&mut b).await.unwrap();
-    w.proc.signal(nix::sys::signal::Signal::SIGTERM);
-    let status =
-        tokio::task::spawn_blocking(move || w.proc.wait(std::time::Duration::from_secs(10)))
-            .await
-            .unwrap();
-    assert_eq!(status.code(), Some(3), "the drain was cut");
-    let text = std::fs::read_to_string(&path).unwrap();
+    let text = cut.stop().await;
     let line: serde_json::Value = serde_json::from_str(
         text.lines()
             .find(|l| l.contains("CONNECT"))
@@ -155,21 +188,8 @@ async fn a_request_cut_by_the_stop_is_still_logged() {
         }
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("access.log");
-    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
-    let mut w = Worker::start(
-        &alloc.socket,
-        &[
-            "--access-log",
-            path.to_str().unwrap(),
-            "--access-log-format",
-            "json",
-            "--drain-timeout",
-            "1s",
-        ],
-    )
-    .await;
+    let cut = CutWorker::start().await;
+    let w = &cut.worker;
     let mut s = TcpStream::connect(w.addr).await.unwrap();
     s.write_all(format!("GET http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\n\r\n").as_bytes())
         .await
@@ -177,13 +197,7 @@ async fn a_request_cut_by_the_stop_is_still_logged() {
     tokio::time::timeout(std::time::Duration::from_secs(5), seen.recv())
         .await
         .expect("the request did not reach the origin");
-    w.proc.signal(nix::sys::signal::Signal::SIGTERM);
-    let status =
-        tokio::task::spawn_blocking(move || w.proc.wait(std::time::Duration::from_secs(10)))
-            .await
-            .unwrap();
-    assert_eq!(status.code(), Some(3), "the drain was cut");
-    let text = std::fs::read_to_string(&path).unwrap();
+    let text = cut.stop().await;
     let line: serde_json::Value = serde_json::from_str(
         text.lines()
             .find(|l| l.contains("GET"))
