@@ -226,11 +226,10 @@ where
         // `WATCH_CLIENT_AFTER` for its answer (that wait wakes the task
         // then, and says so); a pipelined request's bytes are kept for
         // later, and from then on the client is not read until the answer
-        // (as hyper). (In a block of its own: the request's future, alive
-        // past it, took its 4 KB in every connection's state, idle ones'
-        // too.)
-        // (Matched whole, not bound: a named `Option` stayed in every
-        // connection's state, 368 bytes.)
+        // (as hyper). In a block of its own and matched whole: the
+        // request's future alive past it, or a named `Option` of the
+        // answer, took 4 KB and 368 bytes in every connection's state,
+        // idle ones' too.
         #[allow(clippy::blocks_in_conditions)]
         let resp = match {
             let serving = conn

@@ -336,17 +336,18 @@ impl Conn {
     }
 }
 
-/// How long a request waits for its answer (or its name, or its
-/// connection) before the fast path watches its client (`fast::serve`): a
-/// waiting request's task is woken then, and told so (`take_watch_call`). (Watching at once would cost a connection
-/// not yet registered with the reactor — one request per connection — its
+/// How long a request waits for its answer (or its name, its connection,
+/// its credentials' check) before the fast path watches its client
+/// (`fast::serve`): a waiting request's task is woken then, and told so
+/// (`take_watch_call`). (Watching at once would cost a connection not yet
+/// registered with the reactor — one request per connection — its
 /// registration, two system calls; most answers come sooner.)
 pub const WATCH_CLIENT_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
 thread_local! {
-    /// Set when a request's wait for its answer passed
-    /// `WATCH_CLIENT_AFTER`, and read by the server polling that request,
-    /// in the same poll on the same thread.
+    /// Set when a request's wait passed `WATCH_CLIENT_AFTER` (or it began
+    /// to wait for a site's budget), and read by the server polling that
+    /// request, in the same poll on the same thread.
     static WATCH_CALL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
@@ -368,15 +369,9 @@ fn deadlines(
     now: tokio::time::Instant,
     wait: std::time::Duration,
 ) -> (tokio::time::Instant, tokio::time::Instant) {
-    let deadline = later(now, wait);
+    // (No overflow: a duration setting is at most 10 years.)
+    let deadline = now + wait;
     (deadline.min(now + WATCH_CLIENT_AFTER), deadline)
-}
-
-/// `now + wait`, or about 30 years on if that is past what an instant
-/// holds (a timeout configured as `500000000000y`), as tokio's `timeout`.
-pub(crate) fn later(now: tokio::time::Instant, wait: std::time::Duration) -> tokio::time::Instant {
-    now.checked_add(wait)
-        .unwrap_or_else(|| now + std::time::Duration::from_secs(86_400 * 365 * 30))
 }
 
 /// A wait's timer fired: whether the wait is over (`deadline`), else it

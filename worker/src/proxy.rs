@@ -296,8 +296,7 @@ impl Proxy {
         // The access log's line, begun once the caller is known. Boxed:
         // inline, its ≈ 200 bytes were copied with the request's state.
         abandoned.entry = self.config.access_log.as_ref().map(|_| {
-            let target = log_target(&parts.uri, method == Method::CONNECT);
-            let mut e = Box::new(Entry::new(start, client, method.clone(), target));
+            let mut e = abandoned.new_entry();
             if let Ok(c) = &checked {
                 c.stamp(&mut e);
             }
@@ -1261,11 +1260,12 @@ fn head_len(req: &request::Parts, fields: &Fields) -> usize {
     fields.encoded_len() + line + 2
 }
 
-/// A request whose client went away before it was answered: its server
-/// (hyper's, or the fast path watching the connection) dropped the
-/// request's future, and with it the lease, the upstream connection and
-/// the body. Counted as `client_closed` and logged with status 499 (as
-/// nginx does), so an operator sees requests that were given up.
+/// A request dropped before it was answered: its client went away (its
+/// server — hyper's, or the fast path watching the connection — dropped
+/// the request's future, and with it the lease, the upstream connection
+/// and the body), or the worker stopped with it in flight. Counted as
+/// `client_closed` and logged with status 499 (as nginx does), or
+/// `worker_stopped` and 503, so an operator sees requests given up.
 struct Abandoned<'a> {
     proxy: &'a Proxy,
     start: Instant,
@@ -1283,6 +1283,19 @@ const CLIENT_CLOSED: u16 = 499;
 /// ran out): logged 503, as the connection closes with no answer.
 const WORKER_STOPPED: &str = "worker_stopped";
 
+impl Abandoned<'_> {
+    /// The request's access-log line, begun.
+    fn new_entry(&self) -> Box<Entry> {
+        let target = log_target(&self.target.0, *self.method == Method::CONNECT);
+        Box::new(Entry::new(
+            self.start,
+            self.client,
+            self.method.clone(),
+            target,
+        ))
+    }
+}
+
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
         if !self.armed {
@@ -1298,16 +1311,11 @@ impl Drop for Abandoned<'_> {
         self.proxy.meter.error(Some(why), took);
         // (Gone while its credentials were checked: a line without them.)
         let entry = self.entry.take().or_else(|| {
-            self.proxy.config.access_log.as_ref().map(|_| {
-                let connect = *self.method == Method::CONNECT;
-                let target = log_target(&self.target.0, connect);
-                Box::new(Entry::new(
-                    self.start,
-                    self.client,
-                    self.method.clone(),
-                    target,
-                ))
-            })
+            self.proxy
+                .config
+                .access_log
+                .as_ref()
+                .map(|_| self.new_entry())
         });
         if let (Some(mut e), Some(log)) = (entry, &self.proxy.config.access_log) {
             e.status = match why {

@@ -180,7 +180,7 @@ impl<T> Stalls<T> {
             self.waiting = false;
             return r;
         }
-        let deadline = crate::h1::later(tokio::time::Instant::now(), self.stall);
+        let deadline = tokio::time::Instant::now() + self.stall;
         let timer = match (&mut self.timer, self.waiting) {
             (Some(t), true) => t,
             (Some(t), false) => {
@@ -193,13 +193,7 @@ impl<T> Stalls<T> {
         };
         self.waiting = true;
         match std::future::Future::poll(timer.as_mut(), cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "the peer took none of what waits for it for {:?}",
-                    self.stall
-                ),
-            ))),
+            Poll::Ready(()) => Poll::Ready(Err(stalled(self.stall))),
             Poll::Pending => Poll::Pending,
         }
     }
@@ -446,11 +440,16 @@ async fn copy_chunk(
 async fn writable(dst: &TcpStream, stall: Duration) -> io::Result<()> {
     match tokio::time::timeout(stall, dst.writable()).await {
         Ok(r) => r,
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("the peer took none of what waits for it for {stall:?}"),
-        )),
+        Err(_) => Err(stalled(stall)),
     }
+}
+
+/// The error that ends a tunnel whose side took nothing for `stall`.
+fn stalled(stall: Duration) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::TimedOut,
+        format!("the peer took none of what waits for it for {stall:?}"),
+    )
 }
 
 #[derive(Clone, Copy)]
