@@ -588,6 +588,47 @@ async fn two_hosts_refused_and_response_framing_passed_on_plain() {
     );
 }
 
+/// A client that goes away while its request waits for the allocator (one
+/// restarting; here none comes) has the request given up and logged (499,
+/// `client_closed`) then, not at the end of `--lease-timeout`.
+#[tokio::test]
+async fn a_client_gone_while_its_request_waits_for_the_allocator() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let socket = dir.path().join("restarting.sock");
+    let w = Worker::start(
+        &socket,
+        &[
+            "--lease-timeout",
+            "60s",
+            "--access-log",
+            log.to_str().unwrap(),
+            "--access-log-format",
+            "json",
+        ],
+    )
+    .await;
+    let origin = Origin::start().await;
+    let mut s = TcpStream::connect(w.addr).await.unwrap();
+    let url = origin.url("/");
+    s.write_all(format!("GET {url} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    // Past the 500 ms from which the fast path watches its client.
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    drop(s);
+    eventually("the request given up and logged", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move {
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .any(|l| l["status"] == 499 && l["error"] == "client_closed")
+        }
+    })
+    .await;
+    assert_eq!(origin.count(), 0);
+}
+
 /// A client that goes away while its request waits for the destination
 /// has the request given up — the upstream connection closed, not held
 /// until the answer — on the fast path and on hyper's, and logged (499,

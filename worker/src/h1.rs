@@ -371,7 +371,15 @@ fn deadlines(
 ) -> (tokio::time::Instant, tokio::time::Instant) {
     // (No overflow: a duration setting is at most 10 years.)
     let deadline = now + wait;
-    (deadline.min(now + WATCH_CLIENT_AFTER), deadline)
+    (first_deadline(now, deadline), deadline)
+}
+
+/// The first deadline of a wait from `now` to `deadline`.
+fn first_deadline(
+    now: tokio::time::Instant,
+    deadline: tokio::time::Instant,
+) -> tokio::time::Instant {
+    deadline.min(now + WATCH_CLIENT_AFTER)
 }
 
 /// A wait's timer fired: whether the wait is over (`deadline`), else it
@@ -409,6 +417,18 @@ pub(crate) fn within<F: std::future::Future>(wait: std::time::Duration, fut: F) 
     Within {
         fut,
         timer: tokio::time::sleep_until(first),
+        deadline,
+    }
+}
+
+/// As [`within`], until `deadline`.
+pub(crate) fn within_until<F: std::future::Future>(
+    deadline: tokio::time::Instant,
+    fut: F,
+) -> Within<F> {
+    Within {
+        fut,
+        timer: tokio::time::sleep_until(first_deadline(tokio::time::Instant::now(), deadline)),
         deadline,
     }
 }

@@ -581,8 +581,10 @@ impl LeaseClient {
         watch: &mut watch::Receiver<Option<Arc<Conn>>>,
         deadline: Instant,
     ) -> Result<Arc<Conn>, LeaseError> {
-        match tokio::time::timeout_at(deadline, watch.wait_for(Option::is_some)).await {
-            Ok(Ok(c)) => Ok(c.clone().expect("waited for Some")),
+        // The fast path watches its client once this passes 500 ms (an
+        // allocator restarting): one gone is given up, not kept waiting.
+        match crate::h1::within_until(deadline, watch.wait_for(Option::is_some)).await {
+            Some(Ok(c)) => Ok(c.clone().expect("waited for Some")),
             _ => Err(LeaseError::Timeout {
                 after: self.timeout,
                 socket: self.socket.clone(),
@@ -651,12 +653,12 @@ impl LeaseClient {
                 body: body.clone(),
             });
             if sent.is_ok() {
-                match tokio::time::timeout_at(deadline, rx).await {
-                    Ok(Ok(resp)) => return Ok(resp),
+                match crate::h1::within_until(deadline, rx).await {
+                    Some(Ok(resp)) => return Ok(resp),
                     // The connection died with our request in flight: the
                     // allocator may or may not have counted it; ask again.
-                    Ok(Err(_)) => {}
-                    Err(_) => {
+                    Some(Err(_)) => {}
+                    None => {
                         remove_pending(&conn.pending, id);
                         return Err(LeaseError::Timeout {
                             after: self.timeout,
@@ -680,7 +682,7 @@ async fn wait_replaced(
     deadline: Instant,
 ) {
     let replaced = |c: &Option<Arc<Conn>>| c.as_ref().is_none_or(|c| !Arc::ptr_eq(c, conn));
-    let _ = tokio::time::timeout_at(deadline, watch.wait_for(replaced)).await;
+    let _ = crate::h1::within_until(deadline, watch.wait_for(replaced)).await;
 }
 
 /// Whether `env` is still to be sent: a lease only while its requester
