@@ -338,8 +338,14 @@ for proxy in ["socks5h://{socks}", "socks5h://u-session-py1:x@{socks}", "http://
     for _ in range(3):
         r = requests.get(url, proxies={{"http": proxy, "https": proxy}}, timeout=10)
         assert r.status_code == 200, (proxy, r.status_code)
+def client(proxy):
+    # httpx took `proxies` until 0.26 (Debian 12 has 0.23), `proxy` since.
+    try:
+        return httpx.Client(proxy=proxy, timeout=10)
+    except TypeError:
+        return httpx.Client(proxies=proxy, timeout=10)
 for proxy in ["socks5://{socks}", "http://u-session-py3:x@{http}"]:
-    with httpx.Client(proxy=proxy, timeout=10) as c:
+    with client(proxy) as c:
         for _ in range(3):
             assert c.get(url).status_code == 200, proxy
 print("ok")
