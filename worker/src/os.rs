@@ -126,6 +126,17 @@ pub fn at_urgent_mark(sock: &impl AsRawFd) -> bool {
     r == 0 && at != 0
 }
 
+/// Bytes written to a TCP socket that its peer has not acknowledged yet
+/// (`SIOCOUTQ`: sent or not); `None` if it cannot be read. Fewer than a
+/// moment ago, with nothing written meanwhile, is the peer taking them.
+pub fn send_queue(fd: std::os::fd::RawFd) -> Option<u32> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ on a socket) writes one int, ours. A
+    // closed `fd` gives EBADF; the callers' sockets are open meanwhile.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    (r == 0).then_some(n.max(0) as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

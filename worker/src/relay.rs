@@ -26,7 +26,7 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -396,7 +396,7 @@ async fn splice_chunk(
     };
     let mut left = n;
     while left > 0 {
-        writable(dst, stall).await?;
+        writable(dst, stall, &|| count(0)).await?;
         match dst.try_io(Interest::WRITABLE, || os::splice(&pipe.r, dst, left)) {
             Ok(k) => {
                 left -= k;
@@ -421,7 +421,7 @@ async fn copy_chunk(
     let n = src.try_read(buf)?;
     let mut sent = 0;
     while sent < n {
-        writable(dst, stall).await?;
+        writable(dst, stall, &|| count(0)).await?;
         match dst.try_write(&buf[sent..n]) {
             Ok(k) => {
                 sent += k;
@@ -434,13 +434,38 @@ async fn copy_chunk(
     Ok(n)
 }
 
-/// `dst` writable, within `stall`: a side that takes nothing of what waits
-/// for it for that long (a client that stopped reading a download while it
-/// trickles bytes up) is an error, which ends the tunnel and frees its pipe.
-async fn writable(dst: &TcpStream, stall: Duration) -> io::Result<()> {
-    match tokio::time::timeout(stall, dst.writable()).await {
-        Ok(r) => r,
-        Err(_) => Err(stalled(stall)),
+/// `dst` writable, unless it took nothing of what waits for it for `stall`
+/// (a client that stopped reading a download while it trickles bytes up):
+/// that is an error, which ends the tunnel and frees its pipe.
+///
+/// The kernel wakes a writer only once a third of a full send buffer has
+/// gone. Autotuned to MiBs, with a peer reading a few KB/s, that can take
+/// longer than `stall` while the peer takes bytes all along. So each
+/// quarter of `stall` without a wake, the send queue is looked at: a
+/// shorter one is progress (told to `progress`, which keeps the tunnel's
+/// idle timer off too); `stall` without any is the error.
+async fn writable(dst: &TcpStream, stall: Duration, progress: &impl Fn()) -> io::Result<()> {
+    let quarter = stall / 4;
+    let mut quiet = Duration::ZERO;
+    let mut queued = None;
+    loop {
+        match tokio::time::timeout(quarter, dst.writable()).await {
+            Ok(r) => return r,
+            Err(_) => {
+                let now = os::send_queue(dst.as_raw_fd());
+                // Nothing is written meanwhile: the queue only shrinks.
+                if matches!((queued, now), (Some(before), Some(q)) if q < before) {
+                    quiet = Duration::ZERO;
+                    progress();
+                } else {
+                    quiet += quarter;
+                }
+                if quiet >= stall {
+                    return Err(stalled(stall));
+                }
+                queued = now;
+            }
+        }
     }
 }
 
@@ -669,7 +694,7 @@ mod tests {
             for p in pool.lock().unwrap().iter() {
                 let mut b = [0u8; 1];
                 assert_eq!(
-                    nix::unistd::read(std::os::fd::AsRawFd::as_raw_fd(&p.r), &mut b),
+                    nix::unistd::read(p.r.as_raw_fd(), &mut b),
                     Err(nix::errno::Errno::EAGAIN),
                     "a pooled pipe held bytes"
                 );
@@ -738,6 +763,53 @@ mod tests {
         }
     }
 
+    /// A destination reading slowly (about 650 KB/s) from a send buffer as
+    /// large as autotuning makes them (4 MiB set, doubled): the kernel wakes
+    /// the writer only once a third of it has gone, seconds apart, past the
+    /// 0.8 s stall limit. The send queue, looked at each quarter of it,
+    /// shrinks: neither the stall error nor the idle timer ends the tunnel.
+    #[tokio::test]
+    async fn a_slow_reader_of_a_large_send_buffer_is_not_stalled() {
+        for pipes in [true, false] {
+            let (mut client, relay_client) = socket_pair().await;
+            let (relay_up, mut server) = socket_pair().await;
+            socket2::SockRef::from(&relay_up)
+                .set_send_buffer_size(4 << 20)
+                .unwrap();
+            socket2::SockRef::from(&server)
+                .set_recv_buffer_size(64 << 10)
+                .unwrap();
+            let activity = Activity::new();
+            let watched = activity.clone();
+            let mut relay = tokio::spawn(async move {
+                let ended = AtomicBool::new(false);
+                let way = (&relay_client, &relay_up, true);
+                let stall = Duration::from_millis(800);
+                one_way(way, &ended, &activity, (pipes, stall)).await
+            });
+            let writer = tokio::spawn(async move {
+                let _ = client.write_all(&data(32 << 20, 1)).await;
+                client
+            });
+            let mut b = vec![0u8; 64 << 10];
+            let slowly = async {
+                for _ in 0..40 {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    server.read_exact(&mut b).await.unwrap();
+                }
+            };
+            tokio::select! {
+                () = slowly => {}
+                r = &mut relay => panic!("pipes {pipes}: the relay ended: {r:?}"),
+                () = watched.idle_for(std::time::Duration::from_millis(1200)) => {
+                    panic!("pipes {pipes}: a moving tunnel taken for idle");
+                }
+            }
+            relay.abort();
+            writer.abort();
+        }
+    }
+
     /// TCP urgent data (MSG_OOB, telnet's or FTP's ABOR) does not stall a
     /// direction, nor cut what follows it: splice stops at the urgent
     /// mark for good, so that chunk is copied (recv reads past the mark).
@@ -750,9 +822,8 @@ mod tests {
             let relay = spawn_relay(relay_client, Bytes::new(), relay_up, activity, pipes);
             let client = client.into_std().unwrap();
             client.set_nonblocking(false).unwrap();
-            let send = |b: &[u8], flags| {
-                nix::sys::socket::send(std::os::fd::AsRawFd::as_raw_fd(&client), b, flags).unwrap()
-            };
+            let send =
+                |b: &[u8], flags| nix::sys::socket::send(client.as_raw_fd(), b, flags).unwrap();
             send(b"before", nix::sys::socket::MsgFlags::empty());
             send(b"!", nix::sys::socket::MsgFlags::MSG_OOB);
             send(b"after", nix::sys::socket::MsgFlags::empty());
