@@ -297,6 +297,16 @@ impl ClientTcp {
         }
     }
 
+    /// Its socket (`None` once gone).
+    pub fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match &self.0 {
+            Tcp::Fresh(s) => Some(s.as_raw_fd()),
+            Tcp::Registered(s) => Some(s.as_raw_fd()),
+            Tcp::Gone => None,
+        }
+    }
+
     #[cfg(test)]
     fn is_registered(&self) -> bool {
         matches!(self.0, Tcp::Registered(_))

@@ -99,6 +99,10 @@ impl<T> IdleIo<T> {
     pub fn into_inner(self) -> T {
         self.inner
     }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {

@@ -26,7 +26,7 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -120,11 +120,13 @@ pub async fn tunnel(
                         tokio::io::AsyncWriteExt::write_all(&mut upstream, &early).await?;
                         activity.moved(true, n);
                     }
-                    copy_tunnel(EndWithoutNotify(tls), upstream, activity, stall).await
+                    let fd = tls.get_ref().0.get_ref().raw_fd();
+                    let client = (EndWithoutNotify(tls), fd);
+                    copy_tunnel(client, upstream, activity, stall).await
                 }
             }
         }
-        Err(client) => copy_tunnel(TokioIo::new(client), upstream, activity, stall).await,
+        Err(client) => copy_tunnel((TokioIo::new(client), None), upstream, activity, stall).await,
     }
 }
 
@@ -132,7 +134,7 @@ pub async fn tunnel(
 /// TCP socket: `IdleIo` counts what is read from the client (up) and
 /// written to it (down); a side that takes nothing for `stall` ends it.
 async fn copy_tunnel<T>(
-    client: T,
+    (client, client_fd): (T, Option<RawFd>),
     upstream: TcpStream,
     activity: &Activity,
     stall: Duration,
@@ -140,8 +142,10 @@ async fn copy_tunnel<T>(
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let mut client = Stalls::new(IdleIo::new(client, activity.clone()), stall);
-    let mut upstream = Stalls::new(upstream, stall);
+    let client = IdleIo::new(client, activity.clone());
+    let mut client = Stalls::new(client, client_fd, stall, activity.clone());
+    let fd = Some(upstream.as_raw_fd());
+    let mut upstream = Stalls::new(upstream, fd, stall, activity.clone());
     tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER)
         .await
         .map(|_| ())
@@ -150,26 +154,30 @@ where
 /// A stream whose writes fail once it has taken nothing for `stall` while
 /// bytes wait for it (as `writable` for the splice path): a TLS client
 /// that stopped reading a download while it trickles bytes up would keep
-/// its tunnel for ever. The timer is armed only while a write waits.
+/// its tunnel for ever. The timer is armed only while a write waits; what
+/// the kernel sends meanwhile (see [`Taking`]) touches `activity`.
 struct Stalls<T> {
     inner: T,
-    stall: Duration,
+    taking: Taking,
+    activity: Activity,
     timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     waiting: bool,
 }
 
 impl<T> Stalls<T> {
-    fn new(inner: T, stall: Duration) -> Stalls<T> {
+    /// `inner`, whose socket is `fd` (if known).
+    fn new(inner: T, fd: Option<RawFd>, stall: Duration, activity: Activity) -> Stalls<T> {
         Stalls {
             inner,
-            stall,
+            taking: Taking::new(fd, stall),
+            activity,
             timer: None,
             waiting: false,
         }
     }
 
-    /// `r`, a write's poll: while it waits, whether `stall` has passed
-    /// since it began to.
+    /// `r`, a write's poll: while it waits, whether the side has taken
+    /// nothing for the stall limit since it began to.
     fn watch<R>(
         &mut self,
         cx: &mut std::task::Context<'_>,
@@ -177,25 +185,32 @@ impl<T> Stalls<T> {
     ) -> std::task::Poll<io::Result<R>> {
         use std::task::Poll;
         if r.is_ready() {
-            self.waiting = false;
+            if self.waiting {
+                self.waiting = false;
+                self.taking = Taking::new(self.taking.fd, self.taking.stall);
+            }
             return r;
         }
-        let deadline = tokio::time::Instant::now() + self.stall;
+        let quarter = self.taking.quarter();
+        let next = tokio::time::Instant::now() + quarter;
         let timer = match (&mut self.timer, self.waiting) {
             (Some(t), true) => t,
             (Some(t), false) => {
-                t.as_mut().reset(deadline);
+                t.as_mut().reset(next);
                 t
             }
-            (None, _) => self
-                .timer
-                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+            (None, _) => self.timer.insert(Box::pin(tokio::time::sleep_until(next))),
         };
         self.waiting = true;
-        match std::future::Future::poll(timer.as_mut(), cx) {
-            Poll::Ready(()) => Poll::Ready(Err(stalled(self.stall))),
-            Poll::Pending => Poll::Pending,
+        while std::future::Future::poll(timer.as_mut(), cx).is_ready() {
+            match self.taking.looked() {
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(true) => self.activity.touch(),
+                Ok(false) => {}
+            }
+            timer.as_mut().reset(tokio::time::Instant::now() + quarter);
         }
+        Poll::Pending
     }
 }
 
@@ -436,35 +451,68 @@ async fn copy_chunk(
 
 /// `dst` writable, unless it took nothing of what waits for it for `stall`
 /// (a client that stopped reading a download while it trickles bytes up):
-/// that is an error, which ends the tunnel and frees its pipe.
-///
-/// The kernel wakes a writer only once a third of a full send buffer has
-/// gone. Autotuned to MiBs, with a peer reading a few KB/s, that can take
-/// longer than `stall` while the peer takes bytes all along. So each
-/// quarter of `stall` without a wake, the send queue is looked at: a
-/// shorter one is progress (told to `progress`, which keeps the tunnel's
-/// idle timer off too); `stall` without any is the error.
+/// that is an error, which ends the tunnel and frees its pipe. Bytes the
+/// kernel sends meanwhile are told to `progress` (see [`Taking`]).
 async fn writable(dst: &TcpStream, stall: Duration, progress: &impl Fn()) -> io::Result<()> {
-    let quarter = stall / 4;
-    let mut quiet = Duration::ZERO;
-    let mut queued = None;
+    let mut taking = Taking::new(Some(dst.as_raw_fd()), stall);
     loop {
-        match tokio::time::timeout(quarter, dst.writable()).await {
+        match tokio::time::timeout(taking.quarter(), dst.writable()).await {
             Ok(r) => return r,
             Err(_) => {
-                let now = os::send_queue(dst.as_raw_fd());
-                // Nothing is written meanwhile: the queue only shrinks.
-                if matches!((queued, now), (Some(before), Some(q)) if q < before) {
-                    quiet = Duration::ZERO;
+                if taking.looked()? {
                     progress();
-                } else {
-                    quiet += quarter;
                 }
-                if quiet >= stall {
-                    return Err(stalled(stall));
-                }
-                queued = now;
             }
+        }
+    }
+}
+
+/// Whether a side whose writer has waited long is taking bytes at all.
+///
+/// The kernel wakes a writer only once a third of a full send buffer has
+/// gone. Autotuned to MiBs (any path but a short one), with a peer reading
+/// a few KB/s, that can take longer than the stall limit while the peer
+/// takes bytes all along. So each quarter of the limit without a wake, the
+/// send queue is looked at: shorter than a quarter ago (nothing is written
+/// while the writer waits) is progress; the whole limit without any is a
+/// stall. A side whose socket is not known counts no progress.
+struct Taking {
+    fd: Option<RawFd>,
+    stall: Duration,
+    quiet: Duration,
+    queued: Option<u32>,
+}
+
+impl Taking {
+    fn new(fd: Option<RawFd>, stall: Duration) -> Taking {
+        Taking {
+            fd,
+            stall,
+            quiet: Duration::ZERO,
+            queued: None,
+        }
+    }
+
+    /// How often to look (at least each millisecond: a quarter of a few
+    /// nanoseconds would never add up to the limit).
+    fn quarter(&self) -> Duration {
+        (self.stall / 4).max(Duration::from_millis(1))
+    }
+
+    /// A quarter passed without a wake: whether the peer took bytes
+    /// meanwhile; the stall error once the limit passed without.
+    fn looked(&mut self) -> io::Result<bool> {
+        let now = self.fd.and_then(os::send_queue);
+        let moved = matches!((self.queued, now), (Some(before), Some(q)) if q < before);
+        self.queued = now;
+        if moved {
+            self.quiet = Duration::ZERO;
+            return Ok(true);
+        }
+        self.quiet += self.quarter();
+        match self.quiet >= self.stall {
+            true => Err(stalled(self.stall)),
+            false => Ok(false),
         }
     }
 }
@@ -807,6 +855,53 @@ mod tests {
             }
             relay.abort();
             writer.abort();
+        }
+    }
+
+    /// As above, through the copy path (a TLS client's), either way: the
+    /// slow reader is the destination, then the client.
+    #[tokio::test]
+    async fn a_slow_reader_of_a_large_send_buffer_is_not_stalled_when_copied() {
+        for down in [false, true] {
+            let (client, relay_client) = socket_pair().await;
+            let (relay_up, server) = socket_pair().await;
+            let (mut writer, mut reader, big) = match down {
+                false => (client, server, &relay_up),
+                true => (server, client, &relay_client),
+            };
+            socket2::SockRef::from(big)
+                .set_send_buffer_size(4 << 20)
+                .unwrap();
+            socket2::SockRef::from(&reader)
+                .set_recv_buffer_size(64 << 10)
+                .unwrap();
+            let activity = Activity::new();
+            let watched = activity.clone();
+            let mut relay = tokio::spawn(async move {
+                let fd = Some(relay_client.as_raw_fd());
+                let stall = Duration::from_millis(800);
+                copy_tunnel((relay_client, fd), relay_up, &activity, stall).await
+            });
+            let writing = tokio::spawn(async move {
+                let _ = writer.write_all(&data(32 << 20, 1)).await;
+                writer
+            });
+            let mut b = vec![0u8; 64 << 10];
+            let slowly = async {
+                for _ in 0..40 {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    reader.read_exact(&mut b).await.unwrap();
+                }
+            };
+            tokio::select! {
+                () = slowly => {}
+                r = &mut relay => panic!("down {down}: the relay ended: {r:?}"),
+                () = watched.idle_for(std::time::Duration::from_millis(1200)) => {
+                    panic!("down {down}: a moving tunnel taken for idle");
+                }
+            }
+            relay.abort();
+            writing.abort();
         }
     }
 
