@@ -48,8 +48,9 @@ impl Moving {
 #[tokio::test]
 async fn answers_are_kept_for_their_ttl_and_then_asked_again() {
     let m = Moving::start([127, 0, 0, 20]).await;
+    // (3 s: the three requests fit in it on a loaded machine)
     m.dns
-        .set("short.rotor.test", Ipv4Addr::new(127, 0, 0, 1), 1);
+        .set("short.rotor.test", Ipv4Addr::new(127, 0, 0, 1), 3);
     m.dns
         .set("long.rotor.test", Ipv4Addr::new(127, 0, 0, 1), 3600);
     let mut conn = ProxyConn::open(m.worker.addr).await;
@@ -71,10 +72,10 @@ async fn answers_are_kept_for_their_ttl_and_then_asked_again() {
 
     // Both names move; only the one whose TTL ran out is followed.
     m.dns
-        .set("short.rotor.test", Ipv4Addr::new(127, 0, 0, 20), 1);
+        .set("short.rotor.test", Ipv4Addr::new(127, 0, 0, 20), 3);
     m.dns
         .set("long.rotor.test", Ipv4Addr::new(127, 0, 0, 20), 3600);
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    tokio::time::sleep(Duration::from_millis(4200)).await;
     for name in ["short", "long"] {
         let r = conn
             .get(&format!("http://{name}.rotor.test:{}/", m.port))

@@ -514,7 +514,8 @@ async fn a_tunnel_closed_for_silence_still_counts_its_bytes() {
     let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let listen = metrics.to_string();
     let alloc = Allocator::start(&["--pool", "127.0.0.2", "--metrics-listen", &listen]).await;
-    let worker = Worker::start(&alloc.socket, &["--tunnel-idle-timeout", "300ms"]).await;
+    // (1 s: the echo comes back within it on a loaded machine)
+    let worker = Worker::start(&alloc.socket, &["--tunnel-idle-timeout", "1s"]).await;
     let (code, mut t) = connect_tunnel(worker.addr, &echo.addr.to_string()).await;
     assert_eq!(code, 200);
     t.write_all(&[b'x'; 1000]).await.unwrap();

@@ -32,8 +32,8 @@ async fn host(pool: &str) -> Host {
 }
 
 /// The shipped configuration with these hosts and this front address
-/// (and quicker checks).
-fn config(front: SocketAddr, hosts: &[&Host]) -> String {
+/// (and quicker checks, and a stats socket at `stats`).
+fn config(front: SocketAddr, hosts: &[&Host], stats: &std::path::Path) -> String {
     let shipped = include_str!("../../deploy/multi-host/haproxy.cfg");
     let mut out = String::new();
     let mut n = 0;
@@ -42,21 +42,48 @@ fn config(front: SocketAddr, hosts: &[&Host]) -> String {
         if t.starts_with("bind ") {
             out.push_str(&format!("  bind {front}\n"));
         } else if t.starts_with("server rotor") {
-            let h = hosts[n % hosts.len()];
+            // rotor1 is the first of `hosts`, rotor2 the second.
+            let i = n % hosts.len();
             n += 1;
             out.push_str(&format!(
                 "  server rotor{} {} check port {} inter 300ms fall 1 rise 1\n",
-                n % hosts.len() + 1,
-                h.worker.addr,
-                h.metrics.port()
+                i + 1,
+                hosts[i].worker.addr,
+                hosts[i].metrics.port()
             ));
         } else {
             out.push_str(line);
             out.push('\n');
+            if t == "global" {
+                out.push_str(&format!("  stats socket {}\n", stats.display()));
+            }
         }
     }
     assert_eq!(n, 4, "two servers in each backend of the shipped file");
     out
+}
+
+/// Whether HAProxy (its stats socket at `stats`) has every `server` line
+/// of that name down.
+async fn all_down(stats: &std::path::Path, server: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::UnixStream::connect(stats).await else {
+        return false;
+    };
+    let mut text = String::new();
+    if s.write_all(b"show servers state\n").await.is_err()
+        || s.read_to_string(&mut text).await.is_err()
+    {
+        return false;
+    }
+    // `be_id be_name srv_id srv_name srv_addr srv_op_state ...`; 0 is down.
+    let states: Vec<&str> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|f| f.len() > 5 && f[3] == server)
+        .map(|f| f[5])
+        .collect();
+    !states.is_empty() && states.iter().all(|st| *st == "0")
 }
 
 async fn get_as(front: SocketAddr, user: Option<&str>, url: &str) -> u16 {
@@ -82,7 +109,8 @@ async fn haproxy_spreads_clients_over_hosts_and_keeps_sessions_on_one() {
     let front: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("haproxy.cfg");
-    std::fs::write(&cfg, config(front, &[&one, &two])).unwrap();
+    let stats = dir.path().join("stats.sock");
+    std::fs::write(&cfg, config(front, &[&one, &two], &stats)).unwrap();
     let _haproxy = Proc::spawn("haproxy", &["-db", "-f", cfg.to_str().unwrap()]);
     eventually("HAProxy listening", || async {
         tokio::net::TcpStream::connect(front).await.is_ok()
@@ -121,7 +149,10 @@ async fn haproxy_spreads_clients_over_hosts_and_keeps_sessions_on_one() {
     } = two;
     gone.proc.signal(nix::sys::signal::Signal::SIGKILL);
     gone.proc.wait(Duration::from_secs(5));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    eventually("HAProxy to take host two down", || {
+        all_down(&stats, "rotor2")
+    })
+    .await;
     let before = origin.count();
     for _ in 0..8 {
         assert_eq!(get_as(front, None, &url).await, 200);

@@ -416,7 +416,9 @@ async fn drain_lets_a_long_download_and_a_tunnel_finish() {
     let download = tokio::spawn(async move { get(proxy, &url).await });
     let (code, mut tunnel) = connect_tunnel(worker.addr, &echo.addr.to_string()).await;
     assert_eq!(code, 200);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The download under way (not still in the listener's queue, which
+    // the stop closes, however loaded the machine).
+    eventually("the download under way", || async { origin.count() == 1 }).await;
     let t0 = Instant::now();
     worker.proc.signal(Signal::SIGTERM);
     // Stops accepting: a new connection is refused (once the worker has
@@ -570,6 +572,10 @@ async fn socket_activation_of_both_binaries_and_readiness() {
             WORKER,
             "--allow-destination",
             "127.0.0.0/8",
+            // (the first request waits for the allocator systemd starts:
+            // a debug build's start on a loaded machine)
+            "--lease-timeout",
+            "10s",
         ],
     );
     let proxy: SocketAddr = listen.parse().unwrap();
@@ -777,7 +783,7 @@ async fn two_sigterms_a_moment_apart_are_one_drain() {
     let url = origin.url("/slow/1500");
     let proxy = busy.addr;
     let slow = tokio::spawn(async move { ProxyConn::open(proxy).await.try_get(&url).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually("the request under way", || async { origin.count() == 1 }).await;
     busy.proc.signal(Signal::SIGTERM);
     tokio::time::sleep(Duration::from_millis(50)).await;
     busy.proc.signal(Signal::SIGTERM);

@@ -70,7 +70,9 @@ async fn budgets_hold_across_workers_and_rotation_stays_exact() {
         "--pool",
         "127.0.0.2-127.0.0.5",
         "--site-limit",
-        "127.0.0.1=2/3s",
+        // (8 s: the 20 requests and two status calls below, through
+        // debug builds, fit in it on a loaded machine)
+        "127.0.0.1=2/8s",
     ])
     .await;
     let w = [
@@ -103,7 +105,7 @@ async fn budgets_hold_across_workers_and_rotation_stays_exact() {
         let r = get(worker.addr, &url).await;
         assert_eq!(r.status, 429);
         let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
-        assert!((1..=4).contains(&retry), "{retry}");
+        assert!((1..=9).contains(&retry), "{retry}");
         let ps = r.proxy_status();
         assert!(
             ps.contains("error=http_request_denied") && ps.contains("site budget exhausted"),
@@ -125,12 +127,12 @@ async fn budgets_hold_across_workers_and_rotation_stays_exact() {
     }
     let text = rotor_control("status", &alloc.socket, &[]);
     assert!(
-        text.contains("127.0.0.1: budget 2/3s per address") && text.contains("used 2 left 0"),
+        text.contains("127.0.0.1: budget 2/8s per address") && text.contains("used 2 left 0"),
         "{text}"
     );
     assert!(site_status(&alloc.socket, "127.0.0.11").is_none());
     // Once the window slid, the site is served again, in its rotation.
-    tokio::time::sleep(Duration::from_secs(3).saturating_sub(started.elapsed())).await;
+    tokio::time::sleep(Duration::from_secs(8).saturating_sub(started.elapsed())).await;
     eventually("budget back", || async {
         get(w[1].addr, &url).await.status == 200
     })
@@ -179,17 +181,19 @@ async fn pushback_cools_only_that_address_for_that_site_for_as_long_as_said() {
     let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.4"]).await;
     let w = Worker::start(&alloc.socket, &[]).await;
     let site = "127.0.0.1";
-    // A 429 with Retry-After: 3 (delay-seconds), passed to the client as is.
-    let r = get(w.addr, &origin.url("/status/429/3")).await;
+    // A 429 with Retry-After: 8 (delay-seconds), passed to the client as is.
+    // (8 s: the status poll and the nine requests below fit in it, through
+    // debug builds, on a loaded machine.)
+    let r = get(w.addr, &origin.url("/status/429/8")).await;
     assert_eq!((r.status, &r.body[..]), (429, &b"status"[..]));
-    assert_eq!(r.headers["retry-after"], "3");
+    assert_eq!(r.headers["retry-after"], "8");
     assert!(
         r.headers.get("proxy-status").is_none(),
         "the site's own 429"
     );
     let cooled = origin.sources()[0];
     let ms = wait_cooling(&alloc.socket, site, cooled).await;
-    assert!(ms <= 3000 && ms > 1500, "{ms}");
+    assert!(ms <= 8000 && ms > 4000, "{ms}");
     // Skipped for this site only.
     for _ in 0..6 {
         assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
@@ -205,7 +209,7 @@ async fn pushback_cools_only_that_address_for_that_site_for_as_long_as_said() {
         "{shared:?}"
     );
     // And only for as long as it said.
-    tokio::time::sleep(Duration::from_millis(3200)).await;
+    tokio::time::sleep(Duration::from_millis(8200)).await;
     let before = origin.count();
     for _ in 0..3 {
         assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
@@ -227,7 +231,7 @@ async fn pushback_cools_only_that_address_for_that_site_for_as_long_as_said() {
     let bare = origin.sources()[at];
     assert_ne!(bare, dated);
     let ms = wait_cooling(&alloc.socket, site, bare).await;
-    assert!((23_000..=36_000).contains(&ms), "{ms}");
+    assert!((20_000..=36_000).contains(&ms), "{ms}");
     // Every address cooling: rotor answers 429 itself, with the earliest
     // Retry-After, and sends nothing.
     let at = origin.count();

@@ -109,7 +109,7 @@ async fn a_pool_changed_just_before_the_allocator_stopped_delays_nothing() {
     let w1 = Worker::start(&alloc.socket, &[]).await;
     let w2 = Worker::start(&alloc.socket, &[]).await;
     serve_all(&[&w1, &w2], &origin, 2).await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    mapped(&[&w1, &w2]).await;
     // A new generation, then the allocator stops before anyone asks.
     rotor_control("quarantine", &alloc.socket, &["127.0.0.9"]);
     let _stopped = Stopped::new(&alloc);
@@ -150,7 +150,8 @@ async fn a_pool_that_outgrows_the_table_moves_workers_to_a_bigger_one() {
     std::fs::write(&file, "127.0.1.1-127.0.1.200\n").unwrap();
     rotor_control("reload", &alloc.socket, &[]);
     serve_all(&[&worker], &origin, 4).await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let table = rotor_allocator::server::table_path_for(&alloc.socket).unwrap();
+    mapped_current(&[&worker], &table).await;
     {
         let _stopped = Stopped::new(&alloc);
         serve_all(&[&worker], &origin, 4).await;
@@ -382,7 +383,7 @@ async fn a_lease_table_cut_short_crashes_no_one_and_is_replaced() {
     // closed at its next lease, and asks for the new one): a stopped
     // allocator does not stop them.
     serve_all(&[&w1, &w2], &origin, 8).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    mapped_current(&[&w1, &w2], &path).await;
     {
         let _stopped = Stopped::new(&alloc);
         serve_all(&[&w1, &w2], &origin, 16).await;

@@ -207,6 +207,26 @@ pub async fn mapped(workers: &[&Worker]) {
     }
 }
 
+/// Waits until every worker of `workers` maps the lease table at `table`
+/// as it is now (a table replaced keeps its path: its inode tells), not
+/// only one it replaced.
+pub async fn mapped_current(workers: &[&Worker], table: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    for w in workers {
+        eventually("the worker maps the current lease table", || async {
+            let Ok(inode) = std::fs::metadata(table).map(|m| m.ino().to_string()) else {
+                return false;
+            };
+            let maps = std::fs::read_to_string(format!("/proc/{}/maps", w.proc.pid()));
+            maps.unwrap_or_default().lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() == 6 && f[4] == inode && Path::new(f[5]) == table
+            })
+        })
+        .await;
+    }
+}
+
 /// Waits until `worker` has let go of the table of an allocator that was
 /// killed (it leases from it until it sees the connection closed).
 pub async fn unmapped(worker: &Worker) {
