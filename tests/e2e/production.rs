@@ -466,10 +466,12 @@ async fn idle_worker_stops_at_once_and_sigint_is_a_fast_stop() {
     assert_eq!(conn.get(&origin.url("/")).await.status, 200);
     let t0 = Instant::now();
     idle.proc.signal(Signal::SIGTERM);
-    let status = idle.proc.wait(Duration::from_secs(5));
+    let status = idle.proc.wait(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
+    // (Well under the 30 s drain; a debug build's stop on a loaded
+    // machine takes a second or more.)
     assert!(
-        t0.elapsed() < Duration::from_secs(3),
+        t0.elapsed() < Duration::from_secs(8),
         "took {:?}",
         t0.elapsed()
     );

@@ -454,10 +454,11 @@ async fn a_silent_socks5_client_does_not_hold_the_stop() {
     assert_eq!(choice, [5, 0]);
     let t0 = Instant::now();
     w.proc.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = w.proc.wait(Duration::from_secs(10));
+    let status = w.proc.wait(Duration::from_secs(15));
     assert_eq!(status.code(), Some(0));
+    // (Well under the 30 s drain.)
     assert!(
-        t0.elapsed() < Duration::from_secs(4),
+        t0.elapsed() < Duration::from_secs(8),
         "took {:?}",
         t0.elapsed()
     );
