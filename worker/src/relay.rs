@@ -191,15 +191,17 @@ impl<T> Stalls<T> {
             }
             return r;
         }
-        let quarter = self.taking.quarter();
-        let next = tokio::time::Instant::now() + quarter;
         let timer = match (&mut self.timer, self.waiting) {
             (Some(t), true) => t,
             (Some(t), false) => {
-                t.as_mut().reset(next);
+                t.as_mut()
+                    .reset(tokio::time::Instant::now() + self.taking.next_look());
                 t
             }
-            (None, _) => self.timer.insert(Box::pin(tokio::time::sleep_until(next))),
+            (None, _) => {
+                let first = tokio::time::sleep(self.taking.next_look());
+                self.timer.insert(Box::pin(first))
+            }
         };
         self.waiting = true;
         while std::future::Future::poll(timer.as_mut(), cx).is_ready() {
@@ -208,7 +210,9 @@ impl<T> Stalls<T> {
                 Ok(true) => self.activity.touch(),
                 Ok(false) => {}
             }
-            timer.as_mut().reset(tokio::time::Instant::now() + quarter);
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.taking.next_look());
         }
         Poll::Pending
     }
@@ -452,11 +456,11 @@ async fn copy_chunk(
 /// `dst` writable, unless it took nothing of what waits for it for `stall`
 /// (a client that stopped reading a download while it trickles bytes up):
 /// that is an error, which ends the tunnel and frees its pipe. Bytes the
-/// kernel sends meanwhile are told to `progress` (see [`Taking`]).
+/// peer takes meanwhile are told to `progress` (see [`Taking`]).
 async fn writable(dst: &TcpStream, stall: Duration, progress: &impl Fn()) -> io::Result<()> {
     let mut taking = Taking::new(Some(dst.as_raw_fd()), stall);
     loop {
-        match tokio::time::timeout(taking.quarter(), dst.writable()).await {
+        match tokio::time::timeout(taking.next_look(), dst.writable()).await {
             Ok(r) => return r,
             Err(_) => {
                 if taking.looked()? {
@@ -470,49 +474,70 @@ async fn writable(dst: &TcpStream, stall: Duration, progress: &impl Fn()) -> io:
 /// Whether a side whose writer has waited long is taking bytes at all.
 ///
 /// The kernel wakes a writer only once a third of a full send buffer has
-/// gone. Autotuned to MiBs (any path but a short one), with a peer reading
-/// a few KB/s, that can take longer than the stall limit while the peer
-/// takes bytes all along. So each quarter of the limit without a wake, the
-/// send queue is looked at: shorter than a quarter ago (nothing is written
-/// while the writer waits) is progress; the whole limit without any is a
-/// stall. A side whose socket is not known counts no progress.
+/// gone. Autotuned to MiBs (a client's send buffer always; any buffer on
+/// a path that is not short), with a peer reading a few KB/s, that can
+/// take longer than the stall limit while the peer takes bytes all along.
+/// So while a write waits, the send queue is looked at: first soon after
+/// the wait began ([`FIRST_LOOK`]), then each quarter of the limit. A
+/// shorter queue than at the last look is progress (bytes the peer
+/// acknowledged); the whole limit since the wait began, or since the last
+/// progress, without any is a stall. Nothing else writes to the socket
+/// while its writer waits (a TLS session may flush a record of its own:
+/// that only hides one look's progress). A side whose socket is not known
+/// counts none.
 struct Taking {
     fd: Option<RawFd>,
     stall: Duration,
-    quiet: Duration,
+    /// The wait's start, or its last progress (from the first look on).
+    since: Option<tokio::time::Instant>,
     queued: Option<u32>,
 }
+
+/// When a waiting write first looks at its send queue: what later looks
+/// compare with. (Waits this long are rare in a bulk transfer.)
+const FIRST_LOOK: Duration = Duration::from_millis(50);
 
 impl Taking {
     fn new(fd: Option<RawFd>, stall: Duration) -> Taking {
         Taking {
             fd,
             stall,
-            quiet: Duration::ZERO,
+            since: None,
             queued: None,
         }
     }
 
-    /// How often to look (at least each millisecond: a quarter of a few
-    /// nanoseconds would never add up to the limit).
-    fn quarter(&self) -> Duration {
-        (self.stall / 4).max(Duration::from_millis(1))
+    /// How long until the next look: [`FIRST_LOOK`], then a quarter of the
+    /// limit (at least a millisecond), and none past the limit.
+    fn next_look(&self) -> Duration {
+        match self.since {
+            None => FIRST_LOOK.min(self.stall),
+            Some(since) => {
+                let left =
+                    (since + self.stall).saturating_duration_since(tokio::time::Instant::now());
+                (self.stall / 4).max(Duration::from_millis(1)).min(left)
+            }
+        }
     }
 
-    /// A quarter passed without a wake: whether the peer took bytes
-    /// meanwhile; the stall error once the limit passed without.
+    /// The time for a look came without a wake: whether the peer took
+    /// bytes since the last look; the stall error once the limit passed
+    /// without.
     fn looked(&mut self) -> io::Result<bool> {
-        let now = self.fd.and_then(os::send_queue);
-        let moved = matches!((self.queued, now), (Some(before), Some(q)) if q < before);
-        self.queued = now;
-        if moved {
-            self.quiet = Duration::ZERO;
-            return Ok(true);
-        }
-        self.quiet += self.quarter();
-        match self.quiet >= self.stall {
+        let now = tokio::time::Instant::now();
+        let queued = self.fd.and_then(os::send_queue);
+        let moved = matches!((self.queued, queued), (Some(before), Some(q)) if q < before);
+        self.queued = queued;
+        let since = match (moved, self.since) {
+            (true, _) => now,
+            (false, Some(since)) => since,
+            // The first look: the wait began about that long ago.
+            (false, None) => now.checked_sub(FIRST_LOOK.min(self.stall)).unwrap_or(now),
+        };
+        self.since = Some(since);
+        match now.saturating_duration_since(since) >= self.stall {
             true => Err(stalled(self.stall)),
-            false => Ok(false),
+            false => Ok(moved),
         }
     }
 }
@@ -841,7 +866,7 @@ mod tests {
             });
             let mut b = vec![0u8; 64 << 10];
             let slowly = async {
-                for _ in 0..40 {
+                for _ in 0..25 {
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     server.read_exact(&mut b).await.unwrap();
                 }
@@ -888,7 +913,7 @@ mod tests {
             });
             let mut b = vec![0u8; 64 << 10];
             let slowly = async {
-                for _ in 0..40 {
+                for _ in 0..25 {
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     reader.read_exact(&mut b).await.unwrap();
                 }
