@@ -775,6 +775,56 @@ mod tests {
         }
     }
 
+    /// The up direction alone, `client` → `up`, on a task of its own.
+    fn spawn_one_way(
+        client: TcpStream,
+        up: TcpStream,
+        activity: Activity,
+        (pipes, stall): (bool, Duration),
+    ) -> tokio::task::JoinHandle<io::Result<()>> {
+        tokio::spawn(async move {
+            let ended = AtomicBool::new(false);
+            one_way((&client, &up, true), &ended, &activity, (pipes, stall)).await
+        })
+    }
+
+    /// `sender`'s send buffer and `reader`'s receive buffer set (the
+    /// kernel doubles each).
+    fn buffers(sender: &TcpStream, send: usize, reader: &TcpStream, receive: usize) {
+        socket2::SockRef::from(sender)
+            .set_send_buffer_size(send)
+            .unwrap();
+        socket2::SockRef::from(reader)
+            .set_recv_buffer_size(receive)
+            .unwrap();
+    }
+
+    /// Reads `reads` × 64 KiB off `reader`, 100 ms apart (about 650 KB/s),
+    /// while `relay` runs: panics if it ends, or `watched` is idle for
+    /// 1.2 s, meanwhile.
+    async fn read_slowly(
+        reader: &mut TcpStream,
+        reads: usize,
+        relay: &mut tokio::task::JoinHandle<io::Result<()>>,
+        watched: &Activity,
+        case: &str,
+    ) {
+        let mut b = vec![0u8; 64 << 10];
+        let slowly = async {
+            for _ in 0..reads {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                reader.read_exact(&mut b).await.unwrap();
+            }
+        };
+        tokio::select! {
+            () = slowly => {}
+            r = relay => panic!("{case}: the relay ended: {r:?}"),
+            () = watched.idle_for(Duration::from_millis(1200)) => {
+                panic!("{case}: a moving tunnel taken for idle");
+            }
+        }
+    }
+
     /// A destination reading slowly (about 650 KB/s, a MiB chunk in 1.6 s):
     /// the bytes are counted, and the idle timer kept off, as each part of
     /// a chunk goes (about every 0.1 s here), not once a whole chunk went
@@ -784,10 +834,7 @@ mod tests {
     /// (which goes by the handshake's round trip: over
     /// [`SHORT_PATH_RTT_US`] on a loaded host's loopback at times). The
     /// source's is large, so a chunk is a whole MiB; the destination's are
-    /// small, so the kernel wakes the writer as each 64 KiB is read. Left
-    /// to autotuning after the fast first 2 MiB, the destination's send
-    /// buffer grows to MiBs, and the kernel wakes a writer only once a
-    /// third of it has gone: seconds apart at this rate.
+    /// small, so the kernel wakes the writer as each 64 KiB is read.
     #[tokio::test]
     async fn a_slow_reader_keeps_the_tunnel_active() {
         for pipes in [true, false] {
@@ -796,19 +843,11 @@ mod tests {
             socket2::SockRef::from(&relay_client)
                 .set_recv_buffer_size(4 << 20)
                 .unwrap();
-            socket2::SockRef::from(&relay_up)
-                .set_send_buffer_size(64 << 10)
-                .unwrap();
-            socket2::SockRef::from(&server)
-                .set_recv_buffer_size(64 << 10)
-                .unwrap();
+            buffers(&relay_up, 64 << 10, &server, 64 << 10);
             let activity = Activity::new();
             let watched = activity.clone();
-            let relay = tokio::spawn(async move {
-                let ended = AtomicBool::new(false);
-                let way = (&relay_client, &relay_up, true);
-                one_way(way, &ended, &activity, (pipes, Duration::from_secs(300))).await
-            });
+            let stall = Duration::from_secs(300);
+            let mut relay = spawn_one_way(relay_client, relay_up, activity, (pipes, stall));
             let writer = tokio::spawn(async move {
                 let _ = client.write_all(&data(16 << 20, 1)).await;
                 client
@@ -819,18 +858,8 @@ mod tests {
             while got < (2 << 20) {
                 got += server.read(&mut b).await.unwrap();
             }
-            let slowly = async {
-                for _ in 0..30 {
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    server.read_exact(&mut b).await.unwrap();
-                }
-            };
-            tokio::select! {
-                () = slowly => {}
-                () = watched.idle_for(std::time::Duration::from_millis(1200)) => {
-                    panic!("pipes {pipes}: a moving tunnel taken for idle");
-                }
-            }
+            let case = format!("pipes {pipes}");
+            read_slowly(&mut server, 30, &mut relay, &watched, &case).await;
             relay.abort();
             writer.abort();
         }
@@ -839,45 +868,24 @@ mod tests {
     /// A destination reading slowly (about 650 KB/s) from a send buffer as
     /// large as autotuning makes them (4 MiB set, doubled): the kernel wakes
     /// the writer only once a third of it has gone, seconds apart, past the
-    /// 0.8 s stall limit. The send queue, looked at each quarter of it,
+    /// 0.8 s stall limit. The send queue, looked at while the write waits,
     /// shrinks: neither the stall error nor the idle timer ends the tunnel.
     #[tokio::test]
     async fn a_slow_reader_of_a_large_send_buffer_is_not_stalled() {
         for pipes in [true, false] {
             let (mut client, relay_client) = socket_pair().await;
             let (relay_up, mut server) = socket_pair().await;
-            socket2::SockRef::from(&relay_up)
-                .set_send_buffer_size(4 << 20)
-                .unwrap();
-            socket2::SockRef::from(&server)
-                .set_recv_buffer_size(64 << 10)
-                .unwrap();
+            buffers(&relay_up, 4 << 20, &server, 64 << 10);
             let activity = Activity::new();
             let watched = activity.clone();
-            let mut relay = tokio::spawn(async move {
-                let ended = AtomicBool::new(false);
-                let way = (&relay_client, &relay_up, true);
-                let stall = Duration::from_millis(800);
-                one_way(way, &ended, &activity, (pipes, stall)).await
-            });
+            let stall = Duration::from_millis(800);
+            let mut relay = spawn_one_way(relay_client, relay_up, activity, (pipes, stall));
             let writer = tokio::spawn(async move {
                 let _ = client.write_all(&data(32 << 20, 1)).await;
                 client
             });
-            let mut b = vec![0u8; 64 << 10];
-            let slowly = async {
-                for _ in 0..25 {
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    server.read_exact(&mut b).await.unwrap();
-                }
-            };
-            tokio::select! {
-                () = slowly => {}
-                r = &mut relay => panic!("pipes {pipes}: the relay ended: {r:?}"),
-                () = watched.idle_for(std::time::Duration::from_millis(1200)) => {
-                    panic!("pipes {pipes}: a moving tunnel taken for idle");
-                }
-            }
+            let case = format!("pipes {pipes}");
+            read_slowly(&mut server, 25, &mut relay, &watched, &case).await;
             relay.abort();
             writer.abort();
         }
@@ -894,12 +902,7 @@ mod tests {
                 false => (client, server, &relay_up),
                 true => (server, client, &relay_client),
             };
-            socket2::SockRef::from(big)
-                .set_send_buffer_size(4 << 20)
-                .unwrap();
-            socket2::SockRef::from(&reader)
-                .set_recv_buffer_size(64 << 10)
-                .unwrap();
+            buffers(big, 4 << 20, &reader, 64 << 10);
             let activity = Activity::new();
             let watched = activity.clone();
             let mut relay = tokio::spawn(async move {
@@ -911,20 +914,8 @@ mod tests {
                 let _ = writer.write_all(&data(32 << 20, 1)).await;
                 writer
             });
-            let mut b = vec![0u8; 64 << 10];
-            let slowly = async {
-                for _ in 0..25 {
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    reader.read_exact(&mut b).await.unwrap();
-                }
-            };
-            tokio::select! {
-                () = slowly => {}
-                r = &mut relay => panic!("down {down}: the relay ended: {r:?}"),
-                () = watched.idle_for(std::time::Duration::from_millis(1200)) => {
-                    panic!("down {down}: a moving tunnel taken for idle");
-                }
-            }
+            let case = format!("down {down}");
+            read_slowly(&mut reader, 25, &mut relay, &watched, &case).await;
             relay.abort();
             writing.abort();
         }
