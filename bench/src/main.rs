@@ -862,16 +862,25 @@ async fn bulk_stream(
     way: Way,
     pid: Option<u32>,
 ) -> anyhow::Result<(f64, Option<f64>)> {
-    let mut s = open(proxy, target).await?;
+    // Each step says itself in an error (a tunnel that failed once in CI
+    // said only how its TLS session ended).
+    let mut s = open(proxy, target).await.context("opening the tunnel")?;
     let cpu0 = pid.map(cpu_time);
     let t0 = Instant::now();
     s.write_all(if way == Way::Up { b"B" } else { b"D" })
-        .await?;
-    s.write_all(&bytes.to_be_bytes()).await?;
+        .await
+        .context("asking the sink")?;
+    s.write_all(&bytes.to_be_bytes())
+        .await
+        .context("asking the sink")?;
     if way == Way::Up {
-        send_bytes(&mut s, bytes).await?;
+        send_bytes(&mut s, bytes)
+            .await
+            .context("sending the bytes")?;
         let mut count = [0u8; 8];
-        s.read_exact(&mut count).await?;
+        s.read_exact(&mut count)
+            .await
+            .context("reading the sink's count")?;
         let got = u64::from_be_bytes(count);
         if got != bytes {
             bail!("{name}: sink got {got} of {bytes} bytes");
@@ -880,7 +889,11 @@ async fn bulk_stream(
         let mut buf = vec![0u8; 256 * 1024];
         let mut got = 0u64;
         while got < bytes {
-            match s.read(&mut buf).await? {
+            match s
+                .read(&mut buf)
+                .await
+                .with_context(|| format!("downloading, after {got} bytes"))?
+            {
                 0 => bail!("{name}: the download ended after {got} of {bytes} bytes"),
                 k => got += k as u64,
             }
