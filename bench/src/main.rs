@@ -794,7 +794,19 @@ async fn tunnel_bench(
     for _ in 0..rounds {
         for ((name, proxy), rounds) in paths.iter().zip(figures.iter_mut()) {
             let pid = cpu.iter().find(|(n, _)| n == name).map(|(_, p)| *p);
-            match tunnel_path(name, *proxy, target, bytes, dur, clients, pid).await {
+            // A path that fails is tried once more, its first failure
+            // said (`failed_once`): a TLS tunnel path failed once in CI and
+            // never since in 17 runs; one such failure is shown, not
+            // taken for the path's figures.
+            let first = tunnel_path(name, *proxy, target, bytes, dur, clients, pid).await;
+            let result = match first {
+                Err(e) => {
+                    println!("tunnel path={name} failed_once={e:#}");
+                    tunnel_path(name, *proxy, target, bytes, dur, clients, pid).await
+                }
+                ok => ok,
+            };
+            match result {
                 Ok(f) => rounds.push(f),
                 Err(e) => println!("tunnel path={name} error={e:#}"),
             }
