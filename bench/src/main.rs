@@ -737,6 +737,9 @@ async fn ask_connect(
 ) -> anyhow::Result<Box<dyn Stream>> {
     s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
         .await?;
+    // Over TLS a write may leave its record in the session's buffer (its
+    // socket full): flushed before each wait for an answer.
+    s.flush().await?;
     // The answer arrives in one segment; read it whole rather than a byte
     // per system call, which made this client the machine's largest user of
     // CPU in the set-up rounds. Nothing may follow it: the far end speaks
@@ -885,10 +888,16 @@ async fn bulk_stream(
     s.write_all(&bytes.to_be_bytes())
         .await
         .context("asking the sink")?;
+    s.flush().await.context("asking the sink")?;
     if way == Way::Up {
         send_bytes(&mut s, bytes)
             .await
             .context("sending the bytes")?;
+        // Over TLS the last records may still be in the session's buffer
+        // (its socket was full): without the flush they never went, and
+        // the tunnel sat idle until the proxy's tunnel idle timeout (a
+        // rotor-2w-tls failure in CI).
+        s.flush().await.context("sending the bytes")?;
         let mut count = [0u8; 8];
         s.read_exact(&mut count)
             .await
@@ -955,6 +964,7 @@ async fn tunnel_path(
                     let r = async {
                         let mut s = open(proxy, target).await?;
                         s.write_all(b"x").await?;
+                        s.flush().await?;
                         let mut b = [0u8; 1];
                         s.read_exact(&mut b).await?;
                         Ok::<_, anyhow::Error>(())
