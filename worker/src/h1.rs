@@ -413,12 +413,9 @@ pin_project_lite::pin_project! {
 }
 
 pub(crate) fn within<F: std::future::Future>(wait: std::time::Duration, fut: F) -> Within<F> {
-    let (first, deadline) = deadlines(tokio::time::Instant::now(), wait);
-    Within {
-        fut,
-        timer: tokio::time::sleep_until(first),
-        deadline,
-    }
+    let now = tokio::time::Instant::now();
+    // (No overflow: a duration setting is at most 10 years.)
+    Within::starting(now, now + wait, fut)
 }
 
 /// As [`within`], until `deadline`.
@@ -426,10 +423,17 @@ pub(crate) fn within_until<F: std::future::Future>(
     deadline: tokio::time::Instant,
     fut: F,
 ) -> Within<F> {
-    Within {
-        fut,
-        timer: tokio::time::sleep_until(first_deadline(tokio::time::Instant::now(), deadline)),
-        deadline,
+    Within::starting(tokio::time::Instant::now(), deadline, fut)
+}
+
+impl<F> Within<F> {
+    /// `fut` within a wait from `now` to `deadline`.
+    fn starting(now: tokio::time::Instant, deadline: tokio::time::Instant, fut: F) -> Within<F> {
+        Within {
+            fut,
+            timer: tokio::time::sleep_until(first_deadline(now, deadline)),
+            deadline,
+        }
     }
 }
 

@@ -415,7 +415,7 @@ async fn splice_chunk(
     };
     let mut left = n;
     while left > 0 {
-        writable(dst, stall, &|| count(0)).await?;
+        writable(dst, (count, stall)).await?;
         match dst.try_io(Interest::WRITABLE, || os::splice(&pipe.r, dst, left)) {
             Ok(k) => {
                 left -= k;
@@ -440,7 +440,7 @@ async fn copy_chunk(
     let n = src.try_read(buf)?;
     let mut sent = 0;
     while sent < n {
-        writable(dst, stall, &|| count(0)).await?;
+        writable(dst, (count, stall)).await?;
         match dst.try_write(&buf[sent..n]) {
             Ok(k) => {
                 sent += k;
@@ -456,15 +456,16 @@ async fn copy_chunk(
 /// `dst` writable, unless it took nothing of what waits for it for `stall`
 /// (a client that stopped reading a download while it trickles bytes up):
 /// that is an error, which ends the tunnel and frees its pipe. Bytes the
-/// peer takes meanwhile are told to `progress` (see [`Taking`]).
-async fn writable(dst: &TcpStream, stall: Duration, progress: &impl Fn()) -> io::Result<()> {
+/// peer takes meanwhile (see [`Taking`]) are counted as movement, none
+/// written (`count(0)`: the idle timer stays off).
+async fn writable(dst: &TcpStream, (count, stall): (&impl Fn(usize), Duration)) -> io::Result<()> {
     let mut taking = Taking::new(Some(dst.as_raw_fd()), stall);
     loop {
         match tokio::time::timeout(taking.next_look(), dst.writable()).await {
             Ok(r) => return r,
             Err(_) => {
                 if taking.looked()? {
-                    progress();
+                    count(0);
                 }
             }
         }
