@@ -274,3 +274,138 @@ async fn a_tunnel_stalled_one_way_is_closed_though_the_other_trickles() {
         .await
         .expect("the stalled tunnel was kept open by the bytes going up");
 }
+
+/// A client that reads a large response slowly but steadily (about
+/// 650 KB/s) is not idle, however large the worker's send buffer: in a
+/// namespace whose sockets have 4 MiB send buffers (what a long path
+/// autotunes to), a write waiting for room was woken only once a third of
+/// it (1.4 MB) had gone, 2 s apart here, and the 1 s idle timeout cut the
+/// response after the 4 MiB the kernel held.
+#[test]
+fn a_client_reading_a_large_response_slowly_is_not_idle() {
+    with_large_send_buffers(
+        "a_client_reading_a_large_response_slowly_is_not_idle",
+        || async {
+            let origin = Origin::start().await;
+            let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+            let worker = Worker::start(&alloc.socket, &["--idle-timeout", "1s"]).await;
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.set_recv_buffer_size(64 << 10).unwrap();
+            let mut s = sock.connect(worker.addr).await.unwrap();
+            let size = 6 << 20;
+            let req = format!(
+                "GET {} HTTP/1.1\r\nHost: x\r\n\r\n",
+                origin.url(&format!("/bytes/{size}"))
+            );
+            s.write_all(req.as_bytes()).await.unwrap();
+            assert!(read_head(&mut s).await.starts_with("HTTP/1.1 200"));
+            // 64 KiB every 100 ms, to the chunked body's end.
+            let mut got: Vec<u8> = Vec::with_capacity(size + (1 << 20));
+            let mut b = vec![0u8; 64 << 10];
+            let whole = loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let mut taken = 0;
+                while taken < b.len() {
+                    let room = b.len() - taken;
+                    match s.read(&mut b[..room]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            got.extend_from_slice(&b[..n]);
+                            taken += n;
+                        }
+                    }
+                    if got.ends_with(b"\r\n0\r\n\r\n") {
+                        break;
+                    }
+                }
+                if got.ends_with(b"\r\n0\r\n\r\n") {
+                    break true;
+                }
+                if taken == 0 {
+                    break false;
+                }
+            };
+            assert!(
+                whole && got.len() > size,
+                "the response was cut after {} of its {size} bytes",
+                got.len()
+            );
+        },
+    );
+}
+
+/// Runs `body` in a network namespace of its own whose TCP sockets have
+/// send buffers of 4 MiB, as a long path autotunes them to.
+fn with_large_send_buffers<F, Fut>(test: &str, body: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    in_netns(test, &[], move || async move {
+        // This namespace's, as the thread is in it.
+        std::fs::write("/proc/sys/net/ipv4/tcp_wmem", "4096 4194304 4194304").unwrap();
+        body().await
+    });
+}
+
+/// A destination that takes a large upload slowly but steadily (about
+/// 650 KB/s) is taking it, however large the worker's send buffer: with
+/// 4 MiB ones, the write waiting for room was woken only once 1.4 MB had
+/// gone, 2 s apart here, and the 1 s `--response-timeout` answered 504
+/// (the destination taking none of the body).
+#[test]
+fn a_destination_taking_a_large_upload_slowly_is_not_stalled() {
+    with_large_send_buffers(
+        "a_destination_taking_a_large_upload_slowly_is_not_stalled",
+        || async {
+            let size: usize = 6 << 20;
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.set_recv_buffer_size(64 << 10).unwrap();
+            sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let listener = sock.listen(8).unwrap();
+            let dest = listener.local_addr().unwrap();
+            // Reads the head, then 64 KiB every 100 ms to the body's end,
+            // then answers.
+            let slow = tokio::spawn(async move {
+                let (mut s, _) = listener.accept().await.unwrap();
+                read_head(&mut s).await;
+                let mut b = vec![0u8; 64 << 10];
+                let mut left = size;
+                while left > 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    let n = b.len().min(left);
+                    s.read_exact(&mut b[..n]).await.unwrap();
+                    left -= n;
+                }
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+                s
+            });
+            let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+            let worker = Worker::start(&alloc.socket, &["--response-timeout", "1s"]).await;
+            let s = TcpStream::connect(worker.addr).await.unwrap();
+            let (mut rd, mut wr) = s.into_split();
+            let upload = tokio::spawn(async move {
+                let head = format!(
+                    "POST http://{dest}/ HTTP/1.1\r\nHost: {dest}\r\nContent-Length: {size}\r\n\r\n"
+                );
+                wr.write_all(head.as_bytes()).await?;
+                wr.write_all(&vec![b'u'; size]).await?;
+                Ok::<_, std::io::Error>(wr)
+            });
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match tokio::time::timeout(Duration::from_secs(30), rd.read(&mut byte)).await {
+                    Ok(Ok(1)) => head.push(byte[0]),
+                    other => panic!("no answer: {other:?}"),
+                }
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            upload.await.unwrap().unwrap();
+            drop(slow.await.unwrap());
+        },
+    );
+}

@@ -200,6 +200,13 @@ impl Conn {
                 (Io::Whole(io), head)
             }
             Some(body) => {
+                // A body past what the kernel holds unsent, or of unknown
+                // length: a destination taking it slowly wakes the write
+                // each 128 KiB it takes, not a third of a send buffer of
+                // MiBs apart, which `wait` took for one taking none.
+                if !matches!(sending, Sending::Length(n) if n <= u64::from(crate::os::UNSENT)) {
+                    let _ = crate::os::limit_unsent(&io);
+                }
                 tokio::time::timeout(wait, io.write_all(&buf))
                     .await
                     .map_err(|_| timed_out(true))?

@@ -14,6 +14,25 @@ use socket2::{SockRef, Socket};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
+/// The most of what rotor writes that the kernel holds unsent on a socket
+/// limited by [`limit_unsent`].
+pub const UNSENT: u32 = 256 * 1024;
+
+/// `TCP_NOTSENT_LOWAT` of [`UNSENT`] on `sock` (a listener's accepted
+/// sockets inherit it: no system call per connection).
+///
+/// Without it a write to a peer that reads slowly waits until a third of
+/// the socket's send buffer has gone (the kernel's wake-up): with the MiBs
+/// a long path autotunes to, minutes apart for a peer reading a few KB/s,
+/// which the idle and write timeouts took for a peer that reads nothing.
+/// With it, the write wakes once less than half of [`UNSENT`] is left
+/// unsent, so a peer that takes 128 KiB within a timeout is moving. It
+/// also keeps what a slow peer's socket holds in kernel memory to what is
+/// in flight and this much more.
+pub fn limit_unsent(sock: &impl AsFd) -> io::Result<()> {
+    SockRef::from(sock).set_tcp_notsent_lowat(UNSENT)
+}
+
 /// accept4(2): the connection non-blocking and close-on-exec in one call.
 pub fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
     let (sock, addr) = SockRef::from(listener).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;

@@ -130,6 +130,15 @@ pub async fn run(
             }
         }
     }
+    for l in listeners.iter().chain(&socks).chain(&tls_listeners) {
+        if let Err(e) = crate::os::limit_unsent(l) {
+            warn!(
+                listen = ?l.local_addr().ok(),
+                error = %e,
+                "cannot limit what waits unsent for a client (TCP_NOTSENT_LOWAT); a slow reader may be taken for an idle one"
+            );
+        }
+    }
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
