@@ -409,3 +409,45 @@ fn a_destination_taking_a_large_upload_slowly_is_not_stalled() {
         },
     );
 }
+
+/// A large upload answered before its body was read (a 502 for a
+/// destination that refuses, a 407 for missing credentials) is read to its
+/// end, so a client that sends its whole body before it reads gets the
+/// answer: closed with the body unread, the connection was reset, and the
+/// client's sending failed (a broken pipe) after the 4 MiB its buffers held.
+/// (curl and Python's `requests` read the answer after a failed send; a
+/// client whose system drops what it received on a reset lost it.)
+#[tokio::test]
+async fn an_upload_answered_early_gets_its_answer_not_a_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    add_user(&users, "alice", "s3cret");
+    let refusing = free_port();
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let open = Worker::start(&alloc.socket, &[]).await;
+    let authed = Worker::start(&alloc.socket, &["--auth-file", users.to_str().unwrap()]).await;
+    for (worker, status) in [(&open, "502"), (&authed, "407")] {
+        let size: usize = 16 << 20;
+        let s = TcpStream::connect(worker.addr).await.unwrap();
+        let (mut rd, mut wr) = s.into_split();
+        let head = format!(
+            "PUT http://127.0.0.1:{refusing}/ HTTP/1.1\r\nHost: 127.0.0.1:{refusing}\r\nContent-Length: {size}\r\n\r\n"
+        );
+        wr.write_all(head.as_bytes()).await.unwrap();
+        let body = vec![b'u'; size];
+        let sent = tokio::time::timeout(PATIENCE, wr.write_all(&body))
+            .await
+            .expect("the body was not taken");
+        assert!(sent.is_ok(), "{status}: sending the body failed: {sent:?}");
+        let mut answer = Vec::new();
+        tokio::time::timeout(PATIENCE, rd.read_to_end(&mut answer))
+            .await
+            .expect("the connection was not closed")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer}"
+        );
+    }
+}

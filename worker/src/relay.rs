@@ -85,7 +85,7 @@ static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 static BIG_POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 
 /// How the client side of the tunnel was served, as hyper hands it back.
-type ClientIo = TokioIo<crate::fast::Rewind<crate::server::ClientIo>>;
+type ClientIo = TokioIo<crate::server::Lingering<crate::fast::Rewind<crate::server::ClientIo>>>;
 
 /// Relays `client` ↔ `upstream` until both sides have ended (each end's EOF
 /// is passed on as a half-close), or either fails. `activity` counts the
@@ -102,7 +102,7 @@ pub async fn tunnel(
         Ok(parts) => {
             // What the client sent behind its CONNECT: what hyper read and
             // did not use, then what the fast path read and hyper did not.
-            let (unread, io) = parts.io.into_inner().into_parts();
+            let (unread, io) = parts.io.into_inner().into_inner().into_parts();
             let early = match unread.is_empty() {
                 true => parts.read_buf,
                 false => [parts.read_buf, unread].concat().into(),

@@ -1,8 +1,10 @@
 //! The worker's accept loop, HTTP/1.1 connection serving, and graceful drain.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -357,8 +359,10 @@ impl Serving {
         // The connection's task: a few hundred bytes (what is large — the
         // TLS handshake, the fast path, hyper's connection — is boxed), as
         // spawning moves it.
+        let connections = self.connections.clone();
         let fut = async move {
-            let (_permit, _slot) = (permit, slot);
+            // Held to the end, or by a lingering close after it.
+            let held: Held = (permit, slot);
             // A TLS client's handshake counts against the head's
             // deadline (and holds its place under the limit).
             let io: ClientIo = match acceptor {
@@ -392,14 +396,23 @@ impl Serving {
             // arrive: see the drain below.
             let arrivals = Arc::new(Arrivals::default());
             let seen = arrivals.clone();
+            let io = Lingering {
+                io: Some(io),
+                arrivals: arrivals.clone(),
+                held: Some(held),
+                connections,
+            };
             // Requests whose response head is not out yet: the client waits
             // on the destination, which is bounded by --response-timeout
             // (the answer, and an upload that stops moving either way),
             // not idle.
             let waiting = Arc::new(AtomicUsize::new(0));
             let pending = waiting.clone();
-            let service = service_fn(move |req| {
+            let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 seen.arrived();
+                if !hyper::body::Body::is_end_stream(req.body()) {
+                    seen.with_body();
+                }
                 let guard = Waiting::new(&pending);
                 let proxy = proxy.clone();
                 async move {
@@ -606,24 +619,162 @@ async fn refuse(mut stream: TcpStream, answer: &'static [u8]) {
     linger_close(stream).await;
 }
 
+/// How long a lingering close reads what the client still sends, at
+/// most, and how much.
+#[derive(Clone, Copy)]
+struct Linger {
+    within: Duration,
+    /// Since the last bytes came.
+    idle: Duration,
+    most: u64,
+}
+
+/// A refused client's request: a moment, a little.
+const REFUSAL_LINGER: Linger = Linger {
+    within: Duration::from_millis(500),
+    idle: Duration::from_millis(500),
+    most: 64 * 1024,
+};
+
+/// The rest of an upload whose answer came first (nginx's
+/// `lingering_time` and `lingering_timeout`): a client that sends its
+/// whole body before it reads (as Python's `requests` does) reads the
+/// answer once its body went.
+const UPLOAD_LINGER: Linger = Linger {
+    within: Duration::from_secs(30),
+    idle: Duration::from_secs(5),
+    most: u64::MAX,
+};
+
+/// A lingering close of a refused client: see [`linger_close_for`].
+pub(crate) async fn linger_close(stream: TcpStream) {
+    linger_close_for(stream, REFUSAL_LINGER).await
+}
+
 /// A lingering close: a FIN after what was written, and what the client
-/// sent read (for a moment, a little) before the socket closes. Closed with
-/// its request unread, the kernel answers with a reset, which can reach the
-/// client before it has read the answer.
-pub(crate) async fn linger_close(mut stream: TcpStream) {
+/// sent read (for `linger`) before the socket closes. Closed with its
+/// request unread, the kernel answers with a reset, which can reach the
+/// client before it has read the answer, and fails its sending.
+async fn linger_close_for<S>(mut stream: S, linger: Linger)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let _ = stream.shutdown().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    let _ = tokio::time::timeout(linger.idle, stream.shutdown()).await;
+    let deadline = tokio::time::Instant::now() + linger.within;
     // On the heap: in the future a 4 KiB array made this rare path the
     // largest state of every task that may take it (a SOCKS5 handshake's
     // 5.3 KB, against 2.2 KB without it).
     let mut buf = vec![0u8; 4096];
     let mut read = 0;
-    while read < 64 * 1024 {
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => read += n,
+    while read < linger.most {
+        let due = deadline.min(tokio::time::Instant::now() + linger.idle);
+        match tokio::time::timeout_at(due, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => read += n as u64,
             _ => break,
         }
+    }
+}
+
+/// What a client connection holds under the limits: its place under
+/// `--max-connections`, and its address's (if they are counted).
+type Held = (
+    tokio::sync::OwnedSemaphorePermit,
+    Option<crate::clients::ClientSlot>,
+);
+
+/// The client connection as hyper's server has it. One that ends after a
+/// request with a body closes lingering ([`UPLOAD_LINGER`]), and holds its
+/// places under the limits meanwhile: the answer may have come before the
+/// body was read (a 407, a 403, a 502), and a connection closed with a
+/// body unread is reset by the kernel, which a client still sending saw as
+/// a broken pipe, not as the answer.
+pub(crate) struct Lingering<I>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    /// Taken only by [`Lingering::into_inner`] and the drop.
+    io: Option<I>,
+    arrivals: Arc<Arrivals>,
+    held: Option<Held>,
+    /// The drain waits for the lingering close too.
+    connections: TaskTracker,
+}
+
+impl<I> Lingering<I>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    /// The connection, for a tunnel (which holds a place of its own).
+    pub(crate) fn into_inner(mut self) -> I {
+        self.io.take().expect("the connection, until taken")
+    }
+
+    fn io(&mut self) -> Pin<&mut I> {
+        Pin::new(self.io.as_mut().expect("the connection, until taken"))
+    }
+}
+
+impl<I> Drop for Lingering<I>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    fn drop(&mut self) {
+        if !self.arrivals.carried_body() || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        if let (Some(io), Some(held)) = (self.io.take(), self.held.take()) {
+            self.connections.spawn(async move {
+                let _held = held;
+                linger_close_for(io, UPLOAD_LINGER).await;
+            });
+        }
+    }
+}
+
+impl<I> tokio::io::AsyncRead for Lingering<I>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.io().poll_read(cx, buf)
+    }
+}
+
+impl<I> tokio::io::AsyncWrite for Lingering<I>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.io().poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.io().poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.as_ref().is_some_and(|io| io.is_write_vectored())
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io().poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io().poll_shutdown(cx)
     }
 }
 
@@ -654,6 +805,8 @@ struct Arrivals {
     notify: tokio::sync::Notify,
     /// Set when the connection drains (see `arrived`).
     watched: std::sync::atomic::AtomicBool,
+    /// Whether a request with a body came (see [`Lingering`]).
+    bodies: std::sync::atomic::AtomicBool,
 }
 
 impl Arrivals {
@@ -665,6 +818,15 @@ impl Arrivals {
         if self.watched.load(Ordering::SeqCst) {
             self.notify.notify_waiters();
         }
+    }
+
+    /// The request that arrived last has a body.
+    fn with_body(&self) {
+        self.bodies.store(true, Ordering::Relaxed);
+    }
+
+    fn carried_body(&self) -> bool {
+        self.bodies.load(Ordering::Relaxed)
     }
 
     /// From now on each arrival wakes `after`.
