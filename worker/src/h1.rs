@@ -785,12 +785,14 @@ fn framing<'a>(
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
             te = true;
             for c in codings(value) {
-                last_coding = Some(c);
                 match c {
                     Coding::Chunked => chunked += 1,
-                    Coding::Identity => {}
+                    // No coding: nor the last one (`chunked, identity`
+                    // is chunked; its framing went on as the body).
+                    Coding::Identity => continue,
                     Coding::Other => other_coding = true,
                 }
+                last_coding = Some(c);
             }
         } else if name.eq_ignore_ascii_case(b"content-length") {
             length_repeated |= has_length || value.contains(&b',');
@@ -1606,6 +1608,21 @@ mod tests {
                 get.clone(),
                 200,
                 &[("transfer-encoding", "Identity, chunked")],
+                ok(Framing::Chunked, false),
+            ),
+            (
+                get.clone(),
+                200,
+                &[("transfer-encoding", "chunked, identity")],
+                ok(Framing::Chunked, false),
+            ),
+            (
+                get.clone(),
+                200,
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("transfer-encoding", "identity"),
+                ],
                 ok(Framing::Chunked, false),
             ),
             (
