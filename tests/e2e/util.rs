@@ -116,12 +116,39 @@ where
     }
 }
 
+/// A port no socket has, for a worker or a test's own listener: from
+/// below the kernel's ephemeral range, each handed out once a run, and
+/// checked free. A port the kernel picked (a bind to `:0`) was released
+/// before the worker bound it, and the kernel could give it to another
+/// socket meanwhile: a test's outgoing connection (the worker could not
+/// bind), or another test's worker (which then shared the port, as
+/// workers bind with SO_REUSEPORT).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let (low, high) = range
+        .as_deref()
+        .and_then(|r| {
+            let mut n = r.split_whitespace().map(|p| p.parse::<u32>().ok());
+            Some((n.next()??, n.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    // Below the range, or else above it.
+    let (start, span) = match low > 11024 {
+        true => (low - 10000, 10000),
+        false => (high + 1, 65535 - high),
+    };
+    // Another run (a test binary run again) starts elsewhere: a port whose
+    // server side closed first stays in TIME_WAIT for a minute.
+    let offset = std::process::id() % span;
+    loop {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(n < span, "no free port left below the ephemeral range");
+        let port = (start + (offset + n) % span) as u16;
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// An allocator on a socket in its own temporary directory.
