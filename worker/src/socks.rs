@@ -128,6 +128,8 @@ where
     let credentials = match method {
         USER_PASS => {
             if s.read_u8().await? != 1 {
+                // A status before the close (as dante and 3proxy).
+                s.write_all(&[1, 1]).await?;
                 return Err(HandshakeError::BadAuth);
             }
             // RFC 1929 names bytes; rotor's users file is text, and a
@@ -165,36 +167,40 @@ where
     s.read_exact(&mut head).await?;
     let [version, command, _, atyp] = head;
     if version != VERSION {
+        reply(s, Reply::GeneralFailure, None).await?;
         return Err(HandshakeError::Version(version));
     }
     let host = match atyp {
         1 => {
             let mut a = [0u8; 4];
             s.read_exact(&mut a).await?;
-            Ipv4Addr::from(a).to_string()
+            Ok(Ipv4Addr::from(a).to_string())
         }
-        3 => match read_name(s).await {
-            Ok(name) => name,
-            Err(e) => {
-                reply(s, Reply::GeneralFailure, None).await?;
-                return Err(e);
-            }
-        },
+        3 => read_name(s).await?,
         4 => {
             let mut a = [0u8; 16];
             s.read_exact(&mut a).await?;
-            Ipv6Addr::from(a).to_string()
+            Ok(Ipv6Addr::from(a).to_string())
         }
         other => {
             reply(s, Reply::AddressNotSupported, None).await?;
             return Err(HandshakeError::AddressType(other));
         }
     };
+    // The whole request read, the command first (a BIND or UDP ASSOCIATE
+    // is unsupported whatever its address), then the name.
     let port = s.read_u16().await?;
     if command != 1 {
         reply(s, Reply::CommandNotSupported, None).await?;
         return Err(HandshakeError::Command(command));
     }
+    let host = match host {
+        Ok(host) => host,
+        Err(e) => {
+            reply(s, Reply::GeneralFailure, None).await?;
+            return Err(e);
+        }
+    };
     // Never a destination (the HTTP path refuses it too): connecting to it
     // would only count a failure against a pool address.
     if port == 0 {
@@ -220,12 +226,14 @@ async fn read_string<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&read_bytes(s).await?).into_owned())
 }
 
-async fn read_name<S: AsyncRead + Unpin>(s: &mut S) -> Result<String, HandshakeError> {
+/// A domain name: read (the I/O error), then checked (the inner error: an
+/// empty name, or one not printable ASCII).
+async fn read_name<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<Result<String, HandshakeError>> {
     let name = read_string(s).await?;
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(HandshakeError::AddressType(3));
+        return Ok(Err(HandshakeError::AddressType(3)));
     }
-    Ok(name)
+    Ok(Ok(name))
 }
 
 /// The answer to the request: `code`, and the address bound upstream.
@@ -255,20 +263,52 @@ pub async fn reply<S: AsyncWrite + Unpin>(
 const AUTH_BUDGET: Duration = Duration::from_secs(2 * crate::auth::VERIFY_WAIT.as_secs() + 1);
 
 /// Answers a refused login (RFC 1929: status 1), counted and logged as
-/// HTTP's 407 is: password guesses over SOCKS5 show in the access log too.
+/// HTTP's answer for `why` is (407, or 503 for a check that could not be
+/// made in time): password guesses over SOCKS5 show in the access log too.
 async fn refuse_login(
     proxy: &Proxy,
     stream: &mut TcpStream,
-    began: std::time::Instant,
-    client: SocketAddr,
+    (began, client): (std::time::Instant, SocketAddr),
+    why: &ProxyError,
 ) -> io::Result<()> {
-    proxy.meter.error(None, began.elapsed());
+    count_refusal(proxy, (began, client), why.classify());
+    stream.write_all(&[1, 1]).await
+}
+
+/// A handshake refused (before any tunnel), counted and logged as HTTP's
+/// answer (`status`, `kind`) to the same request would be.
+fn count_refusal(
+    proxy: &Proxy,
+    (began, client): (std::time::Instant, SocketAddr),
+    (status, kind): (http::StatusCode, Option<&'static str>),
+) {
+    proxy.meter.error(kind, began.elapsed());
     if let Some(log) = proxy.access_log() {
         let mut en = Entry::new(began, client, method(), "-".into());
-        en.status = 407;
+        en.status = status.as_u16();
+        en.error = kind;
         log.log(&en);
     }
-    stream.write_all(&[1, 1]).await
+}
+
+impl HandshakeError {
+    /// What HTTP answers the same refusal with (status, `Proxy-Status`
+    /// kind); `None` for a handshake that ended without one (the client
+    /// left, or was too slow: not a request).
+    fn as_http(&self) -> Option<(http::StatusCode, Option<&'static str>)> {
+        use http::StatusCode;
+        match self {
+            // No method offered that the users file allows: HTTP's 407.
+            HandshakeError::NoMethod | HandshakeError::BadAuth => {
+                Some((StatusCode::PROXY_AUTHENTICATION_REQUIRED, None))
+            }
+            HandshakeError::Command(_) => Some((StatusCode::NOT_IMPLEMENTED, None)),
+            HandshakeError::Version(_)
+            | HandshakeError::AddressType(_)
+            | HandshakeError::PortZero => Some((StatusCode::BAD_REQUEST, None)),
+            HandshakeError::NotText | HandshakeError::Refused | HandshakeError::Io(_) => None,
+        }
+    }
 }
 
 /// What the access log names a SOCKS5 tunnel's method.
@@ -303,7 +343,8 @@ pub async fn serve(
         let mut hs = match read.await.map_err(slow)? {
             Err(HandshakeError::NotText) => {
                 debug!(%client, "SOCKS5 credentials not UTF-8; refused");
-                refuse_login(&proxy, &mut stream, began, client).await?;
+                let why = ProxyError::Auth(crate::auth::AuthError::Malformed);
+                refuse_login(&proxy, &mut stream, (began, client), &why).await?;
                 return Err(HandshakeError::Refused);
             }
             r => r?,
@@ -320,11 +361,17 @@ pub async fn serve(
                     caller = c;
                 }
                 refused => {
-                    match refused {
-                        Ok(Err(e)) => debug!(%client, error = %e, "SOCKS5 authentication refused"),
-                        _ => debug!(%client, "SOCKS5 authentication not checked in time; refused"),
-                    }
-                    refuse_login(&proxy, &mut stream, began, client).await?;
+                    let why = match refused {
+                        Ok(Err(e)) => {
+                            debug!(%client, error = %e, "SOCKS5 authentication refused");
+                            e
+                        }
+                        _ => {
+                            debug!(%client, "SOCKS5 authentication not checked in time; refused");
+                            ProxyError::Auth(crate::auth::AuthError::Busy)
+                        }
+                    };
+                    refuse_login(&proxy, &mut stream, (began, client), &why).await?;
                     return Err(HandshakeError::Refused);
                 }
             }
@@ -353,6 +400,9 @@ pub async fn serve(
         }
         Err(e) => {
             debug!(%client, error = %e, "SOCKS5 handshake ended");
+            if let Some(answer) = e.as_http() {
+                count_refusal(&proxy, (began, client), answer);
+            }
             // Whatever it said after, read: the answer is not lost to a
             // reset.
             crate::server::linger_close(stream).await;
@@ -478,6 +528,43 @@ mod tests {
         ));
         // A truncated handshake is an error, not a hang (the peer closed).
         assert!(run(&[5, 3, 0], false).await.0.is_err());
+        // UDP ASSOCIATE with an empty name: the command is what is not
+        // supported (the name was answered 0x01 before the command was read).
+        let (r, out) = run(&[5, 1, 0, 5, 3, 0, 3, 0, 0, 0], false).await;
+        assert!(matches!(r, Err(HandshakeError::Command(3))), "{r:?}");
+        assert_eq!(out[..4], [5, 0, 5, Reply::CommandNotSupported as u8]);
+        // A CONNECT to an empty name: a general failure, once all was read.
+        let (r, out) = run(&[5, 1, 0, 5, 1, 0, 3, 0, 0, 80], false).await;
+        assert!(matches!(r, Err(HandshakeError::AddressType(3))), "{r:?}");
+        assert_eq!(out[..4], [5, 0, 5, Reply::GeneralFailure as u8]);
+        // A request of another version, and a subnegotiation of another
+        // version: each answered before the close, not just closed.
+        let (r, out) = run(&[5, 1, 0, 4, 1, 0, 1, 127, 0, 0, 1, 0, 80], false).await;
+        assert!(matches!(r, Err(HandshakeError::Version(4))), "{r:?}");
+        assert_eq!(out[..4], [5, 0, 5, Reply::GeneralFailure as u8]);
+        let (r, out) = run(&[5, 1, 2, 5, 1, b'a', 1, b'b'], true).await;
+        assert!(matches!(r, Err(HandshakeError::BadAuth)), "{r:?}");
+        assert_eq!(out, [5, 2, 1, 1]);
+    }
+
+    #[test]
+    fn refusals_are_answered_as_http_would() {
+        use http::StatusCode as S;
+        let as_http = |e: HandshakeError| e.as_http().map(|(s, _)| s);
+        assert_eq!(
+            as_http(HandshakeError::NoMethod),
+            Some(S::PROXY_AUTHENTICATION_REQUIRED)
+        );
+        assert_eq!(
+            as_http(HandshakeError::Command(2)),
+            Some(S::NOT_IMPLEMENTED)
+        );
+        assert_eq!(as_http(HandshakeError::PortZero), Some(S::BAD_REQUEST));
+        // A client that left or was too slow made no request.
+        assert_eq!(
+            as_http(HandshakeError::Io(io::ErrorKind::TimedOut.into())),
+            None
+        );
     }
 
     proptest::proptest! {
