@@ -278,6 +278,10 @@ struct Site {
     /// Its pairs in `Sites::pairs`.
     pairs: u32,
     last_used: Ms,
+    /// The latest end of a cooldown of its pairs (an early end or a pair
+    /// forgotten leaves it later than true: the site is forgotten later):
+    /// which sites cool, for `make_room`, without a look at every pair.
+    cool_until: Ms,
 }
 
 /// Start times a pair keeps at most: a budget of up to this many requests
@@ -408,6 +412,9 @@ pub struct Sites {
     /// allocator's lock; a single site holding the whole table would
     /// otherwise run one a lease).
     room_expired: Option<Instant>,
+    /// Times `make_room` looked for sites to forget (tests).
+    #[cfg(test)]
+    room_looks: usize,
 }
 
 impl Sites {
@@ -432,6 +439,8 @@ impl Sites {
             epoch,
             full_logged: None,
             room_expired: None,
+            #[cfg(test)]
+            room_looks: 0,
         }
     }
 
@@ -496,6 +505,7 @@ impl Sites {
                 cursor: [UNSET; 2],
                 pairs: 0,
                 last_used,
+                cool_until: 0,
             },
         );
         true
@@ -514,22 +524,26 @@ impl Sites {
                 return;
             }
         }
+        // No other site to forget: `keep` holds the table (a prefix's
+        // addresses used within its window). Before anything is looked at:
+        // this is each of its requests then.
+        if self.sites.len() <= usize::from(self.sites.contains_key(keep)) {
+            return;
+        }
         // Sites cooling on some address go last: a site that said "wait"
         // is, by that, one its polite clients stopped asking — the least
         // recently used — and forgetting it would send the next request
         // from the address it asked to rest.
+        #[cfg(test)]
+        {
+            self.room_looks += 1;
+        }
         let t = self.ms(now);
-        let cooling: std::collections::HashSet<u64> = self
-            .pairs
-            .iter()
-            .filter(|(_, p)| p.cool_until > t)
-            .map(|((id, _), _)| *id)
-            .collect();
         let mut by_use: Vec<(bool, Ms, u64)> = self
             .sites
             .iter()
             .filter(|(k, _)| &***k != keep)
-            .map(|(_, s)| (cooling.contains(&s.id), s.last_used, s.id))
+            .map(|(_, s)| (s.cool_until > t, s.last_used, s.id))
             .collect();
         if by_use.is_empty() {
             return;
@@ -753,6 +767,7 @@ impl Sites {
             None => backoff(p.strikes.max(1)),
         };
         p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
+        s.cool_until = s.cool_until.max(p.cool_until);
         if !was_cooling {
             tracing::info!(%site, source = %ip, status, secs = wait.as_secs(), "site pushed back: address cooling for this site");
         }
@@ -983,6 +998,7 @@ impl Sites {
                 continue;
             };
             s.pairs += 1;
+            s.cool_until = s.cool_until.max(pair.cool_until);
             self.pairs.insert((s.id, p.source), pair);
             n += 1;
         }
@@ -1067,6 +1083,10 @@ mod tests {
         assert!(s.entries() <= 16, "{}", s.entries());
         // The first ones are still cooling.
         assert!(s.pairs.values().all(|p| p.cool_until > 0));
+        // With no other site to forget, a full table was not looked over
+        // for one (that look went over every pair: each of the site's
+        // requests, under the allocator's lock, once one site filled it).
+        assert_eq!(s.room_looks, 0);
         // One entry short of the cap, a new site's push-back (two entries:
         // the site and the pair) makes room for itself, not refused.
         let mut s = Sites::new(rules(&[]), 16);
