@@ -39,6 +39,13 @@ pub struct Sessions {
     /// (as their address gone) rather than quietly take another address.
     /// Bounded like the table.
     evicted_strict: HashMap<Arc<str>, Instant>,
+    /// The soonest end in `evicted_strict` (or earlier), so a full list is
+    /// passed over only when one of them has ended: not at each new
+    /// session, which went over all of them twice.
+    strict_first_end: Option<Instant>,
+    /// Times a full list was passed over for an eviction (tests).
+    #[cfg(test)]
+    strict_passes: usize,
     /// When a full table was last cleared of ended sessions before an
     /// eviction (once a second at most: a pass over the table).
     expired_at: Option<Instant>,
@@ -135,6 +142,9 @@ impl Sessions {
             order: [VecDeque::new(), VecDeque::new()],
             max: max.max(1),
             evicted_strict: HashMap::new(),
+            strict_first_end: None,
+            #[cfg(test)]
+            strict_passes: 0,
             expired_at: None,
             unrecorded_logged: None,
         }
@@ -229,8 +239,14 @@ impl Sessions {
         if expires <= now {
             return Ok(1);
         }
-        if self.evicted_strict.len() >= self.max {
-            self.evicted_strict.retain(|_, until| *until > now);
+        if self.evicted_strict.len() >= self.max
+            && self.strict_first_end.is_some_and(|end| end <= now)
+        {
+            #[cfg(test)]
+            {
+                self.strict_passes += 1;
+            }
+            self.forget_ended_strict(now);
         }
         if self.evicted_strict.len() < self.max {
             return Ok(1);
@@ -240,11 +256,9 @@ impl Sessions {
         }
         // Room frees when a remembered one or the oldest ends.
         let wait = self
-            .evicted_strict
-            .values()
-            .chain([&expires])
-            .min()
-            .map_or(Duration::ZERO, |t| t.saturating_duration_since(now));
+            .strict_first_end
+            .map_or(expires, |end| end.min(expires))
+            .saturating_duration_since(now);
         if crate::due(&mut self.unrecorded_logged, now, Duration::from_secs(60)) {
             tracing::warn!(
                 max = self.max,
@@ -275,7 +289,7 @@ impl Sessions {
             };
             if let Some(s) = self.map.remove(&old) {
                 if s.strict && s.expires > now {
-                    self.evicted_strict.insert(old, s.expires);
+                    self.remember_strict(old, s.expires);
                 }
             }
         }
@@ -294,10 +308,29 @@ impl Sessions {
         self.order[usize::from(strict)].push_back((now, key));
     }
 
+    /// A strict session pushed out before its `end`: it fails until then.
+    fn remember_strict(&mut self, key: Arc<str>, end: Instant) {
+        self.evicted_strict.insert(key, end);
+        self.strict_first_end = Some(self.strict_first_end.map_or(end, |t| t.min(end)));
+    }
+
+    /// Forgets the pushed-out strict sessions that have ended.
+    fn forget_ended_strict(&mut self, now: Instant) {
+        let mut first: Option<Instant> = None;
+        self.evicted_strict.retain(|_, until| {
+            let keep = *until > now;
+            if keep {
+                first = Some(first.map_or(*until, |t| t.min(*until)));
+            }
+            keep
+        });
+        self.strict_first_end = first;
+    }
+
     /// Drops the expired sessions (and what the order no longer needs).
     pub fn expire(&mut self, now: Instant) {
         self.map.retain(|_, s| s.expires > now);
-        self.evicted_strict.retain(|_, until| *until > now);
+        self.forget_ended_strict(now);
         let map = &self.map;
         for q in &mut self.order {
             q.retain(|(created, key)| map.get(key).is_some_and(|s| s.created == *created));
@@ -365,8 +398,7 @@ impl Sessions {
         let over = live.iter().take(skip).filter(|s| s.strict);
         for s in evicted.iter().chain(over) {
             if self.evicted_strict.len() < self.max {
-                self.evicted_strict
-                    .insert(Arc::from(s.key.as_str()), left(s));
+                self.remember_strict(Arc::from(s.key.as_str()), left(s));
             }
         }
         let mut n = 0;
@@ -570,8 +602,8 @@ mod tests {
             Pinned::Evicted
         );
         // Fill the list of remembered ones.
-        s.evicted_strict.insert(Arc::from("x"), at(3) + hour);
-        s.evicted_strict.insert(Arc::from("y"), at(3) + hour);
+        s.remember_strict(Arc::from("x"), at(3) + hour);
+        s.remember_strict(Arc::from("y"), at(3) + hour);
         // The oldest, loose-1 then loose-2, may move: they go.
         assert_eq!(s.room("new-1", at(4)), Ok(()));
         assert_eq!(s.len(), 3, "asking pushes nothing out");
@@ -602,6 +634,22 @@ mod tests {
                 Pinned::Address(ip(want))
             );
         }
+        // The full list of live ones was never passed over for one ended
+        // (it was, twice for each new session: all of it, under the lock).
+        assert_eq!(s.strict_passes, 0);
+        // Once one has ended (strict-1), it is forgotten: room in the list
+        // for strict-2, the oldest now, which is pushed out and remembered.
+        let later = at(1) + hour;
+        assert_eq!(s.room("new-4", later), Ok(()));
+        s.pin("new-4", ip("10.0.0.8"), hour, false, later);
+        assert_eq!(
+            s.pinned("strict-1", Family::V4, later, all_good),
+            Pinned::Nothing
+        );
+        assert_eq!(
+            s.pinned("strict-2", Family::V4, later, all_good),
+            Pinned::Evicted
+        );
     }
 
     #[test]
