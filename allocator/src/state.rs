@@ -238,6 +238,9 @@ fn valid_site(site: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
 }
 
+/// The longest software name a peer's Hello is kept with.
+const MAX_SOFTWARE: usize = 128;
+
 /// Sticky sessions held at most, unless configured.
 pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 
@@ -1040,6 +1043,13 @@ impl Allocator {
     pub fn lease_site(&self, peer: u64, families: Families, site: &str) -> Response {
         let mut inner = self.lock();
         let now = Instant::now();
+        // No state for what is no site's name (a worker sends a resolved
+        // host's; a peer that sends megabytes of anything holds none of
+        // it): from the shared rotation, as a push-back for it is ignored.
+        if !valid_site(site) {
+            let answer = inner.lease_checked(families);
+            return inner.answer(peer, answer);
+        }
         // Ends within three turns: a start per family at most (its cursor
         // is set then), and a walk answers.
         loop {
@@ -1265,7 +1275,16 @@ impl Allocator {
         }
     }
 
-    pub fn peer_connected(&self, id: u64, hello: Hello) {
+    pub fn peer_connected(&self, id: u64, mut hello: Hello) {
+        // Kept for each peer and copied into every status: a name, not
+        // the megabytes a peer may send.
+        if hello.software.len() > MAX_SOFTWARE {
+            let mut end = MAX_SOFTWARE;
+            while !hello.software.is_char_boundary(end) {
+                end -= 1;
+            }
+            hello.software.truncate(end);
+        }
         let mut inner = self.lock();
         if hello.role == rotor_protocol::Role::Worker
             && hello.minor < rotor_protocol::MINOR_SITES
@@ -1403,6 +1422,48 @@ mod tests {
 
     fn ok() -> HashMap<Segment, Result<(), String>> {
         HashMap::new()
+    }
+
+    /// A peer's software name is kept short, whatever it sent.
+    #[test]
+    fn a_peer_is_kept_with_a_short_software_name() {
+        let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
+        let mut hello = Hello::new(rotor_protocol::Role::Worker, "rotor 1");
+        hello.software = "é".repeat(1 << 20);
+        a.peer_connected(7, hello);
+        let kept = &a.lock().peers[&7].hello.software;
+        assert!(
+            kept.len() <= MAX_SOFTWARE && kept.starts_with('é'),
+            "{}",
+            kept.len()
+        );
+    }
+
+    /// A site lease for what is no site's name (a peer's megabyte of
+    /// anything) is a lease from the shared rotation, and makes no site
+    /// state under a `*` budget (it made a site of that name).
+    #[test]
+    fn a_site_lease_for_no_site_name_holds_nothing() {
+        let a = Allocator::new(vec![Source::list("10.0.0.1-10.0.0.2").unwrap()]);
+        let e = |s: &str| Segment::single(s.parse().unwrap());
+        a.apply_refresh(vec![Ok(vec![e("10.0.0.1"), e("10.0.0.2")])], &ok());
+        a.set_site_rules(
+            crate::sites::Rules::parse(&["*=5/1m".to_string()]).unwrap(),
+            1000,
+        );
+        for bad in ["x".repeat(300), "a b".into(), String::new()] {
+            assert!(matches!(
+                a.lease_site(1, Families::ANY, &bad),
+                Response::Leased(_)
+            ));
+        }
+        assert_eq!(a.sites_report(10).sites.len(), 0);
+        // A name is served from its own rotation, with its state.
+        assert!(matches!(
+            a.lease_site(1, Families::ANY, "example.com"),
+            Response::SiteLeased { .. }
+        ));
+        assert_eq!(a.sites_report(10).sites.len(), 1);
     }
 
     #[test]
