@@ -21,6 +21,9 @@ use rotor_protocol::{Histogram, WorkerMetrics, HISTOGRAM_BOUNDS};
 /// Source labels kept at most (a pool's entries, and addresses that left
 /// it); past it, `other`.
 pub const MAX_SOURCES: usize = 100_000;
+/// Error kinds kept at most (rotor's are a score of RFC 9209's); past it,
+/// `other`: a label set a peer's reports cannot grow.
+const MAX_ERROR_KINDS: usize = 64;
 /// How long a worker run's last report number is remembered.
 const RUNS_KEPT: std::time::Duration = std::time::Duration::from_secs(3600);
 
@@ -124,8 +127,12 @@ impl HostMetrics {
             t.bytes_from += s.bytes_from;
         }
         for (k, n) in &m.errors {
-            // RFC 9209 kinds are short words; anything else is `other`.
-            let k = match k.len() <= 40 && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+            // RFC 9209 kinds are short words, and a few dozen of them
+            // (rotor uses a score): anything else, or past the cap, is
+            // `other`.
+            let word = k.len() <= 40 && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+            let room = self.errors.contains_key(k) || self.errors.len() < MAX_ERROR_KINDS;
+            let k = match word && room {
                 true => k.clone(),
                 false => "other".into(),
             };
@@ -830,6 +837,31 @@ mod tests {
         assert_eq!(super::bearer_token(b"BEARER abc"), Some(&b"abc"[..]));
         assert_eq!(super::bearer_token(b"Basic abc"), None);
         assert_eq!(super::bearer_token(b"Bear"), None);
+    }
+
+    /// Error kinds from reports are bounded: not a word, or one past
+    /// the cap, counts as `other` (each was a label of its own).
+    #[test]
+    fn error_kinds_are_bounded() {
+        let mut h = HostMetrics::default();
+        let m = WorkerMetrics {
+            boot: 7,
+            seq: 1,
+            errors: (0..200)
+                .map(|i| {
+                    (
+                        format!("kind_{}", "x".repeat(i % 30 + 1)) + &"y".repeat(i / 30),
+                        1,
+                    )
+                })
+                .chain([("Not A Kind".to_string(), 1), ("dns_error".to_string(), 1)])
+                .collect(),
+            ..WorkerMetrics::default()
+        };
+        h.add(1, 100, &m, |ip| ip.to_string());
+        assert!(h.errors.len() <= MAX_ERROR_KINDS + 1, "{}", h.errors.len());
+        assert_eq!(h.errors.values().sum::<u64>(), 202, "none lost");
+        assert!(h.errors["other"] >= 1);
     }
 
     #[test]
