@@ -84,7 +84,13 @@ impl StateFile {
         })?;
         let mut buf = [0u8; LEN];
         let saved = match file.read_at(&mut buf, 0) {
-            Ok(n) => decode(&buf[..n]),
+            Ok(n) => {
+                let saved = decode(&buf[..n]);
+                if n > 0 && saved.is_none() {
+                    tracing::warn!(file = %path.display(), "the rotation state record is torn or corrupt (its checksum does not match): the rotation starts over");
+                }
+                saved
+            }
             Err(_) => None,
         };
         Ok((StateFile { file, path }, saved))
@@ -150,11 +156,23 @@ pub fn read_hand(path: &Path) -> io::Result<(Vec<HandOut>, Vec<String>)> {
 }
 
 /// Renames a file that does not parse to `….corrupt`, kept for a look and
-/// not lost to the next write.
+/// not lost to the next write; one set aside before is kept too (the next
+/// is `….corrupt.2`, up to `….corrupt.9`, which the later ones replace).
 fn set_aside(path: &Path) {
-    let mut name = path.file_name().unwrap_or_default().to_owned();
-    name.push(".corrupt");
-    let _ = std::fs::rename(path, path.with_file_name(name));
+    let name = path.file_name().unwrap_or_default().to_owned();
+    let named = |n: u32| {
+        let mut name = name.clone();
+        name.push(".corrupt");
+        if n > 1 {
+            name.push(format!(".{n}"));
+        }
+        path.with_file_name(name)
+    };
+    let to = (1..9)
+        .map(named)
+        .find(|p| !p.exists())
+        .unwrap_or_else(|| named(9));
+    let _ = std::fs::rename(path, to);
 }
 
 /// Makes `dir` (and its parents) if missing; `dir` itself only its owner
@@ -239,8 +257,10 @@ fn sync_dir(path: &Path) {
     }
 }
 
-fn read_text(path: &Path) -> io::Result<Option<String>> {
-    match std::fs::read_to_string(path) {
+/// A state file's bytes, if it is there. (Not checked as text here: bytes
+/// that are not UTF-8 are a file that does not parse, set aside as any.)
+fn read_text(path: &Path) -> io::Result<Option<Vec<u8>>> {
+    match std::fs::read(path) {
         Ok(t) => Ok(Some(t)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
@@ -248,8 +268,8 @@ fn read_text(path: &Path) -> io::Result<Option<String>> {
 }
 
 /// A state file's JSON; one that does not parse is `InvalidData`.
-fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> io::Result<T> {
-    serde_json::from_str(text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+fn parse_json<T: serde::de::DeserializeOwned>(text: &[u8]) -> io::Result<T> {
+    serde_json::from_slice(text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Keeps `items` in `path` for the next start (see `take_kept`).
@@ -341,6 +361,17 @@ mod tests {
             assert_eq!(std::fs::read(&aside).unwrap(), b"{garbage");
             std::fs::rename(&aside, &path).unwrap();
         }
+        // Bytes that are not text are set aside too (they failed the read
+        // before, and the next checkpoint wrote over them), and the first
+        // one set aside is kept.
+        std::fs::write(dir.path().join("sessions.json.corrupt"), b"first").unwrap();
+        std::fs::write(&path, b"\xff\xfe[1]").unwrap();
+        let got = super::take_kept::<u32>(&path, false);
+        assert_eq!(got.unwrap_err().kind(), std::io::ErrorKind::InvalidData);
+        assert!(!path.exists());
+        let aside = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+        assert_eq!(aside("sessions.json.corrupt"), b"first");
+        assert_eq!(aside("sessions.json.corrupt.2"), b"\xff\xfe[1]");
         // A good one is read, and goes only when asked.
         super::write_kept(&path, &[1u32, 2]).unwrap();
         assert_eq!(super::take_kept::<u32>(&path, false).unwrap(), [1, 2]);
