@@ -54,7 +54,12 @@ impl Reply {
         match e {
             Denied(_) => Reply::NotAllowed,
             Dns { .. } | DnsEmpty { .. } => Reply::HostUnreachable,
-            Unreachable { source, .. } if source.raw_os_error() == Some(libc::ENETUNREACH) => {
+            Unreachable { source, .. }
+                if matches!(
+                    source.raw_os_error(),
+                    Some(libc::ENETUNREACH | libc::ENETDOWN)
+                ) =>
+            {
                 Reply::NetworkUnreachable
             }
             Unreachable { .. } => Reply::HostUnreachable,
@@ -545,6 +550,21 @@ mod tests {
         let (r, out) = run(&[5, 1, 2, 5, 1, b'a', 1, b'b'], true).await;
         assert!(matches!(r, Err(HandshakeError::BadAuth)), "{r:?}");
         assert_eq!(out, [5, 2, 1, 1]);
+    }
+
+    /// A network down is the network's failure (3), as dante answers it; a
+    /// host down or unreachable the host's (4).
+    #[test]
+    fn unreachable_networks_and_hosts_get_their_own_codes() {
+        let reply = |errno| {
+            let e = ProxyError::from_connect("d:1".into(), io::Error::from_raw_os_error(errno));
+            Reply::of(&e) as u8
+        };
+        assert_eq!(reply(libc::ENETUNREACH), Reply::NetworkUnreachable as u8);
+        assert_eq!(reply(libc::ENETDOWN), Reply::NetworkUnreachable as u8);
+        assert_eq!(reply(libc::EHOSTUNREACH), Reply::HostUnreachable as u8);
+        assert_eq!(reply(libc::EHOSTDOWN), Reply::HostUnreachable as u8);
+        assert_eq!(reply(libc::ECONNREFUSED), Reply::Refused as u8);
     }
 
     #[test]
