@@ -32,6 +32,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A peer that does not read its replies for this long is dropped, so it
 /// cannot pin memory or a task.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a peer may take to send the rest of a frame it began.
+const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -546,6 +548,8 @@ enum ConnError {
     DuplicateHello,
     #[error("peer did not read its replies for {0:?}")]
     WriteTimeout(Duration),
+    #[error("peer stopped in the middle of a frame for {0:?}")]
+    StalledMidFrame(Duration),
 }
 
 fn log_conn_error(e: &ConnError) {
@@ -555,7 +559,9 @@ fn log_conn_error(e: &ConnError) {
         ConnError::Handshake(HandshakeError::Channel(c)) => c.is_protocol_violation(),
         ConnError::Handshake(HandshakeError::Closed) => false,
         ConnError::Handshake(_) | ConnError::DuplicateHello => true,
-        ConnError::HandshakeTimeout(_) | ConnError::WriteTimeout(_) => true,
+        ConnError::HandshakeTimeout(_)
+        | ConnError::WriteTimeout(_)
+        | ConnError::StalledMidFrame(_) => true,
     };
     // A peer of another major retries its connection twice a second for
     // as long as it runs: said once a minute, not at each attempt.
@@ -701,7 +707,34 @@ async fn serve(
 
     let (mut tx, mut rx) = chan.split();
     let mut replies = Vec::with_capacity(BATCH);
-    while let Some(frame) = rx.recv().await? {
+    // A peer quiet between frames is waited for as long as it likes; one
+    // that began a frame and stopped holds the room its length asked for
+    // (up to a frame, 4 MiB): closed when two ticks 10 s apart found the
+    // same frame begun (it had 10–20 s to finish it). One timer lives as
+    // long as the connection, not one per wait.
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + FRAME_TIMEOUT, FRAME_TIMEOUT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut frames = 0u64;
+    // The count of frames read when the last tick found one begun.
+    let mut begun_at = None;
+    loop {
+        let frame = tokio::select! {
+            biased;
+            frame = rx.recv() => frame?,
+            _ = tick.tick() => {
+                let mid = rx.mid_frame();
+                if mid && begun_at == Some(frames) {
+                    return Err(ConnError::StalledMidFrame(FRAME_TIMEOUT));
+                }
+                begun_at = mid.then_some(frames);
+                continue;
+            }
+        };
+        let Some(frame) = frame else {
+            break;
+        };
+        frames += 1;
         // Answer every request already received as one batch: the state
         // file is written once, before any reply of the batch is sent, so
         // no lease leaves that a restart would hand out again.

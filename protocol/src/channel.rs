@@ -6,7 +6,7 @@ use std::marker::PhantomData;
 use futures_util::{SinkExt, StreamExt};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
-use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::codec::{Decoder, FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::codec::{self, CodecError};
 
@@ -41,8 +41,31 @@ pub struct ChannelTx<W, Tx> {
 }
 
 pub struct ChannelRx<R, Rx> {
-    inner: FramedRead<R, LengthDelimitedCodec>,
+    inner: FramedRead<R, Framing>,
     _rx: PhantomData<fn() -> Rx>,
+}
+
+/// The length-delimited decoder, and whether a frame has begun and not
+/// ended: the codec takes a frame's length out of the buffer once read, so
+/// the buffer alone cannot tell a stalled frame from none.
+struct Framing {
+    codec: LengthDelimitedCodec,
+    begun: bool,
+}
+
+impl Decoder for Framing {
+    type Item = bytes::BytesMut;
+    type Error = std::io::Error;
+
+    fn decode(&mut self, src: &mut bytes::BytesMut) -> Result<Option<Self::Item>, Self::Error> {
+        let had_bytes = !src.is_empty();
+        let frame = self.codec.decode(src)?;
+        self.begun = match frame {
+            Some(_) => !src.is_empty(),
+            None => self.begun || had_bytes,
+        };
+        Ok(frame)
+    }
 }
 
 impl<S, Tx, Rx> Channel<S, Tx, Rx>
@@ -59,7 +82,13 @@ where
                 _tx: PhantomData,
             },
             rx: ChannelRx {
-                inner: FramedRead::new(r, codec::framing()),
+                inner: FramedRead::new(
+                    r,
+                    Framing {
+                        codec: codec::framing(),
+                        begun: false,
+                    },
+                ),
                 _rx: PhantomData,
             },
         }
@@ -117,6 +146,13 @@ impl<R: AsyncRead + Unpin, Rx: DeserializeOwned> ChannelRx<R, Rx> {
             Some(Err(e)) => Err(e.into()),
             None => Ok(None),
         }
+    }
+
+    /// Whether part of a frame has come and the rest not yet (what a peer
+    /// that stopped in the middle of one holds: the frame's room is
+    /// reserved once its length is read).
+    pub fn mid_frame(&self) -> bool {
+        self.inner.decoder().begun
     }
 
     /// Whether a whole frame is already buffered, so a server can batch its

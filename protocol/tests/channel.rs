@@ -121,3 +121,41 @@ fn families_of_addresses() {
     assert_eq!(Families::of([v4, v6]), Families::ANY);
     assert!(!Families::of([v6]).accepts(&v4));
 }
+
+/// A frame begun and not ended is told apart from none, also once the
+/// codec has taken its length out of the buffer, and a recv cancelled
+/// while it waits loses nothing.
+#[tokio::test]
+async fn a_frame_begun_is_seen_as_begun_until_it_ends() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let (_, mut rx) = Channel::<_, ClientFrame, ServerFrame>::new(b).split();
+    let mut a = a;
+    let frame = encode(&ServerFrame::Response(Envelope {
+        id: 5,
+        body: Response::Reloaded {
+            generation: 1,
+            size: 0,
+        },
+    }))
+    .unwrap();
+    let mut wire = (frame.len() as u32).to_be_bytes().to_vec();
+    wire.extend_from_slice(&frame);
+    let wait = std::time::Duration::from_millis(50);
+    assert!(tokio::time::timeout(wait, rx.recv()).await.is_err());
+    assert!(!rx.mid_frame(), "nothing sent yet");
+    // Only the length: the codec consumes it and the buffer is empty.
+    a.write_all(&wire[..4]).await.unwrap();
+    assert!(tokio::time::timeout(wait, rx.recv()).await.is_err());
+    assert!(rx.mid_frame(), "length read, body not");
+    a.write_all(&wire[4..6]).await.unwrap();
+    assert!(tokio::time::timeout(wait, rx.recv()).await.is_err());
+    assert!(rx.mid_frame());
+    a.write_all(&wire[6..]).await.unwrap();
+    let got = rx.recv().await.unwrap().unwrap();
+    assert!(matches!(got, ServerFrame::Response(Envelope { id: 5, .. })));
+    assert!(!rx.mid_frame(), "the frame ended");
+    // Part of a length only.
+    a.write_all(&wire[..2]).await.unwrap();
+    assert!(tokio::time::timeout(wait, rx.recv()).await.is_err());
+    assert!(rx.mid_frame());
+}

@@ -106,6 +106,29 @@ async fn garbage_on_the_allocator_socket_closes_only_that_connection() {
     assert!(alloc.proc.is_running());
 }
 
+/// A peer that stops in the middle of a frame (its length read: the
+/// allocator reserved room for all of it) is closed, within 10–20 s, while
+/// everyone else is served; it held that room for ever.
+#[tokio::test]
+async fn a_peer_stalled_mid_frame_is_closed() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let mut s = UnixStream::connect(&alloc.socket).await.unwrap();
+    let hello = ClientFrame::Hello(Hello::new(Role::Worker, "stalled"));
+    s.write_all(&frame(&encode(&hello).unwrap())).await.unwrap();
+    let mut announced = (1u32 << 20).to_be_bytes().to_vec();
+    announced.extend_from_slice(&[0; 10]);
+    s.write_all(&announced).await.unwrap();
+    let t0 = std::time::Instant::now();
+    assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
+    let mut out = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out)).await;
+    assert!(r.is_ok(), "the allocator kept a peer stalled mid-frame");
+    assert!(t0.elapsed() >= Duration::from_secs(9), "{:?}", t0.elapsed());
+    assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
+}
+
 #[tokio::test]
 async fn garbage_on_the_proxy_port_never_takes_the_worker_down() {
     let origin = Origin::start().await;
