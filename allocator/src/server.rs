@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use rotor_protocol::{
     error_chain, server_handshake, Channel, ChannelError, ClientFrame, Envelope, Family,
-    HandshakeError, Hello, LeaseTable, Request, Response, Role, Segment, ServerChannel,
-    ServerFrame, StatusReport, TableError,
+    HandshakeError, Hello, LeaseTable, ReloadReport, Request, Response, Role, Segment,
+    ServerChannel, ServerFrame, StatusReport, TableError, REPORT_TEXT_MAX,
 };
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -583,6 +583,19 @@ fn log_conn_error(e: &ConnError) {
     }
 }
 
+/// `text` cut to `REPORT_TEXT_MAX` bytes, at a character's boundary.
+fn cut(mut text: String) -> String {
+    if text.len() > REPORT_TEXT_MAX {
+        let mut end = REPORT_TEXT_MAX;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 /// Most requests answered per batch (per state write and flush).
 const BATCH: usize = 64;
 
@@ -643,13 +656,24 @@ async fn answer(
         } => Response::Steered {
             entry: alloc.steer(ip, release, for_secs.map(Duration::from_secs)),
         },
-        Request::Reload => {
+        kind @ (Request::Reload | Request::ReloadReport) => {
+            let report = matches!(kind, Request::ReloadReport);
             let (reply_tx, reply_rx) = oneshot::channel();
             let outcome = match reload.send(reply_tx).await {
                 Ok(()) => reply_rx.await.ok(),
                 Err(_) => None,
             };
             match outcome {
+                Some(o) if report => Response::ReloadReport(ReloadReport {
+                    generation: o.generation,
+                    entries: o.size as u64,
+                    addresses: o.addresses,
+                    failed: o
+                        .failed
+                        .into_iter()
+                        .map(|(name, error)| (cut(name), cut(error)))
+                        .collect(),
+                }),
                 Some(o) => Response::Reloaded {
                     generation: o.generation,
                     size: o.size as u32,
@@ -763,6 +787,18 @@ async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn report_texts_are_cut_at_a_character() {
+        assert_eq!(cut("short".into()), "short");
+        let long = cut("é".repeat(REPORT_TEXT_MAX));
+        assert!(
+            long.len() <= REPORT_TEXT_MAX + '…'.len_utf8(),
+            "{}",
+            long.len()
+        );
+        assert!(long.ends_with("é…"), "{long}");
+    }
 
     /// A status of 262 144 listed addresses is larger than a frame: the
     /// client is told so, and the connection stays (before, the encoder

@@ -366,14 +366,21 @@ impl Inner {
 
     /// Records one check of `e`: into quarantine (logged once), a longer
     /// wait, or out of quarantine (logged).
-    fn judge(&mut self, e: Segment, check: &Result<(), String>, now: Instant) {
-        self.judge_as(e, check, now, false)
+    fn judge(&mut self, e: Segment, check: &Result<(), String>, now: Instant, told: &mut Told) {
+        self.judge_as(e, check, now, false, told)
     }
 
     /// As `judge`; a worker's `report` puts an entry in quarantine but does
     /// not lengthen one (a burst of reports must not reach the longest
     /// wait at once: only failed checks double it).
-    fn judge_as(&mut self, e: Segment, check: &Result<(), String>, now: Instant, report: bool) {
+    fn judge_as(
+        &mut self,
+        e: Segment,
+        check: &Result<(), String>,
+        now: Instant,
+        report: bool,
+        told: &mut Told,
+    ) {
         if let Some(q) = self.quarantine.get(&e).filter(|q| q.by_hand) {
             if q.next_check <= now {
                 self.quarantine.remove(&e);
@@ -386,7 +393,10 @@ impl Inner {
             (Ok(()), None) => {}
             (Ok(()), Some(_)) => {
                 self.quarantine.remove(&e);
-                tracing::info!(entry = %e, "pool address usable again; back in the rotation");
+                told.back += 1;
+                if told.back <= Told::EACH {
+                    tracing::info!(entry = %e, "pool address usable again; back in the rotation");
+                }
             }
             (Err(reason), Some(q)) => {
                 q.backoff = (q.backoff * 2).min(QUARANTINE_MAX);
@@ -394,7 +404,10 @@ impl Inner {
                 q.reason.clone_from(reason);
             }
             (Err(reason), None) => {
-                tracing::warn!(entry = %e, %reason, "pool address out of the rotation until it can be used");
+                told.out += 1;
+                if told.out <= Told::EACH {
+                    tracing::warn!(entry = %e, %reason, "pool address out of the rotation until it can be used");
+                }
                 self.quarantine.insert(
                     e,
                     Quarantine {
@@ -509,13 +522,47 @@ struct Peer {
     slot: Option<u32>,
 }
 
+/// Entries that left or came back to the rotation in one pass of checks:
+/// the first few are logged each, the rest summed up in one line (a /16
+/// listed address by address that is not this host's would be 65 536
+/// warnings).
+#[derive(Default)]
+struct Told {
+    out: usize,
+    back: usize,
+}
+
+impl Told {
+    const EACH: usize = 8;
+
+    fn sum_up(&self) {
+        if self.out > Told::EACH {
+            tracing::warn!(
+                more = self.out - Told::EACH,
+                total = self.out,
+                "more pool addresses out of the rotation until they can be used (`rotor status` lists them with the reason)"
+            );
+        }
+        if self.back > Told::EACH {
+            tracing::info!(
+                more = self.back - Told::EACH,
+                total = self.back,
+                "more pool addresses usable again; back in the rotation"
+            );
+        }
+    }
+}
+
 /// What one refresh changed, for the log and the `Reload` reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RefreshOutcome {
     pub changed: bool,
     pub generation: u64,
     pub size: usize,
-    pub failed_sources: usize,
+    /// Addresses in rotation (an entry may be a prefix of many).
+    pub addresses: u64,
+    /// The sources that could not be read this time: name and why.
+    pub failed: Vec<(String, String)>,
 }
 
 impl Allocator {
@@ -670,7 +717,7 @@ impl Allocator {
         checks: &HashMap<Segment, Result<(), String>>,
     ) -> RefreshOutcome {
         let mut inner = self.lock();
-        let mut failed = 0;
+        let mut failed = Vec::new();
         let mut inner_source_errors = 0;
         for (state, read) in inner.sources.iter_mut().zip(reads) {
             match read {
@@ -679,9 +726,9 @@ impl Allocator {
                     state.error = None;
                 }
                 Err(e) => {
-                    failed += 1;
                     inner_source_errors += 1;
                     let msg = error_chain(&e);
+                    failed.push((state.source.name(), msg.clone()));
                     tracing::warn!(
                         source = %state.source.name(),
                         error = %msg,
@@ -703,9 +750,11 @@ impl Allocator {
         let now = Instant::now();
         inner.carry_hand(&listed, &addrs, now);
         inner.quarantine.retain(|e, _| listed.contains(e));
+        let mut told = Told::default();
         for (e, check) in checks {
-            inner.judge(*e, check, now);
+            inner.judge(*e, check, now, &mut told);
         }
+        told.sum_up();
         let quarantined: HashSet<Segment> = inner.quarantine.keys().copied().collect();
         let old_table = inner.pool.table().clone();
         let changed = match inner.pool.update(addrs, quarantined) {
@@ -749,7 +798,15 @@ impl Allocator {
             changed,
             generation: inner.pool.generation(),
             size: inner.pool.len(),
-            failed_sources: failed,
+            addresses: {
+                let snap = inner.pool.snapshot();
+                let active: Vec<Segment> = snap.pool.iter().map(|(e, _)| *e).collect();
+                Family::ALL
+                    .into_iter()
+                    .map(|f| family_total(&active, f))
+                    .fold(0u64, u64::saturating_add)
+            },
+            failed,
         }
     }
 
@@ -808,11 +865,13 @@ impl Allocator {
         // A set, not a scan a check: a /16 listed address by address falls
         // due at once (65 536 checks against 65 536 entries under the lock).
         let listed: HashSet<Segment> = inner.pool.addrs().iter().copied().collect();
+        let mut told = Told::default();
         for (e, check) in checks {
             if listed.contains(e) {
-                inner.judge(*e, check, now);
+                inner.judge(*e, check, now, &mut told);
             }
         }
+        told.sum_up();
         inner.publish_quarantine();
     }
 
@@ -831,6 +890,7 @@ impl Allocator {
             &Err(format!("a worker could not use {ip}: {reason}")),
             now,
             true,
+            &mut Told::default(),
         );
         inner.publish_quarantine();
         inner.pool.is_quarantined(&e)
@@ -1480,7 +1540,7 @@ mod tests {
         assert_eq!((out.changed, out.size), (true, 2));
         let err = SourceError::NoInterface("x".into());
         let out = a.apply_refresh(vec![Err(err), Ok(vec![ip("10.0.0.9")])], &ok());
-        assert_eq!((out.changed, out.size, out.failed_sources), (false, 2, 1));
+        assert_eq!((out.changed, out.size, out.failed.len()), (false, 2, 1));
         assert!(a.status().sources[0].error.is_some());
         let out = a.apply_refresh(vec![Ok(vec![]), Ok(vec![ip("10.0.0.9")])], &ok());
         assert_eq!((out.changed, out.size), (true, 1));

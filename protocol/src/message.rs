@@ -23,7 +23,7 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 5;
+pub const PROTOCOL_MINOR: u16 = 6;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
@@ -41,6 +41,9 @@ pub const MINOR_METRICS: u16 = 4;
 /// The first minor whose worker reads `Response::SessionsFull` (an older
 /// one is sent `Response::Error`).
 pub const MINOR_SESSIONS_FULL: u16 = 5;
+/// The first minor whose allocator answers `Request::ReloadReport` (the
+/// reload's outcome with the sources that failed, in one small answer).
+pub const MINOR_RELOAD_REPORT: u16 = 6;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
 /// sides; the last bucket (+Inf) is implicit.
@@ -247,6 +250,10 @@ pub enum Request {
     /// What the workers served, for `rotor status` (since minor 4).
     /// Answered `HostStatus`.
     HostStatus,
+    /// Re-read the pool sources now (since minor 6), answered
+    /// `ReloadReport`: `Reload`'s answer has no room for the sources that
+    /// failed, and a status to learn them can outgrow a frame.
+    ReloadReport,
 }
 
 impl Request {
@@ -265,9 +272,27 @@ impl Request {
             | Request::SiteOk { .. }
             | Request::Sites { .. } => MINOR_SITES,
             Request::Metrics(_) | Request::Steer { .. } | Request::HostStatus => MINOR_METRICS,
+            Request::ReloadReport => MINOR_RELOAD_REPORT,
         }
     }
 }
+
+/// What a reload did: the answer to `ReloadReport`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub generation: u64,
+    /// Entries in the pool (an entry may be a range or prefix).
+    pub entries: u64,
+    /// Addresses in rotation.
+    pub addresses: u64,
+    /// The sources that could not be read (their last good addresses are
+    /// kept): name and error, each cut to `REPORT_TEXT_MAX` bytes.
+    pub failed: Vec<(String, String)>,
+}
+
+/// The longest source name or error a `ReloadReport` carries, so that one
+/// with many failing sources still fits a frame.
+pub const REPORT_TEXT_MAX: usize = 1024;
 
 /// The host's figures as the workers reported them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -464,6 +489,8 @@ pub enum Response {
     SessionsFull {
         retry_after_ms: u64,
     },
+    /// The answer to `ReloadReport`.
+    ReloadReport(ReloadReport),
 }
 
 /// The per-site state: budgets and cooldowns by site and address.

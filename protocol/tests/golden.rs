@@ -192,6 +192,14 @@ fn golden_client_frames() {
         }),
         "01070bc8",
     );
+    // Minor 6.
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::ReloadReport,
+        }),
+        "01070f",
+    );
 }
 
 #[test]
@@ -397,5 +405,15 @@ fn golden_server_frames() {
             retry_after_ms: 1500,
         }),
         "01090ffbdc05",
+    );
+    // Minor 6.
+    check(
+        resp(Response::ReloadReport(ReloadReport {
+            generation: 4,
+            entries: 8,
+            addresses: 300,
+            failed: vec![("f".into(), "e".into())],
+        })),
+        "0109100408fb2c010101660165",
     );
 }

@@ -9,7 +9,7 @@ use rotor::signals::Signals;
 use rotor::up::UpArgs;
 use rotor_protocol::{
     error_chain, PeerStatus, Request, Response, SitesReport, SourceStatus, StatusReport,
-    StatusReportV2, MINOR_FAMILIES, MINOR_METRICS, MINOR_SITES,
+    StatusReportV2, MINOR_FAMILIES, MINOR_METRICS, MINOR_RELOAD_REPORT, MINOR_SITES,
 };
 
 /// rotor: a backconnect forward proxy that sends each request from the next
@@ -196,22 +196,39 @@ fn main() -> ExitCode {
 /// that failed (1: the rest — workers' files, logs — was reloaded).
 #[allow(clippy::print_stdout)]
 async fn reload(control: &ControlArgs) -> ExitCode {
-    let answer = request(control, Request::Reload).await;
-    let Ok(Response::Reloaded { generation, size }) = answer else {
-        return report(answer, |_| None);
+    let answer = match control.socket() {
+        Ok(socket) => {
+            rotor::control::request_by_minor(&socket, |minor| match minor >= MINOR_RELOAD_REPORT {
+                true => Request::ReloadReport,
+                false => Request::Reload,
+            })
+            .await
+        }
+        Err(e) => Err(anyhow::anyhow!("{e}")),
     };
-    let (addresses, sources) = match status(control).await {
-        Ok(Response::StatusV2(s)) => (
-            Some(s.families.iter().map(|f| f.total).sum::<u64>()),
-            s.sources,
-        ),
-        Ok(Response::Status(s)) => (None, s.sources),
-        _ => (None, Vec::new()),
+    let (generation, size, addresses, failed) = match answer {
+        Ok(Response::ReloadReport(r)) => (r.generation, r.entries, Some(r.addresses), r.failed),
+        // An allocator before minor 6: the failed sources from its status,
+        // which a pool too large to list leaves unknown (said, exit 3).
+        Ok(Response::Reloaded { generation, size }) => {
+            let (addresses, failed) = match status(control).await {
+                Ok(Response::StatusV2(s)) => (
+                    Some(s.families.iter().map(|f| f.total).sum::<u64>()),
+                    failed_sources(s.sources),
+                ),
+                Ok(Response::Status(s)) => (None, failed_sources(s.sources)),
+                _ => (
+                    None,
+                    vec![(
+                        "the pool's sources".to_string(),
+                        "unknown: the allocator is too old to say in its answer, and its status could not be read".to_string(),
+                    )],
+                ),
+            };
+            (generation, size.into(), addresses, failed)
+        }
+        other => return report(other, |_| None),
     };
-    let failed: Vec<(String, String)> = sources
-        .into_iter()
-        .filter_map(|src| src.error.map(|e| (src.name, e)))
-        .collect();
     let count = addresses.map_or(String::new(), |n| format!("{n} addresses in "));
     println!("pool reloaded: {count}{size} entries, generation {generation}");
     if failed.is_empty() {
@@ -221,6 +238,13 @@ async fn reload(control: &ControlArgs) -> ExitCode {
         eprintln!("rotor: {name} could not be read (its last good addresses are kept): {error}");
     }
     ExitCode::from(3)
+}
+
+fn failed_sources(sources: Vec<rotor_protocol::SourceStatus>) -> Vec<(String, String)> {
+    sources
+        .into_iter()
+        .filter_map(|src| src.error.map(|e| (src.name, e)))
+        .collect()
 }
 
 /// `rotor quarantine` and `rotor release`.
@@ -279,10 +303,6 @@ async fn status(control: &ControlArgs) -> anyhow::Result<Response> {
         false => Request::Status,
     })
     .await
-}
-
-async fn request(control: &ControlArgs, body: Request) -> anyhow::Result<Response> {
-    rotor::control::request(&control.socket()?, body).await
 }
 
 #[allow(clippy::print_stdout)]

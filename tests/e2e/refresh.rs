@@ -202,3 +202,65 @@ fn pool_sources_are_read_at_once() {
     assert!(out.contains("2 addresses"), "{out}");
     drop(alloc);
 }
+
+/// A pool too large for its status to fit a frame (262 144 entries, none
+/// of them this host's): `rotor reload` still names a source that failed
+/// and exits 3. (It learnt the failures from a status, and with no status
+/// to read it passed for a good reload.) The log sums up the entries out
+/// of the rotation instead of a line each.
+#[tokio::test]
+async fn a_reload_of_a_pool_too_large_to_list_still_names_a_failed_source() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let file = dir.path().join("pool.txt");
+    std::fs::write(&file, "127.0.0.2\n").unwrap();
+    let log = dir.path().join("allocator.log");
+    let prefixes = "2001:db8:1::/112,2001:db8:2::/112,2001:db8:3::/112,2001:db8:4::/112";
+    let alloc = Allocator::start_logging(
+        dir.clone(),
+        &[
+            "--pool",
+            prefixes,
+            "--pool-file",
+            file.to_str().unwrap(),
+            "--refresh",
+            "1h",
+        ],
+        &log,
+    )
+    .await;
+    let socket = alloc.socket.to_str().unwrap();
+    let status = Command::new(ROTOR)
+        .args(["status", "--socket", socket])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&status.stderr);
+    assert!(err.contains("larger than a frame"), "{err}");
+
+    std::fs::remove_file(&file).unwrap();
+    let out = Command::new(ROTOR)
+        .args(["reload", "--socket", socket])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(3), "{stdout}{stderr}");
+    assert!(stdout.contains("262145 entries"), "{stdout}");
+    assert!(
+        stderr.contains("pool.txt could not be read") && stderr.contains("No such file"),
+        "{stderr}"
+    );
+
+    let text = std::fs::read_to_string(&log).unwrap();
+    let each = text
+        .lines()
+        .filter(|l| l.contains("pool address out of the rotation"))
+        .count();
+    assert_eq!(each, 8, "one line an entry for the first 8 only");
+    assert!(
+        text.contains("more pool addresses out of the rotation") && text.contains("total=262144"),
+        "{}",
+        &text[..text.len().min(4000)]
+    );
+}

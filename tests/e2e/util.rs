@@ -175,6 +175,21 @@ impl Allocator {
     }
 
     pub async fn start_in(dir: Arc<tempfile::TempDir>, args: &[&str]) -> Allocator {
+        Allocator::start_cmd(Command::new(ALLOCATOR), dir, args).await
+    }
+
+    /// `start_in`, its log written to `log` instead of the test's stderr.
+    pub async fn start_logging(
+        dir: Arc<tempfile::TempDir>,
+        args: &[&str],
+        log: &Path,
+    ) -> Allocator {
+        let mut cmd = Command::new(ALLOCATOR);
+        cmd.stderr(std::fs::File::create(log).unwrap());
+        Allocator::start_cmd(cmd, dir, args).await
+    }
+
+    async fn start_cmd(cmd: Command, dir: Arc<tempfile::TempDir>, args: &[&str]) -> Allocator {
         let socket = dir.path().join("allocator.sock");
         let state = dir.path().join("state");
         let mut all = vec![
@@ -184,7 +199,7 @@ impl Allocator {
             state.to_str().unwrap(),
         ];
         all.extend_from_slice(args);
-        let mut proc = Proc::spawn(ALLOCATOR, &all);
+        let mut proc = Proc::spawn_cmd(cmd, ALLOCATOR, &all);
         // Ready once it answers a Hello: the socket is bound before the
         // first pool load, and a connection made during that load waits in
         // the backlog. A refusal (a peer not allowed) is an answer too.
