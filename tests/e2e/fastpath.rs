@@ -736,3 +736,81 @@ async fn a_client_gone_before_the_answer_has_its_request_given_up() {
     })
     .await;
 }
+
+/// RFC 9110 §7.6.2: a TRACE or OPTIONS with `Max-Forwards: 0` is answered
+/// by rotor (TRACE reflecting the request less its credentials), one with
+/// more goes on with one less, and other methods' goes on as it came; on
+/// the fast path and on hyper's (HTTP/1.0).
+#[tokio::test]
+async fn max_forwards_is_honoured_for_trace_and_options() {
+    let (origin, heads) =
+        head_recording_origin(|_| b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    for version in ["1.1", "1.0"] {
+        heads.lock().unwrap().clear();
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        let keep = match version {
+            "1.0" => "Connection: keep-alive\r\n",
+            _ => "",
+        };
+        let trace = format!(
+            "TRACE http://{origin}/t HTTP/{version}\r\nHost: {origin}\r\n{keep}Max-Forwards: 0\r\n\
+             Cookie: c=1\r\nX-Mine: yes\r\n\r\n"
+        );
+        s.write_all(trace.as_bytes()).await.unwrap();
+        let (status, head, body) = response(&mut s, false).await;
+        assert_eq!(status, 200, "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: message/http"),
+            "{head}"
+        );
+        let body = String::from_utf8(body).unwrap();
+        assert!(
+            body.starts_with(&format!("TRACE http://{origin}/t HTTP/{version}\r\n")),
+            "{body}"
+        );
+        assert!(
+            body.to_ascii_lowercase().contains("x-mine: yes\r\n"),
+            "{body}"
+        );
+        assert!(!body.to_ascii_lowercase().contains("cookie"), "{body}");
+        assert!(body.ends_with("\r\n\r\n"), "{body}");
+
+        let options = format!(
+            "OPTIONS http://{origin}/o HTTP/{version}\r\nHost: {origin}\r\n{keep}Max-Forwards: 0\r\n\r\n"
+        );
+        s.write_all(options.as_bytes()).await.unwrap();
+        let (status, head, body) = response(&mut s, false).await;
+        assert_eq!((status, body.len()), (200, 0), "{head}");
+        assert!(
+            head.to_ascii_lowercase().contains("allow: get, head"),
+            "{head}"
+        );
+        assert!(
+            heads.lock().unwrap().is_empty(),
+            "neither reached the origin"
+        );
+
+        for (method, sent, passed) in [
+            ("OPTIONS", "3", "2"),
+            ("TRACE", "1", "0"),
+            ("GET", "0", "0"),
+            ("OPTIONS", "x", "x"),
+        ] {
+            let req = format!(
+                "{method} http://{origin}/f HTTP/{version}\r\nHost: {origin}\r\n{keep}Max-Forwards: {sent}\r\n\r\n"
+            );
+            s.write_all(req.as_bytes()).await.unwrap();
+            let (status, head, _) = response(&mut s, false).await;
+            assert_eq!(status, 200, "{method} {sent}: {head}");
+            let got = heads.lock().unwrap().pop().expect("forwarded");
+            assert!(
+                got.contains(&format!("Max-Forwards: {passed}\r\n"))
+                    || got.contains(&format!("max-forwards: {passed}\r\n")),
+                "{method} {sent}: {got}"
+            );
+        }
+    }
+}

@@ -302,6 +302,26 @@ impl Proxy {
             }
             e
         });
+        // RFC 9110 §7.6.2: a TRACE or OPTIONS with `Max-Forwards: 0` is
+        // answered here, rotor being its final recipient (after the
+        // credentials' check: nothing is told to a client not let in).
+        let mut fields = fields;
+        if checked.is_ok() && (method == Method::TRACE || method == Method::OPTIONS) {
+            match max_forwards(&fields) {
+                Some(0) => {
+                    abandoned.armed = false;
+                    return self.answer_itself(
+                        &parts,
+                        &fields,
+                        abandoned.entry.take(),
+                        client,
+                        start,
+                    );
+                }
+                Some(n) => fields.insert(header::MAX_FORWARDS, HeaderValue::from(n - 1)),
+                None => {}
+            }
+        }
         let result = match checked {
             Err(e) => Err(e),
             // (A forward checks its Host where it replaces it.)
@@ -368,6 +388,30 @@ impl Proxy {
                 Answer::from(resp.map(|b| Either::Right(Either::Left(b))))
             }
         }
+    }
+
+    /// Rotor's own answer to a TRACE or OPTIONS with `Max-Forwards: 0`,
+    /// logged. (Out of line: the fast path's `serve` stays as it was.)
+    #[cold]
+    #[inline(never)]
+    fn answer_itself(
+        &self,
+        parts: &request::Parts,
+        fields: &Fields,
+        entry: Option<Box<Entry>>,
+        client: SocketAddr,
+        start: Instant,
+    ) -> Answer {
+        let resp = own_answer(parts, fields);
+        let status = resp.status().as_u16();
+        if let (Some(mut e), Some(log)) = (entry, &self.config.access_log) {
+            e.status = status;
+            log.log(&e);
+        }
+        let (method, target) = (&parts.method, LogTarget(parts.uri.clone()));
+        let ms = start.elapsed().as_millis() as u64;
+        debug!(%client, %method, %target, status, ms, "request answered by rotor (Max-Forwards: 0)");
+        Answer::from(resp.map(|b| Either::Right(Either::Left(b))))
     }
 
     /// The credentials a request gives, checked only if it gives some (a
@@ -1076,6 +1120,50 @@ impl std::fmt::Display for Dest<'_> {
 /// connection just as a request goes out is routine. As other HTTP clients
 /// do (RFC 9110 §9.2.2), only idempotent requests are re-sent, unless
 /// nothing of the request was written.
+/// The `Max-Forwards` of a TRACE or OPTIONS (RFC 9110 §7.6.2; other
+/// methods' is passed on as it came). One that is not a number, or given
+/// twice, is taken as absent. (Cold: the common request asks nothing of
+/// it.)
+#[cold]
+fn max_forwards(fields: &Fields) -> Option<u64> {
+    h1::decimal::<u64>(fields.get_only(&header::MAX_FORWARDS).ok()??)
+}
+
+/// Rotor's own answer to a TRACE or OPTIONS it is the final recipient of.
+/// TRACE reflects the request as it came, as `message/http`, less the
+/// fields that carry credentials (RFC 9110 §9.3.8); OPTIONS says which
+/// methods rotor forwards.
+fn own_answer(parts: &request::Parts, fields: &Fields) -> Response<Full<Bytes>> {
+    const SECRET: [&[u8]; 3] = [b"proxy-authorization", b"authorization", b"cookie"];
+    if parts.method != Method::TRACE {
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        resp.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static(
+                "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE, CONNECT",
+            ),
+        );
+        return resp;
+    }
+    let mut head = format!("TRACE {} {:?}\r\n", parts.uri, parts.version).into_bytes();
+    for (name, value) in fields.iter() {
+        if SECRET.iter().any(|s| name.eq_ignore_ascii_case(s)) {
+            continue;
+        }
+        head.extend_from_slice(name);
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value);
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    let mut resp = Response::new(Full::new(Bytes::from(head)));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("message/http"),
+    );
+    resp
+}
+
 fn may_resend(method: &Method, fields: &Fields, e: &h1::Error, written: bool) -> bool {
     static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
     let idempotent = matches!(
