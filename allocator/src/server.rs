@@ -583,6 +583,21 @@ fn log_conn_error(e: &ConnError) {
     }
 }
 
+/// Whether `frame` is one of the answers that may be as large as a frame.
+fn is_report(frame: &ServerFrame) -> bool {
+    matches!(
+        frame,
+        ServerFrame::Response(Envelope {
+            body: Response::Status(_)
+                | Response::StatusV2(_)
+                | Response::Sites(_)
+                | Response::HostStatus(_)
+                | Response::Pool { .. },
+            ..
+        })
+    )
+}
+
 /// `text` cut to `REPORT_TEXT_MAX` bytes, at a character's boundary.
 fn cut(mut text: String) -> String {
     if text.len() > REPORT_TEXT_MAX {
@@ -762,8 +777,14 @@ async fn serve(
         // Answer every request already received as one batch: the state
         // file is written once, before any reply of the batch is sent, so
         // no lease leaves that a restart would hand out again.
+        // A report (a status, the pool, the sites) ends its batch: up to a
+        // frame each, 64 of them built before any was written would hold
+        // hundreds of MiB.
         replies.push(answer(frame, id, alloc, reload).await?);
-        while replies.len() < BATCH && rx.has_complete_frame() {
+        while replies.len() < BATCH
+            && !replies.last().is_some_and(is_report)
+            && rx.has_complete_frame()
+        {
             match rx.recv().await? {
                 Some(frame) => replies.push(answer(frame, id, alloc, reload).await?),
                 None => break,

@@ -309,3 +309,73 @@ async fn only_allowed_users_may_use_the_allocator_socket() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The peak memory (VmHWM) of process `pid`, in KiB.
+fn peak_kib(pid: nix::unistd::Pid) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// 64 status requests in one write, of a pool whose status is a good part
+/// of a frame (100 000 listed entries): answered one by one, not built all at
+/// once before the first is written (that held some 64 statuses).
+#[tokio::test]
+async fn many_status_requests_at_once_are_not_all_built_before_one_is_sent() {
+    use rotor_protocol::{client_handshake, Channel, ClientChannel, Response, ServerFrame};
+    const ENTRIES: u32 = 100_000;
+    // Every other address, so no two entries merge into a range.
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let file = dir.path().join("pool.txt");
+    let list: String = (0..ENTRIES)
+        .map(|k| format!("{}\n", std::net::Ipv4Addr::from(0x7f08_0000u32 + 2 * k)))
+        .collect();
+    std::fs::write(&file, list).unwrap();
+    let alloc = Allocator::start_in(dir, &["--pool-file", file.to_str().unwrap()]).await;
+    let pid = alloc.proc.pid();
+    let (mut tx, mut rx) = {
+        let stream = UnixStream::connect(&alloc.socket).await.unwrap();
+        let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
+        client_handshake(&mut chan, Hello::new(Role::Control, "e2e"))
+            .await
+            .unwrap();
+        chan.split()
+    };
+    // One status first: its size, and the peak it leaves.
+    let ask = |id| {
+        ClientFrame::Request(Envelope {
+            id,
+            body: Request::StatusV2,
+        })
+    };
+    tx.send(&ask(0)).await.unwrap();
+    let s = match rx.recv().await.unwrap() {
+        Some(ServerFrame::Response(Envelope {
+            body: Response::StatusV2(s),
+            ..
+        })) => s,
+        other => panic!("no status: {other:?}"),
+    };
+    assert_eq!(s.pool.len(), ENTRIES as usize);
+    assert!(s.pool.iter().all(|e| e.quarantine.is_none()));
+    let before = peak_kib(pid);
+    for id in 1..=64 {
+        tx.feed(&ask(id)).await.unwrap();
+    }
+    tx.flush().await.unwrap();
+    for id in 1..=64 {
+        let got = tokio::time::timeout(PATIENCE, rx.recv()).await.unwrap();
+        match got.unwrap() {
+            Some(ServerFrame::Response(Envelope {
+                id: got,
+                body: Response::StatusV2(_),
+            })) => assert_eq!(got, id),
+            _ => panic!("status {id} not answered"),
+        }
+    }
+    let grew = peak_kib(pid).saturating_sub(before);
+    assert!(grew < 64 << 10, "the allocator's peak grew by {grew} KiB");
+}
