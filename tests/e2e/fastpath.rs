@@ -755,8 +755,9 @@ async fn max_forwards_is_honoured_for_trace_and_options() {
             _ => "",
         };
         let trace = format!(
-            "TRACE http://{origin}/t HTTP/{version}\r\nHost: {origin}\r\n{keep}Max-Forwards: 0\r\n\
-             Cookie: c=1\r\nX-Mine: yes\r\n\r\n"
+            "TRACE http://{origin}/t?q=1 HTTP/{version}\r\nHost: {origin}\r\n{keep}Max-Forwards: 0\r\n\
+             Cookie: c=1\r\nProxy-Authorization: Basic dXNlci1zZXNzaW9uLXg6cHc=\r\n\
+             authorization: Bearer secret\r\nX-Mine: yes\r\n\r\n"
         );
         s.write_all(trace.as_bytes()).await.unwrap();
         let (status, head, body) = response(&mut s, false).await;
@@ -768,14 +769,14 @@ async fn max_forwards_is_honoured_for_trace_and_options() {
         );
         let body = String::from_utf8(body).unwrap();
         assert!(
-            body.starts_with(&format!("TRACE http://{origin}/t HTTP/{version}\r\n")),
+            body.starts_with(&format!("TRACE http://{origin}/t?q=1 HTTP/{version}\r\n")),
             "{body}"
         );
-        assert!(
-            body.to_ascii_lowercase().contains("x-mine: yes\r\n"),
-            "{body}"
-        );
-        assert!(!body.to_ascii_lowercase().contains("cookie"), "{body}");
+        let lower = body.to_ascii_lowercase();
+        assert!(lower.contains("x-mine: yes\r\n"), "{body}");
+        for secret in ["cookie", "authorization", "dxnlci", "secret"] {
+            assert!(!lower.contains(secret), "{secret} reflected: {body}");
+        }
         assert!(body.ends_with("\r\n\r\n"), "{body}");
 
         let options = format!(
@@ -793,11 +794,22 @@ async fn max_forwards_is_honoured_for_trace_and_options() {
             "neither reached the origin"
         );
 
+        // Two Host fields are refused, as for any other request.
+        let two_hosts = format!(
+            "TRACE http://{origin}/t HTTP/{version}\r\nHost: {origin}\r\nHost: {origin}\r\n\
+             Max-Forwards: 0\r\n\r\n"
+        );
+        let mut other = TcpStream::connect(worker.addr).await.unwrap();
+        other.write_all(two_hosts.as_bytes()).await.unwrap();
+        assert_eq!(response(&mut other, false).await.0, 400);
+
         for (method, sent, passed) in [
             ("OPTIONS", "3", "2"),
             ("TRACE", "1", "0"),
             ("GET", "0", "0"),
             ("OPTIONS", "x", "x"),
+            ("OPTIONS", "18446744073709551616", "18446744073709551614"),
+            ("OPTIONS", "5\r\nMax-Forwards: 2", "1"),
         ] {
             let req = format!(
                 "{method} http://{origin}/f HTTP/{version}\r\nHost: {origin}\r\n{keep}Max-Forwards: {sent}\r\n\r\n"

@@ -104,6 +104,15 @@ impl Meter {
         });
     }
 
+    /// rotor answered by itself, not an error (a TRACE or OPTIONS with
+    /// `Max-Forwards: 0`): a request, from no source.
+    pub fn answered(&self, took: Duration) {
+        self.with(|a| {
+            a.requests += 1;
+            a.request_seconds.observe(took.as_secs_f64());
+        });
+    }
+
     /// rotor answered by itself (`kind`: the `Proxy-Status` error).
     pub fn error(&self, kind: Option<&str>, took: Duration) {
         self.with(|a| {

@@ -308,7 +308,8 @@ impl Proxy {
         let mut fields = fields;
         if checked.is_ok() && (method == Method::TRACE || method == Method::OPTIONS) {
             match max_forwards(&fields) {
-                Some(0) => {
+                // Two Host fields are refused here too (RFC 9112 §3.2).
+                Some(0) if only_host(&fields).is_ok() => {
                     abandoned.armed = false;
                     return self.answer_itself(
                         &parts,
@@ -318,8 +319,10 @@ impl Proxy {
                         start,
                     );
                 }
-                Some(n) => fields.insert(header::MAX_FORWARDS, HeaderValue::from(n - 1)),
-                None => {}
+                Some(n) => {
+                    fields.insert(header::MAX_FORWARDS, HeaderValue::from(n.saturating_sub(1)))
+                }
+                _ => {}
             }
         }
         let result = match checked {
@@ -404,6 +407,7 @@ impl Proxy {
     ) -> Answer {
         let resp = own_answer(parts, fields);
         let status = resp.status().as_u16();
+        self.meter.answered(start.elapsed());
         if let (Some(mut e), Some(log)) = (entry, &self.config.access_log) {
             e.status = status;
             log.log(&e);
@@ -1115,18 +1119,25 @@ impl std::fmt::Display for Dest<'_> {
     }
 }
 
-/// Whether a request that failed on a reused upstream connection, before any
-/// response, may be sent again on a new one: the destination closing an idle
-/// connection just as a request goes out is routine. As other HTTP clients
-/// do (RFC 9110 §9.2.2), only idempotent requests are re-sent, unless
-/// nothing of the request was written.
 /// The `Max-Forwards` of a TRACE or OPTIONS (RFC 9110 §7.6.2; other
-/// methods' is passed on as it came). One that is not a number, or given
-/// twice, is taken as absent. (Cold: the common request asks nothing of
-/// it.)
+/// methods' is passed on as it came): the least of its values, one too
+/// large for a u64 taken as u64::MAX; values that are not numbers are
+/// passed over, and none is `None`. (Cold: the common request asks
+/// nothing of it.)
 #[cold]
 fn max_forwards(fields: &Fields) -> Option<u64> {
-    h1::decimal::<u64>(fields.get_only(&header::MAX_FORWARDS).ok()??)
+    fields
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case(b"max-forwards"))
+        .filter_map(|(_, value)| {
+            let value = value.trim_ascii();
+            (!value.is_empty() && value.iter().all(u8::is_ascii_digit)).then(|| {
+                value.iter().fold(0u64, |n, d| {
+                    n.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+                })
+            })
+        })
+        .min()
 }
 
 /// Rotor's own answer to a TRACE or OPTIONS it is the final recipient of.
@@ -1145,7 +1156,20 @@ fn own_answer(parts: &request::Parts, fields: &Fields) -> Response<Full<Bytes>> 
         );
         return resp;
     }
-    let mut head = format!("TRACE {} {:?}\r\n", parts.uri, parts.version).into_bytes();
+    // The target less any userinfo (`http://user:pass@host/`).
+    let uri = &parts.uri;
+    let mut target = String::new();
+    if let (Some(scheme), Some(a)) = (uri.scheme_str(), uri.authority()) {
+        target.push_str(scheme);
+        target.push_str("://");
+        target.push_str(a.host());
+        if let Some(p) = a.port() {
+            target.push(':');
+            target.push_str(p.as_str());
+        }
+    }
+    target.push_str(uri.path_and_query().map_or("/", |p| p.as_str()));
+    let mut head = format!("TRACE {target} {:?}\r\n", parts.version).into_bytes();
     for (name, value) in fields.iter() {
         if SECRET.iter().any(|s| name.eq_ignore_ascii_case(s)) {
             continue;
@@ -1164,6 +1188,11 @@ fn own_answer(parts: &request::Parts, fields: &Fields) -> Response<Full<Bytes>> 
     resp
 }
 
+/// Whether a request that failed on a reused upstream connection, before any
+/// response, may be sent again on a new one: the destination closing an idle
+/// connection just as a request goes out is routine. As other HTTP clients
+/// do (RFC 9110 §9.2.2), only idempotent requests are re-sent, unless
+/// nothing of the request was written.
 fn may_resend(method: &Method, fields: &Fields, e: &h1::Error, written: bool) -> bool {
     static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
     let idempotent = matches!(
