@@ -548,7 +548,7 @@ enum ConnError {
     DuplicateHello,
     #[error("peer did not read its replies for {0:?}")]
     WriteTimeout(Duration),
-    #[error("peer stopped in the middle of a frame for {0:?}")]
+    #[error("peer did not finish a frame it began within {0:?} to twice that")]
     StalledMidFrame(Duration),
 }
 
@@ -582,6 +582,9 @@ fn log_conn_error(e: &ConnError) {
         debug!(error = %msg, "connection ended");
     }
 }
+
+/// The most failed sources a `ReloadReport` names (64 × 2 KiB of text).
+const FAILED_LISTED: usize = 64;
 
 /// Whether `frame` is one of the answers that may be as large as a frame.
 fn is_report(frame: &ServerFrame) -> bool {
@@ -679,16 +682,29 @@ async fn answer(
                 Err(_) => None,
             };
             match outcome {
-                Some(o) if report => Response::ReloadReport(ReloadReport {
-                    generation: o.generation,
-                    entries: o.size as u64,
-                    addresses: o.addresses,
-                    failed: o
+                Some(o) if report => {
+                    // At most FAILED_LISTED sources, each text cut: the
+                    // answer fits a frame whatever the sources.
+                    let more = o.failed.len().saturating_sub(FAILED_LISTED);
+                    let mut failed: Vec<(String, String)> = o
                         .failed
                         .into_iter()
+                        .take(FAILED_LISTED)
                         .map(|(name, error)| (cut(name), cut(error)))
-                        .collect(),
-                }),
+                        .collect();
+                    if more > 0 {
+                        failed.push((
+                            format!("{more} more sources"),
+                            "not listed here: the allocator's log names each".into(),
+                        ));
+                    }
+                    Response::ReloadReport(ReloadReport {
+                        generation: o.generation,
+                        entries: o.size as u64,
+                        addresses: alloc.addresses_in_rotation(),
+                        failed,
+                    })
+                }
                 Some(o) => Response::Reloaded {
                     generation: o.generation,
                     size: o.size as u32,
@@ -755,7 +771,8 @@ async fn serve(
         tokio::time::interval_at(tokio::time::Instant::now() + FRAME_TIMEOUT, FRAME_TIMEOUT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut frames = 0u64;
-    // The count of frames read when the last tick found one begun.
+    // `frames` counts the outer loop's passes (progress); `begun_at`, its
+    // value when the last tick found a frame begun.
     let mut begun_at = None;
     loop {
         let frame = tokio::select! {
@@ -808,6 +825,44 @@ async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// However many sources failed, the reload's answer names at most 64
+    /// and how many more, each text cut: it fits a frame.
+    #[tokio::test]
+    async fn a_reload_report_of_many_failed_sources_fits_a_frame() {
+        let alloc = Allocator::new(vec![]);
+        let (reload, mut asked) = mpsc::channel::<ReloadReply>(1);
+        tokio::spawn(async move {
+            let reply = asked.recv().await.unwrap();
+            let failed = (0..5000)
+                .map(|i| (format!("--pool-file /p/{i}"), "x".repeat(4000)))
+                .collect();
+            let _ = reply.send(RefreshOutcome {
+                changed: false,
+                generation: 3,
+                size: 0,
+                failed,
+            });
+        });
+        let ask = ClientFrame::Request(Envelope {
+            id: 1,
+            body: Request::ReloadReport,
+        });
+        let frame = answer(ask, 1, &alloc, &reload).await.unwrap();
+        let len = rotor_protocol::encode(&frame).unwrap().len();
+        assert!(len < rotor_protocol::MAX_FRAME_LEN / 8, "{len}");
+        let ServerFrame::Response(Envelope {
+            body: Response::ReloadReport(r),
+            ..
+        }) = frame
+        else {
+            panic!("not a reload report");
+        };
+        assert_eq!(r.generation, 3);
+        assert_eq!(r.failed.len(), FAILED_LISTED + 1);
+        assert_eq!(r.failed[0].0, "--pool-file /p/0");
+        assert_eq!(r.failed[FAILED_LISTED].0, "4936 more sources");
+    }
 
     #[test]
     fn report_texts_are_cut_at_a_character() {

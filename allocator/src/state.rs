@@ -540,7 +540,7 @@ impl Told {
             tracing::warn!(
                 more = self.out - Told::EACH,
                 total = self.out,
-                "more pool addresses out of the rotation until they can be used (`rotor status` lists them with the reason)"
+                "more pool addresses out of the rotation until they can be used (rotor_source_quarantined counts them; `rotor status` lists them with the reason if the pool is small enough to list)"
             );
         }
         if self.back > Told::EACH {
@@ -559,8 +559,6 @@ pub struct RefreshOutcome {
     pub changed: bool,
     pub generation: u64,
     pub size: usize,
-    /// Addresses in rotation (an entry may be a prefix of many).
-    pub addresses: u64,
     /// The sources that could not be read this time: name and why.
     pub failed: Vec<(String, String)>,
 }
@@ -798,16 +796,19 @@ impl Allocator {
             changed,
             generation: inner.pool.generation(),
             size: inner.pool.len(),
-            addresses: {
-                let snap = inner.pool.snapshot();
-                let active: Vec<Segment> = snap.pool.iter().map(|(e, _)| *e).collect();
-                Family::ALL
-                    .into_iter()
-                    .map(|f| family_total(&active, f))
-                    .fold(0u64, u64::saturating_add)
-            },
             failed,
         }
+    }
+
+    /// The addresses in rotation (an entry may be a prefix of many).
+    pub fn addresses_in_rotation(&self) -> u64 {
+        let inner = self.lock();
+        let snap = inner.pool.snapshot();
+        let active: Vec<Segment> = snap.pool.iter().map(|(e, _)| *e).collect();
+        Family::ALL
+            .into_iter()
+            .map(|f| family_total(&active, f))
+            .fold(0u64, u64::saturating_add)
     }
 
     /// The entries in rotation, for a worker to check its leases against.

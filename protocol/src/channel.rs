@@ -66,6 +66,19 @@ impl Decoder for Framing {
         };
         Ok(frame)
     }
+
+    /// At the end of the stream: a frame begun and not ended is an error
+    /// (the peer closed in the middle of one), not a clean close.
+    fn decode_eof(&mut self, src: &mut bytes::BytesMut) -> Result<Option<Self::Item>, Self::Error> {
+        match self.decode(src)? {
+            Some(frame) => Ok(Some(frame)),
+            None if self.begun => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "closed in the middle of a frame",
+            )),
+            None => Ok(None),
+        }
+    }
 }
 
 impl<S, Tx, Rx> Channel<S, Tx, Rx>

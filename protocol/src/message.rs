@@ -286,7 +286,8 @@ pub struct ReloadReport {
     /// Addresses in rotation.
     pub addresses: u64,
     /// The sources that could not be read (their last good addresses are
-    /// kept): name and error, each cut to `REPORT_TEXT_MAX` bytes.
+    /// kept): name and error, each cut to `REPORT_TEXT_MAX` bytes and a
+    /// `…`; at most 64, and then one naming how many more failed.
     pub failed: Vec<(String, String)>,
 }
 

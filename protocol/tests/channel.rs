@@ -159,3 +159,38 @@ async fn a_frame_begun_is_seen_as_begun_until_it_ends() {
     assert!(tokio::time::timeout(wait, rx.recv()).await.is_err());
     assert!(rx.mid_frame());
 }
+
+/// A peer that closes after a frame's length and nothing more closed in
+/// the middle of a frame: an error, not a clean close between frames.
+#[tokio::test]
+async fn a_close_after_a_frames_length_is_an_error() {
+    let (mut a, b) = tokio::io::duplex(1 << 16);
+    let (_, mut rx) = Channel::<_, ClientFrame, ServerFrame>::new(b).split();
+    a.write_all(&16u32.to_be_bytes()).await.unwrap();
+    drop(a);
+    let got = rx.recv().await;
+    assert!(got.is_err(), "{got:?}");
+    // Nothing at all, then the close: a clean one.
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let (_, mut rx) = Channel::<_, ClientFrame, ServerFrame>::new(b).split();
+    drop(a);
+    assert!(rx.recv().await.unwrap().is_none());
+}
+
+/// A frame read with part of the next behind it: that next one is begun.
+#[tokio::test]
+async fn part_of_the_next_frame_behind_one_is_begun() {
+    let (mut a, b) = tokio::io::duplex(1 << 16);
+    let (_, mut rx) = Channel::<_, ClientFrame, ServerFrame>::new(b).split();
+    let frame = encode(&ServerFrame::Response(Envelope {
+        id: 1,
+        body: Response::Noted { quarantined: false },
+    }))
+    .unwrap();
+    let mut wire = (frame.len() as u32).to_be_bytes().to_vec();
+    wire.extend_from_slice(&frame);
+    wire.extend_from_slice(&[0, 0]);
+    a.write_all(&wire).await.unwrap();
+    assert!(rx.recv().await.unwrap().is_some());
+    assert!(rx.mid_frame());
+}

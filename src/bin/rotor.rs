@@ -211,20 +211,23 @@ async fn reload(control: &ControlArgs) -> ExitCode {
         // An allocator before minor 6: the failed sources from its status,
         // which a pool too large to list leaves unknown (said, exit 3).
         Ok(Response::Reloaded { generation, size }) => {
-            let (addresses, failed) = match status(control).await {
+            let (addresses, failed, known) = match status(control).await {
                 Ok(Response::StatusV2(s)) => (
                     Some(s.families.iter().map(|f| f.total).sum::<u64>()),
                     failed_sources(s.sources),
+                    true,
                 ),
-                Ok(Response::Status(s)) => (None, failed_sources(s.sources)),
-                _ => (
-                    None,
-                    vec![(
-                        "the pool's sources".to_string(),
-                        "unknown: the allocator is too old to say in its answer, and its status could not be read".to_string(),
-                    )],
-                ),
+                Ok(Response::Status(s)) => (None, failed_sources(s.sources), true),
+                _ => (None, Vec::new(), false),
             };
+            // Unknown is not good: said as such, and exit 3.
+            if !known {
+                println!("pool reloaded: {size} entries, generation {generation}");
+                eprintln!(
+                    "rotor: whether every pool source could be read is unknown: the allocator is too old to say in its answer, and its status could not be read"
+                );
+                return ExitCode::from(3);
+            }
             (generation, size.into(), addresses, failed)
         }
         other => return report(other, |_| None),
