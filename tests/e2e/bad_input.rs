@@ -114,6 +114,13 @@ async fn a_peer_stalled_mid_frame_is_closed() {
     let origin = Origin::start().await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let worker = Worker::start(&alloc.socket, &[]).await;
+    // A peer quiet between frames all along: kept.
+    let mut quiet = UnixStream::connect(&alloc.socket).await.unwrap();
+    let hello = ClientFrame::Hello(Hello::new(Role::Control, "quiet"));
+    quiet
+        .write_all(&frame(&encode(&hello).unwrap()))
+        .await
+        .unwrap();
     let mut s = UnixStream::connect(&alloc.socket).await.unwrap();
     let hello = ClientFrame::Hello(Hello::new(Role::Worker, "stalled"));
     s.write_all(&frame(&encode(&hello).unwrap())).await.unwrap();
@@ -127,6 +134,26 @@ async fn a_peer_stalled_mid_frame_is_closed() {
     assert!(r.is_ok(), "the allocator kept a peer stalled mid-frame");
     assert!(t0.elapsed() >= Duration::from_secs(9), "{:?}", t0.elapsed());
     assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
+    // The quiet one is answered still: its Hello's reply, then a lease's.
+    let lease = ClientFrame::Request(Envelope {
+        id: 1,
+        body: Request::Lease {
+            families: Families::ANY,
+        },
+    });
+    quiet
+        .write_all(&frame(&encode(&lease).unwrap()))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let mut len = [0u8; 4];
+        tokio::time::timeout(PATIENCE, quiet.read_exact(&mut len))
+            .await
+            .expect("the quiet peer answered")
+            .expect("the quiet peer's connection open");
+        let mut body = vec![0; u32::from_be_bytes(len) as usize];
+        quiet.read_exact(&mut body).await.unwrap();
+    }
 }
 
 #[tokio::test]
