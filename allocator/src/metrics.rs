@@ -70,6 +70,10 @@ pub struct HostMetrics {
     /// report sent again is not counted twice; runs not heard of for
     /// `RUNS_KEPT` are forgotten.
     applied: HashMap<u64, (u64, std::time::Instant)>,
+    /// The size of `applied` at which it is next pruned: twice what the
+    /// last pruning kept (at least 1 024), so a host with more runs in an
+    /// hour than that scans it once per doubling, not at every report.
+    prune_at: usize,
     /// Requests of each worker run, kept as `applied` is: a worker that
     /// reconnects (the same process, a new peer) goes on counting where it
     /// was, so its counter never goes back.
@@ -100,12 +104,13 @@ impl HostMetrics {
             return;
         }
         self.applied.insert(m.boot, (m.seq, now));
-        if self.applied.len() > 1024 {
+        if self.applied.len() > self.prune_at.max(1024) {
             self.applied
                 .retain(|_, (_, t)| now.duration_since(*t) < RUNS_KEPT);
             let applied = &self.applied;
             self.run_requests
                 .retain(|boot, _| applied.contains_key(boot));
+            self.prune_at = 2 * self.applied.len();
         }
         self.requests += m.requests;
         for s in &m.by_source {
@@ -837,6 +842,30 @@ mod tests {
         assert_eq!(super::bearer_token(b"BEARER abc"), Some(&b"abc"[..]));
         assert_eq!(super::bearer_token(b"Basic abc"), None);
         assert_eq!(super::bearer_token(b"Bear"), None);
+    }
+
+    /// More worker runs within an hour than 1 024 are all kept (a report
+    /// sent again still counts once), and the map is not scanned at each
+    /// report past that: its next pruning waits for it to double.
+    #[test]
+    fn many_runs_in_an_hour_are_kept_and_not_scanned_at_each_report() {
+        let mut h = HostMetrics::default();
+        let report = |boot| WorkerMetrics {
+            boot,
+            seq: 1,
+            requests: 1,
+            ..WorkerMetrics::default()
+        };
+        for boot in 0..3000 {
+            h.add(1, 100, &report(boot), |ip| ip.to_string());
+        }
+        assert_eq!(h.applied.len(), 3000);
+        assert!(h.prune_at >= 2048, "{}", h.prune_at);
+        // Each report again: counted once.
+        for boot in 0..3000 {
+            h.add(1, 100, &report(boot), |ip| ip.to_string());
+        }
+        assert_eq!(h.requests, 3000);
     }
 
     /// Error kinds from reports are bounded: not a word, or one past
