@@ -74,6 +74,10 @@ pub struct HostMetrics {
     /// last pruning kept (at least 1 024), so a host with more runs in an
     /// hour than that scans it once per doubling, not at every report.
     prune_at: usize,
+    /// When it was last pruned: past 1 024 runs it is pruned at least
+    /// every `RUNS_KEPT` too, so runs of a burst that left `prune_at`
+    /// high are forgotten all the same.
+    pruned: Option<std::time::Instant>,
     /// Requests of each worker run, kept as `applied` is: a worker that
     /// reconnects (the same process, a new peer) goes on counting where it
     /// was, so its counter never goes back.
@@ -104,13 +108,18 @@ impl HostMetrics {
             return;
         }
         self.applied.insert(m.boot, (m.seq, now));
-        if self.applied.len() > self.prune_at.max(1024) {
+        let len = self.applied.len();
+        let due = self
+            .pruned
+            .is_none_or(|t| now.duration_since(t) >= RUNS_KEPT);
+        if len > 1024 && (len > self.prune_at || due) {
             self.applied
                 .retain(|_, (_, t)| now.duration_since(*t) < RUNS_KEPT);
             let applied = &self.applied;
             self.run_requests
                 .retain(|boot, _| applied.contains_key(boot));
             self.prune_at = 2 * self.applied.len();
+            self.pruned = Some(now);
         }
         self.requests += m.requests;
         for s in &m.by_source {

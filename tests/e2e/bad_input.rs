@@ -403,6 +403,8 @@ async fn many_status_requests_at_once_are_not_all_built_before_one_is_sent() {
             _ => panic!("status {id} not answered"),
         }
     }
+    // One status of this pool takes some 7 MiB: less than one more than
+    // the first left (64 KiB measured; 443 MiB when all were built).
     let grew = peak_kib(pid).saturating_sub(before);
-    assert!(grew < 64 << 10, "the allocator's peak grew by {grew} KiB");
+    assert!(grew < 4 << 10, "the allocator's peak grew by {grew} KiB");
 }

@@ -755,7 +755,7 @@ async fn max_forwards_is_honoured_for_trace_and_options() {
             _ => "",
         };
         let trace = format!(
-            "TRACE http://{origin}/t?q=1 HTTP/{version}\r\nHost: {origin}\r\n{keep}Max-Forwards: 0\r\n\
+            "TRACE http://u:pw@{origin}/t?q=1 HTTP/{version}\r\nHost: {origin}\r\n{keep}Max-Forwards: 0\r\n\
              Cookie: c=1\r\nProxy-Authorization: Basic dXNlci1zZXNzaW9uLXg6cHc=\r\n\
              authorization: Bearer secret\r\nX-Mine: yes\r\n\r\n"
         );
@@ -779,8 +779,9 @@ async fn max_forwards_is_honoured_for_trace_and_options() {
         }
         assert!(body.ends_with("\r\n\r\n"), "{body}");
 
+        // (A list whose least member is 0.)
         let options = format!(
-            "OPTIONS http://{origin}/o HTTP/{version}\r\nHost: {origin}\r\n{keep}Max-Forwards: 0\r\n\r\n"
+            "OPTIONS http://{origin}/o HTTP/{version}\r\nHost: {origin}\r\n{keep}Max-Forwards: 3, 0\r\n\r\n"
         );
         s.write_all(options.as_bytes()).await.unwrap();
         let (status, head, body) = response(&mut s, false).await;
@@ -818,6 +819,11 @@ async fn max_forwards_is_honoured_for_trace_and_options() {
             let (status, head, _) = response(&mut s, false).await;
             assert_eq!(status, 200, "{method} {sent}: {head}");
             let got = heads.lock().unwrap().pop().expect("forwarded");
+            assert_eq!(
+                got.to_ascii_lowercase().matches("max-forwards:").count(),
+                1,
+                "{method} {sent}: {got}"
+            );
             assert!(
                 got.contains(&format!("Max-Forwards: {passed}\r\n"))
                     || got.contains(&format!("max-forwards: {passed}\r\n")),

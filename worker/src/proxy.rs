@@ -319,9 +319,9 @@ impl Proxy {
                         start,
                     );
                 }
-                Some(n) => {
-                    fields.insert(header::MAX_FORWARDS, HeaderValue::from(n.saturating_sub(1)))
-                }
+                // Two Host fields: left for `forward`'s 400, untouched.
+                Some(0) => {}
+                Some(n) => fields.insert(header::MAX_FORWARDS, HeaderValue::from(n - 1)),
                 _ => {}
             }
         }
@@ -1120,7 +1120,8 @@ impl std::fmt::Display for Dest<'_> {
 }
 
 /// The `Max-Forwards` of a TRACE or OPTIONS (RFC 9110 §7.6.2; other
-/// methods' is passed on as it came): the least of its values, one too
+/// methods' is passed on as it came): the least of its values (fields or
+/// list members), one too
 /// large for a u64 taken as u64::MAX; values that are not numbers are
 /// passed over, and none is `None`. (Cold: the common request asks
 /// nothing of it.)
@@ -1129,7 +1130,9 @@ fn max_forwards(fields: &Fields) -> Option<u64> {
     fields
         .iter()
         .filter(|(name, _)| name.eq_ignore_ascii_case(b"max-forwards"))
-        .filter_map(|(_, value)| {
+        // A field may be a list (`0, 5`), as two fields would be.
+        .flat_map(|(_, value)| value.split(|b| *b == b','))
+        .filter_map(|value| {
             let value = value.trim_ascii();
             (!value.is_empty() && value.iter().all(u8::is_ascii_digit)).then(|| {
                 value.iter().fold(0u64, |n, d| {
