@@ -695,7 +695,7 @@ async fn answer(
                     if more > 0 {
                         failed.push((
                             format!("{more} more sources"),
-                            "not listed here: the allocator's log names each".into(),
+                            "each named in the allocator's log".into(),
                         ));
                     }
                     Response::ReloadReport(ReloadReport {

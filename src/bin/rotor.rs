@@ -238,7 +238,7 @@ async fn reload(control: &ControlArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     for (name, error) in failed {
-        eprintln!("rotor: {name} could not be read (its last good addresses are kept): {error}");
+        eprintln!("rotor: {name} could not be read (last good addresses kept): {error}");
     }
     ExitCode::from(3)
 }
