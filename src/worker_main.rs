@@ -169,7 +169,8 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             });
         }
         // `rotor reload` (or SIGHUP) to the allocator reaches every worker
-        // through the lease table: the same reload as a SIGHUP here.
+        // through the lease table, or asked over the socket by a worker
+        // that may not map it: the same reload as a SIGHUP here.
         {
             let leases = leases.clone();
             let signals = signals.clone();
@@ -184,7 +185,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                         _ = signals.shutdown.cancelled() => return,
                         _ = tick.tick() => {}
                     }
-                    let Some(now) = leases.allocator_reloads() else {
+                    let Some(now) = leases.reloads_asked().await else {
                         continue;
                     };
                     // The first look over a connection counts from its

@@ -648,6 +648,7 @@ async fn answer(
             strict,
         ),
         Request::Attach => alloc.attach(id),
+        Request::Reloads => alloc.reloads(),
         Request::LeaseSite { families, site } => alloc.lease_site(id, families, &site),
         Request::Pushback {
             ip,

@@ -1246,6 +1246,18 @@ impl Allocator {
         self.lock().sessions = Sessions::new(n);
     }
 
+    /// The reloads asked of this allocator, as its lease table counts them,
+    /// with the table's id: what a worker that cannot map the table asks
+    /// (the count its table holds for those that can).
+    pub fn reloads(&self) -> Response {
+        let inner = self.lock();
+        let table = inner.pool.table();
+        Response::Reloads {
+            table: table.id(),
+            count: table.reloads(),
+        }
+    }
+
     /// Where `peer` finds the lease table, and the counter it counts its
     /// leases in (the lowest free one, if any is).
     pub fn attach(&self, peer: u64) -> Response {

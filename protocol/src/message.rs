@@ -23,7 +23,7 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 6;
+pub const PROTOCOL_MINOR: u16 = 7;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
@@ -44,6 +44,9 @@ pub const MINOR_SESSIONS_FULL: u16 = 5;
 /// The first minor whose allocator answers `Request::ReloadReport` (the
 /// reload's outcome with the sources that failed, in one small answer).
 pub const MINOR_RELOAD_REPORT: u16 = 6;
+/// The first minor whose allocator answers `Request::Reloads` (the reloads
+/// asked of it, for a worker that cannot map its lease table).
+pub const MINOR_RELOADS: u16 = 7;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
 /// sides; the last bucket (+Inf) is implicit.
@@ -254,6 +257,10 @@ pub enum Request {
     /// `ReloadReport`: `Reload`'s answer has no room for the sources that
     /// failed, and a status to learn them can outgrow a frame.
     ReloadReport,
+    /// The reloads asked of the allocator (`rotor reload`, SIGHUP), as its
+    /// lease table counts them (since minor 7): how a worker that cannot
+    /// map the table learns of them. Answered `Reloads`.
+    Reloads,
 }
 
 impl Request {
@@ -273,6 +280,7 @@ impl Request {
             | Request::Sites { .. } => MINOR_SITES,
             Request::Metrics(_) | Request::Steer { .. } | Request::HostStatus => MINOR_METRICS,
             Request::ReloadReport => MINOR_RELOAD_REPORT,
+            Request::Reloads => MINOR_RELOADS,
         }
     }
 }
@@ -492,6 +500,13 @@ pub enum Response {
     },
     /// The answer to `ReloadReport`.
     ReloadReport(ReloadReport),
+    /// The answer to `Reloads`: the lease table's id and its count of
+    /// reloads asked (a new table of a new allocator counts from its
+    /// predecessor's last count, or from 0).
+    Reloads {
+        table: u64,
+        count: u64,
+    },
 }
 
 /// The per-site state: budgets and cooldowns by site and address.

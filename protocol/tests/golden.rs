@@ -200,6 +200,14 @@ fn golden_client_frames() {
         }),
         "01070f",
     );
+    // Minor 7.
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::Reloads,
+        }),
+        "010710",
+    );
 }
 
 #[test]
@@ -415,5 +423,13 @@ fn golden_server_frames() {
             failed: vec![("f".into(), "e".into())],
         })),
         "0109100408fb2c010101660165",
+    );
+    // Minor 7.
+    check(
+        resp(Response::Reloads {
+            table: 3,
+            count: 250,
+        }),
+        "01091103fa",
     );
 }

@@ -1,6 +1,7 @@
 //! Proxy authentication, and the refusal to run an open proxy by accident.
 
 use std::process::Command;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -105,17 +106,26 @@ fn a_worker_on_a_public_address_needs_auth_or_no_auth() {
 /// user is refused once it returns and the workers have seen it.
 #[tokio::test]
 async fn rotor_reload_rereads_every_workers_users_file() {
-    reload_rereads_users(false).await;
+    reload_rereads_users(false, false).await;
 }
 
 /// The same when the reload's refresh grows the pool past its lease table,
 /// so the workers find the reload in a new table.
 #[tokio::test]
 async fn a_reload_that_grows_the_pool_still_reaches_the_workers() {
-    reload_rereads_users(true).await;
+    reload_rereads_users(true, false).await;
 }
 
-async fn reload_rereads_users(grow: bool) {
+/// The same for a worker that may not map the lease table (another user,
+/// let in by `--allow-uid`): it asks the allocator over the socket.
+#[tokio::test]
+async fn a_reload_reaches_a_worker_that_leases_over_the_socket() {
+    reload_rereads_users(false, true).await;
+}
+
+async fn reload_rereads_users(grow: bool, over_socket: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
     let users = dir.path().join("users");
     add_user(&users, "alice", "s3cret");
@@ -123,12 +133,35 @@ async fn reload_rereads_users(grow: bool) {
     let pool = dir.path().join("pool");
     std::fs::write(&pool, "127.0.0.2\n").unwrap();
     let origin = Origin::start().await;
-    let alloc = Allocator::start(&["--pool-file", pool.to_str().unwrap()]).await;
+    let mut args = vec!["--pool-file", pool.to_str().unwrap()];
+    if over_socket {
+        // Per-user rules: the table is the allocator user's alone, and the
+        // users file is readable by the other user.
+        args.extend(["--socket-mode", "666", "--allow-uid", "nobody"]);
+        let open = std::fs::Permissions::from_mode(0o755);
+        std::fs::set_permissions(dir.path(), open).unwrap();
+        std::fs::set_permissions(&users, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let alloc_dir = Arc::new(tempfile::tempdir().unwrap());
+    std::fs::set_permissions(alloc_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let alloc = Allocator::start_in(alloc_dir, &args).await;
     let auth = ["--auth-file", users.to_str().unwrap()];
-    let workers = [
-        Worker::start(&alloc.socket, &auth).await,
-        Worker::start(&alloc.socket, &auth).await,
-    ];
+    let second = match over_socket {
+        true => {
+            let mut cmd = std::process::Command::new(WORKER);
+            cmd.uid(65534).gid(65534);
+            let mut args = ALLOW_LOOPBACK.to_vec();
+            args.extend(auth);
+            Worker::start_cmd(cmd, &alloc.socket, free_port(), &args).await
+        }
+        false => Worker::start(&alloc.socket, &auth).await,
+    };
+    let workers = [Worker::start(&alloc.socket, &auth).await, second];
+    if over_socket {
+        let table = rotor_allocator::server::table_path_for(&alloc.socket).unwrap();
+        let mode = std::fs::metadata(&table).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "a table the other user could map");
+    }
     let status_as = |w: std::net::SocketAddr, who: &'static str| {
         let url = origin.url("/");
         async move {

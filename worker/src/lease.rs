@@ -20,8 +20,8 @@ use std::time::Duration;
 use rotor_protocol::{
     client_handshake, error_chain, Channel, ClientChannel, ClientFrame, Envelope, Families,
     HandshakeError, Hello, Lease, LeaseTable, NoAddress, Refusal, Request, Response, Role, Segment,
-    ServerFrame, SiteMode, TableError, MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_SITES,
-    POOL_TOO_LARGE,
+    ServerFrame, SiteMode, TableError, MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_RELOADS,
+    MINOR_SITES, POOL_TOO_LARGE,
 };
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -69,8 +69,9 @@ struct Conn {
     table: RwLock<Option<(Arc<LeaseTable>, Option<u32>)>>,
     /// Woken when the table was found closed, to ask for its successor.
     reattach: Notify,
-    /// The first table this connection mapped, and its reload count then:
-    /// what a reload asked later is told from (`reloads_since_attach`).
+    /// The first table this connection mapped (or, leasing over the
+    /// socket, the first count asked), and its reload count then: what a
+    /// reload asked later is told from (`reloads_at_attach`).
     first_reloads: Mutex<Option<(u64, u64)>>,
     /// The allocator's protocol minor.
     minor: u16,
@@ -178,6 +179,30 @@ impl Conn {
             SiteMode::Filter => {
                 let site = rotor_protocol::site_of(host);
                 table.site_flagged(&site).then_some(site)
+            }
+        }
+    }
+
+    /// The reloads asked of the allocator, asked over this connection
+    /// (minor 7), with the table's id; the first answer is where this
+    /// connection counts from (`first_reloads`).
+    async fn socket_reloads(&self, id: u64) -> Option<(u64, u64)> {
+        if self.minor < MINOR_RELOADS {
+            return None;
+        }
+        let asked = tokio::time::timeout(Duration::from_secs(1), self.call(id, Request::Reloads));
+        match asked.await {
+            Ok(Some(Response::Reloads { table, count })) => {
+                self.first_reloads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert((table, count));
+                Some((table, count))
+            }
+            Ok(_) => None,
+            Err(_) => {
+                remove_pending(&self.pending, id);
+                None
             }
         }
     }
@@ -312,9 +337,23 @@ impl LeaseClient {
             .map(|(table, _)| (table.id(), table.reloads()))
     }
 
-    /// The table first mapped over this connection to the allocator, and
-    /// its reload count when it was: where a watcher that first looks
-    /// later counts from (a reload asked in between is not lost).
+    /// As `allocator_reloads`, for every worker: a worker without the
+    /// table (one that may not map it) asks the allocator over its socket
+    /// (an allocator of minor 7 or later answers; `None` from an older one,
+    /// or without an answer within a second).
+    pub async fn reloads_asked(&self) -> Option<(u64, u64)> {
+        if let Some(n) = self.allocator_reloads() {
+            return Some(n);
+        }
+        let conn = self.conn.borrow().clone()?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        conn.socket_reloads(id).await
+    }
+
+    /// The table first mapped over this connection to the allocator (or
+    /// the count first asked over it), and its reload count when it was:
+    /// where a watcher that first looks later counts from (a reload asked
+    /// in between is not lost).
     pub fn reloads_at_attach(&self) -> Option<(u64, u64)> {
         let conn = self.conn.borrow().clone()?;
         let first = *conn.first_reloads.lock().unwrap_or_else(|e| e.into_inner());
@@ -893,6 +932,10 @@ async fn manage(
                     id -= 1;
                     conn.reattach.notified().await;
                 }
+                // Over the socket from here on: the reloads asked are
+                // counted from now (a reload asked before the watcher's
+                // first look is not lost).
+                conn.socket_reloads(id - 1).await;
             }
             std::future::pending::<()>().await
         };
