@@ -110,6 +110,7 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
             site_rules: pool.site_rules,
             max_site_entries: pool.max_site_entries,
             checkpoint: pool.checkpoint,
+            max_peers: pool.max_peers,
         };
         let result =
             rotor_allocator::run(listener, config, signals.reloads(), signals.shutdown).await;

@@ -6,15 +6,15 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rotor_protocol::{
     error_chain, server_handshake, Channel, ChannelError, ClientFrame, Envelope, Family,
-    HandshakeError, Hello, LeaseTable, ReloadReport, Request, Response, Role, Segment,
+    HandshakeError, Hello, HelloReply, LeaseTable, ReloadReport, Request, Response, Role, Segment,
     ServerChannel, ServerFrame, StatusReport, TableError, REPORT_TEXT_MAX,
 };
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -52,6 +52,8 @@ pub struct Config {
     /// How often sessions and site state are written while they change
     /// (zero: only at a clean stop).
     pub checkpoint: Duration,
+    /// Connections to the socket served at once; past it one is refused.
+    pub max_peers: usize,
     /// Where `GET /metrics` is served (Prometheus), if anywhere.
     pub metrics: Option<Arc<std::net::TcpListener>>,
     /// The admin API's bearer token (on the metrics listener); none: off.
@@ -307,6 +309,11 @@ pub async fn run(
     ));
 
     let ids = AtomicU64::new(1);
+    // Each connection may hold a frame's room while it sends one, so their
+    // number is capped; one past it is told why, by a few tasks at most.
+    let peers = Arc::new(tokio::sync::Semaphore::new(config.max_peers));
+    let refusing = Arc::new(tokio::sync::Semaphore::new(REFUSING));
+    let mut refused = Refused::default();
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -331,12 +338,20 @@ pub async fn run(
                 continue;
             }
         }
+        let Ok(place) = peers.clone().try_acquire_owned() else {
+            refused.one(config.max_peers);
+            if let Ok(telling) = refusing.clone().try_acquire_owned() {
+                tracker.spawn(refuse(stream, config.max_peers, telling));
+            }
+            continue;
+        };
         let id = ids.fetch_add(1, Ordering::Relaxed);
         let alloc = alloc.clone();
         let reload_tx = reload_tx.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(
             async move {
+                let _place = place;
                 tokio::select! {
                     r = serve(stream, id, &alloc, &reload_tx) => {
                         if let Err(e) = r {
@@ -743,6 +758,59 @@ async fn answer(
         }
         _ => Ok(frame),
     }
+}
+
+/// Connections past `--max-peers` told why at once, at most; any more are
+/// closed unanswered.
+const REFUSING: usize = 16;
+
+/// Connections refused for `--max-peers`: a warning for the first, then at
+/// most one every 10 s with how many more.
+#[derive(Default)]
+struct Refused {
+    since_warned: u64,
+    warned: Option<Instant>,
+}
+
+impl Refused {
+    fn one(&mut self, max: usize) {
+        self.since_warned += 1;
+        if self
+            .warned
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
+        {
+            warn!(
+                refused = self.since_warned,
+                max_peers = max,
+                "refused a connection to the socket: --max-peers are connected"
+            );
+            self.since_warned = 0;
+            self.warned = Some(Instant::now());
+        }
+    }
+}
+
+/// Tells a connection past `--max-peers` why it is refused, as the answer
+/// to its Hello, within a second; its Hello is read into a small buffer
+/// (not as a frame, whose room a peer could make 4 MiB).
+async fn refuse(mut stream: UnixStream, max: usize, _telling: OwnedSemaphorePermit) {
+    use tokio::io::AsyncReadExt;
+    let reason = format!(
+        "the allocator serves {max} connections at most (--max-peers), and has them; retry later"
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut hello = [0u8; 256];
+        // (Whatever part of it has come: the answer does not depend on it.)
+        let _said = stream.read(&mut hello).await?;
+        let mut chan: ServerChannel<UnixStream> = Channel::new(stream);
+        chan.send(&ServerFrame::Hello(HelloReply::Refused {
+            reason,
+            server: Hello::new(Role::Allocator, SOFTWARE),
+        }))
+        .await
+        .map_err(io::Error::other)
+    })
+    .await;
 }
 
 async fn serve(

@@ -63,6 +63,10 @@ settings! {
         /// pairs with a budget used or a cooldown) held; past it the least
         /// recently used sites are forgotten.
         max_site_entries: Option<usize> = "400000",
+        /// Most connections to the allocator's socket at once (workers,
+        /// `rotor` commands); past it a new one is refused with a reason.
+        /// Each may hold a frame's room (4 MiB) while it sends one.
+        max_peers: Option<usize> = "512",
         /// How often the sticky sessions and the site state are written to
         /// the state directory while they change, so that an allocator
         /// that dies (SIGKILL, a crash) is followed by one that has them,
@@ -149,6 +153,7 @@ pub struct PoolSettings {
     pub site_rules: rotor_allocator::sites::Rules,
     pub max_site_entries: usize,
     pub checkpoint: Duration,
+    pub max_peers: usize,
     pub metrics_listen: Option<std::net::SocketAddr>,
     pub admin_token: Option<Arc<str>>,
 }
@@ -238,6 +243,11 @@ impl AllocatorFlags {
         if sources.is_empty() {
             sources.push(Source::HostAddresses);
         }
+        if a.max_peers == 0 {
+            return Err(ConfigError::Invalid(
+                "max-peers must be 1 or more: the workers connect to the socket".into(),
+            ));
+        }
         if a.refresh.is_zero() {
             return Err(ConfigError::Invalid(
                 "refresh must be longer than 0s".into(),
@@ -265,6 +275,7 @@ impl AllocatorFlags {
             .map_err(ConfigError::Invalid)?,
             max_site_entries: a.max_site_entries,
             checkpoint: a.checkpoint,
+            max_peers: a.max_peers,
             metrics_listen: a.metrics_listen,
             admin_token: match &a.admin_token_file {
                 None => None,

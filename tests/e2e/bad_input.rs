@@ -408,3 +408,47 @@ async fn many_status_requests_at_once_are_not_all_built_before_one_is_sent() {
     let grew = peak_kib(pid).saturating_sub(before);
     assert!(grew < 4 << 10, "the allocator's peak grew by {grew} KiB");
 }
+
+/// Connections past `--max-peers` are refused with the reason, as the
+/// answer to their Hello, and cost the served ones nothing; a place freed
+/// is taken by the next.
+#[tokio::test]
+async fn connections_past_max_peers_are_refused_with_the_reason() {
+    use rotor_protocol::{client_handshake, Channel, ClientChannel, HandshakeError};
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3", "--max-peers", "3"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let open = || async {
+        let stream = UnixStream::connect(&alloc.socket).await.unwrap();
+        let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
+        let r = tokio::time::timeout(
+            PATIENCE,
+            client_handshake(&mut chan, Hello::new(Role::Control, "e2e")),
+        )
+        .await
+        .expect("no answer to the Hello");
+        (chan, r)
+    };
+    // The worker holds one place; two more are served.
+    let (first, r) = open().await;
+    r.unwrap();
+    let (_second, r) = open().await;
+    r.unwrap();
+    for _ in 0..20 {
+        match open().await.1 {
+            Err(HandshakeError::Refused(reason)) => {
+                assert!(reason.contains("--max-peers"), "{reason}")
+            }
+            other => panic!("a connection past the cap: {other:?}"),
+        }
+    }
+    // The worker's connection is still served.
+    for _ in 0..4 {
+        assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
+    }
+    drop(first);
+    eventually("a freed place is taken", || async {
+        open().await.1.is_ok()
+    })
+    .await;
+}
