@@ -37,7 +37,23 @@ impl FromStr for Cidr {
             true => t.parse::<IpNet>().ok(),
             false => t.parse::<IpAddr>().ok().map(IpNet::from),
         };
-        net.map(Cidr).ok_or_else(|| CidrError(s.to_string()))
+        net.map(|n| Cidr(unmapped(n)))
+            .ok_or_else(|| CidrError(s.to_string()))
+    }
+}
+
+/// An IPv4-mapped range (`::ffff:198.51.100.0/120`) as the IPv4 range it
+/// maps: destinations are checked in their IPv4 form, so a rule written in
+/// the mapped one would hold none of them.
+fn unmapped(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(|n| IpNet::V4(n.trunc()))
+                .unwrap_or(net),
+            None => net,
+        },
+        _ => net,
     }
 }
 
@@ -77,6 +93,7 @@ pub const DEFAULT_DENY: &[&str] = &[
     "::/128",          // unspecified
     "::1/128",         // loopback
     "100::/64",        // discard-only
+    "2001:2::/48",     // benchmarking
     "2001:db8::/32",   // documentation
     "3fff::/20",       // documentation (RFC 9637)
     "64:ff9b:1::/48",  // local-use NAT64
@@ -166,16 +183,29 @@ impl Acl {
 
     /// Whether the proxy may connect to `dest`, by the rules alone.
     pub fn check(&self, dest: SocketAddr) -> Result<Allowed, Denied> {
+        Ok(match self.decide(dest)? {
+            [true, true] => Allowed::Explicitly,
+            _ => Allowed::ByDefault,
+        })
+    }
+
+    /// The rules' verdict on each form of `dest` (see `forms`): whether an
+    /// operator's allow let it through (a form there is not counts as
+    /// allowed explicitly).
+    fn decide(&self, dest: SocketAddr) -> Result<[bool; 2], Denied> {
         if self.deny_ports.contains(&dest.port()) {
             return Err(Denied::Port(dest.port()));
         }
         // An address is checked as itself and as every IPv4 address it
         // embeds, so ::ffff:127.0.0.1 or 64:ff9b::a9fe:a9fe are no way around
-        // a rule.
-        // Any form the operator's narrowest rule denies is denied.
-        let forms = forms(dest.ip());
-        let mut allowed = false;
-        for ip in forms.iter().flatten() {
+        // a rule. Each form is decided on its own: the operator's narrowest
+        // rule holding it, else the defaults; an allow of the IPv6 form
+        // (`--allow-destination 64:ff9b::/96`) lets through only the IPv4
+        // addresses inside it that pass too. Explicitly allowed only if
+        // every form is.
+        let mut explicitly = [true, true];
+        for (form, ip) in forms(dest.ip()).iter().enumerate() {
+            let Some(ip) = ip else { continue };
             let narrowest = |rules: &[Cidr]| {
                 rules
                     .iter()
@@ -184,37 +214,34 @@ impl Acl {
                     .copied()
             };
             match (narrowest(&self.allow), narrowest(&self.deny)) {
-                (Some(a), Some(d)) if a.prefix_len() > d.prefix_len() => allowed = true,
+                (Some(a), Some(d)) if a.prefix_len() > d.prefix_len() => {}
                 (_, Some(d)) => return Err(Denied::Address(dest.ip(), d)),
-                (Some(_), None) => allowed = true,
-                (None, None) => {}
+                (Some(_), None) => {}
+                (None, None) => {
+                    explicitly[form] = false;
+                    if let Some(rule) = self.defaults.iter().find(|c| c.contains(*ip)) {
+                        return Err(Denied::Address(dest.ip(), *rule));
+                    }
+                }
             }
         }
-        if allowed {
-            return Ok(Allowed::Explicitly);
-        }
-        for ip in forms.iter().flatten() {
-            if let Some(rule) = self.defaults.iter().find(|c| c.contains(*ip)) {
-                return Err(Denied::Address(dest.ip(), *rule));
-            }
-        }
-        Ok(Allowed::ByDefault)
+        Ok(explicitly)
     }
 
     /// The rules, and then: no address of this host unless allowed
     /// explicitly.
+    /// (Each form on its own: one an operator's allow let through is not
+    /// asked of.)
     pub fn check_with(&self, dest: SocketAddr, local: &LocalAddrs) -> Result<(), Denied> {
-        match self.check(dest)? {
-            Allowed::Explicitly => Ok(()),
-            Allowed::ByDefault
-                if forms(dest.ip())
-                    .iter()
-                    .flatten()
-                    .any(|ip| local.is_local(*ip)) =>
-            {
-                Err(Denied::Local(dest.ip()))
-            }
-            Allowed::ByDefault => Ok(()),
+        let explicitly = self.decide(dest)?;
+        let forms = forms(dest.ip());
+        let own = forms
+            .iter()
+            .zip(explicitly)
+            .any(|(ip, explicit)| !explicit && ip.is_some_and(|ip| local.is_local(ip)));
+        match own {
+            true => Err(Denied::Local(dest.ip())),
+            false => Ok(()),
         }
     }
 }
@@ -294,6 +321,7 @@ mod tests {
             "::",
             "::1",
             "100::1",
+            "2001:2::1",
             "2001:db8::1",
             "3fff::1",
             "64:ff9b:1::1",
@@ -385,6 +413,66 @@ mod tests {
         assert!(denied(&acl, "198.51.100.1", 80), "a tie is a deny");
         assert!(denied(&acl, "8.8.8.8", 80), "an allowlist");
         assert!(!denied(&acl, "2606:4700::1", 80), "no IPv4 rule holds it");
+    }
+
+    /// An allow of the IPv6 form (NAT64, 6to4) does not let through the
+    /// IPv4 addresses inside it that the defaults or the operator deny.
+    #[test]
+    fn an_allowed_ipv6_form_still_checks_the_ipv4_inside() {
+        let acl = Acl::new(
+            vec![
+                "64:ff9b::/96".parse().unwrap(),
+                "2002::/16".parse().unwrap(),
+            ],
+            vec!["::/0".parse().unwrap(), "203.0.113.0/24".parse().unwrap()],
+            vec![],
+        );
+        assert!(denied(&acl, "64:ff9b::a00:5", 80), "10.0.0.5");
+        assert!(denied(&acl, "64:ff9b::a9fe:a9fe", 80), "169.254.169.254");
+        assert!(denied(&acl, "2002:7f00:1::1", 80), "127.0.0.1");
+        assert!(
+            denied(&acl, "64:ff9b::cb00:7101", 80),
+            "the operator's deny"
+        );
+        assert!(!denied(&acl, "64:ff9b::808:808", 80), "8.8.8.8");
+        assert!(denied(&acl, "2606:4700::1", 80), "the operator's ::/0");
+        assert_eq!(
+            acl.check("[64:ff9b::808:808]:80".parse().unwrap()),
+            Ok(Allowed::ByDefault),
+            "its IPv4 form passed by default: the own-host check applies"
+        );
+        // Both forms allowed: explicitly.
+        let acl = Acl::new(
+            vec![
+                "64:ff9b::/96".parse().unwrap(),
+                "10.0.0.0/8".parse().unwrap(),
+            ],
+            vec![],
+            vec![],
+        );
+        assert_eq!(
+            acl.check("[64:ff9b::a00:5]:80".parse().unwrap()),
+            Ok(Allowed::Explicitly)
+        );
+    }
+
+    /// A rule written in the IPv4-mapped form holds the IPv4 addresses it
+    /// maps (destinations are checked in that form).
+    #[test]
+    fn mapped_rules_hold_their_ipv4_addresses() {
+        let c: Cidr = "::ffff:198.51.100.0/120".parse().unwrap();
+        assert_eq!(c.to_string(), "198.51.100.0/24");
+        assert_eq!(
+            "::ffff:8.8.8.8".parse::<Cidr>().unwrap().to_string(),
+            "8.8.8.8/32"
+        );
+        assert_eq!(
+            "::ffff:0.0.0.0/96".parse::<Cidr>().unwrap().to_string(),
+            "0.0.0.0/0"
+        );
+        let acl = Acl::new(vec![], vec![c], vec![]);
+        assert!(denied(&acl, "198.51.100.7", 80));
+        assert!(!denied(&acl, "8.8.8.8", 80));
     }
 
     proptest::proptest! {

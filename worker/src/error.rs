@@ -275,7 +275,16 @@ impl ProxyError {
     /// a one-line plain-text body saying what happened.
     pub fn to_response(&self) -> Response<Full<Bytes>> {
         let (status, kind) = self.classify();
-        let text = error_chain(self);
+        let text = match self {
+            // Not the address a name resolved to, nor the rule, nor that it
+            // is this host's: a user could map internal names with it. The
+            // log line has them.
+            ProxyError::Denied(crate::acl::Denied::Address(..) | crate::acl::Denied::Local(_)) => {
+                "refused: the destination's address is one this proxy does not connect to"
+                    .to_string()
+            }
+            _ => error_chain(self),
+        };
         let mut resp = Response::new(Full::new(Bytes::from(format!("{text}\n"))));
         *resp.status_mut() = status;
         resp.extensions_mut()
@@ -334,6 +343,39 @@ pub fn proxy_status(kind: Option<&str>, details: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refused destination's answer names neither the address its name
+    /// resolved to nor the rule (the log line does); a refused port is
+    /// named.
+    #[tokio::test]
+    async fn a_refused_destination_tells_the_client_no_address() {
+        use crate::acl::Denied;
+        let ip: std::net::IpAddr = "10.20.30.40".parse().unwrap();
+        let rule = "10.0.0.0/8".parse().unwrap();
+        for e in [Denied::Address(ip, rule), Denied::Local(ip)] {
+            let e = ProxyError::Denied(e);
+            let r = e.to_response();
+            assert_eq!(r.status(), StatusCode::FORBIDDEN);
+            let status = r.headers()["proxy-status"].to_str().unwrap().to_string();
+            assert!(status.contains("destination_ip_prohibited"), "{status}");
+            let body = body_of(r).await;
+            for told in [status.as_str(), body.as_str()] {
+                assert!(
+                    !told.contains("10.20") && !told.contains("10.0.0.0"),
+                    "{told}"
+                );
+            }
+            assert!(error_chain(&e).contains("10.20.30.40"), "the log keeps it");
+        }
+        let r = ProxyError::Denied(Denied::Port(25)).to_response();
+        assert!(body_of(r).await.contains("port 25"));
+    }
+
+    async fn body_of(r: Response<Full<Bytes>>) -> String {
+        use http_body_util::BodyExt;
+        let b = r.into_body().collect().await.unwrap();
+        String::from_utf8(b.to_bytes().to_vec()).unwrap()
+    }
 
     #[test]
     fn empty_pool_is_503_configuration_error() {
