@@ -40,7 +40,7 @@ pub enum UsersError {
     Read(PathBuf, #[source] std::io::Error),
     #[error("{0}:{1}: expected `user:$argon2id$…` (write it with `rotor user add`)")]
     Line(PathBuf, usize),
-    #[error("{0}:{1}: the password hash is not a PHC string")]
+    #[error("{0}:{1}: the password hash is not an argon2id PHC string (`$argon2id$…`; write it with `rotor user add`)")]
     Hash(PathBuf, usize),
 }
 
@@ -92,15 +92,16 @@ pub struct Auth {
 }
 
 /// One client address's place among the checks in flight, given back when
-/// dropped.
-struct ClientSlot<'a> {
-    auth: &'a Auth,
+/// dropped (with the check it was for: a client that leaves does not free
+/// it while its argon2 check runs on).
+struct ClientSlot {
+    auth: Arc<Auth>,
     client: IpAddr,
     sem: Arc<tokio::sync::Semaphore>,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
-impl Drop for ClientSlot<'_> {
+impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.permit.take();
         let mut m = self
@@ -130,7 +131,13 @@ fn load(path: &Path) -> Result<Users, UsersError> {
             .split_once(':')
             .filter(|(u, _)| !u.is_empty())
             .ok_or_else(|| UsersError::Line(path.into(), n + 1))?;
-        PasswordHash::new(hash).map_err(|_| UsersError::Hash(path.into(), n + 1))?;
+        // argon2id alone: another scheme's hash (`$scrypt$`, `$argon2i$`)
+        // could never pass, and would fail faster than the decoy check,
+        // telling who the user is.
+        match PasswordHash::new(hash) {
+            Ok(h) if h.algorithm == argon2::Algorithm::Argon2id.ident() => {}
+            _ => return Err(UsersError::Hash(path.into(), n + 1)),
+        }
         hashes.insert(user.to_string(), hash.to_string());
     }
     Ok(Users { hashes })
@@ -175,21 +182,34 @@ impl Auth {
     /// Once this returns, no check passes on the old file's credentials: a
     /// check that started before reads the generation this bumps, and is
     /// done again against the new users.
+    ///
+    /// Credentials that passed are still remembered if their user's hash
+    /// did not change (a reload for logrotate or the pool leaves every
+    /// user's next request without an argon2 check); failures are not (a
+    /// password that failed may be right now).
     pub fn reload(&self) -> Result<usize, UsersError> {
-        let users = load(&self.path)?;
+        let users = Arc::new(load(&self.path)?);
         let n = users.hashes.len();
-        *self.users.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(users);
-        self.remembered
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        // A password that failed may be right now.
-        self.failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        self.generation
+        let old = std::mem::replace(
+            &mut *self.users.write().unwrap_or_else(|e| e.into_inner()),
+            users.clone(),
+        );
+        // Both caches changed and the generation bumped under their locks:
+        // a check that remembers its outcome sees the bump (`remember`).
+        let mut mem = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = self
+            .generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let unchanged = |user: &str| {
+            let was = old.hashes.get(user);
+            was.is_some() && was == users.hashes.get(user)
+        };
+        mem.retain(|_, r| r.generation == generation && unchanged(&r.user));
+        for r in mem.values_mut() {
+            r.generation = generation + 1;
+        }
+        failed.clear();
         Ok(n)
     }
 
@@ -249,7 +269,7 @@ impl Auth {
             if self.failed_recently(&key, generation) {
                 return Err(AuthError::Wrong);
             }
-            let _slot = self.client_slot(client).await?;
+            let slot = self.client_slot(client).await?;
             // What waited for the slot may have been answered meanwhile
             // (the same credentials on another connection).
             if let Some(user) = self.remembered(&key, generation) {
@@ -259,14 +279,14 @@ impl Auth {
                 return Err(AuthError::Wrong);
             }
             let verified = self
-                .verify_blocking(users, user.clone(), password.clone())
+                .verify_blocking(users, user.clone(), password.clone(), slot)
                 .await?;
             // A reload while this was checked: check again, against the
             // new users, so a removed user is not let in after it.
-            if self.generation.load(SeqCst) != generation {
-                continue;
+            match self.remember(key, verified, generation) {
+                Some(answer) => return answer,
+                None => continue,
             }
-            return self.remember(key, verified, generation);
         }
     }
 
@@ -277,6 +297,7 @@ impl Auth {
         users: Arc<Users>,
         user: String,
         password: String,
+        slot: ClientSlot,
     ) -> Result<Option<String>, AuthError> {
         // (`within`: a wait past 500 ms has the fast path watch its client.)
         let permit = crate::h1::within(VERIFY_WAIT, self.verifying.clone().acquire_owned())
@@ -285,22 +306,30 @@ impl Auth {
             .map_err(|_| AuthError::Busy)?;
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
-            let _permit = permit;
+            let _held = (permit, slot);
             me.verify(&users, &user, &password).then_some(user)
         })
         .await
         .map_err(|_| AuthError::Wrong)
     }
 
+    /// Remembers the outcome of a check begun at `generation` and returns
+    /// it; `None` if a reload came since (checked under the lock a reload
+    /// clears and bumps under, so nothing of the old users is remembered,
+    /// or passed, after it returns).
     fn remember(
         &self,
         key: [u8; 32],
         verified: Option<String>,
         generation: u64,
-    ) -> Result<String, AuthError> {
+    ) -> Option<Result<String, AuthError>> {
+        let current = || self.generation.load(std::sync::atomic::Ordering::SeqCst) == generation;
         match verified {
             Some(user) => {
                 let mut mem = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+                if !current() {
+                    return None;
+                }
                 // As the README says: the expired go, then all.
                 if mem.len() >= REMEMBER_MAX {
                     mem.retain(|_, r| r.at.elapsed() < REMEMBER);
@@ -316,10 +345,13 @@ impl Auth {
                         generation,
                     },
                 );
-                Ok(user)
+                Some(Ok(user))
             }
             None => {
                 let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+                if !current() {
+                    return None;
+                }
                 if failed.len() >= REMEMBER_MAX {
                     failed.retain(|_, (at, _)| at.elapsed() < FAILED_REMEMBER);
                     if failed.len() >= REMEMBER_MAX {
@@ -329,7 +361,7 @@ impl Auth {
                 // With its generation: a failure that raced a reload says
                 // nothing of the new users.
                 failed.insert(key, (Instant::now(), generation));
-                Err(AuthError::Wrong)
+                Some(Err(AuthError::Wrong))
             }
         }
     }
@@ -343,7 +375,10 @@ impl Auth {
 
     /// A place for `client` among the checks in flight, once it has fewer
     /// than [`PER_CLIENT`]; `Busy` after [`VERIFY_WAIT`].
-    async fn client_slot(&self, client: IpAddr) -> Result<ClientSlot<'_>, AuthError> {
+    async fn client_slot(self: &Arc<Self>, client: IpAddr) -> Result<ClientSlot, AuthError> {
+        // An IPv6 client by its /64, as the connection limits count it: a
+        // host holds a /64, and would take a place per address.
+        let client = crate::clients::key(client);
         let sem = self
             .in_flight
             .lock()
@@ -352,7 +387,7 @@ impl Auth {
             .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(PER_CLIENT)))
             .clone();
         let mut slot = ClientSlot {
-            auth: self,
+            auth: self.clone(),
             client,
             sem: sem.clone(),
             permit: None,
@@ -580,6 +615,118 @@ mod tests {
         );
     }
 
+    /// An IPv6 host's addresses share its /64's one place: a flood spread
+    /// over them holds one argon2 slot, not one an address.
+    #[tokio::test]
+    async fn an_ipv6_64_checks_one_at_a_time() {
+        let (_dir, auth) = alice();
+        let one: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let held = auth.client_slot(one).await.unwrap();
+        let a = auth.clone();
+        let waiting = tokio::spawn(async move { a.check(Some(&basic("eve", "1")), other).await });
+        // Another /64 goes through meanwhile.
+        let elsewhere: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(
+            auth.check(Some(&basic("alice", "pw")), elsewhere).await,
+            Ok("alice".into())
+        );
+        assert!(!waiting.is_finished(), "a place per address of the /64");
+        assert_eq!(waiting.await.unwrap(), Err(AuthError::Busy));
+        drop(held);
+        assert!(auth.in_flight.lock().unwrap().is_empty());
+    }
+
+    /// A client that goes away while its check runs (its request dropped)
+    /// leaves its place held until the argon2 check ends.
+    #[tokio::test]
+    async fn a_client_that_leaves_keeps_its_place_while_its_check_runs() {
+        let (_dir, auth) = alice();
+        let slots = auth.verifying.available_permits();
+        let a = auth.clone();
+        let check = tokio::spawn(async move { a.check(Some(&basic("eve", "2")), LOCAL).await });
+        // Until the check holds an argon2 slot (it runs on the blocking pool).
+        let started = Instant::now();
+        while auth.verifying.available_permits() == slots {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "no check began"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        check.abort();
+        let _ = check.await;
+        if auth.verifying.available_permits() < slots {
+            assert!(
+                auth.in_flight.lock().unwrap().contains_key(&LOCAL),
+                "the place went with the client, the check still running"
+            );
+        }
+        while auth.verifying.available_permits() < slots {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the check never ended"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(auth.in_flight.lock().unwrap().is_empty());
+    }
+
+    /// A reload keeps in memory the credentials of users whose hash did not
+    /// change, and forgets the others'.
+    #[tokio::test]
+    async fn a_reload_keeps_the_unchanged_users_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        let alice = format!("alice:{}\n", hash_password("pw"));
+        std::fs::write(&path, format!("{alice}bob:{}\n", hash_password("pw"))).unwrap();
+        let auth = Auth::load(&path, None).unwrap();
+        for who in ["alice", "bob"] {
+            assert_eq!(
+                auth.check(Some(&basic(who, "pw")), LOCAL).await,
+                Ok(who.into())
+            );
+        }
+        // bob's password changed, carol added.
+        std::fs::write(
+            &path,
+            format!(
+                "{alice}bob:{}\ncarol:{}\n",
+                hash_password("new"),
+                hash_password("c")
+            ),
+        )
+        .unwrap();
+        auth.reload().unwrap();
+        // With every slot taken, only what is remembered is answered.
+        let held = hold_every_slot(&auth).await;
+        assert_eq!(
+            auth.check(Some(&basic("alice", "pw")), LOCAL).await,
+            Ok("alice".into())
+        );
+        assert_eq!(
+            auth.check(Some(&basic("bob", "pw")), LOCAL).await,
+            Err(AuthError::Busy),
+            "bob's old password was remembered past the change"
+        );
+        drop(held);
+        assert_eq!(
+            auth.check(Some(&basic("bob", "pw")), LOCAL).await,
+            Err(AuthError::Wrong)
+        );
+        assert_eq!(
+            auth.check(Some(&basic("bob", "new")), LOCAL).await,
+            Ok("bob".into())
+        );
+        // A user removed is forgotten.
+        std::fs::write(&path, format!("bob:{}\n", hash_password("new"))).unwrap();
+        auth.reload().unwrap();
+        assert_eq!(
+            auth.check(Some(&basic("alice", "pw")), LOCAL).await,
+            Err(AuthError::Wrong)
+        );
+    }
+
     #[test]
     fn bad_files_say_where() {
         let dir = tempfile::tempdir().unwrap();
@@ -594,5 +741,14 @@ mod tests {
             Auth::load(&path, None),
             Err(UsersError::Hash(_, 1))
         ));
+        // Another scheme's PHC string: never a pass, and a faster fail.
+        let argon2i = hash_password("pw").replace("$argon2id$", "$argon2i$");
+        for other in ["$scrypt$ln=15,r=8,p=1$c2FsdHNhbHQ$aGFzaA", argon2i.as_str()] {
+            std::fs::write(&path, format!("# users\nalice:{other}\n")).unwrap();
+            assert!(
+                matches!(Auth::load(&path, None), Err(UsersError::Hash(_, 2))),
+                "{other}"
+            );
+        }
     }
 }

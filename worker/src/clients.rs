@@ -83,7 +83,7 @@ impl Drop for ClientSlot {
 
 /// The address counted for `ip`: its /64 for IPv6 (an IPv4-mapped one as
 /// IPv4).
-fn key(ip: IpAddr) -> IpAddr {
+pub(crate) fn key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => IpAddr::V4(v4),
