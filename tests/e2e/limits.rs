@@ -451,3 +451,71 @@ async fn an_upload_answered_early_gets_its_answer_not_a_reset() {
         );
     }
 }
+
+/// A connection on hyper's path whose last request had no body closes
+/// without the upload's lingering: its place under
+/// `--max-client-connections` is free when the client sees it close (an
+/// upload earlier on the connection had it linger up to 5 s, holding the
+/// place, on every close after).
+#[tokio::test]
+async fn a_close_after_a_bodiless_request_frees_the_place_at_once() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(
+        &alloc.socket,
+        &["--max-client-connections", "1", "--idle-timeout", "1s"],
+    )
+    .await;
+    // (The start's check of the port held the place a moment.)
+    let (addr, url) = (worker.addr, origin.url("/"));
+    eventually("a place", || {
+        let url = url.clone();
+        async move { get(addr, &url).await.status == 200 }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let host = origin.addr.to_string();
+    let mut c = TcpStream::connect(worker.addr).await.unwrap();
+    // A chunked upload: hyper's path from here on.
+    let post = format!(
+        "POST http://{host}/ HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    );
+    let second = format!("GET http://{host}/ HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    c.write_all(post.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while count(&seen, b"HTTP/1.1 200") < 1 {
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    c.write_all(second.as_bytes()).await.unwrap();
+    // The second answer, then the idle close.
+    let r = tokio::time::timeout(PATIENCE, async {
+        loop {
+            let n = c.read(&mut buf).await.unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(r.is_ok(), "not closed when idle");
+    assert_eq!(
+        count(&seen, b"HTTP/1.1 200"),
+        2,
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    // The client keeps its socket open (its side half-open, silent): a
+    // lingering close would wait for it 5 s, holding the place.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let r = get(worker.addr, &origin.url("/")).await;
+    assert_eq!(r.status, 200, "the place was still held");
+    drop(c);
+}
+
+fn count(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}

@@ -794,3 +794,44 @@ async fn two_sigterms_a_moment_apart_are_one_drain() {
     let status = busy.proc.wait(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
 }
+
+/// While a worker drains, a client that stopped reading its response (on
+/// hyper's path) is dropped after `--idle-timeout`, as it would be without
+/// the drain, not waited for until `--drain-timeout` cuts the drain (3 s
+/// idle, 30 s drain: the stop comes before the idle timeout).
+#[tokio::test]
+async fn a_client_that_stopped_reading_does_not_hold_the_drain() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let mut worker = Worker::start(
+        &alloc.socket,
+        &["--idle-timeout", "3s", "--drain-timeout", "30s"],
+    )
+    .await;
+    // HTTP/1.0: hyper's path. 24 MiB, more than the sockets hold.
+    let url = origin.url(&format!("/bytes/{}", 24 << 20));
+    let mut c = TcpStream::connect(worker.addr).await.unwrap();
+    c.write_all(format!("GET {url} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    c.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head[8..], b" 200", "{}", String::from_utf8_lossy(&head));
+    // Reads no more; the stop comes before the connection is idle.
+    let t0 = Instant::now();
+    worker.proc.signal(Signal::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || {
+        let s = worker.proc.wait(Duration::from_secs(20));
+        (s, worker)
+    })
+    .await
+    .unwrap()
+    .0;
+    assert_eq!(status.code(), Some(0), "the drain was cut");
+    assert!(
+        t0.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t0.elapsed()
+    );
+    drop(c);
+}

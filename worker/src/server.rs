@@ -305,12 +305,9 @@ impl Serving {
                     );
                 }
                 if let Ok(stream) = stream.into_tokio() {
-                    match is_tls {
-                        false => tokio::spawn(refuse(stream, HTTP_REFUSAL)),
-                        // A 503 in plain text is no answer to a TLS hello
-                        // (the client reports a garbled record); closed.
-                        true => tokio::spawn(linger_close(stream)),
-                    };
+                    // A 503 in plain text is no answer to a TLS hello (the
+                    // client reports a garbled record): closed.
+                    refuse_soon(stream, (!is_tls).then_some(HTTP_REFUSAL));
                 }
                 return;
             }
@@ -318,10 +315,7 @@ impl Serving {
         let Ok(slot) = self.clients.admit(client.ip()) else {
             client_limit_reached(client, self.config.max_client_connections);
             if let Ok(stream) = stream.into_tokio() {
-                match is_tls {
-                    false => tokio::spawn(refuse(stream, HTTP_CLIENT_REFUSAL)),
-                    true => tokio::spawn(linger_close(stream)),
-                };
+                refuse_soon(stream, (!is_tls).then_some(HTTP_CLIENT_REFUSAL));
             }
             return;
         };
@@ -368,9 +362,24 @@ impl Serving {
             let io: ClientIo = match acceptor {
                 None => tokio_util::either::Either::Left(stream),
                 Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, Box::pin(acceptor.accept(stream)))
-                        .await
-                    {
+                    let handshake =
+                        tokio::time::timeout(handshake_timeout, Box::pin(acceptor.accept(stream)));
+                    // A drain lets a handshake under way finish in the
+                    // grace a connection between requests gets, no longer
+                    // (a port scan's silent connection held the drain for
+                    // the head's timeout).
+                    let draining = async {
+                        fast.stop.cancelled().await;
+                        tokio::time::sleep(IDLE_CLOSE_GRACE).await
+                    };
+                    let done = tokio::select! {
+                        r = handshake => r,
+                        _ = draining => {
+                            debug!("draining: TLS handshake not done; closed");
+                            return;
+                        }
+                    };
+                    match done {
                         Ok(Ok(tls)) => tokio_util::either::Either::Right(Box::new(tls)),
                         Ok(Err(e)) => {
                             debug!(error = %e, "TLS handshake failed");
@@ -409,10 +418,7 @@ impl Serving {
             let waiting = Arc::new(AtomicUsize::new(0));
             let pending = waiting.clone();
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                seen.arrived();
-                if !hyper::body::Body::is_end_stream(req.body()) {
-                    seen.with_body();
-                }
+                seen.arrived(!hyper::body::Body::is_end_stream(req.body()));
                 let guard = Waiting::new(&pending);
                 let proxy = proxy.clone();
                 async move {
@@ -431,22 +437,7 @@ impl Serving {
                 _ = activity.idle_for(idle_timeout) => {
                     debug!("client connection idle; closing");
                     conn.as_mut().graceful_shutdown();
-                    // A request in flight may finish while bytes move
-                    // or the destination is still to answer; a client
-                    // that stops reading (a write that never ends) is
-                    // dropped, and its upstream with it.
-                    loop {
-                        tokio::select! {
-                            r = conn.as_mut() => break r,
-                            _ = activity.idle_for(idle_timeout) => {
-                                if waiting.load(Ordering::Relaxed) == 0 {
-                                    debug!("client connection stuck (not reading); dropped");
-                                    break Ok(());
-                                }
-                                activity.touch();
-                            }
-                        }
-                    }
+                    until_finished(conn.as_mut(), &activity, idle_timeout, &waiting).await
                 }
                 _ = stop.cancelled() => {
                     // HAProxy's idle-close-on-response: a connection
@@ -470,7 +461,8 @@ impl Serving {
                         Some(r) => r,
                         None => {
                             conn.as_mut().graceful_shutdown();
-                            conn.await
+                            until_finished(conn.as_mut(), &activity, idle_timeout, &waiting)
+                                .await
                         }
                     }
                 }
@@ -481,6 +473,34 @@ impl Serving {
         }
         .instrument(tracing::debug_span!("client", %client));
         self.connections.spawn(fut);
+    }
+}
+
+/// A connection told to shut down gracefully, until it ends: a request in
+/// flight may finish while bytes move or the destination is still to
+/// answer; a client that stops reading (a write that never ends) is
+/// dropped after `idle`, and its upstream with it (also while draining:
+/// it held the drain to `--drain-timeout`).
+async fn until_finished<C, E>(
+    mut conn: C,
+    activity: &Activity,
+    idle: Duration,
+    waiting: &AtomicUsize,
+) -> Result<(), E>
+where
+    C: std::future::Future<Output = Result<(), E>> + Unpin,
+{
+    loop {
+        tokio::select! {
+            r = &mut conn => break r,
+            _ = activity.idle_for(idle) => {
+                if waiting.load(Ordering::Relaxed) == 0 {
+                    debug!("client connection stuck (not reading); dropped");
+                    break Ok(());
+                }
+                activity.touch();
+            }
+        }
     }
 }
 
@@ -565,12 +585,12 @@ async fn socks_accept(
             debug!(%client, "connection limit reached; SOCKS5 client refused");
             // "No acceptable method", the answer to the greeting it sends
             // first (read by the lingering close): a refusal, not a reset.
-            tokio::spawn(refuse(stream, &[5, 0xff]));
+            refuse_soon(stream, Some(&[5, 0xff]));
             continue;
         };
         let Ok(slot) = clients.admit(client.ip()) else {
             client_limit_reached(client, clients.max());
-            tokio::spawn(refuse(stream, &[5, 0xff]));
+            refuse_soon(stream, Some(&[5, 0xff]));
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -608,6 +628,30 @@ fn client_limit_reached(client: std::net::SocketAddr, limit: usize) {
     } else {
         debug!(%client, limit, "client connection limit reached; refused");
     }
+}
+
+/// Refusals told at once, at most (each holds its socket for a second or
+/// so, under no limit); past them a connection is closed unanswered, so
+/// one address flooding past its limit cannot take the worker's file
+/// descriptors.
+const REFUSING_MAX: usize = 512;
+static REFUSING: Semaphore = Semaphore::const_new(REFUSING_MAX);
+
+/// Refuses `stream`: `answer` written (none: a lingering close alone), in
+/// a task of its own while fewer than [`REFUSING_MAX`] are; else closed
+/// at once.
+fn refuse_soon(stream: TcpStream, answer: Option<&'static [u8]>) {
+    let Ok(telling) = REFUSING.try_acquire() else {
+        debug!("too many refusals at once; closed unanswered");
+        return;
+    };
+    tokio::spawn(async move {
+        let _telling = telling;
+        match answer {
+            Some(answer) => refuse(stream, answer).await,
+            None => linger_close(stream).await,
+        }
+    });
 }
 
 /// Answers a client past the connection limit at once with `answer`,
@@ -805,12 +849,16 @@ struct Arrivals {
     notify: tokio::sync::Notify,
     /// Set when the connection drains (see `arrived`).
     watched: std::sync::atomic::AtomicBool,
-    /// Whether a request with a body came (see [`Lingering`]).
+    /// Whether the request that came last had a body (see [`Lingering`]).
     bodies: std::sync::atomic::AtomicBool,
 }
 
 impl Arrivals {
-    fn arrived(&self) {
+    /// A request arrived, with a body or not.
+    fn arrived(&self, body: bool) {
+        // (A connection whose last request had none closes without the
+        // upload's lingering, which holds its places up to 30 s.)
+        self.bodies.store(body, Ordering::Relaxed);
         // Only a draining connection waits: no wake-up (and its lock) per
         // request otherwise. SeqCst both here and in `watch`: an arrival
         // counted after the drain read the count sees the flag.
@@ -818,11 +866,6 @@ impl Arrivals {
         if self.watched.load(Ordering::SeqCst) {
             self.notify.notify_waiters();
         }
-    }
-
-    /// The request that arrived last has a body.
-    fn with_body(&self) {
-        self.bodies.store(true, Ordering::Relaxed);
     }
 
     fn carried_body(&self) -> bool {
