@@ -68,6 +68,8 @@ pub enum SourceError {
     CommandTimeout { cmd: String, timeout: Duration },
     #[error("`{cmd}` printed more than {max} bytes; none of it is used (a line cut at the limit could read as another address)", max = COMMAND_OUTPUT_MAX)]
     CommandOutputTooLarge { cmd: String },
+    #[error("`{cmd}` exited, but a process it started in a session of its own (`setsid`, a daemon) still holds its output open; none of it is used: close that process's output (`helper >/dev/null 2>&1`)")]
+    CommandOutputHeld { cmd: String },
     #[error("`{cmd}` failed ({status}): {stderr}")]
     CommandFailed {
         cmd: String,
@@ -179,10 +181,13 @@ pub fn run_pool_command(cmd: &str, timeout: Duration) -> Result<Vec<Segment>, So
     // Read while it runs, so a long output cannot fill the pipe and stall
     // it; what is past the limits is read and dropped.
     // Whether anything was dropped, beside the text.
+    // Sent when the output ends; a process that left the group (its own
+    // session) can hold it open past the kill, and is not waited for.
     fn drain(
         mut from: impl Read + Send + 'static,
         keep: usize,
-    ) -> std::thread::JoinHandle<(String, bool)> {
+    ) -> std::sync::mpsc::Receiver<(String, bool)> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
         std::thread::spawn(move || {
             let mut kept = Vec::new();
             let mut dropped = false;
@@ -195,9 +200,12 @@ pub fn run_pool_command(cmd: &str, timeout: Duration) -> Result<Vec<Segment>, So
                 kept.extend_from_slice(&buf[..n.min(room)]);
                 dropped |= n > room;
             }
-            (String::from_utf8_lossy(&kept).into_owned(), dropped)
-        })
+            let _ = tx.send((String::from_utf8_lossy(&kept).into_owned(), dropped));
+        });
+        rx
     }
+    // How long the output may stay open once the group is gone.
+    const HELD: Duration = Duration::from_secs(1);
     let out = drain(child.stdout.take().expect("piped"), COMMAND_OUTPUT_MAX);
     let err = drain(child.stderr.take().expect("piped"), 64 << 10);
     let deadline = std::time::Instant::now() + timeout;
@@ -215,14 +223,17 @@ pub fn run_pool_command(cmd: &str, timeout: Duration) -> Result<Vec<Segment>, So
     let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
     let Some(status) = status else {
         let _ = child.wait();
-        let _ = (out.join(), err.join());
         return Err(SourceError::CommandTimeout {
             cmd: cmd.to_string(),
             timeout,
         });
     };
-    let (text, cut) = out.join().unwrap_or_default();
-    let (stderr, _) = err.join().unwrap_or_default();
+    let Ok((text, cut)) = out.recv_timeout(HELD) else {
+        return Err(SourceError::CommandOutputHeld {
+            cmd: cmd.to_string(),
+        });
+    };
+    let (stderr, _) = err.recv_timeout(HELD).unwrap_or_default();
     if !status.success() {
         return Err(SourceError::CommandFailed {
             cmd: cmd.to_string(),
@@ -457,6 +468,19 @@ mod tests {
         let got = run_pool_command("sleep 30 & echo 127.0.0.2", t).unwrap();
         assert_eq!(got.len(), 1);
         assert!(started.elapsed() < Duration::from_secs(5));
+        // One that left the group (a session of its own) survives the
+        // kill: its holding the output open is an error, not a refresh
+        // that never ends (nor one that times out).
+        let started = std::time::Instant::now();
+        let err = run_pool_command("setsid sleep 31 & echo 127.0.0.2", t).unwrap_err();
+        assert!(
+            matches!(err, SourceError::CommandOutputHeld { .. }),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(4));
+        let _ = std::process::Command::new("pkill")
+            .args(["-f", "^sleep 31$"])
+            .status();
         let got = run_pool_command(
             "head -c 200000 /dev/zero | tr '\\0' '#' >&2; echo 127.0.0.2",
             t,
