@@ -593,7 +593,9 @@ pub async fn serve(
                 }
             },
         };
-        let place = peers.enter(peer.ip());
+        // An IPv6 peer by its /64: a host holds one, and would take a
+        // place per address of it (and every place, failing `/health`).
+        let place = peers.enter(rotor_protocol::addr::client_key(peer.ip()));
         let permit = slots.clone().try_acquire_owned();
         let (Some(place), Ok(permit)) = (place, permit) else {
             let Ok(refusal) = refusing.clone().try_acquire_owned() else {
@@ -642,6 +644,27 @@ pub async fn serve(
                 _ = stop.cancelled() => {}
             }
         });
+    }
+}
+
+/// Logs an admin request refused for its token: a warning, then at most
+/// one every 10 s with how many more (a flood of them is no flood of log
+/// lines).
+fn refused_admin(path: &str) {
+    static SINCE: std::sync::Mutex<(Option<std::time::Instant>, u64)> =
+        std::sync::Mutex::new((None, 0));
+    let mut since = SINCE.lock().unwrap_or_else(|e| e.into_inner());
+    since.1 += 1;
+    if since
+        .0
+        .is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(10))
+    {
+        tracing::warn!(
+            %path,
+            refused = since.1,
+            "admin API: refused a request without the right token (said once in 10 s)"
+        );
+        *since = (Some(std::time::Instant::now()), 0);
     }
 }
 
@@ -713,7 +736,7 @@ fn token_matches(given: &[u8], token: &[u8]) -> bool {
 
 async fn answer(
     req: hyper::Request<hyper::body::Incoming>,
-    alloc: &crate::state::Allocator,
+    alloc: &std::sync::Arc<crate::state::Allocator>,
     token: Option<&str>,
 ) -> Reply {
     use hyper::{Method, StatusCode};
@@ -728,16 +751,28 @@ async fn answer(
                 .get(hyper::header::ACCEPT)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.contains("application/openmetrics-text"));
+            // Off the allocator's one thread: a large pool's scrape takes
+            // a while, and leases over the socket would wait for it.
+            let rendering = alloc.clone();
+            let Ok(body) =
+                tokio::task::spawn_blocking(move || rendering.render_metrics(!open)).await
+            else {
+                return reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    text,
+                    "the metrics could not be rendered\n".into(),
+                );
+            };
             match open {
                 true => reply(
                     StatusCode::OK,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    alloc.render_metrics(false),
+                    body,
                 ),
                 false => reply(
                     StatusCode::OK,
                     "text/plain; version=0.0.4; charset=utf-8",
-                    alloc.render_metrics(true),
+                    body,
                 ),
             }
         }
@@ -771,7 +806,7 @@ async fn answer(
                 .and_then(|v| bearer_token(v.as_bytes()))
                 .unwrap_or_default();
             if !token_matches(given, token.as_bytes()) {
-                tracing::warn!(%path, "admin API: refused a request without the right token");
+                refused_admin(&path);
                 return json_reply(
                     StatusCode::UNAUTHORIZED,
                     serde_json::json!({"error": "an Authorization: Bearer header with the admin token is needed"}),

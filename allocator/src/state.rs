@@ -980,9 +980,10 @@ impl Allocator {
             };
             let cooling = by_entry(&inner, inner.sites.cooling_by_address(now));
             let sessions = by_entry(&inner, inner.sessions.by_address());
-            let entries: Vec<(String, u64, bool, u64, u64)> = v2
+            let mut entries: Vec<(String, u64, bool, u64, u64)> = v2
                 .pool
                 .iter()
+                .take(crate::metrics::MAX_SOURCES)
                 .map(|e| {
                     let k = e.entry.to_string();
                     let c = cooling.get(&k).copied().unwrap_or(0);
@@ -990,6 +991,20 @@ impl Allocator {
                     (k, e.leases, e.quarantine.is_some(), c, s)
                 })
                 .collect();
+            // Past `MAX_SOURCES` entries, one series each would make a
+            // scrape of millions: the rest are summed as `other` (its
+            // quarantine gauge 1 if any of them is out).
+            if v2.pool.len() > crate::metrics::MAX_SOURCES {
+                let mut other = ("other".to_string(), 0, false, 0, 0);
+                for e in &v2.pool[crate::metrics::MAX_SOURCES..] {
+                    let k = e.entry.to_string();
+                    other.1 += e.leases;
+                    other.2 |= e.quarantine.is_some();
+                    other.3 += cooling.get(&k).copied().unwrap_or(0);
+                    other.4 += sessions.get(&k).copied().unwrap_or(0);
+                }
+                entries.push(other);
+            }
             let leases = inner.metrics.leases(&entries);
             let figures = crate::metrics::PoolFigures {
                 entries,
@@ -1510,6 +1525,30 @@ mod tests {
             "{}",
             kept.len()
         );
+    }
+
+    /// A scrape of a pool past `MAX_SOURCES` entries has a series per
+    /// entry for the first of them, and one `other` for the rest.
+    #[test]
+    fn a_scrape_of_a_huge_pool_sums_the_entries_past_the_cap() {
+        let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
+        // Every other address: no two entries merge into a range.
+        let n = crate::metrics::MAX_SOURCES as u32 + 5;
+        let entries = (0..n)
+            .map(|k| Segment::single(std::net::Ipv4Addr::from(0x0a00_0000u32 + 2 * k).into()))
+            .collect();
+        a.apply_refresh(vec![Ok(entries)], &ok());
+        let m = a.render_metrics(true);
+        let series = m
+            .lines()
+            .filter(|l| l.starts_with("rotor_source_quarantined{"))
+            .count();
+        assert_eq!(series, crate::metrics::MAX_SOURCES + 1);
+        assert!(
+            m.contains("rotor_source_quarantined{source=\"other\"} 0"),
+            "no other"
+        );
+        assert!(m.contains("rotor_source_quarantined{source=\"10.0.0.0\"} 0"));
     }
 
     /// A site lease for what is no site's name (a peer's megabyte of

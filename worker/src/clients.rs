@@ -7,7 +7,7 @@
 //! bounded by `--max-connections`.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 pub struct Clients {
@@ -84,16 +84,7 @@ impl Drop for ClientSlot {
 /// The address counted for `ip`: its /64 for IPv6 (an IPv4-mapped one as
 /// IPv4).
 pub(crate) fn key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let s = v6.segments();
-                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-            }
-        },
-        v4 => v4,
-    }
+    rotor_protocol::addr::client_key(ip)
 }
 
 #[cfg(test)]
