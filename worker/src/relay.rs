@@ -370,8 +370,11 @@ async fn one_way(
                 // splice stops at TCP urgent data for good (0, as at the
                 // end, or EAGAIN): a read goes past the mark, so this
                 // chunk is copied (one ioctl, only when splice moved
-                // nothing).
-                Ok(0) | Err(_) if os::at_urgent_mark(src) => None,
+                // nothing). Only the read's answers: a write's error (or
+                // a stall) with bytes left in the pipe ends the tunnel,
+                // whatever `src` is at.
+                Ok(0) if os::at_urgent_mark(src) => None,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && os::at_urgent_mark(src) => None,
                 r => Some(r),
             },
             None => None,
