@@ -97,6 +97,12 @@ pub const TIMEOUT: Duration = Duration::from_secs(2);
 /// The IMDSv2 token's lifetime asked for, and how long before its end a
 /// new one is fetched.
 const TOKEN_TTL: Duration = Duration::from_secs(6 * 3600);
+/// The longest answer read: past it, an error (a list cut at the limit
+/// could end in another address: `10.0.0.12` of `10.0.0.123`).
+const BODY_MAX: u64 = 1 << 20;
+/// Interfaces read at most: each is a few requests, one after another,
+/// 2 s each at most (an instance has 15 at most on AWS today).
+const INTERFACES_MAX: usize = 64;
 const TOKEN_MARGIN: Duration = Duration::from_secs(60);
 
 /// One metadata source: a provider, where its service is, and which
@@ -217,12 +223,18 @@ impl Metadata {
         let mut body = String::new();
         resp.body_mut()
             .as_reader()
-            .take(1 << 20)
+            .take(BODY_MAX + 1)
             .read_to_string(&mut body)
             .map_err(|source| MetadataError::Body {
                 url: url.clone(),
                 source,
             })?;
+        if body.len() as u64 > BODY_MAX {
+            return Err(MetadataError::Invalid {
+                url,
+                what: format!("an answer of more than {BODY_MAX} bytes"),
+            });
+        }
         Ok(Answer { status, body })
     }
 
@@ -290,7 +302,7 @@ impl Metadata {
         let base = "/latest/meta-data/network/interfaces/macs/";
         let list = self.aws_get(base)?.ok_or_else(|| self.missing(base))?;
         let mut out = Vec::new();
-        for item in lines(&list) {
+        for item in self.interfaces(lines(&list).collect(), base)? {
             let mac_text = item.trim_end_matches('/');
             let mac = self.mac(mac_text, base)?;
             let mut addrs = Vec::new();
@@ -310,7 +322,7 @@ impl Metadata {
         let base = "/computeMetadata/v1/instance/network-interfaces/";
         let list = self.get(base, &h)?.ok_or_else(|| self.missing(base))?;
         let mut out = Vec::new();
-        for item in lines(&list) {
+        for item in self.interfaces(lines(&list).collect(), base)? {
             let i = item.trim_end_matches('/');
             let mac_path = format!("{base}{i}/mac");
             let mac_text = self.get(&mac_path, &h)?.unwrap_or_default();
@@ -339,8 +351,15 @@ impl Metadata {
                 what: format!("not the JSON expected: {e}"),
             })?;
         let mut out = Vec::new();
-        let interfaces = doc["interface"].as_array().cloned().unwrap_or_default();
-        for iface in interfaces {
+        // No `interface` list is not an instance without interfaces: a
+        // garbled answer, which keeps the last good addresses.
+        let Some(listed) = doc["interface"].as_array() else {
+            return Err(MetadataError::Invalid {
+                url: url(),
+                what: "no `interface` list".into(),
+            });
+        };
+        for iface in self.interfaces(listed.iter().collect(), path)? {
             let mac = self.mac(iface["macAddress"].as_str().unwrap_or(""), path)?;
             let mut addrs = Vec::new();
             for family in ["ipv4", "ipv6"] {
@@ -353,6 +372,19 @@ impl Metadata {
             out.push((mac, addrs));
         }
         Ok(out)
+    }
+
+    /// The interfaces a service listed, if they are 1 to [`INTERFACES_MAX`]:
+    /// none is a garbled answer (every instance has one), and more would
+    /// be that many requests one after another on each refresh.
+    fn interfaces<T>(&self, listed: Vec<T>, path: &str) -> Result<Vec<T>, MetadataError> {
+        match listed.len() {
+            1..=INTERFACES_MAX => Ok(listed),
+            n => Err(MetadataError::Invalid {
+                url: format!("{}{path}", self.endpoint),
+                what: format!("{n} interfaces listed (1 to {INTERFACES_MAX} expected)"),
+            }),
+        }
     }
 
     /// A listing that must exist answered 404: an error (the last good
@@ -581,5 +613,49 @@ mod tests {
             .read()
             .unwrap_err();
         assert!(matches!(err, MetadataError::Http { .. }), "{err}");
+        // A JSON document without its interface list, and one with none:
+        // garbled, not an instance without addresses (which would empty
+        // the source).
+        for doc in [r#"{"other":1}"#, r#"{"interface":[]}"#] {
+            let url = fake(move |_, _, _| (200, doc.into()));
+            let err = Metadata::new(Provider::Azure, Some(&url), vec![])
+                .read()
+                .unwrap_err();
+            assert!(matches!(err, MetadataError::Invalid { .. }), "{doc}: {err}");
+        }
+        // An empty listing of interfaces, and one of thousands.
+        for listing in [
+            String::new(),
+            (0..5000).map(|i| format!("{i}/\n")).collect(),
+        ] {
+            let url = fake(move |_, _, _| (200, listing.clone()));
+            let err = Metadata::new(Provider::Gcp, Some(&url), vec![])
+                .read()
+                .unwrap_err();
+            assert!(err.to_string().contains("interfaces listed"), "{err}");
+        }
+    }
+
+    /// An answer past the limit is an error, not a list cut short (whose
+    /// last line could read as another address).
+    #[test]
+    fn an_answer_past_the_limit_is_an_error() {
+        let url = fake(|_, path, _| {
+            let base = "/computeMetadata/v1/instance/network-interfaces/";
+            match path.strip_prefix(base).unwrap_or("") {
+                "" => (200, "0/\n".into()),
+                "0/mac" => (200, MAC1.into()),
+                "0/ip-aliases/" => {
+                    let mut list = "127.0.0.2\n".repeat((BODY_MAX as usize) / 10);
+                    list.push_str("127.0.0.123\n");
+                    (200, list)
+                }
+                _ => (404, String::new()),
+            }
+        });
+        let err = Metadata::new(Provider::Gcp, Some(&url), vec![])
+            .read()
+            .unwrap_err();
+        assert!(err.to_string().contains("more than"), "{err}");
     }
 }
