@@ -305,6 +305,11 @@ impl Metadata {
         for item in self.interfaces(lines(&list).collect(), base)? {
             let mac_text = item.trim_end_matches('/');
             let mac = self.mac(mac_text, base)?;
+            // Only the interfaces asked for are read: another's fault
+            // (a 500, a bad line) is none of this source's.
+            if !self.wanted(&mac) {
+                continue;
+            }
             let mut addrs = Vec::new();
             for list in ["local-ipv4s", "ipv6s"] {
                 let path = format!("{base}{mac_text}/{list}");
@@ -327,6 +332,9 @@ impl Metadata {
             let mac_path = format!("{base}{i}/mac");
             let mac_text = self.get(&mac_path, &h)?.unwrap_or_default();
             let mac = self.mac(mac_text.trim(), &mac_path)?;
+            if !self.wanted(&mac) {
+                continue;
+            }
             let mut addrs = Vec::new();
             for list in ["ip", "ip-aliases/", "ipv6s"] {
                 let path = format!("{base}{i}/{list}");
@@ -372,6 +380,12 @@ impl Metadata {
             out.push((mac, addrs));
         }
         Ok(out)
+    }
+
+    /// Whether the interface with `mac` is read (`--metadata-mac`, or every
+    /// one).
+    fn wanted(&self, mac: &[u8; 6]) -> bool {
+        self.macs.is_empty() || self.macs.contains(mac)
     }
 
     /// The interfaces a service listed, if they are 1 to [`INTERFACES_MAX`]:
@@ -634,6 +648,26 @@ mod tests {
                 .unwrap_err();
             assert!(err.to_string().contains("interfaces listed"), "{err}");
         }
+    }
+
+    /// With `--metadata-mac`, only that interface is read: another's
+    /// fault (a 500 on its list) does not fail the source.
+    #[test]
+    fn only_the_interfaces_asked_for_are_read() {
+        let url = fake(|_, path, _| {
+            let base = "/latest/meta-data/network/interfaces/macs/";
+            match path.strip_prefix(base) {
+                _ if path == "/latest/api/token" => (200, "t".into()),
+                Some("") => (200, format!("{MAC1}/\n{MAC2}/")),
+                Some(p) if p.starts_with(MAC1) => (500, "broken".into()),
+                Some(p) if p == format!("{MAC2}/local-ipv4s") => (200, "127.0.0.9".into()),
+                _ => (404, String::new()),
+            }
+        });
+        let only = Metadata::new(Provider::Aws, Some(&url), vec![parse_mac(MAC2).unwrap()]);
+        assert_eq!(strings(only.read().unwrap()), ["127.0.0.9"]);
+        let every = Metadata::new(Provider::Aws, Some(&url), vec![]);
+        assert!(every.read().unwrap_err().to_string().contains("500"));
     }
 
     /// An answer past the limit is an error, not a list cut short (whose
