@@ -49,13 +49,35 @@ impl Idle {
 /// last `idle_timeout` would sit open (40 000 at 10 000 requests/s).
 pub const MAX_IDLE_TOTAL: usize = 4096;
 
+/// A key's idle connections. A key is `proven` once one of its
+/// connections has been checked out again: a pool of prefixes (an IPv6
+/// /64) checks in connections whose key no request asks for again, and
+/// those may hold only part of the pool ([`unproven_max`]), so that they
+/// cannot crowd out the keys that are reused.
+#[derive(Default)]
+struct List {
+    idle: Vec<Idle>,
+    proven: bool,
+    /// When one was last checked out (`os::coarse_ms`): a proven list
+    /// left empty is kept while this is within the idle timeout.
+    used_ms: u64,
+}
+
 #[derive(Default)]
 struct Idles {
-    map: HashMap<Key, Vec<Idle>>,
+    map: HashMap<Key, List>,
     /// Connections in `map`.
     total: usize,
+    /// … of keys not proven.
+    unproven: usize,
     /// When a full pool was last swept of expired connections.
     swept_ms: u64,
+}
+
+/// Connections of keys not yet reused the pool keeps at most: three
+/// quarters of it, the rest for keys that are.
+fn unproven_max(total: usize) -> usize {
+    total - total / 4
 }
 
 pub struct UpstreamPool {
@@ -101,12 +123,25 @@ impl UpstreamPool {
     /// later, and then finds it (no second lookup, no new list).
     pub fn checkout(&self, key: &Key) -> Option<Conn> {
         let mut idles = self.lock();
-        let Idles { map, total, .. } = &mut *idles;
+        let Idles {
+            map,
+            total,
+            unproven,
+            ..
+        } = &mut *idles;
         let list = map.get_mut(key)?;
         let now = crate::os::coarse_ms();
-        while let Some(idle) = list.pop() {
+        while let Some(idle) = list.idle.pop() {
             *total -= 1;
+            if !list.proven {
+                *unproven -= 1;
+            }
             if idle.fresh(now, self.idle_timeout) {
+                if !list.proven {
+                    list.proven = true;
+                    *unproven -= list.idle.len();
+                }
+                list.used_ms = now;
                 return Some(idle.conn);
             }
         }
@@ -114,15 +149,18 @@ impl UpstreamPool {
     }
 
     /// Keeps `conn` for the next request with the same key (closed
-    /// instead when its list, or the pool, is full: a full pool is swept
-    /// of expired connections first, at most every 100 ms).
+    /// instead when its list, or the pool, or the part of it for keys not
+    /// proven is full: a full pool is swept of expired connections first,
+    /// at most every 100 ms).
     pub fn checkin(&self, key: Key, conn: Conn) {
         if !self.enabled() {
             return;
         }
         let mut idles = self.lock();
         let now = crate::os::coarse_ms();
-        if idles.total >= self.max_idle_total && now.saturating_sub(idles.swept_ms) >= 100 {
+        let most_unproven = unproven_max(self.max_idle_total);
+        let full = |i: &Idles| i.total >= self.max_idle_total || i.unproven >= most_unproven;
+        if full(&idles) && now.saturating_sub(idles.swept_ms) >= 100 {
             idles.swept_ms = now;
             // By age alone: under the lock, no system call per connection.
             self.sweep(&mut idles, now, false);
@@ -130,28 +168,54 @@ impl UpstreamPool {
         if idles.total >= self.max_idle_total {
             return;
         }
-        let list = idles.map.entry(key).or_default();
-        if list.len() < self.max_idle_per_key {
-            list.push(Idle {
+        let Idles {
+            map,
+            total,
+            unproven,
+            ..
+        } = &mut *idles;
+        let list = match map.get_mut(&key) {
+            Some(list) => list,
+            // (No list made for a connection refused.)
+            None if *unproven >= most_unproven => return,
+            None => map.entry(key).or_default(),
+        };
+        if !list.proven && *unproven >= most_unproven {
+            return;
+        }
+        if list.idle.len() < self.max_idle_per_key {
+            list.idle.push(Idle {
                 conn,
                 since_ms: now,
             });
-            idles.total += 1;
+            *total += 1;
+            if !list.proven {
+                *unproven += 1;
+            }
         }
     }
 
     /// Drops expired connections (and, `closed`, those the destination
     /// closed: a system call each), and lists left empty.
+    /// (A proven list left empty stays while it was used within the idle
+    /// timeout: its connection is usually out serving a request.)
     fn sweep(&self, idles: &mut Idles, now_ms: u64, closed: bool) {
         let timeout = self.idle_timeout;
         idles.map.retain(|_, list| {
-            list.retain(|i| match closed {
+            list.idle.retain(|i| match closed {
                 true => i.fresh(now_ms, timeout),
                 false => i.young(now_ms, timeout),
             });
-            !list.is_empty()
+            let used = u128::from(now_ms.saturating_sub(list.used_ms)) < timeout.as_millis();
+            !list.idle.is_empty() || (list.proven && used)
         });
-        idles.total = idles.map.values().map(Vec::len).sum();
+        idles.total = idles.map.values().map(|l| l.idle.len()).sum();
+        idles.unproven = idles
+            .map
+            .values()
+            .filter(|l| !l.proven)
+            .map(|l| l.idle.len())
+            .sum();
     }
 
     /// Idle connections now (for status and tests).
@@ -395,6 +459,38 @@ mod tests {
         pool.checkin(key("127.0.0.5"), c);
         assert_eq!(pool.idle_count(), 1);
         assert!(pool.checkout(&key("127.0.0.5")).is_some());
+    }
+
+    /// Connections of keys never reused (a prefix pool's) hold three
+    /// quarters of the pool at most: a key that is reused keeps its
+    /// connection when they would fill it.
+    #[tokio::test]
+    async fn keys_never_reused_cannot_crowd_out_those_that_are() {
+        let pool = UpstreamPool::capped(Duration::from_secs(10), 4, 4);
+        let mut peers = Vec::new();
+        let (c, peer) = conn().await;
+        peers.push(peer);
+        pool.checkin(key("127.0.0.2"), c);
+        // Reused: proven.
+        let c = pool.checkout(&key("127.0.0.2")).unwrap();
+        pool.checkin(key("127.0.0.2"), c);
+        for n in 10..20 {
+            let (c, peer) = conn().await;
+            peers.push(peer);
+            pool.checkin(key(&format!("2001:db8::{n}")), c);
+        }
+        assert_eq!(pool.idle_count(), 4, "one proven, three not");
+        // Out for a request: a never-reused key takes no place meanwhile,
+        // and it comes back.
+        let c = pool.checkout(&key("127.0.0.2")).unwrap();
+        let (other, peer) = conn().await;
+        peers.push(peer);
+        pool.checkin(key("2001:db8::99"), other);
+        assert_eq!(pool.idle_count(), 3);
+        pool.checkin(key("127.0.0.2"), c);
+        assert!(pool.checkout(&key("127.0.0.2")).is_some(), "crowded out");
+        // Lists of refused connections are not kept.
+        assert_eq!(pool.lists(), 4);
     }
 
     #[tokio::test]
