@@ -265,6 +265,9 @@ pub fn parse_pool_text(text: &str) -> Result<Vec<Segment>, (usize, SpecError)> {
             continue;
         }
         out.extend(parse_spec(line).map_err(|e| (n + 1, e))?);
+        if out.len() > crate::spec::MAX_READ_ENTRIES {
+            return Err((n + 1, SpecError::TooManyEntries));
+        }
     }
     Ok(out)
 }
@@ -447,6 +450,25 @@ mod tests {
         let err = parse_pool_text("127.0.0.1\nbogus\n").unwrap_err();
         assert_eq!(err.0, 2);
         assert!(parse_pool_text("# nothing\n").unwrap().is_empty());
+    }
+
+    /// A list that expands past `MAX_READ_ENTRIES` (a /16 repeated) is an
+    /// error at the line that passed it, not that many entries in memory.
+    #[test]
+    fn a_list_expanding_past_the_limit_is_an_error() {
+        let per_line = 1usize << 16;
+        let lines = crate::spec::MAX_READ_ENTRIES / per_line + 1;
+        let text = "127.1.0.0/16\n".repeat(lines + 100);
+        match parse_pool_text(&text) {
+            Err((line, SpecError::TooManyEntries)) => assert_eq!(line, lines),
+            other => panic!("{:?}", other.map(|v| v.len())),
+        }
+        assert_eq!(
+            parse_pool_text(&"127.1.0.0/16\n".repeat(lines - 1))
+                .unwrap()
+                .len(),
+            (lines - 1) * per_line
+        );
     }
 
     #[test]

@@ -19,6 +19,10 @@ pub const MAX_SPEC_ADDRESSES: u128 = 1 << 20;
 /// CIDRs up to this many addresses are expanded (list order); larger ones
 /// are prefix entries.
 pub const ENUMERATE_MAX: u128 = 1 << 16;
+/// Most entries one read of a pool file or a pool command's output may
+/// expand to (about 18 bytes each): a command repeating a /16 for its
+/// 16 MiB of output would otherwise ask for a hundred billion.
+pub const MAX_READ_ENTRIES: usize = 1 << 22;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
@@ -36,6 +40,8 @@ pub enum SpecError {
     TooLarge(String, u128),
     #[error("`{0}` holds {1}, which cannot be a source address")]
     NotASource(String, &'static str),
+    #[error("the list expands to more than {max} entries by here (write large blocks as one CIDR: one of more than 65 536 addresses is one entry)", max = MAX_READ_ENTRIES)]
+    TooManyEntries,
 }
 
 /// Why no address of `lo..=hi` (of one family) may be in a pool, if one
