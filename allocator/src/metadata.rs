@@ -103,6 +103,13 @@ const BODY_MAX: u64 = 1 << 20;
 /// Interfaces read at most: each is a few requests, one after another,
 /// 2 s each at most (an instance has 15 at most on AWS today).
 const INTERFACES_MAX: usize = 64;
+/// A whole read's time at most (its requests go one after another): a
+/// service answering each just within its 2 s held the refresh, and
+/// `rotor reload`, for minutes.
+const READ_MAX: Duration = match cfg!(test) {
+    true => Duration::from_secs(3),
+    false => Duration::from_secs(20),
+};
 const TOKEN_MARGIN: Duration = Duration::from_secs(60);
 
 /// One metadata source: a provider, where its service is, and which
@@ -115,6 +122,8 @@ pub struct Metadata {
     agent: ureq::Agent,
     /// The IMDSv2 token and when it expires.
     token: Mutex<Option<(String, Instant)>>,
+    /// When the read under way must be done (`READ_MAX` from its start).
+    due: Mutex<Option<Instant>>,
 }
 
 impl PartialEq for Metadata {
@@ -156,6 +165,7 @@ impl Metadata {
             macs,
             agent,
             token: Mutex::new(None),
+            due: Mutex::new(None),
         }
     }
 
@@ -171,11 +181,14 @@ impl Metadata {
     /// The addresses the service lists now, for the chosen interfaces.
     /// Blocking: call from a blocking context.
     pub fn read(&self) -> Result<Vec<Segment>, MetadataError> {
-        let by_mac = match self.provider {
-            Provider::Aws => self.aws()?,
-            Provider::Gcp => self.gcp()?,
-            Provider::Azure => self.azure()?,
+        *self.due.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + READ_MAX);
+        let read = match self.provider {
+            Provider::Aws => self.aws(),
+            Provider::Gcp => self.gcp(),
+            Provider::Azure => self.azure(),
         };
+        *self.due.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let by_mac = read?;
         let mut out = Vec::new();
         if self.macs.is_empty() {
             for (_, addrs) in by_mac {
@@ -199,6 +212,13 @@ impl Metadata {
         headers: &[(&str, &str)],
     ) -> Result<Answer, MetadataError> {
         let url = format!("{}{}", self.endpoint, path);
+        let due = *self.due.lock().unwrap_or_else(|e| e.into_inner());
+        if due.is_some_and(|due| Instant::now() >= due) {
+            return Err(MetadataError::Invalid {
+                url,
+                what: format!("the read took longer than {READ_MAX:?}; stopped"),
+            });
+        }
         let http = |source| MetadataError::Http {
             url: url.clone(),
             source: Box::new(source),
@@ -443,7 +463,8 @@ mod tests {
     use std::sync::Arc;
 
     /// A metadata service on loopback: `answer(method, path, headers)`
-    /// gives (status, body); a body of `SLOW` answers after 3 s.
+    /// gives (status, body); a body of `SLOW` answers after 3 s, one of
+    /// `SLOWISH REST` answers REST after 1.2 s.
     fn fake<F>(answer: F) -> String
     where
         F: Fn(&str, &str, &[(String, String)]) -> (u16, String) + Send + 'static,
@@ -470,9 +491,14 @@ mod tests {
                 }
                 let mut parts = first.split_whitespace();
                 let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                let (status, body) = answer(method, path, &headers);
+                let (status, mut body) = answer(method, path, &headers);
                 if body == "SLOW" {
                     std::thread::sleep(Duration::from_secs(3));
+                }
+                // Within the 2 s a request has, then the rest.
+                if let Some(rest) = body.strip_prefix("SLOWISH ") {
+                    std::thread::sleep(Duration::from_millis(1200));
+                    body = rest.to_string();
                 }
                 let _ = write!(
                     s,
@@ -648,6 +674,30 @@ mod tests {
                 .unwrap_err();
             assert!(err.to_string().contains("interfaces listed"), "{err}");
         }
+    }
+
+    /// A read whose requests each answer within their time but are many
+    /// stops at `READ_MAX` (3 s under test, 20 s else).
+    #[test]
+    fn a_read_is_bounded_as_a_whole() {
+        let url = fake(|_, path, _| {
+            let base = "/computeMetadata/v1/instance/network-interfaces/";
+            match path.strip_prefix(base).unwrap_or("") {
+                "" => (200, "0/\n1/\n2/\n3/\n4/\n".into()),
+                p if p.ends_with("/mac") => (200, format!("SLOWISH {MAC1}")),
+                _ => (404, String::new()),
+            }
+        });
+        let started = Instant::now();
+        let err = Metadata::new(Provider::Gcp, Some(&url), vec![])
+            .read()
+            .unwrap_err();
+        assert!(err.to_string().contains("took longer"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     /// With `--metadata-mac`, only that interface is read: another's
