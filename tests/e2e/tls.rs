@@ -691,24 +691,9 @@ async fn a_silent_tls_connection_does_not_hold_the_drain() {
     let mut silent = TcpStream::connect(p.tls).await.unwrap();
     // Accepted (the handshake under way), not still in the listen queue.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let t0 = std::time::Instant::now();
-    let mut worker = p.worker;
-    worker.proc.signal(nix::sys::signal::Signal::SIGTERM);
-    let status = tokio::task::spawn_blocking(move || {
-        let s = worker.proc.wait(Duration::from_secs(20));
-        (s, worker)
-    })
-    .await
-    .unwrap()
-    .0;
-    assert_eq!(status.code(), Some(0), "the drain was cut");
     // (The 1 s grace; a debug build's stop on a loaded machine takes a
     // second or more. Without the grace: 30 s.)
-    assert!(
-        t0.elapsed() < Duration::from_secs(10),
-        "took {:?}",
-        t0.elapsed()
-    );
+    drains_within(p.worker, Duration::from_secs(10)).await;
     let mut buf = [0u8; 8];
     let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
         .await

@@ -103,6 +103,23 @@ impl Drop for Proc {
     }
 }
 
+/// Stops `worker` with SIGTERM and asserts that its drain finished (exit
+/// 0) within `within`, waited for off the test's runtime (its origin may
+/// run there).
+pub async fn drains_within(mut worker: Worker, within: Duration) {
+    let t0 = Instant::now();
+    worker.proc.signal(Signal::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || {
+        let s = worker.proc.wait(within + Duration::from_secs(10));
+        (s, worker)
+    })
+    .await
+    .unwrap()
+    .0;
+    assert_eq!(status.code(), Some(0), "the drain was cut");
+    assert!(t0.elapsed() < within, "took {:?}", t0.elapsed());
+}
+
 /// Polls `ready` every 20 ms until it holds; panics after `PATIENCE`.
 pub async fn eventually<F, Fut>(what: &str, mut ready: F)
 where
