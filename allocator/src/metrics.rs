@@ -602,16 +602,26 @@ pub async fn serve(
                 drop(stream);
                 continue;
             };
+            let alloc = alloc.clone();
             tokio::spawn(async move {
                 let _refusal = refusal;
                 use tokio::io::{AsyncReadExt, AsyncWriteExt};
                 let mut stream = stream;
-                let busy = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                let busy: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
                 // The answer, a FIN, and what the client sent read for a
                 // moment: closed unread, the kernel would reset the
                 // connection, perhaps before the client read the answer.
                 let _ = tokio::time::timeout(std::time::Duration::from_millis(500), async {
-                    stream.write_all(busy).await?;
+                    // A load balancer's `GET /health` is answered as it
+                    // would be, full or not: clients holding every place
+                    // must not take the host out of its rotation.
+                    let mut head = [0u8; 64];
+                    let n = stream.read(&mut head).await?;
+                    let answer = match head[..n].starts_with(b"GET /health ") {
+                        true => health_line(alloc.serving()),
+                        false => busy,
+                    };
+                    stream.write_all(answer).await?;
                     stream.shutdown().await?;
                     let mut sink = [0u8; 1024];
                     while stream.read(&mut sink).await? > 0 {}
@@ -644,6 +654,14 @@ pub async fn serve(
                 _ = stop.cancelled() => {}
             }
         });
+    }
+}
+
+/// The whole answer to a `GET /health` past the connection limits.
+fn health_line(serving: bool) -> &'static [u8] {
+    match serving {
+        true => b"HTTP/1.1 200 OK\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 8\r\nconnection: close\r\n\r\nserving\n",
+        false => b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 20\r\nconnection: close\r\n\r\nno worker connected\n",
     }
 }
 

@@ -439,6 +439,19 @@ async fn the_admin_api_steers_addresses_with_its_token_only() {
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let listen = metrics.to_string();
+    // Readable by every user: refused, with what to do.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(ALLOCATOR)
+        .args(["--check-config", "--pool", "127.0.0.2", "--no-state"])
+        .args(["--metrics-listen", &listen, "--admin-token-file"])
+        .arg(&token_file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let alloc = Allocator::start(&[
         "--pool",
         "127.0.0.2-127.0.0.3",
@@ -561,6 +574,10 @@ async fn held_metrics_connections_starve_no_other_client_nor_the_stop() {
     let started = std::time::Instant::now();
     assert_eq!(http_get(metrics, "/metrics", "text/plain").0, 503);
     assert!(started.elapsed() < Duration::from_secs(2));
+    // A load balancer's health check is still answered as it would be
+    // (no worker here: 503 with its reason), not with the refusal.
+    let (status, body) = http_get(metrics, "/health", "*/*");
+    assert_eq!((status, body.as_str()), (503, "no worker connected\n"));
     // From another address of loopback: served.
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.bind(&SocketAddr::from(([127, 0, 0, 9], 0)).into())
