@@ -286,6 +286,16 @@ impl AllocatorFlags {
                     ))
                 }
                 Some(p) => {
+                    // As sshd its keys: a token every user can read is
+                    // every user's to take addresses out with.
+                    use std::os::unix::fs::PermissionsExt;
+                    let mode = std::fs::metadata(p).map(|m| m.permissions().mode());
+                    if mode.is_ok_and(|m| m & 0o004 != 0) {
+                        return Err(ConfigError::Invalid(format!(
+                            "admin-token-file {}: readable by every user; chmod 600 it (or 640 with rotor's group)",
+                            p.display()
+                        )));
+                    }
                     let t = std::fs::read_to_string(p).map_err(|e| {
                         ConfigError::Invalid(format!("admin-token-file {}: {e}", p.display()))
                     })?;
