@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use rotor_protocol::Segment;
 
 use crate::source::{format_mac, parse_mac};
-use crate::spec::{parse_spec, SpecError};
+use crate::spec::{parse_spec_into, SpecError, MAX_READ_ENTRIES};
 
 /// Which provider's metadata service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -441,10 +441,12 @@ impl Metadata {
     fn specs(&self, body: &str, path: &str) -> Result<Vec<Segment>, MetadataError> {
         let mut out = Vec::new();
         for line in lines(body) {
-            out.extend(parse_spec(line).map_err(|source| MetadataError::Spec {
-                url: format!("{}{path}", self.endpoint),
-                source,
-            })?);
+            parse_spec_into(line, &mut out, MAX_READ_ENTRIES).map_err(|source| {
+                MetadataError::Spec {
+                    url: format!("{}{path}", self.endpoint),
+                    source,
+                }
+            })?;
         }
         Ok(out)
     }

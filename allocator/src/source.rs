@@ -10,7 +10,7 @@ use std::time::Duration;
 use rotor_protocol::Segment;
 
 use crate::metadata::{Metadata, MetadataError};
-use crate::spec::{parse_spec, SpecError};
+use crate::spec::{parse_spec, parse_spec_into, SpecError, MAX_READ_ENTRIES};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -264,10 +264,7 @@ pub fn parse_pool_text(text: &str) -> Result<Vec<Segment>, (usize, SpecError)> {
         if line.is_empty() {
             continue;
         }
-        out.extend(parse_spec(line).map_err(|e| (n + 1, e))?);
-        if out.len() > crate::spec::MAX_READ_ENTRIES {
-            return Err((n + 1, SpecError::TooManyEntries));
-        }
+        parse_spec_into(line, &mut out, MAX_READ_ENTRIES).map_err(|e| (n + 1, e))?;
     }
     Ok(out)
 }
@@ -457,10 +454,16 @@ mod tests {
     #[test]
     fn a_list_expanding_past_the_limit_is_an_error() {
         let per_line = 1usize << 16;
-        let lines = crate::spec::MAX_READ_ENTRIES / per_line + 1;
+        let lines = MAX_READ_ENTRIES / per_line + 1;
         let text = "127.1.0.0/16\n".repeat(lines + 100);
         match parse_pool_text(&text) {
             Err((line, SpecError::TooManyEntries)) => assert_eq!(line, lines),
+            other => panic!("{:?}", other.map(|v| v.len())),
+        }
+        // One line of many: stopped in the line.
+        let one_line = vec!["127.1.0.0/16"; lines + 100].join(",");
+        match parse_pool_text(&one_line) {
+            Err((1, SpecError::TooManyEntries)) => {}
             other => panic!("{:?}", other.map(|v| v.len())),
         }
         assert_eq!(
@@ -493,16 +496,25 @@ mod tests {
         // One that left the group (a session of its own) survives the
         // kill: its holding the output open is an error, not a refresh
         // that never ends (nor one that times out).
+        let dir = tempfile::tempdir().unwrap();
+        let pid = dir.path().join("pid");
+        let cmd = format!(
+            "setsid sh -c 'echo $$ > {}; exec sleep 30' & echo 127.0.0.2",
+            pid.display()
+        );
         let started = std::time::Instant::now();
-        let err = run_pool_command("setsid sleep 31 & echo 127.0.0.2", t).unwrap_err();
+        let err = run_pool_command(&cmd, t).unwrap_err();
         assert!(
             matches!(err, SourceError::CommandOutputHeld { .. }),
             "{err}"
         );
         assert!(started.elapsed() < Duration::from_secs(4));
-        let _ = std::process::Command::new("pkill")
-            .args(["-f", "^sleep 31$"])
-            .status();
+        if let Ok(n) = std::fs::read_to_string(&pid).map(|p| p.trim().parse::<i32>()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(n.unwrap()),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let got = run_pool_command(
             "head -c 200000 /dev/zero | tr '\\0' '#' >&2; echo 127.0.0.2",
             t,

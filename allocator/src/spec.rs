@@ -89,15 +89,26 @@ fn check_source(part: &str, v4: bool, lo: u128, hi: u128) -> Result<(), SpecErro
 /// the pool removes them.
 pub fn parse_spec(spec: &str) -> Result<Vec<Segment>, SpecError> {
     let mut out = Vec::new();
+    parse_spec_into(spec, &mut out, MAX_READ_ENTRIES)?;
+    Ok(out)
+}
+
+/// As [`parse_spec`], appended to `out`, which may hold `max` entries at
+/// most (checked after each part of a comma list, so one line of many
+/// /16s is stopped too).
+pub fn parse_spec_into(spec: &str, out: &mut Vec<Segment>, max: usize) -> Result<(), SpecError> {
     let mut any = false;
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         any = true;
-        expand_one(part, &mut out)?;
+        expand_one(part, out)?;
+        if out.len() > max {
+            return Err(SpecError::TooManyEntries);
+        }
     }
     if !any {
         return Err(SpecError::Empty);
     }
-    Ok(out)
+    Ok(())
 }
 
 fn parse_ip(s: &str) -> Result<IpAddr, SpecError> {
