@@ -965,9 +965,11 @@ impl Allocator {
     /// classic text format, else OpenMetrics).
     pub fn render_metrics(&self, classic: bool) -> String {
         let v2 = self.status_v2();
-        // What the scrape needs, copied under the lock; written after it.
-        let (figures, snapshot) = {
-            let mut inner = self.lock();
+        // What the scrape needs, copied under the lock; the per-entry work
+        // (a pool's worth of labels) done without it, leases and reports
+        // going on meanwhile; written after.
+        let (cooling, sessions) = {
+            let inner = self.lock();
             let now = Instant::now();
             let by_entry = |inner: &Inner, counts: HashMap<IpAddr, u64>| {
                 let mut out: HashMap<String, u64> = HashMap::new();
@@ -978,8 +980,12 @@ impl Allocator {
                 }
                 out
             };
-            let cooling = by_entry(&inner, inner.sites.cooling_by_address(now));
-            let sessions = by_entry(&inner, inner.sessions.by_address());
+            (
+                by_entry(&inner, inner.sites.cooling_by_address(now)),
+                by_entry(&inner, inner.sessions.by_address()),
+            )
+        };
+        let (figures, snapshot) = {
             let mut entries: Vec<(String, u64, bool, u64, u64)> = v2
                 .pool
                 .iter()
@@ -1005,6 +1011,7 @@ impl Allocator {
                 }
                 entries.push(other);
             }
+            let mut inner = self.lock();
             let leases = inner.metrics.leases(&entries);
             let figures = crate::metrics::PoolFigures {
                 entries,

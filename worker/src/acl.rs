@@ -45,9 +45,12 @@ impl FromStr for Cidr {
 /// An IPv4-mapped range (`::ffff:198.51.100.0/120`) as the IPv4 range it
 /// maps: destinations are checked in their IPv4 form, so a rule written in
 /// the mapped one would hold none of them.
+///
+/// Not the whole mapped space (`::ffff:0:0/96`): written to keep out mapped
+/// literals, as the IPv4 range it maps it would be every IPv4 address.
 fn unmapped(net: IpNet) -> IpNet {
     match net {
-        IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+        IpNet::V6(v6) if v6.prefix_len() > 96 => match v6.addr().to_ipv4_mapped() {
             Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
                 .map(|n| IpNet::V4(n.trunc()))
                 .unwrap_or(net),
@@ -468,7 +471,8 @@ mod tests {
         );
         assert_eq!(
             "::ffff:0.0.0.0/96".parse::<Cidr>().unwrap().to_string(),
-            "0.0.0.0/0"
+            "::ffff:0.0.0.0/96",
+            "the whole mapped space is not every IPv4 address"
         );
         let acl = Acl::new(vec![], vec![c], vec![]);
         assert!(denied(&acl, "198.51.100.7", 80));
