@@ -429,7 +429,9 @@ async fn connections_past_max_peers_are_refused_with_the_reason() {
         .expect("no answer to the Hello");
         (chan, r)
     };
-    // The worker holds one place; two more are served.
+    // The worker holds one place (its request went, so it has connected);
+    // two more are served.
+    assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
     let (first, r) = open().await;
     r.unwrap();
     let (_second, r) = open().await;

@@ -808,8 +808,8 @@ async fn a_client_that_stopped_reading_does_not_hold_the_drain() {
         &["--idle-timeout", "3s", "--drain-timeout", "30s"],
     )
     .await;
-    // HTTP/1.0: hyper's path. 24 MiB, more than the sockets hold.
-    let url = origin.url(&format!("/bytes/{}", 24 << 20));
+    // HTTP/1.0: hyper's path. 48 MiB, more than the sockets hold.
+    let url = origin.url(&format!("/bytes/{}", 48 << 20));
     let mut c = TcpStream::connect(worker.addr).await.unwrap();
     c.write_all(format!("GET {url} HTTP/1.0\r\n\r\n").as_bytes())
         .await
