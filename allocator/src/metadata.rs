@@ -326,7 +326,9 @@ impl Metadata {
             let mac_text = item.trim_end_matches('/');
             let mac = self.mac(mac_text, base)?;
             // Only the interfaces asked for are read: another's fault
-            // (a 500, a bad line) is none of this source's.
+            // (a 500 on its lists, a bad address in them) is none of this
+            // source's. (A listing with a line that is no MAC is garbled
+            // as a whole, and an error.)
             if !self.wanted(&mac) {
                 continue;
             }
