@@ -669,20 +669,13 @@ fn health_line(serving: bool) -> &'static [u8] {
 /// one every 10 s with how many more (a flood of them is no flood of log
 /// lines).
 fn refused_admin(path: &str) {
-    static SINCE: std::sync::Mutex<(Option<std::time::Instant>, u64)> =
-        std::sync::Mutex::new((None, 0));
-    let mut since = SINCE.lock().unwrap_or_else(|e| e.into_inner());
-    since.1 += 1;
-    if since
-        .0
-        .is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(10))
-    {
+    static REFUSED: rotor_protocol::Moment = rotor_protocol::Moment::new();
+    if let Some(n) = REFUSED.count_in(std::time::Duration::from_secs(10)) {
         tracing::warn!(
             %path,
-            refused = since.1,
+            refused = n,
             "admin API: refused a request without the right token (said once in 10 s)"
         );
-        *since = (Some(std::time::Instant::now()), 0);
     }
 }
 

@@ -6,7 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rotor_protocol::{
     error_chain, server_handshake, Channel, ChannelError, ClientFrame, Envelope, Family,
@@ -313,7 +313,8 @@ pub async fn run(
     // number is capped; one past it is told why, by a few tasks at most.
     let peers = Arc::new(tokio::sync::Semaphore::new(config.max_peers));
     let refusing = Arc::new(tokio::sync::Semaphore::new(REFUSING));
-    let mut refused = Refused::default();
+    // A warning for the first refused, then one every 10 s with how many.
+    let refused = rotor_protocol::Moment::new();
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -339,7 +340,13 @@ pub async fn run(
             }
         }
         let Ok(place) = peers.clone().try_acquire_owned() else {
-            refused.one(config.max_peers);
+            if let Some(n) = refused.count_in(Duration::from_secs(10)) {
+                warn!(
+                    refused = n,
+                    max_peers = config.max_peers,
+                    "refused a connection to the socket: --max-peers are connected"
+                );
+            }
             if let Ok(telling) = refusing.clone().try_acquire_owned() {
                 tracker.spawn(refuse(stream, config.max_peers, telling));
             }
@@ -763,32 +770,6 @@ async fn answer(
 /// Connections past `--max-peers` told why at once, at most; any more are
 /// closed unanswered.
 const REFUSING: usize = 16;
-
-/// Connections refused for `--max-peers`: a warning for the first, then at
-/// most one every 10 s with how many more.
-#[derive(Default)]
-struct Refused {
-    since_warned: u64,
-    warned: Option<Instant>,
-}
-
-impl Refused {
-    fn one(&mut self, max: usize) {
-        self.since_warned += 1;
-        if self
-            .warned
-            .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
-        {
-            warn!(
-                refused = self.since_warned,
-                max_peers = max,
-                "refused a connection to the socket: --max-peers are connected"
-            );
-            self.since_warned = 0;
-            self.warned = Some(Instant::now());
-        }
-    }
-}
 
 /// Tells a connection past `--max-peers` why it is refused, as the answer
 /// to its Hello, within a second; its Hello is read into a small buffer

@@ -28,7 +28,7 @@ pub use message::{
     MINOR_RELOAD_REPORT, MINOR_SESSIONS_FULL, MINOR_SITES, POOL_TOO_LARGE, PROTOCOL_MAJOR,
     PROTOCOL_MINOR, REPORT_TEXT_MAX,
 };
-pub use report::error_chain;
+pub use report::{error_chain, Moment};
 pub use segment::{cover, Family, PrefixSet, Segment};
 pub use site::{site_bit, site_of, SITE_FILTER_BITS};
 pub use table::{

@@ -11,3 +11,72 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     }
     s
 }
+
+/// When something last happened (a refusal, a warning), shared by a
+/// process's connections: for a log line said once a period, with how many
+/// times it happened since.
+pub struct Moment(std::sync::Mutex<(Option<std::time::Instant>, u64)>);
+
+impl Moment {
+    pub const fn new() -> Moment {
+        Moment(std::sync::Mutex::new((None, 0)))
+    }
+
+    fn last(&self) -> std::sync::MutexGuard<'_, (Option<std::time::Instant>, u64)> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether it happened within `d`.
+    pub fn within(&self, d: std::time::Duration) -> bool {
+        self.last().0.is_some_and(|t| t.elapsed() < d)
+    }
+
+    /// It happens now.
+    pub fn mark(&self) {
+        self.last().0 = Some(std::time::Instant::now());
+    }
+
+    /// It happens now: whether it is the first time within `d` (a warning
+    /// said once a period).
+    pub fn first_in(&self, d: std::time::Duration) -> bool {
+        self.count_in(d).is_some()
+    }
+
+    /// It happens now: if it is the first time within `d`, how many times
+    /// it happened since the last first time, this one included.
+    pub fn count_in(&self, d: std::time::Duration) -> Option<u64> {
+        let mut last = self.last();
+        last.1 += 1;
+        if last.0.is_some_and(|t| t.elapsed() < d) {
+            return None;
+        }
+        let n = last.1;
+        *last = (Some(std::time::Instant::now()), 0);
+        Some(n)
+    }
+}
+
+impl Default for Moment {
+    fn default() -> Moment {
+        Moment::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Moment;
+    use std::time::Duration;
+
+    #[test]
+    fn a_moment_counts_what_happened_between_first_times() {
+        let m = Moment::new();
+        assert!(!m.within(Duration::from_secs(10)));
+        assert_eq!(m.count_in(Duration::from_secs(10)), Some(1));
+        assert_eq!(m.count_in(Duration::from_secs(10)), None);
+        assert!(!m.first_in(Duration::from_secs(10)));
+        assert!(m.within(Duration::from_secs(10)));
+        // A period gone by: the first again, with the two in between.
+        assert_eq!(m.count_in(Duration::ZERO), Some(3));
+        assert_eq!(m.count_in(Duration::ZERO), Some(1));
+    }
+}

@@ -378,7 +378,7 @@ impl Auth {
     async fn client_slot(self: &Arc<Self>, client: IpAddr) -> Result<ClientSlot, AuthError> {
         // An IPv6 client by its /64, as the connection limits count it: a
         // host holds a /64, and would take a place per address.
-        let client = crate::clients::key(client);
+        let client = rotor_protocol::addr::client_key(client);
         let sem = self
             .in_flight
             .lock()

@@ -41,7 +41,7 @@ impl Clients {
         if self.max == 0 {
             return Ok(None);
         }
-        let key = key(ip);
+        let key = rotor_protocol::addr::client_key(ip);
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let n = open.entry(key).or_default();
         if *n >= self.max {
@@ -79,12 +79,6 @@ impl Drop for ClientSlot {
             }
         }
     }
-}
-
-/// The address counted for `ip`: its /64 for IPv6 (an IPv4-mapped one as
-/// IPv4).
-pub(crate) fn key(ip: IpAddr) -> IpAddr {
-    rotor_protocol::addr::client_key(ip)
 }
 
 #[cfg(test)]

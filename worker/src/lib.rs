@@ -36,37 +36,4 @@ pub use lease::LeaseClient;
 pub(crate) type Boxed<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 pub use server::{run, Config, Listeners, Stopped};
 
-/// When something last happened (a refusal, a warning), shared by the
-/// process's connections.
-pub(crate) struct Moment(std::sync::Mutex<Option<std::time::Instant>>);
-
-impl Moment {
-    pub(crate) const fn new() -> Moment {
-        Moment(std::sync::Mutex::new(None))
-    }
-
-    fn last(&self) -> std::sync::MutexGuard<'_, Option<std::time::Instant>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Whether it happened within `d`.
-    pub(crate) fn within(&self, d: std::time::Duration) -> bool {
-        self.last().is_some_and(|t| t.elapsed() < d)
-    }
-
-    /// It happens now.
-    pub(crate) fn mark(&self) {
-        *self.last() = Some(std::time::Instant::now());
-    }
-
-    /// It happens now: whether it is the first time within `d` (a warning
-    /// said once a period).
-    pub(crate) fn first_in(&self, d: std::time::Duration) -> bool {
-        let mut last = self.last();
-        if last.is_some_and(|t| t.elapsed() < d) {
-            return false;
-        }
-        *last = Some(std::time::Instant::now());
-        true
-    }
-}
+pub(crate) use rotor_protocol::Moment;
