@@ -368,3 +368,56 @@ async fn a_broken_destination_is_502_with_its_cause() {
     let origin = Origin::start().await;
     assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
 }
+
+/// A destination closing an idle connection may say so with a 408 as it
+/// closes (RFC 9110 §15.5.9): met on a reused connection, that is not the
+/// request's answer, and the request goes again on a new one.
+#[tokio::test]
+async fn a_408_on_a_reused_connection_sends_the_request_again() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let connections = Arc::new(AtomicUsize::new(0));
+    let seen = connections.clone();
+    let (origin, peers) = recording_server(move |mut s: TcpStream| {
+        let n = seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if read_head(&mut s).await.is_empty() {
+                return;
+            }
+            let ok = format!("HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n{n}");
+            let _ = s.write_all(ok.as_bytes()).await;
+            // The first connection's next request meets the 408 its idle
+            // close sent.
+            if n == 0 && !read_head(&mut s).await.is_empty() {
+                let _ = s
+                    .write_all(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+                    .await;
+                return;
+            }
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest).await;
+        }
+    })
+    .await;
+    let url = format!("http://{origin}/");
+    let mut c = ProxyConn::open(worker.addr).await;
+    let first = c.get(&url).await;
+    assert_eq!((first.status, &first.body[..]), (200, &b"0"[..]));
+    let second = c.get(&url).await;
+    assert_eq!((second.status, &second.body[..]), (200, &b"1"[..]));
+    assert_eq!(peers.lock().unwrap().len(), 2);
+    // On a new connection, a 408 is the answer, and goes once.
+    let (timing_out, peers) = recording_server(|mut s: TcpStream| async move {
+        if !read_head(&mut s).await.is_empty() {
+            let _ = s
+                .write_all(b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        }
+    })
+    .await;
+    let r = c.get(&format!("http://{timing_out}/")).await;
+    assert_eq!(r.status, 408);
+    assert_eq!(peers.lock().unwrap().len(), 1);
+}

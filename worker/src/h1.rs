@@ -190,13 +190,25 @@ impl Conn {
             None => {
                 // One bound for the head's going and the answer's coming.
                 let exchanged = within(wait, async {
-                    io.write_all(&buf).await.map_err(Error::Io)?;
+                    if let Err(e) = io.write_all(&buf).await {
+                        // A head too large for the destination: it may
+                        // have answered what it read of it (a 431) and
+                        // closed, and that answer is the client's. What
+                        // it sent before its reset is still to be read.
+                        buf.clear();
+                        return match read_head(&mut io, &mut buf).await {
+                            Ok(head) => Ok((head, true)),
+                            Err(_) => Err(Error::Io(e)),
+                        };
+                    }
                     buf.clear();
                     *written = true;
-                    read_head(&mut io, &mut buf).await
+                    read_head(&mut io, &mut buf).await.map(|head| (head, false))
                 })
                 .await;
-                let head = exchanged.ok_or_else(|| timed_out(!*written))??;
+                let (head, cut) = exchanged.ok_or_else(|| timed_out(!*written))??;
+                // (A connection with part of a request in it is not reused.)
+                early = cut;
                 (Io::Whole(io), head)
             }
             Some(body) => {
@@ -1958,6 +1970,52 @@ mod tests {
         assert_eq!(resp.status(), 413);
         assert_eq!(all(&mut body).await.unwrap(), b"big!");
         assert!(body.take_conn().is_none(), "half a request is in it");
+    }
+
+    #[tokio::test]
+    async fn an_answer_to_a_head_it_could_not_take_is_read_after_the_write_fails() {
+        // A destination that reads a little of a head too large for it,
+        // answers 431 and closes (a reset: the rest is unread).
+        let l = tokio::net::TcpSocket::new_v4().unwrap();
+        l.set_recv_buffer_size(4 << 10).unwrap();
+        l.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let l = l.listen(8).unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut b = [0u8; 1024];
+            s.read_exact(&mut b).await.unwrap();
+            s.write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbig")
+                .await
+                .unwrap();
+        });
+        let io = tokio::net::TcpSocket::new_v4().unwrap();
+        io.set_send_buffer_size(4 << 10).unwrap();
+        let conn = Conn::new(io.connect(addr).await.unwrap());
+        let mut head = get(Method::GET);
+        // 16 MiB of head: more than the two sockets' buffers hold, so the
+        // write is under way when the reset comes.
+        let big = HeaderValue::from_str(&"x".repeat(16 << 20)).unwrap();
+        head.headers.insert("x-big", big);
+        let mut written = false;
+        let (resp, mut body) = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            conn.exchange(
+                &head,
+                &fields_of(&head),
+                None::<Full<Bytes>>,
+                WAIT,
+                &mut written,
+            ),
+        )
+        .await
+        .expect("the answer came")
+        .map(joined)
+        .unwrap();
+        assert_eq!(resp.status(), 431);
+        assert!(!written, "the head did not all go");
+        assert_eq!(all(&mut body).await.unwrap(), b"big");
+        assert!(body.take_conn().is_none(), "part of a request is in it");
     }
 
     /// Decodes `wire` as a chunked body fed in pieces cut at `cuts`: the

@@ -875,7 +875,17 @@ impl Proxy {
         // On a reused connection, a request without a body can be sent
         // again, should the destination have closed that connection.
         let replay = reused && body.is_none();
-        let (resp, body) = match self.exchange(conn, &parts, &fields, body, dest).await? {
+        let first = match self.exchange(conn, &parts, &fields, body, dest).await? {
+            // A 408 on a reused connection is the destination's word that
+            // it closed the connection for being idle, sent as it closed
+            // (RFC 9110 §15.5.9), not an answer to this request, whose
+            // head went whole: Go's client, too, sends the request again.
+            Ok((resp, _)) if replay && resp.status == StatusCode::REQUEST_TIMEOUT => {
+                Err((h1::Error::ClosedBeforeResponse, true))
+            }
+            first => first,
+        };
+        let (resp, body) = match first {
             Ok(r) => r,
             Err((e, written)) if replay && may_resend(&parts.method, &fields, &e, written) => {
                 debug!(%dest, source = %lease.ip, error = %e, "reused upstream connection was closed; retrying on a new one");
