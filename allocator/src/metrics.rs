@@ -295,14 +295,20 @@ pub struct PoolFigures {
 
 impl HostMetrics {
     /// Lease counts that never go back: a count that fell (the entry's
-    /// table count started over) carries what it had.
+    /// table count started over) carries what it had. `other`, a sum over
+    /// the entries past the cap, also falls when some of them leave the
+    /// pool: there it holds at what it was, and grows from there (taking
+    /// the fall for a start over would add the whole sum again).
     pub fn leases(&mut self, entries: &[(String, u64, bool, u64, u64)]) -> Vec<(String, u64)> {
         let out: Vec<(String, u64)> = entries
             .iter()
             .map(|(k, n, ..)| {
                 let (carried, last) = self.leases_seen.entry(k.clone()).or_default();
                 if *n < *last {
-                    *carried += *last;
+                    *carried += match k == "other" {
+                        true => *last - *n,
+                        false => *last,
+                    };
                 }
                 *last = *n;
                 (k.clone(), *carried + *n)
@@ -889,6 +895,32 @@ async fn admin(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lease_counters_never_go_back_and_other_does_not_jump() {
+        let mut h = HostMetrics::default();
+        let e = |k: &str, n: u64| (k.to_string(), n, false, 0, 0);
+        assert_eq!(
+            h.leases(&[e("a", 5), e("other", 100)]),
+            [("a".into(), 5), ("other".into(), 100)]
+        );
+        // a's table count started over; some entries past the cap left,
+        // taking 60 of other's sum with them.
+        assert_eq!(
+            h.leases(&[e("a", 2), e("other", 40)]),
+            [("a".into(), 7), ("other".into(), 100)]
+        );
+        assert_eq!(
+            h.leases(&[e("a", 3), e("other", 45)]),
+            [("a".into(), 8), ("other".into(), 105)]
+        );
+        // An entry gone and back starts over.
+        assert_eq!(h.leases(&[e("other", 45)]), [("other".into(), 105)]);
+        assert_eq!(
+            h.leases(&[e("a", 1), e("other", 45)]),
+            [("a".into(), 1), ("other".into(), 105)]
+        );
+    }
 
     #[test]
     fn the_bearer_scheme_is_read_in_any_case() {

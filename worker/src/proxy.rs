@@ -714,7 +714,7 @@ impl Proxy {
         let timeout = self.config.connect_timeout;
         let started = Instant::now();
         let first = connect_from(lease.ip, addrs, timeout).await;
-        self.count_connect(lease.ip, &first, started);
+        self.count_connect(lease.ip, addrs, &first, started);
         match first {
             Err(ProxyError::SourceUnavailable { ip, source }) => {
                 let reason = source.to_string();
@@ -723,7 +723,7 @@ impl Proxy {
                 let (next, _) = self.lease_for(addrs, host, sticky).await?;
                 let started = Instant::now();
                 let stream = connect_from(next.ip, addrs, timeout).await;
-                self.count_connect(next.ip, &stream, started);
+                self.count_connect(next.ip, addrs, &stream, started);
                 if let Err(ProxyError::SourceUnavailable { ip, source }) = &stream {
                     self.leases.report_unusable(*ip, source.to_string()).await;
                 }
@@ -733,9 +733,16 @@ impl Proxy {
         }
     }
 
-    /// Counts one connect from `ip`: its time, or a failure the
-    /// destination caused.
-    fn count_connect(&self, ip: IpAddr, r: &Result<TcpStream, ProxyError>, started: Instant) {
+    /// Counts one connect from `ip` to `addrs`: its time, or a failure
+    /// the destination caused. (None of `addrs` of `ip`'s family — a
+    /// session's address for a destination of the other — is no connect.)
+    fn count_connect(
+        &self,
+        ip: IpAddr,
+        addrs: &[SocketAddr],
+        r: &Result<TcpStream, ProxyError>,
+        started: Instant,
+    ) {
         match r {
             Ok(_) => self.meter.connected(started.elapsed()),
             Err(
@@ -743,6 +750,7 @@ impl Proxy {
                 | ProxyError::Socket(_)
                 | ProxyError::Ports { .. },
             ) => {}
+            Err(_) if !addrs.iter().any(|d| d.is_ipv4() == ip.is_ipv4()) => {}
             Err(_) => self.meter.connect_failed(ip),
         }
     }
