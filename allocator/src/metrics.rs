@@ -568,13 +568,86 @@ fn to_classic(open: &str) -> String {
     out
 }
 
+/// The admin API's bearer token, read from its file at start and again at
+/// each reload (SIGHUP, `rotor reload`): a token is changed without a
+/// restart. A file that does not read then, or holds no good token, keeps
+/// the token in use, and the log says why.
+pub struct AdminToken {
+    path: std::path::PathBuf,
+    token: std::sync::RwLock<std::sync::Arc<str>>,
+}
+
+/// (The path only: a log line never holds the token.)
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminToken")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl AdminToken {
+    /// The token of `path`, checked as at each reload.
+    pub fn load(path: &std::path::Path) -> Result<AdminToken, String> {
+        Ok(AdminToken {
+            path: path.to_path_buf(),
+            token: std::sync::RwLock::new(read_token(path)?),
+        })
+    }
+
+    /// The token in use.
+    pub fn current(&self) -> std::sync::Arc<str> {
+        self.token.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads the file again; logs a change, or why the token in use stays.
+    pub fn reload(&self) {
+        match read_token(&self.path) {
+            Ok(t) => {
+                let mut held = self.token.write().unwrap_or_else(|e| e.into_inner());
+                if *held != t {
+                    *held = t;
+                    tracing::info!(file = %self.path.display(), "admin token changed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the admin token again; the one in use stays")
+            }
+        }
+    }
+}
+
+/// The token in `path`: 16 or more printable characters, in a file that
+/// not every user can read (as sshd its keys: a token every user can read
+/// is every user's to take addresses out with).
+fn read_token(path: &std::path::Path) -> Result<std::sync::Arc<str>, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).map(|m| m.permissions().mode());
+    if mode.is_ok_and(|m| m & 0o004 != 0) {
+        return Err(format!(
+            "admin-token-file {}: readable by every user; chmod 600 it (or 640 with rotor's group)",
+            path.display()
+        ));
+    }
+    let t = std::fs::read_to_string(path)
+        .map_err(|e| format!("admin-token-file {}: {e}", path.display()))?;
+    let t = t.trim();
+    if t.len() < 16 || t.bytes().any(|b| !b.is_ascii_graphic()) {
+        return Err(format!(
+            "admin-token-file {}: the token must be 16 or more printable characters, no spaces",
+            path.display()
+        ));
+    }
+    Ok(std::sync::Arc::from(t))
+}
+
 /// Serves `GET /metrics` (and `/` with a pointer to it), and with an
 /// admin token the admin API (`POST /admin/quarantine`, `POST
 /// /admin/release`), until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     alloc: std::sync::Arc<crate::state::Allocator>,
-    admin_token: Option<std::sync::Arc<str>>,
+    admin_token: Option<std::sync::Arc<AdminToken>>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     // Connections served at once, and from one address: past either, a
@@ -644,7 +717,9 @@ pub async fn serve(
             let (_permit, _place) = (permit, place);
             let svc =
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let (alloc, token) = (alloc.clone(), token.clone());
+                    let alloc = alloc.clone();
+                    // The token in use when the request came.
+                    let token = token.as_ref().map(|t| t.current());
                     async move {
                         Ok::<_, std::convert::Infallible>(
                             answer(req, &alloc, token.as_deref()).await,

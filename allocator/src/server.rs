@@ -56,8 +56,9 @@ pub struct Config {
     pub max_peers: usize,
     /// Where `GET /metrics` is served (Prometheus), if anywhere.
     pub metrics: Option<Arc<std::net::TcpListener>>,
-    /// The admin API's bearer token (on the metrics listener); none: off.
-    pub admin_token: Option<Arc<str>>,
+    /// The admin API's bearer token (on the metrics listener), read
+    /// again at each reload; none: off.
+    pub admin_token: Option<Arc<crate::metrics::AdminToken>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -279,8 +280,8 @@ pub async fn run(
     tracker.spawn(refresh_loop(
         alloc.clone(),
         config.refresh,
-        reload,
-        reload_rx,
+        (reload, reload_rx),
+        config.admin_token.clone(),
         shutdown.clone(),
     ));
 
@@ -520,11 +521,13 @@ async fn recheck(alloc: &Arc<Allocator>) {
     alloc.apply_checks(&checks);
 }
 
+/// Refreshes the pool every `every`, and at each reload (a signal, or a
+/// request over the socket), when the admin token is read again too.
 async fn refresh_loop(
     alloc: Arc<Allocator>,
     every: Duration,
-    mut reload: watch::Receiver<u64>,
-    mut requests: mpsc::Receiver<ReloadReply>,
+    (mut reload, mut requests): (watch::Receiver<u64>, mpsc::Receiver<ReloadReply>),
+    admin_token: Option<Arc<crate::metrics::AdminToken>>,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -541,6 +544,9 @@ async fn refresh_loop(
         if why != "interval" {
             alloc.repair_table();
             alloc.announce_reload();
+            if let Some(t) = &admin_token {
+                t.reload();
+            }
         }
         if outcome.changed {
             info!(

@@ -155,7 +155,7 @@ pub struct PoolSettings {
     pub checkpoint: Duration,
     pub max_peers: usize,
     pub metrics_listen: Option<std::net::SocketAddr>,
-    pub admin_token: Option<Arc<str>>,
+    pub admin_token: Option<Arc<rotor_allocator::metrics::AdminToken>>,
 }
 
 /// One `--site-limit`, checked as it is read.
@@ -285,29 +285,9 @@ impl AllocatorFlags {
                             .into(),
                     ))
                 }
-                Some(p) => {
-                    // As sshd its keys: a token every user can read is
-                    // every user's to take addresses out with.
-                    use std::os::unix::fs::PermissionsExt;
-                    let mode = std::fs::metadata(p).map(|m| m.permissions().mode());
-                    if mode.is_ok_and(|m| m & 0o004 != 0) {
-                        return Err(ConfigError::Invalid(format!(
-                            "admin-token-file {}: readable by every user; chmod 600 it (or 640 with rotor's group)",
-                            p.display()
-                        )));
-                    }
-                    let t = std::fs::read_to_string(p).map_err(|e| {
-                        ConfigError::Invalid(format!("admin-token-file {}: {e}", p.display()))
-                    })?;
-                    let t = t.trim();
-                    if t.len() < 16 || t.bytes().any(|b| !b.is_ascii_graphic()) {
-                        return Err(ConfigError::Invalid(format!(
-                            "admin-token-file {}: the token must be 16 or more printable characters, no spaces",
-                            p.display()
-                        )));
-                    }
-                    Some(Arc::from(t))
-                }
+                Some(p) => Some(Arc::new(
+                    rotor_allocator::metrics::AdminToken::load(p).map_err(ConfigError::Invalid)?,
+                )),
             },
         })
     }

@@ -512,6 +512,31 @@ async fn the_admin_api_steers_addresses_with_its_token_only() {
         assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
     }
     assert!(origin.sources()[before..].contains(&two));
+    // A new token, put in place by rename, is read at the reload; the old
+    // one is refused from then on.
+    let new_token = "a-n3w-t0ken-after-the-reload";
+    let next = dir.path().join("token.new");
+    std::fs::write(&next, new_token).unwrap();
+    std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::rename(&next, &token_file).unwrap();
+    let release = r#"{"address":"127.0.0.3"}"#;
+    assert_eq!(
+        post(metrics, "/admin/release", Some(new_token), release).0,
+        401
+    );
+    rotor_control("reload", &alloc.socket, &[]);
+    assert_eq!(post(metrics, "/admin/release", Some(token), release).0, 401);
+    assert_eq!(
+        post(metrics, "/admin/release", Some(new_token), release).0,
+        200
+    );
+    // One that does not read keeps the token in use.
+    std::fs::write(&token_file, "short").unwrap();
+    rotor_control("reload", &alloc.socket, &[]);
+    assert_eq!(
+        post(metrics, "/admin/release", Some(new_token), release).0,
+        200
+    );
     // Without a token file the API is off.
     let plain: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let p = plain.to_string();
