@@ -420,4 +420,25 @@ async fn a_408_on_a_reused_connection_sends_the_request_again() {
     let r = c.get(&format!("http://{timing_out}/")).await;
     assert_eq!(r.status, 408);
     assert_eq!(peers.lock().unwrap().len(), 1);
+    // On a reused connection, for a request that may not go again (a POST
+    // whose head went), the 408 is the answer too, not a 502.
+    let (keeps_one, peers) = recording_server(|mut s: TcpStream| async move {
+        if read_head(&mut s).await.is_empty() {
+            return;
+        }
+        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
+        if !read_head(&mut s).await.is_empty() {
+            let _ = s
+                .write_all(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        }
+    })
+    .await;
+    let url = format!("http://{keeps_one}/");
+    assert_eq!(c.get(&url).await.status, 200);
+    let post = hyper::Request::post(&url)
+        .body(http_body_util::Full::default())
+        .unwrap();
+    assert_eq!(c.send(post).await.status, 408);
+    assert_eq!(peers.lock().unwrap().len(), 1);
 }

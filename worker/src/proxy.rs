@@ -887,8 +887,18 @@ impl Proxy {
             // A 408 on a reused connection is the destination's word that
             // it closed the connection for being idle, sent as it closed
             // (RFC 9110 §15.5.9), not an answer to this request, whose
-            // head went whole: Go's client, too, sends the request again.
-            Ok((resp, _)) if replay && resp.status == StatusCode::REQUEST_TIMEOUT => {
+            // head went whole: Go's client, too, sends the request again
+            // (if it may be: else the 408 is the answer).
+            Ok((resp, _))
+                if replay
+                    && resp.status == StatusCode::REQUEST_TIMEOUT
+                    && may_resend(
+                        &parts.method,
+                        &fields,
+                        &h1::Error::ClosedBeforeResponse,
+                        true,
+                    ) =>
+            {
                 Err((h1::Error::ClosedBeforeResponse, true))
             }
             first => first,
