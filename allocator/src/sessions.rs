@@ -107,6 +107,16 @@ impl Copied {
     }
 }
 
+/// The longest session key kept: a worker's is its user's name and a
+/// session id of at most 64 characters (a SOCKS5 name is at most 255
+/// bytes); a peer that sends megabytes of key is answered an error.
+pub const MAX_KEY: usize = 1024;
+
+/// Whether `key` is one a session may have.
+pub fn valid_key(key: &str) -> bool {
+    !key.is_empty() && key.len() <= MAX_KEY
+}
+
 /// A session as kept over an allocator restart.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SavedSession {
@@ -215,10 +225,15 @@ impl Sessions {
     /// session that cannot be remembered (then the first that may move).
     /// `Err`: only such strict sessions, and about when room frees.
     fn victim(&mut self, now: Instant) -> Result<usize, Duration> {
-        // Entries of sessions gone or replaced, off the fronts.
-        for q in &mut self.order {
+        // Entries of sessions gone or replaced (or made strict), off the
+        // fronts.
+        for (strict, q) in [false, true].into_iter().zip(&mut self.order) {
             while let Some((created, key)) = q.front() {
-                if self.map.get(key).is_some_and(|s| s.created == *created) {
+                if self
+                    .map
+                    .get(key)
+                    .is_some_and(|s| s.created == *created && s.strict == strict)
+                {
                     break;
                 }
                 q.pop_front();
@@ -332,9 +347,32 @@ impl Sessions {
         self.map.retain(|_, s| s.expires > now);
         self.forget_ended_strict(now);
         let map = &self.map;
-        for q in &mut self.order {
-            q.retain(|(created, key)| map.get(key).is_some_and(|s| s.created == *created));
+        for (strict, q) in [false, true].into_iter().zip(&mut self.order) {
+            q.retain(|(created, key)| {
+                map.get(key)
+                    .is_some_and(|s| s.created == *created && s.strict == strict)
+            });
         }
+    }
+
+    /// Session `key`, asked for as strict, is strict from then on: one
+    /// begun loose and later used strict is remembered when pushed out of
+    /// a full table (it fails until its end), not quietly moved.
+    pub fn make_strict(&mut self, key: &str) {
+        let Some((key, s)) = self.map.get_key_value(key) else {
+            return;
+        };
+        if s.strict {
+            return;
+        }
+        let (key, created) = (key.clone(), s.created);
+        if let Some(s) = self.map.get_mut(&key) {
+            s.strict = true;
+        }
+        // In its place by age (the loose queue's entry is skipped now).
+        let q = &mut self.order[1];
+        let at = q.partition_point(|(c, _)| *c <= created);
+        q.insert(at, (created, key));
     }
 
     /// Sessions pinned to each address (one pass over the table).
@@ -388,7 +426,11 @@ impl Sessions {
         };
         let (mut live, evicted): (Vec<SavedSession>, Vec<SavedSession>) = saved
             .into_iter()
-            .filter(|s| s.expires_ms > wall_ms && !self.map.contains_key(s.key.as_str()))
+            .filter(|s| {
+                s.expires_ms > wall_ms
+                    && valid_key(&s.key)
+                    && !self.map.contains_key(s.key.as_str())
+            })
             .partition(|s| !s.evicted);
         live.sort_by_key(|s| s.created_ms);
         let room = self.max.saturating_sub(self.map.len());
@@ -409,10 +451,14 @@ impl Sessions {
             let expires = left(&s);
             let key: Arc<str> = Arc::from(s.key);
             self.order[usize::from(s.strict)].push_back((created, key.clone()));
+            // An address in the other family's place (a file edited or
+            // damaged) would be given for the wrong family for the whole
+            // session: that family starts over instead.
+            let [v4, v6] = s.ips;
             self.map.insert(
                 key,
                 Session {
-                    ips: s.ips,
+                    ips: [v4.filter(IpAddr::is_ipv4), v6.filter(IpAddr::is_ipv6)],
                     created,
                     expires,
                     strict: s.strict,
@@ -523,6 +569,76 @@ mod tests {
         assert_eq!(
             behind.pinned("old", Family::V4, after, good),
             Pinned::Nothing
+        );
+    }
+
+    /// A session begun loose and later asked for as strict is remembered
+    /// when a full table pushes it out (it fails, rather than moving).
+    #[test]
+    fn a_session_made_strict_is_remembered_when_pushed_out() {
+        let t0 = Instant::now();
+        let all_good = |_| true;
+        let mut s = Sessions::new(2);
+        s.pin("a", ip("10.0.0.1"), Duration::from_secs(60), false, t0);
+        s.pin(
+            "b",
+            ip("10.0.0.2"),
+            Duration::from_secs(60),
+            false,
+            t0 + Duration::from_secs(1),
+        );
+        s.make_strict("a");
+        s.make_strict("a");
+        s.make_strict("nobody");
+        let t = t0 + Duration::from_secs(2);
+        s.pin("c", ip("10.0.0.3"), Duration::from_secs(60), false, t);
+        // The oldest, "a", went, and is remembered as strict.
+        assert_eq!(s.pinned("a", Family::V4, t, all_good), Pinned::Evicted);
+        assert_eq!(
+            s.pinned("b", Family::V4, t, all_good),
+            Pinned::Address(ip("10.0.0.2"))
+        );
+        assert_eq!(s.len(), 2);
+        // Its stale loose entry is passed over: "b" goes next, not nothing.
+        s.pin("d", ip("10.0.0.4"), Duration::from_secs(60), false, t);
+        assert_eq!(s.pinned("b", Family::V4, t, all_good), Pinned::Nothing);
+        assert_eq!(s.len(), 2);
+    }
+
+    /// A kept file edited or damaged: a key past the bound is not taken
+    /// back, and an address in the other family's place is dropped.
+    #[test]
+    fn a_kept_session_out_of_shape_is_not_taken_back_as_it_is() {
+        let wall = 1_900_000_000_000u64;
+        let t = Instant::now();
+        let kept = |key: String, ips| SavedSession {
+            key,
+            ips,
+            created_ms: wall,
+            expires_ms: wall + 60_000,
+            strict: false,
+            evicted: false,
+        };
+        let mut s = Sessions::new(10);
+        let saved = vec![
+            kept("x".repeat(MAX_KEY + 1), [Some(ip("10.0.0.1")), None]),
+            kept(String::new(), [Some(ip("10.0.0.1")), None]),
+            kept(
+                "swapped".into(),
+                [Some(ip("2001:db8::1")), Some(ip("10.0.0.2"))],
+            ),
+            kept(
+                "right".into(),
+                [Some(ip("10.0.0.3")), Some(ip("2001:db8::3"))],
+            ),
+        ];
+        assert_eq!(s.restore(saved, t, wall), 2);
+        let good = |_| true;
+        assert_eq!(s.pinned("swapped", Family::V4, t, good), Pinned::Nothing);
+        assert_eq!(s.pinned("swapped", Family::V6, t, good), Pinned::Nothing);
+        assert_eq!(
+            s.pinned("right", Family::V6, t, good),
+            Pinned::Address(ip("2001:db8::3"))
         );
     }
 

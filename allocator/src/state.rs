@@ -1061,8 +1061,16 @@ impl Allocator {
         ttl: Duration,
         strict: bool,
     ) -> Response {
+        if !crate::sessions::valid_key(key) {
+            return Response::Error {
+                message: format!("a session key is 1 to {} bytes", crate::sessions::MAX_KEY),
+            };
+        }
         let mut inner = self.lock();
         let now = Instant::now();
+        if strict {
+            inner.sessions.make_strict(key);
+        }
         let mut last = None;
         for family in Family::ALL {
             if !families.accepts_family(family) {
@@ -1733,6 +1741,11 @@ mod tests {
         a.apply_refresh(vec![Ok(three())], &ok());
         let r = a.lease_session(1, Families::ANY, "u\0s1", Duration::from_secs(600), false);
         assert!(matches!(r, Response::Leased(_)), "{r:?}");
+        // A key past the bound is no session's: refused, not kept.
+        let long = format!("u\0{}", "s".repeat(crate::sessions::MAX_KEY));
+        let r = a.lease_session(1, Families::ANY, &long, Duration::from_secs(600), false);
+        assert!(matches!(r, Response::Error { .. }), "{r:?}");
+        assert_eq!(a.status_v2().sessions, 1);
         a.checkpoint().expect("a session began").write(false);
         drop(a);
         let path = dir.path().join(SESSIONS_FILE_NAME);

@@ -226,6 +226,15 @@ async fn sessions_with_authentication() {
     let r = get_as(w.addr, "nobody-session-s1-country-de", &url, None).await;
     assert_eq!(r.status, 407);
     assert!(!String::from_utf8_lossy(&r.body).contains("`country`"));
+    // The user checked is the dashed one the name begins with, not what
+    // is before its first dash.
+    let r = get_as(w.addr, "team-a-sesion-s1", &url, None).await;
+    assert_eq!(r.status, 407);
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("`sesion`"),
+        "{:?}",
+        r.body
+    );
 }
 
 #[tokio::test]

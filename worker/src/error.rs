@@ -61,7 +61,7 @@ pub enum ProxyError {
     },
     #[error(transparent)]
     Session(crate::session::ParamError),
-    #[error("the session's address {ip} left the pool (a strict session does not move)")]
+    #[error("{}", session_lost(*ip))]
     SessionLost { ip: IpAddr },
     #[error("the session table is full of strict sessions that may not move; a new session may start in {} s", retry_after_secs(*retry_after))]
     SessionsFull { retry_after: Duration },
@@ -120,6 +120,16 @@ fn throttled_text(site: &str, cooling: bool, retry_after: Duration) -> String {
             "every address is cooling down for {site} after it pushed back; retry in {secs} s"
         ),
         false => format!("site budget exhausted for {site}; retry in {secs} s"),
+    }
+}
+
+/// Why a strict session has no address: its address left the pool, or
+/// (unspecified, as the allocator answers then) the full table pushed the
+/// session out before its end.
+pub(crate) fn session_lost(ip: IpAddr) -> String {
+    match ip.is_unspecified() {
+        true => "the strict session was pushed out of the full session table before its end (a strict session does not move; raise --max-sessions)".to_string(),
+        false => format!("the session's address {ip} left the pool (a strict session does not move)"),
     }
 }
 

@@ -42,7 +42,7 @@ pub enum LeaseError {
     Timeout { after: Duration, socket: PathBuf },
     #[error("unexpected answer from the allocator: {0}")]
     Unexpected(String),
-    #[error("the session's address {0} left the pool")]
+    #[error("{}", crate::error::session_lost(*.0))]
     SessionLost(IpAddr),
     #[error("the session table is full of strict sessions; room frees in {retry_after:?}")]
     SessionsFull { retry_after: Duration },

@@ -472,7 +472,7 @@ impl Proxy {
                 // password checks out (else it would tell whether a dashed
                 // name is a user): a wrong password is just that.
                 Err(e) => {
-                    let base = name.split('-').next().unwrap_or(name);
+                    let (base, _) = session::split_user(name, |n| auth.has_user(n));
                     auth.check_credentials(base, password, client)
                         .await
                         .map_err(ProxyError::Auth)?;

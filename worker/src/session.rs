@@ -38,6 +38,26 @@ pub enum ParamError {
     NoSession,
 }
 
+/// The user of `name`, and the parameters after it, if any: the whole
+/// name if the users file holds it, else the longest prefix before a `-`
+/// that it holds (a user may have a dash in its name), else what is
+/// before the first `-`.
+pub fn split_user(name: &str, is_user: impl Fn(&str) -> bool) -> (&str, Option<&str>) {
+    if is_user(name) {
+        return (name, None);
+    }
+    let cut = name
+        .match_indices('-')
+        .map(|(i, _)| i)
+        .rev()
+        .find(|&i| is_user(&name[..i]))
+        .or_else(|| name.find('-'));
+    match cut {
+        Some(cut) => (&name[..cut], Some(&name[cut + 1..])),
+        None => (name, None),
+    }
+}
+
 /// Splits `name` into the user and the session it names. `is_user` says
 /// whether a whole name is a user of the users file (always false without
 /// one).
@@ -46,22 +66,9 @@ pub fn parse(name: &str, is_user: impl Fn(&str) -> bool) -> Result<ProxyUser, Pa
         user: user.to_string(),
         session: None,
     };
-    if is_user(name) {
-        return Ok(plain(name));
-    }
-    // The user name is the longest prefix before a `-` that the users file
-    // holds (a user may have a dash in its name), else what is before the
-    // first `-`.
-    let cut = name
-        .match_indices('-')
-        .map(|(i, _)| i)
-        .rev()
-        .find(|&i| is_user(&name[..i]))
-        .or_else(|| name.find('-'));
-    let Some(cut) = cut else {
+    let (user, Some(rest)) = split_user(name, is_user) else {
         return Ok(plain(name));
     };
-    let (user, rest) = (&name[..cut], &name[cut + 1..]);
     let mut id = None;
     let mut ttl = None;
     let mut strict = false;
