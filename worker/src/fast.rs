@@ -321,7 +321,7 @@ const KEEP_BUFFER: usize = 16 * 1024;
 /// Whether `buf`, of which the first `scanned` bytes held no whole head,
 /// may hold one now: an empty line (`\n\n` or `\n\r\n`) in what came
 /// since, or as much as a head may be (then the parse hands it over).
-fn head_may_end(buf: &[u8], scanned: usize, max_head: usize) -> bool {
+pub(crate) fn head_may_end(buf: &[u8], scanned: usize, max_head: usize) -> bool {
     if scanned == 0 || buf.len() >= max_head {
         return true;
     }

@@ -700,15 +700,26 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
     buf: &mut BytesMut,
 ) -> Result<Parsed, Error> {
     let mut any = false;
+    // What of `buf` is known to hold no whole head: a head trickled in a
+    // byte at a time is parsed once its empty line may have come, not
+    // again over all of it at each byte (up to `MAX_HEAD`, ≈ 400 KB: a
+    // destination would have the worker scan gigabytes).
+    let mut scanned = 0;
     loop {
         if !buf.is_empty() {
             any = true;
-            if let Some(parsed) = parse_head(buf)? {
-                match parsed {
-                    Head::Interim => continue,
-                    Head::Final(h) => return Ok(h),
+            if crate::fast::head_may_end(buf, scanned, MAX_HEAD) {
+                if let Some(parsed) = parse_head(buf)? {
+                    match parsed {
+                        Head::Interim => {
+                            scanned = 0;
+                            continue;
+                        }
+                        Head::Final(h) => return Ok(h),
+                    }
                 }
             }
+            scanned = buf.len();
             if buf.len() >= MAX_HEAD {
                 return Err(Error::HeadTooLarge);
             }
@@ -731,6 +742,8 @@ enum Head {
 
 /// The response head at the start of `buf`, if all of it is there.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
+    #[cfg(test)]
+    tests::PARSES.with(|n| n.set(n.get() + 1));
     // Left uninitialised: the parser writes the fields it finds (filling
     // 100 empty ones first cost as much as parsing a short head).
     let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
@@ -1248,6 +1261,11 @@ impl Body for ResponseBody {
 
 #[cfg(test)]
 mod tests {
+    thread_local! {
+        /// Response heads parsed on this thread.
+        pub(super) static PARSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    }
+
     use super::*;
     use http::header::{self, HeaderMap, HeaderName, HeaderValue};
     use http::Response;
@@ -2016,6 +2034,48 @@ mod tests {
         assert!(!written, "the head did not all go");
         assert_eq!(all(&mut body).await.unwrap(), b"big");
         assert!(body.take_conn().is_none(), "part of a request is in it");
+    }
+
+    #[tokio::test]
+    async fn a_head_trickled_in_is_parsed_when_it_may_have_ended() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nx-long: {}\r\nContent-Length: 2\r\n\r\nok",
+            "a".repeat(64 << 10)
+        );
+        tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut b = [0u8; 1024];
+            let _ = s.read(&mut b).await.unwrap();
+            // In 256 pieces, each its own segment.
+            for piece in head.as_bytes().chunks(head.len().div_ceil(256)) {
+                s.write_all(piece).await.unwrap();
+                tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        });
+        let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
+        let head = get(Method::GET);
+        PARSES.with(|n| n.set(0));
+        let mut written = false;
+        let (resp, mut body) = conn
+            .exchange(
+                &head,
+                &fields_of(&head),
+                None::<Full<Bytes>>,
+                WAIT,
+                &mut written,
+            )
+            .await
+            .map(joined)
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(all(&mut body).await.unwrap(), b"ok");
+        // Once at its first piece, once when its empty line came: not at
+        // each of the reads between (a parse over all of it each time).
+        let parses = PARSES.with(|n| n.get());
+        assert!(parses <= 3, "{parses} parses");
     }
 
     /// Decodes `wire` as a chunked body fed in pieces cut at `cuts`: the
