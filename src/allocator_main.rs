@@ -107,6 +107,7 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
             state_dir: pool.state_dir,
             access,
             max_sessions: pool.max_sessions,
+            max_sessions_per_user: pool.max_sessions_per_user,
             site_rules: pool.site_rules,
             max_site_entries: pool.max_site_entries,
             checkpoint: pool.checkpoint,

@@ -45,6 +45,8 @@ pub struct Config {
     pub access: Access,
     /// Sticky sessions held at most.
     pub max_sessions: usize,
+    /// … of which one user holds at most.
+    pub max_sessions_per_user: usize,
     /// Per-site budgets.
     pub site_rules: crate::sites::Rules,
     /// Sites and (address, site) pairs held at most.
@@ -245,7 +247,7 @@ pub async fn run(
             Allocator::resuming(sources, state, saved, None).map_err(RunError::Table)?
         }
     };
-    alloc.limit_sessions(config.max_sessions);
+    alloc.limit_sessions(config.max_sessions, config.max_sessions_per_user);
     alloc.set_site_rules(config.site_rules.clone(), config.max_site_entries);
     match &config.state_dir {
         // Without the state file there is no lock on the directory: another

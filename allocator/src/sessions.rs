@@ -35,6 +35,13 @@ pub struct Sessions {
     /// cannot be remembered is passed over for the oldest that may move).
     order: [VecDeque<(Instant, Arc<str>)>; 2],
     max: usize,
+    /// Each user's sessions by creation, oldest first (entries of
+    /// sessions gone are skipped when met, and dropped at each expiry
+    /// pass): a user past `max_per_user` pushes out its own oldest, so
+    /// one user making new sessions without end cannot push out every
+    /// other user's.
+    users: HashMap<Arc<str>, VecDeque<(Instant, Arc<str>)>>,
+    max_per_user: usize,
     /// Strict sessions evicted before their end, until then: they fail
     /// (as their address gone) rather than quietly take another address.
     /// Bounded like the table.
@@ -112,6 +119,12 @@ impl Copied {
 /// bytes); a peer that sends megabytes of key is answered an error.
 pub const MAX_KEY: usize = 1024;
 
+/// The user part of session key `key` (a worker's keys are `USER\0ID`;
+/// a key without one is its own user).
+fn user_of(key: &str) -> &str {
+    key.split('\0').next().unwrap_or(key)
+}
+
 /// Whether `key` is one a session may have.
 pub fn valid_key(key: &str) -> bool {
     !key.is_empty() && key.len() <= MAX_KEY
@@ -147,10 +160,19 @@ pub enum Pinned {
 
 impl Sessions {
     pub fn new(max: usize) -> Sessions {
+        Sessions::per_user(max, max)
+    }
+
+    /// A table of `max` sessions, of which one user holds at most
+    /// `max_per_user`.
+    pub fn per_user(max: usize, max_per_user: usize) -> Sessions {
+        let max = max.max(1);
         Sessions {
             map: HashMap::new(),
             order: [VecDeque::new(), VecDeque::new()],
-            max: max.max(1),
+            max,
+            users: HashMap::new(),
+            max_per_user: max_per_user.clamp(1, max),
             evicted_strict: HashMap::new(),
             strict_first_end: None,
             #[cfg(test)]
@@ -207,6 +229,10 @@ impl Sessions {
     /// here: [`Sessions::pin`] does that, once a lease was had.
     pub fn room(&mut self, key: &str, now: Instant) -> Result<(), Duration> {
         if self.map.contains_key(key) || self.map.len() < self.max {
+            return Ok(());
+        }
+        // One of the user's own makes room.
+        if self.own_victim(key, now).is_some() {
             return Ok(());
         }
         // Ended sessions go before a live one is evicted (the 1-s tick
@@ -295,6 +321,12 @@ impl Sessions {
         if self.room(key, now).is_err() {
             return;
         }
+        if let Some(old) = self.own_victim(key, now) {
+            if let Some(q) = self.users.get_mut(user_of(key)) {
+                q.pop_front();
+            }
+            self.push_out(old, now);
+        }
         while self.map.len() >= self.max {
             let Ok(q) = self.victim(now) else {
                 return;
@@ -302,15 +334,12 @@ impl Sessions {
             let Some((_, old)) = self.order[q].pop_front() else {
                 break;
             };
-            if let Some(s) = self.map.remove(&old) {
-                if s.strict && s.expires > now {
-                    self.remember_strict(old, s.expires);
-                }
-            }
+            self.push_out(old, now);
         }
         let mut ips = [None, None];
         ips[family.index()] = Some(ip);
         let key: Arc<str> = Arc::from(key);
+        self.note_user(&key, now);
         self.map.insert(
             key.clone(),
             Session {
@@ -321,6 +350,58 @@ impl Sessions {
             },
         );
         self.order[usize::from(strict)].push_back((now, key));
+    }
+
+    /// Drops session `key` from the table before its end (a strict one
+    /// live is remembered: it fails until then).
+    fn push_out(&mut self, key: Arc<str>, now: Instant) {
+        if let Some(s) = self.map.remove(&key) {
+            if s.strict && s.expires > now {
+                self.remember_strict(key, s.expires);
+            }
+        }
+    }
+
+    /// The session of new session `key`'s user that goes to make room
+    /// for it, if the user holds its `max_per_user` already: its oldest,
+    /// at the front of its list (not a live strict one while the list of
+    /// those pushed out is full: then the table's own order decides).
+    /// Entries of sessions gone, met on the way, are dropped.
+    fn own_victim(&mut self, key: &str, now: Instant) -> Option<Arc<str>> {
+        let q = self.users.get_mut(user_of(key))?;
+        if q.len() < self.max_per_user {
+            return None;
+        }
+        while let Some((created, k)) = q.front() {
+            match self.map.get(k) {
+                Some(s) if s.created == *created => {
+                    let pinned = s.strict && s.expires > now;
+                    if pinned && self.evicted_strict.len() >= self.max {
+                        return None;
+                    }
+                    return Some(k.clone());
+                }
+                _ => {
+                    q.pop_front();
+                    if q.len() < self.max_per_user {
+                        return None;
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Counts new session `key` (created `now`) to its user.
+    fn note_user(&mut self, key: &Arc<str>, now: Instant) {
+        let user = user_of(key);
+        match self.users.get_mut(user) {
+            Some(q) => q.push_back((now, key.clone())),
+            None => {
+                self.users
+                    .insert(Arc::from(user), VecDeque::from([(now, key.clone())]));
+            }
+        }
     }
 
     /// A strict session pushed out before its `end`: it fails until then.
@@ -353,6 +434,10 @@ impl Sessions {
                     .is_some_and(|s| s.created == *created && s.strict == strict)
             });
         }
+        self.users.retain(|_, q| {
+            q.retain(|(created, key)| map.get(key).is_some_and(|s| s.created == *created));
+            !q.is_empty()
+        });
     }
 
     /// Session `key`, asked for as strict, is strict from then on: one
@@ -451,6 +536,7 @@ impl Sessions {
             let expires = left(&s);
             let key: Arc<str> = Arc::from(s.key);
             self.order[usize::from(s.strict)].push_back((created, key.clone()));
+            self.note_user(&key, created);
             // An address in the other family's place (a file edited or
             // damaged) would be given for the wrong family for the whole
             // session: that family starts over instead.
@@ -466,7 +552,7 @@ impl Sessions {
             );
             n += 1;
         }
-        for q in &mut self.order {
+        for q in self.order.iter_mut().chain(self.users.values_mut()) {
             q.make_contiguous().sort_by_key(|(created, _)| *created);
         }
         n
@@ -640,6 +726,46 @@ mod tests {
             s.pinned("right", Family::V6, t, good),
             Pinned::Address(ip("2001:db8::3"))
         );
+    }
+
+    /// One user making new sessions without end pushes out its own oldest
+    /// past its share, not everyone else's.
+    #[test]
+    fn a_user_past_its_share_pushes_out_its_own_sessions() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let good = |_| true;
+        let hour = Duration::from_secs(3600);
+        let mut s = Sessions::per_user(6, 2);
+        s.pin("a\0one", ip("10.0.0.1"), hour, false, at(0));
+        s.pin("a\0two", ip("10.0.0.2"), hour, true, at(1));
+        s.pin("b\0one", ip("10.0.0.3"), hour, false, at(2));
+        // a at its share: its oldest goes, though the table has room.
+        s.pin("a\0three", ip("10.0.0.4"), hour, false, at(3));
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.pinned("a\0one", Family::V4, at(3), good), Pinned::Nothing);
+        // A strict one of its own is remembered (it fails until its end).
+        s.pin("a\0four", ip("10.0.0.5"), hour, false, at(4));
+        assert_eq!(s.pinned("a\0two", Family::V4, at(4), good), Pinned::Evicted);
+        // c floods: it holds its two newest, and the others keep theirs
+        // (the table keeps room for them: one user holds at most its
+        // share of it).
+        for i in 0..50 {
+            let now = at(10 + i);
+            let key = format!("c\0{i}");
+            assert_eq!(s.room(&key, now), Ok(()));
+            s.pin(&key, ip("10.0.0.6"), hour, false, now);
+        }
+        assert_eq!(s.len(), 5);
+        let held =
+            |s: &mut Sessions, k: &str| s.pinned(k, Family::V4, at(60), good) != Pinned::Nothing;
+        assert!(held(&mut s, "c\x0049") && held(&mut s, "c\x0048"));
+        assert!(!held(&mut s, "c\x0047"));
+        assert!(held(&mut s, "b\0one"));
+        assert!(held(&mut s, "a\0four"));
+        // After an expiry pass the lists hold only live sessions.
+        s.expire(at(70));
+        assert_eq!(s.users.values().map(VecDeque::len).sum::<usize>(), 5);
     }
 
     /// A full table drops its ended sessions before it evicts a live one

@@ -1272,8 +1272,8 @@ impl Allocator {
     }
 
     /// Holds at most `n` sticky sessions (the oldest go first past it).
-    pub fn limit_sessions(&self, n: usize) {
-        self.lock().sessions = Sessions::new(n);
+    pub fn limit_sessions(&self, n: usize, per_user: usize) {
+        self.lock().sessions = Sessions::per_user(n, per_user);
     }
 
     /// The reloads asked of this allocator, as its lease table counts them,

@@ -52,6 +52,11 @@ settings! {
         /// Most sticky sessions held (`USER-session-ID` usernames); past it
         /// the oldest goes first.
         max_sessions: Option<usize> = "100000",
+        /// Most sticky sessions one user holds [default: --max-sessions];
+        /// past it the user's own oldest goes first, so one user cannot
+        /// push out everyone else's.
+        #[arg(value_name = "N")]
+        max_sessions_per_user: Option<usize>,
         /// A budget per source address for a site: at most COUNT requests
         /// started per PERIOD by each address (`example.com=60/1m`,
         /// `127.0.0.1=5/1s`; `*=N/PERIOD` for every site not named). SITE
@@ -150,6 +155,7 @@ pub struct PoolSettings {
     pub refresh: Duration,
     pub state_dir: Option<PathBuf>,
     pub max_sessions: usize,
+    pub max_sessions_per_user: usize,
     pub site_rules: rotor_allocator::sites::Rules,
     pub max_site_entries: usize,
     pub checkpoint: Duration,
@@ -269,6 +275,10 @@ impl AllocatorFlags {
             refresh: a.refresh,
             state_dir,
             max_sessions: a.max_sessions.max(1),
+            max_sessions_per_user: a
+                .max_sessions_per_user
+                .unwrap_or(a.max_sessions)
+                .clamp(1, a.max_sessions.max(1)),
             site_rules: rotor_allocator::sites::Rules::parse(
                 &a.site_limit.iter().map(|s| s.0.clone()).collect::<Vec<_>>(),
             )

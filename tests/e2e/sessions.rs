@@ -186,6 +186,40 @@ async fn a_table_full_of_strict_sessions_refuses_new_ones_rather_than_move_one()
     assert_eq!(get_as(w.addr, "plain", &url, None).await.status, 200);
 }
 
+/// One user making new sessions without end (`--max-sessions-per-user`)
+/// pushes out its own oldest, not another user's strict session.
+#[tokio::test]
+async fn one_user_cannot_push_out_another_users_sessions() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&[
+        "--pool",
+        "127.0.0.2-127.0.0.9",
+        "--max-sessions",
+        "4",
+        "--max-sessions-per-user",
+        "2",
+    ])
+    .await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    let url = origin.url("/");
+    let last = || *origin.sources().last().unwrap();
+    let bob = "bob-session-kept-sessionttl-1h-sessionstrict-1";
+    assert_eq!(get_as(w.addr, bob, &url, None).await.status, 200);
+    let bobs = last();
+    for i in 0..12 {
+        let eve = format!("eve-session-n{i}");
+        assert_eq!(get_as(w.addr, &eve, &url, None).await.status, 200);
+    }
+    // Bob's strict session kept its address (without the cap, eve's
+    // twelve would have pushed it out, and it would fail now).
+    for _ in 0..2 {
+        assert_eq!(get_as(w.addr, bob, &url, None).await.status, 200);
+        assert_eq!(last(), bobs);
+    }
+    let status = status_json(&alloc.socket);
+    assert_eq!(status["sessions"], 3, "{status}");
+}
+
 /// With a users file the user name before the parameters is checked; a
 /// user whose own name has a dash is still a user, not parameters.
 #[tokio::test]
