@@ -2015,23 +2015,12 @@ mod tests {
         // write is under way when the reset comes.
         let big = HeaderValue::from_str(&"x".repeat(16 << 20)).unwrap();
         head.headers.insert("x-big", big);
-        let mut written = false;
-        let (resp, mut body) = tokio::time::timeout(
-            std::time::Duration::from_secs(5),
-            conn.exchange(
-                &head,
-                &fields_of(&head),
-                None::<Full<Bytes>>,
-                WAIT,
-                &mut written,
-            ),
-        )
-        .await
-        .expect("the answer came")
-        .map(joined)
-        .unwrap();
+        let (resp, mut body) =
+            tokio::time::timeout(std::time::Duration::from_secs(5), send(conn, &head))
+                .await
+                .expect("the answer came")
+                .unwrap();
         assert_eq!(resp.status(), 431);
-        assert!(!written, "the head did not all go");
         assert_eq!(all(&mut body).await.unwrap(), b"big");
         assert!(body.take_conn().is_none(), "part of a request is in it");
     }
@@ -2058,18 +2047,7 @@ mod tests {
         let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
         let head = get(Method::GET);
         PARSES.with(|n| n.set(0));
-        let mut written = false;
-        let (resp, mut body) = conn
-            .exchange(
-                &head,
-                &fields_of(&head),
-                None::<Full<Bytes>>,
-                WAIT,
-                &mut written,
-            )
-            .await
-            .map(joined)
-            .unwrap();
+        let (resp, mut body) = send(conn, &head).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert_eq!(all(&mut body).await.unwrap(), b"ok");
         // Once at its first piece, once when its empty line came: not at
