@@ -458,8 +458,14 @@ impl LeaseTable {
                 .map_err(|e| TableError::Open(name(), e))?;
         }
         let words = words_for(capacity);
-        file.set_len((words * 8) as u64)
-            .map_err(|e| TableError::Open(name(), e))?;
+        // The file's room taken now, not at each page's first write: on a
+        // full filesystem (its tmpfs) a sparse file faulted there, and the
+        // table read as closed before it served a lease. A file that
+        // cannot have its room is an error the allocator falls back from
+        // (workers lease over the socket).
+        let len = libc::off_t::try_from(words * 8).unwrap_or(libc::off_t::MAX);
+        nix::fcntl::posix_fallocate(std::os::fd::AsRawFd::as_raw_fd(&file), 0, len)
+            .map_err(|e| TableError::Open(name(), std::io::Error::from(e)))?;
         let table = LeaseTable::init(Some(&file), capacity, seq)?;
         std::fs::rename(&tmp, path).map_err(|e| TableError::Open(name(), e))?;
         Ok(table)
@@ -1334,6 +1340,36 @@ mod tests {
         let c = LeaseTable::create(&path, 16, 0, 0o600, None).unwrap();
         assert_ne!(c.id(), a.id());
         assert_eq!(b.lease(Families::ANY, None), None);
+    }
+
+    /// A filesystem without room for the table (a full tmpfs): an error
+    /// at create, not a table that reads as closed at its first lease.
+    /// (Mounts a 64 KiB tmpfs: as root only; CI runs as root.)
+    #[test]
+    fn a_table_without_room_is_an_error_at_create() {
+        if !nix::unistd::Uid::effective().is_root() {
+            assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(mounted, "mount -t tmpfs");
+        struct Unmount<'a>(&'a std::path::Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(self.0).status();
+            }
+        }
+        let _unmount = Unmount(dir.path());
+        let path = dir.path().join("leases");
+        // A small one fits; one of 100 000 addresses does not.
+        assert!(LeaseTable::create(&path, 16, 0, 0o600, None).is_ok());
+        let big = LeaseTable::create(&dir.path().join("big"), 100_000, 0, 0o600, None);
+        assert!(matches!(big, Err(TableError::Open(..))), "{:?}", big.err());
     }
 
     /// Threads lease while the pool is swapped under them: every lease is
