@@ -103,6 +103,11 @@ impl StateFile {
     pub fn write(&self, s: &Saved) -> io::Result<()> {
         self.file.write_all_at(&encode(s), 0)
     }
+
+    /// Puts what was written on the disk (at a clean stop).
+    pub fn sync(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
 }
 
 /// The entries taken out of the rotation by hand (`rotor quarantine`), kept

@@ -1333,6 +1333,13 @@ impl Allocator {
         let closed = self.lock().pool.table().close();
         tracing::debug!(seq = closed.seq, "lease table closed");
         self.persist();
+        // On the disk before the process ends: a power loss after a clean
+        // stop must not take the rotation back.
+        if let Some(state) = &self.lock().state {
+            if let Err(e) = state.sync() {
+                tracing::warn!(file = %state.path().display(), error = %e, "cannot sync the rotation state");
+            }
+        }
         if let Some(path) = self.lock().pool.home() {
             let _ = std::fs::remove_file(path);
         }
@@ -1365,10 +1372,17 @@ impl Allocator {
         if saved == inner.saved {
             return;
         }
-        inner.saved = saved;
-        let Some(state) = &inner.state else { return };
+        let Some(state) = &inner.state else {
+            inner.saved = saved;
+            return;
+        };
+        // Counted as written only once it is: a write that failed is
+        // tried again at the next call, not when the rotation moves.
         match state.write(&saved) {
-            Ok(()) => inner.state_failed = false,
+            Ok(()) => {
+                inner.saved = saved;
+                inner.state_failed = false;
+            }
             Err(e) => {
                 if !inner.state_failed {
                     tracing::warn!(file = %state.path().display(), error = %e, "cannot write the rotation state");
