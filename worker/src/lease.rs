@@ -395,14 +395,17 @@ impl LeaseClient {
         // Whether the site takes the site path is the connection's to say:
         // while there is none (the allocator restarting), wait for it, not
         // lease past the site's budget or cooldown from the shared rotation.
+        // One bound for all of it: the wait for a connection, the check
+        // of a table lease, the request over the socket.
+        let deadline = Instant::now() + self.timeout;
         let current = self.conn.borrow().clone();
         let c = match current {
             Some(c) => c,
-            None => self.connection(Instant::now() + self.timeout).await?,
+            None => self.connection(deadline).await?,
         };
         let mapped = c.mapped();
         if let Some(site) = c.site_path(mapped.as_ref().map(|(t, _)| &**t), host) {
-            return self.lease_site(families, site).await;
+            return self.lease_site(families, site, deadline).await;
         }
         let answer = mapped
             .as_ref()
@@ -424,7 +427,7 @@ impl LeaseClient {
             Some(Err(r)) => return Err(LeaseError::NoAddress(r.reason)),
             None => {}
         }
-        match self.request(Request::Lease { families }).await? {
+        match self.request_until(Request::Lease { families }, deadline).await? {
             Response::Leased(lease) => Ok((lease, false)),
             Response::NoAddress(refusal) => Err(LeaseError::NoAddress(refusal.reason)),
             other => Err(LeaseError::Unexpected(format!("{other:?}"))),
@@ -433,8 +436,16 @@ impl LeaseClient {
 
     /// A lease through the allocator's site path: the site's own rotation
     /// among the addresses with budget left for it and not cooling for it.
-    async fn lease_site(&self, families: Families, site: String) -> Result<Granted, LeaseError> {
-        match self.request(Request::LeaseSite { families, site }).await? {
+    async fn lease_site(
+        &self,
+        families: Families,
+        site: String,
+        deadline: Instant,
+    ) -> Result<Granted, LeaseError> {
+        match self
+            .request_until(Request::LeaseSite { families, site }, deadline)
+            .await?
+        {
             Response::SiteLeased { lease, watch } => Ok((lease, watch)),
             Response::Leased(lease) => Ok((lease, false)),
             Response::NoAddress(refusal) => Err(LeaseError::NoAddress(refusal.reason)),
@@ -645,16 +656,24 @@ impl LeaseClient {
         body: Request,
         within: Duration,
     ) -> crate::Boxed<'_, Result<Response, LeaseError>> {
-        Box::pin(self.request_unboxed(body, within))
+        self.request_until(body, Instant::now() + within)
     }
 
-    /// A request answered within `within`.
+    /// As `request`, answered by `deadline`.
+    fn request_until(
+        &self,
+        body: Request,
+        deadline: Instant,
+    ) -> crate::Boxed<'_, Result<Response, LeaseError>> {
+        Box::pin(self.request_unboxed(body, deadline))
+    }
+
+    /// A request answered by `deadline`.
     async fn request_unboxed(
         &self,
         body: Request,
-        within: Duration,
+        deadline: Instant,
     ) -> Result<Response, LeaseError> {
-        let deadline = Instant::now() + within;
         let mut watch = self.conn.clone();
         loop {
             let conn = self.connection_in(&mut watch, deadline).await?;
@@ -687,6 +706,14 @@ impl LeaseClient {
                 wait_replaced(&mut watch, &conn, deadline).await;
                 continue;
             }
+            // Its entry goes however this ends: answered (already gone),
+            // timed out, or the request given up (its client went away,
+            // and this future with it), which left entries behind for the
+            // connection's life.
+            let _registered = Registered {
+                pending: &conn.pending,
+                id,
+            };
             let sent = conn.requests.send(Envelope {
                 id,
                 body: body.clone(),
@@ -698,15 +725,12 @@ impl LeaseClient {
                     // allocator may or may not have counted it; ask again.
                     Some(Err(_)) => {}
                     None => {
-                        remove_pending(&conn.pending, id);
                         return Err(LeaseError::Timeout {
                             after: self.timeout,
                             socket: self.socket.clone(),
                         });
                     }
                 }
-            } else {
-                remove_pending(&conn.pending, id);
             }
             // Let the manager publish the connection's end before retrying.
             wait_replaced(&mut watch, &conn, deadline).await;
@@ -737,6 +761,18 @@ fn still_wanted(pending: &Pending, env: &Envelope<Request>) -> bool {
             // went away drops it without removing it).
             .is_some_and(|p| p.get(&env.id).is_some_and(|tx| !tx.is_closed())),
         _ => true,
+    }
+}
+
+/// A request's entry in its connection's `pending`, removed when dropped.
+struct Registered<'a> {
+    pending: &'a Pending,
+    id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        remove_pending(self.pending, self.id);
     }
 }
 
