@@ -427,7 +427,10 @@ impl LeaseClient {
             Some(Err(r)) => return Err(LeaseError::NoAddress(r.reason)),
             None => {}
         }
-        match self.request_until(Request::Lease { families }, deadline).await? {
+        match self
+            .request_until(Request::Lease { families }, deadline)
+            .await?
+        {
             Response::Leased(lease) => Ok((lease, false)),
             Response::NoAddress(refusal) => Err(LeaseError::NoAddress(refusal.reason)),
             other => Err(LeaseError::Unexpected(format!("{other:?}"))),

@@ -69,8 +69,15 @@ pub fn judge(status: StatusCode, fields: &Fields, counted: &[u16]) -> Verdict {
             .any(|name| k.len() == name.len() && k.eq_ignore_ascii_case(name))
     });
     let retry_after = limits.then(|| retry_after(fields)).flatten();
-    if code == 429 || counted.contains(&code) || (code == 503 && retry_after.is_some()) {
-        return Verdict::Pushback { retry_after };
+    // A 503 that says to come back, even in words rotor cannot read.
+    let come_back = code == 503 && limits && fields.get(&http::header::RETRY_AFTER).is_some();
+    if code == 429 || counted.contains(&code) || come_back {
+        // Without a `Retry-After` the rate-limit fields' reset says when
+        // (an API's `X-RateLimit-Reset`); with both, the later.
+        let reset = limits.then(|| exhausted_until(fields)).flatten();
+        return Verdict::Pushback {
+            retry_after: retry_after.max(reset),
+        };
     }
     if let Some(reset) = limits.then(|| exhausted_until(fields)).flatten() {
         return Verdict::Pushback {
@@ -128,12 +135,16 @@ fn exhausted_until(fields: &Fields) -> Option<u32> {
                 until = until.max(Some(seconds(r, true)));
             }
         }
-        return until;
+        // (Requests left there: the other fields may still say none are.)
+        if until.is_some() {
+            return until;
+        }
     }
     for (remaining, reset, maybe_epoch) in &SPLIT {
         if text(remaining).and_then(num) == Some(0.0) {
-            let reset = text(reset).and_then(num)?;
-            return Some(seconds(reset, *maybe_epoch));
+            if let Some(reset) = text(reset).and_then(num) {
+                return Some(seconds(reset, *maybe_epoch));
+            }
         }
     }
     None
@@ -231,6 +242,36 @@ mod tests {
             verdict(429, &[("retry-after", "soon")], &c),
             Verdict::Pushback { retry_after: None }
         );
+        // A 503 that says to come back in words rotor cannot read is a
+        // push-back all the same (the backoff decides how long).
+        assert_eq!(
+            verdict(503, &[("retry-after", "-5")], &c),
+            Verdict::Pushback { retry_after: None }
+        );
+        // A 429 without `Retry-After` cools until the reset its rate-limit
+        // fields give; with both, the later.
+        let reset = [
+            ("x-ratelimit-remaining", "0"),
+            ("x-ratelimit-reset", "3600"),
+        ];
+        assert_eq!(
+            verdict(429, &reset, &c),
+            Verdict::Pushback {
+                retry_after: Some(3600)
+            }
+        );
+        assert_eq!(
+            verdict(429, &[reset[0], reset[1], ("retry-after", "60")], &c),
+            Verdict::Pushback {
+                retry_after: Some(3600)
+            }
+        );
+        assert_eq!(
+            verdict(403, &[("ratelimit", "\"h\";r=0;t=90")], &[403]),
+            Verdict::Pushback {
+                retry_after: Some(90)
+            }
+        );
     }
 
     #[test]
@@ -279,6 +320,32 @@ mod tests {
             verdict(
                 200,
                 &[("x-ratelimit-remaining", "0"), ("x-ratelimit-reset", "9")],
+                &c
+            ),
+            out(9)
+        );
+        // One field saying some are left, or none left without a reset,
+        // does not hide another that says none are.
+        assert_eq!(
+            verdict(
+                200,
+                &[
+                    ("ratelimit", "\"m\";r=3;t=20"),
+                    ("x-ratelimit-remaining", "0"),
+                    ("x-ratelimit-reset", "9")
+                ],
+                &c
+            ),
+            out(9)
+        );
+        assert_eq!(
+            verdict(
+                200,
+                &[
+                    ("ratelimit-remaining", "0"),
+                    ("x-ratelimit-remaining", "0"),
+                    ("x-ratelimit-reset", "9")
+                ],
                 &c
             ),
             out(9)
