@@ -140,6 +140,15 @@ impl Rules {
                     "`{site}` is not a site: write a host name without a port, scheme or path, in ASCII (an international name as its punycode, xn--…)"
                 ));
             }
+            // A public suffix (`co.uk`, `github.io`) is no site: names
+            // under it are each their own, and the budget would cover
+            // only the bare suffix.
+            let name = site.trim_end_matches('.').to_ascii_lowercase();
+            if bare.parse::<IpAddr>().is_err() && rotor_protocol::is_public_suffix(&name) {
+                return Err(format!(
+                    "`{site}` is a public suffix: names under it belong to different owners and are each a site of their own (budget them one by one, or with `*`)"
+                ));
+            }
             let key = site_of(site);
             if key != site.trim_end_matches('.').to_ascii_lowercase()
                 && key != site.trim_matches(['[', ']'])
@@ -1134,6 +1143,12 @@ mod tests {
         );
         let e = Rules::parse(&["api.example.co.uk=1/1s".into()]).unwrap_err();
         assert!(e.contains("`example.co.uk`"), "{e}");
+        // A public suffix would cover nothing under it.
+        for suffix in ["co.uk=1/1s", "github.io=1/1s", "CO.UK.=1/1s"] {
+            let e = Rules::parse(&[suffix.into()]).unwrap_err();
+            assert!(e.contains("public suffix"), "{e}");
+        }
+        assert!(Rules::parse(&["localhost=1/1s".into(), "b.github.io=1/1s".into()]).is_ok());
         // One budget a site: a second (which had silently won) is refused.
         for two in [["a.io=1/1s", "A.io=2/1s"], ["*=1/1s", "*=2/1s"]] {
             let e = Rules::parse(&two.map(String::from)).unwrap_err();

@@ -30,7 +30,7 @@ pub use message::{
 };
 pub use report::{error_chain, Moment};
 pub use segment::{cover, Family, PrefixSet, Segment};
-pub use site::{site_bit, site_of, SITE_FILTER_BITS};
+pub use site::{is_public_suffix, site_bit, site_of, SITE_FILTER_BITS};
 pub use table::{
     address_at, addresses_from, family_total, index_of, LeaseTable, Position, SiteMode, TableError,
     TableSnapshot, MAX_FAMILY_TOTAL, PEER_SLOTS, TABLE_LAYOUT,

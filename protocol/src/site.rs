@@ -40,6 +40,13 @@ pub fn site_of(host: &str) -> String {
     }
 }
 
+/// Whether `name` (lower-case, a dotted name) is a public suffix, as
+/// `co.uk` or `github.io`: no registrable domain of its own, every name
+/// under it another owner's.
+pub fn is_public_suffix(name: &str) -> bool {
+    name.contains('.') && psl::domain_str(name).is_none()
+}
+
 /// Which bit of the site filter `site` sets.
 pub fn site_bit(site: &str) -> usize {
     let h = crate::fnv1a(site.bytes());
