@@ -1146,7 +1146,9 @@ impl Allocator {
         loop {
             let Inner { sites, pool, .. } = &mut *inner;
             let answer = sites.lease(site, families, pool.active(), now);
-            if !matches!(answer, Answer::Shared) {
+            // (A refusal changes nothing a checkpoint keeps: a site only
+            // refused is not written again at every interval.)
+            if !matches!(answer, Answer::Shared | Answer::Throttled { .. }) {
                 inner.changes += 1;
             }
             match answer {
