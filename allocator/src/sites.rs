@@ -421,6 +421,9 @@ pub struct Sites {
     /// allocator's lock; a single site holding the whole table would
     /// otherwise run one a lease).
     room_expired: Option<Instant>,
+    /// Cooldown lines logged at info in the current second (its start,
+    /// and how many; past `COOL_LINES` they go to debug, counted).
+    cool_lines: (Ms, u32),
     /// Times `make_room` looked for sites to forget (tests).
     #[cfg(test)]
     room_looks: usize,
@@ -448,6 +451,7 @@ impl Sites {
             epoch,
             full_logged: None,
             room_expired: None,
+            cool_lines: (0, 0),
             #[cfg(test)]
             room_looks: 0,
         }
@@ -778,7 +782,14 @@ impl Sites {
         p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
         s.cool_until = s.cool_until.max(p.cool_until);
         if !was_cooling {
-            tracing::info!(%site, source = %ip, status, secs = wait.as_secs(), "site pushed back: address cooling for this site");
+            match cool_line(&mut self.cool_lines, t) {
+                true => {
+                    tracing::info!(%site, source = %ip, status, secs = wait.as_secs(), "site pushed back: address cooling for this site")
+                }
+                false => {
+                    tracing::debug!(%site, source = %ip, status, secs = wait.as_secs(), "site pushed back: address cooling for this site")
+                }
+            }
         }
         !was_cooling
     }
@@ -813,10 +824,19 @@ impl Sites {
         });
         if !ended.is_empty() {
             let ids: HashMap<u64, &str> = self.sites.iter().map(|(k, s)| (s.id, &**k)).collect();
+            let mut lines = std::mem::take(&mut self.cool_lines);
             for (id, ip) in ended {
                 let site = ids.get(&id).copied().unwrap_or("?");
-                tracing::info!(%site, source = %ip, "address no longer cooling for this site");
+                match cool_line(&mut lines, t) {
+                    true => {
+                        tracing::info!(%site, source = %ip, "address no longer cooling for this site")
+                    }
+                    false => {
+                        tracing::debug!(%site, source = %ip, "address no longer cooling for this site")
+                    }
+                }
             }
+            self.cool_lines = lines;
         }
         let bits = &mut self.bits;
         self.sites.retain(|k, s| {
@@ -1021,6 +1041,29 @@ impl Sites {
         let p = self.pairs.get(&(s.id, ip))?;
         Some((self.instant(p.cool_until), p.strikes))
     }
+}
+
+/// Cooldown lines logged at info a second at most.
+const COOL_LINES: u32 = 20;
+
+/// Whether a cooldown's start or end is logged at info (at most
+/// `COOL_LINES` a second: a prefix pool cools a new address at each
+/// push-back, and would log a line a request); the rest go to debug, and
+/// the next second's first line says how many. `lines`: the second's
+/// start, and the lines in it.
+fn cool_line(lines: &mut (Ms, u32), t: Ms) -> bool {
+    let (since, n) = lines;
+    if t.saturating_sub(*since) >= 1000 {
+        if *n > COOL_LINES {
+            tracing::info!(
+                more = *n - COOL_LINES,
+                "cooldowns began or ended past {COOL_LINES} in a second: logged at debug"
+            );
+        }
+        (*since, *n) = (t, 0);
+    }
+    *n += 1;
+    *n <= COOL_LINES
 }
 
 /// 30 s doubling per repeat up to 10 min, within ±20 % (so addresses
@@ -1424,6 +1467,18 @@ mod tests {
         };
         assert!(set("a.com") && set("n.com"));
         assert_eq!(words.iter().map(|w| w.count_ones()).sum::<u32>(), 2);
+    }
+
+    /// A prefix pool cools a new address at each push-back: at most
+    /// `COOL_LINES` such lines a second reach the info log.
+    #[test]
+    fn cooldown_lines_are_bounded_a_second() {
+        let mut lines = (0, 0);
+        let said: Vec<bool> = (0..25).map(|i| cool_line(&mut lines, 5_000 + i)).collect();
+        assert_eq!(said.iter().filter(|s| **s).count(), COOL_LINES as usize);
+        assert!(said[..COOL_LINES as usize].iter().all(|s| *s));
+        assert!(cool_line(&mut lines, 6_000));
+        assert_eq!(lines, (6_000, 1));
     }
 
     /// A full table forgets sites that are not cooling first: the site
