@@ -138,6 +138,8 @@ pub enum TableError {
     Map(#[source] io::Error),
     #[error("{0} is not a lease table of this layout, or not the one announced")]
     Invalid(String),
+    #[error("{0} is a lease table of another layout (another rotor version's: upgrade rotor's binaries together)")]
+    Layout(String),
     #[error("the lease table holds at most {capacity} entries, not {wanted}")]
     TooSmall { capacity: usize, wanted: usize },
     #[error("the lease table is closed")]
@@ -526,9 +528,16 @@ impl LeaseTable {
         };
         let capacity = table.word(2).load(Ordering::Relaxed) as usize;
         table.id = table.word(4).load(Ordering::Relaxed);
-        let valid = table.word(0).load(Ordering::Acquire) == MAGIC
-            && table.word(1).load(Ordering::Relaxed) == TABLE_LAYOUT
-            && table.word(3).load(Ordering::Relaxed) == PEER_SLOTS as u64
+        let magic = table.word(0).load(Ordering::Acquire) == MAGIC;
+        // A table whole but of another layout will not become this one's
+        // by asking again (unlike one replaced or cut short since).
+        if magic
+            && (table.word(1).load(Ordering::Relaxed) != TABLE_LAYOUT
+                || table.word(3).load(Ordering::Relaxed) != PEER_SLOTS as u64)
+        {
+            return Err(TableError::Layout(name()));
+        }
+        let valid = magic
             && capacity <= (words - ENTRIES) / (2 * ENTRY)
             && words_for(capacity) == words
             && id.is_none_or(|id| id == table.id);
@@ -1331,6 +1340,24 @@ mod tests {
         assert!(matches!(
             LeaseTable::open(&path, Some(a.id() + 1)),
             Err(TableError::Invalid(_))
+        ));
+        // Whole, but another version's layout: said so (asking again
+        // would not help).
+        let other = dir.path().join("other");
+        let o = LeaseTable::create(&other, 16, 0, 0o600, None).unwrap();
+        drop(o);
+        {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&other)
+                .unwrap();
+            f.write_all_at(&(TABLE_LAYOUT + 1).to_ne_bytes(), 8)
+                .unwrap();
+        }
+        assert!(matches!(
+            LeaseTable::open(&other, None),
+            Err(TableError::Layout(_))
         ));
         std::fs::write(dir.path().join("junk"), vec![7u8; 100_000]).unwrap();
         assert!(LeaseTable::open(&dir.path().join("junk"), None).is_err());
