@@ -403,10 +403,12 @@ async fn many_status_requests_at_once_are_not_all_built_before_one_is_sent() {
             _ => panic!("status {id} not answered"),
         }
     }
-    // One status of this pool takes some 7 MiB: less than one more than
-    // the first left (64 KiB measured; 443 MiB when all were built).
+    // One status of this pool takes some 7 MiB: at most two more than
+    // the first left (64 KiB measured on a quiet machine, 12.5 MiB once
+    // under the whole suite's load, when the next is built while one is
+    // still going out; 443 MiB when all were built).
     let grew = peak_kib(pid).saturating_sub(before);
-    assert!(grew < 4 << 10, "the allocator's peak grew by {grew} KiB");
+    assert!(grew < 16 << 10, "the allocator's peak grew by {grew} KiB");
 }
 
 /// Connections past `--max-peers` are refused with the reason, as the
