@@ -422,8 +422,13 @@ impl Pool {
         table.set_reloads(last.reloads);
         let counts: Vec<u64> = vec![0; self.active.len()];
         let active = self.active.clone();
+        // The address due next, where it is known (a cursor of an older
+        // generation's pool reads as 0: the rotation would start over).
         table.publish(&active, &counts, self.generation, |f, _, _| {
-            last.cursors[f.index()].min(family_total(&active, f).saturating_sub(1))
+            match last.next_due[f.index()].and_then(|ip| index_of(&active, ip)) {
+                Some(i) => i,
+                None => last.cursors[f.index()].min(family_total(&active, f).saturating_sub(1)),
+            }
         })?;
         self.table = Arc::new(table);
         Ok(())
