@@ -39,6 +39,10 @@ pub struct Sessions {
     /// own oldest, so one user making new sessions without end cannot
     /// push out every other user's. A user goes with its last session.
     users: HashMap<Arc<str>, UserList>,
+    /// Entries in the users' lists, live or not (they count toward the
+    /// compaction as the eviction lists' do: a table full of active users
+    /// evicts through `order`, leaving stale entries in their lists).
+    user_listed: usize,
     max_per_user: usize,
     /// Strict sessions evicted before their end, until then: they fail
     /// (as their address gone) rather than quietly take another address.
@@ -121,21 +125,32 @@ impl Copied {
     }
 }
 
-/// The longest session key kept: a worker's is its user's name and a
-/// session id of at most 64 characters (a SOCKS5 name is at most 255
-/// bytes); a peer that sends megabytes of key is answered an error.
-pub const MAX_KEY: usize = 1024;
+/// The longest session key kept (a peer that sends megabytes of key is
+/// answered an error).
+pub const MAX_KEY: usize = rotor_protocol::MAX_SESSION_KEY;
 
 /// Session `key` left the table: one fewer for its user (who goes with
 /// its last).
-fn gone(users: &mut HashMap<Arc<str>, UserList>, key: &str) {
+fn gone(users: &mut HashMap<Arc<str>, UserList>, listed: &mut usize, key: &str) {
     let user = user_of(key);
     if let Some(list) = users.get_mut(user) {
         list.live = list.live.saturating_sub(1);
         if list.live == 0 {
+            *listed -= list.order.len();
             users.remove(user);
         }
     }
+}
+
+/// What new session's user has to give up for it (`Sessions::own_victim`).
+enum Own {
+    /// Nothing: it holds fewer than its share.
+    Under,
+    /// Its oldest, at the front of its list.
+    Victim(Arc<str>),
+    /// Its oldest is a live strict one, and the list of those pushed out
+    /// is full: no new session for the user until then.
+    Blocked(Instant),
 }
 
 /// The user part of session key `key` (a worker's keys are `USER\0ID`;
@@ -191,6 +206,7 @@ impl Sessions {
             order: [VecDeque::new(), VecDeque::new()],
             max,
             users: HashMap::new(),
+            user_listed: 0,
             max_per_user: max_per_user.clamp(1, max),
             evicted_strict: HashMap::new(),
             strict_first_end: None,
@@ -220,7 +236,7 @@ impl Sessions {
         match self.map.get(key) {
             Some(s) if s.expires <= now => {
                 self.map.remove(key);
-                gone(&mut self.users, key);
+                gone(&mut self.users, &mut self.user_listed, key);
                 Pinned::Nothing
             }
             Some(s) => match s.ips[family.index()] {
@@ -248,11 +264,18 @@ impl Sessions {
     /// with about how long until room frees. Nothing live is pushed out
     /// here: [`Sessions::pin`] does that, once a lease was had.
     pub fn room(&mut self, key: &str, now: Instant) -> Result<(), Duration> {
-        if self.map.contains_key(key) || self.map.len() < self.max {
+        if self.map.contains_key(key) {
             return Ok(());
         }
-        // One of the user's own makes room.
-        if self.own_victim(key, now).is_some() {
+        // One of the user's own makes room; a user whose own cannot go
+        // (strict ones that cannot be remembered) waits, rather than push
+        // out another user's.
+        match self.own_victim(key, now) {
+            Own::Victim(_) => return Ok(()),
+            Own::Blocked(until) => return Err(until.saturating_duration_since(now)),
+            Own::Under => {}
+        }
+        if self.map.len() < self.max {
             return Ok(());
         }
         // Ended sessions go before a live one is evicted (the 1-s tick
@@ -341,9 +364,12 @@ impl Sessions {
         if self.room(key, now).is_err() {
             return;
         }
-        if let Some(old) = self.own_victim(key, now) {
+        // Down to its share less one (a user over it, after a restart
+        // with a lower cap, comes down as its new sessions come).
+        while let Own::Victim(old) = self.own_victim(key, now) {
             if let Some(list) = self.users.get_mut(user_of(key)) {
                 list.order.pop_front();
+                self.user_listed -= 1;
             }
             self.push_out(old, now);
         }
@@ -376,7 +402,7 @@ impl Sessions {
     /// live is remembered: it fails until then).
     fn push_out(&mut self, key: Arc<str>, now: Instant) {
         if let Some(s) = self.map.remove(&key) {
-            gone(&mut self.users, &key);
+            gone(&mut self.users, &mut self.user_listed, &key);
             if s.strict && s.expires > now {
                 self.remember_strict(key, s.expires);
             }
@@ -388,10 +414,12 @@ impl Sessions {
     /// at the front of its list (not a live strict one while the list of
     /// those pushed out is full: then the table's own order decides).
     /// Entries of sessions gone, met on the way, are dropped.
-    fn own_victim(&mut self, key: &str, now: Instant) -> Option<Arc<str>> {
-        let list = self.users.get_mut(user_of(key))?;
+    fn own_victim(&mut self, key: &str, now: Instant) -> Own {
+        let Some(list) = self.users.get_mut(user_of(key)) else {
+            return Own::Under;
+        };
         if list.live < self.max_per_user {
-            return None;
+            return Own::Under;
         }
         let q = &mut list.order;
         while let Some((created, k)) = q.front() {
@@ -399,16 +427,20 @@ impl Sessions {
                 Some(s) if s.created == *created => {
                     let pinned = s.strict && s.expires > now;
                     if pinned && self.evicted_strict.len() >= self.max {
-                        return None;
+                        let freed = self
+                            .strict_first_end
+                            .map_or(s.expires, |e| e.min(s.expires));
+                        return Own::Blocked(freed);
                     }
-                    return Some(k.clone());
+                    return Own::Victim(k.clone());
                 }
                 _ => {
                     q.pop_front();
+                    self.user_listed -= 1;
                 }
             }
         }
-        None
+        Own::Under
     }
 
     /// Counts new session `key` (created `now`) to its user.
@@ -420,6 +452,7 @@ impl Sessions {
         };
         list.live += 1;
         list.order.push_back((now, key.clone()));
+        self.user_listed += 1;
     }
 
     /// A strict session pushed out before its `end`: it fails until then.
@@ -443,11 +476,11 @@ impl Sessions {
 
     /// Drops the expired sessions (and what the order no longer needs).
     pub fn expire(&mut self, now: Instant) {
-        let users = &mut self.users;
+        let (users, listed) = (&mut self.users, &mut self.user_listed);
         self.map.retain(|key, s| {
             let live = s.expires > now;
             if !live {
-                gone(users, key);
+                gone(users, listed, key);
             }
             live
         });
@@ -460,10 +493,12 @@ impl Sessions {
         if self.map.is_empty() {
             self.order.iter_mut().for_each(VecDeque::clear);
             self.users.clear();
+            self.user_listed = 0;
             return;
         }
-        let listed = self.order[0].len() + self.order[1].len();
-        if listed <= 2 * self.map.len() + 1024 {
+        // Each live session has an entry in `order` and one in its user's.
+        let listed = self.order[0].len() + self.order[1].len() + self.user_listed;
+        if listed <= 4 * self.map.len() + 2048 {
             return;
         }
         self.compact();
@@ -483,17 +518,19 @@ impl Sessions {
             list.order
                 .retain(|(created, key)| map.get(key).is_some_and(|s| s.created == *created));
         }
+        self.user_listed = self.users.values().map(|l| l.order.len()).sum();
     }
 
     /// Session `key`, asked for as strict, is strict from then on: one
     /// begun loose and later used strict is remembered when pushed out of
     /// a full table (it fails until its end), not quietly moved.
-    pub fn make_strict(&mut self, key: &str) {
+    /// Whether it changed.
+    pub fn make_strict(&mut self, key: &str) -> bool {
         let Some((key, s)) = self.map.get_key_value(key) else {
-            return;
+            return false;
         };
         if s.strict {
-            return;
+            return false;
         }
         let (key, created) = (key.clone(), s.created);
         if let Some(s) = self.map.get_mut(&key) {
@@ -503,6 +540,7 @@ impl Sessions {
         let q = &mut self.order[1];
         let at = q.partition_point(|(c, _)| *c <= created);
         q.insert(at, (created, key));
+        true
     }
 
     /// Sessions pinned to each address (one pass over the table).
@@ -579,6 +617,10 @@ impl Sessions {
                 .checked_sub(Duration::from_millis(wall_ms.saturating_sub(s.created_ms)))
                 .unwrap_or(now);
             let expires = left(&s);
+            // A key twice in the file (edited or damaged): its first.
+            if self.map.contains_key(s.key.as_str()) {
+                continue;
+            }
             let key: Arc<str> = Arc::from(s.key);
             self.order[usize::from(s.strict)].push_back((created, key.clone()));
             self.note_user(&key, created);
@@ -817,6 +859,91 @@ mod tests {
         // A user goes with its last session.
         s.expire(at(10_000));
         assert!(s.users.is_empty() && s.is_empty());
+    }
+
+    /// Users making sessions in a full table (evicted through the table's
+    /// order, each under its share): their lists stay bounded.
+    #[test]
+    fn the_users_lists_stay_bounded_in_a_full_table() {
+        let t0 = Instant::now();
+        let hour = Duration::from_secs(3600);
+        let mut s = Sessions::per_user(4, 4);
+        for i in 0..20_000u64 {
+            let now = t0 + Duration::from_millis(i);
+            let user = ["a", "b"][(i % 2) as usize];
+            s.pin(&format!("{user}\0{i}"), ip("10.0.0.1"), hour, false, now);
+            if i % 1000 == 0 {
+                s.expire(now);
+            }
+        }
+        assert_eq!(s.len(), 4);
+        assert!(s.user_listed <= 4 * 4 + 2048 + 1000, "{}", s.user_listed);
+        let total: usize = s.users.values().map(|l| l.order.len()).sum();
+        assert_eq!(total, s.user_listed);
+    }
+
+    /// A user whose own oldest cannot go (strict, and the list of those
+    /// pushed out is full) waits for one to end, rather than push out
+    /// another user's; and a user over its share (a lower cap after a
+    /// restart) comes down to it.
+    #[test]
+    fn a_user_at_its_share_of_strict_sessions_waits_and_one_over_comes_down() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let hour = Duration::from_secs(3600);
+        let good = |_| true;
+        let mut s = Sessions::per_user(4, 2);
+        s.pin("b\0loose", ip("10.0.0.1"), hour, false, at(0));
+        let mut kept = 0;
+        for i in 0..30 {
+            let key = format!("e\0{i}");
+            if s.room(&key, at(1 + i)).is_ok() {
+                s.pin(&key, ip("10.0.0.2"), hour, true, at(1 + i));
+                kept += 1;
+            }
+        }
+        // Two held, four remembered as pushed out (the list's bound): then
+        // refused, with about when its oldest ends.
+        assert_eq!(kept, 6);
+        assert_eq!(
+            s.pinned("b\0loose", Family::V4, at(40), good),
+            Pinned::Address(ip("10.0.0.1"))
+        );
+        let wait = s.room("e\0next", at(40)).unwrap_err();
+        assert!(wait > Duration::from_secs(3500), "{wait:?}");
+        assert_eq!(s.room("c\0new", at(40)), Ok(()));
+
+        // Five of one user's sessions kept, the share now 2: its next new
+        // one leaves it at 2.
+        let wall = 1_900_000_000_000u64;
+        let saved: Vec<SavedSession> = (0..5)
+            .map(|i| SavedSession {
+                key: format!("a\0{i}"),
+                ips: [Some(ip("10.0.0.3")), None],
+                created_ms: wall + i,
+                expires_ms: wall + 3_600_000,
+                strict: false,
+                evicted: false,
+            })
+            .chain([SavedSession {
+                key: "a\x000".into(),
+                ips: [Some(ip("10.0.0.4")), None],
+                created_ms: wall,
+                expires_ms: wall + 3_600_000,
+                strict: false,
+                evicted: false,
+            }])
+            .collect();
+        let mut r = Sessions::per_user(10, 2);
+        assert_eq!(
+            r.restore(saved, t0, wall + 10),
+            5,
+            "a key twice is taken once"
+        );
+        assert_eq!(r.users["a"].live, 5);
+        r.pin("a\0new", ip("10.0.0.5"), hour, false, t0);
+        assert_eq!(r.users["a"].live, 2);
+        assert_eq!(r.len(), 2);
     }
 
     /// A full table drops its ended sessions before it evicts a live one

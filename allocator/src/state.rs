@@ -1068,8 +1068,10 @@ impl Allocator {
         }
         let mut inner = self.lock();
         let now = Instant::now();
-        if strict {
-            inner.sessions.make_strict(key);
+        // (A change for the checkpoint: a restart must not bring it back
+        // loose.)
+        if strict && inner.sessions.make_strict(key) {
+            inner.changes += 1;
         }
         let mut last = None;
         for family in Family::ALL {

@@ -24,9 +24,9 @@ pub use message::{
     Histogram, HostReport, Lease, NoAddress, PairStatus, PeerStatus, QuarantineStatus, Refusal,
     ReloadReport, Request, Response, Role, ServerFrame, SiteLimit, SiteStatus, SitesReport,
     SourceMetrics, SourceStatus, StatusReport, StatusReportV2, WorkerMetrics, WorkerStatus,
-    HISTOGRAM_BOUNDS, MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_METRICS, MINOR_RELOADS,
-    MINOR_RELOAD_REPORT, MINOR_SESSIONS_FULL, MINOR_SITES, POOL_TOO_LARGE, PROTOCOL_MAJOR,
-    PROTOCOL_MINOR, REPORT_TEXT_MAX,
+    HISTOGRAM_BOUNDS, MAX_SESSION_KEY, MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_METRICS,
+    MINOR_RELOADS, MINOR_RELOAD_REPORT, MINOR_SESSIONS_FULL, MINOR_SITES, POOL_TOO_LARGE,
+    PROTOCOL_MAJOR, PROTOCOL_MINOR, REPORT_TEXT_MAX,
 };
 pub use report::{error_chain, Moment};
 pub use segment::{cover, Family, PrefixSet, Segment};

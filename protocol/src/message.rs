@@ -207,7 +207,8 @@ pub enum Request {
     /// The rotation the lease table should hold now (since minor 2): a
     /// worker checks what it leases from the table against it.
     Pool,
-    /// A lease for a sticky session (since minor 2): the address `key`
+    /// A lease for a sticky session (since minor 2; a `key` of at most
+    /// `MAX_SESSION_KEY` bytes): the address `key`
     /// (user and session id) was given before, while the session lasts
     /// (`ttl_secs` from its first lease) and the address is in the
     /// rotation; else the next address, kept for it. `strict`: an address
@@ -298,6 +299,11 @@ pub struct ReloadReport {
     /// `…`; at most 64, and then one naming how many more failed.
     pub failed: Vec<(String, String)>,
 }
+
+/// The longest sticky session key (`USER\0ID`) an allocator keeps: a user
+/// name and a session id of at most 64 characters (a SOCKS5 name is at
+/// most 255 bytes).
+pub const MAX_SESSION_KEY: usize = 1024;
 
 /// The longest source name or error a `ReloadReport` carries, so that one
 /// with many failing sources still fits a frame.

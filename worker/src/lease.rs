@@ -412,7 +412,7 @@ impl LeaseClient {
             .and_then(|m| c.lease_from_table(m, families));
         let table = mapped.map(|(t, _)| t);
         match answer {
-            Some(Ok(lease)) => match self.vouch(&c, &lease).await {
+            Some(Ok(lease)) => match self.vouch(&c, &lease, deadline).await {
                 Vouch::Yes | Vouch::Unanswered => return Ok((lease, false)),
                 // The pool moved on meanwhile (or the allocator did
                 // not answer): this lease over the socket instead.
@@ -515,7 +515,7 @@ impl LeaseClient {
     /// Whether `lease`, from the table, is of a pool the allocator
     /// published: checked against a copy asked of it (once per
     /// generation). An allocator too old to be asked is taken at its word.
-    async fn vouch(&self, conn: &Conn, lease: &Lease) -> Vouch {
+    async fn vouch(&self, conn: &Conn, lease: &Lease, deadline: Instant) -> Vouch {
         if conn.minor < MINOR_FAMILIES {
             return Vouch::Yes;
         }
@@ -540,17 +540,16 @@ impl LeaseClient {
         if failed_lately() {
             return unanswered();
         }
-        let one = tokio::time::timeout(COPY_WAIT, conn.fetching.lock()).await;
+        // Within the lease's own bound too.
+        let wait = || COPY_WAIT.min(deadline.saturating_duration_since(Instant::now()));
+        let one = tokio::time::timeout(wait(), conn.fetching.lock()).await;
         if let Some(known) = conn.check_copy(lease) {
             return known;
         }
         if one.is_err() || failed_lately() {
             return unanswered();
         }
-        let copy = match self
-            .request_within(Request::Pool, COPY_WAIT.min(self.timeout))
-            .await
-        {
+        let copy = match self.request_within(Request::Pool, wait()).await {
             Ok(Response::Pool {
                 generation,
                 entries,
