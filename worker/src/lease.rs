@@ -396,23 +396,26 @@ impl LeaseClient {
         // while there is none (the allocator restarting), wait for it, not
         // lease past the site's budget or cooldown from the shared rotation.
         // One bound for all of it: the wait for a connection, the check
-        // of a table lease, the request over the socket.
-        let deadline = Instant::now() + self.timeout;
+        // of a table lease, the request over the socket. It starts at the
+        // first wait: a lease from the table with its pool known takes no
+        // clock reading.
+        let start = std::sync::OnceLock::new();
+        let deadline = || *start.get_or_init(|| Instant::now() + self.timeout);
         let current = self.conn.borrow().clone();
         let c = match current {
             Some(c) => c,
-            None => self.connection(deadline).await?,
+            None => self.connection(deadline()).await?,
         };
         let mapped = c.mapped();
         if let Some(site) = c.site_path(mapped.as_ref().map(|(t, _)| &**t), host) {
-            return self.lease_site(families, site, deadline).await;
+            return self.lease_site(families, site, deadline()).await;
         }
         let answer = mapped
             .as_ref()
             .and_then(|m| c.lease_from_table(m, families));
         let table = mapped.map(|(t, _)| t);
         match answer {
-            Some(Ok(lease)) => match self.vouch(&c, &lease, deadline).await {
+            Some(Ok(lease)) => match self.vouch(&c, &lease, &deadline).await {
                 Vouch::Yes | Vouch::Unanswered => return Ok((lease, false)),
                 // The pool moved on meanwhile (or the allocator did
                 // not answer): this lease over the socket instead.
@@ -428,7 +431,7 @@ impl LeaseClient {
             None => {}
         }
         match self
-            .request_until(Request::Lease { families }, deadline)
+            .request_until(Request::Lease { families }, deadline())
             .await?
         {
             Response::Leased(lease) => Ok((lease, false)),
@@ -515,7 +518,7 @@ impl LeaseClient {
     /// Whether `lease`, from the table, is of a pool the allocator
     /// published: checked against a copy asked of it (once per
     /// generation). An allocator too old to be asked is taken at its word.
-    async fn vouch(&self, conn: &Conn, lease: &Lease, deadline: Instant) -> Vouch {
+    async fn vouch(&self, conn: &Conn, lease: &Lease, deadline: &impl Fn() -> Instant) -> Vouch {
         if conn.minor < MINOR_FAMILIES {
             return Vouch::Yes;
         }
@@ -541,7 +544,7 @@ impl LeaseClient {
             return unanswered();
         }
         // Within the lease's own bound too.
-        let wait = || COPY_WAIT.min(deadline.saturating_duration_since(Instant::now()));
+        let wait = || COPY_WAIT.min(deadline().saturating_duration_since(Instant::now()));
         let one = tokio::time::timeout(wait(), conn.fetching.lock()).await;
         if let Some(known) = conn.check_copy(lease) {
             return known;
