@@ -481,20 +481,9 @@ impl Proxy {
             },
         };
         let name = user.user.clone();
-        // Sessions of different users are different sessions.
-        let key = |id: &str| format!("{}\0{id}", user.user);
-        if user
-            .session
-            .as_ref()
-            .is_some_and(|p| key(&p.id).len() > rotor_protocol::MAX_SESSION_KEY)
-        {
-            return Err(ProxyError::BadRequest(format!(
-                "the user name is too long for a sticky session (at most {} bytes with the session id)",
-                rotor_protocol::MAX_SESSION_KEY - 1
-            )));
-        }
         let sticky = user.session.map(|p| Sticky {
-            key: key(&p.id),
+            // Sessions of different users are different sessions.
+            key: format!("{}\0{}", user.user, p.id),
             id: p.id.clone(),
             ttl: p
                 .ttl
@@ -502,6 +491,15 @@ impl Proxy {
                 .min(self.config.session_max_ttl),
             strict: p.strict,
         });
+        if sticky
+            .as_ref()
+            .is_some_and(|s| s.key.len() > rotor_protocol::MAX_SESSION_KEY)
+        {
+            return Err(ProxyError::BadRequest(format!(
+                "the user name is too long for a sticky session (at most {} bytes with the session id)",
+                rotor_protocol::MAX_SESSION_KEY - 1
+            )));
+        }
         Ok(Caller {
             user: Some(name),
             sticky,
