@@ -153,6 +153,18 @@ enum Own {
     Blocked(Instant),
 }
 
+/// Whether list entry `(created, key)` is still its session's: the
+/// session is in `map` and began then (and, for an eviction list, is
+/// of its `strict`ness: a session made strict left the loose one).
+fn current(
+    map: &HashMap<Arc<str>, Session>,
+    (created, key): &(Instant, Arc<str>),
+    strict: Option<bool>,
+) -> bool {
+    map.get(key)
+        .is_some_and(|s| s.created == *created && strict.is_none_or(|t| s.strict == t))
+}
+
 /// The user part of session key `key` (a worker's keys are `USER\0ID`;
 /// a key without one is its own user).
 fn user_of(key: &str) -> &str {
@@ -297,12 +309,8 @@ impl Sessions {
         // Entries of sessions gone or replaced (or made strict), off the
         // fronts.
         for (strict, q) in [false, true].into_iter().zip(&mut self.order) {
-            while let Some((created, key)) = q.front() {
-                if self
-                    .map
-                    .get(key)
-                    .is_some_and(|s| s.created == *created && s.strict == strict)
-                {
+            while let Some(entry) = q.front() {
+                if current(&self.map, entry, Some(strict)) {
                     break;
                 }
                 q.pop_front();
@@ -423,6 +431,7 @@ impl Sessions {
         }
         let q = &mut list.order;
         while let Some((created, k)) = q.front() {
+            // (`current`, with the session it finds.)
             match self.map.get(k) {
                 Some(s) if s.created == *created => {
                     let pinned = s.strict && s.expires > now;
@@ -509,14 +518,10 @@ impl Sessions {
     fn compact(&mut self) {
         let map = &self.map;
         for (strict, q) in [false, true].into_iter().zip(&mut self.order) {
-            q.retain(|(created, key)| {
-                map.get(key)
-                    .is_some_and(|s| s.created == *created && s.strict == strict)
-            });
+            q.retain(|entry| current(map, entry, Some(strict)));
         }
         for list in self.users.values_mut() {
-            list.order
-                .retain(|(created, key)| map.get(key).is_some_and(|s| s.created == *created));
+            list.order.retain(|entry| current(map, entry, None));
         }
         self.user_listed = self.users.values().map(|l| l.order.len()).sum();
     }
