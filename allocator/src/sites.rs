@@ -291,6 +291,25 @@ struct Site {
     /// forgotten leaves it later than true: the site is forgotten later):
     /// which sites cool, for `make_room`, without a look at every pair.
     cool_until: Ms,
+    /// Its last refusal: until it ends, a lease is refused without a walk.
+    refused: Refused,
+}
+
+/// A site's refusal of every address of some families (of a pool's
+/// generation): each address was blocked until `until` at least, and only
+/// time frees a blocked pair (a start or a push-back blocks more; pairs
+/// are dropped only once free; budgets are read at start), so until then,
+/// or until the pool changes, the same lease is refused again. Without it
+/// each refused lease walked every pair of the site, under the allocator's
+/// lock: up to `--max-site-entries` steps (tens of ms) for a large pool
+/// spent, again at each client's retry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Refused {
+    /// 0: none.
+    until: Ms,
+    generation: u64,
+    families: (bool, bool),
+    cooling: bool,
 }
 
 /// Start times a pair keeps at most: a budget of up to this many requests
@@ -427,6 +446,9 @@ pub struct Sites {
     /// Times `make_room` looked for sites to forget (tests).
     #[cfg(test)]
     room_looks: usize,
+    /// Leases refused by a site's last refusal, without a walk (tests).
+    #[cfg(test)]
+    refusals_remembered: usize,
 }
 
 impl Sites {
@@ -454,6 +476,8 @@ impl Sites {
             cool_lines: (0, 0),
             #[cfg(test)]
             room_looks: 0,
+            #[cfg(test)]
+            refusals_remembered: 0,
         }
     }
 
@@ -519,6 +543,7 @@ impl Sites {
                 pairs: 0,
                 last_used,
                 cool_until: 0,
+                refused: Refused::default(),
             },
         );
         true
@@ -617,11 +642,13 @@ impl Sites {
 
     /// The next address for a request to `site` among `active` (the
     /// rotation's entries) of one of `families`.
+    /// `generation` is `active`'s (see [`Refused`]).
     pub fn lease(
         &mut self,
         site: &str,
         families: Families,
         active: &[Segment],
+        generation: u64,
         now: Instant,
     ) -> Answer {
         let create = self.rules.limit_for(site).is_some();
@@ -631,6 +658,17 @@ impl Sites {
         let t = self.ms(now);
         let s = self.sites.get_mut(site).expect("ensured");
         s.last_used = t;
+        let r = s.refused;
+        if r.until > t && r.generation == generation && r.families == (families.v4, families.v6) {
+            #[cfg(test)]
+            {
+                self.refusals_remembered += 1;
+            }
+            return Answer::Throttled {
+                retry_after: Duration::from_millis(r.until - t),
+                cooling: r.cooling,
+            };
+        }
         let (id, limit, held) = (s.id, s.limit, s.pairs);
         let window = limit.map(|l| l.window().as_millis() as u64);
         let mut earliest: Option<(Ms, bool)> = None;
@@ -679,10 +717,20 @@ impl Sites {
             }
         }
         match earliest {
-            Some((until, cooling)) if any => Answer::Throttled {
-                retry_after: Duration::from_millis(until.saturating_sub(t)),
-                cooling,
-            },
+            Some((until, cooling)) if any => {
+                if let Some(s) = self.sites.get_mut(site) {
+                    s.refused = Refused {
+                        until,
+                        generation,
+                        families: (families.v4, families.v6),
+                        cooling,
+                    };
+                }
+                Answer::Throttled {
+                    retry_after: Duration::from_millis(until.saturating_sub(t)),
+                    cooling,
+                }
+            }
             // No address of the families: the shared rotation says so.
             _ => Answer::Shared,
         }
@@ -1106,7 +1154,7 @@ mod tests {
     fn take(s: &mut Sites, site: &str, active: &[Segment], n: usize, now: Instant) -> Vec<u8> {
         let mut out = Vec::new();
         for _ in 0..n {
-            match s.lease(site, Families::V4, active, now) {
+            match s.lease(site, Families::V4, active, 0, now) {
                 Answer::Start(f) => {
                     // As the allocator does: the shared rotation's next (1).
                     let total = family_total(active, f);
@@ -1226,7 +1274,7 @@ mod tests {
         let mut s2 = Sites::new(rules(&["a.com=2/1m"]), 1000);
         assert_eq!(s2.restore(saved.clone(), t1, wall1), 5);
         assert_eq!(take(&mut s2, "a.com", &active, 3, t1), [0u8; 0]);
-        match s2.lease("a.com", Families::V4, &active, t1) {
+        match s2.lease("a.com", Families::V4, &active, 0, t1) {
             // The first starts leave the window (61 s) at t0 + 31 s.
             Answer::Throttled {
                 retry_after,
@@ -1270,7 +1318,10 @@ mod tests {
         // Budgets changed over the restart: a.com has none now.
         let mut s3 = Sites::new(Rules::default(), 1000);
         assert_eq!(s3.restore(saved.clone(), t1, wall1), 2);
-        assert_eq!(s3.lease("a.com", Families::V4, &active, t1), Answer::Shared);
+        assert_eq!(
+            s3.lease("a.com", Families::V4, &active, 0, t1),
+            Answer::Shared
+        );
         // Back two days later: everything ended.
         let mut s4 = Sites::new(rules(&["a.com=2/1m"]), 1000);
         assert_eq!(
@@ -1313,6 +1364,7 @@ mod tests {
             "a.com",
             Families::V4,
             &active,
+            0,
             t0 + Duration::from_millis(300),
         ) {
             Answer::Throttled {
@@ -1329,7 +1381,10 @@ mod tests {
         let t1 = t0 + Duration::from_millis(1020);
         assert_eq!(take(&mut s, "a.com", &active, 3, t1), [1, 2, 3]);
         // Unbudgeted sites are not held at all.
-        assert_eq!(s.lease("b.com", Families::V4, &active, t1), Answer::Shared);
+        assert_eq!(
+            s.lease("b.com", Families::V4, &active, 0, t1),
+            Answer::Shared
+        );
         // Within a window, an address still with budget is taken in turn.
         let mut s = Sites::with_epoch(rules(&["a.com=1/1s"]), 1000, t0);
         assert_eq!(take(&mut s, "a.com", &active, 2, t0), [1, 2]);
@@ -1387,12 +1442,15 @@ mod tests {
             "one repeat per cooldown"
         );
         assert_eq!(take(&mut s, "a.com", &active, 4, t0), [1, 3, 1, 3]);
-        assert_eq!(s.lease("b.com", Families::V4, &active, t0), Answer::Shared);
+        assert_eq!(
+            s.lease("b.com", Families::V4, &active, 0, t0),
+            Answer::Shared
+        );
         // Every address cooling: throttled until the first comes back.
         s.pushback("a.com", ip(1), 429, Some(Duration::from_secs(3)), t0);
         s.pushback("a.com", ip(3), 429, Some(Duration::from_secs(9)), t0);
         assert_eq!(
-            s.lease("a.com", Families::V4, &active, t0),
+            s.lease("a.com", Families::V4, &active, 0, t0),
             Answer::Throttled {
                 retry_after: Duration::from_secs(3),
                 cooling: true
@@ -1400,7 +1458,7 @@ mod tests {
         );
         let t = t0 + Duration::from_secs(6);
         s.expire(t);
-        match s.lease("a.com", Families::V4, &active, t) {
+        match s.lease("a.com", Families::V4, &active, 0, t) {
             Answer::Address { ip: a, watch, .. } => {
                 assert!(a == ip(1) || a == ip(2));
                 assert!(watch, "a pair with repeats asks to hear how it went");
@@ -1504,6 +1562,84 @@ mod tests {
         let got = take(&mut s, "cool.com", &active, 8, t);
         assert!(!got.is_empty() && !got.contains(&1), "{got:?}");
     }
+
+    /// A refused lease is refused again without a walk until its end, for
+    /// the same families and pool; a new pool, other families or the end
+    /// walk again, and what a walk would say is what the memory says.
+    #[test]
+    fn a_refusal_is_remembered_until_it_ends_or_the_pool_changes() {
+        let t0 = Instant::now();
+        let mut s = Sites::with_epoch(rules(&["a.com=1/1m"]), 1000, t0);
+        let active = pool(4);
+        let lease = |s: &mut Sites, active: &[Segment], families, generation, t| match s
+            .lease("a.com", families, active, generation, t)
+        {
+            Answer::Start(f) => {
+                let total = family_total(active, f);
+                s.started("a.com", ip(1), 0, total, t).expect("free");
+                Answer::Address {
+                    ip: ip(1),
+                    index: 0,
+                    watch: false,
+                }
+            }
+            other => other,
+        };
+        for _ in 0..4 {
+            assert!(matches!(
+                lease(&mut s, &active, Families::V4, 1, t0),
+                Answer::Address { .. }
+            ));
+        }
+        let refused = |retry_after| Answer::Throttled {
+            retry_after,
+            cooling: false,
+        };
+        // The window: the period and its margin.
+        let Answer::Throttled {
+            retry_after: window,
+            cooling: false,
+        } = lease(&mut s, &active, Families::V4, 1, t0)
+        else {
+            panic!("not refused");
+        };
+        assert!(window >= Duration::from_secs(60), "{window:?}");
+        assert_eq!(s.refusals_remembered, 0, "the first refusal walks");
+        let t = t0 + Duration::from_secs(1);
+        let again = lease(&mut s, &active, Families::V4, 1, t);
+        assert_eq!(again, refused(window - Duration::from_secs(1)));
+        assert_eq!(s.refusals_remembered, 1);
+        // What a walk says (the memory forgotten) is the same.
+        s.sites.get_mut("a.com").unwrap().refused = Refused::default();
+        assert_eq!(lease(&mut s, &active, Families::V4, 1, t), again);
+        assert_eq!(s.refusals_remembered, 1);
+        // Other families: a walk.
+        assert_eq!(lease(&mut s, &active, Families::ANY, 1, t), again);
+        assert_eq!(s.refusals_remembered, 1);
+        assert_eq!(lease(&mut s, &active, Families::ANY, 1, t), again);
+        assert_eq!(s.refusals_remembered, 2);
+        // A pool with one more address (a new generation): it serves.
+        let grown = pool(5);
+        assert_eq!(
+            lease(&mut s, &grown, Families::V4, 2, t),
+            Answer::Address {
+                ip: ip(5),
+                index: 4,
+                watch: false
+            }
+        );
+        assert_eq!(s.refusals_remembered, 2);
+        assert_eq!(
+            lease(&mut s, &grown, Families::V4, 2, t),
+            refused(window - Duration::from_secs(1))
+        );
+        // At the refusal's end the first address is free again.
+        let end = t0 + window;
+        assert!(matches!(
+            lease(&mut s, &grown, Families::V4, 2, end),
+            Answer::Address { .. }
+        ));
+    }
 }
 /// What an entry costs, measured (resident memory, hash-table slack
 /// included): `cargo test --release -p rotor-allocator entry_cost --
@@ -1525,7 +1661,7 @@ mod memtest {
         for i in 0..n {
             let site = format!("site{i:07}.com");
             for _ in 0..3 {
-                if let Answer::Start(_) = s.lease(&site, Families::V4, &active, t0) {
+                if let Answer::Start(_) = s.lease(&site, Families::V4, &active, 0, t0) {
                     s.started(&site, IpAddr::from([10, 0, 0, 1]), 0, 8, t0);
                 }
             }

@@ -1147,7 +1147,7 @@ impl Allocator {
         // is set then), and a walk answers.
         loop {
             let Inner { sites, pool, .. } = &mut *inner;
-            let answer = sites.lease(site, families, pool.active(), now);
+            let answer = sites.lease(site, families, pool.active(), pool.generation(), now);
             // (A refusal changes nothing a checkpoint keeps: a site only
             // refused is not written again at every interval.)
             if !matches!(answer, Answer::Shared | Answer::Throttled { .. }) {
