@@ -52,6 +52,8 @@ pub enum SourceError {
         #[source]
         source: SpecError,
     },
+    #[error("{path} was still being written after {waited:?} (replace it by rename: write aside, then `mv`)")]
+    Unsettled { path: PathBuf, waited: Duration },
     #[error("cannot list network interfaces")]
     Interfaces(#[source] nix::Error),
     #[error("no interface {0}")]
@@ -146,15 +148,58 @@ fn singles(addrs: Vec<IpAddr>) -> Vec<Segment> {
     addrs.into_iter().map(Segment::single).collect()
 }
 
+/// How long a pool file must have been left alone before it is taken: a
+/// file rewritten in place (`cat > pool.txt`, `echo … >`) is empty, then
+/// half-written, for a moment, and a refresh then took an empty or partial
+/// pool for a whole `--refresh` interval (every request a 503).
+const SETTLE: Duration = Duration::from_millis(300);
+
+/// Looks at a file still changing this many times, `SETTLE` apart at
+/// most, before its source is an error (it keeps its last good
+/// addresses; the next refresh looks again).
+const SETTLE_LOOKS: u32 = 10;
+
 pub fn read_pool_file(path: &PathBuf) -> Result<Vec<Segment>, SourceError> {
-    let text = std::fs::read_to_string(path).map_err(|source| SourceError::Read {
-        path: path.clone(),
-        source,
-    })?;
+    let text = read_settled(path, SETTLE, SETTLE_LOOKS)?;
     parse_pool_text(&text).map_err(|(line, source)| SourceError::Spec {
         path: path.clone(),
         line,
         source,
+    })
+}
+
+/// `path`'s text once the file is settled: the same (size, modification
+/// time, inode) before and after the read, and last modified `settle` ago
+/// or more (a time in the future counts as settled, so a clock set back
+/// does not keep the file out). Blocking: it sleeps while the file is
+/// being written.
+fn read_settled(path: &PathBuf, settle: Duration, looks: u32) -> Result<String, SourceError> {
+    use std::os::unix::fs::MetadataExt;
+    let err = |source| SourceError::Read {
+        path: path.clone(),
+        source,
+    };
+    let stamp = |m: &std::fs::Metadata| (m.len(), m.mtime(), m.mtime_nsec(), m.ino(), m.dev());
+    for look in 1.. {
+        let before = std::fs::metadata(path).map_err(err)?;
+        let text = std::fs::read_to_string(path).map_err(err)?;
+        let after = std::fs::metadata(path).map_err(err)?;
+        let age = after
+            .modified()
+            .ok()
+            .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
+            .unwrap_or(settle);
+        if stamp(&before) == stamp(&after) && age >= settle {
+            return Ok(text);
+        }
+        if look >= looks {
+            break;
+        }
+        std::thread::sleep(settle.saturating_sub(age).max(settle / 6));
+    }
+    Err(SourceError::Unsettled {
+        path: path.clone(),
+        waited: settle * looks,
     })
 }
 
@@ -438,6 +483,66 @@ fn internet(ip: IpAddr) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pool file rewritten in place is read once it is whole, never
+    /// empty or cut; one that keeps changing is an error, and one dated in
+    /// the future is read at once.
+    #[test]
+    fn a_pool_file_is_read_once_it_is_left_alone() {
+        use std::io::Write;
+        use std::time::{Instant, SystemTime};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.txt");
+        let lines: String = (2..=9).map(|i| format!("127.0.0.{i}\n")).collect();
+        std::fs::write(&path, "10.0.0.1\n").unwrap();
+        // Rewritten in place, a line every 30 ms (truncated first).
+        let writer = {
+            let (path, lines) = (path.clone(), lines.clone());
+            std::thread::spawn(move || {
+                let mut f = std::fs::File::create(&path).unwrap();
+                for line in lines.lines() {
+                    std::thread::sleep(Duration::from_millis(30));
+                    writeln!(f, "{line}").unwrap();
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(10));
+        let read = read_settled(&path, Duration::from_millis(150), 20).unwrap();
+        writer.join().unwrap();
+        assert_eq!(read, lines, "read while it was written");
+        // Still changing after every look: an error.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    writeln!(f, "127.0.0.2").unwrap();
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let err = read_settled(&path, Duration::from_millis(100), 3).unwrap_err();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        assert!(matches!(err, SourceError::Unsettled { .. }), "{err}");
+        assert!(err.to_string().contains("mv"), "{err}");
+        // Dated in the future (a clock set back): read at once.
+        std::fs::write(&path, "127.0.0.2\n").unwrap();
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(SystemTime::now() + Duration::from_secs(3600))
+            .unwrap();
+        let t = Instant::now();
+        assert_eq!(
+            read_settled(&path, Duration::from_secs(5), 3).unwrap(),
+            "127.0.0.2\n"
+        );
+        assert!(t.elapsed() < Duration::from_secs(1));
+    }
 
     #[test]
     fn pool_text_with_comments_and_blank_lines() {
