@@ -693,6 +693,21 @@ impl Progress {
     }
 }
 
+/// A connection's buffer as it waits in the pool: room for the next
+/// response is taken now (the next read would take it), which also shows
+/// how large the allocation under it is. One that a large head grew (up to
+/// `MAX_HEAD`: ≈ 512 KiB allocated) is not kept while the connection idles
+/// (4 096 idle connections would pin 2 GiB).
+fn idle_buffer(mut buf: BytesMut) -> BytesMut {
+    if buf.is_empty() {
+        buf.reserve(READ_SIZE);
+        if buf.capacity() > 2 * READ_SIZE {
+            buf = BytesMut::with_capacity(READ_SIZE);
+        }
+    }
+    buf
+}
+
 /// Reads a response head into `buf` and parses it, skipping interim
 /// (1xx) responses; the head's bytes leave `buf`, the body's stay.
 async fn read_head<R: tokio::io::AsyncRead + Unpin>(
@@ -1047,7 +1062,7 @@ impl ResponseBody {
         match self.io.take() {
             Some(Io::Whole(io)) => Some(Conn {
                 io,
-                buf: std::mem::take(&mut self.buf),
+                buf: idle_buffer(std::mem::take(&mut self.buf)),
             }),
             _ => None,
         }
@@ -1395,6 +1410,26 @@ mod tests {
         assert_eq!(all(&mut body).await.unwrap(), b"nop");
         let seen = origin.await.unwrap();
         assert!(seen[0].starts_with(b"GET /p?q=1 HTTP/1.1\r\nhost: example.test\r\n\r\n"));
+    }
+
+    /// A connection whose response head grew its buffer goes back to the
+    /// pool with a buffer of the usual size.
+    #[tokio::test]
+    async fn a_large_head_does_not_stay_with_the_idle_connection() {
+        let mut reply = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n".to_vec();
+        for i in 0..90 {
+            reply.extend_from_slice(format!("X-{i}: {}\r\n", "v".repeat(3000)).as_bytes());
+        }
+        reply.extend_from_slice(b"\r\nhello");
+        let reply: &'static [u8] = Box::leak(reply.into_boxed_slice());
+        let (conn, _origin) = origin(vec![(reply, 1, false)]).await;
+        let (resp, mut body) = send(conn, &get(Method::GET)).await.unwrap();
+        assert_eq!(resp.headers().len(), 91);
+        drop(resp);
+        assert_eq!(all(&mut body).await.unwrap(), b"hello");
+        let conn = body.take_conn().expect("reusable");
+        assert!(conn.buf.capacity() <= 2 * READ_SIZE, "{}", conn.buf.capacity());
+        assert!(conn.buf.capacity() >= READ_SIZE);
     }
 
     #[tokio::test]
