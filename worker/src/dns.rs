@@ -56,8 +56,15 @@ impl Default for ResolverChoice {
 }
 
 /// Most names [`Answers`] keeps; past it the expired ones go, and if that
-/// is not enough, all.
+/// is not enough, an eighth of the others (a client cycling through names
+/// does not empty it for everyone).
 const MAX_NAMES: usize = 10_000;
+
+/// Most addresses of each family taken of a name's answer: one answer can
+/// list thousands (64 KiB over TCP), each kept with the name and checked
+/// against the rules at each request; more than this many are never all
+/// tried within a connect's time anyway.
+const MAX_ADDRS_PER_FAMILY: usize = 16;
 
 /// Records the DNS resolver's cache keeps.
 const DNS_CACHE_RECORDS: u64 = 10_000;
@@ -97,7 +104,10 @@ impl Answers {
             let now = Instant::now();
             map.retain(|_, (_, until)| now < *until);
             if map.len() >= MAX_NAMES {
-                map.clear();
+                let some: Vec<String> = map.keys().take(MAX_NAMES / 8).cloned().collect();
+                for k in some {
+                    map.remove(&k);
+                }
             }
         }
         map.insert(lower(host).into_owned(), (addrs.to_vec(), until));
@@ -214,6 +224,7 @@ impl Resolver {
             }
             Lookup::System => (Box::pin(lookup(host, port, timeout)).await?, None),
         };
+        let addrs = capped(addrs);
         if cached {
             // The records' own time (hickory's answer), at most the cap;
             // getaddrinfo tells none: the cap (a year at most, so that
@@ -388,6 +399,19 @@ pub fn ip_literal(host: &str) -> Option<IpAddr> {
 
 /// Resolves `host:port` with getaddrinfo (uncached; IP literals are
 /// answered before it, by [`Resolver::resolve`]).
+/// The first [`MAX_ADDRS_PER_FAMILY`] addresses of each family, in order.
+fn capped(mut addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    if addrs.len() > MAX_ADDRS_PER_FAMILY {
+        let mut seen = [0; 2];
+        addrs.retain(|a| {
+            let n = &mut seen[usize::from(a.is_ipv6())];
+            *n += 1;
+            *n <= MAX_ADDRS_PER_FAMILY
+        });
+    }
+    addrs
+}
+
 async fn lookup(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAddr>, ProxyError> {
     let bare = unbracketed(host);
     let lookup = tokio::net::lookup_host((bare, port));
@@ -504,7 +528,7 @@ mod tests {
         assert!(answers.get("soon.example", 80).is_some());
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(answers.get("soon.example", 80), None, "expired");
-        // Full: the expired go first; full of live ones, all go.
+        // Full: the expired go first; full of live ones, an eighth.
         for i in 0..MAX_NAMES - 3 {
             answers.put(&format!("n{i}"), &[a], now);
         }
@@ -519,8 +543,35 @@ mod tests {
             answers.put(&format!("n{i}"), &[a], now + Duration::from_secs(60));
         }
         answers.put("last.example", &[a], now + Duration::from_secs(60));
-        assert_eq!(answers.len(), 1);
+        assert_eq!(answers.len(), MAX_NAMES - MAX_NAMES / 8 + 1);
         assert!(answers.get("last.example", 80).is_some());
+    }
+
+    #[test]
+    fn a_huge_answer_is_cut_to_its_first_addresses_of_each_family() {
+        let v4 =
+            (0..4000u32).map(|i| SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + i), 80)));
+        let v6 = (0..100u16).map(|i| {
+            SocketAddr::from((std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i), 80))
+        });
+        let all: Vec<SocketAddr> = v4
+            .clone()
+            .take(10)
+            .chain(v6.clone())
+            .chain(v4.clone().skip(10))
+            .collect();
+        let got = capped(all);
+        let want: Vec<SocketAddr> = v4
+            .clone()
+            .take(10)
+            .chain(v6.take(MAX_ADDRS_PER_FAMILY))
+            .chain(v4.skip(10).take(MAX_ADDRS_PER_FAMILY - 10))
+            .collect();
+        assert_eq!(got, want);
+        let few: Vec<SocketAddr> = (0..3u32)
+            .map(|i| SocketAddr::from((std::net::Ipv4Addr::from(i), 1)))
+            .collect();
+        assert_eq!(capped(few.clone()), few);
     }
 
     #[test]

@@ -1428,7 +1428,11 @@ mod tests {
         drop(resp);
         assert_eq!(all(&mut body).await.unwrap(), b"hello");
         let conn = body.take_conn().expect("reusable");
-        assert!(conn.buf.capacity() <= 2 * READ_SIZE, "{}", conn.buf.capacity());
+        assert!(
+            conn.buf.capacity() <= 2 * READ_SIZE,
+            "{}",
+            conn.buf.capacity()
+        );
         assert!(conn.buf.capacity() >= READ_SIZE);
     }
 
