@@ -194,13 +194,23 @@ impl Metadata {
             for (_, addrs) in by_mac {
                 out.extend(addrs);
             }
-            return Ok(out);
-        }
-        for want in &self.macs {
-            match by_mac.iter().find(|(m, _)| m == want) {
-                Some((_, addrs)) => out.extend(addrs.iter().copied()),
-                None => return Err(MetadataError::NoMac(format_mac(want))),
+        } else {
+            for want in &self.macs {
+                match by_mac.iter().find(|(m, _)| m == want) {
+                    Some((_, addrs)) => out.extend(addrs.iter().copied()),
+                    None => return Err(MetadataError::NoMac(format_mac(want))),
+                }
             }
+        }
+        // An instance's interfaces always hold an address: none listed is
+        // a glitch of the service (a 404 or an empty list for a moment, as
+        // an interface is attached), which keeps the last good addresses
+        // rather than empty the pool until the next refresh.
+        if out.is_empty() {
+            return Err(MetadataError::Invalid {
+                url: self.endpoint.clone(),
+                what: "no address listed for the interfaces read".into(),
+            });
         }
         Ok(out)
     }
@@ -319,6 +329,8 @@ impl Metadata {
     }
 
     fn aws(&self) -> Result<Interfaces, MetadataError> {
+        // One bound for every list of every interface, as for a pool file.
+        let mut room = MAX_READ_ENTRIES;
         let base = "/latest/meta-data/network/interfaces/macs/";
         let list = self.aws_get(base)?.ok_or_else(|| self.missing(base))?;
         let mut out = Vec::new();
@@ -336,7 +348,7 @@ impl Metadata {
             for list in ["local-ipv4s", "ipv6s"] {
                 let path = format!("{base}{mac_text}/{list}");
                 if let Some(body) = self.aws_get(&path)? {
-                    addrs.extend(self.specs(&body, &path)?);
+                    addrs.extend(self.specs(&body, &path, &mut room)?);
                 }
             }
             out.push((mac, addrs));
@@ -345,6 +357,8 @@ impl Metadata {
     }
 
     fn gcp(&self) -> Result<Interfaces, MetadataError> {
+        // One bound for every list of every interface, as for a pool file.
+        let mut room = MAX_READ_ENTRIES;
         let h = [("Metadata-Flavor", "Google")];
         let base = "/computeMetadata/v1/instance/network-interfaces/";
         let list = self.get(base, &h)?.ok_or_else(|| self.missing(base))?;
@@ -361,7 +375,7 @@ impl Metadata {
             for list in ["ip", "ip-aliases/", "ipv6s"] {
                 let path = format!("{base}{i}/{list}");
                 if let Some(body) = self.get(&path, &h)? {
-                    addrs.extend(self.specs(&body, &path)?);
+                    addrs.extend(self.specs(&body, &path, &mut room)?);
                 }
             }
             out.push((mac, addrs));
@@ -370,6 +384,8 @@ impl Metadata {
     }
 
     fn azure(&self) -> Result<Interfaces, MetadataError> {
+        // One bound for every list of every interface, as for a pool file.
+        let mut room = MAX_READ_ENTRIES;
         let path = "/metadata/instance/network?api-version=2021-02-01";
         let body = self
             .get(path, &[("Metadata", "true")])?
@@ -395,7 +411,7 @@ impl Metadata {
             for family in ["ipv4", "ipv6"] {
                 for a in iface[family]["ipAddress"].as_array().into_iter().flatten() {
                     if let Some(ip) = a["privateIpAddress"].as_str().filter(|s| !s.is_empty()) {
-                        addrs.extend(self.specs(ip, path)?);
+                        addrs.extend(self.specs(ip, path, &mut room)?);
                     }
                 }
             }
@@ -439,17 +455,22 @@ impl Metadata {
         })
     }
 
-    /// One address or CIDR a line (GCP's aliases are CIDRs).
-    fn specs(&self, body: &str, path: &str) -> Result<Vec<Segment>, MetadataError> {
+    /// One address or CIDR a line (GCP's aliases are CIDRs), at most
+    /// `room` entries (taken from it).
+    fn specs(
+        &self,
+        body: &str,
+        path: &str,
+        room: &mut usize,
+    ) -> Result<Vec<Segment>, MetadataError> {
         let mut out = Vec::new();
         for line in lines(body) {
-            parse_spec_into(line, &mut out, MAX_READ_ENTRIES).map_err(|source| {
-                MetadataError::Spec {
-                    url: format!("{}{path}", self.endpoint),
-                    source,
-                }
+            parse_spec_into(line, &mut out, *room).map_err(|source| MetadataError::Spec {
+                url: format!("{}{path}", self.endpoint),
+                source,
             })?;
         }
+        *room -= out.len();
         Ok(out)
     }
 }
@@ -601,6 +622,49 @@ mod tests {
                 "127.0.1.3"
             ]
         );
+    }
+
+    /// Interfaces that list no address (404s, empty lists) are a glitch:
+    /// an error, which keeps the last good addresses, not an empty pool.
+    /// And one bound holds for every list together.
+    #[test]
+    fn no_address_listed_is_an_error_and_the_bound_covers_every_list() {
+        let url = fake(|_, path, _| {
+            let base = "/computeMetadata/v1/instance/network-interfaces/";
+            match path.strip_prefix(base).unwrap_or("") {
+                "" => (200, "0/\n".into()),
+                "0/mac" => (200, MAC1.into()),
+                "0/ip" => (200, String::new()),
+                _ => (404, String::new()),
+            }
+        });
+        let err = Metadata::new(Provider::Gcp, Some(&url), vec![])
+            .read()
+            .unwrap_err();
+        assert!(err.to_string().contains("no address listed"), "{err}");
+        let url = fake(|_, _, _| {
+            (200, r#"{"interface":[{"macAddress":"02FC00000001","ipv4":{"ipAddress":[]},"ipv6":{"ipAddress":[]}}]}"#.into())
+        });
+        let err = Metadata::new(Provider::Azure, Some(&url), vec![])
+            .read()
+            .unwrap_err();
+        assert!(err.to_string().contains("no address listed"), "{err}");
+        // Two lists of 40 /16s each: 2.6 M entries apiece, 5.2 M together.
+        let sixteens: String = (0..40).map(|i| format!("10.{i}.0.0/16\n")).collect();
+        let url = fake(move |_, path, _| {
+            let base = "/computeMetadata/v1/instance/network-interfaces/";
+            match path.strip_prefix(base).unwrap_or("") {
+                "" => (200, "0/\n".into()),
+                "0/mac" => (200, MAC1.into()),
+                "0/ip" => (200, "127.0.0.2".into()),
+                "0/ip-aliases/" | "0/ipv6s" => (200, sixteens.clone()),
+                _ => (404, String::new()),
+            }
+        });
+        match Metadata::new(Provider::Gcp, Some(&url), vec![]).read() {
+            Err(err) => assert!(matches!(err, MetadataError::Spec { .. }), "{err}"),
+            Ok(read) => panic!("{} entries read", read.len()),
+        }
     }
 
     #[test]
