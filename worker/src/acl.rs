@@ -96,9 +96,13 @@ pub const DEFAULT_DENY: &[&str] = &[
     "::/128",          // unspecified
     "::1/128",         // loopback
     "100::/64",        // discard-only
+    "2001::/32",       // Teredo (a relay's tunnel to an IPv4 host)
     "2001:2::/48",     // benchmarking
+    "2001:10::/28",    // ORCHID (deprecated)
+    "2001:20::/28",    // ORCHIDv2: identifiers, not locators
     "2001:db8::/32",   // documentation
     "3fff::/20",       // documentation (RFC 9637)
+    "5f00::/16",       // SRv6 segment identifiers (RFC 9602)
     "64:ff9b:1::/48",  // local-use NAT64
     "fc00::/7",        // unique-local, incl. fd00:ec2::254 (cloud metadata)
     "fe80::/10",       // link-local
@@ -327,6 +331,10 @@ mod tests {
             "2001:2::1",
             "2001:db8::1",
             "3fff::1",
+            "5f00::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "2001:10::1",
+            "2001:2f::1",
             "64:ff9b:1::1",
             "fc00::1",
             "fd00:ec2::254",
@@ -363,6 +371,8 @@ mod tests {
             "198.17.255.255",
             "2606:4700::1111",
             "2a00:1450::1",
+            "2001:4860:4860::8888",
+            "2001:200::1",
             "::ffff:8.8.8.8",
             "64:ff9b::808:808",
             "2002:0808:0808::1",
