@@ -58,6 +58,10 @@ async fn allowed_ranges_and_denied_ports() {
         "the port rule applies inside an allowed range"
     );
     assert!(String::from_utf8_lossy(&r.body).contains("port"));
+    // Before any lookup: a name that does not resolve gets the same 403.
+    let r = get(worker.addr, &format!("http://no-such-host.invalid:{port}/")).await;
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    assert!(String::from_utf8_lossy(&r.body).contains("port"));
 
     let open = Worker::start_exactly(
         &alloc.socket,

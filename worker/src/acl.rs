@@ -188,6 +188,15 @@ impl Acl {
         Acl::new(Vec::new(), Vec::new(), DEFAULT_DENY_PORTS.to_vec())
     }
 
+    /// Whether the port rules let a connection to `port` through (the
+    /// address is checked with it again).
+    pub fn check_port(&self, port: u16) -> Result<(), Denied> {
+        match self.deny_ports.contains(&port) {
+            true => Err(Denied::Port(port)),
+            false => Ok(()),
+        }
+    }
+
     /// Whether the proxy may connect to `dest`, by the rules alone.
     pub fn check(&self, dest: SocketAddr) -> Result<Allowed, Denied> {
         Ok(match self.decide(dest)? {
@@ -200,9 +209,7 @@ impl Acl {
     /// operator's allow let it through (a form there is not counts as
     /// allowed explicitly).
     fn decide(&self, dest: SocketAddr) -> Result<[bool; 2], Denied> {
-        if self.deny_ports.contains(&dest.port()) {
-            return Err(Denied::Port(dest.port()));
-        }
+        self.check_port(dest.port())?;
         // An address is checked as itself and as every IPv4 address it
         // embeds, so ::ffff:127.0.0.1 or 64:ff9b::a9fe:a9fe are no way around
         // a rule. Each form is decided on its own: the operator's narrowest

@@ -649,6 +649,13 @@ impl Proxy {
         port: u16,
         sticky: Option<&Sticky>,
     ) -> Result<(Vec<SocketAddr>, Granted), ProxyError> {
+        // A denied port is refused before the name is looked up: no lookup
+        // made for nothing, and the answer does not tell whether the name
+        // exists.
+        self.config
+            .acl
+            .check_port(port)
+            .map_err(ProxyError::Denied)?;
         let addrs = self
             .dns
             .resolve(host, port, self.config.connect_timeout)
