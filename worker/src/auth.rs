@@ -18,7 +18,11 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::Argon2;
 use base64::Engine;
 
-/// How long a verified credential is trusted without a new argon2 check.
+/// How long a verified credential is trusted without a new argon2 check
+/// after its last use (a user in use is never checked again until the
+/// users file changes: under a flood of wrong passwords, which keeps every
+/// argon2 slot busy, a check every 5 min made each active user wait 2 s
+/// for a slot and get 503).
 const REMEMBER: Duration = Duration::from_secs(300);
 /// Most remembered credentials; past it the memory is cleared.
 const REMEMBER_MAX: usize = 10_000;
@@ -400,11 +404,17 @@ impl Auth {
         Ok(slot)
     }
 
+    /// The user of remembered credentials (used now: their time starts
+    /// over).
     fn remembered(&self, key: &[u8; 32], generation: u64) -> Option<String> {
-        let mem = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
-        mem.get(key)
-            .filter(|r| r.at.elapsed() < REMEMBER && r.generation == generation)
-            .map(|r| r.user.clone())
+        let mut mem = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+        let r = mem.get_mut(key)?;
+        let now = Instant::now();
+        if now.duration_since(r.at) >= REMEMBER || r.generation != generation {
+            return None;
+        }
+        r.at = now;
+        Some(r.user.clone())
     }
 
     fn verify(&self, users: &Users, user: &str, password: &str) -> bool {
@@ -540,6 +550,41 @@ mod tests {
             auth.check(Some(&basic("bob", "pw")), LOCAL).await,
             Ok("bob".into())
         );
+    }
+
+    /// Credentials in use stay remembered past `REMEMBER` from their
+    /// check (each use starts it over): with every argon2 slot taken by a
+    /// flood, a user in use still passes; one idle for `REMEMBER` is
+    /// checked again.
+    #[tokio::test]
+    async fn credentials_in_use_stay_remembered() {
+        let (_dir, auth) = alice();
+        assert_eq!(
+            auth.check(Some(&basic("alice", "pw")), LOCAL).await,
+            Ok("alice".into())
+        );
+        let age = |auth: &Auth, by: Duration| {
+            let mut mem = auth.remembered.lock().unwrap();
+            let r = mem.values_mut().next().unwrap();
+            r.at -= by;
+        };
+        let _flood = hold_every_slot(&auth).await;
+        for _ in 0..3 {
+            // Used within REMEMBER each time, REMEMBER long ago in all.
+            age(&auth, REMEMBER - Duration::from_secs(1));
+            assert_eq!(
+                auth.check(Some(&basic("alice", "pw")), LOCAL).await,
+                Ok("alice".into())
+            );
+        }
+        age(&auth, REMEMBER);
+        let started = Instant::now();
+        assert_eq!(
+            auth.check(Some(&basic("alice", "pw")), LOCAL).await,
+            Err(AuthError::Busy),
+            "idle for REMEMBER: checked again, and every slot is taken"
+        );
+        assert!(started.elapsed() >= VERIFY_WAIT);
     }
 
     /// A check in flight when the users file drops its user (it waited for
