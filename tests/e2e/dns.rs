@@ -96,6 +96,43 @@ async fn answers_are_kept_for_their_ttl_and_then_asked_again() {
     assert_eq!(m.dns.queries_for("long.rotor.test"), 1);
 }
 
+/// A server that never answers AAAA queries costs a name a moment, not
+/// the resolver's timeout (5 s a try) or a 504; the answer is asked for
+/// again soon (its AAAA may have been lost once), unlike a name that has
+/// no AAAA records, which keeps its answer for the records' time.
+#[tokio::test]
+async fn a_server_that_drops_aaaa_queries_costs_a_moment() {
+    let m = Moving::start([127, 0, 0, 20]).await;
+    m.dns
+        .set("v4only.rotor.test", Ipv4Addr::new(127, 0, 0, 1), 3600);
+    m.dns
+        .set("dropped.rotor.test", Ipv4Addr::new(127, 0, 0, 1), 3600);
+    let mut conn = ProxyConn::open(m.worker.addr).await;
+    let url = |name: &str| format!("http://{name}.rotor.test:{}/", m.port);
+    assert_eq!(conn.get(&url("v4only")).await.status, 200);
+    m.dns
+        .silent_aaaa
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let started = std::time::Instant::now();
+    let r = conn.get(&url("dropped")).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for name in ["v4only", "dropped"] {
+        assert_eq!(conn.get(&url(name)).await.status, 200);
+    }
+    assert_eq!(
+        m.dns.queries_for("v4only.rotor.test"),
+        1,
+        "no AAAA records: kept"
+    );
+    assert_eq!(m.first.count(), 4);
+}
+
 #[tokio::test]
 async fn a_name_that_does_not_exist_is_a_clear_502() {
     let dns = Dns::start().await;

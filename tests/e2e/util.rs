@@ -755,11 +755,14 @@ pub fn status_json(socket: &Path) -> serde_json::Value {
 
 /// A DNS server on loopback UDP that answers A queries from a table the
 /// test sets (name → address and TTL), and counts the A queries per name.
-/// AAAA queries for a known name get no records; unknown names NXDOMAIN.
+/// AAAA queries for a known name get no records (or, once `silent_aaaa`
+/// is set, no answer at all, as some middleboxes do); unknown names
+/// NXDOMAIN.
 pub struct Dns {
     pub addr: SocketAddr,
     pub answers: Arc<Mutex<std::collections::HashMap<String, (std::net::Ipv4Addr, u32)>>>,
     pub queries: Arc<Mutex<std::collections::HashMap<String, usize>>>,
+    pub silent_aaaa: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Dns {
@@ -768,14 +771,16 @@ impl Dns {
         let addr = sock.local_addr().unwrap();
         let answers: Arc<Mutex<std::collections::HashMap<_, _>>> = Arc::default();
         let queries: Arc<Mutex<std::collections::HashMap<_, _>>> = Arc::default();
-        let (a, q) = (answers.clone(), queries.clone());
+        let silent_aaaa: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let (a, q, silent) = (answers.clone(), queries.clone(), silent_aaaa.clone());
         tokio::spawn(async move {
             let mut buf = [0u8; 1500];
             loop {
                 let Ok((n, from)) = sock.recv_from(&mut buf).await else {
                     return;
                 };
-                if let Some(reply) = dns_answer(&buf[..n], &a, &q) {
+                let silent = silent.load(std::sync::atomic::Ordering::Relaxed);
+                if let Some(reply) = dns_answer(&buf[..n], &a, &q, silent) {
                     let _ = sock.send_to(&reply, from).await;
                 }
             }
@@ -784,6 +789,7 @@ impl Dns {
             addr,
             answers,
             queries,
+            silent_aaaa,
         }
     }
 
@@ -804,6 +810,7 @@ fn dns_answer(
     q: &[u8],
     answers: &Mutex<std::collections::HashMap<String, (std::net::Ipv4Addr, u32)>>,
     queries: &Mutex<std::collections::HashMap<String, usize>>,
+    silent_aaaa: bool,
 ) -> Option<Vec<u8>> {
     if q.len() < 12 || u16::from_be_bytes([q[4], q[5]]) != 1 {
         return None;
@@ -824,6 +831,9 @@ fn dns_answer(
         i += len;
     }
     let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
+    if qtype == 28 && silent_aaaa {
+        return None;
+    }
     let question_end = i + 4;
     if q.len() < question_end {
         return None;

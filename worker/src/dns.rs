@@ -27,9 +27,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use foldhash::HashMap;
-use hickory_resolver::config::{
-    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolveHosts, ResolverConfig,
-};
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
 use tracing::warn;
@@ -69,9 +67,10 @@ const MAX_ADDRS_PER_FAMILY: usize = 16;
 /// Records the DNS resolver's cache keeps.
 const DNS_CACHE_RECORDS: u64 = 10_000;
 
-/// The longest an answer of one address family is kept when both were
-/// asked for: the other family may have failed (a timeout, SERVFAIL) rather
-/// than have no records, and the resolver does not say which.
+/// The longest an answer of one address family is kept when the other
+/// family's lookup failed (a timeout, SERVFAIL) or did not come within
+/// [`ONE_FAMILY_WAIT`], rather than found no records: it may have records
+/// the next lookup finds.
 const ONE_FAMILY_TTL: Duration = Duration::from_secs(2);
 
 /// A worker's resolved names: lower-cased name → (addresses, until when).
@@ -252,12 +251,11 @@ impl Resolver {
             false => host.to_string(),
         };
         // (`within`: a slow lookup has the fast path watch its client.)
-        let lookup = match crate::h1::within(timeout, resolver.lookup_ip(name.as_str()))
+        let (v4, v6) = match crate::h1::within(timeout, both_families(resolver, &name))
             .await
             .ok_or(())
         {
-            Ok(Ok(l)) => l,
-            Ok(Err(e)) => return Err(dns_error(host, e, timeout)),
+            Ok(answers) => answers,
             Err(_) => {
                 return Err(ProxyError::DnsTimeout {
                     host: host.to_string(),
@@ -265,24 +263,93 @@ impl Resolver {
                 })
             }
         };
-        let addrs: Vec<SocketAddr> = lookup
-            .iter()
-            .map(|ip: IpAddr| SocketAddr::new(ip.to_canonical(), port))
-            .collect();
+        let now = Instant::now();
+        let mut addrs = Vec::new();
+        let mut until: Option<Instant> = None;
+        // Why a family gave no address: `None` if it had records, or none
+        // (so the answer of the other is good for its whole time).
+        let mut failed: Option<hickory_resolver::net::NetError> = None;
+        let mut one_family_only = false;
+        for answer in [v4, v6] {
+            match answer {
+                Some(Ok(lookup)) => {
+                    let lookup = hickory_resolver::lookup_ip::LookupIp::from(lookup);
+                    addrs.extend(
+                        lookup
+                            .iter()
+                            .map(|ip| SocketAddr::new(ip.to_canonical(), port)),
+                    );
+                    until =
+                        Some(until.map_or(lookup.valid_until(), |u| u.min(lookup.valid_until())));
+                }
+                Some(Err(e)) if e.is_no_records_found() => {}
+                Some(Err(e)) => {
+                    one_family_only = true;
+                    failed = failed.or(Some(e));
+                }
+                // Not answered within ONE_FAMILY_WAIT of the other.
+                None => one_family_only = true,
+            }
+        }
         if addrs.is_empty() {
-            return Err(ProxyError::DnsEmpty {
-                host: host.to_string(),
+            return Err(match failed {
+                Some(e) => dns_error(host, e, timeout),
+                None => ProxyError::DnsEmpty {
+                    host: host.to_string(),
+                },
             });
         }
-        // Good for the records' time; an answer of one family (both were
-        // asked for) for ONE_FAMILY_TTL at most.
-        let one_family = addrs.iter().all(|a| a.is_ipv4() == addrs[0].is_ipv4());
-        let until = match one_family {
-            true => lookup.valid_until().min(Instant::now() + ONE_FAMILY_TTL),
-            false => lookup.valid_until(),
+        // Good for the records' time; with the other family failed or not
+        // come (rather than known to have none), for ONE_FAMILY_TTL at most.
+        let until = until.unwrap_or(now);
+        let until = match one_family_only {
+            true => until.min(now + ONE_FAMILY_TTL),
+            false => until,
         };
         Ok((addrs, until))
     }
+}
+
+/// How long a name's other family is waited for once one family answered
+/// with addresses (RFC 8305's resolution delay is 50 ms): a server that
+/// never answers AAAA queries (some middleboxes drop them) cost each
+/// lookup the resolver's whole timeout, 5 s a try, and a 504 when the
+/// tries outlasted the connect timeout.
+const ONE_FAMILY_WAIT: Duration = Duration::from_millis(100);
+
+/// The A and the AAAA lookups of `name`, asked at once; `None` for a
+/// family not answered within [`ONE_FAMILY_WAIT`] of the other's
+/// addresses.
+async fn both_families(
+    resolver: &TokioResolver,
+    name: &str,
+) -> (
+    Option<Result<hickory_resolver::lookup::Lookup, hickory_resolver::net::NetError>>,
+    Option<Result<hickory_resolver::lookup::Lookup, hickory_resolver::net::NetError>>,
+) {
+    let v4 = resolver.ipv4_lookup(name);
+    let v6 = resolver.ipv6_lookup(name);
+    tokio::pin!(v4, v6);
+    let (mut a, mut b) = (None, None);
+    while a.is_none() || b.is_none() {
+        let answered = |r: &Option<Result<_, _>>| matches!(r, Some(Ok(_)));
+        if answered(&a) || answered(&b) {
+            // One family has addresses: the other gets a moment more.
+            let rest = async {
+                match a.is_none() {
+                    true => a = Some(v4.as_mut().await),
+                    false => b = Some(v6.as_mut().await),
+                }
+            };
+            let _ = tokio::time::timeout(ONE_FAMILY_WAIT, rest).await;
+            break;
+        }
+        tokio::select! {
+            r = v4.as_mut(), if a.is_none() => a = Some(r),
+            r = v6.as_mut(), if b.is_none() => b = Some(r),
+        }
+    }
+    (a, b)
 }
 
 /// What a failed lookup tells the client: no records (502 `dns_error`,
@@ -363,8 +430,6 @@ fn dns_resolver(
     };
     let opts = builder.options_mut();
     opts.use_hosts_file = ResolveHosts::Always;
-    // Both families, asked at once: the leased address picks.
-    opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
     opts.cache_size = if max_ttl.is_zero() {
         0
     } else {
