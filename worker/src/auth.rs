@@ -63,6 +63,11 @@ pub enum AuthError {
 
 struct Users {
     hashes: HashMap<String, String>,
+    /// What an unknown user's password is checked against: a hash with
+    /// the parameters most of the file's hashes have, so it costs what a
+    /// known user's check costs (a decoy of the default parameters beside
+    /// users hashed with m=64 MiB, t=3 told who exists by the time taken).
+    decoy: String,
 }
 
 /// A remembered credential: who, when, and for which users file.
@@ -85,8 +90,6 @@ pub struct Auth {
     /// argon2 checks cost ~20 MiB and milliseconds each: at most this many
     /// at once.
     verifying: Arc<tokio::sync::Semaphore>,
-    /// Checked against when the user does not exist, to cost the same.
-    decoy: String,
     /// Digests of credentials that failed, and when (at most REMEMBER_MAX;
     /// cleared with the users on reload).
     failed: Mutex<HashMap<[u8; 32], (Instant, u64)>>,
@@ -126,6 +129,8 @@ fn load(path: &Path) -> Result<Users, UsersError> {
     // A byte-order mark (an editor's) is no part of the first user's name.
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut hashes = HashMap::new();
+    // How many hashes have each set of parameters.
+    let mut counts: HashMap<ParamKey, (usize, argon2::Params)> = HashMap::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -138,21 +143,51 @@ fn load(path: &Path) -> Result<Users, UsersError> {
         // argon2id alone: another scheme's hash (`$scrypt$`, `$argon2i$`)
         // could never pass, and would fail faster than the decoy check,
         // telling who the user is.
-        match PasswordHash::new(hash) {
-            Ok(h) if h.algorithm == argon2::Algorithm::Argon2id.ident() => {}
+        // With a salt and a digest: without them it could never pass, and
+        // would fail at once.
+        let params = match PasswordHash::new(hash) {
+            Ok(h)
+                if h.algorithm == argon2::Algorithm::Argon2id.ident()
+                    && h.salt.is_some()
+                    && h.hash.is_some() =>
+            {
+                argon2::Params::try_from(&h).map_err(|_| UsersError::Hash(path.into(), n + 1))?
+            }
             _ => return Err(UsersError::Hash(path.into(), n + 1)),
-        }
+        };
+        counts.entry(param_key(&params)).or_insert((0, params)).0 += 1;
         hashes.insert(user.to_string(), hash.to_string());
     }
-    Ok(Users { hashes })
+    let params = counts
+        .into_values()
+        .max_by_key(|(count, p)| (*count, param_key(p)))
+        .map(|(_, p)| p)
+        .unwrap_or_default();
+    Ok(Users {
+        hashes,
+        decoy: hash_with("rotor decoy password", params),
+    })
+}
+
+/// The parameters of an argon2 hash that set its cost (memory, passes,
+/// lanes, digest length), as a key.
+type ParamKey = (u32, u32, u32, usize);
+
+fn param_key(p: &argon2::Params) -> ParamKey {
+    let len = p.output_len().unwrap_or(argon2::Params::DEFAULT_OUTPUT_LEN);
+    (p.m_cost(), p.t_cost(), p.p_cost(), len)
 }
 
 /// A PHC argon2id hash of `password` with a fresh random salt.
 pub fn hash_password(password: &str) -> String {
+    hash_with(password, argon2::Params::default())
+}
+
+fn hash_with(password: &str, params: argon2::Params) -> String {
     let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
-    Argon2::default()
+    Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
         .hash_password(password.as_bytes(), &salt)
-        .expect("argon2 with default parameters hashes any password")
+        .expect("argon2 hashes any password with parameters a hash had")
         .to_string()
 }
 
@@ -176,7 +211,6 @@ impl Auth {
             generation: Default::default(),
             remembered: Mutex::new(HashMap::new()),
             verifying: Arc::new(tokio::sync::Semaphore::new(cpus)),
-            decoy: hash_password("rotor decoy password"),
             failed: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
         }))
@@ -420,7 +454,7 @@ impl Auth {
     fn verify(&self, users: &Users, user: &str, password: &str) -> bool {
         let (hash, known) = match users.hashes.get(user) {
             Some(h) => (h.as_str(), true),
-            None => (self.decoy.as_str(), false),
+            None => (users.decoy.as_str(), false),
         };
         let Ok(parsed) = PasswordHash::new(hash) else {
             return false;
@@ -437,8 +471,10 @@ impl Auth {
 fn digest(user: &str, password: &str) -> [u8; 32] {
     use blake2::Digest;
     let mut h = blake2::Blake2s256::new();
+    // The user's length first: `user\0password` was the same bytes for
+    // "a\0b":"c" and "a":"b\0c".
+    h.update((user.len() as u64).to_le_bytes());
     h.update(user.as_bytes());
-    h.update([0u8]);
     h.update(password.as_bytes());
     h.finalize().into()
 }
@@ -549,6 +585,39 @@ mod tests {
         assert_eq!(
             auth.check(Some(&basic("bob", "pw")), LOCAL).await,
             Ok("bob".into())
+        );
+    }
+
+    /// An unknown user is checked against a hash of the parameters most
+    /// of the file's users have (so it costs what theirs do), and a hash
+    /// with no salt or digest, which could never pass, is refused.
+    #[test]
+    fn the_decoy_costs_what_the_users_hashes_cost() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        let cheap = argon2::Params::new(8192, 1, 1, None).unwrap();
+        let lines: String = ["a", "b"]
+            .iter()
+            .map(|u| format!("{u}:{}\n", hash_with("pw", cheap.clone())))
+            .chain([format!("c:{}\n", hash_password("pw"))])
+            .collect();
+        std::fs::write(&path, lines).unwrap();
+        let users = load(&path).unwrap();
+        let decoy = PasswordHash::new(&users.decoy).unwrap();
+        assert_eq!(
+            param_key(&argon2::Params::try_from(&decoy).unwrap()),
+            param_key(&cheap)
+        );
+        let no_digest = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ";
+        std::fs::write(&path, format!("a:{no_digest}\n")).unwrap();
+        assert!(matches!(load(&path), Err(UsersError::Hash(_, 1))));
+        // No users: the defaults.
+        std::fs::write(&path, "# none\n").unwrap();
+        let decoy = load(&path).unwrap().decoy;
+        let decoy = PasswordHash::new(&decoy).unwrap();
+        assert_eq!(
+            param_key(&argon2::Params::try_from(&decoy).unwrap()),
+            param_key(&argon2::Params::default())
         );
     }
 
