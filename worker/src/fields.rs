@@ -137,6 +137,10 @@ impl Fields {
             }
             written.date |= name.eq_ignore_ascii_case(b"date");
             written.content_length |= length;
+            // (The length first: one comparison for most fields.)
+            if name.len() == 13 && name.eq_ignore_ascii_case(b"authorization") {
+                written.connection_auth |= authenticates_connection(value);
+            }
             out.put_slice(name);
             out.put_slice(b": ");
             out.put_slice(value);
@@ -212,6 +216,21 @@ pub struct Written {
     pub date: bool,
     /// A `Content-Length` was there (written only with the framing).
     pub content_length: bool,
+    /// An `Authorization` of a scheme that authenticates the connection,
+    /// not the request (NTLM, Negotiate): a server takes the requests
+    /// that follow on it for that user's, so it is no other client's.
+    pub connection_auth: bool,
+}
+
+/// Whether an `Authorization` value is of a scheme that authenticates
+/// its connection (NTLM, Negotiate: Kerberos or NTLM inside SPNEGO).
+fn authenticates_connection(value: &[u8]) -> bool {
+    let scheme = value
+        .trim_ascii_start()
+        .split(|&b| b == b' ')
+        .next()
+        .unwrap_or(b"");
+    scheme.eq_ignore_ascii_case(b"ntlm") || scheme.eq_ignore_ascii_case(b"negotiate")
 }
 
 impl Wire {

@@ -177,7 +177,7 @@ impl Conn {
         // room kept with the connection), and the buffer emptied again for
         // the response once it went.
         buf.clear();
-        encode_head(&mut buf, head, fields, sending);
+        let private = encode_head(&mut buf, head, fields, sending);
         let timed_out = |writing| Error::Timeout {
             writing,
             after: wait,
@@ -336,7 +336,13 @@ impl Conn {
             });
             AbortOnDrop(task.abort_handle())
         });
-        let reusable = !early && framing != Framing::Close && version == Version::HTTP_11 && !close;
+        // A connection NTLM or Negotiate authenticated is the client's
+        // alone: not pooled for others (as HAProxy's private connections).
+        let reusable = !early
+            && !private
+            && framing != Framing::Close
+            && version == Version::HTTP_11
+            && !close;
         let head = ResponseHead {
             status,
             version,
@@ -533,20 +539,28 @@ enum Sending {
 /// `METHOD target HTTP/1.1`, then the fields, then the framing `sending`
 /// says (the head's own `Content-Length` and `Transfer-Encoding` are not
 /// written).
-fn encode_head(out: &mut impl BufMut, head: &request::Parts, fields: &Fields, sending: Sending) {
+/// Whether the request authenticates its connection (see
+/// `Written::connection_auth`).
+fn encode_head(
+    out: &mut impl BufMut,
+    head: &request::Parts,
+    fields: &Fields,
+    sending: Sending,
+) -> bool {
     out.put_slice(head.method.as_str().as_bytes());
     out.put_u8(b' ');
     let target = head.uri.path_and_query().map_or("/", |p| p.as_str());
     out.put_slice(target.as_bytes());
     out.put_slice(b" HTTP/1.1\r\n");
-    let told = fields.encode(out, false).content_length;
+    let written = fields.encode(out, false);
     match sending {
-        Sending::None if !told => {}
+        Sending::None if !written.content_length => {}
         Sending::None => encode_content_length(out, 0),
         Sending::Length(n) => encode_content_length(out, n),
         Sending::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
     }
     out.put_slice(b"\r\n");
+    written.connection_auth
 }
 
 /// `content-length: N`, its line.
@@ -1410,6 +1424,31 @@ mod tests {
         assert_eq!(all(&mut body).await.unwrap(), b"nop");
         let seen = origin.await.unwrap();
         assert!(seen[0].starts_with(b"GET /p?q=1 HTTP/1.1\r\nhost: example.test\r\n\r\n"));
+    }
+
+    /// A connection a request authenticated with NTLM or Negotiate is not
+    /// given back for others; one with Basic (per request) is.
+    #[tokio::test]
+    async fn a_connection_authenticated_by_ntlm_is_not_pooled() {
+        for (value, pooled) in [
+            ("NTLM TlRMTVNTUAADAAAA", false),
+            ("  negotiate YIIB", false),
+            ("Basic YTpi", true),
+            ("NTLMish x", true),
+        ] {
+            let (conn, _origin) = origin(vec![(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                1,
+                false,
+            )])
+            .await;
+            let mut req = get(Method::GET);
+            req.headers
+                .insert("authorization", HeaderValue::from_static(value));
+            let (_, mut body) = send(conn, &req).await.unwrap();
+            assert_eq!(all(&mut body).await.unwrap(), b"ok");
+            assert_eq!(body.take_conn().is_some(), pooled, "{value}");
+        }
     }
 
     /// A connection whose response head grew its buffer goes back to the
