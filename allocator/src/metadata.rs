@@ -490,6 +490,25 @@ mod tests {
     /// A metadata service on loopback: `answer(method, path, headers)`
     /// gives (status, body); a body of `SLOW` answers after 3 s, one of
     /// `SLOWISH REST` answers REST after 1.2 s.
+    /// A GCP metadata service with one interface (`MAC1`) whose lists
+    /// (`ip`, `ip-aliases/`, `ipv6s`) `list` answers by name; `None`: 404.
+    fn fake_gcp<F>(list: F) -> String
+    where
+        F: Fn(&str) -> Option<String> + Send + 'static,
+    {
+        fake(move |_, path, _| {
+            let base = "/computeMetadata/v1/instance/network-interfaces/";
+            match path.strip_prefix(base).unwrap_or("") {
+                "" => (200, "0/\n".into()),
+                "0/mac" => (200, MAC1.into()),
+                p => match p.strip_prefix("0/").and_then(&list) {
+                    Some(body) => (200, body),
+                    None => (404, String::new()),
+                },
+            }
+        })
+    }
+
     fn fake<F>(answer: F) -> String
     where
         F: Fn(&str, &str, &[(String, String)]) -> (u16, String) + Send + 'static,
@@ -629,15 +648,7 @@ mod tests {
     /// And one bound holds for every list together.
     #[test]
     fn no_address_listed_is_an_error_and_the_bound_covers_every_list() {
-        let url = fake(|_, path, _| {
-            let base = "/computeMetadata/v1/instance/network-interfaces/";
-            match path.strip_prefix(base).unwrap_or("") {
-                "" => (200, "0/\n".into()),
-                "0/mac" => (200, MAC1.into()),
-                "0/ip" => (200, String::new()),
-                _ => (404, String::new()),
-            }
-        });
+        let url = fake_gcp(|list| (list == "ip").then(String::new));
         let err = Metadata::new(Provider::Gcp, Some(&url), vec![])
             .read()
             .unwrap_err();
@@ -651,15 +662,10 @@ mod tests {
         assert!(err.to_string().contains("no address listed"), "{err}");
         // Two lists of 40 /16s each: 2.6 M entries apiece, 5.2 M together.
         let sixteens: String = (0..40).map(|i| format!("10.{i}.0.0/16\n")).collect();
-        let url = fake(move |_, path, _| {
-            let base = "/computeMetadata/v1/instance/network-interfaces/";
-            match path.strip_prefix(base).unwrap_or("") {
-                "" => (200, "0/\n".into()),
-                "0/mac" => (200, MAC1.into()),
-                "0/ip" => (200, "127.0.0.2".into()),
-                "0/ip-aliases/" | "0/ipv6s" => (200, sixteens.clone()),
-                _ => (404, String::new()),
-            }
+        let url = fake_gcp(move |list| match list {
+            "ip" => Some("127.0.0.2".into()),
+            "ip-aliases/" | "ipv6s" => Some(sixteens.clone()),
+            _ => None,
         });
         match Metadata::new(Provider::Gcp, Some(&url), vec![]).read() {
             Err(err) => assert!(matches!(err, MetadataError::Spec { .. }), "{err}"),
@@ -792,18 +798,12 @@ mod tests {
     /// last line could read as another address).
     #[test]
     fn an_answer_past_the_limit_is_an_error() {
-        let url = fake(|_, path, _| {
-            let base = "/computeMetadata/v1/instance/network-interfaces/";
-            match path.strip_prefix(base).unwrap_or("") {
-                "" => (200, "0/\n".into()),
-                "0/mac" => (200, MAC1.into()),
-                "0/ip-aliases/" => {
-                    let mut list = "127.0.0.2\n".repeat((BODY_MAX as usize) / 10);
-                    list.push_str("127.0.0.123\n");
-                    (200, list)
-                }
-                _ => (404, String::new()),
-            }
+        let url = fake_gcp(|list| {
+            (list == "ip-aliases/").then(|| {
+                let mut list = "127.0.0.2\n".repeat((BODY_MAX as usize) / 10);
+                list.push_str("127.0.0.123\n");
+                list
+            })
         });
         let err = Metadata::new(Provider::Gcp, Some(&url), vec![])
             .read()

@@ -45,20 +45,33 @@ impl Moving {
     }
 }
 
+impl Moving {
+    /// `NAME.rotor.test` at the first origin for each (NAME, TTL), and a
+    /// client connection to the worker.
+    async fn serving(&self, names: &[(&str, u32)]) -> ProxyConn {
+        for (name, ttl) in names {
+            self.dns.set(
+                &format!("{name}.rotor.test"),
+                Ipv4Addr::new(127, 0, 0, 1),
+                *ttl,
+            );
+        }
+        ProxyConn::open(self.worker.addr).await
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("http://{name}.rotor.test:{}/", self.port)
+    }
+}
+
 #[tokio::test]
 async fn answers_are_kept_for_their_ttl_and_then_asked_again() {
     let m = Moving::start([127, 0, 0, 20]).await;
     // (3 s: the three requests fit in it on a loaded machine)
-    m.dns
-        .set("short.rotor.test", Ipv4Addr::new(127, 0, 0, 1), 3);
-    m.dns
-        .set("long.rotor.test", Ipv4Addr::new(127, 0, 0, 1), 3600);
-    let mut conn = ProxyConn::open(m.worker.addr).await;
+    let mut conn = m.serving(&[("short", 3), ("long", 3600)]).await;
     for name in ["short", "long"] {
         for _ in 0..3 {
-            let r = conn
-                .get(&format!("http://{name}.rotor.test:{}/", m.port))
-                .await;
+            let r = conn.get(&m.url(name)).await;
             assert_eq!(r.status, 200, "{name}");
         }
     }
@@ -77,9 +90,7 @@ async fn answers_are_kept_for_their_ttl_and_then_asked_again() {
         .set("long.rotor.test", Ipv4Addr::new(127, 0, 0, 20), 3600);
     tokio::time::sleep(Duration::from_millis(4200)).await;
     for name in ["short", "long"] {
-        let r = conn
-            .get(&format!("http://{name}.rotor.test:{}/", m.port))
-            .await;
+        let r = conn.get(&m.url(name)).await;
         assert_eq!(r.status, 200, "{name}");
     }
     assert_eq!(
@@ -103,12 +114,8 @@ async fn answers_are_kept_for_their_ttl_and_then_asked_again() {
 #[tokio::test]
 async fn a_server_that_drops_aaaa_queries_costs_a_moment() {
     let m = Moving::start([127, 0, 0, 20]).await;
-    m.dns
-        .set("v4only.rotor.test", Ipv4Addr::new(127, 0, 0, 1), 3600);
-    m.dns
-        .set("dropped.rotor.test", Ipv4Addr::new(127, 0, 0, 1), 3600);
-    let mut conn = ProxyConn::open(m.worker.addr).await;
-    let url = |name: &str| format!("http://{name}.rotor.test:{}/", m.port);
+    let mut conn = m.serving(&[("v4only", 3600), ("dropped", 3600)]).await;
+    let url = |name: &str| m.url(name);
     assert_eq!(conn.get(&url("v4only")).await.status, 200);
     m.dns
         .silent_aaaa
