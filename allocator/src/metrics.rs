@@ -86,9 +86,19 @@ pub struct HostMetrics {
     /// counts went away, and the count last seen, so the counter only
     /// grows.
     leases_seen: HashMap<String, (u64, u64)>,
+    /// Status snapshots taken (numbered under the allocator's lock), and
+    /// the number of the last whose lease counts were applied.
+    snapshots: u64,
+    leases_applied: u64,
 }
 
 impl HostMetrics {
+    /// The next status snapshot's number.
+    pub fn snapshot_number(&mut self) -> u64 {
+        self.snapshots += 1;
+        self.snapshots
+    }
+
     /// Adds a report of worker `peer` (pid `pid`); `label` names the
     /// source entry of an address.
     pub fn add(
@@ -299,7 +309,27 @@ impl HostMetrics {
     /// the entries past the cap, also falls when some of them leave the
     /// pool: there it holds at what it was, and grows from there (taking
     /// the fall for a start over would add the whole sum again).
-    pub fn leases(&mut self, entries: &[(String, u64, bool, u64, u64)]) -> Vec<(String, u64)> {
+    ///
+    /// `number` is the snapshot's (`snapshot_number`): two scrapes at once
+    /// may apply theirs out of order, and an older one's counts, below the
+    /// newer's, read as a start over (the entry's whole count carried
+    /// again, for good). One older than the last applied changes nothing
+    /// and reads what that one left.
+    pub fn leases(
+        &mut self,
+        entries: &[(String, u64, bool, u64, u64)],
+        number: u64,
+    ) -> Vec<(String, u64)> {
+        if number < self.leases_applied {
+            return entries
+                .iter()
+                .map(|(k, n, ..)| {
+                    let total = self.leases_seen.get(k).map_or(*n, |(c, last)| c + last);
+                    (k.clone(), total)
+                })
+                .collect();
+        }
+        self.leases_applied = number;
         let out: Vec<(String, u64)> = entries
             .iter()
             .map(|(k, n, ..)| {
@@ -976,25 +1006,39 @@ mod tests {
         let mut h = HostMetrics::default();
         let e = |k: &str, n: u64| (k.to_string(), n, false, 0, 0);
         assert_eq!(
-            h.leases(&[e("a", 5), e("other", 100)]),
+            h.leases(&[e("a", 5), e("other", 100)], 1),
             [("a".into(), 5), ("other".into(), 100)]
         );
         // a's table count started over; some entries past the cap left,
         // taking 60 of other's sum with them.
         assert_eq!(
-            h.leases(&[e("a", 2), e("other", 40)]),
+            h.leases(&[e("a", 2), e("other", 40)], 2),
             [("a".into(), 7), ("other".into(), 100)]
         );
         assert_eq!(
-            h.leases(&[e("a", 3), e("other", 45)]),
+            h.leases(&[e("a", 3), e("other", 45)], 3),
             [("a".into(), 8), ("other".into(), 105)]
         );
         // An entry gone and back starts over.
-        assert_eq!(h.leases(&[e("other", 45)]), [("other".into(), 105)]);
+        assert_eq!(h.leases(&[e("other", 45)], 4), [("other".into(), 105)]);
         assert_eq!(
-            h.leases(&[e("a", 1), e("other", 45)]),
+            h.leases(&[e("a", 1), e("other", 45)], 5),
             [("a".into(), 1), ("other".into(), 105)]
         );
+    }
+
+    /// Two scrapes at once: the one whose snapshot is older applies its
+    /// counts last. It changes nothing (its lower count is no start over)
+    /// and reads what the newer one left.
+    #[test]
+    fn an_older_snapshot_applied_late_changes_nothing() {
+        let mut h = HostMetrics::default();
+        let e = |k: &str, n: u64| (k.to_string(), n, false, 0, 0);
+        let (older, newer) = (h.snapshot_number(), h.snapshot_number());
+        assert_eq!(h.leases(&[e("a", 12)], newer), [("a".into(), 12)]);
+        assert_eq!(h.leases(&[e("a", 10)], older), [("a".into(), 12)]);
+        let next = h.snapshot_number();
+        assert_eq!(h.leases(&[e("a", 13)], next), [("a".into(), 13)]);
     }
 
     #[test]

@@ -964,7 +964,7 @@ impl Allocator {
     /// The host's metrics, for a Prometheus scrape (`classic`: the
     /// classic text format, else OpenMetrics).
     pub fn render_metrics(&self, classic: bool) -> String {
-        let v2 = self.status_v2();
+        let (v2, number) = self.status_v2_numbered();
         // What the scrape needs, copied under the lock; the per-entry work
         // (a pool's worth of labels) done without it, leases and reports
         // going on meanwhile; written after.
@@ -1012,7 +1012,7 @@ impl Allocator {
                 entries.push(other);
             }
             let mut inner = self.lock();
-            let leases = inner.metrics.leases(&entries);
+            let leases = inner.metrics.leases(&entries, number);
             let figures = crate::metrics::PoolFigures {
                 entries,
                 leases,
@@ -1471,13 +1471,22 @@ impl Allocator {
     }
 
     pub fn status_v2(&self) -> StatusReportV2 {
-        let inner = self.lock();
+        self.status_v2_numbered().0
+    }
+
+    /// The status, and its number in the order status reports were taken
+    /// (under the lock): a scrape applies its lease counts only if no later
+    /// one applied its own (see `HostMetrics::leases`).
+    fn status_v2_numbered(&self) -> (StatusReportV2, u64) {
+        let mut inner = self.lock();
+        let number = inner.metrics.snapshot_number();
+        let inner = inner;
         let table = inner.pool.table();
         let snap = inner.pool.snapshot();
         let counts: HashMap<Segment, u64> = snap.pool.iter().copied().collect();
         let active: Vec<Segment> = snap.pool.iter().map(|(e, _)| *e).collect();
         let now = Instant::now();
-        StatusReportV2 {
+        let report = StatusReportV2 {
             generation: inner.pool.generation(),
             sessions: inner.sessions.len().min(u32::MAX as usize) as u32,
             families: Family::ALL
@@ -1533,7 +1542,8 @@ impl Allocator {
                 })
                 .collect(),
             uptime_secs: self.started.elapsed().as_secs(),
-        }
+        };
+        (report, number)
     }
 }
 
