@@ -838,7 +838,11 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
 type Reply = hyper::Response<http_body_util::Full<bytes::Bytes>>;
 
 fn reply(status: hyper::StatusCode, ctype: &'static str, body: String) -> Reply {
-    let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    reply_bytes(status, ctype, body.into())
+}
+
+fn reply_bytes(status: hyper::StatusCode, ctype: &'static str, body: bytes::Bytes) -> Reply {
+    let mut resp = hyper::Response::new(http_body_util::Full::new(body));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -854,6 +858,40 @@ fn json_reply(status: hyper::StatusCode, v: serde_json::Value) -> Reply {
 /// Whether `given` is `token`, compared in constant time.
 fn token_matches(given: &[u8], token: &[u8]) -> bool {
     given.len() == token.len() && given.iter().zip(token).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+}
+
+/// How long a rendered scrape is served again to scrapes that come while
+/// it is fresh.
+const RENDER_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A scrape rendered: when, whether in the classic format, the text.
+pub type Rendered = (std::time::Instant, bool, bytes::Bytes);
+
+/// The metrics text (`classic`: the classic format, else OpenMetrics):
+/// rendered once at a time, and served again to the scrapes that come
+/// within [`RENDER_REUSE`] of it. A scrape of a pool of 100 000 entries is
+/// ≈ 90 MB of text built in memory under the allocator's lock three
+/// times; the listener's 64 connections rendering at once held gigabytes
+/// and kept leases waiting. Rendered off the allocator's one thread: a
+/// large pool's scrape takes a while, and leases over the socket would
+/// wait for it.
+async fn rendered(
+    alloc: &std::sync::Arc<crate::state::Allocator>,
+    classic: bool,
+) -> Option<bytes::Bytes> {
+    let mut last = alloc.rendered.lock().await;
+    if let Some((at, was_classic, body)) = last.as_ref() {
+        if *was_classic == classic && at.elapsed() < RENDER_REUSE {
+            return Some(body.clone());
+        }
+    }
+    let rendering = alloc.clone();
+    let body: bytes::Bytes = tokio::task::spawn_blocking(move || rendering.render_metrics(classic))
+        .await
+        .ok()?
+        .into();
+    *last = Some((std::time::Instant::now(), classic, body.clone()));
+    Some(body)
 }
 
 async fn answer(
@@ -873,12 +911,7 @@ async fn answer(
                 .get(hyper::header::ACCEPT)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.contains("application/openmetrics-text"));
-            // Off the allocator's one thread: a large pool's scrape takes
-            // a while, and leases over the socket would wait for it.
-            let rendering = alloc.clone();
-            let Ok(body) =
-                tokio::task::spawn_blocking(move || rendering.render_metrics(!open)).await
-            else {
+            let Some(body) = rendered(alloc, !open).await else {
                 return reply(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     text,
@@ -886,12 +919,12 @@ async fn answer(
                 );
             };
             match open {
-                true => reply(
+                true => reply_bytes(
                     StatusCode::OK,
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                     body,
                 ),
-                false => reply(
+                false => reply_bytes(
                     StatusCode::OK,
                     "text/plain; version=0.0.4; charset=utf-8",
                     body,
@@ -1025,6 +1058,22 @@ mod tests {
             h.leases(&[e("a", 1), e("other", 45)], 5),
             [("a".into(), 1), ("other".into(), 105)]
         );
+    }
+
+    /// Scrapes within a second of a render get that render (one render
+    /// at a time); a scrape in the other format, or later, a new one.
+    #[tokio::test]
+    async fn scrapes_at_once_share_one_render() {
+        let alloc = std::sync::Arc::new(crate::state::Allocator::new(vec![]));
+        let (a, b) = tokio::join!(rendered(&alloc, true), rendered(&alloc, true));
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(a.as_ptr(), b.as_ptr(), "rendered twice");
+        let open = rendered(&alloc, false).await.unwrap();
+        assert_ne!(open.as_ptr(), a.as_ptr());
+        assert!(String::from_utf8_lossy(&open).contains("# EOF"));
+        alloc.rendered.lock().await.as_mut().unwrap().0 -= RENDER_REUSE;
+        let later = rendered(&alloc, false).await.unwrap();
+        assert_ne!(later.as_ptr(), open.as_ptr());
     }
 
     /// Two scrapes at once: the one whose snapshot is older applies its

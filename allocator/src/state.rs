@@ -22,6 +22,9 @@ use crate::source::{Source, SourceError};
 pub struct Allocator {
     inner: Mutex<Inner>,
     started: Instant,
+    /// The last metrics scrape rendered, behind the one render running at
+    /// a time (see `metrics::rendered`).
+    pub rendered: tokio::sync::Mutex<Option<crate::metrics::Rendered>>,
 }
 
 struct Inner {
@@ -608,6 +611,7 @@ impl Allocator {
                 peers: BTreeMap::new(),
             }),
             started: Instant::now(),
+            rendered: tokio::sync::Mutex::const_new(None),
         })
     }
 
