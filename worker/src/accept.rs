@@ -228,15 +228,26 @@ pub async fn accept_loop(
                 debug!("listening socket shut; no more accepts");
                 return Ok(());
             }
-            Ok(Err(e)) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            Ok(Err(e)) => accept_failed("", &e).await,
             // Nothing queued after all (a sibling took it): wait again.
             Err(_would_block) => {}
         }
     }
+}
+
+/// An accept that failed for the listener's sake (EMFILE, ENOBUFS and
+/// friends; the connection waits in the listen queue): logged once in
+/// 10 s with how many there were (one every 50 ms filled the log, for
+/// each listener), and waited on 50 ms rather than spun.
+pub(crate) async fn accept_failed(kind: &str, e: &io::Error) {
+    static WARNED: crate::Moment = crate::Moment::new();
+    match WARNED.count_in(Duration::from_secs(10)) {
+        Some(n) => {
+            warn!(error = %e, failures = n, "{kind}accept failed (said once in 10 s: connections wait in the listen queue meanwhile; at the descriptor limit, raise LimitNOFILE or lower --max-connections)")
+        }
+        None => debug!(error = %e, "{kind}accept failed"),
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
 /// Errors of one connection that the next accept does not share (as tokio

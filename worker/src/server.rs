@@ -575,8 +575,7 @@ async fn socks_accept(
                     return;
                 }
                 Err(e) => {
-                    warn!(error = %e, "SOCKS5 accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    crate::accept::accept_failed("SOCKS5 ", &e).await;
                     continue;
                 }
             },
