@@ -544,6 +544,53 @@ assert closed and took < 4, (closed, took)
     run_python(&script).await;
 }
 
+/// A TLS client that reads none of its response (served by hyper's path:
+/// HTTP/1.0) while it trickles a record's bytes in, which woke the idle
+/// watch below TLS, is dropped once its response's write has waited
+/// `--idle-timeout`: it held its connection and upstream for ever.
+#[tokio::test]
+async fn a_tls_client_that_reads_nothing_is_dropped_whatever_it_trickles() {
+    if !have(
+        "a_tls_client_that_reads_nothing_is_dropped_whatever_it_trickles",
+        &["openssl", "curl", "python3"],
+    ) {
+        return;
+    }
+    let origin = Origin::start().await;
+    let p = tls_proxy(&[
+        "--idle-timeout",
+        "2s",
+        "--allow-destination",
+        "127.0.0.1/32",
+    ])
+    .await;
+    let script = format!(
+        r#"{PY_TLS_OVER}
+import time
+s, tls, pump, fill = tls_over("{ca}", {port})
+tls.write(b"GET {url} HTTP/1.0\r\n\r\n")
+pump()
+# Read nothing; an application-data record announcing 16 KiB, a byte at a time.
+s.sendall(b"\x17\x03\x03\x40\x00")
+start = time.time()
+closed = False
+while time.time() - start < 12:
+    try:
+        s.send(b"\x00")
+    except OSError:
+        closed = True
+        break
+    time.sleep(0.25)
+took = time.time() - start
+assert closed and took < 8, (closed, took)
+"#,
+        ca = p.ca.display(),
+        port = p.tls.port(),
+        url = origin.url("/bytes/32000000"),
+    );
+    run_python(&script).await;
+}
+
 /// Past `--max-connections`, a TLS client is closed: a 503 in plain text
 /// is no answer to its hello (curl would report a garbled record).
 #[tokio::test]

@@ -31,6 +31,8 @@ pub struct Activity {
 #[derive(Default)]
 struct State {
     last_ms: AtomicU64,
+    /// Since when a write to the client waits (its ms + 1; 0: none waits).
+    write_waits: AtomicU64,
     /// From the client (up), to the client (down).
     up: AtomicU64,
     down: AtomicU64,
@@ -62,6 +64,40 @@ impl Activity {
         self.touch();
         let count = if up { &self.state.up } else { &self.state.down };
         count.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A write to the client could not go (its send buffer is full).
+    fn write_waits(&self) {
+        if self.state.write_waits.load(Ordering::Relaxed) == 0 {
+            let ms = crate::os::coarse_ms().saturating_sub(self.base_ms);
+            self.state.write_waits.store(ms + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// A write to the client went.
+    fn write_went(&self) {
+        if self.state.write_waits.load(Ordering::Relaxed) != 0 {
+            self.state.write_waits.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Resolves once a write to the client has waited `limit` with none
+    /// going meanwhile: a client that reads nothing, whatever it sends.
+    /// (Over TLS, bytes that make no record, trickled in, kept the idle
+    /// watch awake while the client read none of its response.)
+    pub async fn write_stuck_for(&self, limit: Duration) {
+        loop {
+            let since = self.state.write_waits.load(Ordering::Relaxed);
+            if since == 0 {
+                tokio::time::sleep(limit).await;
+                continue;
+            }
+            let due = self.base + Duration::from_millis(since - 1) + limit;
+            if Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
     }
 
     /// Bytes moved so far: from the client, to the client.
@@ -103,6 +139,17 @@ impl<T> IdleIo<T> {
     pub fn get_ref(&self) -> &T {
         &self.inner
     }
+
+    fn wrote(&self, r: &Poll<io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(n @ 1..)) => {
+                self.activity.moved(false, *n as u64);
+                self.activity.write_went();
+            }
+            Poll::Pending => self.activity.write_waits(),
+            _ => {}
+        }
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
@@ -128,9 +175,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, data);
-        if let Poll::Ready(Ok(n @ 1..)) = r {
-            self.activity.moved(false, n as u64);
-        }
+        self.wrote(&r);
         r
     }
 
@@ -140,9 +185,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n @ 1..)) = r {
-            self.activity.moved(false, n as u64);
-        }
+        self.wrote(&r);
         r
     }
 
