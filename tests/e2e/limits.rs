@@ -170,6 +170,61 @@ Host: x
     .await;
 }
 
+/// A tunnel keeps its address's place under `--max-client-connections`
+/// (an HTTP CONNECT's and a SOCKS5 one's): one address could open tunnels
+/// until every place under `--max-connections` was its.
+#[tokio::test]
+async fn tunnels_keep_their_address_place() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let socks: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let s = socks.to_string();
+    let worker = Worker::start(
+        &alloc.socket,
+        &["--max-client-connections", "2", "--socks-listen", &s],
+    )
+    .await;
+    let dest = origin.addr;
+    let mut http = connect_from("127.0.0.77", worker.addr).await;
+    http.write_all(format!("CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    assert!(read_head(&mut http).await.starts_with("HTTP/1.1 200"));
+    let mut tunnel = connect_from("127.0.0.77", socks).await;
+    tunnel.write_all(&[5, 1, 0]).await.unwrap();
+    let mut reply = [0u8; 2];
+    tunnel.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply, [5, 0]);
+    let std::net::IpAddr::V4(ip) = dest.ip() else {
+        unreachable!()
+    };
+    let mut req = vec![5, 1, 0, 1];
+    req.extend_from_slice(&ip.octets());
+    req.extend_from_slice(&dest.port().to_be_bytes());
+    tunnel.write_all(&req).await.unwrap();
+    let mut reply = [0u8; 10];
+    tunnel.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply[1], 0, "SOCKS5 CONNECT refused: {reply:?}");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = connect_from("127.0.0.77", worker.addr).await;
+    let head = read_head(&mut third).await;
+    assert!(
+        head.starts_with("HTTP/1.1 503 Client Connection Limit Reached"),
+        "two tunnels open, a third connection: {head}"
+    );
+    // A tunnel's end gives its place back.
+    drop(tunnel);
+    let worker_addr = worker.addr;
+    eventually("a place for the address again", || async move {
+        let mut s = connect_from("127.0.0.77", worker_addr).await;
+        s.write_all(format!("CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        read_head(&mut s).await.starts_with("HTTP/1.1 200")
+    })
+    .await;
+}
+
 /// The soft descriptor limit of `pid`, from /proc.
 fn soft_nofile(pid: u32) -> u64 {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();

@@ -520,14 +520,15 @@ impl Proxy {
     }
 
     /// Relays a tunnel in the background (tracked for the drain, closed
-    /// after --tunnel-idle-timeout of silence), holding `permit`.
+    /// after --tunnel-idle-timeout of silence), holding `held` (its places
+    /// under the limits).
     pub fn relay_tunnel(
         &self,
         client_stream: TcpStream,
         upstream: TcpStream,
         (client, dest): (SocketAddr, String),
         lease: Lease,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        held: crate::server::Held,
         entry: Option<Entry>,
     ) {
         let idle_limit = self.config.tunnel_idle_timeout;
@@ -535,7 +536,7 @@ impl Proxy {
         let log = self.config.access_log.clone().zip(entry);
         let cut = self.tunnels_cut.clone();
         self.tunnels.spawn(async move {
-            let _permit = permit;
+            let _held = held;
             let activity = Activity::new();
             let relay = crate::relay::tcp_tunnel(client_stream, upstream, &activity, idle_limit);
             let result = until_ended(relay, &activity, idle_limit, &cut).await;

@@ -102,7 +102,9 @@ pub async fn tunnel(
         Ok(parts) => {
             // What the client sent behind its CONNECT: what hyper read and
             // did not use, then what the fast path read and hyper did not.
-            let (unread, io) = parts.io.into_inner().into_inner().into_parts();
+            // The client's address keeps its place while the tunnel lasts.
+            let (rewind, _slot) = parts.io.into_inner().into_tunnel();
+            let (unread, io) = rewind.into_parts();
             let early = match unread.is_empty() {
                 true => parts.read_buf,
                 false => [parts.read_buf, unread].concat().into(),

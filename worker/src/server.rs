@@ -605,15 +605,12 @@ async fn socks_accept(
             proxy.clone(),
             stream,
             client,
-            permit,
+            (permit, slot),
             within,
             shutdown.clone(),
             IDLE_CLOSE_GRACE,
         );
-        connections.spawn(async move {
-            let _slot = slot;
-            serve.await
-        });
+        connections.spawn(serve);
     }
 }
 
@@ -729,7 +726,7 @@ where
 
 /// What a client connection holds under the limits: its place under
 /// `--max-connections`, and its address's (if they are counted).
-type Held = (
+pub(crate) type Held = (
     tokio::sync::OwnedSemaphorePermit,
     Option<crate::clients::ClientSlot>,
 );
@@ -756,9 +753,13 @@ impl<I> Lingering<I>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    /// The connection, for a tunnel (which holds a place of its own).
-    pub(crate) fn into_inner(mut self) -> I {
-        self.io.take().expect("the connection, until taken")
+    /// The connection, for a tunnel (which holds a place of its own under
+    /// `--max-connections`), and its address's place under
+    /// `--max-client-connections`, which the tunnel holds on (else one
+    /// address could open tunnels until every place was its).
+    pub(crate) fn into_tunnel(mut self) -> (I, Option<crate::clients::ClientSlot>) {
+        let io = self.io.take().expect("the connection, until taken");
+        (io, self.held.take().and_then(|(_, slot)| slot))
     }
 
     fn io(&mut self) -> Pin<&mut I> {

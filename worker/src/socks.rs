@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -323,14 +322,14 @@ fn method() -> http::Method {
 
 /// Serves one SOCKS5 client: the handshake within `within` (and the wait
 /// for a password check's slot on top), then the tunnel, which holds
-/// `permit` (its place under the connection limit). A handshake not done
+/// `held` (its place under the connection limit, and its address's). A handshake not done
 /// within `grace` of `stop` is cut (a tunnel open by then drains as HTTP's
 /// do).
 pub async fn serve(
     proxy: Arc<Proxy>,
     mut stream: TcpStream,
     client: SocketAddr,
-    permit: OwnedSemaphorePermit,
+    held: crate::server::Held,
     within: Duration,
     stop: CancellationToken,
     grace: Duration,
@@ -457,7 +456,7 @@ pub async fn serve(
     }
     debug!(%client, %dest, source = %lease.ip, seq = lease.seq, "SOCKS5 tunnel");
     proxy.meter.tunnel(lease.ip, started.elapsed());
-    proxy.relay_tunnel(stream, upstream, (client, dest), lease, permit, entry);
+    proxy.relay_tunnel(stream, upstream, (client, dest), lease, held, entry);
 }
 
 #[cfg(test)]
