@@ -111,12 +111,9 @@ async fn connect_from(source: &str, to: std::net::SocketAddr) -> TcpStream {
     sock.connect(to).await.unwrap()
 }
 
-/// `--max-client-connections`: one address holding its share of places
-/// (idle, before any request) is refused at once past it, on the HTTP and
-/// the SOCKS5 listener; other addresses are served, and a place comes back
-/// when a connection closes.
-#[tokio::test]
-async fn one_client_address_cannot_take_every_place() {
+/// An origin, and a worker with an HTTP and a SOCKS5 listener (the last
+/// returned) that lets an address hold two connections.
+async fn two_places_an_address() -> (Origin, Allocator, Worker, std::net::SocketAddr) {
     let origin = Origin::start().await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let socks: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
@@ -126,6 +123,16 @@ async fn one_client_address_cannot_take_every_place() {
         &["--max-client-connections", "2", "--socks-listen", &s],
     )
     .await;
+    (origin, alloc, worker, socks)
+}
+
+/// `--max-client-connections`: one address holding its share of places
+/// (idle, before any request) is refused at once past it, on the HTTP and
+/// the SOCKS5 listener; other addresses are served, and a place comes back
+/// when a connection closes.
+#[tokio::test]
+async fn one_client_address_cannot_take_every_place() {
+    let (origin, _alloc, worker, socks) = two_places_an_address().await;
     let mut held = Vec::new();
     for _ in 0..2 {
         held.push(connect_from("127.0.0.77", worker.addr).await);
@@ -175,15 +182,7 @@ Host: x
 /// until every place under `--max-connections` was its.
 #[tokio::test]
 async fn tunnels_keep_their_address_place() {
-    let origin = Origin::start().await;
-    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
-    let socks: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let s = socks.to_string();
-    let worker = Worker::start(
-        &alloc.socket,
-        &["--max-client-connections", "2", "--socks-listen", &s],
-    )
-    .await;
+    let (origin, _alloc, worker, socks) = two_places_an_address().await;
     let dest = origin.addr;
     let mut http = connect_from("127.0.0.77", worker.addr).await;
     http.write_all(format!("CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n").as_bytes())
