@@ -332,47 +332,139 @@ impl Drop for AccessLog {
 
 /// Unbuffered: each batch is one write, so the lines of workers sharing
 /// one file (O_APPEND) never interleave within a line.
-enum Output {
+struct Output {
+    to: To,
+    /// The last write failed part-way through a line (a disk full): the
+    /// next starts with a line end, so the cut line does not run into it.
+    cut: bool,
+}
+
+enum To {
     Stdout(std::io::Stdout),
     File(std::fs::File),
 }
 
 impl Output {
     fn open(target: &Target) -> std::io::Result<Output> {
-        Ok(match target {
-            Target::Stdout => Output::Stdout(std::io::stdout()),
-            Target::File(p) => Output::File(
+        let to = match target {
+            Target::Stdout => To::Stdout(std::io::stdout()),
+            Target::File(p) => To::File(
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(p)?,
             ),
-        })
+        };
+        Ok(Output { to, cut: false })
     }
 
     fn write(&mut self, text: &[u8]) {
         if text.is_empty() {
             return;
         }
-        let r = match self {
-            Output::Stdout(w) => w.write_all(text),
-            Output::File(w) => w.write_all(text),
+        let r = match &mut self.to {
+            To::Stdout(w) => write_lines(w, text, &mut self.cut),
+            To::File(w) => write_lines(w, text, &mut self.cut),
         };
         if let Err(e) = r {
-            warn!(error = %e, "cannot write the access log");
+            // Once in 10 s: a full disk fails every batch, 10 a second.
+            static WARNED: crate::Moment = crate::Moment::new();
+            if let Some(n) = WARNED.count_in(Duration::from_secs(10)) {
+                warn!(error = %e, failures = n, "cannot write the access log; those lines are lost (said once in 10 s)");
+            }
         }
     }
 
     fn flush(&mut self) {
-        let _ = match self {
-            Output::Stdout(w) => w.flush(),
-            Output::File(w) => w.flush(),
+        let _ = match &mut self.to {
+            To::Stdout(w) => w.flush(),
+            To::File(w) => w.flush(),
         };
     }
 }
 
+/// Writes `text` (whole lines) to `w`, after a line end if the last write
+/// stopped within a line (`cut`, which this updates).
+fn write_lines(w: &mut impl Write, text: &[u8], cut: &mut bool) -> std::io::Result<()> {
+    let joined;
+    let buf = match *cut {
+        true => {
+            joined = [b"\n".as_slice(), text].concat();
+            &joined[..]
+        }
+        false => text,
+    };
+    let mut done = 0;
+    while done < buf.len() {
+        let e = match w.write(&buf[done..]) {
+            Ok(0) => std::io::ErrorKind::WriteZero.into(),
+            Ok(n) => {
+                done += n;
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => e,
+        };
+        if done > 0 {
+            *cut = buf[done - 1] != b'\n';
+        }
+        return Err(e);
+    }
+    *cut = false;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
+    /// A write that fails part-way through a line (a full disk) is
+    /// followed by a line end before the next lines: no line runs into
+    /// the cut one.
+    #[test]
+    fn a_line_cut_by_a_failed_write_does_not_run_into_the_next() {
+        /// Takes `room` bytes, then fails.
+        struct Full {
+            out: Vec<u8>,
+            room: usize,
+        }
+        impl std::io::Write for Full {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                let n = b.len().min(self.room).min(7);
+                if n == 0 {
+                    return Err(std::io::Error::other("no space left"));
+                }
+                self.room -= n;
+                self.out.extend_from_slice(&b[..n]);
+                Ok(n)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut w = Full {
+            out: Vec::new(),
+            room: 26,
+        };
+        let mut cut = false;
+        assert!(super::write_lines(&mut w, b"first line\nsecond line\nthird\n", &mut cut).is_err());
+        assert!(cut);
+        w.room = 1000;
+        super::write_lines(&mut w, b"next\n", &mut cut).unwrap();
+        assert!(!cut);
+        assert!(
+            w.out.ends_with(b"\nnext\n"),
+            "{:?}",
+            String::from_utf8_lossy(&w.out)
+        );
+        assert!(w.out.starts_with(b"first line\nsecond line\n"));
+        // Cut at a line's end: nothing added.
+        let mut w = Full {
+            out: Vec::new(),
+            room: 11,
+        };
+        assert!(super::write_lines(&mut w, b"first line\nsecond\n", &mut cut).is_err());
+        assert!(!cut);
+    }
+
     use super::*;
 
     #[test]
