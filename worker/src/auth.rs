@@ -124,7 +124,10 @@ impl Drop for ClientSlot {
     }
 }
 
-fn load(path: &Path) -> Result<Users, UsersError> {
+/// `previous`: the users in use, whose decoy is kept if its parameters
+/// are still the ones to take (an argon2 hash, tens of milliseconds on
+/// the worker's thread, is not made again at each reload).
+fn load(path: &Path, previous: Option<&Users>) -> Result<Users, UsersError> {
     let text = std::fs::read_to_string(path).map_err(|e| UsersError::Read(path.into(), e))?;
     // A byte-order mark (an editor's) is no part of the first user's name.
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
@@ -163,10 +166,18 @@ fn load(path: &Path) -> Result<Users, UsersError> {
         .max_by_key(|(count, p)| (*count, param_key(p)))
         .map(|(_, p)| p)
         .unwrap_or_default();
-    Ok(Users {
-        hashes,
-        decoy: hash_with("rotor decoy password", params),
-    })
+    let decoy = match previous {
+        Some(u) if params_of(&u.decoy).as_ref().map(param_key) == Some(param_key(&params)) => {
+            u.decoy.clone()
+        }
+        _ => hash_with("rotor decoy password", params),
+    };
+    Ok(Users { hashes, decoy })
+}
+
+/// The parameters `hash` was made with.
+fn params_of(hash: &str) -> Option<argon2::Params> {
+    argon2::Params::try_from(&PasswordHash::new(hash).ok()?).ok()
 }
 
 /// The parameters of an argon2 hash that set its cost (memory, passes,
@@ -201,7 +212,7 @@ impl Auth {
     /// The users of `path`, checked at most `checks` at once (`None`: one
     /// per CPU).
     pub fn load(path: &Path, checks: Option<usize>) -> Result<Arc<Auth>, UsersError> {
-        let users = load(path)?;
+        let users = load(path, None)?;
         let cpus = checks
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
             .max(1);
@@ -226,7 +237,8 @@ impl Auth {
     /// user's next request without an argon2 check); failures are not (a
     /// password that failed may be right now).
     pub fn reload(&self) -> Result<usize, UsersError> {
-        let users = Arc::new(load(&self.path)?);
+        let current = self.users.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let users = Arc::new(load(&self.path, Some(&current))?);
         let n = users.hashes.len();
         let old = std::mem::replace(
             &mut *self.users.write().unwrap_or_else(|e| e.into_inner()),
@@ -602,22 +614,24 @@ mod tests {
             .chain([format!("c:{}\n", hash_password("pw"))])
             .collect();
         std::fs::write(&path, lines).unwrap();
-        let users = load(&path).unwrap();
-        let decoy = PasswordHash::new(&users.decoy).unwrap();
+        let users = load(&path, None).unwrap();
         assert_eq!(
-            param_key(&argon2::Params::try_from(&decoy).unwrap()),
-            param_key(&cheap)
+            params_of(&users.decoy).as_ref().map(param_key),
+            Some(param_key(&cheap))
         );
+        // Read again with the same parameters: the decoy is kept, not
+        // hashed anew.
+        let again = load(&path, Some(&users)).unwrap();
+        assert_eq!(again.decoy, users.decoy);
         let no_digest = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ";
         std::fs::write(&path, format!("a:{no_digest}\n")).unwrap();
-        assert!(matches!(load(&path), Err(UsersError::Hash(_, 1))));
-        // No users: the defaults.
+        assert!(matches!(load(&path, None), Err(UsersError::Hash(_, 1))));
+        // No users: the defaults (made anew: the parameters changed).
         std::fs::write(&path, "# none\n").unwrap();
-        let decoy = load(&path).unwrap().decoy;
-        let decoy = PasswordHash::new(&decoy).unwrap();
+        let decoy = load(&path, Some(&users)).unwrap().decoy;
         assert_eq!(
-            param_key(&argon2::Params::try_from(&decoy).unwrap()),
-            param_key(&argon2::Params::default())
+            params_of(&decoy).as_ref().map(param_key),
+            Some(param_key(&argon2::Params::default()))
         );
     }
 
