@@ -1484,7 +1484,6 @@ impl Allocator {
     fn status_v2_numbered(&self) -> (StatusReportV2, u64) {
         let mut inner = self.lock();
         let number = inner.metrics.snapshot_number();
-        let inner = inner;
         let table = inner.pool.table();
         let snap = inner.pool.snapshot();
         let counts: HashMap<Segment, u64> = snap.pool.iter().copied().collect();
