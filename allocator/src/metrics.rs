@@ -131,7 +131,8 @@ impl HostMetrics {
             self.prune_at = 2 * self.applied.len();
             self.pruned = Some(now);
         }
-        self.requests += m.requests;
+        // Sums saturate: a peer's report is not trusted not to wrap them.
+        self.requests = self.requests.saturating_add(m.requests);
         for s in &m.by_source {
             let mut key = match s.ip.is_unspecified() {
                 // The worker's own `other`.
@@ -143,12 +144,12 @@ impl HostMetrics {
             }
             let t = self.by_source.entry(key).or_default();
             for (a, b) in t.responses.iter_mut().zip(s.responses) {
-                *a += b;
+                *a = a.saturating_add(b);
             }
-            t.tunnels += s.tunnels;
-            t.connect_errors += s.connect_errors;
-            t.bytes_to += s.bytes_to;
-            t.bytes_from += s.bytes_from;
+            t.tunnels = t.tunnels.saturating_add(s.tunnels);
+            t.connect_errors = t.connect_errors.saturating_add(s.connect_errors);
+            t.bytes_to = t.bytes_to.saturating_add(s.bytes_to);
+            t.bytes_from = t.bytes_from.saturating_add(s.bytes_from);
         }
         for (k, n) in &m.errors {
             // RFC 9209 kinds are short words, and a few dozen of them
@@ -160,7 +161,8 @@ impl HostMetrics {
                 true => k.clone(),
                 false => "other".into(),
             };
-            *self.errors.entry(k).or_default() += n;
+            let sum = self.errors.entry(k).or_default();
+            *sum = sum.saturating_add(*n);
         }
         self.request_seconds.add(&m.request_seconds);
         self.connect_seconds.add(&m.connect_seconds);
@@ -171,7 +173,7 @@ impl HostMetrics {
         w.connections_open = m.connections_open;
         w.tunnels_open = m.tunnels_open;
         let run = self.run_requests.entry(m.boot).or_default();
-        *run += m.requests;
+        *run = run.saturating_add(m.requests);
         w.requests = *run;
         w.boot = m.boot;
     }
@@ -213,11 +215,20 @@ struct Counted(Histogram);
 
 impl EncodeMetric for Counted {
     fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        // The encoder sums the buckets as it writes them: each is given
+        // as what its saturated running sum adds, so that sum never wraps.
+        let mut sum = 0u64;
         let mut buckets: Vec<(f64, u64)> = HISTOGRAM_BOUNDS
             .iter()
             .copied()
             .chain([f64::MAX])
             .zip(self.0.counts.iter().copied().chain(std::iter::repeat(0)))
+            .map(|(bound, n)| {
+                let next = sum.saturating_add(n);
+                let added = next - sum;
+                sum = next;
+                (bound, added)
+            })
             .collect();
         if let Some(last) = buckets.last_mut() {
             last.0 = f64::INFINITY;
@@ -1146,6 +1157,56 @@ mod tests {
         assert!(h.errors.len() <= MAX_ERROR_KINDS + 1, "{}", h.errors.len());
         assert_eq!(h.errors.values().sum::<u64>(), 202, "none lost");
         assert!(h.errors["other"] >= 1);
+    }
+
+    /// A peer's report of huge counts (a broken or hostile peer) leaves
+    /// the sums at their top, never wrapped round to small ones (a
+    /// counter going back reads as a restart to Prometheus).
+    #[test]
+    fn sums_saturate() {
+        let mut h = HostMetrics::default();
+        let big = rotor_protocol::Histogram {
+            counts: vec![u64::MAX; rotor_protocol::HISTOGRAM_BOUNDS.len() + 1],
+            sum_micros: u64::MAX,
+        };
+        for seq in 1..=2 {
+            let m = WorkerMetrics {
+                boot: 7,
+                seq,
+                requests: u64::MAX,
+                by_source: vec![rotor_protocol::SourceMetrics {
+                    ip: "10.0.0.1".parse().unwrap(),
+                    responses: [u64::MAX; 5],
+                    tunnels: u64::MAX,
+                    connect_errors: u64::MAX,
+                    bytes_to: u64::MAX,
+                    bytes_from: u64::MAX,
+                }],
+                errors: vec![("dns_error".into(), u64::MAX)],
+                request_seconds: big.clone(),
+                ..WorkerMetrics::default()
+            };
+            h.add(1, 100, &m, |ip| ip.to_string());
+        }
+        assert_eq!(h.requests, u64::MAX);
+        let t = &h.by_source["10.0.0.1"];
+        assert_eq!(t.responses, [u64::MAX; 5]);
+        assert_eq!(
+            [t.tunnels, t.connect_errors, t.bytes_to, t.bytes_from],
+            [u64::MAX; 4]
+        );
+        assert_eq!(h.errors["dns_error"], u64::MAX);
+        assert_eq!(h.request_seconds.count(), u64::MAX);
+        assert_eq!(h.request_seconds.sum_micros, u64::MAX);
+        assert_eq!(h.workers[&1].requests, u64::MAX);
+        let text = render(&h, &PoolFigures::default(), true);
+        assert!(
+            text.contains(&format!(
+                "rotor_request_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+                u64::MAX
+            )),
+            "{text}"
+        );
     }
 
     #[test]

@@ -396,13 +396,13 @@ impl Histogram {
             self.counts = vec![0; other.counts.len()];
         }
         for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-            *a += b;
+            *a = a.saturating_add(*b);
         }
-        self.sum_micros += other.sum_micros;
+        self.sum_micros = self.sum_micros.saturating_add(other.sum_micros);
     }
 
     pub fn count(&self) -> u64 {
-        self.counts.iter().sum()
+        self.counts.iter().fold(0u64, |n, c| n.saturating_add(*c))
     }
 }
 
