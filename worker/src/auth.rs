@@ -37,6 +37,11 @@ const FAILED_REMEMBER: Duration = Duration::from_secs(60);
 /// wait (up to VERIFY_WAIT), so a flood from one address holds one slot
 /// and leaves the others to everyone else.
 const PER_CLIENT: usize = 1;
+/// The network a client's address is in, for a second, looser bound: a
+/// flood spread over the /64s of one /48 (a host's customary IPv6 share)
+/// or the addresses of one IPv4 /24 has at most half the argon2 slots.
+const NETWORK_V4: u8 = 24;
+const NETWORK_V6: u8 = 48;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UsersError {
@@ -93,24 +98,37 @@ pub struct Auth {
     /// Digests of credentials that failed, and when (at most REMEMBER_MAX;
     /// cleared with the users on reload).
     failed: Mutex<HashMap<[u8; 32], (Instant, u64)>>,
-    /// The checks each client address may run (an address leaves the map
-    /// with its last check or waiter: bounded by the checks asked for).
-    in_flight: Mutex<HashMap<IpAddr, Arc<tokio::sync::Semaphore>>>,
+    /// The checks each client address, and each network (by its prefix
+    /// length), may run (an entry leaves the map with its last check or
+    /// waiter: bounded by the checks asked for).
+    in_flight: Mutex<HashMap<(IpAddr, u8), Arc<tokio::sync::Semaphore>>>,
+    /// Checks one network may have in flight: half the slots, at least one.
+    per_network: usize,
 }
 
-/// One client address's place among the checks in flight, given back when
-/// dropped (with the check it was for: a client that leaves does not free
-/// it while its argon2 check runs on).
+/// A client's places among the checks in flight: its address's, then its
+/// network's. Given back when dropped (with the check they were for: a
+/// client that leaves does not free them while its argon2 check runs on).
 struct ClientSlot {
-    auth: Arc<Auth>,
-    client: IpAddr,
-    sem: Arc<tokio::sync::Semaphore>,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    _places: [Place; 2],
 }
 
-impl Drop for ClientSlot {
+/// One address's or network's place.
+struct Place {
+    auth: Arc<Auth>,
+    key: (IpAddr, u8),
+    /// Shared with the map, and with every other place of `key` held or
+    /// waited for (no other clone: a wait borrows it).
+    sem: Arc<tokio::sync::Semaphore>,
+    /// Whether a permit of `sem` is held (given back when dropped).
+    held: bool,
+}
+
+impl Drop for Place {
     fn drop(&mut self) {
-        self.permit.take();
+        if self.held {
+            self.sem.add_permits(1);
+        }
         let mut m = self
             .auth
             .in_flight
@@ -119,7 +137,7 @@ impl Drop for ClientSlot {
         // Clones are made only under this lock: the map's and this one
         // mean nobody else waits for the address.
         if Arc::strong_count(&self.sem) == 2 {
-            m.remove(&self.client);
+            m.remove(&self.key);
         }
     }
 }
@@ -224,6 +242,7 @@ impl Auth {
             verifying: Arc::new(tokio::sync::Semaphore::new(cpus)),
             failed: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
+            per_network: (cpus / 2).max(1),
         }))
     }
 
@@ -423,31 +442,65 @@ impl Auth {
             .is_some_and(|(at, g)| at.elapsed() < FAILED_REMEMBER && *g == generation)
     }
 
-    /// A place for `client` among the checks in flight, once it has fewer
-    /// than [`PER_CLIENT`]; `Busy` after [`VERIFY_WAIT`].
+    /// Places for `client` among the checks in flight, once its address
+    /// has fewer than [`PER_CLIENT`] and its network fewer than half the
+    /// slots; `Busy` after [`VERIFY_WAIT`] in all.
     async fn client_slot(self: &Arc<Self>, client: IpAddr) -> Result<ClientSlot, AuthError> {
         // An IPv6 client by its /64, as the connection limits count it: a
         // host holds a /64, and would take a place per address.
         let client = rotor_protocol::addr::client_key(client);
+        let (network, bits) = match client {
+            IpAddr::V4(v4) => {
+                let mask = u32::MAX << (32 - NETWORK_V4);
+                (
+                    IpAddr::from((u32::from(v4) & mask).to_be_bytes()),
+                    NETWORK_V4,
+                )
+            }
+            IpAddr::V6(v6) => {
+                let mask = u128::MAX << (128 - NETWORK_V6);
+                (
+                    IpAddr::from((u128::from(v6) & mask).to_be_bytes()),
+                    NETWORK_V6,
+                )
+            }
+        };
+        let host_bits = match client {
+            IpAddr::V4(_) => 32,
+            IpAddr::V6(_) => 64,
+        };
+        crate::h1::within(VERIFY_WAIT, async {
+            let host = self.place((client, host_bits), PER_CLIENT).await?;
+            let network = self.place((network, bits), self.per_network).await?;
+            Some(ClientSlot {
+                _places: [host, network],
+            })
+        })
+        .await
+        .flatten()
+        .ok_or(AuthError::Busy)
+    }
+
+    /// A place under `key`, of which `most` may be held at once.
+    async fn place(self: &Arc<Self>, key: (IpAddr, u8), most: usize) -> Option<Place> {
         let sem = self
             .in_flight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(client)
-            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(PER_CLIENT)))
+            .entry(key)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(most)))
             .clone();
-        let mut slot = ClientSlot {
+        // Made before the wait: given up (the wait over), it takes the
+        // entry with it if nobody else holds or waits for it.
+        let mut place = Place {
             auth: self.clone(),
-            client,
-            sem: sem.clone(),
-            permit: None,
+            key,
+            sem,
+            held: false,
         };
-        let permit = crate::h1::within(VERIFY_WAIT, sem.acquire_owned())
-            .await
-            .ok_or(AuthError::Busy)?
-            .map_err(|_| AuthError::Busy)?;
-        slot.permit = Some(permit);
-        Ok(slot)
+        place.sem.acquire().await.ok()?.forget();
+        place.held = true;
+        Some(place)
     }
 
     /// The user of remembered credentials (used now: their time starts
@@ -753,8 +806,8 @@ mod tests {
         let held = auth.client_slot(one).await.unwrap();
         let a = auth.clone();
         let waiting = tokio::spawn(async move { a.check(Some(&basic("eve", "1")), other).await });
-        // Another /64 goes through meanwhile.
-        let elsewhere: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        // Another /48's /64 goes through meanwhile.
+        let elsewhere: IpAddr = "2001:db8:2:3::1".parse().unwrap();
         assert_eq!(
             auth.check(Some(&basic("alice", "pw")), elsewhere).await,
             Ok("alice".into())
@@ -763,6 +816,48 @@ mod tests {
         assert_eq!(waiting.await.unwrap(), Err(AuthError::Busy));
         drop(held);
         assert!(auth.in_flight.lock().unwrap().is_empty());
+    }
+
+    /// The /64s of one /48 (and the addresses of one IPv4 /24) have half
+    /// the argon2 slots between them: a flood spread over them leaves the
+    /// other half to everyone else.
+    #[tokio::test]
+    async fn a_network_has_half_the_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        std::fs::write(&path, format!("alice:{}\n", hash_password("pw"))).unwrap();
+        let auth = Auth::load(&path, Some(4)).unwrap();
+        for (a, b, c, other) in [
+            (
+                "2001:db8:1:1::1",
+                "2001:db8:1:2::1",
+                "2001:db8:1:ff::1",
+                "2001:db8:2::1",
+            ),
+            ("192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.3.1"),
+        ] {
+            let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+            let held = [
+                auth.client_slot(ip(a)).await.unwrap(),
+                auth.client_slot(ip(b)).await.unwrap(),
+            ];
+            let x = auth.clone();
+            let third = tokio::spawn(async move { x.check(Some(&basic("eve", "1")), ip(c)).await });
+            // Another network goes through meanwhile.
+            assert_eq!(
+                auth.check(Some(&basic("alice", "pw")), ip(other)).await,
+                Ok("alice".into())
+            );
+            assert!(!third.is_finished(), "{c}: past its network's half");
+            assert_eq!(third.await.unwrap(), Err(AuthError::Busy), "{c}");
+            drop(held);
+            assert!(auth.in_flight.lock().unwrap().is_empty());
+            // With the network's places back, its next check is made.
+            assert_eq!(
+                auth.check(Some(&basic("alice", "pw2")), ip(c)).await,
+                Err(AuthError::Wrong)
+            );
+        }
     }
 
     /// A client that goes away while its check runs (its request dropped)
@@ -786,7 +881,7 @@ mod tests {
         let _ = check.await;
         // The place is given back after the argon2 slot: read first, it
         // cannot be gone while the slot is still held.
-        let place = auth.in_flight.lock().unwrap().contains_key(&LOCAL);
+        let place = auth.in_flight.lock().unwrap().contains_key(&(LOCAL, 32));
         if auth.verifying.available_permits() < slots {
             assert!(
                 place,
