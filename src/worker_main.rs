@@ -253,9 +253,12 @@ fn passed_or_bound(
 /// Raises the soft descriptor limit to the hard one, as nginx's
 /// `worker_rlimit_nofile` and Go's runtime do: the default soft limit of
 /// 1024 would refuse clients long before `max_connections`. Each client
-/// connection may hold its socket and an upstream one (a tunnel's relay
-/// adds a pipe only while bytes are in it); warns if even the hard limit is
-/// short of one per connection, and says so if it is short of two.
+/// connection may hold its socket and an upstream one; idle upstream
+/// connections wait in the pool (up to `MAX_IDLE_TOTAL`), and tunnels'
+/// relays keep a few empty pipes (a tunnel takes one more only while bytes
+/// are in it, and copies through user space when none can be had). Warns
+/// if even the hard limit is short of one per connection, and says so if
+/// it is short of all of that.
 fn raise_fd_limit(max_connections: usize) {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
@@ -273,19 +276,23 @@ fn raise_fd_limit(max_connections: usize) {
         }
     }
     let clients = max_connections as u64 + 256;
+    let busy = 2 * clients
+        + rotor_worker::upstream::MAX_IDLE_TOTAL as u64
+        + 2 * rotor_worker::relay::PIPES_KEPT as u64;
     if limit < clients {
         tracing::warn!(
             limit,
             max_connections,
             "the descriptor limit is below max_connections: clients past it will be refused; raise LimitNOFILE (ulimit -n) or lower max_connections"
         );
-    } else if limit < 2 * clients {
+    } else if limit < busy {
         // Worth knowing when tuning, not at every start: it only matters
         // if most connections are busy upstream at once.
         tracing::debug!(
             limit,
             max_connections,
-            "the descriptor limit may run short with every connection busy upstream (2 each): consider raising LimitNOFILE (ulimit -n)"
+            wanted = busy,
+            "the descriptor limit may run short with every connection busy upstream (2 each) and the idle upstream pool full: consider raising LimitNOFILE (ulimit -n)"
         );
     } else if limit > soft {
         tracing::debug!(from = soft, to = limit, "descriptor limit raised");

@@ -80,6 +80,8 @@ const SHORT_PATH_RTT_US: u32 = 100;
 /// Empty pipes kept for the next chunk, of each size.
 const POOL_MAX: usize = 64;
 const BIG_POOL_MAX: usize = 8;
+/// Empty pipes kept in all (two descriptors each).
+pub const PIPES_KEPT: usize = POOL_MAX + BIG_POOL_MAX;
 
 static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 static BIG_POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
