@@ -83,17 +83,38 @@ impl Access {
     /// its primary one or, read from `/proc` for `pid`, a supplementary
     /// one, as the socket file's own check (its mode and group) takes it.
     pub fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+        self.rights(uid, gid, pid).is_some()
+    }
+
+    /// What a peer of these credentials may ask, if it is served at all.
+    pub fn rights(&self, uid: u32, gid: u32, pid: Option<i32>) -> Option<Rights> {
+        if uid == 0 || uid == Uid::effective().as_raw() {
+            return Some(Rights::Control);
+        }
         // The socket file's group: the one given, else the allocator's
         // (whose members the file lets connect).
         let file_group = self.group.unwrap_or_else(nix::unistd::getegid);
         let group =
             |gid: u32| self.gids.iter().any(|g| g.as_raw() == gid) || file_group.as_raw() == gid;
-        uid == 0
-            || uid == Uid::effective().as_raw()
-            || self.uids.iter().any(|u| u.as_raw() == uid)
+        let served = self.uids.iter().any(|u| u.as_raw() == uid)
             || group(gid)
-            || pid.is_some_and(|pid| supplementary_groups(pid, uid, gid).into_iter().any(group))
+            || pid.is_some_and(|pid| supplementary_groups(pid, uid, gid).into_iter().any(group));
+        served.then_some(Rights::Lease)
     }
+}
+
+/// What a peer the socket serves may ask (as HAProxy's stats socket has
+/// levels): a user let in to lease does not steer the pool for everyone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rights {
+    /// root and the allocator's own user: everything, `rotor reload`,
+    /// `rotor quarantine` and `rotor release` among it.
+    Control,
+    /// A user or group let in by `--allow-uid`, `--allow-gid` or the
+    /// socket file's group: leases and what a worker reports (an address
+    /// it cannot use, a site's push-back, its metrics), and the status;
+    /// not a reload or steering.
+    Lease,
 }
 
 /// The supplementary groups of process `pid` (`Groups:` of its status),
@@ -149,6 +170,16 @@ mod tests {
         assert!(a.allows(Uid::effective().as_raw(), 12345, None));
         assert!(a.allows(1000, 1, None));
         assert!(a.allows(4242, 2000, None));
+        // Only root and the allocator's own user control it.
+        assert_eq!(a.rights(0, 0, None), Some(Rights::Control));
+        let me = Uid::effective().as_raw();
+        assert_eq!(a.rights(me, 12345, None), Some(Rights::Control));
+        if me != 1000 && me != 4242 {
+            assert_eq!(a.rights(1000, 1, None), Some(Rights::Lease));
+            assert_eq!(a.rights(4242, 2000, None), Some(Rights::Lease));
+            let by_file_group = nix::unistd::getegid().as_raw();
+            assert_eq!(a.rights(4242, by_file_group, None), Some(Rights::Lease));
+        }
         assert!(!a.allows(4242, 4242, None) || Uid::effective().as_raw() == 4242);
         // A supplementary group counts: this process's own, read from /proc.
         let me = std::process::id() as i32;

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::access::{Access, AccessError};
+use crate::access::{Access, AccessError, Rights};
 use crate::persist::{PersistError, Saved, StateFile};
 use crate::pool::TableHome;
 use crate::source::Source;
@@ -331,17 +331,19 @@ pub async fn run(
                 }
             },
         };
-        match stream.peer_cred() {
-            Ok(cred) if config.access.allows(cred.uid(), cred.gid(), cred.pid()) => {}
-            Ok(cred) => {
-                warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "refused a peer that is not allowed to lease");
-                continue;
-            }
+        let rights = match stream.peer_cred() {
+            Ok(cred) => match config.access.rights(cred.uid(), cred.gid(), cred.pid()) {
+                Some(rights) => rights,
+                None => {
+                    warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "refused a peer that is not allowed to lease");
+                    continue;
+                }
+            },
             Err(e) => {
                 warn!(error = %e, "cannot read a peer's credentials; refused");
                 continue;
             }
-        }
+        };
         let Ok(place) = peers.clone().try_acquire_owned() else {
             if let Some(n) = refused.count_in(Duration::from_secs(10)) {
                 warn!(
@@ -363,7 +365,7 @@ pub async fn run(
             async move {
                 let _place = place;
                 tokio::select! {
-                    r = serve(stream, id, &alloc, &reload_tx) => {
+                    r = serve(stream, (id, rights), &alloc, &reload_tx) => {
                         if let Err(e) = r {
                             log_conn_error(&e);
                         }
@@ -647,9 +649,10 @@ fn cut(mut text: String) -> String {
 /// Most requests answered per batch (per state write and flush).
 const BATCH: usize = 64;
 
+/// The answer to `frame` from peer `id`, which may ask what `rights` let.
 async fn answer(
     frame: ClientFrame,
-    id: u64,
+    (id, rights): (u64, Rights),
     alloc: &Allocator,
     reload: &mpsc::Sender<ReloadReply>,
 ) -> Result<ServerFrame, ConnError> {
@@ -657,6 +660,22 @@ async fn answer(
         ClientFrame::Request(env) => env,
         ClientFrame::Hello(_) => return Err(ConnError::DuplicateHello),
     };
+    let control = matches!(
+        env.body,
+        Request::Reload | Request::ReloadReport | Request::Steer { .. }
+    );
+    if control && rights != Rights::Control {
+        warn!(
+            peer = id,
+            "refused a reload or steering from a peer let in only to lease"
+        );
+        return Ok(ServerFrame::Response(Envelope {
+            id: env.id,
+            body: Response::Error {
+                message: "only root and the allocator's own user may reload or steer the pool (this user is let in to lease only); run it as one of them, e.g. with sudo".into(),
+            },
+        }));
+    }
     let body = match env.body {
         Request::Lease { families } => alloc.lease(id, families),
         Request::Status => Response::Status(alloc.status()),
@@ -804,7 +823,7 @@ async fn refuse(mut stream: UnixStream, max: usize, _telling: OwnedSemaphorePerm
 
 async fn serve(
     stream: UnixStream,
-    id: u64,
+    (id, rights): (u64, Rights),
     alloc: &Allocator,
     reload: &mpsc::Sender<ReloadReply>,
 ) -> Result<(), ConnError> {
@@ -855,13 +874,13 @@ async fn serve(
         // A report (a status, the pool, the sites) ends its batch: up to a
         // frame each, 64 of them built before any was written would hold
         // hundreds of MiB.
-        replies.push(answer(frame, id, alloc, reload).await?);
+        replies.push(answer(frame, (id, rights), alloc, reload).await?);
         while replies.len() < BATCH
             && !replies.last().is_some_and(is_report)
             && rx.has_complete_frame()
         {
             match rx.recv().await? {
-                Some(frame) => replies.push(answer(frame, id, alloc, reload).await?),
+                Some(frame) => replies.push(answer(frame, (id, rights), alloc, reload).await?),
                 None => break,
             }
         }
@@ -906,7 +925,9 @@ mod tests {
             id: 1,
             body: Request::ReloadReport,
         });
-        let frame = answer(ask, 1, &alloc, &reload).await.unwrap();
+        let frame = answer(ask, (1, Rights::Control), &alloc, &reload)
+            .await
+            .unwrap();
         let len = rotor_protocol::encode(&frame).unwrap().len();
         assert!(len < rotor_protocol::MAX_FRAME_LEN / 8, "{len}");
         let ServerFrame::Response(Envelope {
@@ -920,6 +941,73 @@ mod tests {
         assert_eq!(r.failed.len(), FAILED_LISTED + 1);
         assert_eq!(r.failed[0].0, "--pool-file /p/0");
         assert_eq!(r.failed[FAILED_LISTED].0, "4936 more sources");
+    }
+
+    /// A peer let in only to lease (`--allow-uid`, `--allow-gid`, the
+    /// socket's group) may not steer or reload the pool: told so, and
+    /// nothing changes; root and the allocator's own user may.
+    #[tokio::test]
+    async fn only_control_peers_steer_or_reload() {
+        let source = crate::source::Source::list("10.0.0.1,10.0.0.2").unwrap();
+        let entries = source.read().unwrap();
+        let alloc = Allocator::new(vec![source]);
+        alloc.apply_refresh(vec![Ok(entries)], &HashMap::new());
+        let (reload, mut asked) = mpsc::channel::<ReloadReply>(1);
+        let ask = |body| ClientFrame::Request(Envelope { id: 5, body });
+        let steer = || Request::Steer {
+            ip: "10.0.0.1".parse().unwrap(),
+            release: false,
+            for_secs: None,
+        };
+        for body in [steer(), Request::Reload, Request::ReloadReport] {
+            let frame = answer(ask(body), (1, Rights::Lease), &alloc, &reload)
+                .await
+                .unwrap();
+            match frame {
+                ServerFrame::Response(Envelope {
+                    id: 5,
+                    body: Response::Error { message },
+                }) => assert!(message.contains("only root"), "{message}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(asked.try_recv().is_err(), "no reload was asked");
+        assert_eq!(alloc.addresses_in_rotation(), 2);
+        // Leases and status are served.
+        let frame = answer(
+            ask(Request::Lease {
+                families: rotor_protocol::Families::ANY,
+            }),
+            (1, Rights::Lease),
+            &alloc,
+            &reload,
+        )
+        .await
+        .unwrap();
+        assert!(
+            matches!(
+                frame,
+                ServerFrame::Response(Envelope {
+                    body: Response::Leased(_),
+                    ..
+                })
+            ),
+            "{frame:?}"
+        );
+        let frame = answer(ask(steer()), (1, Rights::Control), &alloc, &reload)
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                frame,
+                ServerFrame::Response(Envelope {
+                    body: Response::Steered { entry: Some(_) },
+                    ..
+                })
+            ),
+            "{frame:?}"
+        );
+        assert_eq!(alloc.addresses_in_rotation(), 1);
     }
 
     #[test]
@@ -948,7 +1036,7 @@ mod tests {
         alloc.apply_refresh(vec![Ok(entries)], &HashMap::new());
         let (reload, _rx) = mpsc::channel(1);
         let ask = |body| ClientFrame::Request(Envelope { id: 9, body });
-        let frame = answer(ask(Request::StatusV2), 1, &alloc, &reload)
+        let frame = answer(ask(Request::StatusV2), (1, Rights::Lease), &alloc, &reload)
             .await
             .unwrap();
         match frame {
@@ -959,7 +1047,13 @@ mod tests {
             other => panic!("{:?}", std::mem::discriminant(&other)),
         }
         // A small answer is as it was.
-        let frame = answer(ask(Request::HostStatus), 1, &alloc, &reload).await;
+        let frame = answer(
+            ask(Request::HostStatus),
+            (1, Rights::Lease),
+            &alloc,
+            &reload,
+        )
+        .await;
         assert!(matches!(
             frame,
             Ok(ServerFrame::Response(Envelope {

@@ -248,9 +248,15 @@ async fn garbage_on_the_proxy_port_never_takes_the_worker_down() {
 
 /// `rotor status` run as `nobody`.
 fn status_as_nobody(socket: &std::path::Path) -> std::process::Output {
+    as_nobody(&["status"], socket)
+}
+
+/// `rotor ARGS --socket SOCKET` run as `nobody`.
+fn as_nobody(args: &[&str], socket: &std::path::Path) -> std::process::Output {
     use std::os::unix::process::CommandExt;
     std::process::Command::new(ROTOR)
-        .args(["status", "--socket", socket.to_str().unwrap()])
+        .args(args)
+        .args(["--socket", socket.to_str().unwrap()])
         .uid(65534)
         .gid(65534)
         .output()
@@ -308,6 +314,21 @@ async fn only_allowed_users_may_use_the_allocator_socket() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Let in to lease, not to steer or reload the pool for everyone.
+    for args in [
+        &["reload"][..],
+        &["quarantine", "127.0.0.2"],
+        &["release", "127.0.0.2"],
+    ] {
+        let out = as_nobody(args, &alloc.socket);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains("only root"), "{args:?}: {stderr}");
+    }
+    // As root: nothing was taken out of the rotation.
+    assert!(status_json(&alloc.socket)["pool"][0]["quarantined"].is_null());
+    rotor_control("quarantine", &alloc.socket, &["127.0.0.2"]);
+    assert!(!status_json(&alloc.socket)["pool"][0]["quarantined"].is_null());
     drop(alloc);
 
     // --socket-group: a member by a supplementary group is served too (the
