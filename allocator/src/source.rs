@@ -603,9 +603,13 @@ mod tests {
         // that never ends (nor one that times out).
         let dir = tempfile::tempdir().unwrap();
         let pid = dir.path().join("pid");
+        // (It has left the group once it wrote its pid: under load, the
+        // command's end could otherwise come first, and the group's kill
+        // take it too.)
         let cmd = format!(
-            "setsid sh -c 'echo $$ > {}; exec sleep 30' & echo 127.0.0.2",
-            pid.display()
+            "setsid sh -c 'echo $$ > {p}; exec sleep 30' & \
+             while [ ! -s {p} ]; do sleep 0.01; done; echo 127.0.0.2",
+            p = pid.display()
         );
         let started = std::time::Instant::now();
         let err = run_pool_command(&cmd, t).unwrap_err();
