@@ -24,6 +24,7 @@ pub(crate) fn rss() -> usize {
 }
 pub mod state;
 pub mod usable;
+pub mod waiters;
 
 /// Whether `period` has passed since `last` (or nothing was done yet),
 /// noting `now` as the last time when it has: a pass or a warning at most

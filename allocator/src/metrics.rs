@@ -312,6 +312,8 @@ pub struct PoolFigures {
     pub sessions: u64,
     pub sites: u64,
     pub site_entries: u64,
+    /// Requests held waiting for a site's budget.
+    pub site_waiters: u64,
 }
 
 impl HostMetrics {
@@ -574,6 +576,12 @@ pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
         "rotor_site_entries",
         "Entries of per-site state held (sites and (address, site) pairs)",
         [(vec![], pool.site_entries as i64)],
+    );
+    gauge_family(
+        &mut r,
+        "rotor_site_waiters",
+        "Requests held waiting for a site's budget (--budget-wait), every worker's",
+        [(vec![], pool.site_waiters as i64)],
     );
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &r).expect("writing to a String");

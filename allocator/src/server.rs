@@ -310,6 +310,7 @@ pub async fn run(
         config.checkpoint,
         shutdown.clone(),
     ));
+    tracker.spawn(serve_waiters(alloc.clone(), shutdown.clone()));
 
     let ids = AtomicU64::new(1);
     // Each connection may hold a frame's room while it sends one, so their
@@ -403,6 +404,27 @@ pub fn table_path_for(socket: &Path) -> Option<PathBuf> {
 /// (a restart after a crash reads the table's own file first), and entries
 /// out of the rotation are looked at.
 const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
+/// Answers the requests held waiting for a site's budget as they fall
+/// due (see `waiters`): woken at the next due time, or when one is held
+/// or the pool changed.
+async fn serve_waiters(alloc: Arc<Allocator>, shutdown: CancellationToken) {
+    let mut next = None;
+    loop {
+        let due = async {
+            match next {
+                Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = alloc.waiting.notified() => {}
+            _ = due => {}
+        }
+        next = alloc.serve_waiters();
+    }
+}
 
 async fn persist_loop(alloc: Arc<Allocator>, checkpoint: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(PERSIST_EVERY);
@@ -649,13 +671,23 @@ fn cut(mut text: String) -> String {
 /// Most requests answered per batch (per state write and flush).
 const BATCH: usize = 64;
 
-/// The answer to `frame` from peer `id`, which may ask what `rights` let.
+/// A connected peer: its id, what it may ask, and where the answers to its
+/// requests held for later go (a site wait's, see `waiters`).
+struct Peer {
+    id: u64,
+    rights: Rights,
+    late: mpsc::UnboundedSender<ServerFrame>,
+}
+
+/// The answer to `frame` from `peer`; `None` if it is held to be answered
+/// later (through `peer.late`).
 async fn answer(
     frame: ClientFrame,
-    (id, rights): (u64, Rights),
+    peer: &Peer,
     alloc: &Allocator,
     reload: &mpsc::Sender<ReloadReply>,
-) -> Result<ServerFrame, ConnError> {
+) -> Result<Option<ServerFrame>, ConnError> {
+    let (id, rights) = (peer.id, peer.rights);
     let env = match frame {
         ClientFrame::Request(env) => env,
         ClientFrame::Hello(_) => return Err(ConnError::DuplicateHello),
@@ -669,12 +701,12 @@ async fn answer(
             peer = id,
             "refused a reload or steering from a peer let in only to lease"
         );
-        return Ok(ServerFrame::Response(Envelope {
+        return Ok(Some(ServerFrame::Response(Envelope {
             id: env.id,
             body: Response::Error {
                 message: "only root and the allocator's own user may reload or steer the pool (this user is let in to lease only); run it as one of them, e.g. with sudo".into(),
             },
-        }));
+        })));
     }
     let body = match env.body {
         Request::Lease { families } => alloc.lease(id, families),
@@ -699,6 +731,25 @@ async fn answer(
         Request::Attach => alloc.attach(id),
         Request::Reloads => alloc.reloads(),
         Request::LeaseSite { families, site } => alloc.lease_site(id, families, &site),
+        Request::LeaseSiteWait {
+            families,
+            site,
+            wait_ms,
+        } => {
+            let reply = crate::waiters::Reply {
+                peer: id,
+                id: env.id,
+                tx: peer.late.clone(),
+            };
+            match alloc.lease_site_wait(families, &site, Duration::from_millis(wait_ms), reply) {
+                Some(answer) => answer,
+                None => return Ok(None),
+            }
+        }
+        Request::CancelWait { id: held } => {
+            alloc.cancel_wait(id, held);
+            Response::Noted { quarantined: false }
+        }
         Request::Pushback {
             ip,
             site,
@@ -779,7 +830,7 @@ async fn answer(
         }) if rotor_protocol::encode(&frame)
             .map_or(true, |bytes| bytes.len() > rotor_protocol::MAX_FRAME_LEN) =>
         {
-            Ok(ServerFrame::Response(Envelope {
+            Ok(Some(ServerFrame::Response(Envelope {
                 id: env.id,
                 body: Response::Error {
                     message: format!(
@@ -788,9 +839,9 @@ async fn answer(
                         rotor_protocol::MAX_FRAME_LEN >> 20
                     ),
                 },
-            }))
+            })))
         }
-        _ => Ok(frame),
+        _ => Ok(Some(frame)),
     }
 }
 
@@ -839,6 +890,10 @@ async fn serve(
 
     let (mut tx, mut rx) = chan.split();
     let mut replies = Vec::with_capacity(BATCH);
+    // Answers to requests held for later (site waits) come back here, to
+    // be written as the others are: after the state file.
+    let (late, mut late_rx) = mpsc::unbounded_channel();
+    let peer = Peer { id, rights, late };
     // A peer quiet between frames is waited for as long as it likes; one
     // that began a frame and stopped holds the room its length asked for
     // (up to a frame, 4 MiB): closed when two ticks 10 s apart found the
@@ -855,6 +910,17 @@ async fn serve(
         let frame = tokio::select! {
             biased;
             frame = rx.recv() => frame?,
+            Some(held) = late_rx.recv() => {
+                replies.push(held);
+                while replies.len() < BATCH {
+                    match late_rx.try_recv() {
+                        Ok(held) => replies.push(held),
+                        Err(_) => break,
+                    }
+                }
+                write_replies(alloc, &mut tx, &mut replies).await?;
+                continue;
+            }
             _ = tick.tick() => {
                 let mid = rx.mid_frame();
                 if mid && begun_at == Some(frames) {
@@ -874,34 +940,56 @@ async fn serve(
         // A report (a status, the pool, the sites) ends its batch: up to a
         // frame each, 64 of them built before any was written would hold
         // hundreds of MiB.
-        replies.push(answer(frame, (id, rights), alloc, reload).await?);
+        replies.extend(answer(frame, &peer, alloc, reload).await?);
         while replies.len() < BATCH
             && !replies.last().is_some_and(is_report)
             && rx.has_complete_frame()
         {
             match rx.recv().await? {
-                Some(frame) => replies.push(answer(frame, (id, rights), alloc, reload).await?),
+                Some(frame) => replies.extend(answer(frame, &peer, alloc, reload).await?),
                 None => break,
             }
         }
-        alloc.persist();
-        let write = async {
-            for msg in replies.drain(..) {
-                tx.feed(&msg).await?;
-            }
-            tx.flush().await
-        };
-        tokio::time::timeout(WRITE_TIMEOUT, write)
-            .await
-            .map_err(|_| ConnError::WriteTimeout(WRITE_TIMEOUT))??;
+        write_replies(alloc, &mut tx, &mut replies).await?;
     }
     debug!("peer disconnected");
+    Ok(())
+}
+
+/// Writes `replies` (emptied) once the state file holds the leases among
+/// them.
+async fn write_replies(
+    alloc: &Allocator,
+    tx: &mut rotor_protocol::ChannelTx<tokio::io::WriteHalf<UnixStream>, ServerFrame>,
+    replies: &mut Vec<ServerFrame>,
+) -> Result<(), ConnError> {
+    if replies.is_empty() {
+        return Ok(());
+    }
+    alloc.persist();
+    let write = async {
+        for msg in replies.drain(..) {
+            tx.feed(&msg).await?;
+        }
+        tx.flush().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, write)
+        .await
+        .map_err(|_| ConnError::WriteTimeout(WRITE_TIMEOUT))??;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn peer(rights: Rights) -> Peer {
+        Peer {
+            id: 1,
+            rights,
+            late: mpsc::unbounded_channel().0,
+        }
+    }
 
     /// However many sources failed, the reload's answer names at most 64
     /// and how many more, each text cut: it fits a frame.
@@ -925,8 +1013,9 @@ mod tests {
             id: 1,
             body: Request::ReloadReport,
         });
-        let frame = answer(ask, (1, Rights::Control), &alloc, &reload)
+        let frame = answer(ask, &peer(Rights::Control), &alloc, &reload)
             .await
+            .unwrap()
             .unwrap();
         let len = rotor_protocol::encode(&frame).unwrap().len();
         assert!(len < rotor_protocol::MAX_FRAME_LEN / 8, "{len}");
@@ -960,8 +1049,9 @@ mod tests {
             for_secs: None,
         };
         for body in [steer(), Request::Reload, Request::ReloadReport] {
-            let frame = answer(ask(body), (1, Rights::Lease), &alloc, &reload)
+            let frame = answer(ask(body), &peer(Rights::Lease), &alloc, &reload)
                 .await
+                .unwrap()
                 .unwrap();
             match frame {
                 ServerFrame::Response(Envelope {
@@ -978,11 +1068,12 @@ mod tests {
             ask(Request::Lease {
                 families: rotor_protocol::Families::ANY,
             }),
-            (1, Rights::Lease),
+            &peer(Rights::Lease),
             &alloc,
             &reload,
         )
         .await
+        .unwrap()
         .unwrap();
         assert!(
             matches!(
@@ -994,8 +1085,9 @@ mod tests {
             ),
             "{frame:?}"
         );
-        let frame = answer(ask(steer()), (1, Rights::Control), &alloc, &reload)
+        let frame = answer(ask(steer()), &peer(Rights::Control), &alloc, &reload)
             .await
+            .unwrap()
             .unwrap();
         assert!(
             matches!(
@@ -1036,9 +1128,15 @@ mod tests {
         alloc.apply_refresh(vec![Ok(entries)], &HashMap::new());
         let (reload, _rx) = mpsc::channel(1);
         let ask = |body| ClientFrame::Request(Envelope { id: 9, body });
-        let frame = answer(ask(Request::StatusV2), (1, Rights::Lease), &alloc, &reload)
-            .await
-            .unwrap();
+        let frame = answer(
+            ask(Request::StatusV2),
+            &peer(Rights::Lease),
+            &alloc,
+            &reload,
+        )
+        .await
+        .unwrap()
+        .unwrap();
         match frame {
             ServerFrame::Response(Envelope {
                 id: 9,
@@ -1049,17 +1147,17 @@ mod tests {
         // A small answer is as it was.
         let frame = answer(
             ask(Request::HostStatus),
-            (1, Rights::Lease),
+            &peer(Rights::Lease),
             &alloc,
             &reload,
         )
         .await;
         assert!(matches!(
             frame,
-            Ok(ServerFrame::Response(Envelope {
+            Ok(Some(ServerFrame::Response(Envelope {
                 body: Response::HostStatus(_),
                 ..
-            }))
+            })))
         ));
     }
 }

@@ -22,6 +22,9 @@ use crate::source::{Source, SourceError};
 pub struct Allocator {
     inner: Mutex<Inner>,
     started: Instant,
+    /// Wakes the task that answers held site waits (`serve_waiters`): a
+    /// request held, or the pool changed.
+    pub waiting: tokio::sync::Notify,
     /// The last metrics scrape rendered, behind the one render running at
     /// a time (see `metrics::rendered`).
     pub rendered: tokio::sync::Mutex<Option<crate::metrics::Rendered>>,
@@ -69,6 +72,8 @@ struct Inner {
     /// last checkpoint wrote. A checkpoint with nothing new writes nothing.
     changes: u64,
     changes_kept: u64,
+    /// Requests waiting for a site's budget, in arrival order (bounded).
+    waiters: crate::waiters::Waiters,
 }
 
 /// The sticky sessions and the site state, copied under the lock (a few
@@ -248,6 +253,66 @@ const MAX_SOFTWARE: usize = 128;
 pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 
 impl Inner {
+    /// A lease for a request to `site` (see [`Allocator::lease_site`]).
+    fn lease_site(&mut self, peer: u64, families: Families, site: &str, now: Instant) -> Response {
+        let inner = self;
+        // No state for what is no site's name (a worker sends a resolved
+        // host's; a peer that sends megabytes of anything holds none of
+        // it): from the shared rotation, as a push-back for it is ignored.
+        if !valid_site(site) {
+            let answer = inner.lease_checked(families);
+            return inner.answer(peer, answer);
+        }
+        // Ends within three turns: a start per family at most (its cursor
+        // is set then), and a walk answers.
+        loop {
+            let Inner { sites, pool, .. } = &mut *inner;
+            let answer = sites.lease(site, families, pool.active(), pool.generation(), now);
+            // (A refusal changes nothing a checkpoint keeps: a site only
+            // refused is not written again at every interval.)
+            if !matches!(answer, Answer::Shared | Answer::Throttled { .. }) {
+                inner.changes += 1;
+            }
+            match answer {
+                Answer::Shared => break,
+                Answer::Address { ip, index, watch } => {
+                    let table = inner.pool.table();
+                    table.flag_site(site);
+                    table.count_lease(Family::of(&ip), index);
+                    return inner.site_lease(peer, ip, watch);
+                }
+                Answer::Throttled {
+                    retry_after,
+                    cooling,
+                } => {
+                    inner.pool.table().flag_site(site);
+                    return Response::Throttled {
+                        retry_after_ms: retry_after.as_millis().max(1) as u64,
+                        cooling,
+                    };
+                }
+                Answer::Start(family) => {
+                    inner.pool.table().flag_site(site);
+                    let lease = match inner.lease_checked(Families::only(family)) {
+                        Some(Ok(l)) => l,
+                        other => return inner.answer(peer, other),
+                    };
+                    let active = inner.pool.active();
+                    let total = family_total(active, family);
+                    let index = index_of(active, lease.ip).unwrap_or(0);
+                    if let Some(watch) = inner.sites.started(site, lease.ip, index, total, now) {
+                        if let Some(p) = inner.peers.get_mut(&peer) {
+                            p.leases += 1;
+                        }
+                        return Response::SiteLeased { lease, watch };
+                    }
+                }
+            }
+        }
+        let answer = inner.lease_checked(families);
+        inner.answer(peer, answer)
+    }
+
     /// The sessions and the site state as they are now, for the state
     /// directory (none without one); the changes counted so far are
     /// theirs.
@@ -599,6 +664,7 @@ impl Allocator {
                 kept_dir: None,
                 changes: 0,
                 changes_kept: 0,
+                waiters: Default::default(),
                 sources: sources
                     .into_iter()
                     .map(|source| SourceState {
@@ -611,6 +677,7 @@ impl Allocator {
                 peers: BTreeMap::new(),
             }),
             started: Instant::now(),
+            waiting: tokio::sync::Notify::new(),
             rendered: tokio::sync::Mutex::const_new(None),
         })
     }
@@ -796,6 +863,9 @@ impl Allocator {
             }
         }
         inner.last_refresh = Some(SystemTime::now());
+        if changed {
+            self.retry_waiters(&mut inner);
+        }
         RefreshOutcome {
             changed,
             generation: inner.pool.generation(),
@@ -878,6 +948,7 @@ impl Allocator {
         }
         told.sum_up();
         inner.publish_quarantine();
+        self.retry_waiters(&mut inner);
     }
 
     /// A worker could not use `ip`: its entry leaves the rotation until a
@@ -932,6 +1003,7 @@ impl Allocator {
             inner.quarantine.insert(e, q);
         }
         inner.publish_quarantine();
+        self.retry_waiters(&mut inner);
         Some(e)
     }
 
@@ -1038,6 +1110,7 @@ impl Allocator {
                 sessions: u64::from(v2.sessions),
                 sites: inner.sites.len() as u64,
                 site_entries: inner.sites.entries() as u64,
+                site_waiters: inner.waiters.len() as u64,
             };
             (figures, inner.metrics.clone())
         };
@@ -1138,63 +1211,92 @@ impl Allocator {
     /// rotation, skipping addresses out of budget or cooling for it, when
     /// the allocator holds state for the site; else from the shared one.
     pub fn lease_site(&self, peer: u64, families: Families, site: &str) -> Response {
+        self.lock().lease_site(peer, families, site, Instant::now())
+    }
+
+    /// As `lease_site`, but a refusal that ends within `wait` is not
+    /// answered: the request is held with the site's other waiters, in
+    /// arrival order, and answered through `reply` (see `waiters`); `None`
+    /// then. A site with waiters held puts a new one behind them.
+    pub fn lease_site_wait(
+        &self,
+        families: Families,
+        site: &str,
+        wait: Duration,
+        reply: crate::waiters::Reply,
+    ) -> Option<Response> {
         let mut inner = self.lock();
         let now = Instant::now();
-        // No state for what is no site's name (a worker sends a resolved
-        // host's; a peer that sends megabytes of anything holds none of
-        // it): from the shared rotation, as a push-back for it is ignored.
-        if !valid_site(site) {
-            let answer = inner.lease_checked(families);
-            return inner.answer(peer, answer);
-        }
-        // Ends within three turns: a start per family at most (its cursor
-        // is set then), and a walk answers.
-        loop {
-            let Inner { sites, pool, .. } = &mut *inner;
-            let answer = sites.lease(site, families, pool.active(), pool.generation(), now);
-            // (A refusal changes nothing a checkpoint keeps: a site only
-            // refused is not written again at every interval.)
-            if !matches!(answer, Answer::Shared | Answer::Throttled { .. }) {
-                inner.changes += 1;
-            }
-            match answer {
-                Answer::Shared => break,
-                Answer::Address { ip, index, watch } => {
-                    let table = inner.pool.table();
-                    table.flag_site(site);
-                    table.count_lease(Family::of(&ip), index);
-                    return inner.site_lease(peer, ip, watch);
-                }
-                Answer::Throttled {
-                    retry_after,
+        let deadline = now + wait.min(crate::waiters::MAX_WAIT);
+        let next_try = match inner.waiters.next_try(site) {
+            // Behind those held, unless its wait ends before they are
+            // tried again.
+            Some((next, cooling)) if next > deadline => {
+                return Some(Response::Throttled {
+                    retry_after_ms: next.duration_since(now).as_millis().max(1) as u64,
                     cooling,
-                } => {
-                    inner.pool.table().flag_site(site);
-                    return Response::Throttled {
-                        retry_after_ms: retry_after.as_millis().max(1) as u64,
-                        cooling,
-                    };
-                }
-                Answer::Start(family) => {
-                    inner.pool.table().flag_site(site);
-                    let lease = match inner.lease_checked(Families::only(family)) {
-                        Some(Ok(l)) => l,
-                        other => return inner.answer(peer, other),
-                    };
-                    let active = inner.pool.active();
-                    let total = family_total(active, family);
-                    let index = index_of(active, lease.ip).unwrap_or(0);
-                    if let Some(watch) = inner.sites.started(site, lease.ip, index, total, now) {
-                        if let Some(p) = inner.peers.get_mut(&peer) {
-                            p.leases += 1;
-                        }
-                        return Response::SiteLeased { lease, watch };
-                    }
-                }
+                });
             }
+            Some(_) => now,
+            None => match inner.lease_site(reply.peer, families, site, now) {
+                Response::Throttled { retry_after_ms, .. }
+                    if now + Duration::from_millis(retry_after_ms) <= deadline =>
+                {
+                    now + Duration::from_millis(retry_after_ms)
+                }
+                answer => return Some(answer),
+            },
+        };
+        match inner
+            .waiters
+            .hold(site, families, deadline, next_try, reply)
+        {
+            Ok(()) => {
+                drop(inner);
+                self.waiting.notify_one();
+                None
+            }
+            // Past the cap: answered now, as `LeaseSite`.
+            Err(reply) => Some(inner.lease_site(reply.peer, families, site, now)),
         }
-        let answer = inner.lease_checked(families);
-        inner.answer(peer, answer)
+    }
+
+    /// A held wait (envelope `id` of `peer`) is given up.
+    pub fn cancel_wait(&self, peer: u64, id: u64) {
+        self.lock().waiters.cancel(peer, id);
+    }
+
+    /// Answers the held site waits that are due; when the next is.
+    pub fn serve_waiters(&self) -> Option<Instant> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        if inner.waiters.is_empty() {
+            return None;
+        }
+        let mut waiters = std::mem::take(&mut inner.waiters);
+        waiters.serve(now, |site, families, peer| {
+            match inner.lease_site(peer, families, site, now) {
+                Response::Throttled {
+                    retry_after_ms,
+                    cooling,
+                } => crate::waiters::Tried::Refused {
+                    until: now + Duration::from_millis(retry_after_ms),
+                    cooling,
+                },
+                answer => crate::waiters::Tried::Served(answer),
+            }
+        });
+        let next = waiters.next_due();
+        inner.waiters = waiters;
+        next
+    }
+
+    /// The held site waits are tried again now (the pool changed).
+    fn retry_waiters(&self, inner: &mut Inner) {
+        if !inner.waiters.is_empty() {
+            inner.waiters.try_all_now(Instant::now());
+            self.waiting.notify_one();
+        }
     }
 
     /// `site` pushed back on `ip` (a worker saw it): the pair cools, for
@@ -1430,6 +1532,7 @@ impl Allocator {
 
     pub fn peer_gone(&self, id: u64) {
         let mut inner = self.lock();
+        inner.waiters.forget_peer(id);
         inner.metrics.workers.remove(&id);
         if let Some(slot) = inner.peers.remove(&id).and_then(|p| p.slot) {
             // Its published load must not hold its siblings back.

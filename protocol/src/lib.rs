@@ -25,8 +25,8 @@ pub use message::{
     ReloadReport, Request, Response, Role, ServerFrame, SiteLimit, SiteStatus, SitesReport,
     SourceMetrics, SourceStatus, StatusReport, StatusReportV2, WorkerMetrics, WorkerStatus,
     HISTOGRAM_BOUNDS, MAX_SESSION_KEY, MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_METRICS,
-    MINOR_RELOADS, MINOR_RELOAD_REPORT, MINOR_SESSIONS_FULL, MINOR_SITES, POOL_TOO_LARGE,
-    PROTOCOL_MAJOR, PROTOCOL_MINOR, REPORT_TEXT_MAX,
+    MINOR_RELOADS, MINOR_RELOAD_REPORT, MINOR_SESSIONS_FULL, MINOR_SITES, MINOR_SITE_WAIT,
+    POOL_TOO_LARGE, PROTOCOL_MAJOR, PROTOCOL_MINOR, REPORT_TEXT_MAX,
 };
 pub use report::{error_chain, Moment};
 pub use segment::{cover, Family, PrefixSet, Segment};

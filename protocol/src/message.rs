@@ -23,7 +23,7 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 7;
+pub const PROTOCOL_MINOR: u16 = 8;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
@@ -47,6 +47,10 @@ pub const MINOR_RELOAD_REPORT: u16 = 6;
 /// The first minor whose allocator answers `Request::Reloads` (the reloads
 /// asked of it, for a worker that cannot map its lease table).
 pub const MINOR_RELOADS: u16 = 7;
+/// The first minor whose allocator answers `Request::LeaseSiteWait` (a
+/// wait for a site's budget held by the allocator, in arrival order) and
+/// takes `Request::CancelWait`.
+pub const MINOR_SITE_WAIT: u16 = 8;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
 /// sides; the last bucket (+Inf) is implicit.
@@ -262,6 +266,20 @@ pub enum Request {
     /// lease table counts them (since minor 7): how a worker that cannot
     /// map the table learns of them. Answered `Reloads`.
     Reloads,
+    /// As `LeaseSite`, but a refusal whose end comes within `wait_ms` is
+    /// not answered (since minor 8): the allocator holds the request with
+    /// the site's other waiters, in arrival order across every peer, and
+    /// answers it as an address may serve it (the longest waiting first),
+    /// or with `Throttled` at the end of its wait.
+    LeaseSiteWait {
+        families: Families,
+        site: String,
+        wait_ms: u64,
+    },
+    /// The request of envelope `id` (a `LeaseSiteWait` of this peer) is
+    /// no longer waited for (its client left): not served (since minor 8).
+    /// Answered `Noted`.
+    CancelWait { id: u64 },
 }
 
 impl Request {
@@ -282,6 +300,7 @@ impl Request {
             Request::Metrics(_) | Request::Steer { .. } | Request::HostStatus => MINOR_METRICS,
             Request::ReloadReport => MINOR_RELOAD_REPORT,
             Request::Reloads => MINOR_RELOADS,
+            Request::LeaseSiteWait { .. } | Request::CancelWait { .. } => MINOR_SITE_WAIT,
         }
     }
 }

@@ -469,3 +469,48 @@ async fn a_request_waiting_for_budget_is_given_up_when_its_client_goes() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(origin.count(), 1, "the request was sent for a client gone");
 }
+
+/// Requests waiting for a site's budget are served in arrival order across
+/// workers (the allocator holds them, each answered as the budget comes),
+/// and one whose client left gives its turn to the next: no lease is taken
+/// for it. Before, every waiter slept until the refusal's end and raced the
+/// others: the order was chance, and one could lose each round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_requests_are_served_in_arrival_order_across_workers() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2", "--site-limit", "127.0.0.1=1/2s"]).await;
+    let a = Worker::start(&alloc.socket, &["--budget-wait", "20s"]).await;
+    let b = Worker::start(&alloc.socket, &["--budget-wait", "20s"]).await;
+    let url = origin.url("/");
+    assert_eq!(get(a.addr, &url).await.status, 200);
+    let t0 = Instant::now();
+    // First in line: a client that leaves while it waits.
+    let mut gone = TcpStream::connect(b.addr).await.unwrap();
+    gone.write_all(format!("GET {url} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let mut waiting = Vec::new();
+    for (i, w) in [a.addr, b.addr, a.addr, b.addr].into_iter().enumerate() {
+        let url = url.clone();
+        waiting.push(tokio::spawn(async move {
+            let status = get(w, &url).await.status;
+            (i, status, t0.elapsed())
+        }));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    drop(gone);
+    let mut done = Vec::new();
+    for w in waiting {
+        done.push(w.await.unwrap());
+    }
+    assert!(done.iter().all(|(_, status, _)| *status == 200), "{done:?}");
+    let mut by_end = done.clone();
+    by_end.sort_by_key(|(_, _, at)| *at);
+    let order: Vec<usize> = by_end.iter().map(|(i, ..)| *i).collect();
+    assert_eq!(order, [0, 1, 2, 3], "{done:?}");
+    // The first waiter still here was served as the budget came back (about
+    // 2 s after the first request), not a window later.
+    assert!(done[0].2 < Duration::from_millis(3500), "{done:?}");
+    assert_eq!(origin.count(), 5, "nothing sent for the client gone");
+}

@@ -21,7 +21,7 @@ use rotor_protocol::{
     client_handshake, error_chain, Channel, ClientChannel, ClientFrame, Envelope, Families,
     HandshakeError, Hello, Lease, LeaseTable, NoAddress, Refusal, Request, Response, Role, Segment,
     ServerFrame, SiteMode, TableError, MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_RELOADS,
-    MINOR_SITES, POOL_TOO_LARGE,
+    MINOR_SITES, MINOR_SITE_WAIT, POOL_TOO_LARGE,
 };
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -448,22 +448,40 @@ impl LeaseClient {
         site: String,
         deadline: Instant,
     ) -> Result<Granted, LeaseError> {
-        match self
-            .request_until(Request::LeaseSite { families, site }, deadline)
-            .await?
-        {
-            Response::SiteLeased { lease, watch } => Ok((lease, watch)),
-            Response::Leased(lease) => Ok((lease, false)),
-            Response::NoAddress(refusal) => Err(LeaseError::NoAddress(refusal.reason)),
-            Response::Throttled {
-                retry_after_ms,
-                cooling,
-            } => Err(LeaseError::Throttled {
-                retry_after: Duration::from_millis(retry_after_ms),
-                cooling,
-            }),
-            other => Err(LeaseError::Unexpected(format!("{other:?}"))),
+        site_answer(
+            self.request_until(Request::LeaseSite { families, site }, deadline)
+                .await?,
+        )
+    }
+
+    /// As `lease`, for a request to `host` that its site's budget refused:
+    /// the allocator holds it (up to `until`) with the site's other
+    /// waiters from every worker, and answers it in arrival order, as an
+    /// address may serve it, or with `Throttled` at its end. `None` where
+    /// the allocator cannot (older than minor 8), or the site takes no site
+    /// path now: the caller sleeps and asks again.
+    pub async fn lease_site_wait(
+        &self,
+        families: Families,
+        host: &str,
+        until: Instant,
+    ) -> Option<Result<Granted, LeaseError>> {
+        let c = self.conn.borrow().clone()?;
+        if c.minor < MINOR_SITE_WAIT {
+            return None;
         }
+        let mapped = c.mapped();
+        let site = c.site_path(mapped.as_ref().map(|(t, _)| &**t), host)?;
+        let wait_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64;
+        let body = Request::LeaseSiteWait {
+            families,
+            site,
+            wait_ms,
+        };
+        Some(match self.request_until(body, until + self.timeout).await {
+            Ok(answer) => site_answer(answer),
+            Err(e) => Err(e),
+        })
     }
 
     /// Tells the allocator that `site` pushed back on `ip` (it cools the
@@ -718,6 +736,7 @@ impl LeaseClient {
             let _registered = Registered {
                 pending: &conn.pending,
                 id,
+                cancel: matches!(body, Request::LeaseSiteWait { .. }).then_some(&conn.requests),
             };
             let sent = conn.requests.send(Envelope {
                 id,
@@ -758,7 +777,10 @@ async fn wait_replaced(
 /// waited for is sent as it is).
 fn still_wanted(pending: &Pending, env: &Envelope<Request>) -> bool {
     match env.body {
-        Request::Lease { .. } | Request::LeaseSite { .. } | Request::LeaseSession { .. } => pending
+        Request::Lease { .. }
+        | Request::LeaseSite { .. }
+        | Request::LeaseSiteWait { .. }
+        | Request::LeaseSession { .. } => pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
@@ -770,21 +792,53 @@ fn still_wanted(pending: &Pending, env: &Envelope<Request>) -> bool {
 }
 
 /// A request's entry in its connection's `pending`, removed when dropped.
+/// A site wait the allocator holds (`cancel`: the connection's requests)
+/// is given up there if dropped unanswered: no lease taken for nobody.
 struct Registered<'a> {
     pending: &'a Pending,
     id: u64,
+    cancel: Option<&'a mpsc::UnboundedSender<Envelope<Request>>>,
 }
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        remove_pending(self.pending, self.id);
+        if remove_pending(self.pending, self.id) {
+            if let Some(requests) = self.cancel {
+                // Its own id from the top of the range (answered `Noted`,
+                // which nobody waits for).
+                let _ = requests.send(Envelope {
+                    id: u64::MAX / 2 + self.id,
+                    body: Request::CancelWait { id: self.id },
+                });
+            }
+        }
     }
 }
 
-fn remove_pending(pending: &Pending, id: u64) {
-    if let Some(p) = pending.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-        p.remove(&id);
+/// A lease as the site path answers it.
+fn site_answer(answer: Response) -> Result<Granted, LeaseError> {
+    match answer {
+        Response::SiteLeased { lease, watch } => Ok((lease, watch)),
+        Response::Leased(lease) => Ok((lease, false)),
+        Response::NoAddress(refusal) => Err(LeaseError::NoAddress(refusal.reason)),
+        Response::Throttled {
+            retry_after_ms,
+            cooling,
+        } => Err(LeaseError::Throttled {
+            retry_after: Duration::from_millis(retry_after_ms),
+            cooling,
+        }),
+        other => Err(LeaseError::Unexpected(format!("{other:?}"))),
     }
+}
+
+/// Removes request `id`'s entry; whether it was there (unanswered).
+fn remove_pending(pending: &Pending, id: u64) -> bool {
+    pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_mut()
+        .is_some_and(|p| p.remove(&id).is_some())
 }
 
 #[derive(Debug, thiserror::Error)]

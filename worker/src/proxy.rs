@@ -579,10 +579,14 @@ impl Proxy {
         // From the first refusal: the clock is read only then.
         let mut deadline = None;
         let asked = Instant::now();
+        // The answer of a wait the allocator held (its refusal is final).
+        let mut held = None;
         loop {
-            let answer = match sticky {
-                None => self.leases.lease(families, host).await,
-                Some(s) => self
+            let waited = held.is_some();
+            let answer = match (held.take(), sticky) {
+                (Some(answer), _) => answer,
+                (None, None) => self.leases.lease(families, host).await,
+                (None, Some(s)) => self
                     .leases
                     .lease_session(families, &s.key, s.ttl, s.strict)
                     .await
@@ -599,12 +603,20 @@ impl Proxy {
                 }) => {
                     let now = tokio::time::Instant::now();
                     let deadline = *deadline.get_or_insert(now + self.config.budget_wait);
-                    if now + retry_after <= deadline {
+                    if !waited && now + retry_after <= deadline {
                         // Its client is watched while it waits (the fast
                         // path's): one gone is not sent when the budget
                         // comes.
                         crate::h1::call_watch();
-                        tokio::time::sleep(retry_after).await;
+                        // Held by the allocator with the site's other
+                        // waiters, served in arrival order; an older one
+                        // is asked again at the refusal's end.
+                        if sticky.is_none() {
+                            held = self.leases.lease_site_wait(families, host, deadline).await;
+                        }
+                        if held.is_none() {
+                            tokio::time::sleep(retry_after).await;
+                        }
                         continue;
                     }
                     ProxyError::Throttled {

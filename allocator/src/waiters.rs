@@ -1,0 +1,385 @@
+//! Requests waiting for a site's budget (`--budget-wait`, sent as
+//! `LeaseSiteWait`): the allocator holds them per site in arrival order,
+//! across every worker, and answers each as soon as an address may serve
+//! it — the longest waiting first — or at the end of its wait with the
+//! refusal. Before, each worker slept until the refusal's end and asked
+//! again: every waiter woke at once and raced the others and newcomers,
+//! so one waiting longest could lose each round and get 429 at its end
+//! while later ones were served.
+//!
+//! Bounded: at most [`MAX_WAITERS`] in all (past it a request is answered
+//! at once, as `LeaseSite`), each for at most an hour (`--budget-wait`'s
+//! cap); a waiter whose peer left, or that its worker gave up
+//! (`CancelWait`), goes without a lease taken for it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rotor_protocol::{Envelope, Families, Response, ServerFrame};
+use tokio::sync::mpsc;
+
+/// Most requests held waiting, over all sites (about 150 bytes each, and
+/// the site's name once per site).
+pub const MAX_WAITERS: usize = 16_384;
+/// The longest wait held (`--budget-wait`'s cap).
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// Where a held request's answer goes: its connection's late replies,
+/// under the request's envelope id.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub peer: u64,
+    pub id: u64,
+    pub tx: mpsc::UnboundedSender<ServerFrame>,
+}
+
+impl Reply {
+    fn send(self, body: Response) {
+        let _ = self
+            .tx
+            .send(ServerFrame::Response(Envelope { id: self.id, body }));
+    }
+
+    /// Whether nobody will read the answer (the connection ended).
+    fn is_gone(&self) -> bool {
+        self.tx.is_closed()
+    }
+}
+
+#[derive(Debug)]
+struct Waiter {
+    families: Families,
+    deadline: Instant,
+    reply: Reply,
+}
+
+#[derive(Debug)]
+struct Queue {
+    waiting: VecDeque<Waiter>,
+    /// When an address may next serve one of them (the last refusal's
+    /// end); a pool change brings it forward.
+    next_try: Instant,
+    /// The last refusal, for the answers given at a wait's end.
+    cooling: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct Waiters {
+    sites: HashMap<Arc<str>, Queue>,
+    count: usize,
+}
+
+/// What a try for a waiter of `site` answered: handed a response to send,
+/// or refused until a time (`cooling`: by a site's push-back).
+pub enum Tried {
+    Served(Response),
+    Refused { until: Instant, cooling: bool },
+}
+
+impl Waiters {
+    /// Requests held.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// When `site`'s held requests are tried next, and whether its last
+    /// refusal was a cooldown, if any are held (a new one goes behind
+    /// them).
+    pub fn next_try(&self, site: &str) -> Option<(Instant, bool)> {
+        self.sites.get(site).map(|q| (q.next_try, q.cooling))
+    }
+
+    /// Holds a request for `site` until `deadline` (at most [`MAX_WAIT`]
+    /// from `now`), tried again at `next_try` (if the site has none held
+    /// yet). Given back if [`MAX_WAITERS`] are held.
+    pub fn hold(
+        &mut self,
+        site: &str,
+        families: Families,
+        deadline: Instant,
+        next_try: Instant,
+        reply: Reply,
+    ) -> Result<(), Reply> {
+        if self.count >= MAX_WAITERS {
+            return Err(reply);
+        }
+        let queue = self.sites.entry(site.into()).or_insert_with(|| Queue {
+            waiting: VecDeque::new(),
+            next_try,
+            cooling: false,
+        });
+        queue.waiting.push_back(Waiter {
+            families,
+            deadline,
+            reply,
+        });
+        self.count += 1;
+        Ok(())
+    }
+
+    /// When something is due: a site's next try, or a wait's end.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.sites
+            .values()
+            .flat_map(|q| std::iter::once(q.next_try).chain(q.waiting.iter().map(|w| w.deadline)))
+            .min()
+    }
+
+    /// Every site is tried again at its next look (the pool changed: new
+    /// addresses may serve them).
+    pub fn try_all_now(&mut self, now: Instant) {
+        for q in self.sites.values_mut() {
+            q.next_try = q.next_try.min(now);
+        }
+    }
+
+    /// The held request of envelope `id` from `peer` is given up.
+    pub fn cancel(&mut self, peer: u64, id: u64) {
+        self.remove(|r| r.peer == peer && r.id == id);
+    }
+
+    /// Every request of `peer` is given up (its connection ended).
+    pub fn forget_peer(&mut self, peer: u64) {
+        self.remove(|r| r.peer == peer);
+    }
+
+    fn remove(&mut self, gone: impl Fn(&Reply) -> bool) {
+        let mut removed = 0;
+        self.sites.retain(|_, q| {
+            let before = q.waiting.len();
+            q.waiting.retain(|w| !gone(&w.reply));
+            removed += before - q.waiting.len();
+            !q.waiting.is_empty()
+        });
+        self.count -= removed;
+    }
+
+    /// Answers what is due at `now`: at each site whose next try has come,
+    /// its waiters in arrival order, each with `try_lease(site, families,
+    /// peer)` until a refusal — after which only waiters of other families
+    /// are tried (they may have addresses free) — and every wait that
+    /// ended, with the refusal. Returns how many were answered.
+    pub fn serve(
+        &mut self,
+        now: Instant,
+        mut try_lease: impl FnMut(&str, Families, u64) -> Tried,
+    ) -> usize {
+        let mut answered = 0;
+        let mut count = self.count;
+        self.sites.retain(|site, q| {
+            let due = q.next_try <= now;
+            // Families refused in this pass, and until when.
+            let mut refused: Vec<(Families, Instant, bool)> = Vec::new();
+            let mut kept = VecDeque::with_capacity(q.waiting.len());
+            for w in q.waiting.drain(..) {
+                if w.reply.is_gone() {
+                    count -= 1;
+                    continue;
+                }
+                let mut blocked = (q.next_try, q.cooling);
+                if due {
+                    match refused.iter().find(|(f, ..)| *f == w.families) {
+                        Some(&(_, until, cooling)) => blocked = (until, cooling),
+                        None => match try_lease(site, w.families, w.reply.peer) {
+                            Tried::Served(answer) => {
+                                w.reply.send(answer);
+                                count -= 1;
+                                answered += 1;
+                                continue;
+                            }
+                            Tried::Refused { until, cooling } => {
+                                refused.push((w.families, until, cooling));
+                                blocked = (until, cooling);
+                            }
+                        },
+                    }
+                }
+                if w.deadline <= now || blocked.0 > w.deadline {
+                    // Its wait ends before an address may serve it.
+                    w.reply.send(Response::Throttled {
+                        retry_after_ms: blocked.0.saturating_duration_since(now).as_millis().max(1)
+                            as u64,
+                        cooling: blocked.1,
+                    });
+                    count -= 1;
+                    answered += 1;
+                    continue;
+                }
+                kept.push_back(w);
+            }
+            if due {
+                if let Some(&(_, until, cooling)) = refused.iter().min_by_key(|(_, t, _)| *t) {
+                    q.next_try = until;
+                    q.cooling = cooling;
+                }
+            }
+            q.waiting = kept;
+            !q.waiting.is_empty()
+        });
+        self.count = count;
+        answered
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(peer: u64, id: u64) -> (Reply, mpsc::UnboundedReceiver<ServerFrame>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Reply { peer, id, tx }, rx)
+    }
+
+    fn answer(rx: &mut mpsc::UnboundedReceiver<ServerFrame>) -> Option<Response> {
+        match rx.try_recv().ok()? {
+            ServerFrame::Response(env) => Some(env.body),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn leased(n: u64) -> Response {
+        Response::Throttled {
+            retry_after_ms: n,
+            cooling: false,
+        }
+    }
+
+    /// Waiters are served in arrival order as budget comes, one a try; a
+    /// refusal stops the pass; a wait that ends before an address may
+    /// serve it is answered with the refusal; a waiter whose connection
+    /// ended is passed over with no lease taken for it.
+    #[test]
+    fn waiters_are_served_first_come_first_served() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut w = Waiters::default();
+        let mut rxs = Vec::new();
+        for (id, deadline) in [(1, 5000), (2, 5000), (3, 150), (4, 5000)] {
+            let (r, rx) = reply(7, id);
+            w.hold("example.com", Families::ANY, ms(deadline), ms(100), r)
+                .unwrap();
+            rxs.push(rx);
+        }
+        // Peer 8's waiter, whose connection is gone.
+        let (r, rx) = reply(8, 5);
+        w.hold("example.com", Families::ANY, ms(5000), ms(100), r)
+            .unwrap();
+        drop(rx);
+        assert_eq!(w.len(), 5);
+        assert_eq!(w.next_due(), Some(ms(100)));
+        // Nothing is due before the next try.
+        assert_eq!(w.serve(ms(50), |_, _, _| panic!("tried early")), 0);
+        // One address free at 100 ms, then one at each 100 ms after.
+        let budget = std::cell::Cell::new(1);
+        let lease = |at: u64| {
+            let budget = &budget;
+            move |_: &str, _: Families, _: u64| match budget.get() {
+                0 => Tried::Refused {
+                    until: ms(at + 100),
+                    cooling: false,
+                },
+                n => {
+                    budget.set(n - 1);
+                    Tried::Served(leased(at))
+                }
+            }
+        };
+        assert_eq!(
+            w.serve(ms(100), lease(100)),
+            2,
+            "the first served, the third's wait over"
+        );
+        assert_eq!(answer(&mut rxs[0]), Some(leased(100)));
+        assert_eq!(answer(&mut rxs[1]), None);
+        // The third's wait ends (150 ms) before the next try (200 ms).
+        assert_eq!(
+            answer(&mut rxs[2]),
+            Some(Response::Throttled {
+                retry_after_ms: 100,
+                cooling: false
+            })
+        );
+        assert_eq!(w.next_due(), Some(ms(200)));
+        budget.set(1);
+        assert_eq!(w.serve(ms(200), lease(200)), 1);
+        assert_eq!(answer(&mut rxs[1]), Some(leased(200)));
+        assert_eq!(answer(&mut rxs[3]), None);
+        budget.set(1);
+        // The gone waiter is passed over: the fourth gets the lease.
+        assert_eq!(w.serve(ms(300), lease(300)), 1);
+        assert_eq!(answer(&mut rxs[3]), Some(leased(300)));
+        assert_eq!(budget.get(), 0);
+        assert!(w.is_empty());
+        assert_eq!(w.next_due(), None);
+    }
+
+    /// A refusal for one family stops its waiters only: a waiter of the
+    /// other family behind them is tried.
+    #[test]
+    fn a_refused_family_does_not_hold_up_the_other() {
+        let t0 = Instant::now();
+        let mut w = Waiters::default();
+        let (a, mut a_rx) = reply(1, 1);
+        let (b, mut b_rx) = reply(1, 2);
+        let (c, mut c_rx) = reply(1, 3);
+        let late = t0 + Duration::from_secs(60);
+        w.hold("s", Families::V6, late, t0, a).unwrap();
+        w.hold("s", Families::V6, late, t0, b).unwrap();
+        w.hold("s", Families::V4, late, t0, c).unwrap();
+        let mut asked = Vec::new();
+        w.serve(t0, |_, f, _| {
+            asked.push(f);
+            match f == Families::V4 {
+                true => Tried::Served(leased(4)),
+                false => Tried::Refused {
+                    until: t0 + Duration::from_secs(1),
+                    cooling: true,
+                },
+            }
+        });
+        assert_eq!(asked, [Families::V6, Families::V4], "v6 tried once");
+        assert_eq!(answer(&mut c_rx), Some(leased(4)));
+        assert_eq!(answer(&mut a_rx), None);
+        assert_eq!(answer(&mut b_rx), None);
+        assert_eq!(w.len(), 2);
+        assert_eq!(w.next_due(), Some(t0 + Duration::from_secs(1)));
+    }
+
+    /// Held requests are bounded; cancelled and forgotten ones go.
+    #[test]
+    fn waiters_are_bounded_and_go_when_given_up() {
+        // (The README's cost of one.)
+        assert!(std::mem::size_of::<Waiter>() <= 64);
+        let t0 = Instant::now();
+        let mut w = Waiters::default();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        for id in 0..MAX_WAITERS as u64 {
+            let r = Reply {
+                peer: id % 3,
+                id,
+                tx: tx.clone(),
+            };
+            w.hold(&format!("site{}", id % 100), Families::ANY, t0, t0, r)
+                .unwrap();
+        }
+        let r = Reply {
+            peer: 0,
+            id: u64::MAX,
+            tx: tx.clone(),
+        };
+        assert!(w.hold("one.more", Families::ANY, t0, t0, r).is_err());
+        w.cancel(1, 1);
+        assert_eq!(w.len(), MAX_WAITERS - 1);
+        w.forget_peer(0);
+        assert_eq!(w.len(), MAX_WAITERS - 1 - MAX_WAITERS.div_ceil(3));
+        w.forget_peer(1);
+        w.forget_peer(2);
+        assert!(w.is_empty());
+        assert!(w.sites.is_empty());
+    }
+}
