@@ -341,8 +341,14 @@ impl Conn {
         });
         // A connection NTLM or Negotiate authenticated is the client's
         // alone: not pooled for others (as HAProxy's private connections).
+        // Nor is one that carried a request body: a destination that
+        // answers without reading the body (the CL.0 desync) takes it for
+        // the start of the next request on the connection, which another
+        // client may send — one client's bytes heading another's request.
+        let carried_body = !matches!(sending, Sending::None | Sending::Length(0));
         let reusable = !early
             && !private
+            && !carried_body
             && framing != Framing::Close
             && version == Version::HTTP_11
             && !close;
@@ -1452,6 +1458,41 @@ mod tests {
             let (_, mut body) = send(conn, &req).await.unwrap();
             assert_eq!(all(&mut body).await.unwrap(), b"ok");
             assert_eq!(body.take_conn().is_some(), pooled, "{value}");
+        }
+    }
+
+    /// A connection that carried a request body is not pooled: a
+    /// destination that answered without reading it (CL.0) would take it
+    /// for the start of the next request, perhaps another client's. One
+    /// whose request had an empty body is.
+    #[tokio::test]
+    async fn a_connection_that_carried_a_body_is_not_pooled() {
+        // The origin helper reads a request up to its blank line; the body
+        // (5 bytes, or none) is left unread, as a CL.0 destination does.
+        for (body, pooled) in [(&b"GET /"[..], false), (b"", true)] {
+            let (conn, _origin) = origin(vec![(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                1,
+                false,
+            )])
+            .await;
+            let mut head = get(Method::POST);
+            head.headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+            let mut written = false;
+            let (_, mut resp) = conn
+                .exchange(
+                    &head,
+                    &fields_of(&head),
+                    Some(Full::new(Bytes::from_static(body))),
+                    WAIT,
+                    &mut written,
+                )
+                .await
+                .map(joined)
+                .unwrap();
+            assert_eq!(all(&mut resp).await.unwrap(), b"ok");
+            assert_eq!(resp.take_conn().is_some(), pooled, "{body:?}");
         }
     }
 
