@@ -236,7 +236,10 @@ impl Conn {
                 let mut send = Box::pin(send_body(
                     wr,
                     body,
-                    sending == Sending::Chunked,
+                    match sending {
+                        Sending::Length(n) => (false, Some(n)),
+                        _ => (sending == Sending::Chunked, None),
+                    },
                     progress.clone(),
                 ));
                 let first = {
@@ -647,10 +650,13 @@ pub(crate) fn size_line(n: usize) -> SizeLine {
 /// Streams the client's body to the destination (in chunks when its
 /// length is unknown), counting it in `progress`; the writer back once all
 /// of it went.
+/// `length`: the length the head announced, which the bytes sent are
+/// held to (a body yielding more would put a request of its own on the
+/// connection; one yielding less would leave the destination waiting).
 async fn send_body<W, B>(
     mut wr: W,
     mut body: B,
-    chunked: bool,
+    (chunked, length): (bool, Option<u64>),
     progress: Arc<Progress>,
 ) -> Result<W, Error>
 where
@@ -669,6 +675,11 @@ where
             continue;
         }
         let n = data.len() as u64;
+        if length.is_some_and(|l| progress.sent.load(Ordering::Relaxed) + n > l) {
+            return Err(Error::ClientBody(
+                "the body is longer than its length".into(),
+            ));
+        }
         progress.received.fetch_add(n, Ordering::Relaxed);
         progress.writing.store(true, Ordering::Relaxed);
         write_data(&mut wr, data, chunked, progress.wrote())
@@ -676,6 +687,11 @@ where
             .map_err(Error::Io)?;
         progress.writing.store(false, Ordering::Relaxed);
         progress.sent.fetch_add(n, Ordering::Relaxed);
+    }
+    if length.is_some_and(|l| progress.sent.load(Ordering::Relaxed) != l) {
+        return Err(Error::ClientBody(
+            "the body is shorter than its length".into(),
+        ));
     }
     progress.writing.store(true, Ordering::Relaxed);
     if chunked {
@@ -1458,6 +1474,64 @@ mod tests {
             let (_, mut body) = send(conn, &req).await.unwrap();
             assert_eq!(all(&mut body).await.unwrap(), b"ok");
             assert_eq!(body.take_conn().is_some(), pooled, "{value}");
+        }
+    }
+
+    /// The body sent is held to the length its head announced: one that
+    /// yields more (which would put bytes of a request of its own on the
+    /// connection) or less is an error, and nothing past the length goes.
+    #[tokio::test]
+    async fn a_body_is_held_to_its_announced_length() {
+        struct Lying(Option<Bytes>, u64);
+        impl Body for Lying {
+            type Data = Bytes;
+            type Error = std::convert::Infallible;
+            fn poll_frame(
+                mut self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+                std::task::Poll::Ready(self.0.take().map(|b| Ok(Frame::data(b))))
+            }
+            fn size_hint(&self) -> http_body::SizeHint {
+                http_body::SizeHint::with_exact(self.1)
+            }
+        }
+        for (data, length, why) in [(&b"hello GET /x"[..], 5, "longer"), (b"hi", 5, "shorter")] {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let seen = tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut got = Vec::new();
+                let _ = tokio::time::timeout(
+                    std::time::Duration::from_millis(500),
+                    s.read_to_end(&mut got),
+                )
+                .await;
+                got
+            });
+            let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
+            let head = get(Method::POST);
+            let mut written = false;
+            let r = conn
+                .exchange(
+                    &head,
+                    &fields_of(&head),
+                    Some(Lying(Some(Bytes::from_static(data)), length)),
+                    WAIT,
+                    &mut written,
+                )
+                .await;
+            match r {
+                Err(Error::ClientBody(e)) => assert!(e.to_string().contains(why), "{e}"),
+                Err(e) => panic!("{e}"),
+                Ok(_) => panic!("{why}: sent"),
+            }
+            let got = seen.await.unwrap();
+            assert!(
+                !got.windows(6).any(|w| w == b"GET /x"),
+                "{}",
+                String::from_utf8_lossy(&got)
+            );
         }
     }
 
