@@ -1186,7 +1186,7 @@ impl Allocator {
                     },
                     false => Response::Error {
                         message:
-                            "the session table is full of strict sessions; raise --max-sessions"
+                            "the session table, or this user's share of it, is full of strict sessions; raise --max-sessions (or --max-sessions-per-user)"
                                 .into(),
                     },
                 };

@@ -63,7 +63,7 @@ pub enum ProxyError {
     Session(crate::session::ParamError),
     #[error("{}", session_lost(*ip))]
     SessionLost { ip: IpAddr },
-    #[error("the session table is full of strict sessions that may not move; a new session may start in {} s", retry_after_secs(*retry_after))]
+    #[error("no room for a new session: the session table, or this user's share of it (--max-sessions-per-user), is full of strict sessions that may not move; a new session may start in {} s", retry_after_secs(*retry_after))]
     SessionsFull { retry_after: Duration },
     #[error("cannot resolve {host}")]
     Dns {
