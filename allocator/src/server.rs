@@ -909,18 +909,15 @@ async fn serve(
     loop {
         let frame = tokio::select! {
             biased;
-            frame = rx.recv() => frame?,
+            // Held answers first: a peer that keeps sending cannot keep
+            // them back (their leases are taken already).
             Some(held) = late_rx.recv() => {
                 replies.push(held);
-                while replies.len() < BATCH {
-                    match late_rx.try_recv() {
-                        Ok(held) => replies.push(held),
-                        Err(_) => break,
-                    }
-                }
+                take_late(&mut late_rx, &mut replies);
                 write_replies(alloc, &mut tx, &mut replies).await?;
                 continue;
             }
+            frame = rx.recv() => frame?,
             _ = tick.tick() => {
                 let mid = rx.mid_frame();
                 if mid && begun_at == Some(frames) {
@@ -950,10 +947,21 @@ async fn serve(
                 None => break,
             }
         }
+        take_late(&mut late_rx, &mut replies);
         write_replies(alloc, &mut tx, &mut replies).await?;
     }
     debug!("peer disconnected");
     Ok(())
+}
+
+/// Held answers ready now, with `replies` (up to twice a batch).
+fn take_late(late: &mut mpsc::UnboundedReceiver<ServerFrame>, replies: &mut Vec<ServerFrame>) {
+    while replies.len() < 2 * BATCH {
+        match late.try_recv() {
+            Ok(held) => replies.push(held),
+            Err(_) => break,
+        }
+    }
 }
 
 /// Writes `replies` (emptied) once the state file holds the leases among

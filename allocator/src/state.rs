@@ -252,6 +252,14 @@ const MAX_SOFTWARE: usize = 128;
 /// Sticky sessions held at most, unless configured.
 pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 
+/// A refusal until `until` (`cooling`: by a cooldown), as answered at `now`.
+fn throttled(until: Instant, cooling: bool, now: Instant) -> Response {
+    Response::Throttled {
+        retry_after_ms: until.saturating_duration_since(now).as_millis().max(1) as u64,
+        cooling,
+    }
+}
+
 impl Inner {
     /// A lease for a request to `site` (see [`Allocator::lease_site`]).
     fn lease_site(&mut self, peer: u64, families: Families, site: &str, now: Instant) -> Response {
@@ -1211,13 +1219,21 @@ impl Allocator {
     /// rotation, skipping addresses out of budget or cooling for it, when
     /// the allocator holds state for the site; else from the shared one.
     pub fn lease_site(&self, peer: u64, families: Families, site: &str) -> Response {
-        self.lock().lease_site(peer, families, site, Instant::now())
+        let mut inner = self.lock();
+        let now = Instant::now();
+        // Requests of these families held waiting for the site go first:
+        // a new one is refused until they are served (and, with a wait of
+        // its own, held behind them).
+        if let Some((until, cooling)) = inner.waiters.ahead(site, families) {
+            return throttled(until, cooling, now);
+        }
+        inner.lease_site(peer, families, site, now)
     }
 
     /// As `lease_site`, but a refusal that ends within `wait` is not
     /// answered: the request is held with the site's other waiters, in
     /// arrival order, and answered through `reply` (see `waiters`); `None`
-    /// then. A site with waiters held puts a new one behind them.
+    /// then. Held requests of its families put it behind them.
     pub fn lease_site_wait(
         &self,
         families: Families,
@@ -1228,36 +1244,30 @@ impl Allocator {
         let mut inner = self.lock();
         let now = Instant::now();
         let deadline = now + wait.min(crate::waiters::MAX_WAIT);
-        let next_try = match inner.waiters.next_try(site) {
-            // Behind those held, unless its wait ends before they are
-            // tried again.
-            Some((next, cooling)) if next > deadline => {
-                return Some(Response::Throttled {
-                    retry_after_ms: next.duration_since(now).as_millis().max(1) as u64,
-                    cooling,
-                });
-            }
-            Some(_) => now,
+        let refused = match inner.waiters.ahead(site, families) {
+            Some(refused) => refused,
             None => match inner.lease_site(reply.peer, families, site, now) {
-                Response::Throttled { retry_after_ms, .. }
-                    if now + Duration::from_millis(retry_after_ms) <= deadline =>
-                {
-                    now + Duration::from_millis(retry_after_ms)
-                }
+                Response::Throttled {
+                    retry_after_ms,
+                    cooling,
+                } => (now + Duration::from_millis(retry_after_ms), cooling),
                 answer => return Some(answer),
             },
         };
-        match inner
-            .waiters
-            .hold(site, families, deadline, next_try, reply)
-        {
-            Ok(()) => {
+        if refused.0 > deadline {
+            // Its wait ends before an address may serve it.
+            return Some(throttled(refused.0, refused.1, now));
+        }
+        match inner.waiters.hold(site, families, deadline, refused, reply) {
+            Ok(wake) => {
                 drop(inner);
-                self.waiting.notify_one();
+                if wake {
+                    self.waiting.notify_one();
+                }
                 None
             }
-            // Past the cap: answered now, as `LeaseSite`.
-            Err(reply) => Some(inner.lease_site(reply.peer, families, site, now)),
+            // Past the cap: the refusal (the worker sleeps and asks again).
+            Err(_) => Some(throttled(refused.0, refused.1, now)),
         }
     }
 
@@ -1286,15 +1296,14 @@ impl Allocator {
                 answer => crate::waiters::Tried::Served(answer),
             }
         });
-        let next = waiters.next_due();
+        let next = waiters.arm();
         inner.waiters = waiters;
         next
     }
 
     /// The held site waits are tried again now (the pool changed).
     fn retry_waiters(&self, inner: &mut Inner) {
-        if !inner.waiters.is_empty() {
-            inner.waiters.try_all_now(Instant::now());
+        if inner.waiters.try_all_now(Instant::now()) {
             self.waiting.notify_one();
         }
     }
@@ -1725,6 +1734,64 @@ mod tests {
             Response::SiteLeased { .. }
         ));
         assert_eq!(a.sites_report(10).sites.len(), 1);
+    }
+
+    /// A site's held waiters go first: a new request of their families
+    /// is refused (and a new wait held behind them) even when an address
+    /// frees before the serving task looked; one of another family is
+    /// tried at once. The held one is served when the budget comes.
+    #[tokio::test]
+    async fn held_waiters_go_before_new_requests() {
+        let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
+        let e = |s: &str| Segment::single(s.parse().unwrap());
+        a.apply_refresh(vec![Ok(vec![e("10.0.0.1")])], &ok());
+        a.set_site_rules(
+            crate::sites::Rules::parse(&["example.com=1/300ms".to_string()]).unwrap(),
+            1000,
+        );
+        assert!(matches!(
+            a.lease_site(1, Families::V4, "example.com"),
+            Response::SiteLeased { .. }
+        ));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let reply = |id| crate::waiters::Reply {
+            peer: 1,
+            id,
+            tx: tx.clone(),
+        };
+        let wait = Duration::from_secs(5);
+        assert_eq!(
+            a.lease_site_wait(Families::V4, "example.com", wait, reply(1)),
+            None,
+            "held"
+        );
+        // The budget came back; the serving task has not looked yet.
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(matches!(
+            a.lease_site(2, Families::V4, "example.com"),
+            Response::Throttled { .. }
+        ));
+        assert_eq!(
+            a.lease_site_wait(Families::V4, "example.com", wait, reply(2)),
+            None,
+            "held behind"
+        );
+        // Another family is not held up (none of it here: the shared
+        // rotation says so).
+        assert!(matches!(
+            a.lease_site(2, Families::V6, "example.com"),
+            Response::NoAddress(_)
+        ));
+        a.serve_waiters();
+        match rx.try_recv() {
+            Ok(rotor_protocol::ServerFrame::Response(env)) => {
+                assert_eq!(env.id, 1, "the first held first");
+                assert!(matches!(env.body, Response::SiteLeased { .. }));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(rx.try_recv().is_err(), "one address a window");
+        assert_eq!(a.lock().waiters.len(), 1);
     }
 
     #[test]

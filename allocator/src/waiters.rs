@@ -19,9 +19,11 @@ use std::time::{Duration, Instant};
 use rotor_protocol::{Envelope, Families, Response, ServerFrame};
 use tokio::sync::mpsc;
 
-/// Most requests held waiting, over all sites (about 150 bytes each, and
-/// the site's name once per site).
+/// Most requests held waiting, over all sites (under 100 bytes each, and
+/// the site's name once per site), and of one peer (a worker, or any
+/// user let in to lease): no peer holds them all.
 pub const MAX_WAITERS: usize = 16_384;
+pub const MAX_PER_PEER: usize = MAX_WAITERS / 2;
 /// The longest wait held (`--budget-wait`'s cap).
 pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 
@@ -51,23 +53,36 @@ impl Reply {
 struct Waiter {
     families: Families,
     deadline: Instant,
+    /// Its last refusal: when it ends, and whether it was a cooldown.
+    until: Instant,
+    cooling: bool,
     reply: Reply,
 }
 
 #[derive(Debug)]
 struct Queue {
     waiting: VecDeque<Waiter>,
-    /// When an address may next serve one of them (the last refusal's
+    /// When an address may next serve one of them (the earliest refusal's
     /// end); a pool change brings it forward.
     next_try: Instant,
-    /// The last refusal, for the answers given at a wait's end.
-    cooling: bool,
+    /// The earliest end of a wait held.
+    first_deadline: Instant,
+    /// Waiters held by the families they accept (see `slot`).
+    by_families: [u32; 4],
+}
+
+/// `families`' place in `Queue::by_families`.
+fn slot(families: Families) -> usize {
+    usize::from(families.v4) | usize::from(families.v6) << 1
 }
 
 #[derive(Debug, Default)]
 pub struct Waiters {
     sites: HashMap<Arc<str>, Queue>,
     count: usize,
+    per_peer: HashMap<u64, usize>,
+    /// When the serving task is to look next (`None`: not at all).
+    armed: Option<Instant>,
 }
 
 /// What a try for a waiter of `site` answered: handed a response to send,
@@ -87,142 +102,198 @@ impl Waiters {
         self.count == 0
     }
 
-    /// When `site`'s held requests are tried next, and whether its last
-    /// refusal was a cooldown, if any are held (a new one goes behind
-    /// them).
-    pub fn next_try(&self, site: &str) -> Option<(Instant, bool)> {
-        self.sites.get(site).map(|q| (q.next_try, q.cooling))
+    /// If requests for `site` of `families` are held, a new one goes
+    /// behind them: when they are tried next, and whether the first of
+    /// them was refused by a cooldown.
+    pub fn ahead(&self, site: &str, families: Families) -> Option<(Instant, bool)> {
+        if self.sites.is_empty() {
+            return None;
+        }
+        let q = self.sites.get(site)?;
+        if q.by_families[slot(families)] == 0 {
+            return None;
+        }
+        let first = q.waiting.iter().find(|w| w.families == families)?;
+        Some((q.next_try, first.cooling))
     }
 
     /// Holds a request for `site` until `deadline` (at most [`MAX_WAIT`]
-    /// from `now`), tried again at `next_try` (if the site has none held
-    /// yet). Given back if [`MAX_WAITERS`] are held.
+    /// from now), refused until `until` (`cooling`: by a cooldown). Given
+    /// back past [`MAX_WAITERS`], or its peer's [`MAX_PER_PEER`]; else
+    /// whether the serving task must be woken (it is due before the task
+    /// looks).
     pub fn hold(
         &mut self,
         site: &str,
         families: Families,
         deadline: Instant,
-        next_try: Instant,
+        (until, cooling): (Instant, bool),
         reply: Reply,
-    ) -> Result<(), Reply> {
-        if self.count >= MAX_WAITERS {
+    ) -> Result<bool, Reply> {
+        let mine = self.per_peer.get(&reply.peer).copied().unwrap_or(0);
+        if self.count >= MAX_WAITERS || mine >= MAX_PER_PEER {
             return Err(reply);
         }
+        *self.per_peer.entry(reply.peer).or_default() += 1;
         let queue = self.sites.entry(site.into()).or_insert_with(|| Queue {
             waiting: VecDeque::new(),
-            next_try,
-            cooling: false,
+            next_try: until,
+            first_deadline: deadline,
+            by_families: [0; 4],
         });
+        queue.next_try = queue.next_try.min(until);
+        queue.first_deadline = queue.first_deadline.min(deadline);
+        queue.by_families[slot(families)] += 1;
         queue.waiting.push_back(Waiter {
             families,
             deadline,
+            until,
+            cooling,
             reply,
         });
         self.count += 1;
-        Ok(())
+        let due = until.min(deadline);
+        Ok(self.armed.is_none_or(|armed| due < armed))
     }
 
-    /// When something is due: a site's next try, or a wait's end.
-    pub fn next_due(&self) -> Option<Instant> {
-        self.sites
+    /// When something is due (a site's next try, or a wait's end), noted
+    /// as when the serving task looks next.
+    pub fn arm(&mut self) -> Option<Instant> {
+        self.armed = self
+            .sites
             .values()
-            .flat_map(|q| std::iter::once(q.next_try).chain(q.waiting.iter().map(|w| w.deadline)))
-            .min()
+            .map(|q| q.next_try.min(q.first_deadline))
+            .min();
+        self.armed
     }
 
     /// Every site is tried again at its next look (the pool changed: new
-    /// addresses may serve them).
-    pub fn try_all_now(&mut self, now: Instant) {
+    /// addresses may serve them). Whether the serving task must be woken.
+    pub fn try_all_now(&mut self, now: Instant) -> bool {
         for q in self.sites.values_mut() {
             q.next_try = q.next_try.min(now);
         }
+        !self.sites.is_empty()
     }
 
     /// The held request of envelope `id` from `peer` is given up.
     pub fn cancel(&mut self, peer: u64, id: u64) {
-        self.remove(|r| r.peer == peer && r.id == id);
+        if self.per_peer.contains_key(&peer) {
+            self.remove(|r| r.peer == peer && r.id == id);
+        }
     }
 
     /// Every request of `peer` is given up (its connection ended).
     pub fn forget_peer(&mut self, peer: u64) {
-        self.remove(|r| r.peer == peer);
+        if self.per_peer.contains_key(&peer) {
+            self.remove(|r| r.peer == peer);
+        }
     }
 
     fn remove(&mut self, gone: impl Fn(&Reply) -> bool) {
-        let mut removed = 0;
+        let (mut count, per_peer) = (self.count, &mut self.per_peer);
         self.sites.retain(|_, q| {
-            let before = q.waiting.len();
-            q.waiting.retain(|w| !gone(&w.reply));
-            removed += before - q.waiting.len();
+            q.waiting.retain(|w| {
+                let keep = !gone(&w.reply);
+                if !keep {
+                    left(per_peer, &mut count, &mut q.by_families, w);
+                }
+                keep
+            });
             !q.waiting.is_empty()
         });
-        self.count -= removed;
+        self.count = count;
     }
 
     /// Answers what is due at `now`: at each site whose next try has come,
     /// its waiters in arrival order, each with `try_lease(site, families,
     /// peer)` until a refusal — after which only waiters of other families
     /// are tried (they may have addresses free) — and every wait that
-    /// ended, with the refusal. Returns how many were answered.
+    /// ended, with its refusal. Returns how many were answered.
     pub fn serve(
         &mut self,
         now: Instant,
         mut try_lease: impl FnMut(&str, Families, u64) -> Tried,
     ) -> usize {
         let mut answered = 0;
-        let mut count = self.count;
+        let (mut count, per_peer) = (self.count, &mut self.per_peer);
         self.sites.retain(|site, q| {
             let due = q.next_try <= now;
+            if !due && q.first_deadline > now {
+                return true;
+            }
             // Families refused in this pass, and until when.
             let mut refused: Vec<(Families, Instant, bool)> = Vec::new();
             let mut kept = VecDeque::with_capacity(q.waiting.len());
-            for w in q.waiting.drain(..) {
+            let (mut next_try, mut first_deadline) = (None::<Instant>, None::<Instant>);
+            for mut w in q.waiting.drain(..) {
                 if w.reply.is_gone() {
-                    count -= 1;
+                    left(per_peer, &mut count, &mut q.by_families, &w);
                     continue;
                 }
-                let mut blocked = (q.next_try, q.cooling);
                 if due {
                     match refused.iter().find(|(f, ..)| *f == w.families) {
-                        Some(&(_, until, cooling)) => blocked = (until, cooling),
+                        Some(&(_, until, cooling)) => (w.until, w.cooling) = (until, cooling),
                         None => match try_lease(site, w.families, w.reply.peer) {
                             Tried::Served(answer) => {
+                                left(per_peer, &mut count, &mut q.by_families, &w);
                                 w.reply.send(answer);
-                                count -= 1;
                                 answered += 1;
                                 continue;
                             }
                             Tried::Refused { until, cooling } => {
                                 refused.push((w.families, until, cooling));
-                                blocked = (until, cooling);
+                                (w.until, w.cooling) = (until, cooling);
                             }
                         },
                     }
                 }
-                if w.deadline <= now || blocked.0 > w.deadline {
+                if w.deadline <= now || w.until > w.deadline {
                     // Its wait ends before an address may serve it.
+                    left(per_peer, &mut count, &mut q.by_families, &w);
+                    let retry = w.until.saturating_duration_since(now).as_millis().max(1);
                     w.reply.send(Response::Throttled {
-                        retry_after_ms: blocked.0.saturating_duration_since(now).as_millis().max(1)
-                            as u64,
-                        cooling: blocked.1,
+                        retry_after_ms: retry as u64,
+                        cooling: w.cooling,
                     });
-                    count -= 1;
                     answered += 1;
                     continue;
                 }
+                next_try = Some(next_try.map_or(w.until, |t| t.min(w.until)));
+                first_deadline = Some(first_deadline.map_or(w.deadline, |t| t.min(w.deadline)));
                 kept.push_back(w);
             }
-            if due {
-                if let Some(&(_, until, cooling)) = refused.iter().min_by_key(|(_, t, _)| *t) {
-                    q.next_try = until;
-                    q.cooling = cooling;
-                }
-            }
             q.waiting = kept;
-            !q.waiting.is_empty()
+            match (next_try, first_deadline) {
+                (Some(t), Some(d)) => {
+                    // Not due: its try stays (a pool change brought it
+                    // forward).
+                    q.next_try = if due { t } else { q.next_try.min(t) };
+                    q.first_deadline = d;
+                    true
+                }
+                _ => false,
+            }
         });
         self.count = count;
         answered
+    }
+}
+
+/// Waiter `w` leaves its queue (its counts with it).
+fn left(
+    per_peer: &mut HashMap<u64, usize>,
+    count: &mut usize,
+    by_families: &mut [u32; 4],
+    w: &Waiter,
+) {
+    *count -= 1;
+    by_families[slot(w.families)] -= 1;
+    if let Some(n) = per_peer.get_mut(&w.reply.peer) {
+        *n -= 1;
+        if *n == 0 {
+            per_peer.remove(&w.reply.peer);
+        }
     }
 }
 
@@ -261,17 +332,23 @@ mod tests {
         let mut rxs = Vec::new();
         for (id, deadline) in [(1, 5000), (2, 5000), (3, 150), (4, 5000)] {
             let (r, rx) = reply(7, id);
-            w.hold("example.com", Families::ANY, ms(deadline), ms(100), r)
-                .unwrap();
+            w.hold(
+                "example.com",
+                Families::ANY,
+                ms(deadline),
+                (ms(100), false),
+                r,
+            )
+            .unwrap();
             rxs.push(rx);
         }
         // Peer 8's waiter, whose connection is gone.
         let (r, rx) = reply(8, 5);
-        w.hold("example.com", Families::ANY, ms(5000), ms(100), r)
+        w.hold("example.com", Families::ANY, ms(5000), (ms(100), false), r)
             .unwrap();
         drop(rx);
         assert_eq!(w.len(), 5);
-        assert_eq!(w.next_due(), Some(ms(100)));
+        assert_eq!(w.arm(), Some(ms(100)));
         // Nothing is due before the next try.
         assert_eq!(w.serve(ms(50), |_, _, _| panic!("tried early")), 0);
         // One address free at 100 ms, then one at each 100 ms after.
@@ -304,7 +381,7 @@ mod tests {
                 cooling: false
             })
         );
-        assert_eq!(w.next_due(), Some(ms(200)));
+        assert_eq!(w.arm(), Some(ms(200)));
         budget.set(1);
         assert_eq!(w.serve(ms(200), lease(200)), 1);
         assert_eq!(answer(&mut rxs[1]), Some(leased(200)));
@@ -315,7 +392,7 @@ mod tests {
         assert_eq!(answer(&mut rxs[3]), Some(leased(300)));
         assert_eq!(budget.get(), 0);
         assert!(w.is_empty());
-        assert_eq!(w.next_due(), None);
+        assert_eq!(w.arm(), None);
     }
 
     /// A refusal for one family stops its waiters only: a waiter of the
@@ -328,9 +405,11 @@ mod tests {
         let (b, mut b_rx) = reply(1, 2);
         let (c, mut c_rx) = reply(1, 3);
         let late = t0 + Duration::from_secs(60);
-        w.hold("s", Families::V6, late, t0, a).unwrap();
-        w.hold("s", Families::V6, late, t0, b).unwrap();
-        w.hold("s", Families::V4, late, t0, c).unwrap();
+        w.hold("s", Families::V6, late, (t0, false), a).unwrap();
+        w.hold("s", Families::V6, late, (t0, false), b).unwrap();
+        w.hold("s", Families::V4, late, (t0, false), c).unwrap();
+        assert!(w.ahead("s", Families::V4).is_some());
+        assert!(w.ahead("s", Families::ANY).is_none(), "none of both held");
         let mut asked = Vec::new();
         w.serve(t0, |_, f, _| {
             asked.push(f);
@@ -347,39 +426,40 @@ mod tests {
         assert_eq!(answer(&mut a_rx), None);
         assert_eq!(answer(&mut b_rx), None);
         assert_eq!(w.len(), 2);
-        assert_eq!(w.next_due(), Some(t0 + Duration::from_secs(1)));
+        assert_eq!(w.arm(), Some(t0 + Duration::from_secs(1)));
     }
 
     /// Held requests are bounded; cancelled and forgotten ones go.
     #[test]
     fn waiters_are_bounded_and_go_when_given_up() {
         // (The README's cost of one.)
-        assert!(std::mem::size_of::<Waiter>() <= 64);
+        assert!(std::mem::size_of::<Waiter>() <= 80);
         let t0 = Instant::now();
         let mut w = Waiters::default();
         let (tx, _rx) = mpsc::unbounded_channel();
-        for id in 0..MAX_WAITERS as u64 {
-            let r = Reply {
-                peer: id % 3,
-                id,
-                tx: tx.clone(),
-            };
-            w.hold(&format!("site{}", id % 100), Families::ANY, t0, t0, r)
-                .unwrap();
-        }
-        let r = Reply {
-            peer: 0,
-            id: u64::MAX,
+        let reply = |peer, id| Reply {
+            peer,
+            id,
             tx: tx.clone(),
         };
-        assert!(w.hold("one.more", Families::ANY, t0, t0, r).is_err());
-        w.cancel(1, 1);
+        let hold = |w: &mut Waiters, site: &str, r| w.hold(site, Families::ANY, t0, (t0, false), r);
+        // One peer holds half at most.
+        for id in 0..MAX_PER_PEER as u64 {
+            hold(&mut w, &format!("site{}", id % 100), reply(0, id)).unwrap();
+        }
+        assert!(hold(&mut w, "one.more", reply(0, u64::MAX)).is_err());
+        for id in 0..(MAX_WAITERS - MAX_PER_PEER) as u64 {
+            hold(&mut w, &format!("site{}", id % 100), reply(1 + id % 2, id)).unwrap();
+        }
+        assert!(hold(&mut w, "one.more", reply(3, 0)).is_err());
+        w.cancel(1, 0);
         assert_eq!(w.len(), MAX_WAITERS - 1);
         w.forget_peer(0);
-        assert_eq!(w.len(), MAX_WAITERS - 1 - MAX_WAITERS.div_ceil(3));
+        assert_eq!(w.len(), MAX_WAITERS - 1 - MAX_PER_PEER);
         w.forget_peer(1);
         w.forget_peer(2);
         assert!(w.is_empty());
         assert!(w.sites.is_empty());
+        assert!(w.per_peer.is_empty());
     }
 }

@@ -478,10 +478,13 @@ impl LeaseClient {
             site,
             wait_ms,
         };
-        Some(match self.request_until(body, until + self.timeout).await {
-            Ok(answer) => site_answer(answer),
-            Err(e) => Err(e),
-        })
+        match self.request_until(body, until + self.timeout).await {
+            Ok(answer) => Some(site_answer(answer)),
+            // An older allocator came back meanwhile: asked again as it
+            // can be.
+            Err(LeaseError::TooOld { .. }) => None,
+            Err(e) => Some(Err(e)),
+        }
     }
 
     /// Tells the allocator that `site` pushed back on `ip` (it cools the
@@ -738,10 +741,14 @@ impl LeaseClient {
                 id,
                 cancel: matches!(body, Request::LeaseSiteWait { .. }).then_some(&conn.requests),
             };
-            let sent = conn.requests.send(Envelope {
-                id,
-                body: body.clone(),
-            });
+            let mut body = body.clone();
+            if let Request::LeaseSiteWait { wait_ms, .. } = &mut body {
+                // Sent again (its connection died): the wait left, not
+                // the whole wait again.
+                let until = deadline.checked_sub(self.timeout).unwrap_or(deadline);
+                *wait_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64;
+            }
+            let sent = conn.requests.send(Envelope { id, body });
             if sent.is_ok() {
                 match crate::h1::within_until(deadline, rx).await {
                     Some(Ok(resp)) => return Ok(resp),

@@ -579,10 +579,12 @@ impl Proxy {
         // From the first refusal: the clock is read only then.
         let mut deadline = None;
         let asked = Instant::now();
-        // The answer of a wait the allocator held (its refusal is final).
+        // The answer of a wait the allocator held; asked for once (a
+        // refusal with time left, past the allocator's cap of held
+        // requests, is slept on and asked again).
         let mut held = None;
+        let mut hold_asked = false;
         loop {
-            let waited = held.is_some();
             let answer = match (held.take(), sticky) {
                 (Some(answer), _) => answer,
                 (None, None) => self.leases.lease(families, host).await,
@@ -603,7 +605,7 @@ impl Proxy {
                 }) => {
                     let now = tokio::time::Instant::now();
                     let deadline = *deadline.get_or_insert(now + self.config.budget_wait);
-                    if !waited && now + retry_after <= deadline {
+                    if now + retry_after <= deadline {
                         // Its client is watched while it waits (the fast
                         // path's): one gone is not sent when the budget
                         // comes.
@@ -611,7 +613,8 @@ impl Proxy {
                         // Held by the allocator with the site's other
                         // waiters, served in arrival order; an older one
                         // is asked again at the refusal's end.
-                        if sticky.is_none() {
+                        if sticky.is_none() && !hold_asked {
+                            hold_asked = true;
                             held = self.leases.lease_site_wait(families, host, deadline).await;
                         }
                         if held.is_none() {
