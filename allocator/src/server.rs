@@ -1050,64 +1050,45 @@ mod tests {
         let alloc = Allocator::new(vec![source]);
         alloc.apply_refresh(vec![Ok(entries)], &HashMap::new());
         let (reload, mut asked) = mpsc::channel::<ReloadReply>(1);
-        let ask = |body| ClientFrame::Request(Envelope { id: 5, body });
         let steer = || Request::Steer {
             ip: "10.0.0.1".parse().unwrap(),
             release: false,
             for_secs: None,
         };
         for body in [steer(), Request::Reload, Request::ReloadReport] {
-            let frame = answer(ask(body), &peer(Rights::Lease), &alloc, &reload)
-                .await
-                .unwrap()
-                .unwrap();
-            match frame {
-                ServerFrame::Response(Envelope {
-                    id: 5,
-                    body: Response::Error { message },
-                }) => assert!(message.contains("only root"), "{message}"),
+            match answered(body, Rights::Lease, &alloc, &reload).await {
+                Response::Error { message } => assert!(message.contains("only root"), "{message}"),
                 other => panic!("{other:?}"),
             }
         }
         assert!(asked.try_recv().is_err(), "no reload was asked");
         assert_eq!(alloc.addresses_in_rotation(), 2);
-        // Leases and status are served.
-        let frame = answer(
-            ask(Request::Lease {
-                families: rotor_protocol::Families::ANY,
-            }),
-            &peer(Rights::Lease),
-            &alloc,
-            &reload,
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        // Leases are served.
+        let lease = Request::Lease {
+            families: rotor_protocol::Families::ANY,
+        };
+        let body = answered(lease, Rights::Lease, &alloc, &reload).await;
+        assert!(matches!(body, Response::Leased(_)), "{body:?}");
+        let body = answered(steer(), Rights::Control, &alloc, &reload).await;
         assert!(
-            matches!(
-                frame,
-                ServerFrame::Response(Envelope {
-                    body: Response::Leased(_),
-                    ..
-                })
-            ),
-            "{frame:?}"
-        );
-        let frame = answer(ask(steer()), &peer(Rights::Control), &alloc, &reload)
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(
-            matches!(
-                frame,
-                ServerFrame::Response(Envelope {
-                    body: Response::Steered { entry: Some(_) },
-                    ..
-                })
-            ),
-            "{frame:?}"
+            matches!(body, Response::Steered { entry: Some(_) }),
+            "{body:?}"
         );
         assert_eq!(alloc.addresses_in_rotation(), 1);
+    }
+
+    /// The answer to `body` from a peer of `rights`.
+    async fn answered(
+        body: Request,
+        rights: Rights,
+        alloc: &Allocator,
+        reload: &mpsc::Sender<ReloadReply>,
+    ) -> Response {
+        let frame = ClientFrame::Request(Envelope { id: 5, body });
+        match answer(frame, &peer(rights), alloc, reload).await {
+            Ok(Some(ServerFrame::Response(env))) => env.body,
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -1135,37 +1116,14 @@ mod tests {
         let alloc = Allocator::new(vec![source]);
         alloc.apply_refresh(vec![Ok(entries)], &HashMap::new());
         let (reload, _rx) = mpsc::channel(1);
-        let ask = |body| ClientFrame::Request(Envelope { id: 9, body });
-        let frame = answer(
-            ask(Request::StatusV2),
-            &peer(Rights::Lease),
-            &alloc,
-            &reload,
-        )
-        .await
-        .unwrap()
-        .unwrap();
-        match frame {
-            ServerFrame::Response(Envelope {
-                id: 9,
-                body: Response::Error { message },
-            }) => assert!(message.contains("larger than a frame"), "{message}"),
+        match answered(Request::StatusV2, Rights::Lease, &alloc, &reload).await {
+            Response::Error { message } => {
+                assert!(message.contains("larger than a frame"), "{message}")
+            }
             other => panic!("{:?}", std::mem::discriminant(&other)),
         }
         // A small answer is as it was.
-        let frame = answer(
-            ask(Request::HostStatus),
-            &peer(Rights::Lease),
-            &alloc,
-            &reload,
-        )
-        .await;
-        assert!(matches!(
-            frame,
-            Ok(Some(ServerFrame::Response(Envelope {
-                body: Response::HostStatus(_),
-                ..
-            })))
-        ));
+        let body = answered(Request::HostStatus, Rights::Lease, &alloc, &reload).await;
+        assert!(matches!(body, Response::HostStatus(_)));
     }
 }

@@ -1347,6 +1347,16 @@ mod tests {
     /// A destination that reads one request head (and `body` bytes more,
     /// if any), then writes `reply` in `pieces` (a byte at a time for 1)
     /// and, with `close`, closes; what it read is returned.
+    /// An origin answering one request `200 ok`.
+    async fn answering_ok() -> (Conn, tokio::task::JoinHandle<Vec<Vec<u8>>>) {
+        origin(vec![(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+            1,
+            false,
+        )])
+        .await
+    }
+
     async fn origin(
         replies: Vec<(&'static [u8], usize, bool)>,
     ) -> (Conn, tokio::task::JoinHandle<Vec<Vec<u8>>>) {
@@ -1462,12 +1472,7 @@ mod tests {
             ("Basic YTpi", true),
             ("NTLMish x", true),
         ] {
-            let (conn, _origin) = origin(vec![(
-                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
-                1,
-                false,
-            )])
-            .await;
+            let (conn, _origin) = answering_ok().await;
             let mut req = get(Method::GET);
             req.headers
                 .insert("authorization", HeaderValue::from_static(value));
@@ -1544,12 +1549,7 @@ mod tests {
         // The origin helper reads a request up to its blank line; the body
         // (5 bytes, or none) is left unread, as a CL.0 destination does.
         for (body, pooled) in [(&b"GET /"[..], false), (b"", true)] {
-            let (conn, _origin) = origin(vec![(
-                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
-                1,
-                false,
-            )])
-            .await;
+            let (conn, _origin) = answering_ok().await;
             let mut head = get(Method::POST);
             head.headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
