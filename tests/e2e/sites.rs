@@ -514,3 +514,28 @@ async fn waiting_requests_are_served_in_arrival_order_across_workers() {
     assert!(done[0].2 < Duration::from_millis(3500), "{done:?}");
     assert_eq!(origin.count(), 5, "nothing sent for the client gone");
 }
+
+/// A dual-stack site whose addresses of the family its name lists first
+/// are spent is served from the other family at once; with both spent,
+/// 429. (Before, the lease asked for the first family only: 429, or a
+/// wait, with budget left in the other.)
+#[tokio::test]
+async fn a_dual_stack_site_spent_in_one_family_is_served_from_the_other() {
+    let v6 = Origin::start_on("[::1]:0".parse().unwrap()).await;
+    let port = v6.addr.port();
+    let v4 = Origin::start_on(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    let dns = Dns::start().await;
+    dns.set("dual.test", "127.0.0.1".parse().unwrap(), 300);
+    dns.set_v6("dual.test", "::1".parse().unwrap(), 300);
+    let alloc = Allocator::start(&["--pool", "127.0.0.2,::1", "--site-limit", "*=1/1m"]).await;
+    let server = dns.addr.to_string();
+    let w = Worker::start(&alloc.socket, &["--dns-server", &server]).await;
+    let url = format!("http://dual.test:{port}/");
+    assert_eq!(get(w.addr, &url).await.status, 200);
+    assert_eq!(v4.sources(), ips(2..=2), "A listed first");
+    assert_eq!(get(w.addr, &url).await.status, 200);
+    assert_eq!(v6.sources(), vec!["::1".parse::<IpAddr>().unwrap()]);
+    let r = get(w.addr, &url).await;
+    assert_eq!(r.status, 429, "both families spent");
+    assert_eq!(v4.count() + v6.count(), 2);
+}

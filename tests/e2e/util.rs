@@ -763,6 +763,9 @@ pub struct Dns {
     pub answers: Arc<Mutex<std::collections::HashMap<String, (std::net::Ipv4Addr, u32)>>>,
     pub queries: Arc<Mutex<std::collections::HashMap<String, usize>>>,
     pub silent_aaaa: Arc<std::sync::atomic::AtomicBool>,
+    /// AAAA records (none by default: a known name's AAAA query gets no
+    /// records).
+    pub aaaa: Arc<Mutex<std::collections::HashMap<String, (std::net::Ipv6Addr, u32)>>>,
 }
 
 impl Dns {
@@ -772,7 +775,9 @@ impl Dns {
         let answers: Arc<Mutex<std::collections::HashMap<_, _>>> = Arc::default();
         let queries: Arc<Mutex<std::collections::HashMap<_, _>>> = Arc::default();
         let silent_aaaa: Arc<std::sync::atomic::AtomicBool> = Arc::default();
+        let aaaa: Arc<Mutex<std::collections::HashMap<_, _>>> = Arc::default();
         let (a, q, silent) = (answers.clone(), queries.clone(), silent_aaaa.clone());
+        let a6 = aaaa.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 1500];
             loop {
@@ -780,7 +785,7 @@ impl Dns {
                     return;
                 };
                 let silent = silent.load(std::sync::atomic::Ordering::Relaxed);
-                if let Some(reply) = dns_answer(&buf[..n], &a, &q, silent) {
+                if let Some(reply) = dns_answer(&buf[..n], (&a, &a6), &q, silent) {
                     let _ = sock.send_to(&reply, from).await;
                 }
             }
@@ -790,7 +795,16 @@ impl Dns {
             answers,
             queries,
             silent_aaaa,
+            aaaa,
         }
+    }
+
+    /// Gives `name` an AAAA record too.
+    pub fn set_v6(&self, name: &str, ip: std::net::Ipv6Addr, ttl: u32) {
+        self.aaaa
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), (ip, ttl));
     }
 
     pub fn set(&self, name: &str, ip: std::net::Ipv4Addr, ttl: u32) {
@@ -806,9 +820,11 @@ impl Dns {
 }
 
 /// The reply to one DNS query (RFC 1035 §4.1), or `None` for junk.
+type Records<T> = Mutex<std::collections::HashMap<String, (T, u32)>>;
+
 fn dns_answer(
     q: &[u8],
-    answers: &Mutex<std::collections::HashMap<String, (std::net::Ipv4Addr, u32)>>,
+    (answers, aaaa): (&Records<std::net::Ipv4Addr>, &Records<std::net::Ipv6Addr>),
     queries: &Mutex<std::collections::HashMap<String, usize>>,
     silent_aaaa: bool,
 ) -> Option<Vec<u8>> {
@@ -840,12 +856,16 @@ fn dns_answer(
     }
     let name = labels.join(".");
     let known = answers.lock().unwrap().get(&name).copied();
-    let found = if qtype == 1 {
-        *queries.lock().unwrap().entry(name).or_default() += 1;
-        known
-    } else {
-        None
+    let v6 = aaaa.lock().unwrap().get(&name).copied();
+    let found: Option<(Vec<u8>, u32)> = match qtype {
+        1 => {
+            *queries.lock().unwrap().entry(name).or_default() += 1;
+            known.map(|(ip, ttl)| (ip.octets().to_vec(), ttl))
+        }
+        28 => v6.map(|(ip, ttl)| (ip.octets().to_vec(), ttl)),
+        _ => None,
     };
+    let known = known.map(|_| ()).or(v6.map(|_| ()));
     let mut r = Vec::with_capacity(64);
     r.extend_from_slice(&q[0..2]); // id
     r.push(0x84 | (q[2] & 0x01)); // response, authoritative, recursion desired as asked
@@ -855,10 +875,13 @@ fn dns_answer(
     r.extend_from_slice(&[0, 0, 0, 0]);
     r.extend_from_slice(&q[12..question_end]);
     if let Some((ip, ttl)) = found {
-        r.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]); // the question's name, A, IN
+        // The question's name, its type (A or AAAA), IN.
+        r.extend_from_slice(&[0xc0, 0x0c]);
+        r.extend_from_slice(&qtype.to_be_bytes());
+        r.extend_from_slice(&[0, 1]);
         r.extend_from_slice(&ttl.to_be_bytes());
-        r.extend_from_slice(&4u16.to_be_bytes());
-        r.extend_from_slice(&ip.octets());
+        r.extend_from_slice(&(ip.len() as u16).to_be_bytes());
+        r.extend_from_slice(&ip);
     }
     Some(r)
 }

@@ -575,6 +575,7 @@ impl Proxy {
         families: Families,
         host: &str,
         sticky: Option<&Sticky>,
+        may_wait: bool,
     ) -> Result<Granted, ProxyError> {
         // From the first refusal: the clock is read only then.
         let mut deadline = None;
@@ -604,7 +605,11 @@ impl Proxy {
                     cooling,
                 }) => {
                     let now = tokio::time::Instant::now();
-                    let deadline = *deadline.get_or_insert(now + self.config.budget_wait);
+                    let wait = match may_wait {
+                        true => self.config.budget_wait,
+                        false => Duration::ZERO,
+                    };
+                    let deadline = *deadline.get_or_insert(now + wait);
                     if now + retry_after <= deadline {
                         // Its client is watched while it waits (the fast
                         // path's): one gone is not sent when the budget
@@ -691,8 +696,10 @@ impl Proxy {
     }
 
     /// A lease of the family `addrs` (a resolved destination) lists first;
-    /// of its other family only when the pool has none of the first. Never
-    /// the host's own address.
+    /// of its other family only when the pool has none of the first, or
+    /// the site's budget has none of it now (a dual-stack site whose IPv6
+    /// addresses are spent is served from IPv4 ones at once, not after a
+    /// wait or a 429). Never the host's own address.
     async fn lease_for(
         &self,
         addrs: &[SocketAddr],
@@ -704,14 +711,19 @@ impl Proxy {
             Some(a) => Families::of([a.ip()]),
             None => all,
         };
-        match self.lease(first, host, sticky).await {
-            Err(ProxyError::NoAddress(NoAddress::NoFamily { .. })) if first != all => {
-                self.lease(all, host, sticky).await.map_err(|e| match e {
+        let narrow = first != all;
+        match self.lease(first, host, sticky, !narrow).await {
+            Err(ProxyError::NoAddress(NoAddress::NoFamily { .. })) if narrow => self
+                .lease(all, host, sticky, true)
+                .await
+                .map_err(|e| match e {
                     ProxyError::NoAddress(NoAddress::NoFamily { .. }) => {
                         ProxyError::NoAddress(NoAddress::NoFamily { wanted: all })
                     }
                     other => other,
-                })
+                }),
+            Err(ProxyError::Throttled { .. }) if narrow => {
+                self.lease(all, host, sticky, true).await
             }
             r => r,
         }
