@@ -495,3 +495,42 @@ async fn the_socks5_reply_names_the_source_only_when_asked() {
         echo_once(&mut s).await;
     }
 }
+
+/// A SOCKS5 client that leaves while its tunnel waits for a site's budget
+/// is given up, as over HTTP: no lease is spent for it and no connection
+/// made, and the next client waiting is served when the budget comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socks5_client_that_leaves_while_it_waits_is_given_up() {
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2", "--site-limit", "127.0.0.1=1/2s"]).await;
+    let (_w, socks) = socks_worker(&alloc.socket, &["--budget-wait", "20s"], false).await;
+    let port = echo.addr.port();
+    let (code, mut first) = connect(socks, None, "127.0.0.1", port).await;
+    assert_eq!(code, 0);
+    echo_once(&mut first).await;
+    let t0 = Instant::now();
+    // Asks, and leaves before any answer.
+    let mut gone = TcpStream::connect(socks).await.unwrap();
+    gone.write_all(&[5, 1, 0]).await.unwrap();
+    let mut m = [0u8; 2];
+    gone.read_exact(&mut m).await.unwrap();
+    let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
+    req.extend_from_slice(&port.to_be_bytes());
+    gone.write_all(&req).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (code, mut next) = connect(socks, None, "127.0.0.1", port).await;
+    assert_eq!(code, 0);
+    echo_once(&mut next).await;
+    assert!(
+        t0.elapsed() < Duration::from_millis(3500),
+        "served a window late: {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        echo.peers.lock().unwrap().len(),
+        2,
+        "a connection for nobody"
+    );
+}

@@ -1469,7 +1469,7 @@ struct Abandoned<'a> {
 }
 
 /// Status of an access log line for a request its client gave up on.
-const CLIENT_CLOSED: u16 = 499;
+pub(crate) const CLIENT_CLOSED: u16 = 499;
 
 /// The error of a request the worker dropped as it stopped (a drain that
 /// ran out): logged 503, as the connection closes with no answer.

@@ -137,14 +137,20 @@ where
                 return Err(HandshakeError::BadAuth);
             }
             // RFC 1929 names bytes; rotor's users file is text, and a
-            // lossy read would make different passwords one.
-            let user = String::from_utf8(read_bytes(s).await?);
-            let password = String::from_utf8(read_bytes(s).await?);
-            let (Ok(user), Ok(password)) = (user, password) else {
+            // lossy read would make different passwords one. Without a
+            // users file the password is not looked at, and the name
+            // (for its session parameters, and the log) is read lossily.
+            let user = read_bytes(s).await?;
+            let password = read_bytes(s).await?;
+            match (String::from_utf8(user), String::from_utf8(password)) {
+                (Ok(user), Ok(password)) => Some((user, password)),
+                (user, _) if !auth_required => Some((
+                    user.unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+                    String::new(),
+                )),
                 // Refused by the caller, counted and logged as any.
-                return Err(HandshakeError::NotText);
-            };
-            Some((user, password))
+                _ => return Err(HandshakeError::NotText),
+            }
         }
         _ => None,
     };
@@ -419,17 +425,36 @@ pub async fn serve(
         false => format!("{}:{}", hs.host, hs.port),
     };
     let started = std::time::Instant::now();
+    // A request, as an HTTP one counts (the status line's rate).
+    proxy
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let entry = proxy.access_log().map(|_| {
         let mut e = Entry::new(started, client, method(), dest.clone());
         caller.stamp(&mut e);
         e
     });
-    let (upstream, lease) = match proxy
-        .open_tunnel(&hs.host, hs.port, caller.sticky.as_ref())
-        .await
-    {
-        Ok(x) => x,
-        Err(e) => {
+    let opened = unless_gone(
+        &stream,
+        proxy.open_tunnel(&hs.host, hs.port, caller.sticky.as_ref()),
+    )
+    .await;
+    let (upstream, lease) = match opened {
+        Some(Ok(x)) => x,
+        // The client left while its tunnel was opened (a wait for a site's
+        // budget, a slow lookup or connect): given up, as over HTTP, with
+        // its places and any wait the allocator held for it.
+        None => {
+            proxy.meter.error(Some("client_closed"), started.elapsed());
+            if let (Some(mut en), Some(log)) = (entry, proxy.access_log()) {
+                en.status = crate::proxy::CLIENT_CLOSED;
+                en.error = Some("client_closed");
+                log.log(&en);
+            }
+            debug!(%client, %dest, "SOCKS5 client left before its tunnel opened");
+            return;
+        }
+        Some(Err(e)) => {
             proxy.meter.error(e.classify().1, started.elapsed());
             if let (Some(mut en), Some(log)) = (entry, proxy.access_log()) {
                 en.status = e.classify().0.as_u16();
@@ -457,6 +482,23 @@ pub async fn serve(
     debug!(%client, %dest, source = %lease.ip, seq = lease.seq, "SOCKS5 tunnel");
     proxy.meter.tunnel(lease.ip, started.elapsed());
     proxy.relay_tunnel(stream, upstream, (client, dest), lease, held, entry);
+}
+
+/// `fut`, unless the client of `stream` closes first (`None`). It sends
+/// nothing before the reply: bytes it sends early end the watch (they are
+/// the tunnel's, left unread), an end of its stream is its going.
+async fn unless_gone<F: std::future::Future>(stream: &TcpStream, fut: F) -> Option<F::Output> {
+    let gone = async {
+        let mut byte = [0u8; 1];
+        match stream.peek(&mut byte).await {
+            Ok(0) | Err(_) => {}
+            Ok(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        out = fut => Some(out),
+        () = gone => None,
+    }
 }
 
 #[cfg(test)]
@@ -521,6 +563,14 @@ mod tests {
         let (r, out) = run(&[5, 1, 2, 1, 1, b'a', 1, 0xff], true).await;
         assert!(matches!(r, Err(HandshakeError::NotText)), "{r:?}");
         assert_eq!(out, [5, 2]);
+        // Without a users file the password is not looked at: any bytes
+        // pass, and the name is read lossily.
+        let (r, out) = run(&[5, 1, 2, 1, 2, b'a', 0xff, 1, 0xff], false).await;
+        assert_eq!(
+            r.unwrap().credentials,
+            Some(("a\u{fffd}".into(), String::new()))
+        );
+        assert_eq!(out, [5, 2]);
         // Port 0: not a destination.
         let (r, out) = run(&[5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1, 0, 0], false).await;
         assert!(matches!(r, Err(HandshakeError::PortZero)), "{r:?}");
@@ -533,7 +583,8 @@ mod tests {
         // A truncated handshake is an error, not a hang (the peer closed).
         assert!(run(&[5, 3, 0], false).await.0.is_err());
         // UDP ASSOCIATE with an empty name: the command is what is not
-        // supported (the name was answered 0x01 before the command was read).
+        // supported (0x07; the name was answered 0x01 before the command
+        // was read).
         let (r, out) = run(&[5, 1, 0, 5, 3, 0, 3, 0, 0, 0], false).await;
         assert!(matches!(r, Err(HandshakeError::Command(3))), "{r:?}");
         assert_eq!(out[..4], [5, 0, 5, Reply::CommandNotSupported as u8]);
