@@ -539,3 +539,38 @@ async fn a_dual_stack_site_spent_in_one_family_is_served_from_the_other() {
     assert_eq!(r.status, 429, "both families spent");
     assert_eq!(v4.count() + v6.count(), 2);
 }
+
+/// A CONNECT (served by hyper's server, not the fast path) whose client
+/// leaves while it waits for the site's budget is given up too: the next
+/// one is served when the budget comes back, and no tunnel is opened for
+/// the client gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_whose_client_leaves_while_it_waits_is_given_up() {
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2", "--site-limit", "127.0.0.1=1/2s"]).await;
+    let w = Worker::start(&alloc.socket, &["--budget-wait", "20s"]).await;
+    let target = echo.addr.to_string();
+    let (code, _first) = connect_tunnel(w.addr, &target).await;
+    assert_eq!(code, 200);
+    let t0 = Instant::now();
+    let mut gone = TcpStream::connect(w.addr).await.unwrap();
+    gone.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(gone);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (code, _next) = connect_tunnel(w.addr, &target).await;
+    assert_eq!(code, 200);
+    assert!(
+        t0.elapsed() < Duration::from_millis(3500),
+        "served a window late: {:?}",
+        t0.elapsed()
+    );
+    eventually("the second tunnel's connection", || {
+        let n = echo.peers.lock().unwrap().len();
+        async move { n >= 2 }
+    })
+    .await;
+    assert_eq!(echo.peers.lock().unwrap().len(), 2, "a tunnel for nobody");
+}
