@@ -64,8 +64,13 @@ const MAX_NAMES: usize = 10_000;
 /// tried within a connect's time anyway.
 const MAX_ADDRS_PER_FAMILY: usize = 16;
 
-/// Records the DNS resolver's cache keeps.
-const DNS_CACHE_RECORDS: u64 = 10_000;
+/// Responses the DNS resolver's own cache keeps. hickory keeps each whole
+/// (a 64 KiB answer over TCP holds thousands of records, each parsed into
+/// its own allocations), and [`Answers`] holds what requests use (16
+/// addresses a family): this one serves the names that do not exist
+/// (their SOA's time). At 10 000, names whose zones answer that way, which
+/// any client may ask for, could hold 640 MiB of answers and more.
+const DNS_CACHE_RECORDS: u64 = 512;
 
 /// The longest an answer of one address family is kept when the other
 /// family's lookup failed (a timeout, SERVFAIL) or did not come within
