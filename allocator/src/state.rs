@@ -1281,7 +1281,9 @@ impl Allocator {
         let mut inner = self.lock();
         let now = Instant::now();
         if inner.waiters.is_empty() {
-            return None;
+            // (Noted: the task now waits for a hold's wake-up alone, and
+            // a hold must wake it whenever it is due.)
+            return inner.waiters.arm();
         }
         let mut waiters = std::mem::take(&mut inner.waiters);
         waiters.serve(now, |site, families, peer| {
@@ -1792,6 +1794,49 @@ mod tests {
         }
         assert!(rx.try_recv().is_err(), "one address a window");
         assert_eq!(a.lock().waiters.len(), 1);
+    }
+
+    /// After a look that found no waiter (all given up), the serving
+    /// task sleeps until woken: the next hold wakes it, whenever it is
+    /// due (a stale time it was armed for kept it asleep for ever).
+    #[tokio::test]
+    async fn a_hold_after_an_empty_look_wakes_the_serving_task() {
+        let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
+        let e = |s: &str| Segment::single(s.parse().unwrap());
+        a.apply_refresh(vec![Ok(vec![e("10.0.0.1")])], &ok());
+        a.set_site_rules(
+            crate::sites::Rules::parse(&["example.com=1/1s".to_string()]).unwrap(),
+            1000,
+        );
+        assert!(matches!(
+            a.lease_site(1, Families::V4, "example.com"),
+            Response::SiteLeased { .. }
+        ));
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let reply = |id| crate::waiters::Reply {
+            peer: 1,
+            id,
+            tx: tx.clone(),
+        };
+        let woken = || async {
+            tokio::time::timeout(Duration::from_millis(50), a.waiting.notified())
+                .await
+                .is_ok()
+        };
+        let wait = Duration::from_secs(5);
+        assert_eq!(
+            a.lease_site_wait(Families::V4, "example.com", wait, reply(1)),
+            None
+        );
+        assert!(woken().await);
+        assert!(a.serve_waiters().is_some(), "armed for the budget's return");
+        a.cancel_wait(1, 1);
+        assert_eq!(a.serve_waiters(), None, "nothing to look at");
+        assert_eq!(
+            a.lease_site_wait(Families::V4, "example.com", wait, reply(2)),
+            None
+        );
+        assert!(woken().await, "the task must look again");
     }
 
     #[test]

@@ -395,6 +395,35 @@ mod tests {
         assert_eq!(w.arm(), None);
     }
 
+    /// The serving task is woken by a hold due before it looks next, and
+    /// by any hold once it looks at nothing (`arm` gave `None`), whatever
+    /// it was armed for before.
+    #[test]
+    fn a_hold_wakes_the_task_unless_it_looks_in_time() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut w = Waiters::default();
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let reply = |id| Reply {
+            peer: 1,
+            id,
+            tx: tx.clone(),
+        };
+        let mut hold = |w: &mut Waiters, id, at| {
+            w.hold("s", Families::ANY, ms(5000), (ms(at), false), reply(id))
+                .unwrap()
+        };
+        assert!(hold(&mut w, 1, 500), "the task looks at nothing");
+        assert_eq!(w.arm(), Some(ms(500)));
+        assert!(!hold(&mut w, 2, 700), "due after the task looks");
+        assert!(hold(&mut w, 3, 100), "due before");
+        w.cancel(1, 1);
+        w.cancel(1, 2);
+        w.cancel(1, 3);
+        assert_eq!(w.arm(), None);
+        assert!(hold(&mut w, 4, 900), "armed for nothing: woken");
+    }
+
     /// A refusal for one family stops its waiters only: a waiter of the
     /// other family behind them is tried.
     #[test]
