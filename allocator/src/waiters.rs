@@ -409,7 +409,7 @@ mod tests {
             id,
             tx: tx.clone(),
         };
-        let mut hold = |w: &mut Waiters, id, at| {
+        let hold = |w: &mut Waiters, id, at| {
             w.hold("s", Families::ANY, ms(5000), (ms(at), false), reply(id))
                 .unwrap()
         };
