@@ -1738,23 +1738,30 @@ mod tests {
         assert_eq!(a.sites_report(10).sites.len(), 1);
     }
 
-    /// A site's held waiters go first: a new request of their families
-    /// is refused (and a new wait held behind them) even when an address
-    /// frees before the serving task looked; one of another family is
-    /// tried at once. The held one is served when the budget comes.
-    #[tokio::test]
-    async fn held_waiters_go_before_new_requests() {
+    /// An allocator of 10.0.0.1 whose budget for example.com (`rule`) is
+    /// spent by a first lease.
+    fn one_address_spent_for(rule: &str) -> Allocator {
         let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
         let e = |s: &str| Segment::single(s.parse().unwrap());
         a.apply_refresh(vec![Ok(vec![e("10.0.0.1")])], &ok());
         a.set_site_rules(
-            crate::sites::Rules::parse(&["example.com=1/300ms".to_string()]).unwrap(),
+            crate::sites::Rules::parse(&[rule.to_string()]).unwrap(),
             1000,
         );
         assert!(matches!(
             a.lease_site(1, Families::V4, "example.com"),
             Response::SiteLeased { .. }
         ));
+        a
+    }
+
+    /// A site's held waiters go first: a new request of their families
+    /// is refused (and a new wait held behind them) even when an address
+    /// frees before the serving task looked; one of another family is
+    /// tried at once. The held one is served when the budget comes.
+    #[tokio::test]
+    async fn held_waiters_go_before_new_requests() {
+        let a = one_address_spent_for("example.com=1/300ms");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let reply = |id| crate::waiters::Reply {
             peer: 1,
@@ -1801,17 +1808,7 @@ mod tests {
     /// due (a stale time it was armed for kept it asleep for ever).
     #[tokio::test]
     async fn a_hold_after_an_empty_look_wakes_the_serving_task() {
-        let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
-        let e = |s: &str| Segment::single(s.parse().unwrap());
-        a.apply_refresh(vec![Ok(vec![e("10.0.0.1")])], &ok());
-        a.set_site_rules(
-            crate::sites::Rules::parse(&["example.com=1/1s".to_string()]).unwrap(),
-            1000,
-        );
-        assert!(matches!(
-            a.lease_site(1, Families::V4, "example.com"),
-            Response::SiteLeased { .. }
-        ));
+        let a = one_address_spent_for("example.com=1/1s");
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         let reply = |id| crate::waiters::Reply {
             peer: 1,

@@ -470,6 +470,13 @@ async fn a_request_waiting_for_budget_is_given_up_when_its_client_goes() {
     assert_eq!(origin.count(), 1, "the request was sent for a client gone");
 }
 
+/// A connection to `proxy` that has sent `request` (and reads nothing).
+async fn asking(proxy: std::net::SocketAddr, request: &str) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    s
+}
+
 /// Requests waiting for a site's budget are served in arrival order across
 /// workers (the allocator holds them, each answered as the budget comes),
 /// and one whose client left gives its turn to the next: no lease is taken
@@ -485,10 +492,7 @@ async fn waiting_requests_are_served_in_arrival_order_across_workers() {
     assert_eq!(get(a.addr, &url).await.status, 200);
     let t0 = Instant::now();
     // First in line: a client that leaves while it waits.
-    let mut gone = TcpStream::connect(b.addr).await.unwrap();
-    gone.write_all(format!("GET {url} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    let gone = asking(b.addr, &format!("GET {url} HTTP/1.1\r\nHost: x\r\n\r\n")).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
     let mut waiting = Vec::new();
     for (i, w) in [a.addr, b.addr, a.addr, b.addr].into_iter().enumerate() {
@@ -553,10 +557,8 @@ async fn a_connect_whose_client_leaves_while_it_waits_is_given_up() {
     let (code, _first) = connect_tunnel(w.addr, &target).await;
     assert_eq!(code, 200);
     let t0 = Instant::now();
-    let mut gone = TcpStream::connect(w.addr).await.unwrap();
-    gone.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    let head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    let gone = asking(w.addr, &head).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(gone);
     tokio::time::sleep(Duration::from_millis(200)).await;
