@@ -208,6 +208,25 @@ fn golden_client_frames() {
         }),
         "010710",
     );
+    // Minor 8.
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::LeaseSiteWait {
+                families: Families::ANY,
+                site: "a.io".into(),
+                wait_ms: 2000,
+            },
+        }),
+        "010711010104612e696ffbd007",
+    );
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::CancelWait { id: 9 },
+        }),
+        "01071209",
+    );
 }
 
 #[test]
