@@ -449,26 +449,13 @@ impl Auth {
         // An IPv6 client by its /64, as the connection limits count it: a
         // host holds a /64, and would take a place per address.
         let client = rotor_protocol::addr::client_key(client);
-        let (network, bits) = match client {
-            IpAddr::V4(v4) => {
-                let mask = u32::MAX << (32 - NETWORK_V4);
-                (
-                    IpAddr::from((u32::from(v4) & mask).to_be_bytes()),
-                    NETWORK_V4,
-                )
-            }
-            IpAddr::V6(v6) => {
-                let mask = u128::MAX << (128 - NETWORK_V6);
-                (
-                    IpAddr::from((u128::from(v6) & mask).to_be_bytes()),
-                    NETWORK_V6,
-                )
-            }
+        let (host_bits, bits) = match client {
+            IpAddr::V4(_) => (32, NETWORK_V4),
+            IpAddr::V6(_) => (64, NETWORK_V6),
         };
-        let host_bits = match client {
-            IpAddr::V4(_) => 32,
-            IpAddr::V6(_) => 64,
-        };
+        let network = ipnet::IpNet::new(client, bits)
+            .expect("a prefix length within the family")
+            .network();
         crate::h1::within(VERIFY_WAIT, async {
             let host = self.place((client, host_bits), PER_CLIENT).await?;
             let network = self.place((network, bits), self.per_network).await?;
@@ -888,14 +875,17 @@ mod tests {
                 "the place went with the client, the check still running"
             );
         }
-        while auth.verifying.available_permits() < slots {
+        // The places go just after the slot (the address's, then the
+        // network's): both, once the check ended.
+        let gone = || auth.in_flight.lock().unwrap().is_empty();
+        while auth.verifying.available_permits() < slots || !gone() {
             assert!(
                 started.elapsed() < Duration::from_secs(10),
-                "the check never ended"
+                "the check never ended, or its places stayed"
             );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert!(auth.in_flight.lock().unwrap().is_empty());
+        assert!(gone());
     }
 
     /// A reload keeps in memory the credentials of users whose hash did not
