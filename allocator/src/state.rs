@@ -18,6 +18,7 @@ use crate::pool::{Pool, TableHome};
 use crate::sessions::{Pinned, Sessions};
 use crate::sites::{Answer, Rules, Sites, DEFAULT_MAX_ENTRIES};
 use crate::source::{Source, SourceError};
+use crate::waiters::{refusal, throttled};
 
 pub struct Allocator {
     inner: Mutex<Inner>,
@@ -252,64 +253,52 @@ const MAX_SOFTWARE: usize = 128;
 /// Sticky sessions held at most, unless configured.
 pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 
-/// A refusal until `until` (`cooling`: by a cooldown), as answered at `now`.
-fn throttled(until: Instant, cooling: bool, now: Instant) -> Response {
-    Response::Throttled {
-        retry_after_ms: until.saturating_duration_since(now).as_millis().max(1) as u64,
-        cooling,
-    }
-}
-
 impl Inner {
     /// A lease for a request to `site` (see [`Allocator::lease_site`]).
     fn lease_site(&mut self, peer: u64, families: Families, site: &str, now: Instant) -> Response {
-        let inner = self;
         // No state for what is no site's name (a worker sends a resolved
         // host's; a peer that sends megabytes of anything holds none of
         // it): from the shared rotation, as a push-back for it is ignored.
         if !valid_site(site) {
-            let answer = inner.lease_checked(families);
-            return inner.answer(peer, answer);
+            let answer = self.lease_checked(families);
+            return self.answer(peer, answer);
         }
         // Ends within three turns: a start per family at most (its cursor
         // is set then), and a walk answers.
         loop {
-            let Inner { sites, pool, .. } = &mut *inner;
+            let Inner { sites, pool, .. } = &mut *self;
             let answer = sites.lease(site, families, pool.active(), pool.generation(), now);
             // (A refusal changes nothing a checkpoint keeps: a site only
             // refused is not written again at every interval.)
             if !matches!(answer, Answer::Shared | Answer::Throttled { .. }) {
-                inner.changes += 1;
+                self.changes += 1;
             }
             match answer {
                 Answer::Shared => break,
                 Answer::Address { ip, index, watch } => {
-                    let table = inner.pool.table();
+                    let table = self.pool.table();
                     table.flag_site(site);
                     table.count_lease(Family::of(&ip), index);
-                    return inner.site_lease(peer, ip, watch);
+                    return self.site_lease(peer, ip, watch);
                 }
                 Answer::Throttled {
                     retry_after,
                     cooling,
                 } => {
-                    inner.pool.table().flag_site(site);
-                    return Response::Throttled {
-                        retry_after_ms: retry_after.as_millis().max(1) as u64,
-                        cooling,
-                    };
+                    self.pool.table().flag_site(site);
+                    return throttled(now + retry_after, cooling, now);
                 }
                 Answer::Start(family) => {
-                    inner.pool.table().flag_site(site);
-                    let lease = match inner.lease_checked(Families::only(family)) {
+                    self.pool.table().flag_site(site);
+                    let lease = match self.lease_checked(Families::only(family)) {
                         Some(Ok(l)) => l,
-                        other => return inner.answer(peer, other),
+                        other => return self.answer(peer, other),
                     };
-                    let active = inner.pool.active();
+                    let active = self.pool.active();
                     let total = family_total(active, family);
                     let index = index_of(active, lease.ip).unwrap_or(0);
-                    if let Some(watch) = inner.sites.started(site, lease.ip, index, total, now) {
-                        if let Some(p) = inner.peers.get_mut(&peer) {
+                    if let Some(watch) = self.sites.started(site, lease.ip, index, total, now) {
+                        if let Some(p) = self.peers.get_mut(&peer) {
                             p.leases += 1;
                         }
                         return Response::SiteLeased { lease, watch };
@@ -317,8 +306,8 @@ impl Inner {
                 }
             }
         }
-        let answer = inner.lease_checked(families);
-        inner.answer(peer, answer)
+        let answer = self.lease_checked(families);
+        self.answer(peer, answer)
     }
 
     /// The sessions and the site state as they are now, for the state
@@ -1246,13 +1235,13 @@ impl Allocator {
         let deadline = now + wait.min(crate::waiters::MAX_WAIT);
         let refused = match inner.waiters.ahead(site, families) {
             Some(refused) => refused,
-            None => match inner.lease_site(reply.peer, families, site, now) {
-                Response::Throttled {
-                    retry_after_ms,
-                    cooling,
-                } => (now + Duration::from_millis(retry_after_ms), cooling),
-                answer => return Some(answer),
-            },
+            None => {
+                let answer = inner.lease_site(reply.peer, families, site, now);
+                match refusal(&answer, now) {
+                    Some(refused) => refused,
+                    None => return Some(answer),
+                }
+            }
         };
         if refused.0 > deadline {
             // Its wait ends before an address may serve it.
@@ -1287,16 +1276,7 @@ impl Allocator {
         }
         let mut waiters = std::mem::take(&mut inner.waiters);
         waiters.serve(now, |site, families, peer| {
-            match inner.lease_site(peer, families, site, now) {
-                Response::Throttled {
-                    retry_after_ms,
-                    cooling,
-                } => crate::waiters::Tried::Refused {
-                    until: now + Duration::from_millis(retry_after_ms),
-                    cooling,
-                },
-                answer => crate::waiters::Tried::Served(answer),
-            }
+            inner.lease_site(peer, families, site, now)
         });
         let next = waiters.arm();
         inner.waiters = waiters;

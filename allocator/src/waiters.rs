@@ -85,11 +85,25 @@ pub struct Waiters {
     armed: Option<Instant>,
 }
 
-/// What a try for a waiter of `site` answered: handed a response to send,
-/// or refused until a time (`cooling`: by a site's push-back).
-pub enum Tried {
-    Served(Response),
-    Refused { until: Instant, cooling: bool },
+/// A refusal until `until` (`cooling`: by a site's push-back), as
+/// answered at `now`.
+pub fn throttled(until: Instant, cooling: bool, now: Instant) -> Response {
+    Response::Throttled {
+        retry_after_ms: until.saturating_duration_since(now).as_millis().max(1) as u64,
+        cooling,
+    }
+}
+
+/// The refusal `answer` is, answered at `now`, if it is one: until when,
+/// and whether by a push-back.
+pub fn refusal(answer: &Response, now: Instant) -> Option<(Instant, bool)> {
+    match *answer {
+        Response::Throttled {
+            retry_after_ms,
+            cooling,
+        } => Some((now + Duration::from_millis(retry_after_ms), cooling)),
+        _ => None,
+    }
 }
 
 impl Waiters {
@@ -207,13 +221,13 @@ impl Waiters {
 
     /// Answers what is due at `now`: at each site whose next try has come,
     /// its waiters in arrival order, each with `try_lease(site, families,
-    /// peer)` until a refusal — after which only waiters of other families
+    /// peer)` (its answer sent, unless a [`refusal`]) until a refusal — after which only waiters of other families
     /// are tried (they may have addresses free) — and every wait that
     /// ended, with its refusal. Returns how many were answered.
     pub fn serve(
         &mut self,
         now: Instant,
-        mut try_lease: impl FnMut(&str, Families, u64) -> Tried,
+        mut try_lease: impl FnMut(&str, Families, u64) -> Response,
     ) -> usize {
         let mut answered = 0;
         let (mut count, per_peer) = (self.count, &mut self.per_peer);
@@ -234,28 +248,23 @@ impl Waiters {
                 if due {
                     match refused.iter().find(|(f, ..)| *f == w.families) {
                         Some(&(_, until, cooling)) => (w.until, w.cooling) = (until, cooling),
-                        None => match try_lease(site, w.families, w.reply.peer) {
-                            Tried::Served(answer) => {
+                        None => {
+                            let answer = try_lease(site, w.families, w.reply.peer);
+                            let Some((until, cooling)) = refusal(&answer, now) else {
                                 left(per_peer, &mut count, &mut q.by_families, &w);
                                 w.reply.send(answer);
                                 answered += 1;
                                 continue;
-                            }
-                            Tried::Refused { until, cooling } => {
-                                refused.push((w.families, until, cooling));
-                                (w.until, w.cooling) = (until, cooling);
-                            }
-                        },
+                            };
+                            refused.push((w.families, until, cooling));
+                            (w.until, w.cooling) = (until, cooling);
+                        }
                     }
                 }
                 if w.deadline <= now || w.until > w.deadline {
                     // Its wait ends before an address may serve it.
                     left(per_peer, &mut count, &mut q.by_families, &w);
-                    let retry = w.until.saturating_duration_since(now).as_millis().max(1);
-                    w.reply.send(Response::Throttled {
-                        retry_after_ms: retry as u64,
-                        cooling: w.cooling,
-                    });
+                    w.reply.send(throttled(w.until, w.cooling, now));
                     answered += 1;
                     continue;
                 }
@@ -314,9 +323,8 @@ mod tests {
     }
 
     fn leased(n: u64) -> Response {
-        Response::Throttled {
-            retry_after_ms: n,
-            cooling: false,
+        Response::Error {
+            message: format!("lease {n}"),
         }
     }
 
@@ -356,13 +364,10 @@ mod tests {
         let lease = |at: u64| {
             let budget = &budget;
             move |_: &str, _: Families, _: u64| match budget.get() {
-                0 => Tried::Refused {
-                    until: ms(at + 100),
-                    cooling: false,
-                },
+                0 => throttled(ms(at + 100), false, ms(at)),
                 n => {
                     budget.set(n - 1);
-                    Tried::Served(leased(at))
+                    leased(at)
                 }
             }
         };
@@ -443,11 +448,8 @@ mod tests {
         w.serve(t0, |_, f, _| {
             asked.push(f);
             match f == Families::V4 {
-                true => Tried::Served(leased(4)),
-                false => Tried::Refused {
-                    until: t0 + Duration::from_secs(1),
-                    cooling: true,
-                },
+                true => leased(4),
+                false => throttled(t0 + Duration::from_secs(1), true, t0),
             }
         });
         assert_eq!(asked, [Families::V6, Families::V4], "v6 tried once");
