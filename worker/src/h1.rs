@@ -233,15 +233,7 @@ impl Conn {
                 // still be reading it) while the answer is relayed.
                 let (mut rd, wr) = io.into_split();
                 let progress = sent.clone().unwrap_or_default();
-                let mut send = Box::pin(send_body(
-                    wr,
-                    body,
-                    match sending {
-                        Sending::Length(n) => (false, Some(n)),
-                        _ => (sending == Sending::Chunked, None),
-                    },
-                    progress.clone(),
-                ));
+                let mut send = Box::pin(send_body(wr, body, sending, progress.clone()));
                 let first = {
                     let recv = read_head(&mut rd, &mut buf);
                     tokio::pin!(recv);
@@ -650,13 +642,13 @@ pub(crate) fn size_line(n: usize) -> SizeLine {
 /// Streams the client's body to the destination (in chunks when its
 /// length is unknown), counting it in `progress`; the writer back once all
 /// of it went.
-/// `length`: the length the head announced, which the bytes sent are
-/// held to (a body yielding more would put a request of its own on the
-/// connection; one yielding less would leave the destination waiting).
+/// `sending`: as the head announced it; a length is what the bytes sent
+/// are held to (a body yielding more would put a request of its own on
+/// the connection; one yielding less would leave the destination waiting).
 async fn send_body<W, B>(
     mut wr: W,
     mut body: B,
-    (chunked, length): (bool, Option<u64>),
+    sending: Sending,
     progress: Arc<Progress>,
 ) -> Result<W, Error>
 where
@@ -665,6 +657,11 @@ where
     B::Error: Into<BoxError>,
 {
     use http_body_util::BodyExt;
+    let chunked = sending == Sending::Chunked;
+    let length = match sending {
+        Sending::Length(n) => Some(n),
+        _ => None,
+    };
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| Error::ClientBody(e.into()))?;
         let Ok(data) = frame.into_data() else {
@@ -735,12 +732,12 @@ impl Progress {
 /// A connection's buffer as it waits in the pool: one that a large head
 /// grew (up to `MAX_HEAD` and a read more: up to 128 KiB allocated) is
 /// not kept while the connection idles (4 096 idle connections would pin
-/// 512 MiB). Told by its
-/// room alone: a `reserve` here, with the response's head still sharing
-/// the allocation, allocated 16 KiB anew at every request (+3 % of a
-/// keep-alive request's instructions). A head that filled nearly all of
-/// its allocation leaves little room: that buffer is caught at the
-/// connection's next return, once its next read took the whole of it back.
+/// 512 MiB). Told by its room alone: a `reserve` here, with the
+/// response's head still sharing the allocation, allocated 16 KiB anew at
+/// every request (+3 % of a keep-alive request's instructions). A head
+/// that filled nearly all of its allocation leaves little room: that
+/// buffer is caught at the connection's next return, once its next read
+/// took the whole of it back.
 fn idle_buffer(buf: BytesMut) -> BytesMut {
     match buf.is_empty() && buf.capacity() > 2 * READ_SIZE {
         true => BytesMut::with_capacity(READ_SIZE),
