@@ -472,11 +472,12 @@ impl LeaseClient {
         }
         let mapped = c.mapped();
         let site = c.site_path(mapped.as_ref().map(|(t, _)| &**t), host)?;
-        let wait_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64;
+        // (`wait_ms` is set as it is sent: up to `until`, the deadline
+        // given below less the lease timeout.)
         let body = Request::LeaseSiteWait {
             families,
             site,
-            wait_ms,
+            wait_ms: 0,
         };
         match self.request_until(body, until + self.timeout).await {
             Ok(answer) => Some(site_answer(answer)),
@@ -743,8 +744,9 @@ impl LeaseClient {
             };
             let mut body = body.clone();
             if let Request::LeaseSiteWait { wait_ms, .. } = &mut body {
-                // Sent again (its connection died): the wait left, not
-                // the whole wait again.
+                // The wait left (sent again, its connection died: not the
+                // whole wait again), up to the answer's deadline less the
+                // time an answer takes.
                 let until = deadline.checked_sub(self.timeout).unwrap_or(deadline);
                 *wait_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64;
             }
