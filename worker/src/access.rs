@@ -362,10 +362,7 @@ impl Output {
         if text.is_empty() {
             return;
         }
-        let r = match &mut self.to {
-            To::Stdout(w) => write_lines(w, text, &mut self.cut),
-            To::File(w) => write_lines(w, text, &mut self.cut),
-        };
+        let r = write_lines(self.to.writer(), text, &mut self.cut);
         if let Err(e) = r {
             // Once in 10 s: a full disk fails every batch, 10 a second.
             static WARNED: crate::Moment = crate::Moment::new();
@@ -376,16 +373,22 @@ impl Output {
     }
 
     fn flush(&mut self) {
-        let _ = match &mut self.to {
-            To::Stdout(w) => w.flush(),
-            To::File(w) => w.flush(),
-        };
+        let _ = self.to.writer().flush();
+    }
+}
+
+impl To {
+    fn writer(&mut self) -> &mut dyn Write {
+        match self {
+            To::Stdout(w) => w,
+            To::File(w) => w,
+        }
     }
 }
 
 /// Writes `text` (whole lines) to `w`, after a line end if the last write
 /// stopped within a line (`cut`, which this updates).
-fn write_lines(w: &mut impl Write, text: &[u8], cut: &mut bool) -> std::io::Result<()> {
+fn write_lines(w: &mut dyn Write, text: &[u8], cut: &mut bool) -> std::io::Result<()> {
     let joined;
     let buf = match *cut {
         true => {
@@ -416,6 +419,8 @@ fn write_lines(w: &mut impl Write, text: &[u8], cut: &mut bool) -> std::io::Resu
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// A write that fails part-way through a line (a full disk) is
     /// followed by a line end before the next lines: no line runs into
     /// the cut one.
@@ -464,8 +469,6 @@ mod tests {
         assert!(super::write_lines(&mut w, b"first line\nsecond\n", &mut cut).is_err());
         assert!(!cut);
     }
-
-    use super::*;
 
     #[test]
     fn lines_quote_what_needs_it_and_carry_no_secrets() {
