@@ -82,9 +82,10 @@ impl Activity {
     }
 
     /// Resolves once a write to the client has waited `limit` with none
-    /// going meanwhile: a client that reads nothing, whatever it sends.
-    /// (Over TLS, bytes that make no record, trickled in, kept the idle
-    /// watch awake while the client read none of its response.)
+    /// going meanwhile: a client that reads nothing, whatever it sends,
+    /// which the caller drops (said here, for every caller). (Over TLS,
+    /// bytes that make no record, trickled in, kept the idle watch awake
+    /// while the client read none of its response.)
     pub async fn write_stuck_for(&self, limit: Duration) {
         loop {
             let since = self.state.write_waits.load(Ordering::Relaxed);
@@ -94,6 +95,7 @@ impl Activity {
             }
             let due = self.base + Duration::from_millis(since - 1) + limit;
             if Instant::now() >= due {
+                tracing::debug!("client took none of its response for the idle timeout; dropped");
                 return;
             }
             tokio::time::sleep_until(due).await;

@@ -434,10 +434,7 @@ impl Serving {
             );
             let result = tokio::select! {
                 r = conn.as_mut() => r,
-                _ = activity.write_stuck_for(idle_timeout) => {
-                    debug!("client took none of its response for the idle timeout; dropped");
-                    Ok(())
-                }
+                _ = activity.write_stuck_for(idle_timeout) => Ok(()),
                 _ = activity.idle_for(idle_timeout) => {
                     debug!("client connection idle; closing");
                     conn.as_mut().graceful_shutdown();
@@ -497,10 +494,7 @@ where
     loop {
         tokio::select! {
             r = &mut conn => break r,
-            _ = activity.write_stuck_for(idle) => {
-                debug!("client took none of its response for the idle timeout; dropped");
-                break Ok(());
-            }
+            _ = activity.write_stuck_for(idle) => break Ok(()),
             _ = activity.idle_for(idle) => {
                 if waiting.load(Ordering::Relaxed) == 0 {
                     debug!("client connection stuck (not reading); dropped");
