@@ -1468,8 +1468,10 @@ struct Abandoned<'a> {
     armed: bool,
 }
 
-/// Status of an access log line for a request its client gave up on.
+/// Status of an access log line for a request its client gave up on,
+/// and its error.
 pub(crate) const CLIENT_CLOSED: u16 = 499;
+pub(crate) const CLIENT_CLOSED_ERROR: &str = "client_closed";
 
 /// The error of a request the worker dropped as it stopped (a drain that
 /// ran out): logged 503, as the connection closes with no answer.
@@ -1498,7 +1500,7 @@ impl Drop for Abandoned<'_> {
         // client's going.
         let why = match self.proxy.tunnels_cut.is_cancelled() {
             true => WORKER_STOPPED,
-            false => "client_closed",
+            false => CLIENT_CLOSED_ERROR,
         };
         self.proxy.meter.error(Some(why), took);
         // (Gone while its credentials were checked: a line without them.)

@@ -439,28 +439,32 @@ pub async fn serve(
         proxy.open_tunnel(&hs.host, hs.port, caller.sticky.as_ref()),
     )
     .await;
+    // A tunnel that did not open: counted, and logged as its HTTP twin.
+    let not_opened = |entry: Option<Entry>, (status, kind): (u16, Option<&'static str>)| {
+        proxy.meter.error(kind, started.elapsed());
+        if let (Some(mut en), Some(log)) = (entry, proxy.access_log()) {
+            en.status = status;
+            en.error = kind;
+            log.log(&en);
+        }
+    };
     let (upstream, lease) = match opened {
         Some(Ok(x)) => x,
         // The client left while its tunnel was opened (a wait for a site's
         // budget, a slow lookup or connect): given up, as over HTTP, with
         // its places and any wait the allocator held for it.
         None => {
-            proxy.meter.error(Some("client_closed"), started.elapsed());
-            if let (Some(mut en), Some(log)) = (entry, proxy.access_log()) {
-                en.status = crate::proxy::CLIENT_CLOSED;
-                en.error = Some("client_closed");
-                log.log(&en);
-            }
+            let gone = (
+                crate::proxy::CLIENT_CLOSED,
+                Some(crate::proxy::CLIENT_CLOSED_ERROR),
+            );
+            not_opened(entry, gone);
             debug!(%client, %dest, "SOCKS5 client left before its tunnel opened");
             return;
         }
         Some(Err(e)) => {
-            proxy.meter.error(e.classify().1, started.elapsed());
-            if let (Some(mut en), Some(log)) = (entry, proxy.access_log()) {
-                en.status = e.classify().0.as_u16();
-                en.error = e.classify().1;
-                log.log(&en);
-            }
+            let (status, kind) = e.classify();
+            not_opened(entry, (status.as_u16(), kind));
             let code = Reply::of(&e);
             debug!(%client, %dest, error = %rotor_protocol::error_chain(&e), reply = ?code, "SOCKS5 connect failed");
             let _ = reply(&mut stream, code, None).await;
