@@ -487,9 +487,6 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
 
-    /// A metadata service on loopback: `answer(method, path, headers)`
-    /// gives (status, body); a body of `SLOW` answers after 3 s, one of
-    /// `SLOWISH REST` answers REST after 1.2 s.
     /// A GCP metadata service with one interface (`MAC1`) whose lists
     /// (`ip`, `ip-aliases/`, `ipv6s`) `list` answers by name; `None`: 404.
     fn fake_gcp<F>(list: F) -> String
@@ -509,6 +506,9 @@ mod tests {
         })
     }
 
+    /// A metadata service on loopback: `answer(method, path, headers)`
+    /// gives (status, body); a body of `SLOW` answers after 3 s, one of
+    /// `SLOWISH REST` answers REST after 1.2 s.
     fn fake<F>(answer: F) -> String
     where
         F: Fn(&str, &str, &[(String, String)]) -> (u16, String) + Send + 'static,
