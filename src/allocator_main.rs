@@ -173,8 +173,10 @@ fn check(
     );
     if !pool.site_rules.is_empty() {
         eprintln!(
-            "ok: site budgets per address: {} (at most {} entries of site state)",
-            pool.site_rules, pool.max_site_entries
+            "ok: site budgets per address (IPv6 per /{}): {} (at most {} entries of site state)",
+            pool.site_rules.v6_prefix(),
+            pool.site_rules,
+            pool.max_site_entries
         );
     }
     if !read {

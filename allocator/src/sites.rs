@@ -29,7 +29,7 @@
 //! to upgrade neither spends a budget twice in one window nor sends to a
 //! site that asked it to wait.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -102,13 +102,69 @@ impl Limit {
 }
 
 /// The budgets the operator set: by site, and for every other site.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rules {
     named: HashMap<String, Limit>,
     default: Option<Limit>,
+    /// IPv6 sources count as one per prefix of this length: sites
+    /// rate-limit IPv6 clients by their /64 (the customer's subnet), so
+    /// the 2^64 addresses of a /64 pool are one client to them, and a
+    /// budget or cooldown per address would hold nothing back.
+    v6_prefix: u8,
+}
+
+/// The prefix length IPv6 sources are counted by, unless configured.
+pub const DEFAULT_V6_PREFIX: u8 = 64;
+
+impl Default for Rules {
+    fn default() -> Rules {
+        Rules {
+            named: HashMap::new(),
+            default: None,
+            v6_prefix: DEFAULT_V6_PREFIX,
+        }
+    }
 }
 
 impl Rules {
+    /// Counts IPv6 sources by their /`len` (1 to 128; 128: each address).
+    pub fn with_v6_prefix(mut self, len: u8) -> Result<Rules, String> {
+        if !(1..=128).contains(&len) {
+            return Err(format!(
+                "site-v6-prefix {len}: a prefix length is 1 to 128 (64 as sites count IPv6 clients; 128 for each address)"
+            ));
+        }
+        self.v6_prefix = len;
+        Ok(self)
+    }
+
+    pub fn v6_prefix(&self) -> u8 {
+        self.v6_prefix
+    }
+
+    /// What a source is counted as: an IPv4 address itself, an IPv6 one
+    /// by its prefix's first address.
+    pub fn key(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(_) => Segment::prefix(ip, self.v6_prefix).map_or(ip, |p| p.base()),
+        }
+    }
+
+    /// Whether `e` lies inside one key: every address it holds counts as
+    /// one source.
+    pub fn one_key(&self, e: &Segment) -> bool {
+        e.is_single() || (e.family() == Family::V6 && e.prefix_len() >= self.v6_prefix)
+    }
+
+    /// A key as logged: an IPv6 prefix with its length.
+    pub fn shown(&self, key: IpAddr) -> String {
+        match key {
+            IpAddr::V6(_) if self.v6_prefix < 128 => format!("{key}/{}", self.v6_prefix),
+            _ => key.to_string(),
+        }
+    }
+
     /// From `SITE=N/PERIOD` specs (`*` for every site not named). A site
     /// must be written as what requests are counted by: a registrable
     /// domain (or an address), not a subdomain.
@@ -393,6 +449,18 @@ impl Pair {
         }
     }
 
+    /// Adds `other`'s starts, cooldown and repeats (two sources that are
+    /// one key).
+    fn merge(&mut self, other: Pair) {
+        let mut starts: Vec<(Ms, u32)> = self.starts.drain(..).chain(other.starts).collect();
+        starts.sort_unstable();
+        self.starts = starts.into();
+        self.held += other.held;
+        self.cool_until = self.cool_until.max(other.cool_until);
+        self.strikes = self.strikes.max(other.strikes);
+        self.last_strike = self.last_strike.max(other.last_strike);
+    }
+
     fn is_idle(&self, now: Ms) -> bool {
         self.starts.is_empty()
             && self.cool_until == 0
@@ -608,9 +676,9 @@ impl Sites {
         }
     }
 
-    /// Counts a request of `ip` to the site against its budget: whether
-    /// the pair has repeats to clear (the worker then reports a normal
-    /// answer).
+    /// Counts a request of `ip` (a key: see [`Rules::key`]) to the site
+    /// against its budget: whether the pair has repeats to clear (the
+    /// worker then reports a normal answer).
     fn start(&mut self, site: &str, ip: IpAddr, now: Instant) -> bool {
         let Some(s) = self.sites.get(site) else {
             return false;
@@ -686,11 +754,33 @@ impl Sites {
             if start == UNSET {
                 return Answer::Start(family);
             }
-            // Every address the site holds nothing for is free, so a walk
-            // meets one after at most that many steps.
-            let steps = total.min(u64::from(held) + 1);
-            for (i, ip) in addresses_from(active, family, start).take(steps as usize) {
-                let blocked = self.pairs.get_mut(&(id, ip)).and_then(|p| {
+            // Every source the site holds nothing for is free, so a walk
+            // meets one after looking at most at `held` blocked ones. An
+            // IPv6 key (a /64) is looked at once: the rest of an entry
+            // inside it is passed in a step (a /64 pool whose /64 is
+            // spent: one step, not 2^64), other addresses of a key found
+            // blocked one by one (a /64's addresses listed singly); a
+            // prefix wider than a key (a /48) meets its keys in its
+            // permutation's order, some again, so those passes are capped.
+            let keyed = family == Family::V6 && self.rules.v6_prefix < 128;
+            let mut blocked_keys: HashSet<IpAddr> = HashSet::new();
+            let (mut looks, mut wide_passes) = (0u64, 0u64);
+            let mut walk = addresses_from(active, family, start);
+            while let Some((i, ip)) = walk.next() {
+                let key = self.rules.key(ip);
+                let inside = walk.last_entry().is_some_and(|e| self.rules.one_key(e));
+                if keyed && blocked_keys.contains(&key) {
+                    if inside {
+                        walk.skip_entry();
+                    } else {
+                        wide_passes += 1;
+                        if wide_passes > (u64::from(held) + 1) * 16 {
+                            break;
+                        }
+                    }
+                    continue;
+                }
+                let blocked = self.pairs.get_mut(&(id, key)).and_then(|p| {
                     p.prune(window, t);
                     p.blocked(limit, t)
                 });
@@ -699,7 +789,7 @@ impl Sites {
                         if let Some(s) = self.sites.get_mut(site) {
                             s.cursor[family.index()] = (i + 1) % total;
                         }
-                        let watch = self.start(site, ip, now);
+                        let watch = self.start(site, key, now);
                         return Answer::Address {
                             ip,
                             index: i,
@@ -712,6 +802,16 @@ impl Sites {
                             Some((e, c)) if until < e => (until, cooling && c),
                             Some((e, c)) => (e, c && cooling),
                         });
+                    }
+                }
+                looks += 1;
+                if looks > u64::from(held) {
+                    break;
+                }
+                if keyed {
+                    blocked_keys.insert(key);
+                    if inside {
+                        walk.skip_entry();
                     }
                 }
             }
@@ -755,6 +855,7 @@ impl Sites {
         s.cursor[family.index()] = index % total;
         let (id, limit) = (s.id, s.limit);
         let window = limit.map(|l| l.window().as_millis() as u64);
+        let ip = self.rules.key(ip);
         let free = match self.pairs.get_mut(&(id, ip)) {
             None => true,
             Some(p) => {
@@ -781,6 +882,8 @@ impl Sites {
         retry_after: Option<Duration>,
         now: Instant,
     ) -> bool {
+        let source = ip;
+        let ip = self.rules.key(ip);
         let fresh_pair = self
             .sites
             .get(site)
@@ -830,12 +933,13 @@ impl Sites {
         p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
         s.cool_until = s.cool_until.max(p.cool_until);
         if !was_cooling {
+            let cooling = self.rules.shown(ip);
             match cool_line(&mut self.cool_lines, t) {
                 true => {
-                    tracing::info!(%site, source = %ip, status, secs = wait.as_secs(), "site pushed back: address cooling for this site")
+                    tracing::info!(%site, %source, %cooling, status, secs = wait.as_secs(), "site pushed back: address cooling for this site")
                 }
                 false => {
-                    tracing::debug!(%site, source = %ip, status, secs = wait.as_secs(), "site pushed back: address cooling for this site")
+                    tracing::debug!(%site, %source, %cooling, status, secs = wait.as_secs(), "site pushed back: address cooling for this site")
                 }
             }
         }
@@ -847,7 +951,7 @@ impl Sites {
         let Some(s) = self.sites.get(site) else {
             return;
         };
-        if let Some(p) = self.pairs.get_mut(&(s.id, ip)) {
+        if let Some(p) = self.pairs.get_mut(&(s.id, self.rules.key(ip))) {
             p.strikes = 0;
             p.last_strike = 0;
         }
@@ -875,12 +979,13 @@ impl Sites {
             let mut lines = std::mem::take(&mut self.cool_lines);
             for (id, ip) in ended {
                 let site = ids.get(&id).copied().unwrap_or("?");
+                let source = self.rules.shown(ip);
                 match cool_line(&mut lines, t) {
                     true => {
-                        tracing::info!(%site, source = %ip, "address no longer cooling for this site")
+                        tracing::info!(%site, %source, "address no longer cooling for this site")
                     }
                     false => {
-                        tracing::debug!(%site, source = %ip, "address no longer cooling for this site")
+                        tracing::debug!(%site, %source, "address no longer cooling for this site")
                     }
                 }
             }
@@ -1062,13 +1167,18 @@ impl Sites {
                     .filter(|&l| l <= t)
                     .unwrap_or(0),
             };
-            if pair.is_idle(t)
-                || self
-                    .sites
-                    .get(&*p.site)
-                    .is_some_and(|s| self.pairs.contains_key(&(s.id, p.source)))
-            {
+            if pair.is_idle(t) {
                 continue;
+            }
+            // Kept per address by an older allocator, or by another
+            // --site-v6-prefix: the addresses of one key add up.
+            let key = self.rules.key(p.source);
+            if let Some(s) = self.sites.get_mut(&*p.site) {
+                if let Some(held) = self.pairs.get_mut(&(s.id, key)) {
+                    s.cool_until = s.cool_until.max(pair.cool_until);
+                    held.merge(pair);
+                    continue;
+                }
             }
             self.ensure(&p.site, true, now);
             let Some(s) = self.sites.get_mut(&*p.site) else {
@@ -1076,7 +1186,7 @@ impl Sites {
             };
             s.pairs += 1;
             s.cool_until = s.cool_until.max(pair.cool_until);
-            self.pairs.insert((s.id, p.source), pair);
+            self.pairs.insert((s.id, key), pair);
             n += 1;
         }
         n
@@ -1135,6 +1245,7 @@ fn backoff(strikes: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rotor_protocol::address_at;
 
     fn pool(n: u8) -> Vec<Segment> {
         (1..=n)
@@ -1203,6 +1314,179 @@ mod tests {
         assert_eq!(s.entries(), 15);
         assert!(s.pushback("new.com", ip(1), 429, Some(Duration::from_secs(600)), t0));
         assert!(s.entries() <= 16, "{}", s.entries());
+    }
+
+    fn v6(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// Leases of IPv6 addresses for `site` until throttled (at most `n`),
+    /// the shared rotation starting at `active`'s first address.
+    fn take_v6(
+        s: &mut Sites,
+        site: &str,
+        active: &[Segment],
+        n: usize,
+        now: Instant,
+    ) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            match s.lease(site, Families::V6, active, 0, now) {
+                Answer::Start(f) => {
+                    let total = family_total(active, f);
+                    let first = address_at(active, f, 0).unwrap();
+                    if s.started(site, first, 0, total, now).is_some() {
+                        out.push(first);
+                    }
+                }
+                Answer::Address { ip, .. } => out.push(ip),
+                _ => break,
+            }
+        }
+        out
+    }
+
+    /// Sites count an IPv6 client by its /64: a budget and a cooldown
+    /// hold a whole /64, however its addresses are listed.
+    #[test]
+    fn ipv6_sources_count_by_their_prefix() {
+        let t0 = Instant::now();
+        let slash64 = vec![Segment::prefix(v6("2001:db8:1::"), 64).unwrap()];
+        // A /64 pool is one source: 2 a minute in all, not 2 an address.
+        let mut s = Sites::new(rules(&["a.com=2/1m"]), 1000);
+        assert_eq!(take_v6(&mut s, "a.com", &slash64, 10, t0).len(), 2);
+        assert_eq!(s.pairs.len(), 1);
+        assert!(matches!(
+            s.lease("a.com", Families::V6, &slash64, 0, t0),
+            Answer::Throttled { cooling: false, .. }
+        ));
+        // An address listed before a /64, the cursor far into the /64:
+        // the spent /64 is passed to the rotation's end in a step, and the
+        // wrap finds the address; then the /64's part before the cursor is
+        // passed in a step too.
+        let mixed = vec![
+            Segment::single(v6("2001:db8:9::1")),
+            Segment::prefix(v6("2001:db8:1::"), 64).unwrap(),
+        ];
+        let mut s = Sites::new(rules(&["a.com=1/1m"]), 1000);
+        assert!(matches!(
+            s.lease("a.com", Families::V6, &mixed, 0, t0),
+            Answer::Start(Family::V6)
+        ));
+        let total = family_total(&mixed, Family::V6);
+        let far = 1u64 << 40;
+        let at = mixed[1].at(u128::from(far - 1));
+        assert!(s.started("a.com", at, far, total, t0).is_some());
+        assert_eq!(take_v6(&mut s, "a.com", &mixed, 5, t0), [mixed[0].base()]);
+        // Both spent, from far into the /64 again: at the wrap the /64's
+        // part before the cursor (2^40 addresses) is passed in a step.
+        let site = s.sites.get_mut("a.com").unwrap();
+        site.cursor[Family::V6.index()] = far;
+        site.refused = Refused::default();
+        assert!(matches!(
+            s.lease("a.com", Families::V6, &mixed, 0, t0),
+            Answer::Throttled { .. }
+        ));
+        // Counted by each address (128), as before.
+        let per_address = rules(&["a.com=2/1m"]).with_v6_prefix(128).unwrap();
+        let mut s = Sites::new(per_address, 1000);
+        assert_eq!(take_v6(&mut s, "a.com", &slash64, 10, t0).len(), 10);
+
+        // Addresses listed one by one, two /64s interleaved, and a third:
+        // one of each, then none (the walk passes a /64's other addresses
+        // once it found it spent).
+        let singles: Vec<Segment> = [
+            "2001:db8:1::1",
+            "2001:db8:2::1",
+            "2001:db8:1::2",
+            "2001:db8:2::2",
+            "2001:db8:3::1",
+        ]
+        .iter()
+        .map(|a| Segment::single(v6(a)))
+        .collect();
+        let mut s = Sites::new(rules(&["a.com=1/1m"]), 1000);
+        assert_eq!(
+            take_v6(&mut s, "a.com", &singles, 10, t0),
+            [
+                v6("2001:db8:1::1"),
+                v6("2001:db8:2::1"),
+                v6("2001:db8:3::1")
+            ]
+        );
+
+        // An address, then a /64: the spent /64 is passed in one step
+        // (walked address by address, 2^44 of them, this would not end).
+        let mixed = vec![
+            Segment::single(v6("2001:db8:9::1")),
+            Segment::prefix(v6("2001:db8:1::"), 64).unwrap(),
+        ];
+        let mut s = Sites::new(rules(&["a.com=1/1m"]), 1000);
+        let got = take_v6(&mut s, "a.com", &mixed, 10, t0);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(matches!(
+            s.lease("a.com", Families::V6, &mixed, 0, t0),
+            Answer::Throttled { .. }
+        ));
+
+        // A /48 holds 65 536 sources: each lease a /64 not used yet.
+        let slash48 = vec![Segment::prefix(v6("2001:db8:5::"), 48).unwrap()];
+        let mut s = Sites::new(rules(&["a.com=1/1m"]), 100_000);
+        let got = take_v6(&mut s, "a.com", &slash48, 300, t0);
+        assert_eq!(got.len(), 300);
+        let nets: HashSet<IpAddr> = got.iter().map(|ip| s.rules.key(*ip)).collect();
+        assert_eq!(nets.len(), 300);
+
+        // A push-back on one address cools its whole /64 for the site.
+        let mut s = Sites::new(rules(&[]), 1000);
+        let one = Segment::prefix(v6("2001:db8:1::"), 64).unwrap().at(7);
+        assert!(s.pushback("a.com", one, 429, Some(Duration::from_secs(60)), t0));
+        assert_eq!(
+            take_v6(&mut s, "a.com", &slash64, 5, t0),
+            Vec::<IpAddr>::new()
+        );
+        assert!(matches!(
+            s.lease("a.com", Families::V6, &slash64, 0, t0),
+            Answer::Throttled { cooling: true, .. }
+        ));
+        assert!(s.pair("a.com", v6("2001:db8:1::")).is_some());
+        assert_eq!(s.rules.shown(v6("2001:db8:1::")), "2001:db8:1::/64");
+        // IPv4 sources are each their own.
+        assert_eq!(s.rules.key(ip(7)), ip(7));
+
+        assert!(Rules::default().with_v6_prefix(0).is_err());
+        assert!(Rules::default().with_v6_prefix(129).is_err());
+    }
+
+    /// State kept per address (an older allocator, or a longer
+    /// --site-v6-prefix) comes back added up per /64.
+    #[test]
+    fn kept_ipv6_state_is_added_up_by_prefix() {
+        let t0 = Instant::now();
+        let wall0 = 1_900_000_000_000;
+        let slash64 = vec![Segment::prefix(v6("2001:db8:1::"), 64).unwrap()];
+        let per_address = rules(&["a.com=3/1m"]).with_v6_prefix(128).unwrap();
+        let mut s = Sites::new(per_address, 1000);
+        assert_eq!(take_v6(&mut s, "a.com", &slash64, 2, t0).len(), 2);
+        let other = Segment::prefix(v6("2001:db8:1::"), 64).unwrap().at(9);
+        s.pushback("b.com", other, 429, Some(Duration::from_secs(60)), t0);
+        s.pushback(
+            "b.com",
+            slash64[0].at(3),
+            429,
+            Some(Duration::from_secs(5)),
+            t0,
+        );
+        let saved = s.snapshot(t0, wall0);
+        assert_eq!(saved.len(), 4);
+
+        let mut s2 = Sites::new(rules(&["a.com=3/1m"]), 1000);
+        assert_eq!(s2.restore(saved, t0, wall0), 2, "one pair a site");
+        // The two starts are the /64's: one left of 3.
+        assert_eq!(take_v6(&mut s2, "a.com", &slash64, 10, t0).len(), 1);
+        // The longer cooldown holds.
+        let (until, _) = s2.pair("b.com", v6("2001:db8:1::")).unwrap();
+        assert!(until - t0 > Duration::from_secs(50));
     }
 
     #[test]

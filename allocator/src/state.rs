@@ -1041,7 +1041,7 @@ impl Allocator {
         // What the scrape needs, copied under the lock; the per-entry work
         // (a pool's worth of labels) done without it, leases and reports
         // going on meanwhile; written after.
-        let (cooling, sessions) = {
+        let (cooling, cooling_keys, rules, sessions) = {
             let inner = self.lock();
             let now = Instant::now();
             let by_entry = |inner: &Inner, counts: HashMap<IpAddr, u64>| {
@@ -1053,10 +1053,19 @@ impl Allocator {
                 }
                 out
             };
+            // Sites count an IPv6 source by its prefix (a /64): what
+            // cools is a prefix, and each entry inside one takes its count.
+            let keys = inner.sites.cooling_by_address(now);
             (
-                by_entry(&inner, inner.sites.cooling_by_address(now)),
+                by_entry(&inner, keys.clone()),
+                keys,
+                inner.sites.rules().clone(),
                 by_entry(&inner, inner.sessions.by_address()),
             )
+        };
+        let cooling_of = |e: &Segment, k: &String| match rules.one_key(e) {
+            true => cooling_keys.get(&rules.key(e.base())).copied(),
+            false => cooling.get(k).copied(),
         };
         let (figures, snapshot) = {
             let mut entries: Vec<(String, u64, bool, u64, u64)> = v2
@@ -1065,7 +1074,7 @@ impl Allocator {
                 .take(crate::metrics::MAX_SOURCES)
                 .map(|e| {
                     let k = e.entry.to_string();
-                    let c = cooling.get(&k).copied().unwrap_or(0);
+                    let c = cooling_of(&e.entry, &k).unwrap_or(0);
                     let s = sessions.get(&k).copied().unwrap_or(0);
                     (k, e.leases, e.quarantine.is_some(), c, s)
                 })
@@ -1079,7 +1088,7 @@ impl Allocator {
                     let k = e.entry.to_string();
                     other.1 += e.leases;
                     other.2 |= e.quarantine.is_some();
-                    other.3 += cooling.get(&k).copied().unwrap_or(0);
+                    other.3 += cooling_of(&e.entry, &k).unwrap_or(0);
                     other.4 += sessions.get(&k).copied().unwrap_or(0);
                 }
                 entries.push(other);

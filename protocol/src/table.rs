@@ -299,39 +299,100 @@ pub fn address_at(entries: &[Segment], family: Family, i: u64) -> Option<IpAddr>
 /// step an address — not a scan of the entries a step, as `address_at`
 /// in a loop would (a throttled site's walk of a pool of 65 536 listed
 /// addresses: 2·10⁹ entry visits, under the allocator's lock).
-pub fn addresses_from(
-    entries: &[Segment],
-    family: Family,
-    start: u64,
-) -> impl Iterator<Item = (u64, IpAddr)> + '_ {
+pub fn addresses_from(entries: &[Segment], family: Family, start: u64) -> Walk<'_> {
     let mine: Vec<&Segment> = entries.iter().filter(|e| e.family() == family).collect();
     let total = family_total(entries, family);
-    let len = |e: &Segment| u64::try_from(e.len()).unwrap_or(u64::MAX);
     // The entry holding `start`, and `start`'s offset in it.
     let (mut at, mut offset) = (0usize, 0u64);
     if total > 0 {
         let mut first = 0u64;
         let start = start % total;
         for (k, e) in mine.iter().enumerate() {
-            if start - first < len(e) {
+            if start - first < entry_len(e) {
                 (at, offset) = (k, start - first);
                 break;
             }
-            first = first.saturating_add(len(e));
+            first = first.saturating_add(entry_len(e));
         }
     }
-    let mut index = if total > 0 { start % total } else { 0 };
-    (0..total).map(move |_| {
-        let here = (index, mine[at].at(u128::from(offset)));
-        index += 1;
-        offset += 1;
-        if index == total {
-            (index, at, offset) = (0, 0, 0);
-        } else if offset == len(mine[at]) {
-            (at, offset) = (at + 1, 0);
+    Walk {
+        index: if total > 0 { start % total } else { 0 },
+        mine,
+        total,
+        at,
+        offset,
+        left: total,
+        last: None,
+    }
+}
+
+fn entry_len(e: &Segment) -> u64 {
+    u64::try_from(e.len()).unwrap_or(u64::MAX)
+}
+
+/// A walk of a family's rotation (see [`addresses_from`]): each index
+/// once, from its start, wrapping around.
+pub struct Walk<'a> {
+    mine: Vec<&'a Segment>,
+    total: u64,
+    /// The next address's index, entry and offset in it.
+    index: u64,
+    at: usize,
+    offset: u64,
+    /// Addresses not yet walked.
+    left: u64,
+    /// The entry of the address yielded last.
+    last: Option<usize>,
+}
+
+impl Walk<'_> {
+    /// Moves on past the entry of the address yielded last, if it has
+    /// more (a site's walk passes a whole /64 that one pair blocks in a
+    /// step, not 2^64). How many addresses were passed.
+    pub fn skip_entry(&mut self) -> u64 {
+        if self.offset == 0 || self.left == 0 {
+            return 0;
         }
-        here
-    })
+        // Up to the entry's end, or the rotation's (a prefix counted past
+        // it by the family's cap), then on from where the walk goes next.
+        let n = (entry_len(self.mine[self.at]) - self.offset)
+            .min(self.total - self.index)
+            .min(self.left);
+        self.left -= n;
+        self.index += n;
+        if self.index >= self.total {
+            (self.index, self.at, self.offset) = (0, 0, 0);
+        } else {
+            (self.at, self.offset) = (self.at + 1, 0);
+        }
+        n
+    }
+
+    /// The entry of the address yielded last.
+    pub fn last_entry(&self) -> Option<&Segment> {
+        self.last.map(|k| self.mine[k])
+    }
+}
+
+impl Iterator for Walk<'_> {
+    type Item = (u64, IpAddr);
+
+    fn next(&mut self) -> Option<(u64, IpAddr)> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        self.last = Some(self.at);
+        let here = (self.index, self.mine[self.at].at(u128::from(self.offset)));
+        self.index += 1;
+        self.offset += 1;
+        if self.index == self.total {
+            (self.index, self.at, self.offset) = (0, 0, 0);
+        } else if self.offset == entry_len(self.mine[self.at]) {
+            (self.at, self.offset) = (self.at + 1, 0);
+        }
+        Some(here)
+    }
 }
 
 /// The index of `ip` in its family's rotation over `entries`, if it is in
@@ -1223,6 +1284,47 @@ mod tests {
         }
         assert_eq!(addresses_from(&entries, Family::V6, 5).count(), 1);
         assert_eq!(addresses_from(&[], Family::V6, 0).count(), 0);
+    }
+
+    #[test]
+    fn a_walk_skips_the_rest_of_an_entry_and_still_walks_each_index_once() {
+        let e = |s: &str| Segment::single(s.parse().unwrap());
+        let p = |s: &str, l| Segment::prefix(s.parse().unwrap(), l).unwrap();
+        let entries = vec![e("10.0.0.1"), p("10.1.0.0", 30), e("10.0.0.2")];
+        // From inside the prefix: its addresses after the start are
+        // passed (the one before it comes at the wrap).
+        let mut w = addresses_from(&entries, Family::V4, 2);
+        assert_eq!(w.next(), Some((2, entries[1].at(1))));
+        assert_eq!(w.last_entry(), Some(&entries[1]));
+        assert_eq!(w.skip_entry(), 2);
+        let rest: Vec<u64> = w.map(|(i, _)| i).collect();
+        assert_eq!(rest, [5, 0, 1]);
+        // At an entry's last address, or a single one, nothing to pass.
+        let mut w = addresses_from(&entries, Family::V4, 4);
+        w.next();
+        assert_eq!(w.skip_entry(), 0);
+        assert_eq!(w.next().map(|(i, _)| i), Some(5));
+        assert_eq!(w.skip_entry(), 0);
+        assert_eq!(w.next().map(|(i, _)| i), Some(0));
+        // Started inside the prefix: the wrap ends the walk before its
+        // start, so what is passed is only what is left.
+        let mut w = addresses_from(&entries, Family::V4, 3);
+        let seen: Vec<u64> = w.by_ref().take(4).map(|(i, _)| i).collect();
+        assert_eq!(seen, [3, 4, 5, 0]);
+        w.next();
+        assert_eq!(w.skip_entry(), 1);
+        assert_eq!(w.next(), None);
+        // A /64 (2^64 addresses, more than a family's rotation counts)
+        // passed in one step, to the rotation's end: the wrap goes on to
+        // what is listed before it.
+        let big = vec![e("2001:db8:9::1"), p("2001:db8::", 64)];
+        let mut w = addresses_from(&big, Family::V6, 7);
+        w.next();
+        assert_eq!(w.skip_entry(), MAX_FAMILY_TOTAL - 8);
+        assert_eq!(w.next(), Some((0, big[0].base())));
+        assert_eq!(w.next(), Some((1, big[1].at(0))));
+        assert_eq!(w.skip_entry(), 5);
+        assert_eq!(w.next(), None);
     }
     use std::collections::HashMap;
     use std::sync::Arc;

@@ -58,7 +58,8 @@ settings! {
         #[arg(value_name = "N")]
         max_sessions_per_user: Option<usize>,
         /// A budget per source address for a site: at most COUNT requests
-        /// started per PERIOD by each address (`example.com=60/1m`,
+        /// started per PERIOD by each address, an IPv6 one by its /64
+        /// (`example.com=60/1m`,
         /// `127.0.0.1=5/1s`; `*=N/PERIOD` for every site not named). SITE
         /// is a registrable domain (it covers its subdomains) or an
         /// address. Repeatable.
@@ -68,6 +69,11 @@ settings! {
         /// pairs with a budget used or a cooldown) held; past it the least
         /// recently used sites are forgotten.
         max_site_entries: Option<usize> = "400000",
+        /// IPv6 sources count as one per prefix of this length for site
+        /// budgets and cooldowns: sites count an IPv6 client by its /64,
+        /// so a /64 pool is one source to them (128: each address).
+        #[arg(value_name = "LEN")]
+        site_v6_prefix: Option<u8> = "64",
         /// Most connections to the allocator's socket at once (workers,
         /// `rotor` commands); past it a new one is refused with a reason.
         /// Each may hold a frame's room (4 MiB) while it sends one.
@@ -282,6 +288,7 @@ impl AllocatorFlags {
             site_rules: rotor_allocator::sites::Rules::parse(
                 &a.site_limit.iter().map(|s| s.0.clone()).collect::<Vec<_>>(),
             )
+            .and_then(|r| r.with_v6_prefix(a.site_v6_prefix))
             .map_err(ConfigError::Invalid)?,
             max_site_entries: a.max_site_entries,
             checkpoint: a.checkpoint,

@@ -111,7 +111,7 @@ macro_rules! number_values {
         }
     )*};
 }
-number_values!(u16, u32, u64, usize);
+number_values!(u8, u16, u32, u64, usize);
 
 /// A flag's help: its doc lines, then the default that the declaration
 /// gives (the very text that is parsed for it).

@@ -62,7 +62,7 @@ fn sum(text: &str, name: &str, with: &str) -> f64 {
         .sum()
 }
 
-fn scrape(metrics: SocketAddr) -> String {
+pub(crate) fn scrape(metrics: SocketAddr) -> String {
     let (status, body) = http_get(metrics, "/metrics", "text/plain");
     assert_eq!(status, 200);
     body

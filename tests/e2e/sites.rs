@@ -576,3 +576,90 @@ async fn a_connect_whose_client_leaves_while_it_waits_is_given_up() {
     .await;
     assert_eq!(echo.peers.lock().unwrap().len(), 2, "a tunnel for nobody");
 }
+
+/// Sites count an IPv6 client by its /64: a budget holds each /64 of the
+/// pool (however its addresses are listed), and a push-back cools the
+/// whole /64 for the site — every pool entry inside it shows it.
+#[test]
+fn ipv6_sources_are_budgeted_and_cooled_by_their_64() {
+    in_netns(
+        "ipv6_sources_are_budgeted_and_cooled_by_their_64",
+        &[
+            "-6 addr add 2001:db8:1::1/128 dev lo nodad",
+            "-6 addr add 2001:db8:1::2/128 dev lo nodad",
+            "-6 addr add 2001:db8:2::1/128 dev lo nodad",
+            "-6 addr add fd00:9::1/128 dev lo nodad",
+            "-6 addr add fd00:9::2/128 dev lo nodad",
+        ],
+        || async {
+            let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+            let origin = Origin::start_on("[fd00:9::1]:0".parse().unwrap()).await;
+            let other = Origin::start_on("[fd00:9::2]:0".parse().unwrap()).await;
+            let metrics: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            let listen = metrics.to_string();
+            let alloc = Allocator::start(&[
+                "--pool",
+                "2001:db8:1::1,2001:db8:1::2,2001:db8:2::1",
+                "--site-limit",
+                "fd00:9::1=1/1m",
+                "--metrics-listen",
+                &listen,
+            ])
+            .await;
+            let w = Worker::start(&alloc.socket, &["--allow-destination", "fd00::/8"]).await;
+            // One request a /64: 2001:db8:1::2 is the /64 that 1::1 spent.
+            for _ in 0..2 {
+                assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+            }
+            assert_eq!(origin.sources(), [v6("2001:db8:1::1"), v6("2001:db8:2::1")]);
+            let r = get(w.addr, &origin.url("/")).await;
+            assert_eq!(r.status, 429, "{:?}", r.body);
+            assert_eq!(origin.count(), 2);
+            let site = site_status(&alloc.socket, "fd00:9::1").unwrap();
+            let held: Vec<&str> = site["addresses"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["ip"].as_str().unwrap())
+                .collect();
+            assert_eq!(held, ["2001:db8:1::", "2001:db8:2::"]);
+
+            // A 429 from the other site cools the /64 of the address it
+            // came from: the next requests there come from the other /64.
+            let r = get(w.addr, &other.url("/status/429/60")).await;
+            assert_eq!(r.status, 429);
+            let cooled = other.sources()[0];
+            let net = |ip: &IpAddr| ip.to_string().starts_with("2001:db8:1:");
+            let cooling_key = if net(&cooled) {
+                "2001:db8:1::"
+            } else {
+                "2001:db8:2::"
+            };
+            let key = v6(cooling_key);
+            wait_cooling(&alloc.socket, "fd00:9::2", key).await;
+            for _ in 0..3 {
+                assert_eq!(get(w.addr, &other.url("/")).await.status, 200);
+            }
+            let after = sources_since(&other, 1);
+            assert!(after.iter().all(|ip| net(ip) != net(&cooled)), "{after:?}");
+            // Each entry inside the cooling /64 cools for that site.
+            let text = crate::metrics::scrape(metrics);
+            for entry in ["2001:db8:1::1", "2001:db8:1::2", "2001:db8:2::1"] {
+                let line = format!("rotor_source_cooling_sites{{source=\"{entry}\"}}");
+                let n: f64 = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&line))
+                    .unwrap_or_else(|| panic!("no {line} in {text}"))
+                    .trim()
+                    .parse()
+                    .unwrap();
+                let want = if net(&v6(entry)) == net(&cooled) {
+                    1.0
+                } else {
+                    0.0
+                };
+                assert_eq!(n, want, "{entry}");
+            }
+        },
+    );
+}
