@@ -264,16 +264,7 @@ impl Pool {
         let held = self.held_due;
         let before = self.table.position().next_due;
         let cursor = |family: Family, due: Option<IpAddr>, now: u64| {
-            match due
-                .or(held[family.index()])
-                .and_then(|ip| index_of(&active, ip))
-            {
-                Some(i) => i,
-                // The address due next is gone: stay at the same place in
-                // the rotation, which past the end means the first address.
-                None if now < family_total(&active, family) => now,
-                None => 0,
-            }
+            continue_at(&active, family, due.or(held[family.index()]), now)
         };
         // Counts follow their entry (a lease finishing meanwhile may go
         // uncounted: they are for status).
@@ -422,13 +413,15 @@ impl Pool {
         table.set_reloads(last.reloads);
         let counts: Vec<u64> = vec![0; self.active.len()];
         let active = self.active.clone();
-        // The address due next, where it is known (a cursor of an older
-        // generation's pool reads as 0: the rotation would start over).
+        // From the old one's cursors (a cursor of an older generation's
+        // pool reads as 0: the rotation would start over).
         table.publish(&active, &counts, self.generation, |f, _, _| {
-            match last.next_due[f.index()].and_then(|ip| index_of(&active, ip)) {
-                Some(i) => i,
-                None => last.cursors[f.index()].min(family_total(&active, f).saturating_sub(1)),
-            }
+            continue_at(
+                &active,
+                f,
+                last.next_due[f.index()],
+                last.cursors[f.index()],
+            )
         })?;
         self.table = Arc::new(table);
         Ok(())
@@ -451,6 +444,17 @@ impl Pool {
     #[cfg(test)]
     fn next_due(&self, family: Family) -> Option<IpAddr> {
         self.table.position().next_due[family.index()]
+    }
+}
+
+/// Where `family`'s rotation over `active` continues: at the address
+/// due next, if it is still there; else at the same place (`at`), which
+/// past the end means the first address.
+fn continue_at(active: &[Segment], family: Family, due: Option<IpAddr>, at: u64) -> u64 {
+    match due.and_then(|ip| index_of(active, ip)) {
+        Some(i) => i,
+        None if at < family_total(active, family) => at,
+        None => 0,
     }
 }
 
@@ -503,6 +507,21 @@ mod tests {
             Some(Err(NoAddress::EmptyPool))
         );
         assert_eq!(pool.generation(), 1);
+    }
+
+    /// A new pool (a reload, a grown or rebuilt table) continues at the
+    /// address due next, else at the same place, else at the start.
+    #[test]
+    fn the_rotation_continues_where_it_can() {
+        let one = |i: u8| Segment::single(IpAddr::from([10, 0, 0, i]));
+        let active = [one(1), one(2), one(3)];
+        let due = Some(IpAddr::from([10, 0, 0, 3]));
+        assert_eq!(continue_at(&active, Family::V4, due, 0), 2);
+        let gone = Some(IpAddr::from([10, 0, 0, 9]));
+        assert_eq!(continue_at(&active, Family::V4, gone, 1), 1);
+        assert_eq!(continue_at(&active, Family::V4, gone, 3), 0);
+        assert_eq!(continue_at(&active, Family::V4, None, 7), 0);
+        assert_eq!(continue_at(&active, Family::V6, None, 0), 0);
     }
 
     #[test]
