@@ -310,6 +310,40 @@ impl Inner {
         self.answer(peer, answer)
     }
 
+    /// A site lease behind the requests held waiting for the site: in the
+    /// families they claim a new one is refused until they are served
+    /// (and, with a wait of its own, held behind them); in its others, if
+    /// the pool has any, it is tried at once.
+    fn lease_site_behind(
+        &mut self,
+        peer: u64,
+        families: Families,
+        site: &str,
+        now: Instant,
+    ) -> Response {
+        let Some((claimed, until, cooling)) = self.waiters.ahead(site, families) else {
+            return self.lease_site(peer, families, site, now);
+        };
+        let rest = Families {
+            v4: families.v4 && !claimed.v4,
+            v6: families.v6 && !claimed.v6,
+        };
+        let active = self.pool.active();
+        if !Family::ALL
+            .into_iter()
+            .any(|f| rest.accepts_family(f) && family_total(active, f) > 0)
+        {
+            return throttled(until, cooling, now);
+        }
+        let answer = self.lease_site(peer, rest, site, now);
+        match refusal(&answer, now) {
+            // Refused in its other family too: whichever frees first.
+            Some((u, c)) if u < until => throttled(u, c, now),
+            Some(_) => throttled(until, cooling, now),
+            None => answer,
+        }
+    }
+
     /// The sessions and the site state as they are now, for the state
     /// directory (none without one); the changes counted so far are
     /// theirs.
@@ -1217,15 +1251,8 @@ impl Allocator {
     /// rotation, skipping addresses out of budget or cooling for it, when
     /// the allocator holds state for the site; else from the shared one.
     pub fn lease_site(&self, peer: u64, families: Families, site: &str) -> Response {
-        let mut inner = self.lock();
         let now = Instant::now();
-        // Requests of these families held waiting for the site go first:
-        // a new one is refused until they are served (and, with a wait of
-        // its own, held behind them).
-        if let Some((until, cooling)) = inner.waiters.ahead(site, families) {
-            return throttled(until, cooling, now);
-        }
-        inner.lease_site(peer, families, site, now)
+        self.lock().lease_site_behind(peer, families, site, now)
     }
 
     /// As `lease_site`, but a refusal that ends within `wait` is not
@@ -1242,15 +1269,9 @@ impl Allocator {
         let mut inner = self.lock();
         let now = Instant::now();
         let deadline = now + wait.min(crate::waiters::MAX_WAIT);
-        let refused = match inner.waiters.ahead(site, families) {
-            Some(refused) => refused,
-            None => {
-                let answer = inner.lease_site(reply.peer, families, site, now);
-                match refusal(&answer, now) {
-                    Some(refused) => refused,
-                    None => return Some(answer),
-                }
-            }
+        let answer = inner.lease_site_behind(reply.peer, families, site, now);
+        let Some(refused) = refusal(&answer, now) else {
+            return Some(answer);
         };
         if refused.0 > deadline {
             // Its wait ends before an address may serve it.
@@ -1790,6 +1811,47 @@ mod tests {
         }
         assert!(rx.try_recv().is_err(), "one address a window");
         assert_eq!(a.lock().waiters.len(), 1);
+    }
+
+    /// A dual-stack request behind waiters of one family: served from
+    /// the other family at once, never from the address the waiters are
+    /// owed (it freed before the serving task looked).
+    #[tokio::test]
+    async fn a_dual_stack_request_is_served_from_the_family_no_one_waits_for() {
+        let a = Allocator::new(vec![Source::list("10.0.0.1,2001:db8::1").unwrap()]);
+        let e = |s: &str| Segment::single(s.parse().unwrap());
+        a.apply_refresh(vec![Ok(vec![e("10.0.0.1"), e("2001:db8::1")])], &ok());
+        a.set_site_rules(
+            crate::sites::Rules::parse(&["example.com=1/300ms".to_string()]).unwrap(),
+            1000,
+        );
+        let leased_ip = |r: Response| match r {
+            Response::SiteLeased { lease, .. } => lease.ip,
+            other => panic!("{other:?}"),
+        };
+        let v4: IpAddr = "10.0.0.1".parse().unwrap();
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(leased_ip(a.lease_site(1, Families::V4, "example.com")), v4);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let reply = crate::waiters::Reply { peer: 1, id: 1, tx };
+        let wait = Duration::from_secs(5);
+        assert_eq!(
+            a.lease_site_wait(Families::V4, "example.com", wait, reply),
+            None
+        );
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(leased_ip(a.lease_site(2, Families::ANY, "example.com")), v6);
+        assert!(matches!(
+            a.lease_site(2, Families::ANY, "example.com"),
+            Response::Throttled { .. }
+        ));
+        a.serve_waiters();
+        match rx.try_recv() {
+            Ok(rotor_protocol::ServerFrame::Response(env)) => {
+                assert_eq!(leased_ip(env.body), v4, "the waiter's address kept for it");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     /// After a look that found no waiter (all given up), the serving

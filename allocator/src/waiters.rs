@@ -116,19 +116,30 @@ impl Waiters {
         self.count == 0
     }
 
-    /// If requests for `site` of `families` are held, a new one goes
-    /// behind them: when they are tried next, and whether the first of
-    /// them was refused by a cooldown.
-    pub fn ahead(&self, site: &str, families: Families) -> Option<(Instant, bool)> {
+    /// The families of `families` that requests held for `site` claim
+    /// (each claims the families it accepts): a new request goes behind
+    /// them in those, and may be served at once only from another (a
+    /// dual-stack one, from the family no one waits for). With them, when
+    /// they are tried next and whether the first of them was refused by a
+    /// cooldown.
+    pub fn ahead(&self, site: &str, families: Families) -> Option<(Families, Instant, bool)> {
         if self.sites.is_empty() {
             return None;
         }
         let q = self.sites.get(site)?;
-        if q.by_families[slot(families)] == 0 {
+        let held = (1..4)
+            .filter(|&s| q.by_families[s] > 0)
+            .fold(0, |all, s| all | s);
+        let claimed = held & slot(families);
+        if claimed == 0 {
             return None;
         }
-        let first = q.waiting.iter().find(|w| w.families == families)?;
-        Some((q.next_try, first.cooling))
+        let first = q.waiting.iter().find(|w| slot(w.families) & claimed != 0)?;
+        let claimed = Families {
+            v4: claimed & 1 != 0,
+            v6: claimed & 2 != 0,
+        };
+        Some((claimed, q.next_try, first.cooling))
     }
 
     /// Holds a request for `site` until `deadline` (at most [`MAX_WAIT`]
@@ -442,8 +453,9 @@ mod tests {
         w.hold("s", Families::V6, late, (t0, false), a).unwrap();
         w.hold("s", Families::V6, late, (t0, false), b).unwrap();
         w.hold("s", Families::V4, late, (t0, false), c).unwrap();
-        assert!(w.ahead("s", Families::V4).is_some());
-        assert!(w.ahead("s", Families::ANY).is_none(), "none of both held");
+        let claimed = |f| w.ahead("s", f).map(|(c, ..)| c);
+        assert_eq!(claimed(Families::V4), Some(Families::V4));
+        assert_eq!(claimed(Families::ANY), Some(Families::ANY));
         let mut asked = Vec::new();
         w.serve(t0, |_, f, _| {
             asked.push(f);
