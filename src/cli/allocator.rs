@@ -58,8 +58,8 @@ settings! {
         #[arg(value_name = "N")]
         max_sessions_per_user: Option<usize>,
         /// A budget per source address for a site: at most COUNT requests
-        /// started per PERIOD by each address, an IPv6 one by its /64
-        /// (`example.com=60/1m`,
+        /// started per PERIOD by each address, an IPv6 one by its
+        /// --site-v6-prefix (`example.com=60/1m`,
         /// `127.0.0.1=5/1s`; `*=N/PERIOD` for every site not named). SITE
         /// is a registrable domain (it covers its subdomains) or an
         /// address. Repeatable.
