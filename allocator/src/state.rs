@@ -1721,18 +1721,24 @@ mod tests {
         assert!(m.contains("rotor_source_quarantined{source=\"10.0.0.0\"} 0"));
     }
 
+    /// An allocator of `pool` (addresses) with the budget `rule`.
+    fn budgeted(pool: &[&str], rule: &str) -> Allocator {
+        let a = Allocator::new(vec![Source::list(&pool.join(",")).unwrap()]);
+        let entries = pool.iter().map(|s| Segment::single(s.parse().unwrap()));
+        a.apply_refresh(vec![Ok(entries.collect())], &ok());
+        a.set_site_rules(
+            crate::sites::Rules::parse(&[rule.to_string()]).unwrap(),
+            1000,
+        );
+        a
+    }
+
     /// A site lease for what is no site's name (a peer's megabyte of
     /// anything) is a lease from the shared rotation, and makes no site
     /// state under a `*` budget (it made a site of that name).
     #[test]
     fn a_site_lease_for_no_site_name_holds_nothing() {
-        let a = Allocator::new(vec![Source::list("10.0.0.1-10.0.0.2").unwrap()]);
-        let e = |s: &str| Segment::single(s.parse().unwrap());
-        a.apply_refresh(vec![Ok(vec![e("10.0.0.1"), e("10.0.0.2")])], &ok());
-        a.set_site_rules(
-            crate::sites::Rules::parse(&["*=5/1m".to_string()]).unwrap(),
-            1000,
-        );
+        let a = budgeted(&["10.0.0.1", "10.0.0.2"], "*=5/1m");
         for bad in ["x".repeat(300), "a b".into(), String::new()] {
             assert!(matches!(
                 a.lease_site(1, Families::ANY, &bad),
@@ -1751,13 +1757,7 @@ mod tests {
     /// An allocator of 10.0.0.1 whose budget for example.com (`rule`) is
     /// spent by a first lease.
     fn one_address_spent_for(rule: &str) -> Allocator {
-        let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
-        let e = |s: &str| Segment::single(s.parse().unwrap());
-        a.apply_refresh(vec![Ok(vec![e("10.0.0.1")])], &ok());
-        a.set_site_rules(
-            crate::sites::Rules::parse(&[rule.to_string()]).unwrap(),
-            1000,
-        );
+        let a = budgeted(&["10.0.0.1"], rule);
         assert!(matches!(
             a.lease_site(1, Families::V4, "example.com"),
             Response::SiteLeased { .. }
@@ -1818,13 +1818,7 @@ mod tests {
     /// owed (it freed before the serving task looked).
     #[tokio::test]
     async fn a_dual_stack_request_is_served_from_the_family_no_one_waits_for() {
-        let a = Allocator::new(vec![Source::list("10.0.0.1,2001:db8::1").unwrap()]);
-        let e = |s: &str| Segment::single(s.parse().unwrap());
-        a.apply_refresh(vec![Ok(vec![e("10.0.0.1"), e("2001:db8::1")])], &ok());
-        a.set_site_rules(
-            crate::sites::Rules::parse(&["example.com=1/300ms".to_string()]).unwrap(),
-            1000,
-        );
+        let a = budgeted(&["10.0.0.1", "2001:db8::1"], "example.com=1/300ms");
         let leased_ip = |r: Response| match r {
             Response::SiteLeased { lease, .. } => lease.ip,
             other => panic!("{other:?}"),
