@@ -4,7 +4,8 @@
 //!
 //! Denied by default: every address that is not a public unicast address —
 //! loopback, RFC 1918, link-local (169.254.169.254, the cloud metadata
-//! service), CGNAT, unique-local (fd00:ec2::254), multicast, unspecified,
+//! service), Azure's WireServer (168.63.129.16, public but the VM agent's),
+//! CGNAT, unique-local (fd00:ec2::254), multicast, unspecified,
 //! broadcast, documentation and benchmarking ranges — and the IPv4-mapped,
 //! NAT64 and 6to4 forms of all IPv4 ones. The operator's rules come first:
 //! of the `--allow-destination` and `--deny-destination` ranges holding an
@@ -78,36 +79,37 @@ impl Cidr {
 
 /// Ranges denied unless allowed explicitly.
 pub const DEFAULT_DENY: &[&str] = &[
-    "0.0.0.0/8",       // "this network", unspecified
-    "10.0.0.0/8",      // RFC 1918
-    "100.64.0.0/10",   // CGNAT (RFC 6598)
-    "127.0.0.0/8",     // loopback
-    "169.254.0.0/16",  // link-local, incl. 169.254.169.254 (cloud metadata)
-    "172.16.0.0/12",   // RFC 1918
-    "192.0.0.0/24",    // IETF protocol assignments
-    "192.0.2.0/24",    // TEST-NET-1
-    "192.88.99.0/24",  // 6to4 relay anycast
-    "192.168.0.0/16",  // RFC 1918
-    "198.18.0.0/15",   // benchmarking
-    "198.51.100.0/24", // TEST-NET-2
-    "203.0.113.0/24",  // TEST-NET-3
-    "224.0.0.0/4",     // multicast
-    "240.0.0.0/4",     // reserved, incl. 255.255.255.255 (broadcast)
-    "::/128",          // unspecified
-    "::1/128",         // loopback
-    "100::/64",        // discard-only
-    "2001::/32",       // Teredo (a relay's tunnel to an IPv4 host)
-    "2001:2::/48",     // benchmarking
-    "2001:10::/28",    // ORCHID (deprecated)
-    "2001:20::/28",    // ORCHIDv2: identifiers, not locators
-    "2001:db8::/32",   // documentation
-    "3fff::/20",       // documentation (RFC 9637)
-    "5f00::/16",       // SRv6 segment identifiers (RFC 9602)
-    "64:ff9b:1::/48",  // local-use NAT64
-    "fc00::/7",        // unique-local, incl. fd00:ec2::254 (cloud metadata)
-    "fe80::/10",       // link-local
-    "fec0::/10",       // site-local (deprecated)
-    "ff00::/8",        // multicast
+    "0.0.0.0/8",        // "this network", unspecified
+    "10.0.0.0/8",       // RFC 1918
+    "100.64.0.0/10",    // CGNAT (RFC 6598)
+    "127.0.0.0/8",      // loopback
+    "169.254.0.0/16",   // link-local, incl. 169.254.169.254 (cloud metadata)
+    "168.63.129.16/32", // Azure's WireServer: the VM agent's goal state, extension settings
+    "172.16.0.0/12",    // RFC 1918
+    "192.0.0.0/24",     // IETF protocol assignments
+    "192.0.2.0/24",     // TEST-NET-1
+    "192.88.99.0/24",   // 6to4 relay anycast
+    "192.168.0.0/16",   // RFC 1918
+    "198.18.0.0/15",    // benchmarking
+    "198.51.100.0/24",  // TEST-NET-2
+    "203.0.113.0/24",   // TEST-NET-3
+    "224.0.0.0/4",      // multicast
+    "240.0.0.0/4",      // reserved, incl. 255.255.255.255 (broadcast)
+    "::/128",           // unspecified
+    "::1/128",          // loopback
+    "100::/64",         // discard-only
+    "2001::/32",        // Teredo (a relay's tunnel to an IPv4 host)
+    "2001:2::/48",      // benchmarking
+    "2001:10::/28",     // ORCHID (deprecated)
+    "2001:20::/28",     // ORCHIDv2: identifiers, not locators
+    "2001:db8::/32",    // documentation
+    "3fff::/20",        // documentation (RFC 9637)
+    "5f00::/16",        // SRv6 segment identifiers (RFC 9602)
+    "64:ff9b:1::/48",   // local-use NAT64
+    "fc00::/7",         // unique-local, incl. fd00:ec2::254 (cloud metadata)
+    "fe80::/10",        // link-local
+    "fec0::/10",        // site-local (deprecated)
+    "ff00::/8",         // multicast
 ];
 
 /// Ports denied unless the port list says otherwise.
@@ -318,6 +320,8 @@ mod tests {
             "127.0.0.1",
             "127.255.255.254",
             "169.254.169.254",
+            "168.63.129.16",
+            "::ffff:168.63.129.16",
             "172.16.0.1",
             "172.31.255.255",
             "192.0.0.8",

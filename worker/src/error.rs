@@ -293,6 +293,11 @@ impl ProxyError {
                 "refused: the destination's address is one this proxy does not connect to"
                     .to_string()
             }
+            // Not the pool's address either (`--expose-source` is the
+            // operator's choice): the log line has it.
+            ProxyError::SourceUnavailable { source, .. } => format!(
+                "a pool address cannot be used on this host ({source}); reported to the allocator"
+            ),
             _ => error_chain(self),
         };
         let mut resp = Response::new(Full::new(Bytes::from(format!("{text}\n"))));
