@@ -26,6 +26,13 @@ pub const MAX_SOURCES: usize = 100_000;
 const MAX_ERROR_KINDS: usize = 64;
 /// How long a worker run's last report number is remembered.
 const RUNS_KEPT: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Worker runs remembered at most: past it the least recently heard of
+/// go first (a peer that sends a new boot id with every report would
+/// otherwise grow `applied` for an hour).
+const MAX_RUNS: usize = 16_384;
+/// A worker's listen addresses kept for its status, and their length.
+const MAX_LISTEN: usize = 32;
+const MAX_LISTEN_LEN: usize = 128;
 
 #[derive(Debug, Default, Clone)]
 pub struct SourceTotals {
@@ -122,9 +129,19 @@ impl HostMetrics {
         let due = self
             .pruned
             .is_none_or(|t| now.duration_since(t) >= RUNS_KEPT);
-        if len > 1024 && (len > self.prune_at || due) {
+        if len > 1024 && (len > self.prune_at.min(MAX_RUNS) || due) {
             self.applied
                 .retain(|_, (_, t)| now.duration_since(*t) < RUNS_KEPT);
+            if self.applied.len() > MAX_RUNS / 2 {
+                // Past half the cap, the most recent half of it is kept.
+                let mut heard: Vec<std::time::Instant> =
+                    self.applied.values().map(|(_, t)| *t).collect();
+                let keep = MAX_RUNS / 2;
+                let at = heard.len() - keep;
+                let (_, cutoff, _) = heard.select_nth_unstable(at);
+                let cutoff = *cutoff;
+                self.applied.retain(|_, (_, t)| *t >= cutoff);
+            }
             let applied = &self.applied;
             self.run_requests
                 .retain(|boot, _| applied.contains_key(boot));
@@ -169,7 +186,13 @@ impl HostMetrics {
         self.lease_wait_seconds.add(&m.lease_wait_seconds);
         let w = self.workers.entry(peer).or_default();
         w.pid = pid;
-        w.listen.clone_from(&m.listen);
+        // (Cut: a peer's report is not trusted to be a worker's.)
+        w.listen = m
+            .listen
+            .iter()
+            .take(MAX_LISTEN)
+            .map(|l| l.chars().take(MAX_LISTEN_LEN).collect())
+            .collect();
         w.connections_open = m.connections_open;
         w.tunnels_open = m.tunnels_open;
         let run = self.run_requests.entry(m.boot).or_default();
@@ -1140,6 +1163,35 @@ mod tests {
             h.add(1, 100, &report(boot), |ip| ip.to_string());
         }
         assert_eq!(h.requests, 3000);
+    }
+
+    /// A peer that sends a new run with every report (and listen
+    /// addresses by the million) holds a bounded share: the most recent
+    /// runs, and a worker's first addresses, cut.
+    #[test]
+    fn runs_and_listen_addresses_are_bounded() {
+        let mut h = HostMetrics::default();
+        let mut report = WorkerMetrics {
+            seq: 1,
+            requests: 1,
+            ..WorkerMetrics::default()
+        };
+        for boot in 0..(3 * MAX_RUNS as u64) {
+            report.boot = boot;
+            h.add(1, 100, &report, |ip| ip.to_string());
+            assert!(h.applied.len() <= MAX_RUNS + 1, "{}", h.applied.len());
+        }
+        assert_eq!(h.requests, 3 * MAX_RUNS as u64);
+        // The latest run is remembered: sent again, it counts once.
+        h.add(1, 100, &report, |ip| ip.to_string());
+        assert_eq!(h.requests, 3 * MAX_RUNS as u64);
+        report.boot += 1;
+        report.listen = vec!["x".repeat(1000); 1000];
+        h.add(1, 100, &report, |ip| ip.to_string());
+        let w = &h.workers[&1];
+        assert_eq!(w.listen.len(), MAX_LISTEN);
+        assert!(w.listen.iter().all(|l| l.len() == MAX_LISTEN_LEN));
+        assert!(h.run_requests.len() <= MAX_RUNS + 1);
     }
 
     /// Error kinds from reports are bounded: not a word, or one past

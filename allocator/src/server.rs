@@ -712,8 +712,10 @@ async fn answer(
         Request::Lease { families } => alloc.lease(id, families),
         Request::Status => Response::Status(alloc.status()),
         Request::StatusV2 => Response::StatusV2(alloc.status_v2()),
+        // (The reason is kept with the entry's quarantine and shown in
+        // every status: cut, as a reload's report is.)
         Request::Unusable { ip, reason } => Response::Noted {
-            quarantined: alloc.unusable(ip, &reason),
+            quarantined: alloc.unusable(ip, &cut(reason)),
         },
         Request::Pool => alloc.pool_copy(),
         Request::LeaseSession {
