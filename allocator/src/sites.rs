@@ -437,7 +437,7 @@ impl Pair {
                 break;
             }
             self.starts.pop_front();
-            self.held -= n;
+            self.held = self.held.saturating_sub(n);
         }
         if self.starts.is_empty() && self.starts.capacity() > 0 {
             self.starts = VecDeque::new();
@@ -469,7 +469,7 @@ impl Pair {
             let mut left = self.held;
             let w = l.window().as_millis() as u64;
             self.starts.iter().find_map(|&(t, n)| {
-                left -= n;
+                left = left.saturating_sub(n);
                 (left < l.count).then_some(t + w)
             })
         });
@@ -490,12 +490,13 @@ impl Pair {
         while starts.len() > BATCHES as usize {
             let mut joined = Vec::with_capacity(starts.len().div_ceil(2));
             for two in starts.chunks(2) {
-                joined.push((two[two.len() - 1].0, two.iter().map(|b| b.1).sum()));
+                let n = two.iter().fold(0u32, |a, b| a.saturating_add(b.1));
+                joined.push((two[two.len() - 1].0, n));
             }
             starts = joined;
         }
         self.starts = starts.into();
-        self.held += other.held;
+        self.held = self.held.saturating_add(other.held);
         self.cool_until = self.cool_until.max(other.cool_until);
         self.strikes = self.strikes.max(other.strikes);
         self.last_strike = self.last_strike.max(other.last_strike);
@@ -1202,7 +1203,7 @@ impl Sites {
         let longest = t + RETRY_AFTER_MAX.as_millis() as u64;
         // A wall-clock time on this table's clock (`None` before its start).
         let ms = |w: u64| match w.checked_sub(wall_ms) {
-            Some(ahead) => Some(t + ahead),
+            Some(ahead) => Some(t.saturating_add(ahead)),
             None => t.checked_sub(wall_ms - w).filter(|&m| m > 0),
         };
         let mut n = 0;
@@ -1218,8 +1219,10 @@ impl Sites {
                 .filter(|&(at, n)| at <= t && t - at < u64::from(window) && n > 0)
                 .collect();
             starts.sort_unstable();
+            // (Sums saturate: the file is the allocator's own, but not
+            // trusted not to overflow them.)
             let pair = Pair {
-                held: starts.iter().map(|(_, n)| n).sum(),
+                held: starts.iter().fold(0u32, |a, (_, n)| a.saturating_add(*n)),
                 starts: starts.into(),
                 window,
                 cool_until: p
@@ -1559,6 +1562,37 @@ mod tests {
 
         assert!(Rules::default().with_v6_prefix(0).is_err());
         assert!(Rules::default().with_v6_prefix(129).is_err());
+    }
+
+    /// A kept file with absurd counts and times (it is the allocator's
+    /// own, but not trusted) comes back without a panic or a wrap.
+    #[test]
+    fn absurd_kept_state_comes_back_bounded() {
+        let t0 = Instant::now();
+        let wall0 = 1_900_000_000_000;
+        let saved = vec![
+            SavedPair {
+                site: "a.com".into(),
+                source: ip(1),
+                starts: vec![(wall0 - 10, u32::MAX), (wall0 - 5, u32::MAX)],
+                cool_until_ms: Some(u64::MAX),
+                strikes: u32::MAX,
+                last_strike_ms: Some(wall0 - 1),
+            },
+            SavedPair {
+                site: "a.com".into(),
+                source: ip(1),
+                starts: vec![(wall0 - 1, 7)],
+                cool_until_ms: None,
+                strikes: 0,
+                last_strike_ms: None,
+            },
+        ];
+        let mut s = Sites::new(rules(&["a.com=5/1m"]), 1000);
+        s.restore(saved, t0, wall0);
+        let active = pool(2);
+        assert_eq!(take(&mut s, "a.com", &active, 3, t0), [2, 2], "1 cools");
+        s.expire(t0 + Duration::from_secs(3600));
     }
 
     /// Two pairs of 32 batches each make one of 32 at most, every start
