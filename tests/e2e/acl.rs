@@ -104,13 +104,23 @@ fn an_address_of_a_prefix_routed_to_the_host_is_refused() {
                 assert_eq!(r.status, 403, "GET {host}: {:?}", r.body);
             }
             assert!(service.peers.lock().unwrap().is_empty());
-            // Allowed explicitly, the same address is reached.
+            // An allow of a range holding it is for other hosts: refused
+            // still. Allowed by itself, the same address is reached.
             let allowing = Worker::start_exactly(
                 &alloc.socket,
                 free_port(),
-                &["--allow-destination", "2a0f:7777:1::/64"],
+                &[
+                    "--allow-destination",
+                    "2a0f:7777::/32",
+                    "--allow-destination",
+                    "2a0f:7777:1::abcd",
+                ],
             )
             .await;
+            let (code, _) =
+                connect_tunnel(allowing.addr, &format!("[2a0f:7777:1::abce]:{port}")).await;
+            assert_eq!(code, 403);
+            assert!(service.peers.lock().unwrap().is_empty());
             let (code, _) =
                 connect_tunnel(allowing.addr, &format!("[2a0f:7777:1::abcd]:{port}")).await;
             assert_eq!(code, 200);

@@ -46,7 +46,7 @@ fn a_dual_stack_pool_rotates_each_family_evenly() {
                 "fd00:1::2-fd00:1::5",
             ])
             .await;
-            let w = Worker::start(&alloc.socket, &["--allow-destination", "fd00::/8"]).await;
+            let w = Worker::start(&alloc.socket, &["--allow-destination", "fd00:9::1"]).await;
             for i in 0..8 {
                 let r = get(w.addr, &origin6.url("/")).await;
                 assert_eq!(r.status, 200, "v6 {i}: {:?}", r.body);
@@ -78,7 +78,7 @@ fn an_ipv6_64_routed_to_the_host_is_a_pool() {
             let dir = Arc::new(tempfile::tempdir().unwrap());
             let pool = ["--pool", "2001:db8:7::/64"];
             let alloc = Allocator::start_in(dir.clone(), &pool).await;
-            let args = ["--allow-destination", "fd00::/8", "--lease-timeout", "10s"];
+            let args = ["--allow-destination", "fd00:9::1", "--lease-timeout", "10s"];
             let workers = [
                 Worker::start(&alloc.socket, &args).await,
                 Worker::start(&alloc.socket, &args).await,
@@ -214,7 +214,7 @@ fn an_address_that_goes_away_is_reported_and_the_request_retried() {
         || async {
             let origin = Origin::start_on("[fd00:9::1]:0".parse().unwrap()).await;
             let alloc = Allocator::start(&["--pool", "fd00:1::2,fd00:1::3"]).await;
-            let args = ["--allow-destination", "fd00::/8"];
+            let args = ["--allow-destination", "fd00:9::1"];
             let w = Worker::start(&alloc.socket, &args).await;
             let ip = |cmd: &str| {
                 let ok = std::process::Command::new("ip")
@@ -286,7 +286,7 @@ fn an_address_gone_under_nonlocal_bind_is_reported_and_the_request_retried() {
                 Allocator::start(&["--pool", "10.9.9.2,10.9.9.3,fd00:1::2,fd00:1::3"]).await;
             let args = [
                 "--allow-destination",
-                "fd00::/8",
+                "fd00:9::1",
                 "--allow-destination",
                 "127.0.0.0/8",
             ];

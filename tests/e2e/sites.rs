@@ -606,7 +606,13 @@ fn ipv6_sources_are_budgeted_and_cooled_by_their_64() {
                 &listen,
             ])
             .await;
-            let w = Worker::start(&alloc.socket, &["--allow-destination", "fd00::/8"]).await;
+            let allow = [
+                "--allow-destination",
+                "fd00:9::1",
+                "--allow-destination",
+                "fd00:9::2",
+            ];
+            let w = Worker::start(&alloc.socket, &allow).await;
             // One request a /64: 2001:db8:1::2 is the /64 that 1::1 spent.
             for _ in 0..2 {
                 assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);

@@ -134,6 +134,17 @@ pub enum Denied {
     Local(IpAddr),
 }
 
+/// How one form of a destination passed the rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Through {
+    /// No such form (an address that embeds no IPv4 one).
+    Absent,
+    /// The operator's narrowest allow holding it.
+    Allow(Cidr),
+    /// No operator rule holds it, nor a default deny.
+    Default,
+}
+
 /// Why a destination passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Allowed {
@@ -201,16 +212,16 @@ impl Acl {
 
     /// Whether the proxy may connect to `dest`, by the rules alone.
     pub fn check(&self, dest: SocketAddr) -> Result<Allowed, Denied> {
-        Ok(match self.decide(dest)? {
-            [true, true] => Allowed::Explicitly,
-            _ => Allowed::ByDefault,
+        let through = self.decide(dest)?;
+        Ok(match through.iter().all(|t| *t != Through::Default) {
+            true => Allowed::Explicitly,
+            false => Allowed::ByDefault,
         })
     }
 
-    /// The rules' verdict on each form of `dest` (see `forms`): whether an
-    /// operator's allow let it through (a form there is not counts as
-    /// allowed explicitly).
-    fn decide(&self, dest: SocketAddr) -> Result<[bool; 2], Denied> {
+    /// The rules' verdict on each form of `dest` (see `forms`): how it
+    /// passed.
+    fn decide(&self, dest: SocketAddr) -> Result<[Through; 2], Denied> {
         self.check_port(dest.port())?;
         // An address is checked as itself and as every IPv4 address it
         // embeds, so ::ffff:127.0.0.1 or 64:ff9b::a9fe:a9fe are no way around
@@ -219,7 +230,7 @@ impl Acl {
         // (`--allow-destination 64:ff9b::/96`) lets through only the IPv4
         // addresses inside it that pass too. Explicitly allowed only if
         // every form is.
-        let mut explicitly = [true, true];
+        let mut through = [Through::Absent; 2];
         for (form, ip) in forms(dest.ip()).iter().enumerate() {
             let Some(ip) = ip else { continue };
             let narrowest = |rules: &[Cidr]| {
@@ -230,31 +241,44 @@ impl Acl {
                     .copied()
             };
             match (narrowest(&self.allow), narrowest(&self.deny)) {
-                (Some(a), Some(d)) if a.prefix_len() > d.prefix_len() => {}
+                (Some(a), Some(d)) if a.prefix_len() > d.prefix_len() => {
+                    through[form] = Through::Allow(a)
+                }
                 (_, Some(d)) => return Err(Denied::Address(dest.ip(), d)),
-                (Some(_), None) => {}
+                (Some(a), None) => through[form] = Through::Allow(a),
                 (None, None) => {
-                    explicitly[form] = false;
+                    through[form] = Through::Default;
                     if let Some(rule) = self.defaults.iter().find(|c| c.contains(*ip)) {
                         return Err(Denied::Address(dest.ip(), *rule));
                     }
                 }
             }
         }
-        Ok(explicitly)
+        Ok(through)
     }
 
-    /// The rules, and then: no address of this host unless allowed
-    /// explicitly.
-    /// (Each form on its own: one an operator's allow let through is not
-    /// asked of.)
+    /// The rules, and then: no address of this host unless an allow
+    /// names it — the address itself (a /32 or /128), or loopback by a
+    /// range inside 127.0.0.0/8. A wider allow is for other hosts: an
+    /// allowlist of the VPC's 10.0.0.0/8 does not open this host's sshd, or
+    /// a loop into the proxy, at its own 10.0.1.5.
+    /// (Each form on its own.)
     pub fn check_with(&self, dest: SocketAddr, local: &LocalAddrs) -> Result<(), Denied> {
-        let explicitly = self.decide(dest)?;
+        let through = self.decide(dest)?;
         let forms = forms(dest.ip());
-        let own = forms
-            .iter()
-            .zip(explicitly)
-            .any(|(ip, explicit)| !explicit && ip.is_some_and(|ip| local.is_local(ip)));
+        let own = forms.iter().zip(through).any(|(ip, t)| {
+            let Some(ip) = *ip else { return false };
+            let named = match t {
+                Through::Absent => true,
+                Through::Default => false,
+                Through::Allow(a) => {
+                    let whole = if ip.is_ipv4() { 32 } else { 128 };
+                    let loopback = if ip.is_ipv4() { 8 } else { 128 };
+                    a.prefix_len() == whole || (ip.is_loopback() && a.prefix_len() >= loopback)
+                }
+            };
+            !named && local.is_local(ip)
+        });
         match own {
             true => Err(Denied::Local(dest.ip())),
             false => Ok(()),
@@ -541,6 +565,21 @@ mod tests {
         assert!(allowing
             .check_with("127.0.0.1:22".parse().unwrap(), &local)
             .is_ok());
+        // Loopback by a range of loopback (as tests and the README's
+        // local origin do); not by a range that holds more.
+        for (rule, ok) in [
+            ("127.0.0.0/8", true),
+            ("127.0.0.0/24", true),
+            ("0.0.0.0/0", false),
+            ("::ffff:127.0.0.0/104", true),
+        ] {
+            let acl = Acl {
+                allow: vec![rule.parse().unwrap()],
+                ..acl.clone()
+            };
+            let got = acl.check_with("127.0.0.1:22".parse().unwrap(), &local);
+            assert_eq!(got.is_ok(), ok, "{rule}: {got:?}");
+        }
     }
 
     #[test]
