@@ -983,8 +983,15 @@ impl Allocator {
     }
 
     /// A worker could not use `ip`: its entry leaves the rotation until a
-    /// check finds it usable again. Whether it is out now.
+    /// check finds it usable again. Whether it is out now. The allocator
+    /// checks it first, as at a refresh: a report of an address this host
+    /// can use (stale, or a peer let in to lease steering the pool, which
+    /// only root and the allocator's user may) takes nothing out.
     pub fn unusable(&self, ip: IpAddr, reason: &str) -> bool {
+        if crate::usable::check(&Segment::single(ip)).is_ok() {
+            tracing::debug!(%ip, reason, "a worker reported an address this host can use: left in the rotation");
+            return false;
+        }
         let mut inner = self.lock();
         let Some(e) = inner.pool.addrs().iter().find(|e| e.contains(ip)).copied() else {
             return false;
@@ -1900,6 +1907,16 @@ mod tests {
         let out = a.apply_refresh(vec![Ok(vec![]), Ok(vec![ip("10.0.0.9")])], &ok());
         assert_eq!((out.changed, out.size), (true, 1));
         assert!(a.status().sources[0].error.is_none());
+    }
+
+    /// A report of an address this host can use takes nothing out.
+    #[test]
+    fn a_report_of_a_usable_address_is_checked_and_ignored() {
+        let a = Allocator::new(vec![Source::list("127.0.0.5").unwrap()]);
+        let e = Segment::single("127.0.0.5".parse().unwrap());
+        a.apply_refresh(vec![Ok(vec![e])], &ok());
+        assert!(!a.unusable("127.0.0.5".parse().unwrap(), "EADDRNOTAVAIL"));
+        assert!(a.status_v2().pool[0].quarantine.is_none());
     }
 
     #[test]
