@@ -988,12 +988,23 @@ impl Allocator {
     /// can use (stale, or a peer let in to lease steering the pool, which
     /// only root and the allocator's user may) takes nothing out.
     pub fn unusable(&self, ip: IpAddr, reason: &str) -> bool {
+        let entry = |inner: &Inner| inner.pool.addrs().iter().find(|e| e.contains(ip)).copied();
+        {
+            // Requests in flight on an address that went away report it
+            // many times: once it is out, no check again.
+            let inner = self.lock();
+            match entry(&inner) {
+                None => return false,
+                Some(e) if inner.pool.is_quarantined(&e) => return true,
+                Some(_) => {}
+            }
+        }
         if crate::usable::check(&Segment::single(ip)).is_ok() {
             tracing::debug!(%ip, reason, "a worker reported an address this host can use: left in the rotation");
             return false;
         }
         let mut inner = self.lock();
-        let Some(e) = inner.pool.addrs().iter().find(|e| e.contains(ip)).copied() else {
+        let Some(e) = entry(&inner) else {
             return false;
         };
         let now = Instant::now();
