@@ -57,12 +57,15 @@ impl StateFile {
     pub fn open(dir: &Path) -> Result<(StateFile, Option<Saved>), PersistError> {
         make_private_dir(dir).map_err(|e| PersistError::Dir(dir.into(), e))?;
         let path = dir.join(FILE_NAME);
+        // (Not through a symlink another user of a shared directory put
+        // there.)
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&path)
             .map_err(|e| PersistError::Open(path.clone(), e))?;
         // One an older rotor made under a looser umask is narrowed too.
@@ -184,8 +187,11 @@ fn set_aside(path: &Path) {
 /// may read: its files name users and their session ids, which would let
 /// another local user join a session.
 fn make_private_dir(dir: &Path) -> io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    if dir.is_dir() {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(m) = std::fs::metadata(dir).ok().filter(|m| m.is_dir()) {
+        if m.permissions().mode() & 0o022 != 0 {
+            tracing::warn!(dir = %dir.display(), mode = format!("{:o}", m.permissions().mode() & 0o777), "the state directory is writable by others: they could replace rotor's state files; chmod go-w it");
+        }
         return Ok(());
     }
     if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -287,12 +293,12 @@ fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut name = path.file_name().unwrap_or_default().to_owned();
     name.push(".tmp");
     let tmp = path.with_file_name(name);
-    // (a file left by a crash may have another mode)
+    // (a file left by a crash may have another mode; made anew, never
+    // opened through a symlink put there meanwhile)
     let _ = std::fs::remove_file(&tmp);
     let mut f = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)?;
     io::Write::write_all(&mut f, bytes)?;
@@ -448,6 +454,18 @@ mod tests {
     }
 
     use super::*;
+
+    /// A state file that is a symlink (another user of a writable
+    /// directory pointing it at a file of rotor's user) is not opened.
+    #[test]
+    fn the_state_file_is_not_opened_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"precious").unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join(FILE_NAME)).unwrap();
+        assert!(StateFile::open(dir.path()).is_err());
+        assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+    }
 
     #[test]
     fn round_trip_and_resume() {
