@@ -319,6 +319,9 @@ pub async fn run(
     let refusing = Arc::new(tokio::sync::Semaphore::new(REFUSING));
     // A warning for the first refused, then one every 10 s with how many.
     let refused = rotor_protocol::Moment::new();
+    // The same for peers without the right to connect (a user who may
+    // reach the socket file, trying again and again).
+    let strangers = rotor_protocol::Moment::new();
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -336,7 +339,14 @@ pub async fn run(
             Ok(cred) => match config.access.rights(cred.uid(), cred.gid(), cred.pid()) {
                 Some(rights) => rights,
                 None => {
-                    warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "refused a peer that is not allowed to lease");
+                    match strangers.count_in(Duration::from_secs(10)) {
+                        Some(n) => {
+                            warn!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), refused = n, "refused a peer that is not allowed to lease (said once in 10 s, with how many)")
+                        }
+                        None => {
+                            debug!(uid = cred.uid(), gid = cred.gid(), pid = ?cred.pid(), "refused a peer that is not allowed to lease")
+                        }
+                    }
                     continue;
                 }
             },
