@@ -139,10 +139,24 @@ pub enum Denied {
 enum Through {
     /// No such form (an address that embeds no IPv4 one).
     Absent,
-    /// The operator's narrowest allow holding it.
-    Allow(Cidr),
+    /// The operator's narrowest allow holding it names it: the address
+    /// alone (a /32, a /128), or loopback by a range of loopback.
+    Named,
+    /// The operator's narrowest allow holding it is a range of more.
+    Range,
     /// No operator rule holds it, nor a default deny.
     Default,
+}
+
+impl Through {
+    /// How the allow `a` lets `ip` through.
+    fn allowed(a: Cidr, ip: IpAddr) -> Through {
+        let (whole, loopback) = if ip.is_ipv4() { (32, 8) } else { (128, 128) };
+        match a.prefix_len() == whole || (ip.is_loopback() && a.prefix_len() >= loopback) {
+            true => Through::Named,
+            false => Through::Range,
+        }
+    }
 }
 
 /// Why a destination passed.
@@ -242,10 +256,10 @@ impl Acl {
             };
             match (narrowest(&self.allow), narrowest(&self.deny)) {
                 (Some(a), Some(d)) if a.prefix_len() > d.prefix_len() => {
-                    through[form] = Through::Allow(a)
+                    through[form] = Through::allowed(a, *ip)
                 }
                 (_, Some(d)) => return Err(Denied::Address(dest.ip(), d)),
-                (Some(a), None) => through[form] = Through::Allow(a),
+                (Some(a), None) => through[form] = Through::allowed(a, *ip),
                 (None, None) => {
                     through[form] = Through::Default;
                     if let Some(rule) = self.defaults.iter().find(|c| c.contains(*ip)) {
@@ -267,17 +281,8 @@ impl Acl {
         let through = self.decide(dest)?;
         let forms = forms(dest.ip());
         let own = forms.iter().zip(through).any(|(ip, t)| {
-            let Some(ip) = *ip else { return false };
-            let named = match t {
-                Through::Absent => true,
-                Through::Default => false,
-                Through::Allow(a) => {
-                    let whole = if ip.is_ipv4() { 32 } else { 128 };
-                    let loopback = if ip.is_ipv4() { 8 } else { 128 };
-                    a.prefix_len() == whole || (ip.is_loopback() && a.prefix_len() >= loopback)
-                }
-            };
-            !named && local.is_local(ip)
+            matches!(t, Through::Range | Through::Default)
+                && ip.is_some_and(|ip| local.is_local(ip))
         });
         match own {
             true => Err(Denied::Local(dest.ip())),

@@ -287,7 +287,7 @@ impl ProxyError {
         let (status, kind) = self.classify();
         let text = match self {
             // Not the address a name resolved to, nor the rule, nor that it
-            // is this host's: a user could map internal names with it. The
+            // is this host's: a user could map internal addresses with it. The
             // log line has them.
             ProxyError::Denied(crate::acl::Denied::Address(..) | crate::acl::Denied::Local(_)) => {
                 "refused: the destination's address is one this proxy does not connect to"
