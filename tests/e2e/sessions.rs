@@ -133,7 +133,10 @@ async fn sessions_expire_move_or_fail_when_their_address_goes_and_bad_names_are_
     rotor_control("reload", &alloc.socket, &[]);
     let r = get_as(w.addr, "u-session-strict1-sessionstrict-1", &url, None).await;
     assert_eq!(r.status, 502, "{:?}", r.body);
-    assert!(String::from_utf8_lossy(&r.body).contains("left the pool"));
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.contains("left the pool"), "{body}");
+    // (The pool's addresses are told only with --expose-source.)
+    assert!(!body.contains(&strict_ip.to_string()), "{body}");
     let r = get_as(w.addr, &moving, &url, None).await;
     assert_eq!(r.status, 200);
     assert_ne!(last(), strict_ip, "a loose session moves");
@@ -144,6 +147,12 @@ async fn sessions_expire_move_or_fail_when_their_address_goes_and_bad_names_are_
     assert_eq!(r.status, 407);
     assert!(String::from_utf8_lossy(&r.body).contains("`country`"));
     assert_eq!(get_as(w.addr, "my-app", &url, None).await.status, 200);
+    assert_eq!(
+        get_as(w.addr, "my-sessionless-app", &url, None)
+            .await
+            .status,
+        200
+    );
 }
 
 /// A table full of strict sessions (and of strict ones already pushed out,
@@ -241,6 +250,16 @@ async fn sessions_with_authentication() {
     }
     let pinned = origin.sources();
     assert!(pinned.iter().all(|ip| *ip == pinned[0]), "{pinned:?}");
+    // A worker without a users file on the same allocator: the same name
+    // there, checked by nobody, is another session, never alice's.
+    let open = Worker::start(&alloc.socket, &[]).await;
+    assert_eq!(
+        get_as(open.addr, "alice-session-s1", &url, None)
+            .await
+            .status,
+        200
+    );
+    assert_ne!(*origin.sources().last().unwrap(), pinned[0]);
     assert_eq!(get_as(w.addr, "team-a", &url, None).await.status, 200);
     assert_eq!(
         get_as(w.addr, "team-a-session-s1", &url, None).await.status,

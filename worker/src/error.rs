@@ -295,6 +295,9 @@ impl ProxyError {
             }
             // Not the pool's address either (`--expose-source` is the
             // operator's choice): the log line has it.
+            ProxyError::SessionLost { ip } if !ip.is_unspecified() => {
+                "the session's address left the pool (a strict session does not move)".to_string()
+            }
             ProxyError::SourceUnavailable { source, .. } => format!(
                 "a pool address cannot be used on this host ({source}); reported to the allocator"
             ),

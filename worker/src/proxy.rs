@@ -453,8 +453,12 @@ impl Proxy {
     ) -> Result<Caller, ProxyError> {
         let user = match &self.config.auth {
             // Without a users file a name is only read for a session when
-            // it names one: `my-app` stays a plain name, as before sessions.
-            None if !name.contains("-session") => {
+            // it names one: `my-app` (or `my-sessionless-app`) stays a
+            // plain name, as before sessions.
+            None if !["-session-", "-sessionttl-", "-sessionstrict-"]
+                .iter()
+                .any(|p| name.contains(p)) =>
+            {
                 return Ok(Caller {
                     user: Some(name.to_string()),
                     sticky: None,
@@ -481,9 +485,16 @@ impl Proxy {
             },
         };
         let name = user.user.clone();
+        // Sessions of different users are different sessions, and those
+        // of names nobody checked (a worker without a users file sharing
+        // the allocator) are never those of a user who logged in.
+        let checked = if self.config.auth.is_some() {
+            ""
+        } else {
+            "\u{1}"
+        };
         let sticky = user.session.map(|p| Sticky {
-            // Sessions of different users are different sessions.
-            key: format!("{}\0{}", user.user, p.id),
+            key: format!("{checked}{}\0{}", user.user, p.id),
             id: p.id.clone(),
             ttl: p
                 .ttl
