@@ -897,9 +897,14 @@ fn json_reply(status: hyper::StatusCode, v: serde_json::Value) -> Reply {
     reply(status, "application/json", format!("{v}\n"))
 }
 
-/// Whether `given` is `token`, compared in constant time.
+/// Whether `given` is `token`, compared in constant time: every byte of
+/// the token is looked at whatever `given`'s length (a length that
+/// differs is a difference too), so the time tells neither.
 fn token_matches(given: &[u8], token: &[u8]) -> bool {
-    given.len() == token.len() && given.iter().zip(token).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+    let differs = token.iter().enumerate().fold(0u8, |d, (i, t)| {
+        d | (given.get(i).copied().unwrap_or(!*t) ^ t)
+    });
+    differs == 0 && given.len() == token.len()
 }
 
 /// How long a rendered scrape is served again to scrapes that come while
@@ -991,12 +996,6 @@ async fn answer(
                     serde_json::json!({"error": "the admin API is off: start the allocator with --admin-token-file"}),
                 );
             };
-            if req.method() != Method::POST {
-                return json_reply(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    serde_json::json!({"error": "POST a JSON object"}),
-                );
-            }
             let given = req
                 .headers()
                 .get(hyper::header::AUTHORIZATION)
@@ -1007,6 +1006,13 @@ async fn answer(
                 return json_reply(
                     StatusCode::UNAUTHORIZED,
                     serde_json::json!({"error": "an Authorization: Bearer header with the admin token is needed"}),
+                );
+            }
+            // (Only after the token: without it, nothing about the API.)
+            if req.method() != Method::POST {
+                return json_reply(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    serde_json::json!({"error": "POST a JSON object"}),
                 );
             }
             admin(req, alloc, path == "/admin/release").await
@@ -1130,6 +1136,20 @@ mod tests {
         assert_eq!(h.leases(&[e("a", 10)], older), [("a".into(), 12)]);
         let next = h.snapshot_number();
         assert_eq!(h.leases(&[e("a", 13)], next), [("a".into(), 13)]);
+    }
+
+    #[test]
+    fn the_token_matches_only_itself() {
+        let token = b"0123456789abcdef";
+        assert!(super::token_matches(token, token));
+        for given in [
+            &b""[..],
+            b"0123456789abcde",
+            b"0123456789abcdeF",
+            b"0123456789abcdef0",
+        ] {
+            assert!(!super::token_matches(given, token), "{given:?}");
+        }
     }
 
     #[test]
