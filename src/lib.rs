@@ -44,7 +44,7 @@ where
     .enable_all()
     .build()
     .expect("cannot start the tokio runtime");
-    rt.block_on(async {
+    let code = rt.block_on(async {
         match signals::Signals::install() {
             Ok(s) => main(s).await,
             Err(e) => {
@@ -52,5 +52,9 @@ where
                 std::process::ExitCode::FAILURE
             }
         }
-    })
+    });
+    // Blocking work still running (a pool source's read, until its
+    // timeout) is not waited for: the daemon has stopped.
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    code
 }

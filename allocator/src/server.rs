@@ -575,7 +575,13 @@ async fn refresh_loop(
             Ok(()) = reload.changed() => ("signal", None),
             Some(r) = requests.recv() => ("request", Some(r)),
         };
-        let outcome = refresh(&alloc).await;
+        // A stop does not wait for a refresh (a pool command may take
+        // its whole timeout): what is kept at the stop is written now,
+        // not after a supervisor's SIGKILL.
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            outcome = refresh(&alloc) => outcome,
+        };
         alloc.persist();
         if why != "interval" {
             alloc.repair_table();

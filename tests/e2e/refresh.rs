@@ -265,3 +265,37 @@ async fn a_reload_of_a_pool_too_large_to_list_still_names_a_failed_source() {
         &text[..text.len().min(4000)]
     );
 }
+
+/// A stop does not wait for a refresh in progress: with a pool command
+/// that takes its time (here 20 s of a 30 s timeout), SIGTERM ends the
+/// allocator at once, cleanly (it waited out the command, and `rotor up`,
+/// which gives it 5 s, killed it before it wrote what it keeps at a stop).
+#[test]
+fn a_stop_does_not_wait_for_a_slow_refresh() {
+    let dir = tempfile::tempdir().unwrap();
+    let flag = dir.path().join("slow");
+    let cmd = format!(
+        "if [ -f {f} ]; then sleep 20; fi; echo 127.0.0.2",
+        f = flag.display()
+    );
+    let mut alloc = Allocator::start_blocking(&[
+        "--pool-command",
+        &cmd,
+        "--pool-command-timeout",
+        "30s",
+        "--refresh",
+        "1s",
+    ]);
+    std::fs::write(&flag, "").unwrap();
+    // The next refresh (within a second) is under way.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let stopped = std::time::Instant::now();
+    nix::sys::signal::kill(alloc.proc.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = alloc.proc.child.wait().unwrap();
+    assert!(
+        stopped.elapsed() < std::time::Duration::from_secs(4),
+        "{:?}",
+        stopped.elapsed()
+    );
+    assert!(status.success(), "{status:?}");
+}
