@@ -182,7 +182,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             alloc_stop.cancel();
             let _ = alloc.await;
             info!("rotor is down");
-            return ExitCode::SUCCESS;
+            return outcome.code(signals.fast.is_cancelled());
         }
     };
     if !came_up {

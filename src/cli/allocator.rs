@@ -270,7 +270,15 @@ impl AllocatorFlags {
         let no_state = match (&self.state_dir, self.no_state) {
             (_, Some(n)) => n,
             (Some(_), None) => false,
-            (None, None) => a.no_state.unwrap_or(false),
+            (None, None) => match (a.no_state, &a.state_dir) {
+                (Some(true), Some(dir)) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "no-state and state-dir ({}) say the opposite: keep one",
+                        dir.display()
+                    )))
+                }
+                (no_state, _) => no_state.unwrap_or(false),
+            },
         };
         let state_dir = match no_state {
             true => None,
@@ -409,6 +417,11 @@ mod tests {
         assert_eq!(flags(&["--no-state"]).pool(&f).unwrap().state_dir, None);
         let off = file("[allocator]\nno-state = true\n").unwrap();
         assert_eq!(flags(&[]).pool(&off).unwrap().state_dir, None);
+        // Both in the file: which one was meant is not guessed.
+        let both = file("[allocator]\nno-state = true\nstate-dir = \"/tmp/x\"\n").unwrap();
+        let err = flags(&[]).pool(&both).unwrap_err().to_string();
+        assert!(err.contains("no-state and state-dir"), "{err}");
+        assert_eq!(flags(&["--no-state"]).pool(&both).unwrap().state_dir, None);
         assert_eq!(
             flags(&["--state-dir", "/tmp/y"])
                 .pool(&off)
