@@ -410,3 +410,51 @@ async fn a_reload_just_after_a_worker_starts_reaches_it() {
     })
     .await;
 }
+
+/// A tunnel is checked once, when it opens, and may stay open for hours:
+/// a reload that removes its user (or changes the password) closes it.
+/// Another user's tunnel stays open.
+#[tokio::test]
+async fn a_reload_that_removes_a_user_closes_the_users_tunnels() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    add_user(&users, "alice", "s3cret");
+    add_user(&users, "bob", "pw");
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &["--auth-file", users.to_str().unwrap()]).await;
+    let open = |user: &'static str, pass: &'static str| {
+        let (proxy, target) = (worker.addr, echo.addr);
+        async move {
+            let mut s = TcpStream::connect(proxy).await.unwrap();
+            let head = format!(
+                "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: {}\r\n\r\n",
+                basic(user, pass)
+            );
+            s.write_all(head.as_bytes()).await.unwrap();
+            let head = read_head(&mut s).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            s
+        }
+    };
+    let echoes = |mut s: TcpStream| async move {
+        s.write_all(b"ping").await.ok()?;
+        let mut b = [0u8; 4];
+        tokio::time::timeout(PATIENCE, s.read_exact(&mut b))
+            .await
+            .ok()?
+            .ok()?;
+        Some(s)
+    };
+    let alice = echoes(open("alice", "s3cret").await).await.unwrap();
+    let bob = echoes(open("bob", "pw").await).await.unwrap();
+    remove_user(&users, "alice");
+    rotor_control("reload", &alloc.socket, &[]);
+    // Alice's tunnel ends (its read sees the end), soon after the reload.
+    let mut alice = alice;
+    let mut b = [0u8; 16];
+    let n = tokio::time::timeout(PATIENCE, alice.read(&mut b)).await;
+    assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "{n:?}");
+    assert!(echoes(bob).await.is_some(), "bob's tunnel stays open");
+}

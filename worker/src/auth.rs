@@ -104,6 +104,34 @@ pub struct Auth {
     in_flight: Mutex<HashMap<(IpAddr, u8), Arc<tokio::sync::Semaphore>>>,
     /// Checks one network may have in flight: half the slots, at least one.
     per_network: usize,
+    /// Bumped by a reload that removed a user or changed a password: the
+    /// tunnels open then look whether theirs still stands (see
+    /// [`Auth::stands`]).
+    revoked: tokio::sync::watch::Sender<u64>,
+}
+
+/// A tunnel's user, as it logged in: a reload that removes the user or
+/// changes the password ends the tunnel (requests are checked each time;
+/// a tunnel is open for hours).
+pub struct Standing {
+    auth: Arc<Auth>,
+    user: String,
+    hash: Option<String>,
+    revoked: tokio::sync::watch::Receiver<u64>,
+}
+
+impl Standing {
+    /// Ready once the user no longer stands (never, if nothing revokes it).
+    pub async fn revoked(&mut self) {
+        loop {
+            if self.revoked.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if self.auth.hash_of(&self.user) != self.hash {
+                return;
+            }
+        }
+    }
 }
 
 /// A client's places among the checks in flight: its address's, then its
@@ -243,6 +271,7 @@ impl Auth {
             failed: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
             per_network: (cpus / 2).max(1),
+            revoked: tokio::sync::watch::Sender::new(0),
         }))
     }
 
@@ -279,7 +308,26 @@ impl Auth {
             r.generation = generation + 1;
         }
         failed.clear();
+        if old.hashes.keys().any(|u| !unchanged(u)) {
+            self.revoked.send_modify(|n| *n += 1);
+        }
         Ok(n)
+    }
+
+    /// What a tunnel of `user` (who logged in) stands on: the user's hash
+    /// now, and the reloads that may have revoked it.
+    pub fn standing(self: &Arc<Self>, user: &str) -> Standing {
+        Standing {
+            auth: self.clone(),
+            hash: self.hash_of(user),
+            user: user.to_string(),
+            revoked: self.revoked.subscribe(),
+        }
+    }
+
+    fn hash_of(&self, user: &str) -> Option<String> {
+        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
+        users.hashes.get(user).cloned()
     }
 
     pub fn len(&self) -> usize {

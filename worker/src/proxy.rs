@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 
 use crate::access::{AccessLog, Entry};
 use crate::acl::{Acl, LocalAddrs};
-use crate::auth::Auth;
+use crate::auth::{Auth, Standing};
 use crate::connect::connect_from;
 use crate::dns::Resolver;
 use crate::error::ProxyError;
@@ -335,7 +335,10 @@ impl Proxy {
                     self.connect(
                         req,
                         client,
-                        caller.sticky.as_ref(),
+                        (
+                            caller.sticky.as_ref(),
+                            self.standing(caller.user.as_deref()),
+                        ),
                         abandoned.entry.as_deref().cloned(),
                     )
                     .await
@@ -539,7 +542,7 @@ impl Proxy {
         upstream: TcpStream,
         (client, dest): (SocketAddr, String),
         lease: Lease,
-        held: crate::server::Held,
+        (held, standing): (crate::server::Held, Option<Standing>),
         entry: Option<Entry>,
     ) {
         let idle_limit = self.config.tunnel_idle_timeout;
@@ -550,9 +553,15 @@ impl Proxy {
             let _held = held;
             let activity = Activity::new();
             let relay = crate::relay::tcp_tunnel(client_stream, upstream, &activity, idle_limit);
-            let result = until_ended(relay, &activity, idle_limit, &cut).await;
+            let result = until_ended(relay, &activity, idle_limit, (&cut, standing)).await;
             log_tunnel_end(log, (client, &dest, &lease), result, &activity, &open.0);
         });
+    }
+
+    /// What a tunnel of `user` stands on, with a users file (see
+    /// [`Standing`]).
+    pub fn standing(&self, user: Option<&str>) -> Option<Standing> {
+        Some(self.config.auth.as_ref()?.standing(user?))
     }
 
     /// Ends the tunnels still open (the drain's time is up), each with its
@@ -999,7 +1008,7 @@ impl Proxy {
         &self,
         mut req: Request<B>,
         client: SocketAddr,
-        sticky: Option<&Sticky>,
+        (sticky, standing): (Option<&Sticky>, Option<Standing>),
         entry: Option<Entry>,
     ) -> Result<(Answer, Lease), ProxyError> {
         let (host, port) = connect_target(req.uri())?;
@@ -1031,7 +1040,7 @@ impl Proxy {
             let _permit = permit;
             let activity = Activity::new();
             let relay = crate::relay::tunnel(upgraded, upstream, &activity, idle_limit);
-            let result = until_ended(relay, &activity, idle_limit, &cut).await;
+            let result = until_ended(relay, &activity, idle_limit, (&cut, standing)).await;
             log_tunnel_end(log, (client, &dest, &lease), result, &activity, &open.0);
         });
         let mut resp = Answer::from(Response::new(Either::Right(Either::Right(Empty::new()))));
@@ -1128,12 +1137,19 @@ async fn until_ended(
     relay: impl std::future::Future<Output = std::io::Result<()>>,
     activity: &Activity,
     idle_limit: Duration,
-    cut: &tokio_util::sync::CancellationToken,
+    (cut, mut standing): (&tokio_util::sync::CancellationToken, Option<Standing>),
 ) -> Ended {
+    let revoked = async {
+        match standing.as_mut() {
+            Some(s) => s.revoked().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         r = relay => Ended::Relay(r),
         _ = activity.idle_for(idle_limit) => Ended::Idle,
         _ = cut.cancelled() => Ended::Cut,
+        _ = revoked => Ended::Revoked,
     }
 }
 
@@ -1144,6 +1160,9 @@ enum Ended {
     Idle,
     /// Still open when the drain's time was up.
     Cut,
+    /// Its user was removed from the users file, or given another
+    /// password.
+    Revoked,
 }
 
 fn log_tunnel_end(
@@ -1160,6 +1179,9 @@ fn log_tunnel_end(
         Ended::Idle => debug!(%client, %dest, source = %lease.ip, up, down, "tunnel idle; closed"),
         Ended::Cut => {
             debug!(%client, %dest, source = %lease.ip, up, down, "tunnel cut by the stop")
+        }
+        Ended::Revoked => {
+            tracing::info!(%client, %dest, source = %lease.ip, up, down, "tunnel closed: its user was removed from the users file or given another password")
         }
         Ended::Relay(Ok(_)) => {
             debug!(%client, %dest, source = %lease.ip, up, down, "tunnel closed")

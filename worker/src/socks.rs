@@ -485,7 +485,15 @@ pub async fn serve(
     }
     debug!(%client, %dest, source = %lease.ip, seq = lease.seq, "SOCKS5 tunnel");
     proxy.meter.tunnel(lease.ip, started.elapsed());
-    proxy.relay_tunnel(stream, upstream, (client, dest), lease, held, entry);
+    let standing = proxy.standing(caller.user.as_deref());
+    proxy.relay_tunnel(
+        stream,
+        upstream,
+        (client, dest),
+        lease,
+        (held, standing),
+        entry,
+    );
 }
 
 /// `fut`, unless the client of `stream` closes first (`None`). It sends
