@@ -122,6 +122,11 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         Ok(x) => x,
         Err(e) => return fail(e.as_ref()),
     };
+    // The listeners hold copies: the descriptors as they came go now, so
+    // that when the listeners close (at the drain) the port closes with
+    // them, unless the one who passed it holds it (systemd does; `rotor
+    // up` shuts it at a stop, and killed outright holds nothing).
+    drop((http_passed, socks_passed, tls_passed));
     // Sockets passed (of any kind) replace the default HTTP listener.
     let inherited = listeners.len() + socks_inherited + tls_inherited;
     for addr in args.settings.listen(&file, inherited) {

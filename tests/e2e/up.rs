@@ -410,3 +410,39 @@ async fn a_stopping_rotor_up_refuses_new_clients_and_sighup_spares_a_starting_wo
     let status = up.wait(Duration::from_secs(20));
     assert!(status.success(), "{status:?}");
 }
+
+/// A `rotor up` killed outright (SIGKILL: it shuts nothing): its workers
+/// drain what they hold, and its port closes at once, not at the drain's
+/// end (each worker held the descriptor it was passed beside its
+/// listener's copy, so clients queued in a backlog nobody read, and a
+/// new `rotor up` found the port taken).
+#[tokio::test]
+async fn a_rotor_up_killed_outright_leaves_no_port_open() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let up = up_with_two_workers(&socket, &listen, &["--drain-timeout", "20s"]).await;
+    let proxy: std::net::SocketAddr = listen.parse().unwrap();
+    let slow = tokio::spawn({
+        let url = origin.url("/slow/6000");
+        async move { get(proxy, &url).await.status }
+    });
+    eventually("the slow request in flight", || async {
+        origin.count() == 1
+    })
+    .await;
+    kill(up.pid(), Signal::SIGKILL).unwrap();
+    // Closed well before the request in flight ends (6 s).
+    let killed = std::time::Instant::now();
+    while tokio::net::TcpStream::connect(proxy).await.is_ok() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(3),
+            "the port still takes connections"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The request in flight was let finish.
+    assert_eq!(slow.await.unwrap(), 200);
+}
