@@ -51,6 +51,8 @@ pub enum UsersError {
     Line(PathBuf, usize),
     #[error("{0}:{1}: the password hash is not an argon2id PHC string (`$argon2id$…`; write it with `rotor user add`)")]
     Hash(PathBuf, usize),
+    #[error("{0}:{2}: user `{1}` is listed again (first on line {3}): which password was meant is not guessed; keep one")]
+    Twice(PathBuf, String, usize, usize),
 }
 
 /// Why a request is not authenticated; the client gets 407 either way.
@@ -178,6 +180,7 @@ fn load(path: &Path, previous: Option<&Users>) -> Result<Users, UsersError> {
     // A byte-order mark (an editor's) is no part of the first user's name.
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut hashes = HashMap::new();
+    let mut lines: HashMap<String, usize> = HashMap::new();
     // How many hashes have each set of parameters.
     let mut counts: HashMap<ParamKey, (usize, argon2::Params)> = HashMap::new();
     for (n, line) in text.lines().enumerate() {
@@ -204,6 +207,9 @@ fn load(path: &Path, previous: Option<&Users>) -> Result<Users, UsersError> {
             }
             _ => return Err(UsersError::Hash(path.into(), n + 1)),
         };
+        if let Some(first) = lines.insert(user.to_string(), n + 1) {
+            return Err(UsersError::Twice(path.into(), user.into(), n + 1, first));
+        }
         counts.entry(param_key(&params)).or_insert((0, params)).0 += 1;
         hashes.insert(user.to_string(), hash.to_string());
     }
@@ -1014,5 +1020,13 @@ mod tests {
                 "{other}"
             );
         }
+        // A user listed twice (a hand edit): neither line is guessed at.
+        let (a, b) = (hash_password("one"), hash_password("two"));
+        std::fs::write(&path, format!("alice:{a}\nbob:{a}\nalice:{b}\n")).unwrap();
+        let err = Auth::load(&path, None).err().unwrap();
+        assert!(
+            matches!(&err, UsersError::Twice(_, u, 3, 1) if u == "alice"),
+            "{err}"
+        );
     }
 }
