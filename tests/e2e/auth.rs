@@ -13,10 +13,7 @@ use crate::util::*;
 
 #[tokio::test]
 async fn requests_and_tunnels_need_valid_credentials() {
-    let dir = tempfile::tempdir().unwrap();
-    let users = dir.path().join("users");
-    add_user(&users, "alice", "s3cret");
-    add_user(&users, "bob", "hunter2");
+    let (_dir, users) = users_file(&[("alice", "s3cret"), ("bob", "hunter2")]);
     let text = std::fs::read_to_string(&users).unwrap();
     assert!(
         text.contains("alice:$argon2id$") && !text.contains("s3cret"),
@@ -417,10 +414,7 @@ async fn a_reload_just_after_a_worker_starts_reaches_it() {
 #[tokio::test]
 async fn a_reload_that_removes_a_user_closes_the_users_tunnels() {
     use tokio::io::AsyncReadExt;
-    let dir = tempfile::tempdir().unwrap();
-    let users = dir.path().join("users");
-    add_user(&users, "alice", "s3cret");
-    add_user(&users, "bob", "pw");
+    let (_dir, users) = users_file(&[("alice", "s3cret"), ("bob", "pw")]);
     let echo = Echo::start().await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let worker = Worker::start(&alloc.socket, &["--auth-file", users.to_str().unwrap()]).await;

@@ -147,6 +147,21 @@ async fn bad_pool_spec_stops_the_start_with_a_clear_error() {
     assert!(err.contains("ends before it starts"), "{err}");
 }
 
+/// A pool command printing 127.0.0.2 after `first`, and taking `secs`
+/// more once the flag file (returned) exists.
+fn slow_once_flagged(
+    dir: &std::path::Path,
+    first: &str,
+    secs: f64,
+) -> (std::path::PathBuf, String) {
+    let flag = dir.join("slow");
+    let cmd = format!(
+        "{first}if [ -f {f} ]; then sleep {secs}; fi; echo 127.0.0.2",
+        f = flag.display()
+    );
+    (flag, cmd)
+}
+
 /// `rotor reload` waits for the reload's refresh, however long its sources
 /// take within their own timeouts: a pool command taking 10.5 s is no
 /// "did not answer within 10s" (which misled logrotate hooks and scripts
@@ -157,11 +172,7 @@ async fn bad_pool_spec_stops_the_start_with_a_clear_error() {
 #[test]
 fn rotor_reload_waits_for_a_slow_source() {
     let dir = tempfile::tempdir().unwrap();
-    let flag = dir.path().join("slow");
-    let cmd = format!(
-        "sleep 0.5; if [ -f {f} ]; then sleep 10.5; fi; echo 127.0.0.2",
-        f = flag.display()
-    );
+    let (flag, cmd) = slow_once_flagged(dir.path(), "sleep 0.5; ", 10.5);
     let alloc =
         Allocator::start_blocking(&["--pool-command", &cmd, "--pool-command-timeout", "30s"]);
     std::fs::write(&flag, "").unwrap();
@@ -273,11 +284,7 @@ async fn a_reload_of_a_pool_too_large_to_list_still_names_a_failed_source() {
 #[test]
 fn a_stop_does_not_wait_for_a_slow_refresh() {
     let dir = tempfile::tempdir().unwrap();
-    let flag = dir.path().join("slow");
-    let cmd = format!(
-        "if [ -f {f} ]; then sleep 20; fi; echo 127.0.0.2",
-        f = flag.display()
-    );
+    let (flag, cmd) = slow_once_flagged(dir.path(), "", 20.0);
     let mut alloc = Allocator::start_blocking(&[
         "--pool-command",
         &cmd,

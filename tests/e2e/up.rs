@@ -420,11 +420,9 @@ async fn a_stopping_rotor_up_refuses_new_clients_and_sighup_spares_a_starting_wo
 async fn a_rotor_up_killed_outright_leaves_no_port_open() {
     let origin = Origin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("a.sock");
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
+    let proxy: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let (socket, listen) = (dir.path().join("a.sock"), proxy.to_string());
     let up = up_with_two_workers(&socket, &listen, &["--drain-timeout", "20s"]).await;
-    let proxy: std::net::SocketAddr = listen.parse().unwrap();
     let slow = tokio::spawn({
         let url = origin.url("/slow/6000");
         async move { get(proxy, &url).await.status }

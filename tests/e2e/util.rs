@@ -924,6 +924,17 @@ where
     }
 }
 
+/// A users file (in a directory of its own, kept while the first half
+/// lives) with `users` (name, password) added by `rotor user add`.
+pub fn users_file(users: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("users");
+    for (name, password) in users {
+        add_user(&file, name, password);
+    }
+    (dir, file)
+}
+
 /// Adds `name` with `password` to the users file `file` with `rotor user add`.
 pub fn add_user(file: &Path, name: &str, password: &str) {
     let mut child = Command::new(ROTOR)
