@@ -999,7 +999,9 @@ impl Allocator {
                 Some(_) => {}
             }
         }
-        if crate::usable::check(&Segment::single(ip)).is_ok() {
+        let checked =
+            crate::usable::Checker::recent(Duration::from_secs(1)).check(&Segment::single(ip));
+        if checked.is_ok() {
             tracing::debug!(%ip, reason, "a worker reported an address this host can use: left in the rotation");
             return false;
         }

@@ -29,13 +29,25 @@ pub fn check(entry: &Segment) -> Result<(), String> {
 /// all of them.
 #[derive(Default)]
 pub struct Checker {
-    routes: Option<LocalRoutes>,
+    routes: Option<std::sync::Arc<LocalRoutes>>,
 }
 
 impl Checker {
+    /// Checks with the local routes as read at most `max_age` ago (a
+    /// worker's reports come in bursts: one read of a BGP host's
+    /// megabytes of routes a second, not one a report).
+    pub fn recent(max_age: std::time::Duration) -> Checker {
+        Checker {
+            routes: Some(LocalRoutes::current(max_age)),
+        }
+    }
+
     pub fn check(&mut self, entry: &Segment) -> Result<(), String> {
         let ip = entry.at(0);
-        let local = self.routes.get_or_insert_with(LocalRoutes::read).holds(ip);
+        let local = self
+            .routes
+            .get_or_insert_with(|| std::sync::Arc::new(LocalRoutes::read()))
+            .holds(ip);
         // With `ip_nonlocal_bind` set every address binds: the routing
         // table has the last word where it can be read.
         if local == Some(false) {

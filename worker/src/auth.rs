@@ -115,11 +115,20 @@ pub struct Auth {
 /// A tunnel's user, as it logged in: a reload that removes the user or
 /// changes the password ends the tunnel (requests are checked each time;
 /// a tunnel is open for hours).
+#[derive(Clone)]
 pub struct Standing {
     auth: Arc<Auth>,
     user: String,
     hash: Option<String>,
     revoked: tokio::sync::watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for Standing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Standing")
+            .field("user", &self.user)
+            .finish()
+    }
 }
 
 impl Standing {

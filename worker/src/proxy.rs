@@ -150,6 +150,9 @@ pub struct ProxyConfig {
 pub struct Caller {
     pub user: Option<String>,
     pub sticky: Option<Sticky>,
+    /// With a users file: what a tunnel of the user stands on, taken when
+    /// the password was checked (a reload from then on is seen).
+    pub standing: Option<Standing>,
 }
 
 impl Caller {
@@ -335,10 +338,7 @@ impl Proxy {
                     self.connect(
                         req,
                         client,
-                        (
-                            caller.sticky.as_ref(),
-                            self.standing(caller.user.as_deref()),
-                        ),
+                        (caller.sticky.as_ref(), caller.standing.clone()),
                         abandoned.entry.as_deref().cloned(),
                     )
                     .await
@@ -454,6 +454,7 @@ impl Proxy {
         password: &str,
         client: std::net::IpAddr,
     ) -> Result<Caller, ProxyError> {
+        let mut standing = None;
         let user = match &self.config.auth {
             // Without a users file a name is only read for a session when
             // it names one: `my-app` (or `my-sessionless-app`) stays a
@@ -464,12 +465,13 @@ impl Proxy {
             {
                 return Ok(Caller {
                     user: Some(name.to_string()),
-                    sticky: None,
+                    ..Caller::default()
                 })
             }
             None => session::parse(name, |_| false).map_err(ProxyError::Session)?,
             Some(auth) => match session::parse(name, |n| auth.has_user(n)) {
                 Ok(user) => {
+                    standing = Some(auth.standing(&user.user));
                     auth.check_credentials(&user.user, password, client)
                         .await
                         .map_err(ProxyError::Auth)?;
@@ -517,6 +519,7 @@ impl Proxy {
         Ok(Caller {
             user: Some(name),
             sticky,
+            standing,
         })
     }
 
@@ -556,12 +559,6 @@ impl Proxy {
             let result = until_ended(relay, &activity, idle_limit, (&cut, standing)).await;
             log_tunnel_end(log, (client, &dest, &lease), result, &activity, &open.0);
         });
-    }
-
-    /// What a tunnel of `user` stands on, with a users file (see
-    /// [`Standing`]).
-    pub fn standing(&self, user: Option<&str>) -> Option<Standing> {
-        Some(self.config.auth.as_ref()?.standing(user?))
     }
 
     /// Ends the tunnels still open (the drain's time is up), each with its

@@ -485,7 +485,7 @@ pub async fn serve(
     }
     debug!(%client, %dest, source = %lease.ip, seq = lease.seq, "SOCKS5 tunnel");
     proxy.meter.tunnel(lease.ip, started.elapsed());
-    let standing = proxy.standing(caller.user.as_deref());
+    let standing = caller.standing.clone();
     proxy.relay_tunnel(
         stream,
         upstream,
