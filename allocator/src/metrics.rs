@@ -337,6 +337,8 @@ pub struct PoolFigures {
     pub site_entries: u64,
     /// Requests held waiting for a site's budget.
     pub site_waiters: u64,
+    /// Whether the rotation state file's last write failed.
+    pub state_write_failing: bool,
 }
 
 impl HostMetrics {
@@ -605,6 +607,12 @@ pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
         "rotor_site_waiters",
         "Requests held waiting for a site's budget (--budget-wait), every worker's",
         [(vec![], pool.site_waiters as i64)],
+    );
+    gauge_family(
+        &mut r,
+        "rotor_state_write_failing",
+        "1 while the rotation state file's last write failed (a restart would not resume the rotation where it is)",
+        [(vec![], i64::from(pool.state_write_failing))],
     );
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &r).expect("writing to a String");

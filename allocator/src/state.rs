@@ -1171,6 +1171,7 @@ impl Allocator {
                 sites: inner.sites.len() as u64,
                 site_entries: inner.sites.entries() as u64,
                 site_waiters: inner.waiters.len() as u64,
+                state_write_failing: inner.state_failed,
             };
             (figures, inner.metrics.clone())
         };
@@ -1739,6 +1740,24 @@ mod tests {
             "no other"
         );
         assert!(m.contains("rotor_source_quarantined{source=\"10.0.0.0\"} 0"));
+    }
+
+    /// A failing write of the rotation state shows as a gauge until a
+    /// write succeeds.
+    #[test]
+    fn a_failing_state_write_shows_in_the_metrics() {
+        let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
+        a.apply_refresh(
+            vec![Ok(vec![Segment::single("10.0.0.1".parse().unwrap())])],
+            &ok(),
+        );
+        assert!(a
+            .render_metrics(true)
+            .contains("rotor_state_write_failing 0"));
+        a.lock().state_failed = true;
+        assert!(a
+            .render_metrics(true)
+            .contains("rotor_state_write_failing 1"));
     }
 
     /// An allocator of `pool` (addresses) with the budget `rule`.
