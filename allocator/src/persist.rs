@@ -89,7 +89,13 @@ impl StateFile {
         let saved = match file.read_at(&mut buf, 0) {
             Ok(n) => {
                 let saved = decode(&buf[..n]);
-                if n > 0 && saved.is_none() {
+                let newer = buf[..n].starts_with(b"RTR")
+                    && n > 3
+                    && buf[3].is_ascii_digit()
+                    && buf[3] > MAGIC[3];
+                if newer {
+                    tracing::warn!(file = %path.display(), format = %String::from_utf8_lossy(&buf[..4]), "the rotation state was written by a newer rotor, in a format this one does not read: the rotation starts over (and is kept in this one's format from now on)");
+                } else if n > 0 && saved.is_none() {
                     tracing::warn!(file = %path.display(), "the rotation state record is torn or corrupt (its checksum does not match): the rotation starts over");
                 }
                 saved
