@@ -162,6 +162,12 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         if let Some(auth) = tuning.config.proxy.auth.clone() {
             tracing::info!(users = auth.len(), "proxy authentication on");
             let mut reloads = signals.reloads();
+            // Read once more now the handler is in place: a SIGHUP between
+            // the first read (at the start) and now was ignored, and a user
+            // it removed would be served until the next one.
+            if let Err(e) = auth.reload() {
+                tracing::warn!(error = %error_chain(&e), "users file not re-read at start; keeping the users read first");
+            }
             tokio::spawn(async move {
                 while reloads.changed().await.is_ok() {
                     match auth.reload() {
