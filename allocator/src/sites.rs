@@ -35,8 +35,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rotor_protocol::{
-    addresses_from, family_total, site_bit, site_of, Families, Family, PairStatus, Segment,
-    SiteLimit, SiteStatus, SitesReport, SITE_FILTER_BITS,
+    addresses_from, family_total, from_u128, site_bit, site_of, to_u128, Families, Family,
+    PairStatus, Segment, SiteLimit, SiteStatus, SitesReport, SITE_FILTER_BITS,
 };
 
 /// The first cooldown without a `Retry-After`; each repeat doubles it.
@@ -113,15 +113,6 @@ pub struct Rules {
     v6_prefix: u8,
 }
 
-/// An IPv6 address as a number (an IPv4 one as its mapped form, never
-/// asked for here).
-fn v6_bits(ip: IpAddr) -> u128 {
-    match ip {
-        IpAddr::V6(a) => u128::from(a),
-        IpAddr::V4(a) => u128::from(a.to_ipv6_mapped()),
-    }
-}
-
 /// The prefix length IPv6 sources are counted by, unless configured.
 pub const DEFAULT_V6_PREFIX: u8 = 64;
 
@@ -171,13 +162,13 @@ impl Rules {
     fn keys_from(&self, e: &Segment, ip: IpAddr) -> impl Iterator<Item = IpAddr> {
         let host = 128 - u32::from(self.v6_prefix);
         let bits = u32::from(self.v6_prefix) - u32::from(e.prefix_len());
-        let base = v6_bits(e.base());
-        let first = (v6_bits(ip) - base) >> host;
+        let base = to_u128(e.base());
+        let first = (to_u128(ip) - base) >> host;
         // (A wider entry than a key: 1 to 127 bits.)
         let count = 1u128 << bits;
         (0..count).map(move |k| {
             let n = first.wrapping_add(k) & (count - 1);
-            IpAddr::from(std::net::Ipv6Addr::from(base | n << host))
+            from_u128(Family::V6, base | n << host)
         })
     }
 
@@ -185,8 +176,8 @@ impl Rules {
     /// takes for `ip`.
     fn in_key(&self, key: IpAddr, ip: IpAddr) -> IpAddr {
         let host = 128 - u32::from(self.v6_prefix);
-        let low = v6_bits(ip) & ((1u128 << host) - 1);
-        IpAddr::from(std::net::Ipv6Addr::from(v6_bits(key) | low))
+        let low = to_u128(ip) & ((1u128 << host) - 1);
+        from_u128(Family::V6, to_u128(key) | low)
     }
 
     /// A key as logged: an IPv6 prefix with its length.
@@ -925,16 +916,8 @@ impl Sites {
         let family = Family::of(&ip);
         s.cursor[family.index()] = index % total;
         let (id, limit) = (s.id, s.limit);
-        let window = limit.map(|l| l.window().as_millis() as u64);
         let ip = self.rules.key(ip);
-        let free = match self.pairs.get_mut(&(id, ip)) {
-            None => true,
-            Some(p) => {
-                p.prune(window, t);
-                p.blocked(limit, t).is_none()
-            }
-        };
-        if !free {
+        if self.blocked(id, ip, limit, t).is_some() {
             return None;
         }
         if let Some(s) = self.sites.get_mut(site) {

@@ -263,14 +263,16 @@ fn mask(bits: u8) -> u128 {
     }
 }
 
-pub(crate) fn to_u128(ip: IpAddr) -> u128 {
+/// An address as a number (an IPv4 one in the low 32 bits).
+pub fn to_u128(ip: IpAddr) -> u128 {
     match ip {
         IpAddr::V4(a) => u128::from(u32::from(a)),
         IpAddr::V6(a) => u128::from(a),
     }
 }
 
-pub(crate) fn from_u128(family: Family, v: u128) -> IpAddr {
+/// The address of `family` that is the number `v` (see [`to_u128`]).
+pub fn from_u128(family: Family, v: u128) -> IpAddr {
     match family {
         Family::V4 => IpAddr::V4(Ipv4Addr::from(v as u32)),
         Family::V6 => IpAddr::V6(Ipv6Addr::from(v)),
