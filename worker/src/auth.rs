@@ -108,7 +108,7 @@ pub struct Auth {
     per_network: usize,
     /// Bumped by a reload that removed a user or changed a password: the
     /// tunnels open then look whether theirs still stands (see
-    /// [`Auth::stands`]).
+    /// [`Auth::standing`]).
     revoked: tokio::sync::watch::Sender<u64>,
 }
 
@@ -119,7 +119,9 @@ pub struct Auth {
 pub struct Standing {
     auth: Arc<Auth>,
     user: String,
-    hash: Option<String>,
+    /// The users as the password was checked against (shared: taken for
+    /// every request of a user, a tunnel or not).
+    users: Arc<Users>,
     revoked: tokio::sync::watch::Receiver<u64>,
 }
 
@@ -138,7 +140,7 @@ impl Standing {
             if self.revoked.changed().await.is_err() {
                 return std::future::pending().await;
             }
-            if self.auth.hash_of(&self.user) != self.hash {
+            if self.auth.users().hashes.get(&self.user) != self.users.hashes.get(&self.user) {
                 return;
             }
         }
@@ -300,7 +302,7 @@ impl Auth {
     /// user's next request without an argon2 check); failures are not (a
     /// password that failed may be right now).
     pub fn reload(&self) -> Result<usize, UsersError> {
-        let current = self.users.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let current = self.users();
         let users = Arc::new(load(&self.path, Some(&current))?);
         let n = users.hashes.len();
         let old = std::mem::replace(
@@ -334,15 +336,15 @@ impl Auth {
     pub fn standing(self: &Arc<Self>, user: &str) -> Standing {
         Standing {
             auth: self.clone(),
-            hash: self.hash_of(user),
+            users: self.users(),
             user: user.to_string(),
             revoked: self.revoked.subscribe(),
         }
     }
 
-    fn hash_of(&self, user: &str) -> Option<String> {
-        let users = self.users.read().unwrap_or_else(|e| e.into_inner());
-        users.hashes.get(user).cloned()
+    /// The users in use.
+    fn users(&self) -> Arc<Users> {
+        self.users.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn len(&self) -> usize {
@@ -394,7 +396,7 @@ impl Auth {
             // The users and their generation, read together: a reload
             // swaps the users first, then bumps the generation.
             let generation = self.generation.load(SeqCst);
-            let users = self.users.read().unwrap_or_else(|e| e.into_inner()).clone();
+            let users = self.users();
             if let Some(user) = self.remembered(&key, generation) {
                 return Ok(user);
             }

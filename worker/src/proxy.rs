@@ -459,10 +459,7 @@ impl Proxy {
             // Without a users file a name is only read for a session when
             // it names one: `my-app` (or `my-sessionless-app`) stays a
             // plain name, as before sessions.
-            None if !["-session-", "-sessionttl-", "-sessionstrict-"]
-                .iter()
-                .any(|p| name.contains(p)) =>
-            {
+            None if !session::names_params(name) => {
                 return Ok(Caller {
                     user: Some(name.to_string()),
                     ..Caller::default()

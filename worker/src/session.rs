@@ -58,6 +58,15 @@ pub fn split_user(name: &str, is_user: impl Fn(&str) -> bool) -> (&str, Option<&
     }
 }
 
+/// Whether `name` gives one of [`parse`]'s parameters (`-session-…`,
+/// `-sessionttl-…`, `-sessionstrict-…`): without a users file only such a
+/// name is read for a session (`my-sessionless-app` is a name).
+pub fn names_params(name: &str) -> bool {
+    ["-session-", "-sessionttl-", "-sessionstrict-"]
+        .iter()
+        .any(|p| name.contains(p))
+}
+
 /// Splits `name` into the user and the session it names. `is_user` says
 /// whether a whole name is a user of the users file (always false without
 /// one).
