@@ -1098,9 +1098,9 @@ impl Allocator {
         let (cooling, cooling_keys, rules, sessions) = {
             let inner = self.lock();
             let now = Instant::now();
-            let by_entry = |inner: &Inner, counts: HashMap<IpAddr, u64>| {
+            let by_entry = |inner: &Inner, counts: &HashMap<IpAddr, u64>| {
                 let mut out: HashMap<String, u64> = HashMap::new();
-                for (ip, n) in counts {
+                for (&ip, &n) in counts {
                     if let Some(e) = inner.pool.entry_of(ip) {
                         *out.entry(e.to_string()).or_default() += n;
                     }
@@ -1111,10 +1111,10 @@ impl Allocator {
             // cools is a prefix, and each entry inside one takes its count.
             let keys = inner.sites.cooling_by_address(now);
             (
-                by_entry(&inner, keys.clone()),
+                by_entry(&inner, &keys),
                 keys,
                 inner.sites.rules().clone(),
-                by_entry(&inner, inner.sessions.by_address()),
+                by_entry(&inner, &inner.sessions.by_address()),
             )
         };
         let cooling_of = |e: &Segment, k: &String| match rules.one_key(e) {
