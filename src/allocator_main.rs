@@ -115,6 +115,7 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
         };
         let result =
             rotor_allocator::run(listener, config, signals.reloads(), signals.shutdown).await;
+        rotor_allocator::source::end_commands();
         // A socket systemd passed is systemd's to remove.
         if owned {
             let _ = std::fs::remove_file(&socket);

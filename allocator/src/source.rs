@@ -223,6 +223,8 @@ pub fn run_pool_command(cmd: &str, timeout: Duration) -> Result<Vec<Segment>, So
             source,
         })?;
     let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
+    // Ended with the allocator if it is still running at the stop.
+    let _running = Running::enter(group);
     // Read while it runs, so a long output cannot fill the pipe and stall
     // it; what is past the limits is read and dropped.
     // Whether anything was dropped, beside the text.
@@ -296,6 +298,51 @@ pub fn run_pool_command(cmd: &str, timeout: Duration) -> Result<Vec<Segment>, So
         line,
         source,
     })
+}
+
+/// The process groups of the pool commands running now; `None` once the
+/// allocator stops ([`end_commands`]).
+static RUNNING: std::sync::Mutex<Option<Vec<nix::unistd::Pid>>> =
+    std::sync::Mutex::new(Some(Vec::new()));
+
+/// A pool command's process group, in [`RUNNING`] while it runs.
+struct Running(nix::unistd::Pid);
+
+impl Running {
+    /// Listed in [`RUNNING`]; killed at once if the allocator has stopped
+    /// (a refresh's blocking read may start a command just after).
+    fn enter(group: nix::unistd::Pid) -> Running {
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        match running.as_mut() {
+            Some(list) => list.push(group),
+            None => {
+                let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        Running(group)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(list) = running.as_mut() {
+            list.retain(|g| *g != self.0);
+        }
+    }
+}
+
+/// Kills the pool commands still running, and any started from now on:
+/// called once the allocator has stopped. A stop does not wait for a
+/// refresh, and the blocking read that waited for a command's timeout is
+/// dropped with the runtime, so nothing else would end a command still
+/// running (it went on until it ended by itself, outside any supervision
+/// but systemd's control group).
+pub fn end_commands() {
+    let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+    for group in running.take().unwrap_or_default() {
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+    }
 }
 
 /// What a pool command may print (16 MiB: a million addresses, one a line).

@@ -281,10 +281,13 @@ async fn a_reload_of_a_pool_too_large_to_list_still_names_a_failed_source() {
 /// that takes its time (here 20 s of a 30 s timeout), SIGTERM ends the
 /// allocator at once, cleanly (it waited out the command, and `rotor up`,
 /// which gives it 5 s, killed it before it wrote what it keeps at a stop).
+/// The command ends with it (it ran on, unsupervised, to its own end).
 #[test]
 fn a_stop_does_not_wait_for_a_slow_refresh() {
     let dir = tempfile::tempdir().unwrap();
-    let (flag, cmd) = slow_once_flagged(dir.path(), "", 20.0);
+    let pid_file = dir.path().join("pid");
+    let first = format!("echo $$ > {}; ", pid_file.display());
+    let (flag, cmd) = slow_once_flagged(dir.path(), &first, 20.0);
     let mut alloc = Allocator::start_blocking(&[
         "--pool-command",
         &cmd,
@@ -305,4 +308,24 @@ fn a_stop_does_not_wait_for_a_slow_refresh() {
         stopped.elapsed()
     );
     assert!(status.success(), "{status:?}");
+    // The slow run's shell (the last to write its process id) is gone, or
+    // a zombie nobody reaped yet.
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let stat = format!("/proc/{}/stat", pid.trim());
+    let gone = || {
+        std::fs::read_to_string(&stat)
+            .map(|s| {
+                s.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+            .unwrap_or(true)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !gone() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(gone(), "the pool command outlived the allocator");
 }
