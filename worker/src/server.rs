@@ -218,6 +218,16 @@ pub async fn run(
     };
     let reloading = proxy.clone();
     let reloading_tls = config.tls.clone();
+    // What was opened before the SIGHUP handler was in place is opened
+    // once more: a SIGHUP in between was ignored (it must not kill the
+    // worker), and logrotate's left the access log written to the file it
+    // moved away, or a new certificate waiting, until the next one.
+    if let Some(log) = proxy.access_log() {
+        log.reopen();
+    }
+    if let Some(tls) = &reloading_tls {
+        tls.reload_at_start();
+    }
     tokio::spawn(async move {
         while reloads.changed().await.is_ok() {
             reloading.reload_dns();

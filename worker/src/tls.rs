@@ -116,13 +116,31 @@ impl Tls {
 
     /// Reads the files again; a pair that does not load keeps the old one.
     pub fn reload(&self) {
+        if self.swap() {
+            info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
+        }
+    }
+
+    /// Reads the files once more when the worker's SIGHUP handler is in
+    /// place: a SIGHUP between the first read and then was ignored (it
+    /// must not kill the worker), and a pair it was to bring in would wait
+    /// for the next one. Said at debug only: nothing was asked.
+    pub fn reload_at_start(&self) {
+        if self.swap() {
+            tracing::debug!(cert = %self.files.cert.display(), "TLS certificate read again at start");
+        }
+    }
+
+    /// Loads the pair and puts it in use; whether it loaded.
+    fn swap(&self) -> bool {
         match load(&self.files) {
             Ok(c) => {
                 *self.config.write().unwrap_or_else(|e| e.into_inner()) = c;
-                info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
+                true
             }
             Err(e) => {
-                warn!(error = %e, "cannot reload the TLS certificate; serving the previous one")
+                warn!(error = %e, "cannot reload the TLS certificate; serving the previous one");
+                false
             }
         }
     }
