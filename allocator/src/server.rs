@@ -664,6 +664,7 @@ fn is_report(frame: &ServerFrame) -> bool {
             body: Response::Status(_)
                 | Response::StatusV2(_)
                 | Response::Sites(_)
+                | Response::SitesV2(_)
                 | Response::HostStatus(_)
                 | Response::Pool { .. },
             ..
@@ -781,6 +782,9 @@ async fn answer(
             Response::Noted { quarantined: false }
         }
         Request::Sites { max } => Response::Sites(alloc.sites_report(max.min(10_000) as usize)),
+        Request::SitesV2 { max } => {
+            Response::SitesV2(alloc.sites_report_v2(max.min(10_000) as usize))
+        }
         Request::Metrics(m) => {
             alloc.record_metrics(id, &m);
             Response::Noted { quarantined: false }
@@ -843,6 +847,7 @@ async fn answer(
                 Response::Status(_)
                 | Response::StatusV2(_)
                 | Response::Sites(_)
+                | Response::SitesV2(_)
                 | Response::HostStatus(_),
             ..
         }) if rotor_protocol::encode(&frame)

@@ -1367,6 +1367,16 @@ impl Allocator {
         self.lock().sites.report(max, Instant::now())
     }
 
+    /// [`Allocator::sites_report`] with the prefix length IPv6 sources
+    /// are counted by.
+    pub fn sites_report_v2(&self, max: usize) -> rotor_protocol::SitesReportV2 {
+        let inner = self.lock();
+        rotor_protocol::SitesReportV2 {
+            report: inner.sites.report(max, Instant::now()),
+            v6_prefix: inner.sites.rules().v6_prefix(),
+        }
+    }
+
     /// Sets the budgets and the cap of the site table (at start).
     pub fn set_site_rules(&self, rules: Rules, max_entries: usize) {
         let mut inner = self.lock();

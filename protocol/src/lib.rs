@@ -23,10 +23,11 @@ pub use message::{
     AddrStatus, ClientFrame, EntryStatus, Envelope, Families, FamilyStatus, Hello, HelloReply,
     Histogram, HostReport, Lease, NoAddress, PairStatus, PeerStatus, QuarantineStatus, Refusal,
     ReloadReport, Request, Response, Role, ServerFrame, SiteLimit, SiteStatus, SitesReport,
-    SourceMetrics, SourceStatus, StatusReport, StatusReportV2, WorkerMetrics, WorkerStatus,
-    HISTOGRAM_BOUNDS, MAX_SESSION_KEY, MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_METRICS,
-    MINOR_RELOADS, MINOR_RELOAD_REPORT, MINOR_SESSIONS_FULL, MINOR_SITES, MINOR_SITE_WAIT,
-    POOL_TOO_LARGE, PROTOCOL_MAJOR, PROTOCOL_MINOR, REPORT_TEXT_MAX,
+    SitesReportV2, SourceMetrics, SourceStatus, StatusReport, StatusReportV2, WorkerMetrics,
+    WorkerStatus, HISTOGRAM_BOUNDS, MAX_SESSION_KEY, MINOR_FAMILIES, MINOR_LEASE_TABLE,
+    MINOR_METRICS, MINOR_RELOADS, MINOR_RELOAD_REPORT, MINOR_SESSIONS_FULL, MINOR_SITES,
+    MINOR_SITES_V2, MINOR_SITE_WAIT, POOL_TOO_LARGE, PROTOCOL_MAJOR, PROTOCOL_MINOR,
+    REPORT_TEXT_MAX,
 };
 pub use report::{error_chain, Moment};
 pub use segment::{cover, from_u128, to_u128, Family, PrefixSet, Segment};

@@ -23,7 +23,7 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 8;
+pub const PROTOCOL_MINOR: u16 = 9;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
@@ -51,6 +51,9 @@ pub const MINOR_RELOADS: u16 = 7;
 /// wait for a site's budget held by the allocator, in arrival order) and
 /// takes `Request::CancelWait`.
 pub const MINOR_SITE_WAIT: u16 = 8;
+/// The first minor whose allocator answers `Request::SitesV2` (the per-site
+/// state with the prefix length an IPv6 source is counted by).
+pub const MINOR_SITES_V2: u16 = 9;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
 /// sides; the last bucket (+Inf) is implicit.
@@ -280,6 +283,9 @@ pub enum Request {
     /// no longer waited for (its client left): not served (since minor 8).
     /// Answered `Noted`.
     CancelWait { id: u64 },
+    /// The per-site state as `Sites`, with the length of the prefix an
+    /// IPv6 address is counted by (since minor 9). Answered `SitesV2`.
+    SitesV2 { max: u32 },
 }
 
 impl Request {
@@ -301,6 +307,7 @@ impl Request {
             Request::ReloadReport => MINOR_RELOAD_REPORT,
             Request::Reloads => MINOR_RELOADS,
             Request::LeaseSiteWait { .. } | Request::CancelWait { .. } => MINOR_SITE_WAIT,
+            Request::SitesV2 { .. } => MINOR_SITES_V2,
         }
     }
 }
@@ -532,6 +539,18 @@ pub enum Response {
         table: u64,
         count: u64,
     },
+    /// The answer to `SitesV2`.
+    SitesV2(SitesReportV2),
+}
+
+/// The per-site state, and how its IPv6 entries are keyed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SitesReportV2 {
+    pub report: SitesReport,
+    /// An IPv6 address is counted by its prefix of this length
+    /// (`--site-v6-prefix`): a [`PairStatus`]'s IPv6 `ip` is that prefix's
+    /// first address, and stands for all of it.
+    pub v6_prefix: u8,
 }
 
 /// The per-site state: budgets and cooldowns by site and address.

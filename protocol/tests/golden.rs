@@ -227,6 +227,14 @@ fn golden_client_frames() {
         }),
         "01071209",
     );
+    // Minor 9.
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::SitesV2 { max: 200 },
+        }),
+        "010713c8",
+    );
 }
 
 #[test]
@@ -450,5 +458,31 @@ fn golden_server_frames() {
             count: 250,
         }),
         "01091103fa",
+    );
+    // Minor 9: the `Sites` report as above, and the prefix length.
+    check(
+        resp(Response::SitesV2(SitesReportV2 {
+            report: SitesReport {
+                total: 1,
+                pairs: 1,
+                max_entries: 1000,
+                sites: vec![SiteStatus {
+                    site: "a.io".into(),
+                    limit: Some(SiteLimit {
+                        count: 60,
+                        period_ms: 60_000,
+                    }),
+                    idle_secs: 2,
+                    addrs: vec![PairStatus {
+                        ip: V4,
+                        used: 3,
+                        cooling_ms: Some(900),
+                        strikes: 1,
+                    }],
+                }],
+            },
+            v6_prefix: 64,
+        })),
+        "0109120101fbe8030104612e696f013cfb60ea020100c00002070301fb84030140",
     );
 }

@@ -10,6 +10,7 @@ use rotor::up::UpArgs;
 use rotor_protocol::{
     error_chain, PeerStatus, Request, Response, SitesReport, SourceStatus, StatusReport,
     StatusReportV2, MINOR_FAMILIES, MINOR_METRICS, MINOR_RELOAD_REPORT, MINOR_SITES,
+    MINOR_SITES_V2,
 };
 
 /// rotor: a backconnect forward proxy that sends each request from the next
@@ -115,15 +116,16 @@ fn main() -> ExitCode {
                 // Per-site state, from an allocator that keeps it.
                 let sites = match (&socket, &answer) {
                     (Ok(socket), Ok(Response::StatusV2(_))) => {
-                        match rotor::control::request_by_minor(socket, |minor| {
-                            match minor >= MINOR_SITES {
-                                true => Request::Sites { max: SITES_SHOWN },
-                                false => Request::Status,
-                            }
+                        match rotor::control::request_by_minor(socket, |minor| match minor {
+                            m if m >= MINOR_SITES_V2 => Request::SitesV2 { max: SITES_SHOWN },
+                            m if m >= MINOR_SITES => Request::Sites { max: SITES_SHOWN },
+                            _ => Request::Status,
                         })
                         .await
                         {
-                            Ok(Response::Sites(r)) => Some(r),
+                            Ok(Response::SitesV2(r)) => Some((r.report, Some(r.v6_prefix))),
+                            // (an allocator before minor 9 keyed IPv6 by address)
+                            Ok(Response::Sites(r)) => Some((r, None)),
                             _ => None,
                         }
                     }
@@ -149,8 +151,8 @@ fn main() -> ExitCode {
                 report(answer, |r| match r {
                     Response::StatusV2(s) if json => {
                         let mut v = status_json(&s);
-                        if let Some(sites) = &sites {
-                            v["sites"] = sites_json(sites);
+                        if let Some((sites, v6_prefix)) = &sites {
+                            v["sites"] = sites_json(sites, *v6_prefix);
                         }
                         if let Some(h) = &host {
                             v["host"] = serde_json::to_value(h).expect("host report serializes");
@@ -163,9 +165,9 @@ fn main() -> ExitCode {
                             text.push('\n');
                             text.push_str(&format_host(h));
                         }
-                        if let Some(sites) = &sites {
+                        if let Some((sites, v6_prefix)) = &sites {
                             text.push('\n');
-                            text.push_str(&format_sites(sites));
+                            text.push_str(&format_sites(sites, *v6_prefix));
                         }
                         Some(text.trim_end().to_string())
                     }
@@ -446,18 +448,39 @@ fn status_json(s: &StatusReportV2) -> serde_json::Value {
 /// Sites `rotor status` shows at most (the most recently used first).
 const SITES_SHOWN: u32 = 200;
 
-fn sites_json(r: &SitesReport) -> serde_json::Value {
+/// How many leading bits of `ip` a site entry stands for: an IPv6 one is
+/// its prefix of `v6_prefix` (`None`: an allocator that keyed by address).
+fn key_len(ip: &std::net::IpAddr, v6_prefix: Option<u8>) -> u8 {
+    match ip {
+        std::net::IpAddr::V4(_) => 32,
+        std::net::IpAddr::V6(_) => v6_prefix.unwrap_or(128),
+    }
+}
+
+/// A site entry's address as shown: an IPv6 prefix as `PREFIX/LEN`.
+fn key_text(ip: &std::net::IpAddr, v6_prefix: Option<u8>) -> String {
+    match key_len(ip, v6_prefix) {
+        32 | 128 => ip.to_string(),
+        len => format!("{ip}/{len}"),
+    }
+}
+
+fn sites_json(r: &SitesReport, v6_prefix: Option<u8>) -> serde_json::Value {
     use serde_json::json;
     json!({
         "total": r.total,
         "pairs": r.pairs,
         "max_entries": r.max_entries,
+        // The prefix length an IPv6 source is counted by (null: by its
+        // address, as an allocator before it was settable did).
+        "v6_prefix": v6_prefix,
         "shown": r.sites.iter().map(|s| json!({
             "site": s.site,
             "limit": s.limit.map(|l| json!({"count": l.count, "period_ms": l.period_ms})),
             "idle_secs": s.idle_secs,
             "addresses": s.addrs.iter().map(|p| json!({
                 "ip": p.ip.to_string(),
+                "prefix_len": key_len(&p.ip, v6_prefix),
                 "used": p.used,
                 "left": s.limit.map(|l| l.count.saturating_sub(p.used)),
                 "cooling_ms": p.cooling_ms,
@@ -467,7 +490,7 @@ fn sites_json(r: &SitesReport) -> serde_json::Value {
     })
 }
 
-fn format_sites(r: &SitesReport) -> String {
+fn format_sites(r: &SitesReport, v6_prefix: Option<u8>) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     if r.total == 0 {
@@ -508,7 +531,11 @@ fn format_sites(r: &SitesReport) -> String {
                 1 => "  (1 pushback)".into(),
                 n => format!("  ({n} pushbacks in a row)"),
             };
-            let _ = writeln!(out, "    {:<40} {used}{cooling}{strikes}", p.ip.to_string());
+            let _ = writeln!(
+                out,
+                "    {:<44} {used}{cooling}{strikes}",
+                key_text(&p.ip, v6_prefix)
+            );
         }
     }
     out

@@ -629,6 +629,22 @@ fn ipv6_sources_are_budgeted_and_cooled_by_their_64() {
                 .map(|a| a["ip"].as_str().unwrap())
                 .collect();
             assert_eq!(held, ["2001:db8:1::", "2001:db8:2::"]);
+            // `rotor status` says what an entry stands for: the /64.
+            let st = status_json(&alloc.socket);
+            assert_eq!(st["sites"]["v6_prefix"], 64, "{st}");
+            assert!(
+                site["addresses"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|a| a["prefix_len"] == 64),
+                "{site}"
+            );
+            let text = rotor_control("status", &alloc.socket, &[]);
+            assert!(
+                text.contains("2001:db8:1::/64") && text.contains("2001:db8:2::/64"),
+                "{text}"
+            );
 
             // A 429 from the other site cools the /64 of the address it
             // came from: the next requests there come from the other /64.
