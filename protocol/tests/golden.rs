@@ -30,6 +30,29 @@ where
     assert_eq!(back, msg);
 }
 
+/// One site with one address, as `Sites` and `SitesV2` report it.
+fn sites_report() -> SitesReport {
+    SitesReport {
+        total: 1,
+        pairs: 1,
+        max_entries: 1000,
+        sites: vec![SiteStatus {
+            site: "a.io".into(),
+            limit: Some(SiteLimit {
+                count: 60,
+                period_ms: 60_000,
+            }),
+            idle_secs: 2,
+            addrs: vec![PairStatus {
+                ip: V4,
+                used: 3,
+                cooling_ms: Some(900),
+                strikes: 1,
+            }],
+        }],
+    }
+}
+
 const V4: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
 const V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1));
 
@@ -393,25 +416,7 @@ fn golden_server_frames() {
         "01090bfbdc0500",
     );
     check(
-        resp(Response::Sites(SitesReport {
-            total: 1,
-            pairs: 1,
-            max_entries: 1000,
-            sites: vec![SiteStatus {
-                site: "a.io".into(),
-                limit: Some(SiteLimit {
-                    count: 60,
-                    period_ms: 60_000,
-                }),
-                idle_secs: 2,
-                addrs: vec![PairStatus {
-                    ip: V4,
-                    used: 3,
-                    cooling_ms: Some(900),
-                    strikes: 1,
-                }],
-            }],
-        })),
+        resp(Response::Sites(sites_report())),
         "01090c0101fbe8030104612e696f013cfb60ea020100c00002070301fb840301",
     );
     check(
@@ -462,25 +467,7 @@ fn golden_server_frames() {
     // Minor 9: the `Sites` report as above, and the prefix length.
     check(
         resp(Response::SitesV2(SitesReportV2 {
-            report: SitesReport {
-                total: 1,
-                pairs: 1,
-                max_entries: 1000,
-                sites: vec![SiteStatus {
-                    site: "a.io".into(),
-                    limit: Some(SiteLimit {
-                        count: 60,
-                        period_ms: 60_000,
-                    }),
-                    idle_secs: 2,
-                    addrs: vec![PairStatus {
-                        ip: V4,
-                        used: 3,
-                        cooling_ms: Some(900),
-                        strikes: 1,
-                    }],
-                }],
-            },
+            report: sites_report(),
             v6_prefix: 64,
         })),
         "0109120101fbe8030104612e696f013cfb60ea020100c00002070301fb84030140",
