@@ -276,10 +276,16 @@ impl Acl {
     /// range inside 127.0.0.0/8. A wider allow is for other hosts: an
     /// allowlist of the VPC's 10.0.0.0/8 does not open this host's sshd, or
     /// a loop into the proxy, at its own 10.0.1.5.
-    /// (Each form on its own.)
+    /// (Each form on its own.) The unspecified address (`0.0.0.0`, `::`,
+    /// in any form) is refused whatever allows it: it is in no route
+    /// table, but a connection to it reaches this host (Linux takes it for
+    /// the local address), and a sinkholing resolver answers names with it.
     pub fn check_with(&self, dest: SocketAddr, local: &LocalAddrs) -> Result<(), Denied> {
-        let through = self.decide(dest)?;
         let forms = forms(dest.ip());
+        if forms.iter().flatten().any(IpAddr::is_unspecified) {
+            return Err(Denied::Local(dest.ip()));
+        }
+        let through = self.decide(dest)?;
         let own = forms.iter().zip(through).any(|(ip, t)| {
             matches!(t, Through::Range | Through::Default)
                 && ip.is_some_and(|ip| local.is_local(ip))
@@ -584,6 +590,26 @@ mod tests {
             };
             let got = acl.check_with("127.0.0.1:22".parse().unwrap(), &local);
             assert_eq!(got.is_ok(), ok, "{rule}: {got:?}");
+        }
+        // The unspecified address reaches this host too, whatever allows
+        // it (even by name).
+        for (rule, dest) in [
+            ("0.0.0.0/0", "0.0.0.0:22"),
+            ("0.0.0.0", "0.0.0.0:22"),
+            ("::/0", "[::]:22"),
+            ("::", "[::]:22"),
+            ("::/0", "[::ffff:0.0.0.0]:22"),
+        ] {
+            let acl = Acl {
+                allow: vec![rule.parse().unwrap()],
+                ..acl.clone()
+            };
+            let dest: SocketAddr = dest.parse().unwrap();
+            assert_eq!(
+                acl.check_with(dest, &local),
+                Err(Denied::Local(dest.ip())),
+                "{rule}"
+            );
         }
     }
 
