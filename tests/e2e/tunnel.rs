@@ -69,6 +69,42 @@ async fn bytes_sent_behind_the_connect_head_go_first() {
     assert_eq!(&back, b"hello, world");
 }
 
+/// A refused tunnel ends its connection: what the client sent behind the
+/// CONNECT (its first tunnel bytes) is not read as a request of its own.
+#[tokio::test]
+async fn bytes_behind_a_refused_connect_are_not_a_request() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    // Port 25 is refused by default.
+    let url = origin.url("/smuggled");
+    let host = origin.addr;
+    s.write_all(
+        format!(
+            "CONNECT 127.0.0.1:25 HTTP/1.1\r\nHost: 127.0.0.1:25\r\n\r\n\
+             GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    let mut rest = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut rest))
+        .await
+        .expect("the connection stays open")
+        .unwrap();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(!rest.contains("HTTP/1.1 200"), "{rest}");
+    assert_eq!(origin.count(), 0);
+}
+
 #[tokio::test]
 async fn a_half_close_passes_through_and_the_answer_comes_back() {
     // Reads to the client's end, then answers with what it counted.

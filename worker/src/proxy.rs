@@ -378,7 +378,19 @@ impl Proxy {
             Err(e) => {
                 let kind = e.classify().1;
                 self.meter.error(kind, took);
-                let resp = e.to_response();
+                let mut resp = e.to_response();
+                // A refused tunnel ends its connection: a client that sent
+                // its first tunnel bytes with the CONNECT would otherwise
+                // have them read as its next request. (Not a 407: a client
+                // asks again with credentials on the same connection.)
+                if method == Method::CONNECT
+                    && resp.status() != StatusCode::PROXY_AUTHENTICATION_REQUIRED
+                {
+                    resp.headers_mut().insert(
+                        hyper::header::CONNECTION,
+                        hyper::header::HeaderValue::from_static("close"),
+                    );
+                }
                 if let (Some(mut en), Some(log)) = (entry, &self.config.access_log) {
                     en.status = resp.status().as_u16();
                     en.error = kind;
