@@ -72,7 +72,7 @@ settings! {
         /// Most connections from one client address at once (an IPv6
         /// client's /64 counts as one); past it that address's new ones get
         /// an immediate 503 (SOCKS5: "no acceptable method"); 0: no limit.
-        /// A tunnel, once open, counts under --max-connections alone.
+        /// A tunnel (CONNECT, SOCKS5) holds its address's place for its life.
         max_client_connections: Option<usize> = "0",
         /// Threads of this worker's runtime; 1 runs it on one thread (scale
         /// out with more workers instead) [default: the number of CPUs; 1
