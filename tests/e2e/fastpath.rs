@@ -486,6 +486,9 @@ async fn two_hosts_refused_and_response_framing_passed_on_plain() {
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
         } else if head.starts_with("GET /nothing ") {
             b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n"
+        } else if head.starts_with("GET /badchunk ") {
+            // A bare LF ends the chunk-size line.
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n"
         } else {
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
         }
@@ -586,6 +589,16 @@ async fn two_hosts_refused_and_response_framing_passed_on_plain() {
         body.contains("transfer coding other than chunked"),
         "{body}"
     );
+    // A body malformed from its first bytes (here, with the head) is a
+    // 502, on both paths, not a connection closed with nothing sent.
+    for (what, extra) in [
+        ("fast path", ""),
+        ("hyper's path", "Expect: 100-continue\r\n"),
+    ] {
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        let req = format!("GET http://{origin}/badchunk HTTP/1.1\r\nHost: {origin}\r\n{extra}\r\n");
+        rotors_own_answer(&mut s, &req, 502, what).await;
+    }
 }
 
 /// A client that goes away while its request waits for the allocator (one

@@ -357,6 +357,7 @@ impl Conn {
             io: Some(io),
             buf,
             decoder: framing.into(),
+            first: None,
             scanned: 0,
             reusable,
             sent,
@@ -1052,6 +1053,9 @@ pub struct ResponseBody {
     io: Option<Io>,
     buf: BytesMut,
     decoder: Decoder,
+    /// The first piece of a chunked body, decoded before the head went on
+    /// ([`ResponseBody::check_start`]); given out first.
+    first: Option<Bytes>,
     /// What of `buf`, from its start, is known to hold no CRLF while a
     /// chunk-size or trailer line is still coming: a line trickled in a
     /// byte at a time is searched once, not again from its start at each
@@ -1083,6 +1087,7 @@ impl ResponseBody {
             io: None,
             buf,
             decoder,
+            first: None,
             scanned: 0,
             reusable: true,
             sent: None,
@@ -1100,7 +1105,7 @@ impl ResponseBody {
     /// The connection, once the body has ended and it can take another
     /// request.
     pub fn take_conn(&mut self) -> Option<Conn> {
-        if !matches!(self.decoder, Decoder::Done) || !self.reusable {
+        if !matches!(self.decoder, Decoder::Done) || !self.reusable || self.first.is_some() {
             return None;
         }
         match self.io.take() {
@@ -1109,6 +1114,29 @@ impl ResponseBody {
                 buf: idle_buffer(std::mem::take(&mut self.buf)),
             }),
             _ => None,
+        }
+    }
+
+    /// Decodes the first piece of a chunked body, if it came with the
+    /// head: a body malformed from its start is an error before the head
+    /// goes to the client (a 502 then, not a connection closed with
+    /// nothing sent, which a client may take for a reused connection's
+    /// close and send the request again). A length or a close cannot fail
+    /// this way.
+    pub fn check_start(&mut self) -> Result<(), Error> {
+        if !matches!(self.decoder, Decoder::Chunked(_)) || self.buf.is_empty() {
+            return Ok(());
+        }
+        match self.decode() {
+            Ok(Some(Some(piece))) => {
+                self.first = Some(piece);
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.reusable = false;
+                Err(e)
+            }
         }
     }
 
@@ -1292,6 +1320,9 @@ impl Body for ResponseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
         loop {
             match self.decode() {
                 Err(e) => {
@@ -1322,11 +1353,12 @@ impl Body for ResponseBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        matches!(self.decoder, Decoder::Done)
+        matches!(self.decoder, Decoder::Done) && self.first.is_none()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
         match self.decoder {
+            _ if self.first.is_some() => http_body::SizeHint::default(),
             Decoder::Done => http_body::SizeHint::with_exact(0),
             Decoder::Length(n) => http_body::SizeHint::with_exact(n),
             _ => http_body::SizeHint::default(),
