@@ -667,6 +667,56 @@ assert answer == b"got 1000", answer
     run_python(&script).await;
 }
 
+/// A destination's reset reaches a TLS client's tunnel as a reset of its
+/// connection, not as a TCP close (which, without a close_notify, many
+/// clients take for the end of the stream).
+#[tokio::test]
+async fn a_tls_tunnel_passes_on_a_reset() {
+    if !have(
+        "a_tls_tunnel_passes_on_a_reset",
+        &["openssl", "curl", "python3"],
+    ) {
+        return;
+    }
+    let p = tls_proxy(&[]).await;
+    let dest = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest_addr = dest.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = dest.accept().await.unwrap();
+        s.write_all(b"partial-data").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    });
+    let script = format!(
+        r#"{PY_TLS_OVER}
+s, tls, pump, fill, answer = tunnel_over("{ca}", {port}, "{dest}")
+end = None
+while end is None:
+    try:
+        data = tls.read(65536)
+        if not data:
+            end = "close_notify"
+        answer += data
+    except ssl.SSLWantReadError:
+        try:
+            if not fill():
+                end = "closed"
+        except ConnectionResetError:
+            end = "reset"
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as e:
+        end = repr(e)
+assert end == "reset", (end, answer)
+assert b"partial-data".startswith(answer), answer
+"#,
+        ca = p.ca.display(),
+        port = p.tls.port(),
+        dest = dest_addr,
+    );
+    run_python(&script).await;
+}
+
 /// `rotor status` lists a worker's TLS listener beside its others.
 #[tokio::test]
 async fn status_lists_the_tls_listener() {

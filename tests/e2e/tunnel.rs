@@ -105,6 +105,37 @@ async fn bytes_behind_a_refused_connect_are_not_a_request() {
     assert_eq!(origin.count(), 0);
 }
 
+/// A destination that resets the tunnel's connection resets the client's:
+/// a client reading to the end does not take a cut stream for a whole one.
+#[tokio::test]
+async fn a_reset_passes_through_as_a_reset() {
+    let (server, _) = recording_server(|mut s: TcpStream| async move {
+        s.write_all(b"partial-data").await.unwrap();
+        // Seen by the worker before the reset.
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        socket2::SockRef::from(&s)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+        drop(s);
+    })
+    .await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    s.write_all(format!("CONNECT {server} HTTP/1.1\r\nHost: {server}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(PATIENCE, s.read_to_end(&mut got))
+        .await
+        .expect("the tunnel stays open");
+    assert!(b"partial-data".starts_with(&got), "{got:?}");
+    let kind = end.map_err(|e| e.kind());
+    assert_eq!(kind, Err(std::io::ErrorKind::ConnectionReset), "{got:?}");
+}
+
 #[tokio::test]
 async fn a_half_close_passes_through_and_the_answer_comes_back() {
     // Reads to the client's end, then answers with what it counted.

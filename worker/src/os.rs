@@ -156,6 +156,24 @@ pub fn send_queue(fd: std::os::fd::RawFd) -> Option<u32> {
     (r == 0).then_some(n.max(0) as u32)
 }
 
+/// Whether `e` is a peer's reset (or a write it refused): a tunnel passes
+/// that on as a reset ([`reset_at_close`]).
+pub fn is_reset(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+    )
+}
+
+/// Makes the close of the TCP socket `fd` a reset (`SO_LINGER` of 0): its
+/// peer learns the stream was cut, not that it ended.
+pub fn reset_at_close(fd: std::os::fd::RawFd) {
+    // SAFETY: the caller's socket is open while it asks; a borrow for the
+    // one call.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let _ = socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

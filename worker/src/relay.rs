@@ -150,9 +150,22 @@ where
     let mut client = Stalls::new(client, client_fd, stall, activity.clone());
     let fd = Some(upstream.as_raw_fd());
     let mut upstream = Stalls::new(upstream, fd, stall, activity.clone());
-    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER)
-        .await
-        .map(|_| ())
+    let relayed = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut upstream,
+        COPY_BUFFER,
+        COPY_BUFFER,
+    )
+    .await
+    .map(|_| ());
+    // A reset passes on as a reset (see `splice_tcp`); a TLS client's
+    // session ends without its close_notify, so it too reads a cut.
+    if relayed.as_ref().is_err_and(os::is_reset) {
+        for fd in [client_fd, fd].into_iter().flatten() {
+            os::reset_at_close(fd);
+        }
+    }
+    relayed
 }
 
 /// A stream whose writes fail once it has taken nothing for `stall` while
@@ -343,7 +356,17 @@ async fn splice_tcp(
         activity,
         (pipes, stall),
     );
-    tokio::try_join!(up, down).map(|_| ())
+    let relayed = tokio::try_join!(up, down).map(|_| ());
+    // A side that reset (or refused what was written) is passed on as a
+    // reset, not as the FIN the sockets' close would send: a peer reading
+    // to the end (an HTTP/1.0 body, a raw stream) must not take a cut
+    // stream for a whole one. (What the other socket still held unsent
+    // goes with it, as the stream was cut anyway.)
+    if relayed.as_ref().is_err_and(os::is_reset) {
+        os::reset_at_close(client.as_raw_fd());
+        os::reset_at_close(upstream.as_raw_fd());
+    }
+    relayed
 }
 
 /// Moves bytes from `src` to `dst` until `src` ends, then shuts `dst` for
