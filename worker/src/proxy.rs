@@ -973,7 +973,7 @@ impl Proxy {
             }
             first => first,
         };
-        let (resp, mut body) = match first {
+        let (resp, body) = match first {
             Ok(r) => r,
             Err((e, written)) if replay && may_resend(&parts.method, &fields, &e, written) => {
                 debug!(%dest, source = %lease.ip, error = %e, "reused upstream connection was closed; retrying on a new one");
@@ -995,12 +995,6 @@ impl Proxy {
         };
         let mut resp_fields = Fields::Wire(resp.fields);
         self.observe(host, &lease, watch, resp.status, &resp_fields);
-        if let Err(source) = body.check_start() {
-            return Err(ProxyError::Upstream {
-                dest: dest.to_string(),
-                source,
-            });
-        }
         resp_fields.strip_hop_by_hop(Message::Response);
         let body = PooledBody::new(body, self.upstream.clone(), key, &self.meter);
         self.expose_source(&mut resp_fields, &lease);
