@@ -44,13 +44,21 @@ impl Checker {
 
     pub fn check(&mut self, entry: &Segment) -> Result<(), String> {
         let ip = entry.at(0);
-        let local = self
+        let routes = self
             .routes
-            .get_or_insert_with(|| std::sync::Arc::new(LocalRoutes::read()))
-            .holds(ip);
+            .get_or_insert_with(|| std::sync::Arc::new(LocalRoutes::read()));
+        // A prefix is this host's only if all of it is: one whose first
+        // address alone is (a /48 of which one /64 is routed) would fail
+        // most of its leases, be taken out, and be put back at each look.
+        let local = routes.holds_all(entry);
         // With `ip_nonlocal_bind` set every address binds: the routing
         // table has the last word where it can be read.
         if local == Some(false) {
+            if !entry.is_single() {
+                return Err(format!(
+                    "not all of {entry} is this host's: local routes (its interfaces' addresses, or `ip route add local {entry} dev lo`) must cover every address of it"
+                ));
+            }
             return Err(describe(&io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)));
         }
         match bind(ip) {
@@ -222,5 +230,21 @@ mod tests {
         let err = check(&one("203.0.113.77")).unwrap_err();
         assert!(err.contains("EADDRNOTAVAIL"), "{err}");
         assert!(check(&one("2001:db8:ffff::1")).is_err());
+    }
+
+    /// A prefix is usable only if all of it is this host's: 124.0.0.0/6
+    /// starts inside 127.0.0.0/8 (lo's) for a quarter of it only.
+    #[test]
+    fn a_prefix_partly_this_hosts_is_not_usable() {
+        let seg = |s: &str| s.parse::<Segment>().unwrap();
+        assert_eq!(check(&seg("127.0.0.0/9")), Ok(()));
+        assert_eq!(check(&seg("127.1.2.0/24")), Ok(()));
+        for (entry, shown) in [
+            ("127.0.0.0/7", "126.0.0.0/7"),
+            ("124.0.0.0/6", "124.0.0.0/6"),
+        ] {
+            let err = check(&seg(entry)).unwrap_err();
+            assert!(err.contains(&format!("not all of {shown}")), "{err}");
+        }
     }
 }

@@ -81,6 +81,17 @@ impl LocalRoutes {
         };
         routes.map(|r| r.holds(&Segment::single(ip), 128))
     }
+
+    /// Whether local routes cover every address of `entry` (see
+    /// [`PrefixSet::covers_all`]); `None` if its family's table could not
+    /// be read.
+    pub fn holds_all(&self, entry: &Segment) -> Option<bool> {
+        let routes = match entry.family() {
+            crate::Family::V4 => self.v4.as_ref(),
+            crate::Family::V6 => self.v6.as_ref(),
+        };
+        routes.map(|r| r.covers_all(entry))
+    }
 }
 
 fn parse_ipv6_route(table: &str) -> PrefixSet {
@@ -153,6 +164,40 @@ garbage
         assert!(!r.covers(ip("2001:db8:5::2")));
         assert_eq!(r.holds(ip("10.0.0.1")), None, "IPv4 not read");
         assert!(!r.covers(ip("10.0.0.1")));
+        // A prefix, whole: inside the /64 routed to lo, or not.
+        let seg = |s: &str| s.parse::<Segment>().unwrap();
+        assert_eq!(r.holds_all(&seg("2001:db8:77::/80")), Some(true));
+        assert_eq!(r.holds_all(&seg("2001:db8:77::/64")), Some(true));
+        assert_eq!(r.holds_all(&seg("2001:db8:76::/63")), Some(false));
+        assert_eq!(r.holds_all(&seg("2001:db8::/48")), Some(false));
+        assert_eq!(r.holds_all(&seg("10.0.0.0/24")), None);
+    }
+
+    /// A prefix is held whole by one route, or by routes that between
+    /// them hold every address of it (interface addresses one by one).
+    #[test]
+    fn a_prefix_is_held_only_if_all_of_it_is() {
+        let mut set = PrefixSet::default();
+        for i in 0..16u8 {
+            set.insert(Segment::single(IpAddr::V4(Ipv4Addr::new(
+                203,
+                0,
+                113,
+                16 + i,
+            ))));
+        }
+        set.insert("198.51.100.0/25".parse().unwrap());
+        set.insert("198.51.100.128/25".parse().unwrap());
+        set.insert("127.0.0.0/8".parse().unwrap());
+        let seg = |s: &str| s.parse::<Segment>().unwrap();
+        assert!(set.covers_all(&seg("203.0.113.16/28")));
+        assert!(set.covers_all(&seg("203.0.113.24/29")));
+        assert!(!set.covers_all(&seg("203.0.113.16/27")), "half of it");
+        assert!(!set.covers_all(&seg("203.0.113.0/28")));
+        assert!(set.covers_all(&seg("198.51.100.0/24")), "two halves");
+        assert!(set.covers_all(&seg("127.0.0.0/9")));
+        assert!(!set.covers_all(&seg("124.0.0.0/6")), "a quarter of it");
+        assert!(!set.covers_all(&seg("0.0.0.0/1")));
     }
 
     /// As a network namespace with `10.9.0.1/24` on lo, `ip route add

@@ -170,6 +170,28 @@ impl PrefixSet {
                 && Segment::prefix(e.base(), *len).is_some_and(|p| set.contains(&p))
         })
     }
+
+    /// Whether the members hold every address of `e` between them: one
+    /// holds it whole, or each half is held so. (A /28 whose 16 addresses
+    /// are each an interface's is; a /48 of which one /64 is routed is
+    /// not.) Depth first, and a half no longer member could fill ends it:
+    /// a prefix not held costs at most one descent, one that is, a look
+    /// per member inside it.
+    pub fn covers_all(&self, e: &Segment) -> bool {
+        if self.holds(e, 128) {
+            return true;
+        }
+        let longest = self.by_len.iter().map(|(len, _)| *len).max().unwrap_or(0);
+        if e.is_single() || e.prefix_len() >= longest {
+            return false;
+        }
+        let len = e.prefix_len() + 1;
+        let base = to_u128(e.base());
+        let half = 1u128 << (e.host_bits() - 1);
+        [base, base + half].into_iter().all(|b| {
+            Segment::prefix(from_u128(e.family(), b), len).is_some_and(|h| self.covers_all(&h))
+        })
+    }
 }
 
 impl fmt::Display for Segment {
