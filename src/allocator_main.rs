@@ -141,15 +141,25 @@ fn check(
     let mut ok = true;
     let mut total = 0;
     let mut usable = 0;
+    // The local routes read once for every entry (megabytes on a host
+    // with a full BGP table), and the first unusable entries named.
+    let mut checker = rotor_allocator::usable::Checker::default();
+    const NAMED: usize = 20;
+    let mut unusable = 0;
     for s in pool.sources.iter().filter(|_| read) {
         match s.read() {
             Ok(addrs) => {
                 total += addrs.len();
                 eprintln!("ok: {}: {} entries", s.name(), addrs.len());
                 for e in &addrs {
-                    match rotor_allocator::usable::check(e) {
+                    match checker.check(e) {
                         Ok(()) => usable += 1,
-                        Err(why) => eprintln!("error: {e} cannot be used here: {why}"),
+                        Err(why) => {
+                            unusable += 1;
+                            if unusable <= NAMED {
+                                eprintln!("error: {e} cannot be used here: {why}");
+                            }
+                        }
                     }
                 }
             }
@@ -158,6 +168,12 @@ fn check(
                 eprintln!("error: {}: {}", s.name(), error_chain(&e));
             }
         }
+    }
+    if unusable > NAMED {
+        eprintln!(
+            "error: {} more entries cannot be used here",
+            unusable - NAMED
+        );
     }
     if passed {
         eprintln!("ok: socket passed by systemd");
