@@ -159,6 +159,17 @@ const SETTLE: Duration = Duration::from_millis(300);
 /// addresses; the next refresh looks again).
 const SETTLE_LOOKS: u32 = 10;
 
+/// An empty file, or one whose last line has no end yet, must have been
+/// left alone this many times `SETTLE` (1.8 s): what a slow writer
+/// rewriting the file in place (`curl … > pool.txt`) leaves while it
+/// waits — the file emptied by the shell, a line cut short (`10.0.0.12`
+/// of `10.0.0.123`).
+const SETTLE_UNFINISHED: u32 = 6;
+
+/// The largest pool file read (256 MiB: four million IPv6 addresses and
+/// their comments).
+const POOL_FILE_MAX: u64 = 256 << 20;
+
 pub fn read_pool_file(path: &PathBuf) -> Result<Vec<Segment>, SourceError> {
     let text = read_settled(path, SETTLE, SETTLE_LOOKS)?;
     parse_pool_text(&text).map_err(|(line, source)| SourceError::Spec {
@@ -170,9 +181,11 @@ pub fn read_pool_file(path: &PathBuf) -> Result<Vec<Segment>, SourceError> {
 
 /// `path`'s text once the file is settled: the same (size, modification
 /// time, inode) before and after the read, and last modified `settle` ago
-/// or more (a time in the future counts as settled, so a clock set back
-/// does not keep the file out). Blocking: it sleeps while the file is
-/// being written.
+/// or more (`SETTLE_UNFINISHED` times that if it is empty or its last line
+/// has no end; a time in the future counts as settled, so a clock set
+/// back does not keep the file out). Blocking: it sleeps while the file
+/// is being written. Only a regular file of `POOL_FILE_MAX` at most (a
+/// pipe would block the refresh, or read as empty once drained).
 fn read_settled(path: &PathBuf, settle: Duration, looks: u32) -> Result<String, SourceError> {
     use std::os::unix::fs::MetadataExt;
     let err = |source| SourceError::Read {
@@ -182,6 +195,17 @@ fn read_settled(path: &PathBuf, settle: Duration, looks: u32) -> Result<String, 
     let stamp = |m: &std::fs::Metadata| (m.len(), m.mtime(), m.mtime_nsec(), m.ino(), m.dev());
     for look in 1.. {
         let before = std::fs::metadata(path).map_err(err)?;
+        if !before.is_file() {
+            return Err(err(std::io::Error::other(
+                "not a regular file (a pipe or a device: use --pool-command to read one)",
+            )));
+        }
+        if before.len() > POOL_FILE_MAX {
+            return Err(err(std::io::Error::other(format!(
+                "larger than {} MiB",
+                POOL_FILE_MAX >> 20
+            ))));
+        }
         let text = std::fs::read_to_string(path).map_err(err)?;
         let after = std::fs::metadata(path).map_err(err)?;
         let age = after
@@ -189,13 +213,17 @@ fn read_settled(path: &PathBuf, settle: Duration, looks: u32) -> Result<String, 
             .ok()
             .and_then(|t| std::time::SystemTime::now().duration_since(t).ok())
             .unwrap_or(settle);
-        if stamp(&before) == stamp(&after) && age >= settle {
+        let need = match text.is_empty() || !text.ends_with('\n') {
+            true => settle * SETTLE_UNFINISHED,
+            false => settle,
+        };
+        if stamp(&before) == stamp(&after) && age >= need {
             return Ok(text);
         }
         if look >= looks {
             break;
         }
-        std::thread::sleep(settle.saturating_sub(age).max(settle / 6));
+        std::thread::sleep(need.saturating_sub(age).max(settle / 6));
     }
     Err(SourceError::Unsettled {
         path: path.clone(),
@@ -589,6 +617,35 @@ mod tests {
             "127.0.0.2\n"
         );
         assert!(t.elapsed() < Duration::from_secs(1));
+    }
+
+    /// An empty file, or one whose last line has no end, waits six times
+    /// as long to settle (a slow writer rewriting it in place); a pipe is
+    /// refused, not read (it would block, or read as empty once drained).
+    #[test]
+    fn unfinished_files_settle_longer_and_pipes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pool.txt");
+        let settle = Duration::from_millis(100);
+        for (text, longer) in [("", true), ("127.0.0.1", true), ("127.0.0.12\n", false)] {
+            std::fs::write(&path, text).unwrap();
+            let t = std::time::Instant::now();
+            assert_eq!(read_settled(&path, settle, 10).unwrap(), text);
+            let took = t.elapsed();
+            match longer {
+                // (counted from the file's time, a moment before `t`)
+                true => assert!(
+                    took >= settle * (SETTLE_UNFINISHED - 1),
+                    "{text:?}: {took:?}"
+                ),
+                false => assert!(took < settle * 3, "{text:?}: {took:?}"),
+            }
+        }
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let err = read_settled(&fifo, settle, 10).unwrap_err();
+        let text = rotor_protocol::error_chain(&err);
+        assert!(text.contains("not a regular file"), "{text}");
     }
 
     #[test]

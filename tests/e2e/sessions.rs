@@ -129,7 +129,7 @@ async fn sessions_expire_move_or_fail_when_their_address_goes_and_bad_names_are_
         .filter(|a| *a != strict_ip.to_string())
         .map(String::from)
         .collect();
-    std::fs::write(&file, keep.join("\n")).unwrap();
+    std::fs::write(&file, keep.join("\n") + "\n").unwrap();
     rotor_control("reload", &alloc.socket, &[]);
     let r = get_as(w.addr, "u-session-strict1-sessionstrict-1", &url, None).await;
     assert_eq!(r.status, 502, "{:?}", r.body);
