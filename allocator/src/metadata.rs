@@ -407,6 +407,11 @@ impl Metadata {
         };
         for iface in self.interfaces(listed.iter().collect(), path)? {
             let mac = self.mac(iface["macAddress"].as_str().unwrap_or(""), path)?;
+            // As on the others: another interface's fault is none of this
+            // source's, nor do its addresses use up the entries' room.
+            if !self.wanted(&mac) {
+                continue;
+            }
             let mut addrs = Vec::new();
             for family in ["ipv4", "ipv6"] {
                 for a in iface[family]["ipAddress"].as_array().into_iter().flatten() {
@@ -681,10 +686,14 @@ mod tests {
             {
                 return (400, String::new());
             }
+            // A second interface, not asked for, lists what would be an
+            // error of the source: it is not looked at.
             (200, r#"{"interface":[{"macAddress":"02FC00000001",
                 "ipv4":{"ipAddress":[{"privateIpAddress":"127.0.0.2","publicIpAddress":"203.0.113.1"},
                                      {"privateIpAddress":"127.0.0.3","publicIpAddress":""}]},
-                "ipv6":{"ipAddress":[]}}]}"#.into())
+                "ipv6":{"ipAddress":[]}},
+                {"macAddress":"02FC00000099",
+                "ipv4":{"ipAddress":[{"privateIpAddress":"0.0.0.0"}]}}]}"#.into())
         });
         let m = Metadata::new(Provider::Azure, Some(&url), vec![parse_mac(MAC1).unwrap()]);
         assert_eq!(strings(m.read().unwrap()), ["127.0.0.2", "127.0.0.3"]);

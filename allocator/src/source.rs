@@ -72,7 +72,7 @@ pub enum SourceError {
     CommandOutputTooLarge { cmd: String },
     #[error("`{cmd}` exited, but a process it started in a session of its own (`setsid`, a daemon) still holds its output open; none of it is used: close that process's output (`helper >/dev/null 2>&1`)")]
     CommandOutputHeld { cmd: String },
-    #[error("`{cmd}` failed ({status}): {stderr}")]
+    #[error("`{cmd}` failed ({status}){}", match stderr.is_empty() { true => String::new(), false => format!(": {stderr}") })]
     CommandFailed {
         cmd: String,
         status: std::process::ExitStatus,
@@ -378,6 +378,8 @@ pub const COMMAND_OUTPUT_MAX: usize = 16 << 20;
 
 /// One spec per line; `#` starts a comment; blank lines are skipped.
 pub fn parse_pool_text(text: &str) -> Result<Vec<Segment>, (usize, SpecError)> {
+    // (A byte-order mark some editors write is no part of the first line.)
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut out = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();
@@ -653,6 +655,7 @@ mod tests {
         let text = "# office\n127.0.0.2-127.0.0.3  # two\n\n   \n::1\n";
         let addrs = parse_pool_text(text).unwrap();
         assert_eq!(addrs.len(), 3);
+        assert_eq!(parse_pool_text("\u{feff}127.0.0.2\n").unwrap().len(), 1);
         let err = parse_pool_text("127.0.0.1\nbogus\n").unwrap_err();
         assert_eq!(err.0, 2);
         assert!(parse_pool_text("# nothing\n").unwrap().is_empty());
@@ -690,6 +693,8 @@ mod tests {
         assert_eq!(got.len(), 3);
         let err = run_pool_command("echo nope >&2; exit 3", t).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
+        let err = run_pool_command("exit 3", t).unwrap_err();
+        assert!(err.to_string().ends_with("(exit status: 3)"), "{err}");
         let err = run_pool_command("echo bogus", t).unwrap_err();
         assert!(rotor_protocol::error_chain(&err).contains("bogus"), "{err}");
         let started = std::time::Instant::now();

@@ -74,6 +74,14 @@ fn not_a_source(v4: bool, lo: u128, hi: u128) -> Option<&'static str> {
         if overlaps(0xff00 << 112, u128::MAX) {
             return Some("a multicast address (ff00::/8)");
         }
+        if overlaps(0xffff << 32, (0xffff << 32) | 0xffff_ffff) {
+            return Some("an IPv4-mapped address (::ffff:0:0/96): write the IPv4 address");
+        }
+        if overlaps(0xfe80 << 112, (0xfebf << 112) | (u128::MAX >> 16)) {
+            return Some(
+                "a link-local address (fe80::/10), which needs an interface's scope to bind",
+            );
+        }
     }
     None
 }
@@ -314,6 +322,13 @@ mod tests {
             "255.255.255.0/24",
             "ff02::1",
             "fe00::/7",
+            "::ffff:0.0.0.0",
+            "::ffff:127.0.0.1",
+            "::ffff:0:0/96",
+            "::fffe:0:0/95",
+            "fe80::1",
+            "febf::/16",
+            "fe80::/9",
         ] {
             assert!(
                 matches!(parse_spec(spec), Err(SpecError::NotASource(..))),
@@ -323,7 +338,7 @@ mod tests {
         }
         let msg = parse_spec("0.0.0.0").unwrap_err().to_string();
         assert!(msg.contains("host's own address"), "{msg}");
-        assert!(parse_spec("1.0.0.0,223.255.255.255,240.0.0.1,fe80::1").is_ok());
+        assert!(parse_spec("1.0.0.0,223.255.255.255,240.0.0.1,fec0::1,::fffe:ffff:ffff").is_ok());
         let msg = parse_spec("2001:db8::1-2001:db8:1::1")
             .unwrap_err()
             .to_string();
