@@ -69,6 +69,58 @@ async fn bytes_sent_behind_the_connect_head_go_first() {
     assert_eq!(&back, b"hello, world");
 }
 
+/// A tunnel takes over its connection's place under `--max-connections`:
+/// at the limit a CONNECT still opens (it needed a second place, so with
+/// `--max-connections 1` no tunnel ever opened), and holds the place while
+/// it lasts.
+#[tokio::test]
+async fn a_connect_at_the_connection_limit_opens_and_holds_its_place() {
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &["--max-connections", "1"]).await;
+    let target = echo.addr;
+    let connect = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    // (The start's probe of the port may hold the one place a moment.)
+    let mut tries = 0;
+    let mut s = loop {
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        s.write_all(connect.as_bytes()).await.unwrap();
+        let head = read_head(&mut s).await;
+        if head.starts_with("HTTP/1.1 200") {
+            break s;
+        }
+        tries += 1;
+        assert!(tries < 50 && head.starts_with("HTTP/1.1 503"), "{head}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tokio::time::timeout(PATIENCE, s.read_exact(&mut back))
+        .await
+        .expect("no echo")
+        .unwrap();
+    assert_eq!(&back, b"ping");
+    // The place is the tunnel's: another client is refused.
+    let mut other = TcpStream::connect(worker.addr).await.unwrap();
+    let url = format!("http://{target}/");
+    other
+        .write_all(format!("GET {url} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut other).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    // Once the tunnel ends, the place is free again.
+    drop(s);
+    eventually("the place freed", || async {
+        let Ok(mut c) = TcpStream::connect(worker.addr).await else {
+            return false;
+        };
+        c.write_all(connect.as_bytes()).await.is_ok()
+            && read_head(&mut c).await.starts_with("HTTP/1.1 200")
+    })
+    .await;
+}
+
 /// A refused tunnel ends its connection: what the client sent behind the
 /// CONNECT (its first tunnel bytes) is not read as a request of its own.
 #[tokio::test]

@@ -186,8 +186,6 @@ pub struct Proxy {
     /// Cancelled when the drain's time is up: the tunnels still open end,
     /// each counted and logged.
     tunnels_cut: tokio_util::sync::CancellationToken,
-    /// Client connections and tunnels, against the connection limit.
-    limit: Arc<tokio::sync::Semaphore>,
     /// Requests handled, for the status line.
     pub requests: std::sync::atomic::AtomicU64,
     /// What was served, for the host's metrics.
@@ -215,12 +213,7 @@ impl Drop for TunnelOpen {
 }
 
 impl Proxy {
-    pub fn new(
-        leases: Arc<LeaseClient>,
-        config: ProxyConfig,
-        tunnels: TaskTracker,
-        limit: Arc<tokio::sync::Semaphore>,
-    ) -> Proxy {
+    pub fn new(leases: Arc<LeaseClient>, config: ProxyConfig, tunnels: TaskTracker) -> Proxy {
         Proxy {
             leases,
             upstream: UpstreamPool::new(config.upstream_idle_timeout, config.upstream_max_idle),
@@ -229,7 +222,6 @@ impl Proxy {
             tunnels_cut: tokio_util::sync::CancellationToken::new(),
             config,
             tunnels,
-            limit,
             requests: Default::default(),
             meter: Arc::default(),
         }
@@ -1018,13 +1010,8 @@ impl Proxy {
         entry: Option<Entry>,
     ) -> Result<(Answer, Lease), ProxyError> {
         let (host, port) = connect_target(req.uri())?;
-        // A tunnel outlives its HTTP connection: it holds a place of its own
-        // under the connection limit.
-        let permit = self
-            .limit
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| ProxyError::Overloaded)?;
+        // The tunnel takes over its connection's place under the limits
+        // (`Lingering::into_tunnel`), so it needs none of its own.
         let idle_limit = self.config.tunnel_idle_timeout;
         // 200 only once the upstream connection is up.
         let (addrs, (lease, _)) = self.resolve_and_lease(&host, port, sticky).await?;
@@ -1043,7 +1030,6 @@ impl Proxy {
                     return;
                 }
             };
-            let _permit = permit;
             let activity = Activity::new();
             let relay = crate::relay::tunnel(upgraded, upstream, &activity, idle_limit);
             let result = until_ended(relay, &activity, idle_limit, (&cut, standing)).await;

@@ -104,8 +104,9 @@ pub async fn tunnel(
         Ok(parts) => {
             // What the client sent behind its CONNECT: what hyper read and
             // did not use, then what the fast path read and hyper did not.
-            // The client's address keeps its place while the tunnel lasts.
-            let (rewind, _slot) = parts.io.into_inner().into_tunnel();
+            // The connection's places (under the connection limit, and its
+            // address's) are the tunnel's while it lasts.
+            let (rewind, _held) = parts.io.into_inner().into_tunnel();
             let (unread, io) = rewind.into_parts();
             let early = match unread.is_empty() {
                 true => parts.read_buf,

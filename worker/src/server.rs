@@ -100,7 +100,6 @@ pub async fn run(
         leases.clone(),
         config.proxy.clone(),
         tunnels.clone(),
-        limit.clone(),
     ));
     // hyper-util's GracefulShutdown does not take upgradeable connections,
     // so each connection task watches `shutdown` itself.
@@ -757,13 +756,14 @@ impl<I> Lingering<I>
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    /// The connection, for a tunnel (which holds a place of its own under
-    /// `--max-connections`), and its address's place under
-    /// `--max-client-connections`, which the tunnel holds on (else one
-    /// address could open tunnels until every place was its).
-    pub(crate) fn into_tunnel(mut self) -> (I, Option<crate::clients::ClientSlot>) {
+    /// The connection, for a tunnel, with its places: under
+    /// `--max-connections` (the connection becomes the tunnel: a CONNECT
+    /// needs no second place, which with the limit reached refused every
+    /// tunnel), and its address's under `--max-client-connections` (else
+    /// one address could open tunnels until every place was its).
+    pub(crate) fn into_tunnel(mut self) -> (I, Option<Held>) {
         let io = self.io.take().expect("the connection, until taken");
-        (io, self.held.take().and_then(|(_, slot)| slot))
+        (io, self.held.take())
     }
 
     fn io(&mut self) -> Pin<&mut I> {
