@@ -494,6 +494,47 @@ async fn idle_worker_stops_at_once_and_sigint_is_a_fast_stop() {
     assert_eq!(status.code(), Some(130));
 }
 
+/// A CONNECT on a kept-alive connection in the drain's grace is refused
+/// (503, `Proxy Stopping`), not opened to be cut at the drain's end: the
+/// client asks another worker, and the stop does not wait for it.
+#[tokio::test]
+async fn a_connect_during_the_drain_is_refused() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let mut w = Worker::start(&alloc.socket, &["--drain-timeout", "30s"]).await;
+    let echo = Echo::start().await;
+    let origin = Origin::start().await;
+    let mut s = TcpStream::connect(w.addr).await.unwrap();
+    let url = origin.url("/");
+    s.write_all(format!("GET {url} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .expect("a length");
+    let mut body = vec![0u8; length];
+    s.read_exact(&mut body).await.unwrap();
+    let t0 = Instant::now();
+    w.proc.signal(Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let target = echo.addr;
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 503 Proxy Stopping"), "{head}");
+    let status = w.proc.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0));
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+    assert_eq!(echo.peers.lock().unwrap().len(), 0, "a tunnel opened");
+}
+
 /// A Unix datagram socket standing in for systemd's NOTIFY_SOCKET.
 async fn notify_socket(dir: &Path) -> (UnixDatagram, String) {
     let path = dir.join("notify.sock");

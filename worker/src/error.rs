@@ -37,6 +37,10 @@ pub enum ProxyError {
     Denied(#[source] crate::acl::Denied),
     #[error("connection limit reached")]
     Overloaded,
+    /// A CONNECT while the worker drains: a tunnel opened then would be
+    /// cut at the drain's end.
+    #[error("this worker is stopping: no new tunnel (ask again: another worker takes it)")]
+    Stopping,
     #[error(transparent)]
     Auth(crate::auth::AuthError),
     #[error("{0}")]
@@ -168,7 +172,8 @@ impl ProxyError {
             | Socket(_)
             | Ports { .. }
             | SessionsFull { .. }
-            | Overloaded => Fault::Internal,
+            | Overloaded
+            | Stopping => Fault::Internal,
             _ => Fault::Upstream,
         }
     }
@@ -203,7 +208,12 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some("proxy_configuration_error"),
             ),
-            Allocator(_) | Socket(_) | Ports { .. } | SessionsFull { .. } | Overloaded => (
+            Allocator(_)
+            | Socket(_)
+            | Ports { .. }
+            | SessionsFull { .. }
+            | Overloaded
+            | Stopping => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some("proxy_internal_error"),
             ),
@@ -253,6 +263,7 @@ impl ProxyError {
             Socket(_) => "Proxy Out Of Sockets",
             Ports { .. } => "Proxy Out Of Ports",
             Overloaded => "Connection Limit Reached",
+            Stopping => "Proxy Stopping",
             Dns { .. } | DnsEmpty { .. } => "DNS Error",
             DnsTimeout { .. } => "DNS Timeout",
             Refused { .. } => "Connection Refused",

@@ -1010,6 +1010,11 @@ impl Proxy {
         entry: Option<Entry>,
     ) -> Result<(Answer, Lease), ProxyError> {
         let (host, port) = connect_target(req.uri())?;
+        // Not once the drain began (its tracker is closed then): the
+        // tunnel would be cut at the drain's end; another worker takes it.
+        if self.tunnels.is_closed() {
+            return Err(ProxyError::Stopping);
+        }
         // The tunnel takes over its connection's place under the limits
         // (`Lingering::into_tunnel`), so it needs none of its own.
         let idle_limit = self.config.tunnel_idle_timeout;
