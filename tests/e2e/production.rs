@@ -535,6 +535,40 @@ async fn a_connect_during_the_drain_is_refused() {
     assert_eq!(echo.peers.lock().unwrap().len(), 0, "a tunnel opened");
 }
 
+/// A kept-alive connection whose last request's body (an upload hyper's
+/// server read, past the fast path's 64 KiB) was read whole does not
+/// linger at the stop as one with a body left unread does: the drain ends
+/// in its grace, not after the lingering close's 5 s of silence.
+#[tokio::test]
+async fn a_connection_after_a_whole_upload_does_not_hold_the_drain() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let mut w = Worker::start(&alloc.socket, &["--drain-timeout", "30s"]).await;
+    let origin = Origin::start().await;
+    let mut s = TcpStream::connect(w.addr).await.unwrap();
+    let url = origin.url("/echo");
+    let body = vec![b'x'; 100 * 1024];
+    s.write_all(
+        format!(
+            "POST {url} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    s.write_all(&body).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut back = vec![0u8; body.len()];
+    s.read_exact(&mut back).await.unwrap();
+    let t0 = Instant::now();
+    w.proc.signal(Signal::SIGTERM);
+    let status = w.proc.wait(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0));
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    drop(s);
+}
+
 /// A Unix datagram socket standing in for systemd's NOTIFY_SOCKET.
 async fn notify_socket(dir: &Path) -> (UnixDatagram, String) {
     let path = dir.join("notify.sock");

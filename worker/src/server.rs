@@ -428,6 +428,8 @@ impl Serving {
             let pending = waiting.clone();
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 seen.arrived(!hyper::body::Body::is_end_stream(req.body()));
+                let arrivals = seen.clone();
+                let req = req.map(|inner| Tracked { inner, arrivals });
                 let guard = Waiting::new(&pending);
                 let proxy = proxy.clone();
                 async move {
@@ -861,8 +863,42 @@ struct Arrivals {
     notify: tokio::sync::Notify,
     /// Set when the connection drains (see `arrived`).
     watched: std::sync::atomic::AtomicBool,
-    /// Whether the request that came last had a body (see [`Lingering`]).
+    /// Whether the request that came last has a body not read to its end
+    /// (see [`Lingering`]).
     bodies: std::sync::atomic::AtomicBool,
+}
+
+/// A request body on hyper's path that tells its connection once it has
+/// been read to its end: only a connection whose last body was left
+/// unread closes lingering (a connection that took a whole upload, then
+/// idled, timed out or drained, held its places up to 30 s more).
+struct Tracked {
+    inner: hyper::body::Incoming,
+    arrivals: Arc<Arrivals>,
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let frame = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if frame.is_none() || self.inner.is_end_stream() {
+            self.arrivals.bodies.store(false, Ordering::Relaxed);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 impl Arrivals {
