@@ -312,6 +312,12 @@ impl ProxyError {
             ProxyError::SourceUnavailable { source, .. } => format!(
                 "a pool address cannot be used on this host ({source}); reported to the allocator"
             ),
+            // Not the allocator's socket path, nor what it answered: the
+            // log line has them.
+            ProxyError::Allocator(_) => {
+                "allocator unavailable: no source address could be leased (the proxy's log says why)"
+                    .to_string()
+            }
             _ => error_chain(self),
         };
         let mut resp = Response::new(Full::new(Bytes::from(format!("{text}\n"))));
