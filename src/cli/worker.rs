@@ -69,8 +69,8 @@ settings! {
         /// Most client connections and tunnels at once; past it new clients
         /// get an immediate 503.
         max_connections: Option<usize> = "10000",
-        /// Most connections from one client address at once (an IPv6
-        /// client's /64 counts as one); past it that address's new ones get
+        /// Most connections from one client address at once, in each worker
+        /// (an IPv6 client's /64 counts as one); past it that address's new ones get
         /// an immediate 503 (SOCKS5: "no acceptable method"); 0: no limit.
         /// A tunnel (CONNECT, SOCKS5) holds its address's place for its life.
         max_client_connections: Option<usize> = "0",
