@@ -569,6 +569,29 @@ async fn a_connection_after_a_whole_upload_does_not_hold_the_drain() {
     drop(s);
 }
 
+/// A request head half sent when the stop comes is given the drain's
+/// grace, not the rest of the header timeout (15 s here), to be whole.
+#[tokio::test]
+async fn a_half_sent_head_does_not_hold_the_drain() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let mut w = Worker::start(
+        &alloc.socket,
+        &["--drain-timeout", "30s", "--header-read-timeout", "15s"],
+    )
+    .await;
+    let mut s = TcpStream::connect(w.addr).await.unwrap();
+    s.write_all(b"GET http://127.0.0.1:9/ HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t0 = Instant::now();
+    w.proc.signal(Signal::SIGTERM);
+    let status = w.proc.wait(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0));
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    drop(s);
+}
+
 /// A Unix datagram socket standing in for systemd's NOTIFY_SOCKET.
 async fn notify_socket(dir: &Path) -> (UnixDatagram, String) {
     let path = dir.join("notify.sock");

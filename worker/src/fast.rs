@@ -107,6 +107,9 @@ where
     let stopped = conn.stop.cancelled();
     tokio::pin!(idle, stopped);
     let mut draining = false;
+    // Once draining: when a request still coming must be whole (the
+    // drain's grace), whatever the header timeout leaves it.
+    let mut drain_due = None;
     let tls = conn.tls_first_head_due.is_some();
     let mut first_head_due = conn.tls_first_head_due;
     loop {
@@ -151,6 +154,7 @@ where
                         },
                         _ = &mut stopped => {
                             draining = true;
+                            drain_due = Some(tokio::time::Instant::now() + conn.grace);
                             continue;
                         }
                     }
@@ -164,6 +168,7 @@ where
                         // path does: the next request, if it comes soon,
                         // is served and answered `Connection: close`.
                         draining = true;
+                        drain_due = Some(tokio::time::Instant::now() + conn.grace);
                         continue;
                     }
                 },
@@ -173,15 +178,30 @@ where
                         Err(_) => return Outcome::Closed,
                     }
                 }
-                // Part of a head: the rest within the header timeout.
+                // Part of a head: the rest within the header timeout, and
+                // once draining, within the drain's grace (a head half
+                // sent held the stop up to the header timeout).
                 (false, _) => {
                     let due = *first_byte
                         .get_or_insert_with(|| tokio::time::Instant::now() + conn.header_timeout);
-                    match tokio::time::timeout_at(due, io.read_buf(&mut buf)).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            tracing::debug!("request head too slow; closed");
-                            return too_slow(io, &mut out, conn).await;
+                    let cut = drain_due.filter(|d| *d < due);
+                    tokio::select! {
+                        biased;
+                        r = tokio::time::timeout_at(cut.unwrap_or(due), io.read_buf(&mut buf)) => match r {
+                            Ok(r) => r,
+                            Err(_) if cut.is_some() => {
+                                tracing::debug!("draining: request head not whole in the grace; closed");
+                                return Outcome::Closed;
+                            }
+                            Err(_) => {
+                                tracing::debug!("request head too slow; closed");
+                                return too_slow(io, &mut out, conn).await;
+                            }
+                        },
+                        _ = &mut stopped, if !draining => {
+                            draining = true;
+                            drain_due = Some(tokio::time::Instant::now() + conn.grace);
+                            continue;
                         }
                     }
                 }
