@@ -188,6 +188,59 @@ async fn a_reset_passes_through_as_a_reset() {
     assert_eq!(kind, Err(std::io::ErrorKind::ConnectionReset), "{got:?}");
 }
 
+/// What rotor took before the destination's reset reaches a client that
+/// reads slower than it came, then the reset (a reset at once discarded
+/// what the client's socket still held).
+#[tokio::test]
+async fn a_reset_comes_after_what_was_taken_before_it() {
+    const SENT: usize = 1 << 20;
+    let (server, _) = recording_server(|mut s: TcpStream| async move {
+        s.write_all(&vec![b'x'; SENT]).await.unwrap();
+        // Reset once rotor has taken all of it (a reset discards what the
+        // sender's own socket holds unacknowledged).
+        for _ in 0..500 {
+            let mut unacked: libc::c_int = 0;
+            // SAFETY: TIOCOUTQ writes one int; `s` is open.
+            let r = unsafe {
+                libc::ioctl(
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                    libc::TIOCOUTQ,
+                    &mut unacked,
+                )
+            };
+            if r != 0 || unacked == 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        socket2::SockRef::from(&s)
+            .set_linger(Some(std::time::Duration::ZERO))
+            .unwrap();
+    })
+    .await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut s = socket.connect(worker.addr).await.unwrap();
+    s.write_all(format!("CONNECT {server} HTTP/1.1\r\nHost: {server}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Not read until the destination has reset.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let mut got = Vec::new();
+    let end = tokio::time::timeout(PATIENCE, s.read_to_end(&mut got))
+        .await
+        .expect("the tunnel stays open");
+    assert_eq!(got.len(), SENT);
+    assert_eq!(
+        end.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+}
+
 #[tokio::test]
 async fn a_half_close_passes_through_and_the_answer_comes_back() {
     // Reads to the client's end, then answers with what it counted.

@@ -162,11 +162,27 @@ where
     // A reset passes on as a reset (see `splice_tcp`); a TLS client's
     // session ends without its close_notify, so it too reads a cut.
     if relayed.as_ref().is_err_and(os::is_reset) {
-        for fd in [client_fd, fd].into_iter().flatten() {
-            os::reset_at_close(fd);
-        }
+        reset_once_sent([client_fd, fd].into_iter().flatten()).await;
     }
     relayed
+}
+
+/// How long a reset waits for what the other socket still holds unsent.
+const RESET_WAIT: Duration = Duration::from_secs(2);
+
+/// Closes the sockets `fds` with a reset (`SO_LINGER` 0), each once what
+/// it holds unsent has been taken by its peer, or `RESET_WAIT` has passed:
+/// a client reading slower than the destination sent gets every byte
+/// rotor took before the destination's reset, then the reset (a reset
+/// at once discards what the socket still holds).
+async fn reset_once_sent(fds: impl IntoIterator<Item = RawFd>) {
+    let deadline = tokio::time::Instant::now() + RESET_WAIT;
+    for fd in fds {
+        while os::send_queue(fd).is_some_and(|n| n > 0) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        os::reset_at_close(fd);
+    }
 }
 
 /// A stream whose writes fail once it has taken nothing for `stall` while
@@ -344,7 +360,12 @@ async fn splice_tcp(
     (pipes, stall): (bool, Duration),
 ) -> io::Result<()> {
     if !early.is_empty() {
-        upstream.write_all(&early).await?;
+        if let Err(e) = upstream.write_all(&early).await {
+            if os::is_reset(&e) {
+                reset_once_sent([client.as_raw_fd()]).await;
+            }
+            return Err(e);
+        }
         activity.moved(true, early.len() as u64);
     }
     cap_if_short(&client, Buffer::Receive);
@@ -361,11 +382,10 @@ async fn splice_tcp(
     // A side that reset (or refused what was written) is passed on as a
     // reset, not as the FIN the sockets' close would send: a peer reading
     // to the end (an HTTP/1.0 body, a raw stream) must not take a cut
-    // stream for a whole one. (What the other socket still held unsent
-    // goes with it, as the stream was cut anyway.)
+    // stream for a whole one. (What a pipe held in between is lost: the
+    // stream was cut.)
     if relayed.as_ref().is_err_and(os::is_reset) {
-        os::reset_at_close(client.as_raw_fd());
-        os::reset_at_close(upstream.as_raw_fd());
+        reset_once_sent([client.as_raw_fd(), upstream.as_raw_fd()]).await;
     }
     relayed
 }
