@@ -193,6 +193,10 @@ fn read_settled(path: &PathBuf, settle: Duration, looks: u32) -> Result<String, 
         source,
     };
     let stamp = |m: &std::fs::Metadata| (m.len(), m.mtime(), m.mtime_nsec(), m.ino(), m.dev());
+    // The whole wait, however long each look waits (an unfinished file's
+    // longer settle does not stretch it to `looks` times that).
+    let started = std::time::Instant::now();
+    let budget = settle * looks;
     for look in 1.. {
         let before = std::fs::metadata(path).map_err(err)?;
         if !before.is_file() {
@@ -220,14 +224,15 @@ fn read_settled(path: &PathBuf, settle: Duration, looks: u32) -> Result<String, 
         if stamp(&before) == stamp(&after) && age >= need {
             return Ok(text);
         }
-        if look >= looks {
+        let left = budget.saturating_sub(started.elapsed());
+        if look >= looks || left.is_zero() {
             break;
         }
-        std::thread::sleep(need.saturating_sub(age).max(settle / 6));
+        std::thread::sleep(need.saturating_sub(age).max(settle / 6).min(left));
     }
     Err(SourceError::Unsettled {
         path: path.clone(),
-        waited: settle * looks,
+        waited: Duration::from_millis(started.elapsed().as_millis() as u64),
     })
 }
 
@@ -643,6 +648,31 @@ mod tests {
                 false => assert!(took < settle * 3, "{text:?}: {took:?}"),
             }
         }
+        // A line that keeps growing: given up within the whole wait (10
+        // looks of 100 ms), not 10 times the longer settle.
+        std::fs::write(&path, "127.0.0.").unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (path, stop) = (path.clone(), stop.clone());
+            std::thread::spawn(move || {
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&path)
+                    .unwrap();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    write!(f, "1").unwrap();
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
+        let t = std::time::Instant::now();
+        let err = read_settled(&path, settle, 10).unwrap_err();
+        let took = t.elapsed();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        assert!(matches!(err, SourceError::Unsettled { .. }), "{err}");
+        assert!(took < Duration::from_millis(1500), "{took:?}");
         let fifo = dir.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
         let err = read_settled(&fifo, settle, 10).unwrap_err();
