@@ -35,8 +35,6 @@ pub enum ProxyError {
     HeadTooLarge { size: usize, limit: usize },
     #[error("refused")]
     Denied(#[source] crate::acl::Denied),
-    #[error("connection limit reached")]
-    Overloaded,
     /// A CONNECT while the worker drains: a tunnel opened then would be
     /// cut at the drain's end.
     #[error("this worker is stopping: no new tunnel (ask again: another worker takes it)")]
@@ -172,7 +170,6 @@ impl ProxyError {
             | Socket(_)
             | Ports { .. }
             | SessionsFull { .. }
-            | Overloaded
             | Stopping => Fault::Internal,
             _ => Fault::Upstream,
         }
@@ -208,12 +205,7 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some("proxy_configuration_error"),
             ),
-            Allocator(_)
-            | Socket(_)
-            | Ports { .. }
-            | SessionsFull { .. }
-            | Overloaded
-            | Stopping => (
+            Allocator(_) | Socket(_) | Ports { .. } | SessionsFull { .. } | Stopping => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some("proxy_internal_error"),
             ),
@@ -262,7 +254,6 @@ impl ProxyError {
             Allocator(_) => "Allocator Unavailable",
             Socket(_) => "Proxy Out Of Sockets",
             Ports { .. } => "Proxy Out Of Ports",
-            Overloaded => "Connection Limit Reached",
             Stopping => "Proxy Stopping",
             Dns { .. } | DnsEmpty { .. } => "DNS Error",
             DnsTimeout { .. } => "DNS Timeout",

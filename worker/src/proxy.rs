@@ -395,6 +395,15 @@ impl Proxy {
                 } else {
                     debug!(fault = ?e.fault(), %client, %method, %target, status, %error, ms, "request failed");
                 }
+                // The client is told the log says why: so it does, at the
+                // default level, once in 10 s (a dead allocator fails every
+                // request).
+                if matches!(e, ProxyError::Allocator(_)) {
+                    static SAID: rotor_protocol::Moment = rotor_protocol::Moment::new();
+                    if let Some(failed) = SAID.count_in(Duration::from_secs(10)) {
+                        warn!(failed, %error, "requests failed for want of a lease from the allocator (said once in 10 s)");
+                    }
+                }
                 Answer::from(resp.map(|b| Either::Right(Either::Left(b))))
             }
         }
