@@ -184,7 +184,11 @@ where
                 (false, _) => {
                     let due = *first_byte
                         .get_or_insert_with(|| tokio::time::Instant::now() + conn.header_timeout);
-                    let cut = drain_due.filter(|d| *d < due);
+                    // (A head begun late in the grace has the grace from
+                    // its first byte: cut mid-way it would go unanswered.)
+                    let cut = drain_due
+                        .map(|d| d.max(due - conn.header_timeout + conn.grace))
+                        .filter(|d| *d < due);
                     tokio::select! {
                         biased;
                         r = tokio::time::timeout_at(cut.unwrap_or(due), io.read_buf(&mut buf)) => match r {
