@@ -566,6 +566,33 @@ fn internet(ip: IpAddr) -> IpAddr {
 mod tests {
     use super::*;
 
+    /// A thread appending `piece` to a file every `every`, until stopped.
+    struct Appending {
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        thread: std::thread::JoinHandle<()>,
+    }
+
+    impl Appending {
+        fn start(path: &std::path::Path, piece: &'static str, every: Duration) -> Appending {
+            use std::io::Write;
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+            let flag = stop.clone();
+            let thread = std::thread::spawn(move || {
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    f.write_all(piece.as_bytes()).unwrap();
+                    std::thread::sleep(every);
+                }
+            });
+            Appending { stop, thread }
+        }
+
+        fn stop(self) {
+            self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.thread.join().unwrap();
+        }
+    }
+
     /// A pool file rewritten in place is read once it is whole, never
     /// empty or cut; one that keeps changing is an error, and one dated in
     /// the future is read at once.
@@ -593,24 +620,10 @@ mod tests {
         writer.join().unwrap();
         assert_eq!(read, lines, "read while it was written");
         // Still changing after every look: an error.
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let writer = {
-            let (path, stop) = (path.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut f = std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(&path)
-                    .unwrap();
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    writeln!(f, "127.0.0.2").unwrap();
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            })
-        };
+        let writer = Appending::start(&path, "127.0.0.2\n", Duration::from_millis(20));
         std::thread::sleep(Duration::from_millis(50));
         let err = read_settled(&path, Duration::from_millis(100), 3).unwrap_err();
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        writer.join().unwrap();
+        writer.stop();
         assert!(matches!(err, SourceError::Unsettled { .. }), "{err}");
         assert!(err.to_string().contains("mv"), "{err}");
         // Dated in the future (a clock set back): read at once.
@@ -651,26 +664,11 @@ mod tests {
         // A line that keeps growing: given up within the whole wait (10
         // looks of 100 ms), not 10 times the longer settle.
         std::fs::write(&path, "127.0.0.").unwrap();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let writer = {
-            let (path, stop) = (path.clone(), stop.clone());
-            std::thread::spawn(move || {
-                use std::io::Write;
-                let mut f = std::fs::OpenOptions::new()
-                    .append(true)
-                    .open(&path)
-                    .unwrap();
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    write!(f, "1").unwrap();
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            })
-        };
+        let writer = Appending::start(&path, "1", Duration::from_millis(50));
         let t = std::time::Instant::now();
         let err = read_settled(&path, settle, 10).unwrap_err();
         let took = t.elapsed();
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        writer.join().unwrap();
+        writer.stop();
         assert!(matches!(err, SourceError::Unsettled { .. }), "{err}");
         assert!(took < Duration::from_millis(1500), "{took:?}");
         let fifo = dir.path().join("fifo");

@@ -622,11 +622,7 @@ async fn a_client_gone_while_its_request_waits_for_the_allocator() {
     )
     .await;
     let origin = Origin::start().await;
-    let mut s = TcpStream::connect(w.addr).await.unwrap();
-    let url = origin.url("/");
-    s.write_all(format!("GET {url} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    let s = raw_get(w.addr, &origin.url("/")).await;
     // Past the 500 ms from which the fast path watches its client.
     tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
     drop(s);

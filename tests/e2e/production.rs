@@ -503,11 +503,7 @@ async fn a_connect_during_the_drain_is_refused() {
     let mut w = Worker::start(&alloc.socket, &["--drain-timeout", "30s"]).await;
     let echo = Echo::start().await;
     let origin = Origin::start().await;
-    let mut s = TcpStream::connect(w.addr).await.unwrap();
-    let url = origin.url("/");
-    s.write_all(format!("GET {url} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    let mut s = raw_get(w.addr, &origin.url("/")).await;
     let head = read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let length: usize = head

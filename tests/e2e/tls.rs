@@ -630,17 +630,15 @@ async fn a_tls_tunnel_passes_on_a_half_close_without_close_notify() {
     }
     let p = tls_proxy(&[]).await;
     // Answers once the client has finished, a moment later.
-    let dest = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dest_addr = dest.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = dest.accept().await.unwrap();
+    let dest_addr = one_connection(|mut s| async move {
         let mut got = Vec::new();
         s.read_to_end(&mut got).await.unwrap();
         tokio::time::sleep(Duration::from_millis(300)).await;
         s.write_all(format!("got {}", got.len()).as_bytes())
             .await
             .unwrap();
-    });
+    })
+    .await;
     let script = format!(
         r#"{PY_TLS_OVER}
 s, tls, pump, fill, answer = tunnel_over("{ca}", {port}, "{dest}")
@@ -667,6 +665,21 @@ assert answer == b"got 1000", answer
     run_python(&script).await;
 }
 
+/// A destination on 127.0.0.1 that hands its first connection to `serve`.
+async fn one_connection<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let dest = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = dest.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (s, _) = dest.accept().await.unwrap();
+        serve(s).await;
+    });
+    addr
+}
+
 /// A destination's reset reaches a TLS client's tunnel as a reset of its
 /// connection, not as a TCP close (which, without a close_notify, many
 /// clients take for the end of the stream).
@@ -679,16 +692,14 @@ async fn a_tls_tunnel_passes_on_a_reset() {
         return;
     }
     let p = tls_proxy(&[]).await;
-    let dest = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dest_addr = dest.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (mut s, _) = dest.accept().await.unwrap();
+    let dest_addr = one_connection(|mut s| async move {
         s.write_all(b"partial-data").await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         socket2::SockRef::from(&s)
             .set_linger(Some(Duration::ZERO))
             .unwrap();
-    });
+    })
+    .await;
     let script = format!(
         r#"{PY_TLS_OVER}
 s, tls, pump, fill, answer = tunnel_over("{ca}", {port}, "{dest}")

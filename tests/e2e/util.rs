@@ -707,6 +707,15 @@ pub async fn connect_tunnel(proxy: SocketAddr, target: &str) -> (u16, TcpStream)
     (code, s)
 }
 
+/// A connection to `proxy` with a plain `GET url` sent on it.
+pub async fn raw_get(proxy: SocketAddr, url: &str) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(format!("GET {url} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    s
+}
+
 /// Reads a message head byte by byte (so nothing after it is consumed);
 /// what it got when the stream ends or fails.
 pub async fn read_head(s: &mut TcpStream) -> String {
