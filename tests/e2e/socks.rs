@@ -469,6 +469,43 @@ async fn a_silent_socks5_client_does_not_hold_the_stop() {
     let _ = greeted.read_to_end(&mut sink).await;
 }
 
+/// A SOCKS5 request that comes while the worker drains (in the
+/// handshake's grace) is refused (general failure), as an HTTP CONNECT
+/// then is: the tunnel would be cut at the drain's end, and the stop
+/// does not wait for it.
+#[tokio::test]
+async fn a_socks5_request_during_the_drain_is_refused() {
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let (mut w, socks) = socks_worker(&alloc.socket, &["--drain-timeout", "30s"], false).await;
+    let mut s = TcpStream::connect(socks).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut choice = [0u8; 2];
+    s.read_exact(&mut choice).await.unwrap();
+    assert_eq!(choice, [5, 0]);
+    let t0 = Instant::now();
+    w.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    // The drain has begun once the listener is gone; then the request,
+    // within the handshake's grace.
+    for _ in 0..200 {
+        if TcpStream::connect(socks).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
+    req.extend_from_slice(&echo.addr.port().to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut r = [0u8; 10];
+    s.read_exact(&mut r).await.unwrap();
+    assert_eq!(r[..2], [5, 1], "{r:?}");
+    let status = w.proc.wait(Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0));
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+    assert_eq!(echo.peers.lock().unwrap().len(), 0, "a tunnel opened");
+}
+
 /// The SOCKS5 reply names the leased address only with `--expose-source`,
 /// as HTTP's `Rotor-Source` does.
 #[tokio::test]

@@ -533,15 +533,20 @@ impl Proxy {
         })
     }
 
-    /// A connection to `host:port` from the next address (for a SOCKS5
-    /// CONNECT): the destination rules, the lease and the retry on an
-    /// unusable address as for an HTTP CONNECT.
+    /// A tunnel's connection to `host:port` from the next address (an
+    /// HTTP CONNECT's or a SOCKS5 one's): the destination rules, the lease
+    /// and the retry on an unusable address. Not once the drain began (the
+    /// tunnels' tracker is closed then): the tunnel would be cut at the
+    /// drain's end, and another worker takes it.
     pub async fn open_tunnel(
         &self,
         host: &str,
         port: u16,
         sticky: Option<&Sticky>,
     ) -> Result<(TcpStream, Lease), ProxyError> {
+        if self.tunnels.is_closed() {
+            return Err(ProxyError::Stopping);
+        }
         let (addrs, (lease, _)) = self.resolve_and_lease(host, port, sticky).await?;
         self.connect_leased(lease, &addrs, host, sticky).await
     }
@@ -1019,17 +1024,11 @@ impl Proxy {
         entry: Option<Entry>,
     ) -> Result<(Answer, Lease), ProxyError> {
         let (host, port) = connect_target(req.uri())?;
-        // Not once the drain began (its tracker is closed then): the
-        // tunnel would be cut at the drain's end; another worker takes it.
-        if self.tunnels.is_closed() {
-            return Err(ProxyError::Stopping);
-        }
         // The tunnel takes over its connection's place under the limits
         // (`Lingering::into_tunnel`), so it needs none of its own.
         let idle_limit = self.config.tunnel_idle_timeout;
         // 200 only once the upstream connection is up.
-        let (addrs, (lease, _)) = self.resolve_and_lease(&host, port, sticky).await?;
-        let (upstream, lease) = self.connect_leased(lease, &addrs, &host, sticky).await?;
+        let (upstream, lease) = self.open_tunnel(&host, port, sticky).await?;
         let on_upgrade = hyper::upgrade::on(&mut req);
         let dest = format!("{host}:{port}");
         let open = TunnelOpen::new(&self.meter);
