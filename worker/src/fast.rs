@@ -106,10 +106,9 @@ where
     let idle = conn.activity.idle_for(conn.idle_timeout);
     let stopped = conn.stop.cancelled();
     tokio::pin!(idle, stopped);
-    let mut draining = false;
     // Once draining: when a request still coming must be whole (the
     // drain's grace), whatever the header timeout leaves it.
-    let mut drain_due = None;
+    let mut drain_due: Option<tokio::time::Instant> = None;
     let tls = conn.tls_first_head_due.is_some();
     let mut first_head_due = conn.tls_first_head_due;
     loop {
@@ -138,7 +137,7 @@ where
                 }
             }
             buf.reserve(4096);
-            let read = match (buf.is_empty(), draining) {
+            let read = match (buf.is_empty(), drain_due.is_some()) {
                 // Over TLS, a timer of its own (see `tls_first_head_due`).
                 (true, false) if tls => {
                     let idle = tokio::time::Instant::now() + conn.idle_timeout;
@@ -153,7 +152,6 @@ where
                             }
                         },
                         _ = &mut stopped => {
-                            draining = true;
                             drain_due = Some(tokio::time::Instant::now() + conn.grace);
                             continue;
                         }
@@ -167,7 +165,6 @@ where
                         // HAProxy's idle-close-on-response, as hyper's
                         // path does: the next request, if it comes soon,
                         // is served and answered `Connection: close`.
-                        draining = true;
                         drain_due = Some(tokio::time::Instant::now() + conn.grace);
                         continue;
                     }
@@ -202,8 +199,7 @@ where
                                 return too_slow(io, &mut out, conn).await;
                             }
                         },
-                        _ = &mut stopped, if !draining => {
-                            draining = true;
+                        _ = &mut stopped, if drain_due.is_none() => {
                             drain_due = Some(tokio::time::Instant::now() + conn.grace);
                             continue;
                         }
@@ -285,7 +281,7 @@ where
         };
         // The wait for the destination was not the client's silence.
         conn.activity.touch();
-        let close = close || draining || conn.stop.is_cancelled();
+        let close = close || drain_due.is_some() || conn.stop.is_cancelled();
         let sent = tokio::select! {
             biased;
             r = respond(&mut io, &mut out, resp, head, close) => r,
