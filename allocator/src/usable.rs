@@ -19,12 +19,6 @@ use rotor_protocol::routes::LocalRoutes;
 use rotor_protocol::Segment;
 use socket2::{Domain, Socket, Type};
 
-/// `Ok` if this host can use `entry` as a source (its first address, for
-/// a prefix); else why not.
-pub fn check(entry: &Segment) -> Result<(), String> {
-    Checker::default().check(entry)
-}
-
 /// Checks of many entries, with the local routes read once (at most) for
 /// all of them.
 #[derive(Default)]
@@ -42,6 +36,8 @@ impl Checker {
         }
     }
 
+    /// `Ok` if this host can use `entry` as a source (all of it, for a
+    /// prefix); else why not.
     pub fn check(&mut self, entry: &Segment) -> Result<(), String> {
         let ip = entry.at(0);
         let routes = self
@@ -207,6 +203,10 @@ fn bind(ip: IpAddr) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn check(entry: &Segment) -> Result<(), String> {
+        Checker::default().check(entry)
+    }
 
     #[test]
     fn the_route_lookup_names_the_interface_out() {

@@ -178,10 +178,15 @@ impl PrefixSet {
     /// a prefix not held costs at most one descent, one that is, a look
     /// per member inside it.
     pub fn covers_all(&self, e: &Segment) -> bool {
+        let longest = self.by_len.iter().map(|(len, _)| *len).max().unwrap_or(0);
+        self.covers_within(e, longest)
+    }
+
+    /// [`PrefixSet::covers_all`], its members' longest length given.
+    fn covers_within(&self, e: &Segment, longest: u8) -> bool {
         if self.holds(e, 128) {
             return true;
         }
-        let longest = self.by_len.iter().map(|(len, _)| *len).max().unwrap_or(0);
         if e.is_single() || e.prefix_len() >= longest {
             return false;
         }
@@ -189,7 +194,8 @@ impl PrefixSet {
         let base = to_u128(e.base());
         let half = 1u128 << (e.host_bits() - 1);
         [base, base + half].into_iter().all(|b| {
-            Segment::prefix(from_u128(e.family(), b), len).is_some_and(|h| self.covers_all(&h))
+            Segment::prefix(from_u128(e.family(), b), len)
+                .is_some_and(|h| self.covers_within(&h, longest))
         })
     }
 }
