@@ -518,16 +518,9 @@ async fn a_connect_during_the_drain_is_refused() {
     s.read_exact(&mut body).await.unwrap();
     let t0 = Instant::now();
     w.proc.signal(Signal::SIGTERM);
-    // The drain has begun once the listener is gone (its tunnels are
-    // refused a moment later): then the CONNECT, within the drain's 1 s
-    // grace for a kept-alive connection's next request.
-    for _ in 0..200 {
-        if TcpStream::connect(w.addr).await.is_err() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Then the CONNECT, within the drain's 1 s grace for a kept-alive
+    // connection's next request.
+    drain_begun(w.addr).await;
     let target = echo.addr;
     s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
         .await

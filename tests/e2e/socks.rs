@@ -485,15 +485,8 @@ async fn a_socks5_request_during_the_drain_is_refused() {
     assert_eq!(choice, [5, 0]);
     let t0 = Instant::now();
     w.proc.signal(nix::sys::signal::Signal::SIGTERM);
-    // The drain has begun once the listener is gone; then the request,
-    // within the handshake's grace.
-    for _ in 0..200 {
-        if TcpStream::connect(socks).await.is_err() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Then the request, within the handshake's grace.
+    drain_begun(socks).await;
     let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
     req.extend_from_slice(&echo.addr.port().to_be_bytes());
     s.write_all(&req).await.unwrap();

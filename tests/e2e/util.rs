@@ -707,6 +707,19 @@ pub async fn connect_tunnel(proxy: SocketAddr, target: &str) -> (u16, TcpStream)
     (code, s)
 }
 
+/// Returns once a worker that was sent SIGTERM has begun its drain: its
+/// listener at `addr` is gone, and a moment later its tunnels are refused
+/// (at most a second of looking).
+pub async fn drain_begun(addr: SocketAddr) {
+    for _ in 0..200 {
+        if TcpStream::connect(addr).await.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
 /// A connection to `proxy` with a plain `GET url` sent on it.
 pub async fn raw_get(proxy: SocketAddr, url: &str) -> TcpStream {
     let mut s = TcpStream::connect(proxy).await.unwrap();
