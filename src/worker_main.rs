@@ -170,11 +170,16 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             }
             tokio::spawn(async move {
                 while reloads.changed().await.is_ok() {
-                    match auth.reload() {
-                        Ok(n) => tracing::info!(users = n, "users file re-read"),
-                        Err(e) => {
+                    // Off the runtime's threads: a large file, or a decoy
+                    // hash made anew (argon2, tens of milliseconds), would
+                    // hold up the requests sharing the thread.
+                    let reloading = auth.clone();
+                    match tokio::task::spawn_blocking(move || reloading.reload()).await {
+                        Ok(Ok(n)) => tracing::info!(users = n, "users file re-read"),
+                        Ok(Err(e)) => {
                             tracing::warn!(error = %error_chain(&e), "users file not re-read; keeping the old users")
                         }
+                        Err(e) => tracing::error!(error = %e, "users file reload failed; keeping the old users"),
                     }
                 }
             });
