@@ -118,10 +118,11 @@ settings! {
         /// `Rotor-Source` header (plain responses and the CONNECT `200`),
         /// so a client can log which address served it.
         expose_source: Option<bool>,
-        /// Destination ports refused; repeatable; replaces the default.
-        /// `--deny-port 0` denies none.
+        /// Destination ports refused; repeatable; replaces the default
+        /// (SMTP: relay and submission, so the pool's addresses are not
+        /// listed for spam). `--deny-port 0` denies none.
         #[arg(value_name = "PORT")]
-        deny_port: Vec<u16> = "25",
+        deny_port: Vec<u16> = "25,465,587",
         /// How long a request waits for an address with budget left for
         /// its site (see --site-limit) before it gets 429.
         budget_wait: Option<Duration> = "0s",
@@ -518,7 +519,7 @@ mod tests {
     fn deny_ports_default_and_an_empty_list_in_the_file_denies_none() {
         let none = FileConfig::default();
         let ports = |t: WorkerSettingsTuning| t.config.proxy.acl.deny_ports().to_vec();
-        assert_eq!(ports(flags(&[]).resolve(&none).unwrap()), [25]);
+        assert_eq!(ports(flags(&[]).resolve(&none).unwrap()), [25, 465, 587]);
         let f = file("[worker]\ndeny-port = []\n").unwrap();
         assert_eq!(ports(flags(&[]).resolve(&f).unwrap()), Vec::<u16>::new());
         assert_eq!(

@@ -12,8 +12,8 @@
 //! address, the narrowest decides (a deny on a tie), so `--allow 10.0.0.0/8
 //! --deny 10.0.5.0/24` keeps 10.0.5.x out and `--deny 0.0.0.0/0 --allow
 //! 203.0.113.0/24` lets that range alone through; an address no operator
-//! rule holds gets the defaults. Port 25 (SMTP) is denied unless the port
-//! list says otherwise.
+//! rule holds gets the defaults. The SMTP ports (25, 465, 587) are denied
+//! unless the port list says otherwise.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -112,8 +112,10 @@ pub const DEFAULT_DENY: &[&str] = &[
     "ff00::/8",         // multicast
 ];
 
-/// Ports denied unless the port list says otherwise.
-pub const DEFAULT_DENY_PORTS: &[u16] = &[25];
+/// Ports denied unless the port list says otherwise: SMTP relay (25) and
+/// submission (465, 587). Mail sent from a pool's addresses gets them on
+/// blocklists that every other site reads too.
+pub const DEFAULT_DENY_PORTS: &[u16] = &[25, 465, 587];
 
 #[derive(Debug, Clone)]
 pub struct Acl {
@@ -430,10 +432,13 @@ mod tests {
     #[test]
     fn ports_are_denied_by_list() {
         let acl = Acl::default_rules();
-        assert_eq!(
-            acl.check("8.8.8.8:25".parse().unwrap()),
-            Err(Denied::Port(25))
-        );
+        for port in [25, 465, 587] {
+            assert_eq!(
+                acl.check(SocketAddr::new("8.8.8.8".parse().unwrap(), port)),
+                Err(Denied::Port(port))
+            );
+        }
+        assert!(acl.check("8.8.8.8:443".parse().unwrap()).is_ok());
         let acl = Acl::new(vec![], vec![], vec![]);
         assert!(acl.check("8.8.8.8:25".parse().unwrap()).is_ok());
     }
