@@ -162,6 +162,12 @@ fn check(
                         }
                     }
                 }
+                for (_, why) in rotor_allocator::usable::misrouted(addrs.iter())
+                    .iter()
+                    .take(NAMED)
+                {
+                    eprintln!("warning: {why}");
+                }
             }
             Err(e) => {
                 ok = false;

@@ -179,7 +179,9 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                         Ok(Err(e)) => {
                             tracing::warn!(error = %error_chain(&e), "users file not re-read; keeping the old users")
                         }
-                        Err(e) => tracing::error!(error = %e, "users file reload failed; keeping the old users"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "users file reload failed; keeping the old users")
+                        }
                     }
                 }
             });

@@ -495,13 +495,15 @@ async fn report_status(alloc: Arc<Allocator>, shutdown: CancellationToken) {
 /// Reads every source and checks that this host can use what they list.
 async fn refresh(alloc: &Arc<Allocator>) -> RefreshOutcome {
     let sources = alloc.sources();
-    let (reads, checks) = tokio::task::spawn_blocking(move || {
+    let (reads, checks, misrouted) = tokio::task::spawn_blocking(move || {
         let reads = read_all(&sources);
         let checks = check_all(reads.iter().flatten().flatten());
-        (reads, checks)
+        let misrouted = crate::usable::misrouted(reads.iter().flatten().flatten());
+        (reads, checks, misrouted)
     })
     .await
     .expect("reading pool sources panicked");
+    alloc.note_misrouted(misrouted);
     alloc.apply_refresh(reads, &checks)
 }
 

@@ -448,13 +448,13 @@ fn global(ip: &IpAddr) -> bool {
         }
 }
 
-struct IfAddr {
-    name: String,
-    ip: Option<IpAddr>,
+pub(crate) struct IfAddr {
+    pub name: String,
+    pub ip: Option<IpAddr>,
     mac: Option<[u8; 6]>,
 }
 
-fn list_interfaces() -> Result<Vec<IfAddr>, SourceError> {
+pub(crate) fn list_interfaces() -> Result<Vec<IfAddr>, SourceError> {
     let addrs = nix::ifaddrs::getifaddrs().map_err(SourceError::Interfaces)?;
     Ok(addrs
         .map(|a| {
@@ -533,7 +533,7 @@ fn host_addrs() -> Result<Vec<IpAddr>, SourceError> {
             if Some(index) == lo {
                 return Some(true);
             }
-            let out = crate::usable::egress_interface(*ip, internet(*ip)).ok()??;
+            let out = crate::usable::egress_interface(*ip, crate::usable::internet(*ip)).ok()??;
             Some(out == index)
         })
         .collect();
@@ -550,16 +550,6 @@ fn host_addrs() -> Result<Vec<IpAddr>, SourceError> {
             .map(|((_, ip), _)| ip)
             .collect(),
     })
-}
-
-/// An address of the internet at large, of `ip`'s family, to ask the
-/// routing table about (a documentation address: the default route, and
-/// no other, holds it; nothing is sent to it).
-fn internet(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => std::net::Ipv4Addr::new(198, 51, 100, 1).into(),
-        IpAddr::V6(_) => std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).into(),
-    }
 }
 
 #[cfg(test)]

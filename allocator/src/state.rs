@@ -59,6 +59,10 @@ struct Inner {
     /// when they come back, until their time ends. At most
     /// [`MAX_HELD`], oldest dropped first.
     held: Vec<HandOut>,
+    /// The entries last found sending to the internet through another
+    /// interface than their own (`usable::misrouted`): said once, and
+    /// again once mended. Within the pool, so bounded by it.
+    misrouted: HashSet<Segment>,
     /// Where the hand quarantines are kept over a restart (the state
     /// directory's `quarantine.json`), and what it holds.
     hand_file: Option<std::path::PathBuf>,
@@ -706,6 +710,7 @@ impl Allocator {
                     .collect(),
                 last_refresh: None,
                 peers: BTreeMap::new(),
+                misrouted: HashSet::new(),
             }),
             started: Instant::now(),
             waiting: tokio::sync::Notify::new(),
@@ -965,6 +970,22 @@ impl Allocator {
 
     /// Applies checks of entries (from `due_checks`): usable ones go back
     /// into the rotation, the others wait twice as long.
+    /// Logs the entries a refresh found leaving through another interface
+    /// than their own (once each, until mended) and those mended since.
+    pub fn note_misrouted(&self, found: Vec<(Segment, String)>) {
+        let mut inner = self.lock();
+        let now: HashSet<Segment> = found.iter().map(|(e, _)| *e).collect();
+        for (entry, why) in &found {
+            if !inner.misrouted.contains(entry) {
+                tracing::warn!(%entry, "pool address may not reach the internet: {why}");
+            }
+        }
+        for entry in inner.misrouted.difference(&now) {
+            tracing::info!(%entry, "pool address now sends to the internet through its own interface");
+        }
+        inner.misrouted = now;
+    }
+
     pub fn apply_checks(&self, checks: &HashMap<Segment, Result<(), String>>) {
         let mut inner = self.lock();
         let now = Instant::now();

@@ -180,6 +180,72 @@ pub fn egress_interface(src: IpAddr, dst: IpAddr) -> io::Result<Option<u32>> {
     }
 }
 
+/// The single-address entries this host holds on an interface other than
+/// lo but sends to the internet from through another interface, each with
+/// what to do about it: a secondary network interface's address (AWS,
+/// GCP, Azure) without source routing. A cloud network drops packets that
+/// leave with another interface's address, so requests from such an entry
+/// time out; a switch on one L2 segment may carry them, so this is a
+/// warning, not a quarantine. Nothing is said when the host has no route
+/// to the internet from the entry at all (local destinations only).
+pub fn misrouted<'a>(entries: impl Iterator<Item = &'a Segment>) -> Vec<(Segment, String)> {
+    use std::collections::{HashMap, HashSet};
+    let Ok(all) = crate::source::list_interfaces() else {
+        return Vec::new();
+    };
+    let index = |name: &str| nix::net::if_::if_nametoindex(name).ok();
+    let lo = index("lo");
+    // Each interface address, by the interface's index (a label, `eth1:0`,
+    // is the kernel's `eth1`).
+    let held: HashMap<IpAddr, (u32, String)> = all
+        .into_iter()
+        .filter_map(|a| {
+            let ip = a.ip?;
+            let i = index(&a.name)?;
+            let name = a.name.split(':').next().unwrap_or(&a.name).to_string();
+            (Some(i) != lo).then_some((ip, (i, name)))
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    for e in entries {
+        if !e.is_single() || held.is_empty() || !seen.insert(*e) {
+            continue;
+        }
+        let ip = e.at(0);
+        let Some((own, name)) = held.get(&ip) else {
+            continue;
+        };
+        let Ok(Some(via)) = egress_interface(ip, internet(ip)) else {
+            continue;
+        };
+        if via == *own {
+            continue;
+        }
+        let via = nix::net::if_::if_indextoname(via)
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| format!("interface {via}"));
+        let v6 = if ip.is_ipv6() { " -6" } else { "" };
+        out.push((
+            *e,
+            format!(
+                "{ip} is {name}'s, but this host sends to the internet from it through {via}: a cloud network drops packets with another interface's source address, so requests from it would time out; route its traffic out of {name} (`ip{v6} rule add from {ip} table 100` and `ip{v6} route add default via GATEWAY dev {name} table 100`)"
+            ),
+        ));
+    }
+    out
+}
+
+/// An address of the internet at large, of `ip`'s family, to ask the
+/// routing table about (a documentation address: the default route, and
+/// no other, holds it; nothing is sent to it).
+pub(crate) fn internet(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => std::net::Ipv4Addr::new(198, 51, 100, 1).into(),
+        IpAddr::V6(_) => std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1).into(),
+    }
+}
+
 fn describe(e: &io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::EADDRNOTAVAIL) => {

@@ -467,3 +467,99 @@ fn the_default_pool_leaves_out_a_bridge_without_a_route_out() {
         },
     );
 }
+
+/// A second interface's address whose traffic the host routes out of the
+/// first (a cloud VM's secondary network interface without source
+/// routing, whose requests would time out there) is warned of by `--check`
+/// and the allocator's log, with the commands that mend it, and stays in
+/// the rotation (on one L2 segment it may work). Once mended, the log says
+/// nothing more and `--check` is quiet; broken again, it is said again.
+#[test]
+fn an_interface_address_routed_out_of_another_is_warned_of() {
+    in_netns(
+        "an_interface_address_routed_out_of_another_is_warned_of",
+        &[
+            "link add up9 type veth peer name peer9",
+            "link set peer9 up",
+            "link set up9 up",
+            "addr add 10.1.0.2/24 dev up9",
+            "route add default via 10.1.0.1 dev up9",
+            "link add up8 type veth peer name peer8",
+            "link set peer8 up",
+            "link set up8 up",
+            "addr add 10.2.0.5/24 dev up8",
+        ],
+        || async {
+            let check = || {
+                let out = std::process::Command::new(ALLOCATOR)
+                    .args(["--interface", "up8", "--no-state"])
+                    .args(["--socket", "/nonexistent/s", "--check"])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "a warning does not fail --check");
+                String::from_utf8_lossy(&out.stderr).into_owned()
+            };
+            let said = check();
+            assert!(
+                said.contains("warning: 10.2.0.5 is up8's, but this host sends to the internet from it through up9"),
+                "{said}"
+            );
+            assert!(
+                said.contains("`ip rule add from 10.2.0.5 table 100`"),
+                "{said}"
+            );
+
+            let dir = Arc::new(tempfile::tempdir().unwrap());
+            let log = dir.path().join("allocator.log");
+            let alloc = Allocator::start_logging(dir.clone(), &["--interface", "up8"], &log).await;
+            let logged = |what: &'static str| {
+                let log = log.clone();
+                move || {
+                    let log = log.clone();
+                    async move {
+                        std::fs::read_to_string(&log)
+                            .unwrap_or_default()
+                            .contains(what)
+                    }
+                }
+            };
+            eventually(
+                "the warning in the log",
+                logged("pool address may not reach the internet"),
+            )
+            .await;
+            let status = status_json(&alloc.socket);
+            assert_eq!(status["pool"][0]["ip"], "10.2.0.5");
+            assert!(status["pool"][0]["quarantined"].is_null(), "{status}");
+
+            run_ok(
+                "ip",
+                &["rule", "add", "from", "10.2.0.5", "table", "100"],
+                "ip",
+            );
+            let table = [
+                "route", "add", "default", "via", "10.2.0.1", "dev", "up8", "table", "100",
+            ];
+            run_ok("ip", &table, "ip");
+            // Mended: quiet, and a reload says nothing more.
+            rotor_control("reload", &alloc.socket, &[]);
+            rotor_control("reload", &alloc.socket, &[]);
+            let warnings = || {
+                std::fs::read_to_string(&log)
+                    .unwrap()
+                    .matches("may not reach the internet")
+                    .count()
+            };
+            assert_eq!(warnings(), 1, "said once");
+            assert!(!check().contains("warning"));
+            // Broken again: said again.
+            run_ok(
+                "ip",
+                &["rule", "del", "from", "10.2.0.5", "table", "100"],
+                "ip",
+            );
+            rotor_control("reload", &alloc.socket, &[]);
+            assert_eq!(warnings(), 2, "said again once broken again");
+        },
+    );
+}
