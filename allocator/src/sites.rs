@@ -1000,12 +1000,19 @@ impl Sites {
         !was_cooling
     }
 
-    /// `site` answered `ip` normally: its repeats start over.
-    pub fn answered(&mut self, site: &str, ip: IpAddr) {
+    /// `site` answered `ip` normally: its repeats start over. Not while
+    /// the pair cools: that answer is to a request sent before the
+    /// push-back (a rate limiter's 429 is quick, a page slow), and taking
+    /// it for a sign of peace would keep the backoff from ever doubling.
+    pub fn answered(&mut self, site: &str, ip: IpAddr, now: Instant) {
         let Some(s) = self.sites.get(site) else {
             return;
         };
+        let t = self.ms(now);
         if let Some(p) = self.pairs.get_mut(&(s.id, self.rules.key(ip))) {
+            if p.cool_until > t {
+                return;
+            }
             p.strikes = 0;
             p.last_strike = 0;
         }
@@ -1892,7 +1899,7 @@ mod tests {
             Answer::Address { ip: a, watch, .. } => {
                 assert!(a == ip(1) || a == ip(2));
                 assert!(watch, "a pair with repeats asks to hear how it went");
-                s.answered("a.com", a);
+                s.answered("a.com", a, t);
             }
             other => panic!("{other:?}"),
         }
@@ -1913,7 +1920,7 @@ mod tests {
             last += wait;
         }
         // A normal answer starts the backoff over.
-        s.answered("c.com", ip(1));
+        s.answered("c.com", ip(1), t0 + last);
         s.pushback(
             "c.com",
             ip(1),
@@ -1922,6 +1929,24 @@ mod tests {
             t0 + last + Duration::from_secs(1),
         );
         assert_eq!(s.pair("c.com", ip(1)).unwrap().1, 1);
+    }
+
+    /// A normal answer that comes while the pair cools is to a request
+    /// sent before the push-back: the repeats stand, and the next
+    /// push-back after the cooldown waits twice as long.
+    #[test]
+    fn an_answer_in_flight_during_a_cooldown_keeps_the_repeats() {
+        let t0 = Instant::now();
+        let mut s = Sites::with_epoch(Rules::default(), 1000, t0);
+        s.pushback("c.com", ip(1), 429, None, t0);
+        let until = s.pair("c.com", ip(1)).unwrap().0;
+        s.answered("c.com", ip(1), t0 + Duration::from_secs(2));
+        assert_eq!(s.pair("c.com", ip(1)).unwrap().1, 1);
+        let after = until + Duration::from_secs(1);
+        s.pushback("c.com", ip(1), 429, None, after);
+        let (until, strikes) = s.pair("c.com", ip(1)).unwrap();
+        assert_eq!(strikes, 2);
+        assert!(until - after >= BACKOFF_BASE.mul_f64(2.0 * 0.79));
     }
 
     #[test]

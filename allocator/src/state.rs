@@ -1380,7 +1380,7 @@ impl Allocator {
     pub fn site_answered(&self, ip: IpAddr, site: &str) {
         let mut inner = self.lock();
         inner.changes += 1;
-        inner.sites.answered(site, ip);
+        inner.sites.answered(site, ip, Instant::now());
     }
 
     /// The per-site state, the most recently used `max` sites.

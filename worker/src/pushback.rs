@@ -93,8 +93,9 @@ pub fn judge(status: StatusCode, fields: &Fields, counted: &[u16]) -> Verdict {
 /// `Retry-After` in seconds from now.
 pub fn retry_after(fields: &Fields) -> Option<u32> {
     let v = text(fields.get(&http::header::RETRY_AFTER)?)?.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(secs.min(MAX_WAIT) as u32);
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        // Past u64 is past the cap too, not no `Retry-After`.
+        return Some(v.parse::<u64>().unwrap_or(u64::MAX).min(MAX_WAIT) as u32);
     }
     let at = httpdate::parse_http_date(v).ok()?;
     let secs = at
@@ -232,12 +233,15 @@ mod tests {
             } => assert!((28..=31).contains(&s), "{s}"),
             other => panic!("{other:?}"),
         }
-        assert_eq!(
-            verdict(429, &[("retry-after", "99999999")], &c),
-            Verdict::Pushback {
-                retry_after: Some(86_400)
-            }
-        );
+        for huge in ["99999999", "99999999999999999999999"] {
+            assert_eq!(
+                verdict(429, &[("retry-after", huge)], &c),
+                Verdict::Pushback {
+                    retry_after: Some(86_400)
+                },
+                "{huge}"
+            );
+        }
         assert_eq!(
             verdict(429, &[("retry-after", "soon")], &c),
             Verdict::Pushback { retry_after: None }
