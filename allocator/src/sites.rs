@@ -710,22 +710,32 @@ impl Sites {
 
     /// Counts a request of `ip` (a key: see [`Rules::key`]) to the site
     /// against its budget: whether the pair has repeats to clear (the
-    /// worker then reports a normal answer).
-    fn start(&mut self, site: &str, ip: IpAddr, now: Instant) -> bool {
+    /// worker then reports a normal answer). `None`: it cannot be counted
+    /// (below), and must not be served.
+    fn start(&mut self, site: &str, ip: IpAddr, now: Instant) -> Option<bool> {
         let Some(s) = self.sites.get(site) else {
-            return false;
+            return Some(false);
         };
         let (id, limit) = (s.id, s.limit);
         let Some(limit) = limit else {
-            return self.pairs.get(&(id, ip)).is_some_and(|p| p.strikes > 0);
+            return Some(self.pairs.get(&(id, ip)).is_some_and(|p| p.strikes > 0));
         };
         if !self.pairs.contains_key(&(id, ip)) {
             self.make_room(now, site, 1);
             if self.entries() >= self.max_entries {
                 // This one site holds the whole table (a prefix of many
-                // addresses used within its period): the start is not
-                // counted rather than the cap broken.
-                return false;
+                // addresses used within its period): rather than break
+                // the cap, or serve the address uncounted (its budget
+                // would be no limit at all), the request is refused until
+                // the site's oldest starts leave their period.
+                if crate::due(&mut self.full_logged, now, Duration::from_secs(60)) {
+                    tracing::warn!(
+                        %site,
+                        max = self.max_entries,
+                        "the site table is full of one site's addresses: its requests on new addresses are refused (429) until older ones leave their period; raise --max-site-entries"
+                    );
+                }
+                return None;
             }
             if let Some(s) = self.sites.get_mut(site) {
                 s.pairs += 1;
@@ -737,7 +747,7 @@ impl Sites {
             ..Pair::default()
         });
         p.record(limit.count, t);
-        p.strikes > 0
+        Some(p.strikes > 0)
     }
 
     /// The next address for a request to `site` among `active` (the
@@ -860,7 +870,12 @@ impl Sites {
                 if let Some(s) = self.sites.get_mut(site) {
                     s.cursor[family.index()] = (i + 1) % total;
                 }
-                let watch = self.start(site, key, now);
+                let Some(watch) = self.start(site, key, now) else {
+                    return Answer::Throttled {
+                        retry_after: Duration::from_secs(1),
+                        cooling: false,
+                    };
+                };
                 return Answer::Address {
                     ip: from,
                     index: i,
@@ -901,7 +916,8 @@ impl Sites {
     /// The site's rotation of `ip`'s family starts at `ip` (taken from the
     /// shared rotation, at `index` of `total`): counted as a start if the
     /// pair may serve: `Some(watch)` if it may (see `Answer::Address`),
-    /// `None` if not (then `lease` walks on from it).
+    /// `None` if not, or if it cannot be counted (then `lease` walks on
+    /// from it).
     pub fn started(
         &mut self,
         site: &str,
@@ -923,7 +939,7 @@ impl Sites {
         if let Some(s) = self.sites.get_mut(site) {
             s.cursor[family.index()] = (index + 1) % total;
         }
-        Some(self.start(site, ip, now))
+        self.start(site, ip, now)
     }
 
     /// `site` pushed back on `ip`: it cools for `retry_after`, else for a
@@ -1396,6 +1412,28 @@ mod tests {
         assert_eq!(s.entries(), 15);
         assert!(s.pushback("new.com", ip(1), 429, Some(Duration::from_secs(600)), t0));
         assert!(s.entries() <= 16, "{}", s.entries());
+    }
+
+    /// One budgeted site using more addresses within its period than the
+    /// table holds: the addresses it cannot count are refused, not served
+    /// uncounted (each would have no budget at all); once the period
+    /// passes, it is served again.
+    #[test]
+    fn one_site_filling_the_table_is_refused_not_served_uncounted() {
+        let mut s = Sites::new(rules(&["a.com=1/1m"]), 16);
+        let t0 = Instant::now();
+        let active = pool(40);
+        // The site's entry and 15 pairs.
+        let got = take(&mut s, "a.com", &active, 40, t0);
+        assert_eq!(got.len(), 15, "{got:?}");
+        assert!(s.entries() <= 16);
+        assert!(matches!(
+            s.lease("a.com", Families::V4, &active, 0, t0),
+            Answer::Throttled { cooling: false, .. }
+        ));
+        let later = t0 + Duration::from_secs(61);
+        s.expire(later);
+        assert!(!take(&mut s, "a.com", &active, 40, later).is_empty());
     }
 
     fn v6(s: &str) -> IpAddr {
