@@ -1034,6 +1034,24 @@ impl Sites {
         }
     }
 
+    /// A sticky session's request to `site` from `ip`, the session's
+    /// address whatever the budget: counted against the pair's budget (so
+    /// the site's other requests keep the address under it), never
+    /// refused. `None` for a site without state; else whether the pair has
+    /// repeats to clear (as a lease's `watch`).
+    pub fn session_use(&mut self, site: &str, ip: IpAddr, now: Instant) -> Option<bool> {
+        let create = self.rules.limit_for(site).is_some();
+        if !self.ensure(site, create, now) {
+            return None;
+        }
+        let t = self.ms(now);
+        if let Some(s) = self.sites.get_mut(site) {
+            s.last_used = t;
+        }
+        let key = self.rules.key(ip);
+        Some(self.start(site, key, now).unwrap_or(false))
+    }
+
     /// Drops what expired; logs each cooldown that ended.
     pub fn expire(&mut self, now: Instant) {
         let t = self.ms(now);

@@ -1220,6 +1220,27 @@ impl Allocator {
         ttl: Duration,
         strict: bool,
     ) -> Response {
+        self.lease_session_for(peer, families, key, ttl, strict, None)
+    }
+
+    /// As `lease_session`, for a request to `site` (`Some`): a session
+    /// pinned already keeps its address whatever the site's budget or
+    /// cooldowns (the client asked for that address), its request counted
+    /// against the budget so the site's other requests keep the address
+    /// under it; a new session's first address is the site's next one
+    /// with budget left and not cooling for it (refused, `Throttled`, as
+    /// a site lease is, when there is none).
+    pub fn lease_session_for(
+        &self,
+        peer: u64,
+        families: Families,
+        key: &str,
+        ttl: Duration,
+        strict: bool,
+        site: Option<&str>,
+    ) -> Response {
+        // What is no site's name holds no state (as `lease_site`).
+        let site = site.filter(|s| valid_site(s));
         if !crate::sessions::valid_key(key) {
             return Response::Error {
                 message: format!("a session key is 1 to {} bytes", crate::sessions::MAX_KEY),
@@ -1233,6 +1254,9 @@ impl Allocator {
             inner.changes += 1;
         }
         let mut last = None;
+        // With a site, its answer when no family served (a refusal rather
+        // than a lease the session is not pinned to).
+        let mut refused = None;
         for family in Family::ALL {
             if !families.accepts_family(family) {
                 continue;
@@ -1240,10 +1264,16 @@ impl Allocator {
             let Inner { sessions, pool, .. } = &mut *inner;
             match sessions.pinned(key, family, now, |ip| pool.holds(ip)) {
                 Pinned::Address(ip) => {
+                    if let Some(site) = site {
+                        if let Some(watch) = inner.sites.session_use(site, ip, now) {
+                            inner.changes += 1;
+                            return inner.site_lease(peer, ip, watch);
+                        }
+                    }
                     let lease = Lease {
                         ip,
-                        seq: pool.table().next_seq(),
-                        generation: pool.generation(),
+                        seq: inner.pool.table().next_seq(),
+                        generation: inner.pool.generation(),
                     };
                     return inner.answer(peer, Some(Ok(lease)));
                 }
@@ -1273,6 +1303,22 @@ impl Allocator {
                     },
                 };
             }
+            if let Some(site) = site {
+                let answer = inner.lease_site_behind(peer, Families::only(family), site, now);
+                match &answer {
+                    Response::Leased(lease) | Response::SiteLeased { lease, .. } => {
+                        inner.changes += 1;
+                        inner.sessions.pin(key, lease.ip, ttl, strict, now);
+                        return answer;
+                    }
+                    // A refusal for the site outranks another family's
+                    // want of addresses.
+                    Response::Throttled { .. } => refused = Some(answer),
+                    _ if refused.is_none() => refused = Some(answer),
+                    _ => {}
+                }
+                continue;
+            }
             match inner.lease_checked(Families::only(family)) {
                 Some(Ok(lease)) => {
                     // A session's first address of this family: a change
@@ -1284,6 +1330,9 @@ impl Allocator {
                 }
                 other => last = Some(other),
             }
+        }
+        if let Some(refused) = refused {
+            return refused;
         }
         let answer = last.unwrap_or_else(|| inner.lease_checked(families));
         inner.answer(peer, answer)
@@ -1822,6 +1871,59 @@ mod tests {
             Response::SiteLeased { .. }
         ));
         assert_eq!(a.sites_report(10).sites.len(), 1);
+    }
+
+    /// A session for a site: a new one starts on an address the site did
+    /// not push back on; a pinned one keeps its address past the budget,
+    /// and its requests count against it, so the site's other requests
+    /// leave that address alone.
+    #[test]
+    fn sessions_for_a_site_start_where_it_may_be_served_and_count_against_its_budget() {
+        let a = budgeted(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], "example.com=3/1m");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        a.pushback(ip("10.0.0.1"), "example.com", 429, Some(600));
+        a.pushback(ip("10.0.0.2"), "example.com", 429, Some(600));
+        let session = |key: &str| match a.lease_session_for(
+            1,
+            Families::V4,
+            key,
+            Duration::from_secs(600),
+            false,
+            Some("example.com"),
+        ) {
+            Response::SiteLeased { lease, .. } | Response::Leased(lease) => lease.ip,
+            other => panic!("{other:?}"),
+        };
+        // Both new sessions begin on the one address not cooling.
+        assert_eq!(session("u\0a"), ip("10.0.0.3"));
+        assert_eq!(session("u\0b"), ip("10.0.0.3"));
+        // Its third request spends the budget of 3, and the fourth is
+        // past it: the session keeps its address...
+        assert_eq!(session("u\0a"), ip("10.0.0.3"));
+        assert_eq!(session("u\0a"), ip("10.0.0.3"));
+        // ...and the site's other requests find no address to use.
+        assert!(matches!(
+            a.lease_site(1, Families::V4, "example.com"),
+            Response::Throttled { cooling: false, .. }
+        ));
+        // A new session with none left is refused as a site lease is.
+        assert!(matches!(
+            a.lease_session_for(
+                1,
+                Families::V4,
+                "u\0c",
+                Duration::from_secs(600),
+                false,
+                Some("example.com")
+            ),
+            Response::Throttled { .. }
+        ));
+        // Without the site (an older worker), the session is served as
+        // before.
+        assert!(matches!(
+            a.lease_session(1, Families::V4, "u\0d", Duration::from_secs(600), false),
+            Response::Leased(_)
+        ));
     }
 
     /// An allocator of 10.0.0.1 whose budget for example.com (`rule`) is

@@ -23,7 +23,7 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 9;
+pub const PROTOCOL_MINOR: u16 = 10;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
@@ -54,6 +54,11 @@ pub const MINOR_SITE_WAIT: u16 = 8;
 /// The first minor whose allocator answers `Request::SitesV2` (the per-site
 /// state with the prefix length an IPv6 source is counted by).
 pub const MINOR_SITES_V2: u16 = 9;
+/// The first minor whose allocator answers `Request::LeaseSessionSite` (a
+/// sticky session's lease for a request to a site: a new session's first
+/// address taken as the site's, a session's requests counted against the
+/// site's budget).
+pub const MINOR_SESSION_SITE: u16 = 10;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
 /// sides; the last bucket (+Inf) is implicit.
@@ -286,6 +291,19 @@ pub enum Request {
     /// The per-site state as `Sites`, with the length of the prefix an
     /// IPv6 address is counted by (since minor 9). Answered `SitesV2`.
     SitesV2 { max: u32 },
+    /// `LeaseSession` for a request to `site` (since minor 10): a session
+    /// pinned already keeps its address, its request counted against the
+    /// site's budget for it (never refused: the session asked for that
+    /// address); a new one gets the site's next address with budget left
+    /// and not cooling, as `LeaseSite` would. Answered as `LeaseSession`,
+    /// or `SiteLeased` / `Throttled` as `LeaseSite`.
+    LeaseSessionSite {
+        families: Families,
+        key: String,
+        ttl_secs: u32,
+        strict: bool,
+        site: String,
+    },
 }
 
 impl Request {
@@ -308,6 +326,7 @@ impl Request {
             Request::Reloads => MINOR_RELOADS,
             Request::LeaseSiteWait { .. } | Request::CancelWait { .. } => MINOR_SITE_WAIT,
             Request::SitesV2 { .. } => MINOR_SITES_V2,
+            Request::LeaseSessionSite { .. } => MINOR_SESSION_SITE,
         }
     }
 }

@@ -258,6 +258,20 @@ fn golden_client_frames() {
         }),
         "010713c8",
     );
+    // Minor 10.
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::LeaseSessionSite {
+                families: Families::V4,
+                key: "u\0s".into(),
+                ttl_secs: 60,
+                strict: true,
+                site: "a.io".into(),
+            },
+        }),
+        "0107140100037500733c0104612e696f",
+    );
 }
 
 #[test]

@@ -360,3 +360,39 @@ async fn sessions_outlive_a_killed_allocator() {
     // The file stays for the next crash; the checkpoints keep it current.
     assert!(sessions.exists());
 }
+
+/// A new session for a site starts on an address the site did not push
+/// back on, and a session's requests count against the site's budget of
+/// its address (kept past it: the session asked for that address), so the
+/// site's other requests leave that address alone.
+#[tokio::test]
+async fn a_new_session_avoids_cooling_addresses_and_counts_against_the_budget() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&[
+        "--pool",
+        "127.0.0.2-127.0.0.4",
+        "--site-limit",
+        "127.0.0.1=3/1m",
+    ])
+    .await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    // The site pushes back on .2 and .3 for ten minutes.
+    for _ in 0..2 {
+        let r = get(w.addr, &origin.url("/status/429/600")).await;
+        assert_eq!(r.status, 429);
+    }
+    assert_eq!(origin.sources(), [ip("127.0.0.2"), ip("127.0.0.3")]);
+    // A new session starts on .4, and keeps it past the budget of 3.
+    for _ in 0..4 {
+        let r = get_as(w.addr, "u-session-s1", &origin.url("/"), None).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(*origin.sources().last().unwrap(), ip("127.0.0.4"));
+    }
+    // The site's other requests: .2 and .3 cooling, .4's budget spent by
+    // the session; rotor answers, the site sees nothing.
+    let before = origin.count();
+    let r = get(w.addr, &origin.url("/")).await;
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    assert_eq!(origin.count(), before);
+}

@@ -21,7 +21,7 @@ use rotor_protocol::{
     client_handshake, error_chain, Channel, ClientChannel, ClientFrame, Envelope, Families,
     HandshakeError, Hello, Lease, LeaseTable, NoAddress, Refusal, Request, Response, Role, Segment,
     ServerFrame, SiteMode, TableError, MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_RELOADS,
-    MINOR_SITES, MINOR_SITE_WAIT, POOL_TOO_LARGE,
+    MINOR_SESSION_SITE, MINOR_SITES, MINOR_SITE_WAIT, POOL_TOO_LARGE,
 };
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -598,34 +598,52 @@ impl LeaseClient {
         conn.check_copy(lease).unwrap_or(Vouch::Unknown)
     }
 
-    /// A lease for sticky session `key` (user and id): the allocator holds
-    /// the sessions, so every worker gives a session the same address.
+    /// A lease for sticky session `key` (user and id) for a request to
+    /// `host`: the allocator holds the sessions, so every worker gives a
+    /// session the same address. For a site with budgets or cooldowns (an
+    /// allocator of minor 10 on), a new session starts on an address that
+    /// may serve the site, and every session request counts against the
+    /// site's budget of its address.
     pub async fn lease_session(
         &self,
         families: Families,
         key: &str,
         ttl: Duration,
         strict: bool,
-    ) -> Result<Lease, LeaseError> {
+        host: &str,
+    ) -> Result<Granted, LeaseError> {
         // An allocator too old for sessions is TooOld, as `request` checks
         // every request's minor on the connection it goes on.
         let ttl_secs = u32::try_from(ttl.as_secs().max(1)).unwrap_or(u32::MAX);
-        match self
-            .request(Request::LeaseSession {
+        let site = self.conn.borrow().clone().and_then(|c| {
+            if c.minor < MINOR_SESSION_SITE {
+                return None;
+            }
+            let mapped = c.mapped();
+            c.site_path(mapped.as_ref().map(|(t, _)| &**t), host)
+        });
+        let key = key.to_string();
+        let body = match site {
+            Some(site) => Request::LeaseSessionSite {
                 families,
-                key: key.to_string(),
+                key,
                 ttl_secs,
                 strict,
-            })
-            .await?
-        {
-            Response::Leased(lease) => Ok(lease),
-            Response::NoAddress(refusal) => Err(LeaseError::NoAddress(refusal.reason)),
+                site,
+            },
+            None => Request::LeaseSession {
+                families,
+                key,
+                ttl_secs,
+                strict,
+            },
+        };
+        match self.request(body).await? {
             Response::SessionLost { ip } => Err(LeaseError::SessionLost(ip)),
             Response::SessionsFull { retry_after_ms } => Err(LeaseError::SessionsFull {
                 retry_after: Duration::from_millis(retry_after_ms),
             }),
-            other => Err(LeaseError::Unexpected(format!("{other:?}"))),
+            other => site_answer(other),
         }
     }
 

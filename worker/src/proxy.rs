@@ -621,11 +621,11 @@ impl Proxy {
             let answer = match (held.take(), sticky) {
                 (Some(answer), _) => answer,
                 (None, None) => self.leases.lease(families, host).await,
-                (None, Some(s)) => self
-                    .leases
-                    .lease_session(families, &s.key, s.ttl, s.strict)
-                    .await
-                    .map(|l| (l, false)),
+                (None, Some(s)) => {
+                    self.leases
+                        .lease_session(families, &s.key, s.ttl, s.strict, host)
+                        .await
+                }
             };
             return Err(match answer {
                 Ok(granted) => {
