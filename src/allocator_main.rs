@@ -85,7 +85,12 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
                 }
                 Err(e) => {
                     error!("{}", error_chain(&e));
-                    return ExitCode::FAILURE;
+                    // Another holds it: a configuration refused, as a
+                    // port in use is.
+                    return match e {
+                        rotor_allocator::BindError::InUse(_) => ExitCode::from(2),
+                        _ => ExitCode::FAILURE,
+                    };
                 }
             },
         };
@@ -124,7 +129,12 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 error!("{}", error_chain(&e));
-                ExitCode::FAILURE
+                match e {
+                    rotor_allocator::RunError::State(
+                        rotor_allocator::persist::PersistError::Locked(_),
+                    ) => ExitCode::from(2),
+                    _ => ExitCode::FAILURE,
+                }
             }
         }
     })

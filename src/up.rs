@@ -37,6 +37,9 @@ pub struct UpArgs {
 /// Most listening sockets `rotor up` passes to a worker.
 const MAX_LISTENERS: usize = 64;
 
+/// Allocator connections kept beyond the workers' own (see `run`).
+const PEERS_SPARE: usize = 8;
+
 /// How long children get to stop after the drain timeout before SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
@@ -50,12 +53,11 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     };
     // Validate here, so a mistake is reported once, not by every child.
     let up = args.up.merge(&file.up);
-    let tuning = match up
-        .check()
-        .and_then(|()| args.allocator.pool(&file))
-        .and_then(|_| args.allocator.access(&file))
-        .and_then(|_| args.worker.resolve(&file))
-    {
+    let (tuning, max_peers, state_dir) = match up.check().and_then(|()| {
+        let pool = args.allocator.pool(&file)?;
+        args.allocator.access(&file)?;
+        Ok((args.worker.resolve(&file)?, pool.max_peers, pool.state_dir))
+    }) {
         Ok(t) => t,
         Err(e) => {
             error!("{}", rotor_protocol::error_chain(&e));
@@ -63,6 +65,15 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         }
     };
     let workers = up.workers();
+    // A worker the allocator turns away still accepts its share of the
+    // clients, and answers each 503: refused here instead.
+    if max_peers < usize::from(workers) + PEERS_SPARE {
+        error!(
+            "{workers} workers need --max-peers {} at least (one allocator connection each, and {PEERS_SPARE} for `rotor status` and restarts); it is {max_peers}",
+            usize::from(workers) + PEERS_SPARE
+        );
+        return ExitCode::from(2);
+    }
     let listen = args.worker.listen(&file, 0);
     let socks_listen = args.worker.merge(&file.worker).socks_listen;
     let tls_listen = args.worker.merge(&file.worker).tls_listen;
@@ -92,6 +103,19 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             "an allocator already serves this socket: is another rotor up running? Stop it, or give this one its own --socket and --listen"
         );
         return ExitCode::from(2);
+    }
+    // The state directory another allocator holds: its allocator would
+    // exit at every restart; said once, here.
+    if let Some(dir) = &state_dir {
+        if let Err(e @ rotor_allocator::persist::PersistError::Locked(_)) =
+            rotor_allocator::persist::StateFile::open(dir)
+        {
+            error!(
+                "{}: is another rotor up running? Stop it, or give this one its own --state-dir",
+                rotor_protocol::error_chain(&e)
+            );
+            return ExitCode::from(2);
+        }
     }
     // One listening socket per address, shared by every worker: a worker
     // that stops leaves queued connections to the others instead of

@@ -24,7 +24,9 @@ impl Up {
     /// Worker processes: as given, or one per CPU.
     pub fn workers(&self) -> u16 {
         self.workers.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, |n| n.get().min(1024) as u16)
+            // (At most 256: with more, the allocator's default
+            // --max-peers would turn workers away.)
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(256) as u16)
         })
     }
 

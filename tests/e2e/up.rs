@@ -218,6 +218,58 @@ async fn a_second_rotor_up_and_a_public_open_listener_are_refused() {
     }
 }
 
+/// What `rotor up` could not run is refused at once with exit 2: more
+/// workers than the allocator serves connections (a worker turned away
+/// would answer its clients 503), and a state directory another allocator
+/// holds (its allocator would exit at every restart). The allocator
+/// alone exits 2 on the held state directory too.
+#[tokio::test]
+async fn rotor_up_refuses_workers_past_max_peers_and_a_held_state_directory() {
+    let run = |extra: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("a.sock");
+        let out = std::process::Command::new(ROTOR)
+            .args(["up", "--pool=127.0.0.2"])
+            .arg(format!("--listen=127.0.0.1:{}", free_port()))
+            .arg(format!("--socket={}", socket.display()))
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--workers=10", "--max-peers=17", "--no-state", "--check"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("10 workers need --max-peers 18 at least"),
+        "{err}"
+    );
+    let (code, err) = run(&["--workers=10", "--max-peers=18", "--no-state", "--check"]);
+    assert_eq!(code, Some(0), "{err}");
+
+    let held = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let _alloc = Allocator::start_in(held.clone(), &["--pool", "127.0.0.2"]).await;
+    let state = held.path().join("state");
+    let state = format!("--state-dir={}", state.display());
+    let started = std::time::Instant::now();
+    let (code, err) = run(&["--workers=1", &state]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("another allocator is using the state file"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let other = held.path().join("b.sock");
+    let alone = std::process::Command::new(ALLOCATOR)
+        .args(["--pool=127.0.0.2", &state])
+        .arg(format!("--socket={}", other.display()))
+        .output()
+        .unwrap();
+    assert_eq!(alone.status.code(), Some(2));
+}
+
 /// `rotor up 2>&1 | head -1`: stderr goes away. Logging must not panic
 /// (it did, in tracing's own error report), the children keep serving,
 /// and SIGTERM still stops everything.
