@@ -372,12 +372,21 @@ impl Inner {
         let bad = match &answer {
             Some(Ok(l)) => !self.pool.holds(l.ip),
             None => !self.closing,
-            Some(Err(_)) => false,
+            // A refusal where the pool has addresses of the families: the
+            // table's pages were cut or zeroed under it (within its first
+            // page, which faults nowhere).
+            Some(Err(_)) => {
+                let active = self.pool.active();
+                Family::ALL
+                    .into_iter()
+                    .any(|f| families.accepts_family(f) && family_total(active, f) > 0)
+            }
         };
         if bad {
-            match self.pool.table().is_cut_short() {
-                true => tracing::error!("the lease table's file was cut short (truncated) under rotor; replacing it"),
-                false => tracing::error!("the lease table handed out an address not in the pool, or was closed by someone else; replacing it"),
+            match (self.pool.table().is_cut_short(), &answer) {
+                (true, _) => tracing::error!("the lease table's file was cut short (truncated) under rotor; replacing it"),
+                (false, Some(Err(_))) => tracing::error!("the lease table refused a lease the pool has addresses for (its file was cut or overwritten under rotor); replacing it"),
+                (false, _) => tracing::error!("the lease table handed out an address not in the pool, or was closed by someone else; replacing it"),
             }
             answer = match self.rebuild_table() {
                 true => self.pool.lease(families),

@@ -328,9 +328,10 @@ async fn a_tampered_lease_table_is_not_trusted_and_is_replaced() {
 }
 
 /// A table file cut short under the processes that map it (to nothing;
-/// past its states, so a lease reads a sound state and then faults on an
-/// entry; or by a few bytes, so no page faults at all) crashes none of
-/// them: without the guard every worker and the allocator died of SIGBUS.
+/// inside its first page, which then reads as zeros past the cut, an
+/// empty pool whose refusals are asked again over the socket; past its
+/// states, so a lease reads a sound state and then faults on an entry; or
+/// by a few bytes, so no page faults at all) crashes none of them: without the guard every worker and the allocator died of SIGBUS.
 /// Requests go on over the socket, the allocator replaces the table (it
 /// sees the file's size), and workers lease from the new one.
 #[tokio::test]
@@ -344,7 +345,7 @@ async fn a_lease_table_cut_short_crashes_no_one_and_is_replaced() {
     mapped(&[&w1, &w2]).await;
     let path = alloc.socket.with_file_name("allocator.sock.leases");
     let full = std::fs::metadata(&path).unwrap().len();
-    for cut in [0, 16_384, full - 8] {
+    for cut in [0, 100, 16_384, full - 8] {
         let before = table_words(&path)[4];
         let (p1, p2) = (w1.addr, w2.addr);
         let url = origin.url("/");
