@@ -55,6 +55,10 @@ pub struct Pool {
     /// Whether a generation was published in this table's lineage (a
     /// pool continuing a saved generation has published nothing yet).
     published: bool,
+    /// The lease counts of the listed entries out of the rotation (the
+    /// table holds the rotation's only), so one put back continues its
+    /// count: within `addrs`, so bounded by the pool.
+    parked: HashMap<Segment, u64>,
 }
 
 /// Where the lease table's file goes, and who may map it.
@@ -148,6 +152,7 @@ impl Pool {
             last_sound: None,
             held_due: [None, None],
             published: false,
+            parked: HashMap::new(),
         })
     }
 
@@ -158,6 +163,12 @@ impl Pool {
 
     pub fn is_quarantined(&self, e: &Segment) -> bool {
         self.quarantined.contains(e)
+    }
+
+    /// The lease count of listed entry `e` while it is out of the
+    /// rotation (what it had when it went out).
+    pub fn parked_leases(&self, e: &Segment) -> Option<u64> {
+        self.parked.get(e).copied()
     }
 
     pub fn table(&self) -> &Arc<LeaseTable> {
@@ -266,9 +277,12 @@ impl Pool {
         let cursor = |family: Family, due: Option<IpAddr>, now: u64| {
             continue_at(&active, family, due.or(held[family.index()]), now)
         };
-        // Counts follow their entry (a lease finishing meanwhile may go
-        // uncounted: they are for status).
-        let old: HashMap<Segment, u64> = self.table.snapshot().pool.into_iter().collect();
+        // Counts follow their entry, out of the rotation and back (a
+        // lease finishing meanwhile may go uncounted: they are for status).
+        let mut old: HashMap<Segment, u64> = self.table.snapshot().pool.into_iter().collect();
+        for (e, n) in &self.parked {
+            old.entry(*e).or_insert(*n);
+        }
         let counts: Vec<u64> = active
             .iter()
             .map(|a| old.get(a).copied().unwrap_or(0))
@@ -299,6 +313,10 @@ impl Pool {
             }
             Err(e) => return Err(e),
         }
+        self.parked = quarantined
+            .iter()
+            .filter_map(|e| old.get(e).map(|n| (*e, *n)))
+            .collect();
         self.addrs = addrs;
         self.quarantined = quarantined;
         self.active_singles = active
@@ -537,7 +555,7 @@ mod tests {
     #[test]
     fn quarantined_entries_leave_the_rotation_and_come_back() {
         let mut pool = Pool::new(ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
-        assert_eq!(take(&pool, 1, V4), ["10.0.0.1"]);
+        assert_eq!(take(&pool, 2, V4), ["10.0.0.1", "10.0.0.2"]);
         assert!(pool.set_quarantined(&[one("10.0.0.2")], true).unwrap());
         assert!(!pool.set_quarantined(&[one("10.0.0.2")], true).unwrap());
         assert_eq!(take(&pool, 3, V4), ["10.0.0.3", "10.0.0.1", "10.0.0.3"]);
@@ -547,8 +565,13 @@ mod tests {
         pool.replace(ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]))
             .unwrap();
         assert_eq!(take(&pool, 3, V4), ["10.0.0.1", "10.0.0.3", "10.0.0.4"]);
+        // Its count is kept while it is out, and goes on once it is back.
+        assert_eq!(pool.parked_leases(&one("10.0.0.2")), Some(1));
         assert!(pool.set_quarantined(&[one("10.0.0.2")], false).unwrap());
+        assert_eq!(pool.parked_leases(&one("10.0.0.2")), None);
         assert_eq!(take(&pool, 2, V4), ["10.0.0.1", "10.0.0.2"]);
+        let counts: HashMap<Segment, u64> = pool.lease_counts().collect();
+        assert_eq!(counts[&one("10.0.0.2")], 2);
         // Every address out: a refusal, as for an empty family.
         pool.set_quarantined(pool.addrs().to_vec().as_slice(), true)
             .unwrap();

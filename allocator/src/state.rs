@@ -1741,7 +1741,11 @@ impl Allocator {
                 .iter()
                 .map(|e| EntryStatus {
                     entry: *e,
-                    leases: counts.get(e).copied().unwrap_or(0),
+                    leases: counts
+                        .get(e)
+                        .copied()
+                        .or_else(|| inner.pool.parked_leases(e))
+                        .unwrap_or(0),
                     quarantine: inner.quarantine.get(e).map(|q| QuarantineStatus {
                         reason: q.reason.clone(),
                         since_secs: now.duration_since(q.since).as_secs(),

@@ -306,6 +306,10 @@ async fn an_address_taken_out_by_hand_stays_out_for_every_worker_until_released(
         assert_eq!(get(w[i % 2].addr, &origin.url("/")).await.status, 200);
     }
     assert!(!origin.sources()[before..].contains(&out_ip));
+    // Its lease count is kept while it is out, and goes on once back.
+    let served = || origin.sources().iter().filter(|ip| **ip == out_ip).count() as u64;
+    let leases = |socket: &std::path::Path| status_json(socket)["pool"][1]["leases"].as_u64();
+    assert_eq!(leases(&alloc.socket), Some(served()));
     let socket = alloc.socket.clone();
     eventually("127.0.0.3 back by itself", || {
         let socket = socket.clone();
@@ -317,6 +321,7 @@ async fn an_address_taken_out_by_hand_stays_out_for_every_worker_until_released(
         assert_eq!(get(w[i % 2].addr, &origin.url("/")).await.status, 200);
     }
     assert!(origin.sources()[before..].contains(&out_ip));
+    assert_eq!(leases(&alloc.socket), Some(served()));
     // An address not in the pool changes nothing, and says so: exit 1.
     let out = Command::new(ROTOR)
         .args([
