@@ -1424,7 +1424,10 @@ impl Allocator {
     /// every worker at once. Whether it started cooling now.
     pub fn pushback(&self, ip: IpAddr, site: &str, status: u16, retry_after: Option<u32>) -> bool {
         let mut inner = self.lock();
-        if !inner.pool.holds(ip) || !valid_site(site) {
+        // An address of the pool, in the rotation or not: one taken out
+        // while its request was in flight still cools for the site, or a
+        // release would send it straight back there.
+        if inner.pool.entry_of(ip).is_none() || !valid_site(site) {
             return false;
         }
         let wait = retry_after.map(|s| Duration::from_secs(u64::from(s)));
@@ -1937,6 +1940,26 @@ mod tests {
             a.lease_session(1, Families::V4, "u\0d", Duration::from_secs(600), false),
             Response::Leased(_)
         ));
+    }
+
+    /// A push-back for an address taken out of the rotation while its
+    /// request was in flight is kept: once put back, the address is not
+    /// sent to the site that asked it to wait.
+    #[test]
+    fn a_pushback_for_an_address_out_of_the_rotation_is_kept() {
+        let a = budgeted(&["10.0.0.1", "10.0.0.2"], "example.com=100/1m");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        a.steer(ip("10.0.0.1"), false, None);
+        assert!(a.pushback(ip("10.0.0.1"), "example.com", 429, Some(600)));
+        a.steer(ip("10.0.0.1"), true, None);
+        for _ in 0..3 {
+            match a.lease_site(1, Families::V4, "example.com") {
+                Response::SiteLeased { lease, .. } => assert_eq!(lease.ip, ip("10.0.0.2")),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Not an address of the pool at all: nothing kept.
+        assert!(!a.pushback(ip("10.9.9.9"), "example.com", 429, Some(600)));
     }
 
     /// An allocator of 10.0.0.1 whose budget for example.com (`rule`) is

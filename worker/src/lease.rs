@@ -414,8 +414,14 @@ impl LeaseClient {
             .as_ref()
             .and_then(|m| c.lease_from_table(m, families));
         let table = mapped.map(|(t, _)| t);
-        match answer {
-            Some(Ok(lease)) => match self.vouch(&c, &lease, &deadline).await {
+        // A refusal is asked again over the socket, whose answer is the
+        // allocator's own: a table cut or zeroed in place (within its
+        // first page, which no SIGBUS catches) reads as an empty pool
+        // until the allocator's check replaces it, and its refusals would
+        // turn every client away meanwhile. An empty pool is an error
+        // anyway; its round trip costs no one.
+        if let Some(Ok(lease)) = answer {
+            match self.vouch(&c, &lease, &deadline).await {
                 Vouch::Yes | Vouch::Unanswered => return Ok((lease, false)),
                 // The pool moved on meanwhile (or the allocator did
                 // not answer): this lease over the socket instead.
@@ -426,14 +432,7 @@ impl LeaseClient {
                         c.distrust(&t);
                     }
                 }
-            },
-            // A refusal is asked again over the socket, whose answer is
-            // the allocator's own: a table cut or zeroed in place (within
-            // its first page, which no SIGBUS catches) reads as an empty
-            // pool until the allocator's check replaces it, and its
-            // refusals would turn every client away meanwhile. An empty
-            // pool is an error anyway; its round trip costs no one.
-            Some(Err(_)) | None => {}
+            }
         }
         match self
             .request_until(Request::Lease { families }, deadline())

@@ -41,7 +41,8 @@ pub enum ParamError {
 /// The user of `name`, and the parameters after it, if any: the whole
 /// name if the users file holds it, else the longest prefix before a `-`
 /// that it holds (a user may have a dash in its name), else what is
-/// before the first `-`.
+/// before the first parameter (`my-app-session-x` is `my-app`'s, also
+/// without a users file), else before the first `-`.
 pub fn split_user(name: &str, is_user: impl Fn(&str) -> bool) -> (&str, Option<&str>) {
     if is_user(name) {
         return (name, None);
@@ -51,6 +52,7 @@ pub fn split_user(name: &str, is_user: impl Fn(&str) -> bool) -> (&str, Option<&
         .map(|(i, _)| i)
         .rev()
         .find(|&i| is_user(&name[..i]))
+        .or_else(|| PARAMS.iter().filter_map(|p| name.find(p)).min())
         .or_else(|| name.find('-'));
     match cut {
         Some(cut) => (&name[..cut], Some(&name[cut + 1..])),
@@ -62,10 +64,11 @@ pub fn split_user(name: &str, is_user: impl Fn(&str) -> bool) -> (&str, Option<&
 /// `-sessionttl-…`, `-sessionstrict-…`): without a users file only such a
 /// name is read for a session (`my-sessionless-app` is a name).
 pub fn names_params(name: &str) -> bool {
-    ["-session-", "-sessionttl-", "-sessionstrict-"]
-        .iter()
-        .any(|p| name.contains(p))
+    PARAMS.iter().any(|p| name.contains(p))
 }
+
+/// How each parameter begins in a user name.
+const PARAMS: [&str; 3] = ["-session-", "-sessionttl-", "-sessionstrict-"];
 
 /// Splits `name` into the user and the session it names. `is_user` says
 /// whether a whole name is a user of the users file (always false without
@@ -130,6 +133,14 @@ mod tests {
     fn names_with_and_without_sessions() {
         let p = parse("alice", no_users).unwrap();
         assert_eq!((p.user.as_str(), p.session), ("alice", None));
+        // A dashed name before its parameters, with no users file.
+        let p = parse("my-app-session-ab-sessionttl-1m", no_users).unwrap();
+        assert_eq!(p.user, "my-app");
+        let s = p.session.unwrap();
+        assert_eq!(
+            (s.id.as_str(), s.ttl),
+            ("ab", Some(Duration::from_secs(60)))
+        );
         let p = parse(
             "alice-session-abc_1-sessionttl-30s-sessionstrict-1",
             no_users,
