@@ -24,8 +24,12 @@ impl ChannelError {
     pub fn is_protocol_violation(&self) -> bool {
         match self {
             ChannelError::Codec(_) => true,
-            // LengthDelimitedCodec reports an oversized frame as InvalidData.
-            ChannelError::Io(e) => e.kind() == std::io::ErrorKind::InvalidData,
+            // LengthDelimitedCodec reports an oversized frame as InvalidData;
+            // a close in the middle of a frame is `decode_eof`'s.
+            ChannelError::Io(e) => matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ),
         }
     }
 }

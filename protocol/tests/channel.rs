@@ -93,6 +93,19 @@ async fn garbage_payload_is_a_decode_error() {
     assert!(err.is_protocol_violation(), "{err:?}");
 }
 
+/// A peer that closes in the middle of a frame sent garbage, as far as
+/// anyone can tell (the allocator says so at warn, not at debug).
+#[tokio::test]
+async fn a_close_in_the_middle_of_a_frame_is_a_protocol_violation() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let mut server: ServerChannel<_> = Channel::new(b);
+    let mut raw = a;
+    raw.write_all(&[0, 0, 0, 9, 1, 2]).await.unwrap();
+    drop(raw);
+    let err = server.recv().await.unwrap_err();
+    assert!(err.is_protocol_violation(), "{err:?}");
+}
+
 #[test]
 fn trailing_bytes_are_refused_outside_hello() {
     let mut bytes = encode(&ClientFrame::Request(Envelope {

@@ -619,6 +619,14 @@ fn format_status_v2(s: &StatusReportV2) -> String {
     for e in &s.pool {
         let state = match &e.quarantine {
             None => String::new(),
+            // Taken out by hand: not checked, back at its end (if any).
+            Some(q) if q.reason.starts_with("taken out by hand until released") => {
+                format!("  QUARANTINED {}s: {}", q.since_secs, q.reason)
+            }
+            Some(q) if q.reason.starts_with("taken out by hand") => format!(
+                "  QUARANTINED {}s: {} (back in {}s)",
+                q.since_secs, q.reason, q.retry_in_secs
+            ),
             Some(q) => format!(
                 "  QUARANTINED {}s: {} (checked again in {}s)",
                 q.since_secs, q.reason, q.retry_in_secs
