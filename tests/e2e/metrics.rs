@@ -404,6 +404,9 @@ async fn the_access_log_has_a_line_per_request_and_tunnel_and_reopens_on_sighup(
     let refused = l.iter().find(|x| x["status"] == 502).unwrap();
     assert_eq!(refused["error"], "connection_refused");
     assert_eq!(refused["target"], "127.0.0.1:1");
+    // The address it was refused from, to find a failing one by.
+    let from = refused["source"].as_str().unwrap_or_default();
+    assert!(from.starts_with("127.0.0."), "{refused}");
     // logrotate moves the file, then SIGHUP: the next line is in a new one.
     let moved = dir.path().join("access.log.1");
     std::fs::rename(&path, &moved).unwrap();

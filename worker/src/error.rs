@@ -115,6 +115,34 @@ pub enum ProxyError {
     },
 }
 
+/// A request's failure, and the pool address it used when it had one (a
+/// connect refused from it, a destination that answered it badly): the
+/// access log names it.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: ProxyError,
+    pub source: Option<IpAddr>,
+}
+
+impl From<ProxyError> for Failed {
+    fn from(error: ProxyError) -> Failed {
+        Failed {
+            error,
+            source: None,
+        }
+    }
+}
+
+impl ProxyError {
+    /// This failure, of a request sent from `ip`.
+    pub fn from_source(self, ip: IpAddr) -> Failed {
+        Failed {
+            error: self,
+            source: Some(ip),
+        }
+    }
+}
+
 fn throttled_text(site: &str, cooling: bool, retry_after: Duration) -> String {
     let secs = retry_after_secs(retry_after);
     match cooling {

@@ -21,7 +21,7 @@ use crate::acl::{Acl, LocalAddrs};
 use crate::auth::{Auth, Standing};
 use crate::connect::connect_from;
 use crate::dns::Resolver;
-use crate::error::ProxyError;
+use crate::error::{Failed, ProxyError};
 use crate::fields::{Fields, Message};
 use crate::h1::{self, Conn, ResponseBody};
 use crate::idle::Activity;
@@ -321,10 +321,10 @@ impl Proxy {
             }
         }
         let result = match checked {
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
             // (A forward checks its Host where it replaces it.)
             Ok(caller) if method == Method::CONNECT => match only_host(&fields) {
-                Err(e) => Err(e),
+                Err(e) => Err(e.into()),
                 Ok(_) => {
                     let req = Request::from_parts(parts, body);
                     self.connect(
@@ -367,7 +367,7 @@ impl Proxy {
                 }
                 resp
             }
-            Err(e) => {
+            Err(Failed { error: e, source }) => {
                 let kind = e.classify().1;
                 self.meter.error(kind, took);
                 let mut resp = e.to_response();
@@ -384,16 +384,18 @@ impl Proxy {
                     );
                 }
                 if let (Some(mut en), Some(log)) = (entry, &self.config.access_log) {
+                    en.source = source;
                     en.status = resp.status().as_u16();
                     en.error = kind;
                     log.log(&en);
                 }
                 let error = error_chain(&e);
                 let status = resp.status().as_u16();
+                let source = source.map(|ip| ip.to_string()).unwrap_or_default();
                 if e.warn_each() {
-                    warn!(%client, %method, %target, status, %error, "request failed");
+                    warn!(%client, %method, %target, source, status, %error, "request failed");
                 } else {
-                    debug!(fault = ?e.fault(), %client, %method, %target, status, %error, ms, "request failed");
+                    debug!(fault = ?e.fault(), %client, %method, %target, source, status, %error, ms, "request failed");
                 }
                 // The client is told the log says why: so it does, at the
                 // default level, once in 10 s (a dead allocator fails every
@@ -543,9 +545,9 @@ impl Proxy {
         host: &str,
         port: u16,
         sticky: Option<&Sticky>,
-    ) -> Result<(TcpStream, Lease), ProxyError> {
+    ) -> Result<(TcpStream, Lease), Failed> {
         if self.tunnels.is_closed() {
-            return Err(ProxyError::Stopping);
+            return Err(ProxyError::Stopping.into());
         }
         let (addrs, (lease, _)) = self.resolve_and_lease(host, port, sticky).await?;
         self.connect_leased(lease, &addrs, host, sticky).await
@@ -776,7 +778,7 @@ impl Proxy {
         addrs: &'a [SocketAddr],
         host: &'a str,
         sticky: Option<&'a Sticky>,
-    ) -> crate::Boxed<'a, Result<(TcpStream, Lease), ProxyError>> {
+    ) -> crate::Boxed<'a, Result<(TcpStream, Lease), Failed>> {
         Box::pin(self.connect_leased_unboxed(lease, addrs, host, sticky))
     }
 
@@ -786,7 +788,7 @@ impl Proxy {
         addrs: &[SocketAddr],
         host: &str,
         sticky: Option<&Sticky>,
-    ) -> Result<(TcpStream, Lease), ProxyError> {
+    ) -> Result<(TcpStream, Lease), Failed> {
         let timeout = self.config.connect_timeout;
         let started = Instant::now();
         let first = connect_from(lease.ip, addrs, timeout).await;
@@ -803,9 +805,11 @@ impl Proxy {
                 if let Err(ProxyError::SourceUnavailable { ip, source }) = &stream {
                     self.leases.report_unusable(*ip, source.to_string()).await;
                 }
-                Ok((stream?, next))
+                Ok((stream.map_err(|e| e.from_source(next.ip))?, next))
             }
-            r => r.map(|s| (s, lease)),
+            r => r
+                .map(|s| (s, lease))
+                .map_err(|e| e.from_source(lease.ip)),
         }
     }
 
@@ -839,7 +843,7 @@ impl Proxy {
         addrs: &[SocketAddr],
         host: &str,
         sticky: Option<&Sticky>,
-    ) -> Result<(Conn, Lease), ProxyError> {
+    ) -> Result<(Conn, Lease), Failed> {
         let (stream, lease) = self.connect_leased(lease, addrs, host, sticky).await?;
         Ok((Conn::new(stream), lease))
     }
@@ -889,7 +893,7 @@ impl Proxy {
         mut fields: Fields,
         body: B,
         sticky: Option<&Sticky>,
-    ) -> Result<(Answer, Lease), ProxyError> {
+    ) -> Result<(Answer, Lease), Failed> {
         let target = absolute_target(&parts.uri)?;
         // RFC 9112 §3.2.2: the target's authority replaces any Host sent
         // (most clients send that same text: then it is kept as it is).
@@ -910,7 +914,8 @@ impl Proxy {
                     h1::Coding::Other => {
                         return Err(ProxyError::NotImplemented(
                             "a request body with a transfer coding other than chunked",
-                        ))
+                        )
+                        .into())
                     }
                     h1::Coding::Chunked => chunked += 1,
                     _ => {}
@@ -919,7 +924,8 @@ impl Proxy {
             if chunked > 1 {
                 return Err(ProxyError::BadRequest(
                     "a request body chunked more than once".into(),
-                ));
+                )
+                .into());
             }
         }
         // Names are case-insensitive: one lower-case copy serves the lookup,
@@ -959,7 +965,11 @@ impl Proxy {
         // On a reused connection, a request without a body can be sent
         // again, should the destination have closed that connection.
         let replay = reused && body.is_none();
-        let first = match self.exchange(conn, &parts, &fields, body, dest).await? {
+        let first = match self
+            .exchange(conn, &parts, &fields, body, dest)
+            .await
+            .map_err(|e| e.from_source(lease.ip))?
+        {
             // A 408 on a reused connection is the destination's word that
             // it closed the connection for being idle, sent as it closed
             // (RFC 9110 §15.5.9), not an answer to this request, whose
@@ -986,17 +996,22 @@ impl Proxy {
                 (conn, lease) = self.dial(lease, &addrs, host, sticky).await?;
                 key.source = lease.ip;
                 self.exchange(conn, &parts, &fields, None::<B>, dest)
-                    .await?
-                    .map_err(|(source, _)| ProxyError::Upstream {
-                        dest: dest.to_string(),
-                        source,
+                    .await
+                    .map_err(|e| e.from_source(lease.ip))?
+                    .map_err(|(source, _)| {
+                        ProxyError::Upstream {
+                            dest: dest.to_string(),
+                            source,
+                        }
+                        .from_source(lease.ip)
                     })?
             }
             Err((source, _)) => {
                 return Err(ProxyError::Upstream {
                     dest: dest.to_string(),
                     source,
-                })
+                }
+                .from_source(lease.ip))
             }
         };
         let mut resp_fields = Fields::Wire(resp.fields);
@@ -1022,7 +1037,7 @@ impl Proxy {
         client: SocketAddr,
         (sticky, standing): (Option<&Sticky>, Option<Standing>),
         entry: Option<Entry>,
-    ) -> Result<(Answer, Lease), ProxyError> {
+    ) -> Result<(Answer, Lease), Failed> {
         let (host, port) = connect_target(req.uri())?;
         // The tunnel takes over its connection's place under the limits
         // (`Lingering::into_tunnel`), so it needs none of its own.

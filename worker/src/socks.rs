@@ -440,9 +440,12 @@ pub async fn serve(
     )
     .await;
     // A tunnel that did not open: counted, and logged as its HTTP twin.
-    let not_opened = |entry: Option<Entry>, (status, kind): (u16, Option<&'static str>)| {
+    let not_opened = |entry: Option<Entry>,
+                      (status, kind): (u16, Option<&'static str>),
+                      source: Option<std::net::IpAddr>| {
         proxy.meter.error(kind, started.elapsed());
         if let (Some(mut en), Some(log)) = (entry, proxy.access_log()) {
+            en.source = source;
             en.status = status;
             en.error = kind;
             log.log(&en);
@@ -458,13 +461,13 @@ pub async fn serve(
                 crate::proxy::CLIENT_CLOSED,
                 Some(crate::proxy::CLIENT_CLOSED_ERROR),
             );
-            not_opened(entry, gone);
+            not_opened(entry, gone, None);
             debug!(%client, %dest, "SOCKS5 client left before its tunnel opened");
             return;
         }
-        Some(Err(e)) => {
+        Some(Err(crate::error::Failed { error: e, source })) => {
             let (status, kind) = e.classify();
-            not_opened(entry, (status.as_u16(), kind));
+            not_opened(entry, (status.as_u16(), kind), source);
             let code = Reply::of(&e);
             debug!(%client, %dest, error = %rotor_protocol::error_chain(&e), reply = ?code, "SOCKS5 connect failed");
             let _ = reply(&mut stream, code, None).await;
