@@ -233,20 +233,35 @@ pub const SESSIONS_FILE_NAME: &str = "sessions.json";
 pub const SITES_FILE_NAME: &str = "sites.json";
 
 /// What the last allocator kept in `path` for this start (none if there
-/// is no file). With `remove` the file goes, so that a later crash does not
-/// bring back what has outlived it (without checkpoints, which rewrite it
-/// as things change, nothing else would).
-pub fn take_kept<T: serde::de::DeserializeOwned>(path: &Path, remove: bool) -> io::Result<Vec<T>> {
+/// is no file), and how many of its items could not be read: one bad item
+/// (an edit, a bit flipped) loses itself, not every other. A file with
+/// any is set aside as `.corrupt`. With `remove` the file goes, so that a
+/// later crash does not bring back what has outlived it (without
+/// checkpoints, which rewrite it as things change, nothing else would).
+pub fn take_kept<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    remove: bool,
+) -> io::Result<(Vec<T>, usize)> {
     let Some(text) = read_text(path)? else {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), 0));
     };
-    let parsed = parse_json(&text);
-    if parsed.is_err() {
+    let parsed = parse_json::<Vec<serde_json::Value>>(&text).map(|items| {
+        let n = items.len();
+        let good: Vec<T> = items
+            .into_iter()
+            .filter_map(|v| serde_json::from_value(v).ok())
+            .collect();
+        let bad = n - good.len();
+        (good, bad)
+    });
+    match &parsed {
         // The next checkpoint would write over it (the caller says it
-        // starts without it).
-        set_aside(path);
-    } else if remove {
-        let _ = clear_kept(path);
+        // starts without it, or without the bad items).
+        Err(_) | Ok((_, 1..)) => set_aside(path),
+        Ok(_) if remove => {
+            let _ = clear_kept(path);
+        }
+        Ok(_) => {}
     }
     parsed
 }
@@ -391,10 +406,27 @@ mod tests {
         assert_eq!(aside("sessions.json.corrupt.2"), b"\xff\xfe[1]");
         // A good one is read, and goes only when asked.
         super::write_kept(&path, &[1u32, 2]).unwrap();
-        assert_eq!(super::take_kept::<u32>(&path, false).unwrap(), [1, 2]);
+        assert_eq!(
+            super::take_kept::<u32>(&path, false).unwrap(),
+            (vec![1, 2], 0)
+        );
         assert!(path.exists());
-        assert_eq!(super::take_kept::<u32>(&path, true).unwrap(), [1, 2]);
+        assert_eq!(
+            super::take_kept::<u32>(&path, true).unwrap(),
+            (vec![1, 2], 0)
+        );
         assert!(!path.exists());
+        // One bad item loses itself alone; the file is set aside.
+        std::fs::write(&path, b"[1, \"not-a-number\", 3]").unwrap();
+        assert_eq!(
+            super::take_kept::<u32>(&path, false).unwrap(),
+            (vec![1, 3], 1)
+        );
+        assert!(!path.exists());
+        assert_eq!(
+            aside("sessions.json.corrupt.3"),
+            b"[1, \"not-a-number\", 3]"
+        );
     }
 
     #[test]

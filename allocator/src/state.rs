@@ -173,8 +173,13 @@ fn take_kept<T: serde::de::DeserializeOwned>(
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_millis() as u64);
     match crate::persist::take_kept::<T>(&path, remove) {
-        Ok(saved) if saved.is_empty() => None,
-        Ok(saved) => {
+        Ok((saved, bad)) => {
+            if bad > 0 {
+                tracing::warn!(file = %path.display(), unreadable = bad, read = saved.len(), "some of the {what} kept before the restart could not be read: those start over, the others are back (the file is kept aside as .corrupt)");
+            }
+            if saved.is_empty() {
+                return None;
+            }
             let kept = saved.len();
             Some((kept, restore(saved, wall_ms.max(written_ms))))
         }

@@ -807,9 +807,7 @@ impl Proxy {
                 }
                 Ok((stream.map_err(|e| e.from_source(next.ip))?, next))
             }
-            r => r
-                .map(|s| (s, lease))
-                .map_err(|e| e.from_source(lease.ip)),
+            r => r.map(|s| (s, lease)).map_err(|e| e.from_source(lease.ip)),
         }
     }
 
@@ -922,10 +920,9 @@ impl Proxy {
                 }
             }
             if chunked > 1 {
-                return Err(ProxyError::BadRequest(
-                    "a request body chunked more than once".into(),
-                )
-                .into());
+                return Err(
+                    ProxyError::BadRequest("a request body chunked more than once".into()).into(),
+                );
             }
         }
         // Names are case-insensitive: one lower-case copy serves the lookup,
