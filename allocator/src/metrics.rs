@@ -810,8 +810,20 @@ pub async fn serve(
                 .header_read_timeout(std::time::Duration::from_secs(10))
                 .timer(hyper_util::rt::TokioTimer::new())
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            // A connection is served a minute; then an answer in flight (a
+            // large pool's scrape to a slow scraper) is finished, for a
+            // minute more at most, and it closes: cut at once, a scrape
+            // kept alive across the minute would arrive truncated.
+            let lifetime = std::time::Duration::from_secs(60);
             tokio::select! {
-                _ = tokio::time::timeout(std::time::Duration::from_secs(60), conn) => {}
+                _ = conn.as_mut() => return,
+                _ = tokio::time::sleep(lifetime) => {}
+                _ = stop.cancelled() => return,
+            }
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                _ = tokio::time::timeout(lifetime, conn) => {}
                 _ = stop.cancelled() => {}
             }
         });

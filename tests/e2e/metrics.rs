@@ -363,6 +363,21 @@ async fn the_access_log_has_a_line_per_request_and_tunnel_and_reopens_on_sighup(
     assert_eq!(conn.send(req).await.status, 200);
     tunnel(w.addr, echo.addr).await;
     assert_eq!(get(w.addr, "http://127.0.0.1:1/").await.status, 502);
+    // Heads hyper answers itself (unparsable, too many fields): logged too,
+    // with method and target `-`.
+    let many: String = (0..150).map(|i| format!("X-{i}: v\r\n")).collect();
+    for (req, status) in [
+        ("GARBAGE\r\n\r\n".to_string(), "400"),
+        (
+            format!("GET http://a.test/ HTTP/1.1\r\nHost: a.test\r\n{many}\r\n"),
+            "431",
+        ),
+    ] {
+        let mut s = tokio::net::TcpStream::connect(w.addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with(&format!("HTTP/1.1 {status}")), "{head}");
+    }
     let lines = |p: &std::path::Path| -> Vec<serde_json::Value> {
         std::fs::read_to_string(p)
             .unwrap_or_default()
@@ -371,9 +386,9 @@ async fn the_access_log_has_a_line_per_request_and_tunnel_and_reopens_on_sighup(
             .collect()
     };
     let p = path.clone();
-    eventually("three lines", || {
+    eventually("five lines", || {
         let p = p.clone();
-        async move { lines(&p).len() == 3 }
+        async move { lines(&p).len() == 5 }
     })
     .await;
     let text = std::fs::read_to_string(&path).unwrap();
@@ -401,6 +416,13 @@ async fn the_access_log_has_a_line_per_request_and_tunnel_and_reopens_on_sighup(
         ),
         (Some(200), Some(4), Some(4))
     );
+    let mut unread: Vec<u64> = l
+        .iter()
+        .filter(|x| x["method"] == "-" && x["target"] == "-")
+        .map(|x| x["status"].as_u64().unwrap())
+        .collect();
+    unread.sort();
+    assert_eq!(unread, [400, 431]);
     let refused = l.iter().find(|x| x["status"] == 502).unwrap();
     assert_eq!(refused["error"], "connection_refused");
     assert_eq!(refused["target"], "127.0.0.1:1");

@@ -411,6 +411,25 @@ impl Proxy {
         }
     }
 
+    /// A request hyper's server answered itself (`status`: 400 for a head
+    /// it could not parse, 431 or 414 for one too large): counted, and
+    /// logged with method and target `-`, as rotor's own answers are, so a
+    /// flood of malformed requests shows.
+    #[cold]
+    pub fn answered_by_hyper(&self, client: SocketAddr, status: u16) {
+        self.meter.error(None, Duration::ZERO);
+        if let Some(log) = &self.config.access_log {
+            let mut e = Entry::new(
+                Instant::now(),
+                client,
+                Method::from_bytes(b"-").expect("a token"),
+                "-".into(),
+            );
+            e.status = status;
+            log.log(&e);
+        }
+    }
+
     /// Rotor's own answer to a TRACE or OPTIONS with `Max-Forwards: 0`,
     /// logged. (Out of line: the fast path's `serve` stays as it was.)
     #[cold]

@@ -480,12 +480,28 @@ impl Serving {
                 }
             };
             if let Err(e) = result {
+                if let Some(status) = hyper_answered(&e) {
+                    fast.proxy.answered_by_hyper(client, status);
+                }
                 debug!(error = %error_chain(&e), "client connection ended with an error");
             }
         }
         .instrument(tracing::debug_span!("client", %client));
         self.connections.spawn(fut);
     }
+}
+
+/// The status hyper's server answered a request it could not read with
+/// (it writes those itself: a head it cannot parse, one past its buffer),
+/// if it answered one.
+fn hyper_answered(e: &hyper::Error) -> Option<u16> {
+    if e.is_parse_too_large() {
+        return Some(match e.to_string().contains("URI") {
+            true => 414,
+            false => 431,
+        });
+    }
+    (e.is_parse() && !e.is_parse_version_h2() && !e.is_parse_status()).then_some(400)
 }
 
 /// A connection told to shut down gracefully, until it ends: a request in
