@@ -183,10 +183,29 @@ fn push_quoted(out: &mut Vec<u8>, s: &str, json: bool) {
             c if c.is_control() => {
                 let _ = write!(out, "\\x{:02x}", c as u32);
             }
+            // Written as they are, these would make a line read otherwise
+            // than it is (a user name that turns the rest of the line
+            // around, or seems to end it): `\u202e`, in both formats.
+            c if reorders(c) => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
             c => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
         }
     }
     out.push(b'"');
+}
+
+/// Line and paragraph separators, bidirectional controls and the
+/// zero-width characters: what changes how a line shows, not what it says.
+fn reorders(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{feff}'
+    )
 }
 
 /// The text of the last second a line was written in.
@@ -517,5 +536,14 @@ mod tests {
         let mut q = Vec::new();
         field(&mut q, false, Some("a\"b\n"));
         assert_eq!(q, b"\"a\\\"b\\x0a\"");
+        // What would turn a line around or seem to end it, in both formats
+        // (and still JSON); other text as it is.
+        for json in [false, true] {
+            let mut q = Vec::new();
+            field(&mut q, json, Some("u\u{202e}x\u{2028}é"));
+            assert_eq!(q, "\"u\\u202ex\\u2028é\"".as_bytes());
+        }
+        let j: String = serde_json::from_str("\"u\\u202e\"").unwrap();
+        assert_eq!(j, "u\u{202e}");
     }
 }
