@@ -46,6 +46,15 @@ pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
     }
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .map_err(|e| format!("tls-key {}: {e}", files.key.display()))?;
+    // A pair past its dates still loads (a client that does not check may
+    // use it), but the operator is told: clients that check refuse every
+    // connection, and say only that the handshake failed.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    if let Some(why) = validity(&certs[0]).and_then(|v| validity_warning(v, now)) {
+        warn!(cert = %files.cert.display(), "TLS certificate {why}");
+    }
     let provider = Arc::new(provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[
@@ -93,6 +102,118 @@ fn provider() -> tokio_rustls::rustls::crypto::CryptoProvider {
         cs::TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
     ];
     provider
+}
+
+/// Less than this left of a certificate's validity is warned of.
+const EXPIRES_SOON: i64 = 14 * 86_400;
+
+/// What is wrong with a certificate valid from `not_before` to
+/// `not_after` (Unix seconds) at `now`, if anything.
+fn validity_warning((not_before, not_after): (i64, i64), now: i64) -> Option<String> {
+    let date = |t: i64| {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64);
+        humantime::format_rfc3339_seconds(t).to_string()
+    };
+    if now > not_after {
+        return Some(format!(
+            "expired at {}: clients that check it refuse every TLS connection; replace it and reload",
+            date(not_after)
+        ));
+    }
+    if now < not_before {
+        return Some(format!(
+            "is not valid before {}: clients that check it refuse every TLS connection until then",
+            date(not_before)
+        ));
+    }
+    (not_after - now < EXPIRES_SOON).then(|| {
+        format!(
+            "expires at {}, in {} days: replace it and reload before then",
+            date(not_after),
+            (not_after - now) / 86_400
+        )
+    })
+}
+
+/// A certificate's validity (notBefore, notAfter) in Unix seconds, read
+/// from its DER (RFC 5280 §4.1: the fifth field of the TBSCertificate,
+/// after an optional version); `None` if it does not read so.
+fn validity(der: &[u8]) -> Option<(i64, i64)> {
+    let (0x30, cert, _) = tlv(der)? else {
+        return None;
+    };
+    let (0x30, mut tbs, _) = tlv(cert)? else {
+        return None;
+    };
+    if let (0xa0, _, rest) = tlv(tbs)? {
+        tbs = rest;
+    }
+    // The serial number, the signature algorithm, the issuer.
+    for _ in 0..3 {
+        tbs = tlv(tbs)?.2;
+    }
+    let (0x30, dates, _) = tlv(tbs)? else {
+        return None;
+    };
+    let (tag, from, rest) = tlv(dates)?;
+    let not_before = der_time(tag, from)?;
+    let (tag, to, _) = tlv(rest)?;
+    Some((not_before, der_time(tag, to)?))
+}
+
+/// A DER element at the start of `b`: its tag, its contents, what follows.
+fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let tag = *b.first()?;
+    let first = usize::from(*b.get(1)?);
+    let (len, at) = match first {
+        0..=0x7f => (first, 2),
+        0x81..=0x84 => {
+            let n = first & 0x7f;
+            let len = b
+                .get(2..2 + n)?
+                .iter()
+                .fold(0usize, |l, &x| (l << 8) | usize::from(x));
+            (len, 2 + n)
+        }
+        _ => return None,
+    };
+    let end = at.checked_add(len)?;
+    Some((tag, b.get(at..end)?, b.get(end..)?))
+}
+
+/// A UTCTime (`YYMMDDHHMMSSZ`, years 1950–2049) or GeneralizedTime
+/// (`YYYYMMDDHHMMSSZ`) in Unix seconds.
+fn der_time(tag: u8, v: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(v).ok()?.strip_suffix('Z')?;
+    if !s.bytes().all(|c| c.is_ascii_digit()) {
+        return None;
+    }
+    let (year, rest) = match (tag, s.len()) {
+        (0x17, 12) => {
+            let yy: i64 = s[..2].parse().ok()?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &s[2..])
+        }
+        (0x18, 14) => (s[..4].parse().ok()?, &s[4..]),
+        _ => return None,
+    };
+    let n = |i: usize| rest[i..i + 2].parse::<i64>().ok();
+    let (month, day) = (n(0)?, n(2)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return None;
+    }
+    Some(days_from_civil(year, month, day) * 86_400 + n(4)? * 3600 + n(6)? * 60 + n(8)?)
+}
+
+/// Days from 1970-01-01 to a date of the proleptic Gregorian calendar
+/// (Howard Hinnant's `days_from_civil`).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 impl Tls {
@@ -143,5 +264,71 @@ impl Tls {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_of_der_times() {
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+        assert_eq!(der_time(0x17, b"700101000000Z"), Some(0));
+        assert_eq!(der_time(0x17, b"491231235959Z"), Some(2_524_607_999));
+        assert_eq!(der_time(0x18, b"20261205024500Z"), Some(1_796_438_700));
+        assert_eq!(der_time(0x18, b"20261305024500Z"), None);
+        assert_eq!(der_time(0x17, b"2612050245Z"), None);
+        assert_eq!(der_time(0x04, b"700101000000Z"), None);
+    }
+
+    #[test]
+    fn warnings_of_validity() {
+        let day = 86_400;
+        let v = (1_000 * day, 1_100 * day);
+        assert!(validity_warning(v, 1_101 * day)
+            .unwrap()
+            .starts_with("expired at"));
+        assert!(validity_warning(v, 999 * day)
+            .unwrap()
+            .starts_with("is not valid before"));
+        let soon = validity_warning(v, 1_090 * day).unwrap();
+        assert!(soon.contains("in 10 days"), "{soon}");
+        assert_eq!(validity_warning(v, 1_050 * day), None);
+    }
+
+    /// The dates of a certificate the openssl command made (as operators
+    /// make theirs), read from its DER.
+    #[test]
+    fn the_validity_of_an_openssl_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        let made = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "3"])
+            .args(["-subj", "/CN=rotor test", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output();
+        if !made.is_ok_and(|m| m.status.success()) {
+            eprintln!("SKIPPED: no openssl command");
+            return;
+        }
+        let der = CertificateDer::pem_file_iter(&cert)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        let (from, to) = validity(&der).unwrap();
+        assert!((now - from).abs() < 120, "{from} {now}");
+        assert!((to - from - 3 * 86_400).abs() < 2, "{from} {to}");
+        let soon = validity_warning((from, to), now).unwrap();
+        assert!(soon.starts_with("expires at"), "{soon}");
     }
 }
