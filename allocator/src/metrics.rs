@@ -899,6 +899,28 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
 
 type Reply = hyper::Response<http_body_util::Full<bytes::Bytes>>;
 
+/// Whether an `Accept` value prefers OpenMetrics to the classic text
+/// format: its media ranges read case-insensitively, each with its `q`
+/// (1 if not given; 0: not acceptable), OpenMetrics' best weight at least
+/// that of `text/plain`, `text/*` or `*/*`.
+fn prefers_openmetrics(accept: &str) -> bool {
+    let (mut open, mut plain) = (0.0f32, 0.0f32);
+    for range in accept.split(',') {
+        let mut parts = range.split(';');
+        let kind = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(0.0));
+        match kind.as_str() {
+            "application/openmetrics-text" => open = open.max(q),
+            "text/plain" | "text/*" | "*/*" => plain = plain.max(q),
+            _ => {}
+        }
+    }
+    open > 0.0 && open >= plain
+}
+
 fn reply(status: hyper::StatusCode, ctype: &'static str, body: String) -> Reply {
     reply_bytes(status, ctype, body.into())
 }
@@ -969,15 +991,29 @@ async fn answer(
     use hyper::{Method, StatusCode};
     let text = "text/plain; charset=utf-8";
     let path = req.uri().path().to_string();
+    // (hyper sends a HEAD's answer without its body.)
+    let read = matches!(*req.method(), Method::GET | Method::HEAD);
     match (req.method().clone(), path.as_str()) {
-        (Method::GET, "/metrics") => {
-            // OpenMetrics to a scraper that asks for it (Prometheus does),
+        (_, "/metrics" | "/" | "/health") if !read => {
+            let mut r = reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                text,
+                "only GET and HEAD here\n".into(),
+            );
+            r.headers_mut().insert(
+                hyper::header::ALLOW,
+                hyper::header::HeaderValue::from_static("GET, HEAD"),
+            );
+            r
+        }
+        (_, "/metrics") => {
+            // OpenMetrics to a scraper that prefers it (Prometheus does),
             // else the classic text format.
             let open = req
                 .headers()
                 .get(hyper::header::ACCEPT)
                 .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.contains("application/openmetrics-text"));
+                .is_some_and(prefers_openmetrics);
             let Some(body) = rendered(alloc, !open).await else {
                 return reply(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -998,10 +1034,10 @@ async fn answer(
                 ),
             }
         }
-        (Method::GET, "/") => reply(StatusCode::OK, text, "rotor: metrics at /metrics\n".into()),
+        (_, "/") => reply(StatusCode::OK, text, "rotor: metrics at /metrics\n".into()),
         // For a load balancer in front of several hosts: this host serves
         // while a worker is connected to its allocator.
-        (Method::GET, "/health") => match alloc.serving() {
+        (_, "/health") => match alloc.serving() {
             true => reply(StatusCode::OK, text, "serving\n".into()),
             false => reply(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -1101,6 +1137,22 @@ async fn admin(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn openmetrics_when_preferred() {
+        // Prometheus's own Accept.
+        assert!(prefers_openmetrics("application/openmetrics-text;version=1.0.0;q=0.5,application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2"));
+        assert!(prefers_openmetrics("Application/OpenMetrics-Text"));
+        assert!(!prefers_openmetrics(
+            "application/openmetrics-text;q=0, text/plain"
+        ));
+        assert!(!prefers_openmetrics(
+            "text/plain;q=1, application/openmetrics-text;q=0.1"
+        ));
+        assert!(!prefers_openmetrics("*/*"));
+        assert!(!prefers_openmetrics("text/plain"));
+        assert!(!prefers_openmetrics(""));
+    }
 
     #[test]
     fn lease_counters_never_go_back_and_other_does_not_jump() {

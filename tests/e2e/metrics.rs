@@ -200,6 +200,16 @@ async fn one_scrape_covers_every_worker_and_counters_survive_a_worker_restart() 
     assert!(open.contains("# EOF"), "{open}");
     assert_eq!(http_get(metrics, "/nothing", "*/*").0, 404);
     assert_eq!(http_get(metrics, "/health", "*/*").0, 200);
+    // HEAD is answered without a body; another method is a 405.
+    let head = |method: &str, path: &str| {
+        http(
+            metrics,
+            &format!("{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+        )
+    };
+    assert_eq!(head("HEAD", "/health"), (200, String::new()));
+    assert_eq!(head("HEAD", "/metrics").0, 200);
+    assert_eq!(head("POST", "/metrics").0, 405);
 }
 
 #[tokio::test]
