@@ -61,8 +61,44 @@ pub type Granted = (Lease, bool);
 
 type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Response>>>>;
 
+/// What waits to be written to the allocator, at most [`MAX_QUEUED`]: an
+/// allocator that stops reading (SIGSTOP, a stall) would otherwise have
+/// every socket request of its outage queued here, long after each one's
+/// client was answered.
+struct Queue {
+    tx: mpsc::UnboundedSender<Envelope<Request>>,
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Requests waiting for the allocator to read them, at most (≈ 100 bytes
+/// each): far past a worker's rate for the lease timeout.
+const MAX_QUEUED: usize = 65_536;
+
+/// Why a request was not queued.
+#[derive(Debug, PartialEq, Eq)]
+enum Unsent {
+    /// The connection is gone.
+    Closed,
+    /// The allocator has not read what is queued already.
+    Full,
+}
+
+impl Queue {
+    /// Queues `env`, unless the connection is gone or the queue full.
+    fn send(&self, env: Envelope<Request>) -> Result<(), Unsent> {
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(Unsent::Full);
+        }
+        self.tx.send(env).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            Unsent::Closed
+        })
+    }
+}
+
 struct Conn {
-    requests: mpsc::UnboundedSender<Envelope<Request>>,
+    requests: Queue,
     /// `None` once the connection is gone, so no waiter is left behind.
     pending: Pending,
     /// The allocator's lease table, once mapped, and this worker's counter.
@@ -773,6 +809,13 @@ impl LeaseClient {
                 *wait_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64;
             }
             let sent = conn.requests.send(Envelope { id, body });
+            if sent == Err(Unsent::Full) {
+                // Not reading: as good as not answering.
+                return Err(LeaseError::Timeout {
+                    after: self.timeout,
+                    socket: self.socket.clone(),
+                });
+            }
             if sent.is_ok() {
                 match crate::h1::within_until(deadline, rx).await {
                     Some(Ok(resp)) => return Ok(resp),
@@ -811,7 +854,8 @@ fn still_wanted(pending: &Pending, env: &Envelope<Request>) -> bool {
         Request::Lease { .. }
         | Request::LeaseSite { .. }
         | Request::LeaseSiteWait { .. }
-        | Request::LeaseSession { .. } => pending
+        | Request::LeaseSession { .. }
+        | Request::LeaseSessionSite { .. } => pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
@@ -828,7 +872,7 @@ fn still_wanted(pending: &Pending, env: &Envelope<Request>) -> bool {
 struct Registered<'a> {
     pending: &'a Pending,
     id: u64,
-    cancel: Option<&'a mpsc::UnboundedSender<Envelope<Request>>>,
+    cancel: Option<&'a Queue>,
 }
 
 impl Drop for Registered<'_> {
@@ -978,8 +1022,12 @@ async fn manage(
         backoff = BACKOFF_MIN;
 
         let (requests_tx, mut requests_rx) = mpsc::unbounded_channel::<Envelope<Request>>();
+        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let conn = Arc::new(Conn {
-            requests: requests_tx,
+            requests: Queue {
+                tx: requests_tx,
+                queued: queued.clone(),
+            },
             pending: Mutex::new(Some(HashMap::new())),
             table: RwLock::new(None),
             reattach: Notify::new(),
@@ -1000,11 +1048,13 @@ async fn manage(
         let wanted = |env: &Envelope<Request>| still_wanted(&conn.pending, env);
         let writer = async {
             while let Some(env) = requests_rx.recv().await {
+                queued.fetch_sub(1, Ordering::Relaxed);
                 if wanted(&env) {
                     tx.feed(&ClientFrame::Request(env)).await?;
                 }
                 // Batch whatever else is queued into one write.
                 while let Ok(env) = requests_rx.try_recv() {
+                    queued.fetch_sub(1, Ordering::Relaxed);
                     if wanted(&env) {
                         tx.feed(&ClientFrame::Request(env)).await?;
                     }
@@ -1117,6 +1167,14 @@ mod tests {
             site: "example.com".into(),
         };
         assert!(!still_wanted(&pending, &env(3, site)));
+        let session = Request::LeaseSessionSite {
+            families: Families::ANY,
+            key: "u\0s".into(),
+            ttl_secs: 60,
+            strict: false,
+            site: "example.com".into(),
+        };
+        assert!(!still_wanted(&pending, &env(6, session)));
         let told = Request::SiteOk {
             ip: "127.0.0.2".parse().unwrap(),
             site: "example.com".into(),
@@ -1124,6 +1182,35 @@ mod tests {
         assert!(still_wanted(&pending, &env(4, told)), "told, not asked");
         *pending.lock().unwrap() = None;
         assert!(!still_wanted(&pending, &env(1, lease())), "connection gone");
+    }
+
+    /// What waits for an allocator that stopped reading is bounded: past
+    /// the cap a request is refused at once (and counted out again), and
+    /// the queue takes more once the writer read some.
+    #[test]
+    fn the_queue_to_the_allocator_is_bounded() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let q = Queue {
+            tx,
+            queued: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        };
+        let env = |id| Envelope {
+            id,
+            body: Request::Status,
+        };
+        for id in 0..MAX_QUEUED as u64 {
+            assert_eq!(q.send(env(id)), Ok(()));
+        }
+        assert_eq!(q.send(env(0)), Err(Unsent::Full));
+        assert_eq!(q.queued.load(Ordering::Relaxed), MAX_QUEUED);
+        // The writer's read, and its count.
+        rx.try_recv().unwrap();
+        q.queued.fetch_sub(1, Ordering::Relaxed);
+        assert_eq!(q.send(env(1)), Ok(()));
+        drop(rx);
+        q.queued.store(0, Ordering::Relaxed);
+        assert_eq!(q.send(env(2)), Err(Unsent::Closed));
+        assert_eq!(q.queued.load(Ordering::Relaxed), 0);
     }
 
     /// An allocator of protocol minor 0 (before the lease table and
