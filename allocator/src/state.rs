@@ -377,14 +377,13 @@ impl Inner {
         let bad = match &answer {
             Some(Ok(l)) => !self.pool.holds(l.ip),
             None => !self.closing,
-            // A refusal where the pool has addresses of the families: the
-            // table's pages were cut or zeroed under it (within its first
-            // page, which faults nowhere).
-            Some(Err(_)) => {
-                let active = self.pool.active();
-                Family::ALL
-                    .into_iter()
-                    .any(|f| families.accepts_family(f) && family_total(active, f) > 0)
+            // An empty pool where the rotation has entries: the table's
+            // pages were cut or zeroed under it (within its first page,
+            // which faults nowhere). (A family it lacks is looked at no
+            // further: checked on each such refusal, it would cost a walk
+            // of the pool.)
+            Some(Err(r)) => {
+                r.reason == rotor_protocol::NoAddress::EmptyPool && !self.pool.active().is_empty()
             }
         };
         if bad {

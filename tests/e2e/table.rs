@@ -392,3 +392,29 @@ async fn a_lease_table_cut_short_crashes_no_one_and_is_replaced() {
     let pool = ips(2..=9);
     assert!(origin.sources().iter().all(|ip| pool.contains(ip)));
 }
+
+/// An IPv6 pool asked for a dual-stack name (its A listed first) is asked
+/// for IPv4 first: the table's "no IPv4 address" is answered at once, not
+/// asked again over the socket (a round trip a request, and a 503 while
+/// the allocator is stopped).
+#[tokio::test]
+async fn a_family_the_pool_lacks_is_refused_by_the_table_without_the_allocator() {
+    let origin = Origin::start_on("[::1]:0".parse().unwrap()).await;
+    let port = origin.addr.port();
+    let dns = Dns::start().await;
+    dns.set("dual.test", "127.0.0.1".parse().unwrap(), 300);
+    dns.set_v6("dual.test", "::1".parse().unwrap(), 300);
+    let alloc = Allocator::start(&["--pool", "::1"]).await;
+    let server = dns.addr.to_string();
+    let w = Worker::start(&alloc.socket, &["--dns-server", &server]).await;
+    let url = format!("http://dual.test:{port}/");
+    assert_eq!(get(w.addr, &url).await.status, 200);
+    mapped(&[&w]).await;
+    let _stopped = Stopped::new(&alloc);
+    for _ in 0..3 {
+        let r = tokio::time::timeout(Duration::from_secs(1), get(w.addr, &url))
+            .await
+            .expect("a request waited for the stopped allocator");
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+}

@@ -450,12 +450,20 @@ impl LeaseClient {
             .as_ref()
             .and_then(|m| c.lease_from_table(m, families));
         let table = mapped.map(|(t, _)| t);
-        // A refusal is asked again over the socket, whose answer is the
-        // allocator's own: a table cut or zeroed in place (within its
-        // first page, which no SIGBUS catches) reads as an empty pool
-        // until the allocator's check replaces it, and its refusals would
-        // turn every client away meanwhile. An empty pool is an error
-        // anyway; its round trip costs no one.
+        // An empty pool is asked again over the socket, whose answer is
+        // the allocator's own: a table cut or zeroed in place (within its
+        // first page, which no SIGBUS catches) reads so until the
+        // allocator's check replaces it, and its refusals would turn every
+        // client away meanwhile. Should the allocator not answer, the
+        // table's refusal stands. (A family the pool lacks is answered at
+        // once: a dual-stack name asked of an IPv6 pool asks it for IPv4
+        // first, on every request.)
+        let mut refused = None;
+        match answer {
+            Some(Err(r)) if r.reason == NoAddress::EmptyPool => refused = Some(r.reason),
+            Some(Err(r)) => return Err(LeaseError::NoAddress(r.reason)),
+            _ => {}
+        }
         if let Some(Ok(lease)) = answer {
             match self.vouch(&c, &lease, &deadline).await {
                 Vouch::Yes | Vouch::Unanswered => return Ok((lease, false)),
@@ -470,13 +478,15 @@ impl LeaseClient {
                 }
             }
         }
-        match self
+        let asked = self
             .request_until(Request::Lease { families }, deadline())
-            .await?
-        {
-            Response::Leased(lease) => Ok((lease, false)),
-            Response::NoAddress(refusal) => Err(LeaseError::NoAddress(refusal.reason)),
-            other => Err(LeaseError::Unexpected(format!("{other:?}"))),
+            .await;
+        match (asked, refused) {
+            (Ok(Response::Leased(lease)), _) => Ok((lease, false)),
+            (Ok(Response::NoAddress(refusal)), _) => Err(LeaseError::NoAddress(refusal.reason)),
+            (Err(LeaseError::Timeout { .. }), Some(reason)) => Err(LeaseError::NoAddress(reason)),
+            (Ok(other), _) => Err(LeaseError::Unexpected(format!("{other:?}"))),
+            (Err(e), _) => Err(e),
         }
     }
 
