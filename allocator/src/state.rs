@@ -156,8 +156,9 @@ fn unix_now_ms() -> u64 {
 /// to `restore` with the wall clock in Unix milliseconds (`wall_ms`, or the
 /// file's time of writing if that is later: a clock set back since, by a
 /// start before NTP or a VM snapshot, would lengthen what was kept): how
-/// many were kept and how many it took back; `None` if nothing was kept
-/// (or the file was unreadable: logged, and they start over).
+/// many were kept, how many it took back, and whether the file was set
+/// aside for an item that did not read; `None` if nothing was kept (or the
+/// file was unreadable: logged, and they start over).
 fn take_kept<T: serde::de::DeserializeOwned>(
     dir: &std::path::Path,
     name: &str,
@@ -165,7 +166,7 @@ fn take_kept<T: serde::de::DeserializeOwned>(
     remove: bool,
     wall_ms: u64,
     restore: impl FnOnce(Vec<T>, u64) -> usize,
-) -> Option<(usize, usize)> {
+) -> Option<(usize, usize, bool)> {
     let path = dir.join(name);
     let written_ms = std::fs::metadata(&path)
         .and_then(|m| m.modified())
@@ -181,7 +182,7 @@ fn take_kept<T: serde::de::DeserializeOwned>(
                 return None;
             }
             let kept = saved.len();
-            Some((kept, restore(saved, wall_ms.max(written_ms))))
+            Some((kept, restore(saved, wall_ms.max(written_ms)), bad > 0))
         }
         Err(e) => {
             tracing::warn!(file = %path.display(), error = %e, "cannot read the {what} kept before the restart (a file that does not parse is kept aside as .corrupt); they start over");
@@ -749,7 +750,7 @@ impl Allocator {
         let mut inner = self.lock();
         let (now, wall) = (Instant::now(), unix_now_ms());
         let remove = !checkpoints;
-        if let Some((kept, n)) = take_kept(
+        if let Some((kept, n, set_aside)) = take_kept(
             dir,
             SESSIONS_FILE_NAME,
             "sticky sessions",
@@ -762,8 +763,14 @@ impl Allocator {
                 ended_or_over_the_cap = kept - n,
                 "sticky sessions kept from before the restart"
             );
+            // Their file was set aside (an item in it did not read): the
+            // next checkpoint writes what was read back, or a crash
+            // before anything changes would lose it.
+            if set_aside {
+                inner.changes += 1;
+            }
         }
-        if let Some((kept, n)) = take_kept(
+        if let Some((kept, n, set_aside)) = take_kept(
             dir,
             SITES_FILE_NAME,
             "site budgets and cooldowns",
@@ -783,6 +790,9 @@ impl Allocator {
                 "site budgets used and cooldowns kept from before the restart"
             );
             inner.publish_sites();
+            if set_aside {
+                inner.changes += 1;
+            }
         }
         inner.kept_dir = Some(dir.to_owned());
         let path = dir.join(crate::persist::HAND_FILE_NAME);
@@ -2239,6 +2249,39 @@ mod tests {
         let cooling = report.sites[0].addrs[0].cooling_ms.expect("cooling");
         assert!(cooling > 590_000, "{cooling}");
         assert!(dir.path().join(SESSIONS_FILE_NAME).exists());
+    }
+
+    /// A sessions file with an item that does not read: the others come
+    /// back, the file is set aside, and the next checkpoint writes them
+    /// again (a crash before anything changed would lose them otherwise).
+    #[test]
+    fn a_file_read_in_part_is_written_again_at_the_next_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = kept_in(dir.path());
+        a.apply_refresh(vec![Ok(three())], &ok());
+        let Response::Leased(l) =
+            a.lease_session(1, Families::ANY, "u\0s1", Duration::from_secs(600), false)
+        else {
+            panic!("no session");
+        };
+        a.checkpoint().expect("a session began").write(false);
+        let path = dir.path().join(SESSIONS_FILE_NAME);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let text = text.replacen('[', "[{\"key\":\"bad\"},", 1);
+        std::fs::write(&path, text).unwrap();
+        let b = kept_in(dir.path());
+        b.apply_refresh(vec![Ok(three())], &ok());
+        assert!(!path.exists(), "set aside");
+        b.checkpoint()
+            .expect("what was read, written again")
+            .write(false);
+        assert!(path.exists());
+        let c = kept_in(dir.path());
+        c.apply_refresh(vec![Ok(three())], &ok());
+        match c.lease_session(1, Families::ANY, "u\0s1", Duration::from_secs(600), false) {
+            Response::Leased(again) => assert_eq!(again.ip, l.ip),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// A wall clock set back since the file was written (a start before NTP
