@@ -665,30 +665,44 @@ impl LeaseClient {
         // An allocator too old for sessions is TooOld, as `request` checks
         // every request's minor on the connection it goes on.
         let ttl_secs = u32::try_from(ttl.as_secs().max(1)).unwrap_or(u32::MAX);
-        let site = self.conn.borrow().clone().and_then(|c| {
-            if c.minor < MINOR_SESSION_SITE {
-                return None;
-            }
-            let mapped = c.mapped();
-            c.site_path(mapped.as_ref().map(|(t, _)| &**t), host)
-        });
-        let key = key.to_string();
-        let body = match site {
-            Some(site) => Request::LeaseSessionSite {
-                families,
-                key,
-                ttl_secs,
-                strict,
-                site,
-            },
-            None => Request::LeaseSession {
-                families,
-                key,
-                ttl_secs,
-                strict,
-            },
+        // Whether the site takes the site path is the connection's to say:
+        // waited for (an allocator restarting), as `lease` does.
+        let current = self.conn.borrow().clone();
+        let c = match current {
+            Some(c) => c,
+            None => self.connection(Instant::now() + self.timeout).await?,
         };
-        match self.request(body).await? {
+        let site = match c.minor >= MINOR_SESSION_SITE {
+            true => {
+                let mapped = c.mapped();
+                c.site_path(mapped.as_ref().map(|(t, _)| &**t), host)
+            }
+            false => None,
+        };
+        let plain = || Request::LeaseSession {
+            families,
+            key: key.to_string(),
+            ttl_secs,
+            strict,
+        };
+        let answer = match site {
+            Some(site) => {
+                let body = Request::LeaseSessionSite {
+                    families,
+                    key: key.to_string(),
+                    ttl_secs,
+                    strict,
+                    site,
+                };
+                match self.request(body).await {
+                    // Reconnected meanwhile to an older allocator.
+                    Err(LeaseError::TooOld { .. }) => self.request(plain()).await,
+                    r => r,
+                }
+            }
+            None => self.request(plain()).await,
+        };
+        match answer? {
             Response::SessionLost { ip } => Err(LeaseError::SessionLost(ip)),
             Response::SessionsFull { retry_after_ms } => Err(LeaseError::SessionsFull {
                 retry_after: Duration::from_millis(retry_after_ms),
