@@ -238,3 +238,25 @@ async fn an_ipv4_mapped_literal_is_its_ipv4_address() {
     .await;
     assert_eq!(code, 200);
 }
+
+/// A dual-stack name whose A answer comes well after its AAAA one, asked
+/// of an IPv4 pool: the AAAA alone (all that came within the moment the
+/// other family is given) leaves the pool nothing to lease, so the name
+/// is looked up again with both families waited for, and served. (It was
+/// a 503 "no IPv6 address" on every request while the answer was kept.)
+#[tokio::test]
+async fn a_late_family_the_pool_needs_is_waited_for() {
+    let m = Moving::start([127, 0, 0, 20]).await;
+    m.dns
+        .set("late.rotor.test", Ipv4Addr::new(127, 0, 0, 1), 300);
+    m.dns.set_v6("late.rotor.test", "::1".parse().unwrap(), 300);
+    m.dns
+        .slow_a_ms
+        .store(400, std::sync::atomic::Ordering::Relaxed);
+    let mut conn = ProxyConn::open(m.worker.addr).await;
+    for _ in 0..3 {
+        let r = conn.get(&m.url("late")).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    }
+    assert_eq!(m.first.count(), 3);
+}

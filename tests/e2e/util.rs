@@ -788,12 +788,16 @@ pub struct Dns {
     /// AAAA records (none by default: a known name's AAAA query gets no
     /// records).
     pub aaaa: Arc<Mutex<std::collections::HashMap<String, (std::net::Ipv6Addr, u32)>>>,
+    /// How long each A answer is held back, in milliseconds (0: none).
+    pub slow_a_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Dns {
     pub async fn start() -> Dns {
-        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let sock = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
         let addr = sock.local_addr().unwrap();
+        let slow_a_ms: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+        let slow = slow_a_ms.clone();
         let answers: Arc<Mutex<std::collections::HashMap<_, _>>> = Arc::default();
         let queries: Arc<Mutex<std::collections::HashMap<_, _>>> = Arc::default();
         let silent_aaaa: Arc<std::sync::atomic::AtomicBool> = Arc::default();
@@ -807,8 +811,17 @@ impl Dns {
                     return;
                 };
                 let silent = silent.load(std::sync::atomic::Ordering::Relaxed);
-                if let Some(reply) = dns_answer(&buf[..n], (&a, &a6), &q, silent) {
-                    let _ = sock.send_to(&reply, from).await;
+                if let Some((reply, qtype)) = dns_answer(&buf[..n], (&a, &a6), &q, silent) {
+                    let delay = slow.load(std::sync::atomic::Ordering::Relaxed);
+                    if qtype == 1 && delay > 0 {
+                        let sock = sock.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(delay)).await;
+                            let _ = sock.send_to(&reply, from).await;
+                        });
+                    } else {
+                        let _ = sock.send_to(&reply, from).await;
+                    }
                 }
             }
         });
@@ -818,6 +831,7 @@ impl Dns {
             queries,
             silent_aaaa,
             aaaa,
+            slow_a_ms,
         }
     }
 
@@ -849,7 +863,7 @@ fn dns_answer(
     (answers, aaaa): (&Records<std::net::Ipv4Addr>, &Records<std::net::Ipv6Addr>),
     queries: &Mutex<std::collections::HashMap<String, usize>>,
     silent_aaaa: bool,
-) -> Option<Vec<u8>> {
+) -> Option<(Vec<u8>, u16)> {
     if q.len() < 12 || u16::from_be_bytes([q[4], q[5]]) != 1 {
         return None;
     }
@@ -905,7 +919,7 @@ fn dns_answer(
         r.extend_from_slice(&(ip.len() as u16).to_be_bytes());
         r.extend_from_slice(&ip);
     }
-    Some(r)
+    Some((r, qtype))
 }
 
 /// Runs `body` in a network namespace of its own, on a thread of its own

@@ -199,6 +199,28 @@ impl Resolver {
         port: u16,
         timeout: Duration,
     ) -> Result<Vec<SocketAddr>, ProxyError> {
+        self.resolve_as(host, port, timeout, false).await
+    }
+
+    /// As `resolve`, both families waited for (up to `timeout`), whatever
+    /// the cache holds: for a name whose one family answered before the
+    /// other came, when the pool has only that other family.
+    pub async fn resolve_both(
+        &self,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Vec<SocketAddr>, ProxyError> {
+        self.resolve_as(host, port, timeout, true).await
+    }
+
+    async fn resolve_as(
+        &self,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+        both: bool,
+    ) -> Result<Vec<SocketAddr>, ProxyError> {
         if let Some(ip) = ip_literal(host) {
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
@@ -213,7 +235,7 @@ impl Resolver {
             }
         }
         let cached = !self.ttl.is_zero();
-        if cached {
+        if cached && !both {
             if let Some(addrs) = answers.get(host, port) {
                 return Ok(addrs);
             }
@@ -223,7 +245,8 @@ impl Resolver {
             // kept): inline, their room would be in every request's state,
             // moved at each await, a name kept or not.
             Lookup::Dns(r, _) => {
-                let (addrs, until) = Box::pin(self.resolve_dns(r, host, port, timeout)).await?;
+                let (addrs, until) =
+                    Box::pin(self.resolve_dns(r, host, port, timeout, both)).await?;
                 (addrs, Some(until))
             }
             Lookup::System => (Box::pin(lookup(host, port, timeout)).await?, None),
@@ -249,6 +272,7 @@ impl Resolver {
         host: &str,
         port: u16,
         timeout: Duration,
+        both: bool,
     ) -> Result<(Vec<SocketAddr>, Instant), ProxyError> {
         // A name with a dot is absolute: no search domains tried first.
         let name = match host.contains('.') && !host.ends_with('.') {
@@ -256,7 +280,7 @@ impl Resolver {
             false => host.to_string(),
         };
         // (`within`: a slow lookup has the fast path watch its client.)
-        let (v4, v6) = match crate::h1::within(timeout, both_families(resolver, &name))
+        let (v4, v6) = match crate::h1::within(timeout, both_families(resolver, &name, both))
             .await
             .ok_or(())
         {
@@ -324,10 +348,11 @@ const ONE_FAMILY_WAIT: Duration = Duration::from_millis(100);
 
 /// The A and the AAAA lookups of `name`, asked at once; `None` for a
 /// family not answered within [`ONE_FAMILY_WAIT`] of the other's
-/// addresses.
+/// addresses (`wait_both`: each waited for as long as it takes).
 async fn both_families(
     resolver: &TokioResolver,
     name: &str,
+    wait_both: bool,
 ) -> (
     Option<Result<hickory_resolver::lookup::Lookup, hickory_resolver::net::NetError>>,
     Option<Result<hickory_resolver::lookup::Lookup, hickory_resolver::net::NetError>>,
@@ -338,7 +363,7 @@ async fn both_families(
     let (mut a, mut b) = (None, None);
     while a.is_none() || b.is_none() {
         let answered = |r: &Option<Result<_, _>>| matches!(r, Some(Ok(_)));
-        if answered(&a) || answered(&b) {
+        if !wait_both && (answered(&a) || answered(&b)) {
             // One family has addresses: the other gets a moment more.
             let rest = async {
                 match a.is_none() {

@@ -734,18 +734,62 @@ impl Proxy {
             .dns
             .resolve(host, port, self.config.connect_timeout)
             .await?;
-        // Every address the name resolved to must be allowed: a name with one
-        // private address among public ones is refused, not half-served.
-        // The connection is made to these same addresses, so a second DNS
-        // answer cannot slip another one in.
-        for a in &addrs {
+        self.allowed(&addrs)?;
+        match self.lease_for(&addrs, host, sticky).await {
+            Err(ProxyError::NoAddress(NoAddress::NoFamily { wanted }))
+                if wanted != Families::ANY =>
+            {
+                self.other_family(host, port, sticky, wanted).await
+            }
+            r => Ok((addrs, r?)),
+        }
+    }
+
+    /// Every address the name resolved to must be allowed: a name with one
+    /// private address among public ones is refused, not half-served. The
+    /// connection is made to these same addresses, so a second DNS answer
+    /// cannot slip another one in.
+    fn allowed(&self, addrs: &[SocketAddr]) -> Result<(), ProxyError> {
+        for a in addrs {
             self.config
                 .acl
                 .check_with(*a, &self.local)
                 .map_err(ProxyError::Denied)?;
         }
-        let granted = self.lease_for(&addrs, host, sticky).await?;
-        Ok((addrs, granted))
+        Ok(())
+    }
+
+    /// A name that resolved to one family (`had`), which the pool lacks:
+    /// looked up again with both families waited for. Its other family may
+    /// have come after the moment it is given once one family answers (a
+    /// slow AAAA, or an A whose shorter TTL has it asked again while the
+    /// AAAA is cached), and a pool of that family alone would refuse every
+    /// request until the answer expired. (Out of line: an error path.)
+    #[cold]
+    #[inline(never)]
+    fn other_family<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+        sticky: Option<&'a Sticky>,
+        had: Families,
+    ) -> crate::Boxed<'a, Result<(Vec<SocketAddr>, Granted), ProxyError>> {
+        Box::pin(async move {
+            let lacking = ProxyError::NoAddress(NoAddress::NoFamily { wanted: had });
+            if crate::dns::ip_literal(host).is_some() {
+                return Err(lacking);
+            }
+            let addrs = self
+                .dns
+                .resolve_both(host, port, self.config.connect_timeout)
+                .await?;
+            if Families::of(addrs.iter().map(SocketAddr::ip)) == had {
+                return Err(lacking);
+            }
+            self.allowed(&addrs)?;
+            let granted = self.lease_for(&addrs, host, sticky).await?;
+            Ok((addrs, granted))
+        })
     }
 
     /// A lease of the family `addrs` (a resolved destination) lists first;
