@@ -172,10 +172,8 @@ fn check(
                         }
                     }
                 }
-                for (_, why) in rotor_allocator::usable::misrouted(addrs.iter())
-                    .iter()
-                    .take(NAMED)
-                {
+                let misrouted = rotor_allocator::usable::misrouted(addrs.iter());
+                for (_, why) in misrouted.found.iter().take(NAMED) {
                     eprintln!("warning: {why}");
                 }
             }

@@ -104,7 +104,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             "ok: allocator socket {}",
             args.common.socket(&file).display()
         );
-        eprintln!("ok: {:?}", tuning);
+        check_summary(&tuning);
         return ExitCode::SUCCESS;
     }
     let (tls_listeners, tls_inherited) = match passed_or_bound(&tls_passed, &merged.tls_listen) {
@@ -329,6 +329,64 @@ fn reload_asked((table, count): (u64, u64), (now_table, now_count): (u64, u64)) 
         true => now_count != count,
         false => now_count > count,
     }
+}
+
+/// What `--check` read, in words (the settings a worker would run with).
+fn check_summary(t: &crate::cli::worker::WorkerSettingsTuning) {
+    let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let list = |v: &[rotor_worker::acl::Cidr]| {
+        v.iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (c, p) = (&t.config, &t.config.proxy);
+    eprintln!(
+        "ok: {} runtime thread(s); timeouts: lease {}, connect {}, response {}, header read {}, idle {}, tunnel idle {}, drain {}",
+        t.threads,
+        d(t.lease_timeout),
+        d(p.connect_timeout),
+        d(p.response_timeout),
+        d(c.header_read_timeout),
+        d(c.idle_timeout),
+        d(p.tunnel_idle_timeout),
+        d(c.drain_timeout)
+    );
+    eprintln!(
+        "ok: at most {} connections, {} from one client address (0: no limit); heads of {} bytes at most",
+        c.max_connections, c.max_client_connections, p.max_head_bytes
+    );
+    let (allow, deny) = p.acl.operator_rules();
+    eprintln!(
+        "ok: destinations: public addresses; allowed too: [{}]; denied: [{}]; ports denied: {:?}",
+        list(allow),
+        list(deny),
+        p.acl.deny_ports()
+    );
+    match &p.auth {
+        Some(a) => eprintln!("ok: {} user(s) in the users file", a.len()),
+        None if t.no_auth => eprintln!("ok: no authentication (--no-auth)"),
+        None => eprintln!("ok: no authentication (loopback listeners only)"),
+    }
+    eprintln!(
+        "ok: TLS certificate: {}; access log: {}; names resolved by {}",
+        if c.tls.is_some() { "loaded" } else { "none" },
+        if p.access_log.is_some() { "on" } else { "off" },
+        match &p.resolver {
+            rotor_worker::dns::ResolverChoice::System => "getaddrinfo".to_string(),
+            rotor_worker::dns::ResolverChoice::Dns { servers } if servers.is_empty() => {
+                "rotor, from /etc/resolv.conf".to_string()
+            }
+            rotor_worker::dns::ResolverChoice::Dns { servers } => format!(
+                "rotor, from {}",
+                servers
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    );
 }
 
 #[cfg(test)]

@@ -991,24 +991,36 @@ impl Allocator {
             .collect()
     }
 
-    /// Applies checks of entries (from `due_checks`): usable ones go back
-    /// into the rotation, the others wait twice as long.
-    /// Logs the entries a refresh found leaving through another interface
-    /// than their own (once each, until mended) and those mended since.
-    pub fn note_misrouted(&self, found: Vec<(Segment, String)>) {
+    /// Logs the entries a refresh found (among those it looked at)
+    /// leaving through another interface than their own (once each, until
+    /// mended) and those mended since. One not looked at this time (its
+    /// source failed, and keeps its last good entries) is left as it was;
+    /// one gone from the pool is forgotten.
+    pub fn note_misrouted(&self, m: crate::usable::Misrouted) {
+        let crate::usable::Misrouted { found, looked } = m;
         let mut inner = self.lock();
-        let now: HashSet<Segment> = found.iter().map(|(e, _)| *e).collect();
         for (entry, why) in &found {
             if !inner.misrouted.contains(entry) {
                 tracing::warn!(%entry, "pool address may not reach the internet: {why}");
             }
         }
-        for entry in inner.misrouted.difference(&now) {
-            tracing::info!(%entry, "pool address now sends to the internet through its own interface");
+        let now: HashSet<Segment> = found.iter().map(|(e, _)| *e).collect();
+        let before = std::mem::take(&mut inner.misrouted);
+        for entry in before {
+            if now.contains(&entry) {
+                continue;
+            }
+            if looked.contains(&entry) {
+                tracing::info!(%entry, "pool address now sends to the internet through its own interface");
+            } else if inner.pool.addrs().contains(&entry) {
+                inner.misrouted.insert(entry);
+            }
         }
-        inner.misrouted = now;
+        inner.misrouted.extend(now);
     }
 
+    /// Applies checks of entries (from `due_checks`): usable ones go back
+    /// into the rotation, the others wait twice as long.
     pub fn apply_checks(&self, checks: &HashMap<Segment, Result<(), String>>) {
         let mut inner = self.lock();
         let now = Instant::now();

@@ -188,10 +188,11 @@ pub fn egress_interface(src: IpAddr, dst: IpAddr) -> io::Result<Option<u32>> {
 /// time out; a switch on one L2 segment may carry them, so this is a
 /// warning, not a quarantine. Nothing is said when the host has no route
 /// to the internet from the entry at all (local destinations only).
-pub fn misrouted<'a>(entries: impl Iterator<Item = &'a Segment>) -> Vec<(Segment, String)> {
-    use std::collections::{HashMap, HashSet};
+pub fn misrouted<'a>(entries: impl Iterator<Item = &'a Segment>) -> Misrouted {
+    use std::collections::HashMap;
+    let mut out = Misrouted::default();
     let Ok(all) = crate::source::list_interfaces() else {
-        return Vec::new();
+        return out;
     };
     let index = |name: &str| nix::net::if_::if_nametoindex(name).ok();
     let lo = index("lo");
@@ -206,16 +207,17 @@ pub fn misrouted<'a>(entries: impl Iterator<Item = &'a Segment>) -> Vec<(Segment
             (Some(i) != lo).then_some((ip, (i, name)))
         })
         .collect();
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
     for e in entries {
-        if !e.is_single() || held.is_empty() || !seen.insert(*e) {
+        if !e.is_single() || held.is_empty() {
             continue;
         }
         let ip = e.at(0);
         let Some((own, name)) = held.get(&ip) else {
             continue;
         };
+        if !out.looked.insert(*e) {
+            continue;
+        }
         let Ok(Some(via)) = egress_interface(ip, internet(ip)) else {
             continue;
         };
@@ -226,7 +228,7 @@ pub fn misrouted<'a>(entries: impl Iterator<Item = &'a Segment>) -> Vec<(Segment
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|_| format!("interface {via}"));
         let v6 = if ip.is_ipv6() { " -6" } else { "" };
-        out.push((
+        out.found.push((
             *e,
             format!(
                 "{ip} is {name}'s, but this host sends to the internet from it through {via}: a cloud network drops packets with another interface's source address, so requests from it would time out; route its traffic out of {name} (`ip{v6} rule add from {ip} table 100` and `ip{v6} route add default via GATEWAY dev {name} table 100`)"
@@ -234,6 +236,15 @@ pub fn misrouted<'a>(entries: impl Iterator<Item = &'a Segment>) -> Vec<(Segment
         ));
     }
     out
+}
+
+/// What `misrouted` found: the entries sending through another interface,
+/// each with what to do, and every entry it looked at (the single
+/// addresses of an interface other than lo).
+#[derive(Debug, Default)]
+pub struct Misrouted {
+    pub found: Vec<(Segment, String)>,
+    pub looked: std::collections::HashSet<Segment>,
 }
 
 /// An address of the internet at large, of `ip`'s family, to ask the

@@ -97,7 +97,8 @@ settings! {
         /// How often the pool sources are re-read (SIGHUP re-reads at once).
         refresh: Option<Duration> = "20s",
         /// Where the rotation state is kept across restarts [default:
-        /// /var/lib/rotor for root, else $XDG_STATE_HOME/rotor].
+        /// $STATE_DIRECTORY (systemd's), else /var/lib/rotor for root,
+        /// else $XDG_STATE_HOME/rotor].
         #[arg(value_name = "DIR")]
         state_dir: Option<PathBuf>,
         /// Keep no rotation state: a restarted allocator starts from the
@@ -115,8 +116,8 @@ settings! {
         /// user always are. Repeatable.
         #[arg(value_name = "USER")]
         allow_uid: Vec<String>,
-        /// Also serve peers whose primary group is this (name or gid).
-        /// Repeatable.
+        /// Also serve peers in this group (name or gid; their primary group
+        /// or a supplementary one). Repeatable.
         #[arg(value_name = "GROUP")]
         allow_gid: Vec<String>,
     }

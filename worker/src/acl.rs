@@ -207,12 +207,17 @@ impl Acl {
         }
     }
 
-    /// The defaults alone.
     /// The destination ports refused.
     pub fn deny_ports(&self) -> &[u16] {
         &self.deny_ports
     }
 
+    /// The operator's ranges: allowed, denied.
+    pub fn operator_rules(&self) -> (&[Cidr], &[Cidr]) {
+        (&self.allow, &self.deny)
+    }
+
+    /// The defaults alone.
     pub fn default_rules() -> Acl {
         Acl::new(Vec::new(), Vec::new(), DEFAULT_DENY_PORTS.to_vec())
     }

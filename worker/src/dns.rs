@@ -288,7 +288,7 @@ impl Resolver {
             Err(_) => {
                 return Err(ProxyError::DnsTimeout {
                     host: host.to_string(),
-                    timeout,
+                    timeout: Some(timeout),
                 })
             }
         };
@@ -322,7 +322,7 @@ impl Resolver {
         }
         if addrs.is_empty() {
             return Err(match failed {
-                Some(e) => dns_error(host, e, timeout),
+                Some(e) => dns_error(host, e),
                 None => ProxyError::DnsEmpty {
                     host: host.to_string(),
                 },
@@ -386,11 +386,14 @@ async fn both_families(
 /// "no address"), the servers' silence (504 `dns_timeout`, as when rotor's
 /// own timer ends it: the resolver's timeouts and attempts, from
 /// resolv.conf, may end it first), or another failure (502).
-fn dns_error(host: &str, e: hickory_resolver::net::NetError, timeout: Duration) -> ProxyError {
+fn dns_error(host: &str, e: hickory_resolver::net::NetError) -> ProxyError {
     let host = host.to_string();
     match e {
         e if e.is_no_records_found() => ProxyError::DnsEmpty { host },
-        hickory_resolver::net::NetError::Timeout => ProxyError::DnsTimeout { host, timeout },
+        hickory_resolver::net::NetError::Timeout => ProxyError::DnsTimeout {
+            host,
+            timeout: None,
+        },
         e => ProxyError::Dns {
             host,
             source: io::Error::other(e),
@@ -523,7 +526,7 @@ async fn lookup(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAd
         Err(_) => {
             return Err(ProxyError::DnsTimeout {
                 host: bare.to_string(),
-                timeout,
+                timeout: Some(timeout),
             })
         }
     };
@@ -671,14 +674,14 @@ mod tests {
 
     #[test]
     fn a_resolver_timeout_is_a_dns_timeout() {
-        let t = Duration::from_secs(10);
-        let e = dns_error("example.com", hickory_resolver::net::NetError::Timeout, t);
-        assert!(matches!(e, ProxyError::DnsTimeout { .. }), "{e}");
-        let e = dns_error(
-            "example.com",
-            hickory_resolver::net::NetError::from("odd"),
-            t,
+        // The resolver's own timeouts, not rotor's: no duration claimed.
+        let e = dns_error("example.com", hickory_resolver::net::NetError::Timeout);
+        assert!(
+            matches!(e, ProxyError::DnsTimeout { timeout: None, .. }),
+            "{e}"
         );
+        assert!(e.to_string().contains("did not answer"), "{e}");
+        let e = dns_error("example.com", hickory_resolver::net::NetError::from("odd"));
         assert!(matches!(e, ProxyError::Dns { .. }), "{e}");
     }
 

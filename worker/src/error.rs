@@ -75,8 +75,13 @@ pub enum ProxyError {
     },
     #[error("{host} resolved to no address")]
     DnsEmpty { host: String },
-    #[error("resolving {host} took longer than {timeout:?}")]
-    DnsTimeout { host: String, timeout: Duration },
+    /// `timeout`: rotor's own bound ran out; `None`: the resolver's
+    /// timeouts and attempts (resolv.conf's) ended it first.
+    #[error("{}", dns_timeout_text(host, *timeout))]
+    DnsTimeout {
+        host: String,
+        timeout: Option<Duration>,
+    },
     #[error("connection to {dest} refused")]
     Refused {
         dest: String,
@@ -140,6 +145,15 @@ impl ProxyError {
             error: self,
             source: Some(ip),
         }
+    }
+}
+
+fn dns_timeout_text(host: &str, timeout: Option<Duration>) -> String {
+    match timeout {
+        Some(t) => format!("resolving {host} took longer than {t:?}"),
+        None => format!(
+            "the DNS servers did not answer for {host} (their timeouts and attempts ran out)"
+        ),
     }
 }
 

@@ -53,6 +53,8 @@ pub enum LeaseError {
     },
     #[error("the allocator (protocol minor {has}) is too old for this (minor {needs} or newer)")]
     TooOld { has: u16, needs: u16 },
+    #[error("the allocator has not read the {0} requests queued for it (is it stopped?)")]
+    Backlogged(usize),
 }
 
 /// A lease, and whether the allocator wants to hear how the site answered
@@ -70,8 +72,9 @@ struct Queue {
     queued: Arc<std::sync::atomic::AtomicUsize>,
 }
 
-/// Requests waiting for the allocator to read them, at most (≈ 100 bytes
-/// each): far past a worker's rate for the lease timeout.
+/// Requests waiting for the allocator to read them, at most (≈ 220 bytes
+/// each, and a site's name or a session's key: about 15 MB a worker at
+/// the cap): far past a worker's rate for the lease timeout.
 const MAX_QUEUED: usize = 65_536;
 
 /// Why a request was not queued.
@@ -835,10 +838,7 @@ impl LeaseClient {
             let sent = conn.requests.send(Envelope { id, body });
             if sent == Err(Unsent::Full) {
                 // Not reading: as good as not answering.
-                return Err(LeaseError::Timeout {
-                    after: self.timeout,
-                    socket: self.socket.clone(),
-                });
+                return Err(LeaseError::Backlogged(MAX_QUEUED));
             }
             if sent.is_ok() {
                 match crate::h1::within_until(deadline, rx).await {

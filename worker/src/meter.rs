@@ -124,6 +124,15 @@ impl Meter {
         });
     }
 
+    /// A request hyper's server answered itself (its head unreadable):
+    /// counted, as rotor's own answers are, but not timed (it had none).
+    pub fn unread(&self) {
+        self.with(|a| {
+            a.requests += 1;
+            *a.errors.entry("none".to_string()).or_default() += 1;
+        });
+    }
+
     pub fn connected(&self, took: Duration) {
         self.with(|a| a.connect_seconds.observe(took.as_secs_f64()));
     }

@@ -417,7 +417,7 @@ impl Proxy {
     /// flood of malformed requests shows.
     #[cold]
     pub fn answered_by_hyper(&self, client: SocketAddr, status: u16) {
-        self.meter.error(None, Duration::ZERO);
+        self.meter.unread();
         if let Some(log) = &self.config.access_log {
             let mut e = Entry::new(
                 Instant::now(),

@@ -501,7 +501,9 @@ fn hyper_answered(e: &hyper::Error) -> Option<u16> {
             false => 431,
         });
     }
-    (e.is_parse() && !e.is_parse_version_h2() && !e.is_parse_status()).then_some(400)
+    // Not hyper's own failure (`Parse::Internal`), which it answers not.
+    let internal = e.to_string().contains("internal error");
+    (e.is_parse() && !e.is_parse_version_h2() && !e.is_parse_status() && !internal).then_some(400)
 }
 
 /// A connection told to shut down gracefully, until it ends: a request in

@@ -110,8 +110,10 @@ const EXPIRES_SOON: i64 = 14 * 86_400;
 /// What is wrong with a certificate valid from `not_before` to
 /// `not_after` (Unix seconds) at `now`, if anything.
 fn validity_warning((not_before, not_after): (i64, i64), now: i64) -> Option<String> {
+    // (humantime writes years up to 9999, and panics past them.)
     let date = |t: i64| {
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64);
+        let t = t.clamp(0, 253_402_300_799);
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(t as u64);
         humantime::format_rfc3339_seconds(t).to_string()
     };
     if now > not_after {
@@ -197,11 +199,16 @@ fn der_time(tag: u8, v: &[u8]) -> Option<i64> {
         _ => return None,
     };
     let n = |i: usize| rest[i..i + 2].parse::<i64>().ok();
-    let (month, day) = (n(0)?, n(2)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+    let (month, day, hour, minute, second) = (n(0)?, n(2)?, n(4)?, n(6)?, n(8)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
         return None;
     }
-    Some(days_from_civil(year, month, day) * 86_400 + n(4)? * 3600 + n(6)? * 60 + n(8)?)
+    Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second)
 }
 
 /// Days from 1970-01-01 to a date of the proleptic Gregorian calendar
@@ -279,6 +286,8 @@ mod tests {
         assert_eq!(der_time(0x17, b"491231235959Z"), Some(2_524_607_999));
         assert_eq!(der_time(0x18, b"20261205024500Z"), Some(1_796_438_700));
         assert_eq!(der_time(0x18, b"20261305024500Z"), None);
+        assert_eq!(der_time(0x18, b"99991231235960Z"), Some(253_402_300_800));
+        assert_eq!(der_time(0x18, b"99991231995959Z"), None);
         assert_eq!(der_time(0x17, b"2612050245Z"), None);
         assert_eq!(der_time(0x04, b"700101000000Z"), None);
     }
@@ -296,6 +305,9 @@ mod tests {
         let soon = validity_warning(v, 1_090 * day).unwrap();
         assert!(soon.contains("in 10 days"), "{soon}");
         assert_eq!(validity_warning(v, 1_050 * day), None);
+        // Dates past what is written are written as the last one.
+        let far = validity_warning((253_402_300_800, 253_402_400_000), 0).unwrap();
+        assert!(far.contains("9999-12-31T23:59:59Z"), "{far}");
     }
 
     /// The dates of a certificate the openssl command made (as operators
