@@ -149,16 +149,25 @@ enum Lookup {
 
 impl Backend {
     fn new(resolver: &ResolverChoice, ttl: Duration) -> Backend {
+        Backend::made(resolver, ttl).unwrap_or_else(|e| {
+            warn!(error = %e, "cannot set up the DNS resolver (no /etc/resolv.conf?); resolving with the system's getaddrinfo");
+            Backend::with(Lookup::System)
+        })
+    }
+
+    /// The backend `resolver` says, if its configuration reads.
+    fn made(resolver: &ResolverChoice, ttl: Duration) -> Result<Backend, String> {
         let lookup = match resolver {
             ResolverChoice::System => Lookup::System,
-            ResolverChoice::Dns { servers } => match dns_resolver(servers, ttl) {
-                Ok(r) => Lookup::Dns(Box::new(r), Hosts::read(Path::new(HOSTS))),
-                Err(e) => {
-                    warn!(error = %e, "cannot set up the DNS resolver (no /etc/resolv.conf?); resolving with the system's getaddrinfo");
-                    Lookup::System
-                }
-            },
+            ResolverChoice::Dns { servers } => {
+                let r = dns_resolver(servers, ttl).map_err(|e| e.to_string())?;
+                Lookup::Dns(Box::new(r), Hosts::read(Path::new(HOSTS)))
+            }
         };
+        Ok(Backend::with(lookup))
+    }
+
+    fn with(lookup: Lookup) -> Backend {
         Backend {
             lookup,
             answers: Answers::default(),
@@ -179,9 +188,25 @@ impl Resolver {
     /// Starts over (SIGHUP): every cached answer dropped, and the DNS
     /// resolver's configuration (`/etc/resolv.conf`, `/etc/hosts`) read
     /// anew.
-    pub fn reload(&self) {
-        let fresh = std::sync::Arc::new(Backend::new(&self.resolver, self.ttl));
-        *self.backend.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+    /// A configuration that does not read (a resolv.conf being rewritten
+    /// at that moment, emptied) keeps the resolver in use, cache and all,
+    /// rather than fall back to getaddrinfo until the next reload. Whether
+    /// it started over.
+    pub fn reload(&self) -> bool {
+        let fresh = match Backend::made(&self.resolver, self.ttl) {
+            Ok(b) => b,
+            Err(e) => {
+                let current = self.current();
+                if let Lookup::Dns(..) = current.lookup {
+                    warn!(error = %e, "cannot read the DNS resolver's configuration again (no /etc/resolv.conf, or no server in it?); keeping the one in use");
+                    return false;
+                }
+                warn!(error = %e, "cannot set up the DNS resolver (no /etc/resolv.conf?); resolving with the system's getaddrinfo");
+                Backend::with(Lookup::System)
+            }
+        };
+        *self.backend.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(fresh);
+        true
     }
 
     fn current(&self) -> std::sync::Arc<Backend> {

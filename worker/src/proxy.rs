@@ -616,8 +616,9 @@ impl Proxy {
     }
 
     /// Name resolution starts over: cache dropped, configuration re-read.
-    pub fn reload_dns(&self) {
-        self.dns.reload();
+    /// Whether it did (see `dns::Resolver::reload`).
+    pub fn reload_dns(&self) -> bool {
+        self.dns.reload()
     }
 
     /// A lease for a request to `host`: a sticky session's address, or

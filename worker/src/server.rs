@@ -229,14 +229,16 @@ pub async fn run(
     }
     tokio::spawn(async move {
         while reloads.changed().await.is_ok() {
-            reloading.reload_dns();
+            let dns = reloading.reload_dns();
             if let Some(log) = reloading.access_log() {
                 log.reopen();
             }
             if let Some(tls) = &reloading_tls {
                 tls.reload();
             }
-            info!("name resolution reloaded: cache dropped, resolv.conf and hosts re-read");
+            if dns {
+                info!("name resolution reloaded: cache dropped, resolv.conf and hosts re-read");
+            }
         }
     });
     tokio::spawn(notify_systemd(
