@@ -202,6 +202,22 @@ fn check(
             .map(|d| d.display().to_string())
             .unwrap_or_else(|| "not kept".into())
     );
+    // A state directory the allocator could not use would have it run
+    // without (a warning at its start, the rotation and sessions lost at
+    // each restart): --check says so.
+    if let (Some(dir), true) = (&pool.state_dir, read) {
+        use rotor_allocator::persist::{probe, PersistError};
+        match probe(dir) {
+            Ok(()) => {}
+            Err(PersistError::Locked(_)) => {
+                eprintln!("ok: state {} is held by a running allocator", dir.display())
+            }
+            Err(e) => {
+                ok = false;
+                eprintln!("error: {}", error_chain(&e));
+            }
+        }
+    }
     if !pool.site_rules.is_empty() {
         eprintln!(
             "ok: site budgets per address (IPv6 per /{}): {} (at most {} entries of site state)",

@@ -108,7 +108,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     // exit at every restart; said once, here.
     if let Some(dir) = &state_dir {
         if let Err(e @ rotor_allocator::persist::PersistError::Locked(_)) =
-            rotor_allocator::persist::StateFile::open(dir)
+            rotor_allocator::persist::probe(dir)
         {
             error!(
                 "{}: is another rotor up running? Stop it, or give this one its own --state-dir",

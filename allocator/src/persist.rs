@@ -51,6 +51,28 @@ pub struct StateFile {
     path: PathBuf,
 }
 
+/// Whether an allocator could keep its state in `dir`: the directory made
+/// (or there) and its state file opened and locked, then let go; nothing
+/// read, nothing logged (`--check`, and `rotor up` before it starts one).
+pub fn probe(dir: &Path) -> Result<(), PersistError> {
+    make_private_dir(dir).map_err(|e| PersistError::Dir(dir.into(), e))?;
+    let path = dir.join(FILE_NAME);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&path)
+        .map_err(|e| PersistError::Open(path.clone(), e))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(_) => Ok(()),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(PersistError::Locked(path)),
+        Err((_, e)) => Err(PersistError::Open(path, e.into())),
+    }
+}
+
 impl StateFile {
     /// Opens (or creates) the state file in `dir`, locks it, and returns the
     /// saved state, if a valid one is there.

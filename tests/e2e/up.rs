@@ -268,6 +268,25 @@ async fn rotor_up_refuses_workers_past_max_peers_and_a_held_state_directory() {
         .output()
         .unwrap();
     assert_eq!(alone.status.code(), Some(2));
+    // `--check` tries the state directory: one held is said, one the
+    // allocator could not use fails it.
+    let check = |state: &str| {
+        let out = std::process::Command::new(ALLOCATOR)
+            .args(["--pool=127.0.0.2", state, "--check"])
+            .arg(format!("--socket={}", other.display()))
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = check(&state);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("is held by a running allocator"), "{err}");
+    let (code, err) = check("--state-dir=/proc/no-such-dir");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot use the state directory"), "{err}");
 }
 
 /// `rotor up 2>&1 | head -1`: stderr goes away. Logging must not panic
