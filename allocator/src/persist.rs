@@ -55,8 +55,15 @@ pub struct StateFile {
 /// (or there) and its state file opened and locked, then let go; nothing
 /// read, nothing logged (`--check`, and `rotor up` before it starts one).
 pub fn probe(dir: &Path) -> Result<(), PersistError> {
+    open_locked(dir).map(|_| ())
+}
+
+/// The state file in `dir` (both made if need be), opened and locked.
+fn open_locked(dir: &Path) -> Result<(Flock<File>, PathBuf), PersistError> {
     make_private_dir(dir).map_err(|e| PersistError::Dir(dir.into(), e))?;
     let path = dir.join(FILE_NAME);
+    // (Not through a symlink another user of a shared directory put
+    // there.)
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -67,7 +74,7 @@ pub fn probe(dir: &Path) -> Result<(), PersistError> {
         .open(&path)
         .map_err(|e| PersistError::Open(path.clone(), e))?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(_) => Ok(()),
+        Ok(file) => Ok((file, path)),
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(PersistError::Locked(path)),
         Err((_, e)) => Err(PersistError::Open(path, e.into())),
     }
@@ -77,19 +84,7 @@ impl StateFile {
     /// Opens (or creates) the state file in `dir`, locks it, and returns the
     /// saved state, if a valid one is there.
     pub fn open(dir: &Path) -> Result<(StateFile, Option<Saved>), PersistError> {
-        make_private_dir(dir).map_err(|e| PersistError::Dir(dir.into(), e))?;
-        let path = dir.join(FILE_NAME);
-        // (Not through a symlink another user of a shared directory put
-        // there.)
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(|e| PersistError::Open(path.clone(), e))?;
+        let (file, path) = open_locked(dir)?;
         // One an older rotor made under a looser umask is narrowed too.
         {
             use std::os::unix::fs::PermissionsExt;
@@ -100,13 +95,6 @@ impl StateFile {
                 let _ = file.set_permissions(std::fs::Permissions::from_mode(0o600));
             }
         }
-        let file = Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
-            if e == nix::errno::Errno::EWOULDBLOCK {
-                PersistError::Locked(path.clone())
-            } else {
-                PersistError::Open(path.clone(), e.into())
-            }
-        })?;
         let mut buf = [0u8; LEN];
         let saved = match file.read_at(&mut buf, 0) {
             Ok(n) => {
