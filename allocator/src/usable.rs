@@ -215,12 +215,15 @@ pub fn misrouted<'a>(entries: impl Iterator<Item = &'a Segment>) -> Misrouted {
         let Some((own, name)) = held.get(&ip) else {
             continue;
         };
-        if !out.looked.insert(*e) {
+        if out.looked.contains(e) {
             continue;
         }
+        // Looked at only with an answer: a lookup that failed, or found no
+        // route out at all (a moment without one), tells nothing.
         let Ok(Some(via)) = egress_interface(ip, internet(ip)) else {
             continue;
         };
+        out.looked.insert(*e);
         if via == *own {
             continue;
         }
@@ -239,8 +242,8 @@ pub fn misrouted<'a>(entries: impl Iterator<Item = &'a Segment>) -> Misrouted {
 }
 
 /// What `misrouted` found: the entries sending through another interface,
-/// each with what to do, and every entry it looked at (the single
-/// addresses of an interface other than lo).
+/// each with what to do, and every entry it could look at (the single
+/// addresses of an interface other than lo with a route out).
 #[derive(Debug, Default)]
 pub struct Misrouted {
     pub found: Vec<(Segment, String)>,

@@ -78,35 +78,45 @@ const DNS_CACHE_RECORDS: u64 = 512;
 /// the next lookup finds.
 const ONE_FAMILY_TTL: Duration = Duration::from_secs(2);
 
-/// A worker's resolved names: lower-cased name → (addresses, until when).
-/// Bounded by [`MAX_NAMES`]; an entry is ≈ 100 bytes and its name.
+/// A name's addresses, until when they are good, and whether a family may
+/// be missing from them (see [`Resolved`]).
+type Answer = (Vec<SocketAddr>, Instant, bool);
+
+/// A worker's resolved names: lower-cased name → [`Answer`]. Bounded by
+/// [`MAX_NAMES`]; an entry is ≈ 100 bytes and its name.
 #[derive(Default)]
-struct Answers(Mutex<HashMap<String, (Vec<SocketAddr>, Instant)>>);
+struct Answers(Mutex<HashMap<String, Answer>>);
+
+/// A name's addresses, and whether one family may be missing from them:
+/// it did not answer within the moment it is given once the other has
+/// (or failed), where it might have had addresses.
+pub type Resolved = (Vec<SocketAddr>, bool);
 
 impl Answers {
     /// `host`'s addresses with `port`, if known and not expired. (Kept as
     /// socket addresses: an IPv6 scope from getaddrinfo stays with them.)
-    fn get(&self, host: &str, port: u16) -> Option<Vec<SocketAddr>> {
+    fn get(&self, host: &str, port: u16) -> Option<Resolved> {
         let name = lower(host);
         let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let (addrs, until) = map.get(&*name)?;
+        let (addrs, until, partial) = map.get(&*name)?;
         (Instant::now() < *until).then(|| {
-            addrs
+            let addrs = addrs
                 .iter()
                 .map(|a| {
                     let mut a = *a;
                     a.set_port(port);
                     a
                 })
-                .collect()
+                .collect();
+            (addrs, *partial)
         })
     }
 
-    fn put(&self, host: &str, addrs: &[SocketAddr], until: Instant) {
+    fn put(&self, host: &str, addrs: &[SocketAddr], until: Instant, partial: bool) {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if map.len() >= MAX_NAMES {
             let now = Instant::now();
-            map.retain(|_, (_, until)| now < *until);
+            map.retain(|_, (_, until, _)| now < *until);
             if map.len() >= MAX_NAMES {
                 let some: Vec<String> = map.keys().take(MAX_NAMES / 8).cloned().collect();
                 for k in some {
@@ -114,7 +124,7 @@ impl Answers {
                 }
             }
         }
-        map.insert(lower(host).into_owned(), (addrs.to_vec(), until));
+        map.insert(lower(host).into_owned(), (addrs.to_vec(), until, partial));
     }
 
     #[cfg(test)]
@@ -224,6 +234,16 @@ impl Resolver {
         port: u16,
         timeout: Duration,
     ) -> Result<Vec<SocketAddr>, ProxyError> {
+        Ok(self.resolve_as(host, port, timeout, false).await?.0)
+    }
+
+    /// As `resolve`, and whether a family may be missing from the answer.
+    pub async fn resolve_marked(
+        &self,
+        host: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Resolved, ProxyError> {
         self.resolve_as(host, port, timeout, false).await
     }
 
@@ -236,7 +256,7 @@ impl Resolver {
         port: u16,
         timeout: Duration,
     ) -> Result<Vec<SocketAddr>, ProxyError> {
-        self.resolve_as(host, port, timeout, true).await
+        Ok(self.resolve_as(host, port, timeout, true).await?.0)
     }
 
     async fn resolve_as(
@@ -245,36 +265,38 @@ impl Resolver {
         port: u16,
         timeout: Duration,
         both: bool,
-    ) -> Result<Vec<SocketAddr>, ProxyError> {
+    ) -> Result<Resolved, ProxyError> {
         if let Some(ip) = ip_literal(host) {
-            return Ok(vec![SocketAddr::new(ip, port)]);
+            return Ok((vec![SocketAddr::new(ip, port)], false));
         }
         let backend = self.current();
         let answers = &backend.answers;
         if let Lookup::Dns(_, hosts) = &backend.lookup {
             if let Some(ips) = hosts.get(host) {
-                return Ok(ips
+                let addrs = ips
                     .iter()
                     .map(|ip| SocketAddr::new(ip.to_canonical(), port))
-                    .collect());
+                    .collect();
+                return Ok((addrs, false));
             }
         }
         let cached = !self.ttl.is_zero();
         if cached && !both {
-            if let Some(addrs) = answers.get(host, port) {
-                return Ok(addrs);
+            if let Some(resolved) = answers.get(host, port) {
+                return Ok(resolved);
             }
         }
-        let (addrs, until) = match &backend.lookup {
+        // (getaddrinfo answers both families, or fails.)
+        let (addrs, until, partial) = match &backend.lookup {
             // Boxed, as the lookups are large futures and rare (a name not
             // kept): inline, their room would be in every request's state,
             // moved at each await, a name kept or not.
             Lookup::Dns(r, _) => {
-                let (addrs, until) =
+                let (addrs, until, partial) =
                     Box::pin(self.resolve_dns(r, host, port, timeout, both)).await?;
-                (addrs, Some(until))
+                (addrs, Some(until), partial)
             }
-            Lookup::System => (Box::pin(lookup(host, port, timeout)).await?, None),
+            Lookup::System => (Box::pin(lookup(host, port, timeout)).await?, None, false),
         };
         let addrs = capped(addrs);
         if cached {
@@ -285,10 +307,10 @@ impl Resolver {
             let cap = now + self.ttl.min(Duration::from_secs(365 * 86_400));
             let until = until.map_or(cap, |u| u.min(cap));
             if until > now {
-                answers.put(host, &addrs, until);
+                answers.put(host, &addrs, until, partial);
             }
         }
-        Ok(addrs)
+        Ok((addrs, partial))
     }
 
     async fn resolve_dns(
@@ -298,7 +320,7 @@ impl Resolver {
         port: u16,
         timeout: Duration,
         both: bool,
-    ) -> Result<(Vec<SocketAddr>, Instant), ProxyError> {
+    ) -> Result<(Vec<SocketAddr>, Instant, bool), ProxyError> {
         // A name with a dot is absolute: no search domains tried first.
         let name = match host.contains('.') && !host.ends_with('.') {
             true => format!("{host}."),
@@ -360,7 +382,7 @@ impl Resolver {
             true => until.min(now + ONE_FAMILY_TTL),
             false => until,
         };
-        Ok((addrs, until))
+        Ok((addrs, until, one_family_only))
     }
 }
 
@@ -625,12 +647,15 @@ mod tests {
         let answers = Answers::default();
         let now = Instant::now();
         let a: SocketAddr = "192.0.2.1:80".parse().unwrap();
-        answers.put("Example.COM", &[a], now + Duration::from_secs(3600));
+        answers.put("Example.COM", &[a], now + Duration::from_secs(3600), false);
         assert_eq!(
             answers.get("example.com", 443),
-            Some(vec!["192.0.2.1:443".parse().unwrap()])
+            Some((vec!["192.0.2.1:443".parse().unwrap()], false))
         );
-        assert_eq!(answers.get("EXAMPLE.com", 80), Some(vec![a]));
+        assert_eq!(answers.get("EXAMPLE.com", 80), Some((vec![a], false)));
+        // Whether a family may be missing is kept with them.
+        answers.put("half.example", &[a], now + Duration::from_secs(2), true);
+        assert_eq!(answers.get("half.example", 80), Some((vec![a], true)));
         assert_eq!(answers.get("example.org", 80), None);
         // A link-local address keeps its scope (getaddrinfo gives one).
         let scoped = SocketAddr::V6(std::net::SocketAddrV6::new(
@@ -639,33 +664,38 @@ mod tests {
             0,
             2,
         ));
-        answers.put("local.example", &[scoped], now + Duration::from_secs(60));
-        match answers.get("local.example", 8080).as_deref() {
+        answers.put(
+            "local.example",
+            &[scoped],
+            now + Duration::from_secs(60),
+            false,
+        );
+        match answers.get("local.example", 8080).map(|r| r.0).as_deref() {
             Some([SocketAddr::V6(a)]) => assert_eq!((a.port(), a.scope_id()), (8080, 2)),
             other => panic!("{other:?}"),
         }
         // (From the clock now, not the test's start: a loaded machine may
         // have spent the margin already.)
         let soon = Instant::now() + Duration::from_millis(200);
-        answers.put("soon.example", &[a], soon);
+        answers.put("soon.example", &[a], soon, false);
         assert!(answers.get("soon.example", 80).is_some());
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(answers.get("soon.example", 80), None, "expired");
         // Full: the expired go first; full of live ones, an eighth.
-        for i in 0..MAX_NAMES - 3 {
-            answers.put(&format!("n{i}"), &[a], now);
+        for i in 0..MAX_NAMES - 4 {
+            answers.put(&format!("n{i}"), &[a], now, false);
         }
         assert_eq!(answers.len(), MAX_NAMES);
-        answers.put("new.example", &[a], now + Duration::from_secs(60));
+        answers.put("new.example", &[a], now + Duration::from_secs(60), false);
         assert_eq!(
             answers.len(),
-            3,
-            "example.com, local.example and new.example"
+            4,
+            "example.com, half.example, local.example and new.example"
         );
-        for i in 0..MAX_NAMES - 3 {
-            answers.put(&format!("n{i}"), &[a], now + Duration::from_secs(60));
+        for i in 0..MAX_NAMES - 4 {
+            answers.put(&format!("n{i}"), &[a], now + Duration::from_secs(60), false);
         }
-        answers.put("last.example", &[a], now + Duration::from_secs(60));
+        answers.put("last.example", &[a], now + Duration::from_secs(60), false);
         assert_eq!(answers.len(), MAX_NAMES - MAX_NAMES / 8 + 1);
         assert!(answers.get("last.example", 80).is_some());
     }

@@ -487,7 +487,9 @@ impl LeaseClient {
         match (asked, refused) {
             (Ok(Response::Leased(lease)), _) => Ok((lease, false)),
             (Ok(Response::NoAddress(refusal)), _) => Err(LeaseError::NoAddress(refusal.reason)),
-            (Err(LeaseError::Timeout { .. }), Some(reason)) => Err(LeaseError::NoAddress(reason)),
+            (Err(LeaseError::Timeout { .. } | LeaseError::Backlogged(_)), Some(reason)) => {
+                Err(LeaseError::NoAddress(reason))
+            }
             (Ok(other), _) => Err(LeaseError::Unexpected(format!("{other:?}"))),
             (Err(e), _) => Err(e),
         }
@@ -636,7 +638,7 @@ impl LeaseClient {
             Ok(Response::Error { message }) if message.starts_with(POOL_TOO_LARGE) => {
                 PoolCopy::unchecked(lease.generation)
             }
-            Err(LeaseError::Timeout { .. }) => {
+            Err(LeaseError::Timeout { .. } | LeaseError::Backlogged(_)) => {
                 let mut failed = conn.copy_failed.lock().unwrap_or_else(|e| e.into_inner());
                 if failed.is_none() {
                     warn!("the allocator does not answer; leasing from its table unchecked until it does");

@@ -731,14 +731,14 @@ impl Proxy {
             .acl
             .check_port(port)
             .map_err(ProxyError::Denied)?;
-        let addrs = self
+        let (addrs, partial) = self
             .dns
-            .resolve(host, port, self.config.connect_timeout)
+            .resolve_marked(host, port, self.config.connect_timeout)
             .await?;
         self.allowed(&addrs)?;
         match self.lease_for(&addrs, host, sticky).await {
             Err(ProxyError::NoAddress(NoAddress::NoFamily { wanted }))
-                if wanted != Families::ANY =>
+                if partial && wanted != Families::ANY =>
             {
                 self.other_family(host, port, sticky, wanted).await
             }
@@ -760,12 +760,14 @@ impl Proxy {
         Ok(())
     }
 
-    /// A name that resolved to one family (`had`), which the pool lacks:
-    /// looked up again with both families waited for. Its other family may
-    /// have come after the moment it is given once one family answers (a
-    /// slow AAAA, or an A whose shorter TTL has it asked again while the
-    /// AAAA is cached), and a pool of that family alone would refuse every
-    /// request until the answer expired. (Out of line: an error path.)
+    /// A name that resolved to one family (`had`), which the pool lacks,
+    /// its other family not come in time: looked up again with both
+    /// waited for. That family may have come after the moment it is given
+    /// once one family answers (a slow AAAA, or an A whose shorter TTL has
+    /// it asked again while the AAAA is cached), and a pool of that family
+    /// alone would refuse every request until the answer expired. (A name
+    /// known to have one family is refused at once. Out of line: an error
+    /// path.)
     #[cold]
     #[inline(never)]
     fn other_family<'a>(
@@ -777,9 +779,6 @@ impl Proxy {
     ) -> crate::Boxed<'a, Result<(Vec<SocketAddr>, Granted), ProxyError>> {
         Box::pin(async move {
             let lacking = ProxyError::NoAddress(NoAddress::NoFamily { wanted: had });
-            if crate::dns::ip_literal(host).is_some() {
-                return Err(lacking);
-            }
             let addrs = self
                 .dns
                 .resolve_both(host, port, self.config.connect_timeout)
