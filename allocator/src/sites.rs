@@ -812,6 +812,7 @@ impl Sites {
             let mut blocked_keys: HashSet<IpAddr> = HashSet::new();
             let mut spent_wide: Vec<Segment> = Vec::new();
             let (mut looks, mut draws, mut skipped) = (0u64, 0u32, 0usize);
+            let mut rewound = false;
             let mut walk = addresses_from(active, family, start);
             'walk: while let Some((i, ip)) = walk.next() {
                 let entry = *walk.last_entry().expect("an address was yielded");
@@ -874,6 +875,17 @@ impl Sites {
                         // where the site's pairs are, further on.
                         if let Some(b) = self.uncountable(site, id, key, limit, now) {
                             earliest = sooner(earliest, b);
+                            // The site's pairs were started in turn, the
+                            // last just behind its cursor: the walk goes
+                            // back there once, rather than round the whole
+                            // pool (a /19 is 8 192 addresses) to reach them.
+                            if !rewound {
+                                rewound = true;
+                                let back = u64::from(held).min(total);
+                                walk =
+                                    addresses_from(active, family, (start + total - back) % total);
+                                continue 'walk;
+                            }
                             skipped += 1;
                             if skipped > MAX_UNCOUNTABLE {
                                 break 'walk;
@@ -1504,6 +1516,30 @@ mod tests {
         let later = t0 + Duration::from_secs(61);
         s.expire(later);
         assert!(!take(&mut s, "a.com", &active, 40, later).is_empty());
+    }
+
+    /// The same with a pool far wider than the walk's bound on addresses
+    /// passed over (8 192 addresses): the site's counted addresses, behind
+    /// its cursor, are gone back to, not out of reach.
+    #[test]
+    fn one_site_filling_the_table_of_a_wide_pool_keeps_its_counted_addresses() {
+        let mut s = Sites::new(rules(&["a.com=3/1m"]), 16);
+        let t0 = Instant::now();
+        let active = vec!["10.1.0.0/19".parse::<Segment>().unwrap()];
+        let mut each: HashMap<IpAddr, usize> = HashMap::new();
+        for _ in 0..100 {
+            match s.lease("a.com", Families::V4, &active, 0, t0) {
+                Answer::Start(f) => {
+                    let total = family_total(&active, f);
+                    assert!(s.started("a.com", active[0].at(0), 0, total, t0).is_some());
+                    *each.entry(active[0].at(0)).or_default() += 1;
+                }
+                Answer::Address { ip, .. } => *each.entry(ip).or_default() += 1,
+                _ => break,
+            }
+        }
+        assert_eq!(each.len(), 15, "{each:?}");
+        assert!(each.values().all(|n| *n == 3), "{each:?}");
     }
 
     fn v6(s: &str) -> IpAddr {
