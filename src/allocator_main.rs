@@ -195,26 +195,26 @@ fn check(
         eprintln!("ok: socket {}", socket.display());
     }
     eprintln!(
-        "ok: refresh every {}, state {}",
-        humantime::format_duration(pool.refresh),
-        pool.state_dir
-            .as_ref()
-            .map(|d| d.display().to_string())
-            .unwrap_or_else(|| "not kept".into())
+        "ok: refresh every {}",
+        humantime::format_duration(pool.refresh)
     );
     // A state directory the allocator could not use would have it run
     // without (a warning at its start, the rotation and sessions lost at
-    // each restart): --check says so.
-    if let (Some(dir), true) = (&pool.state_dir, read) {
-        use rotor_allocator::persist::{probe, PersistError};
-        match probe(dir) {
-            Ok(()) => {}
-            Err(PersistError::Locked(_)) => {
-                eprintln!("ok: state {} is held by a running allocator", dir.display())
-            }
-            Err(e) => {
-                ok = false;
-                eprintln!("error: {}", error_chain(&e));
+    // each restart): --check says so, making nothing.
+    match (&pool.state_dir, read) {
+        (None, _) => eprintln!("ok: state not kept"),
+        (Some(dir), false) => eprintln!("ok: state {} (not tried: --check-config)", dir.display()),
+        (Some(dir), true) => {
+            use rotor_allocator::persist::{probe_unmade, PersistError};
+            match probe_unmade(dir) {
+                Ok(()) => eprintln!("ok: state {}", dir.display()),
+                Err(PersistError::Locked(_)) => {
+                    eprintln!("ok: state {} (held by a running allocator)", dir.display())
+                }
+                Err(e) => {
+                    ok = false;
+                    eprintln!("error: {}", error_chain(&e));
+                }
             }
         }
     }

@@ -58,6 +58,52 @@ pub fn probe(dir: &Path) -> Result<(), PersistError> {
     open_locked(dir).map(|_| ())
 }
 
+/// `probe` for `--check`, which leaves nothing made (run by another user
+/// than the allocator's, it would leave a file the allocator cannot open):
+/// the state file, if there, opened and locked; else the directory made,
+/// if need be, and a file made in it, then both taken away again.
+pub fn probe_unmade(dir: &Path) -> Result<(), PersistError> {
+    let path = dir.join(FILE_NAME);
+    if path.exists() {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| PersistError::Open(path.clone(), e))?;
+        return match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(_) => Ok(()),
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(PersistError::Locked(path)),
+            Err((_, e)) => Err(PersistError::Open(path, e.into())),
+        };
+    }
+    // Tried for real (as root, access(2) passes most of what mkdir then
+    // refuses), and undone: the directories made, a file made there.
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .collect();
+    let undo = |missing: &[&Path]| {
+        for d in missing {
+            let _ = std::fs::remove_dir(d);
+        }
+    };
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        undo(&missing);
+        return Err(PersistError::Dir(dir.into(), e));
+    }
+    let trial = dir.join(format!(".{FILE_NAME}.check-{}", std::process::id()));
+    let made = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&trial);
+    let _ = std::fs::remove_file(&trial);
+    undo(&missing);
+    made.map(|_| ()).map_err(|e| PersistError::Open(path, e))
+}
+
 /// The state file in `dir` (both made if need be), opened and locked.
 fn open_locked(dir: &Path) -> Result<(Flock<File>, PathBuf), PersistError> {
     make_private_dir(dir).map_err(|e| PersistError::Dir(dir.into(), e))?;

@@ -283,10 +283,15 @@ async fn rotor_up_refuses_workers_past_max_peers_and_a_held_state_directory() {
     };
     let (code, err) = check(&state);
     assert_eq!(code, Some(0), "{err}");
-    assert!(err.contains("is held by a running allocator"), "{err}");
+    assert!(err.contains("(held by a running allocator)"), "{err}");
     let (code, err) = check("--state-dir=/proc/no-such-dir");
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("cannot use the state directory"), "{err}");
+    // It makes nothing: a directory not there yet stays so.
+    let fresh = held.path().join("not-yet").join("state");
+    let (code, err) = check(&format!("--state-dir={}", fresh.display()));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!held.path().join("not-yet").exists());
 }
 
 /// `rotor up 2>&1 | head -1`: stderr goes away. Logging must not panic
