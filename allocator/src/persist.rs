@@ -64,7 +64,9 @@ pub fn probe(dir: &Path) -> Result<(), PersistError> {
 /// if need be, and a file made in it, then both taken away again.
 pub fn probe_unmade(dir: &Path) -> Result<(), PersistError> {
     let path = dir.join(FILE_NAME);
-    if path.exists() {
+    // (Not `exists`, which follows a link: a dangling one is no file to
+    // make, and the allocator's open refuses it.)
+    if std::fs::symlink_metadata(&path).is_ok() {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -79,29 +81,41 @@ pub fn probe_unmade(dir: &Path) -> Result<(), PersistError> {
     }
     // Tried for real (as root, access(2) passes most of what mkdir then
     // refuses), and undone: the directories made, a file made there.
-    let missing: Vec<&Path> = dir
+    // Each level made by this, and only those undone (one another made
+    // meanwhile, an allocator starting, is left alone).
+    let mut levels: Vec<&Path> = dir
         .ancestors()
         .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
         .collect();
-    let undo = |missing: &[&Path]| {
-        for d in missing {
+    levels.reverse();
+    let mut made: Vec<&Path> = Vec::new();
+    let undo = |made: &[&Path]| {
+        for d in made.iter().rev() {
             let _ = std::fs::remove_dir(d);
         }
     };
-    if let Err(e) = std::fs::create_dir_all(dir) {
-        undo(&missing);
-        return Err(PersistError::Dir(dir.into(), e));
+    for d in levels {
+        match std::fs::create_dir(d) {
+            Ok(()) => made.push(d),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                undo(&made);
+                return Err(PersistError::Dir(dir.into(), e));
+            }
+        }
     }
     let trial = dir.join(format!(".{FILE_NAME}.check-{}", std::process::id()));
-    let made = OpenOptions::new()
+    let file = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&trial);
-    let _ = std::fs::remove_file(&trial);
-    undo(&missing);
-    made.map(|_| ()).map_err(|e| PersistError::Open(path, e))
+    if file.is_ok() {
+        let _ = std::fs::remove_file(&trial);
+    }
+    undo(&made);
+    file.map(|_| ()).map_err(|e| PersistError::Open(path, e))
 }
 
 /// The state file in `dir` (both made if need be), opened and locked.
@@ -483,6 +497,25 @@ mod tests {
             aside("sessions.json.corrupt.3"),
             b"[1, \"not-a-number\", 3]"
         );
+    }
+
+    /// `--check`'s probe leaves nothing made, finds a held state, and
+    /// refuses a dangling link where the state file goes.
+    #[test]
+    fn the_check_probe_makes_nothing_and_sees_what_the_allocator_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = dir.path().join("a").join("b");
+        super::probe_unmade(&fresh).unwrap();
+        assert!(!dir.path().join("a").exists(), "nothing left made");
+        let (_held, _) = super::StateFile::open(dir.path()).unwrap();
+        assert!(matches!(
+            super::probe_unmade(dir.path()),
+            Err(super::PersistError::Locked(_))
+        ));
+        let linked = dir.path().join("linked");
+        std::fs::create_dir(&linked).unwrap();
+        std::os::unix::fs::symlink("/nonexistent/x", linked.join(super::FILE_NAME)).unwrap();
+        assert!(super::probe_unmade(&linked).is_err());
     }
 
     #[test]

@@ -812,7 +812,7 @@ impl Sites {
             let mut blocked_keys: HashSet<IpAddr> = HashSet::new();
             let mut spent_wide: Vec<Segment> = Vec::new();
             let (mut looks, mut draws, mut skipped) = (0u64, 0u32, 0usize);
-            let mut rewound = false;
+            let mut rewound: Option<u64> = None;
             let mut walk = addresses_from(active, family, start);
             'walk: while let Some((i, ip)) = walk.next() {
                 let entry = *walk.last_entry().expect("an address was yielded");
@@ -879,14 +879,20 @@ impl Sites {
                             // last just behind its cursor: the walk goes
                             // back there once, rather than round the whole
                             // pool (a /19 is 8 192 addresses) to reach them.
-                            if !rewound {
-                                rewound = true;
-                                let back = u64::from(held).min(total);
-                                walk =
-                                    addresses_from(active, family, (start + total - back) % total);
-                                continue 'walk;
+                            // (`held` counts both families' pairs: what it
+                            // steps back over without a pair is not counted
+                            // against the bound.)
+                            let back = u64::from(held).min(total);
+                            match rewound {
+                                None => {
+                                    let from = (start + total - back) % total;
+                                    rewound = Some(from);
+                                    walk = addresses_from(active, family, from);
+                                    continue 'walk;
+                                }
+                                Some(from) if (i + total - from) % total < back => {}
+                                Some(_) => skipped += 1,
                             }
-                            skipped += 1;
                             if skipped > MAX_UNCOUNTABLE {
                                 break 'walk;
                             }

@@ -228,38 +228,23 @@ impl Resolver {
 
     /// The addresses of `host:port`, within `timeout`. An IP literal needs
     /// no lookup.
+    #[cfg(test)]
     pub async fn resolve(
         &self,
         host: &str,
         port: u16,
         timeout: Duration,
     ) -> Result<Vec<SocketAddr>, ProxyError> {
-        Ok(self.resolve_as(host, port, timeout, false).await?.0)
+        Ok(self.resolve_marked(host, port, timeout, false).await?.0)
     }
 
     /// As `resolve`, and whether a family may be missing from the answer.
+    /// `both`: both families waited for (up to `timeout`), whatever the
+    /// cache holds: for a name whose one family answered before the other
+    /// came, when the pool has only that other family. (One function, not
+    /// layers of them: it is every request's, and each layer of future
+    /// cost some 50 instructions a request.)
     pub async fn resolve_marked(
-        &self,
-        host: &str,
-        port: u16,
-        timeout: Duration,
-    ) -> Result<Resolved, ProxyError> {
-        self.resolve_as(host, port, timeout, false).await
-    }
-
-    /// As `resolve`, both families waited for (up to `timeout`), whatever
-    /// the cache holds: for a name whose one family answered before the
-    /// other came, when the pool has only that other family.
-    pub async fn resolve_both(
-        &self,
-        host: &str,
-        port: u16,
-        timeout: Duration,
-    ) -> Result<Vec<SocketAddr>, ProxyError> {
-        Ok(self.resolve_as(host, port, timeout, true).await?.0)
-    }
-
-    async fn resolve_as(
         &self,
         host: &str,
         port: u16,
@@ -286,7 +271,6 @@ impl Resolver {
                 return Ok(resolved);
             }
         }
-        // (getaddrinfo answers both families, or fails.)
         let (addrs, until, partial) = match &backend.lookup {
             // Boxed, as the lookups are large futures and rare (a name not
             // kept): inline, their room would be in every request's state,
@@ -296,7 +280,15 @@ impl Resolver {
                     Box::pin(self.resolve_dns(r, host, port, timeout, both)).await?;
                 (addrs, Some(until), partial)
             }
-            Lookup::System => (Box::pin(lookup(host, port, timeout)).await?, None, false),
+            // getaddrinfo gives the A records alone when the AAAA query
+            // times out (glibc): one family may be missing when only one
+            // came.
+            Lookup::System => {
+                let addrs = Box::pin(lookup(host, port, timeout)).await?;
+                let v4 = addrs.iter().filter(|a| a.is_ipv4()).count();
+                let partial = v4 == 0 || v4 == addrs.len();
+                (addrs, None, partial)
+            }
         };
         let addrs = capped(addrs);
         if cached {

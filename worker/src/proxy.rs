@@ -731,18 +731,30 @@ impl Proxy {
             .acl
             .check_port(port)
             .map_err(ProxyError::Denied)?;
-        let (addrs, partial) = self
-            .dns
-            .resolve_marked(host, port, self.config.connect_timeout)
-            .await?;
-        self.allowed(&addrs)?;
-        match self.lease_for(&addrs, host, sticky).await {
-            Err(ProxyError::NoAddress(NoAddress::NoFamily { wanted }))
-                if partial && wanted != Families::ANY =>
-            {
-                self.other_family(host, port, sticky, wanted).await
+        // A name whose one family answered in time, which the pool lacks,
+        // is looked up again with both waited for: its other family may
+        // have come after the moment it is given once one family answers
+        // (a slow AAAA, or an A whose shorter TTL has it asked again while
+        // the AAAA is cached), and a pool of that family alone would
+        // refuse every request until the answer expired. A name known to
+        // have one family is refused at once. (A loop, not a second call:
+        // one call site keeps the lookup's future inlined, on every
+        // request's path.)
+        let mut both = false;
+        loop {
+            let (addrs, partial) = self
+                .dns
+                .resolve_marked(host, port, self.config.connect_timeout, both)
+                .await?;
+            self.allowed(&addrs)?;
+            match self.lease_for(&addrs, host, sticky).await {
+                Err(ProxyError::NoAddress(NoAddress::NoFamily { wanted }))
+                    if partial && !both && wanted != Families::ANY =>
+                {
+                    both = true;
+                }
+                r => return Ok((addrs, r?)),
             }
-            r => Ok((addrs, r?)),
         }
     }
 
@@ -750,6 +762,7 @@ impl Proxy {
     /// private address among public ones is refused, not half-served. The
     /// connection is made to these same addresses, so a second DNS answer
     /// cannot slip another one in.
+    #[inline]
     fn allowed(&self, addrs: &[SocketAddr]) -> Result<(), ProxyError> {
         for a in addrs {
             self.config
@@ -758,38 +771,6 @@ impl Proxy {
                 .map_err(ProxyError::Denied)?;
         }
         Ok(())
-    }
-
-    /// A name that resolved to one family (`had`), which the pool lacks,
-    /// its other family not come in time: looked up again with both
-    /// waited for. That family may have come after the moment it is given
-    /// once one family answers (a slow AAAA, or an A whose shorter TTL has
-    /// it asked again while the AAAA is cached), and a pool of that family
-    /// alone would refuse every request until the answer expired. (A name
-    /// known to have one family is refused at once. Out of line: an error
-    /// path.)
-    #[cold]
-    #[inline(never)]
-    fn other_family<'a>(
-        &'a self,
-        host: &'a str,
-        port: u16,
-        sticky: Option<&'a Sticky>,
-        had: Families,
-    ) -> crate::Boxed<'a, Result<(Vec<SocketAddr>, Granted), ProxyError>> {
-        Box::pin(async move {
-            let lacking = ProxyError::NoAddress(NoAddress::NoFamily { wanted: had });
-            let addrs = self
-                .dns
-                .resolve_both(host, port, self.config.connect_timeout)
-                .await?;
-            if Families::of(addrs.iter().map(SocketAddr::ip)) == had {
-                return Err(lacking);
-            }
-            self.allowed(&addrs)?;
-            let granted = self.lease_for(&addrs, host, sticky).await?;
-            Ok((addrs, granted))
-        })
     }
 
     /// A lease of the family `addrs` (a resolved destination) lists first;
