@@ -748,6 +748,7 @@ async fn answer(
             &key,
             Duration::from_secs(u64::from(ttl_secs)),
             strict,
+            None,
         ),
         Request::LeaseSessionSite {
             families,
@@ -755,7 +756,7 @@ async fn answer(
             ttl_secs,
             strict,
             site,
-        } => alloc.lease_session_for(
+        } => alloc.lease_session(
             id,
             families,
             &key,

@@ -1246,26 +1246,14 @@ impl Allocator {
     /// A lease for sticky session `key` (see `sessions`): its address
     /// while the session lasts and the address is in the rotation, else
     /// the next one, kept for it; `strict`, an address that left is not
-    /// replaced.
-    pub fn lease_session(
-        &self,
-        peer: u64,
-        families: Families,
-        key: &str,
-        ttl: Duration,
-        strict: bool,
-    ) -> Response {
-        self.lease_session_for(peer, families, key, ttl, strict, None)
-    }
-
-    /// As `lease_session`, for a request to `site` (`Some`): a session
+    /// replaced. For a request to `site` (`Some`): a session
     /// pinned already keeps its address whatever the site's budget or
     /// cooldowns (the client asked for that address), its request counted
     /// against the budget so the site's other requests keep the address
     /// under it; a new session's first address is the site's next one
     /// with budget left and not cooling for it (refused, `Throttled`, as
     /// a site lease is, when there is none).
-    pub fn lease_session_for(
+    pub fn lease_session(
         &self,
         peer: u64,
         families: Families,
@@ -1925,7 +1913,7 @@ mod tests {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         a.pushback(ip("10.0.0.1"), "example.com", 429, Some(600));
         a.pushback(ip("10.0.0.2"), "example.com", 429, Some(600));
-        let session = |key: &str| match a.lease_session_for(
+        let session = |key: &str| match a.lease_session(
             1,
             Families::V4,
             key,
@@ -1950,7 +1938,7 @@ mod tests {
         ));
         // A new session with none left is refused as a site lease is.
         assert!(matches!(
-            a.lease_session_for(
+            a.lease_session(
                 1,
                 Families::V4,
                 "u\0c",
@@ -1963,7 +1951,14 @@ mod tests {
         // Without the site (an older worker), the session is served as
         // before.
         assert!(matches!(
-            a.lease_session(1, Families::V4, "u\0d", Duration::from_secs(600), false),
+            a.lease_session(
+                1,
+                Families::V4,
+                "u\0d",
+                Duration::from_secs(600),
+                false,
+                None
+            ),
             Response::Leased(_)
         ));
     }
@@ -2230,6 +2225,7 @@ mod tests {
             "u\0s1",
             Duration::from_secs(600),
             false,
+            None,
         ) {
             Response::Leased(l) => l.ip,
             other => panic!("{other:?}"),
@@ -2271,9 +2267,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = kept_in(dir.path());
         a.apply_refresh(vec![Ok(three())], &ok());
-        let Response::Leased(l) =
-            a.lease_session(1, Families::ANY, "u\0s1", Duration::from_secs(600), false)
-        else {
+        let Response::Leased(l) = a.lease_session(
+            1,
+            Families::ANY,
+            "u\0s1",
+            Duration::from_secs(600),
+            false,
+            None,
+        ) else {
             panic!("no session");
         };
         a.checkpoint().expect("a session began").write(false);
@@ -2290,7 +2291,14 @@ mod tests {
         assert!(path.exists());
         let c = kept_in(dir.path());
         c.apply_refresh(vec![Ok(three())], &ok());
-        match c.lease_session(1, Families::ANY, "u\0s1", Duration::from_secs(600), false) {
+        match c.lease_session(
+            1,
+            Families::ANY,
+            "u\0s1",
+            Duration::from_secs(600),
+            false,
+            None,
+        ) {
             Response::Leased(again) => assert_eq!(again.ip, l.ip),
             other => panic!("{other:?}"),
         }
@@ -2304,11 +2312,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = kept_in(dir.path());
         a.apply_refresh(vec![Ok(three())], &ok());
-        let r = a.lease_session(1, Families::ANY, "u\0s1", Duration::from_secs(600), false);
+        let r = a.lease_session(
+            1,
+            Families::ANY,
+            "u\0s1",
+            Duration::from_secs(600),
+            false,
+            None,
+        );
         assert!(matches!(r, Response::Leased(_)), "{r:?}");
         // A key past the bound is no session's: refused, not kept.
         let long = format!("u\0{}", "s".repeat(crate::sessions::MAX_KEY));
-        let r = a.lease_session(1, Families::ANY, &long, Duration::from_secs(600), false);
+        let r = a.lease_session(
+            1,
+            Families::ANY,
+            &long,
+            Duration::from_secs(600),
+            false,
+            None,
+        );
         assert!(matches!(r, Response::Error { .. }), "{r:?}");
         assert_eq!(a.status_v2().sessions, 1);
         a.checkpoint().expect("a session began").write(false);
