@@ -1548,6 +1548,44 @@ mod tests {
         assert!(each.values().all(|n| *n == 3), "{each:?}");
     }
 
+    /// A dual-stack site that spent its IPv4 addresses (8 192 entries)
+    /// and then filled the table with IPv6 ones: its pairs of both
+    /// families are what it holds, but the IPv6 walk's jump back to its
+    /// IPv6 pairs must not count the IPv4 ones' distance against the
+    /// bound on addresses passed over (it refused with budget left).
+    #[test]
+    fn a_dual_stack_site_filling_the_table_keeps_its_counted_addresses_of_each_family() {
+        let rules = rules(&["a.com=3/1m"]).with_v6_prefix(128).unwrap();
+        let mut s = Sites::new(rules, 12_000);
+        let t0 = Instant::now();
+        let active = vec![
+            "10.1.0.0/19".parse::<Segment>().unwrap(),
+            "2001:db8::/112".parse::<Segment>().unwrap(),
+        ];
+        let serve = |s: &mut Sites, families: Families| {
+            let mut n = 0;
+            for _ in 0..40_000 {
+                match s.lease("a.com", families, &active, 0, t0) {
+                    Answer::Start(f) => {
+                        let first = active.iter().find(|e| Family::of(&e.at(0)) == f).unwrap();
+                        let total = family_total(&active, f);
+                        let index = rotor_protocol::index_of(&active, first.at(0)).unwrap_or(0);
+                        if s.started("a.com", first.at(0), index, total, t0).is_some() {
+                            n += 1;
+                        }
+                    }
+                    Answer::Address { .. } => n += 1,
+                    _ => break,
+                }
+            }
+            n
+        };
+        assert_eq!(serve(&mut s, Families::V4), 8_192 * 3);
+        // The site's entry and 8 192 IPv4 pairs: 3 807 IPv6 pairs fit,
+        // each served its budget of 3.
+        assert_eq!(serve(&mut s, Families::V6), 3_807 * 3);
+    }
+
     fn v6(s: &str) -> IpAddr {
         s.parse().unwrap()
     }
