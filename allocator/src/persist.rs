@@ -67,17 +67,7 @@ pub fn probe_unmade(dir: &Path) -> Result<(), PersistError> {
     // (Not `exists`, which follows a link: a dangling one is no file to
     // make, and the allocator's open refuses it.)
     if std::fs::symlink_metadata(&path).is_ok() {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&path)
-            .map_err(|e| PersistError::Open(path.clone(), e))?;
-        return match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(_) => Ok(()),
-            Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(PersistError::Locked(path)),
-            Err((_, e)) => Err(PersistError::Open(path, e.into())),
-        };
+        return open_and_lock(path, false).map(|_| ());
     }
     // Tried for real (as root, access(2) passes most of what mkdir then
     // refuses), and undone: the directories made, a file made there.
@@ -121,13 +111,17 @@ pub fn probe_unmade(dir: &Path) -> Result<(), PersistError> {
 /// The state file in `dir` (both made if need be), opened and locked.
 fn open_locked(dir: &Path) -> Result<(Flock<File>, PathBuf), PersistError> {
     make_private_dir(dir).map_err(|e| PersistError::Dir(dir.into(), e))?;
-    let path = dir.join(FILE_NAME);
+    open_and_lock(dir.join(FILE_NAME), true)
+}
+
+/// The state file at `path` (made if `create`), opened and locked.
+fn open_and_lock(path: PathBuf, create: bool) -> Result<(Flock<File>, PathBuf), PersistError> {
     // (Not through a symlink another user of a shared directory put
     // there.)
     let file = OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
+        .create(create)
         .truncate(false)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)

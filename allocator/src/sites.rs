@@ -721,20 +721,10 @@ impl Sites {
             return Some(self.pairs.get(&(id, ip)).is_some_and(|p| p.strikes > 0));
         };
         if !self.pairs.contains_key(&(id, ip)) {
-            self.make_room(now, site, 1);
-            if self.entries() >= self.max_entries {
-                // This one site holds the whole table (a prefix of many
-                // addresses used within its period): rather than break
-                // the cap, or serve the address uncounted (its budget
-                // would be no limit at all), the request is refused until
-                // the site's oldest starts leave their period.
-                if crate::due(&mut self.full_logged, now, Duration::from_secs(60)) {
-                    tracing::warn!(
-                        %site,
-                        max = self.max_entries,
-                        "the site table is full of one site's addresses: its requests on new addresses are refused (429) until older ones leave their period; raise --max-site-entries"
-                    );
-                }
+            // Rather than break the cap, or serve the address uncounted
+            // (its budget would be no limit at all), the request is
+            // refused until the site's oldest starts leave their period.
+            if self.uncountable(site, id, ip, Some(limit), now).is_some() {
                 return None;
             }
             if let Some(s) = self.sites.get_mut(site) {
@@ -958,7 +948,19 @@ impl Sites {
             return None;
         }
         self.make_room(now, site, 1);
-        (self.entries() >= self.max_entries).then(|| (self.ms(now) + 1000, false))
+        if self.entries() < self.max_entries {
+            return None;
+        }
+        // This one site holds the whole table (a prefix of many addresses
+        // used within its period).
+        if crate::due(&mut self.full_logged, now, Duration::from_secs(60)) {
+            tracing::warn!(
+                %site,
+                max = self.max_entries,
+                "the site table is full of one site's addresses: its requests on new addresses are refused (429) until older ones leave their period; raise --max-site-entries"
+            );
+        }
+        Some((self.ms(now) + 1000, false))
     }
 
     /// Whether the site's (`id`) pair of `key` blocks a start now: until

@@ -57,6 +57,14 @@ pub enum LeaseError {
     Backlogged(usize),
 }
 
+impl LeaseError {
+    /// The allocator did not answer: it timed out, or did not even read
+    /// what waits for it (where a fallback stands in for its answer).
+    fn unanswered(&self) -> bool {
+        matches!(self, LeaseError::Timeout { .. } | LeaseError::Backlogged(_))
+    }
+}
+
 /// A lease, and whether the allocator wants to hear how the site answered
 /// it (`LeaseClient::site_answered`).
 pub type Granted = (Lease, bool);
@@ -461,35 +469,33 @@ impl LeaseClient {
         // table's refusal stands. (A family the pool lacks is answered at
         // once: a dual-stack name asked of an IPv6 pool asks it for IPv4
         // first, on every request.)
-        let mut refused = None;
-        match answer {
-            Some(Err(r)) if r.reason == NoAddress::EmptyPool => refused = Some(r.reason),
-            Some(Err(r)) => return Err(LeaseError::NoAddress(r.reason)),
-            _ => {}
-        }
-        if let Some(Ok(lease)) = answer {
-            match self.vouch(&c, &lease, &deadline).await {
-                Vouch::Yes | Vouch::Unanswered => return Ok((lease, false)),
-                // The pool moved on meanwhile (or the allocator did
-                // not answer): this lease over the socket instead.
-                Vouch::Unknown => {}
-                Vouch::No => {
-                    if let Some(t) = table {
-                        error!(source = %lease.ip, generation = lease.generation, "the lease table handed out an address the allocator did not publish: not used; leasing over the socket until the allocator replaces the table");
-                        c.distrust(&t);
+        let refused = match answer {
+            Some(Ok(lease)) => {
+                match self.vouch(&c, &lease, &deadline).await {
+                    Vouch::Yes | Vouch::Unanswered => return Ok((lease, false)),
+                    // The pool moved on meanwhile (or the allocator did
+                    // not answer): this lease over the socket instead.
+                    Vouch::Unknown => {}
+                    Vouch::No => {
+                        if let Some(t) = table {
+                            error!(source = %lease.ip, generation = lease.generation, "the lease table handed out an address the allocator did not publish: not used; leasing over the socket until the allocator replaces the table");
+                            c.distrust(&t);
+                        }
                     }
                 }
+                None
             }
-        }
+            Some(Err(r)) if r.reason == NoAddress::EmptyPool => Some(r.reason),
+            Some(Err(r)) => return Err(LeaseError::NoAddress(r.reason)),
+            None => None,
+        };
         let asked = self
             .request_until(Request::Lease { families }, deadline())
             .await;
         match (asked, refused) {
             (Ok(Response::Leased(lease)), _) => Ok((lease, false)),
             (Ok(Response::NoAddress(refusal)), _) => Err(LeaseError::NoAddress(refusal.reason)),
-            (Err(LeaseError::Timeout { .. } | LeaseError::Backlogged(_)), Some(reason)) => {
-                Err(LeaseError::NoAddress(reason))
-            }
+            (Err(e), Some(reason)) if e.unanswered() => Err(LeaseError::NoAddress(reason)),
             (Ok(other), _) => Err(LeaseError::Unexpected(format!("{other:?}"))),
             (Err(e), _) => Err(e),
         }
@@ -638,7 +644,7 @@ impl LeaseClient {
             Ok(Response::Error { message }) if message.starts_with(POOL_TOO_LARGE) => {
                 PoolCopy::unchecked(lease.generation)
             }
-            Err(LeaseError::Timeout { .. } | LeaseError::Backlogged(_)) => {
+            Err(e) if e.unanswered() => {
                 let mut failed = conn.copy_failed.lock().unwrap_or_else(|e| e.into_inner());
                 if failed.is_none() {
                     warn!("the allocator does not answer; leasing from its table unchecked until it does");
