@@ -36,7 +36,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         Ok(f) => f,
         Err(e) => return fail(&e),
     };
-    let tuning = match args.settings.resolve(&file) {
+    let mut tuning = match args.settings.resolve(&file) {
         Ok(t) => t,
         Err(e) => return fail(&e),
     };
@@ -106,6 +106,9 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         );
         check_summary(&tuning);
         return ExitCode::SUCCESS;
+    }
+    if let Err(e) = tuning.open_access_log() {
+        return fail(&e);
     }
     let (tls_listeners, tls_inherited) = match passed_or_bound(&tls_passed, &merged.tls_listen) {
         Ok(x) => x,
@@ -371,7 +374,7 @@ fn check_summary(t: &crate::cli::worker::WorkerSettingsTuning) {
     eprintln!(
         "ok: TLS certificate: {}; access log: {}; names resolved by {}",
         if c.tls.is_some() { "loaded" } else { "none" },
-        if p.access_log.is_some() { "on" } else { "off" },
+        if t.access_log.is_some() { "on" } else { "off" },
         match &p.resolver {
             rotor_worker::dns::ResolverChoice::System => "getaddrinfo".to_string(),
             rotor_worker::dns::ResolverChoice::Dns { servers } if servers.is_empty() => {

@@ -273,6 +273,29 @@ pub struct WorkerSettingsTuning {
     pub config: rotor_worker::Config,
     /// `--no-auth` (or the file's `no-auth = true`).
     pub no_auth: bool,
+    /// Where the access log goes, checked but not yet opened: `--check`
+    /// and `rotor up`'s own check of the settings make no file and start
+    /// no writer.
+    pub access_log: Option<(rotor_worker::access::Target, rotor_worker::access::Format)>,
+}
+
+impl WorkerSettingsTuning {
+    /// Opens the access log (a file is created if need be) and starts its
+    /// writer: for a worker that runs.
+    pub fn open_access_log(&mut self) -> Result<(), ConfigError> {
+        if let Some((target, format)) = &self.access_log {
+            let log =
+                rotor_worker::access::AccessLog::open(target.clone(), *format).map_err(|e| {
+                    let name = match target {
+                        rotor_worker::access::Target::File(p) => p.display().to_string(),
+                        rotor_worker::access::Target::Stdout => "-".into(),
+                    };
+                    ConfigError::Invalid(format!("access-log {name}: {e}"))
+                })?;
+            self.config.proxy.access_log = Some(log);
+        }
+        Ok(())
+    }
 }
 
 impl WorkerFlags {
@@ -322,11 +345,10 @@ impl WorkerFlags {
                     true => rotor_worker::access::Target::Stdout,
                     false => rotor_worker::access::Target::File(p.clone()),
                 };
-                Some(
-                    rotor_worker::access::AccessLog::open(target, w.access_log_format.0).map_err(
-                        |e| ConfigError::Invalid(format!("access-log {}: {e}", p.display())),
-                    )?,
-                )
+                target.check().map_err(|e| {
+                    ConfigError::Invalid(format!("access-log {}: {e}", p.display()))
+                })?;
+                Some((target, w.access_log_format.0))
             }
         };
         let tls =
@@ -376,7 +398,8 @@ impl WorkerFlags {
                     session_max_ttl: w.session_max_ttl,
                     budget_wait: w.budget_wait,
                     cooldown_status: w.cooldown_status.0,
-                    access_log,
+                    // Opened by `open_access_log`, when the worker runs.
+                    access_log: None,
                 },
                 idle_timeout: w.idle_timeout,
                 max_connections: w.max_connections,
@@ -385,6 +408,7 @@ impl WorkerFlags {
                 header_read_timeout: w.header_read_timeout,
                 drain_timeout: w.drain_timeout,
             },
+            access_log,
         };
         if t.threads == 0 {
             return Err(ConfigError::Invalid("threads must be at least 1".into()));

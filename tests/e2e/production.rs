@@ -851,13 +851,19 @@ async fn a_full_worker_answers_when_its_sibling_with_room_is_stopped() {
 /// unit never started).
 /// `--check-config`, the allocator's, is a check in a worker too (it had
 /// been ignored: the worker started and served).
+/// Nor does it make the access log: it checks that the log could be made
+/// (it had created the file, as root in the unit's ExecStartPre).
 #[test]
 fn a_worker_check_binds_nothing() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = held.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
     for check in ["--check", "--check-config"] {
         let out = Command::new(WORKER)
             .args(["--listen", &port, "--socket", "/nonexistent/a.sock", check])
+            .arg("--access-log")
+            .arg(&log)
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -866,7 +872,28 @@ fn a_worker_check_binds_nothing() {
             stderr.contains(&format!("listen {port} (not bound")),
             "{check}: {stderr}"
         );
+        assert!(stderr.contains("access log: on"), "{check}: {stderr}");
+        assert!(!log.exists(), "{check} made the access log");
     }
+    // A log that could not be made fails the check, named.
+    let out = Command::new(WORKER)
+        .args([
+            "--listen",
+            &port,
+            "--socket",
+            "/nonexistent/a.sock",
+            "--check",
+        ])
+        .arg("--access-log")
+        .arg(dir.path().join("none/access.log"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("access-log") && stderr.contains("cannot be made"),
+        "{stderr}"
+    );
 }
 
 /// systemd's SIGTERM to the whole control group and `rotor up`'s own reach

@@ -29,6 +29,43 @@ pub enum Target {
     File(PathBuf),
 }
 
+impl Target {
+    /// Whether the log could be opened, found without opening it for good
+    /// and without making anything: `--check`, and `rotor up`'s check
+    /// before its workers start, must leave no file behind.
+    pub fn check(&self) -> std::io::Result<()> {
+        use std::io::{Error, ErrorKind};
+        let Target::File(path) = self else {
+            return Ok(());
+        };
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => Err(Error::new(ErrorKind::InvalidInput, "is a directory")),
+            // Opened to append, not created: it is there.
+            Ok(_) => std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .map(drop),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                let dir = match path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d,
+                    _ => std::path::Path::new("."),
+                };
+                nix::unistd::access(
+                    dir,
+                    nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+                )
+                .map_err(|e| {
+                    Error::new(
+                        Error::from(e).kind(),
+                        format!("cannot be made in {}: {}", dir.display(), e.desc()),
+                    )
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
 /// One request or tunnel.
 #[derive(Debug, Clone)]
 pub struct Entry {
