@@ -678,10 +678,13 @@ impl LeaseClient {
         let ttl_secs = u32::try_from(ttl.as_secs().max(1)).unwrap_or(u32::MAX);
         // Whether the site takes the site path is the connection's to say:
         // waited for (an allocator restarting), as `lease` does.
+        // One lease timeout in all: the connection, the request and an
+        // older allocator's second request share it.
+        let deadline = Instant::now() + self.timeout;
         let current = self.conn.borrow().clone();
         let c = match current {
             Some(c) => c,
-            None => self.connection(Instant::now() + self.timeout).await?,
+            None => self.connection(deadline).await?,
         };
         let site = match c.minor >= MINOR_SESSION_SITE {
             true => {
@@ -705,13 +708,13 @@ impl LeaseClient {
                     strict,
                     site,
                 };
-                match self.request(body).await {
+                match self.request_until(body, deadline).await {
                     // Reconnected meanwhile to an older allocator.
-                    Err(LeaseError::TooOld { .. }) => self.request(plain()).await,
+                    Err(LeaseError::TooOld { .. }) => self.request_until(plain(), deadline).await,
                     r => r,
                 }
             }
-            None => self.request(plain()).await,
+            None => self.request_until(plain(), deadline).await,
         };
         match answer? {
             Response::SessionLost { ip } => Err(LeaseError::SessionLost(ip)),
