@@ -216,7 +216,9 @@ impl Value for ResolverKind {
     }
 }
 
-/// `IP` or `IP:PORT` (port 53 by default; IPv6 with a port in brackets).
+/// `IP` or `IP:PORT` (port 53 by default; IPv6 with a port in brackets,
+/// and an unbracketed IPv6 address that also reads as address and port
+/// refused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DnsServer(pub SocketAddr);
 
@@ -225,6 +227,21 @@ impl Value for DnsServer {
     fn parse(s: &str) -> Result<Self, String> {
         if let Ok(a) = s.parse::<SocketAddr>() {
             return Ok(DnsServer(a));
+        }
+        // `::1:5353` is an IPv6 address, and also reads as `::1` port
+        // 5353: which was meant is asked, not guessed (it was taken as the
+        // address, port 53, and lookups went nowhere).
+        if let Some((ip, port)) = s.rsplit_once(':') {
+            let decimal =
+                !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
+            if decimal
+                && s.parse::<std::net::Ipv6Addr>().is_ok()
+                && ip.parse::<std::net::Ipv6Addr>().is_ok()
+            {
+                return Err(format!(
+                    "`{s}` reads both as an IPv6 address and as {ip} port {port}: write [{ip}]:{port} for the port, or [{s}] for the address"
+                ));
+            }
         }
         rotor_protocol::addr::unbracketed(s)
             .parse::<std::net::IpAddr>()
@@ -474,6 +491,25 @@ impl WorkerSettingsTuning {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_dns_server_that_reads_two_ways_is_refused() {
+        use super::DnsServer;
+        use crate::cli::settings::Value;
+        let ok = |s: &str| DnsServer::parse(s).unwrap().0.to_string();
+        assert_eq!(ok("127.0.0.53"), "127.0.0.53:53");
+        assert_eq!(ok("127.0.0.1:5353"), "127.0.0.1:5353");
+        assert_eq!(ok("[::1]:5353"), "[::1]:5353");
+        assert_eq!(ok("[::1:5353]"), "[::1:5353]:53");
+        assert_eq!(ok("::1"), "[::1]:53");
+        // `fd00:` is no address: `fd00::53` reads one way only.
+        assert_eq!(ok("fd00::53"), "[fd00::53]:53");
+        assert_eq!(ok("2001:db8::a:b"), "[2001:db8::a:b]:53");
+        for two in ["::1:5353", "2001:db8::1:53"] {
+            let e = DnsServer::parse(two).unwrap_err();
+            assert!(e.contains("reads both") && e.contains("]:"), "{e}");
+        }
+    }
+
     use super::super::test_support::file;
     use super::*;
     use clap::{CommandFactory, Parser};
