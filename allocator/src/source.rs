@@ -497,12 +497,26 @@ fn interface_addrs(sel: &InterfaceSelector) -> Result<Vec<IpAddr>, SourceError> 
         };
         return Err(SourceError::NoInterface(what));
     }
-    Ok(all
+    let addrs: Vec<IpAddr> = all
         .iter()
         .filter(|a| names.contains(&a.name.as_str()))
         .filter_map(|a| a.ip)
         .filter(bindable)
-        .collect())
+        .filter(|ip| !matches!(ip, IpAddr::V4(v4) if v4.is_link_local()))
+        .collect();
+    Ok(without_loopback_beside_others(addrs))
+}
+
+/// An interface's loopback addresses (127.0.0.0/8, ::1) are left out when
+/// it has others: `--interface lo` on a host with a routed block on lo
+/// means that block, and a lease of 127.0.0.1 or ::1 for a destination
+/// elsewhere fails at every connect. An interface with loopback addresses
+/// only (lo on a host with no block on it) keeps them: a test set-up.
+fn without_loopback_beside_others(addrs: Vec<IpAddr>) -> Vec<IpAddr> {
+    match addrs.iter().all(IpAddr::is_loopback) {
+        true => addrs,
+        false => addrs.into_iter().filter(|ip| !ip.is_loopback()).collect(),
+    }
 }
 
 /// The host's global addresses that can reach the internet: those the
@@ -555,6 +569,24 @@ fn host_addrs() -> Result<Vec<IpAddr>, SourceError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_addresses_go_only_beside_others() {
+        let ips = |v: &[&str]| -> Vec<IpAddr> { v.iter().map(|s| s.parse().unwrap()).collect() };
+        assert_eq!(
+            without_loopback_beside_others(ips(&["127.0.0.1", "::1"])),
+            ips(&["127.0.0.1", "::1"])
+        );
+        assert_eq!(
+            without_loopback_beside_others(ips(&[
+                "127.0.0.1",
+                "203.0.113.7",
+                "::1",
+                "2001:db8::7"
+            ])),
+            ips(&["203.0.113.7", "2001:db8::7"])
+        );
+    }
 
     /// A thread appending `piece` to a file every `every`, until stopped.
     struct Appending {

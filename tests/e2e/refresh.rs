@@ -121,6 +121,32 @@ async fn a_failed_read_keeps_the_last_good_pool_and_an_empty_file_empties_it() {
     assert_eq!(origin.count(), 1);
 }
 
+/// AnyIP: a block routed to the host and put on lo. `--interface lo` is
+/// that block; 127.0.0.1 and ::1 are left out (leased, they failed every
+/// connect to a destination elsewhere), and so is an IPv4 link-local
+/// address.
+#[test]
+fn interface_lo_with_a_block_on_it_is_that_block() {
+    crate::util::in_netns(
+        "interface_lo_with_a_block_on_it_is_that_block",
+        &[
+            "addr add 203.0.113.7/32 dev lo",
+            "addr add 169.254.7.7/32 dev lo",
+            "-6 addr add 2001:db8:7::7/128 dev lo nodad",
+        ],
+        || async {
+            let alloc = Allocator::start(&["--interface", "lo"]).await;
+            let mut pool = pool_of(&status_json(&alloc.socket));
+            pool.sort();
+            let want: Vec<IpAddr> = vec![
+                "203.0.113.7".parse().unwrap(),
+                "2001:db8:7::7".parse().unwrap(),
+            ];
+            assert_eq!(pool, want);
+        },
+    );
+}
+
 #[tokio::test]
 async fn interface_source_reads_the_loopback_addresses() {
     let alloc = Allocator::start(&["--interface", "lo"]).await;
