@@ -620,9 +620,13 @@ pub enum NoAddress {
 impl std::fmt::Display for NoAddress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            NoAddress::EmptyPool => f.write_str("the source address pool is empty"),
+            // The table knows only what is in the rotation: a pool whose
+            // every entry is quarantined reads as empty, and is said so.
+            NoAddress::EmptyPool => f.write_str(
+                "the source address pool has no address in the rotation (it is empty, or every entry is out of it: see `rotor status`)",
+            ),
             NoAddress::NoFamily { wanted } => {
-                write!(f, "the source address pool has no {wanted} address")
+                write!(f, "the source address pool has no {wanted} address in the rotation")
             }
         }
     }

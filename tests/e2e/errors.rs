@@ -26,7 +26,8 @@ async fn empty_pool_answers_503_and_contacts_nobody() {
         "{}",
         r.proxy_status()
     );
-    assert!(String::from_utf8_lossy(&r.body).contains("pool is empty"));
+    assert!(String::from_utf8_lossy(&r.body)
+        .contains("pool has no address in the rotation (it is empty"));
     let (code, _) = connect_tunnel(worker.addr, &echo.addr.to_string()).await;
     assert_eq!(code, 503);
     assert_eq!(origin.count(), 0);
