@@ -196,3 +196,60 @@ async fn an_http_1_0_answer_reaches_the_client_as_http_1_1() {
         assert_eq!(&body, b"abc");
     }
 }
+
+/// A request with a body goes on a new upstream connection, and the pooled
+/// one stays for the next request without a body. (Checked out for the
+/// upload, a pooled connection the destination was closing for idleness
+/// failed it with a 502 that could not be retried; and a connection that
+/// carried a body is not pooled again anyway.) Over one client connection,
+/// on the fast path (a small body) and hyper's (chunked).
+#[tokio::test]
+async fn an_upload_takes_a_new_upstream_connection_and_leaves_the_pooled_one() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let mut c = ProxyConn::open(worker.addr).await;
+    let url = origin.url("/");
+    assert_eq!(c.get(&url).await.status, 200);
+    let post = Request::post(origin.url("/echo"))
+        .body(Full::new(Bytes::from_static(b"abc")))
+        .unwrap();
+    let r = c.send(post).await;
+    assert_eq!((r.status, &r.body[..]), (200, &b"abc"[..]));
+    assert_eq!(c.get(&url).await.status, 200);
+    // Chunked, by hyper's path.
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    let head = format!(
+        "POST {} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nxyz\r\n0\r\n\r\n",
+        origin.url("/echo")
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    assert_eq!(c.get(&url).await.status, 200);
+    let seen: Vec<(String, usize)> = origin
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| (s.method.clone(), s.conn))
+        .collect();
+    let get_conn = seen[0].1;
+    let want = vec![
+        ("GET".to_string(), get_conn),
+        ("POST".to_string(), seen[1].1),
+        ("GET".to_string(), get_conn),
+        ("POST".to_string(), seen[3].1),
+        ("GET".to_string(), get_conn),
+    ];
+    assert_eq!(seen, want);
+    assert!(
+        seen[1].1 != get_conn && seen[3].1 != get_conn && seen[1].1 != seen[3].1,
+        "{seen:?}"
+    );
+}

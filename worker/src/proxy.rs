@@ -992,7 +992,17 @@ impl Proxy {
         }
         parts.uri = origin_form(&parts.uri);
         parts.version = Version::HTTP_11;
-        let (mut conn, reused) = match self.upstream.checkout(&key) {
+        let body = (!body.is_end_stream()).then_some(body);
+        // A request with a body goes on a new connection: one that carried
+        // a body is not pooled again after it (see `h1`), and on a reused
+        // one the destination's idle close, crossing the upload, failed
+        // the request with a 502 that could not be retried (the body is
+        // gone once sent).
+        let pooled = match body {
+            None => self.upstream.checkout(&key),
+            Some(_) => None,
+        };
+        let (mut conn, reused) = match pooled {
             Some(c) => (c, true),
             None => {
                 let (c, dialed) = self.dial(lease, &addrs, host, sticky).await?;
@@ -1002,10 +1012,9 @@ impl Proxy {
                 (c, false)
             }
         };
-        let body = (!body.is_end_stream()).then_some(body);
-        // On a reused connection, a request without a body can be sent
-        // again, should the destination have closed that connection.
-        let replay = reused && body.is_none();
+        // On a reused connection (a request without a body), the request
+        // can be sent again, should the destination have closed it.
+        let replay = reused;
         let first = match self
             .exchange(conn, &parts, &fields, body, dest)
             .await
