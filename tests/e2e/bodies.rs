@@ -158,6 +158,71 @@ async fn chunked_wins_over_a_content_length_from_the_origin() {
     }
 }
 
+/// A body the destination cuts short reaches an HTTP/1.0 client (whose
+/// answer's end is the close: no length) as a reset, not a FIN: a client
+/// reading to the close took the cut body for the whole one. Cut mid-chunk,
+/// before the last chunk, and before a Content-Length's end; a whole body
+/// still ends cleanly.
+#[tokio::test]
+async fn a_body_cut_short_reaches_an_http_1_0_client_as_a_reset() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let body = "a".repeat(3000);
+    for (resp, whole) in [
+        (
+            format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n",
+                3000
+            ),
+            false,
+        ),
+        (
+            format!(
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{}",
+                6000, body
+            ),
+            false,
+        ),
+        (
+            format!("HTTP/1.1 200 OK\r\nContent-Length: 6000\r\n\r\n{body}"),
+            false,
+        ),
+        (
+            format!("HTTP/1.1 200 OK\r\nContent-Length: 3000\r\n\r\n{body}"),
+            true,
+        ),
+    ] {
+        let (addr, _) = recording_server(move |mut s: TcpStream| {
+            let resp = resp.clone();
+            async move {
+                let mut b = [0u8; 4096];
+                let _ = s.read(&mut b).await;
+                let _ = s.write_all(resp.as_bytes()).await;
+            }
+        })
+        .await;
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        s.write_all(format!("GET http://{addr}/ HTTP/1.0\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        let end = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out);
+        match whole {
+            true => {
+                end.unwrap();
+                assert!(text.ends_with(&body), "{text}");
+            }
+            false => {
+                let e = end.expect_err(&format!("a cut body ended cleanly: {text}"));
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+            }
+        }
+    }
+}
+
 /// An HTTP/1.0 destination's answer goes to an HTTP/1.1 client as rotor's
 /// own HTTP/1.1 (RFC 9110 §6.2), on the path hyper serves too (a chunked
 /// upload), and the client's connection stays open for the next request.

@@ -640,6 +640,10 @@ impl<I> Rewind<I> {
     pub fn into_parts(self) -> (Bytes, I) {
         (self.prefix, self.inner)
     }
+
+    pub fn get_ref(&self) -> &I {
+        &self.inner
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {

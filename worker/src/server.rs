@@ -414,6 +414,7 @@ impl Serving {
             // hyper's server from here (made only now: most connections
             // never get here). Counts the connection's requests as they
             // arrive: see the drain below.
+            let fd = client_fd(io.get_ref());
             let arrivals = Arc::new(Arrivals::default());
             let seen = arrivals.clone();
             let io = Lingering {
@@ -485,12 +486,44 @@ impl Serving {
                 if let Some(status) = hyper_answered(&e) {
                     fast.proxy.answered_by_hyper(client, status);
                 }
+                // A response body that broke off (the destination cut it,
+                // or sent a bad chunk) ends the connection with a reset,
+                // as a tunnel's does: a response whose end is the close
+                // (to an HTTP/1.0 client, one without a length) would
+                // otherwise end in a FIN, and a client reading to the end
+                // took the cut body for the whole one.
+                if body_broke(&e) {
+                    if let Some(fd) = fd {
+                        crate::os::reset_at_close(fd);
+                    }
+                }
                 debug!(error = %error_chain(&e), "client connection ended with an error");
             }
         }
         .instrument(tracing::debug_span!("client", %client));
         self.connections.spawn(fut);
     }
+}
+
+/// The client socket under `io` (a TLS session's too).
+fn client_fd(io: &ClientIo) -> Option<std::os::fd::RawFd> {
+    match io {
+        tokio_util::either::Either::Left(plain) => plain.get_ref().raw_fd(),
+        tokio_util::either::Either::Right(tls) => tls.get_ref().0.get_ref().raw_fd(),
+    }
+}
+
+/// Whether hyper's server stopped for a response body of ours that failed
+/// (the destination's body cut short or malformed), not the client's doing.
+fn body_broke(e: &hyper::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if c.downcast_ref::<crate::h1::Error>().is_some() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// The status hyper's server answered a request it could not read with
