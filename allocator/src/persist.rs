@@ -287,6 +287,54 @@ pub fn write_hand(path: &Path, outs: &[HandOut]) -> io::Result<()> {
     replace_file(path, (text + "\n").as_bytes())
 }
 
+/// The host's order key (see `rotor_protocol::set_order_key`): four words
+/// in hexadecimal on one line, made at the first start with a state
+/// directory and kept, so a restart leases prefixes in the same order and
+/// resumes it.
+pub const ORDER_KEY_FILE_NAME: &str = "order.key";
+
+/// A new order key, from the kernel's random source.
+pub fn fresh_order_key() -> io::Result<rotor_protocol::OrderKey> {
+    let mut b = [0u8; 32];
+    io::Read::read_exact(&mut File::open("/dev/urandom")?, &mut b)?;
+    Ok(std::array::from_fn(|k| {
+        u64::from_le_bytes(b[k * 8..k * 8 + 8].try_into().expect("8 bytes"))
+    }))
+}
+
+/// The order key kept in `dir`, made (and kept) if there is none. One that
+/// does not read is set aside as `order.key.corrupt` and replaced: the
+/// order of prefixes starts over, which repeats nothing a destination could
+/// tell from a new host's.
+pub fn order_key(dir: &Path) -> io::Result<rotor_protocol::OrderKey> {
+    let path = dir.join(ORDER_KEY_FILE_NAME);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let words: Vec<u64> = text
+                .split_whitespace()
+                .filter_map(|w| u64::from_str_radix(w, 16).ok())
+                .collect();
+            if let (Ok(key), 4) = (
+                <[u64; 4]>::try_from(words.as_slice()),
+                text.split_whitespace().count(),
+            ) {
+                return Ok(key);
+            }
+            tracing::warn!(file = %path.display(), "the order key does not read: set aside as .corrupt, and a new one made (prefixes are leased in a new order)");
+            let _ = std::fs::rename(
+                &path,
+                path.with_file_name(format!("{ORDER_KEY_FILE_NAME}.corrupt")),
+            );
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let key = fresh_order_key()?;
+    let text = key.map(|w| format!("{w:016x}")).join(" ") + "\n";
+    replace_file(&path, text.as_bytes())?;
+    Ok(key)
+}
+
 /// The sticky sessions an allocator left for the next one (JSON, written
 /// at a clean stop and, while they change, every `--checkpoint`; read at
 /// the start).

@@ -195,6 +195,21 @@ pub async fn run(
             }
         },
     };
+    // The order prefixes are leased in: the state directory's key (the
+    // lock on it held), else one of this run's own.
+    let key = match (&config.state_dir, &state) {
+        (Some(dir), Some(_)) => crate::persist::order_key(dir).map_err(|e| {
+            warn!(error = %e, dir = %dir.display(), "cannot keep the order key in the state directory: prefixes are leased in an order of this run's own");
+        }),
+        _ => Err(()),
+    };
+    match key.or_else(|()| crate::persist::fresh_order_key()) {
+        Ok(key) => rotor_protocol::set_order_key(key),
+        // No random source: the fixed order, said.
+        Err(e) => {
+            warn!(error = %e, "cannot read /dev/urandom: prefixes are leased in rotor's fixed order, the same on every host")
+        }
+    }
     // The lease table lives next to the socket. One left by an allocator
     // that was killed holds the rotation exactly as it stopped: it is
     // closed (so no worker still mapping it leases from it) and, with a

@@ -30,7 +30,9 @@ pub use message::{
     REPORT_TEXT_MAX,
 };
 pub use report::{error_chain, Moment};
-pub use segment::{cover, from_u128, to_u128, Family, PrefixSet, Segment};
+pub use segment::{
+    cover, from_u128, order_key, set_order_key, to_u128, Family, OrderKey, PrefixSet, Segment,
+};
 pub use site::{is_public_suffix, site_bit, site_of, SITE_FILTER_BITS};
 pub use table::{
     address_at, addresses_from, family_total, index_of, LeaseTable, Position, SiteMode, TableError,

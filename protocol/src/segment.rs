@@ -8,9 +8,21 @@
 //! land far apart (not on neighbouring addresses), and the position is one
 //! counter that can be saved and resumed; `index_of` inverts it, so the
 //! address due next can be found again after a restart or a refresh.
+//!
+//! The permutation's constants are mixed with the host's order key
+//! ([`set_order_key`]: random, kept in the allocator's state directory,
+//! handed to workers in the lease table). With fixed constants alone every
+//! rotor host leased the same host parts in the same order in every
+//! prefix: a destination could invert the public permutation, see that an
+//! address's lease index is small, and so tell a rotor address and count
+//! its leases. The key makes the order the host's own. (The steps are not
+//! a cipher: the key defeats inverting a public function, not a determined
+//! cryptanalysis of many leases.) A zero key is the fixed order: tests,
+//! and the tables of allocators from before the key.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -64,6 +76,59 @@ const M1: u128 = 0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835;
 const C1: u128 = 0x2545_f491_4f6c_dd1d_6a09_e667_f3bc_c909;
 const M2: u128 = 0xbf58_476d_1ce4_e5b9_94d0_49bb_1331_11eb;
 
+/// The host's order key (see the module's doc): four words, zero for the
+/// fixed order.
+pub type OrderKey = [u64; 4];
+
+static ORDER_KEY: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+
+/// Sets the order key every prefix of this process is leased in: the
+/// allocator's, before it computes an address; a worker's, from the lease
+/// table it maps.
+pub fn set_order_key(key: OrderKey) {
+    for (w, v) in ORDER_KEY.iter().zip(key) {
+        w.store(v, Ordering::Relaxed);
+    }
+}
+
+/// The order key in use.
+pub fn order_key() -> OrderKey {
+    ORDER_KEY.each_ref().map(|w| w.load(Ordering::Relaxed))
+}
+
+/// The permutation's constants for `key`, on 128 bits: both multipliers
+/// odd; `w` whitens the index going in and (turned) the offset going out.
+#[derive(Clone, Copy)]
+struct Keyed {
+    m1: u128,
+    c1: u128,
+    m2: u128,
+    w: u128,
+}
+
+impl Keyed {
+    fn new([a, b, c, d]: OrderKey) -> Keyed {
+        let wide = |hi: u64, lo: u64| (u128::from(hi) << 64) | u128::from(lo);
+        Keyed {
+            m1: (M1 ^ wide(a, c)) | 1,
+            c1: C1 ^ wide(b, d),
+            m2: (M2 ^ wide(c, a)) | 1,
+            w: wide(d, b),
+        }
+    }
+
+    /// The same on 64 bits: the low halves (a zero key gives the fixed
+    /// constants' low halves, the order before the key).
+    fn narrow(self) -> (u64, u64, u64, u64) {
+        (
+            self.m1 as u64,
+            self.c1 as u64,
+            self.m2 as u64,
+            self.w as u64,
+        )
+    }
+}
+
 impl Segment {
     pub fn single(ip: IpAddr) -> Segment {
         Segment {
@@ -114,10 +179,16 @@ impl Segment {
     /// The address lease `i` of this segment gets (`i` is taken modulo the
     /// size).
     pub fn at(&self, i: u128) -> IpAddr {
+        self.at_with(i, order_key())
+    }
+
+    /// The address lease `i` gets in the order of `key`.
+    pub fn at_with(&self, i: u128, key: OrderKey) -> IpAddr {
         if self.host_bits == 0 {
             return self.base;
         }
-        lease_address(self.family(), to_u128(self.base), self.host_bits, i)
+        let offset = permute(i & mask(self.host_bits), self.host_bits, Keyed::new(key));
+        from_u128(self.family(), to_u128(self.base) | offset)
     }
 
     /// Which lease of this segment gets `ip`, if `ip` is in it.
@@ -126,7 +197,7 @@ impl Segment {
             return None;
         }
         let host = to_u128(ip) & mask(self.host_bits);
-        Some(unpermute(host, self.host_bits))
+        Some(unpermute(host, self.host_bits, Keyed::new(order_key())))
     }
 
     /// Whether `ip` is in the segment: its network bits compared, the
@@ -228,7 +299,8 @@ impl std::str::FromStr for Segment {
 /// Lease `i` of the prefix at `base` (host bits clear) with `host_bits`.
 #[inline]
 pub(crate) fn lease_address(family: Family, base: u128, host_bits: u8, i: u128) -> IpAddr {
-    from_u128(family, base | permute(i & mask(host_bits), host_bits))
+    let offset = permute(i & mask(host_bits), host_bits, Keyed::new(order_key()));
+    from_u128(family, base | offset)
 }
 
 /// The fewest prefixes that hold exactly the addresses of `entries`
@@ -313,30 +385,32 @@ fn shift(k: u8) -> u32 {
 
 /// A bijection of `[0, 2^k)`: in 64-bit arithmetic up to k = 64 (a /64
 /// and anything smaller), where it costs a few nanoseconds.
-fn permute(i: u128, k: u8) -> u128 {
+fn permute(i: u128, k: u8, key: Keyed) -> u128 {
     if k <= 64 {
-        return u128::from(permute64(i as u64, k));
+        return u128::from(permute64(i as u64, k, key));
     }
     let m = mask(k);
     let s = shift(k);
-    let mut x = i.wrapping_mul(M1).wrapping_add(C1) & m;
+    let mut x = ((i ^ key.w) & m).wrapping_mul(key.m1).wrapping_add(key.c1) & m;
     x ^= x >> s;
-    x = x.wrapping_mul(M2) & m;
+    x = x.wrapping_mul(key.m2) & m;
     x ^= x >> s;
-    x
+    x ^ (key.w.rotate_left(64) & m)
 }
 
-fn permute64(i: u64, k: u8) -> u64 {
+fn permute64(i: u64, k: u8, key: Keyed) -> u64 {
+    let (m1, c1, m2, w) = key.narrow();
     let m = mask(k) as u64;
     let s = shift(k);
-    let mut x = i.wrapping_mul(M1 as u64).wrapping_add(C1 as u64) & m;
+    let mut x = ((i ^ w) & m).wrapping_mul(m1).wrapping_add(c1) & m;
     x ^= x >> s;
-    x = x.wrapping_mul(M2 as u64) & m;
+    x = x.wrapping_mul(m2) & m;
     x ^= x >> s;
-    x
+    x ^ (w.rotate_left(32) & m)
 }
 
-fn unpermute64(y: u64, k: u8) -> u64 {
+fn unpermute64(y: u64, k: u8, key: Keyed) -> u64 {
+    let (m1, c1, m2, w) = key.narrow();
     let m = mask(k) as u64;
     let s = shift(k);
     let unxor = |y: u64| {
@@ -346,23 +420,26 @@ fn unpermute64(y: u64, k: u8) -> u64 {
         }
         x
     };
-    let mut x = unxor(y);
-    x = x.wrapping_mul(inverse(M2) as u64) & m;
+    let mut x = unxor((y ^ w.rotate_left(32)) & m);
+    x = x.wrapping_mul(inverse(u128::from(m2)) as u64) & m;
     x = unxor(x);
-    x.wrapping_sub(C1 as u64).wrapping_mul(inverse(M1) as u64) & m
+    (x.wrapping_sub(c1)
+        .wrapping_mul(inverse(u128::from(m1)) as u64)
+        ^ w)
+        & m
 }
 
 /// The inverse of [`permute`].
-fn unpermute(y: u128, k: u8) -> u128 {
+fn unpermute(y: u128, k: u8, key: Keyed) -> u128 {
     if k <= 64 {
-        return u128::from(unpermute64(y as u64, k));
+        return u128::from(unpermute64(y as u64, k, key));
     }
     let m = mask(k);
     let s = shift(k);
-    let mut x = unxorshift(y, s);
-    x = x.wrapping_mul(inverse(M2)) & m;
+    let mut x = unxorshift((y ^ key.w.rotate_left(64)) & m, s);
+    x = x.wrapping_mul(inverse(key.m2)) & m;
     x = unxorshift(x, s);
-    x.wrapping_sub(C1).wrapping_mul(inverse(M1)) & m
+    (x.wrapping_sub(key.c1).wrapping_mul(inverse(key.m1)) ^ key.w) & m
 }
 
 fn unxorshift(y: u128, s: u32) -> u128 {
@@ -391,15 +468,51 @@ mod tests {
     use super::*;
     use std::collections::HashSet;
 
+    /// Keys to walk with: none (the fixed order) and two of all bits.
+    const KEYS: [OrderKey; 3] = [
+        [0; 4],
+        [
+            0x0123_4567_89ab_cdef,
+            0xfedc_ba98_7654_3210,
+            0xdead_beef_f00d_cafe,
+            0x8000_0000_0000_0001,
+        ],
+        [u64::MAX; 4],
+    ];
+
     #[test]
     fn small_prefixes_are_walked_whole_without_repeats() {
-        for k in 1..=12u8 {
-            let seen: HashSet<u128> = (0..1u128 << k).map(|i| permute(i, k)).collect();
-            assert_eq!(seen.len(), 1 << k, "k = {k}");
-            assert!(seen.iter().all(|&x| x < 1 << k));
-            for i in 0..1u128 << k {
-                assert_eq!(unpermute(permute(i, k), k), i, "k = {k}, i = {i}");
+        for key in KEYS.map(Keyed::new) {
+            for k in 1..=12u8 {
+                let seen: HashSet<u128> = (0..1u128 << k).map(|i| permute(i, k, key)).collect();
+                assert_eq!(seen.len(), 1 << k, "k = {k}");
+                assert!(seen.iter().all(|&x| x < 1 << k));
+                for i in 0..1u128 << k {
+                    assert_eq!(unpermute(permute(i, k, key), k, key), i, "k = {k}, i = {i}");
+                }
             }
+        }
+    }
+
+    /// The zero key is the order before the key (a table of an older
+    /// allocator, which carries none, is leased as it was); another key
+    /// is another order, in every prefix size.
+    #[test]
+    fn the_order_key_makes_the_order_the_hosts_own() {
+        let s = Segment::prefix("2001:db8:2::".parse().unwrap(), 64).unwrap();
+        let first = |key: OrderKey| s.at_with(0, key);
+        assert_eq!(
+            first([0; 4]),
+            "2001:db8:2:0:dce0:43dc:8366:9426"
+                .parse::<IpAddr>()
+                .unwrap()
+        );
+        assert_ne!(first(KEYS[1]), first([0; 4]));
+        assert_ne!(first(KEYS[1]), first(KEYS[2]));
+        for len in [64u8, 48, 112, 120] {
+            let p = Segment::prefix("2001:db8::".parse().unwrap(), len).unwrap();
+            let walk = |key: OrderKey| (0..8u128).map(|i| p.at_with(i, key)).collect::<Vec<_>>();
+            assert_ne!(walk(KEYS[0]), walk(KEYS[1]), "/{len}");
         }
     }
 
@@ -421,10 +534,12 @@ mod tests {
             }
             prev = Some(v);
         }
-        for k in [1u8, 63, 64, 80, 127, 128] {
-            for i in [0u128, 1, 2, 12345, mask(k)] {
-                let i = i & mask(k);
-                assert_eq!(unpermute(permute(i, k), k), i, "k {k}");
+        for key in KEYS.map(Keyed::new) {
+            for k in [1u8, 63, 64, 65, 80, 127, 128] {
+                for i in [0u128, 1, 2, 12345, mask(k)] {
+                    let i = i & mask(k);
+                    assert_eq!(unpermute(permute(i, k, key), k, key), i, "k {k}");
+                }
             }
         }
     }

@@ -13,7 +13,8 @@
 //! ```text
 //! line 0  magic, layout, capacity, peer slots, id, peer slots handed out,
 //!         reloads asked for
-//! line 1  IPv4 state, seq, IPv6 state, site mode
+//! line 1  IPv4 state, seq, IPv6 state, site mode, order key (4 words;
+//!         zero in a table of an allocator before the key: the fixed order)
 //! line 2  half 0: generation, IPv4 entries, IPv6 entries, IPv4 total, IPv6 total
 //! line 3  half 1: the same
 //! 256 peer lines: leases, accept group, load
@@ -109,6 +110,10 @@ const STATES: [usize; 2] = [LINE, LINE + 2];
 const SEQ: usize = LINE + 1;
 /// Line 1: which requests take the site path (see above).
 const SITE_MODE: usize = LINE + 3;
+/// Line 1: the host's order key, the order a prefix's addresses are leased
+/// in (`segment::set_order_key`), so that a worker leases from the table
+/// in the allocator's order.
+const ORDER_KEY: usize = LINE + 4;
 /// Line of each half's metadata: generation, then entries and total by
 /// family.
 const HALVES: usize = 2 * LINE;
@@ -554,12 +559,21 @@ impl LeaseTable {
         // A new file or anonymous mapping is zero-filled: state 0 is half 0,
         // empty, open.
         table.word(SEQ).store(seq, Ordering::Relaxed);
+        for (k, w) in crate::segment::order_key().into_iter().enumerate() {
+            table.word(ORDER_KEY + k).store(w, Ordering::Relaxed);
+        }
         table.word(2).store(capacity as u64, Ordering::Relaxed);
         table.word(3).store(PEER_SLOTS as u64, Ordering::Relaxed);
         table.word(4).store(table.id, Ordering::Relaxed);
         table.word(1).store(TABLE_LAYOUT, Ordering::Relaxed);
         table.word(0).store(MAGIC, Ordering::Release);
         Ok(table)
+    }
+
+    /// The order key its allocator leases prefixes in (zero: the fixed
+    /// order of an allocator before the key).
+    pub fn order_key(&self) -> crate::segment::OrderKey {
+        std::array::from_fn(|k| self.word(ORDER_KEY + k).load(Ordering::Relaxed))
     }
 
     /// Maps the table at `path`; with `id`, only if it is that table.
@@ -989,6 +1003,10 @@ impl LeaseTable {
             (0..header.len()).find(|&i| self.word(i).load(Ordering::Relaxed) != header[i])
         {
             return Some(format!("header word {i} changed"));
+        }
+        // (The allocator's: the key it made the table with.)
+        if self.order_key() != crate::segment::order_key() {
+            return Some("its order key changed".into());
         }
         let s = self.states();
         if s.iter().any(|s| s & CLOSED != 0) {

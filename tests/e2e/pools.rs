@@ -65,6 +65,10 @@ fn a_dual_stack_pool_rotates_each_family_evenly() {
 
 /// `ip -6 route add local PREFIX dev lo` and the /64 is the pool: no sysctl,
 /// never enumerated, no repeats, in the prefix's permutation order, global.
+/// The order is the host's own, by the key kept in the state directory (a
+/// fixed order let a destination invert it and tell a rotor address): a
+/// restart keeps it, and another host's (another state directory's) is
+/// another order.
 #[test]
 fn an_ipv6_64_routed_to_the_host_is_a_pool() {
     in_netns(
@@ -88,23 +92,46 @@ fn an_ipv6_64_routed_to_the_host_is_a_pool() {
                 assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
             }
             let prefix = Segment::prefix(v6("2001:db8:7::"), 64).unwrap();
-            let want: Vec<IpAddr> = (0..40).map(|i| prefix.at(i)).collect();
+            let key_of = |dir: &std::path::Path| -> rotor_protocol::OrderKey {
+                let text = std::fs::read_to_string(dir.join("state/order.key")).unwrap();
+                let words: Vec<u64> = text
+                    .split_whitespace()
+                    .map(|w| u64::from_str_radix(w, 16).unwrap())
+                    .collect();
+                words.try_into().unwrap()
+            };
+            let key = key_of(dir.path());
+            assert_ne!(key, [0; 4]);
+            let at = |i: u128| prefix.at_with(i, key);
+            let want: Vec<IpAddr> = (0..40).map(at).collect();
             assert_eq!(origin.sources(), want);
             let status = status_json(&alloc.socket);
             assert_eq!(status["pool"][0]["ip"], "2001:db8:7::/64");
-            assert_eq!(status["families"][1]["next"], prefix.at(40).to_string());
+            assert_eq!(status["families"][1]["next"], at(40).to_string());
             assert_eq!(status["families"][1]["total"], 1u64 << 44);
             // Killed and restarted, the allocator continues the walk exactly
             // where it was (its position found again by inverting the
             // permutation).
             drop(alloc);
-            let _alloc = Allocator::start_in(dir, &pool).await;
+            let _alloc = Allocator::start_in(dir.clone(), &pool).await;
             for i in 0..5 {
                 let r = get(workers[i % 2].addr, &origin.url("/")).await;
                 assert_eq!(r.status, 200, "after the restart {i}: {:?}", r.body);
             }
-            let want: Vec<IpAddr> = (40..45).map(|i| prefix.at(i)).collect();
+            assert_eq!(key_of(dir.path()), key);
+            let want: Vec<IpAddr> = (40..45).map(at).collect();
             assert_eq!(origin.sources()[40..], want[..]);
+            // Another host: its own key, its own order.
+            let other_dir = Arc::new(tempfile::tempdir().unwrap());
+            let other = Allocator::start_in(other_dir.clone(), &pool).await;
+            let other_key = key_of(other_dir.path());
+            assert_ne!(other_key, key);
+            let status = status_json(&other.socket);
+            assert_eq!(
+                status["families"][1]["next"],
+                prefix.at_with(0, other_key).to_string()
+            );
+            assert_ne!(prefix.at_with(0, other_key), at(0));
         },
     );
 }

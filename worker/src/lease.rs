@@ -992,6 +992,9 @@ async fn attach(conn: &Conn, id: u64) -> bool {
             match LeaseTable::open(Path::new(&path), Some(id)) {
                 Ok(table) => {
                     debug!(table = %path, ?slot, "leasing from the allocator's table");
+                    // Prefixes leased from the table in the allocator's
+                    // order, as it computes the addresses it is asked for.
+                    rotor_protocol::set_order_key(table.order_key());
                     conn.first_reloads
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
