@@ -156,10 +156,12 @@ fn check(
     let mut checker = rotor_allocator::usable::Checker::default();
     const NAMED: usize = 20;
     let mut unusable = 0;
+    let mut listed = Vec::new();
     for s in pool.sources.iter().filter(|_| read) {
         match s.read() {
             Ok(addrs) => {
                 total += addrs.len();
+                listed.extend_from_slice(&addrs);
                 eprintln!("ok: {}: {} entries", s.name(), addrs.len());
                 for e in &addrs {
                     match checker.check(e) {
@@ -182,6 +184,10 @@ fn check(
                 eprintln!("error: {}: {}", s.name(), error_chain(&e));
             }
         }
+    }
+    if let Some(text) = rotor_allocator::state::unreached_text(&rotor_protocol::unreached(&listed))
+    {
+        eprintln!("warning: {text}");
     }
     if unusable > NAMED {
         eprintln!(

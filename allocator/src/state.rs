@@ -249,6 +249,37 @@ impl Quarantine {
 pub const QUARANTINE_MIN: Duration = Duration::from_secs(1);
 pub const QUARANTINE_MAX: Duration = Duration::from_secs(300);
 /// Whether a worker's site name is one (a name or an address, short).
+/// Warns of pool entries no lease reaches: listed after 2^44 addresses of
+/// their family (behind a /64 or wider prefix), they would sit in the pool,
+/// shown as in the rotation, and never be leased.
+pub fn warn_unreached(entries: &[rotor_protocol::Segment]) {
+    let unreached = rotor_protocol::unreached(entries);
+    if let Some(text) = unreached_text(&unreached) {
+        tracing::warn!("{text}");
+    }
+}
+
+/// What `warn_unreached` says (and `--check`), if there is anything to say.
+pub fn unreached_text(unreached: &[rotor_protocol::Segment]) -> Option<String> {
+    const NAMED: usize = 5;
+    if unreached.is_empty() {
+        return None;
+    }
+    let named: Vec<String> = unreached
+        .iter()
+        .take(NAMED)
+        .map(ToString::to_string)
+        .collect();
+    let mut names = named.join(", ");
+    if unreached.len() > NAMED {
+        names.push_str(&format!(" and {} more", unreached.len() - NAMED));
+    }
+    Some(format!(
+        "{} pool entries are never leased: {names} come after 2^44 addresses of their family in the rotation (behind a prefix of a /64 or wider, which the cursor never gets past). List such a prefix last in its family, or list the prefix that holds several /64s (a /56, a /48) instead of each",
+        unreached.len()
+    ))
+}
+
 fn valid_site(site: &str) -> bool {
     !site.is_empty()
         && site.len() <= 255
@@ -904,6 +935,7 @@ impl Allocator {
             let listed: HashSet<String> =
                 inner.pool.addrs().iter().map(ToString::to_string).collect();
             inner.metrics.retain_sources(&listed);
+            warn_unreached(inner.pool.addrs());
         }
         // A saved position is used up by the first pool with addresses of
         // its family, not by the first read: a source that reads empty at

@@ -282,6 +282,22 @@ pub fn family_total(entries: &[Segment], family: Family) -> u64 {
         .min(MAX_FAMILY_TOTAL)
 }
 
+/// The entries of `entries` that a family's cursor never reaches: those
+/// that come after [`MAX_FAMILY_TOTAL`] addresses of their family (behind
+/// a /64 or wider prefix listed before them).
+pub fn unreached(entries: &[Segment]) -> Vec<Segment> {
+    let mut first = [0u64; 2];
+    let mut out = Vec::new();
+    for e in entries {
+        let at = &mut first[e.family().index()];
+        if *at >= MAX_FAMILY_TOTAL {
+            out.push(*e);
+        }
+        *at = at.saturating_add(u64::try_from(e.len()).unwrap_or(u64::MAX));
+    }
+    out
+}
+
 /// The address at index `i` of `family`'s rotation over `entries`.
 pub fn address_at(entries: &[Segment], family: Family, i: u64) -> Option<IpAddr> {
     let mut first = 0u64;
@@ -1275,6 +1291,33 @@ impl LeaseTable {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn entries_behind_a_64_in_their_family_are_unreached() {
+        let seg = |t: &str| -> Segment { t.parse().unwrap() };
+        let pool = [
+            seg("10.0.0.1"),
+            seg("2001:db8:2::/64"),
+            seg("10.0.0.2"),
+            seg("2001:db8:4::/64"),
+            seg("2001:db8:2:1::7"),
+        ];
+        assert_eq!(super::unreached(&pool), [pool[3], pool[4]]);
+        let last = [
+            seg("2001:db8:2:1::7"),
+            seg("10.0.0.1"),
+            seg("2001:db8:2::/64"),
+        ];
+        assert!(super::unreached(&last).is_empty());
+        // Two halves of the cap (2^43 addresses each): both reached, and
+        // what comes after them not.
+        let halves = [
+            seg("2001:db8::/85"),
+            seg("2001:db8:1::/85"),
+            seg("2001:db8:2::1"),
+        ];
+        assert_eq!(super::unreached(&halves), [halves[2]]);
+    }
+
     use super::*;
 
     #[test]

@@ -136,6 +136,43 @@ fn an_ipv6_64_routed_to_the_host_is_a_pool() {
     );
 }
 
+/// Entries behind a /64 in their family are never leased (the cursor
+/// counts 2^44 addresses at most): `--check` and the allocator's log say
+/// which, and how to list them instead. The entries ahead of it, and
+/// another family's, are not named.
+#[tokio::test]
+async fn entries_a_64_leaves_unreached_are_warned_of() {
+    let pool = "10.0.0.1,2001:db8:2::/64,2001:db8:4::/64,10.0.0.2,2001:db8:2:1::7";
+    let out = std::process::Command::new(ALLOCATOR)
+        .args([
+            "--socket",
+            "/nonexistent/s",
+            "--no-state",
+            "--check",
+            "--pool",
+            pool,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: 2 pool entries are never leased: 2001:db8:4::/64, 2001:db8:2:1::7 come after 2^44 addresses"),
+        "{err}"
+    );
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let log = dir.path().join("allocator.log");
+    let _alloc = Allocator::start_logging(dir.clone(), &["--pool", pool], &log).await;
+    eventually("the warning in the log", || {
+        let log = log.clone();
+        async move {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("2 pool entries are never leased: 2001:db8:4::/64, 2001:db8:2:1::7")
+        }
+    })
+    .await;
+}
+
 /// A listed address this host does not have: out of the rotation from the
 /// start, shown as such, and no request fails. (Nothing is sent from it:
 /// the allocator's check only binds, and no worker ever gets it.)
