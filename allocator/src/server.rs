@@ -870,7 +870,46 @@ async fn answer(
             }
         }
     };
-    let frame = ServerFrame::Response(Envelope { id: env.id, body });
+    // Whether the client could not read it: past a frame, or past what
+    // decoding may claim (strings count twice there, as read and as made,
+    // so a status heavy in quarantine reasons failed at the client with
+    // `LimitExceeded` under a frame's length). Asked of reports only.
+    let too_large = |f: &ServerFrame| match rotor_protocol::encode(f) {
+        Ok(bytes) => {
+            bytes.len() > rotor_protocol::MAX_FRAME_LEN
+                || rotor_protocol::decode::<ServerFrame>(&bytes).is_err()
+        }
+        Err(_) => true,
+    };
+    let mut frame = ServerFrame::Response(Envelope { id: env.id, body });
+    // A status of a listed /16 taken out whole (each of 65 536 entries with
+    // its reason) outgrew a frame and was refused just when it was wanted:
+    // a reason the same as the entry's before is said "(as above)".
+    let status = matches!(
+        &frame,
+        ServerFrame::Response(Envelope {
+            body: Response::StatusV2(_),
+            ..
+        })
+    );
+    if status && too_large(&frame) {
+        if let ServerFrame::Response(Envelope {
+            body: Response::StatusV2(s),
+            ..
+        }) = &mut frame
+        {
+            let mut last: Option<String> = None;
+            for e in &mut s.pool {
+                if let Some(q) = &mut e.quarantine {
+                    if last.as_deref() == Some(q.reason.as_str()) {
+                        q.reason = AS_ABOVE.into();
+                    } else {
+                        last = Some(q.reason.clone());
+                    }
+                }
+            }
+        }
+    }
     // A report can outgrow a frame (a status of 200 000 listed IPv6
     // addresses): an error the client can print, not a closed connection.
     match &frame {
@@ -882,23 +921,23 @@ async fn answer(
                 | Response::SitesV2(_)
                 | Response::HostStatus(_),
             ..
-        }) if rotor_protocol::encode(&frame)
-            .map_or(true, |bytes| bytes.len() > rotor_protocol::MAX_FRAME_LEN) =>
-        {
-            Ok(Some(ServerFrame::Response(Envelope {
-                id: env.id,
-                body: Response::Error {
-                    message: format!(
-                        "the answer is larger than a frame ({} MiB): too many pool entries to list; \
+        }) if too_large(&frame) => Ok(Some(ServerFrame::Response(Envelope {
+            id: env.id,
+            body: Response::Error {
+                message: format!(
+                    "the answer is larger than a frame ({} MiB): too many pool entries to list; \
                          the metrics endpoint and the pool's sources say what is in it",
-                        rotor_protocol::MAX_FRAME_LEN >> 20
-                    ),
-                },
-            })))
-        }
+                    rotor_protocol::MAX_FRAME_LEN >> 20
+                ),
+            },
+        }))),
         _ => Ok(Some(frame)),
     }
 }
+
+/// The reason of a quarantined entry whose reason is its predecessor's, in
+/// a status too large to say each.
+const AS_ABOVE: &str = "(as above)";
 
 /// Connections past `--max-peers` told why at once, at most; any more are
 /// closed unanswered.

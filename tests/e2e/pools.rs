@@ -173,6 +173,31 @@ async fn entries_a_64_leaves_unreached_are_warned_of() {
     .await;
 }
 
+/// A listed block this host does not have, each of its 32 768 entries out
+/// of the rotation with its reason: the status still answers (it had
+/// outgrown a frame and was refused, just when the operator looked), a
+/// reason the same as the entry's before said "(as above)".
+#[tokio::test]
+async fn a_status_of_a_large_block_taken_out_still_answers() {
+    let alloc = Allocator::start(&["--pool", "10.201.0.0/17"]).await;
+    let status = status_json(&alloc.socket);
+    let pool = status["pool"].as_array().unwrap();
+    assert_eq!(pool.len(), 32768);
+    let reason = |k: usize| {
+        pool[k]["quarantined"]["reason"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        reason(0).contains("not an address of this host"),
+        "{}",
+        reason(0)
+    );
+    assert_eq!(reason(1), "(as above)");
+    assert_eq!(reason(32767), "(as above)");
+}
+
 /// A listed address this host does not have: out of the rotation from the
 /// start, shown as such, and no request fails. (Nothing is sent from it:
 /// the allocator's check only binds, and no worker ever gets it.)
