@@ -555,7 +555,7 @@ fn host_addrs() -> Result<Vec<IpAddr>, SourceError> {
         .iter()
         .zip(&own)
         .any(|((name, _), own)| *own == Some(true) && index(name) != lo);
-    Ok(match routed {
+    let kept: Vec<IpAddr> = match routed {
         false => all.into_iter().map(|(_, ip)| ip).collect(),
         true => all
             .into_iter()
@@ -563,12 +563,38 @@ fn host_addrs() -> Result<Vec<IpAddr>, SourceError> {
             .filter(|(_, own)| *own != Some(false))
             .map(|((_, ip), _)| ip)
             .collect(),
-    })
+    };
+    Ok(without_ula_beside_global(kept))
+}
+
+/// Unique local IPv6 addresses (fc00::/7) are left out beside global ones:
+/// on a network that hands out both, the ULA reaches only the site, and
+/// the requests leased it toward the internet would time out. A host whose
+/// IPv6 addresses are all ULAs keeps them (its IPv6 leaves through NAT66,
+/// or reaches local destinations only).
+fn without_ula_beside_global(addrs: Vec<IpAddr>) -> Vec<IpAddr> {
+    let ula = |ip: &IpAddr| matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xfe00 == 0xfc00);
+    let global_v6 = addrs.iter().any(|ip| ip.is_ipv6() && !ula(ip));
+    match global_v6 {
+        true => addrs.into_iter().filter(|ip| !ula(ip)).collect(),
+        false => addrs,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ulas_go_only_beside_global_ipv6() {
+        let ips = |v: &[&str]| -> Vec<IpAddr> { v.iter().map(|s| s.parse().unwrap()).collect() };
+        let alone = ips(&["10.0.0.2", "fd00:5::2", "fc01::1"]);
+        assert_eq!(without_ula_beside_global(alone.clone()), alone);
+        assert_eq!(
+            without_ula_beside_global(ips(&["10.0.0.2", "fd00:5::2", "2001:db8:5::2", "fc01::1"])),
+            ips(&["10.0.0.2", "2001:db8:5::2"])
+        );
+    }
 
     #[test]
     fn loopback_addresses_go_only_beside_others() {

@@ -557,6 +557,33 @@ fn the_default_pool_leaves_out_a_bridge_without_a_route_out() {
     );
 }
 
+/// A network that hands out a unique local IPv6 address (fc00::/7) beside
+/// a global one: the default pool leaves the ULA out (leased toward the
+/// internet, its requests would time out). Alone, a ULA stays (NAT66; see
+/// the test above).
+#[test]
+fn the_default_pool_leaves_out_a_ula_beside_a_global_address() {
+    in_netns(
+        "the_default_pool_leaves_out_a_ula_beside_a_global_address",
+        &[
+            "link add up9 type veth peer name peer9",
+            "link set peer9 up",
+            "link set up9 up",
+            "addr add 10.1.0.2/24 dev up9",
+            "route add default via 10.1.0.1 dev up9",
+            "-6 addr add fd00:5::2/64 dev up9 nodad",
+            "-6 addr add 2001:db8:5::2/64 dev up9 nodad",
+            "-6 route add default via 2001:db8:5::1 dev up9",
+        ],
+        || async {
+            let alloc = Allocator::start(&[]).await;
+            let mut pool = pool_of(&status_json(&alloc.socket));
+            pool.sort();
+            assert_eq!(pool, [v6("10.1.0.2"), v6("2001:db8:5::2")]);
+        },
+    );
+}
+
 /// A second interface's address whose traffic the host routes out of the
 /// first (a cloud VM's secondary network interface without source
 /// routing, whose requests would time out there) is warned of by `--check`

@@ -9,15 +9,6 @@ use nix::sys::signal::Signal;
 
 use crate::util::*;
 
-fn pool_of(status: &serde_json::Value) -> Vec<IpAddr> {
-    status["pool"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["ip"].as_str().unwrap().parse().unwrap())
-        .collect()
-}
-
 /// An allocator reading `pool.txt` (written with `initial`) every
 /// `refresh`; returns it and the file's path.
 async fn file_allocator(initial: &str, refresh: &str) -> (Allocator, std::path::PathBuf) {

@@ -775,6 +775,16 @@ pub fn status_json(socket: &Path) -> serde_json::Value {
     serde_json::from_str(&rotor_control("status", socket, &["--json"])).unwrap()
 }
 
+/// The pool entries a `status_json` lists, as addresses (single ones).
+pub fn pool_of(status: &serde_json::Value) -> Vec<IpAddr> {
+    status["pool"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["ip"].as_str().unwrap().parse().unwrap())
+        .collect()
+}
+
 /// A DNS server on loopback UDP that answers A queries from a table the
 /// test sets (name → address and TTL), and counts the A queries per name.
 /// AAAA queries for a known name get no records (or, once `silent_aaaa`
