@@ -221,6 +221,31 @@ async fn a_body_cut_short_reaches_an_http_1_0_client_as_a_reset() {
             }
         }
     }
+    // An upload the destination answers before it has it all, its answer
+    // cut: the connection would close lingering (the upload's rest read
+    // and dropped), and its FIN came first. A reset still.
+    let (addr, _) = recording_server(move |mut s: TcpStream| async move {
+        let mut b = [0u8; 4096];
+        let _ = s.read(&mut b).await;
+        let cut = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\nabc",
+            6000
+        );
+        let _ = s.write_all(cut.as_bytes()).await;
+    })
+    .await;
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    let head = format!("POST http://{addr}/ HTTP/1.0\r\nContent-Length: 100000\r\n\r\n0123456789");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let end = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    let e = end.expect_err(&format!(
+        "a cut answer to an upload ended cleanly: {}",
+        String::from_utf8_lossy(&out)
+    ));
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
 }
 
 /// An HTTP/1.0 destination's answer goes to an HTTP/1.1 client as rotor's

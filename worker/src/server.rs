@@ -495,6 +495,10 @@ impl Serving {
                 if body_broke(&e) {
                     if let Some(fd) = fd {
                         crate::os::reset_at_close(fd);
+                        // Closed at once: a lingering close (an upload
+                        // left unread) shuts the sending side down first,
+                        // and that FIN is the clean end this must not be.
+                        arrivals.no_linger();
                     }
                 }
                 debug!(error = %error_chain(&e), "client connection ended with an error");
@@ -971,6 +975,11 @@ impl Arrivals {
 
     fn carried_body(&self) -> bool {
         self.bodies.load(Ordering::Relaxed)
+    }
+
+    /// The connection closes without lingering, whatever its last body.
+    fn no_linger(&self) {
+        self.bodies.store(false, Ordering::Relaxed);
     }
 
     /// From now on each arrival wakes `after`.
