@@ -898,16 +898,8 @@ async fn answer(
             ..
         }) = &mut frame
         {
-            let mut last: Option<String> = None;
-            for e in &mut s.pool {
-                if let Some(q) = &mut e.quarantine {
-                    if last.as_deref() == Some(q.reason.as_str()) {
-                        q.reason = AS_ABOVE.into();
-                    } else {
-                        last = Some(q.reason.clone());
-                    }
-                }
-            }
+            // (`rotor status` says each again.)
+            s.compact_reasons();
         }
     }
     // A report can outgrow a frame (a status of 200 000 listed IPv6
@@ -934,10 +926,6 @@ async fn answer(
         _ => Ok(Some(frame)),
     }
 }
-
-/// The reason of a quarantined entry whose reason is its predecessor's, in
-/// a status too large to say each.
-const AS_ABOVE: &str = "(as above)";
 
 /// Connections past `--max-peers` told why at once, at most; any more are
 /// closed unanswered.

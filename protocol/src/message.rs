@@ -688,6 +688,46 @@ pub struct StatusReportV2 {
     pub uptime_secs: u64,
 }
 
+/// The reason a status too large to carry each sends for a quarantined
+/// entry whose reason is the same as the quarantined entry's before it.
+pub const REASON_AS_ABOVE: &str = "(as above)";
+
+impl StatusReportV2 {
+    /// Each quarantined entry's reason that repeats the one before it (of
+    /// the quarantined entries) sent as [`REASON_AS_ABOVE`]: a listed /16
+    /// taken out whole said the same 100 bytes 65 536 times.
+    pub fn compact_reasons(&mut self) {
+        let mut last: Option<&str> = None;
+        let mut same = Vec::new();
+        for (k, e) in self.pool.iter().enumerate() {
+            if let Some(q) = &e.quarantine {
+                if last == Some(q.reason.as_str()) {
+                    same.push(k);
+                } else {
+                    last = Some(q.reason.as_str());
+                }
+            }
+        }
+        for k in same {
+            if let Some(q) = &mut self.pool[k].quarantine {
+                q.reason = REASON_AS_ABOVE.into();
+            }
+        }
+    }
+
+    /// Undoes [`compact_reasons`](Self::compact_reasons): every reason
+    /// said again, as the client shows it.
+    pub fn fill_reasons(&mut self) {
+        let mut last: Option<String> = None;
+        for q in self.pool.iter_mut().filter_map(|e| e.quarantine.as_mut()) {
+            match (q.reason == REASON_AS_ABOVE, &last) {
+                (true, Some(l)) => q.reason = l.clone(),
+                _ => last = Some(q.reason.clone()),
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FamilyStatus {
     pub family: Family,
@@ -713,4 +753,53 @@ pub struct QuarantineStatus {
     pub since_secs: u64,
     /// When it is checked again.
     pub retry_in_secs: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A status's repeated reasons are sent once and said again whole,
+    /// entries in rotation between them or not.
+    #[test]
+    fn compacted_reasons_fill_back_as_they_were() {
+        let entry = |last: u8, reason: Option<&str>| EntryStatus {
+            entry: crate::Segment::single(std::net::IpAddr::from([10, 0, 0, last])),
+            leases: 0,
+            quarantine: reason.map(|r| QuarantineStatus {
+                reason: r.into(),
+                since_secs: 1,
+                retry_in_secs: 2,
+            }),
+        };
+        let mut s = StatusReportV2 {
+            generation: 1,
+            sessions: 0,
+            families: Vec::new(),
+            pool: vec![
+                entry(1, Some("a")),
+                entry(2, None),
+                entry(3, Some("a")),
+                entry(4, Some("b")),
+                entry(5, Some("b")),
+                entry(6, Some("a")),
+            ],
+            leases_total: 0,
+            last_refresh_unix: None,
+            sources: Vec::new(),
+            peers: Vec::new(),
+            uptime_secs: 0,
+        };
+        let whole = s.clone();
+        s.compact_reasons();
+        let said: Vec<Option<&str>> = s
+            .pool
+            .iter()
+            .map(|e| e.quarantine.as_ref().map(|q| q.reason.as_str()))
+            .collect();
+        let above = Some(REASON_AS_ABOVE);
+        assert_eq!(said, [Some("a"), None, above, Some("b"), above, Some("a")]);
+        s.fill_reasons();
+        assert_eq!(s, whole);
+    }
 }

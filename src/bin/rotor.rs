@@ -112,7 +112,15 @@ fn main() -> ExitCode {
             },
             Cmd::Status { control, json } => {
                 let socket = control.socket();
-                let answer = status(&control).await;
+                // A status too large to say each quarantine reason says
+                // those that repeat once: each said again here.
+                let answer = status(&control).await.map(|r| match r {
+                    Response::StatusV2(mut s) => {
+                        s.fill_reasons();
+                        Response::StatusV2(s)
+                    }
+                    other => other,
+                });
                 // Per-site state, from an allocator that keeps it.
                 let sites = match (&socket, &answer) {
                     (Ok(socket), Ok(Response::StatusV2(_))) => {

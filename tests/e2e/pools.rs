@@ -177,25 +177,40 @@ async fn entries_a_64_leaves_unreached_are_warned_of() {
 /// of the rotation with its reason: the status still answers (it had
 /// outgrown a frame and was refused, just when the operator looked), a
 /// reason the same as the entry's before said "(as above)".
+/// `rotor status` says every reason again, in text and JSON (two entries
+/// taken out by hand are each shown so).
 #[tokio::test]
 async fn a_status_of_a_large_block_taken_out_still_answers() {
-    let alloc = Allocator::start(&["--pool", "10.201.0.0/17"]).await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.5,127.0.0.6,10.201.0.0/17"]).await;
+    for ip in ["127.0.0.5", "127.0.0.6"] {
+        rotor_control("quarantine", &alloc.socket, &[ip]);
+    }
     let status = status_json(&alloc.socket);
     let pool = status["pool"].as_array().unwrap();
-    assert_eq!(pool.len(), 32768);
+    assert_eq!(pool.len(), 32770);
     let reason = |k: usize| {
         pool[k]["quarantined"]["reason"]
             .as_str()
             .unwrap()
             .to_string()
     };
+    assert!(reason(0).starts_with("taken out by hand"), "{}", reason(0));
+    assert_eq!(reason(1), reason(0));
     assert!(
-        reason(0).contains("not an address of this host"),
+        reason(2).contains("not an address of this host"),
         "{}",
-        reason(0)
+        reason(2)
     );
-    assert_eq!(reason(1), "(as above)");
-    assert_eq!(reason(32767), "(as above)");
+    assert_eq!(reason(3), reason(2));
+    assert_eq!(reason(32769), reason(2));
+    let text = rotor_control("status", &alloc.socket, &[]);
+    assert!(!text.contains("(as above)"), "{}", &text[..2000]);
+    assert_eq!(
+        text.matches("taken out by hand until released").count(),
+        2,
+        "{}",
+        &text[..2000]
+    );
 }
 
 /// A listed address this host does not have: out of the rotation from the
