@@ -293,23 +293,16 @@ pub fn write_hand(path: &Path, outs: &[HandOut]) -> io::Result<()> {
 /// resumes it.
 pub const ORDER_KEY_FILE_NAME: &str = "order.key";
 
-/// A new order key, from the kernel's random source.
-pub fn fresh_order_key() -> io::Result<rotor_protocol::OrderKey> {
-    let mut b = [0u8; 32];
-    io::Read::read_exact(&mut File::open("/dev/urandom")?, &mut b)?;
-    Ok(std::array::from_fn(|k| {
-        u64::from_le_bytes(b[k * 8..k * 8 + 8].try_into().expect("8 bytes"))
-    }))
-}
-
 /// The order key kept in `dir`, made (and kept) if there is none. One that
 /// does not read is set aside as `order.key.corrupt` and replaced: the
 /// order of prefixes starts over, which repeats nothing a destination could
 /// tell from a new host's.
 pub fn order_key(dir: &Path) -> io::Result<rotor_protocol::OrderKey> {
     let path = dir.join(ORDER_KEY_FILE_NAME);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            // (Bytes that are not text are a key that does not read too.)
+            let text = String::from_utf8_lossy(&bytes);
             let words: Vec<u64> = text
                 .split_whitespace()
                 .filter_map(|w| u64::from_str_radix(w, 16).ok())
@@ -329,7 +322,7 @@ pub fn order_key(dir: &Path) -> io::Result<rotor_protocol::OrderKey> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let key = fresh_order_key()?;
+    let key = rotor_protocol::random_order_key()?;
     let text = key.map(|w| format!("{w:016x}")).join(" ") + "\n";
     replace_file(&path, text.as_bytes())?;
     Ok(key)
@@ -509,13 +502,15 @@ mod tests {
         assert_eq!(super::order_key(dir.path()).unwrap(), key);
         let other = tempfile::tempdir().unwrap();
         assert_ne!(super::order_key(other.path()).unwrap(), key);
-        for bad in [
-            "",
-            "1 2 3",
-            "1 2 3 4 5",
-            "x 2 3 4",
-            "1 2 3 10000000000000000",
-        ] {
+        let bads: [&[u8]; 6] = [
+            b"",
+            b"1 2 3",
+            b"1 2 3 4 5",
+            b"x 2 3 4",
+            b"1 2 3 10000000000000000",
+            b"\xff\xfe 1 2 3",
+        ];
+        for bad in bads {
             std::fs::write(&path, bad).unwrap();
             let new = super::order_key(dir.path()).unwrap();
             assert_ne!(new, key, "{bad:?}");
@@ -523,7 +518,7 @@ mod tests {
             let aside = dir
                 .path()
                 .join(format!("{}.corrupt", super::ORDER_KEY_FILE_NAME));
-            assert_eq!(std::fs::read_to_string(aside).unwrap(), bad);
+            assert_eq!(std::fs::read(aside).unwrap(), bad);
         }
     }
 

@@ -203,11 +203,11 @@ pub async fn run(
         }),
         _ => Err(()),
     };
-    match key.or_else(|()| crate::persist::fresh_order_key()) {
+    match key.or_else(|()| rotor_protocol::random_order_key()) {
         Ok(key) => rotor_protocol::set_order_key(key),
         // No random source: the fixed order, said.
         Err(e) => {
-            warn!(error = %e, "cannot read /dev/urandom: prefixes are leased in rotor's fixed order, the same on every host")
+            warn!(error = %e, "no random order key (getrandom failed): prefixes are leased in rotor's fixed order, the same on every host")
         }
     }
     // The lease table lives next to the socket. One left by an allocator

@@ -31,7 +31,8 @@ pub use message::{
 };
 pub use report::{error_chain, Moment};
 pub use segment::{
-    cover, from_u128, order_key, set_order_key, to_u128, Family, OrderKey, PrefixSet, Segment,
+    cover, from_u128, order_key, random_order_key, set_order_key, to_u128, Family, OrderKey,
+    PrefixSet, Segment,
 };
 pub use site::{is_public_suffix, site_bit, site_of, SITE_FILTER_BITS};
 pub use table::{

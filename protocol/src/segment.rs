@@ -22,7 +22,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicPtr, Ordering};
 
 use serde::{Deserialize, Serialize};
 
@@ -80,20 +80,56 @@ const M2: u128 = 0xbf58_476d_1ce4_e5b9_94d0_49bb_1331_11eb;
 /// fixed order.
 pub type OrderKey = [u64; 4];
 
-static ORDER_KEY: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+/// The key in use, swapped whole: one read sees one key (four words
+/// stored one by one could be read half old, half new by a lease on
+/// another thread while a worker maps a restarted allocator's table).
+/// Null: the zero key.
+static ORDER_KEY: AtomicPtr<OrderKey> = AtomicPtr::new(std::ptr::null_mut());
 
 /// Sets the order key every prefix of this process is leased in: the
 /// allocator's, before it computes an address; a worker's, from the lease
-/// table it maps.
+/// table it maps. A key that changes is kept for the process's life (a
+/// few dozen bytes at each allocator restart with another key): a lease
+/// may still be reading the old one.
 pub fn set_order_key(key: OrderKey) {
-    for (w, v) in ORDER_KEY.iter().zip(key) {
-        w.store(v, Ordering::Relaxed);
+    if order_key() != key {
+        ORDER_KEY.store(Box::leak(Box::new(key)), Ordering::Release);
     }
 }
 
 /// The order key in use.
 pub fn order_key() -> OrderKey {
-    ORDER_KEY.each_ref().map(|w| w.load(Ordering::Relaxed))
+    let p = ORDER_KEY.load(Ordering::Acquire);
+    // SAFETY: null, or a key leaked by `set_order_key`, never freed.
+    #[allow(unsafe_code)]
+    unsafe {
+        p.as_ref().copied().unwrap_or_default()
+    }
+}
+
+/// A new order key from the kernel's random source (getrandom(2), which
+/// needs no /dev in a chroot).
+pub fn random_order_key() -> std::io::Result<OrderKey> {
+    let mut b = [0u8; 32];
+    let mut filled = 0;
+    while filled < b.len() {
+        let rest = &mut b[filled..];
+        // SAFETY: writes at most `rest.len()` bytes into `rest`.
+        #[allow(unsafe_code)]
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match n {
+            n if n > 0 => filled += n as usize,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(std::array::from_fn(|k| {
+        u64::from_le_bytes(b[k * 8..k * 8 + 8].try_into().expect("8 bytes"))
+    }))
 }
 
 /// The permutation's constants for `key`, on 128 bits: both multipliers
