@@ -709,6 +709,8 @@ const BATCH: usize = 64;
 /// requests held for later go (a site wait's, see `waiters`).
 struct Peer {
     id: u64,
+    /// The protocol minor it said in its Hello.
+    minor: u16,
     rights: Rights,
     late: mpsc::UnboundedSender<ServerFrame>,
 }
@@ -779,6 +781,16 @@ async fn answer(
             strict,
             Some(&site),
         ),
+        // A worker older than the order key would lease a keyed table's
+        // prefixes in the fixed order: over the socket instead.
+        Request::Attach
+            if peer.minor < rotor_protocol::MINOR_ORDER_KEY
+                && rotor_protocol::order_key() != [0; 4] =>
+        {
+            Response::Error {
+                message: "this worker is older than the allocator's order key: it leases over the socket (upgrade it to lease from the table)".into(),
+            }
+        }
         Request::Attach => alloc.attach(id),
         Request::Reloads => alloc.reloads(),
         Request::LeaseSite { families, site } => alloc.lease_site(id, families, &site),
@@ -968,6 +980,7 @@ async fn serve(
     .await
     .map_err(|_| ConnError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
     debug!(role = ?hello.role, pid = hello.pid, software = %hello.software, "peer connected");
+    let minor = hello.minor;
     alloc.peer_connected(id, hello);
 
     let (mut tx, mut rx) = chan.split();
@@ -975,7 +988,12 @@ async fn serve(
     // Answers to requests held for later (site waits) come back here, to
     // be written as the others are: after the state file.
     let (late, mut late_rx) = mpsc::unbounded_channel();
-    let peer = Peer { id, rights, late };
+    let peer = Peer {
+        id,
+        minor,
+        rights,
+        late,
+    };
     // A peer quiet between frames is waited for as long as it likes; one
     // that began a frame and stopped holds the room its length asked for
     // (up to a frame, 4 MiB): closed when two ticks 10 s apart found the

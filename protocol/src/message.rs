@@ -23,7 +23,7 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 10;
+pub const PROTOCOL_MINOR: u16 = 11;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
@@ -59,6 +59,12 @@ pub const MINOR_SITES_V2: u16 = 9;
 /// address taken as the site's, a session's requests counted against the
 /// site's budget).
 pub const MINOR_SESSION_SITE: u16 = 10;
+/// The first minor whose worker leases a prefix from the lease table in
+/// the order its key gives (`segment::set_order_key`): an older worker is
+/// not handed a keyed table (it would lease in the fixed order on the
+/// shared cursor, repeating addresses of a small prefix within a cycle);
+/// it leases over the socket.
+pub const MINOR_ORDER_KEY: u16 = 11;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
 /// sides; the last bucket (+Inf) is implicit.

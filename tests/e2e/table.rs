@@ -418,3 +418,48 @@ async fn a_family_the_pool_lacks_is_refused_by_the_table_without_the_allocator()
         assert_eq!(r.status, 200, "{:?}", r.body);
     }
 }
+
+/// A worker older than the order key (its Hello says minor 10) is not
+/// handed the lease table: it would lease the prefixes of a keyed table in
+/// the fixed order on the shared cursor. It leases over the socket; a
+/// worker of minor 11 is handed the table, whose header carries the key.
+#[tokio::test]
+async fn a_worker_older_than_the_order_key_is_not_handed_the_table() {
+    use rotor_protocol::{
+        client_handshake, Channel, ClientChannel, ClientFrame, Envelope, Hello, Request, Response,
+        Role, ServerFrame,
+    };
+    let alloc = allocator_with_table().await;
+    let attach = |minor: u16| {
+        let socket = alloc.socket.clone();
+        async move {
+            let stream = tokio::net::UnixStream::connect(&socket).await.unwrap();
+            let mut chan: ClientChannel<tokio::net::UnixStream> = Channel::new(stream);
+            let mut hello = Hello::new(Role::Worker, "e2e");
+            hello.minor = minor;
+            client_handshake(&mut chan, hello).await.unwrap();
+            chan.send(&ClientFrame::Request(Envelope {
+                id: 1,
+                body: Request::Attach,
+            }))
+            .await
+            .unwrap();
+            match chan.recv().await.unwrap() {
+                Some(ServerFrame::Response(env)) => env.body,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    match attach(10).await {
+        Response::Error { message } => assert!(message.contains("older than"), "{message}"),
+        other => panic!("a table for an older worker: {other:?}"),
+    }
+    match attach(rotor_protocol::MINOR_ORDER_KEY).await {
+        Response::Attached { path, id, .. } => {
+            let table =
+                rotor_protocol::LeaseTable::open(std::path::Path::new(&path), Some(id)).unwrap();
+            assert_ne!(table.order_key(), [0; 4]);
+        }
+        other => panic!("no table for a current worker: {other:?}"),
+    }
+}
