@@ -298,6 +298,11 @@ pub const ORDER_KEY_FILE_NAME: &str = "order.key";
 /// order of prefixes starts over, which repeats nothing a destination could
 /// tell from a new host's.
 pub fn order_key(dir: &Path) -> io::Result<rotor_protocol::OrderKey> {
+    order_key_made(dir).map(|(key, _)| key)
+}
+
+/// As `order_key`, and whether the key was made now.
+pub fn order_key_made(dir: &Path) -> io::Result<(rotor_protocol::OrderKey, bool)> {
     let path = dir.join(ORDER_KEY_FILE_NAME);
     match std::fs::read(&path) {
         Ok(bytes) => {
@@ -311,7 +316,7 @@ pub fn order_key(dir: &Path) -> io::Result<rotor_protocol::OrderKey> {
                 <[u64; 4]>::try_from(words.as_slice()),
                 text.split_whitespace().count(),
             ) {
-                return Ok(key);
+                return Ok((key, false));
             }
             tracing::warn!(file = %path.display(), "the order key does not read: set aside as .corrupt, and a new one made (prefixes are leased in a new order)");
             let _ = std::fs::rename(
@@ -325,7 +330,7 @@ pub fn order_key(dir: &Path) -> io::Result<rotor_protocol::OrderKey> {
     let key = rotor_protocol::random_order_key()?;
     let text = key.map(|w| format!("{w:016x}")).join(" ") + "\n";
     replace_file(&path, text.as_bytes())?;
-    Ok(key)
+    Ok((key, true))
 }
 
 /// The sticky sessions an allocator left for the next one (JSON, written

@@ -446,16 +446,16 @@ impl Pool {
     }
 
     /// Restores each family's cursor to an address saved earlier, if it is
-    /// in the rotation; whether any was.
-    pub fn resume_at(&mut self, next_due: [Option<IpAddr>; 2]) -> bool {
-        let mut any = false;
-        for ip in next_due.into_iter().flatten() {
-            if let Some(i) = index_of(&self.active, ip) {
+    /// in the rotation; by family, whether it was (`None`: none saved).
+    pub fn resume_at(&mut self, next_due: [Option<IpAddr>; 2]) -> [Option<bool>; 2] {
+        next_due.map(|saved| {
+            let ip = saved?;
+            let i = index_of(&self.active, ip);
+            if let Some(i) = i {
                 self.table.set_cursor(Family::of(&ip), i);
-                any = true;
             }
-        }
-        any
+            Some(i.is_some())
+        })
     }
 
     /// The address the next lease of `family` would return.
@@ -718,9 +718,15 @@ mod tests {
     #[test]
     fn resume_at_a_saved_address() {
         let mut pool = Pool::new(ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
-        assert!(pool.resume_at([Some("10.0.0.3".parse().unwrap()), None]));
+        assert_eq!(
+            pool.resume_at([Some("10.0.0.3".parse().unwrap()), None]),
+            [Some(true), None]
+        );
         assert_eq!(take(&pool, 2, Families::ANY), ["10.0.0.3", "10.0.0.1"]);
-        assert!(!pool.resume_at([Some("10.9.9.9".parse().unwrap()), None]));
+        assert_eq!(
+            pool.resume_at([Some("10.9.9.9".parse().unwrap()), None]),
+            [Some(false), None]
+        );
         assert_eq!(pool.next_due(Family::V4), Some("10.0.0.2".parse().unwrap()));
     }
 

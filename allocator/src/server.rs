@@ -198,9 +198,20 @@ pub async fn run(
     // The order prefixes are leased in: the state directory's key (the
     // lock on it held), else one of this run's own.
     let key = match (&config.state_dir, &state) {
-        (Some(dir), Some(_)) => crate::persist::order_key(dir).map_err(|e| {
-            warn!(error = %e, dir = %dir.display(), "cannot keep the order key in the state directory: prefixes are leased in an order of this run's own");
-        }),
+        (Some(dir), Some(_)) => match crate::persist::order_key_made(dir) {
+            Ok((key, made)) => {
+                // A position saved under no key (an upgrade) or another
+                // (the key file lost) is not one in this order.
+                if made && saved.seq > 0 {
+                    info!(dir = %dir.display(), "order key made: the prefixes of the pool start their rotation over, in this host's own order");
+                }
+                Ok(key)
+            }
+            Err(e) => {
+                warn!(error = %e, dir = %dir.display(), "cannot keep the order key in the state directory: prefixes are leased in an order of this run's own");
+                Err(())
+            }
+        },
         _ => Err(()),
     };
     match key.or_else(|()| rotor_protocol::random_order_key()) {
@@ -1094,6 +1105,7 @@ mod tests {
     fn peer(rights: Rights) -> Peer {
         Peer {
             id: 1,
+            minor: rotor_protocol::PROTOCOL_MINOR,
             rights,
             late: mpsc::unbounded_channel().0,
         }

@@ -946,11 +946,20 @@ impl Allocator {
                 resume[family.index()] = inner.resume_at[family.index()].take();
             }
         }
-        if resume.iter().any(Option::is_some) {
-            if inner.pool.resume_at(resume) {
-                tracing::info!(next = ?resume, seq = inner.saved.seq, "resuming the saved rotation");
-            } else {
-                tracing::info!(saved = ?resume, "the saved next addresses are no longer in the pool; starting at the first");
+        let resumed = inner.pool.resume_at(resume);
+        for (family, (saved, resumed)) in
+            Family::ALL.into_iter().zip(resume.into_iter().zip(resumed))
+        {
+            match (saved, resumed) {
+                (Some(next), Some(true)) => {
+                    tracing::info!(%family, %next, seq = inner.saved.seq, "resuming the saved rotation")
+                }
+                (Some(saved), _) => tracing::info!(
+                    %family,
+                    %saved,
+                    "the saved next address is no longer in the rotation (or its prefix is leased in a new order); the family starts at its first address"
+                ),
+                (None, _) => {}
             }
         }
         inner.last_refresh = Some(SystemTime::now());
