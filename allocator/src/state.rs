@@ -275,7 +275,7 @@ pub fn unreached_text(unreached: &[rotor_protocol::Segment]) -> Option<String> {
         names.push_str(&format!(" and {} more", unreached.len() - NAMED));
     }
     Some(format!(
-        "{} pool entries are never leased: {names} come after 2^44 addresses of their family in the rotation (behind a prefix of a /64 or wider, which the cursor never gets past). List such a prefix last in its family, or list the prefix that holds several /64s (a /56, a /48) instead of each",
+        "{} pool entries are never leased while the prefixes listed before them are in the rotation: {names} come after 2^44 addresses of their family (behind a prefix of a /64 or wider, which the cursor never gets past). List such a prefix last in its family, or list the prefix that holds several /64s (a /56, a /48) instead of each",
         unreached.len()
     ))
 }

@@ -156,7 +156,7 @@ async fn entries_a_64_leaves_unreached_are_warned_of() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("warning: 2 pool entries are never leased: 2001:db8:4::/64, 2001:db8:2:1::7 come after 2^44 addresses"),
+        err.contains("warning: 2 pool entries are never leased while the prefixes listed before them are in the rotation: 2001:db8:4::/64, 2001:db8:2:1::7 come after 2^44 addresses"),
         "{err}"
     );
     let dir = Arc::new(tempfile::tempdir().unwrap());
@@ -167,7 +167,7 @@ async fn entries_a_64_leaves_unreached_are_warned_of() {
         async move {
             std::fs::read_to_string(&log)
                 .unwrap_or_default()
-                .contains("2 pool entries are never leased: 2001:db8:4::/64, 2001:db8:2:1::7")
+                .contains("2 pool entries are never leased while the prefixes listed before them are in the rotation: 2001:db8:4::/64, 2001:db8:2:1::7")
         }
     })
     .await;
