@@ -332,8 +332,17 @@ fn report(
             let shown = format!("{resp:?}");
             match render(resp) {
                 Some(text) => {
-                    println!("{text}");
-                    ExitCode::SUCCESS
+                    // `rotor status | head`: a reader that stopped early
+                    // is no failure (println! panicked on the closed pipe).
+                    use std::io::Write;
+                    match writeln!(std::io::stdout().lock(), "{text}") {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+                        Err(e) => {
+                            eprintln!("rotor: cannot write the answer: {e}");
+                            ExitCode::FAILURE
+                        }
+                    }
                 }
                 None => {
                     eprintln!("rotor: unexpected answer from the allocator: {shown}");

@@ -213,6 +213,23 @@ async fn a_status_of_a_large_block_taken_out_still_answers() {
     );
 }
 
+/// `rotor status | head`: a reader that stops early is no failure (the
+/// closed pipe panicked `rotor status`).
+#[tokio::test]
+async fn a_status_read_in_part_is_no_failure() {
+    let alloc = Allocator::start(&["--pool", "127.1.0.0/24"]).await;
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    let out = std::process::Command::new(ROTOR)
+        .args(["status", "--socket", alloc.socket.to_str().unwrap()])
+        .stdout(std::process::Stdio::from(write))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 /// A listed address this host does not have: out of the rotation from the
 /// start, shown as such, and no request fails. (Nothing is sent from it:
 /// the allocator's check only binds, and no worker ever gets it.)
