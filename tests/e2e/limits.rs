@@ -503,6 +503,14 @@ async fn an_upload_answered_early_gets_its_answer_not_a_reset() {
             answer.starts_with(&format!("HTTP/1.1 {status}")),
             "{answer}"
         );
+        // The answer says the connection ends (the client must not send
+        // its next request on it).
+        let head = answer
+            .split("\r\n\r\n")
+            .next()
+            .unwrap()
+            .to_ascii_lowercase();
+        assert!(head.contains("\r\nconnection: close"), "{status}: {head}");
     }
 }
 

@@ -435,9 +435,24 @@ impl Serving {
                 let req = req.map(|inner| Tracked { inner, arrivals });
                 let guard = Waiting::new(&pending);
                 let proxy = proxy.clone();
+                let told = seen.clone();
                 async move {
                     let _guard = guard;
-                    proxy.handle(req, client).await
+                    let mut resp = proxy.handle(req, client).await;
+                    // An answer given before the request's body was read
+                    // (a 403, a 502 for a destination that refused the
+                    // upload) ends the connection, with a lingering close:
+                    // said in the answer, so the client does not send its
+                    // next request on it.
+                    if let Ok(r) = &mut resp {
+                        if told.carried_body() {
+                            r.headers_mut().insert(
+                                hyper::header::CONNECTION,
+                                hyper::header::HeaderValue::from_static("close"),
+                            );
+                        }
+                    }
+                    resp
                 }
             });
             let stop = &fast.stop;
