@@ -158,9 +158,14 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         ));
     }
     let socket = args.common.socket(&file);
+    let report_to = socket.clone();
+    // The meter of a run whose drain was cut: its last requests are counted
+    // as the runtime drops them, after the last report.
+    let cut_meter = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let leaving = cut_meter.clone();
 
     raise_fd_limit(tuning.config.max_connections);
-    crate::run_daemon(tuning.threads, |signals| async move {
+    let code = crate::run_daemon(tuning.threads, |signals| async move {
         let leases = LeaseClient::start(socket, tuning.lease_timeout, signals.fast.clone());
         if let Some(auth) = tuning.config.proxy.auth.clone() {
             tracing::info!(users = auth.len(), "proxy authentication on");
@@ -240,16 +245,52 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             signals.reloads(),
         )
         .await;
+        if let Ok((Stopped::Cut, meter)) = &result {
+            *leaving.lock().unwrap_or_else(|e| e.into_inner()) = Some(meter.clone());
+        }
         match result {
             _ if signals.fast.is_cancelled() => ExitCode::from(EXIT_FAST),
-            Ok(Stopped::Drained) => ExitCode::from(EXIT_DRAINED),
-            Ok(Stopped::Cut) => ExitCode::from(EXIT_DRAIN_CUT),
+            Ok((Stopped::Drained, _)) => ExitCode::from(EXIT_DRAINED),
+            Ok((Stopped::Cut, _)) => ExitCode::from(EXIT_DRAIN_CUT),
             Err(e) => {
                 error!("worker failed: {e}");
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    let cut = cut_meter.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(meter) = cut {
+        report_left(&report_to, &meter);
+    }
+    code
+}
+
+/// Sends the allocator what `meter` counted after the last report (the
+/// requests a drain cut dropped, `worker_stopped`), over a connection of
+/// its own: the runtime that held the worker's is gone. Bounded by 2 s.
+fn report_left(socket: &std::path::Path, meter: &rotor_worker::meter::Meter) {
+    let Some(m) = meter.take_left() else {
+        return;
+    };
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    // (The timer is made inside the runtime: made outside, it panicked.)
+    let sent = rt.block_on(async {
+        let ask = crate::control::request_by_minor(socket, |minor| {
+            match minor >= rotor_protocol::MINOR_METRICS {
+                true => rotor_protocol::Request::Metrics(m),
+                false => rotor_protocol::Request::Status,
+            }
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(2), ask).await
+    });
+    if !matches!(sent, Ok(Ok(rotor_protocol::Response::Noted { .. }))) {
+        tracing::warn!("the requests the drain's end dropped were not reported to the allocator (its metrics miss them; the access log has them)");
+    }
 }
 
 /// The listeners of one kind: those passed, or else those bound at

@@ -272,13 +272,17 @@ struct CutWorker {
     _alloc: Allocator,
     worker: Worker,
     log: std::path::PathBuf,
+    /// The allocator's metrics listener.
+    metrics: std::net::SocketAddr,
 }
 
 impl CutWorker {
     async fn start() -> CutWorker {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("access.log");
-        let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+        let metrics: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let listen = metrics.to_string();
+        let alloc = Allocator::start(&["--pool", "127.0.0.2", "--metrics-listen", &listen]).await;
         let args = [
             "--access-log",
             log.to_str().unwrap(),
@@ -295,16 +299,23 @@ impl CutWorker {
             _alloc: alloc,
             worker,
             log,
+            metrics,
         }
     }
 
     /// SIGTERM; the drain must be cut (exit 3). The access log's text.
     async fn stop(self) -> String {
+        self.stop_and_scrape().await.0
+    }
+
+    /// As `stop`, and the allocator's metrics once the worker is gone.
+    async fn stop_and_scrape(self) -> (String, String) {
         let CutWorker {
             _dir,
             _alloc,
             mut worker,
             log,
+            metrics,
         } = self;
         worker.proc.signal(nix::sys::signal::Signal::SIGTERM);
         let status = tokio::task::spawn_blocking(move || {
@@ -313,7 +324,10 @@ impl CutWorker {
         .await
         .unwrap();
         assert_eq!(status.code(), Some(3), "the drain was cut");
-        std::fs::read_to_string(&log).unwrap()
+        let scraped = tokio::task::spawn_blocking(move || crate::metrics::scrape(metrics))
+            .await
+            .unwrap();
+        (std::fs::read_to_string(&log).unwrap(), scraped)
     }
 }
 
@@ -345,7 +359,8 @@ async fn a_tunnel_cut_by_the_stop_is_still_logged() {
 
 /// A request still waiting for its answer when the drain's time is up is
 /// dropped with the worker, and still logged (503, `worker_stopped`): its
-/// line was lost with the runtime.
+/// line was lost with the runtime. And counted in the host's metrics (it
+/// was counted after the worker's last report, and lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_cut_by_the_stop_is_still_logged() {
     let (heads, mut seen) = tokio::sync::mpsc::unbounded_channel::<()>();
@@ -369,7 +384,16 @@ async fn a_request_cut_by_the_stop_is_still_logged() {
     tokio::time::timeout(std::time::Duration::from_secs(5), seen.recv())
         .await
         .expect("the request did not reach the origin");
-    let text = cut.stop().await;
+    let (text, metrics) = cut.stop_and_scrape().await;
+    assert!(
+        metrics.contains("rotor_errors_total{error=\"worker_stopped\"} 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("rotor_errors_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     let line: serde_json::Value = serde_json::from_str(
         text.lines()
             .find(|l| l.contains("GET"))

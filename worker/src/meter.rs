@@ -179,6 +179,19 @@ impl Meter {
         }
     }
 
+    /// What was counted since the last report, if anything: the requests a
+    /// drain cut dropped with the runtime, after the last report went.
+    pub fn take_left(&self) -> Option<WorkerMetrics> {
+        let counted = {
+            let acc = self.acc.lock().unwrap_or_else(|e| e.into_inner());
+            acc.requests > 0 || !acc.errors.is_empty() || !acc.sources.is_empty()
+        };
+        counted.then(|| WorkerMetrics {
+            tunnels_open: 0,
+            ..self.take(0)
+        })
+    }
+
     /// Sends what was counted every second until `stop` (and once more
     /// then). `connections_open` reads the client connections open now.
     pub async fn report(

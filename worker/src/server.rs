@@ -93,7 +93,7 @@ pub async fn run(
     shutdown: CancellationToken,
     fast: CancellationToken,
     mut reloads: tokio::sync::watch::Receiver<u64>,
-) -> io::Result<Stopped> {
+) -> io::Result<(Stopped, Arc<crate::meter::Meter>)> {
     let tunnels = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let proxy = Arc::new(Proxy::new(
@@ -283,7 +283,10 @@ pub async fn run(
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
     }
     info!(?stopped, "stopped");
-    Ok(stopped)
+    // After a cut the requests still in flight are counted as they are
+    // dropped with the runtime, after the last report: the caller sends
+    // what the meter holds then (`Meter::take_left`).
+    Ok((stopped, proxy.meter.clone()))
 }
 
 /// What serving an accepted client connection takes (the accept loops
