@@ -99,14 +99,11 @@ async fn a_chunked_body_on_a_get_arrives() {
     let origin = Origin::start().await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let worker = Worker::start(&alloc.socket, &[]).await;
-    let mut s = TcpStream::connect(worker.addr).await.unwrap();
     let head = format!(
         "GET {} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
         origin.url("/echo")
     );
-    s.write_all(head.as_bytes()).await.unwrap();
-    let mut all = Vec::new();
-    s.read_to_end(&mut all).await.unwrap();
+    let all = raw_exchange(worker.addr, &head).await;
     let text = String::from_utf8_lossy(&all);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     let seen = origin.seen.lock().unwrap()[0].clone();
@@ -308,14 +305,11 @@ async fn an_upload_takes_a_new_upstream_connection_and_leaves_the_pooled_one() {
     assert_eq!((r.status, &r.body[..]), (200, &b"abc"[..]));
     assert_eq!(c.get(&url).await.status, 200);
     // Chunked, by hyper's path.
-    let mut s = TcpStream::connect(worker.addr).await.unwrap();
     let head = format!(
         "POST {} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n3\r\nxyz\r\n0\r\n\r\n",
         origin.url("/echo")
     );
-    s.write_all(head.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    s.read_to_end(&mut answer).await.unwrap();
+    let answer = raw_exchange(worker.addr, &head).await;
     assert!(
         answer.starts_with(b"HTTP/1.1 200"),
         "{}",

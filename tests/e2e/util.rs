@@ -721,6 +721,19 @@ pub async fn drain_begun(addr: SocketAddr) {
 }
 
 /// A connection to `proxy` with a plain `GET url` sent on it.
+/// Sends `text` as is on a new connection to `proxy` and reads until it
+/// closes (a request that says `Connection: close`).
+pub async fn raw_exchange(proxy: SocketAddr, text: &str) -> Vec<u8> {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(text.as_bytes()).await.unwrap();
+    let mut all = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut all))
+        .await
+        .expect("the proxy did not close the connection")
+        .unwrap();
+    all
+}
+
 pub async fn raw_get(proxy: SocketAddr, url: &str) -> TcpStream {
     let mut s = TcpStream::connect(proxy).await.unwrap();
     s.write_all(format!("GET {url} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
