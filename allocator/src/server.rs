@@ -203,7 +203,7 @@ pub async fn run(
                 // A position saved under no key (an upgrade) or another
                 // (the key file lost) is not one in this order.
                 if made && saved.seq > 0 {
-                    info!(dir = %dir.display(), "order key made: the prefixes of the pool start their rotation over, in this host's own order");
+                    info!(dir = %dir.display(), "order key made: the pool's prefixes are leased in this host's own order from now on, each continuing at its saved address's place in that order (a /64's is past the cursor's reach: it starts at its first)");
                 }
                 Ok(key)
             }
@@ -798,6 +798,7 @@ async fn answer(
             if peer.minor < rotor_protocol::MINOR_ORDER_KEY
                 && rotor_protocol::order_key() != [0; 4] =>
         {
+            info!(peer = id, minor = peer.minor, "a worker older than the order key: not handed the lease table (it leases over the socket, more slowly, until it is upgraded)");
             Response::Error {
                 message: "this worker is older than the allocator's order key: it leases over the socket (upgrade it to lease from the table)".into(),
             }

@@ -555,23 +555,23 @@ fn host_addrs() -> Result<Vec<IpAddr>, SourceError> {
         .iter()
         .zip(&own)
         .any(|((name, _), own)| *own == Some(true) && index(name) != lo);
-    let kept: Vec<IpAddr> = match routed {
+    Ok(match routed {
         false => all.into_iter().map(|(_, ip)| ip).collect(),
-        true => all
-            .into_iter()
-            .zip(own)
-            .filter(|(_, own)| *own != Some(false))
-            .map(|((_, ip), _)| ip)
-            .collect(),
-    };
-    Ok(without_ula_beside_global(kept))
+        true => without_ula_beside_global(
+            all.into_iter()
+                .zip(own)
+                .filter(|(_, own)| *own != Some(false))
+                .map(|((_, ip), _)| ip)
+                .collect(),
+        ),
+    })
 }
 
-/// Unique local IPv6 addresses (fc00::/7) are left out beside global ones:
-/// on a network that hands out both, the ULA reaches only the site, and
-/// the requests leased it toward the internet would time out. A host whose
-/// IPv6 addresses are all ULAs keeps them (its IPv6 leaves through NAT66,
-/// or reaches local destinations only).
+/// Unique local IPv6 addresses (fc00::/7) are left out beside global ones
+/// on a host that routes the internet: on a network that hands out both,
+/// the ULA reaches only the site, and the requests leased it toward the
+/// internet would time out. A host whose IPv6 addresses are all ULAs keeps
+/// them (its IPv6 leaves through NAT66).
 fn without_ula_beside_global(addrs: Vec<IpAddr>) -> Vec<IpAddr> {
     let ula = |ip: &IpAddr| matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xfe00 == 0xfc00);
     let global_v6 = addrs.iter().any(|ip| ip.is_ipv6() && !ula(ip));

@@ -107,8 +107,10 @@ pub fn order_key() -> OrderKey {
     }
 }
 
-/// A new order key from the kernel's random source (getrandom(2), which
-/// needs no /dev in a chroot).
+/// A new order key from the kernel's random source: getrandom(2), which
+/// needs no /dev in a chroot, without waiting (early at boot, before the
+/// kernel's pool is ready, it would block the allocator's start), else
+/// /dev/urandom, which never waits.
 pub fn random_order_key() -> std::io::Result<OrderKey> {
     let mut b = [0u8; 32];
     let mut filled = 0;
@@ -116,14 +118,18 @@ pub fn random_order_key() -> std::io::Result<OrderKey> {
         let rest = &mut b[filled..];
         // SAFETY: writes at most `rest.len()` bytes into `rest`.
         #[allow(unsafe_code)]
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        let n =
+            unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), libc::GRND_NONBLOCK) };
         match n {
             n if n > 0 => filled += n as usize,
             _ => {
                 let e = std::io::Error::last_os_error();
-                if e.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(e);
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
                 }
+                // Not ready yet (EAGAIN), or no getrandom (ENOSYS).
+                std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut b)?;
+                break;
             }
         }
     }

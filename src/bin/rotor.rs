@@ -232,7 +232,9 @@ async fn reload(control: &ControlArgs) -> ExitCode {
             };
             // Unknown is not good: said as such, and exit 3.
             if !known {
-                println!("pool reloaded: {size} entries, generation {generation}");
+                say(&format!(
+                    "pool reloaded: {size} entries, generation {generation}"
+                ));
                 eprintln!(
                     "rotor: whether every pool source could be read is unknown: the allocator is too old to say in its answer, and its status could not be read"
                 );
@@ -243,7 +245,11 @@ async fn reload(control: &ControlArgs) -> ExitCode {
         other => return report(other, |_| None),
     };
     let count = addresses.map_or(String::new(), |n| format!("{n} addresses in "));
-    println!("pool reloaded: {count}{size} entries, generation {generation}");
+    if !say(&format!(
+        "pool reloaded: {count}{size} entries, generation {generation}"
+    )) {
+        return ExitCode::FAILURE;
+    }
     if failed.is_empty() {
         return ExitCode::SUCCESS;
     }
@@ -319,6 +325,21 @@ async fn status(control: &ControlArgs) -> anyhow::Result<Response> {
 }
 
 #[allow(clippy::print_stdout)]
+/// Writes `text` and a newline to standard output; whether that went (a
+/// reader that stopped early, `rotor status | head`, is no failure:
+/// println! panicked on the closed pipe).
+fn say(text: &str) -> bool {
+    use std::io::Write;
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => true,
+        Err(e) => {
+            eprintln!("rotor: cannot write the answer: {e}");
+            false
+        }
+    }
+}
+
 fn report(
     result: anyhow::Result<Response>,
     render: impl FnOnce(Response) -> Option<String>,
@@ -331,19 +352,10 @@ fn report(
         Ok(resp) => {
             let shown = format!("{resp:?}");
             match render(resp) {
-                Some(text) => {
-                    // `rotor status | head`: a reader that stopped early
-                    // is no failure (println! panicked on the closed pipe).
-                    use std::io::Write;
-                    match writeln!(std::io::stdout().lock(), "{text}") {
-                        Ok(()) => ExitCode::SUCCESS,
-                        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
-                        Err(e) => {
-                            eprintln!("rotor: cannot write the answer: {e}");
-                            ExitCode::FAILURE
-                        }
-                    }
-                }
+                Some(text) => match say(&text) {
+                    true => ExitCode::SUCCESS,
+                    false => ExitCode::FAILURE,
+                },
                 None => {
                     eprintln!("rotor: unexpected answer from the allocator: {shown}");
                     ExitCode::FAILURE
@@ -764,10 +776,10 @@ impl Drop for NoEcho {
 #[allow(clippy::print_stdout)]
 fn hash_password() -> ExitCode {
     match read_password() {
-        Ok(pw) => {
-            println!("{}", rotor_worker::auth::hash_password(&pw));
-            ExitCode::SUCCESS
-        }
+        Ok(pw) => match say(&rotor_worker::auth::hash_password(&pw)) {
+            true => ExitCode::SUCCESS,
+            false => ExitCode::FAILURE,
+        },
         Err(e) => {
             eprintln!("rotor: {e}");
             ExitCode::FAILURE

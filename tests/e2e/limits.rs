@@ -514,6 +514,25 @@ async fn an_upload_answered_early_gets_its_answer_not_a_reset() {
     }
 }
 
+/// The same early answer to an HTTP/1.0 keep-alive client is an HTTP/1.0
+/// head that says `close` alone (hyper added `keep-alive` beside it to a
+/// 1.1 head).
+#[tokio::test]
+async fn an_early_answer_to_an_http_1_0_keep_alive_client_says_close_alone() {
+    let refusing = free_port();
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    let head = format!(
+        "POST http://127.0.0.1:{refusing}/ HTTP/1.0\r\nConnection: keep-alive\r\nContent-Length: 100000\r\n\r\n0123456789"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_head(&mut s).await.to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.0 502"), "{answer}");
+    assert!(answer.contains("\r\nconnection: close\r\n"), "{answer}");
+    assert!(!answer.contains("keep-alive"), "{answer}");
+}
+
 /// A connection on hyper's path whose last request had no body closes
 /// without the upload's lingering: its place under
 /// `--max-client-connections` is free when the client sees it close (an

@@ -439,6 +439,8 @@ impl Serving {
                 let guard = Waiting::new(&pending);
                 let proxy = proxy.clone();
                 let told = seen.clone();
+                let http10 = req.version() == hyper::Version::HTTP_10;
+                let tunnel = req.method() == hyper::Method::CONNECT;
                 async move {
                     let _guard = guard;
                     let mut resp = proxy.handle(req, client).await;
@@ -446,13 +448,21 @@ impl Serving {
                     // (a 403, a 502 for a destination that refused the
                     // upload) ends the connection, with a lingering close:
                     // said in the answer, so the client does not send its
-                    // next request on it.
+                    // next request on it. (Not a tunnel's or an upgrade's
+                    // answer: its connection goes on, as the tunnel.)
                     if let Ok(r) = &mut resp {
-                        if told.carried_body() {
+                        let goes_on =
+                            tunnel || r.status() == hyper::StatusCode::SWITCHING_PROTOCOLS;
+                        if told.carried_body() && !goes_on {
                             r.headers_mut().insert(
                                 hyper::header::CONNECTION,
                                 hyper::header::HeaderValue::from_static("close"),
                             );
+                            // An HTTP/1.0 head, or hyper adds `keep-alive`
+                            // for a 1.0 keep-alive client.
+                            if http10 {
+                                *r.version_mut() = hyper::Version::HTTP_10;
+                            }
                         }
                     }
                     resp
