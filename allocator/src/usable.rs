@@ -9,7 +9,10 @@
 //! `IP_FREEBIND`: that succeeds for a configured address and, for IPv4,
 //! for any address of a local route. An IPv6 address of a local route is
 //! not bindable without `IPV6_FREEBIND` (which the worker sets then), so
-//! for IPv6 the covering route counts. Nothing is sent anywhere.
+//! for IPv6 the covering route counts (and the bind still tells a
+//! tentative address, whose duplicate detection is not done). An IPv4
+//! address a local route covers is not bound: it always would. Nothing is
+//! sent anywhere.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -56,6 +59,12 @@ impl Checker {
                 ));
             }
             return Err(describe(&io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)));
+        }
+        // An IPv4 address a local route covers binds without IP_FREEBIND,
+        // always: the bind would tell nothing, and a refresh of a listed
+        // /16 made 65 536 sockets (0.6 s of system time) to learn it.
+        if local == Some(true) && ip.is_ipv4() {
+            return Ok(());
         }
         match bind(ip) {
             Ok(()) => Ok(()),
