@@ -1,6 +1,7 @@
 //! `rotor up`: one allocator and N workers as child processes on one port,
-//! supervised: a child that dies is restarted, SIGTERM/SIGINT/SIGHUP are
-//! passed on, and every child is stopped before `rotor up` exits.
+//! supervised: a child that dies is restarted, SIGTERM/SIGINT are passed
+//! on (SIGHUP to the allocator, whose reload reaches the workers), and
+//! every child is stopped before `rotor up` exits.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -242,8 +243,11 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             },
             signals.shutdown.clone(),
             signals.clone(),
-            // Workers re-read their users file on SIGHUP.
-            true,
+            // Not passed on to workers: the allocator's reload reaches
+            // them (through the lease table, or its socket), as `rotor
+            // reload` does; passed on as well, every worker reloaded
+            // twice (its users file, certificate and resolver).
+            false,
             tuning.config.drain_timeout + KILL_GRACE,
             worker_streaks.clone(),
         ));

@@ -520,3 +520,63 @@ async fn a_rotor_up_killed_outright_leaves_no_port_open() {
     // The request in flight was let finish.
     assert_eq!(slow.await.unwrap(), 200);
 }
+
+/// A SIGHUP to `rotor up` reloads each worker once: it goes to the
+/// allocator, whose reload reaches the workers (passed on to them as well,
+/// each re-read its users file, certificate and resolver twice).
+#[tokio::test]
+async fn a_sighup_to_rotor_up_reloads_each_worker_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    add_user(&users, "alice", "s3cret");
+    let socket = dir.path().join("a.sock");
+    let log = dir.path().join("up.log");
+    let listen = format!("127.0.0.1:{}", free_port());
+    // Its own child, logging at info (Proc sets the log level the tests
+    // run with), killed however the test ends.
+    struct Up(std::process::Child);
+    impl Drop for Up {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let up = Up(std::process::Command::new(ROTOR)
+        .args(["up", "--workers", "2", "--pool", "127.0.0.2", "--no-state"])
+        .args(["--listen", &listen, "--socket", socket.to_str().unwrap()])
+        .args(["--auth-file", users.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap());
+    let pid = Pid::from_raw(up.0.id() as i32);
+    eventually("both workers", || async {
+        socket.exists() && worker_pids(&socket).len() == 2
+    })
+    .await;
+    let reread = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("users file re-read")
+            .count()
+    };
+    let before = reread();
+    kill(pid, Signal::SIGHUP).unwrap();
+    eventually("both workers reloaded", || async { reread() >= before + 2 }).await;
+    // Time for a second reload each, had it come (the allocator's reaches a
+    // worker within half a second).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        reread(),
+        before + 2,
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    kill(pid, Signal::SIGTERM).unwrap();
+    let _ = tokio::task::spawn_blocking(move || {
+        let mut up = up;
+        up.0.wait()
+    })
+    .await;
+}
