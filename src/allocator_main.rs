@@ -185,8 +185,7 @@ fn check(
             }
         }
     }
-    if let Some(text) = rotor_allocator::state::unreached_text(&rotor_protocol::unreached(&listed))
-    {
+    if let Some(text) = rotor_allocator::state::unreached_text(&listed) {
         eprintln!("warning: {text}");
     }
     if unusable > NAMED {

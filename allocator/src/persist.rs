@@ -293,29 +293,20 @@ pub fn write_hand(path: &Path, outs: &[HandOut]) -> io::Result<()> {
 /// resumes it.
 pub const ORDER_KEY_FILE_NAME: &str = "order.key";
 
-/// The order key kept in `dir`, made (and kept) if there is none. One that
-/// does not read is set aside as `order.key.corrupt` and replaced: the
-/// order of prefixes starts over, which repeats nothing a destination could
-/// tell from a new host's.
-pub fn order_key(dir: &Path) -> io::Result<rotor_protocol::OrderKey> {
-    order_key_made(dir).map(|(key, _)| key)
-}
-
-/// As `order_key`, and whether the key was made now.
-pub fn order_key_made(dir: &Path) -> io::Result<(rotor_protocol::OrderKey, bool)> {
+/// The order key kept in `dir`, made (and kept) if there is none, and
+/// whether it was made now. One that does not read is set aside as
+/// `order.key.corrupt` and replaced: the order of prefixes starts over,
+/// which repeats nothing a destination could tell from a new host's.
+pub fn order_key(dir: &Path) -> io::Result<(rotor_protocol::OrderKey, bool)> {
     let path = dir.join(ORDER_KEY_FILE_NAME);
     match std::fs::read(&path) {
         Ok(bytes) => {
             // (Bytes that are not text are a key that does not read too.)
-            let text = String::from_utf8_lossy(&bytes);
-            let words: Vec<u64> = text
+            let words: Option<Vec<u64>> = String::from_utf8_lossy(&bytes)
                 .split_whitespace()
-                .filter_map(|w| u64::from_str_radix(w, 16).ok())
+                .map(|w| u64::from_str_radix(w, 16).ok())
                 .collect();
-            if let (Ok(key), 4) = (
-                <[u64; 4]>::try_from(words.as_slice()),
-                text.split_whitespace().count(),
-            ) {
+            if let Some(Ok(key)) = words.map(<[u64; 4]>::try_from) {
                 return Ok((key, false));
             }
             tracing::warn!(file = %path.display(), "the order key does not read: set aside as .corrupt, and a new one made (prefixes are leased in a new order)");
@@ -497,16 +488,16 @@ mod tests {
     fn the_order_key_is_made_once_and_kept() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let key = super::order_key(dir.path()).unwrap();
+        let key = super::order_key(dir.path()).unwrap().0;
         assert_ne!(key, [0; 4]);
         let path = dir.path().join(super::ORDER_KEY_FILE_NAME);
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        assert_eq!(super::order_key(dir.path()).unwrap(), key);
+        assert_eq!(super::order_key(dir.path()).unwrap().0, key);
         let other = tempfile::tempdir().unwrap();
-        assert_ne!(super::order_key(other.path()).unwrap(), key);
+        assert_ne!(super::order_key(other.path()).unwrap().0, key);
         let bads: [&[u8]; 6] = [
             b"",
             b"1 2 3",
@@ -517,9 +508,9 @@ mod tests {
         ];
         for bad in bads {
             std::fs::write(&path, bad).unwrap();
-            let new = super::order_key(dir.path()).unwrap();
+            let new = super::order_key(dir.path()).unwrap().0;
             assert_ne!(new, key, "{bad:?}");
-            assert_eq!(super::order_key(dir.path()).unwrap(), new, "{bad:?}");
+            assert_eq!(super::order_key(dir.path()).unwrap().0, new, "{bad:?}");
             let aside = dir
                 .path()
                 .join(format!("{}.corrupt", super::ORDER_KEY_FILE_NAME));

@@ -198,7 +198,7 @@ pub async fn run(
     // The order prefixes are leased in: the state directory's key (the
     // lock on it held), else one of this run's own.
     let key = match (&config.state_dir, &state) {
-        (Some(dir), Some(_)) => match crate::persist::order_key_made(dir) {
+        (Some(dir), Some(_)) => match crate::persist::order_key(dir) {
             Ok((key, made)) => {
                 // A position saved under no key (an upgrade) or another
                 // (the key file lost) is not one in this order.

@@ -253,15 +253,15 @@ pub const QUARANTINE_MAX: Duration = Duration::from_secs(300);
 /// their family (behind a /64 or wider prefix), they would sit in the pool,
 /// shown as in the rotation, and never be leased.
 pub fn warn_unreached(entries: &[rotor_protocol::Segment]) {
-    let unreached = rotor_protocol::unreached(entries);
-    if let Some(text) = unreached_text(&unreached) {
+    if let Some(text) = unreached_text(entries) {
         tracing::warn!("{text}");
     }
 }
 
 /// What `warn_unreached` says (and `--check`), if there is anything to say.
-pub fn unreached_text(unreached: &[rotor_protocol::Segment]) -> Option<String> {
+pub fn unreached_text(entries: &[rotor_protocol::Segment]) -> Option<String> {
     const NAMED: usize = 5;
+    let unreached = rotor_protocol::unreached(entries);
     if unreached.is_empty() {
         return None;
     }

@@ -703,20 +703,11 @@ impl StatusReportV2 {
     /// the quarantined entries) sent as [`REASON_AS_ABOVE`]: a listed /16
     /// taken out whole said the same 100 bytes 65 536 times.
     pub fn compact_reasons(&mut self) {
-        let mut last: Option<&str> = None;
-        let mut same = Vec::new();
-        for (k, e) in self.pool.iter().enumerate() {
-            if let Some(q) = &e.quarantine {
-                if last == Some(q.reason.as_str()) {
-                    same.push(k);
-                } else {
-                    last = Some(q.reason.as_str());
-                }
-            }
-        }
-        for k in same {
-            if let Some(q) = &mut self.pool[k].quarantine {
-                q.reason = REASON_AS_ABOVE.into();
+        let mut last: Option<String> = None;
+        for q in self.pool.iter_mut().filter_map(|e| e.quarantine.as_mut()) {
+            match last.as_deref() == Some(q.reason.as_str()) {
+                true => q.reason = REASON_AS_ABOVE.into(),
+                false => last = Some(q.reason.clone()),
             }
         }
     }

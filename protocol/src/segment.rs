@@ -229,8 +229,7 @@ impl Segment {
         if self.host_bits == 0 {
             return self.base;
         }
-        let offset = permute(i & mask(self.host_bits), self.host_bits, Keyed::new(key));
-        from_u128(self.family(), to_u128(self.base) | offset)
+        lease_address_with(self.family(), to_u128(self.base), self.host_bits, i, key)
     }
 
     /// Which lease of this segment gets `ip`, if `ip` is in it.
@@ -341,7 +340,13 @@ impl std::str::FromStr for Segment {
 /// Lease `i` of the prefix at `base` (host bits clear) with `host_bits`.
 #[inline]
 pub(crate) fn lease_address(family: Family, base: u128, host_bits: u8, i: u128) -> IpAddr {
-    let offset = permute(i & mask(host_bits), host_bits, Keyed::new(order_key()));
+    lease_address_with(family, base, host_bits, i, order_key())
+}
+
+/// `lease_address` in the order of `key`.
+#[inline]
+fn lease_address_with(family: Family, base: u128, host_bits: u8, i: u128, key: OrderKey) -> IpAddr {
+    let offset = permute(i & mask(host_bits), host_bits, Keyed::new(key));
     from_u128(family, base | offset)
 }
 

@@ -301,14 +301,8 @@ impl WorkerSettingsTuning {
     /// writer: for a worker that runs.
     pub fn open_access_log(&mut self) -> Result<(), ConfigError> {
         if let Some((target, format)) = &self.access_log {
-            let log =
-                rotor_worker::access::AccessLog::open(target.clone(), *format).map_err(|e| {
-                    let name = match target {
-                        rotor_worker::access::Target::File(p) => p.display().to_string(),
-                        rotor_worker::access::Target::Stdout => "-".into(),
-                    };
-                    ConfigError::Invalid(format!("access-log {name}: {e}"))
-                })?;
+            let log = rotor_worker::access::AccessLog::open(target.clone(), *format)
+                .map_err(|e| ConfigError::Invalid(format!("access-log {target}: {e}")))?;
             self.config.proxy.access_log = Some(log);
         }
         Ok(())
@@ -362,9 +356,9 @@ impl WorkerFlags {
                     true => rotor_worker::access::Target::Stdout,
                     false => rotor_worker::access::Target::File(p.clone()),
                 };
-                target.check().map_err(|e| {
-                    ConfigError::Invalid(format!("access-log {}: {e}", p.display()))
-                })?;
+                target
+                    .check()
+                    .map_err(|e| ConfigError::Invalid(format!("access-log {target}: {e}")))?;
                 Some((target, w.access_log_format.0))
             }
         };

@@ -29,6 +29,15 @@ pub enum Target {
     File(PathBuf),
 }
 
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Stdout => f.write_str("-"),
+            Target::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
 impl Target {
     /// Whether the log could be opened, found without opening it for good
     /// and without making anything: `--check`, and `rotor up`'s check

@@ -159,10 +159,13 @@ enum Lookup {
 
 impl Backend {
     fn new(resolver: &ResolverChoice, ttl: Duration) -> Backend {
-        Backend::made(resolver, ttl).unwrap_or_else(|e| {
-            warn!(error = %e, "cannot set up the DNS resolver (no /etc/resolv.conf?); resolving with the system's getaddrinfo");
-            Backend::with(Lookup::System)
-        })
+        Backend::made(resolver, ttl).unwrap_or_else(|e| Backend::system_instead(&e))
+    }
+
+    /// getaddrinfo, for a resolver whose configuration does not read.
+    fn system_instead(e: &str) -> Backend {
+        warn!(error = %e, "cannot set up the DNS resolver (no /etc/resolv.conf?); resolving with the system's getaddrinfo");
+        Backend::with(Lookup::System)
     }
 
     /// The backend `resolver` says, if its configuration reads.
@@ -211,8 +214,7 @@ impl Resolver {
                     warn!(error = %e, "cannot read the DNS resolver's configuration again (no /etc/resolv.conf, or no server in it?); keeping the one in use");
                     return false;
                 }
-                warn!(error = %e, "cannot set up the DNS resolver (no /etc/resolv.conf?); resolving with the system's getaddrinfo");
-                Backend::with(Lookup::System)
+                Backend::system_instead(&e)
             }
         };
         *self.backend.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(fresh);

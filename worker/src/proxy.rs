@@ -1012,9 +1012,8 @@ impl Proxy {
                 (c, false)
             }
         };
-        // On a reused connection (a request without a body), the request
-        // can be sent again, should the destination have closed it.
-        let replay = reused;
+        // A reused connection (a request without a body) may be sent the
+        // request again, should the destination have closed it.
         let first = match self
             .exchange(conn, &parts, &fields, body, dest)
             .await
@@ -1026,7 +1025,7 @@ impl Proxy {
             // head went whole: Go's client, too, sends the request again
             // (if it may be: else the 408 is the answer).
             Ok((resp, _))
-                if replay
+                if reused
                     && resp.status == StatusCode::REQUEST_TIMEOUT
                     && may_resend(
                         &parts.method,
@@ -1041,7 +1040,7 @@ impl Proxy {
         };
         let (resp, body) = match first {
             Ok(r) => r,
-            Err((e, written)) if replay && may_resend(&parts.method, &fields, &e, written) => {
+            Err((e, written)) if reused && may_resend(&parts.method, &fields, &e, written) => {
                 debug!(%dest, source = %lease.ip, error = %e, "reused upstream connection was closed; retrying on a new one");
                 (conn, lease) = self.dial(lease, &addrs, host, sticky).await?;
                 key.source = lease.ip;
