@@ -533,6 +533,44 @@ async fn a_connect_during_the_drain_is_refused() {
     assert_eq!(echo.peers.lock().unwrap().len(), 0, "a tunnel opened");
 }
 
+/// A connection's first request that arrives in the drain's grace is
+/// served, a CONNECT too: the connection was accepted before the drain and
+/// only this worker can answer it (a client refused with a 503 rarely asks
+/// again). The drain waits for the tunnel. Under a rolling restart's load
+/// the refusal lost a tunnel now and then.
+#[tokio::test]
+async fn a_first_connect_in_the_drain_is_served() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let mut w = Worker::start(&alloc.socket, &["--drain-timeout", "30s"]).await;
+    let echo = Echo::start().await;
+    let mut s = TcpStream::connect(w.addr).await.unwrap();
+    accepted(w.addr).await;
+    let t0 = Instant::now();
+    w.proc.signal(Signal::SIGTERM);
+    drain_begun(w.addr).await;
+    let target = echo.addr;
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The drain waits for the tunnel.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(w.proc.is_running(), "the worker stopped with a tunnel open");
+    s.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"ping");
+    drop(s);
+    // (Waited for off the runtime: the echo server runs on it.)
+    let status = tokio::task::spawn_blocking(move || w.proc.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+    assert_eq!(echo.peers.lock().unwrap().len(), 1);
+}
+
 /// A kept-alive connection whose last request's body (an upload hyper's
 /// server read, past the fast path's 64 KiB) was read whole does not
 /// linger at the stop as one with a body left unread does: the drain ends

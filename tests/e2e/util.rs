@@ -707,6 +707,32 @@ pub async fn connect_tunnel(proxy: SocketAddr, target: &str) -> (u16, TcpStream)
     (code, s)
 }
 
+/// Returns once the IPv4 listener at `addr` has no connection waiting in
+/// its accept queue: a connection made to it before has been accepted
+/// (the listen socket's `rx_queue` in /proc/net/tcp is that queue's length).
+pub async fn accepted(addr: SocketAddr) {
+    let IpAddr::V4(ip) = addr.ip() else {
+        panic!("an IPv4 listener: {addr}")
+    };
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(ip.octets()),
+        addr.port()
+    );
+    eventually("the connection accepted", || {
+        let local = local.clone();
+        async move {
+            let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+            table.lines().skip(1).any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                // local address, state 0A (LISTEN), tx_queue:rx_queue
+                f.len() > 4 && f[1] == local && f[3] == "0A" && f[4].ends_with(":00000000")
+            })
+        }
+    })
+    .await;
+}
+
 /// Returns once a worker that was sent SIGTERM has begun its drain: its
 /// listener at `addr` is gone, and a moment later its tunnels are refused
 /// (at most a second of looking).

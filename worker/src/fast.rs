@@ -72,8 +72,10 @@ pub enum Outcome<I> {
     /// an error, or drained).
     Closed,
     /// A request this path does not serve is next: hyper's server takes
-    /// the connection, the bytes read of it first.
-    Handover(Rewind<I>),
+    /// the connection, the bytes read of it first, and whether this path
+    /// served a request on it before (a CONNECT then is on a kept-alive
+    /// connection: see `proxy::KeptAlive`).
+    Handover(Rewind<I>, bool),
 }
 
 /// What was made of the bytes at the start of the buffer. (Returned once
@@ -111,6 +113,7 @@ where
     let mut drain_due: Option<tokio::time::Instant> = None;
     let tls = conn.tls_first_head_due.is_some();
     let mut first_head_due = conn.tls_first_head_due;
+    let mut served = false;
     loop {
         // A whole head, taken off the buffer, within the header timeout
         // from its first byte (over TLS, the first from the accept).
@@ -132,7 +135,9 @@ where
                         body,
                         close,
                     } => break (parts, fields, body, close),
-                    Take::NotMine => return Outcome::Handover(Rewind::new(buf.freeze(), io)),
+                    Take::NotMine => {
+                        return Outcome::Handover(Rewind::new(buf.freeze(), io), served)
+                    }
                     Take::Partial => scanned = buf.len(),
                 }
             }
@@ -211,6 +216,7 @@ where
                 Ok(_) => {}
             }
         };
+        served = true;
         // A small body of known length, read whole, as the head is: within
         // the header timeout (a byte now and then does not hold the slot).
         let mut body_due = None;

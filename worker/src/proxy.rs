@@ -174,6 +174,11 @@ pub struct Sticky {
     strict: bool,
 }
 
+/// Marks a CONNECT that came after another request on its connection
+/// (see `Proxy::open_tunnel`).
+#[derive(Clone, Copy)]
+pub struct KeptAlive;
+
 pub struct Proxy {
     leases: Arc<LeaseClient>,
     config: ProxyConfig,
@@ -556,16 +561,22 @@ impl Proxy {
 
     /// A tunnel's connection to `host:port` from the next address (an
     /// HTTP CONNECT's or a SOCKS5 one's): the destination rules, the lease
-    /// and the retry on an unusable address. Not once the drain began (the
-    /// tunnels' tracker is closed then): the tunnel would be cut at the
-    /// drain's end, and another worker takes it.
+    /// and the retry on an unusable address. A CONNECT on a `kept_alive`
+    /// connection is refused once the drain began (the tunnels' tracker is
+    /// closed then): the tunnel would be cut at the drain's end, and
+    /// another worker takes it. A connection's first request is served in
+    /// the drain, as any request is: its connection was accepted before the
+    /// drain, and only this worker can answer it (refused, it was lost to
+    /// a client that does not ask again, as few do after a 503 to a
+    /// CONNECT).
     pub async fn open_tunnel(
         &self,
         host: &str,
         port: u16,
         sticky: Option<&Sticky>,
+        kept_alive: bool,
     ) -> Result<(TcpStream, Lease), Failed> {
-        if self.tunnels.is_closed() {
+        if kept_alive && self.tunnels.is_closed() {
             return Err(ProxyError::Stopping.into());
         }
         let (addrs, (lease, _)) = self.resolve_and_lease(host, port, sticky).await?;
@@ -1092,7 +1103,8 @@ impl Proxy {
         // (`Lingering::into_tunnel`), so it needs none of its own.
         let idle_limit = self.config.tunnel_idle_timeout;
         // 200 only once the upstream connection is up.
-        let (upstream, lease) = self.open_tunnel(&host, port, sticky).await?;
+        let kept_alive = req.extensions().get::<KeptAlive>().is_some();
+        let (upstream, lease) = self.open_tunnel(&host, port, sticky, kept_alive).await?;
         let on_upgrade = hyper::upgrade::on(&mut req);
         let dest = format!("{host}:{port}");
         let open = TunnelOpen::new(&self.meter);

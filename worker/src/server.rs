@@ -410,15 +410,18 @@ impl Serving {
             // the connection at the first that is not.
             // Boxed, as hyper's connection below: the task (moved as it
             // is spawned) stays small for a short connection.
-            let io = match Box::pin(crate::fast::serve(io, &fast)).await {
+            let (io, served) = match Box::pin(crate::fast::serve(io, &fast)).await {
                 crate::fast::Outcome::Closed => return,
-                crate::fast::Outcome::Handover(io) => io,
+                crate::fast::Outcome::Handover(io, served) => (io, served),
             };
             // hyper's server from here (made only now: most connections
             // never get here). Counts the connection's requests as they
             // arrive: see the drain below.
             let fd = client_fd(io.get_ref());
             let arrivals = Arc::new(Arrivals::default());
+            if served {
+                arrivals.count.store(1, Ordering::Relaxed);
+            }
             let seen = arrivals.clone();
             let io = Lingering {
                 io: Some(io),
@@ -433,14 +436,17 @@ impl Serving {
             let waiting = Arc::new(AtomicUsize::new(0));
             let pending = waiting.clone();
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                seen.arrived(!hyper::body::Body::is_end_stream(req.body()));
+                let before = seen.arrived(!hyper::body::Body::is_end_stream(req.body()));
                 let arrivals = seen.clone();
-                let req = req.map(|inner| Tracked { inner, arrivals });
+                let mut req = req.map(|inner| Tracked { inner, arrivals });
+                let tunnel = req.method() == hyper::Method::CONNECT;
+                if tunnel && before > 0 {
+                    req.extensions_mut().insert(crate::proxy::KeptAlive);
+                }
                 let guard = Waiting::new(&pending);
                 let proxy = proxy.clone();
                 let told = seen.clone();
                 let http10 = req.version() == hyper::Version::HTTP_10;
-                let tunnel = req.method() == hyper::Method::CONNECT;
                 async move {
                     let _guard = guard;
                     let mut resp = proxy.handle(req, client).await;
@@ -987,18 +993,20 @@ impl hyper::body::Body for Tracked {
 }
 
 impl Arrivals {
-    /// A request arrived, with a body or not.
-    fn arrived(&self, body: bool) {
+    /// A request arrived, with a body or not. Returns how many came
+    /// before it.
+    fn arrived(&self, body: bool) -> u64 {
         // (A connection whose last request had none closes without the
         // upload's lingering, which holds its places up to 30 s.)
         self.bodies.store(body, Ordering::Relaxed);
         // Only a draining connection waits: no wake-up (and its lock) per
         // request otherwise. SeqCst both here and in `watch`: an arrival
         // counted after the drain read the count sees the flag.
-        self.count.fetch_add(1, Ordering::SeqCst);
+        let before = self.count.fetch_add(1, Ordering::SeqCst);
         if self.watched.load(Ordering::SeqCst) {
             self.notify.notify_waiters();
         }
+        before
     }
 
     fn carried_body(&self) -> bool {

@@ -436,7 +436,7 @@ pub async fn serve(
     });
     let opened = unless_gone(
         &stream,
-        proxy.open_tunnel(&hs.host, hs.port, caller.sticky.as_ref()),
+        proxy.open_tunnel(&hs.host, hs.port, caller.sticky.as_ref(), false),
     )
     .await;
     // A tunnel that did not open: counted, and logged as its HTTP twin.
