@@ -51,7 +51,7 @@ pub async fn request_by_minor(
     // each within its own timeout (a pool command's, the metadata
     // service's), and perhaps after a refresh under way.
     let wait = match body {
-        Request::Reload | Request::ReloadReport => RELOAD_WAIT,
+        Request::Reload | Request::ReloadReport | Request::ReloadReportV2 => RELOAD_WAIT,
         _ => ANSWER_WAIT,
     };
     let exchange = async {

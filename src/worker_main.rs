@@ -169,30 +169,14 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         let leases = LeaseClient::start(socket, tuning.lease_timeout, signals.fast.clone());
         if let Some(auth) = tuning.config.proxy.auth.clone() {
             tracing::info!(users = auth.len(), "proxy authentication on");
-            let mut reloads = signals.reloads();
-            // Read once more now the handler is in place: a SIGHUP between
-            // the first read (at the start) and now was ignored, and a user
-            // it removed would be served until the next one.
+            // Read once more now the handler is in place (the worker's
+            // reloads re-read it from here on, see `rotor_worker::run`): a
+            // SIGHUP between the first read (at the start) and now was
+            // ignored, and a user it removed would be served until the
+            // next one.
             if let Err(e) = auth.reload() {
                 tracing::warn!(error = %error_chain(&e), "users file not re-read at start; keeping the users read first");
             }
-            tokio::spawn(async move {
-                while reloads.changed().await.is_ok() {
-                    // Off the runtime's threads: a large file, or a decoy
-                    // hash made anew (argon2, tens of milliseconds), would
-                    // hold up the requests sharing the thread.
-                    let reloading = auth.clone();
-                    match tokio::task::spawn_blocking(move || reloading.reload()).await {
-                        Ok(Ok(n)) => tracing::info!(users = n, "users file re-read"),
-                        Ok(Err(e)) => {
-                            tracing::warn!(error = %error_chain(&e), "users file not re-read; keeping the old users")
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "users file reload failed; keeping the old users")
-                        }
-                    }
-                }
-            });
         }
         // `rotor reload` (or SIGHUP) to the allocator reaches every worker
         // through the lease table, or asked over the socket by a worker
@@ -226,6 +210,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                     mapped_at = at;
                     if since.is_some_and(|since| reload_asked(since, now)) {
                         tracing::info!("the allocator was asked to reload; reloading");
+                        leases.asked_to_reload(now);
                         signals.reload_now();
                     }
                     seen = Some(now);

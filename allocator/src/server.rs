@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use rotor_protocol::{
     error_chain, server_handshake, Channel, ChannelError, ClientFrame, Envelope, Family,
-    HandshakeError, Hello, HelloReply, LeaseTable, ReloadReport, Request, Response, Role, Segment,
-    ServerChannel, ServerFrame, StatusReport, TableError, REPORT_TEXT_MAX,
+    HandshakeError, Hello, HelloReply, LeaseTable, ReloadReport, ReloadReportV2, Request, Response,
+    Role, Segment, ServerChannel, ServerFrame, StatusReport, TableError, REPORT_TEXT_MAX,
 };
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
@@ -713,6 +713,35 @@ fn cut(mut text: String) -> String {
     text
 }
 
+/// The most failed parts a worker's reload names (it has three).
+const WORKER_FAILED_LISTED: usize = 8;
+
+/// How long a reload's answer waits for the workers to say how theirs
+/// went: each looks for a reload every 500 ms, and reloads in a moment.
+const WORKER_RELOAD_WAIT: Duration = Duration::from_secs(5);
+
+/// `report` with how each worker's reload went: once every worker that
+/// can say has said, or after `WORKER_RELOAD_WAIT`.
+async fn workers_reloaded(alloc: &Allocator, report: ReloadReport) -> ReloadReportV2 {
+    // The reload just announced (or a later one).
+    let asked = alloc.reloads_asked();
+    let deadline = tokio::time::Instant::now() + WORKER_RELOAD_WAIT;
+    let mut workers = loop {
+        let (workers, all) = alloc.worker_reloads(asked);
+        if all || tokio::time::Instant::now() >= deadline {
+            break workers;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let more = workers.len().saturating_sub(rotor_protocol::WORKERS_LISTED);
+    workers.truncate(rotor_protocol::WORKERS_LISTED);
+    ReloadReportV2 {
+        report,
+        workers,
+        more_workers: more as u32,
+    }
+}
+
 /// Most requests answered per batch (per state write and flush).
 const BATCH: usize = 64;
 
@@ -741,7 +770,7 @@ async fn answer(
     };
     let control = matches!(
         env.body,
-        Request::Reload | Request::ReloadReport | Request::Steer { .. }
+        Request::Reload | Request::ReloadReport | Request::ReloadReportV2 | Request::Steer { .. }
     );
     if control && rights != Rights::Control {
         warn!(
@@ -846,6 +875,17 @@ async fn answer(
             Response::Noted { quarantined: false }
         }
         Request::HostStatus => Response::HostStatus(alloc.host_report()),
+        Request::WorkerReloaded { asked, failed } => {
+            // (Cut as a reload's report is: the answer that lists them
+            // must fit a frame.)
+            let failed = failed
+                .into_iter()
+                .take(WORKER_FAILED_LISTED)
+                .map(|(what, why)| (cut(what), cut(why)))
+                .collect();
+            alloc.worker_reloaded(id, asked, failed);
+            Response::Noted { quarantined: false }
+        }
         Request::Steer {
             ip,
             release,
@@ -853,8 +893,9 @@ async fn answer(
         } => Response::Steered {
             entry: alloc.steer(ip, release, for_secs.map(Duration::from_secs)),
         },
-        kind @ (Request::Reload | Request::ReloadReport) => {
-            let report = matches!(kind, Request::ReloadReport);
+        kind @ (Request::Reload | Request::ReloadReport | Request::ReloadReportV2) => {
+            let report = !matches!(kind, Request::Reload);
+            let workers = matches!(kind, Request::ReloadReportV2);
             let (reply_tx, reply_rx) = oneshot::channel();
             let outcome = match reload.send(reply_tx).await {
                 Ok(()) => reply_rx.await.ok(),
@@ -877,12 +918,16 @@ async fn answer(
                             "each named in the allocator's log".into(),
                         ));
                     }
-                    Response::ReloadReport(ReloadReport {
+                    let report = ReloadReport {
                         generation: o.generation,
                         entries: o.size as u64,
                         addresses: alloc.addresses_in_rotation(),
                         failed,
-                    })
+                    };
+                    match workers {
+                        true => Response::ReloadReportV2(workers_reloaded(alloc, report).await),
+                        false => Response::ReloadReport(report),
+                    }
                 }
                 Some(o) => Response::Reloaded {
                     generation: o.generation,

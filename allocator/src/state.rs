@@ -668,7 +668,13 @@ struct Peer {
     leases: u64,
     /// The peer's lease counter in the current table, once it attached.
     slot: Option<u32>,
+    /// The last reload a worker said it made: the table's id and reload
+    /// count it acted on, and the parts that failed.
+    reloaded: Option<((u64, u64), Failed)>,
 }
+
+/// Parts of a worker's reload that failed: what, and why.
+type Failed = Vec<(String, String)>;
 
 /// Entries that left or came back to the rotation in one pass of checks:
 /// the first few are logged each, the rest summed up in one line (a /16
@@ -1579,12 +1585,56 @@ impl Allocator {
     /// with the table's id: what a worker that cannot map the table asks
     /// (the count its table holds for those that can).
     pub fn reloads(&self) -> Response {
+        let (table, count) = self.reloads_asked();
+        Response::Reloads { table, count }
+    }
+
+    /// The lease table's id and its count of reloads asked.
+    pub fn reloads_asked(&self) -> (u64, u64) {
         let inner = self.lock();
         let table = inner.pool.table();
-        Response::Reloads {
-            table: table.id(),
-            count: table.reloads(),
+        (table.id(), table.reloads())
+    }
+
+    /// Worker `peer` made the reload `asked` (see `reloads_asked`), and
+    /// these parts of it failed.
+    pub fn worker_reloaded(&self, peer: u64, asked: (u64, u64), failed: Vec<(String, String)>) {
+        if let Some(p) = self.lock().peers.get_mut(&peer) {
+            p.reloaded = Some((asked, failed));
         }
+    }
+
+    /// How each connected worker's reload went, for a reload that made
+    /// the count `asked`: done (that reload or a later one), not yet, or
+    /// too old to say. And whether every worker that can say has.
+    pub fn worker_reloads(&self, asked: (u64, u64)) -> (Vec<rotor_protocol::WorkerReload>, bool) {
+        use rotor_protocol::WorkerReloadOutcome as Outcome;
+        let inner = self.lock();
+        let mut all = true;
+        let workers = inner
+            .peers
+            .values()
+            .filter(|p| p.hello.role == rotor_protocol::Role::Worker)
+            .map(|p| {
+                let outcome = match &p.reloaded {
+                    _ if p.hello.minor < rotor_protocol::MINOR_WORKER_RELOADS => Outcome::TooOld,
+                    Some(((table, count), failed)) if *table == asked.0 && *count >= asked.1 => {
+                        Outcome::Done {
+                            failed: failed.clone(),
+                        }
+                    }
+                    _ => {
+                        all = false;
+                        Outcome::NoWord
+                    }
+                };
+                rotor_protocol::WorkerReload {
+                    pid: p.hello.pid,
+                    outcome,
+                }
+            })
+            .collect();
+        (workers, all)
     }
 
     /// Where `peer` finds the lease table, and the counter it counts its
@@ -1715,6 +1765,7 @@ impl Allocator {
                 since: Instant::now(),
                 leases: 0,
                 slot: None,
+                reloaded: None,
             },
         );
     }
@@ -2517,6 +2568,52 @@ mod tests {
         assert_eq!(st.peers[0].leases, 3);
         assert_eq!(st.leases_total, 3);
         assert_eq!(st.pool[0].leases, 2);
+    }
+
+    /// A reload's outcome per worker: done once a worker said it made that
+    /// reload (or a later one) of this table; an older count, another
+    /// table's, or none is no word yet; a worker of an older minor cannot
+    /// say; a control peer is no worker.
+    #[test]
+    fn workers_say_how_their_reload_went() {
+        use rotor_protocol::{Role, WorkerReloadOutcome as O};
+        let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
+        a.peer_connected(1, Hello::new(Role::Worker, "t"));
+        a.peer_connected(2, Hello::new(Role::Worker, "t"));
+        let mut old = Hello::new(Role::Worker, "t");
+        old.minor = rotor_protocol::MINOR_WORKER_RELOADS - 1;
+        a.peer_connected(3, old);
+        a.peer_connected(4, Hello::new(Role::Control, "t"));
+        let outcomes = |asked| {
+            let (w, all) = a.worker_reloads(asked);
+            (w.into_iter().map(|w| w.outcome).collect::<Vec<_>>(), all)
+        };
+        assert_eq!(
+            outcomes((9, 2)),
+            (vec![O::NoWord, O::NoWord, O::TooOld], false)
+        );
+        let failed = vec![("users file".to_string(), "bad".to_string())];
+        a.worker_reloaded(1, (9, 2), Vec::new());
+        a.worker_reloaded(2, (9, 1), failed.clone());
+        assert_eq!(
+            outcomes((9, 2)),
+            (
+                vec![O::Done { failed: vec![] }, O::NoWord, O::TooOld],
+                false
+            )
+        );
+        a.worker_reloaded(2, (8, 5), failed.clone());
+        assert_eq!(outcomes((9, 2)).0[1], O::NoWord, "another table's count");
+        a.worker_reloaded(2, (9, 3), failed.clone());
+        assert_eq!(
+            outcomes((9, 2)),
+            (
+                vec![O::Done { failed: vec![] }, O::Done { failed }, O::TooOld],
+                true
+            )
+        );
+        a.peer_gone(2);
+        assert_eq!(outcomes((9, 2)).0.len(), 2);
     }
 
     #[test]

@@ -22,12 +22,13 @@ pub use handshake::{client_handshake, server_handshake, HandshakeError};
 pub use message::{
     AddrStatus, ClientFrame, EntryStatus, Envelope, Families, FamilyStatus, Hello, HelloReply,
     Histogram, HostReport, Lease, NoAddress, PairStatus, PeerStatus, QuarantineStatus, Refusal,
-    ReloadReport, Request, Response, Role, ServerFrame, SiteLimit, SiteStatus, SitesReport,
-    SitesReportV2, SourceMetrics, SourceStatus, StatusReport, StatusReportV2, WorkerMetrics,
-    WorkerStatus, HISTOGRAM_BOUNDS, MAX_SESSION_KEY, MINOR_FAMILIES, MINOR_LEASE_TABLE,
-    MINOR_METRICS, MINOR_ORDER_KEY, MINOR_RELOADS, MINOR_RELOAD_REPORT, MINOR_SESSIONS_FULL,
-    MINOR_SESSION_SITE, MINOR_SITES, MINOR_SITES_V2, MINOR_SITE_WAIT, POOL_TOO_LARGE,
-    PROTOCOL_MAJOR, PROTOCOL_MINOR, REPORT_TEXT_MAX,
+    ReloadReport, ReloadReportV2, Request, Response, Role, ServerFrame, SiteLimit, SiteStatus,
+    SitesReport, SitesReportV2, SourceMetrics, SourceStatus, StatusReport, StatusReportV2,
+    WorkerMetrics, WorkerReload, WorkerReloadOutcome, WorkerStatus, HISTOGRAM_BOUNDS,
+    MAX_SESSION_KEY, MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_METRICS, MINOR_ORDER_KEY,
+    MINOR_RELOADS, MINOR_RELOAD_REPORT, MINOR_SESSIONS_FULL, MINOR_SESSION_SITE, MINOR_SITES,
+    MINOR_SITES_V2, MINOR_SITE_WAIT, MINOR_WORKER_RELOADS, POOL_TOO_LARGE, PROTOCOL_MAJOR,
+    PROTOCOL_MINOR, REPORT_TEXT_MAX, WORKERS_LISTED,
 };
 pub use report::{error_chain, Moment};
 pub use segment::{

@@ -23,7 +23,7 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 11;
+pub const PROTOCOL_MINOR: u16 = 12;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
@@ -65,6 +65,10 @@ pub const MINOR_SESSION_SITE: u16 = 10;
 /// shared cursor, repeating addresses of a small prefix within a cycle);
 /// it leases over the socket.
 pub const MINOR_ORDER_KEY: u16 = 11;
+/// The first minor whose allocator takes `Request::WorkerReloaded` (how a
+/// worker's part of a reload went) and answers `Request::ReloadReportV2`
+/// (a reload's outcome with each worker's).
+pub const MINOR_WORKER_RELOADS: u16 = 12;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
 /// sides; the last bucket (+Inf) is implicit.
@@ -310,6 +314,18 @@ pub enum Request {
         strict: bool,
         site: String,
     },
+    /// A worker reloaded as the allocator asked (since minor 12): `asked`
+    /// is the lease table's id and reload count it acted on (as `Reloads`
+    /// answers), `failed` each part that did not reload (what, and why;
+    /// the part in use is kept). Answered `Noted`.
+    WorkerReloaded {
+        asked: (u64, u64),
+        failed: Vec<(String, String)>,
+    },
+    /// As `ReloadReport`, then how each worker's reload went (since minor
+    /// 12): the allocator waits a few seconds for their word. Answered
+    /// `ReloadReportV2`.
+    ReloadReportV2,
 }
 
 impl Request {
@@ -333,6 +349,7 @@ impl Request {
             Request::LeaseSiteWait { .. } | Request::CancelWait { .. } => MINOR_SITE_WAIT,
             Request::SitesV2 { .. } => MINOR_SITES_V2,
             Request::LeaseSessionSite { .. } => MINOR_SESSION_SITE,
+            Request::WorkerReloaded { .. } | Request::ReloadReportV2 => MINOR_WORKER_RELOADS,
         }
     }
 }
@@ -350,6 +367,38 @@ pub struct ReloadReport {
     /// `…`; at most 64, and then one naming how many more failed.
     pub failed: Vec<(String, String)>,
 }
+
+/// How one worker's part of a reload went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerReload {
+    pub pid: u32,
+    pub outcome: WorkerReloadOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerReloadOutcome {
+    /// Reloaded; the parts that failed (what, why), each kept as it was,
+    /// their texts cut to `REPORT_TEXT_MAX` bytes.
+    Done { failed: Vec<(String, String)> },
+    /// It did not say within the allocator's wait.
+    NoWord,
+    /// Its protocol minor is older than `MINOR_WORKER_RELOADS`: it cannot
+    /// say.
+    TooOld,
+}
+
+/// The answer to `ReloadReportV2`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReportV2 {
+    pub report: ReloadReport,
+    /// Each connected worker's reload (at most `WORKERS_LISTED`, then the
+    /// count of those left out in `more_workers`).
+    pub workers: Vec<WorkerReload>,
+    pub more_workers: u32,
+}
+
+/// The most workers a `ReloadReportV2` lists, so that it fits a frame.
+pub const WORKERS_LISTED: usize = 256;
 
 /// The longest sticky session key (`USER\0ID`) an allocator keeps: a user
 /// name and a session id of at most 64 characters (a SOCKS5 name is at
@@ -566,6 +615,8 @@ pub enum Response {
     },
     /// The answer to `SitesV2`.
     SitesV2(SitesReportV2),
+    /// The answer to `ReloadReportV2`.
+    ReloadReportV2(ReloadReportV2),
 }
 
 /// The per-site state, and how its IPv6 entries are keyed.

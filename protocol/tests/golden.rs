@@ -272,6 +272,24 @@ fn golden_client_frames() {
         }),
         "0107140100037500733c0104612e696f",
     );
+    // Minor 12.
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::WorkerReloaded {
+                asked: (3, 250),
+                failed: vec![("f".into(), "e".into())],
+            },
+        }),
+        "01071503fa0101660165",
+    );
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::ReloadReportV2,
+        }),
+        "010716",
+    );
 }
 
 #[test]
@@ -485,5 +503,34 @@ fn golden_server_frames() {
             v6_prefix: 64,
         })),
         "0109120101fbe8030104612e696f013cfb60ea020100c00002070301fb84030140",
+    );
+    // Minor 12: the reload's report as above, and each worker's.
+    check(
+        resp(Response::ReloadReportV2(ReloadReportV2 {
+            report: ReloadReport {
+                generation: 4,
+                entries: 8,
+                addresses: 300,
+                failed: vec![("f".into(), "e".into())],
+            },
+            workers: vec![
+                WorkerReload {
+                    pid: 70,
+                    outcome: WorkerReloadOutcome::Done {
+                        failed: vec![("c".into(), "x".into())],
+                    },
+                },
+                WorkerReload {
+                    pid: 71,
+                    outcome: WorkerReloadOutcome::NoWord,
+                },
+                WorkerReload {
+                    pid: 72,
+                    outcome: WorkerReloadOutcome::TooOld,
+                },
+            ],
+            more_workers: 0,
+        })),
+        "0109130408fb2c01010166016503460001016301784701480200",
     );
 }

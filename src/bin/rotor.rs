@@ -10,7 +10,7 @@ use rotor::up::UpArgs;
 use rotor_protocol::{
     error_chain, PeerStatus, Request, Response, SitesReport, SourceStatus, StatusReport,
     StatusReportV2, MINOR_FAMILIES, MINOR_METRICS, MINOR_RELOAD_REPORT, MINOR_SITES,
-    MINOR_SITES_V2,
+    MINOR_SITES_V2, MINOR_WORKER_RELOADS,
 };
 
 /// rotor: a backconnect forward proxy that sends each request from the next
@@ -200,23 +200,33 @@ fn main() -> ExitCode {
     })
 }
 
-/// `rotor reload`: the pool's sources read again, and what came of it. A
-/// source that failed (its last good addresses kept) is said, and is exit
-/// 3: a mistyped pool file must not pass for a reload, nor for a reload
-/// that failed (1: the rest — workers' files, logs — was reloaded).
+/// `rotor reload`: the pool's sources read again, each worker's files
+/// (users, certificate, resolver) too, and what came of it. A source that
+/// failed (its last good addresses kept), or a worker's part that failed
+/// (the one in use kept) or that it did not report, is said, and is exit
+/// 3: a mistyped pool file or a bad certificate must not pass for a
+/// reload.
 #[allow(clippy::print_stdout)]
 async fn reload(control: &ControlArgs) -> ExitCode {
     let answer = match control.socket() {
         Ok(socket) => {
-            rotor::control::request_by_minor(&socket, |minor| match minor >= MINOR_RELOAD_REPORT {
-                true => Request::ReloadReport,
-                false => Request::Reload,
+            rotor::control::request_by_minor(&socket, |minor| match minor {
+                m if m >= MINOR_WORKER_RELOADS => Request::ReloadReportV2,
+                m if m >= MINOR_RELOAD_REPORT => Request::ReloadReport,
+                _ => Request::Reload,
             })
             .await
         }
         Err(e) => Err(anyhow::anyhow!("{e}")),
     };
+    // The workers' reloads, when the allocator can say.
+    let mut workers = None;
     let (generation, size, addresses, failed) = match answer {
+        Ok(Response::ReloadReportV2(v2)) => {
+            let r = v2.report;
+            workers = Some((v2.workers, v2.more_workers));
+            (r.generation, r.entries, Some(r.addresses), r.failed)
+        }
         Ok(Response::ReloadReport(r)) => (r.generation, r.entries, Some(r.addresses), r.failed),
         // An allocator before minor 6: the failed sources from its status,
         // which a pool too large to list leaves unknown (said, exit 3).
@@ -250,13 +260,64 @@ async fn reload(control: &ControlArgs) -> ExitCode {
     )) {
         return ExitCode::FAILURE;
     }
-    if failed.is_empty() {
-        return ExitCode::SUCCESS;
-    }
+    let mut bad = !failed.is_empty();
     for (name, error) in failed {
         eprintln!("rotor: {name} could not be read (last good addresses kept): {error}");
     }
-    ExitCode::from(3)
+    match workers {
+        Some((workers, more)) => bad |= !workers_reloaded(&workers, more),
+        None => eprintln!(
+            "rotor: the allocator is too old to say how the workers' reloads went (see their logs)"
+        ),
+    }
+    match bad {
+        true => ExitCode::from(3),
+        false => ExitCode::SUCCESS,
+    }
+}
+
+/// Says how each worker's reload went; whether every one reloaded whole.
+#[allow(clippy::print_stderr)]
+fn workers_reloaded(workers: &[rotor_protocol::WorkerReload], more: u32) -> bool {
+    use rotor_protocol::WorkerReloadOutcome as Outcome;
+    let mut whole = 0;
+    let mut good = more == 0;
+    for w in workers {
+        match &w.outcome {
+            Outcome::Done { failed } if failed.is_empty() => whole += 1,
+            Outcome::Done { failed } => {
+                good = false;
+                for (what, why) in failed {
+                    eprintln!(
+                        "rotor: worker {}: {what} not reloaded (the one in use kept): {why}",
+                        w.pid
+                    );
+                }
+            }
+            Outcome::NoWord => {
+                good = false;
+                eprintln!(
+                    "rotor: worker {} did not say how its reload went within 5 s (see its log)",
+                    w.pid
+                );
+            }
+            Outcome::TooOld => {
+                good = false;
+                eprintln!(
+                    "rotor: worker {} is too old to say how its reload went (see its log)",
+                    w.pid
+                );
+            }
+        }
+    }
+    if more > 0 {
+        eprintln!("rotor: {more} more workers, not listed");
+    }
+    let _ = say(&format!(
+        "workers reloaded: {whole} of {}",
+        workers.len() + more as usize
+    ));
+    good
 }
 
 fn failed_sources(sources: Vec<rotor_protocol::SourceStatus>) -> Vec<(String, String)> {

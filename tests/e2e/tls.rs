@@ -82,7 +82,7 @@ fn certificate(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
 }
 
 struct TlsProxy {
-    _alloc: Allocator,
+    alloc: Allocator,
     worker: Worker,
     tls: SocketAddr,
     ca: PathBuf,
@@ -115,7 +115,7 @@ async fn tls_proxy(extra: &[&str]) -> TlsProxy {
     })
     .await;
     TlsProxy {
-        _alloc: alloc,
+        alloc,
         worker,
         tls,
         ca,
@@ -391,6 +391,73 @@ print(ask().decode(), flush=True)
     ])
     .await;
     assert_eq!((code, out.as_str()), (0, "200"));
+}
+
+/// `rotor reload` says how each worker's reload went: a certificate or a
+/// users file that does not load (the one in use kept) names the worker
+/// and the part, and is exit 3, as a pool source that fails is: a
+/// certificate renewal's hook must not pass for done.
+#[tokio::test]
+async fn rotor_reload_says_which_workers_part_failed() {
+    if !have(
+        "rotor_reload_says_which_workers_part_failed",
+        &["openssl", "curl"],
+    ) {
+        return;
+    }
+    let users = tempfile::NamedTempFile::new().unwrap();
+    add_user(users.path(), "alice", "s3cret");
+    let p = tls_proxy(&["--auth-file", users.path().to_str().unwrap()]).await;
+    let pid = p.worker.proc.pid();
+    let reload = || {
+        let out = std::process::Command::new(ROTOR)
+            .args(["reload", "--socket", p.alloc.socket.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, out, err) = reload();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("workers reloaded: 1 of 1"), "{out}");
+    // A broken key and a users file with a line that is not one.
+    let key = p.dir.path().join("key.pem");
+    let good_key = std::fs::read(&key).unwrap();
+    let good_users = std::fs::read(users.path()).unwrap();
+    std::fs::write(&key, "not a key").unwrap();
+    std::fs::write(users.path(), "no colon here\n").unwrap();
+    let (code, out, err) = reload();
+    assert_eq!(code, Some(3), "{out}{err}");
+    assert!(out.contains("workers reloaded: 0 of 1"), "{out}");
+    assert!(
+        err.contains(&format!("worker {pid}: TLS certificate"))
+            && err.contains("the one in use kept"),
+        "{err}"
+    );
+    assert!(err.contains(&format!("worker {pid}: users file")), "{err}");
+    // What was in use was kept: alice still gets in, over TLS.
+    let origin = Origin::start().await;
+    let proxy = format!("https://{}", p.tls);
+    let (code, text) = curl(&[
+        "--proxy",
+        &proxy,
+        "--proxy-cacert",
+        p.ca.to_str().unwrap(),
+        "--proxy-user",
+        "alice:s3cret",
+        &origin.url("/"),
+    ])
+    .await;
+    assert_eq!((code, text.as_str()), (0, "200"));
+    // Mended: a clean reload again.
+    std::fs::write(&key, good_key).unwrap();
+    std::fs::write(users.path(), good_users).unwrap();
+    let (code, out, err) = reload();
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("workers reloaded: 1 of 1"), "{out}");
 }
 
 /// The suite `openssl s_client` with `args` (its offer, in its order)
@@ -739,7 +806,7 @@ async fn status_lists_the_tls_listener() {
     }
     let p = tls_proxy(&[]).await;
     let want = format!("https {}", p.tls);
-    let socket = p._alloc.socket.clone();
+    let socket = p.alloc.socket.clone();
     eventually("the TLS listener in rotor status", || {
         let (socket, want) = (socket.clone(), want.clone());
         async move { rotor_control("status", &socket, &[]).contains(&want) }

@@ -204,21 +204,21 @@ impl Resolver {
     /// A configuration that does not read (a resolv.conf being rewritten
     /// at that moment, emptied) keeps the resolver in use, cache and all,
     /// rather than fall back to getaddrinfo until the next reload. Whether
-    /// it started over.
-    pub fn reload(&self) -> bool {
+    /// it started over, else why not.
+    pub fn reload(&self) -> Result<(), String> {
         let fresh = match Backend::made(&self.resolver, self.ttl) {
             Ok(b) => b,
             Err(e) => {
                 let current = self.current();
                 if let Lookup::Dns(..) = current.lookup {
                     warn!(error = %e, "cannot read the DNS resolver's configuration again (no /etc/resolv.conf, or no server in it?); keeping the one in use");
-                    return false;
+                    return Err(format!("cannot read the DNS resolver's configuration again ({e}); keeping the one in use"));
                 }
                 Backend::system_instead(&e)
             }
         };
         *self.backend.write().unwrap_or_else(|e| e.into_inner()) = std::sync::Arc::new(fresh);
-        true
+        Ok(())
     }
 
     fn current(&self) -> std::sync::Arc<Backend> {

@@ -330,6 +330,9 @@ pub struct LeaseClient {
     timeout: Duration,
     /// The allocator's socket, for messages.
     socket: PathBuf,
+    /// The reload the allocator asked that this worker has yet to say it
+    /// made (see `asked_to_reload`).
+    reload_asked: std::sync::Mutex<Option<(u64, u64)>>,
 }
 
 impl LeaseClient {
@@ -347,6 +350,7 @@ impl LeaseClient {
             next_id: AtomicU64::new(1),
             timeout,
             socket: path,
+            reload_asked: Default::default(),
         })
     }
 
@@ -395,6 +399,37 @@ impl LeaseClient {
         let conn = self.conn.borrow().clone()?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         conn.socket_reloads(id).await
+    }
+
+    /// The reload this worker is about to make is the one the allocator's
+    /// count `asked` (as `reloads_asked` gives it) stands for: said to it
+    /// by `reloaded`, for `rotor reload` to tell.
+    pub fn asked_to_reload(&self, asked: (u64, u64)) {
+        *self.reload_asked.lock().unwrap_or_else(|e| e.into_inner()) = Some(asked);
+    }
+
+    /// A reload is done, these parts of it failed (what, and why): said to
+    /// the allocator if it asked for the reload (an allocator older than
+    /// minor 12 is not told; `rotor reload` says it cannot know).
+    pub async fn reloaded(&self, failed: Vec<(String, String)>) {
+        let asked = self
+            .reload_asked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let Some(asked) = asked else {
+            return;
+        };
+        let told = self
+            .request_within(
+                Request::WorkerReloaded { asked, failed },
+                Duration::from_secs(2),
+            )
+            .await;
+        match told {
+            Ok(_) | Err(LeaseError::TooOld { .. }) => {}
+            Err(e) => debug!(error = %e, "could not tell the allocator how the reload went"),
+        }
     }
 
     /// The table first mapped over this connection to the allocator (or

@@ -626,10 +626,15 @@ impl Proxy {
         &self.upstream
     }
 
-    /// Name resolution starts over: cache dropped, configuration re-read.
-    /// Whether it did (see `dns::Resolver::reload`).
-    pub fn reload_dns(&self) -> bool {
+    /// Name resolution starts over: cache dropped, configuration re-read;
+    /// else why not (see `dns::Resolver::reload`).
+    pub fn reload_dns(&self) -> Result<(), String> {
         self.dns.reload()
+    }
+
+    /// The users file's, with `--auth-file`.
+    pub fn auth(&self) -> Option<&Arc<Auth>> {
+        self.config.auth.as_ref()
     }
 
     /// A lease for a request to `host`: a sticky session's address, or

@@ -227,18 +227,48 @@ pub async fn run(
     if let Some(tls) = &reloading_tls {
         tls.reload_at_start();
     }
+    let told = leases.clone();
     tokio::spawn(async move {
         while reloads.changed().await.is_ok() {
-            let dns = reloading.reload_dns();
+            // Each part that did not reload (what, and why; the one in
+            // use is kept), for the allocator's `rotor reload` to say.
+            let mut failed = Vec::new();
+            if let Some(auth) = reloading.auth() {
+                // Off the runtime's threads: a large file, or a decoy
+                // hash made anew (argon2, tens of milliseconds), would
+                // hold up the requests sharing the thread.
+                let auth = auth.clone();
+                match tokio::task::spawn_blocking(move || auth.reload()).await {
+                    Ok(Ok(n)) => info!(users = n, "users file re-read"),
+                    Ok(Err(e)) => {
+                        let error = rotor_protocol::error_chain(&e);
+                        warn!(%error, "users file not re-read; keeping the old users");
+                        failed.push(("users file".into(), error));
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "users file reload failed; keeping the old users");
+                        failed.push(("users file".into(), e.to_string()));
+                    }
+                }
+            }
+            match reloading.reload_dns() {
+                Ok(()) => {
+                    info!("name resolution reloaded: cache dropped, resolv.conf and hosts re-read")
+                }
+                Err(error) => failed.push(("name resolution (resolv.conf)".into(), error)),
+            }
             if let Some(log) = reloading.access_log() {
                 log.reopen();
             }
             if let Some(tls) = &reloading_tls {
-                tls.reload();
+                if let Err(error) = tls.reload() {
+                    failed.push((
+                        format!("TLS certificate {}", tls.cert_file().display()),
+                        error,
+                    ));
+                }
             }
-            if dns {
-                info!("name resolution reloaded: cache dropped, resolv.conf and hosts re-read");
-            }
+            told.reloaded(failed).await;
         }
     });
     tokio::spawn(notify_systemd(

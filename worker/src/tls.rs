@@ -242,11 +242,17 @@ impl Tls {
         )
     }
 
-    /// Reads the files again; a pair that does not load keeps the old one.
-    pub fn reload(&self) {
-        if self.swap() {
-            info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
-        }
+    /// Reads the files again; a pair that does not load keeps the old one
+    /// (and says why).
+    pub fn reload(&self) -> Result<(), String> {
+        self.swap()?;
+        info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
+        Ok(())
+    }
+
+    /// The certificate's file.
+    pub fn cert_file(&self) -> &std::path::Path {
+        &self.files.cert
     }
 
     /// Reads the files once more when the worker's SIGHUP handler is in
@@ -254,21 +260,21 @@ impl Tls {
     /// must not kill the worker), and a pair it was to bring in would wait
     /// for the next one. Said at debug only: nothing was asked.
     pub fn reload_at_start(&self) {
-        if self.swap() {
+        if self.swap().is_ok() {
             tracing::debug!(cert = %self.files.cert.display(), "TLS certificate read again at start");
         }
     }
 
-    /// Loads the pair and puts it in use; whether it loaded.
-    fn swap(&self) -> bool {
+    /// Loads the pair and puts it in use; else why it did not load.
+    fn swap(&self) -> Result<(), String> {
         match load(&self.files) {
             Ok(c) => {
                 *self.config.write().unwrap_or_else(|e| e.into_inner()) = c;
-                true
+                Ok(())
             }
             Err(e) => {
                 warn!(error = %e, "cannot reload the TLS certificate; serving the previous one");
-                false
+                Err(format!("{e}; serving the previous one"))
             }
         }
     }
