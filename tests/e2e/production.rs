@@ -571,6 +571,121 @@ async fn a_first_connect_in_the_drain_is_served() {
     assert_eq!(echo.peers.lock().unwrap().len(), 1);
 }
 
+/// On hyper's path (the connection took an upload past the fast path's
+/// 64 KiB), a response still going out when the drain begins has the
+/// grace for the next request start at its end, as the fast path does:
+/// the next request is answered, with `Connection: close`. (The grace
+/// ran from the stop, and the connection closed under the next request
+/// once the body ended.)
+#[tokio::test]
+async fn a_drain_waits_for_a_streaming_answer_before_its_grace_on_hypers_path() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let mut w = Worker::start(&alloc.socket, &["--drain-timeout", "20s"]).await;
+    let origin = Origin::start().await;
+    let mut c = ProxyConn::open(w.addr).await;
+    let upload = http::Request::post(origin.url("/echo"))
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            vec![b'x'; 100 * 1024],
+        )))
+        .unwrap();
+    assert_eq!(c.send(upload).await.status, 200);
+    // About 2 s of body, the drain begun 300 ms into it.
+    let pid = w.proc.pid();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        nix::sys::signal::kill(pid, Signal::SIGTERM).unwrap();
+    });
+    let n = 40 * 64 * 1024;
+    let r = c.get(&origin.url(&format!("/trickle/{n}/50"))).await;
+    assert_eq!((r.status, r.body.len()), (200, n));
+    let next = c.try_get(&origin.url("/")).await;
+    let next = next.unwrap_or_else(|e| panic!("the next request was lost: {}", e.message));
+    assert_eq!(next.status, 200);
+    assert_eq!(next.headers.get("connection").unwrap(), "close");
+    let status = tokio::task::spawn_blocking(move || w.proc.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// An answer made at once in the drain on hyper's path (a 407 to a
+/// connection's first CONNECT) says `Connection: close`: hyper wrote it
+/// before its graceful shutdown could, and then closed the connection
+/// under the client's retry with credentials.
+#[tokio::test]
+async fn an_answer_made_at_once_in_the_drain_says_close() {
+    let users = tempfile::NamedTempFile::new().unwrap();
+    add_user(users.path(), "alice", "s3cret");
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let args = ["--auth-file", users.path().to_str().unwrap()];
+    let mut w = Worker::start(&alloc.socket, &args).await;
+    let echo = Echo::start().await;
+    let mut s = TcpStream::connect(w.addr).await.unwrap();
+    accepted(w.addr).await;
+    w.proc.signal(Signal::SIGTERM);
+    drain_begun(w.addr).await;
+    let target = echo.addr;
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 407"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let status = tokio::task::spawn_blocking(move || w.proc.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// The lingering close after an upload answered early (a 407 while the
+/// client goes on sending) ends with the drain's grace: it held the drain
+/// to `--drain-timeout`, which then said work was cut (exit 3).
+#[tokio::test]
+async fn a_lingering_close_does_not_hold_the_drain() {
+    let users = tempfile::NamedTempFile::new().unwrap();
+    add_user(users.path(), "alice", "s3cret");
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let args = [
+        "--auth-file",
+        users.path().to_str().unwrap(),
+        "--drain-timeout",
+        "8s",
+    ];
+    let mut w = Worker::start(&alloc.socket, &args).await;
+    let origin = Origin::start().await;
+    let mut s = TcpStream::connect(w.addr).await.unwrap();
+    let url = origin.url("/echo");
+    s.write_all(
+        format!(
+            "POST {url} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 407"), "{head}");
+    // The client goes on sending its body, 200 ms apart (for 12 s at most).
+    let (_r, mut wr) = s.into_split();
+    tokio::spawn(async move {
+        for _ in 0..60 {
+            if wr.write_all(b"4\r\nabcd\r\n").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = Instant::now();
+    w.proc.signal(Signal::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || w.proc.wait(Duration::from_secs(15)))
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(t0.elapsed() < Duration::from_secs(6), "{:?}", t0.elapsed());
+}
+
 /// A kept-alive connection whose last request's body (an upload hyper's
 /// server read, past the fast path's 64 KiB) was read whole does not
 /// linger at the stop as one with a body left unread does: the drain ends

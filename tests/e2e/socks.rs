@@ -504,6 +504,42 @@ async fn a_socks5_request_in_the_drain_is_served() {
     assert_eq!(echo.peers.lock().unwrap().len(), 1);
 }
 
+/// A SOCKS5 handshake whose bytes go on coming across the end of the
+/// drain's grace is let finish: its greeting answered late in the grace,
+/// the client's request just past it was cut off (an HTTP head begun late
+/// in the grace has the grace from its first byte). A silent one is cut
+/// (`a_silent_socks5_client_does_not_hold_the_stop`).
+#[tokio::test]
+async fn a_socks5_handshake_begun_in_the_grace_is_let_finish() {
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let (mut w, socks) = socks_worker(&alloc.socket, &["--drain-timeout", "30s"], false).await;
+    let mut s = TcpStream::connect(socks).await.unwrap();
+    accepted(socks).await;
+    w.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    drain_begun(socks).await;
+    // The greeting late in the grace (1 s from the stop), the request
+    // half a second later: past the grace's end.
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut choice = [0u8; 2];
+    s.read_exact(&mut choice).await.unwrap();
+    assert_eq!(choice, [5, 0]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
+    req.extend_from_slice(&echo.addr.port().to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut r = [0u8; 10];
+    s.read_exact(&mut r).await.unwrap();
+    assert_eq!(r[..2], [5, 0], "{r:?}");
+    echo_once(&mut s).await;
+    drop(s);
+    let status = tokio::task::spawn_blocking(move || w.proc.wait(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
 /// The SOCKS5 reply names the leased address only with `--expose-source`,
 /// as HTTP's `Rotor-Source` does.
 #[tokio::test]

@@ -458,6 +458,7 @@ impl Serving {
                 arrivals: arrivals.clone(),
                 held: Some(held),
                 connections,
+                stop: fast.stop.clone(),
             };
             // Requests whose response head is not out yet: the client waits
             // on the destination, which is bounded by --response-timeout
@@ -465,6 +466,11 @@ impl Serving {
             // not idle.
             let waiting = Arc::new(AtomicUsize::new(0));
             let pending = waiting.clone();
+            // Responses whose body is still going out: a draining
+            // connection's grace for the next request starts at their end.
+            let streaming = Arc::new(AtomicUsize::new(0));
+            let sending = streaming.clone();
+            let stopping = fast.stop.clone();
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let before = seen.arrived(!hyper::body::Body::is_end_stream(req.body()));
                 let arrivals = seen.clone();
@@ -477,6 +483,7 @@ impl Serving {
                 let proxy = proxy.clone();
                 let told = seen.clone();
                 let http10 = req.version() == hyper::Version::HTTP_10;
+                let (sending, stopping) = (sending.clone(), stopping.clone());
                 async move {
                     let _guard = guard;
                     let mut resp = proxy.handle(req, client).await;
@@ -484,12 +491,17 @@ impl Serving {
                     // (a 403, a 502 for a destination that refused the
                     // upload) ends the connection, with a lingering close:
                     // said in the answer, so the client does not send its
-                    // next request on it. (Not a tunnel's or an upgrade's
-                    // answer: its connection goes on, as the tunnel.)
+                    // next request on it. So does one given in the drain
+                    // (the connection closes after it: hyper wrote an
+                    // answer made at once, a 407, before its graceful
+                    // shutdown could say so, and closed the connection
+                    // under the client's next request). (Not a tunnel's or
+                    // an upgrade's answer: its connection goes on, as the
+                    // tunnel.)
                     if let Ok(r) = &mut resp {
-                        let goes_on =
-                            tunnel || r.status() == hyper::StatusCode::SWITCHING_PROTOCOLS;
-                        if told.carried_body() && !goes_on {
+                        let goes_on = (tunnel && r.status().is_success())
+                            || r.status() == hyper::StatusCode::SWITCHING_PROTOCOLS;
+                        if (told.carried_body() || stopping.is_cancelled()) && !goes_on {
                             r.headers_mut().insert(
                                 hyper::header::CONNECTION,
                                 hyper::header::HeaderValue::from_static("close"),
@@ -501,7 +513,12 @@ impl Serving {
                             }
                         }
                     }
-                    resp
+                    resp.map(|r| {
+                        r.map(|body| Streamed {
+                            body,
+                            _going: Waiting::new(&sending),
+                        })
+                    })
                 }
             });
             let stop = &fast.stop;
@@ -528,11 +545,28 @@ impl Serving {
                     // in flight is answered with `Connection: close`.
                     arrivals.watch();
                     let since = arrivals.count();
+                    // A response still going out (its head went out
+                    // before the stop, saying keep-alive): the grace
+                    // starts at its end, as on the fast path; cut short
+                    // at the grace, the client's next request met the
+                    // close. (A client that stops reading is dropped
+                    // after --idle-timeout, as without the drain.)
+                    let grace = async {
+                        tokio::select! {
+                            _ = async {
+                                while streaming.load(Ordering::Relaxed) > 0 {
+                                    tokio::time::sleep(Duration::from_millis(20)).await;
+                                }
+                            } => {}
+                            _ = activity.write_stuck_for(idle_timeout) => {}
+                        }
+                        tokio::time::sleep(IDLE_CLOSE_GRACE).await
+                    };
                     let r = match waiting.load(Ordering::Relaxed) {
                         0 => tokio::select! {
                             r = conn.as_mut() => Some(r),
                             _ = arrivals.after(since) => None,
-                            _ = tokio::time::sleep(IDLE_CLOSE_GRACE) => None,
+                            _ = grace => None,
                         },
                         _ => None,
                     };
@@ -873,6 +907,9 @@ where
     held: Option<Held>,
     /// The drain waits for the lingering close too.
     connections: TaskTracker,
+    /// The worker's stop: a lingering close lasts at most the drain's
+    /// grace from it.
+    stop: CancellationToken,
 }
 
 impl<I> Lingering<I>
@@ -903,9 +940,19 @@ where
             return;
         }
         if let (Some(io), Some(held)) = (self.io.take(), self.held.take()) {
+            let stop = self.stop.clone();
             self.connections.spawn(async move {
                 let _held = held;
-                linger_close_for(io, UPLOAD_LINGER).await;
+                // Cut at the drain's grace: it holds no work, and held the
+                // drain to its timeout (its 30 s being the default's),
+                // which then said work was cut (exit 3).
+                tokio::select! {
+                    _ = linger_close_for(io, UPLOAD_LINGER) => {}
+                    _ = async {
+                        stop.cancelled().await;
+                        tokio::time::sleep(IDLE_CLOSE_GRACE).await
+                    } => {}
+                }
             });
         }
     }
@@ -961,7 +1008,35 @@ where
 /// for its next request (answered with `Connection: close`).
 const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
-/// Counts a request until its response head is out.
+/// A response body on hyper's path, counted until it ends (hyper drops it
+/// then) or is dropped: see the drain in `serve_connection`.
+struct Streamed {
+    body: crate::proxy::ProxyBody,
+    _going: Waiting,
+}
+
+impl hyper::body::Body for Streamed {
+    type Data = bytes::Bytes;
+    type Error = <crate::proxy::ProxyBody as hyper::body::Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Counts a request until its response head is out (and, as
+/// `Streamed`'s, a response until its body ends).
 struct Waiting(Arc<AtomicUsize>);
 
 impl Waiting {
