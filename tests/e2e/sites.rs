@@ -184,6 +184,7 @@ async fn pushback_cools_only_that_address_for_that_site_for_as_long_as_said() {
     // A 429 with Retry-After: 8 (delay-seconds), passed to the client as is.
     // (8 s: the status poll and the nine requests below fit in it, through
     // debug builds, on a loaded machine.)
+    let asked = Instant::now();
     let r = get(w.addr, &origin.url("/status/429/8")).await;
     assert_eq!((r.status, &r.body[..]), (429, &b"status"[..]));
     assert_eq!(r.headers["retry-after"], "8");
@@ -193,7 +194,13 @@ async fn pushback_cools_only_that_address_for_that_site_for_as_long_as_said() {
     );
     let cooled = origin.sources()[0];
     let ms = wait_cooling(&alloc.socket, site, cooled).await;
-    assert!(ms <= 8000 && ms > 4000, "{ms}");
+    // (What is left of the 8 s, and the time the request and the status
+    // took: a loaded machine's slowness is not the allocator's.)
+    let took = asked.elapsed().as_millis() as u64;
+    assert!(
+        ms <= 8000 && ms + took >= 7500,
+        "{ms} ms left after {took} ms"
+    );
     // Skipped for this site only.
     for _ in 0..6 {
         assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
@@ -218,13 +225,19 @@ async fn pushback_cools_only_that_address_for_that_site_for_as_long_as_said() {
 
     // The HTTP-date form.
     let at = origin.count();
+    let asked = Instant::now();
     assert_eq!(
         get(w.addr, &origin.url("/status/429/date/20")).await.status,
         429
     );
     let dated = origin.sources()[at];
     let ms = wait_cooling(&alloc.socket, site, dated).await;
-    assert!((17_000..=20_000).contains(&ms), "{ms}");
+    // (The date is whole seconds: 19 to 20 s from when it was made.)
+    let took = asked.elapsed().as_millis() as u64;
+    assert!(
+        ms <= 20_000 && ms + took >= 18_500,
+        "{ms} ms left after {took} ms"
+    );
     // No Retry-After: 30 s, jittered by at most 20 %.
     let at = origin.count();
     assert_eq!(get(w.addr, &origin.url("/status/429")).await.status, 429);
@@ -235,14 +248,14 @@ async fn pushback_cools_only_that_address_for_that_site_for_as_long_as_said() {
     // Every address cooling: rotor answers 429 itself, with the earliest
     // Retry-After, and sends nothing.
     let at = origin.count();
-    let r = get(w.addr, &origin.url("/status/503/4")).await;
+    let r = get(w.addr, &origin.url("/status/503/12")).await;
     assert_eq!(r.status, 503);
     let last = origin.sources()[at];
     wait_cooling(&alloc.socket, site, last).await;
     let r = get(w.addr, &origin.url("/")).await;
     assert_eq!(r.status, 429);
     let retry: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!((1..=4).contains(&retry), "{retry}");
+    assert!((1..=12).contains(&retry), "{retry}");
     assert!(
         r.proxy_status().contains("cooling down for 127.0.0.1"),
         "{}",

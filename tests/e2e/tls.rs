@@ -669,10 +669,19 @@ async fn a_tls_client_past_the_connection_limit_is_closed_not_sent_plain_text() 
         return;
     }
     let p = tls_proxy(&["--max-connections", "1"]).await;
-    // The start-up probe's connection gone first.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let _held = TcpStream::connect(p.tls).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let origin = Origin::start().await;
+    // The one place (shared by the listeners) held by a keep-alive
+    // connection that was served: tried again while the start-up probe's
+    // connection still holds it (a 503).
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let _held = loop {
+        let mut c = ProxyConn::open(p.worker.addr).await;
+        if matches!(c.try_get(&origin.url("/")).await, Ok(r) if r.status == 200) {
+            break c;
+        }
+        assert!(std::time::Instant::now() < deadline, "never served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let mut over = TcpStream::connect(p.tls).await.unwrap();
     let _ = over.write_all(b"\x16\x03\x01\x00\x05hello").await;
     let mut rest = Vec::new();

@@ -279,10 +279,12 @@ pub async fn run(
 
     // Every acceptor stops at the stop; then the drain.
     shutdown.cancelled().await;
+    // At once: a CONNECT on a kept-alive connection is refused from the
+    // stop on (`Proxy::open_tunnel`), not from when the listeners closed.
+    tunnels.close();
     acceptors.wait().await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     connections.close();
-    tunnels.close();
     info!(
         connections = connections.len(),
         tunnels = tunnels.len(),
