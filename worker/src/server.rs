@@ -538,48 +538,54 @@ impl Serving {
                     until_finished(conn.as_mut(), &activity, idle_timeout, &waiting).await
                 }
                 _ = stop.cancelled() => {
-                    // HAProxy's idle-close-on-response: a connection
-                    // between requests (or just opened) is kept a short
-                    // while, and its next request is served and
-                    // answered with `Connection: close`; closing it at
-                    // once raced the client's next request, which a
-                    // client that does not retry saw fail. A request
-                    // in flight is answered with `Connection: close`.
-                    arrivals.watch();
-                    let since = arrivals.count();
-                    // A response still going out (its head went out
-                    // before the stop, saying keep-alive): the grace
-                    // starts at its end, as on the fast path; cut short
-                    // at the grace, the client's next request met the
-                    // close. (A client that stops reading is dropped
-                    // after --idle-timeout, as without the drain.)
-                    let grace = async {
-                        tokio::select! {
-                            _ = async {
-                                while streaming.load(Ordering::Relaxed) > 0 {
-                                    tokio::time::sleep(Duration::from_millis(20)).await;
-                                }
-                            } => {}
-                            _ = activity.write_stuck_for(idle_timeout) => {}
+                    // Boxed: inline, its timers were room in every
+                    // connection task's state (moved as it is spawned),
+                    // short connections' too.
+                    Box::pin(async {
+                        // HAProxy's idle-close-on-response: a connection
+                        // between requests (or just opened) is kept a short
+                        // while, and its next request is served and
+                        // answered with `Connection: close`; closing it at
+                        // once raced the client's next request, which a
+                        // client that does not retry saw fail. A request
+                        // in flight is answered with `Connection: close`.
+                        arrivals.watch();
+                        let since = arrivals.count();
+                        // A response still going out (its head went out
+                        // before the stop, saying keep-alive): the grace
+                        // starts at its end, as on the fast path; cut short
+                        // at the grace, the client's next request met the
+                        // close. (A client that stops reading is dropped
+                        // after --idle-timeout, as without the drain.)
+                        let grace = async {
+                            tokio::select! {
+                                _ = async {
+                                    while streaming.load(Ordering::Relaxed) > 0 {
+                                        tokio::time::sleep(Duration::from_millis(20)).await;
+                                    }
+                                } => {}
+                                _ = activity.write_stuck_for(idle_timeout) => {}
+                            }
+                            tokio::time::sleep(IDLE_CLOSE_GRACE).await
+                        };
+                        let r = match waiting.load(Ordering::Relaxed) {
+                            0 => tokio::select! {
+                                r = conn.as_mut() => Some(r),
+                                _ = arrivals.after(since) => None,
+                                _ = grace => None,
+                            },
+                            _ => None,
+                        };
+                        match r {
+                            Some(r) => r,
+                            None => {
+                                conn.as_mut().graceful_shutdown();
+                                until_finished(conn.as_mut(), &activity, idle_timeout, &waiting)
+                                    .await
+                            }
                         }
-                        tokio::time::sleep(IDLE_CLOSE_GRACE).await
-                    };
-                    let r = match waiting.load(Ordering::Relaxed) {
-                        0 => tokio::select! {
-                            r = conn.as_mut() => Some(r),
-                            _ = arrivals.after(since) => None,
-                            _ = grace => None,
-                        },
-                        _ => None,
-                    };
-                    match r {
-                        Some(r) => r,
-                        None => {
-                            conn.as_mut().graceful_shutdown();
-                            until_finished(conn.as_mut(), &activity, idle_timeout, &waiting)
-                                .await
-                        }
-                    }
+                    })
+                    .await
                 }
             };
             if let Err(e) = result {
