@@ -326,7 +326,9 @@ async fn allocator_killed_and_restarted_under_load_loses_nothing() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let pool = ["--pool", "127.0.0.2-127.0.0.9"];
     let alloc = Allocator::start_in(dir.clone(), &pool).await;
-    let extra = ["--lease-timeout", "5s"];
+    // (Requests wait for the allocator's restart: 5 s was little for a
+    // debug build's start on a loaded machine.)
+    let extra = ["--lease-timeout", "15s"];
     let (listener, proxy, _workers) = shared_workers(2, &alloc.socket, &extra, &origin).await;
     let (stop, load) = start_load(proxy, &origin, &echo);
     tokio::time::sleep(Duration::from_millis(500)).await;

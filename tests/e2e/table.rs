@@ -27,12 +27,12 @@ impl Drop for Stopped<'_> {
     }
 }
 
-/// `n` requests, each within `within`: a lease that needed the stopped
-/// allocator would wait for it and fail this.
+/// `n` requests, each served: a lease that needed the stopped allocator
+/// would wait for it (the lease timeout) and be answered 503.
 async fn serve_all(workers: &[&Worker], origin: &Origin, n: usize) {
     for i in 0..n {
         let proxy = workers[i % workers.len()].addr;
-        let r = tokio::time::timeout(Duration::from_secs(3), get(proxy, &origin.url("/")))
+        let r = tokio::time::timeout(PATIENCE, get(proxy, &origin.url("/")))
             .await
             .expect("a request waited for the stopped allocator");
         assert_eq!(r.status, 200, "{:?}", r.body);
@@ -117,7 +117,7 @@ async fn a_pool_changed_just_before_the_allocator_stopped_delays_nothing() {
     let mut sources = Vec::new();
     for i in 0..12 {
         let proxy = [&w1, &w2][i % 2].addr;
-        let r = tokio::time::timeout(Duration::from_secs(3), get(proxy, &origin.url("/")))
+        let r = tokio::time::timeout(PATIENCE, get(proxy, &origin.url("/")))
             .await
             .expect("a request waited for the stopped allocator");
         assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
@@ -353,7 +353,7 @@ async fn a_lease_table_cut_short_crashes_no_one_and_is_replaced() {
         let load = tokio::spawn(async move {
             for i in 0..200 {
                 let proxy = if i % 2 == 0 { p1 } else { p2 };
-                let r = tokio::time::timeout(Duration::from_secs(3), get(proxy, &url))
+                let r = tokio::time::timeout(PATIENCE, get(proxy, &url))
                     .await
                     .expect("a request hung");
                 assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
@@ -412,7 +412,7 @@ async fn a_family_the_pool_lacks_is_refused_by_the_table_without_the_allocator()
     mapped(&[&w]).await;
     let _stopped = Stopped::new(&alloc);
     for _ in 0..3 {
-        let r = tokio::time::timeout(Duration::from_secs(1), get(w.addr, &url))
+        let r = tokio::time::timeout(PATIENCE, get(w.addr, &url))
             .await
             .expect("a request waited for the stopped allocator");
         assert_eq!(r.status, 200, "{:?}", r.body);
