@@ -191,8 +191,10 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                 let mut mapped_at = None;
                 let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
                 loop {
+                    // (On through the drain: a draining worker is still
+                    // connected, and `rotor reload` waits for its word.)
                     tokio::select! {
-                        _ = signals.shutdown.cancelled() => return,
+                        _ = signals.fast.cancelled() => return,
                         _ = tick.tick() => {}
                     }
                     let Some(now) = leases.reloads_asked().await else {

@@ -701,9 +701,14 @@ fn is_report(frame: &ServerFrame) -> bool {
 }
 
 /// `text` cut to `REPORT_TEXT_MAX` bytes, at a character's boundary.
-fn cut(mut text: String) -> String {
-    if text.len() > REPORT_TEXT_MAX {
-        let mut end = REPORT_TEXT_MAX;
+fn cut(text: String) -> String {
+    cut_to(text, REPORT_TEXT_MAX)
+}
+
+/// `text` cut to `max` bytes, at a character's boundary, and a `…`.
+fn cut_to(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
         while !text.is_char_boundary(end) {
             end -= 1;
         }
@@ -713,8 +718,10 @@ fn cut(mut text: String) -> String {
     text
 }
 
-/// The most failed parts a worker's reload names (it has three).
-const WORKER_FAILED_LISTED: usize = 8;
+/// The most failed parts a worker's reload names (it has three), and
+/// their texts' longest: 256 workers' fit a frame, however they fail.
+const WORKER_FAILED_LISTED: usize = 4;
+const WORKER_TEXT_MAX: usize = 512;
 
 /// How long a reload's answer waits for the workers to say how theirs
 /// went: each looks for a reload every 500 ms, and reloads in a moment.
@@ -881,7 +888,7 @@ async fn answer(
             let failed = failed
                 .into_iter()
                 .take(WORKER_FAILED_LISTED)
-                .map(|(what, why)| (cut(what), cut(why)))
+                .map(|(what, why)| (cut_to(what, WORKER_TEXT_MAX), cut_to(why, WORKER_TEXT_MAX)))
                 .collect();
             alloc.worker_reloaded(id, asked, failed);
             Response::Noted { quarantined: false }

@@ -671,6 +671,9 @@ struct Peer {
     /// The last reload a worker said it made: the table's id and reload
     /// count it acted on, and the parts that failed.
     reloaded: Option<((u64, u64), Failed)>,
+    /// The table's id and reload count when it connected: a reload asked
+    /// before is not one it makes (it read its files as it started).
+    joined: (u64, u64),
 }
 
 /// Parts of a worker's reload that failed: what, and why.
@@ -1605,8 +1608,10 @@ impl Allocator {
     }
 
     /// How each connected worker's reload went, for a reload that made
-    /// the count `asked`: done (that reload or a later one), not yet, or
-    /// too old to say. And whether every worker that can say has.
+    /// the count `asked`: done (that reload or a later one; or it
+    /// connected after it was asked, having read its files as it
+    /// started), not yet, or too old to say. And whether every worker
+    /// that can say has.
     pub fn worker_reloads(&self, asked: (u64, u64)) -> (Vec<rotor_protocol::WorkerReload>, bool) {
         use rotor_protocol::WorkerReloadOutcome as Outcome;
         let inner = self.lock();
@@ -1617,6 +1622,9 @@ impl Allocator {
             .filter(|p| p.hello.role == rotor_protocol::Role::Worker)
             .map(|p| {
                 let outcome = match &p.reloaded {
+                    _ if p.joined.0 == asked.0 && p.joined.1 >= asked.1 => {
+                        Outcome::Done { failed: Vec::new() }
+                    }
                     _ if p.hello.minor < rotor_protocol::MINOR_WORKER_RELOADS => Outcome::TooOld,
                     Some(((table, count), failed)) if *table == asked.0 && *count >= asked.1 => {
                         Outcome::Done {
@@ -1751,6 +1759,7 @@ impl Allocator {
             }
             hello.software.truncate(end);
         }
+        let joined = self.reloads_asked();
         let mut inner = self.lock();
         if hello.role == rotor_protocol::Role::Worker
             && hello.minor < rotor_protocol::MINOR_SITES
@@ -1766,6 +1775,7 @@ impl Allocator {
                 leases: 0,
                 slot: None,
                 reloaded: None,
+                joined,
             },
         );
     }
@@ -2614,6 +2624,16 @@ mod tests {
         );
         a.peer_gone(2);
         assert_eq!(outcomes((9, 2)).0.len(), 2);
+        // One that connected after the reload was asked read its files as
+        // it started: done, though it will not make that reload.
+        a.announce_reload();
+        let asked = a.reloads_asked();
+        a.peer_connected(5, Hello::new(Role::Worker, "t"));
+        let (w, _) = a.worker_reloads(asked);
+        assert_eq!(
+            w.iter().map(|w| &w.outcome).collect::<Vec<_>>(),
+            [&O::NoWord, &O::TooOld, &O::Done { failed: vec![] }]
+        );
     }
 
     #[test]

@@ -266,9 +266,13 @@ async fn reload(control: &ControlArgs) -> ExitCode {
     }
     match workers {
         Some((workers, more)) => bad |= !workers_reloaded(&workers, more),
-        None => eprintln!(
-            "rotor: the allocator is too old to say how the workers' reloads went (see their logs)"
-        ),
+        // Unknown is not good: said as such, and exit 3.
+        None => {
+            bad = true;
+            eprintln!(
+                "rotor: the allocator is too old to say how the workers' reloads went (see their logs)"
+            )
+        }
     }
     match bad {
         true => ExitCode::from(3),

@@ -518,14 +518,14 @@ async fn a_socks5_handshake_begun_in_the_grace_is_let_finish() {
     accepted(socks).await;
     w.proc.signal(nix::sys::signal::Signal::SIGTERM);
     drain_begun(socks).await;
-    // The greeting late in the grace (1 s from the stop), the request
-    // half a second later: past the grace's end.
-    tokio::time::sleep(Duration::from_millis(550)).await;
+    // The greeting in the grace (1 s from the stop), the request 0.8 s
+    // later: past the grace's end.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     s.write_all(&[5, 1, 0]).await.unwrap();
     let mut choice = [0u8; 2];
     s.read_exact(&mut choice).await.unwrap();
     assert_eq!(choice, [5, 0]);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
     let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
     req.extend_from_slice(&echo.addr.port().to_be_bytes());
     s.write_all(&req).await.unwrap();

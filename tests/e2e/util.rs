@@ -645,6 +645,16 @@ impl ProxyConn {
         }
     }
 
+    /// Sends `req` and returns once the response's head is in (its body
+    /// still to read).
+    pub async fn send_head(&mut self, req: Request<Full<Bytes>>) -> Response<Incoming> {
+        self.sender.ready().await.expect("proxy connection closed");
+        tokio::time::timeout(PATIENCE, self.sender.send_request(req))
+            .await
+            .expect("no response from the proxy")
+            .expect("request through the proxy failed")
+    }
+
     pub async fn get(&mut self, url: &str) -> Reply {
         self.send(Request::get(url).body(Full::default()).unwrap())
             .await

@@ -408,15 +408,21 @@ impl LeaseClient {
         *self.reload_asked.lock().unwrap_or_else(|e| e.into_inner()) = Some(asked);
     }
 
-    /// A reload is done, these parts of it failed (what, and why): said to
-    /// the allocator if it asked for the reload (an allocator older than
-    /// minor 12 is not told; `rotor reload` says it cannot know).
-    pub async fn reloaded(&self, failed: Vec<(String, String)>) {
-        let asked = self
-            .reload_asked
+    /// The reload the allocator asked for that the reload starting now
+    /// makes (taken as it starts: one asked while an earlier reload was
+    /// under way is made by the next, which reads the files anew).
+    pub fn take_reload_asked(&self) -> Option<(u64, u64)> {
+        self.reload_asked
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .take();
+            .take()
+    }
+
+    /// A reload is done, these parts of it failed (what, and why): said to
+    /// the allocator if it asked for the reload (`asked`, from
+    /// `take_reload_asked`; an allocator older than minor 12 is not told:
+    /// `rotor reload` says it cannot know).
+    pub async fn reloaded(&self, asked: Option<(u64, u64)>, failed: Vec<(String, String)>) {
         let Some(asked) = asked else {
             return;
         };

@@ -230,6 +230,7 @@ pub async fn run(
     let told = leases.clone();
     tokio::spawn(async move {
         while reloads.changed().await.is_ok() {
+            let asked = told.take_reload_asked();
             // Each part that did not reload (what, and why; the one in
             // use is kept), for the allocator's `rotor reload` to say.
             let mut failed = Vec::new();
@@ -268,7 +269,7 @@ pub async fn run(
                     ));
                 }
             }
-            told.reloaded(failed).await;
+            told.reloaded(asked, failed).await;
         }
     });
     tokio::spawn(notify_systemd(
@@ -470,7 +471,7 @@ impl Serving {
             let pending = waiting.clone();
             // Responses whose body is still going out: a draining
             // connection's grace for the next request starts at their end.
-            let streaming = Arc::new(AtomicUsize::new(0));
+            let streaming = Arc::new(Going::default());
             let sending = streaming.clone();
             let stopping = fast.stop.clone();
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
@@ -518,7 +519,7 @@ impl Serving {
                     resp.map(|r| {
                         r.map(|body| Streamed {
                             body,
-                            _going: Waiting::new(&sending),
+                            _going: Sent::new(&sending),
                         })
                     })
                 }
@@ -555,16 +556,14 @@ impl Serving {
                         // before the stop, saying keep-alive): the grace
                         // starts at its end, as on the fast path; cut short
                         // at the grace, the client's next request met the
-                        // close. (A client that stops reading is dropped
-                        // after --idle-timeout, as without the drain.)
+                        // close. (A client that stops reading, or a
+                        // response that stops coming, is dropped after
+                        // --idle-timeout, as without the drain.)
                         let grace = async {
                             tokio::select! {
-                                _ = async {
-                                    while streaming.load(Ordering::Relaxed) > 0 {
-                                        tokio::time::sleep(Duration::from_millis(20)).await;
-                                    }
-                                } => {}
+                                _ = streaming.none() => {}
                                 _ = activity.write_stuck_for(idle_timeout) => {}
+                                _ = activity.idle_for(idle_timeout) => {}
                             }
                             tokio::time::sleep(IDLE_CLOSE_GRACE).await
                         };
@@ -1020,7 +1019,47 @@ const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// then) or is dropped: see the drain in `serve_connection`.
 struct Streamed {
     body: crate::proxy::ProxyBody,
-    _going: Waiting,
+    _going: Sent,
+}
+
+/// A connection's responses whose body is still going out.
+#[derive(Default)]
+struct Going {
+    count: AtomicUsize,
+    /// Woken as the count falls to 0.
+    none_left: tokio::sync::Notify,
+}
+
+impl Going {
+    /// Resolves once no response body is going out.
+    async fn none(&self) {
+        loop {
+            // (Made before the look: a wake-up in between is not lost.)
+            let woken = self.none_left.notified();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            woken.await;
+        }
+    }
+}
+
+/// One response counted in its connection's `Going` until dropped.
+struct Sent(Arc<Going>);
+
+impl Sent {
+    fn new(going: &Arc<Going>) -> Sent {
+        going.count.fetch_add(1, Ordering::SeqCst);
+        Sent(going.clone())
+    }
+}
+
+impl Drop for Sent {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.none_left.notify_waiters();
+        }
+    }
 }
 
 impl hyper::body::Body for Streamed {
@@ -1043,8 +1082,7 @@ impl hyper::body::Body for Streamed {
     }
 }
 
-/// Counts a request until its response head is out (and, as
-/// `Streamed`'s, a response until its body ends).
+/// Counts a request until its response head is out.
 struct Waiting(Arc<AtomicUsize>);
 
 impl Waiting {
