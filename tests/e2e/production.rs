@@ -519,15 +519,9 @@ async fn a_connect_during_the_drain_is_refused() {
     let mut body = vec![0u8; length];
     s.read_exact(&mut body).await.unwrap();
     let t0 = Instant::now();
-    w.proc.signal(Signal::SIGTERM);
     // Then the CONNECT, within the drain's 1 s grace for a kept-alive
     // connection's next request.
-    drain_begun(w.addr).await;
-    let target = echo.addr;
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let head = read_head(&mut s).await;
+    let head = connect_in_the_drain(&w, &mut s, echo.addr).await;
     assert!(head.starts_with("HTTP/1.1 503 Proxy Stopping"), "{head}");
     let status = w.proc.wait(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
@@ -548,13 +542,7 @@ async fn a_first_connect_in_the_drain_is_served() {
     let mut s = TcpStream::connect(w.addr).await.unwrap();
     accepted(w.addr).await;
     let t0 = Instant::now();
-    w.proc.signal(Signal::SIGTERM);
-    drain_begun(w.addr).await;
-    let target = echo.addr;
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let head = read_head(&mut s).await;
+    let head = connect_in_the_drain(&w, &mut s, echo.addr).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     // The drain waits for the tunnel.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -565,12 +553,35 @@ async fn a_first_connect_in_the_drain_is_served() {
     assert_eq!(&b, b"ping");
     drop(s);
     // (Waited for off the runtime: the echo server runs on it.)
-    let status = tokio::task::spawn_blocking(move || w.proc.wait(Duration::from_secs(10)))
-        .await
-        .unwrap();
+    let status = exit_of(w, Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(0));
     assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
     assert_eq!(echo.peers.lock().unwrap().len(), 1);
+}
+
+/// Stops `w` (SIGTERM), then, its drain begun, sends a CONNECT to `target`
+/// on `s` (a connection it accepted before): the answer's head.
+async fn connect_in_the_drain(w: &Worker, s: &mut TcpStream, target: SocketAddr) -> String {
+    w.proc.signal(Signal::SIGTERM);
+    drain_begun(w.addr).await;
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    read_head(s).await
+}
+
+/// A connection to `proxy` that hyper's server took over: it carried an
+/// upload past the fast path's 64 KiB.
+async fn on_hypers_path(proxy: SocketAddr, origin: &Origin) -> ProxyConn {
+    let mut c = ProxyConn::open(proxy).await;
+    let upload = http::Request::post(origin.url("/echo"))
+        .header("host", "x")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            vec![b'x'; 100 * 1024],
+        )))
+        .unwrap();
+    assert_eq!(c.send(upload).await.status, 200);
+    c
 }
 
 /// On hyper's path (the connection took an upload past the fast path's
@@ -582,16 +593,9 @@ async fn a_first_connect_in_the_drain_is_served() {
 #[tokio::test]
 async fn a_drain_waits_for_a_streaming_answer_before_its_grace_on_hypers_path() {
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
-    let mut w = Worker::start(&alloc.socket, &["--drain-timeout", "20s"]).await;
+    let w = Worker::start(&alloc.socket, &["--drain-timeout", "20s"]).await;
     let origin = Origin::start().await;
-    let mut c = ProxyConn::open(w.addr).await;
-    let upload = http::Request::post(origin.url("/echo"))
-        .header("host", "x")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            vec![b'x'; 100 * 1024],
-        )))
-        .unwrap();
-    assert_eq!(c.send(upload).await.status, 200);
+    let mut c = on_hypers_path(w.addr, &origin).await;
     // About 2 s of body, the drain begun once its head is in.
     let n = 40 * 64 * 1024;
     let url = origin.url(&format!("/trickle/{n}/50"));
@@ -608,9 +612,7 @@ async fn a_drain_waits_for_a_streaming_answer_before_its_grace_on_hypers_path() 
     let next = next.unwrap_or_else(|e| panic!("the next request was lost: {}", e.message));
     assert_eq!(next.status, 200);
     assert_eq!(next.headers.get("connection").unwrap(), "close");
-    let status = tokio::task::spawn_blocking(move || w.proc.wait(Duration::from_secs(10)))
-        .await
-        .unwrap();
+    let status = exit_of(w, Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(0));
 }
 
@@ -631,16 +633,9 @@ async fn a_stalled_answer_does_not_hold_the_drain_on_hypers_path() {
     .await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let args = ["--idle-timeout", "3s", "--drain-timeout", "20s"];
-    let mut w = Worker::start(&alloc.socket, &args).await;
+    let w = Worker::start(&alloc.socket, &args).await;
     let origin = Origin::start().await;
-    let mut c = ProxyConn::open(w.addr).await;
-    let upload = http::Request::post(origin.url("/echo"))
-        .header("host", "x")
-        .body(http_body_util::Full::new(bytes::Bytes::from(
-            vec![b'x'; 100 * 1024],
-        )))
-        .unwrap();
-    assert_eq!(c.send(upload).await.status, 200);
+    let mut c = on_hypers_path(w.addr, &origin).await;
     let r = c
         .send_head(
             http::Request::get(format!("http://{stall}/"))
@@ -651,9 +646,7 @@ async fn a_stalled_answer_does_not_hold_the_drain_on_hypers_path() {
     assert_eq!(r.status(), 200);
     let t0 = Instant::now();
     w.proc.signal(Signal::SIGTERM);
-    let status = tokio::task::spawn_blocking(move || w.proc.wait(Duration::from_secs(25)))
-        .await
-        .unwrap();
+    let status = exit_of(w, Duration::from_secs(25)).await;
     assert_eq!(status.code(), Some(0));
     assert!(t0.elapsed() < Duration::from_secs(12), "{:?}", t0.elapsed());
     drop(r);
@@ -669,22 +662,16 @@ async fn an_answer_made_at_once_in_the_drain_says_close() {
     add_user(users.path(), "alice", "s3cret");
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let args = ["--auth-file", users.path().to_str().unwrap()];
-    let mut w = Worker::start(&alloc.socket, &args).await;
+    let w = Worker::start(&alloc.socket, &args).await;
     let echo = Echo::start().await;
     let mut s = TcpStream::connect(w.addr).await.unwrap();
     accepted(w.addr).await;
-    w.proc.signal(Signal::SIGTERM);
-    drain_begun(w.addr).await;
-    let target = echo.addr;
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+    let head = connect_in_the_drain(&w, &mut s, echo.addr)
         .await
-        .unwrap();
-    let head = read_head(&mut s).await.to_ascii_lowercase();
+        .to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 407"), "{head}");
     assert!(head.contains("connection: close"), "{head}");
-    let status = tokio::task::spawn_blocking(move || w.proc.wait(Duration::from_secs(10)))
-        .await
-        .unwrap();
+    let status = exit_of(w, Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(0));
 }
 
@@ -702,7 +689,7 @@ async fn a_lingering_close_does_not_hold_the_drain() {
         "--drain-timeout",
         "8s",
     ];
-    let mut w = Worker::start(&alloc.socket, &args).await;
+    let w = Worker::start(&alloc.socket, &args).await;
     let origin = Origin::start().await;
     let mut s = TcpStream::connect(w.addr).await.unwrap();
     let url = origin.url("/echo");
@@ -729,9 +716,7 @@ async fn a_lingering_close_does_not_hold_the_drain() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let t0 = Instant::now();
     w.proc.signal(Signal::SIGTERM);
-    let status = tokio::task::spawn_blocking(move || w.proc.wait(Duration::from_secs(15)))
-        .await
-        .unwrap();
+    let status = exit_of(w, Duration::from_secs(15)).await;
     assert_eq!(status.code(), Some(0));
     assert!(t0.elapsed() < Duration::from_secs(6), "{:?}", t0.elapsed());
 }

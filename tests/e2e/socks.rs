@@ -469,6 +469,26 @@ async fn a_silent_socks5_client_does_not_hold_the_stop() {
     let _ = greeted.read_to_end(&mut sink).await;
 }
 
+/// Sends a greeting offering no authentication; checks it is taken.
+async fn greet(s: &mut TcpStream) {
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut choice = [0u8; 2];
+    s.read_exact(&mut choice).await.unwrap();
+    assert_eq!(choice, [5, 0]);
+}
+
+/// After the greeting: a CONNECT to the echo server at `echo` (on
+/// 127.0.0.1), its success, and one echo through the tunnel.
+async fn tunnel_to_echo(s: &mut TcpStream, echo: SocketAddr) {
+    let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
+    req.extend_from_slice(&echo.port().to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut r = [0u8; 10];
+    s.read_exact(&mut r).await.unwrap();
+    assert_eq!(r[..2], [5, 0], "{r:?}");
+    echo_once(s).await;
+}
+
 /// A SOCKS5 request that comes while the worker drains (in the
 /// handshake's grace) is served, as an HTTP connection's first CONNECT
 /// then is: its connection was accepted before the drain, and only this
@@ -477,28 +497,17 @@ async fn a_silent_socks5_client_does_not_hold_the_stop() {
 async fn a_socks5_request_in_the_drain_is_served() {
     let echo = Echo::start().await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
-    let (mut w, socks) = socks_worker(&alloc.socket, &["--drain-timeout", "30s"], false).await;
+    let (w, socks) = socks_worker(&alloc.socket, &["--drain-timeout", "30s"], false).await;
     let mut s = TcpStream::connect(socks).await.unwrap();
-    s.write_all(&[5, 1, 0]).await.unwrap();
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await.unwrap();
-    assert_eq!(choice, [5, 0]);
+    greet(&mut s).await;
     let t0 = Instant::now();
     w.proc.signal(nix::sys::signal::Signal::SIGTERM);
     // Then the request, within the handshake's grace.
     drain_begun(socks).await;
-    let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
-    req.extend_from_slice(&echo.addr.port().to_be_bytes());
-    s.write_all(&req).await.unwrap();
-    let mut r = [0u8; 10];
-    s.read_exact(&mut r).await.unwrap();
-    assert_eq!(r[..2], [5, 0], "{r:?}");
-    echo_once(&mut s).await;
+    tunnel_to_echo(&mut s, echo.addr).await;
     drop(s);
     // (Waited for off the runtime: the echo server runs on it.)
-    let status = tokio::task::spawn_blocking(move || w.proc.wait(Duration::from_secs(10)))
-        .await
-        .unwrap();
+    let status = exit_of(w, Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(0));
     assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
     assert_eq!(echo.peers.lock().unwrap().len(), 1);
@@ -513,7 +522,7 @@ async fn a_socks5_request_in_the_drain_is_served() {
 async fn a_socks5_handshake_begun_in_the_grace_is_let_finish() {
     let echo = Echo::start().await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
-    let (mut w, socks) = socks_worker(&alloc.socket, &["--drain-timeout", "30s"], false).await;
+    let (w, socks) = socks_worker(&alloc.socket, &["--drain-timeout", "30s"], false).await;
     let mut s = TcpStream::connect(socks).await.unwrap();
     accepted(socks).await;
     w.proc.signal(nix::sys::signal::Signal::SIGTERM);
@@ -521,22 +530,11 @@ async fn a_socks5_handshake_begun_in_the_grace_is_let_finish() {
     // The greeting in the grace (1 s from the stop), the request 0.8 s
     // later: past the grace's end.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    s.write_all(&[5, 1, 0]).await.unwrap();
-    let mut choice = [0u8; 2];
-    s.read_exact(&mut choice).await.unwrap();
-    assert_eq!(choice, [5, 0]);
+    greet(&mut s).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
-    req.extend_from_slice(&echo.addr.port().to_be_bytes());
-    s.write_all(&req).await.unwrap();
-    let mut r = [0u8; 10];
-    s.read_exact(&mut r).await.unwrap();
-    assert_eq!(r[..2], [5, 0], "{r:?}");
-    echo_once(&mut s).await;
+    tunnel_to_echo(&mut s, echo.addr).await;
     drop(s);
-    let status = tokio::task::spawn_blocking(move || w.proc.wait(Duration::from_secs(10)))
-        .await
-        .unwrap();
+    let status = exit_of(w, Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(0));
 }
 

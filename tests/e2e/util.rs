@@ -743,6 +743,14 @@ pub async fn accepted(addr: SocketAddr) {
     .await;
 }
 
+/// Waits for `worker` to exit, off the runtime (servers the test runs on
+/// it, an origin or an echo, go on meanwhile); panics after `within`.
+pub async fn exit_of(mut worker: Worker, within: Duration) -> std::process::ExitStatus {
+    tokio::task::spawn_blocking(move || worker.proc.wait(within))
+        .await
+        .unwrap()
+}
+
 /// Returns once a worker that was sent SIGTERM has begun its drain: its
 /// listener at `addr` is gone, and a moment later its tunnels are refused
 /// (at most a second of looking).
