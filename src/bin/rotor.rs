@@ -34,7 +34,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Re-read the pool sources now (as SIGHUP to the allocator does).
+    /// Re-read the pool sources now (as SIGHUP to the allocator does), and
+    /// have every worker re-read its users file, TLS certificate and
+    /// resolver configuration; exit 3 if any could not be read.
     Reload {
         #[command(flatten)]
         control: ControlArgs,
