@@ -894,6 +894,12 @@ impl TapMkdir for std::path::PathBuf {
 /// Established client connections to `port` that each of `pids` holds,
 /// read from /proc as `ss -p` does.
 fn connections_held(port: u16, pids: &[u32]) -> Vec<usize> {
+    sockets_in(port, pids, &["01"])
+}
+
+/// As `connections_held`, counting the sockets of port `port` in these
+/// TCP states (/proc/net/tcp's codes: 01 established, 08 close-wait).
+fn sockets_in(port: u16, pids: &[u32], states: &[&str]) -> Vec<usize> {
     let mut inodes = std::collections::HashSet::new();
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
@@ -902,7 +908,7 @@ fn connections_held(port: u16, pids: &[u32]) -> Vec<usize> {
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             let local_port = f[1].rsplit(':').next().unwrap();
-            if u16::from_str_radix(local_port, 16) == Ok(port) && f[3] == "01" {
+            if u16::from_str_radix(local_port, 16) == Ok(port) && states.contains(&f[3]) {
                 inodes.insert(format!("socket:[{}]", f[9]));
             }
         }
@@ -1013,7 +1019,13 @@ async fn a_full_worker_answers_when_its_sibling_with_room_is_stopped() {
     let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3"]).await;
     let extra = ["--max-connections", "2", "--header-read-timeout", "30s"];
     let (_listener, proxy, workers) = shared_workers(2, &alloc.socket, &extra, &origin).await;
-    // The probes' connections closed, and the loads published.
+    // The probes' connections closed by the workers too (one still open
+    // would hold a place), and the loads published.
+    let pids: Vec<u32> = workers.iter().map(|w| w.child.id()).collect();
+    eventually("the probes' connections gone", || async {
+        sockets_in(proxy.port(), &pids, &["01", "08"]) == [0, 0]
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     workers[1].signal(Signal::SIGSTOP);
     stopped_for_sure(workers[1].child.id()).await;
@@ -1026,7 +1038,8 @@ async fn a_full_worker_answers_when_its_sibling_with_room_is_stopped() {
     }
     let mut over = TcpStream::connect(proxy).await.unwrap();
     let mut head = [0u8; 12];
-    let read = tokio::time::timeout(Duration::from_secs(3), over.read_exact(&mut head)).await;
+    // (Not answered, it would wait for ever.)
+    let read = tokio::time::timeout(PATIENCE, over.read_exact(&mut head)).await;
     workers[1].signal(Signal::SIGCONT);
     read.expect("answered while the sibling is stopped")
         .unwrap();
