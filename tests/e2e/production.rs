@@ -751,7 +751,8 @@ async fn a_connection_after_a_whole_upload_does_not_hold_the_drain() {
     w.proc.signal(Signal::SIGTERM);
     let status = w.proc.wait(Duration::from_secs(15));
     assert_eq!(status.code(), Some(0));
-    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    // (The lingering close would take the grace and its 5 s: 6 s.)
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     drop(s);
 }
 
@@ -774,7 +775,8 @@ async fn a_half_sent_head_does_not_hold_the_drain() {
     w.proc.signal(Signal::SIGTERM);
     let status = w.proc.wait(Duration::from_secs(20));
     assert_eq!(status.code(), Some(0));
-    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    // (The header timeout would take 15 s.)
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
     drop(s);
 }
 

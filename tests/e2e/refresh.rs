@@ -319,8 +319,9 @@ fn a_stop_does_not_wait_for_a_slow_refresh() {
     let stopped = std::time::Instant::now();
     nix::sys::signal::kill(alloc.proc.pid(), nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = alloc.proc.child.wait().unwrap();
+    // (Waiting out the command would take 20 s.)
     assert!(
-        stopped.elapsed() < std::time::Duration::from_secs(4),
+        stopped.elapsed() < std::time::Duration::from_secs(10),
         "{:?}",
         stopped.elapsed()
     );
