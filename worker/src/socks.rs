@@ -321,53 +321,6 @@ impl HandshakeError {
     }
 }
 
-/// The client's stream during the handshake, noting when its bytes last
-/// came (see `serve`'s stop): in ms from the instant beside it.
-struct Noting<'a> {
-    stream: &'a mut TcpStream,
-    heard: (&'a std::sync::atomic::AtomicU64, tokio::time::Instant),
-}
-
-impl AsyncRead for Noting<'_> {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let r = std::pin::Pin::new(&mut *self.stream).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            let ms = self.heard.1.elapsed().as_millis() as u64;
-            self.heard.0.store(ms, std::sync::atomic::Ordering::Relaxed);
-        }
-        r
-    }
-}
-
-impl AsyncWrite for Noting<'_> {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<io::Result<usize>> {
-        std::pin::Pin::new(&mut *self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut *self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<io::Result<()>> {
-        std::pin::Pin::new(&mut *self.stream).poll_shutdown(cx)
-    }
-}
-
 /// What the access log names a SOCKS5 tunnel's method.
 fn method() -> http::Method {
     http::Method::from_bytes(b"SOCKS5").expect("a token")
@@ -397,13 +350,10 @@ pub async fn serve(
     // busy check is answered, not cut off.
     let start = tokio::time::Instant::now();
     let slow = |_| HandshakeError::Io(io::ErrorKind::TimedOut.into());
-    // When the client's bytes last came, in ms from `start`.
-    let heard = std::sync::atomic::AtomicU64::new(0);
+    // When the client's bytes last came (see `stopped`).
+    let heard = crate::idle::Activity::new();
     let opened = async {
-        let mut noting = Noting {
-            stream: &mut stream,
-            heard: (&heard, start),
-        };
+        let mut noting = crate::idle::IdleIo::new(&mut stream, heard.clone());
         let read = tokio::time::timeout_at(start + within, handshake(&mut noting, auth_required));
         let mut hs = match read.await.map_err(slow)? {
             Err(HandshakeError::NotText) => {
@@ -448,17 +398,12 @@ pub async fn serve(
     };
     let stopped = async {
         stop.cancelled().await;
-        let stopped_at = tokio::time::Instant::now();
-        // (Cut at the grace's end whatever came, a client told to go on
-        // by its greeting's answer lost the request it sent next.)
-        loop {
-            let ms = heard.load(std::sync::atomic::Ordering::Relaxed);
-            let due = stopped_at.max(start + Duration::from_millis(ms)) + grace;
-            if tokio::time::Instant::now() >= due {
-                break;
-            }
-            tokio::time::sleep_until(due).await;
-        }
+        // `grace` of silence from the stop, or from the client's last
+        // bytes if later. (Cut at the grace's end whatever came, a client
+        // told to go on by its greeting's answer lost the request it sent
+        // next.)
+        heard.touch();
+        heard.idle_for(grace).await;
     };
     let opened = tokio::select! {
         r = opened => r,
