@@ -559,13 +559,8 @@ async fn a_close_after_a_bodiless_request_frees_the_place_at_once() {
     .await;
     // From an address of loopback of its own: the start's check of the
     // port (from 127.0.0.1) may hold that address's place a moment.
-    let from = |ip: [u8; 4]| async move {
-        let sock = tokio::net::TcpSocket::new_v4().unwrap();
-        sock.bind(std::net::SocketAddr::from((ip, 0))).unwrap();
-        sock.connect(worker.addr).await.unwrap()
-    };
     let host = origin.addr.to_string();
-    let mut c = from([127, 0, 0, 66]).await;
+    let mut c = connect_from("127.0.0.66", worker.addr).await;
     // A chunked upload: hyper's path from here on.
     let post = format!(
         "POST http://{host}/ HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
@@ -601,7 +596,7 @@ async fn a_close_after_a_bodiless_request_frees_the_place_at_once() {
     // The client keeps its socket open (its side half-open, silent): a
     // lingering close would wait for it 5 s, holding the place.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut again = from([127, 0, 0, 66]).await;
+    let mut again = connect_from("127.0.0.66", worker.addr).await;
     again
         .write_all(format!("GET http://{host}/ HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
         .await
