@@ -208,7 +208,6 @@ fn main() -> ExitCode {
 /// (the one in use kept) or that it did not report, is said, and is exit
 /// 3: a mistyped pool file or a bad certificate must not pass for a
 /// reload.
-#[allow(clippy::print_stdout)]
 async fn reload(control: &ControlArgs) -> ExitCode {
     let answer = match control.socket() {
         Ok(socket) => {
@@ -283,7 +282,6 @@ async fn reload(control: &ControlArgs) -> ExitCode {
 }
 
 /// Says how each worker's reload went; whether every one reloaded whole.
-#[allow(clippy::print_stderr)]
 fn workers_reloaded(workers: &[rotor_protocol::WorkerReload], more: u32) -> bool {
     use rotor_protocol::WorkerReloadOutcome as Outcome;
     let mut whole = 0;
@@ -391,7 +389,6 @@ async fn status(control: &ControlArgs) -> anyhow::Result<Response> {
     .await
 }
 
-#[allow(clippy::print_stdout)]
 /// Writes `text` and a newline to standard output; whether that went (a
 /// reader that stopped early, `rotor status | head`, is no failure:
 /// println! panicked on the closed pipe).
@@ -840,7 +837,6 @@ impl Drop for NoEcho {
     }
 }
 
-#[allow(clippy::print_stdout)]
 fn hash_password() -> ExitCode {
     match read_password() {
         Ok(pw) => match say(&rotor_worker::auth::hash_password(&pw)) {
