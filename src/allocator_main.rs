@@ -115,6 +115,7 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
             max_sessions_per_user: pool.max_sessions_per_user,
             site_rules: pool.site_rules,
             max_site_entries: pool.max_site_entries,
+            unreachable_quarantine: pool.unreachable_quarantine,
             checkpoint: pool.checkpoint,
             max_peers: pool.max_peers,
         };

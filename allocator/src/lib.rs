@@ -9,6 +9,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod persist;
 pub mod pool;
+pub mod reach;
 pub mod server;
 pub mod sessions;
 pub mod sites;

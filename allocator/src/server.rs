@@ -51,6 +51,9 @@ pub struct Config {
     pub site_rules: crate::sites::Rules,
     /// Sites and (address, site) pairs held at most.
     pub max_site_entries: usize,
+    /// The first time out of an entry whose connects fail while its
+    /// family's others connect (`reach`); zero: none is taken out.
+    pub unreachable_quarantine: Duration,
     /// How often sessions and site state are written while they change
     /// (zero: only at a clean stop).
     pub checkpoint: Duration,
@@ -275,6 +278,7 @@ pub async fn run(
     };
     alloc.limit_sessions(config.max_sessions, config.max_sessions_per_user);
     alloc.set_site_rules(config.site_rules.clone(), config.max_site_entries);
+    alloc.set_unreachable_quarantine(config.unreachable_quarantine);
     match &config.state_dir {
         // Without the state file there is no lock on the directory: another
         // allocator may be writing the same files.

@@ -63,6 +63,9 @@ struct Inner {
     /// interface than their own (`usable::misrouted`): said once, and
     /// again once mended. Within the pool, so bounded by it.
     misrouted: HashSet<Segment>,
+    /// Runs of failed connects by entry, from the workers' reports
+    /// (`reach`): bounded by the pool.
+    reach: crate::reach::Reach,
     /// Where the hand quarantines are kept over a restart (the state
     /// directory's `quarantine.json`), and what it holds.
     hand_file: Option<std::path::PathBuf>,
@@ -134,6 +137,10 @@ struct Quarantine {
     /// By hand: when it ends, in Unix seconds (None: until released); what
     /// a restart reads back.
     until: Option<u64>,
+    /// Taken out because its connects failed while its family's other
+    /// entries connected (`reach`): checks do not put it back before
+    /// `next_check`, then one that passes puts it back on trial.
+    unreachable: bool,
 }
 
 /// Ten years stands for "until released", and is the longest time out by
@@ -240,6 +247,7 @@ impl Quarantine {
             backoff: wait,
             by_hand: true,
             until: for_.map(|d| unix_now().saturating_add(d.as_secs())),
+            unreachable: false,
         }
     }
 }
@@ -536,6 +544,20 @@ impl Inner {
             }
             return;
         }
+        if let Some(q) = self.quarantine.get(&e).filter(|q| q.unreachable) {
+            match check {
+                Ok(()) if q.next_check > now => return,
+                Ok(()) => {
+                    self.quarantine.remove(&e);
+                    tracing::info!(entry = %e, "pool address back in the rotation on trial after its time out for failed connects (out again, for twice as long, if its connects fail again)");
+                    return;
+                }
+                // It cannot be used at all now: out as any such entry.
+                Err(_) => {
+                    self.quarantine.remove(&e);
+                }
+            }
+        }
         match (check, self.quarantine.get_mut(&e)) {
             (Err(_), Some(_)) if report => {}
             (Ok(()), None) => {}
@@ -565,10 +587,66 @@ impl Inner {
                         backoff: QUARANTINE_MIN,
                         by_hand: false,
                         until: None,
+                        unreachable: false,
                     },
                 );
             }
         }
+    }
+
+    /// Counts a worker's report of connects by source (`reach`), and takes
+    /// out the entries whose connects fail while their family's others
+    /// answer.
+    fn judge_reach(&mut self, m: &rotor_protocol::WorkerMetrics, now: Instant) {
+        let mut said: HashMap<Segment, crate::reach::Said> = HashMap::new();
+        for s in &m.by_source {
+            let ok = s
+                .responses
+                .iter()
+                .fold(s.tunnels, |a, n| a.saturating_add(*n));
+            if (ok == 0 && s.connect_errors == 0) || s.ip.is_unspecified() {
+                continue;
+            }
+            let Some(e) = self.pool.entry_of(s.ip) else {
+                continue;
+            };
+            let d = said.entry(e).or_default();
+            d.ok = d.ok.saturating_add(ok);
+            d.failed = d.failed.saturating_add(s.connect_errors);
+        }
+        let connects_ok = m
+            .connect_seconds
+            .counts
+            .iter()
+            .fold(0u64, |a, n| a.saturating_add(*n));
+        let quarantine = &self.quarantine;
+        let out = self
+            .reach
+            .report(now, connects_ok, &said, |e| quarantine.contains_key(e));
+        if out.is_empty() {
+            return;
+        }
+        for o in out {
+            let reason = format!(
+                "its last {} connects failed while other addresses of its family connected (not routed to this host upstream?); tried again after {}",
+                o.failed,
+                humantime::format_duration(o.wait)
+            );
+            tracing::warn!(entry = %o.entry, %reason, "pool address out of the rotation: connects from it fail");
+            self.quarantine.insert(
+                o.entry,
+                Quarantine {
+                    reason,
+                    since: now,
+                    next_check: now + o.wait,
+                    backoff: o.wait,
+                    by_hand: false,
+                    until: None,
+                    unreachable: true,
+                },
+            );
+        }
+        self.publish_quarantine();
     }
 
     fn publish_quarantine(&mut self) {
@@ -765,6 +843,7 @@ impl Allocator {
                 last_refresh: None,
                 peers: BTreeMap::new(),
                 misrouted: HashSet::new(),
+                reach: crate::reach::Reach::new(crate::reach::FIRST),
             }),
             started: Instant::now(),
             waiting: tokio::sync::Notify::new(),
@@ -918,6 +997,7 @@ impl Allocator {
         let now = Instant::now();
         inner.carry_hand(&listed, &addrs, now);
         inner.quarantine.retain(|e, _| listed.contains(e));
+        inner.reach.retain(&listed);
         let mut told = Told::default();
         for (e, check) in checks {
             inner.judge(*e, check, now, &mut told);
@@ -1187,6 +1267,13 @@ impl Allocator {
             // Left the pool, or the worker's own `other`.
             None => "other".to_string(),
         });
+        inner.judge_reach(m, Instant::now());
+    }
+
+    /// Sets the first time out of an entry whose connects fail while its
+    /// family's others connect (zero: none is taken out).
+    pub fn set_unreachable_quarantine(&self, first: Duration) {
+        self.lock().reach.set_first(first);
     }
 
     /// What the workers served, for `rotor status`.
@@ -2293,6 +2380,87 @@ mod tests {
         }
         a.apply_checks(&none);
         assert!(matches!(a.lease(1, Families::ANY), Response::NoAddress(_)));
+    }
+
+    /// Workers' reports of connects failing from one entry while the
+    /// others answer take it out for every worker; a refresh's check does
+    /// not put it back early; once its time is up a check does, on trial.
+    #[test]
+    fn an_entry_whose_connects_fail_while_the_others_answer_goes_out() {
+        let a = Allocator::new(vec![Source::list("10.0.0.1-10.0.0.3").unwrap()]);
+        let e = |s: &str| Segment::single(s.parse().unwrap());
+        let all = vec![e("10.0.0.1"), e("10.0.0.2"), e("10.0.0.3")];
+        a.apply_refresh(vec![Ok(all.clone())], &ok());
+        a.set_unreachable_quarantine(Duration::from_millis(300));
+        let source = |ip: &str, ok: u64, failed: u64| rotor_protocol::SourceMetrics {
+            ip: ip.parse().unwrap(),
+            responses: [0, ok, 0, 0, 0],
+            tunnels: 0,
+            connect_errors: failed,
+            bytes_to: 0,
+            bytes_from: 0,
+        };
+        let mut seq = 0;
+        let mut report = |by_source| {
+            seq += 1;
+            let mut m = rotor_protocol::WorkerMetrics {
+                boot: 7,
+                seq,
+                by_source,
+                ..Default::default()
+            };
+            m.connect_seconds.observe(0.001);
+            a.record_metrics(1, &m);
+        };
+        for _ in 0..7 {
+            report(vec![source("10.0.0.1", 1, 0), source("10.0.0.2", 0, 1)]);
+        }
+        assert!(
+            a.status_v2().pool[1].quarantine.is_none(),
+            "7 are not enough"
+        );
+        report(vec![source("10.0.0.3", 1, 0), source("10.0.0.2", 0, 1)]);
+        let q = a.status_v2().pool[1].quarantine.clone().expect("out");
+        assert!(
+            q.reason.contains("its last 8 connects failed"),
+            "{}",
+            q.reason
+        );
+        let leased = |a: &Allocator| match a.lease(1, Families::ANY) {
+            Response::Leased(l) => l.ip.to_string(),
+            other => panic!("{other:?}"),
+        };
+        let got: Vec<String> = (0..4).map(|_| leased(&a)).collect();
+        assert!(!got.contains(&"10.0.0.2".to_string()), "{got:?}");
+        // A refresh finds it usable (it binds) and leaves it out.
+        let binds: HashMap<Segment, Result<(), String>> =
+            all.iter().map(|x| (*x, Ok(()))).collect();
+        a.apply_refresh(vec![Ok(all.clone())], &binds);
+        assert!(a.status_v2().pool[1].quarantine.is_some());
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(a.due_checks(), vec![e("10.0.0.2")]);
+        let mut back = ok();
+        back.insert(e("10.0.0.2"), Ok(()));
+        a.apply_checks(&back);
+        assert!(a.status_v2().pool[1].quarantine.is_none(), "on trial");
+        // Failing again: out for twice as long.
+        for _ in 0..8 {
+            report(vec![source("10.0.0.1", 1, 0), source("10.0.0.2", 0, 1)]);
+        }
+        let q = a.status_v2().pool[1].quarantine.clone().expect("out again");
+        assert!(q.reason.contains("after 600ms"), "{}", q.reason);
+        // Off: nothing is taken out.
+        let off = Allocator::new(vec![Source::list("10.0.0.1-10.0.0.3").unwrap()]);
+        off.apply_refresh(vec![Ok(all)], &ok());
+        off.set_unreachable_quarantine(Duration::ZERO);
+        let m = rotor_protocol::WorkerMetrics {
+            boot: 8,
+            seq: 1,
+            by_source: vec![source("10.0.0.1", 9, 0), source("10.0.0.2", 0, 50)],
+            ..Default::default()
+        };
+        off.record_metrics(1, &m);
+        assert!(off.status_v2().pool[1].quarantine.is_none());
     }
 
     /// An allocator over [`three`] keeping its state in `dir`

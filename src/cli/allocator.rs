@@ -74,6 +74,12 @@ settings! {
         /// so a /64 pool is one source to them (128: each address).
         #[arg(value_name = "LEN")]
         site_v6_prefix: Option<u8> = "64",
+        /// How long a pool entry is taken out of the rotation when its
+        /// connects keep failing while the other entries of its family
+        /// connect (an address the provider no longer routes here): then
+        /// it is tried again, and out for twice as long (to 1h) if they
+        /// fail again; 0s: never taken out for it.
+        unreachable_quarantine: Option<Duration> = "1m",
         /// Most connections to the allocator's socket at once (workers,
         /// `rotor` commands); past it a new one is refused with a reason.
         /// Each may hold a frame's room (4 MiB) while it sends one.
@@ -165,6 +171,7 @@ pub struct PoolSettings {
     pub max_sessions_per_user: usize,
     pub site_rules: rotor_allocator::sites::Rules,
     pub max_site_entries: usize,
+    pub unreachable_quarantine: Duration,
     pub checkpoint: Duration,
     pub max_peers: usize,
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -300,6 +307,7 @@ impl AllocatorFlags {
             .and_then(|r| r.with_v6_prefix(a.site_v6_prefix))
             .map_err(ConfigError::Invalid)?,
             max_site_entries: a.max_site_entries,
+            unreachable_quarantine: a.unreachable_quarantine,
             checkpoint: a.checkpoint,
             max_peers: a.max_peers,
             metrics_listen: a.metrics_listen,

@@ -320,6 +320,100 @@ fn nonlocal_bind_does_not_make_a_foreign_address_usable() {
     );
 }
 
+/// A pool address the network no longer routes from (it binds, so no
+/// usability check finds it; every connect from it fails, here on a rule
+/// that makes its connects unreachable) is taken out once the workers'
+/// reports show its connects failing while the others' answer, for every
+/// worker. Its time out over, it is tried again: out for twice as long
+/// while it still fails, and serving again once mended.
+#[test]
+fn an_address_whose_connects_fail_is_taken_out_and_tried_again() {
+    const RULE: &str = "rule add pref 10 from 127.0.0.4 to 127.0.0.1 unreachable";
+    in_netns(
+        "an_address_whose_connects_fail_is_taken_out_and_tried_again",
+        &["rule del pref 0", "rule add pref 100 lookup local", RULE],
+        || async {
+            let origin = Origin::start().await;
+            let alloc = Allocator::start(&[
+                "--pool",
+                "127.0.0.2-127.0.0.5",
+                "--unreachable-quarantine",
+                "3s",
+            ])
+            .await;
+            let w = Worker::start(&alloc.socket, &[]).await;
+            let socket = alloc.socket.clone();
+            let reason = move || status_json(&socket)["pool"][2]["quarantined"]["reason"].clone();
+            // Every fourth request leaves from 127.0.0.4 and fails: the
+            // eighth failure in a row takes it out (at the worker's next
+            // report, within a second).
+            let fails = |n: usize| {
+                let origin = &origin;
+                async move {
+                    let mut failed = 0;
+                    for i in 0..n {
+                        let r = get(w.addr, &origin.url("/")).await;
+                        match r.status {
+                            200 => {}
+                            502 => failed += 1,
+                            s => panic!("request {i}: {s} {:?}", r.body),
+                        }
+                    }
+                    failed
+                }
+            };
+            assert_eq!(fails(32).await, 8);
+            let out = |what: &'static str| {
+                let reason = reason.clone();
+                async move {
+                    eventually(what, || {
+                        let r = reason();
+                        async move { r.as_str().is_some() }
+                    })
+                    .await;
+                    reason().as_str().unwrap().to_string()
+                }
+            };
+            let why = out("127.0.0.4 out of the rotation").await;
+            assert!(
+                why.contains("its last 8 connects failed") && why.contains("after 3s"),
+                "{why}"
+            );
+            let before = origin.sources().len();
+            assert_eq!(fails(12).await, 0, "out for every request");
+            assert!(!origin.sources()[before..].contains(&"127.0.0.4".parse().unwrap()));
+            // Its time over, it is back on trial; still failing, it goes
+            // out for twice as long.
+            let back = || {
+                let reason = reason.clone();
+                async move {
+                    eventually("127.0.0.4 back on trial", || {
+                        let r = reason();
+                        async move { r.is_null() }
+                    })
+                    .await
+                }
+            };
+            back().await;
+            assert_eq!(fails(32).await, 8);
+            let why = out("127.0.0.4 out again").await;
+            assert!(why.contains("after 6s"), "{why}");
+            // Mended: back after its time, and serving.
+            let ok = std::process::Command::new("ip")
+                .args(RULE.replace("add", "del").split_whitespace())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "ip {RULE}");
+            back().await;
+            let before = origin.sources().len();
+            assert_eq!(fails(8).await, 0);
+            let from: Vec<IpAddr> = origin.sources()[before..].to_vec();
+            assert!(from.contains(&"127.0.0.4".parse().unwrap()), "{from:?}");
+        },
+    );
+}
+
 /// An address that goes away after the allocator checked it: the worker
 /// that cannot bind it reports it, every worker stops getting it, and the
 /// request is served from the next address. Once back, it rotates again.
