@@ -17,7 +17,7 @@
 //! them do, and none is taken out when 98 % of them do.
 //!
 //! Taken out for `first` (`--unreachable-quarantine`), then back on trial:
-//! another such run takes it out for twice as long (to an hour, or `first`
+//! another run, a quarter as long (two at least), takes it out for twice as long (to an hour, or `first`
 //! if longer), an answer from it forgets the run and the doubling. Kept per
 //! entry with a run or a doubling: bounded by the pool (an entry that
 //! leaves the pool is forgotten).
@@ -34,6 +34,8 @@ pub const RUN_MIN: u64 = 8;
 /// Runs longer than this are never asked for: where the destinations fail
 /// so often that a run this long is likely by chance, nothing is taken out.
 pub const RUN_MAX: u64 = 1000;
+/// The shortest run that takes an entry on trial out again.
+pub const TRIAL_MIN: u64 = 2;
 /// How likely the run that takes an entry out may be by chance alone.
 const CHANCE: f64 = 1e-9;
 /// The window over which the destinations' failure rate is counted: this
@@ -169,9 +171,15 @@ impl Reach {
                 0 => 0.0,
                 n => others_failed as f64 / n as f64,
             };
-            let Some(needed) = Self::run_needed(failing) else {
+            let Some(mut needed) = Self::run_needed(failing) else {
                 continue;
             };
+            if !run.out_for.is_zero() {
+                // On trial: it was found failing already, so a quarter of
+                // the run (two at least) takes it out again, and a
+                // blackholed address costs fewer requests each time.
+                needed = needed.div_ceil(4).max(TRIAL_MIN);
+            }
             let others_answered = self.answered[e.family().index()].is_some_and(|t| t >= run.since);
             if run.failed < needed || !others_answered {
                 continue;
@@ -295,10 +303,15 @@ mod tests {
                 wait: Duration::from_secs(60)
             }]
         );
-        // Back on trial and failing again: out for twice as long.
-        let s = said(&[("10.0.0.1", 1, 0), ("10.0.0.2", 0, 8)]);
-        let out = r.report(t + Duration::from_secs(70), 1, &s, none);
-        assert_eq!(out[0].wait, Duration::from_secs(120));
+        // Back on trial and failing again: out for twice as long, after
+        // a quarter of the run.
+        let s = said(&[("10.0.0.1", 1, 0), ("10.0.0.2", 0, 1)]);
+        assert!(r
+            .report(t + Duration::from_secs(70), 1, &s, none)
+            .is_empty());
+        let s = said(&[("10.0.0.1", 1, 0), ("10.0.0.2", 0, 1)]);
+        let out = r.report(t + Duration::from_secs(71), 1, &s, none);
+        assert_eq!((out[0].failed, out[0].wait), (2, Duration::from_secs(120)));
         // An answer from it forgets the doubling.
         let s = said(&[("10.0.0.2", 1, 0)]);
         assert!(r

@@ -383,7 +383,8 @@ fn an_address_whose_connects_fail_is_taken_out_and_tried_again() {
             assert_eq!(fails(12).await, 0, "out for every request");
             assert!(!origin.sources()[before..].contains(&"127.0.0.4".parse().unwrap()));
             // Its time over, it is back on trial; still failing, it goes
-            // out for twice as long.
+            // out for twice as long (after two failures, at the worker's
+            // next report).
             let back = || {
                 let reason = reason.clone();
                 async move {
@@ -395,7 +396,8 @@ fn an_address_whose_connects_fail_is_taken_out_and_tried_again() {
                 }
             };
             back().await;
-            assert_eq!(fails(32).await, 8);
+            let failed = fails(32).await;
+            assert!((2..=8).contains(&failed), "{failed}");
             let why = out("127.0.0.4 out again").await;
             assert!(why.contains("after 6s"), "{why}");
             // Mended: back after its time, and serving.
