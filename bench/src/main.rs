@@ -353,7 +353,7 @@ async fn lease_bench(
             .await
             .with_context(|| format!("connect {}", socket.display()))?;
         let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
-        client_handshake(&mut chan, Hello::new(Role::Worker, "rotor-bench")).await?;
+        client_handshake(&mut chan, Hello::new(Role::Control, "rotor-bench")).await?;
         let site = site.clone();
         tasks.push(tokio::spawn(async move {
             let (mut tx, mut rx) = chan.split();
@@ -427,7 +427,7 @@ async fn table_bench(socket: &PathBuf, threads: usize, dur: Duration) -> anyhow:
         .await
         .with_context(|| format!("connect {}", socket.display()))?;
     let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
-    client_handshake(&mut chan, Hello::new(Role::Worker, "rotor-bench")).await?;
+    client_handshake(&mut chan, Hello::new(Role::Control, "rotor-bench")).await?;
     chan.send(&ClientFrame::Request(Envelope {
         id: 1,
         body: Request::Attach,

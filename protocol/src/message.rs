@@ -76,7 +76,10 @@ pub const HISTOGRAM_BOUNDS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
-/// What a connecting peer is; the allocator lists workers in its status.
+/// What a connecting peer is; the allocator lists workers in its status,
+/// counts them for `/health` and waits for their word on a reload. A peer
+/// that leases but proxies nothing (`rotor-bench`, a tool of one's own)
+/// says `Control`: the role grants nothing, every peer may lease.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
     Worker,
