@@ -41,6 +41,9 @@ pub struct SourceTotals {
     pub connect_errors: u64,
     pub bytes_to: u64,
     pub bytes_from: u64,
+    /// Times the entry was taken out because its connects failed while
+    /// the others' answered (`reach`).
+    pub unreachable: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -107,14 +110,15 @@ impl HostMetrics {
     }
 
     /// Adds a report of worker `peer` (pid `pid`); `label` names the
-    /// source entry of an address.
+    /// source entry of an address. Whether it was added (not a report
+    /// sent again).
     pub fn add(
         &mut self,
         peer: u64,
         pid: u32,
         m: &WorkerMetrics,
         label: impl Fn(std::net::IpAddr) -> String,
-    ) {
+    ) -> bool {
         // A report sent again (its acknowledgement lost) counts once.
         let now = std::time::Instant::now();
         if self
@@ -122,7 +126,7 @@ impl HostMetrics {
             .get(&m.boot)
             .is_some_and(|(seq, _)| m.seq <= *seq)
         {
-            return;
+            return false;
         }
         self.applied.insert(m.boot, (m.seq, now));
         let len = self.applied.len();
@@ -199,6 +203,7 @@ impl HostMetrics {
         *run = run.saturating_add(m.requests);
         w.requests = *run;
         w.boot = m.boot;
+        true
     }
 }
 
@@ -453,6 +458,12 @@ pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
         "rotor_source_connect_errors",
         "Upstream connections that failed (refused, unreachable, timed out), by source entry",
         m.by_source.iter().map(|(k, t)| (src(k), t.connect_errors)),
+    );
+    counter_family(
+        &mut r,
+        "rotor_source_unreachable",
+        "Times the entry was taken out of the rotation because its connects failed while the other entries' answered",
+        m.by_source.iter().map(|(k, t)| (src(k), t.unreachable)),
     );
     counter_family(
         &mut r,

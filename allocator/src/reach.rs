@@ -1,26 +1,30 @@
-//! Pool entries whose connects fail while the other entries of their family
-//! connect: an address the provider no longer routes to this host (a
-//! failover IP moved away, a prefix withdrawn, a null route upstream). It
-//! binds, so no usability check finds it, and every request leased it
-//! times out or is refused. Told by the workers' metrics reports (every
-//! second: connects by source, answers by source), never by the request's
-//! path, so it costs a request nothing.
+//! Pool entries whose connects fail where the others' answer: an address
+//! the provider no longer routes to this host (a failover IP moved away,
+//! a prefix withdrawn, a null route upstream). It binds, so no usability
+//! check finds it, and every request leased it times out or is refused.
+//! Told by the workers (every second, off the request's path): answers and
+//! tunnels by source (`Request::Metrics`), and failed connects their
+//! worker confirmed as the source's fault (`Request::Unreached`: the
+//! destination answered another source within seconds before and after
+//! each; see the worker's `witness`). A destination that is down, or a
+//! port that is closed, confirms none.
 //!
-//! The rule, per entry: its connects have failed `run` times in a row with
-//! no answer, no tunnel and no connect from it in between, and an entry of
-//! its family got an answer since that run began. A destination that is
-//! down fails every entry alike and takes none out; an entry that answers
-//! anything is not the one at fault. `run` is long enough that the
-//! destinations' own failure rate (the share of the other connects that
-//! failed, over the last minute or two) makes such a run by chance a
-//! one-in-a-billion event: 8 when connects rarely fail, 30 when half of
-//! them do, and none is taken out when 98 % of them do.
+//! The rule, per entry: `run` confirmed failures in a row, with no answer
+//! and no tunnel from it in between, within [`RUN_AGE`], while an entry of
+//! its family answered since that run began. `run` is long enough that the
+//! rate of such failures among the other entries' connects (over the last
+//! minute or two; the failures of entries in a run left out) makes such a
+//! run by chance a one-in-a-billion event: 8 when they are rare, 30 when
+//! half of the connects fail so, and none is taken out past 98 %.
 //!
 //! Taken out for `first` (`--unreachable-quarantine`), then back on trial:
-//! another run, a quarter as long (two at least), takes it out for twice as long (to an hour, or `first`
-//! if longer), an answer from it forgets the run and the doubling. Kept per
-//! entry with a run or a doubling: bounded by the pool (an entry that
-//! leaves the pool is forgotten).
+//! another run, a quarter as long (two at least), takes it out for twice
+//! as long (to an hour, or `first` if longer); an answer from it, or its
+//! release by hand, forgets the run and the doubling. At most a quarter of
+//! a family's entries (one at least) are out so at once: whatever goes
+//! wrong, the rest stay. Kept per entry with a run or a doubling: bounded
+//! by the pool (an entry that leaves the pool is forgotten), and not kept
+//! over a restart.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -36,21 +40,19 @@ pub const RUN_MIN: u64 = 8;
 pub const RUN_MAX: u64 = 1000;
 /// The shortest run that takes an entry on trial out again.
 pub const TRIAL_MIN: u64 = 2;
+/// A run whose first failure is older than this starts over: failures
+/// days apart are not "in a row".
+pub const RUN_AGE: Duration = Duration::from_secs(600);
+/// How much earlier than a run's start an answer from another entry may
+/// be reported and still count as "since it began".
+const ANSWER_SLACK: Duration = Duration::from_secs(2);
 /// How likely the run that takes an entry out may be by chance alone.
 const CHANCE: f64 = 1e-9;
-/// The window over which the destinations' failure rate is counted: this
-/// one and the one before.
+/// The window over which the failure rate is counted: this one and the
+/// one before.
 const WINDOW: Duration = Duration::from_secs(60);
 /// The longest time out (unless `first` is longer).
 const OUT_MAX: Duration = Duration::from_secs(3600);
-
-/// What a report said of one entry: answers and tunnels from it, and its
-/// failed connects.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Said {
-    pub ok: u64,
-    pub failed: u64,
-}
 
 /// An entry to take out.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,7 +66,7 @@ pub struct Out {
 
 #[derive(Debug, Clone, Copy)]
 struct Run {
-    /// Failed connects since its last answer (or its return).
+    /// Confirmed failures since its last answer (or its return).
     failed: u64,
     /// When the first of them was reported.
     since: Instant,
@@ -72,7 +74,7 @@ struct Run {
     out_for: Duration,
 }
 
-/// Connects that succeeded and failed within one window.
+/// Connects that succeeded, and confirmed failures, within one window.
 #[derive(Debug, Default, Clone, Copy)]
 struct Counts {
     ok: u64,
@@ -106,9 +108,9 @@ impl Reach {
         self.first = first;
     }
 
-    /// The run that takes an entry out when, of the other connects, this
-    /// share failed: the shortest whose chance is under one in a billion,
-    /// `None` past [`RUN_MAX`].
+    /// The run that takes an entry out when this share of the other
+    /// connects failed so: the shortest whose chance is under one in a
+    /// billion, `None` past [`RUN_MAX`].
     pub fn run_needed(failing: f64) -> Option<u64> {
         if failing <= 0.0 {
             return Some(RUN_MIN);
@@ -120,36 +122,43 @@ impl Reach {
         (run <= RUN_MAX).then_some(run.max(RUN_MIN))
     }
 
-    /// Applies one worker's report: `connects_ok` connects that succeeded
-    /// (from any source), and by entry what `said` of it (entries out of
-    /// the rotation, `out`, are not counted: a request in flight as one
-    /// went out tells nothing new). The entries to take out now.
-    pub fn report(
+    /// A worker's report: `connects_ok` connects that succeeded (from any
+    /// source), and the answers and tunnels from each entry (`ok`). An
+    /// entry that answers is not at fault: its run and doubling are
+    /// forgotten.
+    pub fn answers(&mut self, now: Instant, connects_ok: u64, ok: &HashMap<Segment, u64>) {
+        self.count(now, connects_ok, 0);
+        for (e, n) in ok {
+            if *n > 0 {
+                self.answered[e.family().index()] = Some(now);
+                self.runs.remove(e);
+            }
+        }
+    }
+
+    /// A worker's confirmed failures by entry. Entries out of the
+    /// rotation (`out`) are not counted (requests in flight as one went
+    /// out tell nothing new); `room` says whether one more of an entry's
+    /// family may go out (and counts it). The entries to take out now.
+    pub fn failures(
         &mut self,
         now: Instant,
-        connects_ok: u64,
-        said: &HashMap<Segment, Said>,
+        failed: &HashMap<Segment, u64>,
         out: impl Fn(&Segment) -> bool,
+        mut room: impl FnMut(&Segment) -> bool,
     ) -> Vec<Out> {
-        let failed: u64 = said.values().map(|s| s.failed).sum();
-        self.count(now, connects_ok, failed);
+        let total: u64 = failed
+            .iter()
+            .filter(|(e, _)| !out(e))
+            .map(|(_, n)| *n)
+            .sum();
+        self.count(now, 0, total);
         if self.first.is_zero() {
             return Vec::new();
         }
-        for (e, s) in said {
-            if s.ok > 0 {
-                self.answered[e.family().index()] = Some(now);
-            }
-        }
         let mut taken = Vec::new();
-        for (e, s) in said {
-            if s.ok > 0 {
-                // It answers: not the one at fault, and what it did before
-                // is forgotten.
-                self.runs.remove(e);
-                continue;
-            }
-            if s.failed == 0 || out(e) {
+        for (e, n) in failed {
+            if *n == 0 || out(e) {
                 continue;
             }
             let run = self.runs.entry(*e).or_insert(Run {
@@ -157,40 +166,52 @@ impl Reach {
                 since: now,
                 out_for: Duration::ZERO,
             });
-            if run.failed == 0 {
+            if run.failed == 0 || now.saturating_duration_since(run.since) > RUN_AGE {
+                run.failed = 0;
                 run.since = now;
             }
-            run.failed = run.failed.saturating_add(s.failed);
+            run.failed = run.failed.saturating_add(*n);
+            let (failed, since, on_trial) = (run.failed, run.since, !run.out_for.is_zero());
+            if failed < TRIAL_MIN {
+                continue;
+            }
+            // The others' rate: the failures of every entry in a run left
+            // out (most are within the window), so failing entries do not
+            // raise the bar for each other.
             let window = self.window[0].add(self.window[1]);
-            // The others' failure rate: its own failures left out (most
-            // are within the window), so a failing entry does not raise
-            // the bar it must pass.
-            let others_failed = window.failed.saturating_sub(run.failed);
-            let others = window.ok.saturating_add(others_failed);
-            let failing = match others {
+            let in_runs: u64 = self.runs.values().map(|r| r.failed).sum();
+            let others_failed = window.failed.saturating_sub(in_runs);
+            let failing = match window.ok.saturating_add(others_failed) {
                 0 => 0.0,
                 n => others_failed as f64 / n as f64,
             };
             let Some(mut needed) = Self::run_needed(failing) else {
                 continue;
             };
-            if !run.out_for.is_zero() {
-                // On trial: it was found failing already, so a quarter of
-                // the run (two at least) takes it out again, and a
-                // blackholed address costs fewer requests each time.
+            if on_trial {
+                // Found failing already: a quarter of the run (two at
+                // least) takes it out again, so a blackholed address costs
+                // fewer requests each time.
                 needed = needed.div_ceil(4).max(TRIAL_MIN);
             }
-            let others_answered = self.answered[e.family().index()].is_some_and(|t| t >= run.since);
-            if run.failed < needed || !others_answered {
+            // (Within a report's time: a worker's answers and failures of
+            // one second arrive as two messages, either first.)
+            let others_answered =
+                self.answered[e.family().index()].is_some_and(|t| t + ANSWER_SLACK >= since);
+            if failed < needed || !others_answered || !room(e) {
                 continue;
             }
+            let Some(run) = self.runs.get_mut(e) else {
+                continue;
+            };
             let wait = match run.out_for.is_zero() {
                 true => self.first,
                 false => (run.out_for * 2).min(OUT_MAX.max(self.first)),
             };
-            // Its failures were its own: the destinations' failure rate
-            // counts them no longer.
-            let mut left = run.failed;
+            run.out_for = wait;
+            run.failed = 0;
+            // Its failures were its own: the rate counts them no longer.
+            let mut left = failed;
             for w in &mut self.window {
                 let n = left.min(w.failed);
                 w.failed -= n;
@@ -198,11 +219,9 @@ impl Reach {
             }
             taken.push(Out {
                 entry: *e,
-                failed: run.failed,
+                failed,
                 wait,
             });
-            run.out_for = wait;
-            run.failed = 0;
         }
         taken
     }
@@ -226,6 +245,11 @@ impl Reach {
         let w = &mut self.window[0];
         w.ok = w.ok.saturating_add(ok);
         w.failed = w.failed.saturating_add(failed);
+    }
+
+    /// Forgets an entry's run and doubling (released by hand).
+    pub fn forget(&mut self, e: &Segment) {
+        self.runs.remove(e);
     }
 
     /// Forgets entries no longer in the pool.
@@ -260,23 +284,20 @@ mod tests {
         Segment::single(s.parse().unwrap())
     }
 
-    fn said(items: &[(&str, u64, u64)]) -> HashMap<Segment, Said> {
-        items
-            .iter()
-            .map(|(e, ok, failed)| {
-                (
-                    seg(e),
-                    Said {
-                        ok: *ok,
-                        failed: *failed,
-                    },
-                )
-            })
-            .collect()
+    fn by(items: &[(&str, u64)]) -> HashMap<Segment, u64> {
+        items.iter().map(|(e, n)| (seg(e), *n)).collect()
+    }
+
+    /// A report: answers from `ok` (one connect each), then the
+    /// confirmed failures `failed`; the entries taken out.
+    fn report(r: &mut Reach, t: Instant, ok: &[(&str, u64)], failed: &[(&str, u64)]) -> Vec<Out> {
+        let ok = by(ok);
+        r.answers(t, ok.values().sum(), &ok);
+        r.failures(t, &by(failed), |_| false, |_| true)
     }
 
     #[test]
-    fn the_run_needed_follows_the_destinations_failure_rate() {
+    fn the_run_needed_follows_the_failure_rate() {
         assert_eq!(Reach::run_needed(0.0), Some(RUN_MIN));
         assert_eq!(Reach::run_needed(0.01), Some(RUN_MIN));
         assert_eq!(Reach::run_needed(0.5), Some(30));
@@ -289,12 +310,10 @@ mod tests {
     fn a_failing_entry_goes_out_when_the_others_answer() {
         let mut r = Reach::new(Duration::from_secs(60));
         let t = Instant::now();
-        let none = |_: &Segment| false;
+        let s = |n: u64| t + Duration::from_secs(n);
         // Seven failures: not yet.
-        let s = said(&[("10.0.0.1", 5, 0), ("10.0.0.2", 0, 7)]);
-        assert!(r.report(t, 5, &s, none).is_empty());
-        let s = said(&[("10.0.0.1", 1, 0), ("10.0.0.2", 0, 1)]);
-        let out = r.report(t + Duration::from_secs(1), 1, &s, none);
+        assert!(report(&mut r, t, &[("10.0.0.1", 5)], &[("10.0.0.2", 7)]).is_empty());
+        let out = report(&mut r, s(1), &[("10.0.0.1", 1)], &[("10.0.0.2", 1)]);
         assert_eq!(
             out,
             vec![Out {
@@ -305,88 +324,87 @@ mod tests {
         );
         // Back on trial and failing again: out for twice as long, after
         // a quarter of the run.
-        let s = said(&[("10.0.0.1", 1, 0), ("10.0.0.2", 0, 1)]);
-        assert!(r
-            .report(t + Duration::from_secs(70), 1, &s, none)
-            .is_empty());
-        let s = said(&[("10.0.0.1", 1, 0), ("10.0.0.2", 0, 1)]);
-        let out = r.report(t + Duration::from_secs(71), 1, &s, none);
+        assert!(report(&mut r, s(70), &[("10.0.0.1", 1)], &[("10.0.0.2", 1)]).is_empty());
+        let out = report(&mut r, s(71), &[("10.0.0.1", 1)], &[("10.0.0.2", 1)]);
         assert_eq!((out[0].failed, out[0].wait), (2, Duration::from_secs(120)));
         // An answer from it forgets the doubling.
-        let s = said(&[("10.0.0.2", 1, 0)]);
-        assert!(r
-            .report(t + Duration::from_secs(200), 1, &s, none)
-            .is_empty());
+        assert!(report(&mut r, s(200), &[("10.0.0.2", 1)], &[]).is_empty());
         assert!(r.is_empty());
-        let s = said(&[("10.0.0.1", 1, 0), ("10.0.0.2", 0, 8)]);
-        let out = r.report(t + Duration::from_secs(201), 1, &s, none);
+        let out = report(&mut r, s(201), &[("10.0.0.1", 1)], &[("10.0.0.2", 8)]);
         assert_eq!(out[0].wait, Duration::from_secs(60));
+        // So does a release by hand.
+        r.forget(&seg("10.0.0.2"));
+        assert!(r.is_empty());
     }
 
     #[test]
-    fn a_destination_down_for_everyone_takes_nothing_out() {
+    fn failures_of_a_family_whose_others_never_answer_take_nothing_out() {
         let mut r = Reach::new(Duration::from_secs(60));
         let t = Instant::now();
         for i in 0..20 {
-            let s = said(&[("10.0.0.1", 0, 5), ("10.0.0.2", 0, 5), ("fd00::1", 3, 0)]);
+            let at = t + Duration::from_secs(i);
             // (An IPv6 entry's answers say nothing of IPv4's.)
-            assert!(r
-                .report(t + Duration::from_secs(i), 3, &s, |_| false)
-                .is_empty());
+            let f = [("10.0.0.1", 5), ("10.0.0.2", 5)];
+            assert!(report(&mut r, at, &[("fd00::1", 3)], &f).is_empty());
         }
     }
 
     #[test]
-    fn an_entry_that_answers_anything_is_not_at_fault() {
+    fn an_answer_before_the_run_began_does_not_count_nor_does_an_old_run() {
         let mut r = Reach::new(Duration::from_secs(60));
         let t = Instant::now();
-        for i in 0..20 {
-            let s = said(&[("10.0.0.1", 5, 0), ("10.0.0.2", 1, 9)]);
-            assert!(r
-                .report(t + Duration::from_secs(i), 6, &s, |_| false)
-                .is_empty());
+        assert!(report(&mut r, t, &[("10.0.0.1", 5)], &[]).is_empty());
+        let at = t + Duration::from_secs(3);
+        assert!(report(&mut r, at, &[], &[("10.0.0.2", 50)]).is_empty());
+        // Seven failures, then one past RUN_AGE: a run of one.
+        let mut r = Reach::new(Duration::from_secs(60));
+        assert!(report(&mut r, t, &[("10.0.0.1", 1)], &[("10.0.0.2", 7)]).is_empty());
+        let late = t + RUN_AGE + Duration::from_secs(1);
+        assert!(report(&mut r, late, &[("10.0.0.1", 1)], &[("10.0.0.2", 1)]).is_empty());
+    }
+
+    #[test]
+    fn when_many_connects_fail_so_a_longer_run_is_needed() {
+        let mut r = Reach::new(Duration::from_secs(60));
+        let t = Instant::now();
+        // Half of the connects of entries not in a run fail so (the
+        // failures of .1's run were forgotten by its answer): 30 in a row.
+        r.answers(t, 10, &by(&[("10.0.0.1", 10)]));
+        for _ in 0..10 {
+            r.failures(t, &by(&[("10.0.0.3", 1)]), |_| false, |_| true);
+            r.answers(t, 0, &by(&[("10.0.0.3", 1)]));
         }
-    }
-
-    #[test]
-    fn an_answer_before_the_run_began_does_not_count() {
-        let mut r = Reach::new(Duration::from_secs(60));
-        let t = Instant::now();
-        let s = said(&[("10.0.0.1", 5, 0)]);
-        assert!(r.report(t, 5, &s, |_| false).is_empty());
-        let s = said(&[("10.0.0.2", 0, 50)]);
-        assert!(r
-            .report(t + Duration::from_secs(1), 0, &s, |_| false)
-            .is_empty());
-    }
-
-    #[test]
-    fn when_most_connects_fail_a_longer_run_is_needed() {
-        let mut r = Reach::new(Duration::from_secs(60));
-        let t = Instant::now();
-        // Half of the others' connects fail: 30 in a row needed.
-        let s = said(&[("10.0.0.1", 10, 10), ("10.0.0.2", 0, 29)]);
-        assert!(r.report(t, 10, &s, |_| false).is_empty());
-        let s = said(&[("10.0.0.1", 1, 1), ("10.0.0.2", 0, 1)]);
-        let out = r.report(t, 1, &s, |_| false);
+        let f = |n| by(&[("10.0.0.2", n)]);
+        assert!(r.failures(t, &f(29), |_| false, |_| true).is_empty());
+        let out = r.failures(t, &f(1), |_| false, |_| true);
         assert_eq!(out.len(), 1, "{out:?}");
         assert_eq!(out[0].failed, 30);
     }
 
     #[test]
-    fn entries_out_or_gone_are_not_counted_and_off_takes_none_out() {
+    fn entries_out_or_gone_are_not_counted_nor_past_the_room_and_off_takes_none_out() {
         let mut r = Reach::new(Duration::from_secs(60));
         let t = Instant::now();
-        let s = said(&[("10.0.0.1", 5, 0), ("10.0.0.2", 0, 50)]);
-        assert!(r.report(t, 5, &s, |e| *e == seg("10.0.0.2")).is_empty());
+        r.answers(t, 5, &by(&[("10.0.0.1", 5)]));
+        let f = by(&[("10.0.0.2", 50)]);
+        assert!(r
+            .failures(t, &f, |e| *e == seg("10.0.0.2"), |_| true)
+            .is_empty());
         assert!(r.is_empty());
-        let s = said(&[("10.0.0.1", 5, 0), ("10.0.0.2", 0, 3)]);
-        r.report(t, 5, &s, |_| false);
+        assert!(
+            r.failures(t, &f, |_| false, |_| false).is_empty(),
+            "no room"
+        );
         assert_eq!(r.len(), 1);
+        assert_eq!(
+            r.failures(t, &by(&[("10.0.0.2", 1)]), |_| false, |_| true)
+                .len(),
+            1
+        );
         r.retain(&HashSet::from([seg("10.0.0.1")]));
         assert!(r.is_empty());
         let mut off = Reach::new(Duration::ZERO);
-        let s = said(&[("10.0.0.1", 5, 0), ("10.0.0.2", 0, 50)]);
-        assert!(off.report(t, 5, &s, |_| false).is_empty());
+        off.answers(t, 5, &by(&[("10.0.0.1", 5)]));
+        assert!(off.failures(t, &f, |_| false, |_| true).is_empty());
     }
 }

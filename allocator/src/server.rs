@@ -885,6 +885,10 @@ async fn answer(
             alloc.record_metrics(id, &m);
             Response::Noted { quarantined: false }
         }
+        Request::Unreached { by_source } => {
+            alloc.unreached(id, &by_source, rights == Rights::Control);
+            Response::Noted { quarantined: false }
+        }
         Request::HostStatus => Response::HostStatus(alloc.host_report()),
         Request::WorkerReloaded { asked, failed } => {
             // (Cut as a reload's report is: the answer that lists them

@@ -552,7 +552,10 @@ impl Inner {
                     tracing::info!(entry = %e, "pool address back in the rotation on trial after its time out for failed connects (out again, for twice as long, if its connects fail again)");
                     return;
                 }
-                // It cannot be used at all now: out as any such entry.
+                // It cannot be used at all: out as any such entry once its
+                // time is over (a check failing for a moment does not cut
+                // that time short).
+                Err(_) if q.next_check > now => return,
                 Err(_) => {
                     self.quarantine.remove(&e);
                 }
@@ -594,45 +597,92 @@ impl Inner {
         }
     }
 
-    /// Counts a worker's report of connects by source (`reach`), and takes
-    /// out the entries whose connects fail while their family's others
-    /// answer.
-    fn judge_reach(&mut self, m: &rotor_protocol::WorkerMetrics, now: Instant) {
-        let mut said: HashMap<Segment, crate::reach::Said> = HashMap::new();
+    /// Counts a worker's report of answers by source (`reach`): an entry
+    /// that answers is not at fault.
+    fn reach_answers(&mut self, m: &rotor_protocol::WorkerMetrics, now: Instant) {
+        let mut ok: HashMap<Segment, u64> = HashMap::new();
         for s in &m.by_source {
-            let ok = s
+            let n = s
                 .responses
                 .iter()
                 .fold(s.tunnels, |a, n| a.saturating_add(*n));
-            if (ok == 0 && s.connect_errors == 0) || s.ip.is_unspecified() {
+            if n == 0 || s.ip.is_unspecified() {
                 continue;
             }
-            let Some(e) = self.pool.entry_of(s.ip) else {
-                continue;
-            };
-            let d = said.entry(e).or_default();
-            d.ok = d.ok.saturating_add(ok);
-            d.failed = d.failed.saturating_add(s.connect_errors);
+            if let Some(e) = self.pool.entry_of(s.ip) {
+                let d = ok.entry(e).or_default();
+                *d = d.saturating_add(n);
+            }
         }
         let connects_ok = m
             .connect_seconds
             .counts
             .iter()
             .fold(0u64, |a, n| a.saturating_add(*n));
+        self.reach.answers(now, connects_ok, &ok);
+    }
+
+    /// Counts a worker's confirmed connect failures by source (`reach`),
+    /// and takes out the entries whose connects keep failing where the
+    /// others' answer: at most a quarter of a family's entries (one at
+    /// least) out so at once.
+    fn reach_failures(&mut self, by_source: &[(IpAddr, u64)], now: Instant) {
+        let mut failed: HashMap<Segment, u64> = HashMap::new();
+        for (ip, n) in by_source.iter().take(rotor_protocol::UNREACHED_LISTED) {
+            if let Some(e) = self.pool.entry_of(*ip) {
+                let d = failed.entry(e).or_default();
+                *d = d.saturating_add(*n);
+            }
+        }
+        if failed.is_empty() {
+            return;
+        }
         let quarantine = &self.quarantine;
-        let out = self
-            .reach
-            .report(now, connects_ok, &said, |e| quarantine.contains_key(e));
+        // Counted once, when a first entry might go out.
+        let mut room: Option<[usize; 2]> = None;
+        let pool = &self.pool;
+        let out = self.reach.failures(
+            now,
+            &failed,
+            |e| quarantine.contains_key(e),
+            |e| {
+                let room = room.get_or_insert_with(|| {
+                    let mut listed = [0usize; 2];
+                    for x in pool.addrs() {
+                        listed[x.family().index()] += 1;
+                    }
+                    let mut left = listed.map(|n| (n / 4).max(1));
+                    for (x, q) in quarantine {
+                        if q.unreachable {
+                            let l = &mut left[x.family().index()];
+                            *l = l.saturating_sub(1);
+                        }
+                    }
+                    left
+                });
+                let left = &mut room[e.family().index()];
+                let some = *left > 0;
+                *left = left.saturating_sub(1);
+                some
+            },
+        );
         if out.is_empty() {
             return;
         }
-        for o in out {
+        let mut told = 0;
+        for o in &out {
             let reason = format!(
-                "its last {} connects failed while other addresses of its family connected (not routed to this host upstream?); tried again after {}",
+                "its last {} connects failed where other addresses' were answered (not routed to this host upstream?); tried again after {}",
                 o.failed,
                 humantime::format_duration(o.wait)
             );
-            tracing::warn!(entry = %o.entry, %reason, "pool address out of the rotation: connects from it fail");
+            told += 1;
+            if told <= Told::EACH {
+                tracing::warn!(entry = %o.entry, %reason, "pool address out of the rotation: connects from it fail");
+            }
+            if let Some(t) = self.metrics.by_source.get_mut(&o.entry.to_string()) {
+                t.unreachable += 1;
+            }
             self.quarantine.insert(
                 o.entry,
                 Quarantine {
@@ -644,6 +694,12 @@ impl Inner {
                     until: None,
                     unreachable: true,
                 },
+            );
+        }
+        if told > Told::EACH {
+            tracing::warn!(
+                more = told - Told::EACH,
+                "more pool addresses out of the rotation: connects from them fail (rotor_source_unreachable_total counts them)"
             );
         }
         self.publish_quarantine();
@@ -1231,6 +1287,7 @@ impl Allocator {
         };
         let now = Instant::now();
         if release {
+            inner.reach.forget(&e);
             if inner.quarantine.remove(&e).is_some() {
                 tracing::info!(entry = %e, "pool address put back into the rotation by hand");
             }
@@ -1262,12 +1319,29 @@ impl Allocator {
         let mut inner = self.lock();
         let pid = inner.peers.get(&peer).map_or(0, |p| p.hello.pid);
         let Inner { metrics, pool, .. } = &mut *inner;
-        metrics.add(peer, pid, m, |ip| match pool.entry_of(ip) {
+        let applied = metrics.add(peer, pid, m, |ip| match pool.entry_of(ip) {
             Some(e) => e.to_string(),
             // Left the pool, or the worker's own `other`.
             None => "other".to_string(),
         });
-        inner.judge_reach(m, Instant::now());
+        if applied {
+            inner.reach_answers(m, Instant::now());
+        }
+    }
+
+    /// Worker `peer`'s connects that failed where other sources' were
+    /// answered (`Request::Unreached`); heard only from a peer that may
+    /// steer the pool (`trusted`: root or the allocator's own user, as
+    /// workers run), since no check here can tell them false.
+    pub fn unreached(&self, peer: u64, by_source: &[(IpAddr, u64)], trusted: bool) {
+        if !trusted {
+            tracing::debug!(
+                peer,
+                "connect failures from a peer let in only to lease: not heard"
+            );
+            return;
+        }
+        self.lock().reach_failures(by_source, Instant::now());
     }
 
     /// Sets the first time out of an entry whose connects fail while its
@@ -2392,34 +2466,41 @@ mod tests {
         let all = vec![e("10.0.0.1"), e("10.0.0.2"), e("10.0.0.3")];
         a.apply_refresh(vec![Ok(all.clone())], &ok());
         a.set_unreachable_quarantine(Duration::from_millis(300));
-        let source = |ip: &str, ok: u64, failed: u64| rotor_protocol::SourceMetrics {
+        let source = |ip: &str, ok: u64| rotor_protocol::SourceMetrics {
             ip: ip.parse().unwrap(),
             responses: [0, ok, 0, 0, 0],
             tunnels: 0,
-            connect_errors: failed,
+            connect_errors: 0,
             bytes_to: 0,
             bytes_from: 0,
         };
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
         let mut seq = 0;
-        let mut report = |by_source| {
+        // A worker's tick: answers from `ok`, then its confirmed failures
+        // from 10.0.0.2.
+        let mut report = |a: &Allocator, ok: &str, failed: u64| {
             seq += 1;
             let mut m = rotor_protocol::WorkerMetrics {
                 boot: 7,
                 seq,
-                by_source,
+                by_source: vec![source(ok, 1)],
                 ..Default::default()
             };
             m.connect_seconds.observe(0.001);
             a.record_metrics(1, &m);
+            a.unreached(1, &[(ip("10.0.0.2"), failed)], true);
         };
         for _ in 0..7 {
-            report(vec![source("10.0.0.1", 1, 0), source("10.0.0.2", 0, 1)]);
+            report(&a, "10.0.0.1", 1);
         }
         assert!(
             a.status_v2().pool[1].quarantine.is_none(),
             "7 are not enough"
         );
-        report(vec![source("10.0.0.3", 1, 0), source("10.0.0.2", 0, 1)]);
+        // A peer let in only to lease is not heard.
+        a.unreached(2, &[(ip("10.0.0.2"), 50)], false);
+        assert!(a.status_v2().pool[1].quarantine.is_none());
+        report(&a, "10.0.0.3", 1);
         let q = a.status_v2().pool[1].quarantine.clone().expect("out");
         assert!(
             q.reason.contains("its last 8 connects failed"),
@@ -2432,34 +2513,44 @@ mod tests {
         };
         let got: Vec<String> = (0..4).map(|_| leased(&a)).collect();
         assert!(!got.contains(&"10.0.0.2".to_string()), "{got:?}");
-        // A refresh finds it usable (it binds) and leaves it out.
+        // A refresh finds it usable (it binds), or a check fails for a
+        // moment: it stays out for its time all the same.
         let binds: HashMap<Segment, Result<(), String>> =
             all.iter().map(|x| (*x, Ok(()))).collect();
         a.apply_refresh(vec![Ok(all.clone())], &binds);
         assert!(a.status_v2().pool[1].quarantine.is_some());
+        let mut bad = ok();
+        bad.insert(e("10.0.0.2"), Err("gone a moment".into()));
+        a.apply_checks(&bad);
+        let q = a.status_v2().pool[1].quarantine.clone().expect("still out");
+        assert!(q.reason.contains("connects failed"), "{}", q.reason);
         std::thread::sleep(Duration::from_millis(350));
         assert_eq!(a.due_checks(), vec![e("10.0.0.2")]);
         let mut back = ok();
         back.insert(e("10.0.0.2"), Ok(()));
         a.apply_checks(&back);
         assert!(a.status_v2().pool[1].quarantine.is_none(), "on trial");
-        // Failing again: out for twice as long.
-        for _ in 0..8 {
-            report(vec![source("10.0.0.1", 1, 0), source("10.0.0.2", 0, 1)]);
-        }
+        // Failing again: out for twice as long, after two.
+        report(&a, "10.0.0.1", 2);
         let q = a.status_v2().pool[1].quarantine.clone().expect("out again");
         assert!(q.reason.contains("after 600ms"), "{}", q.reason);
+        // Released by hand, it starts over: two more do not take it out.
+        a.steer(ip("10.0.0.2"), true, None);
+        report(&a, "10.0.0.1", 2);
+        assert!(a.status_v2().pool[1].quarantine.is_none());
+        // One entry of three at most (a quarter, one at least): a second
+        // failing entry stays in.
+        report(&a, "10.0.0.1", 6);
+        assert!(a.status_v2().pool[1].quarantine.is_some());
+        for _ in 0..3 {
+            a.unreached(1, &[(ip("10.0.0.3"), 8)], true);
+        }
+        assert!(a.status_v2().pool[2].quarantine.is_none(), "no room");
         // Off: nothing is taken out.
         let off = Allocator::new(vec![Source::list("10.0.0.1-10.0.0.3").unwrap()]);
         off.apply_refresh(vec![Ok(all)], &ok());
         off.set_unreachable_quarantine(Duration::ZERO);
-        let m = rotor_protocol::WorkerMetrics {
-            boot: 8,
-            seq: 1,
-            by_source: vec![source("10.0.0.1", 9, 0), source("10.0.0.2", 0, 50)],
-            ..Default::default()
-        };
-        off.record_metrics(1, &m);
+        report(&off, "10.0.0.1", 50);
         assert!(off.status_v2().pool[1].quarantine.is_none());
     }
 

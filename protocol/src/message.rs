@@ -23,7 +23,7 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 12;
+pub const PROTOCOL_MINOR: u16 = 13;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
@@ -69,6 +69,12 @@ pub const MINOR_ORDER_KEY: u16 = 11;
 /// worker's part of a reload went) and answers `Request::ReloadReportV2`
 /// (a reload's outcome with each worker's).
 pub const MINOR_WORKER_RELOADS: u16 = 12;
+/// The first minor whose allocator takes `Request::Unreached` (connects
+/// that failed from a source while their destination answered others).
+pub const MINOR_UNREACHED: u16 = 13;
+/// Sources an `Unreached` names at most (a worker's report names at most
+/// as many).
+pub const UNREACHED_LISTED: usize = 10_000;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
 /// sides; the last bucket (+Inf) is implicit.
@@ -329,6 +335,13 @@ pub enum Request {
     /// 12): the allocator waits a few seconds for their word. Answered
     /// `ReloadReportV2`.
     ReloadReportV2,
+    /// Connects from these sources that failed, since the last such word,
+    /// to a destination that answered another source within seconds
+    /// before and after each (since minor 13), for sources that got no
+    /// answer from anywhere meanwhile: the allocator takes an entry whose
+    /// connects keep failing out of the rotation. At most
+    /// `UNREACHED_LISTED`. Answered `Noted`.
+    Unreached { by_source: Vec<(IpAddr, u64)> },
 }
 
 impl Request {
@@ -353,6 +366,7 @@ impl Request {
             Request::SitesV2 { .. } => MINOR_SITES_V2,
             Request::LeaseSessionSite { .. } => MINOR_SESSION_SITE,
             Request::WorkerReloaded { .. } | Request::ReloadReportV2 => MINOR_WORKER_RELOADS,
+            Request::Unreached { .. } => MINOR_UNREACHED,
         }
     }
 }

@@ -290,6 +290,16 @@ fn golden_client_frames() {
         }),
         "010716",
     );
+    // Minor 13.
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::Unreached {
+                by_source: vec![("10.0.0.4".parse().unwrap(), 9)],
+            },
+        }),
+        "01071701000a00000409",
+    );
 }
 
 #[test]

@@ -629,11 +629,20 @@ impl LeaseClient {
         }
     }
 
+    /// Tells the allocator of connects that failed from these sources
+    /// while their destination answered others (see `witness`). Not waited
+    /// for; an allocator older than minor 13 is not told.
+    pub fn unreached(&self, by_source: Vec<(IpAddr, u64)>) {
+        if !by_source.is_empty() {
+            self.tell(Request::Unreached { by_source });
+        }
+    }
+
     /// Sends `body` without waiting for the answer (its reply, matched to
-    /// no waiter, is dropped), to an allocator that knows sites.
+    /// no waiter, is dropped), to an allocator that reads it.
     fn tell(&self, body: Request) {
         let conn = self.conn.borrow().clone();
-        if let Some(c) = conn.filter(|c| c.minor >= MINOR_SITES) {
+        if let Some(c) = conn.filter(|c| c.minor >= body.min_minor()) {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let _ = c.requests.send(Envelope { id, body });
         }

@@ -28,6 +28,7 @@ pub mod socks;
 mod text;
 pub mod tls;
 pub mod upstream;
+pub mod witness;
 
 pub use lease::LeaseClient;
 

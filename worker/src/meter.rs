@@ -26,6 +26,9 @@ struct Acc {
     request_seconds: Histogram,
     connect_seconds: Histogram,
     lease_wait_seconds: Histogram,
+    /// Failed connects confirmed as their source's fault (kept across
+    /// reports: the destinations it watches).
+    witness: crate::witness::Witness,
 }
 
 /// Source addresses counted apart between two reports at most (a prefix
@@ -83,10 +86,18 @@ impl Meter {
         f(&mut self.acc.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// A request answered by the destination with `status`, from `ip`,
-    /// its head after `took`.
-    pub fn response(&self, ip: IpAddr, status: u16, took: Duration) {
+    /// A request answered by the destination `dest` (host, port: read
+    /// only while a destination is watched, see `witness`) with `status`,
+    /// from `ip`, its head after `took`.
+    pub fn response<'a>(
+        &self,
+        ip: IpAddr,
+        dest: impl FnOnce() -> (&'a str, u16),
+        status: u16,
+        took: Duration,
+    ) {
         self.with(|a| {
+            a.witness.answered_host(ip, dest);
             a.requests += 1;
             a.request_seconds.observe(took.as_secs_f64());
             if let Some(class) = (status / 100).checked_sub(1).filter(|c| *c < 5) {
@@ -95,9 +106,10 @@ impl Meter {
         });
     }
 
-    /// A tunnel opened from `ip`, after `took`.
-    pub fn tunnel(&self, ip: IpAddr, took: Duration) {
+    /// A tunnel opened from `ip` to `dest` (host, port), after `took`.
+    pub fn tunnel<'a>(&self, ip: IpAddr, dest: impl FnOnce() -> (&'a str, u16), took: Duration) {
         self.with(|a| {
+            a.witness.answered_host(ip, dest);
             a.requests += 1;
             a.request_seconds.observe(took.as_secs_f64());
             a.source(ip).tunnels += 1;
@@ -137,8 +149,13 @@ impl Meter {
         self.with(|a| a.connect_seconds.observe(took.as_secs_f64()));
     }
 
-    pub fn connect_failed(&self, ip: IpAddr) {
-        self.with(|a| a.source(ip).connect_errors += 1);
+    /// A connect from `ip` to `dest` (host, port) failed.
+    pub fn connect_failed(&self, ip: IpAddr, (host, port): (&str, u16)) {
+        self.with(|a| {
+            a.source(ip).connect_errors += 1;
+            let dest = crate::witness::dest_key(host, port);
+            a.witness.failed(ip, dest, std::time::Instant::now());
+        });
     }
 
     pub fn leased(&self, waited: Duration) {
@@ -157,10 +174,39 @@ impl Meter {
         });
     }
 
-    /// Everything counted since the last take.
-    fn take(&self, connections_open: u64) -> WorkerMetrics {
-        let acc = std::mem::take(&mut *self.acc.lock().unwrap_or_else(|e| e.into_inner()));
-        WorkerMetrics {
+    /// Everything counted since the last take, and the failed connects
+    /// confirmed as their source's fault (`witness`) of sources that got
+    /// no answer meanwhile.
+    fn take(&self, connections_open: u64) -> (WorkerMetrics, Vec<(IpAddr, u64)>) {
+        let (acc, confirmed) = {
+            let mut acc = self.acc.lock().unwrap_or_else(|e| e.into_inner());
+            let confirmed = acc.witness.take(std::time::Instant::now());
+            let witness = std::mem::take(&mut acc.witness);
+            let taken = std::mem::replace(
+                &mut *acc,
+                Acc {
+                    witness,
+                    ..Acc::default()
+                },
+            );
+            (taken, confirmed)
+        };
+        let unreached = confirmed
+            .into_iter()
+            .filter(|(ip, _)| {
+                acc.sources
+                    .get(ip)
+                    .is_none_or(|s| s.tunnels == 0 && s.responses.iter().all(|n| *n == 0))
+            })
+            .take(rotor_protocol::UNREACHED_LISTED)
+            .collect::<Vec<_>>();
+        if !unreached.is_empty() {
+            tracing::debug!(
+                ?unreached,
+                "connects that failed where other addresses' were answered"
+            );
+        }
+        let m = WorkerMetrics {
             boot: self.boot,
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
             connections_open,
@@ -176,7 +222,8 @@ impl Meter {
             request_seconds: acc.request_seconds,
             connect_seconds: acc.connect_seconds,
             lease_wait_seconds: acc.lease_wait_seconds,
-        }
+        };
+        (m, unreached)
     }
 
     /// What was counted since the last report, if anything: the requests a
@@ -188,7 +235,7 @@ impl Meter {
         };
         counted.then(|| WorkerMetrics {
             tunnels_open: 0,
-            ..self.take(0)
+            ..self.take(0).0
         })
     }
 
@@ -210,22 +257,29 @@ impl Meter {
                 _ = stop.cancelled() => true,
                 _ = tick.tick() => false,
             };
-            let (m, resent) = match unsent.take() {
+            let (m, unreached, resent) = match unsent.take() {
                 Some(mut m) => {
                     m.connections_open = connections_open();
-                    (m, true)
+                    (m, Vec::new(), true)
                 }
-                None => (self.take(connections_open()), false),
+                None => {
+                    let (m, unreached) = self.take(connections_open());
+                    (m, unreached, false)
+                }
             };
             if let Err(m) = leases.report_metrics(m).await {
                 unsent = Some(*m);
             }
+            // Said once, after the report whose answers they go with (the
+            // allocator asks that another address was answered): one lost
+            // delays a quarantine, no more.
+            leases.unreached(unreached);
             if last {
                 // The last pass: a report sent again carried nothing
                 // counted since it was made (the drain's requests, an
                 // outage's) — those go in one more, of their own number.
                 if resent && unsent.is_none() {
-                    let _ = leases.report_metrics(self.take(connections_open())).await;
+                    let _ = leases.report_metrics(self.take(connections_open()).0).await;
                 }
                 return;
             }

@@ -354,11 +354,15 @@ impl Proxy {
             Ok((mut resp, lease)) => {
                 match method == Method::CONNECT {
                     true => {
-                        self.meter.tunnel(lease.ip, took);
+                        self.meter.tunnel(lease.ip, || target.dest(), took);
                         // The tunnel writes its line when it closes.
                         entry = None;
                     }
-                    false => self.meter.response(lease.ip, resp.status.as_u16(), took),
+                    false => {
+                        let status = resp.status.as_u16();
+                        self.meter
+                            .response(lease.ip, || target.dest(), status, took)
+                    }
                 }
                 debug!(%client, %method, %target, source = %lease.ip, seq = lease.seq, status = resp.status.as_u16(), ms, "request");
                 if let (Some(mut e), Some(log)) = (entry, &self.config.access_log) {
@@ -851,8 +855,17 @@ impl Proxy {
     ) -> Result<(TcpStream, Lease), Failed> {
         let timeout = self.config.connect_timeout;
         let started = Instant::now();
+        let mut dialing = Dialing {
+            meter: &self.meter,
+            ip: lease.ip,
+            host,
+            addrs,
+            started,
+            armed: true,
+        };
         let first = connect_from(lease.ip, addrs, timeout).await;
-        self.count_connect(lease.ip, addrs, &first, started);
+        dialing.armed = false;
+        self.count_connect(lease.ip, (addrs, host), &first, started);
         match first {
             Err(ProxyError::SourceUnavailable { ip, source }) => {
                 let reason = source.to_string();
@@ -861,7 +874,7 @@ impl Proxy {
                 let (next, _) = self.lease_for(addrs, host, sticky).await?;
                 let started = Instant::now();
                 let stream = connect_from(next.ip, addrs, timeout).await;
-                self.count_connect(next.ip, addrs, &stream, started);
+                self.count_connect(next.ip, (addrs, host), &stream, started);
                 if let Err(ProxyError::SourceUnavailable { ip, source }) = &stream {
                     self.leases.report_unusable(*ip, source.to_string()).await;
                 }
@@ -871,13 +884,14 @@ impl Proxy {
         }
     }
 
-    /// Counts one connect from `ip` to `addrs`: its time, or a failure
-    /// the destination caused. (None of `addrs` of `ip`'s family — a
-    /// session's address for a destination of the other — is no connect.)
+    /// Counts one connect from `ip` to `addrs` (of `host`): its time, or
+    /// a failure the destination caused. (None of `addrs` of `ip`'s family
+    /// — a session's address for a destination of the other — is no
+    /// connect.)
     fn count_connect(
         &self,
         ip: IpAddr,
-        addrs: &[SocketAddr],
+        (addrs, host): (&[SocketAddr], &str),
         r: &Result<TcpStream, ProxyError>,
         started: Instant,
     ) {
@@ -889,7 +903,10 @@ impl Proxy {
                 | ProxyError::Ports { .. },
             ) => {}
             Err(_) if !addrs.iter().any(|d| d.is_ipv4() == ip.is_ipv4()) => {}
-            Err(_) => self.meter.connect_failed(ip),
+            Err(_) => {
+                let port = addrs.first().map_or(0, SocketAddr::port);
+                self.meter.connect_failed(ip, (host, port))
+            }
         }
     }
 
@@ -1280,6 +1297,42 @@ fn log_tunnel_end(
 
 /// A request target as logged: scheme, host, port and path only.
 struct LogTarget(Uri);
+
+/// A connect its request gave up on (the client left, its future dropped)
+/// after [`ABANDONED_AFTER`] counts as failed: a source whose SYNs go
+/// nowhere is seen even where clients give up before `--connect-timeout`.
+struct Dialing<'a> {
+    meter: &'a crate::meter::Meter,
+    ip: IpAddr,
+    host: &'a str,
+    addrs: &'a [SocketAddr],
+    started: Instant,
+    armed: bool,
+}
+
+/// Two SYNs sent again (at 1 s and 3 s) and no answer.
+const ABANDONED_AFTER: Duration = Duration::from_secs(3);
+
+impl Drop for Dialing<'_> {
+    fn drop(&mut self) {
+        if self.armed && self.started.elapsed() >= ABANDONED_AFTER {
+            let port = self.addrs.first().map_or(0, SocketAddr::port);
+            self.meter.connect_failed(self.ip, (self.host, port));
+        }
+    }
+}
+
+impl LogTarget {
+    /// The destination's host ("" if none) and port (the scheme's if
+    /// none is written).
+    fn dest(&self) -> (&str, u16) {
+        let port = self.0.port_u16().unwrap_or(match self.0.scheme_str() {
+            Some("https") => 443,
+            _ => 80,
+        });
+        (self.0.host().unwrap_or(""), port)
+    }
+}
 
 impl std::fmt::Display for LogTarget {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

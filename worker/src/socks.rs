@@ -497,7 +497,9 @@ pub async fn serve(
         debug!(%client, %dest, error = %e, "SOCKS5 client left before the tunnel opened");
     }
     debug!(%client, %dest, source = %lease.ip, seq = lease.seq, "SOCKS5 tunnel");
-    proxy.meter.tunnel(lease.ip, started.elapsed());
+    proxy
+        .meter
+        .tunnel(lease.ip, || (&hs.host, hs.port), started.elapsed());
     let standing = caller.standing.clone();
     proxy.relay_tunnel(
         stream,

@@ -1,0 +1,195 @@
+//! Which failed connects were the source's fault: a connect from one pool
+//! address that failed to a destination answering the others. Such a
+//! failure is *confirmed* when the destination answered another source
+//! within [`NEAR`] before it and again within [`NEAR`] after it. A
+//! destination that is down fails every source alike and confirms none
+//! (nothing answers after the failures, or, once it is back, nothing had
+//! answered just before them); a user asking a closed port again and again
+//! confirms none; a source the network no longer routes fails where the
+//! others answer, and its failures are confirmed. The allocator is told of
+//! confirmed failures only (`Request::Unreached`), for sources that got no
+//! answer meanwhile, and takes an entry out of the rotation when its
+//! connects keep failing so.
+//!
+//! A destination is watched from its first failed connect, for [`WATCH`]
+//! after its last event: answers to a destination not watched are not
+//! looked at (one branch on an empty map, under the meter's lock the
+//! answer takes anyway). Bounded: [`MAX_WATCHED`] destinations, each with
+//! at most [`MAX_PENDING`] failures waiting for the answer after.
+
+use foldhash::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+/// How close in time, before and after, another source's answer must be.
+pub const NEAR: Duration = Duration::from_secs(2);
+/// How long a destination stays watched after its last event.
+const WATCH: Duration = Duration::from_secs(30);
+/// Destinations watched at most (past it, a new one is not watched).
+const MAX_WATCHED: usize = 4096;
+/// Failures waiting for their answer after, per destination.
+const MAX_PENDING: usize = 16;
+
+/// A destination by its host as the request named it (case folded, IPv6
+/// brackets left out: a site's several addresses are one) and its port.
+pub fn dest_key(host: &str, port: u16) -> u64 {
+    rotor_protocol::fnv1a(
+        host.bytes()
+            .filter(|b| !matches!(b, b'[' | b']'))
+            .map(|b| b.to_ascii_lowercase())
+            .chain(port.to_le_bytes()),
+    )
+}
+
+#[derive(Debug)]
+struct Dest {
+    /// The last answer from it: when, and to which source.
+    answered: Option<(Instant, IpAddr)>,
+    /// Failures with an answer to another source just before, waiting
+    /// for one just after.
+    pending: Vec<(IpAddr, Instant)>,
+    last: Instant,
+}
+
+#[derive(Debug, Default)]
+pub struct Witness {
+    watched: HashMap<u64, Dest>,
+    /// Confirmed failures by source, since the last take.
+    confirmed: HashMap<IpAddr, u64>,
+}
+
+impl Witness {
+    /// A connect from `source` to `dest` failed at `now`.
+    pub fn failed(&mut self, source: IpAddr, dest: u64, now: Instant) {
+        if !self.watched.contains_key(&dest) && self.watched.len() >= MAX_WATCHED {
+            return;
+        }
+        let d = self.watched.entry(dest).or_insert(Dest {
+            answered: None,
+            pending: Vec::new(),
+            last: now,
+        });
+        d.last = now;
+        let before = d
+            .answered
+            .is_some_and(|(t, ip)| ip != source && now.saturating_duration_since(t) <= NEAR);
+        if before && d.pending.len() < MAX_PENDING {
+            d.pending.push((source, now));
+        }
+    }
+
+    /// The destination named `host` answered `source` now: looked at only
+    /// while some destination is watched.
+    pub fn answered_host<'a>(&mut self, source: IpAddr, dest: impl FnOnce() -> (&'a str, u16)) {
+        if !self.watched.is_empty() {
+            let (host, port) = dest();
+            self.answered(source, dest_key(host, port), Instant::now());
+        }
+    }
+
+    /// `dest` answered `source` at `now`.
+    pub fn answered(&mut self, source: IpAddr, dest: u64, now: Instant) {
+        if self.watched.is_empty() {
+            return;
+        }
+        let Some(d) = self.watched.get_mut(&dest) else {
+            return;
+        };
+        for (ip, at) in d.pending.drain(..) {
+            // (Its own earlier failure is forgotten: it answers now.)
+            let room = self.confirmed.len() < rotor_protocol::UNREACHED_LISTED
+                || self.confirmed.contains_key(&ip);
+            if ip != source && now.saturating_duration_since(at) <= NEAR && room {
+                *self.confirmed.entry(ip).or_default() += 1;
+            }
+        }
+        d.answered = Some((now, source));
+        d.last = now;
+    }
+
+    /// The confirmed failures since the last take, and forgets the
+    /// destinations quiet for [`WATCH`].
+    pub fn take(&mut self, now: Instant) -> HashMap<IpAddr, u64> {
+        self.watched
+            .retain(|_, d| now.saturating_duration_since(d.last) < WATCH);
+        std::mem::take(&mut self.confirmed)
+    }
+
+    #[cfg(test)]
+    fn watched(&self) -> usize {
+        self.watched.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_failure_between_answers_to_others_is_confirmed() {
+        let mut w = Witness::default();
+        let t = Instant::now();
+        let d = dest_key("Example.COM", 443);
+        assert_eq!(d, dest_key("example.com", 443));
+        assert_ne!(d, dest_key("example.com", 80));
+        assert_eq!(dest_key("[::1]", 80), dest_key("::1", 80));
+        // Not watched yet: the answer before is not seen.
+        w.answered(ip("10.0.0.1"), d, t);
+        w.failed(ip("10.0.0.4"), d, t);
+        w.answered(ip("10.0.0.2"), d, t + Duration::from_millis(10));
+        assert!(w.take(t).is_empty());
+        // Watched now: answered before and after.
+        w.failed(ip("10.0.0.4"), d, t + Duration::from_millis(20));
+        w.answered(ip("10.0.0.3"), d, t + Duration::from_millis(30));
+        w.failed(ip("10.0.0.4"), d, t + Duration::from_millis(40));
+        w.failed(ip("10.0.0.5"), d, t + Duration::from_millis(41));
+        w.answered(ip("10.0.0.1"), d, t + Duration::from_millis(50));
+        let c = w.take(t + Duration::from_millis(60));
+        assert_eq!(c.get(&ip("10.0.0.4")), Some(&2));
+        assert_eq!(c.get(&ip("10.0.0.5")), Some(&1));
+    }
+
+    #[test]
+    fn a_destination_that_goes_down_confirms_nothing() {
+        let mut w = Witness::default();
+        let t = Instant::now();
+        let d = dest_key("down.example", 80);
+        let other = dest_key("up.example", 80);
+        w.failed(ip("10.0.0.1"), d, t);
+        for i in 0..100u64 {
+            let at = t + Duration::from_millis(100 * i);
+            w.failed(ip(&format!("10.0.0.{}", i % 4 + 1)), d, at);
+            // Answers elsewhere say nothing of it.
+            w.answered(ip(&format!("10.0.0.{}", (i + 1) % 4 + 1)), other, at);
+        }
+        // Back after 10 s: the failures had no answer just before them.
+        w.answered(ip("10.0.0.2"), d, t + Duration::from_secs(10));
+        w.answered(ip("10.0.0.3"), d, t + Duration::from_secs(10));
+        assert!(w.take(t + Duration::from_secs(10)).is_empty());
+    }
+
+    #[test]
+    fn answers_too_far_apart_confirm_nothing_and_quiet_ones_are_forgotten() {
+        let mut w = Witness::default();
+        let t = Instant::now();
+        let d = dest_key("a", 80);
+        w.failed(ip("10.0.0.4"), d, t);
+        w.answered(ip("10.0.0.1"), d, t);
+        w.failed(ip("10.0.0.4"), d, t + Duration::from_secs(3));
+        w.answered(ip("10.0.0.1"), d, t + Duration::from_secs(4));
+        w.failed(ip("10.0.0.4"), d, t + Duration::from_secs(5));
+        w.answered(ip("10.0.0.1"), d, t + Duration::from_secs(8));
+        assert!(w.take(t + Duration::from_secs(8)).is_empty());
+        // Its own answer confirms none of its failures.
+        w.failed(ip("10.0.0.4"), d, t + Duration::from_secs(9));
+        w.answered(ip("10.0.0.4"), d, t + Duration::from_secs(9));
+        assert!(w.take(t + Duration::from_secs(9)).is_empty());
+        assert_eq!(w.watched(), 1);
+        w.take(t + Duration::from_secs(60));
+        assert_eq!(w.watched(), 0);
+    }
+}
