@@ -68,6 +68,12 @@ pub struct Out {
 struct Run {
     /// Confirmed failures since its last answer (or its return).
     failed: u64,
+    /// The first destination they were to, and whether they were to
+    /// another too: failures to one destination alone are that
+    /// destination's refusal of this address (a site's firewall), not
+    /// the address's route, and take it out nowhere.
+    dest: Option<u64>,
+    several: bool,
     /// When the first of them was reported.
     since: Instant,
     /// Its last time out (zero: none yet).
@@ -86,8 +92,9 @@ pub struct Reach {
     /// The first time out; zero: nothing is taken out.
     first: Duration,
     runs: HashMap<Segment, Run>,
-    /// When an entry of each family last had an answer reported.
-    answered: [Option<Instant>; 2],
+    /// The two entries of each family last reported answering, and when
+    /// (the later first): whether another entry than one answered.
+    answered: [[Option<(Segment, Instant)>; 2]; 2],
     /// This window's connects and the last one's, and when this began.
     window: [Counts; 2],
     window_start: Option<Instant>,
@@ -98,7 +105,7 @@ impl Reach {
         Reach {
             first,
             runs: HashMap::new(),
-            answered: [None; 2],
+            answered: [[None; 2]; 2],
             window: [Counts::default(); 2],
             window_start: None,
         }
@@ -130,56 +137,78 @@ impl Reach {
         self.count(now, connects_ok, 0);
         for (e, n) in ok {
             if *n > 0 {
-                self.answered[e.family().index()] = Some(now);
+                let last = &mut self.answered[e.family().index()];
+                if last[0].is_some_and(|(x, _)| x != *e) {
+                    last[1] = last[0];
+                }
+                last[0] = Some((*e, now));
                 self.runs.remove(e);
             }
         }
     }
 
-    /// A worker's confirmed failures by entry. Entries out of the
-    /// rotation (`out`) are not counted (requests in flight as one went
-    /// out tell nothing new); `room` says whether one more of an entry's
-    /// family may go out (and counts it). The entries to take out now.
+    /// A worker's confirmed failures by entry, and their destinations.
+    /// Entries out of the rotation (`out`) are not counted (requests in
+    /// flight as one went out tell nothing new); `room` says whether one
+    /// more of an entry's family may go out (and counts it). The entries
+    /// to take out now.
     pub fn failures(
         &mut self,
         now: Instant,
-        failed: &HashMap<Segment, u64>,
+        failed: &HashMap<Segment, (u64, Vec<u64>)>,
         out: impl Fn(&Segment) -> bool,
         mut room: impl FnMut(&Segment) -> bool,
     ) -> Vec<Out> {
         let total: u64 = failed
             .iter()
             .filter(|(e, _)| !out(e))
-            .map(|(_, n)| *n)
+            .map(|(_, (n, _))| *n)
             .sum();
         self.count(now, 0, total);
         if self.first.is_zero() {
             return Vec::new();
         }
         let mut taken = Vec::new();
-        for (e, n) in failed {
+        // The failures of entries in a run begun within the window, left
+        // out of the rate (most of them are in it), so failing entries do
+        // not raise the bar for each other: summed once, when asked.
+        let mut in_runs: Option<u64> = None;
+        for (e, (n, dests)) in failed {
             if *n == 0 || out(e) {
                 continue;
             }
             let run = self.runs.entry(*e).or_insert(Run {
                 failed: 0,
+                dest: None,
+                several: false,
                 since: now,
                 out_for: Duration::ZERO,
             });
             if run.failed == 0 || now.saturating_duration_since(run.since) > RUN_AGE {
                 run.failed = 0;
+                run.dest = None;
+                run.several = false;
                 run.since = now;
             }
             run.failed = run.failed.saturating_add(*n);
+            for d in dests {
+                match run.dest {
+                    None => run.dest = Some(*d),
+                    Some(first) => run.several |= first != *d,
+                }
+            }
             let (failed, since, on_trial) = (run.failed, run.since, !run.out_for.is_zero());
-            if failed < TRIAL_MIN {
+            if failed < TRIAL_MIN || !run.several {
                 continue;
             }
-            // The others' rate: the failures of every entry in a run left
-            // out (most are within the window), so failing entries do not
-            // raise the bar for each other.
             let window = self.window[0].add(self.window[1]);
-            let in_runs: u64 = self.runs.values().map(|r| r.failed).sum();
+            let runs = &self.runs;
+            let in_runs = *in_runs.get_or_insert_with(|| {
+                runs.values()
+                    .filter(|r| now.saturating_duration_since(r.since) <= 2 * WINDOW)
+                    .map(|r| r.failed)
+                    .sum()
+            });
             let others_failed = window.failed.saturating_sub(in_runs);
             let failing = match window.ok.saturating_add(others_failed) {
                 0 => 0.0,
@@ -194,10 +223,13 @@ impl Reach {
                 // fewer requests each time.
                 needed = needed.div_ceil(4).max(TRIAL_MIN);
             }
-            // (Within a report's time: a worker's answers and failures of
-            // one second arrive as two messages, either first.)
-            let others_answered =
-                self.answered[e.family().index()].is_some_and(|t| t + ANSWER_SLACK >= since);
+            // Another entry than this one answered since the run began
+            // (within a report's time: answers and failures of one second
+            // arrive as two messages, from each worker).
+            let others_answered = self.answered[e.family().index()]
+                .iter()
+                .flatten()
+                .any(|(x, t)| x != e && *t + ANSWER_SLACK >= since);
             if failed < needed || !others_answered || !room(e) {
                 continue;
             }
@@ -210,6 +242,8 @@ impl Reach {
             };
             run.out_for = wait;
             run.failed = 0;
+            run.dest = None;
+            run.several = false;
             // Its failures were its own: the rate counts them no longer.
             let mut left = failed;
             for w in &mut self.window {
@@ -288,12 +322,20 @@ mod tests {
         items.iter().map(|(e, n)| (seg(e), *n)).collect()
     }
 
+    /// Failures by entry, to two destinations.
+    fn fails(items: &[(&str, u64)]) -> HashMap<Segment, (u64, Vec<u64>)> {
+        items
+            .iter()
+            .map(|(e, n)| (seg(e), (*n, vec![1, 2])))
+            .collect()
+    }
+
     /// A report: answers from `ok` (one connect each), then the
     /// confirmed failures `failed`; the entries taken out.
     fn report(r: &mut Reach, t: Instant, ok: &[(&str, u64)], failed: &[(&str, u64)]) -> Vec<Out> {
         let ok = by(ok);
         r.answers(t, ok.values().sum(), &ok);
-        r.failures(t, &by(failed), |_| false, |_| true)
+        r.failures(t, &fails(failed), |_| false, |_| true)
     }
 
     #[test]
@@ -338,6 +380,31 @@ mod tests {
     }
 
     #[test]
+    fn failures_to_one_destination_alone_take_nothing_out() {
+        let mut r = Reach::new(Duration::from_secs(60));
+        let t = Instant::now();
+        r.answers(t, 5, &by(&[("10.0.0.1", 5)]));
+        let one = HashMap::from([(seg("10.0.0.2"), (50, vec![7]))]);
+        assert!(r.failures(t, &one, |_| false, |_| true).is_empty());
+        // A second destination: out.
+        let two = HashMap::from([(seg("10.0.0.2"), (1, vec![8]))]);
+        assert_eq!(r.failures(t, &two, |_| false, |_| true).len(), 1);
+    }
+
+    #[test]
+    fn an_entry_whose_own_answers_alone_were_heard_is_not_taken_out() {
+        let mut r = Reach::new(Duration::from_secs(60));
+        let t = Instant::now();
+        // Only 10.0.0.2 itself answered before its run: no other entry.
+        r.answers(t, 1, &by(&[("10.0.0.2", 1)]));
+        let f = fails(&[("10.0.0.2", 20)]);
+        assert!(r.failures(t, &f, |_| false, |_| true).is_empty());
+        r.answers(t, 1, &by(&[("10.0.0.3", 1)]));
+        let f = fails(&[("10.0.0.2", 1)]);
+        assert_eq!(r.failures(t, &f, |_| false, |_| true).len(), 1);
+    }
+
+    #[test]
     fn failures_of_a_family_whose_others_never_answer_take_nothing_out() {
         let mut r = Reach::new(Duration::from_secs(60));
         let t = Instant::now();
@@ -371,10 +438,10 @@ mod tests {
         // failures of .1's run were forgotten by its answer): 30 in a row.
         r.answers(t, 10, &by(&[("10.0.0.1", 10)]));
         for _ in 0..10 {
-            r.failures(t, &by(&[("10.0.0.3", 1)]), |_| false, |_| true);
+            r.failures(t, &fails(&[("10.0.0.3", 1)]), |_| false, |_| true);
             r.answers(t, 0, &by(&[("10.0.0.3", 1)]));
         }
-        let f = |n| by(&[("10.0.0.2", n)]);
+        let f = |n| fails(&[("10.0.0.2", n)]);
         assert!(r.failures(t, &f(29), |_| false, |_| true).is_empty());
         let out = r.failures(t, &f(1), |_| false, |_| true);
         assert_eq!(out.len(), 1, "{out:?}");
@@ -386,7 +453,7 @@ mod tests {
         let mut r = Reach::new(Duration::from_secs(60));
         let t = Instant::now();
         r.answers(t, 5, &by(&[("10.0.0.1", 5)]));
-        let f = by(&[("10.0.0.2", 50)]);
+        let f = fails(&[("10.0.0.2", 50)]);
         assert!(r
             .failures(t, &f, |e| *e == seg("10.0.0.2"), |_| true)
             .is_empty());
@@ -397,7 +464,7 @@ mod tests {
         );
         assert_eq!(r.len(), 1);
         assert_eq!(
-            r.failures(t, &by(&[("10.0.0.2", 1)]), |_| false, |_| true)
+            r.failures(t, &fails(&[("10.0.0.2", 1)]), |_| false, |_| true)
                 .len(),
             1
         );

@@ -626,12 +626,18 @@ impl Inner {
     /// and takes out the entries whose connects keep failing where the
     /// others' answer: at most a quarter of a family's entries (one at
     /// least) out so at once.
-    fn reach_failures(&mut self, by_source: &[(IpAddr, u64)], now: Instant) {
-        let mut failed: HashMap<Segment, u64> = HashMap::new();
-        for (ip, n) in by_source.iter().take(rotor_protocol::UNREACHED_LISTED) {
-            if let Some(e) = self.pool.entry_of(*ip) {
+    fn reach_failures(&mut self, by_source: &[rotor_protocol::SourceUnreached], now: Instant) {
+        let mut failed: HashMap<Segment, (u64, Vec<u64>)> = HashMap::new();
+        for s in by_source.iter().take(rotor_protocol::UNREACHED_LISTED) {
+            if let Some(e) = self.pool.entry_of(s.ip) {
                 let d = failed.entry(e).or_default();
-                *d = d.saturating_add(*n);
+                d.0 = d.0.saturating_add(s.failed);
+                let dests = s.destinations.iter();
+                for k in dests.take(rotor_protocol::UNREACHED_DESTINATIONS) {
+                    if d.1.len() < rotor_protocol::UNREACHED_DESTINATIONS && !d.1.contains(k) {
+                        d.1.push(*k);
+                    }
+                }
             }
         }
         if failed.is_empty() {
@@ -647,11 +653,19 @@ impl Inner {
             |e| quarantine.contains_key(e),
             |e| {
                 let room = room.get_or_insert_with(|| {
-                    let mut listed = [0usize; 2];
+                    // A quarter of the family's entries not out for another
+                    // reason (by hand, unusable), one at least of two or
+                    // more: never the last.
+                    let mut serving = [0usize; 2];
                     for x in pool.addrs() {
-                        listed[x.family().index()] += 1;
+                        if quarantine.get(x).is_none_or(|q| q.unreachable) {
+                            serving[x.family().index()] += 1;
+                        }
                     }
-                    let mut left = listed.map(|n| (n / 4).max(1));
+                    let mut left = serving.map(|n| match n {
+                        0 | 1 => 0,
+                        n => (n / 4).max(1),
+                    });
                     for (x, q) in quarantine {
                         if q.unreachable {
                             let l = &mut left[x.family().index()];
@@ -1333,12 +1347,17 @@ impl Allocator {
     /// answered (`Request::Unreached`); heard only from a peer that may
     /// steer the pool (`trusted`: root or the allocator's own user, as
     /// workers run), since no check here can tell them false.
-    pub fn unreached(&self, peer: u64, by_source: &[(IpAddr, u64)], trusted: bool) {
+    pub fn unreached(
+        &self,
+        peer: u64,
+        by_source: &[rotor_protocol::SourceUnreached],
+        trusted: bool,
+    ) {
         if !trusted {
-            tracing::debug!(
-                peer,
-                "connect failures from a peer let in only to lease: not heard"
-            );
+            static TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !TOLD.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::info!(peer, "a worker let in only to lease reports connects failing from pool addresses: not heard (no check here can tell them false); run workers as root or the allocator's own user for such addresses to be taken out");
+            }
             return;
         }
         self.lock().reach_failures(by_source, Instant::now());
@@ -2475,6 +2494,12 @@ mod tests {
             bytes_from: 0,
         };
         let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+        // Failures from `s`, to two destinations.
+        let lost = |s: &str, failed: u64| rotor_protocol::SourceUnreached {
+            ip: s.parse().unwrap(),
+            failed,
+            destinations: vec![1, 2],
+        };
         let mut seq = 0;
         // A worker's tick: answers from `ok`, then its confirmed failures
         // from 10.0.0.2.
@@ -2488,7 +2513,7 @@ mod tests {
             };
             m.connect_seconds.observe(0.001);
             a.record_metrics(1, &m);
-            a.unreached(1, &[(ip("10.0.0.2"), failed)], true);
+            a.unreached(1, &[lost("10.0.0.2", failed)], true);
         };
         for _ in 0..7 {
             report(&a, "10.0.0.1", 1);
@@ -2498,7 +2523,7 @@ mod tests {
             "7 are not enough"
         );
         // A peer let in only to lease is not heard.
-        a.unreached(2, &[(ip("10.0.0.2"), 50)], false);
+        a.unreached(2, &[lost("10.0.0.2", 50)], false);
         assert!(a.status_v2().pool[1].quarantine.is_none());
         report(&a, "10.0.0.3", 1);
         let q = a.status_v2().pool[1].quarantine.clone().expect("out");
@@ -2543,7 +2568,7 @@ mod tests {
         report(&a, "10.0.0.1", 6);
         assert!(a.status_v2().pool[1].quarantine.is_some());
         for _ in 0..3 {
-            a.unreached(1, &[(ip("10.0.0.3"), 8)], true);
+            a.unreached(1, &[lost("10.0.0.3", 8)], true);
         }
         assert!(a.status_v2().pool[2].quarantine.is_none(), "no room");
         // Off: nothing is taken out.

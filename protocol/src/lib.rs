@@ -23,12 +23,13 @@ pub use message::{
     AddrStatus, ClientFrame, EntryStatus, Envelope, Families, FamilyStatus, Hello, HelloReply,
     Histogram, HostReport, Lease, NoAddress, PairStatus, PeerStatus, QuarantineStatus, Refusal,
     ReloadReport, ReloadReportV2, Request, Response, Role, ServerFrame, SiteLimit, SiteStatus,
-    SitesReport, SitesReportV2, SourceMetrics, SourceStatus, StatusReport, StatusReportV2,
-    WorkerMetrics, WorkerReload, WorkerReloadOutcome, WorkerStatus, HISTOGRAM_BOUNDS,
-    MAX_SESSION_KEY, MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_METRICS, MINOR_ORDER_KEY,
-    MINOR_RELOADS, MINOR_RELOAD_REPORT, MINOR_SESSIONS_FULL, MINOR_SESSION_SITE, MINOR_SITES,
-    MINOR_SITES_V2, MINOR_SITE_WAIT, MINOR_UNREACHED, MINOR_WORKER_RELOADS, POOL_TOO_LARGE,
-    PROTOCOL_MAJOR, PROTOCOL_MINOR, REPORT_TEXT_MAX, UNREACHED_LISTED, WORKERS_LISTED,
+    SitesReport, SitesReportV2, SourceMetrics, SourceStatus, SourceUnreached, StatusReport,
+    StatusReportV2, WorkerMetrics, WorkerReload, WorkerReloadOutcome, WorkerStatus,
+    HISTOGRAM_BOUNDS, MAX_SESSION_KEY, MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_METRICS,
+    MINOR_ORDER_KEY, MINOR_RELOADS, MINOR_RELOAD_REPORT, MINOR_SESSIONS_FULL, MINOR_SESSION_SITE,
+    MINOR_SITES, MINOR_SITES_V2, MINOR_SITE_WAIT, MINOR_UNREACHED, MINOR_WORKER_RELOADS,
+    POOL_TOO_LARGE, PROTOCOL_MAJOR, PROTOCOL_MINOR, REPORT_TEXT_MAX, UNREACHED_DESTINATIONS,
+    UNREACHED_LISTED, WORKERS_LISTED,
 };
 pub use report::{error_chain, Moment};
 pub use segment::{

@@ -75,6 +75,8 @@ pub const MINOR_UNREACHED: u16 = 13;
 /// Sources an `Unreached` names at most (a worker's report names at most
 /// as many).
 pub const UNREACHED_LISTED: usize = 10_000;
+/// Destinations an `Unreached` names per source at most.
+pub const UNREACHED_DESTINATIONS: usize = 4;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
 /// sides; the last bucket (+Inf) is implicit.
@@ -339,9 +341,9 @@ pub enum Request {
     /// to a destination that answered another source within seconds
     /// before and after each (since minor 13), for sources that got no
     /// answer from anywhere meanwhile: the allocator takes an entry whose
-    /// connects keep failing out of the rotation. At most
-    /// `UNREACHED_LISTED`. Answered `Noted`.
-    Unreached { by_source: Vec<(IpAddr, u64)> },
+    /// connects keep failing, to more than one destination, out of the
+    /// rotation. At most `UNREACHED_LISTED`. Answered `Noted`.
+    Unreached { by_source: Vec<SourceUnreached> },
 }
 
 impl Request {
@@ -468,6 +470,17 @@ pub struct WorkerMetrics {
     pub request_seconds: Histogram,
     pub connect_seconds: Histogram,
     pub lease_wait_seconds: Histogram,
+}
+
+/// A source's connects that failed where other sources' were answered
+/// (`Request::Unreached`): how many, and the destinations they were to
+/// (the first `UNREACHED_DESTINATIONS`, each a hash of its host, port and
+/// family, the same in every worker).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceUnreached {
+    pub ip: IpAddr,
+    pub failed: u64,
+    pub destinations: Vec<u64>,
 }
 
 /// What went out of one source address.

@@ -295,10 +295,14 @@ fn golden_client_frames() {
         ClientFrame::Request(Envelope {
             id: 7,
             body: Request::Unreached {
-                by_source: vec![("10.0.0.4".parse().unwrap(), 9)],
+                by_source: vec![SourceUnreached {
+                    ip: "10.0.0.4".parse().unwrap(),
+                    failed: 9,
+                    destinations: vec![300],
+                }],
             },
         }),
-        "01071701000a00000409",
+        "01071701000a0000040901fb2c01",
     );
 }
 

@@ -333,7 +333,16 @@ fn an_address_whose_connects_fail_is_taken_out_and_tried_again() {
         "an_address_whose_connects_fail_is_taken_out_and_tried_again",
         &["rule del pref 0", "rule add pref 100 lookup local", RULE],
         || async {
-            let origin = Origin::start().await;
+            // Two sites: failures to one alone would be that site's
+            // refusal of the address, and take it out nowhere.
+            let origins = [Origin::start().await, Origin::start().await];
+            // The sources both sites saw from the `before`th request on.
+            let seen = |before: [usize; 2]| -> Vec<IpAddr> {
+                let mut v = origins[0].sources().split_off(before[0]);
+                v.extend(origins[1].sources().split_off(before[1]));
+                v
+            };
+            let counts = || origins.each_ref().map(|o| o.sources().len());
             let alloc = Allocator::start(&[
                 "--pool",
                 "127.0.0.2-127.0.0.5",
@@ -344,17 +353,19 @@ fn an_address_whose_connects_fail_is_taken_out_and_tried_again() {
             let w = Worker::start(&alloc.socket, &[]).await;
             let socket = alloc.socket.clone();
             let reason = move || status_json(&socket)["pool"][2]["quarantined"]["reason"].clone();
-            // Every fourth request leaves from 127.0.0.4 and fails. A
-            // failure counts once the origin answered another address just
-            // before and after it (the first, before the worker watched
-            // the origin, does not): the eighth that counts takes it out,
+            // Every fourth request leaves from 127.0.0.4 and fails, to
+            // each site in turn (the sites take turns by rounds of four).
+            // A failure counts once its site answered another address just
+            // before and after it (the first to each, before the worker
+            // watched it, does not): the eighth that counts takes it out,
             // at the worker's next report, within a second.
             let fails = |n: usize| {
-                let origin = &origin;
+                let origins = &origins;
                 async move {
                     let mut failed = 0;
                     for i in 0..n {
-                        let r = get(w.addr, &origin.url("/")).await;
+                        let site = &origins[(i / 4) % 2];
+                        let r = get(w.addr, &site.url("/")).await;
                         match r.status {
                             200 => {}
                             502 => failed += 1,
@@ -364,8 +375,8 @@ fn an_address_whose_connects_fail_is_taken_out_and_tried_again() {
                     failed
                 }
             };
-            let failed = fails(40).await;
-            assert!((9..=10).contains(&failed), "{failed}");
+            let failed = fails(48).await;
+            assert!((10..=12).contains(&failed), "{failed}");
             let out = |what: &'static str| {
                 let reason = reason.clone();
                 async move {
@@ -383,9 +394,9 @@ fn an_address_whose_connects_fail_is_taken_out_and_tried_again() {
                     && why.contains("after 3s"),
                 "{why}"
             );
-            let before = origin.sources().len();
+            let before = counts();
             assert_eq!(fails(12).await, 0, "out for every request");
-            assert!(!origin.sources()[before..].contains(&"127.0.0.4".parse().unwrap()));
+            assert!(!seen(before).contains(&"127.0.0.4".parse().unwrap()));
             // Its time over, it is back on trial; still failing, it goes
             // out for twice as long (after two failures, at the worker's
             // next report).
@@ -412,10 +423,42 @@ fn an_address_whose_connects_fail_is_taken_out_and_tried_again() {
                 .success();
             assert!(ok, "ip {RULE}");
             back().await;
-            let before = origin.sources().len();
+            let before = counts();
             assert_eq!(fails(8).await, 0);
-            let from: Vec<IpAddr> = origin.sources()[before..].to_vec();
+            let from = seen(before);
             assert!(from.contains(&"127.0.0.4".parse().unwrap()), "{from:?}");
+        },
+    );
+}
+
+/// A site that refuses one pool address (its firewall drops or rejects
+/// it, here a rule that makes its connects unreachable) while it answers
+/// the others takes that address out nowhere, even for a client that asks
+/// no other site: that is the site's refusal, not the address's route.
+#[test]
+fn a_site_that_refuses_one_address_takes_it_out_nowhere() {
+    in_netns(
+        "a_site_that_refuses_one_address_takes_it_out_nowhere",
+        &[
+            "rule del pref 0",
+            "rule add pref 100 lookup local",
+            "rule add pref 10 from 127.0.0.4 to 127.0.0.1 unreachable",
+        ],
+        || async {
+            let origin = Origin::start().await;
+            let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.5"]).await;
+            let w = Worker::start(&alloc.socket, &[]).await;
+            let mut failed = 0;
+            for _ in 0..48 {
+                if get(w.addr, &origin.url("/")).await.status == 502 {
+                    failed += 1;
+                }
+            }
+            assert_eq!(failed, 12, "every fourth, from 127.0.0.4");
+            // Past the worker's next two reports.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            let status = status_json(&alloc.socket);
+            assert!(status["pool"][2]["quarantined"].is_null(), "{status}");
         },
     );
 }

@@ -632,7 +632,7 @@ impl LeaseClient {
     /// Tells the allocator of connects that failed from these sources
     /// while their destination answered others (see `witness`). Not waited
     /// for; an allocator older than minor 13 is not told.
-    pub fn unreached(&self, by_source: Vec<(IpAddr, u64)>) {
+    pub fn unreached(&self, by_source: Vec<rotor_protocol::SourceUnreached>) {
         if !by_source.is_empty() {
             self.tell(Request::Unreached { by_source });
         }

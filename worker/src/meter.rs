@@ -11,9 +11,9 @@ use foldhash::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use rotor_protocol::{Histogram, SourceMetrics, WorkerMetrics};
+use rotor_protocol::{Histogram, SourceMetrics, SourceUnreached, WorkerMetrics};
 use tokio_util::sync::CancellationToken;
 
 use crate::lease::LeaseClient;
@@ -149,12 +149,13 @@ impl Meter {
         self.with(|a| a.connect_seconds.observe(took.as_secs_f64()));
     }
 
-    /// A connect from `ip` to `dest` (host, port) failed.
-    pub fn connect_failed(&self, ip: IpAddr, (host, port): (&str, u16)) {
+    /// A connect from `ip` to `dest` (host, port), begun at `started`,
+    /// failed.
+    pub fn connect_failed(&self, ip: IpAddr, (host, port): (&str, u16), started: Instant) {
         self.with(|a| {
             a.source(ip).connect_errors += 1;
-            let dest = crate::witness::dest_key(host, port);
-            a.witness.failed(ip, dest, std::time::Instant::now());
+            let dest = crate::witness::dest_key(host, port, ip.is_ipv4());
+            a.witness.failed(ip, dest, started, Instant::now());
         });
     }
 
@@ -177,10 +178,10 @@ impl Meter {
     /// Everything counted since the last take, and the failed connects
     /// confirmed as their source's fault (`witness`) of sources that got
     /// no answer meanwhile.
-    fn take(&self, connections_open: u64) -> (WorkerMetrics, Vec<(IpAddr, u64)>) {
+    fn take(&self, connections_open: u64) -> (WorkerMetrics, Vec<SourceUnreached>) {
         let (acc, confirmed) = {
             let mut acc = self.acc.lock().unwrap_or_else(|e| e.into_inner());
-            let confirmed = acc.witness.take(std::time::Instant::now());
+            let confirmed = acc.witness.take(Instant::now());
             let witness = std::mem::take(&mut acc.witness);
             let taken = std::mem::replace(
                 &mut *acc,
@@ -199,6 +200,11 @@ impl Meter {
                     .is_none_or(|s| s.tunnels == 0 && s.responses.iter().all(|n| *n == 0))
             })
             .take(rotor_protocol::UNREACHED_LISTED)
+            .map(|(ip, c)| SourceUnreached {
+                ip,
+                failed: c.failed,
+                destinations: c.destinations,
+            })
             .collect::<Vec<_>>();
         if !unreached.is_empty() {
             tracing::debug!(

@@ -905,7 +905,7 @@ impl Proxy {
             Err(_) if !addrs.iter().any(|d| d.is_ipv4() == ip.is_ipv4()) => {}
             Err(_) => {
                 let port = addrs.first().map_or(0, SocketAddr::port);
-                self.meter.connect_failed(ip, (host, port))
+                self.meter.connect_failed(ip, (host, port), started)
             }
         }
     }
@@ -1317,7 +1317,8 @@ impl Drop for Dialing<'_> {
     fn drop(&mut self) {
         if self.armed && self.started.elapsed() >= ABANDONED_AFTER {
             let port = self.addrs.first().map_or(0, SocketAddr::port);
-            self.meter.connect_failed(self.ip, (self.host, port));
+            self.meter
+                .connect_failed(self.ip, (self.host, port), self.started);
         }
     }
 }

@@ -31,13 +31,16 @@ const MAX_WATCHED: usize = 4096;
 const MAX_PENDING: usize = 16;
 
 /// A destination by its host as the request named it (case folded, IPv6
-/// brackets left out: a site's several addresses are one) and its port.
-pub fn dest_key(host: &str, port: u16) -> u64 {
+/// brackets left out: a site's several addresses are one), its port, and
+/// the family it is reached over (an IPv4 source's answer says nothing of
+/// an IPv6 source's route).
+pub fn dest_key(host: &str, port: u16, v4: bool) -> u64 {
     rotor_protocol::fnv1a(
         host.bytes()
             .filter(|b| !matches!(b, b'[' | b']'))
             .map(|b| b.to_ascii_lowercase())
-            .chain(port.to_le_bytes()),
+            .chain(port.to_le_bytes())
+            .chain([u8::from(v4)]),
     )
 }
 
@@ -46,21 +49,32 @@ struct Dest {
     /// The last answer from it: when, and to which source.
     answered: Option<(Instant, IpAddr)>,
     /// Failures with an answer to another source just before, waiting
-    /// for one just after.
+    /// for one just after: the source, and when the connect ended.
     pending: Vec<(IpAddr, Instant)>,
+    /// Its last failed connect (answers do not keep it watched).
     last: Instant,
+}
+
+/// A source's confirmed failures since the last take, and the
+/// destinations they were to (the first few).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Confirmed {
+    pub failed: u64,
+    pub destinations: Vec<u64>,
 }
 
 #[derive(Debug, Default)]
 pub struct Witness {
     watched: HashMap<u64, Dest>,
-    /// Confirmed failures by source, since the last take.
-    confirmed: HashMap<IpAddr, u64>,
+    confirmed: HashMap<IpAddr, Confirmed>,
 }
 
 impl Witness {
-    /// A connect from `source` to `dest` failed at `now`.
-    pub fn failed(&mut self, source: IpAddr, dest: u64, now: Instant) {
+    /// A connect from `source` to `dest`, begun at `started`, failed at
+    /// `now`. The answer before may come until the connect ended; it must
+    /// be within [`NEAR`] of its start (a connect that timed out as the
+    /// destination came back began while it was down).
+    pub fn failed(&mut self, source: IpAddr, dest: u64, started: Instant, now: Instant) {
         if !self.watched.contains_key(&dest) && self.watched.len() >= MAX_WATCHED {
             return;
         }
@@ -72,44 +86,50 @@ impl Witness {
         d.last = now;
         let before = d
             .answered
-            .is_some_and(|(t, ip)| ip != source && now.saturating_duration_since(t) <= NEAR);
+            .is_some_and(|(t, ip)| ip != source && t + NEAR >= started);
         if before && d.pending.len() < MAX_PENDING {
             d.pending.push((source, now));
         }
     }
 
-    /// The destination named `host` answered `source` now: looked at only
-    /// while some destination is watched.
+    /// The destination `dest` (host, port, read only while some
+    /// destination is watched) answered `source` now.
     pub fn answered_host<'a>(&mut self, source: IpAddr, dest: impl FnOnce() -> (&'a str, u16)) {
         if !self.watched.is_empty() {
             let (host, port) = dest();
-            self.answered(source, dest_key(host, port), Instant::now());
+            let key = dest_key(host, port, source.is_ipv4());
+            self.answered(source, key, Instant::now());
         }
     }
 
     /// `dest` answered `source` at `now`.
     pub fn answered(&mut self, source: IpAddr, dest: u64, now: Instant) {
-        if self.watched.is_empty() {
-            return;
-        }
         let Some(d) = self.watched.get_mut(&dest) else {
             return;
         };
         for (ip, at) in d.pending.drain(..) {
             // (Its own earlier failure is forgotten: it answers now.)
+            if ip == source || now.saturating_duration_since(at) > NEAR {
+                continue;
+            }
             let room = self.confirmed.len() < rotor_protocol::UNREACHED_LISTED
                 || self.confirmed.contains_key(&ip);
-            if ip != source && now.saturating_duration_since(at) <= NEAR && room {
-                *self.confirmed.entry(ip).or_default() += 1;
+            if room {
+                let c = self.confirmed.entry(ip).or_default();
+                c.failed += 1;
+                if c.destinations.len() < rotor_protocol::UNREACHED_DESTINATIONS
+                    && !c.destinations.contains(&dest)
+                {
+                    c.destinations.push(dest);
+                }
             }
         }
         d.answered = Some((now, source));
-        d.last = now;
     }
 
     /// The confirmed failures since the last take, and forgets the
-    /// destinations quiet for [`WATCH`].
-    pub fn take(&mut self, now: Instant) -> HashMap<IpAddr, u64> {
+    /// destinations with no failed connect for [`WATCH`].
+    pub fn take(&mut self, now: Instant) -> HashMap<IpAddr, Confirmed> {
         self.watched
             .retain(|_, d| now.saturating_duration_since(d.last) < WATCH);
         std::mem::take(&mut self.confirmed)
@@ -133,36 +153,53 @@ mod tests {
     fn a_failure_between_answers_to_others_is_confirmed() {
         let mut w = Witness::default();
         let t = Instant::now();
-        let d = dest_key("Example.COM", 443);
-        assert_eq!(d, dest_key("example.com", 443));
-        assert_ne!(d, dest_key("example.com", 80));
-        assert_eq!(dest_key("[::1]", 80), dest_key("::1", 80));
+        let d = dest_key("Example.COM", 443, true);
+        assert_eq!(d, dest_key("example.com", 443, true));
+        assert_ne!(d, dest_key("example.com", 80, true));
+        assert_ne!(d, dest_key("example.com", 443, false));
+        assert_eq!(dest_key("[::1]", 80, false), dest_key("::1", 80, false));
         // Not watched yet: the answer before is not seen.
         w.answered(ip("10.0.0.1"), d, t);
-        w.failed(ip("10.0.0.4"), d, t);
+        w.failed(ip("10.0.0.4"), d, t, t);
         w.answered(ip("10.0.0.2"), d, t + Duration::from_millis(10));
         assert!(w.take(t).is_empty());
         // Watched now: answered before and after.
-        w.failed(ip("10.0.0.4"), d, t + Duration::from_millis(20));
+        w.failed(
+            ip("10.0.0.4"),
+            d,
+            t + Duration::from_millis(20),
+            t + Duration::from_millis(20),
+        );
         w.answered(ip("10.0.0.3"), d, t + Duration::from_millis(30));
-        w.failed(ip("10.0.0.4"), d, t + Duration::from_millis(40));
-        w.failed(ip("10.0.0.5"), d, t + Duration::from_millis(41));
+        w.failed(
+            ip("10.0.0.4"),
+            d,
+            t + Duration::from_millis(40),
+            t + Duration::from_millis(40),
+        );
+        w.failed(
+            ip("10.0.0.5"),
+            d,
+            t + Duration::from_millis(41),
+            t + Duration::from_millis(41),
+        );
         w.answered(ip("10.0.0.1"), d, t + Duration::from_millis(50));
         let c = w.take(t + Duration::from_millis(60));
-        assert_eq!(c.get(&ip("10.0.0.4")), Some(&2));
-        assert_eq!(c.get(&ip("10.0.0.5")), Some(&1));
+        assert_eq!(c[&ip("10.0.0.4")].failed, 2);
+        assert_eq!(c[&ip("10.0.0.4")].destinations, [d]);
+        assert_eq!(c[&ip("10.0.0.5")].failed, 1);
     }
 
     #[test]
     fn a_destination_that_goes_down_confirms_nothing() {
         let mut w = Witness::default();
         let t = Instant::now();
-        let d = dest_key("down.example", 80);
-        let other = dest_key("up.example", 80);
-        w.failed(ip("10.0.0.1"), d, t);
+        let d = dest_key("down.example", 80, true);
+        let other = dest_key("up.example", 80, true);
+        w.failed(ip("10.0.0.1"), d, t, t);
         for i in 0..100u64 {
             let at = t + Duration::from_millis(100 * i);
-            w.failed(ip(&format!("10.0.0.{}", i % 4 + 1)), d, at);
+            w.failed(ip(&format!("10.0.0.{}", i % 4 + 1)), d, at, at);
             // Answers elsewhere say nothing of it.
             w.answered(ip(&format!("10.0.0.{}", (i + 1) % 4 + 1)), other, at);
         }
@@ -176,20 +213,58 @@ mod tests {
     fn answers_too_far_apart_confirm_nothing_and_quiet_ones_are_forgotten() {
         let mut w = Witness::default();
         let t = Instant::now();
-        let d = dest_key("a", 80);
-        w.failed(ip("10.0.0.4"), d, t);
+        let d = dest_key("a", 80, true);
+        w.failed(ip("10.0.0.4"), d, t, t);
         w.answered(ip("10.0.0.1"), d, t);
-        w.failed(ip("10.0.0.4"), d, t + Duration::from_secs(3));
+        w.failed(
+            ip("10.0.0.4"),
+            d,
+            t + Duration::from_secs(3),
+            t + Duration::from_secs(3),
+        );
         w.answered(ip("10.0.0.1"), d, t + Duration::from_secs(4));
-        w.failed(ip("10.0.0.4"), d, t + Duration::from_secs(5));
+        w.failed(
+            ip("10.0.0.4"),
+            d,
+            t + Duration::from_secs(5),
+            t + Duration::from_secs(5),
+        );
         w.answered(ip("10.0.0.1"), d, t + Duration::from_secs(8));
         assert!(w.take(t + Duration::from_secs(8)).is_empty());
         // Its own answer confirms none of its failures.
-        w.failed(ip("10.0.0.4"), d, t + Duration::from_secs(9));
+        w.failed(
+            ip("10.0.0.4"),
+            d,
+            t + Duration::from_secs(9),
+            t + Duration::from_secs(9),
+        );
         w.answered(ip("10.0.0.4"), d, t + Duration::from_secs(9));
         assert!(w.take(t + Duration::from_secs(9)).is_empty());
         assert_eq!(w.watched(), 1);
-        w.take(t + Duration::from_secs(60));
+        // Answers do not keep it watched: 30 s after its last failure it
+        // is forgotten, and answers to it are not looked at.
+        w.answered(ip("10.0.0.1"), d, t + Duration::from_secs(38));
+        w.take(t + Duration::from_secs(40));
         assert_eq!(w.watched(), 0);
+    }
+
+    #[test]
+    fn a_connect_begun_while_the_destination_was_down_is_not_confirmed() {
+        let mut w = Witness::default();
+        let t = Instant::now();
+        let s = |ms: u64| t + Duration::from_millis(ms);
+        let d = dest_key("a", 80, true);
+        w.failed(ip("10.0.0.9"), d, s(0), s(0));
+        w.answered(ip("10.0.0.1"), d, s(100));
+        // Down from 0.2 s to 12 s: a connect begun at 5 s times out at 15
+        // s, when the destination answers again.
+        w.failed(ip("10.0.0.4"), d, s(5_000), s(15_000));
+        w.answered(ip("10.0.0.2"), d, s(15_100));
+        assert!(w.take(s(15_200)).is_empty());
+        // One begun while it answered others, failed, answered after:
+        // confirmed.
+        w.failed(ip("10.0.0.4"), d, s(15_150), s(16_000));
+        w.answered(ip("10.0.0.2"), d, s(16_100));
+        assert_eq!(w.take(s(16_200))[&ip("10.0.0.4")].failed, 1);
     }
 }
