@@ -476,13 +476,7 @@ async fn a_destination_down_for_every_address_takes_none_out() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let alloc = Allocator::start(&[
-        "--pool",
-        "127.0.0.2-127.0.0.5",
-        "--unreachable-quarantine",
-        "1m",
-    ])
-    .await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.5"]).await;
     let w = Worker::start(&alloc.socket, &[]).await;
     let down = format!("http://127.0.0.1:{closed}/");
     for round in 0..12 {

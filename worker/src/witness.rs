@@ -149,6 +149,12 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// An immediate failure (refused, unreachable): begun and ended at
+    /// `at`.
+    fn fail(w: &mut Witness, source: IpAddr, d: u64, at: Instant) {
+        w.failed(source, d, at, at);
+    }
+
     #[test]
     fn a_failure_between_answers_to_others_is_confirmed() {
         let mut w = Witness::default();
@@ -160,29 +166,14 @@ mod tests {
         assert_eq!(dest_key("[::1]", 80, false), dest_key("::1", 80, false));
         // Not watched yet: the answer before is not seen.
         w.answered(ip("10.0.0.1"), d, t);
-        w.failed(ip("10.0.0.4"), d, t, t);
+        fail(&mut w, ip("10.0.0.4"), d, t);
         w.answered(ip("10.0.0.2"), d, t + Duration::from_millis(10));
         assert!(w.take(t).is_empty());
         // Watched now: answered before and after.
-        w.failed(
-            ip("10.0.0.4"),
-            d,
-            t + Duration::from_millis(20),
-            t + Duration::from_millis(20),
-        );
+        fail(&mut w, ip("10.0.0.4"), d, t + Duration::from_millis(20));
         w.answered(ip("10.0.0.3"), d, t + Duration::from_millis(30));
-        w.failed(
-            ip("10.0.0.4"),
-            d,
-            t + Duration::from_millis(40),
-            t + Duration::from_millis(40),
-        );
-        w.failed(
-            ip("10.0.0.5"),
-            d,
-            t + Duration::from_millis(41),
-            t + Duration::from_millis(41),
-        );
+        fail(&mut w, ip("10.0.0.4"), d, t + Duration::from_millis(40));
+        fail(&mut w, ip("10.0.0.5"), d, t + Duration::from_millis(41));
         w.answered(ip("10.0.0.1"), d, t + Duration::from_millis(50));
         let c = w.take(t + Duration::from_millis(60));
         assert_eq!(c[&ip("10.0.0.4")].failed, 2);
@@ -196,10 +187,10 @@ mod tests {
         let t = Instant::now();
         let d = dest_key("down.example", 80, true);
         let other = dest_key("up.example", 80, true);
-        w.failed(ip("10.0.0.1"), d, t, t);
+        fail(&mut w, ip("10.0.0.1"), d, t);
         for i in 0..100u64 {
             let at = t + Duration::from_millis(100 * i);
-            w.failed(ip(&format!("10.0.0.{}", i % 4 + 1)), d, at, at);
+            fail(&mut w, ip(&format!("10.0.0.{}", i % 4 + 1)), d, at);
             // Answers elsewhere say nothing of it.
             w.answered(ip(&format!("10.0.0.{}", (i + 1) % 4 + 1)), other, at);
         }
@@ -214,30 +205,15 @@ mod tests {
         let mut w = Witness::default();
         let t = Instant::now();
         let d = dest_key("a", 80, true);
-        w.failed(ip("10.0.0.4"), d, t, t);
+        fail(&mut w, ip("10.0.0.4"), d, t);
         w.answered(ip("10.0.0.1"), d, t);
-        w.failed(
-            ip("10.0.0.4"),
-            d,
-            t + Duration::from_secs(3),
-            t + Duration::from_secs(3),
-        );
+        fail(&mut w, ip("10.0.0.4"), d, t + Duration::from_secs(3));
         w.answered(ip("10.0.0.1"), d, t + Duration::from_secs(4));
-        w.failed(
-            ip("10.0.0.4"),
-            d,
-            t + Duration::from_secs(5),
-            t + Duration::from_secs(5),
-        );
+        fail(&mut w, ip("10.0.0.4"), d, t + Duration::from_secs(5));
         w.answered(ip("10.0.0.1"), d, t + Duration::from_secs(8));
         assert!(w.take(t + Duration::from_secs(8)).is_empty());
         // Its own answer confirms none of its failures.
-        w.failed(
-            ip("10.0.0.4"),
-            d,
-            t + Duration::from_secs(9),
-            t + Duration::from_secs(9),
-        );
+        fail(&mut w, ip("10.0.0.4"), d, t + Duration::from_secs(9));
         w.answered(ip("10.0.0.4"), d, t + Duration::from_secs(9));
         assert!(w.take(t + Duration::from_secs(9)).is_empty());
         assert_eq!(w.watched(), 1);
@@ -254,7 +230,7 @@ mod tests {
         let t = Instant::now();
         let s = |ms: u64| t + Duration::from_millis(ms);
         let d = dest_key("a", 80, true);
-        w.failed(ip("10.0.0.9"), d, s(0), s(0));
+        fail(&mut w, ip("10.0.0.9"), d, s(0));
         w.answered(ip("10.0.0.1"), d, s(100));
         // Down from 0.2 s to 12 s: a connect begun at 5 s times out at 15
         // s, when the destination answers again.
