@@ -431,6 +431,67 @@ fn an_address_whose_connects_fail_is_taken_out_and_tried_again() {
     );
 }
 
+/// An address whose packets go nowhere (its SYNs are dropped on the way:
+/// here routed out of a veth pair to a next hop whose link-layer address
+/// is no one's, so the far end drops every frame) has every connect time
+/// out: taken out once other addresses were answered around its timed-out
+/// connects, with clients asking two sites at once.
+#[test]
+fn an_address_whose_connects_time_out_is_taken_out() {
+    in_netns(
+        "an_address_whose_connects_time_out_is_taken_out",
+        &[
+            "link add v0 type veth peer name v1",
+            "link set v0 up",
+            "link set v1 up",
+            "addr add 192.168.77.1/30 dev v0",
+            "addr add 192.168.77.2/30 dev v1",
+            "addr add 10.9.9.1/32 dev lo",
+            "addr add 10.9.9.2/31 dev lo",
+            "addr add 10.9.9.4/31 dev lo",
+            "neigh add 192.168.77.2 lladdr 02:00:00:00:07:07 dev v0 nud permanent",
+            "rule add pref 10 from 10.9.9.4 to 10.9.9.1 lookup 100",
+            "route add 10.9.9.1 via 192.168.77.2 dev v0 table 100",
+            "rule del pref 0",
+            "rule add pref 100 lookup local",
+        ],
+        || async {
+            let site = |port| Origin::start_on(SocketAddr::from(([10, 9, 9, 1], port)));
+            let origins = [site(0).await, site(0).await];
+            let alloc = Allocator::start(&["--pool", "10.9.9.2-10.9.9.5"]).await;
+            let args = ["--allow-destination", "10.9.9.1", "--connect-timeout", "1s"];
+            let w = Worker::start(&alloc.socket, &args).await;
+            let urls = [origins[0].url("/"), origins[1].url("/")];
+            let client = |c: usize| {
+                let urls = urls.clone();
+                async move {
+                    let mut timed_out = 0;
+                    for i in 0..24 {
+                        let r = get(w.addr, &urls[(i + c) % 2]).await;
+                        match r.status {
+                            200 => {}
+                            504 => timed_out += 1,
+                            s => panic!("{s} {:?}", r.body),
+                        }
+                    }
+                    timed_out
+                }
+            };
+            let timed_out: usize = futures_util::future::join_all((0..4).map(client))
+                .await
+                .into_iter()
+                .sum();
+            assert!(timed_out >= 8, "{timed_out}");
+            let socket = alloc.socket.clone();
+            eventually("10.9.9.4 out of the rotation", || {
+                let r = status_json(&socket)["pool"][2]["quarantined"]["reason"].clone();
+                async move { r.as_str().is_some_and(|r| r.contains("connects failed")) }
+            })
+            .await;
+        },
+    );
+}
+
 /// A site that refuses one pool address (its firewall drops or rejects
 /// it, here a rule that makes its connects unreachable) while it answers
 /// the others takes that address out nowhere, even for a client that asks
