@@ -853,28 +853,14 @@ impl Proxy {
         host: &str,
         sticky: Option<&Sticky>,
     ) -> Result<(TcpStream, Lease), Failed> {
-        let timeout = self.config.connect_timeout;
-        let started = Instant::now();
-        let mut dialing = Dialing {
-            meter: &self.meter,
-            ip: lease.ip,
-            host,
-            addrs,
-            started,
-            armed: true,
-        };
-        let first = connect_from(lease.ip, addrs, timeout).await;
-        dialing.armed = false;
-        self.count_connect(lease.ip, (addrs, host), &first, started);
+        let first = self.connect_counted(lease.ip, addrs, host).await;
         match first {
             Err(ProxyError::SourceUnavailable { ip, source }) => {
                 let reason = source.to_string();
                 warn!(source = %ip, error = %reason, "this host cannot use a pool address; reported, trying the next");
                 self.leases.report_unusable(ip, reason).await;
                 let (next, _) = self.lease_for(addrs, host, sticky).await?;
-                let started = Instant::now();
-                let stream = connect_from(next.ip, addrs, timeout).await;
-                self.count_connect(next.ip, (addrs, host), &stream, started);
+                let stream = self.connect_counted(next.ip, addrs, host).await;
                 if let Err(ProxyError::SourceUnavailable { ip, source }) = &stream {
                     self.leases.report_unusable(*ip, source.to_string()).await;
                 }
@@ -882,6 +868,30 @@ impl Proxy {
             }
             r => r.map(|s| (s, lease)).map_err(|e| e.from_source(lease.ip)),
         }
+    }
+
+    /// One connect from `ip` to `addrs` (of `host`) within the connect
+    /// timeout, counted (`count_connect`; one its client gave up on too,
+    /// see `Dialing`).
+    async fn connect_counted(
+        &self,
+        ip: IpAddr,
+        addrs: &[SocketAddr],
+        host: &str,
+    ) -> Result<TcpStream, ProxyError> {
+        let started = Instant::now();
+        let mut dialing = Dialing {
+            meter: &self.meter,
+            ip,
+            host,
+            addrs,
+            started,
+            armed: true,
+        };
+        let r = connect_from(ip, addrs, self.config.connect_timeout).await;
+        dialing.armed = false;
+        self.count_connect(ip, (addrs, host), &r, started);
+        r
     }
 
     /// Counts one connect from `ip` to `addrs` (of `host`): its time, or
