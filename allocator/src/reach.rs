@@ -68,10 +68,10 @@ pub struct Out {
 struct Run {
     /// Confirmed failures since its last answer (or its return).
     failed: u64,
-    /// The first destination they were to, and whether they were to
-    /// another too: failures to one destination alone are that
-    /// destination's refusal of this address (a site's firewall), not
-    /// the address's route, and take it out nowhere.
+    /// The first site they were to, and whether they were to another
+    /// too: failures to one site alone (on whatever ports and names) are
+    /// that site's refusal of this address (its firewall), not the
+    /// address's route, and take it out nowhere.
     dest: Option<u64>,
     several: bool,
     /// When the first of them was reported.
@@ -147,7 +147,7 @@ impl Reach {
         }
     }
 
-    /// A worker's confirmed failures by entry, and their destinations.
+    /// A worker's confirmed failures by entry, and the sites they were to.
     /// Entries out of the rotation (`out`) are not counted (requests in
     /// flight as one went out tell nothing new); `room` says whether one
     /// more of an entry's family may go out (and counts it). The entries
@@ -172,7 +172,7 @@ impl Reach {
         // The failures of entries in a run begun within the window, left
         // out of the rate (most of them are in it), so failing entries do
         // not raise the bar for each other: summed once, when asked.
-        let mut in_runs: Option<u64> = None;
+        let mut runs_sum: Option<u64> = None;
         for (e, (n, dests)) in failed {
             if *n == 0 || out(e) {
                 continue;
@@ -203,7 +203,7 @@ impl Reach {
             }
             let window = self.window[0].add(self.window[1]);
             let runs = &self.runs;
-            let in_runs = *in_runs.get_or_insert_with(|| {
+            let in_runs = *runs_sum.get_or_insert_with(|| {
                 runs.values()
                     .filter(|r| now.saturating_duration_since(r.since) <= 2 * WINDOW)
                     .map(|r| r.failed)
@@ -244,7 +244,11 @@ impl Reach {
             run.failed = 0;
             run.dest = None;
             run.several = false;
-            // Its failures were its own: the rate counts them no longer.
+            // Its failures were its own: the rate counts them no longer
+            // (nor does the sum of runs, which held them).
+            if let Some(sum) = &mut runs_sum {
+                *sum = sum.saturating_sub(failed);
+            }
             let mut left = failed;
             for w in &mut self.window {
                 let n = left.min(w.failed);

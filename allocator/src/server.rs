@@ -882,7 +882,7 @@ async fn answer(
             Response::SitesV2(alloc.sites_report_v2(max.min(10_000) as usize))
         }
         Request::Metrics(m) => {
-            alloc.record_metrics(id, &m);
+            alloc.record_metrics(id, &m, rights == Rights::Control);
             Response::Noted { quarantined: false }
         }
         Request::Unreached { by_source } => {

@@ -599,7 +599,7 @@ impl Inner {
 
     /// Counts a worker's report of answers by source (`reach`): an entry
     /// that answers is not at fault.
-    fn reach_answers(&mut self, m: &rotor_protocol::WorkerMetrics, now: Instant) {
+    fn reach_answers(&mut self, peer: u64, m: &rotor_protocol::WorkerMetrics, now: Instant) {
         let mut ok: HashMap<Segment, u64> = HashMap::new();
         for s in &m.by_source {
             let n = s
@@ -620,16 +620,30 @@ impl Inner {
             .iter()
             .fold(0u64, |a, n| a.saturating_add(*n));
         self.reach.answers(now, connects_ok, &ok);
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.answered = ok.into_keys().collect();
+        }
     }
 
     /// Counts a worker's confirmed connect failures by source (`reach`),
     /// and takes out the entries whose connects keep failing where the
     /// others' answer: at most a quarter of a family's entries (one at
     /// least) out so at once.
-    fn reach_failures(&mut self, by_source: &[rotor_protocol::SourceUnreached], now: Instant) {
+    fn reach_failures(
+        &mut self,
+        peer: u64,
+        by_source: &[rotor_protocol::SourceUnreached],
+        now: Instant,
+    ) {
+        let answered = self
+            .peers
+            .get_mut(&peer)
+            .map(|p| std::mem::take(&mut p.answered))
+            .unwrap_or_default();
         let mut failed: HashMap<Segment, (u64, Vec<u64>)> = HashMap::new();
         for s in by_source.iter().take(rotor_protocol::UNREACHED_LISTED) {
-            if let Some(e) = self.pool.entry_of(s.ip) {
+            let entry = self.pool.entry_of(s.ip).filter(|e| !answered.contains(e));
+            if let Some(e) = entry {
                 let d = failed.entry(e).or_default();
                 d.0 = d.0.saturating_add(s.failed);
                 let dests = s.destinations.iter();
@@ -822,6 +836,11 @@ struct Peer {
     /// The table's id and reload count when it connected: a reload asked
     /// before is not one it makes (it read its files as it started).
     joined: (u64, u64),
+    /// The entries its last metrics report had answers from: its word of
+    /// failed connects that follows is not heard for them (an entry of
+    /// many addresses, a /64, answers from some while others fail; one
+    /// that answers is not at fault). At most a report's sources.
+    answered: HashSet<Segment>,
 }
 
 /// Parts of a worker's reload that failed: what, and why.
@@ -1328,8 +1347,10 @@ impl Allocator {
         r
     }
 
-    /// Adds what worker `peer` reported to the host's metrics.
-    pub fn record_metrics(&self, peer: u64, m: &rotor_protocol::WorkerMetrics) {
+    /// Adds what worker `peer` reported to the host's metrics; its answers
+    /// by source count for `reach` if it may steer the pool (`trusted`, as
+    /// `unreached`).
+    pub fn record_metrics(&self, peer: u64, m: &rotor_protocol::WorkerMetrics, trusted: bool) {
         let mut inner = self.lock();
         let pid = inner.peers.get(&peer).map_or(0, |p| p.hello.pid);
         let Inner { metrics, pool, .. } = &mut *inner;
@@ -1338,8 +1359,8 @@ impl Allocator {
             // Left the pool, or the worker's own `other`.
             None => "other".to_string(),
         });
-        if applied {
-            inner.reach_answers(m, Instant::now());
+        if applied && trusted {
+            inner.reach_answers(peer, m, Instant::now());
         }
     }
 
@@ -1360,7 +1381,7 @@ impl Allocator {
             }
             return;
         }
-        self.lock().reach_failures(by_source, Instant::now());
+        self.lock().reach_failures(peer, by_source, Instant::now());
     }
 
     /// Sets the first time out of an entry whose connects fail while its
@@ -1956,6 +1977,7 @@ impl Allocator {
                 slot: None,
                 reloaded: None,
                 joined,
+                answered: HashSet::new(),
             },
         );
     }
@@ -2512,7 +2534,7 @@ mod tests {
                 ..Default::default()
             };
             m.connect_seconds.observe(0.001);
-            a.record_metrics(1, &m);
+            a.record_metrics(1, &m, true);
             a.unreached(1, &[lost("10.0.0.2", failed)], true);
         };
         for _ in 0..7 {
@@ -2577,6 +2599,48 @@ mod tests {
         off.set_unreachable_quarantine(Duration::ZERO);
         report(&off, "10.0.0.1", 50);
         assert!(off.status_v2().pool[1].quarantine.is_none());
+    }
+
+    /// A worker's failures from an entry its own report of that second
+    /// had answers from (an entry of many addresses, answering from some)
+    /// are not heard.
+    #[test]
+    fn failures_from_an_entry_the_same_report_answered_from_are_not_heard() {
+        let a = Allocator::new(vec![Source::list("10.0.0.1-10.0.0.3").unwrap()]);
+        let e = |s: &str| Segment::single(s.parse().unwrap());
+        a.apply_refresh(
+            vec![Ok(vec![e("10.0.0.1"), e("10.0.0.2"), e("10.0.0.3")])],
+            &ok(),
+        );
+        a.peer_connected(9, Hello::new(rotor_protocol::Role::Worker, "t"));
+        let answers = |seq, ips: &[&str]| rotor_protocol::WorkerMetrics {
+            boot: 3,
+            seq,
+            by_source: ips
+                .iter()
+                .map(|ip| rotor_protocol::SourceMetrics {
+                    ip: ip.parse().unwrap(),
+                    responses: [0, 1, 0, 0, 0],
+                    tunnels: 0,
+                    connect_errors: 0,
+                    bytes_to: 0,
+                    bytes_from: 0,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let lost = [rotor_protocol::SourceUnreached {
+            ip: "10.0.0.2".parse().unwrap(),
+            failed: 50,
+            destinations: vec![1, 2],
+        }];
+        a.record_metrics(9, &answers(1, &["10.0.0.1", "10.0.0.2"]), true);
+        a.unreached(9, &lost, true);
+        assert!(a.status_v2().pool[1].quarantine.is_none());
+        // The next second it answered nothing: heard.
+        a.record_metrics(9, &answers(2, &["10.0.0.1"]), true);
+        a.unreached(9, &lost, true);
+        assert!(a.status_v2().pool[1].quarantine.is_some());
     }
 
     /// An allocator over [`three`] keeping its state in `dir`

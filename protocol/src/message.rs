@@ -75,7 +75,7 @@ pub const MINOR_UNREACHED: u16 = 13;
 /// Sources an `Unreached` names at most (a worker's report names at most
 /// as many).
 pub const UNREACHED_LISTED: usize = 10_000;
-/// Destinations an `Unreached` names per source at most.
+/// Sites an `Unreached` names per source at most.
 pub const UNREACHED_DESTINATIONS: usize = 4;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
@@ -473,9 +473,9 @@ pub struct WorkerMetrics {
 }
 
 /// A source's connects that failed where other sources' were answered
-/// (`Request::Unreached`): how many, and the destinations they were to
-/// (the first `UNREACHED_DESTINATIONS`, each a hash of its host, port and
-/// family, the same in every worker).
+/// (`Request::Unreached`): how many, and the sites they were to (the first
+/// `UNREACHED_DESTINATIONS`, each the FNV-1a hash of `site_of` the host,
+/// the same in every worker).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceUnreached {
     pub ip: IpAddr,

@@ -75,10 +75,11 @@ settings! {
         #[arg(value_name = "LEN")]
         site_v6_prefix: Option<u8> = "64",
         /// How long a pool entry is taken out of the rotation when its
-        /// connects keep failing, to more than one destination, where
-        /// other entries' are answered (an address the provider no longer
-        /// routes here): then it is tried again, and out for twice as long
-        /// (to 1h) if they fail again; 0s: never taken out for it.
+        /// connects keep failing, to two sites or more, where other
+        /// entries' are answered (an address the provider no longer routes
+        /// here): then it is tried again, and out for twice as long (to 1h,
+        /// or this if longer) if they fail again; 0s: never taken out for
+        /// it.
         unreachable_quarantine: Option<Duration> = "1m",
         /// Most connections to the allocator's socket at once (workers,
         /// `rotor` commands); past it a new one is refused with a reason.

@@ -152,10 +152,11 @@ impl Meter {
     /// A connect from `ip` to `dest` (host, port), begun at `started`,
     /// failed.
     pub fn connect_failed(&self, ip: IpAddr, (host, port): (&str, u16), started: Instant) {
+        let dest = crate::witness::dest_key(host, port, ip.is_ipv4());
+        let site = crate::witness::site_key(host);
         self.with(|a| {
             a.source(ip).connect_errors += 1;
-            let dest = crate::witness::dest_key(host, port, ip.is_ipv4());
-            a.witness.failed(ip, dest, started, Instant::now());
+            a.witness.failed(ip, (dest, site), started, Instant::now());
         });
     }
 
@@ -192,12 +193,21 @@ impl Meter {
             );
             (taken, confirmed)
         };
+        // Sources that got an answer meanwhile (an IPv6 one by its /64:
+        // an entry of many addresses answers from some while others fail)
+        // are not at fault; past the sources counted apart, it is not known.
+        let answered: std::collections::HashSet<IpAddr> = acc
+            .sources
+            .values()
+            .filter(|s| s.tunnels > 0 || s.responses.iter().any(|n| *n > 0))
+            .map(|s| crate::witness::source_net(s.ip))
+            .collect();
+        let full = acc.sources.len() >= MAX_SOURCES;
         let unreached = confirmed
             .into_iter()
             .filter(|(ip, _)| {
-                acc.sources
-                    .get(ip)
-                    .is_none_or(|s| s.tunnels == 0 && s.responses.iter().all(|n| *n == 0))
+                !answered.contains(&crate::witness::source_net(*ip))
+                    && (acc.sources.contains_key(ip) || !full)
             })
             .take(rotor_protocol::UNREACHED_LISTED)
             .map(|(ip, c)| SourceUnreached {

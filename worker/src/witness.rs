@@ -44,19 +44,48 @@ pub fn dest_key(host: &str, port: u16, v4: bool) -> u64 {
     )
 }
 
+/// The site a destination's host is of (see `rotor_protocol::site_of`),
+/// as failures name it to the allocator: failures to one site alone, on
+/// whatever ports and names, are that site's refusal of the address.
+pub fn site_key(host: &str) -> u64 {
+    rotor_protocol::fnv1a(rotor_protocol::site_of(host).bytes())
+}
+
+/// A source as destinations tell it: the address, or for IPv6 its /64
+/// (an entry of many addresses answers from some while others are leased;
+/// sites count IPv6 clients by their /64).
+pub fn source_net(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        a => a,
+    }
+}
+
+fn same_source(a: IpAddr, b: IpAddr) -> bool {
+    source_net(a) == source_net(b)
+}
+
 #[derive(Debug)]
 struct Dest {
     /// The last answer from it: when, and to which source.
     answered: Option<(Instant, IpAddr)>,
+    /// When its answers last began again after a gap of more than
+    /// [`NEAR`] (or at all): a connect begun before that began while it
+    /// answered no one.
+    answering_since: Option<Instant>,
     /// Failures with an answer to another source just before, waiting
-    /// for one just after: the source, and when the connect ended.
-    pending: Vec<(IpAddr, Instant)>,
+    /// for one just after: the source, when the connect ended, and the
+    /// site.
+    pending: Vec<(IpAddr, Instant, u64)>,
     /// Its last failed connect (answers do not keep it watched).
     last: Instant,
 }
 
-/// A source's confirmed failures since the last take, and the
-/// destinations they were to (the first few).
+/// A source's confirmed failures since the last take, and the sites they
+/// were to (the first few, by `site_key`).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Confirmed {
     pub failed: u64,
@@ -70,25 +99,34 @@ pub struct Witness {
 }
 
 impl Witness {
-    /// A connect from `source` to `dest`, begun at `started`, failed at
-    /// `now`. The answer before may come until the connect ended; it must
-    /// be within [`NEAR`] of its start (a connect that timed out as the
-    /// destination came back began while it was down).
-    pub fn failed(&mut self, source: IpAddr, dest: u64, started: Instant, now: Instant) {
+    /// A connect from `source` to `dest` (of `site`), begun at `started`,
+    /// failed at `now`. The destination must have been answering others
+    /// when it began: answers without a gap of more than [`NEAR`] from
+    /// before its start on (a connect that timed out as the destination
+    /// came back began while it was down).
+    pub fn failed(
+        &mut self,
+        source: IpAddr,
+        (dest, site): (u64, u64),
+        started: Instant,
+        now: Instant,
+    ) {
         if !self.watched.contains_key(&dest) && self.watched.len() >= MAX_WATCHED {
             return;
         }
         let d = self.watched.entry(dest).or_insert(Dest {
             answered: None,
+            answering_since: None,
             pending: Vec::new(),
             last: now,
         });
         d.last = now;
+        let answering = d.answering_since.is_some_and(|t| t <= started);
         let before = d
             .answered
-            .is_some_and(|(t, ip)| ip != source && t + NEAR >= started);
-        if before && d.pending.len() < MAX_PENDING {
-            d.pending.push((source, now));
+            .is_some_and(|(t, ip)| !same_source(ip, source) && t + NEAR >= started);
+        if answering && before && d.pending.len() < MAX_PENDING {
+            d.pending.push((source, now, site));
         }
     }
 
@@ -107,9 +145,9 @@ impl Witness {
         let Some(d) = self.watched.get_mut(&dest) else {
             return;
         };
-        for (ip, at) in d.pending.drain(..) {
+        for (ip, at, site) in d.pending.drain(..) {
             // (Its own earlier failure is forgotten: it answers now.)
-            if ip == source || now.saturating_duration_since(at) > NEAR {
+            if same_source(ip, source) || now.saturating_duration_since(at) > NEAR {
                 continue;
             }
             let room = self.confirmed.len() < rotor_protocol::UNREACHED_LISTED
@@ -118,11 +156,17 @@ impl Witness {
                 let c = self.confirmed.entry(ip).or_default();
                 c.failed += 1;
                 if c.destinations.len() < rotor_protocol::UNREACHED_DESTINATIONS
-                    && !c.destinations.contains(&dest)
+                    && !c.destinations.contains(&site)
                 {
-                    c.destinations.push(dest);
+                    c.destinations.push(site);
                 }
             }
+        }
+        let gap = d
+            .answered
+            .is_none_or(|(t, _)| now.saturating_duration_since(t) > NEAR);
+        if gap {
+            d.answering_since = Some(now);
         }
         d.answered = Some((now, source));
     }
@@ -152,7 +196,7 @@ mod tests {
     /// An immediate failure (refused, unreachable): begun and ended at
     /// `at`.
     fn fail(w: &mut Witness, source: IpAddr, d: u64, at: Instant) {
-        w.failed(source, d, at, at);
+        w.failed(source, (d, d), at, at);
     }
 
     #[test]
@@ -234,13 +278,43 @@ mod tests {
         w.answered(ip("10.0.0.1"), d, s(100));
         // Down from 0.2 s to 12 s: a connect begun at 5 s times out at 15
         // s, when the destination answers again.
-        w.failed(ip("10.0.0.4"), d, s(5_000), s(15_000));
+        w.failed(ip("10.0.0.4"), (d, d), s(5_000), s(15_000));
         w.answered(ip("10.0.0.2"), d, s(15_100));
         assert!(w.take(s(15_200)).is_empty());
         // One begun while it answered others, failed, answered after:
         // confirmed.
-        w.failed(ip("10.0.0.4"), d, s(15_150), s(16_000));
+        w.failed(ip("10.0.0.4"), (d, d), s(15_150), s(16_000));
         w.answered(ip("10.0.0.2"), d, s(16_100));
         assert_eq!(w.take(s(16_200))[&ip("10.0.0.4")].failed, 1);
+        // Down again from 17 s to 24.5 s: a connect begun at 18 s that
+        // times out at 28 s is not confirmed by the answers from 25 s on
+        // (one of them within 2 s of its end): they began after it did.
+        w.answered(ip("10.0.0.1"), d, s(17_000));
+        w.answered(ip("10.0.0.2"), d, s(25_000));
+        w.failed(ip("10.0.0.4"), (d, d), s(18_000), s(28_000));
+        w.answered(ip("10.0.0.3"), d, s(26_000));
+        w.answered(ip("10.0.0.1"), d, s(28_100));
+        assert!(w.take(s(28_200)).is_empty());
+    }
+
+    #[test]
+    fn addresses_of_one_ipv6_64_are_one_source() {
+        let mut w = Witness::default();
+        let t = Instant::now();
+        let d = dest_key("a", 80, false);
+        fail(&mut w, ip("fd00:1::9"), d, t);
+        w.answered(ip("fd00:1::1"), d, t);
+        // An address of its own /64 answered before and after: not
+        // another source.
+        fail(&mut w, ip("fd00:1::2"), d, t);
+        w.answered(ip("fd00:1::3"), d, t);
+        assert!(w.take(t).is_empty());
+        // Another /64's answers confirm it.
+        w.answered(ip("fd00:2::1"), d, t);
+        fail(&mut w, ip("fd00:1::2"), d, t);
+        w.answered(ip("fd00:2::5"), d, t);
+        assert_eq!(w.take(t)[&ip("fd00:1::2")].failed, 1);
+        assert_eq!(source_net(ip("fd00:1::2")), ip("fd00:1::"));
+        assert_eq!(source_net(ip("10.0.0.2")), ip("10.0.0.2"));
     }
 }
