@@ -333,11 +333,12 @@ fn an_address_whose_connects_fail_is_taken_out_and_tried_again() {
         "an_address_whose_connects_fail_is_taken_out_and_tried_again",
         &["rule del pref 0", "rule add pref 100 lookup local", RULE],
         || async {
-            // Two sites (two addresses): failures to one alone would be
-            // that site's refusal of the address, and take it out nowhere.
+            // Two sites (addresses of two /16s): failures to one alone
+            // would be that site's refusal of the address, and take it out
+            // nowhere.
             let origins = [
                 Origin::start().await,
-                Origin::start_on(SocketAddr::from(([127, 0, 0, 10], 0))).await,
+                Origin::start_on(SocketAddr::from(([127, 1, 0, 10], 0))).await,
             ];
             // The sources both sites saw from the `before`th request on.
             let seen = |before: [usize; 2]| -> Vec<IpAddr> {
@@ -450,24 +451,24 @@ fn an_address_whose_connects_time_out_is_taken_out() {
             "addr add 192.168.77.1/30 dev v0",
             "addr add 192.168.77.2/30 dev v1",
             "addr add 10.9.9.1/32 dev lo",
-            "addr add 10.9.9.11/32 dev lo",
+            "addr add 10.10.9.1/32 dev lo",
             "addr add 10.9.9.2/31 dev lo",
             "addr add 10.9.9.4/31 dev lo",
             "neigh add 192.168.77.2 lladdr 02:00:00:00:07:07 dev v0 nud permanent",
-            "rule add pref 10 from 10.9.9.4 to 10.9.9.0/24 lookup 100",
-            "route add 10.9.9.0/24 via 192.168.77.2 dev v0 table 100",
+            "rule add pref 10 from 10.9.9.4 to 10.0.0.0/8 lookup 100",
+            "route add 10.0.0.0/8 via 192.168.77.2 dev v0 table 100",
             "rule del pref 0",
             "rule add pref 100 lookup local",
         ],
         || async {
-            let site = |last| Origin::start_on(SocketAddr::from(([10, 9, 9, last], 0)));
-            let origins = [site(1).await, site(11).await];
+            let site = |b| Origin::start_on(SocketAddr::from(([10, b, 9, 1], 0)));
+            let origins = [site(9).await, site(10).await];
             let alloc = Allocator::start(&["--pool", "10.9.9.2-10.9.9.5"]).await;
             let args = [
                 "--allow-destination",
                 "10.9.9.1",
                 "--allow-destination",
-                "10.9.9.11",
+                "10.10.9.1",
                 "--connect-timeout",
                 "1s",
             ];

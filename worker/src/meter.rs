@@ -283,13 +283,14 @@ impl Meter {
                     (m, unreached, false)
                 }
             };
-            if let Err(m) = leases.report_metrics(m).await {
-                unsent = Some(*m);
+            match leases.report_metrics(m).await {
+                // Said once, after the report whose answers they go with
+                // (the allocator does not hear failures of an entry that
+                // report answered from): one lost delays a quarantine, no
+                // more; so does one dropped with a report that did not go.
+                Ok(()) => leases.unreached(unreached),
+                Err(m) => unsent = Some(*m),
             }
-            // Said once, after the report whose answers they go with (the
-            // allocator asks that another address was answered): one lost
-            // delays a quarantine, no more.
-            leases.unreached(unreached);
             if last {
                 // The last pass: a report sent again carried nothing
                 // counted since it was made (the drain's requests, an

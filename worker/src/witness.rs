@@ -12,10 +12,12 @@
 //! connects keep failing so.
 //!
 //! A destination is watched from its first failed connect, for [`WATCH`]
-//! after its last event: answers to a destination not watched are not
-//! looked at (one branch on an empty map, under the meter's lock the
-//! answer takes anyway). Bounded: [`MAX_WATCHED`] destinations, each with
-//! at most [`MAX_PENDING`] failures waiting for the answer after.
+//! after its last one ([`WATCH_DEAD`] if it never answered): answers to a
+//! destination not watched are not looked at (one branch on an empty map,
+//! under the meter's lock the answer takes anyway; a hash of its host
+//! while some are). Bounded: [`MAX_WATCHED`] destinations, each with its
+//! last [`ANSWERS_KEPT`] answers and at most [`MAX_PENDING`] failures
+//! waiting for the answer after.
 
 use foldhash::HashMap;
 use std::net::IpAddr;
@@ -23,8 +25,16 @@ use std::time::{Duration, Instant};
 
 /// How close in time, before and after, another source's answer must be.
 pub const NEAR: Duration = Duration::from_secs(2);
-/// How long a destination stays watched after its last event.
-const WATCH: Duration = Duration::from_secs(30);
+/// How long a destination that answered stays watched after its last
+/// failed connect: an address out of a large pool fails to one
+/// destination minutes apart, and must find it watched (its answers to
+/// others seen) each time.
+const WATCH: Duration = Duration::from_secs(300);
+/// … and one that never answered (a dead site: a crawler meets many).
+const WATCH_DEAD: Duration = Duration::from_secs(30);
+/// Its answers kept, the latest last: whether another source was
+/// answered just before a connect began, at any rate of answers.
+const ANSWERS_KEPT: usize = 8;
 /// Destinations watched at most (past it, a new one is not watched).
 const MAX_WATCHED: usize = 4096;
 /// Failures waiting for their answer after, per destination.
@@ -46,9 +56,23 @@ pub fn dest_key(host: &str, port: u16, v4: bool) -> u64 {
 
 /// The site a destination's host is of (see `rotor_protocol::site_of`),
 /// as failures name it to the allocator: failures to one site alone, on
-/// whatever ports and names, are that site's refusal of the address.
+/// whatever ports and names, are that site's refusal of the address. An
+/// address named as it is (a SOCKS5 client resolving names itself, a
+/// CONNECT to an address) counts by its /16 (IPv6: /32): one site's
+/// several addresses, round-robin DNS, are then one.
 pub fn site_key(host: &str) -> u64 {
-    rotor_protocol::fnv1a(rotor_protocol::site_of(host).bytes())
+    let site = rotor_protocol::site_of(host);
+    match site.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => {
+            let [x, y, ..] = a.octets();
+            rotor_protocol::fnv1a([4, x, y])
+        }
+        Ok(IpAddr::V6(a)) => {
+            let o = a.octets();
+            rotor_protocol::fnv1a([6, o[0], o[1], o[2], o[3]])
+        }
+        Err(_) => rotor_protocol::fnv1a(site.bytes()),
+    }
 }
 
 /// A source as destinations tell it: the address, or for IPv6 its /64
@@ -73,9 +97,10 @@ struct Dest {
     /// The last answer from it: when, and to which source.
     answered: Option<(Instant, IpAddr)>,
     /// When its answers last began again after a gap of more than
-    /// [`NEAR`] (or at all): a connect begun before that began while it
-    /// answered no one.
+    /// [`NEAR`] (or at all).
     answering_since: Option<Instant>,
+    /// Its last few answers: when, and to which source.
+    recent: std::collections::VecDeque<(Instant, IpAddr)>,
     /// Failures with an answer to another source just before, waiting
     /// for one just after: the source, when the connect ended, and the
     /// site.
@@ -117,15 +142,21 @@ impl Witness {
         let d = self.watched.entry(dest).or_insert(Dest {
             answered: None,
             answering_since: None,
+            recent: std::collections::VecDeque::new(),
             pending: Vec::new(),
             last: now,
         });
         d.last = now;
-        let answering = d.answering_since.is_some_and(|t| t <= started);
-        let before = d
-            .answered
-            .is_some_and(|(t, ip)| !same_source(ip, source) && t + NEAR >= started);
-        if answering && before && d.pending.len() < MAX_PENDING {
+        // It answered another source within [`NEAR`] before the connect
+        // began (one of its last answers did; or, where more came since
+        // than are kept, it has answered without a gap since before then).
+        let other = |(t, ip): &(Instant, IpAddr)| !same_source(*ip, source) && *t <= started;
+        let just_before = d.recent.iter().any(|a| other(a) && a.0 + NEAR >= started);
+        let kept_since = d.recent.front().is_none_or(|(t, _)| *t > started);
+        let throughout = kept_since
+            && d.answering_since.is_some_and(|t| t <= started)
+            && d.answered.is_some_and(|(_, ip)| !same_source(ip, source));
+        if (just_before || throughout) && d.pending.len() < MAX_PENDING {
             d.pending.push((source, now, site));
         }
     }
@@ -169,13 +200,23 @@ impl Witness {
             d.answering_since = Some(now);
         }
         d.answered = Some((now, source));
+        if d.recent.len() == ANSWERS_KEPT {
+            d.recent.pop_front();
+        }
+        d.recent.push_back((now, source));
     }
 
     /// The confirmed failures since the last take, and forgets the
-    /// destinations with no failed connect for [`WATCH`].
+    /// destinations with no failed connect for [`WATCH`] ([`WATCH_DEAD`]
+    /// if they never answered).
     pub fn take(&mut self, now: Instant) -> HashMap<IpAddr, Confirmed> {
-        self.watched
-            .retain(|_, d| now.saturating_duration_since(d.last) < WATCH);
+        self.watched.retain(|_, d| {
+            let keep = match d.answered {
+                Some(_) => WATCH,
+                None => WATCH_DEAD,
+            };
+            now.saturating_duration_since(d.last) < keep
+        });
         std::mem::take(&mut self.confirmed)
     }
 
@@ -261,10 +302,14 @@ mod tests {
         w.answered(ip("10.0.0.4"), d, t + Duration::from_secs(9));
         assert!(w.take(t + Duration::from_secs(9)).is_empty());
         assert_eq!(w.watched(), 1);
-        // Answers do not keep it watched: 30 s after its last failure it
-        // is forgotten, and answers to it are not looked at.
-        w.answered(ip("10.0.0.1"), d, t + Duration::from_secs(38));
-        w.take(t + Duration::from_secs(40));
+        // Answers do not keep it watched: 5 min after its last failure it
+        // is forgotten (one that never answered, after 30 s).
+        w.answered(ip("10.0.0.1"), d, t + Duration::from_secs(280));
+        w.take(t + Duration::from_secs(280));
+        assert_eq!(w.watched(), 1);
+        let dead = dest_key("dead", 80, true);
+        fail(&mut w, ip("10.0.0.4"), dead, t + Duration::from_secs(280));
+        w.take(t + Duration::from_secs(311));
         assert_eq!(w.watched(), 0);
     }
 
@@ -286,15 +331,37 @@ mod tests {
         w.failed(ip("10.0.0.4"), (d, d), s(15_150), s(16_000));
         w.answered(ip("10.0.0.2"), d, s(16_100));
         assert_eq!(w.take(s(16_200))[&ip("10.0.0.4")].failed, 1);
-        // Down again from 17 s to 24.5 s: a connect begun at 18 s that
-        // times out at 28 s is not confirmed by the answers from 25 s on
-        // (one of them within 2 s of its end): they began after it did.
+        // Down again from 17 s to 24.5 s: a connect begun at 20 s that
+        // times out at 30 s is not confirmed by the answers from 25 s on
+        // (one of them within 2 s of its end): none came just before it.
         w.answered(ip("10.0.0.1"), d, s(17_000));
         w.answered(ip("10.0.0.2"), d, s(25_000));
-        w.failed(ip("10.0.0.4"), (d, d), s(18_000), s(28_000));
+        w.failed(ip("10.0.0.4"), (d, d), s(20_000), s(28_000));
         w.answered(ip("10.0.0.3"), d, s(26_000));
         w.answered(ip("10.0.0.1"), d, s(28_100));
         assert!(w.take(s(28_200)).is_empty());
+    }
+
+    /// A destination answered every 3 s (a gap each time), a connect that
+    /// times out after 10 s: the answer just before its start counts.
+    #[test]
+    fn a_timed_out_connect_to_a_destination_answered_seldom_is_confirmed() {
+        let mut w = Witness::default();
+        let t = Instant::now();
+        let s = |ms: u64| t + Duration::from_millis(ms);
+        let d = dest_key("a", 80, true);
+        fail(&mut w, ip("10.0.0.9"), d, s(0));
+        for i in 0..6u64 {
+            w.answered(
+                ip(&format!("10.0.0.{}", i % 3 + 1)),
+                d,
+                s(1_000 + 3_000 * i),
+            );
+        }
+        // Begun at 5 s (an answer at 4 s), timed out at 15 s.
+        w.failed(ip("10.0.0.4"), (d, d), s(5_000), s(15_000));
+        w.answered(ip("10.0.0.2"), d, s(16_000));
+        assert_eq!(w.take(s(16_000))[&ip("10.0.0.4")].failed, 1);
     }
 
     #[test]
@@ -315,6 +382,12 @@ mod tests {
         w.answered(ip("fd00:2::5"), d, t);
         assert_eq!(w.take(t)[&ip("fd00:1::2")].failed, 1);
         assert_eq!(source_net(ip("fd00:1::2")), ip("fd00:1::"));
+        // Sites: a name's registrable domain; an address by its /16 (/32).
+        assert_eq!(site_key("www.example.com"), site_key("API.example.com"));
+        assert_ne!(site_key("example.com"), site_key("example.org"));
+        assert_eq!(site_key("93.184.216.34"), site_key("93.184.1.2"));
+        assert_ne!(site_key("93.184.216.34"), site_key("93.185.216.34"));
+        assert_eq!(site_key("[2001:db8::1]"), site_key("2001:db8:ffff::1"));
         assert_eq!(source_net(ip("10.0.0.2")), ip("10.0.0.2"));
     }
 }
