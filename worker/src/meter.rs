@@ -86,13 +86,13 @@ impl Meter {
         f(&mut self.acc.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// A request answered by the destination `dest` (host, port: read
+    /// A request answered by the destination of authority `dest` (read
     /// only while a destination is watched, see `witness`) with `status`,
     /// from `ip`, its head after `took`.
     pub fn response<'a>(
         &self,
         ip: IpAddr,
-        dest: impl FnOnce() -> (&'a str, u16),
+        dest: impl FnOnce() -> &'a str,
         status: u16,
         took: Duration,
     ) {
@@ -106,8 +106,9 @@ impl Meter {
         });
     }
 
-    /// A tunnel opened from `ip` to `dest` (host, port), after `took`.
-    pub fn tunnel<'a>(&self, ip: IpAddr, dest: impl FnOnce() -> (&'a str, u16), took: Duration) {
+    /// A tunnel opened from `ip` to the destination of authority `dest`,
+    /// after `took`.
+    pub fn tunnel<'a>(&self, ip: IpAddr, dest: impl FnOnce() -> &'a str, took: Duration) {
         self.with(|a| {
             a.witness.answered_host(ip, dest);
             a.requests += 1;
@@ -149,10 +150,10 @@ impl Meter {
         self.with(|a| a.connect_seconds.observe(took.as_secs_f64()));
     }
 
-    /// A connect from `ip` to `dest` (host, port), begun at `started`,
-    /// failed.
-    pub fn connect_failed(&self, ip: IpAddr, (host, port): (&str, u16), started: Instant) {
-        let dest = crate::witness::dest_key(host, port, ip.is_ipv4());
+    /// A connect from `ip` to `host` (of the request's `authority`),
+    /// begun at `started`, failed.
+    pub fn connect_failed(&self, ip: IpAddr, (host, authority): (&str, &str), started: Instant) {
+        let dest = crate::witness::dest_key(crate::witness::dest_base(authority), ip.is_ipv4());
         let site = crate::witness::site_key(host);
         self.with(|a| {
             a.source(ip).connect_errors += 1;

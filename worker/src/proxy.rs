@@ -575,8 +575,7 @@ impl Proxy {
     /// CONNECT).
     pub async fn open_tunnel(
         &self,
-        host: &str,
-        port: u16,
+        (host, port, authority): (&str, u16, &str),
         sticky: Option<&Sticky>,
         kept_alive: bool,
     ) -> Result<(TcpStream, Lease), Failed> {
@@ -584,7 +583,8 @@ impl Proxy {
             return Err(ProxyError::Stopping.into());
         }
         let (addrs, (lease, _)) = self.resolve_and_lease(host, port, sticky).await?;
-        self.connect_leased(lease, &addrs, host, sticky).await
+        self.connect_leased(lease, &addrs, (host, authority), sticky)
+            .await
     }
 
     /// Relays a tunnel in the background (tracked for the drain, closed
@@ -840,27 +840,27 @@ impl Proxy {
         &'a self,
         lease: Lease,
         addrs: &'a [SocketAddr],
-        host: &'a str,
+        named: (&'a str, &'a str),
         sticky: Option<&'a Sticky>,
     ) -> crate::Boxed<'a, Result<(TcpStream, Lease), Failed>> {
-        Box::pin(self.connect_leased_unboxed(lease, addrs, host, sticky))
+        Box::pin(self.connect_leased_unboxed(lease, addrs, named, sticky))
     }
 
     async fn connect_leased_unboxed(
         &self,
         lease: Lease,
         addrs: &[SocketAddr],
-        host: &str,
+        named @ (host, _): (&str, &str),
         sticky: Option<&Sticky>,
     ) -> Result<(TcpStream, Lease), Failed> {
-        let first = self.connect_counted(lease.ip, addrs, host).await;
+        let first = self.connect_counted(lease.ip, addrs, named).await;
         match first {
             Err(ProxyError::SourceUnavailable { ip, source }) => {
                 let reason = source.to_string();
                 warn!(source = %ip, error = %reason, "this host cannot use a pool address; reported, trying the next");
                 self.leases.report_unusable(ip, reason).await;
                 let (next, _) = self.lease_for(addrs, host, sticky).await?;
-                let stream = self.connect_counted(next.ip, addrs, host).await;
+                let stream = self.connect_counted(next.ip, addrs, named).await;
                 if let Err(ProxyError::SourceUnavailable { ip, source }) = &stream {
                     self.leases.report_unusable(*ip, source.to_string()).await;
                 }
@@ -870,38 +870,37 @@ impl Proxy {
         }
     }
 
-    /// One connect from `ip` to `addrs` (of `host`) within the connect
-    /// timeout, counted (`count_connect`; one its client gave up on too,
-    /// see `Dialing`).
+    /// One connect from `ip` to `addrs` (of `named`: the host, and the
+    /// request's authority) within the connect timeout, counted
+    /// (`count_connect`; one its client gave up on too, see `Dialing`).
     async fn connect_counted(
         &self,
         ip: IpAddr,
         addrs: &[SocketAddr],
-        host: &str,
+        named: (&str, &str),
     ) -> Result<TcpStream, ProxyError> {
         let started = Instant::now();
         let mut dialing = Dialing {
             meter: &self.meter,
             ip,
-            host,
-            addrs,
+            named,
             started,
             armed: true,
         };
         let r = connect_from(ip, addrs, self.config.connect_timeout).await;
         dialing.armed = false;
-        self.count_connect(ip, (addrs, host), &r, started);
+        self.count_connect(ip, (addrs, named), &r, started);
         r
     }
 
-    /// Counts one connect from `ip` to `addrs` (of `host`): its time, or
+    /// Counts one connect from `ip` to `addrs` (of `named`): its time, or
     /// a failure the destination caused. (None of `addrs` of `ip`'s family
     /// — a session's address for a destination of the other — is no
     /// connect.)
     fn count_connect(
         &self,
         ip: IpAddr,
-        (addrs, host): (&[SocketAddr], &str),
+        (addrs, named): (&[SocketAddr], (&str, &str)),
         r: &Result<TcpStream, ProxyError>,
         started: Instant,
     ) {
@@ -913,10 +912,7 @@ impl Proxy {
                 | ProxyError::Ports { .. },
             ) => {}
             Err(_) if !addrs.iter().any(|d| d.is_ipv4() == ip.is_ipv4()) => {}
-            Err(_) => {
-                let port = addrs.first().map_or(0, SocketAddr::port);
-                self.meter.connect_failed(ip, (host, port), started)
-            }
+            Err(_) => self.meter.connect_failed(ip, named, started),
         }
     }
 
@@ -926,10 +922,10 @@ impl Proxy {
         &self,
         lease: Lease,
         addrs: &[SocketAddr],
-        host: &str,
+        named: (&str, &str),
         sticky: Option<&Sticky>,
     ) -> Result<(Conn, Lease), Failed> {
-        let (stream, lease) = self.connect_leased(lease, addrs, host, sticky).await?;
+        let (stream, lease) = self.connect_leased(lease, addrs, named, sticky).await?;
         Ok((Conn::new(stream), lease))
     }
 
@@ -1033,7 +1029,10 @@ impl Proxy {
             })?;
             fields.insert(header::HOST, value);
         }
-        parts.uri = origin_form(&parts.uri);
+        // (The absolute form kept: its authority names the destination to
+        // the witness, as the request's answer will.)
+        let origin = origin_form(&parts.uri);
+        let absolute = std::mem::replace(&mut parts.uri, origin);
         parts.version = Version::HTTP_11;
         let body = (!body.is_end_stream()).then_some(body);
         // A request with a body goes on a new connection: one that carried
@@ -1048,7 +1047,8 @@ impl Proxy {
         let (mut conn, reused) = match pooled {
             Some(c) => (c, true),
             None => {
-                let (c, dialed) = self.dial(lease, &addrs, host, sticky).await?;
+                let named = (host.as_str(), uri_authority(&absolute));
+                let (c, dialed) = self.dial(lease, &addrs, named, sticky).await?;
                 // Another address, if the leased one could not be used.
                 lease = dialed;
                 key.source = lease.ip;
@@ -1085,7 +1085,8 @@ impl Proxy {
             Ok(r) => r,
             Err((e, written)) if reused && may_resend(&parts.method, &fields, &e, written) => {
                 debug!(%dest, source = %lease.ip, error = %e, "reused upstream connection was closed; retrying on a new one");
-                (conn, lease) = self.dial(lease, &addrs, host, sticky).await?;
+                let named = (host.as_str(), uri_authority(&absolute));
+                (conn, lease) = self.dial(lease, &addrs, named, sticky).await?;
                 key.source = lease.ip;
                 self.exchange(conn, &parts, &fields, None::<B>, dest)
                     .await
@@ -1136,7 +1137,8 @@ impl Proxy {
         let idle_limit = self.config.tunnel_idle_timeout;
         // 200 only once the upstream connection is up.
         let kept_alive = req.extensions().get::<KeptAlive>().is_some();
-        let (upstream, lease) = self.open_tunnel(&host, port, sticky, kept_alive).await?;
+        let named = (host.as_str(), port, uri_authority(req.uri()));
+        let (upstream, lease) = self.open_tunnel(named, sticky, kept_alive).await?;
         let on_upgrade = hyper::upgrade::on(&mut req);
         let dest = format!("{host}:{port}");
         let open = TunnelOpen::new(&self.meter);
@@ -1314,8 +1316,7 @@ struct LogTarget(Uri);
 struct Dialing<'a> {
     meter: &'a crate::meter::Meter,
     ip: IpAddr,
-    host: &'a str,
-    addrs: &'a [SocketAddr],
+    named: (&'a str, &'a str),
     started: Instant,
     armed: bool,
 }
@@ -1326,23 +1327,22 @@ const ABANDONED_AFTER: Duration = Duration::from_secs(3);
 impl Drop for Dialing<'_> {
     fn drop(&mut self) {
         if self.armed && self.started.elapsed() >= ABANDONED_AFTER {
-            let port = self.addrs.first().map_or(0, SocketAddr::port);
-            self.meter
-                .connect_failed(self.ip, (self.host, port), self.started);
+            self.meter.connect_failed(self.ip, self.named, self.started);
         }
     }
 }
 
 impl LogTarget {
-    /// The destination's host ("" if none) and port (the scheme's if
-    /// none is written).
-    fn dest(&self) -> (&str, u16) {
-        let port = self.0.port_u16().unwrap_or(match self.0.scheme_str() {
-            Some("https") => 443,
-            _ => 80,
-        });
-        (self.0.host().unwrap_or(""), port)
+    /// The destination's authority, as written ("" if none).
+    fn dest(&self) -> &str {
+        uri_authority(&self.0)
     }
+}
+
+/// `uri`'s authority as written ("" if none): what the witness knows a
+/// destination by (`witness::dest_base`).
+fn uri_authority(uri: &Uri) -> &str {
+    uri.authority().map_or("", |a| a.as_str())
 }
 
 impl std::fmt::Display for LogTarget {

@@ -446,7 +446,7 @@ pub async fn serve(
     });
     let opened = unless_gone(
         &stream,
-        proxy.open_tunnel(&hs.host, hs.port, caller.sticky.as_ref(), false),
+        proxy.open_tunnel((&hs.host, hs.port, &dest), caller.sticky.as_ref(), false),
     )
     .await;
     // A tunnel that did not open: counted, and logged as its HTTP twin.
@@ -497,9 +497,7 @@ pub async fn serve(
         debug!(%client, %dest, error = %e, "SOCKS5 client left before the tunnel opened");
     }
     debug!(%client, %dest, source = %lease.ip, seq = lease.seq, "SOCKS5 tunnel");
-    proxy
-        .meter
-        .tunnel(lease.ip, || (&hs.host, hs.port), started.elapsed());
+    proxy.meter.tunnel(lease.ip, || &dest, started.elapsed());
     let standing = caller.standing.clone();
     proxy.relay_tunnel(
         stream,
