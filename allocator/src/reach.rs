@@ -185,10 +185,7 @@ impl Reach {
                 out_for: Duration::ZERO,
             });
             if run.failed == 0 || now.saturating_duration_since(run.since) > RUN_AGE {
-                run.failed = 0;
-                run.dest = None;
-                run.several = false;
-                run.since = now;
+                run.start_over(now);
             }
             run.failed = run.failed.saturating_add(*n);
             for d in dests {
@@ -241,9 +238,7 @@ impl Reach {
                 false => (run.out_for * 2).min(OUT_MAX.max(self.first)),
             };
             run.out_for = wait;
-            run.failed = 0;
-            run.dest = None;
-            run.several = false;
+            run.start_over(now);
             // Its failures were its own: the rate counts them no longer
             // (nor does the sum of runs, which held them).
             if let Some(sum) = &mut runs_sum {
@@ -302,6 +297,16 @@ impl Reach {
 
     pub fn is_empty(&self) -> bool {
         self.runs.is_empty()
+    }
+}
+
+impl Run {
+    /// A new run from `now` (its doubling kept).
+    fn start_over(&mut self, now: Instant) {
+        self.failed = 0;
+        self.dest = None;
+        self.several = false;
+        self.since = now;
     }
 }
 

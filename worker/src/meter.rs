@@ -194,6 +194,36 @@ impl Meter {
             );
             (taken, confirmed)
         };
+        let unreached = match confirmed.is_empty() {
+            true => Vec::new(),
+            false => Self::unreached(&acc, confirmed),
+        };
+        let m = WorkerMetrics {
+            boot: self.boot,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+            connections_open,
+            tunnels_open: self.tunnels_open.load(Ordering::Relaxed),
+            listen: self
+                .listen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+            requests: acc.requests,
+            by_source: acc.sources.into_values().collect(),
+            errors: acc.errors.into_iter().collect(),
+            request_seconds: acc.request_seconds,
+            connect_seconds: acc.connect_seconds,
+            lease_wait_seconds: acc.lease_wait_seconds,
+        };
+        (m, unreached)
+    }
+
+    /// Of the failed connects `confirmed` (see `witness`), those of sources
+    /// that got no answer in `acc`'s time, as the allocator is told them.
+    fn unreached(
+        acc: &Acc,
+        confirmed: HashMap<IpAddr, crate::witness::Confirmed>,
+    ) -> Vec<SourceUnreached> {
         // Sources that got an answer meanwhile (an IPv6 one by its /64:
         // an entry of many addresses answers from some while others fail)
         // are not at fault; past the sources counted apart, it is not known.
@@ -223,24 +253,7 @@ impl Meter {
                 "connects that failed where other addresses' were answered"
             );
         }
-        let m = WorkerMetrics {
-            boot: self.boot,
-            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
-            connections_open,
-            tunnels_open: self.tunnels_open.load(Ordering::Relaxed),
-            listen: self
-                .listen
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone(),
-            requests: acc.requests,
-            by_source: acc.sources.into_values().collect(),
-            errors: acc.errors.into_iter().collect(),
-            request_seconds: acc.request_seconds,
-            connect_seconds: acc.connect_seconds,
-            lease_wait_seconds: acc.lease_wait_seconds,
-        };
-        (m, unreached)
+        unreached
     }
 
     /// What was counted since the last report, if anything: the requests a

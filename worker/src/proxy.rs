@@ -1033,6 +1033,7 @@ impl Proxy {
         // the witness, as the request's answer will.)
         let origin = origin_form(&parts.uri);
         let absolute = std::mem::replace(&mut parts.uri, origin);
+        let named = (host.as_str(), uri_authority(&absolute));
         parts.version = Version::HTTP_11;
         let body = (!body.is_end_stream()).then_some(body);
         // A request with a body goes on a new connection: one that carried
@@ -1047,7 +1048,6 @@ impl Proxy {
         let (mut conn, reused) = match pooled {
             Some(c) => (c, true),
             None => {
-                let named = (host.as_str(), uri_authority(&absolute));
                 let (c, dialed) = self.dial(lease, &addrs, named, sticky).await?;
                 // Another address, if the leased one could not be used.
                 lease = dialed;
@@ -1085,7 +1085,6 @@ impl Proxy {
             Ok(r) => r,
             Err((e, written)) if reused && may_resend(&parts.method, &fields, &e, written) => {
                 debug!(%dest, source = %lease.ip, error = %e, "reused upstream connection was closed; retrying on a new one");
-                let named = (host.as_str(), uri_authority(&absolute));
                 (conn, lease) = self.dial(lease, &addrs, named, sticky).await?;
                 key.source = lease.ip;
                 self.exchange(conn, &parts, &fields, None::<B>, dest)

@@ -14,8 +14,8 @@
 //! A destination is watched from its first failed connect, for [`WATCH`]
 //! after its last one ([`WATCH_DEAD`] if it never answered): answers to a
 //! destination not watched are not looked at (one branch on an empty map,
-//! under the meter's lock the answer takes anyway; a hash of its host
-//! while some are). Bounded: [`MAX_WATCHED`] destinations, each with its
+//! under the meter's lock the answer takes anyway; a hash of its
+//! authority while some are). Bounded: [`MAX_WATCHED`] destinations, each with its
 //! last [`ANSWERS_KEPT`] answers and at most [`MAX_PENDING`] failures
 //! waiting for the answer after.
 
@@ -93,12 +93,10 @@ fn same_source(a: IpAddr, b: IpAddr) -> bool {
 
 #[derive(Debug)]
 struct Dest {
-    /// The last answer from it: when, and to which source.
-    answered: Option<(Instant, IpAddr)>,
     /// When its answers last began again after a gap of more than
     /// [`NEAR`] (or at all).
     answering_since: Option<Instant>,
-    /// Its last few answers: when, and to which source.
+    /// Its last few answers, the latest last: when, and to which source.
     recent: std::collections::VecDeque<(Instant, IpAddr)>,
     /// Failures with an answer to another source just before, waiting
     /// for one just after: the source, when the connect ended, and the
@@ -124,10 +122,10 @@ pub struct Witness {
 
 impl Witness {
     /// A connect from `source` to `dest` (of `site`), begun at `started`,
-    /// failed at `now`. The destination must have been answering others
-    /// when it began: answers without a gap of more than [`NEAR`] from
-    /// before its start on (a connect that timed out as the destination
-    /// came back began while it was down).
+    /// failed at `now`. It waits for an answer after only if the
+    /// destination answered another source within [`NEAR`] before it
+    /// began (a connect begun after that long a silence, timed out as the
+    /// destination came back, began while it was down).
     pub fn failed(
         &mut self,
         source: IpAddr,
@@ -139,7 +137,6 @@ impl Witness {
             return;
         }
         let d = self.watched.entry(dest).or_insert(Dest {
-            answered: None,
             answering_since: None,
             recent: std::collections::VecDeque::new(),
             pending: Vec::new(),
@@ -154,7 +151,9 @@ impl Witness {
         let kept_since = d.recent.front().is_none_or(|(t, _)| *t > started);
         let throughout = kept_since
             && d.answering_since.is_some_and(|t| t <= started)
-            && d.answered.is_some_and(|(_, ip)| !same_source(ip, source));
+            && d.recent
+                .back()
+                .is_some_and(|(_, ip)| !same_source(*ip, source));
         if (just_before || throughout) && d.pending.len() < MAX_PENDING {
             d.pending.push((source, now, site));
         }
@@ -192,12 +191,12 @@ impl Witness {
             }
         }
         let gap = d
-            .answered
-            .is_none_or(|(t, _)| now.saturating_duration_since(t) > NEAR);
+            .recent
+            .back()
+            .is_none_or(|(t, _)| now.saturating_duration_since(*t) > NEAR);
         if gap {
             d.answering_since = Some(now);
         }
-        d.answered = Some((now, source));
         if d.recent.len() == ANSWERS_KEPT {
             d.recent.pop_front();
         }
@@ -209,9 +208,9 @@ impl Witness {
     /// if they never answered).
     pub fn take(&mut self, now: Instant) -> HashMap<IpAddr, Confirmed> {
         self.watched.retain(|_, d| {
-            let keep = match d.answered {
-                Some(_) => WATCH,
-                None => WATCH_DEAD,
+            let keep = match d.recent.is_empty() {
+                false => WATCH,
+                true => WATCH_DEAD,
             };
             now.saturating_duration_since(d.last) < keep
         });
