@@ -873,6 +873,9 @@ async fn answer(
         } => Response::Noted {
             quarantined: alloc.pushback(ip, &site, status, retry_after_secs),
         },
+        Request::SiteUnreached { ip, site } => Response::Noted {
+            quarantined: alloc.site_unreached(ip, &site),
+        },
         Request::SiteOk { ip, site } => {
             alloc.site_answered(ip, &site);
             Response::Noted { quarantined: false }

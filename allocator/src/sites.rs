@@ -494,10 +494,13 @@ impl Pair {
     }
 
     fn is_idle(&self, now: Ms) -> bool {
-        self.starts.is_empty()
-            && self.cool_until == 0
-            && (self.last_strike == 0
-                || now.saturating_sub(self.last_strike) >= STRIKES_KEPT.as_millis() as u64)
+        self.starts.is_empty() && self.cool_until == 0 && self.strikes_old(now)
+    }
+
+    /// Whether its repeats are forgotten (none, or the last long ago).
+    fn strikes_old(&self, now: Ms) -> bool {
+        self.last_strike == 0
+            || now.saturating_sub(self.last_strike) >= STRIKES_KEPT.as_millis() as u64
     }
 }
 
@@ -1012,16 +1015,53 @@ impl Sites {
         retry_after: Option<Duration>,
         now: Instant,
     ) -> bool {
-        let source = ip;
-        let ip = self.rules.key(ip);
+        self.cool(site, ip, Some(status), retry_after, now)
+    }
+
+    /// A connect from `ip` to `site` failed while the site answered other
+    /// addresses (a worker's witness saw it): the site drops or refuses
+    /// that address. The first since the pair's last normal answer is a
+    /// suspicion, a repeat without a cooldown: leases of the pair for the
+    /// site ask for the answer (`watch`), and a normal one clears it. A
+    /// second, or one to a pair with push-backs not yet cleared, cools the
+    /// pair as a push-back does (60 s, doubling): a site restarting
+    /// refuses every address for a moment, and then answers them again;
+    /// a ban does not. Whether it started cooling now.
+    pub fn unreached(&mut self, site: &str, ip: IpAddr, now: Instant) -> bool {
+        let t = self.ms(now);
+        let key = self.rules.key(ip);
+        let pair = self
+            .sites
+            .get(site)
+            .and_then(|s| self.pairs.get(&(s.id, key)));
+        if let Some(p) = pair {
+            if p.cool_until > t {
+                // A connect begun before the cooldown: it says nothing new.
+                return false;
+            }
+            if p.strikes > 0 && !p.strikes_old(t) {
+                return self.cool(site, ip, None, None, now);
+            }
+        }
+        let Some(p) = self.pair_mut(site, key, now) else {
+            return false;
+        };
+        p.strikes = 1;
+        p.last_strike = t;
+        tracing::debug!(%site, source = %ip, "a connect to the site failed from this address while it answered others: cooled if it fails so again before an answer");
+        false
+    }
+
+    /// The pair of `site` and `key` (a key: see [`Rules::key`]), made if
+    /// need be (the site too); `None` when the table has no room for it
+    /// (one site holding the whole table): then nothing is kept, rather
+    /// than the cap broken.
+    fn pair_mut(&mut self, site: &str, key: IpAddr, now: Instant) -> Option<&mut Pair> {
         let fresh_pair = self
             .sites
             .get(site)
-            .is_none_or(|s| !self.pairs.contains_key(&(s.id, ip)));
+            .is_none_or(|s| !self.pairs.contains_key(&(s.id, key)));
         if fresh_pair {
-            // One site holding the whole table (push-backs to many
-            // addresses of a prefix): this cooldown is not kept rather than
-            // the cap broken, as for a start.
             let need = if self.sites.contains_key(site) { 1 } else { 2 };
             self.make_room(now, site, need);
             if self.entries() + need > self.max_entries {
@@ -1029,25 +1069,42 @@ impl Sites {
                     tracing::warn!(
                         %site,
                         max = self.max_entries,
-                        "the site table is full of one site's addresses: a push-back is not kept; raise --max-site-entries"
+                        "the site table is full of one site's addresses: a cooldown is not kept; raise --max-site-entries"
                     );
                 }
-                return false;
+                return None;
             }
         }
         self.ensure(site, true, now);
-        let t = self.ms(now);
-        let Some(s) = self.sites.get_mut(site) else {
-            return false;
-        };
+        let s = self.sites.get_mut(site)?;
         let window = s.limit.map_or(0, |l| l.window().as_millis() as u32);
-        let p = self.pairs.entry((s.id, ip)).or_insert_with(|| {
+        Some(self.pairs.entry((s.id, key)).or_insert_with(|| {
             s.pairs += 1;
             Pair {
                 window,
                 ..Pair::default()
             }
-        });
+        }))
+    }
+
+    /// Cools `ip` for `site`: for `retry_after` if the site said, else a
+    /// backoff that doubles with each repeat. `status`: the push-back's
+    /// (`None`: connects failing, see [`Sites::unreached`]). Whether it
+    /// started cooling now.
+    fn cool(
+        &mut self,
+        site: &str,
+        ip: IpAddr,
+        status: Option<u16>,
+        retry_after: Option<Duration>,
+        now: Instant,
+    ) -> bool {
+        let source = ip;
+        let ip = self.rules.key(ip);
+        let t = self.ms(now);
+        let Some(p) = self.pair_mut(site, ip, now) else {
+            return false;
+        };
         // Requests already in flight when the first push-back came get
         // theirs too: one repeat per cooldown, not one per answer.
         let was_cooling = p.cool_until > t;
@@ -1061,15 +1118,26 @@ impl Sites {
             None => backoff(p.strikes.max(1)),
         };
         p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
-        s.cool_until = s.cool_until.max(p.cool_until);
+        let until = p.cool_until;
+        if let Some(s) = self.sites.get_mut(site) {
+            s.cool_until = s.cool_until.max(until);
+        }
         if !was_cooling {
             let cooling = self.rules.shown(ip);
-            match cool_line(&mut self.cool_lines, t) {
-                true => {
-                    tracing::info!(%site, %source, %cooling, status, secs = wait.as_secs(), "site pushed back: address cooling for this site")
+            let secs = wait.as_secs();
+            let info = cool_line(&mut self.cool_lines, t);
+            match (status, info) {
+                (Some(status), true) => {
+                    tracing::info!(%site, %source, %cooling, status, secs, "site pushed back: address cooling for this site")
                 }
-                false => {
-                    tracing::debug!(%site, %source, %cooling, status, secs = wait.as_secs(), "site pushed back: address cooling for this site")
+                (Some(status), false) => {
+                    tracing::debug!(%site, %source, %cooling, status, secs, "site pushed back: address cooling for this site")
+                }
+                (None, true) => {
+                    tracing::info!(%site, %source, %cooling, secs, "connects to the site fail from this address while it answers others: address cooling for this site")
+                }
+                (None, false) => {
+                    tracing::debug!(%site, %source, %cooling, secs, "connects to the site fail from this address while it answers others: address cooling for this site")
                 }
             }
         }
@@ -2119,6 +2187,68 @@ mod tests {
             t0 + last + Duration::from_secs(1),
         );
         assert_eq!(s.pair("c.com", ip(1)).unwrap().1, 1);
+    }
+
+    /// Connects from one address that fail while the site answers the
+    /// others: the first is a suspicion (no cooldown, but the pair's
+    /// leases ask for the answer, which clears it); a second before any
+    /// answer cools the pair for that site alone, 60 s doubling.
+    #[test]
+    fn connects_failing_twice_to_a_site_cool_the_address_for_it() {
+        let active = pool(3);
+        let t0 = Instant::now();
+        let secs = |n: u64| t0 + Duration::from_secs(n);
+        let mut s = Sites::with_epoch(Rules::default(), 1000, t0);
+        assert!(!s.unreached("a.com", ip(2), t0));
+        assert_eq!(s.pair("a.com", ip(2)).unwrap().1, 1);
+        // Still served, watched; other addresses are not.
+        let mut watched = Vec::new();
+        for _ in 0..3 {
+            match s.lease("a.com", Families::V4, &active, 0, t0) {
+                Answer::Start(_) => {
+                    assert_eq!(s.started("a.com", ip(1), 0, 3, t0), Some(false));
+                }
+                Answer::Address { ip: a, watch, .. } => watched.push((a, watch)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(watched, [(ip(2), true), (ip(3), false)]);
+        // Answered since (a site that was restarting): the next failure is
+        // a suspicion again, not a cooldown.
+        s.answered("a.com", ip(2), secs(1));
+        assert!(!s.unreached("a.com", ip(2), secs(2)));
+        assert_eq!(take(&mut s, "a.com", &active, 3, secs(2)), [1, 2, 3]);
+        // A second with no answer between: cooling, for this site alone.
+        assert!(s.unreached("a.com", ip(2), secs(3)));
+        let (until, strikes) = s.pair("a.com", ip(2)).unwrap();
+        assert_eq!(strikes, 2);
+        let wait = until - secs(3);
+        assert!(
+            wait >= BACKOFF_BASE.mul_f64(2.0 * 0.79) && wait <= BACKOFF_BASE.mul_f64(2.0 * 1.21),
+            "{wait:?}"
+        );
+        assert_eq!(take(&mut s, "a.com", &active, 4, secs(3)), [1, 3, 1, 3]);
+        assert_eq!(
+            s.lease("b.com", Families::V4, &active, 0, secs(3)),
+            Answer::Shared
+        );
+        // A failure of a connect begun before the cooldown changes nothing.
+        assert!(!s.unreached("a.com", ip(2), secs(4)));
+        assert_eq!(s.pair("a.com", ip(2)).unwrap(), (until, 2));
+        // After it, failing again: twice as long.
+        let after = until + Duration::from_secs(1);
+        assert!(s.unreached("a.com", ip(2), after));
+        let (until, strikes) = s.pair("a.com", ip(2)).unwrap();
+        assert_eq!(strikes, 3);
+        assert!(until - after >= BACKOFF_BASE.mul_f64(4.0 * 0.79));
+        // A pair with push-backs not yet cleared cools at the first.
+        s.pushback("c.com", ip(1), 429, Some(Duration::from_secs(1)), t0);
+        assert!(s.unreached("c.com", ip(1), secs(5)));
+        // A suspicion is forgotten with the repeats.
+        assert!(!s.unreached("d.com", ip(1), t0));
+        s.expire(t0 + STRIKES_KEPT + Duration::from_secs(1));
+        assert!(s.pair("d.com", ip(1)).is_none());
+        assert!(!s.unreached("d.com", ip(1), t0 + STRIKES_KEPT + Duration::from_secs(2)));
     }
 
     /// A normal answer that comes while the pair cools is to a request

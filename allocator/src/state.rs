@@ -1702,6 +1702,23 @@ impl Allocator {
         started
     }
 
+    /// A connect from `ip` to `site` failed while the site answered other
+    /// addresses (a worker saw it): a suspicion, or with one already, a
+    /// cooldown of the pair for every worker (see `Sites::unreached`).
+    /// Whether it started cooling now.
+    pub fn site_unreached(&self, ip: IpAddr, site: &str) -> bool {
+        let mut inner = self.lock();
+        if inner.pool.entry_of(ip).is_none() || !valid_site(site) {
+            return false;
+        }
+        inner.changes += 1;
+        let started = inner.sites.unreached(site, ip, Instant::now());
+        // (A suspicion too: its leases must come by the site's path, which
+        // asks for the answer that clears it.)
+        inner.pool.table().flag_site(site);
+        started
+    }
+
     /// `site` answered `ip` normally: the pair's backoff starts over.
     pub fn site_answered(&self, ip: IpAddr, site: &str) {
         let mut inner = self.lock();

@@ -23,7 +23,7 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 13;
+pub const PROTOCOL_MINOR: u16 = 14;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
@@ -77,6 +77,10 @@ pub const MINOR_UNREACHED: u16 = 13;
 pub const UNREACHED_LISTED: usize = 10_000;
 /// Sites an `Unreached` names per source at most.
 pub const UNREACHED_DESTINATIONS: usize = 4;
+/// The first minor whose allocator takes `Request::SiteUnreached` (a
+/// connect to a site that failed from one source while the site answered
+/// others: the site's refusal of that address).
+pub const MINOR_SITE_UNREACHED: u16 = 14;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
 /// sides; the last bucket (+Inf) is implicit.
@@ -344,6 +348,13 @@ pub enum Request {
     /// connects keep failing, to more than one destination, out of the
     /// rotation. At most `UNREACHED_LISTED`. Answered `Noted`.
     Unreached { by_source: Vec<SourceUnreached> },
+    /// A connect from `ip` to `site` failed while the site answered other
+    /// sources within seconds before and after it (since minor 14): the
+    /// site drops or refuses that address. The first since the pair's last
+    /// normal answer is a suspicion (the pair is watched: leases of it for
+    /// the site ask for the answer); a second cools the pair, as a
+    /// push-back does. Answered `Noted`.
+    SiteUnreached { ip: IpAddr, site: String },
 }
 
 impl Request {
@@ -369,6 +380,7 @@ impl Request {
             Request::LeaseSessionSite { .. } => MINOR_SESSION_SITE,
             Request::WorkerReloaded { .. } | Request::ReloadReportV2 => MINOR_WORKER_RELOADS,
             Request::Unreached { .. } => MINOR_UNREACHED,
+            Request::SiteUnreached { .. } => MINOR_SITE_UNREACHED,
         }
     }
 }
@@ -692,7 +704,9 @@ pub struct PairStatus {
     pub used: u32,
     /// Milliseconds until it may serve the site again, if it is cooling.
     pub cooling_ms: Option<u64>,
-    /// Pushbacks since the last normal answer (the backoff grows with it).
+    /// Pushbacks, and connects that failed while the site answered other
+    /// addresses (since minor 14), since the last normal answer (the
+    /// backoff grows with it).
     pub strikes: u32,
 }
 

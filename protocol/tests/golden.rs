@@ -304,6 +304,17 @@ fn golden_client_frames() {
         }),
         "01071701000a0000040901fb2c01",
     );
+    // Minor 14.
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::SiteUnreached {
+                ip: "10.0.0.4".parse().unwrap(),
+                site: "e.com".into(),
+            },
+        }),
+        "010718000a00000405652e636f6d",
+    );
 }
 
 #[test]

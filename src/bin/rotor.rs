@@ -577,6 +577,8 @@ fn sites_json(r: &SitesReport, v6_prefix: Option<u8>) -> serde_json::Value {
                 "used": p.used,
                 "left": s.limit.map(|l| l.count.saturating_sub(p.used)),
                 "cooling_ms": p.cooling_ms,
+                // (And connects that failed there while the site
+                // answered other addresses: both cool the pair.)
                 "pushbacks": p.strikes,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
@@ -621,8 +623,8 @@ fn format_sites(r: &SitesReport, v6_prefix: Option<u8>) -> String {
             };
             let strikes = match p.strikes {
                 0 => String::new(),
-                1 => "  (1 pushback)".into(),
-                n => format!("  ({n} pushbacks in a row)"),
+                1 => "  (1 pushback or failed connect)".into(),
+                n => format!("  ({n} pushbacks or failed connects in a row)"),
             };
             let _ = writeln!(
                 out,
