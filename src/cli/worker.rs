@@ -131,6 +131,11 @@ settings! {
         /// Retry-After, always do).
         #[arg(value_name = "STATUS,...")]
         cooldown_status: Option<Statuses> = "429",
+        /// Cool an address for a site whose connects from it fail while
+        /// the site answers the pool's other addresses (a site that drops
+        /// or refuses that address): from the second such failure with no
+        /// answer between, for 60 s, doubling with each repeat up to 10 min.
+        cooldown_connect_failures: Option<bool> = "true",
         /// Write a line per request and tunnel (time, client, user,
         /// session, method, target host and port, source address, status,
         /// Proxy-Status error, bytes each way, milliseconds) to this file,
@@ -409,6 +414,7 @@ impl WorkerFlags {
                     session_max_ttl: w.session_max_ttl,
                     budget_wait: w.budget_wait,
                     cooldown_status: w.cooldown_status.0,
+                    cooldown_connect_failures: w.cooldown_connect_failures,
                     // Opened by `open_access_log`, when the worker runs.
                     access_log: None,
                 },
@@ -536,6 +542,24 @@ mod tests {
                 .workers()
                 >= 1
         );
+    }
+
+    #[test]
+    fn connect_failures_cool_unless_turned_off() {
+        let none = FileConfig::default();
+        let on = |args: &[&str], f: &FileConfig| {
+            flags(args)
+                .resolve(f)
+                .unwrap()
+                .config
+                .proxy
+                .cooldown_connect_failures
+        };
+        assert!(on(&[], &none));
+        assert!(!on(&["--cooldown-connect-failures", "false"], &none));
+        let off = file("[worker]\ncooldown-connect-failures = false\n").unwrap();
+        assert!(!on(&[], &off));
+        assert!(on(&["--cooldown-connect-failures"], &off));
     }
 
     #[test]

@@ -354,7 +354,9 @@ fn an_address_whose_connects_fail_is_taken_out_and_tried_again() {
                 "3s",
             ])
             .await;
-            let w = Worker::start(&alloc.socket, &[]).await;
+            // (Each site would cool the address for itself after two
+            // failures: this is the quarantine alone.)
+            let w = Worker::start(&alloc.socket, &["--cooldown-connect-failures", "false"]).await;
             let socket = alloc.socket.clone();
             let reason = move || status_json(&socket)["pool"][2]["quarantined"]["reason"].clone();
             // Every fourth request leaves from 127.0.0.4 and fails, to
@@ -471,6 +473,8 @@ fn an_address_whose_connects_time_out_is_taken_out() {
                 "10.10.9.1",
                 "--connect-timeout",
                 "1s",
+                "--cooldown-connect-failures",
+                "false",
             ];
             let w = Worker::start(&alloc.socket, &args).await;
             let urls = [origins[0].url("/"), origins[1].url("/")];
@@ -508,30 +512,127 @@ fn an_address_whose_connects_time_out_is_taken_out() {
 /// it, here a rule that makes its connects unreachable) while it answers
 /// the others takes that address out nowhere, even for a client that asks
 /// no other site: that is the site's refusal, not the address's route.
+/// It cools the address for that site: after its second failure there
+/// (in a later second than the first), the site's requests leave from the
+/// other addresses, while other sites' still use it.
 #[test]
-fn a_site_that_refuses_one_address_takes_it_out_nowhere() {
+fn a_site_that_refuses_one_address_cools_it_for_that_site_alone() {
     in_netns(
-        "a_site_that_refuses_one_address_takes_it_out_nowhere",
+        "a_site_that_refuses_one_address_cools_it_for_that_site_alone",
         &[
             "rule del pref 0",
             "rule add pref 100 lookup local",
             "rule add pref 10 from 127.0.0.4 to 127.0.0.1 unreachable",
         ],
         || async {
-            let origin = Origin::start().await;
+            let refusing = Origin::start().await;
+            let other = Origin::start_on(SocketAddr::from(([127, 1, 0, 10], 0))).await;
             let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.5"]).await;
             let w = Worker::start(&alloc.socket, &[]).await;
-            let mut failed = 0;
-            for _ in 0..48 {
-                if get(w.addr, &origin.url("/")).await.status == 502 {
-                    failed += 1;
+            let four: IpAddr = "127.0.0.4".parse().unwrap();
+            // Rounds of 8 requests a little over a second apart (the worker
+            // tells its confirmed failures once a second), until a round
+            // has none.
+            let (mut failed, mut rounds) = (0, 0);
+            loop {
+                let mut this = 0;
+                for _ in 0..8 {
+                    match get(w.addr, &refusing.url("/")).await.status {
+                        200 => {}
+                        502 => this += 1,
+                        s => panic!("{s}"),
+                    }
                 }
+                failed += this;
+                rounds += 1;
+                if this == 0 {
+                    break;
+                }
+                assert!(rounds < 8, "still failing after {rounds} rounds");
+                tokio::time::sleep(Duration::from_millis(1200)).await;
             }
-            assert_eq!(failed, 12, "every fourth, from 127.0.0.4");
-            // Past the worker's next two reports.
-            tokio::time::sleep(Duration::from_millis(2500)).await;
+            // The first failure is not confirmed (the site was not watched
+            // yet), the next is a suspicion, the one after cools.
+            assert!((3..=12).contains(&failed), "{failed} in {rounds} rounds");
+            let cooling = crate::sites::cooling_ms(&alloc.socket, "127.0.0.1", four);
+            assert!(
+                cooling.is_some_and(|ms| (40_000..=75_000).contains(&ms)),
+                "{cooling:?}"
+            );
+            let before = refusing.sources().len();
+            for _ in 0..8 {
+                assert_eq!(get(w.addr, &refusing.url("/")).await.status, 200);
+            }
+            assert!(!refusing.sources()[before..].contains(&four));
+            // Other sites are still served from it, in the shared rotation.
+            for _ in 0..8 {
+                assert_eq!(get(w.addr, &other.url("/")).await.status, 200);
+            }
+            assert_eq!(other.sources().iter().filter(|s| **s == four).count(), 2);
             let status = status_json(&alloc.socket);
             assert!(status["pool"][2]["quarantined"].is_null(), "{status}");
+        },
+    );
+}
+
+/// Through CONNECT tunnels too, and a site that takes the address again
+/// clears it: a failure confirmed once is a suspicion, not a cooldown
+/// (a site restarting refuses every address for a moment), and the
+/// tunnel's connect from that address to the site that follows clears
+/// it; the next failure is a suspicion again.
+#[test]
+fn a_site_that_takes_the_address_again_clears_the_suspicion() {
+    const RULE: &str = "rule add pref 10 from 127.0.0.4 to 127.0.0.1 unreachable";
+    in_netns(
+        "a_site_that_takes_the_address_again_clears_the_suspicion",
+        &["rule del pref 0", "rule add pref 100 lookup local", RULE],
+        || async {
+            let origin = Origin::start().await;
+            let target = origin.addr.to_string();
+            let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.5"]).await;
+            let w = Worker::start(&alloc.socket, &[]).await;
+            let four: IpAddr = "127.0.0.4".parse().unwrap();
+            let strikes = || crate::sites::strikes(&alloc.socket, "127.0.0.1", four);
+            let tunnels = |n: usize| {
+                let target = target.clone();
+                async move {
+                    let mut failed = 0;
+                    for _ in 0..n {
+                        match connect_tunnel(w.addr, &target).await.0 {
+                            200 => {}
+                            502 => failed += 1,
+                            s => panic!("{s}"),
+                        }
+                    }
+                    failed
+                }
+            };
+            // Two failures from 127.0.0.4 in a second: the first is not
+            // confirmed (the site not watched yet), the second is.
+            assert_eq!(tunnels(8).await, 2);
+            let socket = alloc.socket.clone();
+            eventually("a suspicion of 127.0.0.4 for the site", || {
+                let s = crate::sites::strikes(&socket, "127.0.0.1", four);
+                async move { s == Some(1) }
+            })
+            .await;
+            assert_eq!(
+                crate::sites::cooling_ms(&alloc.socket, "127.0.0.1", four),
+                None
+            );
+            let ok = std::process::Command::new("ip")
+                .args(RULE.replace("add", "del").split_whitespace())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "ip {RULE}");
+            assert_eq!(tunnels(8).await, 0);
+            eventually("the suspicion cleared", || {
+                let s = crate::sites::strikes(&socket, "127.0.0.1", four);
+                async move { s.is_none() }
+            })
+            .await;
+            assert_eq!(strikes(), None);
         },
     );
 }

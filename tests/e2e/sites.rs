@@ -41,12 +41,23 @@ fn site_status(socket: &std::path::Path, site: &str) -> Option<serde_json::Value
 }
 
 /// Cooling milliseconds of `addr` for `site`, if it cools.
-fn cooling_ms(socket: &std::path::Path, site: &str, addr: IpAddr) -> Option<u64> {
+pub(crate) fn cooling_ms(socket: &std::path::Path, site: &str, addr: IpAddr) -> Option<u64> {
     site_status(socket, site)?["addresses"]
         .as_array()?
         .iter()
         .find(|a| a["ip"] == addr.to_string())?["cooling_ms"]
         .as_u64()
+}
+
+/// Repeats (push-backs, or connects that failed) of `addr` for `site`
+/// since its last normal answer; `None` if the site holds none for it.
+pub(crate) fn strikes(socket: &std::path::Path, site: &str, addr: IpAddr) -> Option<u64> {
+    site_status(socket, site)?["addresses"]
+        .as_array()?
+        .iter()
+        .find(|a| a["ip"] == addr.to_string())?["pushbacks"]
+        .as_u64()
+        .filter(|n| *n > 0)
 }
 
 async fn wait_cooling(socket: &std::path::Path, site: &str, addr: IpAddr) -> u64 {

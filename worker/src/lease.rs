@@ -638,6 +638,14 @@ impl LeaseClient {
         }
     }
 
+    /// Tells the allocator that a connect from `ip` to `site` failed while
+    /// the site answered other sources (see `witness`): on a repeat it
+    /// cools the pair for every worker. Not waited for; an allocator older
+    /// than minor 14 is not told.
+    pub fn site_unreached(&self, ip: IpAddr, site: String) {
+        self.tell(Request::SiteUnreached { ip, site });
+    }
+
     /// Sends `body` without waiting for the answer (its reply, matched to
     /// no waiter, is dropped), to an allocator that reads it.
     fn tell(&self, body: Request) {

@@ -18,6 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::lease::LeaseClient;
 
+/// Each (source, site) of a failed connect confirmed as the source's.
+type Refused = Vec<(IpAddr, Arc<str>)>;
+
 #[derive(Default)]
 struct Acc {
     requests: u64,
@@ -154,10 +157,9 @@ impl Meter {
     /// begun at `started`, failed.
     pub fn connect_failed(&self, ip: IpAddr, (host, authority): (&str, &str), started: Instant) {
         let dest = crate::witness::dest_key(crate::witness::dest_base(authority), ip.is_ipv4());
-        let site = crate::witness::site_key(host);
         self.with(|a| {
             a.source(ip).connect_errors += 1;
-            a.witness.failed(ip, (dest, site), started, Instant::now());
+            a.witness.failed(ip, (dest, host), started, Instant::now());
         });
     }
 
@@ -177,13 +179,14 @@ impl Meter {
         });
     }
 
-    /// Everything counted since the last take, and the failed connects
+    /// Everything counted since the last take; the failed connects
     /// confirmed as their source's fault (`witness`) of sources that got
-    /// no answer meanwhile.
-    fn take(&self, connections_open: u64) -> (WorkerMetrics, Vec<SourceUnreached>) {
-        let (acc, confirmed) = {
+    /// no answer meanwhile; and each (source, site) of such a failure.
+    fn take(&self, connections_open: u64) -> (WorkerMetrics, Vec<SourceUnreached>, Refused) {
+        let (acc, confirmed, refused) = {
             let mut acc = self.acc.lock().unwrap_or_else(|e| e.into_inner());
             let confirmed = acc.witness.take(Instant::now());
+            let refused = acc.witness.take_refused();
             let witness = std::mem::take(&mut acc.witness);
             let taken = std::mem::replace(
                 &mut *acc,
@@ -192,7 +195,7 @@ impl Meter {
                     ..Acc::default()
                 },
             );
-            (taken, confirmed)
+            (taken, confirmed, refused)
         };
         let unreached = match confirmed.is_empty() {
             true => Vec::new(),
@@ -215,7 +218,7 @@ impl Meter {
             connect_seconds: acc.connect_seconds,
             lease_wait_seconds: acc.lease_wait_seconds,
         };
-        (m, unreached)
+        (m, unreached, refused)
     }
 
     /// Of the failed connects `confirmed` (see `witness`), those of sources
@@ -271,10 +274,13 @@ impl Meter {
 
     /// Sends what was counted every second until `stop` (and once more
     /// then). `connections_open` reads the client connections open now.
+    /// `cool_refused`: each site a source's connects were confirmed to fail
+    /// to is told too (the allocator cools the pair on a repeat).
     pub async fn report(
         self: Arc<Self>,
         leases: Arc<LeaseClient>,
         connections_open: impl Fn() -> u64,
+        cool_refused: bool,
         stop: CancellationToken,
     ) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -293,7 +299,12 @@ impl Meter {
                     (m, Vec::new(), true)
                 }
                 None => {
-                    let (m, unreached) = self.take(connections_open());
+                    let (m, unreached, refused) = self.take(connections_open());
+                    if cool_refused {
+                        for (ip, site) in refused {
+                            leases.site_unreached(ip, site.to_string());
+                        }
+                    }
                     (m, unreached, false)
                 }
             };

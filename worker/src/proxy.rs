@@ -140,6 +140,10 @@ pub struct ProxyConfig {
     /// Destination statuses that cool the address for the site (429 and
     /// 503 with a `Retry-After` always do).
     pub cooldown_status: Vec<u16>,
+    /// Whether connects that fail to a site from one address while it
+    /// answers others are told to the allocator (which cools the pair on
+    /// a repeat).
+    pub cooldown_connect_failures: bool,
     /// Where a line per request and tunnel goes, if anywhere.
     pub access_log: Option<Arc<AccessLog>>,
 }
@@ -582,9 +586,19 @@ impl Proxy {
         if kept_alive && self.tunnels.is_closed() {
             return Err(ProxyError::Stopping.into());
         }
-        let (addrs, (lease, _)) = self.resolve_and_lease(host, port, sticky).await?;
-        self.connect_leased(lease, &addrs, (host, authority), sticky)
-            .await
+        let (addrs, (lease, watch)) = self.resolve_and_lease(host, port, sticky).await?;
+        let asked = lease.ip;
+        let opened = self
+            .connect_leased(lease, &addrs, (host, authority), sticky)
+            .await?;
+        // A tunnel's answer is its connect (what passes in it is not
+        // read): one the allocator watches (a pair whose connects failed
+        // while the site answered others) clears the suspicion.
+        if watch && opened.1.ip == asked {
+            self.leases
+                .site_answered(asked, rotor_protocol::site_of(host));
+        }
+        Ok(opened)
     }
 
     /// Relays a tunnel in the background (tracked for the drain, closed

@@ -204,16 +204,17 @@ pub async fn run(
     let reporter = {
         let (meter, limit) = (proxy.meter.clone(), limit.clone());
         let max = config.max_connections;
+        let cool_refused = config.proxy.cooldown_connect_failures;
         let open = move || {
             let used = max.saturating_sub(limit.available_permits()) as u64;
             used.saturating_sub(meter.tunnels_open.load(Ordering::Relaxed))
         };
-        tokio::spawn(
-            proxy
-                .meter
-                .clone()
-                .report(leases.clone(), open, reported.clone()),
-        )
+        tokio::spawn(proxy.meter.clone().report(
+            leases.clone(),
+            open,
+            cool_refused,
+            reported.clone(),
+        ))
     };
     let reloading = proxy.clone();
     let reloading_tls = config.tls.clone();

@@ -9,7 +9,10 @@
 //! others answer, and its failures are confirmed. The allocator is told of
 //! confirmed failures only (`Request::Unreached`), for sources that got no
 //! answer meanwhile, and takes an entry out of the rotation when its
-//! connects keep failing so.
+//! connects keep failing so. It is told each confirmed (source, site) too
+//! (`Request::SiteUnreached`), whatever the source answered elsewhere: a
+//! site that drops or refuses one address has that address cooled for
+//! it, as when it pushes back.
 //!
 //! A destination is watched from its first failed connect, for [`WATCH`]
 //! after its last one ([`WATCH_DEAD`] if it never answered): answers to a
@@ -19,8 +22,9 @@
 //! last [`ANSWERS_KEPT`] answers and at most [`MAX_PENDING`] failures
 //! waiting for the answer after.
 
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How close in time, before and after, another source's answer must be.
@@ -99,9 +103,10 @@ struct Dest {
     /// Its last few answers, the latest last: when, and to which source.
     recent: std::collections::VecDeque<(Instant, IpAddr)>,
     /// Failures with an answer to another source just before, waiting
-    /// for one just after: the source, when the connect ended, and the
-    /// site.
-    pending: Vec<(IpAddr, Instant, u64)>,
+    /// for one just after: the source, and when the connect ended.
+    pending: Vec<(IpAddr, Instant)>,
+    /// Its site: by `site_key`, and by name.
+    site: (u64, Arc<str>),
     /// Its last failed connect (answers do not keep it watched).
     last: Instant,
 }
@@ -118,10 +123,12 @@ pub struct Confirmed {
 pub struct Witness {
     watched: HashMap<u64, Dest>,
     confirmed: HashMap<IpAddr, Confirmed>,
+    /// Each (source, site) of a confirmed failure since the last take.
+    refused: HashSet<(IpAddr, Arc<str>)>,
 }
 
 impl Witness {
-    /// A connect from `source` to `dest` (of `site`), begun at `started`,
+    /// A connect from `source` to `dest` (of `host`), begun at `started`,
     /// failed at `now`. It waits for an answer after only if the
     /// destination answered another source within [`NEAR`] before it
     /// began (a connect begun after that long a silence, timed out as the
@@ -129,17 +136,18 @@ impl Witness {
     pub fn failed(
         &mut self,
         source: IpAddr,
-        (dest, site): (u64, u64),
+        (dest, host): (u64, &str),
         started: Instant,
         now: Instant,
     ) {
         if !self.watched.contains_key(&dest) && self.watched.len() >= MAX_WATCHED {
             return;
         }
-        let d = self.watched.entry(dest).or_insert(Dest {
+        let d = self.watched.entry(dest).or_insert_with(|| Dest {
             answering_since: None,
             recent: std::collections::VecDeque::new(),
             pending: Vec::new(),
+            site: (site_key(host), rotor_protocol::site_of(host).into()),
             last: now,
         });
         d.last = now;
@@ -155,7 +163,7 @@ impl Witness {
                 .back()
                 .is_some_and(|(_, ip)| !same_source(*ip, source));
         if (just_before || throughout) && d.pending.len() < MAX_PENDING {
-            d.pending.push((source, now, site));
+            d.pending.push((source, now));
         }
     }
 
@@ -173,7 +181,8 @@ impl Witness {
         let Some(d) = self.watched.get_mut(&dest) else {
             return;
         };
-        for (ip, at, site) in d.pending.drain(..) {
+        let site = d.site.0;
+        for (ip, at) in d.pending.drain(..) {
             // (Its own earlier failure is forgotten: it answers now.)
             if same_source(ip, source) || now.saturating_duration_since(at) > NEAR {
                 continue;
@@ -188,6 +197,9 @@ impl Witness {
                 {
                     c.destinations.push(site);
                 }
+            }
+            if self.refused.len() < rotor_protocol::UNREACHED_LISTED {
+                self.refused.insert((ip, d.site.1.clone()));
             }
         }
         let gap = d
@@ -217,6 +229,11 @@ impl Witness {
         std::mem::take(&mut self.confirmed)
     }
 
+    /// Each (source, site) of a failure confirmed since the last take.
+    pub fn take_refused(&mut self) -> Vec<(IpAddr, Arc<str>)> {
+        self.refused.drain().collect()
+    }
+
     #[cfg(test)]
     fn watched(&self) -> usize {
         self.watched.len()
@@ -234,7 +251,7 @@ mod tests {
     /// An immediate failure (refused, unreachable): begun and ended at
     /// `at`.
     fn fail(w: &mut Witness, source: IpAddr, d: u64, at: Instant) {
-        w.failed(source, (d, d), at, at);
+        w.failed(source, (d, "a.example"), at, at);
     }
 
     #[test]
@@ -258,8 +275,17 @@ mod tests {
         w.answered(ip("10.0.0.1"), d, t + Duration::from_millis(50));
         let c = w.take(t + Duration::from_millis(60));
         assert_eq!(c[&ip("10.0.0.4")].failed, 2);
-        assert_eq!(c[&ip("10.0.0.4")].destinations, [d]);
+        assert_eq!(c[&ip("10.0.0.4")].destinations, [site_key("a.example")]);
         assert_eq!(c[&ip("10.0.0.5")].failed, 1);
+        // Each source once for the site, by name.
+        let mut refused = w.take_refused();
+        refused.sort();
+        let site: Arc<str> = "a.example".into();
+        assert_eq!(
+            refused,
+            [(ip("10.0.0.4"), site.clone()), (ip("10.0.0.5"), site)]
+        );
+        assert!(w.take_refused().is_empty());
     }
 
     #[test]
@@ -279,6 +305,7 @@ mod tests {
         w.answered(ip("10.0.0.2"), d, t + Duration::from_secs(10));
         w.answered(ip("10.0.0.3"), d, t + Duration::from_secs(10));
         assert!(w.take(t + Duration::from_secs(10)).is_empty());
+        assert!(w.take_refused().is_empty());
     }
 
     #[test]
@@ -319,12 +346,12 @@ mod tests {
         w.answered(ip("10.0.0.1"), d, s(100));
         // Down from 0.2 s to 12 s: a connect begun at 5 s times out at 15
         // s, when the destination answers again.
-        w.failed(ip("10.0.0.4"), (d, d), s(5_000), s(15_000));
+        w.failed(ip("10.0.0.4"), (d, "a"), s(5_000), s(15_000));
         w.answered(ip("10.0.0.2"), d, s(15_100));
         assert!(w.take(s(15_200)).is_empty());
         // One begun while it answered others, failed, answered after:
         // confirmed.
-        w.failed(ip("10.0.0.4"), (d, d), s(15_150), s(16_000));
+        w.failed(ip("10.0.0.4"), (d, "a"), s(15_150), s(16_000));
         w.answered(ip("10.0.0.2"), d, s(16_100));
         assert_eq!(w.take(s(16_200))[&ip("10.0.0.4")].failed, 1);
         // Down again from 17 s to 24.5 s: a connect begun at 20 s that
@@ -332,7 +359,7 @@ mod tests {
         // (one of them within 2 s of its end): none came just before it.
         w.answered(ip("10.0.0.1"), d, s(17_000));
         w.answered(ip("10.0.0.2"), d, s(25_000));
-        w.failed(ip("10.0.0.4"), (d, d), s(20_000), s(28_000));
+        w.failed(ip("10.0.0.4"), (d, "a"), s(20_000), s(28_000));
         w.answered(ip("10.0.0.3"), d, s(26_000));
         w.answered(ip("10.0.0.1"), d, s(28_100));
         assert!(w.take(s(28_200)).is_empty());
@@ -355,7 +382,7 @@ mod tests {
             );
         }
         // Begun at 5 s (an answer at 4 s), timed out at 15 s.
-        w.failed(ip("10.0.0.4"), (d, d), s(5_000), s(15_000));
+        w.failed(ip("10.0.0.4"), (d, "a"), s(5_000), s(15_000));
         w.answered(ip("10.0.0.2"), d, s(16_000));
         assert_eq!(w.take(s(16_000))[&ip("10.0.0.4")].failed, 1);
     }
