@@ -876,6 +876,10 @@ async fn answer(
         Request::SiteUnreached { ip, site } => Response::Noted {
             quarantined: alloc.site_unreached(ip, &site),
         },
+        Request::SiteConnected { ip, site } => {
+            alloc.site_connected(ip, &site);
+            Response::Noted { quarantined: false }
+        }
         Request::SiteOk { ip, site } => {
             alloc.site_answered(ip, &site);
             Response::Noted { quarantined: false }

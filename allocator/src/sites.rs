@@ -46,6 +46,16 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(600);
 pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(86_400);
 /// Repeats are forgotten this long after the last one.
 const STRIKES_KEPT: Duration = Duration::from_secs(1800);
+/// Reports of a failed connect (see [`Sites::unreached`]) this close to a
+/// suspicion are of the same event: a site's moment of refusing every
+/// address is confirmed by each worker, and for each of its hosts, at
+/// its own report, within seconds of the others (a witness confirms only
+/// failures with answers to others within 2 s before and after: an
+/// outage of 4 s at most).
+const UNREACHED_SAME: Duration = Duration::from_secs(10);
+/// A suspicion is forgotten this long after it: an address that meets a
+/// site seldom is not cooled at a failure for one raised long before.
+const SUSPICION_KEPT: Duration = Duration::from_secs(600);
 /// How far before its creation a table's clock starts: pairs kept over a
 /// restart carry times up to a window (at most 7 days and a second) or
 /// the repeats' 30 min back, and times are kept as milliseconds since
@@ -292,6 +302,15 @@ pub struct SavedPair {
     pub strikes: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_strike_ms: Option<u64>,
+    /// Failed connects (see `Sites::unreached`), and the last one's time.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub unreached: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_unreached_ms: Option<u64>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Milliseconds since the table's epoch, plus one: 0 is "never".
@@ -318,6 +337,8 @@ struct CopiedPair {
     cool_until: Ms,
     strikes: u32,
     last_strike: Ms,
+    unreached: u32,
+    last_unreached: Ms,
 }
 
 impl Copied {
@@ -345,6 +366,8 @@ impl Copied {
                     cool_until_ms: (p.cool_until > t).then(|| wall(p.cool_until)).flatten(),
                     strikes: p.strikes,
                     last_strike_ms: wall(p.last_strike),
+                    unreached: p.unreached,
+                    last_unreached_ms: wall(p.last_unreached),
                 })
             })
             .collect();
@@ -411,8 +434,15 @@ struct Pair {
     window: u32,
     /// Cooling until then (0: not cooling).
     cool_until: Ms,
+    /// Push-backs since the last normal answer, and the last one's time.
     strikes: u32,
     last_strike: Ms,
+    /// Connects that failed there while the site answered other addresses
+    /// (reports of one event counted once), since the last answer: one is
+    /// a suspicion, more cool the pair (see [`Sites::unreached`]); and
+    /// the last one's time.
+    unreached: u32,
+    last_unreached: Ms,
 }
 
 impl Pair {
@@ -491,16 +521,34 @@ impl Pair {
         self.cool_until = self.cool_until.max(other.cool_until);
         self.strikes = self.strikes.max(other.strikes);
         self.last_strike = self.last_strike.max(other.last_strike);
+        self.unreached = self.unreached.max(other.unreached);
+        self.last_unreached = self.last_unreached.max(other.last_unreached);
     }
 
     fn is_idle(&self, now: Ms) -> bool {
-        self.starts.is_empty() && self.cool_until == 0 && self.strikes_old(now)
+        self.starts.is_empty()
+            && self.cool_until == 0
+            && (self.last_strike == 0
+                || now.saturating_sub(self.last_strike) >= STRIKES_KEPT.as_millis() as u64)
+            && self.unreached_old(now)
     }
 
-    /// Whether its repeats are forgotten (none, or the last long ago).
-    fn strikes_old(&self, now: Ms) -> bool {
-        self.last_strike == 0
-            || now.saturating_sub(self.last_strike) >= STRIKES_KEPT.as_millis() as u64
+    /// Whether a request's answer is asked for: it has repeats to clear.
+    fn watched(&self) -> bool {
+        self.strikes > 0 || self.unreached > 0
+    }
+
+    /// Whether its failed connects are forgotten: none, a suspicion
+    /// older than [`SUSPICION_KEPT`], or repeats older than
+    /// [`STRIKES_KEPT`] (counted from the cooldown's start, as push-backs
+    /// are).
+    fn unreached_old(&self, now: Ms) -> bool {
+        let kept = match self.unreached {
+            0 => return true,
+            1 => SUSPICION_KEPT,
+            _ => STRIKES_KEPT,
+        };
+        now.saturating_sub(self.last_unreached) >= kept.as_millis() as u64
     }
 }
 
@@ -721,7 +769,7 @@ impl Sites {
         };
         let (id, limit) = (s.id, s.limit);
         let Some(limit) = limit else {
-            return Some(self.pairs.get(&(id, ip)).is_some_and(|p| p.strikes > 0));
+            return Some(self.pairs.get(&(id, ip)).is_some_and(Pair::watched));
         };
         if !self.pairs.contains_key(&(id, ip)) {
             // Rather than break the cap, or serve the address uncounted
@@ -740,7 +788,7 @@ impl Sites {
             ..Pair::default()
         });
         p.record(limit.count, t);
-        Some(p.strikes > 0)
+        Some(p.watched())
     }
 
     /// The next address for a request to `site` among `active` (the
@@ -1015,41 +1063,109 @@ impl Sites {
         retry_after: Option<Duration>,
         now: Instant,
     ) -> bool {
-        self.cool(site, ip, Some(status), retry_after, now)
+        let source = ip;
+        let ip = self.rules.key(ip);
+        let t = self.ms(now);
+        let Some(p) = self.pair_mut(site, ip, now) else {
+            return false;
+        };
+        // Requests already in flight when the first push-back came get
+        // theirs too: one repeat per cooldown, not one per answer.
+        let was_cooling = p.cool_until > t;
+        if !was_cooling {
+            p.strikes = p.strikes.saturating_add(1);
+            p.last_strike = t;
+        }
+        let wait = match retry_after {
+            // "Retry now" from a site that pushed back: a second.
+            Some(d) => d.clamp(Duration::from_secs(1), RETRY_AFTER_MAX),
+            None => backoff(p.strikes.max(1)),
+        };
+        p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
+        self.site_cools(site, ip);
+        if !was_cooling {
+            let cooling = self.rules.shown(ip);
+            match cool_line(&mut self.cool_lines, t) {
+                true => {
+                    tracing::info!(%site, %source, %cooling, status, secs = wait.as_secs(), "site pushed back: address cooling for this site")
+                }
+                false => {
+                    tracing::debug!(%site, %source, %cooling, status, secs = wait.as_secs(), "site pushed back: address cooling for this site")
+                }
+            }
+        }
+        !was_cooling
     }
 
     /// A connect from `ip` to `site` failed while the site answered other
     /// addresses (a worker's witness saw it): the site drops or refuses
-    /// that address. The first since the pair's last normal answer is a
-    /// suspicion, a repeat without a cooldown: leases of the pair for the
-    /// site ask for the answer (`watch`), and a normal one clears it. A
-    /// second, or one to a pair with push-backs not yet cleared, cools the
-    /// pair as a push-back does (60 s, doubling): a site restarting
-    /// refuses every address for a moment, and then answers them again;
-    /// a ban does not. Whether it started cooling now.
+    /// that address. The first since the pair's last answer is a
+    /// suspicion, with no cooldown: leases of the pair for the site ask
+    /// for the answer (`watch`), and one clears it; a site restarting
+    /// refuses every address for a moment, then answers them again, and
+    /// a ban does not. Reports within [`UNREACHED_SAME`] of it are of the
+    /// same event; one after that cools the pair, 60 s doubling with each
+    /// repeat as push-backs do (their repeats are counted apart: a
+    /// tunnel's connect clears these alone, and says nothing of rate
+    /// limits). Whether it started cooling now.
     pub fn unreached(&mut self, site: &str, ip: IpAddr, now: Instant) -> bool {
+        // A worker tells IPv6 sources apart by /64: counted by a wider
+        // prefix, the key that failed may be the one that answered.
+        if ip.is_ipv6() && self.rules.v6_prefix < 64 {
+            return false;
+        }
         let t = self.ms(now);
         let key = self.rules.key(ip);
-        let pair = self
+        let mut repeats = 0;
+        if let Some(p) = self
             .sites
             .get(site)
-            .and_then(|s| self.pairs.get(&(s.id, key)));
-        if let Some(p) = pair {
+            .and_then(|s| self.pairs.get(&(s.id, key)))
+        {
             if p.cool_until > t {
-                // A connect begun before the cooldown: it says nothing new.
+                // A connect begun before the cooldown: nothing new.
                 return false;
             }
-            if p.strikes > 0 && !p.strikes_old(t) {
-                return self.cool(site, ip, None, None, now);
+            if !p.unreached_old(t) {
+                if t.saturating_sub(p.last_unreached) < UNREACHED_SAME.as_millis() as u64 {
+                    return false;
+                }
+                repeats = p.unreached;
             }
         }
         let Some(p) = self.pair_mut(site, key, now) else {
             return false;
         };
-        p.strikes = 1;
-        p.last_strike = t;
-        tracing::debug!(%site, source = %ip, "a connect to the site failed from this address while it answered others: cooled if it fails so again before an answer");
-        false
+        p.unreached = repeats.saturating_add(1);
+        p.last_unreached = t;
+        if repeats == 0 {
+            tracing::debug!(%site, source = %ip, "a connect to the site failed from this address while it answered others: cooled if it fails so again before an answer");
+            return false;
+        }
+        let wait = backoff(p.unreached);
+        p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
+        self.site_cools(site, key);
+        let cooling = self.rules.shown(key);
+        let secs = wait.as_secs();
+        match cool_line(&mut self.cool_lines, t) {
+            true => {
+                tracing::info!(%site, source = %ip, %cooling, secs, "connects to the site fail from this address while it answers others: address cooling for this site")
+            }
+            false => {
+                tracing::debug!(%site, source = %ip, %cooling, secs, "connects to the site fail from this address while it answers others: address cooling for this site")
+            }
+        }
+        true
+    }
+
+    /// The site's latest cooldown end takes in its pair of `key`'s.
+    fn site_cools(&mut self, site: &str, key: IpAddr) {
+        let Some(s) = self.sites.get_mut(site) else {
+            return;
+        };
+        if let Some(p) = self.pairs.get(&(s.id, key)) {
+            s.cool_until = s.cool_until.max(p.cool_until);
+        }
     }
 
     /// The pair of `site` and `key` (a key: see [`Rules::key`]), made if
@@ -1087,68 +1203,22 @@ impl Sites {
         }))
     }
 
-    /// Cools `ip` for `site`: for `retry_after` if the site said, else a
-    /// backoff that doubles with each repeat. `status`: the push-back's
-    /// (`None`: connects failing, see [`Sites::unreached`]). Whether it
-    /// started cooling now.
-    fn cool(
-        &mut self,
-        site: &str,
-        ip: IpAddr,
-        status: Option<u16>,
-        retry_after: Option<Duration>,
-        now: Instant,
-    ) -> bool {
-        let source = ip;
-        let ip = self.rules.key(ip);
-        let t = self.ms(now);
-        let Some(p) = self.pair_mut(site, ip, now) else {
-            return false;
-        };
-        // Requests already in flight when the first push-back came get
-        // theirs too: one repeat per cooldown, not one per answer.
-        let was_cooling = p.cool_until > t;
-        if !was_cooling {
-            p.strikes = p.strikes.saturating_add(1);
-            p.last_strike = t;
-        }
-        let wait = match retry_after {
-            // "Retry now" from a site that pushed back: a second.
-            Some(d) => d.clamp(Duration::from_secs(1), RETRY_AFTER_MAX),
-            None => backoff(p.strikes.max(1)),
-        };
-        p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
-        let until = p.cool_until;
-        if let Some(s) = self.sites.get_mut(site) {
-            s.cool_until = s.cool_until.max(until);
-        }
-        if !was_cooling {
-            let cooling = self.rules.shown(ip);
-            let secs = wait.as_secs();
-            let info = cool_line(&mut self.cool_lines, t);
-            match (status, info) {
-                (Some(status), true) => {
-                    tracing::info!(%site, %source, %cooling, status, secs, "site pushed back: address cooling for this site")
-                }
-                (Some(status), false) => {
-                    tracing::debug!(%site, %source, %cooling, status, secs, "site pushed back: address cooling for this site")
-                }
-                (None, true) => {
-                    tracing::info!(%site, %source, %cooling, secs, "connects to the site fail from this address while it answers others: address cooling for this site")
-                }
-                (None, false) => {
-                    tracing::debug!(%site, %source, %cooling, secs, "connects to the site fail from this address while it answers others: address cooling for this site")
-                }
-            }
-        }
-        !was_cooling
-    }
-
     /// `site` answered `ip` normally: its repeats start over. Not while
     /// the pair cools: that answer is to a request sent before the
     /// push-back (a rate limiter's 429 is quick, a page slow), and taking
     /// it for a sign of peace would keep the backoff from ever doubling.
     pub fn answered(&mut self, site: &str, ip: IpAddr, now: Instant) {
+        self.cleared(site, ip, now, true);
+    }
+
+    /// A tunnel from `ip` to `site` was connected: its failed connects
+    /// start over (not its push-backs: a connect says nothing of rate
+    /// limits). Not while the pair cools, as for an answer.
+    pub fn connected(&mut self, site: &str, ip: IpAddr, now: Instant) {
+        self.cleared(site, ip, now, false);
+    }
+
+    fn cleared(&mut self, site: &str, ip: IpAddr, now: Instant, pushbacks: bool) {
         let Some(s) = self.sites.get(site) else {
             return;
         };
@@ -1157,8 +1227,12 @@ impl Sites {
             if p.cool_until > t {
                 return;
             }
-            p.strikes = 0;
-            p.last_strike = 0;
+            if pushbacks {
+                p.strikes = 0;
+                p.last_strike = 0;
+            }
+            p.unreached = 0;
+            p.last_unreached = 0;
         }
     }
 
@@ -1267,7 +1341,9 @@ impl Sites {
                         .sum()
                 }),
                 cooling_ms: (p.cool_until > t).then(|| p.cool_until - t),
-                strikes: p.strikes,
+                // (Push-backs and failed connects: one count in the
+                // report's shape.)
+                strikes: p.strikes.saturating_add(p.unreached),
             });
         }
         SitesReport {
@@ -1323,6 +1399,8 @@ impl Sites {
                     cool_until: p.cool_until,
                     strikes: p.strikes,
                     last_strike: p.last_strike,
+                    unreached: p.unreached,
+                    last_unreached: p.last_unreached,
                 }
             })
             .collect();
@@ -1348,7 +1426,13 @@ impl Sites {
         // no cooldown comes back longer than the longest one given.
         let newest = saved
             .iter()
-            .flat_map(|p| p.starts.iter().map(|&(at, _)| at).chain(p.last_strike_ms))
+            .flat_map(|p| {
+                let last = [p.last_strike_ms, p.last_unreached_ms];
+                p.starts
+                    .iter()
+                    .map(|&(at, _)| at)
+                    .chain(last.into_iter().flatten())
+            })
             .max()
             .unwrap_or(0);
         let wall_ms = wall_ms.max(newest);
@@ -1388,6 +1472,12 @@ impl Sites {
                     .and_then(ms)
                     .filter(|&l| l <= t)
                     .unwrap_or(0),
+                unreached: p.unreached,
+                last_unreached: p
+                    .last_unreached_ms
+                    .and_then(ms)
+                    .filter(|&l| l <= t)
+                    .unwrap_or(0),
             };
             if pair.is_idle(t) {
                 continue;
@@ -1423,7 +1513,7 @@ impl Sites {
     fn pair(&self, site: &str, ip: IpAddr) -> Option<(Instant, u32)> {
         let s = self.sites.get(site)?;
         let p = self.pairs.get(&(s.id, ip))?;
-        Some((self.instant(p.cool_until), p.strikes))
+        Some((self.instant(p.cool_until), p.strikes + p.unreached))
     }
 }
 
@@ -1826,6 +1916,8 @@ mod tests {
                 cool_until_ms: Some(u64::MAX),
                 strikes: u32::MAX,
                 last_strike_ms: Some(wall0 - 1),
+                unreached: u32::MAX,
+                last_unreached_ms: Some(wall0 - 1),
             },
             SavedPair {
                 site: "a.com".into(),
@@ -1834,6 +1926,8 @@ mod tests {
                 cool_until_ms: None,
                 strikes: 0,
                 last_strike_ms: None,
+                unreached: 0,
+                last_unreached_ms: None,
             },
         ];
         let mut s = Sites::new(rules(&["a.com=5/1m"]), 1000);
@@ -2191,8 +2285,9 @@ mod tests {
 
     /// Connects from one address that fail while the site answers the
     /// others: the first is a suspicion (no cooldown, but the pair's
-    /// leases ask for the answer, which clears it); a second before any
-    /// answer cools the pair for that site alone, 60 s doubling.
+    /// leases ask for the answer, which clears it); reports of the same
+    /// event (other workers', within 10 s) add nothing; a later one before
+    /// any answer cools the pair for that site alone, 60 s doubling.
     #[test]
     fn connects_failing_twice_to_a_site_cool_the_address_for_it() {
         let active = pool(3);
@@ -2213,27 +2308,32 @@ mod tests {
             }
         }
         assert_eq!(watched, [(ip(2), true), (ip(3), false)]);
+        // Every worker's report of one moment's refusal: one event.
+        for n in 1..=9 {
+            assert!(!s.unreached("a.com", ip(2), secs(n)), "{n}");
+        }
+        assert_eq!(s.pair("a.com", ip(2)).unwrap().1, 1);
         // Answered since (a site that was restarting): the next failure is
         // a suspicion again, not a cooldown.
-        s.answered("a.com", ip(2), secs(1));
-        assert!(!s.unreached("a.com", ip(2), secs(2)));
-        assert_eq!(take(&mut s, "a.com", &active, 3, secs(2)), [1, 2, 3]);
-        // A second with no answer between: cooling, for this site alone.
-        assert!(s.unreached("a.com", ip(2), secs(3)));
+        s.answered("a.com", ip(2), secs(11));
+        assert!(!s.unreached("a.com", ip(2), secs(12)));
+        assert_eq!(take(&mut s, "a.com", &active, 3, secs(12)), [1, 2, 3]);
+        // A later one with no answer between: cooling, for this site alone.
+        assert!(s.unreached("a.com", ip(2), secs(22)));
         let (until, strikes) = s.pair("a.com", ip(2)).unwrap();
         assert_eq!(strikes, 2);
-        let wait = until - secs(3);
+        let wait = until - secs(22);
         assert!(
             wait >= BACKOFF_BASE.mul_f64(2.0 * 0.79) && wait <= BACKOFF_BASE.mul_f64(2.0 * 1.21),
             "{wait:?}"
         );
-        assert_eq!(take(&mut s, "a.com", &active, 4, secs(3)), [1, 3, 1, 3]);
+        assert_eq!(take(&mut s, "a.com", &active, 4, secs(22)), [1, 3, 1, 3]);
         assert_eq!(
-            s.lease("b.com", Families::V4, &active, 0, secs(3)),
+            s.lease("b.com", Families::V4, &active, 0, secs(22)),
             Answer::Shared
         );
         // A failure of a connect begun before the cooldown changes nothing.
-        assert!(!s.unreached("a.com", ip(2), secs(4)));
+        assert!(!s.unreached("a.com", ip(2), secs(23)));
         assert_eq!(s.pair("a.com", ip(2)).unwrap(), (until, 2));
         // After it, failing again: twice as long.
         let after = until + Duration::from_secs(1);
@@ -2241,14 +2341,37 @@ mod tests {
         let (until, strikes) = s.pair("a.com", ip(2)).unwrap();
         assert_eq!(strikes, 3);
         assert!(until - after >= BACKOFF_BASE.mul_f64(4.0 * 0.79));
-        // A pair with push-backs not yet cleared cools at the first.
+        // Kept over a restart.
+        let back = || {
+            let mut b = Sites::with_epoch(Rules::default(), 1000, t0);
+            b.restore(s.snapshot(after, 5_000_000), after, 5_000_000);
+            b
+        };
+        assert_eq!(back().pair("a.com", ip(2)).unwrap().1, 3);
+        // Push-backs and failed connects are counted apart: a tunnel's
+        // connect clears these alone; a normal answer, both.
+        let mut s = Sites::with_epoch(Rules::default(), 1000, t0);
         s.pushback("c.com", ip(1), 429, Some(Duration::from_secs(1)), t0);
-        assert!(s.unreached("c.com", ip(1), secs(5)));
-        // A suspicion is forgotten with the repeats.
+        assert!(!s.unreached("c.com", ip(1), secs(5)));
+        assert_eq!(s.pair("c.com", ip(1)).unwrap().1, 2);
+        s.connected("c.com", ip(1), secs(6));
+        assert_eq!(s.pair("c.com", ip(1)).unwrap().1, 1);
+        assert!(!s.unreached("c.com", ip(1), secs(7)), "a suspicion again");
+        s.answered("c.com", ip(1), secs(8));
+        assert!(s.pair("c.com", ip(1)).is_some_and(|p| p.1 == 0));
+        // A suspicion is forgotten after 10 min: a failure then is one
+        // again, not a cooldown.
         assert!(!s.unreached("d.com", ip(1), t0));
-        s.expire(t0 + STRIKES_KEPT + Duration::from_secs(1));
+        assert!(!s.unreached("d.com", ip(1), t0 + SUSPICION_KEPT));
+        assert_eq!(s.pair("d.com", ip(1)).unwrap().1, 1);
+        s.expire(t0 + SUSPICION_KEPT * 2 + Duration::from_secs(1));
         assert!(s.pair("d.com", ip(1)).is_none());
-        assert!(!s.unreached("d.com", ip(1), t0 + STRIKES_KEPT + Duration::from_secs(2)));
+        // IPv6 sources counted by a prefix wider than a /64 (the workers'
+        // unit): not heard.
+        let mut s = Sites::with_epoch(Rules::default().with_v6_prefix(56).unwrap(), 1000, t0);
+        assert!(!s.unreached("e.com", "fd00::1".parse().unwrap(), t0));
+        assert!(!s.unreached("e.com", "fd00::1".parse().unwrap(), secs(20)));
+        assert_eq!(s.entries(), 0);
     }
 
     /// A normal answer that comes while the pair cools is to a request

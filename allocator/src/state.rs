@@ -1719,6 +1719,14 @@ impl Allocator {
         started
     }
 
+    /// A tunnel from `ip` to `site` was connected: the pair's failed
+    /// connects start over.
+    pub fn site_connected(&self, ip: IpAddr, site: &str) {
+        let mut inner = self.lock();
+        inner.changes += 1;
+        inner.sites.connected(site, ip, Instant::now());
+    }
+
     /// `site` answered `ip` normally: the pair's backoff starts over.
     pub fn site_answered(&self, ip: IpAddr, site: &str) {
         let mut inner = self.lock();

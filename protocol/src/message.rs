@@ -79,7 +79,8 @@ pub const UNREACHED_LISTED: usize = 10_000;
 pub const UNREACHED_DESTINATIONS: usize = 4;
 /// The first minor whose allocator takes `Request::SiteUnreached` (a
 /// connect to a site that failed from one source while the site answered
-/// others: the site's refusal of that address).
+/// others: the site's refusal of that address) and
+/// `Request::SiteConnected`.
 pub const MINOR_SITE_UNREACHED: u16 = 14;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
@@ -351,10 +352,15 @@ pub enum Request {
     /// A connect from `ip` to `site` failed while the site answered other
     /// sources within seconds before and after it (since minor 14): the
     /// site drops or refuses that address. The first since the pair's last
-    /// normal answer is a suspicion (the pair is watched: leases of it for
-    /// the site ask for the answer); a second cools the pair, as a
-    /// push-back does. Answered `Noted`.
+    /// answer is a suspicion (the pair is watched: leases of it for the
+    /// site ask for the answer); one at least 10 s later cools the pair,
+    /// as a push-back does. Answered `Noted`.
     SiteUnreached { ip: IpAddr, site: String },
+    /// A tunnel from `ip` to `site` was connected, on a lease that asked
+    /// (since minor 14): the pair's failed connects start over (its
+    /// push-backs do not: a connect says nothing of rate limits).
+    /// Answered `Noted`.
+    SiteConnected { ip: IpAddr, site: String },
 }
 
 impl Request {
@@ -380,7 +386,7 @@ impl Request {
             Request::LeaseSessionSite { .. } => MINOR_SESSION_SITE,
             Request::WorkerReloaded { .. } | Request::ReloadReportV2 => MINOR_WORKER_RELOADS,
             Request::Unreached { .. } => MINOR_UNREACHED,
-            Request::SiteUnreached { .. } => MINOR_SITE_UNREACHED,
+            Request::SiteUnreached { .. } | Request::SiteConnected { .. } => MINOR_SITE_UNREACHED,
         }
     }
 }

@@ -315,6 +315,16 @@ fn golden_client_frames() {
         }),
         "010718000a00000405652e636f6d",
     );
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::SiteConnected {
+                ip: "10.0.0.4".parse().unwrap(),
+                site: "e.com".into(),
+            },
+        }),
+        "010719000a00000405652e636f6d",
+    );
 }
 
 #[test]

@@ -133,8 +133,9 @@ settings! {
         cooldown_status: Option<Statuses> = "429",
         /// Cool an address for a site whose connects from it fail while
         /// the site answers the pool's other addresses (a site that drops
-        /// or refuses that address): from the second such failure with no
-        /// answer between, for 60 s, doubling with each repeat up to 10 min.
+        /// or refuses that address): from a second such failure, 10 s or
+        /// more after the first with no answer between, for 60 s,
+        /// doubling with each repeat up to 10 min.
         cooldown_connect_failures: Option<bool> = "true",
         /// Write a line per request and tunnel (time, client, user,
         /// session, method, target host and port, source address, status,

@@ -646,6 +646,12 @@ impl LeaseClient {
         self.tell(Request::SiteUnreached { ip, site });
     }
 
+    /// Tells the allocator that a tunnel from `ip` to `site` was connected
+    /// (the pair's failed connects start over). Not waited for.
+    pub fn site_connected(&self, ip: IpAddr, site: String) {
+        self.tell(Request::SiteConnected { ip, site });
+    }
+
     /// Sends `body` without waiting for the answer (its reply, matched to
     /// no waiter, is dropped), to an allocator that reads it.
     fn tell(&self, body: Request) {

@@ -18,9 +18,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::lease::LeaseClient;
 
-/// Each (source, site) of a failed connect confirmed as the source's.
-type Refused = Vec<(IpAddr, Arc<str>)>;
-
 #[derive(Default)]
 struct Acc {
     requests: u64,
@@ -179,14 +176,13 @@ impl Meter {
         });
     }
 
-    /// Everything counted since the last take; the failed connects
+    /// Everything counted since the last take, and the failed connects
     /// confirmed as their source's fault (`witness`) of sources that got
-    /// no answer meanwhile; and each (source, site) of such a failure.
-    fn take(&self, connections_open: u64) -> (WorkerMetrics, Vec<SourceUnreached>, Refused) {
-        let (acc, confirmed, refused) = {
+    /// no answer meanwhile.
+    fn take(&self, connections_open: u64) -> (WorkerMetrics, Vec<SourceUnreached>) {
+        let (acc, confirmed) = {
             let mut acc = self.acc.lock().unwrap_or_else(|e| e.into_inner());
             let confirmed = acc.witness.take(Instant::now());
-            let refused = acc.witness.take_refused();
             let witness = std::mem::take(&mut acc.witness);
             let taken = std::mem::replace(
                 &mut *acc,
@@ -195,7 +191,7 @@ impl Meter {
                     ..Acc::default()
                 },
             );
-            (taken, confirmed, refused)
+            (taken, confirmed)
         };
         let unreached = match confirmed.is_empty() {
             true => Vec::new(),
@@ -218,7 +214,14 @@ impl Meter {
             connect_seconds: acc.connect_seconds,
             lease_wait_seconds: acc.lease_wait_seconds,
         };
-        (m, unreached, refused)
+        (m, unreached)
+    }
+
+    /// Each (source, site) of a failed connect confirmed since the last
+    /// take (see `witness`).
+    fn take_refused(&self) -> Vec<(IpAddr, Arc<str>)> {
+        let mut acc = self.acc.lock().unwrap_or_else(|e| e.into_inner());
+        acc.witness.take_refused()
     }
 
     /// Of the failed connects `confirmed` (see `witness`), those of sources
@@ -293,18 +296,20 @@ impl Meter {
                 _ = stop.cancelled() => true,
                 _ = tick.tick() => false,
             };
+            // Each second, whatever became of the last report: the
+            // allocator takes reports of one event, seconds apart, as one.
+            if cool_refused {
+                for (ip, site) in self.take_refused() {
+                    leases.site_unreached(ip, site.to_string());
+                }
+            }
             let (m, unreached, resent) = match unsent.take() {
                 Some(mut m) => {
                     m.connections_open = connections_open();
                     (m, Vec::new(), true)
                 }
                 None => {
-                    let (m, unreached, refused) = self.take(connections_open());
-                    if cool_refused {
-                        for (ip, site) in refused {
-                            leases.site_unreached(ip, site.to_string());
-                        }
-                    }
+                    let (m, unreached) = self.take(connections_open());
                     (m, unreached, false)
                 }
             };

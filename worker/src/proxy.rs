@@ -592,11 +592,11 @@ impl Proxy {
             .connect_leased(lease, &addrs, (host, authority), sticky)
             .await?;
         // A tunnel's answer is its connect (what passes in it is not
-        // read): one the allocator watches (a pair whose connects failed
-        // while the site answered others) clears the suspicion.
-        if watch && opened.1.ip == asked {
+        // read): on a pair the allocator watches, it clears the failed
+        // connects (a suspicion; its push-backs stand).
+        if watch && opened.1.ip == asked && self.config.cooldown_connect_failures {
             self.leases
-                .site_answered(asked, rotor_protocol::site_of(host));
+                .site_connected(asked, rotor_protocol::site_of(host));
         }
         Ok(opened)
     }

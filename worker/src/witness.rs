@@ -22,7 +22,7 @@
 //! last [`ANSWERS_KEPT`] answers and at most [`MAX_PENDING`] failures
 //! waiting for the answer after.
 
-use foldhash::{HashMap, HashSet};
+use foldhash::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -123,8 +123,9 @@ pub struct Confirmed {
 pub struct Witness {
     watched: HashMap<u64, Dest>,
     confirmed: HashMap<IpAddr, Confirmed>,
-    /// Each (source, site) of a confirmed failure since the last take.
-    refused: HashSet<(IpAddr, Arc<str>)>,
+    /// Each (source, site) of a confirmed failure since the last take: a
+    /// source by [`source_net`] (the first address seen of it).
+    refused: HashMap<(IpAddr, Arc<str>), IpAddr>,
 }
 
 impl Witness {
@@ -199,7 +200,9 @@ impl Witness {
                 }
             }
             if self.refused.len() < rotor_protocol::UNREACHED_LISTED {
-                self.refused.insert((ip, d.site.1.clone()));
+                self.refused
+                    .entry((source_net(ip), d.site.1.clone()))
+                    .or_insert(ip);
             }
         }
         let gap = d
@@ -231,7 +234,10 @@ impl Witness {
 
     /// Each (source, site) of a failure confirmed since the last take.
     pub fn take_refused(&mut self) -> Vec<(IpAddr, Arc<str>)> {
-        self.refused.drain().collect()
+        self.refused
+            .drain()
+            .map(|((_, site), ip)| (ip, site))
+            .collect()
     }
 
     #[cfg(test)]
@@ -403,7 +409,14 @@ mod tests {
         w.answered(ip("fd00:2::1"), d, t);
         fail(&mut w, ip("fd00:1::2"), d, t);
         w.answered(ip("fd00:2::5"), d, t);
+        w.answered(ip("fd00:2::1"), d, t);
+        fail(&mut w, ip("fd00:1::7"), d, t);
+        w.answered(ip("fd00:2::5"), d, t);
         assert_eq!(w.take(t)[&ip("fd00:1::2")].failed, 1);
+        // The site is told of the /64 once (the allocator counts it as
+        // one source).
+        let site: Arc<str> = "a.example".into();
+        assert_eq!(w.take_refused(), [(ip("fd00:1::2"), site)]);
         assert_eq!(source_net(ip("fd00:1::2")), ip("fd00:1::"));
         // Sites: a name's registrable domain; an address by its /16 (/32).
         assert_eq!(site_key("www.example.com"), site_key("API.example.com"));
