@@ -340,6 +340,9 @@ pub struct PoolFigures {
     pub sessions: u64,
     pub sites: u64,
     pub site_entries: u64,
+    /// Cooldowns of (address, site) pairs begun: by push-backs, by failed
+    /// connects.
+    pub cooldowns_begun: [u64; 2],
     /// Requests held waiting for a site's budget.
     pub site_waiters: u64,
     /// Whether the rotation state file's last write failed.
@@ -612,6 +615,15 @@ pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
         "rotor_site_entries",
         "Entries of per-site state held (sites and (address, site) pairs)",
         [(vec![], pool.site_entries as i64)],
+    );
+    counter_family(
+        &mut r,
+        "rotor_site_cooldowns",
+        "Cooldowns of an (address, site) pair begun: by the site's push-back (429, a 503 with Retry-After, --cooldown-status, rate-limit headers), or by connects to it failing from the address while it answered others",
+        [
+            (label("reason", "pushback"), pool.cooldowns_begun[0]),
+            (label("reason", "connect"), pool.cooldowns_begun[1]),
+        ],
     );
     gauge_family(
         &mut r,

@@ -594,6 +594,8 @@ pub struct Sites {
     /// Cooldown lines logged at info in the current second (its start,
     /// and how many; past `COOL_LINES` they go to debug, counted).
     cool_lines: (Ms, u32),
+    /// Cooldowns begun since the start: by push-backs, by failed connects.
+    begun: [u64; 2],
     /// Times `make_room` looked for sites to forget (tests).
     #[cfg(test)]
     room_looks: usize,
@@ -625,6 +627,7 @@ impl Sites {
             full_logged: None,
             room_expired: None,
             cool_lines: (0, 0),
+            begun: [0; 2],
             #[cfg(test)]
             room_looks: 0,
             #[cfg(test)]
@@ -1084,6 +1087,7 @@ impl Sites {
         p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
         self.site_cools(site, ip);
         if !was_cooling {
+            self.begun[0] += 1;
             let cooling = self.rules.shown(ip);
             match cool_line(&mut self.cool_lines, t) {
                 true => {
@@ -1145,6 +1149,7 @@ impl Sites {
         let wait = backoff(p.unreached);
         p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
         self.site_cools(site, key);
+        self.begun[1] += 1;
         let cooling = self.rules.shown(key);
         let secs = wait.as_secs();
         match cool_line(&mut self.cool_lines, t) {
@@ -1156,6 +1161,12 @@ impl Sites {
             }
         }
         true
+    }
+
+    /// Cooldowns begun since the start: by push-backs, and by failed
+    /// connects.
+    pub fn cooldowns_begun(&self) -> [u64; 2] {
+        self.begun
     }
 
     /// The site's latest cooldown end takes in its pair of `key`'s.

@@ -1477,6 +1477,7 @@ impl Allocator {
                 sessions: u64::from(v2.sessions),
                 sites: inner.sites.len() as u64,
                 site_entries: inner.sites.entries() as u64,
+                cooldowns_begun: inner.sites.cooldowns_begun(),
                 site_waiters: inner.waiters.len() as u64,
                 state_write_failing: inner.state_failed,
             };

@@ -62,6 +62,17 @@ fn sum(text: &str, name: &str, with: &str) -> f64 {
         .sum()
 }
 
+/// The value of the series `line` (name and labels, as written) in a
+/// scrape's `text`.
+pub(crate) fn series(text: &str, line: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line).filter(|v| v.starts_with(' ')))
+        .unwrap_or_else(|| panic!("no {line} in {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 pub(crate) fn scrape(metrics: SocketAddr) -> String {
     let (status, body) = http_get(metrics, "/metrics", "text/plain");
     assert_eq!(status, 200);

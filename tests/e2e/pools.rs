@@ -527,7 +527,11 @@ fn a_site_that_refuses_one_address_cools_it_for_that_site_alone() {
         || async {
             let refusing = Origin::start().await;
             let other = Origin::start_on(SocketAddr::from(([127, 1, 0, 10], 0))).await;
-            let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.5"]).await;
+            let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+            let listen = metrics.to_string();
+            let alloc =
+                Allocator::start(&["--pool", "127.0.0.2-127.0.0.5", "--metrics-listen", &listen])
+                    .await;
             let w = Worker::start(&alloc.socket, &[]).await;
             let four: IpAddr = "127.0.0.4".parse().unwrap();
             let round = |n: usize| {
@@ -584,6 +588,12 @@ fn a_site_that_refuses_one_address_cools_it_for_that_site_alone() {
             assert_eq!(other.sources().iter().filter(|s| **s == four).count(), 2);
             let status = status_json(&alloc.socket);
             assert!(status["pool"][2]["quarantined"].is_null(), "{status}");
+            let text = crate::metrics::scrape(metrics);
+            let begun = |reason: &str| {
+                let line = format!("rotor_site_cooldowns_total{{reason=\"{reason}\"}}");
+                crate::metrics::series(&text, &line)
+            };
+            assert_eq!((begun("connect"), begun("pushback")), (1.0, 0.0));
         },
     );
 }

@@ -692,6 +692,8 @@ fn ipv6_sources_are_budgeted_and_cooled_by_their_64() {
             assert!(after.iter().all(|ip| net(ip) != net(&cooled)), "{after:?}");
             // Each entry inside the cooling /64 cools for that site.
             let text = crate::metrics::scrape(metrics);
+            let line = "rotor_site_cooldowns_total{reason=\"pushback\"}";
+            assert_eq!(crate::metrics::series(&text, line), 1.0);
             for entry in ["2001:db8:1::1", "2001:db8:1::2", "2001:db8:2::1"] {
                 let line = format!("rotor_source_cooling_sites{{source=\"{entry}\"}}");
                 let n: f64 = text
