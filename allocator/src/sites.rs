@@ -438,7 +438,7 @@ struct Pair {
     strikes: u32,
     last_strike: Ms,
     /// Connects that failed there while the site answered other addresses
-    /// (reports of one event counted once), since the last answer: one is
+    /// (reports of one event counted once), since the last new connect: one is
     /// a suspicion, more cool the pair (see [`Sites::unreached`]); and
     /// the last one's time.
     unreached: u32,
@@ -528,14 +528,21 @@ impl Pair {
     fn is_idle(&self, now: Ms) -> bool {
         self.starts.is_empty()
             && self.cool_until == 0
-            && (self.last_strike == 0
-                || now.saturating_sub(self.last_strike) >= STRIKES_KEPT.as_millis() as u64)
+            && self.strikes_old(now)
             && self.unreached_old(now)
     }
 
-    /// Whether a request's answer is asked for: it has repeats to clear.
-    fn watched(&self) -> bool {
-        self.strikes > 0 || self.unreached > 0
+    /// Whether a request's answer is asked for: it has repeats to clear
+    /// (not forgotten: a pair kept by its budget's starts is never idle,
+    /// and its old push-back would have every tunnel told, for ever).
+    fn watched(&self, now: Ms) -> bool {
+        (self.strikes > 0 && !self.strikes_old(now)) || !self.unreached_old(now)
+    }
+
+    /// Whether its push-backs are forgotten: none, or the last long ago.
+    fn strikes_old(&self, now: Ms) -> bool {
+        self.last_strike == 0
+            || now.saturating_sub(self.last_strike) >= STRIKES_KEPT.as_millis() as u64
     }
 
     /// Whether its failed connects are forgotten: none, a suspicion
@@ -772,7 +779,8 @@ impl Sites {
         };
         let (id, limit) = (s.id, s.limit);
         let Some(limit) = limit else {
-            return Some(self.pairs.get(&(id, ip)).is_some_and(Pair::watched));
+            let t = self.ms(now);
+            return Some(self.pairs.get(&(id, ip)).is_some_and(|p| p.watched(t)));
         };
         if !self.pairs.contains_key(&(id, ip)) {
             // Rather than break the cap, or serve the address uncounted
@@ -791,7 +799,7 @@ impl Sites {
             ..Pair::default()
         });
         p.record(limit.count, t);
-        Some(p.watched())
+        Some(p.watched(t))
     }
 
     /// The next address for a request to `site` among `active` (the
@@ -1076,6 +1084,11 @@ impl Sites {
         // theirs too: one repeat per cooldown, not one per answer.
         let was_cooling = p.cool_until > t;
         if !was_cooling {
+            // (Repeats 30 min old are forgotten, as the pair would be but
+            // for its budget's starts.)
+            if p.strikes_old(t) {
+                p.strikes = 0;
+            }
             p.strikes = p.strikes.saturating_add(1);
             p.last_strike = t;
         }
@@ -1103,15 +1116,16 @@ impl Sites {
 
     /// A connect from `ip` to `site` failed while the site answered other
     /// addresses (a worker's witness saw it): the site drops or refuses
-    /// that address. The first since the pair's last answer is a
+    /// that address. The first since the pair's last new connect is a
     /// suspicion, with no cooldown: leases of the pair for the site ask
-    /// for the answer (`watch`), and one clears it; a site restarting
-    /// refuses every address for a moment, then answers them again, and
-    /// a ban does not. Reports within [`UNREACHED_SAME`] of it are of the
-    /// same event; one after that cools the pair, 60 s doubling with each
-    /// repeat as push-backs do (their repeats are counted apart: a
-    /// tunnel's connect clears these alone, and says nothing of rate
-    /// limits). Whether it started cooling now.
+    /// for the answer (`watch`), and a connect they make clears it
+    /// ([`Sites::connected`]); a site restarting refuses every address
+    /// for a moment, then takes them again, and a ban does not. Reports
+    /// within [`UNREACHED_SAME`] of it are of the same event; one after
+    /// that cools the pair, 60 s doubling with each repeat as push-backs
+    /// do (their repeats are counted apart: a connect says nothing of
+    /// rate limits, nor an answer on a connection opened before of a ban
+    /// on new ones). Whether it started cooling now.
     pub fn unreached(&mut self, site: &str, ip: IpAddr, now: Instant) -> bool {
         // A worker tells IPv6 sources apart by /64: counted by a wider
         // prefix, the key that failed may be the one that answered.
@@ -1219,32 +1233,29 @@ impl Sites {
     /// push-back (a rate limiter's 429 is quick, a page slow), and taking
     /// it for a sign of peace would keep the backoff from ever doubling.
     pub fn answered(&mut self, site: &str, ip: IpAddr, now: Instant) {
-        self.cleared(site, ip, now, true);
+        if let Some(p) = self.uncooled(site, ip, now) {
+            p.strikes = 0;
+            p.last_strike = 0;
+        }
     }
 
-    /// A tunnel from `ip` to `site` was connected: its failed connects
+    /// A new connect from `ip` to `site` was made: its failed connects
     /// start over (not its push-backs: a connect says nothing of rate
-    /// limits). Not while the pair cools, as for an answer.
+    /// limits; nor does an answer on a connection opened before, of a ban
+    /// on new ones). Not while the pair cools, as for an answer.
     pub fn connected(&mut self, site: &str, ip: IpAddr, now: Instant) {
-        self.cleared(site, ip, now, false);
-    }
-
-    fn cleared(&mut self, site: &str, ip: IpAddr, now: Instant, pushbacks: bool) {
-        let Some(s) = self.sites.get(site) else {
-            return;
-        };
-        let t = self.ms(now);
-        if let Some(p) = self.pairs.get_mut(&(s.id, self.rules.key(ip))) {
-            if p.cool_until > t {
-                return;
-            }
-            if pushbacks {
-                p.strikes = 0;
-                p.last_strike = 0;
-            }
+        if let Some(p) = self.uncooled(site, ip, now) {
             p.unreached = 0;
             p.last_unreached = 0;
         }
+    }
+
+    /// The pair of `site` and `ip`, if it is held and not cooling.
+    fn uncooled(&mut self, site: &str, ip: IpAddr, now: Instant) -> Option<&mut Pair> {
+        let id = self.sites.get(site)?.id;
+        let t = self.ms(now);
+        let p = self.pairs.get_mut(&(id, self.rules.key(ip)))?;
+        (p.cool_until <= t).then_some(p)
     }
 
     /// A sticky session's request to `site` from `ip`, the session's
@@ -1524,7 +1535,10 @@ impl Sites {
     fn pair(&self, site: &str, ip: IpAddr) -> Option<(Instant, u32)> {
         let s = self.sites.get(site)?;
         let p = self.pairs.get(&(s.id, ip))?;
-        Some((self.instant(p.cool_until), p.strikes + p.unreached))
+        Some((
+            self.instant(p.cool_until),
+            p.strikes.saturating_add(p.unreached),
+        ))
     }
 }
 
@@ -2324,9 +2338,9 @@ mod tests {
             assert!(!s.unreached("a.com", ip(2), secs(n)), "{n}");
         }
         assert_eq!(s.pair("a.com", ip(2)).unwrap().1, 1);
-        // Answered since (a site that was restarting): the next failure is
-        // a suspicion again, not a cooldown.
-        s.answered("a.com", ip(2), secs(11));
+        // Connected since (a site that was restarting): the next failure
+        // is a suspicion again, not a cooldown.
+        s.connected("a.com", ip(2), secs(11));
         assert!(!s.unreached("a.com", ip(2), secs(12)));
         assert_eq!(take(&mut s, "a.com", &active, 3, secs(12)), [1, 2, 3]);
         // A later one with no answer between: cooling, for this site alone.
@@ -2359,8 +2373,10 @@ mod tests {
             b
         };
         assert_eq!(back().pair("a.com", ip(2)).unwrap().1, 3);
-        // Push-backs and failed connects are counted apart: a tunnel's
-        // connect clears these alone; a normal answer, both.
+        // Push-backs and failed connects are counted apart: a new connect
+        // clears these alone (it says nothing of rate limits), a normal
+        // answer those alone (it may come on a connection opened before
+        // a ban on new ones).
         let mut s = Sites::with_epoch(Rules::default(), 1000, t0);
         s.pushback("c.com", ip(1), 429, Some(Duration::from_secs(1)), t0);
         assert!(!s.unreached("c.com", ip(1), secs(5)));
@@ -2369,7 +2385,15 @@ mod tests {
         assert_eq!(s.pair("c.com", ip(1)).unwrap().1, 1);
         assert!(!s.unreached("c.com", ip(1), secs(7)), "a suspicion again");
         s.answered("c.com", ip(1), secs(8));
-        assert!(s.pair("c.com", ip(1)).is_some_and(|p| p.1 == 0));
+        assert_eq!(s.pair("c.com", ip(1)).unwrap().1, 1, "the suspicion stands");
+        assert!(s.unreached("c.com", ip(1), secs(17)));
+        // A busy banned pair, told every second (each worker's report):
+        // cooling from the first report 10 s after the suspicion.
+        let mut s = Sites::with_epoch(Rules::default(), 1000, t0);
+        let cooled: Vec<u64> = (0..16)
+            .filter(|n| s.unreached("f.com", ip(1), secs(*n)))
+            .collect();
+        assert_eq!(cooled, [10]);
         // A suspicion is forgotten after 10 min: a failure then is one
         // again, not a cooldown.
         assert!(!s.unreached("d.com", ip(1), t0));
@@ -2383,6 +2407,29 @@ mod tests {
         assert!(!s.unreached("e.com", "fd00::1".parse().unwrap(), t0));
         assert!(!s.unreached("e.com", "fd00::1".parse().unwrap(), secs(20)));
         assert_eq!(s.entries(), 0);
+    }
+
+    /// A push-back 30 min old is forgotten though its pair is kept by
+    /// its budget's starts: its leases no longer ask for the answer (every
+    /// tunnel would be told, for ever), and the next push-back starts the
+    /// backoff over.
+    #[test]
+    fn old_pushbacks_are_forgotten_on_a_pair_kept_by_its_budget() {
+        let active = pool(1);
+        let t0 = Instant::now();
+        let mut s = Sites::with_epoch(rules(&["a.com=1000/1h"]), 1000, t0);
+        assert_eq!(take(&mut s, "a.com", &active, 1, t0), [1]);
+        s.pushback("a.com", ip(1), 429, Some(Duration::from_secs(1)), t0);
+        s.pushback("a.com", ip(1), 429, None, t0 + Duration::from_secs(2));
+        assert_eq!(s.pair("a.com", ip(1)).unwrap().1, 2);
+        let later = t0 + STRIKES_KEPT + Duration::from_secs(120);
+        s.expire(later);
+        match s.lease("a.com", Families::V4, &active, 0, later) {
+            Answer::Address { watch, .. } => assert!(!watch),
+            other => panic!("{other:?}"),
+        }
+        s.pushback("a.com", ip(1), 429, None, later);
+        assert_eq!(s.pair("a.com", ip(1)).unwrap().1, 1);
     }
 
     /// A normal answer that comes while the pair cools is to a request

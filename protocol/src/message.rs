@@ -352,13 +352,13 @@ pub enum Request {
     /// A connect from `ip` to `site` failed while the site answered other
     /// sources within seconds before and after it (since minor 14): the
     /// site drops or refuses that address. The first since the pair's last
-    /// answer is a suspicion (the pair is watched: leases of it for the
+    /// connect is a suspicion (the pair is watched: leases of it for the
     /// site ask for the answer); one at least 10 s later cools the pair,
     /// as a push-back does. Answered `Noted`.
     SiteUnreached { ip: IpAddr, site: String },
-    /// A tunnel from `ip` to `site` was connected, on a lease that asked
-    /// (since minor 14): the pair's failed connects start over (its
-    /// push-backs do not: a connect says nothing of rate limits).
+    /// A connect from `ip` to `site` was made, on a lease that asked for
+    /// its answer (since minor 14): the pair's failed connects start over
+    /// (its push-backs do not: a connect says nothing of rate limits).
     /// Answered `Noted`.
     SiteConnected { ip: IpAddr, site: String },
 }

@@ -551,9 +551,10 @@ fn a_site_that_refuses_one_address_cools_it_for_that_site_alone() {
             let socket = alloc.socket.clone();
             let strikes = move || crate::sites::strikes(&socket, "127.0.0.1", four);
             // Every fourth from 127.0.0.4; the first failure is not
-            // confirmed (the site was not watched yet), the second is: a
-            // suspicion, at the worker's next report.
-            assert_eq!(round(8).await, 2);
+            // confirmed (the site was not watched yet), the second is (an
+            // answer follows it, in 9): a suspicion, at the worker's next
+            // report.
+            assert!((2..=3).contains(&round(9).await));
             let s = strikes.clone();
             eventually("a suspicion of 127.0.0.4 for the site", || {
                 let n = s();
@@ -564,9 +565,10 @@ fn a_site_that_refuses_one_address_cools_it_for_that_site_alone() {
                 crate::sites::cooling_ms(&alloc.socket, "127.0.0.1", four),
                 None
             );
-            // Failing again, 10 s on, with no answer between: cooling.
+            // Failing again, 10 s on, with no answer between: cooling (from
+            // the worker's next report, which may come within the round).
             tokio::time::sleep(Duration::from_millis(10_500)).await;
-            assert_eq!(round(8).await, 2);
+            assert!((1..=3).contains(&round(9).await));
             let socket = alloc.socket.clone();
             eventually("127.0.0.4 cooling for the site", || {
                 let c = crate::sites::cooling_ms(&socket, "127.0.0.1", four);
@@ -629,9 +631,9 @@ fn a_site_that_takes_the_address_again_clears_the_suspicion() {
                     failed
                 }
             };
-            // Two failures from 127.0.0.4 in a second: the first is not
-            // confirmed (the site not watched yet), the second is.
-            assert_eq!(tunnels(8).await, 2);
+            // Failures from 127.0.0.4: the first is not confirmed (the site
+            // not watched yet), the second is (an answer follows it, in 9).
+            assert!((2..=3).contains(&tunnels(9).await));
             let socket = alloc.socket.clone();
             eventually("a suspicion of 127.0.0.4 for the site", || {
                 let s = crate::sites::strikes(&socket, "127.0.0.1", four);

@@ -298,8 +298,9 @@ impl Meter {
             };
             // Each second, whatever became of the last report: the
             // allocator takes reports of one event, seconds apart, as one.
+            let refused = self.take_refused();
             if cool_refused {
-                for (ip, site) in self.take_refused() {
+                for (ip, site) in refused {
                     leases.site_unreached(ip, site.to_string());
                 }
             }

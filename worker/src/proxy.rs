@@ -587,18 +587,8 @@ impl Proxy {
             return Err(ProxyError::Stopping.into());
         }
         let (addrs, (lease, watch)) = self.resolve_and_lease(host, port, sticky).await?;
-        let asked = lease.ip;
-        let opened = self
-            .connect_leased(lease, &addrs, (host, authority), sticky)
-            .await?;
-        // A tunnel's answer is its connect (what passes in it is not
-        // read): on a pair the allocator watches, it clears the failed
-        // connects (a suspicion; its push-backs stand).
-        if watch && opened.1.ip == asked && self.config.cooldown_connect_failures {
-            self.leases
-                .site_connected(asked, rotor_protocol::site_of(host));
-        }
-        Ok(opened)
+        self.connect_leased(lease, &addrs, (host, authority), (sticky, watch))
+            .await
     }
 
     /// Relays a tunnel in the background (tracked for the drain, closed
@@ -850,12 +840,18 @@ impl Proxy {
     /// inline would be room in the state of every request that may dial —
     /// all of them, though most reuse a pooled connection — moved at each
     /// await; boxed, it costs an allocation beside a TCP handshake.
+    ///
+    /// `watch` (the lease asked for its answer, see `Answer::Address`): a
+    /// connect made from it is told to the allocator, and clears the
+    /// pair's failed connects (a suspicion of the site's refusal). Only a
+    /// new connect does: an answer on a kept-alive connection, opened
+    /// before, says nothing of a ban on new ones.
     fn connect_leased<'a>(
         &'a self,
         lease: Lease,
         addrs: &'a [SocketAddr],
         named: (&'a str, &'a str),
-        sticky: Option<&'a Sticky>,
+        sticky: (Option<&'a Sticky>, bool),
     ) -> crate::Boxed<'a, Result<(TcpStream, Lease), Failed>> {
         Box::pin(self.connect_leased_unboxed(lease, addrs, named, sticky))
     }
@@ -865,7 +861,7 @@ impl Proxy {
         lease: Lease,
         addrs: &[SocketAddr],
         named @ (host, _): (&str, &str),
-        sticky: Option<&Sticky>,
+        (sticky, watch): (Option<&Sticky>, bool),
     ) -> Result<(TcpStream, Lease), Failed> {
         let first = self.connect_counted(lease.ip, addrs, named).await;
         match first {
@@ -880,7 +876,14 @@ impl Proxy {
                 }
                 Ok((stream.map_err(|e| e.from_source(next.ip))?, next))
             }
-            r => r.map(|s| (s, lease)).map_err(|e| e.from_source(lease.ip)),
+            Ok(s) => {
+                if watch && self.config.cooldown_connect_failures {
+                    self.leases
+                        .site_connected(lease.ip, rotor_protocol::site_of(host));
+                }
+                Ok((s, lease))
+            }
+            Err(e) => Err(e.from_source(lease.ip)),
         }
     }
 
@@ -937,7 +940,7 @@ impl Proxy {
         lease: Lease,
         addrs: &[SocketAddr],
         named: (&str, &str),
-        sticky: Option<&Sticky>,
+        sticky: (Option<&Sticky>, bool),
     ) -> Result<(Conn, Lease), Failed> {
         let (stream, lease) = self.connect_leased(lease, addrs, named, sticky).await?;
         Ok((Conn::new(stream), lease))
@@ -1027,6 +1030,7 @@ impl Proxy {
         let host = target.host.to_ascii_lowercase();
         let port = target.port;
         let (addrs, (mut lease, watch)) = self.resolve_and_lease(&host, port, sticky).await?;
+        let asked = lease.ip;
         let mut key = Key {
             source: lease.ip,
             host,
@@ -1062,7 +1066,7 @@ impl Proxy {
         let (mut conn, reused) = match pooled {
             Some(c) => (c, true),
             None => {
-                let (c, dialed) = self.dial(lease, &addrs, named, sticky).await?;
+                let (c, dialed) = self.dial(lease, &addrs, named, (sticky, watch)).await?;
                 // Another address, if the leased one could not be used.
                 lease = dialed;
                 key.source = lease.ip;
@@ -1099,7 +1103,7 @@ impl Proxy {
             Ok(r) => r,
             Err((e, written)) if reused && may_resend(&parts.method, &fields, &e, written) => {
                 debug!(%dest, source = %lease.ip, error = %e, "reused upstream connection was closed; retrying on a new one");
-                (conn, lease) = self.dial(lease, &addrs, named, sticky).await?;
+                (conn, lease) = self.dial(lease, &addrs, named, (sticky, watch)).await?;
                 key.source = lease.ip;
                 self.exchange(conn, &parts, &fields, None::<B>, dest)
                     .await
@@ -1121,7 +1125,15 @@ impl Proxy {
             }
         };
         let mut resp_fields = Fields::Wire(resp.fields);
-        self.observe(host, &lease, watch, resp.status, &resp_fields);
+        // (Not for another address than the one leased: its pair's
+        // repeats are not the leased one's.)
+        self.observe(
+            host,
+            &lease,
+            watch && lease.ip == asked,
+            resp.status,
+            &resp_fields,
+        );
         resp_fields.strip_hop_by_hop(Message::Response);
         let body = PooledBody::new(body, self.upstream.clone(), key, &self.meter);
         self.expose_source(&mut resp_fields, &lease);
