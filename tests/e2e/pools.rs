@@ -18,6 +18,16 @@ fn v6(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
+/// Runs `ip CMD` (in the test's network namespace), which must succeed.
+fn ip(cmd: &str) {
+    let ok = std::process::Command::new("ip")
+        .args(cmd.split_whitespace())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "ip {cmd}");
+}
+
 fn cycle(pool: &[IpAddr], n: usize) -> Vec<IpAddr> {
     pool.iter().copied().cycle().take(n).collect()
 }
@@ -422,12 +432,7 @@ fn an_address_whose_connects_fail_is_taken_out_and_tried_again() {
             let why = out("127.0.0.4 out again").await;
             assert!(why.contains("after 6s"), "{why}");
             // Mended: back after its time, and serving.
-            let ok = std::process::Command::new("ip")
-                .args(RULE.replace("add", "del").split_whitespace())
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "ip {RULE}");
+            ip(&RULE.replace("add", "del"));
             back().await;
             let before = counts();
             assert_eq!(fails(8).await, 0);
@@ -644,12 +649,7 @@ fn a_site_that_takes_the_address_again_clears_the_suspicion() {
                 crate::sites::cooling_ms(&alloc.socket, "127.0.0.1", four),
                 None
             );
-            let ok = std::process::Command::new("ip")
-                .args(RULE.replace("add", "del").split_whitespace())
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "ip {RULE}");
+            ip(&RULE.replace("add", "del"));
             assert_eq!(tunnels(8).await, 0);
             eventually("the suspicion cleared", || {
                 let s = crate::sites::strikes(&socket, "127.0.0.1", four);
@@ -711,14 +711,6 @@ fn an_address_that_goes_away_is_reported_and_the_request_retried() {
             let alloc = Allocator::start(&["--pool", "fd00:1::2,fd00:1::3"]).await;
             let args = ["--allow-destination", "fd00:9::1"];
             let w = Worker::start(&alloc.socket, &args).await;
-            let ip = |cmd: &str| {
-                let ok = std::process::Command::new("ip")
-                    .args(cmd.split_whitespace())
-                    .status()
-                    .unwrap()
-                    .success();
-                assert!(ok, "ip {cmd}");
-            };
             ip("-6 addr del fd00:1::3/128 dev lo");
             for i in 0..4 {
                 let r = get(w.addr, &origin.url("/")).await;

@@ -40,24 +40,24 @@ fn site_status(socket: &std::path::Path, site: &str) -> Option<serde_json::Value
         .cloned()
 }
 
-/// Cooling milliseconds of `addr` for `site`, if it cools.
-pub(crate) fn cooling_ms(socket: &std::path::Path, site: &str, addr: IpAddr) -> Option<u64> {
+/// The number `field` of `addr`'s entry for `site` in `rotor status`.
+fn pair_field(socket: &std::path::Path, site: &str, addr: IpAddr, field: &str) -> Option<u64> {
     site_status(socket, site)?["addresses"]
         .as_array()?
         .iter()
-        .find(|a| a["ip"] == addr.to_string())?["cooling_ms"]
+        .find(|a| a["ip"] == addr.to_string())?[field]
         .as_u64()
 }
 
+/// Cooling milliseconds of `addr` for `site`, if it cools.
+pub(crate) fn cooling_ms(socket: &std::path::Path, site: &str, addr: IpAddr) -> Option<u64> {
+    pair_field(socket, site, addr, "cooling_ms")
+}
+
 /// Repeats (push-backs, or connects that failed) of `addr` for `site`
-/// since its last normal answer; `None` if the site holds none for it.
+/// since they were last cleared; `None` if the site holds none for it.
 pub(crate) fn strikes(socket: &std::path::Path, site: &str, addr: IpAddr) -> Option<u64> {
-    site_status(socket, site)?["addresses"]
-        .as_array()?
-        .iter()
-        .find(|a| a["ip"] == addr.to_string())?["pushbacks"]
-        .as_u64()
-        .filter(|n| *n > 0)
+    pair_field(socket, site, addr, "pushbacks").filter(|n| *n > 0)
 }
 
 async fn wait_cooling(socket: &std::path::Path, site: &str, addr: IpAddr) -> u64 {
