@@ -539,6 +539,21 @@ impl Pair {
         (self.strikes > 0 && !self.strikes_old(now)) || !self.unreached_old(now)
     }
 
+    /// Its push-backs and failed connects, not forgotten.
+    fn counted_repeats(&self, now: Ms) -> u32 {
+        let strikes = if self.strikes_old(now) {
+            0
+        } else {
+            self.strikes
+        };
+        let unreached = if self.unreached_old(now) {
+            0
+        } else {
+            self.unreached
+        };
+        strikes.saturating_add(unreached)
+    }
+
     /// Whether its push-backs are forgotten: none, or the last long ago.
     fn strikes_old(&self, now: Ms) -> bool {
         self.last_strike == 0
@@ -771,7 +786,8 @@ impl Sites {
 
     /// Counts a request of `ip` (a key: see [`Rules::key`]) to the site
     /// against its budget: whether the pair has repeats to clear (the
-    /// worker then reports a normal answer). `None`: it cannot be counted
+    /// worker then reports a normal answer, and a new connect: see
+    /// [`Answer::Address`]). `None`: it cannot be counted
     /// (below), and must not be served.
     fn start(&mut self, site: &str, ip: IpAddr, now: Instant) -> Option<bool> {
         let Some(s) = self.sites.get(site) else {
@@ -1157,7 +1173,7 @@ impl Sites {
         p.unreached = repeats.saturating_add(1);
         p.last_unreached = t;
         if repeats == 0 {
-            tracing::debug!(%site, source = %ip, "a connect to the site failed from this address while it answered others: cooled if it fails so again before an answer");
+            tracing::debug!(%site, source = %ip, "a connect to the site failed from this address while it answered others: cooled if it fails so again before a connect from it is made");
             return false;
         }
         let wait = backoff(p.unreached);
@@ -1364,8 +1380,8 @@ impl Sites {
                 }),
                 cooling_ms: (p.cool_until > t).then(|| p.cool_until - t),
                 // (Push-backs and failed connects: one count in the
-                // report's shape.)
-                strikes: p.strikes.saturating_add(p.unreached),
+                // report's shape; those forgotten, none.)
+                strikes: p.counted_repeats(t),
             });
         }
         SitesReport {
@@ -2343,7 +2359,7 @@ mod tests {
         s.connected("a.com", ip(2), secs(11));
         assert!(!s.unreached("a.com", ip(2), secs(12)));
         assert_eq!(take(&mut s, "a.com", &active, 3, secs(12)), [1, 2, 3]);
-        // A later one with no answer between: cooling, for this site alone.
+        // A later one with no connect between: cooling, for this site alone.
         assert!(s.unreached("a.com", ip(2), secs(22)));
         let (until, strikes) = s.pair("a.com", ip(2)).unwrap();
         assert_eq!(strikes, 2);

@@ -1720,7 +1720,7 @@ impl Allocator {
         started
     }
 
-    /// A tunnel from `ip` to `site` was connected: the pair's failed
+    /// A new connect from `ip` to `site` was made: the pair's failed
     /// connects start over.
     pub fn site_connected(&self, ip: IpAddr, site: &str) {
         let mut inner = self.lock();

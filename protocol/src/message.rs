@@ -625,7 +625,9 @@ pub enum Response {
     },
     /// The answer to `LeaseSite` when the site has state: the lease, and
     /// whether the allocator wants to hear how the site answered it
-    /// (`SiteOk`: the pair has a backoff to clear).
+    /// (`SiteOk`: the pair has a backoff to clear; since minor 14, also
+    /// `SiteConnected` for a new connect: it has failed connects to
+    /// clear).
     SiteLeased {
         lease: Lease,
         watch: bool,

@@ -134,7 +134,7 @@ settings! {
         /// Cool an address for a site whose connects from it fail while
         /// the site answers the pool's other addresses (a site that drops
         /// or refuses that address): from a second such failure, 10 s or
-        /// more after the first with no answer between, for 60 s,
+        /// more after the first with no connect made there between, for 60 s,
         /// doubling with each repeat up to 10 min.
         cooldown_connect_failures: Option<bool> = "true",
         /// Write a line per request and tunnel (time, client, user,

@@ -646,8 +646,9 @@ impl LeaseClient {
         self.tell(Request::SiteUnreached { ip, site });
     }
 
-    /// Tells the allocator that a tunnel from `ip` to `site` was connected
-    /// (the pair's failed connects start over). Not waited for.
+    /// Tells the allocator that a new connect from `ip` to `site` was made,
+    /// on a lease that asked (the pair's failed connects start over). Not
+    /// waited for; an allocator older than minor 14 is not told.
     pub fn site_connected(&self, ip: IpAddr, site: String) {
         self.tell(Request::SiteConnected { ip, site });
     }

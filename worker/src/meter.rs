@@ -146,8 +146,12 @@ impl Meter {
         });
     }
 
-    pub fn connected(&self, took: Duration) {
-        self.with(|a| a.connect_seconds.observe(took.as_secs_f64()));
+    /// A connect from `ip` to `host` was made, after `took`.
+    pub fn connected(&self, ip: IpAddr, host: &str, took: Duration) {
+        self.with(|a| {
+            a.connect_seconds.observe(took.as_secs_f64());
+            a.witness.connected(ip, host);
+        });
     }
 
     /// A connect from `ip` to `host` (of the request's `authority`),

@@ -586,9 +586,11 @@ impl Proxy {
         if kept_alive && self.tunnels.is_closed() {
             return Err(ProxyError::Stopping.into());
         }
-        let (addrs, (lease, watch)) = self.resolve_and_lease(host, port, sticky).await?;
-        self.connect_leased(lease, &addrs, (host, authority), (sticky, watch))
-            .await
+        let (addrs, granted) = self.resolve_and_lease(host, port, sticky).await?;
+        let (stream, (lease, _)) = self
+            .connect_leased(granted, &addrs, (host, authority), sticky)
+            .await?;
+        Ok((stream, lease))
     }
 
     /// Relays a tunnel in the background (tracked for the drain, closed
@@ -841,50 +843,49 @@ impl Proxy {
     /// all of them, though most reuse a pooled connection — moved at each
     /// await; boxed, it costs an allocation beside a TCP handshake.
     ///
-    /// `watch` (the lease asked for its answer, see `Answer::Address`): a
-    /// connect made from it is told to the allocator, and clears the
-    /// pair's failed connects (a suspicion of the site's refusal). Only a
-    /// new connect does: an answer on a kept-alive connection, opened
-    /// before, says nothing of a ban on new ones.
+    /// Its lease's `watch` (the lease asked for its answer, see
+    /// `Answer::Address`): a connect made from it is told to the
+    /// allocator, and clears the pair's failed connects (a suspicion of
+    /// the site's refusal). Only a new connect does: an answer on a
+    /// kept-alive connection, opened before, says nothing of a ban on new
+    /// ones. The lease used comes back with its own.
     fn connect_leased<'a>(
         &'a self,
-        lease: Lease,
+        granted: Granted,
         addrs: &'a [SocketAddr],
         named: (&'a str, &'a str),
-        sticky: (Option<&'a Sticky>, bool),
-    ) -> crate::Boxed<'a, Result<(TcpStream, Lease), Failed>> {
-        Box::pin(self.connect_leased_unboxed(lease, addrs, named, sticky))
+        sticky: Option<&'a Sticky>,
+    ) -> crate::Boxed<'a, Result<(TcpStream, Granted), Failed>> {
+        Box::pin(self.connect_leased_unboxed(granted, addrs, named, sticky))
     }
 
     async fn connect_leased_unboxed(
         &self,
-        lease: Lease,
+        (lease, watch): Granted,
         addrs: &[SocketAddr],
         named @ (host, _): (&str, &str),
-        (sticky, watch): (Option<&Sticky>, bool),
-    ) -> Result<(TcpStream, Lease), Failed> {
+        sticky: Option<&Sticky>,
+    ) -> Result<(TcpStream, Granted), Failed> {
         let first = self.connect_counted(lease.ip, addrs, named).await;
-        match first {
+        let (stream, granted) = match first {
             Err(ProxyError::SourceUnavailable { ip, source }) => {
                 let reason = source.to_string();
                 warn!(source = %ip, error = %reason, "this host cannot use a pool address; reported, trying the next");
                 self.leases.report_unusable(ip, reason).await;
-                let (next, _) = self.lease_for(addrs, host, sticky).await?;
-                let stream = self.connect_counted(next.ip, addrs, named).await;
+                let next = self.lease_for(addrs, host, sticky).await?;
+                let stream = self.connect_counted(next.0.ip, addrs, named).await;
                 if let Err(ProxyError::SourceUnavailable { ip, source }) = &stream {
                     self.leases.report_unusable(*ip, source.to_string()).await;
                 }
-                Ok((stream.map_err(|e| e.from_source(next.ip))?, next))
+                (stream.map_err(|e| e.from_source(next.0.ip))?, next)
             }
-            Ok(s) => {
-                if watch && self.config.cooldown_connect_failures {
-                    self.leases
-                        .site_connected(lease.ip, rotor_protocol::site_of(host));
-                }
-                Ok((s, lease))
-            }
-            Err(e) => Err(e.from_source(lease.ip)),
+            r => (r.map_err(|e| e.from_source(lease.ip))?, (lease, watch)),
+        };
+        if granted.1 && self.config.cooldown_connect_failures {
+            self.leases
+                .site_connected(granted.0.ip, rotor_protocol::site_of(host));
         }
+        Ok((stream, granted))
     }
 
     /// One connect from `ip` to `addrs` (of `named`: the host, and the
@@ -922,7 +923,7 @@ impl Proxy {
         started: Instant,
     ) {
         match r {
-            Ok(_) => self.meter.connected(started.elapsed()),
+            Ok(_) => self.meter.connected(ip, named.0, started.elapsed()),
             Err(
                 ProxyError::SourceUnavailable { .. }
                 | ProxyError::Socket(_)
@@ -937,13 +938,13 @@ impl Proxy {
     /// host not be able to use it, from the next: see `connect_leased`).
     async fn dial(
         &self,
-        lease: Lease,
+        granted: Granted,
         addrs: &[SocketAddr],
         named: (&str, &str),
-        sticky: (Option<&Sticky>, bool),
-    ) -> Result<(Conn, Lease), Failed> {
-        let (stream, lease) = self.connect_leased(lease, addrs, named, sticky).await?;
-        Ok((Conn::new(stream), lease))
+        sticky: Option<&Sticky>,
+    ) -> Result<(Conn, Granted), Failed> {
+        let (stream, granted) = self.connect_leased(granted, addrs, named, sticky).await?;
+        Ok((Conn::new(stream), granted))
     }
 
     /// Sends the request on `conn` and waits up to the response timeout for
@@ -1029,8 +1030,7 @@ impl Proxy {
         // the site and the pool's key.
         let host = target.host.to_ascii_lowercase();
         let port = target.port;
-        let (addrs, (mut lease, watch)) = self.resolve_and_lease(&host, port, sticky).await?;
-        let asked = lease.ip;
+        let (addrs, (mut lease, mut watch)) = self.resolve_and_lease(&host, port, sticky).await?;
         let mut key = Key {
             source: lease.ip,
             host,
@@ -1066,9 +1066,9 @@ impl Proxy {
         let (mut conn, reused) = match pooled {
             Some(c) => (c, true),
             None => {
-                let (c, dialed) = self.dial(lease, &addrs, named, (sticky, watch)).await?;
+                let (c, dialed) = self.dial((lease, watch), &addrs, named, sticky).await?;
                 // Another address, if the leased one could not be used.
-                lease = dialed;
+                (lease, watch) = dialed;
                 key.source = lease.ip;
                 (c, false)
             }
@@ -1103,7 +1103,7 @@ impl Proxy {
             Ok(r) => r,
             Err((e, written)) if reused && may_resend(&parts.method, &fields, &e, written) => {
                 debug!(%dest, source = %lease.ip, error = %e, "reused upstream connection was closed; retrying on a new one");
-                (conn, lease) = self.dial(lease, &addrs, named, (sticky, watch)).await?;
+                (conn, (lease, watch)) = self.dial((lease, watch), &addrs, named, sticky).await?;
                 key.source = lease.ip;
                 self.exchange(conn, &parts, &fields, None::<B>, dest)
                     .await
@@ -1125,15 +1125,7 @@ impl Proxy {
             }
         };
         let mut resp_fields = Fields::Wire(resp.fields);
-        // (Not for another address than the one leased: its pair's
-        // repeats are not the leased one's.)
-        self.observe(
-            host,
-            &lease,
-            watch && lease.ip == asked,
-            resp.status,
-            &resp_fields,
-        );
+        self.observe(host, &lease, watch, resp.status, &resp_fields);
         resp_fields.strip_hop_by_hop(Message::Response);
         let body = PooledBody::new(body, self.upstream.clone(), key, &self.meter);
         self.expose_source(&mut resp_fields, &lease);
