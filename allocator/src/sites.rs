@@ -56,6 +56,14 @@ const UNREACHED_SAME: Duration = Duration::from_secs(10);
 /// A suspicion is forgotten this long after it: an address that meets a
 /// site seldom is not cooled at a failure for one raised long before.
 const SUSPICION_KEPT: Duration = Duration::from_secs(600);
+/// Within this long, failed connects begin cooling for one site at most a
+/// quarter of a family's sources (one at least; a source's later
+/// cooldowns are not counted, nor held back): a site that
+/// refuses new connects from every address at once, overloaded (its SYN
+/// backlog full) while its open connections answer, is in trouble of its
+/// own, not refusing those addresses, and cooling all of them would have
+/// rotor refuse its requests for minutes after it recovers.
+const CONNECT_COOLS_WINDOW: Duration = Duration::from_secs(600);
 /// How far before its creation a table's clock starts: pairs kept over a
 /// restart carry times up to a window (at most 7 days and a second) or
 /// the repeats' 30 min back, and times are kept as milliseconds since
@@ -159,6 +167,20 @@ impl Rules {
             IpAddr::V4(_) => ip,
             IpAddr::V6(_) => Segment::prefix(ip, self.v6_prefix).map_or(ip, |p| p.base()),
         }
+    }
+
+    /// How many sources (keys) `active`'s entries of `family` hold.
+    pub fn keys(&self, active: &[Segment], family: Family) -> u64 {
+        active
+            .iter()
+            .filter(|e| e.family() == family)
+            .map(|e| match self.one_key(e) {
+                true => 1,
+                // An IPv6 prefix wider than a key: 2^(its bits above one).
+                false if family == Family::V6 => 1u64 << (self.v6_prefix - e.prefix_len()).min(63),
+                false => u64::try_from(e.len()).unwrap_or(u64::MAX),
+            })
+            .fold(0u64, u64::saturating_add)
     }
 
     /// Whether `e` lies inside one key: every address it holds counts as
@@ -395,6 +417,9 @@ struct Site {
     cool_until: Ms,
     /// Its last refusal: until it ends, a lease is refused without a walk.
     refused: Refused,
+    /// Sources failed connects began to cool for it, by family: when the
+    /// window (see [`CONNECT_COOLS_WINDOW`]) began, and how many.
+    connect_cools: [(Ms, u32); 2],
 }
 
 /// A site's refusal of every address of some families (of a pool's
@@ -618,6 +643,9 @@ pub struct Sites {
     cool_lines: (Ms, u32),
     /// Cooldowns begun since the start: by push-backs, by failed connects.
     begun: [u64; 2],
+    /// The sources of each family in the pool of a generation (counted
+    /// once a generation, not at each failed connect's report).
+    keys: Option<(u64, [u64; 2])>,
     /// Times `make_room` looked for sites to forget (tests).
     #[cfg(test)]
     room_looks: usize,
@@ -650,6 +678,7 @@ impl Sites {
             room_expired: None,
             cool_lines: (0, 0),
             begun: [0; 2],
+            keys: None,
             #[cfg(test)]
             room_looks: 0,
             #[cfg(test)]
@@ -720,6 +749,7 @@ impl Sites {
                 last_used,
                 cool_until: 0,
                 refused: Refused::default(),
+                connect_cools: [(0, 0); 2],
             },
         );
         true
@@ -1142,7 +1172,18 @@ impl Sites {
     /// do (their repeats are counted apart: a connect says nothing of
     /// rate limits, nor an answer on a connection opened before of a ban
     /// on new ones). Whether it started cooling now.
-    pub fn unreached(&mut self, site: &str, ip: IpAddr, now: Instant) -> bool {
+    ///
+    /// `active` (of pool generation `generation`): the rotation's entries,
+    /// whose sources of `ip`'s family a quarter of may cool so for one
+    /// site (see [`CONNECT_COOLS_WINDOW`]; past it, a failure is a
+    /// suspicion still).
+    pub fn unreached(
+        &mut self,
+        site: &str,
+        ip: IpAddr,
+        (active, generation): (&[Segment], u64),
+        now: Instant,
+    ) -> bool {
         // A worker tells IPv6 sources apart by /64: counted by a wider
         // prefix, the key that failed may be the one that answered.
         if ip.is_ipv6() && self.rules.v6_prefix < 64 {
@@ -1167,6 +1208,28 @@ impl Sites {
                 repeats = p.unreached;
             }
         }
+        let family = Family::of(&ip).index();
+        let room = match self.keys {
+            Some((g, keys)) if g == generation => keys[family],
+            _ => {
+                let keys = Family::ALL.map(|f| self.rules.keys(active, f));
+                self.keys = Some((generation, keys));
+                keys[family]
+            }
+        } / 4;
+        let room = room.max(1);
+        let window = CONNECT_COOLS_WINDOW.as_millis() as u64;
+        // (A source's first cooldown: its later ones are a ban's.)
+        let first = repeats == 1;
+        let full = first
+            && self.sites.get(site).is_some_and(|s| {
+                let (since, n) = s.connect_cools[family];
+                t.saturating_sub(since) < window && u64::from(n) >= room
+            });
+        if full {
+            tracing::debug!(%site, source = %ip, room, "a connect to the site failed again from this address, but a quarter of the pool already cools for it so: the site's own trouble, not cooled");
+            return false;
+        }
         let Some(p) = self.pair_mut(site, key, now) else {
             return false;
         };
@@ -1180,6 +1243,13 @@ impl Sites {
         p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
         self.site_cools(site, key);
         self.begun[1] += 1;
+        if let Some(s) = self.sites.get_mut(site).filter(|_| first) {
+            let (since, n) = &mut s.connect_cools[family];
+            if t.saturating_sub(*since) >= window {
+                (*since, *n) = (t, 0);
+            }
+            *n += 1;
+        }
         let cooling = self.rules.shown(key);
         let secs = wait.as_secs();
         match cool_line(&mut self.cool_lines, t) {
@@ -2335,7 +2405,7 @@ mod tests {
         let t0 = Instant::now();
         let secs = |n: u64| t0 + Duration::from_secs(n);
         let mut s = Sites::with_epoch(Rules::default(), 1000, t0);
-        assert!(!s.unreached("a.com", ip(2), t0));
+        assert!(!s.unreached("a.com", ip(2), (&active, 0), t0));
         assert_eq!(s.pair("a.com", ip(2)).unwrap().1, 1);
         // Still served, watched; other addresses are not.
         let mut watched = Vec::new();
@@ -2351,16 +2421,16 @@ mod tests {
         assert_eq!(watched, [(ip(2), true), (ip(3), false)]);
         // Every worker's report of one moment's refusal: one event.
         for n in 1..=9 {
-            assert!(!s.unreached("a.com", ip(2), secs(n)), "{n}");
+            assert!(!s.unreached("a.com", ip(2), (&active, 0), secs(n)), "{n}");
         }
         assert_eq!(s.pair("a.com", ip(2)).unwrap().1, 1);
         // Connected since (a site that was restarting): the next failure
         // is a suspicion again, not a cooldown.
         s.connected("a.com", ip(2), secs(11));
-        assert!(!s.unreached("a.com", ip(2), secs(12)));
+        assert!(!s.unreached("a.com", ip(2), (&active, 0), secs(12)));
         assert_eq!(take(&mut s, "a.com", &active, 3, secs(12)), [1, 2, 3]);
         // A later one with no connect between: cooling, for this site alone.
-        assert!(s.unreached("a.com", ip(2), secs(22)));
+        assert!(s.unreached("a.com", ip(2), (&active, 0), secs(22)));
         let (until, strikes) = s.pair("a.com", ip(2)).unwrap();
         assert_eq!(strikes, 2);
         let wait = until - secs(22);
@@ -2374,11 +2444,11 @@ mod tests {
             Answer::Shared
         );
         // A failure of a connect begun before the cooldown changes nothing.
-        assert!(!s.unreached("a.com", ip(2), secs(23)));
+        assert!(!s.unreached("a.com", ip(2), (&active, 0), secs(23)));
         assert_eq!(s.pair("a.com", ip(2)).unwrap(), (until, 2));
         // After it, failing again: twice as long.
         let after = until + Duration::from_secs(1);
-        assert!(s.unreached("a.com", ip(2), after));
+        assert!(s.unreached("a.com", ip(2), (&active, 0), after));
         let (until, strikes) = s.pair("a.com", ip(2)).unwrap();
         assert_eq!(strikes, 3);
         assert!(until - after >= BACKOFF_BASE.mul_f64(4.0 * 0.79));
@@ -2395,34 +2465,91 @@ mod tests {
         // a ban on new ones).
         let mut s = Sites::with_epoch(Rules::default(), 1000, t0);
         s.pushback("c.com", ip(1), 429, Some(Duration::from_secs(1)), t0);
-        assert!(!s.unreached("c.com", ip(1), secs(5)));
+        assert!(!s.unreached("c.com", ip(1), (&active, 0), secs(5)));
         assert_eq!(s.pair("c.com", ip(1)).unwrap().1, 2);
         s.connected("c.com", ip(1), secs(6));
         assert_eq!(s.pair("c.com", ip(1)).unwrap().1, 1);
-        assert!(!s.unreached("c.com", ip(1), secs(7)), "a suspicion again");
+        assert!(
+            !s.unreached("c.com", ip(1), (&active, 0), secs(7)),
+            "a suspicion again"
+        );
         s.answered("c.com", ip(1), secs(8));
         assert_eq!(s.pair("c.com", ip(1)).unwrap().1, 1, "the suspicion stands");
-        assert!(s.unreached("c.com", ip(1), secs(17)));
+        assert!(s.unreached("c.com", ip(1), (&active, 0), secs(17)));
         // A busy banned pair, told every second (each worker's report):
         // cooling from the first report 10 s after the suspicion.
         let mut s = Sites::with_epoch(Rules::default(), 1000, t0);
         let cooled: Vec<u64> = (0..16)
-            .filter(|n| s.unreached("f.com", ip(1), secs(*n)))
+            .filter(|n| s.unreached("f.com", ip(1), (&active, 0), secs(*n)))
             .collect();
         assert_eq!(cooled, [10]);
         // A suspicion is forgotten after 10 min: a failure then is one
         // again, not a cooldown.
-        assert!(!s.unreached("d.com", ip(1), t0));
-        assert!(!s.unreached("d.com", ip(1), t0 + SUSPICION_KEPT));
+        assert!(!s.unreached("d.com", ip(1), (&active, 0), t0));
+        assert!(!s.unreached("d.com", ip(1), (&active, 0), t0 + SUSPICION_KEPT));
         assert_eq!(s.pair("d.com", ip(1)).unwrap().1, 1);
         s.expire(t0 + SUSPICION_KEPT * 2 + Duration::from_secs(1));
         assert!(s.pair("d.com", ip(1)).is_none());
         // IPv6 sources counted by a prefix wider than a /64 (the workers'
         // unit): not heard.
         let mut s = Sites::with_epoch(Rules::default().with_v6_prefix(56).unwrap(), 1000, t0);
-        assert!(!s.unreached("e.com", "fd00::1".parse().unwrap(), t0));
-        assert!(!s.unreached("e.com", "fd00::1".parse().unwrap(), secs(20)));
+        assert!(!s.unreached("e.com", "fd00::1".parse().unwrap(), (&active, 0), t0));
+        assert!(!s.unreached("e.com", "fd00::1".parse().unwrap(), (&active, 0), secs(20)));
         assert_eq!(s.entries(), 0);
+    }
+
+    /// A site refusing new connects from every address at once (its SYN
+    /// backlog full) begins cooling a quarter of the family's sources for
+    /// itself at most in 10 min; the rest stay suspicions. A source's
+    /// later cooldowns are neither counted nor held back.
+    #[test]
+    fn failed_connects_cool_a_quarter_of_the_pool_for_a_site_at_most() {
+        let active = pool(8);
+        let t0 = Instant::now();
+        let secs = |n: u64| t0 + Duration::from_secs(n);
+        let mut s = Sites::with_epoch(Rules::default(), 1000, t0);
+        for i in 1..=8 {
+            assert!(!s.unreached("g.com", ip(i), (&active, 0), t0));
+        }
+        let cooled: Vec<u8> = (1..=8)
+            .filter(|i| s.unreached("g.com", ip(*i), (&active, 0), secs(20)))
+            .collect();
+        assert_eq!(cooled, [1, 2]);
+        // A cooled one's next cooldown is not held back.
+        let until = s.pair("g.com", ip(1)).unwrap().0;
+        let after = until + Duration::from_secs(1);
+        assert!(s.unreached("g.com", ip(1), (&active, 0), after));
+        // The window over, two more may begin.
+        let later = t0 + CONNECT_COOLS_WINDOW + Duration::from_secs(30);
+        let cooled: Vec<u8> = (3..=8)
+            .filter(|i| s.unreached("g.com", ip(*i), (&active, 0), later))
+            .collect();
+        assert_eq!(
+            cooled.len(),
+            0,
+            "their suspicions were forgotten: {cooled:?}"
+        );
+        // (Suspicions are kept 10 min: raised again, then cooled.)
+        let again = later + Duration::from_secs(20);
+        let cooled: Vec<u8> = (3..=8)
+            .filter(|i| s.unreached("g.com", ip(*i), (&active, 0), again))
+            .collect();
+        assert_eq!(cooled, [3, 4]);
+        // A pool of three: one at least.
+        let small = pool(3);
+        let mut s = Sites::with_epoch(Rules::default(), 1000, t0);
+        for i in 1..=3 {
+            s.unreached("k.com", ip(i), (&small, 0), t0);
+        }
+        let cooled: Vec<u8> = (1..=3)
+            .filter(|i| s.unreached("k.com", ip(*i), (&small, 0), secs(20)))
+            .collect();
+        assert_eq!(cooled, [1]);
+        // Sources are keys: a /48 of IPv6 is 65 536 /64s.
+        let v6 = [Segment::prefix("2001:db8::".parse().unwrap(), 48).unwrap()];
+        assert_eq!(Rules::default().keys(&v6, Family::V6), 65_536);
+        assert_eq!(Rules::default().keys(&v6, Family::V4), 0);
+        assert_eq!(Rules::default().keys(&active, Family::V4), 8);
     }
 
     /// A push-back 30 min old is forgotten though its pair is kept by

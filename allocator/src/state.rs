@@ -1713,7 +1713,9 @@ impl Allocator {
             return false;
         }
         inner.changes += 1;
-        let started = inner.sites.unreached(site, ip, Instant::now());
+        let Inner { sites, pool, .. } = &mut *inner;
+        let active = (pool.active(), pool.generation());
+        let started = sites.unreached(site, ip, active, Instant::now());
         // (A suspicion too: its leases must come by the site's path, which
         // asks for the answer that clears it.)
         inner.pool.table().flag_site(site);
