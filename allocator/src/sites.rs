@@ -56,9 +56,10 @@ const UNREACHED_SAME: Duration = Duration::from_secs(10);
 /// A suspicion is forgotten this long after it: an address that meets a
 /// site seldom is not cooled at a failure for one raised long before.
 const SUSPICION_KEPT: Duration = Duration::from_secs(600);
-/// Within this long, failed connects begin cooling for one site at most a
-/// quarter of a family's sources (one at least; a source's later
-/// cooldowns are not counted, nor held back): a site that
+/// In each window this long (from the first cooldown it counts), failed
+/// connects begin cooling for one site at most a quarter of a family's
+/// sources in the rotation (one at least; a source's later cooldowns are
+/// not counted, nor held back): a site that
 /// refuses new connects from every address at once, overloaded (its SYN
 /// backlog full) while its open connections answer, is in trouble of its
 /// own, not refusing those addresses, and cooling all of them would have
@@ -170,17 +171,27 @@ impl Rules {
     }
 
     /// How many sources (keys) `active`'s entries of `family` hold.
+    /// (Entries inside one key, IPv6 addresses of one /64 listed apart,
+    /// count once.)
     pub fn keys(&self, active: &[Segment], family: Family) -> u64 {
-        active
+        let mut one: HashSet<IpAddr> = HashSet::new();
+        let wide = active
             .iter()
             .filter(|e| e.family() == family)
-            .map(|e| match self.one_key(e) {
-                true => 1,
+            .filter_map(|e| match self.one_key(e) {
+                true if family == Family::V6 => {
+                    one.insert(self.key(e.base()));
+                    None
+                }
+                true => Some(1),
                 // An IPv6 prefix wider than a key: 2^(its bits above one).
-                false if family == Family::V6 => 1u64 << (self.v6_prefix - e.prefix_len()).min(63),
-                false => u64::try_from(e.len()).unwrap_or(u64::MAX),
+                false if family == Family::V6 => {
+                    Some(1u64 << (self.v6_prefix - e.prefix_len()).min(63))
+                }
+                false => Some(u64::try_from(e.len()).unwrap_or(u64::MAX)),
             })
-            .fold(0u64, u64::saturating_add)
+            .fold(0u64, u64::saturating_add);
+        wide.saturating_add(one.len() as u64)
     }
 
     /// Whether `e` lies inside one key: every address it holds counts as
@@ -1245,7 +1256,7 @@ impl Sites {
         self.begun[1] += 1;
         if let Some(s) = self.sites.get_mut(site).filter(|_| first) {
             let (since, n) = &mut s.connect_cools[family];
-            if t.saturating_sub(*since) >= window {
+            if *n == 0 || t.saturating_sub(*since) >= window {
                 (*since, *n) = (t, 0);
             }
             *n += 1;
@@ -2550,6 +2561,11 @@ mod tests {
         assert_eq!(Rules::default().keys(&v6, Family::V6), 65_536);
         assert_eq!(Rules::default().keys(&v6, Family::V4), 0);
         assert_eq!(Rules::default().keys(&active, Family::V4), 8);
+        let one_64: Vec<Segment> = ["2001:db8::1", "2001:db8::2", "2001:db8:0:1::1"]
+            .iter()
+            .map(|a| Segment::single(a.parse().unwrap()))
+            .collect();
+        assert_eq!(Rules::default().keys(&one_64, Family::V6), 2);
     }
 
     /// A push-back 30 min old is forgotten though its pair is kept by
