@@ -2407,9 +2407,10 @@ mod tests {
 
     /// Connects from one address that fail while the site answers the
     /// others: the first is a suspicion (no cooldown, but the pair's
-    /// leases ask for the answer, which clears it); reports of the same
-    /// event (other workers', within 10 s) add nothing; a later one before
-    /// any answer cools the pair for that site alone, 60 s doubling.
+    /// leases ask for their answer, and a new connect clears it); reports
+    /// of the same event (other workers', within 10 s) add nothing; a
+    /// later one before any connect cools the pair for that site alone,
+    /// 60 s doubling.
     #[test]
     fn connects_failing_twice_to_a_site_cool_the_address_for_it() {
         let active = pool(3);
