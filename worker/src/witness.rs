@@ -80,15 +80,9 @@ pub fn site_key(host: &str) -> u64 {
 
 /// A source as destinations tell it: the address, or for IPv6 its /64
 /// (an entry of many addresses answers from some while others are leased;
-/// sites count IPv6 clients by their /64).
+/// sites count IPv6 clients by their /64), as rotor counts its own clients.
 pub fn source_net(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(a) => {
-            let s = a.segments();
-            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-        }
-        a => a,
-    }
+    rotor_protocol::addr::client_key(ip)
 }
 
 fn same_source(a: IpAddr, b: IpAddr) -> bool {
