@@ -1157,16 +1157,7 @@ impl Sites {
         p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
         self.site_cools(site, ip);
         if !was_cooling {
-            self.begun[0] += 1;
-            let cooling = self.rules.shown(ip);
-            match cool_line(&mut self.cool_lines, t) {
-                true => {
-                    tracing::info!(%site, %source, %cooling, status, secs = wait.as_secs(), "site pushed back: address cooling for this site")
-                }
-                false => {
-                    tracing::debug!(%site, %source, %cooling, status, secs = wait.as_secs(), "site pushed back: address cooling for this site")
-                }
-            }
+            self.cooling_began(site, (ip, source), wait, Some(status), t);
         }
         !was_cooling
     }
@@ -1253,7 +1244,6 @@ impl Sites {
         let wait = backoff(p.unreached);
         p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
         self.site_cools(site, key);
-        self.begun[1] += 1;
         if let Some(s) = self.sites.get_mut(site).filter(|_| first) {
             let (since, n) = &mut s.connect_cools[family];
             if *n == 0 || t.saturating_sub(*since) >= window {
@@ -1261,17 +1251,38 @@ impl Sites {
             }
             *n += 1;
         }
+        self.cooling_began(site, (key, ip), wait, None, t);
+        true
+    }
+
+    /// The pair of `site` and `key` (of `source`) began cooling for
+    /// `wait`: by a push-back of `status`, or (`None`) by failed connects.
+    /// Counted, and logged (at info up to `COOL_LINES` a second).
+    fn cooling_began(
+        &mut self,
+        site: &str,
+        (key, source): (IpAddr, IpAddr),
+        wait: Duration,
+        status: Option<u16>,
+        t: Ms,
+    ) {
+        self.begun[usize::from(status.is_none())] += 1;
         let cooling = self.rules.shown(key);
         let secs = wait.as_secs();
-        match cool_line(&mut self.cool_lines, t) {
-            true => {
-                tracing::info!(%site, source = %ip, %cooling, secs, "connects to the site fail from this address while it answers others: address cooling for this site")
+        match (status, cool_line(&mut self.cool_lines, t)) {
+            (Some(status), true) => {
+                tracing::info!(%site, %source, %cooling, status, secs, "site pushed back: address cooling for this site")
             }
-            false => {
-                tracing::debug!(%site, source = %ip, %cooling, secs, "connects to the site fail from this address while it answers others: address cooling for this site")
+            (Some(status), false) => {
+                tracing::debug!(%site, %source, %cooling, status, secs, "site pushed back: address cooling for this site")
+            }
+            (None, true) => {
+                tracing::info!(%site, %source, %cooling, secs, "connects to the site fail from this address while it answers others: address cooling for this site")
+            }
+            (None, false) => {
+                tracing::debug!(%site, %source, %cooling, secs, "connects to the site fail from this address while it answers others: address cooling for this site")
             }
         }
-        true
     }
 
     /// Cooldowns begun since the start: by push-backs, and by failed
