@@ -74,6 +74,13 @@ settings! {
         /// an immediate 503 (SOCKS5: "no acceptable method"); 0: no limit.
         /// A tunnel (CONNECT, SOCKS5) holds its address's place for its life.
         max_client_connections: Option<usize> = "0",
+        /// Connections from this range (a front proxy: HAProxy's
+        /// `send-proxy-v2`, nginx's `proxy_protocol`, a cloud load
+        /// balancer) start with a PROXY protocol header (version 1 or 2)
+        /// naming the client, whose address the client limits, the access
+        /// log and the logs then see; a connection from it without one is
+        /// closed. Repeatable; on every listener (HTTP, TLS, SOCKS5).
+        proxy_protocol_from: Vec<Cidr>,
         /// Threads of this worker's runtime; 1 runs it on one thread (scale
         /// out with more workers instead) [default: the number of CPUs; 1
         /// under `rotor up`].
@@ -422,6 +429,7 @@ impl WorkerFlags {
                 idle_timeout: w.idle_timeout,
                 max_connections: w.max_connections,
                 max_client_connections: w.max_client_connections,
+                proxy_protocol: rotor_worker::proxied::Trusted::new(w.proxy_protocol_from),
                 tls,
                 header_read_timeout: w.header_read_timeout,
                 drain_timeout: w.drain_timeout,

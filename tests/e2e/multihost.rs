@@ -17,17 +17,37 @@ struct Host {
     alloc: Allocator,
     worker: Worker,
     metrics: SocketAddr,
+    /// Its access log (JSON).
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
 }
 
+/// A rotor host behind HAProxy (on 127.0.0.1), which sends it the
+/// client's address in a PROXY protocol header.
 async fn host(pool: &str) -> Host {
     let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let m = metrics.to_string();
     let alloc = Allocator::start(&["--pool", pool, "--metrics-listen", &m]).await;
-    let worker = Worker::start(&alloc.socket, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let worker = Worker::start(
+        &alloc.socket,
+        &[
+            "--proxy-protocol-from",
+            "127.0.0.1",
+            "--access-log",
+            log.to_str().unwrap(),
+            "--access-log-format",
+            "json",
+        ],
+    )
+    .await;
     Host {
         alloc,
         worker,
         metrics,
+        log,
+        _dir: dir,
     }
 }
 
@@ -45,8 +65,9 @@ fn config(front: SocketAddr, hosts: &[&Host], stats: &std::path::Path) -> String
             // rotor1 is the first of `hosts`, rotor2 the second.
             let i = n % hosts.len();
             n += 1;
+            assert!(t.contains(" send-proxy-v2 "), "{t}");
             out.push_str(&format!(
-                "  server rotor{} {} check port {} inter 300ms fall 1 rise 1\n",
+                "  server rotor{} {} send-proxy-v2 check port {} inter 300ms fall 1 rise 1\n",
                 i + 1,
                 hosts[i].worker.addr,
                 hosts[i].metrics.port()
@@ -142,6 +163,18 @@ async fn haproxy_spreads_clients_over_hosts_and_keeps_sessions_on_one() {
     }
     let seen: HashSet<IpAddr> = origin.sources()[before..].iter().copied().collect();
     assert_eq!(seen.len(), 1, "{seen:?}");
+    // The hosts see each client's own address (HAProxy's PROXY protocol
+    // header), not HAProxy's: a client on 127.0.0.77 is logged as it.
+    for _ in 0..2 {
+        let text = format!("GET {url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let answer = exchange(connect_from([127, 0, 0, 77], front).await, text.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    eventually("a host's access log names the client", || {
+        let clients = [&one, &two].map(|h| logged_clients(&h.log)).concat();
+        async move { clients.iter().any(|c| c.starts_with("127.0.0.77:")) }
+    })
+    .await;
     // A host whose metrics endpoint stops answering leaves the rotation;
     // the other serves everything.
     let Host {
@@ -160,4 +193,156 @@ async fn haproxy_spreads_clients_over_hosts_and_keeps_sessions_on_one() {
     let seen = &origin.sources()[before..];
     assert!(seen.iter().all(|s| pools[0].contains(s)), "{seen:?}");
     drop(one);
+}
+
+/// A connection to `to` from `from` (an address of 127.0.0.0/8).
+async fn connect_from(from: [u8; 4], to: SocketAddr) -> tokio::net::TcpStream {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind((from, 0).into()).unwrap();
+    s.connect(to).await.unwrap()
+}
+
+/// Sends `bytes` on `s` and reads what comes back until it closes (or
+/// is reset: a connection closed with the request unread).
+async fn exchange(mut s: tokio::net::TcpStream, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(bytes).await.unwrap();
+    let mut all = Vec::new();
+    match tokio::time::timeout(PATIENCE, s.read_to_end(&mut all))
+        .await
+        .expect("the proxy did not close the connection")
+    {
+        Ok(_) => {}
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+/// The clients the access log (JSON) names, in order.
+fn logged_clients(log: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|l| l["client"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// `--proxy-protocol-from`: a front proxy's connections start with a
+/// PROXY protocol header, and the client it names is the one the
+/// per-client limit and the access log see, on the HTTP and the SOCKS5
+/// listeners; the front's connection without a header is closed
+/// unserved, and another peer's header is not believed.
+#[tokio::test]
+async fn a_front_proxys_header_names_the_client_for_limits_and_the_log() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let socks: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let s = socks.to_string();
+    let w = Worker::start(
+        &alloc.socket,
+        &[
+            "--proxy-protocol-from",
+            "127.0.0.1",
+            "--max-client-connections",
+            "1",
+            "--socks-listen",
+            &s,
+            "--access-log",
+            log.to_str().unwrap(),
+            "--access-log-format",
+            "json",
+        ],
+    )
+    .await;
+    let url = origin.url("/");
+    let v1 = |client: &str| {
+        format!(
+            "PROXY TCP4 {client} 127.0.0.1 40000 {}\r\nGET {url} HTTP/1.1\r\nHost: x\r\n\r\n",
+            w.addr.port()
+        )
+    };
+    // One request from 198.51.100.7, its connection kept open: it holds
+    // that client's one place.
+    let mut held = connect_from([127, 0, 0, 1], w.addr).await;
+    held.write_all(v1("198.51.100.7").as_bytes()).await.unwrap();
+    let head = read_head(&mut held).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Another client through the same front is served; the same client
+    // again is past its limit.
+    let other = exchange(
+        connect_from([127, 0, 0, 1], w.addr).await,
+        v1("198.51.100.8")
+            .replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await;
+    assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+    let again = exchange(
+        connect_from([127, 0, 0, 1], w.addr).await,
+        v1("198.51.100.7").as_bytes(),
+    )
+    .await;
+    assert!(
+        again.starts_with("HTTP/1.1 503 Client Connection Limit Reached"),
+        "{again}"
+    );
+    // The front's connection without a header: closed, unanswered, and
+    // nothing sent on.
+    let before = origin.count();
+    let bare = exchange(
+        connect_from([127, 0, 0, 1], w.addr).await,
+        format!("GET {url} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(bare, "", "no answer");
+    // Another peer's header is no header: a bad request, from that peer.
+    let forged = exchange(
+        connect_from([127, 0, 0, 66], w.addr).await,
+        v1("198.51.100.9").as_bytes(),
+    )
+    .await;
+    assert!(forged.starts_with("HTTP/1.1 400"), "{forged}");
+    assert_eq!(origin.count(), before);
+    // SOCKS5, after a version 2 header naming 198.51.100.10:40000.
+    let mut s = connect_from([127, 0, 0, 1], socks).await;
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    header.extend([198, 51, 100, 10, 127, 0, 0, 1, 0x9c, 0x40, 0x04, 0x38]);
+    header.extend([5, 1, 0]);
+    s.write_all(&header).await.unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await.unwrap();
+    assert_eq!(m, [5, 0]);
+    let port = origin.addr.port().to_be_bytes();
+    s.write_all(&[5, 1, 0, 1, 127, 0, 0, 1, port[0], port[1]])
+        .await
+        .unwrap();
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).await.unwrap();
+    assert_eq!(reply[1], 0, "succeeded: {reply:?}");
+    let answer = exchange(s, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(held);
+    eventually("the access log names the clients", || {
+        let clients = logged_clients(&log);
+        async move {
+            [
+                "198.51.100.7:40000",
+                "198.51.100.8:40000",
+                "198.51.100.10:40000",
+            ]
+            .iter()
+            .all(|c| clients.iter().any(|l| l == c))
+                && clients.iter().any(|l| l.starts_with("127.0.0.66:"))
+        }
+    })
+    .await;
+    let clients = logged_clients(&log);
+    assert!(
+        !clients.iter().any(|c| c.starts_with("198.51.100.9")),
+        "a forged header believed: {clients:?}"
+    );
 }

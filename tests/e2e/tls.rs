@@ -885,3 +885,89 @@ async fn a_silent_tls_connection_does_not_hold_the_drain() {
         .unwrap_or(0);
     assert_eq!(n, 0);
 }
+
+/// HAProxy in TCP mode in front of the TLS listener, with `send-proxy-v2`:
+/// the header is taken off before the TLS hello that follows it, and the
+/// client it names (curl on 127.0.0.88) is logged, not HAProxy; HAProxy's
+/// address without a header is closed, and any other peer is served as it
+/// always was.
+#[tokio::test]
+async fn a_proxy_protocol_header_before_the_tls_hello() {
+    if !have(
+        "a_proxy_protocol_header_before_the_tls_hello",
+        &["openssl", "curl", "haproxy"],
+    ) {
+        return;
+    }
+    let origin = Origin::start().await;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("access.log");
+    let p = tls_proxy(&[
+        "--proxy-protocol-from",
+        "127.0.0.1",
+        "--access-log",
+        log.to_str().unwrap(),
+        "--access-log-format",
+        "json",
+    ])
+    .await;
+    let front: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let cfg = logs.path().join("haproxy.cfg");
+    std::fs::write(
+        &cfg,
+        format!(
+            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend f\n  bind {front}\n  default_backend b\n\
+             backend b\n  server rotor {} send-proxy-v2\n",
+            p.tls
+        ),
+    )
+    .unwrap();
+    let _haproxy = Proc::spawn("haproxy", &["-db", "-f", cfg.to_str().unwrap()]);
+    eventually("HAProxy listening", || async {
+        TcpStream::connect(front).await.is_ok()
+    })
+    .await;
+    let ca = p.ca.to_str().unwrap();
+    let url = origin.url("/");
+    let through = |proxy: SocketAddr, from: &'static str| {
+        let url = url.clone();
+        async move {
+            let proxy = format!("https://{proxy}");
+            curl(&[
+                "--interface",
+                from,
+                "--proxy",
+                &proxy,
+                "--proxy-cacert",
+                ca,
+                &url,
+            ])
+            .await
+        }
+    };
+    let (code, out) = through(front, "127.0.0.88").await;
+    assert_eq!((code, out.as_str()), (0, "200"), "through HAProxy");
+    let (code, _) = through(p.tls, "127.0.0.1").await;
+    assert_ne!(code, 0, "no header from a trusted peer: closed");
+    let (code, out) = through(p.tls, "127.0.0.89").await;
+    assert_eq!((code, out.as_str()), (0, "200"), "another peer: as always");
+    let logged = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|l| l["client"].as_str().unwrap_or_default().to_string())
+            .collect::<Vec<String>>()
+    };
+    eventually("both requests logged", || {
+        let n = logged().len();
+        async move { n >= 2 }
+    })
+    .await;
+    let clients = logged();
+    assert_eq!(clients.len(), 2, "{clients:?}");
+    assert!(clients[0].starts_with("127.0.0.88:"), "{clients:?}");
+    assert!(clients[1].starts_with("127.0.0.89:"), "{clients:?}");
+    assert_eq!(origin.count(), 2);
+}

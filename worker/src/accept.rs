@@ -318,6 +318,18 @@ impl ClientTcp {
         }
     }
 
+    /// Waits for bytes and copies those there into `buf`, leaving them to
+    /// be read (a PROXY protocol header's: see [`crate::proxied`]).
+    pub async fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Tcp::Fresh(s) = &self.0 {
+            match s.peek(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return r,
+            }
+        }
+        self.registered()?.peek(buf).await
+    }
+
     #[cfg(test)]
     fn is_registered(&self) -> bool {
         matches!(self.0, Tcp::Registered(_))
@@ -365,6 +377,15 @@ impl ClientTcp {
             Ok(s) => polled(Pin::new(s), cx, arg),
             Err(e) => Poll::Ready(Err(e)),
         }
+    }
+}
+
+impl crate::proxied::Peek for ClientTcp {
+    fn peek<'a>(
+        &'a mut self,
+        buf: &'a mut [u8],
+    ) -> impl std::future::Future<Output = io::Result<usize>> + Send + 'a {
+        ClientTcp::peek(self, buf)
     }
 }
 

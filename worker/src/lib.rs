@@ -19,6 +19,7 @@ pub mod lease;
 pub mod listener;
 pub mod meter;
 mod os;
+pub mod proxied;
 pub mod proxy;
 pub mod pushback;
 pub mod relay;

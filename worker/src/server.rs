@@ -41,6 +41,9 @@ pub struct Config {
     pub max_client_connections: usize,
     /// The certificate of the TLS listeners, if any.
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// Peers (front proxies) whose connections start with a PROXY
+    /// protocol header naming the client.
+    pub proxy_protocol: crate::proxied::Trusted,
 }
 
 /// A client connection: plain, or TLS (both over the idle watch).
@@ -191,7 +194,7 @@ pub async fn run(
             proxy.clone(),
             (limit.clone(), clients.clone()),
             connections.clone(),
-            config.header_read_timeout,
+            (config.header_read_timeout, config.proxy_protocol.clone()),
             shutdown.clone(),
         ));
     }
@@ -342,7 +345,7 @@ struct Serving {
 impl Serving {
     /// Spawns the task that serves `stream` (a 503 at once past the
     /// connection limit).
-    fn accepted(&self, stream: ClientTcp, client: std::net::SocketAddr, is_tls: bool) {
+    fn accepted(self: &Arc<Self>, stream: ClientTcp, client: std::net::SocketAddr, is_tls: bool) {
         let permit = match self.limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
@@ -360,12 +363,54 @@ impl Serving {
                 return;
             }
         };
+        if self.config.proxy_protocol.covers(client.ip()) {
+            // A front proxy's connection: the client's address comes
+            // first, in its header, read in the connection's own task.
+            let this = self.clone();
+            self.connections.spawn(async move {
+                let mut stream = stream;
+                let within = this.config.header_read_timeout;
+                let header = Box::pin(crate::proxied::read_header(&mut stream, within));
+                let draining = async {
+                    this.stop.cancelled().await;
+                    tokio::time::sleep(IDLE_CLOSE_GRACE).await
+                };
+                let named = tokio::select! {
+                    r = header => r,
+                    _ = draining => return,
+                };
+                match named {
+                    Ok(named) => {
+                        let client = named.unwrap_or(client);
+                        if let Some(serve) = this.admitted(stream, client, is_tls, permit) {
+                            serve.await
+                        }
+                    }
+                    Err(e) => crate::proxied::refused(client, &e),
+                }
+            });
+            return;
+        }
+        if let Some(serve) = self.admitted(stream, client, is_tls, permit) {
+            self.connections.spawn(serve);
+        }
+    }
+
+    /// The task that serves `stream` from `client` (`None`: refused at
+    /// the client's connection limit).
+    fn admitted(
+        &self,
+        stream: ClientTcp,
+        client: std::net::SocketAddr,
+        is_tls: bool,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let Ok(slot) = self.clients.admit(client.ip()) else {
             client_limit_reached(client, self.config.max_client_connections);
             if let Ok(stream) = stream.into_tokio() {
                 refuse_soon(stream, (!is_tls).then_some(HTTP_CLIENT_REFUSAL));
             }
-            return;
+            return None;
         };
         let activity = Activity::new();
         let stream = IdleIo::new(stream, activity.clone());
@@ -611,7 +656,7 @@ impl Serving {
             }
         }
         .instrument(tracing::debug_span!("client", %client));
-        self.connections.spawn(fut);
+        Some(fut)
     }
 }
 
@@ -726,7 +771,7 @@ async fn socks_accept(
     proxy: Arc<Proxy>,
     (limit, clients): (Arc<Semaphore>, Arc<crate::clients::Clients>),
     connections: TaskTracker,
-    within: Duration,
+    (within, trusted): (Duration, crate::proxied::Trusted),
     shutdown: CancellationToken,
 ) {
     let addr = listener.local_addr().ok();
@@ -763,22 +808,55 @@ async fn socks_accept(
             refuse_soon(stream, Some(&[5, 0xff]));
             continue;
         };
-        let Ok(slot) = clients.admit(client.ip()) else {
-            client_limit_reached(client, clients.max());
-            refuse_soon(stream, Some(&[5, 0xff]));
-            continue;
-        };
         let _ = stream.set_nodelay(true);
-        let serve = crate::socks::serve(
-            proxy.clone(),
-            stream,
-            client,
-            (permit, slot),
-            within,
-            shutdown.clone(),
-            IDLE_CLOSE_GRACE,
-        );
-        connections.spawn(serve);
+        let admit = {
+            let (proxy, clients, shutdown) = (proxy.clone(), clients.clone(), shutdown.clone());
+            move |stream: TcpStream, client: std::net::SocketAddr| {
+                let Ok(slot) = clients.admit(client.ip()) else {
+                    client_limit_reached(client, clients.max());
+                    refuse_soon(stream, Some(&[5, 0xff]));
+                    return None;
+                };
+                Some(crate::socks::serve(
+                    proxy,
+                    stream,
+                    client,
+                    (permit, slot),
+                    within,
+                    shutdown,
+                    IDLE_CLOSE_GRACE,
+                ))
+            }
+        };
+        if !trusted.covers(client.ip()) {
+            if let Some(serve) = admit(stream, client) {
+                connections.spawn(serve);
+            }
+            continue;
+        }
+        // A front proxy's connection: the client's address comes first,
+        // in its header.
+        let stop = shutdown.clone();
+        connections.spawn(async move {
+            let mut stream = stream;
+            let header = Box::pin(crate::proxied::read_header(&mut stream, within));
+            let draining = async {
+                stop.cancelled().await;
+                tokio::time::sleep(IDLE_CLOSE_GRACE).await
+            };
+            let named = tokio::select! {
+                r = header => r,
+                _ = draining => return,
+            };
+            match named {
+                Ok(named) => {
+                    if let Some(serve) = admit(stream, named.unwrap_or(client)) {
+                        serve.await
+                    }
+                }
+                Err(e) => crate::proxied::refused(client, &e),
+            }
+        });
     }
 }
 
