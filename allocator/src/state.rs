@@ -1532,6 +1532,13 @@ impl Allocator {
         // With a site, its answer when no family served (a refusal rather
         // than a lease the session is not pinned to).
         let mut refused = None;
+        // The address the session holds in any family asked for, before a
+        // new one in any: a worker asks in every family its destination
+        // resolved to, and a session holding an IPv6 address must keep it
+        // when the site's IPv4 ones are also there (or back in its name's
+        // answer), not be pinned a second address. A strict session whose
+        // address left fails only when it holds no other it may use.
+        let (mut lost, mut moves) = (None, None);
         for family in Family::ALL {
             if !families.accepts_family(family) {
                 continue;
@@ -1552,18 +1559,31 @@ impl Allocator {
                     };
                     return inner.answer(peer, Some(Ok(lease)));
                 }
-                Pinned::Gone(ip) if strict => return Response::SessionLost { ip },
+                Pinned::Gone(ip) if strict => {
+                    lost.get_or_insert(Response::SessionLost { ip });
+                }
                 // Pushed out of a full table: its address is unknown now.
                 Pinned::Evicted if strict => {
-                    return Response::SessionLost {
+                    lost.get_or_insert(Response::SessionLost {
                         ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
-                    }
+                    });
                 }
                 Pinned::Evicted => {}
                 Pinned::Gone(ip) => {
-                    tracing::info!(session = %key.split('\0').nth(1).unwrap_or(""), from = %ip, "session address left the rotation; the session moves to the next address");
+                    moves.get_or_insert(ip);
                 }
                 Pinned::Nothing => {}
+            }
+        }
+        if let Some(lost) = lost {
+            return lost;
+        }
+        if let Some(ip) = moves {
+            tracing::info!(session = %key.split('\0').nth(1).unwrap_or(""), from = %ip, "session address left the rotation; the session moves to the next address");
+        }
+        for family in Family::ALL {
+            if !families.accepts_family(family) {
+                continue;
             }
             if let Err(wait) = inner.sessions.room(key, now) {
                 let minor = inner.peers.get(&peer).map_or(0, |p| p.hello.minor);
@@ -2293,6 +2313,52 @@ mod tests {
             ),
             Response::Leased(_)
         ));
+    }
+
+    /// A session asked in both families (a dual-stack destination) keeps
+    /// the address it holds in either, whichever family the name listed
+    /// first; a strict one whose address of one family left is served
+    /// from the other's, and lost only when it has none.
+    #[test]
+    fn a_session_keeps_its_address_of_either_family() {
+        let a = budgeted(
+            &["10.0.0.1", "10.0.0.2", "2001:db8::1", "2001:db8::2"],
+            "example.com=100/1m",
+        );
+        let session = |key: &str, families: Families, strict: bool| match a.lease_session(
+            1,
+            families,
+            key,
+            Duration::from_secs(600),
+            strict,
+            None,
+        ) {
+            Response::Leased(lease) => Some(lease.ip),
+            Response::SessionLost { .. } => None,
+            other => panic!("{other:?}"),
+        };
+        // Its first request went to an IPv6-only name (or the IPv4 lease
+        // was throttled): pinned to an IPv6 address, which both-family
+        // requests keep.
+        let v6 = session("u\0a", Families::V6, false).unwrap();
+        assert!(v6.is_ipv6());
+        for _ in 0..3 {
+            assert_eq!(session("u\0a", Families::ANY, false), Some(v6));
+        }
+        // An IPv4-only destination needs an IPv4 address: pinned too.
+        let v4 = session("u\0a", Families::V4, false).unwrap();
+        assert!(v4.is_ipv4());
+        assert_eq!(session("u\0a", Families::ANY, false), Some(v4));
+        assert_eq!(session("u\0a", Families::V6, false), Some(v6));
+        // Strict, holding both: its IPv4 address taken out, the IPv6 one
+        // serves both-family requests; with that out too, it is lost.
+        let v4 = session("u\0s", Families::V4, true).unwrap();
+        let v6 = session("u\0s", Families::V6, true).unwrap();
+        a.steer(v4, false, None);
+        assert_eq!(session("u\0s", Families::ANY, true), Some(v6));
+        assert_eq!(session("u\0s", Families::V4, true), None);
+        a.steer(v6, false, None);
+        assert_eq!(session("u\0s", Families::ANY, true), None);
     }
 
     /// A push-back for an address taken out of the rotation while its

@@ -73,6 +73,71 @@ fn a_dual_stack_pool_rotates_each_family_evenly() {
     );
 }
 
+/// A session on a dual-stack pool keeps the address it holds of either
+/// family: pinned to an IPv6 address by an IPv6 destination, its requests
+/// to a name with both A and AAAA records (rotor's resolver lists IPv4
+/// first) stay on that address, not on a second, IPv4 one.
+#[test]
+fn a_session_keeps_its_ipv6_address_for_a_dual_stack_name() {
+    in_netns(
+        "a_session_keeps_its_ipv6_address_for_a_dual_stack_name",
+        &[
+            "-6 addr add fd00:1::2/128 dev lo nodad",
+            "-6 addr add fd00:1::3/128 dev lo nodad",
+            "-6 addr add fd00:9::1/128 dev lo nodad",
+        ],
+        || async {
+            let port = free_port();
+            let origin4 = Origin::start_on(([127, 0, 0, 1], port).into()).await;
+            let origin6 = Origin::start_on(format!("[fd00:9::1]:{port}").parse().unwrap()).await;
+            let dns = Dns::start().await;
+            dns.answers
+                .lock()
+                .unwrap()
+                .insert("dual.test".into(), ("127.0.0.1".parse().unwrap(), 60));
+            dns.aaaa
+                .lock()
+                .unwrap()
+                .insert("dual.test".into(), ("fd00:9::1".parse().unwrap(), 60));
+            let alloc = Allocator::start(&[
+                "--pool",
+                "127.0.0.2-127.0.0.3",
+                "--pool",
+                "fd00:1::2-fd00:1::3",
+            ])
+            .await;
+            let d = dns.addr.to_string();
+            let w = Worker::start(
+                &alloc.socket,
+                &["--allow-destination", "fd00:9::1", "--dns-server", &d],
+            )
+            .await;
+            let as_session = |url: String| async move {
+                let req = hyper::Request::get(url)
+                    .header("proxy-authorization", basic("u-session-s1", "x"))
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                ProxyConn::open(w.addr).await.send(req).await.status
+            };
+            assert_eq!(as_session(format!("http://[fd00:9::1]:{port}/")).await, 200);
+            let pinned = origin6.sources()[0];
+            for _ in 0..3 {
+                assert_eq!(as_session(format!("http://dual.test:{port}/")).await, 200);
+            }
+            assert_eq!(origin6.sources(), vec![pinned; 4], "one address");
+            assert_eq!(origin4.count(), 0, "{:?}", origin4.sources());
+            // Without a session the name's first family serves.
+            assert_eq!(
+                get(w.addr, &format!("http://dual.test:{port}/"))
+                    .await
+                    .status,
+                200
+            );
+            assert_eq!(origin4.count(), 1);
+        },
+    );
+}
+
 /// `ip -6 route add local PREFIX dev lo` and the /64 is the pool: no sysctl,
 /// never enumerated, no repeats, in the prefix's permutation order, global.
 /// The order is the host's own, by the key kept in the state directory (a

@@ -804,6 +804,13 @@ impl Proxy {
     /// the site's budget has none of it now (a dual-stack site whose IPv6
     /// addresses are spent is served from IPv4 ones at once, not after a
     /// wait or a 429). Never the host's own address.
+    ///
+    /// A session's lease is asked in every family the destination has:
+    /// the allocator answers with the address the session holds in any
+    /// of them. Asked in the first alone, a session holding an IPv6
+    /// address (its IPv4 lease was throttled once, or the name's answer
+    /// lacked A records a moment) was pinned a second, IPv4 one, and the
+    /// site saw the session change address.
     async fn lease_for(
         &self,
         addrs: &[SocketAddr],
@@ -811,6 +818,9 @@ impl Proxy {
         sticky: Option<&Sticky>,
     ) -> Result<Granted, ProxyError> {
         let all = Families::of(addrs.iter().map(SocketAddr::ip));
+        if sticky.is_some() {
+            return self.lease(all, host, sticky, true).await;
+        }
         let first = match addrs.first() {
             Some(a) => Families::of([a.ip()]),
             None => all,
