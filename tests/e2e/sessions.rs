@@ -396,3 +396,34 @@ async fn a_new_session_avoids_cooling_addresses_and_counts_against_the_budget() 
     assert_eq!(r.status, 429, "{:?}", r.body);
     assert_eq!(origin.count(), before);
 }
+
+/// Without a users file, a session that cannot be read is refused, not
+/// dropped unsaid (the request served from the rotation): a parameter
+/// given twice, or Basic credentials too long to read. Credentials of
+/// another scheme are no rotor credentials, and ignored as always.
+#[tokio::test]
+async fn an_unreadable_session_on_an_open_proxy_is_refused_not_dropped() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3"]).await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    let url = origin.url("/");
+    let r = get_as(
+        w.addr,
+        "u-session-a-sessionstrict-1-sessionstrict-0",
+        &url,
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 407);
+    let body = String::from_utf8_lossy(&r.body);
+    assert!(body.contains("`sessionstrict` is given twice"), "{body}");
+    let long = format!("u-session-s1-{}", "x".repeat(1000));
+    let r = get_as(w.addr, &long, &url, None).await;
+    assert_eq!(r.status, 407, "{:?}", r.body);
+    let req = Request::get(&url)
+        .header("proxy-authorization", "Bearer abc")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(ProxyConn::open(w.addr).await.send(req).await.status, 200);
+    assert_eq!(origin.count(), 1);
+}

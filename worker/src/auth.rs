@@ -605,6 +605,13 @@ pub fn credentials(header: Option<&[u8]>) -> Result<(String, String), AuthError>
     parse_basic(header)
 }
 
+/// Whether `header` is of the Basic scheme, readable or not.
+pub fn is_basic(header: Option<&[u8]>) -> bool {
+    let Some(h) = header else { return false };
+    let h = h.trim_ascii_start();
+    h.len() > 6 && h[..6].eq_ignore_ascii_case(b"basic ")
+}
+
 fn parse_basic(header: &[u8]) -> Result<(String, String), AuthError> {
     let text = std::str::from_utf8(header)
         .map_err(|_| AuthError::Malformed)?

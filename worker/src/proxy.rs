@@ -471,13 +471,17 @@ impl Proxy {
     /// The credentials a request gives, checked only if it gives some (a
     /// users file asks for them; without one, the user name may still
     /// name a sticky session and the password is ignored): `None` for a
-    /// request without any where none are asked for.
+    /// request without any where none are asked for. Without a users
+    /// file, Basic credentials that cannot be read (too long, not base64
+    /// or UTF-8, no colon) are refused as with one: their user name may
+    /// have named a session, which must not be dropped unsaid; another
+    /// scheme is no rotor credentials, and is ignored.
     fn credentials(&self, fields: &Fields) -> Result<Option<(String, String)>, ProxyError> {
         let header = fields.get(&header::PROXY_AUTHORIZATION);
         match (crate::auth::credentials(header), &self.config.auth) {
             (Ok(given), _) => Ok(Some(given)),
-            (Err(_), None) => Ok(None),
-            (Err(e), Some(_)) => Err(ProxyError::Auth(e)),
+            (Err(_), None) if !crate::auth::is_basic(header) => Ok(None),
+            (Err(e), _) => Err(ProxyError::Auth(e)),
         }
     }
 

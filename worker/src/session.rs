@@ -36,6 +36,8 @@ pub enum ParamError {
     BadValue { param: String, value: String },
     #[error("sessionttl and sessionstrict need a session")]
     NoSession,
+    #[error("parameter `{0}` is given twice in the proxy user name")]
+    Twice(String),
 }
 
 /// The user of `name`, and the parameters after it, if any: the whole
@@ -85,10 +87,21 @@ pub fn parse(name: &str, is_user: impl Fn(&str) -> bool) -> Result<ProxyUser, Pa
     let mut ttl = None;
     let mut strict = false;
     let mut words = rest.split('-');
+    let mut given: [&str; 3] = [""; 3];
+    let mut n = 0;
     while let Some(key) = words.next() {
         let value = words
             .next()
             .ok_or_else(|| ParamError::NoValue(key.into()))?;
+        // Which one a repeat meant is not rotor's guess to make
+        // (`-sessionstrict-1-sessionstrict-0` was not strict).
+        if given[..n].contains(&key) {
+            return Err(ParamError::Twice(key.into()));
+        }
+        if n < given.len() {
+            given[n] = key;
+            n += 1;
+        }
         let bad = || ParamError::BadValue {
             param: key.into(),
             value: value.into(),
@@ -191,5 +204,13 @@ mod tests {
         );
         let err = parse("alice-country-de", no_users).unwrap_err().to_string();
         assert!(err.contains("`country`"), "{err}");
+        assert_eq!(
+            parse("alice-session-a-session-b", no_users),
+            Err(ParamError::Twice("session".into()))
+        );
+        assert_eq!(
+            parse("alice-session-a-sessionstrict-1-sessionstrict-0", no_users),
+            Err(ParamError::Twice("sessionstrict".into()))
+        );
     }
 }
