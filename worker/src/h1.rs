@@ -319,7 +319,7 @@ impl Conn {
             framing,
             close,
             length_field,
-        } = framing(&head.method, status, headers.iter())?;
+        } = framing(&head.method, status, version, headers.iter())?;
         if framing == Framing::Chunked {
             chunked_start(&buf)?;
         }
@@ -848,6 +848,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
 fn framing<'a>(
     method: &Method,
     status: StatusCode,
+    version: Version,
     fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
 ) -> Result<Framed, Error> {
     let mut te = false;
@@ -918,6 +919,14 @@ fn framing<'a>(
         return Ok(framed(Framing::Empty));
     }
     if te {
+        // RFC 9112 §6.1: an HTTP/1.0 message's framing is faulty with a
+        // Transfer-Encoding, whatever its Content-Length says (hyper's
+        // client refuses it too).
+        if version == Version::HTTP_10 {
+            return Err(Error::Malformed(
+                "Transfer-Encoding in an HTTP/1.0 response",
+            ));
+        }
         // Codings rotor would pass on still applied, with their name
         // taken off (Transfer-Encoding is hop-by-hop): the client would
         // read a gzip body as plain. A destination applies no coding
@@ -1220,9 +1229,11 @@ impl ResponseBody {
 #[doc(hidden)]
 pub fn read_response_for_fuzzing(data: &[u8], head_request: bool) {
     let mut buf = BytesMut::from(data);
-    let (status, headers) = loop {
+    let (status, headers, version) = loop {
         match parse_head(&mut buf) {
-            Ok(Some(Head::Final((status, headers, _, _)))) => break (status, headers),
+            Ok(Some(Head::Final((status, headers, version, _)))) => {
+                break (status, headers, version)
+            }
             Ok(Some(Head::Interim)) => continue,
             Ok(None) | Err(_) => return,
         }
@@ -1232,7 +1243,7 @@ pub fn read_response_for_fuzzing(data: &[u8], head_request: bool) {
     } else {
         Method::GET
     };
-    let Ok(Framed { framing, .. }) = framing(&method, status, headers.iter()) else {
+    let Ok(Framed { framing, .. }) = framing(&method, status, version, headers.iter()) else {
         return;
     };
     let available = buf.len();
@@ -1289,8 +1300,11 @@ fn chunk_size(line: &[u8]) -> Result<u64, Error> {
         .take_while(|&&b| b == b' ' || b == b'\t')
         .count()..];
     let bad_byte = |&b: &u8| (b < 0x20 && b != b'\t') || b == 0x7f;
+    // Leading zeros are no size (RFC 9112 §7.1: `1*HEXDIG`; hyper's
+    // decoder takes them): 16 digits past them fill a u64.
+    let zeros = line[..digits].iter().take_while(|&&b| b == b'0').count();
     if digits == 0
-        || digits > 16
+        || digits - zeros > 16
         || !(rest.is_empty() || rest[0] == b';')
         || rest.iter().any(bad_byte)
     {
@@ -1972,7 +1986,7 @@ mod tests {
             let map = Fields::Map(headers);
             let wire = Fields::Wire(crate::fields::wire_for_tests(fields));
             for given in [&map, &wire] {
-                let got = framing(method, status, given.iter())
+                let got = framing(method, status, Version::HTTP_11, given.iter())
                     .map(|f| (f.framing, f.close))
                     .map_err(|e| match e {
                         Error::Malformed(m) => m,
@@ -2034,7 +2048,9 @@ mod tests {
         for (method, status, pairs, want, after) in cases {
             let status = StatusCode::from_u16(*status).unwrap();
             let mut wire = crate::fields::wire_for_tests(pairs);
-            let got = framing(method, status, wire.iter()).unwrap().length_field;
+            let got = framing(method, status, Version::HTTP_11, wire.iter())
+                .unwrap()
+                .length_field;
             assert_eq!(got, *want, "{method} {status} {pairs:?}");
             got.apply(&mut wire);
             let fields = Fields::Wire(wire);
@@ -2486,6 +2502,21 @@ mod tests {
     }
 
     #[test]
+    fn an_http_1_0_response_with_transfer_encoding_is_faulty() {
+        let wire = crate::fields::wire_for_tests(&[
+            ("transfer-encoding", "chunked"),
+            ("content-length", "10"),
+        ]);
+        let got = framing(&Method::GET, StatusCode::OK, Version::HTTP_10, wire.iter());
+        assert!(matches!(got, Err(Error::Malformed(_))), "{got:?}");
+        // Without a body to frame, nothing to get wrong.
+        let got = framing(&Method::HEAD, StatusCode::OK, Version::HTTP_10, wire.iter());
+        assert_eq!(got.unwrap().framing, Framing::Empty);
+        let got = framing(&Method::GET, StatusCode::OK, Version::HTTP_11, wire.iter());
+        assert_eq!(got.unwrap().framing, Framing::Chunked);
+    }
+
+    #[test]
     fn chunk_sizes() {
         assert_eq!(chunk_size(b"1a").unwrap(), 26);
         assert_eq!(chunk_size(b"A;name=value").unwrap(), 10);
@@ -2497,6 +2528,10 @@ mod tests {
             chunk_size(b"11111111111111111").is_err(),
             "more than 64 bits"
         );
+        // Leading zeros are no size, however many.
+        assert_eq!(chunk_size(b"00000000000000005").unwrap(), 5);
+        assert_eq!(chunk_size(b"000000000000000000").unwrap(), 0);
+        assert!(chunk_size(b"0011111111111111111").is_err());
         assert!(chunk_size(b"-1").is_err());
         // Only spaces and tabs before an extension; no control bytes in it.
         assert!(chunk_size(b"5\t;x").is_ok());
