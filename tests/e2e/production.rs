@@ -1147,3 +1147,45 @@ async fn a_client_that_stopped_reading_does_not_hold_the_drain() {
     drains_within(worker, Duration::from_secs(10)).await;
     drop(c);
 }
+
+/// A request answered in the drain says `Connection: close`; a client
+/// that sent its next request before it read that (pipelined, or racing
+/// the answer) still gets the whole answer: the fast path's close reads
+/// and drops what the client sent, where a close with it unread was a
+/// reset that dropped the end of the answer still unsent.
+#[tokio::test]
+async fn an_answer_in_the_drain_reaches_a_client_that_sent_more() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    let origin = Origin::start().await;
+    let mut s = TcpStream::connect(w.addr).await.unwrap();
+    accepted(w.addr).await;
+    w.proc.signal(Signal::SIGTERM);
+    drain_begun(w.addr).await;
+    // 8 MiB: more than the sockets hold, so its end waits to be sent
+    // while the next request sits unread.
+    let size = 8 << 20;
+    let big = origin.url(&format!("/bytes/{size}"));
+    s.write_all(format!("GET {big} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    s.write_all(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", origin.url("/")).as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut all = Vec::new();
+    let read = tokio::time::timeout(PATIENCE, s.read_to_end(&mut all))
+        .await
+        .expect("the proxy did not close the connection");
+    assert!(read.is_ok(), "{read:?} after {} bytes", all.len());
+    let text = String::from_utf8_lossy(&all[..all.len().min(400)]).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 200"), "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    // Chunked (the origin sends no length): whole with its last chunk.
+    let head = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    assert!(all.len() - head > size, "{} of {size}", all.len() - head);
+    assert!(all.ends_with(b"\r\n0\r\n\r\n"), "the whole body");
+    let status = exit_of(w, Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0));
+}

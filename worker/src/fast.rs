@@ -287,7 +287,10 @@ where
         };
         // The wait for the destination was not the client's silence.
         conn.activity.touch();
-        let close = close || drain_due.is_some() || conn.stop.is_cancelled();
+        // Closed at rotor's word (the drain), not at the client's: it may
+        // have sent its next request already.
+        let ours = !close && (drain_due.is_some() || conn.stop.is_cancelled());
+        let close = close || ours;
         let sent = tokio::select! {
             biased;
             r = respond(&mut io, &mut out, resp, head, close) => r,
@@ -297,6 +300,12 @@ where
         };
         if let Err(e) = sent {
             tracing::debug!(error = %e, "response not sent whole; connection closed");
+            return Outcome::Closed;
+        }
+        if ours {
+            // Boxed: its buffer inline would be room in every connection's
+            // state.
+            Box::pin(linger(&mut io, conn.grace)).await;
             return Outcome::Closed;
         }
         if close {
@@ -311,6 +320,31 @@ where
         }
         trim(&mut buf, &mut out);
     }
+}
+
+/// The most a lingering close reads and drops.
+const LINGER_MOST: usize = 256 * 1024;
+
+/// A close of rotor's (the drain's) after an answer: the end said first
+/// (FIN, or TLS's close_notify), then what the client still sends — a
+/// request it sent before it read `Connection: close`, pipelined or
+/// racing the answer — read and dropped until it closes, within `within`.
+/// Closed with those bytes unread, the kernel resets the connection, and
+/// drops what of the answer it has not sent yet (RFC 9112 §9.6).
+async fn linger<I: ClientStream>(io: &mut I, within: Duration) {
+    let _ = tokio::time::timeout(within, async {
+        io.shutdown().await?;
+        let mut sink = vec![0u8; 4096];
+        let mut read = 0;
+        while read < LINGER_MOST {
+            match io.read(&mut sink).await? {
+                0 => break,
+                n => read += n,
+            }
+        }
+        Ok::<(), io::Error>(())
+    })
+    .await;
 }
 
 /// Tells a client whose request did not come whole within the header
