@@ -538,6 +538,60 @@ async fn a_socks5_handshake_begun_in_the_grace_is_let_finish() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// A SOCKS5 login checked while the worker drains: the check is rotor's
+/// wait, not the client's silence, and the drain's grace for the request
+/// starts again at its answer (it counted from the credentials, so a
+/// check of most of a second left the request sent after its answer cut
+/// off).
+#[tokio::test]
+async fn a_socks5_login_checked_in_the_drain_is_let_finish() {
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    // A hash of 40 passes (some 0.5 s a check, where `rotor user add`'s
+    // 2 take 25 ms).
+    let users = tempfile::NamedTempFile::new().unwrap();
+    let hash = {
+        use argon2::password_hash::{PasswordHasher, SaltString};
+        let params = argon2::Params::new(19 * 1024, 40, 1, None).unwrap();
+        let salt = SaltString::from_b64("c29tZXNhbHRzb21lc2FsdA").unwrap();
+        argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+            .hash_password(b"pw", &salt)
+            .unwrap()
+            .to_string()
+    };
+    std::fs::write(users.path(), format!("alice:{hash}\n")).unwrap();
+    let args = [
+        "--drain-timeout",
+        "30s",
+        "--auth-file",
+        users.path().to_str().unwrap(),
+    ];
+    let (w, socks) = socks_worker(&alloc.socket, &args, false).await;
+    let mut s = TcpStream::connect(socks).await.unwrap();
+    s.write_all(&[5, 1, 2]).await.unwrap();
+    let mut choice = [0u8; 2];
+    s.read_exact(&mut choice).await.unwrap();
+    assert_eq!(choice, [5, 2]);
+    w.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    drain_begun(socks).await;
+    let sent = Instant::now();
+    s.write_all(&[1, 5, b'a', b'l', b'i', b'c', b'e', 2, b'p', b'w'])
+        .await
+        .unwrap();
+    let mut status = [0u8; 2];
+    s.read_exact(&mut status).await.unwrap();
+    assert_eq!(status, [1, 0]);
+    let checked = sent.elapsed();
+    // The request 0.8 s after the answer: in the grace from the answer,
+    // past the grace from the credentials (the check took 0.2 s or more).
+    assert!(checked > Duration::from_millis(200), "{checked:?}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    tunnel_to_echo(&mut s, echo.addr).await;
+    drop(s);
+    let status = exit_of(w, Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(0));
+}
+
 /// The SOCKS5 reply names the leased address only with `--expose-source`,
 /// as HTTP's `Rotor-Source` does.
 #[tokio::test]

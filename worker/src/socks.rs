@@ -352,6 +352,9 @@ pub async fn serve(
     let slow = |_| HandshakeError::Io(io::ErrorKind::TimedOut.into());
     // When the client's bytes last came (see `stopped`).
     let heard = crate::idle::Activity::new();
+    // While its password is checked: rotor's wait, not the client's
+    // silence.
+    let checking = std::sync::atomic::AtomicBool::new(false);
     let opened = async {
         let mut noting = crate::idle::IdleIo::new(&mut stream, heard.clone());
         let read = tokio::time::timeout_at(start + within, handshake(&mut noting, auth_required));
@@ -366,13 +369,16 @@ pub async fn serve(
         };
         let mut caller = crate::proxy::Caller::default();
         if let Some((user, password)) = hs.credentials.take() {
-            let checking = tokio::time::Instant::now();
+            let checked_at = tokio::time::Instant::now();
+            checking.store(true, std::sync::atomic::Ordering::Relaxed);
             let check = proxy.authenticate_user(&user, &password, client.ip());
             let checked = tokio::time::timeout(AUTH_BUDGET, check).await;
-            let spent = checking.elapsed();
+            checking.store(false, std::sync::atomic::Ordering::Relaxed);
+            heard.touch();
+            let spent = checked_at.elapsed();
             match checked {
                 Ok(Ok(c)) => {
-                    stream.write_all(&[1, 0]).await?;
+                    noting.write_all(&[1, 0]).await?;
                     caller = c;
                 }
                 refused => {
@@ -391,7 +397,7 @@ pub async fn serve(
                 }
             }
             let read =
-                tokio::time::timeout_at(start + within + spent, read_request(&mut stream, None));
+                tokio::time::timeout_at(start + within + spent, read_request(&mut noting, None));
             hs = read.await.map_err(slow)??;
         }
         Ok::<_, HandshakeError>((hs, caller))
@@ -401,9 +407,16 @@ pub async fn serve(
         // `grace` of silence from the stop, or from the client's last
         // bytes if later. (Cut at the grace's end whatever came, a client
         // told to go on by its greeting's answer lost the request it sent
-        // next.)
+        // next.) A password check under way is no silence: the grace
+        // starts again at its end.
         heard.touch();
-        heard.idle_for(grace).await;
+        loop {
+            heard.idle_for(grace).await;
+            if !checking.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            heard.touch();
+        }
     };
     let opened = tokio::select! {
         r = opened => r,
