@@ -41,6 +41,8 @@ pub struct Pool {
     /// against (the table's file can be written by others).
     active_singles: HashSet<IpAddr>,
     active_prefixes: Vec<Segment>,
+    /// Every prefix of `addrs`, in the rotation or not (a pool's few).
+    prefixes: Vec<Segment>,
     generation: u64,
     table: Arc<LeaseTable>,
     /// Where the table's file is; `None`: in this process only.
@@ -146,6 +148,7 @@ impl Pool {
             active: Vec::new(),
             active_singles: HashSet::new(),
             active_prefixes: Vec::new(),
+            prefixes: Vec::new(),
             generation,
             table: Arc::new(table),
             home,
@@ -325,6 +328,12 @@ impl Pool {
             .map(|e| e.base())
             .collect();
         self.active_prefixes = active.iter().filter(|e| !e.is_single()).copied().collect();
+        self.prefixes = self
+            .addrs
+            .iter()
+            .filter(|e| !e.is_single())
+            .copied()
+            .collect();
         for family in [Family::V4, Family::V6] {
             let i = family.index();
             self.held_due[i] = match family_total(&active, family) {
@@ -350,14 +359,20 @@ impl Pool {
     }
 
     /// The entry holding `ip`, in the rotation or not.
+    /// No walk of the entries: a metrics scrape asks it for every
+    /// address sessions hold, under the allocator's lock, and a walk of
+    /// 20 000 singles for each of 20 000 addresses gone from the pool
+    /// (sessions keep them until their next request) held it for about
+    /// a second.
     pub fn entry_of(&self, ip: IpAddr) -> Option<Segment> {
-        if self.active_singles.contains(&ip) {
-            return Some(Segment::single(ip));
+        let single = Segment::single(ip);
+        if self.active_singles.contains(&ip) || self.quarantined.contains(&single) {
+            return Some(single);
         }
         self.active_prefixes
             .iter()
             .find(|p| p.contains(ip))
-            .or_else(|| self.addrs.iter().find(|e| e.contains(ip)))
+            .or_else(|| self.prefixes.iter().find(|e| e.contains(ip)))
             .copied()
     }
 
@@ -550,6 +565,32 @@ mod tests {
         assert_eq!(take(&pool, 1, V6), ["2001:db8::2"]);
         // Both acceptable: IPv4 first.
         assert_eq!(take(&pool, 2, Families::ANY), ["10.0.0.2", "10.0.0.1"]);
+    }
+
+    /// The entry of an address: its single, in the rotation or out, or
+    /// the prefix holding it, in or out; none for an address gone.
+    #[test]
+    fn the_entry_of_an_address_in_or_out_of_the_rotation() {
+        let v6: Segment = "2001:db8::/64".parse().unwrap();
+        let v6b: Segment = "2001:db8:1::/64".parse().unwrap();
+        let mut entries = ips(&["10.0.0.1", "10.0.0.2"]);
+        entries.extend([v6, v6b]);
+        let mut pool = Pool::new(entries);
+        pool.set_quarantined(&[one("10.0.0.2"), v6b], true).unwrap();
+        let of = |pool: &Pool, s: &str| pool.entry_of(s.parse().unwrap());
+        assert_eq!(of(&pool, "10.0.0.1"), Some(one("10.0.0.1")));
+        assert_eq!(
+            of(&pool, "10.0.0.2"),
+            Some(one("10.0.0.2")),
+            "out of the rotation"
+        );
+        assert_eq!(of(&pool, "2001:db8::7"), Some(v6));
+        assert_eq!(of(&pool, "2001:db8:1::7"), Some(v6b), "out of the rotation");
+        assert_eq!(of(&pool, "10.0.0.3"), None);
+        assert_eq!(of(&pool, "2001:db8:2::1"), None);
+        pool.replace(ips(&["10.0.0.1"])).unwrap();
+        assert_eq!(of(&pool, "10.0.0.2"), None, "gone from the pool");
+        assert_eq!(of(&pool, "2001:db8::7"), None, "gone from the pool");
     }
 
     #[test]
