@@ -1186,5 +1186,29 @@ mod memtest {
             saved.len(),
             t.elapsed()
         );
+        // The worst a client can make: a user name near the 1 KiB key's
+        // limit, another for each session (without a users file, any
+        // name is a user).
+        let n = 20_000;
+        let long: Vec<String> = (0..n)
+            .map(|i| format!("{}{i:08}\0s", "u".repeat(950)))
+            .collect();
+        let mut s = Sessions::new(n);
+        let before = rss();
+        for k in &long {
+            s.pin(
+                k,
+                "10.0.0.1".parse().unwrap(),
+                Duration::from_secs(600),
+                false,
+                now,
+            );
+        }
+        eprintln!(
+            "sessions={} bytes/session (a {}-byte key, a user each)={}",
+            s.len(),
+            long[0].len(),
+            (rss() - before) / n
+        );
     }
 }
