@@ -1578,9 +1578,13 @@ impl Allocator {
         if let Some(lost) = lost {
             return lost;
         }
-        if let Some(ip) = moves {
-            tracing::info!(session = %key.split('\0').nth(1).unwrap_or(""), from = %ip, "session address left the rotation; the session moves to the next address");
-        }
+        // Said once it has moved (one that cannot have an address now
+        // said it at each request).
+        let moved = |ip: IpAddr| {
+            if let Some(from) = moves {
+                tracing::info!(session = %key.split('\0').nth(1).unwrap_or(""), %from, to = %ip, "session address left the rotation; the session moved");
+            }
+        };
         for family in Family::ALL {
             if !families.accepts_family(family) {
                 continue;
@@ -1604,6 +1608,7 @@ impl Allocator {
                     Response::Leased(lease) | Response::SiteLeased { lease, .. } => {
                         inner.changes += 1;
                         inner.sessions.pin(key, lease.ip, ttl, strict, now);
+                        moved(lease.ip);
                         return answer;
                     }
                     // A refusal for the site outranks another family's
@@ -1621,6 +1626,7 @@ impl Allocator {
                     // its address changes nothing).
                     inner.changes += 1;
                     inner.sessions.pin(key, lease.ip, ttl, strict, now);
+                    moved(lease.ip);
                     return inner.answer(peer, Some(Ok(lease)));
                 }
                 other => last = Some(other),
