@@ -256,6 +256,14 @@ impl Resolver {
         if let Some(ip) = ip_literal(host) {
             return Ok((vec![SocketAddr::new(ip, port)], false));
         }
+        // No name is longer (253, and a final dot). getaddrinfo reads a
+        // 60 000-byte run of zeros and an address as that address, and
+        // each such name would be kept in the cache, 10 000 of them.
+        if host.len() > MAX_NAME {
+            return Err(ProxyError::BadRequest(format!(
+                "the destination's name is longer than {MAX_NAME} bytes"
+            )));
+        }
         let backend = self.current();
         let answers = &backend.answers;
         if let Lookup::Dns(_, hosts) = &backend.lookup {
@@ -551,9 +559,33 @@ fn capped(mut addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
     addrs
 }
 
+/// The longest name looked up (RFC 1035: 253 bytes as text, and a final
+/// dot).
+pub const MAX_NAME: usize = 254;
+
+/// getaddrinfo calls under way at once, in each worker. Each holds a
+/// thread of the runtime's blocking pool for as long as it takes, however
+/// soon its request gave up: a name whose servers never answer holds one
+/// for glibc's own timeouts (5 s a try and a server). Unbounded, clients
+/// asking for such names filled the pool's 512 threads, and every other
+/// lookup, and every password check (argon2 runs there too), waited behind
+/// them.
+const SYSTEM_LOOKUPS: usize = 64;
+static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(SYSTEM_LOOKUPS);
+
 async fn lookup(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAddr>, ProxyError> {
     let bare = unbracketed(host);
-    let lookup = tokio::net::lookup_host((bare, port));
+    let lookup = async {
+        // The place is held by the call itself, to its end.
+        let place = LOOKUPS.acquire().await.map_err(io::Error::other)?;
+        let name = bare.to_string();
+        tokio::task::spawn_blocking(move || {
+            let _place = place;
+            std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port))
+        })
+        .await
+        .map_err(io::Error::other)?
+    };
     let addrs: Vec<SocketAddr> = match crate::h1::within(timeout, lookup).await.ok_or(()) {
         Ok(Ok(a)) => a
             .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
@@ -582,6 +614,38 @@ async fn lookup(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAd
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name longer than any DNS name is refused before any lookup, by
+    /// either resolver (getaddrinfo read a long run of zeros and an
+    /// address as that address, and each spelling was kept).
+    #[tokio::test]
+    async fn a_name_longer_than_dns_allows_is_refused() {
+        let long = format!("{}127.0.0.1", "0".repeat(300));
+        let dns = ResolverChoice::Dns {
+            servers: vec!["127.0.0.1:9".parse().unwrap()],
+        };
+        for choice in [ResolverChoice::System, dns] {
+            let cache = Resolver::new(&choice, Duration::from_secs(30));
+            let got = cache.resolve(&long, 80, Duration::from_secs(5)).await;
+            assert!(matches!(got, Err(ProxyError::BadRequest(_))), "{got:?}");
+            assert_eq!(cache.current().answers.0.lock().unwrap().len(), 0);
+        }
+    }
+
+    /// getaddrinfo calls are bounded: with every place taken (calls
+    /// stuck on servers that never answer), a lookup waits for one within
+    /// its timeout, then is a DNS timeout; it is made once one frees.
+    #[tokio::test]
+    async fn system_lookups_wait_for_a_place() {
+        let all = LOOKUPS.acquire_many(SYSTEM_LOOKUPS as u32).await.unwrap();
+        let got = lookup("localhost", 80, Duration::from_millis(100)).await;
+        assert!(matches!(got, Err(ProxyError::DnsTimeout { .. })), "{got:?}");
+        let later = tokio::spawn(lookup("localhost", 80, Duration::from_secs(5)));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        drop(all);
+        let got = later.await.unwrap().unwrap();
+        assert!(got.iter().all(|a| a.ip().is_loopback()), "{got:?}");
+    }
 
     #[tokio::test]
     async fn system_names_are_cached_and_literals_are_not() {
