@@ -1153,13 +1153,38 @@ async fn a_client_that_stopped_reading_does_not_hold_the_drain() {
 /// the answer) still gets the whole answer: the fast path's close reads
 /// and drops what the client sent, where a close with it unread was a
 /// reset that dropped the end of the answer still unsent.
+///
+/// On hyper's path too: a connection whose first request was a chunked
+/// upload stays there.
 #[tokio::test]
 async fn an_answer_in_the_drain_reaches_a_client_that_sent_more() {
+    for hypers in [false, true] {
+        answer_in_the_drain_to_a_client_that_sent_more(hypers).await;
+    }
+}
+
+async fn answer_in_the_drain_to_a_client_that_sent_more(hypers: bool) {
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let w = Worker::start(&alloc.socket, &[]).await;
     let origin = Origin::start().await;
     let mut s = TcpStream::connect(w.addr).await.unwrap();
     accepted(w.addr).await;
+    if hypers {
+        let url = origin.url("/echo");
+        s.write_all(
+            format!(
+                "POST {url} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let mut body = [0u8; 4];
+        s.read_exact(&mut body).await.unwrap();
+        assert_eq!(&body, b"abcd");
+    }
     w.proc.signal(Signal::SIGTERM);
     drain_begun(w.addr).await;
     // 8 MiB: more than the sockets hold, so its end waits to be sent
@@ -1170,22 +1195,32 @@ async fn an_answer_in_the_drain_reaches_a_client_that_sent_more() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    s.write_all(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", origin.url("/")).as_bytes())
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        s.write_all(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", origin.url("/")).as_bytes())
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let mut all = Vec::new();
     let read = tokio::time::timeout(PATIENCE, s.read_to_end(&mut all))
         .await
         .expect("the proxy did not close the connection");
-    assert!(read.is_ok(), "{read:?} after {} bytes", all.len());
+    assert!(
+        read.is_ok(),
+        "{read:?} after {} bytes (hyper's: {hypers})",
+        all.len()
+    );
     let text = String::from_utf8_lossy(&all[..all.len().min(400)]).to_ascii_lowercase();
     assert!(text.starts_with("http/1.1 200"), "{text}");
     assert!(text.contains("connection: close"), "{text}");
     // Chunked (the origin sends no length): whole with its last chunk.
     let head = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
     assert!(all.len() - head > size, "{} of {size}", all.len() - head);
-    assert!(all.ends_with(b"\r\n0\r\n\r\n"), "the whole body");
+    assert!(
+        all.ends_with(b"\r\n0\r\n\r\n"),
+        "the whole body (hyper's: {hypers})"
+    );
     let status = exit_of(w, Duration::from_secs(10)).await;
     assert_eq!(status.code(), Some(0));
 }

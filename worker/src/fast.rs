@@ -303,9 +303,20 @@ where
             return Outcome::Closed;
         }
         if ours {
-            // Boxed: its buffer inline would be room in every connection's
-            // state.
-            Box::pin(linger(&mut io, conn.grace)).await;
+            // A close of rotor's (the drain's) after an answer: the end
+            // said first (FIN, or TLS's close_notify), then what the
+            // client still sends — a request it sent before it read
+            // `Connection: close`, pipelined or racing the answer — read
+            // and dropped, within the grace. Closed with those bytes
+            // unread, the kernel resets the connection, and drops what of
+            // the answer it has not sent yet (RFC 9112 §9.6). Boxed: its
+            // state inline would be room in every connection's.
+            let linger = crate::server::Linger {
+                within: conn.grace,
+                idle: conn.grace,
+                most: LINGER_MOST,
+            };
+            Box::pin(crate::server::linger_close_for(&mut io, linger)).await;
             return Outcome::Closed;
         }
         if close {
@@ -322,30 +333,8 @@ where
     }
 }
 
-/// The most a lingering close reads and drops.
-const LINGER_MOST: usize = 256 * 1024;
-
-/// A close of rotor's (the drain's) after an answer: the end said first
-/// (FIN, or TLS's close_notify), then what the client still sends — a
-/// request it sent before it read `Connection: close`, pipelined or
-/// racing the answer — read and dropped until it closes, within `within`.
-/// Closed with those bytes unread, the kernel resets the connection, and
-/// drops what of the answer it has not sent yet (RFC 9112 §9.6).
-async fn linger<I: ClientStream>(io: &mut I, within: Duration) {
-    let _ = tokio::time::timeout(within, async {
-        io.shutdown().await?;
-        let mut sink = vec![0u8; 4096];
-        let mut read = 0;
-        while read < LINGER_MOST {
-            match io.read(&mut sink).await? {
-                0 => break,
-                n => read += n,
-            }
-        }
-        Ok::<(), io::Error>(())
-    })
-    .await;
-}
+/// The most the drain's lingering close reads and drops.
+const LINGER_MOST: u64 = 256 * 1024;
 
 /// Tells a client whose request did not come whole within the header
 /// timeout so (408, as hyper's path), then closes: within the grace, as a

@@ -29,9 +29,17 @@ use crate::acl::Cidr;
 /// receiver for 536 at least. A longer one closes the connection.
 pub const MAX_HEADER: usize = 1024;
 
-/// How soon a header that came in part is looked at again (a front proxy
-/// writes it whole, in one segment: this is the rare split).
+/// How soon a header that came in part is looked at again, at first (a
+/// front proxy writes it whole, in one segment: this is the rare split);
+/// doubling to [`PART_AGAIN_MOST`]. A peek cannot wait for more bytes
+/// than those there, nor see a close behind them.
 const PART_AGAIN: Duration = Duration::from_millis(2);
+const PART_AGAIN_MOST: Duration = Duration::from_millis(64);
+
+/// How long the rest of a header begun may take: it is written at once,
+/// and one cut short (a front that stalled or closed part-way) is not
+/// looked at for the whole `--header-read-timeout`.
+const PART_WITHIN: Duration = Duration::from_secs(1);
 
 /// The peers whose connections start with a PROXY protocol header.
 #[derive(Debug, Clone, Default)]
@@ -59,6 +67,8 @@ pub enum HeaderError {
     Timeout(Duration),
     #[error("closed before its PROXY protocol header was whole")]
     Closed,
+    #[error("a PROXY protocol header begun was not whole within {PART_WITHIN:?}")]
+    Cut,
     #[error("not a PROXY protocol header: {0}")]
     Malformed(String),
     #[error("PROXY protocol header longer than {MAX_HEADER} bytes")]
@@ -102,6 +112,8 @@ pub async fn read_header<S: Peek>(
 async fn take<S: Peek>(io: &mut S) -> Result<Option<SocketAddr>, HeaderError> {
     let mut buf = [0u8; MAX_HEADER];
     let mut seen = 0;
+    let mut again = PART_AGAIN;
+    let mut begun = None;
     loop {
         let n = io.peek(&mut buf).await?;
         if n == 0 {
@@ -114,8 +126,15 @@ async fn take<S: Peek>(io: &mut S) -> Result<Option<SocketAddr>, HeaderError> {
             }
             // A peek returns at once while bytes wait, however few: wait
             // a moment for the rest rather than spin on them.
+            let begun = *begun.get_or_insert_with(tokio::time::Instant::now);
+            if begun.elapsed() >= PART_WITHIN {
+                return Err(HeaderError::Cut);
+            }
             if n == seen {
-                tokio::time::sleep(PART_AGAIN).await;
+                tokio::time::sleep(again).await;
+                again = (again * 2).min(PART_AGAIN_MOST);
+            } else {
+                again = PART_AGAIN;
             }
             seen = n;
             continue;
@@ -158,9 +177,9 @@ fn v2_client(h: &v2::Header<'_>) -> Option<SocketAddr> {
 pub fn refused(peer: SocketAddr, e: &HeaderError) {
     static WARNED: crate::Moment = crate::Moment::new();
     match (e, WARNED.first_in(Duration::from_secs(10))) {
-        // A peer that connected and left, or sent nothing for long, is
-        // not a setting to fix.
-        (HeaderError::Closed | HeaderError::Timeout(_), _) | (_, false) => {
+        // A peer that connected and left, sent nothing for long, or
+        // stalled part-way through, is not a setting to fix.
+        (HeaderError::Closed | HeaderError::Timeout(_) | HeaderError::Cut, _) | (_, false) => {
             tracing::debug!(%peer, error = %e, "connection from a --proxy-protocol-from address closed")
         }
         (_, true) => tracing::warn!(
@@ -295,10 +314,15 @@ mod tests {
         big.resize(MAX_HEADER + 10, 0);
         let (got, _) = served(&[&big]).await;
         assert!(matches!(got, Err(HeaderError::TooLong)), "{got:?}");
-        // Closed part-way (a peek still sees the part: the deadline ends
-        // it), and with nothing sent.
-        let (got, _) = served(&[b"PROXY TCP4 1"]).await;
-        assert!(matches!(got, Err(HeaderError::Timeout(_))), "{got:?}");
+        // Closed part-way (a peek still sees the part: a second ends it,
+        // not the whole header timeout), and with nothing sent.
+        let (mut c, mut s) = pair().await;
+        c.write_all(b"PROXY TCP4 1").await.unwrap();
+        drop(c);
+        let t = tokio::time::Instant::now();
+        let got = read_header(&mut s, Duration::from_secs(30)).await;
+        assert!(matches!(got, Err(HeaderError::Cut)), "{got:?}");
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
         let (got, _) = served(&[]).await;
         assert!(matches!(got, Err(HeaderError::Closed)), "{got:?}");
     }

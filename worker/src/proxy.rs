@@ -803,7 +803,7 @@ impl Proxy {
         Ok(())
     }
 
-    /// A lease of the family `addrs` (a resolved destination) lists first;
+    /// Without a session, a lease of the family `addrs` (a resolved destination) lists first;
     /// of its other family only when the pool has none of the first, or
     /// the site's budget has none of it now (a dual-stack site whose IPv6
     /// addresses are spent is served from IPv4 ones at once, not after a
@@ -811,7 +811,8 @@ impl Proxy {
     ///
     /// A session's lease is asked in every family the destination has:
     /// the allocator answers with the address the session holds in any
-    /// of them. Asked in the first alone, a session holding an IPv6
+    /// of them, and pins a new one IPv4 first (as rotor's resolver lists
+    /// a name's addresses). Asked in the first alone, a session holding an IPv6
     /// address (its IPv4 lease was throttled once, or the name's answer
     /// lacked A records a moment) was pinned a second, IPv4 one, and the
     /// site saw the session change address.

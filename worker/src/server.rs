@@ -916,11 +916,11 @@ async fn refuse(mut stream: TcpStream, answer: &'static [u8]) {
 /// How long a lingering close reads what the client still sends, at
 /// most, and how much.
 #[derive(Clone, Copy)]
-struct Linger {
-    within: Duration,
+pub(crate) struct Linger {
+    pub within: Duration,
     /// Since the last bytes came.
-    idle: Duration,
-    most: u64,
+    pub idle: Duration,
+    pub most: u64,
 }
 
 /// A refused client's request: a moment, a little.
@@ -949,7 +949,7 @@ pub(crate) async fn linger_close(stream: TcpStream) {
 /// sent read (for `linger`) before the socket closes. Closed with its
 /// request unread, the kernel answers with a reset, which can reach the
 /// client before it has read the answer, and fails its sending.
-async fn linger_close_for<S>(mut stream: S, linger: Linger)
+pub(crate) async fn linger_close_for<S>(mut stream: S, linger: Linger)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -1022,7 +1022,11 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     fn drop(&mut self) {
-        if !self.arrivals.carried_body() || tokio::runtime::Handle::try_current().is_err() {
+        // After an upload, and in the drain: a connection closed at the
+        // drain's word after an answer may have the client's next request
+        // unread (sent before it read the `close`), as on the fast path.
+        let linger = self.arrivals.carried_body() || self.stop.is_cancelled();
+        if !linger || tokio::runtime::Handle::try_current().is_err() {
             return;
         }
         if let (Some(io), Some(held)) = (self.io.take(), self.held.take()) {
