@@ -163,7 +163,22 @@ pub struct LeaseTable {
     /// and to cut a broken table's file for every other process
     /// (`condemn`).
     file: Option<File>,
+    /// By family: the state tag this process published last ([`NO_TAG`]
+    /// before it published any). Only a publish moves a tag, and only the
+    /// allocator publishes: another tag is someone else's writing.
+    published: [AtomicU64; 2],
 }
+
+/// No tag published by this process (a worker's view of a table).
+const NO_TAG: u64 = u64::MAX;
+
+/// The most times a reading of the table, or a compare-and-swap on its
+/// states, is tried again: each retry is some other lease or a publish
+/// between, which never comes this many times in a row, but a writer of
+/// the file changing a state word without end held the allocator's lock
+/// in the loop for as long as it went on. Past it the table is taken for
+/// broken (replaced), or the reading taken as it is.
+const MAX_TRIES: u32 = 4096;
 
 // SAFETY: `base` points into a shared mapping that lives as long as the
 // table (unmapped only in `drop`) and is only ever read or written through
@@ -571,6 +586,7 @@ impl LeaseTable {
             id: fresh_id(),
             guard,
             file: file.and_then(|f| f.try_clone().ok()),
+            published: [AtomicU64::new(NO_TAG), AtomicU64::new(NO_TAG)],
         };
         // A new file or anonymous mapping is zero-filled: state 0 is half 0,
         // empty, open.
@@ -616,6 +632,7 @@ impl LeaseTable {
             id: 0,
             guard,
             file: Some(file),
+            published: [AtomicU64::new(NO_TAG), AtomicU64::new(NO_TAG)],
         };
         let capacity = table.word(2).load(Ordering::Relaxed) as usize;
         table.id = table.word(4).load(Ordering::Relaxed);
@@ -842,10 +859,14 @@ impl LeaseTable {
     ) -> Option<Result<Lease, (u64, bool)>> {
         let state = self.word(STATES[family.index()]);
         let mut s = state.load(Ordering::Acquire);
+        let mut tries = 0;
         loop {
-            if s & CLOSED != 0 {
+            // (A state changed without end: as closed, so the allocator
+            // replaces the table, and a worker asks it.)
+            if s & CLOSED != 0 || tries == MAX_TRIES {
                 return None;
             }
+            tries += 1;
             let half = Self::half_of(s);
             let generation = self.generation(half);
             let meta = self.family_meta(half, family);
@@ -962,8 +983,9 @@ impl LeaseTable {
             let total = family_total(entries, family);
             let state = self.word(STATES[family.index()]);
             let mut s = state.load(Ordering::Acquire);
-            loop {
-                if s & CLOSED != 0 {
+            for tries in 0.. {
+                // (A state changed without end: replaced as a closed one.)
+                if s & CLOSED != 0 || tries == MAX_TRIES {
                     return Err(TableError::Closed);
                 }
                 let c = cursor(family, self.due_at(family, s), s & CURSOR_MASK);
@@ -973,7 +995,10 @@ impl LeaseTable {
                 let tag = (tag & !1) | half as u64;
                 let next = (tag << TAG_SHIFT) | c;
                 match state.compare_exchange(s, next, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => break,
+                    Ok(_) => {
+                        self.published[family.index()].store(tag, Ordering::Relaxed);
+                        break;
+                    }
                     Err(actual) => s = actual,
                 }
             }
@@ -1031,6 +1056,12 @@ impl LeaseTable {
         let half = Self::half_of(s[0]);
         if Self::half_of(s[1]) != half {
             return Some("its two states name different halves".into());
+        }
+        for family in Family::ALL {
+            let published = self.published[family.index()].load(Ordering::Relaxed);
+            if published != NO_TAG && (s[family.index()] >> TAG_SHIFT) & TAG_MASK != published {
+                return Some(format!("{family}: its state was changed by someone else"));
+            }
         }
         if self.generation(half) != generation {
             return Some(format!(
@@ -1105,7 +1136,9 @@ impl LeaseTable {
     /// The rotation now, without the pool: generation, lease sequence, and
     /// each family's cursor and address due next.
     pub fn position(&self) -> Position {
+        let mut tries = 0;
         loop {
+            tries += 1;
             let s = self.states();
             let p = Position {
                 generation: self.generation(Self::half_of(s[0])),
@@ -1114,8 +1147,9 @@ impl LeaseTable {
                 next_due: [self.due_at(Family::V4, s[0]), self.due_at(Family::V6, s[1])],
             };
             // A lease moving a cursor meanwhile is fine (this is a reading
-            // of one instant); a pool swapped in is read again.
-            if self.same_pools(s) {
+            // of one instant); a pool swapped in is read again (a state
+            // changed without end is taken as read: `fault` finds it).
+            if self.same_pools(s) || tries == MAX_TRIES {
                 return p;
             }
         }
@@ -1123,11 +1157,14 @@ impl LeaseTable {
 
     /// The rotation now.
     pub fn snapshot(&self) -> TableSnapshot {
+        let mut tries = 0;
         loop {
+            tries += 1;
             let s = self.states();
             let snap = self.snapshot_at(s);
-            // A pool swapped in while read is read again.
-            if self.same_pools(s) {
+            // A pool swapped in while read is read again (a state changed
+            // without end is taken as read: `fault` finds it).
+            if self.same_pools(s) || tries == MAX_TRIES {
                 return snap;
             }
         }
@@ -1408,6 +1445,48 @@ mod tests {
             Some(Ok(Lease { ip, .. })) => ip,
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A writer of the file changing a state word without end (its tag,
+    /// the bits a reading checks) holds no reader and no lease in a loop,
+    /// and the table's check finds it changed, so the allocator replaces
+    /// it.
+    #[test]
+    fn a_state_changed_without_end_holds_nobody_and_is_found() {
+        let t = LeaseTable::anonymous(8, 0).unwrap();
+        let pool = singles(&ips(3));
+        publish(&t, &ips(3), 1);
+        assert_eq!(t.fault(&pool, 1), None);
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let toggles = std::thread::scope(|sc| {
+            let writer = sc.spawn(|| {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    t.word(STATES[0])
+                        .fetch_xor(4 << TAG_SHIFT, Ordering::AcqRel);
+                    n += 1;
+                }
+                n
+            });
+            // Each returns, however long the writer goes on.
+            for _ in 0..200 {
+                let _ = t.position();
+                let _ = t.snapshot();
+                let _ = t.lease(Families::V4, None);
+            }
+            stop.store(true, Ordering::Relaxed);
+            writer.join().unwrap()
+        });
+        if toggles % 2 == 0 {
+            t.word(STATES[0])
+                .fetch_xor(4 << TAG_SHIFT, Ordering::AcqRel);
+        }
+        let fault = t.fault(&pool, 1).unwrap_or_default();
+        assert!(fault.contains("changed by someone else"), "{fault:?}");
+        // A table this process did not publish (a worker's) has no tag to
+        // hold against it.
+        let fresh = LeaseTable::anonymous(8, 0).unwrap();
+        assert_eq!(fresh.fault(&[], 0), None);
     }
 
     #[test]
