@@ -888,7 +888,10 @@ async fn answer(
         Request::SitesV2 { max } => {
             Response::SitesV2(alloc.sites_report_v2(max.min(10_000) as usize))
         }
-        Request::Metrics(m) => {
+        Request::Metrics(mut m) => {
+            // No more than a worker sends, cut before the lock.
+            m.by_source.truncate(rotor_protocol::MAX_REPORTED_SOURCES);
+            m.errors.truncate(rotor_protocol::MAX_REPORTED_ERRORS);
             alloc.record_metrics(id, &m, rights == Rights::Control);
             Response::Noted { quarantined: false }
         }

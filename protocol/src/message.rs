@@ -481,14 +481,23 @@ pub struct WorkerMetrics {
     pub listen: Vec<String>,
     /// Requests and tunnels handled.
     pub requests: u64,
+    /// At most [`MAX_REPORTED_SOURCES`] (the rest in one under 0.0.0.0).
     pub by_source: Vec<SourceMetrics>,
     /// rotor's own error answers, by `Proxy-Status` error (or `none` for
-    /// 400, 407, 431).
+    /// 400, 407, 431); at most [`MAX_REPORTED_ERRORS`].
     pub errors: Vec<(String, u64)>,
     pub request_seconds: Histogram,
     pub connect_seconds: Histogram,
     pub lease_wait_seconds: Histogram,
 }
+
+/// The most sources a worker's report lists (`WorkerMetrics::by_source`);
+/// an allocator reads no more of one (a report is added up under its
+/// lock: a peer's 4 MiB of sources held it).
+pub const MAX_REPORTED_SOURCES: usize = 10_000;
+
+/// The most error kinds a report lists that an allocator reads.
+pub const MAX_REPORTED_ERRORS: usize = 256;
 
 /// A source's connects that failed where other sources' were answered
 /// (`Request::Unreached`): how many, and the sites they were to (the first

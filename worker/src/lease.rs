@@ -29,6 +29,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+/// The longest a report of an address this host cannot use waits for
+/// the allocator's word (see `LeaseClient::report_unusable`).
+const REPORT_WAIT: Duration = Duration::from_secs(1);
+
 pub const SOFTWARE: &str = concat!("rotor-worker/", env!("CARGO_PKG_VERSION"));
 
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
@@ -793,7 +797,9 @@ impl LeaseClient {
     /// Tells the allocator that this host could not use `ip` (it takes the
     /// address out of the rotation for every worker, and has done so when
     /// this returns). Whether it did; an allocator too old to be told, or
-    /// out of reach, is not waited for.
+    /// out of reach, is not waited for, and one that does not answer is
+    /// waited for [`REPORT_WAIT`] at most (the request it came from waits
+    /// for a second lease after it, which has a lease timeout of its own).
     pub async fn report_unusable(&self, ip: IpAddr, reason: String) -> bool {
         let knows = self
             .conn
@@ -803,10 +809,11 @@ impl LeaseClient {
         if !knows {
             return false;
         }
-        matches!(
-            self.request(Request::Unusable { ip, reason }).await,
-            Ok(Response::Noted { quarantined: true })
-        )
+        let told = self.request_within(
+            Request::Unusable { ip, reason },
+            REPORT_WAIT.min(self.timeout),
+        );
+        matches!(told.await, Ok(Response::Noted { quarantined: true }))
     }
 
     /// The allocator connection, once there is one (until `deadline`).

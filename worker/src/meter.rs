@@ -34,8 +34,9 @@ struct Acc {
 /// Source addresses counted apart between two reports at most (a prefix
 /// pool leases a new address each time); the rest are counted together
 /// under 0.0.0.0, which the allocator labels `other`. Keeps a report far
-/// under the frame limit.
-const MAX_SOURCES: usize = 10_000;
+/// under the frame limit. (One fewer than an allocator reads: the
+/// 0.0.0.0 line is one more.)
+const MAX_SOURCES: usize = rotor_protocol::MAX_REPORTED_SOURCES - 1;
 
 impl Acc {
     fn source(&mut self, ip: IpAddr) -> &mut SourceMetrics {
