@@ -850,7 +850,7 @@ impl LeaseTable {
 
     /// A lease of `family` if `wanted`; else (or with none of it) the
     /// generation and whether the family has addresses. `None` if closed.
-    #[inline]
+    #[inline(always)]
     fn lease_family(
         &self,
         family: Family,
@@ -859,14 +859,14 @@ impl LeaseTable {
     ) -> Option<Result<Lease, (u64, bool)>> {
         let state = self.word(STATES[family.index()]);
         let mut s = state.load(Ordering::Acquire);
+        // Retries, counted as they come (a state changed without end
+        // ends this as a closed table does: the allocator replaces it, a
+        // worker asks it).
         let mut tries = 0;
         loop {
-            // (A state changed without end: as closed, so the allocator
-            // replaces the table, and a worker asks it.)
-            if s & CLOSED != 0 || tries == MAX_TRIES {
+            if s & CLOSED != 0 {
                 return None;
             }
-            tries += 1;
             let half = Self::half_of(s);
             let generation = self.generation(half);
             let meta = self.family_meta(half, family);
@@ -881,6 +881,10 @@ impl LeaseTable {
                 std::sync::atomic::fence(Ordering::Acquire);
                 let now = state.load(Ordering::Acquire);
                 if now != s {
+                    tries += 1;
+                    if tries == MAX_TRIES {
+                        return None;
+                    }
                     s = now;
                     continue;
                 }
@@ -906,7 +910,13 @@ impl LeaseTable {
                         generation,
                     }));
                 }
-                Err(now) => s = now,
+                Err(now) => {
+                    tries += 1;
+                    if tries == MAX_TRIES {
+                        return None;
+                    }
+                    s = now;
+                }
             }
         }
     }

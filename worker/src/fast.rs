@@ -71,6 +71,10 @@ pub enum Outcome<I> {
     /// Closed (by the client, for silence, after `Connection: close`, on
     /// an error, or drained).
     Closed,
+    /// Answered with `Connection: close` at the drain's word, not the
+    /// client's: closed lingering (see `server::linger_close_for`), as
+    /// the client may have sent its next request before it read that.
+    Drained(I),
     /// A request this path does not serve is next: hyper's server takes
     /// the connection, the bytes read of it first, and whether this path
     /// served a request on it before (a CONNECT then is on a kept-alive
@@ -309,15 +313,9 @@ where
             // `Connection: close`, pipelined or racing the answer — read
             // and dropped, within the grace. Closed with those bytes
             // unread, the kernel resets the connection, and drops what of
-            // the answer it has not sent yet (RFC 9112 §9.6). Boxed: its
-            // state inline would be room in every connection's.
-            let linger = crate::server::Linger {
-                within: conn.grace,
-                idle: conn.grace,
-                most: LINGER_MOST,
-            };
-            Box::pin(crate::server::linger_close_for(&mut io, linger)).await;
-            return Outcome::Closed;
+            // the answer it has not sent yet (RFC 9112 §9.6). Done by the
+            // connection's task: an await here cost every request.
+            return Outcome::Drained(io);
         }
         if close {
             // TLS says goodbye (close_notify); a plain socket's close sends
@@ -334,7 +332,7 @@ where
 }
 
 /// The most the drain's lingering close reads and drops.
-const LINGER_MOST: u64 = 256 * 1024;
+pub const LINGER_MOST: u64 = 256 * 1024;
 
 /// Tells a client whose request did not come whole within the header
 /// timeout so (408, as hyper's path), then closes: within the grace, as a

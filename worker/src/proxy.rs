@@ -1544,6 +1544,9 @@ fn absolute_target(uri: &Uri) -> Result<Target<'_>, ProxyError> {
             "the target URI has an empty host".into(),
         ));
     }
+    if parts.host.len() > crate::dns::MAX_NAME {
+        return Err(name_too_long());
+    }
     // `http::Uri` accepts `host:99999`, `host:abc` and `host:+80`, with no
     // port number to give (a port is digits, RFC 3986 §3.2.3): refuse
     // rather than fall back to 80 or read a sign. (The userinfo is not in
@@ -1616,6 +1619,15 @@ fn split_authority(auth: &str) -> AuthorityParts<'_> {
 }
 
 /// `host` and `port` of a CONNECT target (`authority-form`, port required).
+/// A target whose host is longer than any name (see `dns::MAX_NAME`).
+#[cold]
+fn name_too_long() -> ProxyError {
+    ProxyError::BadRequest(format!(
+        "the target's host is longer than {} bytes",
+        crate::dns::MAX_NAME
+    ))
+}
+
 fn connect_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
     let auth = uri
         .authority()
@@ -1634,6 +1646,9 @@ fn connect_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
         return Err(ProxyError::BadRequest(
             "CONNECT target is not a host:port".into(),
         ));
+    }
+    if auth.host().len() > crate::dns::MAX_NAME {
+        return Err(name_too_long());
     }
     Ok((auth.host().to_string(), port))
 }
@@ -1818,6 +1833,20 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_host_longer_than_any_name_is_refused() {
+        let long = format!("{}127.0.0.1", "0".repeat(300));
+        for uri in [format!("http://{long}/"), format!("http://{long}:80/")] {
+            let got = absolute_target(&uri.parse().unwrap()).err();
+            assert!(matches!(got, Some(ProxyError::BadRequest(_))), "{got:?}");
+        }
+        let got = connect_target(&format!("{long}:443").parse().unwrap()).err();
+        assert!(matches!(got, Some(ProxyError::BadRequest(_))), "{got:?}");
+        let most = format!("{}.test", "a".repeat(crate::dns::MAX_NAME - 5));
+        assert!(absolute_target(&format!("http://{most}/").parse().unwrap()).is_ok());
+        assert!(connect_target(&format!("{most}:443").parse().unwrap()).is_ok());
     }
 
     #[test]

@@ -380,37 +380,33 @@ impl Serving {
                     _ = draining => return,
                 };
                 match named {
-                    Ok(named) => {
-                        let client = named.unwrap_or(client);
-                        if let Some(serve) = this.admitted(stream, client, is_tls, permit) {
-                            serve.await
-                        }
-                    }
+                    // Served in a task of its own, as every connection.
+                    Ok(named) => this.admitted(stream, named.unwrap_or(client), is_tls, permit),
                     Err(e) => crate::proxied::refused(client, &e),
                 }
             });
             return;
         }
-        if let Some(serve) = self.admitted(stream, client, is_tls, permit) {
-            self.connections.spawn(serve);
-        }
+        self.admitted(stream, client, is_tls, permit);
     }
 
-    /// The task that serves `stream` from `client` (`None`: refused at
-    /// the client's connection limit).
+    /// Spawns the task that serves `stream` from `client` (refused at the
+    /// client's connection limit). (The task made and spawned here, not
+    /// returned: a new connection's future moved once more cost 400
+    /// instructions.)
     fn admitted(
         &self,
         stream: ClientTcp,
         client: std::net::SocketAddr,
         is_tls: bool,
         permit: tokio::sync::OwnedSemaphorePermit,
-    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    ) {
         let Ok(slot) = self.clients.admit(client.ip()) else {
             client_limit_reached(client, self.config.max_client_connections);
             if let Ok(stream) = stream.into_tokio() {
                 refuse_soon(stream, (!is_tls).then_some(HTTP_CLIENT_REFUSAL));
             }
-            return None;
+            return;
         };
         let activity = Activity::new();
         let stream = IdleIo::new(stream, activity.clone());
@@ -491,6 +487,17 @@ impl Serving {
             // is spawned) stays small for a short connection.
             let (io, served) = match Box::pin(crate::fast::serve(io, &fast)).await {
                 crate::fast::Outcome::Closed => return,
+                crate::fast::Outcome::Drained(io) => {
+                    let linger = Linger {
+                        within: fast.grace,
+                        idle: fast.grace,
+                        most: crate::fast::LINGER_MOST,
+                    };
+                    // Boxed: inline, its state would be room in every
+                    // connection task's.
+                    Box::pin(linger_close_for(io, linger)).await;
+                    return;
+                }
                 crate::fast::Outcome::Handover(io, served) => (io, served),
             };
             // hyper's server from here (made only now: most connections
@@ -656,7 +663,7 @@ impl Serving {
             }
         }
         .instrument(tracing::debug_span!("client", %client));
-        Some(fut)
+        self.connections.spawn(fut);
     }
 }
 
