@@ -402,9 +402,15 @@ async fn one_way(
 ) -> io::Result<()> {
     let mut total = 0u64;
     let mut buf: Option<Box<[u8]>> = None;
+    // Reading past TCP urgent data (see below) until `src` has nothing.
+    let mut past_mark = false;
     loop {
-        src.readable().await?;
-        let pipe = if pipes {
+        // (Past the mark, tokio may have been told `src` has nothing when
+        // it has: read until it says so itself.)
+        if !past_mark {
+            src.readable().await?;
+        }
+        let pipe = if pipes && !past_mark {
             take_pipe(total >= BULK_AFTER)
         } else {
             None
@@ -421,8 +427,18 @@ async fn one_way(
                 // nothing). Only the read's answers: a write's error (or
                 // a stall) with bytes left in the pipe ends the tunnel,
                 // whatever `src` is at.
-                Ok(0) if os::at_urgent_mark(src) => None,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && os::at_urgent_mark(src) => None,
+                // splice's EAGAIN there cleared tokio's readiness with
+                // bytes waiting: they are read past it with no readiness
+                // asked (tokio's read would not even try), and what comes
+                // behind them too, until `src` itself has none.
+                Ok(0) if os::at_urgent_mark(src) => {
+                    past_mark = true;
+                    None
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && os::at_urgent_mark(src) => {
+                    past_mark = true;
+                    None
+                }
                 r => Some(r),
             },
             None => None,
@@ -431,7 +447,7 @@ async fn one_way(
             Some(r) => r,
             None => {
                 let buf = buf.get_or_insert_with(|| vec![0; COPY_BUFFER].into_boxed_slice());
-                copy_chunk(src, dst, buf, (&count, stall)).await
+                copy_chunk(src, dst, buf, past_mark, (&count, stall)).await
             }
         };
         match moved {
@@ -441,7 +457,10 @@ async fn one_way(
                 _ => return Ok(()),
             },
             Ok(n) => total += n as u64,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                past_mark = false;
+                continue;
+            }
             Err(e) => return Err(e),
         }
     }
@@ -481,14 +500,24 @@ async fn splice_chunk(
 }
 
 /// One chunk through `buf`, each write counted by `count`; 0 at `src`'s
-/// end, `WouldBlock` if `src` had nothing after all.
+/// end, `WouldBlock` if `src` had nothing after all. `past_mark`: read
+/// whatever tokio's readiness says (see `one_way`).
 async fn copy_chunk(
     src: &TcpStream,
     dst: &TcpStream,
     buf: &mut [u8],
+    past_mark: bool,
     (count, stall): (&impl Fn(usize), Duration),
 ) -> io::Result<usize> {
-    let n = src.try_read(buf)?;
+    let n = match past_mark {
+        false => src.try_read(buf)?,
+        // Through the readiness when it is set (an EAGAIN clears it as
+        // it should), else a read of the socket itself.
+        true => match src.try_io(Interest::READABLE, || read_raw(src, buf)) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => read_raw(src, buf)?,
+            r => r?,
+        },
+    };
     let mut sent = 0;
     while sent < n {
         writable(dst, (count, stall)).await?;
@@ -502,6 +531,12 @@ async fn copy_chunk(
         }
     }
     Ok(n)
+}
+
+/// One `recv` from `src`, whatever tokio's readiness of it says.
+fn read_raw(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    use std::io::Read;
+    (&*socket2::SockRef::from(src)).read(buf)
 }
 
 /// `dst` writable, unless it took nothing of what waits for it for `stall`
@@ -990,8 +1025,21 @@ mod tests {
             send(b"before", nix::sys::socket::MsgFlags::empty());
             send(b"!", nix::sys::socket::MsgFlags::MSG_OOB);
             send(b"after", nix::sys::socket::MsgFlags::empty());
+            // What follows the mark arrives while the tunnel stays open (a
+            // telnet interrupt, an FTP ABOR, then the session goes on):
+            // no FIN to end a splice that stopped at the mark.
+            let mut first = [0u8; 11];
+            tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                server.read_exact(&mut first),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("pipes {pipes}: stalled at the mark"))
+            .unwrap();
+            assert_eq!(&first, b"beforeafter", "pipes {pipes}");
+            send(b"more", nix::sys::socket::MsgFlags::empty());
             client.shutdown(std::net::Shutdown::Write).unwrap();
-            let mut got = Vec::new();
+            let mut got = first.to_vec();
             tokio::time::timeout(
                 std::time::Duration::from_secs(5),
                 server.read_to_end(&mut got),
@@ -1001,7 +1049,7 @@ mod tests {
             .unwrap();
             // The urgent byte itself is out of band (not inline), as a
             // direct connection's reader sees it.
-            assert_eq!(got, b"beforeafter", "pipes {pipes}");
+            assert_eq!(got, b"beforeaftermore", "pipes {pipes}");
             drop(server);
             drop(client);
             let _ = relay.await;
