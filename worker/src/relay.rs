@@ -151,6 +151,8 @@ where
     let mut client = Stalls::new(client, client_fd, stall, activity.clone());
     let fd = Some(upstream.as_raw_fd());
     let mut upstream = Stalls::new(upstream, fd, stall, activity.clone());
+    // (Declared after the sockets: dropped before them.)
+    let mut ending = ResetUnlessDone([client_fd, fd], false);
     let relayed = tokio::io::copy_bidirectional_with_sizes(
         &mut client,
         &mut upstream,
@@ -164,6 +166,7 @@ where
     if relayed.as_ref().is_err_and(os::is_reset) {
         reset_once_sent([client_fd, fd].into_iter().flatten()).await;
     }
+    ending.1 = relayed.is_ok();
     relayed
 }
 
@@ -359,6 +362,11 @@ async fn splice_tcp(
     activity: &Activity,
     (pipes, stall): (bool, Duration),
 ) -> io::Result<()> {
+    // (Dropped before the sockets, which are arguments.)
+    let mut ending = ResetUnlessDone(
+        [Some(client.as_raw_fd()), Some(upstream.as_raw_fd())],
+        false,
+    );
     if !early.is_empty() {
         if let Err(e) = upstream.write_all(&early).await {
             if os::is_reset(&e) {
@@ -387,7 +395,27 @@ async fn splice_tcp(
     if relayed.as_ref().is_err_and(os::is_reset) {
         reset_once_sent([client.as_raw_fd(), upstream.as_raw_fd()]).await;
     }
+    ending.1 = relayed.is_ok();
     relayed
+}
+
+/// A tunnel's sockets (`.0`), closed with a reset unless the relay ended
+/// as both peers did (`.1`): one that rotor ends itself — its future
+/// dropped at the drain's cut, for silence, for a revoked user — or that a
+/// stall or an error other than a peer's reset ended, must not end in the
+/// FIN that tells a peer reading to the end (an HTTP/1.0 body, a raw
+/// stream) that the stream is whole. (What waits unsent is lost: the
+/// stream was cut.)
+struct ResetUnlessDone([Option<RawFd>; 2], bool);
+
+impl Drop for ResetUnlessDone {
+    fn drop(&mut self) {
+        if !self.1 {
+            for fd in self.0.into_iter().flatten() {
+                os::reset_at_close(fd);
+            }
+        }
+    }
 }
 
 /// Moves bytes from `src` to `dst` until `src` ends, then shuts `dst` for
@@ -1053,6 +1081,41 @@ mod tests {
             drop(server);
             drop(client);
             let _ = relay.await;
+        }
+    }
+
+    /// A tunnel rotor ends itself (its relay dropped: the drain's cut,
+    /// silence, a revoked user) is reset on both sides, not closed with
+    /// the FIN that would tell a client reading to the end that a cut
+    /// download was whole; one both peers ended closes as they did.
+    #[tokio::test]
+    async fn a_tunnel_rotor_ends_is_reset_not_finished() {
+        for pipes in [true, false] {
+            let (mut client, relay_client) = socket_pair().await;
+            let (relay_up, mut server) = socket_pair().await;
+            let relay = spawn_relay(relay_client, Bytes::new(), relay_up, Activity::new(), pipes);
+            server.write_all(b"part of a download").await.unwrap();
+            let mut got = [0u8; 18];
+            client.read_exact(&mut got).await.unwrap();
+            relay.abort();
+            let _ = relay.await;
+            let mut rest = Vec::new();
+            let end = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+                .await
+                .unwrap();
+            assert_eq!(
+                end.map_err(|e| e.kind()),
+                Err(io::ErrorKind::ConnectionReset),
+                "pipes {pipes}: the client"
+            );
+            let end = tokio::time::timeout(Duration::from_secs(5), server.read_to_end(&mut rest))
+                .await
+                .unwrap();
+            assert_eq!(
+                end.map_err(|e| e.kind()),
+                Err(io::ErrorKind::ConnectionReset),
+                "pipes {pipes}: the destination"
+            );
         }
     }
 
