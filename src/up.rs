@@ -528,7 +528,15 @@ async fn supervise(
                 // child stopped, it did not crash.
                 let stopping = tokio::time::timeout(STOP_GRACE, stop.cancelled()).await;
                 if stopping.is_ok() {
-                    info!(child = %slot.name, status = ?s.ok(), "stopped");
+                    info!(child = %slot.name, status = ?s.as_ref().ok(), "stopped");
+                    // Its own exit says how it stopped (a worker's cut
+                    // drain: 3), as when rotor up stops it.
+                    if !s.as_ref().is_ok_and(|s| s.success()) {
+                        streaks
+                            .outcome
+                            .unclean
+                            .store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
                     return;
                 }
                 if signals.shutdown.is_cancelled() {
