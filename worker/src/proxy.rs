@@ -1181,7 +1181,14 @@ impl Proxy {
                 Ok(u) => u,
                 Err(e) => {
                     debug!(%client, %dest, error = %error_chain(&e), "client left before the tunnel opened");
-                    log_tunnel(log, &lease, (0, 0));
+                    // Logged as a client that left (499), not as a tunnel
+                    // that opened and moved nothing.
+                    if let Some((log, mut e)) = log {
+                        e.source = Some(lease.ip);
+                        e.status = 499;
+                        e.error = Some(CLIENT_CLOSED_ERROR);
+                        log.log(&e);
+                    }
                     return;
                 }
             };
