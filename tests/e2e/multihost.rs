@@ -218,16 +218,6 @@ async fn exchange(mut s: tokio::net::TcpStream, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&all).into_owned()
 }
 
-/// The clients the access log (JSON) names, in order.
-fn logged_clients(log: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|l| l["client"].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
 /// `--proxy-protocol-from`: a front proxy's connections start with a
 /// PROXY protocol header, and the client it names is the one the
 /// per-client limit and the access log see, on the HTTP and the SOCKS5

@@ -952,20 +952,12 @@ async fn a_proxy_protocol_header_before_the_tls_hello() {
     assert_ne!(code, 0, "no header from a trusted peer: closed");
     let (code, out) = through(p.tls, "127.0.0.89").await;
     assert_eq!((code, out.as_str()), (0, "200"), "another peer: as always");
-    let logged = || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .map(|l| l["client"].as_str().unwrap_or_default().to_string())
-            .collect::<Vec<String>>()
-    };
     eventually("both requests logged", || {
-        let n = logged().len();
+        let n = logged_clients(&log).len();
         async move { n >= 2 }
     })
     .await;
-    let clients = logged();
+    let clients = logged_clients(&log);
     assert_eq!(clients.len(), 2, "{clients:?}");
     assert!(clients[0].starts_with("127.0.0.88:"), "{clients:?}");
     assert!(clients[1].starts_with("127.0.0.89:"), "{clients:?}");

@@ -1135,3 +1135,13 @@ pub fn skip(why: &str) {
     assert!(std::env::var_os("CI").is_none(), "{why}");
     println!("SKIPPED {why}");
 }
+
+/// The clients a JSON access log names, in order.
+pub fn logged_clients(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|l| l["client"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
