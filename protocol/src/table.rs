@@ -172,13 +172,16 @@ pub struct LeaseTable {
 /// No tag published by this process (a worker's view of a table).
 const NO_TAG: u64 = u64::MAX;
 
-/// The most times a reading of the table, or a compare-and-swap on its
-/// states, is tried again: each retry is some other lease or a publish
-/// between, which never comes this many times in a row, but a writer of
-/// the file changing a state word without end held the allocator's lock
-/// in the loop for as long as it went on. Past it the table is taken for
-/// broken (replaced), or the reading taken as it is.
+/// The most times a reading of the table, or a lease's compare-and-swap
+/// on its states, is tried again: each retry is some other lease or a
+/// publish between, which never comes this many times in a row, but a
+/// writer of the file changing a state word without end held the
+/// allocator's lock in the loop for as long as it went on. Past it the
+/// table is taken for broken (replaced), or the reading taken as it is.
 const MAX_TRIES: u32 = 4096;
+
+/// How long a publish retries its compare-and-swap (see `publish`).
+const PUBLISH_PATIENCE: std::time::Duration = std::time::Duration::from_millis(200);
 
 // SAFETY: `base` points into a shared mapping that lives as long as the
 // table (unmapped only in `drop`) and is only ever read or written through
@@ -993,9 +996,19 @@ impl LeaseTable {
             let total = family_total(entries, family);
             let state = self.word(STATES[family.index()]);
             let mut s = state.load(Ordering::Acquire);
-            for tries in 0.. {
-                // (A state changed without end: replaced as a closed one.)
-                if s & CLOSED != 0 || tries == MAX_TRIES {
+            // Since the first retry: each is a lease that moved the cursor
+            // while the new one was worked out (a walk of the pool), which
+            // a busy large pool does often, but not for long.
+            let mut retrying: Option<std::time::Instant> = None;
+            loop {
+                if s & CLOSED != 0 {
+                    return Err(TableError::Closed);
+                }
+                // A state changed without end (a writer of the file): the
+                // table is closed, whatever half a family's state names,
+                // and replaced by its caller as any closed one.
+                if retrying.is_some_and(|t| t.elapsed() >= PUBLISH_PATIENCE) {
+                    self.close();
                     return Err(TableError::Closed);
                 }
                 let c = cursor(family, self.due_at(family, s), s & CURSOR_MASK);
@@ -1009,7 +1022,10 @@ impl LeaseTable {
                         self.published[family.index()].store(tag, Ordering::Relaxed);
                         break;
                     }
-                    Err(actual) => s = actual,
+                    Err(actual) => {
+                        retrying.get_or_insert_with(std::time::Instant::now);
+                        s = actual;
+                    }
                 }
             }
         }
@@ -1457,10 +1473,11 @@ mod tests {
         }
     }
 
-    /// A writer of the file changing a state word without end (its tag,
-    /// the bits a reading checks) holds no reader and no lease in a loop,
-    /// and the table's check finds it changed, so the allocator replaces
-    /// it.
+    /// A writer of the file changing a state word (its tag, the bits a
+    /// reading checks): readings and leases meanwhile return (the bound on
+    /// their retries is not what this shows: a writer thread seldom wins
+    /// every race), and the table's check finds the tag changed, so the
+    /// allocator replaces the table.
     #[test]
     fn a_state_changed_without_end_holds_nobody_and_is_found() {
         let t = LeaseTable::anonymous(8, 0).unwrap();

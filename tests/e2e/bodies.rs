@@ -348,3 +348,36 @@ async fn an_upload_takes_a_new_upstream_connection_and_leaves_the_pooled_one() {
         "{seen:?}"
     );
 }
+
+/// The same in the drain: a connection closed at the drain's word closes
+/// lingering, and the lingering close's shutdown sent a FIN right behind
+/// the cut body, which an HTTP/1.0 client took for its end.
+#[tokio::test]
+async fn a_body_cut_short_in_the_drain_is_still_a_reset() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let body = "a".repeat(3000);
+    let (addr, _) = recording_server(move |mut s: TcpStream| {
+        let cut = format!("HTTP/1.1 200 OK\r\nContent-Length: 6000\r\n\r\n{body}");
+        async move {
+            let mut b = [0u8; 4096];
+            let _ = s.read(&mut b).await;
+            let _ = s.write_all(cut.as_bytes()).await;
+        }
+    })
+    .await;
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    accepted(worker.addr).await;
+    worker.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    drain_begun(worker.addr).await;
+    s.write_all(format!("GET http://{addr}/ HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let end = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let e = end.expect_err(&format!("a cut body ended cleanly: {text}"));
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+}

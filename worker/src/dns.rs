@@ -538,8 +538,6 @@ pub fn ip_literal(host: &str) -> Option<IpAddr> {
         .map(|ip| ip.to_canonical())
 }
 
-/// Resolves `host:port` with getaddrinfo (uncached; IP literals are
-/// answered before it, by [`Resolver::resolve`]).
 /// The first [`MAX_ADDRS_PER_FAMILY`] addresses of each family, in order.
 fn capped(mut addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
     if addrs.len() > MAX_ADDRS_PER_FAMILY {
@@ -570,6 +568,8 @@ pub const MAX_NAME: usize = 254;
 const SYSTEM_LOOKUPS: usize = 64;
 static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(SYSTEM_LOOKUPS);
 
+/// Resolves `host:port` with getaddrinfo (uncached; IP literals are
+/// answered before it, by [`Resolver::resolve`]).
 async fn lookup(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAddr>, ProxyError> {
     let bare = unbracketed(host);
     let lookup = async {

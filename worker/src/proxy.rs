@@ -1625,7 +1625,6 @@ fn split_authority(auth: &str) -> AuthorityParts<'_> {
     }
 }
 
-/// `host` and `port` of a CONNECT target (`authority-form`, port required).
 /// A target whose host is longer than any name (see `dns::MAX_NAME`).
 #[cold]
 fn name_too_long() -> ProxyError {
@@ -1635,6 +1634,7 @@ fn name_too_long() -> ProxyError {
     ))
 }
 
+/// `host` and `port` of a CONNECT target (`authority-form`, port required).
 fn connect_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
     let auth = uri
         .authority()

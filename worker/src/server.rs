@@ -1032,7 +1032,8 @@ where
         // After an upload, and in the drain: a connection closed at the
         // drain's word after an answer may have the client's next request
         // unread (sent before it read the `close`), as on the fast path.
-        let linger = self.arrivals.carried_body() || self.stop.is_cancelled();
+        let linger = (self.arrivals.carried_body() || self.stop.is_cancelled())
+            && !self.arrivals.reset.load(Ordering::Relaxed);
         if !linger || tokio::runtime::Handle::try_current().is_err() {
             return;
         }
@@ -1198,6 +1199,9 @@ struct Arrivals {
     /// Whether the request that came last has a body not read to its end
     /// (see [`Lingering`]).
     bodies: std::sync::atomic::AtomicBool,
+    /// Closed with a reset (a response body that broke off): no lingering
+    /// close, in the drain either, whose shutdown would send the FIN.
+    reset: std::sync::atomic::AtomicBool,
 }
 
 /// A request body on hyper's path that tells its connection once it has
@@ -1254,9 +1258,11 @@ impl Arrivals {
         self.bodies.load(Ordering::Relaxed)
     }
 
-    /// The connection closes without lingering, whatever its last body.
+    /// The connection closes without lingering (with the reset set on
+    /// its socket), whatever its last body, in the drain too.
     fn no_linger(&self) {
         self.bodies.store(false, Ordering::Relaxed);
+        self.reset.store(true, Ordering::Relaxed);
     }
 
     /// From now on each arrival wakes `after`.
