@@ -96,7 +96,7 @@ type ClientIo = TokioIo<crate::server::Lingering<crate::fast::Rewind<crate::serv
 /// bytes moving the other way do not keep it open.
 pub async fn tunnel(
     client: Upgraded,
-    mut upstream: TcpStream,
+    upstream: TcpStream,
     activity: &Activity,
     stall: Duration,
 ) -> io::Result<()> {
@@ -119,19 +119,16 @@ pub async fn tunnel(
                 }
                 // TLS: the bytes are the session's to decrypt; copied.
                 tokio_util::either::Either::Right(tls) => {
-                    // What the client sent right behind its CONNECT goes first.
-                    let n = early.len() as u64;
-                    if n > 0 {
-                        tokio::io::AsyncWriteExt::write_all(&mut upstream, &early).await?;
-                        activity.moved(true, n);
-                    }
                     let fd = tls.get_ref().0.get_ref().raw_fd();
                     let client = (EndWithoutNotify(tls), fd);
-                    copy_tunnel(client, upstream, activity, stall).await
+                    copy_tunnel(client, early, upstream, activity, stall).await
                 }
             }
         }
-        Err(client) => copy_tunnel((TokioIo::new(client), None), upstream, activity, stall).await,
+        Err(client) => {
+            let client = (TokioIo::new(client), None);
+            copy_tunnel(client, Bytes::new(), upstream, activity, stall).await
+        }
     }
 }
 
@@ -140,6 +137,7 @@ pub async fn tunnel(
 /// written to it (down); a side that takes nothing for `stall` ends it.
 async fn copy_tunnel<T>(
     (client, client_fd): (T, Option<RawFd>),
+    early: Bytes,
     upstream: TcpStream,
     activity: &Activity,
     stall: Duration,
@@ -153,6 +151,12 @@ where
     let mut upstream = Stalls::new(upstream, fd, stall, activity.clone());
     // (Declared after the sockets: dropped before them.)
     let mut ending = ResetUnlessDone([client_fd, fd], false);
+    // What the client sent right behind its CONNECT goes first (under the
+    // guard: a cut meanwhile is a reset too).
+    if !early.is_empty() {
+        tokio::io::AsyncWriteExt::write_all(&mut upstream, &early).await?;
+        activity.moved(true, early.len() as u64);
+    }
     let relayed = tokio::io::copy_bidirectional_with_sizes(
         &mut client,
         &mut upstream,
@@ -1023,7 +1027,7 @@ mod tests {
             let mut relay = tokio::spawn(async move {
                 let fd = Some(relay_client.as_raw_fd());
                 let stall = Duration::from_millis(800);
-                copy_tunnel((relay_client, fd), relay_up, &activity, stall).await
+                copy_tunnel((relay_client, fd), Bytes::new(), relay_up, &activity, stall).await
             });
             let writing = tokio::spawn(async move {
                 let _ = writer.write_all(&data(32 << 20, 1)).await;
@@ -1090,10 +1094,18 @@ mod tests {
     /// download was whole; one both peers ended closes as they did.
     #[tokio::test]
     async fn a_tunnel_rotor_ends_is_reset_not_finished() {
-        for pipes in [true, false] {
+        // Spliced, copied, and through the copy path a TLS client takes.
+        for (pipes, copied) in [(true, false), (false, false), (false, true)] {
             let (mut client, relay_client) = socket_pair().await;
             let (relay_up, mut server) = socket_pair().await;
-            let relay = spawn_relay(relay_client, Bytes::new(), relay_up, Activity::new(), pipes);
+            let relay = match copied {
+                false => spawn_relay(relay_client, Bytes::new(), relay_up, Activity::new(), pipes),
+                true => tokio::spawn(async move {
+                    let fd = Some(relay_client.as_raw_fd());
+                    let (activity, stall) = (Activity::new(), Duration::from_secs(300));
+                    copy_tunnel((relay_client, fd), Bytes::new(), relay_up, &activity, stall).await
+                }),
+            };
             server.write_all(b"part of a download").await.unwrap();
             let mut got = [0u8; 18];
             client.read_exact(&mut got).await.unwrap();
@@ -1106,7 +1118,7 @@ mod tests {
             assert_eq!(
                 end.map_err(|e| e.kind()),
                 Err(io::ErrorKind::ConnectionReset),
-                "pipes {pipes}: the client"
+                "pipes {pipes}, copied {copied}: the client"
             );
             let end = tokio::time::timeout(Duration::from_secs(5), server.read_to_end(&mut rest))
                 .await
@@ -1114,7 +1126,7 @@ mod tests {
             assert_eq!(
                 end.map_err(|e| e.kind()),
                 Err(io::ErrorKind::ConnectionReset),
-                "pipes {pipes}: the destination"
+                "pipes {pipes}, copied {copied}: the destination"
             );
         }
     }
