@@ -22,14 +22,23 @@ pub async fn request_by_minor(
 ) -> anyhow::Result<Response> {
     use anyhow::Context;
     let connect = async {
-        let stream = UnixStream::connect(socket)
-            .await
-            .with_context(|| {
-                format!(
+        let stream = match UnixStream::connect(socket).await {
+            Ok(s) => s,
+            // The socket is there, but this user may not reach it: the
+            // socket file's mode, or its directory's.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "this user may not connect to the allocator's socket {} (it takes write permission on the socket file and search permission on its directory: run as root or the allocator's user, or see --allow-uid, --allow-gid and --socket-mode)",
+                    socket.display()
+                )))
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
                     "no allocator answers at {} (is rotor running? start it with `rotor up`, or name its socket with --socket or ROTOR_SOCKET)",
                     socket.display()
-                )
-            })?;
+                )))
+            }
+        };
         let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
         let server = client_handshake(
             &mut chan,

@@ -279,7 +279,11 @@ async fn only_allowed_users_may_use_the_allocator_socket() {
     assert_eq!(mode, 0o660);
     let out = status_as_nobody(&alloc.socket);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+    // Said as what it is, not as an allocator that is not running.
+    assert!(stderr.contains("may not connect"), "{stderr}");
+    assert!(!stderr.contains("is rotor running"), "{stderr}");
     drop(alloc);
 
     // A world-writable socket still checks each peer's credentials.
