@@ -103,7 +103,13 @@ macro_rules! number_values {
         impl Value for $t {
             const NAME: &'static str = "N";
             fn parse(s: &str) -> Result<Self, String> {
-                s.parse().map_err(|e| format!("`{s}`: {e}"))
+                s.parse().map_err(|e| match s.contains(',') {
+                    // A list's default is shown comma-separated
+                    // (`--deny-port` 25,465,587); it is given a value a
+                    // flag.
+                    true => format!("`{s}`: one number a flag (repeat the flag for more)"),
+                    false => format!("`{s}`: {e}"),
+                })
             }
             fn show(&self) -> String {
                 self.to_string()
@@ -390,6 +396,8 @@ mod tests {
         assert_eq!(Shape::given(&flag, &None), None);
         assert_eq!(Shape::given(&vec![2u16], &Some(vec![1u16])), Some(vec![2]));
         assert_eq!(<Vec<u16> as Shape>::default("25,465"), vec![25, 465]);
+        let e = <u16 as Value>::parse("25,465").unwrap_err();
+        assert!(e.contains("repeat the flag"), "{e}");
         assert_eq!(<Vec<u16> as Shape>::default(""), Vec::<u16>::new());
         let one: Option<Duration> = None;
         assert_eq!(
