@@ -41,11 +41,59 @@ const MAX_LISTENERS: usize = 64;
 /// Allocator connections kept beyond the workers' own (see `run`).
 const PEERS_SPARE: usize = 8;
 
+/// The configuration file as `rotor up` read it, for its children: a
+/// child started again (it crashed, or its drain ended) reads what its
+/// siblings did, not the file as edited since (a change half made took
+/// the allocator down for good, and a raised drain timeout was cut at
+/// the old one). A private file in the temporary directory, removed when
+/// `rotor up` ends.
+struct Snapshot(std::path::PathBuf);
+
+impl Snapshot {
+    fn write(text: &str) -> std::io::Result<Snapshot> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = std::env::temp_dir().join(format!("rotor-up-{}.toml", std::process::id()));
+        // A file left by a killed rotor up of the same pid goes first.
+        let _ = std::fs::remove_file(&path);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        f.write_all(text.as_bytes())?;
+        Ok(Snapshot(path))
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// How long children get to stop after the drain timeout before SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
 pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
-    let file = match FileConfig::load(args.common.at.config.as_deref()) {
+    // The file as it is now, read once: every child, started again or
+    // not, reads this copy (see `Snapshot`).
+    let text = match &args.common.at.config {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) => Some((path.clone(), t)),
+            Err(e) => {
+                let e = crate::cli::ConfigError::Read(path.clone(), e);
+                error!("{}", rotor_protocol::error_chain(&e));
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    let parsed = match &text {
+        Some((path, t)) => FileConfig::parse(path, t),
+        None => Ok(FileConfig::default()),
+    };
+    let file = match parsed {
         Ok(f) => f,
         Err(e) => {
             error!("{}", rotor_protocol::error_chain(&e));
@@ -147,11 +195,19 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let snapshot = match text.map(|(_, t)| Snapshot::write(&t)).transpose() {
+        Ok(s) => s,
+        Err(e) => {
+            error!("cannot keep a copy of the configuration file for the children: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = snapshot.as_ref().map(|s| s.0.as_path());
     let mut alloc_args: Vec<OsString> = vec!["allocator".into()];
-    alloc_args.extend(args.common.to_args(&socket));
+    alloc_args.extend(args.common.to_args(&socket, config));
     alloc_args.extend(args.allocator.to_args());
     let mut worker_args: Vec<OsString> = vec!["worker".into()];
-    worker_args.extend(args.common.to_args(&socket));
+    worker_args.extend(args.common.to_args(&socket, config));
     for i in 0..listeners.len() {
         let flag = match i {
             i if i < listen.len() => "--listen-fd",

@@ -70,7 +70,12 @@ impl FileConfig {
             return Ok(FileConfig::default());
         };
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse(path.into(), e))
+        FileConfig::parse(path, &text)
+    }
+
+    /// The file `path` as read (`text`).
+    pub fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(path.into(), e))
     }
 }
 
@@ -123,9 +128,10 @@ impl CommonArgs {
     }
 
     /// What children of `rotor up` get: the same file and socket.
-    pub fn to_args(&self, socket: &Path) -> Vec<OsString> {
+    /// The file is `config` (`rotor up`'s copy of it, see `up::Snapshot`).
+    pub fn to_args(&self, socket: &Path, config: Option<&Path>) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec!["--socket".into(), socket.into()];
-        if let Some(c) = &self.at.config {
+        if let Some(c) = config {
             a.extend(["--config".into(), c.into()]);
         }
         a

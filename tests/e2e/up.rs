@@ -580,3 +580,37 @@ async fn a_sighup_to_rotor_up_reloads_each_worker_once() {
     })
     .await;
 }
+
+/// A worker `rotor up` starts again reads the configuration file as
+/// `rotor up` read it, not as edited since: the file half rewritten (here,
+/// not TOML at all) took each restarted worker down at its start, and
+/// `rotor up` gave up on them. The copy goes when `rotor up` ends.
+#[tokio::test]
+async fn a_restarted_worker_reads_the_file_rotor_up_read() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let config = dir.path().join("rotor.toml");
+    std::fs::write(&config, "[worker]\nexpose-source = true\n").unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut up = up_with_two_workers(
+        &socket,
+        &listen,
+        &["--no-state", "--config", config.to_str().unwrap()],
+    )
+    .await;
+    let copy = std::env::temp_dir().join(format!("rotor-up-{}.toml", up.pid()));
+    assert!(copy.exists(), "{copy:?}");
+    std::fs::write(&config, "[worker\nexpose-source = tru").unwrap();
+    replaced(&socket, worker_pids(&socket)[0]).await;
+    let proxy = listen.parse().unwrap();
+    for _ in 0..4 {
+        let r = get(proxy, &origin.url("/")).await;
+        assert_eq!(r.status, 200);
+        // The file's setting, in every worker, the new one too.
+        assert!(r.headers.contains_key("rotor-source"), "{:?}", r.headers);
+    }
+    up.signal(Signal::SIGTERM);
+    assert!(up.wait(Duration::from_secs(20)).success());
+    assert!(!copy.exists(), "the copy outlived rotor up");
+}
