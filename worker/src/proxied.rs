@@ -171,10 +171,39 @@ fn v2_client(h: &v2::Header<'_>) -> Option<SocketAddr> {
     }
 }
 
+/// The client a front proxy's connection from `peer` names (its own
+/// address for a header that names none), its header taken off `io`
+/// within `within`; `None` when the connection is to be closed: no header
+/// (said by [`refused`]), or none begun by `grace` after `stop` (a drain
+/// lets a header on its way come, as a TLS handshake under way).
+pub async fn client_of<S: Peek>(
+    io: &mut S,
+    peer: SocketAddr,
+    within: Duration,
+    (stop, grace): (&tokio_util::sync::CancellationToken, Duration),
+) -> Option<SocketAddr> {
+    let header = Box::pin(read_header(io, within));
+    let draining = async {
+        stop.cancelled().await;
+        tokio::time::sleep(grace).await
+    };
+    let named = tokio::select! {
+        r = header => r,
+        _ = draining => return None,
+    };
+    match named {
+        Ok(named) => Some(named.unwrap_or(peer)),
+        Err(e) => {
+            refused(peer, &e);
+            None
+        }
+    }
+}
+
 /// A connection from a trusted peer that did not start with a header:
 /// a front proxy not set to send one (or not the front proxy at all).
 /// Said once in 10 s at warn (it is a setting to fix), else at debug.
-pub fn refused(peer: SocketAddr, e: &HeaderError) {
+fn refused(peer: SocketAddr, e: &HeaderError) {
     static WARNED: crate::Moment = crate::Moment::new();
     match (e, WARNED.first_in(Duration::from_secs(10))) {
         // A peer that connected and left, sent nothing for long, or

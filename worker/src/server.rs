@@ -370,19 +370,11 @@ impl Serving {
             self.connections.spawn(async move {
                 let mut stream = stream;
                 let within = this.config.header_read_timeout;
-                let header = Box::pin(crate::proxied::read_header(&mut stream, within));
-                let draining = async {
-                    this.stop.cancelled().await;
-                    tokio::time::sleep(IDLE_CLOSE_GRACE).await
-                };
-                let named = tokio::select! {
-                    r = header => r,
-                    _ = draining => return,
-                };
-                match named {
-                    // Served in a task of its own, as every connection.
-                    Ok(named) => this.admitted(stream, named.unwrap_or(client), is_tls, permit),
-                    Err(e) => crate::proxied::refused(client, &e),
+                let stop = (&this.stop, IDLE_CLOSE_GRACE);
+                let named = crate::proxied::client_of(&mut stream, client, within, stop).await;
+                // Served in a task of its own, as every connection.
+                if let Some(client) = named {
+                    this.admitted(stream, client, is_tls, permit);
                 }
             });
             return;
@@ -846,22 +838,10 @@ async fn socks_accept(
         let stop = shutdown.clone();
         connections.spawn(async move {
             let mut stream = stream;
-            let header = Box::pin(crate::proxied::read_header(&mut stream, within));
-            let draining = async {
-                stop.cancelled().await;
-                tokio::time::sleep(IDLE_CLOSE_GRACE).await
-            };
-            let named = tokio::select! {
-                r = header => r,
-                _ = draining => return,
-            };
-            match named {
-                Ok(named) => {
-                    if let Some(serve) = admit(stream, named.unwrap_or(client)) {
-                        serve.await
-                    }
-                }
-                Err(e) => crate::proxied::refused(client, &e),
+            let draining = (&stop, IDLE_CLOSE_GRACE);
+            let named = crate::proxied::client_of(&mut stream, client, within, draining).await;
+            if let Some(serve) = named.and_then(|client| admit(stream, client)) {
+                serve.await
             }
         });
     }
@@ -1200,7 +1180,8 @@ struct Arrivals {
     /// (see [`Lingering`]).
     bodies: std::sync::atomic::AtomicBool,
     /// Closed with a reset (a response body that broke off): no lingering
-    /// close, in the drain either, whose shutdown would send the FIN.
+    /// close, after an upload or in the drain, whose shutdown would send
+    /// the FIN.
     reset: std::sync::atomic::AtomicBool,
 }
 
@@ -1261,7 +1242,6 @@ impl Arrivals {
     /// The connection closes without lingering (with the reset set on
     /// its socket), whatever its last body, in the drain too.
     fn no_linger(&self) {
-        self.bodies.store(false, Ordering::Relaxed);
         self.reset.store(true, Ordering::Relaxed);
     }
 
