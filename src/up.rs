@@ -137,6 +137,10 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         error!("{}", rotor_protocol::error_chain(&e));
         return ExitCode::from(2);
     }
+    if every.is_empty() {
+        error!("{}", crate::cli::worker::NOTHING_TO_LISTEN_ON);
+        return ExitCode::from(2);
+    }
     if every.len() > MAX_LISTENERS {
         error!("at most {MAX_LISTENERS} listen addresses");
         return ExitCode::from(2);

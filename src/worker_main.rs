@@ -86,6 +86,9 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         named.extend(merged.socks_listen.iter().map(|a| ("SOCKS5", *a)));
         named.extend(merged.tls_listen.iter().map(|a| ("TLS", *a)));
         let addrs: Vec<std::net::SocketAddr> = named.iter().map(|(_, a)| *a).collect();
+        if addrs.is_empty() && !passed_any {
+            eprintln!("note: nothing to listen on unless systemd passes sockets (listen = [], and no socks-listen or tls-listen)");
+        }
         if let Err(e) = tuning.check_exposure(&addrs) {
             return fail(&e);
         }
@@ -144,6 +147,11 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         .chain(&tls_listeners)
         .filter_map(|l| l.local_addr().ok())
         .collect();
+    if addrs.is_empty() {
+        return fail(&crate::cli::ConfigError::Invalid(
+            crate::cli::worker::NOTHING_TO_LISTEN_ON.into(),
+        ));
+    }
     if let Err(e) = tuning.check_exposure(&addrs) {
         return fail(&e);
     }

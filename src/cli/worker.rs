@@ -8,17 +8,22 @@ use std::time::Duration;
 use clap::Args;
 use rotor_worker::acl::Cidr;
 
-use super::settings::{settings, Value};
+use super::settings::{settings, Shape, Value};
 use super::{CommonArgs, ConfigError, FileConfig};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+
+/// A worker given no listener at all, and passed no socket.
+pub const NOTHING_TO_LISTEN_ON: &str =
+    "nothing to listen on: listen = [] in the file, and no socks-listen, tls-listen or passed socket";
 
 settings! {
     /// The worker's settings; `rotor up` passes them on unchanged.
     pub struct WorkerFlags, file WorkerFile, resolved Worker {
         /// Address to accept proxy clients on; repeatable. Bound with
         /// SO_REUSEPORT so several workers share it [default: 127.0.0.1:8080,
-        /// unless sockets are passed by systemd or --listen-fd].
+        /// unless sockets are passed by systemd or --listen-fd; the file's
+        /// `listen = []`: none, for a SOCKS5 or TLS listener alone].
         listen: Vec<SocketAddr>,
         /// Address to accept SOCKS5 clients on (CONNECT, the same leases,
         /// rules, users and limits as the HTTP listener); repeatable.
@@ -326,21 +331,36 @@ impl WorkerFlags {
     /// The addresses to bind, given that `passed` sockets were inherited
     /// (those replace the file's and the default listeners, not the
     /// flags').
+    ///
+    /// The file's `listen = []` is a list given: no HTTP listener (a
+    /// worker serving SOCKS5 or TLS only); left out, the default.
     pub fn listen(&self, file: &FileConfig, passed: usize) -> Vec<SocketAddr> {
         if self.listen.is_empty() && passed > 0 {
             return Vec::new();
         }
-        let w = self.merge(&file.worker);
-        if w.listen.is_empty() {
-            vec![DEFAULT_LISTEN.parse().expect("valid default")]
-        } else {
-            w.listen
+        match Shape::given(&self.listen, &file.worker.listen) {
+            Some(given) => given,
+            None => vec![DEFAULT_LISTEN.parse().expect("valid default")],
         }
     }
 
     /// Everything but the listeners, validated.
     pub fn resolve(&self, file: &FileConfig) -> Result<WorkerSettingsTuning, ConfigError> {
-        let w = self.merge(&file.worker);
+        let mut w = self.merge(&file.worker);
+        // Flag over file, as for every setting: `--no-auth` on the command
+        // line serves without the file's `auth-file`, and `--auth-file`
+        // there without the file's `no-auth`. Both in the file is a
+        // contradiction, named (as clap names both as flags).
+        match (self.no_auth, &self.auth_file) {
+            (Some(true), None) => w.auth_file = None,
+            (_, Some(_)) if self.no_auth.is_none() => w.no_auth = None,
+            _ => {}
+        }
+        if w.no_auth == Some(true) && w.auth_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "auth-file and no-auth = true contradict each other: give one".into(),
+            ));
+        }
         let resolver = match w.resolver {
             ResolverKind::Dns => rotor_worker::dns::ResolverChoice::Dns {
                 servers: w.dns_server.iter().map(|s| s.0).collect(),
@@ -684,5 +704,55 @@ mod tests {
             flags(&[]).listen(&FileConfig::default(), 0),
             at(DEFAULT_LISTEN)
         );
+        // An empty list in the file: no HTTP listener (SOCKS5 only), not
+        // the default.
+        let none = file("[worker]\nlisten = []\nsocks-listen = [\"127.0.0.1:1080\"]\n").unwrap();
+        assert_eq!(flags(&[]).listen(&none, 0), vec![]);
+        assert_eq!(
+            flags(&["--listen", "127.0.0.1:9001"]).listen(&none, 0),
+            at("127.0.0.1:9001")
+        );
+    }
+
+    #[test]
+    fn auth_flags_win_over_the_files_and_both_in_the_file_are_refused() {
+        let dir = std::env::temp_dir().join(format!("rotor-auth-flags-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let users = dir.join("users");
+        std::fs::write(&users, "").unwrap();
+        let with_users = file(&format!(
+            "[worker]\nauth-file = {:?}\n",
+            users.display().to_string()
+        ))
+        .unwrap();
+        let public: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        // The file's users, unless the command line says --no-auth.
+        assert!(flags(&[])
+            .resolve(&with_users)
+            .unwrap()
+            .config
+            .proxy
+            .auth
+            .is_some());
+        let t = flags(&["--no-auth"]).resolve(&with_users).unwrap();
+        assert!(t.config.proxy.auth.is_none() && t.no_auth);
+        assert!(t.check_exposure(&[public]).is_ok());
+        let t = flags(&["--no-auth=false"]).resolve(&with_users).unwrap();
+        assert!(t.config.proxy.auth.is_some() && !t.no_auth);
+        // The file's no-auth, unless the command line gives users.
+        let open = file("[worker]\nno-auth = true\n").unwrap();
+        assert!(flags(&[]).resolve(&open).unwrap().no_auth);
+        let arg = users.display().to_string();
+        let t = flags(&["--auth-file", &arg]).resolve(&open).unwrap();
+        assert!(t.config.proxy.auth.is_some() && !t.no_auth);
+        // Both in the file contradict each other.
+        let both = file(&format!(
+            "[worker]\nno-auth = true\nauth-file = {:?}\n",
+            users.display().to_string()
+        ))
+        .unwrap();
+        let e = flags(&[]).resolve(&both).unwrap_err().to_string();
+        assert!(e.contains("contradict"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

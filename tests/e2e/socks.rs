@@ -273,20 +273,24 @@ async fn curl_through_socks5() {
     assert_eq!(origin.sources(), [ips(2..=3), ips(2..=3)].concat());
 }
 
-/// `rotor up --socks-listen`: bound once, passed to every worker.
+/// `rotor up --socks-listen`: bound once, passed to every worker; the
+/// file's `listen = []` binds no HTTP listener beside it (it had bound the
+/// default 127.0.0.1:8080).
 #[tokio::test]
 async fn rotor_up_serves_socks5() {
     let echo = Echo::start().await;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("a.sock");
+    let config = dir.path().join("rotor.toml");
+    std::fs::write(&config, "[worker]\nlisten = []\n").unwrap();
     let socks: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let _up = Proc::spawn(
+    let up = Proc::spawn(
         ROTOR,
         &[
             "up",
             "--workers=2",
             "--pool=127.0.0.2-127.0.0.3",
-            &format!("--listen=127.0.0.1:{}", free_port()),
+            &format!("--config={}", config.display()),
             &format!("--socks-listen={socks}"),
             &format!("--socket={}", socket.display()),
             "--no-state",
@@ -313,6 +317,18 @@ async fn rotor_up_serves_socks5() {
         assert_eq!(code, 0);
         echo_once(&mut s).await;
     }
+    // What rotor up listens on (and passes on): the SOCKS5 port alone.
+    let ss = std::process::Command::new("ss")
+        .args(["-ltnpH"])
+        .output()
+        .expect("ss (iproute2)");
+    let owner = format!("pid={},", up.pid());
+    let ports: Vec<String> = String::from_utf8_lossy(&ss.stdout)
+        .lines()
+        .filter(|l| l.contains(&owner))
+        .filter_map(|l| l.split_whitespace().nth(3).map(str::to_string))
+        .collect();
+    assert_eq!(ports, [socks.to_string()]);
 }
 
 /// Python clients over SOCKS5 and over the HTTP proxy with a session in
