@@ -64,6 +64,23 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
 
     // One lock serves every lease; a single thread is all it needs.
     crate::run_daemon(1, |signals| async move {
+        // Before the allocator's socket: a port that is taken leaves no
+        // socket file behind.
+        let metrics = match pool.metrics_listen {
+            None => None,
+            Some(addr) => match std::net::TcpListener::bind(addr) {
+                Ok(l) => Some(std::sync::Arc::new(l)),
+                Err(e) => {
+                    error!("cannot listen for metrics on {addr}: {e}");
+                    // Another holds it: a configuration refused, as for
+                    // the socket below.
+                    return match e.kind() {
+                        std::io::ErrorKind::AddrInUse => ExitCode::from(2),
+                        _ => ExitCode::FAILURE,
+                    };
+                }
+            },
+        };
         let (listener, owned) = match passed_socket {
             Some(l) => {
                 info!("using the socket passed by systemd");
@@ -91,16 +108,6 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
                         rotor_allocator::BindError::InUse(_) => ExitCode::from(2),
                         _ => ExitCode::FAILURE,
                     };
-                }
-            },
-        };
-        let metrics = match pool.metrics_listen {
-            None => None,
-            Some(addr) => match std::net::TcpListener::bind(addr) {
-                Ok(l) => Some(std::sync::Arc::new(l)),
-                Err(e) => {
-                    error!("cannot listen for metrics on {addr}: {e}");
-                    return ExitCode::FAILURE;
                 }
             },
         };

@@ -72,6 +72,11 @@ impl Drop for Snapshot {
     }
 }
 
+/// The first and the longest pause before the allocator is started again
+/// while the workers drain.
+const DRAIN_RESTART_FIRST: Duration = Duration::from_millis(100);
+const DRAIN_RESTART_MOST: Duration = Duration::from_secs(2);
+
 /// How long children get to stop after the drain timeout before SIGKILL.
 const KILL_GRACE: Duration = Duration::from_secs(5);
 
@@ -102,10 +107,15 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     };
     // Validate here, so a mistake is reported once, not by every child.
     let up = args.up.merge(&file.up);
-    let (tuning, max_peers, state_dir) = match up.check().and_then(|()| {
+    let (tuning, max_peers, state_dir, metrics_listen) = match up.check().and_then(|()| {
         let pool = args.allocator.pool(&file)?;
         args.allocator.access(&file)?;
-        Ok((args.worker.resolve(&file)?, pool.max_peers, pool.state_dir))
+        Ok((
+            args.worker.resolve(&file)?,
+            pool.max_peers,
+            pool.state_dir,
+            pool.metrics_listen,
+        ))
     }) {
         Ok(t) => t,
         Err(e) => {
@@ -168,6 +178,22 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
                 rotor_protocol::error_chain(&e)
             );
             return ExitCode::from(2);
+        }
+    }
+    // The metrics port another process holds: the allocator would exit at
+    // every start; said once, here (bound and let go: the allocator binds
+    // it, SO_REUSEADDR as here).
+    if let Some(addr) = metrics_listen {
+        match std::net::TcpListener::bind(addr) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                error!("cannot listen for metrics on {addr}: {e}: is another rotor up running? Stop it, or give this one its own --metrics-listen");
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                error!("cannot listen for metrics on {addr}: {e}");
+                return ExitCode::from(2);
+            }
         }
     }
     // One listening socket per address, shared by every worker: a worker
@@ -538,6 +564,10 @@ async fn supervise(
 ) {
     let mut restarts = Restarts::new(slot.first_backoff);
     let mut reloads = signals.reloads();
+    // The pause before the allocator is started again while the workers
+    // drain: doubled while it fails at once (a port another process took
+    // since), not a start every 100 ms for the whole drain.
+    let mut drain_pause = DRAIN_RESTART_FIRST;
     loop {
         // Never a child started after the stop (its descriptors may be
         // shut down).
@@ -603,10 +633,21 @@ async fn supervise(
                     // The allocator stopped by a signal to the whole group
                     // while the workers drain: started again for them, at
                     // once, and stopped after them.
-                    info!(child = %slot.name, status = ?s.ok(), "stopped while rotor up stops; started again until the workers are done");
-                    if !pause(&stop, Duration::from_millis(100)).await {
+                    if ran_steadily {
+                        drain_pause = DRAIN_RESTART_FIRST;
+                    }
+                    match s.as_ref().is_ok_and(|s| s.success()) {
+                        true => {
+                            info!(child = %slot.name, retry_in = ?drain_pause, "stopped while rotor up stops; started again until the workers are done")
+                        }
+                        false => {
+                            warn!(child = %slot.name, status = ?s.ok(), retry_in = ?drain_pause, "exited while rotor up stops; started again until the workers are done")
+                        }
+                    }
+                    if !pause(&stop, drain_pause).await {
                         return;
                     }
+                    drain_pause = (drain_pause * 2).min(DRAIN_RESTART_MOST);
                     continue;
                 }
                 if restarts.failed(&slot.name, &streaks, &signals) {

@@ -221,10 +221,10 @@ async fn a_second_rotor_up_and_a_public_open_listener_are_refused() {
 /// What `rotor up` could not run is refused at once with exit 2: more
 /// workers than the allocator serves connections (a worker turned away
 /// would answer its clients 503), and a state directory another allocator
-/// holds (its allocator would exit at every restart). The allocator
-/// alone exits 2 on the held state directory too.
+/// holds (its allocator would exit at every restart), and a metrics port
+/// taken. The allocator alone exits 2 on those too.
 #[tokio::test]
-async fn rotor_up_refuses_workers_past_max_peers_and_a_held_state_directory() {
+async fn rotor_up_refuses_workers_past_max_peers_a_held_state_directory_and_a_taken_metrics_port() {
     let run = |extra: &[&str]| {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("a.sock");
@@ -292,6 +292,28 @@ async fn rotor_up_refuses_workers_past_max_peers_and_a_held_state_directory() {
     let (code, err) = check(&format!("--state-dir={}", fresh.display()));
     assert_eq!(code, Some(0), "{err}");
     assert!(!held.path().join("not-yet").exists());
+
+    // A metrics port another process holds: said once, before anything
+    // starts (the allocator had failed at every start until rotor up gave
+    // up on it); the allocator alone exits 2 too, leaving no socket file.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let metrics = format!("--metrics-listen={}", taken.local_addr().unwrap());
+    let started = std::time::Instant::now();
+    let (code, err) = run(&["--workers=1", "--no-state", &metrics]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("cannot listen for metrics") && err.contains("another rotor up"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let third = held.path().join("c.sock");
+    let alone = std::process::Command::new(ALLOCATOR)
+        .args(["--pool=127.0.0.2", "--no-state", &metrics])
+        .arg(format!("--socket={}", third.display()))
+        .output()
+        .unwrap();
+    assert_eq!(alone.status.code(), Some(2));
+    assert!(!third.exists());
 }
 
 /// `rotor up 2>&1 | head -1`: stderr goes away. Logging must not panic
