@@ -587,6 +587,15 @@ async fn lookup(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAd
         Ok(Ok(a)) => a
             .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
             .collect(),
+        // The C library's own "the servers did not answer" (`EAI_AGAIN`):
+        // a timeout as the DNS resolver's is (504 `dns_timeout`), not an
+        // answer that the name has no address.
+        Ok(Err(source)) if is_eai_again(&source) => {
+            return Err(ProxyError::DnsTimeout {
+                host: bare.to_string(),
+                timeout: None,
+            })
+        }
         Ok(Err(source)) => {
             return Err(ProxyError::Dns {
                 host: bare.to_string(),
@@ -608,9 +617,36 @@ async fn lookup(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAd
     Ok(addrs)
 }
 
+/// Whether getaddrinfo's error, as the standard library reports it, is
+/// `EAI_AGAIN` (a temporary failure: no server answered). The standard
+/// library keeps no code, only `gai_strerror`'s text after its own prefix:
+/// compared with that same function's text, in the same locale.
+fn is_eai_again(e: &io::Error) -> bool {
+    let again = crate::os::gai_strerror(libc::EAI_AGAIN);
+    !again.is_empty() && e.to_string().ends_with(&again)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A name whose servers did not answer (getaddrinfo's `EAI_AGAIN`) is
+    /// a DNS timeout; one that has no address is not.
+    #[test]
+    fn the_c_librarys_temporary_failure_is_a_timeout() {
+        // What std makes of getaddrinfo's failure: its prefix and
+        // gai_strerror's text.
+        let text = |code| {
+            io::Error::other(format!(
+                "failed to lookup address information: {}",
+                crate::os::gai_strerror(code)
+            ))
+        };
+        assert!(is_eai_again(&text(libc::EAI_AGAIN)));
+        assert!(!is_eai_again(&text(libc::EAI_NONAME)));
+        assert!(!is_eai_again(&text(libc::EAI_FAIL)));
+        assert!(!is_eai_again(&io::Error::other("refused")));
+    }
 
     /// getaddrinfo calls are bounded: with every place taken (calls
     /// stuck on servers that never answer), a lookup waits for one within

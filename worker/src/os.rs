@@ -1,7 +1,7 @@
 //! Every system call the worker makes that the standard library does not:
-//! through `nix` and `socket2` where they wrap it safely, and the two that
-//! they do not (`TCP_INFO`, and registering a listener with the reactor)
-//! here, each with its SAFETY note. The rest of the worker has no `unsafe`.
+//! through `nix` and `socket2` where they wrap it safely, and those that
+//! they do not (`TCP_INFO`, registering a listener with the reactor, the C
+//! library's `gai_strerror`) here, each with its SAFETY note. The rest of the worker has no `unsafe`.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -172,6 +172,16 @@ pub fn reset_at_close(fd: std::os::fd::RawFd) {
     // one call.
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     let _ = socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// The C library's text for getaddrinfo's error `code` (`gai_strerror`),
+/// which is what the standard library's lookup error says after its own
+/// prefix.
+pub fn gai_strerror(code: libc::c_int) -> String {
+    // SAFETY: gai_strerror returns a pointer to a static NUL-terminated
+    // string for any code, known or not.
+    let text = unsafe { std::ffi::CStr::from_ptr(libc::gai_strerror(code)) };
+    text.to_string_lossy().into_owned()
 }
 
 #[cfg(test)]
