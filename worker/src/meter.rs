@@ -118,6 +118,24 @@ impl Meter {
         });
     }
 
+    /// A tunnel to `dest` from `ip` whose client left before it opened
+    /// (before it took the 200), after `took`: the destination answered,
+    /// the request is counted with the error `kind`, not as a tunnel.
+    pub fn tunnel_unopened<'a>(
+        &self,
+        ip: IpAddr,
+        dest: impl FnOnce() -> &'a str,
+        kind: &str,
+        took: Duration,
+    ) {
+        self.with(|a| {
+            a.witness.answered_host(ip, dest);
+            a.requests += 1;
+            a.request_seconds.observe(took.as_secs_f64());
+            *a.errors.entry(kind.to_string()).or_default() += 1;
+        });
+    }
+
     /// rotor answered by itself, not an error (a TRACE or OPTIONS with
     /// `Max-Forwards: 0`): a request, from no source.
     pub fn answered(&self, took: Duration) {

@@ -338,7 +338,7 @@ impl Proxy {
                     let req = Request::from_parts(parts, body);
                     self.connect(
                         req,
-                        client,
+                        (client, start),
                         (caller.sticky.as_ref(), caller.standing.clone()),
                         abandoned.entry.as_deref().cloned(),
                     )
@@ -358,8 +358,8 @@ impl Proxy {
             Ok((mut resp, lease)) => {
                 match method == Method::CONNECT {
                     true => {
-                        self.meter.tunnel(lease.ip, || target.dest(), took);
-                        // The tunnel writes its line when it closes.
+                        // Counted, and logged when it closes, by the
+                        // tunnel's task once the client has taken the 200.
                         entry = None;
                     }
                     false => {
@@ -1159,7 +1159,7 @@ impl Proxy {
     async fn connect<B>(
         &self,
         mut req: Request<B>,
-        client: SocketAddr,
+        (client, start): (SocketAddr, Instant),
         (sticky, standing): (Option<&Sticky>, Option<Standing>),
         entry: Option<Entry>,
     ) -> Result<(Answer, Lease), Failed> {
@@ -1176,10 +1176,23 @@ impl Proxy {
         let open = TunnelOpen::new(&self.meter);
         let log = self.config.access_log.clone().zip(entry);
         let cut = self.tunnels_cut.clone();
+        let uri = req.uri().clone();
         self.tunnels.spawn(async move {
             let upgraded = match on_upgrade.await {
-                Ok(u) => u,
+                Ok(u) => {
+                    open.0.tunnel(lease.ip, || uri_authority(&uri), start.elapsed());
+                    u
+                }
                 Err(e) => {
+                    // Counted as the client's leaving (499), as a request
+                    // whose client left is, not as a tunnel opened; the
+                    // destination did answer the connect.
+                    open.0.tunnel_unopened(
+                        lease.ip,
+                        || uri_authority(&uri),
+                        CLIENT_CLOSED_ERROR,
+                        start.elapsed(),
+                    );
                     debug!(%client, %dest, error = %error_chain(&e), "client left before the tunnel opened");
                     // Logged as a client that left (499), not as a tunnel
                     // that opened and moved nothing.
