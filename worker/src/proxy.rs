@@ -1313,6 +1313,11 @@ async fn until_ended(
         }
     };
     tokio::select! {
+        // The relay first: polled once, it holds its sockets under the
+        // guard that resets a tunnel rotor ends (`relay::ResetUnlessDone`).
+        // Never polled (the drain's cut already made), it was dropped
+        // with its sockets' FIN.
+        biased;
         r = relay => Ended::Relay(r),
         _ = activity.idle_for(idle_limit) => Ended::Idle,
         _ = cut.cancelled() => Ended::Cut,
@@ -1776,6 +1781,40 @@ impl Drop for Abandoned<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tunnel cut before its relay ran at all (the drain's time was up
+    /// already) is reset on both sides, as one cut while it runs is.
+    #[tokio::test]
+    async fn a_tunnel_cut_before_it_ran_is_reset() {
+        use tokio::io::AsyncReadExt;
+        let pair = || async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let near = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            (near, l.accept().await.unwrap().0)
+        };
+        let cut = tokio_util::sync::CancellationToken::new();
+        cut.cancel();
+        // The select's order is random unless fixed: a few times over.
+        for _ in 0..8 {
+            let (mut client, relay_client) = pair().await;
+            let (relay_up, mut server) = pair().await;
+            let activity = Activity::new();
+            let idle = Duration::from_secs(60);
+            let relay = crate::relay::tcp_tunnel(relay_client, relay_up, &activity, idle);
+            let ended = until_ended(relay, &activity, idle, (&cut, None)).await;
+            assert!(matches!(ended, Ended::Cut));
+            for peer in [&mut client, &mut server] {
+                let mut rest = Vec::new();
+                let end = tokio::time::timeout(Duration::from_secs(5), peer.read_to_end(&mut rest))
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    end.map_err(|e| e.kind()),
+                    Err(std::io::ErrorKind::ConnectionReset)
+                );
+            }
+        }
+    }
 
     #[test]
     fn log_targets_are_host_and_port_only() {
