@@ -346,6 +346,7 @@ pub async fn run(
     // Each connection may hold a frame's room while it sends one, so their
     // number is capped; one past it is told why, by a few tasks at most.
     let peers = Arc::new(tokio::sync::Semaphore::new(config.max_peers));
+    let shares = Shares::new(config.max_peers);
     let refusing = Arc::new(tokio::sync::Semaphore::new(REFUSING));
     // A warning for the first refused, then one every 10 s with how many.
     let refused = rotor_protocol::Moment::new();
@@ -365,9 +366,9 @@ pub async fn run(
                 }
             },
         };
-        let rights = match stream.peer_cred() {
+        let (rights, uid) = match stream.peer_cred() {
             Ok(cred) => match config.access.rights(cred.uid(), cred.gid(), cred.pid()) {
-                Some(rights) => rights,
+                Some(rights) => (rights, cred.uid()),
                 None => {
                     match strangers.count_in(Duration::from_secs(10)) {
                         Some(n) => {
@@ -385,6 +386,26 @@ pub async fn run(
                 continue;
             }
         };
+        let share = match rights {
+            Rights::Control => None,
+            Rights::Lease => match shares.take(uid) {
+                Some(share) => Some(share),
+                None => {
+                    if let Some(n) = refused.count_in(Duration::from_secs(10)) {
+                        warn!(
+                            refused = n,
+                            uid,
+                            most = shares.most,
+                            "refused a connection to the socket: this user, let in to lease only, holds half of --max-peers"
+                        );
+                    }
+                    if let Ok(telling) = refusing.clone().try_acquire_owned() {
+                        tracker.spawn(refuse(stream, Full::Share(shares.most), telling));
+                    }
+                    continue;
+                }
+            },
+        };
         let Ok(place) = peers.clone().try_acquire_owned() else {
             if let Some(n) = refused.count_in(Duration::from_secs(10)) {
                 warn!(
@@ -394,7 +415,7 @@ pub async fn run(
                 );
             }
             if let Ok(telling) = refusing.clone().try_acquire_owned() {
-                tracker.spawn(refuse(stream, config.max_peers, telling));
+                tracker.spawn(refuse(stream, Full::All(config.max_peers), telling));
             }
             continue;
         };
@@ -404,7 +425,7 @@ pub async fn run(
         let shutdown = shutdown.clone();
         tracker.spawn(
             async move {
-                let _place = place;
+                let _place = (place, share);
                 tokio::select! {
                     r = serve(stream, (id, rights), &alloc, &reload_tx) => {
                         if let Err(e) = r {
@@ -1028,11 +1049,68 @@ const REFUSING: usize = 16;
 /// Tells a connection past `--max-peers` why it is refused, as the answer
 /// to its Hello, within a second; its Hello is read into a small buffer
 /// (not as a frame, whose room a peer could make 4 MiB).
-async fn refuse(mut stream: UnixStream, max: usize, _telling: OwnedSemaphorePermit) {
+/// The connections to the socket that one user let in only to lease
+/// (`--allow-uid`, `--allow-gid`, the socket's group) may hold at once:
+/// half of `--max-peers`, so that such a user cannot take every place from
+/// the workers and commands of root and the allocator's own user.
+struct Shares {
+    most: usize,
+    held: std::sync::Mutex<HashMap<u32, usize>>,
+}
+
+/// One lease-only user's place among its share, given back when dropped.
+struct Share(Arc<Shares>, u32);
+
+impl Shares {
+    fn new(max_peers: usize) -> Arc<Shares> {
+        Arc::new(Shares {
+            most: (max_peers / 2).max(1),
+            held: Default::default(),
+        })
+    }
+
+    /// A place for `uid`, unless it holds its share.
+    fn take(self: &Arc<Self>, uid: u32) -> Option<Share> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let n = held.entry(uid).or_default();
+        if *n >= self.most {
+            return None;
+        }
+        *n += 1;
+        Some(Share(self.clone(), uid))
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Why a peer is turned away, told to it.
+enum Full {
+    /// `--max-peers` are connected.
+    All(usize),
+    /// Its user, let in only to lease, holds its share (of so many).
+    Share(usize),
+}
+
+async fn refuse(mut stream: UnixStream, full: Full, _telling: OwnedSemaphorePermit) {
     use tokio::io::AsyncReadExt;
-    let reason = format!(
-        "the allocator serves {max} connections at most (--max-peers), and has them; retry later"
-    );
+    let reason = match full {
+        Full::All(max) => format!(
+            "the allocator serves {max} connections at most (--max-peers), and has them; retry later"
+        ),
+        Full::Share(most) => format!(
+            "this user, let in to lease only, holds {most} connections to the allocator, half of --max-peers, its most; retry later"
+        ),
+    };
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let mut hello = [0u8; 256];
         // (Whatever part of it has come: the answer does not depend on it.)

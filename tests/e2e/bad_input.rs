@@ -362,6 +362,81 @@ async fn only_allowed_users_may_use_the_allocator_socket() {
     );
 }
 
+/// A user let in only to lease holds half of `--max-peers` at most: the
+/// next of its connections is told why and closed, while root's (and the
+/// allocator's own user's: the workers') still get places; its places come
+/// back when it lets them go.
+#[tokio::test]
+async fn a_lease_only_user_holds_half_the_allocators_places() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let alloc = Allocator::start_in(
+        dir,
+        &[
+            "--pool",
+            "127.0.0.2",
+            "--socket-mode",
+            "666",
+            "--allow-uid",
+            "nobody",
+            "--max-peers",
+            "4",
+        ],
+    )
+    .await;
+    // As nobody: two connections held, a third's answer printed.
+    let script = r#"
+import socket, sys, time
+held = []
+for _ in range(2):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    held.append(s)
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.settimeout(5)
+s.sendall(b"hello?")
+got = b""
+while True:
+    b = s.recv(4096)
+    if not b:
+        break
+    got += b
+print(got.decode("utf-8", "replace"), flush=True)
+time.sleep(3)
+"#;
+    let mut holder = std::process::Command::new("python3")
+        .args(["-c", script, alloc.socket.to_str().unwrap()])
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
+    let mut line = String::new();
+    let read = tokio::task::spawn_blocking(move || {
+        std::io::BufRead::read_line(&mut out, &mut line).map(|_| line)
+    });
+    let said = tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(said.contains("half of --max-peers"), "{said}");
+    // Its two held, root still gets a place (of the four).
+    assert!(status_json(&alloc.socket)["pool"].is_array());
+    holder.wait().unwrap();
+    // Let go: nobody gets places again.
+    let out = status_as_nobody(&alloc.socket);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The peak memory (VmHWM) of process `pid`, in KiB.
 fn peak_kib(pid: nix::unistd::Pid) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
