@@ -38,7 +38,7 @@ pub struct Sessions {
     /// Each user's sessions: a user past `max_per_user` pushes out its
     /// own oldest, so one user making new sessions without end cannot
     /// push out every other user's. A user goes with its last session.
-    users: HashMap<Arc<str>, UserList>,
+    users: HashMap<UserKey, UserList>,
     /// Entries in the users' lists, live or not (they count toward the
     /// compaction as the eviction lists' do: a table full of active users
     /// evicts through `order`, leaving stale entries in their lists).
@@ -131,7 +131,7 @@ pub const MAX_KEY: usize = rotor_protocol::MAX_SESSION_KEY;
 
 /// Session `key` left the table: one fewer for its user (who goes with
 /// its last).
-fn gone(users: &mut HashMap<Arc<str>, UserList>, listed: &mut usize, key: &str) {
+fn gone(users: &mut HashMap<UserKey, UserList>, listed: &mut usize, key: &str) {
     let user = user_of(key);
     if let Some(list) = users.get_mut(user) {
         list.live = list.live.saturating_sub(1);
@@ -164,6 +164,35 @@ fn current(
     map.get(key)
         .is_some_and(|s| s.created == *created && strict.is_none_or(|t| s.strict == t))
 }
+
+/// A user's entry in `Sessions::users`, known by the key of one of its
+/// sessions (the first it made, kept while the user is): hashed and
+/// compared by the key's user part, and found by it as a `&str`. The user
+/// name is not copied out of the key: a client making sessions each of a
+/// new user with a long name held the name twice.
+#[derive(Debug)]
+struct UserKey(Arc<str>);
+
+impl std::borrow::Borrow<str> for UserKey {
+    fn borrow(&self) -> &str {
+        user_of(&self.0)
+    }
+}
+
+impl std::hash::Hash for UserKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        // As `str` hashes: `Borrow` needs the two to agree.
+        user_of(&self.0).hash(h)
+    }
+}
+
+impl PartialEq for UserKey {
+    fn eq(&self, other: &UserKey) -> bool {
+        user_of(&self.0) == user_of(&other.0)
+    }
+}
+
+impl Eq for UserKey {}
 
 /// The user part of session key `key` (a worker's keys are `USER\0ID`;
 /// a key without one is its own user).
@@ -457,7 +486,7 @@ impl Sessions {
         let user = user_of(key);
         let list = match self.users.get_mut(user) {
             Some(list) => list,
-            None => self.users.entry(Arc::from(user)).or_default(),
+            None => self.users.entry(UserKey(key.clone())).or_default(),
         };
         list.live += 1;
         list.order.push_back((now, key.clone()));
