@@ -131,15 +131,26 @@ pub const MAX_KEY: usize = rotor_protocol::MAX_SESSION_KEY;
 
 /// Session `key` left the table: one fewer for its user (who goes with
 /// its last).
-fn gone(users: &mut HashMap<UserKey, UserList>, listed: &mut usize, key: &str) {
+/// Whether the user's entry is known by that very key, and the user has
+/// sessions still: it is then to be known by another of them
+/// ([`Sessions::rekey`]), not hold the key of a session gone.
+#[must_use]
+fn gone(users: &mut HashMap<UserKey, UserList>, listed: &mut usize, key: &str) -> bool {
     let user = user_of(key);
-    if let Some(list) = users.get_mut(user) {
-        list.live = list.live.saturating_sub(1);
-        if list.live == 0 {
-            *listed -= list.order.len();
-            users.remove(user);
+    let Some((by, list)) = users.get_key_value(user) else {
+        return false;
+    };
+    if list.live > 1 {
+        let by_this = *by.0 == *key;
+        if let Some(list) = users.get_mut(user) {
+            list.live -= 1;
         }
+        return by_this;
     }
+    if let Some(list) = users.remove(user) {
+        *listed -= list.order.len();
+    }
+    false
 }
 
 /// What new session's user has to give up for it (`Sessions::own_victim`).
@@ -277,7 +288,9 @@ impl Sessions {
         match self.map.get(key) {
             Some(s) if s.expires <= now => {
                 self.map.remove(key);
-                gone(&mut self.users, &mut self.user_listed, key);
+                if gone(&mut self.users, &mut self.user_listed, key) {
+                    self.rekey(user_of(key));
+                }
                 Pinned::Nothing
             }
             Some(s) => match s.ips[family.index()] {
@@ -439,7 +452,9 @@ impl Sessions {
     /// live is remembered: it fails until then).
     fn push_out(&mut self, key: Arc<str>, now: Instant) {
         if let Some(s) = self.map.remove(&key) {
-            gone(&mut self.users, &mut self.user_listed, &key);
+            if gone(&mut self.users, &mut self.user_listed, &key) {
+                self.rekey(user_of(&key));
+            }
             if s.strict && s.expires > now {
                 self.remember_strict(key, s.expires);
             }
@@ -515,13 +530,17 @@ impl Sessions {
     /// Drops the expired sessions (and what the order no longer needs).
     pub fn expire(&mut self, now: Instant) {
         let (users, listed) = (&mut self.users, &mut self.user_listed);
+        let mut rekey = Vec::new();
         self.map.retain(|key, s| {
             let live = s.expires > now;
-            if !live {
-                gone(users, listed, key);
+            if !live && gone(users, listed, key) {
+                rekey.push(key.clone());
             }
             live
         });
+        for key in rekey {
+            self.rekey(user_of(&key));
+        }
         self.forget_ended_strict(now);
         // The lists keep entries of sessions gone until met at their
         // fronts; they are gone over only once they hold about as many of
@@ -540,6 +559,21 @@ impl Sessions {
             return;
         }
         self.compact();
+    }
+
+    /// `user`'s entry, known by the key of a session gone, is known by
+    /// one of its live sessions' from now on (its newest): the key gone is
+    /// let go.
+    fn rekey(&mut self, user: &str) {
+        let Some((by, list)) = self.users.remove_entry(user) else {
+            return;
+        };
+        let map = &self.map;
+        let by = match list.order.iter().rev().find(|e| current(map, e, None)) {
+            Some((_, key)) => UserKey(key.clone()),
+            None => by,
+        };
+        self.users.insert(by, list);
     }
 
     /// Drops the lists' entries of sessions gone (or replaced, or made
@@ -695,6 +729,65 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    /// A user's entry is known by a live session's key: once the session
+    /// whose key it held is gone (expired, found ended, pushed out), by
+    /// another of the user's; that key is let go, not kept as long as the
+    /// user has sessions.
+    #[test]
+    fn a_users_entry_lets_go_of_a_session_key_gone() {
+        let t0 = Instant::now();
+        let mut s = Sessions::per_user(10, 2);
+        let held_by = |s: &Sessions| -> String {
+            let (by, _) = s.users.get_key_value("u").unwrap();
+            by.0.to_string()
+        };
+        let live = |s: &Sessions, key: &str| {
+            let (by, _) = s.users.get_key_value("u").unwrap();
+            let (k, _) = s.map.get_key_value(key).unwrap();
+            Arc::ptr_eq(&by.0, k)
+        };
+        s.pin("u\0a", ip("10.0.0.1"), Duration::from_secs(1), false, t0);
+        s.pin("u\0b", ip("10.0.0.2"), Duration::from_secs(60), false, t0);
+        assert_eq!(held_by(&s), "u\0a");
+        // Expired in a pass.
+        s.expire(t0 + Duration::from_secs(2));
+        assert!(live(&s, "u\0b"));
+        // Found ended when asked for.
+        s.pin(
+            "u\0c",
+            ip("10.0.0.3"),
+            Duration::from_secs(1),
+            false,
+            t0 + Duration::from_secs(3),
+        );
+        s.rekey("u");
+        assert!(live(&s, "u\0c"));
+        let later = t0 + Duration::from_secs(5);
+        assert!(matches!(
+            s.pinned("u\0c", Family::V4, later, |_| true),
+            Pinned::Nothing
+        ));
+        assert!(live(&s, "u\0b"));
+        // Pushed out by the user's own newer one (two at most).
+        s.pin(
+            "u\0d",
+            ip("10.0.0.4"),
+            Duration::from_secs(60),
+            false,
+            later,
+        );
+        s.pin(
+            "u\0e",
+            ip("10.0.0.5"),
+            Duration::from_secs(60),
+            false,
+            later,
+        );
+        assert!(s.map.get("u\0b").is_none());
+        assert!(live(&s, "u\0e") || live(&s, "u\0d"));
+        assert_eq!(s.users.get("u").unwrap().live, 2);
     }
 
     #[test]
