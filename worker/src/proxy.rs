@@ -632,6 +632,25 @@ impl Proxy {
         self.config.access_log.as_ref()
     }
 
+    /// A tunnel from `source` to `dest` answered, until its client takes
+    /// the answer (see [`Unopened`]).
+    pub(crate) fn unopened(
+        &self,
+        entry: Option<Entry>,
+        (source, dest): (IpAddr, &str),
+        start: Instant,
+    ) -> Unopened {
+        Unopened {
+            meter: self.meter.clone(),
+            log: self.config.access_log.clone().zip(entry),
+            source,
+            dest: dest.to_owned(),
+            start,
+            stopping: self.tunnels_cut.clone(),
+            armed: true,
+        }
+    }
+
     pub fn leases(&self) -> &LeaseClient {
         &self.leases
     }
@@ -1174,34 +1193,13 @@ impl Proxy {
         let on_upgrade = hyper::upgrade::on(&mut req);
         let dest = format!("{host}:{port}");
         let open = TunnelOpen::new(&self.meter);
-        let log = self.config.access_log.clone().zip(entry);
         let cut = self.tunnels_cut.clone();
-        let uri = req.uri().clone();
+        let unopened = self.unopened(entry, (lease.ip, uri_authority(req.uri())), start);
         self.tunnels.spawn(async move {
-            let upgraded = match on_upgrade.await {
-                Ok(u) => {
-                    open.0.tunnel(lease.ip, || uri_authority(&uri), start.elapsed());
-                    u
-                }
+            let (upgraded, log) = match on_upgrade.await {
+                Ok(u) => (u, unopened.opened()),
                 Err(e) => {
-                    // Counted as the client's leaving (499), as a request
-                    // whose client left is, not as a tunnel opened; the
-                    // destination did answer the connect.
-                    open.0.tunnel_unopened(
-                        lease.ip,
-                        || uri_authority(&uri),
-                        CLIENT_CLOSED_ERROR,
-                        start.elapsed(),
-                    );
                     debug!(%client, %dest, error = %error_chain(&e), "client left before the tunnel opened");
-                    // Logged as a client that left (499), not as a tunnel
-                    // that opened and moved nothing.
-                    if let Some((log, mut e)) = log {
-                        e.source = Some(lease.ip);
-                        e.status = 499;
-                        e.error = Some(CLIENT_CLOSED_ERROR);
-                        log.log(&e);
-                    }
                     return;
                 }
             };
@@ -1721,6 +1719,59 @@ struct Abandoned<'a> {
     target: &'a LogTarget,
     entry: Option<Box<Entry>>,
     armed: bool,
+}
+
+/// A tunnel answered (CONNECT's 200, SOCKS5's success) whose client has
+/// not taken the answer yet. Dropped so, it is counted and logged as a
+/// request given up, as [`Abandoned`] does (`client_closed` and 499, or
+/// `worker_stopped` and 503 when the worker stops with it), not as a
+/// tunnel that opened and moved nothing: the destination did answer.
+/// [`Unopened::opened`] counts it as a tunnel instead.
+pub(crate) struct Unopened {
+    meter: Arc<Meter>,
+    log: Option<(Arc<AccessLog>, Entry)>,
+    source: IpAddr,
+    /// The destination's authority, as the witness knows it.
+    dest: String,
+    start: Instant,
+    /// The drain's cut (`Proxy::tunnels_cut`).
+    stopping: tokio_util::sync::CancellationToken,
+    armed: bool,
+}
+
+impl Unopened {
+    /// The client took the answer: a tunnel opened, counted; its access
+    /// log line's beginning, for when it closes.
+    pub fn opened(mut self) -> Option<(Arc<AccessLog>, Entry)> {
+        self.armed = false;
+        let took = self.start.elapsed();
+        self.meter.tunnel(self.source, || &self.dest, took);
+        self.log.take()
+    }
+}
+
+impl Drop for Unopened {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let why = match self.stopping.is_cancelled() {
+            true => WORKER_STOPPED,
+            false => CLIENT_CLOSED_ERROR,
+        };
+        let took = self.start.elapsed();
+        self.meter
+            .tunnel_unopened(self.source, || &self.dest, why, took);
+        if let Some((log, mut e)) = self.log.take() {
+            e.source = Some(self.source);
+            e.status = match why {
+                WORKER_STOPPED => StatusCode::SERVICE_UNAVAILABLE.as_u16(),
+                _ => CLIENT_CLOSED,
+            };
+            e.error = Some(why);
+            log.log(&e);
+        }
+    }
 }
 
 /// Status of an access log line for a request its client gave up on,

@@ -504,13 +504,15 @@ pub async fn serve(
         true => upstream.local_addr().ok(),
         false => None,
     };
-    // A client gone by now still has its line in the access log: the
-    // relay ends at once and logs it, as any tunnel.
+    // A client gone by now (the reply not taken) is counted and logged
+    // as one that left (499), as over HTTP: the destination did answer.
+    let unopened = proxy.unopened(entry, (lease.ip, &dest), started);
     if let Err(e) = reply(&mut stream, Reply::Succeeded, bound).await {
         debug!(%client, %dest, error = %e, "SOCKS5 client left before the tunnel opened");
+        return;
     }
     debug!(%client, %dest, source = %lease.ip, seq = lease.seq, "SOCKS5 tunnel");
-    proxy.meter.tunnel(lease.ip, || &dest, started.elapsed());
+    let entry = unopened.opened().map(|(_, e)| e);
     let standing = caller.standing.clone();
     proxy.relay_tunnel(
         stream,
