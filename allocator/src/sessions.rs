@@ -785,7 +785,7 @@ mod tests {
             false,
             later,
         );
-        assert!(s.map.get("u\0b").is_none());
+        assert!(!s.map.contains_key("u\0b"));
         assert!(live(&s, "u\0e") || live(&s, "u\0d"));
         assert_eq!(s.users.get("u").unwrap().live, 2);
     }
