@@ -155,6 +155,56 @@ async fn a_name_that_does_not_exist_is_a_clear_502() {
     );
 }
 
+/// `--resolver system` where no DNS server answers: the C library's
+/// temporary failure (`EAI_AGAIN`) is a 504 `dns_timeout`, as the DNS
+/// resolver's timeout is, not a 502 saying the name has no address. The
+/// worker runs in a mount namespace of its own whose resolv.conf names a
+/// loopback port nothing listens on (no query leaves the machine).
+#[tokio::test]
+async fn the_system_resolvers_temporary_failure_is_a_dns_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let rc = dir.path().join("resolv.conf");
+    // glibc takes no port: the namespace's own resolv.conf names
+    // 127.0.0.1 (port 53), refused on loopback here.
+    let listening = std::process::Command::new("ss")
+        .args(["-lunH", "sport = :53"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("127.0.0.1:53"))
+        .unwrap_or(true);
+    if listening {
+        skip("a DNS server listens on 127.0.0.1:53 here");
+        return;
+    }
+    std::fs::write(&rc, "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n").unwrap();
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args([
+        "-m",
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "mount --bind {} /etc/resolv.conf && exec {WORKER} \"$@\"",
+            rc.display()
+        ),
+        "sh",
+    ]);
+    let worker = Worker::start_cmd(
+        cmd,
+        &alloc.socket,
+        free_port(),
+        &["--resolver", "system", "--allow-destination", "127.0.0.0/8"],
+    )
+    .await;
+    let r = get(worker.addr, "http://nowhere.rotor.test/").await;
+    assert_eq!(r.status, 504, "{}", r.proxy_status());
+    assert!(
+        r.proxy_status().contains("dns_timeout"),
+        "{}",
+        r.proxy_status()
+    );
+}
+
 #[tokio::test]
 async fn hosts_file_names_need_no_server() {
     // No server answers on this port: `localhost` must come from /etc/hosts.

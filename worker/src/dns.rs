@@ -587,13 +587,14 @@ async fn lookup(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAd
         Ok(Ok(a)) => a
             .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
             .collect(),
-        // The C library's own "the servers did not answer" (`EAI_AGAIN`):
-        // a timeout as the DNS resolver's is (504 `dns_timeout`), not an
-        // answer that the name has no address.
+        // The C library's temporary failure (`EAI_AGAIN`: no server
+        // answered, or one answered SERVFAIL): a 504 `dns_timeout`, as the
+        // DNS resolver's timeout is, not an answer that the name has no
+        // address.
         Ok(Err(source)) if is_eai_again(&source) => {
-            return Err(ProxyError::DnsTimeout {
+            return Err(ProxyError::DnsAgain {
                 host: bare.to_string(),
-                timeout: None,
+                source,
             })
         }
         Ok(Err(source)) => {
@@ -618,7 +619,7 @@ async fn lookup(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAd
 }
 
 /// Whether getaddrinfo's error, as the standard library reports it, is
-/// `EAI_AGAIN` (a temporary failure: no server answered). The standard
+/// `EAI_AGAIN` (a temporary failure: no server answered, or SERVFAIL). The standard
 /// library keeps no code, only `gai_strerror`'s text after its own prefix:
 /// compared with that same function's text, in the same locale.
 fn is_eai_again(e: &io::Error) -> bool {

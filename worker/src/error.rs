@@ -82,6 +82,15 @@ pub enum ProxyError {
         host: String,
         timeout: Option<Duration>,
     },
+    /// `--resolver system`: the C library's temporary failure
+    /// (`EAI_AGAIN`): no server answered, or one answered SERVFAIL; a
+    /// timeout, as far as the client is told.
+    #[error("resolving {host} failed for now (no DNS server answered, or one failed)")]
+    DnsAgain {
+        host: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("connection to {dest} refused")]
     Refused {
         dest: String,
@@ -252,7 +261,9 @@ impl ProxyError {
                 Some("proxy_internal_error"),
             ),
             Dns { .. } | DnsEmpty { .. } => (StatusCode::BAD_GATEWAY, Some("dns_error")),
-            DnsTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Some("dns_timeout")),
+            DnsTimeout { .. } | DnsAgain { .. } => {
+                (StatusCode::GATEWAY_TIMEOUT, Some("dns_timeout"))
+            }
             Refused { .. } => (StatusCode::BAD_GATEWAY, Some("connection_refused")),
             Unreachable { .. } => (StatusCode::BAD_GATEWAY, Some("destination_ip_unroutable")),
             // Reset during the handshake (a middlebox, a SYN flood guard).
@@ -298,7 +309,7 @@ impl ProxyError {
             Ports { .. } => "Proxy Out Of Ports",
             Stopping => "Proxy Stopping",
             Dns { .. } | DnsEmpty { .. } => "DNS Error",
-            DnsTimeout { .. } => "DNS Timeout",
+            DnsTimeout { .. } | DnsAgain { .. } => "DNS Timeout",
             Refused { .. } => "Connection Refused",
             Unreachable { .. } => "Destination Unreachable",
             Connect { .. } => "Connect Failed",

@@ -66,6 +66,7 @@ impl Reply {
             NoAddress(rotor_protocol::NoAddress::NoFamily { .. }) => Reply::AddressNotSupported,
             Refused { .. } => Reply::Refused,
             DnsTimeout { .. }
+            | DnsAgain { .. }
             | ConnectTimeout { .. }
             | ResponseTimeout { .. }
             | WriteTimeout { .. } => Reply::TtlExpired,
