@@ -346,7 +346,8 @@ pub async fn run(
     // Each connection may hold a frame's room while it sends one, so their
     // number is capped; one past it is told why, by a few tasks at most.
     let peers = Arc::new(tokio::sync::Semaphore::new(config.max_peers));
-    let shares = Shares::new(config.max_peers);
+    let lease_only_most = lease_only_places(config.max_peers);
+    let lease_only = Arc::new(tokio::sync::Semaphore::new(lease_only_most));
     let refusing = Arc::new(tokio::sync::Semaphore::new(REFUSING));
     // A warning for the first refused, then one every 10 s with how many.
     let refused = rotor_protocol::Moment::new();
@@ -388,19 +389,19 @@ pub async fn run(
         };
         let share = match rights {
             Rights::Control => None,
-            Rights::Lease => match shares.take(uid) {
-                Some(share) => Some(share),
-                None => {
+            Rights::Lease => match lease_only.clone().try_acquire_owned() {
+                Ok(share) => Some(share),
+                Err(_) => {
                     if let Some(n) = refused.count_in(Duration::from_secs(10)) {
                         warn!(
                             refused = n,
                             uid,
-                            most = shares.most,
-                            "refused a connection to the socket: this user, let in to lease only, holds half of --max-peers"
+                            most = lease_only_most,
+                            "refused a connection to the socket: the users let in to lease only hold half of --max-peers"
                         );
                     }
                     if let Ok(telling) = refusing.clone().try_acquire_owned() {
-                        tracker.spawn(refuse(stream, Full::Share(shares.most), telling));
+                        tracker.spawn(refuse(stream, Full::Share(lease_only_most), telling));
                     }
                     continue;
                 }
@@ -1049,55 +1050,20 @@ const REFUSING: usize = 16;
 /// Tells a connection past `--max-peers` why it is refused, as the answer
 /// to its Hello, within a second; its Hello is read into a small buffer
 /// (not as a frame, whose room a peer could make 4 MiB).
-/// The connections to the socket that one user let in only to lease
-/// (`--allow-uid`, `--allow-gid`, the socket's group) may hold at once:
-/// half of `--max-peers`, so that such a user cannot take every place from
-/// the workers and commands of root and the allocator's own user.
-struct Shares {
-    most: usize,
-    held: std::sync::Mutex<HashMap<u32, usize>>,
-}
-
-/// One lease-only user's place among its share, given back when dropped.
-struct Share(Arc<Shares>, u32);
-
-impl Shares {
-    fn new(max_peers: usize) -> Arc<Shares> {
-        Arc::new(Shares {
-            most: (max_peers / 2).max(1),
-            held: Default::default(),
-        })
-    }
-
-    /// A place for `uid`, unless it holds its share.
-    fn take(self: &Arc<Self>, uid: u32) -> Option<Share> {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let n = held.entry(uid).or_default();
-        if *n >= self.most {
-            return None;
-        }
-        *n += 1;
-        Some(Share(self.clone(), uid))
-    }
-}
-
-impl Drop for Share {
-    fn drop(&mut self) {
-        let mut held = self.0.held.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = held.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(&self.1);
-            }
-        }
-    }
+/// The connections to the socket that the users let in only to lease
+/// (`--allow-uid`, `--allow-gid`, the socket's group) may hold at once, all
+/// of them together: half of `--max-peers`, so that they cannot take every
+/// place from the workers and commands of root and the allocator's own
+/// user.
+fn lease_only_places(max_peers: usize) -> usize {
+    (max_peers / 2).max(1)
 }
 
 /// Why a peer is turned away, told to it.
 enum Full {
     /// `--max-peers` are connected.
     All(usize),
-    /// Its user, let in only to lease, holds its share (of so many).
+    /// The users let in only to lease hold their share (so many).
     Share(usize),
 }
 
@@ -1108,7 +1074,7 @@ async fn refuse(mut stream: UnixStream, full: Full, _telling: OwnedSemaphorePerm
             "the allocator serves {max} connections at most (--max-peers), and has them; retry later"
         ),
         Full::Share(most) => format!(
-            "this user, let in to lease only, holds {most} connections to the allocator, half of --max-peers, its most; retry later"
+            "the users let in to lease only hold {most} connections to the allocator, half of --max-peers, their most; retry later"
         ),
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), async {

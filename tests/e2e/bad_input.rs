@@ -362,10 +362,10 @@ async fn only_allowed_users_may_use_the_allocator_socket() {
     );
 }
 
-/// A user let in only to lease holds half of `--max-peers` at most: the
-/// next of its connections is told why and closed, while root's (and the
-/// allocator's own user's: the workers') still get places; its places come
-/// back when it lets them go.
+/// The users let in only to lease hold half of `--max-peers` at most: the
+/// next of their connections is told why and closed, while root's (and the
+/// allocator's own user's: the workers') still get places; the places come
+/// back when they are let go.
 #[tokio::test]
 async fn a_lease_only_user_holds_half_the_allocators_places() {
     use std::os::unix::fs::PermissionsExt;
