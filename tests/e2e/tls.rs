@@ -873,11 +873,50 @@ async fn a_silent_tls_connection_does_not_hold_the_drain() {
     }
     let p = tls_proxy(&["--header-read-timeout", "30s", "--drain-timeout", "30s"]).await;
     let mut silent = TcpStream::connect(p.tls).await.unwrap();
+    // And one whose first request's head came in part, over TLS: it has
+    // the grace from its first byte, not until its first head's deadline
+    // (counted from the accept, the later of the header and idle
+    // timeouts: it held the drain some 60 s).
+    let script = format!(
+        r#"{PY_TLS_OVER}
+import sys, time
+s, tls, pump, fill = tls_over("{ca}", {port})
+tls.write(b"GET http://a.test/ HTTP/1.1\r\n")
+pump()
+print("sent", flush=True)
+s.settimeout(40)
+try:
+    while s.recv(65536):
+        pass
+except OSError:
+    pass
+"#,
+        ca = p.ca.display(),
+        port = p.tls.port()
+    );
+    let mut half = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(half.stdout.take().unwrap());
+    let sent = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).map(|_| line)
+    });
+    let sent = tokio::time::timeout(Duration::from_secs(10), sent)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(sent.trim(), "sent");
     // Accepted (the handshake under way), not still in the listen queue.
     tokio::time::sleep(Duration::from_millis(300)).await;
     // (The 1 s grace; a debug build's stop on a loaded machine takes a
     // second or more. Without the grace: 30 s.)
     drains_within(p.worker, Duration::from_secs(10)).await;
+    let _ = half.kill();
+    let _ = half.wait();
     let mut buf = [0u8; 8];
     let n = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
         .await

@@ -122,6 +122,9 @@ where
         // A whole head, taken off the buffer, within the header timeout
         // from its first byte (over TLS, the first from the accept).
         let mut first_byte = first_head_due.take();
+        // When the head's first bytes came (over TLS the deadline above
+        // is not counted from them).
+        let mut head_began: Option<tokio::time::Instant> = None;
         // How much of `buf` a parse found no whole head in: a head that
         // comes in pieces is parsed again only once an empty line may
         // have come (a byte at a time, each parse of the whole head made
@@ -188,12 +191,15 @@ where
                 // once draining, within the drain's grace (a head half
                 // sent held the stop up to the header timeout).
                 (false, _) => {
-                    let due = *first_byte
-                        .get_or_insert_with(|| tokio::time::Instant::now() + conn.header_timeout);
+                    let began = *head_began.get_or_insert_with(tokio::time::Instant::now);
+                    let due = *first_byte.get_or_insert(began + conn.header_timeout);
                     // (A head begun late in the grace has the grace from
-                    // its first byte: cut mid-way it would go unanswered.)
+                    // its first byte: cut mid-way it would go unanswered.
+                    // From its first byte, not from the deadline: a TLS
+                    // connection's first one is counted from the accept,
+                    // and a half-sent head held the drain up to it.)
                     let cut = drain_due
-                        .map(|d| d.max(due - conn.header_timeout + conn.grace))
+                        .map(|d| d.max(began + conn.grace))
                         .filter(|d| *d < due);
                     tokio::select! {
                         biased;
