@@ -741,6 +741,87 @@ assert answer == b"got 1000", answer
     run_python(&script).await;
 }
 
+/// A response streamed in bursts to a TLS client that reads slowly: each
+/// burst reaches the client while the destination pauses after it. What
+/// the client's socket did not take stayed in the TLS session's buffer
+/// (up to 64 KiB) until the destination's next bytes, there being no
+/// flush between them.
+#[tokio::test]
+async fn a_burst_reaches_a_tls_client_while_the_destination_pauses() {
+    if !have(
+        "a_burst_reaches_a_tls_client_while_the_destination_pauses",
+        &["openssl", "python3"],
+    ) {
+        return;
+    }
+    const BURST: usize = 3 << 20;
+    let dest = one_connection(|mut s| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut head = vec![0u8; 4096];
+        let _ = s.read(&mut head).await;
+        let len = BURST + 1;
+        let _ = s
+            .write_all(format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\n\r\n").as_bytes())
+            .await;
+        let _ = s.write_all(&vec![b'x'; BURST]).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let _ = s.write_all(b"y").await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    })
+    .await;
+    let p = tls_proxy(&[]).await;
+    let script = format!(
+        r#"
+import socket, ssl, time
+ctx = ssl.create_default_context(cafile="{ca}")
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(inc, out, server_hostname="127.0.0.1")
+s = socket.socket()
+# A small receive buffer (no autotuning): the proxy's writes wait on it.
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+s.connect(("127.0.0.1", {port}))
+def pump():
+    data = out.read()
+    if data:
+        s.sendall(data)
+while True:
+    try:
+        tls.do_handshake()
+        break
+    except ssl.SSLWantReadError:
+        pump()
+        inc.write(s.recv(65536))
+pump()
+tls.write(b"GET http://{dest}/ HTTP/1.1\r\nHost: {dest}\r\n\r\n")
+pump()
+n = 0
+s.settimeout(0.05)
+start = time.time()
+# Slower than the proxy writes (its socket stays full to the burst's
+# end), done well within the destination's pause (10 s from its burst).
+while time.time() - start < 7 and n < {burst}:
+    try:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        inc.write(chunk)
+    except socket.timeout:
+        pass
+    try:
+        while True:
+            n += tls.read(65536).count(b"x")
+    except ssl.SSLWantReadError:
+        pass
+    time.sleep(0.01)
+assert n == {burst}, (n, {burst}, time.time() - start)
+"#,
+        ca = p.ca.display(),
+        port = p.tls.port(),
+        burst = BURST,
+    );
+    run_python(&script).await;
+}
+
 /// A destination on 127.0.0.1 that hands its first connection to `serve`.
 async fn one_connection<F, Fut>(serve: F) -> std::net::SocketAddr
 where

@@ -583,7 +583,13 @@ where
     }
     if !ended {
         // Until the body says it has ended (a length-delimited one need
-        // not be polled past its last byte).
+        // not be polled past its last byte). What was written is flushed
+        // before each wait for more: over TLS a write the socket did not
+        // take stays in the session's buffer (up to 64 KiB) until the next
+        // write or flush, so a destination pausing between bursts held
+        // that much back from the client. (A plain socket's flush does
+        // nothing.)
+        io.flush().await?;
         while !body.is_end_stream() {
             let Some(frame) = body.frame().await else {
                 break;
@@ -592,6 +598,7 @@ where
             if let Ok(data) = frame.into_data() {
                 if !data.is_empty() {
                     write_data(io, data, matches!(framing, Framing::Chunked), |_| ()).await?;
+                    io.flush().await?;
                 }
             }
         }
