@@ -70,12 +70,13 @@ pub struct Balance {
 
 impl Balance {
     /// `limit` holds a permit per client connection and tunnel, out of
-    /// `max`; `listeners` name the accept group.
-    pub fn new(
+    /// `max`; `listeners` (every one whose accept loop this balance
+    /// holds back: HTTP and TLS) name the accept group.
+    pub fn new<'a>(
         leases: Arc<LeaseClient>,
         limit: Arc<Semaphore>,
         max: usize,
-        listeners: &[std::net::TcpListener],
+        listeners: impl IntoIterator<Item = &'a std::net::TcpListener>,
     ) -> Balance {
         Balance {
             leases,
@@ -267,9 +268,14 @@ pub(crate) fn is_shut(e: &io::Error) -> bool {
 
 /// The identity of a set of listening sockets: the same in every process
 /// that shares them (an inherited socket keeps its inode), different for
-/// sockets of their own. Never 0, which means none.
-fn accept_group(listeners: &[std::net::TcpListener]) -> u64 {
-    let mut inodes: Vec<u64> = listeners.iter().filter_map(os::inode).collect();
+/// sockets of their own. Never 0, which means none. A worker with none
+/// (SOCKS5 alone) is a group of its own: one shared value would have made
+/// all such workers of the allocator siblings.
+fn accept_group<'a>(listeners: impl IntoIterator<Item = &'a std::net::TcpListener>) -> u64 {
+    let mut inodes: Vec<u64> = listeners.into_iter().filter_map(os::inode).collect();
+    if inodes.is_empty() {
+        inodes.push(u64::from(std::process::id()) | 1 << 63);
+    }
     inodes.sort_unstable();
     rotor_protocol::fnv1a(inodes.iter().flat_map(|i| i.to_le_bytes())).max(1)
 }
@@ -513,6 +519,11 @@ mod tests {
         let ab = [a.try_clone().unwrap(), b.try_clone().unwrap()];
         let ba = [b, a];
         assert_eq!(accept_group(&ab), accept_group(&ba));
+        // HTTP shared, TLS of its own (bound by each worker): its own
+        // group, not the shared socket's siblings' (whose TLS queue is
+        // not this worker's).
+        assert_ne!(accept_group(&ab), g);
+        assert_ne!(accept_group(&[]), 0);
     }
 
     /// A connected pair: the client's std stream, and the accepted side as

@@ -112,7 +112,9 @@ pub async fn run(
         leases.clone(),
         limit.clone(),
         config.max_connections,
-        &listeners,
+        // Every listener whose accept loop it holds back (SOCKS5's are
+        // not): siblings are the workers that share all of them.
+        listeners.iter().chain(&tls_listeners),
     ));
     tokio::spawn(balance.clone().publish(shutdown.clone()));
     let acceptors = TaskTracker::new();
