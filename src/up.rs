@@ -156,7 +156,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         return ExitCode::from(2);
     }
     if args.common.check || args.common.check_config {
-        eprintln!("ok: {workers} workers on {listen:?}");
+        eprintln!("ok: {workers} workers on {listen:?} (HTTP), {socks_listen:?} (SOCKS5), {tls_listen:?} (TLS)");
         return ExitCode::SUCCESS;
     }
     let socket = args.common.socket(&file);
@@ -631,8 +631,9 @@ async fn supervise(
                 }
                 if signals.shutdown.is_cancelled() {
                     // The allocator stopped by a signal to the whole group
-                    // while the workers drain: started again for them, at
-                    // once, and stopped after them.
+                    // while the workers drain: started again for them
+                    // (after a pause that grows while it fails at once),
+                    // and stopped after them.
                     if ran_steadily {
                         drain_pause = DRAIN_RESTART_FIRST;
                     }
