@@ -143,7 +143,8 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         .chain(&tls_listen)
         .copied()
         .collect();
-    if let Err(e) = tuning.check_exposure(&every) {
+    let plain: Vec<SocketAddr> = listen.iter().chain(&socks_listen).copied().collect();
+    if let Err(e) = tuning.check_exposure(&plain, &tls_listen) {
         error!("{}", rotor_protocol::error_chain(&e));
         return ExitCode::from(2);
     }

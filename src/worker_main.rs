@@ -89,7 +89,10 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         if addrs.is_empty() && !passed_any {
             eprintln!("note: nothing to listen on unless systemd passes sockets (listen = [], and no socks-listen or tls-listen)");
         }
-        if let Err(e) = tuning.check_exposure(&addrs) {
+        let (tls, plain): (Vec<_>, Vec<_>) = named.iter().partition(|(what, _)| *what == "TLS");
+        let plain: Vec<std::net::SocketAddr> = plain.iter().map(|(_, a)| *a).collect();
+        let tls: Vec<std::net::SocketAddr> = tls.iter().map(|(_, a)| *a).collect();
+        if let Err(e) = tuning.check_exposure(&plain, &tls) {
             return fail(&e);
         }
         for (what, a) in &named {
@@ -152,7 +155,11 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             crate::cli::worker::NOTHING_TO_LISTEN_ON.into(),
         ));
     }
-    if let Err(e) = tuning.check_exposure(&addrs) {
+    let address = |l: &std::net::TcpListener| l.local_addr().ok();
+    let plain: Vec<std::net::SocketAddr> =
+        listeners.iter().chain(&socks).filter_map(address).collect();
+    let tls: Vec<std::net::SocketAddr> = tls_listeners.iter().filter_map(address).collect();
+    if let Err(e) = tuning.check_exposure(&plain, &tls) {
         return fail(&e);
     }
     // A TLS socket systemd passed (rotor-worker-tls.socket) with no

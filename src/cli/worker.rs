@@ -495,13 +495,19 @@ impl WorkerFlags {
 
 impl WorkerSettingsTuning {
     /// A worker reachable from other hosts must authenticate its clients,
-    /// unless the operator said `--no-auth` knowingly.
-    pub fn check_exposure(&self, listening: &[SocketAddr]) -> Result<(), ConfigError> {
+    /// unless the operator said `--no-auth` knowingly. `plain` are the
+    /// HTTP and SOCKS5 listeners, `tls` the TLS ones.
+    pub fn check_exposure(
+        &self,
+        plain: &[SocketAddr],
+        tls: &[SocketAddr],
+    ) -> Result<(), ConfigError> {
+        let listening: Vec<SocketAddr> = plain.iter().chain(tls).copied().collect();
         if self.config.proxy.auth.is_some() {
-            if self.config.tls.is_none() {
-                if let Some(a) = listening.iter().find(|a| !a.ip().is_loopback()) {
-                    tracing::warn!(listen = %a, "passwords and targets cross the network in clear on a plain listener: add --tls-listen with a certificate (see README: TLS to the proxy)");
-                }
+            // Said of a plain one beside a TLS one too: its clients'
+            // passwords cross the network in clear all the same.
+            if let Some(a) = plain.iter().find(|a| !a.ip().is_loopback()) {
+                tracing::warn!(listen = %a, "passwords and targets cross the network in clear on a plain listener: add --tls-listen with a certificate (see README: TLS to the proxy)");
             }
             return Ok(());
         }
@@ -684,10 +690,11 @@ mod tests {
         let public: SocketAddr = "0.0.0.0:8080".parse().unwrap();
         let local: SocketAddr = "127.0.0.1:8080".parse().unwrap();
         let t = flags(&[]).resolve(&f).unwrap();
-        assert!(t.check_exposure(&[local]).is_ok());
-        assert!(t.check_exposure(&[local, public]).is_err());
+        assert!(t.check_exposure(&[local], &[]).is_ok());
+        assert!(t.check_exposure(&[local, public], &[]).is_err());
+        assert!(t.check_exposure(&[local], &[public]).is_err());
         let t = flags(&["--no-auth"]).resolve(&f).unwrap();
-        assert!(t.check_exposure(&[public]).is_ok());
+        assert!(t.check_exposure(&[public], &[]).is_ok());
     }
 
     #[test]
@@ -736,7 +743,7 @@ mod tests {
             .is_some());
         let t = flags(&["--no-auth"]).resolve(&with_users).unwrap();
         assert!(t.config.proxy.auth.is_none() && t.no_auth);
-        assert!(t.check_exposure(&[public]).is_ok());
+        assert!(t.check_exposure(&[public], &[]).is_ok());
         let t = flags(&["--no-auth=false"]).resolve(&with_users).unwrap();
         assert!(t.config.proxy.auth.is_some() && !t.no_auth);
         // The file's no-auth, unless the command line gives users.
