@@ -349,8 +349,14 @@ impl ClientTcp {
             };
             // A connection the reactor cannot take is that connection's
             // loss (it closes), not the listener's.
+            // (Said once in 10 s: a kernel out of memory for it fails
+            // every connection alike.)
             let s = TcpStream::from_std(s).inspect_err(|e| {
-                warn!(error = %e, "cannot register a client connection with the reactor; closing it");
+                static WARNED: crate::Moment = crate::Moment::new();
+                match WARNED.count_in(Duration::from_secs(10)) {
+                    Some(n) => warn!(error = %e, failures = n, "cannot register a client connection with the reactor; closing it (said once in 10 s, with how many)"),
+                    None => debug!(error = %e, "cannot register a client connection with the reactor; closing it"),
+                }
             })?;
             self.0 = Tcp::Registered(s);
         }
