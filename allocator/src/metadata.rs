@@ -90,6 +90,14 @@ pub enum MetadataError {
     },
     #[error("the metadata service lists no interface with MAC address {0}")]
     NoMac(String),
+    /// The IMDSv2 token's PUT went unanswered: as a container's is on an
+    /// instance whose answers to it go one network hop only.
+    #[error("{url}: no token in time; from a container (or past another network hop) the instance must let the answer go further: aws ec2 modify-instance-metadata-options --http-put-response-hop-limit 2")]
+    TokenUnanswered {
+        url: String,
+        #[source]
+        source: Box<ureq::Error>,
+    },
 }
 
 /// How long one exchange with the metadata service may take.
@@ -297,11 +305,20 @@ impl Metadata {
         }
         let ttl = TOKEN_TTL.as_secs().to_string();
         let path = "/latest/api/token";
-        let a = self.exchange(
-            "PUT",
-            path,
-            &[("X-aws-ec2-metadata-token-ttl-seconds", &ttl)],
-        )?;
+        let a = self
+            .exchange(
+                "PUT",
+                path,
+                &[("X-aws-ec2-metadata-token-ttl-seconds", &ttl)],
+            )
+            .map_err(|e| match e {
+                MetadataError::Http { url, source }
+                    if matches!(*source, ureq::Error::Timeout(_)) =>
+                {
+                    MetadataError::TokenUnanswered { url, source }
+                }
+                e => e,
+            })?;
         if a.status != 200 || a.body.trim().is_empty() {
             return Err(MetadataError::Status {
                 url: format!("{}{path}", self.endpoint),
@@ -781,6 +798,21 @@ mod tests {
             "{:?}",
             started.elapsed()
         );
+    }
+
+    /// A token's PUT that goes unanswered (the instance's hop limit keeps
+    /// the answer from a container) says what to change.
+    #[test]
+    fn an_unanswered_token_names_the_hop_limit() {
+        let url = fake(|method, _, _| match method {
+            "PUT" => (200, "SLOW".into()),
+            _ => (404, String::new()),
+        });
+        let err = Metadata::new(Provider::Aws, Some(&url), vec![])
+            .read()
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("http-put-response-hop-limit 2"), "{text}");
     }
 
     /// With `--metadata-mac`, only that interface is read: another's
