@@ -501,17 +501,22 @@ impl Pair {
         }
     }
 
-    /// Counts a start now against a budget of `count`.
+    /// Counts a start now against a budget of `count`. Past [`BATCHES`]
+    /// batches (starts past the budget: a session's, which is never
+    /// refused) the last batch takes it: the pair, spent already, frees
+    /// no sooner for it, and keeps 32 batches at most (each start past a
+    /// small budget had been a batch of its own, without end).
     fn record(&mut self, count: u32, now: Ms) {
         let per_batch = count.div_ceil(BATCHES).max(1);
+        let full = self.starts.len() >= BATCHES as usize;
         match self.starts.back_mut() {
-            Some((t, n)) if *n < per_batch => {
+            Some((t, n)) if *n < per_batch || full => {
                 *t = now;
-                *n += 1;
+                *n = n.saturating_add(1);
             }
             _ => self.starts.push_back((now, 1)),
         }
-        self.held += 1;
+        self.held = self.held.saturating_add(1);
     }
 
     /// `None` if it may start a request now; else when it may, and
@@ -1752,6 +1757,28 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A session's requests past its pair's budget (never refused) keep
+    /// the pair's batches to `BATCHES`: each had been one more, without
+    /// end while the session kept sending. The pair frees no sooner.
+    #[test]
+    fn a_sessions_requests_past_the_budget_keep_the_batches_bounded() {
+        let mut s = Sites::new(rules(&["a.com=3/1m"]), 1000);
+        let t0 = Instant::now();
+        for i in 0..10_000u64 {
+            let now = t0 + Duration::from_millis(i);
+            assert!(s.session_use("a.com", ip(1), now).is_some());
+        }
+        let (_, p) = s.pairs.iter().next().unwrap();
+        assert!(p.starts.len() <= BATCHES as usize, "{}", p.starts.len());
+        assert_eq!(p.held, 10_000);
+        // Spent until the last of them has left the window.
+        let limit = s.rules.limit_for("a.com");
+        let last = s.ms(t0 + Duration::from_millis(9_999));
+        let (free, cooling) = p.blocked(limit, last).unwrap();
+        assert!(!cooling);
+        assert!(free >= last + 60_000 - 1, "{free} {last}");
     }
 
     /// Push-backs from more addresses than the table holds, all for one
