@@ -799,19 +799,39 @@ impl Sites {
             self.room_looks += 1;
         }
         let t = self.ms(now);
-        let mut by_use: Vec<(bool, Ms, u64)> = self
+        let mut by_use: Vec<(bool, Ms, u64, usize)> = self
             .sites
             .iter()
             .filter(|(k, _)| &***k != keep)
-            .map(|(_, s)| (s.cool_until > t, s.last_used, s.id))
+            .map(|(_, s)| (s.cool_until > t, s.last_used, s.id, s.pairs as usize + 1))
             .collect();
         if by_use.is_empty() {
             return;
         }
+        // The least recently used eighth of the sites, and more of the
+        // small ones (each under an eighth of the table) until an eighth of
+        // the table is free: each pass goes over every pair, so it must
+        // free enough not to be made again at the next new entry (a site
+        // holding most of the table beside a few small ones had freed an
+        // entry or two a pass, a pass a lease). A large site is forgotten
+        // only as the least recently used, as before.
         let n = (by_use.len() / 8).max(1);
         by_use.select_nth_unstable(n - 1);
-        let gone: std::collections::HashSet<u64> =
-            by_use[..n].iter().map(|(_, _, id)| *id).collect();
+        let want = need.max(self.max_entries / 8);
+        let mut freed: usize = by_use[..n].iter().map(|v| v.3).sum();
+        let mut gone: std::collections::HashSet<u64> = by_use[..n].iter().map(|v| v.2).collect();
+        if freed < want && n < by_use.len() {
+            let rest = &mut by_use[n..];
+            rest.sort_unstable();
+            for v in rest.iter().filter(|v| v.3 <= want) {
+                if freed >= want {
+                    break;
+                }
+                freed += v.3;
+                gone.insert(v.2);
+            }
+        }
+        let n = gone.len();
         let bits = &mut self.bits;
         self.sites.retain(|k, s| {
             let keep = !gone.contains(&s.id);
@@ -1779,6 +1799,36 @@ mod tests {
         let (free, cooling) = p.blocked(limit, last).unwrap();
         assert!(!cooling);
         assert!(free >= last + 60_000 - 1, "{free} {last}");
+    }
+
+    /// A site holding most of the table beside a few small ones: each
+    /// pass that makes room frees an eighth of the table, not an entry
+    /// or two (a pass over every pair, each new site's).
+    #[test]
+    fn making_room_frees_an_eighth_of_the_table() {
+        let mut s = Sites::new(rules(&[]), 1000);
+        let t0 = Instant::now();
+        let cool = Some(Duration::from_secs(600));
+        let v4 = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        for i in 0..880 {
+            assert!(s.pushback("big.com", v4(i), 429, cool, t0));
+        }
+        for i in 0..40 {
+            let now = t0 + Duration::from_millis(i + 1);
+            assert!(s.pushback(&format!("small{i}.com"), v4(0), 429, cool, now));
+        }
+        let looks = s.room_looks;
+        for i in 0..200 {
+            let now = t0 + Duration::from_millis(100 + i);
+            // The big site in use all along (the most recently used).
+            s.session_use("big.com", v4(0), now);
+            assert!(s.pushback(&format!("new{i}.com"), v4(0), 429, cool, now));
+            assert!(s.entries() <= 1000, "{}", s.entries());
+        }
+        // 400 entries made: a pass per 125 at least, not one per site.
+        assert!(s.room_looks - looks <= 5, "{}", s.room_looks - looks);
+        // The big site, in use, was not forgotten to make the room.
+        assert!(s.sites.contains_key("big.com"));
     }
 
     /// Push-backs from more addresses than the table holds, all for one
