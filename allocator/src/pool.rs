@@ -37,6 +37,8 @@ pub struct Pool {
     quarantined: HashSet<Segment>,
     /// What the table rotates over: `addrs` less `quarantined`.
     active: Vec<Segment>,
+    /// `active`'s rotations, for the site path's walks.
+    rotations: rotor_protocol::Rotations,
     /// `active`'s single addresses and its prefixes, to check a lease
     /// against (the table's file can be written by others).
     active_singles: HashSet<IpAddr>,
@@ -146,6 +148,7 @@ impl Pool {
             addrs: Vec::new(),
             quarantined: HashSet::new(),
             active: Vec::new(),
+            rotations: Default::default(),
             active_singles: HashSet::new(),
             active_prefixes: Vec::new(),
             prefixes: Vec::new(),
@@ -341,6 +344,7 @@ impl Pool {
                 _ => None,
             };
         }
+        self.rotations = rotor_protocol::Rotations::new(&active);
         self.active = active;
         self.generation = generation;
         self.published = true;
@@ -384,6 +388,11 @@ impl Pool {
     /// The entries in rotation (what the table should hold).
     pub fn active(&self) -> &[Segment] {
         &self.active
+    }
+
+    /// The active entries' rotations (see [`rotor_protocol::Rotations`]).
+    pub fn rotations(&self) -> &rotor_protocol::Rotations {
+        &self.rotations
     }
 
     /// Whether the table still holds what was published, open: whoever can

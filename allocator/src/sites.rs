@@ -35,8 +35,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rotor_protocol::{
-    addresses_from, family_total, from_u128, site_bit, site_of, to_u128, Families, Family,
-    PairStatus, Segment, SiteLimit, SiteStatus, SitesReport, SITE_FILTER_BITS,
+    from_u128, site_bit, site_of, to_u128, Families, Family, PairStatus, Rotations, Segment,
+    SiteLimit, SiteStatus, SitesReport, SITE_FILTER_BITS,
 };
 
 /// The first cooldown without a `Retry-After`; each repeat doubles it.
@@ -884,14 +884,29 @@ impl Sites {
         Some(p.watched(t))
     }
 
-    /// The next address for a request to `site` among `active` (the
-    /// rotation's entries) of one of `families`.
-    /// `generation` is `active`'s (see [`Refused`]).
+    /// [`Sites::lease_in`] the rotations of `active` (the rotation's
+    /// entries), worked out for this lease.
+    #[cfg(test)]
     pub fn lease(
         &mut self,
         site: &str,
         families: Families,
         active: &[Segment],
+        generation: u64,
+        now: Instant,
+    ) -> Answer {
+        let rotations = Rotations::new(active);
+        self.lease_in(site, families, &rotations, generation, now)
+    }
+
+    /// The next address for a request to `site` among `rotations` (the
+    /// pool's, see [`Rotations`]) of one of `families`. `generation` is
+    /// theirs (see [`Refused`]).
+    pub fn lease_in(
+        &mut self,
+        site: &str,
+        families: Families,
+        rotations: &Rotations,
         generation: u64,
         now: Instant,
     ) -> Answer {
@@ -920,7 +935,7 @@ impl Sites {
             if !families.accepts_family(family) {
                 continue;
             }
-            let total = family_total(active, family);
+            let total = rotations.total(family);
             if total == 0 {
                 continue;
             }
@@ -947,7 +962,7 @@ impl Sites {
             let mut spent_wide: Vec<Segment> = Vec::new();
             let (mut looks, mut draws, mut skipped) = (0u64, 0u32, 0usize);
             let mut rewound: Option<u64> = None;
-            let mut walk = addresses_from(active, family, start);
+            let mut walk = rotations.walk(family, start);
             'walk: while let Some((i, ip)) = walk.next() {
                 let entry = *walk.last_entry().expect("an address was yielded");
                 let (key, from) = 'pick: {
@@ -1021,7 +1036,7 @@ impl Sites {
                                 None => {
                                     let from = (start + total - back) % total;
                                     rewound = Some(from);
-                                    walk = addresses_from(active, family, from);
+                                    walk = rotations.walk(family, from);
                                     continue 'walk;
                                 }
                                 Some(from) if (i + total - from) % total < back => {}
@@ -1751,7 +1766,7 @@ fn backoff(strikes: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rotor_protocol::address_at;
+    use rotor_protocol::{address_at, family_total};
 
     fn pool(n: u8) -> Vec<Segment> {
         (1..=n)

@@ -316,7 +316,7 @@ impl Inner {
         // is set then), and a walk answers.
         loop {
             let Inner { sites, pool, .. } = &mut *self;
-            let answer = sites.lease(site, families, pool.active(), pool.generation(), now);
+            let answer = sites.lease_in(site, families, pool.rotations(), pool.generation(), now);
             // (A refusal changes nothing a checkpoint keeps: a site only
             // refused is not written again at every interval.)
             if !matches!(answer, Answer::Shared | Answer::Throttled { .. }) {
@@ -377,10 +377,10 @@ impl Inner {
             v4: families.v4 && !claimed.v4,
             v6: families.v6 && !claimed.v6,
         };
-        let active = self.pool.active();
+        let rotations = self.pool.rotations();
         if !Family::ALL
             .into_iter()
-            .any(|f| rest.accepts_family(f) && family_total(active, f) > 0)
+            .any(|f| rest.accepts_family(f) && rotations.total(f) > 0)
         {
             return throttled(until, cooling, now);
         }

@@ -339,7 +339,11 @@ pub fn address_at(entries: &[Segment], family: Family, i: u64) -> Option<IpAddr>
 /// in a loop would (a throttled site's walk of a pool of 65 536 listed
 /// addresses: 2·10⁹ entry visits, under the allocator's lock).
 pub fn addresses_from(entries: &[Segment], family: Family, start: u64) -> Walk<'_> {
-    let mine: Vec<&Segment> = entries.iter().filter(|e| e.family() == family).collect();
+    let mine: Vec<Segment> = entries
+        .iter()
+        .filter(|e| e.family() == family)
+        .copied()
+        .collect();
     let total = family_total(entries, family);
     // The entry holding `start`, and `start`'s offset in it.
     let (mut at, mut offset) = (0usize, 0u64);
@@ -356,12 +360,74 @@ pub fn addresses_from(entries: &[Segment], family: Family, start: u64) -> Walk<'
     }
     Walk {
         index: if total > 0 { start % total } else { 0 },
-        mine,
+        mine: std::borrow::Cow::Owned(mine),
         total,
         at,
         offset,
         left: total,
         last: None,
+    }
+}
+
+/// Each family's rotation over a pool's entries, worked out once, when the
+/// pool changes: the family's entries, the index each begins at, the
+/// total. A walk from an index is then found by a binary search, not by a
+/// scan of the pool's entries (and a copy of those of the family) at each
+/// of a site's leases: a list of 100 000 addresses cost hundreds of µs a
+/// lease, under the allocator's lock.
+#[derive(Debug, Default, Clone)]
+pub struct Rotations([Rotation; 2]);
+
+#[derive(Debug, Default, Clone)]
+struct Rotation {
+    mine: Vec<Segment>,
+    first: Vec<u64>,
+    total: u64,
+}
+
+impl Rotations {
+    pub fn new(entries: &[Segment]) -> Rotations {
+        Rotations(Family::ALL.map(|family| {
+            let mut r = Rotation {
+                total: family_total(entries, family),
+                ..Rotation::default()
+            };
+            let mut first = 0u64;
+            for e in entries.iter().filter(|e| e.family() == family) {
+                r.mine.push(*e);
+                r.first.push(first);
+                first = first.saturating_add(entry_len(e));
+            }
+            r
+        }))
+    }
+
+    /// The addresses of `family`'s rotation (as [`family_total`] counts
+    /// them).
+    pub fn total(&self, family: Family) -> u64 {
+        self.0[family.index()].total
+    }
+
+    /// As [`addresses_from`].
+    pub fn walk(&self, family: Family, start: u64) -> Walk<'_> {
+        let r = &self.0[family.index()];
+        let (mut at, mut offset) = (0usize, 0u64);
+        if r.total > 0 {
+            let start = start % r.total;
+            // The last entry beginning at or before it (each holds at
+            // least one address: that entry holds it).
+            at = r.first.partition_point(|&f| f <= start).saturating_sub(1);
+            offset = start - r.first[at];
+        }
+        Walk {
+            index: if r.total > 0 { start % r.total } else { 0 },
+            mine: std::borrow::Cow::Borrowed(&r.mine),
+            total: r.total,
+            at,
+            offset,
+            left: r.total,
+            last: None,
+        }
     }
 }
 
@@ -372,7 +438,7 @@ fn entry_len(e: &Segment) -> u64 {
 /// A walk of a family's rotation (see [`addresses_from`]): each index
 /// once, from its start, wrapping around.
 pub struct Walk<'a> {
-    mine: Vec<&'a Segment>,
+    mine: std::borrow::Cow<'a, [Segment]>,
     total: u64,
     /// The next address's index, entry and offset in it.
     index: u64,
@@ -394,7 +460,7 @@ impl Walk<'_> {
         }
         // Up to the entry's end, or the rotation's (a prefix counted past
         // it by the family's cap), then on from where the walk goes next.
-        let n = (entry_len(self.mine[self.at]) - self.offset)
+        let n = (entry_len(&self.mine[self.at]) - self.offset)
             .min(self.total - self.index)
             .min(self.left);
         self.left -= n;
@@ -409,7 +475,7 @@ impl Walk<'_> {
 
     /// The entry of the address yielded last.
     pub fn last_entry(&self) -> Option<&Segment> {
-        self.last.map(|k| self.mine[k])
+        self.last.map(|k| &self.mine[k])
     }
 }
 
@@ -427,7 +493,7 @@ impl Iterator for Walk<'_> {
         self.offset += 1;
         if self.index == self.total {
             (self.index, self.at, self.offset) = (0, 0, 0);
-        } else if self.offset == entry_len(self.mine[self.at]) {
+        } else if self.offset == entry_len(&self.mine[self.at]) {
             (self.at, self.offset) = (self.at + 1, 0);
         }
         Some(here)
@@ -1408,6 +1474,43 @@ mod tests {
         }
         assert_eq!(addresses_from(&entries, Family::V6, 5).count(), 1);
         assert_eq!(addresses_from(&[], Family::V6, 0).count(), 0);
+    }
+
+    /// The rotations worked out once walk as `addresses_from` does, from
+    /// every start (a prefix past the family's cap too), skips included.
+    #[test]
+    fn rotations_walk_as_addresses_from_does() {
+        let e = |s: &str| Segment::single(s.parse().unwrap());
+        let p = |s: &str, l| Segment::prefix(s.parse().unwrap(), l).unwrap();
+        let entries = vec![
+            e("10.0.0.1"),
+            p("10.1.0.0", 30),
+            e("2001:db8::1"),
+            e("10.0.0.2"),
+            p("2001:db8:1::", 64),
+            p("10.2.0.0", 31),
+            e("2001:db8::2"),
+        ];
+        let r = Rotations::new(&entries);
+        for family in Family::ALL {
+            assert_eq!(r.total(family), family_total(&entries, family));
+            let starts = [0, 1, 2, 3, 5, 7, 8, 11, MAX_FAMILY_TOTAL - 1, u64::MAX];
+            for start in starts {
+                let a: Vec<_> = addresses_from(&entries, family, start).take(20).collect();
+                let b: Vec<_> = r.walk(family, start).take(20).collect();
+                assert_eq!(a, b, "{family:?} from {start}");
+                let (mut a, mut b) = (
+                    addresses_from(&entries, family, start),
+                    r.walk(family, start),
+                );
+                for _ in 0..6 {
+                    assert_eq!(a.next(), b.next());
+                    assert_eq!(a.last_entry(), b.last_entry());
+                    assert_eq!(a.skip_entry(), b.skip_entry(), "{family:?} from {start}");
+                }
+            }
+        }
+        assert_eq!(Rotations::new(&[]).walk(Family::V4, 3).count(), 0);
     }
 
     #[test]
