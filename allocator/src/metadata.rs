@@ -160,6 +160,10 @@ impl Metadata {
             .to_string();
         let agent = ureq::Agent::config_builder()
             .timeout_global(Some(TIMEOUT))
+            // Shorter, so that a connect that times out says so (a service
+            // not there), apart from an answer that never comes (the
+            // token's past the instance's hop limit).
+            .timeout_connect(Some(TIMEOUT * 3 / 4))
             .http_status_as_error(false)
             // The metadata service is on this host's link: never through a
             // proxy from the environment.
@@ -313,7 +317,11 @@ impl Metadata {
             )
             .map_err(|e| match e {
                 MetadataError::Http { url, source }
-                    if matches!(*source, ureq::Error::Timeout(_)) =>
+                    if matches!(
+                        *source,
+                        ureq::Error::Timeout(t)
+                            if !matches!(t, ureq::Timeout::Connect | ureq::Timeout::Resolve)
+                    ) =>
                 {
                     MetadataError::TokenUnanswered { url, source }
                 }

@@ -501,13 +501,24 @@ impl Pair {
         }
     }
 
-    /// Counts a start now against a budget of `count`. Past [`BATCHES`]
-    /// batches (starts past the budget: a session's, which is never
-    /// refused) the last batch takes it: the pair, spent already, frees
-    /// no sooner for it, and keeps 32 batches at most (each start past a
-    /// small budget had been a batch of its own, without end).
+    /// Counts a start now against a budget of `count`. A pair at
+    /// [`BATCHES`] batches (starts past the budget: a session's, which is
+    /// never refused) first lets go of its oldest batches that can no
+    /// longer decide when it frees (it holds its budget or more without
+    /// them: `blocked` answers the same); if it is at [`BATCHES`] still,
+    /// the last batch takes the start (freeing no sooner). Each start past
+    /// a small budget had been a batch of its own, without end.
     fn record(&mut self, count: u32, now: Ms) {
         let per_batch = count.div_ceil(BATCHES).max(1);
+        if self.starts.len() >= BATCHES as usize {
+            while let Some(&(_, n)) = self.starts.front() {
+                if self.held.saturating_sub(n) < count {
+                    break;
+                }
+                self.starts.pop_front();
+                self.held -= n;
+            }
+        }
         let full = self.starts.len() >= BATCHES as usize;
         match self.starts.back_mut() {
             Some((t, n)) if *n < per_batch || full => {
@@ -1816,13 +1827,32 @@ mod tests {
         }
         let (_, p) = s.pairs.iter().next().unwrap();
         assert!(p.starts.len() <= BATCHES as usize, "{}", p.starts.len());
-        assert_eq!(p.held, 10_000);
-        // Spent until the last of them has left the window.
+        assert!(p.held >= 3, "{}", p.held);
+        // Spent until the window holds fewer than 3: when the third
+        // newest leaves it, exactly as if every start were kept.
         let limit = s.rules.limit_for("a.com");
+        let w = limit.unwrap().window().as_millis() as u64;
         let last = s.ms(t0 + Duration::from_millis(9_999));
+        let third_newest = s.ms(t0 + Duration::from_millis(9_997));
         let (free, cooling) = p.blocked(limit, last).unwrap();
         assert!(!cooling);
-        assert!(free >= last + 60_000 - 1, "{free} {last}");
+        assert_eq!(free, third_newest + w);
+        // A larger budget (batches of 32 starts), sent past: the same.
+        let mut s = Sites::new(rules(&["a.com=1000/1h"]), 1000);
+        for i in 0..3_000u64 {
+            s.session_use("a.com", ip(1), t0 + Duration::from_millis(i));
+        }
+        let (_, p) = s.pairs.iter().next().unwrap();
+        assert!(p.starts.len() <= BATCHES as usize, "{}", p.starts.len());
+        let limit = s.rules.limit_for("a.com");
+        let w = limit.unwrap().window().as_millis() as u64;
+        let (free, _) = p
+            .blocked(limit, s.ms(t0 + Duration::from_millis(2_999)))
+            .unwrap();
+        // Frees once fewer than 1000 are held: a batch's span late at most
+        // (its last start's time), never early.
+        let exact = s.ms(t0 + Duration::from_millis(2_000)) + w;
+        assert!(free >= exact && free <= exact + 32, "{free} {exact}");
     }
 
     /// The report names the `max` most recently used sites, newest first

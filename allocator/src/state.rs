@@ -8,9 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rotor_protocol::{
-    error_chain, family_total, index_of, AddrStatus, EntryStatus, Families, Family, FamilyStatus,
-    Hello, Lease, PeerStatus, QuarantineStatus, Refusal, Response, Segment, SourceStatus,
-    StatusReport, StatusReportV2, TableError, PEER_SLOTS,
+    error_chain, family_total, AddrStatus, EntryStatus, Families, Family, FamilyStatus, Hello,
+    Lease, PeerStatus, QuarantineStatus, Refusal, Response, Segment, SourceStatus, StatusReport,
+    StatusReportV2, TableError, PEER_SLOTS,
 };
 
 use crate::persist::{HandOut, Saved, StateFile, SESSIONS_FILE_NAME, SITES_FILE_NAME};
@@ -343,9 +343,10 @@ impl Inner {
                         Some(Ok(l)) => l,
                         other => return self.answer(peer, other),
                     };
-                    let active = self.pool.active();
-                    let total = family_total(active, family);
-                    let index = index_of(active, lease.ip).unwrap_or(0);
+                    // (No scan of the pool: a new site's first lease.)
+                    let rotations = self.pool.rotations();
+                    let total = rotations.total(family);
+                    let index = rotations.index_of(lease.ip).unwrap_or(0);
                     if let Some(watch) = self.sites.started(site, lease.ip, index, total, now) {
                         if let Some(p) = self.peers.get_mut(&peer) {
                             p.leases += 1;

@@ -383,6 +383,11 @@ struct Rotation {
     mine: Vec<Segment>,
     first: Vec<u64>,
     total: u64,
+    /// Where each single address the cursor reaches is (a site's first
+    /// lease is counted at its index: a scan of the pool a new site, else).
+    singles: std::collections::HashMap<IpAddr, u64>,
+    /// The prefixes, by their place in `mine` (few: looked over).
+    prefixes: Vec<usize>,
 }
 
 impl Rotations {
@@ -394,12 +399,35 @@ impl Rotations {
             };
             let mut first = 0u64;
             for e in entries.iter().filter(|e| e.family() == family) {
+                match e.is_single() {
+                    true if first < r.total => {
+                        r.singles.entry(e.base()).or_insert(first);
+                    }
+                    true => {}
+                    false => r.prefixes.push(r.mine.len()),
+                }
                 r.mine.push(*e);
                 r.first.push(first);
                 first = first.saturating_add(entry_len(e));
             }
             r
         }))
+    }
+
+    /// As [`index_of`].
+    pub fn index_of(&self, ip: IpAddr) -> Option<u64> {
+        let r = &self.0[Family::of(&ip).index()];
+        let single = r.singles.get(&ip).copied();
+        // The first entry holding it, as `index_of` finds: a single one
+        // listed before a prefix holding it too is the one.
+        let prefix = r.prefixes.iter().find_map(|&k| {
+            let i = u64::try_from(r.mine[k].index_of(ip)?).ok()?;
+            Some(r.first[k].checked_add(i)?).filter(|i| *i < r.total)
+        });
+        match (single, prefix) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The addresses of `family`'s rotation (as [`family_total`] counts
@@ -1511,6 +1539,18 @@ mod tests {
             }
         }
         assert_eq!(Rotations::new(&[]).walk(Family::V4, 3).count(), 0);
+        // Every address's index as `index_of` finds it, and none for one
+        // not in the pool.
+        for family in Family::ALL {
+            for (i, ip) in addresses_from(&entries, family, 0).take(40) {
+                assert_eq!(r.index_of(ip), Some(i), "{ip}");
+                assert_eq!(r.index_of(ip), index_of(&entries, ip));
+            }
+        }
+        for ip in ["10.0.0.3", "2001:db8::3", "10.1.0.4"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(r.index_of(ip), None, "{ip}");
+        }
     }
 
     #[test]

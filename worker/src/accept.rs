@@ -529,7 +529,13 @@ mod tests {
         // group, not the shared socket's siblings' (whose TLS queue is
         // not this worker's).
         assert_ne!(accept_group(&ab), g);
-        assert_ne!(accept_group(&[]), 0);
+        // None: not the one value every such worker had shared.
+        let none: [std::net::TcpListener; 0] = [];
+        assert_ne!(accept_group(&none), 0);
+        assert_ne!(
+            accept_group(&none),
+            rotor_protocol::fnv1a(std::iter::empty::<u8>()).max(1)
+        );
     }
 
     /// A connected pair: the client's std stream, and the accepted side as
