@@ -957,7 +957,7 @@ async fn a_silent_tls_connection_does_not_hold_the_drain() {
     // And one whose first request's head came in part, over TLS: it has
     // the grace from its first byte, not until its first head's deadline
     // (counted from the accept, the later of the header and idle
-    // timeouts: it held the drain some 60 s).
+    // timeouts, less the header timeout: it held the drain some 30 s).
     let script = format!(
         r#"{PY_TLS_OVER}
 import sys, time
