@@ -414,16 +414,7 @@ time.sleep(3)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
-    let mut line = String::new();
-    let read = tokio::task::spawn_blocking(move || {
-        std::io::BufRead::read_line(&mut out, &mut line).map(|_| line)
-    });
-    let said = tokio::time::timeout(Duration::from_secs(10), read)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let said = first_line(&mut holder, Duration::from_secs(10)).await;
     assert!(said.contains("half of --max-peers"), "{said}");
     // Its two held, root still gets a place (of the four).
     assert!(status_json(&alloc.socket)["pool"].is_array());

@@ -980,16 +980,7 @@ except OSError:
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut out = std::io::BufReader::new(half.stdout.take().unwrap());
-    let sent = tokio::task::spawn_blocking(move || {
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut out, &mut line).map(|_| line)
-    });
-    let sent = tokio::time::timeout(Duration::from_secs(10), sent)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let sent = first_line(&mut half, Duration::from_secs(10)).await;
     assert_eq!(sent.trim(), "sent");
     // Accepted (the handshake under way), not still in the listen queue.
     tokio::time::sleep(Duration::from_millis(300)).await;

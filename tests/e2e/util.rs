@@ -103,6 +103,21 @@ impl Drop for Proc {
     }
 }
 
+/// The first line `child` writes to its (piped) standard output, waited
+/// for off the test's runtime, within `within`.
+pub async fn first_line(child: &mut Child, within: Duration) -> String {
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("a piped stdout"));
+    let read = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).map(|_| line)
+    });
+    tokio::time::timeout(within, read)
+        .await
+        .expect("a line in time")
+        .unwrap()
+        .unwrap()
+}
+
 /// Stops `worker` with SIGTERM and asserts that its drain finished (exit
 /// 0) within `within`, waited for off the test's runtime (its origin may
 /// run there).
