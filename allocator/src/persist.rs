@@ -333,6 +333,13 @@ pub const SESSIONS_FILE_NAME: &str = "sessions.json";
 /// (JSON, as the sessions).
 pub const SITES_FILE_NAME: &str = "sites.json";
 
+/// How far past the later of the clock and its file's writing a kept
+/// item's own time (a session's start, a site's last start or strike) may
+/// be and still be believed. One far in the future (an edit, a bit
+/// flipped that still parses) had been taken for the clock and ended
+/// every other item: it is dropped instead.
+pub const FUTURE_SLACK_MS: u64 = 60_000;
+
 /// What the last allocator kept in `path` for this start (none if there
 /// is no file), and how many of its items could not be read: one bad item
 /// (an edit, a bit flipped) loses itself, not every other. A file with
@@ -346,15 +353,7 @@ pub fn take_kept<T: serde::de::DeserializeOwned>(
     let Some(text) = read_text(path)? else {
         return Ok((Vec::new(), 0));
     };
-    let parsed = parse_json::<Vec<serde_json::Value>>(&text).map(|items| {
-        let n = items.len();
-        let good: Vec<T> = items
-            .into_iter()
-            .filter_map(|v| serde_json::from_value(v).ok())
-            .collect();
-        let bad = n - good.len();
-        (good, bad)
-    });
+    let parsed = parse_items::<T>(&text);
     match &parsed {
         // The next checkpoint would write over it (the caller says it
         // starts without it, or without the bad items).
@@ -400,6 +399,39 @@ fn read_text(path: &Path) -> io::Result<Option<Vec<u8>>> {
     }
 }
 
+/// A state file's list of items, each read as a `T` as it comes (its
+/// text held only meanwhile, not the whole file's as a tree of values,
+/// which took some eight times the file's size at the start), and how
+/// many did not read as one. A file that is no list is `InvalidData`.
+fn parse_items<T: serde::de::DeserializeOwned>(text: &[u8]) -> io::Result<(Vec<T>, usize)> {
+    struct Items<T>(std::marker::PhantomData<T>);
+    impl<'de, T: serde::de::DeserializeOwned> serde::de::Visitor<'de> for Items<T> {
+        type Value = (Vec<T>, usize);
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a list of kept items")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let (mut good, mut bad) = (Vec::new(), 0);
+            while let Some(raw) = seq.next_element::<Box<serde_json::value::RawValue>>()? {
+                match serde_json::from_str::<T>(raw.get()) {
+                    Ok(item) => good.push(item),
+                    Err(_) => bad += 1,
+                }
+            }
+            Ok((good, bad))
+        }
+    }
+    let invalid = |e| io::Error::new(io::ErrorKind::InvalidData, e);
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let items = serde::Deserializer::deserialize_seq(&mut de, Items(std::marker::PhantomData))
+        .map_err(invalid)?;
+    de.end().map_err(invalid)?;
+    Ok(items)
+}
+
 /// A state file's JSON; one that does not parse is `InvalidData`.
 fn parse_json<T: serde::de::DeserializeOwned>(text: &[u8]) -> io::Result<T> {
     serde_json::from_slice(text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
@@ -423,9 +455,15 @@ fn replace_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(&tmp)?;
-    io::Write::write_all(&mut f, bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    let written = io::Write::write_all(&mut f, bytes)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        // Not left behind: on a full disk the part written held what
+        // space there was until the next try.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     sync_dir(path);
     Ok(())
 }
@@ -554,6 +592,14 @@ mod tests {
             (vec![1, 2], 0)
         );
         assert!(!path.exists());
+        // A write that fails leaves no part of itself behind (on a full
+        // disk it held what space there was): here, a rename onto a
+        // directory.
+        let blocked = dir.path().join("blocked.json");
+        std::fs::create_dir(&blocked).unwrap();
+        std::fs::write(blocked.join("x"), b"x").unwrap();
+        assert!(super::write_kept(&blocked, &[1u32]).is_err());
+        assert!(!dir.path().join("blocked.json.tmp").exists());
         // One bad item loses itself alone; the file is set aside.
         std::fs::write(&path, b"[1, \"not-a-number\", 3]").unwrap();
         assert_eq!(

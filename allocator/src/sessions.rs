@@ -653,7 +653,12 @@ impl Sessions {
         // A wall clock behind the one that wrote the file (a start before
         // NTP has set it, a VM snapshot) would bring ended sessions back
         // and lengthen the rest: it is now at least the newest session's
-        // start, and no session outlives its own lifetime.
+        // start, and no session outlives its own lifetime. (A start past
+        // the clock and the file's writing by more than a minute is no
+        // session this allocator made: dropped, not taken for the clock.)
+        let believed = wall_ms.saturating_add(crate::persist::FUTURE_SLACK_MS);
+        let mut saved = saved;
+        saved.retain(|s| s.created_ms <= believed);
         let wall_ms = saved.iter().map(|s| s.created_ms).fold(wall_ms, u64::max);
         // What is left of a session's time, no more than its lifetime.
         let left = |s: &SavedSession| {
@@ -820,8 +825,23 @@ mod tests {
         assert_eq!(saved[1].created_ms, wall - 5_000);
         assert!(saved[0].strict);
 
-        // The next allocator, 20 s of wall clock later.
+        // One item far in the future (an edit, a bit flipped) is dropped,
+        // not taken for the clock (which ended every other).
+        let mut bogus = saved.clone();
+        bogus.push(SavedSession {
+            key: "future".into(),
+            ips: [Some(ip("10.0.0.9")), None],
+            created_ms: wall + 10 * 365 * 86_400_000,
+            expires_ms: wall + 11 * 365 * 86_400_000,
+            strict: false,
+            evicted: false,
+        });
+        let mut r = Sessions::new(10);
         let t1 = Instant::now() + Duration::from_secs(3600);
+        assert_eq!(r.restore(bogus, t1, wall + 20_000), 2);
+        assert!(r.map.contains_key("old") && !r.map.contains_key("future"));
+
+        // The next allocator, 20 s of wall clock later.
         let mut r = Sessions::new(10);
         assert_eq!(r.restore(saved.clone(), t1, wall + 20_000), 2);
         let good = |_| true;
@@ -862,10 +882,17 @@ mod tests {
         assert_eq!(one.len(), 1);
 
         // A wall clock an hour behind at the restart (before NTP set it):
-        // now is taken as at least the newest session's start, so "old"
-        // has at most the 55 s it had from then, not an hour more.
+        // the file's time of writing is the floor (`state::take_kept`
+        // passes the later of the two), so "old" has at most the 55 s it
+        // had from then, not an hour more. (Without that floor, sessions
+        // begun more than a minute past the clock are not believed.)
         let mut behind = Sessions::new(10);
-        assert_eq!(behind.restore(saved, t1, wall - 3_600_000), 2);
+        let written = wall;
+        assert_eq!(
+            behind.restore(saved.clone(), t1, (wall - 3_600_000).max(written)),
+            2
+        );
+        assert_eq!(Sessions::new(10).restore(saved, t1, wall - 3_600_000), 0);
         let after = t1 + Duration::from_secs(56);
         assert_eq!(
             behind.pinned("old", Family::V4, after, good),

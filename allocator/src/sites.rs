@@ -1613,18 +1613,23 @@ impl Sites {
         // NTP has set it) would drop the window's starts as "in the
         // future" — a spent budget forgotten — and lengthen cooldowns: it
         // is now at least the newest start or strike the file holds, and
-        // no cooldown comes back longer than the longest one given.
-        let newest = saved
-            .iter()
-            .flat_map(|p| {
-                let last = [p.last_strike_ms, p.last_unreached_ms];
-                p.starts
-                    .iter()
-                    .map(|&(at, _)| at)
-                    .chain(last.into_iter().flatten())
-            })
-            .max()
-            .unwrap_or(0);
+        // no cooldown comes back longer than the longest one given. (A
+        // pair with a time past the clock and the file's writing by more
+        // than a minute is not this allocator's: dropped, not taken for
+        // the clock.)
+        let newest_of = |p: &SavedPair| {
+            let last = [p.last_strike_ms, p.last_unreached_ms];
+            p.starts
+                .iter()
+                .map(|&(at, _)| at)
+                .chain(last.into_iter().flatten())
+                .max()
+                .unwrap_or(0)
+        };
+        let believed = wall_ms.saturating_add(crate::persist::FUTURE_SLACK_MS);
+        let mut saved = saved;
+        saved.retain(|p| newest_of(p) <= believed);
+        let newest = saved.iter().map(newest_of).max().unwrap_or(0);
         let wall_ms = wall_ms.max(newest);
         let longest = t + RETRY_AFTER_MAX.as_millis() as u64;
         // A wall-clock time on this table's clock (`None` before its start).
@@ -2349,6 +2354,22 @@ mod tests {
         // Back 20 s later, on another clock.
         let t1 = t0 + secs(20);
         let wall1 = wall0 + 20_000;
+        // One pair far in the future (an edit, a bit flipped) is dropped,
+        // not taken for the clock, which had ended every other.
+        let mut bogus = saved.clone();
+        bogus.push(SavedPair {
+            site: "z.com".into(),
+            source: ip(9),
+            starts: vec![(wall0 + 10 * 365 * 86_400_000, 1)],
+            cool_until_ms: None,
+            strikes: 0,
+            last_strike_ms: None,
+            unreached: 0,
+            last_unreached_ms: None,
+        });
+        let mut s3 = Sites::new(rules(&["a.com=2/1m"]), 1000);
+        assert_eq!(s3.restore(bogus, t1, wall1), 5);
+        assert_eq!(take(&mut s3, "a.com", &active, 3, t1), [0u8; 0]);
         let mut s2 = Sites::new(rules(&["a.com=2/1m"]), 1000);
         assert_eq!(s2.restore(saved.clone(), t1, wall1), 5);
         assert_eq!(take(&mut s2, "a.com", &active, 3, t1), [0u8; 0]);
@@ -2381,10 +2402,19 @@ mod tests {
 
         // A wall clock an hour behind at the restart (before NTP set it):
         // the window's starts are not dropped as "in the future" — now is
-        // at least the newest time the file holds — and the hour's
-        // cooldown comes back no longer than it was.
+        // at least the file's time of writing (`state::take_kept` passes
+        // the later of the two) and the newest time it holds — and the
+        // hour's cooldown comes back no longer than it was. (Without that
+        // floor, pairs with times more than a minute past the clock are
+        // not believed.)
         let mut behind = Sites::new(rules(&["a.com=2/1m"]), 1000);
-        assert_eq!(behind.restore(saved.clone(), t1, wall0 - 3_600_000), 5);
+        let written = wall0;
+        assert_eq!(
+            behind.restore(saved.clone(), t1, (wall0 - 3_600_000).max(written)),
+            5
+        );
+        let mut alone = Sites::new(rules(&["a.com=2/1m"]), 1000);
+        assert!(alone.restore(saved.clone(), t1, wall0 - 3_600_000) < 5);
         assert_eq!(
             take(&mut behind, "a.com", &active, 3, t1),
             [0u8; 0],

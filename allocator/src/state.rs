@@ -203,16 +203,38 @@ fn take_kept<T: serde::de::DeserializeOwned>(
 /// Whether it was written.
 fn keep<T: serde::Serialize>(
     dir: &std::path::Path,
-    name: &str,
+    name: &'static str,
     what: &str,
     items: &[T],
     stop: bool,
 ) -> bool {
+    // The files whose last write failed: a failure is warned of once
+    // until a write succeeds again (a full disk or a directory made
+    // read-only had been warned of at every checkpoint).
+    static FAILING: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
     let path = dir.join(name);
     let written = match items.is_empty() {
         true => crate::persist::clear_kept(&path),
         false => crate::persist::write_kept(&path, items),
     };
+    let was_failing = {
+        let mut failing = FAILING.lock().unwrap_or_else(|e| e.into_inner());
+        let at = failing.iter().position(|n| *n == name);
+        match (&written, at) {
+            (Ok(()), Some(i)) => {
+                failing.swap_remove(i);
+                true
+            }
+            (Err(_), None) => {
+                failing.push(name);
+                false
+            }
+            (_, at) => at.is_some(),
+        }
+    };
+    if written.is_ok() && was_failing {
+        tracing::info!(file = %path.display(), "the {what} are written again");
+    }
     match written {
         Ok(()) if stop && !items.is_empty() => {
             tracing::info!(file = %path.display(), entries = items.len(), "{what} kept for the next start");
@@ -222,8 +244,12 @@ fn keep<T: serde::Serialize>(
             tracing::debug!(file = %path.display(), entries = items.len(), "{what} checkpointed");
             true
         }
+        Err(e) if was_failing => {
+            tracing::debug!(file = %path.display(), error = %e, "cannot write the {what} still");
+            false
+        }
         Err(e) => {
-            tracing::warn!(file = %path.display(), error = %e, "cannot write the {what}: a start now would have the last one written, if any (tried again at the next checkpoint)");
+            tracing::warn!(file = %path.display(), error = %e, "cannot write the {what}: a start now would have the last one written, if any (tried again at each checkpoint; said again only once written)");
             false
         }
     }
