@@ -1127,9 +1127,15 @@ async fn manage(
                 continue;
             }
         };
-        info!(allocator = %path.display(), "connected to the allocator");
-        failures = 0;
-        backoff = BACKOFF_MIN;
+        // The backoff starts over only once a connection has lasted: one
+        // that ends at once (a peer that takes the Hello and then closes,
+        // or sends what does not decode) is a failure too, waited on, not
+        // a reconnect storm.
+        let connected_at = tokio::time::Instant::now();
+        match failures {
+            0 => info!(allocator = %path.display(), "connected to the allocator"),
+            _ => debug!(allocator = %path.display(), failures, "connected to the allocator"),
+        }
 
         let (requests_tx, mut requests_rx) = mpsc::unbounded_channel::<Envelope<Request>>();
         let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -1239,15 +1245,35 @@ async fn manage(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        match ended {
-            None => return,
-            Some(Ok(())) => warn!("allocator closed the connection; reconnecting"),
-            Some(Err(e)) => {
-                warn!(error = %error_chain(&e), "allocator connection failed; reconnecting")
+        let Some(ended) = ended else {
+            return;
+        };
+        if connected_at.elapsed() >= STEADY_CONNECTION {
+            failures = 0;
+            backoff = BACKOFF_MIN;
+        }
+        failures += 1;
+        let why = ended.err().map(|e| error_chain(&e));
+        match (failures, why) {
+            (1, None) => warn!("allocator closed the connection; reconnecting"),
+            (1, Some(e)) => warn!(error = %e, "allocator connection failed; reconnecting"),
+            (_, why) => {
+                debug!(error = ?why, failures, retry_in = ?backoff, "allocator connection ended at once again; reconnecting after a pause")
             }
+        }
+        if failures > 1 {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 }
+
+/// How long a connection to the allocator must last for the reconnect
+/// backoff to start over.
+const STEADY_CONNECTION: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
@@ -1370,5 +1396,31 @@ mod tests {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(conns.load(Ordering::Relaxed), 1, "no reconnection");
+    }
+
+    /// A peer on the socket that takes the Hello and closes at once is
+    /// reconnected to with the backoff (a pause that doubles to half a
+    /// second), not in a loop as fast as it closes.
+    #[tokio::test]
+    async fn a_connection_that_ends_at_once_is_retried_with_a_pause() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let conns = Arc::new(AtomicU64::new(0));
+        let seen = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                seen.fetch_add(1, Ordering::Relaxed);
+                let mut chan: ServerChannel<_> = ServerChannel::new(s);
+                let _ = server_handshake(&mut chan, Hello::new(Role::Allocator, "closer")).await;
+            }
+        });
+        let stop = CancellationToken::new();
+        let _client = LeaseClient::start(path, Duration::from_secs(2), stop.clone());
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        stop.cancel();
+        // 20, 40, 80, 160, 320, 500, 500 ms: some eight in 1.5 s.
+        let n = conns.load(Ordering::Relaxed);
+        assert!((2..=12).contains(&n), "{n} connections in 1.5 s");
     }
 }
