@@ -121,6 +121,13 @@ impl Kept {
     }
 }
 
+/// The most blocks a copy of the pool for the workers holds: as many as a
+/// worker's decoder takes. It counts up to 21 bytes of its frame limit for
+/// an IPv6 block (the variant's 4, 16, the length's 1) whatever the wire
+/// holds, and a copy past that had failed to decode at every connection;
+/// less a margin for the envelope.
+const POOL_COPY_MAX_ENTRIES: usize = rotor_protocol::MAX_FRAME_LEN / 21 - 1024;
+
 /// Hand quarantines of entries out of the pool kept for their return.
 const MAX_HELD: usize = 4096;
 
@@ -1194,11 +1201,9 @@ impl Allocator {
     /// Merged into blocks (the same addresses, in far fewer entries when
     /// they came from ranges and CIDRs), and only while that fits a frame.
     pub fn pool_copy(&self) -> Response {
-        /// Entries of at most 18 bytes each: well under the frame limit.
-        const MAX_ENTRIES: usize = 200_000;
         let inner = self.lock();
         let entries = rotor_protocol::cover(inner.pool.active());
-        if entries.len() > MAX_ENTRIES {
+        if entries.len() > POOL_COPY_MAX_ENTRIES {
             return Response::Error {
                 message: format!(
                     "{}: {} blocks (workers do not check their leases against it)",
@@ -2192,6 +2197,26 @@ impl Allocator {
 
 #[cfg(test)]
 mod tests {
+    /// The largest copy of the pool sent decodes within the frame limit,
+    /// all IPv6 (the costliest block to decode).
+    #[test]
+    fn the_largest_pool_copy_decodes() {
+        use rotor_protocol::{Envelope, Response, ServerFrame};
+        let entries: Vec<Segment> = (0..POOL_COPY_MAX_ENTRIES as u128)
+            .map(|i| Segment::single(IpAddr::V6((0x2001_0db8_u128 << 96 | i << 8).into())))
+            .collect();
+        let frame = ServerFrame::Response(Envelope {
+            id: u64::MAX,
+            body: Response::Pool {
+                generation: u64::MAX,
+                entries,
+            },
+        });
+        let bytes = rotor_protocol::encode(&frame).unwrap();
+        assert!(bytes.len() <= rotor_protocol::MAX_FRAME_LEN);
+        assert!(rotor_protocol::decode::<ServerFrame>(&bytes).is_ok());
+    }
+
     use super::*;
 
     fn ok() -> HashMap<Segment, Result<(), String>> {
