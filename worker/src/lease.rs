@@ -82,6 +82,10 @@ type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Response>>>>;
 struct Queue {
     tx: mpsc::UnboundedSender<Envelope<Request>>,
     queued: Arc<std::sync::atomic::AtomicUsize>,
+    /// A metrics report is queued, not yet taken by the writer: one at a
+    /// time (each holds a copy of the worker's figures, up to a MB; an
+    /// allocator not reading had every retry's kept, a report every 2 s).
+    metrics: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Requests waiting for the allocator to read them, at most (≈ 220 bytes
@@ -101,14 +105,29 @@ enum Unsent {
 impl Queue {
     /// Queues `env`, unless the connection is gone or the queue full.
     fn send(&self, env: Envelope<Request>) -> Result<(), Unsent> {
+        let metrics = matches!(env.body, Request::Metrics(_));
+        if metrics && self.metrics.swap(true, Ordering::Relaxed) {
+            return Err(Unsent::Full);
+        }
         if self.queued.fetch_add(1, Ordering::Relaxed) >= MAX_QUEUED {
             self.queued.fetch_sub(1, Ordering::Relaxed);
+            if metrics {
+                self.metrics.store(false, Ordering::Relaxed);
+            }
             return Err(Unsent::Full);
         }
         self.tx.send(env).map_err(|_| {
             self.queued.fetch_sub(1, Ordering::Relaxed);
             Unsent::Closed
         })
+    }
+
+    /// The writer took `env` off the queue.
+    fn taken(&self, env: &Envelope<Request>) {
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        if matches!(env.body, Request::Metrics(_)) {
+            self.metrics.store(false, Ordering::Relaxed);
+        }
     }
 }
 
@@ -267,7 +286,18 @@ impl Conn {
             .unwrap_or_else(|e| e.into_inner())
             .as_mut()?
             .insert(id, tx);
-        self.requests.send(Envelope { id, body }).ok()?;
+        if self.requests.send(Envelope { id, body }).is_err() {
+            // Not left behind (the reload watch asks every half second).
+            if let Some(p) = self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
+                p.remove(&id);
+            }
+            return None;
+        }
         rx.await.ok()
     }
 }
@@ -1138,11 +1168,11 @@ async fn manage(
         }
 
         let (requests_tx, mut requests_rx) = mpsc::unbounded_channel::<Envelope<Request>>();
-        let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let conn = Arc::new(Conn {
             requests: Queue {
                 tx: requests_tx,
-                queued: queued.clone(),
+                queued: Default::default(),
+                metrics: Default::default(),
             },
             pending: Mutex::new(Some(HashMap::new())),
             table: RwLock::new(None),
@@ -1164,13 +1194,13 @@ async fn manage(
         let wanted = |env: &Envelope<Request>| still_wanted(&conn.pending, env);
         let writer = async {
             while let Some(env) = requests_rx.recv().await {
-                queued.fetch_sub(1, Ordering::Relaxed);
+                conn.requests.taken(&env);
                 if wanted(&env) {
                     tx.feed(&ClientFrame::Request(env)).await?;
                 }
                 // Batch whatever else is queued into one write.
                 while let Ok(env) = requests_rx.try_recv() {
-                    queued.fetch_sub(1, Ordering::Relaxed);
+                    conn.requests.taken(&env);
                     if wanted(&env) {
                         tx.feed(&ClientFrame::Request(env)).await?;
                     }
@@ -1280,6 +1310,34 @@ mod tests {
     use super::*;
     use rotor_protocol::{server_handshake, ClientFrame, Role, ServerChannel, WorkerMetrics};
 
+    /// One metrics report queued at a time: the next is refused (the
+    /// meter keeps its figures for the next try) until the writer takes
+    /// the first; other requests are queued as ever.
+    #[test]
+    fn one_metrics_report_is_queued_at_a_time() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let q = Queue {
+            tx,
+            queued: Default::default(),
+            metrics: Default::default(),
+        };
+        let report = |id| Envelope {
+            id,
+            body: Request::Metrics(WorkerMetrics::default()),
+        };
+        assert_eq!(q.send(report(1)), Ok(()));
+        assert_eq!(q.send(report(2)), Err(Unsent::Full));
+        let status = Envelope {
+            id: 3,
+            body: Request::HostStatus,
+        };
+        assert_eq!(q.send(status), Ok(()));
+        let first = rx.try_recv().unwrap();
+        q.taken(&first);
+        assert_eq!(q.send(report(4)), Ok(()));
+        assert_eq!(q.queued.load(Ordering::Relaxed), 2);
+    }
+
     #[test]
     fn a_lease_nobody_waits_for_is_not_sent() {
         let pending: Pending = Mutex::new(Some(HashMap::new()));
@@ -1329,6 +1387,7 @@ mod tests {
         let q = Queue {
             tx,
             queued: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            metrics: Default::default(),
         };
         let env = |id| Envelope {
             id,
