@@ -70,6 +70,11 @@ struct Inner {
     /// directory's `quarantine.json`), and what it holds.
     hand_file: Option<std::path::PathBuf>,
     hand_saved: Vec<HandOut>,
+    /// The kept file's time of writing (Unix seconds), the least the wall
+    /// clock is taken to be when a kept end is turned into time left: a
+    /// clock behind at the start (before NTP, a host without a clock)
+    /// kept an address out by its error, up to ten years.
+    hand_floor: u64,
     /// Whether a failed write of it has already been logged.
     hand_failed: bool,
     /// Where the sticky sessions and the site state go when the allocator
@@ -794,7 +799,7 @@ impl Inner {
         if self.held.is_empty() {
             return;
         }
-        let wall = unix_now();
+        let wall = unix_now().max(self.hand_floor);
         let held = std::mem::take(&mut self.held);
         for h in held {
             if h.until.is_some_and(|u| u <= wall) {
@@ -949,6 +954,7 @@ impl Allocator {
                 quarantine: HashMap::new(),
                 held: Vec::new(),
                 hand_file: None,
+                hand_floor: 0,
                 hand_saved: Vec::new(),
                 hand_failed: false,
                 kept_dir: None,
@@ -1043,7 +1049,12 @@ impl Allocator {
                 if !bad.is_empty() {
                     tracing::warn!(file = %path.display(), entries = ?bad, "entries taken out by hand before the restart that are not addresses or prefixes; ignored");
                 }
-                let wall = unix_now();
+                inner.hand_floor = std::fs::metadata(&path)
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_secs());
+                let wall = unix_now().max(inner.hand_floor);
                 let kept: Vec<HandOut> = kept
                     .into_iter()
                     .filter(|h| h.until.is_none_or(|u| u > wall))
@@ -3055,6 +3066,27 @@ mod tests {
         a.steer(ip("10.0.0.1"), false, None);
         assert_eq!(crate::persist::read_hand(&path).unwrap().0.len(), 1);
         assert!(path.with_extension("json.corrupt").exists());
+
+        // Written by a clock a year ahead of this one (this one behind, as
+        // before NTP): an hour's quarantine has its hour left from the
+        // file's writing, not a year and an hour.
+        drop(a);
+        let year = 365 * 86_400;
+        let ahead = unix_now() + year;
+        let hand = format!(
+            "{{\"taken_out_by_hand\":[{{\"entry\":\"10.0.0.3\",\"until\":{}}}]}}",
+            ahead + 3600
+        );
+        std::fs::write(&path, hand).unwrap();
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(UNIX_EPOCH + Duration::from_secs(ahead))
+            .unwrap();
+        drop(file);
+        let a = start();
+        a.apply_refresh(vec![Ok(all.clone())], &ok());
+        let st = a.status_v2();
+        let q = st.pool[2].quarantine.as_ref().expect("out by hand");
+        assert!(q.retry_in_secs <= 3600, "{}", q.retry_in_secs);
     }
 
     #[test]
