@@ -75,6 +75,10 @@ struct Inner {
     /// clock behind at the start (before NTP, a host without a clock)
     /// kept an address out by its error, up to ten years.
     hand_floor: u64,
+    /// How many the kept file brought back: held while the pool is read
+    /// (a first read that finds nothing, a source not up yet) however
+    /// many, not cut to `MAX_HELD` and lost for good.
+    hand_restored: usize,
     /// Whether a failed write of it has already been logged.
     hand_failed: bool,
     /// Where the sticky sessions and the site state go when the allocator
@@ -817,7 +821,10 @@ impl Inner {
             tracing::warn!(entry = %e, reason = %q.reason, "pool address out of the rotation");
             self.quarantine.insert(e, q);
         }
-        let over = self.held.len().saturating_sub(MAX_HELD);
+        let over = self
+            .held
+            .len()
+            .saturating_sub(MAX_HELD.max(self.hand_restored));
         self.held.drain(..over);
     }
 
@@ -955,6 +962,7 @@ impl Allocator {
                 held: Vec::new(),
                 hand_file: None,
                 hand_floor: 0,
+                hand_restored: 0,
                 hand_saved: Vec::new(),
                 hand_failed: false,
                 kept_dir: None,
@@ -1065,6 +1073,7 @@ impl Allocator {
                 // What the file holds (but ended ones, forgotten at the
                 // first change).
                 inner.hand_saved.clone_from(&kept);
+                inner.hand_restored = kept.len();
                 inner.held.extend(kept);
             }
             Err(e) => {
@@ -3087,6 +3096,40 @@ mod tests {
         let st = a.status_v2();
         let q = st.pool[2].quarantine.as_ref().expect("out by hand");
         assert!(q.retry_in_secs <= 3600, "{}", q.retry_in_secs);
+    }
+
+    /// More hand quarantines kept than `MAX_HELD`, and a first read of the
+    /// pool that finds nothing (a source not up yet): every one is out
+    /// again once the pool is read, none cut and lost.
+    #[test]
+    fn every_kept_hand_quarantine_waits_for_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = MAX_HELD + 10;
+        let addrs: Vec<Segment> = (0..n as u32)
+            .map(|i| Segment::single(IpAddr::V4((0x0a01_0000 + i).into())))
+            .collect();
+        let lines: Vec<String> = addrs
+            .iter()
+            .map(|e| format!("{{\"entry\":\"{e}\",\"until\":null}}"))
+            .collect();
+        let path = dir.path().join(crate::persist::HAND_FILE_NAME);
+        std::fs::write(
+            &path,
+            format!("{{\"taken_out_by_hand\":[{}]}}", lines.join(",")),
+        )
+        .unwrap();
+        let a = kept_in(dir.path());
+        a.apply_refresh(vec![Ok(Vec::new())], &ok());
+        let mut all = addrs.clone();
+        all.push(Segment::single("10.0.0.1".parse().unwrap()));
+        a.apply_refresh(vec![Ok(all)], &ok());
+        let out = a
+            .status_v2()
+            .pool
+            .iter()
+            .filter(|e| e.quarantine.is_some())
+            .count();
+        assert_eq!(out, n);
     }
 
     #[test]
