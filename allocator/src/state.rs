@@ -70,11 +70,6 @@ struct Inner {
     /// directory's `quarantine.json`), and what it holds.
     hand_file: Option<std::path::PathBuf>,
     hand_saved: Vec<HandOut>,
-    /// The kept file's time of writing (Unix seconds), the least the wall
-    /// clock is taken to be when a kept end is turned into time left: a
-    /// clock behind at the start (before NTP, a host without a clock)
-    /// kept an address out by its error, up to ten years.
-    hand_floor: u64,
     /// How many the kept file brought back: held while the pool is read
     /// (a first read that finds nothing, a source not up yet) however
     /// many, not cut to `MAX_HELD` and lost for good.
@@ -803,7 +798,7 @@ impl Inner {
         if self.held.is_empty() {
             return;
         }
-        let wall = unix_now().max(self.hand_floor);
+        let wall = unix_now();
         let held = std::mem::take(&mut self.held);
         for h in held {
             if h.until.is_some_and(|u| u <= wall) {
@@ -961,7 +956,6 @@ impl Allocator {
                 quarantine: HashMap::new(),
                 held: Vec::new(),
                 hand_file: None,
-                hand_floor: 0,
                 hand_restored: 0,
                 hand_saved: Vec::new(),
                 hand_failed: false,
@@ -1057,15 +1051,25 @@ impl Allocator {
                 if !bad.is_empty() {
                     tracing::warn!(file = %path.display(), entries = ?bad, "entries taken out by hand before the restart that are not addresses or prefixes; ignored");
                 }
-                inner.hand_floor = std::fs::metadata(&path)
+                // The file's time of writing is the least the clock is
+                // taken to be: a clock behind at the start (before NTP, a
+                // host without one) kept an address out by its error, up
+                // to ten years. Each end is moved onto this clock (by the
+                // error), as quarantines made now are on it.
+                let floor = std::fs::metadata(&path)
                     .and_then(|m| m.modified())
                     .ok()
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                     .map_or(0, |d| d.as_secs());
-                let wall = unix_now().max(inner.hand_floor);
+                let now = unix_now();
+                let behind = floor.saturating_sub(now);
                 let kept: Vec<HandOut> = kept
                     .into_iter()
-                    .filter(|h| h.until.is_none_or(|u| u > wall))
+                    .filter(|h| h.until.is_none_or(|u| u > now + behind))
+                    .map(|h| HandOut {
+                        until: h.until.map(|u| u - behind),
+                        ..h
+                    })
                     .collect();
                 if !kept.is_empty() {
                     tracing::info!(file = %path.display(), entries = kept.len(), "addresses taken out by hand before the restart stay out");

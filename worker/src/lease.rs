@@ -1134,6 +1134,8 @@ async fn manage(
 ) {
     let mut backoff = BACKOFF_MIN;
     let mut failures = 0u32;
+    // Whether this run of connections was said at info.
+    let mut announced = false;
     loop {
         let chan = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -1162,10 +1164,13 @@ async fn manage(
         // or sends what does not decode) is a failure too, waited on, not
         // a reconnect storm.
         let connected_at = tokio::time::Instant::now();
-        match failures {
-            0 => info!(allocator = %path.display(), "connected to the allocator"),
-            _ => debug!(allocator = %path.display(), failures, "connected to the allocator"),
+        // Said at info once an outage (or the start) ends, not at each
+        // connection of a run that ends at once.
+        match announced {
+            false => info!(allocator = %path.display(), "connected to the allocator"),
+            true => debug!(allocator = %path.display(), failures, "connected to the allocator"),
         }
+        announced = true;
 
         let (requests_tx, mut requests_rx) = mpsc::unbounded_channel::<Envelope<Request>>();
         let conn = Arc::new(Conn {
@@ -1281,6 +1286,7 @@ async fn manage(
         if connected_at.elapsed() >= STEADY_CONNECTION {
             failures = 0;
             backoff = BACKOFF_MIN;
+            announced = false;
         }
         failures += 1;
         let why = ended.err().map(|e| error_chain(&e));
