@@ -920,7 +920,36 @@ fn bearer_token(value: &[u8]) -> Option<&[u8]> {
     scheme.eq_ignore_ascii_case(b"bearer ").then_some(token)
 }
 
-type Reply = hyper::Response<http_body_util::Full<bytes::Bytes>>;
+type Reply = hyper::Response<Held>;
+
+/// A reply's body, holding the place of the render it is (if it is one)
+/// until it has been sent or dropped: see [`MAX_RENDERS`].
+pub struct Held {
+    /// The whole body, until it is taken.
+    data: Option<bytes::Bytes>,
+    _render: Option<std::sync::Arc<tokio::sync::OwnedSemaphorePermit>>,
+}
+
+impl hyper::body::Body for Held {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        let data = self.data.take().filter(|d| !d.is_empty());
+        std::task::Poll::Ready(data.map(|d| Ok(hyper::body::Frame::data(d))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.as_ref().is_none_or(|d| d.is_empty())
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
 
 /// Whether an `Accept` value prefers OpenMetrics to the classic text
 /// format: its media ranges read case-insensitively, each with its `q`
@@ -949,7 +978,10 @@ fn reply(status: hyper::StatusCode, ctype: &'static str, body: String) -> Reply 
 }
 
 fn reply_bytes(status: hyper::StatusCode, ctype: &'static str, body: bytes::Bytes) -> Reply {
-    let mut resp = hyper::Response::new(http_body_util::Full::new(body));
+    let mut resp = hyper::Response::new(Held {
+        data: Some(body),
+        _render: None,
+    });
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
@@ -976,8 +1008,20 @@ fn token_matches(given: &[u8], token: &[u8]) -> bool {
 /// it is fresh.
 const RENDER_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// A scrape rendered: when, whether in the classic format, the text.
-pub type Rendered = (std::time::Instant, bool, bytes::Bytes);
+/// A scrape rendered: when, whether in the classic format, the text, and
+/// its place among the renders alive.
+pub type Rendered = (
+    std::time::Instant,
+    bool,
+    bytes::Bytes,
+    std::sync::Arc<tokio::sync::OwnedSemaphorePermit>,
+);
+
+/// Renders alive at once (being sent to scrapers, or the last kept): a
+/// render is ≈ 90 MB for a pool of 100 000 entries, and scrapers that
+/// read slowly each held theirs up to two minutes, a new one every second
+/// for each format. Past it the last render is served again, or 503.
+pub const MAX_RENDERS: usize = 4;
 
 /// The metrics text (`classic`: the classic format, else OpenMetrics):
 /// rendered once at a time, and served again to the scrapes that come
@@ -990,20 +1034,39 @@ pub type Rendered = (std::time::Instant, bool, bytes::Bytes);
 async fn rendered(
     alloc: &std::sync::Arc<crate::state::Allocator>,
     classic: bool,
-) -> Option<bytes::Bytes> {
+) -> Result<Held, &'static str> {
     let mut last = alloc.rendered.lock().await;
-    if let Some((at, was_classic, body)) = last.as_ref() {
-        if *was_classic == classic && at.elapsed() < RENDER_REUSE {
-            return Some(body.clone());
-        }
+    let held = |(_, _, body, place): &Rendered| Held {
+        data: Some(body.clone()),
+        _render: Some(place.clone()),
+    };
+    let same = last.as_ref().filter(|r| r.1 == classic);
+    if let Some(r) = same.filter(|r| r.0.elapsed() < RENDER_REUSE) {
+        return Ok(held(r));
     }
+    // The last one's place is given up first when it is of no use now (a
+    // scraper still sending it keeps it).
+    if last.as_ref().is_some_and(|r| r.1 != classic) {
+        *last = None;
+    }
+    let place = match alloc.renders.clone().try_acquire_owned() {
+        Ok(p) => std::sync::Arc::new(p),
+        Err(_) => {
+            return match last.as_ref() {
+                Some(r) => Ok(held(r)),
+                None => Err("too many scrapes are being sent (slow scrapers); retry\n"),
+            }
+        }
+    };
     let rendering = alloc.clone();
     let body: bytes::Bytes = tokio::task::spawn_blocking(move || rendering.render_metrics(classic))
         .await
-        .ok()?
+        .map_err(|_| "the metrics could not be rendered\n")?
         .into();
-    *last = Some((std::time::Instant::now(), classic, body.clone()));
-    Some(body)
+    let r = (std::time::Instant::now(), classic, body, place);
+    let out = held(&r);
+    *last = Some(r);
+    Ok(out)
 }
 
 async fn answer(
@@ -1037,25 +1100,20 @@ async fn answer(
                 .get(hyper::header::ACCEPT)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(prefers_openmetrics);
-            let Some(body) = rendered(alloc, !open).await else {
-                return reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    text,
-                    "the metrics could not be rendered\n".into(),
-                );
+            let body = match rendered(alloc, !open).await {
+                Ok(body) => body,
+                Err(why) => return reply(StatusCode::SERVICE_UNAVAILABLE, text, why.into()),
             };
-            match open {
-                true => reply_bytes(
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    body,
-                ),
-                false => reply_bytes(
-                    StatusCode::OK,
-                    "text/plain; version=0.0.4; charset=utf-8",
-                    body,
-                ),
-            }
+            let ctype = match open {
+                true => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                false => "text/plain; version=0.0.4; charset=utf-8",
+            };
+            let mut resp = hyper::Response::new(body);
+            resp.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(ctype),
+            );
+            resp
         }
         (_, "/") => reply(StatusCode::OK, text, "rotor: metrics at /metrics\n".into()),
         // For a load balancer in front of several hosts: this host serves
@@ -1208,15 +1266,47 @@ mod tests {
     #[tokio::test]
     async fn scrapes_at_once_share_one_render() {
         let alloc = std::sync::Arc::new(crate::state::Allocator::new(vec![]));
+        let text = |h: Result<Held, &str>| h.unwrap().data.unwrap();
         let (a, b) = tokio::join!(rendered(&alloc, true), rendered(&alloc, true));
-        let (a, b) = (a.unwrap(), b.unwrap());
+        let (a, b) = (text(a), text(b));
         assert_eq!(a.as_ptr(), b.as_ptr(), "rendered twice");
-        let open = rendered(&alloc, false).await.unwrap();
+        let open = text(rendered(&alloc, false).await);
         assert_ne!(open.as_ptr(), a.as_ptr());
         assert!(String::from_utf8_lossy(&open).contains("# EOF"));
         alloc.rendered.lock().await.as_mut().unwrap().0 -= RENDER_REUSE;
-        let later = rendered(&alloc, false).await.unwrap();
+        let later = text(rendered(&alloc, false).await);
         assert_ne!(later.as_ptr(), open.as_ptr());
+    }
+
+    /// Renders still being sent hold their places: past `MAX_RENDERS` of
+    /// them a scrape gets the last render again (or, in the other format,
+    /// a 503), not one more render held in memory; places come back as
+    /// the scrapes end.
+    #[tokio::test]
+    async fn slow_scrapes_hold_a_few_renders_at_most() {
+        let alloc = std::sync::Arc::new(crate::state::Allocator::new(vec![]));
+        let mut slow = Vec::new();
+        for _ in 0..MAX_RENDERS {
+            if let Some(r) = alloc.rendered.lock().await.as_mut() {
+                r.0 -= RENDER_REUSE;
+            }
+            slow.push(rendered(&alloc, false).await.unwrap());
+        }
+        let ptr = |h: &Held| h.data.as_ref().unwrap().as_ptr();
+        let distinct: std::collections::HashSet<_> = slow.iter().map(ptr).collect();
+        assert_eq!(distinct.len(), MAX_RENDERS);
+        if let Some(r) = alloc.rendered.lock().await.as_mut() {
+            r.0 -= RENDER_REUSE;
+        }
+        let again = rendered(&alloc, false).await.unwrap();
+        assert_eq!(
+            ptr(&again),
+            ptr(slow.last().unwrap()),
+            "the last render again"
+        );
+        assert!(rendered(&alloc, true).await.is_err(), "none in that format");
+        drop((slow, again));
+        assert!(rendered(&alloc, true).await.is_ok());
     }
 
     /// Two scrapes at once: the one whose snapshot is older applies its

@@ -29,6 +29,8 @@ pub struct Allocator {
     /// The last metrics scrape rendered, behind the one render running at
     /// a time (see `metrics::rendered`).
     pub rendered: tokio::sync::Mutex<Option<crate::metrics::Rendered>>,
+    /// The places of the renders alive at once (`metrics::MAX_RENDERS`).
+    pub renders: Arc<tokio::sync::Semaphore>,
 }
 
 struct Inner {
@@ -979,6 +981,7 @@ impl Allocator {
             started: Instant::now(),
             waiting: tokio::sync::Notify::new(),
             rendered: tokio::sync::Mutex::const_new(None),
+            renders: Arc::new(tokio::sync::Semaphore::new(crate::metrics::MAX_RENDERS)),
         })
     }
 
