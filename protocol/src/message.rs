@@ -84,10 +84,18 @@ pub const UNREACHED_DESTINATIONS: usize = 4;
 pub const MINOR_SITE_UNREACHED: u16 = 14;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
-/// sides; the last bucket (+Inf) is implicit.
-pub const HISTOGRAM_BOUNDS: [f64; 14] = [
+/// sides; the last bucket (+Inf) is implicit. Up to an hour: what they
+/// time waits up to the connect and response timeouts and a site's budget
+/// wait (ending at 5 s, a p99 of 40 s read as 5 s).
+pub const HISTOGRAM_BOUNDS: [f64; 19] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+    10.0, 30.0, 60.0, 300.0, 3600.0,
 ];
+
+/// How many of `HISTOGRAM_BOUNDS` a worker of an earlier version sends
+/// (they end at 5 s): its histograms are added in, what it counted past
+/// 5 s to +Inf.
+const HISTOGRAM_BOUNDS_BEFORE: usize = 14;
 
 /// What a connecting peer is; the allocator lists workers in its status,
 /// counts them for `/health` and waits for their word on a reload. A peer
@@ -543,17 +551,24 @@ impl Histogram {
         self.sum_micros += (secs * 1e6) as u64;
     }
 
-    /// Adds `other`'s observations (of the same buckets; others are
-    /// ignored).
+    /// Adds `other`'s observations (of the same buckets, or of the
+    /// earlier ones that end at 5 s; others are ignored).
     pub fn add(&mut self, other: &Histogram) {
-        if other.counts.len() != HISTOGRAM_BOUNDS.len() + 1 {
+        let n = HISTOGRAM_BOUNDS.len() + 1;
+        let before = other.counts.len() == HISTOGRAM_BOUNDS_BEFORE + 1;
+        if other.counts.len() != n && !before {
             return;
         }
-        if self.counts.len() != other.counts.len() {
-            self.counts = vec![0; other.counts.len()];
+        if self.counts.len() != n {
+            self.counts = vec![0; n];
         }
-        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-            *a = a.saturating_add(*b);
+        for (i, b) in other.counts.iter().enumerate() {
+            // (An earlier layout's +Inf is this one's.)
+            let at = match before && i == HISTOGRAM_BOUNDS_BEFORE {
+                true => n - 1,
+                false => i,
+            };
+            self.counts[at] = self.counts[at].saturating_add(*b);
         }
         self.sum_micros = self.sum_micros.saturating_add(other.sum_micros);
     }
@@ -867,6 +882,40 @@ pub struct QuarantineStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waits past 5 s fall in buckets of their own, up to an hour; an
+    /// earlier worker's histogram (buckets ending at 5 s) is added in, its
+    /// count past 5 s to +Inf.
+    #[test]
+    fn histograms_reach_an_hour_and_take_the_earlier_buckets() {
+        let mut h = Histogram::default();
+        for secs in [0.001, 7.0, 40.0, 200.0, 3000.0, 5000.0] {
+            h.observe(secs);
+        }
+        let at = |b: f64| HISTOGRAM_BOUNDS.iter().position(|x| *x == b).unwrap();
+        assert_eq!(h.counts[at(10.0)], 1);
+        assert_eq!(h.counts[at(60.0)], 1);
+        assert_eq!(h.counts[at(300.0)], 1);
+        assert_eq!(h.counts[at(3600.0)], 1);
+        assert_eq!(h.counts[HISTOGRAM_BOUNDS.len()], 1);
+        let earlier = Histogram {
+            counts: (1..=15).collect(),
+            sum_micros: 7,
+        };
+        let mut total = Histogram::default();
+        total.add(&h);
+        total.add(&earlier);
+        assert_eq!(total.count(), h.count() + (1..=15).sum::<u64>());
+        assert_eq!(total.counts[at(5.0)], 14);
+        assert_eq!(total.counts[at(10.0)], 1);
+        assert_eq!(total.counts[HISTOGRAM_BOUNDS.len()], 1 + 15);
+        // Another shape is not added.
+        total.add(&Histogram {
+            counts: vec![1; 3],
+            sum_micros: 1,
+        });
+        assert_eq!(total.count(), h.count() + (1..=15).sum::<u64>());
+    }
 
     /// A status's repeated reasons are sent once and said again whole,
     /// entries in rotation between them or not.
