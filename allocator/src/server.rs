@@ -491,22 +491,37 @@ async fn serve_waiters(alloc: Arc<Allocator>, shutdown: CancellationToken) {
 async fn persist_loop(alloc: Arc<Allocator>, checkpoint: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(PERSIST_EVERY);
     let mut last_checkpoint = tokio::time::Instant::now();
+    // A checkpoint being written: the second's other work goes on
+    // meanwhile (re-checks of quarantined addresses, expiry, the rotation
+    // state), not held for its encoding and syncs (seconds, for large
+    // state on a slow disk).
+    let mut writing: Option<tokio::task::JoinHandle<bool>> = None;
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                // The stop's own write comes after it, never beside it.
+                if let Some(w) = writing.take() {
+                    alloc.checkpointed(w.await.unwrap_or(false));
+                }
+                return;
+            }
             _ = tick.tick() => {
                 recheck(&alloc).await;
                 alloc.repair_table();
                 alloc.expire_sessions();
                 alloc.expire_sites();
                 alloc.persist();
-                if !checkpoint.is_zero() && last_checkpoint.elapsed() >= checkpoint {
+                if writing.as_ref().is_some_and(|w| w.is_finished()) {
+                    if let Some(w) = writing.take() {
+                        alloc.checkpointed(w.await.unwrap_or(false));
+                    }
+                }
+                if writing.is_none() && !checkpoint.is_zero() && last_checkpoint.elapsed() >= checkpoint {
                     last_checkpoint = tokio::time::Instant::now();
                     // Copied under the lock; encoded and written (synced)
-                    // on a blocking thread, the stop waiting for it.
+                    // on a blocking thread.
                     if let Some(kept) = alloc.checkpoint() {
-                        let ok = tokio::task::spawn_blocking(move || kept.write(false)).await;
-                        alloc.checkpointed(ok.unwrap_or(false));
+                        writing = Some(tokio::task::spawn_blocking(move || kept.write(false)));
                     }
                 }
             }
