@@ -42,6 +42,18 @@ const PER_CLIENT: usize = 1;
 /// or the addresses of one IPv4 /24 has at most half the argon2 slots.
 const NETWORK_V4: u8 = 24;
 const NETWORK_V6: u8 = 48;
+/// Wrong passwords a client network may try before its next checks are
+/// spaced out: then one every 100 ms, doubling with each failure up to
+/// [`MOST_SPACING`] (a network guessing as fast as argon2 answers made
+/// some 40 guesses a second a worker, without end). Credentials that
+/// passed before are answered from memory, whatever the spacing.
+const FREE_FAILURES: u32 = 10;
+const MOST_SPACING: Duration = Duration::from_secs(30);
+/// A network that has failed none for this long starts over.
+const FAILURES_FORGOTTEN: Duration = Duration::from_secs(600);
+/// Networks whose failures are counted, at most (past it the forgotten
+/// go, then the oldest half).
+const FAILING_MAX: usize = 65_536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UsersError {
@@ -66,6 +78,10 @@ pub enum AuthError {
     Wrong,
     #[error("too many credentials being checked at once")]
     Busy,
+    /// The client's network failed too many checks lately: its next one
+    /// is in this many seconds.
+    #[error("too many wrong passwords from this network lately; the next check in {0} s")]
+    Spaced(u64),
 }
 
 struct Users {
@@ -104,6 +120,9 @@ pub struct Auth {
     /// length), may run (an entry leaves the map with its last check or
     /// waiter: bounded by the checks asked for).
     in_flight: Mutex<HashMap<(IpAddr, u8), Arc<tokio::sync::Semaphore>>>,
+    /// Each client network's recent failures: how many, and when its next
+    /// check may be made (see [`FREE_FAILURES`]).
+    failing: Mutex<HashMap<IpAddr, Failing>>,
     /// Checks one network may have in flight: half the slots, at least one.
     per_network: usize,
     /// Bumped by a reload that removed a user or changed a password: the
@@ -145,6 +164,27 @@ impl Standing {
             }
         }
     }
+}
+
+/// A client network's recent failed checks.
+struct Failing {
+    count: u32,
+    last: Instant,
+    /// Its next check not before then.
+    next: Instant,
+}
+
+/// The network a client is counted by for failures: its /24, an IPv6
+/// one's /48 (as `client_slot` bounds its checks in flight).
+fn network_of(client: IpAddr) -> IpAddr {
+    let client = rotor_protocol::addr::client_key(client);
+    let bits = match client {
+        IpAddr::V4(_) => NETWORK_V4,
+        IpAddr::V6(_) => NETWORK_V6,
+    };
+    ipnet::IpNet::new(client, bits)
+        .expect("a prefix length within the family")
+        .network()
 }
 
 /// A client's places among the checks in flight: its address's, then its
@@ -287,6 +327,7 @@ impl Auth {
             verifying: Arc::new(tokio::sync::Semaphore::new(cpus)),
             failed: Mutex::new(HashMap::new()),
             in_flight: Mutex::new(HashMap::new()),
+            failing: Mutex::new(HashMap::new()),
             per_network: (cpus / 2).max(1),
             revoked: tokio::sync::watch::Sender::new(0),
         }))
@@ -403,6 +444,8 @@ impl Auth {
             if self.failed_recently(&key, generation) {
                 return Err(AuthError::Wrong);
             }
+            let network = network_of(client);
+            self.spacing(network)?;
             let slot = self.client_slot(client).await?;
             // What waited for the slot may have been answered meanwhile
             // (the same credentials on another connection).
@@ -415,6 +458,9 @@ impl Auth {
             let verified = self
                 .verify_blocking(users, user.clone(), password.clone(), slot)
                 .await?;
+            if verified.is_none() {
+                self.failed_from(network);
+            }
             // A reload while this was checked: check again, against the
             // new users, so a removed user is not let in after it.
             match self.remember(key, verified, generation) {
@@ -500,6 +546,51 @@ impl Auth {
         }
     }
 
+    /// `Spaced` while `network`'s next check is not due.
+    fn spacing(&self, network: IpAddr) -> Result<(), AuthError> {
+        let failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        match failing.get(&network) {
+            Some(f) if f.next > Instant::now() => {
+                let left = f.next.saturating_duration_since(Instant::now());
+                Err(AuthError::Spaced(left.as_secs().max(1)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A check from `network` failed: past [`FREE_FAILURES`] its next one
+    /// waits.
+    fn failed_from(&self, network: IpAddr) {
+        let now = Instant::now();
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        if failing.len() >= FAILING_MAX && !failing.contains_key(&network) {
+            failing.retain(|_, f| now.duration_since(f.last) < FAILURES_FORGOTTEN);
+            if failing.len() >= FAILING_MAX {
+                let mut lasts: Vec<Instant> = failing.values().map(|f| f.last).collect();
+                let half = lasts.len() / 2;
+                let (_, cut, _) = lasts.select_nth_unstable(half);
+                let cut = *cut;
+                failing.retain(|_, f| f.last > cut);
+            }
+        }
+        let f = failing.entry(network).or_insert(Failing {
+            count: 0,
+            last: now,
+            next: now,
+        });
+        if now.duration_since(f.last) >= FAILURES_FORGOTTEN {
+            f.count = 0;
+        }
+        f.count = f.count.saturating_add(1);
+        f.last = now;
+        if let Some(past) = f.count.checked_sub(FREE_FAILURES).filter(|p| *p > 0) {
+            let spacing = Duration::from_millis(100)
+                .saturating_mul(1 << (past - 1).min(16))
+                .min(MOST_SPACING);
+            f.next = now + spacing;
+        }
+    }
+
     fn failed_recently(&self, key: &[u8; 32], generation: u64) -> bool {
         let failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         failed
@@ -513,14 +604,12 @@ impl Auth {
     async fn client_slot(self: &Arc<Self>, client: IpAddr) -> Result<ClientSlot, AuthError> {
         // An IPv6 client by its /64, as the connection limits count it: a
         // host holds a /64, and would take a place per address.
+        let network = network_of(client);
         let client = rotor_protocol::addr::client_key(client);
         let (host_bits, bits) = match client {
             IpAddr::V4(_) => (32, NETWORK_V4),
             IpAddr::V6(_) => (64, NETWORK_V6),
         };
-        let network = ipnet::IpNet::new(client, bits)
-            .expect("a prefix length within the family")
-            .network();
         crate::h1::within(VERIFY_WAIT, async {
             let host = self.place((client, host_bits), PER_CLIENT).await?;
             let network = self.place((network, bits), self.per_network).await?;
@@ -659,6 +748,58 @@ mod tests {
             base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
         )
         .into_bytes()
+    }
+
+    /// A network that keeps failing has its checks spaced out past the
+    /// first ten failures (429 with the wait), another network and
+    /// credentials that passed before are not; the spacing ends in time.
+    #[tokio::test]
+    async fn a_network_that_keeps_failing_is_spaced_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        let cheap = argon2::Params::new(8192, 1, 1, None).unwrap();
+        std::fs::write(&path, format!("alice:{}\n", hash_with("s3cret", cheap))).unwrap();
+        let auth = Auth::load(&path, None).unwrap();
+        let guesser: IpAddr = "192.0.2.7".parse().unwrap();
+        let neighbour: IpAddr = "192.0.2.99".parse().unwrap();
+        let elsewhere: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(
+            auth.check(Some(&basic("alice", "s3cret")), neighbour).await,
+            Ok("alice".into())
+        );
+        for i in 0..FREE_FAILURES + 1 {
+            let pass = format!("guess{i}");
+            assert_eq!(
+                auth.check(Some(&basic("alice", &pass)), guesser).await,
+                Err(AuthError::Wrong),
+                "{i}"
+            );
+        }
+        // The eleventh failure spaced the next check out.
+        assert_eq!(
+            auth.check(Some(&basic("alice", "another")), guesser).await,
+            Err(AuthError::Spaced(1))
+        );
+        // Its /24 is one network; what passed before is remembered; and
+        // another network is checked as ever.
+        assert_eq!(
+            auth.check(Some(&basic("alice", "s3cret")), neighbour).await,
+            Ok("alice".into())
+        );
+        assert_eq!(
+            auth.check(Some(&basic("bob", "x")), elsewhere).await,
+            Err(AuthError::Wrong)
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(
+            auth.check(Some(&basic("alice", "again")), guesser).await,
+            Err(AuthError::Wrong)
+        );
+        // The next: 200 ms.
+        assert!(matches!(
+            auth.check(Some(&basic("alice", "more")), guesser).await,
+            Err(AuthError::Spaced(_))
+        ));
     }
 
     #[tokio::test]

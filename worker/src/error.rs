@@ -249,6 +249,9 @@ impl ProxyError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some("proxy_internal_error"),
             ),
+            Auth(crate::auth::AuthError::Spaced(_)) => {
+                (StatusCode::TOO_MANY_REQUESTS, Some("http_request_denied"))
+            }
             Auth(_) | Session(_) => (StatusCode::PROXY_AUTHENTICATION_REQUIRED, None),
             SessionLost { .. } => (StatusCode::BAD_GATEWAY, Some("proxy_configuration_error")),
             Denied(_) => (StatusCode::FORBIDDEN, Some("destination_ip_prohibited")),
@@ -296,6 +299,7 @@ impl ProxyError {
             NotImplemented(_) => "Transfer Coding Not Implemented",
             HeadTooLarge { .. } => "Request Head Too Large",
             Auth(crate::auth::AuthError::Busy) => "Authentication Busy",
+            Auth(crate::auth::AuthError::Spaced(_)) => "Too Many Failed Logins",
             Auth(_) => "Proxy Authentication Required",
             Session(_) => "Bad Session Parameter",
             SessionLost { .. } => "Session Address Gone",
@@ -388,6 +392,9 @@ impl ProxyError {
                 header::RETRY_AFTER,
                 HeaderValue::from(retry_after_secs(*retry_after).max(1)),
             );
+        }
+        if let ProxyError::Auth(crate::auth::AuthError::Spaced(secs)) = self {
+            h.insert(header::RETRY_AFTER, HeaderValue::from((*secs).max(1)));
         }
         // Every refusal says it is rotor's, and why; an error type where
         // RFC 9209 has one (none fits a 400 or a 407).
