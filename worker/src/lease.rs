@@ -1316,6 +1316,27 @@ mod tests {
     use super::*;
     use rotor_protocol::{server_handshake, ClientFrame, Role, ServerChannel, WorkerMetrics};
 
+    /// An allocator's socket in a directory of its own whose every
+    /// connection (counted) is served by `serve`.
+    fn fake_allocator<F, Fut>(serve: F) -> (tempfile::TempDir, PathBuf, Arc<AtomicU64>)
+    where
+        F: Fn(tokio::net::UnixStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let conns = Arc::new(AtomicU64::new(0));
+        let seen = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                seen.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(serve(s));
+            }
+        });
+        (dir, path, conns)
+    }
+
     /// One metrics report queued at a time: the next is refused (the
     /// meter keeps its figures for the next try) until the writer takes
     /// the first; other requests are queued as ever.
@@ -1421,29 +1442,19 @@ mod tests {
     /// closed that one too: a reconnect storm for the report's timeout).
     #[tokio::test]
     async fn a_request_an_older_allocator_cannot_read_is_not_sent() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a.sock");
-        let listener = tokio::net::UnixListener::bind(&path).unwrap();
-        let conns = Arc::new(AtomicU64::new(0));
-        let seen = conns.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                seen.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(async move {
-                    let mut chan: ServerChannel<_> = ServerChannel::new(s);
-                    let mut ours = Hello::new(Role::Allocator, "old");
-                    ours.minor = 0;
-                    if server_handshake(&mut chan, ours).await.is_err() {
+        let (_dir, path, conns) = fake_allocator(|s| async move {
+            let mut chan: ServerChannel<_> = ServerChannel::new(s);
+            let mut ours = Hello::new(Role::Allocator, "old");
+            ours.minor = 0;
+            if server_handshake(&mut chan, ours).await.is_err() {
+                return;
+            }
+            while let Ok(Some(frame)) = chan.recv().await {
+                if let ClientFrame::Request(e) = frame {
+                    if e.body.min_minor() > 0 {
                         return;
                     }
-                    while let Ok(Some(frame)) = chan.recv().await {
-                        if let ClientFrame::Request(e) = frame {
-                            if e.body.min_minor() > 0 {
-                                return;
-                            }
-                        }
-                    }
-                });
+                }
             }
         });
         let client = LeaseClient::start(path, Duration::from_secs(2), CancellationToken::new());
@@ -1468,17 +1479,9 @@ mod tests {
     /// second), not in a loop as fast as it closes.
     #[tokio::test]
     async fn a_connection_that_ends_at_once_is_retried_with_a_pause() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a.sock");
-        let listener = tokio::net::UnixListener::bind(&path).unwrap();
-        let conns = Arc::new(AtomicU64::new(0));
-        let seen = conns.clone();
-        tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                seen.fetch_add(1, Ordering::Relaxed);
-                let mut chan: ServerChannel<_> = ServerChannel::new(s);
-                let _ = server_handshake(&mut chan, Hello::new(Role::Allocator, "closer")).await;
-            }
+        let (_dir, path, conns) = fake_allocator(|s| async move {
+            let mut chan: ServerChannel<_> = ServerChannel::new(s);
+            let _ = server_handshake(&mut chan, Hello::new(Role::Allocator, "closer")).await;
         });
         let stop = CancellationToken::new();
         let _client = LeaseClient::start(path, Duration::from_secs(2), stop.clone());
