@@ -84,7 +84,7 @@ pub enum AuthError {
     Spaced(u64),
 }
 
-struct Users {
+pub(crate) struct Users {
     hashes: HashMap<String, String>,
     /// What an unknown user's password is checked against: a hash with
     /// the parameters most of the file's hashes have, so it costs what a
@@ -153,13 +153,25 @@ impl std::fmt::Debug for Standing {
 }
 
 impl Standing {
+    /// Judged by the users the password passed against (see
+    /// [`Auth::checked_against`]).
+    pub(crate) fn checked(&mut self, users: Arc<Users>) {
+        self.users = users;
+    }
+
+    /// Whether the user no longer stands now: removed, or given another
+    /// password, since its login.
+    pub fn is_revoked(&self) -> bool {
+        self.auth.users().hashes.get(&self.user) != self.users.hashes.get(&self.user)
+    }
+
     /// Ready once the user no longer stands (never, if nothing revokes it).
     pub async fn revoked(&mut self) {
         loop {
             if self.revoked.changed().await.is_err() {
                 return std::future::pending().await;
             }
-            if self.auth.users().hashes.get(&self.user) != self.users.hashes.get(&self.user) {
+            if self.is_revoked() {
                 return;
             }
         }
@@ -430,6 +442,20 @@ impl Auth {
         password: &str,
         client: IpAddr,
     ) -> Result<String, AuthError> {
+        self.checked_against(user, password, client)
+            .await
+            .map(|(user, _)| user)
+    }
+
+    /// As [`Auth::check_credentials`], with the users they passed against
+    /// (a tunnel's [`Standing`] is judged by them: a reload that raced the
+    /// check, the new password given, must not cut it at once).
+    pub(crate) async fn checked_against(
+        self: &Arc<Self>,
+        user: &str,
+        password: &str,
+        client: IpAddr,
+    ) -> Result<(String, Arc<Users>), AuthError> {
         let (user, password) = (user.to_string(), password.to_string());
         let key = digest(&user, &password);
         loop {
@@ -439,7 +465,7 @@ impl Auth {
             let generation = self.generation.load(SeqCst);
             let users = self.users();
             if let Some(user) = self.remembered(&key, generation) {
-                return Ok(user);
+                return Ok((user, users));
             }
             if self.failed_recently(&key, generation) {
                 return Err(AuthError::Wrong);
@@ -450,13 +476,13 @@ impl Auth {
             // What waited for the slot may have been answered meanwhile
             // (the same credentials on another connection).
             if let Some(user) = self.remembered(&key, generation) {
-                return Ok(user);
+                return Ok((user, users));
             }
             if self.failed_recently(&key, generation) {
                 return Err(AuthError::Wrong);
             }
             let verified = self
-                .verify_blocking(users, user.clone(), password.clone(), slot)
+                .verify_blocking(users.clone(), user.clone(), password.clone(), slot)
                 .await?;
             if verified.is_none() {
                 self.failed_from(network);
@@ -464,7 +490,7 @@ impl Auth {
             // A reload while this was checked: check again, against the
             // new users, so a removed user is not let in after it.
             match self.remember(key, verified, generation) {
-                Some(answer) => return answer,
+                Some(answer) => return answer.map(|user| (user, users)),
                 None => continue,
             }
         }
@@ -748,6 +774,42 @@ mod tests {
             base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
         )
         .into_bytes()
+    }
+
+    /// A tunnel's standing is judged by the users its password passed
+    /// against: a login that raced a reload giving the user a new
+    /// password, the new one given, stands; the old snapshot would have
+    /// been revoked at once. A later removal revokes it.
+    #[tokio::test]
+    async fn a_standing_is_judged_by_the_users_it_passed_against() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        let cheap = argon2::Params::new(8192, 1, 1, None).unwrap();
+        std::fs::write(
+            &path,
+            format!("alice:{}\n", hash_with("old", cheap.clone())),
+        )
+        .unwrap();
+        let auth = Auth::load(&path, None).unwrap();
+        // Watched before the check, as a login does.
+        let mut standing = auth.standing("alice");
+        std::fs::write(
+            &path,
+            format!("alice:{}\n", hash_with("new", cheap.clone())),
+        )
+        .unwrap();
+        auth.reload().unwrap();
+        assert!(standing.is_revoked(), "the snapshot before the reload");
+        let (user, users) = auth.checked_against("alice", "new", LOCAL).await.unwrap();
+        assert_eq!(user, "alice");
+        standing.checked(users);
+        assert!(!standing.is_revoked());
+        assert!(crate::proxy::still_stands(Some(&standing)).is_ok());
+        std::fs::write(&path, format!("bob:{}\n", hash_with("pw", cheap))).unwrap();
+        auth.reload().unwrap();
+        assert!(standing.is_revoked());
+        assert!(crate::proxy::still_stands(Some(&standing)).is_err());
+        assert!(crate::proxy::still_stands(None).is_ok());
     }
 
     /// A network that keeps failing has its checks spaced out past the

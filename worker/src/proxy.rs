@@ -519,10 +519,15 @@ impl Proxy {
             None => session::parse(name, |_| false).map_err(ProxyError::Session)?,
             Some(auth) => match session::parse(name, |n| auth.has_user(n)) {
                 Ok(user) => {
-                    standing = Some(auth.standing(&user.user));
-                    auth.check_credentials(&user.user, password, client)
+                    // Watched from before the check (no revocation meanwhile
+                    // is missed), judged by the users it passed against.
+                    let mut watch = auth.standing(&user.user);
+                    let (_, users) = auth
+                        .checked_against(&user.user, password, client)
                         .await
                         .map_err(ProxyError::Auth)?;
+                    watch.checked(users);
+                    standing = Some(watch);
                     user
                 }
                 // Which parameter is wrong is said only to someone whose
@@ -1189,7 +1194,9 @@ impl Proxy {
         // 200 only once the upstream connection is up.
         let kept_alive = req.extensions().get::<KeptAlive>().is_some();
         let named = (host.as_str(), port, uri_authority(req.uri()));
+        still_stands(standing.as_ref())?;
         let (upstream, lease) = self.open_tunnel(named, sticky, kept_alive).await?;
+        still_stands(standing.as_ref())?;
         let on_upgrade = hyper::upgrade::on(&mut req);
         let dest = format!("{host}:{port}");
         let open = TunnelOpen::new(&self.meter);
@@ -1771,6 +1778,17 @@ impl Drop for Unopened {
             e.error = Some(why);
             log.log(&e);
         }
+    }
+}
+
+/// A 407 if `standing`'s user no longer stands (a reload removed it, or
+/// gave it another password, since it logged in): looked at before a
+/// tunnel is opened and again before it is answered, so a revoked user is
+/// given no lease, connect or success in between.
+pub(crate) fn still_stands(standing: Option<&Standing>) -> Result<(), ProxyError> {
+    match standing.is_some_and(Standing::is_revoked) {
+        true => Err(ProxyError::Auth(crate::auth::AuthError::Wrong)),
+        false => Ok(()),
     }
 }
 

@@ -51,7 +51,8 @@ impl Reply {
     pub fn of(e: &ProxyError) -> Reply {
         use ProxyError::*;
         match e {
-            Denied(_) => Reply::NotAllowed,
+            // (A user revoked since its login: not allowed now.)
+            Denied(_) | Auth(_) => Reply::NotAllowed,
             Dns { .. } | DnsEmpty { .. } => Reply::HostUnreachable,
             Unreachable { source, .. }
                 if matches!(
@@ -458,10 +459,15 @@ pub async fn serve(
         caller.stamp(&mut e);
         e
     });
-    let opened = unless_gone(
-        &stream,
-        proxy.open_tunnel((&hs.host, hs.port, &dest), caller.sticky.as_ref(), false),
-    )
+    let opened = unless_gone(&stream, async {
+        let standing = caller.standing.as_ref();
+        crate::proxy::still_stands(standing)?;
+        let opened = proxy
+            .open_tunnel((&hs.host, hs.port, &dest), caller.sticky.as_ref(), false)
+            .await?;
+        crate::proxy::still_stands(standing)?;
+        Ok(opened)
+    })
     .await;
     // A tunnel that did not open: counted, and logged as its HTTP twin.
     let not_opened = |entry: Option<Entry>,
