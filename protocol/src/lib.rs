@@ -38,8 +38,8 @@ pub use segment::{
 };
 pub use site::{is_public_suffix, site_bit, site_of, SITE_FILTER_BITS};
 pub use table::{
-    address_at, addresses_from, family_total, index_of, unreached, LeaseTable, Position, Rotations,
-    SiteMode, TableError, TableSnapshot, Walk, MAX_FAMILY_TOTAL, PEER_SLOTS, TABLE_LAYOUT,
+    address_at, family_total, index_of, unreached, LeaseTable, Position, Rotations, SiteMode,
+    TableError, TableSnapshot, Walk, MAX_FAMILY_TOTAL, PEER_SLOTS, TABLE_LAYOUT,
 };
 
 /// FNV-1a, 64 bits: a checksum for the state file and an identity for a

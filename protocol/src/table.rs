@@ -332,43 +332,6 @@ pub fn address_at(entries: &[Segment], family: Family, i: u64) -> Option<IpAddr>
     None
 }
 
-/// The addresses of `family`'s rotation over `entries` from index `start`
-/// on, with their indices, wrapping around (each index once): a walk of
-/// the rotation costs one scan of the entries to find `start`, then a
-/// step an address — not a scan of the entries a step, as `address_at`
-/// in a loop would (a throttled site's walk of a pool of 65 536 listed
-/// addresses: 2·10⁹ entry visits, under the allocator's lock).
-pub fn addresses_from(entries: &[Segment], family: Family, start: u64) -> Walk<'_> {
-    let mine: Vec<Segment> = entries
-        .iter()
-        .filter(|e| e.family() == family)
-        .copied()
-        .collect();
-    let total = family_total(entries, family);
-    // The entry holding `start`, and `start`'s offset in it.
-    let (mut at, mut offset) = (0usize, 0u64);
-    if total > 0 {
-        let mut first = 0u64;
-        let start = start % total;
-        for (k, e) in mine.iter().enumerate() {
-            if start - first < entry_len(e) {
-                (at, offset) = (k, start - first);
-                break;
-            }
-            first = first.saturating_add(entry_len(e));
-        }
-    }
-    Walk {
-        index: if total > 0 { start % total } else { 0 },
-        mine: std::borrow::Cow::Owned(mine),
-        total,
-        at,
-        offset,
-        left: total,
-        last: None,
-    }
-}
-
 /// Each family's rotation over a pool's entries, worked out once, when the
 /// pool changes: the family's entries, the index each begins at, the
 /// total. A walk from an index is then found by a binary search, not by a
@@ -436,7 +399,12 @@ impl Rotations {
         self.0[family.index()].total
     }
 
-    /// As [`addresses_from`].
+    /// The addresses of `family`'s rotation from index `start` on, with
+    /// their indices, wrapping around (each index once): a binary search
+    /// to find `start`, then a step an address — not a scan of the entries
+    /// a step, as `address_at` in a loop would (a throttled site's walk of
+    /// a pool of 65 536 listed addresses: 2·10⁹ entry visits, under the
+    /// allocator's lock).
     pub fn walk(&self, family: Family, start: u64) -> Walk<'_> {
         let r = &self.0[family.index()];
         let (mut at, mut offset) = (0usize, 0u64);
@@ -449,7 +417,7 @@ impl Rotations {
         }
         Walk {
             index: if r.total > 0 { start % r.total } else { 0 },
-            mine: std::borrow::Cow::Borrowed(&r.mine),
+            mine: &r.mine,
             total: r.total,
             at,
             offset,
@@ -463,10 +431,10 @@ fn entry_len(e: &Segment) -> u64 {
     u64::try_from(e.len()).unwrap_or(u64::MAX)
 }
 
-/// A walk of a family's rotation (see [`addresses_from`]): each index
+/// A walk of a family's rotation (see [`Rotations::walk`]): each index
 /// once, from its start, wrapping around.
 pub struct Walk<'a> {
-    mine: std::borrow::Cow<'a, [Segment]>,
+    mine: &'a [Segment],
     total: u64,
     /// The next address's index, entry and offset in it.
     index: u64,
@@ -1478,7 +1446,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn addresses_from_walks_the_rotation_as_address_at_does() {
+    fn walks_follow_the_rotation_as_address_at_does() {
         let e = |s: &str| Segment::single(s.parse().unwrap());
         let p = |s: &str, l| Segment::prefix(s.parse().unwrap(), l).unwrap();
         let entries = vec![
@@ -1490,8 +1458,9 @@ mod tests {
         ];
         let total = family_total(&entries, Family::V4);
         assert_eq!(total, 8);
+        let r = Rotations::new(&entries);
         for start in 0..total + 3 {
-            let walked: Vec<(u64, IpAddr)> = addresses_from(&entries, Family::V4, start).collect();
+            let walked: Vec<(u64, IpAddr)> = r.walk(Family::V4, start).collect();
             let want: Vec<(u64, IpAddr)> = (0..total)
                 .map(|k| {
                     let i = (start + k) % total;
@@ -1500,14 +1469,15 @@ mod tests {
                 .collect();
             assert_eq!(walked, want, "from {start}");
         }
-        assert_eq!(addresses_from(&entries, Family::V6, 5).count(), 1);
-        assert_eq!(addresses_from(&[], Family::V6, 0).count(), 0);
+        assert_eq!(r.walk(Family::V6, 5).count(), 1);
+        assert_eq!(Rotations::new(&[]).walk(Family::V6, 0).count(), 0);
     }
 
-    /// The rotations worked out once walk as `addresses_from` does, from
-    /// every start (a prefix past the family's cap too), skips included.
+    /// The rotations' walks, from every start (a prefix past the family's
+    /// cap too), give each index's address as `address_at` does, and a
+    /// skip passes the rest of the entry just yielded.
     #[test]
-    fn rotations_walk_as_addresses_from_does() {
+    fn rotations_walk_from_any_start_and_skip_as_counted() {
         let e = |s: &str| Segment::single(s.parse().unwrap());
         let p = |s: &str, l| Segment::prefix(s.parse().unwrap(), l).unwrap();
         let entries = vec![
@@ -1523,18 +1493,33 @@ mod tests {
         for family in Family::ALL {
             assert_eq!(r.total(family), family_total(&entries, family));
             let starts = [0, 1, 2, 3, 5, 7, 8, 11, MAX_FAMILY_TOTAL - 1, u64::MAX];
+            let total = r.total(family);
             for start in starts {
-                let a: Vec<_> = addresses_from(&entries, family, start).take(20).collect();
-                let b: Vec<_> = r.walk(family, start).take(20).collect();
-                assert_eq!(a, b, "{family:?} from {start}");
-                let (mut a, mut b) = (
-                    addresses_from(&entries, family, start),
-                    r.walk(family, start),
-                );
+                let walked: Vec<_> = r.walk(family, start).take(20).collect();
+                let want: Vec<_> = (0..total.min(20))
+                    .map(|k| {
+                        let i = (start % total + k) % total;
+                        (i, address_at(&entries, family, i).unwrap())
+                    })
+                    .collect();
+                assert_eq!(walked, want, "{family:?} from {start}");
+                // After a skip of `n`, the walk goes on `n` past the next
+                // index; the entry it names holds what it yielded.
+                let mut w = r.walk(family, start);
+                let mut next = None;
+                let mut left = total;
                 for _ in 0..6 {
-                    assert_eq!(a.next(), b.next());
-                    assert_eq!(a.last_entry(), b.last_entry());
-                    assert_eq!(a.skip_entry(), b.skip_entry(), "{family:?} from {start}");
+                    let Some((i, ip)) = w.next() else {
+                        assert_eq!(left, 0, "{family:?} from {start}");
+                        break;
+                    };
+                    if let Some(n) = next {
+                        assert_eq!(i, n, "{family:?} from {start}");
+                    }
+                    assert!(w.last_entry().unwrap().contains(ip));
+                    let n = w.skip_entry();
+                    left -= 1 + n;
+                    next = Some((i + 1 + n) % total);
                 }
             }
         }
@@ -1542,7 +1527,7 @@ mod tests {
         // Every address's index as `index_of` finds it, and none for one
         // not in the pool.
         for family in Family::ALL {
-            for (i, ip) in addresses_from(&entries, family, 0).take(40) {
+            for (i, ip) in r.walk(family, 0).take(40) {
                 assert_eq!(r.index_of(ip), Some(i), "{ip}");
                 assert_eq!(r.index_of(ip), index_of(&entries, ip));
             }
@@ -1558,16 +1543,17 @@ mod tests {
         let e = |s: &str| Segment::single(s.parse().unwrap());
         let p = |s: &str, l| Segment::prefix(s.parse().unwrap(), l).unwrap();
         let entries = vec![e("10.0.0.1"), p("10.1.0.0", 30), e("10.0.0.2")];
+        let r = Rotations::new(&entries);
         // From inside the prefix: its addresses after the start are
         // passed (the one before it comes at the wrap).
-        let mut w = addresses_from(&entries, Family::V4, 2);
+        let mut w = r.walk(Family::V4, 2);
         assert_eq!(w.next(), Some((2, entries[1].at(1))));
         assert_eq!(w.last_entry(), Some(&entries[1]));
         assert_eq!(w.skip_entry(), 2);
         let rest: Vec<u64> = w.map(|(i, _)| i).collect();
         assert_eq!(rest, [5, 0, 1]);
         // At an entry's last address, or a single one, nothing to pass.
-        let mut w = addresses_from(&entries, Family::V4, 4);
+        let mut w = r.walk(Family::V4, 4);
         w.next();
         assert_eq!(w.skip_entry(), 0);
         assert_eq!(w.next().map(|(i, _)| i), Some(5));
@@ -1575,7 +1561,7 @@ mod tests {
         assert_eq!(w.next().map(|(i, _)| i), Some(0));
         // Started inside the prefix: the wrap ends the walk before its
         // start, so what is passed is only what is left.
-        let mut w = addresses_from(&entries, Family::V4, 3);
+        let mut w = r.walk(Family::V4, 3);
         let seen: Vec<u64> = w.by_ref().take(4).map(|(i, _)| i).collect();
         assert_eq!(seen, [3, 4, 5, 0]);
         w.next();
@@ -1585,7 +1571,8 @@ mod tests {
         // passed in one step, to the rotation's end: the wrap goes on to
         // what is listed before it.
         let big = vec![e("2001:db8:9::1"), p("2001:db8::", 64)];
-        let mut w = addresses_from(&big, Family::V6, 7);
+        let r = Rotations::new(&big);
+        let mut w = r.walk(Family::V6, 7);
         w.next();
         assert_eq!(w.skip_entry(), MAX_FAMILY_TOTAL - 8);
         assert_eq!(w.next(), Some((0, big[0].base())));
