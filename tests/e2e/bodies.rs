@@ -76,6 +76,22 @@ async fn large_uploads_arrive_intact_with_length_and_chunked() {
     assert_eq!(seen[1].method, "POST");
 }
 
+/// A destination that answers each connection's request (read once, as
+/// it comes) with `resp`, then closes.
+async fn answering(resp: String) -> std::net::SocketAddr {
+    let resp = std::sync::Arc::new(resp);
+    let (addr, _) = recording_server(move |mut s: TcpStream| {
+        let resp = resp.clone();
+        async move {
+            let mut b = [0u8; 4096];
+            let _ = s.read(&mut b).await;
+            let _ = s.write_all(resp.as_bytes()).await;
+        }
+    })
+    .await;
+    addr
+}
+
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
@@ -123,16 +139,11 @@ async fn chunked_wins_over_a_content_length_from_the_origin() {
         "Content-Length: 5\r\nContent-Length: 5\r\n",
         "Content-Length: 5, 5\r\n",
     ] {
-        let (addr, _) = recording_server(move |mut s: TcpStream| async move {
-            let mut b = [0u8; 4096];
-            let _ = s.read(&mut b).await;
-            let body = "a".repeat(100);
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n{lengths}\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
-        })
+        let body = "a".repeat(100);
+        let addr = answering(format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n{lengths}\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+            body.len()
+        ))
         .await;
         let r = get(worker.addr, &format!("http://{addr}/")).await;
         assert_eq!(r.status, 200);
@@ -189,15 +200,7 @@ async fn a_body_cut_short_reaches_an_http_1_0_client_as_a_reset() {
             true,
         ),
     ] {
-        let (addr, _) = recording_server(move |mut s: TcpStream| {
-            let resp = resp.clone();
-            async move {
-                let mut b = [0u8; 4096];
-                let _ = s.read(&mut b).await;
-                let _ = s.write_all(resp.as_bytes()).await;
-            }
-        })
-        .await;
+        let addr = answering(resp).await;
         let mut s = TcpStream::connect(worker.addr).await.unwrap();
         s.write_all(format!("GET http://{addr}/ HTTP/1.0\r\n\r\n").as_bytes())
             .await
@@ -221,15 +224,10 @@ async fn a_body_cut_short_reaches_an_http_1_0_client_as_a_reset() {
     // An upload the destination answers before it has it all, its answer
     // cut: the connection would close lingering (the upload's rest read
     // and dropped), and its FIN came first. A reset still.
-    let (addr, _) = recording_server(move |mut s: TcpStream| async move {
-        let mut b = [0u8; 4096];
-        let _ = s.read(&mut b).await;
-        let cut = format!(
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\nabc",
-            6000
-        );
-        let _ = s.write_all(cut.as_bytes()).await;
-    })
+    let addr = answering(format!(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\nabc",
+        6000
+    ))
     .await;
     let mut s = TcpStream::connect(worker.addr).await.unwrap();
     let head = format!("POST http://{addr}/ HTTP/1.0\r\nContent-Length: 100000\r\n\r\n0123456789");
@@ -357,14 +355,9 @@ async fn a_body_cut_short_in_the_drain_is_still_a_reset() {
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let worker = Worker::start(&alloc.socket, &[]).await;
     let body = "a".repeat(3000);
-    let (addr, _) = recording_server(move |mut s: TcpStream| {
-        let cut = format!("HTTP/1.1 200 OK\r\nContent-Length: 6000\r\n\r\n{body}");
-        async move {
-            let mut b = [0u8; 4096];
-            let _ = s.read(&mut b).await;
-            let _ = s.write_all(cut.as_bytes()).await;
-        }
-    })
+    let addr = answering(format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: 6000\r\n\r\n{body}"
+    ))
     .await;
     let mut s = TcpStream::connect(worker.addr).await.unwrap();
     accepted(worker.addr).await;
