@@ -1762,19 +1762,13 @@ impl Drop for Unopened {
         if !self.armed {
             return;
         }
-        let why = match self.stopping.is_cancelled() {
-            true => WORKER_STOPPED,
-            false => CLIENT_CLOSED_ERROR,
-        };
+        let (why, status) = given_up(&self.stopping);
         let took = self.start.elapsed();
         self.meter
             .tunnel_unopened(self.source, || &self.dest, why, took);
         if let Some((log, mut e)) = self.log.take() {
             e.source = Some(self.source);
-            e.status = match why {
-                WORKER_STOPPED => StatusCode::SERVICE_UNAVAILABLE.as_u16(),
-                _ => CLIENT_CLOSED,
-            };
+            e.status = status;
             e.error = Some(why);
             log.log(&e);
         }
@@ -1801,6 +1795,16 @@ pub(crate) const CLIENT_CLOSED_ERROR: &str = "client_closed";
 /// ran out): logged 503, as the connection closes with no answer.
 const WORKER_STOPPED: &str = "worker_stopped";
 
+/// A request given up, by whom: with the runtime after a drain that ran
+/// out (`stopping`: the drain's cut made), `worker_stopped` and 503, else
+/// its client's going, `client_closed` and 499.
+fn given_up(stopping: &tokio_util::sync::CancellationToken) -> (&'static str, u16) {
+    match stopping.is_cancelled() {
+        true => (WORKER_STOPPED, StatusCode::SERVICE_UNAVAILABLE.as_u16()),
+        false => (CLIENT_CLOSED_ERROR, CLIENT_CLOSED),
+    }
+}
+
 impl Abandoned<'_> {
     /// The request's access-log line, begun.
     fn new_entry(&self) -> Box<Entry> {
@@ -1820,12 +1824,7 @@ impl Drop for Abandoned<'_> {
             return;
         }
         let took = self.start.elapsed();
-        // Dropped with the runtime after a drain that ran out, or by its
-        // client's going.
-        let why = match self.proxy.tunnels_cut.is_cancelled() {
-            true => WORKER_STOPPED,
-            false => CLIENT_CLOSED_ERROR,
-        };
+        let (why, status) = given_up(&self.proxy.tunnels_cut);
         self.proxy.meter.error(Some(why), took);
         // (Gone while its credentials were checked: a line without them.)
         let entry = self.entry.take().or_else(|| {
@@ -1836,10 +1835,7 @@ impl Drop for Abandoned<'_> {
                 .map(|_| self.new_entry())
         });
         if let (Some(mut e), Some(log)) = (entry, &self.proxy.config.access_log) {
-            e.status = match why {
-                WORKER_STOPPED => StatusCode::SERVICE_UNAVAILABLE.as_u16(),
-                _ => CLIENT_CLOSED,
-            };
+            e.status = status;
             e.error = Some(why);
             log.log(&e);
         }
