@@ -269,11 +269,7 @@ impl Conn {
                     .get_or_insert((table, count));
                 Some((table, count))
             }
-            Ok(_) => None,
-            Err(_) => {
-                remove_pending(&self.pending, id);
-                None
-            }
+            _ => None,
         }
     }
 
@@ -286,18 +282,15 @@ impl Conn {
             .unwrap_or_else(|e| e.into_inner())
             .as_mut()?
             .insert(id, tx);
-        if self.requests.send(Envelope { id, body }).is_err() {
-            // Not left behind (the reload watch asks every half second).
-            if let Some(p) = self
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_mut()
-            {
-                p.remove(&id);
-            }
-            return None;
-        }
+        // Its entry goes however this ends: answered, not sent, or the
+        // call dropped (a timeout around it): none left behind (the
+        // reload watch asks every half second).
+        let _registered = Registered {
+            pending: &self.pending,
+            id,
+            cancel: None,
+        };
+        self.requests.send(Envelope { id, body }).ok()?;
         rx.await.ok()
     }
 }
@@ -1132,7 +1125,7 @@ async fn manage(
     publish: watch::Sender<Option<Arc<Conn>>>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff(BACKOFF_MIN);
     let mut failures = 0u32;
     // Whether this run of connections was said at info.
     let mut announced = false;
@@ -1151,12 +1144,10 @@ async fn manage(
                 } else {
                     debug!(allocator = %path.display(), error = %error_chain(&e), failures, "allocator still unreachable");
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                match backoff.pause(&shutdown).await {
+                    true => continue,
+                    false => return,
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                continue;
             }
         };
         // The backoff starts over only once a connection has lasted: one
@@ -1285,7 +1276,7 @@ async fn manage(
         };
         if connected_at.elapsed() >= STEADY_CONNECTION {
             failures = 0;
-            backoff = BACKOFF_MIN;
+            backoff = Backoff(BACKOFF_MIN);
             announced = false;
         }
         failures += 1;
@@ -1294,15 +1285,28 @@ async fn manage(
             (1, None) => warn!("allocator closed the connection; reconnecting"),
             (1, Some(e)) => warn!(error = %e, "allocator connection failed; reconnecting"),
             (_, why) => {
-                debug!(error = ?why, failures, retry_in = ?backoff, "allocator connection ended at once again; reconnecting after a pause")
+                debug!(error = ?why, failures, retry_in = ?backoff.0, "allocator connection ended at once again; reconnecting after a pause")
             }
         }
-        if failures > 1 {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+        if failures > 1 && !backoff.pause(&shutdown).await {
+            return;
+        }
+    }
+}
+
+/// The pause before the next try at the allocator: `BACKOFF_MIN`
+/// doubling to `BACKOFF_MAX` while the tries fail.
+struct Backoff(Duration);
+
+impl Backoff {
+    /// Waits the pause, and doubles the next; false if `shutdown` came
+    /// first.
+    async fn pause(&mut self, shutdown: &CancellationToken) -> bool {
+        let pause = self.0;
+        self.0 = (pause * 2).min(BACKOFF_MAX);
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(pause) => true,
         }
     }
 }
