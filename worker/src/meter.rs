@@ -39,6 +39,23 @@ struct Acc {
 const MAX_SOURCES: usize = rotor_protocol::MAX_REPORTED_SOURCES - 1;
 
 impl Acc {
+    /// One request more, its head (or rotor's answer) after `took`.
+    fn request(&mut self, took: Duration) {
+        self.requests += 1;
+        self.request_seconds.observe(took.as_secs_f64());
+    }
+
+    /// One more request that ended in the error `kind` (its name copied
+    /// only the first time).
+    fn error(&mut self, kind: &str) {
+        match self.errors.get_mut(kind) {
+            Some(n) => *n += 1,
+            None => {
+                self.errors.insert(kind.to_string(), 1);
+            }
+        }
+    }
+
     fn source(&mut self, ip: IpAddr) -> &mut SourceMetrics {
         let ip = match self.sources.len() >= MAX_SOURCES && !self.sources.contains_key(&ip) {
             true => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
@@ -99,8 +116,7 @@ impl Meter {
     ) {
         self.with(|a| {
             a.witness.answered_host(ip, dest);
-            a.requests += 1;
-            a.request_seconds.observe(took.as_secs_f64());
+            a.request(took);
             if let Some(class) = (status / 100).checked_sub(1).filter(|c| *c < 5) {
                 a.source(ip).responses[class as usize] += 1;
             }
@@ -112,8 +128,7 @@ impl Meter {
     pub fn tunnel<'a>(&self, ip: IpAddr, dest: impl FnOnce() -> &'a str, took: Duration) {
         self.with(|a| {
             a.witness.answered_host(ip, dest);
-            a.requests += 1;
-            a.request_seconds.observe(took.as_secs_f64());
+            a.request(took);
             a.source(ip).tunnels += 1;
         });
     }
@@ -130,29 +145,22 @@ impl Meter {
     ) {
         self.with(|a| {
             a.witness.answered_host(ip, dest);
-            a.requests += 1;
-            a.request_seconds.observe(took.as_secs_f64());
-            *a.errors.entry(kind.to_string()).or_default() += 1;
+            a.request(took);
+            a.error(kind);
         });
     }
 
     /// rotor answered by itself, not an error (a TRACE or OPTIONS with
     /// `Max-Forwards: 0`): a request, from no source.
     pub fn answered(&self, took: Duration) {
-        self.with(|a| {
-            a.requests += 1;
-            a.request_seconds.observe(took.as_secs_f64());
-        });
+        self.with(|a| a.request(took));
     }
 
     /// rotor answered by itself (`kind`: the `Proxy-Status` error).
     pub fn error(&self, kind: Option<&str>, took: Duration) {
         self.with(|a| {
-            a.requests += 1;
-            a.request_seconds.observe(took.as_secs_f64());
-            *a.errors
-                .entry(kind.unwrap_or("none").to_string())
-                .or_default() += 1;
+            a.request(took);
+            a.error(kind.unwrap_or("none"));
         });
     }
 
@@ -161,7 +169,7 @@ impl Meter {
     pub fn unread(&self) {
         self.with(|a| {
             a.requests += 1;
-            *a.errors.entry("none".to_string()).or_default() += 1;
+            a.error("none");
         });
     }
 
