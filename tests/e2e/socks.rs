@@ -673,3 +673,37 @@ async fn a_socks5_client_that_leaves_while_it_waits_is_given_up() {
         "a connection for nobody"
     );
 }
+
+/// A SOCKS5 tunnel that cannot have a lease (the allocator unreachable)
+/// fails with a general failure after the lease timeout, and the worker's
+/// log says why at the default level, as for HTTP requests: an operator
+/// whose SOCKS5 clients all fail sees it without debug logs.
+#[tokio::test]
+async fn socks5_without_an_allocator_says_why_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("nobody.sock");
+    let log = dir.path().join("worker.log");
+    let socks: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let s = socks.to_string();
+    let mut args = ALLOW_LOOPBACK.to_vec();
+    args.extend_from_slice(&["--socks-listen", &s, "--lease-timeout", "300ms"]);
+    let mut cmd = std::process::Command::new(WORKER);
+    cmd.stderr(std::fs::File::create(&log).unwrap());
+    let _w = Worker::start_cmd(cmd, &socket, free_port(), &args).await;
+    eventually("the SOCKS5 port", || async move {
+        TcpStream::connect(socks).await.is_ok()
+    })
+    .await;
+    let echo = Echo::start().await;
+    let (code, _s) = connect(socks, None, "127.0.0.1", echo.addr.port()).await;
+    assert_eq!(code, 1, "general failure");
+    eventually("the worker to log the want of a lease", || {
+        let log = log.clone();
+        async move {
+            std::fs::read_to_string(&log)
+                .unwrap()
+                .contains("requests failed for want of a lease from the allocator")
+        }
+    })
+    .await;
+}

@@ -402,23 +402,13 @@ impl Proxy {
                     en.error = kind;
                     log.log(&en);
                 }
-                let error = error_chain(&e);
-                let status = resp.status().as_u16();
-                let source = source.map(|ip| ip.to_string()).unwrap_or_default();
-                if e.warn_each() {
-                    warn!(%client, %method, %target, source, status, %error, "request failed");
-                } else {
-                    debug!(fault = ?e.fault(), %client, %method, %target, source, status, %error, ms, "request failed");
-                }
-                // The client is told the log says why: so it does, at the
-                // default level, once in 10 s (a dead allocator fails every
-                // request).
-                if matches!(e, ProxyError::Allocator(_)) {
-                    static SAID: rotor_protocol::Moment = rotor_protocol::Moment::new();
-                    if let Some(failed) = SAID.count_in(Duration::from_secs(10)) {
-                        warn!(failed, %error, "requests failed for want of a lease from the allocator (said once in 10 s)");
-                    }
-                }
+                log_failed(
+                    &e,
+                    (client, &method, &target),
+                    source,
+                    resp.status().as_u16(),
+                    ms,
+                );
                 Answer::from(resp.map(|b| Either::Right(Either::Left(b))))
             }
         }
@@ -1771,6 +1761,33 @@ impl Drop for Unopened {
             e.status = status;
             e.error = Some(why);
             log.log(&e);
+        }
+    }
+}
+
+/// Logs a request (HTTP or SOCKS5) that failed with `e`, answered
+/// `status` after `ms`: at warn when each is worth an operator's look, else
+/// at debug. The client is told the log says why a lease failed: so it
+/// does, at the default level, once in 10 s (a dead allocator fails every
+/// request).
+pub(crate) fn log_failed(
+    e: &ProxyError,
+    (client, method, target): (SocketAddr, &Method, &dyn std::fmt::Display),
+    source: Option<IpAddr>,
+    status: u16,
+    ms: u64,
+) {
+    let error = error_chain(e);
+    let source = source.map(|ip| ip.to_string()).unwrap_or_default();
+    if e.warn_each() {
+        warn!(%client, %method, %target, source, status, %error, "request failed");
+    } else {
+        debug!(fault = ?e.fault(), %client, %method, %target, source, status, %error, ms, "request failed");
+    }
+    if matches!(e, ProxyError::Allocator(_)) {
+        static SAID: rotor_protocol::Moment = rotor_protocol::Moment::new();
+        if let Some(failed) = SAID.count_in(Duration::from_secs(10)) {
+            warn!(failed, %error, "requests failed for want of a lease from the allocator (said once in 10 s)");
         }
     }
 }

@@ -499,7 +499,8 @@ pub async fn serve(
             let (status, kind) = e.classify();
             not_opened(entry, (status.as_u16(), kind), source);
             let code = Reply::of(&e);
-            debug!(%client, %dest, error = %rotor_protocol::error_chain(&e), reply = ?code, "SOCKS5 connect failed");
+            let ms = started.elapsed().as_millis() as u64;
+            crate::proxy::log_failed(&e, (client, &method(), &dest), source, status.as_u16(), ms);
             let _ = reply(&mut stream, code, None).await;
             crate::server::linger_close(stream).await;
             return;
