@@ -458,6 +458,22 @@ struct Refused {
 /// batch's span).
 const BATCHES: u32 = 32;
 
+/// Batches of starts in time order, [`BATCHES`] at most: past it,
+/// neighbours are joined, the later time kept (a batch leaves the window
+/// when its last start does).
+fn in_batches(mut starts: Vec<(Ms, u32)>) -> VecDeque<(Ms, u32)> {
+    starts.sort_unstable();
+    while starts.len() > BATCHES as usize {
+        let mut joined = Vec::with_capacity(starts.len().div_ceil(2));
+        for two in starts.chunks(2) {
+            let n = two.iter().fold(0u32, |a, b| a.saturating_add(b.1));
+            joined.push((two[two.len() - 1].0, n));
+        }
+        starts = joined;
+    }
+    starts.into()
+}
+
 /// One (address, site): its starts within the window, its cooldown.
 #[derive(Debug, Default)]
 struct Pair {
@@ -555,20 +571,10 @@ impl Pair {
     }
 
     /// Adds `other`'s starts, cooldown and repeats (two sources that are
-    /// one key). Past `BATCHES` batches, neighbours are joined, the later
-    /// time kept (a batch leaves the window when its last start does).
+    /// one key), in [`BATCHES`] batches at most (`in_batches`).
     fn merge(&mut self, other: Pair) {
-        let mut starts: Vec<(Ms, u32)> = self.starts.drain(..).chain(other.starts).collect();
-        starts.sort_unstable();
-        while starts.len() > BATCHES as usize {
-            let mut joined = Vec::with_capacity(starts.len().div_ceil(2));
-            for two in starts.chunks(2) {
-                let n = two.iter().fold(0u32, |a, b| a.saturating_add(b.1));
-                joined.push((two[two.len() - 1].0, n));
-            }
-            starts = joined;
-        }
-        self.starts = starts.into();
+        let starts: Vec<(Ms, u32)> = self.starts.drain(..).chain(other.starts).collect();
+        self.starts = in_batches(starts);
         self.held = self.held.saturating_add(other.held);
         self.cool_until = self.cool_until.max(other.cool_until);
         self.strikes = self.strikes.max(other.strikes);
@@ -1643,18 +1649,18 @@ impl Sites {
                 .rules
                 .limit_for(&p.site)
                 .map_or(0, |l| l.window().as_millis() as u32);
-            let mut starts: Vec<(Ms, u32)> = p
+            let starts: Vec<(Ms, u32)> = p
                 .starts
                 .iter()
                 .filter_map(|&(at, n)| Some((ms(at)?, n)))
                 .filter(|&(at, n)| at <= t && t - at < u64::from(window) && n > 0)
                 .collect();
-            starts.sort_unstable();
             // (Sums saturate: the file is the allocator's own, but not
-            // trusted not to overflow them.)
+            // trusted not to overflow them, nor to hold no more batches
+            // than a pair keeps.)
             let pair = Pair {
                 held: starts.iter().fold(0u32, |a, (_, n)| a.saturating_add(*n)),
-                starts: starts.into(),
+                starts: in_batches(starts),
                 window,
                 cool_until: p
                     .cool_until_ms
@@ -2229,6 +2235,31 @@ mod tests {
         let active = pool(2);
         assert_eq!(take(&mut s, "a.com", &active, 3, t0), [2, 2], "1 cools");
         s.expire(t0 + Duration::from_secs(3600));
+    }
+
+    /// A kept pair with more batches than a pair keeps (only an edited
+    /// file holds them) comes back in `BATCHES`, every start kept.
+    #[test]
+    fn kept_pairs_come_back_in_the_batches() {
+        let t0 = Instant::now();
+        let wall0 = 1_900_000_000_000;
+        let saved = vec![SavedPair {
+            site: "a.com".into(),
+            source: ip(1),
+            starts: (0..1000).map(|k| (wall0 - 30_000 + k * 10, 1)).collect(),
+            cool_until_ms: None,
+            strikes: 0,
+            last_strike_ms: None,
+            unreached: 0,
+            last_unreached_ms: None,
+        }];
+        let mut s = Sites::new(rules(&["a.com=2000/1m"]), 1000);
+        assert_eq!(s.restore(saved, t0, wall0), 1);
+        let id = s.sites.get("a.com").unwrap().id;
+        let p = &s.pairs[&(id, ip(1))];
+        assert_eq!(p.starts.len(), BATCHES as usize);
+        assert_eq!(p.held, 1000);
+        assert_eq!(p.starts.iter().map(|b| b.1).sum::<u32>(), 1000);
     }
 
     /// Two pairs of 32 batches each make one of 32 at most, every start
