@@ -838,12 +838,17 @@ impl Sites {
         let mut freed: usize = by_use[..n].iter().map(|v| v.3).sum();
         let mut gone: std::collections::HashSet<u64> = by_use[..n].iter().map(|v| v.2).collect();
         if freed < want && n < by_use.len() {
-            let rest = &mut by_use[n..];
-            rest.sort_unstable();
-            for v in rest.iter().filter(|v| v.3 <= want) {
-                if freed >= want {
+            // The least recently used of the rest first: a heap (made in
+            // one pass) popped as far as needed, not a sort of them all.
+            let mut rest: std::collections::BinaryHeap<_> = by_use[n..]
+                .iter()
+                .filter(|v| v.3 <= want)
+                .map(|&v| std::cmp::Reverse(v))
+                .collect();
+            while freed < want {
+                let Some(std::cmp::Reverse(v)) = rest.pop() else {
                     break;
-                }
+                };
                 freed += v.3;
                 gone.insert(v.2);
             }
