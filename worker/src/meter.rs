@@ -365,3 +365,48 @@ impl Meter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    /// Past `MAX_SOURCES` sources since the last report, the rest are
+    /// counted together under 0.0.0.0 (the allocator's `other`): the report
+    /// keeps within what the allocator reads, and nothing is lost.
+    #[test]
+    fn a_report_counts_sources_past_the_cut_together() {
+        let m = Meter::default();
+        let n = MAX_SOURCES + 500;
+        let ip = |k: usize| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + k as u32));
+        for k in 0..n {
+            m.response(ip(k), || "a.test:80", 200, Duration::from_millis(1));
+            m.bytes(ip(k), 10, 100);
+        }
+        // A source already counted apart stays apart past the cut.
+        m.response(ip(0), || "a.test:80", 503, Duration::from_millis(1));
+        let (r, _) = m.take(0);
+        assert_eq!(r.requests, n as u64 + 1);
+        assert_eq!(r.by_source.len(), rotor_protocol::MAX_REPORTED_SOURCES);
+        let other = r
+            .by_source
+            .iter()
+            .find(|s| s.ip == IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+            .expect("the rest together");
+        assert_eq!(other.responses[1], 500);
+        assert_eq!((other.bytes_to, other.bytes_from), (5_000, 50_000));
+        let first = r.by_source.iter().find(|s| s.ip == ip(0)).unwrap();
+        assert_eq!((first.responses[1], first.responses[4]), (1, 1));
+        let all: u64 = r
+            .by_source
+            .iter()
+            .map(|s| s.responses.iter().sum::<u64>())
+            .sum();
+        assert_eq!(all, n as u64 + 1);
+        // The next report starts over: sources apart again.
+        m.response(ip(n + 1), || "a.test:80", 200, Duration::from_millis(1));
+        let (r, _) = m.take(0);
+        assert_eq!(r.by_source.len(), 1);
+        assert_eq!(r.by_source[0].ip, ip(n + 1));
+    }
+}
