@@ -8,10 +8,14 @@
 //!   (`X-aws-ec2-metadata-token-ttl-seconds`), sent as
 //!   `X-aws-ec2-metadata-token` with every read, renewed a minute before it
 //!   expires and at once on a 401. `…/network/interfaces/macs/` lists the
-//!   MACs; `…/macs/MAC/local-ipv4s` and `…/ipv6s` their addresses.
-//! - GCP: `Metadata-Flavor: Google`; `…/instance/network-interfaces/`
-//!   lists the interfaces; each one's `mac`, `ip` and `ip-aliases/`
-//!   (CIDRs), and `ipv6s` where it has them.
+//!   MACs; `…/macs/MAC/local-ipv4s` and `…/ipv6s` their addresses,
+//!   `…/ipv4-prefix` and `…/ipv6-prefix` the prefixes delegated to the
+//!   interface (prefix delegation: /28s, /80s).
+//! - GCP: `Metadata-Flavor: Google`; one JSON document,
+//!   `…/instance/network-interfaces/?recursive=true&alt=json`: each
+//!   interface's `mac`, `ip`, `ipAliases` (CIDRs) and `ipv6s`. (Not the
+//!   lists one by one: a list's directory, `ip-aliases/`, answers its
+//!   indices, `0`, `1`…, not its values.)
 //! - Azure: `Metadata: true`; `/metadata/instance/network?api-version=…`,
 //!   one JSON document, MACs written without separators.
 //!
@@ -370,7 +374,7 @@ impl Metadata {
                 continue;
             }
             let mut addrs = Vec::new();
-            for list in ["local-ipv4s", "ipv6s"] {
+            for list in ["local-ipv4s", "ipv6s", "ipv4-prefix", "ipv6-prefix"] {
                 let path = format!("{base}{mac_text}/{list}");
                 if let Some(body) = self.aws_get(&path)? {
                     addrs.extend(self.specs(&body, &path, &mut room)?);
@@ -384,24 +388,22 @@ impl Metadata {
     fn gcp(&self) -> Result<Interfaces, MetadataError> {
         // One bound for every list of every interface, as for a pool file.
         let mut room = MAX_READ_ENTRIES;
-        let h = [("Metadata-Flavor", "Google")];
-        let base = "/computeMetadata/v1/instance/network-interfaces/";
-        let list = self.get(base, &h)?.ok_or_else(|| self.missing(base))?;
+        let path = "/computeMetadata/v1/instance/network-interfaces/?recursive=true&alt=json";
+        let doc = self.json(path, &[("Metadata-Flavor", "Google")])?;
+        let listed = self.listed(doc.as_array(), path)?;
         let mut out = Vec::new();
-        for item in self.interfaces(lines(&list).collect(), base)? {
-            let i = item.trim_end_matches('/');
-            let mac_path = format!("{base}{i}/mac");
-            let mac_text = self.get(&mac_path, &h)?.unwrap_or_default();
-            let mac = self.mac(mac_text.trim(), &mac_path)?;
+        for iface in self.interfaces(listed.iter().collect(), path)? {
+            let mac = self.mac(iface["mac"].as_str().unwrap_or(""), path)?;
             if !self.wanted(&mac) {
                 continue;
             }
             let mut addrs = Vec::new();
-            for list in ["ip", "ip-aliases/", "ipv6s"] {
-                let path = format!("{base}{i}/{list}");
-                if let Some(body) = self.get(&path, &h)? {
-                    addrs.extend(self.specs(&body, &path, &mut room)?);
-                }
+            let ip = iface["ip"].as_str().filter(|s| !s.is_empty());
+            let lists = ["ipAliases", "ipv6s"]
+                .into_iter()
+                .flat_map(|k| iface[k].as_array().into_iter().flatten());
+            for spec in ip.into_iter().chain(lists.filter_map(|v| v.as_str())) {
+                addrs.extend(self.specs(spec, path, &mut room)?);
             }
             out.push((mac, addrs));
         }
@@ -412,24 +414,9 @@ impl Metadata {
         // One bound for every list of every interface, as for a pool file.
         let mut room = MAX_READ_ENTRIES;
         let path = "/metadata/instance/network?api-version=2021-02-01";
-        let body = self
-            .get(path, &[("Metadata", "true")])?
-            .ok_or_else(|| self.missing(path))?;
-        let url = || format!("{}{path}", self.endpoint);
-        let doc: serde_json::Value =
-            serde_json::from_str(&body).map_err(|e| MetadataError::Invalid {
-                url: url(),
-                what: format!("not the JSON expected: {e}"),
-            })?;
+        let doc = self.json(path, &[("Metadata", "true")])?;
+        let listed = self.listed(doc["interface"].as_array(), path)?;
         let mut out = Vec::new();
-        // No `interface` list is not an instance without interfaces: a
-        // garbled answer, which keeps the last good addresses.
-        let Some(listed) = doc["interface"].as_array() else {
-            return Err(MetadataError::Invalid {
-                url: url(),
-                what: "no `interface` list".into(),
-            });
-        };
         for iface in self.interfaces(listed.iter().collect(), path)? {
             let mac = self.mac(iface["macAddress"].as_str().unwrap_or(""), path)?;
             // As on the others: another interface's fault is none of this
@@ -448,6 +435,32 @@ impl Metadata {
             out.push((mac, addrs));
         }
         Ok(out)
+    }
+
+    /// The JSON document at `path`, which must be there.
+    fn json(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<serde_json::Value, MetadataError> {
+        let body = self.get(path, headers)?.ok_or_else(|| self.missing(path))?;
+        serde_json::from_str(&body).map_err(|e| MetadataError::Invalid {
+            url: format!("{}{path}", self.endpoint),
+            what: format!("not the JSON expected: {e}"),
+        })
+    }
+
+    /// A document's list of interfaces. None is not an instance without
+    /// interfaces: a garbled answer, which keeps the last good addresses.
+    fn listed<'a>(
+        &self,
+        list: Option<&'a Vec<serde_json::Value>>,
+        path: &str,
+    ) -> Result<&'a Vec<serde_json::Value>, MetadataError> {
+        list.ok_or_else(|| MetadataError::Invalid {
+            url: format!("{}{path}", self.endpoint),
+            what: "no list of interfaces".into(),
+        })
     }
 
     /// Whether the interface with `mac` is read (`--metadata-mac`, or every
@@ -517,23 +530,26 @@ mod tests {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::Arc;
 
-    /// A GCP metadata service with one interface (`MAC1`) whose lists
-    /// (`ip`, `ip-aliases/`, `ipv6s`) `list` answers by name; `None`: 404.
-    fn fake_gcp<F>(list: F) -> String
-    where
-        F: Fn(&str) -> Option<String> + Send + 'static,
-    {
-        fake(move |_, path, _| {
-            let base = "/computeMetadata/v1/instance/network-interfaces/";
-            match path.strip_prefix(base).unwrap_or("") {
-                "" => (200, "0/\n".into()),
-                "0/mac" => (200, MAC1.into()),
-                p => match p.strip_prefix("0/").and_then(&list) {
-                    Some(body) => (200, body),
-                    None => (404, String::new()),
-                },
-            }
-        })
+    /// Where a GCP metadata service answers the interfaces as one JSON
+    /// document.
+    const GCP_PATH: &str =
+        "/computeMetadata/v1/instance/network-interfaces/?recursive=true&alt=json";
+
+    /// A GCP metadata service whose document of interfaces is `doc` (with
+    /// `Metadata-Flavor: Google`; else 403).
+    fn fake_gcp(doc: String) -> String {
+        fake(
+            move |_, path, h| match (path, header(h, "metadata-flavor")) {
+                (GCP_PATH, Some("Google")) => (200, doc.clone()),
+                (GCP_PATH, _) => (403, String::new()),
+                _ => (404, String::new()),
+            },
+        )
+    }
+
+    /// A document of one interface, `MAC1`, with these JSON `fields`.
+    fn gcp_one(fields: &str) -> String {
+        format!(r#"[{{"mac":"{MAC1}",{fields}}}]"#)
     }
 
     /// A metadata service on loopback: `answer(method, path, headers)`
@@ -623,13 +639,28 @@ mod tests {
                 }
                 Some(p) if p == format!("{MAC1}/ipv6s") => (200, "2001:db8::5".into()),
                 Some(p) if p == format!("{MAC2}/local-ipv4s") => (200, "127.0.0.9".into()),
+                // Prefix delegation: a /28 (here a /30) and a /80.
+                Some(p) if p == format!("{MAC2}/ipv4-prefix") => (200, "127.0.2.0/30".into()),
+                Some(p) if p == format!("{MAC2}/ipv6-prefix") => {
+                    (200, "2001:db8:1:2:3::/80".into())
+                }
                 _ => (404, String::new()),
             }
         });
         let m = Metadata::new(Provider::Aws, Some(&url), vec![]);
         assert_eq!(
             strings(m.read().unwrap()),
-            ["127.0.0.2", "127.0.0.3", "2001:db8::5", "127.0.0.9"]
+            [
+                "127.0.0.2",
+                "127.0.0.3",
+                "2001:db8::5",
+                "127.0.0.9",
+                "127.0.2.0",
+                "127.0.2.1",
+                "127.0.2.2",
+                "127.0.2.3",
+                "2001:db8:1:2:3::/80"
+            ]
         );
         assert_eq!(issued.load(Ordering::SeqCst), 1, "one token for all reads");
         m.read().unwrap();
@@ -638,28 +669,25 @@ mod tests {
         valid.store(99, Ordering::SeqCst);
         let only = Metadata::new(Provider::Aws, Some(&url), vec![parse_mac(MAC2).unwrap()]);
         *only.token.lock().unwrap() = Some(("token-1".into(), Instant::now() + TOKEN_TTL));
-        assert_eq!(strings(only.read().unwrap()), ["127.0.0.9"]);
+        assert_eq!(strings(only.read().unwrap())[0], "127.0.0.9");
         assert_eq!(issued.load(Ordering::SeqCst), 2);
         let missing = Metadata::new(Provider::Aws, Some(&url), vec![[2, 0, 0, 0, 0, 9]]);
         let err = missing.read().unwrap_err();
         assert!(err.to_string().contains("02:00:00:00:00:09"), "{err}");
     }
 
+    /// GCP's document as the service writes it (`ipAliases` are CIDRs;
+    /// `forwardedIps`, a load balancer's, are not this host's to send
+    /// from): every interface, or the one asked for.
     #[test]
     fn gcp_interfaces_with_aliases() {
-        let url = fake(|_, path, h| {
-            if header(h, "metadata-flavor") != Some("Google") {
-                return (403, String::new());
-            }
-            let base = "/computeMetadata/v1/instance/network-interfaces/";
-            match path.strip_prefix(base).unwrap_or("") {
-                "" => (200, "0/\n".into()),
-                "0/mac" => (200, MAC1.into()),
-                "0/ip" => (200, "127.0.0.2".into()),
-                "0/ip-aliases/" => (200, "127.0.1.0/30\n".into()),
-                _ => (404, String::new()),
-            }
-        });
+        let doc = format!(
+            r#"[{{"accessConfigs":[{{"externalIp":"203.0.113.1","type":"ONE_TO_ONE_NAT"}}],
+                "forwardedIps":["203.0.113.9"],"ip":"127.0.0.2","ipAliases":["127.0.1.0/30"],
+                "ipv6s":["2001:db8::7"],"mac":"{MAC1}","mtu":1460,"network":"projects/1/networks/default"}},
+               {{"ip":"127.0.0.9","ipAliases":[],"mac":"{MAC2}"}}]"#
+        );
+        let url = fake_gcp(doc);
         let m = Metadata::new(Provider::Gcp, Some(&url), vec![]);
         assert_eq!(
             strings(m.read().unwrap()),
@@ -668,9 +696,19 @@ mod tests {
                 "127.0.1.0",
                 "127.0.1.1",
                 "127.0.1.2",
-                "127.0.1.3"
+                "127.0.1.3",
+                "2001:db8::7",
+                "127.0.0.9"
             ]
         );
+        let only = Metadata::new(Provider::Gcp, Some(&url), vec![parse_mac(MAC2).unwrap()]);
+        assert_eq!(strings(only.read().unwrap()), ["127.0.0.9"]);
+        // Without the header the service refuses (403): an error.
+        let bare = fake(|_, _, _| (403, String::new()));
+        let err = Metadata::new(Provider::Gcp, Some(&bare), vec![])
+            .read()
+            .unwrap_err();
+        assert!(err.to_string().contains("403"), "{err}");
     }
 
     /// Interfaces that list no address (404s, empty lists) are a glitch:
@@ -678,7 +716,7 @@ mod tests {
     /// And one bound holds for every list together.
     #[test]
     fn no_address_listed_is_an_error_and_the_bound_covers_every_list() {
-        let url = fake_gcp(|list| (list == "ip").then(String::new));
+        let url = fake_gcp(gcp_one(r#""ip":"""#));
         let err = Metadata::new(Provider::Gcp, Some(&url), vec![])
             .read()
             .unwrap_err();
@@ -691,12 +729,11 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("no address listed"), "{err}");
         // Two lists of 40 /16s each: 2.6 M entries apiece, 5.2 M together.
-        let sixteens: String = (0..40).map(|i| format!("10.{i}.0.0/16\n")).collect();
-        let url = fake_gcp(move |list| match list {
-            "ip" => Some("127.0.0.2".into()),
-            "ip-aliases/" | "ipv6s" => Some(sixteens.clone()),
-            _ => None,
-        });
+        let sixteens: Vec<String> = (0..40).map(|i| format!("10.{i}.0.0/16")).collect();
+        let sixteens = serde_json::to_string(&sixteens).unwrap();
+        let url = fake_gcp(gcp_one(&format!(
+            r#""ip":"127.0.0.2","ipAliases":{sixteens},"ipv6s":{sixteens}"#
+        )));
         match Metadata::new(Provider::Gcp, Some(&url), vec![]).read() {
             Err(err) => assert!(matches!(err, MetadataError::Spec { .. }), "{err}"),
             Ok(read) => panic!("{} entries read", read.len()),
@@ -772,15 +809,21 @@ mod tests {
             assert!(matches!(err, MetadataError::Invalid { .. }), "{doc}: {err}");
         }
         // An empty listing of interfaces, and one of thousands.
-        for listing in [
-            String::new(),
-            (0..5000).map(|i| format!("{i}/\n")).collect(),
-        ] {
-            let url = fake(move |_, _, _| (200, listing.clone()));
+        for listing in ["[]".to_string(), format!("[{}{{}}]", "{},".repeat(4999))] {
+            let url = fake_gcp(listing);
             let err = Metadata::new(Provider::Gcp, Some(&url), vec![])
                 .read()
                 .unwrap_err();
             assert!(err.to_string().contains("interfaces listed"), "{err}");
+        }
+        // A document that is no list of interfaces, and one whose
+        // interface has no MAC.
+        for doc in ["{}".to_string(), r#"[{"ip":"127.0.0.2"}]"#.to_string()] {
+            let url = fake_gcp(doc.clone());
+            let err = Metadata::new(Provider::Gcp, Some(&url), vec![])
+                .read()
+                .unwrap_err();
+            assert!(matches!(err, MetadataError::Invalid { .. }), "{doc}: {err}");
         }
     }
 
@@ -789,15 +832,19 @@ mod tests {
     #[test]
     fn a_read_is_bounded_as_a_whole() {
         let url = fake(|_, path, _| {
-            let base = "/computeMetadata/v1/instance/network-interfaces/";
-            match path.strip_prefix(base).unwrap_or("") {
-                "" => (200, "0/\n1/\n2/\n3/\n4/\n".into()),
-                p if p.ends_with("/mac") => (200, format!("SLOWISH {MAC1}")),
+            let base = "/latest/meta-data/network/interfaces/macs/";
+            match path.strip_prefix(base) {
+                _ if path == "/latest/api/token" => (200, "t".into()),
+                Some("") => (
+                    200,
+                    (1..=5).map(|i| format!("02:fc:00:00:00:0{i}/\n")).collect(),
+                ),
+                Some(p) if p.ends_with("/local-ipv4s") => (200, "SLOWISH 127.0.0.2".into()),
                 _ => (404, String::new()),
             }
         });
         let started = Instant::now();
-        let err = Metadata::new(Provider::Gcp, Some(&url), vec![])
+        let err = Metadata::new(Provider::Aws, Some(&url), vec![])
             .read()
             .unwrap_err();
         assert!(err.to_string().contains("took longer"), "{err}");
@@ -847,13 +894,9 @@ mod tests {
     /// last line could read as another address).
     #[test]
     fn an_answer_past_the_limit_is_an_error() {
-        let url = fake_gcp(|list| {
-            (list == "ip-aliases/").then(|| {
-                let mut list = "127.0.0.2\n".repeat((BODY_MAX as usize) / 10);
-                list.push_str("127.0.0.123\n");
-                list
-            })
-        });
+        let aliases = vec!["127.0.0.2"; (BODY_MAX as usize) / 12];
+        let aliases = serde_json::to_string(&aliases).unwrap();
+        let url = fake_gcp(gcp_one(&format!(r#""ipAliases":{aliases}"#)));
         let err = Metadata::new(Provider::Gcp, Some(&url), vec![])
             .read()
             .unwrap_err();
