@@ -1390,15 +1390,34 @@ impl Allocator {
             return held;
         };
         let now = Instant::now();
-        if release {
-            inner.reach.forget(&e);
-            if inner.quarantine.remove(&e).is_some() {
-                tracing::info!(entry = %e, "pool address put back into the rotation by hand");
+        // Every listed entry holding it (as the sources list them: the
+        // pool leaves out those another holds): an entry inside another
+        // (an interface's address inside a listed /64) is out of the
+        // rotation only while the larger one serves, and would serve alone
+        // — the very address asked out — once that one is out.
+        let mut holding: Vec<Segment> = inner
+            .sources
+            .iter()
+            .flat_map(|s| s.last_good.iter())
+            .filter(|x| x.contains(ip))
+            .copied()
+            .collect();
+        holding.sort_unstable_by_key(|x| (x.base(), x.prefix_len()));
+        holding.dedup();
+        if !holding.contains(&e) {
+            holding.push(e);
+        }
+        for e in holding {
+            if release {
+                inner.reach.forget(&e);
+                if inner.quarantine.remove(&e).is_some() {
+                    tracing::info!(entry = %e, "pool address put back into the rotation by hand");
+                }
+            } else {
+                let q = Quarantine::by_hand(for_, now, false);
+                tracing::warn!(entry = %e, reason = %q.reason, "pool address out of the rotation");
+                inner.quarantine.insert(e, q);
             }
-        } else {
-            let q = Quarantine::by_hand(for_, now, false);
-            tracing::warn!(entry = %e, reason = %q.reason, "pool address out of the rotation");
-            inner.quarantine.insert(e, q);
         }
         inner.publish_quarantine();
         self.retry_waiters(&mut inner);
@@ -3028,6 +3047,46 @@ mod tests {
         a.apply_refresh(vec![Ok(vec![])], &ok());
         a.apply_refresh(vec![Ok(three())], &ok());
         assert_eq!(next(&a), "10.0.0.2");
+    }
+
+    /// An address taken out by hand whose entry holds another listed
+    /// entry (an interface's address inside a listed /31 here): both go
+    /// out, so the inner one does not serve alone — the very address asked
+    /// out — until both are released.
+    #[test]
+    fn a_hand_quarantine_takes_out_every_entry_holding_the_address() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let outer = Segment::prefix(ip("10.0.0.2"), 31).unwrap();
+        let inner = Segment::single(ip("10.0.0.3"));
+        let list = vec![Segment::single(ip("10.0.0.1")), outer, inner];
+        let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
+        a.apply_refresh(vec![Ok(list.clone())], &ok());
+        let leased = |a: &Allocator| -> Vec<String> {
+            let mut v: Vec<String> = (0..6)
+                .map(|_| match a.lease(1, Families::ANY) {
+                    Response::Leased(l) => l.ip.to_string(),
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        assert_eq!(a.steer(ip("10.0.0.3"), false, None), Some(outer));
+        assert_eq!(leased(&a), ["10.0.0.1"]);
+        a.apply_refresh(vec![Ok(list.clone())], &ok());
+        assert_eq!(leased(&a), ["10.0.0.1"], "still out after a refresh");
+        // Released by the address: every entry holding it back.
+        let released = a.steer(ip("10.0.0.3"), true, None).unwrap();
+        assert!(released == outer || released == inner, "{released}");
+        assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        // Taken out alone: it is not what serves it (the outer one is).
+        assert_eq!(
+            a.steer(ip("10.0.0.1"), false, None),
+            Some(Segment::single(ip("10.0.0.1")))
+        );
+        assert_eq!(leased(&a), ["10.0.0.2", "10.0.0.3"]);
     }
 
     #[test]
