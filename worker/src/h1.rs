@@ -1211,9 +1211,15 @@ impl ResponseBody {
                             return Ok(None);
                         };
                         buf.advance(end + 2);
+                        // Counted over whole lines too: a destination whose
+                        // every read ends a line is held to the bound.
+                        let seen = seen as usize + end + 2;
                         match end {
                             0 => self.decoder = Decoder::Done,
-                            _ => *state = Chunked::Trailers(seen + end as u32 + 2, 0),
+                            _ if seen > MAX_TRAILERS => {
+                                return Err(Error::Malformed("trailer section too long"));
+                            }
+                            _ => *state = Chunked::Trailers(seen as u32, 0),
                         }
                     }
                 },
@@ -1664,6 +1670,25 @@ mod tests {
             assert_eq!(all(&mut body).await.unwrap(), b"hello, world");
             assert!(body.take_conn().is_some(), "reusable after the last chunk");
         }
+    }
+
+    /// A trailer section past `MAX_TRAILERS` is refused also when every
+    /// read holds whole lines (it was counted only over a partial line).
+    #[tokio::test]
+    async fn a_trailer_section_past_the_bound_is_refused() {
+        let mut reply =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n".to_vec();
+        for i in 0..(MAX_TRAILERS / 100 + 1) {
+            reply.extend_from_slice(format!("X-T{i:05}: {}\r\n", "t".repeat(89)).as_bytes());
+        }
+        reply.extend_from_slice(b"\r\n");
+        let reply: &'static [u8] = Box::leak(reply.into_boxed_slice());
+        let (conn, _origin) = origin(vec![(reply, 1, false)]).await;
+        let (_, mut body) = send(conn, &get(Method::GET)).await.unwrap();
+        assert!(
+            matches!(all(&mut body).await, Err(Error::Malformed(m)) if m.contains("trailer")),
+            "refused"
+        );
     }
 
     #[tokio::test]
