@@ -478,11 +478,20 @@ pub(crate) fn list_interfaces() -> Result<Vec<IfAddr>, SourceError> {
 
 fn interface_addrs(sel: &InterfaceSelector) -> Result<Vec<IpAddr>, SourceError> {
     let all = list_interfaces()?;
+    // An IPv4 address added with a label (`eth0:1`, as ifupdown's aliases
+    // and keepalived add failover addresses) is listed under the label:
+    // it is the interface's all the same (a name holds no `:`). A label
+    // asked for by name is that label's alone.
+    let of = |listed: &str, name: &str| match name.contains(':') {
+        true => listed == name,
+        false => listed.split(':').next() == Some(name),
+    };
     let names: Vec<&str> = match sel {
         InterfaceSelector::Name(n) => all
             .iter()
-            .filter(|a| &a.name == n)
-            .map(|a| a.name.as_str())
+            .filter(|a| of(&a.name, n))
+            .map(|_| n.as_str())
+            .take(1)
             .collect(),
         InterfaceSelector::Mac(m) => all
             .iter()
@@ -499,7 +508,7 @@ fn interface_addrs(sel: &InterfaceSelector) -> Result<Vec<IpAddr>, SourceError> 
     }
     let addrs: Vec<IpAddr> = all
         .iter()
-        .filter(|a| names.contains(&a.name.as_str()))
+        .filter(|a| names.iter().any(|n| of(&a.name, n)))
         .filter_map(|a| a.ip)
         .filter(bindable)
         .filter(|ip| !matches!(ip, IpAddr::V4(v4) if v4.is_link_local()))

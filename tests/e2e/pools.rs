@@ -979,6 +979,7 @@ fn the_default_pool_leaves_out_a_bridge_without_a_route_out() {
             "link set up9 up",
             "addr add 10.1.0.2/24 dev up9",
             "addr add 10.1.0.3/24 dev up9",
+            "addr add 10.1.0.4/24 dev up9 label up9:1",
             "route add default via 10.1.0.1 dev up9",
             "-6 addr add fd00:5::2/64 dev up9 nodad",
             "-6 route add default via fd00:5::1 dev up9",
@@ -1004,18 +1005,56 @@ fn the_default_pool_leaves_out_a_bridge_without_a_route_out() {
                 [
                     "10.1.0.2",
                     "10.1.0.3",
+                    "10.1.0.4",
                     "198.51.100.7",
                     "198.51.100.8",
                     "fd00:5::2"
                 ],
                 "{status}"
             );
+            // An interface named, or its MAC: its addresses under a label
+            // (`up9:1`, as ifupdown's aliases) too; a label named: its own.
+            // (Not /sys/class/net: sysfs shows the namespace it was
+            // mounted in.)
+            let link = std::process::Command::new("ip")
+                .args(["-o", "link", "show", "up9"])
+                .output()
+                .unwrap();
+            let link = String::from_utf8_lossy(&link.stdout).into_owned();
+            let mac = link
+                .split_whitespace()
+                .skip_while(|w| *w != "link/ether")
+                .nth(1)
+                .unwrap_or_else(|| panic!("{link}"))
+                .to_string();
+            for (sel, want) in [
+                (
+                    "up9",
+                    &["10.1.0.2", "10.1.0.3", "10.1.0.4", "fd00:5::2"][..],
+                ),
+                (
+                    mac.trim(),
+                    &["10.1.0.2", "10.1.0.3", "10.1.0.4", "fd00:5::2"],
+                ),
+                ("up9:1", &["10.1.0.4"]),
+                ("lo", &["198.51.100.7", "198.51.100.8"]),
+            ] {
+                let one = Allocator::start(&["--interface", sel]).await;
+                let mut pool: Vec<String> = status_json(&one.socket)["pool"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["ip"].as_str().unwrap().to_string())
+                    .collect();
+                pool.sort();
+                assert_eq!(pool, want, "--interface {sel}");
+            }
             // With no default route at all, no address reaches the
             // internet, and every one is kept (for local destinations).
             run_ok("ip", &["route", "del", "default"], "ip");
             run_ok("ip", &["-6", "route", "del", "default"], "ip");
             let out = rotor_control("reload", &alloc.socket, &[]);
-            assert!(out.contains("7 addresses"), "{out}");
+            assert!(out.contains("8 addresses"), "{out}");
         },
     );
 }
