@@ -1,9 +1,16 @@
 //! This host's local routes: the prefixes the kernel delivers to the host
 //! itself — every interface address, and prefixes routed to it (`ip route
 //! add local PREFIX dev lo`, the "AnyIP" set-up), which no interface lists.
-//! IPv4's from `/proc/net/fib_trie` (entries of type `LOCAL`), IPv6's from
-//! `/proc/net/ipv6_route` (the `RTF_LOCAL` flag), every table of this
-//! network namespace.
+//! IPv4's from `/proc/net/fib_trie` (entries of type `LOCAL` in the main
+//! and local tables), IPv6's from `/proc/net/ipv6_route` (the `RTF_LOCAL`
+//! flag; the file does not say which table).
+//!
+//! A catch-all local route (`local 0.0.0.0/0`, `local ::/0`) is never
+//! taken, nor is an IPv4 table of its own (`Id 100:`): that is a
+//! transparent proxy's policy routing (TPROXY: `ip rule add fwmark 1
+//! lookup 100; ip route add local 0.0.0.0/0 dev lo table 100`, as
+//! Cilium, Istio and Clash set up), which only marked packets see;
+//! taken, every destination was this host's own, and refused.
 //!
 //! The routing table is the answer to "is this address this host's?":
 //! a test bind is not. An IPv6 address of a local route does not bind
@@ -102,7 +109,7 @@ fn parse_ipv6_route(table: &str) -> PrefixSet {
             let dest = u128::from_str_radix(f.first()?, 16).ok()?;
             let len = u8::from_str_radix(f.get(1)?, 16).ok()?;
             let flags = u32::from_str_radix(f.get(8)?, 16).ok()?;
-            (flags & RTF_LOCAL != 0).then_some(())?;
+            (flags & RTF_LOCAL != 0 && len > 0).then_some(())?;
             Segment::prefix(IpAddr::V6(Ipv6Addr::from(dest)), len)
         })();
         if let Some(p) = parsed {
@@ -117,13 +124,25 @@ fn parse_ipv6_route(table: &str) -> PrefixSet {
 fn parse_fib_trie(trie: &str) -> PrefixSet {
     let mut prefixes = PrefixSet::default();
     let mut leaf: Option<Ipv4Addr> = None;
+    // Whether the table being read counts (a header at the line's start:
+    // `Main:`, `Local:`, `Id 100:`).
+    let mut counted = true;
     for line in trie.lines() {
+        if !line.starts_with(' ') {
+            counted = matches!(line.trim_end(), "Main:" | "Local:");
+            leaf = None;
+            continue;
+        }
+        if !counted {
+            continue;
+        }
         let line = line.trim_start();
         if let Some(addr) = line.strip_prefix("|-- ") {
             leaf = addr.trim().parse().ok();
         } else if let Some(route) = line.strip_prefix('/') {
             let mut f = route.split_whitespace();
             let len = f.next().and_then(|l| l.parse::<u8>().ok());
+            let len = len.filter(|&l| l > 0);
             if let (Some(net), Some(len), Some("LOCAL")) = (leaf, len, f.nth(1)) {
                 if let Some(p) = Segment::prefix(IpAddr::V4(net), len) {
                     prefixes.insert(p);
@@ -235,6 +254,35 @@ Local:
         |-- 127.0.0.1
            /32 host LOCAL
 ";
+
+    /// A transparent proxy's policy routing (a catch-all local route in a
+    /// table of its own) makes no destination this host's.
+    #[test]
+    fn a_catch_all_local_route_is_not_taken() {
+        let trie = format!(
+            "{FIB_TRIE}Id 100:
+  +-- 0.0.0.0/0 3 0 5
+     |-- 0.0.0.0
+        /0 host LOCAL
+     |-- 203.0.113.0
+        /24 host LOCAL
+"
+        );
+        let six = "\
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 80000001       lo
+20010db8000500000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000003 00000000 80200001       lo
+";
+        let r = LocalRoutes {
+            v4: Some(parse_fib_trie(&trie)),
+            v6: Some(parse_ipv6_route(six)),
+        };
+        for not in ["8.8.8.8", "203.0.113.5", "2001:db8:9::1"] {
+            assert_eq!(r.holds(ip(not)), Some(false), "{not}");
+        }
+        for local in ["10.9.0.1", "127.0.0.1", "2001:db8:5::1"] {
+            assert_eq!(r.holds(ip(local)), Some(true), "{local}");
+        }
+    }
 
     #[test]
     fn fib_trie_local_entries_are_the_hosts_ipv4_prefixes() {
