@@ -46,29 +46,58 @@ const PEERS_SPARE: usize = 8;
 /// siblings did, not the file as edited since (a change half made took
 /// the allocator down for good, and a raised drain timeout was cut at
 /// the old one). A private file in the temporary directory, removed when
-/// `rotor up` ends.
-struct Snapshot(std::path::PathBuf);
+/// `rotor up` ends, and written again before a child's start if it is
+/// gone: the temporary directory's cleaning (systemd-tmpfiles ages /tmp
+/// out after 10 days) took it from a `rotor up` that had run that long,
+/// and no child that crashed after could start again.
+struct Snapshot {
+    path: std::path::PathBuf,
+    text: String,
+}
 
 impl Snapshot {
     fn write(text: &str) -> std::io::Result<Snapshot> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let path = std::env::temp_dir().join(format!("rotor-up-{}.toml", std::process::id()));
         // A file left by a killed rotor up of the same pid goes first.
         let _ = std::fs::remove_file(&path);
+        let s = Snapshot {
+            path,
+            text: text.to_string(),
+        };
+        s.create()?;
+        Ok(s)
+    }
+
+    fn create(&self) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
-            .open(&path)?;
-        f.write_all(text.as_bytes())?;
-        Ok(Snapshot(path))
+            .open(&self.path)?;
+        f.write_all(self.text.as_bytes())
+    }
+
+    /// Written again if it is gone (before a child's start).
+    fn ensure(&self) {
+        if std::fs::symlink_metadata(&self.path).is_ok() {
+            return;
+        }
+        match self.create() {
+            Ok(()) => {
+                warn!(file = %self.path.display(), "the copy of the configuration file for the children was gone (a cleaning of the temporary directory?); written again")
+            }
+            Err(e) => {
+                warn!(file = %self.path.display(), error = %e, "the copy of the configuration file for the children is gone, and cannot be written again")
+            }
+        }
     }
 }
 
 impl Drop for Snapshot {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -227,13 +256,13 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         }
     };
     let snapshot = match text.map(|(_, t)| Snapshot::write(&t)).transpose() {
-        Ok(s) => s,
+        Ok(s) => s.map(Arc::new),
         Err(e) => {
             error!("cannot keep a copy of the configuration file for the children: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let config = snapshot.as_ref().map(|s| s.0.as_path());
+    let config = snapshot.as_ref().map(|s| s.path.as_path());
     let mut alloc_args: Vec<OsString> = vec!["allocator".into()];
     alloc_args.extend(args.common.to_args(&socket, config));
     alloc_args.extend(args.allocator.to_args());
@@ -280,6 +309,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             cpus: None,
             first_backoff: FIRST_BACKOFF,
             steady: STEADY,
+            config: snapshot.clone(),
         },
         alloc_stop.clone(),
         signals.clone(),
@@ -327,6 +357,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
                 cpus: cpus.map(|c| cpu_set(&c)),
                 first_backoff: FIRST_BACKOFF,
                 steady: STEADY,
+                config: snapshot.clone(),
             },
             signals.shutdown.clone(),
             signals.clone(),
@@ -461,6 +492,8 @@ struct Slot {
     first_backoff: Duration,
     /// A run this long is no quick failure ([`STEADY`]).
     steady: Duration,
+    /// The configuration file's copy the child reads, if any.
+    config: Option<Arc<Snapshot>>,
 }
 
 /// The CPUs this process may run on, ascending.
@@ -482,6 +515,9 @@ fn cpu_set(cpus: &[usize]) -> CpuSet {
 
 impl Slot {
     fn spawn(&self) -> std::io::Result<Child> {
+        if let Some(c) = &self.config {
+            c.ensure();
+        }
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args).kill_on_drop(true);
         let fds: Vec<RawFd> = self.fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -809,6 +845,7 @@ mod tests {
             cpus: None,
             first_backoff: Duration::from_millis(1),
             steady: Duration::from_millis(300),
+            config: None,
         }
     }
 
@@ -818,6 +855,27 @@ mod tests {
             fast: CancellationToken::new(),
             reload: Arc::new(tokio::sync::watch::channel(0).0),
         }
+    }
+
+    /// The children's copy of the configuration file, removed under a
+    /// running `rotor up` (a cleaning of /tmp), is written again before
+    /// the next child's start, as it was; and removed when `rotor up` ends.
+    #[tokio::test]
+    async fn the_configuration_copy_is_written_again_if_gone() {
+        let text = "# rotor up's copy\nworkers = 2\n";
+        let snap = Arc::new(Snapshot::write(text).unwrap());
+        let path = snap.path.clone();
+        std::fs::remove_file(&path).unwrap();
+        let mut one = slot("worker 1", "/bin/true");
+        one.config = Some(snap.clone());
+        one.spawn().unwrap().wait().await.unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        drop(one);
+        drop(snap);
+        assert!(!path.exists());
     }
 
     /// A child that fails every start is given up on after
