@@ -291,7 +291,18 @@ pub async fn run(
     let alloc = Arc::new(alloc);
     // The pool is loaded before the first connection is accepted, so no
     // worker ever sees the empty pool of a starting allocator.
-    let outcome = refresh(&alloc).await;
+    // A stop meanwhile (a pool command may take its whole timeout) is
+    // not kept waiting for it: the command's group is ended as the
+    // allocator exits (else a supervisor's SIGKILL left it running), and
+    // the state files stay as the last run left them (nothing was served).
+    let outcome = tokio::select! {
+        _ = shutdown.cancelled() => {
+            info!("stopped while the pool was first read");
+            alloc.close_table();
+            return Ok(());
+        }
+        outcome = refresh(&alloc) => outcome,
+    };
     info!(
         pool = outcome.size,
         generation = outcome.generation,

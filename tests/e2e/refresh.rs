@@ -347,3 +347,57 @@ fn a_stop_does_not_wait_for_a_slow_refresh() {
     }
     assert!(gone(), "the pool command outlived the allocator");
 }
+
+/// A stop while the pool is first read (a pool command that takes its
+/// time) does not wait for the read: the allocator exits at once, cleanly,
+/// and ends the command. (It waited for the whole read, and a supervisor's
+/// SIGKILL after its grace left the command running.)
+#[test]
+fn a_stop_during_the_first_pool_read_ends_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("command.pid");
+    let socket = dir.path().join("allocator.sock");
+    let cmd = format!("echo $$ > {}; exec sleep 30", pid_file.display());
+    let mut alloc = Proc::spawn(
+        ALLOCATOR,
+        &[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--no-state",
+            "--pool-command",
+            &cmd,
+            "--pool-command-timeout",
+            "60s",
+        ],
+    );
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let pid = loop {
+        let read = std::fs::read_to_string(&pid_file).unwrap_or_default();
+        if let Ok(pid) = read.trim().parse::<i32>() {
+            break nix::unistd::Pid::from_raw(pid);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the command never ran"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let asked = std::time::Instant::now();
+    alloc.signal(Signal::SIGTERM);
+    let status = alloc.wait(PATIENCE);
+    assert!(status.success(), "{status:?}");
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    // The command's group ended with it.
+    let gone = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while nix::sys::signal::kill(pid, None).is_ok() {
+        assert!(
+            std::time::Instant::now() < gone,
+            "the pool command lives on"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
