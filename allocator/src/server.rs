@@ -573,10 +573,19 @@ async fn report_status(alloc: Arc<Allocator>, shutdown: CancellationToken) {
 /// Reads every source and checks that this host can use what they list.
 async fn refresh(alloc: &Arc<Allocator>) -> RefreshOutcome {
     let sources = alloc.sources();
+    let a = alloc.clone();
     let (reads, checks, misrouted) = tokio::task::spawn_blocking(move || {
         let reads = read_all(&sources);
-        let checks = check_all(reads.iter().flatten().flatten());
-        let misrouted = crate::usable::misrouted(reads.iter().flatten().flatten());
+        // A source that failed keeps its last good entries: checked as
+        // well (an interface deleted, `--interface` failing since, kept
+        // its addresses in the rotation until each failed a worker's bind).
+        let kept: Vec<Segment> = (0..reads.len())
+            .filter(|&i| reads[i].is_err())
+            .flat_map(|i| a.kept(i))
+            .collect();
+        let listed = || reads.iter().flatten().flatten().chain(&kept);
+        let checks = check_all(listed());
+        let misrouted = crate::usable::misrouted(listed());
         (reads, checks, misrouted)
     })
     .await

@@ -1116,6 +1116,16 @@ impl Allocator {
             .collect()
     }
 
+    /// The entries source `i` (of `sources()`) last read well: what a
+    /// failed read of it keeps.
+    pub fn kept(&self, i: usize) -> Vec<Segment> {
+        self.lock()
+            .sources
+            .get(i)
+            .map(|s| s.last_good.clone())
+            .unwrap_or_default()
+    }
+
     /// Applies one read of every source (in the order of `sources()`): a
     /// failed read keeps that source's last good addresses. `checks` says
     /// of the entries read whether this host can use them (`usable`):

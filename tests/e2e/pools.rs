@@ -1181,3 +1181,55 @@ fn an_interface_address_routed_out_of_another_is_warned_of() {
         },
     );
 }
+
+/// An interface that goes away: `--interface` fails from then on and keeps
+/// its last good addresses, and those are checked at each refresh like
+/// any other — out of the rotation, with why, not left to fail each
+/// worker's bind. (A failed source's entries were never checked again.)
+#[test]
+fn a_failed_sources_kept_addresses_are_still_checked() {
+    in_netns(
+        "a_failed_sources_kept_addresses_are_still_checked",
+        &[
+            "link add up7 type veth peer name peer7",
+            "link set peer7 up",
+            "link set up7 up",
+            "addr add 10.3.0.5/32 dev up7",
+            "addr add 10.3.0.6/32 dev lo",
+        ],
+        || async {
+            let alloc = Allocator::start(&[
+                "--interface",
+                "up7",
+                "--pool",
+                "10.3.0.6",
+                "--refresh",
+                "1h",
+            ])
+            .await;
+            let quarantined = |status: &serde_json::Value, ip: &str| {
+                status["pool"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|e| e["ip"] == ip)
+                    .unwrap_or_else(|| panic!("{ip} listed: {status}"))["quarantined"]
+                    .clone()
+            };
+            let status = status_json(&alloc.socket);
+            assert!(quarantined(&status, "10.3.0.5").is_null(), "{status}");
+            run_ok("ip", &["link", "del", "up7"], "ip");
+            // The reload names the failed source (exit 3); its status says
+            // the kept address is out, and why.
+            let out = std::process::Command::new(ROTOR)
+                .args(["reload", "--socket", alloc.socket.to_str().unwrap()])
+                .output()
+                .unwrap();
+            assert_eq!(out.status.code(), Some(3), "{out:?}");
+            let status = status_json(&alloc.socket);
+            let q = quarantined(&status, "10.3.0.5");
+            assert!(!q.is_null(), "{status}");
+            assert!(quarantined(&status, "10.3.0.6").is_null(), "{status}");
+        },
+    );
+}
