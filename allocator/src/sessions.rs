@@ -373,16 +373,7 @@ impl Sessions {
         if expires <= now {
             return Ok(1);
         }
-        if self.evicted_strict.len() >= self.max
-            && self.strict_first_end.is_some_and(|end| end <= now)
-        {
-            #[cfg(test)]
-            {
-                self.strict_passes += 1;
-            }
-            self.forget_ended_strict(now);
-        }
-        if self.evicted_strict.len() < self.max {
+        if self.can_remember_strict(now) {
             return Ok(1);
         }
         if !self.order[0].is_empty() {
@@ -461,25 +452,47 @@ impl Sessions {
         }
     }
 
+    /// Whether a live strict session pushed out now can be remembered
+    /// (the list of those has room, once those ended are forgotten).
+    fn can_remember_strict(&mut self, now: Instant) -> bool {
+        if self.evicted_strict.len() >= self.max
+            && self.strict_first_end.is_some_and(|end| end <= now)
+        {
+            #[cfg(test)]
+            {
+                self.strict_passes += 1;
+            }
+            self.forget_ended_strict(now);
+        }
+        self.evicted_strict.len() < self.max
+    }
+
     /// The session of new session `key`'s user that goes to make room
     /// for it, if the user holds its `max_per_user` already: its oldest,
-    /// at the front of its list (not a live strict one while the list of
-    /// those pushed out is full: then the table's own order decides).
-    /// Entries of sessions gone, met on the way, are dropped.
+    /// at the front of its list; if that is a live strict one that cannot
+    /// be remembered (the list of those pushed out full of live ones), the
+    /// user waits: `Blocked`, until about when room frees. Entries of
+    /// sessions gone, met on the way, are dropped.
     fn own_victim(&mut self, key: &str, now: Instant) -> Own {
+        let at_share = self
+            .users
+            .get(user_of(key))
+            .is_some_and(|list| list.live >= self.max_per_user);
+        if !at_share {
+            return Own::Under;
+        }
+        // (Before the list is borrowed: it may forget those ended.)
+        let remembers = self.can_remember_strict(now);
         let Some(list) = self.users.get_mut(user_of(key)) else {
             return Own::Under;
         };
-        if list.live < self.max_per_user {
-            return Own::Under;
-        }
         let q = &mut list.order;
         while let Some((created, k)) = q.front() {
             // (`current`, with the session it finds.)
             match self.map.get(k) {
                 Some(s) if s.created == *created => {
                     let pinned = s.strict && s.expires > now;
-                    if pinned && self.evicted_strict.len() >= self.max {
+                    if pinned && !remembers {
                         let freed = self
                             .strict_first_end
                             .map_or(s.expires, |e| e.min(s.expires));
@@ -1098,6 +1111,45 @@ mod tests {
         r.pin("a\0new", ip("10.0.0.5"), hour, false, t0);
         assert_eq!(r.users["a"].live, 2);
         assert_eq!(r.len(), 2);
+    }
+
+    /// A user at its share whose oldest is a live strict session, while
+    /// the list of those pushed out is full of ended ones: they are
+    /// forgotten and the oldest pushed out (remembered), not a 503 until
+    /// the next second's expiry.
+    #[test]
+    fn a_user_at_its_share_is_not_refused_for_ended_remembered_ones() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let hour = Duration::from_secs(3600);
+        let mut s = Sessions::per_user(4, 2);
+        s.pin("e\0a", ip("10.0.0.1"), hour, true, at(0));
+        s.pin("e\0b", ip("10.0.0.1"), hour, true, at(1));
+        // Another user's strict sessions, 5 s each, pushed out by its own
+        // newer ones until four are remembered.
+        for i in 0..6 {
+            let key = format!("f\0{i}");
+            assert_eq!(s.room(&key, at(2 + i)), Ok(()), "{key}");
+            s.pin(
+                &key,
+                ip("10.0.0.2"),
+                Duration::from_secs(5),
+                true,
+                at(2 + i),
+            );
+        }
+        assert_eq!(s.evicted_strict.len(), 4);
+        // Every remembered one has ended by 20 s (no expiry pass yet).
+        assert_eq!(s.room("e\0c", at(20)), Ok(()));
+        s.pin("e\0c", ip("10.0.0.3"), hour, true, at(20));
+        assert_eq!(
+            s.pinned("e\0a", Family::V4, at(20), |_| true),
+            Pinned::Evicted
+        );
+        assert_eq!(
+            s.pinned("e\0c", Family::V4, at(20), |_| true),
+            Pinned::Address(ip("10.0.0.3"))
+        );
     }
 
     /// A full table drops its ended sessions before it evicts a live one
