@@ -155,6 +155,34 @@ async fn a_name_that_does_not_exist_is_a_clear_502() {
     );
 }
 
+/// A DNS server that answers SERVFAIL (its upstream failed), or one that
+/// cannot be reached (nothing on its port): a 504 `dns_timeout`, as
+/// `--resolver system` answers the C library's temporary failure, which
+/// covers both; not a 502 saying the name cannot be resolved.
+#[tokio::test]
+async fn a_failing_dns_server_is_a_dns_timeout() {
+    let dns = Dns::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let server = dns.addr.to_string();
+    let worker = Worker::start(&alloc.socket, &["--dns-server", &server]).await;
+    let r = get(worker.addr, "http://servfail.rotor.test/").await;
+    assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        r.proxy_status().contains("dns_timeout"),
+        "{}",
+        r.proxy_status()
+    );
+    let closed = format!("127.0.0.1:{}", free_port());
+    let worker = Worker::start(&alloc.socket, &["--dns-server", &closed]).await;
+    let r = get(worker.addr, "http://nowhere.rotor.test/").await;
+    assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        r.proxy_status().contains("dns_timeout"),
+        "{}",
+        r.proxy_status()
+    );
+}
+
 /// `--resolver system` where no DNS server answers: the C library's
 /// temporary failure (`EAI_AGAIN`) is a 504 `dns_timeout`, as the DNS
 /// resolver's timeout is, not a 502 saying the name has no address. The

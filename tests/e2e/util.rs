@@ -861,7 +861,7 @@ pub fn pool_of(status: &serde_json::Value) -> Vec<IpAddr> {
 /// test sets (name → address and TTL), and counts the A queries per name.
 /// AAAA queries for a known name get no records (or, once `silent_aaaa`
 /// is set, no answer at all, as some middleboxes do); unknown names
-/// NXDOMAIN.
+/// NXDOMAIN; names under `servfail.` SERVFAIL.
 pub struct Dns {
     pub addr: SocketAddr,
     pub answers: Arc<Mutex<std::collections::HashMap<String, (std::net::Ipv4Addr, u32)>>>,
@@ -973,6 +973,7 @@ fn dns_answer(
         return None;
     }
     let name = labels.join(".");
+    let name_failing = name.starts_with("servfail.");
     let known = answers.lock().unwrap().get(&name).copied();
     let v6 = aaaa.lock().unwrap().get(&name).copied();
     let found: Option<(Vec<u8>, u32)> = match qtype {
@@ -987,7 +988,14 @@ fn dns_answer(
     let mut r = Vec::with_capacity(64);
     r.extend_from_slice(&q[0..2]); // id
     r.push(0x84 | (q[2] & 0x01)); // response, authoritative, recursion desired as asked
-    r.push(0x80 | if known.is_some() { 0 } else { 3 }); // recursion available; NXDOMAIN if unknown
+                                  // Recursion available; NXDOMAIN if unknown; SERVFAIL for a name
+                                  // under `servfail.` (a resolver whose upstream failed).
+    let rcode = match (name_failing, known.is_some()) {
+        (true, _) => 2,
+        (false, true) => 0,
+        (false, false) => 3,
+    };
+    r.push(0x80 | rcode);
     r.extend_from_slice(&1u16.to_be_bytes());
     r.extend_from_slice(&u16::from(found.is_some()).to_be_bytes());
     r.extend_from_slice(&[0, 0, 0, 0]);

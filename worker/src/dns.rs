@@ -428,14 +428,26 @@ async fn both_families(
 /// What a failed lookup tells the client: no records (502 `dns_error`,
 /// "no address"), the servers' silence (504 `dns_timeout`, as when rotor's
 /// own timer ends it: the resolver's timeouts and attempts, from
-/// resolv.conf, may end it first), or another failure (502).
+/// resolv.conf, may end it first), a server that failed (SERVFAIL) or
+/// could not be reached (504 `dns_timeout`, as `--resolver system` tells
+/// glibc's `EAI_AGAIN`, which covers both: the same failure is one answer
+/// whichever resolver asked), or another failure (502).
 fn dns_error(host: &str, e: hickory_resolver::net::NetError) -> ProxyError {
+    use hickory_resolver::net::{DnsError, NetError};
+    use hickory_resolver::proto::op::ResponseCode;
     let host = host.to_string();
     match e {
         e if e.is_no_records_found() => ProxyError::DnsEmpty { host },
-        hickory_resolver::net::NetError::Timeout => ProxyError::DnsTimeout {
+        NetError::Timeout => ProxyError::DnsTimeout {
             host,
             timeout: None,
+        },
+        e @ (NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail))
+        | NetError::Io(_)
+        | NetError::NoConnections
+        | NetError::Busy) => ProxyError::DnsAgain {
+            host,
+            source: io::Error::other(e),
         },
         e => ProxyError::Dns {
             host,
