@@ -240,9 +240,12 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
                 );
                 return ExitCode::from(2);
             }
+            // (An address not on this host, a port below 1024 without
+            // the right: refused before anything starts, as a worker's
+            // own bind is, exit 2.)
             Err(e) => {
                 error!("{}", rotor_protocol::error_chain(&e));
-                return ExitCode::FAILURE;
+                return ExitCode::from(2);
             }
         }
     }

@@ -248,6 +248,11 @@ async fn rotor_up_refuses_workers_past_max_peers_a_held_state_directory_and_a_ta
     );
     let (code, err) = run(&["--workers=10", "--max-peers=18", "--no-state", "--check"]);
     assert_eq!(code, Some(0), "{err}");
+    // An address not on this host: refused before anything starts, exit
+    // 2 as a worker's own bind (it was 1).
+    let (code, err) = run(&["--no-state", "--listen=192.0.2.77:8080"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("192.0.2.77"), "{err}");
 
     let held = std::sync::Arc::new(tempfile::tempdir().unwrap());
     let _alloc = Allocator::start_in(held.clone(), &["--pool", "127.0.0.2"]).await;
