@@ -597,7 +597,13 @@ async fn lookup(host: &str, port: u16, timeout: Duration) -> Result<Vec<SocketAd
     };
     let addrs: Vec<SocketAddr> = match crate::h1::within(timeout, lookup).await.ok_or(()) {
         Ok(Ok(a)) => a
-            .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+            // An IPv4-mapped answer is its IPv4 address; an IPv6 one
+            // keeps its scope (a link-local answer, mDNS's, connects only
+            // with it).
+            .map(|a| match a {
+                SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_none() => a,
+                a => SocketAddr::new(a.ip().to_canonical(), a.port()),
+            })
             .collect(),
         // The C library's temporary failure (`EAI_AGAIN`: no server
         // answered, or one answered SERVFAIL): a 504 `dns_timeout`, as the
@@ -642,6 +648,24 @@ fn is_eai_again(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An IPv6 answer of the C library keeps its scope (a link-local one
+    /// connects only with it); an IPv4-mapped one is its IPv4 address.
+    #[tokio::test]
+    async fn the_system_lookup_keeps_an_ipv6_scope() {
+        let lo = nix::net::if_::if_nametoindex("lo").unwrap();
+        let got = lookup("fe80::1%lo", 80, Duration::from_secs(5))
+            .await
+            .unwrap();
+        match got[..] {
+            [SocketAddr::V6(a)] => assert_eq!(a.scope_id(), lo, "{a}"),
+            _ => panic!("{got:?}"),
+        }
+        let got = lookup("::ffff:127.0.0.9", 80, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(got, [SocketAddr::from(([127, 0, 0, 9], 80))]);
+    }
 
     /// A name whose servers did not answer (getaddrinfo's `EAI_AGAIN`) is
     /// a DNS timeout; one that has no address is not.
