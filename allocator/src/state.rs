@@ -875,6 +875,8 @@ struct SourceState {
     /// The last successful read; kept when a later read fails.
     last_good: Vec<Segment>,
     error: Option<String>,
+    /// Whether a read of it has succeeded since the start.
+    read_once: bool,
 }
 
 struct Peer {
@@ -983,6 +985,7 @@ impl Allocator {
                         source,
                         last_good: Vec::new(),
                         error: None,
+                        read_once: false,
                     })
                     .collect(),
                 last_refresh: None,
@@ -1143,6 +1146,7 @@ impl Allocator {
                 Ok(addrs) => {
                     state.last_good = addrs;
                     state.error = None;
+                    state.read_once = true;
                 }
                 Err(e) => {
                     inner_source_errors += 1;
@@ -1639,6 +1643,12 @@ impl Allocator {
         // answer), not be pinned a second address. A strict session whose
         // address left fails only when it holds no other it may use.
         let (mut lost, mut moves) = (None, None);
+        // A session restored at a restart whose address is missing while a
+        // source has not been read yet (a metadata service down at the
+        // start) is served from the rotation for now, not moved for good:
+        // its address may be that source's.
+        let unread = inner.sources.iter().any(|s| !s.read_once);
+        let mut keep_pin = false;
         for family in Family::ALL {
             if !families.accepts_family(family) {
                 continue;
@@ -1669,6 +1679,7 @@ impl Allocator {
                     });
                 }
                 Pinned::Evicted => {}
+                Pinned::Gone(_) if unread => keep_pin = true,
                 Pinned::Gone(ip) => {
                     moves.get_or_insert(ip);
                 }
@@ -1706,9 +1717,11 @@ impl Allocator {
                 let answer = inner.lease_site_behind(peer, Families::only(family), site, now);
                 match &answer {
                     Response::Leased(lease) | Response::SiteLeased { lease, .. } => {
-                        inner.changes += 1;
-                        inner.sessions.pin(key, lease.ip, ttl, strict, now);
-                        moved(lease.ip);
+                        if !keep_pin {
+                            inner.changes += 1;
+                            inner.sessions.pin(key, lease.ip, ttl, strict, now);
+                            moved(lease.ip);
+                        }
                         return answer;
                     }
                     // A refusal for the site outranks another family's
@@ -1724,9 +1737,11 @@ impl Allocator {
                     // A session's first address of this family: a change
                     // for the next checkpoint (a session that only keeps
                     // its address changes nothing).
-                    inner.changes += 1;
-                    inner.sessions.pin(key, lease.ip, ttl, strict, now);
-                    moved(lease.ip);
+                    if !keep_pin {
+                        inner.changes += 1;
+                        inner.sessions.pin(key, lease.ip, ttl, strict, now);
+                        moved(lease.ip);
+                    }
                     return inner.answer(peer, Some(Ok(lease)));
                 }
                 other => last = Some(other),
@@ -2927,6 +2942,57 @@ mod tests {
         let cooling = report.sites[0].addrs[0].cooling_ms.expect("cooling");
         assert!(cooling > 590_000, "{cooling}");
         assert!(dir.path().join(SESSIONS_FILE_NAME).exists());
+    }
+
+    /// A session kept over a restart whose address is missing while a
+    /// source has not been read yet (down at the start) is served from the
+    /// rotation meanwhile, not moved for good: back on its address once
+    /// that source reads.
+    #[test]
+    fn a_restored_session_waits_for_every_source_before_it_moves() {
+        let dir = tempfile::tempdir().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let start = || {
+            let a = Allocator::new(vec![
+                Source::list("10.0.0.1").unwrap(),
+                Source::list("10.0.0.2").unwrap(),
+            ]);
+            a.keep_state_in(dir.path(), true);
+            a
+        };
+        let one = || vec![Segment::single(ip("10.0.0.1"))];
+        let two = || vec![Segment::single(ip("10.0.0.2"))];
+        let session = |a: &Allocator| match a.lease_session(
+            1,
+            Families::ANY,
+            "u\0s1",
+            Duration::from_secs(600),
+            false,
+            None,
+        ) {
+            Response::Leased(l) => l.ip,
+            other => panic!("{other:?}"),
+        };
+        let a = start();
+        a.apply_refresh(vec![Ok(one()), Ok(two())], &ok());
+        a.lease(1, Families::ANY);
+        assert_eq!(session(&a), ip("10.0.0.2"));
+        a.checkpoint().expect("a session began").write(false);
+        drop(a);
+        let b = start();
+        let down = SourceError::Read {
+            path: "/nonexistent".into(),
+            source: std::io::Error::other("down"),
+        };
+        b.apply_refresh(vec![Ok(one()), Err(down)], &ok());
+        assert_eq!(session(&b), ip("10.0.0.1"), "served meanwhile");
+        b.apply_refresh(vec![Ok(one()), Ok(two())], &ok());
+        assert_eq!(session(&b), ip("10.0.0.2"), "not moved");
+        // Once every source has read, an address gone is gone: it moves.
+        b.apply_refresh(vec![Ok(one()), Ok(vec![])], &ok());
+        assert_eq!(session(&b), ip("10.0.0.1"));
+        b.apply_refresh(vec![Ok(one()), Ok(two())], &ok());
+        assert_eq!(session(&b), ip("10.0.0.1"), "moved for good");
     }
 
     /// A sessions file with an item that does not read: the others come
