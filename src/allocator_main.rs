@@ -125,6 +125,7 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
             unreachable_quarantine: pool.unreachable_quarantine,
             checkpoint: pool.checkpoint,
             max_peers: pool.max_peers,
+            orphaned: signals.orphaned.clone(),
         };
         let result =
             rotor_allocator::run(listener, config, signals.reloads(), signals.shutdown).await;

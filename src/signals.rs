@@ -1,5 +1,6 @@
 //! Signals, handled in one place: SIGTERM drains, SIGINT stops fast (a
-//! second SIGTERM too), SIGHUP reloads.
+//! second SIGTERM too), SIGHUP reloads; SIGUSR2 is the allocator's
+//! parent-death signal under `rotor up` (its supervisor is gone).
 
 use std::sync::Arc;
 
@@ -16,6 +17,9 @@ pub struct Signals {
     pub fast: CancellationToken,
     /// SIGHUP, counted: every subscriber sees every reload.
     pub reload: Arc<watch::Sender<u64>>,
+    /// SIGUSR2: the `rotor up` that started this process is gone (killed
+    /// outright); its workers drain meanwhile.
+    pub orphaned: CancellationToken,
 }
 
 impl Signals {
@@ -39,8 +43,10 @@ impl Signals {
             shutdown: CancellationToken::new(),
             fast: CancellationToken::new(),
             reload: Arc::new(watch::channel(0).0),
+            orphaned: CancellationToken::new(),
         };
         let mut term = signal(SignalKind::terminate())?;
+        let mut usr2 = signal(SignalKind::user_defined2())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
         let me = s.clone();
@@ -75,6 +81,10 @@ impl Signals {
                     _ = hup.recv() => {
                         info!("SIGHUP: reloading");
                         me.reload.send_modify(|n| *n += 1);
+                    }
+                    _ = usr2.recv() => {
+                        info!("SIGUSR2: the rotor up that started this process is gone");
+                        me.orphaned.cancel();
                     }
                 }
             }

@@ -313,6 +313,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             first_backoff: FIRST_BACKOFF,
             steady: STEADY,
             config: snapshot.clone(),
+            death_signal: libc::SIGUSR2,
         },
         alloc_stop.clone(),
         signals.clone(),
@@ -361,6 +362,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
                 first_backoff: FIRST_BACKOFF,
                 steady: STEADY,
                 config: snapshot.clone(),
+                death_signal: libc::SIGTERM,
             },
             signals.shutdown.clone(),
             signals.clone(),
@@ -497,6 +499,10 @@ struct Slot {
     steady: Duration,
     /// The configuration file's copy the child reads, if any.
     config: Option<Arc<Snapshot>>,
+    /// What the child gets if `rotor up` dies (killed outright): SIGTERM
+    /// for a worker (it drains), SIGUSR2 for the allocator (it serves the
+    /// workers' drain, then stops).
+    death_signal: libc::c_int,
 }
 
 /// The CPUs this process may run on, ascending.
@@ -525,6 +531,7 @@ impl Slot {
         cmd.args(&self.args).kill_on_drop(true);
         let fds: Vec<RawFd> = self.fds.iter().map(|f| f.as_raw_fd()).collect();
         let cpus = self.cpus;
+        let death_signal = self.death_signal;
         let parent = std::process::id() as libc::pid_t;
         // Its own process group: a terminal's Ctrl-C reaches rotor up
         // alone, which stops the children in order (workers, then the
@@ -538,7 +545,7 @@ impl Slot {
             cmd.pre_exec(move || {
                 // PDEATHSIG: the child stops if `rotor up` is killed outright,
                 // so no orphan keeps the port.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, death_signal) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 // `rotor up` killed between the fork and the prctl: no
@@ -849,6 +856,7 @@ mod tests {
             first_backoff: Duration::from_millis(1),
             steady: Duration::from_millis(300),
             config: None,
+            death_signal: libc::SIGTERM,
         }
     }
 
@@ -857,6 +865,7 @@ mod tests {
             shutdown: CancellationToken::new(),
             fast: CancellationToken::new(),
             reload: Arc::new(tokio::sync::watch::channel(0).0),
+            orphaned: CancellationToken::new(),
         }
     }
 

@@ -64,6 +64,10 @@ pub struct Config {
     /// The admin API's bearer token (on the metrics listener), read
     /// again at each reload; none: off.
     pub admin_token: Option<Arc<crate::metrics::AdminToken>>,
+    /// Cancelled when the `rotor up` that started this allocator is gone
+    /// (killed outright): the allocator serves its workers' drain (they
+    /// were told to stop too), and stops once none is connected.
+    pub orphaned: CancellationToken,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -289,6 +293,7 @@ pub async fn run(
         None => {}
     }
     let alloc = Arc::new(alloc);
+    let shutdown = stop_when_orphaned(shutdown, config.orphaned.clone(), alloc.clone());
     // The pool is loaded before the first connection is accepted, so no
     // worker ever sees the empty pool of a starting allocator.
     // A stop meanwhile (a pool command may take its whole timeout) is
@@ -457,6 +462,40 @@ pub async fn run(
     alloc.save_at_stop();
     alloc.close_table();
     Ok(())
+}
+
+/// The longest an orphaned allocator serves its workers' drain (theirs
+/// is 30 s by default).
+const ORPHAN_SERVES_MOST: Duration = Duration::from_secs(120);
+
+/// A stop that comes with `shutdown`, or once `orphaned` and no worker is
+/// connected any more (its supervisor killed outright, the workers drain:
+/// a request they take meanwhile still needs a lease), within
+/// [`ORPHAN_SERVES_MOST`].
+fn stop_when_orphaned(
+    shutdown: CancellationToken,
+    orphaned: CancellationToken,
+    alloc: Arc<Allocator>,
+) -> CancellationToken {
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = orphaned.cancelled() => {
+                info!("rotor up is gone: serving the workers' drain, then stopping");
+                let until = tokio::time::Instant::now() + ORPHAN_SERVES_MOST;
+                while alloc.serving() && tokio::time::Instant::now() < until {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                }
+            }
+        }
+        s.cancel();
+    });
+    stop
 }
 
 /// The lease table's path for the socket at `socket`: the socket's own

@@ -544,8 +544,17 @@ async fn a_rotor_up_killed_outright_leaves_no_port_open() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The allocator serves the workers' drain (a request they take in
+    // it still needs a lease): it answers now, and stops once they are
+    // gone (it stopped with them, and their drain had no leases).
+    let status = rotor_control("status", &socket, &[]);
+    assert!(status.contains("in rotation"), "{status}");
     // The request in flight was let finish.
     assert_eq!(slow.await.unwrap(), 200);
+    eventually("the allocator to stop after the workers", || async {
+        !socket.exists()
+    })
+    .await;
 }
 
 /// A SIGHUP to `rotor up` reloads each worker once: it goes to the
