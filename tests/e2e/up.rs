@@ -472,7 +472,8 @@ async fn a_stopping_rotor_up_refuses_new_clients_and_sighup_spares_a_starting_wo
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("a.sock");
     let listen = format!("127.0.0.1:{}", free_port());
-    let mut up = up_with_two_workers(&socket, &listen, &["--drain-timeout", "20s"]).await;
+    let mut up =
+        up_with_two_workers(&socket, &listen, &["--drain-timeout", "20s", "--no-state"]).await;
     let proxy: std::net::SocketAddr = listen.parse().unwrap();
 
     // SIGHUP every 5 ms while a worker is killed and started again: the
@@ -525,7 +526,7 @@ async fn a_rotor_up_killed_outright_leaves_no_port_open() {
     let dir = tempfile::tempdir().unwrap();
     let proxy: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let (socket, listen) = (dir.path().join("a.sock"), proxy.to_string());
-    let up = up_with_two_workers(&socket, &listen, &["--drain-timeout", "20s"]).await;
+    let up = up_with_two_workers(&socket, &listen, &["--drain-timeout", "20s", "--no-state"]).await;
     let slow = tokio::spawn({
         let url = origin.url("/slow/10000");
         async move { get(proxy, &url).await.status }
