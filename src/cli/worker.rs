@@ -13,6 +13,12 @@ use super::{CommonArgs, ConfigError, FileConfig};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
+/// The most runtime threads and password-check threads a worker takes.
+const MOST_THREADS: usize = 1024;
+
+/// The most connections a worker (or one client address) is let hold.
+const MOST_CONNECTIONS: usize = 1 << 24;
+
 /// A worker given no listener at all, and passed no socket.
 pub const NOTHING_TO_LISTEN_ON: &str =
     "nothing to listen on: listen = [] in the file, and no socks-listen, tls-listen or passed socket";
@@ -375,6 +381,35 @@ impl WorkerFlags {
                 "auth-checks must be at least 1".into(),
             ));
         }
+        // Past these, a count is a typo, and the runtime's limits panic.
+        for (name, n, most) in [
+            ("auth-checks", w.auth_checks.unwrap_or(1), MOST_THREADS),
+            ("threads", w.threads.unwrap_or(1), MOST_THREADS),
+            ("max-connections", w.max_connections, MOST_CONNECTIONS),
+            (
+                "max-client-connections",
+                w.max_client_connections,
+                MOST_CONNECTIONS,
+            ),
+        ] {
+            if n > most {
+                return Err(ConfigError::Invalid(format!("{name} is at most {most}")));
+            }
+        }
+        // One address, one kind of client: the same address given twice
+        // (a worker binds its listeners with SO_REUSEPORT, so both bind)
+        // splits its clients between the handlers at random.
+        let mut seen = std::collections::HashMap::new();
+        let listeners = (self.listen(file, 0).into_iter().map(|a| ("listen", a)))
+            .chain(w.socks_listen.iter().map(|a| ("socks-listen", *a)))
+            .chain(w.tls_listen.iter().map(|a| ("tls-listen", *a)));
+        for (kind, addr) in listeners {
+            if let Some(first) = seen.insert(addr, kind) {
+                return Err(ConfigError::Invalid(format!(
+                    "{addr} is given twice ({first} and {kind}): an address serves one kind of client"
+                )));
+            }
+        }
         let auth = match &w.auth_file {
             Some(path) => Some(
                 rotor_worker::auth::Auth::load(path, w.auth_checks)
@@ -559,6 +594,46 @@ mod tests {
         W::parse_from(std::iter::once("w").chain(args.iter().copied()))
             .args
             .settings
+    }
+
+    /// One address for two kinds of listener, and counts past any use,
+    /// are refused by name (the first split clients at random, the second
+    /// panicked at the start).
+    #[test]
+    fn a_shared_listen_address_and_absurd_counts_are_refused() {
+        let err = |args: &[&str]| match flags(args).resolve(&FileConfig::default()) {
+            Err(ConfigError::Invalid(e)) => e,
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("{args:?} accepted"),
+        };
+        let e = err(&[
+            "--listen",
+            "127.0.0.1:18081",
+            "--socks-listen",
+            "127.0.0.1:18081",
+        ]);
+        assert!(
+            e.contains("127.0.0.1:18081 is given twice (listen and socks-listen)"),
+            "{e}"
+        );
+        let e = err(&["--socks-listen", "127.0.0.1:8080"]);
+        assert!(
+            e.contains("(listen and socks-listen)"),
+            "the default listen: {e}"
+        );
+        let e = err(&["--listen", "127.0.0.1:1", "--listen", "127.0.0.1:1"]);
+        assert!(e.contains("(listen and listen)"), "{e}");
+        assert!(
+            err(&["--auth-checks", "18446744073709551615"]).contains("auth-checks is at most 1024")
+        );
+        assert!(err(&["--threads", "100000"]).contains("threads is at most 1024"));
+        let e = err(&["--max-connections", "4611686018427387904"]);
+        assert!(e.contains("max-connections is at most 16777216"), "{e}");
+        assert!(
+            flags(&["--listen", "127.0.0.1:1", "--socks-listen", "127.0.0.1:2"])
+                .resolve(&FileConfig::default())
+                .is_ok()
+        );
     }
 
     #[test]
