@@ -185,6 +185,12 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         error!("at most {MAX_LISTENERS} listen addresses");
         return ExitCode::from(2);
     }
+    // The allocator's metrics port is no proxy port (bound here first,
+    // the allocator failed at every start and rotor up gave up, exit 1).
+    if let Some(addr) = metrics_listen.filter(|m| every.contains(m)) {
+        error!("{addr} is given both as a listen address and as --metrics-listen: give the metrics their own port");
+        return ExitCode::from(2);
+    }
     if args.common.check || args.common.check_config {
         eprintln!("ok: {workers} workers on {listen:?} (HTTP), {socks_listen:?} (SOCKS5), {tls_listen:?} (TLS)");
         return ExitCode::SUCCESS;

@@ -253,6 +253,23 @@ async fn rotor_up_refuses_workers_past_max_peers_a_held_state_directory_and_a_ta
     let (code, err) = run(&["--no-state", "--listen=192.0.2.77:8080"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("192.0.2.77"), "{err}");
+    // The metrics on a proxy port: refused, by --check too (the allocator
+    // failed at every start, and rotor up gave up with 1).
+    let port = format!("127.0.0.1:{}", free_port());
+    for check in [true, false] {
+        let mut args = vec!["--no-state".to_string(), format!("--listen={port}")];
+        args.push(format!("--metrics-listen={port}"));
+        if check {
+            args.push("--check".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, err) = run(&args);
+        assert_eq!(code, Some(2), "{err}");
+        assert!(
+            err.contains("as a listen address and as --metrics-listen"),
+            "{err}"
+        );
+    }
 
     let held = std::sync::Arc::new(tempfile::tempdir().unwrap());
     let _alloc = Allocator::start_in(held.clone(), &["--pool", "127.0.0.2"]).await;
