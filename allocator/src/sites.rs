@@ -94,17 +94,15 @@ impl std::str::FromStr for Limit {
             .map_err(|_| format!("`{n}` is not a request count"))?;
         if count == 0 {
             return Err(
-                "a budget of 0 requests allows nothing; leave the site out, or deny it with --deny"
+                "a budget of 0 requests allows nothing; leave the site out (rotor refuses destinations by address, not by site: --deny-destination)"
                     .into(),
             );
         }
-        let period = humantime::parse_duration(period.trim())
-            .map_err(|e| format!("`{period}` is not a period (e.g. 1s, 1m, 1h): {e}"))?;
+        let text = period.trim();
+        let period = humantime::parse_duration(text)
+            .map_err(|e| format!("`{text}` is not a period (e.g. 1s, 1m, 1h): {e}"))?;
         if period < Duration::from_millis(1) || period > Duration::from_secs(7 * 86_400) {
-            return Err(format!(
-                "the period `{}` must be from 1ms to 7 days",
-                period.as_millis()
-            ));
+            return Err(format!("the period `{text}` must be from 1ms to 7 days"));
         }
         Ok(Limit { count, period })
     }
