@@ -448,6 +448,9 @@ struct Refused {
     cooling: bool,
 }
 
+/// The fewest entries the site table is given room for.
+pub const MIN_ENTRIES: usize = 16;
+
 /// Start times a pair keeps at most: a budget of up to this many requests
 /// keeps each start's time (an exact sliding window); a larger one keeps
 /// its starts in this many batches, each with the time of its last start,
@@ -703,7 +706,7 @@ impl Sites {
             pairs: HashMap::new(),
             next_id: 0,
             bits: vec![0; SITE_FILTER_BITS],
-            max_entries: max_entries.max(16),
+            max_entries: max_entries.max(MIN_ENTRIES),
             epoch,
             full_logged: None,
             room_expired: None,

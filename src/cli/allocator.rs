@@ -269,10 +269,28 @@ impl AllocatorFlags {
                 "max-peers must be 1 or more: the workers connect to the socket".into(),
             ));
         }
-        if a.refresh.is_zero() {
-            return Err(ConfigError::Invalid(
-                "refresh must be longer than 0s".into(),
-            ));
+        // Below a second, every source (a pool command, the metadata
+        // service) would be read again back to back.
+        if a.refresh < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid("refresh is at least 1s".into()));
+        }
+        // A count is not silently made another.
+        for (name, n, least) in [
+            ("max-sessions", a.max_sessions, 1),
+            (
+                "max-sessions-per-user",
+                a.max_sessions_per_user.unwrap_or(1),
+                1,
+            ),
+            (
+                "max-site-entries",
+                a.max_site_entries,
+                rotor_allocator::sites::MIN_ENTRIES,
+            ),
+        ] {
+            if n < least {
+                return Err(ConfigError::Invalid(format!("{name} is at least {least}")));
+            }
         }
         // A flag wins over the file: `--state-dir` over the file's
         // `no-state`, `--no-state` over its `state-dir`.
@@ -385,6 +403,27 @@ mod tests {
         assert_eq!(given.sources.len(), 2);
         assert!(flags(&["--pool", "10.0.0.0/33"]).pool(&f).is_err());
         assert!(flags(&["--refresh", "0s"]).pool(&f).is_err());
+        // Counts and intervals are refused, not silently made others.
+        for (args, said) in [
+            (&["--refresh", "500ms"][..], "refresh is at least 1s"),
+            (&["--max-sessions", "0"], "max-sessions is at least 1"),
+            (
+                &["--max-sessions-per-user", "0"],
+                "max-sessions-per-user is at least 1",
+            ),
+            (
+                &["--max-site-entries", "15"],
+                "max-site-entries is at least 16",
+            ),
+        ] {
+            match flags(args).pool(&f) {
+                Err(ConfigError::Invalid(e)) => assert_eq!(e, said),
+                other => panic!("{args:?}: {:?}", other.map(|_| ())),
+            }
+        }
+        assert!(flags(&["--refresh", "1s", "--max-site-entries", "16"])
+            .pool(&f)
+            .is_ok());
         // The file's metadata interfaces go with its metadata source.
         let meta =
             file("[allocator]\nmetadata = [\"aws\"]\nmetadata-mac = [\"02:fc:00:00:00:01\"]\n")

@@ -509,6 +509,16 @@ impl WorkerFlags {
                 )));
             }
         }
+        for (name, d) in [
+            ("session-ttl", w.session_ttl),
+            ("session-max-ttl", w.session_max_ttl),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Invalid(format!(
+                    "{name} must be longer than 0s (a session of 0s would end at once)"
+                )));
+            }
+        }
         if t.config.proxy.budget_wait > Duration::from_secs(3600) {
             return Err(ConfigError::Invalid(
                 "budget-wait is at most 1h (a client waits that long for a site's budget)".into(),
