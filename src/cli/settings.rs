@@ -32,8 +32,9 @@ pub trait Value: Sized + Clone + Send + Sync + 'static {
     fn show(&self) -> String;
 }
 
-/// The longest duration a setting takes.
-const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
+/// The longest duration a setting takes: 10 years as humantime counts
+/// them (365.25 days each), so `10y` is one.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
 
 impl Value for Duration {
     const NAME: &'static str = "DURATION";
@@ -431,6 +432,9 @@ mod tests {
         );
         // Past what a deadline can hold: refused, not a panic later.
         assert!(<Duration as Value>::parse("500000000000y").is_err());
+        // "At most 10 years" takes 10 years as written.
+        assert!(<Duration as Value>::parse("10y").is_ok());
+        assert!(<Duration as Value>::parse("10y 1s").is_err());
         assert!(<Duration as Value>::parse("3650days").is_ok());
     }
 }
