@@ -171,44 +171,44 @@ fn check(
             Ok(addrs) => {
                 total += addrs.len();
                 listed.extend_from_slice(&addrs);
-                eprintln!("ok: {}: {} entries", s.name(), addrs.len());
+                say!("ok: {}: {} entries", s.name(), addrs.len());
                 for e in &addrs {
                     match checker.check(e) {
                         Ok(()) => usable += 1,
                         Err(why) => {
                             unusable += 1;
                             if unusable <= NAMED {
-                                eprintln!("error: {e} cannot be used here: {why}");
+                                say!("error: {e} cannot be used here: {why}");
                             }
                         }
                     }
                 }
                 let misrouted = rotor_allocator::usable::misrouted(addrs.iter());
                 for (_, why) in misrouted.found.iter().take(NAMED) {
-                    eprintln!("warning: {why}");
+                    say!("warning: {why}");
                 }
             }
             Err(e) => {
                 ok = false;
-                eprintln!("error: {}: {}", s.name(), error_chain(&e));
+                say!("error: {}: {}", s.name(), error_chain(&e));
             }
         }
     }
     if let Some(text) = rotor_allocator::state::unreached_text(&listed) {
-        eprintln!("warning: {text}");
+        say!("warning: {text}");
     }
     if unusable > NAMED {
-        eprintln!(
+        say!(
             "error: {} more entries cannot be used here",
             unusable - NAMED
         );
     }
     if passed {
-        eprintln!("ok: socket passed by systemd");
+        say!("ok: socket passed by systemd");
     } else {
-        eprintln!("ok: socket {}", socket.display());
+        say!("ok: socket {}", socket.display());
     }
-    eprintln!(
+    say!(
         "ok: refresh every {}",
         humantime::format_duration(pool.refresh)
     );
@@ -216,24 +216,24 @@ fn check(
     // without (a warning at its start, the rotation and sessions lost at
     // each restart): --check says so, making nothing.
     match (&pool.state_dir, read) {
-        (None, _) => eprintln!("ok: state not kept"),
-        (Some(dir), false) => eprintln!("ok: state {} (not tried: --check-config)", dir.display()),
+        (None, _) => say!("ok: state not kept"),
+        (Some(dir), false) => say!("ok: state {} (not tried: --check-config)", dir.display()),
         (Some(dir), true) => {
             use rotor_allocator::persist::{probe_unmade, PersistError};
             match probe_unmade(dir) {
-                Ok(()) => eprintln!("ok: state {}", dir.display()),
+                Ok(()) => say!("ok: state {}", dir.display()),
                 Err(PersistError::Locked(_)) => {
-                    eprintln!("ok: state {} (held by a running allocator)", dir.display())
+                    say!("ok: state {} (held by a running allocator)", dir.display())
                 }
                 Err(e) => {
                     ok = false;
-                    eprintln!("error: {}", error_chain(&e));
+                    say!("error: {}", error_chain(&e));
                 }
             }
         }
     }
     if !pool.site_rules.is_empty() {
-        eprintln!(
+        say!(
             "ok: site budgets per address (IPv6 per /{}): {} (at most {} entries of site state)",
             pool.site_rules.v6_prefix(),
             pool.site_rules,
@@ -242,15 +242,15 @@ fn check(
     }
     if !read {
         for s in &pool.sources {
-            eprintln!("ok: source {} (not read: --check-config)", s.name());
+            say!("ok: source {} (not read: --check-config)", s.name());
         }
     } else if total == 0 {
-        eprintln!("warning: the pool is empty: clients will get 503");
+        say!("warning: the pool is empty: clients will get 503");
     } else if usable == 0 {
-        eprintln!("error: no pool address can be used on this host: clients would get 503");
+        say!("error: no pool address can be used on this host: clients would get 503");
         ok = false;
     } else if usable < total {
-        eprintln!(
+        say!(
             "warning: {} of {total} entries cannot be used here; they would stay out of the rotation until they can",
             total - usable
         );

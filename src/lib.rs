@@ -2,6 +2,17 @@
 //! logging and signal handling, the control client, and `rotor up`'s
 //! supervisor. The binaries themselves only parse flags and call in here.
 
+/// `eprintln!` that does not panic when standard error is a closed pipe
+/// (`rotor-worker --check 2>&1 | head -1` exited 101, not the check's
+/// code): what cannot be written is dropped.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod activation;
 pub mod allocator_main;
 pub mod cli;

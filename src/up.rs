@@ -192,7 +192,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         return ExitCode::from(2);
     }
     if args.common.check || args.common.check_config {
-        eprintln!("ok: {workers} workers on {listen:?} (HTTP), {socks_listen:?} (SOCKS5), {tls_listen:?} (TLS)");
+        say!("ok: {workers} workers on {listen:?} (HTTP), {socks_listen:?} (SOCKS5), {tls_listen:?} (TLS)");
         return ExitCode::SUCCESS;
     }
     let socket = args.common.socket(&file);

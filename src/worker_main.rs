@@ -87,7 +87,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         named.extend(merged.tls_listen.iter().map(|a| ("TLS", *a)));
         let addrs: Vec<std::net::SocketAddr> = named.iter().map(|(_, a)| *a).collect();
         if addrs.is_empty() && !passed_any {
-            eprintln!("note: nothing to listen on unless systemd passes sockets (listen = [], and no socks-listen or tls-listen)");
+            say!("note: nothing to listen on unless systemd passes sockets (listen = [], and no socks-listen or tls-listen)");
         }
         let (tls, plain): (Vec<_>, Vec<_>) = named.iter().partition(|(what, _)| *what == "TLS");
         let plain: Vec<std::net::SocketAddr> = plain.iter().map(|(_, a)| *a).collect();
@@ -96,17 +96,17 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             return fail(&e);
         }
         for (what, a) in &named {
-            eprintln!("ok: {what} {a} (not bound by --check)");
+            say!("ok: {what} {a} (not bound by --check)");
         }
         if !passed_any {
             // ExecStartPre gets no sockets: those systemd passes to the
             // start are checked then (a public one without --auth-file is
             // refused at the start, not here).
-            eprintln!(
+            say!(
                 "note: sockets systemd passes at the start (Sockets=) are not seen by --check; they are checked when the worker starts"
             );
         }
-        eprintln!(
+        say!(
             "ok: allocator socket {}",
             args.common.socket(&file).display()
         );
@@ -387,7 +387,7 @@ fn check_summary(t: &crate::cli::worker::WorkerSettingsTuning) {
             .join(", ")
     };
     let (c, p) = (&t.config, &t.config.proxy);
-    eprintln!(
+    say!(
         "ok: {} runtime thread(s); timeouts: lease {}, connect {}, response {}, header read {}, idle {}, tunnel idle {}, drain {}",
         t.threads,
         d(t.lease_timeout),
@@ -398,23 +398,23 @@ fn check_summary(t: &crate::cli::worker::WorkerSettingsTuning) {
         d(p.tunnel_idle_timeout),
         d(c.drain_timeout)
     );
-    eprintln!(
+    say!(
         "ok: at most {} connections, {} from one client address (0: no limit); heads of {} bytes at most",
         c.max_connections, c.max_client_connections, p.max_head_bytes
     );
     let (allow, deny) = p.acl.operator_rules();
-    eprintln!(
+    say!(
         "ok: destinations: public addresses; allowed too: [{}]; denied: [{}]; ports denied: {:?}",
         list(allow),
         list(deny),
         p.acl.deny_ports()
     );
     match &p.auth {
-        Some(a) => eprintln!("ok: {} user(s) in the users file", a.len()),
-        None if t.no_auth => eprintln!("ok: no authentication (--no-auth)"),
-        None => eprintln!("ok: no authentication (loopback listeners only)"),
+        Some(a) => say!("ok: {} user(s) in the users file", a.len()),
+        None if t.no_auth => say!("ok: no authentication (--no-auth)"),
+        None => say!("ok: no authentication (loopback listeners only)"),
     }
-    eprintln!(
+    say!(
         "ok: TLS certificate: {}; access log: {}; names resolved by {}",
         if c.tls.is_some() { "loaded" } else { "none" },
         if t.access_log.is_some() { "on" } else { "off" },

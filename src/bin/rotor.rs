@@ -1,6 +1,7 @@
 //! `rotor`: the operator's command — start everything, ask for status,
 //! reload the pool.
 
+use rotor::say;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -246,7 +247,7 @@ async fn reload(control: &ControlArgs) -> ExitCode {
                 say(&format!(
                     "pool reloaded: {size} entries, generation {generation}"
                 ));
-                eprintln!(
+                say!(
                     "rotor: whether every pool source could be read is unknown: the allocator is too old to say in its answer, and its status could not be read"
                 );
                 return ExitCode::from(3);
@@ -263,14 +264,14 @@ async fn reload(control: &ControlArgs) -> ExitCode {
     }
     let mut bad = !failed.is_empty();
     for (name, error) in failed {
-        eprintln!("rotor: {name} could not be read (last good addresses kept): {error}");
+        say!("rotor: {name} could not be read (last good addresses kept): {error}");
     }
     match workers {
         Some((workers, more)) => bad |= !workers_reloaded(&workers, more),
         // Unknown is not good: said as such, and exit 3.
         None => {
             bad = true;
-            eprintln!(
+            say!(
                 "rotor: the allocator is too old to say how the workers' reloads went (see their logs)"
             )
         }
@@ -292,7 +293,7 @@ fn workers_reloaded(workers: &[rotor_protocol::WorkerReload], more: u32) -> bool
             Outcome::Done { failed } => {
                 good = false;
                 for (what, why) in failed {
-                    eprintln!(
+                    say!(
                         "rotor: worker {}: {what} not reloaded (the one in use kept): {why}",
                         w.pid
                     );
@@ -300,14 +301,14 @@ fn workers_reloaded(workers: &[rotor_protocol::WorkerReload], more: u32) -> bool
             }
             Outcome::NoWord => {
                 good = false;
-                eprintln!(
+                say!(
                     "rotor: worker {} did not say how its reload went within 5 s (see its log)",
                     w.pid
                 );
             }
             Outcome::TooOld => {
                 good = false;
-                eprintln!(
+                say!(
                     "rotor: worker {} is too old to say how its reload went (see its log)",
                     w.pid
                 );
@@ -315,7 +316,7 @@ fn workers_reloaded(workers: &[rotor_protocol::WorkerReload], more: u32) -> bool
         }
     }
     if more > 0 {
-        eprintln!("rotor: {more} more workers, not listed");
+        say!("rotor: {more} more workers, not listed");
     }
     let _ = say(&format!(
         "workers reloaded: {whole} of {}",
@@ -363,7 +364,7 @@ async fn steer(
         _ => None,
     };
     if let Some(why) = refused {
-        eprintln!("rotor: {why}");
+        say!("rotor: {why}");
         return ExitCode::FAILURE;
     }
     report(answer, |r| match r {
@@ -398,7 +399,7 @@ fn say(text: &str) -> bool {
         Ok(()) => true,
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => true,
         Err(e) => {
-            eprintln!("rotor: cannot write the answer: {e}");
+            say!("rotor: cannot write the answer: {e}");
             false
         }
     }
@@ -410,7 +411,7 @@ fn report(
 ) -> ExitCode {
     match result {
         Ok(Response::Error { message }) => {
-            eprintln!("rotor: the allocator refused: {message}");
+            say!("rotor: the allocator refused: {message}");
             ExitCode::FAILURE
         }
         Ok(resp) => {
@@ -421,13 +422,13 @@ fn report(
                     false => ExitCode::FAILURE,
                 },
                 None => {
-                    eprintln!("rotor: unexpected answer from the allocator: {shown}");
+                    say!("rotor: unexpected answer from the allocator: {shown}");
                     ExitCode::FAILURE
                 }
             }
         }
         Err(e) => {
-            eprintln!("rotor: {}", error_chain(e.as_ref()));
+            say!("rotor: {}", error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -846,7 +847,7 @@ fn hash_password() -> ExitCode {
             false => ExitCode::FAILURE,
         },
         Err(e) => {
-            eprintln!("rotor: {e}");
+            say!("rotor: {e}");
             ExitCode::FAILURE
         }
     }
@@ -858,7 +859,7 @@ fn user(cmd: &UserCmd) -> ExitCode {
         UserCmd::Remove { name, auth_file } => (name, auth_file, false),
     };
     if name.is_empty() || name.contains([':', '\n', '#']) || name.trim() != name {
-        eprintln!("rotor: a user name may not be empty or contain ':', '#', spaces at its ends or newlines");
+        say!("rotor: a user name may not be empty or contain ':', '#', spaces at its ends or newlines");
         return ExitCode::from(2);
     }
     let result = (|| -> Result<String, String> {
@@ -901,14 +902,14 @@ fn user(cmd: &UserCmd) -> ExitCode {
     })();
     match result {
         Ok(msg) => {
-            eprintln!(
+            say!(
                 "rotor: {msg} in {}; apply it with `rotor reload` (or `systemctl reload rotor-worker@*`, SIGHUP): running workers read the file again then",
                 path.display()
             );
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("rotor: {e}");
+            say!("rotor: {e}");
             ExitCode::FAILURE
         }
     }
