@@ -56,6 +56,14 @@ pub struct Pool {
     /// was emptied (a source that read empty once, a file caught half
     /// written), so a refill continues there rather than at the first.
     held_due: [Option<IpAddr>; 2],
+    /// By `Family::index`: an address saved by an earlier allocator,
+    /// where the family's rotation continues once it is published with
+    /// addresses (`resume_from`), set in the publish itself: a cursor set
+    /// after it rewound leases workers had taken from the new table
+    /// meanwhile, and handed their addresses out again. Then whether it
+    /// was in the rotation (`take_resumed`).
+    resume: [Option<IpAddr>; 2],
+    resumed: [Option<bool>; 2],
     /// Whether a generation was published in this table's lineage (a
     /// pool continuing a saved generation has published nothing yet).
     published: bool,
@@ -157,6 +165,8 @@ impl Pool {
             home,
             last_sound: None,
             held_due: [None, None],
+            resume: [None, None],
+            resumed: [None, None],
             published: false,
             parked: HashMap::new(),
         })
@@ -279,9 +289,12 @@ impl Pool {
             .copied()
             .collect();
         let held = self.held_due;
+        let resume = self.resume;
         let before = self.table.position().next_due;
         let cursor = |family: Family, due: Option<IpAddr>, now: u64| {
-            continue_at(&active, family, due.or(held[family.index()]), now)
+            let i = family.index();
+            let saved = resume[i].filter(|ip| index_of(&active, *ip).is_some());
+            continue_at(&active, family, saved.or(due).or(held[i]), now)
         };
         // Counts follow their entry, out of the rotation and back (a
         // lease finishing meanwhile may go uncounted: they are for status).
@@ -343,6 +356,12 @@ impl Pool {
                 0 => before[i].or(held[i]),
                 _ => None,
             };
+            // A saved address is used up by the first publish with
+            // addresses of its family.
+            if let Some(ip) = resume[i].filter(|_| family_total(&active, family) > 0) {
+                self.resumed[i] = Some(index_of(&active, ip).is_some());
+                self.resume[i] = None;
+            }
         }
         self.rotations = rotor_protocol::Rotations::new(&active);
         self.active = active;
@@ -469,17 +488,17 @@ impl Pool {
         Ok(())
     }
 
-    /// Restores each family's cursor to an address saved earlier, if it is
-    /// in the rotation; by family, whether it was (`None`: none saved).
-    pub fn resume_at(&mut self, next_due: [Option<IpAddr>; 2]) -> [Option<bool>; 2] {
-        next_due.map(|saved| {
-            let ip = saved?;
-            let i = index_of(&self.active, ip);
-            if let Some(i) = i {
-                self.table.set_cursor(Family::of(&ip), i);
-            }
-            Some(i.is_some())
-        })
+    /// Each family's rotation continues at the address saved earlier
+    /// (`None`: none), if it is in the rotation, from the next publish
+    /// with addresses of that family.
+    pub fn resume_from(&mut self, next_due: [Option<IpAddr>; 2]) {
+        self.resume = next_due;
+    }
+
+    /// By family, whether a saved address was used up by a publish since
+    /// the last call, and was in the rotation (`None`: none used up).
+    pub fn take_resumed(&mut self) -> [Option<bool>; 2] {
+        std::mem::take(&mut self.resumed)
     }
 
     /// The address the next lease of `family` would return.
@@ -765,19 +784,31 @@ mod tests {
         assert_eq!(take(&pool, 2, Families::V4), ["10.0.0.3", "10.0.0.1"]);
     }
 
+    /// A saved address is where the family's rotation starts, set in
+    /// the publish that first brings the family (a later cursor set would
+    /// rewind leases taken meanwhile); one no longer listed is said so.
     #[test]
     fn resume_at_a_saved_address() {
-        let mut pool = Pool::new(ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]));
-        assert_eq!(
-            pool.resume_at([Some("10.0.0.3".parse().unwrap()), None]),
-            [Some(true), None]
-        );
+        let three = || ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        let mut pool = Pool::new(ips(&["2001:db8::1"]));
+        pool.resume_from([Some("10.0.0.3".parse().unwrap()), None]);
+        pool.replace(ips(&["2001:db8::2"])).unwrap();
+        assert_eq!(pool.take_resumed(), [None, None], "no IPv4 yet: kept");
+        pool.replace(three()).unwrap();
+        assert_eq!(pool.take_resumed(), [Some(true), None]);
         assert_eq!(take(&pool, 2, Families::ANY), ["10.0.0.3", "10.0.0.1"]);
-        assert_eq!(
-            pool.resume_at([Some("10.9.9.9".parse().unwrap()), None]),
-            [Some(false), None]
-        );
+        // Used up: a later publish continues where the rotation is.
+        pool.replace(ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]))
+            .unwrap();
         assert_eq!(pool.next_due(Family::V4), Some("10.0.0.2".parse().unwrap()));
+        let mut other = Pool::new(Vec::new());
+        other.resume_from([Some("10.9.9.9".parse().unwrap()), None]);
+        other.replace(three()).unwrap();
+        assert_eq!(other.take_resumed(), [Some(false), None]);
+        assert_eq!(
+            other.next_due(Family::V4),
+            Some("10.0.0.1".parse().unwrap())
+        );
     }
 
     #[test]

@@ -1181,6 +1181,12 @@ impl Allocator {
         told.sum_up();
         let quarantined: HashSet<Segment> = inner.quarantine.keys().copied().collect();
         let old_table = inner.pool.table().clone();
+        // A saved position is used up by the first pool with addresses of
+        // its family, not by the first read (a source that reads empty at
+        // start, an interface not up yet, must not lose it), and applied
+        // in that publish.
+        let resume = inner.resume_at;
+        inner.pool.resume_from(resume);
         let changed = match inner.pool.update(addrs, quarantined) {
             Ok(changed) => changed,
             Err(e) => {
@@ -1202,19 +1208,12 @@ impl Allocator {
             inner.metrics.retain_sources(&listed);
             warn_unreached(inner.pool.addrs());
         }
-        // A saved position is used up by the first pool with addresses of
-        // its family, not by the first read: a source that reads empty at
-        // start (an interface not up yet) must not lose it.
-        let mut resume = [None, None];
-        for family in [Family::V4, Family::V6] {
-            if inner.pool.has_family(family) {
-                resume[family.index()] = inner.resume_at[family.index()].take();
-            }
-        }
-        let resumed = inner.pool.resume_at(resume);
-        for (family, (saved, resumed)) in
-            Family::ALL.into_iter().zip(resume.into_iter().zip(resumed))
-        {
+        let resumed = inner.pool.take_resumed();
+        for (family, resumed) in Family::ALL.into_iter().zip(resumed) {
+            let saved = match resumed {
+                Some(_) => inner.resume_at[family.index()].take(),
+                None => None,
+            };
             match (saved, resumed) {
                 (Some(next), Some(true)) => {
                     tracing::info!(%family, %next, seq = inner.saved.seq, "resuming the saved rotation")
