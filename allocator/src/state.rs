@@ -773,9 +773,22 @@ impl Inner {
         self.publish_quarantine();
     }
 
+    /// Every entry the sources list (their last good reads), in order:
+    /// what the pool is made from. (`pool.addrs()` leaves out the entries
+    /// another holds; one of those serves while that other is out.)
+    fn listed(&self) -> Vec<Segment> {
+        self.sources
+            .iter()
+            .flat_map(|s| s.last_good.iter().copied())
+            .collect()
+    }
+
     fn publish_quarantine(&mut self) {
         let q: HashSet<Segment> = self.quarantine.keys().copied().collect();
-        let addrs = self.pool.addrs().to_vec();
+        // From the sources' lists, not the pool's: an entry inside one
+        // taken out now serves meanwhile (it had left the rotation until
+        // the next refresh, its family with it if it was the only one).
+        let addrs = self.listed();
         if let Err(e) = self.pool.update(addrs, q) {
             tracing::error!(error = %error_chain(&e), "cannot grow the lease table; keeping the previous pool");
         }
@@ -1164,11 +1177,7 @@ impl Allocator {
         }
         inner.metrics.refreshes += 1;
         inner.metrics.source_errors += inner_source_errors;
-        let addrs: Vec<Segment> = inner
-            .sources
-            .iter()
-            .flat_map(|s| s.last_good.iter().copied())
-            .collect();
+        let addrs = inner.listed();
         let listed: HashSet<Segment> = addrs.iter().copied().collect();
         let now = Instant::now();
         inner.carry_hand(&listed, &addrs, now);
@@ -1347,7 +1356,9 @@ impl Allocator {
     /// can use (stale, or a peer let in to lease steering the pool, which
     /// only root and the allocator's user may) takes nothing out.
     pub fn unusable(&self, ip: IpAddr, reason: &str) -> bool {
-        let entry = |inner: &Inner| inner.pool.addrs().iter().find(|e| e.contains(ip)).copied();
+        // The entry serving it (an entry inside a prefix that is out
+        // serves meanwhile: that one, not the prefix, is reported).
+        let entry = |inner: &Inner| inner.pool.entry_of(ip);
         {
             // Requests in flight on an address that went away report it
             // many times: once it is out, no check again.
@@ -1409,11 +1420,9 @@ impl Allocator {
         // rotation only while the larger one serves, and would serve alone
         // — the very address asked out — once that one is out.
         let mut holding: Vec<Segment> = inner
-            .sources
-            .iter()
-            .flat_map(|s| s.last_good.iter())
+            .listed()
+            .into_iter()
             .filter(|x| x.contains(ip))
-            .copied()
             .collect();
         holding.sort_unstable_by_key(|x| (x.base(), x.prefix_len()));
         holding.dedup();
@@ -3122,6 +3131,32 @@ mod tests {
         a.apply_refresh(vec![Ok(vec![])], &ok());
         a.apply_refresh(vec![Ok(three())], &ok());
         assert_eq!(next(&a), "10.0.0.2");
+    }
+
+    /// A prefix that goes out between refreshes (a worker could not bind
+    /// its address): an entry inside it serves at once, as after a refresh,
+    /// not only from the next one.
+    #[test]
+    fn an_entry_inside_a_prefix_taken_out_serves_at_once() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let outer = Segment::prefix(ip("10.0.0.2"), 31).unwrap();
+        let list = vec![
+            Segment::single(ip("10.0.0.1")),
+            outer,
+            Segment::single(ip("10.0.0.3")),
+        ];
+        let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
+        a.apply_refresh(vec![Ok(list)], &ok());
+        assert!(a.unusable(ip("10.0.0.2"), "test: no such address"));
+        let mut leased: Vec<String> = (0..4)
+            .map(|_| match a.lease(1, Families::ANY) {
+                Response::Leased(l) => l.ip.to_string(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        leased.sort();
+        leased.dedup();
+        assert_eq!(leased, ["10.0.0.1", "10.0.0.3"]);
     }
 
     /// An address taken out by hand whose entry holds another listed
