@@ -764,20 +764,24 @@ fn log_conn_error(e: &ConnError) {
     // A peer of another major retries its connection twice a second for
     // as long as it runs: said once a minute, not at each attempt.
     if let ConnError::Handshake(HandshakeError::VersionMismatch { .. }) = e {
-        static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
-        let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
-            debug!(error = %msg, "refused a peer of another protocol version");
-            return;
+        static SAID: rotor_protocol::Moment = rotor_protocol::Moment::new();
+        match SAID.first_in(Duration::from_secs(60)) {
+            true => {
+                warn!(error = %msg, "refused a peer of another protocol version (upgrade rotor's binaries together); said once a minute")
+            }
+            false => debug!(error = %msg, "refused a peer of another protocol version"),
         }
-        *last = Some(std::time::Instant::now());
-        warn!(error = %msg, "refused a peer of another protocol version (upgrade rotor's binaries together); said once a minute");
         return;
     }
-    if garbage {
-        warn!(error = %msg, "closing connection: peer broke the protocol");
-    } else {
-        debug!(error = %msg, "connection ended");
+    // Said once in 10 s with how many: a local peer that sends garbage in
+    // a loop does not flood the log.
+    static BROKE: rotor_protocol::Moment = rotor_protocol::Moment::new();
+    match garbage.then(|| BROKE.count_in(Duration::from_secs(10))) {
+        Some(Some(n)) => {
+            warn!(error = %msg, broken = n, "closing connection: peer broke the protocol (said once in 10 s, with how many)")
+        }
+        Some(None) => debug!(error = %msg, "closing connection: peer broke the protocol"),
+        None => debug!(error = %msg, "connection ended"),
     }
 }
 
