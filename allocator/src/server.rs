@@ -1176,13 +1176,24 @@ async fn serve(
     alloc: &Allocator,
     reload: &mpsc::Sender<ReloadReply>,
 ) -> Result<(), ConnError> {
+    // The peer's process as the kernel says, not as its Hello claims
+    // (what `rotor status` lists and a reload names).
+    let pid = stream
+        .peer_cred()
+        .ok()
+        .and_then(|c| c.pid())
+        // (0: a process of a namespace this one does not see.)
+        .and_then(|p| u32::try_from(p).ok().filter(|&p| p > 0));
     let mut chan: ServerChannel<UnixStream> = Channel::new(stream);
-    let hello = tokio::time::timeout(
+    let mut hello = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         server_handshake(&mut chan, Hello::new(Role::Allocator, SOFTWARE)),
     )
     .await
     .map_err(|_| ConnError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
+    if let Some(pid) = pid {
+        hello.pid = pid;
+    }
     debug!(role = ?hello.role, pid = hello.pid, software = %hello.software, "peer connected");
     let minor = hello.minor;
     alloc.peer_connected(id, hello);

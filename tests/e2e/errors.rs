@@ -452,3 +452,28 @@ async fn a_408_on_a_reused_connection_sends_the_request_again() {
     assert_eq!(c.send(post).await.status, 408);
     assert_eq!(peers.lock().unwrap().len(), 1);
 }
+
+/// A peer's process is the one the kernel names, not the one its Hello
+/// claims: `rotor status` lists the real one.
+#[tokio::test]
+async fn a_peer_is_listed_by_its_real_pid() {
+    use rotor_protocol::{client_handshake, Channel, ClientChannel, Hello, Role};
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let stream = tokio::net::UnixStream::connect(&alloc.socket)
+        .await
+        .unwrap();
+    let mut chan: ClientChannel<tokio::net::UnixStream> = Channel::new(stream);
+    let mut hello = Hello::new(Role::Worker, "a liar");
+    hello.pid = 1;
+    client_handshake(&mut chan, hello).await.unwrap();
+    let me = u64::from(std::process::id());
+    eventually("the peer listed", || async {
+        status_json(&alloc.socket)["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["software"] == "a liar" && p["pid"] == me)
+    })
+    .await;
+    drop(chan);
+}
