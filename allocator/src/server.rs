@@ -943,7 +943,7 @@ async fn answer(
                 message: "this worker is older than the allocator's order key: it leases over the socket (upgrade it to lease from the table)".into(),
             }
         }
-        Request::Attach => alloc.attach(id),
+        Request::Attach => alloc.attach(id, peer.rights == Rights::Lease),
         Request::Reloads => alloc.reloads(),
         Request::LeaseSite { families, site } => alloc.lease_site(id, families, &site),
         Request::LeaseSiteWait {

@@ -900,6 +900,9 @@ struct Peer {
     leases: u64,
     /// The peer's lease counter in the current table, once it attached.
     slot: Option<u32>,
+    /// Whether it was let in to lease only (`--allow-uid` and the like):
+    /// such peers hold half the table's slots at most.
+    lease_only: bool,
     /// The last reload a worker said it made: the table's id and reload
     /// count it acted on, and the parts that failed.
     reloaded: Option<((u64, u64), Failed)>,
@@ -2025,7 +2028,7 @@ impl Allocator {
 
     /// Where `peer` finds the lease table, and the counter it counts its
     /// leases in (the lowest free one, if any is).
-    pub fn attach(&self, peer: u64) -> Response {
+    pub fn attach(&self, peer: u64, lease_only: bool) -> Response {
         let mut inner = self.lock();
         let Some(path) = inner.pool.home().map(|p| p.display().to_string()) else {
             return Response::Error {
@@ -2042,6 +2045,15 @@ impl Allocator {
             .filter(|(id, _)| **id != peer)
             .filter_map(|(_, p)| p.slot)
             .collect();
+        // Users let in to lease only hold half the slots at most, all of
+        // them together (they hold half of --max-peers): the workers of
+        // root or the allocator's user always find one.
+        let shared = inner
+            .peers
+            .iter()
+            .filter(|(id, p)| **id != peer && p.lease_only && p.slot.is_some())
+            .count();
+        let full = lease_only && shared >= PEER_SLOTS / 2;
         let Some(p) = inner.peers.get_mut(&peer) else {
             return Response::Error {
                 message: "unknown peer".into(),
@@ -2050,7 +2062,11 @@ impl Allocator {
         if let Some(old) = p.slot.take() {
             p.leases += table.peer_leases(old);
         }
-        p.slot = (0..PEER_SLOTS as u32).find(|s| !taken.contains(s));
+        p.lease_only = lease_only;
+        p.slot = match full {
+            true => None,
+            false => (0..PEER_SLOTS as u32).find(|s| !taken.contains(s)),
+        };
         if let Some(slot) = p.slot {
             table.assign_peer(slot);
         }
@@ -2152,6 +2168,7 @@ impl Allocator {
                 since: Instant::now(),
                 leases: 0,
                 slot: None,
+                lease_only: false,
                 reloaded: None,
                 joined,
                 answered: HashSet::new(),
@@ -3427,7 +3444,7 @@ mod tests {
         for peer in [1, 2] {
             a.peer_connected(peer, Hello::new(rotor_protocol::Role::Worker, "t"));
         }
-        let table = |peer| match a.attach(peer) {
+        let table = |peer| match a.attach(peer, false) {
             Response::Attached { path, id, slot } => (
                 rotor_protocol::LeaseTable::open(path.as_ref(), Some(id)).unwrap(),
                 slot,
@@ -3468,6 +3485,20 @@ mod tests {
                 .collect::<Vec<_>>(),
             [2, 0]
         );
+        // Peers let in to lease only hold half the slots at most: past
+        // that they lease without one, and a trusted worker still has one.
+        let slot = |peer, lease_only| match a.attach(peer, lease_only) {
+            Response::Attached { slot, .. } => slot,
+            other => panic!("{other:?}"),
+        };
+        let mut held = 0;
+        for peer in 100..(100 + PEER_SLOTS as u64) {
+            a.peer_connected(peer, Hello::new(rotor_protocol::Role::Worker, "t"));
+            held += usize::from(slot(peer, true).is_some());
+        }
+        assert_eq!(held, PEER_SLOTS / 2);
+        a.peer_connected(4, Hello::new(rotor_protocol::Role::Worker, "t"));
+        assert!(slot(4, false).is_some());
         // Closed at exit: workers fall back to the socket.
         a.close_table();
         assert_eq!(t2.lease(Families::ANY, s2), None);
