@@ -33,7 +33,7 @@ async fn wait_for_pool(socket: &std::path::Path, want: &[IpAddr]) {
 #[tokio::test]
 async fn pool_file_is_reread_on_the_interval() {
     let origin = Origin::start().await;
-    let (alloc, file) = file_allocator("127.0.0.2\n", "200ms").await;
+    let (alloc, file) = file_allocator("127.0.0.2\n", "1s").await;
     let worker = Worker::start(&alloc.socket, &[]).await;
     assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
 
