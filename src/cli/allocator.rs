@@ -105,7 +105,8 @@ settings! {
         refresh: Option<Duration> = "20s",
         /// Where the rotation state is kept across restarts [default:
         /// $STATE_DIRECTORY (systemd's), else /var/lib/rotor for root,
-        /// else $XDG_STATE_HOME/rotor].
+        /// else $XDG_STATE_HOME/rotor, ~/.local/state/rotor without it,
+        /// /tmp/rotor-UID/state without $HOME].
         #[arg(value_name = "DIR")]
         state_dir: Option<PathBuf>,
         /// Keep no rotation state: a restarted allocator starts from the

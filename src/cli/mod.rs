@@ -84,7 +84,8 @@ impl FileConfig {
 #[derive(Debug, Clone, Args)]
 pub struct SocketArgs {
     /// The allocator's Unix socket [default: /run/rotor/allocator.sock for
-    /// root, else $XDG_RUNTIME_DIR/rotor/allocator.sock].
+    /// root, else $XDG_RUNTIME_DIR/rotor/allocator.sock, without it
+    /// /tmp/rotor-UID/allocator.sock].
     #[arg(
         long = "socket",
         alias = "allocator",
