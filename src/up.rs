@@ -674,7 +674,7 @@ async fn supervise(
                     info!(child = %slot.name, status = ?s.as_ref().ok(), "stopped");
                     // Its own exit says how it stopped (a worker's cut
                     // drain: 3), as when rotor up stops it.
-                    if !s.as_ref().is_ok_and(|s| s.success()) {
+                    if !stopped_cleanly(&s) {
                         streaks
                             .outcome
                             .unclean
@@ -804,6 +804,16 @@ fn give_up(
 
 /// SIGTERM (SIGINT on a fast stop), then SIGKILL if the child is still
 /// there `patience` later. Whether it stopped cleanly (exit 0).
+/// Whether a child told to stop stopped cleanly: exit 0, or ended by
+/// the SIGTERM itself, which only a child whose handler was not in place
+/// yet dies of (it was starting: it held nothing to drain; a stop right
+/// after a start or a restart was counted a cut drain, exit 3).
+fn stopped_cleanly(s: &std::io::Result<std::process::ExitStatus>) -> bool {
+    use std::os::unix::process::ExitStatusExt;
+    s.as_ref()
+        .is_ok_and(|s| s.success() || s.signal() == Some(libc::SIGTERM))
+}
+
 async fn stop_child(
     name: &str,
     child: &mut Child,
@@ -829,7 +839,7 @@ async fn stop_child(
         tokio::select! {
             s = child.wait() => {
                 info!(child = %name, status = ?s.as_ref().ok(), "stopped");
-                return s.is_ok_and(|s| s.success());
+                return stopped_cleanly(&s);
             }
             // SIGINT arrived while draining: hurry the child too.
             _ = signals.fast.cancelled(), if !hurried => {
@@ -1022,18 +1032,24 @@ mod tests {
         assert_eq!(outcome.code(false), ExitCode::FAILURE);
     }
 
-    /// A stop that the child ends cleanly is exit 0; one it does not (its
-    /// drain cut: exit 3, or killed), 3; a fast stop, 130.
+    /// A stop that the child ends cleanly is exit 0 (also one it dies of,
+    /// its handler not in place yet: a start); one it does not (its drain
+    /// cut: exit 3, or killed), 3; a fast stop, 130.
     #[tokio::test]
     async fn the_exit_code_says_how_the_children_stopped() {
-        for (program, want) in [
-            ("/bin/sleep", ExitCode::from(3)),
-            ("/bin/true", ExitCode::SUCCESS),
+        for (program, args, want) in [
+            (
+                "/bin/sh",
+                &["-c", "trap '' TERM; sleep 30"][..],
+                ExitCode::from(3),
+            ),
+            ("/bin/sleep", &["30"], ExitCode::SUCCESS),
+            ("/bin/true", &[], ExitCode::SUCCESS),
         ] {
             let s = signals();
             let outcome = Arc::new(Outcome::default());
             let mut sl = slot("worker", program);
-            sl.args = vec!["30".into()];
+            sl.args = args.iter().map(Into::into).collect();
             let run = tokio::spawn(supervise(
                 sl,
                 s.shutdown.clone(),
@@ -1045,7 +1061,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(200)).await;
             s.shutdown.cancel();
             run.await.unwrap();
-            assert_eq!(outcome.code(false), want, "{program}");
+            assert_eq!(outcome.code(false), want, "{program} {args:?}");
         }
         let outcome = Outcome::default();
         outcome
