@@ -783,6 +783,30 @@ impl Inner {
             .collect()
     }
 
+    /// Says which saved positions a publish used up (the pool applies
+    /// one in the first publish with addresses of its family), and
+    /// forgets them.
+    fn note_resumed(&mut self) {
+        let resumed = self.pool.take_resumed();
+        for (family, resumed) in Family::ALL.into_iter().zip(resumed) {
+            let saved = match resumed {
+                Some(_) => self.resume_at[family.index()].take(),
+                None => None,
+            };
+            match (saved, resumed) {
+                (Some(next), Some(true)) => {
+                    tracing::info!(%family, %next, seq = self.saved.seq, "resuming the saved rotation")
+                }
+                (Some(saved), _) => tracing::info!(
+                    %family,
+                    %saved,
+                    "the saved next address is no longer in the rotation (or its prefix is leased in a new order); the family starts at its first address"
+                ),
+                (None, _) => {}
+            }
+        }
+    }
+
     fn publish_quarantine(&mut self) {
         let q: HashSet<Segment> = self.quarantine.keys().copied().collect();
         // From the sources' lists, not the pool's: an entry inside one
@@ -792,6 +816,7 @@ impl Inner {
         if let Err(e) = self.pool.update(addrs, q) {
             tracing::error!(error = %error_chain(&e), "cannot grow the lease table; keeping the previous pool");
         }
+        self.note_resumed();
         self.save_hand();
     }
 
@@ -976,7 +1001,14 @@ impl Allocator {
     ) -> Result<Allocator, TableError> {
         Ok(Allocator {
             inner: Mutex::new(Inner {
-                pool: Pool::continuing(saved.generation, saved.seq, table)?,
+                pool: {
+                    // Armed once: the first publish with addresses of a
+                    // family uses its saved position up (a refresh's, or
+                    // one between refreshes).
+                    let mut pool = Pool::continuing(saved.generation, saved.seq, table)?;
+                    pool.resume_from(saved.next_due);
+                    pool
+                },
                 resume_at: saved.next_due,
                 state,
                 saved,
@@ -1193,12 +1225,6 @@ impl Allocator {
         told.sum_up();
         let quarantined: HashSet<Segment> = inner.quarantine.keys().copied().collect();
         let old_table = inner.pool.table().clone();
-        // A saved position is used up by the first pool with addresses of
-        // its family, not by the first read (a source that reads empty at
-        // start, an interface not up yet, must not lose it), and applied
-        // in that publish.
-        let resume = inner.resume_at;
-        inner.pool.resume_from(resume);
         let changed = match inner.pool.update(addrs, quarantined) {
             Ok(changed) => changed,
             Err(e) => {
@@ -1220,24 +1246,7 @@ impl Allocator {
             inner.metrics.retain_sources(&listed);
             warn_unreached(inner.pool.addrs());
         }
-        let resumed = inner.pool.take_resumed();
-        for (family, resumed) in Family::ALL.into_iter().zip(resumed) {
-            let saved = match resumed {
-                Some(_) => inner.resume_at[family.index()].take(),
-                None => None,
-            };
-            match (saved, resumed) {
-                (Some(next), Some(true)) => {
-                    tracing::info!(%family, %next, seq = inner.saved.seq, "resuming the saved rotation")
-                }
-                (Some(saved), _) => tracing::info!(
-                    %family,
-                    %saved,
-                    "the saved next address is no longer in the rotation (or its prefix is leased in a new order); the family starts at its first address"
-                ),
-                (None, _) => {}
-            }
-        }
+        inner.note_resumed();
         inner.last_refresh = Some(SystemTime::now());
         if changed {
             self.retry_waiters(&mut inner);
@@ -3148,6 +3157,48 @@ mod tests {
         a.apply_refresh(vec![Ok(vec![])], &ok());
         a.apply_refresh(vec![Ok(three())], &ok());
         assert_eq!(next(&a), "10.0.0.2");
+    }
+
+    /// A saved position is applied once, by the first publish with
+    /// addresses of its family, also one between refreshes: not again at
+    /// a later refresh (that rewound the rotation and handed its addresses
+    /// out again).
+    #[test]
+    fn a_saved_position_is_applied_once() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let saved = Saved {
+            generation: 5,
+            seq: 9,
+            next_due: [Some(ip("10.0.0.2")), None],
+        };
+        let a = Allocator::resuming(
+            vec![Source::list("10.0.0.1-10.0.0.3").unwrap()],
+            None,
+            saved,
+            None,
+        )
+        .unwrap();
+        let bad: HashMap<Segment, Result<(), String>> = three()
+            .into_iter()
+            .map(|e| (e, Err("not usable".to_string())))
+            .collect();
+        a.apply_refresh(vec![Ok(three())], &bad);
+        // Every address out: the family empty, its position kept.
+        a.steer(ip("10.0.0.2"), true, None);
+        a.steer(ip("10.0.0.3"), true, None);
+        let lease = || match a.lease(1, Families::ANY) {
+            Response::Leased(l) => l.ip.to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            [lease(), lease(), lease()],
+            ["10.0.0.2", "10.0.0.3", "10.0.0.2"]
+        );
+        // All usable again: the rotation goes on from where it is.
+        let good: HashMap<Segment, Result<(), String>> =
+            three().into_iter().map(|e| (e, Ok(()))).collect();
+        a.apply_refresh(vec![Ok(three())], &good);
+        assert_eq!([lease(), lease()], ["10.0.0.3", "10.0.0.1"]);
     }
 
     /// A prefix that goes out between refreshes (a worker could not bind
