@@ -22,6 +22,9 @@ pub(crate) struct Session {
     created: Instant,
     expires: Instant,
     strict: bool,
+    /// Taken back from a kept file at the start (see
+    /// [`Sessions::restored`]).
+    restored: bool,
 }
 
 #[derive(Debug)]
@@ -434,9 +437,16 @@ impl Sessions {
                 created: now,
                 expires: now + ttl,
                 strict,
+                restored: false,
             },
         );
         self.order[usize::from(strict)].push_back((now, key));
+    }
+
+    /// Whether session `key` was taken back from a kept file at the start
+    /// (its address may be a source's that has not been read yet).
+    pub fn restored(&self, key: &str) -> bool {
+        self.map.get(key).is_some_and(|s| s.restored)
     }
 
     /// Drops session `key` from the table before its end (a strict one
@@ -721,6 +731,7 @@ impl Sessions {
                     created,
                     expires,
                     strict: s.strict,
+                    restored: true,
                 },
             );
             n += 1;

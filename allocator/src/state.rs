@@ -1663,11 +1663,12 @@ impl Allocator {
         // answer), not be pinned a second address. A strict session whose
         // address left fails only when it holds no other it may use.
         let (mut lost, mut moves) = (None, None);
-        // A session restored at a restart whose address is missing while a
-        // source has not been read yet (a metadata service down at the
+        // A session taken back at a restart whose address is missing while
+        // a source has not been read yet (a metadata service down at the
         // start) is served from the rotation for now, not moved for good:
-        // its address may be that source's.
-        let unread = inner.sources.iter().any(|s| !s.read_once);
+        // its address may be that source's. (Only those: one begun in this
+        // run moves, whatever a source that never reads.)
+        let unread = inner.sources.iter().any(|s| !s.read_once) && inner.sessions.restored(key);
         let mut keep_pin = false;
         for family in Family::ALL {
             if !families.accepts_family(family) {
@@ -2994,12 +2995,17 @@ mod tests {
             a.keep_state_in(dir.path(), true);
             a
         };
-        let one = || vec![Segment::single(ip("10.0.0.1"))];
+        let one = || {
+            vec![
+                Segment::single(ip("10.0.0.1")),
+                Segment::single(ip("10.0.0.5")),
+            ]
+        };
         let two = || vec![Segment::single(ip("10.0.0.2"))];
-        let session = |a: &Allocator| match a.lease_session(
+        let named = |a: &Allocator, key: &str| match a.lease_session(
             1,
             Families::ANY,
-            "u\0s1",
+            key,
             Duration::from_secs(600),
             false,
             None,
@@ -3007,8 +3013,10 @@ mod tests {
             Response::Leased(l) => l.ip,
             other => panic!("{other:?}"),
         };
+        let session = |a: &Allocator| named(a, "u\0s1");
         let a = start();
         a.apply_refresh(vec![Ok(one()), Ok(two())], &ok());
+        a.lease(1, Families::ANY);
         a.lease(1, Families::ANY);
         assert_eq!(session(&a), ip("10.0.0.2"));
         a.checkpoint().expect("a session began").write(false);
@@ -3019,14 +3027,24 @@ mod tests {
             source: std::io::Error::other("down"),
         };
         b.apply_refresh(vec![Ok(one()), Err(down)], &ok());
-        assert_eq!(session(&b), ip("10.0.0.1"), "served meanwhile");
+        let meanwhile = session(&b);
+        assert_ne!(meanwhile, ip("10.0.0.2"), "served meanwhile");
+        // A session begun in this run moves as ever while the source is
+        // unread (its address out by hand: it moves for good).
+        let new = named(&b, "u\0new");
+        b.steer(new, false, None);
+        let moved = named(&b, "u\0new");
+        assert_ne!(moved, new);
+        b.steer(new, true, None);
+        assert_eq!(named(&b, "u\0new"), moved, "moved for good");
         b.apply_refresh(vec![Ok(one()), Ok(two())], &ok());
         assert_eq!(session(&b), ip("10.0.0.2"), "not moved");
         // Once every source has read, an address gone is gone: it moves.
         b.apply_refresh(vec![Ok(one()), Ok(vec![])], &ok());
-        assert_eq!(session(&b), ip("10.0.0.1"));
+        let moved = session(&b);
+        assert_ne!(moved, ip("10.0.0.2"));
         b.apply_refresh(vec![Ok(one()), Ok(two())], &ok());
-        assert_eq!(session(&b), ip("10.0.0.1"), "moved for good");
+        assert_eq!(session(&b), moved, "moved for good");
     }
 
     /// A sessions file with an item that does not read: the others come
