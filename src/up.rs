@@ -172,6 +172,10 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         .chain(&tls_listen)
         .copied()
         .collect();
+    if let Err(e) = crate::cli::worker::one_kind_each(&listen, &socks_listen, &tls_listen) {
+        error!("{}", rotor_protocol::error_chain(&e));
+        return ExitCode::from(2);
+    }
     let plain: Vec<SocketAddr> = listen.iter().chain(&socks_listen).copied().collect();
     if let Err(e) = tuning.check_exposure(&plain, &tls_listen) {
         error!("{}", rotor_protocol::error_chain(&e));

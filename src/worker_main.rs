@@ -85,6 +85,18 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         }
         named.extend(merged.socks_listen.iter().map(|a| ("SOCKS5", *a)));
         named.extend(merged.tls_listen.iter().map(|a| ("TLS", *a)));
+        let plain_listen: Vec<std::net::SocketAddr> = named
+            .iter()
+            .filter(|(what, _)| what.starts_with("listen"))
+            .map(|(_, a)| *a)
+            .collect();
+        if let Err(e) = crate::cli::worker::one_kind_each(
+            &plain_listen,
+            &merged.socks_listen,
+            &merged.tls_listen,
+        ) {
+            return fail(&e);
+        }
         let addrs: Vec<std::net::SocketAddr> = named.iter().map(|(_, a)| *a).collect();
         if addrs.is_empty() && !passed_any {
             say!("note: nothing to listen on unless systemd passes sockets (listen = [], and no socks-listen or tls-listen)");
@@ -112,6 +124,21 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         );
         check_summary(&tuning);
         return ExitCode::SUCCESS;
+    }
+    // The addresses this worker binds itself (a kind passed by systemd or
+    // rotor up binds none of its own).
+    let passed_total = http_passed.len() + socks_passed.len() + tls_passed.len();
+    let own =
+        |passed: &[activation::Passed], listed: &[std::net::SocketAddr]| match passed.is_empty() {
+            true => listed.to_vec(),
+            false => Vec::new(),
+        };
+    if let Err(e) = crate::cli::worker::one_kind_each(
+        &args.settings.listen(&file, passed_total),
+        &own(&socks_passed, &merged.socks_listen),
+        &own(&tls_passed, &merged.tls_listen),
+    ) {
+        return fail(&e);
     }
     if let Err(e) = tuning.open_access_log() {
         return fail(&e);

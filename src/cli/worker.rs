@@ -16,8 +16,10 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 /// The most runtime threads and password-check threads a worker takes.
 const MOST_THREADS: usize = 1024;
 
-/// The most connections a worker (or one client address) is let hold.
-const MOST_CONNECTIONS: usize = 1 << 24;
+/// The most connections a worker (or one client address) is let hold:
+/// past any descriptor limit, far under the runtime's (about 2^61, where
+/// it panicked).
+const MOST_CONNECTIONS: usize = 1 << 32;
 
 /// A worker given no listener at all, and passed no socket.
 pub const NOTHING_TO_LISTEN_ON: &str =
@@ -396,20 +398,6 @@ impl WorkerFlags {
                 return Err(ConfigError::Invalid(format!("{name} is at most {most}")));
             }
         }
-        // One address, one kind of client: the same address given twice
-        // (a worker binds its listeners with SO_REUSEPORT, so both bind)
-        // splits its clients between the handlers at random.
-        let mut seen = std::collections::HashMap::new();
-        let listeners = (self.listen(file, 0).into_iter().map(|a| ("listen", a)))
-            .chain(w.socks_listen.iter().map(|a| ("socks-listen", *a)))
-            .chain(w.tls_listen.iter().map(|a| ("tls-listen", *a)));
-        for (kind, addr) in listeners {
-            if let Some(first) = seen.insert(addr, kind) {
-                return Err(ConfigError::Invalid(format!(
-                    "{addr} is given twice ({first} and {kind}): an address serves one kind of client"
-                )));
-            }
-        }
         let auth = match &w.auth_file {
             Some(path) => Some(
                 rotor_worker::auth::Auth::load(path, w.auth_checks)
@@ -538,6 +526,29 @@ impl WorkerFlags {
     }
 }
 
+/// One address, one kind of client: the same address given twice among
+/// the addresses a worker binds (with SO_REUSEPORT, so both bind) splits
+/// its clients between the handlers at random. Asked of what is bound,
+/// not of the file alone: sockets passed replace its `listen`.
+pub fn one_kind_each(
+    listen: &[SocketAddr],
+    socks: &[SocketAddr],
+    tls: &[SocketAddr],
+) -> Result<(), ConfigError> {
+    let mut seen = std::collections::HashMap::new();
+    let listeners = (listen.iter().map(|a| ("listen", a)))
+        .chain(socks.iter().map(|a| ("socks-listen", a)))
+        .chain(tls.iter().map(|a| ("tls-listen", a)));
+    for (kind, addr) in listeners {
+        if let Some(first) = seen.insert(addr, kind) {
+            return Err(ConfigError::Invalid(format!(
+                "{addr} is given twice ({first} and {kind}): an address serves one kind of client"
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl WorkerSettingsTuning {
     /// A worker reachable from other hosts must authenticate its clients,
     /// unless the operator said `--no-auth` knowingly. `plain` are the
@@ -616,34 +627,46 @@ mod tests {
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("{args:?} accepted"),
         };
-        let e = err(&[
+        // What is bound: sockets passed (`passed`) replace the listen.
+        let kinds = |args: &[&str], passed| {
+            let f = flags(args);
+            let file = FileConfig::default();
+            let w = f.merge(&file.worker);
+            match one_kind_each(&f.listen(&file, passed), &w.socks_listen, &w.tls_listen) {
+                Err(ConfigError::Invalid(e)) => e,
+                other => format!("{other:?}"),
+            }
+        };
+        let same = [
             "--listen",
             "127.0.0.1:18081",
             "--socks-listen",
             "127.0.0.1:18081",
-        ]);
+        ];
+        let e = kinds(&same, 0);
         assert!(
             e.contains("127.0.0.1:18081 is given twice (listen and socks-listen)"),
             "{e}"
         );
-        let e = err(&["--socks-listen", "127.0.0.1:8080"]);
+        let e = kinds(&["--socks-listen", "127.0.0.1:8080"], 0);
         assert!(
             e.contains("(listen and socks-listen)"),
             "the default listen: {e}"
         );
-        let e = err(&["--listen", "127.0.0.1:1", "--listen", "127.0.0.1:1"]);
+        assert_eq!(kinds(&["--socks-listen", "127.0.0.1:8080"], 1), "Ok(())");
+        let e = kinds(&["--listen", "127.0.0.1:1", "--listen", "127.0.0.1:1"], 0);
         assert!(e.contains("(listen and listen)"), "{e}");
+        let two = ["--listen", "127.0.0.1:1", "--socks-listen", "127.0.0.1:2"];
+        assert_eq!(kinds(&two, 0), "Ok(())");
         assert!(
             err(&["--auth-checks", "18446744073709551615"]).contains("auth-checks is at most 1024")
         );
         assert!(err(&["--threads", "100000"]).contains("threads is at most 1024"));
         let e = err(&["--max-connections", "4611686018427387904"]);
-        assert!(e.contains("max-connections is at most 16777216"), "{e}");
-        assert!(
-            flags(&["--listen", "127.0.0.1:1", "--socks-listen", "127.0.0.1:2"])
-                .resolve(&FileConfig::default())
-                .is_ok()
-        );
+        assert!(e.contains("max-connections is at most 4294967296"), "{e}");
+        assert!(flags(&["--max-connections", "100000000"])
+            .resolve(&FileConfig::default())
+            .is_ok());
     }
 
     #[test]
