@@ -79,19 +79,41 @@ impl Snapshot {
         f.write_all(self.text.as_bytes())
     }
 
-    /// Written again if it is gone (before a child's start).
-    fn ensure(&self) {
-        if std::fs::symlink_metadata(&self.path).is_ok() {
-            return;
+    /// Whether the file at the path is ours as written: this user's, for
+    /// it alone, a plain file (not followed), holding the text. (The path
+    /// is predictable: once /tmp's cleaning removed ours, another user
+    /// could put a file there, with a pool command in it.)
+    fn intact(&self) -> std::io::Result<bool> {
+        use std::io::Read;
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&self.path)?;
+        let m = f.metadata()?;
+        if !m.is_file() || m.uid() != nix::unistd::geteuid().as_raw() || m.mode() & 0o077 != 0 {
+            return Ok(false);
         }
-        match self.create() {
-            Ok(()) => {
-                warn!(file = %self.path.display(), "the copy of the configuration file for the children was gone (a cleaning of the temporary directory?); written again")
+        let mut held = String::new();
+        f.read_to_string(&mut held)?;
+        Ok(held == self.text)
+    }
+
+    /// The file, as written, before a child's start: written again if it
+    /// is gone; one in its place that is not it is removed and ours
+    /// written (an error, and no child started, if that fails).
+    fn ensure(&self) -> std::io::Result<()> {
+        match self.intact() {
+            Ok(true) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                warn!(file = %self.path.display(), "the copy of the configuration file for the children was gone (a cleaning of the temporary directory?); written again");
             }
-            Err(e) => {
-                warn!(file = %self.path.display(), error = %e, "the copy of the configuration file for the children is gone, and cannot be written again")
+            _ => {
+                warn!(file = %self.path.display(), "the copy of the configuration file for the children is not the one written; removed, and written again");
+                std::fs::remove_file(&self.path)?;
             }
         }
+        self.create()
     }
 }
 
@@ -535,7 +557,7 @@ fn cpu_set(cpus: &[usize]) -> CpuSet {
 impl Slot {
     fn spawn(&self) -> std::io::Result<Child> {
         if let Some(c) = &self.config {
-            c.ensure();
+            c.ensure()?;
         }
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args).kill_on_drop(true);
@@ -905,6 +927,12 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
+        // Another file put in its place (another user's, after /tmp's
+        // cleaning): not handed on; ours written again.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "pool-command = \"evil\"\n").unwrap();
+        one.spawn().unwrap().wait().await.unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         drop(one);
         drop(snap);
         assert!(!path.exists());
