@@ -270,10 +270,10 @@ impl AllocatorFlags {
                 "max-peers must be 1 or more: the workers connect to the socket".into(),
             ));
         }
-        // Below a second, every source (a pool command, the metadata
-        // service) would be read again back to back.
-        if a.refresh < Duration::from_secs(1) {
-            return Err(ConfigError::Invalid("refresh is at least 1s".into()));
+        // Below this, every source (a pool command, the metadata service)
+        // would be read again back to back.
+        if a.refresh < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid("refresh is at least 100ms".into()));
         }
         // A count is not silently made another.
         for (name, n, least) in [
@@ -406,7 +406,7 @@ mod tests {
         assert!(flags(&["--refresh", "0s"]).pool(&f).is_err());
         // Counts and intervals are refused, not silently made others.
         for (args, said) in [
-            (&["--refresh", "500ms"][..], "refresh is at least 1s"),
+            (&["--refresh", "50ms"][..], "refresh is at least 100ms"),
             (&["--max-sessions", "0"], "max-sessions is at least 1"),
             (
                 &["--max-sessions-per-user", "0"],
@@ -422,7 +422,7 @@ mod tests {
                 other => panic!("{args:?}: {:?}", other.map(|_| ())),
             }
         }
-        assert!(flags(&["--refresh", "1s", "--max-site-entries", "16"])
+        assert!(flags(&["--refresh", "100ms", "--max-site-entries", "16"])
             .pool(&f)
             .is_ok());
         // The file's metadata interfaces go with its metadata source.
