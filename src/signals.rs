@@ -82,10 +82,8 @@ impl Signals {
                         info!("SIGHUP: reloading");
                         me.reload.send_modify(|n| *n += 1);
                     }
-                    _ = usr2.recv() => {
-                        info!("SIGUSR2: the rotor up that started this process is gone");
-                        me.orphaned.cancel();
-                    }
+                    // (Acted on by the allocator alone, which says so.)
+                    _ = usr2.recv() => me.orphaned.cancel(),
                 }
             }
         });

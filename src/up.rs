@@ -213,8 +213,14 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     }
     // The allocator's metrics port is no proxy port (bound here first,
     // the allocator failed at every start and rotor up gave up, exit 1).
-    if let Some(addr) = metrics_listen.filter(|m| every.contains(m)) {
-        error!("{addr} is given both as a listen address and as --metrics-listen: give the metrics their own port");
+    let clash = |m: &SocketAddr| {
+        every.iter().any(|a| {
+            a.port() == m.port()
+                && (a.ip() == m.ip() || a.ip().is_unspecified() || m.ip().is_unspecified())
+        })
+    };
+    if let Some(addr) = metrics_listen.filter(clash) {
+        error!("{addr} is --metrics-listen and a listen address (or within a wildcard one) on the same port: give the metrics their own port");
         return ExitCode::from(2);
     }
     if args.common.check || args.common.check_config {

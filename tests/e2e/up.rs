@@ -256,8 +256,10 @@ async fn rotor_up_refuses_workers_past_max_peers_a_held_state_directory_and_a_ta
     // The metrics on a proxy port: refused, by --check too (the allocator
     // failed at every start, and rotor up gave up with 1).
     let port = format!("127.0.0.1:{}", free_port());
-    for check in [true, false] {
-        let mut args = vec!["--no-state".to_string(), format!("--listen={port}")];
+    let wildcard = port.replace("127.0.0.1", "0.0.0.0");
+    for (listen, check) in [(&port, true), (&port, false), (&wildcard, true)] {
+        let mut args = vec!["--no-state".to_string(), "--no-auth".to_string()];
+        args.push(format!("--listen={listen}"));
         args.push(format!("--metrics-listen={port}"));
         if check {
             args.push("--check".into());
