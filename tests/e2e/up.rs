@@ -268,7 +268,7 @@ async fn rotor_up_refuses_workers_past_max_peers_a_held_state_directory_and_a_ta
         let (code, err) = run(&args);
         assert_eq!(code, Some(2), "{err}");
         assert!(
-            err.contains("as a listen address and as --metrics-listen"),
+            err.contains("is --metrics-listen and a listen address"),
             "{err}"
         );
     }
