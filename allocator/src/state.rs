@@ -3253,15 +3253,20 @@ mod tests {
         let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
         a.apply_refresh(vec![Ok(list)], &ok());
         assert!(a.unusable(ip("10.0.0.2"), "test: no such address"));
-        let mut leased: Vec<String> = (0..4)
+        assert_eq!(leased_set(&a, 4), ["10.0.0.1", "10.0.0.3"]);
+    }
+
+    /// The addresses `n` leases gave, each once, sorted.
+    fn leased_set(a: &Allocator, n: usize) -> Vec<String> {
+        let mut v: Vec<String> = (0..n)
             .map(|_| match a.lease(1, Families::ANY) {
                 Response::Leased(l) => l.ip.to_string(),
                 other => panic!("{other:?}"),
             })
             .collect();
-        leased.sort();
-        leased.dedup();
-        assert_eq!(leased, ["10.0.0.1", "10.0.0.3"]);
+        v.sort();
+        v.dedup();
+        v
     }
 
     /// An address taken out by hand whose entry holds another listed
@@ -3276,17 +3281,7 @@ mod tests {
         let list = vec![Segment::single(ip("10.0.0.1")), outer, inner];
         let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
         a.apply_refresh(vec![Ok(list.clone())], &ok());
-        let leased = |a: &Allocator| -> Vec<String> {
-            let mut v: Vec<String> = (0..6)
-                .map(|_| match a.lease(1, Families::ANY) {
-                    Response::Leased(l) => l.ip.to_string(),
-                    other => panic!("{other:?}"),
-                })
-                .collect();
-            v.sort();
-            v.dedup();
-            v
-        };
+        let leased = |a: &Allocator| leased_set(a, 6);
         assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
         // Named by its narrowest entry, the address's own.
         assert_eq!(a.steer(ip("10.0.0.3"), false, None), Some(inner));

@@ -993,15 +993,8 @@ fn the_default_pool_leaves_out_a_bridge_without_a_route_out() {
         || async {
             let alloc = Allocator::start(&[]).await;
             let status = status_json(&alloc.socket);
-            let mut pool: Vec<String> = status["pool"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|e| e["ip"].as_str().unwrap().to_string())
-                .collect();
-            pool.sort();
             assert_eq!(
-                pool,
+                sorted_pool(&status),
                 [
                     "10.1.0.2",
                     "10.1.0.3",
@@ -1040,13 +1033,7 @@ fn the_default_pool_leaves_out_a_bridge_without_a_route_out() {
                 ("lo", &["198.51.100.7", "198.51.100.8"]),
             ] {
                 let one = Allocator::start(&["--interface", sel]).await;
-                let mut pool: Vec<String> = status_json(&one.socket)["pool"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|e| e["ip"].as_str().unwrap().to_string())
-                    .collect();
-                pool.sort();
+                let pool = sorted_pool(&status_json(&one.socket));
                 assert_eq!(pool, want, "--interface {sel}");
             }
             // With no default route at all, no address reaches the

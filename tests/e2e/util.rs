@@ -857,6 +857,18 @@ pub fn pool_of(status: &serde_json::Value) -> Vec<IpAddr> {
         .collect()
 }
 
+/// The pool's entries as `rotor status --json` writes them, sorted.
+pub fn sorted_pool(status: &serde_json::Value) -> Vec<String> {
+    let mut pool: Vec<String> = status["pool"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["ip"].as_str().unwrap().to_string())
+        .collect();
+    pool.sort();
+    pool
+}
+
 /// A DNS server on loopback UDP that answers A queries from a table the
 /// test sets (name → address and TTL), and counts the A queries per name.
 /// AAAA queries for a known name get no records (or, once `silent_aaaa`
