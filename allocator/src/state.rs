@@ -1426,51 +1426,27 @@ impl Allocator {
             return held;
         };
         let now = Instant::now();
-        // Every listed entry holding it (as the sources list them: the
-        // pool leaves out those another holds): an entry inside another
-        // (an interface's address inside a listed /64) is out of the
-        // rotation only while the larger one serves, and would serve alone
-        // — the very address asked out — once that one is out. The one
-        // named is the narrowest (the address's own entry, if listed).
-        let mut holding: Vec<Segment> = inner
+        // The narrowest listed entry holding it (as the sources list them:
+        // the pool leaves out an entry another holds): the address's own
+        // entry if it is listed, not the prefix it lies in. (The prefix's
+        // rotation may reach the address, once in its 65 536 or more; a
+        // prefix taken out for it had the address's own entry serve alone,
+        // the very address asked out, for every request of its family.)
+        let e = inner
             .listed()
             .into_iter()
             .filter(|x| x.contains(ip))
-            .collect();
-        holding.sort_unstable_by_key(|x| (std::cmp::Reverse(x.prefix_len()), x.base()));
-        holding.dedup();
-        let e = holding.first().copied().unwrap_or(e);
-        if !holding.contains(&e) {
-            holding.push(e);
-        }
-        for x in holding {
-            let named = x == e;
-            if release {
-                // The one named is put back whatever kept it out; the
-                // others only from a time out by hand (one out for failing
-                // its check stays out).
-                let by_hand = inner.quarantine.get(&x).is_some_and(|q| q.by_hand);
-                if named || by_hand {
-                    inner.reach.forget(&x);
-                    if inner.quarantine.remove(&x).is_some() {
-                        tracing::info!(entry = %x, "pool address put back into the rotation by hand");
-                    }
-                }
-            } else {
-                let q = Quarantine::by_hand(for_, now, false);
-                // Another entry already out by hand for as long or longer
-                // keeps its time: a shorter time for this address does not
-                // cut short the one given for another.
-                let outlasts = |old: &Quarantine| {
-                    old.by_hand
-                        && (old.until.is_none() || q.until.is_some_and(|n| old.until >= Some(n)))
-                };
-                if !named && inner.quarantine.get(&x).is_some_and(outlasts) {
-                    continue;
-                }
-                tracing::warn!(entry = %x, reason = %q.reason, "pool address out of the rotation");
-                inner.quarantine.insert(x, q);
+            .max_by_key(|x| x.prefix_len())
+            .unwrap_or(e);
+        if release {
+            inner.reach.forget(&e);
+            if inner.quarantine.remove(&e).is_some() {
+                tracing::info!(entry = %e, "pool address put back into the rotation by hand");
             }
+        } else {
+            let q = Quarantine::by_hand(for_, now, false);
+            tracing::warn!(entry = %e, reason = %q.reason, "pool address out of the rotation");
+            inner.quarantine.insert(e, q);
         }
         inner.publish_quarantine();
         self.retry_waiters(&mut inner);
@@ -3269,12 +3245,12 @@ mod tests {
         v
     }
 
-    /// An address taken out by hand whose entry holds another listed
-    /// entry (an interface's address inside a listed /31 here): both go
-    /// out, so the inner one does not serve alone — the very address asked
-    /// out — until both are released.
+    /// An address taken out by hand that is listed on its own and inside a
+    /// listed prefix: its own entry goes out (not the prefix), and stays
+    /// out when the prefix goes out too (the prefix taken out in its place
+    /// had the address's own entry serve alone at the next refresh).
     #[test]
-    fn a_hand_quarantine_takes_out_every_entry_holding_the_address() {
+    fn a_hand_quarantine_takes_out_the_addresss_own_entry() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let outer = Segment::prefix(ip("10.0.0.2"), 31).unwrap();
         let inner = Segment::single(ip("10.0.0.3"));
@@ -3283,48 +3259,21 @@ mod tests {
         a.apply_refresh(vec![Ok(list.clone())], &ok());
         let leased = |a: &Allocator| leased_set(a, 6);
         assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
-        // Named by its narrowest entry, the address's own.
         assert_eq!(a.steer(ip("10.0.0.3"), false, None), Some(inner));
-        assert_eq!(leased(&a), ["10.0.0.1"]);
-        a.apply_refresh(vec![Ok(list.clone())], &ok());
-        assert_eq!(leased(&a), ["10.0.0.1"], "still out after a refresh");
-        // Released by the address: every entry holding it back.
-        assert_eq!(a.steer(ip("10.0.0.3"), true, None), Some(inner));
-        assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
-        // The outer one out for good by another address of it: a shorter
-        // time for the inner address does not cut that short.
-        assert_eq!(a.steer(ip("10.0.0.2"), false, None), Some(outer));
-        a.steer(ip("10.0.0.3"), false, Some(Duration::from_secs(600)));
-        let st = a.status_v2();
-        let out = |e: Segment| {
-            st.pool
-                .iter()
-                .find(|p| p.entry == e)
-                .and_then(|p| p.quarantine.as_ref())
-                .map(|q| q.reason.clone())
-        };
-        assert!(out(outer).unwrap().contains("until released"), "{st:?}");
-        assert!(out(inner).is_some(), "{st:?}");
-        // Released by the inner address: the outer one comes back too (it
-        // holds the address); one out for failing its check would not.
-        a.steer(ip("10.0.0.3"), true, None);
-        assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+        // The prefix out too (its route gone): the address does not serve.
         let bad: HashMap<Segment, Result<(), String>> = [(outer, Err("not usable".to_string()))]
             .into_iter()
             .collect();
         a.apply_refresh(vec![Ok(list.clone())], &bad);
-        a.steer(ip("10.0.0.3"), true, None);
-        assert_eq!(
-            leased(&a),
-            ["10.0.0.1", "10.0.0.3"],
-            "the outer one still out"
-        );
-        // Taken out alone: it is not what serves it (the outer one is).
-        assert_eq!(
-            a.steer(ip("10.0.0.1"), false, None),
-            Some(Segment::single(ip("10.0.0.1")))
-        );
-        assert_eq!(leased(&a), ["10.0.0.3"]);
+        assert_eq!(leased(&a), ["10.0.0.1"]);
+        a.apply_refresh(vec![Ok(list.clone())], &bad);
+        assert_eq!(leased(&a), ["10.0.0.1"], "still out after a refresh");
+        // Released: its own entry serves while the prefix is out.
+        assert_eq!(a.steer(ip("10.0.0.3"), true, None), Some(inner));
+        assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.3"]);
+        // An address in the prefix alone: the prefix is its entry.
+        assert_eq!(a.steer(ip("10.0.0.2"), true, None), Some(outer));
+        assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
     }
 
     #[test]
