@@ -856,7 +856,10 @@ impl Inner {
             if h.until.is_some_and(|u| u <= wall) {
                 continue;
             }
-            let Some(e) = holding(h.entry.base()) else {
+            // Its own entry if it is listed again (a /64 inside a listed
+            // /48 is the /64, not the /48), else the entry holding it.
+            let own = listed.contains(&h.entry).then_some(h.entry);
+            let Some(e) = own.or_else(|| holding(h.entry.base())) else {
                 self.held.push(h);
                 continue;
             };
@@ -3274,6 +3277,40 @@ mod tests {
         // An address in the prefix alone: the prefix is its entry.
         assert_eq!(a.steer(ip("10.0.0.2"), true, None), Some(outer));
         assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
+    }
+
+    /// Nested prefixes out by hand (a /64 inside a listed /48) each come
+    /// back out after a restart, as themselves (the /64 was taken for the
+    /// /48 holding its base, found out already, and dropped).
+    #[test]
+    fn nested_prefixes_out_by_hand_outlive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let wide = Segment::prefix(ip("2001:db8::"), 48).unwrap();
+        let narrow = Segment::prefix(ip("2001:db8::"), 64).unwrap();
+        let list = vec![Segment::single(ip("10.0.0.1")), wide, narrow];
+        let start = || {
+            let a = kept_in(dir.path());
+            a.apply_refresh(vec![Ok(list.clone())], &ok());
+            a
+        };
+        let out = |a: &Allocator| -> Vec<Segment> {
+            let mut v: Vec<Segment> = a
+                .status_v2()
+                .pool
+                .into_iter()
+                .filter(|p| p.quarantine.is_some())
+                .map(|p| p.entry)
+                .collect();
+            v.sort_by_key(|e| e.prefix_len());
+            v
+        };
+        let a = start();
+        assert_eq!(a.steer(ip("2001:db8:0:1::1"), false, None), Some(wide));
+        assert_eq!(a.steer(ip("2001:db8::1"), false, None), Some(narrow));
+        drop(a);
+        let b = start();
+        assert_eq!(out(&b), [wide, narrow]);
     }
 
     #[test]
