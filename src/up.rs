@@ -88,7 +88,8 @@ impl Snapshot {
         use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
         let mut f = std::fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
+            // (Not blocking on a FIFO put in its place.)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&self.path)?;
         let m = f.metadata()?;
         if !m.is_file() || m.uid() != nix::unistd::geteuid().as_raw() || m.mode() & 0o077 != 0 {
@@ -934,10 +935,18 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // Another file put in its place (another user's, after /tmp's
-        // cleaning): not handed on; ours written again.
+        // cleaning): not handed on; ours written again. A FIFO does not
+        // hold the start up.
         std::fs::remove_file(&path).unwrap();
         std::fs::write(&path, "pool-command = \"evil\"\n").unwrap();
         one.spawn().unwrap().wait().await.unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+        std::fs::remove_file(&path).unwrap();
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let started = tokio::time::timeout(Duration::from_secs(5), async {
+            one.spawn().unwrap().wait().await.unwrap()
+        });
+        started.await.expect("not held by a FIFO");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
         drop(one);
         drop(snap);
