@@ -988,6 +988,11 @@ pub struct RefreshOutcome {
     pub failed: Vec<(String, String)>,
 }
 
+/// How long after the start a session taken back from the state file is
+/// spared a move while a source has not been read (its address may be
+/// that source's): past it, a source that never reads moves them.
+const RESTORED_GRACE: Duration = Duration::from_secs(600);
+
 impl Allocator {
     pub fn new(sources: Vec<Source>) -> Allocator {
         Allocator::resuming(sources, None, Saved::default(), None)
@@ -1664,9 +1669,12 @@ impl Allocator {
         // A session taken back at a restart whose address is missing while
         // a source has not been read yet (a metadata service down at the
         // start) is served from the rotation for now, not moved for good:
-        // its address may be that source's. (Only those: one begun in this
-        // run moves, whatever a source that never reads.)
-        let unread = inner.sources.iter().any(|s| !s.read_once) && inner.sessions.restored(key);
+        // its address may be that source's. (Only those, and for
+        // `RESTORED_GRACE` at most: one begun in this run moves, and so does
+        // one kept whose source never reads.)
+        let unread = now < self.started + RESTORED_GRACE
+            && inner.sources.iter().any(|s| !s.read_once)
+            && inner.sessions.restored(key);
         let mut keep_pin = false;
         for family in Family::ALL {
             if !families.accepts_family(family) {
@@ -3043,6 +3051,19 @@ mod tests {
         assert_ne!(moved, ip("10.0.0.2"));
         b.apply_refresh(vec![Ok(one()), Ok(two())], &ok());
         assert_eq!(session(&b), moved, "moved for good");
+        drop(b);
+        // Past the grace after the start, a source that still has not read
+        // does not keep a kept session from moving.
+        let mut c = start();
+        c.started -= RESTORED_GRACE + Duration::from_secs(1);
+        let down = SourceError::Read {
+            path: "/nonexistent".into(),
+            source: std::io::Error::other("down"),
+        };
+        c.apply_refresh(vec![Ok(one()), Err(down)], &ok());
+        let moved = session(&c);
+        c.apply_refresh(vec![Ok(one()), Ok(two())], &ok());
+        assert_eq!(session(&c), moved, "moved for good past the grace");
     }
 
     /// A sessions file with an item that does not read: the others come
