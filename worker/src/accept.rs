@@ -175,32 +175,15 @@ pub async fn accept_loop(
     let _ = socket2::SockRef::from(&listener).set_tcp_nodelay(true);
     let mut inherits_nodelay: Option<bool> = None;
     let listener = os::register_readable(listener)?;
-    // Since when the connection queued now was left to siblings.
-    let mut deferred: Option<tokio::time::Instant> = None;
-    // When a full worker last waited the whole FULL_DEFER_MAX in vain: for
-    // a moment after, the sibling is taken for stalled, and what is queued
-    // is taken (and refused) at once, not 10 ms a connection.
-    let mut sibling_stalled: Option<tokio::time::Instant> = None;
+    let mut deferral = Deferral::default();
     loop {
         let mut ready = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             r = listener.readable() => r?,
         };
-        let defer = match (deferred, balance.leave_to_sibling()) {
-            (_, Defer::Full) if sibling_stalled.is_some_and(|t| t.elapsed() < STALLED_FOR) => {
-                Defer::No
-            }
-            (Some(at), Defer::Full) if at.elapsed() < FULL_DEFER_MAX => Defer::Full,
-            (Some(_), Defer::Full) => {
-                sibling_stalled = Some(tokio::time::Instant::now());
-                Defer::No
-            }
-            (Some(_), _) => Defer::No,
-            (None, d) => d,
-        };
+        let defer = deferral.decide(balance.leave_to_sibling(), tokio::time::Instant::now());
         if defer != Defer::No {
             drop(ready);
-            deferred.get_or_insert_with(tokio::time::Instant::now);
             match defer {
                 Defer::Wait | Defer::Full => tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
@@ -210,8 +193,9 @@ pub async fn accept_loop(
             }
             continue;
         }
-        deferred = None;
-        match ready.try_io(|l| os::accept(l.get_ref())) {
+        let accepted = ready.try_io(|l| os::accept(l.get_ref()));
+        deferral.accepted(matches!(accepted, Ok(Ok(_))), tokio::time::Instant::now());
+        match accepted {
             Ok(Ok((std, peer))) => {
                 let inherited =
                     *inherits_nodelay.get_or_insert_with(|| std.nodelay().unwrap_or(false));
@@ -232,6 +216,58 @@ pub async fn accept_loop(
             Ok(Err(e)) => accept_failed("", &e).await,
             // Nothing queued after all (a sibling took it): wait again.
             Err(_would_block) => {}
+        }
+    }
+}
+
+/// An accept loop's leaving of connections to its siblings, over its
+/// wakes.
+#[derive(Debug, Default)]
+struct Deferral {
+    /// Since when the connection queued now was left to siblings.
+    deferred: Option<tokio::time::Instant>,
+    /// Whether this accept comes after waiting the whole
+    /// [`FULL_DEFER_MAX`] (a full worker's last resort).
+    forced: bool,
+    /// When such an accept last found a connection still queued: for a
+    /// moment after, the sibling is taken for stalled, and what is queued
+    /// is taken (and refused) at once, not 10 ms a connection. (Only when
+    /// it found one: a wake left over after a sibling took the connection
+    /// finds none, and taking the sibling for stalled then had a full
+    /// worker race it for every connection, refusing what it won, while
+    /// the sibling had room.)
+    sibling_stalled: Option<tokio::time::Instant>,
+}
+
+impl Deferral {
+    /// What to do with a wake, given what the loads say (`wanted`).
+    fn decide(&mut self, wanted: Defer, now: tokio::time::Instant) -> Defer {
+        let stalled = self
+            .sibling_stalled
+            .is_some_and(|t| now.duration_since(t) < STALLED_FOR);
+        let defer = match (self.deferred, wanted) {
+            (_, Defer::Full) if stalled => Defer::No,
+            (Some(at), Defer::Full) if now.duration_since(at) < FULL_DEFER_MAX => Defer::Full,
+            (Some(_), Defer::Full) => {
+                self.forced = true;
+                Defer::No
+            }
+            (Some(_), _) => Defer::No,
+            (None, d) => d,
+        };
+        match defer {
+            Defer::No => self.deferred = None,
+            _ => {
+                self.deferred.get_or_insert(now);
+            }
+        }
+        defer
+    }
+
+    /// The accept a wake led to, and whether it took a connection.
+    fn accepted(&mut self, took: bool, now: tokio::time::Instant) {
+        if std::mem::take(&mut self.forced) && took {
+            self.sibling_stalled = Some(now);
         }
     }
 }
@@ -617,6 +653,41 @@ mod tests {
         assert!(got == data, "all of it, in order");
         // And as tokio's stream, which the relay takes.
         assert!(server.into_tokio().is_ok());
+    }
+
+    /// A full worker waits FULL_DEFER_MAX for a sibling with room, then
+    /// accepts; only if that accept found a connection still queued is the
+    /// sibling taken for stalled (what is queued then taken at once). A
+    /// wake left over after the sibling took the connection finds none:
+    /// the next connection is left to the sibling again.
+    #[test]
+    fn a_full_worker_takes_its_sibling_for_stalled_only_on_a_connection_it_found() {
+        let t0 = tokio::time::Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut d = Deferral::default();
+        assert_eq!(d.decide(Defer::Full, ms(0)), Defer::Full);
+        assert_eq!(d.decide(Defer::Full, ms(5)), Defer::Full);
+        assert_eq!(d.decide(Defer::Full, ms(11)), Defer::No, "forced");
+        d.accepted(false, ms(11));
+        assert_eq!(
+            d.decide(Defer::Full, ms(12)),
+            Defer::Full,
+            "the sibling took it"
+        );
+        assert_eq!(d.decide(Defer::Full, ms(23)), Defer::No, "forced again");
+        d.accepted(true, ms(23));
+        assert_eq!(d.decide(Defer::Full, ms(24)), Defer::No, "stalled: at once");
+        d.accepted(true, ms(24));
+        assert_eq!(
+            d.decide(Defer::Full, ms(600)),
+            Defer::Full,
+            "the moment over"
+        );
+        // Other deferrals are one wake each.
+        let mut d = Deferral::default();
+        assert_eq!(d.decide(Defer::Wait, ms(0)), Defer::Wait);
+        assert_eq!(d.decide(Defer::Wait, ms(1)), Defer::No);
+        assert_eq!(d.decide(Defer::Yield, ms(2)), Defer::Yield);
     }
 
     #[tokio::test]
