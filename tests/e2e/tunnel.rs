@@ -278,6 +278,11 @@ struct CutWorker {
 
 impl CutWorker {
     async fn start() -> CutWorker {
+        CutWorker::start_with(&[]).await
+    }
+
+    /// With `extra` worker flags.
+    async fn start_with(extra: &[&str]) -> CutWorker {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("access.log");
         let metrics: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
@@ -291,7 +296,7 @@ impl CutWorker {
         ];
         let worker = Worker::start(
             &alloc.socket,
-            &[&args[..], &["--drain-timeout", "1s"]].concat(),
+            &[&args[..], &["--drain-timeout", "1s"], extra].concat(),
         )
         .await;
         CutWorker {
@@ -398,6 +403,55 @@ async fn a_request_cut_by_the_stop_is_still_logged() {
         text.lines()
             .find(|l| l.contains("GET"))
             .unwrap_or_else(|| panic!("no line for the request: {text:?}")),
+    )
+    .unwrap();
+    assert_eq!(
+        (line["status"].as_u64(), line["error"].as_str()),
+        (Some(503), Some("worker_stopped"))
+    );
+    drop(s);
+}
+
+/// A SOCKS5 tunnel still being opened (its name's lookup slow) when the
+/// drain's time is up is dropped with the worker, and still logged and
+/// counted (503, `worker_stopped`), as its HTTP twin is: it had no line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socks5_tunnel_cut_while_it_opens_is_still_logged() {
+    let dns = Dns::start().await;
+    dns.set("slow.rotor.test", std::net::Ipv4Addr::new(127, 0, 0, 1), 60);
+    dns.slow_a_ms
+        .store(20_000, std::sync::atomic::Ordering::Relaxed);
+    let server = dns.addr.to_string();
+    let socks: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let listen = socks.to_string();
+    let cut = CutWorker::start_with(&["--socks-listen", &listen, "--dns-server", &server]).await;
+    let mut s = TcpStream::connect(socks).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).await.unwrap();
+    let name = b"slow.rotor.test";
+    let mut req = vec![5, 1, 0, 3, name.len() as u8];
+    req.extend_from_slice(name);
+    req.extend_from_slice(&80u16.to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    eventually("the lookup asked", || async {
+        dns.queries_for("slow.rotor.test") > 0
+    })
+    .await;
+    let (text, metrics) = cut.stop_and_scrape().await;
+    assert!(
+        metrics.contains("rotor_errors_total{error=\"worker_stopped\"} 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("rotor_errors_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let line: serde_json::Value = serde_json::from_str(
+        text.lines()
+            .find(|l| l.contains("SOCKS5"))
+            .unwrap_or_else(|| panic!("no line for the tunnel: {text:?}")),
     )
     .unwrap();
     assert_eq!(

@@ -646,6 +646,17 @@ impl Proxy {
         }
     }
 
+    /// A request whose answer is not given yet (see [`Pending`]).
+    pub(crate) fn pending(&self, entry: Option<Entry>, start: Instant) -> Pending {
+        Pending {
+            meter: self.meter.clone(),
+            log: self.config.access_log.clone().zip(entry),
+            start,
+            stopping: self.tunnels_cut.clone(),
+            armed: true,
+        }
+    }
+
     pub fn leases(&self) -> &LeaseClient {
         &self.leases
     }
@@ -1758,6 +1769,42 @@ impl Drop for Unopened {
             .tunnel_unopened(self.source, || &self.dest, why, took);
         if let Some((log, mut e)) = self.log.take() {
             e.source = Some(self.source);
+            e.status = status;
+            e.error = Some(why);
+            log.log(&e);
+        }
+    }
+}
+
+/// A request whose answer is not given yet (a SOCKS5 tunnel being
+/// opened). Dropped so (its task dropped with the worker at the drain's
+/// cut), it is counted and logged as given up, as [`Abandoned`] does:
+/// `worker_stopped` and 503, or `client_closed` and 499. It had no line.
+pub(crate) struct Pending {
+    meter: Arc<Meter>,
+    log: Option<(Arc<AccessLog>, Entry)>,
+    start: Instant,
+    stopping: tokio_util::sync::CancellationToken,
+    armed: bool,
+}
+
+impl Pending {
+    /// It is answered (or its end said otherwise): its line, to go on
+    /// with.
+    pub fn answered(mut self) -> Option<Entry> {
+        self.armed = false;
+        self.log.take().map(|(_, e)| e)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (why, status) = given_up(&self.stopping);
+        self.meter.error(Some(why), self.start.elapsed());
+        if let Some((log, mut e)) = self.log.take() {
             e.status = status;
             e.error = Some(why);
             log.log(&e);

@@ -459,6 +459,9 @@ pub async fn serve(
         caller.stamp(&mut e);
         e
     });
+    // Counted and logged however this ends, also dropped at the drain's
+    // cut while the tunnel opens.
+    let pending = proxy.pending(entry, started);
     let opened = unless_gone(&stream, async {
         let standing = caller.standing.as_ref();
         crate::proxy::still_stands(standing)?;
@@ -469,6 +472,7 @@ pub async fn serve(
         Ok(opened)
     })
     .await;
+    let entry = pending.answered();
     // A tunnel that did not open: counted, and logged as its HTTP twin.
     let not_opened = |entry: Option<Entry>,
                       (status, kind): (u16, Option<&'static str>),
