@@ -214,10 +214,16 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     }
     // The allocator's metrics port is no proxy port (bound here first,
     // the allocator failed at every start and rotor up gave up, exit 1).
+    // The proxy's listeners are IPv6-only; the metrics socket, bound
+    // plainly, is dual-stack: `[::]` takes every address of the port.
     let clash = |m: &SocketAddr| {
+        let mi = m.ip().to_canonical();
         every.iter().any(|a| {
+            let ai = a.ip();
             a.port() == m.port()
-                && (a.ip() == m.ip() || a.ip().is_unspecified() || m.ip().is_unspecified())
+                && (ai == mi
+                    || (ai.is_unspecified() && ai.is_ipv4() == mi.is_ipv4())
+                    || (mi.is_unspecified() && (m.is_ipv6() || ai.is_ipv4())))
         })
     };
     if let Some(addr) = metrics_listen.filter(clash) {

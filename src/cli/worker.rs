@@ -19,7 +19,7 @@ const MOST_THREADS: usize = 1024;
 /// The most connections a worker (or one client address) is let hold:
 /// past any descriptor limit, far under the runtime's (about 2^61, where
 /// it panicked).
-const MOST_CONNECTIONS: usize = 1 << 32;
+const MOST_CONNECTIONS: usize = u32::MAX as usize;
 
 /// A worker given no listener at all, and passed no socket.
 pub const NOTHING_TO_LISTEN_ON: &str =
@@ -663,7 +663,7 @@ mod tests {
         );
         assert!(err(&["--threads", "100000"]).contains("threads is at most 1024"));
         let e = err(&["--max-connections", "4611686018427387904"]);
-        assert!(e.contains("max-connections is at most 4294967296"), "{e}");
+        assert!(e.contains("max-connections is at most 4294967295"), "{e}");
         assert!(flags(&["--max-connections", "100000000"])
             .resolve(&FileConfig::default())
             .is_ok());
