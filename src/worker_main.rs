@@ -85,10 +85,14 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         }
         named.extend(merged.socks_listen.iter().map(|a| ("SOCKS5", *a)));
         named.extend(merged.tls_listen.iter().map(|a| ("TLS", *a)));
+        // The addresses given, and those of sockets passed: not the
+        // default, which a socket systemd passes at the start (unseen
+        // here, as ExecStartPre) replaces.
         let plain_listen: Vec<std::net::SocketAddr> = named
             .iter()
-            .filter(|(what, _)| what.starts_with("listen"))
+            .filter(|(what, _)| *what == "listen (passed)")
             .map(|(_, a)| *a)
+            .chain(args.settings.given_listen(&file))
             .collect();
         if let Err(e) = crate::cli::worker::one_kind_each(
             &plain_listen,

@@ -352,6 +352,13 @@ impl WorkerFlags {
         }
     }
 
+    /// The listen addresses given (flag or file), without the default:
+    /// what `--check` holds against the other listeners, the default
+    /// being replaced by systemd's socket at a start it cannot see.
+    pub fn given_listen(&self, file: &FileConfig) -> Vec<SocketAddr> {
+        Shape::given(&self.listen, &file.worker.listen).unwrap_or_default()
+    }
+
     /// Everything but the listeners, validated.
     pub fn resolve(&self, file: &FileConfig) -> Result<WorkerSettingsTuning, ConfigError> {
         let mut w = self.merge(&file.worker);
