@@ -100,6 +100,12 @@ impl Balance {
         }
         let mine = self.load();
         self.leases.publish_load(self.group, mine);
+        // Left meanwhile (the stop, on another thread): out again, not
+        // back in the group with a load it no longer takes on.
+        if self.left.load(std::sync::atomic::Ordering::SeqCst) {
+            self.leases.leave_group();
+            return Defer::No;
+        }
         Defer::choose(
             mine,
             self.leases.least_sibling_load(self.group),
@@ -115,7 +121,7 @@ impl Balance {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => {
-                    self.left.store(true, std::sync::atomic::Ordering::Relaxed);
+                    self.left.store(true, std::sync::atomic::Ordering::SeqCst);
                     self.leases.leave_group();
                     return;
                 }
