@@ -547,3 +547,71 @@ async fn connections_past_max_peers_are_refused_with_the_reason() {
     })
     .await;
 }
+
+/// A small request body that stalls (rotor's 408) or is cut off by its
+/// client (499) is counted and logged, as on hyper's path for a large
+/// one; a head that never ends, too (408, without a method). They went
+/// without a line.
+#[tokio::test]
+async fn a_small_body_that_stalls_or_is_cut_off_is_logged() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let args = [
+        "--header-read-timeout",
+        "500ms",
+        "--access-log",
+        log.to_str().unwrap(),
+        "--access-log-format",
+        "json",
+    ];
+    let worker = Worker::start(&alloc.socket, &args).await;
+    let url = origin.url("/echo");
+    let head = format!("POST {url} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789");
+    // Stalls: answered 408.
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out)).await;
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 408"));
+    // Cut off by its client.
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(s);
+    // A head that never ends.
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    s.write_all(b"GET http://127.0.0.1/ HTTP/1.1\r\nX-A: ")
+        .await
+        .unwrap();
+    let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut Vec::new())).await;
+    let lines = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    eventually("three lines", || async { lines().len() >= 3 }).await;
+    let mut got: Vec<(String, u64, String)> = lines()
+        .iter()
+        .map(|l| {
+            (
+                l["method"].as_str().unwrap().to_string(),
+                l["status"].as_u64().unwrap(),
+                l["error"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("-".to_string(), 408, "http_request_error".to_string()),
+            ("POST".to_string(), 408, "http_request_error".to_string()),
+            ("POST".to_string(), 499, "client_closed".to_string()),
+        ]
+    );
+    assert_eq!(origin.count(), 0);
+}

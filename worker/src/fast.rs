@@ -211,7 +211,7 @@ where
                             }
                             Err(_) => {
                                 tracing::debug!("request head too slow; closed");
-                                return too_slow(io, &mut out, conn).await;
+                                return too_slow(io, &mut out, conn, None).await;
                             }
                         },
                         _ = &mut stopped, if drain_due.is_none() => {
@@ -240,13 +240,21 @@ where
                     Ok(r) => r,
                     Err(_) => {
                         tracing::debug!("request body too slow; closed");
-                        return too_slow(io, &mut out, conn).await;
+                        return too_slow(io, &mut out, conn, Some(&parts)).await;
                     }
                 },
-                _ = &mut idle => return Outcome::Closed,
+                _ = &mut idle => return too_slow(io, &mut out, conn, Some(&parts)).await,
             };
             match read {
-                Ok(0) | Err(_) => return Outcome::Closed,
+                Ok(0) | Err(_) => {
+                    let gone = (
+                        crate::proxy::CLIENT_CLOSED,
+                        Some(crate::proxy::CLIENT_CLOSED_ERROR),
+                    );
+                    conn.proxy
+                        .unserved(conn.client, Some(&parts), gone, std::time::Instant::now());
+                    return Outcome::Closed;
+                }
                 Ok(_) => {}
             }
         }
@@ -343,10 +351,22 @@ pub const LINGER_MOST: u64 = 256 * 1024;
 /// Tells a client whose request did not come whole within the header
 /// timeout so (408, as hyper's path), then closes: within the grace, as a
 /// client this slow may not read either.
-async fn too_slow<I: ClientStream>(mut io: I, out: &mut Vec<u8>, conn: &Conn) -> Outcome<I> {
+async fn too_slow<I: ClientStream>(
+    mut io: I,
+    out: &mut Vec<u8>,
+    conn: &Conn,
+    parts: Option<&http::request::Parts>,
+) -> Outcome<I> {
     let e = crate::error::ProxyError::HeadTimeout {
         timeout: conn.header_timeout,
     };
+    let (status, kind) = e.classify();
+    conn.proxy.unserved(
+        conn.client,
+        parts,
+        (status.as_u16(), kind),
+        std::time::Instant::now(),
+    );
     let answer = crate::proxy::Answer::from(&e);
     let _ = tokio::time::timeout(conn.grace, async {
         respond(&mut io, out, answer, false, true).await?;

@@ -433,6 +433,39 @@ impl Proxy {
         }
     }
 
+    /// A request the fast path did not get whole (`parts`: its head, if
+    /// that came): rotor answered 408 for its slowness, or the client went
+    /// (499 `client_closed`) mid-body. Counted and logged as the others
+    /// are (the same on hyper's path was; here it went without a line).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn unserved(
+        &self,
+        client: SocketAddr,
+        parts: Option<&request::Parts>,
+        (status, kind): (u16, Option<&'static str>),
+        start: Instant,
+    ) {
+        self.meter.error(kind, start.elapsed());
+        if let Some(log) = &self.config.access_log {
+            let mut e = match parts {
+                Some(p) => {
+                    let target = log_target(&p.uri, p.method == Method::CONNECT);
+                    Entry::new(start, client, p.method.clone(), target)
+                }
+                None => Entry::new(
+                    start,
+                    client,
+                    Method::from_bytes(b"-").expect("a token"),
+                    "-".into(),
+                ),
+            };
+            e.status = status;
+            e.error = kind;
+            log.log(&e);
+        }
+    }
+
     /// Rotor's own answer to a TRACE or OPTIONS with `Max-Forwards: 0`,
     /// logged. (Out of line: the fast path's `serve` stays as it was.)
     #[cold]
