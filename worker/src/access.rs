@@ -382,10 +382,28 @@ impl AccessLog {
             .unwrap_or_else(|e| e.into_inner())
             .closed = true;
         if let Some(w) = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = w.join();
+            // Waited for a while, not for ever: a writer stuck in a write
+            // (stdout to a pipe nobody reads, a hung network mount) held
+            // the worker's exit until its supervisor killed it.
+            let until = std::time::Instant::now() + CLOSE_WAIT;
+            while !w.is_finished() && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            match w.is_finished() {
+                true => {
+                    let _ = w.join();
+                }
+                false => warn!(
+                    waited = ?CLOSE_WAIT,
+                    "the access log's writer is stuck in a write; its last lines may be lost"
+                ),
+            }
         }
     }
 }
+
+/// How long the exit waits for the access log's last lines to be written.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// The lines of requests dropped with the runtime (a drain that ran out)
 /// are written when the last holder goes, with the runtime's tasks.
