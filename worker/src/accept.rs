@@ -295,10 +295,25 @@ pub(crate) async fn accept_failed(kind: &str, e: &io::Error) {
 
 /// Errors of one connection that the next accept does not share (as tokio
 /// and std treat them).
+/// With the network errors accept(2) passes on from the new connection,
+/// which its page says to retry at once as EAGAIN (each had cost a 50 ms
+/// pause and a warning).
 pub(crate) fn is_transient(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
-        Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO | libc::EPERM)
+        Some(
+            libc::ECONNABORTED
+                | libc::EINTR
+                | libc::EPROTO
+                | libc::EPERM
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
     )
 }
 
