@@ -378,7 +378,7 @@ fn raise_fd_limit(max_connections: usize) {
         tracing::warn!(
             limit,
             max_connections,
-            "the descriptor limit is below max_connections: clients past it will be refused; raise LimitNOFILE (ulimit -n) or lower max_connections"
+            "the descriptor limit is below max_connections: clients past it wait unanswered in the listen queue; raise LimitNOFILE (ulimit -n) or lower max_connections"
         );
     } else if limit < busy {
         // Worth knowing when tuning, not at every start: it only matters
