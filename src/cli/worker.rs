@@ -19,7 +19,14 @@ const MOST_THREADS: usize = 1024;
 /// The most connections a worker (or one client address) is let hold:
 /// past any descriptor limit, far under the runtime's (about 2^61, where
 /// it panicked).
-const MOST_CONNECTIONS: usize = u32::MAX as usize;
+const MOST_CONNECTIONS: usize = {
+    // (On a 32-bit target the runtime's limit, usize::MAX >> 3, is lower.)
+    let runtime = usize::MAX >> 3;
+    match (u32::MAX as usize) < runtime {
+        true => u32::MAX as usize,
+        false => runtime,
+    }
+};
 
 /// A worker given no listener at all, and passed no socket.
 pub const NOTHING_TO_LISTEN_ON: &str =

@@ -182,6 +182,19 @@ pub async fn accept_loop(
     let mut inherits_nodelay: Option<bool> = None;
     let listener = os::register_readable(listener)?;
     let mut deferral = Deferral::default();
+    // At the stop, this loop's last word in the group is a leave: its own
+    // publish of its load, racing the stop's leave on another thread,
+    // could otherwise land last and keep a draining worker in the group.
+    struct LeaveAtStop<'a>(&'a Balance, &'a CancellationToken);
+    impl Drop for LeaveAtStop<'_> {
+        fn drop(&mut self) {
+            if self.1.is_cancelled() {
+                self.0.left.store(true, std::sync::atomic::Ordering::SeqCst);
+                self.0.leases.leave_group();
+            }
+        }
+    }
+    let _leave = LeaveAtStop(&balance, &stop);
     loop {
         let mut ready = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -189,13 +202,21 @@ pub async fn accept_loop(
         };
         let defer = deferral.decide(balance.leave_to_sibling(), tokio::time::Instant::now());
         if defer != Defer::No {
-            drop(ready);
             match defer {
                 Defer::Wait | Defer::Full => tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(DEFER) => {}
                 },
                 _ => tokio::task::yield_now().await,
+            }
+            // A full worker's sibling took what woke it (nothing queued
+            // now): the next connection is waited for, and left to the
+            // sibling afresh. (The readiness kept from the wake had it
+            // wake every 1 ms and, 10 ms on, accept a newer connection
+            // the sibling had not reached yet, and take it for stalled.)
+            if defer == Defer::Full && !os::queued(listener.get_ref()) {
+                ready.clear_ready();
+                deferral = Deferral::default();
             }
             continue;
         }

@@ -56,6 +56,19 @@ pub fn coarse_ms() -> u64 {
     })
 }
 
+/// Whether a connection waits in `listener`'s queue now (poll(2), no
+/// wait): what the reactor's readiness, kept from an earlier wake, may
+/// no longer say.
+pub fn queued(listener: &impl AsFd) -> bool {
+    let mut fd = libc::pollfd {
+        fd: listener.as_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, valid for the call; a zero timeout.
+    unsafe { libc::poll(&mut fd, 1, 0) > 0 }
+}
+
 /// Registers `listener` with the reactor for readiness to accept.
 pub fn register_readable(listener: TcpListener) -> io::Result<AsyncFd<TcpListener>> {
     // SAFETY: the listener owns its descriptor, which stays open and the
