@@ -821,10 +821,10 @@ impl Inner {
     }
 
     /// Before the pool becomes `listed`: hand quarantines of entries that
-    /// leave it are held, and held ones whose address is listed again (in
-    /// whatever entry now holds it) are out again for the rest of their
-    /// time; those whose time ended are forgotten.
-    fn carry_hand(&mut self, listed: &HashSet<Segment>, addrs: &[Segment], now: Instant) {
+    /// leave it are held, and held ones listed again (the same entry) are
+    /// out again for the rest of their time; those whose time ended are
+    /// forgotten.
+    fn carry_hand(&mut self, listed: &HashSet<Segment>, now: Instant) {
         let leaving: Vec<HandOut> = self
             .quarantine
             .iter()
@@ -839,30 +839,21 @@ impl Inner {
             return;
         }
         let wall = unix_now();
-        // The entry holding an address: a listed single by a look-up, else
-        // the first prefix holding it (few), not a walk of the pool for
-        // each held entry (4096 of them and a pool of 100 000 singles:
-        // 4·10⁸ visits under the allocator's lock at each refresh).
-        let prefixes: Vec<Segment> = addrs.iter().filter(|e| !e.is_single()).copied().collect();
-        let holding = |ip: IpAddr| {
-            let single = Segment::single(ip);
-            match listed.contains(&single) {
-                true => Some(single),
-                false => prefixes.iter().find(|p| p.contains(ip)).copied(),
-            }
-        };
         let held = std::mem::take(&mut self.held);
         for h in held {
             if h.until.is_some_and(|u| u <= wall) {
                 continue;
             }
-            // Its own entry if it is listed again (a /64 inside a listed
-            // /48 is the /64, not the /48), else the entry holding it.
-            let own = listed.contains(&h.entry).then_some(h.entry);
-            let Some(e) = own.or_else(|| holding(h.entry.base())) else {
+            // Back out when its own entry is listed again, only: as
+            // `steer` takes out the narrowest entry holding an address, a
+            // single (or a /64) held is not the prefix that now holds it
+            // (a /48 out until released for one address, once that
+            // address was dropped from the list).
+            if !listed.contains(&h.entry) {
                 self.held.push(h);
                 continue;
-            };
+            }
+            let e = h.entry;
             if self.quarantine.get(&e).is_some_and(|q| q.by_hand) {
                 continue;
             }
@@ -1223,7 +1214,7 @@ impl Allocator {
         let addrs = inner.listed();
         let listed: HashSet<Segment> = addrs.iter().copied().collect();
         let now = Instant::now();
-        inner.carry_hand(&listed, &addrs, now);
+        inner.carry_hand(&listed, now);
         inner.quarantine.retain(|e, _| listed.contains(e));
         inner.reach.retain(&listed);
         let mut told = Told::default();
@@ -3383,13 +3374,15 @@ mod tests {
         a.apply_refresh(vec![Ok(all.clone())], &ok());
         assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.2", "10.0.0.1", "10.0.0.2"]);
         // Held while out of the pool, then back inside a prefix: the
-        // prefix that holds it is out, for the rest of its time.
+        // prefix is not what was taken out (it serves); back as itself,
+        // it is out again.
         a.apply_refresh(vec![Ok(vec![e("10.0.0.1"), e("10.0.0.2")])], &ok());
         let slash31 = Segment::prefix(ip("10.0.0.2"), 31).unwrap();
         a.apply_refresh(vec![Ok(vec![e("10.0.0.1"), slash31])], &ok());
-        assert_eq!(leased(&a), ["10.0.0.1"; 4]);
-        assert_eq!(a.steer(ip("10.0.0.3"), true, None), Some(slash31));
+        assert_eq!(leased_set(&a, 4), ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
         a.apply_refresh(vec![Ok(all.clone())], &ok());
+        assert_eq!(leased_set(&a, 4), ["10.0.0.1", "10.0.0.2"]);
+        a.steer(ip("10.0.0.3"), true, None);
         drop(a);
         let a = start();
         a.apply_refresh(vec![Ok(all.clone())], &ok());
