@@ -615,3 +615,41 @@ async fn a_small_body_that_stalls_or_is_cut_off_is_logged() {
     );
     assert_eq!(origin.count(), 0);
 }
+
+/// Empty lines before a request line are ignored (RFC 9112 §2.2): a
+/// client's stray CRLF after a body is no head begun, not answered 408 at
+/// the header timeout; its next request is served.
+#[tokio::test]
+async fn a_stray_crlf_between_requests_is_ignored() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &["--header-read-timeout", "500ms"]).await;
+    let url = origin.url("/echo");
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    s.write_all(
+        format!("POST {url} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap();
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).await.unwrap();
+    // Past the header timeout: nothing said.
+    let mut b = [0u8; 1];
+    let quiet = tokio::time::timeout(Duration::from_millis(1500), s.read(&mut b)).await;
+    assert!(quiet.is_err(), "answered: {quiet:?}");
+    s.write_all(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", origin.url("/")).as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}

@@ -131,6 +131,17 @@ where
         // a 64 KiB one cost gigabytes of scanning).
         let mut scanned = 0;
         let (mut parts, fields, body_len, close) = loop {
+            // Empty lines before a request line are ignored (RFC 9112
+            // §2.2): a client's stray CRLF after a body is no head begun
+            // (it was answered 408 at the header timeout).
+            if matches!(buf.first(), Some(b'\r' | b'\n')) {
+                let n = buf
+                    .iter()
+                    .take_while(|b| matches!(b, b'\r' | b'\n'))
+                    .count();
+                buf.advance(n);
+                scanned = 0;
+            }
             if !buf.is_empty() && !head_may_end(&buf, scanned, conn.max_head) {
                 // Looked at: the next look starts past these bytes.
                 scanned = buf.len();

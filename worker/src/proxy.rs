@@ -446,7 +446,7 @@ impl Proxy {
         (status, kind): (u16, Option<&'static str>),
         start: Instant,
     ) {
-        self.meter.error(kind, start.elapsed());
+        self.meter.untimed(kind);
         if let Some(log) = &self.config.access_log {
             let mut e = match parts {
                 Some(p) => {
