@@ -633,14 +633,7 @@ async fn a_stray_crlf_between_requests_is_ignored() {
     .unwrap();
     let head = read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length: ")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .unwrap();
+    let len = content_length(&head).unwrap();
     let mut body = vec![0; len];
     s.read_exact(&mut body).await.unwrap();
     // Past the header timeout: nothing said.

@@ -22,10 +22,7 @@ async fn response(s: &mut TcpStream, head_request: bool) -> (u16, String, Vec<u8
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("no status in {head:?}"));
     let lower = head.to_ascii_lowercase();
-    let length = lower
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length: "))
-        .map(|n| n.trim().parse::<usize>().unwrap());
+    let length = content_length(&head);
     let mut body = Vec::new();
     if head_request || status == 204 || status == 304 {
         return (status, head, body);
@@ -292,12 +289,8 @@ async fn long_bodies_keep_the_connection_and_reasons_pass() {
 #[tokio::test]
 async fn an_answer_before_the_upload_ends_does_not_stop_the_upload() {
     let (echo, _) = recording_server(|mut s: TcpStream| async move {
-        let head = read_head(&mut s).await.to_ascii_lowercase();
-        let Some(n) = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
-            .and_then(|n| n.trim().parse::<usize>().ok())
-        else {
+        let head = read_head(&mut s).await;
+        let Some(n) = content_length(&head) else {
             return;
         };
         let _ = s

@@ -508,14 +508,7 @@ async fn a_connect_during_the_drain_is_refused() {
     let mut s = raw_get(w.addr, &origin.url("/")).await;
     let head = read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length:")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .expect("a length");
+    let length = content_length(&head).expect("a length");
     let mut body = vec![0u8; length];
     s.read_exact(&mut body).await.unwrap();
     let t0 = Instant::now();

@@ -308,6 +308,32 @@ impl CutWorker {
         }
     }
 
+    /// Stops it (the drain cut), and asserts that the one request given
+    /// up was counted (`worker_stopped`) and logged (503) on the line
+    /// holding `needle`.
+    async fn stopped_one(self, needle: &str) {
+        let (text, metrics) = self.stop_and_scrape().await;
+        assert!(
+            metrics.contains("rotor_errors_total{error=\"worker_stopped\"} 1"),
+            "{}",
+            metrics
+                .lines()
+                .filter(|l| l.starts_with("rotor_errors_total"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        let line: serde_json::Value = serde_json::from_str(
+            text.lines()
+                .find(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("no line with {needle}: {text:?}")),
+        )
+        .unwrap();
+        assert_eq!(
+            (line["status"].as_u64(), line["error"].as_str()),
+            (Some(503), Some("worker_stopped"))
+        );
+    }
+
     /// SIGTERM; the drain must be cut (exit 3). The access log's text.
     async fn stop(self) -> String {
         self.stop_and_scrape().await.0
@@ -389,26 +415,7 @@ async fn a_request_cut_by_the_stop_is_still_logged() {
     tokio::time::timeout(std::time::Duration::from_secs(5), seen.recv())
         .await
         .expect("the request did not reach the origin");
-    let (text, metrics) = cut.stop_and_scrape().await;
-    assert!(
-        metrics.contains("rotor_errors_total{error=\"worker_stopped\"} 1"),
-        "{}",
-        metrics
-            .lines()
-            .filter(|l| l.starts_with("rotor_errors_total"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    let line: serde_json::Value = serde_json::from_str(
-        text.lines()
-            .find(|l| l.contains("GET"))
-            .unwrap_or_else(|| panic!("no line for the request: {text:?}")),
-    )
-    .unwrap();
-    assert_eq!(
-        (line["status"].as_u64(), line["error"].as_str()),
-        (Some(503), Some("worker_stopped"))
-    );
+    cut.stopped_one("GET").await;
     drop(s);
 }
 
@@ -438,25 +445,6 @@ async fn a_socks5_tunnel_cut_while_it_opens_is_still_logged() {
         dns.queries_for("slow.rotor.test") > 0
     })
     .await;
-    let (text, metrics) = cut.stop_and_scrape().await;
-    assert!(
-        metrics.contains("rotor_errors_total{error=\"worker_stopped\"} 1"),
-        "{}",
-        metrics
-            .lines()
-            .filter(|l| l.starts_with("rotor_errors_total"))
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
-    let line: serde_json::Value = serde_json::from_str(
-        text.lines()
-            .find(|l| l.contains("SOCKS5"))
-            .unwrap_or_else(|| panic!("no line for the tunnel: {text:?}")),
-    )
-    .unwrap();
-    assert_eq!(
-        (line["status"].as_u64(), line["error"].as_str()),
-        (Some(503), Some("worker_stopped"))
-    );
+    cut.stopped_one("SOCKS5").await;
     drop(s);
 }

@@ -857,6 +857,16 @@ pub fn pool_of(status: &serde_json::Value) -> Vec<IpAddr> {
         .collect()
 }
 
+/// The `Content-Length` a response (or request) head gives, if any.
+pub fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
+}
+
 /// The pool's entries as `rotor status --json` writes them, sorted.
 pub fn sorted_pool(status: &serde_json::Value) -> Vec<String> {
     let mut pool: Vec<String> = status["pool"]
