@@ -62,7 +62,9 @@ async fn idle_keep_alive_connections_and_idle_tunnels_are_closed() {
 #[tokio::test]
 async fn the_connection_cap_refuses_quickly_and_recovers() {
     let origin = Origin::start().await;
-    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let metrics: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let m = metrics.to_string();
+    let alloc = Allocator::start(&["--pool", "127.0.0.2", "--metrics-listen", &m]).await;
     let worker = Worker::start(&alloc.socket, &["--max-connections", "3"]).await;
     // Worker::start's readiness probe connections are gone by now; hold 3.
     let mut held = Vec::new();
@@ -91,6 +93,18 @@ async fn the_connection_cap_refuses_quickly_and_recovers() {
             "refusal {i}: {r:?} {text}"
         );
     }
+    // Each refusal is counted (as its Proxy-Status names it).
+    eventually("the refusals counted", || async move {
+        let text = tokio::task::spawn_blocking(move || crate::metrics::scrape(metrics))
+            .await
+            .unwrap();
+        text.lines().any(|l| {
+            l.strip_prefix("rotor_errors_total{error=\"proxy_internal_error\"} ")
+                .and_then(|n| n.trim().parse::<f64>().ok())
+                .is_some_and(|n| n >= 41.0)
+        })
+    })
+    .await;
     // The held clients are still served.
     assert_eq!(held[0].get(&origin.url("/")).await.status, 200);
     drop(held);

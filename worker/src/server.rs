@@ -357,6 +357,7 @@ impl Serving {
                         "connection limit reached; refusing new clients with 503"
                     );
                 }
+                self.proxy.meter.untimed(Some(LIMIT_ERROR));
                 if let Ok(stream) = stream.into_tokio() {
                     // A 503 in plain text is no answer to a TLS hello (the
                     // client reports a garbled record): closed.
@@ -397,6 +398,7 @@ impl Serving {
     ) {
         let Ok(slot) = self.clients.admit(client.ip()) else {
             client_limit_reached(client, self.config.max_client_connections);
+            self.proxy.meter.untimed(Some(CLIENT_LIMIT_ERROR));
             if let Ok(stream) = stream.into_tokio() {
                 refuse_soon(stream, (!is_tls).then_some(HTTP_CLIENT_REFUSAL));
             }
@@ -804,6 +806,7 @@ async fn socks_accept(
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             debug!(%client, "connection limit reached; SOCKS5 client refused");
+            proxy.meter.untimed(Some(LIMIT_ERROR));
             // "No acceptable method", the answer to the greeting it sends
             // first (read by the lingering close): a refusal, not a reset.
             refuse_soon(stream, Some(&[5, 0xff]));
@@ -815,6 +818,7 @@ async fn socks_accept(
             move |stream: TcpStream, client: std::net::SocketAddr| {
                 let Ok(slot) = clients.admit(client.ip()) else {
                     client_limit_reached(client, clients.max());
+                    proxy.meter.untimed(Some(CLIENT_LIMIT_ERROR));
                     refuse_soon(stream, Some(&[5, 0xff]));
                     return None;
                 };
@@ -853,6 +857,14 @@ async fn socks_accept(
 const HTTP_REFUSAL: &[u8] = b"HTTP/1.1 503 Connection Limit Reached\r\n\
     proxy-status: rotor; error=proxy_internal_error; details=\"connection limit reached\"\r\n\
     content-length: 0\r\nconnection: close\r\n\r\n";
+
+/// The errors a refusal at `--max-connections` and at
+/// `--max-client-connections` is counted as (`rotor_errors_total`), as
+/// their `Proxy-Status` says: counted however told (a 503, SOCKS5's
+/// 0xff, or closed unanswered past `REFUSING_MAX`), so a flood turned
+/// away shows.
+const LIMIT_ERROR: &str = "proxy_internal_error";
+const CLIENT_LIMIT_ERROR: &str = "connection_limit_reached";
 
 /// What an HTTP client past its address's connection limit is told.
 const HTTP_CLIENT_REFUSAL: &[u8] = b"HTTP/1.1 503 Client Connection Limit Reached\r\n\
