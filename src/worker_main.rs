@@ -129,21 +129,6 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         check_summary(&tuning);
         return ExitCode::SUCCESS;
     }
-    // The addresses this worker binds itself (a kind passed by systemd or
-    // rotor up binds none of its own).
-    let passed_total = http_passed.len() + socks_passed.len() + tls_passed.len();
-    let own =
-        |passed: &[activation::Passed], listed: &[std::net::SocketAddr]| match passed.is_empty() {
-            true => listed.to_vec(),
-            false => Vec::new(),
-        };
-    if let Err(e) = crate::cli::worker::one_kind_each(
-        &args.settings.listen(&file, passed_total),
-        &own(&socks_passed, &merged.socks_listen),
-        &own(&tls_passed, &merged.tls_listen),
-    ) {
-        return fail(&e);
-    }
     if let Err(e) = tuning.open_access_log() {
         return fail(&e);
     }
@@ -187,9 +172,16 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         ));
     }
     let address = |l: &std::net::TcpListener| l.local_addr().ok();
-    let plain: Vec<std::net::SocketAddr> =
-        listeners.iter().chain(&socks).filter_map(address).collect();
+    let http: Vec<std::net::SocketAddr> = listeners.iter().filter_map(address).collect();
+    let socks_at: Vec<std::net::SocketAddr> = socks.iter().filter_map(address).collect();
     let tls: Vec<std::net::SocketAddr> = tls_listeners.iter().filter_map(address).collect();
+    // Of what is bound (sockets passed replace the file's listen), before
+    // anything is served: two kinds on one address (both bound, with
+    // SO_REUSEPORT) would split clients between handlers at random.
+    if let Err(e) = crate::cli::worker::one_kind_each(&http, &socks_at, &tls) {
+        return fail(&e);
+    }
+    let plain: Vec<std::net::SocketAddr> = http.iter().chain(&socks_at).copied().collect();
     if let Err(e) = tuning.check_exposure(&plain, &tls) {
         return fail(&e);
     }
