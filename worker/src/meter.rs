@@ -164,16 +164,11 @@ impl Meter {
         });
     }
 
-    /// A request hyper's server answered itself (its head unreadable):
-    /// counted, as rotor's own answers are, but not timed (it had none).
-    pub fn unread(&self) {
-        self.untimed(None);
-    }
-
-    /// A request rotor answered by itself (`kind`: the error) without
-    /// having it whole (a head or body too slow, a client gone mid-body):
-    /// counted, but not timed (its time is the client's slowness, which
-    /// would pull the percentiles about).
+    /// A request rotor (or hyper's server, for a head it could not read)
+    /// answered by itself (`kind`: the error) without having it whole (a
+    /// head unreadable or too slow, a body too slow, a client gone
+    /// mid-body): counted, but not timed (it had no time of its own, or
+    /// the client's slowness, which would pull the percentiles about).
     pub fn untimed(&self, kind: Option<&str>) {
         self.with(|a| {
             a.requests += 1;

@@ -420,17 +420,7 @@ impl Proxy {
     /// flood of malformed requests shows.
     #[cold]
     pub fn answered_by_hyper(&self, client: SocketAddr, status: u16) {
-        self.meter.unread();
-        if let Some(log) = &self.config.access_log {
-            let mut e = Entry::new(
-                Instant::now(),
-                client,
-                Method::from_bytes(b"-").expect("a token"),
-                "-".into(),
-            );
-            e.status = status;
-            log.log(&e);
-        }
+        self.unserved(client, None, (status, None), Instant::now());
     }
 
     /// A request the fast path did not get whole (`parts`: its head, if
