@@ -377,6 +377,7 @@ impl Pool {
     }
 
     /// Whether `family` has an address in the rotation.
+    #[cfg(test)]
     pub fn has_family(&self, family: Family) -> bool {
         family_total(&self.active, family) > 0
     }

@@ -1707,9 +1707,16 @@ impl Allocator {
         if let Some(lost) = lost {
             return lost;
         }
-        // Said once it has moved (one that cannot have an address now
-        // said it at each request).
-        let moved = |ip: IpAddr| {
+        // The session's address now `ip` (unless it keeps its own while a
+        // source is unread): a change for the next checkpoint, and said
+        // once it has moved (one that cannot have an address now said it
+        // at each request).
+        let pin = |inner: &mut Inner, ip: IpAddr| {
+            if keep_pin {
+                return;
+            }
+            inner.changes += 1;
+            inner.sessions.pin(key, ip, ttl, strict, now);
             if let Some(from) = moves {
                 tracing::info!(session = %key.split('\0').nth(1).unwrap_or(""), %from, to = %ip, "session address left the rotation; the session moved");
             }
@@ -1735,11 +1742,7 @@ impl Allocator {
                 let answer = inner.lease_site_behind(peer, Families::only(family), site, now);
                 match &answer {
                     Response::Leased(lease) | Response::SiteLeased { lease, .. } => {
-                        if !keep_pin {
-                            inner.changes += 1;
-                            inner.sessions.pin(key, lease.ip, ttl, strict, now);
-                            moved(lease.ip);
-                        }
+                        pin(&mut inner, lease.ip);
                         return answer;
                     }
                     // A refusal for the site outranks another family's
@@ -1752,14 +1755,9 @@ impl Allocator {
             }
             match inner.lease_checked(Families::only(family)) {
                 Some(Ok(lease)) => {
-                    // A session's first address of this family: a change
-                    // for the next checkpoint (a session that only keeps
-                    // its address changes nothing).
-                    if !keep_pin {
-                        inner.changes += 1;
-                        inner.sessions.pin(key, lease.ip, ttl, strict, now);
-                        moved(lease.ip);
-                    }
+                    // A session's first address of this family (a session
+                    // that only keeps its address changes nothing).
+                    pin(&mut inner, lease.ip);
                     return inner.answer(peer, Some(Ok(lease)));
                 }
                 other => last = Some(other),

@@ -1191,8 +1191,9 @@ impl LeaseTable {
         self.word(SEQ).store(seq, Ordering::Relaxed);
     }
 
-    /// Moves `family`'s cursor to `cursor` of the current pool (allocator
-    /// only).
+    /// Moves `family`'s cursor to `cursor` of the current pool (tests and
+    /// the bench: the allocator's saved position is the publish's own
+    /// cursor, as a set after a publish rewinds leases taken meanwhile).
     pub fn set_cursor(&self, family: Family, cursor: u64) {
         let state = self.word(STATES[family.index()]);
         let _ = state.fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {

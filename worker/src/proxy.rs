@@ -1790,12 +1790,24 @@ impl Drop for Unopened {
         let took = self.start.elapsed();
         self.meter
             .tunnel_unopened(self.source, || &self.dest, why, took);
-        if let Some((log, mut e)) = self.log.take() {
-            e.source = Some(self.source);
-            e.status = status;
-            e.error = Some(why);
-            log.log(&e);
+        log_given_up(self.log.take(), Some(self.source), (why, status));
+    }
+}
+
+/// The access-log line of a request given up (`given_up`'s error and
+/// status), from `source` if it had one.
+fn log_given_up(
+    log: Option<(Arc<AccessLog>, Entry)>,
+    source: Option<IpAddr>,
+    (why, status): (&'static str, u16),
+) {
+    if let Some((log, mut e)) = log {
+        if source.is_some() {
+            e.source = source;
         }
+        e.status = status;
+        e.error = Some(why);
+        log.log(&e);
     }
 }
 
@@ -1827,11 +1839,7 @@ impl Drop for Pending {
         }
         let (why, status) = given_up(&self.stopping);
         self.meter.error(Some(why), self.start.elapsed());
-        if let Some((log, mut e)) = self.log.take() {
-            e.status = status;
-            e.error = Some(why);
-            log.log(&e);
-        }
+        log_given_up(self.log.take(), None, (why, status));
     }
 }
 
