@@ -100,17 +100,18 @@ impl Balance {
         }
         let mine = self.load();
         self.leases.publish_load(self.group, mine);
-        // Left meanwhile (the stop, on another thread): out again, not
-        // back in the group with a load it no longer takes on.
-        if self.left.load(std::sync::atomic::Ordering::SeqCst) {
-            self.leases.leave_group();
-            return Defer::No;
-        }
         Defer::choose(
             mine,
             self.leases.least_sibling_load(self.group),
             self.max as u64,
         )
+    }
+
+    /// Out of the group for good (the stop): siblings no longer hold back
+    /// for a load this worker no longer takes on.
+    fn leave(&self) {
+        self.left.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.leases.leave_group();
     }
 
     /// Publishes the load every [`PUBLISH_EVERY`] until `stop`, then
@@ -121,8 +122,7 @@ impl Balance {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => {
-                    self.left.store(true, std::sync::atomic::Ordering::SeqCst);
-                    self.leases.leave_group();
+                    self.leave();
                     return;
                 }
                 _ = tick.tick() => {
@@ -189,8 +189,7 @@ pub async fn accept_loop(
     impl Drop for LeaveAtStop<'_> {
         fn drop(&mut self) {
             if self.1.is_cancelled() {
-                self.0.left.store(true, std::sync::atomic::Ordering::SeqCst);
-                self.0.leases.leave_group();
+                self.0.leave();
             }
         }
     }
