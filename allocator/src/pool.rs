@@ -42,9 +42,11 @@ pub struct Pool {
     /// `active`'s single addresses and its prefixes, to check a lease
     /// against (the table's file can be written by others).
     active_singles: HashSet<IpAddr>,
-    active_prefixes: Vec<Segment>,
-    /// Every prefix of `addrs`, in the rotation or not (a pool's few).
-    prefixes: Vec<Segment>,
+    active_prefixes: PrefixSet,
+    /// Every prefix of `addrs`, in the rotation or not (found by a probe
+    /// per length: a pool may list thousands, and a report from a worker
+    /// asks for each of 10 000 addresses).
+    prefixes: PrefixSet,
     generation: u64,
     table: Arc<LeaseTable>,
     /// Where the table's file is; `None`: in this process only.
@@ -158,8 +160,8 @@ impl Pool {
             active: Vec::new(),
             rotations: Default::default(),
             active_singles: HashSet::new(),
-            active_prefixes: Vec::new(),
-            prefixes: Vec::new(),
+            active_prefixes: PrefixSet::default(),
+            prefixes: PrefixSet::default(),
             generation,
             table: Arc::new(table),
             home,
@@ -277,24 +279,48 @@ impl Pool {
     }
 
     /// Publishes `addrs` less `quarantined` as a new generation, each
-    /// family's rotation continuing from its address due next.
+    /// family's rotation continuing from its address due next, or if that
+    /// is gone, from the next entry of the old rotation still there.
     fn publish(
         &mut self,
         addrs: Vec<Segment>,
         quarantined: HashSet<Segment>,
+    ) -> Result<(), TableError> {
+        // The old rotation, put back if the publish fails.
+        let old = std::mem::take(&mut self.rotations);
+        let done = self.publish_after(addrs, quarantined, &old);
+        if done.is_err() {
+            self.rotations = old;
+        }
+        done
+    }
+
+    fn publish_after(
+        &mut self,
+        addrs: Vec<Segment>,
+        quarantined: HashSet<Segment>,
+        was: &rotor_protocol::Rotations,
     ) -> Result<(), TableError> {
         let active: Vec<Segment> = addrs
             .iter()
             .filter(|a| !quarantined.contains(a))
             .copied()
             .collect();
+        let rotations = rotor_protocol::Rotations::new(&active);
         let held = self.held_due;
         let resume = self.resume;
         let before = self.table.position().next_due;
         let cursor = |family: Family, due: Option<IpAddr>, now: u64| {
             let i = family.index();
-            let saved = resume[i].filter(|ip| index_of(&active, *ip).is_some());
-            continue_at(&active, family, saved.or(due).or(held[i]), now)
+            let saved = resume[i].filter(|ip| rotations.index_of(*ip).is_some());
+            let want = saved.or(due).or(held[i]);
+            if let Some(at) = want.and_then(|ip| rotations.index_of(ip)) {
+                return at;
+            }
+            match due.and_then(|ip| was.next_kept(&rotations, ip)) {
+                Some(at) => at,
+                None => continue_at(&active, family, want, now),
+            }
         };
         // Counts follow their entry, out of the rotation and back (a
         // lease finishing meanwhile may go uncounted: they are for status).
@@ -343,13 +369,8 @@ impl Pool {
             .filter(|e| e.is_single())
             .map(|e| e.base())
             .collect();
-        self.active_prefixes = active.iter().filter(|e| !e.is_single()).copied().collect();
-        self.prefixes = self
-            .addrs
-            .iter()
-            .filter(|e| !e.is_single())
-            .copied()
-            .collect();
+        self.active_prefixes = prefix_set(&active);
+        self.prefixes = prefix_set(&self.addrs);
         for family in [Family::V4, Family::V6] {
             let i = family.index();
             self.held_due[i] = match family_total(&active, family) {
@@ -363,7 +384,7 @@ impl Pool {
                 self.resume[i] = None;
             }
         }
-        self.rotations = rotor_protocol::Rotations::new(&active);
+        self.rotations = rotations;
         self.active = active;
         self.generation = generation;
         self.published = true;
@@ -394,15 +415,13 @@ impl Pool {
             return Some(single);
         }
         self.active_prefixes
-            .iter()
-            .find(|p| p.contains(ip))
-            .or_else(|| self.prefixes.iter().find(|e| e.contains(ip)))
-            .copied()
+            .holder(ip)
+            .or_else(|| self.prefixes.holder(ip))
     }
 
     /// Whether `ip` is an address of the rotation.
     pub fn holds(&self, ip: IpAddr) -> bool {
-        self.active_singles.contains(&ip) || self.active_prefixes.iter().any(|p| p.contains(ip))
+        self.active_singles.contains(&ip) || self.active_prefixes.holder(ip).is_some()
     }
 
     /// The entries in rotation (what the table should hold).
@@ -507,6 +526,15 @@ impl Pool {
     fn next_due(&self, family: Family) -> Option<IpAddr> {
         self.table.position().next_due[family.index()]
     }
+}
+
+/// The prefixes among `entries`.
+fn prefix_set(entries: &[Segment]) -> PrefixSet {
+    let mut set = PrefixSet::default();
+    for e in entries.iter().filter(|e| !e.is_single()) {
+        set.insert(*e);
+    }
+    set
 }
 
 /// Where `family`'s rotation over `active` continues: at the address
@@ -695,6 +723,47 @@ mod tests {
         take(&pool, 3, Families::ANY); // next due: .4 at index 3
         pool.replace(ips(&["10.0.0.5", "10.0.0.6"])).unwrap();
         assert_eq!(take(&pool, 1, Families::ANY), ["10.0.0.5"]);
+    }
+
+    /// The address due next gone: the rotation goes on at the next old
+    /// entry still listed, wherever the new list has it, so no address is
+    /// leased twice running and none waits a turn (it went on at the old
+    /// index: B again, or D skipped).
+    #[test]
+    fn replacement_without_the_next_address_goes_on_at_the_next_kept_one() {
+        let abcd = || ips(&["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]);
+        let mut pool = Pool::new(abcd());
+        take(&pool, 2, Families::ANY); // next due: .3
+        pool.replace(ips(&["10.0.0.9", "10.0.0.1", "10.0.0.2", "10.0.0.4"]))
+            .unwrap();
+        assert_eq!(
+            take(&pool, 4, Families::ANY),
+            ["10.0.0.4", "10.0.0.9", "10.0.0.1", "10.0.0.2"]
+        );
+
+        let mut pool = Pool::new(abcd());
+        take(&pool, 2, Families::ANY);
+        pool.replace(ips(&["10.0.0.1", "10.0.0.4"])).unwrap();
+        assert_eq!(take(&pool, 2, Families::ANY), ["10.0.0.4", "10.0.0.1"]);
+
+        // Wrapping around the old list: .4 due and gone, .1 next.
+        let mut pool = Pool::new(abcd());
+        take(&pool, 3, Families::ANY);
+        pool.replace(ips(&["10.0.0.9", "10.0.0.2", "10.0.0.1"]))
+            .unwrap();
+        assert_eq!(take(&pool, 2, Families::ANY), ["10.0.0.1", "10.0.0.9"]);
+
+        // A prefix and the other family between: skipped over, kept.
+        let prefix = Segment::prefix("2001:db8::".parse().unwrap(), 126).unwrap();
+        let mut list = abcd();
+        list.insert(2, prefix);
+        let mut pool = Pool::new(list);
+        take(&pool, 2, Families::V4); // next due: .3
+        let mut list = ips(&["10.0.0.1", "10.0.0.2", "10.0.0.4"]);
+        list.insert(0, prefix);
+        pool.replace(list).unwrap();
+        assert_eq!(take(&pool, 2, Families::V4), ["10.0.0.4", "10.0.0.1"]);
+        assert_eq!(take(&pool, 4, Families::V6).len(), 4);
     }
 
     #[test]

@@ -275,6 +275,16 @@ impl PrefixSet {
         self.by_len.is_empty()
     }
 
+    /// The narrowest member holding `ip`: a probe per distinct length,
+    /// however many members (a metrics report asks it for thousands of
+    /// addresses under the allocator's lock).
+    pub fn holder(&self, ip: IpAddr) -> Option<Segment> {
+        self.by_len
+            .iter()
+            .filter_map(|(len, set)| set.get(&Segment::prefix(ip, *len)?).copied())
+            .max_by_key(Segment::prefix_len)
+    }
+
     /// Whether a member no longer than `max_len` holds all of `e`.
     pub fn holds(&self, e: &Segment, max_len: u8) -> bool {
         self.by_len.iter().any(|(len, set)| {
@@ -526,6 +536,36 @@ mod tests {
         ],
         [u64::MAX; 4],
     ];
+
+    #[test]
+    fn a_prefix_sets_holder_is_its_narrowest_member_of_the_family() {
+        let seg = |s: &str| s.parse::<Segment>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut set = PrefixSet::default();
+        for p in [
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "2001:db8::/32",
+            "2001:db8:1::/48",
+            "0a00::/8",
+        ] {
+            set.insert(seg(p));
+        }
+        for i in 0..2000u32 {
+            set.insert(Segment::prefix(IpAddr::V4((0xc000_0000 + (i << 8)).into()), 24).unwrap());
+        }
+        assert_eq!(set.holder(ip("10.1.2.3")), Some(seg("10.1.0.0/16")));
+        assert_eq!(set.holder(ip("10.2.2.3")), Some(seg("10.0.0.0/8")));
+        assert_eq!(
+            set.holder(ip("2001:db8:1::5")),
+            Some(seg("2001:db8:1::/48"))
+        );
+        assert_eq!(set.holder(ip("2001:db8:2::5")), Some(seg("2001:db8::/32")));
+        assert_eq!(set.holder(ip("192.0.7.9")), Some(seg("192.0.7.0/24")));
+        // 0a00::/8 is IPv6: no IPv4 address is in it.
+        assert_eq!(set.holder(ip("11.0.0.1")), None);
+        assert_eq!(set.holder(ip("a00::1")), Some(seg("a00::/8")));
+    }
 
     #[test]
     fn small_prefixes_are_walked_whole_without_repeats() {

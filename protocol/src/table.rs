@@ -393,6 +393,37 @@ impl Rotations {
         }
     }
 
+    /// Where a rotation over `next` goes on from `due`, an address of this
+    /// one that `next` no longer has (a refresh or a quarantine took its
+    /// entry out): at the first entry after `due`'s own, in this rotation's
+    /// order and wrapping around, that `next` still holds; its index in
+    /// `next`. `None` when `next` holds none of them (or `due` is not
+    /// here). Continuing at `due`'s old index instead would repeat or skip
+    /// addresses: A B C D with C due, replaced by X A B D, went on at B,
+    /// just leased.
+    pub fn next_kept(&self, next: &Rotations, due: IpAddr) -> Option<u64> {
+        let r = &self.0[Family::of(&due).index()];
+        let at = self.index_of(due)?;
+        let own = r.first.partition_point(|&f| f <= at).checked_sub(1)?;
+        let n = r.mine.len();
+        (1..=n).find_map(|d| next.first_of(&r.mine[(own + d) % n]))
+    }
+
+    /// The index of `entry`'s first address, if it is one of the
+    /// entries and the cursor reaches it.
+    fn first_of(&self, entry: &Segment) -> Option<u64> {
+        let r = &self.0[entry.family().index()];
+        match entry.is_single() {
+            true => r.singles.get(&entry.base()).copied(),
+            false => r
+                .prefixes
+                .iter()
+                .find(|&&k| r.mine[k] == *entry)
+                .map(|&k| r.first[k])
+                .filter(|&f| f < r.total),
+        }
+    }
+
     /// The addresses of `family`'s rotation (as [`family_total`] counts
     /// them).
     pub fn total(&self, family: Family) -> u64 {
