@@ -513,7 +513,54 @@ fn interface_addrs(sel: &InterfaceSelector) -> Result<Vec<IpAddr>, SourceError> 
         .filter(bindable)
         .filter(|ip| !matches!(ip, IpAddr::V4(v4) if v4.is_link_local()))
         .collect();
-    Ok(without_loopback_beside_others(addrs))
+    Ok(without_loopback_beside_others(preferred(addrs)))
+}
+
+/// Leaves out the IPv6 addresses this host holds but does not take for a
+/// new connection: deprecated ones, past their preferred lifetime (a
+/// SLAAC privacy address a day old, the old prefix of a network being
+/// renumbered), which the kernel's own source selection avoids (RFC 6724
+/// rule 3, RFC 4862 §5.5.4) and which go at the end of their valid
+/// lifetime; and those not usable yet or at all (tentative, in duplicate
+/// address detection, or having failed it). They come back at the
+/// refresh after they are preferred again.
+fn preferred(addrs: Vec<IpAddr>) -> Vec<IpAddr> {
+    if !addrs.iter().any(IpAddr::is_ipv6) {
+        return addrs;
+    }
+    // (No IPv6 on the host: no file, and nothing to leave out.)
+    let text = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+    let unpreferred = unpreferred_v6(&text);
+    if unpreferred.is_empty() {
+        return addrs;
+    }
+    let (kept, out): (Vec<IpAddr>, Vec<IpAddr>) = addrs
+        .into_iter()
+        .partition(|ip| !matches!(ip, IpAddr::V6(v6) if unpreferred.contains(v6)));
+    tracing::debug!(
+        ?out,
+        "left out: deprecated, tentative or failed duplicate address detection"
+    );
+    kept
+}
+
+/// The addresses `/proc/net/if_inet6` lists as deprecated, tentative or
+/// failed duplicate address detection (its fifth column: the address's
+/// flags, in hex).
+fn unpreferred_v6(text: &str) -> std::collections::HashSet<std::net::Ipv6Addr> {
+    // linux/if_addr.h
+    const IFA_F_DADFAILED: u32 = 0x08;
+    const IFA_F_DEPRECATED: u32 = 0x20;
+    const IFA_F_TENTATIVE: u32 = 0x40;
+    text.lines()
+        .filter_map(|line| {
+            let mut cols = line.split_whitespace();
+            let addr = u128::from_str_radix(cols.next()?, 16).ok()?;
+            let flags = u32::from_str_radix(cols.nth(3)?, 16).ok()?;
+            let out = IFA_F_DADFAILED | IFA_F_DEPRECATED | IFA_F_TENTATIVE;
+            (flags & out != 0).then(|| std::net::Ipv6Addr::from(addr))
+        })
+        .collect()
 }
 
 /// An interface's loopback addresses (127.0.0.0/8, ::1) are left out when
@@ -564,7 +611,7 @@ fn host_addrs() -> Result<Vec<IpAddr>, SourceError> {
         .iter()
         .zip(&own)
         .any(|((name, _), own)| *own == Some(true) && index(name) != lo);
-    Ok(match routed {
+    Ok(preferred(match routed {
         false => all.into_iter().map(|(_, ip)| ip).collect(),
         true => without_ula_beside_global(
             all.into_iter()
@@ -573,7 +620,7 @@ fn host_addrs() -> Result<Vec<IpAddr>, SourceError> {
                 .map(|((_, ip), _)| ip)
                 .collect(),
         ),
-    })
+    }))
 }
 
 /// Unique local IPv6 addresses (fc00::/7) are left out beside global ones
@@ -603,6 +650,26 @@ mod tests {
             without_ula_beside_global(ips(&["10.0.0.2", "fd00:5::2", "2001:db8:5::2", "fc01::1"])),
             ips(&["10.0.0.2", "2001:db8:5::2"])
         );
+    }
+
+    #[test]
+    fn deprecated_tentative_and_failed_ipv6_addresses_are_found() {
+        // As the kernel writes it: address, index, prefix length, scope,
+        // flags (permanent 0x80, nodad 0x02, deprecated 0x20, tentative
+        // 0x40, dadfailed 0x08), name.
+        let text = "\
+00000000000000000000000000000001 01 80 10 80       lo
+20010db8000000000000000000000007 02 40 00 80     eth0
+20010db8000000000000000000000008 02 40 00 a0     eth0
+20010db8000000000000000000000009 02 40 00 01     eth0
+2001db80000000000000000000000010 02 40 00 c0     eth0
+2001db80000000000000000000000011 02 40 00 48     eth0
+20010db800000000000000000000000a 02 40 00 02     eth0
+garbage
+";
+        let mut found: Vec<String> = unpreferred_v6(text).iter().map(|a| a.to_string()).collect();
+        found.sort();
+        assert_eq!(found, ["2001:db80::10", "2001:db80::11", "2001:db8::8"]);
     }
 
     #[test]

@@ -969,6 +969,8 @@ async fn the_pool_can_come_from_the_cloud_metadata_service() {
 /// label, `lo:0`, as LVS and ifconfig add them); not a docker
 /// style bridge's, whose requests would leave through the uplink and be
 /// masqueraded to its address. Without a default route, all of them.
+/// Never a deprecated IPv6 address (past its preferred lifetime, as the
+/// kernel's own source selection avoids it), by default or by interface.
 #[test]
 fn the_default_pool_leaves_out_a_bridge_without_a_route_out() {
     in_netns(
@@ -982,6 +984,7 @@ fn the_default_pool_leaves_out_a_bridge_without_a_route_out() {
             "addr add 10.1.0.4/24 dev up9 label up9:1",
             "route add default via 10.1.0.1 dev up9",
             "-6 addr add fd00:5::2/64 dev up9 nodad",
+            "-6 addr add fd00:5::3/64 dev up9 nodad preferred_lft 0",
             "-6 route add default via fd00:5::1 dev up9",
             "link add br9 type bridge",
             "link set br9 up",
