@@ -49,6 +49,11 @@ impl Signals {
         let mut usr2 = signal(SignalKind::user_defined2())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
+        // The parent-death signal comes once the parent is gone, when this
+        // process has been given to another (init or a subreaper): a
+        // SIGUSR2 while the parent is still the one that started it is a
+        // stray one (a `kill -USR2` meant for another program).
+        let parent = nix::unistd::getppid();
         let me = s.clone();
         tokio::spawn(async move {
             let mut first_term: Option<std::time::Instant> = None;
@@ -83,7 +88,13 @@ impl Signals {
                         me.reload.send_modify(|n| *n += 1);
                     }
                     // (Acted on by the allocator alone, which says so.)
-                    _ = usr2.recv() => me.orphaned.cancel(),
+                    _ = usr2.recv() => {
+                        if nix::unistd::getppid() != parent {
+                            me.orphaned.cancel();
+                        } else {
+                            tracing::warn!(parent = parent.as_raw(), "SIGUSR2 while the process that started this one is still there: ignored (it is rotor up's sign that it is gone)");
+                        }
+                    }
                 }
             }
         });

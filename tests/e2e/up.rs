@@ -577,6 +577,27 @@ async fn a_rotor_up_killed_outright_leaves_no_port_open() {
     .await;
 }
 
+/// SIGUSR2 is `rotor up`'s parent-death signal for its allocator (it
+/// serves the workers' drain, then stops): one sent to an allocator whose
+/// parent is still there (a stray `kill -USR2`, a standalone allocator
+/// under systemd) is ignored with a warning, not taken for an orphaning.
+#[tokio::test]
+async fn a_stray_sigusr2_does_not_stop_an_allocator() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let log = dir.path().join("allocator.log");
+    let mut alloc = Allocator::start_logging(dir.clone(), &["--pool", "127.0.0.2"], &log).await;
+    alloc.proc.signal(Signal::SIGUSR2);
+    eventually("the stray signal to be said", || async {
+        std::fs::read_to_string(&log).unwrap().contains("SIGUSR2")
+    })
+    .await;
+    // An orphaned allocator with no worker connected stops within 100 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(alloc.proc.is_running(), "the allocator stopped");
+    let status = rotor_control("status", &alloc.socket, &[]);
+    assert!(status.contains("in rotation"), "{status}");
+}
+
 /// A SIGHUP to `rotor up` reloads each worker once: it goes to the
 /// allocator, whose reload reaches the workers (passed on to them as well,
 /// each re-read its users file, certificate and resolver twice).
