@@ -44,50 +44,8 @@ pub enum SpecError {
     TooManyEntries,
 }
 
-/// Why no address of `lo..=hi` (of one family) may be in a pool, if one
-/// may not: a socket bound to the unspecified address leaves from the
-/// host's own address (what a rotating proxy must never do), and
-/// multicast, broadcast or "this network" addresses are no TCP source.
-fn not_a_source(v4: bool, lo: u128, hi: u128) -> Option<&'static str> {
-    let overlaps = |a: u128, b: u128| lo <= b && a <= hi;
-    if v4 {
-        if overlaps(0, 0) {
-            return Some(
-                "0.0.0.0, the unspecified address (the kernel would pick the host's own address)",
-            );
-        }
-        if overlaps(1, 0x00ff_ffff) {
-            return Some("an address of 0.0.0.0/8 (\"this network\")");
-        }
-        if overlaps(0xe000_0000, 0xefff_ffff) {
-            return Some("a multicast address (224.0.0.0/4)");
-        }
-        if overlaps(0xffff_ffff, 0xffff_ffff) {
-            return Some("255.255.255.255, the broadcast address");
-        }
-    } else {
-        if overlaps(0, 0) {
-            return Some(
-                "::, the unspecified address (the kernel would pick the host's own address)",
-            );
-        }
-        if overlaps(0xff00 << 112, u128::MAX) {
-            return Some("a multicast address (ff00::/8)");
-        }
-        if overlaps(0xffff << 32, (0xffff << 32) | 0xffff_ffff) {
-            return Some("an IPv4-mapped address (::ffff:0:0/96): write the IPv4 address");
-        }
-        if overlaps(0xfe80 << 112, (0xfebf << 112) | (u128::MAX >> 16)) {
-            return Some(
-                "a link-local address (fe80::/10), which needs an interface's scope to bind",
-            );
-        }
-    }
-    None
-}
-
 fn check_source(part: &str, v4: bool, lo: u128, hi: u128) -> Result<(), SpecError> {
-    match not_a_source(v4, lo, hi) {
+    match rotor_protocol::addr::not_a_source(v4, lo, hi) {
         Some(why) => Err(SpecError::NotASource(part.to_string(), why)),
         None => Ok(()),
     }

@@ -102,17 +102,19 @@ const ATTEMPT_MIN: Duration = Duration::from_secs(3);
 /// (descriptor limit, memory) is this worker's (`Socket`), and no pool
 /// address pays for it.
 ///
-/// The unspecified address is refused before any socket: bound to it, a
-/// connection leaves from whatever address the kernel picks — the host's
-/// own — which a rotating proxy must never do (the allocator refuses it
-/// in a pool; this holds whatever a lease says).
+/// What the allocator refuses in a pool is refused before any socket,
+/// whatever a lease says (a lease table's file can say anything): the
+/// unspecified address, bound, leaves from whatever address the kernel
+/// picks — the host's own — which a rotating proxy must never do, and so
+/// does `::ffff:0.0.0.0`, IPv4's unspecified address on a dual-stack
+/// socket.
 fn bound_socket(source: IpAddr, dest: SocketAddr) -> Result<TcpSocket, ProxyError> {
-    if source.is_unspecified() || source.is_multicast() {
+    if let Some(why) = rotor_protocol::addr::not_a_source_ip(source) {
         return Err(ProxyError::SourceUnavailable {
             ip: source,
             source: io::Error::new(
                 io::ErrorKind::AddrNotAvailable,
-                "not a source address: the kernel would pick the host's own",
+                format!("not a source: {why}"),
             ),
         });
     }
@@ -128,7 +130,9 @@ fn bound_socket(source: IpAddr, dest: SocketAddr) -> Result<TcpSocket, ProxyErro
         source: e,
     };
     // With IPv6's `ip_nonlocal_bind` set any address binds, and the SYN
-    // would leave from an address whose answers go elsewhere.
+    // would leave from an address whose answers go elsewhere. (IPv4's
+    // connect from an address the host does not hold finds no route,
+    // ENETUNREACH, without IP_TRANSPARENT: handled above.)
     if source.is_ipv6() && nonlocal_bind_v6() && !this_hosts(source) {
         return Err(unusable(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)));
     }
@@ -257,9 +261,20 @@ mod tests {
 
     #[tokio::test]
     async fn the_unspecified_address_is_never_a_source() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let dest = listener.local_addr().unwrap();
-        for src in ["0.0.0.0", "224.0.0.1"] {
+        // Dual-stack (where the host has IPv6): `::ffff:0.0.0.0` on an IPv6
+        // socket is IPv4's unspecified address, and would connect.
+        let listener = match tokio::net::TcpListener::bind("[::]:0").await {
+            Ok(l) => l,
+            Err(_) => tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap(),
+        };
+        let port = listener.local_addr().unwrap().port();
+        let mapped: SocketAddr = format!("[::ffff:127.0.0.1]:{port}").parse().unwrap();
+        for (src, dest) in [
+            ("0.0.0.0", SocketAddr::from(([127, 0, 0, 1], port))),
+            ("224.0.0.1", SocketAddr::from(([127, 0, 0, 1], port))),
+            ("::ffff:0.0.0.0", mapped),
+            ("::ffff:127.0.0.1", mapped),
+        ] {
             let err = connect_from(src.parse().unwrap(), &[dest], Duration::from_secs(2))
                 .await
                 .unwrap_err();
