@@ -971,10 +971,16 @@ async fn answer(
             status,
             retry_after_secs,
         } => Response::Noted {
-            quarantined: alloc.pushback(ip, &site, status, retry_after_secs),
+            quarantined: alloc.pushback(
+                ip,
+                &site,
+                status,
+                retry_after_secs,
+                rights == Rights::Control,
+            ),
         },
         Request::SiteUnreached { ip, site } => Response::Noted {
-            quarantined: alloc.site_unreached(ip, &site),
+            quarantined: alloc.site_unreached(ip, &site, rights == Rights::Control),
         },
         Request::SiteConnected { ip, site } => {
             alloc.site_connected(ip, &site);

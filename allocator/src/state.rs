@@ -338,6 +338,10 @@ fn valid_site(site: &str) -> bool {
 /// The longest software name a peer's Hello is kept with.
 const MAX_SOFTWARE: usize = 128;
 
+/// The longest a push-back from a peer let in only to lease cools an
+/// (address, site) pair (a trusted worker's: a day, `RETRY_AFTER_MAX`).
+pub const LEASE_ONLY_PUSHBACK_MOST: Duration = Duration::from_secs(600);
+
 /// Sticky sessions held at most, unless configured.
 pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 
@@ -1845,7 +1849,19 @@ impl Allocator {
 
     /// `site` pushed back on `ip` (a worker saw it): the pair cools, for
     /// every worker at once. Whether it started cooling now.
-    pub fn pushback(&self, ip: IpAddr, site: &str, status: u16, retry_after: Option<u32>) -> bool {
+    ///
+    /// From a peer let in only to lease (not `trusted`) the wait is
+    /// [`LEASE_ONLY_PUSHBACK_MOST`] at most: nothing here can tell a
+    /// push-back false, and one such user could otherwise keep a site from
+    /// every address of the pool, for everyone, for a day.
+    pub fn pushback(
+        &self,
+        ip: IpAddr,
+        site: &str,
+        status: u16,
+        retry_after: Option<u32>,
+        trusted: bool,
+    ) -> bool {
         let mut inner = self.lock();
         // An address of the pool, in the rotation or not: one taken out
         // while its request was in flight still cools for the site, or a
@@ -1853,6 +1869,11 @@ impl Allocator {
         if inner.pool.entry_of(ip).is_none() || !valid_site(site) {
             return false;
         }
+        let most = LEASE_ONLY_PUSHBACK_MOST.as_secs() as u32;
+        let retry_after = match trusted {
+            true => retry_after,
+            false => retry_after.map(|s| s.min(most)),
+        };
         let wait = retry_after.map(|s| Duration::from_secs(u64::from(s)));
         inner.changes += 1;
         let started = inner.sites.pushback(site, ip, status, wait, Instant::now());
@@ -1863,8 +1884,16 @@ impl Allocator {
     /// A connect from `ip` to `site` failed while the site answered other
     /// addresses (a worker saw it): a suspicion, or with one already, a
     /// cooldown of the pair for every worker (see `Sites::unreached`).
-    /// Whether it started cooling now.
-    pub fn site_unreached(&self, ip: IpAddr, site: &str) -> bool {
+    /// Whether it started cooling now. Heard only from a peer that may
+    /// steer the pool (`trusted`), as [`Allocator::unreached`] is.
+    pub fn site_unreached(&self, ip: IpAddr, site: &str, trusted: bool) -> bool {
+        if !trusted {
+            static TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !TOLD.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::info!(site, "a worker let in only to lease reports connects to a site failing from a pool address: not heard (no check here can tell it false); run workers as root or the allocator's own user for such pairs to cool");
+            }
+            return false;
+        }
         let mut inner = self.lock();
         if inner.pool.entry_of(ip).is_none() || !valid_site(site) {
             return false;
@@ -2434,8 +2463,8 @@ mod tests {
     fn sessions_for_a_site_start_where_it_may_be_served_and_count_against_its_budget() {
         let a = budgeted(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], "example.com=3/1m");
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        a.pushback(ip("10.0.0.1"), "example.com", 429, Some(600));
-        a.pushback(ip("10.0.0.2"), "example.com", 429, Some(600));
+        a.pushback(ip("10.0.0.1"), "example.com", 429, Some(600), true);
+        a.pushback(ip("10.0.0.2"), "example.com", 429, Some(600), true);
         let session = |key: &str| match a.lease_session(
             1,
             Families::V4,
@@ -2540,7 +2569,7 @@ mod tests {
         let a = budgeted(&["10.0.0.1", "10.0.0.2"], "example.com=100/1m");
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         a.steer(ip("10.0.0.1"), false, None);
-        assert!(a.pushback(ip("10.0.0.1"), "example.com", 429, Some(600)));
+        assert!(a.pushback(ip("10.0.0.1"), "example.com", 429, Some(600), true));
         a.steer(ip("10.0.0.1"), true, None);
         for _ in 0..3 {
             match a.lease_site(1, Families::V4, "example.com") {
@@ -2549,7 +2578,30 @@ mod tests {
             }
         }
         // Not an address of the pool at all: nothing kept.
-        assert!(!a.pushback(ip("10.9.9.9"), "example.com", 429, Some(600)));
+        assert!(!a.pushback(ip("10.9.9.9"), "example.com", 429, Some(600), true));
+    }
+
+    /// A peer let in only to lease cools a pair for 10 minutes at most,
+    /// whatever Retry-After it reports: nothing can tell it false, and one
+    /// such user could keep a site from every address, for everyone, for
+    /// a day.
+    #[test]
+    fn a_lease_only_peers_pushback_is_capped() {
+        let a = budgeted(&["10.0.0.1", "10.0.0.2"], "example.com=100/1m");
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(a.pushback(ip("10.0.0.1"), "example.com", 429, Some(86_400), false));
+        assert!(a.pushback(ip("10.0.0.2"), "example.com", 429, Some(86_400), true));
+        let report = a.sites_report(10);
+        let cooling = |at: &str| {
+            report.sites[0]
+                .addrs
+                .iter()
+                .find(|p| p.ip == ip(at))
+                .and_then(|p| p.cooling_ms)
+                .expect("cooling")
+        };
+        assert!(cooling("10.0.0.1") <= 600_000, "{report:?}");
+        assert!(cooling("10.0.0.2") > 86_000_000, "{report:?}");
     }
 
     /// An allocator of 10.0.0.1 whose budget for example.com (`rule`) is
@@ -2963,7 +3015,7 @@ mod tests {
         let m = a.render_metrics(false);
         assert!(m.contains("rotor_state_checkpoints_total 1"), "{m}");
         assert!(m.contains("rotor_state_checkpoint_errors_total 1"), "{m}");
-        assert!(a.pushback(pinned, "example.com", 429, Some(600)));
+        assert!(a.pushback(pinned, "example.com", 429, Some(600), true));
         a.checkpoint().expect("a cooldown began").write(false);
         // Never stopped: the successor has what the last checkpoint wrote.
         let b = start();
