@@ -103,6 +103,17 @@ impl Error {
     }
 }
 
+/// Whether `status` says the destination may not have read the request
+/// head whole (400 Bad Request, 408 Request Timeout, 413 Content Too
+/// Large, 414 URI Too Long, 431 Request Header Fields Too Large): a
+/// server that answers those after part of the head and keeps the
+/// connection takes the rest of it for a request of its own, whose answer
+/// would be the next client's. Such a connection is not pooled, with or
+/// without `Connection: close`.
+fn refused_head(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 400 | 408 | 413 | 414 | 431)
+}
+
 /// One connection to a destination, between exchanges: the socket and
 /// what was read of it.
 #[derive(Debug)]
@@ -349,7 +360,8 @@ impl Conn {
             && !carried_body
             && framing != Framing::Close
             && version == Version::HTTP_11
-            && !close;
+            && !close
+            && !refused_head(status);
         let head = ResponseHead {
             status,
             version,
@@ -1719,6 +1731,31 @@ mod tests {
         .await;
         let (_, mut body) = send(conn, &get(Method::GET)).await.unwrap();
         assert!(matches!(all(&mut body).await, Err(Error::Incomplete)));
+    }
+
+    /// A connection whose answer says the request head may not have been
+    /// read whole (a 400, 408, 413, 414 or 431 kept alive) is not pooled:
+    /// the head's unread rest would be the server's next request, its
+    /// answer the next client's. Other answers are, a 404 and a 500 too.
+    #[tokio::test]
+    async fn a_connection_that_refused_the_head_is_not_pooled() {
+        for (status, pooled) in [
+            (400, false),
+            (408, false),
+            (413, false),
+            (414, false),
+            (431, false),
+            (404, true),
+            (500, true),
+        ] {
+            let reply = format!("HTTP/1.1 {status} X\r\nContent-Length: 0\r\n\r\n");
+            let reply: &'static [u8] = Box::leak(reply.into_bytes().into_boxed_slice());
+            let (conn, _o) = origin(vec![(reply, 1, false)]).await;
+            let (resp, mut body) = send(conn, &get(Method::GET)).await.unwrap();
+            assert_eq!(resp.status(), status);
+            assert!(body.is_end_stream());
+            assert_eq!(body.take_conn().is_some(), pooled, "{status}");
+        }
     }
 
     #[tokio::test]
