@@ -73,6 +73,51 @@ async fn allowed_ranges_and_denied_ports() {
     assert_eq!(origin.count(), 1);
 }
 
+/// A request through the proxy to the proxy itself is a loop, refused
+/// (403, `proxy_loop_detected`) whatever allows its address: the README's
+/// `--allow-destination 127.0.0.0/8` for a local origin opens loopback,
+/// not the worker's own listeners (HTTP, SOCKS5), which a CONNECT would
+/// chain through again and again.
+#[tokio::test]
+async fn the_workers_own_listeners_are_a_loop_whatever_allows_them() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let socks = free_port();
+    let worker = Worker::start_exactly(
+        &alloc.socket,
+        free_port(),
+        &[
+            "--allow-destination",
+            "127.0.0.0/8",
+            "--socks-listen",
+            &format!("127.0.0.1:{socks}"),
+        ],
+    )
+    .await;
+    for target in [worker.addr.to_string(), format!("127.0.0.1:{socks}")] {
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let head = read_head(&mut s).await;
+        assert!(
+            head.starts_with("HTTP/1.1 403 Forwarding Loop\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("error=proxy_loop_detected"), "{head}");
+    }
+    let r = get(worker.addr, &format!("http://{}/", worker.addr)).await;
+    assert_eq!(r.status, 403);
+    assert!(
+        r.proxy_status().contains("error=proxy_loop_detected"),
+        "{}",
+        r.proxy_status()
+    );
+    // The rest of loopback is open, as allowed.
+    assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
+}
+
 /// An address of a prefix routed to the host (`ip -6 route add local`, the
 /// AnyIP set-up the README gives for a /64 pool) is this host's: a
 /// connection to it reaches the host's own services (here, one listening

@@ -134,6 +134,10 @@ pub enum Denied {
     Port(u16),
     #[error("destination {0} is an address of this host")]
     Local(IpAddr),
+    /// One of this worker's own listeners: a request through the proxy to
+    /// itself, whatever allows its address.
+    #[error("destination {0} is this proxy's own listener (a loop)")]
+    Loop(SocketAddr),
 }
 
 /// How one form of a destination passed the rules.
@@ -180,12 +184,42 @@ pub enum Allowed {
 /// is (it would pass), and with `ip_nonlocal_bind` every address binds
 /// (everything would be refused). Only where a family's table cannot be
 /// read (no `/proc`) does a bind answer.
+///
+/// It also knows this worker's own listeners: a request to one of them is
+/// a loop (a CONNECT to the proxy's port, through the proxy, again and
+/// again, each hop a lease and two sockets), refused whatever allows its
+/// address (`--allow-destination 127.0.0.0/8` for a local test origin
+/// opens the loopback addresses, not the proxy on them).
 #[derive(Default)]
-pub struct LocalAddrs(());
+pub struct LocalAddrs {
+    own: Vec<SocketAddr>,
+}
 
 const LOCAL_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl LocalAddrs {
+    /// With `own`, the addresses this worker's listeners are bound to.
+    pub fn with_listeners(own: Vec<SocketAddr>) -> LocalAddrs {
+        LocalAddrs { own }
+    }
+
+    /// Whether `dest` is one of this worker's listeners: its address, or
+    /// an address of this host on the port of one bound to a wildcard
+    /// (of either family: a passed socket may take both). A port compare
+    /// a listener unless the port is one of theirs.
+    fn is_own(&self, dest: SocketAddr) -> bool {
+        self.own.iter().any(|l| {
+            l.port() == dest.port()
+                && forms(dest.ip())
+                    .into_iter()
+                    .flatten()
+                    .any(|ip| match l.ip().is_unspecified() {
+                        true => ip.is_loopback() || self.is_local(ip),
+                        false => ip == l.ip().to_canonical(),
+                    })
+        })
+    }
+
     pub fn is_local(&self, ip: IpAddr) -> bool {
         rotor_protocol::routes::LocalRoutes::current(LOCAL_TTL)
             .holds(ip)
@@ -287,10 +321,14 @@ impl Acl {
     /// in any form) is refused whatever allows it: it is in no route
     /// table, but a connection to it reaches this host (Linux takes it for
     /// the local address), and a sinkholing resolver answers names with it.
+    /// Nor is this worker's own listener, whatever allows it (a loop).
     pub fn check_with(&self, dest: SocketAddr, local: &LocalAddrs) -> Result<(), Denied> {
         let forms = forms(dest.ip());
         if forms.iter().flatten().any(IpAddr::is_unspecified) {
             return Err(Denied::Local(dest.ip()));
+        }
+        if local.is_own(dest) {
+            return Err(Denied::Loop(dest));
         }
         let through = self.decide(dest)?;
         let own = forms.iter().zip(through).any(|(ip, t)| {
@@ -621,6 +659,43 @@ mod tests {
                 "{rule}"
             );
         }
+    }
+
+    /// A request to the worker's own listener is a loop, refused whatever
+    /// allows its address: by that address, or any of this host's on the
+    /// port of a wildcard listener, in any form. Another port of the same
+    /// address, or the same port elsewhere, is not.
+    #[test]
+    fn the_workers_own_listeners_are_refused_whatever_allows_them() {
+        let acl = Acl {
+            allow: vec!["127.0.0.0/8".parse().unwrap(), "::1".parse().unwrap()],
+            deny: vec![],
+            defaults: vec![],
+            deny_ports: vec![],
+        };
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let local = LocalAddrs::with_listeners(vec![addr("127.0.0.1:8080"), addr("0.0.0.0:1080")]);
+        for dest in [
+            "127.0.0.1:8080",
+            "[::ffff:127.0.0.1]:8080",
+            "127.0.0.1:1080",
+            "127.0.0.9:1080",
+            "[::1]:1080",
+        ] {
+            assert_eq!(
+                acl.check_with(addr(dest), &local),
+                Err(Denied::Loop(addr(dest))),
+                "{dest}"
+            );
+        }
+        for dest in ["127.0.0.1:8081", "127.0.0.2:8080", "203.0.113.77:1080"] {
+            assert_eq!(acl.check_with(addr(dest), &local), Ok(()), "{dest}");
+        }
+        // Without listeners (as before), allowed.
+        assert_eq!(
+            acl.check_with(addr("127.0.0.1:8080"), &LocalAddrs::default()),
+            Ok(())
+        );
     }
 
     #[test]

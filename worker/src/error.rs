@@ -254,6 +254,13 @@ impl ProxyError {
             }
             Auth(_) | Session(_) => (StatusCode::PROXY_AUTHENTICATION_REQUIRED, None),
             SessionLost { .. } => (StatusCode::BAD_GATEWAY, Some("proxy_configuration_error")),
+            // (A port refused is not the address's fault.)
+            Denied(crate::acl::Denied::Port(_)) => {
+                (StatusCode::FORBIDDEN, Some("http_request_denied"))
+            }
+            Denied(crate::acl::Denied::Loop(_)) => {
+                (StatusCode::FORBIDDEN, Some("proxy_loop_detected"))
+            }
             Denied(_) => (StatusCode::FORBIDDEN, Some("destination_ip_prohibited")),
             NoAddress(_) | SourceUnavailable { .. } => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -304,6 +311,7 @@ impl ProxyError {
             Session(_) => "Bad Session Parameter",
             SessionLost { .. } => "Session Address Gone",
             SessionsFull { .. } => "Session Table Full",
+            Denied(crate::acl::Denied::Loop(_)) => "Forwarding Loop",
             Denied(_) => "Destination Prohibited",
             NoAddress(rotor_protocol::NoAddress::EmptyPool) => "Pool Empty",
             NoAddress(_) => "No Pool Address Of The Destination's Family",
@@ -351,6 +359,9 @@ impl ProxyError {
             ProxyError::Denied(crate::acl::Denied::Address(..) | crate::acl::Denied::Local(_)) => {
                 "refused: the destination's address is one this proxy does not connect to"
                     .to_string()
+            }
+            ProxyError::Denied(crate::acl::Denied::Loop(_)) => {
+                "refused: the destination is this proxy itself (a loop)".to_string()
             }
             // Not the pool's address either (`--expose-source` is the
             // operator's choice): the log line has it.
@@ -454,6 +465,9 @@ mod tests {
             assert!(error_chain(&e).contains("10.20.30.40"), "the log keeps it");
         }
         let r = ProxyError::Denied(Denied::Port(25)).to_response();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        let status = r.headers()["proxy-status"].to_str().unwrap();
+        assert!(status.contains("error=http_request_denied"), "{status}");
         assert!(body_of(r).await.contains("port 25"));
     }
 

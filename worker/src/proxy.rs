@@ -222,12 +222,19 @@ impl Drop for TunnelOpen {
 }
 
 impl Proxy {
-    pub fn new(leases: Arc<LeaseClient>, config: ProxyConfig, tunnels: TaskTracker) -> Proxy {
+    /// `own`: the addresses the worker's listeners are bound to (a
+    /// request to one is a loop, refused).
+    pub fn new(
+        leases: Arc<LeaseClient>,
+        config: ProxyConfig,
+        tunnels: TaskTracker,
+        own: Vec<std::net::SocketAddr>,
+    ) -> Proxy {
         Proxy {
             leases,
             upstream: UpstreamPool::new(config.upstream_idle_timeout, config.upstream_max_idle),
             dns: Resolver::new(&config.resolver, config.dns_cache_ttl),
-            local: LocalAddrs::default(),
+            local: LocalAddrs::with_listeners(own),
             tunnels_cut: tokio_util::sync::CancellationToken::new(),
             config,
             tunnels,

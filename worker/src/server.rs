@@ -99,10 +99,17 @@ pub async fn run(
 ) -> io::Result<(Stopped, Arc<crate::meter::Meter>)> {
     let tunnels = TaskTracker::new();
     let limit = Arc::new(Semaphore::new(config.max_connections));
+    let own = listeners
+        .iter()
+        .chain(&socks)
+        .chain(&tls_listeners)
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
     let proxy = Arc::new(Proxy::new(
         leases.clone(),
         config.proxy.clone(),
         tunnels.clone(),
+        own,
     ));
     // hyper-util's GracefulShutdown does not take upgradeable connections,
     // so each connection task watches `shutdown` itself.
