@@ -814,14 +814,22 @@ fn an_address_that_goes_away_is_reported_and_the_request_retried() {
 /// The same with `ip_nonlocal_bind` set (keepalived hosts: a VIP that
 /// moved to the other node): the gone address still binds, so the bind
 /// cannot tell. IPv4's connect then finds no route, and IPv6's SYN would
-/// leave from an address whose answers go elsewhere (a 10 s timeout). The
-/// worker asks the routing table, reports the address, and serves the
-/// request from the next one, in both families.
+/// leave from an address whose answers go elsewhere (a 10 s timeout; here
+/// out a default route to nowhere). The worker asks the routing table,
+/// reports the address, and serves the request from the next one, in both
+/// families.
 #[test]
 fn an_address_gone_under_nonlocal_bind_is_reported_and_the_request_retried() {
     in_netns(
         "an_address_gone_under_nonlocal_bind_is_reported_and_the_request_retried",
         &[
+            "link add d9 type veth peer name p9",
+            "link set p9 up",
+            "link set d9 up",
+            "addr add 10.8.0.2/24 dev d9",
+            "route add default via 10.8.0.1",
+            "-6 addr add fd00:8::2/64 dev d9 nodad",
+            "-6 route add default via fd00:8::1",
             "addr add 10.9.9.2/32 dev lo",
             "addr add 10.9.9.3/32 dev lo",
             "-6 addr add fd00:1::2/128 dev lo nodad",
@@ -832,7 +840,9 @@ fn an_address_gone_under_nonlocal_bind_is_reported_and_the_request_retried() {
             for family in ["ipv4", "ipv6"] {
                 std::fs::write(format!("/proc/sys/net/{family}/ip_nonlocal_bind"), "1").unwrap();
             }
-            let origin4 = Origin::start().await;
+            // (Not on loopback: a SYN to it from an address not this
+            // host's finds no route.)
+            let origin4 = Origin::start_on("10.8.0.2:0".parse().unwrap()).await;
             let origin6 = Origin::start_on("[fd00:9::1]:0".parse().unwrap()).await;
             let alloc =
                 Allocator::start(&["--pool", "10.9.9.2,10.9.9.3,fd00:1::2,fd00:1::3"]).await;
@@ -840,7 +850,7 @@ fn an_address_gone_under_nonlocal_bind_is_reported_and_the_request_retried() {
                 "--allow-destination",
                 "fd00:9::1",
                 "--allow-destination",
-                "127.0.0.0/8",
+                "10.8.0.2/32",
             ];
             let w = Worker::start(&alloc.socket, &args).await;
             run_ok("ip", &["addr", "del", "10.9.9.3/32", "dev", "lo"], "ip");
