@@ -895,6 +895,29 @@ async fn answer(
             },
         })));
     }
+    // Reports: a walk of the pool or the sites table each, under the lock.
+    let report = matches!(
+        env.body,
+        Request::Status
+            | Request::StatusV2
+            | Request::Sites { .. }
+            | Request::SitesV2 { .. }
+            | Request::HostStatus
+    );
+    let metered = (report && rights == Rights::Lease).then(std::time::Instant::now);
+    if metered.is_some() {
+        if let Some(wait) = alloc.lease_only_report_wait() {
+            return Ok(Some(ServerFrame::Response(Envelope {
+                id: env.id,
+                body: Response::Error {
+                    message: format!(
+                        "the allocator gives reports for users let in only to lease a tenth of its time: ask again in {} ms (or as root or the allocator's own user)",
+                        wait.as_millis().max(1)
+                    ),
+                },
+            })));
+        }
+    }
     let body = match env.body {
         Request::Lease { families } => alloc.lease(id, families),
         Request::Status => Response::Status(alloc.status()),
@@ -1082,38 +1105,37 @@ async fn answer(
         Err(_) => true,
     };
     let mut frame = ServerFrame::Response(Envelope { id: env.id, body });
+    // A report can outgrow a frame (a status of 200 000 listed IPv6
+    // addresses): an error the client can print, not a closed connection.
+    // (An error answer is no report: its size is known.)
+    let report = report
+        && !matches!(
+            &frame,
+            ServerFrame::Response(Envelope {
+                body: Response::Error { .. },
+                ..
+            })
+        );
+    let mut large = report && too_large(&frame);
     // A status of a listed /16 taken out whole (each of 65 536 entries with
     // its reason) outgrew a frame and was refused just when it was wanted:
     // a reason the same as the entry's before is said "(as above)".
-    let status = matches!(
-        &frame,
-        ServerFrame::Response(Envelope {
-            body: Response::StatusV2(_),
-            ..
-        })
-    );
-    if status && too_large(&frame) {
-        if let ServerFrame::Response(Envelope {
-            body: Response::StatusV2(s),
-            ..
-        }) = &mut frame
-        {
+    if let ServerFrame::Response(Envelope {
+        body: Response::StatusV2(s),
+        ..
+    }) = &mut frame
+    {
+        if large {
             // (`rotor status` says each again.)
             s.compact_reasons();
+            large = too_large(&frame);
         }
     }
-    // A report can outgrow a frame (a status of 200 000 listed IPv6
-    // addresses): an error the client can print, not a closed connection.
-    match &frame {
-        ServerFrame::Response(Envelope {
-            body:
-                Response::Status(_)
-                | Response::StatusV2(_)
-                | Response::Sites(_)
-                | Response::SitesV2(_)
-                | Response::HostStatus(_),
-            ..
-        }) if too_large(&frame) => Ok(Some(ServerFrame::Response(Envelope {
+    if let Some(started) = metered {
+        alloc.lease_only_report_took(started.elapsed());
+    }
+    match large {
+        true => Ok(Some(ServerFrame::Response(Envelope {
             id: env.id,
             body: Response::Error {
                 message: format!(
@@ -1123,7 +1145,7 @@ async fn answer(
                 ),
             },
         }))),
-        _ => Ok(Some(frame)),
+        false => Ok(Some(frame)),
     }
 }
 
@@ -1445,6 +1467,38 @@ mod tests {
             other => panic!("{:?}", std::mem::discriminant(&other)),
         }
         // A small answer is as it was.
+        let body = answered(Request::HostStatus, Rights::Control, &alloc, &reload).await;
+        assert!(matches!(body, Response::HostStatus(_)));
+    }
+
+    /// Reports for peers let in only to lease take a tenth of the time at
+    /// most, all together (a second of it ahead, so `rotor status` asks its
+    /// two at once): one asked past that is refused with when to ask
+    /// again; root's (and leases) are not held back.
+    #[tokio::test]
+    async fn lease_only_reports_take_a_tenth_of_the_time() {
+        let source = crate::source::Source::list("10.0.0.0/24").unwrap();
+        let entries = source.read().unwrap();
+        let alloc = Allocator::new(vec![source]);
+        alloc.apply_refresh(vec![Ok(entries)], &HashMap::new());
+        let (reload, _rx) = mpsc::channel(1);
+        for _ in 0..2 {
+            let body = answered(Request::StatusV2, Rights::Lease, &alloc, &reload).await;
+            assert!(matches!(body, Response::StatusV2(_)));
+        }
+        // As if one had taken 200 ms: 1.8 s owed, 0.8 s past what may run
+        // ahead.
+        alloc.lease_only_report_took(Duration::from_millis(200));
+        match answered(Request::Sites { max: 10 }, Rights::Lease, &alloc, &reload).await {
+            Response::Error { message } => assert!(message.contains("ask again in"), "{message}"),
+            other => panic!("{:?}", std::mem::discriminant(&other)),
+        }
+        let body = answered(Request::StatusV2, Rights::Control, &alloc, &reload).await;
+        assert!(matches!(body, Response::StatusV2(_)));
+        let families = rotor_protocol::Families::ANY;
+        let body = answered(Request::Lease { families }, Rights::Lease, &alloc, &reload).await;
+        assert!(matches!(body, Response::Leased(_)), "{body:?}");
+        tokio::time::sleep(Duration::from_millis(900)).await;
         let body = answered(Request::HostStatus, Rights::Lease, &alloc, &reload).await;
         assert!(matches!(body, Response::HostStatus(_)));
     }

@@ -31,7 +31,21 @@ pub struct Allocator {
     pub rendered: tokio::sync::Mutex<Option<crate::metrics::Rendered>>,
     /// The places of the renders alive at once (`metrics::MAX_RENDERS`).
     pub renders: Arc<tokio::sync::Semaphore>,
+    /// Until when the reports made for peers let in only to lease are
+    /// owed (see [`Allocator::lease_only_report_wait`]).
+    lease_only_reports: std::sync::Mutex<Option<Instant>>,
 }
+
+/// Reports (status, sites, host status) for the peers let in only to lease
+/// take a tenth of the allocator's one thread at most, all together: each
+/// is a walk of the pool or the sites table under the lock (tens of
+/// milliseconds for 150 000 entries), and twenty such peers asking in a
+/// loop held every worker's socket leases past their timeout.
+const LEASE_ONLY_REPORT_SHARE: u32 = 10;
+
+/// How far ahead of the time owed such reports may run: `rotor status`
+/// asks a status and the sites one after the other.
+const LEASE_ONLY_REPORT_AHEAD: Duration = Duration::from_secs(1);
 
 struct Inner {
     pool: Pool,
@@ -1048,7 +1062,32 @@ impl Allocator {
             waiting: tokio::sync::Notify::new(),
             rendered: tokio::sync::Mutex::const_new(None),
             renders: Arc::new(tokio::sync::Semaphore::new(crate::metrics::MAX_RENDERS)),
+            lease_only_reports: std::sync::Mutex::new(None),
         })
+    }
+
+    /// How long a peer let in only to lease must wait for its next report,
+    /// if it must (reports for such peers take a tenth of the time at most,
+    /// see [`LEASE_ONLY_REPORT_SHARE`]).
+    pub fn lease_only_report_wait(&self) -> Option<Duration> {
+        let owed = *self
+            .lease_only_reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        owed.and_then(|t| t.checked_sub(LEASE_ONLY_REPORT_AHEAD))
+            .and_then(|t| t.checked_duration_since(Instant::now()))
+    }
+
+    /// A report for a peer let in only to lease took `took`: the time owed
+    /// grows by the rest of its share.
+    pub fn lease_only_report_took(&self, took: Duration) {
+        let mut owed = self
+            .lease_only_reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let from = owed.map_or(now, |t| t.max(now));
+        *owed = Some(from + took.saturating_mul(LEASE_ONLY_REPORT_SHARE - 1));
     }
 
     /// Whether this allocator holds the rotation state file, and with it
