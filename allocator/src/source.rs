@@ -517,48 +517,63 @@ fn interface_addrs(sel: &InterfaceSelector) -> Result<Vec<IpAddr>, SourceError> 
 }
 
 /// Leaves out the IPv6 addresses this host holds but does not take for a
-/// new connection: deprecated ones, past their preferred lifetime (a
-/// SLAAC privacy address a day old, the old prefix of a network being
+/// new connection: those deprecated as their lifetime runs out (a SLAAC
+/// privacy address a day old, the old prefix of a network being
 /// renumbered), which the kernel's own source selection avoids (RFC 6724
 /// rule 3, RFC 4862 §5.5.4) and which go at the end of their valid
 /// lifetime; and those not usable yet or at all (tentative, in duplicate
 /// address detection, or having failed it). They come back at the
-/// refresh after they are preferred again.
+/// refresh after they are preferred again. A permanent address made
+/// deprecated (`preferred_lft 0`, as keepalived adds its IPv6 virtual
+/// addresses, to keep them out of the host's default source choice) is
+/// kept: it stays, and binds.
 fn preferred(addrs: Vec<IpAddr>) -> Vec<IpAddr> {
     if !addrs.iter().any(IpAddr::is_ipv6) {
         return addrs;
     }
-    // (No IPv6 on the host: no file, and nothing to leave out.)
-    let text = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
-    let unpreferred = unpreferred_v6(&text);
-    if unpreferred.is_empty() {
-        return addrs;
-    }
-    let (kept, out): (Vec<IpAddr>, Vec<IpAddr>) = addrs
+    let unpreferred = Unpreferred::now();
+    addrs
         .into_iter()
-        .partition(|ip| !matches!(ip, IpAddr::V6(v6) if unpreferred.contains(v6)));
-    tracing::debug!(
-        ?out,
-        "left out: deprecated, tentative or failed duplicate address detection"
-    );
-    kept
+        .filter(|ip| !unpreferred.holds(ip))
+        .collect()
 }
 
-/// The addresses `/proc/net/if_inet6` lists as deprecated, tentative or
-/// failed duplicate address detection (its fifth column: the address's
-/// flags, in hex).
+/// This host's IPv6 addresses [`preferred`] leaves out, as read now.
+struct Unpreferred(std::collections::HashSet<std::net::Ipv6Addr>);
+
+impl Unpreferred {
+    fn now() -> Unpreferred {
+        // (No IPv6 on the host: no file, and nothing to leave out.)
+        let text = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+        Unpreferred(unpreferred_v6(&text))
+    }
+
+    fn holds(&self, ip: &IpAddr) -> bool {
+        let out = matches!(ip, IpAddr::V6(v6) if self.0.contains(v6));
+        if out {
+            tracing::debug!(%ip, "left out: deprecated as its lifetime runs out, tentative, or failed duplicate address detection");
+        }
+        out
+    }
+}
+
+/// The addresses `/proc/net/if_inet6` lists as deprecated and not
+/// permanent, tentative or failed duplicate address detection (its fifth
+/// column: the address's flags, in hex).
 fn unpreferred_v6(text: &str) -> std::collections::HashSet<std::net::Ipv6Addr> {
     // linux/if_addr.h
     const IFA_F_DADFAILED: u32 = 0x08;
     const IFA_F_DEPRECATED: u32 = 0x20;
     const IFA_F_TENTATIVE: u32 = 0x40;
+    const IFA_F_PERMANENT: u32 = 0x80;
     text.lines()
         .filter_map(|line| {
             let mut cols = line.split_whitespace();
             let addr = u128::from_str_radix(cols.next()?, 16).ok()?;
             let flags = u32::from_str_radix(cols.nth(3)?, 16).ok()?;
-            let out = IFA_F_DADFAILED | IFA_F_DEPRECATED | IFA_F_TENTATIVE;
-            (flags & out != 0).then(|| std::net::Ipv6Addr::from(addr))
+            let aging = flags & IFA_F_DEPRECATED != 0 && flags & IFA_F_PERMANENT == 0;
+            let unusable = flags & (IFA_F_DADFAILED | IFA_F_TENTATIVE) != 0;
+            (aging || unusable).then(|| std::net::Ipv6Addr::from(addr))
         })
         .collect()
 }
@@ -587,10 +602,13 @@ fn without_loopback_beside_others(addrs: Vec<IpAddr>) -> Vec<IpAddr> {
 /// them (no default route), every global address is kept, as the
 /// destinations reachable at all are local ones.
 fn host_addrs() -> Result<Vec<IpAddr>, SourceError> {
+    // (Before the choices below: an address left out is no global
+    // IPv6 address beside a ULA, and routes no internet.)
+    let unpreferred = Unpreferred::now();
     let all: Vec<(String, IpAddr)> = list_interfaces()?
         .into_iter()
         .filter_map(|a| Some((a.name, a.ip?)))
-        .filter(|(_, ip)| global(ip))
+        .filter(|(_, ip)| global(ip) && !unpreferred.holds(ip))
         .collect();
     // By index: an address added with a label (`lo:0`, as LVS and
     // ifconfig do) is listed under it, and the kernel strips it.
@@ -611,7 +629,7 @@ fn host_addrs() -> Result<Vec<IpAddr>, SourceError> {
         .iter()
         .zip(&own)
         .any(|((name, _), own)| *own == Some(true) && index(name) != lo);
-    Ok(preferred(match routed {
+    Ok(match routed {
         false => all.into_iter().map(|(_, ip)| ip).collect(),
         true => without_ula_beside_global(
             all.into_iter()
@@ -620,7 +638,7 @@ fn host_addrs() -> Result<Vec<IpAddr>, SourceError> {
                 .map(|((_, ip), _)| ip)
                 .collect(),
         ),
-    }))
+    })
 }
 
 /// Unique local IPv6 addresses (fc00::/7) are left out beside global ones
@@ -656,7 +674,8 @@ mod tests {
     fn deprecated_tentative_and_failed_ipv6_addresses_are_found() {
         // As the kernel writes it: address, index, prefix length, scope,
         // flags (permanent 0x80, nodad 0x02, deprecated 0x20, tentative
-        // 0x40, dadfailed 0x08), name.
+        // 0x40, dadfailed 0x08), name. A permanent one deprecated by hand
+        // (keepalived's) stays.
         let text = "\
 00000000000000000000000000000001 01 80 10 80       lo
 20010db8000000000000000000000007 02 40 00 80     eth0
@@ -664,12 +683,22 @@ mod tests {
 20010db8000000000000000000000009 02 40 00 01     eth0
 2001db80000000000000000000000010 02 40 00 c0     eth0
 2001db80000000000000000000000011 02 40 00 48     eth0
+2001db80000000000000000000000012 02 40 00 20     eth0
+2001db80000000000000000000000013 02 40 00 21     eth0
 20010db800000000000000000000000a 02 40 00 02     eth0
 garbage
 ";
         let mut found: Vec<String> = unpreferred_v6(text).iter().map(|a| a.to_string()).collect();
         found.sort();
-        assert_eq!(found, ["2001:db80::10", "2001:db80::11", "2001:db8::8"]);
+        assert_eq!(
+            found,
+            [
+                "2001:db80::10",
+                "2001:db80::11",
+                "2001:db80::12",
+                "2001:db80::13"
+            ]
+        );
     }
 
     #[test]

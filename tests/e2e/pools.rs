@@ -979,8 +979,10 @@ async fn the_pool_can_come_from_the_cloud_metadata_service() {
 /// label, `lo:0`, as LVS and ifconfig add them); not a docker
 /// style bridge's, whose requests would leave through the uplink and be
 /// masqueraded to its address. Without a default route, all of them.
-/// Never a deprecated IPv6 address (past its preferred lifetime, as the
-/// kernel's own source selection avoids it), by default or by interface.
+/// Never an IPv6 address deprecated as its lifetime runs out (the kernel's
+/// own source selection avoids it), by default or by interface; one
+/// deprecated for good (`preferred_lft 0` on a permanent address, as
+/// keepalived adds its virtual ones) is kept.
 #[test]
 fn the_default_pool_leaves_out_a_bridge_without_a_route_out() {
     in_netns(
@@ -994,7 +996,8 @@ fn the_default_pool_leaves_out_a_bridge_without_a_route_out() {
             "addr add 10.1.0.4/24 dev up9 label up9:1",
             "route add default via 10.1.0.1 dev up9",
             "-6 addr add fd00:5::2/64 dev up9 nodad",
-            "-6 addr add fd00:5::3/64 dev up9 nodad preferred_lft 0",
+            "-6 addr add fd00:5::3/64 dev up9 nodad valid_lft 3600 preferred_lft 0",
+            "-6 addr add fd00:5::4/64 dev up9 nodad preferred_lft 0",
             "-6 route add default via fd00:5::1 dev up9",
             "link add br9 type bridge",
             "link set br9 up",
@@ -1014,7 +1017,8 @@ fn the_default_pool_leaves_out_a_bridge_without_a_route_out() {
                     "10.1.0.4",
                     "198.51.100.7",
                     "198.51.100.8",
-                    "fd00:5::2"
+                    "fd00:5::2",
+                    "fd00:5::4"
                 ],
                 "{status}"
             );
@@ -1036,11 +1040,11 @@ fn the_default_pool_leaves_out_a_bridge_without_a_route_out() {
             for (sel, want) in [
                 (
                     "up9",
-                    &["10.1.0.2", "10.1.0.3", "10.1.0.4", "fd00:5::2"][..],
+                    &["10.1.0.2", "10.1.0.3", "10.1.0.4", "fd00:5::2", "fd00:5::4"][..],
                 ),
                 (
                     mac.trim(),
-                    &["10.1.0.2", "10.1.0.3", "10.1.0.4", "fd00:5::2"],
+                    &["10.1.0.2", "10.1.0.3", "10.1.0.4", "fd00:5::2", "fd00:5::4"],
                 ),
                 ("up9:1", &["10.1.0.4"]),
                 ("lo", &["198.51.100.7", "198.51.100.8"]),
@@ -1054,7 +1058,7 @@ fn the_default_pool_leaves_out_a_bridge_without_a_route_out() {
             run_ok("ip", &["route", "del", "default"], "ip");
             run_ok("ip", &["-6", "route", "del", "default"], "ip");
             let out = rotor_control("reload", &alloc.socket, &[]);
-            assert!(out.contains("8 addresses"), "{out}");
+            assert!(out.contains("9 addresses"), "{out}");
         },
     );
 }
