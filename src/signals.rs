@@ -45,15 +45,16 @@ impl Signals {
             reload: Arc::new(watch::channel(0).0),
             orphaned: CancellationToken::new(),
         };
+        // The parent-death signal comes once the parent is gone, when this
+        // process has been given to another (init or a subreaper): a
+        // SIGUSR2 while the parent is still the one that started it is a
+        // stray one (a `kill -USR2` meant for another program). Read before
+        // the handler is in place: a parent gone before is seen as gone.
+        let parent = nix::unistd::getppid();
         let mut term = signal(SignalKind::terminate())?;
         let mut usr2 = signal(SignalKind::user_defined2())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup = signal(SignalKind::hangup())?;
-        // The parent-death signal comes once the parent is gone, when this
-        // process has been given to another (init or a subreaper): a
-        // SIGUSR2 while the parent is still the one that started it is a
-        // stray one (a `kill -USR2` meant for another program).
-        let parent = nix::unistd::getppid();
         let me = s.clone();
         tokio::spawn(async move {
             let mut first_term: Option<std::time::Instant> = None;
