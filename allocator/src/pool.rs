@@ -746,6 +746,17 @@ mod tests {
         pool.replace(ips(&["10.0.0.1", "10.0.0.4"])).unwrap();
         assert_eq!(take(&pool, 2, Families::ANY), ["10.0.0.4", "10.0.0.1"]);
 
+        // The next kept one is the one leased last: passed over, unless it
+        // is all there is.
+        let mut pool = Pool::new(abcd());
+        take(&pool, 2, Families::ANY); // .2 last, .3 due
+        pool.replace(ips(&["10.0.0.2", "10.0.0.9"])).unwrap();
+        assert_eq!(take(&pool, 2, Families::ANY), ["10.0.0.9", "10.0.0.2"]);
+        let mut pool = Pool::new(abcd());
+        take(&pool, 2, Families::ANY);
+        pool.replace(ips(&["10.0.0.2"])).unwrap();
+        assert_eq!(take(&pool, 1, Families::ANY), ["10.0.0.2"]);
+
         // Wrapping around the old list: .4 due and gone, .1 next.
         let mut pool = Pool::new(abcd());
         take(&pool, 3, Families::ANY);

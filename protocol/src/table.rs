@@ -351,6 +351,9 @@ struct Rotation {
     singles: std::collections::HashMap<IpAddr, u64>,
     /// The prefixes, by their place in `mine` (few: looked over).
     prefixes: Vec<usize>,
+    /// Where each prefix the cursor reaches begins (a refresh that
+    /// replaces thousands of prefixes looks up each).
+    prefix_first: std::collections::HashMap<Segment, u64>,
 }
 
 impl Rotations {
@@ -367,7 +370,12 @@ impl Rotations {
                         r.singles.entry(e.base()).or_insert(first);
                     }
                     true => {}
-                    false => r.prefixes.push(r.mine.len()),
+                    false => {
+                        r.prefixes.push(r.mine.len());
+                        if first < r.total {
+                            r.prefix_first.entry(*e).or_insert(first);
+                        }
+                    }
                 }
                 r.mine.push(*e);
                 r.first.push(first);
@@ -400,13 +408,26 @@ impl Rotations {
     /// `next`. `None` when `next` holds none of them (or `due` is not
     /// here). Continuing at `due`'s old index instead would repeat or skip
     /// addresses: A B C D with C due, replaced by X A B D, went on at B,
-    /// just leased.
+    /// just leased. The entry found is passed over when it is the one
+    /// leased last (A B C D with C due, replaced by B Y: Y, not B again),
+    /// unless it is all there is.
     pub fn next_kept(&self, next: &Rotations, due: IpAddr) -> Option<u64> {
-        let r = &self.0[Family::of(&due).index()];
+        let family = Family::of(&due);
+        let r = &self.0[family.index()];
         let at = self.index_of(due)?;
         let own = r.first.partition_point(|&f| f <= at).checked_sub(1)?;
         let n = r.mine.len();
-        (1..=n).find_map(|d| next.first_of(&r.mine[(own + d) % n]))
+        let (d, first) = (1..=n).find_map(|d| Some((d, next.first_of(&r.mine[(own + d) % n])?)))?;
+        // The entry before `due`'s own held the last lease when `due`
+        // begins its own (else that one did).
+        let last = d == n - 1 && at == r.first[own];
+        Some(match last {
+            true => {
+                let after = first.saturating_add(entry_len(&r.mine[(own + d) % n]));
+                after % next.total(family).max(1)
+            }
+            false => first,
+        })
     }
 
     /// The index of `entry`'s first address, if it is one of the
@@ -415,12 +436,7 @@ impl Rotations {
         let r = &self.0[entry.family().index()];
         match entry.is_single() {
             true => r.singles.get(&entry.base()).copied(),
-            false => r
-                .prefixes
-                .iter()
-                .find(|&&k| r.mine[k] == *entry)
-                .map(|&k| r.first[k])
-                .filter(|&f| f < r.total),
+            false => r.prefix_first.get(entry).copied(),
         }
     }
 
