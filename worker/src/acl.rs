@@ -205,17 +205,20 @@ impl LocalAddrs {
 
     /// Whether `dest` is one of this worker's listeners: its address, or
     /// an address of this host on the port of one bound to a wildcard
-    /// (of either family: a passed socket may take both). A port compare
-    /// a listener unless the port is one of theirs.
+    /// (`0.0.0.0`'s of IPv4; `::`'s of either family, as a socket systemd
+    /// passes may take both). A port compare a listener unless the port is
+    /// one of theirs.
     fn is_own(&self, dest: SocketAddr) -> bool {
         self.own.iter().any(|l| {
+            let at = l.ip().to_canonical();
             l.port() == dest.port()
                 && forms(dest.ip())
                     .into_iter()
                     .flatten()
-                    .any(|ip| match l.ip().is_unspecified() {
+                    .any(|ip| match at.is_unspecified() {
+                        true if at.is_ipv4() && !ip.is_ipv4() => false,
                         true => ip.is_loopback() || self.is_local(ip),
-                        false => ip == l.ip().to_canonical(),
+                        false => ip == at,
                     })
         })
     }
@@ -674,13 +677,20 @@ mod tests {
             deny_ports: vec![],
         };
         let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
-        let local = LocalAddrs::with_listeners(vec![addr("127.0.0.1:8080"), addr("0.0.0.0:1080")]);
+        let local = LocalAddrs::with_listeners(vec![
+            addr("127.0.0.1:8080"),
+            addr("0.0.0.0:1080"),
+            addr("[::]:3128"),
+            addr("[::ffff:0.0.0.0]:8443"),
+        ]);
         for dest in [
             "127.0.0.1:8080",
             "[::ffff:127.0.0.1]:8080",
             "127.0.0.1:1080",
             "127.0.0.9:1080",
-            "[::1]:1080",
+            "[::1]:3128",
+            "127.0.0.1:3128",
+            "127.0.0.1:8443",
         ] {
             assert_eq!(
                 acl.check_with(addr(dest), &local),
@@ -688,7 +698,13 @@ mod tests {
                 "{dest}"
             );
         }
-        for dest in ["127.0.0.1:8081", "127.0.0.2:8080", "203.0.113.77:1080"] {
+        // (IPv4's wildcard takes no IPv6 client.)
+        for dest in [
+            "127.0.0.1:8081",
+            "127.0.0.2:8080",
+            "203.0.113.77:1080",
+            "[::1]:1080",
+        ] {
             assert_eq!(acl.check_with(addr(dest), &local), Ok(()), "{dest}");
         }
         // Without listeners (as before), allowed.
