@@ -69,6 +69,51 @@ async fn bytes_sent_behind_the_connect_head_go_first() {
     assert_eq!(&back, b"hello, world");
 }
 
+/// A CONNECT that says content follows its head (RFC 9110: it has none)
+/// is refused with 400 and its connection closed, reaching nobody: hyper
+/// read what followed as a body and dropped it, so a ClientHello sent at
+/// once was lost and the tunnel hung. `Content-Length: 0` is no content.
+#[tokio::test]
+async fn a_connect_with_content_is_refused() {
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let target = echo.addr;
+    for (field, ok) in [
+        ("Content-Length: 5", false),
+        ("Transfer-Encoding: chunked", false),
+        ("Content-Length: 0", true),
+    ] {
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        let head = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{field}\r\n\r\nhello");
+        s.write_all(head.as_bytes()).await.unwrap();
+        let head = read_head(&mut s).await;
+        match ok {
+            true => {
+                assert!(head.starts_with("HTTP/1.1 200"), "{field}: {head}");
+                let mut back = [0u8; 5];
+                tokio::time::timeout(PATIENCE, s.read_exact(&mut back))
+                    .await
+                    .expect("no echo")
+                    .unwrap();
+                assert_eq!(&back, b"hello");
+            }
+            false => {
+                assert!(head.starts_with("HTTP/1.1 400"), "{field}: {head}");
+                assert!(
+                    head.to_ascii_lowercase().contains("connection: close"),
+                    "{head}"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        echo.peers.lock().unwrap().len(),
+        1,
+        "only the one without content"
+    );
+}
+
 /// A tunnel takes over its connection's place under `--max-connections`:
 /// at the limit a CONNECT still opens (it needed a second place, so with
 /// `--max-connections 1` no tunnel ever opened), and holds the place while

@@ -341,6 +341,13 @@ impl Proxy {
             // (A forward checks its Host where it replaces it.)
             Ok(caller) if method == Method::CONNECT => match only_host(&fields) {
                 Err(e) => Err(e.into()),
+                // A CONNECT has no content (RFC 9110 §9.3.6): hyper would read
+                // what follows its head as a body, and the first tunnel
+                // bytes (a ClientHello sent at once) would be lost.
+                Ok(_) if connect_with_content(&fields) => Err(ProxyError::BadRequest(
+                    "a CONNECT has no content: no Content-Length or Transfer-Encoding".into(),
+                )
+                .into()),
                 Ok(_) => {
                     let req = Request::from_parts(parts, body);
                     self.connect(
@@ -1275,6 +1282,15 @@ fn log_tunnel(log: Option<(Arc<AccessLog>, Entry)>, lease: &Lease, bytes: (u64, 
 /// The request's `Host`, if it sent one; two are refused (RFC 9112 §3.2):
 /// a destination that read the second would serve another site than the
 /// one leased, budgeted and judged for.
+/// Whether a CONNECT's head says content follows it: a Transfer-Encoding,
+/// or a Content-Length other than 0.
+fn connect_with_content(fields: &Fields) -> bool {
+    fields.get(&header::TRANSFER_ENCODING).is_some()
+        || fields
+            .get(&header::CONTENT_LENGTH)
+            .is_some_and(|v| v.trim_ascii() != b"0")
+}
+
 fn only_host(fields: &Fields) -> Result<Option<&[u8]>, ProxyError> {
     fields
         .get_only(&header::HOST)
