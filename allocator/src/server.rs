@@ -863,7 +863,26 @@ struct Peer {
     /// The protocol minor it said in its Hello.
     minor: u16,
     rights: Rights,
+    /// Its user, as the kernel says (`None`: not known).
+    uid: Option<u32>,
     late: mpsc::UnboundedSender<ServerFrame>,
+}
+
+impl Peer {
+    /// The sticky session key `key` as the allocator keeps it: a peer let
+    /// in only to lease has the session keys of its own user (its uid
+    /// before them), so that it cannot name another user's sessions (the
+    /// key's user part is its worker's word) and push them out of that
+    /// user's share. (`\u{2}` begins no key a worker makes: names it did
+    /// not check begin with `\u{1}`, and a user name of the users file is
+    /// the operator's.)
+    fn session_key(&self, key: String) -> String {
+        match (self.rights, self.uid) {
+            (Rights::Lease, Some(uid)) => format!("\u{2}{uid}\u{2}{key}"),
+            (Rights::Lease, None) => format!("\u{2}?\u{2}{key}"),
+            (Rights::Control, _) => key,
+        }
+    }
 }
 
 /// The answer to `frame` from `peer`; `None` if it is held to be answered
@@ -936,7 +955,7 @@ async fn answer(
         } => alloc.lease_session(
             id,
             families,
-            &key,
+            &peer.session_key(key),
             Duration::from_secs(u64::from(ttl_secs)),
             strict,
             None,
@@ -950,7 +969,7 @@ async fn answer(
         } => alloc.lease_session(
             id,
             families,
-            &key,
+            &peer.session_key(key),
             Duration::from_secs(u64::from(ttl_secs)),
             strict,
             Some(&site),
@@ -1206,12 +1225,12 @@ async fn serve(
 ) -> Result<(), ConnError> {
     // The peer's process as the kernel says, not as its Hello claims
     // (what `rotor status` lists and a reload names).
-    let pid = stream
-        .peer_cred()
-        .ok()
+    let cred = stream.peer_cred().ok();
+    let pid = cred
         .and_then(|c| c.pid())
         // (0: a process of a namespace this one does not see.)
         .and_then(|p| u32::try_from(p).ok().filter(|&p| p > 0));
+    let uid = cred.map(|c| c.uid());
     let mut chan: ServerChannel<UnixStream> = Channel::new(stream);
     let mut hello = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
@@ -1235,6 +1254,7 @@ async fn serve(
         id,
         minor,
         rights,
+        uid,
         late,
     };
     // A peer quiet between frames is waited for as long as it likes; one
@@ -1339,8 +1359,41 @@ mod tests {
             id: 1,
             minor: rotor_protocol::PROTOCOL_MINOR,
             rights,
+            uid: Some(1000),
             late: mpsc::unbounded_channel().0,
         }
+    }
+
+    /// A peer let in only to lease keeps its user's own sessions: the same
+    /// key from root's worker and from it are two sessions, so it cannot
+    /// name (and push out) another user's.
+    #[tokio::test]
+    async fn a_lease_only_peers_sessions_are_its_users_own() {
+        let source = crate::source::Source::list("10.0.0.1,10.0.0.2").unwrap();
+        let entries = source.read().unwrap();
+        let alloc = Allocator::new(vec![source]);
+        alloc.apply_refresh(vec![Ok(entries)], &HashMap::new());
+        let (reload, _rx) = mpsc::channel(1);
+        let session = |rights| {
+            let (alloc, reload) = (&alloc, &reload);
+            async move {
+                let body = Request::LeaseSession {
+                    families: rotor_protocol::Families::ANY,
+                    key: "alice\0s1".into(),
+                    ttl_secs: 600,
+                    strict: false,
+                };
+                match answered(body, rights, alloc, reload).await {
+                    Response::Leased(lease) => lease.ip,
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        let root = session(Rights::Control).await;
+        let other = session(Rights::Lease).await;
+        assert_ne!(root, other, "a session of its own, from the rotation");
+        assert_eq!(session(Rights::Control).await, root);
+        assert_eq!(session(Rights::Lease).await, other);
     }
 
     /// However many sources failed, the reload's answer names at most 64
