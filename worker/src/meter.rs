@@ -210,6 +210,15 @@ impl Meter {
         });
     }
 
+    /// The bytes counted to and from `ip` so far (tests).
+    #[cfg(test)]
+    pub(crate) fn bytes_of(&self, ip: IpAddr) -> (u64, u64) {
+        let acc = self.acc.lock().unwrap_or_else(|e| e.into_inner());
+        acc.sources
+            .get(&ip)
+            .map_or((0, 0), |s| (s.bytes_to, s.bytes_from))
+    }
+
     /// Everything counted since the last take, and the failed connects
     /// confirmed as their source's fault (`witness`) of sources that got
     /// no answer meanwhile.

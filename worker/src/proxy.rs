@@ -649,8 +649,10 @@ impl Proxy {
             let _held = held;
             let activity = Activity::new();
             let relay = crate::relay::tcp_tunnel(client_stream, upstream, &activity, idle_limit);
-            let result = until_ended(relay, &activity, idle_limit, (&cut, standing)).await;
-            log_tunnel_end(log, (client, &dest, &lease), result, &activity, &open.0);
+            let mut counted = Counted::new(&open.0, lease.ip);
+            let result =
+                until_ended(relay, &activity, idle_limit, (&cut, standing), &mut counted).await;
+            log_tunnel_end(log, (client, &dest, &lease), result, &activity, counted);
         });
     }
 
@@ -1250,8 +1252,9 @@ impl Proxy {
             };
             let activity = Activity::new();
             let relay = crate::relay::tunnel(upgraded, upstream, &activity, idle_limit);
-            let result = until_ended(relay, &activity, idle_limit, (&cut, standing)).await;
-            log_tunnel_end(log, (client, &dest, &lease), result, &activity, &open.0);
+            let mut counted = Counted::new(&open.0, lease.ip);
+            let result = until_ended(relay, &activity, idle_limit, (&cut, standing), &mut counted).await;
+            log_tunnel_end(log, (client, &dest, &lease), result, &activity, counted);
         });
         let mut resp = Answer::from(Response::new(Either::Right(Either::Right(Empty::new()))));
         self.expose_source(&mut resp.fields, &lease);
@@ -1357,6 +1360,7 @@ async fn until_ended(
     activity: &Activity,
     idle_limit: Duration,
     (cut, mut standing): (&tokio_util::sync::CancellationToken, Option<Standing>),
+    counted: &mut Counted<'_>,
 ) -> Ended {
     let revoked = async {
         match standing.as_mut() {
@@ -1364,16 +1368,61 @@ async fn until_ended(
             None => std::future::pending().await,
         }
     };
-    tokio::select! {
-        // The relay first: polled once, it holds its sockets under the
-        // guard that resets a tunnel rotor ends (`relay::ResetUnlessDone`).
-        // Never polled (the drain's cut already made), it was dropped
-        // with its sockets' FIN.
-        biased;
-        r = relay => Ended::Relay(r),
-        _ = activity.idle_for(idle_limit) => Ended::Idle,
-        _ = cut.cancelled() => Ended::Cut,
-        _ = revoked => Ended::Revoked,
+    let idle = activity.idle_for(idle_limit);
+    tokio::pin!(relay, revoked, idle);
+    let mut tick =
+        tokio::time::interval_at(tokio::time::Instant::now() + counted.every, counted.every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            // The relay first: polled once, it holds its sockets under the
+            // guard that resets a tunnel rotor ends (`relay::ResetUnlessDone`).
+            // Never polled (the drain's cut already made), it was dropped
+            // with its sockets' FIN.
+            biased;
+            r = &mut relay => return Ended::Relay(r),
+            _ = &mut idle => return Ended::Idle,
+            _ = cut.cancelled() => return Ended::Cut,
+            _ = &mut revoked => return Ended::Revoked,
+            _ = tick.tick() => counted.count(activity),
+        }
+    }
+}
+
+/// A tunnel's bytes as the meter has them: counted as they go, every
+/// [`TUNNEL_COUNTED_EVERY`], not only when it ends (a tunnel open for
+/// hours showed nothing in `rotor_bytes_total`, then all at once; a
+/// worker killed meanwhile never counted them).
+struct Counted<'a> {
+    meter: &'a Meter,
+    ip: IpAddr,
+    every: Duration,
+    /// Up and down, as counted so far.
+    so_far: (u64, u64),
+}
+
+/// How often an open tunnel's bytes reach the meter.
+const TUNNEL_COUNTED_EVERY: Duration = Duration::from_secs(10);
+
+impl<'a> Counted<'a> {
+    fn new(meter: &'a Meter, ip: IpAddr) -> Counted<'a> {
+        Counted {
+            meter,
+            ip,
+            every: TUNNEL_COUNTED_EVERY,
+            so_far: (0, 0),
+        }
+    }
+
+    /// Counts what moved since the last count.
+    fn count(&mut self, activity: &Activity) {
+        let (up, down) = activity.bytes();
+        let (was_up, was_down) = std::mem::replace(&mut self.so_far, (up, down));
+        self.meter.bytes(
+            self.ip,
+            up.saturating_sub(was_up),
+            down.saturating_sub(was_down),
+        );
     }
 }
 
@@ -1394,10 +1443,10 @@ fn log_tunnel_end(
     (client, dest, lease): (SocketAddr, &str, &Lease),
     result: Ended,
     activity: &Activity,
-    meter: &Meter,
+    mut counted: Counted<'_>,
 ) {
+    counted.count(activity);
     let (up, down) = activity.bytes();
-    meter.bytes(lease.ip, up, down);
     log_tunnel(log, lease, (up, down));
     match result {
         Ended::Idle => debug!(%client, %dest, source = %lease.ip, up, down, "tunnel idle; closed"),
@@ -1984,7 +2033,9 @@ mod tests {
             let activity = Activity::new();
             let idle = Duration::from_secs(60);
             let relay = crate::relay::tcp_tunnel(relay_client, relay_up, &activity, idle);
-            let ended = until_ended(relay, &activity, idle, (&cut, None)).await;
+            let meter = Meter::default();
+            let mut counted = Counted::new(&meter, "127.0.0.1".parse().unwrap());
+            let ended = until_ended(relay, &activity, idle, (&cut, None), &mut counted).await;
             assert!(matches!(ended, Ended::Cut));
             for peer in [&mut client, &mut server] {
                 let mut rest = Vec::new();
@@ -2183,5 +2234,67 @@ mod tests {
         );
         assert_eq!(origin_form(&"http://h".parse().unwrap()), "/");
         assert_eq!(origin_form(&"http://h?q=1".parse().unwrap()), "/?q=1");
+    }
+
+    /// An open tunnel's bytes reach the meter as they go, not only when it
+    /// ends; what its end counts is the rest, so nothing is counted twice.
+    #[tokio::test]
+    async fn an_open_tunnels_bytes_are_counted_as_they_go() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let pair = || async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let near = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            (near, l.accept().await.unwrap().0)
+        };
+        let (mut client, relay_client) = pair().await;
+        let (relay_up, mut server) = pair().await;
+        let activity = Activity::new();
+        let idle = Duration::from_secs(60);
+        let meter = Meter::default();
+        let ip: IpAddr = "127.0.0.9".parse().unwrap();
+        let mut counted = Counted::new(&meter, ip);
+        counted.every = Duration::from_millis(50);
+        let cut = tokio_util::sync::CancellationToken::new();
+        let relay = crate::relay::tcp_tunnel(relay_client, relay_up, &activity, idle);
+        let tunnel = until_ended(relay, &activity, idle, (&cut, None), &mut counted);
+        let talk = async {
+            client.write_all(&[1; 1000]).await.unwrap();
+            let mut got = [0u8; 1000];
+            server.read_exact(&mut got).await.unwrap();
+            server.write_all(&[2; 300]).await.unwrap();
+            let mut back = [0u8; 300];
+            client.read_exact(&mut back).await.unwrap();
+            // Counted while open.
+            let open = tokio::time::Instant::now();
+            while meter.bytes_of(ip) != (1000, 300) {
+                assert!(
+                    open.elapsed() < Duration::from_secs(5),
+                    "{:?}",
+                    meter.bytes_of(ip)
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            client.write_all(&[3; 24]).await.unwrap();
+            server.read_exact(&mut got[..24]).await.unwrap();
+            cut.cancel();
+        };
+        let (ended, ()) = tokio::join!(tunnel, talk);
+        assert!(matches!(ended, Ended::Cut));
+        log_tunnel_end(
+            None,
+            (
+                "127.0.0.1:1".parse().unwrap(),
+                "d",
+                &Lease {
+                    ip,
+                    seq: 0,
+                    generation: 0,
+                },
+            ),
+            ended,
+            &activity,
+            counted,
+        );
+        assert_eq!(meter.bytes_of(ip), (1024, 300));
     }
 }
