@@ -1354,6 +1354,15 @@ async fn write_replies(
 mod tests {
     use super::*;
 
+    /// An allocator whose pool `spec` lists, read.
+    fn allocator_of(spec: &str) -> Allocator {
+        let source = crate::source::Source::list(spec).unwrap();
+        let entries = source.read().unwrap();
+        let alloc = Allocator::new(vec![source]);
+        alloc.apply_refresh(vec![Ok(entries)], &HashMap::new());
+        alloc
+    }
+
     fn peer(rights: Rights) -> Peer {
         Peer {
             id: 1,
@@ -1369,10 +1378,7 @@ mod tests {
     /// name (and push out) another user's.
     #[tokio::test]
     async fn a_lease_only_peers_sessions_are_its_users_own() {
-        let source = crate::source::Source::list("10.0.0.1,10.0.0.2").unwrap();
-        let entries = source.read().unwrap();
-        let alloc = Allocator::new(vec![source]);
-        alloc.apply_refresh(vec![Ok(entries)], &HashMap::new());
+        let alloc = allocator_of("10.0.0.1,10.0.0.2");
         let (reload, _rx) = mpsc::channel(1);
         let session = |rights| {
             let (alloc, reload) = (&alloc, &reload);
@@ -1442,10 +1448,7 @@ mod tests {
     /// nothing changes; root and the allocator's own user may.
     #[tokio::test]
     async fn only_control_peers_steer_or_reload() {
-        let source = crate::source::Source::list("10.0.0.1,10.0.0.2").unwrap();
-        let entries = source.read().unwrap();
-        let alloc = Allocator::new(vec![source]);
-        alloc.apply_refresh(vec![Ok(entries)], &HashMap::new());
+        let alloc = allocator_of("10.0.0.1,10.0.0.2");
         let (reload, mut asked) = mpsc::channel::<ReloadReply>(1);
         let steer = || Request::Steer {
             ip: "10.0.0.1".parse().unwrap(),
@@ -1507,11 +1510,8 @@ mod tests {
     #[tokio::test]
     async fn a_report_larger_than_a_frame_is_an_error_not_a_closed_connection() {
         let spec = "2001:db8:1::/112,2001:db8:2::/112,2001:db8:3::/112,2001:db8:4::/112";
-        let source = crate::source::Source::list(spec).unwrap();
-        let entries = source.read().unwrap();
-        assert_eq!(entries.len(), 4 << 16);
-        let alloc = Allocator::new(vec![source]);
-        alloc.apply_refresh(vec![Ok(entries)], &HashMap::new());
+        let alloc = allocator_of(spec);
+        assert_eq!(alloc.addresses_in_rotation(), 4 << 16);
         let (reload, _rx) = mpsc::channel(1);
         match answered(Request::StatusV2, Rights::Lease, &alloc, &reload).await {
             Response::Error { message } => {
@@ -1530,10 +1530,7 @@ mod tests {
     /// again; root's (and leases) are not held back.
     #[tokio::test]
     async fn lease_only_reports_take_a_tenth_of_the_time() {
-        let source = crate::source::Source::list("10.0.0.0/24").unwrap();
-        let entries = source.read().unwrap();
-        let alloc = Allocator::new(vec![source]);
-        alloc.apply_refresh(vec![Ok(entries)], &HashMap::new());
+        let alloc = allocator_of("10.0.0.0/24");
         let (reload, _rx) = mpsc::channel(1);
         for _ in 0..2 {
             let body = answered(Request::StatusV2, Rights::Lease, &alloc, &reload).await;

@@ -136,12 +136,7 @@ async fn a_connect_first_after_fast_requests_and_bytes_behind_it() {
         .await
         .unwrap();
     assert!(read_head(&mut s).await.starts_with("HTTP/1.1 200"));
-    let mut back = [0u8; 5];
-    tokio::time::timeout(PATIENCE, s.read_exact(&mut back))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(&back, b"early");
+    assert_eq!(read_exactly(&mut s, 5).await, b"early");
 }
 
 #[tokio::test]

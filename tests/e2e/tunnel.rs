@@ -61,12 +61,7 @@ async fn bytes_sent_behind_the_connect_head_go_first() {
     let head = read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     s.write_all(b", world").await.unwrap();
-    let mut back = [0u8; 12];
-    tokio::time::timeout(PATIENCE, s.read_exact(&mut back))
-        .await
-        .expect("no echo")
-        .unwrap();
-    assert_eq!(&back, b"hello, world");
+    assert_eq!(read_exactly(&mut s, 12).await, b"hello, world");
 }
 
 /// A CONNECT that says content follows its head (RFC 9110: it has none)
@@ -91,12 +86,7 @@ async fn a_connect_with_content_is_refused() {
         match ok {
             true => {
                 assert!(head.starts_with("HTTP/1.1 200"), "{field}: {head}");
-                let mut back = [0u8; 5];
-                tokio::time::timeout(PATIENCE, s.read_exact(&mut back))
-                    .await
-                    .expect("no echo")
-                    .unwrap();
-                assert_eq!(&back, b"hello");
+                assert_eq!(read_exactly(&mut s, 5).await, b"hello");
             }
             false => {
                 assert!(head.starts_with("HTTP/1.1 400"), "{field}: {head}");
@@ -139,12 +129,7 @@ async fn a_connect_at_the_connection_limit_opens_and_holds_its_place() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
     s.write_all(b"ping").await.unwrap();
-    let mut back = [0u8; 4];
-    tokio::time::timeout(PATIENCE, s.read_exact(&mut back))
-        .await
-        .expect("no echo")
-        .unwrap();
-    assert_eq!(&back, b"ping");
+    assert_eq!(read_exactly(&mut s, 4).await, b"ping");
     // The place is the tunnel's: another client is refused.
     let mut other = TcpStream::connect(worker.addr).await.unwrap();
     let url = format!("http://{target}/");

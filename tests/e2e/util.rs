@@ -801,6 +801,16 @@ pub async fn raw_get(proxy: SocketAddr, url: &str) -> TcpStream {
     s
 }
 
+/// The next `n` bytes from `s`, within [`PATIENCE`].
+pub async fn read_exactly(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut got = vec![0u8; n];
+    tokio::time::timeout(PATIENCE, s.read_exact(&mut got))
+        .await
+        .expect("nothing came back")
+        .unwrap();
+    got
+}
+
 /// Reads a message head byte by byte (so nothing after it is consumed);
 /// what it got when the stream ends or fails.
 pub async fn read_head(s: &mut TcpStream) -> String {

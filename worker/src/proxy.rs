@@ -2014,22 +2014,24 @@ impl Drop for Abandoned<'_> {
 mod tests {
     use super::*;
 
+    /// Two ends of a loopback TCP connection.
+    async fn socket_pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let near = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (near, l.accept().await.unwrap().0)
+    }
+
     /// A tunnel cut before its relay ran at all (the drain's time was up
     /// already) is reset on both sides, as one cut while it runs is.
     #[tokio::test]
     async fn a_tunnel_cut_before_it_ran_is_reset() {
         use tokio::io::AsyncReadExt;
-        let pair = || async {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let near = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-            (near, l.accept().await.unwrap().0)
-        };
         let cut = tokio_util::sync::CancellationToken::new();
         cut.cancel();
         // The select's order is random unless fixed: a few times over.
         for _ in 0..8 {
-            let (mut client, relay_client) = pair().await;
-            let (relay_up, mut server) = pair().await;
+            let (mut client, relay_client) = socket_pair().await;
+            let (relay_up, mut server) = socket_pair().await;
             let activity = Activity::new();
             let idle = Duration::from_secs(60);
             let relay = crate::relay::tcp_tunnel(relay_client, relay_up, &activity, idle);
@@ -2241,13 +2243,8 @@ mod tests {
     #[tokio::test]
     async fn an_open_tunnels_bytes_are_counted_as_they_go() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let pair = || async {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let near = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-            (near, l.accept().await.unwrap().0)
-        };
-        let (mut client, relay_client) = pair().await;
-        let (relay_up, mut server) = pair().await;
+        let (mut client, relay_client) = socket_pair().await;
+        let (relay_up, mut server) = socket_pair().await;
         let activity = Activity::new();
         let idle = Duration::from_secs(60);
         let meter = Meter::default();
