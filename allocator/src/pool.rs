@@ -312,14 +312,16 @@ impl Pool {
         let before = self.table.position().next_due;
         let cursor = |family: Family, due: Option<IpAddr>, now: u64| {
             let i = family.index();
-            let saved = resume[i].filter(|ip| rotations.index_of(*ip).is_some());
-            let want = saved.or(due).or(held[i]);
-            if let Some(at) = want.and_then(|ip| rotations.index_of(ip)) {
-                return at;
-            }
-            match due.and_then(|ip| was.next_kept(&rotations, ip)) {
+            let at = |ip: IpAddr| rotations.index_of(ip);
+            // The saved address if it is listed, else the one due (or held).
+            let listed = resume[i]
+                .and_then(at)
+                .or_else(|| due.or(held[i]).and_then(at));
+            match listed.or_else(|| due.and_then(|ip| was.next_kept(&rotations, ip))) {
                 Some(at) => at,
-                None => continue_at(&active, family, want, now),
+                // None of the old entries is left: the same place.
+                None if now < rotations.total(family) => now,
+                None => 0,
             }
         };
         // Counts follow their entry, out of the rotation and back (a
