@@ -1,5 +1,7 @@
 //! Bodies pass unchanged: large, chunked, streaming, both directions.
 
+use std::sync::{Arc, Mutex};
+
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
@@ -373,4 +375,68 @@ async fn a_body_cut_short_in_the_drain_is_still_a_reset() {
     let text = String::from_utf8_lossy(&out);
     let e = end.expect_err(&format!("a cut body ended cleanly: {text}"));
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+}
+
+/// A client's `Expect: 100-continue` is the destination's to answer (RFC
+/// 9110 §10.1.1): a destination that refuses the request from its head
+/// has the client told so before the body goes, and the client gets no
+/// `100` (rotor sent one at once, and the body went for nothing); one
+/// that takes it has its `100` reach the client, then the body reach it.
+#[tokio::test]
+async fn a_100_continue_is_the_destinations_to_send() {
+    // The head, as it came; then, with `take`, a 100, the five bytes of
+    // body and their echo; without, a 401, the connection held open.
+    async fn origin(take: bool) -> (std::net::SocketAddr, Arc<Mutex<String>>) {
+        let heads: Arc<Mutex<String>> = Arc::default();
+        let h = heads.clone();
+        let (addr, _) = recording_server(move |mut s: TcpStream| {
+            let h = h.clone();
+            async move {
+                let head = read_head(&mut s).await;
+                *h.lock().unwrap() = head;
+                if !take {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\nno")
+                        .await;
+                    tokio::time::sleep(PATIENCE).await;
+                    return;
+                }
+                let _ = s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                let body = read_exactly(&mut s, 5).await;
+                let mut resp = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n".to_vec();
+                resp.extend_from_slice(&body);
+                let _ = s.write_all(&resp).await;
+            }
+        })
+        .await;
+        (addr, heads)
+    }
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let head = |addr: std::net::SocketAddr| {
+        format!(
+            "PUT http://{addr}/up HTTP/1.1\r\nHost: {addr}\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+        )
+    };
+
+    // Refused from its head: the 401 comes with no body sent, and no 100.
+    let (refusing, heads) = origin(false).await;
+    let mut c = TcpStream::connect(worker.addr).await.unwrap();
+    c.write_all(head(refusing).as_bytes()).await.unwrap();
+    let answer = read_head(&mut c).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    let seen = heads.lock().unwrap().to_ascii_lowercase();
+    assert!(seen.contains("\r\nexpect: 100-continue\r\n"), "{seen}");
+    assert_eq!(read_exactly(&mut c, 2).await, b"no");
+
+    // Taken: the destination's 100, then the body, then the answer.
+    let (taking, _) = origin(true).await;
+    let mut c = TcpStream::connect(worker.addr).await.unwrap();
+    c.write_all(head(taking).as_bytes()).await.unwrap();
+    let interim = read_head(&mut c).await;
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    c.write_all(b"hello").await.unwrap();
+    let answer = read_head(&mut c).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(read_exactly(&mut c, 5).await, b"hello");
 }

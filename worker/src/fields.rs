@@ -500,7 +500,7 @@ impl Spans {
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus
 /// the proxy's own credentials: none of them crosses the proxy. As names:
 /// a lookup in a map by name hashes no text. The last, `Expect`, only of a
-/// request: the client's `100-continue` was answered by this side. A
+/// request: a `100-continue` is asked again by rotor's client (`h1`). A
 /// static: a `const` array of names is a new copy, made and dropped,
 /// wherever it is named (≈ 100 instructions each time, in a loop over the
 /// fields).

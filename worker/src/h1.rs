@@ -167,11 +167,18 @@ impl Conn {
     /// ends it) and then its answer's head.
     ///
     /// `written` tells, on an error, whether the head went out.
+    ///
+    /// `expect_continue`: the client asked for `100 (Continue)` before its
+    /// body (RFC 9110 §10.1.1). The head goes out saying so, and the body
+    /// (whose first read has hyper send the client its `100`) waits for
+    /// the destination's `100`, or for [`CONTINUE_WAIT`] should none come;
+    /// a final answer first goes to the client with none of the body sent.
     pub async fn exchange<B>(
         self,
         head: &request::Parts,
         fields: &Fields,
         body: Option<B>,
+        expect_continue: bool,
         wait: std::time::Duration,
         written: &mut bool,
     ) -> Result<(ResponseHead, ResponseBody), Error>
@@ -191,7 +198,8 @@ impl Conn {
         // room kept with the connection), and the buffer emptied again for
         // the response once it went.
         buf.clear();
-        let private = encode_head(&mut buf, head, fields, sending);
+        let expect_continue = expect_continue && sending != Sending::None;
+        let private = encode_head(&mut buf, head, fields, sending, expect_continue);
         let timed_out = |writing| Error::Timeout {
             writing,
             after: wait,
@@ -225,7 +233,7 @@ impl Conn {
                 early = cut;
                 (Io::Whole(io), head)
             }
-            Some(body) => {
+            Some(body) => 'sent: {
                 // A body past what the kernel holds unsent, or of unknown
                 // length: a destination taking it slowly wakes the write
                 // each 128 KiB it takes, not a third of a send buffer of
@@ -239,6 +247,26 @@ impl Conn {
                     .map_err(Error::Io)?;
                 buf.clear();
                 *written = true;
+                // What is read meanwhile stays in `buf` (a `100` cut by
+                // the wait's end is skipped there as the answer is read).
+                if expect_continue {
+                    let waited =
+                        within(CONTINUE_WAIT.min(wait), read_reply(&mut io, &mut buf, true));
+                    match waited.await {
+                        // The `100`, or none within the wait: the body goes.
+                        Some(Ok(None)) | None => {}
+                        // The destination answered without the body: the
+                        // client is told, and keeps its body (hyper sends
+                        // it no `100` and closes its connection after the
+                        // answer); the destination's connection, told a
+                        // length it did not get, is not reused.
+                        Some(Ok(Some(head))) => {
+                            early = true;
+                            break 'sent (Io::Whole(io), head);
+                        }
+                        Some(Err(e)) => return Err(e),
+                    }
+                }
                 // Owned halves: should the destination answer before it
                 // has the whole body, the rest can go on being sent (it may
                 // still be reading it) while the answer is relayed.
@@ -387,6 +415,11 @@ impl Conn {
 /// registered with the reactor — one request per connection — its
 /// registration, two system calls; most answers come sooner.)
 pub const WATCH_CLIENT_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// How long a request body held for the destination's `100 (Continue)`
+/// waits for it before going anyway (a destination may send none: RFC
+/// 9110 §10.1.1): curl's wait for its own.
+pub const CONTINUE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 thread_local! {
     /// Set when a request's wait passed `WATCH_CLIENT_AFTER` (or it began
@@ -560,11 +593,13 @@ enum Sending {
 /// written).
 /// Whether the request authenticates its connection (see
 /// `Written::connection_auth`).
+/// `expect_continue`: with `Expect: 100-continue`.
 fn encode_head(
     out: &mut impl BufMut,
     head: &request::Parts,
     fields: &Fields,
     sending: Sending,
+    expect_continue: bool,
 ) -> bool {
     out.put_slice(head.method.as_str().as_bytes());
     out.put_u8(b' ');
@@ -577,6 +612,9 @@ fn encode_head(
         Sending::None => encode_content_length(out, 0),
         Sending::Length(n) => encode_content_length(out, n),
         Sending::Chunked => out.put_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    if expect_continue {
+        out.put_slice(b"expect: 100-continue\r\n");
     }
     out.put_slice(b"\r\n");
     written.connection_auth
@@ -766,6 +804,19 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
 ) -> Result<Parsed, Error> {
+    match read_reply(rd, buf, false).await? {
+        Some(head) => Ok(head),
+        None => unreachable!("a 100 ends the read only when asked"),
+    }
+}
+
+/// As [`read_head`]; when `continue_ends`, a `100 (Continue)` ends the
+/// read too, as `None`.
+async fn read_reply<R: tokio::io::AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    continue_ends: bool,
+) -> Result<Option<Parsed>, Error> {
     let mut any = false;
     // What of `buf` is known to hold no whole head: a head trickled in a
     // byte at a time is parsed once its empty line may have come, not
@@ -778,11 +829,12 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
             if crate::fast::head_may_end(buf, scanned, MAX_HEAD) {
                 if let Some(parsed) = parse_head(buf)? {
                     match parsed {
-                        Head::Interim => {
+                        Head::Interim(StatusCode::CONTINUE) if continue_ends => return Ok(None),
+                        Head::Interim(_) => {
                             scanned = 0;
                             continue;
                         }
-                        Head::Final(h) => return Ok(h),
+                        Head::Final(h) => return Ok(Some(h)),
                     }
                 }
             }
@@ -802,8 +854,8 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
 }
 
 enum Head {
-    /// A 1xx response, consumed.
-    Interim,
+    /// A 1xx response, consumed: its status.
+    Interim(StatusCode),
     Final(Parsed),
 }
 
@@ -841,7 +893,7 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
             ));
         }
         buf.advance(len);
-        return Ok(Some(Head::Interim));
+        return Ok(Some(Head::Interim(status)));
     }
     let reason = resp
         .reason
@@ -1252,7 +1304,7 @@ pub fn read_response_for_fuzzing(data: &[u8], head_request: bool) {
             Ok(Some(Head::Final((status, headers, version, _)))) => {
                 break (status, headers, version)
             }
-            Ok(Some(Head::Interim)) => continue,
+            Ok(Some(Head::Interim(_))) => continue,
             Ok(None) | Err(_) => return,
         }
     };
@@ -1485,6 +1537,7 @@ mod tests {
             head,
             &fields_of(head),
             None::<Empty<Bytes>>,
+            false,
             WAIT,
             &mut written,
         )
@@ -1592,6 +1645,7 @@ mod tests {
                     &head,
                     &fields_of(&head),
                     Some(Lying(Some(Bytes::from_static(data)), length)),
+                    false,
                     WAIT,
                     &mut written,
                 )
@@ -1629,6 +1683,7 @@ mod tests {
                     &head,
                     &fields_of(&head),
                     Some(Full::new(Bytes::from_static(body))),
+                    false,
                     WAIT,
                     &mut written,
                 )
@@ -1838,7 +1893,7 @@ mod tests {
                 parts.headers.append(*n, HeaderValue::from_static(v));
             }
             let mut out = Vec::new();
-            encode_head(&mut out, &parts, &fields_of(&parts), sending);
+            encode_head(&mut out, &parts, &fields_of(&parts), sending, false);
             String::from_utf8(out).unwrap()
         };
         let line = "POST /p?q=1 HTTP/1.1\r\nhost: example.test\r\n";
@@ -2165,6 +2220,7 @@ mod tests {
                 &get(Method::POST),
                 &fields_of(&get(Method::POST)),
                 Some(StreamBody::new(frames)),
+                false,
                 WAIT,
                 &mut written,
             )
@@ -2242,7 +2298,14 @@ mod tests {
         let started = std::time::Instant::now();
         let mut written = false;
         let (resp, _) = conn
-            .exchange(&head, &fields_of(&head), Some(body()), wait, &mut written)
+            .exchange(
+                &head,
+                &fields_of(&head),
+                Some(body()),
+                false,
+                wait,
+                &mut written,
+            )
             .await
             .map(joined)
             .unwrap();
@@ -2252,7 +2315,14 @@ mod tests {
         let conn = connect(origin(None, true).await).await;
         let started = std::time::Instant::now();
         let e = conn
-            .exchange(&head, &fields_of(&head), Some(body()), wait, &mut written)
+            .exchange(
+                &head,
+                &fields_of(&head),
+                Some(body()),
+                false,
+                wait,
+                &mut written,
+            )
             .await
             .unwrap_err();
         assert!(matches!(e, Error::Timeout { writing: true, .. }), "{e:?}");
@@ -2260,7 +2330,14 @@ mod tests {
         // All of it, and no answer.
         let conn = connect(origin(Some(1), false).await).await;
         let e = conn
-            .exchange(&head, &fields_of(&head), Some(body()), wait, &mut written)
+            .exchange(
+                &head,
+                &fields_of(&head),
+                Some(body()),
+                false,
+                wait,
+                &mut written,
+            )
             .await
             .unwrap_err();
         assert!(matches!(e, Error::Timeout { writing: false, .. }), "{e:?}");
@@ -2280,6 +2357,7 @@ mod tests {
                 &chunked,
                 &fields_of(&chunked),
                 Some(StreamBody::new(stalled)),
+                false,
                 wait,
                 &mut written,
             )
@@ -2287,6 +2365,118 @@ mod tests {
             .unwrap_err();
         assert!(matches!(e, Error::ClientStalled { .. }), "{e:?}");
         assert!(started.elapsed() < wait * 4, "{:?}", started.elapsed());
+    }
+
+    /// A client's `100-continue` is the destination's to answer: the body
+    /// goes after its `100`, or not at all after a final answer, or after
+    /// the wait when it sends neither.
+    #[tokio::test]
+    async fn the_body_waits_for_the_destinations_continue() {
+        use std::sync::atomic::AtomicBool;
+        #[derive(Clone, Copy, PartialEq)]
+        enum Origin {
+            Continues,
+            Refuses,
+            Silent,
+        }
+        // The origin's time of its `100` (or of the head's arrival when it
+        // sends none), to hold the body's first read against.
+        async fn origin(
+            how: Origin,
+            at: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+        ) -> std::net::SocketAddr {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut got = Vec::new();
+                let mut b = [0u8; 1024];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut b).await.unwrap();
+                    assert_ne!(n, 0);
+                    got.extend_from_slice(&b[..n]);
+                }
+                let head = String::from_utf8_lossy(&got).to_string();
+                assert!(head.contains("\r\nexpect: 100-continue\r\n"), "{head}");
+                *at.lock().unwrap() = Some(std::time::Instant::now());
+                match how {
+                    Origin::Refuses => {
+                        s.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\nno")
+                            .await
+                            .unwrap();
+                        tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                        return;
+                    }
+                    Origin::Continues => {
+                        s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.unwrap()
+                    }
+                    Origin::Silent => {}
+                }
+                // The chunked body `abc` and its end.
+                while !got.ends_with(b"0\r\n\r\n") {
+                    let n = s.read(&mut b).await.unwrap();
+                    assert_ne!(n, 0);
+                    got.extend_from_slice(&b[..n]);
+                }
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+            });
+            addr
+        }
+        let wait = std::time::Duration::from_millis(400);
+        for how in [Origin::Continues, Origin::Refuses, Origin::Silent] {
+            let at = Arc::new(std::sync::Mutex::new(None));
+            let conn = Conn::new(
+                TcpStream::connect(origin(how, at.clone()).await)
+                    .await
+                    .unwrap(),
+            );
+            let polled = Arc::new(AtomicBool::new(false));
+            let body = {
+                let (polled, at) = (polled.clone(), at.clone());
+                futures_util::stream::once(Box::pin(async move {
+                    polled.store(true, Ordering::Relaxed);
+                    let since = at.lock().unwrap().expect("the head went first").elapsed();
+                    // Without the `100`, the body goes at the wait's end.
+                    if how == Origin::Silent {
+                        assert!(
+                            since >= wait.min(CONTINUE_WAIT) - std::time::Duration::from_millis(50),
+                            "{since:?}"
+                        );
+                    }
+                    Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(b"abc")))
+                }))
+            };
+            let mut head = get(Method::POST);
+            head.headers.remove(header::CONTENT_LENGTH);
+            let mut written = false;
+            let (resp, mut resp_body) = conn
+                .exchange(
+                    &head,
+                    &fields_of(&head),
+                    Some(StreamBody::new(body)),
+                    true,
+                    wait,
+                    &mut written,
+                )
+                .await
+                .map(joined)
+                .unwrap();
+            match how {
+                Origin::Refuses => {
+                    assert_eq!(resp.status(), 401);
+                    assert_eq!(all(&mut resp_body).await.unwrap(), b"no");
+                    assert!(!polled.load(Ordering::Relaxed), "the body was read");
+                    assert!(resp_body.take_conn().is_none(), "a length it did not get");
+                }
+                _ => {
+                    assert_eq!(resp.status(), 200);
+                    assert_eq!(all(&mut resp_body).await.unwrap(), b"ok");
+                    assert!(polled.load(Ordering::Relaxed));
+                }
+            }
+        }
     }
 
     #[tokio::test]
@@ -2313,7 +2503,14 @@ mod tests {
         let mut written = false;
         let (resp, mut body) = tokio::time::timeout(
             std::time::Duration::from_secs(3),
-            conn.exchange(&head, &fields_of(&head), Some(big), WAIT, &mut written),
+            conn.exchange(
+                &head,
+                &fields_of(&head),
+                Some(big),
+                false,
+                WAIT,
+                &mut written,
+            ),
         )
         .await
         .expect("the answer came before the body went out")

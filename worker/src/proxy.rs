@@ -1038,12 +1038,13 @@ impl Proxy {
         head: &request::Parts,
         fields: &Fields,
         body: Option<B>,
+        expect_continue: bool,
         dest: Dest<'_>,
     ) -> Result<Result<Exchanged, (h1::Error, bool)>, ProxyError> {
         let timeout = self.config.response_timeout;
         let mut written = false;
         match conn
-            .exchange(head, fields, body, timeout, &mut written)
+            .exchange(head, fields, body, expect_continue, timeout, &mut written)
             .await
         {
             Ok(r) => Ok(Ok(r)),
@@ -1119,6 +1120,12 @@ impl Proxy {
         // Formatted only for an error or a log line.
         let dest = Dest(host, port);
 
+        // The client's `100-continue` is the destination's to answer (RFC
+        // 9110 §10.1.1), so that a body it would refuse is not sent: `h1`
+        // writes the field again (it goes with the hop-by-hop ones).
+        let expect_continue = parts.version == Version::HTTP_11
+            && !body.is_end_stream()
+            && fields.get(&header::EXPECT).is_some_and(expects_continue);
         fields.strip_hop_by_hop(Message::Request);
         if !host_as_sent {
             let value = HeaderValue::from_str(authority).map_err(|_| {
@@ -1155,7 +1162,7 @@ impl Proxy {
         // A reused connection (a request without a body) may be sent the
         // request again, should the destination have closed it.
         let first = match self
-            .exchange(conn, &parts, &fields, body, dest)
+            .exchange(conn, &parts, &fields, body, expect_continue, dest)
             .await
             .map_err(|e| e.from_source(lease.ip))?
         {
@@ -1184,7 +1191,7 @@ impl Proxy {
                 debug!(%dest, source = %lease.ip, error = %e, "reused upstream connection was closed; retrying on a new one");
                 (conn, (lease, watch)) = self.dial((lease, watch), &addrs, named, sticky).await?;
                 key.source = lease.ip;
-                self.exchange(conn, &parts, &fields, None::<B>, dest)
+                self.exchange(conn, &parts, &fields, None::<B>, false, dest)
                     .await
                     .map_err(|e| e.from_source(lease.ip))?
                     .map_err(|(source, _)| {
@@ -1777,6 +1784,14 @@ fn connect_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
         return Err(name_too_long());
     }
     Ok((auth.host().to_string(), port))
+}
+
+/// Whether an `Expect` value asks for `100-continue` (the one
+/// expectation there is; names are case-insensitive).
+fn expects_continue(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|e| e.trim_ascii().eq_ignore_ascii_case(b"100-continue"))
 }
 
 fn origin_form(uri: &Uri) -> Uri {
