@@ -188,6 +188,17 @@ struct Failing {
 
 /// The network a client is counted by for failures: its /24, an IPv6
 /// one's /48 (as `client_slot` bounds its checks in flight).
+/// The wait after a network's `failures`th failure: none for the first
+/// [`FREE_FAILURES`], then 100 ms doubling to [`MOST_SPACING`].
+fn spacing_after(failures: u32) -> Option<Duration> {
+    let past = failures.checked_sub(FREE_FAILURES).filter(|p| *p > 0)?;
+    Some(
+        Duration::from_millis(100)
+            .saturating_mul(1 << (past - 1).min(16))
+            .min(MOST_SPACING),
+    )
+}
+
 fn network_of(client: IpAddr) -> IpAddr {
     let client = rotor_protocol::addr::client_key(client);
     let bits = match client {
@@ -481,6 +492,10 @@ impl Auth {
             if self.failed_recently(&key, generation) {
                 return Err(AuthError::Wrong);
             }
+            // The network's turn, taken now: guesses sent at once all
+            // passed the look above and waited here for the slot, each
+            // then checked (a hundred in the slot's wait, not one).
+            self.take_turn(network)?;
             let verified = self
                 .verify_blocking(users.clone(), user.clone(), password.clone(), slot)
                 .await?;
@@ -584,6 +599,28 @@ impl Auth {
         }
     }
 
+    /// A check from `network` about to run: refused while the network's
+    /// next check waits; past [`FREE_FAILURES`], the check takes the
+    /// network's turn (the next waits as after a failure, whatever this
+    /// one's outcome: one check a wait, however many are sent at once).
+    fn take_turn(&self, network: IpAddr) -> Result<(), AuthError> {
+        let now = Instant::now();
+        let mut failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(f) = failing.get_mut(&network) else {
+            return Ok(());
+        };
+        if f.next > now {
+            let left = f.next.saturating_duration_since(now);
+            return Err(AuthError::Spaced(left.as_secs().max(1)));
+        }
+        if now.duration_since(f.last) < FAILURES_FORGOTTEN {
+            if let Some(wait) = spacing_after(f.count) {
+                f.next = now + wait;
+            }
+        }
+        Ok(())
+    }
+
     /// A check from `network` failed: past [`FREE_FAILURES`] its next one
     /// waits.
     fn failed_from(&self, network: IpAddr) {
@@ -609,11 +646,8 @@ impl Auth {
         }
         f.count = f.count.saturating_add(1);
         f.last = now;
-        if let Some(past) = f.count.checked_sub(FREE_FAILURES).filter(|p| *p > 0) {
-            let spacing = Duration::from_millis(100)
-                .saturating_mul(1 << (past - 1).min(16))
-                .min(MOST_SPACING);
-            f.next = now + spacing;
+        if let Some(wait) = spacing_after(f.count) {
+            f.next = now + wait;
         }
     }
 
@@ -862,6 +896,45 @@ mod tests {
             auth.check(Some(&basic("alice", "more")), guesser).await,
             Err(AuthError::Spaced(_))
         ));
+    }
+
+    /// Guesses sent at once, once a network's checks are spaced out, get
+    /// one check between them: each passed the first look at the spacing
+    /// and waited for the slot, and each was checked after it.
+    #[tokio::test]
+    async fn guesses_sent_at_once_get_one_check_a_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        let cheap = argon2::Params::new(8192, 1, 1, None).unwrap();
+        std::fs::write(&path, format!("alice:{}\n", hash_with("s3cret", cheap))).unwrap();
+        let auth = Auth::load(&path, None).unwrap();
+        let guesser: IpAddr = "192.0.2.7".parse().unwrap();
+        for i in 0..FREE_FAILURES + 1 {
+            let pass = format!("guess{i}");
+            let r = auth.check(Some(&basic("alice", &pass)), guesser).await;
+            assert_eq!(r, Err(AuthError::Wrong), "{i}");
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Twenty at once, from five addresses of the network.
+        let tries: Vec<_> = (0..20)
+            .map(|i| {
+                let auth = auth.clone();
+                let from: IpAddr = format!("192.0.2.{}", 7 + i % 5).parse().unwrap();
+                tokio::spawn(async move {
+                    auth.check(Some(&basic("alice", &format!("at-once{i}"))), from)
+                        .await
+                })
+            })
+            .collect();
+        let mut checked = 0;
+        for t in tries {
+            match t.await.unwrap() {
+                Err(AuthError::Wrong) => checked += 1,
+                Err(AuthError::Spaced(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(checked, 1);
     }
 
     #[tokio::test]
