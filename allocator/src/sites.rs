@@ -1429,6 +1429,16 @@ impl Sites {
         (p.cool_until <= t).then_some(p)
     }
 
+    /// How long `ip` still cools for `site` (the site's push-back), if it
+    /// does: a sticky session's request waits it out (or is refused) like
+    /// any other, though it keeps its address whatever the budget.
+    pub fn cooling_left(&self, site: &str, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let s = self.sites.get(site)?;
+        let p = self.pairs.get(&(s.id, self.rules.key(ip)))?;
+        let t = self.ms(now);
+        (p.cool_until > t).then(|| Duration::from_millis(p.cool_until - t))
+    }
+
     /// A sticky session's request to `site` from `ip`, the session's
     /// address whatever the budget: counted against the pair's budget (so
     /// the site's other requests keep the address under it), never

@@ -1660,10 +1660,13 @@ impl Allocator {
     /// while the session lasts and the address is in the rotation, else
     /// the next one, kept for it; `strict`, an address that left is not
     /// replaced. For a request to `site` (`Some`): a session
-    /// pinned already keeps its address whatever the site's budget or
-    /// cooldowns (the client asked for that address), its request counted
-    /// against the budget so the site's other requests keep the address
-    /// under it; a new session's first address is the site's next one
+    /// pinned already keeps its address whatever the site's budget (the
+    /// client asked for that address), its request counted against the
+    /// budget so the site's other requests keep the address under it; but
+    /// while the site has the address cooling (it answered 429 or 503),
+    /// the request is refused (`Throttled`, cooling) and keeps it, as any
+    /// other request to the site would be: sent on, it would meet the
+    /// site's refusal and lengthen the cooldown. A new session's first address is the site's next one
     /// with budget left and not cooling for it (refused, `Throttled`, as
     /// a site lease is, when there is none).
     pub fn lease_session(
@@ -1710,6 +1713,9 @@ impl Allocator {
             && inner.sources.iter().any(|s| !s.read_once)
             && inner.sessions.restored(key);
         let mut keep_pin = false;
+        // The soonest end of the cooldowns of the session's addresses for
+        // the site, should every address it holds be cooling.
+        let mut cooling: Option<Duration> = None;
         for family in Family::ALL {
             if !families.accepts_family(family) {
                 continue;
@@ -1717,6 +1723,12 @@ impl Allocator {
             let Inner { sessions, pool, .. } = &mut *inner;
             match sessions.pinned(key, family, now, |ip| pool.holds(ip)) {
                 Pinned::Address(ip) => {
+                    if let Some(left) =
+                        site.and_then(|site| inner.sites.cooling_left(site, ip, now))
+                    {
+                        cooling = Some(cooling.map_or(left, |c| c.min(left)));
+                        continue;
+                    }
                     if let Some(site) = site {
                         if let Some(watch) = inner.sites.session_use(site, ip, now) {
                             inner.changes += 1;
@@ -1746,6 +1758,11 @@ impl Allocator {
                 }
                 Pinned::Nothing => {}
             }
+        }
+        // The session has its address, to use once the site's cooldown
+        // ends (not a new one meanwhile, nor its loss).
+        if let Some(left) = cooling {
+            return crate::waiters::throttled(now + left, true, now);
         }
         if let Some(lost) = lost {
             return lost;
@@ -2552,6 +2569,66 @@ mod tests {
             ),
             Response::Leased(_)
         ));
+    }
+
+    /// A session whose address the site pushed back on is refused while
+    /// the pair cools (as the site's other requests are), keeping its
+    /// address: no new one is pinned meanwhile, in this family or another,
+    /// and once the cooldown ends the session is served from it again. A
+    /// session holding an address of another family not cooling is served
+    /// from that one.
+    #[test]
+    fn a_sessions_address_cooling_for_the_site_is_waited_for_not_used() {
+        let a = budgeted(
+            &["10.0.0.1", "10.0.0.2", "2001:db8::1"],
+            "example.com=100/1m",
+        );
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let session = |key: &str, families: Families| {
+            a.lease_session(
+                1,
+                families,
+                key,
+                Duration::from_secs(600),
+                false,
+                Some("example.com"),
+            )
+        };
+        let leased = |r: Response| match r {
+            Response::SiteLeased { lease, .. } | Response::Leased(lease) => lease.ip,
+            other => panic!("{other:?}"),
+        };
+        let held = leased(session("u\0a", Families::V4));
+        assert!(a.pushback(held, "example.com", 429, Some(1), true));
+        for families in [Families::V4, Families::ANY] {
+            match session("u\0a", families) {
+                Response::Throttled {
+                    retry_after_ms,
+                    cooling: true,
+                } => {
+                    assert!((1..=1000).contains(&retry_after_ms), "{retry_after_ms}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Another site is no matter of this cooldown.
+        let other = a.lease_session(
+            1,
+            Families::V4,
+            "u\0a",
+            Duration::from_secs(600),
+            false,
+            Some("other.test"),
+        );
+        assert_eq!(leased(other), held);
+        std::thread::sleep(Duration::from_millis(1100));
+        assert_eq!(leased(session("u\0a", Families::V4)), held);
+        // A session holding both families' addresses: the one not cooling.
+        let v6 = leased(session("u\0b", Families::V6));
+        let v4 = leased(session("u\0b", Families::V4));
+        assert_eq!(v6, ip("2001:db8::1"));
+        assert!(a.pushback(v6, "example.com", 429, Some(60), true));
+        assert_eq!(leased(session("u\0b", Families::ANY)), v4);
     }
 
     /// A session asked in both families (a dual-stack destination) keeps

@@ -713,3 +713,42 @@ fn ipv6_sources_are_budgeted_and_cooled_by_their_64() {
         },
     );
 }
+
+/// A sticky session whose address the site pushed back on is not sent
+/// there again while the address cools: rotor answers 429 itself (the
+/// session's requests met the site's refusal, each lengthening the
+/// cooldown), and the session keeps its address for after it.
+#[tokio::test]
+async fn a_session_waits_out_its_addresss_cooldown_and_keeps_the_address() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.4"]).await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    let as_session = |path: &str| {
+        hyper::Request::get(origin.url(path))
+            .header("proxy-authorization", basic("u-session-s1", "pw"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    let send = |path: &str| {
+        let req = as_session(path);
+        async move { ProxyConn::open(w.addr).await.send(req).await }
+    };
+    assert_eq!(send("/").await.status, 200);
+    let held = origin.sources()[0];
+    assert_eq!(send("/status/429/3").await.status, 429);
+    assert_eq!(origin.sources()[1], held);
+    wait_cooling(&alloc.socket, "127.0.0.1", held).await;
+    let at = origin.count();
+    let r = send("/").await;
+    assert_eq!(r.status, 429);
+    assert!(
+        r.proxy_status().contains("cooling down for 127.0.0.1"),
+        "{}",
+        r.proxy_status()
+    );
+    assert_eq!(origin.count(), at, "sent to the site while cooling");
+    // After it: the session's own address again.
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    assert_eq!(send("/").await.status, 200);
+    assert_eq!(*origin.sources().last().unwrap(), held);
+}
