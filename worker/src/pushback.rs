@@ -68,18 +68,20 @@ pub fn judge(status: StatusCode, fields: &Fields, counted: &[u16]) -> Verdict {
             .iter()
             .any(|name| k.len() == name.len() && k.eq_ignore_ascii_case(name))
     });
-    let retry_after = limits.then(|| retry_after(fields)).flatten();
+    // The site's clock, for its times of day (read only with those).
+    let now = limits.then(|| site_now(fields));
+    let retry_after = now.and_then(|now| retry_after(fields, now));
     // A 503 that says to come back, even in words rotor cannot read.
     let come_back = code == 503 && limits && fields.get(&http::header::RETRY_AFTER).is_some();
     if code == 429 || counted.contains(&code) || come_back {
         // Without a `Retry-After` the rate-limit fields' reset says when
         // (an API's `X-RateLimit-Reset`); with both, the later.
-        let reset = limits.then(|| exhausted_until(fields)).flatten();
+        let reset = now.and_then(|now| exhausted_until(fields, now));
         return Verdict::Pushback {
             retry_after: retry_after.max(reset),
         };
     }
-    if let Some(reset) = limits.then(|| exhausted_until(fields)).flatten() {
+    if let Some(reset) = now.and_then(|now| exhausted_until(fields, now)) {
         return Verdict::Pushback {
             retry_after: Some(reset),
         };
@@ -90,8 +92,22 @@ pub fn judge(status: StatusCode, fields: &Fields, counted: &[u16]) -> Verdict {
     }
 }
 
-/// `Retry-After` in seconds from now.
-pub fn retry_after(fields: &Fields) -> Option<u32> {
+/// Now, as the site's clock has it: its answer's `Date` (else this
+/// host's clock). A time of day the site gives (an HTTP-date
+/// `Retry-After`, a Unix-time reset) is read against it: against this
+/// host's clock, a site's clock two minutes slow turned `Retry-After`
+/// (its now + 60 s) into none at all, the pair cooled for a second each
+/// time.
+fn site_now(fields: &Fields) -> SystemTime {
+    fields
+        .get(&http::header::DATE)
+        .and_then(text)
+        .and_then(|d| httpdate::parse_http_date(d.trim()).ok())
+        .unwrap_or_else(SystemTime::now)
+}
+
+/// `Retry-After` in seconds from `now` (the site's: see `site_now`).
+fn retry_after(fields: &Fields, now: SystemTime) -> Option<u32> {
     let v = text(fields.get(&http::header::RETRY_AFTER)?)?.trim();
     if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
         // Past u64 is past the cap too, not no `Retry-After`.
@@ -99,7 +115,7 @@ pub fn retry_after(fields: &Fields) -> Option<u32> {
     }
     let at = httpdate::parse_http_date(v).ok()?;
     let secs = at
-        .duration_since(SystemTime::now())
+        .duration_since(now)
         .unwrap_or(Duration::ZERO)
         .as_secs_f64()
         .ceil() as u64;
@@ -108,7 +124,7 @@ pub fn retry_after(fields: &Fields) -> Option<u32> {
 
 /// Seconds until the site's rate limit resets, when its headers say no
 /// request is left.
-fn exhausted_until(fields: &Fields) -> Option<u32> {
+fn exhausted_until(fields: &Fields, now: SystemTime) -> Option<u32> {
     let text = |name: &HeaderName| fields.get(name).and_then(text);
     let num = |s: &str| s.trim().trim_matches('"').parse::<f64>().ok();
     // The draft's one field: `limit=10, remaining=0, reset=30` (early
@@ -133,7 +149,7 @@ fn exhausted_until(fields: &Fields) -> Option<u32> {
                 }
             }
             if let (Some(0.0), Some(r)) = (remaining, reset) {
-                until = until.max(Some(seconds(r, true)));
+                until = until.max(Some(seconds(r, true, now)));
             }
         }
         // (Requests left there: the other fields may still say none are.)
@@ -144,7 +160,7 @@ fn exhausted_until(fields: &Fields) -> Option<u32> {
     for (remaining, reset, maybe_epoch) in &SPLIT {
         if text(remaining).and_then(num) == Some(0.0) {
             if let Some(reset) = text(reset).and_then(num) {
-                return Some(seconds(reset, *maybe_epoch));
+                return Some(seconds(reset, *maybe_epoch, now));
             }
         }
     }
@@ -153,7 +169,7 @@ fn exhausted_until(fields: &Fields) -> Option<u32> {
 
 /// A reset in seconds from now; with `maybe_epoch`, a number that can only
 /// be a Unix time (past 2001) is taken as one, in seconds or milliseconds.
-fn seconds(v: f64, maybe_epoch: bool) -> u32 {
+fn seconds(v: f64, maybe_epoch: bool, now: SystemTime) -> u32 {
     let v = v.max(0.0);
     let v = if maybe_epoch && v > 1e12 {
         v / 1000.0
@@ -161,7 +177,7 @@ fn seconds(v: f64, maybe_epoch: bool) -> u32 {
         v
     };
     let secs = if maybe_epoch && v > 1e9 {
-        let now = SystemTime::now()
+        let now = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0.0, |d| d.as_secs_f64());
         (v - now).max(0.0)
@@ -232,6 +248,34 @@ mod tests {
                 retry_after: Some(s),
             } => assert!((28..=31).contains(&s), "{s}"),
             other => panic!("{other:?}"),
+        }
+        // A site whose clock is two minutes slow: its times of day are
+        // read against its own `Date`, not this host's clock (which made
+        // its now + 60 s a time past).
+        let slow = SystemTime::now() - Duration::from_secs(120);
+        let date = httpdate::fmt_http_date(slow);
+        let then = httpdate::fmt_http_date(slow + Duration::from_secs(60));
+        let reset = (slow + Duration::from_secs(45))
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            .to_string();
+        let cases: [&[(&str, &str)]; 2] = [
+            &[("date", &date), ("retry-after", &then)],
+            &[
+                ("date", &date),
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", &reset),
+            ],
+        ];
+        for (fields, want) in cases.into_iter().zip([60, 45]) {
+            assert_eq!(
+                verdict(429, fields, &c),
+                Verdict::Pushback {
+                    retry_after: Some(want)
+                },
+                "{fields:?}"
+            );
         }
         for huge in ["99999999", "99999999999999999999999"] {
             assert_eq!(
