@@ -352,6 +352,8 @@ impl PoolCopy {
 
 pub struct LeaseClient {
     conn: watch::Receiver<Option<Arc<Conn>>>,
+    /// Push-backs the allocator could not be told (see [`Held`]).
+    held: Arc<Held>,
 
     next_id: AtomicU64,
     timeout: Duration,
@@ -370,9 +372,11 @@ impl LeaseClient {
         shutdown: CancellationToken,
     ) -> Arc<LeaseClient> {
         let (tx, rx) = watch::channel(None);
-        tokio::spawn(manage(path.clone(), tx, shutdown));
+        let held = Arc::new(Held::default());
+        tokio::spawn(manage(path.clone(), tx, held.clone(), shutdown));
         Arc::new(LeaseClient {
             conn: rx,
+            held,
 
             next_id: AtomicU64::new(1),
             timeout,
@@ -618,8 +622,8 @@ impl LeaseClient {
     }
 
     /// Tells the allocator that `site` pushed back on `ip` (it cools the
-    /// pair for every worker). Not waited for; lost if the allocator is
-    /// away.
+    /// pair for every worker). Not waited for; held while the allocator is
+    /// away (see [`Held`]).
     pub fn site_pushed_back(
         &self,
         ip: IpAddr,
@@ -681,12 +685,28 @@ impl LeaseClient {
     }
 
     /// Sends `body` without waiting for the answer (its reply, matched to
-    /// no waiter, is dropped), to an allocator that reads it.
+    /// no waiter, is dropped), to an allocator that reads it. A push-back
+    /// that cannot go (no allocator, or one not reading) is held for the
+    /// next connection (see [`Held`]).
     fn tell(&self, body: Request) {
         let conn = self.conn.borrow().clone();
-        if let Some(c) = conn.filter(|c| c.minor >= body.min_minor()) {
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let _ = c.requests.send(Envelope { id, body });
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // (Rare: a copy only of a push-back, for should it not go.)
+        let keep = matches!(body, Request::Pushback { .. }).then(|| body.clone());
+        let sent = match conn {
+            Some(c) if c.minor >= body.min_minor() => {
+                let sent = c.requests.send(Envelope { id, body }).is_ok();
+                if sent && self.held.any() {
+                    self.held.send(&c);
+                }
+                sent
+            }
+            // An allocator too old for it is not told.
+            Some(_) => true,
+            None => false,
+        };
+        if let (false, Some(body)) = (sent, keep) {
+            self.held.hold(Envelope { id, body });
         }
     }
 
@@ -1123,6 +1143,7 @@ async fn attach(conn: &Conn, id: u64) -> bool {
 async fn manage(
     path: PathBuf,
     publish: watch::Sender<Option<Arc<Conn>>>,
+    held: Arc<Held>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff(BACKOFF_MIN);
@@ -1182,6 +1203,7 @@ async fn manage(
         });
         let (mut tx, mut rx) = chan.split();
         publish.send_replace(Some(conn.clone()));
+        held.send(&conn);
 
         // A lease asked for by a request that has stopped waiting (the
         // allocator stopped reading, and the requests queued behind it
@@ -1308,6 +1330,71 @@ impl Backoff {
             _ = shutdown.cancelled() => false,
             _ = tokio::time::sleep(pause) => true,
         }
+    }
+}
+
+/// Push-backs (a site's 429 or 503 for a source) the allocator could not
+/// be told: it was away (a restart) or not reading. Sent at the next
+/// connection (or the next push-back that goes), each with its wait less
+/// the time it was held; one whose wait is over is dropped, and one
+/// without a wait (the allocator's backoff decides) is kept for
+/// [`HELD_BARE`]. A 429 met while the allocator restarted was lost, and
+/// the pair not cooled for any worker. At most [`HELD_MAX`], the oldest
+/// going first (about 150 bytes each with the site's name).
+#[derive(Default)]
+struct Held {
+    held: Mutex<std::collections::VecDeque<(Instant, Envelope<Request>)>>,
+    /// Whether any is held (looked at without the lock by every told
+    /// message that went).
+    any: std::sync::atomic::AtomicBool,
+}
+
+const HELD_MAX: usize = 1024;
+/// How long a push-back without a wait of its own is held: the backoff's
+/// first wait.
+const HELD_BARE: Duration = Duration::from_secs(30);
+
+impl Held {
+    fn any(&self) -> bool {
+        self.any.load(Ordering::Relaxed)
+    }
+
+    fn hold(&self, env: Envelope<Request>) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.len() >= HELD_MAX {
+            held.pop_front();
+        }
+        held.push_back((Instant::now(), env));
+        self.any.store(true, Ordering::Relaxed);
+    }
+
+    /// Sends what is held and still due to `conn` (what it does not take
+    /// stays held).
+    fn send(&self, conn: &Conn) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((at, mut env)) = held.pop_front() {
+            let waited = at.elapsed();
+            let due = match &mut env.body {
+                Request::Pushback {
+                    retry_after_secs: Some(secs),
+                    ..
+                } => {
+                    let left = u64::from(*secs).saturating_sub(waited.as_secs());
+                    *secs = left as u32;
+                    left > 0
+                }
+                _ => waited < HELD_BARE,
+            };
+            if !due || conn.minor < env.body.min_minor() {
+                continue;
+            }
+            // Not taken (the connection gone, or not read): held still.
+            if conn.requests.send(env.clone()).is_err() {
+                held.push_front((at, env));
+                break;
+            }
+        }
+        self.any.store(!held.is_empty(), Ordering::Relaxed);
     }
 }
 
@@ -1476,6 +1563,60 @@ mod tests {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(conns.load(Ordering::Relaxed), 1, "no reconnection");
+    }
+
+    /// Push-backs told while no allocator is there go to it once it is,
+    /// each with its wait less the time it was held; one whose wait ended
+    /// meanwhile does not go.
+    #[tokio::test]
+    async fn a_pushback_told_while_the_allocator_is_away_goes_when_it_is_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.sock");
+        let client = LeaseClient::start(
+            path.clone(),
+            Duration::from_secs(2),
+            CancellationToken::new(),
+        );
+        let ip: IpAddr = "127.0.0.2".parse().unwrap();
+        client.site_pushed_back(ip, "example.com".into(), 429, Some(60));
+        client.site_pushed_back(ip, "over.test".into(), 429, Some(1));
+        client.site_pushed_back(ip, "bare.test".into(), 503, None);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let mut chan: ServerChannel<_> = ServerChannel::new(s);
+            server_handshake(&mut chan, Hello::new(Role::Allocator, "back"))
+                .await
+                .unwrap();
+            while let Ok(Some(ClientFrame::Request(e))) = chan.recv().await {
+                if let Request::Pushback {
+                    site,
+                    retry_after_secs,
+                    ..
+                } = e.body
+                {
+                    let _ = tx.send((site, retry_after_secs));
+                }
+            }
+        });
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            let told = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+            got.push(told.expect("told within 5 s").unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(rx.try_recv().is_err(), "a push-back whose wait ended went");
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("bare.test".to_string(), None),
+                ("example.com".to_string(), Some(59))
+            ]
+        );
+        assert!(!client.held.any());
     }
 
     /// A peer on the socket that takes the Hello and closes at once is
