@@ -1755,8 +1755,9 @@ const MAX_UNCOUNTABLE: usize = 4096;
 fn sooner(earliest: Option<(Ms, bool)>, (until, cooling): (Ms, bool)) -> Option<(Ms, bool)> {
     Some(match earliest {
         None => (until, cooling),
-        Some((e, c)) if until < e => (until, cooling && c),
-        Some((e, c)) => (e, c && cooling),
+        Some((e, _)) if until < e => (until, cooling),
+        Some((e, c)) if until == e => (e, c && cooling),
+        Some(earlier) => earlier,
     })
 }
 
@@ -1804,6 +1805,19 @@ fn backoff(strikes: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refusal says why by the block that ends first: a cooldown ending
+    /// before a spent budget is "cooling", the other way round not; both
+    /// ending together, cooling only if both cool.
+    #[test]
+    fn a_refusal_is_named_by_the_block_that_ends_first() {
+        let folded = |blocks: &[(Ms, bool)]| blocks.iter().fold(None, |e, b| sooner(e, *b));
+        assert_eq!(folded(&[(60, false), (30, true)]), Some((30, true)));
+        assert_eq!(folded(&[(30, true), (60, false)]), Some((30, true)));
+        assert_eq!(folded(&[(30, false), (60, true)]), Some((30, false)));
+        assert_eq!(folded(&[(30, true), (30, false)]), Some((30, false)));
+        assert_eq!(folded(&[(30, true), (30, true)]), Some((30, true)));
+    }
     use rotor_protocol::{address_at, family_total};
 
     fn pool(n: u8) -> Vec<Segment> {
