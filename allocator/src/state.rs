@@ -1495,6 +1495,16 @@ impl Allocator {
         Some(e)
     }
 
+    /// Counts the time a lease asked over the socket (a session's, a
+    /// site's) took to answer, from `started`.
+    pub fn lease_answered(&self, started: Instant) {
+        let mut inner = self.lock();
+        inner
+            .metrics
+            .allocator_lease_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+
     /// One lease for `peer`, asked over the socket.
     pub fn lease(&self, peer: u64, families: Families) -> Response {
         let started = Instant::now();
@@ -1728,6 +1738,11 @@ impl Allocator {
                     {
                         cooling = Some(cooling.map_or(left, |c| c.min(left)));
                         continue;
+                    }
+                    // Counted in its entry's leases (the per-source series
+                    // beside its connect errors), as a site lease is.
+                    if let Some(i) = inner.pool.rotations().index_of(ip) {
+                        inner.pool.table().count_lease(family, i);
                     }
                     if let Some(site) = site {
                         if let Some(watch) = inner.sites.session_use(site, ip, now) {
@@ -2569,6 +2584,41 @@ mod tests {
             ),
             Response::Leased(_)
         ));
+    }
+
+    /// Every lease of a session's address counts in its entry's leases
+    /// (`rotor_source_leases_total`), with a site or without, as the
+    /// requests it serves count in the entry's answers and errors.
+    #[test]
+    fn a_sessions_leases_count_in_its_entrys() {
+        let a = budgeted(&["10.0.0.1", "10.0.0.2"], "example.com=100/1m");
+        let leases_of = |ip: &str| {
+            let ip: IpAddr = ip.parse().unwrap();
+            a.lock()
+                .pool
+                .snapshot()
+                .pool
+                .iter()
+                .find(|(s, _)| s.contains(ip))
+                .map_or(0, |(_, n)| *n)
+        };
+        let session = |site: Option<&str>| match a.lease_session(
+            1,
+            Families::V4,
+            "u\0a",
+            Duration::from_secs(600),
+            false,
+            site,
+        ) {
+            Response::SiteLeased { lease, .. } | Response::Leased(lease) => lease.ip,
+            other => panic!("{other:?}"),
+        };
+        let held = session(None).to_string();
+        let before = leases_of(&held);
+        for site in [None, Some("example.com"), None, Some("other.test")] {
+            assert_eq!(session(site).to_string(), held);
+        }
+        assert_eq!(leases_of(&held) - before, 4);
     }
 
     /// A session whose address the site pushed back on is refused while
