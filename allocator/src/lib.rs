@@ -27,6 +27,34 @@ pub mod state;
 pub mod usable;
 pub mod waiters;
 
+/// A peer's text as kept to be shown (`rotor status`, the log): its
+/// control characters escaped (a newline as `\n`, ESC as `\u{1b}`: a
+/// peer's newline would forge a line of the status or the log, an escape
+/// sequence drive the operator's terminal), then cut to `max` bytes at a
+/// character's boundary, with a `…` after a cut.
+pub(crate) fn shown(text: String, max: usize) -> String {
+    let mut text = match text.chars().any(char::is_control) {
+        false => text,
+        true => text
+            .chars()
+            .flat_map(|c| {
+                let escaped = c.is_control().then(|| c.escape_debug());
+                let plain = (!c.is_control()).then_some(c);
+                escaped.into_iter().flatten().chain(plain)
+            })
+            .collect(),
+    };
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
+}
+
 /// Whether `period` has passed since `last` (or nothing was done yet),
 /// noting `now` as the last time when it has: a pass or a warning at most
 /// once a period.

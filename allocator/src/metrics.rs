@@ -195,7 +195,7 @@ impl HostMetrics {
             .listen
             .iter()
             .take(MAX_LISTEN)
-            .map(|l| l.chars().take(MAX_LISTEN_LEN).collect())
+            .map(|l| crate::shown(l.clone(), MAX_LISTEN_LEN))
             .collect();
         w.connections_open = m.connections_open;
         w.tunnels_open = m.tunnels_open;
@@ -1395,7 +1395,10 @@ mod tests {
         h.add(1, 100, &report, |ip| ip.to_string());
         let w = &h.workers[&1];
         assert_eq!(w.listen.len(), MAX_LISTEN);
-        assert!(w.listen.iter().all(|l| l.len() == MAX_LISTEN_LEN));
+        assert!(w
+            .listen
+            .iter()
+            .all(|l| l.len() == MAX_LISTEN_LEN + '…'.len_utf8()));
         assert!(h.run_requests.len() <= MAX_RUNS + 1);
     }
 

@@ -809,17 +809,9 @@ fn cut(text: String) -> String {
     cut_to(text, REPORT_TEXT_MAX)
 }
 
-/// `text` cut to `max` bytes, at a character's boundary, and a `…`.
-fn cut_to(mut text: String, max: usize) -> String {
-    if text.len() > max {
-        let mut end = max;
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        text.truncate(end);
-        text.push('…');
-    }
-    text
+/// `text` as shown (`crate::shown`): escaped, cut to `max` bytes.
+fn cut_to(text: String, max: usize) -> String {
+    crate::shown(text, max)
 }
 
 /// The most failed parts a worker's reload names (it has three), and
@@ -1503,6 +1495,11 @@ mod tests {
     #[test]
     fn report_texts_are_cut_at_a_character() {
         assert_eq!(cut("short".into()), "short");
+        // A peer's text forges no line and drives no terminal.
+        assert_eq!(
+            cut("a\n  pid 1: forged\u{1b}]0;x\u{7}é".into()),
+            "a\\n  pid 1: forged\\u{1b}]0;x\\u{7}é"
+        );
         let long = cut("é".repeat(REPORT_TEXT_MAX));
         assert!(
             long.len() <= REPORT_TEXT_MAX + '…'.len_utf8(),

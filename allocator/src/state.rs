@@ -2251,13 +2251,7 @@ impl Allocator {
     pub fn peer_connected(&self, id: u64, mut hello: Hello) {
         // Kept for each peer and copied into every status: a name, not
         // the megabytes a peer may send.
-        if hello.software.len() > MAX_SOFTWARE {
-            let mut end = MAX_SOFTWARE;
-            while !hello.software.is_char_boundary(end) {
-                end -= 1;
-            }
-            hello.software.truncate(end);
-        }
+        hello.software = crate::shown(std::mem::take(&mut hello.software), MAX_SOFTWARE);
         let joined = self.reloads_asked();
         let mut inner = self.lock();
         if hello.role == rotor_protocol::Role::Worker
@@ -2443,12 +2437,16 @@ mod tests {
         let mut hello = Hello::new(rotor_protocol::Role::Worker, "rotor 1");
         hello.software = "é".repeat(1 << 20);
         a.peer_connected(7, hello);
-        let kept = &a.lock().peers[&7].hello.software;
+        let kept = a.lock().peers[&7].hello.software.clone();
         assert!(
-            kept.len() <= MAX_SOFTWARE && kept.starts_with('é'),
+            kept.len() <= MAX_SOFTWARE + '…'.len_utf8() && kept.starts_with('é'),
             "{}",
             kept.len()
         );
+        let mut hello = Hello::new(rotor_protocol::Role::Worker, "rotor 1");
+        hello.software = "rotor\n  pid 1: forged".into();
+        a.peer_connected(8, hello);
+        assert_eq!(a.lock().peers[&8].hello.software, "rotor\\n  pid 1: forged");
     }
 
     /// A scrape of a pool past `MAX_SOURCES` entries has a series per
