@@ -27,7 +27,10 @@ async fn requests_and_tunnels_need_valid_credentials() {
 
     let r = get(worker.addr, &origin.url("/")).await;
     assert_eq!(r.status, 407);
-    assert_eq!(r.headers["proxy-authenticate"], "Basic realm=\"rotor\"");
+    assert_eq!(
+        r.headers["proxy-authenticate"],
+        "Basic realm=\"rotor\", charset=\"UTF-8\""
+    );
     for creds in [
         basic("alice", "wrong"),
         basic("mallory", "s3cret"),

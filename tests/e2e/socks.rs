@@ -213,7 +213,8 @@ async fn socks5_with_a_users_file_and_a_slow_client() {
     })
     .await;
     assert!(!std::fs::read_to_string(&log).unwrap().contains("wrong"));
-    // Credentials that are not text: refused (status 1), logged as well.
+    // Credentials not in UTF-8 (read as ISO-8859-1): wrong ones refused
+    // (status 1), logged as well.
     let mut s = TcpStream::connect(socks).await.unwrap();
     s.write_all(&[5, 1, 2, 1, 1, b'a', 1, 0xff]).await.unwrap();
     let mut r = [0u8; 4];

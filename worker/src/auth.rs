@@ -772,9 +772,20 @@ fn parse_basic(header: &[u8]) -> Result<(String, String), AuthError> {
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(token.trim())
         .map_err(|_| AuthError::Malformed)?;
-    let decoded = String::from_utf8(decoded).map_err(|_| AuthError::Malformed)?;
+    let decoded = credential_text(decoded);
     let (user, password) = decoded.split_once(':').ok_or(AuthError::Malformed)?;
     Ok((user.to_string(), password.to_string()))
+}
+
+/// Credentials' bytes as text: UTF-8, as the challenge asks (RFC 7617
+/// §2.1, `charset="UTF-8"`), else ISO-8859-1, a character a byte, which
+/// clients that were not asked send (Python's urllib3 and requests, Java's
+/// by default): a users file's `pässwort` was refused to them, as
+/// malformed, however right. (Never lossy: different bytes stay different
+/// text, but for one password written in either charset.)
+pub fn credential_text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes)
+        .unwrap_or_else(|e| e.into_bytes().into_iter().map(char::from).collect())
 }
 
 #[cfg(test)]
@@ -896,6 +907,30 @@ mod tests {
             auth.check(Some(&basic("alice", "more")), guesser).await,
             Err(AuthError::Spaced(_))
         ));
+    }
+
+    /// Credentials not in UTF-8 are read as ISO-8859-1 (what clients not
+    /// asked for UTF-8 send): a users file's `pässwort` lets them in, as
+    /// it does a client sending UTF-8; and the challenge asks for UTF-8.
+    #[tokio::test]
+    async fn latin_1_credentials_are_read_as_such() {
+        use base64::Engine;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        let cheap = argon2::Params::new(8192, 1, 1, None).unwrap();
+        std::fs::write(&path, format!("jürgen:{}\n", hash_with("pässwort", cheap))).unwrap();
+        let auth = Auth::load(&path, None).unwrap();
+        let header = |bytes: &[u8]| {
+            let token = base64::engine::general_purpose::STANDARD.encode(bytes);
+            format!("Basic {token}").into_bytes()
+        };
+        let latin1 = header(b"j\xfcrgen:p\xe4sswort");
+        let utf8 = header("jürgen:pässwort".as_bytes());
+        for h in [latin1, utf8] {
+            assert_eq!(auth.check(Some(&h), LOCAL).await, Ok("jürgen".into()));
+        }
+        let wrong = header(b"j\xfcrgen:p\xe4sswort!");
+        assert_eq!(auth.check(Some(&wrong), LOCAL).await, Err(AuthError::Wrong));
     }
 
     /// Guesses sent at once, once a network's checks are spaced out, get

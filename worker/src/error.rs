@@ -393,7 +393,7 @@ impl ProxyError {
         if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
             h.insert(
                 header::PROXY_AUTHENTICATE,
-                HeaderValue::from_static("Basic realm=\"rotor\""),
+                HeaderValue::from_static("Basic realm=\"rotor\", charset=\"UTF-8\""),
             );
         }
         if let ProxyError::Throttled { retry_after, .. }

@@ -96,8 +96,6 @@ pub enum HandshakeError {
     BadAuth,
     #[error("credentials refused")]
     Refused,
-    #[error("credentials that are not UTF-8 text")]
-    NotText,
     #[error("command {0} not supported")]
     Command(u8),
     #[error("address type {0} not supported")]
@@ -138,20 +136,15 @@ where
                 s.write_all(&[1, 1]).await?;
                 return Err(HandshakeError::BadAuth);
             }
-            // RFC 1929 names bytes; rotor's users file is text, and a
-            // lossy read would make different passwords one. Without a
-            // users file the password is not looked at, and the name
-            // (for its session parameters, and the log) is read lossily.
-            let user = read_bytes(s).await?;
+            // RFC 1929 names bytes; rotor's users file is text: read as
+            // UTF-8, else ISO-8859-1, as Basic's (never lossily: different
+            // passwords would be one). Without a users file the password
+            // is not looked at.
+            let user = crate::auth::credential_text(read_bytes(s).await?);
             let password = read_bytes(s).await?;
-            match (String::from_utf8(user), String::from_utf8(password)) {
-                (Ok(user), Ok(password)) => Some((user, password)),
-                (user, _) if !auth_required => Some((
-                    user.unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
-                    String::new(),
-                )),
-                // Refused by the caller, counted and logged as any.
-                _ => return Err(HandshakeError::NotText),
+            match auth_required {
+                true => Some((user, crate::auth::credential_text(password))),
+                false => Some((user, String::new())),
             }
         }
         _ => None,
@@ -318,7 +311,7 @@ impl HandshakeError {
             HandshakeError::Version(_)
             | HandshakeError::AddressType(_)
             | HandshakeError::PortZero => Some((StatusCode::BAD_REQUEST, None)),
-            HandshakeError::NotText | HandshakeError::Refused | HandshakeError::Io(_) => None,
+            HandshakeError::Refused | HandshakeError::Io(_) => None,
         }
     }
 }
@@ -360,15 +353,7 @@ pub async fn serve(
     let opened = async {
         let mut noting = crate::idle::IdleIo::new(&mut stream, heard.clone());
         let read = tokio::time::timeout_at(start + within, handshake(&mut noting, auth_required));
-        let mut hs = match read.await.map_err(slow)? {
-            Err(HandshakeError::NotText) => {
-                debug!(%client, "SOCKS5 credentials not UTF-8; refused");
-                let why = ProxyError::Auth(crate::auth::AuthError::Malformed);
-                refuse_login(&proxy, &mut stream, (began, client), &why).await?;
-                return Err(HandshakeError::Refused);
-            }
-            r => r?,
-        };
+        let mut hs = read.await.map_err(slow)??;
         let mut caller = crate::proxy::Caller::default();
         if let Some((user, password)) = hs.credentials.take() {
             let checked_at = tokio::time::Instant::now();
@@ -609,18 +594,17 @@ mod tests {
             [5, 0, 5, Reply::CommandNotSupported as u8],
             "{out:?}"
         );
-        // A password that is not UTF-8 is refused, not read lossily (two
-        // such passwords would be one).
-        // (The caller answers it, and counts and logs it as any refusal.)
-        let (r, out) = run(&[5, 1, 2, 1, 1, b'a', 1, 0xff], true).await;
-        assert!(matches!(r, Err(HandshakeError::NotText)), "{r:?}");
+        // A password that is not UTF-8 is read as ISO-8859-1, a character
+        // a byte (never lossily: two such passwords would be one).
+        let (r, out) = run(&[5, 1, 2, 1, 1, b'a', 2, b'p', 0xe4], true).await;
+        assert_eq!(r.unwrap().credentials, Some(("a".into(), "p\u{e4}".into())));
         assert_eq!(out, [5, 2]);
         // Without a users file the password is not looked at: any bytes
-        // pass, and the name is read lossily.
+        // pass.
         let (r, out) = run(&[5, 1, 2, 1, 2, b'a', 0xff, 1, 0xff], false).await;
         assert_eq!(
             r.unwrap().credentials,
-            Some(("a\u{fffd}".into(), String::new()))
+            Some(("a\u{ff}".into(), String::new()))
         );
         assert_eq!(out, [5, 2]);
         // Port 0: not a destination.
