@@ -369,14 +369,19 @@ impl Auth {
         let current = self.users();
         let users = Arc::new(load(&self.path, Some(&current))?);
         let n = users.hashes.len();
+        // The users swapped, both caches changed and the generation bumped
+        // under the caches' locks: a check that remembers its outcome sees
+        // the bump (`remember`), and one that read the new users finds no
+        // entry of the old generation (its look waits for this). With the
+        // swap before the locks, a check could read the new users and then
+        // an old entry, and its tunnel's standing be judged by users it
+        // was not checked against: a removed user's tunnel was never cut.
+        let mut mem = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         let old = std::mem::replace(
             &mut *self.users.write().unwrap_or_else(|e| e.into_inner()),
             users.clone(),
         );
-        // Both caches changed and the generation bumped under their locks:
-        // a check that remembers its outcome sees the bump (`remember`).
-        let mut mem = self.remembered.lock().unwrap_or_else(|e| e.into_inner());
-        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         let generation = self
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -499,13 +504,16 @@ impl Auth {
             let verified = self
                 .verify_blocking(users.clone(), user.clone(), password.clone(), slot)
                 .await?;
-            if verified.is_none() {
-                self.failed_from(network);
-            }
             // A reload while this was checked: check again, against the
-            // new users, so a removed user is not let in after it.
+            // new users, so a removed user is not let in after it (nor is
+            // its network's failure counted for a password now right).
             match self.remember(key, verified, generation) {
-                Some(answer) => return answer.map(|user| (user, users)),
+                Some(answer) => {
+                    if answer.is_err() {
+                        self.failed_from(network);
+                    }
+                    return answer.map(|user| (user, users));
+                }
                 None => continue,
             }
         }
