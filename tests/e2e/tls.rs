@@ -276,14 +276,38 @@ async fn a_stalled_handshake_is_cut_off_and_garbage_closes_only_its_connection()
     // alert at most), and the listener serves the next one.
     let mut garbage = TcpStream::connect(p.tls).await.unwrap();
     garbage
-        .write_all(b"GET http://example.com/ HTTP/1.1\r\n\r\n")
+        .write_all(b"\x00\x01\x02garbage\r\n\r\n")
         .await
         .unwrap();
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), garbage.read_to_end(&mut rest))
         .await
         .expect("garbage closes its connection");
-    assert!(!String::from_utf8_lossy(&rest).contains("HTTP/1.1 200"));
+    assert!(!String::from_utf8_lossy(&rest).contains("HTTP/1.1"));
+    // Plain HTTP (a proxy URL saying http:// where https:// is meant): a
+    // 400 that says so, in plain text, not a TLS alert.
+    let mut plain = TcpStream::connect(p.tls).await.unwrap();
+    plain
+        .write_all(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut answer))
+        .await
+        .expect("a plain request is answered and closed");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(
+        answer.contains("proxy-status: rotor; error=http_request_error"),
+        "{answer}"
+    );
+    let body = answer.split("\r\n\r\n").nth(1).unwrap_or_default();
+    assert!(body.contains("https://"), "{answer}");
+    let length = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|n| n.trim().parse::<usize>().ok());
+    assert_eq!(length, Some(body.len()), "{answer}");
     let proxy = format!("https://{}", p.tls);
     let (code, out) = curl(&[
         "--proxy",

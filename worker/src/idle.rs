@@ -142,6 +142,10 @@ impl<T> IdleIo<T> {
         &self.inner
     }
 
+    pub fn get_mut(&mut self) -> &mut T {
+        &mut self.inner
+    }
+
     fn wrote(&self, r: &Poll<io::Result<usize>>) {
         match r {
             Poll::Ready(Ok(n @ 1..)) => {

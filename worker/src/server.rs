@@ -454,8 +454,23 @@ impl Serving {
             let io: ClientIo = match acceptor {
                 None => tokio_util::either::Either::Left(stream),
                 Some(acceptor) => {
-                    let handshake =
-                        tokio::time::timeout(handshake_timeout, Box::pin(acceptor.accept(stream)));
+                    let handshake = tokio::time::timeout(
+                        handshake_timeout,
+                        Box::pin(async move {
+                            // A TLS client's first byte is a handshake
+                            // record's type (22); a plain HTTP request's,
+                            // its method's first letter: a client whose
+                            // proxy URL says http:// where https:// was
+                            // meant is told so, not sent a TLS alert.
+                            let mut stream = stream;
+                            let mut first = [0u8; 1];
+                            let peeked = stream.get_mut().peek(&mut first).await;
+                            if matches!(peeked, Ok(1) if first[0].is_ascii_uppercase()) {
+                                return Err(stream);
+                            }
+                            Ok(acceptor.accept(stream).await)
+                        }),
+                    );
                     // A drain lets a handshake under way finish in the
                     // grace a connection between requests gets, no longer
                     // (a port scan's silent connection held the drain for
@@ -472,9 +487,16 @@ impl Serving {
                         }
                     };
                     match done {
-                        Ok(Ok(tls)) => tokio_util::either::Either::Right(Box::new(tls)),
-                        Ok(Err(e)) => {
+                        Ok(Ok(Ok(tls))) => tokio_util::either::Either::Right(Box::new(tls)),
+                        Ok(Ok(Err(e))) => {
                             debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Ok(Err(plain)) => {
+                            plain_http_on_tls(client);
+                            if let Ok(tcp) = plain.into_inner().into_tokio() {
+                                refuse_soon(tcp, Some(PLAIN_HTTP_ON_TLS));
+                            }
                             return;
                         }
                         Err(_) => {
@@ -877,6 +899,24 @@ const CLIENT_LIMIT_ERROR: &str = "connection_limit_reached";
 const HTTP_CLIENT_REFUSAL: &[u8] = b"HTTP/1.1 503 Client Connection Limit Reached\r\n\
     proxy-status: rotor; error=connection_limit_reached; details=\"too many connections from this address\"\r\n\
     content-length: 0\r\nconnection: close\r\n\r\n";
+
+/// The answer to plain HTTP sent to a TLS listener (nginx's 400 "The
+/// plain HTTP request was sent to HTTPS port").
+const PLAIN_HTTP_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
+    proxy-status: rotor; error=http_request_error; details=\"plain HTTP sent to a TLS port\"\r\n\
+    content-type: text/plain\r\ncontent-length: 94\r\nconnection: close\r\n\r\n\
+    rotor: this port takes TLS (an https:// proxy URL); the request came in plain HTTP (http://).\n";
+
+/// Logs plain HTTP sent to a TLS listener, once in 10 s.
+fn plain_http_on_tls(client: std::net::SocketAddr) {
+    static SAID: crate::Moment = crate::Moment::new();
+    match SAID.first_in(Duration::from_secs(10)) {
+        true => {
+            info!(%client, "plain HTTP sent to a TLS port (the client's proxy URL says http:// where https:// is meant); answered 400 (said once in 10 s)")
+        }
+        false => debug!(%client, "plain HTTP sent to a TLS port; answered 400"),
+    }
+}
 
 /// Logs a client refused at its address's limit, once in 10 s.
 fn client_limit_reached(client: std::net::SocketAddr, limit: usize) {
