@@ -613,6 +613,17 @@ async fn a_small_body_that_stalls_or_is_cut_off_is_logged() {
             ("POST".to_string(), 499, "client_closed".to_string()),
         ]
     );
+    // Each line is timed from the request's first byte, not written as
+    // rotor gave up with no duration: the 408s waited the header timeout,
+    // the 499 the client's 100 ms.
+    for l in lines() {
+        let ms = l["ms"].as_f64().unwrap();
+        let least = match l["status"].as_u64() {
+            Some(408) => 450.0,
+            _ => 80.0,
+        };
+        assert!(ms >= least, "{l}");
+    }
     assert_eq!(origin.count(), 0);
 }
 

@@ -222,7 +222,7 @@ where
                             }
                             Err(_) => {
                                 tracing::debug!("request head too slow; closed");
-                                return too_slow(io, &mut out, conn, None).await;
+                                return too_slow(io, &mut out, conn, None, began).await;
                             }
                         },
                         _ = &mut stopped, if drain_due.is_none() => {
@@ -245,16 +245,20 @@ where
             buf.reserve(body_len - buf.len());
             let due =
                 *body_due.get_or_insert_with(|| tokio::time::Instant::now() + conn.header_timeout);
+            // The request's start, for its log line should the body not
+            // come: its head's first byte (else the head came whole, as
+            // the body's wait began).
+            let began = head_began.unwrap_or(due - conn.header_timeout);
             let read = tokio::select! {
                 biased;
                 r = tokio::time::timeout_at(due, io.read_buf(&mut buf)) => match r {
                     Ok(r) => r,
                     Err(_) => {
                         tracing::debug!("request body too slow; closed");
-                        return too_slow(io, &mut out, conn, Some(&parts)).await;
+                        return too_slow(io, &mut out, conn, Some(&parts), began).await;
                     }
                 },
-                _ = &mut idle => return too_slow(io, &mut out, conn, Some(&parts)).await,
+                _ = &mut idle => return too_slow(io, &mut out, conn, Some(&parts), began).await,
             };
             match read {
                 Ok(0) | Err(_) => {
@@ -263,7 +267,7 @@ where
                         Some(crate::proxy::CLIENT_CLOSED_ERROR),
                     );
                     conn.proxy
-                        .unserved(conn.client, Some(&parts), gone, std::time::Instant::now());
+                        .unserved(conn.client, Some(&parts), gone, began.into_std());
                     return Outcome::Closed;
                 }
                 Ok(_) => {}
@@ -361,12 +365,14 @@ pub const LINGER_MOST: u64 = 256 * 1024;
 
 /// Tells a client whose request did not come whole within the header
 /// timeout so (408, as hyper's path), then closes: within the grace, as a
-/// client this slow may not read either.
+/// client this slow may not read either. `began`: the request's first
+/// byte (its log line's time and duration).
 async fn too_slow<I: ClientStream>(
     mut io: I,
     out: &mut Vec<u8>,
     conn: &Conn,
     parts: Option<&http::request::Parts>,
+    began: tokio::time::Instant,
 ) -> Outcome<I> {
     let e = crate::error::ProxyError::HeadTimeout {
         timeout: conn.header_timeout,
@@ -376,7 +382,7 @@ async fn too_slow<I: ClientStream>(
         conn.client,
         parts,
         (status.as_u16(), kind),
-        std::time::Instant::now(),
+        began.into_std(),
     );
     let answer = crate::proxy::Answer::from(&e);
     let _ = tokio::time::timeout(conn.grace, async {
