@@ -469,6 +469,70 @@ async fn the_access_log_has_a_line_per_request_and_tunnel_and_reopens_on_sighup(
     assert!(lines(&moved).len() >= 3);
 }
 
+/// An access log the worker cannot reopen at a reload (logrotate made
+/// something it cannot write in its place) is a reload that failed, as
+/// `rotor reload` says (exit 3, naming it); the lines go on to the old
+/// file. It was reopened later, in the writer, and the reload said 0.
+#[tokio::test]
+async fn an_access_log_that_cannot_be_reopened_fails_the_reload() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let w = Worker::start(&alloc.socket, &["--access-log", path.to_str().unwrap()]).await;
+    let reload = || {
+        let out = std::process::Command::new(ROTOR)
+            .args(["reload", "--socket", alloc.socket.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let (code, out) = reload();
+    assert_eq!(code, Some(0), "{out}");
+    // Moved away, and a directory where the new file would be.
+    let moved = dir.path().join("access.log.1");
+    std::fs::rename(&path, &moved).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    let (code, out) = reload();
+    assert_eq!(code, Some(3), "{out}");
+    assert!(
+        out.contains(&format!("worker {}: access log", w.proc.pid())),
+        "{out}"
+    );
+    assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+    let m = moved.clone();
+    eventually("the line in the old file", || {
+        let m = m.clone();
+        async move {
+            std::fs::read_to_string(&m)
+                .unwrap_or_default()
+                .lines()
+                .count()
+                >= 1
+        }
+    })
+    .await;
+    // Mended: a clean reload, to the new file.
+    std::fs::remove_dir(&path).unwrap();
+    let (code, out) = reload();
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+    let p = path.clone();
+    eventually("a line in the reopened file", || {
+        let p = p.clone();
+        async move {
+            std::fs::read_to_string(&p)
+                .unwrap_or_default()
+                .lines()
+                .count()
+                >= 1
+        }
+    })
+    .await;
+}
+
 /// A POST of `body` with `token` (if any): status and body.
 fn post(addr: SocketAddr, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));

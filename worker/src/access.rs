@@ -279,17 +279,20 @@ impl Clock {
     }
 }
 
-/// Lines written and not yet taken by the writer, and whether to reopen.
+/// Lines written and not yet taken by the writer; and at a reopen, the
+/// lines written before it (for the old file) and the file reopened
+/// (for `text`, and what comes after).
 #[derive(Default)]
 struct Pending {
     text: Vec<u8>,
     clock: Clock,
-    reopen: bool,
+    reopened: Option<(Vec<u8>, Output)>,
     closed: bool,
 }
 
 pub struct AccessLog {
     pending: Arc<std::sync::Mutex<Pending>>,
+    target: Target,
     format: Format,
     /// Lines lost because the writer fell behind.
     pub dropped: Arc<AtomicU64>,
@@ -317,31 +320,28 @@ impl AccessLog {
     pub fn open(target: Target, format: Format) -> std::io::Result<Arc<AccessLog>> {
         let mut out = Output::open(&target)?;
         let pending: Arc<std::sync::Mutex<Pending>> = Arc::default();
+        let opened = target.clone();
         let dropped: Arc<AtomicU64> = Arc::default();
         let (p, d) = (pending.clone(), dropped.clone());
         let writer = std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || loop {
                 std::thread::sleep(EVERY);
-                let (text, reopen, closed) = {
+                let (text, reopened, closed) = {
                     let mut g = p.lock().unwrap_or_else(|e| e.into_inner());
-                    (
-                        std::mem::take(&mut g.text),
-                        std::mem::take(&mut g.reopen),
-                        g.closed,
-                    )
+                    (std::mem::take(&mut g.text), g.reopened.take(), g.closed)
                 };
+                // What was written before the reopen goes to the old file.
+                if let Some((before, o)) = reopened {
+                    out.write(&before);
+                    out.flush();
+                    out = o;
+                }
                 out.write(&text);
                 out.flush();
                 let n = d.swap(0, Ordering::Relaxed);
                 if n > 0 {
                     warn!(lines = n, "the access log fell behind: lines dropped");
-                }
-                if reopen {
-                    match Output::open(&target) {
-                        Ok(o) => out = o,
-                        Err(e) => warn!(error = %e, "cannot reopen the access log; writing to the old file"),
-                    }
                 }
                 if closed {
                     return;
@@ -349,6 +349,7 @@ impl AccessLog {
             })?;
         Ok(Arc::new(AccessLog {
             pending,
+            target: opened,
             format,
             dropped,
             writer: std::sync::Mutex::new(Some(writer)),
@@ -367,12 +368,23 @@ impl AccessLog {
         e.write_line(self.format, took, text, clock);
     }
 
-    /// Reopens the file (after logrotate moved it).
-    pub fn reopen(&self) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .reopen = true;
+    /// Reopens the file (after logrotate moved it): the lines written
+    /// from now on go to it. Opened here, so a reload can say it failed
+    /// (logrotate's `create` with an owner this worker cannot write as):
+    /// then the old file is written to still, and the error returned.
+    pub fn reopen(&self) -> std::io::Result<()> {
+        let out = Output::open(&self.target)?;
+        let mut g = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut g.reopened {
+            // Twice before the writer ran: what came between goes to
+            // the newer file.
+            Some((_, o)) => *o = out,
+            None => {
+                let before = std::mem::take(&mut g.text);
+                g.reopened = Some((before, out));
+            }
+        }
+        Ok(())
     }
 
     /// Writes what is pending and stops the writer (at exit).

@@ -235,7 +235,9 @@ pub async fn run(
     // worker), and logrotate's left the access log written to the file it
     // moved away, or a new certificate waiting, until the next one.
     if let Some(log) = proxy.access_log() {
-        log.reopen();
+        if let Err(e) = log.reopen() {
+            tracing::warn!(error = %e, "cannot reopen the access log; writing to the old file");
+        }
     }
     if let Some(tls) = &reloading_tls {
         tls.reload_at_start();
@@ -272,7 +274,13 @@ pub async fn run(
                 Err(error) => failed.push(("name resolution (resolv.conf)".into(), error)),
             }
             if let Some(log) = reloading.access_log() {
-                log.reopen();
+                // (Off the runtime's threads: an open on a hung mount.)
+                let l = log.clone();
+                let opened = tokio::task::spawn_blocking(move || l.reopen()).await;
+                if let Ok(Err(e)) = opened {
+                    tracing::error!(error = %e, "cannot reopen the access log; writing to the old file");
+                    failed.push(("access log".into(), e.to_string()));
+                }
             }
             if let Some(tls) = &reloading_tls {
                 if let Err(error) = tls.reload() {
