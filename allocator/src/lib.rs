@@ -32,7 +32,10 @@ pub mod waiters;
 /// peer's newline would forge a line of the status or the log, an escape
 /// sequence drive the operator's terminal), then cut to `max` bytes at a
 /// character's boundary, with a `…` after a cut.
-pub(crate) fn shown(text: String, max: usize) -> String {
+pub(crate) fn shown(mut text: String, max: usize) -> String {
+    // Cut first (a peer's megabytes are not escaped whole), then again
+    // once escaped.
+    cut_at(&mut text, max);
     let mut text = match text.chars().any(char::is_control) {
         false => text,
         true => text
@@ -44,6 +47,13 @@ pub(crate) fn shown(text: String, max: usize) -> String {
             })
             .collect(),
     };
+    cut_at(&mut text, max);
+    text
+}
+
+/// `text` cut to `max` bytes at a character's boundary, with a `…` after
+/// a cut (a text already cut, ending in one, is left).
+fn cut_at(text: &mut String, max: usize) {
     if text.len() > max {
         let mut end = max;
         while !text.is_char_boundary(end) {
@@ -52,7 +62,6 @@ pub(crate) fn shown(text: String, max: usize) -> String {
         text.truncate(end);
         text.push('…');
     }
-    text
 }
 
 /// Whether `period` has passed since `last` (or nothing was done yet),

@@ -932,7 +932,10 @@ async fn answer(
     // A session's or a site's lease is timed as a plain one is (inside).
     let timed = matches!(
         env.body,
-        Request::LeaseSession { .. } | Request::LeaseSessionSite { .. } | Request::LeaseSite { .. }
+        Request::LeaseSession { .. }
+            | Request::LeaseSessionSite { .. }
+            | Request::LeaseSite { .. }
+            | Request::LeaseSiteWait { .. }
     )
     .then(std::time::Instant::now);
     let body = match env.body {
@@ -1242,9 +1245,11 @@ async fn serve(
     if let Some(pid) = pid {
         hello.pid = pid;
     }
-    debug!(role = ?hello.role, pid = hello.pid, software = %hello.software, "peer connected");
     let minor = hello.minor;
-    alloc.peer_connected(id, hello);
+    // (Logged as kept: escaped and cut.)
+    let (role, pid) = (hello.role, hello.pid);
+    let software = alloc.peer_connected(id, hello);
+    debug!(?role, pid, %software, "peer connected");
 
     let (mut tx, mut rx) = chan.split();
     let mut replies = Vec::with_capacity(BATCH);
@@ -1495,6 +1500,15 @@ mod tests {
     #[test]
     fn report_texts_are_cut_at_a_character() {
         assert_eq!(cut("short".into()), "short");
+        // A megabyte of control characters is cut before it is escaped
+        // (not made five megabytes first), and again after.
+        let escaped = cut("\u{1}".repeat(1 << 20));
+        assert!(
+            escaped.len() <= REPORT_TEXT_MAX + '…'.len_utf8(),
+            "{}",
+            escaped.len()
+        );
+        assert!(escaped.starts_with("\\u{1}"), "{escaped}");
         // A peer's text forges no line and drives no terminal.
         assert_eq!(
             cut("a\n  pid 1: forged\u{1b}]0;x\u{7}é".into()),

@@ -2248,10 +2248,13 @@ impl Allocator {
         }
     }
 
-    pub fn peer_connected(&self, id: u64, mut hello: Hello) {
+    /// Keeps `hello` for peer `id`; its software name as kept (escaped and
+    /// cut: see `crate::shown`).
+    pub fn peer_connected(&self, id: u64, mut hello: Hello) -> String {
         // Kept for each peer and copied into every status: a name, not
         // the megabytes a peer may send.
         hello.software = crate::shown(std::mem::take(&mut hello.software), MAX_SOFTWARE);
+        let software = hello.software.clone();
         let joined = self.reloads_asked();
         let mut inner = self.lock();
         if hello.role == rotor_protocol::Role::Worker
@@ -2273,6 +2276,7 @@ impl Allocator {
                 answered: HashSet::new(),
             },
         );
+        software
     }
 
     pub fn peer_gone(&self, id: u64) {

@@ -474,6 +474,9 @@ impl Auth {
     ) -> Result<(String, Arc<Users>), AuthError> {
         let (user, password) = (user.to_string(), password.to_string());
         let key = digest(&user, &password);
+        // Whether this check took its network's turn already: a check done
+        // again after a reload raced it is not refused for its own turn.
+        let mut turn_taken = false;
         loop {
             use std::sync::atomic::Ordering::SeqCst;
             // The users and their generation, read together: a reload
@@ -487,7 +490,9 @@ impl Auth {
                 return Err(AuthError::Wrong);
             }
             let network = network_of(client);
-            self.spacing(network)?;
+            if !turn_taken {
+                self.spacing(network)?;
+            }
             let slot = self.client_slot(client).await?;
             // What waited for the slot may have been answered meanwhile
             // (the same credentials on another connection).
@@ -500,7 +505,10 @@ impl Auth {
             // The network's turn, taken now: guesses sent at once all
             // passed the look above and waited here for the slot, each
             // then checked (a hundred in the slot's wait, not one).
-            self.take_turn(network)?;
+            if !turn_taken {
+                self.take_turn(network)?;
+                turn_taken = true;
+            }
             let verified = self
                 .verify_blocking(users.clone(), user.clone(), password.clone(), slot)
                 .await?;

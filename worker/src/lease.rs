@@ -707,6 +707,11 @@ impl LeaseClient {
         };
         if let (false, Some(body)) = (sent, keep) {
             self.held.hold(Envelope { id, body });
+            // A connection made meanwhile (its own flush found nothing
+            // held yet) takes it now.
+            if let Some(c) = self.conn.borrow().clone() {
+                self.held.send(&c);
+            }
         }
     }
 
@@ -1388,9 +1393,18 @@ impl Held {
             if !due || conn.minor < env.body.min_minor() {
                 continue;
             }
-            // Not taken (the connection gone, or not read): held still.
+            // Not taken (the connection gone, or not read): held still,
+            // a wait already shortened counted from now (not shortened
+            // again by the time held before).
             if conn.requests.send(env.clone()).is_err() {
-                held.push_front((at, env));
+                let since = match env.body {
+                    Request::Pushback {
+                        retry_after_secs: Some(_),
+                        ..
+                    } => Instant::now(),
+                    _ => at,
+                };
+                held.push_front((since, env));
                 break;
             }
         }

@@ -98,13 +98,39 @@ pub fn judge(status: StatusCode, fields: &Fields, counted: &[u16]) -> Verdict {
 /// host's clock, a site's clock two minutes slow turned `Retry-After`
 /// (its now + 60 s) into none at all, the pair cooled for a second each
 /// time.
+///
+/// A `Date` more than [`DATE_TRUSTED`] from this host's clock is no clock
+/// (a front with none says 1970; a 429 cached by a CDN for hours says
+/// when it was made, its `Age` how long ago): this host's then. An `Age`
+/// is added.
 fn site_now(fields: &Fields) -> SystemTime {
-    fields
+    let ours = SystemTime::now();
+    let Some(date) = fields
         .get(&http::header::DATE)
         .and_then(text)
         .and_then(|d| httpdate::parse_http_date(d.trim()).ok())
-        .unwrap_or_else(SystemTime::now)
+    else {
+        return ours;
+    };
+    let age = fields
+        .get(&http::header::AGE)
+        .and_then(text)
+        .and_then(|a| a.trim().parse::<u64>().ok())
+        .map_or(Duration::ZERO, |a| Duration::from_secs(a.min(MAX_WAIT)));
+    let theirs = date + age;
+    let apart = theirs
+        .duration_since(ours)
+        .or_else(|_| ours.duration_since(theirs))
+        .unwrap_or(Duration::MAX);
+    match apart <= DATE_TRUSTED {
+        true => theirs,
+        false => ours,
+    }
 }
+
+/// How far a site's `Date` may be from this host's clock and be read as
+/// its clock.
+const DATE_TRUSTED: Duration = Duration::from_secs(3600);
 
 /// `Retry-After` in seconds from `now` (the site's: see `site_now`).
 fn retry_after(fields: &Fields, now: SystemTime) -> Option<u32> {
@@ -268,6 +294,29 @@ mod tests {
                 ("x-ratelimit-reset", &reset),
             ],
         ];
+        // A `Date` that is no clock (1970), or a cached 429's (its `Age`
+        // added), does not stretch the wait.
+        let now_reset = (SystemTime::now() + Duration::from_secs(45))
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            .to_string();
+        let epoch = httpdate::fmt_http_date(SystemTime::UNIX_EPOCH);
+        let cached = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(600));
+        for (date, age) in [(&epoch, "0"), (&cached, "600")] {
+            let fields = [
+                ("date", date.as_str()),
+                ("age", age),
+                ("x-ratelimit-remaining", "0"),
+                ("x-ratelimit-reset", &now_reset),
+            ];
+            match verdict(429, &fields, &c) {
+                Verdict::Pushback {
+                    retry_after: Some(s),
+                } => assert!((44..=46).contains(&s), "{date} {age}: {s}"),
+                other => panic!("{other:?}"),
+            }
+        }
         for (fields, want) in cases.into_iter().zip([60, 45]) {
             assert_eq!(
                 verdict(429, fields, &c),

@@ -274,12 +274,20 @@ pub async fn run(
                 Err(error) => failed.push(("name resolution (resolv.conf)".into(), error)),
             }
             if let Some(log) = reloading.access_log() {
-                // (Off the runtime's threads: an open on a hung mount.)
+                // Off the runtime's threads, and waited for a while: an
+                // open on a hung mount must not hold this reload's report
+                // and every later reload.
                 let l = log.clone();
-                let opened = tokio::task::spawn_blocking(move || l.reopen()).await;
-                if let Ok(Err(e)) = opened {
-                    tracing::error!(error = %e, "cannot reopen the access log; writing to the old file");
-                    failed.push(("access log".into(), e.to_string()));
+                let opening = tokio::task::spawn_blocking(move || l.reopen());
+                let error = match tokio::time::timeout(REOPEN_WAIT, opening).await {
+                    Ok(Ok(Ok(()))) => None,
+                    Ok(Ok(Err(e))) => Some(e.to_string()),
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some(format!("its open did not end within {REOPEN_WAIT:?}")),
+                };
+                if let Some(error) = error {
+                    tracing::error!(%error, "cannot reopen the access log; writing to the old file");
+                    failed.push(("access log".into(), error));
                 }
             }
             if let Some(tls) = &reloading_tls {
@@ -907,6 +915,9 @@ const CLIENT_LIMIT_ERROR: &str = "connection_limit_reached";
 const HTTP_CLIENT_REFUSAL: &[u8] = b"HTTP/1.1 503 Client Connection Limit Reached\r\n\
     proxy-status: rotor; error=connection_limit_reached; details=\"too many connections from this address\"\r\n\
     content-length: 0\r\nconnection: close\r\n\r\n";
+
+/// How long a reload waits for the access log's reopen.
+const REOPEN_WAIT: Duration = Duration::from_secs(5);
 
 /// The answer to plain HTTP sent to a TLS listener (nginx's 400 "The
 /// plain HTTP request was sent to HTTPS port").
