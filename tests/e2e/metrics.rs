@@ -502,33 +502,21 @@ async fn an_access_log_that_cannot_be_reopened_fails_the_reload() {
         "{out}"
     );
     assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
-    let m = moved.clone();
-    eventually("the line in the old file", || {
-        let m = m.clone();
-        async move {
-            std::fs::read_to_string(&m)
-                .unwrap_or_default()
-                .lines()
-                .count()
-                >= 1
-        }
-    })
-    .await;
+    a_line_in(&moved, "the line in the old file").await;
     // Mended: a clean reload, to the new file.
     std::fs::remove_dir(&path).unwrap();
     let (code, out) = reload();
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
-    let p = path.clone();
-    eventually("a line in the reopened file", || {
-        let p = p.clone();
-        async move {
-            std::fs::read_to_string(&p)
-                .unwrap_or_default()
-                .lines()
-                .count()
-                >= 1
-        }
+    a_line_in(&path, "a line in the reopened file").await;
+}
+
+/// Waits for a line in the file at `path`.
+async fn a_line_in(path: &std::path::Path, what: &str) {
+    let path = path.to_path_buf();
+    eventually(what, || {
+        let path = path.clone();
+        async move { std::fs::read_to_string(&path).is_ok_and(|t| t.lines().count() >= 1) }
     })
     .await;
 }

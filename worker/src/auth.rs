@@ -810,6 +810,17 @@ mod tests {
 
     const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
+    /// A users file with `user` and `password`, hashed cheaply (the
+    /// tests that make many checks), and its `Auth`.
+    fn cheaply(user: &str, password: &str) -> (tempfile::TempDir, Arc<Auth>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users");
+        let cheap = argon2::Params::new(8192, 1, 1, None).unwrap();
+        std::fs::write(&path, format!("{user}:{}\n", hash_with(password, cheap))).unwrap();
+        let auth = Auth::load(&path, None).unwrap();
+        (dir, auth)
+    }
+
     /// A users file with alice (password `pw`), and its `Auth`.
     fn alice() -> (tempfile::TempDir, Arc<Auth>) {
         let dir = tempfile::tempdir().unwrap();
@@ -878,11 +889,7 @@ mod tests {
     /// credentials that passed before are not; the spacing ends in time.
     #[tokio::test]
     async fn a_network_that_keeps_failing_is_spaced_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("users");
-        let cheap = argon2::Params::new(8192, 1, 1, None).unwrap();
-        std::fs::write(&path, format!("alice:{}\n", hash_with("s3cret", cheap))).unwrap();
-        let auth = Auth::load(&path, None).unwrap();
+        let (_dir, auth) = cheaply("alice", "s3cret");
         let guesser: IpAddr = "192.0.2.7".parse().unwrap();
         let neighbour: IpAddr = "192.0.2.99".parse().unwrap();
         let elsewhere: IpAddr = "198.51.100.1".parse().unwrap();
@@ -931,11 +938,7 @@ mod tests {
     #[tokio::test]
     async fn latin_1_credentials_are_read_as_such() {
         use base64::Engine;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("users");
-        let cheap = argon2::Params::new(8192, 1, 1, None).unwrap();
-        std::fs::write(&path, format!("jürgen:{}\n", hash_with("pässwort", cheap))).unwrap();
-        let auth = Auth::load(&path, None).unwrap();
+        let (_dir, auth) = cheaply("jürgen", "pässwort");
         let header = |bytes: &[u8]| {
             let token = base64::engine::general_purpose::STANDARD.encode(bytes);
             format!("Basic {token}").into_bytes()
@@ -954,11 +957,7 @@ mod tests {
     /// and waited for the slot, and each was checked after it.
     #[tokio::test]
     async fn guesses_sent_at_once_get_one_check_a_wait() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("users");
-        let cheap = argon2::Params::new(8192, 1, 1, None).unwrap();
-        std::fs::write(&path, format!("alice:{}\n", hash_with("s3cret", cheap))).unwrap();
-        let auth = Auth::load(&path, None).unwrap();
+        let (_dir, auth) = cheaply("alice", "s3cret");
         let guesser: IpAddr = "192.0.2.7".parse().unwrap();
         for i in 0..FREE_FAILURES + 1 {
             let pass = format!("guess{i}");

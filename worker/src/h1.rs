@@ -2294,52 +2294,31 @@ mod tests {
             Conn::new(s.connect(addr).await.unwrap())
         };
         // 16 MiB at 1 MiB every 100 ms: about 1.6 s, five times the wait.
+        // The whole body, on `conn`.
+        let upload = |conn: Conn| {
+            let (head, body) = (&head, &body);
+            async move {
+                let mut written = false;
+                let fields = fields_of(head);
+                conn.exchange(head, &fields, Some(body()), false, wait, &mut written)
+                    .await
+            }
+        };
         let conn = connect(origin(Some(100), true).await).await;
         let started = std::time::Instant::now();
         let mut written = false;
-        let (resp, _) = conn
-            .exchange(
-                &head,
-                &fields_of(&head),
-                Some(body()),
-                false,
-                wait,
-                &mut written,
-            )
-            .await
-            .map(joined)
-            .unwrap();
+        let (resp, _) = upload(conn).await.map(joined).unwrap();
         assert_eq!(resp.status(), 200);
         assert!(started.elapsed() > wait * 3, "{:?}", started.elapsed());
         // Taking none of it.
         let conn = connect(origin(None, true).await).await;
         let started = std::time::Instant::now();
-        let e = conn
-            .exchange(
-                &head,
-                &fields_of(&head),
-                Some(body()),
-                false,
-                wait,
-                &mut written,
-            )
-            .await
-            .unwrap_err();
+        let e = upload(conn).await.unwrap_err();
         assert!(matches!(e, Error::Timeout { writing: true, .. }), "{e:?}");
         assert!(started.elapsed() < wait * 4, "{:?}", started.elapsed());
         // All of it, and no answer.
         let conn = connect(origin(Some(1), false).await).await;
-        let e = conn
-            .exchange(
-                &head,
-                &fields_of(&head),
-                Some(body()),
-                false,
-                wait,
-                &mut written,
-            )
-            .await
-            .unwrap_err();
+        let e = upload(conn).await.unwrap_err();
         assert!(matches!(e, Error::Timeout { writing: false, .. }), "{e:?}");
         // A client that stops sending its body (the origin reads on).
         let conn = connect(origin(Some(1), false).await).await;
