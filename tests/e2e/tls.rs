@@ -263,7 +263,17 @@ async fn a_stalled_handshake_is_cut_off_and_garbage_closes_only_its_connection()
         return;
     }
     let origin = Origin::start().await;
-    let p = tls_proxy(&["--header-read-timeout", "1s"]).await;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("access.log");
+    let p = tls_proxy(&[
+        "--header-read-timeout",
+        "1s",
+        "--access-log",
+        log.to_str().unwrap(),
+        "--access-log-format",
+        "json",
+    ])
+    .await;
     // Says nothing: cut off after the head's deadline.
     let mut stalled = TcpStream::connect(p.tls).await.unwrap();
     let mut buf = [0u8; 64];
@@ -308,6 +318,20 @@ async fn a_stalled_handshake_is_cut_off_and_garbage_closes_only_its_connection()
         .find_map(|l| l.strip_prefix("content-length: "))
         .and_then(|n| n.trim().parse::<usize>().ok());
     assert_eq!(length, Some(body.len()), "{answer}");
+    // Counted and logged, as hyper's own 400s are.
+    eventually("the plain request's access line", || {
+        let log = log.clone();
+        async move {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| {
+                    let l: serde_json::Value = serde_json::from_str(l).unwrap();
+                    l["status"] == 400 && l["error"] == "http_request_error"
+                })
+        }
+    })
+    .await;
     let proxy = format!("https://{}", p.tls);
     let (code, out) = curl(&[
         "--proxy",

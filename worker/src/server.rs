@@ -510,6 +510,14 @@ impl Serving {
                         }
                         Ok(Err(plain)) => {
                             plain_http_on_tls(client);
+                            // Counted, and its access line (method and
+                            // target `-`, as hyper's own 400s).
+                            fast.proxy.unserved(
+                                client,
+                                None,
+                                (400, Some("http_request_error")),
+                                std::time::Instant::now(),
+                            );
                             if let Ok(tcp) = plain.into_inner().into_tokio() {
                                 refuse_soon(tcp, Some(PLAIN_HTTP_ON_TLS));
                             }
