@@ -929,15 +929,6 @@ async fn answer(
             })));
         }
     }
-    // A session's or a site's lease is timed as a plain one is (inside).
-    let timed = matches!(
-        env.body,
-        Request::LeaseSession { .. }
-            | Request::LeaseSessionSite { .. }
-            | Request::LeaseSite { .. }
-            | Request::LeaseSiteWait { .. }
-    )
-    .then(std::time::Instant::now);
     let body = match env.body {
         Request::Lease { families } => alloc.lease(id, families),
         Request::Status => Response::Status(alloc.status()),
@@ -1113,9 +1104,6 @@ async fn answer(
             }
         }
     };
-    if let Some(started) = timed {
-        alloc.lease_answered(started);
-    }
     // Whether the client could not read it: past a frame, or past what
     // decoding may claim (strings count twice there, as read and as made,
     // so a status heavy in quarantine reasons failed at the client with

@@ -1201,6 +1201,15 @@ impl Allocator {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The lock, for a lease asked over the socket at `started`: see
+    /// [`Timed`].
+    fn lock_timed(&self, started: Instant) -> Timed<'_> {
+        Timed {
+            inner: self.lock(),
+            started: Some(started),
+        }
+    }
+
     pub fn sources(&self) -> Vec<Source> {
         self.lock()
             .sources
@@ -1495,27 +1504,11 @@ impl Allocator {
         Some(e)
     }
 
-    /// Counts the time a lease asked over the socket (a session's, a
-    /// site's) took to answer, from `started`.
-    pub fn lease_answered(&self, started: Instant) {
-        let mut inner = self.lock();
-        inner
-            .metrics
-            .allocator_lease_seconds
-            .observe(started.elapsed().as_secs_f64());
-    }
-
     /// One lease for `peer`, asked over the socket.
     pub fn lease(&self, peer: u64, families: Families) -> Response {
-        let started = Instant::now();
-        let mut inner = self.lock();
+        let mut inner = self.lock_timed(Instant::now());
         let answer = inner.lease_checked(families);
-        let r = inner.answer(peer, answer);
-        inner
-            .metrics
-            .allocator_lease_seconds
-            .observe(started.elapsed().as_secs_f64());
-        r
+        inner.answer(peer, answer)
     }
 
     /// Adds what worker `peer` reported to the host's metrics; its answers
@@ -1688,6 +1681,7 @@ impl Allocator {
         strict: bool,
         site: Option<&str>,
     ) -> Response {
+        let started = Instant::now();
         // What is no site's name holds no state (as `lease_site`).
         let site = site.filter(|s| valid_site(s));
         if !crate::sessions::valid_key(key) {
@@ -1695,7 +1689,7 @@ impl Allocator {
                 message: format!("a session key is 1 to {} bytes", crate::sessions::MAX_KEY),
             };
         }
-        let mut inner = self.lock();
+        let mut inner = self.lock_timed(started);
         let now = Instant::now();
         // (A change for the checkpoint: a restart must not bring it back
         // loose.)
@@ -1850,7 +1844,8 @@ impl Allocator {
     /// the allocator holds state for the site; else from the shared one.
     pub fn lease_site(&self, peer: u64, families: Families, site: &str) -> Response {
         let now = Instant::now();
-        self.lock().lease_site_behind(peer, families, site, now)
+        self.lock_timed(now)
+            .lease_site_behind(peer, families, site, now)
     }
 
     /// As `lease_site`, but a refusal that ends within `wait` is not
@@ -1864,8 +1859,8 @@ impl Allocator {
         wait: Duration,
         reply: crate::waiters::Reply,
     ) -> Option<Response> {
-        let mut inner = self.lock();
         let now = Instant::now();
+        let mut inner = self.lock_timed(now);
         let deadline = now + wait.min(crate::waiters::MAX_WAIT);
         let answer = inner.lease_site_behind(reply.peer, families, site, now);
         let Some(refused) = refusal(&answer, now) else {
@@ -1877,6 +1872,8 @@ impl Allocator {
         }
         match inner.waiters.hold(site, families, deadline, refused, reply) {
             Ok(wake) => {
+                // Answered later, not now.
+                inner.started = None;
                 drop(inner);
                 if wake {
                     self.waiting.notify_one();
@@ -2406,6 +2403,40 @@ impl Allocator {
     }
 }
 
+/// The allocator's lock held for a lease asked over the socket (plain,
+/// a session's, a site's): its time from the ask to the lock's release is
+/// observed in `rotor_allocator_lease_seconds` under the same lock, as
+/// the lock goes (unless `started` was taken: a request held to be
+/// answered later).
+struct Timed<'a> {
+    inner: std::sync::MutexGuard<'a, Inner>,
+    started: Option<Instant>,
+}
+
+impl std::ops::Deref for Timed<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Timed<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.inner
+    }
+}
+
+impl Drop for Timed<'_> {
+    fn drop(&mut self) {
+        if let Some(started) = self.started {
+            self.inner
+                .metrics
+                .allocator_lease_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// The largest copy of the pool sent decodes within the frame limit,
@@ -2621,6 +2652,25 @@ mod tests {
             assert_eq!(session(site).to_string(), held);
         }
         assert_eq!(leases_of(&held) - before, 4);
+    }
+
+    /// Every lease answered over the socket is timed, under the lock it
+    /// was answered under: plain, a session's, a site's.
+    #[test]
+    fn socket_leases_are_timed() {
+        let a = budgeted(&["10.0.0.1", "10.0.0.2"], "example.com=100/1m");
+        let timed = || -> u64 { a.lock().metrics.allocator_lease_seconds.counts.iter().sum() };
+        a.lease(1, Families::V4);
+        a.lease_session(
+            1,
+            Families::V4,
+            "u\0a",
+            Duration::from_secs(60),
+            false,
+            None,
+        );
+        a.lease_site(1, Families::V4, "example.com");
+        assert_eq!(timed(), 3);
     }
 
     /// A session whose address the site pushed back on is refused while
