@@ -804,14 +804,10 @@ fn is_report(frame: &ServerFrame) -> bool {
     )
 }
 
-/// `text` cut to `REPORT_TEXT_MAX` bytes, at a character's boundary.
+/// `text` as shown (`crate::shown`): escaped, cut to `REPORT_TEXT_MAX`
+/// bytes at a character's boundary.
 fn cut(text: String) -> String {
-    cut_to(text, REPORT_TEXT_MAX)
-}
-
-/// `text` as shown (`crate::shown`): escaped, cut to `max` bytes.
-fn cut_to(text: String, max: usize) -> String {
-    crate::shown(text, max)
+    crate::shown(text, REPORT_TEXT_MAX)
 }
 
 /// The most failed parts a worker's reload names (it has three), and
@@ -1046,7 +1042,12 @@ async fn answer(
             let failed = failed
                 .into_iter()
                 .take(WORKER_FAILED_LISTED)
-                .map(|(what, why)| (cut_to(what, WORKER_TEXT_MAX), cut_to(why, WORKER_TEXT_MAX)))
+                .map(|(what, why)| {
+                    (
+                        crate::shown(what, WORKER_TEXT_MAX),
+                        crate::shown(why, WORKER_TEXT_MAX),
+                    )
+                })
                 .collect();
             alloc.worker_reloaded(id, asked, failed);
             Response::Noted { quarantined: false }
