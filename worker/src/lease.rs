@@ -1374,42 +1374,42 @@ impl Held {
     }
 
     /// Sends what is held and still due to `conn` (what it does not take
-    /// stays held).
+    /// stays held, as it was).
     fn send(&self, conn: &Conn) {
         let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((at, mut env)) = held.pop_front() {
-            let waited = at.elapsed();
-            let due = match &mut env.body {
-                Request::Pushback {
-                    retry_after_secs: Some(secs),
-                    ..
-                } => {
-                    let left = u64::from(*secs).saturating_sub(waited.as_secs());
-                    *secs = left as u32;
-                    left > 0
-                }
-                _ => waited < HELD_BARE,
+        while let Some((at, env)) = held.pop_front() {
+            let Some(due) = due(&env, at.elapsed()) else {
+                continue;
             };
-            if !due || conn.minor < env.body.min_minor() {
+            if conn.minor < due.body.min_minor() {
                 continue;
             }
-            // Not taken (the connection gone, or not read): held still,
-            // a wait already shortened counted from now (not shortened
-            // again by the time held before).
-            if conn.requests.send(env.clone()).is_err() {
-                let since = match env.body {
-                    Request::Pushback {
-                        retry_after_secs: Some(_),
-                        ..
-                    } => Instant::now(),
-                    _ => at,
-                };
-                held.push_front((since, env));
+            // Not taken (the connection gone, or not read): held still.
+            if conn.requests.send(due).is_err() {
+                held.push_front((at, env));
                 break;
             }
         }
         self.any.store(!held.is_empty(), Ordering::Relaxed);
     }
+}
+
+/// A held push-back as it goes after `waited`: its wait less that; `None`
+/// once its wait is over (or, without one, once held [`HELD_BARE`]).
+fn due(env: &Envelope<Request>, waited: Duration) -> Option<Envelope<Request>> {
+    let mut due = env.clone();
+    let going = match &mut due.body {
+        Request::Pushback {
+            retry_after_secs: Some(secs),
+            ..
+        } => {
+            let left = u64::from(*secs).saturating_sub(waited.as_secs());
+            *secs = left as u32;
+            left > 0
+        }
+        _ => waited < HELD_BARE,
+    };
+    going.then_some(due)
 }
 
 /// How long a connection to the allocator must last for the reconnect
