@@ -186,8 +186,19 @@ struct Failing {
     next: Instant,
 }
 
-/// The network a client is counted by for failures: its /24, an IPv6
-/// one's /48 (as `client_slot` bounds its checks in flight).
+impl Failing {
+    /// Refused (with the wait left) while its next check waits.
+    fn spaced(&self, now: Instant) -> Result<(), AuthError> {
+        match self.next > now {
+            true => {
+                let left = self.next.saturating_duration_since(now);
+                Err(AuthError::Spaced(left.as_secs().max(1)))
+            }
+            false => Ok(()),
+        }
+    }
+}
+
 /// The wait after a network's `failures`th failure: none for the first
 /// [`FREE_FAILURES`], then 100 ms doubling to [`MOST_SPACING`].
 fn spacing_after(failures: u32) -> Option<Duration> {
@@ -199,6 +210,8 @@ fn spacing_after(failures: u32) -> Option<Duration> {
     )
 }
 
+/// The network a client is counted by for failures: its /24, an IPv6
+/// one's /48 (as `client_slot` bounds its checks in flight).
 fn network_of(client: IpAddr) -> IpAddr {
     let client = rotor_protocol::addr::client_key(client);
     let bits = match client {
@@ -606,13 +619,9 @@ impl Auth {
     /// `Spaced` while `network`'s next check is not due.
     fn spacing(&self, network: IpAddr) -> Result<(), AuthError> {
         let failing = self.failing.lock().unwrap_or_else(|e| e.into_inner());
-        match failing.get(&network) {
-            Some(f) if f.next > Instant::now() => {
-                let left = f.next.saturating_duration_since(Instant::now());
-                Err(AuthError::Spaced(left.as_secs().max(1)))
-            }
-            _ => Ok(()),
-        }
+        failing
+            .get(&network)
+            .map_or(Ok(()), |f| f.spaced(Instant::now()))
     }
 
     /// A check from `network` about to run: refused while the network's
@@ -625,10 +634,7 @@ impl Auth {
         let Some(f) = failing.get_mut(&network) else {
             return Ok(());
         };
-        if f.next > now {
-            let left = f.next.saturating_duration_since(now);
-            return Err(AuthError::Spaced(left.as_secs().max(1)));
-        }
+        f.spaced(now)?;
         if now.duration_since(f.last) < FAILURES_FORGOTTEN {
             if let Some(wait) = spacing_after(f.count) {
                 f.next = now + wait;
