@@ -320,7 +320,6 @@ impl AccessLog {
     pub fn open(target: Target, format: Format) -> std::io::Result<Arc<AccessLog>> {
         let mut out = Output::open(&target)?;
         let pending: Arc<std::sync::Mutex<Pending>> = Arc::default();
-        let opened = target.clone();
         let dropped: Arc<AtomicU64> = Arc::default();
         let (p, d) = (pending.clone(), dropped.clone());
         let writer = std::thread::Builder::new()
@@ -349,7 +348,7 @@ impl AccessLog {
             })?;
         Ok(Arc::new(AccessLog {
             pending,
-            target: opened,
+            target,
             format,
             dropped,
             writer: std::sync::Mutex::new(Some(writer)),
