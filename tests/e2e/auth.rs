@@ -326,7 +326,8 @@ fn rotor_user_at_a_terminal_asks_twice() {
         t.c_lflag & libc::ECHO != 0
     };
     assert!(echo(&slave));
-    let mut child = std::process::Command::new(ROTOR)
+    let mut carol = std::process::Command::new(ROTOR);
+    carol
         .args([
             "user",
             "add",
@@ -335,9 +336,18 @@ fn rotor_user_at_a_terminal_asks_twice() {
             users.to_str().unwrap(),
         ])
         .stdin(slave.try_clone().unwrap())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(std::process::Stdio::null());
+    // SIGINT as at a terminal's shell: a test run started in the
+    // background (a CI runner's `cmd &`) hands its children SIGINT
+    // ignored, which rotor rightly keeps ignored, and the wait below hung.
+    // SAFETY: signal(2) is async-signal-safe, as pre_exec requires.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut carol, || {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut child = carol.spawn().unwrap();
     let t0 = std::time::Instant::now();
     while echo(&slave) {
         assert!(
