@@ -126,15 +126,27 @@ async fn connect_from(source: &str, to: std::net::SocketAddr) -> TcpStream {
 }
 
 /// An origin, and a worker with an HTTP and a SOCKS5 listener (the last
-/// returned) that lets an address hold two connections.
-async fn two_places_an_address() -> (Origin, Allocator, Worker, std::net::SocketAddr) {
+/// returned) that lets an address hold two connections, its access log
+/// (JSON) at `log`.
+async fn two_places_an_address(
+    log: &std::path::Path,
+) -> (Origin, Allocator, Worker, std::net::SocketAddr) {
     let origin = Origin::start().await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let socks: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let s = socks.to_string();
     let worker = Worker::start(
         &alloc.socket,
-        &["--max-client-connections", "2", "--socks-listen", &s],
+        &[
+            "--max-client-connections",
+            "2",
+            "--socks-listen",
+            &s,
+            "--access-log",
+            log.to_str().unwrap(),
+            "--access-log-format",
+            "json",
+        ],
     )
     .await;
     (origin, alloc, worker, socks)
@@ -142,11 +154,13 @@ async fn two_places_an_address() -> (Origin, Allocator, Worker, std::net::Socket
 
 /// `--max-client-connections`: one address holding its share of places
 /// (idle, before any request) is refused at once past it, on the HTTP and
-/// the SOCKS5 listener; other addresses are served, and a place comes back
-/// when a connection closes.
+/// the SOCKS5 listener, each refusal with its access line; other
+/// addresses are served, and a place comes back when a connection closes.
 #[tokio::test]
 async fn one_client_address_cannot_take_every_place() {
-    let (origin, _alloc, worker, socks) = two_places_an_address().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let (origin, _alloc, worker, socks) = two_places_an_address(&log).await;
     let mut held = Vec::new();
     for _ in 0..2 {
         held.push(connect_from("127.0.0.77", worker.addr).await);
@@ -165,6 +179,27 @@ async fn one_client_address_cannot_take_every_place() {
     let mut reply = [0u8; 2];
     greeting.read_exact(&mut reply).await.unwrap();
     assert_eq!(reply, [5, 0xff], "SOCKS5: no acceptable method");
+    // Both refusals have their access line: 503, the limit named, the
+    // method `-` (nothing read) or `SOCKS5`.
+    for method in ["-", "SOCKS5"] {
+        eventually("the refusal's access line", || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            async move {
+                text.lines()
+                    .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                    .any(|l| {
+                        l["status"] == 503
+                            && l["error"] == "connection_limit_reached"
+                            && l["method"] == method
+                            && l["target"] == "-"
+                            && l["client"]
+                                .as_str()
+                                .is_some_and(|c| c.starts_with("127.0.0.77"))
+                    })
+            }
+        })
+        .await;
+    }
     // Another address is served meanwhile.
     let mut other = connect_from("127.0.0.78", worker.addr).await;
     let req = format!(
@@ -196,7 +231,9 @@ Host: x
 /// until every place under `--max-connections` was its.
 #[tokio::test]
 async fn tunnels_keep_their_address_place() {
-    let (origin, _alloc, worker, socks) = two_places_an_address().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (origin, _alloc, worker, socks) =
+        two_places_an_address(&dir.path().join("access.log")).await;
     let dest = origin.addr;
     let mut http = connect_from("127.0.0.77", worker.addr).await;
     http.write_all(format!("CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n\r\n").as_bytes())

@@ -457,15 +457,27 @@ impl Proxy {
                     let target = log_target(&p.uri, p.method == Method::CONNECT);
                     Entry::new(start, client, p.method.clone(), target)
                 }
-                None => Entry::new(
-                    start,
-                    client,
-                    Method::from_bytes(b"-").expect("a token"),
-                    "-".into(),
-                ),
+                None => Entry::new(start, client, unread_method(b"-"), "-".into()),
             };
             e.status = status;
             e.error = kind;
+            log.log(&e);
+        }
+    }
+
+    /// A connection refused at a connection limit (`kind`) before any of
+    /// it was read: counted, and logged as a 503 with target `-` and
+    /// method `-` (`SOCKS5` from a SOCKS5 listener), so a flood turned
+    /// away shows in the access log as in `rotor_errors_total`.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn refused_at_limit(&self, client: SocketAddr, socks: bool, kind: &'static str) {
+        self.meter.untimed(Some(kind));
+        if let Some(log) = &self.config.access_log {
+            let method = unread_method(if socks { b"SOCKS5" } else { b"-" });
+            let mut e = Entry::new(Instant::now(), client, method, "-".into());
+            e.status = 503;
+            e.error = Some(kind);
             log.log(&e);
         }
     }
@@ -1623,6 +1635,12 @@ fn may_resend(method: &Method, fields: &Fields, e: &h1::Error, written: bool) ->
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     ) || fields.get(&IDEMPOTENCY_KEY).is_some();
     e.before_response() && (!written || idempotent)
+}
+
+/// The method an access line names for a request not read (`-`), or a
+/// SOCKS5 client's.
+fn unread_method(name: &'static [u8]) -> Method {
+    Method::from_bytes(name).expect("a token")
 }
 
 /// Checks a request target as the proxy would (for fuzzing and tests):

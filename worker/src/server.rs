@@ -380,7 +380,7 @@ impl Serving {
                         "connection limit reached; refusing new clients with 503"
                     );
                 }
-                self.proxy.meter.untimed(Some(LIMIT_ERROR));
+                self.proxy.refused_at_limit(client, false, LIMIT_ERROR);
                 if let Ok(stream) = stream.into_tokio() {
                     // A 503 in plain text is no answer to a TLS hello (the
                     // client reports a garbled record): closed.
@@ -421,7 +421,8 @@ impl Serving {
     ) {
         let Ok(slot) = self.clients.admit(client.ip()) else {
             client_limit_reached(client, self.config.max_client_connections);
-            self.proxy.meter.untimed(Some(CLIENT_LIMIT_ERROR));
+            self.proxy
+                .refused_at_limit(client, false, CLIENT_LIMIT_ERROR);
             if let Ok(stream) = stream.into_tokio() {
                 refuse_soon(stream, (!is_tls).then_some(HTTP_CLIENT_REFUSAL));
             }
@@ -859,7 +860,7 @@ async fn socks_accept(
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             debug!(%client, "connection limit reached; SOCKS5 client refused");
-            proxy.meter.untimed(Some(LIMIT_ERROR));
+            proxy.refused_at_limit(client, true, LIMIT_ERROR);
             // "No acceptable method", the answer to the greeting it sends
             // first (read by the lingering close): a refusal, not a reset.
             refuse_soon(stream, Some(&[5, 0xff]));
@@ -871,7 +872,7 @@ async fn socks_accept(
             move |stream: TcpStream, client: std::net::SocketAddr| {
                 let Ok(slot) = clients.admit(client.ip()) else {
                     client_limit_reached(client, clients.max());
-                    proxy.meter.untimed(Some(CLIENT_LIMIT_ERROR));
+                    proxy.refused_at_limit(client, true, CLIENT_LIMIT_ERROR);
                     refuse_soon(stream, Some(&[5, 0xff]));
                     return None;
                 };
