@@ -339,7 +339,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     // each) under a flood of bad logins.
     if worker_flags.auth_checks.is_none() && file.worker.auth_checks.is_none() {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        worker_flags.auth_checks = Some(cpus.div_ceil(usize::from(workers)));
+        worker_flags.auth_checks = Some((cpus / usize::from(workers)).max(1));
     }
     worker_args.extend(worker_flags.to_args());
     // Held by every worker slot too: a descriptor number stays this

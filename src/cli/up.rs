@@ -24,8 +24,8 @@ impl Up {
     /// Worker processes: as given, or one per CPU.
     pub fn workers(&self) -> u16 {
         self.workers.unwrap_or_else(|| {
-            // (At most 256: with more, the allocator's default
-            // --max-peers would turn workers away.)
+            // (At most 256: well within the allocator's default
+            // --max-peers of 512, which needs 8 more than the workers.)
             std::thread::available_parallelism().map_or(1, |n| n.get().min(256) as u16)
         })
     }

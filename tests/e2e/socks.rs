@@ -279,6 +279,9 @@ async fn curl_through_socks5() {
 /// default 127.0.0.1:8080).
 #[tokio::test]
 async fn rotor_up_serves_socks5() {
+    if !have("rotor_up_serves_socks5", &["ss"]) {
+        return;
+    }
     let echo = Echo::start().await;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("a.sock");

@@ -1183,6 +1183,20 @@ pub fn have(test: &str, tools: &[&str]) -> bool {
     false
 }
 
+/// Whether this runs as root, for `test` (one that runs programs as
+/// another user, or in a namespace of their own): if not, says the test
+/// was skipped (fails it under CI, which runs as root), and the caller
+/// returns.
+pub fn root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    skip(&format!(
+        "{test} needs root (it runs programs as another user or in a namespace; CI runs as root)"
+    ));
+    false
+}
+
 /// A test that cannot run here, for `why`: it fails under CI (`CI` set:
 /// `.ci/run` installs what the tests use, so there nothing is skipped);
 /// elsewhere it says it was skipped, and the caller returns.
