@@ -231,14 +231,28 @@ async fn read_string<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&read_bytes(s).await?).into_owned())
 }
 
-/// A domain name: read (the I/O error), then checked (the inner error: an
-/// empty name, or one not printable ASCII).
+/// A domain name: read (the I/O error), then checked (the inner error).
 async fn read_name<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<Result<String, HandshakeError>> {
     let name = read_string(s).await?;
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
-        return Ok(Err(HandshakeError::AddressType(3)));
+    Ok(host_name(name).ok_or(HandshakeError::AddressType(3)))
+}
+
+/// A name a SOCKS5 client sent, as a host: letters, digits, `-`, `_` and
+/// dots (a name as HTTP's target carries one, so one site's budget is
+/// not dodged by another spelling: the resolvers read `exampl\e.com` as
+/// `example.com`), or an IP address (bracketed or not; the host is the
+/// address unbracketed, as the address types give it). None: empty, or
+/// anything else.
+fn host_name(name: String) -> Option<String> {
+    let bare = name
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(&name);
+    if let Ok(ip) = bare.parse::<IpAddr>() {
+        return Some(ip.to_string());
     }
-    Ok(Ok(name))
+    let hostname = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+    (!name.is_empty() && name.bytes().all(hostname)).then_some(name)
 }
 
 /// The answer to the request: `code`, and the address bound upstream.
@@ -487,7 +501,15 @@ pub async fn serve(
         Some(Err(crate::error::Failed { error: e, source })) => {
             let (status, kind) = e.classify();
             not_opened(entry, (status.as_u16(), kind), source);
-            let code = Reply::of(&e);
+            let code = match Reply::of(&e) {
+                // No address of the family the name resolved to: that
+                // host cannot be reached, not an address type (8, which
+                // clients show as `socks5h` unsupported).
+                Reply::AddressNotSupported if hs.host.parse::<IpAddr>().is_err() => {
+                    Reply::HostUnreachable
+                }
+                code => code,
+            };
             let ms = started.elapsed().as_millis() as u64;
             crate::proxy::log_failed(&e, (client, &method(), &dest), source, status.as_u16(), ms);
             let _ = reply(&mut stream, code, None).await;
@@ -636,6 +658,39 @@ mod tests {
         let (r, out) = run(&[5, 1, 2, 5, 1, b'a', 1, b'b'], true).await;
         assert!(matches!(r, Err(HandshakeError::BadAuth)), "{r:?}");
         assert_eq!(out, [5, 2, 1, 1]);
+    }
+
+    /// A name is a host name's letters, or an IP address: another
+    /// spelling the resolvers read as the same name (`\\e` for `e`) is
+    /// refused, so it cannot dodge the site's budget; a bracketed address
+    /// is the address.
+    #[tokio::test]
+    async fn names_are_host_names_or_addresses() {
+        let name = |n: &str| host_name(n.to_string());
+        assert_eq!(
+            name("www.Example-1_a.com.").as_deref(),
+            Some("www.Example-1_a.com.")
+        );
+        assert_eq!(name("10.0.0.1").as_deref(), Some("10.0.0.1"));
+        assert_eq!(name("[2001:db8::1]").as_deref(), Some("2001:db8::1"));
+        assert_eq!(name("2001:db8:0::1").as_deref(), Some("2001:db8::1"));
+        for bad in [
+            "",
+            "www.exampl\\e.com",
+            "exampl\\101.com",
+            "a b",
+            "a:b",
+            "[a]",
+            "a%2e",
+        ] {
+            assert_eq!(name(bad), None, "{bad:?}");
+        }
+        let mut req = vec![5, 1, 0, 5, 1, 0, 3, 16];
+        req.extend_from_slice(b"www.exampl\\e.com");
+        req.extend_from_slice(&[1, 187]);
+        let (r, out) = run(&req, false).await;
+        assert!(matches!(r, Err(HandshakeError::AddressType(3))), "{r:?}");
+        assert_eq!(out[..4], [5, 0, 5, Reply::GeneralFailure as u8]);
     }
 
     /// A network down is the network's failure (3), as dante answers it; a
