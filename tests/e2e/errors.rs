@@ -379,6 +379,32 @@ async fn a_broken_destination_is_502_with_its_cause() {
     assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
 }
 
+/// A response field with whitespace before its colon (old embedded
+/// servers send `Content-Type : text/plain`) reaches the client without
+/// it (RFC 9112 §5.1: a proxy must take it out), not as a 502.
+#[tokio::test]
+async fn whitespace_before_a_response_fields_colon_is_taken_out() {
+    use tokio::io::AsyncWriteExt;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let (origin, _) = recording_server(move |mut s: TcpStream| async move {
+        if read_head(&mut s).await.is_empty() {
+            return;
+        }
+        let _ = s
+            .write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type : text/plain\r\nContent-Length\t: 2\r\n\r\nok",
+            )
+            .await;
+    })
+    .await;
+    let mut s = raw_get(worker.addr, &format!("http://{origin}/")).await;
+    let head = read_head(&mut s).await.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("\r\ncontent-type: text/plain\r\n"), "{head}");
+    assert!(head.contains("\r\ncontent-length: 2\r\n"), "{head}");
+}
+
 /// A destination closing an idle connection may say so with a 408 as it
 /// closes (RFC 9110 §15.5.9): met on a reused connection, that is not the
 /// request's answer, and the request goes again on a new one.

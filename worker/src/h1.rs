@@ -867,7 +867,11 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
     // 100 empty ones first cost as much as parsing a short head).
     let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
+    // Whitespace between a field's name and its colon is not part of the
+    // name (a proxy MUST remove it from a response, RFC 9112 §5.1): the
+    // name's span leaves it out, so the field goes on without it.
     let parsed = httparse::ParserConfig::default()
+        .allow_spaces_after_header_name_in_responses(true)
         .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
         .map_err(|e| match e {
             httparse::Error::TooManyHeaders => Error::HeadTooLarge,
@@ -1828,6 +1832,22 @@ mod tests {
         assert_eq!(resp.status(), 200);
         assert!(body.is_end_stream(), "a HEAD response has no body");
         assert!(body.take_conn().is_some());
+    }
+
+    /// Whitespace before a field's colon (old embedded servers send it) is
+    /// taken out, not a 502: the field is read, and written on without it.
+    #[tokio::test]
+    async fn whitespace_before_a_colon_is_taken_out() {
+        let (conn, _o) = origin(vec![(
+            b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\nX-A\t: b\r\n\r\nok",
+            1,
+            false,
+        )])
+        .await;
+        let (resp, mut body) = send(conn, &get(Method::GET)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-a"], "b");
+        assert_eq!(all(&mut body).await.unwrap(), b"ok");
     }
 
     #[tokio::test]
