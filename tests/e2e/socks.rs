@@ -340,12 +340,8 @@ async fn rotor_up_serves_socks5() {
 /// them. `.ci/run` installs them; elsewhere the test says it was skipped.
 #[tokio::test]
 async fn python_clients_through_socks5_and_sessions() {
-    let probe = std::process::Command::new("python3")
-        .args(["-c", "import requests, socks, httpx, socksio"])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        let why = "python_clients_through_socks5_and_sessions needs requests, pysocks, httpx, socksio (.ci/run installs them)";
-        skip(why);
+    let test = "python_clients_through_socks5_and_sessions";
+    if !python_has(test, "requests, socks, httpx, socksio") {
         return;
     }
     let origin = Origin::start().await;

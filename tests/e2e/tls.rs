@@ -9,7 +9,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -230,12 +229,7 @@ s.serve_forever()
     assert_ne!(code, 0);
     assert_eq!(origin.count(), 5);
     // Python requests with an https:// proxy URL, as users run it.
-    let probe = Command::new("python3")
-        .args(["-c", "import requests"])
-        .output();
-    if !probe.is_ok_and(|o| o.status.success()) {
-        let why = "the Python part needs requests (.ci/run installs it)";
-        skip(why);
+    if !python_has("the TLS test's Python part", "requests") {
         return;
     }
     let script = format!(

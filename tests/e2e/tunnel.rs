@@ -478,3 +478,182 @@ async fn a_socks5_tunnel_cut_while_it_opens_is_still_logged() {
     cut.stopped_one("SOCKS5").await;
     drop(s);
 }
+
+/// A WebSocket origin: it answers an opening handshake whose head says
+/// `Upgrade: websocket` and `Connection: upgrade` (and no other
+/// hop-by-hop field) with a 101 and `hello` behind it, then echoes; any
+/// other head gets a 426.
+async fn websocket_origin() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<std::net::IpAddr>>>,
+) {
+    recording_server(|mut s: TcpStream| async move {
+        let head = read_head(&mut s).await.to_ascii_lowercase();
+        let asked = head.starts_with("get /chat?x=1 http/1.1\r\n")
+            && head.contains("\r\nupgrade: websocket\r\n")
+            && head.contains("\r\nconnection: upgrade\r\n")
+            && head.contains("\r\nsec-websocket-key: dghlihnhbxbszsbub25jzq==\r\n")
+            && !head.contains("proxy-authorization")
+            && !head.contains("keep-alive");
+        if !asked {
+            let _ = s
+                .write_all(b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: websocket\r\nContent-Length: 3\r\n\r\nno\n")
+                .await;
+            return;
+        }
+        let _ = s
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\nhello")
+            .await;
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = s.read(&mut buf).await {
+            if s.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+/// The opening handshake of a WebSocket to `origin`, through `proxy`;
+/// `extra` lines go with it.
+async fn open_websocket(
+    proxy: std::net::SocketAddr,
+    origin: std::net::SocketAddr,
+    extra: &str,
+) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let head = format!(
+        "GET http://{origin}/chat?x=1 HTTP/1.1\r\nHost: {origin}\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nKeep-Alive: timeout=5\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_head(&mut s).await.to_ascii_lowercase();
+    (s, answer)
+}
+
+/// A WebSocket to an `http://` target (sent as an absolute-form GET with
+/// `Upgrade: websocket`, as aiohttp and Node's proxy agents send it):
+/// the handshake goes from the next address with its `Upgrade`, the 101
+/// reaches the client with the destination's fields, and the two relay
+/// both ways, what the destination sent behind its 101 first; the access
+/// log has its line when it closes (status 101, its bytes). Each WebSocket
+/// rotates; a destination that refuses the upgrade has its answer reach
+/// the client; an `h2c` upgrade is not passed on (the request goes as a
+/// plain one).
+#[tokio::test]
+async fn websockets_to_http_targets_are_relayed_from_the_next_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3"]).await;
+    let l = log.to_str().unwrap();
+    let w = Worker::start(
+        &alloc.socket,
+        &["--access-log", l, "--access-log-format", "json"],
+    )
+    .await;
+    let (origin, peers) = websocket_origin().await;
+    for i in 0..2 {
+        let (mut s, answer) = open_websocket(w.addr, origin, "").await;
+        assert!(answer.starts_with("http/1.1 101"), "{i}: {answer}");
+        assert!(answer.contains("\r\nupgrade: websocket\r\n"), "{answer}");
+        assert!(answer.contains("\r\nconnection: upgrade\r\n"), "{answer}");
+        assert!(
+            answer.contains("\r\nsec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=\r\n"),
+            "{answer}"
+        );
+        assert_eq!(read_exactly(&mut s, 5).await, b"hello");
+        for _ in 0..3 {
+            s.write_all(b"ping").await.unwrap();
+            assert_eq!(read_exactly(&mut s, 4).await, b"ping");
+        }
+        drop(s);
+    }
+    assert_eq!(*peers.lock().unwrap(), ips(2..=3));
+    eventually("the WebSockets' access lines", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move {
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .filter(|l: &serde_json::Value| l["status"] == 101)
+                .collect();
+            lines.len() == 2
+                && lines.iter().all(|l| {
+                    l["method"] == "GET"
+                        && l["sent"] == 12
+                        && l["received"] == 17
+                        && l["source"].is_string()
+                })
+        }
+    })
+    .await;
+    // Refused by the destination (here for a missing key): its answer.
+    let mut s = TcpStream::connect(w.addr).await.unwrap();
+    let head = format!("GET http://{origin}/chat?x=1 HTTP/1.1\r\nHost: {origin}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_head(&mut s).await;
+    assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
+    assert_eq!(read_exactly(&mut s, 3).await, b"no\n");
+    // The connection serves its next request as any (rotating on).
+    let o = Origin::start().await;
+    s.write_all(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", o.url("/")).as_bytes())
+        .await
+        .unwrap();
+    assert!(read_head(&mut s).await.starts_with("HTTP/1.1 200"));
+    // An h2c upgrade is not passed on: a plain request, a plain answer.
+    let mut s = TcpStream::connect(w.addr).await.unwrap();
+    let head = format!("GET {} HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n", o.url("/"));
+    s.write_all(head.as_bytes()).await.unwrap();
+    assert!(read_head(&mut s).await.starts_with("HTTP/1.1 200"));
+}
+
+/// aiohttp's WebSocket client through rotor to an `http://` target (it
+/// sends the handshake in absolute form, no CONNECT), against aiohttp's
+/// own server: each WebSocket opens from the next address, and messages
+/// go both ways.
+#[tokio::test]
+async fn aiohttp_websockets_through_rotor() {
+    if !python_has("aiohttp_websockets_through_rotor", "aiohttp") {
+        return;
+    }
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.4"]).await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    let script = format!(
+        r#"
+import asyncio
+import aiohttp
+from aiohttp import web
+
+async def handler(request):
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    await ws.send_str("from " + request.remote)
+    async for msg in ws:
+        await ws.send_str("echo " + msg.data)
+    return ws
+
+async def main():
+    app = web.Application()
+    app.router.add_get("/ws", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    seen = []
+    async with aiohttp.ClientSession() as s:
+        for i in range(4):
+            url = f"http://127.0.0.1:{{port}}/ws"
+            async with s.ws_connect(url, proxy="http://{proxy}", timeout=10) as ws:
+                seen.append(await ws.receive_str(timeout=10))
+                await ws.send_str(f"m{{i}}")
+                assert await ws.receive_str(timeout=10) == f"echo m{{i}}"
+    await runner.cleanup()
+    want = ["from 127.0.0.%d" % n for n in (2, 3, 4, 2)]
+    assert seen == want, seen
+
+asyncio.run(main())
+"#,
+        proxy = w.addr
+    );
+    run_python(&script).await;
+}

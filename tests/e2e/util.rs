@@ -1141,6 +1141,22 @@ pub fn basic(user: &str, pass: &str) -> String {
 
 /// Runs a Python script (waited for without blocking the test's runtime)
 /// and checks that it succeeded.
+/// Whether python3 can import `modules` (comma-separated), for `test`: if
+/// not, says the test was skipped (fails it under CI, whose `.ci/run`
+/// installs them), and the caller returns.
+pub fn python_has(test: &str, modules: &str) -> bool {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", &format!("import {modules}")])
+        .output();
+    if probe.is_ok_and(|o| o.status.success()) {
+        return true;
+    }
+    skip(&format!(
+        "{test} needs the Python modules {modules} (.ci/run installs them)"
+    ));
+    false
+}
+
 pub async fn run_python(script: &str) {
     let out = tokio::process::Command::new("python3")
         .args(["-c", script])

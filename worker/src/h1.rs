@@ -250,8 +250,10 @@ impl Conn {
                 // What is read meanwhile stays in `buf` (a `100` cut by
                 // the wait's end is skipped there as the answer is read).
                 if expect_continue {
-                    let waited =
-                        within(CONTINUE_WAIT.min(wait), read_reply(&mut io, &mut buf, true));
+                    let waited = within(
+                        CONTINUE_WAIT.min(wait),
+                        read_reply(&mut io, &mut buf, Ends::Continue),
+                    );
                     match waited.await {
                         // The `100`, or none within the wait: the body goes.
                         Some(Ok(None)) | None => {}
@@ -354,20 +356,19 @@ impl Conn {
                 }
             }
         };
-        let Framed {
-            framing,
-            close,
-            length_field,
-        } = framing(&head.method, status, version, headers.iter())?;
-        if framing == Framing::Chunked {
-            chunked_start(&buf)?;
-        }
-        let mut headers = headers;
-        length_field.apply(&mut headers);
-        // The rest of the upload, once the answer is known to be relayed.
-        // Its end sends no FIN (the destination may take the client's
-        // going as a cancel while it still answers): the connection closes
-        // with the response.
+        // A connection NTLM or Negotiate authenticated is the client's
+        // alone: not pooled for others (as HAProxy's private connections).
+        // Nor is one that carried a request body: a destination that
+        // answers without reading the body (the CL.0 desync) takes it for
+        // the start of the next request on the connection, which another
+        // client may send — one client's bytes heading another's request.
+        let carried_body = !matches!(sending, Sending::None | Sending::Length(0));
+        let reuse = !early && !private && !carried_body;
+        // The rest of the upload, once the answer is known to be relayed
+        // (aborted with the answer, should its framing be refused). Its
+        // end sends no FIN (the destination may take the client's going
+        // as a cancel while it still answers): the connection closes with
+        // the response.
         let upload = upload.map(|send| {
             let task = tokio::spawn(async move {
                 if let Ok(wr) = send.await {
@@ -376,36 +377,114 @@ impl Conn {
             });
             AbortOnDrop(task.abort_handle())
         });
-        // A connection NTLM or Negotiate authenticated is the client's
-        // alone: not pooled for others (as HAProxy's private connections).
-        // Nor is one that carried a request body: a destination that
-        // answers without reading the body (the CL.0 desync) takes it for
-        // the start of the next request on the connection, which another
-        // client may send — one client's bytes heading another's request.
-        let carried_body = !matches!(sending, Sending::None | Sending::Length(0));
-        let reusable = !early
-            && !private
-            && !carried_body
-            && framing != Framing::Close
-            && version == Version::HTTP_11
-            && !close
-            && !refused_head(status);
-        let head = ResponseHead {
-            status,
-            version,
-            reason,
-            fields: headers,
-        };
-        let body = ResponseBody {
-            io: Some(io),
-            buf,
-            decoder: framing.into(),
-            reusable,
-            sent,
-            _upload: upload,
-        };
-        Ok((head, body))
+        let parsed = (status, headers, version, reason);
+        answered(&head.method, parsed, (io, buf), reuse, (sent, upload))
     }
+
+    /// Sends a WebSocket opening handshake (`head` and `fields`, final:
+    /// `Upgrade` and `Connection: upgrade` among them; no body) and reads
+    /// the answer's head within `wait`. A `101` hands over the connection,
+    /// with what the destination sent past its head; any other answer is
+    /// a response as [`Conn::exchange`]'s (its connection not reused).
+    pub async fn upgrade(
+        self,
+        head: &request::Parts,
+        fields: &Fields,
+        wait: std::time::Duration,
+    ) -> Result<Upgrade, Error> {
+        let Conn { mut io, mut buf } = self;
+        buf.clear();
+        encode_head(&mut buf, head, fields, Sending::None, false);
+        let mut written = false;
+        let read = within(wait, async {
+            io.write_all(&buf).await.map_err(Error::Io)?;
+            written = true;
+            buf.clear();
+            read_reply(&mut io, &mut buf, Ends::Switching).await
+        })
+        .await;
+        let parsed = match read {
+            Some(r) => r?.expect("a 100 ends only an Expect's wait"),
+            None => {
+                return Err(Error::Timeout {
+                    writing: !written,
+                    after: wait,
+                })
+            }
+        };
+        let (status, fields, version, reason) = parsed;
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            let head = ResponseHead {
+                status,
+                version,
+                reason,
+                fields,
+            };
+            return Ok(Upgrade::Switched(head, io, buf.freeze()));
+        }
+        let parsed = (status, fields, version, reason);
+        let (head, body) = answered(
+            &head.method,
+            parsed,
+            (Io::Whole(io), buf),
+            false,
+            (None, None),
+        )?;
+        Ok(Upgrade::Refused(head, body))
+    }
+}
+
+/// What a WebSocket opening handshake got ([`Conn::upgrade`]).
+pub enum Upgrade {
+    /// `101 (Switching Protocols)`: its head, the connection, and what the
+    /// destination sent past the head (the new protocol's first bytes).
+    Switched(ResponseHead, TcpStream, Bytes),
+    /// Any other answer, and its body.
+    Refused(ResponseHead, ResponseBody),
+}
+
+/// A response whose head came (`parsed`, to `method`), with its body to
+/// read from `io` after what `buf` holds. `reuse`: whether the exchange
+/// left the connection fit for another (the answer's framing and fields
+/// decide the rest). `sent` counts an upload, whose `upload` (the rest of
+/// it, should the answer have come first) goes on in the background.
+fn answered(
+    method: &Method,
+    (status, headers, version, reason): Parsed,
+    (io, buf): (Io, BytesMut),
+    reuse: bool,
+    (sent, upload): (Option<Arc<Progress>>, Option<AbortOnDrop>),
+) -> Result<(ResponseHead, ResponseBody), Error> {
+    let Framed {
+        framing,
+        close,
+        length_field,
+    } = framing(method, status, version, headers.iter())?;
+    if framing == Framing::Chunked {
+        chunked_start(&buf)?;
+    }
+    let mut headers = headers;
+    length_field.apply(&mut headers);
+    let reusable = reuse
+        && framing != Framing::Close
+        && version == Version::HTTP_11
+        && !close
+        && !refused_head(status);
+    let head = ResponseHead {
+        status,
+        version,
+        reason,
+        fields: headers,
+    };
+    let body = ResponseBody {
+        io: Some(io),
+        buf,
+        decoder: framing.into(),
+        reusable,
+        sent,
+        _upload: upload,
+    };
+    Ok((head, body))
 }
 
 /// How long a request waits for its answer (or its name, its connection,
@@ -804,18 +883,28 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
 ) -> Result<Parsed, Error> {
-    match read_reply(rd, buf, false).await? {
+    match read_reply(rd, buf, Ends::Final).await? {
         Some(head) => Ok(head),
         None => unreachable!("a 100 ends the read only when asked"),
     }
 }
 
-/// As [`read_head`]; when `continue_ends`, a `100 (Continue)` ends the
-/// read too, as `None`.
+/// Which answers end [`read_reply`] but a final one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ends {
+    Final,
+    /// A `100 (Continue)` too, as `None`.
+    Continue,
+    /// A `101 (Switching Protocols)` too (the request asked for an
+    /// upgrade; to any other, a 101 is an error).
+    Switching,
+}
+
+/// As [`read_head`], ending at what `ends` says too.
 async fn read_reply<R: tokio::io::AsyncRead + Unpin>(
     rd: &mut R,
     buf: &mut BytesMut,
-    continue_ends: bool,
+    ends: Ends,
 ) -> Result<Option<Parsed>, Error> {
     let mut any = false;
     // What of `buf` is known to hold no whole head: a head trickled in a
@@ -829,12 +918,22 @@ async fn read_reply<R: tokio::io::AsyncRead + Unpin>(
             if crate::fast::head_may_end(buf, scanned, MAX_HEAD) {
                 if let Some(parsed) = parse_head(buf)? {
                     match parsed {
-                        Head::Interim(StatusCode::CONTINUE) if continue_ends => return Ok(None),
+                        Head::Interim(StatusCode::CONTINUE) if ends == Ends::Continue => {
+                            return Ok(None)
+                        }
                         Head::Interim(_) => {
                             scanned = 0;
                             continue;
                         }
                         Head::Final(h) => return Ok(Some(h)),
+                        Head::Switching(h) if ends == Ends::Switching => return Ok(Some(h)),
+                        // The request asked for no upgrade (Upgrade does
+                        // not cross but for a WebSocket's handshake).
+                        Head::Switching(_) => {
+                            return Err(Error::Malformed(
+                                "101 Switching Protocols to a request without Upgrade",
+                            ))
+                        }
                     }
                 }
             }
@@ -857,6 +956,8 @@ enum Head {
     /// A 1xx response, consumed: its status.
     Interim(StatusCode),
     Final(Parsed),
+    /// A `101 (Switching Protocols)`: the rest is another protocol's.
+    Switching(Parsed),
 }
 
 /// The response head at the start of `buf`, if all of it is there.
@@ -889,13 +990,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
         Some(1) => Version::HTTP_11,
         _ => Version::HTTP_10,
     };
-    if status.is_informational() {
-        if status == StatusCode::SWITCHING_PROTOCOLS {
-            // The request asked for no upgrade (Upgrade does not cross).
-            return Err(Error::Malformed(
-                "101 Switching Protocols to a request without Upgrade",
-            ));
-        }
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
+    if status.is_informational() && !switching {
         buf.advance(len);
         return Ok(Some(Head::Interim(status)));
     }
@@ -906,7 +1002,11 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Head>, Error> {
     let spans = Spans::of(buf, resp.headers);
     let head = buf.split_to(len).freeze();
     let headers = Wire::new(head, spans).ok_or(Error::Malformed("invalid header name"))?;
-    Ok(Some(Head::Final((status, headers, version, reason))))
+    let parsed = (status, headers, version, reason);
+    Ok(Some(match switching {
+        true => Head::Switching(parsed),
+        false => Head::Final(parsed),
+    }))
 }
 
 /// How the response's body is delimited (RFC 9112 §6.3), and whether the
@@ -1309,7 +1409,8 @@ pub fn read_response_for_fuzzing(data: &[u8], head_request: bool) {
                 break (status, headers, version)
             }
             Ok(Some(Head::Interim(_))) => continue,
-            Ok(None) | Err(_) => return,
+            // (Another protocol follows: no body to read.)
+            Ok(Some(Head::Switching(_))) | Ok(None) | Err(_) => return,
         }
     };
     let method = if head_request {

@@ -359,6 +359,14 @@ impl Proxy {
                     .await
                 }
             },
+            // A WebSocket's opening handshake (hyper's server takes it; the
+            // fast path's requests are never one): relayed as a tunnel.
+            Ok(caller) if matches!(fields, Fields::Map(_)) && asks_websocket(&parts, &fields) => {
+                let sticky = (caller.sticky.as_ref(), caller.standing.clone());
+                let entry = abandoned.entry.as_deref().cloned();
+                self.websocket(parts, fields, (client, start), sticky, entry)
+                    .await
+            }
             Ok(caller) => {
                 self.forward(parts, fields, body, caller.sticky.as_ref())
                     .await
@@ -370,10 +378,11 @@ impl Proxy {
         let ms = took.as_millis() as u64;
         match result {
             Ok((mut resp, lease)) => {
-                match method == Method::CONNECT {
+                match method == Method::CONNECT || resp.status == StatusCode::SWITCHING_PROTOCOLS {
                     true => {
                         // Counted, and logged when it closes, by the
-                        // tunnel's task once the client has taken the 200.
+                        // tunnel's task once the client has taken the 200
+                        // (a WebSocket's 101).
                         entry = None;
                     }
                     false => {
@@ -1222,19 +1231,162 @@ impl Proxy {
                 .from_source(lease.ip))
             }
         };
+        let answer = self.answer(resp, body, key, (&lease, watch));
+        Ok((answer, lease))
+    }
+
+    /// The client's answer: the destination's response (from `key`'s
+    /// source, `lease`), its hop-by-hop fields taken out, its push-back
+    /// told the allocator; the connection pooled again after the body
+    /// if it may be.
+    #[inline]
+    fn answer(
+        &self,
+        resp: h1::ResponseHead,
+        body: h1::ResponseBody,
+        key: Key,
+        (lease, watch): (&Lease, bool),
+    ) -> Answer {
         let mut resp_fields = Fields::Wire(resp.fields);
-        self.observe(host, &lease, watch, resp.status, &resp_fields);
+        self.observe(&key.host, lease, watch, resp.status, &resp_fields);
         resp_fields.strip_hop_by_hop(Message::Response);
         let body = PooledBody::new(body, self.upstream.clone(), key, &self.meter);
-        self.expose_source(&mut resp_fields, &lease);
+        self.expose_source(&mut resp_fields, lease);
         // RFC 9110 §6.2: rotor's own version, whatever the destination's
         // (hyper answers an HTTP/1.0 client in 1.0).
-        let answer = Answer {
+        Answer {
             status: resp.status,
             version: Version::HTTP_11,
             reason: resp.reason,
             fields: resp_fields,
             body: Either::Left(body),
+        }
+    }
+
+    /// A WebSocket's opening handshake (RFC 6455 §4) to an `http://`
+    /// target: sent from the next address on a connection of its own with
+    /// its `Upgrade` (the one hop-by-hop field passed on), and on the
+    /// destination's `101` the two connections are relayed as a CONNECT
+    /// tunnel is (the drain, `--tunnel-idle-timeout`, a revoked user's
+    /// cut), logged when it closes with status 101 and its bytes. Any
+    /// other answer (a 400, a 426) reaches the client as a response.
+    async fn websocket(
+        &self,
+        mut parts: request::Parts,
+        mut fields: Fields,
+        (client, start): (SocketAddr, Instant),
+        (sticky, standing): (Option<&Sticky>, Option<Standing>),
+        entry: Option<Entry>,
+    ) -> Result<(Answer, Lease), Failed> {
+        let target = absolute_target(&parts.uri)?;
+        let authority = target.host_value;
+        let host_as_sent = only_host(&fields)? == Some(authority.as_bytes());
+        // As a CONNECT's: refused on a kept-alive connection once the
+        // drain began (its relay would be cut at the drain's end).
+        if parts.extensions.get::<KeptAlive>().is_some() && self.tunnels.is_closed() {
+            return Err(ProxyError::Stopping.into());
+        }
+        let on_upgrade = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or_else(|| ProxyError::BadRequest("an upgrade on this connection".into()))?;
+        let host = target.host.to_ascii_lowercase();
+        let port = target.port;
+        let upgrade = fields.get(&header::UPGRADE).map(HeaderValue::from_bytes);
+        let Some(Ok(upgrade)) = upgrade else {
+            return Err(
+                ProxyError::BadRequest("the Upgrade field is not a valid value".into()).into(),
+            );
+        };
+        fields.strip_hop_by_hop(Message::Request);
+        if !host_as_sent {
+            let value = HeaderValue::from_str(authority).map_err(|_| {
+                ProxyError::BadRequest("the target host is not a valid header value".into())
+            })?;
+            fields.insert(header::HOST, value);
+        }
+        fields.insert(header::UPGRADE, upgrade.clone());
+        fields.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        let origin = origin_form(&parts.uri);
+        let absolute = std::mem::replace(&mut parts.uri, origin);
+        let named = (host.as_str(), uri_authority(&absolute));
+        still_stands(standing.as_ref())?;
+        let (addrs, granted) = self.resolve_and_lease(&host, port, sticky).await?;
+        let (conn, (lease, watch)) = self.dial(granted, &addrs, named, sticky).await?;
+        let timeout = self.config.response_timeout;
+        let dest = Dest(&host, port);
+        let switched = conn.upgrade(&parts, &fields, timeout).await.map_err(|e| {
+            match e {
+                h1::Error::Timeout { writing: false, .. } => ProxyError::ResponseTimeout {
+                    dest: dest.to_string(),
+                    timeout,
+                },
+                h1::Error::Timeout { writing: true, .. } => ProxyError::WriteTimeout {
+                    dest: dest.to_string(),
+                    timeout,
+                },
+                source => ProxyError::Upstream {
+                    dest: dest.to_string(),
+                    source,
+                },
+            }
+            .from_source(lease.ip)
+        })?;
+        let (resp, upstream, early) = match switched {
+            h1::Upgrade::Refused(resp, body) => {
+                let key = Key {
+                    source: lease.ip,
+                    host,
+                    port,
+                };
+                return Ok((self.answer(resp, body, key, (&lease, watch)), lease));
+            }
+            h1::Upgrade::Switched(resp, upstream, early) => (resp, upstream, early),
+        };
+        still_stands(standing.as_ref())?;
+        let mut resp_fields = Fields::Wire(resp.fields);
+        self.observe(&host, &lease, watch, resp.status, &resp_fields);
+        resp_fields.strip_hop_by_hop(Message::Response);
+        resp_fields.insert(header::UPGRADE, upgrade);
+        resp_fields.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        self.expose_source(&mut resp_fields, &lease);
+        let idle_limit = self.config.tunnel_idle_timeout;
+        let dest = format!("{host}:{port}");
+        let open = TunnelOpen::new(&self.meter);
+        let cut = self.tunnels_cut.clone();
+        let entry = entry.map(|mut e| {
+            e.status = StatusCode::SWITCHING_PROTOCOLS.as_u16();
+            e
+        });
+        let unopened = self.unopened(entry, (lease.ip, uri_authority(&absolute)), start);
+        self.tunnels.spawn(async move {
+            let (upgraded, log) = match on_upgrade.await {
+                Ok(u) => (u, unopened.opened()),
+                Err(e) => {
+                    debug!(%client, %dest, error = %error_chain(&e), "client left before the WebSocket opened");
+                    return;
+                }
+            };
+            let activity = Activity::new();
+            let mut counted = Counted::new(&open.0, lease.ip);
+            // What the destination sent behind its 101 goes first.
+            let mut io = hyper_util::rt::TokioIo::new(upgraded);
+            let result = match tokio::io::AsyncWriteExt::write_all(&mut io, &early).await {
+                Ok(()) => {
+                    activity.moved(false, early.len() as u64);
+                    let relay = crate::relay::tunnel(io.into_inner(), upstream, &activity, idle_limit);
+                    until_ended(relay, &activity, idle_limit, (&cut, standing), &mut counted).await
+                }
+                Err(e) => Ended::Relay(Err(e)),
+            };
+            log_tunnel_end(log, (client, &dest, &lease), result, &activity, counted);
+        });
+        let answer = Answer {
+            status: resp.status,
+            version: Version::HTTP_11,
+            reason: resp.reason,
+            fields: resp_fields,
+            body: Either::Right(Either::Right(Empty::new())),
         };
         Ok((answer, lease))
     }
@@ -1295,7 +1447,10 @@ impl Proxy {
 fn log_tunnel(log: Option<(Arc<AccessLog>, Entry)>, lease: &Lease, bytes: (u64, u64)) {
     if let Some((log, mut e)) = log {
         e.source = Some(lease.ip);
-        e.status = 200;
+        // A CONNECT's or SOCKS5's success; a WebSocket's 101 is set.
+        if e.status == 0 {
+            e.status = 200;
+        }
         (e.sent, e.received) = bytes;
         log.log(&e);
     }
@@ -1641,6 +1796,26 @@ fn may_resend(method: &Method, fields: &Fields, e: &h1::Error, written: bool) ->
 /// SOCKS5 client's.
 fn unread_method(name: &'static [u8]) -> Method {
     Method::from_bytes(name).expect("a token")
+}
+
+/// Whether a request is a WebSocket's opening handshake (RFC 6455 §4.1):
+/// a `GET` in HTTP/1.1 whose `Upgrade` names `websocket` and whose
+/// `Connection` names `upgrade`. Other upgrades (`h2c`, which curl asks
+/// for unprompted) are not passed on: the request goes as a plain one,
+/// rotating as every request does.
+fn asks_websocket(parts: &request::Parts, fields: &Fields) -> bool {
+    let names = |name: &HeaderName, token: &[u8]| match fields {
+        Fields::Map(m) => m
+            .get_all(name)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token)),
+        Fields::Wire(_) => false,
+    };
+    parts.method == Method::GET
+        && parts.version == Version::HTTP_11
+        && names(&header::UPGRADE, b"websocket")
+        && names(&header::CONNECTION, b"upgrade")
 }
 
 /// Checks a request target as the proxy would (for fuzzing and tests):
