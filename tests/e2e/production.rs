@@ -501,6 +501,16 @@ async fn idle_worker_stops_at_once_and_sigint_is_a_fast_stop() {
 /// client asks another worker, and the stop does not wait for it.
 #[tokio::test]
 async fn a_connect_during_the_drain_is_refused() {
+    refused_in_the_drain(false).await;
+}
+
+/// So is a WebSocket's handshake (it would become a tunnel too).
+#[tokio::test]
+async fn a_websocket_during_the_drain_is_refused() {
+    refused_in_the_drain(true).await;
+}
+
+async fn refused_in_the_drain(websocket: bool) {
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let mut w = Worker::start(&alloc.socket, &["--drain-timeout", "30s"]).await;
     let echo = Echo::start().await;
@@ -512,9 +522,14 @@ async fn a_connect_during_the_drain_is_refused() {
     let mut body = vec![0u8; length];
     s.read_exact(&mut body).await.unwrap();
     let t0 = Instant::now();
-    // Then the CONNECT, within the drain's 1 s grace for a kept-alive
-    // connection's next request.
-    let head = connect_in_the_drain(&w, &mut s, echo.addr).await;
+    // Then the CONNECT (or handshake), within the drain's 1 s grace for a
+    // kept-alive connection's next request.
+    let target = echo.addr;
+    let request = match websocket {
+        false => format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n"),
+        true => format!("GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"),
+    };
+    let head = sent_in_the_drain(&w, &mut s, &request).await;
     assert!(head.starts_with("HTTP/1.1 503 Proxy Stopping"), "{head}");
     let status = w.proc.wait(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0));
@@ -555,11 +570,16 @@ async fn a_first_connect_in_the_drain_is_served() {
 /// Stops `w` (SIGTERM), then, its drain begun, sends a CONNECT to `target`
 /// on `s` (a connection it accepted before): the answer's head.
 async fn connect_in_the_drain(w: &Worker, s: &mut TcpStream, target: SocketAddr) -> String {
+    let request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+    sent_in_the_drain(w, s, &request).await
+}
+
+/// Stops `w` (SIGTERM), then, its drain begun, sends `request` on `s`: the
+/// answer's head.
+async fn sent_in_the_drain(w: &Worker, s: &mut TcpStream, request: &str) -> String {
     w.proc.signal(Signal::SIGTERM);
     drain_begun(w.addr).await;
-    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
     read_head(s).await
 }
 

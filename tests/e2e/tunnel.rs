@@ -489,6 +489,13 @@ async fn websocket_origin() -> (
 ) {
     recording_server(|mut s: TcpStream| async move {
         let head = read_head(&mut s).await.to_ascii_lowercase();
+        if head.starts_with("get /h2c ") {
+            // A switch to another protocol than the one asked for.
+            let _ = s
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n")
+                .await;
+            return;
+        }
         let asked = head.starts_with("get /chat?x=1 http/1.1\r\n")
             && head.contains("\r\nupgrade: websocket\r\n")
             && head.contains("\r\nconnection: upgrade\r\n")
@@ -514,16 +521,17 @@ async fn websocket_origin() -> (
     .await
 }
 
-/// The opening handshake of a WebSocket to `origin`, through `proxy`;
-/// `extra` lines go with it.
+/// The opening handshake of a WebSocket to `target` (absolute form),
+/// through `proxy`, asking for `upgrade`: the stream and the answer's
+/// head, lower-cased.
 async fn open_websocket(
     proxy: std::net::SocketAddr,
-    origin: std::net::SocketAddr,
-    extra: &str,
+    target: &str,
+    upgrade: &str,
 ) -> (TcpStream, String) {
     let mut s = TcpStream::connect(proxy).await.unwrap();
     let head = format!(
-        "GET http://{origin}/chat?x=1 HTTP/1.1\r\nHost: {origin}\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nKeep-Alive: timeout=5\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extra}\r\n"
+        "GET {target} HTTP/1.1\r\nHost: x\r\nUpgrade: {upgrade}\r\nConnection: keep-alive, Upgrade\r\nKeep-Alive: timeout=5\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     s.write_all(head.as_bytes()).await.unwrap();
     let answer = read_head(&mut s).await.to_ascii_lowercase();
@@ -552,7 +560,10 @@ async fn websockets_to_http_targets_are_relayed_from_the_next_address() {
     .await;
     let (origin, peers) = websocket_origin().await;
     for i in 0..2 {
-        let (mut s, answer) = open_websocket(w.addr, origin, "").await;
+        // (The client's list may name more: only the WebSocket goes.)
+        let upgrade = ["websocket", "h2c, WebSocket"][i];
+        let (mut s, answer) =
+            open_websocket(w.addr, &format!("http://{origin}/chat?x=1"), upgrade).await;
         assert!(answer.starts_with("http/1.1 101"), "{i}: {answer}");
         assert!(answer.contains("\r\nupgrade: websocket\r\n"), "{answer}");
         assert!(answer.contains("\r\nconnection: upgrade\r\n"), "{answer}");
@@ -593,6 +604,17 @@ async fn websockets_to_http_targets_are_relayed_from_the_next_address() {
     let answer = read_head(&mut s).await;
     assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
     assert_eq!(read_exactly(&mut s, 3).await, b"no\n");
+    // A 101 to another protocol than the WebSocket asked for: a 502.
+    let (_, answer) = open_websocket(w.addr, &format!("http://{origin}/h2c"), "websocket").await;
+    assert!(answer.starts_with("http/1.1 502"), "{answer}");
+    // A handshake with content: refused, nothing sent.
+    let before = peers.lock().unwrap().len();
+    let mut b = TcpStream::connect(w.addr).await.unwrap();
+    let head = format!("GET http://{origin}/chat?x=1 HTTP/1.1\r\nHost: {origin}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nContent-Length: 4\r\n\r\nabcd");
+    b.write_all(head.as_bytes()).await.unwrap();
+    let answer = read_head(&mut b).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert_eq!(peers.lock().unwrap().len(), before);
     // The connection serves its next request as any (rotating on).
     let o = Origin::start().await;
     s.write_all(format!("GET {} HTTP/1.1\r\nHost: x\r\n\r\n", o.url("/")).as_bytes())

@@ -1139,8 +1139,6 @@ pub fn basic(user: &str, pass: &str) -> String {
     )
 }
 
-/// Runs a Python script (waited for without blocking the test's runtime)
-/// and checks that it succeeded.
 /// Whether python3 can import `modules` (comma-separated), for `test`: if
 /// not, says the test was skipped (fails it under CI, whose `.ci/run`
 /// installs them), and the caller returns.
@@ -1157,6 +1155,8 @@ pub fn python_has(test: &str, modules: &str) -> bool {
     false
 }
 
+/// Runs a Python script (waited for without blocking the test's runtime)
+/// and checks that it succeeded.
 pub async fn run_python(script: &str) {
     let out = tokio::process::Command::new("python3")
         .args(["-c", script])

@@ -397,7 +397,14 @@ impl Conn {
         encode_head(&mut buf, head, fields, Sending::None, false);
         let mut written = false;
         let read = within(wait, async {
-            io.write_all(&buf).await.map_err(Error::Io)?;
+            if let Err(e) = io.write_all(&buf).await {
+                // A head too large for the destination: its answer (a
+                // 431) before its reset is the client's, as `exchange`'s.
+                buf.clear();
+                return read_reply(&mut io, &mut buf, Ends::Final)
+                    .await
+                    .map_err(|_| Error::Io(e));
+            }
             written = true;
             buf.clear();
             read_reply(&mut io, &mut buf, Ends::Switching).await

@@ -1146,7 +1146,9 @@ impl Proxy {
         // writes the field again (it goes with the hop-by-hop ones).
         let expect_continue = parts.version == Version::HTTP_11
             && !body.is_end_stream()
-            && fields.get(&header::EXPECT).is_some_and(expects_continue);
+            && fields
+                .get(&header::EXPECT)
+                .is_some_and(|v| names_token(v, b"100-continue"));
         fields.strip_hop_by_hop(Message::Request);
         if !host_as_sent {
             let value = HeaderValue::from_str(authority).map_err(|_| {
@@ -1290,14 +1292,17 @@ impl Proxy {
             .extensions
             .remove::<hyper::upgrade::OnUpgrade>()
             .ok_or_else(|| ProxyError::BadRequest("an upgrade on this connection".into()))?;
+        // A handshake has no content (RFC 6455 §4.1): what followed the
+        // head would be read as the WebSocket's first bytes.
+        if connect_with_content(&fields) {
+            return Err(ProxyError::BadRequest(
+                "a WebSocket handshake has no content: no Content-Length or Transfer-Encoding"
+                    .into(),
+            )
+            .into());
+        }
         let host = target.host.to_ascii_lowercase();
         let port = target.port;
-        let upgrade = fields.get(&header::UPGRADE).map(HeaderValue::from_bytes);
-        let Some(Ok(upgrade)) = upgrade else {
-            return Err(
-                ProxyError::BadRequest("the Upgrade field is not a valid value".into()).into(),
-            );
-        };
         fields.strip_hop_by_hop(Message::Request);
         if !host_as_sent {
             let value = HeaderValue::from_str(authority).map_err(|_| {
@@ -1305,7 +1310,9 @@ impl Proxy {
             })?;
             fields.insert(header::HOST, value);
         }
-        fields.insert(header::UPGRADE, upgrade.clone());
+        // The WebSocket alone of what the client named (an `h2c` beside it
+        // is not passed on).
+        fields.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         fields.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         let origin = origin_form(&parts.uri);
         let absolute = std::mem::replace(&mut parts.uri, origin);
@@ -1343,8 +1350,21 @@ impl Proxy {
             }
             h1::Upgrade::Switched(resp, upstream, early) => (resp, upstream, early),
         };
-        still_stands(standing.as_ref())?;
         let mut resp_fields = Fields::Wire(resp.fields);
+        // A switch to anything but the WebSocket asked for is not relayed.
+        let upgrade = resp_fields
+            .get(&header::UPGRADE)
+            .map(HeaderValue::from_bytes);
+        let upgrade = match upgrade {
+            Some(Ok(u)) if names_token(u.as_bytes(), b"websocket") => u,
+            _ => {
+                let source =
+                    h1::Error::Malformed("101 Switching Protocols to other than websocket");
+                let dest = dest.to_string();
+                return Err(ProxyError::Upstream { dest, source }.from_source(lease.ip));
+            }
+        };
+        still_stands(standing.as_ref())?;
         self.observe(&host, &lease, watch, resp.status, &resp_fields);
         resp_fields.strip_hop_by_hop(Message::Response);
         resp_fields.insert(header::UPGRADE, upgrade);
@@ -1369,16 +1389,19 @@ impl Proxy {
             };
             let activity = Activity::new();
             let mut counted = Counted::new(&open.0, lease.ip);
-            // What the destination sent behind its 101 goes first.
-            let mut io = hyper_util::rt::TokioIo::new(upgraded);
-            let result = match tokio::io::AsyncWriteExt::write_all(&mut io, &early).await {
-                Ok(()) => {
+            // What the destination sent behind its 101 goes first, under
+            // the tunnel's limits (a client that takes none of it is idle).
+            let relay = async {
+                let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                if !early.is_empty() {
+                    use tokio::io::AsyncWriteExt;
+                    io.write_all(&early).await?;
+                    io.flush().await?;
                     activity.moved(false, early.len() as u64);
-                    let relay = crate::relay::tunnel(io.into_inner(), upstream, &activity, idle_limit);
-                    until_ended(relay, &activity, idle_limit, (&cut, standing), &mut counted).await
                 }
-                Err(e) => Ended::Relay(Err(e)),
+                crate::relay::tunnel(io.into_inner(), upstream, &activity, idle_limit).await
             };
+            let result = until_ended(relay, &activity, idle_limit, (&cut, standing), &mut counted).await;
             log_tunnel_end(log, (client, &dest, &lease), result, &activity, counted);
         });
         let answer = Answer {
@@ -1808,14 +1831,21 @@ fn asks_websocket(parts: &request::Parts, fields: &Fields) -> bool {
         Fields::Map(m) => m
             .get_all(name)
             .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token)),
+            .any(|v| names_token(v.as_bytes(), token)),
         Fields::Wire(_) => false,
     };
     parts.method == Method::GET
         && parts.version == Version::HTTP_11
         && names(&header::UPGRADE, b"websocket")
         && names(&header::CONNECTION, b"upgrade")
+}
+
+/// Whether a list field's value names `token` (case-insensitively): an
+/// `Expect` its `100-continue`, an `Upgrade` its `websocket`.
+fn names_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// Checks a request target as the proxy would (for fuzzing and tests):
@@ -1977,14 +2007,6 @@ fn connect_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
         return Err(name_too_long());
     }
     Ok((auth.host().to_string(), port))
-}
-
-/// Whether an `Expect` value asks for `100-continue` (the one
-/// expectation there is; names are case-insensitive).
-fn expects_continue(value: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|e| e.trim_ascii().eq_ignore_ascii_case(b"100-continue"))
 }
 
 fn origin_form(uri: &Uri) -> Uri {

@@ -582,7 +582,9 @@ impl Serving {
                 let arrivals = seen.clone();
                 let mut req = req.map(|inner| Tracked { inner, arrivals });
                 let tunnel = req.method() == hyper::Method::CONNECT;
-                if tunnel && before > 0 {
+                // (A WebSocket's handshake may become a tunnel too.)
+                let upgrade = req.headers().contains_key(hyper::header::UPGRADE);
+                if (tunnel || upgrade) && before > 0 {
                     req.extensions_mut().insert(crate::proxy::KeptAlive);
                 }
                 let guard = Waiting::new(&pending);
