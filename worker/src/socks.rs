@@ -106,6 +106,12 @@ pub enum HandshakeError {
     Io(#[from] io::Error),
 }
 
+/// The answer to HTTP sent to a SOCKS5 listener.
+const HTTP_ON_SOCKS: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
+    proxy-status: rotor; error=http_request_error; details=\"HTTP sent to a SOCKS5 port\"\r\n\
+    content-type: text/plain\r\ncontent-length: 93\r\nconnection: close\r\n\r\n\
+    rotor: this port speaks SOCKS5 (a socks5h:// proxy URL); the request came in HTTP (http://).\n";
+
 /// Reads a greeting, chooses a method (and reads the credentials), and
 /// reads the request. Answers what it refuses itself (no method, BIND/UDP,
 /// unknown address types); the caller answers the CONNECT.
@@ -115,6 +121,14 @@ where
 {
     let version = s.read_u8().await?;
     if version != VERSION {
+        // Told in its own terms, not just closed: a SOCKS4 client gets
+        // "request rejected" (91), an HTTP client pointed at this port a
+        // 400 saying so.
+        match version {
+            4 => s.write_all(&[0, 91, 0, 0, 0, 0, 0, 0]).await?,
+            b'A'..=b'Z' => s.write_all(HTTP_ON_SOCKS).await?,
+            _ => {}
+        }
         return Err(HandshakeError::Version(version));
     }
     let n = s.read_u8().await? as usize;
@@ -633,11 +647,22 @@ mod tests {
         let (r, out) = run(&[5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1, 0, 0], false).await;
         assert!(matches!(r, Err(HandshakeError::PortZero)), "{r:?}");
         assert_eq!(out[..4], [5, 0, 5, Reply::NotAllowed as u8], "{out:?}");
-        // Not SOCKS5 at all.
-        assert!(matches!(
-            run(b"GET / HTTP/1.1\r\n", false).await.0,
-            Err(HandshakeError::Version(b'G'))
-        ));
+        // Not SOCKS5 at all: HTTP gets a 400 saying so, SOCKS4 its
+        // "rejected" (91), anything else the close.
+        let (r, out) = run(b"GET / HTTP/1.1\r\n", false).await;
+        assert!(matches!(r, Err(HandshakeError::Version(b'G'))), "{r:?}");
+        assert_eq!(out, HTTP_ON_SOCKS);
+        let body = &out[out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.contains(&format!("content-length: {}\r\n", body.len())),
+            "{text}"
+        );
+        let (r, out) = run(&[4, 1, 0, 80, 127, 0, 0, 1, 0], false).await;
+        assert!(matches!(r, Err(HandshakeError::Version(4))), "{r:?}");
+        assert_eq!(out, [0, 91, 0, 0, 0, 0, 0, 0]);
+        let (_, out) = run(&[0x16, 3, 1], false).await;
+        assert!(out.is_empty());
         // A truncated handshake is an error, not a hang (the peer closed).
         assert!(run(&[5, 3, 0], false).await.0.is_err());
         // UDP ASSOCIATE with an empty name: the command is what is not
