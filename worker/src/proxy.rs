@@ -1241,7 +1241,7 @@ impl Proxy {
     /// source, `lease`), its hop-by-hop fields taken out, its push-back
     /// told the allocator; the connection pooled again after the body
     /// if it may be.
-    #[inline]
+    #[inline(always)]
     fn answer(
         &self,
         resp: h1::ResponseHead,
