@@ -325,21 +325,24 @@ impl Acl {
     /// table, but a connection to it reaches this host (Linux takes it for
     /// the local address), and a sinkholing resolver answers names with it.
     /// Nor is this worker's own listener, whatever allows it (a loop).
+    /// An address refused anyway is refused as any other, not as a loop:
+    /// a client probing the port of a wildcard listener across addresses
+    /// would otherwise learn which are this host's.
     pub fn check_with(&self, dest: SocketAddr, local: &LocalAddrs) -> Result<(), Denied> {
         let forms = forms(dest.ip());
         if forms.iter().flatten().any(IpAddr::is_unspecified) {
             return Err(Denied::Local(dest.ip()));
-        }
-        if local.is_own(dest) {
-            return Err(Denied::Loop(dest));
         }
         let through = self.decide(dest)?;
         let own = forms.iter().zip(through).any(|(ip, t)| {
             matches!(t, Through::Range | Through::Default)
                 && ip.is_some_and(|ip| local.is_local(ip))
         });
-        match own {
-            true => Err(Denied::Local(dest.ip())),
+        if own {
+            return Err(Denied::Local(dest.ip()));
+        }
+        match local.is_own(dest) {
+            true => Err(Denied::Loop(dest)),
             false => Ok(()),
         }
     }
@@ -711,6 +714,19 @@ mod tests {
         assert_eq!(
             acl.check_with(addr("127.0.0.1:8080"), &LocalAddrs::default()),
             Ok(())
+        );
+        // An address the rules refuse anyway is refused as any, not named
+        // a loop (which would tell a client it is this host's).
+        let strict = Acl {
+            allow: vec![],
+            defaults: vec!["127.0.0.0/8".parse().unwrap()],
+            ..acl
+        };
+        let dest = addr("127.0.0.1:8443");
+        assert!(
+            matches!(strict.check_with(dest, &local), Err(Denied::Address(..))),
+            "{:?}",
+            strict.check_with(dest, &local)
         );
     }
 
