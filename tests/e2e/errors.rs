@@ -199,6 +199,16 @@ async fn malformed_and_non_proxy_requests_get_400() {
     let (code, _) = connect_tunnel(worker.addr, "127.0.0.1").await;
     assert_eq!(code, 400);
 
+    // Another spelling of an address, as the C library reads it: refused,
+    // saying why (a site of its own, its budget dodged, else).
+    let port = origin.addr.port();
+    for host in ["2130706433", "0x7f.1", "[localhost]"] {
+        let r = get(worker.addr, &format!("http://{host}:{port}/")).await;
+        assert_eq!(r.status, 400, "{host}");
+        let (code, _) = connect_tunnel(worker.addr, &format!("{host}:{port}")).await;
+        assert_eq!(code, 400, "{host}");
+    }
+
     // An oversized head is refused (431), and the worker keeps serving.
     let mut s = TcpStream::connect(worker.addr).await.unwrap();
     let big = format!(

@@ -550,6 +550,41 @@ pub fn ip_literal(host: &str) -> Option<IpAddr> {
         .map(|ip| ip.to_canonical())
 }
 
+/// Whether `host` (as a target names it) is one spelling only of what it
+/// names: a bracketed host must be an IPv6 address, and a host ending in
+/// a number (its last label all digits, or `0x` and hex: WHATWG's rule)
+/// an IPv4 address in dotted decimal. The C library reads `2130706433`,
+/// `0x7f.1` or `0177.0.0.1` as 127.0.0.1, and `[example.com]` as
+/// `example.com`: each spelling would be a site of its own, its budget
+/// and cooldowns dodged (the address is checked against the rules
+/// whatever it is spelled). Refused, as the in-process resolver finds
+/// no such names either.
+pub fn check_spelling(host: &str) -> Result<(), ProxyError> {
+    if let Some(inner) = host.strip_prefix('[') {
+        let v6 = inner
+            .strip_suffix(']')
+            .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+        return match v6 {
+            true => Ok(()),
+            false => Err(ProxyError::BadRequest(
+                "a bracketed host must be an IPv6 address".into(),
+            )),
+        };
+    }
+    let name = host.strip_suffix('.').unwrap_or(host);
+    let last = name.rsplit('.').next().unwrap_or(name).as_bytes();
+    let numeric = match last {
+        [b'0', b'x' | b'X', hex @ ..] => hex.iter().all(u8::is_ascii_hexdigit),
+        _ => !last.is_empty() && last.iter().all(u8::is_ascii_digit),
+    };
+    if numeric && name.parse::<std::net::Ipv4Addr>().is_err() {
+        return Err(ProxyError::BadRequest(
+            "a host ending in a number must be an IPv4 address in dotted decimal (a.b.c.d)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// The first [`MAX_ADDRS_PER_FAMILY`] addresses of each family, in order.
 fn capped(mut addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
     if addrs.len() > MAX_ADDRS_PER_FAMILY {

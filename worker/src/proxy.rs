@@ -1903,6 +1903,7 @@ fn absolute_target(uri: &Uri) -> Result<Target<'_>, ProxyError> {
     if parts.host.len() > crate::dns::MAX_NAME {
         return Err(name_too_long());
     }
+    crate::dns::check_spelling(parts.host)?;
     // `http::Uri` accepts `host:99999`, `host:abc` and `host:+80`, with no
     // port number to give (a port is digits, RFC 3986 §3.2.3): refuse
     // rather than fall back to 80 or read a sign. (The userinfo is not in
@@ -2006,6 +2007,7 @@ fn connect_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
     if auth.host().len() > crate::dns::MAX_NAME {
         return Err(name_too_long());
     }
+    crate::dns::check_spelling(auth.host())?;
     Ok((auth.host().to_string(), port))
 }
 
@@ -2349,6 +2351,14 @@ mod tests {
             "http://example.com:abc/",
             "http://example.com:0/",
             "http://example.com:+80/",
+            // Other spellings of an address or a name than the one.
+            "http://2130706433/",
+            "http://0x7f.1/",
+            "http://0177.0.0.1/",
+            "http://127.1/",
+            "http://a.0x1/",
+            "http://[example.com]/",
+            "http://[127.0.0.1]/",
         ] {
             assert!(
                 matches!(
@@ -2390,8 +2400,23 @@ mod tests {
             "/path",
             "example.com:0",
             "example.com:+443",
+            "2130706433:443",
+            "[example.com]:443",
         ] {
             assert!(connect_target(&bad.parse().unwrap()).is_err(), "{bad}");
+        }
+        // One spelling of each is taken: a name, a name ending in a
+        // number-like label that is not one, dotted decimal (a final dot
+        // too), IPv6 in brackets.
+        for good in [
+            "a.test:1",
+            "v1.x2:1",
+            "1x.test:1",
+            "10.0.0.1:1",
+            "10.0.0.1.:1",
+            "[2001:db8::1]:1",
+        ] {
+            assert!(connect_target(&good.parse().unwrap()).is_ok(), "{good}");
         }
     }
 

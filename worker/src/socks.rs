@@ -254,7 +254,8 @@ async fn read_name<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<Result<String,
 /// A name a SOCKS5 client sent, as a host: letters, digits, `-`, `_` and
 /// dots (a name as HTTP's target carries one, so one site's budget is
 /// not dodged by another spelling: the resolvers read `exampl\e.com` as
-/// `example.com`), or an IP address (bracketed or not; the host is the
+/// `example.com`; nor a number, see `dns::check_spelling`), or an IP
+/// address (bracketed or not; the host is the
 /// address unbracketed, as the address types give it). None: empty, or
 /// anything else.
 fn host_name(name: String) -> Option<String> {
@@ -266,7 +267,8 @@ fn host_name(name: String) -> Option<String> {
         return Some(ip.to_string());
     }
     let hostname = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
-    (!name.is_empty() && name.bytes().all(hostname)).then_some(name)
+    let spelled = crate::dns::check_spelling(&name).is_ok();
+    (!name.is_empty() && name.bytes().all(hostname) && spelled).then_some(name)
 }
 
 /// The answer to the request: `code`, and the address bound upstream.
@@ -700,6 +702,10 @@ mod tests {
         assert_eq!(name("[2001:db8::1]").as_deref(), Some("2001:db8::1"));
         assert_eq!(name("2001:db8:0::1").as_deref(), Some("2001:db8::1"));
         for bad in [
+            "2130706433",
+            "0x7f.1",
+            "0177.0.0.1",
+            "127.1",
             "",
             "www.exampl\\e.com",
             "exampl\\101.com",
