@@ -296,13 +296,14 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     }
     // The children are this same program, as `rotor allocator` and
     // `rotor worker`: one binary is all `rotor up` needs.
-    let me = match std::env::current_exe() {
+    let path = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => {
             error!("cannot find my own executable: {e}");
             return ExitCode::FAILURE;
         }
     };
+    let me = Program::own(path);
     let snapshot = match text.map(|(_, t)| Snapshot::write(&t)).transpose() {
         Ok(s) => s.map(Arc::new),
         Err(e) => {
@@ -528,9 +529,43 @@ async fn wait_for_socket(path: &Path, within: Duration) -> bool {
     false
 }
 
+/// What a slot runs, and the name it shows.
+#[derive(Clone)]
+struct Program {
+    exec: PathBuf,
+    /// Its argv\[0\] (the path `rotor up` was started from).
+    shown: PathBuf,
+}
+
+impl Program {
+    /// `rotor up`'s own image, by `/proc/self/exe` (the children run the
+    /// binary this `rotor up` runs, even once an upgrade replaced the file
+    /// at `path`: a restarted child of the new version beside old ones
+    /// could be refused by the old allocator, or refuse a flag, and
+    /// `rotor up` would give up on it at a random time after the upgrade
+    /// rather than at the operator's restart), shown as `path`. Without
+    /// `/proc`, `path`.
+    fn own(path: PathBuf) -> Program {
+        let proc = PathBuf::from("/proc/self/exe");
+        let exec = match proc.exists() {
+            true => proc,
+            false => path.clone(),
+        };
+        Program { exec, shown: path }
+    }
+
+    #[cfg(test)]
+    fn at(path: &str) -> Program {
+        Program {
+            exec: path.into(),
+            shown: path.into(),
+        }
+    }
+}
+
 struct Slot {
     name: String,
-    program: PathBuf,
+    program: Program,
     args: Vec<OsString>,
     /// Descriptors the child gets as 3, 4, … (`--listen-fd`).
     fds: Arc<Vec<OwnedFd>>,
@@ -572,7 +607,8 @@ impl Slot {
         if let Some(c) = &self.config {
             c.ensure()?;
         }
-        let mut cmd = Command::new(&self.program);
+        let mut cmd = Command::new(&self.program.exec);
+        cmd.arg0(&self.program.shown);
         cmd.args(&self.args).kill_on_drop(true);
         let fds: Vec<RawFd> = self.fds.iter().map(|f| f.as_raw_fd()).collect();
         let cpus = self.cpus;
@@ -669,7 +705,7 @@ async fn supervise(
         let mut child = match slot.spawn() {
             Ok(c) => c,
             Err(e) => {
-                error!(child = %slot.name, program = %slot.program.display(), error = %e, "cannot start");
+                error!(child = %slot.name, program = %slot.program.shown.display(), error = %e, "cannot start");
                 // A start that cannot even be made counts as a failed one.
                 if restarts.failed(&slot.name, &streaks, &signals) || !restarts.wait(&stop).await {
                     return;
@@ -904,7 +940,7 @@ mod tests {
     fn slot(name: &str, program: &str) -> Slot {
         Slot {
             name: name.into(),
-            program: program.into(),
+            program: Program::at(program),
             args: vec![],
             fds: Arc::default(),
             cpus: None,

@@ -691,3 +691,43 @@ async fn a_restarted_worker_reads_the_file_rotor_up_read() {
     assert!(up.wait(Duration::from_secs(20)).success());
     assert!(!copy.exists(), "the copy outlived rotor up");
 }
+
+/// A child `rotor up` starts again runs the binary `rotor up` runs, not
+/// whatever replaced its file since (an upgrade's `install`): a new
+/// version beside old ones could be refused by the old allocator, or
+/// refuse a flag, at a random time after the upgrade.
+#[tokio::test]
+async fn a_restarted_worker_runs_the_binary_rotor_up_runs() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let binary = dir.path().join("rotor");
+    std::fs::copy(ROTOR, &binary).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = two_workers_of_one_address(
+        &listen,
+        socket.to_str().unwrap(),
+        &["--allow-destination", "127.0.0.1/32"],
+    );
+    let mut up = Proc::spawn(binary.to_str().unwrap(), &args);
+    eventually("both workers", || async {
+        socket.exists() && worker_pids(&socket).len() == 2
+    })
+    .await;
+    // The file replaced (written aside, renamed over it, as install and
+    // package managers do) by one that cannot serve.
+    let other = dir.path().join("rotor.new");
+    std::fs::write(&other, "#!/bin/sh\nexit 7\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&other, &binary).unwrap();
+    let new = replaced(&socket, worker_pids(&socket)[0]).await;
+    let comm = std::fs::read_to_string(format!("/proc/{new}/cmdline")).unwrap();
+    assert!(comm.starts_with(binary.to_str().unwrap()), "{comm:?}");
+    let proxy = listen.parse().unwrap();
+    for _ in 0..4 {
+        assert_eq!(get(proxy, &origin.url("/")).await.status, 200);
+    }
+    up.signal(Signal::SIGTERM);
+    assert!(up.wait(Duration::from_secs(20)).success());
+}
