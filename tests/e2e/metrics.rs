@@ -417,6 +417,11 @@ async fn the_access_log_has_a_line_per_request_and_tunnel_and_reopens_on_sighup(
         !text.contains("TopSecret") && !text.contains("pw"),
         "{text}"
     );
+    // Not every local user's to read, whatever the umask (the worker's is
+    // 022 here).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640, "{mode:o}");
     let l = lines(&path);
     let by_method = |m: &str| l.iter().find(|x| x["method"] == m).unwrap().clone();
     let plain = l

@@ -859,7 +859,7 @@ async fn socket_activation_of_both_binaries_and_readiness() {
     let listen = format!("127.0.0.1:{port}");
     let mut cmd = Command::new("systemd-socket-activate");
     cmd.env("NOTIFY_SOCKET", &worker_path);
-    let _worker = Proc::spawn_cmd(
+    let worker = Proc::spawn_cmd(
         cmd,
         "systemd-socket-activate",
         &[
@@ -877,6 +877,8 @@ async fn socket_activation_of_both_binaries_and_readiness() {
             // a debug build's start on a loaded machine)
             "--lease-timeout",
             "10s",
+            "--drain-timeout",
+            "45s",
         ],
     );
     let proxy: SocketAddr = listen.parse().unwrap();
@@ -893,6 +895,11 @@ async fn socket_activation_of_both_binaries_and_readiness() {
     let a = wait_for_notify(&notify_alloc, "READY=1").await;
     assert!(a.contains("STATUS=pool 2 addresses"), "{a}");
     wait_for_notify(&notify_worker, "READY=1").await;
+    // Stopping, the worker asks systemd for its drain and a margin (past
+    // the unit's TimeoutStopSec of 40 s, it had been killed mid-drain).
+    worker.signal(nix::sys::signal::Signal::SIGTERM);
+    let w = wait_for_notify(&notify_worker, "STOPPING=1").await;
+    assert!(w.contains("EXTEND_TIMEOUT_USEC=55000000"), "{w}");
 }
 
 trait TapMkdir {

@@ -442,11 +442,16 @@ impl Output {
     fn open(target: &Target) -> std::io::Result<Output> {
         let to = match target {
             Target::Stdout => To::Stdout(std::io::stdout()),
+            // A new file is 0640 whatever the umask (it names clients,
+            // users, sessions and destinations: not every local user's to
+            // read, as the state directory's files are not); an existing
+            // one (logrotate's `create MODE`) keeps its mode.
             Target::File(p) => To::File(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)?,
+                std::os::unix::fs::OpenOptionsExt::mode(
+                    std::fs::OpenOptions::new().create(true).append(true),
+                    0o640,
+                )
+                .open(p)?,
             ),
         };
         Ok(Output { to, cut: false })

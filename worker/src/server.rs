@@ -313,7 +313,15 @@ pub async fn run(
     // stop on (`Proxy::open_tunnel`), not from when the listeners closed.
     tunnels.close();
     acceptors.wait().await;
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    // The drain may take longer than the unit's TimeoutStopSec (40 s in
+    // deploy/): systemd is asked for the drain and a margin, rather than
+    // killing the worker mid-drain, its tunnels cut unlogged.
+    let drain_and_margin = config.drain_timeout + Duration::from_secs(10);
+    let usec = u32::try_from(drain_and_margin.as_micros()).unwrap_or(u32::MAX);
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::ExtendTimeoutUsec(usec),
+    ]);
     connections.close();
     info!(
         connections = connections.len(),
