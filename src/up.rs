@@ -428,7 +428,15 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         socket = %socket.display(),
         "rotor is up"
     );
+    // Ready for systemd (`Type=notify`): the allocator answers, and the
+    // listeners, bound here, queue what comes until the workers take it.
+    let status = format!("{workers} workers, allocator at {}", socket.display());
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&status),
+    ]);
     signals.shutdown.cancelled().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     // New clients are refused from now on (and those queued but not yet
     // taken are reset), not left to wait out the drain in a queue no
     // worker reads: the workers stop accepting now.
@@ -609,6 +617,11 @@ impl Slot {
         }
         let mut cmd = Command::new(&self.program.exec);
         cmd.arg0(&self.program.shown);
+        // `rotor up` is the service systemd knows: a child's READY=1 or
+        // STATUS= is not its to send (refused, and logged, under systemd's
+        // NotifyAccess=main; under =all, the allocator's READY=1 before a
+        // worker runs).
+        cmd.env_remove("NOTIFY_SOCKET");
         cmd.args(&self.args).kill_on_drop(true);
         let fds: Vec<RawFd> = self.fds.iter().map(|f| f.as_raw_fd()).collect();
         let cpus = self.cpus;

@@ -731,3 +731,48 @@ async fn a_restarted_worker_runs_the_binary_rotor_up_runs() {
     up.signal(Signal::SIGTERM);
     assert!(up.wait(Duration::from_secs(20)).success());
 }
+
+/// Under systemd (`Type=notify`), `rotor up` says READY=1 once it serves
+/// and STOPPING=1 at its stop, and its children say nothing: they are not
+/// the service's main process (systemd refuses and logs what they send).
+#[tokio::test]
+async fn rotor_up_alone_tells_systemd_it_is_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&notify).unwrap();
+    let socket = dir.path().join("a.sock");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = two_workers_of_one_address(&listen, socket.to_str().unwrap(), &[]);
+    let mut cmd = std::process::Command::new(ROTOR);
+    cmd.env("NOTIFY_SOCKET", &notify);
+    let mut up = Proc::spawn_cmd(cmd, ROTOR, &args);
+    let mut said = String::new();
+    let mut buf = vec![0u8; 4096];
+    while !said.contains("READY=1") {
+        let n = tokio::time::timeout(PATIENCE, sock.recv(&mut buf))
+            .await
+            .expect("no READY=1")
+            .unwrap();
+        said.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(said.contains("STATUS=2 workers"), "{said}");
+    eventually("both workers", || async {
+        socket.exists() && worker_pids(&socket).len() == 2
+    })
+    .await;
+    // Nothing from the children (each would say READY=1 and a STATUS).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut more = String::new();
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(50), sock.recv(&mut buf)).await
+    {
+        more.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(more.is_empty(), "a child spoke to systemd: {more:?}");
+    up.signal(Signal::SIGTERM);
+    let n = tokio::time::timeout(PATIENCE, sock.recv(&mut buf))
+        .await
+        .expect("no STOPPING=1")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
+    assert!(up.wait(Duration::from_secs(20)).success());
+}
