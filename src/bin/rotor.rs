@@ -276,10 +276,38 @@ async fn reload(control: &ControlArgs) -> ExitCode {
             )
         }
     }
+    if let Some(path) = &control.at.config {
+        if edited_since_start(control, path).await {
+            bad = true;
+            say!(
+                "rotor: {} changed since the allocator started, and a reload does not read it again: restart rotor to apply it",
+                path.display()
+            );
+        }
+    }
     match bad {
         true => ExitCode::from(3),
         false => ExitCode::SUCCESS,
     }
+}
+
+/// Whether the configuration file at `path` was written after the
+/// allocator started (by its status's uptime): an edit `rotor reload`
+/// (`systemctl reload`) does not apply, which it had passed over in
+/// silence.
+async fn edited_since_start(control: &ControlArgs, path: &std::path::Path) -> bool {
+    let Ok(modified) = std::fs::metadata(path).and_then(|m| m.modified()) else {
+        return false;
+    };
+    let uptime = match status(control).await {
+        Ok(Response::StatusV2(s)) => s.uptime_secs,
+        Ok(Response::Status(s)) => s.uptime_secs,
+        _ => return false,
+    };
+    // (Whole seconds: the start was within the second before this; an
+    // edit in the start's own second is not told from one before it.)
+    let started = std::time::SystemTime::now() - std::time::Duration::from_secs(uptime);
+    modified > started
 }
 
 /// Says how each worker's reload went; whether every one reloaded whole.

@@ -401,3 +401,36 @@ fn a_stop_during_the_first_pool_read_ends_the_command() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// `rotor reload --config FILE` (the allocator unit's ExecReload) says so
+/// when FILE was edited since the allocator started, and exits 3: a
+/// reload does not read it again, and `systemctl reload` had passed the
+/// edit over in silence.
+#[tokio::test]
+async fn rotor_reload_says_an_edited_configuration_file_is_not_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rotor.toml");
+    std::fs::write(&config, "[allocator]\npool = [\"127.0.0.2\"]\n").unwrap();
+    let alloc = Allocator::start(&["--config", config.to_str().unwrap()]).await;
+    let reload = || {
+        std::process::Command::new(ROTOR)
+            .args(["reload", "--socket", alloc.socket.to_str().unwrap()])
+            .args(["--config", config.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let out = reload();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // An edit a second or more after the start (whole seconds of uptime).
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    std::fs::write(&config, "[allocator]\npool = [\"127.0.0.3\"]\n").unwrap();
+    let out = reload();
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("changed since the allocator started"),
+        "{said}"
+    );
+    assert_eq!(pool_of(&status_json(&alloc.socket)), ips(2..=2));
+}
