@@ -26,15 +26,52 @@ pub mod worker_main;
 /// `default`. A stderr that is gone (`rotor up 2>&1 | head -1`) loses the
 /// lines and nothing else: tracing's own report of a failed write would
 /// panic on that same stderr, so it is off.
+///
+/// A child of `rotor up` (which sets `ROTOR_LOG_NAME`, e.g. `worker 3`)
+/// starts each line with that name and its pid, `worker 3[1234]: `: its
+/// lines share `rotor up`'s stderr (and, under systemd, its pid in the
+/// journal), and which worker said what could not be told.
 pub fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let name = std::env::var(LOG_NAME).ok().filter(|n| !n.is_empty());
+    let prefix: &'static str = match name {
+        Some(n) => Box::leak(format!("{}[{}]: ", n, std::process::id()).into_boxed_str()),
+        None => "",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(move || Prefixed(prefix))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .log_internal_errors(false)
         .init();
+}
+
+/// The environment variable naming a child of `rotor up` in its log lines.
+pub const LOG_NAME: &str = "ROTOR_LOG_NAME";
+
+/// Standard error, each write (one a line: tracing writes a formatted
+/// event at once) after a prefix.
+struct Prefixed(&'static str);
+
+impl std::io::Write for Prefixed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut err = std::io::stderr().lock();
+        if self.0.is_empty() {
+            return err.write(buf);
+        }
+        // In one write, so lines of processes sharing the stream do not
+        // interleave between prefix and line.
+        let mut line = Vec::with_capacity(self.0.len() + buf.len());
+        line.extend_from_slice(self.0.as_bytes());
+        line.extend_from_slice(buf);
+        err.write_all(&line)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// Builds the runtime, installs the signal handlers, and runs `main` with

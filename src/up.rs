@@ -622,6 +622,7 @@ impl Slot {
         // NotifyAccess=main; under =all, the allocator's READY=1 before a
         // worker runs).
         cmd.env_remove("NOTIFY_SOCKET");
+        cmd.env(crate::LOG_NAME, &self.name);
         cmd.args(&self.args).kill_on_drop(true);
         let fds: Vec<RawFd> = self.fds.iter().map(|f| f.as_raw_fd()).collect();
         let cpus = self.cpus;

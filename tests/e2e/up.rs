@@ -776,3 +776,45 @@ async fn rotor_up_alone_tells_systemd_it_is_ready() {
     assert!(String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1"));
     assert!(up.wait(Duration::from_secs(20)).success());
 }
+
+/// Under `rotor up` each child's log lines start with its name and pid
+/// (`worker 2[1234]: `): they share `rotor up`'s stderr (and its pid in
+/// the journal), and which worker said what could not be told.
+#[tokio::test]
+async fn each_childs_log_lines_name_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let log = dir.path().join("up.log");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = two_workers_of_one_address(&listen, socket.to_str().unwrap(), &[]);
+    let mut up = std::process::Command::new(ROTOR)
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    eventually("both workers", || async {
+        socket.exists() && worker_pids(&socket).len() == 2
+    })
+    .await;
+    let pids = worker_pids(&socket);
+    kill(Pid::from_raw(up.id() as i32), Signal::SIGTERM).unwrap();
+    assert!(tokio::task::spawn_blocking(move || up.wait())
+        .await
+        .unwrap()
+        .unwrap()
+        .success());
+    let text = std::fs::read_to_string(&log).unwrap();
+    for pid in pids {
+        let named = |l: &&str| l.starts_with("worker ") && l.contains(&format!("[{pid}]: "));
+        assert!(text.lines().filter(named).count() >= 2, "{pid}: {text}");
+    }
+    assert!(text.lines().any(|l| l.starts_with("allocator[")), "{text}");
+    // rotor up's own lines are its own.
+    assert!(
+        text.lines()
+            .any(|l| l.contains("rotor is up") && !l.contains("]: ")),
+        "{text}"
+    );
+}
