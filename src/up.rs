@@ -360,6 +360,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             steady: STEADY,
             config: snapshot.clone(),
             death_signal: libc::SIGUSR2,
+            answers_at: Some(socket.clone()),
         },
         alloc_stop.clone(),
         signals.clone(),
@@ -409,6 +410,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
                 steady: STEADY,
                 config: snapshot.clone(),
                 death_signal: libc::SIGTERM,
+                answers_at: None,
             },
             signals.shutdown.clone(),
             signals.clone(),
@@ -591,6 +593,10 @@ struct Slot {
     /// for a worker (it drains), SIGUSR2 for the allocator (it serves the
     /// workers' drain, then stops).
     death_signal: libc::c_int,
+    /// The socket the child answers on once its handlers are in place
+    /// (the allocator's): a SIGHUP that came while no child ran is passed
+    /// on then.
+    answers_at: Option<PathBuf>,
 }
 
 /// The CPUs this process may run on, ascending.
@@ -729,10 +735,23 @@ async fn supervise(
         };
         let pid = child.id().map(|p| Pid::from_raw(p as i32));
         info!(child = %slot.name, pid = ?pid, "started");
-        // A SIGHUP seen while no child ran is not passed to the new one:
-        // it reads its files as it starts, and a SIGHUP before its
-        // handlers are in place would kill it (the default action).
+        // A SIGHUP seen while no child ran is not passed to the new one at
+        // once (a SIGHUP before its handlers are in place would kill it:
+        // the default action), but once it answers on its socket: the
+        // allocator reads its sources as it starts, but the workers
+        // re-read their users files and certificates only when it tells
+        // them of a reload (a user removed, then SIGHUP during an
+        // allocator's restart, kept access).
+        let pending = forward_hup && reloads.has_changed().unwrap_or(false);
         reloads.borrow_and_update();
+        let answers = async {
+            match (&slot.answers_at, pending) {
+                (Some(path), true) => wait_for_socket(path, Duration::from_secs(60)).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::pin!(answers);
+        let mut told = !pending;
         // A child that runs steadily ends this slot's streak there and
         // then, not when (weeks later) it exits.
         let steady = tokio::time::sleep(slot.steady);
@@ -748,6 +767,13 @@ async fn supervise(
                 }
                 Ok(()) = reloads.changed(), if forward_hup => {
                     if let Some(pid) = pid {
+                        let _ = kill(pid, Signal::SIGHUP);
+                    }
+                }
+                up = &mut answers, if !told => {
+                    told = true;
+                    if let (Some(pid), true) = (pid, up) {
+                        info!(child = %slot.name, "a SIGHUP came while it was down: passed on now it answers");
                         let _ = kill(pid, Signal::SIGHUP);
                     }
                 }
@@ -962,6 +988,7 @@ mod tests {
             steady: Duration::from_millis(300),
             config: None,
             death_signal: libc::SIGTERM,
+            answers_at: None,
         }
     }
 
@@ -1133,6 +1160,68 @@ mod tests {
             .unwrap();
         assert!(s.shutdown.is_cancelled());
         assert_eq!(outcome.code(false), ExitCode::FAILURE);
+    }
+
+    /// A SIGHUP that came while the allocator was down (between a crash
+    /// and its restart) reaches the new one once it answers on its
+    /// socket; it had been dropped, and the workers never reloaded.
+    #[tokio::test]
+    async fn a_sighup_while_the_child_is_down_reaches_the_next_once_it_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ran, hups) = (dir.path().join("ran"), dir.path().join("hups"));
+        let trapped = dir.path().join("trapped");
+        let socket = dir.path().join("a.sock");
+        // The first run fails at once; the next counts its SIGHUPs (its
+        // socket answers once its handler is in place, as the
+        // allocator's does). (Python: a shell cannot trap the SIGHUP its
+        // start ignores, as a child's does until its handler is set.)
+        let script = "import os, signal, sys, time\n\
+            ran, hups, trapped = sys.argv[1:4]\n\
+            if not os.path.exists(ran):\n    open(ran, 'w').close()\n    sys.exit(1)\n\
+            signal.signal(signal.SIGHUP, lambda *a: open(hups, 'a').write('hup\\n'))\n\
+            open(trapped, 'w').close()\n\
+            while True:\n    time.sleep(0.05)\n";
+        let s = signals();
+        let mut sl = slot("allocator", "python3");
+        sl.args = vec!["-c".into(), script.into()];
+        sl.args
+            .extend([&ran, &hups, &trapped].map(|p| p.as_os_str().to_owned()));
+        sl.first_backoff = Duration::from_millis(500);
+        sl.answers_at = Some(socket.clone());
+        let outcome = Arc::new(Outcome::default());
+        let run = tokio::spawn(supervise(
+            sl,
+            s.shutdown.clone(),
+            s.clone(),
+            true,
+            Duration::from_millis(300),
+            Streaks::alone(outcome),
+        ));
+        while !ran.exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // In the restart's wait (of 500 ms): no child runs.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.reload_now();
+        while !trapped.exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let _answering = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !std::fs::read_to_string(&hups).is_ok_and(|t| t == "hup\n") {
+            assert!(
+                Instant::now() < deadline,
+                "the SIGHUP was not passed on: {:?} {:?}",
+                std::fs::read_to_string(&hups),
+                std::fs::read_dir(dir.path())
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.shutdown.cancel();
+        run.await.unwrap();
     }
 
     /// A stop that the child ends cleanly is exit 0 (also one it dies of,
