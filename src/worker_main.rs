@@ -227,6 +227,8 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                 // Where the connection's first table stood when mapped: a
                 // new one (the first look, a reconnect) is counted from.
                 let mut mapped_at = None;
+                // The allocator process of the last look.
+                let mut allocator = None;
                 let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
                 loop {
                     // (On through the drain: a draining worker is still
@@ -243,11 +245,10 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                     // reload asked in between is not lost), nor from a
                     // restarted allocator's predecessor.
                     let at = leases.reloads_at_attach();
-                    let since = match at != mapped_at {
-                        true => at,
-                        false => seen,
-                    };
-                    mapped_at = at;
+                    let pid = leases.allocator_pid();
+                    let restarted = allocator.is_some() && pid != allocator;
+                    let since = counted_from(at, mapped_at, seen, restarted);
+                    (mapped_at, allocator) = (at, pid);
                     if since.is_some_and(|since| reload_asked(since, now)) {
                         tracing::info!("the allocator was asked to reload; reloading");
                         leases.asked_to_reload(now);
@@ -386,6 +387,27 @@ fn raise_fd_limit(max_connections: usize) {
     }
 }
 
+/// Where a look at the reloads asked counts from: over the same
+/// connection, what was seen last; over a new one, its table's count when
+/// mapped (a reload asked in between is not lost, nor is a restarted
+/// allocator's predecessor's count taken for its own), but to a
+/// `restarted` allocator (another process than the last look's), from 0:
+/// its count started over, and a reload asked of it before this worker
+/// reconnected (`rotor up` passing on a SIGHUP that came during the
+/// restart) was counted before the table was mapped, and was missed.
+fn counted_from(
+    at: Option<(u64, u64)>,
+    mapped_at: Option<(u64, u64)>,
+    seen: Option<(u64, u64)>,
+    restarted: bool,
+) -> Option<(u64, u64)> {
+    match (at, at != mapped_at) {
+        (Some((table, _)), true) if restarted => Some((table, 0)),
+        (_, true) => at,
+        (_, false) => seen,
+    }
+}
+
 /// Whether the allocator was asked to reload between two readings of the
 /// lease table's (id, reload count). In the same table, the count moved.
 /// In another table, only a count above the last: a table replaced while
@@ -460,7 +482,47 @@ fn check_summary(t: &crate::cli::worker::WorkerSettingsTuning) {
 
 #[cfg(test)]
 mod tests {
-    use super::reload_asked;
+    use super::{counted_from, reload_asked};
+
+    /// A reload asked of a restarted allocator before this worker mapped
+    /// its table is seen (counted from 0); one asked of the same
+    /// allocator before a reconnection is not taken twice, nor is the
+    /// first connection's count at its mapping (read at the start).
+    #[test]
+    fn a_restarted_allocators_reloads_count_from_its_start() {
+        let look = |at, mapped_at, seen, restarted, now| {
+            counted_from(at, mapped_at, seen, restarted).is_some_and(|s| reload_asked(s, now))
+        };
+        // The first look: from the table as mapped.
+        assert!(!look(Some((7, 2)), None, None, false, (7, 2)));
+        assert!(look(Some((7, 2)), None, None, false, (7, 3)));
+        // The same connection: from what was seen.
+        assert!(!look(
+            Some((7, 2)),
+            Some((7, 2)),
+            Some((7, 3)),
+            false,
+            (7, 3)
+        ));
+        // A new allocator process, asked once before the worker came back.
+        assert!(look(Some((9, 1)), Some((7, 2)), Some((7, 3)), true, (9, 1)));
+        // Nothing asked of it.
+        assert!(!look(
+            Some((9, 0)),
+            Some((7, 2)),
+            Some((7, 3)),
+            true,
+            (9, 0)
+        ));
+        // The same allocator, reconnected: from its table as mapped again.
+        assert!(!look(
+            Some((7, 3)),
+            Some((7, 2)),
+            Some((7, 3)),
+            false,
+            (7, 3)
+        ));
+    }
 
     #[test]
     fn a_reload_is_seen_in_a_table_that_replaced_the_last() {

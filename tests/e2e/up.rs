@@ -722,8 +722,11 @@ async fn a_restarted_worker_runs_the_binary_rotor_up_runs() {
     std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::rename(&other, &binary).unwrap();
     let new = replaced(&socket, worker_pids(&socket)[0]).await;
+    // (Shown as the path rotor up was started from, as current_exe gives
+    // it: resolved.)
+    let shown = binary.canonicalize().unwrap();
     let comm = std::fs::read_to_string(format!("/proc/{new}/cmdline")).unwrap();
-    assert!(comm.starts_with(binary.to_str().unwrap()), "{comm:?}");
+    assert!(comm.starts_with(shown.to_str().unwrap()), "{comm:?}");
     let proxy = listen.parse().unwrap();
     for _ in 0..4 {
         assert_eq!(get(proxy, &origin.url("/")).await.status, 200);
@@ -817,4 +820,64 @@ async fn each_childs_log_lines_name_it() {
             .any(|l| l.contains("rotor is up") && !l.contains("]: ")),
         "{text}"
     );
+}
+
+/// The allocator `rotor up` runs, by /proc (its child whose command is
+/// `… allocator …`).
+fn allocator_of(up: u32) -> i32 {
+    let children = std::fs::read_to_string(format!("/proc/{up}/task/{up}/children")).unwrap();
+    children
+        .split_whitespace()
+        .map(|p| p.parse::<i32>().unwrap())
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .is_ok_and(|c| c.split(|&b| b == 0).nth(1) == Some(&b"allocator"[..]))
+        })
+        .expect("an allocator child")
+}
+
+/// A user removed, then a SIGHUP to `rotor up` just after its allocator
+/// died: the restarted allocator is told of the reload once it answers,
+/// and the workers, back on it after the reload was counted, reload all
+/// the same; the user is refused. (The SIGHUP was dropped, then counted
+/// before the workers came back: the removed user kept access.)
+#[tokio::test]
+async fn a_sighup_during_an_allocator_restart_still_reloads_the_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    add_user(&users, "alice", "s3cret");
+    add_user(&users, "bob", "pw");
+    let socket = dir.path().join("a.sock");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut args = two_workers_of_one_address(
+        &listen,
+        socket.to_str().unwrap(),
+        &["--allow-destination", "127.0.0.1/32"],
+    );
+    args.extend(["--auth-file", users.to_str().unwrap()]);
+    let mut up = Proc::spawn(ROTOR, &args);
+    eventually("both workers", || async {
+        socket.exists() && worker_pids(&socket).len() == 2
+    })
+    .await;
+    let origin = Origin::start().await;
+    let proxy: std::net::SocketAddr = listen.parse().unwrap();
+    let as_bob = || async {
+        let mut c = ProxyConn::open(proxy).await;
+        let req = hyper::Request::get(origin.url("/"))
+            .header("proxy-authorization", basic("bob", "pw"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        c.send(req).await.status
+    };
+    assert_eq!(as_bob().await, 200);
+    assert!(remove_user(&users, "bob").status.success());
+    let allocator = allocator_of(up.pid().as_raw() as u32);
+    kill(Pid::from_raw(allocator), Signal::SIGKILL).unwrap();
+    // Once rotor up has seen it go (before, the SIGHUP would go to it).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    up.signal(Signal::SIGHUP);
+    eventually("bob refused", || async { as_bob().await == 407 }).await;
+    up.signal(Signal::SIGTERM);
+    assert!(up.wait(Duration::from_secs(20)).success());
 }

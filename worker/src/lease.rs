@@ -145,6 +145,9 @@ struct Conn {
     first_reloads: Mutex<Option<(u64, u64)>>,
     /// The allocator's protocol minor.
     minor: u16,
+    /// The allocator's process (its Hello's): another one is a restarted
+    /// allocator, whose reload count started over.
+    allocator_pid: u32,
     /// The id of a table found tampered with: not mapped again (the
     /// allocator replaces it; a new id is attached to).
     distrusted: Mutex<Option<u64>>,
@@ -467,6 +470,11 @@ impl LeaseClient {
             Ok(_) | Err(LeaseError::TooOld { .. }) => {}
             Err(e) => debug!(error = %e, "could not tell the allocator how the reload went"),
         }
+    }
+
+    /// The allocator's process id, as its Hello said, while connected.
+    pub fn allocator_pid(&self) -> Option<u32> {
+        Some(self.conn.borrow().as_ref()?.allocator_pid)
     }
 
     /// The table first mapped over this connection to the allocator (or
@@ -1082,7 +1090,7 @@ enum ConnectError {
 }
 
 /// A connected channel and the allocator's protocol minor.
-async fn connect(path: &PathBuf) -> Result<(ClientChannel<UnixStream>, u16), ConnectError> {
+async fn connect(path: &PathBuf) -> Result<(ClientChannel<UnixStream>, Hello), ConnectError> {
     let stream = UnixStream::connect(path).await?;
     let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
     let server = tokio::time::timeout(
@@ -1091,7 +1099,7 @@ async fn connect(path: &PathBuf) -> Result<(ClientChannel<UnixStream>, u16), Con
     )
     .await
     .map_err(|_| ConnectError::Timeout)??;
-    Ok((chan, server.minor))
+    Ok((chan, server))
 }
 
 /// Asks where the lease table is and maps it. Returns whether to ask again
@@ -1160,8 +1168,8 @@ async fn manage(
             _ = shutdown.cancelled() => return,
             r = connect(&path) => r,
         };
-        let (chan, server_minor) = match chan {
-            Ok(c) => c,
+        let (chan, server) = match chan {
+            Ok((chan, hello)) => (chan, hello),
             Err(e) => {
                 failures += 1;
                 // One warning per outage, not one per retry.
@@ -1200,7 +1208,8 @@ async fn manage(
             table: RwLock::new(None),
             reattach: Notify::new(),
             first_reloads: Mutex::new(None),
-            minor: server_minor,
+            minor: server.minor,
+            allocator_pid: server.pid,
             distrusted: Mutex::new(None),
             copies: RwLock::new([None, None]),
             fetching: tokio::sync::Mutex::new(()),
@@ -1255,7 +1264,7 @@ async fn manage(
             }
         };
         let attacher = async {
-            if server_minor >= MINOR_LEASE_TABLE {
+            if server.minor >= MINOR_LEASE_TABLE {
                 // Ids from the top, apart from the requests' ids.
                 let mut id = u64::MAX;
                 // A copy of the pool first, before the table is mapped:
@@ -1263,7 +1272,7 @@ async fn manage(
                 // allocator stops answering before this worker's first
                 // request (without a copy they went over the socket, and
                 // waited for it).
-                if server_minor >= MINOR_FAMILIES {
+                if server.minor >= MINOR_FAMILIES {
                     if let Some(Response::Pool {
                         generation,
                         entries,

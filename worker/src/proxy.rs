@@ -2402,18 +2402,18 @@ mod tests {
             "example.com:+443",
             "2130706433:443",
             "[example.com]:443",
+            "10.0.0.1.:443",
         ] {
             assert!(connect_target(&bad.parse().unwrap()).is_err(), "{bad}");
         }
         // One spelling of each is taken: a name, a name ending in a
-        // number-like label that is not one, dotted decimal (a final dot
-        // too), IPv6 in brackets.
+        // number-like label that is not one, dotted decimal, IPv6 in
+        // brackets.
         for good in [
             "a.test:1",
             "v1.x2:1",
             "1x.test:1",
             "10.0.0.1:1",
-            "10.0.0.1.:1",
             "[2001:db8::1]:1",
         ] {
             assert!(connect_target(&good.parse().unwrap()).is_ok(), "{good}");
