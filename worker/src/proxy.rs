@@ -1370,40 +1370,19 @@ impl Proxy {
         resp_fields.insert(header::UPGRADE, upgrade);
         resp_fields.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         self.expose_source(&mut resp_fields, &lease);
-        let idle_limit = self.config.tunnel_idle_timeout;
-        let dest = format!("{host}:{port}");
-        let open = TunnelOpen::new(&self.meter);
-        let cut = self.tunnels_cut.clone();
         let entry = entry.map(|mut e| {
             e.status = StatusCode::SWITCHING_PROTOCOLS.as_u16();
             e
         });
         let unopened = self.unopened(entry, (lease.ip, uri_authority(&absolute)), start);
-        self.tunnels.spawn(async move {
-            let (upgraded, log) = match on_upgrade.await {
-                Ok(u) => (u, unopened.opened()),
-                Err(e) => {
-                    debug!(%client, %dest, error = %error_chain(&e), "client left before the WebSocket opened");
-                    return;
-                }
-            };
-            let activity = Activity::new();
-            let mut counted = Counted::new(&open.0, lease.ip);
-            // What the destination sent behind its 101 goes first, under
-            // the tunnel's limits (a client that takes none of it is idle).
-            let relay = async {
-                let mut io = hyper_util::rt::TokioIo::new(upgraded);
-                if !early.is_empty() {
-                    use tokio::io::AsyncWriteExt;
-                    io.write_all(&early).await?;
-                    io.flush().await?;
-                    activity.moved(false, early.len() as u64);
-                }
-                crate::relay::tunnel(io.into_inner(), upstream, &activity, idle_limit).await
-            };
-            let result = until_ended(relay, &activity, idle_limit, (&cut, standing), &mut counted).await;
-            log_tunnel_end(log, (client, &dest, &lease), result, &activity, counted);
-        });
+        let dest = format!("{host}:{port}");
+        self.relay_upgraded(
+            on_upgrade,
+            (upstream, early),
+            (client, dest, lease),
+            standing,
+            unopened,
+        );
         let answer = Answer {
             status: resp.status,
             version: Version::HTTP_11,
@@ -1422,9 +1401,6 @@ impl Proxy {
         entry: Option<Entry>,
     ) -> Result<(Answer, Lease), Failed> {
         let (host, port) = connect_target(req.uri())?;
-        // The tunnel takes over its connection's place under the limits
-        // (`Lingering::into_tunnel`), so it needs none of its own.
-        let idle_limit = self.config.tunnel_idle_timeout;
         // 200 only once the upstream connection is up.
         let kept_alive = req.extensions().get::<KeptAlive>().is_some();
         let named = (host.as_str(), port, uri_authority(req.uri()));
@@ -1433,9 +1409,39 @@ impl Proxy {
         still_stands(standing.as_ref())?;
         let on_upgrade = hyper::upgrade::on(&mut req);
         let dest = format!("{host}:{port}");
+        let unopened = self.unopened(entry, (lease.ip, uri_authority(req.uri())), start);
+        let upstream = (upstream, Bytes::new());
+        self.relay_upgraded(
+            on_upgrade,
+            upstream,
+            (client, dest, lease),
+            standing,
+            unopened,
+        );
+        let mut resp = Answer::from(Response::new(Either::Right(Either::Right(Empty::new()))));
+        self.expose_source(&mut resp.fields, &lease);
+        Ok((resp, lease))
+    }
+
+    /// Relays a tunnel answered through hyper's server (a CONNECT's 200, a
+    /// WebSocket's 101) once its client has taken the answer: `early`,
+    /// what the destination sent behind its answer, first, then both
+    /// ways, as every tunnel is (counted as it goes, closed after
+    /// --tunnel-idle-timeout of silence, cut at the drain's end or for a
+    /// removed user), tracked for the drain and logged when it ends. The
+    /// tunnel takes over its connection's place under the limits
+    /// (`Lingering::into_tunnel`), so it needs none of its own.
+    fn relay_upgraded(
+        &self,
+        on_upgrade: hyper::upgrade::OnUpgrade,
+        (upstream, early): (TcpStream, Bytes),
+        (client, dest, lease): (SocketAddr, String, Lease),
+        standing: Option<Standing>,
+        unopened: Unopened,
+    ) {
+        let idle_limit = self.config.tunnel_idle_timeout;
         let open = TunnelOpen::new(&self.meter);
         let cut = self.tunnels_cut.clone();
-        let unopened = self.unopened(entry, (lease.ip, uri_authority(req.uri())), start);
         self.tunnels.spawn(async move {
             let (upgraded, log) = match on_upgrade.await {
                 Ok(u) => (u, unopened.opened()),
@@ -1445,14 +1451,22 @@ impl Proxy {
                 }
             };
             let activity = Activity::new();
-            let relay = crate::relay::tunnel(upgraded, upstream, &activity, idle_limit);
             let mut counted = Counted::new(&open.0, lease.ip);
+            // Under the tunnel's limits (a client that takes none of it
+            // is idle).
+            let relay = async {
+                let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                if !early.is_empty() {
+                    use tokio::io::AsyncWriteExt;
+                    io.write_all(&early).await?;
+                    io.flush().await?;
+                    activity.moved(false, early.len() as u64);
+                }
+                crate::relay::tunnel(io.into_inner(), upstream, &activity, idle_limit).await
+            };
             let result = until_ended(relay, &activity, idle_limit, (&cut, standing), &mut counted).await;
             log_tunnel_end(log, (client, &dest, &lease), result, &activity, counted);
         });
-        let mut resp = Answer::from(Response::new(Either::Right(Either::Right(Empty::new()))));
-        self.expose_source(&mut resp.fields, &lease);
-        Ok((resp, lease))
     }
 
     /// `Rotor-Source: ADDRESS` with `--expose-source`: which address served
