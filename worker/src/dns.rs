@@ -589,8 +589,8 @@ pub fn check_spelling(host: &str) -> Result<(), ProxyError> {
 
 /// Whether `s` is an IPv4 address in dotted decimal as `Ipv4Addr` parses
 /// one (four numbers of 0 to 255, no leading zeros): by hand, for the
-/// request path (the parser cost an IP-literal target some 300
-/// instructions more).
+/// request path (the parser cost a request to an IP-literal target some
+/// 30 instructions more, callgrind; the whole check costs it about 150).
 fn dotted_decimal(s: &[u8]) -> bool {
     let mut parts = 0;
     for part in s.split(|&b| b == b'.') {
