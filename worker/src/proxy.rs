@@ -364,8 +364,11 @@ impl Proxy {
             Ok(caller) if matches!(fields, Fields::Map(_)) && asks_websocket(&parts, &fields) => {
                 let sticky = (caller.sticky.as_ref(), caller.standing.clone());
                 let entry = abandoned.entry.as_deref().cloned();
-                self.websocket(parts, fields, (client, start), sticky, entry)
-                    .await
+                // Boxed: inline, its state made every request's future
+                // larger (135 instructions a new connection's request,
+                // callgrind).
+                let handshake = self.websocket(parts, fields, (client, start), sticky, entry);
+                Box::pin(handshake).await
             }
             Ok(caller) => {
                 self.forward(parts, fields, body, caller.sticky.as_ref())
