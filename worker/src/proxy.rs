@@ -1152,13 +1152,7 @@ impl Proxy {
             && fields
                 .get(&header::EXPECT)
                 .is_some_and(|v| names_token(v, b"100-continue"));
-        fields.strip_hop_by_hop(Message::Request);
-        if !host_as_sent {
-            let value = HeaderValue::from_str(authority).map_err(|_| {
-                ProxyError::BadRequest("the target host is not a valid header value".into())
-            })?;
-            fields.insert(header::HOST, value);
-        }
+        outgoing(&mut fields, authority, host_as_sent)?;
         // (The absolute form kept: its authority names the destination to
         // the witness, as the request's answer will.)
         let origin = origin_form(&parts.uri);
@@ -1306,13 +1300,7 @@ impl Proxy {
         }
         let host = target.host.to_ascii_lowercase();
         let port = target.port;
-        fields.strip_hop_by_hop(Message::Request);
-        if !host_as_sent {
-            let value = HeaderValue::from_str(authority).map_err(|_| {
-                ProxyError::BadRequest("the target host is not a valid header value".into())
-            })?;
-            fields.insert(header::HOST, value);
-        }
+        outgoing(&mut fields, authority, host_as_sent)?;
         // The WebSocket alone of what the client named (an `h2c` beside it
         // is not passed on).
         fields.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
@@ -1836,6 +1824,21 @@ fn may_resend(method: &Method, fields: &Fields, e: &h1::Error, written: bool) ->
 /// SOCKS5 client's.
 fn unread_method(name: &'static [u8]) -> Method {
     Method::from_bytes(name).expect("a token")
+}
+
+/// A request's fields as they go on: the hop-by-hop ones out, and `Host`
+/// set from the target's `authority` unless the client sent that very
+/// text (RFC 9112 §3.2.2).
+#[inline]
+fn outgoing(fields: &mut Fields, authority: &str, host_as_sent: bool) -> Result<(), ProxyError> {
+    fields.strip_hop_by_hop(Message::Request);
+    if !host_as_sent {
+        let value = HeaderValue::from_str(authority).map_err(|_| {
+            ProxyError::BadRequest("the target host is not a valid header value".into())
+        })?;
+        fields.insert(header::HOST, value);
+    }
+    Ok(())
 }
 
 /// Whether a request is a WebSocket's opening handshake (RFC 6455 §4.1):
