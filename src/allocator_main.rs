@@ -64,6 +64,10 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
 
     // One lock serves every lease; a single thread is all it needs.
     crate::run_daemon(1, |signals| async move {
+        // Watched from before the socket answers: a SIGHUP sent once it
+        // does (`rotor up` passes one on that came while this allocator
+        // was starting) is a reload, not a change already seen.
+        let reloads = signals.reloads();
         // Before the allocator's socket: a port that is taken leaves no
         // socket file behind.
         let metrics = match pool.metrics_listen {
@@ -127,8 +131,7 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
             max_peers: pool.max_peers,
             orphaned: signals.orphaned.clone(),
         };
-        let result =
-            rotor_allocator::run(listener, config, signals.reloads(), signals.shutdown).await;
+        let result = rotor_allocator::run(listener, config, reloads, signals.shutdown).await;
         rotor_allocator::source::end_commands();
         // A socket systemd passed is systemd's to remove.
         if owned {

@@ -228,7 +228,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                 // new one (the first look, a reconnect) is counted from.
                 let mut mapped_at = None;
                 // The allocator process of the last look.
-                let mut allocator = None;
+                let mut allocator: Option<u32> = None;
                 let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
                 loop {
                     // (On through the drain: a draining worker is still
@@ -245,8 +245,9 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                     // reload asked in between is not lost), nor from a
                     // restarted allocator's predecessor.
                     let at = leases.reloads_at_attach();
-                    let pid = leases.allocator_pid();
-                    let restarted = allocator.is_some() && pid != allocator;
+                    let pids = leases.allocator_pids();
+                    let pid = pids.map(|(pid, _)| pid);
+                    let restarted = restarted(pids, allocator);
                     let since = counted_from(at, mapped_at, seen, restarted);
                     (mapped_at, allocator) = (at, pid);
                     if since.is_some_and(|since| reload_asked(since, now)) {
@@ -387,6 +388,16 @@ fn raise_fd_limit(max_connections: usize) {
     }
 }
 
+/// Whether the allocator of a look (`pids`: its process and this worker's
+/// first allocator's) is a restarted one, started after this worker: not
+/// the last look's (`last`) nor the first. (Not only another than the
+/// last look's: the first allocator may die before the watcher first
+/// looks, in a worker's first 500 ms, and its successor had been taken for
+/// the first, a reload asked of it before this worker attached missed.)
+fn restarted(pids: Option<(u32, u32)>, last: Option<u32>) -> bool {
+    pids.is_some_and(|(now, first)| now != first && Some(now) != last)
+}
+
 /// Where a look at the reloads asked counts from: over the same
 /// connection, what was seen last; over a new one, its table's count when
 /// mapped (a reload asked in between is not lost, nor is a restarted
@@ -482,7 +493,20 @@ fn check_summary(t: &crate::cli::worker::WorkerSettingsTuning) {
 
 #[cfg(test)]
 mod tests {
-    use super::{counted_from, reload_asked};
+    use super::{counted_from, reload_asked, restarted};
+
+    /// The first allocator is never a restarted one; another is, until a
+    /// look has seen it, even when no look saw the first.
+    #[test]
+    fn an_allocator_other_than_the_first_is_a_restarted_one() {
+        assert!(!restarted(None, None));
+        assert!(!restarted(Some((10, 10)), None));
+        assert!(!restarted(Some((10, 10)), Some(10)));
+        assert!(restarted(Some((20, 10)), Some(10)));
+        assert!(restarted(Some((20, 10)), None));
+        assert!(!restarted(Some((20, 10)), Some(20)));
+        assert!(restarted(Some((30, 10)), Some(20)));
+    }
 
     /// A reload asked of a restarted allocator before this worker mapped
     /// its table is seen (counted from 0); one asked of the same
