@@ -316,11 +316,14 @@ pub async fn run(
     // The drain may take longer than the unit's TimeoutStopSec (40 s in
     // deploy/): systemd is asked for the drain and a margin, rather than
     // killing the worker mid-drain, its tunnels cut unlogged.
+    // (systemd reads a u64 of microseconds; sd_notify's own variant takes
+    // a u32, which cut a drain past 71 minutes short.)
     let drain_and_margin = config.drain_timeout + Duration::from_secs(10);
-    let usec = u32::try_from(drain_and_margin.as_micros()).unwrap_or(u32::MAX);
+    let usec = u64::try_from(drain_and_margin.as_micros()).unwrap_or(u64::MAX);
+    let extend = format!("EXTEND_TIMEOUT_USEC={usec}");
     let _ = sd_notify::notify(&[
         sd_notify::NotifyState::Stopping,
-        sd_notify::NotifyState::ExtendTimeoutUsec(usec),
+        sd_notify::NotifyState::Custom(&extend),
     ]);
     connections.close();
     info!(
