@@ -106,10 +106,15 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
                 }
                 Err(e) => {
                     error!("{}", error_chain(&e));
-                    // Another holds it: a configuration refused, as a
-                    // port in use is.
+                    // Another holds it, or its directory is one others
+                    // could change: a configuration refused, as a port
+                    // in use is.
+                    use rotor_allocator::BindError as B;
                     return match e {
-                        rotor_allocator::BindError::InUse(_) => ExitCode::from(2),
+                        B::InUse(_)
+                        | B::WorldWritable(_)
+                        | B::ForeignDir(..)
+                        | B::LinkedDir(..) => ExitCode::from(2),
                         _ => ExitCode::FAILURE,
                     };
                 }

@@ -242,6 +242,13 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         );
         return ExitCode::from(2);
     }
+    // A socket directory the allocator would refuse (one others can
+    // change), or cannot make: refused at every start, after ten seconds
+    // of them; said once, here.
+    if let Err(e) = rotor_allocator::socket_dir(&socket) {
+        error!("{}", rotor_protocol::error_chain(&e));
+        return ExitCode::from(2);
+    }
     // The state directory another allocator holds: its allocator would
     // exit at every restart; said once, here.
     if let Some(dir) = &state_dir {

@@ -116,7 +116,11 @@ pub fn bind_socket(path: &Path, access: &Access) -> Result<UnixListener, BindErr
     Ok(listener)
 }
 
-fn bind_path(path: &Path) -> Result<UnixListener, BindError> {
+/// Makes the directory of socket `path` (0755) if it is missing, and
+/// checks it is one only this user (or root) can change: what
+/// `bind_socket` checks first, for `rotor up` to refuse at once (exit 2)
+/// a directory its allocator would refuse at every start.
+pub fn socket_dir(path: &Path) -> Result<(), BindError> {
     // A bare name is in the working directory, checked as any other.
     let parent = path.parent().map(|d| match d.as_os_str().is_empty() {
         true => Path::new("."),
@@ -158,6 +162,11 @@ fn bind_path(path: &Path) -> Result<UnixListener, BindError> {
             return Err(BindError::ForeignDir(dir.to_path_buf(), meta.uid()));
         }
     }
+    Ok(())
+}
+
+fn bind_path(path: &Path) -> Result<UnixListener, BindError> {
+    socket_dir(path)?;
     match UnixListener::bind(path) {
         Ok(l) => Ok(l),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {

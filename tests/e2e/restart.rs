@@ -87,8 +87,39 @@ fn refused_socket(socket: &std::path::Path) -> String {
         ])
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    // A configuration refused (it had been 1, as a failure to run).
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
     String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+/// `rotor up` refuses such a directory itself, at once, exit 2 (its
+/// allocator failed at every start, and rotor up gave up ten seconds
+/// later, exit 1).
+#[test]
+fn rotor_up_refuses_a_world_writable_socket_directory_at_once() {
+    let socket = std::path::Path::new("/tmp/rotor-test-up.sock");
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new(ROTOR)
+        .args([
+            "up",
+            "--workers",
+            "1",
+            "--socket",
+            socket.to_str().unwrap(),
+            "--pool",
+            "127.0.0.2",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--no-state",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("world-writable"), "{err}");
+    assert!(!err.contains("started"), "a child was started: {err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert!(!socket.exists());
 }
 
 /// Nor in one another user owns (a `/tmp/rotor-UID` made first by someone
