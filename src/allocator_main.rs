@@ -64,9 +64,11 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
 
     // One lock serves every lease; a single thread is all it needs.
     crate::run_daemon(1, |signals| async move {
-        // Watched from before the socket answers: a SIGHUP sent once it
-        // does (`rotor up` passes one on that came while this allocator
-        // was starting) is a reload, not a change already seen.
+        // Watched from before the socket answers (`rotor up` passes a
+        // SIGHUP on once it does): a SIGHUP is a reload from then on,
+        // never a change already seen. (On this one-thread runtime the
+        // watch cannot move before the first await; taken here, it stays
+        // right if that changes.)
         let reloads = signals.reloads();
         // Before the allocator's socket: a port that is taken leaves no
         // socket file behind.
@@ -107,14 +109,15 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
                 Err(e) => {
                     error!("{}", error_chain(&e));
                     // Another holds it, or its directory is one others
-                    // could change: a configuration refused, as a port
-                    // in use is.
+                    // could change or cannot be made: a configuration
+                    // refused, as a port in use is.
                     use rotor_allocator::BindError as B;
                     return match e {
                         B::InUse(_)
                         | B::WorldWritable(_)
                         | B::ForeignDir(..)
-                        | B::LinkedDir(..) => ExitCode::from(2),
+                        | B::LinkedDir(..)
+                        | B::Dir { .. } => ExitCode::from(2),
                         _ => ExitCode::FAILURE,
                     };
                 }

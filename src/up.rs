@@ -705,11 +705,6 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Longest wait before a failed child is started again.
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// A SIGHUP passed on to the allocator less than this before it died is
-/// passed on to the next one too: it may have died before acting on it
-/// (a crash, a kill, its exit under way as the SIGHUP came), and whether
-/// it did cannot be told from here.
-const HUP_RESEND: Duration = Duration::from_secs(5);
 
 /// Runs one child until `stop`, restarting it when it dies (waiting
 /// longer after each quick failure, and giving up as `streaks` says).
@@ -727,9 +722,9 @@ async fn supervise(
     // A SIGHUP not passed on yet: it came while no child ran, or before
     // the one running answered on its socket (see below).
     let mut held = false;
-    // When a SIGHUP was last passed on to the running child: one it died
-    // soon after may never have been acted on (see `HUP_RESEND`).
-    let mut hup_sent: Option<Instant> = None;
+    // Whether a SIGHUP was passed on to the running child: one it died
+    // after may never have been acted on (see below).
+    let mut hup_passed = false;
     // The pause before the allocator is started again while the workers
     // drain: doubled while it fails at once (a port another process took
     // since), not a start every 100 ms for the whole drain.
@@ -788,7 +783,7 @@ async fn supervise(
                 Ok(()) = reloads.changed(), if forward_hup => match (pid, answered) {
                     (Some(pid), true) => {
                         let _ = kill(pid, Signal::SIGHUP);
-                        hup_sent = Some(Instant::now());
+                        hup_passed = true;
                     }
                     _ => held = true,
                 },
@@ -799,17 +794,20 @@ async fn supervise(
                     if let (Some(pid), true, true) = (pid, up, held) {
                         info!(child = %slot.name, "a SIGHUP came while it was down or starting: passed on now it answers");
                         let _ = kill(pid, Signal::SIGHUP);
-                        hup_sent = Some(Instant::now());
+                        hup_passed = true;
                         held = false;
                     }
                 }
             }
         };
-        // Passed on to a child that died soon after: perhaps dying
-        // already, or before its reload reached the workers. Passed on
-        // again to the next (one reload too many is harmless; one lost
-        // left a removed user served).
-        if status.is_some() && hup_sent.take().is_some_and(|t| t.elapsed() < HUP_RESEND) {
+        // A SIGHUP passed on to a child that died since may never have
+        // been acted on: it came as the child was dying, or the child
+        // died in the reload (an allocator re-reads its sources before
+        // it tells the workers, a pool command may take its whole
+        // timeout), and whether it was cannot be told from here. Passed
+        // on again to the next (one reload too many is harmless; one
+        // lost left a removed user served).
+        if status.is_some() && std::mem::take(&mut hup_passed) {
             held = true;
         }
         match status {

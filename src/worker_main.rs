@@ -245,11 +245,12 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                     // reload asked in between is not lost), nor from a
                     // restarted allocator's predecessor.
                     let at = leases.reloads_at_attach();
-                    let pids = leases.allocator_pids();
-                    let pid = pids.map(|(pid, _)| pid);
-                    let restarted = restarted(pids, allocator);
+                    let pid = leases.allocator_pid();
+                    let restarted = restarted(pid, allocator, started_after_this_worker);
                     let since = counted_from(at, mapped_at, seen, restarted);
-                    (mapped_at, allocator) = (at, pid);
+                    // (A look that lost the connection half-way keeps the
+                    // allocator it knew: the same one next is no restart.)
+                    (mapped_at, allocator) = (at, pid.or(allocator));
                     if since.is_some_and(|since| reload_asked(since, now)) {
                         tracing::info!("the allocator was asked to reload; reloading");
                         leases.asked_to_reload(now);
@@ -388,14 +389,42 @@ fn raise_fd_limit(max_connections: usize) {
     }
 }
 
-/// Whether the allocator of a look (`pids`: its process and this worker's
-/// first allocator's) is a restarted one, started after this worker: not
-/// the last look's (`last`) nor the first. (Not only another than the
-/// last look's: the first allocator may die before the watcher first
-/// looks, in a worker's first 500 ms, and its successor had been taken for
-/// the first, a reload asked of it before this worker attached missed.)
-fn restarted(pids: Option<(u32, u32)>, last: Option<u32>) -> bool {
-    pids.is_some_and(|(now, first)| now != first && Some(now) != last)
+/// Whether the allocator of a look (its process, `now`) is a restarted
+/// one, whose reloads all count: another process than the last look's
+/// (`last`); at the first look, one that started after this worker (by
+/// `started_after`), whose reloads all came after this worker read its
+/// files — the first allocator may have died before the watcher first
+/// looked, its successor counted a reload (a SIGHUP `rotor up` held) before
+/// this worker attached, and it was missed.
+fn restarted(now: Option<u32>, last: Option<u32>, started_after: impl Fn(u32) -> bool) -> bool {
+    match (now, last) {
+        (Some(now), Some(last)) => now != last,
+        (Some(now), None) => started_after(now),
+        (None, _) => false,
+    }
+}
+
+/// Whether process `pid` started after this one (their start times in
+/// `/proc`, in clock ticks; the same tick counts as after). False where
+/// it cannot be told.
+fn started_after_this_worker(pid: u32) -> bool {
+    // Field 22 of stat, the 20th after the command's closing parenthesis.
+    let start = |path: String| -> Option<u64> {
+        let stat = std::fs::read_to_string(path).ok()?;
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(19)?
+            .parse()
+            .ok()
+    };
+    match (
+        start(format!("/proc/{pid}/stat")),
+        start("/proc/self/stat".into()),
+    ) {
+        (Some(it), Some(me)) => it >= me,
+        _ => false,
+    }
 }
 
 /// Where a look at the reloads asked counts from: over the same
@@ -493,19 +522,33 @@ fn check_summary(t: &crate::cli::worker::WorkerSettingsTuning) {
 
 #[cfg(test)]
 mod tests {
-    use super::{counted_from, reload_asked, restarted};
+    use super::{counted_from, reload_asked, restarted, started_after_this_worker};
 
-    /// The first allocator is never a restarted one; another is, until a
-    /// look has seen it, even when no look saw the first.
+    /// Another allocator than the last look's is a restarted one; at the
+    /// first look, one that started after this worker.
     #[test]
-    fn an_allocator_other_than_the_first_is_a_restarted_one() {
-        assert!(!restarted(None, None));
-        assert!(!restarted(Some((10, 10)), None));
-        assert!(!restarted(Some((10, 10)), Some(10)));
-        assert!(restarted(Some((20, 10)), Some(10)));
-        assert!(restarted(Some((20, 10)), None));
-        assert!(!restarted(Some((20, 10)), Some(20)));
-        assert!(restarted(Some((30, 10)), Some(20)));
+    fn an_allocator_started_after_the_worker_is_a_restarted_one() {
+        let after = |pid| pid >= 100;
+        assert!(!restarted(None, None, after));
+        assert!(!restarted(None, Some(10), after));
+        assert!(!restarted(Some(10), None, after));
+        assert!(restarted(Some(100), None, after));
+        assert!(!restarted(Some(10), Some(10), after));
+        assert!(!restarted(Some(100), Some(100), after));
+        assert!(restarted(Some(20), Some(10), after));
+        // By /proc: this process is no later than itself, pid 1 started
+        // before it, a child started after.
+        assert!(started_after_this_worker(std::process::id()));
+        assert!(!started_after_this_worker(1));
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(started_after_this_worker(child.id()));
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(!started_after_this_worker(u32::MAX));
     }
 
     /// A reload asked of a restarted allocator before this worker mapped

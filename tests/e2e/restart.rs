@@ -97,7 +97,8 @@ fn refused_socket(socket: &std::path::Path) -> String {
 /// later, exit 1).
 #[test]
 fn rotor_up_refuses_a_world_writable_socket_directory_at_once() {
-    let socket = std::path::Path::new("/tmp/rotor-test-up.sock");
+    let socket = format!("/tmp/rotor-test-up-{}.sock", std::process::id());
+    let socket = std::path::Path::new(&socket);
     let started = std::time::Instant::now();
     let out = std::process::Command::new(ROTOR)
         .args([

@@ -841,7 +841,9 @@ fn allocator_of(up: u32) -> i32 {
 /// the reload too once it answers, and the workers, back on it after the
 /// reload was counted, reload all the same; the user is refused. (The
 /// SIGHUP was lost with the allocator: on a busy host, CI's, the test's
-/// SIGHUP 50 ms after its SIGKILL still reached it dying. Before, a
+/// SIGHUP 50 ms after its SIGKILL still reached it dying; and a worker
+/// whose reload watcher had not yet looked at the first allocator took
+/// its successor for the first, and missed its reload. Before, a
 /// SIGHUP while it was down was dropped, then counted before the workers
 /// came back: the removed user kept access.)
 #[tokio::test]
@@ -895,6 +897,11 @@ async fn a_sighup_during_an_allocator_restart_still_reloads_the_workers() {
     .await;
     kill(allocator, Signal::SIGKILL).unwrap();
     eventually("bob refused", || async { as_bob().await == 407 }).await;
+    // By both workers (one connection reaches either: one 407 was one
+    // worker's).
+    for _ in 0..20 {
+        assert_eq!(as_bob().await, 407, "a worker still serves bob");
+    }
     up.signal(Signal::SIGTERM);
     assert!(up.wait(Duration::from_secs(20)).success());
 }

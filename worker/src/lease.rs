@@ -148,9 +148,6 @@ struct Conn {
     /// The allocator's process (its Hello's): another one is a restarted
     /// allocator, whose reload count started over.
     allocator_pid: u32,
-    /// The allocator process of this worker's first connection: any other
-    /// started after this worker did.
-    first_allocator_pid: u32,
     /// The id of a table found tampered with: not mapped again (the
     /// allocator replaces it; a new id is attached to).
     distrusted: Mutex<Option<u64>>,
@@ -475,14 +472,9 @@ impl LeaseClient {
         }
     }
 
-    /// The allocator process of this connection (its Hello's) and of this
-    /// worker's first: an allocator other than the first started after this
-    /// worker, and every reload asked of it came after the worker read
-    /// its files.
-    pub fn allocator_pids(&self) -> Option<(u32, u32)> {
-        let conn = self.conn.borrow();
-        let conn = conn.as_ref()?;
-        Some((conn.allocator_pid, conn.first_allocator_pid))
+    /// The allocator's process id, as its Hello said, while connected.
+    pub fn allocator_pid(&self) -> Option<u32> {
+        Some(self.conn.borrow().as_ref()?.allocator_pid)
     }
 
     /// The table first mapped over this connection to the allocator (or
@@ -1171,7 +1163,6 @@ async fn manage(
     let mut failures = 0u32;
     // Whether this run of connections was said at info.
     let mut announced = false;
-    let mut first_pid = None;
     loop {
         let chan = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -1219,7 +1210,6 @@ async fn manage(
             first_reloads: Mutex::new(None),
             minor: server.minor,
             allocator_pid: server.pid,
-            first_allocator_pid: *first_pid.get_or_insert(server.pid),
             distrusted: Mutex::new(None),
             copies: RwLock::new([None, None]),
             fetching: tokio::sync::Mutex::new(()),
