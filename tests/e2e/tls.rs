@@ -450,6 +450,10 @@ async fn rotor_reload_says_which_workers_part_failed() {
     let users = tempfile::NamedTempFile::new().unwrap();
     add_user(users.path(), "alice", "s3cret");
     let p = tls_proxy(&["--auth-file", users.path().to_str().unwrap()]).await;
+    // (A reload asked before the worker counts them, between its Hello and
+    // its table, is one it never makes: `rotor reload` waits 5 s for its
+    // word, and says 3.)
+    mapped(&[&p.worker]).await;
     let pid = p.worker.proc.pid();
     let reload = || {
         let out = std::process::Command::new(ROTOR)

@@ -632,6 +632,15 @@ async fn a_sighup_to_rotor_up_reloads_each_worker_once() {
         socket.exists() && worker_pids(&socket).len() == 2
     })
     .await;
+    // Each counting reloads (a reload before a worker maps the table is
+    // not one it makes).
+    eventually("both workers map the lease table", || async {
+        worker_pids(&socket).iter().all(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/maps"))
+                .is_ok_and(|m| m.contains("a.sock.leases"))
+        })
+    })
+    .await;
     let reread = || {
         std::fs::read_to_string(&log)
             .unwrap_or_default()

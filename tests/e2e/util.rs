@@ -767,16 +767,15 @@ pub async fn exit_of(mut worker: Worker, within: Duration) -> std::process::Exit
 }
 
 /// Returns once a worker that was sent SIGTERM has begun its drain: its
-/// listener at `addr` is gone, and a moment later its tunnels are refused
-/// (at most a second of looking).
+/// listener at `addr` is gone (the worker closes its tunnels to kept-alive
+/// connections first: they are refused from then on). Panics if it is
+/// not gone within `PATIENCE` (a request sent then would not be one in
+/// the drain).
 pub async fn drain_begun(addr: SocketAddr) {
-    for _ in 0..200 {
-        if TcpStream::connect(addr).await.is_err() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually("the worker's listener closed for the drain", || async {
+        TcpStream::connect(addr).await.is_err()
+    })
+    .await;
 }
 
 /// A connection to `proxy` with a plain `GET url` sent on it.

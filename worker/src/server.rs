@@ -98,6 +98,10 @@ pub async fn run(
     mut reloads: tokio::sync::watch::Receiver<u64>,
 ) -> io::Result<(Stopped, Arc<crate::meter::Meter>)> {
     let tunnels = TaskTracker::new();
+    // The acceptors' stop: cancelled once the stop has closed `tunnels`,
+    // so a listener gone means tunnels refused on kept-alive connections
+    // (see below).
+    let accepting = CancellationToken::new();
     let limit = Arc::new(Semaphore::new(config.max_connections));
     let own = listeners
         .iter()
@@ -186,7 +190,7 @@ pub async fn run(
             continue;
         }
         let serving = serving.clone();
-        let stop = shutdown.clone();
+        let stop = accepting.clone();
         let balance = balance.clone();
         acceptors.spawn(async move {
             let addr = l.local_addr().ok();
@@ -204,7 +208,7 @@ pub async fn run(
             (limit.clone(), clients.clone()),
             connections.clone(),
             (config.header_read_timeout, config.proxy_protocol.clone()),
-            shutdown.clone(),
+            accepting.clone(),
         ));
     }
     acceptors.close();
@@ -310,8 +314,11 @@ pub async fn run(
     // Every acceptor stops at the stop; then the drain.
     shutdown.cancelled().await;
     // At once: a CONNECT on a kept-alive connection is refused from the
-    // stop on (`Proxy::open_tunnel`), not from when the listeners closed.
+    // stop on (`Proxy::open_tunnel`), and before the listeners close (the
+    // acceptors ran on other threads than this, which a busy host could
+    // wake 50 ms later: a listener seen gone, then a tunnel opened).
     tunnels.close();
+    accepting.cancel();
     acceptors.wait().await;
     // The drain may take longer than the unit's TimeoutStopSec (40 s in
     // deploy/): systemd is asked for the drain and a margin, rather than
