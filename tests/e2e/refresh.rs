@@ -386,8 +386,10 @@ fn a_stop_during_the_first_pool_read_ends_the_command() {
     alloc.signal(Signal::SIGTERM);
     let status = alloc.wait(PATIENCE);
     assert!(status.success(), "{status:?}");
+    // (Well short of the command's 60 s timeout; a debug build's stop on
+    // a busy host may take a second or more.)
     assert!(
-        asked.elapsed() < std::time::Duration::from_secs(3),
+        asked.elapsed() < std::time::Duration::from_secs(8),
         "{:?}",
         asked.elapsed()
     );

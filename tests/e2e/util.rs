@@ -344,7 +344,34 @@ impl Worker {
             TcpStream::connect(addr).await.is_ok()
         })
         .await;
+        // It listens before its signal handlers are in place: a SIGTERM
+        // or SIGHUP a test sends at once would end it, on a busy host.
+        // (A wrapper that has not yet become the worker is not waited for.)
+        let pid = proc.pid();
+        eventually("the worker's signal handlers", || async move {
+            handles(pid, &[Signal::SIGTERM, Signal::SIGHUP])
+        })
+        .await;
         Worker { proc, addr }
+    }
+}
+
+/// Whether process `pid` has handlers for every signal of `signals`
+/// (`SigCgt` in its status); true for a process that is not a rotor
+/// binary (a wrapper), or gone.
+pub fn handles(pid: Pid, signals: &[Signal]) -> bool {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if !comm.trim().starts_with("rotor") {
+        return true;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let caught = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok());
+    match caught {
+        Some(m) => signals.iter().all(|s| m & 1 << (*s as i32 - 1) != 0),
+        None => true,
     }
 }
 
