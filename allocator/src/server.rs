@@ -983,7 +983,7 @@ async fn answer(
             }
         }
         Request::Attach => alloc.attach(id, peer.rights == Rights::Lease),
-        Request::Reloads => alloc.reloads(),
+        Request::Reloads => alloc.reloads_for(id),
         Request::LeaseSite { families, site } => alloc.lease_site(id, families, &site),
         Request::LeaseSiteWait {
             families,

@@ -943,9 +943,13 @@ struct Peer {
     /// The last reload a worker said it made: the table's id and reload
     /// count it acted on, and the parts that failed.
     reloaded: Option<((u64, u64), Failed)>,
-    /// The table's id and reload count when it connected: a reload asked
-    /// before is not one it makes (it read its files as it started).
+    /// The table's id and reload count when it connected, or, once it
+    /// asked (`reloads_for`, a worker's first request), the count it was
+    /// told: a reload asked before is not one it makes (it read its files
+    /// as it started, and counts from what it was told).
     joined: (u64, u64),
+    /// Whether `joined` is the count it was told.
+    told: bool,
     /// The entries its last metrics report had answers from: its word of
     /// failed connects that follows is not heard for them (an entry of
     /// many addresses, a /64, answers from some while others fail; one
@@ -2075,6 +2079,25 @@ impl Allocator {
         Response::Reloads { table, count }
     }
 
+    /// As `reloads`, asked by `peer`: the first count a worker is told is
+    /// where it counts reloads from, and where this allocator expects its
+    /// word of them from (`worker_reloads`), read and kept under one lock.
+    /// (From its Hello, a reload asked before it mapped the table was one
+    /// it never made, and `rotor reload` waited for its word, then said 3.)
+    pub fn reloads_for(&self, peer: u64) -> Response {
+        let mut inner = self.lock();
+        let (table, count) = {
+            let t = inner.pool.table();
+            (t.id(), t.reloads())
+        };
+        if let Some(p) = inner.peers.get_mut(&peer) {
+            if !std::mem::replace(&mut p.told, true) {
+                p.joined = (table, count);
+            }
+        }
+        Response::Reloads { table, count }
+    }
+
     /// The lease table's id and its count of reloads asked.
     pub fn reloads_asked(&self) -> (u64, u64) {
         let inner = self.lock();
@@ -2270,6 +2293,7 @@ impl Allocator {
                 lease_only: false,
                 reloaded: None,
                 joined,
+                told: false,
                 answered: HashSet::new(),
             },
         );
@@ -3800,6 +3824,34 @@ mod tests {
             w.iter().map(|w| &w.outcome).collect::<Vec<_>>(),
             [&O::NoWord, &O::TooOld, &O::Done { failed: vec![] }]
         );
+    }
+
+    /// A worker is expected to make the reloads after the first count it
+    /// is told (its first request), not after its Hello: one asked in
+    /// between is not one it makes. Asked again, the count does not move.
+    #[test]
+    fn a_worker_counts_reloads_from_the_first_count_it_is_told() {
+        use rotor_protocol::{Role, WorkerReloadOutcome as O};
+        let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
+        a.peer_connected(1, Hello::new(Role::Worker, "t"));
+        a.announce_reload();
+        let between = a.reloads_asked();
+        let outcome = |asked| a.worker_reloads(asked).0.remove(0).outcome;
+        assert_eq!(outcome(between), O::NoWord);
+        assert_eq!(
+            a.reloads_for(1),
+            Response::Reloads {
+                table: between.0,
+                count: between.1
+            }
+        );
+        assert_eq!(outcome(between), O::Done { failed: vec![] });
+        a.announce_reload();
+        let after = a.reloads_asked();
+        let _ = a.reloads_for(1);
+        assert_eq!(outcome(after), O::NoWord, "counted from the first answer");
+        a.worker_reloaded(1, after, Vec::new());
+        assert_eq!(outcome(after), O::Done { failed: vec![] });
     }
 
     #[test]

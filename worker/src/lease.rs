@@ -139,9 +139,10 @@ struct Conn {
     table: RwLock<Option<(Arc<LeaseTable>, Option<u32>)>>,
     /// Woken when the table was found closed, to ask for its successor.
     reattach: Notify,
-    /// The first table this connection mapped (or, leasing over the
-    /// socket, the first count asked), and its reload count then: what a
-    /// reload asked later is told from (`reloads_at_attach`).
+    /// The first count of reloads asked over this connection (its first
+    /// request; without an answer, the first table it mapped's count
+    /// then): what a reload asked later is told from
+    /// (`reloads_at_attach`), as the allocator counts this worker's from.
     first_reloads: Mutex<Option<(u64, u64)>>,
     /// The allocator's protocol minor.
     minor: u16,
@@ -1267,6 +1268,13 @@ async fn manage(
             if server.minor >= MINOR_LEASE_TABLE {
                 // Ids from the top, apart from the requests' ids.
                 let mut id = u64::MAX;
+                // The reloads asked, first: this connection counts them
+                // from the answer, and the allocator expects word of
+                // those after it, the same count (from the table's count
+                // when mapped, a reload asked between the Hello and the
+                // mapping was expected and never made).
+                conn.socket_reloads(id).await;
+                id -= 1;
                 // A copy of the pool first, before the table is mapped:
                 // table leases are checked against it, also when the
                 // allocator stops answering before this worker's first
