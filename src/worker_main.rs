@@ -237,6 +237,12 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                         _ = signals.fast.cancelled() => return,
                         _ = tick.tick() => {}
                     }
+                    // Not before the connection was told its first count
+                    // (its first request): it counts from that, as the
+                    // allocator counts this worker's.
+                    if leases.reloads_at_attach().is_none() {
+                        continue;
+                    }
                     let Some(now) = leases.reloads_asked().await else {
                         continue;
                     };
@@ -428,13 +434,15 @@ fn started_after_this_worker(pid: u32) -> bool {
 }
 
 /// Where a look at the reloads asked counts from: over the same
-/// connection, what was seen last; over a new one, its table's count when
-/// mapped (a reload asked in between is not lost, nor is a restarted
-/// allocator's predecessor's count taken for its own), but to a
+/// connection, what was seen last; over a new one to the same allocator
+/// too (a reload asked while this worker was away — frozen past the
+/// allocator's patience, say — is not lost: the new connection's first
+/// count includes it); at the first look, the first count the connection
+/// was told (`at`: a reload asked in between is not lost), but to a
 /// `restarted` allocator (another process than the last look's), from 0:
 /// its count started over, and a reload asked of it before this worker
 /// reconnected (`rotor up` passing on a SIGHUP that came during the
-/// restart) was counted before the table was mapped, and was missed.
+/// restart) was counted before the worker was told, and was missed.
 fn counted_from(
     at: Option<(u64, u64)>,
     mapped_at: Option<(u64, u64)>,
@@ -443,7 +451,7 @@ fn counted_from(
 ) -> Option<(u64, u64)> {
     match (at, at != mapped_at) {
         (Some((table, _)), true) if restarted => Some((table, 0)),
-        (_, true) => at,
+        (_, true) => seen.or(at),
         (_, false) => seen,
     }
 }
@@ -581,13 +589,21 @@ mod tests {
             true,
             (9, 0)
         ));
-        // The same allocator, reconnected: from its table as mapped again.
+        // The same allocator, reconnected: from what was seen, not taken
+        // twice, nor missed when asked while this worker was away.
         assert!(!look(
             Some((7, 3)),
             Some((7, 2)),
             Some((7, 3)),
             false,
             (7, 3)
+        ));
+        assert!(look(
+            Some((7, 4)),
+            Some((7, 2)),
+            Some((7, 3)),
+            false,
+            (7, 4)
         ));
     }
 

@@ -2091,7 +2091,10 @@ impl Allocator {
             (t.id(), t.reloads())
         };
         if let Some(p) = inner.peers.get_mut(&peer) {
-            if !std::mem::replace(&mut p.told, true) {
+            // (An older worker asks later, if at all, and counts from its
+            // table: its Hello's count stands.)
+            let first = p.hello.minor >= rotor_protocol::MINOR_FIRST_RELOADS;
+            if first && !std::mem::replace(&mut p.told, true) {
                 p.joined = (table, count);
             }
         }
@@ -3852,6 +3855,15 @@ mod tests {
         assert_eq!(outcome(after), O::NoWord, "counted from the first answer");
         a.worker_reloaded(1, after, Vec::new());
         assert_eq!(outcome(after), O::Done { failed: vec![] });
+        // An older worker asks later, if at all, and counts from its
+        // table: its Hello's count stands.
+        let mut old = Hello::new(Role::Worker, "t");
+        old.minor = rotor_protocol::MINOR_FIRST_RELOADS - 1;
+        a.peer_connected(2, old);
+        a.announce_reload();
+        let later = a.reloads_asked();
+        let _ = a.reloads_for(2);
+        assert_eq!(a.worker_reloads(later).0[1].outcome, O::NoWord);
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 14;
+pub const PROTOCOL_MINOR: u16 = 15;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
@@ -82,6 +82,11 @@ pub const UNREACHED_DESTINATIONS: usize = 4;
 /// others: the site's refusal of that address) and
 /// `Request::SiteConnected`.
 pub const MINOR_SITE_UNREACHED: u16 = 14;
+/// The first minor whose worker asks `Request::Reloads` first on each
+/// connection and counts the reloads asked from its answer: its allocator
+/// expects the worker's word of the reloads after that count (an older
+/// worker's, of those after its Hello).
+pub const MINOR_FIRST_RELOADS: u16 = 15;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
 /// sides; the last bucket (+Inf) is implicit. Up to an hour: what they

@@ -543,12 +543,12 @@ async fn a_socks5_handshake_begun_in_the_grace_is_let_finish() {
     accepted(socks).await;
     w.proc.signal(nix::sys::signal::Signal::SIGTERM);
     drain_begun(socks).await;
-    // The greeting in the grace (1 s from the stop), the request 0.5 s
-    // later: past the grace's end (by 0.2 s at least), and well within
-    // the greeting's own (a busy host's delays are 0.5 s from failing it).
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // The greeting in the grace (1 s from the stop), the request 0.6 s
+    // later: past the grace's end (by 0.2 s at least), and within the
+    // greeting's own (a busy host's delays are 0.4 s from failing either).
+    tokio::time::sleep(Duration::from_millis(600)).await;
     greet(&mut s).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
     tunnel_to_echo(&mut s, echo.addr).await;
     drop(s);
     let status = exit_of(w, Duration::from_secs(10)).await;

@@ -257,9 +257,30 @@ impl Conn {
         }
     }
 
+    /// The reloads asked of the allocator when this connection's first
+    /// request (`id`) was answered: where it counts from (`first_reloads`),
+    /// as the allocator counts this worker's from. Waited for as long as
+    /// it takes (the allocator answers a connection's requests in order:
+    /// nothing else would come sooner); `None` from an allocator older
+    /// than minor 7, or a connection gone.
+    async fn first_reloads_asked(&self, id: u64) -> Option<(u64, u64)> {
+        if self.minor < MINOR_RELOADS {
+            return None;
+        }
+        match self.call(id, Request::Reloads).await {
+            Some(Response::Reloads { table, count }) => {
+                *self.first_reloads.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((table, count));
+                Some((table, count))
+            }
+            _ => None,
+        }
+    }
+
     /// The reloads asked of the allocator, asked over this connection
     /// (minor 7), with the table's id; the first answer is where this
-    /// connection counts from (`first_reloads`).
+    /// connection counts from (`first_reloads`), unless its first request
+    /// said it.
     async fn socket_reloads(&self, id: u64) -> Option<(u64, u64)> {
         if self.minor < MINOR_RELOADS {
             return None;
@@ -1273,7 +1294,7 @@ async fn manage(
                 // those after it, the same count (from the table's count
                 // when mapped, a reload asked between the Hello and the
                 // mapping was expected and never made).
-                conn.socket_reloads(id).await;
+                conn.first_reloads_asked(id).await;
                 id -= 1;
                 // A copy of the pool first, before the table is mapped:
                 // table leases are checked against it, also when the
@@ -1294,10 +1315,6 @@ async fn manage(
                     id -= 1;
                     conn.reattach.notified().await;
                 }
-                // Over the socket from here on: the reloads asked are
-                // counted from now (a reload asked before the watcher's
-                // first look is not lost).
-                conn.socket_reloads(id - 1).await;
             }
             std::future::pending::<()>().await
         };
