@@ -1114,13 +1114,25 @@ enum ConnectError {
 /// A connected channel and the allocator's protocol minor.
 async fn connect(path: &PathBuf) -> Result<(ClientChannel<UnixStream>, Hello), ConnectError> {
     let stream = UnixStream::connect(path).await?;
+    // The allocator's process as this worker sees it (the kernel's word,
+    // in this pid namespace): its Hello's pid is its own namespace's, pid 1
+    // at every restart in a container of its own, and a restart was not
+    // told from a reconnection. (0: not visible from here.)
+    let seen_pid = stream
+        .peer_cred()
+        .ok()
+        .and_then(|c| c.pid())
+        .filter(|p| *p > 0);
     let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
-    let server = tokio::time::timeout(
+    let mut server = tokio::time::timeout(
         Duration::from_secs(5),
         client_handshake(&mut chan, Hello::new(Role::Worker, SOFTWARE)),
     )
     .await
     .map_err(|_| ConnectError::Timeout)??;
+    if let Some(pid) = seen_pid {
+        server.pid = pid as u32;
+    }
     Ok((chan, server))
 }
 
@@ -1611,6 +1623,24 @@ mod tests {
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(conns.load(Ordering::Relaxed), 1, "no reconnection");
+    }
+
+    /// The allocator's process is the kernel's word for it (this process,
+    /// here), not its Hello's pid (its own pid namespace's).
+    #[tokio::test]
+    async fn the_allocators_pid_is_the_kernels_word() {
+        let (_dir, path, _) = fake_allocator(|s| async move {
+            let mut chan: ServerChannel<_> = ServerChannel::new(s);
+            let mut ours = Hello::new(Role::Allocator, "in a container");
+            ours.pid = 1;
+            if server_handshake(&mut chan, ours).await.is_err() {
+                return;
+            }
+            while let Ok(Some(_)) = chan.recv().await {}
+        });
+        let client = LeaseClient::start(path, Duration::from_secs(2), CancellationToken::new());
+        assert!(client.connected(Duration::from_secs(2)).await);
+        assert_eq!(client.allocator_pid(), Some(std::process::id()));
     }
 
     /// Push-backs told while no allocator is there go to it once it is,
