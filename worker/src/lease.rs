@@ -1488,6 +1488,17 @@ mod tests {
         (dir, path, conns)
     }
 
+    /// A fake allocator's side of a connection once it said `ours` in the
+    /// handshake; `None` if the handshake failed.
+    async fn greeted(
+        s: tokio::net::UnixStream,
+        ours: Hello,
+    ) -> Option<ServerChannel<tokio::net::UnixStream>> {
+        let mut chan: ServerChannel<_> = ServerChannel::new(s);
+        server_handshake(&mut chan, ours).await.ok()?;
+        Some(chan)
+    }
+
     /// One metrics report queued at a time: the next is refused (the
     /// meter keeps its figures for the next try) until the writer takes
     /// the first; other requests are queued as ever.
@@ -1594,12 +1605,11 @@ mod tests {
     #[tokio::test]
     async fn a_request_an_older_allocator_cannot_read_is_not_sent() {
         let (_dir, path, conns) = fake_allocator(|s| async move {
-            let mut chan: ServerChannel<_> = ServerChannel::new(s);
             let mut ours = Hello::new(Role::Allocator, "old");
             ours.minor = 0;
-            if server_handshake(&mut chan, ours).await.is_err() {
+            let Some(mut chan) = greeted(s, ours).await else {
                 return;
-            }
+            };
             while let Ok(Some(frame)) = chan.recv().await {
                 if let ClientFrame::Request(e) = frame {
                     if e.body.min_minor() > 0 {
@@ -1630,12 +1640,11 @@ mod tests {
     #[tokio::test]
     async fn the_allocators_pid_is_the_kernels_word() {
         let (_dir, path, _) = fake_allocator(|s| async move {
-            let mut chan: ServerChannel<_> = ServerChannel::new(s);
             let mut ours = Hello::new(Role::Allocator, "in a container");
             ours.pid = 1;
-            if server_handshake(&mut chan, ours).await.is_err() {
+            let Some(mut chan) = greeted(s, ours).await else {
                 return;
-            }
+            };
             while let Ok(Some(_)) = chan.recv().await {}
         });
         let client = LeaseClient::start(path, Duration::from_secs(2), CancellationToken::new());
