@@ -214,8 +214,13 @@ fn check(
             unusable - NAMED
         );
     }
+    // A socket directory it would refuse at its start, refused here
+    // (making nothing).
     if passed {
         say!("ok: socket passed by systemd");
+    } else if let Err(e) = rotor_allocator::socket_dir_unmade(socket) {
+        ok = false;
+        say!("error: {}", error_chain(&e));
     } else {
         say!("ok: socket {}", socket.display());
     }

@@ -230,23 +230,28 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         error!("{addr} is --metrics-listen and a listen address (or within a wildcard one) on the same port: give the metrics their own port");
         return ExitCode::from(2);
     }
+    let socket = args.common.socket(&file);
     if args.common.check || args.common.check_config {
+        // (Making nothing: a directory not there yet would be made.)
+        if let Err(e) = rotor_allocator::socket_dir_unmade(&socket) {
+            error!("{}", rotor_protocol::error_chain(&e));
+            return ExitCode::from(2);
+        }
         say!("ok: {workers} workers on {listen:?} (HTTP), {socks_listen:?} (SOCKS5), {tls_listen:?} (TLS)");
         return ExitCode::SUCCESS;
-    }
-    let socket = args.common.socket(&file);
-    if tokio::net::UnixStream::connect(&socket).await.is_ok() {
-        error!(
-            socket = %socket.display(),
-            "an allocator already serves this socket: is another rotor up running? Stop it, or give this one its own --socket and --listen"
-        );
-        return ExitCode::from(2);
     }
     // A socket directory the allocator would refuse (one others can
     // change), or cannot make: refused at every start, after ten seconds
     // of them; said once, here.
     if let Err(e) = rotor_allocator::socket_dir(&socket) {
         error!("{}", rotor_protocol::error_chain(&e));
+        return ExitCode::from(2);
+    }
+    if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+        error!(
+            socket = %socket.display(),
+            "an allocator already serves this socket: is another rotor up running? Stop it, or give this one its own --socket and --listen"
+        );
         return ExitCode::from(2);
     }
     // The state directory another allocator holds: its allocator would

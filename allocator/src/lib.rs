@@ -79,4 +79,4 @@ pub(crate) fn due(
     due
 }
 
-pub use server::{bind_socket, run, socket_dir, BindError, Config, RunError};
+pub use server::{bind_socket, run, socket_dir, socket_dir_unmade, BindError, Config, RunError};

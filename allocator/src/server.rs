@@ -121,13 +121,8 @@ pub fn bind_socket(path: &Path, access: &Access) -> Result<UnixListener, BindErr
 /// `bind_socket` checks first, for `rotor up` to refuse at once (exit 2)
 /// a directory its allocator would refuse at every start.
 pub fn socket_dir(path: &Path) -> Result<(), BindError> {
-    // A bare name is in the working directory, checked as any other.
-    let parent = path.parent().map(|d| match d.as_os_str().is_empty() {
-        true => Path::new("."),
-        false => d,
-    });
-    if let Some(dir) = parent {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if let Some(dir) = socket_parent(path) {
+        use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o755)
@@ -136,31 +131,53 @@ pub fn socket_dir(path: &Path) -> Result<(), BindError> {
                 path: dir.to_path_buf(),
                 source,
             })?;
-        // Anyone could replace or pre-create the socket in a world-writable
-        // directory (such as /tmp) and take the workers' leases.
-        // Nor may another user own it (a /tmp/rotor-UID made first by
-        // someone else).
-        // A link another user made (in /tmp) could be pointed elsewhere
-        // after the check; root's (/var/run) or our own could not.
-        use std::os::unix::fs::MetadataExt;
-        let me = nix::unistd::Uid::effective().as_raw();
-        let link = std::fs::symlink_metadata(dir).map_err(|source| BindError::Dir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        if link.file_type().is_symlink() && link.uid() != me && link.uid() != 0 {
-            return Err(BindError::LinkedDir(dir.to_path_buf(), link.uid()));
-        }
-        let meta = std::fs::metadata(dir).map_err(|source| BindError::Dir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        if meta.permissions().mode() & 0o002 != 0 {
-            return Err(BindError::WorldWritable(dir.to_path_buf()));
-        }
-        if meta.uid() != me && meta.uid() != 0 {
-            return Err(BindError::ForeignDir(dir.to_path_buf(), meta.uid()));
-        }
+        dir_is_ours(dir)?;
+    }
+    Ok(())
+}
+
+/// As `socket_dir`, making nothing (`--check`): a directory that is not
+/// there yet passes (it would be made).
+pub fn socket_dir_unmade(path: &Path) -> Result<(), BindError> {
+    match socket_parent(path) {
+        Some(dir) if std::fs::symlink_metadata(dir).is_ok() => dir_is_ours(dir),
+        _ => Ok(()),
+    }
+}
+
+/// The directory of socket `path` (a bare name's is the working
+/// directory, checked as any other).
+fn socket_parent(path: &Path) -> Option<&Path> {
+    path.parent().map(|d| match d.as_os_str().is_empty() {
+        true => Path::new("."),
+        false => d,
+    })
+}
+
+/// Whether `dir` is one only this user (or root) can change.
+fn dir_is_ours(dir: &Path) -> Result<(), BindError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    // Anyone could replace or pre-create the socket in a world-writable
+    // directory (such as /tmp) and take the workers' leases.
+    // Nor may another user own it (a /tmp/rotor-UID made first by
+    // someone else).
+    // A link another user made (in /tmp) could be pointed elsewhere
+    // after the check; root's (/var/run) or our own could not.
+    let me = nix::unistd::Uid::effective().as_raw();
+    let dir_error = |source| BindError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let link = std::fs::symlink_metadata(dir).map_err(dir_error)?;
+    if link.file_type().is_symlink() && link.uid() != me && link.uid() != 0 {
+        return Err(BindError::LinkedDir(dir.to_path_buf(), link.uid()));
+    }
+    let meta = std::fs::metadata(dir).map_err(dir_error)?;
+    if meta.permissions().mode() & 0o002 != 0 {
+        return Err(BindError::WorldWritable(dir.to_path_buf()));
+    }
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(BindError::ForeignDir(dir.to_path_buf(), meta.uid()));
     }
     Ok(())
 }

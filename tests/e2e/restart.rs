@@ -123,6 +123,49 @@ fn rotor_up_refuses_a_world_writable_socket_directory_at_once() {
     assert!(!socket.exists());
 }
 
+/// `--check` says so too, making nothing, of `rotor up` (exit 2) and of
+/// the allocator (exit 1, as for its other checks); a directory not there
+/// yet passes (it would be made) and is not made. (Both said ok.)
+#[test]
+fn check_refuses_a_world_writable_socket_directory_and_makes_none() {
+    let socket = format!("/tmp/rotor-test-check-{}.sock", std::process::id());
+    let run = |program: &str, first: &[&str], socket: &str| {
+        let out = std::process::Command::new(program)
+            .args(first)
+            .args([
+                "--check",
+                "--socket",
+                socket,
+                "--pool",
+                "127.0.0.2",
+                "--no-state",
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        (out.status.code(), text)
+    };
+    let (code, text) = run(ROTOR, &["up", "--workers", "1"], &socket);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("world-writable"), "{text}");
+    let (code, text) = run(ALLOCATOR, &[], &socket);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("error: the socket directory /tmp is world-writable"),
+        "{text}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let unmade = dir.path().join("run/rotor");
+    let socket = unmade.join("a.sock");
+    let socket = socket.to_str().unwrap();
+    let (code, text) = run(ROTOR, &["up", "--workers", "1"], socket);
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = run(ALLOCATOR, &[], socket);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(!unmade.exists(), "--check made the socket directory");
+}
+
 /// Nor in one another user owns (a `/tmp/rotor-UID` made first by someone
 /// else could have its socket replaced by them).
 #[test]
