@@ -224,9 +224,6 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             let signals = signals.clone();
             tokio::spawn(async move {
                 let mut seen = None;
-                // Where the connection's first table stood when mapped: a
-                // new one (the first look, a reconnect) is counted from.
-                let mut mapped_at = None;
                 // The allocator process of the last look.
                 let mut allocator: Option<u32> = None;
                 let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
@@ -240,24 +237,19 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
                     // Not before the connection was told its first count
                     // (its first request): it counts from that, as the
                     // allocator counts this worker's.
-                    if leases.reloads_at_attach().is_none() {
+                    let Some(at) = leases.reloads_at_attach() else {
                         continue;
-                    }
+                    };
                     let Some(now) = leases.reloads_asked().await else {
                         continue;
                     };
-                    // The first look over a connection counts from its
-                    // table's count when mapped, not from what it sees (a
-                    // reload asked in between is not lost), nor from a
-                    // restarted allocator's predecessor.
-                    let at = leases.reloads_at_attach();
                     let pid = leases.allocator_pid();
                     let restarted = restarted(pid, allocator, started_after_this_worker);
-                    let since = counted_from(at, mapped_at, seen, restarted);
+                    let since = counted_from(at, seen, restarted);
                     // (A look that lost the connection half-way keeps the
                     // allocator it knew: the same one next is no restart.)
-                    (mapped_at, allocator) = (at, pid.or(allocator));
-                    if since.is_some_and(|since| reload_asked(since, now)) {
+                    allocator = pid.or(allocator);
+                    if reload_asked(since, now) {
                         tracing::info!("the allocator was asked to reload; reloading");
                         leases.asked_to_reload(now);
                         signals.reload_now();
@@ -433,26 +425,20 @@ fn started_after_this_worker(pid: u32) -> bool {
     }
 }
 
-/// Where a look at the reloads asked counts from: over the same
-/// connection, what was seen last; over a new one to the same allocator
-/// too (a reload asked while this worker was away — frozen past the
-/// allocator's patience, say — is not lost: the new connection's first
-/// count includes it); at the first look, the first count the connection
-/// was told (`at`: a reload asked in between is not lost), but to a
-/// `restarted` allocator (another process than the last look's), from 0:
-/// its count started over, and a reload asked of it before this worker
-/// reconnected (`rotor up` passing on a SIGHUP that came during the
-/// restart) was counted before the worker was told, and was missed.
-fn counted_from(
-    at: Option<(u64, u64)>,
-    mapped_at: Option<(u64, u64)>,
-    seen: Option<(u64, u64)>,
-    restarted: bool,
-) -> Option<(u64, u64)> {
-    match (at, at != mapped_at) {
-        (Some((table, _)), true) if restarted => Some((table, 0)),
-        (_, true) => seen.or(at),
-        (_, false) => seen,
+/// Where a look at the reloads asked counts from: what was seen last, over
+/// this connection or an earlier one to the same allocator (a reload
+/// asked while this worker was away — frozen past the allocator's
+/// patience, say — is not lost: the new connection's first count includes
+/// it); at the first look, the first count the connection was told (`at`:
+/// a reload asked in between is not lost); but to a `restarted` allocator
+/// (another process than the last look's), from 0 in its table: its count
+/// started over, and a reload asked of it before this worker reconnected
+/// (`rotor up` passing on a SIGHUP that came during the restart) was
+/// counted before the worker was told, and was missed.
+fn counted_from(at: (u64, u64), seen: Option<(u64, u64)>, restarted: bool) -> (u64, u64) {
+    match restarted {
+        true => (at.0, 0),
+        false => seen.unwrap_or(at),
     }
 }
 
@@ -565,46 +551,20 @@ mod tests {
     /// first connection's count at its mapping (read at the start).
     #[test]
     fn a_restarted_allocators_reloads_count_from_its_start() {
-        let look = |at, mapped_at, seen, restarted, now| {
-            counted_from(at, mapped_at, seen, restarted).is_some_and(|s| reload_asked(s, now))
-        };
+        let look = |at, seen, restarted, now| reload_asked(counted_from(at, seen, restarted), now);
         // The first look: from the table as mapped.
-        assert!(!look(Some((7, 2)), None, None, false, (7, 2)));
-        assert!(look(Some((7, 2)), None, None, false, (7, 3)));
+        assert!(!look((7, 2), None, false, (7, 2)));
+        assert!(look((7, 2), None, false, (7, 3)));
         // The same connection: from what was seen.
-        assert!(!look(
-            Some((7, 2)),
-            Some((7, 2)),
-            Some((7, 3)),
-            false,
-            (7, 3)
-        ));
+        assert!(!look((7, 2), Some((7, 3)), false, (7, 3)));
         // A new allocator process, asked once before the worker came back.
-        assert!(look(Some((9, 1)), Some((7, 2)), Some((7, 3)), true, (9, 1)));
+        assert!(look((9, 1), Some((7, 3)), true, (9, 1)));
         // Nothing asked of it.
-        assert!(!look(
-            Some((9, 0)),
-            Some((7, 2)),
-            Some((7, 3)),
-            true,
-            (9, 0)
-        ));
+        assert!(!look((9, 0), Some((7, 3)), true, (9, 0)));
         // The same allocator, reconnected: from what was seen, not taken
         // twice, nor missed when asked while this worker was away.
-        assert!(!look(
-            Some((7, 3)),
-            Some((7, 2)),
-            Some((7, 3)),
-            false,
-            (7, 3)
-        ));
-        assert!(look(
-            Some((7, 4)),
-            Some((7, 2)),
-            Some((7, 3)),
-            false,
-            (7, 4)
-        ));
+        assert!(!look((7, 3), Some((7, 3)), false, (7, 3)));
+        assert!(look((7, 4), Some((7, 3)), false, (7, 4)));
     }
 
     #[test]

@@ -2072,16 +2072,11 @@ impl Allocator {
     }
 
     /// The reloads asked of this allocator, as its lease table counts them,
-    /// with the table's id: what a worker that cannot map the table asks
-    /// (the count its table holds for those that can).
-    pub fn reloads(&self) -> Response {
-        let (table, count) = self.reloads_asked();
-        Response::Reloads { table, count }
-    }
-
-    /// As `reloads`, asked by `peer`: the first count a worker is told is
-    /// where it counts reloads from, and where this allocator expects its
-    /// word of them from (`worker_reloads`), read and kept under one lock.
+    /// with the table's id, asked by `peer` (a worker that cannot map the
+    /// table; every worker of minor 15, first on each connection). The
+    /// first count a worker is told is where it counts reloads from, and
+    /// where this allocator expects its word of them from
+    /// (`worker_reloads`), read and kept under one lock.
     /// (From its Hello, a reload asked before it mapped the table was one
     /// it never made, and `rotor reload` waited for its word, then said 3.)
     pub fn reloads_for(&self, peer: u64) -> Response {

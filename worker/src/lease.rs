@@ -264,36 +264,28 @@ impl Conn {
     /// nothing else would come sooner); `None` from an allocator older
     /// than minor 7, or a connection gone.
     async fn first_reloads_asked(&self, id: u64) -> Option<(u64, u64)> {
+        let first = self.ask_reloads(id).await?;
+        *self.first_reloads.lock().unwrap_or_else(|e| e.into_inner()) = Some(first);
+        Some(first)
+    }
+
+    /// The reloads asked of the allocator, asked over this connection
+    /// (minor 7), with the table's id, within a second (the connection
+    /// counts from its first request's answer: `first_reloads_asked`).
+    async fn socket_reloads(&self, id: u64) -> Option<(u64, u64)> {
+        tokio::time::timeout(Duration::from_secs(1), self.ask_reloads(id))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// `Request::Reloads` (an allocator of minor 7 or later answers it).
+    async fn ask_reloads(&self, id: u64) -> Option<(u64, u64)> {
         if self.minor < MINOR_RELOADS {
             return None;
         }
         match self.call(id, Request::Reloads).await {
-            Some(Response::Reloads { table, count }) => {
-                *self.first_reloads.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((table, count));
-                Some((table, count))
-            }
-            _ => None,
-        }
-    }
-
-    /// The reloads asked of the allocator, asked over this connection
-    /// (minor 7), with the table's id; the first answer is where this
-    /// connection counts from (`first_reloads`), unless its first request
-    /// said it.
-    async fn socket_reloads(&self, id: u64) -> Option<(u64, u64)> {
-        if self.minor < MINOR_RELOADS {
-            return None;
-        }
-        let asked = tokio::time::timeout(Duration::from_secs(1), self.call(id, Request::Reloads));
-        match asked.await {
-            Ok(Some(Response::Reloads { table, count })) => {
-                self.first_reloads
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_or_insert((table, count));
-                Some((table, count))
-            }
+            Some(Response::Reloads { table, count }) => Some((table, count)),
             _ => None,
         }
     }
@@ -499,10 +491,10 @@ impl LeaseClient {
         Some(self.conn.borrow().as_ref()?.allocator_pid)
     }
 
-    /// The table first mapped over this connection to the allocator (or
-    /// the count first asked over it), and its reload count when it was:
-    /// where a watcher that first looks later counts from (a reload asked
-    /// in between is not lost).
+    /// The reloads asked of the allocator as this connection was first told
+    /// them (its first request; an allocator older than minor 7, its table
+    /// when mapped): where a watcher that first looks later counts from (a
+    /// reload asked in between is not lost).
     pub fn reloads_at_attach(&self) -> Option<(u64, u64)> {
         let conn = self.conn.borrow().clone()?;
         let first = *conn.first_reloads.lock().unwrap_or_else(|e| e.into_inner());
