@@ -731,3 +731,50 @@ async fn socks5_names_without_an_address_of_the_pools_family_are_unreachable() {
         "the escaped name was not looked up"
     );
 }
+
+/// A far end that speaks first: a banner, then, once the client's side
+/// has ended, `bye` (so the end was passed on), then its own end.
+async fn banner_server() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                s.write_all(b"banner\n").await?;
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest).await?;
+                s.write_all(b"bye\n").await?;
+                s.shutdown().await
+            });
+        }
+    });
+    addr
+}
+
+/// A SOCKS5 client that sends its whole request and shuts its side before
+/// the reply (`printf … | nc -N`: it only reads) has not left: it is
+/// answered, the tunnel relays the destination's words, and its end
+/// reaches the destination. (It was taken for gone and dropped with no
+/// reply.)
+#[tokio::test]
+async fn a_socks5_client_that_shuts_its_side_after_asking_is_answered() {
+    let far = banner_server().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let (_w, socks) = socks_worker(&alloc.socket, &[], false).await;
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(socks).await.unwrap();
+        let mut ask = vec![5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1];
+        ask.extend_from_slice(&far.port().to_be_bytes());
+        s.write_all(&ask).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+            .await
+            .expect("the tunnel ends once both sides have")
+            .unwrap();
+        assert!(got.len() >= 12, "{got:?}");
+        assert_eq!(got[..2], [5, 0], "{got:?}");
+        assert_eq!(got[2..4], [5, 0], "the reply: {got:?}");
+        assert_eq!(&got[12..], b"banner\nbye\n", "{got:?}");
+    }
+}
