@@ -104,6 +104,26 @@ async fn a_connect_with_content_is_refused() {
     );
 }
 
+/// A CONNECT target with userinfo (`user:pw@host:port`) is refused with
+/// 400, reaching nobody: authority-form is host and port only (RFC 9112
+/// §3.2.3), and the userinfo was taken off quietly, tunnelling to the
+/// host behind it.
+#[tokio::test]
+async fn a_connect_target_with_userinfo_is_refused() {
+    let echo = Echo::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    for target in [format!("user:pw@{}", echo.addr), format!("u@{}", echo.addr)] {
+        let (code, _s) = connect_tunnel(worker.addr, &target).await;
+        assert_eq!(code, 400, "{target}");
+    }
+    let (code, mut s) = connect_tunnel(worker.addr, &echo.addr.to_string()).await;
+    assert_eq!(code, 200);
+    s.write_all(b"hi").await.unwrap();
+    assert_eq!(read_exactly(&mut s, 2).await, b"hi");
+    assert_eq!(echo.peers.lock().unwrap().len(), 1, "only the plain target");
+}
+
 /// A tunnel takes over its connection's place under `--max-connections`:
 /// at the limit a CONNECT still opens (it needed a second place, so with
 /// `--max-connections 1` no tunnel ever opened), and holds the place while

@@ -2015,6 +2015,14 @@ fn connect_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
                     .is_none_or(|p| p.as_str().is_empty() || p.as_str() == "/")
         })
         .ok_or_else(|| ProxyError::BadRequest("CONNECT needs a host:port target".into()))?;
+    // authority-form is `uri-host ":" port` (RFC 9112 §3.2.3): `user@` is
+    // no part of it, and taken off quietly it would tunnel a target the
+    // client did not write.
+    if auth.as_str().contains('@') {
+        return Err(ProxyError::BadRequest(
+            "a CONNECT target is host:port, with no userinfo".into(),
+        ));
+    }
     let port = auth
         .port()
         .and_then(|p| h1::decimal::<u16>(p.as_str().as_bytes()))
@@ -2423,6 +2431,10 @@ mod tests {
             "2130706433:443",
             "[example.com]:443",
             "10.0.0.1.:443",
+            // userinfo is no part of authority-form (RFC 9112 §3.2.3).
+            "user:pw@example.com:443",
+            "user@127.0.0.1:443",
+            "@example.com:443",
         ] {
             assert!(connect_target(&bad.parse().unwrap()).is_err(), "{bad}");
         }
