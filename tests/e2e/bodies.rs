@@ -440,3 +440,33 @@ async fn a_100_continue_is_the_destinations_to_send() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(read_exactly(&mut c, 5).await, b"hello");
 }
+
+/// A request hyper's server reads (a chunked upload) whose client shuts its
+/// side once it is sent (`nc -N`) is answered: its end was taken for its
+/// going, and the request dropped unanswered. A client that leaves for
+/// good while its request waits is still given up (sites.rs,
+/// `a_connect_whose_client_leaves_while_it_waits_is_given_up`).
+#[tokio::test]
+async fn a_chunked_upload_whose_client_shuts_its_side_is_answered() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let url = origin.url("/up");
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        let req = format!(
+            "POST {url} HTTP/1.1\r\nHost: {}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            origin.addr
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut got))
+            .await
+            .expect("answered, then closed")
+            .unwrap();
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+    }
+    assert_eq!(origin.count(), 5);
+}

@@ -688,13 +688,22 @@ async fn a_client_gone_before_the_answer_has_its_request_given_up() {
             ),
             0,
         ),
-        // hyper's: a chunked upload.
+        // hyper's: a chunked upload, gone before its watch begins and
+        // after (hyper's server is told a client's end is no going: rotor
+        // watches, as on the fast path).
         (
             format!(
                 "POST http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\n\
                  Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
             ),
             0,
+        ),
+        (
+            format!(
+                "POST http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\n\
+                 Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            ),
+            1500,
         ),
     ];
     for (n, (req, stay)) in requests.iter().enumerate() {

@@ -732,25 +732,6 @@ async fn socks5_names_without_an_address_of_the_pools_family_are_unreachable() {
     );
 }
 
-/// A far end that speaks first: a banner, then, once the client's side
-/// has ended, `bye` (so the end was passed on), then its own end.
-async fn banner_server() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                s.write_all(b"banner\n").await?;
-                let mut rest = Vec::new();
-                s.read_to_end(&mut rest).await?;
-                s.write_all(b"bye\n").await?;
-                s.shutdown().await
-            });
-        }
-    });
-    addr
-}
-
 /// A SOCKS5 client that sends its whole request and shuts its side before
 /// the reply (`printf … | nc -N`: it only reads) has not left: it is
 /// answered, the tunnel relays the destination's words, and its end

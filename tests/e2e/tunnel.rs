@@ -124,6 +124,32 @@ async fn a_connect_target_with_userinfo_is_refused() {
     assert_eq!(echo.peers.lock().unwrap().len(), 1, "only the plain target");
 }
 
+/// A CONNECT whose client shuts its side right after the head (`printf …
+/// | nc -N`: a client that only reads, from a server that speaks first)
+/// is answered 200 and relayed, its end passed on to the destination and
+/// the destination's words brought back. hyper's server took the end for
+/// the client's going and dropped the request unanswered.
+#[tokio::test]
+async fn a_connect_whose_client_shuts_its_side_at_once_is_answered() {
+    let far = banner_server().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        let head = format!("CONNECT {far} HTTP/1.1\r\nHost: {far}\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut got))
+            .await
+            .expect("the tunnel ends once both sides have")
+            .unwrap();
+        let got = String::from_utf8_lossy(&got);
+        assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
+        assert!(got.ends_with("\r\n\r\nbanner\nbye\n"), "{got:?}");
+    }
+}
+
 /// A tunnel takes over its connection's place under `--max-connections`:
 /// at the limit a CONNECT still opens (it needed a second place, so with
 /// `--max-connections 1` no tunnel ever opened), and holds the place while

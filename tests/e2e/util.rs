@@ -1264,3 +1264,22 @@ pub fn logged_clients(log: &Path) -> Vec<String> {
         .map(|l| l["client"].as_str().unwrap_or_default().to_string())
         .collect()
 }
+
+/// A far end that speaks first: a banner, then, once the client's side
+/// has ended, `bye` (so the end was passed on), then its own end.
+pub async fn banner_server() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                s.write_all(b"banner\n").await?;
+                let mut rest = Vec::new();
+                s.read_to_end(&mut rest).await?;
+                s.write_all(b"bye\n").await?;
+                s.shutdown().await
+            });
+        }
+    });
+    addr
+}

@@ -530,6 +530,50 @@ pub fn call_watch() {
     WATCH_CALL.with(|c| c.set(true));
 }
 
+/// `fut`, unless its client goes first (`None`), watched as the fast path
+/// watches a waiting request's: only once the wait has called for it
+/// (`take_watch_call`: past `WATCH_CLIENT_AFTER`, or a wait for a site's
+/// budget begun). `peek` looks at the client's socket without taking
+/// anything: an end of its stream (or an error) is its going; bytes end
+/// the watch (a request or tunnel bytes sent early, left for later).
+///
+/// A client that sends its request and shuts its side (`nc -N`, one that
+/// only reads) still reads: watched at once, it was taken for gone and
+/// left unanswered. Watched from `WATCH_CLIENT_AFTER`, an answer that
+/// comes sooner reaches it; a request that waits longer for a client
+/// that only shut its side is given up, as nginx and hyper do.
+pub(crate) async fn unless_gone<F, P>(fut: F, mut peek: P) -> Option<F::Output>
+where
+    F: std::future::Future,
+    P: FnMut(&mut Context<'_>) -> Poll<io::Result<usize>>,
+{
+    let mut fut = std::pin::pin!(fut);
+    let (mut watching, mut early) = (false, false);
+    std::future::poll_fn(|cx| {
+        // (A call another task left.)
+        take_watch_call();
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        watching |= take_watch_call();
+        if watching && !early {
+            match peek(cx) {
+                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
+                Poll::Ready(Ok(_)) => early = true,
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// A look at `stream`'s next byte, for [`unless_gone`].
+pub(crate) fn peek_one(stream: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+    let mut byte = [0u8; 1];
+    stream.poll_peek(cx, &mut tokio::io::ReadBuf::new(&mut byte))
+}
+
 /// The first deadline of a wait of `wait` from `now` (`WATCH_CLIENT_AFTER`
 /// in, if sooner), and its end.
 fn deadlines(

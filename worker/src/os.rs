@@ -187,6 +187,19 @@ pub fn reset_at_close(fd: std::os::fd::RawFd) {
     let _ = socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO));
 }
 
+/// A stream of its own on the client socket `fd`, to watch it for its end
+/// (a duplicate: registered with the reactor apart, closed apart).
+///
+/// `fd` must be open: the caller's connection, whose request is being
+/// served (hyper's connection holds it while it polls the request).
+pub fn watchable(fd: std::os::fd::RawFd) -> std::io::Result<tokio::net::TcpStream> {
+    // SAFETY: open while the caller asks (above); a borrow for the one
+    // call, duplicated into a descriptor of its own.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let own = fd.try_clone_to_owned()?;
+    tokio::net::TcpStream::from_std(std::net::TcpStream::from(own))
+}
+
 /// The C library's text for getaddrinfo's error `code` (`gai_strerror`),
 /// which is what the standard library's lookup error says after its own
 /// prefix.

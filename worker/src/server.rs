@@ -572,6 +572,7 @@ impl Serving {
             // never get here). Counts the connection's requests as they
             // arrive: see the drain below.
             let fd = client_fd(io.get_ref());
+            let watch_fd = fd.filter(|_| !is_tls);
             let arrivals = Arc::new(Arrivals::default());
             if served {
                 arrivals.count.store(1, Ordering::Relaxed);
@@ -612,7 +613,27 @@ impl Serving {
                 let (sending, stopping) = (sending.clone(), stopping.clone());
                 async move {
                     let _guard = guard;
-                    let mut resp = proxy.handle(req, client).await;
+                    let handled = proxy.handle(req, client);
+                    // A plain client's going is rotor's to watch (hyper's
+                    // is told its half-closes are none: see `half_close`
+                    // below); over TLS hyper watches, at once.
+                    let mut resp = match watch_fd {
+                        None => handled.await,
+                        Some(fd) => {
+                            let mut dup = None;
+                            let peek = |cx: &mut std::task::Context<'_>| {
+                                match dup.get_or_insert_with(|| crate::os::watchable(fd)) {
+                                    Ok(s) => crate::h1::peek_one(s, cx),
+                                    // Not watched (no descriptor to spare).
+                                    Err(_) => std::task::Poll::Ready(Ok(1)),
+                                }
+                            };
+                            match crate::h1::unless_gone(handled, peek).await {
+                                Some(resp) => resp,
+                                None => return Err(ClientLeft),
+                            }
+                        }
+                    };
                     // An answer given before the request's body was read
                     // (a 403, a 502 for a destination that refused the
                     // upload) ends the connection, with a lingering close:
@@ -639,15 +660,26 @@ impl Serving {
                             }
                         }
                     }
-                    resp.map(|r| {
-                        r.map(|body| Streamed {
-                            body,
-                            _going: Sent::new(&sending),
-                        })
-                    })
+                    let Ok(resp) = resp;
+                    Ok(resp.map(|body| Streamed {
+                        body,
+                        _going: Sent::new(&sending),
+                    }))
                 }
             });
             let stop = &fast.stop;
+            // A plain client that sends its request and shuts its side
+            // (`nc -N`, one that only reads: a CONNECT to a server that
+            // speaks first) is answered, and its end passed on to a
+            // tunnel: hyper took that end for the client's going and
+            // dropped the request unanswered. Its going is watched by the
+            // service above, as the fast path's. (Over TLS the end comes
+            // after a close_notify, which a look at the socket cannot read:
+            // hyper watches.)
+            let mut builder = builder;
+            if watch_fd.is_some() {
+                builder.half_close(true);
+            }
             let mut conn = Box::pin(
                 builder
                     .serve_connection(TokioIo::new(io), service)
@@ -736,6 +768,20 @@ impl Serving {
         self.connections.spawn(fut);
     }
 }
+
+/// The error the service gives hyper for a request whose client left while
+/// it waited: the connection ends, unanswered (the request's line says
+/// `client_closed`, 499).
+#[derive(Debug)]
+struct ClientLeft;
+
+impl std::fmt::Display for ClientLeft {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the client left while its request waited")
+    }
+}
+
+impl std::error::Error for ClientLeft {}
 
 /// The client socket under `io` (a TLS session's too).
 fn client_fd(io: &ClientIo) -> Option<std::os::fd::RawFd> {

@@ -477,15 +477,21 @@ pub async fn serve(
     // Counted and logged however this ends, also dropped at the drain's
     // cut while the tunnel opens.
     let pending = proxy.pending(entry, started);
-    let opened = unless_gone(&stream, async {
-        let standing = caller.standing.as_ref();
-        crate::proxy::still_stands(standing)?;
-        let opened = proxy
-            .open_tunnel((&hs.host, hs.port, &dest), caller.sticky.as_ref(), false)
-            .await?;
-        crate::proxy::still_stands(standing)?;
-        Ok(opened)
-    })
+    // A client gone while its tunnel waits has it given up; one that only
+    // shut its side is answered (see `h1::unless_gone`). Bytes it sends
+    // early are the tunnel's, left unread.
+    let opened = crate::h1::unless_gone(
+        async {
+            let standing = caller.standing.as_ref();
+            crate::proxy::still_stands(standing)?;
+            let opened = proxy
+                .open_tunnel((&hs.host, hs.port, &dest), caller.sticky.as_ref(), false)
+                .await?;
+            crate::proxy::still_stands(standing)?;
+            Ok(opened)
+        },
+        |cx| crate::h1::peek_one(&stream, cx),
+    )
     .await;
     let entry = pending.answered();
     // A tunnel that did not open: counted, and logged as its HTTP twin.
@@ -557,42 +563,6 @@ pub async fn serve(
         (held, standing),
         entry,
     );
-}
-
-/// `fut`, unless the client of `stream` closes first (`None`). It sends
-/// nothing before the reply: bytes it sends early end the watch (they are
-/// the tunnel's, left unread), an end of its stream is its going.
-///
-/// Watched as the fast path watches a waiting request's client: only once
-/// the wait has passed `h1::WATCH_CLIENT_AFTER` (or began a wait for a
-/// site's budget). A client that sends its request and shuts its side
-/// (`nc -N`, one that only reads) is not gone: it still reads, and a
-/// tunnel opened in time is answered and relayed, its end passed on to
-/// the destination; watched at once, it was dropped unanswered. (And a
-/// tunnel that opens at once costs no `peek`.)
-async fn unless_gone<F: std::future::Future>(stream: &TcpStream, fut: F) -> Option<F::Output> {
-    use std::task::Poll;
-    tokio::pin!(fut);
-    let (mut watching, mut early) = (false, false);
-    std::future::poll_fn(|cx| {
-        // (A call another task left.)
-        crate::h1::take_watch_call();
-        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
-            return Poll::Ready(Some(out));
-        }
-        watching |= crate::h1::take_watch_call();
-        if watching && !early {
-            let mut byte = [0u8; 1];
-            let mut peeked = tokio::io::ReadBuf::new(&mut byte);
-            match stream.poll_peek(cx, &mut peeked) {
-                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
-                Poll::Ready(Ok(_)) => early = true,
-                Poll::Pending => {}
-            }
-        }
-        Poll::Pending
-    })
-    .await
 }
 
 #[cfg(test)]
