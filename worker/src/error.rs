@@ -33,6 +33,9 @@ pub enum ProxyError {
     NotImplemented(&'static str),
     #[error("request head of {size} bytes, more than the {limit} accepted")]
     HeadTooLarge { size: usize, limit: usize },
+    /// A request line longer than a whole head may be.
+    #[error("request line longer than the {limit} bytes a head may take")]
+    TargetTooLong { limit: usize },
     #[error("refused")]
     Denied(#[source] crate::acl::Denied),
     /// A CONNECT while the worker drains: a tunnel opened then would be
@@ -211,6 +214,7 @@ impl ProxyError {
             | HeadTimeout { .. }
             | NotImplemented(_)
             | HeadTooLarge { .. }
+            | TargetTooLong { .. }
             | Denied(_)
             | Auth(_)
             | Session(_)
@@ -245,6 +249,7 @@ impl ProxyError {
             }
             NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, None),
             HeadTooLarge { .. } => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, None),
+            TargetTooLong { .. } => (StatusCode::URI_TOO_LONG, None),
             Auth(crate::auth::AuthError::Busy) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some("proxy_internal_error"),
@@ -305,6 +310,7 @@ impl ProxyError {
             HeadTimeout { .. } => "Request Timeout",
             NotImplemented(_) => "Transfer Coding Not Implemented",
             HeadTooLarge { .. } => "Request Head Too Large",
+            TargetTooLong { .. } => "URI Too Long",
             Auth(crate::auth::AuthError::Busy) => "Authentication Busy",
             Auth(crate::auth::AuthError::Spaced(_)) => "Too Many Failed Logins",
             Auth(_) => "Proxy Authentication Required",

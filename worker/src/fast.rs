@@ -146,6 +146,17 @@ where
                 // Looked at: the next look starts past these bytes.
                 scanned = buf.len();
             } else if !buf.is_empty() {
+                // A request line as long as a whole head may be: 414 (RFC
+                // 9112 §3), said here. Handed over, hyper's buffer (as
+                // large) filled before its own look at the target, and it
+                // answered 431 for what is no header field.
+                if buf.len() >= conn.max_head && !buf.contains(&b'\n') {
+                    let e = crate::error::ProxyError::TargetTooLong {
+                        limit: conn.max_head,
+                    };
+                    let began = head_began.unwrap_or_else(tokio::time::Instant::now);
+                    return refuse(io, &mut out, conn, (None, began), &e, true).await;
+                }
                 match take_request(&mut buf, conn.max_head) {
                     Take::Request {
                         parts,
@@ -368,7 +379,7 @@ pub const LINGER_MOST: u64 = 256 * 1024;
 /// client this slow may not read either. `began`: the request's first
 /// byte (its log line's time and duration).
 async fn too_slow<I: ClientStream>(
-    mut io: I,
+    io: I,
     out: &mut Vec<u8>,
     conn: &Conn,
     parts: Option<&http::request::Parts>,
@@ -377,6 +388,21 @@ async fn too_slow<I: ClientStream>(
     let e = crate::error::ProxyError::HeadTimeout {
         timeout: conn.header_timeout,
     };
+    refuse(io, out, conn, (parts, began), &e, false).await
+}
+
+/// Answers `e` to a request refused before it was read whole, counted and
+/// logged, and closes; `linger`ing, what the client is still sending is
+/// read a moment first (`REFUSAL_LINGER`): a close with it unread is a
+/// reset, which can reach the client before the answer.
+async fn refuse<I: ClientStream>(
+    mut io: I,
+    out: &mut Vec<u8>,
+    conn: &Conn,
+    (parts, began): (Option<&http::request::Parts>, tokio::time::Instant),
+    e: &crate::error::ProxyError,
+    linger: bool,
+) -> Outcome<I> {
     let (status, kind) = e.classify();
     conn.proxy.unserved(
         conn.client,
@@ -384,12 +410,18 @@ async fn too_slow<I: ClientStream>(
         (status.as_u16(), kind),
         began.into_std(),
     );
-    let answer = crate::proxy::Answer::from(&e);
-    let _ = tokio::time::timeout(conn.grace, async {
+    let answer = crate::proxy::Answer::from(e);
+    let sent = tokio::time::timeout(conn.grace, async {
         respond(&mut io, out, answer, false, true).await?;
-        io.shutdown().await
+        match linger {
+            true => Ok(()),
+            false => io.shutdown().await,
+        }
     })
     .await;
+    if linger && matches!(sent, Ok(Ok(()))) {
+        crate::server::linger_close_for(io, crate::server::REFUSAL_LINGER).await;
+    }
     Outcome::Closed
 }
 

@@ -1066,7 +1066,7 @@ pub(crate) struct Linger {
 }
 
 /// A refused client's request: a moment, a little.
-const REFUSAL_LINGER: Linger = Linger {
+pub(crate) const REFUSAL_LINGER: Linger = Linger {
     within: Duration::from_millis(500),
     idle: Duration::from_millis(500),
     most: 64 * 1024,
