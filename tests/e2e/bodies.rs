@@ -470,3 +470,41 @@ async fn a_chunked_upload_whose_client_shuts_its_side_is_answered() {
     }
     assert_eq!(origin.count(), 5);
 }
+
+/// An HTTP/1.0 keep-alive client whose answer has no length (the origin's
+/// is chunked, or ends at its close) is told `Connection: close`, not
+/// `keep-alive`: its body ends at the close. One with a length stays kept
+/// alive.
+#[tokio::test]
+async fn an_http10_answer_without_a_length_says_close() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    for answer in [
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        "HTTP/1.0 200 OK\r\n\r\nhello",
+    ] {
+        let addr = answering(answer.to_string()).await;
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        let req = format!("GET http://{addr}/ HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
+            .await
+            .expect("closed after the body")
+            .unwrap();
+        let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
+        assert!(text.starts_with("http/1.0 200"), "{answer:?}: {text}");
+        assert!(!text.contains("keep-alive"), "{answer:?}: {text}");
+        assert!(text.contains("connection: close"), "{answer:?}: {text}");
+        assert!(text.ends_with("\r\n\r\nhello"), "{answer:?}: {text}");
+    }
+    let addr = answering("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_string()).await;
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    for _ in 0..2 {
+        let req = format!("GET http://{addr}/ HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let head = read_head(&mut s).await.to_ascii_lowercase();
+        assert!(head.contains("connection: keep-alive"), "{head}");
+        assert_eq!(read_exactly(&mut s, 5).await, b"hello");
+    }
+}

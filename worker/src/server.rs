@@ -645,10 +645,20 @@ impl Serving {
                     // under the client's next request). (Not a tunnel's or
                     // an upgrade's answer: its connection goes on, as the
                     // tunnel.)
+                    // So does one to an HTTP/1.0 client with no length
+                    // (the destination's was chunked, or ended at its
+                    // close): its end is the close, and hyper's server
+                    // said `keep-alive` on it to a keep-alive client.
                     if let Ok(r) = &mut resp {
                         let goes_on = (tunnel && r.status().is_success())
                             || r.status() == hyper::StatusCode::SWITCHING_PROTOCOLS;
-                        if (told.carried_body() || stopping.is_cancelled()) && !goes_on {
+                        let bodiless = matches!(r.status().as_u16(), 204 | 304);
+                        let unframed = http10
+                            && !bodiless
+                            && hyper::body::Body::size_hint(r.body()).exact().is_none()
+                            && !r.headers().contains_key(hyper::header::CONTENT_LENGTH);
+                        if (told.carried_body() || stopping.is_cancelled() || unframed) && !goes_on
+                        {
                             r.headers_mut().insert(
                                 hyper::header::CONNECTION,
                                 hyper::header::HeaderValue::from_static("close"),
