@@ -9,6 +9,29 @@ use rotor_protocol::{
 };
 use tokio::net::UnixStream;
 
+/// Returns once an allocator answers a handshake at `socket`: a starting
+/// one answers once its first pool load is done (it binds its socket
+/// before, so a connection alone says only that it runs). Each try waits
+/// up to `each`; a refused or dropped one is tried again 20 ms later.
+pub async fn answering(socket: &Path, each: Duration) {
+    loop {
+        let hello = async {
+            let stream = UnixStream::connect(socket).await?;
+            let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
+            client_handshake(
+                &mut chan,
+                Hello::new(Role::Control, concat!("rotor/", env!("CARGO_PKG_VERSION"))),
+            )
+            .await?;
+            anyhow::Ok(())
+        };
+        if let Ok(Ok(())) = tokio::time::timeout(each, hello).await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Sends one request to the allocator and returns its answer.
 pub async fn request(socket: &Path, body: Request) -> anyhow::Result<Response> {
     request_by_minor(socket, |_| body).await

@@ -436,19 +436,33 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         ));
     }
     slots.close();
-    info!(
-        workers,
-        ?listen,
-        socket = %socket.display(),
-        "rotor is up"
-    );
+    // Up once the allocator answers: it binds its socket before its first
+    // pool load, which a slow --pool-command or metadata service makes
+    // long (READY=1 at its bind had systemd start what depends on rotor
+    // while every request got 503). The workers run meanwhile, so a client
+    // is told (503) rather than left queued. No limit of its own: under
+    // systemd its TimeoutStartSec is the one.
+    let answered = tokio::select! {
+        () = crate::control::answering(&socket, Duration::from_secs(5)) => true,
+        _ = signals.shutdown.cancelled() => false,
+    };
+    if answered {
+        info!(
+            workers,
+            ?listen,
+            socket = %socket.display(),
+            "rotor is up"
+        );
+    }
     // Ready for systemd (`Type=notify`): the allocator answers, and the
     // listeners, bound here, queue what comes until the workers take it.
-    let status = format!("{workers} workers, allocator at {}", socket.display());
-    let _ = sd_notify::notify(&[
-        sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&status),
-    ]);
+    if answered {
+        let status = format!("{workers} workers, allocator at {}", socket.display());
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
+        ]);
+    }
     signals.shutdown.cancelled().await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     // New clients are refused from now on (and those queued but not yet

@@ -789,6 +789,57 @@ async fn rotor_up_alone_tells_systemd_it_is_ready() {
     assert!(up.wait(Duration::from_secs(20)).success());
 }
 
+/// READY=1 waits for the allocator to answer, not only to bind its
+/// socket: a first pool load held up by a slow --pool-command (a metadata
+/// service) had `rotor up` say READY=1 at once, and systemd start what
+/// depends on rotor while every request got 503.
+#[tokio::test]
+async fn rotor_up_is_ready_once_the_allocator_answers() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let notify = dir.path().join("notify.sock");
+    let sock = tokio::net::UnixDatagram::bind(&notify).unwrap();
+    let socket = dir.path().join("a.sock");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let extra = [
+        "--pool-command",
+        "sleep 3; echo 127.0.0.3",
+        "--allow-destination",
+        "127.0.0.1/32",
+    ];
+    let args = two_workers_of_one_address(&listen, socket.to_str().unwrap(), &extra);
+    let mut cmd = std::process::Command::new(ROTOR);
+    cmd.env("NOTIFY_SOCKET", &notify);
+    let t0 = std::time::Instant::now();
+    let mut up = Proc::spawn_cmd(cmd, ROTOR, &args);
+    let mut said = String::new();
+    let mut buf = vec![0u8; 4096];
+    while !said.contains("READY=1") {
+        let n = tokio::time::timeout(PATIENCE, sock.recv(&mut buf))
+            .await
+            .expect("no READY=1")
+            .unwrap();
+        said.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    let ready = t0.elapsed();
+    assert!(
+        ready >= Duration::from_millis(2900),
+        "READY=1 after {ready:?}"
+    );
+    // It answers now, with the command's address in its pool.
+    let status = status_json(&socket);
+    assert_eq!(pool_of(&status).len(), 2, "{status}");
+    let proxy = listen.parse().unwrap();
+    let url = origin.url("/");
+    eventually("a request served", || {
+        let url = url.clone();
+        async move { get(proxy, &url).await.status == 200 }
+    })
+    .await;
+    up.signal(Signal::SIGTERM);
+    assert!(up.wait(Duration::from_secs(20)).success());
+}
+
 /// Under `rotor up` each child's log lines start with its name and pid
 /// (`worker 2[1234]: `): they share `rotor up`'s stderr (and its pid in
 /// the journal), and which worker said what could not be told.
