@@ -489,7 +489,7 @@ pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
     counter_family(
         &mut r,
         "rotor_errors",
-        "Answers rotor gave itself, by Proxy-Status error (none: 400, 407, 431)",
+        "Answers rotor gave itself, by Proxy-Status error (none: 400, 407, 414, 431)",
         m.errors
             .iter()
             .map(|(k, n)| (label("error", k.clone()), *n)),

@@ -744,3 +744,35 @@ async fn held_metrics_connections_starve_no_other_client_nor_the_stop() {
     );
     drop(held);
 }
+
+/// A new access log is 0640 whatever the umask: under the units'
+/// `UMask=0077` it was made 0600, unreadable to a log reader's group.
+/// One that is there keeps its mode (logrotate's `create MODE`).
+#[tokio::test]
+async fn a_new_access_log_is_0640_under_a_strict_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let made = dir.path().join("made.log");
+    let kept = dir.path().join("kept.log");
+    std::fs::write(&kept, "").unwrap();
+    std::fs::set_permissions(&kept, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let mut workers = Vec::new();
+    for path in [&made, &kept] {
+        let mut cmd = Command::new(WORKER);
+        // SAFETY: umask is async-signal-safe; it runs in the child before
+        // exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::umask(0o077);
+                Ok(())
+            });
+        }
+        let args = ["--access-log", path.to_str().unwrap()];
+        workers.push(Worker::start_cmd(cmd, &alloc.socket, free_port(), &args).await);
+    }
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&made), 0o640, "{:o}", mode(&made));
+    assert_eq!(mode(&kept), 0o600, "{:o}", mode(&kept));
+}

@@ -446,12 +446,26 @@ impl Output {
             // users, sessions and destinations: not every local user's to
             // read, as the state directory's files are not); an existing
             // one (logrotate's `create MODE`) keeps its mode.
+            // (Made, then set to 0640: the umask takes bits off a mode
+            // given at the making, and the units' UMask=0077 made it 0600,
+            // unreadable to a log reader's group.)
             Target::File(p) => To::File(
-                std::os::unix::fs::OpenOptionsExt::mode(
-                    std::fs::OpenOptions::new().create(true).append(true),
+                match std::os::unix::fs::OpenOptionsExt::mode(
+                    std::fs::OpenOptions::new().create_new(true).append(true),
                     0o640,
                 )
-                .open(p)?,
+                .open(p)
+                {
+                    Ok(made) => {
+                        use std::os::unix::fs::PermissionsExt;
+                        made.set_permissions(std::fs::Permissions::from_mode(0o640))?;
+                        made
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        std::fs::OpenOptions::new().append(true).open(p)?
+                    }
+                    Err(e) => return Err(e),
+                },
             ),
         };
         Ok(Output { to, cut: false })
