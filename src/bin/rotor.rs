@@ -890,6 +890,10 @@ fn user(cmd: &UserCmd) -> ExitCode {
         say!("rotor: a user name may not be empty or contain ':', '#', spaces at its ends or newlines");
         return ExitCode::from(2);
     }
+    // A users file that is a link (to a file other tooling keeps) is
+    // written where it leads: renamed over, the link became a file of its
+    // own and the file it named stayed as it was.
+    let path = &through_link(path);
     let result = (|| -> Result<String, String> {
         // One change at a time: two at once would each write the file as
         // read before the other's, one change lost.
@@ -940,6 +944,18 @@ fn user(cmd: &UserCmd) -> ExitCode {
             say!("rotor: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The file `path` names: a symbolic link's target (through every link),
+/// else `path` itself (a link that leads nowhere too: replaced by the
+/// file).
+fn through_link(path: &std::path::Path) -> std::path::PathBuf {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+        }
+        _ => path.to_path_buf(),
     }
 }
 

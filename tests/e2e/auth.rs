@@ -288,6 +288,40 @@ async fn a_bom_and_indented_lines_are_read_alike_by_workers_and_rotor_user() {
     assert!(!left.contains("bob:") && left.contains("alice:"), "{left}");
 }
 
+/// `rotor user add/remove` on a users file that is a symbolic link (one
+/// other tooling keeps) writes the file it leads to, and the link stays a
+/// link: renamed over, it became a file of its own, and the file the
+/// workers may read through another path stayed as it was.
+#[test]
+fn user_changes_write_through_a_linked_users_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).unwrap();
+    let target = real.join("users");
+    add_user(&target, "alice", "a");
+    let link = dir.path().join("users");
+    std::os::unix::fs::symlink("real/users", &link).unwrap();
+    add_user(&link, "bob", "b");
+    remove_user(&link, "alice");
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the link was replaced"
+    );
+    let text = std::fs::read_to_string(&target).unwrap();
+    assert!(
+        text.starts_with("bob:") && !text.contains("alice"),
+        "{text}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&real).unwrap().count(),
+        1,
+        "a file left aside"
+    );
+}
+
 /// `rotor user add` at a terminal asks twice, and refuses two passwords
 /// that differ (a typo unseen would set one nobody knows); from a pipe it
 /// reads one line, as scripts give it.
