@@ -58,14 +58,41 @@ struct Snapshot {
 impl Snapshot {
     fn write(text: &str) -> std::io::Result<Snapshot> {
         let path = std::env::temp_dir().join(format!("rotor-up-{}.toml", std::process::id()));
-        // A file left by a killed rotor up of the same pid goes first.
+        // A file left by a killed rotor up of the same pid goes first, and
+        // those of others killed outright (SIGKILL runs no drop).
         let _ = std::fs::remove_file(&path);
+        Snapshot::sweep(&std::env::temp_dir());
         let s = Snapshot {
             path,
             text: text.to_string(),
         };
         s.create()?;
         Ok(s)
+    }
+
+    /// Removes the copies in `dir` of rotor ups that are gone: this
+    /// user's plain files named as ours, of a pid no process has.
+    fn sweep(dir: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let me = nix::unistd::geteuid().as_raw();
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("rotor-up-")?.strip_suffix(".toml"))
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let ours =
+                std::fs::symlink_metadata(e.path()).is_ok_and(|m| m.is_file() && m.uid() == me);
+            if ours && !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 
     fn create(&self) -> std::io::Result<()> {

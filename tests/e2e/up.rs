@@ -701,6 +701,43 @@ async fn a_restarted_worker_reads_the_file_rotor_up_read() {
     assert!(!copy.exists(), "the copy outlived rotor up");
 }
 
+/// The copy of a `rotor up` killed outright (SIGKILL runs no clean-up) is
+/// removed by the next `rotor up`'s start; a running one's is kept. (They
+/// stayed in /tmp for good, each holding a whole configuration.)
+#[tokio::test]
+async fn a_killed_rotor_ups_copy_is_removed_by_the_next() {
+    let dead = {
+        let mut c = std::process::Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    };
+    let left = std::env::temp_dir().join(format!("rotor-up-{dead}.toml"));
+    std::fs::write(&left, "[worker]\n").unwrap();
+    // A live process's (this test's): kept.
+    let live = std::env::temp_dir().join(format!("rotor-up-{}.toml", std::process::id()));
+    std::fs::write(&live, "[worker]\n").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let config = dir.path().join("rotor.toml");
+    std::fs::write(&config, "[worker]\n").unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut up = up_with_two_workers(
+        &socket,
+        &listen,
+        &["--no-state", "--config", config.to_str().unwrap()],
+    )
+    .await;
+    let gone = !left.exists();
+    let kept = live.exists();
+    let _ = std::fs::remove_file(&left);
+    let _ = std::fs::remove_file(&live);
+    assert!(gone, "a dead rotor up's copy was kept");
+    assert!(kept, "a live process's copy was removed");
+    up.signal(Signal::SIGTERM);
+    assert!(up.wait(Duration::from_secs(20)).success());
+}
+
 /// A child `rotor up` starts again runs the binary `rotor up` runs, not
 /// whatever replaced its file since (an upgrade's `install`): a new
 /// version beside old ones could be refused by the old allocator, or
