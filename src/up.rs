@@ -592,6 +592,22 @@ async fn wait_for_socket(path: &Path, within: Duration) -> bool {
     false
 }
 
+/// How a child ended, for the log: `exit 3`, `signal 9 (SIGKILL)`.
+fn how(status: &std::io::Result<std::process::ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => format!("exit {code}"),
+            (None, Some(sig)) => match Signal::try_from(sig) {
+                Ok(named) => format!("signal {sig} ({named})"),
+                Err(_) => format!("signal {sig}"),
+            },
+            (None, None) => format!("{s}"),
+        },
+        Err(e) => format!("unknown ({e})"),
+    }
+}
+
 /// What a slot runs, and the name it shows.
 #[derive(Clone)]
 struct Program {
@@ -793,7 +809,7 @@ async fn supervise(
             }
         };
         let pid = child.id().map(|p| Pid::from_raw(p as i32));
-        info!(child = %slot.name, pid = ?pid, "started");
+        info!(child = %slot.name, pid = pid.map_or(0, Pid::as_raw), "started");
         // A SIGHUP that came while no child ran, or while this one starts,
         // is held until it answers on its socket (its handlers are in
         // place then; before them the SIGHUP it ignores is lost), then
@@ -863,7 +879,7 @@ async fn supervise(
                 // child stopped, it did not crash.
                 let stopping = tokio::time::timeout(STOP_GRACE, stop.cancelled()).await;
                 if stopping.is_ok() {
-                    info!(child = %slot.name, status = ?s.as_ref().ok(), "stopped");
+                    info!(child = %slot.name, status = %how(&s), "stopped");
                     // Its own exit says how it stopped (a worker's cut
                     // drain: 3), as when rotor up stops it.
                     if !stopped_cleanly(&s) {
@@ -887,7 +903,7 @@ async fn supervise(
                             info!(child = %slot.name, retry_in = ?drain_pause, "stopped while rotor up stops; started again until the workers are done")
                         }
                         false => {
-                            warn!(child = %slot.name, status = ?s.ok(), retry_in = ?drain_pause, "exited while rotor up stops; started again until the workers are done")
+                            warn!(child = %slot.name, status = %how(&s), retry_in = ?drain_pause, "exited while rotor up stops; started again until the workers are done")
                         }
                     }
                     if !pause(&stop, drain_pause).await {
@@ -899,7 +915,7 @@ async fn supervise(
                 if restarts.failed(&slot.name, &streaks, &signals) {
                     return;
                 }
-                warn!(child = %slot.name, status = ?s.ok(), retry_in = ?restarts.backoff, "exited unexpectedly; restarting");
+                warn!(child = %slot.name, status = %how(&s), retry_in = ?restarts.backoff, "exited unexpectedly; restarting");
                 if !restarts.wait(&stop).await {
                     return;
                 }
@@ -1030,7 +1046,7 @@ async fn stop_child(
     loop {
         tokio::select! {
             s = child.wait() => {
-                info!(child = %name, status = ?s.as_ref().ok(), "stopped");
+                info!(child = %name, status = %how(&s), "stopped");
                 return stopped_cleanly(&s);
             }
             // SIGINT arrived while draining: hurry the child too.
@@ -1053,6 +1069,19 @@ async fn stop_child(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A child's end reads as an operator says it, not as Rust's debug
+    /// form (`Some(ExitStatus(unix_wait_status(768)))`).
+    #[test]
+    fn a_childs_end_is_said_plainly() {
+        use std::os::unix::process::ExitStatusExt;
+        use std::process::ExitStatus;
+        assert_eq!(how(&Ok(ExitStatus::from_raw(3 << 8))), "exit 3");
+        assert_eq!(how(&Ok(ExitStatus::from_raw(0))), "exit 0");
+        assert_eq!(how(&Ok(ExitStatus::from_raw(9))), "signal 9 (SIGKILL)");
+        let gone = std::io::Error::from_raw_os_error(libc::ECHILD);
+        assert!(how(&Err(gone)).starts_with("unknown ("));
+    }
 
     fn slot(name: &str, program: &str) -> Slot {
         Slot {
