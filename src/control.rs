@@ -67,7 +67,30 @@ pub async fn request_by_minor(
             &mut chan,
             Hello::new(Role::Control, concat!("rotor/", env!("CARGO_PKG_VERSION"))),
         )
-        .await?;
+        .await
+        .map_err(|e| {
+            // The allocator closes a connection from a user it does not
+            // serve without a word: said here, not as a bare reset.
+            let cut = match &e {
+                rotor_protocol::HandshakeError::Closed => true,
+                rotor_protocol::HandshakeError::Channel(rotor_protocol::ChannelError::Io(io)) => {
+                    matches!(
+                        io.kind(),
+                        std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::BrokenPipe
+                            | std::io::ErrorKind::UnexpectedEof
+                    )
+                }
+                _ => false,
+            };
+            match cut {
+                true => anyhow::Error::new(e).context(format!(
+                    "the allocator at {} closed the connection before answering: it serves root, its own user and those of its --allow-uid and --allow-gid (is this user one of them?)",
+                    socket.display()
+                )),
+                false => anyhow::Error::new(e),
+            }
+        })?;
         anyhow::Ok((chan, server))
     };
     let (mut chan, server) = tokio::time::timeout(ANSWER_WAIT, connect)

@@ -301,6 +301,9 @@ async fn only_allowed_users_may_use_the_allocator_socket() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // Said as what it likely is, not as a bare reset.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--allow-uid"), "{stderr}");
     drop(alloc);
 
     let alloc = Allocator::start_in(
