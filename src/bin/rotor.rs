@@ -47,7 +47,7 @@ enum Cmd {
     Quarantine {
         addr: std::net::IpAddr,
         /// Put it back by itself after this long (`30m`, `2h`).
-        #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        #[arg(long = "for", value_name = "DURATION", value_parser = quarantine_for)]
         for_: Option<std::time::Duration>,
         #[command(flatten)]
         control: ControlArgs,
@@ -201,6 +201,23 @@ fn main() -> ExitCode {
             Cmd::Reload { control } => reload(&control).await,
         }
     })
+}
+
+/// A `--for` of `rotor quarantine`: from a second (the allocator's clock
+/// counts seconds: `0s` was taken as 1 s) to ten years (longer was cut to
+/// ten quietly; none is until released).
+fn quarantine_for(text: &str) -> Result<std::time::Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err("at least 1s (to put it back now, `rotor release`)".into());
+    }
+    // (humantime's `10y`: 10 × 365.25 days.)
+    if d > std::time::Duration::from_secs(315_576_000) {
+        return Err(
+            "at most 10 years (leave --for out to keep it out until `rotor release`)".into(),
+        );
+    }
+    Ok(d)
 }
 
 /// `rotor reload`: the pool's sources read again, each worker's files
@@ -1033,4 +1050,22 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `--for` takes a second to ten years: `0s` was taken as 1 s, and
+    /// past ten years was cut quietly.
+    #[test]
+    fn quarantine_for_takes_a_second_to_ten_years() {
+        use std::time::Duration;
+        assert_eq!(quarantine_for("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(quarantine_for("30m"), Ok(Duration::from_secs(1800)));
+        assert!(quarantine_for("10y").is_ok());
+        for bad in ["0s", "500ms", "11y", "soon"] {
+            assert!(quarantine_for(bad).is_err(), "{bad}");
+        }
+    }
 }
