@@ -704,7 +704,9 @@ impl AdminToken {
     }
 
     /// Reads the file again; logs a change, or why the token in use stays.
-    pub fn reload(&self) {
+    /// Reads the token again; a file that cannot be read leaves the one in
+    /// use, and says why (for the reload's report).
+    pub fn reload(&self) -> Result<(), String> {
         match read_token(&self.path) {
             Ok(t) => {
                 let mut held = self.token.write().unwrap_or_else(|e| e.into_inner());
@@ -712,13 +714,24 @@ impl AdminToken {
                     *held = t;
                     tracing::info!(file = %self.path.display(), "admin token changed");
                 }
+                Ok(())
             }
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read the admin token again; the one in use stays")
+                tracing::warn!(error = %e, "cannot read the admin token again; the one in use stays");
+                Err(e)
             }
         }
     }
+
+    /// The name a reload's report gives the token's file.
+    pub fn source_name(&self) -> String {
+        format!("{ADMIN_TOKEN_SOURCE} {}", self.path.display())
+    }
 }
+
+/// How a reload's report names the admin token's file among what failed
+/// (`rotor reload` says the token in use was kept).
+pub const ADMIN_TOKEN_SOURCE: &str = "--admin-token-file";
 
 /// The token in `path`: 16 or more printable characters, in a file that
 /// not every user can read (as sshd its keys: a token every user can read

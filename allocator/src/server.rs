@@ -732,7 +732,7 @@ async fn refresh_loop(
         // A stop does not wait for a refresh (a pool command may take
         // its whole timeout): what is kept at the stop is written now,
         // not after a supervisor's SIGKILL.
-        let outcome = tokio::select! {
+        let mut outcome = tokio::select! {
             _ = shutdown.cancelled() => return,
             outcome = refresh(&alloc) => outcome,
         };
@@ -740,8 +740,12 @@ async fn refresh_loop(
         if why != "interval" {
             alloc.repair_table();
             alloc.announce_reload();
+            // A token file that cannot be read fails the reload as a
+            // source does (`rotor reload` exit 3), the token in use kept.
             if let Some(t) = &admin_token {
-                t.reload();
+                if let Err(e) = t.reload() {
+                    outcome.failed.push((t.source_name(), e));
+                }
             }
         }
         if outcome.changed {

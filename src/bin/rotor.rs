@@ -281,7 +281,11 @@ async fn reload(control: &ControlArgs) -> ExitCode {
     }
     let mut bad = !failed.is_empty();
     for (name, error) in failed {
-        say!("rotor: {name} could not be read (last good addresses kept): {error}");
+        let kept = match name.starts_with(rotor_allocator::metrics::ADMIN_TOKEN_SOURCE) {
+            true => "the token in use kept",
+            false => "last good addresses kept",
+        };
+        say!("rotor: {name} could not be read ({kept}): {error}");
     }
     match workers {
         Some((workers, more)) => bad |= !workers_reloaded(&workers, more),

@@ -640,9 +640,19 @@ async fn the_admin_api_steers_addresses_with_its_token_only() {
         post(metrics, "/admin/release", Some(new_token), release).0,
         200
     );
-    // One that does not read keeps the token in use.
+    // One that does not read keeps the token in use, and fails the reload
+    // as a source that does not read (exit 3: it said ok).
     std::fs::write(&token_file, "short").unwrap();
-    rotor_control("reload", &alloc.socket, &[]);
+    let out = Command::new(ROTOR)
+        .args(["reload", "--socket", alloc.socket.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("--admin-token-file") && err.contains("the token in use kept"),
+        "{err}"
+    );
     assert_eq!(
         post(metrics, "/admin/release", Some(new_token), release).0,
         200
