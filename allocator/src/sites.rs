@@ -417,6 +417,15 @@ struct Site {
     /// Each family's cursor in the site's own rotation (`UNSET` until it
     /// starts).
     cursor: [u64; 2],
+    /// Each family's address the cursor was last moved past, and the
+    /// pool's generation the cursors are of: a cursor is a place in one
+    /// generation's rotation, and once the pool changes (a reload, a
+    /// quarantine, a release) it goes on after that address in the new
+    /// one, as the shared rotation does (taken as it stood, the site took
+    /// an address twice running, or skipped some).
+    last: Last,
+    /// (The generation's low 32 bits: only told apart from the last.)
+    placed: u32,
     /// Its pairs in `Sites::pairs`.
     pairs: u32,
     last_used: Ms,
@@ -429,6 +438,30 @@ struct Site {
     /// Sources failed connects began to cool for it, by family: when the
     /// window (see [`CONNECT_COOLS_WINDOW`]) began, and how many.
     connect_cools: [(Ms, u32); 2],
+}
+
+/// Each family's address a site's cursor last moved past (see
+/// `Site::last`), packed: 20 bytes, not two `IpAddr`s' 34.
+#[derive(Debug, Clone, Copy, Default)]
+struct Last {
+    v4: [u8; 4],
+    v6: [u8; 16],
+}
+
+impl Last {
+    fn get(&self, family: Family) -> IpAddr {
+        match family {
+            Family::V4 => IpAddr::from(self.v4),
+            Family::V6 => IpAddr::from(self.v6),
+        }
+    }
+
+    fn set(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(a) => self.v4 = a.octets(),
+            IpAddr::V6(a) => self.v6 = a.octets(),
+        }
+    }
 }
 
 /// A site's refusal of every address of some families (of a pool's
@@ -779,6 +812,8 @@ impl Sites {
                 id,
                 limit: self.rules.limit_for(site),
                 cursor: [UNSET; 2],
+                last: Last::default(),
+                placed: 0,
                 pairs: 0,
                 last_used,
                 cool_until: 0,
@@ -951,6 +986,23 @@ impl Sites {
                 cooling: r.cooling,
             };
         }
+        if s.placed != generation as u32 {
+            s.placed = generation as u32;
+            for family in Family::ALL {
+                let f = family.index();
+                let total = rotations.total(family);
+                if s.cursor[f] == UNSET || total == 0 {
+                    continue;
+                }
+                // After its last address, else (it is gone: the old order
+                // is not kept for each site) at the same place.
+                s.cursor[f] = match rotations.index_of(s.last.get(family)) {
+                    Some(j) => (j + 1) % total,
+                    None if s.cursor[f] < total => s.cursor[f],
+                    None => 0,
+                };
+            }
+        }
         let (id, limit, held) = (s.id, s.limit, s.pairs);
         let mut earliest: Option<(Ms, bool)> = None;
         let mut any = false;
@@ -1079,6 +1131,7 @@ impl Sites {
                 };
                 if let Some(s) = self.sites.get_mut(site) {
                     s.cursor[family.index()] = (i + 1) % total;
+                    s.last.set(ip);
                 }
                 let Some(watch) = self.start(site, key, now) else {
                     return Answer::Throttled {
@@ -1174,14 +1227,17 @@ impl Sites {
         let family = Family::of(&ip);
         s.cursor[family.index()] = index % total;
         let (id, limit) = (s.id, s.limit);
-        let ip = self.rules.key(ip);
-        if self.blocked(id, ip, limit, t).is_some() {
+        let key = self.rules.key(ip);
+        if self.blocked(id, key, limit, t).is_some() {
             return None;
         }
         if let Some(s) = self.sites.get_mut(site) {
             s.cursor[family.index()] = (index + 1) % total;
+            // (Its generation is set at the next lease, which finds the
+            // cursor after this address again.)
+            s.last.set(ip);
         }
-        self.start(site, ip, now)
+        self.start(site, key, now)
     }
 
     /// `site` pushed back on `ip`: it cools for `retry_after`, else for a
@@ -1853,6 +1909,47 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A site's own rotation goes on after the address it took last when
+    /// the pool changes (a reload, a quarantine, a release), as the shared
+    /// rotation does: its cursor, a place in the old generation's order,
+    /// taken as it stood in the new one, gave an address twice running or
+    /// skipped some.
+    #[test]
+    fn a_sites_rotation_goes_on_after_its_last_address_when_the_pool_changes() {
+        let mut s = Sites::new(rules(&["a.com=1000/1m"]), 1000);
+        let now = Instant::now();
+        let lease = |s: &mut Sites, active: &[Segment], generation: u64| -> u8 {
+            match s.lease("a.com", Families::V4, active, generation, now) {
+                Answer::Start(f) => {
+                    let total = family_total(active, f);
+                    assert!(s.started("a.com", ip(1), 0, total, now).is_some());
+                    1
+                }
+                Answer::Address {
+                    ip: IpAddr::V4(a), ..
+                } => a.octets()[3],
+                _ => panic!("refused"),
+            }
+        };
+        let eight = pool(8);
+        let got: Vec<u8> = (0..5).map(|_| lease(&mut s, &eight, 1)).collect();
+        assert_eq!(got, [1, 2, 3, 4, 5]);
+        // Entries listed before it: 6 next, not 5 again.
+        let mut more: Vec<Segment> = (20..=24).map(|i| Segment::single(ip(i))).collect();
+        more.extend(pool(8));
+        assert_eq!(lease(&mut s, &more, 2), 6);
+        // Entries before it taken out: 7 next, none skipped.
+        let fewer: Vec<Segment> = pool(8).into_iter().skip(3).collect();
+        assert_eq!(lease(&mut s, &fewer, 3), 7);
+        // The whole pool back (a release): after 7.
+        assert_eq!(lease(&mut s, &eight, 4), 8);
+        assert_eq!(lease(&mut s, &eight, 4), 1);
+        // Its last address gone (the old order is not kept for each
+        // site): at the same place, 3 after 1 in [1 2 3 …].
+        let without_1: Vec<Segment> = pool(8).into_iter().skip(1).collect();
+        assert_eq!(lease(&mut s, &without_1, 5), 3);
     }
 
     /// A session's requests past its pair's budget (never refused) keep
