@@ -260,7 +260,7 @@ impl Rules {
                     "`{site}` is not a site: write a host name without a port, scheme or path, in ASCII (an international name as its punycode, xn--…)"
                 ));
             }
-            // A public suffix (`co.uk`, `github.io`) is no site: names
+            // A public suffix (`co.uk`, `github.io`, `com`) is no site: names
             // under it are each their own, and the budget would cover
             // only the bare suffix.
             let name = site.trim_end_matches('.').to_ascii_lowercase();
@@ -2476,11 +2476,19 @@ mod tests {
         let e = Rules::parse(&["api.example.co.uk=1/1s".into()]).unwrap_err();
         assert!(e.contains("`example.co.uk`"), "{e}");
         // A public suffix would cover nothing under it.
-        for suffix in ["co.uk=1/1s", "github.io=1/1s", "CO.UK.=1/1s"] {
+        // (A top-level one too: it was taken for a host's own name.)
+        for suffix in [
+            "co.uk=1/1s",
+            "github.io=1/1s",
+            "CO.UK.=1/1s",
+            "com=1/1s",
+            "io.=1/1s",
+        ] {
             let e = Rules::parse(&[suffix.into()]).unwrap_err();
             assert!(e.contains("public suffix"), "{e}");
         }
-        assert!(Rules::parse(&["localhost=1/1s".into(), "b.github.io=1/1s".into()]).is_ok());
+        let own = ["localhost=1/1s", "intranet=1/1s", "b.github.io=1/1s"];
+        assert!(Rules::parse(&own.map(String::from)).is_ok());
         // One budget a site: a second (which had silently won) is refused.
         for two in [["a.io=1/1s", "A.io=2/1s"], ["*=1/1s", "*=2/1s"]] {
             let e = Rules::parse(&two.map(String::from)).unwrap_err();

@@ -40,11 +40,16 @@ pub fn site_of(host: &str) -> String {
     }
 }
 
-/// Whether `name` (lower-case, a dotted name) is a public suffix, as
-/// `co.uk` or `github.io`: no registrable domain of its own, every name
-/// under it another owner's.
+/// Whether `name` (lower-case) is a public suffix, as `co.uk`,
+/// `github.io` or `com`: no registrable domain of its own, every name
+/// under it another owner's. A single label is one only if the list
+/// names it (`com`, `io`), not by the list's rule for unknown ones: a
+/// host's own name (`localhost`, `intranet`) is a site.
 pub fn is_public_suffix(name: &str) -> bool {
-    name.contains('.') && psl::domain_str(name).is_none()
+    match name.contains('.') {
+        true => psl::domain_str(name).is_none(),
+        false => psl::suffix(name.as_bytes()).is_some_and(|s| s.is_known()),
+    }
 }
 
 /// Which bit of the site filter `site` sets.
