@@ -114,7 +114,17 @@ pub fn parse(name: &str, is_user: impl Fn(&str) -> bool) -> Result<ProxyUser, Pa
                         .all(|b| b.is_ascii_alphanumeric() || b == b'_');
                 id = Some(ok.then(|| value.to_string()).ok_or_else(bad)?);
             }
-            "sessionttl" => ttl = Some(humantime::parse_duration(value).map_err(|_| bad())?),
+            // At least a second, in whole seconds (the allocator keeps
+            // seconds): `1900ms` is 2 s, not 1; `0s` is refused, as the
+            // flags refuse it (it was taken as 1 s).
+            "sessionttl" => {
+                let d = humantime::parse_duration(value).map_err(|_| bad())?;
+                if d < Duration::from_secs(1) {
+                    return Err(bad());
+                }
+                let whole = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+                ttl = Some(Duration::from_secs(whole));
+            }
             "sessionstrict" => {
                 strict = match value {
                     "1" => true,
@@ -140,6 +150,24 @@ mod tests {
 
     fn no_users(_: &str) -> bool {
         false
+    }
+
+    /// A session's lifetime is whole seconds, at least one: `1900ms` was
+    /// cut to 1 s, and `0s` (which the flags refuse) taken as 1 s.
+    #[test]
+    fn session_lifetimes_are_whole_seconds_from_one() {
+        let ttl = |name: &str| parse(name, no_users).map(|p| p.session.unwrap().ttl);
+        let secs = |n| Ok(Some(Duration::from_secs(n)));
+        assert_eq!(ttl("a-session-x-sessionttl-1900ms"), secs(2));
+        assert_eq!(ttl("a-session-x-sessionttl-1s"), secs(1));
+        assert_eq!(ttl("a-session-x-sessionttl-2m"), secs(120));
+        for bad in ["0s", "999ms", "0"] {
+            let e = parse(&format!("a-session-x-sessionttl-{bad}"), no_users);
+            assert!(
+                matches!(e, Err(ParamError::BadValue { .. })),
+                "{bad}: {e:?}"
+            );
+        }
     }
 
     #[test]
