@@ -741,8 +741,12 @@ async fn a_session_waits_out_its_addresss_cooldown_and_keeps_the_address() {
     let at = origin.count();
     let r = send("/").await;
     assert_eq!(r.status, 429);
+    // Said as the session's address, not as every address (the others
+    // are free).
     assert!(
-        r.proxy_status().contains("cooling down for 127.0.0.1"),
+        r.proxy_status().contains(
+            "the session's address (a new session's: every address) is cooling down for 127.0.0.1"
+        ),
         "{}",
         r.proxy_status()
     );

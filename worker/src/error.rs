@@ -124,11 +124,14 @@ pub enum ProxyError {
         #[source]
         source: crate::h1::Error,
     },
-    #[error("{}", throttled_text(site, *cooling, *retry_after))]
+    #[error("{}", throttled_text(site, *cooling, *retry_after, *session))]
     Throttled {
         site: String,
         retry_after: Duration,
         cooling: bool,
+        /// A session's: its address was the one refused, cooling (it
+        /// keeps it for after the cooldown).
+        session: bool,
     },
 }
 
@@ -169,13 +172,18 @@ fn dns_timeout_text(host: &str, timeout: Option<Duration>) -> String {
     }
 }
 
-fn throttled_text(site: &str, cooling: bool, retry_after: Duration) -> String {
+fn throttled_text(site: &str, cooling: bool, retry_after: Duration, session: bool) -> String {
     let secs = retry_after_secs(retry_after);
-    match cooling {
-        true => format!(
+    match (cooling, session) {
+        (true, false) => format!(
             "every address is cooling down for {site} after it pushed back; retry in {secs} s"
         ),
-        false => format!("site budget exhausted for {site}; retry in {secs} s"),
+        // (A session keeps its address for after the cooldown; a new one
+        // is refused only when every address cools.)
+        (true, true) => format!(
+            "the session's address (a new session's: every address) is cooling down for {site} after it pushed back; retry in {secs} s"
+        ),
+        (false, _) => format!("site budget exhausted for {site}; retry in {secs} s"),
     }
 }
 

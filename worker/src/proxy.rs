@@ -803,6 +803,7 @@ impl Proxy {
                         site: rotor_protocol::site_of(host),
                         retry_after,
                         cooling,
+                        session: sticky.is_some(),
                     }
                 }
                 Err(LeaseError::NoAddress(reason)) => ProxyError::NoAddress(reason),
