@@ -317,6 +317,21 @@ async fn reload(control: &ControlArgs) -> ExitCode {
 /// (`systemctl reload`) does not apply, which it had passed over in
 /// silence.
 async fn edited_since_start(control: &ControlArgs, path: &std::path::Path) -> bool {
+    // Under `rotor up` the allocator reads `rotor up`'s copy of the file,
+    // taken at its start, and a restarted allocator reads it again: an
+    // edit is told by the contents (by the allocator's start, one made
+    // before its restart passed for applied).
+    if let Some(read) = control.socket().ok().and_then(|s| allocator_config(&s)) {
+        let same = match (std::fs::canonicalize(&read), std::fs::canonicalize(path)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if !same {
+            if let (Ok(theirs), Ok(ours)) = (std::fs::read(&read), std::fs::read(path)) {
+                return theirs != ours;
+            }
+        }
+    }
     let Ok(modified) = std::fs::metadata(path).and_then(|m| m.modified()) else {
         return false;
     };
@@ -329,6 +344,28 @@ async fn edited_since_start(control: &ControlArgs, path: &std::path::Path) -> bo
     // edit in the start's own second is not told from one before it.)
     let started = std::time::SystemTime::now() - std::time::Duration::from_secs(uptime);
     modified > started
+}
+
+/// The configuration file the allocator serving `socket` was started with
+/// (`--config`), by its pid (the kernel's word on the connection) and its
+/// command line.
+fn allocator_config(socket: &std::path::Path) -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    let pid = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .ok()?
+        .pid();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut args = cmdline.split(|&b| b == 0);
+    while let Some(a) = args.next() {
+        if a == b"--config" {
+            return args.next().map(|v| std::ffi::OsStr::from_bytes(v).into());
+        }
+        if let Some(v) = a.strip_prefix(b"--config=") {
+            return Some(std::ffi::OsStr::from_bytes(v).into());
+        }
+    }
+    None
 }
 
 /// Says how each worker's reload went; whether every one reloaded whole.

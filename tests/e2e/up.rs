@@ -933,6 +933,56 @@ fn allocator_of(up: u32) -> i32 {
         .expect("an allocator child")
 }
 
+/// `rotor reload --config FILE` under `rotor up` tells an edit by the
+/// contents of the copy its allocator reads: after the allocator was
+/// restarted (it reads `rotor up`'s copy again, not the file), an edit
+/// made before passed for applied (exit 0), judged by the new
+/// allocator's start.
+#[tokio::test]
+async fn rotor_reload_tells_an_edit_after_the_allocator_was_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let config = dir.path().join("rotor.toml");
+    std::fs::write(&config, "[worker]\n").unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut up = up_with_two_workers(
+        &socket,
+        &listen,
+        &["--no-state", "--config", config.to_str().unwrap()],
+    )
+    .await;
+    let reload = || {
+        std::process::Command::new(ROTOR)
+            .args(["reload", "--socket", socket.to_str().unwrap()])
+            .args(["--config", config.to_str().unwrap()])
+            .output()
+            .unwrap()
+    };
+    let out = reload();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    std::fs::write(&config, "[worker]\nexpose-source = true\n").unwrap();
+    // Edited, then the allocator restarted (it reads the copy again).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let first = allocator_of(up.pid().as_raw() as u32);
+    kill(Pid::from_raw(first), Signal::SIGKILL).unwrap();
+    eventually("the allocator restarted and answering", || async {
+        let status = std::process::Command::new(ROTOR)
+            .args(["status", "--socket", socket.to_str().unwrap()])
+            .output()
+            .unwrap();
+        status.status.success() && allocator_of(up.pid().as_raw() as u32) != first
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let out = reload();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(said.contains("changed since"), "{said}");
+    up.signal(Signal::SIGTERM);
+    assert!(up.wait(Duration::from_secs(20)).success());
+}
+
 /// A user removed, then a SIGHUP to `rotor up` passed on to its allocator
 /// as it dies, before acting on it: the restarted allocator is told of
 /// the reload too once it answers, and the workers, back on it after the
