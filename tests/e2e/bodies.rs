@@ -453,18 +453,11 @@ async fn a_chunked_upload_whose_client_shuts_its_side_is_answered() {
     let worker = Worker::start(&alloc.socket, &[]).await;
     let url = origin.url("/up");
     for _ in 0..5 {
-        let mut s = TcpStream::connect(worker.addr).await.unwrap();
         let req = format!(
             "POST {url} HTTP/1.1\r\nHost: {}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
             origin.addr
         );
-        s.write_all(req.as_bytes()).await.unwrap();
-        s.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut got))
-            .await
-            .expect("answered, then closed")
-            .unwrap();
+        let got = ask_then_shut(worker.addr, req.as_bytes()).await;
         let got = String::from_utf8_lossy(&got);
         assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
     }
@@ -484,14 +477,9 @@ async fn an_http10_answer_without_a_length_says_close() {
         "HTTP/1.0 200 OK\r\n\r\nhello",
     ] {
         let addr = answering(answer.to_string()).await;
-        let mut s = TcpStream::connect(worker.addr).await.unwrap();
         let req = format!("GET http://{addr}/ HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut out = Vec::new();
-        tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
-            .await
-            .expect("closed after the body")
-            .unwrap();
+        // (Read to the close: the body ends there.)
+        let out = raw_exchange(worker.addr, &req).await;
         let text = String::from_utf8_lossy(&out).to_ascii_lowercase();
         assert!(text.starts_with("http/1.0 200"), "{answer:?}: {text}");
         assert!(!text.contains("keep-alive"), "{answer:?}: {text}");

@@ -743,16 +743,9 @@ async fn a_socks5_client_that_shuts_its_side_after_asking_is_answered() {
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let (_w, socks) = socks_worker(&alloc.socket, &[], false).await;
     for _ in 0..5 {
-        let mut s = TcpStream::connect(socks).await.unwrap();
         let mut ask = vec![5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1];
         ask.extend_from_slice(&far.port().to_be_bytes());
-        s.write_all(&ask).await.unwrap();
-        s.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
-            .await
-            .expect("the tunnel ends once both sides have")
-            .unwrap();
+        let got = ask_then_shut(socks, &ask).await;
         assert!(got.len() >= 12, "{got:?}");
         assert_eq!(got[..2], [5, 0], "{got:?}");
         assert_eq!(got[2..4], [5, 0], "the reply: {got:?}");

@@ -135,15 +135,8 @@ async fn a_connect_whose_client_shuts_its_side_at_once_is_answered() {
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let worker = Worker::start(&alloc.socket, &[]).await;
     for _ in 0..5 {
-        let mut s = TcpStream::connect(worker.addr).await.unwrap();
         let head = format!("CONNECT {far} HTTP/1.1\r\nHost: {far}\r\n\r\n");
-        s.write_all(head.as_bytes()).await.unwrap();
-        s.shutdown().await.unwrap();
-        let mut got = Vec::new();
-        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut got))
-            .await
-            .expect("the tunnel ends once both sides have")
-            .unwrap();
+        let got = ask_then_shut(worker.addr, head.as_bytes()).await;
         let got = String::from_utf8_lossy(&got);
         assert!(got.starts_with("HTTP/1.1 200"), "{got:?}");
         assert!(got.ends_with("\r\n\r\nbanner\nbye\n"), "{got:?}");

@@ -44,6 +44,46 @@ async fn up_with_two_workers(socket: &std::path::Path, listen: &str, extra: &[&s
 
 /// `rotor up`'s arguments for two workers rotating over 127.0.0.2 on
 /// `listen`, its allocator at `socket`, no state kept, and `extra`.
+/// What `rotor up` said to a NOTIFY_SOCKET (`sock`) up to its READY=1.
+async fn said_until_ready(sock: &tokio::net::UnixDatagram) -> String {
+    let mut said = String::new();
+    let mut buf = vec![0u8; 4096];
+    while !said.contains("READY=1") {
+        let n = tokio::time::timeout(PATIENCE, sock.recv(&mut buf))
+            .await
+            .expect("no READY=1")
+            .unwrap();
+        said.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    said
+}
+
+/// `rotor up` (as `up_with_two_workers`, no state) with a configuration
+/// file holding `text`: its directory (kept while it runs), socket, file
+/// and listen address.
+async fn up_with_config(
+    text: &str,
+) -> (
+    tempfile::TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    String,
+    Proc,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let config = dir.path().join("rotor.toml");
+    std::fs::write(&config, text).unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let up = up_with_two_workers(
+        &socket,
+        &listen,
+        &["--no-state", "--config", config.to_str().unwrap()],
+    )
+    .await;
+    (dir, socket, config, listen, up)
+}
+
 fn two_workers_of_one_address<'a>(
     listen: &'a str,
     socket: &'a str,
@@ -674,17 +714,8 @@ async fn a_sighup_to_rotor_up_reloads_each_worker_once() {
 #[tokio::test]
 async fn a_restarted_worker_reads_the_file_rotor_up_read() {
     let origin = Origin::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("a.sock");
-    let config = dir.path().join("rotor.toml");
-    std::fs::write(&config, "[worker]\nexpose-source = true\n").unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut up = up_with_two_workers(
-        &socket,
-        &listen,
-        &["--no-state", "--config", config.to_str().unwrap()],
-    )
-    .await;
+    let (_dir, socket, config, listen, mut up) =
+        up_with_config("[worker]\nexpose-source = true\n").await;
     let copy = std::env::temp_dir().join(format!("rotor-up-{}.toml", up.pid()));
     assert!(copy.exists(), "{copy:?}");
     std::fs::write(&config, "[worker\nexpose-source = tru").unwrap();
@@ -717,17 +748,7 @@ async fn a_killed_rotor_ups_copy_is_removed_by_the_next() {
     // A live process's (this test's): kept.
     let live = std::env::temp_dir().join(format!("rotor-up-{}.toml", std::process::id()));
     std::fs::write(&live, "[worker]\n").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("a.sock");
-    let config = dir.path().join("rotor.toml");
-    std::fs::write(&config, "[worker]\n").unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut up = up_with_two_workers(
-        &socket,
-        &listen,
-        &["--no-state", "--config", config.to_str().unwrap()],
-    )
-    .await;
+    let (_dir, _socket, _config, _listen, mut up) = up_with_config("[worker]\n").await;
     let gone = !left.exists();
     let kept = live.exists();
     let _ = std::fs::remove_file(&left);
@@ -795,15 +816,8 @@ async fn rotor_up_alone_tells_systemd_it_is_ready() {
     let mut cmd = std::process::Command::new(ROTOR);
     cmd.env("NOTIFY_SOCKET", &notify);
     let mut up = Proc::spawn_cmd(cmd, ROTOR, &args);
-    let mut said = String::new();
+    let said = said_until_ready(&sock).await;
     let mut buf = vec![0u8; 4096];
-    while !said.contains("READY=1") {
-        let n = tokio::time::timeout(PATIENCE, sock.recv(&mut buf))
-            .await
-            .expect("no READY=1")
-            .unwrap();
-        said.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
     assert!(said.contains("STATUS=2 workers"), "{said}");
     eventually("both workers", || async {
         socket.exists() && worker_pids(&socket).len() == 2
@@ -849,15 +863,7 @@ async fn rotor_up_is_ready_once_the_allocator_answers() {
     cmd.env("NOTIFY_SOCKET", &notify);
     let t0 = std::time::Instant::now();
     let mut up = Proc::spawn_cmd(cmd, ROTOR, &args);
-    let mut said = String::new();
-    let mut buf = vec![0u8; 4096];
-    while !said.contains("READY=1") {
-        let n = tokio::time::timeout(PATIENCE, sock.recv(&mut buf))
-            .await
-            .expect("no READY=1")
-            .unwrap();
-        said.push_str(&String::from_utf8_lossy(&buf[..n]));
-    }
+    said_until_ready(&sock).await;
     let ready = t0.elapsed();
     assert!(
         ready >= Duration::from_millis(2900),
@@ -940,17 +946,7 @@ fn allocator_of(up: u32) -> i32 {
 /// allocator's start.
 #[tokio::test]
 async fn rotor_reload_tells_an_edit_after_the_allocator_was_restarted() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("a.sock");
-    let config = dir.path().join("rotor.toml");
-    std::fs::write(&config, "[worker]\n").unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut up = up_with_two_workers(
-        &socket,
-        &listen,
-        &["--no-state", "--config", config.to_str().unwrap()],
-    )
-    .await;
+    let (_dir, socket, config, _listen, mut up) = up_with_config("[worker]\n").await;
     let reload = || {
         std::process::Command::new(ROTOR)
             .args(["reload", "--socket", socket.to_str().unwrap()])

@@ -1283,3 +1283,17 @@ pub async fn banner_server() -> SocketAddr {
     });
     addr
 }
+
+/// Sends `bytes` to `addr`, shuts this side (as `nc -N` does), and reads
+/// what comes back until the far side ends too (within 10 s).
+pub async fn ask_then_shut(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got))
+        .await
+        .expect("an answer, then the end of the connection")
+        .unwrap();
+    got
+}
