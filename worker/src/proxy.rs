@@ -286,6 +286,7 @@ impl Proxy {
             method: &method,
             target: &target,
             entry: None,
+            leased: std::sync::Mutex::new(None),
             armed: true,
         };
         let checked = match head > self.config.max_head_bytes {
@@ -371,8 +372,14 @@ impl Proxy {
                 Box::pin(handshake).await
             }
             Ok(caller) => {
-                self.forward(parts, fields, body, caller.sticky.as_ref())
-                    .await
+                self.forward(
+                    parts,
+                    fields,
+                    body,
+                    caller.sticky.as_ref(),
+                    &abandoned.leased,
+                )
+                .await
             }
         };
         abandoned.armed = false;
@@ -1097,6 +1104,7 @@ impl Proxy {
         mut fields: Fields,
         body: B,
         sticky: Option<&Sticky>,
+        leased: &std::sync::Mutex<Option<IpAddr>>,
     ) -> Result<(Answer, Lease), Failed> {
         let target = absolute_target(&parts.uri)?;
         // RFC 9112 §3.2.2: the target's authority replaces any Host sent
@@ -1136,6 +1144,14 @@ impl Proxy {
         let host = target.host.to_ascii_lowercase();
         let port = target.port;
         let (addrs, (mut lease, mut watch)) = self.resolve_and_lease(&host, port, sticky).await?;
+        // For the line of a request given up from here (its client gone):
+        // the address it went out from.
+        let said = |ip| {
+            if let Ok(mut l) = leased.lock() {
+                *l = Some(ip);
+            }
+        };
+        said(lease.ip);
         let mut key = Key {
             source: lease.ip,
             host,
@@ -1176,6 +1192,7 @@ impl Proxy {
                 let (c, dialed) = self.dial((lease, watch), &addrs, named, sticky).await?;
                 // Another address, if the leased one could not be used.
                 (lease, watch) = dialed;
+                said(lease.ip);
                 key.source = lease.ip;
                 (c, false)
             }
@@ -2082,6 +2099,9 @@ struct Abandoned<'a> {
     method: &'a Method,
     target: &'a LogTarget,
     entry: Option<Box<Entry>>,
+    /// The address a forward went out from, once leased (its line's
+    /// source: a request given up after its lease said `-`).
+    leased: std::sync::Mutex<Option<IpAddr>>,
     armed: bool,
 }
 
@@ -2262,12 +2282,14 @@ impl Drop for Abandoned<'_> {
                 .as_ref()
                 .map(|_| self.new_entry())
         });
+        let source = *self.leased.get_mut().unwrap_or_else(|e| e.into_inner());
         if let (Some(mut e), Some(log)) = (entry, &self.proxy.config.access_log) {
             e.status = status;
             e.error = Some(why);
+            e.source = e.source.or(source);
             log.log(&e);
         }
-        debug!(client = %self.client, method = %self.method, target = %self.target, ms = took.as_millis() as u64, error = why, "request given up before its answer");
+        debug!(client = %self.client, method = %self.method, target = %self.target, source = %source.map_or_else(|| "-".into(), |ip| ip.to_string()), ms = took.as_millis() as u64, error = why, "request given up before its answer");
     }
 }
 
