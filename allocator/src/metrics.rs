@@ -813,10 +813,10 @@ pub async fn serve(
                     let mut head = [0u8; 64];
                     let n = stream.read(&mut head).await?;
                     let answer = match head[..n].starts_with(b"GET /health ") {
-                        true => health_line(alloc.serving()),
-                        false => busy,
+                        true => health_line(alloc.health()),
+                        false => busy.to_vec(),
                     };
-                    stream.write_all(answer).await?;
+                    stream.write_all(&answer).await?;
                     stream.shutdown().await?;
                     let mut sink = [0u8; 1024];
                     while stream.read(&mut sink).await? > 0 {}
@@ -867,11 +867,16 @@ pub async fn serve(
 }
 
 /// The whole answer to a `GET /health` past the connection limits.
-fn health_line(serving: bool) -> &'static [u8] {
-    match serving {
-        true => b"HTTP/1.1 200 OK\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 8\r\nconnection: close\r\n\r\nserving\n",
-        false => b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 20\r\nconnection: close\r\n\r\nno worker connected\n",
-    }
+fn health_line(health: Result<(), &str>) -> Vec<u8> {
+    let (status, body) = match health {
+        Ok(()) => ("200 OK", "serving\n".to_string()),
+        Err(why) => ("503 Service Unavailable", format!("{why}\n")),
+    };
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 /// Logs an admin request refused for its token: a warning, then at most
@@ -1131,13 +1136,9 @@ async fn answer(
         (_, "/") => reply(StatusCode::OK, text, "rotor: metrics at /metrics\n".into()),
         // For a load balancer in front of several hosts: this host serves
         // while a worker is connected to its allocator.
-        (_, "/health") => match alloc.serving() {
-            true => reply(StatusCode::OK, text, "serving\n".into()),
-            false => reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                text,
-                "no worker connected\n".into(),
-            ),
+        (_, "/health") => match alloc.health() {
+            Ok(()) => reply(StatusCode::OK, text, "serving\n".into()),
+            Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, text, format!("{why}\n")),
         },
         (_, "/admin/quarantine" | "/admin/release") => {
             let Some(token) = token else {

@@ -955,7 +955,15 @@ struct Peer {
     /// many addresses, a /64, answers from some while others fail; one
     /// that answers is not at fault). At most a report's sources.
     answered: HashSet<Segment>,
+    /// When it connected or last sent a metrics report (a worker sends
+    /// one a second): `/health`.
+    heard: Instant,
 }
+
+/// How long `/health` waits for a word from some worker (each reports
+/// every second) before it says none serves: a worker stopped (SIGSTOP)
+/// or stuck stays connected.
+const HEALTH_SILENCE: Duration = Duration::from_secs(5);
 
 /// Parts of a worker's reload that failed: what, and why.
 type Failed = Vec<(String, String)>;
@@ -1520,7 +1528,13 @@ impl Allocator {
     /// `unreached`).
     pub fn record_metrics(&self, peer: u64, m: &rotor_protocol::WorkerMetrics, trusted: bool) {
         let mut inner = self.lock();
-        let pid = inner.peers.get(&peer).map_or(0, |p| p.hello.pid);
+        let pid = match inner.peers.get_mut(&peer) {
+            Some(p) => {
+                p.heard = Instant::now();
+                p.hello.pid
+            }
+            None => 0,
+        };
         let Inner { metrics, pool, .. } = &mut *inner;
         let applied = metrics.add(peer, pid, m, |ip| match pool.entry_of(ip) {
             Some(e) => e.to_string(),
@@ -1661,6 +1675,31 @@ impl Allocator {
             .peers
             .values()
             .any(|p| p.hello.role == rotor_protocol::Role::Worker)
+    }
+
+    /// The `/health` of the metrics listener: `Ok` while a worker is
+    /// connected and one has been heard from within [`HEALTH_SILENCE`],
+    /// and the pool has an address in the rotation; else why not. (Only a
+    /// connected worker was asked: a host whose pool was empty, or whose
+    /// one worker was stopped, stayed in a load balancer's rotation.)
+    pub fn health(&self) -> Result<(), &'static str> {
+        let inner = self.lock();
+        let mut workers = inner
+            .peers
+            .values()
+            .filter(|p| p.hello.role == rotor_protocol::Role::Worker)
+            .peekable();
+        if workers.peek().is_none() {
+            return Err("no worker connected");
+        }
+        if !workers.any(|p| p.heard.elapsed() <= HEALTH_SILENCE) {
+            return Err("no worker has reported for 5 s (stopped or stuck?)");
+        }
+        let rotations = inner.pool.rotations();
+        if Family::ALL.iter().all(|f| rotations.total(*f) == 0) {
+            return Err("no address in the rotation (the pool is empty, or every entry is out)");
+        }
+        Ok(())
     }
 
     /// A lease for sticky session `key` (see `sessions`): its address
@@ -2293,6 +2332,7 @@ impl Allocator {
                 joined,
                 told: false,
                 answered: HashSet::new(),
+                heard: Instant::now(),
             },
         );
         software

@@ -786,3 +786,45 @@ async fn a_new_access_log_is_0640_under_a_strict_umask() {
     assert_eq!(mode(&made), 0o640, "{:o}", mode(&made));
     assert_eq!(mode(&kept), 0o600, "{:o}", mode(&kept));
 }
+
+/// `/health` (for a load balancer) says 503, with why, when the host can
+/// serve nothing though a worker is connected: the pool has no address
+/// in the rotation, or no worker has reported for 5 s (stopped, stuck);
+/// 200 again once it can. (It answered 200 while a worker was connected.)
+#[tokio::test]
+async fn health_says_503_when_the_host_serves_nothing() {
+    let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let listen = metrics.to_string();
+    let alloc = Allocator::start(&["--pool", "127.0.0.2", "--metrics-listen", &listen]).await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    eventually("healthy", || async move {
+        http_get(metrics, "/health", "*/*").0 == 200
+    })
+    .await;
+    // Every entry out of the rotation.
+    rotor_control("quarantine", &alloc.socket, &["127.0.0.2"]);
+    let (status, body) = http_get(metrics, "/health", "*/*");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no address in the rotation"), "{body}");
+    rotor_control("release", &alloc.socket, &["127.0.0.2"]);
+    assert_eq!(http_get(metrics, "/health", "*/*").0, 200);
+    // The only worker stopped: connected, silent.
+    w.proc.signal(nix::sys::signal::Signal::SIGSTOP);
+    let stopped = std::time::Instant::now();
+    eventually("unhealthy", || async move {
+        http_get(metrics, "/health", "*/*").0 == 503
+    })
+    .await;
+    assert!(
+        stopped.elapsed() >= Duration::from_secs(4),
+        "{:?}",
+        stopped.elapsed()
+    );
+    let (_, body) = http_get(metrics, "/health", "*/*");
+    assert!(body.contains("no worker has reported"), "{body}");
+    w.proc.signal(nix::sys::signal::Signal::SIGCONT);
+    eventually("healthy again", || async move {
+        http_get(metrics, "/health", "*/*").0 == 200
+    })
+    .await;
+}
