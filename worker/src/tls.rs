@@ -44,8 +44,14 @@ pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
             files.cert.display()
         ));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| format!("tls-key {}: {e}", files.key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| match e {
+        // (Said as what to do: "no items found" named no cause.)
+        tokio_rustls::rustls::pki_types::pem::Error::NoItemsFound => format!(
+            "tls-key {}: no private key in it (a PEM `PRIVATE KEY`, `RSA PRIVATE KEY` or `EC PRIVATE KEY`; an encrypted one is not read: `openssl pkey -in KEY -out PLAIN` decrypts it)",
+            files.key.display()
+        ),
+        e => format!("tls-key {}: {e}", files.key.display()),
+    })?;
     // A pair past its dates still loads (a client that does not check may
     // use it), but the operator is told: clients that check refuse every
     // connection, and say only that the handshake failed.
@@ -53,7 +59,17 @@ pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     if let Some(why) = validity(&certs[0]).and_then(|v| validity_warning(v, now)) {
-        warn!(cert = %files.cert.display(), "TLS certificate {why}");
+        // Once for a start, whose first reload loads it again.
+        static SAID: std::sync::Mutex<Option<(String, std::time::Instant)>> =
+            std::sync::Mutex::new(None);
+        let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+        let again = said
+            .as_ref()
+            .is_some_and(|(w, at)| *w == why && at.elapsed() < std::time::Duration::from_secs(60));
+        if !again {
+            warn!(cert = %files.cert.display(), "TLS certificate {why}");
+            *said = Some((why, std::time::Instant::now()));
+        }
     }
     let provider = Arc::new(provider());
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -129,10 +145,15 @@ fn validity_warning((not_before, not_after): (i64, i64), now: i64) -> Option<Str
         ));
     }
     (not_after - now < EXPIRES_SOON).then(|| {
+        // (In hours under two days: "in 1 days" read for 47 h.)
+        let left = not_after - now;
+        let when = match left / 3600 {
+            h @ 0..48 => format!("{h} h"),
+            _ => format!("{} days", left / 86_400),
+        };
         format!(
-            "expires at {}, in {} days: replace it and reload before then",
-            date(not_after),
-            (not_after - now) / 86_400
+            "expires at {}, in {when}: replace it and reload before then",
+            date(not_after)
         )
     })
 }
@@ -274,7 +295,8 @@ impl Tls {
             }
             Err(e) => {
                 warn!(error = %e, "cannot reload the TLS certificate; serving the previous one");
-                Err(format!("{e}; serving the previous one"))
+                // (`rotor reload` says the one in use was kept.)
+                Err(e)
             }
         }
     }
@@ -310,6 +332,9 @@ mod tests {
             .starts_with("is not valid before"));
         let soon = validity_warning(v, 1_090 * day).unwrap();
         assert!(soon.contains("in 10 days"), "{soon}");
+        // Under two days, in hours (it said "in 1 days" for 47 h).
+        let hours = validity_warning(v, 1_100 * day - 47 * 3600 - 59).unwrap();
+        assert!(hours.contains("in 47 h"), "{hours}");
         assert_eq!(validity_warning(v, 1_050 * day), None);
         // Dates past what is written are written as the last one.
         let far = validity_warning((253_402_300_800, 253_402_400_000), 0).unwrap();
@@ -348,5 +373,18 @@ mod tests {
         assert!((to - from - 3 * 86_400).abs() < 2, "{from} {to}");
         let soon = validity_warning((from, to), now).unwrap();
         assert!(soon.starts_with("expires at"), "{soon}");
+        // A key file with no key in it (the certificate given twice; an
+        // encrypted key reads the same) says what it wants: it said "no
+        // items found".
+        let twice = TlsFiles {
+            cert: cert.clone(),
+            key: cert.clone(),
+        };
+        let e = load(&twice).err().unwrap();
+        assert!(
+            e.contains("no private key in it") && e.contains("openssl pkey"),
+            "{e}"
+        );
+        assert!(load(&TlsFiles { cert, key }).is_ok());
     }
 }
