@@ -15,21 +15,63 @@ use tokio::net::UnixStream;
 /// up to `each`; a refused or dropped one is tried again 20 ms later.
 pub async fn answering(socket: &Path, each: Duration) {
     loop {
-        let hello = async {
-            let stream = UnixStream::connect(socket).await?;
-            let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
-            client_handshake(
-                &mut chan,
-                Hello::new(Role::Control, concat!("rotor/", env!("CARGO_PKG_VERSION"))),
-            )
-            .await?;
-            anyhow::Ok(())
-        };
-        if let Ok(Ok(())) = tokio::time::timeout(each, hello).await {
+        if let Ok(Ok(_)) = tokio::time::timeout(each, greeted(socket)).await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A connection to the allocator at `socket`, greeted: the channel and
+/// the allocator's Hello, or why not (said as what it likely is).
+async fn greeted(socket: &Path) -> anyhow::Result<(ClientChannel<UnixStream>, Hello)> {
+    let stream = match UnixStream::connect(socket).await {
+        Ok(s) => s,
+        // The socket is there, but this user may not reach it: the
+        // socket file's mode, or its directory's.
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "this user may not connect to the allocator's socket {} (it takes write permission on the socket file and search permission on its directory: run as root or the allocator's user, or see --allow-uid, --allow-gid and --socket-mode)",
+                socket.display()
+            )))
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "no allocator answers at {} (is rotor running? start it with `rotor up`, or name its socket with --socket or ROTOR_SOCKET)",
+                socket.display()
+            )))
+        }
+    };
+    let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
+    let server = client_handshake(
+        &mut chan,
+        Hello::new(Role::Control, concat!("rotor/", env!("CARGO_PKG_VERSION"))),
+    )
+    .await
+    .map_err(|e| {
+        // The allocator closes a connection from a user it does not
+        // serve without a word: said here, not as a bare reset.
+        let cut = match &e {
+            rotor_protocol::HandshakeError::Closed => true,
+            rotor_protocol::HandshakeError::Channel(rotor_protocol::ChannelError::Io(io)) => {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::BrokenPipe
+                        | std::io::ErrorKind::UnexpectedEof
+                )
+            }
+            _ => false,
+        };
+        match cut {
+            true => anyhow::Error::new(e).context(format!(
+                "the allocator at {} closed the connection before answering: it serves root, its own user and those of its --allow-uid and --allow-gid (is this user one of them?)",
+                socket.display()
+            )),
+            false => anyhow::Error::new(e),
+        }
+    })?;
+    Ok((chan, server))
 }
 
 /// Sends one request to the allocator and returns its answer.
@@ -44,56 +86,7 @@ pub async fn request_by_minor(
     choose: impl FnOnce(u16) -> Request,
 ) -> anyhow::Result<Response> {
     use anyhow::Context;
-    let connect = async {
-        let stream = match UnixStream::connect(socket).await {
-            Ok(s) => s,
-            // The socket is there, but this user may not reach it: the
-            // socket file's mode, or its directory's.
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                return Err(anyhow::Error::new(e).context(format!(
-                    "this user may not connect to the allocator's socket {} (it takes write permission on the socket file and search permission on its directory: run as root or the allocator's user, or see --allow-uid, --allow-gid and --socket-mode)",
-                    socket.display()
-                )))
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!(
-                    "no allocator answers at {} (is rotor running? start it with `rotor up`, or name its socket with --socket or ROTOR_SOCKET)",
-                    socket.display()
-                )))
-            }
-        };
-        let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
-        let server = client_handshake(
-            &mut chan,
-            Hello::new(Role::Control, concat!("rotor/", env!("CARGO_PKG_VERSION"))),
-        )
-        .await
-        .map_err(|e| {
-            // The allocator closes a connection from a user it does not
-            // serve without a word: said here, not as a bare reset.
-            let cut = match &e {
-                rotor_protocol::HandshakeError::Closed => true,
-                rotor_protocol::HandshakeError::Channel(rotor_protocol::ChannelError::Io(io)) => {
-                    matches!(
-                        io.kind(),
-                        std::io::ErrorKind::ConnectionReset
-                            | std::io::ErrorKind::BrokenPipe
-                            | std::io::ErrorKind::UnexpectedEof
-                    )
-                }
-                _ => false,
-            };
-            match cut {
-                true => anyhow::Error::new(e).context(format!(
-                    "the allocator at {} closed the connection before answering: it serves root, its own user and those of its --allow-uid and --allow-gid (is this user one of them?)",
-                    socket.display()
-                )),
-                false => anyhow::Error::new(e),
-            }
-        })?;
-        anyhow::Ok((chan, server))
-    };
-    let (mut chan, server) = tokio::time::timeout(ANSWER_WAIT, connect)
+    let (mut chan, server) = tokio::time::timeout(ANSWER_WAIT, greeted(socket))
         .await
         .with_context(|| {
             format!(

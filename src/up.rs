@@ -473,6 +473,8 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         () = crate::control::answering(&socket, Duration::from_secs(5)) => true,
         _ = signals.shutdown.cancelled() => false,
     };
+    // Ready for systemd (`Type=notify`): the allocator answers, and the
+    // listeners, bound here, queue what comes until the workers take it.
     if answered {
         info!(
             workers,
@@ -480,10 +482,6 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             socket = %socket.display(),
             "rotor is up"
         );
-    }
-    // Ready for systemd (`Type=notify`): the allocator answers, and the
-    // listeners, bound here, queue what comes until the workers take it.
-    if answered {
         let status = format!("{workers} workers, allocator at {}", socket.display());
         let _ = sd_notify::notify(&[
             sd_notify::NotifyState::Ready,

@@ -703,9 +703,8 @@ impl AdminToken {
         self.token.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Reads the file again; logs a change, or why the token in use stays.
-    /// Reads the token again; a file that cannot be read leaves the one in
-    /// use, and says why (for the reload's report).
+    /// Reads the file again; logs a change, or why the token in use stays
+    /// (and says why, for the reload's report).
     pub fn reload(&self) -> Result<(), String> {
         match read_token(&self.path) {
             Ok(t) => {
@@ -813,7 +812,7 @@ pub async fn serve(
                     let mut head = [0u8; 64];
                     let n = stream.read(&mut head).await?;
                     let answer = match head[..n].starts_with(b"GET /health ") {
-                        true => health_line(alloc.health()),
+                        true => health_line(&alloc),
                         false => busy.to_vec(),
                     };
                     stream.write_all(&answer).await?;
@@ -866,12 +865,17 @@ pub async fn serve(
     }
 }
 
+/// The status and body of a `GET /health` (see `Allocator::health`).
+fn health(alloc: &crate::state::Allocator) -> (hyper::StatusCode, String) {
+    match alloc.health() {
+        Ok(()) => (hyper::StatusCode::OK, "serving\n".into()),
+        Err(why) => (hyper::StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
+}
+
 /// The whole answer to a `GET /health` past the connection limits.
-fn health_line(health: Result<(), &str>) -> Vec<u8> {
-    let (status, body) = match health {
-        Ok(()) => ("200 OK", "serving\n".to_string()),
-        Err(why) => ("503 Service Unavailable", format!("{why}\n")),
-    };
+fn health_line(alloc: &crate::state::Allocator) -> Vec<u8> {
+    let (status, body) = health(alloc);
     format!(
         "HTTP/1.1 {status}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
@@ -1134,12 +1138,12 @@ async fn answer(
             resp
         }
         (_, "/") => reply(StatusCode::OK, text, "rotor: metrics at /metrics\n".into()),
-        // For a load balancer in front of several hosts: this host serves
-        // while a worker is connected to its allocator.
-        (_, "/health") => match alloc.health() {
-            Ok(()) => reply(StatusCode::OK, text, "serving\n".into()),
-            Err(why) => reply(StatusCode::SERVICE_UNAVAILABLE, text, format!("{why}\n")),
-        },
+        // For a load balancer in front of several hosts: whether this
+        // host can serve (`Allocator::health`).
+        (_, "/health") => {
+            let (status, body) = health(alloc);
+            reply(status, text, body)
+        }
         (_, "/admin/quarantine" | "/admin/release") => {
             let Some(token) = token else {
                 return json_reply(

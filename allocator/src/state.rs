@@ -1668,8 +1668,8 @@ impl Allocator {
         crate::metrics::render(&snapshot, &figures, classic)
     }
 
-    /// Whether any worker is connected (the `/health` of the metrics
-    /// listener).
+    /// Whether any worker is connected (an orphaned allocator serves their
+    /// drain while one is; `/health` asks more: see [`Allocator::health`]).
     pub fn serving(&self) -> bool {
         self.lock()
             .peers

@@ -146,8 +146,9 @@ struct Conn {
     first_reloads: Mutex<Option<(u64, u64)>>,
     /// The allocator's protocol minor.
     minor: u16,
-    /// The allocator's process (its Hello's): another one is a restarted
-    /// allocator, whose reload count started over.
+    /// The allocator's process (the kernel's word on the connection where
+    /// it gives one, else its Hello's: see `connect`): another one is a
+    /// restarted allocator, whose reload count started over.
     allocator_pid: u32,
     /// The id of a table found tampered with: not mapped again (the
     /// allocator replaces it; a new id is attached to).
@@ -486,7 +487,8 @@ impl LeaseClient {
         }
     }
 
-    /// The allocator's process id, as its Hello said, while connected.
+    /// The allocator's process id (see `Conn::allocator_pid`), while
+    /// connected.
     pub fn allocator_pid(&self) -> Option<u32> {
         Some(self.conn.borrow().as_ref()?.allocator_pid)
     }

@@ -286,7 +286,7 @@ impl Proxy {
             method: &method,
             target: &target,
             entry: None,
-            leased: std::sync::Mutex::new(None),
+            leased: None,
             armed: true,
         };
         let checked = match head > self.config.max_head_bytes {
@@ -377,7 +377,7 @@ impl Proxy {
                     fields,
                     body,
                     caller.sticky.as_ref(),
-                    &abandoned.leased,
+                    &mut abandoned.leased,
                 )
                 .await
             }
@@ -1104,7 +1104,7 @@ impl Proxy {
         mut fields: Fields,
         body: B,
         sticky: Option<&Sticky>,
-        leased: &std::sync::Mutex<Option<IpAddr>>,
+        leased: &mut Option<IpAddr>,
     ) -> Result<(Answer, Lease), Failed> {
         let target = absolute_target(&parts.uri)?;
         // RFC 9112 §3.2.2: the target's authority replaces any Host sent
@@ -1146,12 +1146,7 @@ impl Proxy {
         let (addrs, (mut lease, mut watch)) = self.resolve_and_lease(&host, port, sticky).await?;
         // For the line of a request given up from here (its client gone):
         // the address it went out from.
-        let said = |ip| {
-            if let Ok(mut l) = leased.lock() {
-                *l = Some(ip);
-            }
-        };
-        said(lease.ip);
+        *leased = Some(lease.ip);
         let mut key = Key {
             source: lease.ip,
             host,
@@ -1192,7 +1187,7 @@ impl Proxy {
                 let (c, dialed) = self.dial((lease, watch), &addrs, named, sticky).await?;
                 // Another address, if the leased one could not be used.
                 (lease, watch) = dialed;
-                said(lease.ip);
+                *leased = Some(lease.ip);
                 key.source = lease.ip;
                 (c, false)
             }
@@ -2101,7 +2096,7 @@ struct Abandoned<'a> {
     entry: Option<Box<Entry>>,
     /// The address a forward went out from, once leased (its line's
     /// source: a request given up after its lease said `-`).
-    leased: std::sync::Mutex<Option<IpAddr>>,
+    leased: Option<IpAddr>,
     armed: bool,
 }
 
@@ -2282,7 +2277,7 @@ impl Drop for Abandoned<'_> {
                 .as_ref()
                 .map(|_| self.new_entry())
         });
-        let source = *self.leased.get_mut().unwrap_or_else(|e| e.into_inner());
+        let source = self.leased;
         if let (Some(mut e), Some(log)) = (entry, &self.proxy.config.access_log) {
             e.status = status;
             e.error = Some(why);

@@ -782,16 +782,9 @@ impl Serving {
 /// The error the service gives hyper for a request whose client left while
 /// it waited: the connection ends, unanswered (the request's line says
 /// `client_closed`, 499).
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("the client left while its request waited")]
 struct ClientLeft;
-
-impl std::fmt::Display for ClientLeft {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the client left while its request waited")
-    }
-}
-
-impl std::error::Error for ClientLeft {}
 
 /// The client socket under `io` (a TLS session's too).
 fn client_fd(io: &ClientIo) -> Option<std::os::fd::RawFd> {
