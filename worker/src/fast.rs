@@ -306,23 +306,12 @@ where
                 .proxy
                 .clone()
                 .serve(parts, Fields::Wire(fields), body, conn.client);
-            tokio::pin!(serving);
-            let mut watching = false;
-            std::future::poll_fn(|cx| {
-                // (A call another task left, hyper's path not taking it.)
-                crate::h1::take_watch_call();
-                if let Poll::Ready(resp) = std::future::Future::poll(serving.as_mut(), cx) {
-                    return Poll::Ready(Some(resp));
-                }
-                watching |= crate::h1::take_watch_call();
-                if watching && buf.is_empty() {
-                    // (No room reserved: a full buffer makes 64 bytes itself.)
-                    match tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut buf) {
-                        Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
-                        Poll::Ready(Ok(_)) | Poll::Pending => {}
-                    }
-                }
-                Poll::Pending
+            // Bytes already read (a pipelined request) end the watch;
+            // else the watch reads into the buffer, kept for later.
+            crate::h1::unless_gone(serving, |cx| match buf.is_empty() {
+                false => Poll::Ready(Ok(buf.len())),
+                // (No room reserved: a full buffer makes 64 bytes itself.)
+                true => tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut buf),
             })
             .await
         } {

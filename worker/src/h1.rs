@@ -530,8 +530,9 @@ pub fn call_watch() {
     WATCH_CALL.with(|c| c.set(true));
 }
 
-/// `fut`, unless its client goes first (`None`), watched as the fast path
-/// watches a waiting request's: only once the wait has called for it
+/// `fut`, unless its client goes first (`None`): the watch every path
+/// keeps on a waiting request's client (the fast path's, hyper's on a
+/// plain connection, SOCKS5's), begun only once the wait has called for it
 /// (`take_watch_call`: past `WATCH_CLIENT_AFTER`, or a wait for a site's
 /// budget begun). `peek` looks at the client's socket without taking
 /// anything: an end of its stream (or an error) is its going; bytes end
@@ -542,30 +543,59 @@ pub fn call_watch() {
 /// left unanswered. Watched from `WATCH_CLIENT_AFTER`, an answer that
 /// comes sooner reaches it; a request that waits longer for a client
 /// that only shut its side is given up, as nginx and hyper do.
-pub(crate) async fn unless_gone<F, P>(fut: F, mut peek: P) -> Option<F::Output>
+///
+/// A future of its own, not an `async fn` around a `poll_fn`: the fast
+/// path waits in it for every request, and an async layer there cost
+/// about 270 instructions a request.
+pub(crate) fn unless_gone<F, P>(fut: F, peek: P) -> UnlessGone<F, P>
 where
     F: std::future::Future,
     P: FnMut(&mut Context<'_>) -> Poll<io::Result<usize>>,
 {
-    let mut fut = std::pin::pin!(fut);
-    let (mut watching, mut early) = (false, false);
-    std::future::poll_fn(|cx| {
+    UnlessGone {
+        fut,
+        peek,
+        watching: false,
+        early: false,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`unless_gone`].
+    pub(crate) struct UnlessGone<F, P> {
+        #[pin]
+        fut: F,
+        peek: P,
+        watching: bool,
+        // Bytes came: the watch is over.
+        early: bool,
+    }
+}
+
+impl<F, P> std::future::Future for UnlessGone<F, P>
+where
+    F: std::future::Future,
+    P: FnMut(&mut Context<'_>) -> Poll<io::Result<usize>>,
+{
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let me = self.project();
         // (A call another task left.)
         take_watch_call();
-        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+        if let Poll::Ready(out) = me.fut.poll(cx) {
             return Poll::Ready(Some(out));
         }
-        watching |= take_watch_call();
-        if watching && !early {
-            match peek(cx) {
+        *me.watching |= take_watch_call();
+        if *me.watching && !*me.early {
+            match (me.peek)(cx) {
                 Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
-                Poll::Ready(Ok(_)) => early = true,
+                Poll::Ready(Ok(_)) => *me.early = true,
                 Poll::Pending => {}
             }
         }
         Poll::Pending
-    })
-    .await
+    }
 }
 
 /// A look at `stream`'s next byte, for [`unless_gone`].
