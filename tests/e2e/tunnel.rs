@@ -667,10 +667,10 @@ async fn websockets_to_http_targets_are_relayed_from_the_next_address() {
     assert!(read_head(&mut s).await.starts_with("HTTP/1.1 200"));
 }
 
-/// aiohttp's WebSocket client through rotor to an `http://` target (it
-/// sends the handshake in absolute form, no CONNECT), against aiohttp's
-/// own server: each WebSocket opens from the next address, and messages
-/// go both ways.
+/// aiohttp's WebSocket client through rotor to `ws://` and `http://`
+/// targets (it sends the handshake in absolute form, no CONNECT, with its
+/// URL's scheme in the request line), against aiohttp's own server: each
+/// WebSocket opens from the next address, and messages go both ways.
 #[tokio::test]
 async fn aiohttp_websockets_through_rotor() {
     if !python_has("aiohttp_websockets_through_rotor", "aiohttp") {
@@ -703,7 +703,8 @@ async def main():
     seen = []
     async with aiohttp.ClientSession() as s:
         for i in range(4):
-            url = f"http://127.0.0.1:{{port}}/ws"
+            scheme = ("ws", "http")[i % 2]
+            url = f"{{scheme}}://127.0.0.1:{{port}}/ws"
             async with s.ws_connect(url, proxy="http://{proxy}", timeout=10) as ws:
                 seen.append(await ws.receive_str(timeout=10))
                 await ws.send_str(f"m{{i}}")

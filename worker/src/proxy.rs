@@ -1106,7 +1106,7 @@ impl Proxy {
         sticky: Option<&Sticky>,
         leased: &mut Option<IpAddr>,
     ) -> Result<(Answer, Lease), Failed> {
-        let target = absolute_target(&parts.uri)?;
+        let target = absolute_target(&parts.uri, false)?;
         // RFC 9112 §3.2.2: the target's authority replaces any Host sent
         // (most clients send that same text: then it is kept as it is).
         // Two Host fields are refused, not forwarded (`only_host`).
@@ -1290,7 +1290,7 @@ impl Proxy {
         (sticky, standing): (Option<&Sticky>, Option<Standing>),
         entry: Option<Entry>,
     ) -> Result<(Answer, Lease), Failed> {
-        let target = absolute_target(&parts.uri)?;
+        let target = absolute_target(&parts.uri, true)?;
         let authority = target.host_value;
         let host_as_sent = only_host(&fields)? == Some(authority.as_bytes());
         // As a CONNECT's: refused on a kept-alive connection once the
@@ -1887,7 +1887,7 @@ pub fn check_target(uri: &Uri, connect: bool) -> Result<(String, u16), ProxyErro
     if connect {
         connect_target(uri)
     } else {
-        let t = absolute_target(uri)?;
+        let t = absolute_target(uri, false)?;
         origin_form(uri);
         Ok((t.host.to_string(), t.port))
     }
@@ -1903,14 +1903,24 @@ struct Target<'a> {
     host_value: &'a str,
 }
 
-/// The destination of an absolute-form target.
-fn absolute_target(uri: &Uri) -> Result<Target<'_>, ProxyError> {
+/// The destination of an absolute-form target. `ws://` is taken for a
+/// WebSocket's opening handshake (`websocket`: aiohttp writes its URL's
+/// scheme into the request line), as `http://`.
+fn absolute_target(uri: &Uri, websocket: bool) -> Result<Target<'_>, ProxyError> {
     match uri.scheme_str() {
         Some("http") => {}
-        Some("https") => {
+        Some("ws") if websocket => {}
+        Some("ws") => {
             return Err(ProxyError::BadRequest(
-                "https:// targets need a CONNECT tunnel (set the proxy for https too)".into(),
+                "a ws:// target is a WebSocket's opening handshake: a GET with \
+                 `Upgrade: websocket` and `Connection: Upgrade`"
+                    .into(),
             ))
+        }
+        Some(tls @ ("https" | "wss")) => {
+            return Err(ProxyError::BadRequest(format!(
+                "{tls}:// targets need a CONNECT tunnel (set the proxy for {tls} too)"
+            )))
         }
         Some(other) => {
             return Err(ProxyError::BadRequest(format!(
@@ -2361,7 +2371,7 @@ mod tests {
     fn absolute_targets() {
         let t = |uri: &str, host: &str, port: u16, value: &str| {
             let uri: Uri = uri.parse().unwrap();
-            let t = absolute_target(&uri).unwrap();
+            let t = absolute_target(&uri, false).unwrap();
             assert_eq!((t.host, t.port, t.host_value), (host, port, value));
         };
         t("http://example.com/x", "example.com", 80, "example.com");
@@ -2383,7 +2393,13 @@ mod tests {
             80,
             "origin.test",
         );
-        let err = absolute_target(&"http://user:TopSecret@origin.test:x/".parse().unwrap())
+        // A WebSocket's handshake may name its own scheme (aiohttp does).
+        let uri = "ws://origin.test/chat".parse().unwrap();
+        let ws = absolute_target(&uri, true).unwrap();
+        assert_eq!((ws.host, ws.port), ("origin.test", 80));
+        let wss = absolute_target(&"wss://origin.test/".parse().unwrap(), true).unwrap_err();
+        assert!(wss.to_string().contains("CONNECT"), "{wss}");
+        let err = absolute_target(&"http://user:TopSecret@origin.test:x/".parse().unwrap(), false)
             .unwrap_err()
             .to_string();
         assert!(!err.contains("TopSecret"), "{err}");
@@ -2393,6 +2409,9 @@ mod tests {
             "/x",
             "https://example.com/",
             "ftp://example.com/",
+            // Not a WebSocket's handshake (see below), or one over TLS.
+            "ws://example.com/",
+            "wss://example.com/",
             "http://example.com:99999/",
             "http://example.com:abc/",
             "http://example.com:0/",
@@ -2408,7 +2427,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    absolute_target(&bad.parse().unwrap()),
+                    absolute_target(&bad.parse().unwrap(), false),
                     Err(ProxyError::BadRequest(_))
                 ),
                 "{bad}"
@@ -2420,13 +2439,13 @@ mod tests {
     fn a_host_longer_than_any_name_is_refused() {
         let long = format!("{}127.0.0.1", "0".repeat(300));
         for uri in [format!("http://{long}/"), format!("http://{long}:80/")] {
-            let got = absolute_target(&uri.parse().unwrap()).err();
+            let got = absolute_target(&uri.parse().unwrap(), false).err();
             assert!(matches!(got, Some(ProxyError::BadRequest(_))), "{got:?}");
         }
         let got = connect_target(&format!("{long}:443").parse().unwrap()).err();
         assert!(matches!(got, Some(ProxyError::BadRequest(_))), "{got:?}");
         let most = format!("{}.test", "a".repeat(crate::dns::MAX_NAME - 5));
-        assert!(absolute_target(&format!("http://{most}/").parse().unwrap()).is_ok());
+        assert!(absolute_target(&format!("http://{most}/").parse().unwrap(), false).is_ok());
         assert!(connect_target(&format!("{most}:443").parse().unwrap()).is_ok());
     }
 
@@ -2474,7 +2493,7 @@ mod tests {
         #[test]
         fn arbitrary_targets_never_panic(target in "\\PC{0,80}") {
             if let Ok(uri) = target.parse::<Uri>() {
-                let _ = absolute_target(&uri);
+                let _ = absolute_target(&uri, false);
                 let _ = connect_target(&uri);
                 let _ = origin_form(&uri);
             }
