@@ -60,6 +60,34 @@ async fn requests_and_tunnels_need_valid_credentials() {
     assert!(seen
         .iter()
         .all(|s| s.headers.get("proxy-authorization").is_none()));
+    // Two credentials fields, in either order, a GET (fast path and
+    // hyper's) or a CONNECT: 400, not a log-in as the first (a front
+    // routing by the last would disagree). Nothing sent.
+    let (good, other) = (basic("alice", "s3cret"), basic("bob", "hunter2"));
+    for (target, version) in [
+        (origin.url("/"), "GET {} HTTP/1.1"),
+        (origin.url("/"), "GET {} HTTP/1.0"),
+        (echo.addr.to_string(), "CONNECT {} HTTP/1.1"),
+    ] {
+        for (a, b) in [(&good, &other), (&other, &good)] {
+            let line = version.replace("{}", &target);
+            let head = format!(
+                "{line}\r\nHost: {target}\r\nProxy-Authorization: {a}\r\nProxy-Authorization: {b}\r\n\r\n"
+            );
+            let mut s = TcpStream::connect(worker.addr).await.unwrap();
+            s.write_all(head.as_bytes()).await.unwrap();
+            let answer = read_head(&mut s).await;
+            assert!(
+                answer.starts_with("HTTP/1.") && answer[8..].starts_with(" 400"),
+                "{line}: {answer}"
+            );
+            assert!(
+                answer.contains("more than one Proxy-Authorization"),
+                "{answer}"
+            );
+        }
+    }
+    assert_eq!(origin.count(), 3);
 
     let (code, _) = connect_tunnel(worker.addr, &echo.addr.to_string()).await;
     assert_eq!(code, 407);

@@ -535,7 +535,12 @@ impl Proxy {
     /// have named a session, which must not be dropped unsaid; another
     /// scheme is no rotor credentials, and is ignored.
     fn credentials(&self, fields: &Fields) -> Result<Option<(String, String)>, ProxyError> {
-        let header = fields.get(&header::PROXY_AUTHORIZATION);
+        // One field only (RFC 9110 §11.7.2): with two, a front that
+        // routes by one (deploy/multi-host's HAProxy reads the last)
+        // would send the request where rotor logs in as the other.
+        let header = fields.get_only(&header::PROXY_AUTHORIZATION).map_err(|_| {
+            ProxyError::BadRequest("more than one Proxy-Authorization field".into())
+        })?;
         match (crate::auth::credentials(header), &self.config.auth) {
             (Ok(given), _) => Ok(Some(given)),
             (Err(_), None) if !crate::auth::is_basic(header) => Ok(None),
@@ -2399,9 +2404,12 @@ mod tests {
         assert_eq!((ws.host, ws.port), ("origin.test", 80));
         let wss = absolute_target(&"wss://origin.test/".parse().unwrap(), true).unwrap_err();
         assert!(wss.to_string().contains("CONNECT"), "{wss}");
-        let err = absolute_target(&"http://user:TopSecret@origin.test:x/".parse().unwrap(), false)
-            .unwrap_err()
-            .to_string();
+        let err = absolute_target(
+            &"http://user:TopSecret@origin.test:x/".parse().unwrap(),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(!err.contains("TopSecret"), "{err}");
         t("http://u:pw@[::1]:8080/", "[::1]", 8080, "[::1]:8080");
         t("http://[::1]/", "[::1]", 80, "[::1]");
