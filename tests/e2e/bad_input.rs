@@ -636,6 +636,45 @@ async fn a_small_body_that_stalls_or_is_cut_off_is_logged() {
     assert_eq!(origin.count(), 0);
 }
 
+/// An HTTP/2 client with prior knowledge (its preface, in two pieces, then
+/// a SETTINGS frame) is told 505 in HTTP/1.1 words, counted and logged;
+/// hyper's server had closed on it with no word and no log line.
+#[tokio::test]
+async fn an_http2_preface_is_answered_505_and_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let args = [
+        "--access-log",
+        log.to_str().unwrap(),
+        "--access-log-format",
+        "json",
+    ];
+    let worker = Worker::start(&alloc.socket, &args).await;
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    s.write_all(b"SM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("HTTP/1.1 505 HTTP Version Not Supported"),
+        "{text}"
+    );
+    assert!(text.contains("HTTP/2 is not served here"), "{text}");
+    eventually("the access line", || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|l| l["status"] == 505)
+    })
+    .await;
+}
+
 /// Empty lines before a request line are ignored (RFC 9112 §2.2): a
 /// client's stray CRLF after a body is no head begun, not answered 408 at
 /// the header timeout; its next request is served.

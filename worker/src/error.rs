@@ -36,6 +36,9 @@ pub enum ProxyError {
     /// A request line longer than a whole head may be.
     #[error("request line longer than the {limit} bytes a head may take")]
     TargetTooLong { limit: usize },
+    /// HTTP/2's connection preface (an h2c client with prior knowledge).
+    #[error("HTTP/2 is not served here: send HTTP/1.1 requests (CONNECT for https)")]
+    Http2Preface,
     #[error("refused")]
     Denied(#[source] crate::acl::Denied),
     /// A CONNECT while the worker drains: a tunnel opened then would be
@@ -223,6 +226,7 @@ impl ProxyError {
             | NotImplemented(_)
             | HeadTooLarge { .. }
             | TargetTooLong { .. }
+            | Http2Preface
             | Denied(_)
             | Auth(_)
             | Session(_)
@@ -258,6 +262,7 @@ impl ProxyError {
             NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, None),
             HeadTooLarge { .. } => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, None),
             TargetTooLong { .. } => (StatusCode::URI_TOO_LONG, None),
+            Http2Preface => (StatusCode::HTTP_VERSION_NOT_SUPPORTED, None),
             Auth(crate::auth::AuthError::Busy) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Some("proxy_internal_error"),
@@ -319,6 +324,7 @@ impl ProxyError {
             NotImplemented(_) => "Transfer Coding Not Implemented",
             HeadTooLarge { .. } => "Request Head Too Large",
             TargetTooLong { .. } => "URI Too Long",
+            Http2Preface => "HTTP Version Not Supported",
             Auth(crate::auth::AuthError::Busy) => "Authentication Busy",
             Auth(crate::auth::AuthError::Spaced(_)) => "Too Many Failed Logins",
             Auth(_) => "Proxy Authentication Required",

@@ -164,6 +164,13 @@ where
                         body,
                         close,
                     } => break (parts, fields, body, close),
+                    // HTTP/2's preface: hyper's server closed on it with
+                    // no word, no count and no log line.
+                    Take::NotMine if buf.starts_with(H2_PREFACE) => {
+                        let e = crate::error::ProxyError::Http2Preface;
+                        let began = head_began.unwrap_or_else(tokio::time::Instant::now);
+                        return refuse(io, &mut out, conn, (None, began), &e, true).await;
+                    }
                     Take::NotMine => {
                         return Outcome::Handover(Rewind::new(buf.freeze(), io), served)
                     }
@@ -359,6 +366,9 @@ where
         trim(&mut buf, &mut out);
     }
 }
+
+/// How an HTTP/2 connection begins (RFC 9113 §3.4): its first line.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n";
 
 /// The most the drain's lingering close reads and drops.
 pub const LINGER_MOST: u64 = 256 * 1024;
