@@ -1254,7 +1254,12 @@ impl Allocator {
         let mut inner_source_errors = 0;
         for (state, read) in inner.sources.iter_mut().zip(reads) {
             match read {
-                Ok(addrs) => {
+                Ok(mut addrs) => {
+                    // An entry a source lists twice counts once (its
+                    // count in `rotor status` and the metrics said 6 for
+                    // a file of 4 distinct addresses); the first kept.
+                    let mut seen = HashSet::with_capacity(addrs.len());
+                    addrs.retain(|e| seen.insert(*e));
                     state.last_good = addrs;
                     state.error = None;
                     state.read_once = true;
@@ -3030,6 +3035,12 @@ mod tests {
         let out = a.apply_refresh(vec![Ok(vec![]), Ok(vec![ip("10.0.0.9")])], &ok());
         assert_eq!((out.changed, out.size), (true, 1));
         assert!(a.status().sources[0].error.is_none());
+        // A file listing an address twice: counted once, in the status
+        // as in the pool.
+        let twice = vec![ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.1")];
+        a.apply_refresh(vec![Ok(twice), Ok(vec![ip("10.0.0.9")])], &ok());
+        assert_eq!(a.status().sources[0].addresses, 2);
+        assert_eq!(a.kept(0), [ip("10.0.0.1"), ip("10.0.0.2")]);
     }
 
     /// A report of an address this host can use takes nothing out.
