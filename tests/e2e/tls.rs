@@ -312,6 +312,19 @@ async fn a_stalled_handshake_is_cut_off_and_garbage_closes_only_its_connection()
         .find_map(|l| l.strip_prefix("content-length: "))
         .and_then(|n| n.trim().parse::<usize>().ok());
     assert_eq!(length, Some(body.len()), "{answer}");
+    // A HEAD is told with no body (RFC 9110 §9.3.2).
+    let mut plain = TcpStream::connect(p.tls).await.unwrap();
+    plain
+        .write_all(b"HEAD http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut answer))
+        .await
+        .expect("a plain HEAD is answered and closed");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.ends_with("\r\n\r\n"), "{answer}");
     // Counted and logged, as hyper's own 400s are.
     eventually("the plain request's access line", || {
         let log = log.clone();

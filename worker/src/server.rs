@@ -497,11 +497,12 @@ impl Serving {
                             // its method's first letter: a client whose
                             // proxy URL says http:// where https:// was
                             // meant is told so, not sent a TLS alert.
+                            // (A HEAD is told with no body.)
                             let mut stream = stream;
-                            let mut first = [0u8; 1];
+                            let mut first = [0u8; 5];
                             let peeked = stream.get_mut().peek(&mut first).await;
-                            if matches!(peeked, Ok(1) if first[0].is_ascii_uppercase()) {
-                                return Err(stream);
+                            if matches!(peeked, Ok(1..) if first[0].is_ascii_uppercase()) {
+                                return Err((stream, first == *b"HEAD "));
                             }
                             Ok(acceptor.accept(stream).await)
                         }),
@@ -527,7 +528,7 @@ impl Serving {
                             debug!(error = %e, "TLS handshake failed");
                             return;
                         }
-                        Ok(Err(plain)) => {
+                        Ok(Err((plain, head))) => {
                             plain_http_on_tls(client);
                             // Counted, and its access line (method and
                             // target `-`, as hyper's own 400s).
@@ -538,7 +539,11 @@ impl Serving {
                                 std::time::Instant::now(),
                             );
                             if let Ok(tcp) = plain.into_inner().into_tokio() {
-                                refuse_soon(tcp, Some(PLAIN_HTTP_ON_TLS));
+                                let answer = match head {
+                                    true => &PLAIN_HTTP_ON_TLS[..PLAIN_HTTP_ON_TLS.len() - 94],
+                                    false => PLAIN_HTTP_ON_TLS,
+                                };
+                                refuse_soon(tcp, Some(answer));
                             }
                             return;
                         }
@@ -998,7 +1003,8 @@ const HTTP_CLIENT_REFUSAL: &[u8] = b"HTTP/1.1 503 Client Connection Limit Reache
 const REOPEN_WAIT: Duration = Duration::from_secs(5);
 
 /// The answer to plain HTTP sent to a TLS listener (nginx's 400 "The
-/// plain HTTP request was sent to HTTPS port").
+/// plain HTTP request was sent to HTTPS port"); to a HEAD, without its
+/// last 94 bytes, the body.
 const PLAIN_HTTP_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
     proxy-status: rotor; error=http_request_error; details=\"plain HTTP sent to a TLS port\"\r\n\
     content-type: text/plain\r\ncontent-length: 94\r\nconnection: close\r\n\r\n\
