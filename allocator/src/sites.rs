@@ -1208,6 +1208,26 @@ impl Sites {
         })
     }
 
+    /// Whether `site` may not be served from `ip` now (its pair cools or
+    /// spent its budget).
+    pub fn spent(&mut self, site: &str, ip: IpAddr, now: Instant) -> bool {
+        let t = self.ms(now);
+        let Some(s) = self.sites.get(site) else {
+            return false;
+        };
+        let (id, limit) = (s.id, s.limit);
+        let key = self.rules.key(ip);
+        self.blocked(id, key, limit, t).is_some()
+    }
+
+    /// The site's rotation of `family` begins at `index` of `total`
+    /// without a start: its next lease walks on from there.
+    pub fn place(&mut self, site: &str, family: Family, index: u64, total: u64) {
+        if let Some(s) = self.sites.get_mut(site) {
+            s.cursor[family.index()] = index % total.max(1);
+        }
+    }
+
     /// The site's rotation of `ip`'s family starts at `ip` (taken from the
     /// shared rotation, at `index` of `total`): counted as a start if the
     /// pair may serve: `Some(watch)` if it may (see `Answer::Address`),

@@ -396,6 +396,20 @@ impl Inner {
                 }
                 Answer::Start(family) => {
                     self.pool.table().flag_site(site);
+                    // A site with no cursor may hold pairs (kept over an
+                    // allocator's restart, its cursors not): if it has
+                    // spent the shared rotation's next address, its own
+                    // begins there with no lease of it. Leased, that
+                    // address was counted and passed over in the shared
+                    // rotation, and not used.
+                    let rotations = self.pool.rotations();
+                    let due = self.pool.table().position().next_due[family.index()];
+                    if let Some(due) = due.filter(|ip| self.sites.spent(site, *ip, now)) {
+                        let index = rotations.index_of(due).unwrap_or(0);
+                        let total = rotations.total(family);
+                        self.sites.place(site, family, index, total);
+                        continue;
+                    }
                     let lease = match self.lease_checked(Families::only(family)) {
                         Some(Ok(l)) => l,
                         other => return self.answer(peer, other),
@@ -3315,6 +3329,36 @@ mod tests {
         let cooling = report.sites[0].addrs[0].cooling_ms.expect("cooling");
         assert!(cooling > 590_000, "{cooling}");
         assert!(dir.path().join(SESSIONS_FILE_NAME).exists());
+    }
+
+    /// A site kept over a restart (its pairs, not its cursor) that has
+    /// spent the shared rotation's next address begins its own rotation
+    /// there without a lease of it: that address is still the shared
+    /// rotation's next, not passed over and counted unused.
+    #[test]
+    fn a_kept_site_begins_without_spending_a_shared_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let start = || {
+            let a = kept_in(dir.path());
+            a.apply_refresh(vec![Ok(three())], &ok());
+            a
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = start();
+        assert!(a.pushback(ip("10.0.0.1"), "example.com", 429, Some(600), true));
+        a.checkpoint().expect("a cooldown began").write(false);
+        let b = start();
+        let leased = |r: Response| match r {
+            Response::Leased(l) | Response::SiteLeased { lease: l, .. } => l.ip,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            leased(b.lease_site(1, Families::ANY, "example.com")),
+            ip("10.0.0.2")
+        );
+        assert_eq!(leased(b.lease(1, Families::ANY)), ip("10.0.0.1"));
+        let counts: Vec<u64> = b.status_v2().pool.iter().map(|e| e.leases).collect();
+        assert_eq!(counts, [1, 1, 0]);
     }
 
     /// A session kept over a restart whose address is missing while a
