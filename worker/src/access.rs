@@ -232,26 +232,13 @@ fn push_quoted(out: &mut Vec<u8>, s: &str, json: bool) {
             // Written as they are, these would make a line read otherwise
             // than it is (a user name that turns the rest of the line
             // around, or seems to end it): `\u202e`, in both formats.
-            c if reorders(c) => {
+            c if crate::text::reorders(c) => {
                 let _ = write!(out, "\\u{:04x}", c as u32);
             }
             c => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
         }
     }
     out.push(b'"');
-}
-
-/// Line and paragraph separators, bidirectional controls and the
-/// zero-width characters: what changes how a line shows, not what it says.
-fn reorders(c: char) -> bool {
-    matches!(
-        c,
-        '\u{061c}'
-            | '\u{200b}'..='\u{200f}'
-            | '\u{2028}'..='\u{202e}'
-            | '\u{2060}'..='\u{2069}'
-            | '\u{feff}'
-    )
 }
 
 /// The text of the last second a line was written in.

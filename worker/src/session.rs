@@ -7,6 +7,8 @@
 
 use std::time::Duration;
 
+use crate::text::shown;
+
 /// What a session asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionParams {
@@ -92,19 +94,20 @@ pub fn parse(name: &str, is_user: impl Fn(&str) -> bool) -> Result<ProxyUser, Pa
     while let Some(key) = words.next() {
         let value = words
             .next()
-            .ok_or_else(|| ParamError::NoValue(key.into()))?;
+            .ok_or_else(|| ParamError::NoValue(shown(key)))?;
         // Which one a repeat meant is not rotor's guess to make
         // (`-sessionstrict-1-sessionstrict-0` was not strict).
         if given[..n].contains(&key) {
-            return Err(ParamError::Twice(key.into()));
+            return Err(ParamError::Twice(shown(key)));
         }
         if n < given.len() {
             given[n] = key;
             n += 1;
         }
+        // (A client's text, in a log line and an answer: `shown`.)
         let bad = || ParamError::BadValue {
-            param: key.into(),
-            value: value.into(),
+            param: shown(key),
+            value: shown(value),
         };
         match key {
             "session" => {
@@ -132,7 +135,7 @@ pub fn parse(name: &str, is_user: impl Fn(&str) -> bool) -> Result<ProxyUser, Pa
                     _ => return Err(bad()),
                 }
             }
-            other => return Err(ParamError::Unknown(other.into())),
+            other => return Err(ParamError::Unknown(shown(other))),
         }
     }
     match id {
@@ -232,6 +235,16 @@ mod tests {
         );
         let err = parse("alice-country-de", no_users).unwrap_err().to_string();
         assert!(err.contains("`country`"), "{err}");
+        // A client's text in the message cannot end a log line or turn
+        // it around.
+        for name in [
+            "alice-session-zz\nworker 9: FORGED\u{202e}x",
+            "alice-a\r\nb-1",
+        ] {
+            let err = parse(name, no_users).unwrap_err().to_string();
+            assert!(!err.contains(['\n', '\r', '\u{202e}']), "{err:?}");
+            assert!(err.contains("\\u000a") || err.contains("\\u000d"), "{err}");
+        }
         assert_eq!(
             parse("alice-session-a-session-b", no_users),
             Err(ParamError::Twice("session".into()))

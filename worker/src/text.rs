@@ -5,6 +5,36 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+/// Line and paragraph separators, bidirectional controls and the
+/// zero-width characters: what changes how a line shows, not what it says.
+pub(crate) fn reorders(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2069}'
+            | '\u{feff}'
+    )
+}
+
+/// A client's text, for an operator's log or an error message: control
+/// characters and those that [`reorders`] written `\u000a`, so no client
+/// can end a log line, forge the next, or turn one around.
+pub(crate) fn shown(s: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c.is_control() || reorders(c) {
+            true => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            false => out.push(c),
+        }
+    }
+    out
+}
+
 /// `n` in decimal, in `buf`.
 pub(crate) fn itoa(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
