@@ -335,7 +335,8 @@ pub struct PoolFigures {
     /// Per entry: its leases, never going back (`HostMetrics::leases`).
     pub leases: Vec<(String, u64)>,
     pub family_totals: Vec<(String, u64)>,
-    pub source_addresses: Vec<(String, u64)>,
+    /// (A /64 lists 2^64: as many as a u128 holds.)
+    pub source_addresses: Vec<(String, u128)>,
     pub leases_total: u64,
     pub sessions: u64,
     pub sites: u64,
@@ -560,13 +561,18 @@ pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
             .iter()
             .map(|(f, n)| (label("family", f.clone()), *n as i64)),
     );
-    gauge_family(
+    // A float: a /64 lists 2^64 addresses, past any integer gauge (an
+    // i64 from the status's u32 said 4294967295).
+    family::<Gauge<f64, std::sync::atomic::AtomicU64>, f64>(
         &mut r,
         "rotor_pool_source_addresses",
         "Addresses each pool source lists",
         pool.source_addresses
             .iter()
-            .map(|(s, n)| (label("pool_source", s.clone()), *n as i64)),
+            .map(|(s, n)| (label("pool_source", s.clone()), *n as f64)),
+        |g, v| {
+            g.set(v);
+        },
     );
     counter_family(
         &mut r,

@@ -943,6 +943,15 @@ struct SourceState {
     read_once: bool,
 }
 
+impl SourceState {
+    /// The addresses its last good read listed (saturated at `u128::MAX`).
+    fn listed(&self) -> u128 {
+        self.last_good
+            .iter()
+            .fold(0u128, |n, e| n.saturating_add(e.len()))
+    }
+}
+
 struct Peer {
     hello: Hello,
     since: Instant,
@@ -1665,14 +1674,11 @@ impl Allocator {
                     .iter()
                     .map(|f| (f.family.to_string(), f.total))
                     .collect(),
-                source_addresses: v2
+                source_addresses: inner
                     .sources
                     .iter()
-                    .zip(&inner.sources)
                     .enumerate()
-                    .map(|(i, (s, state))| {
-                        (state.source.metric_label(i + 1), u64::from(s.addresses))
-                    })
+                    .map(|(i, state)| (state.source.metric_label(i + 1), state.listed()))
                     .collect(),
                 leases_total: v2.leases_total,
                 sessions: u64::from(v2.sessions),
@@ -2459,11 +2465,7 @@ impl Allocator {
                 .iter()
                 .map(|s| SourceStatus {
                     name: s.source.name(),
-                    addresses: s
-                        .last_good
-                        .iter()
-                        .fold(0u128, |n, e| n.saturating_add(e.len()))
-                        .min(u32::MAX.into()) as u32,
+                    addresses: s.listed().min(u32::MAX.into()) as u32,
                     error: s.error.clone(),
                 })
                 .collect(),
@@ -3028,6 +3030,22 @@ mod tests {
             None
         );
         assert!(woken().await, "the task must look again");
+    }
+
+    /// A /64 source's gauge says its 2^64 addresses (an integer from the
+    /// status's u32 said 4294967295).
+    #[test]
+    fn a_64_sources_gauge_is_its_size() {
+        let a = Allocator::new(vec![Source::list("2001:db8::/64").unwrap()]);
+        let p = Segment::prefix("2001:db8::".parse().unwrap(), 64).unwrap();
+        a.apply_refresh(vec![Ok(vec![p])], &ok());
+        let m = a.render_metrics(false);
+        let line = m
+            .lines()
+            .find(|l| l.starts_with("rotor_pool_source_addresses{"))
+            .unwrap();
+        let n: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+        assert_eq!(n, 2f64.powi(64), "{line}");
     }
 
     #[test]
