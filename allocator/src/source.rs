@@ -60,27 +60,27 @@ pub enum SourceError {
     NoInterface(String),
     #[error("the metadata service")]
     Metadata(#[from] MetadataError),
-    #[error("cannot run `{cmd}`")]
+    // (A command's errors leave out its text, which may carry a token:
+    // the source's name says it where the operator asked for it, as in
+    // `rotor status`, and its place only in the log and the metrics.)
+    #[error("cannot run the command")]
     Spawn {
-        cmd: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("`{cmd}` did not finish within {timeout:?}; killed")]
-    CommandTimeout { cmd: String, timeout: Duration },
-    #[error("`{cmd}` printed more than {max} bytes; none of it is used (a line cut at the limit could read as another address)", max = COMMAND_OUTPUT_MAX)]
-    CommandOutputTooLarge { cmd: String },
-    #[error("`{cmd}` exited, but a process it started in a session of its own (`setsid`, a daemon) still holds its output open; none of it is used: close that process's output (`helper >/dev/null 2>&1`)")]
-    CommandOutputHeld { cmd: String },
-    #[error("`{cmd}` failed ({status}){}", match stderr.is_empty() { true => String::new(), false => format!(": {stderr}") })]
+    #[error("the command did not finish within {timeout:?}; killed")]
+    CommandTimeout { timeout: Duration },
+    #[error("the command printed more than {max} bytes; none of it is used (a line cut at the limit could read as another address)", max = COMMAND_OUTPUT_MAX)]
+    CommandOutputTooLarge,
+    #[error("the command exited, but a process it started in a session of its own (`setsid`, a daemon) still holds its output open; none of it is used: close that process's output (`helper >/dev/null 2>&1`)")]
+    CommandOutputHeld,
+    #[error("the command failed ({status}){}", match stderr.is_empty() { true => String::new(), false => format!(": {stderr}") })]
     CommandFailed {
-        cmd: String,
         status: std::process::ExitStatus,
         stderr: String,
     },
-    #[error("`{cmd}` line {line}")]
+    #[error("the command's output, line {line}")]
     CommandSpec {
-        cmd: String,
         line: usize,
         #[source]
         source: SpecError,
@@ -251,10 +251,7 @@ pub fn run_pool_command(cmd: &str, timeout: Duration) -> Result<Vec<Segment>, So
         // Its own process group: whatever it starts goes with it.
         .process_group(0)
         .spawn()
-        .map_err(|source| SourceError::Spawn {
-            cmd: cmd.to_string(),
-            source,
-        })?;
+        .map_err(|source| SourceError::Spawn { source })?;
     let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
     // Ended with the allocator if it is still running at the stop.
     let _running = Running::enter(group);
@@ -303,34 +300,22 @@ pub fn run_pool_command(cmd: &str, timeout: Duration) -> Result<Vec<Segment>, So
     let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
     let Some(status) = status else {
         let _ = child.wait();
-        return Err(SourceError::CommandTimeout {
-            cmd: cmd.to_string(),
-            timeout,
-        });
+        return Err(SourceError::CommandTimeout { timeout });
     };
     let Ok((text, cut)) = out.recv_timeout(HELD) else {
-        return Err(SourceError::CommandOutputHeld {
-            cmd: cmd.to_string(),
-        });
+        return Err(SourceError::CommandOutputHeld);
     };
     let (stderr, _) = err.recv_timeout(HELD).unwrap_or_default();
     if !status.success() {
         return Err(SourceError::CommandFailed {
-            cmd: cmd.to_string(),
             status,
             stderr: stderr.lines().next().unwrap_or("").to_string(),
         });
     }
     if cut {
-        return Err(SourceError::CommandOutputTooLarge {
-            cmd: cmd.to_string(),
-        });
+        return Err(SourceError::CommandOutputTooLarge);
     }
-    parse_pool_text(&text).map_err(|(line, source)| SourceError::CommandSpec {
-        cmd: cmd.to_string(),
-        line,
-        source,
-    })
+    parse_pool_text(&text).map_err(|(line, source)| SourceError::CommandSpec { line, source })
 }
 
 /// The process groups of the pool commands running now; `None` once the
@@ -903,10 +888,7 @@ garbage
         );
         let started = std::time::Instant::now();
         let err = run_pool_command(&cmd, t).unwrap_err();
-        assert!(
-            matches!(err, SourceError::CommandOutputHeld { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, SourceError::CommandOutputHeld), "{err}");
         assert!(started.elapsed() < Duration::from_secs(4));
         if let Ok(n) = std::fs::read_to_string(&pid).map(|p| p.trim().parse::<i32>()) {
             let _ = nix::sys::signal::kill(
@@ -926,10 +908,7 @@ garbage
             t,
         )
         .unwrap_err();
-        assert!(
-            matches!(err, SourceError::CommandOutputTooLarge { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, SourceError::CommandOutputTooLarge), "{err}");
     }
 
     #[test]
@@ -943,6 +922,17 @@ garbage
         assert_eq!(short.metric_label(1), "--pool 127.0.0.2-127.0.0.9");
         let long = Source::list(&vec!["127.0.0.2"; 20].join(",")).unwrap();
         assert_eq!(long.metric_label(3), "--pool #3");
+        // Nor do its errors (logged by its place): what it says on
+        // stderr is its own.
+        let t = Duration::from_secs(5);
+        for cmd in [
+            "echo 'TOKEN=s3cret' >/dev/null; echo why >&2; exit 3",
+            "echo not-an-address # TOKEN=s3cret",
+        ] {
+            let err = rotor_protocol::error_chain(&run_pool_command(cmd, t).unwrap_err());
+            assert!(!err.contains("s3cret"), "{err}");
+            assert!(err.starts_with("the command"), "{err}");
+        }
     }
 
     #[test]

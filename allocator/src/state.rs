@@ -1275,7 +1275,7 @@ impl Allocator {
         let mut inner = self.lock();
         let mut failed = Vec::new();
         let mut inner_source_errors = 0;
-        for (state, read) in inner.sources.iter_mut().zip(reads) {
+        for (place, (state, read)) in inner.sources.iter_mut().zip(reads).enumerate() {
             match read {
                 Ok(mut addrs) => {
                     // An entry a source lists twice counts once (its
@@ -1292,7 +1292,9 @@ impl Allocator {
                     let msg = error_chain(&e);
                     failed.push((state.source.name(), msg.clone()));
                     tracing::warn!(
-                        source = %state.source.name(),
+                        // (By its place, as in the metrics: a command's
+                        // text may carry a token.)
+                        source = %state.source.metric_label(place + 1),
                         error = %msg,
                         kept = state.last_good.len(),
                         "pool source failed to read; keeping its last good addresses"
