@@ -491,9 +491,13 @@ pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
         &mut r,
         "rotor_errors",
         "Answers rotor gave itself, by Proxy-Status error (none: 400, 407, 414, 431)",
-        m.errors
+        // Every kind a worker counts, from 0 (see `ERROR_KINDS`).
+        rotor_protocol::ERROR_KINDS
             .iter()
-            .map(|(k, n)| (label("error", k.clone()), *n)),
+            .filter(|k| !m.errors.contains_key(**k))
+            .map(|k| (k.to_string(), 0))
+            .chain(m.errors.iter().map(|(k, n)| (k.clone(), *n)))
+            .map(|(k, n)| (label("error", k), n)),
     );
     r.register(
         "rotor_request_duration_seconds",

@@ -3034,6 +3034,18 @@ mod tests {
         assert!(woken().await, "the task must look again");
     }
 
+    /// Every error kind a worker counts is exported from the start, at 0,
+    /// so `increase()` sees its first count.
+    #[test]
+    fn error_kinds_are_exported_at_zero() {
+        let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
+        let m = a.render_metrics(false);
+        for kind in rotor_protocol::ERROR_KINDS {
+            let line = format!("rotor_errors_total{{error=\"{kind}\"}} 0");
+            assert!(m.lines().any(|l| l == line), "{line} in\n{m}");
+        }
+    }
+
     /// A /64 source's gauge says its 2^64 addresses (an integer from the
     /// status's u32 said 4294967295).
     #[test]

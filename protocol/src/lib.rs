@@ -32,7 +32,7 @@ pub use message::{
     PROTOCOL_MAJOR, PROTOCOL_MINOR, REPORT_TEXT_MAX, UNREACHED_DESTINATIONS, UNREACHED_LISTED,
     WORKERS_LISTED,
 };
-pub use report::{error_chain, Moment};
+pub use report::{error_chain, Moment, ERROR_KINDS};
 pub use segment::{
     cover, from_u128, order_key, random_order_key, set_order_key, to_u128, Family, OrderKey,
     PrefixSet, Segment,

@@ -12,6 +12,37 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
+/// The errors a worker counts (`rotor_errors_total{error}`): the RFC 9209
+/// Proxy-Status types its answers say, `none` for its answers that say
+/// none (a 400, a 407), and rotor's own `client_closed` (a client gone
+/// before its answer) and `worker_stopped` (cut at a drain's end). The allocator exports each from its start, at 0: a
+/// series that appears at its first count is not seen by `increase()`,
+/// and an alert on its first burst would not fire. A worker checks (in
+/// debug builds) that what it counts is here.
+pub const ERROR_KINDS: &[&str] = &[
+    "client_closed",
+    "connection_limit_reached",
+    "connection_refused",
+    "connection_terminated",
+    "connection_timeout",
+    "connection_write_timeout",
+    "destination_ip_prohibited",
+    "destination_ip_unroutable",
+    "dns_error",
+    "dns_timeout",
+    "http_protocol_error",
+    "http_request_denied",
+    "http_request_error",
+    "http_response_header_section_size",
+    "http_response_incomplete",
+    "http_response_timeout",
+    "none",
+    "proxy_configuration_error",
+    "proxy_internal_error",
+    "proxy_loop_detected",
+    "worker_stopped",
+];
+
 /// When something last happened (a refusal, a warning), shared by a
 /// process's connections: for a log line said once a period, with how many
 /// times it happened since.

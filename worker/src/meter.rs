@@ -48,6 +48,10 @@ impl Acc {
     /// One more request that ended in the error `kind` (its name copied
     /// only the first time).
     fn error(&mut self, kind: &str) {
+        debug_assert!(
+            rotor_protocol::ERROR_KINDS.contains(&kind),
+            "error kind {kind} is not in rotor_protocol::ERROR_KINDS"
+        );
         match self.errors.get_mut(kind) {
             Some(n) => *n += 1,
             None => {
