@@ -101,7 +101,8 @@ async fn workers_keep_rotating_from_the_table_while_the_allocator_is_stopped() {
 /// and cannot ask for one. They wait for it a moment, once, and lease from
 /// the table unchecked (before, every request waited for the copy, then
 /// for a lease over the socket, and got 503 after twice the lease
-/// timeout, the next ones queued behind it).
+/// timeout, the next ones queued behind it); they ask again without a
+/// request waiting.
 #[tokio::test]
 async fn a_pool_changed_just_before_the_allocator_stopped_delays_nothing() {
     let origin = Origin::start().await;
@@ -115,17 +116,27 @@ async fn a_pool_changed_just_before_the_allocator_stopped_delays_nothing() {
     let _stopped = Stopped::new(&alloc);
     let started = std::time::Instant::now();
     let mut sources = Vec::new();
-    for i in 0..12 {
+    let mut waited = Vec::new();
+    // Over four seconds: past several of the workers' one-second pauses
+    // between asks.
+    for i in 0..24 {
         let proxy = [&w1, &w2][i % 2].addr;
+        let one = std::time::Instant::now();
         let r = tokio::time::timeout(PATIENCE, get(proxy, &origin.url("/")))
             .await
             .expect("a request waited for the stopped allocator");
         assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
+        if one.elapsed() >= Duration::from_millis(400) {
+            waited.push((i, one.elapsed()));
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    // Half a second a worker now and then, not two lease timeouts a
-    // request (which made 12 requests take 24 s and more, and fail).
+    // Half a second a worker, once, not two lease timeouts a request
+    // (which made 12 requests take 24 s and more, and fail), nor half a
+    // second each time a worker asked again (every second and a half).
+    assert!(waited.len() <= 2, "{waited:?}");
     assert!(
-        started.elapsed() < Duration::from_secs(8),
+        started.elapsed() < Duration::from_secs(10),
         "{:?}",
         started.elapsed()
     );

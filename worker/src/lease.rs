@@ -342,6 +342,8 @@ enum Vouch {
 /// not wait again.
 const COPY_WAIT: Duration = Duration::from_millis(500);
 const COPY_RETRY: Duration = Duration::from_secs(1);
+/// How long a copy asked again (with no request waiting) is waited for.
+const COPY_AGAIN_WAIT: Duration = Duration::from_secs(10);
 
 impl PoolCopy {
     fn unchecked(generation: u64) -> PoolCopy {
@@ -742,7 +744,12 @@ impl LeaseClient {
     /// Whether `lease`, from the table, is of a pool the allocator
     /// published: checked against a copy asked of it (once per
     /// generation). An allocator too old to be asked is taken at its word.
-    async fn vouch(&self, conn: &Conn, lease: &Lease, deadline: &impl Fn() -> Instant) -> Vouch {
+    async fn vouch(
+        &self,
+        conn: &Arc<Conn>,
+        lease: &Lease,
+        deadline: &impl Fn() -> Instant,
+    ) -> Vouch {
         if conn.minor < MINOR_FAMILIES {
             return Vouch::Yes;
         }
@@ -766,6 +773,21 @@ impl LeaseClient {
         };
         if failed_lately() {
             return unanswered();
+        }
+        // Asked before and not answered (an allocator stopped or busy
+        // since): asked again behind the requests, a second after the
+        // last time, and meanwhile no lease waits. Each lease that asked
+        // again waited `COPY_WAIT`, and every lease queued behind it: a
+        // stopped allocator held a worker's requests half a second in
+        // every second and a half.
+        {
+            let mut failed = conn.copy_failed.lock().unwrap_or_else(|e| e.into_inner());
+            if failed.is_some() {
+                *failed = Some(Instant::now());
+                drop(failed);
+                self.ask_copy_behind(conn.clone());
+                return unanswered();
+            }
         }
         // Within the lease's own bound too.
         let wait = || COPY_WAIT.min(deadline().saturating_duration_since(Instant::now()));
@@ -798,6 +820,45 @@ impl LeaseClient {
         };
         conn.keep_copy(copy);
         conn.check_copy(lease).unwrap_or(Vouch::Unknown)
+    }
+
+    /// Asks the allocator for its pool's copy without a request waiting
+    /// for it: kept when it comes (within `COPY_AGAIN_WAIT`), which ends
+    /// the unchecked leases. One at a time (`fetching`).
+    fn ask_copy_behind(&self, conn: Arc<Conn>) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let Ok(_one) = conn.fetching.try_lock() else {
+                return;
+            };
+            let (tx, rx) = oneshot::channel();
+            match conn
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_mut()
+            {
+                Some(p) => p.insert(id, tx),
+                None => return,
+            };
+            let _registered = Registered {
+                pending: &conn.pending,
+                id,
+                cancel: None,
+            };
+            let body = Request::Pool;
+            if conn.requests.send(Envelope { id, body }).is_err() {
+                return;
+            }
+            if let Ok(Ok(Response::Pool {
+                generation,
+                entries,
+            })) = tokio::time::timeout(COPY_AGAIN_WAIT, rx).await
+            {
+                info!("the allocator answers again; table leases are checked again");
+                conn.keep_copy(PoolCopy::new(generation, entries));
+            }
+        });
     }
 
     /// A lease for sticky session `key` (user and id) for a request to
