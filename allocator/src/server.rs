@@ -353,7 +353,7 @@ pub async fn run(
     let (reload_tx, reload_rx) = mpsc::channel::<ReloadReply>(16);
     tracker.spawn(refresh_loop(
         alloc.clone(),
-        config.refresh,
+        (config.refresh, outcome.unread),
         (reload, reload_rx),
         config.admin_token.clone(),
         shutdown.clone(),
@@ -711,21 +711,43 @@ async fn recheck(alloc: &Arc<Allocator>) {
     alloc.apply_checks(&checks);
 }
 
+/// The first retry of a source that has never read.
+const UNREAD_RETRY: Duration = Duration::from_secs(1);
+
 /// Refreshes the pool every `every`, and at each reload (a signal, or a
 /// request over the socket), when the admin token is read again too.
+/// While a source has never read (`unread`: a provider's API down as the
+/// allocator starts, its pool perhaps empty), it is read again sooner, a
+/// second after the last try and twice as long each time up to `every`:
+/// else a restart during a provider's blip cost a whole `--refresh` of
+/// 503s.
 async fn refresh_loop(
     alloc: Arc<Allocator>,
-    every: Duration,
+    (every, unread): (Duration, bool),
     (mut reload, mut requests): (watch::Receiver<u64>, mpsc::Receiver<ReloadReply>),
     admin_token: Option<Arc<crate::metrics::AdminToken>>,
     shutdown: CancellationToken,
 ) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The sooner reads made since the source went unread.
+    let mut tries: u32 = 0;
+    let sooner = |tries: u32| {
+        let next = UNREAD_RETRY.saturating_mul(1 << tries.min(20));
+        (next < every).then_some(next)
+    };
+    let mut again = unread.then(|| sooner(0)).flatten();
     loop {
+        let retry = async {
+            match again {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
         let (why, reply) = tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => ("interval", None),
+            _ = retry => ("unread source", None),
             Ok(()) = reload.changed() => ("signal", None),
             Some(r) = requests.recv() => ("request", Some(r)),
         };
@@ -737,7 +759,7 @@ async fn refresh_loop(
             outcome = refresh(&alloc) => outcome,
         };
         alloc.persist();
-        if why != "interval" {
+        if why == "signal" || why == "request" {
             alloc.repair_table();
             alloc.announce_reload();
             // A token file that cannot be read fails the reload as a
@@ -748,6 +770,11 @@ async fn refresh_loop(
                 }
             }
         }
+        tries = match outcome.unread {
+            true => tries + u32::from(why == "unread source"),
+            false => 0,
+        };
+        again = outcome.unread.then(|| sooner(tries)).flatten();
         if outcome.changed {
             info!(
                 why,
@@ -1443,6 +1470,7 @@ mod tests {
                 generation: 3,
                 size: 0,
                 failed,
+                unread: false,
             });
         });
         let ask = ClientFrame::Request(Envelope {

@@ -1030,6 +1030,9 @@ pub struct RefreshOutcome {
     pub size: usize,
     /// The sources that could not be read this time: name and why.
     pub failed: Vec<(String, String)>,
+    /// Whether a source has not been read once since the start (its
+    /// addresses missing, not kept from a good read).
+    pub unread: bool,
 }
 
 /// How long after the start a session taken back from the state file is
@@ -1349,6 +1352,7 @@ impl Allocator {
             generation: inner.pool.generation(),
             size: inner.pool.len(),
             failed,
+            unread: inner.sources.iter().any(|s| !s.read_once),
         }
     }
 

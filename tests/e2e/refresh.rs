@@ -65,6 +65,22 @@ async fn sighup_and_rotor_reload_reread_at_once() {
     assert_eq!(pool_of(&status_json(&alloc.socket)), ips(6..=7));
 }
 
+/// A source that cannot be read as the allocator starts (a provider's API
+/// down for a moment) is read again a second later, and at doubling
+/// waits, not only at the next `--refresh`: else a restart during a blip
+/// answered 503 for the whole interval.
+#[tokio::test]
+async fn a_source_unread_at_the_start_is_read_again_sooner_than_the_interval() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let file = dir.path().join("pool.txt");
+    let cmd = format!("cat {}", file.display());
+    let alloc =
+        Allocator::start_in(dir.clone(), &["--pool-command", &cmd, "--refresh", "1h"]).await;
+    assert!(pool_of(&status_json(&alloc.socket)).is_empty());
+    std::fs::write(&file, "127.0.0.2\n").unwrap();
+    wait_for_pool(&alloc.socket, &ips(2..=2)).await;
+}
+
 #[tokio::test]
 async fn a_failed_read_keeps_the_last_good_pool_and_an_empty_file_empties_it() {
     let origin = Origin::start().await;
