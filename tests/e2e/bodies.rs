@@ -245,6 +245,35 @@ async fn a_body_cut_short_reaches_an_http_1_0_client_as_a_reset() {
     assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
 }
 
+/// A body broken at once behind its head (a chunk-size line past any
+/// limit, sent with the head) reaches the client as its head and a cut
+/// body, as one broken a moment later does: the client had nothing at
+/// all, no status, while the access log said 200.
+#[tokio::test]
+async fn a_body_broken_with_its_head_still_sends_the_head() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let zeros = "0".repeat(70_000);
+    let addr = answering(format!(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{zeros}"
+    ))
+    .await;
+    let mut s = TcpStream::connect(worker.addr).await.unwrap();
+    s.write_all(format!("GET http://{addr}/ HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
+        .await
+        .expect("the connection ends");
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text:?}");
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "a cut body ended cleanly: {text:?}"
+    );
+}
+
 /// An HTTP/1.0 destination's answer goes to an HTTP/1.1 client as rotor's
 /// own HTTP/1.1 (RFC 9110 §6.2), on the path hyper serves too (a chunked
 /// upload), and the client's connection stays open for the next request.

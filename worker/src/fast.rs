@@ -636,7 +636,15 @@ where
                 chunk(out, &framing, &data);
             }
             Some(Some(Ok(data))) => pending = Some(data),
-            Some(Some(Err(e))) => return Err(io::Error::other(e)),
+            // Broken at once (a chunk-size line past its limit, a reset
+            // behind the head): the head still goes, and the body ends
+            // there, as one broken a moment later does. The client had
+            // nothing, not even the status its access line says.
+            Some(Some(Err(e))) => {
+                io.write_all(out).await?;
+                io.flush().await?;
+                return Err(io::Error::other(e));
+            }
             Some(None) => ended = true,
             None => {}
         }
