@@ -63,9 +63,16 @@ async fn greeted(socket: &Path) -> anyhow::Result<(ClientChannel<UnixStream>, He
             }
             _ => false,
         };
+        // It also closes one past its `--max-peers` unanswered, once more
+        // are refused at once than it tells: root is always served, so
+        // that is root's only cause.
+        let why = match nix::unistd::geteuid().is_root() {
+            true => "it holds as many connections as it takes (--max-peers): try again in a moment",
+            false => "it serves root, its own user and those of its --allow-uid and --allow-gid (is this user one of them?), or it holds as many connections as it takes (--max-peers)",
+        };
         match cut {
             true => anyhow::Error::new(e).context(format!(
-                "the allocator at {} closed the connection before answering: it serves root, its own user and those of its --allow-uid and --allow-gid (is this user one of them?)",
+                "the allocator at {} closed the connection before answering: {why}",
                 socket.display()
             )),
             false => anyhow::Error::new(e),

@@ -550,6 +550,24 @@ async fn connections_past_max_peers_are_refused_with_the_reason() {
     for _ in 0..4 {
         assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
     }
+    // Past the refusals told at once (silent connections hold them), one
+    // is closed unanswered: `rotor status` says why, and to root (always
+    // served) not that its user may not be.
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        silent.push(UnixStream::connect(&alloc.socket).await.unwrap());
+    }
+    let out = std::process::Command::new(ROTOR)
+        .args(["status", "--socket", alloc.socket.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("--max-peers"), "{stderr}");
+    if nix::unistd::geteuid().is_root() {
+        assert!(!stderr.contains("--allow-uid"), "{stderr}");
+    }
+    drop(silent);
     drop(first);
     eventually("a freed place is taken", || async {
         open().await.1.is_ok()
