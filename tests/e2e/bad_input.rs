@@ -654,6 +654,54 @@ async fn a_small_body_that_stalls_or_is_cut_off_is_logged() {
     assert_eq!(origin.count(), 0);
 }
 
+/// A head of more header fields than rotor takes (100, as hyper's
+/// server) is told 431 with the reason, plain or CONNECT, and logged;
+/// hyper's own 431 said nothing. A head of 100 is served.
+#[tokio::test]
+async fn a_head_of_too_many_fields_is_answered_431_with_the_reason() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let args = [
+        "--access-log",
+        log.to_str().unwrap(),
+        "--access-log-format",
+        "json",
+    ];
+    let worker = Worker::start(&alloc.socket, &args).await;
+    let fields = |n: usize| (0..n).map(|i| format!("x-{i}: a\r\n")).collect::<String>();
+    let url = origin.url("/");
+    for (line, n, status) in [
+        (format!("GET {url} HTTP/1.1"), 99, "200"),
+        (format!("GET {url} HTTP/1.1"), 100, "431"),
+        ("CONNECT 127.0.0.1:9 HTTP/1.1".to_string(), 100, "431"),
+    ] {
+        // (With its Host, `n + 1` fields.)
+        let head = format!("{line}\r\nHost: x\r\n{}\r\n", fields(n));
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        let answer = read_head(&mut s).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{n}: {answer}"
+        );
+        if status == "431" {
+            assert!(answer.contains("more than 100 header fields"), "{answer}");
+        }
+    }
+    eventually("the access lines", || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["status"] == 431)
+            .count()
+            == 2
+    })
+    .await;
+}
+
 /// An HTTP/2 client with prior knowledge (its preface, in two pieces, then
 /// a SETTINGS frame) is told 505 in HTTP/1.1 words, counted and logged;
 /// hyper's server had closed on it with no word and no log line.

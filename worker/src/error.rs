@@ -33,6 +33,8 @@ pub enum ProxyError {
     NotImplemented(&'static str),
     #[error("request head of {size} bytes, more than the {limit} accepted")]
     HeadTooLarge { size: usize, limit: usize },
+    #[error("request head of more than {limit} header fields")]
+    TooManyFields { limit: usize },
     /// A request line longer than a whole head may be.
     #[error("request line longer than the {limit} bytes a head may take")]
     TargetTooLong { limit: usize },
@@ -225,6 +227,7 @@ impl ProxyError {
             | HeadTimeout { .. }
             | NotImplemented(_)
             | HeadTooLarge { .. }
+            | TooManyFields { .. }
             | TargetTooLong { .. }
             | Http2Preface
             | Denied(_)
@@ -260,7 +263,9 @@ impl ProxyError {
                 (StatusCode::REQUEST_TIMEOUT, Some("http_request_error"))
             }
             NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, None),
-            HeadTooLarge { .. } => (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, None),
+            HeadTooLarge { .. } | TooManyFields { .. } => {
+                (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, None)
+            }
             TargetTooLong { .. } => (StatusCode::URI_TOO_LONG, None),
             Http2Preface => (StatusCode::HTTP_VERSION_NOT_SUPPORTED, None),
             Auth(crate::auth::AuthError::Busy) => (
@@ -322,7 +327,7 @@ impl ProxyError {
             ClientTimeout { .. } => "Request Body Timeout",
             HeadTimeout { .. } => "Request Timeout",
             NotImplemented(_) => "Transfer Coding Not Implemented",
-            HeadTooLarge { .. } => "Request Head Too Large",
+            HeadTooLarge { .. } | TooManyFields { .. } => "Request Head Too Large",
             TargetTooLong { .. } => "URI Too Long",
             Http2Preface => "HTTP Version Not Supported",
             Auth(crate::auth::AuthError::Busy) => "Authentication Busy",

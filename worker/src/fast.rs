@@ -91,6 +91,10 @@ enum Take {
     Partial,
     /// A request for hyper's server.
     NotMine,
+    /// A head of more fields than any path takes (`MAX_HEADERS`, as
+    /// hyper's server): refused here, with the reason (hyper's 431 said
+    /// none).
+    TooManyFields,
     Request {
         parts: http::request::Parts,
         fields: Wire,
@@ -173,6 +177,13 @@ where
                     }
                     Take::NotMine => {
                         return Outcome::Handover(Rewind::new(buf.freeze(), io), served)
+                    }
+                    Take::TooManyFields => {
+                        let e = crate::error::ProxyError::TooManyFields {
+                            limit: crate::h1::MAX_HEADERS,
+                        };
+                        let began = head_began.unwrap_or_else(tokio::time::Instant::now);
+                        return refuse(io, &mut out, conn, (None, began), &e, true).await;
                     }
                     Take::Partial => scanned = buf.len(),
                 }
@@ -462,6 +473,7 @@ fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
     let len = match req.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() < max_head => return Take::Partial,
+        Err(httparse::Error::TooManyHeaders) => return Take::TooManyFields,
         _ => return Take::NotMine,
     };
     let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
@@ -537,7 +549,7 @@ pub fn take_all_for_fuzzing(data: &[u8]) {
                 assert_eq!(buf, before, "bytes lost on the way to hyper");
                 return;
             }
-            Take::Partial => {
+            Take::Partial | Take::TooManyFields => {
                 assert_eq!(buf, before);
                 return;
             }
