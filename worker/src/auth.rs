@@ -74,6 +74,8 @@ pub enum AuthError {
     Missing,
     #[error("malformed Proxy-Authorization (expected Basic)")]
     Malformed,
+    #[error("Proxy-Authorization longer than the {MAX_HEADER} bytes accepted")]
+    TooLong,
     #[error("wrong user name or password")]
     Wrong,
     #[error("too many credentials being checked at once")]
@@ -771,7 +773,7 @@ fn digest(user: &str, password: &str) -> [u8; 32] {
 pub fn credentials(header: Option<&[u8]>) -> Result<(String, String), AuthError> {
     let header = header.ok_or(AuthError::Missing)?;
     if header.len() > MAX_HEADER {
-        return Err(AuthError::Malformed);
+        return Err(AuthError::TooLong);
     }
     parse_basic(header)
 }
@@ -1029,6 +1031,12 @@ mod tests {
         assert_eq!(
             auth.check(Some(b"Basic !!!"), LOCAL).await,
             Err(AuthError::Malformed)
+        );
+        // Too long is said as such (it said "malformed").
+        let long = basic(&"a".repeat(MAX_HEADER), "pw");
+        assert_eq!(
+            auth.check(Some(&long), LOCAL).await,
+            Err(AuthError::TooLong)
         );
 
         // Reload drops removed users and what was remembered of them.
