@@ -37,15 +37,24 @@ pub enum AccessError {
     NoGroup(String),
     #[error("`{0}` is not an octal file mode (e.g. 660)")]
     Mode(String),
+    #[error("socket mode {0:o} leaves its owner unable to connect (the allocator's user, rotor up's, and its workers run as that user): give the owner rw (6xx)")]
+    OwnerLockedOut(u32),
     #[error("cannot set the mode or group of {0}")]
     Apply(std::path::PathBuf, #[source] std::io::Error),
 }
 
 pub fn parse_mode(s: &str) -> Result<u32, AccessError> {
-    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+    let mode = u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .ok()
         .filter(|m| *m <= 0o777)
-        .ok_or_else(|| AccessError::Mode(s.to_string()))
+        .ok_or_else(|| AccessError::Mode(s.to_string()))?;
+    // A socket its owner cannot write is one rotor up (and a worker of
+    // the same user) cannot connect to: it waited, then said the
+    // allocator did not come up.
+    match mode & 0o600 == 0o600 {
+        true => Ok(mode),
+        false => Err(AccessError::OwnerLockedOut(mode)),
+    }
 }
 
 pub fn parse_user(s: &str) -> Result<Uid, AccessError> {
@@ -153,6 +162,11 @@ mod tests {
         assert_eq!(parse_mode("0o600").unwrap(), 0o600);
         assert!(parse_mode("999").is_err());
         assert!(parse_mode("rw").is_err());
+        // Its owner locked out: rotor up could not connect.
+        for locked in ["000", "400", "500", "066"] {
+            let e = parse_mode(locked).unwrap_err();
+            assert!(matches!(e, AccessError::OwnerLockedOut(_)), "{locked}: {e}");
+        }
         assert_eq!(parse_user("root").unwrap().as_raw(), 0);
         assert_eq!(parse_user("1234").unwrap().as_raw(), 1234);
         assert!(parse_user("rotor-no-such-user").is_err());

@@ -91,6 +91,8 @@ pub enum BindError {
     },
     #[error("an allocator is already serving {0}")]
     InUse(PathBuf),
+    #[error("the socket path {0} is {1} bytes long; a Unix socket's path takes at most {SOCKET_PATH_MAX}: give --socket a shorter one")]
+    TooLong(PathBuf, usize),
     #[error("the socket directory {0} is world-writable: put the socket where only rotor's user can write (e.g. /run/rotor)")]
     WorldWritable(PathBuf),
     #[error("the socket directory {0} belongs to uid {1}, not to this user or root: its owner could replace the socket (e.g. a /tmp/rotor-UID made by another user); remove it, or give --socket elsewhere")]
@@ -121,6 +123,7 @@ pub fn bind_socket(path: &Path, access: &Access) -> Result<UnixListener, BindErr
 /// `bind_socket` checks first, for `rotor up` to refuse at once (exit 2)
 /// a directory its allocator would refuse at every start.
 pub fn socket_dir(path: &Path) -> Result<(), BindError> {
+    fits(path)?;
     if let Some(dir) = socket_parent(path) {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -139,8 +142,22 @@ pub fn socket_dir(path: &Path) -> Result<(), BindError> {
 /// As `socket_dir`, making nothing (`--check`): a directory that is not
 /// there yet passes (it would be made).
 pub fn socket_dir_unmade(path: &Path) -> Result<(), BindError> {
+    fits(path)?;
     match socket_parent(path) {
         Some(dir) if std::fs::symlink_metadata(dir).is_ok() => dir_is_ours(dir),
+        _ => Ok(()),
+    }
+}
+
+/// The longest path a Unix socket takes (`sun_path`'s 108 bytes, less
+/// its NUL).
+const SOCKET_PATH_MAX: usize = 107;
+
+/// Whether `path` fits a Unix socket's address: a longer one passed the
+/// checks, and the allocator then failed at each start.
+fn fits(path: &Path) -> Result<(), BindError> {
+    match path.as_os_str().len() {
+        n if n > SOCKET_PATH_MAX => Err(BindError::TooLong(path.to_path_buf(), n)),
         _ => Ok(()),
     }
 }
@@ -1405,6 +1422,21 @@ async fn write_replies(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A socket path past a Unix socket's 107 bytes is refused by the
+    /// checks (it passed them, then failed each bind); one that fits
+    /// passes.
+    #[test]
+    fn a_socket_path_too_long_for_a_unix_socket_is_refused() {
+        let long = PathBuf::from(format!("/nonexistent/{}/a.sock", "d".repeat(100)));
+        for check in [socket_dir_unmade, socket_dir] {
+            let e = check(&long).unwrap_err();
+            assert!(matches!(e, BindError::TooLong(_, 120)), "{e}");
+        }
+        let most = PathBuf::from(format!("/nonexistent/{}", "d".repeat(SOCKET_PATH_MAX - 13)));
+        assert_eq!(most.as_os_str().len(), SOCKET_PATH_MAX);
+        socket_dir_unmade(&most).unwrap();
+    }
 
     /// An allocator whose pool `spec` lists, read.
     fn allocator_of(spec: &str) -> Allocator {

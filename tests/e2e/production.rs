@@ -1118,6 +1118,22 @@ fn a_worker_check_binds_nothing() {
         stderr.contains("access-log") && stderr.contains("cannot be made"),
         "{stderr}"
     );
+    // An empty path (`access-log = ""`) is refused too: it passed, and
+    // each worker then failed at its start.
+    let out = Command::new(WORKER)
+        .args([
+            "--listen",
+            &port,
+            "--socket",
+            "/nonexistent/a.sock",
+            "--check",
+        ])
+        .args(["--access-log", ""])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is empty"), "{stderr}");
 }
 
 /// systemd's SIGTERM to the whole control group and `rotor up`'s own reach

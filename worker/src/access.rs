@@ -47,6 +47,13 @@ impl Target {
         let Target::File(path) = self else {
             return Ok(());
         };
+        // (Checked as `.`, an empty path passed, and failed each open.)
+        if path.as_os_str().is_empty() {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "is empty: name a file, or `-` for standard output",
+            ));
+        }
         match std::fs::metadata(path) {
             Ok(m) if m.is_dir() => Err(Error::new(ErrorKind::InvalidInput, "is a directory")),
             // Opened to append, not created: it is there.
