@@ -655,8 +655,9 @@ async fn a_small_body_that_stalls_or_is_cut_off_is_logged() {
 }
 
 /// A head of more header fields than rotor takes (100, as hyper's
-/// server) is told 431 with the reason, plain or CONNECT, and logged;
-/// hyper's own 431 said nothing. A head of 100 is served.
+/// server), or past `--max-head-bytes`, is told 431 with the reason,
+/// plain or CONNECT, and logged; hyper's own 431 said nothing. A head of
+/// 100 fields is served.
 #[tokio::test]
 async fn a_head_of_too_many_fields_is_answered_431_with_the_reason() {
     let origin = Origin::start().await;
@@ -672,23 +673,34 @@ async fn a_head_of_too_many_fields_is_answered_431_with_the_reason() {
     let worker = Worker::start(&alloc.socket, &args).await;
     let fields = |n: usize| (0..n).map(|i| format!("x-{i}: a\r\n")).collect::<String>();
     let url = origin.url("/");
-    for (line, n, status) in [
-        (format!("GET {url} HTTP/1.1"), 99, "200"),
-        (format!("GET {url} HTTP/1.1"), 100, "431"),
-        ("CONNECT 127.0.0.1:9 HTTP/1.1".to_string(), 100, "431"),
+    // (One field of 70 000 bytes: past the default --max-head-bytes.)
+    let big = format!("x-big: {}\r\n", "a".repeat(70_000));
+    let connect = "CONNECT 127.0.0.1:9 HTTP/1.1".to_string();
+    for (line, extra, why, status) in [
+        (format!("GET {url} HTTP/1.1"), fields(99), "", "200"),
+        (
+            format!("GET {url} HTTP/1.1"),
+            fields(100),
+            "more than 100 header fields",
+            "431",
+        ),
+        (connect.clone(), fields(100), "more than 100", "431"),
+        (
+            format!("GET {url} HTTP/1.1"),
+            big.clone(),
+            "past the 65536 bytes",
+            "431",
+        ),
+        (connect, big, "past the 65536", "431"),
     ] {
-        // (With its Host, `n + 1` fields.)
-        let head = format!("{line}\r\nHost: x\r\n{}\r\n", fields(n));
+        // (With its Host, one field more.)
+        let head = format!("{line}\r\nHost: x\r\n{extra}\r\n");
         let mut s = TcpStream::connect(worker.addr).await.unwrap();
-        s.write_all(head.as_bytes()).await.unwrap();
+        let _ = s.write_all(head.as_bytes()).await;
         let answer = read_head(&mut s).await;
-        assert!(
-            answer.starts_with(&format!("HTTP/1.1 {status} ")),
-            "{n}: {answer}"
-        );
-        if status == "431" {
-            assert!(answer.contains("more than 100 header fields"), "{answer}");
-        }
+        let want = format!("HTTP/1.1 {status} ");
+        assert!(answer.starts_with(&want), "{line}: {answer}");
+        assert!(answer.contains(why), "{answer}");
     }
     eventually("the access lines", || async {
         std::fs::read_to_string(&log)
@@ -697,7 +709,7 @@ async fn a_head_of_too_many_fields_is_answered_431_with_the_reason() {
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|l| l["status"] == 431)
             .count()
-            == 2
+            == 4
     })
     .await;
 }

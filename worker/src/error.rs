@@ -31,7 +31,8 @@ pub enum ProxyError {
     /// coding it does not understand is a 501).
     #[error("not implemented: {0}")]
     NotImplemented(&'static str),
-    #[error("request head of {size} bytes, more than the {limit} accepted")]
+    /// (`size`: what was read of it, whole or not.)
+    #[error("request head past the {limit} bytes accepted ({size} read)")]
     HeadTooLarge { size: usize, limit: usize },
     #[error("request head of more than {limit} header fields")]
     TooManyFields { limit: usize },

@@ -95,6 +95,9 @@ enum Take {
     /// hyper's server): refused here, with the reason (hyper's 431 said
     /// none).
     TooManyFields,
+    /// No whole head within `--max-head-bytes`: refused here, as
+    /// `TooManyFields`.
+    TooLarge,
     Request {
         parts: http::request::Parts,
         fields: Wire,
@@ -178,9 +181,16 @@ where
                     Take::NotMine => {
                         return Outcome::Handover(Rewind::new(buf.freeze(), io), served)
                     }
-                    Take::TooManyFields => {
-                        let e = crate::error::ProxyError::TooManyFields {
-                            limit: crate::h1::MAX_HEADERS,
+                    refused @ (Take::TooManyFields | Take::TooLarge) => {
+                        use crate::error::ProxyError;
+                        let e = match refused {
+                            Take::TooLarge => ProxyError::HeadTooLarge {
+                                size: buf.len(),
+                                limit: conn.max_head,
+                            },
+                            _ => ProxyError::TooManyFields {
+                                limit: crate::h1::MAX_HEADERS,
+                            },
                         };
                         let began = head_began.unwrap_or_else(tokio::time::Instant::now);
                         return refuse(io, &mut out, conn, (None, began), &e, true).await;
@@ -473,6 +483,7 @@ fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
     let len = match req.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() < max_head => return Take::Partial,
+        Ok(httparse::Status::Partial) => return Take::TooLarge,
         Err(httparse::Error::TooManyHeaders) => return Take::TooManyFields,
         _ => return Take::NotMine,
     };
@@ -549,7 +560,7 @@ pub fn take_all_for_fuzzing(data: &[u8]) {
                 assert_eq!(buf, before, "bytes lost on the way to hyper");
                 return;
             }
-            Take::Partial | Take::TooManyFields => {
+            Take::Partial | Take::TooManyFields | Take::TooLarge => {
                 assert_eq!(buf, before);
                 return;
             }
