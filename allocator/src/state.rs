@@ -981,6 +981,9 @@ struct Peer {
     /// When it connected or last sent a metrics report (a worker sends
     /// one a second): `/health`.
     heard: Instant,
+    /// Whether its last report listed a listener: a draining worker
+    /// closed its listeners, and reports none (`/health`).
+    accepting: bool,
 }
 
 /// How long `/health` waits for a word from some worker (each reports
@@ -1565,6 +1568,7 @@ impl Allocator {
         let pid = match inner.peers.get_mut(&peer) {
             Some(p) => {
                 p.heard = Instant::now();
+                p.accepting = !m.listen.is_empty();
                 p.hello.pid
             }
             None => 0,
@@ -1723,8 +1727,17 @@ impl Allocator {
         if workers.peek().is_none() {
             return Err("no worker connected");
         }
-        if !workers.any(|p| p.heard.elapsed() <= HEALTH_SILENCE) {
+        let heard: Vec<&Peer> = workers
+            .filter(|p| p.heard.elapsed() <= HEALTH_SILENCE)
+            .collect();
+        if heard.is_empty() {
             return Err("no worker has reported for 5 s (stopped or stuck?)");
+        }
+        // A front must stop sending new clients to a host whose workers
+        // are all draining (`rotor up` stopping): their listeners are
+        // closed, and a connection to them is refused.
+        if !heard.iter().any(|p| p.accepting) {
+            return Err("every worker is draining (its listeners closed)");
         }
         let rotations = inner.pool.rotations();
         if Family::ALL.iter().all(|f| rotations.total(*f) == 0) {
@@ -2364,6 +2377,7 @@ impl Allocator {
                 told: false,
                 answered: HashSet::new(),
                 heard: Instant::now(),
+                accepting: true,
             },
         );
         software

@@ -796,7 +796,7 @@ async fn health_says_503_when_the_host_serves_nothing() {
     let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let listen = metrics.to_string();
     let alloc = Allocator::start(&["--pool", "127.0.0.2", "--metrics-listen", &listen]).await;
-    let w = Worker::start(&alloc.socket, &[]).await;
+    let mut w = Worker::start(&alloc.socket, &[]).await;
     eventually("healthy", || async move {
         http_get(metrics, "/health", "*/*").0 == 200
     })
@@ -827,4 +827,18 @@ async fn health_says_503_when_the_host_serves_nothing() {
         http_get(metrics, "/health", "*/*").0 == 200
     })
     .await;
+    // The only worker draining (a tunnel holds its drain): its listeners
+    // are closed, so a front is told to send clients elsewhere.
+    let echo = Echo::start().await;
+    let (code, tunnel) = connect_tunnel(w.addr, &echo.addr.to_string()).await;
+    assert_eq!(code, 200);
+    w.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    eventually("unhealthy in the drain", || async move {
+        http_get(metrics, "/health", "*/*").0 == 503
+    })
+    .await;
+    let (_, body) = http_get(metrics, "/health", "*/*");
+    assert!(body.contains("every worker is draining"), "{body}");
+    assert!(w.proc.is_running(), "the drain is still on");
+    drop(tunnel);
 }

@@ -320,6 +320,14 @@ pub async fn run(
     tunnels.close();
     accepting.cancel();
     acceptors.wait().await;
+    // Its reports say it accepts no one now: the allocator's `/health`
+    // turns a front away once every worker drains.
+    proxy
+        .meter
+        .listen
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
     // The drain may take longer than the unit's TimeoutStopSec (40 s in
     // deploy/): systemd is asked for the drain and a margin, rather than
     // killing the worker mid-drain, its tunnels cut unlogged.
