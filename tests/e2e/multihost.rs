@@ -163,6 +163,19 @@ async fn haproxy_spreads_clients_over_hosts_and_keeps_sessions_on_one() {
     }
     let seen: HashSet<IpAddr> = origin.sources()[before..].iter().copied().collect();
     assert_eq!(seen.len(), 1, "{seen:?}");
+    // A session named with its other parameters or without is the same
+    // session (rotor keys it by user and id): the same host, one
+    // address. (Eight sessions: with the whole name hashed, about half
+    // reached two hosts.)
+    for n in 0..8 {
+        let before = origin.count();
+        for suffix in ["", "-sessionttl-30m", "-sessionstrict-0-sessionttl-1h", ""] {
+            let user = format!("bob-session-s{n}{suffix}");
+            assert_eq!(get_as(front, Some(&user), &url).await, 200, "{user}");
+        }
+        let seen: HashSet<IpAddr> = origin.sources()[before..].iter().copied().collect();
+        assert_eq!(seen.len(), 1, "session s{n}: {seen:?}");
+    }
     // The hosts see each client's own address (HAProxy's PROXY protocol
     // header), not HAProxy's: a client on 127.0.0.77 is logged as it.
     for _ in 0..2 {
