@@ -25,23 +25,26 @@ struct Host {
 /// A rotor host behind HAProxy (on 127.0.0.1), which sends it the
 /// client's address in a PROXY protocol header.
 async fn host(pool: &str) -> Host {
+    host_with(pool, &[]).await
+}
+
+/// As [`host`], its worker given `extra` arguments too.
+async fn host_with(pool: &str, extra: &[&str]) -> Host {
     let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let m = metrics.to_string();
     let alloc = Allocator::start(&["--pool", pool, "--metrics-listen", &m]).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
-    let worker = Worker::start(
-        &alloc.socket,
-        &[
-            "--proxy-protocol-from",
-            "127.0.0.1",
-            "--access-log",
-            log.to_str().unwrap(),
-            "--access-log-format",
-            "json",
-        ],
-    )
-    .await;
+    let mut args = vec![
+        "--proxy-protocol-from",
+        "127.0.0.1",
+        "--access-log",
+        log.to_str().unwrap(),
+        "--access-log-format",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    let worker = Worker::start(&alloc.socket, &args).await;
     Host {
         alloc,
         worker,
@@ -206,6 +209,61 @@ async fn haproxy_spreads_clients_over_hosts_and_keeps_sessions_on_one() {
     let seen = &origin.sources()[before..];
     assert!(seen.iter().all(|s| pools[0].contains(s)), "{seen:?}");
     drop(one);
+}
+
+/// A client that sends its credentials only when asked (curl's
+/// `--proxy-anyauth`, Java's HttpURLConnection, browsers) keeps its
+/// session on one host: behind a front, rotor's 407 closes the
+/// connection, so the retry is a new one the front routes by the user
+/// name. (Kept open, the retry went to the host the nameless first
+/// request had reached: the session's requests spread over both.)
+#[tokio::test]
+async fn a_session_that_logs_in_when_asked_stays_on_one_host() {
+    if !have(
+        "a_session_that_logs_in_when_asked_stays_on_one_host",
+        &["haproxy", "curl"],
+    ) {
+        return;
+    }
+    let origin = Origin::start().await;
+    let (_users_dir, users) = users_file(&[("bob", "pw")]);
+    let auth = ["--auth-file", users.to_str().unwrap()];
+    let one = host_with("127.0.0.2-127.0.0.5", &auth).await;
+    let two = host_with("127.0.0.6-127.0.0.9", &auth).await;
+    let front: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("haproxy.cfg");
+    let stats = dir.path().join("stats.sock");
+    std::fs::write(&cfg, config(front, &[&one, &two], &stats)).unwrap();
+    let _haproxy = Proc::spawn("haproxy", &["-db", "-f", cfg.to_str().unwrap()]);
+    eventually("HAProxy listening", || async {
+        tokio::net::TcpStream::connect(front).await.is_ok()
+    })
+    .await;
+    let url = origin.url("/");
+    eventually("both hosts serving through HAProxy", || async {
+        get_as(front, Some("bob"), &url).await == 200
+            && origin.sources().iter().any(|s| ips(2..=5).contains(s))
+            && origin.sources().iter().any(|s| ips(6..=9).contains(s))
+    })
+    .await;
+    let before = origin.count();
+    let proxy = format!("http://{front}");
+    for _ in 0..6 {
+        let (code, out) = curl(&[
+            "--proxy",
+            &proxy,
+            "--proxy-anyauth",
+            "--proxy-user",
+            "bob-session-asked:pw",
+            &url,
+        ])
+        .await;
+        assert_eq!(code, 0, "{out}");
+    }
+    let seen: HashSet<IpAddr> = origin.sources()[before..].iter().copied().collect();
+    assert_eq!(origin.count() - before, 6);
+    assert_eq!(seen.len(), 1, "{seen:?}");
 }
 
 /// A connection to `to` from `from` (an address of 127.0.0.0/8).

@@ -122,30 +122,6 @@ async fn tls_proxy(extra: &[&str]) -> TlsProxy {
     }
 }
 
-/// curl (waited for without blocking the test's runtime: the origin runs
-/// on it).
-async fn curl(args: &[&str]) -> (i32, String) {
-    let out = tokio::process::Command::new("curl")
-        .args([
-            "-s",
-            "-S",
-            "--max-time",
-            "10",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-        ])
-        .args(args)
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
 #[tokio::test]
 async fn curl_and_python_through_an_https_proxy_rotating_with_auth() {
     if !have(

@@ -1297,3 +1297,27 @@ pub async fn ask_then_shut(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
         .unwrap();
     got
 }
+
+/// curl (waited for without blocking the test's runtime: the origin runs
+/// on it).
+pub async fn curl(args: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-s",
+            "-S",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
+    )
+}

@@ -64,6 +64,12 @@ pub struct Conn {
     /// without one byte of a request, each wait for a request over TLS has
     /// a timer of its own: `idle_timeout` at most.
     pub tls_first_head_due: Option<tokio::time::Instant>,
+    /// The worker sits behind a front that routes by connection
+    /// (`--proxy-protocol-from`): a 407 closes the connection, so the
+    /// client's retry with its credentials is a new one, which the front
+    /// routes by its user name (a session's host). Kept open, the retry
+    /// went where the nameless first request had been sent.
+    pub fronted: bool,
 }
 
 /// How the fast path left a connection.
@@ -350,7 +356,9 @@ where
         conn.activity.touch();
         // Closed at rotor's word (the drain), not at the client's: it may
         // have sent its next request already.
-        let ours = !close && (drain_due.is_some() || conn.stop.is_cancelled());
+        // So is a 407 behind a front (see `Conn::fronted`).
+        let relogin = conn.fronted && resp.status == StatusCode::PROXY_AUTHENTICATION_REQUIRED;
+        let ours = !close && (drain_due.is_some() || conn.stop.is_cancelled() || relogin);
         let close = close || ours;
         let sent = tokio::select! {
             biased;

@@ -467,6 +467,7 @@ impl Serving {
             max_head: self.config.proxy.max_head_bytes.max(8192),
             stop: self.stop.clone(),
             grace: IDLE_CLOSE_GRACE,
+            fronted: !self.config.proxy_protocol.is_empty(),
             // As a plain connection waits: the idle timeout for a first
             // byte (a client may open its connection ahead of need), the
             // head's timeout once it comes; over TLS bytes below it say
@@ -609,6 +610,7 @@ impl Serving {
             let streaming = Arc::new(Going::default());
             let sending = streaming.clone();
             let stopping = fast.stop.clone();
+            let fronted = fast.fronted;
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let before = seen.arrived(!hyper::body::Body::is_end_stream(req.body()));
                 let arrivals = seen.clone();
@@ -670,7 +672,11 @@ impl Serving {
                             && !bodiless
                             && hyper::body::Body::size_hint(r.body()).exact().is_none()
                             && !r.headers().contains_key(hyper::header::CONTENT_LENGTH);
-                        if (told.carried_body() || stopping.is_cancelled() || unframed) && !goes_on
+                        // So does a 407 behind a front (see `fast::Conn::fronted`).
+                        let relogin = fronted
+                            && r.status() == hyper::StatusCode::PROXY_AUTHENTICATION_REQUIRED;
+                        if (told.carried_body() || stopping.is_cancelled() || unframed || relogin)
+                            && !goes_on
                         {
                             r.headers_mut().insert(
                                 hyper::header::CONNECTION,
