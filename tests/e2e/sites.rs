@@ -745,7 +745,7 @@ async fn a_session_waits_out_its_addresss_cooldown_and_keeps_the_address() {
     // are free).
     assert!(
         r.proxy_status().contains(
-            "the session's address (a new session's: every address) is cooling down for 127.0.0.1"
+            "the session's address (a new session's: the first to free) is cooling down for 127.0.0.1"
         ),
         "{}",
         r.proxy_status()

@@ -180,16 +180,21 @@ fn dns_timeout_text(host: &str, timeout: Option<Duration>) -> String {
 
 fn throttled_text(site: &str, cooling: bool, retry_after: Duration, session: bool) -> String {
     let secs = retry_after_secs(retry_after);
+    // Named by what frees first: the other addresses may be held by the
+    // other block (a spent budget beside a cooldown), so "every address
+    // is cooling" was said of addresses only out of budget.
     match (cooling, session) {
         (true, false) => format!(
-            "every address is cooling down for {site} after it pushed back; retry in {secs} s"
+            "no address may serve {site} now; the first to free is cooling down for {site} after it pushed back; retry in {secs} s"
         ),
         // (A session keeps its address for after the cooldown; a new one
-        // is refused only when every address cools.)
+        // is refused only when no address may serve.)
         (true, true) => format!(
-            "the session's address (a new session's: every address) is cooling down for {site} after it pushed back; retry in {secs} s"
+            "the session's address (a new session's: the first to free) is cooling down for {site} after it pushed back; retry in {secs} s"
         ),
-        (false, _) => format!("site budget exhausted for {site}; retry in {secs} s"),
+        (false, _) => format!(
+            "site budget exhausted for {site}: no address may serve it now, the first to free has spent its budget; retry in {secs} s"
+        ),
     }
 }
 
