@@ -151,6 +151,53 @@ impl Drop for Snapshot {
     }
 }
 
+/// `rotor up --check`: the allocator's and a worker's own checks, run as
+/// the children would be (their flags and the file), so what either
+/// would refuse at its start is said now: a state directory it cannot
+/// use, the pool's sources (not read by `--check-config`), an access log
+/// it cannot open. (A worker's check binds nothing: a running rotor
+/// holding the ports does not fail it.) The worst exit of the two.
+async fn children_check(args: &UpArgs, socket: &std::path::Path) -> ExitCode {
+    let me = match std::env::current_exe() {
+        Ok(p) => p,
+        Err(e) => {
+            error!("cannot find my own executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = args.common.at.config.as_deref();
+    let check: OsString = match args.common.check_config {
+        true => "--check-config".into(),
+        false => "--check".into(),
+    };
+    let mut alloc: Vec<OsString> = vec!["allocator".into()];
+    alloc.extend(args.common.to_args(socket, config));
+    alloc.extend(args.allocator.to_args());
+    let mut worker: Vec<OsString> = vec!["worker".into()];
+    worker.extend(args.common.to_args(socket, config));
+    worker.extend(args.worker.to_args());
+    let mut worst = 0;
+    for (name, mut child) in [("allocator", alloc), ("worker", worker)] {
+        child.push(check.clone());
+        let status = tokio::process::Command::new(&me)
+            .args(&child)
+            .status()
+            .await;
+        match status {
+            Ok(s) if s.success() => {}
+            Ok(s) => {
+                error!("the {name}'s check failed ({s})");
+                worst = worst.max(s.code().unwrap_or(1));
+            }
+            Err(e) => {
+                error!("cannot run the {name}'s check: {e}");
+                worst = worst.max(1);
+            }
+        }
+    }
+    ExitCode::from(u8::try_from(worst).unwrap_or(1))
+}
+
 /// The first and the longest pause before the allocator is started again
 /// while the workers drain.
 const DRAIN_RESTART_FIRST: Duration = Duration::from_millis(100);
@@ -265,7 +312,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             return ExitCode::from(2);
         }
         say!("ok: {workers} workers on {listen:?} (HTTP), {socks_listen:?} (SOCKS5), {tls_listen:?} (TLS)");
-        return ExitCode::SUCCESS;
+        return children_check(&args, &socket).await;
     }
     // A socket directory the allocator would refuse (one others can
     // change), or cannot make: refused at every start, after ten seconds

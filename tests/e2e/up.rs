@@ -356,6 +356,17 @@ async fn rotor_up_refuses_workers_past_max_peers_a_held_state_directory_and_a_ta
     let (code, err) = check(&format!("--state-dir={}", fresh.display()));
     assert_eq!(code, Some(0), "{err}");
     assert!(!held.path().join("not-yet").exists());
+    // rotor up's --check runs its children's own: a state directory or an
+    // access log they could not use fails it (it said ok; rotor up then
+    // ran without its state, or its workers failed at each start).
+    let (code, err) = run(&["--state-dir=/proc/no-such-dir", "--check"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("cannot use the state directory"), "{err}");
+    let (code, err) = run(&["--no-state", "--access-log=", "--check"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("is empty"), "{err}");
+    let (code, err) = run(&["--no-state", "--check"]);
+    assert_eq!(code, Some(0), "{err}");
 
     // A metrics port another process holds: said once, before anything
     // starts (the allocator had failed at every start until rotor up gave
