@@ -22,6 +22,19 @@ pub mod signals;
 pub mod up;
 pub mod worker_main;
 
+/// Forgets `ROTOR_SOCKET` and `ROTOR_CONFIG` set empty (`ROTOR_SOCKET=`
+/// left in a shell), as `XDG_RUNTIME_DIR` empty is: clap took an empty
+/// one for a `--socket` given no value, and every command failed with
+/// "a value is required for '--socket'". Called first in `main`, while
+/// the process has one thread.
+pub fn forget_empty_env() {
+    for name in ["ROTOR_SOCKET", "ROTOR_CONFIG"] {
+        if std::env::var_os(name).is_some_and(|v| v.is_empty()) {
+            std::env::remove_var(name);
+        }
+    }
+}
+
 /// Logs to stderr; `RUST_LOG` (e.g. `info,rotor_worker=debug`) overrides
 /// `default`. A stderr that is gone (`rotor up 2>&1 | head -1`) loses the
 /// lines and nothing else: tracing's own report of a failed write would

@@ -15,6 +15,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    rotor::forget_empty_env();
     let cli = Cli::parse();
     rotor::init_logging("info");
     rotor::allocator_main::allocator(cli.args)

@@ -89,6 +89,7 @@ enum UserCmd {
 }
 
 fn main() -> ExitCode {
+    rotor::forget_empty_env();
     let cli = Cli::parse();
     rotor::init_logging("info");
     let cli = match cli.command {

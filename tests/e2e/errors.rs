@@ -535,3 +535,20 @@ async fn a_peer_is_listed_by_its_real_pid() {
     .await;
     drop(chan);
 }
+
+/// `ROTOR_SOCKET=` and `ROTOR_CONFIG=` left empty in a shell are no
+/// setting: every command failed with "a value is required for
+/// '--socket'", though none was given.
+#[tokio::test]
+async fn empty_rotor_socket_and_config_variables_are_ignored() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let out = std::process::Command::new(ROTOR)
+        .args(["status", "--socket", alloc.socket.to_str().unwrap()])
+        .env("ROTOR_SOCKET", "")
+        .env("ROTOR_CONFIG", "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("127.0.0.2"));
+}
