@@ -661,16 +661,7 @@ async fn a_small_body_that_stalls_or_is_cut_off_is_logged() {
 #[tokio::test]
 async fn a_head_of_too_many_fields_is_answered_431_with_the_reason() {
     let origin = Origin::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
-    let args = [
-        "--access-log",
-        log.to_str().unwrap(),
-        "--access-log-format",
-        "json",
-    ];
-    let worker = Worker::start(&alloc.socket, &args).await;
+    let (_alloc, worker, _dir, log) = logged_worker().await;
     let fields = |n: usize| (0..n).map(|i| format!("x-{i}: a\r\n")).collect::<String>();
     let url = origin.url("/");
     // (One field of 70 000 bytes: past the default --max-head-bytes.)
@@ -719,16 +710,7 @@ async fn a_head_of_too_many_fields_is_answered_431_with_the_reason() {
 /// hyper's server had closed on it with no word and no log line.
 #[tokio::test]
 async fn an_http2_preface_is_answered_505_and_logged() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
-    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
-    let args = [
-        "--access-log",
-        log.to_str().unwrap(),
-        "--access-log-format",
-        "json",
-    ];
-    let worker = Worker::start(&alloc.socket, &args).await;
+    let (_alloc, worker, _dir, log) = logged_worker().await;
     let mut s = TcpStream::connect(worker.addr).await.unwrap();
     s.write_all(b"PRI * HTTP/2.0\r\n\r\n").await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -782,4 +764,20 @@ async fn a_stray_crlf_between_requests_is_ignored() {
         .unwrap();
     let head = read_head(&mut s).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
+/// An allocator over 127.0.0.2 and a worker writing a JSON access log to
+/// the returned path (in the returned directory).
+async fn logged_worker() -> (Allocator, Worker, tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let args = [
+        "--access-log",
+        log.to_str().unwrap(),
+        "--access-log-format",
+        "json",
+    ];
+    let worker = Worker::start(&alloc.socket, &args).await;
+    (alloc, worker, dir, log)
 }

@@ -87,6 +87,23 @@ fn config(front: SocketAddr, hosts: &[&Host], stats: &std::path::Path) -> String
     out
 }
 
+/// HAProxy running the shipped configuration in front of `hosts`, once
+/// it listens: its address, the process, and the directory of its file
+/// and its stats socket (`stats.sock`).
+async fn front(hosts: &[&Host]) -> (SocketAddr, Proc, tempfile::TempDir) {
+    let front: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("haproxy.cfg");
+    let stats = dir.path().join("stats.sock");
+    std::fs::write(&cfg, config(front, hosts, &stats)).unwrap();
+    let haproxy = Proc::spawn("haproxy", &["-db", "-f", cfg.to_str().unwrap()]);
+    eventually("HAProxy listening", || async {
+        tokio::net::TcpStream::connect(front).await.is_ok()
+    })
+    .await;
+    (front, haproxy, dir)
+}
+
 /// Whether HAProxy (its stats socket at `stats`) has every `server` line
 /// of that name down.
 async fn all_down(stats: &std::path::Path, server: &str) -> bool {
@@ -130,16 +147,8 @@ async fn haproxy_spreads_clients_over_hosts_and_keeps_sessions_on_one() {
     let origin = Origin::start().await;
     let one = host("127.0.0.2-127.0.0.5").await;
     let two = host("127.0.0.6-127.0.0.9").await;
-    let front: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("haproxy.cfg");
+    let (front, _haproxy, dir) = front(&[&one, &two]).await;
     let stats = dir.path().join("stats.sock");
-    std::fs::write(&cfg, config(front, &[&one, &two], &stats)).unwrap();
-    let _haproxy = Proc::spawn("haproxy", &["-db", "-f", cfg.to_str().unwrap()]);
-    eventually("HAProxy listening", || async {
-        tokio::net::TcpStream::connect(front).await.is_ok()
-    })
-    .await;
     let url = origin.url("/");
     let pools: [HashSet<IpAddr>; 2] = [
         ips(2..=5).into_iter().collect(),
@@ -230,16 +239,7 @@ async fn a_session_that_logs_in_when_asked_stays_on_one_host() {
     let auth = ["--auth-file", users.to_str().unwrap()];
     let one = host_with("127.0.0.2-127.0.0.5", &auth).await;
     let two = host_with("127.0.0.6-127.0.0.9", &auth).await;
-    let front: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("haproxy.cfg");
-    let stats = dir.path().join("stats.sock");
-    std::fs::write(&cfg, config(front, &[&one, &two], &stats)).unwrap();
-    let _haproxy = Proc::spawn("haproxy", &["-db", "-f", cfg.to_str().unwrap()]);
-    eventually("HAProxy listening", || async {
-        tokio::net::TcpStream::connect(front).await.is_ok()
-    })
-    .await;
+    let (front, _haproxy, _dir) = front(&[&one, &two]).await;
     let url = origin.url("/");
     eventually("both hosts serving through HAProxy", || async {
         get_as(front, Some("bob"), &url).await == 200

@@ -1083,56 +1083,39 @@ fn a_worker_check_binds_nothing() {
     let port = held.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
-    for check in ["--check", "--check-config"] {
+    // The worker's check on the held port with this access log: its exit
+    // code and what it said.
+    let check = |check: &str, log: &std::path::Path| {
         let out = Command::new(WORKER)
             .args(["--listen", &port, "--socket", "/nonexistent/a.sock", check])
             .arg("--access-log")
-            .arg(&log)
+            .arg(log)
             .output()
             .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{check}: {stderr}");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stderr)
+    };
+    for c in ["--check", "--check-config"] {
+        let (code, stderr) = check(c, &log);
+        assert_eq!(code, Some(0), "{c}: {stderr}");
         assert!(
             stderr.contains(&format!("listen {port} (not bound")),
-            "{check}: {stderr}"
+            "{c}: {stderr}"
         );
-        assert!(stderr.contains("access log: on"), "{check}: {stderr}");
-        assert!(!log.exists(), "{check} made the access log");
+        assert!(stderr.contains("access log: on"), "{c}: {stderr}");
+        assert!(!log.exists(), "{c} made the access log");
     }
     // A log that could not be made fails the check, named.
-    let out = Command::new(WORKER)
-        .args([
-            "--listen",
-            &port,
-            "--socket",
-            "/nonexistent/a.sock",
-            "--check",
-        ])
-        .arg("--access-log")
-        .arg(dir.path().join("none/access.log"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = check("--check", &dir.path().join("none/access.log"));
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains("access-log") && stderr.contains("cannot be made"),
         "{stderr}"
     );
     // An empty path (`access-log = ""`) is refused too: it passed, and
     // each worker then failed at its start.
-    let out = Command::new(WORKER)
-        .args([
-            "--listen",
-            &port,
-            "--socket",
-            "/nonexistent/a.sock",
-            "--check",
-        ])
-        .args(["--access-log", ""])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = check("--check", std::path::Path::new(""));
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("is empty"), "{stderr}");
 }
 
