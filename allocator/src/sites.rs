@@ -1208,6 +1208,22 @@ impl Sites {
         })
     }
 
+    /// `ip` moved into the key of `key_of` (its network bits, `ip`'s host
+    /// bits): an address a budget or a cooldown counts as `key_of`'s.
+    /// `None` where a key is one address (IPv4, `--site-v6-prefix 128`).
+    pub fn into_key_of(&self, key_of: IpAddr, ip: IpAddr) -> Option<IpAddr> {
+        let (IpAddr::V6(k), IpAddr::V6(a)) = (key_of, ip) else {
+            return None;
+        };
+        let len = u32::from(self.rules.v6_prefix);
+        if len >= 128 {
+            return None;
+        }
+        let net = u128::MAX << (128 - len);
+        let (k, a) = (u128::from(k), u128::from(a));
+        Some(IpAddr::V6(((k & net) | (a & !net)).into()))
+    }
+
     /// Whether `site` may not be served from `ip` now (its pair cools or
     /// spent its budget).
     pub fn spent(&mut self, site: &str, ip: IpAddr, now: Instant) -> bool {
@@ -1904,6 +1920,25 @@ mod tests {
 
     fn ip(i: u8) -> IpAddr {
         IpAddr::from([10, 0, 0, i])
+    }
+
+    /// An address moved into another's key keeps its host part under the
+    /// key's bits (`--site-v6-prefix`); a key of one address moves none.
+    #[test]
+    fn an_address_is_moved_into_a_key() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let sites = Sites::new(Rules::default(), 100);
+        assert_eq!(
+            sites.into_key_of(ip("2001:db8:0:7::1"), ip("2001:db8:0:9:aaaa::5")),
+            Some(ip("2001:db8:0:7:aaaa::5"))
+        );
+        assert_eq!(sites.into_key_of(ip("10.0.0.1"), ip("10.0.0.2")), None);
+        let one = Rules::default().with_v6_prefix(128).unwrap();
+        let sites = Sites::new(one, 100);
+        assert_eq!(
+            sites.into_key_of(ip("2001:db8::1"), ip("2001:db8::2")),
+            None
+        );
     }
 
     fn rules(specs: &[&str]) -> Rules {

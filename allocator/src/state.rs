@@ -382,9 +382,14 @@ impl Inner {
             match answer {
                 Answer::Shared => break,
                 Answer::Address { ip, index, watch } => {
-                    let table = self.pool.table();
-                    table.flag_site(site);
-                    table.count_lease(Family::of(&ip), index);
+                    self.pool.table().flag_site(site);
+                    let ip = match self.fresh_in_prefix(ip) {
+                        Some(fresh) => fresh,
+                        None => {
+                            self.pool.table().count_lease(Family::of(&ip), index);
+                            ip
+                        }
+                    };
                     return self.site_lease(peer, ip, watch);
                 }
                 Answer::Throttled {
@@ -580,6 +585,37 @@ impl Inner {
     }
 
     /// Counts a lease handed out for `peer` outside the shared rotation.
+    /// For a site lease of `ip` in a prefix: a fresh address of its key
+    /// from the shared rotation. A site's own rotation walks the pool's
+    /// order from a cursor of its own, so in a prefix it handed out the
+    /// addresses the shared rotation had handed out (each site and each
+    /// session the same ones, a site starting over its own again), where
+    /// no address of a prefix is to repeat until the prefix is used up. A
+    /// budget and a cooldown go by key (`--site-v6-prefix`), never by the
+    /// host part: the shared rotation's next address is taken when it is
+    /// in `ip`'s entry, and moved into `ip`'s key (the same one, where the
+    /// entry is no wider than a key). `None`: `ip` is no prefix's, a key
+    /// is one address, or the shared rotation is in another entry (a
+    /// worker's lease meanwhile may take it there: that address is
+    /// passed over).
+    fn fresh_in_prefix(&mut self, ip: IpAddr) -> Option<IpAddr> {
+        self.sites.into_key_of(ip, ip)?;
+        let entry = self.pool.entry_of(ip).filter(|e| !e.is_single())?;
+        let family = Family::of(&ip);
+        let due = self.pool.table().position().next_due[family.index()]?;
+        if !entry.contains(due) {
+            return None;
+        }
+        let lease = match self.lease_checked(Families::only(family)) {
+            Some(Ok(lease)) => lease,
+            _ => return None,
+        };
+        match entry.contains(lease.ip) {
+            true => self.sites.into_key_of(ip, lease.ip),
+            false => None,
+        }
+    }
+
     fn site_lease(&mut self, peer: u64, ip: IpAddr, watch: bool) -> Response {
         let lease = Lease {
             ip,
@@ -2639,6 +2675,37 @@ mod tests {
             1000,
         );
         a
+    }
+
+    /// In a prefix, every lease is a fresh address, the sites' own too:
+    /// a site's rotation handed out the addresses the shared rotation had
+    /// (one site's the other's, a session's a site's), where none is to
+    /// repeat until the prefix is used up. The budgets still count by
+    /// key: a site limited to 3 is refused at its fourth.
+    #[test]
+    fn site_leases_in_a_prefix_are_fresh_addresses() {
+        let p = Segment::prefix("fd00::".parse().unwrap(), 64).unwrap();
+        let a = Allocator::new(vec![Source::list("fd00::/64").unwrap()]);
+        a.apply_refresh(vec![Ok(vec![p])], &ok());
+        let rules = ["a.test=3/1h".to_string(), "*=100/1h".to_string()];
+        a.set_site_rules(crate::sites::Rules::parse(&rules).unwrap(), 1000);
+        let leased = |r: Response| match r {
+            Response::Leased(l) | Response::SiteLeased { lease: l, .. } => l.ip,
+            other => panic!("{other:?}"),
+        };
+        let mut seen = Vec::new();
+        for site in ["a.test", "b.test", "a.test", "b.test", "c.test", "a.test"] {
+            seen.push(leased(a.lease_site(1, Families::ANY, site)));
+            seen.push(leased(a.lease(1, Families::ANY)));
+        }
+        let distinct: HashSet<IpAddr> = seen.iter().copied().collect();
+        assert_eq!(distinct.len(), seen.len(), "{seen:?}");
+        assert!(seen.iter().all(|ip| p.contains(*ip)), "{seen:?}");
+        // a.test's budget (one key: the /64) is spent.
+        assert!(matches!(
+            a.lease_site(1, Families::ANY, "a.test"),
+            Response::Throttled { .. }
+        ));
     }
 
     /// A site lease for what is no site's name (a peer's megabyte of
