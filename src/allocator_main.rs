@@ -177,12 +177,15 @@ fn check(
     const NAMED: usize = 20;
     let mut unusable = 0;
     let mut listed = Vec::new();
-    for s in pool.sources.iter().filter(|_| read) {
+    // Sources named as the log names them (a command by its place: its
+    // text may carry a token, and this goes to the unit's journal).
+    for (place, s) in pool.sources.iter().enumerate().filter(|_| read) {
+        let name = s.metric_label(place + 1);
         match s.read() {
             Ok(addrs) => {
                 total += addrs.len();
                 listed.extend_from_slice(&addrs);
-                say!("ok: {}: {} entries", s.name(), addrs.len());
+                say!("ok: {name}: {} entries", addrs.len());
                 for e in &addrs {
                     match checker.check(e) {
                         Ok(()) => usable += 1,
@@ -201,7 +204,7 @@ fn check(
             }
             Err(e) => {
                 ok = false;
-                say!("error: {}: {}", s.name(), error_chain(&e));
+                say!("error: {name}: {}", error_chain(&e));
             }
         }
     }
@@ -257,8 +260,9 @@ fn check(
         );
     }
     if !read {
-        for s in &pool.sources {
-            say!("ok: source {} (not read: --check-config)", s.name());
+        for (place, s) in pool.sources.iter().enumerate() {
+            let name = s.metric_label(place + 1);
+            say!("ok: source {name} (not read: --check-config)");
         }
     } else if total == 0 {
         say!("warning: the pool is empty: clients will get 503");

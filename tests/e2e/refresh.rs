@@ -452,3 +452,24 @@ async fn rotor_reload_says_an_edited_configuration_file_is_not_applied() {
     );
     assert_eq!(pool_of(&status_json(&alloc.socket)), ips(2..=2));
 }
+
+/// A pool command's text stays out of the checks' output as out of the
+/// log and the metrics (the unit's `--check-config` writes to the
+/// journal at every start): named by its place.
+#[test]
+fn the_checks_name_a_pool_command_by_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    for check in ["--check", "--check-config"] {
+        let out = Command::new(ALLOCATOR)
+            .args(["--no-state", "--pool", "127.0.0.2", check])
+            .args(["--pool-command", "echo 127.0.0.3 # TOKEN=s3cret"])
+            .arg(format!("--socket={}", socket.display()))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{check}: {stderr}");
+        assert!(stderr.contains("--pool-command #2"), "{check}: {stderr}");
+        assert!(!stderr.contains("s3cret"), "{check}: {stderr}");
+    }
+}
