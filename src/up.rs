@@ -151,13 +151,37 @@ impl Drop for Snapshot {
     }
 }
 
+/// The flags a worker of `workers` gets (its listeners still in them):
+/// the operator's, and rotor up's defaults where neither they nor the
+/// file set one.
+fn child_worker_flags(args: &UpArgs, file: &FileConfig, workers: u16) -> WorkerFlags {
+    let mut flags = args.worker.clone();
+    // Single-threaded workers, one per CPU by default: measured faster than
+    // fewer workers with a thread per CPU each (the README's figures).
+    if flags.threads.is_none() && file.worker.threads.is_none() {
+        flags.threads = Some(1);
+    }
+    // The CPUs' password checks shared among the workers: each alone
+    // would take one per CPU, and N workers N times the CPUs (and 19 MiB
+    // each) under a flood of bad logins.
+    if flags.auth_checks.is_none() && file.worker.auth_checks.is_none() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        flags.auth_checks = Some((cpus / usize::from(workers)).max(1));
+    }
+    flags
+}
+
 /// `rotor up --check`: the allocator's and a worker's own checks, run as
 /// the children would be (their flags and the file), so what either
 /// would refuse at its start is said now: a state directory it cannot
 /// use, the pool's sources (not read by `--check-config`), an access log
 /// it cannot open. (A worker's check binds nothing: a running rotor
 /// holding the ports does not fail it.) The worst exit of the two.
-async fn children_check(args: &UpArgs, socket: &std::path::Path) -> ExitCode {
+async fn children_check(
+    args: &UpArgs,
+    socket: &std::path::Path,
+    worker_flags: WorkerFlags,
+) -> ExitCode {
     let me = match std::env::current_exe() {
         Ok(p) => p,
         Err(e) => {
@@ -175,7 +199,7 @@ async fn children_check(args: &UpArgs, socket: &std::path::Path) -> ExitCode {
     alloc.extend(args.allocator.to_args());
     let mut worker: Vec<OsString> = vec!["worker".into()];
     worker.extend(args.common.to_args(socket, config));
-    worker.extend(args.worker.to_args());
+    worker.extend(worker_flags.to_args());
     let mut worst = 0;
     for (name, mut child) in [("allocator", alloc), ("worker", worker)] {
         child.push(check.clone());
@@ -312,7 +336,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             return ExitCode::from(2);
         }
         say!("ok: {workers} workers on {listen:?} (HTTP), {socks_listen:?} (SOCKS5), {tls_listen:?} (TLS)");
-        return children_check(&args, &socket).await;
+        return children_check(&args, &socket, child_worker_flags(&args, &file, workers)).await;
     }
     // A socket directory the allocator would refuse (one others can
     // change), or cannot make: refused at every start, after ten seconds
@@ -412,22 +436,10 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         worker_args.extend([flag.into(), (3 + i).to_string().into()]);
     }
     // The workers take the listening sockets made here, not addresses.
-    let mut worker_flags = args.worker.clone();
+    let mut worker_flags = child_worker_flags(&args, &file, workers);
     worker_flags.listen.clear();
     worker_flags.socks_listen.clear();
     worker_flags.tls_listen.clear();
-    // Single-threaded workers, one per CPU by default: measured faster than
-    // fewer workers with a thread per CPU each (the README's figures).
-    if worker_flags.threads.is_none() && file.worker.threads.is_none() {
-        worker_flags.threads = Some(1);
-    }
-    // The CPUs' password checks shared among the workers: each alone
-    // would take one per CPU, and N workers N times the CPUs (and 19 MiB
-    // each) under a flood of bad logins.
-    if worker_flags.auth_checks.is_none() && file.worker.auth_checks.is_none() {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        worker_flags.auth_checks = Some((cpus / usize::from(workers)).max(1));
-    }
     worker_args.extend(worker_flags.to_args());
     // Held by every worker slot too: a descriptor number stays this
     // socket's for as long as a slot may pass it on.
