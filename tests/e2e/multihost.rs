@@ -264,6 +264,32 @@ async fn a_session_that_logs_in_when_asked_stays_on_one_host() {
     let seen: HashSet<IpAddr> = origin.sources()[before..].iter().copied().collect();
     assert_eq!(origin.count() - before, 6);
     assert_eq!(seen.len(), 1, "{seen:?}");
+    // A client of the host's own (not through the front) keeps its
+    // connection after a 407, and logs in on it.
+    use tokio::io::AsyncWriteExt;
+    let mut s = connect_from([127, 0, 0, 78], one.worker.addr).await;
+    let ask = format!("GET {url} HTTP/1.1\r\nHost: x\r\n\r\n");
+    s.write_all(ask.as_bytes()).await.unwrap();
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 407"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    let body_len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_string)
+        })
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    read_exactly(&mut s, body_len).await;
+    let creds = basic("bob", "pw");
+    let again = format!("GET {url} HTTP/1.1\r\nHost: x\r\nProxy-Authorization: {creds}\r\n\r\n");
+    s.write_all(again.as_bytes()).await.unwrap();
+    assert!(read_head(&mut s).await.starts_with("HTTP/1.1 200"));
 }
 
 /// A connection to `to` from `from` (an address of 127.0.0.0/8).

@@ -64,7 +64,7 @@ pub struct Conn {
     /// without one byte of a request, each wait for a request over TLS has
     /// a timer of its own: `idle_timeout` at most.
     pub tls_first_head_due: Option<tokio::time::Instant>,
-    /// The worker sits behind a front that routes by connection
+    /// The connection came through a front that routes by connection
     /// (`--proxy-protocol-from`): a 407 closes the connection, so the
     /// client's retry with its credentials is a new one, which the front
     /// routes by its user name (a session's host). Kept open, the retry

@@ -426,23 +426,25 @@ impl Serving {
                 let named = crate::proxied::client_of(&mut stream, client, within, stop).await;
                 // Served in a task of its own, as every connection.
                 if let Some(client) = named {
-                    this.admitted(stream, client, is_tls, permit);
+                    this.admitted(stream, client, (is_tls, true), permit);
                 }
             });
             return;
         }
-        self.admitted(stream, client, is_tls, permit);
+        self.admitted(stream, client, (is_tls, false), permit);
     }
 
     /// Spawns the task that serves `stream` from `client` (refused at the
     /// client's connection limit). (The task made and spawned here, not
     /// returned: a new connection's future moved once more cost 400
     /// instructions.)
+    /// `fronted`: it came through a front (its PROXY protocol header
+    /// read), see `fast::Conn::fronted`.
     fn admitted(
         &self,
         stream: ClientTcp,
         client: std::net::SocketAddr,
-        is_tls: bool,
+        (is_tls, fronted): (bool, bool),
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
         let Ok(slot) = self.clients.admit(client.ip()) else {
@@ -467,7 +469,7 @@ impl Serving {
             max_head: self.config.proxy.max_head_bytes.max(8192),
             stop: self.stop.clone(),
             grace: IDLE_CLOSE_GRACE,
-            fronted: !self.config.proxy_protocol.is_empty(),
+            fronted,
             // As a plain connection waits: the idle timeout for a first
             // byte (a client may open its connection ahead of need), the
             // head's timeout once it comes; over TLS bytes below it say
