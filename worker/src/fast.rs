@@ -179,6 +179,12 @@ where
                     } => break (parts, fields, body, close),
                     // HTTP/2's preface: hyper's server closed on it with
                     // no word, no count and no log line.
+                    // (Its first line cut short: read on, as a head.)
+                    Take::NotMine
+                        if buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&buf) =>
+                    {
+                        scanned = buf.len()
+                    }
                     Take::NotMine if buf.starts_with(H2_PREFACE) => {
                         let e = crate::error::ProxyError::Http2Preface;
                         let began = head_began.unwrap_or_else(tokio::time::Instant::now);
