@@ -490,7 +490,7 @@ pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
     counter_family(
         &mut r,
         "rotor_errors",
-        "Answers rotor gave itself, by Proxy-Status error (none: 400, 407, 414, 431)",
+        "Answers rotor gave itself, by Proxy-Status error (none: 400, 407, 414, 431, 501, 505)",
         // Every kind a worker counts, from 0 (see `ERROR_KINDS`).
         rotor_protocol::ERROR_KINDS
             .iter()

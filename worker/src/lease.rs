@@ -850,13 +850,21 @@ impl LeaseClient {
             if conn.requests.send(Envelope { id, body }).is_err() {
                 return;
             }
-            if let Ok(Ok(Response::Pool {
-                generation,
-                entries,
-            })) = tokio::time::timeout(COPY_AGAIN_WAIT, rx).await
-            {
-                info!("the allocator answers again; table leases are checked again");
-                conn.keep_copy(PoolCopy::new(generation, entries));
+            match tokio::time::timeout(COPY_AGAIN_WAIT, rx).await {
+                Ok(Ok(Response::Pool {
+                    generation,
+                    entries,
+                })) => {
+                    info!("the allocator answers again; table leases are checked again");
+                    conn.keep_copy(PoolCopy::new(generation, entries));
+                }
+                // Answered otherwise (a pool too large to describe): it
+                // answers, so the next lease asks as a lease does, and
+                // takes that answer as it would.
+                Ok(Ok(_)) => {
+                    *conn.copy_failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                }
+                _ => {}
             }
         });
     }
