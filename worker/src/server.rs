@@ -508,10 +508,21 @@ impl Serving {
                             // its method's first letter: a client whose
                             // proxy URL says http:// where https:// was
                             // meant is told so, not sent a TLS alert.
-                            // (A HEAD is told with no body.)
+                            // (A HEAD is told with no body: a method cut
+                            // short that may be one is looked at again a
+                            // few times, 10 ms apart.)
                             let mut stream = stream;
                             let mut first = [0u8; 5];
-                            let peeked = stream.get_mut().peek(&mut first).await;
+                            let mut peeked = stream.get_mut().peek(&mut first).await;
+                            for _ in 0..5 {
+                                match peeked {
+                                    Ok(n @ 1..=4) if b"HEAD "[..n] == first[..n] => {
+                                        tokio::time::sleep(Duration::from_millis(10)).await;
+                                        peeked = stream.get_mut().peek(&mut first).await;
+                                    }
+                                    _ => break,
+                                }
+                            }
                             if matches!(peeked, Ok(1..) if first[0].is_ascii_uppercase()) {
                                 return Err((stream, first == *b"HEAD "));
                             }
