@@ -37,7 +37,7 @@ pub enum AccessError {
     NoGroup(String),
     #[error("`{0}` is not an octal file mode (e.g. 660)")]
     Mode(String),
-    #[error("socket mode {0:o} leaves its owner unable to connect (the allocator's user, rotor up's, and its workers run as that user): give the owner rw (6xx)")]
+    #[error("socket mode {0:03o} leaves its owner unable to connect (the allocator's user, rotor up's, and its workers run as that user): give the owner rw (6xx)")]
     OwnerLockedOut(u32),
     #[error("cannot set the mode or group of {0}")]
     Apply(std::path::PathBuf, #[source] std::io::Error),
