@@ -97,13 +97,10 @@ enum Take {
     Partial,
     /// A request for hyper's server.
     NotMine,
-    /// A head of more fields than any path takes (`MAX_HEADERS`, as
-    /// hyper's server): refused here, with the reason (hyper's 431 said
-    /// none).
-    TooManyFields,
-    /// No whole head within `--max-head-bytes`: refused here, as
-    /// `TooManyFields`.
-    TooLarge,
+    /// A head no path serves, refused here with the reason: handed to
+    /// hyper's server, it answered a bare 431 or 400, or closed with no
+    /// word (see `take_request`).
+    Refused(crate::error::ProxyError),
     Request {
         parts: http::request::Parts,
         fields: Wire,
@@ -159,17 +156,6 @@ where
                 // Looked at: the next look starts past these bytes.
                 scanned = buf.len();
             } else if !buf.is_empty() {
-                // A request line as long as a whole head may be: 414 (RFC
-                // 9112 §3), said here. Handed over, hyper's buffer (as
-                // large) filled before its own look at the target, and it
-                // answered 431 for what is no header field.
-                if buf.len() >= conn.max_head && !buf.contains(&b'\n') {
-                    let e = crate::error::ProxyError::TargetTooLong {
-                        limit: conn.max_head,
-                    };
-                    let began = head_began.unwrap_or_else(tokio::time::Instant::now);
-                    return refuse(io, &mut out, conn, (None, began), &e, true).await;
-                }
                 match take_request(&mut buf, conn.max_head) {
                     Take::Request {
                         parts,
@@ -177,33 +163,10 @@ where
                         body,
                         close,
                     } => break (parts, fields, body, close),
-                    // HTTP/2's preface: hyper's server closed on it with
-                    // no word, no count and no log line.
-                    // (Its first line cut short: read on, as a head.)
-                    Take::NotMine
-                        if buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(&buf) =>
-                    {
-                        scanned = buf.len()
-                    }
-                    Take::NotMine if buf.starts_with(H2_PREFACE) => {
-                        let e = crate::error::ProxyError::Http2Preface;
-                        let began = head_began.unwrap_or_else(tokio::time::Instant::now);
-                        return refuse(io, &mut out, conn, (None, began), &e, true).await;
-                    }
                     Take::NotMine => {
                         return Outcome::Handover(Rewind::new(buf.freeze(), io), served)
                     }
-                    refused @ (Take::TooManyFields | Take::TooLarge) => {
-                        use crate::error::ProxyError;
-                        let e = match refused {
-                            Take::TooLarge => ProxyError::HeadTooLarge {
-                                size: buf.len(),
-                                limit: conn.max_head,
-                            },
-                            _ => ProxyError::TooManyFields {
-                                limit: crate::h1::MAX_HEADERS,
-                            },
-                        };
+                    Take::Refused(e) => {
                         let began = head_began.unwrap_or_else(tokio::time::Instant::now);
                         return refuse(io, &mut out, conn, (None, began), &e, true).await;
                     }
@@ -491,14 +454,35 @@ pub(crate) fn head_may_end(buf: &[u8], scanned: usize, max_head: usize) -> bool 
 /// The request at the start of `buf`, if it is whole and the fast path's;
 /// its head leaves the buffer (its body stays).
 fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
+    use crate::error::ProxyError;
+    // A request line as long as a whole head may be: 414 (RFC 9112 §3).
+    // Handed over, hyper's buffer (as large) filled before its own look
+    // at the target, and it answered 431 for what is no header field.
+    if buf.len() >= max_head && !buf.contains(&b'\n') {
+        return Take::Refused(ProxyError::TargetTooLong { limit: max_head });
+    }
     // Left uninitialised, as the response's (h1::parse_head).
     let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match req.parse_with_uninit_headers(buf, &mut slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() < max_head => return Take::Partial,
-        Ok(httparse::Status::Partial) => return Take::TooLarge,
-        Err(httparse::Error::TooManyHeaders) => return Take::TooManyFields,
+        // No whole head within `--max-head-bytes`, or more fields than
+        // any path takes (`MAX_HEADERS`, as hyper's server).
+        Ok(httparse::Status::Partial) => {
+            let (size, limit) = (buf.len(), max_head);
+            return Take::Refused(ProxyError::HeadTooLarge { size, limit });
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            let limit = MAX_HEADERS;
+            return Take::Refused(ProxyError::TooManyFields { limit });
+        }
+        // HTTP/2's preface (hyper's server closed on it with no word, no
+        // count and no log line); its first line cut short, read on.
+        Err(_) if buf.starts_with(H2_PREFACE) => return Take::Refused(ProxyError::Http2Preface),
+        Err(_) if buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(buf) => {
+            return Take::Partial
+        }
         _ => return Take::NotMine,
     };
     let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
@@ -574,7 +558,7 @@ pub fn take_all_for_fuzzing(data: &[u8]) {
                 assert_eq!(buf, before, "bytes lost on the way to hyper");
                 return;
             }
-            Take::Partial | Take::TooManyFields | Take::TooLarge => {
+            Take::Partial | Take::Refused(_) => {
                 assert_eq!(buf, before);
                 return;
             }
@@ -972,7 +956,10 @@ mod tests {
         let mut big = BytesMut::from(&b"GET http://a.test/ HTTP/1.1\r\nX: "[..]);
         big.extend_from_slice(&[b'a'; 9000]);
         let before = big.clone();
-        assert!(matches!(take_request(&mut big, 8192), Take::TooLarge));
+        assert!(matches!(
+            take_request(&mut big, 8192),
+            Take::Refused(crate::error::ProxyError::HeadTooLarge { .. })
+        ));
         assert_eq!(big, before);
     }
 
