@@ -1257,23 +1257,19 @@ impl Sites {
         total: u64,
         now: Instant,
     ) -> Option<bool> {
-        let t = self.ms(now);
-        let total = total.max(1);
-        let s = self.sites.get_mut(site)?;
+        self.sites.get(site)?;
         let family = Family::of(&ip);
-        s.cursor[family.index()] = index % total;
-        let (id, limit) = (s.id, s.limit);
-        let key = self.rules.key(ip);
-        if self.blocked(id, key, limit, t).is_some() {
+        self.place(site, family, index, total);
+        if self.spent(site, ip, now) {
             return None;
         }
+        // (Its generation is set at the next lease, which finds the
+        // cursor after this address again.)
+        self.place(site, family, index + 1, total);
         if let Some(s) = self.sites.get_mut(site) {
-            s.cursor[family.index()] = (index + 1) % total;
-            // (Its generation is set at the next lease, which finds the
-            // cursor after this address again.)
             s.last.set(ip);
         }
-        self.start(site, key, now)
+        self.start(site, self.rules.key(ip), now)
     }
 
     /// `site` pushed back on `ip`: it cools for `retry_after`, else for a
