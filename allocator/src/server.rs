@@ -740,7 +740,7 @@ const UNREAD_RETRY: Duration = Duration::from_secs(1);
 /// 503s.
 async fn refresh_loop(
     alloc: Arc<Allocator>,
-    (every, unread): (Duration, bool),
+    (every, mut unread): (Duration, bool),
     (mut reload, mut requests): (watch::Receiver<u64>, mpsc::Receiver<ReloadReply>),
     admin_token: Option<Arc<crate::metrics::AdminToken>>,
     shutdown: CancellationToken,
@@ -753,10 +753,9 @@ async fn refresh_loop(
         let next = UNREAD_RETRY.saturating_mul(1 << tries.min(20));
         (next < every).then_some(next)
     };
-    let mut again = unread.then(|| sooner(0)).flatten();
     loop {
         let retry = async {
-            match again {
+            match unread.then(|| sooner(tries)).flatten() {
                 Some(d) => tokio::time::sleep(d).await,
                 None => std::future::pending().await,
             }
@@ -787,11 +786,11 @@ async fn refresh_loop(
                 }
             }
         }
-        tries = match outcome.unread {
+        unread = outcome.unread;
+        tries = match unread {
             true => tries + u32::from(why == "unread source"),
             false => 0,
         };
-        again = outcome.unread.then(|| sooner(tries)).flatten();
         if outcome.changed {
             info!(
                 why,
