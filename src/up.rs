@@ -151,6 +151,21 @@ impl Drop for Snapshot {
     }
 }
 
+/// A child's command line: `rotor NAME`, the file and socket every child
+/// gets, then its `flags`.
+fn child_args(
+    name: &str,
+    args: &UpArgs,
+    socket: &std::path::Path,
+    config: Option<&std::path::Path>,
+    flags: Vec<OsString>,
+) -> Vec<OsString> {
+    let mut out: Vec<OsString> = vec![name.into()];
+    out.extend(args.common.to_args(socket, config));
+    out.extend(flags);
+    out
+}
+
 /// The flags a worker of `workers` gets (its listeners still in them):
 /// the operator's, and rotor up's defaults where neither they nor the
 /// file set one.
@@ -194,12 +209,8 @@ async fn children_check(
         true => "--check-config".into(),
         false => "--check".into(),
     };
-    let mut alloc: Vec<OsString> = vec!["allocator".into()];
-    alloc.extend(args.common.to_args(socket, config));
-    alloc.extend(args.allocator.to_args());
-    let mut worker: Vec<OsString> = vec!["worker".into()];
-    worker.extend(args.common.to_args(socket, config));
-    worker.extend(worker_flags.to_args());
+    let alloc = child_args("allocator", args, socket, config, args.allocator.to_args());
+    let worker = child_args("worker", args, socket, config, worker_flags.to_args());
     let mut worst = 0;
     for (name, mut child) in [("allocator", alloc), ("worker", worker)] {
         child.push(check.clone());
@@ -422,11 +433,19 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         }
     };
     let config = snapshot.as_ref().map(|s| s.path.as_path());
-    let mut alloc_args: Vec<OsString> = vec!["allocator".into()];
-    alloc_args.extend(args.common.to_args(&socket, config));
-    alloc_args.extend(args.allocator.to_args());
-    let mut worker_args: Vec<OsString> = vec!["worker".into()];
-    worker_args.extend(args.common.to_args(&socket, config));
+    let alloc_args = child_args(
+        "allocator",
+        &args,
+        &socket,
+        config,
+        args.allocator.to_args(),
+    );
+    // The workers take the listening sockets made here, not addresses.
+    let mut worker_flags = child_worker_flags(&args, &file, workers);
+    worker_flags.listen.clear();
+    worker_flags.socks_listen.clear();
+    worker_flags.tls_listen.clear();
+    let mut worker_args = child_args("worker", &args, &socket, config, worker_flags.to_args());
     for i in 0..listeners.len() {
         let flag = match i {
             i if i < listen.len() => "--listen-fd",
@@ -435,12 +454,6 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         };
         worker_args.extend([flag.into(), (3 + i).to_string().into()]);
     }
-    // The workers take the listening sockets made here, not addresses.
-    let mut worker_flags = child_worker_flags(&args, &file, workers);
-    worker_flags.listen.clear();
-    worker_flags.socks_listen.clear();
-    worker_flags.tls_listen.clear();
-    worker_args.extend(worker_flags.to_args());
     // Held by every worker slot too: a descriptor number stays this
     // socket's for as long as a slot may pass it on.
     let listeners: Arc<Vec<OwnedFd>> = Arc::new(listeners);
