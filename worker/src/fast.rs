@@ -326,7 +326,7 @@ where
         // Closed at rotor's word (the drain), not at the client's: it may
         // have sent its next request already.
         // So is a 407 behind a front (see `Conn::fronted`).
-        let relogin = conn.fronted && resp.status == StatusCode::PROXY_AUTHENTICATION_REQUIRED;
+        let relogin = relogin(conn.fronted, resp.status);
         let ours = !close && (drain_due.is_some() || conn.stop.is_cancelled() || relogin);
         let close = close || ours;
         let sent = tokio::select! {
@@ -363,6 +363,13 @@ where
         }
         trim(&mut buf, &mut out);
     }
+}
+
+/// Whether an answer of `status` closes a connection that came through
+/// a front (`fronted`, see `Conn::fronted`): a 407, for the client's
+/// retry with credentials to be routed by them. Both paths ask it.
+pub(crate) fn relogin(fronted: bool, status: StatusCode) -> bool {
+    fronted && status == StatusCode::PROXY_AUTHENTICATION_REQUIRED
 }
 
 /// How an HTTP/2 connection begins (RFC 9113 §3.4): its first line.

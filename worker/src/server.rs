@@ -562,7 +562,7 @@ impl Serving {
                             );
                             if let Ok(tcp) = plain.into_inner().into_tokio() {
                                 let answer = match head {
-                                    true => &PLAIN_HTTP_ON_TLS[..PLAIN_HTTP_ON_TLS.len() - 94],
+                                    true => head_of(PLAIN_HTTP_ON_TLS),
                                     false => PLAIN_HTTP_ON_TLS,
                                 };
                                 refuse_soon(tcp, Some(answer));
@@ -686,8 +686,7 @@ impl Serving {
                             && hyper::body::Body::size_hint(r.body()).exact().is_none()
                             && !r.headers().contains_key(hyper::header::CONTENT_LENGTH);
                         // So does a 407 behind a front (see `fast::Conn::fronted`).
-                        let relogin = fronted
-                            && r.status() == hyper::StatusCode::PROXY_AUTHENTICATION_REQUIRED;
+                        let relogin = crate::fast::relogin(fronted, r.status());
                         if (told.carried_body() || stopping.is_cancelled() || unframed || relogin)
                             && !goes_on
                         {
@@ -1030,12 +1029,18 @@ const HTTP_CLIENT_REFUSAL: &[u8] = b"HTTP/1.1 503 Client Connection Limit Reache
 const REOPEN_WAIT: Duration = Duration::from_secs(5);
 
 /// The answer to plain HTTP sent to a TLS listener (nginx's 400 "The
-/// plain HTTP request was sent to HTTPS port"); to a HEAD, without its
-/// last 94 bytes, the body.
+/// plain HTTP request was sent to HTTPS port"); to a HEAD, its head
+/// alone (`head_of`).
 const PLAIN_HTTP_ON_TLS: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
     proxy-status: rotor; error=http_request_error; details=\"plain HTTP sent to a TLS port\"\r\n\
     content-type: text/plain\r\ncontent-length: 94\r\nconnection: close\r\n\r\n\
     rotor: this port takes TLS (an https:// proxy URL); the request came in plain HTTP (http://).\n";
+
+/// `answer` to its empty line, without the body.
+fn head_of(answer: &'static [u8]) -> &'static [u8] {
+    let end = answer.windows(4).position(|w| w == b"\r\n\r\n");
+    end.map_or(answer, |at| &answer[..at + 4])
+}
 
 /// Logs plain HTTP sent to a TLS listener, once in 10 s.
 fn plain_http_on_tls(client: std::net::SocketAddr) {
