@@ -28,6 +28,11 @@ const MOST_CONNECTIONS: usize = {
     }
 };
 
+/// The largest request head a worker is let take: each client connection
+/// may buffer this much (squid's default is 64 KiB, HAProxy's whole buffer
+/// 16 KiB).
+const MOST_HEAD_BYTES: usize = 1 << 20;
+
 /// A worker given no listener at all, and passed no socket.
 pub const NOTHING_TO_LISTEN_ON: &str =
     "nothing to listen on: listen = [] in the file, and no socks-listen, tls-listen or passed socket";
@@ -65,7 +70,7 @@ settings! {
         response_timeout: Option<Duration> = "60s",
         /// A client must send a whole request head within this.
         header_read_timeout: Option<Duration> = "30s",
-        /// Largest request head accepted; larger gets 431 (at least 8192).
+        /// Largest request head accepted; larger gets 431 (8192 to 1048576).
         #[arg(value_name = "BYTES")]
         max_head_bytes: Option<usize> = "65536",
         /// On SIGTERM, how long in-flight requests and tunnels may take.
@@ -75,7 +80,7 @@ settings! {
         /// disables reuse.
         upstream_idle_timeout: Option<Duration> = "4s",
         /// Most idle upstream connections kept per (source address,
-        /// destination).
+        /// destination), at most 4096 (the cap over all of them).
         upstream_max_idle: Option<usize> = "16",
         /// A client connection with no bytes moving either way for this
         /// long is closed, and its upstream with it, whichever side is
@@ -407,6 +412,14 @@ impl WorkerFlags {
                 w.max_client_connections,
                 MOST_CONNECTIONS,
             ),
+            // Each client connection may buffer a head this large.
+            ("max-head-bytes", w.max_head_bytes, MOST_HEAD_BYTES),
+            // The worker keeps this many in all.
+            (
+                "upstream-max-idle",
+                w.upstream_max_idle,
+                rotor_worker::upstream::MAX_IDLE_TOTAL,
+            ),
         ] {
             if n > most {
                 return Err(ConfigError::Invalid(format!("{name} is at most {most}")));
@@ -676,6 +689,10 @@ mod tests {
             err(&["--auth-checks", "18446744073709551615"]).contains("auth-checks is at most 1024")
         );
         assert!(err(&["--threads", "100000"]).contains("threads is at most 1024"));
+        let e = err(&["--max-head-bytes", "1073741824"]);
+        assert!(e.contains("max-head-bytes is at most 1048576"), "{e}");
+        let e = err(&["--upstream-max-idle", "100000"]);
+        assert!(e.contains("upstream-max-idle is at most 4096"), "{e}");
         let e = err(&["--max-connections", "4611686018427387904"]);
         assert!(e.contains("max-connections is at most 4294967295"), "{e}");
         assert!(flags(&["--max-connections", "100000000"])
