@@ -396,9 +396,14 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     // that stops leaves queued connections to the others instead of
     // resetting them (as closing one SO_REUSEPORT socket would).
     let mut listeners = Vec::new();
+    // What is bound, for the log: a port 0 asked for is the one given.
+    let mut bound = Vec::new();
     for addr in &every {
         match rotor_worker::listener::bind_exclusive(*addr) {
-            Ok(l) => listeners.push(std::os::fd::OwnedFd::from(l)),
+            Ok(l) => {
+                bound.push(l.local_addr().unwrap_or(*addr));
+                listeners.push(std::os::fd::OwnedFd::from(l))
+            }
             Err(e) if e.source.kind() == std::io::ErrorKind::AddrInUse => {
                 error!(
                     "{}: another process (another rotor up?) listens there",
@@ -548,9 +553,13 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     // Ready for systemd (`Type=notify`): the allocator answers, and the
     // listeners, bound here, queue what comes until the workers take it.
     if answered {
+        let (http, rest) = bound.split_at(listen.len());
+        let (socks, tls) = rest.split_at(socks_listen.len());
         info!(
             workers,
-            ?listen,
+            listen = ?http,
+            socks_listen = ?socks,
+            tls_listen = ?tls,
             socket = %socket.display(),
             "rotor is up"
         );

@@ -565,7 +565,9 @@ pub fn one_kind_each(
     let mut seen = std::collections::HashMap::new();
     let listeners = (listen.iter().map(|a| ("listen", a)))
         .chain(socks.iter().map(|a| ("socks-listen", a)))
-        .chain(tls.iter().map(|a| ("tls-listen", a)));
+        .chain(tls.iter().map(|a| ("tls-listen", a)))
+        // Port 0 is a port of the kernel's choosing, another at each bind.
+        .filter(|(_, a)| a.port() != 0);
     for (kind, addr) in listeners {
         if let Some(first) = seen.insert(addr, kind) {
             return Err(ConfigError::Invalid(format!(
@@ -685,6 +687,12 @@ mod tests {
         assert!(e.contains("(listen and listen)"), "{e}");
         let two = ["--listen", "127.0.0.1:1", "--socks-listen", "127.0.0.1:2"];
         assert_eq!(kinds(&two, 0), "Ok(())");
+        let any = ["--listen", "127.0.0.1:0", "--socks-listen", "127.0.0.1:0"];
+        assert_eq!(
+            kinds(&any, 0),
+            "Ok(())",
+            "two ports of the kernel's choosing"
+        );
         assert!(
             err(&["--auth-checks", "18446744073709551615"]).contains("auth-checks is at most 1024")
         );

@@ -42,8 +42,6 @@ async fn up_with_two_workers(socket: &std::path::Path, listen: &str, extra: &[&s
     up
 }
 
-/// `rotor up`'s arguments for two workers rotating over 127.0.0.2 on
-/// `listen`, its allocator at `socket`, no state kept, and `extra`.
 /// What `rotor up` said to a NOTIFY_SOCKET (`sock`) up to its READY=1.
 async fn said_until_ready(sock: &tokio::net::UnixDatagram) -> String {
     let mut said = String::new();
@@ -84,6 +82,8 @@ async fn up_with_config(
     (dir, socket, config, listen, up)
 }
 
+/// `rotor up`'s arguments for two workers rotating over 127.0.0.2 on
+/// `listen`, its allocator at `socket`, no state kept, and `extra`.
 fn two_workers_of_one_address<'a>(
     listen: &'a str,
     socket: &'a str,
@@ -934,6 +934,54 @@ async fn each_childs_log_lines_name_it() {
             .any(|l| l.contains("rotor is up") && !l.contains("]: ")),
         "{text}"
     );
+}
+
+/// Listeners asked for on port 0 (an HTTP and a SOCKS5 one: not "given
+/// twice") are logged with the ports bound, and serve there.
+#[tokio::test]
+async fn rotor_up_on_port_0_logs_the_ports_it_bound() {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let log = dir.path().join("up.log");
+    let any = "127.0.0.1:0";
+    let args = two_workers_of_one_address(
+        any,
+        socket.to_str().unwrap(),
+        &["--socks-listen", any, "--allow-destination", "127.0.0.0/8"],
+    );
+    let child = std::process::Command::new(ROTOR)
+        .args(&args)
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // (Stopped, should the test fail, by Proc's drop.)
+    let mut up = Proc {
+        child,
+        name: "rotor up".into(),
+    };
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    eventually("rotor is up", || async { read().contains("rotor is up") }).await;
+    let text = read();
+    let line = text.lines().find(|l| l.contains("rotor is up")).unwrap();
+    let port_of = |field: &str| -> u16 {
+        let at = line.find(&format!("{field}=[127.0.0.1:")).expect(line) + field.len() + 12;
+        line[at..].split(']').next().unwrap().parse().expect(line)
+    };
+    let (http, socks) = (port_of("listen"), port_of("socks_listen"));
+    assert!(http != 0 && socks != 0 && http != socks, "{line}");
+    let proxy = format!("127.0.0.1:{http}").parse().unwrap();
+    assert_eq!(get(proxy, &origin.url("/")).await.status, 200);
+    let origin_url = origin.url("/");
+    let socks_proxy = format!("socks5h://127.0.0.1:{socks}");
+    if have("rotor_up_on_port_0_logs_the_ports_it_bound", &["curl"]) {
+        let (code, out) = curl(&["-x", &socks_proxy, &origin_url]).await;
+        assert_eq!((code, out.as_str()), (0, "200"));
+    }
+    up.signal(Signal::SIGTERM);
+    assert!(up.wait(Duration::from_secs(20)).success());
 }
 
 /// The allocator `rotor up` runs, by /proc (its child whose command is
