@@ -241,9 +241,12 @@ pub enum Pinned {
     Address(IpAddr),
     /// None yet (new session, or none of this family).
     Nothing,
-    /// It had one, which `good` refused (left the pool, or quarantined).
-    Gone(IpAddr),
-    /// A strict session evicted (the table was full) before its end.
+    /// It had one, which `good` refused (left the pool, or quarantined);
+    /// `strict`: the session was made strict (by any request for it), so
+    /// it fails rather than move, whatever the request at hand says.
+    Gone { ip: IpAddr, strict: bool },
+    /// A strict session evicted (the table was full) before its end: it
+    /// fails, whatever the request at hand says.
     Evicted,
 }
 
@@ -298,7 +301,10 @@ impl Sessions {
             }
             Some(s) => match s.ips[family.index()] {
                 Some(ip) if good(ip) => Pinned::Address(ip),
-                Some(ip) => Pinned::Gone(ip),
+                Some(ip) => Pinned::Gone {
+                    ip,
+                    strict: s.strict,
+                },
                 None => Pinned::Nothing,
             },
             None if self
@@ -1306,7 +1312,10 @@ mod tests {
         let gone = |a| a != ip("10.0.0.1");
         assert_eq!(
             s.pinned("a", Family::V4, t0, gone),
-            Pinned::Gone(ip("10.0.0.1"))
+            Pinned::Gone {
+                ip: ip("10.0.0.1"),
+                strict: false
+            }
         );
         s.pin(
             "a",

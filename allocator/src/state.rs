@@ -1874,18 +1874,20 @@ impl Allocator {
                     };
                     return inner.answer(peer, Some(Ok(lease)));
                 }
-                Pinned::Gone(ip) if strict => {
+                // Strict by this request or an earlier one: a request
+                // that leaves the parameter out moves no strict session.
+                Pinned::Gone { ip, strict: was } if strict || was => {
                     lost.get_or_insert(Response::SessionLost { ip });
                 }
-                // Pushed out of a full table: its address is unknown now.
-                Pinned::Evicted if strict => {
+                // A strict session pushed out of a full table: its address
+                // is unknown now.
+                Pinned::Evicted => {
                     lost.get_or_insert(Response::SessionLost {
                         ip: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
                     });
                 }
-                Pinned::Evicted => {}
-                Pinned::Gone(_) if unread => keep_pin = true,
-                Pinned::Gone(ip) => {
+                Pinned::Gone { .. } if unread => keep_pin = true,
+                Pinned::Gone { ip, .. } => {
                     moves.get_or_insert(ip);
                 }
                 Pinned::Nothing => {}

@@ -137,6 +137,12 @@ async fn sessions_expire_move_or_fail_when_their_address_goes_and_bad_names_are_
     assert!(body.contains("left the pool"), "{body}");
     // (The pool's addresses are told only with --expose-source.)
     assert!(!body.contains(&strict_ip.to_string()), "{body}");
+    // Made strict once, it stays so: a request that leaves the parameter
+    // out fails too, and moves it nowhere for the next strict one.
+    for name in ["u-session-strict1", "u-session-strict1-sessionstrict-1"] {
+        let r = get_as(w.addr, name, &url, None).await;
+        assert_eq!(r.status, 502, "{name}: {:?}", r.body);
+    }
     let r = get_as(w.addr, &moving, &url, None).await;
     assert_eq!(r.status, 200);
     assert_ne!(last(), strict_ip, "a loose session moves");
@@ -171,8 +177,12 @@ async fn a_table_full_of_strict_sessions_refuses_new_ones_rather_than_move_one()
     // "two" pushes "one" out; "one" is remembered, and fails until its end.
     assert_eq!(get_as(w.addr, two, &url, None).await.status, 200);
     let two_ip = last();
-    let r = get_as(w.addr, one, &url, None).await;
-    assert_eq!(r.status, 502, "{:?}", r.body);
+    // (So does a request for it without the parameter: strict once,
+    // strict until its end.)
+    for name in [one, "u-session-one"] {
+        let r = get_as(w.addr, name, &url, None).await;
+        assert_eq!(r.status, 502, "{name}: {:?}", r.body);
+    }
     // Nothing can make room now: a new session is refused, and "two"
     // keeps its address.
     for name in ["u-session-three-sessionstrict-1", "u-session-four"] {
