@@ -706,12 +706,15 @@ impl Sessions {
         let room = self.max.saturating_sub(self.map.len());
         let skip = live.len().saturating_sub(room);
         // Strict sessions that were pushed out, or are now (over the cap):
-        // they fail until their end, as before the restart.
+        // they fail until their end, as before the restart. All of them,
+        // even past the list's bound (a cap lowered over the restart): a
+        // strict one dropped would start over on a new address, which is
+        // what it is for never to do. They are no more than the last run
+        // held, each ends by its end, and a list that full makes room by
+        // pushing out sessions that may move, or refusing new ones.
         let over = live.iter().take(skip).filter(|s| s.strict);
         for s in evicted.iter().chain(over) {
-            if self.evicted_strict.len() < self.max {
-                self.remember_strict(Arc::from(s.key.as_str()), left(s));
-            }
+            self.remember_strict(Arc::from(s.key.as_str()), left(s));
         }
         let mut n = 0;
         for s in live.into_iter().skip(skip) {
@@ -927,6 +930,53 @@ mod tests {
         assert_eq!(
             behind.pinned("old", Family::V4, after, good),
             Pinned::Nothing
+        );
+    }
+
+    /// A cap lowered over a restart: every strict session it pushes out,
+    /// and every one pushed out before, fails until its end, even past
+    /// the list's bound; none starts over on a new address.
+    #[test]
+    fn strict_sessions_over_a_lowered_cap_are_all_remembered() {
+        let t0 = Instant::now();
+        let wall = 1_800_000_000_000;
+        let all_good = |_| true;
+        let ttl = Duration::from_secs(600);
+        // Under a cap of 3: five strict sessions (two pushed out) and a
+        // loose one.
+        let mut three = Sessions::new(3);
+        for (i, k) in ["a", "b", "c", "d", "e", "f"].into_iter().enumerate() {
+            let at = t0 + Duration::from_secs(i as u64);
+            let ip = IpAddr::from([10, 0, 0, i as u8 + 1]);
+            three.pin(k, ip, ttl, k != "f", at);
+        }
+        let t = t0 + Duration::from_secs(10);
+        let saved = three.snapshot(t, wall);
+        let evicted = saved.iter().filter(|s| s.evicted).count();
+        assert_eq!(evicted, 3, "{saved:?}");
+        // Restarted under a cap of 2.
+        let mut two = Sessions::new(2);
+        let t1 = Instant::now() + Duration::from_secs(3600);
+        assert_eq!(two.restore(saved, t1, wall), 2);
+        for k in ["a", "b", "c", "d"] {
+            assert_eq!(
+                two.pinned(k, Family::V4, t1, all_good),
+                Pinned::Evicted,
+                "{k}"
+            );
+        }
+        assert_eq!(
+            two.pinned("e", Family::V4, t1, all_good),
+            Pinned::Address(ip("10.0.0.5"))
+        );
+        // The list past its bound: the next new session pushes out the
+        // loose one, not a strict one.
+        assert!(two.room("g", t1).is_ok());
+        two.pin("g", ip("10.0.0.7"), ttl, false, t1);
+        assert_eq!(two.pinned("f", Family::V4, t1, all_good), Pinned::Nothing);
+        assert_eq!(
+            two.pinned("e", Family::V4, t1, all_good),
+            Pinned::Address(ip("10.0.0.5"))
         );
     }
 
