@@ -617,6 +617,22 @@ impl Pair {
         self.last_unreached = self.last_unreached.max(other.last_unreached);
     }
 
+    /// When it will be idle, as things stand (no start, push-back or
+    /// failed connect after now).
+    fn idle_at(&self) -> Ms {
+        let last_start = self.starts.back().map_or(0, |(t, _)| t + u64::from(self.window));
+        let strikes = match self.last_strike {
+            0 => 0,
+            t => t + STRIKES_KEPT.as_millis() as u64,
+        };
+        let unreached = match self.unreached {
+            0 => 0,
+            1 => self.last_unreached + SUSPICION_KEPT.as_millis() as u64,
+            _ => self.last_unreached + STRIKES_KEPT.as_millis() as u64,
+        };
+        last_start.max(self.cool_until).max(strikes).max(unreached)
+    }
+
     fn is_idle(&self, now: Ms) -> bool {
         self.starts.is_empty()
             && self.cool_until == 0
@@ -713,6 +729,10 @@ pub struct Sites {
     /// The sources of each family in the pool of a generation (counted
     /// once a generation, not at each failed connect's report).
     keys: Option<(u64, [u64; 2])>,
+    /// The site filling the table alone (its id), and when its first
+    /// pair is idle, to be forgotten and make room: worked out once, not
+    /// at each of its refused requests.
+    full_frees: Option<(u64, Ms)>,
     /// Times `make_room` looked for sites to forget (tests).
     #[cfg(test)]
     room_looks: usize,
@@ -746,6 +766,7 @@ impl Sites {
             cool_lines: (0, 0),
             begun: [0; 2],
             keys: None,
+            full_frees: None,
             #[cfg(test)]
             room_looks: 0,
             #[cfg(test)]
@@ -1168,9 +1189,9 @@ impl Sites {
 
     /// A start of `site` (`id`, under `limit`) on `key` that could not be
     /// counted: no pair yet, and no room for one (the site fills the table
-    /// alone). Blocked as by a budget, for a second (older starts leave
-    /// their period meanwhile); the walk goes on to the addresses whose
-    /// pairs it holds.
+    /// alone). Blocked as by a budget, until the site's first pair is
+    /// idle and makes room (its starts left their period); the walk goes
+    /// on to the addresses whose pairs it holds.
     fn uncountable(
         &mut self,
         site: &str,
@@ -1195,7 +1216,25 @@ impl Sites {
                 "the site table is full of one site's addresses: its requests on new addresses are refused (429) until older ones leave their period; raise --max-site-entries"
             );
         }
-        Some((self.ms(now) + 1000, false))
+        let t = self.ms(now);
+        let frees = match self.full_frees {
+            Some((held, at)) if held == id && at > t => at,
+            _ => {
+                // (A pass over the table, as the expiry that frees it.)
+                let at = (self.pairs.iter())
+                    .filter(|((i, _), _)| *i == id)
+                    .map(|(_, p)| p.idle_at())
+                    .min()
+                    .unwrap_or(0)
+                    .max(t)
+                    // Forgotten by the expiry's next pass (a second apart
+                    // at most, while the table is full).
+                    + 1000;
+                self.full_frees = Some((id, at));
+                at
+            }
+        };
+        Some((frees, false))
     }
 
     /// Whether the site's (`id`) pair of `key` blocks a start now: until
@@ -2153,10 +2192,15 @@ mod tests {
         assert_eq!(each.len(), 15, "{each:?}");
         assert!(each.values().all(|n| *n == 3), "{each:?}");
         assert!(s.entries() <= 16);
-        assert!(matches!(
-            s.lease("a.com", Families::V4, &active, 0, t0),
-            Answer::Throttled { cooling: false, .. }
-        ));
+        // Told to come back when the first of its pairs leaves its period,
+        // not in a second (to be refused again).
+        match s.lease("a.com", Families::V4, &active, 0, t0) {
+            Answer::Throttled {
+                cooling: false,
+                retry_after,
+            } => assert!(retry_after >= Duration::from_secs(59), "{retry_after:?}"),
+            other => panic!("{other:?}"),
+        }
         let later = t0 + Duration::from_secs(61);
         s.expire(later);
         assert!(!take(&mut s, "a.com", &active, 40, later).is_empty());
