@@ -151,17 +151,24 @@ fn retry_after(fields: &Fields, now: SystemTime) -> Option<u32> {
 /// Seconds until the site's rate limit resets, when its headers say no
 /// request is left.
 fn exhausted_until(fields: &Fields, now: SystemTime) -> Option<u32> {
-    let text = |name: &HeaderName| fields.get(name).and_then(text);
+    // Every line of a field: a list sent on several lines is one list
+    // (RFC 9110 §5.3), and a policy with none left may be on any.
+    let lines = |name: &'static HeaderName| {
+        let name = name.as_str().as_bytes();
+        (fields.iter())
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
+            .filter_map(|(_, v)| text(v))
+    };
     let num = |s: &str| s.trim().trim_matches('"').parse::<f64>().ok();
     // The draft's one field: `limit=10, remaining=0, reset=30` (early
     // drafts), or a list of policies `"day";r=0;t=3600, "min";r=3;t=20`
     // (later ones): the longest reset of a policy with none left.
-    if let Some(v) = text(&RATELIMIT) {
+    let mut until: Option<u32> = None;
+    for v in lines(&RATELIMIT) {
         let members: Vec<&str> = match v.contains(';') {
             true => v.split(',').collect(),
             false => vec![v],
         };
-        let mut until: Option<u32> = None;
         for member in members {
             let (mut remaining, mut reset) = (None, None);
             for item in member.split([',', ';']) {
@@ -178,14 +185,14 @@ fn exhausted_until(fields: &Fields, now: SystemTime) -> Option<u32> {
                 until = until.max(Some(seconds(r, true, now)));
             }
         }
-        // (Requests left there: the other fields may still say none are.)
-        if until.is_some() {
-            return until;
-        }
+    }
+    // (Requests left there: the other fields may still say none are.)
+    if until.is_some() {
+        return until;
     }
     for (remaining, reset, maybe_epoch) in &SPLIT {
-        if text(remaining).and_then(num) == Some(0.0) {
-            if let Some(reset) = text(reset).and_then(num) {
+        if lines(remaining).filter_map(num).any(|r| r == 0.0) {
+            if let Some(reset) = lines(reset).filter_map(num).reduce(f64::max) {
                 return Some(seconds(reset, *maybe_epoch, now));
             }
         }
@@ -404,6 +411,42 @@ mod tests {
             ),
             out(3600),
             "any policy with none left"
+        );
+        // A list on several lines is one list (RFC 9110 §5.3): a policy
+        // with none left on the second line is read too.
+        assert_eq!(
+            verdict(
+                200,
+                &[
+                    ("ratelimit", "\"a\";r=5;t=15"),
+                    ("ratelimit", "\"b\";r=0;t=40")
+                ],
+                &c
+            ),
+            out(40)
+        );
+        assert_eq!(
+            verdict(
+                429,
+                &[
+                    ("ratelimit", "\"a\";r=0;t=15"),
+                    ("ratelimit", "\"b\";r=0;t=40")
+                ],
+                &c
+            ),
+            out(40)
+        );
+        assert_eq!(
+            verdict(
+                200,
+                &[
+                    ("x-ratelimit-remaining", "3"),
+                    ("x-ratelimit-remaining", "0"),
+                    ("x-ratelimit-reset", "9")
+                ],
+                &c
+            ),
+            out(9)
         );
         assert_eq!(
             verdict(
