@@ -233,6 +233,23 @@ async fn socks5_with_a_users_file_and_a_slow_client() {
         }
     })
     .await;
+    // A request refused after a login (BIND) is logged as the user's.
+    let mut s = TcpStream::connect(socks).await.unwrap();
+    let mut hello = vec![5, 1, 2, 1, 5];
+    hello.extend_from_slice(b"alice");
+    hello.extend_from_slice(&[2, b'p', b'w', 5, 2, 0, 1, 127, 0, 0, 1, 0, 80]);
+    s.write_all(&hello).await.unwrap();
+    let mut r = [0u8; 6];
+    s.read_exact(&mut r).await.unwrap();
+    assert_eq!(r, [5, 2, 1, 0, 5, 7], "method, login, then BIND refused");
+    eventually("the refused BIND in the access log, as alice's", || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.lines().any(|l| l.contains(" alice - SOCKS5 - - 501 "))
+        }
+    })
+    .await;
     // A client that says nothing is cut off after the header-read timeout.
     let mut slow = TcpStream::connect(socks).await.unwrap();
     let t0 = Instant::now();

@@ -257,7 +257,7 @@ impl Resolver {
             return Ok((vec![SocketAddr::new(ip, port)], false));
         }
         // (A name longer than MAX_NAME was refused before it came here:
-        // see `proxy::absolute_target`.)
+        // see `check_spelling`.)
         let backend = self.current();
         let answers = &backend.answers;
         if let Lookup::Dns(_, hosts) = &backend.lookup {
@@ -558,8 +558,12 @@ pub fn ip_literal(host: &str) -> Option<IpAddr> {
 /// `example.com`: each spelling would be a site of its own, its budget
 /// and cooldowns dodged (the address is checked against the rules
 /// whatever it is spelled). Refused, as the in-process resolver finds
-/// no such names either.
+/// no such names either. A host longer than any name ([`MAX_NAME`]) is
+/// refused too.
 pub fn check_spelling(host: &str) -> Result<(), ProxyError> {
+    if host.len() > MAX_NAME {
+        return Err(name_too_long());
+    }
     if let Some(inner) = host.strip_prefix('[') {
         let v6 = inner
             .strip_suffix(']')
@@ -627,9 +631,17 @@ fn capped(mut addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
 /// The longest destination name taken (RFC 1035: 253 bytes as text, and
 /// a final dot): no DNS name is longer, and getaddrinfo reads a 60 000-byte
 /// run of zeros and an address as that address, each spelling kept in the
-/// cache (10 000 of them). Refused where a target is parsed (HTTP), and
-/// SOCKS5 names are 255 bytes at most.
+/// cache (10 000 of them). Refused by [`check_spelling`], where a target
+/// is parsed (HTTP, SOCKS5).
 pub const MAX_NAME: usize = 254;
+
+/// A target whose host is longer than any name.
+#[cold]
+fn name_too_long() -> ProxyError {
+    ProxyError::BadRequest(format!(
+        "the target's host is longer than {MAX_NAME} bytes"
+    ))
+}
 
 /// getaddrinfo calls under way at once, in each worker. Each holds a
 /// thread of the runtime's blocking pool for as long as it takes, however

@@ -1948,9 +1948,6 @@ fn absolute_target(uri: &Uri, websocket: bool) -> Result<Target<'_>, ProxyError>
             "the target URI has an empty host".into(),
         ));
     }
-    if parts.host.len() > crate::dns::MAX_NAME {
-        return Err(name_too_long());
-    }
     crate::dns::check_spelling(parts.host)?;
     // `http::Uri` accepts `host:99999`, `host:abc` and `host:+80`, with no
     // port number to give (a port is digits, RFC 3986 §3.2.3): refuse
@@ -2023,15 +2020,6 @@ fn split_authority(auth: &str) -> AuthorityParts<'_> {
     }
 }
 
-/// A target whose host is longer than any name (see `dns::MAX_NAME`).
-#[cold]
-fn name_too_long() -> ProxyError {
-    ProxyError::BadRequest(format!(
-        "the target's host is longer than {} bytes",
-        crate::dns::MAX_NAME
-    ))
-}
-
 /// `host` and `port` of a CONNECT target (`authority-form`, port required).
 fn connect_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
     let auth = uri
@@ -2059,9 +2047,6 @@ fn connect_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
         return Err(ProxyError::BadRequest(
             "CONNECT target is not a host:port".into(),
         ));
-    }
-    if auth.host().len() > crate::dns::MAX_NAME {
-        return Err(name_too_long());
     }
     crate::dns::check_spelling(auth.host())?;
     Ok((auth.host().to_string(), port))

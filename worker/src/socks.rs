@@ -256,8 +256,8 @@ async fn read_name<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<Result<String,
 /// not dodged by another spelling: the resolvers read `exampl\e.com` as
 /// `example.com`; nor a number, see `dns::check_spelling`), or an IP
 /// address (bracketed or not; the host is the
-/// address unbracketed, as the address types give it). None: empty, or
-/// anything else.
+/// address unbracketed, as the address types give it). None: empty,
+/// longer than any name, or anything else.
 fn host_name(name: String) -> Option<String> {
     let bare = name
         .strip_prefix('[')
@@ -306,7 +306,8 @@ async fn refuse_login(
     (began, client): (std::time::Instant, SocketAddr),
     why: &ProxyError,
 ) -> io::Result<()> {
-    count_refusal(proxy, (began, client), why.classify());
+    let nobody = crate::proxy::Caller::default();
+    count_refusal(proxy, (began, client, &nobody), why.classify());
     stream.write_all(&[1, 1]).await
 }
 
@@ -314,12 +315,13 @@ async fn refuse_login(
 /// answer (`status`, `kind`) to the same request would be.
 fn count_refusal(
     proxy: &Proxy,
-    (began, client): (std::time::Instant, SocketAddr),
+    (began, client, who): (std::time::Instant, SocketAddr, &crate::proxy::Caller),
     (status, kind): (http::StatusCode, Option<&'static str>),
 ) {
     proxy.meter.error(kind, began.elapsed());
     if let Some(log) = proxy.access_log() {
         let mut en = Entry::new(began, client, method(), "-".into());
+        who.stamp(&mut en);
         en.status = status.as_u16();
         en.error = kind;
         log.log(&en);
@@ -380,11 +382,12 @@ pub async fn serve(
     // While its password is checked: rotor's wait, not the client's
     // silence.
     let checking = std::sync::atomic::AtomicBool::new(false);
+    // Who logged in: a request refused after it is logged as theirs.
+    let mut caller = crate::proxy::Caller::default();
     let opened = async {
         let mut noting = crate::idle::IdleIo::new(&mut stream, heard.clone());
         let read = tokio::time::timeout_at(start + within, handshake(&mut noting, auth_required));
         let mut hs = read.await.map_err(slow)??;
-        let mut caller = crate::proxy::Caller::default();
         if let Some((user, password)) = hs.credentials.take() {
             let checked_at = tokio::time::Instant::now();
             checking.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -417,7 +420,7 @@ pub async fn serve(
                 tokio::time::timeout_at(start + within + spent, read_request(&mut noting, None));
             hs = read.await.map_err(slow)??;
         }
-        Ok::<_, HandshakeError>((hs, caller))
+        Ok::<_, HandshakeError>(hs)
     };
     let stopped = async {
         stop.cancelled().await;
@@ -442,7 +445,7 @@ pub async fn serve(
             return;
         }
     };
-    let (hs, caller) = match opened {
+    let hs = match opened {
         Ok(x) => x,
         Err(HandshakeError::Io(e)) if e.kind() == io::ErrorKind::TimedOut => {
             debug!(%client, "SOCKS5 handshake too slow; closed");
@@ -451,7 +454,7 @@ pub async fn serve(
         Err(e) => {
             debug!(%client, error = %e, "SOCKS5 handshake ended");
             if let Some(answer) = e.as_http() {
-                count_refusal(&proxy, (began, client), answer);
+                count_refusal(&proxy, (began, client, &caller), answer);
             }
             // Whatever it said after, read: the answer is not lost to a
             // reset.
@@ -702,6 +705,8 @@ mod tests {
             "a:b",
             "[a]",
             "a%2e",
+            // Past any DNS name (255 bytes: what SOCKS5 can carry).
+            &["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(63)].join("."),
         ] {
             assert_eq!(name(bad), None, "{bad:?}");
         }
