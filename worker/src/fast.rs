@@ -275,7 +275,19 @@ where
                 _ = &mut idle => return too_slow(io, &mut out, conn, Some(&parts), began).await,
             };
             match read {
-                Ok(0) | Err(_) => {
+                // Its side shut with the body short (it may still read):
+                // told so, as hyper's server tells a longer body's.
+                Ok(0) => {
+                    let e = crate::error::ProxyError::ClientBody(
+                        format!(
+                            "the request body ended after {} of its {body_len} bytes",
+                            buf.len()
+                        )
+                        .into(),
+                    );
+                    return refuse(io, &mut out, conn, (Some(&parts), began), &e, false).await;
+                }
+                Err(_) => {
                     let gone = (
                         crate::proxy::CLIENT_CLOSED,
                         Some(crate::proxy::CLIENT_CLOSED_ERROR),
