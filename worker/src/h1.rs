@@ -1418,7 +1418,7 @@ impl ResponseBody {
                 }
                 Decoder::Chunked(state) => match *state {
                     Chunked::Size(scanned) => {
-                        let Some(end) = find_crlf(buf, scanned) else {
+                        let Some(end) = find_crlf(buf, scanned)? else {
                             if buf.len() > MAX_CHUNK_LINE {
                                 return Err(Error::Malformed("chunk-size line too long"));
                             }
@@ -1456,7 +1456,7 @@ impl ResponseBody {
                     Chunked::Trailers(seen, scanned) => {
                         // Trailer fields are read past, line by line, up
                         // to the empty line that ends the message.
-                        let Some(end) = find_crlf(buf, scanned) else {
+                        let Some(end) = find_crlf(buf, scanned)? else {
                             if seen as usize + buf.len() > MAX_TRAILERS {
                                 return Err(Error::Malformed("trailer section too long"));
                             }
@@ -1522,7 +1522,7 @@ pub fn read_response_for_fuzzing(data: &[u8], head_request: bool) {
 /// connection's close and send the request again). A length or a close
 /// cannot fail this way; a body going bad later ends the connection.
 fn chunked_start(buf: &[u8]) -> Result<(), Error> {
-    let Some(end) = find_crlf(buf, 0) else {
+    let Some(end) = find_crlf(buf, 0)? else {
         return Ok(());
     };
     let size = chunk_size(&buf[..end])?;
@@ -1536,17 +1536,19 @@ fn chunked_start(buf: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
-/// Where the first CRLF of `buf` starts, looked for past the `scanned`
-/// bytes known to hold none.
-fn find_crlf(buf: &[u8], scanned: u32) -> Option<usize> {
-    // (A CR at the end of what was looked at may start a CRLF.)
-    let from = (scanned as usize).saturating_sub(1).min(buf.len());
+/// Where the first line of `buf` ends (its CRLF), looked for past the
+/// `scanned` bytes known to hold no LF. An LF without its CR can end no
+/// line of a chunked body (RFC 9112 §7.1): an error at once, not a wait
+/// for a CRLF that would never come.
+fn find_crlf(buf: &[u8], scanned: u32) -> Result<Option<usize>, Error> {
+    let from = (scanned as usize).min(buf.len());
     #[cfg(test)]
     tests::LOOKED.with(|n| n.set(n.get() + buf.len() - from));
-    buf[from..]
-        .windows(2)
-        .position(|w| w == b"\r\n")
-        .map(|at| from + at)
+    match buf[from..].iter().position(|&b| b == b'\n') {
+        None => Ok(None),
+        Some(at) if from + at > 0 && buf[from + at - 1] == b'\r' => Ok(Some(from + at - 1)),
+        Some(_) => Err(Error::Malformed("a chunked body's line ended by a bare LF")),
+    }
 }
 
 /// The size of a chunk-size line (hex digits, then perhaps extensions).
@@ -2083,6 +2085,10 @@ mod tests {
             (b"3\r\nabc\r\n0\r\n\r\n", false),
             (b"3\r\nab", false),
             (b"3", false),
+            // A line a bare LF ends never becomes one.
+            (b"5\nhello\n0\n\n", true),
+            (b"5;a\n", true),
+            (b"5\r", false),
         ] {
             assert_eq!(chunked_start(wire).is_err(), bad, "{wire:?}");
         }
