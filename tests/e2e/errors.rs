@@ -339,6 +339,19 @@ async fn reasons_in_the_status_line_and_the_source_on_request() {
     let head = read_head(&mut t).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.contains("rotor-source: 127.0.0."), "{head}");
+    // A failure on a leased address names it too (absolute-form and
+    // CONNECT to a port no one listens on).
+    let closed = format!("127.0.0.1:{}", free_port());
+    let r = get(exposed.addr, &format!("http://{closed}/")).await;
+    assert_eq!(r.status, 502);
+    let said = r.headers["rotor-source"].to_str().unwrap();
+    assert!(said.starts_with("127.0.0."), "{said}");
+    let mut t = TcpStream::connect(exposed.addr).await.unwrap();
+    let req = format!("CONNECT {closed} HTTP/1.1\r\nHost: {closed}\r\n\r\n");
+    t.write_all(req.as_bytes()).await.unwrap();
+    let head = read_head(&mut t).await;
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    assert!(head.contains("rotor-source: 127.0.0."), "{head}");
     // Without the flag, nothing is added.
     let r = get(strict.addr, &format!("http://{}/", origin.addr)).await;
     assert!(!r.headers.contains_key("rotor-source"));

@@ -417,6 +417,11 @@ impl Proxy {
                 let kind = e.classify().1;
                 self.meter.error(kind, took);
                 let mut resp = e.to_response();
+                // The address that failed, told as a served one's is.
+                if let Some(v) = source.and_then(|ip| self.source_value(ip)) {
+                    resp.headers_mut()
+                        .insert(HeaderName::from_static("rotor-source"), v);
+                }
                 // A refused tunnel ends its connection: a client that sent
                 // its first tunnel bytes with the CONNECT would otherwise
                 // have them read as its next request. (Not a 407: a client
@@ -1481,10 +1486,16 @@ impl Proxy {
     /// `Rotor-Source: ADDRESS` with `--expose-source`: which address served
     /// the request, for the client's logs.
     fn expose_source(&self, fields: &mut Fields, lease: &Lease) {
-        if self.config.expose_source {
-            if let Ok(v) = HeaderValue::from_str(&lease.ip.to_string()) {
-                fields.insert(HeaderName::from_static("rotor-source"), v);
-            }
+        if let Some(v) = self.source_value(lease.ip) {
+            fields.insert(HeaderName::from_static("rotor-source"), v);
+        }
+    }
+
+    /// `Rotor-Source`'s value for `ip`, with `--expose-source`.
+    fn source_value(&self, ip: IpAddr) -> Option<HeaderValue> {
+        match self.config.expose_source {
+            true => HeaderValue::from_str(&ip.to_string()).ok(),
+            false => None,
         }
     }
 }
