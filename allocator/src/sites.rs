@@ -620,7 +620,10 @@ impl Pair {
     /// When it will be idle, as things stand (no start, push-back or
     /// failed connect after now).
     fn idle_at(&self) -> Ms {
-        let last_start = self.starts.back().map_or(0, |(t, _)| t + u64::from(self.window));
+        let last_start = self
+            .starts
+            .back()
+            .map_or(0, |(t, _)| t + u64::from(self.window));
         let strikes = match self.last_strike {
             0 => 0,
             t => t + STRIKES_KEPT.as_millis() as u64,

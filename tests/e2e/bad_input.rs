@@ -199,7 +199,10 @@ async fn garbage_on_the_proxy_port_never_takes_the_worker_down() {
         let ask = format!("POST {url} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\nabc");
         let got = ask_then_shut(worker.addr, ask.as_bytes()).await;
         let text = String::from_utf8_lossy(&got);
-        assert!(text.starts_with("HTTP/1.1 400 Bad Request Body"), "{length}: {text}");
+        assert!(
+            text.starts_with("HTTP/1.1 400 Bad Request Body"),
+            "{length}: {text}"
+        );
     }
     // A slow client that never finishes its head is cut off.
     let mut slow = TcpStream::connect(worker.addr).await.unwrap();

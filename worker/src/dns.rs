@@ -638,9 +638,7 @@ pub const MAX_NAME: usize = 254;
 /// A target whose host is longer than any name.
 #[cold]
 fn name_too_long() -> ProxyError {
-    ProxyError::BadRequest(format!(
-        "the target's host is longer than {MAX_NAME} bytes"
-    ))
+    ProxyError::BadRequest(format!("the target's host is longer than {MAX_NAME} bytes"))
 }
 
 /// getaddrinfo calls under way at once, in each worker. Each holds a

@@ -706,7 +706,13 @@ mod tests {
             "[a]",
             "a%2e",
             // Past any DNS name (255 bytes: what SOCKS5 can carry).
-            &["a".repeat(63), "b".repeat(63), "c".repeat(63), "d".repeat(63)].join("."),
+            &[
+                "a".repeat(63),
+                "b".repeat(63),
+                "c".repeat(63),
+                "d".repeat(63),
+            ]
+            .join("."),
         ] {
             assert_eq!(name(bad), None, "{bad:?}");
         }
