@@ -430,6 +430,44 @@ print(ask().decode(), flush=True)
 /// users file that does not load (the one in use kept) names the worker
 /// and the part, and is exit 3, as a pool source that fails is: a
 /// certificate renewal's hook must not pass for done.
+/// A certificate near its end is warned of at the start and at every
+/// reload, however soon after another (an operator who rolls back to it
+/// is told), and once only for the start's own second read.
+#[tokio::test]
+async fn a_certificate_near_its_end_is_warned_of_at_every_reload() {
+    if !have(
+        "a_certificate_near_its_end_is_warned_of_at_every_reload",
+        &["openssl"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // (Made for two days: "expires at …" is said.)
+    let (_ca, cert, key) = certificate(dir.path(), "soon");
+    let log = dir.path().join("worker.log");
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let tls = format!("127.0.0.1:{}", free_port());
+    let mut cmd = std::process::Command::new(WORKER);
+    cmd.stderr(std::fs::File::create(&log).unwrap());
+    let mut args = ALLOW_LOOPBACK.to_vec();
+    let (c, k) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    args.extend_from_slice(&["--tls-listen", &tls, "--tls-cert", c, "--tls-key", k]);
+    let w = Worker::start_cmd(cmd, &alloc.socket, free_port(), &args).await;
+    let warned = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("TLS certificate expires at")
+            .count()
+    };
+    eventually("the start's warning", || async { warned() == 1 }).await;
+    for n in 2..=3 {
+        w.proc.signal(nix::sys::signal::Signal::SIGHUP);
+        eventually("the reload's warning", || async { warned() == n }).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(warned(), 3);
+}
+
 #[tokio::test]
 async fn rotor_reload_says_which_workers_part_failed() {
     if !have(

@@ -32,8 +32,9 @@ impl std::fmt::Debug for Tls {
     }
 }
 
-/// Reads the pair and makes a server configuration of it.
-pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
+/// Reads the pair and makes a server configuration of it; a certificate
+/// past (or near) its dates is warned of, unless `quiet`.
+fn load(files: &TlsFiles, quiet: bool) -> Result<Arc<ServerConfig>, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .map_err(|e| format!("tls-cert {}: {e}", files.cert.display()))?
         .collect::<Result<_, _>>()
@@ -59,16 +60,8 @@ pub fn load(files: &TlsFiles) -> Result<Arc<ServerConfig>, String> {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     if let Some(why) = validity(&certs[0]).and_then(|v| validity_warning(v, now)) {
-        // Once for a start, whose first reload loads it again.
-        static SAID: std::sync::Mutex<Option<(String, std::time::Instant)>> =
-            std::sync::Mutex::new(None);
-        let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
-        let again = said
-            .as_ref()
-            .is_some_and(|(w, at)| *w == why && at.elapsed() < std::time::Duration::from_secs(60));
-        if !again {
+        if !quiet {
             warn!(cert = %files.cert.display(), "TLS certificate {why}");
-            *said = Some((why, std::time::Instant::now()));
         }
     }
     let provider = Arc::new(provider());
@@ -246,7 +239,7 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 
 impl Tls {
     pub fn new(files: TlsFiles) -> Result<Arc<Tls>, String> {
-        let config = load(&files)?;
+        let config = load(&files, false)?;
         Ok(Arc::new(Tls {
             files,
             config: RwLock::new(config),
@@ -266,7 +259,7 @@ impl Tls {
     /// Reads the files again; a pair that does not load keeps the old one
     /// (and says why).
     pub fn reload(&self) -> Result<(), String> {
-        self.swap()?;
+        self.swap(false)?;
         info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
         Ok(())
     }
@@ -279,16 +272,17 @@ impl Tls {
     /// Reads the files once more when the worker's SIGHUP handler is in
     /// place: a SIGHUP between the first read and then was ignored (it
     /// must not kill the worker), and a pair it was to bring in would wait
-    /// for the next one. Said at debug only: nothing was asked.
+    /// for the next one. Said at debug only, its dates not again: nothing
+    /// was asked, and the start said them.
     pub fn reload_at_start(&self) {
-        if self.swap().is_ok() {
+        if self.swap(true).is_ok() {
             tracing::debug!(cert = %self.files.cert.display(), "TLS certificate read again at start");
         }
     }
 
     /// Loads the pair and puts it in use; else why it did not load.
-    fn swap(&self) -> Result<(), String> {
-        match load(&self.files) {
+    fn swap(&self, quiet: bool) -> Result<(), String> {
+        match load(&self.files, quiet) {
             Ok(c) => {
                 *self.config.write().unwrap_or_else(|e| e.into_inner()) = c;
                 Ok(())
