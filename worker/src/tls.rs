@@ -74,11 +74,19 @@ fn load(files: &TlsFiles, quiet: bool) -> Result<Arc<ServerConfig>, String> {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| {
-            format!(
-                "tls-cert {} and tls-key {} do not make a pair: {e}",
-                files.cert.display(),
-                files.key.display()
-            )
+            use tokio_rustls::rustls::{Error, InconsistentKeys};
+            let (cert, key) = (files.cert.display(), files.key.display());
+            match e {
+                // (ring signs with these only: a P-521, Ed448 or short RSA
+                // key is read as no key at all.)
+                Error::General(m) if m.contains("private key") => format!(
+                    "tls-key {key}: a key of a kind that cannot sign here ({m}): RSA of 2048 bits or more, ECDSA on P-256 or P-384, or Ed25519 are taken"
+                ),
+                Error::InconsistentKeys(InconsistentKeys::KeyMismatch) => format!(
+                    "tls-cert {cert} and tls-key {key} do not make a pair: the key is not the first certificate's (the server's certificate comes first in the file, then its chain)"
+                ),
+                e => format!("tls-cert {cert} and tls-key {key} do not make a pair: {e}"),
+            }
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     // The server's order: AES-128-GCM first (see `provider`).
@@ -374,11 +382,48 @@ mod tests {
             cert: cert.clone(),
             key: cert.clone(),
         };
-        let e = load(&twice).err().unwrap();
+        let e = load(&twice, true).err().unwrap();
         assert!(
             e.contains("no private key in it") && e.contains("openssl pkey"),
             "{e}"
         );
-        assert!(load(&TlsFiles { cert, key }).is_ok());
+        assert!(load(
+            &TlsFiles {
+                cert: cert.clone(),
+                key: key.clone()
+            },
+            true
+        )
+        .is_ok());
+        // A key of a kind ring cannot sign with (P-521), and a pair whose
+        // key is another certificate's, say which.
+        let odd = dir.path().join("p521.pem");
+        let made = std::process::Command::new("openssl")
+            .args(["genpkey", "-algorithm", "EC", "-pkeyopt"])
+            .args(["ec_paramgen_curve:secp521r1", "-out"])
+            .arg(&odd)
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{made:?}");
+        let e = load(
+            &TlsFiles {
+                cert: cert.clone(),
+                key: odd,
+            },
+            true,
+        )
+        .err()
+        .unwrap();
+        assert!(e.contains("cannot sign here") && e.contains("P-256"), "{e}");
+        let other = dir.path().join("other.pem");
+        let made = std::process::Command::new("openssl")
+            .args(["genpkey", "-algorithm", "EC", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-out"])
+            .arg(&other)
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{made:?}");
+        let e = load(&TlsFiles { cert, key: other }, true).err().unwrap();
+        assert!(e.contains("do not make a pair: the key is not"), "{e}");
     }
 }
