@@ -204,24 +204,43 @@ s.serve_forever()
     let (code, _) = curl(&["--proxy", &proxy, "--proxy-user", "alice:s3cret", &url]).await;
     assert_ne!(code, 0);
     assert_eq!(origin.count(), 5);
-    // Python requests with an https:// proxy URL, as users run it.
-    if !python_has("the TLS test's Python part", "requests") {
+    // Python requests and httpx with an https:// proxy URL, as the README
+    // shows them: requests to an https:// target (for an http:// one it
+    // checks no certificate of the proxy's), `verify` given with each
+    // request; httpx to both, the proxy's certificate checked against its
+    // `Proxy`'s context (0.26 on), else against `verify`.
+    if !python_has("the TLS test's Python part", "requests, httpx") {
         return;
     }
     let script = format!(
         r#"
-import requests
-s = requests.Session()
-s.verify = "{ca}"
+import inspect, requests, httpx, ssl
+proxy_url = "https://alice:s3cret@{tls}"
 for _ in range(3):
-    r = s.get("{url}", proxies={{"http": "https://alice:s3cret@{tls}"}}, timeout=10)
+    r = requests.get("{https_url}", proxies={{"https": proxy_url}}, verify="{ca}", timeout=10)
     assert r.status_code == 200, r.status_code
+ctx = ssl.create_default_context()
+ctx.load_verify_locations("{ca}")
+takes_context = "ssl_context" in inspect.signature(httpx.Proxy.__init__).parameters
+proxy = httpx.Proxy(proxy_url, ssl_context=ctx) if takes_context else proxy_url
+for target in ["{url}", "{https_url}"]:
+    r = httpx.get(target, proxy=proxy, verify=ctx, timeout=10)
+    assert r.status_code == 200, r.status_code
+# The proxy's certificate is checked: one from an unknown CA is refused.
+try:
+    untrusted = httpx.Proxy(proxy_url, ssl_context=ssl.create_default_context()) if takes_context else proxy_url
+    httpx.get("{url}", proxy=untrusted, verify=ssl.create_default_context(), timeout=10)
+    raise SystemExit("an unknown CA's certificate was taken")
+except httpx.ConnectError as e:
+    assert "CERTIFICATE_VERIFY_FAILED" in str(e), e
 print("ok")
 "#,
         tls = p.tls
     );
     run_python(&script).await;
-    assert_eq!(origin.count(), 8);
+    // (Three of requests' and one of httpx's to the HTTPS origin, which
+    // records nothing; one of httpx's here.)
+    assert_eq!(origin.count(), 6);
 }
 
 #[tokio::test]
