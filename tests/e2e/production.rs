@@ -496,6 +496,47 @@ async fn idle_worker_stops_at_once_and_sigint_is_a_fast_stop() {
     assert_eq!(status.code(), Some(130));
 }
 
+/// An idle worker stops at once though its allocator does not answer
+/// (stopped; a socket systemd holds for a dead one queues the connect
+/// the same way): the last report waits a moment, not the 2 s it held the
+/// exit. Timed by the worker's own log, from its drain to its stop.
+#[tokio::test]
+async fn an_idle_worker_stops_at_once_though_its_allocator_does_not_answer() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("worker.log");
+    let mut cmd = std::process::Command::new(WORKER);
+    cmd.env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut w = Worker::start_cmd(cmd, &alloc.socket, free_port(), &ALLOW_LOOPBACK).await;
+    eventually("connected", || async {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("connected to the allocator")
+    })
+    .await;
+    alloc.proc.signal(Signal::SIGSTOP);
+    w.proc.signal(Signal::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || w.proc.wait(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    alloc.proc.signal(Signal::SIGCONT);
+    assert_eq!(status.code(), Some(0));
+    let text = std::fs::read_to_string(&log).unwrap();
+    // Seconds into the day of the first line with `what` (its
+    // `2026-12-06T15:39:49.194335Z` stamp).
+    let at = |what: &str| -> f64 {
+        let line = text.lines().find(|l| l.contains(what)).expect(what);
+        let hms: Vec<f64> = line[11..26]
+            .split(':')
+            .map(|v| v.parse().unwrap())
+            .collect();
+        hms[0] * 3600.0 + hms[1] * 60.0 + hms[2]
+    };
+    let took = at("stopped stopped=") - at("draining connections=");
+    assert!(took < 1.5, "{took} s: {text}");
+}
+
 /// A CONNECT on a kept-alive connection in the drain's grace is refused
 /// (503, `Proxy Stopping`), not opened to be cut at the drain's end: the
 /// client asks another worker, and the stop does not wait for it.

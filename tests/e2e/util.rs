@@ -50,14 +50,15 @@ impl Proc {
     }
 
     /// Spawns `cmd` (prepared by the caller: environment, inherited
-    /// descriptors) with `args`.
+    /// descriptors) with `args`; its `RUST_LOG` the caller's, else the
+    /// test's, else `warn`.
     pub fn spawn_cmd(mut cmd: Command, program: &str, args: &[&str]) -> Proc {
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            let level = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+            cmd.env("RUST_LOG", level);
+        }
         let child = cmd
             .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {program}: {e}"));

@@ -38,6 +38,10 @@ struct Acc {
 /// 0.0.0.0 line is one more.)
 const MAX_SOURCES: usize = rotor_protocol::MAX_REPORTED_SOURCES - 1;
 
+/// How long the report at a worker's stop may wait for the allocator (one
+/// that answers takes microseconds).
+const LAST_REPORT_WAIT: Duration = Duration::from_millis(250);
+
 impl Acc {
     /// One request more, its head (or rotor's answer) after `took`.
     fn request(&mut self, took: Duration) {
@@ -323,7 +327,7 @@ impl Meter {
     }
 
     /// Sends what was counted every second until `stop` (and once more
-    /// then). `connections_open` reads the client connections open now.
+    /// then, waited for [`LAST_REPORT_WAIT`] at most). `connections_open` reads the client connections open now.
     /// `cool_refused`: each site a source's connects were confirmed to fail
     /// to is told too (the allocator cools the pair on a repeat).
     pub async fn report(
@@ -351,6 +355,15 @@ impl Meter {
                     leases.site_unreached(ip, site.to_string());
                 }
             }
+            // At the stop with no allocator to tell (one stopped or
+            // restarting; a socket systemd holds queues the connect
+            // rather than refuse it): not waited for, so a worker with
+            // nothing in flight exits at once. Its last counts are lost,
+            // as a killed worker's are.
+            if last && !leases.is_connected() {
+                tracing::debug!("no allocator at the stop: the last counts are not reported");
+                return;
+            }
             let (m, unreached, resent) = match unsent.take() {
                 Some(mut m) => {
                     m.connections_open = connections_open();
@@ -361,7 +374,19 @@ impl Meter {
                     (m, unreached, false)
                 }
             };
-            match leases.report_metrics(m).await {
+            // (The last waits a moment at most: an allocator that is
+            // there but does not answer, stopped, holds no worker's exit.)
+            let sent = match last {
+                true => tokio::time::timeout(LAST_REPORT_WAIT, leases.report_metrics(m))
+                    .await
+                    .ok(),
+                false => Some(leases.report_metrics(m).await),
+            };
+            let Some(sent) = sent else {
+                tracing::debug!("the allocator did not take the last report in time");
+                return;
+            };
+            match sent {
                 // Said once, after the report whose answers they go with
                 // (the allocator does not hear failures of an entry that
                 // report answered from): one lost delays a quarantine, no
@@ -374,7 +399,8 @@ impl Meter {
                 // counted since it was made (the drain's requests, an
                 // outage's) — those go in one more, of their own number.
                 if resent && unsent.is_none() {
-                    let _ = leases.report_metrics(self.take(connections_open()).0).await;
+                    let m = self.take(connections_open()).0;
+                    let _ = tokio::time::timeout(LAST_REPORT_WAIT, leases.report_metrics(m)).await;
                 }
                 return;
             }
