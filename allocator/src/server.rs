@@ -294,15 +294,32 @@ pub async fn run(
             }
         }
     }
+    // Who may connect may map it: the socket's own mode and group (a
+    // passed socket's are systemd's `SocketMode=` and `SocketGroup=`, not
+    // the settings), less what it gives others; with per-user rules, only
+    // this user (others lease over the socket, where the rules are
+    // checked).
+    let (mode, group) = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().and_then(|p| std::fs::metadata(p).ok()))
+        .map_or((config.access.mode, config.access.group), |m| {
+            use std::os::unix::fs::MetadataExt;
+            let gid = nix::unistd::Gid::from_raw(m.gid());
+            match may_give_group(gid) {
+                true => (m.mode(), Some(gid)),
+                // (A group this user cannot give its file: its members
+                // lease over the socket.)
+                false => (m.mode() & 0o700, None),
+            }
+        });
     let home = table_path.map(|path| TableHome {
         path,
-        // Who may connect may map it; with per-user rules, only this user
-        // (others lease over the socket, where the rules are checked).
         mode: match config.access.uids.is_empty() && config.access.gids.is_empty() {
-            true => config.access.mode & 0o660,
+            true => mode & 0o660,
             false => 0o600,
         },
-        group: config.access.group,
+        group,
     });
     let sources = config.sources.clone();
     let alloc = match Allocator::resuming(sources.clone(), state, saved, home) {
@@ -544,6 +561,14 @@ fn stop_when_orphaned(
 /// The lease table's path for the socket at `socket`: the socket's own
 /// name with `.leases` appended, in its directory made absolute (workers
 /// open it from wherever they run).
+/// Whether this process may make `gid` a file's group: its own, one of its
+/// supplementary groups, or any as root.
+fn may_give_group(gid: nix::unistd::Gid) -> bool {
+    gid == nix::unistd::getegid()
+        || nix::unistd::geteuid().is_root()
+        || nix::unistd::getgroups().is_ok_and(|g| g.contains(&gid))
+}
+
 pub fn table_path_for(socket: &Path) -> Option<PathBuf> {
     let name = socket.file_name()?;
     let dir = match socket.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -933,6 +933,15 @@ async fn socket_activation_of_both_binaries_and_readiness() {
     assert_eq!(get(proxy, &origin.url("/")).await.status, 200);
     assert_eq!(get(proxy, &origin.url("/")).await.status, 200);
     assert_eq!(origin.sources(), ips(2..=3));
+    // The lease table takes the passed socket's mode (here what
+    // systemd-socket-activate made it, under the test's umask), less
+    // what it gives others, not the settings' 660.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let table = std::path::PathBuf::from(format!("{}.leases", socket.display()));
+        assert_eq!(mode(&table), mode(&socket) & 0o660, "{:o}", mode(&socket));
+    }
     let a = wait_for_notify(&notify_alloc, "READY=1").await;
     assert!(a.contains("STATUS=pool 2 addresses"), "{a}");
     wait_for_notify(&notify_worker, "READY=1").await;
