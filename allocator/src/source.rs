@@ -154,9 +154,9 @@ fn singles(addrs: Vec<IpAddr>) -> Vec<Segment> {
 /// pool for a whole `--refresh` interval (every request a 503).
 const SETTLE: Duration = Duration::from_millis(300);
 
-/// Looks at a file still changing this many times, `SETTLE` apart at
-/// most, before its source is an error (it keeps its last good
-/// addresses; the next refresh looks again).
+/// Waits this many times `SETTLE` (3 s) for a file still changing, before
+/// its source is an error (it keeps its last good addresses; the next
+/// refresh looks again).
 const SETTLE_LOOKS: u32 = 10;
 
 /// An empty file, or one whose last line has no end yet, must have been
@@ -197,7 +197,7 @@ fn read_settled(path: &PathBuf, settle: Duration, looks: u32) -> Result<String, 
     // longer settle does not stretch it to `looks` times that).
     let started = std::time::Instant::now();
     let budget = settle * looks;
-    for look in 1.. {
+    loop {
         let before = std::fs::metadata(path).map_err(err)?;
         if !before.is_file() {
             return Err(err(std::io::Error::other(
@@ -224,8 +224,10 @@ fn read_settled(path: &PathBuf, settle: Duration, looks: u32) -> Result<String, 
         if stamp(&before) == stamp(&after) && age >= need {
             return Ok(text);
         }
+        // (The whole wait, not a count of looks: a writer that changes
+        // the file every few tenths of a second had it given up early.)
         let left = budget.saturating_sub(started.elapsed());
-        if look >= looks || left.is_zero() {
+        if left.is_zero() {
             break;
         }
         std::thread::sleep(need.saturating_sub(age).max(settle / 6).min(left));
@@ -809,6 +811,16 @@ garbage
         writer.stop();
         assert!(matches!(err, SourceError::Unsettled { .. }), "{err}");
         assert!(took < Duration::from_millis(1500), "{took:?}");
+        // Whole lines written every 60 ms (each look waits less than the
+        // settle): waited for the whole wait, not given up after 10 looks.
+        std::fs::write(&path, "127.0.0.1\n").unwrap();
+        let writer = Appending::start(&path, "127.0.0.2\n", Duration::from_millis(60));
+        let t = std::time::Instant::now();
+        let err = read_settled(&path, settle, 10).unwrap_err();
+        let took = t.elapsed();
+        writer.stop();
+        assert!(matches!(err, SourceError::Unsettled { .. }), "{err}");
+        assert!(took >= Duration::from_millis(950), "{took:?}");
         let fifo = dir.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
         let err = read_settled(&fifo, settle, 10).unwrap_err();
