@@ -451,12 +451,14 @@ print(ask().decode(), flush=True)
 /// certificate renewal's hook must not pass for done.
 /// A certificate near its end is warned of at the start and at every
 /// reload, however soon after another (an operator who rolls back to it
-/// is told), and once only for the start's own second read.
+/// is told), and once only for the start's own second read. A handshake
+/// that fails (a client that does not trust the CA) is logged with its
+/// cause: such clients all fail while the worker looks idle.
 #[tokio::test]
 async fn a_certificate_near_its_end_is_warned_of_at_every_reload() {
     if !have(
         "a_certificate_near_its_end_is_warned_of_at_every_reload",
-        &["openssl"],
+        &["openssl", "curl"],
     ) {
         return;
     }
@@ -467,7 +469,8 @@ async fn a_certificate_near_its_end_is_warned_of_at_every_reload() {
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let tls = format!("127.0.0.1:{}", free_port());
     let mut cmd = std::process::Command::new(WORKER);
-    cmd.stderr(std::fs::File::create(&log).unwrap());
+    cmd.env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap());
     let mut args = ALLOW_LOOPBACK.to_vec();
     let (c, k) = (cert.to_str().unwrap(), key.to_str().unwrap());
     args.extend_from_slice(&["--tls-listen", &tls, "--tls-cert", c, "--tls-key", k]);
@@ -485,6 +488,14 @@ async fn a_certificate_near_its_end_is_warned_of_at_every_reload() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(warned(), 3);
+    let (code, _) = curl(&["--proxy", &format!("https://{tls}"), "http://127.0.0.1:9/"]).await;
+    assert_ne!(code, 0, "an unknown CA taken");
+    eventually("the failed handshake in the log", || async {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines()
+            .any(|l| l.contains("a TLS handshake failed") && l.contains("alert"))
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -547,7 +547,7 @@ impl Serving {
                     match done {
                         Ok(Ok(Ok(tls))) => tokio_util::either::Either::Right(Box::new(tls)),
                         Ok(Ok(Err(e))) => {
-                            debug!(error = %e, "TLS handshake failed");
+                            tls_handshake_failed(client, &e);
                             return;
                         }
                         Ok(Err((plain, head))) => {
@@ -1050,6 +1050,19 @@ fn plain_http_on_tls(client: std::net::SocketAddr) {
             info!(%client, "plain HTTP sent to a TLS port (the client's proxy URL says http:// where https:// is meant); answered 400 (said once in 10 s)")
         }
         false => debug!(%client, "plain HTTP sent to a TLS port; answered 400"),
+    }
+}
+
+/// Logs a TLS handshake that failed, with its cause, once in 10 s at
+/// info (every one at debug): a certificate expired, or clients that do
+/// not trust its CA, fail every client while the worker looks idle.
+fn tls_handshake_failed(client: std::net::SocketAddr, e: &std::io::Error) {
+    static SAID: crate::Moment = crate::Moment::new();
+    match SAID.first_in(Duration::from_secs(10)) {
+        true => {
+            info!(%client, error = %e, "a TLS handshake failed (said once in 10 s; each at debug)")
+        }
+        false => debug!(%client, error = %e, "TLS handshake failed"),
     }
 }
 
