@@ -166,6 +166,28 @@ struct Conn {
 }
 
 impl Conn {
+    /// Waits for the answer to request `id`: its receiver, and the guard
+    /// that takes its entry out however the wait ends (`cancel`: tell the
+    /// allocator so, see [`Registered`]). `None`: the connection is gone.
+    fn register<'a>(
+        &'a self,
+        id: u64,
+        cancel: Option<&'a Queue>,
+    ) -> Option<(oneshot::Receiver<Response>, Registered<'a>)> {
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()?
+            .insert(id, tx);
+        let registered = Registered {
+            pending: &self.pending,
+            id,
+            cancel,
+        };
+        Some((rx, registered))
+    }
+
     /// The table mapped now, if any, and this worker's counter in it.
     fn mapped(&self) -> Option<(Arc<LeaseTable>, Option<u32>)> {
         self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -831,20 +853,8 @@ impl LeaseClient {
             let Ok(_one) = conn.fetching.try_lock() else {
                 return;
             };
-            let (tx, rx) = oneshot::channel();
-            match conn
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_mut()
-            {
-                Some(p) => p.insert(id, tx),
-                None => return,
-            };
-            let _registered = Registered {
-                pending: &conn.pending,
-                id,
-                cancel: None,
+            let Some((rx, _registered)) = conn.register(id, None) else {
+                return;
             };
             let body = Request::Pool;
             if conn.requests.send(Envelope { id, body }).is_err() {
@@ -1024,32 +1034,15 @@ impl LeaseClient {
                 });
             }
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let (tx, rx) = oneshot::channel();
-            let registered = match conn
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_mut()
-            {
-                Some(p) => {
-                    p.insert(id, tx);
-                    true
-                }
-                None => false,
-            };
-            if !registered {
-                // Gone between the watch and here: wait for the next one.
-                wait_replaced(&mut watch, &conn, deadline).await;
-                continue;
-            }
             // Its entry goes however this ends: answered (already gone),
             // timed out, or the request given up (its client went away,
             // and this future with it), which left entries behind for the
             // connection's life.
-            let _registered = Registered {
-                pending: &conn.pending,
-                id,
-                cancel: matches!(body, Request::LeaseSiteWait { .. }).then_some(&conn.requests),
+            let cancel = matches!(body, Request::LeaseSiteWait { .. }).then_some(&conn.requests);
+            let Some((rx, _registered)) = conn.register(id, cancel) else {
+                // Gone between the watch and here: wait for the next one.
+                wait_replaced(&mut watch, &conn, deadline).await;
+                continue;
             };
             let mut body = body.clone();
             if let Request::LeaseSiteWait { wait_ms, .. } = &mut body {
