@@ -693,6 +693,57 @@ async fn a_tunnel_closed_for_silence_still_counts_its_bytes() {
     .await;
 }
 
+/// An upload whose destination never answers (rotor's 504) counts the
+/// bytes that went, in the access log and the metrics, as a served one's:
+/// they went from the source all the same.
+#[tokio::test]
+async fn an_upload_that_ends_in_rotors_error_still_counts_its_bytes() {
+    let origin = Origin::start().await;
+    let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let listen = metrics.to_string();
+    let alloc = Allocator::start(&["--pool", "127.0.0.2", "--metrics-listen", &listen]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let args = [
+        "--response-timeout",
+        "1s",
+        "--access-log",
+        log.to_str().unwrap(),
+        "--access-log-format",
+        "json",
+    ];
+    let worker = Worker::start(&alloc.socket, &args).await;
+    // Small (read whole by rotor's own path) and large (streamed).
+    let mut want = 0;
+    for n in [5_000usize, 200_000] {
+        let mut s = tokio::net::TcpStream::connect(worker.addr).await.unwrap();
+        let url = origin.url("/slow/5000");
+        let head = format!("POST {url} HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\n\r\n");
+        s.write_all(head.as_bytes()).await.unwrap();
+        s.write_all(&vec![b'u'; n]).await.unwrap();
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+        want += n;
+    }
+    let logged = || -> Vec<u64> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["sent"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    eventually("both lines", || async { logged().len() == 2 }).await;
+    assert_eq!(logged(), [5_000, 200_000]);
+    eventually("the bytes in the metrics", || async {
+        sum(&scrape(metrics), "rotor_source_sent_bytes_total", "") >= want as f64
+    })
+    .await;
+}
+
 /// Connections held open on the metrics listener (idle, or a request never
 /// finished) starve nobody: past 8 from one address a new one is answered
 /// 503 at once, another address is still served, and the allocator stops

@@ -141,13 +141,15 @@ pub enum ProxyError {
     },
 }
 
-/// A request's failure, and the pool address it used when it had one (a
-/// connect refused from it, a destination that answered it badly): the
-/// access log names it.
+/// A request's failure, the pool address it used when it had one (a
+/// connect refused from it, a destination that answered it badly), and
+/// the bytes of its body that went there before: the access log names
+/// them, and the metrics count the bytes.
 #[derive(Debug)]
 pub struct Failed {
     pub error: ProxyError,
     pub source: Option<IpAddr>,
+    pub sent: u64,
 }
 
 impl From<ProxyError> for Failed {
@@ -155,6 +157,7 @@ impl From<ProxyError> for Failed {
         Failed {
             error,
             source: None,
+            sent: 0,
         }
     }
 }
@@ -165,6 +168,17 @@ impl ProxyError {
         Failed {
             error: self,
             source: Some(ip),
+            sent: 0,
+        }
+    }
+}
+
+impl Failed {
+    /// This failure, of a request sent from `ip`.
+    pub fn from_source(self, ip: IpAddr) -> Failed {
+        Failed {
+            source: Some(ip),
+            ..self
         }
     }
 }

@@ -166,7 +166,8 @@ impl Conn {
     /// long as it takes, but one the destination takes none of for `wait`
     /// ends it) and then its answer's head.
     ///
-    /// `written` tells, on an error, whether the head went out.
+    /// `went` tells, on an error, whether the head went out, and how much
+    /// of the body.
     ///
     /// `expect_continue`: the client asked for `100 (Continue)` before its
     /// body (RFC 9110 §10.1.1). The head goes out saying so, and the body
@@ -180,7 +181,7 @@ impl Conn {
         body: Option<B>,
         expect_continue: bool,
         wait: std::time::Duration,
-        written: &mut bool,
+        went: &mut Went,
     ) -> Result<(ResponseHead, ResponseBody), Error>
     where
         B: Body<Data = Bytes> + Unpin + Send + 'static,
@@ -208,6 +209,7 @@ impl Conn {
         let mut upload = None;
         // Counted only for a body (no allocation for the common request).
         let sent = body.as_ref().map(|_| Arc::new(Progress::default()));
+        went.sent.clone_from(&sent);
         let (io, (status, headers, version, reason)) = match body {
             None => {
                 // One bound for the head's going and the answer's coming.
@@ -224,11 +226,11 @@ impl Conn {
                         };
                     }
                     buf.clear();
-                    *written = true;
+                    went.head = true;
                     read_head(&mut io, &mut buf).await.map(|head| (head, false))
                 })
                 .await;
-                let (head, cut) = exchanged.ok_or_else(|| timed_out(!*written))??;
+                let (head, cut) = exchanged.ok_or_else(|| timed_out(!went.head))??;
                 // (A connection with part of a request in it is not reused.)
                 early = cut;
                 (Io::Whole(io), head)
@@ -246,7 +248,7 @@ impl Conn {
                     .map_err(|_| timed_out(true))?
                     .map_err(Error::Io)?;
                 buf.clear();
-                *written = true;
+                went.head = true;
                 // What is read meanwhile stays in `buf` (a `100` cut by
                 // the wait's end is skipped there as the answer is read).
                 if expect_continue {
@@ -915,6 +917,31 @@ where
     }
     wr.flush().await.map_err(Error::Io)?;
     Ok(wr)
+}
+
+/// What of a request went out before an exchange failed: the head
+/// (whole), and the body's bytes.
+#[derive(Debug, Default)]
+pub struct Went {
+    pub head: bool,
+    sent: Option<Arc<Progress>>,
+}
+
+impl Went {
+    /// A head that went whole, and no body.
+    pub fn head_only() -> Went {
+        Went {
+            head: true,
+            sent: None,
+        }
+    }
+
+    /// The request body's bytes that went out.
+    pub fn body(&self) -> u64 {
+        self.sent
+            .as_ref()
+            .map_or(0, |s| s.sent.load(Ordering::Relaxed))
+    }
 }
 
 /// How an upload goes: the body's bytes sent (for the access log), and
@@ -1724,7 +1751,7 @@ mod tests {
         conn: Conn,
         head: &request::Parts,
     ) -> Result<(Response<()>, ResponseBody), Error> {
-        let mut written = false;
+        let mut written = Went::default();
         conn.exchange(
             head,
             &fields_of(head),
@@ -1831,7 +1858,7 @@ mod tests {
             });
             let conn = Conn::new(TcpStream::connect(addr).await.unwrap());
             let head = get(Method::POST);
-            let mut written = false;
+            let mut written = Went::default();
             let r = conn
                 .exchange(
                     &head,
@@ -1869,7 +1896,7 @@ mod tests {
             let mut head = get(Method::POST);
             head.headers
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
-            let mut written = false;
+            let mut written = Went::default();
             let (_, mut resp) = conn
                 .exchange(
                     &head,
@@ -2426,7 +2453,7 @@ mod tests {
             [&b"abc"[..], b"", b"defgh"]
                 .map(|d| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(d)))),
         );
-        let mut written = false;
+        let mut written = Went::default();
         let (resp, body) = conn
             .exchange(
                 &get(Method::POST),
@@ -2510,7 +2537,7 @@ mod tests {
         let upload = |conn: Conn| {
             let (head, body) = (&head, &body);
             async move {
-                let mut written = false;
+                let mut written = Went::default();
                 let fields = fields_of(head);
                 conn.exchange(head, &fields, Some(body()), false, wait, &mut written)
                     .await
@@ -2518,7 +2545,7 @@ mod tests {
         };
         let conn = connect(origin(Some(100), true).await).await;
         let started = std::time::Instant::now();
-        let mut written = false;
+        let mut written = Went::default();
         let (resp, _) = upload(conn).await.map(joined).unwrap();
         assert_eq!(resp.status(), 200);
         assert!(started.elapsed() > wait * 3, "{:?}", started.elapsed());
@@ -2641,7 +2668,7 @@ mod tests {
             };
             let mut head = get(Method::POST);
             head.headers.remove(header::CONTENT_LENGTH);
-            let mut written = false;
+            let mut written = Went::default();
             let (resp, mut resp_body) = conn
                 .exchange(
                     &head,
@@ -2691,7 +2718,7 @@ mod tests {
         // 64 MiB that the origin never reads: without the early answer the
         // upload would wait for ever.
         let big = Full::new(Bytes::from(vec![b'x'; 64 << 20]));
-        let mut written = false;
+        let mut written = Went::default();
         let (resp, mut body) = tokio::time::timeout(
             std::time::Duration::from_secs(3),
             conn.exchange(

@@ -413,9 +413,18 @@ impl Proxy {
                 }
                 resp
             }
-            Err(Failed { error: e, source }) => {
+            Err(Failed {
+                error: e,
+                source,
+                sent,
+            }) => {
                 let kind = e.classify().1;
                 self.meter.error(kind, took);
+                // What of its body went before it failed, counted as a
+                // served request's is.
+                if let (Some(ip), 1..) = (source, sent) {
+                    self.meter.bytes(ip, sent, 0);
+                }
                 let mut resp = e.to_response();
                 // The address that failed, told as a served one's is.
                 if let Some(v) = source.and_then(|ip| self.source_value(ip)) {
@@ -438,6 +447,7 @@ impl Proxy {
                     en.source = source;
                     en.status = resp.status().as_u16();
                     en.error = kind;
+                    en.sent = sent;
                     log.log(&en);
                 }
                 log_failed(
@@ -1082,30 +1092,33 @@ impl Proxy {
         body: Option<B>,
         expect_continue: bool,
         dest: Dest<'_>,
-    ) -> Result<Result<Exchanged, (h1::Error, bool)>, ProxyError> {
+    ) -> Result<Result<Exchanged, (h1::Error, h1::Went)>, Failed> {
         let timeout = self.config.response_timeout;
-        let mut written = false;
-        match conn
-            .exchange(head, fields, body, expect_continue, timeout, &mut written)
+        let mut went = h1::Went::default();
+        let e = match conn
+            .exchange(head, fields, body, expect_continue, timeout, &mut went)
             .await
         {
-            Ok(r) => Ok(Ok(r)),
-            Err(h1::Error::Timeout { writing: false, .. }) => Err(ProxyError::ResponseTimeout {
+            Ok(r) => return Ok(Ok(r)),
+            Err(h1::Error::Timeout { writing: false, .. }) => ProxyError::ResponseTimeout {
                 dest: dest.to_string(),
                 timeout,
-            }),
-            Err(h1::Error::Timeout { writing: true, .. }) => Err(ProxyError::WriteTimeout {
+            },
+            Err(h1::Error::Timeout { writing: true, .. }) => ProxyError::WriteTimeout {
                 dest: dest.to_string(),
                 timeout,
-            }),
+            },
             // The client's body broke (it went, or sent a bad chunk): its
             // fault, not the destination's.
-            Err(h1::Error::ClientBody(source)) => Err(ProxyError::ClientBody(source)),
-            Err(h1::Error::ClientStalled { after }) => {
-                Err(ProxyError::ClientTimeout { timeout: after })
-            }
-            Err(e) => Ok(Err((e, written))),
-        }
+            Err(h1::Error::ClientBody(source)) => ProxyError::ClientBody(source),
+            Err(h1::Error::ClientStalled { after }) => ProxyError::ClientTimeout { timeout: after },
+            Err(e) => return Ok(Err((e, went))),
+        };
+        Err(Failed {
+            error: e,
+            source: None,
+            sent: went.body(),
+        })
     }
 
     async fn forward<B: ClientBody>(
@@ -1224,13 +1237,13 @@ impl Proxy {
                         true,
                     ) =>
             {
-                Err((h1::Error::ClosedBeforeResponse, true))
+                Err((h1::Error::ClosedBeforeResponse, h1::Went::head_only()))
             }
             first => first,
         };
         let (resp, body) = match first {
             Ok(r) => r,
-            Err((e, written)) if reused && may_resend(&parts.method, &fields, &e, written) => {
+            Err((e, went)) if reused && may_resend(&parts.method, &fields, &e, went.head) => {
                 debug!(%dest, source = %lease.ip, error = %e, "reused upstream connection was closed; retrying on a new one");
                 (conn, (lease, watch)) = self.dial((lease, watch), &addrs, named, sticky).await?;
                 key.source = lease.ip;
@@ -1245,12 +1258,15 @@ impl Proxy {
                         .from_source(lease.ip)
                     })?
             }
-            Err((source, _)) => {
-                return Err(ProxyError::Upstream {
-                    dest: dest.to_string(),
-                    source,
-                }
-                .from_source(lease.ip))
+            Err((source, went)) => {
+                return Err(Failed {
+                    error: ProxyError::Upstream {
+                        dest: dest.to_string(),
+                        source,
+                    },
+                    source: Some(lease.ip),
+                    sent: went.body(),
+                })
             }
         };
         let answer = self.answer(resp, body, key, (&lease, watch));

@@ -523,7 +523,9 @@ pub async fn serve(
             debug!(%client, %dest, "SOCKS5 client left before its tunnel opened");
             return;
         }
-        Some(Err(crate::error::Failed { error: e, source })) => {
+        Some(Err(crate::error::Failed {
+            error: e, source, ..
+        })) => {
             let (status, kind) = e.classify();
             not_opened(entry, (status.as_u16(), kind), source);
             let code = match Reply::of(&e) {
