@@ -1241,6 +1241,25 @@ async fn answer(
             large = too_large(&frame);
         }
     }
+    // Still too large: the entries in rotation left out (a client that
+    // reads that), the rest said — the families, the entries out and why,
+    // the sources, the workers.
+    if large && peer.minor >= rotor_protocol::MINOR_STATUS_CUT {
+        if let ServerFrame::Response(Envelope {
+            id,
+            body: Response::StatusV2(mut report),
+        }) = frame
+        {
+            let listed = report.pool.len();
+            report.pool.retain(|e| e.quarantine.is_some());
+            let unlisted = (listed - report.pool.len()) as u64;
+            frame = ServerFrame::Response(Envelope {
+                id,
+                body: Response::StatusCut { report, unlisted },
+            });
+            large = too_large(&frame);
+        }
+    }
     if let Some(started) = metered {
         alloc.lease_only_report_took(started.elapsed());
     }

@@ -23,7 +23,7 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 15;
+pub const PROTOCOL_MINOR: u16 = 16;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
@@ -87,6 +87,10 @@ pub const MINOR_SITE_UNREACHED: u16 = 14;
 /// expects the worker's word of the reloads after that count (an older
 /// worker's, of those after its Hello).
 pub const MINOR_FIRST_RELOADS: u16 = 15;
+/// The first minor whose control client reads `Response::StatusCut` (a
+/// status too large for a frame, sent without its entries in rotation);
+/// an older one is told the status is too large.
+pub const MINOR_STATUS_CUT: u16 = 16;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
 /// sides; the last bucket (+Inf) is implicit. Up to an hour: what they
@@ -696,6 +700,14 @@ pub enum Response {
     SitesV2(SitesReportV2),
     /// The answer to `ReloadReportV2`.
     ReloadReportV2(ReloadReportV2),
+    /// The answer to `StatusV2` when the whole of it is larger than a
+    /// frame: the report with only the entries out of the rotation
+    /// listed, and how many in rotation were left out (to a client of
+    /// `MINOR_STATUS_CUT` on).
+    StatusCut {
+        report: StatusReportV2,
+        unlisted: u64,
+    },
 }
 
 /// The per-site state, and how its IPv6 entries are keyed.

@@ -568,4 +568,23 @@ fn golden_server_frames() {
         })),
         "0109130408fb2c01010166016503460001016301784701480200",
     );
+    // Minor 16: a status too large for a frame, its entries in rotation
+    // left out, and how many.
+    check(
+        resp(Response::StatusCut {
+            report: StatusReportV2 {
+                generation: 2,
+                sessions: 0,
+                families: vec![],
+                pool: vec![],
+                leases_total: 0,
+                last_refresh_unix: None,
+                sources: vec![],
+                peers: vec![],
+                uptime_secs: 1,
+            },
+            unlisted: 7,
+        }),
+        "01091402000000000000000107",
+    );
 }

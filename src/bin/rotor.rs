@@ -117,11 +117,22 @@ fn main() -> ExitCode {
             Cmd::Status { control, json } => {
                 let socket = control.socket();
                 // A status too large to say each quarantine reason says
-                // those that repeat once: each said again here.
+                // those that repeat once: each said again here. One too
+                // large even so leaves out the entries in rotation
+                // (`unlisted`), said as such.
+                let mut unlisted = 0;
                 let answer = status(&control).await.map(|r| match r {
                     Response::StatusV2(mut s) => {
                         s.fill_reasons();
                         Response::StatusV2(s)
+                    }
+                    Response::StatusCut {
+                        mut report,
+                        unlisted: n,
+                    } => {
+                        report.fill_reasons();
+                        unlisted = n;
+                        Response::StatusV2(report)
                     }
                     other => other,
                 });
@@ -163,6 +174,9 @@ fn main() -> ExitCode {
                 report(answer, |r| match r {
                     Response::StatusV2(s) if json => {
                         let mut v = status_json(&s);
+                        if unlisted > 0 {
+                            v["unlisted_entries"] = unlisted.into();
+                        }
                         if let Some((sites, v6_prefix)) = &sites {
                             v["sites"] = sites_json(sites, *v6_prefix);
                         }
@@ -172,7 +186,7 @@ fn main() -> ExitCode {
                         Some(serde_json::to_string_pretty(&v).expect("status serializes"))
                     }
                     Response::StatusV2(s) => {
-                        let mut text = format_status_v2(&s);
+                        let mut text = format_status_v2(&s, unlisted);
                         if let Some(h) = &host {
                             text.push('\n');
                             text.push_str(&format_host(h));
@@ -337,7 +351,7 @@ async fn edited_since_start(control: &ControlArgs, path: &std::path::Path) -> bo
         return false;
     };
     let uptime = match status(control).await {
-        Ok(Response::StatusV2(s)) => s.uptime_secs,
+        Ok(Response::StatusV2(s)) | Ok(Response::StatusCut { report: s, .. }) => s.uptime_secs,
         Ok(Response::Status(s)) => s.uptime_secs,
         _ => return false,
     };
@@ -772,7 +786,9 @@ fn format_host(h: &rotor_protocol::HostReport) -> String {
     out
 }
 
-fn format_status_v2(s: &StatusReportV2) -> String {
+/// `unlisted`: entries in rotation the allocator left out (a status too
+/// large for one answer).
+fn format_status_v2(s: &StatusReportV2, unlisted: u64) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let refreshed = refreshed(s.last_refresh_unix);
@@ -783,7 +799,7 @@ fn format_status_v2(s: &StatusReportV2) -> String {
         out,
         "pool: {} in rotation ({}, {out_of} out of the rotation), generation {}, {}, {}, up {}s, last refresh {refreshed}",
         count(addresses, "address", "addresses"),
-        count(s.pool.len() as u64, "entry", "entries"),
+        count(s.pool.len() as u64 + unlisted, "entry", "entries"),
         s.generation,
         count(s.sessions, "sticky session", "sticky sessions"),
         count(s.leases_total, "lease", "leases"),
@@ -821,6 +837,13 @@ fn format_status_v2(s: &StatusReportV2) -> String {
             e.entry.to_string(),
             e.leases,
             if e.leases == 1 { "lease" } else { "leases" }
+        );
+    }
+    if unlisted > 0 {
+        let _ = writeln!(
+            out,
+            "  ({} in rotation not listed: too many for one answer; /metrics and the pool's sources say what is in it)",
+            count(unlisted, "entry", "entries")
         );
     }
     sources_and_peers(&mut out, &s.sources, &s.peers);

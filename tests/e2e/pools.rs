@@ -288,6 +288,35 @@ async fn a_status_of_a_large_block_taken_out_still_answers() {
     );
 }
 
+/// A listed pool too large for one status (262 144 entries in rotation):
+/// the status still answers, without its entries in rotation but with
+/// those out and why, and says how many it left out (it was refused
+/// whole: no sources, no workers, no quarantine).
+#[tokio::test]
+async fn a_status_of_a_pool_too_large_to_list_leaves_out_the_entries_in_rotation() {
+    let pool = "127.1.0.0/16,127.2.0.0/16,127.3.0.0/16,127.4.0.0/16";
+    let alloc = Allocator::start(&["--pool", pool]).await;
+    rotor_control("quarantine", &alloc.socket, &["127.2.0.9"]);
+    let text = rotor_control("status", &alloc.socket, &[]);
+    assert!(
+        text.contains("(262144 entries, 1 out of the rotation)"),
+        "{}",
+        &text[..text.len().min(2000)]
+    );
+    assert!(
+        text.contains("262143 entries in rotation not listed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("127.2.0.9") && text.contains("taken out by hand"),
+        "{text}"
+    );
+    let status = status_json(&alloc.socket);
+    assert_eq!(status["unlisted_entries"], 262_143);
+    assert_eq!(status["pool"].as_array().unwrap().len(), 1);
+    assert_eq!(status["pool"][0]["ip"], "127.2.0.9");
+}
+
 /// `rotor status | head`: a reader that stops early is no failure (the
 /// closed pipe panicked `rotor status`).
 #[tokio::test]
