@@ -1645,10 +1645,11 @@ mod tests {
         assert!(long.ends_with("é…"), "{long}");
     }
 
-    /// A status of 262 144 listed addresses is larger than a frame: the
-    /// client is told so, and the connection stays (before, the encoder
-    /// failed and the connection was closed: "the allocator closed the
-    /// connection").
+    /// A status of 262 144 listed addresses is larger than a frame: a
+    /// client of minor 16 on is sent it without its entries in rotation
+    /// (and how many), an older one is told so, and the connection stays
+    /// (before, the encoder failed and the connection was closed: "the
+    /// allocator closed the connection").
     #[tokio::test]
     async fn a_report_larger_than_a_frame_is_an_error_not_a_closed_connection() {
         let spec = "2001:db8:1::/112,2001:db8:2::/112,2001:db8:3::/112,2001:db8:4::/112";
@@ -1656,10 +1657,29 @@ mod tests {
         assert_eq!(alloc.addresses_in_rotation(), 4 << 16);
         let (reload, _rx) = mpsc::channel(1);
         match answered(Request::StatusV2, Rights::Lease, &alloc, &reload).await {
-            Response::Error { message } => {
-                assert!(message.contains("larger than a frame"), "{message}")
+            Response::StatusCut { report, unlisted } => {
+                assert_eq!((report.pool.len(), unlisted), (0, 4 << 16));
+                assert_eq!(
+                    report.families.iter().map(|f| f.total).sum::<u64>(),
+                    4 << 16
+                );
             }
             other => panic!("{:?}", std::mem::discriminant(&other)),
+        }
+        let frame = ClientFrame::Request(Envelope {
+            id: 5,
+            body: Request::StatusV2,
+        });
+        let older = Peer {
+            minor: rotor_protocol::MINOR_STATUS_CUT - 1,
+            ..peer(Rights::Control)
+        };
+        match answer(frame, &older, &alloc, &reload).await {
+            Ok(Some(ServerFrame::Response(Envelope {
+                body: Response::Error { message },
+                ..
+            }))) => assert!(message.contains("larger than a frame"), "{message}"),
+            other => panic!("{other:?}"),
         }
         // A small answer is as it was.
         let body = answered(Request::HostStatus, Rights::Control, &alloc, &reload).await;
