@@ -2533,7 +2533,12 @@ impl Allocator {
                 .map(|p| PeerStatus {
                     role: p.hello.role,
                     pid: p.hello.pid,
-                    software: p.hello.software.clone(),
+                    // With the protocol it speaks: in a rolling upgrade,
+                    // which peers run the new build.
+                    software: format!(
+                        "{}, protocol {}.{}",
+                        p.hello.software, p.hello.major, p.hello.minor
+                    ),
                     connected_secs: p.since.elapsed().as_secs(),
                     leases: p.leases + p.slot.map_or(0, |s| table.peer_leases(s)),
                 })

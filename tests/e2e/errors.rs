@@ -543,7 +543,11 @@ async fn a_peer_is_listed_by_its_real_pid() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|p| p["software"] == "a liar" && p["pid"] == me)
+            .any(|p| {
+                // (With the protocol the peer says it speaks.)
+                let said = format!("a liar, protocol 1.{}", rotor_protocol::PROTOCOL_MINOR);
+                p["software"] == said.as_str() && p["pid"] == me
+            })
     })
     .await;
     drop(chan);
