@@ -526,7 +526,12 @@ impl Serving {
                             if matches!(peeked, Ok(1..) if first[0].is_ascii_uppercase()) {
                                 return Err((stream, first == *b"HEAD "));
                             }
-                            Ok(acceptor.accept(stream).await)
+                            // Closed before a byte (a load balancer's TCP
+                            // check, a port scan): no handshake failed.
+                            if matches!(peeked, Ok(0)) {
+                                return Ok(None);
+                            }
+                            Ok(Some(acceptor.accept(stream).await))
                         }),
                     );
                     // A drain lets a handshake under way finish in the
@@ -545,9 +550,13 @@ impl Serving {
                         }
                     };
                     match done {
-                        Ok(Ok(Ok(tls))) => tokio_util::either::Either::Right(Box::new(tls)),
-                        Ok(Ok(Err(e))) => {
+                        Ok(Ok(Some(Ok(tls)))) => tokio_util::either::Either::Right(Box::new(tls)),
+                        Ok(Ok(Some(Err(e)))) => {
                             tls_handshake_failed(client, &e);
+                            return;
+                        }
+                        Ok(Ok(None)) => {
+                            debug!(%client, "closed before a TLS hello");
                             return;
                         }
                         Ok(Err((plain, head))) => {
