@@ -190,9 +190,11 @@ fn exhausted_until(fields: &Fields, now: SystemTime) -> Option<u32> {
     if until.is_some() {
         return until;
     }
+    // (Each line a list: `3, 0` is the lines `3` and `0` joined.)
+    let values = |name| lines(name).flat_map(|v| v.split(',')).filter_map(num);
     for (remaining, reset, maybe_epoch) in &SPLIT {
-        if lines(remaining).filter_map(num).any(|r| r == 0.0) {
-            if let Some(reset) = lines(reset).filter_map(num).reduce(f64::max) {
+        if values(remaining).any(|r| r == 0.0) {
+            if let Some(reset) = values(reset).reduce(f64::max) {
                 return Some(seconds(reset, *maybe_epoch, now));
             }
         }
@@ -444,6 +446,15 @@ mod tests {
                     ("x-ratelimit-remaining", "0"),
                     ("x-ratelimit-reset", "9")
                 ],
+                &c
+            ),
+            out(9)
+        );
+        // The same joined on one line (as an intermediary may send it).
+        assert_eq!(
+            verdict(
+                200,
+                &[("x-ratelimit-remaining", "3, 0"), ("x-ratelimit-reset", "9")],
                 &c
             ),
             out(9)

@@ -80,7 +80,7 @@ fn load(files: &TlsFiles, quiet: bool) -> Result<Arc<ServerConfig>, String> {
                 // (ring signs with these only: a P-521, Ed448 or short RSA
                 // key is read as no key at all.)
                 Error::General(m) if m.contains("private key") => format!(
-                    "tls-key {key}: a key of a kind that cannot sign here ({m}): RSA of 2048 bits or more, ECDSA on P-256 or P-384, or Ed25519 are taken"
+                    "tls-key {key}: a key of a kind that cannot sign here ({m}): RSA of 2048 to 4096 bits, ECDSA on P-256 or P-384, or Ed25519 are taken"
                 ),
                 Error::InconsistentKeys(InconsistentKeys::KeyMismatch) => format!(
                     "tls-cert {cert} and tls-key {key} do not make a pair: the key is not the first certificate's (the server's certificate comes first in the file, then its chain)"
