@@ -635,9 +635,20 @@ fn status_json(s: &StatusReportV2) -> serde_json::Value {
         "leases_total": s.leases_total,
         "last_refresh_unix": s.last_refresh_unix,
         "sources": s.sources,
-        "peers": s.peers,
+        "peers": s.peers.iter().map(peer_json).collect::<Vec<_>>(),
         "uptime_secs": s.uptime_secs,
     })
+}
+
+/// A peer as `--json` gives it: its software as it said it, and apart
+/// the protocol the allocator names after it (from minor 16), if any.
+fn peer_json(p: &rotor_protocol::PeerStatus) -> serde_json::Value {
+    let mut v = serde_json::to_value(p).expect("a peer serializes");
+    if let Some((software, protocol)) = p.software.rsplit_once(", protocol ") {
+        v["software"] = software.into();
+        v["protocol"] = protocol.into();
+    }
+    v
 }
 
 /// Sites `rotor status` shows at most (the most recently used first).

@@ -544,9 +544,9 @@ async fn a_peer_is_listed_by_its_real_pid() {
             .unwrap()
             .iter()
             .any(|p| {
-                // (With the protocol the peer says it speaks.)
-                let said = format!("a liar, protocol 1.{}", rotor_protocol::PROTOCOL_MINOR);
-                p["software"] == said.as_str() && p["pid"] == me
+                // (With the protocol the peer says it speaks, apart.)
+                let minor = format!("1.{}", rotor_protocol::PROTOCOL_MINOR);
+                p["software"] == "a liar" && p["protocol"] == minor.as_str() && p["pid"] == me
             })
     })
     .await;
