@@ -676,6 +676,8 @@ fn sites_json(r: &SitesReport, v6_prefix: Option<u8>) -> serde_json::Value {
     json!({
         "total": r.total,
         "pairs": r.pairs,
+        // What `max_entries` bounds: sites and pairs together.
+        "entries": r.total + r.pairs,
         "max_entries": r.max_entries,
         // The prefix length an IPv6 source is counted by (null: by its
         // address, as an allocator before it was settable did).
@@ -706,9 +708,10 @@ fn format_sites(r: &SitesReport, v6_prefix: Option<u8>) -> String {
     }
     let _ = writeln!(
         out,
-        "sites with budgets or cooldowns: {} ({} address entries; {} entries at most){}",
+        "sites with budgets or cooldowns: {} ({} address entries: {} of {} entries, sites and addresses together){}",
         r.total,
         r.pairs,
+        r.total + r.pairs,
         r.max_entries,
         match r.total > r.sites.len() as u64 {
             true => format!(", the {} most recent shown", r.sites.len()),

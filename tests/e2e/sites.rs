@@ -141,6 +141,13 @@ async fn budgets_hold_across_workers_and_rotation_stays_exact() {
         text.contains("127.0.0.1: budget 2/8s per address") && text.contains("used 2 left 0"),
         "{text}"
     );
+    // The table's fill against its cap counts the site and its four
+    // addresses together, as the cap does.
+    assert!(
+        text.contains("(4 address entries: 5 of 400000 entries, sites and addresses together)"),
+        "{text}"
+    );
+    assert_eq!(status_json(&alloc.socket)["sites"]["entries"], 5);
     assert!(site_status(&alloc.socket, "127.0.0.11").is_none());
     // Once the window slid, the site is served again, in its rotation.
     tokio::time::sleep(Duration::from_secs(8).saturating_sub(started.elapsed())).await;
