@@ -316,20 +316,10 @@ impl Conn {
     /// Sends `body` with `id` and waits for the answer; `None` if the
     /// connection ended first.
     async fn call(&self, id: u64, body: Request) -> Option<Response> {
-        let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_mut()?
-            .insert(id, tx);
         // Its entry goes however this ends: answered, not sent, or the
         // call dropped (a timeout around it): none left behind (the
         // reload watch asks every half second).
-        let _registered = Registered {
-            pending: &self.pending,
-            id,
-            cancel: None,
-        };
+        let (rx, _registered) = self.register(id, None)?;
         self.requests.send(Envelope { id, body }).ok()?;
         rx.await.ok()
     }
@@ -853,15 +843,8 @@ impl LeaseClient {
             let Ok(_one) = conn.fetching.try_lock() else {
                 return;
             };
-            let Some((rx, _registered)) = conn.register(id, None) else {
-                return;
-            };
-            let body = Request::Pool;
-            if conn.requests.send(Envelope { id, body }).is_err() {
-                return;
-            }
-            match tokio::time::timeout(COPY_AGAIN_WAIT, rx).await {
-                Ok(Ok(Response::Pool {
+            match tokio::time::timeout(COPY_AGAIN_WAIT, conn.call(id, Request::Pool)).await {
+                Ok(Some(Response::Pool {
                     generation,
                     entries,
                 })) => {
@@ -871,7 +854,7 @@ impl LeaseClient {
                 // Answered otherwise (a pool too large to describe): it
                 // answers, so the next lease asks as a lease does, and
                 // takes that answer as it would.
-                Ok(Ok(_)) => {
+                Ok(Some(_)) => {
                     *conn.copy_failed.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 }
                 _ => {}
