@@ -414,51 +414,46 @@ mod tests {
             out(3600),
             "any policy with none left"
         );
-        // A list on several lines is one list (RFC 9110 §5.3): a policy
-        // with none left on the second line is read too.
-        assert_eq!(
-            verdict(
+        // A list on several lines is one list (RFC 9110 §5.3), and the
+        // same on one line: a policy, or a count, of none left on any.
+        let lists: [(u16, &[(&str, &str)], u32); 4] = [
+            (
                 200,
                 &[
                     ("ratelimit", "\"a\";r=5;t=15"),
-                    ("ratelimit", "\"b\";r=0;t=40")
+                    ("ratelimit", "\"b\";r=0;t=40"),
                 ],
-                &c
+                40,
             ),
-            out(40)
-        );
-        assert_eq!(
-            verdict(
+            (
                 429,
                 &[
                     ("ratelimit", "\"a\";r=0;t=15"),
-                    ("ratelimit", "\"b\";r=0;t=40")
+                    ("ratelimit", "\"b\";r=0;t=40"),
                 ],
-                &c
+                40,
             ),
-            out(40)
-        );
-        assert_eq!(
-            verdict(
+            (
                 200,
                 &[
                     ("x-ratelimit-remaining", "3"),
                     ("x-ratelimit-remaining", "0"),
-                    ("x-ratelimit-reset", "9")
+                    ("x-ratelimit-reset", "9"),
                 ],
-                &c
+                9,
             ),
-            out(9)
-        );
-        // The same joined on one line (as an intermediary may send it).
-        assert_eq!(
-            verdict(
+            (
                 200,
-                &[("x-ratelimit-remaining", "3, 0"), ("x-ratelimit-reset", "9")],
-                &c
+                &[
+                    ("x-ratelimit-remaining", "3, 0"),
+                    ("x-ratelimit-reset", "9"),
+                ],
+                9,
             ),
-            out(9)
-        );
+        ];
+        for (status, fields, want) in lists {
+            assert_eq!(verdict(status, fields, &c), out(want), "{fields:?}");
+        }
         assert_eq!(
             verdict(
                 200,
