@@ -445,10 +445,6 @@ print(ask().decode(), flush=True)
     assert_eq!((code, out.as_str()), (0, "200"));
 }
 
-/// `rotor reload` says how each worker's reload went: a certificate or a
-/// users file that does not load (the one in use kept) names the worker
-/// and the part, and is exit 3, as a pool source that fails is: a
-/// certificate renewal's hook must not pass for done.
 /// A certificate near its end is warned of at the start and at every
 /// reload, however soon after another (an operator who rolls back to it
 /// is told), and once only for the start's own second read. A handshake
@@ -504,6 +500,10 @@ async fn a_certificate_near_its_end_is_warned_of_at_every_reload() {
     .await;
 }
 
+/// `rotor reload` says how each worker's reload went: a certificate or a
+/// users file that does not load (the one in use kept) names the worker
+/// and the part, and is exit 3, as a pool source that fails is: a
+/// certificate renewal's hook must not pass for done.
 #[tokio::test]
 async fn rotor_reload_says_which_workers_part_failed() {
     if !have(

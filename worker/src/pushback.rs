@@ -416,7 +416,8 @@ mod tests {
         );
         // A list on several lines is one list (RFC 9110 §5.3), and the
         // same on one line: a policy, or a count, of none left on any.
-        let lists: [(u16, &[(&str, &str)], u32); 4] = [
+        type Case<'a> = (u16, &'a [(&'a str, &'a str)], u32);
+        let lists: [Case<'_>; 4] = [
             (
                 200,
                 &[
