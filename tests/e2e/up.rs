@@ -105,6 +105,25 @@ fn two_workers_of_one_address<'a>(
     args
 }
 
+/// `rotor up` with `args`, logging at info to `log` (stopped, should the
+/// test fail, as the `Proc` drops).
+fn up_logged(args: &[&str], log: &std::path::Path) -> Proc {
+    let mut cmd = std::process::Command::new(ROTOR);
+    cmd.env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(log).unwrap());
+    Proc::spawn_cmd(cmd, ROTOR, args)
+}
+
+/// Stops `up` with SIGTERM and asserts a clean exit, waited for off the
+/// test's runtime (an origin there may hold a worker's drain).
+async fn stopped(mut up: Proc) {
+    up.signal(Signal::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || up.wait(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
 /// Kills worker `pid`; the worker `rotor up` starts in its place.
 async fn replaced(socket: &std::path::Path, pid: i32) -> i32 {
     let others: Vec<i32> = worker_pids(socket)
@@ -904,24 +923,13 @@ async fn each_childs_log_lines_name_it() {
     let log = dir.path().join("up.log");
     let listen = format!("127.0.0.1:{}", free_port());
     let args = two_workers_of_one_address(&listen, socket.to_str().unwrap(), &[]);
-    let mut up = std::process::Command::new(ROTOR)
-        .args(&args)
-        .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let up = up_logged(&args, &log);
     eventually("both workers", || async {
         socket.exists() && worker_pids(&socket).len() == 2
     })
     .await;
     let pids = worker_pids(&socket);
-    kill(Pid::from_raw(up.id() as i32), Signal::SIGTERM).unwrap();
-    assert!(tokio::task::spawn_blocking(move || up.wait())
-        .await
-        .unwrap()
-        .unwrap()
-        .success());
+    stopped(up).await;
     let text = std::fs::read_to_string(&log).unwrap();
     for pid in pids {
         let named = |l: &&str| l.starts_with("worker ") && l.contains(&format!("[{pid}]: "));
@@ -950,18 +958,7 @@ async fn rotor_up_on_port_0_logs_the_ports_it_bound() {
         socket.to_str().unwrap(),
         &["--socks-listen", any, "--allow-destination", "127.0.0.0/8"],
     );
-    let child = std::process::Command::new(ROTOR)
-        .args(&args)
-        .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    // (Stopped, should the test fail, by Proc's drop.)
-    let mut up = Proc {
-        child,
-        name: "rotor up".into(),
-    };
+    let up = up_logged(&args, &log);
     let read = || std::fs::read_to_string(&log).unwrap_or_default();
     eventually("rotor is up", || async { read().contains("rotor is up") }).await;
     let text = read();
@@ -980,12 +977,7 @@ async fn rotor_up_on_port_0_logs_the_ports_it_bound() {
         let (code, out) = curl(&["-x", &socks_proxy, &origin_url]).await;
         assert_eq!((code, out.as_str()), (0, "200"));
     }
-    up.signal(Signal::SIGTERM);
-    // (Waited for off the test's runtime: the origin runs there.)
-    let status = tokio::task::spawn_blocking(move || up.wait(Duration::from_secs(20)))
-        .await
-        .unwrap();
-    assert!(status.success());
+    stopped(up).await;
 }
 
 /// The allocator `rotor up` runs, by /proc (its child whose command is

@@ -397,33 +397,22 @@ mod tests {
         .is_ok());
         // A key of a kind ring cannot sign with (P-521), and a pair whose
         // key is another certificate's, say which.
-        let odd = dir.path().join("p521.pem");
-        let made = std::process::Command::new("openssl")
-            .args(["genpkey", "-algorithm", "EC", "-pkeyopt"])
-            .args(["ec_paramgen_curve:secp521r1", "-out"])
-            .arg(&odd)
-            .output()
-            .unwrap();
-        assert!(made.status.success(), "{made:?}");
-        let e = load(
-            &TlsFiles {
-                cert: cert.clone(),
-                key: odd,
-            },
-            true,
-        )
-        .err()
-        .unwrap();
+        let refused = |curve: &str| {
+            let key = dir.path().join(format!("{curve}.pem"));
+            let made = std::process::Command::new("openssl")
+                .args(["genpkey", "-algorithm", "EC", "-pkeyopt"])
+                .arg(format!("ec_paramgen_curve:{curve}"))
+                .arg("-out")
+                .arg(&key)
+                .output()
+                .unwrap();
+            assert!(made.status.success(), "{made:?}");
+            let cert = cert.clone();
+            load(&TlsFiles { cert, key }, true).err().unwrap()
+        };
+        let e = refused("secp521r1");
         assert!(e.contains("cannot sign here") && e.contains("P-256"), "{e}");
-        let other = dir.path().join("other.pem");
-        let made = std::process::Command::new("openssl")
-            .args(["genpkey", "-algorithm", "EC", "-pkeyopt"])
-            .args(["ec_paramgen_curve:prime256v1", "-out"])
-            .arg(&other)
-            .output()
-            .unwrap();
-        assert!(made.status.success(), "{made:?}");
-        let e = load(&TlsFiles { cert, key: other }, true).err().unwrap();
+        let e = refused("prime256v1");
         assert!(e.contains("do not make a pair: the key is not"), "{e}");
     }
 }
