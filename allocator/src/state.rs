@@ -1874,9 +1874,10 @@ impl Allocator {
                     };
                     return inner.answer(peer, Some(Ok(lease)));
                 }
-                // Strict by this request or an earlier one: a request
-                // that leaves the parameter out moves no strict session.
-                Pinned::Gone { ip, strict: was } if strict || was => {
+                // Strict by this request (made so above) or an earlier
+                // one: a request that leaves the parameter out moves no
+                // strict session.
+                Pinned::Gone { ip, strict: true } => {
                     lost.get_or_insert(Response::SessionLost { ip });
                 }
                 // A strict session pushed out of a full table: its address
