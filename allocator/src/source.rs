@@ -309,9 +309,12 @@ pub fn run_pool_command(cmd: &str, timeout: Duration) -> Result<Vec<Segment>, So
     };
     let (stderr, _) = err.recv_timeout(HELD).unwrap_or_default();
     if !status.success() {
+        // Its first line, escaped: often a remote API's error body, whose
+        // control bytes must not drive the operator's terminal.
+        let first = stderr.lines().next().unwrap_or("").to_string();
         return Err(SourceError::CommandFailed {
             status,
-            stderr: stderr.lines().next().unwrap_or("").to_string(),
+            stderr: crate::shown(first, 1024),
         });
     }
     if cut {
@@ -871,6 +874,14 @@ garbage
         assert_eq!(got.len(), 3);
         let err = run_pool_command("echo nope >&2; exit 3", t).unwrap_err();
         assert!(err.to_string().contains("nope"), "{err}");
+        // Its stderr's control bytes escaped (a terminal's escape
+        // sequence, from a remote API's error body).
+        let err = run_pool_command("printf 'err\\033[2Jline\\n' >&2; exit 3", t).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("err\\u{1b}[2Jline") && !text.contains('\u{1b}'),
+            "{text}"
+        );
         let err = run_pool_command("exit 3", t).unwrap_err();
         assert!(err.to_string().ends_with("(exit status: 3)"), "{err}");
         let err = run_pool_command("echo bogus", t).unwrap_err();

@@ -975,9 +975,17 @@ struct SourceState {
     /// The last successful read; kept when a later read fails.
     last_good: Vec<Segment>,
     error: Option<String>,
+    /// When its failure was last warned of: a failure is warned of when it
+    /// begins or changes, and again every `SOURCE_FAILING_SAID` it lasts
+    /// (not at each refresh).
+    warned: Option<Instant>,
     /// Whether a read of it has succeeded since the start.
     read_once: bool,
 }
+
+/// How often a pool source's failure that goes on unchanged is warned of
+/// again.
+const SOURCE_FAILING_SAID: Duration = Duration::from_secs(600);
 
 impl SourceState {
     /// The addresses its last good read listed (saturated at `u128::MAX`).
@@ -1127,6 +1135,7 @@ impl Allocator {
                         source,
                         last_good: Vec::new(),
                         error: None,
+                        warned: None,
                         read_once: false,
                     })
                     .collect(),
@@ -1325,22 +1334,38 @@ impl Allocator {
                     // a file of 4 distinct addresses); the first kept.
                     let mut seen = HashSet::with_capacity(addrs.len());
                     addrs.retain(|e| seen.insert(*e));
+                    if state.error.take().is_some() {
+                        tracing::info!(
+                            source = %state.source.metric_label(place + 1),
+                            entries = addrs.len(),
+                            "pool source reads again"
+                        );
+                    }
                     state.last_good = addrs;
-                    state.error = None;
+                    state.warned = None;
                     state.read_once = true;
                 }
                 Err(e) => {
                     inner_source_errors += 1;
                     let msg = error_chain(&e);
                     failed.push((state.source.name(), msg.clone()));
-                    tracing::warn!(
-                        // (By its place, as in the metrics: a command's
-                        // text may carry a token.)
-                        source = %state.source.metric_label(place + 1),
-                        error = %msg,
-                        kept = state.last_good.len(),
-                        "pool source failed to read; keeping its last good addresses"
-                    );
+                    let again = state.error.as_deref() == Some(msg.as_str())
+                        && state
+                            .warned
+                            .is_some_and(|t| t.elapsed() < SOURCE_FAILING_SAID);
+                    // (By its place, as in the metrics: a command's text
+                    // may carry a token.)
+                    let source = state.source.metric_label(place + 1);
+                    let kept = state.last_good.len();
+                    match again {
+                        false => {
+                            tracing::warn!(%source, error = %msg, kept, "pool source failed to read; keeping its last good addresses (said again if it changes, or every 10 min)");
+                            state.warned = Some(Instant::now());
+                        }
+                        true => {
+                            tracing::debug!(%source, error = %msg, kept, "pool source failed to read again")
+                        }
+                    }
                     state.error = Some(msg);
                 }
             }

@@ -222,7 +222,7 @@ impl Allocator {
         Allocator::start_cmd(cmd, dir, args).await
     }
 
-    async fn start_cmd(cmd: Command, dir: Arc<tempfile::TempDir>, args: &[&str]) -> Allocator {
+    pub async fn start_cmd(cmd: Command, dir: Arc<tempfile::TempDir>, args: &[&str]) -> Allocator {
         let socket = dir.path().join("allocator.sock");
         let state = dir.path().join("state");
         let mut all = vec![
