@@ -164,13 +164,29 @@ async fn a_failing_dns_server_is_a_dns_timeout() {
     let dns = Dns::start().await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let server = dns.addr.to_string();
-    let worker = Worker::start(&alloc.socket, &["--dns-server", &server]).await;
-    let r = get(worker.addr, "http://servfail.rotor.test/").await;
-    assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
-    assert!(
-        r.proxy_status().contains("dns_timeout"),
-        "{}",
-        r.proxy_status()
+    // Its log at the default level, where the failing server is said.
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("worker.log");
+    let mut cmd = std::process::Command::new(WORKER);
+    cmd.stderr(std::fs::File::create(&log).unwrap());
+    let mut args = ALLOW_LOOPBACK.to_vec();
+    args.extend_from_slice(&["--dns-server", &server]);
+    let worker = Worker::start_cmd(cmd, &alloc.socket, free_port(), &args).await;
+    for _ in 0..3 {
+        let r = get(worker.addr, "http://servfail.rotor.test/").await;
+        assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+        assert!(
+            r.proxy_status().contains("dns_timeout"),
+            "{}",
+            r.proxy_status()
+        );
+    }
+    // Said once in 10 s, not at each request.
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text.matches("as name resolution failed").count(),
+        1,
+        "{text}"
     );
     let closed = format!("127.0.0.1:{}", free_port());
     let worker = Worker::start(&alloc.socket, &["--dns-server", &closed]).await;

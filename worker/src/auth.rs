@@ -672,6 +672,12 @@ impl Auth {
         f.last = now;
         if let Some(wait) = spacing_after(f.count) {
             f.next = now + wait;
+            // Password guessing, most likely: said once in 10 s (its
+            // refusals, 407 and 429, are in the access log each).
+            static SAID: rotor_protocol::Moment = rotor_protocol::Moment::new();
+            if let Some(failed) = SAID.count_in(Duration::from_secs(10)) {
+                tracing::warn!(%network, failures = f.count, failed, "logins from this network keep failing: its password checks are spaced out, its clients told 429 meanwhile (said once in 10 s)");
+            }
         }
     }
 

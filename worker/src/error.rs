@@ -265,14 +265,6 @@ impl ProxyError {
         }
     }
 
-    /// Whether each occurrence deserves a warning. An empty pool or a lost
-    /// allocator is reported once by the allocator or the lease client; a
-    /// warning per request would flood the log. A pool address this host
-    /// cannot bind is reported by nobody else.
-    pub fn warn_each(&self) -> bool {
-        matches!(self, ProxyError::SourceUnavailable { .. })
-    }
-
     /// Status code and `Proxy-Status` error type (RFC 9209 §2.3).
     pub fn classify(&self) -> (StatusCode, Option<&'static str>) {
         use ProxyError::*;

@@ -235,7 +235,6 @@ where
                                 return Outcome::Closed;
                             }
                             Err(_) => {
-                                tracing::debug!("request head too slow; closed");
                                 return too_slow(io, &mut out, conn, None, began).await;
                             }
                         },
@@ -268,7 +267,6 @@ where
                 r = tokio::time::timeout_at(due, io.read_buf(&mut buf)) => match r {
                     Ok(r) => r,
                     Err(_) => {
-                        tracing::debug!("request body too slow; closed");
                         return too_slow(io, &mut out, conn, Some(&parts), began).await;
                     }
                 },
@@ -420,6 +418,13 @@ async fn refuse<I: ClientStream>(
     linger: bool,
 ) -> Outcome<I> {
     let (status, kind) = e.classify();
+    // Its one line at debug, as a served request's.
+    // (The target as the access log writes it: host and port only.)
+    let (method, target) = parts.map_or(("-", "-".to_string()), |p| {
+        let connect = p.method == Method::CONNECT;
+        (p.method.as_str(), crate::proxy::log_target(&p.uri, connect))
+    });
+    tracing::debug!(client = %conn.client, method, target, status = status.as_u16(), error = %e, "request refused");
     conn.proxy.unserved(
         conn.client,
         parts,

@@ -1001,7 +1001,15 @@ impl Proxy {
         let (stream, granted) = match first {
             Err(ProxyError::SourceUnavailable { ip, source }) => {
                 let reason = source.to_string();
-                warn!(source = %ip, error = %reason, "this host cannot use a pool address; reported, trying the next");
+                static SAID: rotor_protocol::Moment = rotor_protocol::Moment::new();
+                match SAID.count_in(Duration::from_secs(10)) {
+                    Some(n) => {
+                        warn!(source = %ip, error = %reason, times = n, "this host cannot use a pool address; reported, trying the next (said once in 10 s)")
+                    }
+                    None => {
+                        debug!(source = %ip, error = %reason, "this host cannot use a pool address; reported, trying the next")
+                    }
+                }
                 self.leases.report_unusable(ip, reason).await;
                 let next = self.lease_for(addrs, host, sticky).await?;
                 let stream = self.connect_counted(next.0.ip, addrs, named).await;
@@ -1549,7 +1557,7 @@ fn only_host(fields: &Fields) -> Result<Option<&[u8]>, ProxyError> {
 
 /// What the access log says a request went to: host and port, never a
 /// path, a query or userinfo.
-fn log_target(uri: &Uri, connect: bool) -> String {
+pub(crate) fn log_target(uri: &Uri, connect: bool) -> String {
     let Some(auth) = uri.authority() else {
         return "-".into();
     };
@@ -2232,16 +2240,32 @@ pub(crate) fn log_failed(
 ) {
     let error = error_chain(e);
     let source = source.map(|ip| ip.to_string()).unwrap_or_default();
-    if e.warn_each() {
-        warn!(%client, %method, %target, source, status, %error, "request failed");
-    } else {
-        debug!(fault = ?e.fault(), %client, %method, %target, source, status, %error, ms, "request failed");
-    }
-    if matches!(e, ProxyError::Allocator(_)) {
-        static SAID: rotor_protocol::Moment = rotor_protocol::Moment::new();
-        if let Some(failed) = SAID.count_in(Duration::from_secs(10)) {
-            warn!(failed, %error, "requests failed for want of a lease from the allocator (said once in 10 s)");
+    debug!(fault = ?e.fault(), %client, %method, %target, source, status, %error, ms, "request failed");
+    // What an operator must act on, said once in 10 s with how many
+    // failed since (a warning a request would flood the log; each is at
+    // debug): the allocator, this host's ports or sockets, a pool address
+    // it cannot use, the resolver.
+    use rotor_protocol::Moment;
+    static ALLOCATOR: Moment = Moment::new();
+    static LOCAL: Moment = Moment::new();
+    static SOURCE: Moment = Moment::new();
+    static RESOLVER: Moment = Moment::new();
+    let (said, what) = match e {
+        ProxyError::Allocator(_) => (&ALLOCATOR, "for want of a lease from the allocator"),
+        ProxyError::Ports { .. } | ProxyError::Socket(_) => {
+            (&LOCAL, "for want of a local port or socket on this host")
         }
+        ProxyError::SourceUnavailable { .. } => {
+            (&SOURCE, "as this host cannot use the pool's addresses")
+        }
+        ProxyError::DnsTimeout { .. } | ProxyError::DnsAgain { .. } => (
+            &RESOLVER,
+            "as name resolution failed (the DNS servers did not answer, or failed)",
+        ),
+        _ => return,
+    };
+    if let Some(failed) = said.count_in(Duration::from_secs(10)) {
+        warn!(failed, %error, "requests failed {what} (said once in 10 s)");
     }
 }
 
