@@ -1392,6 +1392,11 @@ async fn manage(
             announced = false;
         }
         failures += 1;
+        // An outage warned of has its end said at info too (a connection
+        // that ended within its first second had left it at debug).
+        if failures == 1 {
+            announced = false;
+        }
         let why = ended.err().map(|e| error_chain(&e));
         match (failures, why) {
             (1, None) => warn!("allocator closed the connection; reconnecting"),
