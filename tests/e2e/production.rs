@@ -505,9 +505,7 @@ async fn an_idle_worker_stops_at_once_though_its_allocator_does_not_answer() {
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("worker.log");
-    let mut cmd = std::process::Command::new(WORKER);
-    cmd.env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(&log).unwrap());
+    let cmd = logging_at_info(WORKER, &log);
     let mut w = Worker::start_cmd(cmd, &alloc.socket, free_port(), &ALLOW_LOOPBACK).await;
     eventually("connected", || async {
         std::fs::read_to_string(&log)

@@ -59,29 +59,21 @@ async fn a_failing_source_is_warned_of_once_and_said_to_read_again() {
     let file = dir.path().join("pool.txt");
     std::fs::write(&file, "127.0.0.2\n").unwrap();
     let log = dir.path().join("allocator.log");
-    let mut cmd = Command::new(ALLOCATOR);
-    cmd.env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(&log).unwrap());
     let args = ["--pool-file", file.to_str().unwrap(), "--refresh", "200ms"];
+    let cmd = logging_at_info(ALLOCATOR, &log);
     let _alloc = Allocator::start_cmd(cmd, dir.clone(), &args).await;
     let aside = dir.path().join("pool.aside");
     std::fs::rename(&file, &aside).unwrap();
-    let said = |what: &str| {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .matches(what)
-            .count()
-    };
     eventually("the failure said", || async {
-        said("pool source failed to read") == 1
+        said(&log, "pool source failed to read") == 1
     })
     .await;
     // Ten refreshes on, still once.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-    assert_eq!(said("pool source failed to read"), 1);
+    assert_eq!(said(&log, "pool source failed to read"), 1);
     std::fs::rename(&aside, &file).unwrap();
     eventually("the recovery said", || async {
-        said("pool source reads again") == 1
+        said(&log, "pool source reads again") == 1
     })
     .await;
 }

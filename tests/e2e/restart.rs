@@ -58,28 +58,21 @@ async fn a_reconnect_after_a_short_connection_is_said() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let alloc = Allocator::start_in(dir.clone(), &["--pool", "127.0.0.2"]).await;
     let log = dir.path().join("worker.log");
-    let mut cmd = std::process::Command::new(WORKER);
-    cmd.env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(&log).unwrap());
+    let cmd = logging_at_info(WORKER, &log);
     let _worker = Worker::start_cmd(cmd, &alloc.socket, free_port(), &ALLOW_LOOPBACK).await;
-    let said = |what: &str| {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .matches(what)
-            .count()
-    };
     eventually("connected", || async {
-        said("connected to the allocator") == 1
+        said(&log, "connected to the allocator") == 1
     })
     .await;
     drop(alloc);
     eventually("the outage warned of", || async {
-        said("allocator closed the connection") + said("allocator connection failed") == 1
+        said(&log, "allocator closed the connection") + said(&log, "allocator connection failed")
+            == 1
     })
     .await;
     let _alloc = Allocator::start_in(dir, &["--pool", "127.0.0.2"]).await;
     eventually("the reconnect said", || async {
-        said("connected to the allocator") == 2
+        said(&log, "connected to the allocator") == 2
     })
     .await;
 }

@@ -464,19 +464,12 @@ async fn a_certificate_near_its_end_is_warned_of_at_every_reload() {
     let log = dir.path().join("worker.log");
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let tls = format!("127.0.0.1:{}", free_port());
-    let mut cmd = std::process::Command::new(WORKER);
-    cmd.env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(&log).unwrap());
+    let cmd = logging_at_info(WORKER, &log);
     let mut args = ALLOW_LOOPBACK.to_vec();
     let (c, k) = (cert.to_str().unwrap(), key.to_str().unwrap());
     args.extend_from_slice(&["--tls-listen", &tls, "--tls-cert", c, "--tls-key", k]);
     let w = Worker::start_cmd(cmd, &alloc.socket, free_port(), &args).await;
-    let warned = || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .matches("TLS certificate expires at")
-            .count()
-    };
+    let warned = || said(&log, "TLS certificate expires at");
     eventually("the start's warning", || async { warned() == 1 }).await;
     for n in 2..=3 {
         w.proc.signal(nix::sys::signal::Signal::SIGHUP);

@@ -108,10 +108,7 @@ fn two_workers_of_one_address<'a>(
 /// `rotor up` with `args`, logging at info to `log` (stopped, should the
 /// test fail, as the `Proc` drops).
 fn up_logged(args: &[&str], log: &std::path::Path) -> Proc {
-    let mut cmd = std::process::Command::new(ROTOR);
-    cmd.env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(log).unwrap());
-    Proc::spawn_cmd(cmd, ROTOR, args)
+    Proc::spawn_cmd(logging_at_info(ROTOR, log), ROTOR, args)
 }
 
 /// Stops `up` with SIGTERM and asserts a clean exit, waited for off the
@@ -711,12 +708,7 @@ async fn a_sighup_to_rotor_up_reloads_each_worker_once() {
         })
     })
     .await;
-    let reread = || {
-        std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .matches("users file re-read")
-            .count()
-    };
+    let reread = || said(&log, "users file re-read");
     let before = reread();
     kill(pid, Signal::SIGHUP).unwrap();
     eventually("both workers reloaded", || async { reread() >= before + 2 }).await;

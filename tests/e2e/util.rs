@@ -104,6 +104,23 @@ impl Drop for Proc {
     }
 }
 
+/// `program` logging at info to `log` (made anew), for `Proc::spawn_cmd`
+/// or a `start_cmd`.
+pub fn logging_at_info(program: &str, log: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(log).unwrap());
+    cmd
+}
+
+/// How many times `what` is in the file `log` so far (0 before it exists).
+pub fn said(log: &Path, what: &str) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .matches(what)
+        .count()
+}
+
 /// The first line `child` writes to its (piped) standard output, waited
 /// for off the test's runtime, within `within`.
 pub async fn first_line(child: &mut Child, within: Duration) -> String {
