@@ -165,11 +165,7 @@ impl From<ProxyError> for Failed {
 impl ProxyError {
     /// This failure, of a request sent from `ip`.
     pub fn from_source(self, ip: IpAddr) -> Failed {
-        Failed {
-            error: self,
-            source: Some(ip),
-            sent: 0,
-        }
+        Failed::from(self).from_source(ip)
     }
 }
 

@@ -428,8 +428,7 @@ impl Proxy {
                 let mut resp = e.to_response();
                 // The address that failed, told as a served one's is.
                 if let Some(v) = source.and_then(|ip| self.source_value(ip)) {
-                    resp.headers_mut()
-                        .insert(HeaderName::from_static("rotor-source"), v);
+                    resp.headers_mut().insert(ROTOR_SOURCE.clone(), v);
                 }
                 // A refused tunnel ends its connection: a client that sent
                 // its first tunnel bytes with the CONNECT would otherwise
@@ -1511,11 +1510,12 @@ impl Proxy {
     /// the request, for the client's logs.
     fn expose_source(&self, fields: &mut Fields, lease: &Lease) {
         if let Some(v) = self.source_value(lease.ip) {
-            fields.insert(HeaderName::from_static("rotor-source"), v);
+            fields.insert(ROTOR_SOURCE.clone(), v);
         }
     }
 
-    /// `Rotor-Source`'s value for `ip`, with `--expose-source`.
+    /// `Rotor-Source`'s value for `ip` (its name `ROTOR_SOURCE`), with
+    /// `--expose-source`.
     fn source_value(&self, ip: IpAddr) -> Option<HeaderValue> {
         match self.config.expose_source {
             true => HeaderValue::from_str(&ip.to_string()).ok(),
@@ -1557,6 +1557,9 @@ fn only_host(fields: &Fields) -> Result<Option<&[u8]>, ProxyError> {
 
 /// What the access log says a request went to: host and port, never a
 /// path, a query or userinfo.
+/// The field `--expose-source` names the leased address in.
+static ROTOR_SOURCE: HeaderName = HeaderName::from_static("rotor-source");
+
 pub(crate) fn log_target(uri: &Uri, connect: bool) -> String {
     let Some(auth) = uri.authority() else {
         return "-".into();
