@@ -85,106 +85,38 @@ impl Checker {
 /// rules on the source included. Nothing is sent to `dst`. `Ok(None)`: no
 /// route there from `src` (unreachable, prohibited).
 pub fn egress_interface(src: IpAddr, dst: IpAddr) -> io::Result<Option<u32>> {
-    use nix::sys::socket::{
-        recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType,
-    };
-    const RTM_NEWROUTE: u16 = 24;
-    const RTM_GETROUTE: u16 = 26;
-    const NLMSG_ERROR: u16 = 2;
-    const NLM_F_REQUEST: u16 = 1;
-    const RTA_DST: u16 = 1;
-    const RTA_SRC: u16 = 2;
-    const RTA_OIF: u16 = 4;
-    let octets = |ip: IpAddr| match ip {
-        IpAddr::V4(v4) => v4.octets().to_vec(),
-        IpAddr::V6(v6) => v6.octets().to_vec(),
-    };
-    let (family, bits) = match dst {
-        IpAddr::V4(_) => (libc::AF_INET as u8, 32u8),
-        IpAddr::V6(_) => (libc::AF_INET6 as u8, 128u8),
-    };
-    // nlmsghdr (length set below), rtmsg, then RTA_DST and RTA_SRC.
-    let mut msg = Vec::with_capacity(64);
-    msg.extend_from_slice(&0u32.to_ne_bytes());
-    msg.extend_from_slice(&RTM_GETROUTE.to_ne_bytes());
-    msg.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes());
-    msg.extend_from_slice(&0u32.to_ne_bytes());
-    msg.extend_from_slice(&[family, bits, bits, 0, 0, 0, 0, 0]);
-    msg.extend_from_slice(&0u32.to_ne_bytes());
-    for (kind, ip) in [(RTA_DST, dst), (RTA_SRC, src)] {
-        let value = octets(ip);
-        msg.extend_from_slice(&(4 + value.len() as u16).to_ne_bytes());
-        msg.extend_from_slice(&kind.to_ne_bytes());
-        msg.extend_from_slice(&value);
-    }
-    let len = msg.len() as u32;
-    msg[..4].copy_from_slice(&len.to_ne_bytes());
-
-    let fd = socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkRoute,
-    )?;
-    let _ = setsockopt(
-        &fd,
-        sockopt::ReceiveTimeout,
-        &nix::sys::time::TimeVal::new(1, 0),
+    use rotor_protocol::netlink::*;
+    let bits = if dst.is_ipv4() { 32 } else { 128 };
+    let rtmsg = [family_of(dst), bits, bits, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let (to, from) = (octets(dst), octets(src));
+    let request = message(
+        RTM_GETROUTE,
+        NLM_F_REQUEST,
+        &rtmsg,
+        &[(RTA_DST, &to), (RTA_SRC, &from)],
     );
-    send(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &msg,
-        MsgFlags::empty(),
-    )?;
-    let mut buf = [0u8; 4096];
-    let n = recv(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &mut buf,
-        MsgFlags::empty(),
-    )?;
-    let reply = &buf[..n];
-    let u16_at = |i: usize| {
-        reply
-            .get(i..i + 2)
-            .map(|b| u16::from_ne_bytes([b[0], b[1]]))
-    };
-    let u32_at = |i: usize| {
-        reply
-            .get(i..i + 4)
-            .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
-    };
+    let mut socket = RouteSocket::open(std::time::Duration::from_secs(1))?;
+    socket.send(&request)?;
     let bad = || {
         io::Error::new(
             io::ErrorKind::InvalidData,
             "a route reply rotor cannot read",
         )
     };
-    match u16_at(4).ok_or_else(bad)? {
-        NLMSG_ERROR => {
-            let errno = -(u32_at(16).ok_or_else(bad)? as i32);
-            match errno {
-                libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES => Ok(None),
-                0 => Err(bad()),
-                e => Err(io::Error::from_raw_os_error(e)),
-            }
-        }
-        RTM_NEWROUTE => {
-            let end = (u32_at(0).ok_or_else(bad)? as usize).min(reply.len());
-            // The attributes, after the 16-byte header and 12-byte rtmsg.
-            let mut at = 28;
-            while at + 4 <= end {
-                let len = u16_at(at).ok_or_else(bad)? as usize;
-                if len < 4 {
-                    break;
-                }
-                if u16_at(at + 2) == Some(RTA_OIF) {
-                    return u32_at(at + 4).map(Some).ok_or_else(bad);
-                }
-                at += (len + 3) & !3;
-            }
-            Ok(None)
-        }
+    let reply = socket.receive()?;
+    let m = *messages(reply)?.first().ok_or_else(bad)?;
+    match m.kind {
+        NLMSG_ERROR => match m.error()? {
+            None => Err(bad()),
+            Some(e) => match e.raw_os_error() {
+                Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EACCES) => Ok(None),
+                _ => Err(e),
+            },
+        },
+        RTM_NEWROUTE => Ok(m
+            .attributes()
+            .find(|&(kind, data)| kind == RTA_OIF && data.len() == 4)
+            .map(|(_, data)| u32_at(data, 0))),
         _ => Err(bad()),
     }
 }

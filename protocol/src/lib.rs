@@ -10,6 +10,7 @@ mod codec;
 mod guard;
 mod handshake;
 mod message;
+pub mod netlink;
 mod report;
 pub mod routes;
 mod segment;

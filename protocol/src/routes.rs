@@ -2,8 +2,10 @@
 //! itself — every interface address, and prefixes routed to it (`ip route
 //! add local PREFIX dev lo`, the "AnyIP" set-up), which no interface lists.
 //! IPv4's from `/proc/net/fib_trie` (entries of type `LOCAL` in the main
-//! and local tables), IPv6's from `/proc/net/ipv6_route` (the `RTF_LOCAL`
-//! flag; the file does not say which table).
+//! and local tables), IPv6's from a netlink route dump (routes of type
+//! `RTN_LOCAL` in the same two tables: `/proc/net/ipv6_route` lists every
+//! table and does not say which, so a `local` route of a policy table no
+//! rule points at had counted).
 //!
 //! A catch-all local route (`local 0.0.0.0/0`, `local ::/0`) is never
 //! taken, nor is an IPv4 table of its own (`Id 100:`): that is a
@@ -17,14 +19,11 @@
 //! without `IPV6_FREEBIND`, and with `net.ipv4.ip_nonlocal_bind=1` (or
 //! its IPv6 twin, common on keepalived hosts) every address binds.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::{PrefixSet, Segment};
-
-/// RTF_LOCAL in `/proc/net/ipv6_route`'s flags.
-const RTF_LOCAL: u32 = 0x8000_0000;
 
 /// The local routes of both families; a family whose table could not be
 /// read (no `/proc`, IPv6 disabled) is unknown, not empty.
@@ -40,7 +39,7 @@ impl LocalRoutes {
         let file = |path| std::fs::read_to_string(path).ok();
         LocalRoutes {
             v4: file("/proc/net/fib_trie").map(|t| parse_fib_trie(&t)),
-            v6: file("/proc/net/ipv6_route").map(|t| parse_ipv6_route(&t)),
+            v6: netlink::local_routes(crate::Family::V6).ok(),
         }
     }
 
@@ -101,24 +100,6 @@ impl LocalRoutes {
     }
 }
 
-fn parse_ipv6_route(table: &str) -> PrefixSet {
-    let mut prefixes = PrefixSet::default();
-    for line in table.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let parsed = (|| {
-            let dest = u128::from_str_radix(f.first()?, 16).ok()?;
-            let len = u8::from_str_radix(f.get(1)?, 16).ok()?;
-            let flags = u32::from_str_radix(f.get(8)?, 16).ok()?;
-            (flags & RTF_LOCAL != 0 && len > 0).then_some(())?;
-            Segment::prefix(IpAddr::V6(Ipv6Addr::from(dest)), len)
-        })();
-        if let Some(p) = parsed {
-            prefixes.insert(p);
-        }
-    }
-    prefixes
-}
-
 /// `fib_trie` lists each table as a tree whose leaves are `|-- ADDRESS`
 /// lines, each followed by its routes, one a line: `/LEN SCOPE TYPE`.
 fn parse_fib_trie(trie: &str) -> PrefixSet {
@@ -155,6 +136,133 @@ fn parse_fib_trie(trie: &str) -> PrefixSet {
     prefixes
 }
 
+/// One family's local routes from a netlink route dump (`ip route show
+/// table all`): those of type `RTN_LOCAL` in the main and local tables,
+/// as `fib_trie`'s are read for IPv4. A policy table (a transparent
+/// proxy's, a VRF's) serves only what a rule sends it, so its local routes
+/// do not make an address this host's.
+mod netlink {
+    use std::io;
+    use std::time::Duration;
+
+    use crate::netlink::*;
+    use crate::{Family, PrefixSet, Segment};
+
+    fn af(family: Family) -> u8 {
+        match family {
+            Family::V4 => libc::AF_INET as u8,
+            Family::V6 => libc::AF_INET6 as u8,
+        }
+    }
+
+    /// This host's, now. A dump the kernel marks interrupted (the routes
+    /// changed while it was read) is read again, three times at most.
+    pub fn local_routes(family: Family) -> io::Result<PrefixSet> {
+        let mut tries = 0;
+        loop {
+            match dump(family) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted && tries < 2 => tries += 1,
+                other => return other,
+            }
+        }
+    }
+
+    fn dump(family: Family) -> io::Result<PrefixSet> {
+        let mut socket = RouteSocket::open(Duration::from_secs(2))?;
+        let mut rtmsg = [0; RTMSG];
+        rtmsg[0] = af(family);
+        socket.send(&message(
+            RTM_GETROUTE,
+            NLM_F_REQUEST | NLM_F_DUMP,
+            &rtmsg,
+            &[],
+        ))?;
+        let mut prefixes = PrefixSet::default();
+        while !read(socket.receive()?, family, &mut prefixes)? {}
+        Ok(prefixes)
+    }
+
+    /// Reads one datagram of a dump into `prefixes`; whether it ended the
+    /// dump.
+    pub(super) fn read(buf: &[u8], family: Family, prefixes: &mut PrefixSet) -> io::Result<bool> {
+        for m in messages(buf)? {
+            if m.flags & NLM_F_DUMP_INTR != 0 {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            match m.kind {
+                NLMSG_DONE => return Ok(true),
+                NLMSG_ERROR => {
+                    return Err(m
+                        .error()?
+                        .unwrap_or_else(|| io::Error::other("an acknowledgement, not a dump")))
+                }
+                RTM_NEWROUTE => {
+                    if let Some(p) = local_route(m, family) {
+                        prefixes.insert(p);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(false)
+    }
+
+    /// The prefix of a local route of the main or local table; `None` for
+    /// any other route (and a catch-all one).
+    fn local_route(m: Message<'_>, family: Family) -> Option<Segment> {
+        let rtmsg = m.rtmsg()?;
+        let (len, kind) = (rtmsg[1], rtmsg[7]);
+        if rtmsg[0] != af(family) || kind != RTN_LOCAL || len == 0 {
+            return None;
+        }
+        // A table past 255 is named in its attribute only.
+        let (mut table, mut dst) = (u32::from(rtmsg[4]), None);
+        for (kind, data) in m.attributes() {
+            match kind {
+                RTA_TABLE if data.len() == 4 => table = u32_at(data, 0),
+                RTA_DST => dst = address(rtmsg[0], data),
+                _ => {}
+            }
+        }
+        if table != RT_TABLE_MAIN && table != RT_TABLE_LOCAL {
+            return None;
+        }
+        Segment::prefix(dst?, len)
+    }
+
+    /// A dump's datagram, as the kernel writes it, for the tests.
+    #[cfg(test)]
+    pub(super) mod fake {
+        use super::*;
+
+        pub struct Route<'a> {
+            pub dst: &'a str,
+            pub len: u8,
+            pub kind: u8,
+            pub table: u32,
+        }
+
+        pub const LOCAL: u8 = RTN_LOCAL;
+        pub const UNICAST: u8 = 1;
+
+        /// Routes, then the end of the dump.
+        pub fn dump(routes: &[Route<'_>]) -> Vec<u8> {
+            let mut out = Vec::new();
+            for r in routes {
+                let ip: std::net::IpAddr = r.dst.parse().unwrap();
+                // A table past 255 is `RT_TABLE_COMPAT` in the header.
+                let short = u8::try_from(r.table).unwrap_or(252);
+                let rtmsg = [family_of(ip), r.len, 0, 0, short, 2, 0, r.kind, 0, 0, 0, 0];
+                let table = r.table.to_ne_bytes();
+                let attributes = [(RTA_TABLE, &table[..]), (RTA_DST, &octets(ip))];
+                out.extend(message(RTM_NEWROUTE, NLM_F_DUMP, &rtmsg, &attributes));
+            }
+            out.extend(message(NLMSG_DONE, NLM_F_DUMP, &0u32.to_ne_bytes(), &[]));
+            out
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,17 +271,34 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// The IPv6 routes a dump gives, read.
+    fn v6_of(routes: &[netlink::fake::Route<'_>]) -> PrefixSet {
+        let mut set = PrefixSet::default();
+        let done = netlink::read(&netlink::fake::dump(routes), crate::Family::V6, &mut set);
+        assert!(done.unwrap(), "the dump's end read");
+        set
+    }
+
+    fn route(dst: &str, len: u8, kind: u8, table: u32) -> netlink::fake::Route<'_> {
+        netlink::fake::Route {
+            dst,
+            len,
+            kind,
+            table,
+        }
+    }
+
     #[test]
     fn local_routes_cover_their_prefix_only() {
-        let table = "\
-20010db8007700000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 80000001       lo
-20010db8008800000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001     eth0
-20010db8000500000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000003 00000000 80200001       lo
-garbage
-";
+        use netlink::fake::{LOCAL, UNICAST};
+        let table = [
+            route("2001:db8:77::", 64, LOCAL, 255),
+            route("2001:db8:88::", 64, UNICAST, 254),
+            route("2001:db8:5::1", 128, LOCAL, 255),
+        ];
         let r = LocalRoutes {
             v4: None,
-            v6: Some(parse_ipv6_route(table)),
+            v6: Some(v6_of(&table)),
         };
         assert!(r.covers(ip("2001:db8:77::5")));
         assert!(r.covers(ip("2001:db8:77:0:ffff::1")));
@@ -190,6 +315,54 @@ garbage
         assert_eq!(r.holds_all(&seg("2001:db8:76::/63")), Some(false));
         assert_eq!(r.holds_all(&seg("2001:db8::/48")), Some(false));
         assert_eq!(r.holds_all(&seg("10.0.0.0/24")), None);
+    }
+
+    /// A local route counts in the main and local tables only: one in a
+    /// policy table (`ip -6 route add local PREFIX dev lo table 100`, no
+    /// rule to it; a table past 255 is named in the route's attributes
+    /// only) serves nothing the host sends, so its addresses are not the
+    /// host's. Nor is a catch-all, in whichever table.
+    #[test]
+    fn ipv6_local_routes_of_policy_tables_are_not_the_hosts() {
+        use netlink::fake::LOCAL;
+        let set = v6_of(&[
+            route("2001:db8:99::", 64, LOCAL, 100),
+            route("2001:db8:98::", 64, LOCAL, 1000),
+            route("2001:db8:97::", 64, LOCAL, 254),
+            route("2001:db8:96::", 64, LOCAL, 255),
+            route("::", 0, LOCAL, 255),
+            route("10.0.0.0", 8, LOCAL, 255),
+        ]);
+        let r = LocalRoutes {
+            v4: None,
+            v6: Some(set),
+        };
+        for (addr, local) in [
+            ("2001:db8:99::1", false),
+            ("2001:db8:98::1", false),
+            ("2001:db8:97::1", true),
+            ("2001:db8:96::1", true),
+            ("2001:db8:95::1", false),
+        ] {
+            assert_eq!(r.holds(ip(addr)), Some(local), "{addr}");
+        }
+        // A datagram cut inside a message is an error, not a short table.
+        let dump = netlink::fake::dump(&[route("2001:db8:97::", 64, LOCAL, 254)]);
+        let mut set = PrefixSet::default();
+        assert!(netlink::read(&dump[..20], crate::Family::V6, &mut set).is_err());
+    }
+
+    /// This host's own routes, read over netlink: `::1` is on lo wherever
+    /// IPv6 is.
+    #[test]
+    fn this_hosts_ipv6_routes_are_read() {
+        let inet6 = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+        if !inet6.contains("00000000000000000000000000000001") {
+            return;
+        }
+        let routes = LocalRoutes::read();
+        assert_eq!(routes.holds(ip("::1")), Some(true));
+        assert_eq!(routes.holds(ip("2001:db8:ffff::1")), Some(false));
     }
 
     /// A prefix is held whole by one route, or by routes that between
@@ -268,13 +441,15 @@ Local:
         /24 host LOCAL
 "
         );
-        let six = "\
-00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 80000001       lo
-20010db8000500000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000003 00000000 80200001       lo
-";
+        use netlink::fake::LOCAL;
+        let six = [
+            route("::", 0, LOCAL, 100),
+            route("2001:db8:9::", 64, LOCAL, 100),
+            route("2001:db8:5::1", 128, LOCAL, 255),
+        ];
         let r = LocalRoutes {
             v4: Some(parse_fib_trie(&trie)),
-            v6: Some(parse_ipv6_route(six)),
+            v6: Some(v6_of(&six)),
         };
         for not in ["8.8.8.8", "203.0.113.5", "2001:db8:9::1"] {
             assert_eq!(r.holds(ip(not)), Some(false), "{not}");

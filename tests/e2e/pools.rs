@@ -424,6 +424,36 @@ fn nonlocal_bind_does_not_make_a_foreign_address_usable() {
     );
 }
 
+/// An IPv6 local route in a policy table no rule points at (a VRF's, a
+/// transparent proxy's) makes none of its addresses this host's: the
+/// prefix is out of the rotation with its reason, not leased to hang each
+/// request until its 504 (`/proc/net/ipv6_route`, read before, lists
+/// every table without saying which).
+#[test]
+fn an_ipv6_local_route_of_a_policy_table_is_not_the_hosts() {
+    in_netns(
+        "an_ipv6_local_route_of_a_policy_table_is_not_the_hosts",
+        &[
+            "-6 route add local 2001:db8:99::/64 dev lo table 100",
+            "-6 route add local 2001:db8:98::/64 dev lo",
+        ],
+        || async {
+            let pool = "2001:db8:98::/64,2001:db8:99::/64";
+            let alloc = Allocator::start(&["--pool", pool]).await;
+            let status = status_json(&alloc.socket);
+            assert_eq!(status["pool"][1]["ip"], "2001:db8:99::/64");
+            let reason = status["pool"][1]["quarantined"]["reason"]
+                .as_str()
+                .unwrap_or_default();
+            assert!(
+                reason.contains("not all of 2001:db8:99::/64 is this host's"),
+                "{status}"
+            );
+            assert!(status["pool"][0]["quarantined"].is_null(), "{status}");
+        },
+    );
+}
+
 /// A pool address the network no longer routes from (it binds, so no
 /// usability check finds it; every connect from it fails, here on a rule
 /// that makes its connects unreachable) is taken out once the workers'
