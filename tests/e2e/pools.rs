@@ -870,6 +870,44 @@ fn an_address_that_goes_away_is_reported_and_the_request_retried() {
     );
 }
 
+/// A prefix's local route deleted while the worker's reading of the
+/// routes (kept up to a second) still has it: the bind takes its next
+/// address with freebind, and the SYN's answers go nowhere. At the
+/// connect's timeout the worker reads the routes afresh, reports the
+/// address, and serves the request from the next one: a 200 after the
+/// timeout, not a 504.
+#[test]
+fn a_prefix_whose_route_goes_away_under_a_connect_is_retried() {
+    in_netns(
+        "a_prefix_whose_route_goes_away_under_a_connect_is_retried",
+        &[
+            "-6 route add local 2001:db8:7::/127 dev lo",
+            "-6 addr add fd00:1::2/128 dev lo nodad",
+            "-6 addr add fd00:9::1/128 dev lo nodad",
+        ],
+        || async {
+            let origin = Origin::start_on("[fd00:9::1]:0".parse().unwrap()).await;
+            let alloc = Allocator::start(&["--pool", "2001:db8:7::/127,fd00:1::2"]).await;
+            let args = [
+                "--allow-destination",
+                "fd00:9::1",
+                "--connect-timeout",
+                "1s",
+            ];
+            let w = Worker::start(&alloc.socket, &args).await;
+            // The first from the prefix, the routes read by the worker.
+            assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+            ip("-6 route del local 2001:db8:7::/127 dev lo");
+            let r = get(w.addr, &origin.url("/")).await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            let sources = origin.sources();
+            assert_eq!(sources.len(), 2);
+            assert!(sources[0].to_string().starts_with("2001:db8:7::"));
+            assert_eq!(sources[1], v6("fd00:1::2"));
+        },
+    );
+}
+
 /// The same with `ip_nonlocal_bind` set (keepalived hosts: a VIP that
 /// moved to the other node): the gone address still binds, so the bind
 /// cannot tell. IPv4's connect then finds no route, and IPv6's SYN would

@@ -51,6 +51,9 @@ pub async fn connect_from(
             // The kernel gave up first (its SYN retries, `tcp_syn_retries`,
             // ran out within the share): a timeout all the same.
             Ok(Err(e)) if e.raw_os_error() == Some(libc::ETIMEDOUT) => {
+                if let Some(gone) = gone(source) {
+                    return Err(gone);
+                }
                 last = Some(ProxyError::ConnectTimeout {
                     dest: dest.to_string(),
                     timeout: now.elapsed(),
@@ -68,6 +71,9 @@ pub async fn connect_from(
             }
             Ok(Err(e)) => last = Some(ProxyError::from_connect(dest.to_string(), e)),
             Err(_) => {
+                if let Some(gone) = gone(source) {
+                    return Err(gone);
+                }
                 last = Some(ProxyError::ConnectTimeout {
                     dest: dest.to_string(),
                     timeout: share,
@@ -155,6 +161,24 @@ fn this_hosts(ip: IpAddr) -> bool {
         .unwrap_or(true)
 }
 
+/// A connect from `source` that timed out because `source` left this host
+/// while its SYN waited: the source's fault, not the destination's
+/// (another lease is tried, and the allocator told). The bind took it by
+/// a reading of the routes up to a second old: a prefix's local route
+/// deleted within that second still bound with freebind, and its SYN's
+/// answers went elsewhere. Asked of routes read at most 100 ms ago (only
+/// on a timeout: ten readings a second at most, however many time out).
+fn gone(source: IpAddr) -> Option<ProxyError> {
+    let routes = rotor_protocol::routes::LocalRoutes::current(Duration::from_millis(100));
+    (routes.holds(source) == Some(false)).then(|| ProxyError::SourceUnavailable {
+        ip: source,
+        source: io::Error::new(
+            io::ErrorKind::AddrNotAvailable,
+            "no longer this host's: no local route covers it",
+        ),
+    })
+}
+
 /// Whether `net.ipv6.ip_nonlocal_bind` is set, by a reading at most 10 s
 /// old (keepalived may set it after the worker started): one atomic load
 /// per connection, one file read per 10 s.
@@ -174,7 +198,7 @@ fn nonlocal_bind_v6() -> bool {
 }
 
 /// Whether a local IPv6 route covers `ip`, by a reading of the routes at
-/// most a second old (one file read a second at most, however many
+/// most a second old (one reading a second at most, however many
 /// connections a /64 pool makes).
 fn locally_routed(ip: IpAddr) -> bool {
     ip.is_ipv6() && rotor_protocol::routes::LocalRoutes::current(Duration::from_secs(1)).covers(ip)
