@@ -1227,18 +1227,29 @@ async fn admin(
         },
         _ => return bad("\"for\" is a duration (30m, 2h), for a quarantine".into()),
     };
-    match alloc.steer(ip, release, for_) {
-        Some(entry) => json_reply(
+    let Some(entry) = alloc.steer(ip, release, for_, &crate::usable::usable_now) else {
+        return json_reply(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"error": format!("{ip} is not in the pool; nothing changed")}),
+        );
+    };
+    // Released, but this host cannot use it: it stays out.
+    match release.then(|| alloc.out_reason(&entry)).flatten() {
+        Some(reason) => json_reply(
+            StatusCode::CONFLICT,
+            serde_json::json!({
+                "entry": entry.to_string(),
+                "in_rotation": false,
+                "error": format!("{entry} stays out of the rotation: {reason}"),
+            }),
+        ),
+        None => json_reply(
             StatusCode::OK,
             serde_json::json!({
                 "entry": entry.to_string(),
                 "in_rotation": release,
                 "for_secs": for_.map(|d| d.as_secs()),
             }),
-        ),
-        None => json_reply(
-            StatusCode::NOT_FOUND,
-            serde_json::json!({"error": format!("{ip} is not in the pool; nothing changed")}),
         ),
     }
 }

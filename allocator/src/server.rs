@@ -1155,7 +1155,12 @@ async fn answer(
             release,
             for_secs,
         } => Response::Steered {
-            entry: alloc.steer(ip, release, for_secs.map(Duration::from_secs)),
+            entry: alloc.steer(
+                ip,
+                release,
+                for_secs.map(Duration::from_secs),
+                &crate::usable::usable_now,
+            ),
         },
         kind @ (Request::Reload | Request::ReloadReport | Request::ReloadReportV2) => {
             let report = !matches!(kind, Request::Reload);

@@ -851,6 +851,19 @@ impl Inner {
             .collect()
     }
 
+    /// The narrowest listed entry holding `ip` (as the sources list them:
+    /// the pool leaves out an entry another holds): the address's own
+    /// entry if it is listed, not the prefix it lies in. (The prefix's
+    /// rotation may reach the address, once in its 65 536 or more; a
+    /// prefix taken out for it had the address's own entry serve alone,
+    /// the very address asked out, for every request of its family.)
+    fn narrowest(&self, ip: IpAddr) -> Option<Segment> {
+        self.listed()
+            .into_iter()
+            .filter(|x| x.contains(ip))
+            .max_by_key(|x| x.prefix_len())
+    }
+
     /// Says which saved positions a publish used up (the pool applies
     /// one in the first publish with addresses of its family), and
     /// forgets them.
@@ -1542,8 +1555,7 @@ impl Allocator {
                 Some(_) => {}
             }
         }
-        let checked =
-            crate::usable::Checker::recent(Duration::from_secs(1)).check(&Segment::single(ip));
+        let checked = crate::usable::usable_now(&Segment::single(ip));
         if checked.is_ok() {
             tracing::debug!(%ip, reason, "a worker reported an address this host can use: left in the rotation");
             return false;
@@ -1569,7 +1581,22 @@ impl Allocator {
     /// Takes the entry holding `ip` out of the rotation by hand (for `for_`,
     /// or until released), or puts it back (`release`): for every worker
     /// at once. The entry, if `ip` is in the pool.
-    pub fn steer(&self, ip: IpAddr, release: bool, for_: Option<Duration>) -> Option<Segment> {
+    ///
+    /// A release puts the entry back only if this host can use it now (as
+    /// a check finds it, outside the lock: a bind): one that is still not
+    /// this host's stays out with the check's reason, and comes back when
+    /// a check passes (put back untested, its next lease had failed, once
+    /// in each worker). `check` is the check ([`crate::usable::usable_now`]);
+    /// [`Allocator::out_reason`] tells which.
+    pub fn steer(
+        &self,
+        ip: IpAddr,
+        release: bool,
+        for_: Option<Duration>,
+        check: &dyn Fn(&Segment) -> Result<(), String>,
+    ) -> Option<Segment> {
+        let narrowest = release.then(|| self.lock().narrowest(ip)).flatten();
+        let checked = narrowest.map(|e| (e, check(&e)));
         let mut inner = self.lock();
         // One held for its return (its entry is not in the pool now) is
         // released too.
@@ -1587,22 +1614,19 @@ impl Allocator {
             return held;
         };
         let now = Instant::now();
-        // The narrowest listed entry holding it (as the sources list them:
-        // the pool leaves out an entry another holds): the address's own
-        // entry if it is listed, not the prefix it lies in. (The prefix's
-        // rotation may reach the address, once in its 65 536 or more; a
-        // prefix taken out for it had the address's own entry serve alone,
-        // the very address asked out, for every request of its family.)
-        let e = inner
-            .listed()
-            .into_iter()
-            .filter(|x| x.contains(ip))
-            .max_by_key(|x| x.prefix_len())
-            .unwrap_or(e);
+        let e = inner.narrowest(ip).unwrap_or(e);
         if release {
             inner.reach.forget(&e);
-            if inner.quarantine.remove(&e).is_some() {
-                tracing::info!(entry = %e, "pool address put back into the rotation by hand");
+            let out = inner.quarantine.remove(&e).is_some();
+            match checked {
+                // (judged as at a check: out, and said so with its reason)
+                Some((c, Err(reason))) if c == e => {
+                    inner.judge(e, &Err(reason), now, &mut Told::default())
+                }
+                _ if out => {
+                    tracing::info!(entry = %e, "pool address put back into the rotation by hand")
+                }
+                _ => {}
             }
         } else {
             let q = Quarantine::by_hand(for_, now, false);
@@ -1612,6 +1636,11 @@ impl Allocator {
         inner.publish_quarantine();
         self.retry_waiters(&mut inner);
         Some(e)
+    }
+
+    /// Why `e` is out of the rotation, if it is.
+    pub fn out_reason(&self, e: &Segment) -> Option<String> {
+        self.lock().quarantine.get(e).map(|q| q.reason.clone())
     }
 
     /// One lease for `peer`, asked over the socket.
@@ -2633,6 +2662,12 @@ mod tests {
 
     use super::*;
 
+    /// The check of a release, passed (the tests' pools are not this
+    /// host's).
+    fn usable(_: &Segment) -> Result<(), String> {
+        Ok(())
+    }
+
     fn ok() -> HashMap<Segment, Result<(), String>> {
         HashMap::new()
     }
@@ -2975,10 +3010,10 @@ mod tests {
         // serves both-family requests; with that out too, it is lost.
         let v4 = session("u\0s", Families::V4, true).unwrap();
         let v6 = session("u\0s", Families::V6, true).unwrap();
-        a.steer(v4, false, None);
+        a.steer(v4, false, None, &usable);
         assert_eq!(session("u\0s", Families::ANY, true), Some(v6));
         assert_eq!(session("u\0s", Families::V4, true), None);
-        a.steer(v6, false, None);
+        a.steer(v6, false, None, &usable);
         assert_eq!(session("u\0s", Families::ANY, true), None);
     }
 
@@ -2989,9 +3024,9 @@ mod tests {
     fn a_pushback_for_an_address_out_of_the_rotation_is_kept() {
         let a = budgeted(&["10.0.0.1", "10.0.0.2"], "example.com=100/1m");
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        a.steer(ip("10.0.0.1"), false, None);
+        a.steer(ip("10.0.0.1"), false, None, &usable);
         assert!(a.pushback(ip("10.0.0.1"), "example.com", 429, Some(600), true));
-        a.steer(ip("10.0.0.1"), true, None);
+        a.steer(ip("10.0.0.1"), true, None, &usable);
         for _ in 0..3 {
             match a.lease_site(1, Families::V4, "example.com") {
                 Response::SiteLeased { lease, .. } => assert_eq!(lease.ip, ip("10.0.0.2")),
@@ -3354,7 +3389,7 @@ mod tests {
         let q = a.status_v2().pool[1].quarantine.clone().expect("out again");
         assert!(q.reason.contains("after 600ms"), "{}", q.reason);
         // Released by hand, it starts over: two more do not take it out.
-        a.steer(ip("10.0.0.2"), true, None);
+        a.steer(ip("10.0.0.2"), true, None, &usable);
         report(&a, "10.0.0.1", 2);
         assert!(a.status_v2().pool[1].quarantine.is_none());
         // One entry of three at most (a quarter, one at least): a second
@@ -3564,10 +3599,10 @@ mod tests {
         // A session begun in this run moves as ever while the source is
         // unread (its address out by hand: it moves for good).
         let new = named(&b, "u\0new");
-        b.steer(new, false, None);
+        b.steer(new, false, None, &usable);
         let moved = named(&b, "u\0new");
         assert_ne!(moved, new);
-        b.steer(new, true, None);
+        b.steer(new, true, None, &usable);
         assert_eq!(named(&b, "u\0new"), moved, "moved for good");
         b.apply_refresh(vec![Ok(one()), Ok(two())], &ok());
         assert_eq!(session(&b), ip("10.0.0.2"), "not moved");
@@ -3747,8 +3782,8 @@ mod tests {
             .collect();
         a.apply_refresh(vec![Ok(three())], &bad);
         // Every address out: the family empty, its position kept.
-        a.steer(ip("10.0.0.2"), true, None);
-        a.steer(ip("10.0.0.3"), true, None);
+        a.steer(ip("10.0.0.2"), true, None, &usable);
+        a.steer(ip("10.0.0.3"), true, None, &usable);
         let lease = || match a.lease(1, Families::ANY) {
             Response::Leased(l) => l.ip.to_string(),
             other => panic!("{other:?}"),
@@ -3809,7 +3844,7 @@ mod tests {
         a.apply_refresh(vec![Ok(list.clone())], &ok());
         let leased = |a: &Allocator| leased_set(a, 6);
         assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
-        assert_eq!(a.steer(ip("10.0.0.3"), false, None), Some(inner));
+        assert_eq!(a.steer(ip("10.0.0.3"), false, None, &usable), Some(inner));
         // The prefix out too (its route gone): the address does not serve.
         let bad: HashMap<Segment, Result<(), String>> = [(outer, Err("not usable".to_string()))]
             .into_iter()
@@ -3819,10 +3854,10 @@ mod tests {
         a.apply_refresh(vec![Ok(list.clone())], &bad);
         assert_eq!(leased(&a), ["10.0.0.1"], "still out after a refresh");
         // Released: its own entry serves while the prefix is out.
-        assert_eq!(a.steer(ip("10.0.0.3"), true, None), Some(inner));
+        assert_eq!(a.steer(ip("10.0.0.3"), true, None, &usable), Some(inner));
         assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.3"]);
         // An address in the prefix alone: the prefix is its entry.
-        assert_eq!(a.steer(ip("10.0.0.2"), true, None), Some(outer));
+        assert_eq!(a.steer(ip("10.0.0.2"), true, None, &usable), Some(outer));
         assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
     }
 
@@ -3853,8 +3888,14 @@ mod tests {
             v
         };
         let a = start();
-        assert_eq!(a.steer(ip("2001:db8:0:1::1"), false, None), Some(wide));
-        assert_eq!(a.steer(ip("2001:db8::1"), false, None), Some(narrow));
+        assert_eq!(
+            a.steer(ip("2001:db8:0:1::1"), false, None, &usable),
+            Some(wide)
+        );
+        assert_eq!(
+            a.steer(ip("2001:db8::1"), false, None, &usable),
+            Some(narrow)
+        );
         drop(a);
         let b = start();
         assert_eq!(out(&b), [wide, narrow]);
@@ -3877,10 +3918,15 @@ mod tests {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let a = start();
         a.apply_refresh(vec![Ok(all.clone())], &ok());
-        a.steer(ip("10.0.0.2"), false, None);
-        a.steer(ip("10.0.0.3"), false, Some(Duration::from_secs(3600)));
+        a.steer(ip("10.0.0.2"), false, None, &usable);
+        a.steer(
+            ip("10.0.0.3"),
+            false,
+            Some(Duration::from_secs(3600)),
+            &usable,
+        );
         // Out for a second only: gone by the restart below.
-        a.steer(ip("10.0.0.1"), false, Some(Duration::from_secs(1)));
+        a.steer(ip("10.0.0.1"), false, Some(Duration::from_secs(1)), &usable);
         let kept = crate::persist::read_hand(&dir.path().join(crate::persist::HAND_FILE_NAME));
         assert_eq!(kept.unwrap().0.len(), 3);
         drop(a);
@@ -3905,7 +3951,10 @@ mod tests {
         assert_eq!(leased(&a), ["10.0.0.1"; 4]);
         // Released while out of the pool: not out when it comes back.
         a.apply_refresh(vec![Ok(vec![e("10.0.0.1"), e("10.0.0.3")])], &ok());
-        assert_eq!(a.steer(ip("10.0.0.2"), true, None), Some(e("10.0.0.2")));
+        assert_eq!(
+            a.steer(ip("10.0.0.2"), true, None, &usable),
+            Some(e("10.0.0.2"))
+        );
         a.apply_refresh(vec![Ok(all.clone())], &ok());
         assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.2", "10.0.0.1", "10.0.0.2"]);
         // Held while out of the pool, then back inside a prefix: the
@@ -3917,7 +3966,7 @@ mod tests {
         assert_eq!(leased_set(&a, 4), ["10.0.0.1", "10.0.0.2", "10.0.0.3"]);
         a.apply_refresh(vec![Ok(all.clone())], &ok());
         assert_eq!(leased_set(&a, 4), ["10.0.0.1", "10.0.0.2"]);
-        a.steer(ip("10.0.0.3"), true, None);
+        a.steer(ip("10.0.0.3"), true, None, &usable);
         drop(a);
         let a = start();
         a.apply_refresh(vec![Ok(all.clone())], &ok());
@@ -3930,7 +3979,7 @@ mod tests {
         let a = start();
         a.apply_refresh(vec![Ok(all.clone())], &ok());
         assert_eq!(leased(&a), ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.1"]);
-        a.steer(ip("10.0.0.1"), false, None);
+        a.steer(ip("10.0.0.1"), false, None, &usable);
         assert_eq!(crate::persist::read_hand(&path).unwrap().0.len(), 1);
         assert!(path.with_extension("json.corrupt").exists());
 

@@ -80,6 +80,12 @@ impl Checker {
     }
 }
 
+/// Whether this host can use `entry` now, by routes read a moment ago
+/// (after a failure, or for an operator's release).
+pub fn usable_now(entry: &Segment) -> Result<(), String> {
+    Checker::recent(rotor_protocol::routes::AFTER_A_FAILURE).check(entry)
+}
+
 /// The index of the interface this host sends from `src` to `dst` through
 /// (what `ip route get DST from SRC` says): a route lookup over rtnetlink,
 /// rules on the source included. Nothing is sent to `dst`. `Ok(None)`: no

@@ -9,7 +9,7 @@ use rotor::cli::ControlArgs;
 use rotor::signals::Signals;
 use rotor::up::UpArgs;
 use rotor_protocol::{
-    error_chain, PeerStatus, Request, Response, SitesReport, SourceStatus, StatusReport,
+    error_chain, PeerStatus, Request, Response, Segment, SitesReport, SourceStatus, StatusReport,
     StatusReportV2, MINOR_FAMILIES, MINOR_METRICS, MINOR_RELOAD_REPORT, MINOR_SITES,
     MINOR_SITES_V2, MINOR_WORKER_RELOADS,
 };
@@ -468,6 +468,14 @@ async fn steer(
         say!("rotor: {why}");
         return ExitCode::FAILURE;
     }
+    // A release puts back only what this host can use (an older allocator
+    // put anything back, untested).
+    if let (true, Ok(Response::Steered { entry: Some(e) })) = (release, &answer) {
+        if let Some(reason) = out_of_rotation(control, *e).await {
+            say!("rotor: {e} stays out of the rotation: {reason}");
+            return ExitCode::FAILURE;
+        }
+    }
     report(answer, |r| match r {
         Response::Steered { entry: Some(e) } => Some(match (release, for_) {
             (true, _) => format!("{e} is back in the rotation"),
@@ -479,6 +487,18 @@ async fn steer(
         }),
         _ => None,
     })
+}
+
+/// Why `entry` is out of the rotation, if the allocator's status says it
+/// is.
+async fn out_of_rotation(control: &ControlArgs, entry: Segment) -> Option<String> {
+    let mut report = match status(control).await {
+        Ok(Response::StatusV2(s) | Response::StatusCut { report: s, .. }) => s,
+        _ => return None,
+    };
+    report.fill_reasons();
+    let e = report.pool.into_iter().find(|x| x.entry == entry)?;
+    e.quarantine.map(|q| q.reason)
 }
 
 /// The allocator's status, as much of it as its protocol minor answers.

@@ -565,6 +565,8 @@ async fn the_admin_api_steers_addresses_with_its_token_only() {
     let alloc = Allocator::start(&[
         "--pool",
         "127.0.0.2-127.0.0.3",
+        "--pool",
+        "203.0.113.77",
         "--metrics-listen",
         &listen,
         "--admin-token-file",
@@ -622,6 +624,15 @@ async fn the_admin_api_steers_addresses_with_its_token_only() {
         assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
     }
     assert!(origin.sources()[before..].contains(&two));
+    // One this host cannot use stays out when released: 409, and why.
+    let unusable = r#"{"address":"203.0.113.77"}"#;
+    let (status, out) = post(metrics, "/admin/release", Some(token), unusable);
+    assert_eq!(status, 409, "{out}");
+    assert!(
+        out.contains("\"in_rotation\":false")
+            && out.contains("203.0.113.77 stays out of the rotation: "),
+        "{out}"
+    );
     // A new token, put in place by rename, is read at the reload; the old
     // one is refused from then on.
     let new_token = "a-n3w-t0ken-after-the-reload";

@@ -354,6 +354,26 @@ async fn an_address_this_host_lacks_is_quarantined_not_leased() {
     assert!(reason.contains("EADDRNOTAVAIL"), "{reason}");
     let text = rotor_control("status", &alloc.socket, &[]);
     assert!(text.contains("QUARANTINED"), "{text}");
+    // Released by hand, it is checked first: still not this host's, it
+    // stays out (put back untested, its next lease failed), and the
+    // command fails saying why.
+    let socket = alloc.socket.to_str().unwrap();
+    let release = std::process::Command::new(ROTOR)
+        .args(["release", "--socket", socket, "203.0.113.77"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&release.stdout) + String::from_utf8_lossy(&release.stderr);
+    assert!(!release.status.success(), "{said}");
+    assert!(
+        said.contains("203.0.113.77 stays out of the rotation: ") && said.contains("EADDRNOTAVAIL"),
+        "{said}"
+    );
+    assert!(!status_json(&alloc.socket)["pool"][1]["quarantined"].is_null());
+    for i in 0..2 {
+        let r = get(w.addr, &origin.url("/")).await;
+        assert_eq!(r.status, 200, "after the release {i}: {:?}", r.body);
+    }
+    assert_eq!(origin.sources(), cycle(&[ips(2..=2)[0], ips(3..=3)[0]], 8));
     // --check names it; with nothing usable at all it fails.
     let check = |pool: &str| {
         std::process::Command::new(ALLOCATOR)

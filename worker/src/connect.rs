@@ -166,10 +166,10 @@ fn this_hosts(ip: IpAddr) -> bool {
 /// (another lease is tried, and the allocator told). The bind took it by
 /// a reading of the routes up to a second old: a prefix's local route
 /// deleted within that second still bound with freebind, and its SYN's
-/// answers went elsewhere. Asked of routes read at most 100 ms ago (only
-/// on a timeout: ten readings a second at most, however many time out).
+/// answers went elsewhere. Asked of a fresh reading (only on a timeout).
 fn gone(source: IpAddr) -> Option<ProxyError> {
-    let routes = rotor_protocol::routes::LocalRoutes::current(Duration::from_millis(100));
+    use rotor_protocol::routes::{LocalRoutes, AFTER_A_FAILURE};
+    let routes = LocalRoutes::current(AFTER_A_FAILURE);
     (routes.holds(source) == Some(false)).then(|| ProxyError::SourceUnavailable {
         ip: source,
         source: io::Error::new(
