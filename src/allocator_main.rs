@@ -13,6 +13,7 @@ use crate::cli::{AllocatorArgs, FileConfig};
 /// The whole life of allocator process, after logging is set up. Must run
 /// before any other thread starts (socket activation clears variables).
 pub fn allocator(args: AllocatorArgs) -> ExitCode {
+    rotor_protocol::map_large_allocations();
     // Before any thread exists: this clears the activation variables.
     let passed = match activation::take_systemd() {
         Ok(p) => p,

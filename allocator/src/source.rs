@@ -279,7 +279,12 @@ pub fn run_pool_command(cmd: &str, timeout: Duration) -> Result<Vec<Segment>, So
                 kept.extend_from_slice(&buf[..n.min(room)]);
                 dropped |= n > room;
             }
-            let _ = tx.send((String::from_utf8_lossy(&kept).into_owned(), dropped));
+            // (moved, not copied, when it is UTF-8: up to 16 MiB)
+            let text = match String::from_utf8(kept) {
+                Ok(text) => text,
+                Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+            };
+            let _ = tx.send((text, dropped));
         });
         rx
     }
