@@ -458,18 +458,20 @@ fn an_ipv6_local_route_of_a_policy_table_is_not_the_hosts() {
             "-6 route add local 2001:db8:98::/64 dev lo",
         ],
         || async {
-            let pool = "2001:db8:98::/64,2001:db8:99::/64";
-            let alloc = Allocator::start(&["--pool", pool]).await;
+            let alloc = Allocator::start(&["--pool", "2001:db8:99::/64,2001:db8:98::/64"]).await;
             let status = status_json(&alloc.socket);
-            assert_eq!(status["pool"][1]["ip"], "2001:db8:99::/64");
-            let reason = status["pool"][1]["quarantined"]["reason"]
+            assert_eq!(status["pool"][0]["ip"], "2001:db8:99::/64");
+            let reason = status["pool"][0]["quarantined"]["reason"]
                 .as_str()
                 .unwrap_or_default();
             assert!(
                 reason.contains("not all of 2001:db8:99::/64 is this host's"),
                 "{status}"
             );
-            assert!(status["pool"][0]["quarantined"].is_null(), "{status}");
+            assert!(status["pool"][1]["quarantined"].is_null(), "{status}");
+            // The /64 behind it is leased meanwhile.
+            let next = status["families"][1]["next"].as_str().unwrap_or_default();
+            assert!(next.starts_with("2001:db8:98:"), "{status}");
         },
     );
 }
