@@ -25,11 +25,10 @@ use std::time::{Duration, Instant};
 
 use crate::{PrefixSet, Segment};
 
-/// How old a reading of the routes may be when a failure asks whether an
-/// address is still this host's (a worker's connect timed out, a worker
-/// reported an address, an operator released one): fresh enough to see a
-/// route deleted a moment before, and one reading in 100 ms at most
-/// however many ask.
+/// How old a reading of the routes may be when the allocator asks whether
+/// an address is still this host's after a failure (a worker reported it)
+/// or for an operator's release: fresh enough to see a route deleted a
+/// moment before, and one reading in 100 ms at most however many ask.
 pub const AFTER_A_FAILURE: Duration = Duration::from_millis(100);
 
 /// The local routes of both families; a family whose table could not be

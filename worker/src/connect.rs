@@ -38,7 +38,7 @@ pub async fn connect_from(
         }
         let share = (left / u32::try_from(candidates.len() - i).unwrap_or(u32::MAX))
             .max(ATTEMPT_MIN.min(left));
-        let sock = bound_socket(source, *dest)?;
+        let (sock, freebound) = bound_socket(source, *dest)?;
         // (`within`: a slow connect has the fast path watch its client.)
         match crate::h1::within(share, sock.connect(*dest))
             .await
@@ -51,7 +51,7 @@ pub async fn connect_from(
             // The kernel gave up first (its SYN retries, `tcp_syn_retries`,
             // ran out within the share): a timeout all the same.
             Ok(Err(e)) if e.raw_os_error() == Some(libc::ETIMEDOUT) => {
-                if let Some(gone) = gone(source) {
+                if let Some(gone) = freebound.then(|| gone(source, now)).flatten() {
                     return Err(gone);
                 }
                 last = Some(ProxyError::ConnectTimeout {
@@ -71,7 +71,7 @@ pub async fn connect_from(
             }
             Ok(Err(e)) => last = Some(ProxyError::from_connect(dest.to_string(), e)),
             Err(_) => {
-                if let Some(gone) = gone(source) {
+                if let Some(gone) = freebound.then(|| gone(source, now)).flatten() {
                     return Err(gone);
                 }
                 last = Some(ProxyError::ConnectTimeout {
@@ -114,7 +114,9 @@ const ATTEMPT_MIN: Duration = Duration::from_secs(3);
 /// picks — the host's own — which a rotating proxy must never do, and so
 /// does `::ffff:0.0.0.0`, IPv4's unspecified address on a dual-stack
 /// socket.
-fn bound_socket(source: IpAddr, dest: SocketAddr) -> Result<TcpSocket, ProxyError> {
+///
+/// Whether it was bound with freebind, beside it.
+fn bound_socket(source: IpAddr, dest: SocketAddr) -> Result<(TcpSocket, bool), ProxyError> {
     if let Some(why) = rotor_protocol::addr::not_a_source_ip(source) {
         return Err(ProxyError::SourceUnavailable {
             ip: source,
@@ -143,14 +145,15 @@ fn bound_socket(source: IpAddr, dest: SocketAddr) -> Result<TcpSocket, ProxyErro
         return Err(unusable(io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)));
     }
     let at = SocketAddr::new(source, 0).into();
-    match sock.bind(&at) {
+    let freebound = match sock.bind(&at) {
         Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) && locally_routed(source) => {
             sock.set_freebind_v6(true).map_err(ProxyError::Socket)?;
             sock.bind(&at).map_err(unusable)?;
+            true
         }
-        r => r.map_err(unusable)?,
-    }
-    Ok(TcpSocket::from_std_stream(sock.into()))
+        r => r.map(|()| false).map_err(unusable)?,
+    };
+    Ok((TcpSocket::from_std_stream(sock.into()), freebound))
 }
 
 /// Whether this host holds `ip` (a local route covers it), by a reading of
@@ -161,15 +164,15 @@ fn this_hosts(ip: IpAddr) -> bool {
         .unwrap_or(true)
 }
 
-/// A connect from `source` that timed out because `source` left this host
-/// while its SYN waited: the source's fault, not the destination's
-/// (another lease is tried, and the allocator told). The bind took it by
-/// a reading of the routes up to a second old: a prefix's local route
-/// deleted within that second still bound with freebind, and its SYN's
-/// answers went elsewhere. Asked of a fresh reading (only on a timeout).
-fn gone(source: IpAddr) -> Option<ProxyError> {
-    use rotor_protocol::routes::{LocalRoutes, AFTER_A_FAILURE};
-    let routes = LocalRoutes::current(AFTER_A_FAILURE);
+/// A connect from `source`, bound with freebind, that timed out because
+/// `source` left this host while its SYN waited: the source's fault, not
+/// the destination's (another lease is tried, and the allocator told).
+/// The bind took it by a reading of the routes up to a second old: a
+/// prefix's local route deleted within that second still bound, and the
+/// SYN's answers went elsewhere. Asked of a reading made since the
+/// attempt `began` (one a connect timeout at most, however many time out).
+fn gone(source: IpAddr, began: tokio::time::Instant) -> Option<ProxyError> {
+    let routes = rotor_protocol::routes::LocalRoutes::current(began.elapsed());
     (routes.holds(source) == Some(false)).then(|| ProxyError::SourceUnavailable {
         ip: source,
         source: io::Error::new(
