@@ -113,7 +113,8 @@ pub struct Message<'a> {
 }
 
 impl<'a> Message<'a> {
-    /// An `NLMSG_ERROR`'s error (`None` for an acknowledgement).
+    /// An `NLMSG_ERROR`'s error (`None` for an acknowledgement), or an
+    /// `NLMSG_DONE`'s (`None`: the dump is whole).
     pub fn error(&self) -> io::Result<Option<io::Error>> {
         if self.body.len() < 4 {
             return Err(invalid("an error message cut short"));

@@ -45,7 +45,22 @@ impl LocalRoutes {
         let file = |path| std::fs::read_to_string(path).ok();
         LocalRoutes {
             v4: file("/proc/net/fib_trie").map(|t| parse_fib_trie(&t)),
-            v6: netlink::local_routes(crate::Family::V6).ok(),
+            v6: match netlink::local_routes(crate::Family::V6) {
+                Ok(routes) => Some(routes),
+                // A sandbox refusing netlink sockets (a unit's
+                // `RestrictAddressFamilies=` without AF_NETLINK, as the
+                // worker's own had): the file, which lists every table's
+                // local routes without saying which.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EAFNOSUPPORT | libc::EPERM | libc::EACCES)
+                    ) =>
+                {
+                    file("/proc/net/ipv6_route").map(|t| parse_ipv6_route(&t))
+                }
+                Err(_) => None,
+            },
         }
     }
 
@@ -104,6 +119,27 @@ impl LocalRoutes {
         };
         routes.map(|r| r.covers_all(entry))
     }
+}
+
+/// `/proc/net/ipv6_route`'s local routes (the `RTF_LOCAL` flag), of every
+/// table: where netlink is refused.
+fn parse_ipv6_route(table: &str) -> PrefixSet {
+    const RTF_LOCAL: u32 = 0x8000_0000;
+    let mut prefixes = PrefixSet::default();
+    for line in table.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let parsed = (|| {
+            let dest = u128::from_str_radix(f.first()?, 16).ok()?;
+            let len = u8::from_str_radix(f.get(1)?, 16).ok()?;
+            let flags = u32::from_str_radix(f.get(8)?, 16).ok()?;
+            (flags & RTF_LOCAL != 0 && len > 0).then_some(())?;
+            Segment::prefix(IpAddr::from(dest.to_be_bytes()), len)
+        })();
+        if let Some(p) = parsed {
+            prefixes.insert(p);
+        }
+    }
+    prefixes
 }
 
 /// `fib_trie` lists each table as a tree whose leaves are `|-- ADDRESS`
@@ -196,7 +232,11 @@ mod netlink {
                 return Err(io::ErrorKind::Interrupted.into());
             }
             match m.kind {
-                NLMSG_DONE => return Ok(true),
+                // With its error, if the kernel could not finish the dump.
+                NLMSG_DONE => match m.body.len() < 4 {
+                    true => return Ok(true),
+                    false => return m.error()?.map_or(Ok(true), Err),
+                },
                 NLMSG_ERROR => {
                     return Err(m
                         .error()?
@@ -356,6 +396,60 @@ mod tests {
         let dump = netlink::fake::dump(&[route("2001:db8:97::", 64, LOCAL, 254)]);
         let mut set = PrefixSet::default();
         assert!(netlink::read(&dump[..20], crate::Family::V6, &mut set).is_err());
+    }
+
+    /// A dump comes in several datagrams; a message of another request is
+    /// not of it; its end may carry an error, and a message flagged
+    /// interrupted asks for it again: each an error, not a short table.
+    #[test]
+    fn a_dump_is_read_over_datagrams_to_its_end() {
+        use crate::netlink::{message, NLMSG_DONE, NLM_F_DUMP, NLM_F_DUMP_INTR};
+        use crate::Family::V6;
+        use netlink::fake::{dump, LOCAL};
+        // The end of a dump: a header and an int.
+        let end = 20;
+        let first = dump(&[route("2001:db8:97::", 64, LOCAL, 254)]);
+        let last = dump(&[route("2001:db8:96::", 64, LOCAL, 255)]);
+        let mut other = dump(&[route("2001:db8:95::", 64, LOCAL, 255)]);
+        other.truncate(other.len() - end);
+        other[8..12].copy_from_slice(&7u32.to_ne_bytes());
+        let mut set = PrefixSet::default();
+        assert!(!netlink::read(&first[..first.len() - end], V6, &mut set).unwrap());
+        assert!(!netlink::read(&other, V6, &mut set).unwrap());
+        assert!(netlink::read(&last, V6, &mut set).unwrap());
+        let r = LocalRoutes {
+            v4: None,
+            v6: Some(set),
+        };
+        assert_eq!(r.holds(ip("2001:db8:97::1")), Some(true));
+        assert_eq!(r.holds(ip("2001:db8:96::1")), Some(true));
+        assert_eq!(r.holds(ip("2001:db8:95::1")), Some(false));
+        let failed = message(NLMSG_DONE, NLM_F_DUMP, &(-libc::EBUSY).to_ne_bytes(), &[]);
+        let mut set = PrefixSet::default();
+        let err = netlink::read(&failed, V6, &mut set).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBUSY));
+        let mut interrupted = first.clone();
+        interrupted[6..8].copy_from_slice(&(NLM_F_DUMP | NLM_F_DUMP_INTR).to_ne_bytes());
+        let err = netlink::read(&interrupted, V6, &mut set).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::Interrupted);
+    }
+
+    /// Where netlink is refused, `/proc/net/ipv6_route`'s local routes.
+    #[test]
+    fn ipv6_route_local_entries_are_read() {
+        let table = "\
+20010db8007700000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 80000001       lo
+20010db8008800000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 00000001     eth0
+00000000000000000000000000000000 00 00000000000000000000000000000000 00 00000000000000000000000000000000 00000400 00000001 00000000 80000001       lo
+garbage
+";
+        let r = LocalRoutes {
+            v4: None,
+            v6: Some(parse_ipv6_route(table)),
+        };
+        assert_eq!(r.holds(ip("2001:db8:77::5")), Some(true));
+        assert_eq!(r.holds(ip("2001:db8:88::5")), Some(false), "not local");
+        assert_eq!(r.holds(ip("2001:db8:99::5")), Some(false), "no catch-all");
     }
 
     /// This host's own routes, read over netlink: `::1` is on lo wherever

@@ -211,6 +211,50 @@ fn an_ipv6_64_routed_to_the_host_is_a_pool() {
     );
 }
 
+/// The worker confined to its unit's address families (deploy's
+/// `RestrictAddressFamilies=`, as systemd applies it: a seccomp filter)
+/// serves a /64 routed to the host. It reads its local routes over
+/// netlink, which the unit must allow (it did not: every IPv6 request got
+/// a 503); confined without netlink, as a unit copied before is, it reads
+/// them from `/proc/net/ipv6_route` and serves still.
+#[test]
+fn a_worker_confined_to_its_units_families_serves_a_routed_64() {
+    let unit = include_str!("../../deploy/rotor-worker@.service");
+    let families = unit_families(unit);
+    assert!(
+        families.contains(&libc::AF_NETLINK),
+        "the worker's unit must allow netlink sockets (its local routes)"
+    );
+    in_netns(
+        "a_worker_confined_to_its_units_families_serves_a_routed_64",
+        &[
+            "-6 route add local 2001:db8:7::/64 dev lo",
+            "-6 addr add fd00:9::1/128 dev lo nodad",
+        ],
+        move || async move {
+            let origin = Origin::start_on("[fd00:9::1]:0".parse().unwrap()).await;
+            let alloc = Allocator::start(&["--pool", "2001:db8:7::/64"]).await;
+            let without: Vec<i32> = (families.iter().copied())
+                .filter(|&f| f != libc::AF_NETLINK)
+                .collect();
+            for confined in [&families, &without] {
+                let mut cmd = std::process::Command::new(WORKER);
+                if !confine_families(&mut cmd, confined) {
+                    return skip("no seccomp filter for this architecture in the test");
+                }
+                let args = ["--allow-destination", "fd00:9::1"];
+                let w = Worker::start_cmd(cmd, &alloc.socket, free_port(), &args).await;
+                for i in 0..3 {
+                    let r = get(w.addr, &origin.url("/")).await;
+                    assert_eq!(r.status, 200, "{confined:?}, request {i}: {:?}", r.body);
+                }
+            }
+            let prefix = Segment::prefix(v6("2001:db8:7::"), 64).unwrap();
+            assert!(origin.sources().iter().all(|s| prefix.contains(*s)));
+        },
+    );
+}
+
 /// Entries behind a /64 in their family are never leased (the cursor
 /// counts 2^44 addresses at most): `--check` and the allocator's log say
 /// which, and how to list them instead. The entries ahead of it, and

@@ -1339,3 +1339,88 @@ pub async fn curl(args: &[&str]) -> (i32, String) {
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
     )
 }
+
+/// The address families a unit's `RestrictAddressFamilies=` allows (of
+/// those rotor may use), as libc numbers.
+pub fn unit_families(unit: &str) -> Vec<i32> {
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("RestrictAddressFamilies="))
+        .expect("the unit restricts its address families");
+    line.split_whitespace()
+        .map(|name| match name {
+            "AF_UNIX" => libc::AF_UNIX,
+            "AF_INET" => libc::AF_INET,
+            "AF_INET6" => libc::AF_INET6,
+            "AF_NETLINK" => libc::AF_NETLINK,
+            other => panic!("a family the test does not know: {other}"),
+        })
+        .collect()
+}
+
+/// Has `cmd` run with sockets of `families` only, as systemd's
+/// `RestrictAddressFamilies=` does: a seccomp filter under which a
+/// `socket()` of any other family fails with EAFNOSUPPORT. `false` (and
+/// `cmd` unchanged) where the test has no filter for the architecture.
+pub fn confine_families(cmd: &mut Command, families: &[i32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::os::unix::process::CommandExt;
+        const AUDIT_ARCH_X86_64: u32 = 0xC000_003E;
+        const LD_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+        const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+        const RET: u16 = 0x06; // BPF_RET | BPF_K
+        const ALLOW: u32 = 0x7fff_0000;
+        let refuse = 0x0005_0000 | libc::EAFNOSUPPORT as u32;
+        let op = |code, k| libc::sock_filter {
+            code,
+            jt: 0,
+            jf: 0,
+            k,
+        };
+        // seccomp_data: nr at 0, arch at 4, args[0]'s low word at 16.
+        let mut prog = vec![
+            op(LD_ABS, 4),
+            op(JEQ, AUDIT_ARCH_X86_64),
+            op(LD_ABS, 0),
+            op(JEQ, libc::SYS_socket as u32),
+            op(LD_ABS, 16),
+        ];
+        let mut allowed = vec![1, 3];
+        for f in families {
+            allowed.push(prog.len());
+            prog.push(op(JEQ, *f as u32));
+        }
+        prog.push(op(RET, refuse));
+        let allow = prog.len();
+        prog.push(op(RET, ALLOW));
+        // The two first jump to allow when unequal, the families when equal.
+        for i in allowed {
+            let to = (allow - i - 1) as u8;
+            match i {
+                1 | 3 => prog[i].jf = to,
+                _ => prog[i].jt = to,
+            }
+        }
+        unsafe {
+            cmd.pre_exec(move || {
+                let fprog = libc::sock_fprog {
+                    len: prog.len() as u16,
+                    filter: prog.as_ptr() as *mut libc::sock_filter,
+                };
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                    || libc::prctl(libc::PR_SET_SECCOMP, 2, &fprog as *const _) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (cmd, families);
+        false
+    }
+}
