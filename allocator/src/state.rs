@@ -1555,7 +1555,8 @@ impl Allocator {
                 Some(_) => {}
             }
         }
-        let checked = crate::usable::usable_now(&Segment::single(ip));
+        let checked = crate::usable::Checker::recent(rotor_protocol::routes::AFTER_A_FAILURE)
+            .check(&Segment::single(ip));
         if checked.is_ok() {
             tracing::debug!(%ip, reason, "a worker reported an address this host can use: left in the rotation");
             return false;

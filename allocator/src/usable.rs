@@ -80,10 +80,10 @@ impl Checker {
     }
 }
 
-/// Whether this host can use `entry` now, by routes read a moment ago
-/// (after a failure, or for an operator's release).
+/// Whether this host can use `entry` now, by the routes read now (an
+/// operator's release: a route added a moment before counts).
 pub fn usable_now(entry: &Segment) -> Result<(), String> {
-    Checker::recent(rotor_protocol::routes::AFTER_A_FAILURE).check(entry)
+    Checker::default().check(entry)
 }
 
 /// The index of the interface this host sends from `src` to `dst` through

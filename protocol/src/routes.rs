@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 use crate::{PrefixSet, Segment};
 
 /// How old a reading of the routes may be when the allocator asks whether
-/// an address is still this host's after a failure (a worker reported it)
-/// or for an operator's release: fresh enough to see a route deleted a
-/// moment before, and one reading in 100 ms at most however many ask.
+/// an address is still this host's after a worker reported it: fresh
+/// enough to see a route deleted a moment before, and one reading in
+/// 100 ms at most however many report.
 pub const AFTER_A_FAILURE: Duration = Duration::from_millis(100);
 
 /// The local routes of both families; a family whose table could not be
