@@ -45,8 +45,18 @@ pub fn forget_empty_env() {
 /// lines share `rotor up`'s stderr (and, under systemd, its pid in the
 /// journal), and which worker said what could not be told.
 pub fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let spec = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut filter = tracing_subscriber::EnvFilter::try_new(&spec)
+        .ok()
+        .filter(|_| !spec.is_empty())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new(default));
+    // rustls warns of each client's own quirk, once a connection (an IP
+    // address as SNI, as Node's undici sends one: a line a connection at
+    // thousands a second); rotor says what matters of a handshake itself.
+    // Unless the filter names rustls.
+    if !spec.contains("rustls") {
+        filter = filter.add_directive("rustls=error".parse().expect("a directive"));
+    }
     let name = std::env::var(LOG_NAME).ok().filter(|n| !n.is_empty());
     let prefix: &'static str = match name {
         Some(n) => Box::leak(format!("{}[{}]: ", n, std::process::id()).into_boxed_str()),
