@@ -118,11 +118,11 @@ pub enum ProxyError {
         #[source]
         source: io::Error,
     },
-    #[error("connecting to {dest} took longer than {timeout:?}")]
+    #[error("connecting to {dest} took longer than {}", to_ms(timeout))]
     ConnectTimeout { dest: String, timeout: Duration },
-    #[error("{dest} sent no response within {timeout:?}")]
+    #[error("{dest} sent no response within {}", to_ms(timeout))]
     ResponseTimeout { dest: String, timeout: Duration },
-    #[error("{dest} took none of the request for {timeout:?}")]
+    #[error("{dest} took none of the request for {}", to_ms(timeout))]
     WriteTimeout { dest: String, timeout: Duration },
     #[error("upstream HTTP exchange with {dest} failed")]
     Upstream {
@@ -179,9 +179,19 @@ impl Failed {
     }
 }
 
+/// A time waited, to the millisecond (a share of a timeout worked out
+/// from a deadline read `9.999999583s`).
+fn to_ms(d: &Duration) -> String {
+    let ms = (d.as_micros() + 500) / 1000;
+    format!(
+        "{:?}",
+        Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX))
+    )
+}
+
 fn dns_timeout_text(host: &str, timeout: Option<Duration>) -> String {
     match timeout {
-        Some(t) => format!("resolving {host} took longer than {t:?}"),
+        Some(t) => format!("resolving {host} took longer than {}", to_ms(&t)),
         None => format!(
             "the DNS servers did not answer for {host} (their timeouts and attempts ran out)"
         ),
@@ -473,6 +483,24 @@ pub fn proxy_status(kind: Option<&str>, details: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A share of a timeout is said to the millisecond.
+    #[test]
+    fn timeouts_are_said_to_the_millisecond() {
+        let e = ProxyError::ConnectTimeout {
+            dest: "192.0.2.1:80".into(),
+            timeout: Duration::from_nanos(9_999_999_583),
+        };
+        assert_eq!(
+            e.to_string(),
+            "connecting to 192.0.2.1:80 took longer than 10s"
+        );
+        let e = ProxyError::ResponseTimeout {
+            dest: "x".into(),
+            timeout: Duration::from_micros(2_500_400),
+        };
+        assert_eq!(e.to_string(), "x sent no response within 2.5s");
+    }
 
     /// A refused destination's answer names neither the address its name
     /// resolved to nor the rule (the log line does); a refused port is
