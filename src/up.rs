@@ -994,7 +994,16 @@ async fn supervise(
                 if restarts.failed(&slot.name, &streaks, &signals) {
                     return;
                 }
-                warn!(child = %slot.name, status = %how(&s), retry_in = ?restarts.backoff, "exited unexpectedly; restarting");
+                match s.as_ref().is_ok_and(|s| s.success()) {
+                    // Stopped cleanly by a signal from outside (an
+                    // operator's SIGTERM to one worker).
+                    true => {
+                        info!(child = %slot.name, retry_in = ?restarts.backoff, "stopped cleanly, not by rotor up; restarting")
+                    }
+                    false => {
+                        warn!(child = %slot.name, status = %how(&s), retry_in = ?restarts.backoff, "exited unexpectedly; restarting")
+                    }
+                }
                 if !restarts.wait(&stop).await {
                     return;
                 }

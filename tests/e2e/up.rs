@@ -907,7 +907,8 @@ async fn rotor_up_is_ready_once_the_allocator_answers() {
 
 /// Under `rotor up` each child's log lines start with its name and pid
 /// (`worker 2[1234]: `): they share `rotor up`'s stderr (and its pid in
-/// the journal), and which worker said what could not be told.
+/// the journal), and which worker said what could not be told. A worker
+/// an operator stops is not logged as crashed.
 #[tokio::test]
 async fn each_childs_log_lines_name_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -921,8 +922,22 @@ async fn each_childs_log_lines_name_it() {
     })
     .await;
     let pids = worker_pids(&socket);
+    // One stopped cleanly from outside (an operator's SIGTERM) is started
+    // again, and said so at info, not as a crash.
+    kill(Pid::from_raw(pids[0]), Signal::SIGTERM).unwrap();
+    eventually("a replacement worker", || async {
+        let now = worker_pids(&socket);
+        now.len() == 2 && !now.contains(&pids[0])
+    })
+    .await;
     stopped(up).await;
     let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("exited unexpectedly"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains("INFO") && l.contains("stopped cleanly, not by rotor up")),
+        "{text}"
+    );
     for pid in pids {
         let named = |l: &&str| l.starts_with("worker ") && l.contains(&format!("[{pid}]: "));
         assert!(text.lines().filter(named).count() >= 2, "{pid}: {text}");
