@@ -506,24 +506,24 @@ pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
     );
     r.register(
         "rotor_upstream_connect_seconds",
-        "Time to connect to a destination from a leased address",
+        "Time to connect to a destination from a leased address (connects made; failed ones are in rotor_source_connect_errors_total)",
         Counted(m.connect_seconds.clone()),
     );
     r.register(
         "rotor_lease_wait_seconds",
-        "Time a request waited for its lease (with --budget-wait, its wait for a site's budget)",
+        "Time a request waited for its lease, answered or refused (with --budget-wait, its wait for a site's budget)",
         Counted(m.lease_wait_seconds.clone()),
     );
     r.register(
         "rotor_allocator_lease_seconds",
-        "Time the allocator took to answer a lease over its socket",
+        "Time the allocator itself took to answer a lease over its socket (its own work, not the round trip: see rotor_lease_wait_seconds)",
         Counted(m.allocator_lease_seconds.clone()),
     );
     let worker = |w: &WorkerGauges| label("worker", w.pid.to_string());
     gauge_family(
         &mut r,
         "rotor_worker_up",
-        "1 for each worker connected to the allocator",
+        "1 for each worker connected to the allocator (a stuck worker stays connected: /health tells one silent for 5 s)",
         m.workers.values().map(|w| (worker(w), 1)),
     );
     gauge_family(

@@ -675,6 +675,32 @@ async fn the_admin_api_steers_addresses_with_its_token_only() {
     assert_eq!(post(plain, "/admin/release", Some(token), body).0, 404);
 }
 
+/// A request refused its lease (a site's budget spent) counts its wait in
+/// `rotor_lease_wait_seconds` as one answered does: the refused waits are
+/// the histogram's worst, and it left them out.
+#[tokio::test]
+async fn a_refused_lease_wait_is_observed_too() {
+    let origin = Origin::start().await;
+    let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let listen = metrics.to_string();
+    let alloc = Allocator::start(&[
+        "--pool",
+        "127.0.0.2",
+        "--site-limit",
+        "127.0.0.1=1/1h",
+        "--metrics-listen",
+        &listen,
+    ])
+    .await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+    assert_eq!(get(w.addr, &origin.url("/")).await.status, 429);
+    eventually("both waits reported", || async {
+        sample(&scrape(metrics), "rotor_lease_wait_seconds_count") == Some(2.0)
+    })
+    .await;
+}
+
 /// A tunnel closed for silence (as most browser tunnels end) still counts
 /// the bytes it moved; they were lost unless the relay ended cleanly.
 #[tokio::test]

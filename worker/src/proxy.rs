@@ -793,7 +793,7 @@ impl Proxy {
                         .await
                 }
             };
-            return Err(match answer {
+            let refused = match answer {
                 Ok(granted) => {
                     self.meter.leased(asked.elapsed());
                     return Ok(granted);
@@ -838,7 +838,12 @@ impl Proxy {
                     ProxyError::SessionsFull { retry_after }
                 }
                 Err(other) => ProxyError::Allocator(other),
-            });
+            };
+            // A wait that ended refused is a wait too (an allocator that
+            // did not answer, a budget that did not free in time): the
+            // histogram's worst.
+            self.meter.leased(asked.elapsed());
+            return Err(refused);
         }
     }
 
