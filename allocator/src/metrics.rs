@@ -605,7 +605,7 @@ pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
     counter_family(
         &mut r,
         "rotor_leases",
-        "Leases handed out",
+        "Leases handed out: the rotation's own count, which goes on across an allocator restart with a state directory (the per-source counts start over)",
         [(vec![], pool.leases_total)],
     );
     gauge_family(
