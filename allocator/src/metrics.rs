@@ -56,6 +56,8 @@ pub struct WorkerGauges {
     pub requests: u64,
     /// The run (`WorkerMetrics::boot`).
     pub boot: u64,
+    /// When its last report came, in Unix seconds.
+    pub reported_at: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -199,6 +201,9 @@ impl HostMetrics {
             .collect();
         w.connections_open = m.connections_open;
         w.tunnels_open = m.tunnels_open;
+        w.reported_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let run = self.run_requests.entry(m.boot).or_default();
         *run = run.saturating_add(m.requests);
         w.requests = *run;
@@ -523,8 +528,16 @@ pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
     gauge_family(
         &mut r,
         "rotor_worker_up",
-        "1 for each worker connected to the allocator (a stuck worker stays connected: /health tells one silent for 5 s)",
+        "1 for each worker connected to the allocator (a stuck worker stays connected: see rotor_worker_last_report_timestamp_seconds)",
         m.workers.values().map(|w| (worker(w), 1)),
+    );
+    gauge_family(
+        &mut r,
+        "rotor_worker_last_report_timestamp_seconds",
+        "When a worker last reported (each second while it runs): `time() - rotor_worker_last_report_timestamp_seconds > 5` is a stuck worker, which stays connected",
+        m.workers
+            .values()
+            .map(|w| (worker(w), i64::try_from(w.reported_at).unwrap_or(i64::MAX))),
     );
     gauge_family(
         &mut r,

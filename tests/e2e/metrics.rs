@@ -877,8 +877,9 @@ async fn a_new_access_log_is_0640_under_a_strict_umask() {
 
 /// `/health` (for a load balancer) says 503, with why, when the host can
 /// serve nothing though a worker is connected: the pool has no address
-/// in the rotation, or no worker has reported for 5 s (stopped, stuck);
-/// 200 again once it can. (It answered 200 while a worker was connected.)
+/// in the rotation, or no worker has reported for 5 s (stopped, stuck:
+/// the metrics show its last report's time); 200 again once it can. (It
+/// answered 200 while a worker was connected.)
 #[tokio::test]
 async fn health_says_503_when_the_host_serves_nothing() {
     let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
@@ -910,6 +911,15 @@ async fn health_says_503_when_the_host_serves_nothing() {
     );
     let (_, body) = http_get(metrics, "/health", "*/*");
     assert!(body.contains("no worker has reported"), "{body}");
+    // The metrics tell it as well: up, but its last report 4 s old or more.
+    let m = scrape(metrics);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let last = sum(&m, "rotor_worker_last_report_timestamp_seconds", "");
+    assert!(now - last >= 4.0, "{now} {last}\n{m}");
+    assert_eq!(sum(&m, "rotor_worker_up", ""), 1.0, "{m}");
     w.proc.signal(nix::sys::signal::Signal::SIGCONT);
     eventually("healthy again", || async move {
         http_get(metrics, "/health", "*/*").0 == 200
