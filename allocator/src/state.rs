@@ -3092,7 +3092,7 @@ mod tests {
             "held"
         );
         // The budget came back; the serving task has not looked yet.
-        std::thread::sleep(Duration::from_millis(350));
+        std::thread::sleep(Duration::from_millis(450));
         assert!(matches!(
             a.lease_site(2, Families::V4, "example.com"),
             Response::Throttled { .. }
@@ -3140,7 +3140,7 @@ mod tests {
             a.lease_site_wait(Families::V4, "example.com", wait, reply),
             None
         );
-        std::thread::sleep(Duration::from_millis(350));
+        std::thread::sleep(Duration::from_millis(450));
         assert_eq!(leased_ip(a.lease_site(2, Families::ANY, "example.com")), v6);
         assert!(matches!(
             a.lease_site(2, Families::ANY, "example.com"),
