@@ -213,10 +213,19 @@ impl HostMetrics {
 }
 
 impl HostMetrics {
-    /// Keeps the per-source totals of `listed` entries (and `other`).
+    /// Keeps the per-source totals of `listed` entries (and `other`), and
+    /// starts each listed entry's at 0 (up to the cap): a series that
+    /// appeared with its first count, not 0, lost that count from
+    /// `increase()` — a source's first burst of connect errors among them.
     pub fn retain_sources(&mut self, listed: &std::collections::HashSet<String>) {
         self.by_source
             .retain(|k, _| k == "other" || listed.contains(k));
+        for k in listed {
+            if self.by_source.len() >= MAX_SOURCES {
+                break;
+            }
+            self.by_source.entry(k.clone()).or_default();
+        }
     }
 
     /// For `rotor status`.

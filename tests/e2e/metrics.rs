@@ -675,6 +675,26 @@ async fn the_admin_api_steers_addresses_with_its_token_only() {
     assert_eq!(post(plain, "/admin/release", Some(token), body).0, 404);
 }
 
+/// Each pool entry's series are there from the start, at 0: one that
+/// appeared with its first count lost that count from `increase()` (a
+/// source's first burst of connect errors, which an alert watches).
+#[tokio::test]
+async fn each_sources_series_start_at_zero() {
+    let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let listen = metrics.to_string();
+    let _alloc =
+        Allocator::start(&["--pool", "127.0.0.2,127.0.0.3", "--metrics-listen", &listen]).await;
+    let m = scrape(metrics);
+    for series in [
+        "rotor_source_connect_errors_total{source=\"127.0.0.3\"} 0",
+        "rotor_source_responses_total{source=\"127.0.0.2\",class=\"2xx\"} 0",
+        "rotor_source_tunnels_total{source=\"127.0.0.2\"} 0",
+        "rotor_source_received_bytes_total{source=\"127.0.0.3\"} 0",
+    ] {
+        assert!(m.lines().any(|l| l == series), "{series}\n{m}");
+    }
+}
+
 /// A request refused its lease (a site's budget spent) counts its wait in
 /// `rotor_lease_wait_seconds` as one answered does: the refused waits are
 /// the histogram's worst, and it left them out.
