@@ -429,7 +429,7 @@ pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
     gauge_family(
         &mut r,
         "rotor_source_quarantined",
-        "1 while the entry is out of the rotation (unusable, or taken out by hand)",
+        "1 while the entry is out of the rotation (unusable, its connects failing, or taken out by hand)",
         pool.entries
             .iter()
             .map(|(k, _, q, ..)| (src(k), i64::from(*q))),
@@ -437,7 +437,7 @@ pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
     gauge_family(
         &mut r,
         "rotor_source_cooling_sites",
-        "Sites the entry's addresses are cooling for (they pushed back)",
+        "Sites the entry's addresses are cooling for (they pushed back, or refused its connects)",
         pool.entries
             .iter()
             .map(|(k, _, _, c, _)| (src(k), *c as i64)),
