@@ -92,8 +92,9 @@ pub fn usable_now(entry: &Segment) -> Result<(), String> {
 /// route there from `src` (unreachable, prohibited).
 pub fn egress_interface(src: IpAddr, dst: IpAddr) -> io::Result<Option<u32>> {
     use rotor_protocol::netlink::*;
-    let bits = if dst.is_ipv4() { 32 } else { 128 };
-    let rtmsg = [family_of(dst), bits, bits, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let family = rotor_protocol::Family::of(&dst);
+    let bits = family.bits();
+    let rtmsg = [af(family), bits, bits, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     let (to, from) = (octets(dst), octets(src));
     let request = message(
         RTM_GETROUTE,

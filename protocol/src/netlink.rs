@@ -15,6 +15,8 @@ use nix::sys::socket::{
     SockProtocol, SockType,
 };
 
+use crate::Family;
+
 pub const NLMSG_ERROR: u16 = 2;
 pub const NLMSG_DONE: u16 = 3;
 pub const RTM_NEWROUTE: u16 = 24;
@@ -51,10 +53,10 @@ pub fn u32_at(b: &[u8], at: usize) -> u32 {
 }
 
 /// An address family's number, as `rtm_family` has it.
-pub fn family_of(ip: IpAddr) -> u8 {
-    match ip {
-        IpAddr::V4(_) => libc::AF_INET as u8,
-        IpAddr::V6(_) => libc::AF_INET6 as u8,
+pub fn af(family: Family) -> u8 {
+    match family {
+        Family::V4 => libc::AF_INET as u8,
+        Family::V6 => libc::AF_INET6 as u8,
     }
 }
 

@@ -190,13 +190,6 @@ mod netlink {
     use crate::netlink::*;
     use crate::{Family, PrefixSet, Segment};
 
-    fn af(family: Family) -> u8 {
-        match family {
-            Family::V4 => libc::AF_INET as u8,
-            Family::V6 => libc::AF_INET6 as u8,
-        }
-    }
-
     /// This host's, now. A dump the kernel marks interrupted (the routes
     /// changed while it was read) is read again, three times at most.
     pub fn local_routes(family: Family) -> io::Result<PrefixSet> {
@@ -298,7 +291,20 @@ mod netlink {
                 let ip: std::net::IpAddr = r.dst.parse().unwrap();
                 // A table past 255 is `RT_TABLE_COMPAT` in the header.
                 let short = u8::try_from(r.table).unwrap_or(252);
-                let rtmsg = [family_of(ip), r.len, 0, 0, short, 2, 0, r.kind, 0, 0, 0, 0];
+                let rtmsg = [
+                    af(Family::of(&ip)),
+                    r.len,
+                    0,
+                    0,
+                    short,
+                    2,
+                    0,
+                    r.kind,
+                    0,
+                    0,
+                    0,
+                    0,
+                ];
                 let table = r.table.to_ne_bytes();
                 let attributes = [(RTA_TABLE, &table[..]), (RTA_DST, &octets(ip))];
                 out.extend(message(RTM_NEWROUTE, NLM_F_DUMP, &rtmsg, &attributes));
