@@ -40,7 +40,7 @@ pub async fn connect_from(
             .max(ATTEMPT_MIN.min(left));
         let (sock, freebound) = bound_socket(source, *dest)?;
         // (`within`: a slow connect has the fast path watch its client.)
-        match crate::h1::within(share, sock.connect(*dest))
+        let waited = match crate::h1::within(share, sock.connect(*dest))
             .await
             .ok_or(())
         {
@@ -50,15 +50,7 @@ pub async fn connect_from(
             }
             // The kernel gave up first (its SYN retries, `tcp_syn_retries`,
             // ran out within the share): a timeout all the same.
-            Ok(Err(e)) if e.raw_os_error() == Some(libc::ETIMEDOUT) => {
-                if let Some(gone) = freebound.then(|| gone(source, now)).flatten() {
-                    return Err(gone);
-                }
-                last = Some(ProxyError::ConnectTimeout {
-                    dest: dest.to_string(),
-                    timeout: now.elapsed(),
-                })
-            }
+            Ok(Err(e)) if e.raw_os_error() == Some(libc::ETIMEDOUT) => now.elapsed(),
             // With `ip_nonlocal_bind` an address this host no longer holds
             // (a VIP moved to another node) binds, and its connect finds no
             // route: the source's fault, not the destination's (another
@@ -69,17 +61,20 @@ pub async fn connect_from(
                     source: e,
                 });
             }
-            Ok(Err(e)) => last = Some(ProxyError::from_connect(dest.to_string(), e)),
-            Err(_) => {
-                if let Some(gone) = freebound.then(|| gone(source, now)).flatten() {
-                    return Err(gone);
-                }
-                last = Some(ProxyError::ConnectTimeout {
-                    dest: dest.to_string(),
-                    timeout: share,
-                })
+            Ok(Err(e)) => {
+                last = Some(ProxyError::from_connect(dest.to_string(), e));
+                continue;
             }
+            Err(_) => share,
+        };
+        // Timed out.
+        if let Some(gone) = freebound.then(|| gone(source, now)).flatten() {
+            return Err(gone);
         }
+        last = Some(ProxyError::ConnectTimeout {
+            dest: dest.to_string(),
+            timeout: waited,
+        });
     }
     Err(last.unwrap_or_else(|| ProxyError::Unreachable {
         dest: format!("{dests:?}"),
