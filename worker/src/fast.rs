@@ -418,13 +418,16 @@ async fn refuse<I: ClientStream>(
     linger: bool,
 ) -> Outcome<I> {
     let (status, kind) = e.classify();
-    // Its one line at debug, as a served request's.
+    // Its one line at debug, as a served request's (the target made only
+    // then: a flood of refusals at info makes none).
     // (The target as the access log writes it: host and port only.)
-    let (method, target) = parts.map_or(("-", "-".to_string()), |p| {
-        let connect = p.method == Method::CONNECT;
-        (p.method.as_str(), crate::proxy::log_target(&p.uri, connect))
-    });
-    tracing::debug!(client = %conn.client, method, target, status = status.as_u16(), error = %e, "request refused");
+    if tracing::enabled!(tracing::Level::DEBUG) {
+        let (method, target) = parts.map_or(("-", "-".to_string()), |p| {
+            let connect = p.method == Method::CONNECT;
+            (p.method.as_str(), crate::proxy::log_target(&p.uri, connect))
+        });
+        tracing::debug!(client = %conn.client, method, target, status = status.as_u16(), error = %e, "request refused");
+    }
     conn.proxy.unserved(
         conn.client,
         parts,

@@ -1560,11 +1560,11 @@ fn only_host(fields: &Fields) -> Result<Option<&[u8]>, ProxyError> {
         .map_err(|_| ProxyError::BadRequest("more than one Host field".into()))
 }
 
-/// What the access log says a request went to: host and port, never a
-/// path, a query or userinfo.
 /// The field `--expose-source` names the leased address in.
 static ROTOR_SOURCE: HeaderName = HeaderName::from_static("rotor-source");
 
+/// What the access log says a request went to: host and port, never a
+/// path, a query or userinfo.
 pub(crate) fn log_target(uri: &Uri, connect: bool) -> String {
     let Some(auth) = uri.authority() else {
         return "-".into();
