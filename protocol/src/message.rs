@@ -731,6 +731,13 @@ pub struct SitesReport {
     pub sites: Vec<SiteStatus>,
 }
 
+impl SitesReport {
+    /// The entries `max_entries` bounds: sites and pairs together.
+    pub fn entries(&self) -> u64 {
+        self.total.saturating_add(self.pairs)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SiteStatus {
     pub site: String,

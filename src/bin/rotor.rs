@@ -121,20 +121,10 @@ fn main() -> ExitCode {
                 // large even so leaves out the entries in rotation
                 // (`unlisted`), said as such.
                 let mut unlisted = 0;
-                let answer = status(&control).await.map(|r| match r {
-                    Response::StatusV2(mut s) => {
-                        s.fill_reasons();
-                        Response::StatusV2(s)
-                    }
-                    Response::StatusCut {
-                        mut report,
-                        unlisted: n,
-                    } => {
-                        report.fill_reasons();
-                        unlisted = n;
-                        Response::StatusV2(report)
-                    }
-                    other => other,
+                let answer = status(&control).await.map(|r| {
+                    let (r, n) = filled(r);
+                    unlisted = n;
+                    r
                 });
                 // Per-site state, from an allocator that keeps it.
                 let sites = match (&socket, &answer) {
@@ -492,13 +482,24 @@ async fn steer(
 /// Why `entry` is out of the rotation, if the allocator's status says it
 /// is.
 async fn out_of_rotation(control: &ControlArgs, entry: Segment) -> Option<String> {
-    let mut report = match status(control).await {
-        Ok(Response::StatusV2(s) | Response::StatusCut { report: s, .. }) => s,
-        _ => return None,
+    let Response::StatusV2(report) = filled(status(control).await.ok()?).0 else {
+        return None;
     };
-    report.fill_reasons();
     let e = report.pool.into_iter().find(|x| x.entry == entry)?;
     e.quarantine.map(|q| q.reason)
+}
+
+/// A status answer as `StatusV2`, every quarantine reason said (a status
+/// too large to say each says those that repeat once), and how many
+/// entries in rotation it left out; any other answer as it is.
+fn filled(r: Response) -> (Response, u64) {
+    let (mut report, unlisted) = match r {
+        Response::StatusV2(s) => (s, 0),
+        Response::StatusCut { report, unlisted } => (report, unlisted),
+        other => return (other, 0),
+    };
+    report.fill_reasons();
+    (Response::StatusV2(report), unlisted)
 }
 
 /// The allocator's status, as much of it as its protocol minor answers.
@@ -696,8 +697,7 @@ fn sites_json(r: &SitesReport, v6_prefix: Option<u8>) -> serde_json::Value {
     json!({
         "total": r.total,
         "pairs": r.pairs,
-        // What `max_entries` bounds: sites and pairs together.
-        "entries": r.total + r.pairs,
+        "entries": r.entries(),
         "max_entries": r.max_entries,
         // The prefix length an IPv6 source is counted by (null: by its
         // address, as an allocator before it was settable did).
@@ -731,7 +731,7 @@ fn format_sites(r: &SitesReport, v6_prefix: Option<u8>) -> String {
         "sites with budgets or cooldowns: {} ({} address entries: {} of {} entries, sites and addresses together){}",
         r.total,
         r.pairs,
-        r.total + r.pairs,
+        r.entries(),
         r.max_entries,
         match r.total > r.sites.len() as u64 {
             true => format!(", the {} most recent shown", r.sites.len()),
