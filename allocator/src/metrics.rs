@@ -201,9 +201,7 @@ impl HostMetrics {
             .collect();
         w.connections_open = m.connections_open;
         w.tunnels_open = m.tunnels_open;
-        w.reported_at = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        w.reported_at = crate::state::unix_now();
         let run = self.run_requests.entry(m.boot).or_default();
         *run = run.saturating_add(m.requests);
         w.requests = *run;
@@ -213,11 +211,11 @@ impl HostMetrics {
 }
 
 impl HostMetrics {
-    /// Keeps the per-source totals of `listed` entries (and `other`), and
-    /// starts each listed entry's at 0 (up to the cap): a series that
+    /// The pool's entries now `listed`: keeps the per-source totals of
+    /// those (and `other`), and starts each new one's at 0 (up to the cap): a series that
     /// appeared with its first count, not 0, lost that count from
     /// `increase()` — a source's first burst of connect errors among them.
-    pub fn retain_sources(&mut self, listed: &std::collections::HashSet<String>) {
+    pub fn track_sources(&mut self, listed: &std::collections::HashSet<String>) {
         self.by_source
             .retain(|k, _| k == "other" || listed.contains(k));
         for k in listed {
@@ -1558,7 +1556,7 @@ mod tests {
             h.add(1, 100, &m, |ip| ip.to_string());
         }
         assert_eq!(h.by_source.len(), 2);
-        h.retain_sources(&["10.0.0.2".to_string()].into_iter().collect());
+        h.track_sources(&["10.0.0.2".to_string()].into_iter().collect());
         assert_eq!(h.by_source.keys().collect::<Vec<_>>(), ["10.0.0.2"]);
     }
 

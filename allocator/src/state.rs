@@ -174,8 +174,9 @@ struct Quarantine {
 /// hand.
 const TEN_YEARS: Duration = Duration::from_secs(10 * 365 * 86_400);
 
-/// The wall clock in Unix seconds (hand quarantines' ends).
-fn unix_now() -> u64 {
+/// The wall clock in Unix seconds (hand quarantines' ends, workers' last
+/// reports).
+pub(crate) fn unix_now() -> u64 {
     unix_now_ms() / 1000
 }
 
@@ -1416,7 +1417,7 @@ impl Allocator {
             // departed and push new entries into `other`.
             let listed: HashSet<String> =
                 inner.pool.addrs().iter().map(ToString::to_string).collect();
-            inner.metrics.retain_sources(&listed);
+            inner.metrics.track_sources(&listed);
             warn_unreached(inner.pool.addrs());
         }
         inner.note_resumed();
