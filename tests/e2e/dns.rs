@@ -167,8 +167,7 @@ async fn a_failing_dns_server_is_a_dns_timeout() {
     // Its log at the default level, where the failing server is said.
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("worker.log");
-    let mut cmd = std::process::Command::new(WORKER);
-    cmd.stderr(std::fs::File::create(&log).unwrap());
+    let cmd = logging_to(WORKER, &log);
     let mut args = ALLOW_LOOPBACK.to_vec();
     args.extend_from_slice(&["--dns-server", &server]);
     let worker = Worker::start_cmd(cmd, &alloc.socket, free_port(), &args).await;

@@ -706,8 +706,7 @@ async fn socks5_without_an_allocator_says_why_in_the_log() {
     let s = socks.to_string();
     let mut args = ALLOW_LOOPBACK.to_vec();
     args.extend_from_slice(&["--socks-listen", &s, "--lease-timeout", "300ms"]);
-    let mut cmd = std::process::Command::new(WORKER);
-    cmd.stderr(std::fs::File::create(&log).unwrap());
+    let cmd = logging_to(WORKER, &log);
     let _w = Worker::start_cmd(cmd, &socket, free_port(), &args).await;
     eventually("the SOCKS5 port", || async move {
         TcpStream::connect(socks).await.is_ok()

@@ -104,12 +104,18 @@ impl Drop for Proc {
     }
 }
 
-/// `program` logging at info to `log` (made anew), for `Proc::spawn_cmd`
-/// or a `start_cmd`.
-pub fn logging_at_info(program: &str, log: &Path) -> Command {
+/// `program` logging to `log` (made anew) at its default level, for
+/// `Proc::spawn_cmd` or a `start_cmd`.
+pub fn logging_to(program: &str, log: &Path) -> Command {
     let mut cmd = Command::new(program);
-    cmd.env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(log).unwrap());
+    cmd.stderr(std::fs::File::create(log).unwrap());
+    cmd
+}
+
+/// `logging_to`, at info.
+pub fn logging_at_info(program: &str, log: &Path) -> Command {
+    let mut cmd = logging_to(program, log);
+    cmd.env("RUST_LOG", "info");
     cmd
 }
 
@@ -234,9 +240,7 @@ impl Allocator {
         args: &[&str],
         log: &Path,
     ) -> Allocator {
-        let mut cmd = Command::new(ALLOCATOR);
-        cmd.stderr(std::fs::File::create(log).unwrap());
-        Allocator::start_cmd(cmd, dir, args).await
+        Allocator::start_cmd(logging_to(ALLOCATOR, log), dir, args).await
     }
 
     pub async fn start_cmd(cmd: Command, dir: Arc<tempfile::TempDir>, args: &[&str]) -> Allocator {
