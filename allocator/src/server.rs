@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rotor_protocol::deadline::Standing;
 use rotor_protocol::{
     error_chain, server_handshake, Channel, ChannelError, ClientFrame, Envelope, Family,
     HandshakeError, Hello, HelloReply, LeaseTable, ReloadReport, ReloadReportV2, Request, Response,
@@ -984,6 +985,46 @@ async fn answer(
         ClientFrame::Request(env) => env,
         ClientFrame::Hello(_) => return Err(ConnError::DuplicateHello),
     };
+    // A request given up at a deadline: not served once it passed; a
+    // site wait ends by then.
+    let (env, left) = match env.body {
+        Request::Until {
+            deadline_us,
+            request,
+        } => match rotor_protocol::deadline::standing(deadline_us) {
+            Standing::Passed(late) => {
+                debug!(
+                    peer = id,
+                    late_ms = late.as_millis() as u64,
+                    "not served: read after its deadline (its worker gave up on it)"
+                );
+                return Ok(Some(ServerFrame::Response(Envelope {
+                    id: env.id,
+                    body: Response::Error {
+                        message: format!(
+                            "not served: read {} ms after its deadline",
+                            late.as_millis()
+                        ),
+                    },
+                })));
+            }
+            Standing::Ahead(left) => (
+                Envelope {
+                    id: env.id,
+                    body: *request,
+                },
+                Some(left),
+            ),
+            Standing::Foreign => (
+                Envelope {
+                    id: env.id,
+                    body: *request,
+                },
+                None,
+            ),
+        },
+        _ => (env, None),
+    };
     let control = matches!(
         env.body,
         Request::Reload | Request::ReloadReport | Request::ReloadReportV2 | Request::Steer { .. }
@@ -1084,7 +1125,9 @@ async fn answer(
                 id: env.id,
                 tx: peer.late.clone(),
             };
-            match alloc.lease_site_wait(families, &site, Duration::from_millis(wait_ms), reply) {
+            let wait = Duration::from_millis(wait_ms);
+            let wait = left.map_or(wait, |left| wait.min(left));
+            match alloc.lease_site_wait(families, &site, wait, reply) {
                 Some(answer) => answer,
                 None => return Ok(None),
             }
@@ -1161,6 +1204,9 @@ async fn answer(
                 for_secs.map(Duration::from_secs),
                 &crate::usable::usable_now,
             ),
+        },
+        Request::Until { .. } => Response::Error {
+            message: "a deadline inside a deadline: send one".into(),
         },
         kind @ (Request::Reload | Request::ReloadReport | Request::ReloadReportV2) => {
             let report = !matches!(kind, Request::Reload);
@@ -1718,5 +1764,41 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(900)).await;
         let body = answered(Request::HostStatus, Rights::Lease, &alloc, &reload).await;
         assert!(matches!(body, Response::HostStatus(_)));
+    }
+
+    /// A request read after its deadline is not served; one before it, or
+    /// with a deadline of another clock (a time namespace's), is.
+    #[tokio::test]
+    async fn a_request_past_its_deadline_is_not_served() {
+        use rotor_protocol::deadline;
+        let alloc = allocator_of("127.0.0.2-127.0.0.3");
+        let (reload, _rx) = mpsc::channel(1);
+        let until = |deadline_us| Request::Until {
+            deadline_us,
+            request: Box::new(Request::Lease {
+                families: rotor_protocol::Families::ANY,
+            }),
+        };
+        let late = deadline::now_us() - 2_000;
+        match answered(until(late), Rights::Lease, &alloc, &reload).await {
+            Response::Error { message } => assert!(message.contains("after its deadline")),
+            other => panic!("{other:?}"),
+        }
+        let served = [
+            deadline::after(Duration::from_secs(1)),
+            late - deadline::SPAN.as_micros() as u64,
+        ];
+        for deadline_us in served {
+            let body = answered(until(deadline_us), Rights::Lease, &alloc, &reload).await;
+            assert!(matches!(body, Response::Leased(_)), "{body:?}");
+        }
+        // The late one took none.
+        assert_eq!(alloc.status_v2().leases_total, 2);
+        let nested = Request::Until {
+            deadline_us: deadline::after(Duration::from_secs(1)),
+            request: Box::new(until(deadline::after(Duration::from_secs(1)))),
+        };
+        let body = answered(nested, Rights::Lease, &alloc, &reload).await;
+        assert!(matches!(body, Response::Error { .. }), "{body:?}");
     }
 }

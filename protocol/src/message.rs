@@ -23,7 +23,7 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 16;
+pub const PROTOCOL_MINOR: u16 = 17;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
@@ -91,6 +91,9 @@ pub const MINOR_FIRST_RELOADS: u16 = 15;
 /// status too large for a frame, sent without its entries in rotation);
 /// an older one is told the status is too large.
 pub const MINOR_STATUS_CUT: u16 = 16;
+/// The first minor whose allocator reads `Request::Until` (a request
+/// given up at a deadline: not served when read after it).
+pub const MINOR_DEADLINE: u16 = 17;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
 /// sides; the last bucket (+Inf) is implicit. Up to an hour: what they
@@ -378,6 +381,17 @@ pub enum Request {
     /// (its push-backs do not: a connect says nothing of rate limits).
     /// Answered `Noted`.
     SiteConnected { ip: IpAddr, site: String },
+    /// `request`, which its peer gives up at `deadline_us` (since minor
+    /// 17): microseconds of `CLOCK_MONOTONIC`, one clock for every process
+    /// of the host (see [`crate::deadline`]). Read after that, it is not
+    /// served (answered `Error`, which nobody waits for); a site wait
+    /// ends by then. Workers send their leases so: one given up while the
+    /// allocator stalled, and read when it resumed, spent a site's budget
+    /// or started a session no request used. Not nested.
+    Until {
+        deadline_us: u64,
+        request: Box<Request>,
+    },
 }
 
 impl Request {
@@ -404,6 +418,7 @@ impl Request {
             Request::WorkerReloaded { .. } | Request::ReloadReportV2 => MINOR_WORKER_RELOADS,
             Request::Unreached { .. } => MINOR_UNREACHED,
             Request::SiteUnreached { .. } | Request::SiteConnected { .. } => MINOR_SITE_UNREACHED,
+            Request::Until { .. } => MINOR_DEADLINE,
         }
     }
 }

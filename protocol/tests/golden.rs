@@ -325,6 +325,20 @@ fn golden_client_frames() {
         }),
         "010719000a00000405652e636f6d",
     );
+    // Minor 17.
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::Until {
+                deadline_us: 1_000_000,
+                request: Box::new(Request::LeaseSite {
+                    families: Families::V4,
+                    site: "e.com".into(),
+                }),
+            },
+        }),
+        "01071afc40420f0008010005652e636f6d",
+    );
 }
 
 #[test]

@@ -14,7 +14,12 @@ use tokio::net::TcpStream;
 use crate::util::*;
 
 /// A GET through `proxy` as `user` (password `pw`), on `conn` if given.
-async fn get_as(proxy: SocketAddr, user: &str, url: &str, conn: Option<&mut ProxyConn>) -> Reply {
+pub(crate) async fn get_as(
+    proxy: SocketAddr,
+    user: &str,
+    url: &str,
+    conn: Option<&mut ProxyConn>,
+) -> Reply {
     let req = Request::get(url)
         .header("proxy-authorization", basic(user, "pw"))
         .body(Full::new(Bytes::new()))

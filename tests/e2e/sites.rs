@@ -413,6 +413,49 @@ async fn a_request_made_while_the_allocator_restarts_still_counts_against_the_bu
     assert_eq!(origin.count(), 1);
 }
 
+/// Leases a worker gave up on while the allocator was stopped (their
+/// clients answered 503 at `--lease-timeout`) are not served when it
+/// resumes and reads them: they spend no site's budget and start no
+/// session.
+#[tokio::test]
+async fn a_lease_given_up_while_the_allocator_stalled_is_not_served_when_it_resumes() {
+    use nix::sys::signal::Signal;
+    let origin = Origin::start().await;
+    let args = [
+        "--pool",
+        "127.0.0.2-127.0.0.3",
+        "--site-limit",
+        "127.0.0.1=1/30s",
+    ];
+    let alloc = Allocator::start(&args).await;
+    let w = Worker::start(&alloc.socket, &["--lease-timeout", "300ms"]).await;
+    let url = origin.url("/");
+    alloc.proc.signal(Signal::SIGSTOP);
+    let plain = get(w.addr, &url).await;
+    let session = crate::sessions::get_as(w.addr, "u-session-late1", &url, None).await;
+    alloc.proc.signal(Signal::SIGCONT);
+    for r in [&plain, &session] {
+        assert_eq!(r.status, 503, "{:?}", r.body);
+        assert!(r.proxy_status().contains("allocator"), "{:?}", r.headers);
+    }
+    // Both were read, and answered, once it resumed.
+    eventually("the allocator answers again", || {
+        let socket = alloc.socket.clone();
+        async move { status_json(&socket)["pool"].is_array() }
+    })
+    .await;
+    assert_eq!(
+        status_json(&alloc.socket)["sessions"],
+        0,
+        "a session started"
+    );
+    // Each address's one request in 30 s is left.
+    for _ in 0..2 {
+        assert_eq!(get(w.addr, &url).await.status, 200, "a budget was spent");
+    }
+    assert_eq!(origin.sources(), vec![ip(2), ip(3)]);
+}
+
 #[tokio::test]
 async fn budgets_used_and_cooldowns_outlive_a_clean_allocator_restart() {
     let origin = Origin::start().await;

@@ -20,8 +20,8 @@ use std::time::Duration;
 use rotor_protocol::{
     client_handshake, error_chain, Channel, ClientChannel, ClientFrame, Envelope, Families,
     HandshakeError, Hello, Lease, LeaseTable, NoAddress, Refusal, Request, Response, Role, Segment,
-    ServerFrame, SiteMode, TableError, MINOR_FAMILIES, MINOR_LEASE_TABLE, MINOR_RELOADS,
-    MINOR_SESSION_SITE, MINOR_SITES, MINOR_SITE_WAIT, POOL_TOO_LARGE,
+    ServerFrame, SiteMode, TableError, MINOR_DEADLINE, MINOR_FAMILIES, MINOR_LEASE_TABLE,
+    MINOR_RELOADS, MINOR_SESSION_SITE, MINOR_SITES, MINOR_SITE_WAIT, POOL_TOO_LARGE,
 };
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
@@ -1035,6 +1035,7 @@ impl LeaseClient {
                 let until = deadline.checked_sub(self.timeout).unwrap_or(deadline);
                 *wait_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64;
             }
+            let body = with_deadline(body, conn.minor, deadline);
             let sent = conn.requests.send(Envelope { id, body });
             if sent == Err(Unsent::Full) {
                 // Not reading: as good as not answering.
@@ -1070,24 +1071,46 @@ async fn wait_replaced(
     let _ = crate::h1::within_until(deadline, watch.wait_for(replaced)).await;
 }
 
-/// Whether `env` is still to be sent: a lease only while its requester
-/// waits for it; anything else always (what is told without an answer
-/// waited for is sent as it is).
-fn still_wanted(pending: &Pending, env: &Envelope<Request>) -> bool {
-    match env.body {
+/// Whether `body` asks for a lease (for a requester that waits for it).
+fn is_lease(body: &Request) -> bool {
+    match body {
         Request::Lease { .. }
         | Request::LeaseSite { .. }
         | Request::LeaseSiteWait { .. }
         | Request::LeaseSession { .. }
-        | Request::LeaseSessionSite { .. } => pending
+        | Request::LeaseSessionSite { .. } => true,
+        Request::Until { request, .. } => is_lease(request),
+        _ => false,
+    }
+}
+
+/// `body` as it goes to an allocator of `minor`: a lease with the
+/// deadline its requester gives it up at (`Request::Until`), where the
+/// allocator reads one, so that one read after it (the allocator stalled
+/// meanwhile) spends no site's budget and starts no session.
+fn with_deadline(body: Request, minor: u16, deadline: Instant) -> Request {
+    if minor < MINOR_DEADLINE || !is_lease(&body) {
+        return body;
+    }
+    let left = deadline.saturating_duration_since(Instant::now());
+    Request::Until {
+        deadline_us: rotor_protocol::deadline::after(left),
+        request: Box::new(body),
+    }
+}
+
+/// Whether `env` is still to be sent: a lease only while its requester
+/// waits for it; anything else always (what is told without an answer
+/// waited for is sent as it is).
+fn still_wanted(pending: &Pending, env: &Envelope<Request>) -> bool {
+    !is_lease(&env.body)
+        || pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             // Its waiter there and not dropped (a request whose client
             // went away drops it without removing it).
-            .is_some_and(|p| p.get(&env.id).is_some_and(|tx| !tx.is_closed())),
-        _ => true,
-    }
+            .is_some_and(|p| p.get(&env.id).is_some_and(|tx| !tx.is_closed()))
 }
 
 /// A request's entry in its connection's `pending`, removed when dropped.
