@@ -1563,6 +1563,9 @@ fn only_host(fields: &Fields) -> Result<Option<&[u8]>, ProxyError> {
 /// The field `--expose-source` names the leased address in.
 static ROTOR_SOURCE: HeaderName = HeaderName::from_static("rotor-source");
 
+/// The most of a port that is no port the access log writes.
+const LOGGED_BAD_PORT: usize = 8;
+
 /// What the access log says a request went to: host and port, never a
 /// path, a query or userinfo.
 pub(crate) fn log_target(uri: &Uri, connect: bool) -> String {
@@ -1595,9 +1598,13 @@ pub(crate) fn log_target(uri: &Uri, connect: bool) -> String {
         (false, Some("https")) => "443",
         _ => "80",
     };
-    let port = match h1::decimal::<u16>(port.as_bytes()) {
-        Some(_) => port,
-        None => default,
+    let port = match (h1::decimal::<u16>(port.as_bytes()), port) {
+        (Some(_), _) => port,
+        // None written: the scheme's.
+        (None, "") => default,
+        // No port (the request's 400 says so): as written, cut, rather
+        // than a port it never named. (A URI's text is ASCII.)
+        (None, text) => &text[..text.len().min(LOGGED_BAD_PORT)],
     };
     let bracket = host.contains(':') && !host.starts_with('[');
     let mut s = String::with_capacity(host.len() + port.len() + 3);
@@ -2082,10 +2089,11 @@ fn connect_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
             "a CONNECT target is host:port, with no userinfo".into(),
         ));
     }
-    let port = auth
-        .port()
-        .and_then(|p| h1::decimal::<u16>(p.as_str().as_bytes()))
-        .ok_or_else(|| ProxyError::BadRequest("CONNECT target has no port".into()))?;
+    let port = match split_authority(auth.as_str()).port {
+        "" => return Err(ProxyError::BadRequest("CONNECT target has no port".into())),
+        text => h1::decimal::<u16>(text.as_bytes())
+            .ok_or_else(|| ProxyError::BadRequest(format!("invalid port `{text}`")))?,
+    };
     if auth.host().is_empty() || port == 0 {
         return Err(ProxyError::BadRequest(
             "CONNECT target is not a host:port".into(),
@@ -2404,7 +2412,10 @@ mod tests {
             ("http://[2001:db8::1]:81/", false, "[2001:db8::1]:81"),
             ("http://[2001:db8::1]/", false, "[2001:db8::1]:80"),
             ("[2001:db8::1]:443", true, "[2001:db8::1]:443"),
-            ("http://h:99999/", false, "h:80"),
+            ("http://h:99999/", false, "h:99999"),
+            ("http://127.0.0.1:abc/", false, "127.0.0.1:abc"),
+            ("http://h:123456789/", false, "h:12345678"),
+            ("127.0.0.1:abc", true, "127.0.0.1:abc"),
             ("http://h:65535/", false, "h:65535"),
             ("http://h:065535/", false, "h:065535"),
             ("http://h:0080/", false, "h:0080"),
@@ -2527,6 +2538,16 @@ mod tests {
         ] {
             assert!(connect_target(&bad.parse().unwrap()).is_err(), "{bad}");
         }
+        // What is wrong with the port, said.
+        for (bad, says) in [
+            ("example.com", "has no port"),
+            ("example.com:", "has no port"),
+            ("example.com:abc", "invalid port `abc`"),
+            ("example.com:99999", "invalid port `99999`"),
+        ] {
+            let e = connect_target(&bad.parse().unwrap()).unwrap_err();
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
         // One spelling of each is taken: a name, a name ending in a
         // number-like label that is not one, dotted decimal, IPv6 in
         // brackets.
@@ -2570,9 +2591,10 @@ mod tests {
             if let Ok(uri) = format!("http://{auth}/").parse::<Uri>() {
                 let a = uri.authority().unwrap();
                 let parts = split_authority(a.as_str());
-                let port = match h1::decimal::<u16>(parts.port.as_bytes()) {
-                    Some(_) => parts.port,
-                    None => "80",
+                let port = match (h1::decimal::<u16>(parts.port.as_bytes()), parts.port) {
+                    (Some(_), _) => parts.port,
+                    (None, "") => "80",
+                    (None, text) => &text[..text.len().min(LOGGED_BAD_PORT)],
                 };
                 let bracket = parts.host.contains(':') && !parts.host.starts_with('[');
                 let want = match bracket {
