@@ -794,9 +794,8 @@ async fn a_session_waits_out_its_addresss_cooldown_and_keeps_the_address() {
     // Said as the session's address, not as every address (the others
     // are free).
     assert!(
-        r.proxy_status().contains(
-            "the session's address (a new session's: the first to free) is cooling down for 127.0.0.1"
-        ),
+        r.proxy_status()
+            .contains("the session's address is cooling down for 127.0.0.1 after it pushed back"),
         "{}",
         r.proxy_status()
     );

@@ -210,7 +210,7 @@ fn throttled_text(site: &str, cooling: bool, retry_after: Duration, session: boo
         // (A session keeps its address for after the cooldown; a new one
         // is refused only when no address may serve.)
         (true, true) => format!(
-            "the session's address (a new session's: the first to free) is cooling down for {site} after it pushed back; retry in {secs} s"
+            "the session's address is cooling down for {site} after it pushed back; retry in {secs} s (a session not yet started is refused so only when no address may serve {site}, the first to free cooling)"
         ),
         (false, _) => format!(
             "site budget exhausted for {site}: no address may serve it now, the first to free has spent its budget; retry in {secs} s"
