@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rotor_protocol::deadline::Standing;
+use rotor_protocol::clock::Standing;
 use rotor_protocol::{
     error_chain, server_handshake, Channel, ChannelError, ClientFrame, Envelope, Family,
     HandshakeError, Hello, HelloReply, LeaseTable, ReloadReport, ReloadReportV2, Request, Response,
@@ -991,7 +991,7 @@ async fn answer(
         Request::Until {
             deadline_us,
             request,
-        } => match rotor_protocol::deadline::standing(deadline_us) {
+        } => match rotor_protocol::clock::standing(deadline_us) {
             Standing::Passed(late) => {
                 debug!(
                     peer = id,
@@ -1159,6 +1159,15 @@ async fn answer(
         }
         Request::SiteOk { ip, site } => {
             alloc.site_answered(ip, &site);
+            Response::Noted { quarantined: false }
+        }
+        Request::SiteStarted {
+            ip,
+            site,
+            leased_us,
+            started_us,
+        } => {
+            alloc.site_started(ip, &site, leased_us, started_us);
             Response::Noted { quarantined: false }
         }
         Request::Sites { max } => Response::Sites(alloc.sites_report(max.min(10_000) as usize)),
@@ -1770,7 +1779,7 @@ mod tests {
     /// with a deadline of another clock (a time namespace's), is.
     #[tokio::test]
     async fn a_request_past_its_deadline_is_not_served() {
-        use rotor_protocol::deadline;
+        use rotor_protocol::clock;
         let alloc = allocator_of("127.0.0.2-127.0.0.3");
         let (reload, _rx) = mpsc::channel(1);
         let until = |deadline_us| Request::Until {
@@ -1779,14 +1788,14 @@ mod tests {
                 families: rotor_protocol::Families::ANY,
             }),
         };
-        let late = deadline::now_us() - 2_000;
+        let late = clock::now_us() - 2_000;
         match answered(until(late), Rights::Lease, &alloc, &reload).await {
             Response::Error { message } => assert!(message.contains("after its deadline")),
             other => panic!("{other:?}"),
         }
         let served = [
-            deadline::after(Duration::from_secs(1)),
-            late - deadline::SPAN.as_micros() as u64,
+            clock::after(Duration::from_secs(1)),
+            late - clock::SPAN.as_micros() as u64,
         ];
         for deadline_us in served {
             let body = answered(until(deadline_us), Rights::Lease, &alloc, &reload).await;
@@ -1795,8 +1804,8 @@ mod tests {
         // The late one took none.
         assert_eq!(alloc.status_v2().leases_total, 2);
         let nested = Request::Until {
-            deadline_us: deadline::after(Duration::from_secs(1)),
-            request: Box::new(until(deadline::after(Duration::from_secs(1)))),
+            deadline_us: clock::after(Duration::from_secs(1)),
+            request: Box::new(until(clock::after(Duration::from_secs(1)))),
         };
         let body = answered(nested, Rights::Lease, &alloc, &reload).await;
         assert!(matches!(body, Response::Error { .. }), "{body:?}");

@@ -71,6 +71,11 @@ const CONNECT_COOLS_WINDOW: Duration = Duration::from_secs(600);
 /// that start.
 const EPOCH_BACK: Duration = Duration::from_secs(8 * 86_400);
 
+/// How much earlier than its worker had it a lease may have been counted
+/// (the allocator's answer on its way, the worker busy): a start moved
+/// later ([`Sites::started_late`]) is looked for from this much before.
+const LEASE_SLACK: Duration = Duration::from_millis(20);
+
 /// Sites and pairs held at most, unless configured.
 pub const DEFAULT_MAX_ENTRIES: usize = 400_000;
 
@@ -117,7 +122,9 @@ impl Limit {
     /// arrivals in a strict sliding window saw more than COUNT in a
     /// period: with a 2 % margin alone, up to twice COUNT from a site
     /// 30 ms away under a budget a second, whose 429s then cooled every
-    /// address in turn.
+    /// address in turn. (A start is moved to its connect when that ends
+    /// 20 ms or more after its lease, [`Sites::started_late`]: what the
+    /// margin covers is a shorter connect, and jitter.)
     pub fn window(&self) -> Duration {
         let floor = Duration::from_millis(100).min(self.period / 2);
         self.period + (self.period / 50).max(floor).min(Duration::from_secs(1))
@@ -607,6 +614,36 @@ impl Pair {
             (Some(c), None) => Some((c, true)),
             (None, Some(s)) => Some((s, false)),
             (Some(c), Some(s)) => Some((c.max(s), true)),
+        }
+    }
+
+    /// Moves one start counted at `from` or later to `to`, where its
+    /// request started: the first batch from `from` on gives it (an
+    /// earlier one if `from` is early: moved later, the window holds more,
+    /// never less), unless that batch's time is `to` or later already.
+    /// The batches stay in time order, [`BATCHES`] at most (past it, the
+    /// moved start joins the batch after it, whose later time it takes,
+    /// or the one before, which takes `to`).
+    fn restamp(&mut self, from: Ms, to: Ms) {
+        let Some(i) = self.starts.iter().position(|&(t, _)| t >= from) else {
+            return;
+        };
+        if self.starts[i].0 >= to {
+            return;
+        }
+        match &mut self.starts[i].1 {
+            n if *n > 1 => *n -= 1,
+            _ => {
+                self.starts.remove(i);
+            }
+        }
+        let j = self.starts.partition_point(|&(t, _)| t <= to);
+        if self.starts.len() < BATCHES as usize {
+            self.starts.insert(j, (to, 1));
+        } else if let Some(after) = self.starts.get_mut(j) {
+            after.1 = after.1.saturating_add(1);
+        } else if let Some(before) = self.starts.back_mut() {
+            *before = (to, before.1.saturating_add(1));
         }
     }
 
@@ -1557,6 +1594,35 @@ impl Sites {
         }
     }
 
+    /// A request to `site` from `ip` (a key: see [`Rules::key`]), counted
+    /// against the site's budget at its lease, about `leased`, started
+    /// only at `started` (its connection made): one of the pair's starts
+    /// is moved to then ([`Pair::restamp`]), so that the site's window is
+    /// held from when the request reached it, not a connect's round trip
+    /// before. `leased` is taken [`LEASE_SLACK`] early: the lease was
+    /// counted before its worker had it, and a start later than this
+    /// request's, moved, would let one in early.
+    pub fn started_late(
+        &mut self,
+        site: &str,
+        ip: IpAddr,
+        (leased, started): (Instant, Instant),
+        now: Instant,
+    ) {
+        let Some(Site {
+            id, limit: Some(_), ..
+        }) = self.sites.get(site)
+        else {
+            return;
+        };
+        let from = self.ms(leased.checked_sub(LEASE_SLACK).unwrap_or(leased));
+        let to = self.ms(started.min(now));
+        let key = (*id, self.rules.key(ip));
+        if let Some(p) = self.pairs.get_mut(&key) {
+            p.restamp(from, to);
+        }
+    }
+
     /// The pair of `site` and `ip`, if it is held and not cooling.
     fn uncooled(&mut self, site: &str, ip: IpAddr, now: Instant) -> Option<&mut Pair> {
         let id = self.sites.get(site)?.id;
@@ -2008,6 +2074,90 @@ mod tests {
             }
         }
         out
+    }
+
+    /// A start moved to when its request started: the first batch from
+    /// the lease on gives it, the batches stay in order, and at
+    /// [`BATCHES`] the moved start joins the batch after its place.
+    #[test]
+    fn a_start_is_moved_to_when_its_request_started() {
+        let mut p = Pair {
+            starts: [(100, 1), (200, 1), (300, 1)].into(),
+            held: 3,
+            ..Pair::default()
+        };
+        p.restamp(190, 500);
+        assert_eq!(Vec::from(p.starts.clone()), [(100, 1), (300, 1), (500, 1)]);
+        // Between others; a batch of more gives one.
+        let mut p = Pair {
+            starts: [(100, 3), (300, 1)].into(),
+            held: 4,
+            ..Pair::default()
+        };
+        p.restamp(50, 200);
+        assert_eq!(Vec::from(p.starts.clone()), [(100, 2), (200, 1), (300, 1)]);
+        // Counted at its start or later already, or no start from the
+        // lease on: nothing moves.
+        let before = p.starts.clone();
+        p.restamp(250, 300);
+        p.restamp(301, 900);
+        assert_eq!(p.starts, before);
+        // At the cap (a batch of two gives one): into the batch after its
+        // place, or the last, which takes its time.
+        let full: VecDeque<(Ms, u32)> = (1..=BATCHES as u64)
+            .map(|t| (t * 10, 1 + u32::from(t == 1)))
+            .collect();
+        let held = BATCHES + 1;
+        let mut p = Pair {
+            starts: full.clone(),
+            held,
+            ..Pair::default()
+        };
+        p.restamp(10, 55);
+        assert_eq!(
+            Vec::from(p.starts.clone())[..6],
+            [(10, 1), (20, 1), (30, 1), (40, 1), (50, 1), (60, 2)]
+        );
+        let mut p = Pair {
+            starts: full,
+            held,
+            ..Pair::default()
+        };
+        p.restamp(10, 1000);
+        assert_eq!(p.starts.back(), Some(&(1000, 2)));
+        assert_eq!(p.starts.len(), BATCHES as usize);
+        assert_eq!(p.starts.iter().map(|b| b.1).sum::<u32>(), held);
+    }
+
+    /// A site's budget is held from when its requests started: a start
+    /// counted at its lease, moved to its connect half a second later,
+    /// frees half a second later.
+    #[test]
+    fn a_start_moved_to_its_connect_frees_from_there() {
+        let mut s = Sites::new(rules(&["a.com=2/1s"]), 1000);
+        let active = pool(1);
+        let t0 = Instant::now();
+        assert_eq!(take(&mut s, "a.com", &active, 3, t0), [1, 1]);
+        let window = Limit {
+            count: 2,
+            period: Duration::from_secs(1),
+        }
+        .window();
+        let freed = t0 + window + Duration::from_millis(10);
+        s.started_late("a.com", ip(1), (t0, t0 + Duration::from_millis(500)), freed);
+        // One left the window; the other is held from its start.
+        assert_eq!(take(&mut s, "a.com", &active, 3, freed), [1]);
+        let later = freed + Duration::from_millis(500);
+        assert_eq!(take(&mut s, "a.com", &active, 3, later), [1]);
+        // A time of no start from the lease on, or a site with no
+        // budget, moves nothing.
+        s.started_late("b.com", ip(1), (t0, later), later);
+        s.started_late(
+            "a.com",
+            ip(1),
+            (later + window, later + window),
+            later + window,
+        );
     }
 
     /// A site's own rotation goes on after the address it took last when

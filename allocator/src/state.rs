@@ -2173,6 +2173,24 @@ impl Allocator {
         inner.sites.answered(site, ip, Instant::now());
     }
 
+    /// A request to `site` from `ip`, counted at its lease (about
+    /// `leased_us`), started at `started_us` (`rotor_protocol::clock`):
+    /// its start is moved to then (see `Sites::started_late`). Times of
+    /// another clock are dropped.
+    pub fn site_started(&self, ip: IpAddr, site: &str, leased_us: u64, started_us: u64) {
+        let (Some(leased), Some(started)) = (
+            rotor_protocol::clock::instant(leased_us),
+            rotor_protocol::clock::instant(started_us),
+        ) else {
+            return;
+        };
+        let mut inner = self.lock();
+        inner.changes += 1;
+        inner
+            .sites
+            .started_late(site, ip, (leased, started), Instant::now());
+    }
+
     /// The per-site state, the most recently used `max` sites.
     pub fn sites_report(&self, max: usize) -> rotor_protocol::SitesReport {
         self.lock().sites.report(max, Instant::now())

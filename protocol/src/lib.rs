@@ -6,8 +6,8 @@
 
 pub mod addr;
 mod channel;
+pub mod clock;
 mod codec;
-pub mod deadline;
 mod guard;
 mod handshake;
 mod message;

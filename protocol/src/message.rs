@@ -92,7 +92,9 @@ pub const MINOR_FIRST_RELOADS: u16 = 15;
 /// an older one is told the status is too large.
 pub const MINOR_STATUS_CUT: u16 = 16;
 /// The first minor whose allocator reads `Request::Until` (a request
-/// given up at a deadline: not served when read after it).
+/// given up at a deadline: not served when read after it) and takes
+/// `Request::SiteStarted` (when a site's request started, for its
+/// budget).
 pub const MINOR_DEADLINE: u16 = 17;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
@@ -383,7 +385,7 @@ pub enum Request {
     SiteConnected { ip: IpAddr, site: String },
     /// `request`, which its peer gives up at `deadline_us` (since minor
     /// 17): microseconds of `CLOCK_MONOTONIC`, one clock for every process
-    /// of the host (see [`crate::deadline`]). Read after that, it is not
+    /// of the host (see [`crate::clock`]). Read after that, it is not
     /// served (answered `Error`, which nobody waits for); a site wait
     /// ends by then. Workers send their leases so: one given up while the
     /// allocator stalled, and read when it resumed, spent a site's budget
@@ -391,6 +393,19 @@ pub enum Request {
     Until {
         deadline_us: u64,
         request: Box<Request>,
+    },
+    /// A request to `site` from `ip`, whose lease counted it against the
+    /// site's budget at about `leased_us`, started only at `started_us`
+    /// (its connection made, a site's round trip or more later; both as
+    /// `Until`'s deadline, since minor 17): the allocator moves that start
+    /// to then, so that the site's window is held from when the request
+    /// reached it. Sent only for a start late enough to matter. Answered
+    /// `Noted`.
+    SiteStarted {
+        ip: IpAddr,
+        site: String,
+        leased_us: u64,
+        started_us: u64,
     },
 }
 
@@ -418,7 +433,7 @@ impl Request {
             Request::WorkerReloaded { .. } | Request::ReloadReportV2 => MINOR_WORKER_RELOADS,
             Request::Unreached { .. } => MINOR_UNREACHED,
             Request::SiteUnreached { .. } | Request::SiteConnected { .. } => MINOR_SITE_UNREACHED,
-            Request::Until { .. } => MINOR_DEADLINE,
+            Request::Until { .. } | Request::SiteStarted { .. } => MINOR_DEADLINE,
         }
     }
 }

@@ -339,6 +339,18 @@ fn golden_client_frames() {
         }),
         "01071afc40420f0008010005652e636f6d",
     );
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::SiteStarted {
+                ip: "10.0.0.4".parse().unwrap(),
+                site: "e.com".into(),
+                leased_us: 1_000_000,
+                started_us: 1_300_000,
+            },
+        }),
+        "01071b000a00000405652e636f6dfc40420f00fc20d61300",
+    );
 }
 
 #[test]

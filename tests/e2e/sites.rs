@@ -456,6 +456,83 @@ async fn a_lease_given_up_while_the_allocator_stalled_is_not_served_when_it_resu
     assert_eq!(origin.sources(), vec![ip(2), ip(3)]);
 }
 
+/// A site whose accept queue is full: its first SYN dropped, a connect
+/// to it takes a second (the SYN sent again). Its HTTP requests are
+/// answered once the queue is emptied (after `stall`), each 200 and
+/// closed; the times they arrived at.
+struct StalledSite {
+    port: u16,
+    arrived: std::sync::Arc<std::sync::Mutex<Vec<Instant>>>,
+}
+
+impl StalledSite {
+    fn start(stall: Duration) -> StalledSite {
+        use std::io::{Read, Write};
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        // (A backlog of 0 holds one connection; two fill it.)
+        s.listen(0).unwrap();
+        let listener: std::net::TcpListener = s.into();
+        let port = listener.local_addr().unwrap().port();
+        let fillers: Vec<_> = (0..2)
+            .map(|_| {
+                let f = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+                    .unwrap();
+                f.set_nonblocking(true).unwrap();
+                let _ = f.connect(&std::net::SocketAddr::from(([127, 0, 0, 1], port)).into());
+                f
+            })
+            .collect();
+        let arrived = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let times = arrived.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(stall);
+            drop(fillers);
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if head.starts_with(b"GET") {
+                    times.lock().unwrap().push(Instant::now());
+                    let _ = conn.write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    );
+                }
+            }
+        });
+        StalledSite { port, arrived }
+    }
+}
+
+/// A site's budget holds from when a request reached the site, not from
+/// its lease: a request whose connect took a second, counted at its
+/// lease, let the next one in a second early (the site saw two requests
+/// 1.1 s apart under a budget of one in 2 s).
+#[tokio::test]
+async fn a_budget_holds_from_when_a_slow_connect_reached_the_site() {
+    let site = StalledSite::start(Duration::from_millis(300));
+    let alloc = Allocator::start(&["--pool", "127.0.0.2", "--site-limit", "127.0.0.1=1/2s"]).await;
+    let w = Worker::start(&alloc.socket, &["--budget-wait", "10s"]).await;
+    let url = format!("http://127.0.0.1:{}/", site.port);
+    let (addr, u) = (w.addr, url.clone());
+    let slow = tokio::spawn(async move { get(addr, &u).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let next = get(w.addr, &url).await;
+    assert_eq!(next.status, 200, "{:?}", next.body);
+    assert_eq!(slow.await.unwrap().status, 200);
+    let arrived = site.arrived.lock().unwrap().clone();
+    assert_eq!(arrived.len(), 2);
+    let apart = arrived[1] - arrived[0];
+    assert!(apart >= Duration::from_secs(2), "{apart:?} apart");
+}
+
 #[tokio::test]
 async fn budgets_used_and_cooldowns_outlive_a_clean_allocator_restart() {
     let origin = Origin::start().await;

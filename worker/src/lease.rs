@@ -715,6 +715,33 @@ impl LeaseClient {
         self.tell(Request::SiteUnreached { ip, site });
     }
 
+    /// Tells the allocator that a request to `host` from `ip`, leased
+    /// `since` ago, started only now (its connection made): where the
+    /// site has a budget, its start is moved to now (see
+    /// `Request::SiteStarted`). Not waited for; a site the allocator holds
+    /// nothing for (its filter says so), or an allocator older than minor
+    /// 17, is not told.
+    pub fn site_started(&self, ip: IpAddr, host: &str, since: Duration) {
+        let Some(c) = self.conn.borrow().clone() else {
+            return;
+        };
+        if c.minor < MINOR_DEADLINE {
+            return;
+        }
+        let mapped = c.mapped();
+        let Some(site) = c.site_path(mapped.as_ref().map(|(t, _)| &**t), host) else {
+            return;
+        };
+        let started_us = rotor_protocol::clock::now_us();
+        let since_us = u64::try_from(since.as_micros()).unwrap_or(u64::MAX);
+        self.tell(Request::SiteStarted {
+            ip,
+            site,
+            leased_us: started_us.saturating_sub(since_us),
+            started_us,
+        });
+    }
+
     /// Tells the allocator that a new connect from `ip` to `site` was made,
     /// on a lease that asked (the pair's failed connects start over). Not
     /// waited for; an allocator older than minor 14 is not told.
@@ -1094,7 +1121,7 @@ fn with_deadline(body: Request, minor: u16, deadline: Instant) -> Request {
     }
     let left = deadline.saturating_duration_since(Instant::now());
     Request::Until {
-        deadline_us: rotor_protocol::deadline::after(left),
+        deadline_us: rotor_protocol::clock::after(left),
         request: Box::new(body),
     }
 }

@@ -1001,6 +1001,7 @@ impl Proxy {
         named @ (host, _): (&str, &str),
         sticky: Option<&Sticky>,
     ) -> Result<(TcpStream, Granted), Failed> {
+        let leased = Instant::now();
         let first = self.connect_counted(lease.ip, addrs, named).await;
         let (stream, granted) = match first {
             Err(ProxyError::SourceUnavailable { ip, source }) => {
@@ -1027,6 +1028,13 @@ impl Proxy {
         if granted.1 && self.config.cooldown_connect_failures {
             self.leases
                 .site_connected(granted.0.ip, rotor_protocol::site_of(host));
+        }
+        // A site's budget counted this request at its lease: one that
+        // reaches the site a connect later than that by enough to matter
+        // (a site far away) has its start moved to now.
+        let since = leased.elapsed();
+        if since >= SITE_START_LATE {
+            self.leases.site_started(granted.0.ip, host, since);
         }
         Ok((stream, granted))
     }
@@ -1562,6 +1570,12 @@ fn only_host(fields: &Fields) -> Result<Option<&[u8]>, ProxyError> {
 
 /// The field `--expose-source` names the leased address in.
 static ROTOR_SOURCE: HeaderName = HeaderName::from_static("rotor-source");
+
+/// How long after its lease a request's connect must end for the
+/// allocator to be told its site's budget start is late (a site's
+/// window holds a margin of 100 ms at least; loopback connects take
+/// well under a millisecond, and send nothing).
+const SITE_START_LATE: Duration = Duration::from_millis(20);
 
 /// The most of a port that is no port the access log writes.
 const LOGGED_BAD_PORT: usize = 8;

@@ -1,11 +1,12 @@
-//! Deadlines one process gives another on this host (`Request::Until`):
+//! Times one process tells another on this host (a request's deadline,
+//! `Request::Until`; when a site's request started, `Request::SiteStarted`):
 //! microseconds of `CLOCK_MONOTONIC`, which every process of the host
 //! reads alike (it does not jump with the wall clock).
 //!
 //! A process in another time namespace reads that clock with an offset of
-//! its own. A deadline further than [`SPAN`] from the reader's clock, in
-//! the past or the future, is taken as of such a clock and not applied:
-//! the request is served as if it had none (as before deadlines).
+//! its own. A time further than [`SPAN`] from the reader's clock, in the
+//! past or the future, is taken as of such a clock and not applied: a
+//! request is served as if it had no deadline (as before deadlines).
 
 use std::time::Duration;
 
@@ -26,6 +27,17 @@ pub fn now_us() -> u64 {
 /// The deadline `within` from now.
 pub fn after(within: Duration) -> u64 {
     now_us().saturating_add(u64::try_from(within.as_micros()).unwrap_or(u64::MAX))
+}
+
+/// `us` as an instant of this process's clock; `None` if further than
+/// [`SPAN`] from now (another clock's).
+pub fn instant(us: u64) -> Option<std::time::Instant> {
+    let (now, now_us) = (std::time::Instant::now(), now_us());
+    match standing_at(us, now_us) {
+        Standing::Ahead(d) => now.checked_add(d),
+        Standing::Passed(d) => now.checked_sub(d),
+        Standing::Foreign => None,
+    }
 }
 
 /// How a deadline stands, read now.
@@ -82,6 +94,19 @@ mod tests {
         assert_eq!(standing_at(now - span - 1, now), Standing::Foreign);
         assert_eq!(standing_at(0, now), Standing::Foreign);
         assert_eq!(standing_at(u64::MAX, now), Standing::Foreign);
+    }
+
+    #[test]
+    fn a_time_of_this_clock_is_an_instant_and_one_of_another_is_not() {
+        let (before, us) = (std::time::Instant::now(), now_us());
+        let at = instant(us - 250_000).unwrap();
+        let back = before.saturating_duration_since(at);
+        assert!(
+            back >= Duration::from_millis(249) && back < Duration::from_millis(300),
+            "{back:?}"
+        );
+        assert!(instant(us + 250_000).unwrap() > before);
+        assert_eq!(instant(us + 2 * SPAN.as_micros() as u64), None);
     }
 
     #[test]
