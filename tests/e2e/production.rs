@@ -405,6 +405,39 @@ async fn addresses_taken_out_by_hand_stay_out_over_an_allocator_restart() {
     assert_eq!(seen, ips(2..=4));
 }
 
+/// A worker that bound its own `--listen` socket (SO_REUSEPORT: no other
+/// worker accepts from its queue) serves, at its stop, the connections
+/// queued to it: closing the socket reset them (unless
+/// `net.ipv4.tcp_migrate_req` was 1), and a rolling restart of such
+/// workers lost a few requests.
+#[tokio::test]
+async fn a_stopping_worker_serves_what_waits_in_its_own_listeners_queue() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    worker.proc.signal(Signal::SIGSTOP);
+    let mut queued = Vec::new();
+    for _ in 0..8 {
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        let req = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+            origin.url("/"),
+            origin.addr
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        queued.push(s);
+    }
+    worker.proc.signal(Signal::SIGTERM);
+    worker.proc.signal(Signal::SIGCONT);
+    for mut s in queued {
+        let head = tokio::time::timeout(PATIENCE, read_head(&mut s))
+            .await
+            .expect("no answer");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head:?}");
+    }
+    assert_eq!(origin.count(), 8);
+}
+
 #[tokio::test]
 async fn drain_lets_a_long_download_and_a_tunnel_finish() {
     let origin = Origin::start().await;

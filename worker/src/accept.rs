@@ -194,16 +194,23 @@ pub async fn accept_loop(
         }
     }
     let _leave = LeaveAtStop(&balance, &stop);
+    let at_stop = |listener: &std::net::TcpListener| {
+        for (std, peer) in queued_at_stop(listener) {
+            let _ = std.set_nodelay(true);
+            serve(ClientTcp::new(std), peer);
+        }
+        Ok(())
+    };
     loop {
         let mut ready = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => return at_stop(listener.get_ref()),
             r = listener.readable() => r?,
         };
         let defer = deferral.decide(balance.leave_to_sibling(), tokio::time::Instant::now());
         if defer != Defer::No {
             match defer {
                 Defer::Wait | Defer::Full => tokio::select! {
-                    _ = stop.cancelled() => return Ok(()),
+                    _ = stop.cancelled() => return at_stop(listener.get_ref()),
                     _ = tokio::time::sleep(DEFER) => {}
                 },
                 _ => tokio::task::yield_now().await,
@@ -244,6 +251,43 @@ pub async fn accept_loop(
             Err(_would_block) => {}
         }
     }
+}
+
+/// The most connections taken from a listener's queue at the stop (its
+/// backlog's).
+const MAX_QUEUED_AT_STOP: usize = 4096;
+
+/// At the stop, the connections waiting in the queue of a listener this
+/// worker bound itself (`SO_REUSEPORT`, `--listen` without `rotor up` or
+/// systemd): no other worker accepts from that queue, and closing it
+/// resets them (unless `net.ipv4.tcp_migrate_req` is 1), so they are
+/// taken, to be served as the drain serves a connection's first request.
+/// A socket shared with siblings (passed to each: `rotor up`, socket
+/// activation) keeps them for the siblings: none are taken.
+pub(crate) fn queued_at_stop(
+    listener: &impl std::os::fd::AsFd,
+) -> Vec<(std::net::TcpStream, SocketAddr)> {
+    let mut taken = Vec::new();
+    if !socket2::SockRef::from(listener)
+        .reuse_port()
+        .unwrap_or(false)
+    {
+        return taken;
+    }
+    while taken.len() < MAX_QUEUED_AT_STOP {
+        match os::accept(listener) {
+            Ok(c) => taken.push(c),
+            Err(e) if is_transient(&e) => {}
+            Err(_) => break,
+        }
+    }
+    if !taken.is_empty() {
+        debug!(
+            connections = taken.len(),
+            "stopping: served the connections queued to this worker's own listener"
+        );
+    }
+    taken
 }
 
 /// An accept loop's leaving of connections to its siblings, over its

@@ -34,7 +34,7 @@ pub fn limit_unsent(sock: &impl AsFd) -> io::Result<()> {
 }
 
 /// accept4(2): the connection non-blocking and close-on-exec in one call.
-pub fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+pub fn accept(listener: &impl AsFd) -> io::Result<(TcpStream, SocketAddr)> {
     let (sock, addr) = SockRef::from(listener).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
     let stream = TcpStream::from(sock);
     let peer = match addr.as_socket() {

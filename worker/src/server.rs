@@ -951,9 +951,22 @@ async fn socks_accept(
             return;
         }
     };
+    // At the stop, what waits in its own queue (see `queued_at_stop`).
+    let mut at_stop: Option<std::vec::IntoIter<_>> = None;
     loop {
-        let (stream, client) = tokio::select! {
-            _ = shutdown.cancelled() => return,
+        let (stream, client) = match &mut at_stop {
+            Some(queued) => match queued.next() {
+                None => return,
+                Some((stream, client)) => match TcpStream::from_std(stream) {
+                    Ok(stream) => (stream, client),
+                    Err(_) => continue,
+                },
+            },
+            None => tokio::select! {
+            _ = shutdown.cancelled() => {
+                at_stop = Some(crate::accept::queued_at_stop(&listener).into_iter());
+                continue;
+            }
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) if crate::accept::is_transient(&e) => continue,
@@ -965,6 +978,7 @@ async fn socks_accept(
                     crate::accept::accept_failed("SOCKS5 ", &e).await;
                     continue;
                 }
+            },
             },
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
