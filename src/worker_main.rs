@@ -23,6 +23,10 @@ const EXIT_FAST: u8 = 130;
 /// The whole life of worker process, after logging is set up. Must run
 /// before any other thread starts (socket activation clears variables).
 pub fn worker(args: WorkerArgs) -> ExitCode {
+    // A password check's 19 MiB (argon2, on a blocking thread) mapped
+    // and given back each time: kept in that thread's arena, a flood of
+    // wrong passwords left a worker holding 350–730 MB for good.
+    rotor_protocol::map_large_allocations();
     let fail = |e: &dyn std::error::Error| {
         error!("{}", error_chain(e));
         ExitCode::from(EXIT_CONFIG)

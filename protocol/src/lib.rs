@@ -23,8 +23,9 @@ mod table;
 /// glibc otherwise raises that threshold as large blocks are freed, and
 /// keeps what each thread's arena held: a pool command flooding its
 /// output to the limit (16 MiB, read by a thread of its own) left the
-/// allocator 100 MB larger within a minute of refreshes, and growing.
-/// Call once, at the start.
+/// allocator 100 MB larger within a minute of refreshes, and growing;
+/// a worker's password checks (argon2's 19 MiB each, on blocking
+/// threads) left it holding up to 730 MB. Call once, at the start.
 #[allow(unsafe_code)]
 pub fn map_large_allocations() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
