@@ -115,7 +115,7 @@ impl std::str::FromStr for Limit {
 
 impl Limit {
     /// How long a start holds its place: the period and a margin of 2 %,
-    /// at least 100 ms (half the period at most), at most 1 s. A request
+    /// at least 50 ms (half the period at most), at most 1 s. A request
     /// reaches the site a moment after rotor counts it, and those moments
     /// vary: on a new connection a connect's round trip later, on a
     /// kept-alive one at once. Without the margin a site that counts
@@ -126,7 +126,7 @@ impl Limit {
     /// 20 ms or more after its lease, [`Sites::started_late`]: what the
     /// margin covers is a shorter connect, and jitter.)
     pub fn window(&self) -> Duration {
-        let floor = Duration::from_millis(100).min(self.period / 2);
+        let floor = Duration::from_millis(50).min(self.period / 2);
         self.period + (self.period / 50).max(floor).min(Duration::from_secs(1))
     }
 }
@@ -2899,14 +2899,14 @@ mod tests {
                 retry_after,
                 cooling,
             } => {
-                // The window is the period and its margin (100 ms).
-                assert_eq!(retry_after, Duration::from_millis(800));
+                // The window is the period and its margin (50 ms).
+                assert_eq!(retry_after, Duration::from_millis(750));
                 assert!(!cooling);
             }
             other => panic!("{other:?}"),
         }
         // Once the window slid: the next round, in order.
-        let t1 = t0 + Duration::from_millis(1100);
+        let t1 = t0 + Duration::from_millis(1050);
         assert_eq!(take(&mut s, "a.com", &active, 3, t1), [1, 2, 3]);
         // Unbudgeted sites are not held at all.
         assert_eq!(
@@ -2922,14 +2922,15 @@ mod tests {
     }
 
     /// The margin a start holds its place past the period: 2 %, at least
-    /// 100 ms (a connect's round trip to most sites: a new connection's
-    /// request reaches the site that much after a kept-alive one's), half
-    /// the period at most, 1 s at most.
+    /// 50 ms (a new connection's request reaches the site a connect after
+    /// a kept-alive one's: one of 20 ms or more moves its start, one
+    /// shorter and the jitter are what it covers), half the period at
+    /// most, 1 s at most.
     #[test]
     fn the_margin_covers_a_connects_round_trip() {
         let window = |period: Duration| Limit { count: 5, period }.window();
         let ms = Duration::from_millis;
-        assert_eq!(window(ms(1000)), ms(1100));
+        assert_eq!(window(ms(1000)), ms(1050));
         assert_eq!(window(ms(10_000)), ms(10_200));
         assert_eq!(window(ms(100)), ms(150));
         assert_eq!(window(Duration::from_secs(3600)), Duration::from_secs(3601));
