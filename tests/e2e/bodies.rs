@@ -525,3 +525,55 @@ async fn an_http10_answer_without_a_length_says_close() {
         assert_eq!(read_exactly(&mut s, 5).await, b"hello");
     }
 }
+
+/// A body of many small chunks reaches the destination in few writes:
+/// each chunk went out in a write (and a segment) of its own, so a
+/// client's one-byte chunks cost a system call each, and a core for a
+/// few MB.
+#[tokio::test]
+async fn small_chunks_reach_the_destination_joined() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dest = l.local_addr().unwrap();
+    let site = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let (mut got, mut reads) = (Vec::new(), 0);
+        let mut buf = vec![0u8; 1 << 16];
+        while !got.ends_with(b"0\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed");
+            got.extend_from_slice(&buf[..n]);
+            reads += 1;
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+            .await
+            .unwrap();
+        (got, reads)
+    });
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    let mut s = TcpStream::connect(w.addr).await.unwrap();
+    let mut req = format!(
+        "POST http://{dest}/ HTTP/1.1\r\nHost: {dest}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for _ in 0..20_000 {
+        req.extend_from_slice(b"1\r\na\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    s.write_all(&req).await.unwrap();
+    assert!(read_head(&mut s).await.starts_with("HTTP/1.1 200"));
+    let (got, reads) = site.await.unwrap();
+    let body = &got[got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+    let mut data = Vec::new();
+    let mut rest = body;
+    while let Some(line) = rest.windows(2).position(|w| w == b"\r\n") {
+        let size = usize::from_str_radix(std::str::from_utf8(&rest[..line]).unwrap(), 16).unwrap();
+        data.extend_from_slice(&rest[line + 2..line + 2 + size]);
+        rest = &rest[line + 2 + size + 2..];
+        if size == 0 {
+            break;
+        }
+    }
+    assert_eq!(data, vec![b'a'; 20_000]);
+    assert!(reads < 200, "{reads} reads");
+}
