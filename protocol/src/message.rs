@@ -389,9 +389,12 @@ pub enum Request {
     /// served (answered `Error`, which nobody waits for); a site wait
     /// ends by then. Workers send their leases so: one given up while the
     /// allocator stalled, and read when it resumed, spent a site's budget
-    /// or started a session no request used. Not nested.
+    /// or started a session no request used. Not nested: one inside
+    /// another does not decode (a chain of them, two bytes a level,
+    /// overflowed the reader's stack).
     Until {
         deadline_us: u64,
+        #[serde(deserialize_with = "not_nested")]
         request: Box<Request>,
     },
     /// A request to `site` from `ip`, whose lease counted it against the
@@ -407,6 +410,25 @@ pub enum Request {
         leased_us: u64,
         started_us: u64,
     },
+}
+
+thread_local! {
+    /// Whether an `Until`'s request is being decoded on this thread.
+    static IN_UNTIL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// An `Until`'s request, which is no `Until`: decoded with a mark that an
+/// `Until` inside it finds, and refuses, before it goes deeper.
+fn not_nested<'de, D>(d: D) -> Result<Box<Request>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    if IN_UNTIL.with(|c| c.replace(true)) {
+        return Err(serde::de::Error::custom("a deadline inside a deadline"));
+    }
+    let inner = Request::deserialize(d);
+    IN_UNTIL.with(|c| c.set(false));
+    Ok(Box::new(inner?))
 }
 
 impl Request {

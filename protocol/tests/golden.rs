@@ -614,3 +614,30 @@ fn golden_server_frames() {
         "01091402000000000000000107",
     );
 }
+
+/// An `Until` inside an `Until` does not decode, however deep the chain
+/// (two bytes a level: one of a few thousand overflowed the reader's
+/// stack), and the reader is not left refusing the next one.
+#[test]
+fn a_deadline_inside_a_deadline_does_not_decode() {
+    let lease = Request::LeaseSite {
+        families: Families::V4,
+        site: "e.com".into(),
+    };
+    let until = |request| Request::Until {
+        deadline_us: 9,
+        request: Box::new(request),
+    };
+    let frame = |body| ClientFrame::Request(Envelope { id: 7, body });
+    let nested = encode(&frame(until(until(lease.clone())))).unwrap();
+    assert!(decode::<ClientFrame>(&nested).is_err());
+    // A chain of a million levels, as bytes (the frame's limit allows two).
+    let mut deep = vec![0x01, 0x07];
+    for _ in 0..1_000_000 {
+        deep.extend_from_slice(&[0x1a, 0x00]);
+    }
+    deep.extend_from_slice(&[0x00, 0x01, 0x00]);
+    assert!(decode::<ClientFrame>(&deep).is_err());
+    let one = encode(&frame(until(lease.clone()))).unwrap();
+    assert_eq!(decode::<ClientFrame>(&one).unwrap(), frame(until(lease)));
+}
