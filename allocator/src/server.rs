@@ -1124,6 +1124,7 @@ async fn answer(
                 peer: id,
                 id: env.id,
                 tx: peer.late.clone(),
+                given_up: left.and_then(|left| std::time::Instant::now().checked_add(left)),
             };
             let wait = Duration::from_millis(wait_ms);
             let wait = left.map_or(wait, |left| wait.min(left));

@@ -3103,6 +3103,7 @@ mod tests {
             peer: 1,
             id,
             tx: tx.clone(),
+            given_up: None,
         };
         let wait = Duration::from_secs(5);
         assert_eq!(
@@ -3153,7 +3154,12 @@ mod tests {
         let v6: IpAddr = "2001:db8::1".parse().unwrap();
         assert_eq!(leased_ip(a.lease_site(1, Families::V4, "example.com")), v4);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let reply = crate::waiters::Reply { peer: 1, id: 1, tx };
+        let reply = crate::waiters::Reply {
+            peer: 1,
+            id: 1,
+            tx,
+            given_up: None,
+        };
         let wait = Duration::from_secs(5);
         assert_eq!(
             a.lease_site_wait(Families::V4, "example.com", wait, reply),
@@ -3185,6 +3191,7 @@ mod tests {
             peer: 1,
             id,
             tx: tx.clone(),
+            given_up: None,
         };
         let woken = || async {
             tokio::time::timeout(Duration::from_millis(50), a.waiting.notified())

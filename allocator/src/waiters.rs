@@ -34,6 +34,8 @@ pub struct Reply {
     pub peer: u64,
     pub id: u64,
     pub tx: mpsc::UnboundedSender<ServerFrame>,
+    /// When its peer gives the request up (`Request::Until`), if it said.
+    pub given_up: Option<Instant>,
 }
 
 impl Reply {
@@ -43,9 +45,11 @@ impl Reply {
             .send(ServerFrame::Response(Envelope { id: self.id, body }));
     }
 
-    /// Whether nobody will read the answer (the connection ended).
-    fn is_gone(&self) -> bool {
-        self.tx.is_closed()
+    /// Whether nobody will read the answer: the connection ended, or its
+    /// peer gave the request up (the allocator stalled past it: served,
+    /// it spent a site's budget for nobody).
+    fn is_gone(&self, now: Instant) -> bool {
+        self.tx.is_closed() || self.given_up.is_some_and(|g| g <= now)
     }
 }
 
@@ -305,7 +309,7 @@ impl Waiters {
                 if !cancelled.is_empty() && cancelled.remove(&(w.reply.peer, w.reply.id)) {
                     continue;
                 }
-                if w.reply.is_gone() {
+                if w.reply.is_gone(now) {
                     left(per_peer, held, &mut count, &mut q.by_families, &w);
                     continue;
                 }
@@ -390,7 +394,15 @@ mod tests {
 
     fn reply(peer: u64, id: u64) -> (Reply, mpsc::UnboundedReceiver<ServerFrame>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Reply { peer, id, tx }, rx)
+        (
+            Reply {
+                peer,
+                id,
+                tx,
+                given_up: None,
+            },
+            rx,
+        )
     }
 
     fn answer(rx: &mut mpsc::UnboundedReceiver<ServerFrame>) -> Option<Response> {
@@ -491,6 +503,7 @@ mod tests {
             peer: 1,
             id,
             tx: tx.clone(),
+            given_up: None,
         };
         let hold = |w: &mut Waiters, id, at| {
             w.hold("s", Families::ANY, ms(5000), (ms(at), false), reply(id))
@@ -607,6 +620,7 @@ mod tests {
             peer,
             id,
             tx: tx.clone(),
+            given_up: None,
         };
         let hold = |w: &mut Waiters, site: &str, r| w.hold(site, Families::ANY, t0, (t0, false), r);
         // One peer holds half at most.

@@ -456,6 +456,39 @@ async fn a_lease_given_up_while_the_allocator_stalled_is_not_served_when_it_resu
     assert_eq!(origin.sources(), vec![ip(2), ip(3)]);
 }
 
+/// A request held waiting for a site's budget, given up by its worker
+/// while the allocator stalled, is not served when the allocator resumes
+/// and finds the budget free: it spent the budget for nobody.
+#[tokio::test]
+async fn a_wait_given_up_while_the_allocator_stalled_spends_no_budget() {
+    use nix::sys::signal::Signal;
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2", "--site-limit", "127.0.0.1=1/2s"]).await;
+    let args = ["--budget-wait", "3s", "--lease-timeout", "300ms"];
+    let w = Worker::start(&alloc.socket, &args).await;
+    let now = Worker::start(&alloc.socket, &[]).await;
+    let url = origin.url("/");
+    assert_eq!(get(w.addr, &url).await.status, 200);
+    let t0 = Instant::now();
+    let (addr, u) = (w.addr, url.clone());
+    // Held: the budget frees 2 s on, within its wait.
+    let held = tokio::spawn(async move { get(addr, &u).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    alloc.proc.signal(Signal::SIGSTOP);
+    // Given up at its wait's end and the lease timeout (3.3 s).
+    let r = held.await.unwrap();
+    assert_eq!(r.status, 503, "{:?}", r.body);
+    // Resumed with the held wait due, the budget free again.
+    tokio::time::sleep(Duration::from_millis(3800).saturating_sub(t0.elapsed())).await;
+    alloc.proc.signal(Signal::SIGCONT);
+    assert_eq!(
+        get(now.addr, &url).await.status,
+        200,
+        "the budget was spent"
+    );
+    assert_eq!(origin.count(), 2);
+}
+
 /// A site whose accept queue is full: its first SYN dropped, a connect
 /// to it takes a second (the SYN sent again). Its HTTP requests are
 /// answered once the queue is emptied (after `stall`), each 200 and
