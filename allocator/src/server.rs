@@ -953,9 +953,23 @@ struct Peer {
     /// Its user, as the kernel says (`None`: not known).
     uid: Option<u32>,
     late: mpsc::UnboundedSender<ServerFrame>,
+    /// This allocator's clock less the peer's (`Request::Clock`), in
+    /// microseconds; `i64::MIN` until it says.
+    clock_offset: std::sync::atomic::AtomicI64,
 }
 
 impl Peer {
+    /// A time the peer told (`CLOCK_MONOTONIC`, µs), on this allocator's
+    /// clock: the same where the peer has not said its own (none of its
+    /// times are then of another clock, or the span's guard takes them
+    /// for one).
+    fn local_us(&self, us: u64) -> u64 {
+        match self.clock_offset.load(std::sync::atomic::Ordering::Relaxed) {
+            i64::MIN => us,
+            offset => (i128::from(us) + i128::from(offset)).clamp(0, i128::from(u64::MAX)) as u64,
+        }
+    }
+
     /// The sticky session key `key` as the allocator keeps it: a peer let
     /// in only to lease has the session keys of its own user (its uid
     /// before them), so that it cannot name another user's sessions (the
@@ -991,7 +1005,7 @@ async fn answer(
         Request::Until {
             deadline_us,
             request,
-        } => match rotor_protocol::clock::standing(deadline_us) {
+        } => match rotor_protocol::clock::standing(peer.local_us(deadline_us)) {
             Standing::Passed(late) => {
                 debug!(
                     peer = id,
@@ -1168,7 +1182,16 @@ async fn answer(
             leased_us,
             started_us,
         } => {
+            let (leased_us, started_us) = (peer.local_us(leased_us), peer.local_us(started_us));
             alloc.site_started(ip, &site, leased_us, started_us);
+            Response::Noted { quarantined: false }
+        }
+        Request::Clock { now_us } => {
+            let offset = i128::from(rotor_protocol::clock::now_us()) - i128::from(now_us);
+            // (`i64::MIN` is "not said": one short of it at most.)
+            let offset = offset.clamp(i128::from(i64::MIN) + 1, i128::from(i64::MAX)) as i64;
+            peer.clock_offset
+                .store(offset, std::sync::atomic::Ordering::Relaxed);
             Response::Noted { quarantined: false }
         }
         Request::Sites { max } => Response::Sites(alloc.sites_report(max.min(10_000) as usize)),
@@ -1429,6 +1452,7 @@ async fn serve(
         rights,
         uid,
         late,
+        clock_offset: i64::MIN.into(),
     };
     // A peer quiet between frames is waited for as long as it likes; one
     // that began a frame and stopped holds the room its length asked for
@@ -1558,6 +1582,7 @@ mod tests {
             rights,
             uid: Some(1000),
             late: mpsc::unbounded_channel().0,
+            clock_offset: i64::MIN.into(),
         }
     }
 

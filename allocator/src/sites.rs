@@ -624,12 +624,12 @@ impl Pair {
     /// The batches stay in time order, [`BATCHES`] at most (past it, the
     /// moved start joins the batch after it, whose later time it takes,
     /// or the one before, which takes `to`).
-    fn restamp(&mut self, from: Ms, to: Ms) {
+    fn restamp(&mut self, from: Ms, to: Ms) -> bool {
         let Some(i) = self.starts.iter().position(|&(t, _)| t >= from) else {
-            return;
+            return false;
         };
         if self.starts[i].0 >= to {
-            return;
+            return false;
         }
         match &mut self.starts[i].1 {
             n if *n > 1 => *n -= 1,
@@ -645,6 +645,7 @@ impl Pair {
         } else if let Some(before) = self.starts.back_mut() {
             *before = (to, before.1.saturating_add(1));
         }
+        true
     }
 
     /// Adds `other`'s starts, cooldown and repeats (two sources that are
@@ -1601,26 +1602,26 @@ impl Sites {
     /// held from when the request reached it, not a connect's round trip
     /// before. `leased` is taken [`LEASE_SLACK`] early: the lease was
     /// counted before its worker had it, and a start later than this
-    /// request's, moved, would let one in early.
+    /// request's, moved, would let one in early. Whether one moved.
     pub fn started_late(
         &mut self,
         site: &str,
         ip: IpAddr,
         (leased, started): (Instant, Instant),
         now: Instant,
-    ) {
+    ) -> bool {
         let Some(Site {
             id, limit: Some(_), ..
         }) = self.sites.get(site)
         else {
-            return;
+            return false;
         };
         let from = self.ms(leased.checked_sub(LEASE_SLACK).unwrap_or(leased));
         let to = self.ms(started.min(now));
         let key = (*id, self.rules.key(ip));
-        if let Some(p) = self.pairs.get_mut(&key) {
-            p.restamp(from, to);
-        }
+        self.pairs
+            .get_mut(&key)
+            .is_some_and(|p| p.restamp(from, to))
     }
 
     /// The pair of `site` and `ip`, if it is held and not cooling.
@@ -2086,7 +2087,7 @@ mod tests {
             held: 3,
             ..Pair::default()
         };
-        p.restamp(190, 500);
+        assert!(p.restamp(190, 500));
         assert_eq!(Vec::from(p.starts.clone()), [(100, 1), (300, 1), (500, 1)]);
         // Between others; a batch of more gives one.
         let mut p = Pair {
@@ -2099,8 +2100,8 @@ mod tests {
         // Counted at its start or later already, or no start from the
         // lease on: nothing moves.
         let before = p.starts.clone();
-        p.restamp(250, 300);
-        p.restamp(301, 900);
+        assert!(!p.restamp(250, 300));
+        assert!(!p.restamp(301, 900));
         assert_eq!(p.starts, before);
         // At the cap (a batch of two gives one): into the batch after its
         // place, or the last, which takes its time.

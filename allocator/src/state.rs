@@ -2185,10 +2185,12 @@ impl Allocator {
             return;
         };
         let mut inner = self.lock();
-        inner.changes += 1;
-        inner
-            .sites
-            .started_late(site, ip, (leased, started), Instant::now());
+        // (A change only if one moved: each slow connect to a site with
+        // no budget had the state written again.)
+        let now = Instant::now();
+        if inner.sites.started_late(site, ip, (leased, started), now) {
+            inner.changes += 1;
+        }
     }
 
     /// The per-site state, the most recently used `max` sites.

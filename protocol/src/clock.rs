@@ -4,9 +4,11 @@
 //! reads alike (it does not jump with the wall clock).
 //!
 //! A process in another time namespace reads that clock with an offset of
-//! its own. A time further than [`SPAN`] from the reader's clock, in the
-//! past or the future, is taken as of such a clock and not applied: a
-//! request is served as if it had no deadline (as before deadlines).
+//! its own: a worker tells the allocator its clock first on each
+//! connection (`Request::Clock`), and its times are read by the
+//! difference. A time further than [`SPAN`] from the reader's clock, in
+//! the past or the future, is taken as of another clock still and not
+//! applied: a request is served as if it had no deadline.
 
 use std::time::Duration;
 

@@ -92,9 +92,10 @@ pub const MINOR_FIRST_RELOADS: u16 = 15;
 /// an older one is told the status is too large.
 pub const MINOR_STATUS_CUT: u16 = 16;
 /// The first minor whose allocator reads `Request::Until` (a request
-/// given up at a deadline: not served when read after it) and takes
+/// given up at a deadline: not served when read after it), and takes
 /// `Request::SiteStarted` (when a site's request started, for its
-/// budget).
+/// budget) and `Request::Clock` (the peer's clock, which those times are
+/// of).
 pub const MINOR_DEADLINE: u16 = 17;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
@@ -410,6 +411,12 @@ pub enum Request {
         leased_us: u64,
         started_us: u64,
     },
+    /// The peer's `CLOCK_MONOTONIC` now, in microseconds (since minor
+    /// 17): a worker's first request on each connection, before any time
+    /// it tells (`Until`, `SiteStarted`), which the allocator reads on its
+    /// own clock by the difference (a worker in another time namespace
+    /// reads the clock with an offset of its own). Answered `Noted`.
+    Clock { now_us: u64 },
 }
 
 thread_local! {
@@ -455,7 +462,9 @@ impl Request {
             Request::WorkerReloaded { .. } | Request::ReloadReportV2 => MINOR_WORKER_RELOADS,
             Request::Unreached { .. } => MINOR_UNREACHED,
             Request::SiteUnreached { .. } | Request::SiteConnected { .. } => MINOR_SITE_UNREACHED,
-            Request::Until { .. } | Request::SiteStarted { .. } => MINOR_DEADLINE,
+            Request::Until { .. } | Request::SiteStarted { .. } | Request::Clock { .. } => {
+                MINOR_DEADLINE
+            }
         }
     }
 }

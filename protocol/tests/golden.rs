@@ -351,6 +351,13 @@ fn golden_client_frames() {
         }),
         "01071b000a00000405652e636f6dfc40420f00fc20d61300",
     );
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::Clock { now_us: 1_000_000 },
+        }),
+        "01071cfc40420f00",
+    );
 }
 
 #[test]

@@ -456,6 +456,43 @@ async fn a_lease_given_up_while_the_allocator_stalled_is_not_served_when_it_resu
     assert_eq!(origin.sources(), vec![ip(2), ip(3)]);
 }
 
+/// A worker whose clock is another's (a time namespace ten minutes
+/// behind) has its deadlines read on the allocator's clock: each of its
+/// site leases was refused as read ten minutes after its deadline.
+#[tokio::test]
+async fn a_worker_in_another_time_namespace_is_served() {
+    let test = "a_worker_in_another_time_namespace_is_served";
+    if !have(test, &["unshare"]) {
+        return;
+    }
+    let tried = std::process::Command::new("unshare")
+        .args(["--time", "--monotonic", "-600", "--fork", "true"])
+        .status();
+    if !tried.is_ok_and(|s| s.success()) {
+        skip(&format!(
+            "{test}: cannot make a time namespace (needs root, as CI has)"
+        ));
+        return;
+    }
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2", "--site-limit", "127.0.0.1=5/1m"]).await;
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args([
+        "--time",
+        "--monotonic",
+        "-600",
+        "--fork",
+        "--kill-child",
+        WORKER,
+    ]);
+    let w = Worker::start_cmd(cmd, &alloc.socket, free_port(), &ALLOW_LOOPBACK).await;
+    for _ in 0..2 {
+        let r = get(w.addr, &origin.url("/")).await;
+        assert_eq!(r.status, 200, "{}", r.proxy_status());
+    }
+    assert_eq!(origin.count(), 2);
+}
+
 /// A request held waiting for a site's budget, given up by its worker
 /// while the allocator stalled, is not served when the allocator resumes
 /// and finds the budget free: it spent the budget for nobody.

@@ -1339,6 +1339,16 @@ async fn manage(
             copy_failed: Mutex::new(None),
         });
         let (mut tx, mut rx) = chan.split();
+        if server.minor >= MINOR_DEADLINE {
+            // This worker's clock, before any time it tells (a lease's
+            // deadline): the allocator reads them on its own by the
+            // difference. (Answered `Noted`, which nobody waits for.)
+            let now_us = rotor_protocol::clock::now_us();
+            let _ = conn.requests.send(Envelope {
+                id: u64::MAX / 4,
+                body: Request::Clock { now_us },
+            });
+        }
         publish.send_replace(Some(conn.clone()));
         held.send(&conn);
 
