@@ -1,12 +1,18 @@
 //! Error reporting shared by every rotor process.
 
 /// An error and its causes on one line (`a: b: c`), for logs and replies.
+/// A cause whose text ends the line already (an error that says its
+/// cause itself, as the resolver's do) is not said again: a name with a
+/// label too long was "…: label bytes exceed 63: 64" three times over.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s
@@ -95,8 +101,45 @@ impl Default for Moment {
 
 #[cfg(test)]
 mod tests {
-    use super::Moment;
+    use super::{error_chain, Moment};
     use std::time::Duration;
+
+    /// An error, and the cause it may say itself.
+    #[derive(Debug)]
+    struct Said(String, Option<Box<Said>>);
+
+    impl std::fmt::Display for Said {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+
+    impl std::error::Error for Said {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|s| s as _)
+        }
+    }
+
+    #[test]
+    fn a_cause_an_error_says_itself_is_not_said_again() {
+        let chain = |texts: &[&str]| {
+            let mut e = None;
+            for t in texts.iter().rev() {
+                e = Some(Box::new(Said(t.to_string(), e)));
+            }
+            error_chain(&*e.unwrap())
+        };
+        assert_eq!(chain(&["a", "b", "c"]), "a: b: c");
+        assert_eq!(
+            chain(&[
+                "proto: decoding: too long",
+                "decoding: too long",
+                "too long"
+            ]),
+            "proto: decoding: too long"
+        );
+        assert_eq!(chain(&["x: y", "z"]), "x: y: z");
+    }
 
     #[test]
     fn a_moment_counts_what_happened_between_first_times() {

@@ -68,7 +68,7 @@ settings! {
         /// none of it, or a client sending none (an upload that moves may
         /// take longer).
         response_timeout: Option<Duration> = "60s",
-        /// A client must send a whole request head within this.
+        /// A client must send a whole request head within this of its first byte (a connection that sends nothing is closed at --idle-timeout).
         header_read_timeout: Option<Duration> = "30s",
         /// Largest request head accepted; larger gets 431 (8192 to 1048576).
         #[arg(value_name = "BYTES")]

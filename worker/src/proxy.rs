@@ -2108,7 +2108,10 @@ fn connect_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
         text => h1::decimal::<u16>(text.as_bytes())
             .ok_or_else(|| ProxyError::BadRequest(format!("invalid port `{text}`")))?,
     };
-    if auth.host().is_empty() || port == 0 {
+    if port == 0 {
+        return Err(ProxyError::BadRequest("port 0 is not a destination".into()));
+    }
+    if auth.host().is_empty() {
         return Err(ProxyError::BadRequest(
             "CONNECT target is not a host:port".into(),
         ));
@@ -2558,6 +2561,8 @@ mod tests {
             ("example.com:", "has no port"),
             ("example.com:abc", "invalid port `abc`"),
             ("example.com:99999", "invalid port `99999`"),
+            ("example.com:0", "port 0 is not a destination"),
+            ("example.com:-1", "invalid port `-1`"),
         ] {
             let e = connect_target(&bad.parse().unwrap()).unwrap_err();
             assert!(e.to_string().contains(says), "{bad}: {e}");
