@@ -570,28 +570,15 @@ fn sources_and_peers(out: &mut String, sources: &[SourceStatus], peers: &[PeerSt
     use std::fmt::Write;
     let _ = writeln!(out, "sources:");
     for src in sources {
-        match &src.error {
-            // A prefix's size saturates the count.
-            None if src.addresses == u32::MAX => {
-                let _ = writeln!(out, "  {}: over {} addresses", src.name, u32::MAX);
-            }
-            None => {
-                let _ = writeln!(
-                    out,
-                    "  {}: {}",
-                    src.name,
-                    count(src.addresses, "address", "addresses")
-                );
-            }
-            Some(e) => {
-                let _ = writeln!(
-                    out,
-                    "  {}: {} kept; last read failed: {e}",
-                    src.name,
-                    count(src.addresses, "address", "addresses")
-                );
-            }
-        }
+        // A prefix's size saturates the count (a u32 on the wire).
+        let listed = match src.addresses {
+            u32::MAX => format!("{} or more addresses", u32::MAX),
+            n => count(n, "address", "addresses"),
+        };
+        let _ = match &src.error {
+            None => writeln!(out, "  {}: {listed}", src.name),
+            Some(e) => writeln!(out, "  {}: {listed} kept; last read failed: {e}", src.name),
+        };
     }
     let _ = writeln!(out, "peers: {}", peers.len());
     for p in peers {
