@@ -1,6 +1,7 @@
 //! Route queries over rtnetlink (`NETLINK_ROUTE`), as `ip route` makes
 //! them: one route looked up (`ip route get`), or a family's routes dumped
-//! (`ip route show table all`). The messages are written and read here,
+//! (`ip route show table all`); and the kernel's word of changes to the
+//! host's addresses and routes (`ip monitor`). The messages are written and read here,
 //! byte by byte (`struct nlmsghdr`, `struct rtmsg`, then attributes, each
 //! 4-byte aligned); the socket is nix's.
 
@@ -19,7 +20,10 @@ use crate::Family;
 
 pub const NLMSG_ERROR: u16 = 2;
 pub const NLMSG_DONE: u16 = 3;
+pub const RTM_NEWADDR: u16 = 20;
+pub const RTM_DELADDR: u16 = 21;
 pub const RTM_NEWROUTE: u16 = 24;
+pub const RTM_DELROUTE: u16 = 25;
 pub const RTM_GETROUTE: u16 = 26;
 pub const NLM_F_REQUEST: u16 = 1;
 /// Set on a dump's messages when the routes changed while it was read.
@@ -153,6 +157,12 @@ impl<'a> Message<'a> {
 /// A datagram's messages that answer this socket's request; an error for
 /// one cut short.
 pub fn messages(buf: &[u8]) -> io::Result<Vec<Message<'_>>> {
+    messages_of(buf, Some(SEQ))
+}
+
+/// A datagram's messages of sequence number `seq` (`None`: all of them,
+/// the kernel's own word of a change too, numbered 0).
+fn messages_of(buf: &[u8], seq: Option<u32>) -> io::Result<Vec<Message<'_>>> {
     let mut out = Vec::new();
     let mut at = 0;
     while buf.len() - at >= HEADER {
@@ -160,7 +170,7 @@ pub fn messages(buf: &[u8]) -> io::Result<Vec<Message<'_>>> {
         if len < HEADER || len > buf.len() - at {
             return Err(invalid("a message of a wrong length"));
         }
-        if u32_at(buf, at + 8) == SEQ {
+        if seq.is_none_or(|seq| u32_at(buf, at + 8) == seq) {
             out.push(Message {
                 kind: u16_at(buf, at + 4),
                 flags: u16_at(buf, at + 6),
@@ -173,6 +183,44 @@ pub fn messages(buf: &[u8]) -> io::Result<Vec<Message<'_>>> {
         return Err(invalid("a datagram ending inside a header"));
     }
     Ok(out)
+}
+
+/// The kernel's multicast groups of changes to addresses and routes, of
+/// both families (`RTMGRP_IPV4_IFADDR`, `_IPV4_ROUTE`, `_IPV6_IFADDR`,
+/// `_IPV6_ROUTE`).
+const ADDRESS_AND_ROUTE_GROUPS: u32 = 0x10 | 0x40 | 0x100 | 0x400;
+
+/// A non-blocking socket the kernel tells of every change to this host's
+/// addresses and routes, for a reactor to wait on; read it with
+/// [`local_change`].
+pub fn watch() -> io::Result<OwnedFd> {
+    let fd = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        SockProtocol::NetlinkRoute,
+    )?;
+    nix::sys::socket::bind(
+        fd.as_raw_fd(),
+        &NetlinkAddr::new(0, ADDRESS_AND_ROUTE_GROUPS),
+    )?;
+    Ok(fd)
+}
+
+/// Whether a datagram of a [`watch`] socket tells of a change to this
+/// host's own addresses: an address added or removed, or a route of type
+/// local (a prefix routed to the host) added or removed. Other routes (a
+/// router's full table churning) are not. One it cannot read is taken
+/// for a change.
+pub fn local_change(datagram: &[u8]) -> bool {
+    let Ok(all) = messages_of(datagram, None) else {
+        return true;
+    };
+    all.iter().any(|m| match m.kind {
+        RTM_NEWADDR | RTM_DELADDR => true,
+        RTM_NEWROUTE | RTM_DELROUTE => m.rtmsg().is_none_or(|r| r[7] == RTN_LOCAL),
+        _ => false,
+    })
 }
 
 /// A route socket, each answer waited for `timeout` at most (the kernel

@@ -20,6 +20,7 @@
 //! its IPv6 twin, common on keepalived hosts) every address binds.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,35 @@ use crate::{PrefixSet, Segment};
 /// enough to see a route deleted a moment before, and one reading in
 /// 100 ms at most however many report.
 pub const AFTER_A_FAILURE: Duration = Duration::from_millis(100);
+
+/// The reading `LocalRoutes::current` shares.
+struct Cache {
+    at: Instant,
+    /// `changes()` when it was read: a change since makes it stale.
+    changes: u64,
+    routes: Arc<LocalRoutes>,
+    reading: bool,
+}
+
+static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
+
+/// Changes to this host's addresses and local routes seen (`changed`).
+static CHANGES: AtomicU64 = AtomicU64::new(0);
+
+/// How many changes to this host's addresses and local routes this
+/// process was told of (a watcher of the kernel's word, `netlink::watch`,
+/// calls `changed`): what was read or kept before one may be of an
+/// address gone. One atomic load.
+pub fn changes() -> u64 {
+    CHANGES.load(Ordering::Acquire)
+}
+
+/// This host's addresses or local routes changed: the shared reading is
+/// stale (the next `current` reads them again, whatever its age), and
+/// `changes` moves on.
+pub fn changed() {
+    CHANGES.fetch_add(1, Ordering::AcqRel);
+}
 
 /// The local routes of both families; a family whose table could not be
 /// read (no `/proc`, IPv6 disabled) is unknown, not empty.
@@ -72,22 +102,19 @@ impl LocalRoutes {
     /// the reading stale; the others meanwhile take the stale one (a host
     /// with a full BGP table has a `fib_trie` of megabytes).
     pub fn current(max_age: Duration) -> Arc<LocalRoutes> {
-        struct Cache {
-            at: Instant,
-            routes: Arc<LocalRoutes>,
-            reading: bool,
-        }
-        static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
         let lock = || CACHE.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = &mut *lock() {
-            if c.reading || c.at.elapsed() < max_age {
+            if c.reading || (c.at.elapsed() < max_age && c.changes == changes()) {
                 return c.routes.clone();
             }
             c.reading = true;
         }
+        // (A change counted from here on is read again next time.)
+        let seen = changes();
         let routes = Arc::new(LocalRoutes::read());
         *lock() = Some(Cache {
             at: Instant::now(),
+            changes: seen,
             routes: routes.clone(),
             reading: false,
         });

@@ -1400,3 +1400,39 @@ fn a_failed_sources_kept_addresses_are_still_checked() {
         },
     );
 }
+
+/// An address that leaves the host (a failover address moved away) is not
+/// reused through the idle upstream connections kept from it: their
+/// answers go nowhere now, and a request on one waited out
+/// `--response-timeout` for its 504. The worker hears of the change from
+/// the kernel, and connects anew (the address refused at the bind, the
+/// next one serves).
+#[test]
+fn idle_connections_from_an_address_that_left_are_not_reused() {
+    in_netns(
+        "idle_connections_from_an_address_that_left_are_not_reused",
+        &["addr add 10.9.0.2/32 dev lo", "addr add 10.9.0.3/32 dev lo"],
+        || async {
+            let origin = Origin::start().await;
+            let alloc = Allocator::start(&["--pool", "10.9.0.2-10.9.0.3"]).await;
+            let w = Worker::start(&alloc.socket, &["--response-timeout", "5s"]).await;
+            // Idle connections kept from both.
+            for _ in 0..4 {
+                assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+            }
+            run_ok(
+                "ip",
+                &["addr", "del", "10.9.0.3/32", "dev", "lo"],
+                "the ip command (iproute2)",
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            for i in 0..4 {
+                let r = get(w.addr, &origin.url("/")).await;
+                assert_eq!(r.status, 200, "{i}: {}", r.proxy_status());
+            }
+            let after: Vec<IpAddr> = origin.sources()[4..].to_vec();
+            let kept: IpAddr = "10.9.0.2".parse().unwrap();
+            assert!(after.iter().all(|ip| *ip == kept), "{after:?}");
+        },
+    );
+}

@@ -177,6 +177,65 @@ fn gone(source: IpAddr, began: tokio::time::Instant) -> Option<ProxyError> {
     })
 }
 
+/// Listens to the kernel's word of changes to this host's addresses and
+/// local routes until `stop`, and tells each to `routes::changed`: the
+/// shared reading of the routes is read again at once (a prefix's route
+/// deleted was still bound with freebind for up to a second, each connect
+/// from it waiting out `--connect-timeout`), and idle upstream
+/// connections kept from before are not reused (one from an address the
+/// host no longer holds waited out `--response-timeout`). Where netlink
+/// is refused (a sandbox), nothing is watched: the reading's second of
+/// age stands, as before.
+pub async fn watch_local_routes(stop: tokio_util::sync::CancellationToken) {
+    let fd = match rotor_protocol::netlink::watch() {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot watch this host's addresses and routes (netlink); their reading is kept up to a second");
+            return;
+        }
+    };
+    let fd = match crate::os::register_readable(fd) {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot watch this host's addresses and routes");
+            return;
+        }
+    };
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let mut ready = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = fd.readable() => match r {
+                Ok(r) => r,
+                Err(_) => return,
+            },
+        };
+        let mut change = false;
+        loop {
+            use std::os::fd::AsRawFd;
+            let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+            match nix::sys::socket::recv(ready.get_inner().as_raw_fd(), &mut buf, flags) {
+                Ok(n) => change |= rotor_protocol::netlink::local_change(&buf[..n]),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EAGAIN) => {
+                    ready.clear_ready();
+                    break;
+                }
+                // The kernel's words overflowed the socket: some change
+                // went unheard.
+                Err(nix::errno::Errno::ENOBUFS) => change = true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "stopped watching this host's addresses and routes; their reading is kept up to a second");
+                    return;
+                }
+            }
+        }
+        if change {
+            rotor_protocol::routes::changed();
+        }
+    }
+}
+
 /// Whether `net.ipv6.ip_nonlocal_bind` is set, by a reading at most 10 s
 /// old (keepalived may set it after the worker started): one atomic load
 /// per connection, one file read per 10 s.

@@ -69,13 +69,19 @@ pub fn queued(listener: &impl AsFd) -> bool {
     unsafe { libc::poll(&mut fd, 1, 0) > 0 }
 }
 
-/// Registers `listener` with the reactor for readiness to accept.
-pub fn register_readable(listener: TcpListener) -> io::Result<AsyncFd<TcpListener>> {
-    // SAFETY: the listener owns its descriptor, which stays open and the
-    // same until the AsyncFd (its owner from here) is dropped.
-    unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) }
+/// Registers `owner` (a listener, a watch socket) with the reactor for
+/// readiness to read.
+pub fn register_readable<T: Owns>(owner: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: `owner` owns its descriptor (`Owns`), which stays open and
+    // the same until the AsyncFd (its owner from here) is dropped.
+    unsafe { AsyncFd::register_with_interest(owner, Interest::READABLE) }
         .map_err(|e| e.into_parts().1)
 }
+
+/// A type that owns the descriptor it gives (closed when it drops).
+pub trait Owns: AsRawFd {}
+impl Owns for TcpListener {}
+impl Owns for std::os::fd::OwnedFd {}
 
 /// The inode of an open descriptor (an inherited socket keeps its own).
 pub fn inode(fd: &impl AsFd) -> Option<u64> {

@@ -214,6 +214,7 @@ pub async fn run(
     acceptors.close();
 
     tokio::spawn(proxy.upstream().clone().reap(fast.clone()));
+    tokio::spawn(crate::connect::watch_local_routes(fast.clone()));
     // The figures go to the allocator every second, and once more when the
     // drain is over.
     let reported = CancellationToken::new();

@@ -29,6 +29,10 @@ struct Idle {
     conn: Conn,
     /// When it went idle (`os::coarse_ms`).
     since_ms: u64,
+    /// `routes::changes()` then: after a change to the host's addresses,
+    /// its source may be one the host no longer holds (a failover
+    /// address moved away), whose answers go elsewhere: not reused.
+    routes: u64,
 }
 
 impl Idle {
@@ -136,7 +140,9 @@ impl UpstreamPool {
             if !list.proven {
                 *unproven -= 1;
             }
-            if idle.fresh(now, self.idle_timeout) {
+            if idle.fresh(now, self.idle_timeout)
+                && idle.routes == rotor_protocol::routes::changes()
+            {
                 if !list.proven {
                     list.proven = true;
                     *unproven -= list.idle.len();
@@ -187,6 +193,7 @@ impl UpstreamPool {
             list.idle.push(Idle {
                 conn,
                 since_ms: now,
+                routes: rotor_protocol::routes::changes(),
             });
             *total += 1;
             if !list.proven {
