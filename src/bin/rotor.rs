@@ -43,8 +43,11 @@ enum Cmd {
         control: ControlArgs,
     },
     /// Take the pool entry holding ADDR out of the rotation, for every
-    /// worker, until `rotor release` (or for --for).
+    /// worker, until `rotor release` (or for --for). A prefix as `rotor
+    /// status` lists it (`2001:db8:1::/64`) names the entry holding its
+    /// first address.
     Quarantine {
+        #[arg(value_name = "ADDR", value_parser = entry_address)]
         addr: std::net::IpAddr,
         /// Put it back by itself after this long (`30m`, `2h`).
         #[arg(long = "for", value_name = "DURATION", value_parser = quarantine_for)]
@@ -52,8 +55,10 @@ enum Cmd {
         #[command(flatten)]
         control: ControlArgs,
     },
-    /// Put the pool entry holding ADDR back into the rotation.
+    /// Put the pool entry holding ADDR (or a prefix's first address)
+    /// back into the rotation.
     Release {
+        #[arg(value_name = "ADDR", value_parser = entry_address)]
         addr: std::net::IpAddr,
         #[command(flatten)]
         control: ControlArgs,
@@ -211,6 +216,13 @@ fn main() -> ExitCode {
 /// A `--for` of `rotor quarantine`: from a second (the allocator's clock
 /// counts seconds: `0s` was taken as 1 s) to ten years (longer was cut to
 /// ten quietly; none is until released).
+/// An address, or a prefix's first (`rotor status` lists prefixes so).
+fn entry_address(text: &str) -> Result<std::net::IpAddr, String> {
+    text.parse::<rotor_protocol::Segment>()
+        .map(|s| s.base())
+        .map_err(|_| format!("`{text}` is not an address or a prefix (ADDR or ADDR/LEN)"))
+}
+
 fn quarantine_for(text: &str) -> Result<std::time::Duration, String> {
     let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
     if d < std::time::Duration::from_secs(1) {
@@ -1144,6 +1156,17 @@ mod tests {
 
     /// `--for` takes a second to ten years: `0s` was taken as 1 s, and
     /// past ten years was cut quietly.
+    #[test]
+    fn an_entry_is_named_by_an_address_or_a_prefix() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert_eq!(entry_address("10.0.0.5"), Ok(ip("10.0.0.5")));
+        assert_eq!(entry_address("2001:db8:1::/64"), Ok(ip("2001:db8:1::")));
+        assert_eq!(entry_address("10.0.0.0/28"), Ok(ip("10.0.0.0")));
+        for bad in ["10.0.0.0/33", "example.com", "2001:db8::/x", ""] {
+            assert!(entry_address(bad).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn quarantine_for_takes_a_second_to_ten_years() {
         use std::time::Duration;
