@@ -1436,3 +1436,49 @@ fn idle_connections_from_an_address_that_left_are_not_reused() {
         },
     );
 }
+
+/// A request from a /64 leaves no idle upstream connection behind: its
+/// address comes round again once in 2^44 leases, so none would be
+/// reused, and the destination saw thousands held open from one /64. A
+/// sticky session's address does come again: its connection is kept.
+#[test]
+fn a_vast_prefix_leaves_no_idle_connections_but_a_session_keeps_one() {
+    in_netns(
+        "a_vast_prefix_leaves_no_idle_connections_but_a_session_keeps_one",
+        &[
+            "-6 route add local fd00:1:2::/64 dev lo",
+            "-6 addr add fd00:9::1/128 dev lo nodad",
+        ],
+        || async {
+            let origin = Origin::start_on("[fd00:9::1]:0".parse().unwrap()).await;
+            let port = origin.addr.port();
+            let alloc = Allocator::start(&["--pool", "fd00:1:2::/64"]).await;
+            let w = Worker::start(&alloc.socket, &["--allow-destination", "fd00:9::1"]).await;
+            let established = || {
+                let filter = format!("( sport = :{port} )");
+                let out = run_ok(
+                    "ss",
+                    &["-Htn", "state", "established", &filter],
+                    "ss (iproute2)",
+                );
+                String::from_utf8_lossy(&out).lines().count()
+            };
+            for _ in 0..10 {
+                assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            assert_eq!(established(), 0, "idle connections kept from the /64");
+            assert_eq!(origin.connections_used(), 10);
+            for _ in 0..3 {
+                let r =
+                    crate::sessions::get_as(w.addr, "u-session-s1", &origin.url("/"), None).await;
+                assert_eq!(r.status, 200);
+            }
+            assert_eq!(
+                origin.connections_used(),
+                11,
+                "the session's connection not kept"
+            );
+        },
+    );
+}

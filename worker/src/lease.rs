@@ -240,6 +240,9 @@ impl Conn {
             .as_ref()
             .is_none_or(|c| c.generation != copy.generation)
         {
+            for (vast, now) in VAST.iter().zip(copy.vast) {
+                vast.store(now, Ordering::Relaxed);
+            }
             copies[1] = copies[0].take();
             copies[0] = Some(Arc::new(copy));
         }
@@ -335,6 +338,32 @@ struct PoolCopy {
     prefixes: Vec<Segment>,
     /// Too large for the allocator to describe: every lease passes.
     unchecked: bool,
+    /// Each family's rotation is past [`RECURS_AT_MOST`] addresses.
+    vast: [bool; 2],
+}
+
+/// The most addresses a family's rotation may hold for a source of it to
+/// come round again while a connection from it is kept idle (a million:
+/// at 100 000 requests a second, 10 s): past it (a /64 pool), an idle
+/// upstream connection from a source is never reused (see
+/// [`source_recurs`]).
+const RECURS_AT_MOST: u64 = 1 << 20;
+
+/// Whether each family's rotation, as the newest pool copy held says, is
+/// past [`RECURS_AT_MOST`] (false until a copy is held).
+static VAST: [std::sync::atomic::AtomicBool; 2] = [
+    std::sync::atomic::AtomicBool::new(false),
+    std::sync::atomic::AtomicBool::new(false),
+];
+
+/// Whether a lease of `ip`'s family may come round to `ip` again while
+/// an upstream connection from it is kept idle: not in a rotation of
+/// more than [`RECURS_AT_MOST`] addresses (a /64), whose every request
+/// left a connection no request would ask for (up to 3 000 of them open
+/// to a destination from one /64). One atomic load.
+pub fn source_recurs(ip: IpAddr) -> bool {
+    let family = rotor_protocol::Family::of(&ip);
+    !VAST[family.index()].load(Ordering::Relaxed)
 }
 
 /// What a lease from the table is, checked against the pool.
@@ -367,6 +396,8 @@ impl PoolCopy {
     }
 
     fn new(generation: u64, entries: Vec<Segment>) -> PoolCopy {
+        let vast = rotor_protocol::Family::ALL
+            .map(|f| rotor_protocol::family_total(&entries, f) > RECURS_AT_MOST);
         let (singles, prefixes): (Vec<Segment>, Vec<Segment>) =
             entries.into_iter().partition(|e| e.is_single());
         PoolCopy {
@@ -374,6 +405,7 @@ impl PoolCopy {
             singles: singles.iter().map(|e| e.base()).collect(),
             prefixes,
             unchecked: false,
+            vast,
         }
     }
 

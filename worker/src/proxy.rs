@@ -1289,26 +1289,30 @@ impl Proxy {
                 })
             }
         };
-        let answer = self.answer(resp, body, key, (&lease, watch));
+        let answer = self.answer(resp, body, (key, sticky.is_some()), (&lease, watch));
         Ok((answer, lease))
     }
 
     /// The client's answer: the destination's response (from `key`'s
-    /// source, `lease`), its hop-by-hop fields taken out, its push-back
-    /// told the allocator; the connection pooled again after the body
-    /// if it may be.
+    /// source, `lease`; in a sticky session or not), its hop-by-hop fields
+    /// taken out, its push-back told the allocator; the connection pooled
+    /// again after the body if it may be.
     #[inline(always)]
     fn answer(
         &self,
         resp: h1::ResponseHead,
         body: h1::ResponseBody,
-        key: Key,
+        (key, sticky): (Key, bool),
         (lease, watch): (&Lease, bool),
     ) -> Answer {
         let mut resp_fields = Fields::Wire(resp.fields);
         self.observe(&key.host, lease, watch, resp.status, &resp_fields);
         resp_fields.strip_hop_by_hop(Message::Response);
-        let body = PooledBody::new(body, self.upstream.clone(), key, &self.meter);
+        // Kept for the next request from its source, unless no request
+        // will come from it in time: a source of a vast rotation (a /64),
+        // outside a sticky session.
+        let home = (sticky || crate::lease::source_recurs(lease.ip)).then(|| self.upstream.clone());
+        let body = PooledBody::new(body, home, key, &self.meter);
         self.expose_source(&mut resp_fields, lease);
         // RFC 9110 §6.2: rotor's own version, whatever the destination's
         // (hyper answers an HTTP/1.0 client in 1.0).
@@ -1396,7 +1400,10 @@ impl Proxy {
                     host,
                     port,
                 };
-                return Ok((self.answer(resp, body, key, (&lease, watch)), lease));
+                return Ok((
+                    self.answer(resp, body, (key, sticky.is_some()), (&lease, watch)),
+                    lease,
+                ));
             }
             h1::Upgrade::Switched(resp, upstream, early) => (resp, upstream, early),
         };

@@ -286,16 +286,18 @@ impl Drop for PooledBody {
 }
 
 impl PooledBody {
+    /// `inner`, whose connection goes back to `pool` under `key` once it
+    /// is done (`None`: closed, as one no request would ask for).
     pub fn new(
         inner: ResponseBody,
-        pool: Arc<UpstreamPool>,
+        pool: Option<Arc<UpstreamPool>>,
         key: Key,
         meter: &Arc<crate::meter::Meter>,
     ) -> PooledBody {
         let source = key.source;
         let mut body = PooledBody {
             inner,
-            home: Some((pool, key)),
+            home: pool.map(|pool| (pool, key)),
             meter: meter.clone(),
             source,
             received: 0,
