@@ -207,20 +207,38 @@ pub fn watch() -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Whether a datagram of a [`watch`] socket tells of a change to this
-/// host's own addresses: an address added or removed, or a route of type
-/// local (a prefix routed to the host) added or removed. Other routes (a
-/// router's full table churning) are not. One it cannot read is taken
-/// for a change.
-pub fn local_change(datagram: &[u8]) -> bool {
+/// What a datagram of a [`watch`] socket tells of this host's own
+/// addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LocalChange {
+    /// An address, or a route of type local (a prefix routed to the host),
+    /// was added or removed.
+    pub changed: bool,
+    /// One was removed.
+    pub departed: bool,
+}
+
+/// What a datagram of a [`watch`] socket tells of this host's own
+/// addresses and local routes. Other routes (a router's full table
+/// churning) are nothing. One it cannot read is taken for a removal.
+pub fn local_change(datagram: &[u8]) -> LocalChange {
     let Ok(all) = messages_of(datagram, None) else {
-        return true;
+        return LocalChange {
+            changed: true,
+            departed: true,
+        };
     };
-    all.iter().any(|m| match m.kind {
-        RTM_NEWADDR | RTM_DELADDR => true,
-        RTM_NEWROUTE | RTM_DELROUTE => m.rtmsg().is_none_or(|r| r[7] == RTN_LOCAL),
-        _ => false,
-    })
+    let mut out = LocalChange::default();
+    for m in &all {
+        let local = match m.kind {
+            RTM_NEWADDR | RTM_DELADDR => true,
+            RTM_NEWROUTE | RTM_DELROUTE => m.rtmsg().is_none_or(|r| r[7] == RTN_LOCAL),
+            _ => false,
+        };
+        out.changed |= local;
+        out.departed |= local && matches!(m.kind, RTM_DELADDR | RTM_DELROUTE);
+    }
+    out
 }
 
 /// A route socket, each answer waited for `timeout` at most (the kernel
@@ -277,6 +295,28 @@ impl RouteSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Of the kernel's word: an address added is a change, one removed a
+    /// departure too, and so is a local route's; a unicast route (a
+    /// router's table churning) is nothing; bytes that do not read are
+    /// taken for a departure.
+    #[test]
+    fn local_changes_are_told_from_others() {
+        let rtmsg = |kind: u8| [10u8, 64, 0, 0, 255, 2, 0, kind, 0, 0, 0, 0];
+        let ifaddr = [10u8, 128, 0, 0, 1, 0, 0, 0];
+        let said = |kind, fixed: &[u8]| local_change(&message(kind, 0, fixed, &[]));
+        let change = |changed, departed| LocalChange { changed, departed };
+        assert_eq!(said(RTM_NEWADDR, &ifaddr), change(true, false));
+        assert_eq!(said(RTM_DELADDR, &ifaddr), change(true, true));
+        assert_eq!(said(RTM_NEWROUTE, &rtmsg(RTN_LOCAL)), change(true, false));
+        assert_eq!(said(RTM_DELROUTE, &rtmsg(RTN_LOCAL)), change(true, true));
+        assert_eq!(said(RTM_NEWROUTE, &rtmsg(1)), change(false, false));
+        assert_eq!(said(RTM_DELROUTE, &rtmsg(1)), change(false, false));
+        assert_eq!(
+            local_change(&[1, 2, 3, 200, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            change(true, true)
+        );
+    }
 
     #[test]
     fn a_message_is_read_as_written() {

@@ -46,18 +46,31 @@ static CACHE: Mutex<Option<Cache>> = Mutex::new(None);
 /// Changes to this host's addresses and local routes seen (`changed`).
 static CHANGES: AtomicU64 = AtomicU64::new(0);
 
+/// Of them, those that took an address or local route away.
+static DEPARTURES: AtomicU64 = AtomicU64::new(0);
+
 /// How many changes to this host's addresses and local routes this
 /// process was told of (a watcher of the kernel's word, `netlink::watch`,
-/// calls `changed`): what was read or kept before one may be of an
-/// address gone. One atomic load.
+/// calls `changed`): a reading made before one is stale. One atomic load.
 pub fn changes() -> u64 {
     CHANGES.load(Ordering::Acquire)
 }
 
-/// This host's addresses or local routes changed: the shared reading is
-/// stale (the next `current` reads them again, whatever its age), and
-/// `changes` moves on.
-pub fn changed() {
+/// How many of [`changes`] took an address or a local route away: what
+/// was kept from before one (an idle connection) may be from an address
+/// the host no longer holds. An address added makes none. One atomic load.
+pub fn departures() -> u64 {
+    DEPARTURES.load(Ordering::Acquire)
+}
+
+/// This host's addresses or local routes changed (`departed`: one went
+/// away, or that cannot be ruled out): the shared reading is stale (the
+/// next `current` reads them again, whatever its age), and `changes`
+/// (and `departures`) move on.
+pub fn changed(departed: bool) {
+    if departed {
+        DEPARTURES.fetch_add(1, Ordering::AcqRel);
+    }
     CHANGES.fetch_add(1, Ordering::AcqRel);
 }
 

@@ -1420,17 +1420,22 @@ fn idle_connections_from_an_address_that_left_are_not_reused() {
             for _ in 0..4 {
                 assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
             }
-            run_ok(
-                "ip",
-                &["addr", "del", "10.9.0.3/32", "dev", "lo"],
-                "the ip command (iproute2)",
-            );
+            assert_eq!(origin.connections_used(), 2);
+            // An address added takes none of them away.
+            let ip = |args: &[&str]| run_ok("ip", args, "the ip command (iproute2)");
+            ip(&["addr", "add", "10.9.0.9/32", "dev", "lo"]);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            for _ in 0..2 {
+                assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+            }
+            assert_eq!(origin.connections_used(), 2, "idle connections dropped");
+            ip(&["addr", "del", "10.9.0.3/32", "dev", "lo"]);
             tokio::time::sleep(Duration::from_millis(300)).await;
             for i in 0..4 {
                 let r = get(w.addr, &origin.url("/")).await;
                 assert_eq!(r.status, 200, "{i}: {}", r.proxy_status());
             }
-            let after: Vec<IpAddr> = origin.sources()[4..].to_vec();
+            let after: Vec<IpAddr> = origin.sources()[6..].to_vec();
             let kept: IpAddr = "10.9.0.2".parse().unwrap();
             assert!(after.iter().all(|ip| *ip == kept), "{after:?}");
         },

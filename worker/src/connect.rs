@@ -202,6 +202,7 @@ pub async fn watch_local_routes(stop: tokio_util::sync::CancellationToken) {
         }
     };
     let mut buf = vec![0u8; 64 << 10];
+    let overflows = rotor_protocol::Moment::new();
     loop {
         let mut ready = tokio::select! {
             _ = stop.cancelled() => return,
@@ -210,28 +211,41 @@ pub async fn watch_local_routes(stop: tokio_util::sync::CancellationToken) {
                 Err(_) => return,
             },
         };
-        let mut change = false;
+        let mut heard = rotor_protocol::netlink::LocalChange::default();
         loop {
             use std::os::fd::AsRawFd;
             let flags = nix::sys::socket::MsgFlags::MSG_DONTWAIT;
             match nix::sys::socket::recv(ready.get_inner().as_raw_fd(), &mut buf, flags) {
-                Ok(n) => change |= rotor_protocol::netlink::local_change(&buf[..n]),
+                Ok(n) => {
+                    let said = rotor_protocol::netlink::local_change(&buf[..n]);
+                    heard.changed |= said.changed;
+                    heard.departed |= said.departed;
+                }
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(nix::errno::Errno::EAGAIN) => {
                     ready.clear_ready();
                     break;
                 }
-                // The kernel's words overflowed the socket: some change
-                // went unheard.
-                Err(nix::errno::Errno::ENOBUFS) => change = true,
+                // The kernel's words overflowed the socket (a router's
+                // table churning fills it): a removal may have gone
+                // unheard. Taken for one once a second at most, as the
+                // reading's age was before this watch, not at every
+                // overflow (each drops every idle connection, and has the
+                // routes read again on a request's path).
+                Err(nix::errno::Errno::ENOBUFS) => {
+                    if overflows.first_in(Duration::from_secs(1)) {
+                        heard.changed = true;
+                        heard.departed = true;
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "stopped watching this host's addresses and routes; their reading is kept up to a second");
                     return;
                 }
             }
         }
-        if change {
-            rotor_protocol::routes::changed();
+        if heard.changed {
+            rotor_protocol::routes::changed(heard.departed);
         }
     }
 }

@@ -29,21 +29,23 @@ struct Idle {
     conn: Conn,
     /// When it went idle (`os::coarse_ms`).
     since_ms: u64,
-    /// `routes::changes()` then: after a change to the host's addresses,
-    /// its source may be one the host no longer holds (a failover
-    /// address moved away), whose answers go elsewhere: not reused.
+    /// `routes::departures()` then: after an address or local route of
+    /// the host went away, its source may be one the host no longer
+    /// holds (a failover address moved away), whose answers go elsewhere:
+    /// not reused.
     routes: u64,
 }
 
 impl Idle {
-    /// Not idle for `timeout` yet, and still open.
+    /// Not idle for `timeout` yet, no address gone since, and still open.
     fn fresh(&self, now_ms: u64, timeout: Duration) -> bool {
         self.young(now_ms, timeout) && self.conn.is_usable()
     }
 
-    /// Not idle for `timeout` yet.
+    /// Not idle for `timeout` yet, and no address gone since.
     fn young(&self, now_ms: u64, timeout: Duration) -> bool {
         u128::from(now_ms.saturating_sub(self.since_ms)) < timeout.as_millis()
+            && self.routes == rotor_protocol::routes::departures()
     }
 }
 
@@ -140,9 +142,7 @@ impl UpstreamPool {
             if !list.proven {
                 *unproven -= 1;
             }
-            if idle.fresh(now, self.idle_timeout)
-                && idle.routes == rotor_protocol::routes::changes()
-            {
+            if idle.fresh(now, self.idle_timeout) {
                 if !list.proven {
                     list.proven = true;
                     *unproven -= list.idle.len();
@@ -193,7 +193,7 @@ impl UpstreamPool {
             list.idle.push(Idle {
                 conn,
                 since_ms: now,
-                routes: rotor_protocol::routes::changes(),
+                routes: rotor_protocol::routes::departures(),
             });
             *total += 1;
             if !list.proven {
