@@ -954,7 +954,7 @@ struct Peer {
     uid: Option<u32>,
     late: mpsc::UnboundedSender<ServerFrame>,
     /// This allocator's clock less the peer's (`Request::Clock`), in
-    /// microseconds; `i64::MIN` until it says.
+    /// microseconds, the least of its samples; `i64::MIN` until it says.
     clock_offset: std::sync::atomic::AtomicI64,
 }
 
@@ -1190,8 +1190,20 @@ async fn answer(
             let offset = i128::from(rotor_protocol::clock::now_us()) - i128::from(now_us);
             // (`i64::MIN` is "not said": one short of it at most.)
             let offset = offset.clamp(i128::from(i64::MIN) + 1, i128::from(i64::MAX)) as i64;
-            peer.clock_offset
-                .store(offset, std::sync::atomic::Ordering::Relaxed);
+            // The least of its samples: one read late (this allocator
+            // stalled) is larger by the stall, and would read every
+            // deadline of the connection that much late.
+            let _ = peer.clock_offset.fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |was| {
+                    Some(if was == i64::MIN {
+                        offset
+                    } else {
+                        was.min(offset)
+                    })
+                },
+            );
             Response::Noted { quarantined: false }
         }
         Request::Sites { max } => Response::Sites(alloc.sites_report(max.min(10_000) as usize)),

@@ -415,7 +415,9 @@ pub enum Request {
     /// 17): a worker's first request on each connection, before any time
     /// it tells (`Until`, `SiteStarted`), which the allocator reads on its
     /// own clock by the difference (a worker in another time namespace
-    /// reads the clock with an offset of its own). Answered `Noted`.
+    /// reads the clock with an offset of its own), the least of the
+    /// samples (a worker sends one with each metrics report: one read
+    /// late counts that much more). Answered `Noted`.
     Clock { now_us: u64 },
 }
 
@@ -433,9 +435,16 @@ where
     if IN_UNTIL.with(|c| c.replace(true)) {
         return Err(serde::de::Error::custom("a deadline inside a deadline"));
     }
-    let inner = Request::deserialize(d);
-    IN_UNTIL.with(|c| c.set(false));
-    Ok(Box::new(inner?))
+    // Unmarked however the inner decoding ends (an unwinding panic too:
+    // left marked, the thread would refuse every `Until` after).
+    struct Unmark;
+    impl Drop for Unmark {
+        fn drop(&mut self) {
+            IN_UNTIL.with(|c| c.set(false));
+        }
+    }
+    let _unmark = Unmark;
+    Ok(Box::new(Request::deserialize(d)?))
 }
 
 impl Request {

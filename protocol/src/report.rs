@@ -9,7 +9,11 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut cur = e.source();
     while let Some(c) = cur {
         let text = c.to_string();
-        if !s.ends_with(&text) {
+        // (Said already only as a whole part: `…: text`.)
+        let said = s
+            .strip_suffix(text.as_str())
+            .is_some_and(|before| before.is_empty() || before.ends_with(": "));
+        if !said {
             s.push_str(": ");
             s.push_str(&text);
         }
@@ -139,6 +143,8 @@ mod tests {
             "proto: decoding: too long"
         );
         assert_eq!(chain(&["x: y", "z"]), "x: y: z");
+        // A cause that ends the text only as part of a word is said.
+        assert_eq!(chain(&["bad input", "input"]), "bad input: input");
     }
 
     #[test]

@@ -47,8 +47,8 @@ enum Cmd {
     /// status` lists it (`2001:db8:1::/64`) names the entry holding its
     /// first address.
     Quarantine {
-        #[arg(value_name = "ADDR", value_parser = entry_address)]
-        addr: std::net::IpAddr,
+        #[arg(value_name = "ADDR", value_parser = entry_named)]
+        addr: Segment,
         /// Put it back by itself after this long (`30m`, `2h`).
         #[arg(long = "for", value_name = "DURATION", value_parser = quarantine_for)]
         for_: Option<std::time::Duration>,
@@ -58,8 +58,8 @@ enum Cmd {
     /// Put the pool entry holding ADDR (or a prefix's first address)
     /// back into the rotation.
     Release {
-        #[arg(value_name = "ADDR", value_parser = entry_address)]
-        addr: std::net::IpAddr,
+        #[arg(value_name = "ADDR", value_parser = entry_named)]
+        addr: Segment,
         #[command(flatten)]
         control: ControlArgs,
     },
@@ -213,16 +213,15 @@ fn main() -> ExitCode {
     })
 }
 
-/// A `--for` of `rotor quarantine`: from a second (the allocator's clock
-/// counts seconds: `0s` was taken as 1 s) to ten years (longer was cut to
-/// ten quietly; none is until released).
-/// An address, or a prefix's first (`rotor status` lists prefixes so).
-fn entry_address(text: &str) -> Result<std::net::IpAddr, String> {
-    text.parse::<rotor_protocol::Segment>()
-        .map(|s| s.base())
+/// An address, or a prefix as `rotor status` lists one.
+fn entry_named(text: &str) -> Result<Segment, String> {
+    text.parse::<Segment>()
         .map_err(|_| format!("`{text}` is not an address or a prefix (ADDR or ADDR/LEN)"))
 }
 
+/// A `--for` of `rotor quarantine`: from a second (the allocator's clock
+/// counts seconds: `0s` was taken as 1 s) to ten years (longer was cut to
+/// ten quietly; none is until released).
 fn quarantine_for(text: &str) -> Result<std::time::Duration, String> {
     let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
     if d < std::time::Duration::from_secs(1) {
@@ -438,10 +437,20 @@ fn failed_sources(sources: Vec<rotor_protocol::SourceStatus>) -> Vec<(String, St
 /// `rotor quarantine` and `rotor release`.
 async fn steer(
     control: &ControlArgs,
-    ip: std::net::IpAddr,
+    named: Segment,
     release: bool,
     for_: Option<std::time::Duration>,
 ) -> ExitCode {
+    // A prefix must be an entry of the pool: its first address alone
+    // named whatever entry held that (one /64 of a /48 given, an address
+    // listed on its own), and took it out.
+    if !named.is_single() {
+        if let Some(why) = not_an_entry(control, named).await {
+            say!("rotor: {why}; nothing changed");
+            return ExitCode::FAILURE;
+        }
+    }
+    let ip = named.base();
     let answer = match control.socket() {
         Ok(socket) => {
             rotor::control::request_by_minor(&socket, |minor| match minor >= MINOR_METRICS {
@@ -459,7 +468,7 @@ async fn steer(
     // Nothing changed is a failure a script must see (a mistyped address).
     let refused = match &answer {
         Ok(Response::Steered { entry: None }) => {
-            Some(format!("{ip} is not in the pool; nothing changed"))
+            Some(format!("{named} is not in the pool; nothing changed"))
         }
         Ok(Response::Status(_)) => {
             Some("the allocator is too old to take an address out by hand".into())
@@ -481,7 +490,7 @@ async fn steer(
     report(answer, |r| match r {
         Response::Steered { entry: Some(e) } => Some(match (release, for_) {
             (true, _) => format!("{e} is back in the rotation"),
-            (false, None) => format!("{e} is out of the rotation until `rotor release {ip}`"),
+            (false, None) => format!("{e} is out of the rotation until `rotor release {named}`"),
             (false, Some(d)) => format!(
                 "{e} is out of the rotation for {}",
                 humantime::format_duration(d)
@@ -493,6 +502,29 @@ async fn steer(
 
 /// Why `entry` is out of the rotation, if the allocator's status says it
 /// is.
+/// Why the prefix `named` is no entry of the pool, if the status says so
+/// (a status that left entries out, or none, says nothing).
+async fn not_an_entry(control: &ControlArgs, named: Segment) -> Option<String> {
+    let (Response::StatusV2(report), 0) = filled(status(control).await.ok()?) else {
+        return None;
+    };
+    if report.pool.iter().any(|x| x.entry == named) {
+        return None;
+    }
+    let holder = report
+        .pool
+        .iter()
+        .filter(|x| x.entry.contains(named.base()))
+        .min_by_key(|x| x.entry.len());
+    Some(match holder {
+        Some(h) => format!(
+            "{named} is not a pool entry ({} holds its first address; name an address to steer the entry holding it)",
+            h.entry
+        ),
+        None => format!("{named} is not a pool entry"),
+    })
+}
+
 async fn out_of_rotation(control: &ControlArgs, entry: Segment) -> Option<String> {
     let Response::StatusV2(report) = filled(status(control).await.ok()?).0 else {
         return None;
@@ -1154,19 +1186,18 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    /// `--for` takes a second to ten years: `0s` was taken as 1 s, and
-    /// past ten years was cut quietly.
     #[test]
     fn an_entry_is_named_by_an_address_or_a_prefix() {
-        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
-        assert_eq!(entry_address("10.0.0.5"), Ok(ip("10.0.0.5")));
-        assert_eq!(entry_address("2001:db8:1::/64"), Ok(ip("2001:db8:1::")));
-        assert_eq!(entry_address("10.0.0.0/28"), Ok(ip("10.0.0.0")));
+        let entry = |s: &str| s.parse::<Segment>().unwrap();
+        assert_eq!(entry_named("10.0.0.5"), Ok(entry("10.0.0.5")));
+        assert_eq!(entry_named("2001:db8:1::/64"), Ok(entry("2001:db8:1::/64")));
         for bad in ["10.0.0.0/33", "example.com", "2001:db8::/x", ""] {
-            assert!(entry_address(bad).is_err(), "{bad}");
+            assert!(entry_named(bad).is_err(), "{bad}");
         }
     }
 
+    /// `--for` takes a second to ten years: `0s` was taken as 1 s, and
+    /// past ten years was cut quietly.
     #[test]
     fn quarantine_for_takes_a_second_to_ten_years() {
         use std::time::Duration;

@@ -282,6 +282,52 @@ async fn a_real_prometheus_scrapes_the_host() {
     panic!("Prometheus never saw 7 requests; its last answer:\n{last}");
 }
 
+/// A prefix as `rotor status` lists it names that entry to `rotor
+/// quarantine` and `rotor release`; one that is no entry (a wider one
+/// whose first address another entry holds) changes nothing, and says so.
+#[tokio::test]
+async fn a_prefix_names_its_entry_to_quarantine_and_release() {
+    // (A prefix of up to 65 536 addresses is listed address by address.)
+    let alloc = Allocator::start(&["--pool", "127.0.0.2", "--pool", "127.2.0.0/15"]).await;
+    let out = rotor_control("quarantine", &alloc.socket, &["127.2.0.0/15"]);
+    assert!(
+        out.contains("127.2.0.0/15 is out of the rotation until `rotor release 127.2.0.0/15`"),
+        "{out}"
+    );
+    assert_eq!(alloc_addresses_in_rotation(&alloc.socket), 1);
+    let narrower = std::process::Command::new(ROTOR)
+        .args([
+            "quarantine",
+            "--socket",
+            alloc.socket.to_str().unwrap(),
+            "127.2.0.0/16",
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&narrower.stderr);
+    assert!(!narrower.status.success(), "{said}");
+    assert!(
+        said.contains("127.2.0.0/16 is not a pool entry (127.2.0.0/15 holds its first address"),
+        "{said}"
+    );
+    let out = rotor_control("release", &alloc.socket, &["127.2.0.0/15"]);
+    assert!(
+        out.contains("127.2.0.0/15 is back in the rotation"),
+        "{out}"
+    );
+    assert_eq!(alloc_addresses_in_rotation(&alloc.socket), 1 + (1 << 17));
+}
+
+/// The addresses in rotation, as `rotor status --json` counts them.
+fn alloc_addresses_in_rotation(socket: &std::path::Path) -> u64 {
+    status_json(socket)["families"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["total"].as_u64().unwrap())
+        .sum()
+}
+
 #[tokio::test]
 async fn an_address_taken_out_by_hand_stays_out_for_every_worker_until_released() {
     let origin = Origin::start().await;

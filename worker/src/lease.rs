@@ -722,6 +722,12 @@ impl LeaseClient {
         &self,
         m: rotor_protocol::WorkerMetrics,
     ) -> Result<(), Box<rotor_protocol::WorkerMetrics>> {
+        // This worker's clock again with each report: the allocator keeps
+        // the least offset of the samples, so one it read late (stalled
+        // at the connection's start) does not stand.
+        self.tell(Request::Clock {
+            now_us: rotor_protocol::clock::now_us(),
+        });
         // An allocator too old for metrics (`TooOld`, checked on the
         // connection the report would go on) is not sent it.
         match self.request(Request::Metrics(m.clone())).await {
