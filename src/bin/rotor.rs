@@ -44,8 +44,7 @@ enum Cmd {
     },
     /// Take the pool entry holding ADDR out of the rotation, for every
     /// worker, until `rotor release` (or for --for). A prefix as `rotor
-    /// status` lists it (`2001:db8:1::/64`) names the entry holding its
-    /// first address.
+    /// status` lists it (`2001:db8:1::/64`) names that entry.
     Quarantine {
         #[arg(value_name = "ADDR", value_parser = entry_named)]
         addr: Segment,
@@ -55,8 +54,8 @@ enum Cmd {
         #[command(flatten)]
         control: ControlArgs,
     },
-    /// Put the pool entry holding ADDR (or a prefix's first address)
-    /// back into the rotation.
+    /// Put the pool entry holding ADDR (or the entry a prefix names) back
+    /// into the rotation.
     Release {
         #[arg(value_name = "ADDR", value_parser = entry_named)]
         addr: Segment,
