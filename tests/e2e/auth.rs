@@ -540,17 +540,7 @@ async fn password_checks_leave_no_memory_behind() {
     let (_dir, users) = users_file(&[("alice", "s3cret")]);
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let worker = Worker::start(&alloc.socket, &["--auth-file", users.to_str().unwrap()]).await;
-    let rss = || {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", worker.proc.pid())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        line.split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            / 1024
-    };
+    let rss = || rss_kb(worker.proc.pid()) / 1024;
     let before = rss();
     for round in 0..4u8 {
         let tries = (0..8u8).map(|i| {

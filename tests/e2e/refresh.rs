@@ -95,15 +95,7 @@ async fn a_flooding_pool_command_leaves_no_memory_behind() {
         "1s",
     ])
     .await;
-    let rss = || {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", alloc.proc.pid())).unwrap();
-        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-        line.split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-    };
+    let rss = || rss_kb(alloc.proc.pid());
     let mut first = u64::MAX;
     for _ in 0..10 {
         first = first.min(rss());

@@ -892,6 +892,13 @@ pub fn rotor_control(command: &str, socket: &Path, extra: &[&str]) -> String {
     String::from_utf8(run_ok(ROTOR, &args, "the rotor binary")).unwrap()
 }
 
+/// The resident memory of process `pid` (its `VmRSS`), in KiB.
+pub fn rss_kb(pid: Pid) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
 /// Runs `program` with `args` and returns its standard output; panics,
 /// with its standard error, if it fails, and says what to install
 /// (`missing`) if it cannot be started.
