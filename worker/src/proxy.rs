@@ -1580,7 +1580,7 @@ static ROTOR_SOURCE: HeaderName = HeaderName::from_static("rotor-source");
 
 /// How long after its lease a request's connect must end for the
 /// allocator to be told its site's budget start is late (a site's
-/// window holds a margin of 100 ms at least; loopback connects take
+/// window holds a margin of 50 ms at least; loopback connects take
 /// well under a millisecond, and send nothing).
 const SITE_START_LATE: Duration = Duration::from_millis(20);
 
@@ -2025,19 +2025,26 @@ fn absolute_target(uri: &Uri, websocket: bool) -> Result<Target<'_>, ProxyError>
     // rather than fall back to 80 or read a sign. (The userinfo is not in
     // `port`: its `:` is no port, and it must never reach an error message
     // or a log.)
-    let port = match (h1::decimal::<u16>(parts.port.as_bytes()), parts.port) {
-        (Some(p), _) => p,
-        (None, "") => 80,
-        (None, text) => return Err(ProxyError::BadRequest(format!("invalid port `{text}`"))),
+    let port = match parts.port {
+        "" => 80,
+        text => port_written(text)?,
     };
-    if port == 0 {
-        return Err(ProxyError::BadRequest("port 0 is not a destination".into()));
-    }
     Ok(Target {
         host: parts.host,
         port,
         host_value: parts.host_value,
     })
+}
+
+/// A target's port as written (`text`, not empty), for an absolute
+/// target and a CONNECT alike: digits of a port other than 0.
+#[inline]
+fn port_written(text: &str) -> Result<u16, ProxyError> {
+    match h1::decimal::<u16>(text.as_bytes()) {
+        Some(0) => Err(ProxyError::BadRequest("port 0 is not a destination".into())),
+        Some(port) => Ok(port),
+        None => Err(ProxyError::BadRequest(format!("invalid port `{text}`"))),
+    }
 }
 
 /// An authority's parts, as `http`'s `Authority::host` and `port` find
@@ -2112,12 +2119,8 @@ fn connect_target(uri: &Uri) -> Result<(String, u16), ProxyError> {
     }
     let port = match split_authority(auth.as_str()).port {
         "" => return Err(ProxyError::BadRequest("CONNECT target has no port".into())),
-        text => h1::decimal::<u16>(text.as_bytes())
-            .ok_or_else(|| ProxyError::BadRequest(format!("invalid port `{text}`")))?,
+        text => port_written(text)?,
     };
-    if port == 0 {
-        return Err(ProxyError::BadRequest("port 0 is not a destination".into()));
-    }
     if auth.host().is_empty() {
         return Err(ProxyError::BadRequest(
             "CONNECT target is not a host:port".into(),
