@@ -986,6 +986,14 @@ impl Peer {
     }
 }
 
+/// `answer`'s refusal of request `id`, with why.
+fn refused(id: u64, message: String) -> Result<Option<ServerFrame>, ConnError> {
+    Ok(Some(ServerFrame::Response(Envelope {
+        id,
+        body: Response::Error { message },
+    })))
+}
+
 /// The answer to `frame` from `peer`; `None` if it is held to be answered
 /// later (through `peer.late`).
 async fn answer(
@@ -1012,15 +1020,11 @@ async fn answer(
                     late_ms = late.as_millis() as u64,
                     "not served: read after its deadline (its worker gave up on it)"
                 );
-                return Ok(Some(ServerFrame::Response(Envelope {
-                    id: env.id,
-                    body: Response::Error {
-                        message: format!(
-                            "not served: read {} ms after its deadline",
-                            late.as_millis()
-                        ),
-                    },
-                })));
+                let late = late.as_millis();
+                return refused(
+                    env.id,
+                    format!("not served: read {late} ms after its deadline"),
+                );
             }
             Standing::Ahead(left) => (
                 Envelope {
@@ -1048,12 +1052,7 @@ async fn answer(
             peer = id,
             "refused a reload or steering from a peer let in only to lease"
         );
-        return Ok(Some(ServerFrame::Response(Envelope {
-            id: env.id,
-            body: Response::Error {
-                message: "only root and the allocator's own user may reload or steer the pool (this user is let in to lease only); run it as one of them, e.g. with sudo".into(),
-            },
-        })));
+        return refused(env.id, "only root and the allocator's own user may reload or steer the pool (this user is let in to lease only); run it as one of them, e.g. with sudo".into());
     }
     // Reports: a walk of the pool or the sites table each, under the lock.
     let report = matches!(
@@ -1067,15 +1066,8 @@ async fn answer(
     let metered = (report && rights == Rights::Lease).then(std::time::Instant::now);
     if metered.is_some() {
         if let Some(wait) = alloc.lease_only_report_wait() {
-            return Ok(Some(ServerFrame::Response(Envelope {
-                id: env.id,
-                body: Response::Error {
-                    message: format!(
-                        "the allocator gives reports for users let in only to lease a tenth of its time: ask again in {} ms (or as root or the allocator's own user)",
-                        wait.as_millis().max(1)
-                    ),
-                },
-            })));
+            let wait = wait.as_millis().max(1);
+            return refused(env.id, format!("the allocator gives reports for users let in only to lease a tenth of its time: ask again in {wait} ms (or as root or the allocator's own user)"));
         }
     }
     let body = match env.body {
