@@ -262,6 +262,12 @@ impl Conn {
             })
     }
 
+    /// [`Conn::site_path`] by the table mapped now.
+    fn site_path_now(&self, host: &str) -> Option<String> {
+        let mapped = self.mapped();
+        self.site_path(mapped.as_ref().map(|(t, _)| &**t), host)
+    }
+
     /// The site of `host`, if a request to it must lease through the
     /// allocator's site path: the site has budgets or cooldowns there, as
     /// the site filter of `table` (the one mapped) says; without a table,
@@ -673,8 +679,7 @@ impl LeaseClient {
         if c.minor < MINOR_SITE_WAIT {
             return None;
         }
-        let mapped = c.mapped();
-        let site = c.site_path(mapped.as_ref().map(|(t, _)| &**t), host)?;
+        let site = c.site_path_now(host)?;
         // (`wait_ms` is set as it is sent: up to `until`, the deadline
         // given below less the lease timeout.)
         let body = Request::LeaseSiteWait {
@@ -766,8 +771,7 @@ impl LeaseClient {
         if c.minor < MINOR_DEADLINE {
             return;
         }
-        let mapped = c.mapped();
-        let Some(site) = c.site_path(mapped.as_ref().map(|(t, _)| &**t), host) else {
+        let Some(site) = c.site_path_now(host) else {
             return;
         };
         let started_us = rotor_protocol::clock::now_us();
@@ -955,10 +959,7 @@ impl LeaseClient {
             None => self.connection(deadline).await?,
         };
         let site = match c.minor >= MINOR_SESSION_SITE {
-            true => {
-                let mapped = c.mapped();
-                c.site_path(mapped.as_ref().map(|(t, _)| &**t), host)
-            }
+            true => c.site_path_now(host),
             false => None,
         };
         let plain = || Request::LeaseSession {
