@@ -450,6 +450,13 @@ async fn steer(
         }
     }
     let ip = named.base();
+    // A release of an entry that is in the rotation changes nothing in it,
+    // and says so (it said "back in the rotation", as if it had been out).
+    // It is still sent: it puts back an entry held out of the pool there.
+    let serving = match release {
+        true => serving(control, named).await,
+        false => None,
+    };
     let answer = match control.socket() {
         Ok(socket) => {
             rotor::control::request_by_minor(&socket, |minor| match minor >= MINOR_METRICS {
@@ -488,6 +495,9 @@ async fn steer(
     }
     report(answer, |r| match r {
         Response::Steered { entry: Some(e) } => Some(match (release, for_) {
+            (true, _) if serving == Some(e) => {
+                format!("{e} was not out of the rotation; nothing changed")
+            }
             (true, _) => format!("{e} is back in the rotation"),
             (false, None) => format!("{e} is out of the rotation until `rotor release {named}`"),
             (false, Some(d)) => format!(
@@ -499,8 +509,6 @@ async fn steer(
     })
 }
 
-/// Why `entry` is out of the rotation, if the allocator's status says it
-/// is.
 /// Why the prefix `named` is no entry of the pool, if the status says so
 /// (a status that left entries out, or none, says nothing).
 async fn not_an_entry(control: &ControlArgs, named: Segment) -> Option<String> {
@@ -524,6 +532,23 @@ async fn not_an_entry(control: &ControlArgs, named: Segment) -> Option<String> {
     })
 }
 
+/// The entry `named` steers (an entry itself, or the smallest holding an
+/// address), if the allocator's status lists it in the rotation (a status
+/// that left entries out lists only some).
+async fn serving(control: &ControlArgs, named: Segment) -> Option<Segment> {
+    let Response::StatusV2(report) = filled(status(control).await.ok()?).0 else {
+        return None;
+    };
+    let e = report
+        .pool
+        .into_iter()
+        .filter(|x| x.entry == named || (named.is_single() && x.entry.contains(named.base())))
+        .min_by_key(|x| x.entry.len())?;
+    e.quarantine.is_none().then_some(e.entry)
+}
+
+/// Why `entry` is out of the rotation, if the allocator's status says it
+/// is.
 async fn out_of_rotation(control: &ControlArgs, entry: Segment) -> Option<String> {
     let Response::StatusV2(report) = filled(status(control).await.ok()?).0 else {
         return None;

@@ -748,6 +748,120 @@ async fn a_client_gone_before_the_answer_has_its_request_given_up() {
     .await;
 }
 
+/// A response cut short has its access line say so beside its status:
+/// the destination's close mid-body as `http_response_incomplete`, a
+/// client gone mid-body as `client_closed`; a whole one says nothing.
+#[tokio::test]
+async fn an_access_line_says_a_response_was_cut_short() {
+    let (origin, _) = recording_server(|mut s: TcpStream| async move {
+        let head = read_head(&mut s).await;
+        let answer: &[u8] = match head.split_whitespace().nth(1) {
+            // Ten bytes of a hundred, then the close.
+            Some(p) if p.ends_with("/cut") => {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789"
+            }
+            Some(p) if p.ends_with("/whole") => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            _ => {
+                // Far more than the client reads.
+                let head = b"HTTP/1.1 200 OK\r\ncontent-length: 67108864\r\n\r\n";
+                let _ = s.write_all(head).await;
+                let chunk = vec![b'x'; 1 << 16];
+                for _ in 0..1024 {
+                    if s.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+                return;
+            }
+        };
+        let _ = s.write_all(answer).await;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let w = Worker::start(
+        &alloc.socket,
+        &[
+            "--access-log",
+            log.to_str().unwrap(),
+            "--access-log-format",
+            "json",
+        ],
+    )
+    .await;
+    for path in ["whole", "cut", "big"] {
+        let mut s = TcpStream::connect(w.addr).await.unwrap();
+        let req = format!("GET http://{origin}/{path} HTTP/1.1\r\nHost: {origin}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        assert!(
+            read_head(&mut s).await.starts_with("HTTP/1.1 200"),
+            "{path}"
+        );
+        let mut buf = vec![0u8; 1 << 16];
+        match path {
+            // Read to the end (the cut one's is the close).
+            "whole" | "cut" => {
+                let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+                let mut got = 0;
+                while got < 2 && std::time::Instant::now() < end {
+                    match tokio::time::timeout(std::time::Duration::from_secs(1), s.read(&mut buf))
+                        .await
+                    {
+                        Ok(Ok(0)) | Ok(Err(_)) => break,
+                        Ok(Ok(n)) => got += n,
+                        Err(_) => {}
+                    }
+                }
+            }
+            // Some of it, then gone.
+            _ => {
+                s.read_exact(&mut buf[..1000]).await.unwrap();
+            }
+        }
+        drop(s);
+    }
+    eventually("each response's line", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move {
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect();
+            lines.len() == 3
+        }
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // By what each received (the lines go in the order the bodies ended).
+    let mut said: Vec<_> = lines
+        .iter()
+        .map(|l| {
+            let got = l["received"].as_u64().unwrap();
+            let what = match got {
+                2 => "whole",
+                10 => "cut",
+                _ => "big",
+            };
+            (what, l["status"].clone(), l["error"].clone())
+        })
+        .collect();
+    said.sort_by_key(|x| x.0);
+    assert_eq!(
+        said,
+        [
+            ("big", 200.into(), "client_closed".into()),
+            ("cut", 200.into(), "http_response_incomplete".into()),
+            ("whole", 200.into(), serde_json::Value::Null),
+        ],
+        "{text}"
+    );
+}
+
 /// RFC 9110 §7.6.2: a TRACE or OPTIONS with `Max-Forwards: 0` is answered
 /// by rotor (TRACE reflecting the request less its credentials), one with
 /// more goes on with one less, and other methods' goes on as it came; on

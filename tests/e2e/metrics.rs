@@ -361,6 +361,12 @@ async fn an_address_taken_out_by_hand_stays_out_for_every_worker_until_released(
     assert!(!origin.sources().contains(&out_ip));
     let out = rotor_control("release", &alloc.socket, &["127.0.0.3"]);
     assert!(out.contains("back in the rotation"), "{out}");
+    // Released again: nothing was out.
+    let out = rotor_control("release", &alloc.socket, &["127.0.0.3"]);
+    assert!(
+        out.contains("127.0.0.3 was not out of the rotation; nothing changed"),
+        "{out}"
+    );
     let before = origin.count();
     for i in 0..3 {
         assert_eq!(get(w[i % 2].addr, &origin.url("/")).await.status, 200);
