@@ -542,6 +542,10 @@ struct Pair {
     /// the last one's time.
     unreached: u32,
     last_unreached: Ms,
+    /// A sticky session's last start here (0: none): within the window,
+    /// the site's other requests leave the pair one start of its budget
+    /// (see [`Pair::blocked`]).
+    session_at: Ms,
 }
 
 impl Pair {
@@ -565,8 +569,8 @@ impl Pair {
     }
 
     /// Counts a start now against a budget of `count`. A pair at
-    /// [`BATCHES`] batches (starts past the budget: a session's, which is
-    /// never refused) first lets go of its oldest batches that can no
+    /// [`BATCHES`] batches (starts past the budget: counted without a
+    /// check, as [`Sites::session_use`] does) first lets go of its oldest batches that can no
     /// longer decide when it frees (it holds its budget or more without
     /// them: `blocked` answers the same); if it is at [`BATCHES`] still,
     /// the last batch takes the start (freeing no sooner). Each start past
@@ -594,20 +598,40 @@ impl Pair {
     }
 
     /// `None` if it may start a request now; else when it may, and
-    /// whether it is cooling (else out of budget).
-    fn blocked(&self, limit: Option<Limit>, now: Ms) -> Option<(Ms, bool)> {
+    /// whether it is cooling (else out of budget). A request of the
+    /// `shared` rotation (not a sticky session's) finds one start fewer
+    /// in the budget while a session started here within the window: the
+    /// session's next request has room (the shared rotation spent all of
+    /// it, and the session's request, served on its address, went past
+    /// the site's limit and was pushed back).
+    fn blocked(&self, limit: Option<Limit>, now: Ms, shared: bool) -> Option<(Ms, bool)> {
         let cooling = (self.cool_until > now).then_some(self.cool_until);
         let spent = limit.and_then(|l| {
-            if self.held < l.count {
+            let w = l.window().as_millis() as u64;
+            let reserved = shared && self.session_at != 0 && now - self.session_at.min(now) < w;
+            let count = l.count - u32::from(reserved && l.count > 0);
+            if self.held < count {
                 return None;
             }
-            // Free once enough of the oldest batches left the window.
-            let mut left = self.held;
-            let w = l.window().as_millis() as u64;
-            self.starts.iter().find_map(|&(t, n)| {
-                left = left.saturating_sub(n);
-                (left < l.count).then_some(t + w)
-            })
+            // Free once enough of the oldest batches left the window (for
+            // fewer than `count` held), or the reserve ended with fewer
+            // than the budget held.
+            let frees = |count: u32| {
+                let mut left = self.held;
+                if left < count {
+                    return Some(now);
+                }
+                self.starts.iter().find_map(|&(t, n)| {
+                    left = left.saturating_sub(n);
+                    (left < count).then_some(t + w)
+                })
+            };
+            let by_starts = (count > 0).then(|| frees(count)).flatten();
+            let by_reserve = match reserved {
+                true => frees(l.count).map(|t| t.max(self.session_at + w)),
+                false => None,
+            };
+            by_starts.into_iter().chain(by_reserve).min()
         });
         match (cooling, spent) {
             (None, None) => None,
@@ -659,6 +683,7 @@ impl Pair {
         self.last_strike = self.last_strike.max(other.last_strike);
         self.unreached = self.unreached.max(other.unreached);
         self.last_unreached = self.last_unreached.max(other.last_unreached);
+        self.session_at = self.session_at.max(other.session_at);
     }
 
     /// When it will be idle, as things stand (no start, push-back or
@@ -1290,7 +1315,7 @@ impl Sites {
         let window = limit.map(|l| l.window().as_millis() as u64);
         self.pairs.get_mut(&(id, key)).and_then(|p| {
             p.prune(window, t);
-            p.blocked(limit, t)
+            p.blocked(limit, t, true)
         })
     }
 
@@ -1632,21 +1657,33 @@ impl Sites {
         (p.cool_until <= t).then_some(p)
     }
 
-    /// How long `ip` still cools for `site` (the site's push-back), if it
-    /// does: a sticky session's request waits it out (or is refused) like
-    /// any other, though it keeps its address whatever the budget.
-    pub fn cooling_left(&self, site: &str, ip: IpAddr, now: Instant) -> Option<Duration> {
+    /// Whether a sticky session's request to `site` from its address `ip`
+    /// must wait, as any other would: until how long from now, and whether
+    /// by the site's push-back (else the address spent its budget there:
+    /// sent on, the site would see more than its limit from it, and push
+    /// back). The session keeps its address meanwhile.
+    pub fn session_blocked(
+        &mut self,
+        site: &str,
+        ip: IpAddr,
+        now: Instant,
+    ) -> Option<(Duration, bool)> {
         let s = self.sites.get(site)?;
-        let p = self.pairs.get(&(s.id, self.rules.key(ip)))?;
+        let (id, limit) = (s.id, s.limit);
         let t = self.ms(now);
-        (p.cool_until > t).then(|| Duration::from_millis(p.cool_until - t))
+        let window = limit.map(|l| l.window().as_millis() as u64);
+        let p = self.pairs.get_mut(&(id, self.rules.key(ip)))?;
+        p.prune(window, t);
+        let (until, cooling) = p.blocked(limit, t, false)?;
+        Some((Duration::from_millis(until.saturating_sub(t)), cooling))
     }
 
     /// A sticky session's request to `site` from `ip`, the session's
-    /// address whatever the budget: counted against the pair's budget (so
-    /// the site's other requests keep the address under it), never
-    /// refused. `None` for a site without state; else whether the pair has
-    /// repeats to clear (as a lease's `watch`).
+    /// address (one [`Sites::session_blocked`] let through): counted
+    /// against the pair's budget (so the site's other requests keep the
+    /// address under it, and leave it a start for the session's next),
+    /// never refused. `None` for a site without state; else whether the
+    /// pair has repeats to clear (as a lease's `watch`).
     pub fn session_use(&mut self, site: &str, ip: IpAddr, now: Instant) -> Option<bool> {
         let create = self.rules.limit_for(site).is_some();
         if !self.ensure(site, create, now) {
@@ -1657,7 +1694,21 @@ impl Sites {
             s.last_used = t;
         }
         let key = self.rules.key(ip);
-        Some(self.start(site, key, now).unwrap_or(false))
+        let watch = self.start(site, key, now).unwrap_or(false);
+        self.session_started(site, ip, now);
+        Some(watch)
+    }
+
+    /// A sticky session's request to `site` started from `ip` (counted
+    /// already): the site's other requests leave the pair a start of its
+    /// budget for the window (see [`Pair::blocked`]).
+    pub fn session_started(&mut self, site: &str, ip: IpAddr, now: Instant) {
+        let t = self.ms(now);
+        let key = self.rules.key(ip);
+        let id = self.sites.get(site).map(|s| s.id);
+        if let Some(p) = id.and_then(|id| self.pairs.get_mut(&(id, key))) {
+            p.session_at = t;
+        }
     }
 
     /// Drops what expired; logs each cooldown that ended.
@@ -1898,6 +1949,9 @@ impl Sites {
                     .and_then(ms)
                     .filter(|&l| l <= t)
                     .unwrap_or(0),
+                // Not kept: a session's reserve begins again with its
+                // next request.
+                session_at: 0,
             };
             if pair.is_idle(t) {
                 continue;
@@ -2202,7 +2256,8 @@ mod tests {
         assert_eq!(lease(&mut s, &without_1, 5), 3);
     }
 
-    /// A session's requests past its pair's budget (never refused) keep
+    /// Starts counted past a pair's budget (`session_use` counts without
+    /// a check: the lease's `session_blocked` is that) keep
     /// the pair's batches to `BATCHES`: each had been one more, without
     /// end while the session kept sending. The pair frees no sooner.
     #[test]
@@ -2222,7 +2277,7 @@ mod tests {
         let w = limit.unwrap().window().as_millis() as u64;
         let last = s.ms(t0 + Duration::from_millis(9_999));
         let third_newest = s.ms(t0 + Duration::from_millis(9_997));
-        let (free, cooling) = p.blocked(limit, last).unwrap();
+        let (free, cooling) = p.blocked(limit, last, false).unwrap();
         assert!(!cooling);
         assert_eq!(free, third_newest + w);
         // A larger budget (batches of 32 starts), sent past: the same.
@@ -2235,7 +2290,7 @@ mod tests {
         let limit = s.rules.limit_for("a.com");
         let w = limit.unwrap().window().as_millis() as u64;
         let (free, _) = p
-            .blocked(limit, s.ms(t0 + Duration::from_millis(2_999)))
+            .blocked(limit, s.ms(t0 + Duration::from_millis(2_999)), false)
             .unwrap();
         // Frees once fewer than 1000 are held: a batch's span late at most
         // (its last start's time), never early.
@@ -2951,7 +3006,7 @@ mod tests {
         let mut t = 1;
         while t < 10_000 {
             p.prune(Some(w), t);
-            if p.blocked(Some(limit), t).is_none() {
+            if p.blocked(Some(limit), t, true).is_none() {
                 p.record(limit.count, t);
                 starts.push(t);
             }

@@ -1896,9 +1896,10 @@ impl Allocator {
             && inner.sources.iter().any(|s| !s.read_once)
             && inner.sessions.restored(key);
         let mut keep_pin = false;
-        // The soonest end of the cooldowns of the session's addresses for
-        // the site, should every address it holds be cooling.
-        let mut cooling: Option<Duration> = None;
+        // The soonest end of the blocks of the session's addresses for the
+        // site (a push-back, else a budget spent), and whether by a
+        // push-back, should every address it holds be blocked.
+        let mut blocked: Option<(Duration, bool)> = None;
         for family in Family::ALL {
             if !families.accepts_family(family) {
                 continue;
@@ -1906,10 +1907,10 @@ impl Allocator {
             let Inner { sessions, pool, .. } = &mut *inner;
             match sessions.pinned(key, family, now, |ip| pool.holds(ip)) {
                 Pinned::Address(ip) => {
-                    if let Some(left) =
-                        site.and_then(|site| inner.sites.cooling_left(site, ip, now))
+                    if let Some(b) =
+                        site.and_then(|site| inner.sites.session_blocked(site, ip, now))
                     {
-                        cooling = Some(cooling.map_or(left, |c| c.min(left)));
+                        blocked = Some(blocked.map_or(b, |c| c.min(b)));
                         continue;
                     }
                     // Counted in its entry's leases (the per-source series
@@ -1951,9 +1952,9 @@ impl Allocator {
             }
         }
         // The session has its address, to use once the site's cooldown
-        // ends (not a new one meanwhile, nor its loss).
-        if let Some(left) = cooling {
-            return crate::waiters::throttled(now + left, true, now);
+        // ends or its budget frees (not a new one meanwhile, nor its loss).
+        if let Some((left, cooling)) = blocked {
+            return crate::waiters::throttled(now + left, cooling, now);
         }
         if let Some(lost) = lost {
             return lost;
@@ -1994,6 +1995,7 @@ impl Allocator {
                 match &answer {
                     Response::Leased(lease) | Response::SiteLeased { lease, .. } => {
                         pin(&mut inner, lease.ip);
+                        inner.sites.session_started(site, lease.ip, now);
                         return answer;
                     }
                     // A refusal for the site outranks another family's
@@ -2820,12 +2822,13 @@ mod tests {
     }
 
     /// A session for a site: a new one starts on an address the site did
-    /// not push back on; a pinned one keeps its address past the budget,
-    /// and its requests count against it, so the site's other requests
-    /// leave that address alone.
+    /// not push back on; a pinned one keeps its address, and its requests
+    /// count against its budget, so the site's other requests leave that
+    /// address alone (and leave it a start for the session); past the
+    /// budget, it waits as any request would, keeping its address.
     #[test]
     fn sessions_for_a_site_start_where_it_may_be_served_and_count_against_its_budget() {
-        let a = budgeted(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], "example.com=3/1m");
+        let a = budgeted(&["10.0.0.1", "10.0.0.2", "10.0.0.3"], "example.com=4/1m");
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         a.pushback(ip("10.0.0.1"), "example.com", 429, Some(600), true);
         a.pushback(ip("10.0.0.2"), "example.com", 429, Some(600), true);
@@ -2843,13 +2846,29 @@ mod tests {
         // Both new sessions begin on the one address not cooling.
         assert_eq!(session("u\0a"), ip("10.0.0.3"));
         assert_eq!(session("u\0b"), ip("10.0.0.3"));
-        // Its third request spends the budget of 3, and the fourth is
-        // past it: the session keeps its address...
-        assert_eq!(session("u\0a"), ip("10.0.0.3"));
-        assert_eq!(session("u\0a"), ip("10.0.0.3"));
-        // ...and the site's other requests find no address to use.
+        // The site's other requests take one more, and leave the last of
+        // the budget of 4 to the sessions...
         assert!(matches!(
             a.lease_site(1, Families::V4, "example.com"),
+            Response::SiteLeased { .. }
+        ));
+        assert!(matches!(
+            a.lease_site(1, Families::V4, "example.com"),
+            Response::Throttled { cooling: false, .. }
+        ));
+        // ...whose next request takes it, on its address.
+        assert_eq!(session("u\0a"), ip("10.0.0.3"));
+        // Past the budget, a session's request waits, not sent past the
+        // site's limit; it keeps its address.
+        assert!(matches!(
+            a.lease_session(
+                1,
+                Families::V4,
+                "u\0a",
+                Duration::from_secs(600),
+                false,
+                Some("example.com")
+            ),
             Response::Throttled { cooling: false, .. }
         ));
         // A new session with none left is refused as a site lease is.

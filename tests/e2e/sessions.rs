@@ -378,8 +378,9 @@ async fn sessions_outlive_a_killed_allocator() {
 
 /// A new session for a site starts on an address the site did not push
 /// back on, and a session's requests count against the site's budget of
-/// its address (kept past it: the session asked for that address), so the
-/// site's other requests leave that address alone.
+/// its address (held to it, as any request: the session keeps that
+/// address, and waits for its budget), so the site's other requests leave
+/// that address alone.
 #[tokio::test]
 async fn a_new_session_avoids_cooling_addresses_and_counts_against_the_budget() {
     let origin = Origin::start().await;
@@ -398,12 +399,17 @@ async fn a_new_session_avoids_cooling_addresses_and_counts_against_the_budget() 
         assert_eq!(r.status, 429);
     }
     assert_eq!(origin.sources(), [ip("127.0.0.2"), ip("127.0.0.3")]);
-    // A new session starts on .4, and keeps it past the budget of 3.
-    for _ in 0..4 {
+    // A new session starts on .4, and keeps it up to the budget of 3...
+    for _ in 0..3 {
         let r = get_as(w.addr, "u-session-s1", &origin.url("/"), None).await;
         assert_eq!(r.status, 200);
         assert_eq!(*origin.sources().last().unwrap(), ip("127.0.0.4"));
     }
+    // ...and is not sent past it (no --budget-wait: refused).
+    let before = origin.count();
+    let r = get_as(w.addr, "u-session-s1", &origin.url("/"), None).await;
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    assert_eq!(origin.count(), before);
     // The site's other requests: .2 and .3 cooling, .4's budget spent by
     // the session; rotor answers, the site sees nothing.
     let before = origin.count();

@@ -952,3 +952,60 @@ async fn a_session_waits_out_its_addresss_cooldown_and_keeps_the_address() {
     assert_eq!(send("/").await.status, 200);
     assert_eq!(*origin.sources().last().unwrap(), held);
 }
+
+/// A sticky session's address keeps to the site's budget: the site's
+/// other requests leave it a start of the budget while the session uses
+/// it, and past the budget the session's request waits (here: is refused,
+/// no `--budget-wait`) rather than go past the site's limit from its
+/// address (the site pushed back, and the session was locked out).
+#[tokio::test]
+async fn a_sessions_address_never_goes_past_the_sites_budget() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&[
+        "--pool",
+        "127.0.0.2-127.0.0.3",
+        "--site-limit",
+        "127.0.0.1=3/1m",
+    ])
+    .await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    let url = origin.url("/");
+    let session = || async {
+        let req = hyper::Request::get(&url)
+            .header("proxy-authorization", basic("u-session-b1", "pw"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        ProxyConn::open(w.addr).await.send(req).await
+    };
+    assert_eq!(session().await.status, 200);
+    let held = origin.sources()[0];
+    // The others: one more from the session's address (a start left to
+    // the session), three from the other; then none.
+    let mut served = 0;
+    for _ in 0..6 {
+        if get(w.addr, &url).await.status == 200 {
+            served += 1;
+        }
+    }
+    assert_eq!(served, 4, "{:?}", origin.sources());
+    // The session's next request has room on its address...
+    assert_eq!(session().await.status, 200);
+    assert_eq!(*origin.sources().last().unwrap(), held);
+    // ...and the one after it waits for the budget: refused here.
+    let at = origin.count();
+    let r = session().await;
+    assert_eq!(r.status, 429, "{}", r.proxy_status());
+    assert!(
+        r.proxy_status()
+            .contains("the session's address has spent its budget for 127.0.0.1"),
+        "{}",
+        r.proxy_status()
+    );
+    assert_eq!(origin.count(), at, "sent past the budget");
+    // No address went past 3 at the site.
+    let sources = origin.sources();
+    for ip in [ip(2), ip(3)] {
+        let n = sources.iter().filter(|s| **s == ip).count();
+        assert!(n <= 3, "{ip}: {n} of {sources:?}");
+    }
+}

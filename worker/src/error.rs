@@ -212,8 +212,13 @@ fn throttled_text(site: &str, cooling: bool, retry_after: Duration, session: boo
         (true, true) => format!(
             "the session's address is cooling down for {site} after it pushed back; retry in {secs} s (a session not yet started is refused so only when no address may serve {site}, the first to free cooling)"
         ),
-        (false, _) => format!(
+        (false, false) => format!(
             "site budget exhausted for {site}: no address may serve it now, the first to free has spent its budget; retry in {secs} s"
+        ),
+        // (Sent on, the site would see more than its limit from the
+        // address, and push back.)
+        (false, true) => format!(
+            "the session's address has spent its budget for {site}; retry in {secs} s (a session not yet started is refused so only when no address may serve {site}, the first to free out of budget)"
         ),
     }
 }
