@@ -138,6 +138,7 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
             unreachable_quarantine: pool.unreachable_quarantine,
             checkpoint: pool.checkpoint,
             max_peers: pool.max_peers,
+            metrics_max_sources: pool.metrics_max_sources,
             orphaned: signals.orphaned.clone(),
         };
         let result = rotor_allocator::run(listener, config, reloads, signals.shutdown).await;

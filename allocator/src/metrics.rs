@@ -19,8 +19,18 @@ use prometheus_client::registry::Registry;
 use rotor_protocol::{Histogram, WorkerMetrics, HISTOGRAM_BOUNDS};
 
 /// Source labels kept at most (a pool's entries, and addresses that left
-/// it); past it, `other`.
-pub const MAX_SOURCES: usize = 100_000;
+/// it) unless configured (`--metrics-max-sources`); past it, `other`.
+pub const MAX_SOURCES: usize = 10_000;
+
+/// Source labels kept at most ([`MAX_SOURCES`] unless configured).
+#[derive(Debug, Clone, Copy)]
+pub struct SourceCap(pub usize);
+
+impl Default for SourceCap {
+    fn default() -> SourceCap {
+        SourceCap(MAX_SOURCES)
+    }
+}
 /// Error kinds kept at most (rotor's are a score of RFC 9209's); past it,
 /// `other`: a label set a peer's reports cannot grow.
 const MAX_ERROR_KINDS: usize = 64;
@@ -102,6 +112,8 @@ pub struct HostMetrics {
     /// the number of the last whose lease counts were applied.
     snapshots: u64,
     leases_applied: u64,
+    /// Source labels kept at most.
+    pub max_sources: SourceCap,
 }
 
 impl HostMetrics {
@@ -162,7 +174,7 @@ impl HostMetrics {
                 true => "other".to_string(),
                 false => label(s.ip),
             };
-            if !self.by_source.contains_key(&key) && self.by_source.len() >= MAX_SOURCES {
+            if !self.by_source.contains_key(&key) && self.sources_full() {
                 key = "other".into();
             }
             let t = self.by_source.entry(key).or_default();
@@ -211,19 +223,32 @@ impl HostMetrics {
 }
 
 impl HostMetrics {
-    /// The pool's entries now `listed`: keeps the per-source totals of
-    /// those (and `other`), and starts each new one's at 0 (up to the cap): a series that
-    /// appeared with its first count, not 0, lost that count from
-    /// `increase()` — a source's first burst of connect errors among them.
-    pub fn track_sources(&mut self, listed: &std::collections::HashSet<String>) {
+    /// The pool's entries now `listed`, in pool order: keeps the
+    /// per-source totals of the first of them up to the cap (and
+    /// `other`), the ones the scrape's gauges name, and starts each new
+    /// one's at 0: a series that appeared with its first count, not 0,
+    /// lost that count from `increase()` — a source's first burst of
+    /// connect errors among them.
+    pub fn track_sources(&mut self, listed: &[String]) {
+        let kept: std::collections::HashSet<&str> = listed
+            .iter()
+            .take(self.max_sources.0)
+            .map(String::as_str)
+            .collect();
         self.by_source
-            .retain(|k, _| k == "other" || listed.contains(k));
-        for k in listed {
-            if self.by_source.len() >= MAX_SOURCES {
-                break;
-            }
-            self.by_source.entry(k.clone()).or_default();
+            .retain(|k, _| k == "other" || kept.contains(k.as_str()));
+        for k in kept {
+            self.by_source.entry(k.to_string()).or_default();
         }
+        if listed.len() > self.max_sources.0 {
+            self.by_source.entry("other".into()).or_default();
+        }
+    }
+
+    /// Whether the source labels are all taken (`other` aside).
+    fn sources_full(&self) -> bool {
+        let other = usize::from(self.by_source.contains_key("other"));
+        self.by_source.len() - other >= self.max_sources.0
     }
 
     /// For `rotor status`.
@@ -1556,7 +1581,7 @@ mod tests {
             h.add(1, 100, &m, |ip| ip.to_string());
         }
         assert_eq!(h.by_source.len(), 2);
-        h.track_sources(&["10.0.0.2".to_string()].into_iter().collect());
+        h.track_sources(&["10.0.0.2".to_string()]);
         assert_eq!(h.by_source.keys().collect::<Vec<_>>(), ["10.0.0.2"]);
     }
 

@@ -62,6 +62,8 @@ pub struct Config {
     pub max_peers: usize,
     /// Where `GET /metrics` is served (Prometheus), if anywhere.
     pub metrics: Option<Arc<std::net::TcpListener>>,
+    /// Pool entries with series of their own; past it, `other`.
+    pub metrics_max_sources: usize,
     /// The admin API's bearer token (on the metrics listener), read
     /// again at each reload; none: off.
     pub admin_token: Option<Arc<crate::metrics::AdminToken>>,
@@ -344,6 +346,7 @@ pub async fn run(
     alloc.limit_sessions(config.max_sessions, config.max_sessions_per_user);
     alloc.set_site_rules(config.site_rules.clone(), config.max_site_entries);
     alloc.set_unreachable_quarantine(config.unreachable_quarantine);
+    alloc.set_metrics_max_sources(config.metrics_max_sources);
     match &config.state_dir {
         // Without the state file there is no lock on the directory: another
         // allocator may be writing the same files.

@@ -1415,8 +1415,7 @@ impl Allocator {
             // back starts again: a counter reset, as Prometheus reads it),
             // so a pool that churns does not fill the label cap with the
             // departed and push new entries into `other`.
-            let listed: HashSet<String> =
-                inner.pool.addrs().iter().map(ToString::to_string).collect();
+            let listed: Vec<String> = inner.pool.addrs().iter().map(ToString::to_string).collect();
             inner.metrics.track_sources(&listed);
             warn_unreached(inner.pool.addrs());
         }
@@ -1714,7 +1713,7 @@ impl Allocator {
         // What the scrape needs, copied under the lock; the per-entry work
         // (a pool's worth of labels) done without it, leases and reports
         // going on meanwhile; written after.
-        let (cooling, cooling_keys, rules, sessions) = {
+        let (cooling, cooling_keys, rules, sessions, cap) = {
             let inner = self.lock();
             let now = Instant::now();
             let by_entry = |inner: &Inner, counts: &HashMap<IpAddr, u64>| {
@@ -1734,6 +1733,7 @@ impl Allocator {
                 keys,
                 inner.sites.rules().clone(),
                 by_entry(&inner, &inner.sessions.by_address()),
+                inner.metrics.max_sources.0,
             )
         };
         let cooling_of = |e: &Segment, k: &String| match rules.one_key(e) {
@@ -1744,7 +1744,7 @@ impl Allocator {
             let mut entries: Vec<(String, u64, bool, u64, u64)> = v2
                 .pool
                 .iter()
-                .take(crate::metrics::MAX_SOURCES)
+                .take(cap)
                 .map(|e| {
                     let k = e.entry.to_string();
                     let c = cooling_of(&e.entry, &k).unwrap_or(0);
@@ -1752,12 +1752,12 @@ impl Allocator {
                     (k, e.leases, e.quarantine.is_some(), c, s)
                 })
                 .collect();
-            // Past `MAX_SOURCES` entries, one series each would make a
-            // scrape of millions: the rest are summed as `other` (its
-            // quarantine gauge 1 if any of them is out).
-            if v2.pool.len() > crate::metrics::MAX_SOURCES {
+            // Past `--metrics-max-sources` entries, one series each would
+            // make a scrape of millions: the rest are summed as `other`
+            // (its quarantine gauge 1 if any of them is out).
+            if v2.pool.len() > cap {
                 let mut other = ("other".to_string(), 0, false, 0, 0);
-                for e in &v2.pool[crate::metrics::MAX_SOURCES..] {
+                for e in &v2.pool[cap..] {
                     let k = e.entry.to_string();
                     other.1 += e.leases;
                     other.2 |= e.quarantine.is_some();
@@ -2211,6 +2211,11 @@ impl Allocator {
     }
 
     /// Sets the budgets and the cap of the site table (at start).
+    /// Pool entries with series of their own in the metrics.
+    pub fn set_metrics_max_sources(&self, n: usize) {
+        self.lock().metrics.max_sources = crate::metrics::SourceCap(n);
+    }
+
     pub fn set_site_rules(&self, rules: Rules, max_entries: usize) {
         let mut inner = self.lock();
         inner.sites = Sites::new(rules, max_entries);
@@ -2737,6 +2742,32 @@ mod tests {
             "no other"
         );
         assert!(m.contains("rotor_source_quarantined{source=\"10.0.0.0\"} 0"));
+        // A cap set lower (`--metrics-max-sources`): every source series
+        // names the first entries in pool order, the counters' as the
+        // gauges'.
+        let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
+        a.set_metrics_max_sources(3);
+        let entries = (0..8u32)
+            .map(|k| Segment::single(std::net::Ipv4Addr::from(0x0a00_0000u32 + 2 * k).into()))
+            .collect();
+        a.apply_refresh(vec![Ok(entries)], &ok());
+        let m = a.render_metrics(true);
+        for name in [
+            "rotor_source_quarantined{",
+            "rotor_source_connect_errors_total{",
+        ] {
+            let mut named: Vec<&str> = m
+                .lines()
+                .filter(|l| l.starts_with(name))
+                .filter_map(|l| l.split('"').nth(1))
+                .collect();
+            named.sort();
+            assert_eq!(
+                named,
+                ["10.0.0.0", "10.0.0.2", "10.0.0.4", "other"],
+                "{name}"
+            );
+        }
     }
 
     /// A failing write of the rotation state shows as a gauge until a

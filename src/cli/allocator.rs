@@ -95,6 +95,12 @@ settings! {
         /// 127.0.0.1:9464.
         #[arg(value_name = "ADDR")]
         metrics_listen: Option<std::net::SocketAddr>,
+        /// Pool entries with series of their own in the metrics (the
+        /// `source` label: 14 series each); past it, in pool order, they
+        /// are summed as `other`. A pool of single addresses (a /16 is 65
+        /// 536) made a scrape of a million series.
+        #[arg(value_name = "N")]
+        metrics_max_sources: Option<usize> = "10000",
         /// A file holding the token (16 or more characters) of the admin
         /// API on the metrics listener (`POST /admin/quarantine`, `POST
         /// /admin/release` with `Authorization: Bearer TOKEN`); without
@@ -177,6 +183,7 @@ pub struct PoolSettings {
     pub checkpoint: Duration,
     pub max_peers: usize,
     pub metrics_listen: Option<std::net::SocketAddr>,
+    pub metrics_max_sources: usize,
     pub admin_token: Option<Arc<rotor_allocator::metrics::AdminToken>>,
 }
 
@@ -331,6 +338,7 @@ impl AllocatorFlags {
             checkpoint: a.checkpoint,
             max_peers: a.max_peers,
             metrics_listen: a.metrics_listen,
+            metrics_max_sources: a.metrics_max_sources,
             admin_token: match &a.admin_token_file {
                 None => None,
                 Some(_) if a.metrics_listen.is_none() => {
