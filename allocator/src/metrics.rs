@@ -1264,11 +1264,10 @@ async fn admin(
     };
     let for_ = match (&v["for"], release) {
         (serde_json::Value::Null, _) => None,
-        (serde_json::Value::String(d), false) => match humantime::parse_duration(d) {
-            // As `rotor quarantine --for`: a second at least (a zero would
-            // be no time out at all, and read back as "0 s" left).
-            Ok(d) => Some(d.max(std::time::Duration::from_secs(1))),
-            Err(_) => return bad(format!("\"for\": `{d}` is not a duration (30m, 2h)")),
+        // As `rotor quarantine --for`.
+        (serde_json::Value::String(d), false) => match crate::state::hand_out_for(d) {
+            Ok(d) => Some(d),
+            Err(why) => return bad(format!("\"for\": {why}")),
         },
         _ => return bad("\"for\" is a duration (30m, 2h), for a quarantine".into()),
     };

@@ -170,9 +170,25 @@ struct Quarantine {
     unreachable: bool,
 }
 
-/// Ten years stands for "until released", and is the longest time out by
-/// hand.
-const TEN_YEARS: Duration = Duration::from_secs(10 * 365 * 86_400);
+/// Ten years (humantime's `10y`, of 365.25 days) stands for "until
+/// released", and is the longest time out by hand.
+const TEN_YEARS: Duration = Duration::from_secs(10 * 31_557_600);
+
+/// A time out by hand as `rotor quarantine --for` and the admin API take
+/// it: from a second (the clock counts seconds; `0s` was taken as 1 s) to
+/// ten years (longer was kept as given: an end in the year 584 billion,
+/// said as such by `rotor status`).
+pub fn hand_out_for(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text)
+        .map_err(|_| format!("`{text}` is not a duration (30m, 2h)"))?;
+    if d < Duration::from_secs(1) {
+        return Err("at least 1s (to put it back now, release it)".into());
+    }
+    if d > TEN_YEARS {
+        return Err("at most 10 years (leave it out to keep it out until released)".into());
+    }
+    Ok(d)
+}
 
 /// The wall clock in Unix seconds (hand quarantines' ends, workers' last
 /// reports).
@@ -286,7 +302,9 @@ fn keep<T: serde::Serialize>(
 impl Quarantine {
     /// Out by hand for `for_` (None: until released) from `now`.
     fn by_hand(for_: Option<Duration>, now: Instant, restored: bool) -> Quarantine {
-        let wait = for_.unwrap_or(TEN_YEARS).min(TEN_YEARS);
+        // (A peer's `for_secs` is not trusted to be `hand_out_for`'s.)
+        let for_ = for_.map(|d| d.clamp(Duration::from_secs(1), TEN_YEARS));
+        let wait = for_.unwrap_or(TEN_YEARS);
         let mut reason = match for_ {
             Some(d) => format!("taken out by hand for {}", humantime::format_duration(d)),
             None => "taken out by hand until released".to_string(),

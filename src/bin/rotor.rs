@@ -218,21 +218,9 @@ fn entry_named(text: &str) -> Result<Segment, String> {
         .map_err(|_| format!("`{text}` is not an address or a prefix (ADDR or ADDR/LEN)"))
 }
 
-/// A `--for` of `rotor quarantine`: from a second (the allocator's clock
-/// counts seconds: `0s` was taken as 1 s) to ten years (longer was cut to
-/// ten quietly; none is until released).
+/// A `--for` of `rotor quarantine`, as the admin API takes one.
 fn quarantine_for(text: &str) -> Result<std::time::Duration, String> {
-    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
-    if d < std::time::Duration::from_secs(1) {
-        return Err("at least 1s (to put it back now, `rotor release`)".into());
-    }
-    // (humantime's `10y`: 10 × 365.25 days.)
-    if d > std::time::Duration::from_secs(315_576_000) {
-        return Err(
-            "at most 10 years (leave --for out to keep it out until `rotor release`)".into(),
-        );
-    }
-    Ok(d)
+    rotor_allocator::state::hand_out_for(text)
 }
 
 /// `rotor reload`: the pool's sources read again, each worker's files

@@ -652,6 +652,19 @@ async fn the_admin_api_steers_addresses_with_its_token_only() {
         .0,
         404
     );
+    // A time out as `rotor quarantine --for` takes one: from 1s to 10y.
+    for (bad, why) in [
+        ("0s", "at least 1s"),
+        ("500ms", "at least 1s"),
+        ("100y", "at most 10 years"),
+        ("18446744073709551615s", "at most 10 years"),
+        ("soon", "not a duration"),
+    ] {
+        let b = format!(r#"{{"address":"127.0.0.2","for":"{bad}"}}"#);
+        let (status, out) = post(metrics, "/admin/quarantine", Some(token), &b);
+        assert_eq!(status, 400, "{bad}: {out}");
+        assert!(out.contains(why), "{bad}: {out}");
+    }
     let (status, out) = post(metrics, "/admin/quarantine", Some(token), body);
     assert_eq!(status, 200, "{out}");
     assert!(
