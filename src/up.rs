@@ -151,6 +151,30 @@ impl Drop for Snapshot {
     }
 }
 
+/// At each SIGHUP (`systemctl reload`), says if the configuration file
+/// differs from the copy the children read: a reload reads the pool's
+/// sources, users files and certificates again, not the file, and an edit
+/// passed over in silence seemed applied (`rotor reload --config` says so
+/// too, and exits 3).
+async fn tell_edits_unread(path: std::path::PathBuf, snap: Arc<Snapshot>, signals: Signals) {
+    let mut reloads = signals.reloads();
+    loop {
+        tokio::select! {
+            r = reloads.changed() => if r.is_err() { return },
+            _ = signals.shutdown.cancelled() => return,
+        }
+        match std::fs::read_to_string(&path) {
+            Ok(text) if text == snap.text => {}
+            Ok(_) => {
+                warn!(file = %path.display(), "the configuration file changed since rotor up started, and a reload does not read it again: restart rotor to apply it")
+            }
+            Err(e) => {
+                warn!(file = %path.display(), error = %e, "cannot read the configuration file to tell whether it changed since rotor up started (a reload does not read it again)")
+            }
+        }
+    }
+}
+
 /// A child's command line: `rotor NAME`, the file and socket every child
 /// gets, then its `flags`.
 fn child_args(
@@ -437,6 +461,9 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let (Some(path), Some(snap)) = (args.common.at.config.clone(), snapshot.clone()) {
+        tokio::spawn(tell_edits_unread(path, snap, signals.clone()));
+    }
     let config = snapshot.as_ref().map(|s| s.path.as_path());
     let alloc_args = child_args(
         "allocator",

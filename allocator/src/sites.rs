@@ -641,25 +641,32 @@ impl Pair {
         }
     }
 
-    /// Moves one start counted at `from` or later to `to`, where its
-    /// request started: the first batch from `from` on gives it (an
-    /// earlier one if `from` is early: moved later, the window holds more,
-    /// never less), unless that batch's time is `to` or later already.
-    /// The batches stay in time order, [`BATCHES`] at most (past it, the
-    /// moved start joins the batch after it, whose later time it takes,
-    /// or the one before, which takes `to`).
-    fn restamp(&mut self, from: Ms, to: Ms) -> bool {
-        let Some(i) = self.starts.iter().position(|&(t, _)| t >= from) else {
-            return false;
-        };
-        if self.starts[i].0 >= to {
-            return false;
-        }
-        match &mut self.starts[i].1 {
-            n if *n > 1 => *n -= 1,
-            _ => {
-                self.starts.remove(i);
-            }
+    /// Moves one start counted within `ours` (its lease's time, give or
+    /// take [`LEASE_SLACK`]) to `to`, where its request started: the
+    /// first batch from `ours`' start on gives it (an earlier one if
+    /// `ours` begins early: moved later, the window holds more, never
+    /// less), unless that batch's time is `to` or later already. With no
+    /// start there (it left the window before its connect ended: SYNs
+    /// dropped past the period), the request is counted at `to` anew: the
+    /// first start after the lease's had been moved in its place, and the
+    /// request went uncounted. The batches stay in time order, [`BATCHES`]
+    /// at most (past it, the moved start joins the batch after it, whose
+    /// later time it takes, or the one before, which takes `to`).
+    fn restamp(&mut self, ours: std::ops::RangeInclusive<Ms>, to: Ms) -> bool {
+        let found = self
+            .starts
+            .iter()
+            .position(|&(t, _)| t >= *ours.start())
+            .filter(|&i| self.starts[i].0 <= *ours.end());
+        match found {
+            Some(i) if self.starts[i].0 >= to => return false,
+            Some(i) => match &mut self.starts[i].1 {
+                n if *n > 1 => *n -= 1,
+                _ => {
+                    self.starts.remove(i);
+                }
+            },
+            None => self.held = self.held.saturating_add(1),
         }
         let j = self.starts.partition_point(|&(t, _)| t <= to);
         if self.starts.len() < BATCHES as usize {
@@ -1635,18 +1642,20 @@ impl Sites {
         (leased, started): (Instant, Instant),
         now: Instant,
     ) -> bool {
-        let Some(Site {
-            id, limit: Some(_), ..
-        }) = self.sites.get(site)
-        else {
+        if self.rules.limit_for(site).is_none() {
             return false;
-        };
+        }
         let from = self.ms(leased.checked_sub(LEASE_SLACK).unwrap_or(leased));
         let to = self.ms(started.min(now));
-        let key = (*id, self.rules.key(ip));
-        self.pairs
-            .get_mut(&key)
-            .is_some_and(|p| p.restamp(from, to))
+        let ours = from..=self.ms(leased + LEASE_SLACK);
+        let key = self.rules.key(ip);
+        let id = self.sites.get(site).map(|s| s.id);
+        if let Some(p) = id.and_then(|id| self.pairs.get_mut(&(id, key))) {
+            return p.restamp(ours, to);
+        }
+        // Gone since (its starts all left the window, and it was dropped
+        // idle, its site too): counted anew, now, as its connect ended.
+        self.ensure(site, true, now) && self.start(site, key, now).is_some()
     }
 
     /// The pair of `site` and `ip`, if it is held and not cooling.
@@ -2141,7 +2150,7 @@ mod tests {
             held: 3,
             ..Pair::default()
         };
-        assert!(p.restamp(190, 500));
+        assert!(p.restamp(190..=210, 500));
         assert_eq!(Vec::from(p.starts.clone()), [(100, 1), (300, 1), (500, 1)]);
         // Between others; a batch of more gives one.
         let mut p = Pair {
@@ -2149,14 +2158,21 @@ mod tests {
             held: 4,
             ..Pair::default()
         };
-        p.restamp(50, 200);
+        p.restamp(50..=100, 200);
         assert_eq!(Vec::from(p.starts.clone()), [(100, 2), (200, 1), (300, 1)]);
-        // Counted at its start or later already, or no start from the
-        // lease on: nothing moves.
+        // Counted at its start or later already: nothing moves.
         let before = p.starts.clone();
-        assert!(!p.restamp(250, 300));
-        assert!(!p.restamp(301, 900));
+        assert!(!p.restamp(250..=300, 300));
         assert_eq!(p.starts, before);
+        // Its start left the window (a connect past the period): the
+        // request counts anew where it started, and the later start that
+        // is another request's stays where it is.
+        assert!(p.restamp(150..=190, 900));
+        assert_eq!(
+            Vec::from(p.starts.clone()),
+            [(100, 2), (200, 1), (300, 1), (900, 1)]
+        );
+        assert_eq!(p.held, 5);
         // At the cap (a batch of two gives one): into the batch after its
         // place, or the last, which takes its time.
         let full: VecDeque<(Ms, u32)> = (1..=BATCHES as u64)
@@ -2168,7 +2184,7 @@ mod tests {
             held,
             ..Pair::default()
         };
-        p.restamp(10, 55);
+        p.restamp(10..=10, 55);
         assert_eq!(
             Vec::from(p.starts.clone())[..6],
             [(10, 1), (20, 1), (30, 1), (40, 1), (50, 1), (60, 2)]
@@ -2178,7 +2194,7 @@ mod tests {
             held,
             ..Pair::default()
         };
-        p.restamp(10, 1000);
+        p.restamp(10..=10, 1000);
         assert_eq!(p.starts.back(), Some(&(1000, 2)));
         assert_eq!(p.starts.len(), BATCHES as usize);
         assert_eq!(p.starts.iter().map(|b| b.1).sum::<u32>(), held);
@@ -2204,15 +2220,40 @@ mod tests {
         assert_eq!(take(&mut s, "a.com", &active, 3, freed), [1]);
         let later = freed + Duration::from_millis(500);
         assert_eq!(take(&mut s, "a.com", &active, 3, later), [1]);
-        // A time of no start from the lease on, or a site with no
-        // budget, moves nothing.
-        s.started_late("b.com", ip(1), (t0, later), later);
-        s.started_late(
-            "a.com",
-            ip(1),
-            (later + window, later + window),
-            later + window,
-        );
+        // A site with no budget moves nothing.
+        assert!(!s.started_late("b.com", ip(1), (t0, later), later));
+    }
+
+    /// A request whose connect ended after its start left the window (its
+    /// SYNs dropped past the period) is counted where it started: the
+    /// next request's start, made meanwhile, had been moved in its place,
+    /// and the window held one request fewer than the site saw.
+    #[test]
+    fn a_connect_that_outlasts_the_window_counts_where_it_lands() {
+        let mut s = Sites::new(rules(&["a.com=2/1s"]), 1000);
+        let active = pool(1);
+        let t0 = Instant::now();
+        let window = Limit {
+            count: 2,
+            period: Duration::from_secs(1),
+        }
+        .window();
+        assert_eq!(take(&mut s, "a.com", &active, 1, t0), [1]);
+        // Its start left the window; another request starts, on a
+        // connection kept alive.
+        let next = t0 + window + Duration::from_millis(100);
+        assert_eq!(take(&mut s, "a.com", &active, 1, next), [1]);
+        // The first request's connect ends now: two in the window.
+        let landed = next + Duration::from_millis(100);
+        assert!(s.started_late("a.com", ip(1), (t0, landed), landed));
+        assert_eq!(take(&mut s, "a.com", &active, 1, landed), Vec::<u8>::new());
+        // Its pair dropped meanwhile (idle): counted anew all the same.
+        let mut s = Sites::new(rules(&["a.com=1/1s"]), 1000);
+        assert_eq!(take(&mut s, "a.com", &active, 1, t0), [1]);
+        let late = t0 + window * 3;
+        s.expire(late);
+        assert!(s.started_late("a.com", ip(1), (t0, late), late));
+        assert_eq!(take(&mut s, "a.com", &active, 1, late), Vec::<u8>::new());
     }
 
     /// A site's own rotation goes on after the address it took last when

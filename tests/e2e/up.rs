@@ -1116,3 +1116,45 @@ async fn a_sighup_during_an_allocator_restart_still_reloads_the_workers() {
     up.signal(Signal::SIGTERM);
     assert!(up.wait(Duration::from_secs(20)).success());
 }
+
+/// A SIGHUP to `rotor up` (`systemctl reload`) after its configuration
+/// file was edited says the edit is not applied: a reload does not read
+/// the file again, and the log had said only "reloading".
+#[tokio::test]
+async fn a_sighup_to_rotor_up_says_an_edited_file_is_not_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let config = dir.path().join("rotor.toml");
+    let log = dir.path().join("up.log");
+    std::fs::write(&config, "[allocator]\npool = [\"127.0.0.2\"]\n").unwrap();
+    let mut cmd = std::process::Command::new(ROTOR);
+    cmd.stderr(std::fs::File::create(&log).unwrap());
+    let listen = format!("--listen=127.0.0.1:{}", free_port());
+    let socket_arg = format!("--socket={}", socket.display());
+    let config_arg = format!("--config={}", config.display());
+    let up = Proc::spawn_cmd(
+        cmd,
+        ROTOR,
+        &[
+            "up",
+            "--workers=1",
+            &listen,
+            &socket_arg,
+            &config_arg,
+            "--no-state",
+        ],
+    );
+    eventually("a worker", || async {
+        socket.exists() && worker_pids(&socket).len() == 1
+    })
+    .await;
+    let said = || std::fs::read_to_string(&log).unwrap_or_default();
+    let warning = "the configuration file changed since rotor up started";
+    // Not edited: nothing said.
+    up.signal(Signal::SIGHUP);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!said().contains(warning), "{}", said());
+    std::fs::write(&config, "[allocator]\npool = [\"127.0.0.3\"]\n").unwrap();
+    up.signal(Signal::SIGHUP);
+    eventually("the edit told", || async { said().contains(warning) }).await;
+}
