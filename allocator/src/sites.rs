@@ -864,14 +864,21 @@ impl Sites {
 
     /// Sites each address cools for now.
     pub fn cooling_by_address(&self, now: Instant) -> HashMap<IpAddr, u64> {
-        let t = self.ms(now);
         let mut out = HashMap::new();
-        for ((_, ip), p) in &self.pairs {
-            if p.cool_until > t {
-                *out.entry(*ip).or_default() += 1;
-            }
+        for (ip, _) in self.cooling(now) {
+            *out.entry(ip).or_default() += 1;
         }
         out
+    }
+
+    /// The pairs cooling now: each key (an address, an IPv6 prefix) with
+    /// its site's id.
+    pub fn cooling(&self, now: Instant) -> impl Iterator<Item = (IpAddr, u64)> + '_ {
+        let t = self.ms(now);
+        self.pairs
+            .iter()
+            .filter(move |(_, p)| p.cool_until > t)
+            .map(|((id, ip), _)| (*ip, *id))
     }
 
     pub fn rules(&self) -> &Rules {

@@ -1744,10 +1744,21 @@ impl Allocator {
                 out
             };
             // Sites count an IPv6 source by its prefix (a /64): what
-            // cools is a prefix, and each entry inside one takes its count.
+            // cools is a prefix, and each entry inside one takes its count;
+            // an entry holding many (a /48) counts each site once (it
+            // counted each of its /64s cooling).
             let keys = inner.sites.cooling_by_address(now);
+            let mut sites_of: HashMap<String, HashSet<u64>> = HashMap::new();
+            for (key, site) in inner.sites.cooling(now) {
+                if let Some(e) = inner.pool.entry_of(key) {
+                    sites_of.entry(e.to_string()).or_default().insert(site);
+                }
+            }
             (
-                by_entry(&inner, &keys),
+                sites_of
+                    .into_iter()
+                    .map(|(e, sites)| (e, sites.len() as u64))
+                    .collect::<HashMap<String, u64>>(),
                 keys,
                 inner.sites.rules().clone(),
                 by_entry(&inner, &inner.sessions.by_address()),
@@ -2847,6 +2858,26 @@ mod tests {
             a.lease_site(1, Families::ANY, "a.test"),
             Response::Throttled { .. }
         ));
+    }
+
+    /// `rotor_source_cooling_sites` counts sites: a /48 entry whose /64s
+    /// a site pushed back on, one after the other, cools for one site (it
+    /// said 3, a pair each).
+    #[test]
+    fn an_entry_cools_for_each_site_once_however_many_of_its_keys() {
+        let p = Segment::prefix("2001:db8:200::".parse().unwrap(), 48).unwrap();
+        let a = Allocator::new(vec![Source::list("2001:db8:200::/48").unwrap()]);
+        a.apply_refresh(vec![Ok(vec![p])], &ok());
+        a.set_site_rules(crate::sites::Rules::default(), 1000);
+        for (net, site) in [(1, "a.test"), (2, "a.test"), (3, "a.test"), (4, "b.test")] {
+            let ip: IpAddr = format!("2001:db8:200:{net}::5").parse().unwrap();
+            assert!(a.pushback(ip, site, 429, Some(600), true));
+        }
+        let m = a.render_metrics(true);
+        assert!(
+            m.contains("rotor_source_cooling_sites{source=\"2001:db8:200::/48\"} 2"),
+            "{m}"
+        );
     }
 
     /// A site lease for what is no site's name (a peer's megabyte of
