@@ -283,7 +283,11 @@ impl Rules {
                 ));
             }
             let key = site_of(site);
-            if key != site.trim_end_matches('.').to_ascii_lowercase()
+            // An address in any spelling is its site (`2001:DB8:0::1`
+            // is `2001:db8::1`, as requests to it are).
+            let address = bare.parse::<IpAddr>().is_ok();
+            if !address
+                && key != site.trim_end_matches('.').to_ascii_lowercase()
                 && key != site.trim_matches(['[', ']'])
             {
                 return Err(format!(
@@ -2831,6 +2835,12 @@ mod tests {
         assert!(
             Rules::parse(&["[2001:db8::1]=1/1s".into(), "xn--bcher-kva.de=1/1s".into()]).is_ok()
         );
+        // An address in any spelling is the site requests to it are.
+        for spelled in ["2001:DB8:0::1", "[2001:db8:0:0::1]", "::ffff:10.0.0.1"] {
+            let r = Rules::parse(&[format!("{spelled}=1/1s")]).unwrap();
+            let site = rotor_protocol::site_of(spelled);
+            assert!(r.limit_for(&site).is_some(), "{spelled}: {r}");
+        }
         let e = Rules::parse(&["api.example.co.uk=1/1s".into()]).unwrap_err();
         assert!(e.contains("`example.co.uk`"), "{e}");
         // A public suffix would cover nothing under it.

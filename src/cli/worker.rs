@@ -214,8 +214,13 @@ impl Value for Statuses {
     fn parse(s: &str) -> Result<Self, String> {
         s.split(',')
             .map(|p| match p.trim().parse::<u16>() {
-                Ok(n) if (100..=599).contains(&n) => Ok(n),
-                _ => Err(format!("`{p}` is not an HTTP status (100 to 599)")),
+                Ok(n) if (400..=599).contains(&n) => Ok(n),
+                // (A site's answers that cool an address are refusals: a
+                // 200 listed cooled the address at each success.)
+                Ok(n) if (100..=399).contains(&n) => Err(format!(
+                    "`{p}` is no refusal: a status that cools is 400 to 599"
+                )),
+                _ => Err(format!("`{p}` is not an HTTP status (400 to 599)")),
             })
             .collect::<Result<Vec<u16>, String>>()
             .map(Statuses)
@@ -697,6 +702,8 @@ mod tests {
             err(&["--auth-checks", "18446744073709551615"]).contains("auth-checks is at most 1024")
         );
         assert!(err(&["--threads", "100000"]).contains("threads is at most 1024"));
+        let e = <Statuses as Value>::parse("429,200").unwrap_err();
+        assert!(e.contains("`200` is no refusal"), "{e}");
         let e = err(&["--max-head-bytes", "1073741824"]);
         assert!(e.contains("max-head-bytes is at most 1048576"), "{e}");
         let e = err(&["--upstream-max-idle", "100000"]);
