@@ -380,7 +380,16 @@ impl Meter {
                 true => tokio::time::timeout(LAST_REPORT_WAIT, leases.report_metrics(m))
                     .await
                     .ok(),
-                false => Some(leases.report_metrics(m).await),
+                // A report waiting for an allocator that went (or stalled)
+                // is left at the stop, kept for the last pass: waited for,
+                // it held the worker's exit a second or two.
+                false => {
+                    let kept = Box::new(m.clone());
+                    tokio::select! {
+                        sent = leases.report_metrics(m) => Some(sent),
+                        _ = stop.cancelled() => Some(Err(kept)),
+                    }
+                }
             };
             let Some(sent) = sent else {
                 tracing::debug!("the allocator did not take the last report in time");
