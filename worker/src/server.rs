@@ -358,6 +358,16 @@ pub async fn run(
         _ = fast.cancelled() => Stopped::Cut,
     };
     if stopped == Stopped::Cut {
+        // Said with what it cuts (an operator saw only "stopped=Cut").
+        let why = match fast.is_cancelled() {
+            true => "a fast stop (a second SIGTERM, or SIGINT)",
+            false => "the drain ran out of --drain-timeout",
+        };
+        warn!(
+            connections = connections.len(),
+            tunnels = tunnels.len(),
+            "{why}: cutting the connections and tunnels still open (their requests logged as worker_stopped)"
+        );
         // The tunnels still open end now, each counted and logged (their
         // tasks would otherwise be dropped with the runtime, unlogged).
         proxy.cut_tunnels();
