@@ -538,7 +538,7 @@ pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
     );
     r.register(
         "rotor_request_duration_seconds",
-        "Time from a request's head to its response head (or the tunnel's 200)",
+        "Time from a request's head to its response head (or the tunnel's 200, or rotor's own answer, or the request given up: its client gone)",
         Counted(m.request_seconds.clone()),
     );
     r.register(
