@@ -76,6 +76,12 @@ const EPOCH_BACK: Duration = Duration::from_secs(8 * 86_400);
 /// later ([`Sites::started_late`]) is looked for from this much before.
 const LEASE_SLACK: Duration = Duration::from_millis(20);
 
+/// How long past a sticky session's start leaving the window the site's
+/// other requests still leave its address a start of the budget (see
+/// [`Pair::blocked`]): the session's next request, told to wait until its
+/// start frees, asks again a round trip later.
+const RESERVE_GRACE: Duration = Duration::from_secs(1);
+
 /// Sites and pairs held at most, unless configured.
 pub const DEFAULT_MAX_ENTRIES: usize = 400_000;
 
@@ -612,7 +618,12 @@ impl Pair {
         let cooling = (self.cool_until > now).then_some(self.cool_until);
         let spent = limit.and_then(|l| {
             let w = l.window().as_millis() as u64;
-            let reserved = shared && self.session_at != 0 && now - self.session_at.min(now) < w;
+            // (Past the session's start leaving the window by a moment:
+            // its next request, told to wait until then, comes a round
+            // trip later; a budget of 1 freed just then went to a request
+            // held waiting, and the session waited for ever.)
+            let reserve_ends = self.session_at + w + RESERVE_GRACE.as_millis() as u64;
+            let reserved = shared && self.session_at != 0 && now < reserve_ends;
             let count = l.count - u32::from(reserved && l.count > 0);
             if self.held < count {
                 return None;
@@ -632,7 +643,7 @@ impl Pair {
             };
             let by_starts = (count > 0).then(|| frees(count)).flatten();
             let by_reserve = match reserved {
-                true => frees(l.count).map(|t| t.max(self.session_at + w)),
+                true => frees(l.count).map(|t| t.max(reserve_ends)),
                 false => None,
             };
             by_starts.into_iter().chain(by_reserve).min()
@@ -645,33 +656,32 @@ impl Pair {
         }
     }
 
-    /// Moves one start counted within `ours` (its lease's time, give or
-    /// take [`LEASE_SLACK`]) to `to`, where its request started: the
-    /// first batch from `ours`' start on gives it (an earlier one if
-    /// `ours` begins early: moved later, the window holds more, never
-    /// less), unless that batch's time is `to` or later already. With no
-    /// start there (it left the window before its connect ended: SYNs
-    /// dropped past the period), the request is counted at `to` anew: the
-    /// first start after the lease's had been moved in its place, and the
-    /// request went uncounted. The batches stay in time order, [`BATCHES`]
-    /// at most (past it, the moved start joins the batch after it, whose
-    /// later time it takes, or the one before, which takes `to`).
-    fn restamp(&mut self, ours: std::ops::RangeInclusive<Ms>, to: Ms) -> bool {
-        let found = self
-            .starts
-            .iter()
-            .position(|&(t, _)| t >= *ours.start())
-            .filter(|&i| self.starts[i].0 <= *ours.end());
-        match found {
-            Some(i) if self.starts[i].0 >= to => return false,
-            Some(i) => match &mut self.starts[i].1 {
-                n if *n > 1 => *n -= 1,
-                _ => {
-                    self.starts.remove(i);
-                }
-            },
-            None => self.held = self.held.saturating_add(1),
+    /// Moves one start counted at `from` or later to `to`, where its
+    /// request started: the first batch from `from` on gives it (an
+    /// earlier one if `from` is early: moved later, the window holds more,
+    /// never less), unless that batch's time is `to` or later already.
+    /// The batches stay in time order, [`BATCHES`] at most (past it, the
+    /// moved start joins the batch after it, whose later time it takes,
+    /// or the one before, which takes `to`).
+    fn restamp(&mut self, from: Ms, to: Ms) -> bool {
+        let Some(i) = self.starts.iter().position(|&(t, _)| t >= from) else {
+            return false;
+        };
+        if self.starts[i].0 >= to {
+            return false;
         }
+        match &mut self.starts[i].1 {
+            n if *n > 1 => *n -= 1,
+            _ => {
+                self.starts.remove(i);
+            }
+        }
+        self.put(to);
+        true
+    }
+
+    /// One start more at `to`, in time order (see [`Pair::restamp`]).
+    fn put(&mut self, to: Ms) {
         let j = self.starts.partition_point(|&(t, _)| t <= to);
         if self.starts.len() < BATCHES as usize {
             self.starts.insert(j, (to, 1));
@@ -680,7 +690,6 @@ impl Pair {
         } else if let Some(before) = self.starts.back_mut() {
             *before = (to, before.1.saturating_add(1));
         }
-        true
     }
 
     /// Adds `other`'s starts, cooldown and repeats (two sources that are
@@ -1653,20 +1662,36 @@ impl Sites {
         (leased, started): (Instant, Instant),
         now: Instant,
     ) -> bool {
-        if self.rules.limit_for(site).is_none() {
+        let Some(limit) = self.rules.limit_for(site) else {
             return false;
-        }
+        };
         let from = self.ms(leased.checked_sub(LEASE_SLACK).unwrap_or(leased));
         let to = self.ms(started.min(now));
-        let ours = from..=self.ms(leased + LEASE_SLACK);
+        let leased_ms = self.ms(leased);
+        // Its start, counted by the lease's time, has left the window once
+        // a whole window passed since: the request is counted anew where
+        // it landed (a start found from `from` on is another request's:
+        // moved, the window held one request fewer than the site saw).
+        let left = to >= leased_ms + limit.window().as_millis() as u64;
         let key = self.rules.key(ip);
         let id = self.sites.get(site).map(|s| s.id);
-        if let Some(p) = id.and_then(|id| self.pairs.get_mut(&(id, key))) {
-            return p.restamp(ours, to);
+        match id.and_then(|id| self.pairs.get_mut(&(id, key))) {
+            Some(p) if left => {
+                p.put(to);
+                p.held = p.held.saturating_add(1);
+                true
+            }
+            Some(p) => {
+                // A session's start moved holds its reserve from there.
+                if (from..=leased_ms + LEASE_SLACK.as_millis() as u64).contains(&p.session_at) {
+                    p.session_at = p.session_at.max(to);
+                }
+                p.restamp(from, to)
+            }
+            // Gone since (its starts all left the window, and it was
+            // dropped idle, its site too): counted anew, now.
+            None => self.ensure(site, true, now) && self.start(site, key, now).is_some(),
         }
-        // Gone since (its starts all left the window, and it was dropped
-        // idle, its site too): counted anew, now, as its connect ended.
-        self.ensure(site, true, now) && self.start(site, key, now).is_some()
     }
 
     /// The pair of `site` and `ip`, if it is held and not cooling.
@@ -2161,7 +2186,7 @@ mod tests {
             held: 3,
             ..Pair::default()
         };
-        assert!(p.restamp(190..=210, 500));
+        assert!(p.restamp(190, 500));
         assert_eq!(Vec::from(p.starts.clone()), [(100, 1), (300, 1), (500, 1)]);
         // Between others; a batch of more gives one.
         let mut p = Pair {
@@ -2169,21 +2194,14 @@ mod tests {
             held: 4,
             ..Pair::default()
         };
-        p.restamp(50..=100, 200);
+        p.restamp(50, 200);
         assert_eq!(Vec::from(p.starts.clone()), [(100, 2), (200, 1), (300, 1)]);
-        // Counted at its start or later already: nothing moves.
+        // Counted at its start or later already, or no start from the
+        // lease on: nothing moves.
         let before = p.starts.clone();
-        assert!(!p.restamp(250..=300, 300));
+        assert!(!p.restamp(250, 300));
+        assert!(!p.restamp(301, 900));
         assert_eq!(p.starts, before);
-        // Its start left the window (a connect past the period): the
-        // request counts anew where it started, and the later start that
-        // is another request's stays where it is.
-        assert!(p.restamp(150..=190, 900));
-        assert_eq!(
-            Vec::from(p.starts.clone()),
-            [(100, 2), (200, 1), (300, 1), (900, 1)]
-        );
-        assert_eq!(p.held, 5);
         // At the cap (a batch of two gives one): into the batch after its
         // place, or the last, which takes its time.
         let full: VecDeque<(Ms, u32)> = (1..=BATCHES as u64)
@@ -2195,7 +2213,7 @@ mod tests {
             held,
             ..Pair::default()
         };
-        p.restamp(10..=10, 55);
+        p.restamp(10, 55);
         assert_eq!(
             Vec::from(p.starts.clone())[..6],
             [(10, 1), (20, 1), (30, 1), (40, 1), (50, 1), (60, 2)]
@@ -2205,7 +2223,7 @@ mod tests {
             held,
             ..Pair::default()
         };
-        p.restamp(10..=10, 1000);
+        p.restamp(10, 1000);
         assert_eq!(p.starts.back(), Some(&(1000, 2)));
         assert_eq!(p.starts.len(), BATCHES as usize);
         assert_eq!(p.starts.iter().map(|b| b.1).sum::<u32>(), held);
@@ -2233,6 +2251,48 @@ mod tests {
         assert_eq!(take(&mut s, "a.com", &active, 3, later), [1]);
         // A site with no budget moves nothing.
         assert!(!s.started_late("b.com", ip(1), (t0, later), later));
+    }
+
+    /// A budget over [`BATCHES`] keeps starts in batches timed by their
+    /// last: a request whose start a later lease joined is moved, not
+    /// counted again (it was, its batch's time being past its lease's).
+    #[test]
+    fn a_late_start_in_a_batch_is_moved_not_counted_twice() {
+        let mut s = Sites::new(rules(&["a.com=64/1m"]), 1000);
+        let active = pool(1);
+        let t0 = Instant::now();
+        assert_eq!(take(&mut s, "a.com", &active, 1, t0), [1]);
+        let b = t0 + Duration::from_millis(100);
+        assert_eq!(take(&mut s, "a.com", &active, 1, b), [1]);
+        let landed = t0 + Duration::from_millis(300);
+        assert!(s.started_late("a.com", ip(1), (t0, landed), landed));
+        let (_, p) = s.pairs.iter().next().unwrap();
+        assert_eq!(p.held, 2);
+    }
+
+    /// A session's reserve outlasts its start by a moment: with a budget
+    /// of 1, the session's next request, asking again a round trip after
+    /// its start freed, finds the address; the site's other requests find
+    /// it only after that.
+    #[test]
+    fn a_sessions_reserve_outlasts_its_start_by_a_moment() {
+        let mut s = Sites::new(rules(&["a.com=1/1s"]), 1000);
+        let active = pool(1);
+        let t0 = Instant::now();
+        s.session_use("a.com", ip(1), t0);
+        let window = Limit {
+            count: 1,
+            period: Duration::from_secs(1),
+        }
+        .window();
+        // Just past the start's window: the others wait still...
+        let freed = t0 + window + Duration::from_millis(10);
+        assert_eq!(take(&mut s, "a.com", &active, 1, freed), Vec::<u8>::new());
+        // ...and the session's request goes.
+        assert!(s.session_blocked("a.com", ip(1), freed).is_none());
+        // Past the grace, with no session request, the others go.
+        let later = t0 + window + RESERVE_GRACE + Duration::from_millis(10);
+        assert_eq!(take(&mut s, "a.com", &active, 1, later), [1]);
     }
 
     /// A request whose connect ended after its start left the window (its

@@ -2239,12 +2239,12 @@ impl Allocator {
         }
     }
 
-    /// Sets the budgets and the cap of the site table (at start).
     /// Pool entries with series of their own in the metrics.
     pub fn set_metrics_max_sources(&self, n: usize) {
         self.lock().metrics.max_sources = crate::metrics::SourceCap(n);
     }
 
+    /// Sets the budgets and the cap of the site table (at start).
     pub fn set_site_rules(&self, rules: Rules, max_entries: usize) {
         let mut inner = self.lock();
         inner.sites = Sites::new(rules, max_entries);

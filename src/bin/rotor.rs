@@ -438,9 +438,10 @@ async fn steer(
         }
     }
     let ip = named.base();
-    // A release of an entry that is in the rotation changes nothing in it,
-    // and says so (it said "back in the rotation", as if it had been out).
-    // It is still sent: it puts back an entry held out of the pool there.
+    // A release of an entry that is in the rotation says so (it said
+    // "back in the rotation", as if it had been out). It is still sent: it
+    // forgets an address held out by hand that the pool lists only inside
+    // a wider entry now.
     let serving = match release {
         true => serving(control, named).await,
         false => None,
@@ -484,7 +485,7 @@ async fn steer(
     report(answer, |r| match r {
         Response::Steered { entry: Some(e) } => Some(match (release, for_) {
             (true, _) if serving == Some(e) => {
-                format!("{e} was not out of the rotation; nothing changed")
+                format!("{e} was not out of the rotation")
             }
             (true, _) => format!("{e} is back in the rotation"),
             (false, None) => format!("{e} is out of the rotation until `rotor release {named}`"),

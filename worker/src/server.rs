@@ -366,7 +366,7 @@ pub async fn run(
         warn!(
             connections = connections.len(),
             tunnels = tunnels.len(),
-            "{why}: cutting the connections and tunnels still open (their requests logged as worker_stopped)"
+            "{why}: cutting the connections and tunnels still open (requests waiting logged as worker_stopped, responses cut mid-body as client_closed)"
         );
         // The tunnels still open end now, each counted and logged (their
         // tasks would otherwise be dropped with the runtime, unlogged).
