@@ -45,7 +45,7 @@ async fn greeted(socket: &Path) -> anyhow::Result<(ClientChannel<UnixStream>, He
     let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
     let server = client_handshake(
         &mut chan,
-        Hello::new(Role::Control, concat!("rotor/", env!("CARGO_PKG_VERSION"))),
+        Hello::new(Role::Control, rotor_protocol::software("rotor")),
     )
     .await
     .map_err(|e| {

@@ -13,6 +13,10 @@ macro_rules! say {
     }};
 }
 
+/// This build: the package's version, with the commit it was built from
+/// when built in a git checkout (`0.1.0+0c0d455a1`; see src/build.rs).
+pub const VERSION: &str = env!("ROTOR_VERSION");
+
 pub mod activation;
 pub mod allocator_main;
 pub mod cli;
@@ -28,6 +32,7 @@ pub mod worker_main;
 /// "a value is required for '--socket'". Called first in `main`, while
 /// the process has one thread.
 pub fn forget_empty_env() {
+    rotor_protocol::name_build(VERSION);
     for name in ["ROTOR_SOCKET", "ROTOR_CONFIG"] {
         if std::env::var_os(name).is_some_and(|v| v.is_empty()) {
             std::env::remove_var(name);

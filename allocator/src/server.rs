@@ -26,8 +26,6 @@ use crate::pool::TableHome;
 use crate::source::Source;
 use crate::state::{Allocator, RefreshOutcome};
 
-pub const SOFTWARE: &str = concat!("rotor-allocator/", env!("CARGO_PKG_VERSION"));
-
 /// A peer must say Hello this fast, or it is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A peer that does not read its replies for this long is dropped, so it
@@ -1410,7 +1408,7 @@ async fn refuse(mut stream: UnixStream, full: Full, _telling: OwnedSemaphorePerm
         let mut chan: ServerChannel<UnixStream> = Channel::new(stream);
         chan.send(&ServerFrame::Hello(HelloReply::Refused {
             reason,
-            server: Hello::new(Role::Allocator, SOFTWARE),
+            server: Hello::new(Role::Allocator, rotor_protocol::software("rotor-allocator")),
         }))
         .await
         .map_err(io::Error::other)
@@ -1435,7 +1433,10 @@ async fn serve(
     let mut chan: ServerChannel<UnixStream> = Channel::new(stream);
     let mut hello = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        server_handshake(&mut chan, Hello::new(Role::Allocator, SOFTWARE)),
+        server_handshake(
+            &mut chan,
+            Hello::new(Role::Allocator, rotor_protocol::software("rotor-allocator")),
+        ),
     )
     .await
     .map_err(|_| ConnError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;

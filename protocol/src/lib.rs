@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 
 pub mod addr;
+mod build;
 mod channel;
 pub mod clock;
 mod codec;
@@ -36,6 +37,7 @@ pub fn map_large_allocations() {
     }
 }
 
+pub use build::{name_build, software};
 pub use channel::{Channel, ChannelError, ChannelRx, ChannelTx};
 pub use codec::{decode, decode_prefix, encode, CodecError, MAX_FRAME_LEN};
 pub use handshake::{client_handshake, server_handshake, HandshakeError};

@@ -8,7 +8,7 @@ use rotor::cli::AllocatorArgs;
 /// rotor's allocator: owns the pool of source addresses, refreshes it, and
 /// leases the next address to workers over a Unix socket.
 #[derive(Parser)]
-#[command(version)]
+#[command(version = rotor::VERSION)]
 struct Cli {
     #[command(flatten)]
     args: AllocatorArgs,

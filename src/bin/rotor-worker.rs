@@ -8,7 +8,7 @@ use rotor::cli::WorkerArgs;
 /// rotor's worker: an HTTP/1.1 forward proxy that sends every request (and
 /// every CONNECT tunnel) from the next address the allocator leases it.
 #[derive(Parser)]
-#[command(version)]
+#[command(version = rotor::VERSION)]
 struct Cli {
     #[command(flatten)]
     args: WorkerArgs,

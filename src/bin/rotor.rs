@@ -17,7 +17,7 @@ use rotor_protocol::{
 /// rotor: a backconnect forward proxy that sends each request from the next
 /// source address of a pool.
 #[derive(Parser)]
-#[command(version)]
+#[command(version = rotor::VERSION)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,

@@ -569,3 +569,37 @@ async fn empty_rotor_socket_and_config_variables_are_ignored() {
     assert!(out.status.success(), "{stderr}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("127.0.0.2"));
 }
+
+/// Every binary names one build, with the commit it was built from in a
+/// git checkout: `--version` and the software a worker gives the
+/// allocator (`rotor status`) say the same (two builds of one version
+/// both said `rotor 0.1.0`, and told apart only by their protocol).
+#[tokio::test]
+async fn the_binaries_name_their_build_alike() {
+    let version = |program: &str| {
+        let out = run_ok(program, &["--version"], program);
+        let text = String::from_utf8(out).unwrap();
+        text.trim().strip_prefix("rotor ").unwrap().to_string()
+    };
+    let build = version(ROTOR);
+    assert_eq!(version(ALLOCATOR), build);
+    assert_eq!(version(WORKER), build);
+    // Built here from a checkout: with its commit.
+    let in_checkout = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(".git")
+        .exists();
+    if in_checkout {
+        assert!(build.contains('+'), "{build}");
+    }
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let _w = Worker::start(&alloc.socket, &[]).await;
+    let want = format!("rotor-worker/{build}");
+    eventually("the worker listed with its build", || async {
+        status_json(&alloc.socket)["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["software"] == want.as_str())
+    })
+    .await;
+}

@@ -33,8 +33,6 @@ use tracing::{debug, error, info, warn};
 /// the allocator's word (see `LeaseClient::report_unusable`).
 const REPORT_WAIT: Duration = Duration::from_secs(1);
 
-pub const SOFTWARE: &str = concat!("rotor-worker/", env!("CARGO_PKG_VERSION"));
-
 const BACKOFF_MIN: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
@@ -1254,7 +1252,10 @@ async fn connect(path: &PathBuf) -> Result<(ClientChannel<UnixStream>, Hello), C
     let mut chan: ClientChannel<UnixStream> = Channel::new(stream);
     let mut server = tokio::time::timeout(
         Duration::from_secs(5),
-        client_handshake(&mut chan, Hello::new(Role::Worker, SOFTWARE)),
+        client_handshake(
+            &mut chan,
+            Hello::new(Role::Worker, rotor_protocol::software("rotor-worker")),
+        ),
     )
     .await
     .map_err(|_| ConnectError::Timeout)??;
