@@ -1001,7 +1001,7 @@ impl Proxy {
         named @ (host, _): (&str, &str),
         sticky: Option<&Sticky>,
     ) -> Result<(TcpStream, Granted), Failed> {
-        let leased = Instant::now();
+        let mut leased = Instant::now();
         let first = self.connect_counted(lease.ip, addrs, named).await;
         let (stream, granted) = match first {
             Err(ProxyError::SourceUnavailable { ip, source }) => {
@@ -1017,6 +1017,8 @@ impl Proxy {
                 }
                 self.leases.report_unusable(ip, reason).await;
                 let next = self.lease_for(addrs, host, sticky).await?;
+                // (Its start, if a site's, was counted at this lease.)
+                leased = Instant::now();
                 let stream = self.connect_counted(next.0.ip, addrs, named).await;
                 if let Err(ProxyError::SourceUnavailable { ip, source }) = &stream {
                     self.leases.report_unusable(*ip, source.to_string()).await;
