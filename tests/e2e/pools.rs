@@ -73,6 +73,51 @@ fn a_dual_stack_pool_rotates_each_family_evenly() {
     );
 }
 
+/// A name of both families whose IPv4 address refuses is tried over
+/// IPv6, from an IPv6 address of the pool, as a client doing Happy
+/// Eyeballs would (it was a 502).
+#[test]
+fn a_dual_stack_name_refused_over_ipv4_is_served_over_ipv6() {
+    in_netns(
+        "a_dual_stack_name_refused_over_ipv4_is_served_over_ipv6",
+        &[
+            "-6 addr add fd00:1::2/128 dev lo nodad",
+            "-6 addr add fd00:9::1/128 dev lo nodad",
+        ],
+        || async {
+            let port = free_port();
+            // Nothing listens on 127.0.0.1:port.
+            let origin6 = Origin::start_on(format!("[fd00:9::1]:{port}").parse().unwrap()).await;
+            let dns = Dns::start().await;
+            dns.answers
+                .lock()
+                .unwrap()
+                .insert("dual.test".into(), ("127.0.0.1".parse().unwrap(), 60));
+            dns.aaaa
+                .lock()
+                .unwrap()
+                .insert("dual.test".into(), ("fd00:9::1".parse().unwrap(), 60));
+            let alloc = Allocator::start(&["--pool", "127.0.0.2", "--pool", "fd00:1::2"]).await;
+            let d = dns.addr.to_string();
+            let w = Worker::start(
+                &alloc.socket,
+                &["--allow-destination", "fd00:9::1", "--dns-server", &d],
+            )
+            .await;
+            let r = get(w.addr, &format!("http://dual.test:{port}/")).await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            assert_eq!(origin6.sources(), ["fd00:1::2".parse::<IpAddr>().unwrap()]);
+            // A name of one family that refuses is still a 502.
+            dns.answers
+                .lock()
+                .unwrap()
+                .insert("one.test".into(), ("127.0.0.1".parse().unwrap(), 60));
+            let r = get(w.addr, &format!("http://one.test:{port}/")).await;
+            assert_eq!(r.status, 502);
+        },
+    );
+}
+
 /// A session on a dual-stack pool keeps the address it holds of either
 /// family: pinned to an IPv6 address by an IPv6 destination, its requests
 /// to a name with both A and AAAA records (rotor's resolver lists IPv4

@@ -163,6 +163,15 @@ impl From<ProxyError> for Failed {
 }
 
 impl ProxyError {
+    /// A connect the destination refused, or that found no route to it:
+    /// quickly known (not a timeout), and no fault of the source.
+    pub fn is_unreached(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Refused { .. } | ProxyError::Unreachable { .. }
+        )
+    }
+
     /// This failure, of a request sent from `ip`.
     pub fn from_source(self, ip: IpAddr) -> Failed {
         Failed::from(self).from_source(ip)

@@ -1025,6 +1025,30 @@ impl Proxy {
                 }
                 (stream.map_err(|e| e.from_source(next.0.ip))?, next)
             }
+            // A name of both families whose addresses of the leased one
+            // refuse or cannot be reached: tried once over the other
+            // (from an address of that family), as a client doing Happy
+            // Eyeballs would (it was a 502). Not after a timeout: the
+            // connect timeout is spent.
+            Err(e) if e.is_unreached() => {
+                let other = Families::of(
+                    addrs
+                        .iter()
+                        .map(SocketAddr::ip)
+                        .filter(|ip| ip.is_ipv4() != lease.ip.is_ipv4()),
+                );
+                let next = match !other.v4 && !other.v6 {
+                    true => None,
+                    false => self.lease(other, host, sticky, false).await.ok(),
+                };
+                let Some(next) = next else {
+                    return Err(e.from_source(lease.ip));
+                };
+                debug!(host, from = %lease.ip, to = %next.0.ip, error = %e, "unreachable over one family; trying the other");
+                leased = Instant::now();
+                let stream = self.connect_counted(next.0.ip, addrs, named).await;
+                (stream.map_err(|e| e.from_source(next.0.ip))?, next)
+            }
             r => (r.map_err(|e| e.from_source(lease.ip))?, (lease, watch)),
         };
         if granted.1 && self.config.cooldown_connect_failures {
