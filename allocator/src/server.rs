@@ -389,7 +389,7 @@ pub async fn run(
     let (reload_tx, reload_rx) = mpsc::channel::<ReloadReply>(16);
     tracker.spawn(refresh_loop(
         alloc.clone(),
-        (config.refresh, outcome.unread),
+        (config.refresh, outcome.unread, outcome.size == 0),
         (reload, reload_rx),
         config.admin_token.clone(),
         shutdown.clone(),
@@ -767,7 +767,7 @@ const UNREAD_RETRY: Duration = Duration::from_secs(1);
 /// 503s.
 async fn refresh_loop(
     alloc: Arc<Allocator>,
-    (every, mut unread): (Duration, bool),
+    (every, mut unread, empty): (Duration, bool, bool),
     (mut reload, mut requests): (watch::Receiver<u64>, mpsc::Receiver<ReloadReply>),
     admin_token: Option<Arc<crate::metrics::AdminToken>>,
     shutdown: CancellationToken,
@@ -776,6 +776,9 @@ async fn refresh_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The sooner reads made since the source went unread.
     let mut tries: u32 = 0;
+    // Whether the pool was empty at the last refresh (said once as it
+    // empties, and once as it fills again).
+    let mut was_empty = empty;
     let sooner = |tries: u32| {
         let next = UNREAD_RETRY.saturating_mul(1 << tries.min(20));
         (next < every).then_some(next)
@@ -828,6 +831,15 @@ async fn refresh_loop(
         } else {
             debug!(why, pool = outcome.size, "pool unchanged");
         }
+        // Serving nothing is the fault an operator must act on: it left
+        // only "pool refreshed pool=0" at info (a source that lists
+        // nothing reads well).
+        match (outcome.size == 0, was_empty) {
+            (true, false) => warn!(why, "the pool is empty: every request is answered 503 (Pool Empty) until a source lists an address; see `rotor status` for the sources"),
+            (false, true) => info!(why, pool = outcome.size, "the pool has addresses again"),
+            _ => {}
+        }
+        was_empty = outcome.size == 0;
         if let Some(r) = reply {
             let _ = r.send(outcome);
         }

@@ -97,6 +97,22 @@ impl Moment {
     }
 }
 
+impl Moment {
+    /// How many times it happened since it was last said (by
+    /// [`Moment::count_in`]), once that is `d` ago: said then, as if it
+    /// happened now. Called every second, a warning said once a period
+    /// says the count of a storm's end, which no later one would.
+    pub fn unsaid(&self, d: std::time::Duration) -> Option<u64> {
+        let mut last = self.last();
+        if last.1 == 0 || last.0.is_some_and(|t| t.elapsed() < d) {
+            return None;
+        }
+        let n = last.1;
+        *last = (Some(std::time::Instant::now()), 0);
+        Some(n)
+    }
+}
+
 impl Default for Moment {
     fn default() -> Moment {
         Moment::new()

@@ -283,6 +283,13 @@ async fn reload(control: &ControlArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     let mut bad = !failed.is_empty();
+    // An empty pool read as a success (exit 0) while every request was
+    // answered 503: a source that lists nothing (a truncated file, an
+    // API's empty answer) is no failure to read it.
+    if size == 0 {
+        bad = true;
+        say!("rotor: the pool is empty: every request is answered 503 until a source lists an address");
+    }
     for (name, error) in failed {
         let kept = match name.starts_with(rotor_allocator::metrics::ADMIN_TOKEN_SOURCE) {
             true => "the token in use kept",

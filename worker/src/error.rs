@@ -242,6 +242,12 @@ pub(crate) fn session_lost(ip: IpAddr) -> String {
     }
 }
 
+/// Whether a connect failed as this host's routes or firewall forbid the
+/// destination (EACCES: a `prohibit` route; EPERM: a firewall's rule).
+pub fn prohibited(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EACCES | libc::EPERM))
+}
+
 /// Whole seconds for `Retry-After`, rounded up (a client that waits them
 /// finds an address free).
 fn retry_after_secs(d: Duration) -> u64 {
@@ -335,6 +341,11 @@ impl ProxyError {
             Connect { source, .. } if source.raw_os_error() == Some(libc::ECONNRESET) => {
                 (StatusCode::BAD_GATEWAY, Some("connection_terminated"))
             }
+            // This host's routes or firewall forbid it (a `prohibit`
+            // route, a rule that rejects): it read as rotor's own fault.
+            Connect { source, .. } if prohibited(source) => {
+                (StatusCode::BAD_GATEWAY, Some("destination_ip_prohibited"))
+            }
             Connect { .. } => (StatusCode::BAD_GATEWAY, Some("proxy_internal_error")),
             ConnectTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Some("connection_timeout")),
             ResponseTimeout { .. } => (StatusCode::GATEWAY_TIMEOUT, Some("http_response_timeout")),
@@ -381,6 +392,7 @@ impl ProxyError {
             DnsTimeout { .. } | DnsAgain { .. } => "DNS Timeout",
             Refused { .. } => "Connection Refused",
             Unreachable { .. } => "Destination Unreachable",
+            Connect { source, .. } if prohibited(source) => "Destination Prohibited",
             Connect { .. } => "Connect Failed",
             ConnectTimeout { .. } => "Connection Timeout",
             ResponseTimeout { .. } => "Response Timeout",
@@ -395,9 +407,14 @@ impl ProxyError {
     pub fn from_connect(dest: String, source: io::Error) -> ProxyError {
         match source.raw_os_error() {
             Some(libc::ECONNREFUSED) => ProxyError::Refused { dest, source },
-            Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ENETDOWN | libc::EHOSTDOWN) => {
-                ProxyError::Unreachable { dest, source }
-            }
+            // (EINVAL: a `blackhole` route to it.)
+            Some(
+                libc::ENETUNREACH
+                | libc::EHOSTUNREACH
+                | libc::ENETDOWN
+                | libc::EHOSTDOWN
+                | libc::EINVAL,
+            ) => ProxyError::Unreachable { dest, source },
             // With IP_BIND_ADDRESS_NO_PORT the port is chosen at connect:
             // none free for this (source, destination).
             Some(libc::EADDRNOTAVAIL) => ProxyError::Ports { dest, source },

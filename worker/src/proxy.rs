@@ -2310,31 +2310,62 @@ pub(crate) fn log_failed(
     let error = error_chain(e);
     let source = source.map(|ip| ip.to_string()).unwrap_or_default();
     debug!(fault = ?e.fault(), %client, %method, %target, source, status, %error, ms, "request failed");
-    // What an operator must act on, said once in 10 s with how many
-    // failed since (a warning a request would flood the log; each is at
-    // debug): the allocator, this host's ports or sockets, a pool address
-    // it cannot use, the resolver.
-    use rotor_protocol::Moment;
-    static ALLOCATOR: Moment = Moment::new();
-    static LOCAL: Moment = Moment::new();
-    static SOURCE: Moment = Moment::new();
-    static RESOLVER: Moment = Moment::new();
-    let (said, what) = match e {
-        ProxyError::Allocator(_) => (&ALLOCATOR, "for want of a lease from the allocator"),
-        ProxyError::Ports { .. } | ProxyError::Socket(_) => {
-            (&LOCAL, "for want of a local port or socket on this host")
+    if let Some((said, what)) = must_act(e) {
+        if let Some(failed) = said.count_in(SAID_EVERY) {
+            warn!(failed, %error, "requests failed {what} (said once in 10 s)");
         }
-        ProxyError::SourceUnavailable { .. } => {
-            (&SOURCE, "as this host cannot use the pool's addresses")
-        }
-        ProxyError::DnsTimeout { .. } | ProxyError::DnsAgain { .. } => (
-            &RESOLVER,
-            "as name resolution failed (the DNS servers did not answer, or failed)",
-        ),
-        _ => return,
+    }
+}
+
+/// How often a failure an operator must act on is said at most.
+const SAID_EVERY: Duration = Duration::from_secs(10);
+
+/// What an operator must act on, said once in 10 s with how many failed
+/// since (a warning a request would flood the log; each is at debug): the
+/// allocator, this host's ports or sockets, a pool address it cannot use,
+/// the resolver, an empty pool, this host's routes or firewall. Each
+/// one's moment, and what the requests failed for.
+static MUST_ACT: [(rotor_protocol::Moment, &str); 6] = [
+    (rotor_protocol::Moment::new(), "for want of a lease from the allocator"),
+    (rotor_protocol::Moment::new(), "for want of a local port or socket on this host"),
+    (rotor_protocol::Moment::new(), "as this host cannot use the pool's addresses"),
+    (
+        rotor_protocol::Moment::new(),
+        "as name resolution failed (the DNS servers did not answer, or failed)",
+    ),
+    (
+        rotor_protocol::Moment::new(),
+        "as the pool has no address in the rotation (it is empty, or every entry is out: see `rotor status`)",
+    ),
+    (
+        rotor_protocol::Moment::new(),
+        "as this host's routes or firewall forbid their destinations (a `prohibit` route, a rule that rejects)",
+    ),
+];
+
+/// `e`'s entry of [`MUST_ACT`], if an operator must act on it.
+fn must_act(e: &ProxyError) -> Option<&'static (rotor_protocol::Moment, &'static str)> {
+    let i = match e {
+        ProxyError::Allocator(_) => 0,
+        ProxyError::Ports { .. } | ProxyError::Socket(_) => 1,
+        ProxyError::SourceUnavailable { .. } => 2,
+        ProxyError::DnsTimeout { .. } | ProxyError::DnsAgain { .. } => 3,
+        ProxyError::NoAddress(rotor_protocol::NoAddress::EmptyPool) => 4,
+        ProxyError::Connect { source, .. } if crate::error::prohibited(source) => 5,
+        _ => return None,
     };
-    if let Some(failed) = said.count_in(Duration::from_secs(10)) {
-        warn!(failed, %error, "requests failed {what} (said once in 10 s)");
+    Some(&MUST_ACT[i])
+}
+
+/// Says how many failed since the last warning of each kind, once that is
+/// 10 s old (call it every second): a storm that ended left its last
+/// failures unsaid ("failed=1" for 151 requests), with nothing to say it
+/// was over.
+pub fn say_failed_since() {
+    for (said, what) in &MUST_ACT {
+        if let Some(failed) = said.unsaid(SAID_EVERY) {
+            warn!(failed, "requests failed {what}, since the last warning of it (said once in 10 s)");
+        }
     }
 }
 

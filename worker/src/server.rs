@@ -215,6 +215,7 @@ pub async fn run(
 
     tokio::spawn(proxy.upstream().clone().reap(fast.clone()));
     tokio::spawn(crate::connect::watch_local_routes(fast.clone()));
+    tokio::spawn(say_failed_since(fast.clone()));
     // The figures go to the allocator every second, and once more when the
     // drain is over.
     let reported = CancellationToken::new();
@@ -1505,6 +1506,20 @@ impl Arrivals {
                 return;
             }
             notified.await;
+        }
+    }
+}
+
+/// Every second until `stop`: the failures an operator must act on since
+/// their last warning, said once that is 10 s old
+/// ([`crate::proxy::say_failed_since`]).
+async fn say_failed_since(stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => crate::proxy::say_failed_since(),
+            _ = stop.cancelled() => return,
         }
     }
 }

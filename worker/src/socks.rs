@@ -53,6 +53,7 @@ impl Reply {
         match e {
             // (A user revoked since its login: not allowed now.)
             Denied(_) | Auth(_) => Reply::NotAllowed,
+            Connect { source, .. } if crate::error::prohibited(source) => Reply::NotAllowed,
             Dns { .. } | DnsEmpty { .. } => Reply::HostUnreachable,
             Unreachable { source, .. }
                 if matches!(
