@@ -552,20 +552,34 @@ struct Pair {
     /// the last one's time.
     unreached: u32,
     last_unreached: Ms,
-    /// A sticky session's last start here (0: none): within the window,
-    /// the site's other requests leave the pair one start of its budget
-    /// (see [`Pair::blocked`]).
-    session_at: Ms,
+    /// Sticky sessions' starts here, oldest first, within the window and
+    /// [`RESERVE_GRACE`] after ([`SESSION_STARTS`] at most; none: `None`,
+    /// a word): the site's other requests leave the pair room for the
+    /// sessions' next (see [`Pair::reserve`]).
+    sessions: Option<Box<VecDeque<Ms>>>,
 }
 
+/// Session starts a pair keeps at most (see [`Pair::sessions`]).
+const SESSION_STARTS: usize = 64;
+
 impl Pair {
-    /// Drops the starts that left the window.
+    /// Drops the starts that left the window (sessions': and the grace).
     fn prune(&mut self, window: Option<u64>, now: Ms) {
         let Some(w) = window else {
             self.starts.clear();
             self.held = 0;
+            self.sessions = None;
             return;
         };
+        if let Some(s) = &mut self.sessions {
+            let kept = w + RESERVE_GRACE.as_millis() as u64;
+            while s.front().is_some_and(|&t| now.saturating_sub(t) >= kept) {
+                s.pop_front();
+            }
+            if s.is_empty() {
+                self.sessions = None;
+            }
+        }
         while let Some(&(t, n)) = self.starts.front() {
             if now.saturating_sub(t) < w {
                 break;
@@ -607,24 +621,57 @@ impl Pair {
         self.held = self.held.saturating_add(1);
     }
 
+    /// A sticky session's request started here at `t`.
+    fn session_started(&mut self, t: Ms) {
+        let s = self.sessions.get_or_insert_with(Default::default);
+        if s.len() >= SESSION_STARTS {
+            s.pop_front();
+        }
+        let at = s.partition_point(|&x| x <= t);
+        s.insert(at, t);
+    }
+
+    /// The starts the site's other requests leave the sessions here, and
+    /// until when (or 0: none): while a session started within the window
+    /// and [`RESERVE_GRACE`] after, one, or as many as the sessions' starts
+    /// that left the window within the grace (those sessions' next
+    /// requests are due: several sessions on one address, or one sending
+    /// more than once a period, lost the rest of the budget to requests
+    /// held waiting as their starts left). Past the window by the grace:
+    /// a session's next request, told to wait until its start frees, asks
+    /// again a round trip later.
+    fn reserve(&self, w: u64, now: Ms) -> (u32, Ms) {
+        let Some(s) = &self.sessions else {
+            return (0, 0);
+        };
+        let grace = RESERVE_GRACE.as_millis() as u64;
+        let Some(&newest) = s.back().filter(|&&t| now < t + w + grace) else {
+            return (0, 0);
+        };
+        let due = s
+            .iter()
+            .filter(|&&t| now >= t + w && now < t + w + grace)
+            .count();
+        (due.max(1) as u32, newest + w + grace)
+    }
+
     /// `None` if it may start a request now; else when it may, and
     /// whether it is cooling (else out of budget). A request of the
-    /// `shared` rotation (not a sticky session's) finds one start fewer
-    /// in the budget while a session started here within the window: the
-    /// session's next request has room (the shared rotation spent all of
-    /// it, and the session's request, served on its address, went past
-    /// the site's limit and was pushed back).
+    /// `shared` rotation (not a sticky session's) finds the budget less
+    /// the sessions' reserve ([`Pair::reserve`]): the sessions' next
+    /// requests have room (the shared rotation spent all of it, and a
+    /// session's request, served on its address, went past the site's
+    /// limit and was pushed back).
     fn blocked(&self, limit: Option<Limit>, now: Ms, shared: bool) -> Option<(Ms, bool)> {
         let cooling = (self.cool_until > now).then_some(self.cool_until);
         let spent = limit.and_then(|l| {
             let w = l.window().as_millis() as u64;
-            // (Past the session's start leaving the window by a moment:
-            // its next request, told to wait until then, comes a round
-            // trip later; a budget of 1 freed just then went to a request
-            // held waiting, and the session waited for ever.)
-            let reserve_ends = self.session_at + w + RESERVE_GRACE.as_millis() as u64;
-            let reserved = shared && self.session_at != 0 && now < reserve_ends;
-            let count = l.count - u32::from(reserved && l.count > 0);
+            let (reserve, reserve_ends) = match shared {
+                true => self.reserve(w, now),
+                false => (0, 0),
+            };
+            let reserved = reserve > 0;
+            let count = l.count.saturating_sub(reserve);
             if self.held < count {
                 return None;
             }
@@ -642,11 +689,19 @@ impl Pair {
                 })
             };
             let by_starts = (count > 0).then(|| frees(count)).flatten();
+            // (The reserve shrinks as due sessions' starts pass the grace:
+            // asked again then.)
             let by_reserve = match reserved {
                 true => frees(l.count).map(|t| t.max(reserve_ends)),
                 false => None,
             };
-            by_starts.into_iter().chain(by_reserve).min()
+            let shrinks = self
+                .sessions
+                .as_ref()
+                .and_then(|s| s.iter().find(|&&t| now >= t + w))
+                .map(|&t| t + w + RESERVE_GRACE.as_millis() as u64)
+                .filter(|_| reserve > 1);
+            by_starts.into_iter().chain(by_reserve).chain(shrinks).min()
         });
         match (cooling, spent) {
             (None, None) => None,
@@ -703,7 +758,11 @@ impl Pair {
         self.last_strike = self.last_strike.max(other.last_strike);
         self.unreached = self.unreached.max(other.unreached);
         self.last_unreached = self.last_unreached.max(other.last_unreached);
-        self.session_at = self.session_at.max(other.session_at);
+        if let Some(theirs) = other.sessions {
+            for t in *theirs {
+                self.session_started(t);
+            }
+        }
     }
 
     /// When it will be idle, as things stand (no start, push-back or
@@ -722,11 +781,24 @@ impl Pair {
             1 => self.last_unreached + SUSPICION_KEPT.as_millis() as u64,
             _ => self.last_unreached + STRIKES_KEPT.as_millis() as u64,
         };
-        last_start.max(self.cool_until).max(strikes).max(unreached)
+        // (A session's reserve outlasts its start: the pair with it.)
+        let reserve = self
+            .sessions
+            .as_ref()
+            .and_then(|s| s.back())
+            .map_or(0, |t| {
+                t + u64::from(self.window) + RESERVE_GRACE.as_millis() as u64
+            });
+        last_start
+            .max(self.cool_until)
+            .max(strikes)
+            .max(unreached)
+            .max(reserve)
     }
 
     fn is_idle(&self, now: Ms) -> bool {
         self.starts.is_empty()
+            && self.sessions.is_none()
             && self.cool_until == 0
             && self.strikes_old(now)
             && self.unreached_old(now)
@@ -1683,8 +1755,13 @@ impl Sites {
             }
             Some(p) => {
                 // A session's start moved holds its reserve from there.
-                if (from..=leased_ms + LEASE_SLACK.as_millis() as u64).contains(&p.session_at) {
-                    p.session_at = p.session_at.max(to);
+                let ours = from..=leased_ms + LEASE_SLACK.as_millis() as u64;
+                let moved = p.sessions.as_mut().and_then(|s| {
+                    let i = s.iter().position(|t| ours.contains(t))?;
+                    s.remove(i)
+                });
+                if moved.is_some() {
+                    p.session_started(to);
                 }
                 p.restamp(from, to)
             }
@@ -1745,14 +1822,14 @@ impl Sites {
     }
 
     /// A sticky session's request to `site` started from `ip` (counted
-    /// already): the site's other requests leave the pair a start of its
-    /// budget for the window (see [`Pair::blocked`]).
+    /// already): the site's other requests leave the pair room for the
+    /// sessions' next (see [`Pair::reserve`]).
     pub fn session_started(&mut self, site: &str, ip: IpAddr, now: Instant) {
         let t = self.ms(now);
         let key = self.rules.key(ip);
         let id = self.sites.get(site).map(|s| s.id);
         if let Some(p) = id.and_then(|id| self.pairs.get_mut(&(id, key))) {
-            p.session_at = t;
+            p.session_started(t);
         }
     }
 
@@ -1996,7 +2073,7 @@ impl Sites {
                     .unwrap_or(0),
                 // Not kept: a session's reserve begins again with its
                 // next request.
-                session_at: 0,
+                sessions: None,
             };
             if pair.is_idle(t) {
                 continue;
@@ -2293,6 +2370,36 @@ mod tests {
         // Past the grace, with no session request, the others go.
         let later = t0 + window + RESERVE_GRACE + Duration::from_millis(10);
         assert_eq!(take(&mut s, "a.com", &active, 1, later), [1]);
+    }
+
+    /// A session's reserve lives through the grace past its start's
+    /// window: the table's expiry dropped the pair, reserve and all, as its
+    /// last start left, and the site's other requests took the budget.
+    /// Several sessions on one address each keep room for their next.
+    #[test]
+    fn sessions_reserves_outlive_their_starts_and_add_up() {
+        let mut s = Sites::new(rules(&["a.com=5/10s"]), 1000);
+        let active = pool(1);
+        let t0 = Instant::now();
+        let window = Limit {
+            count: 5,
+            period: Duration::from_secs(10),
+        }
+        .window();
+        // Four sessions on the one address, a request each.
+        for i in 0..4 {
+            s.session_use("a.com", ip(1), t0 + Duration::from_millis(i));
+        }
+        let due = t0 + window + Duration::from_millis(100);
+        s.expire(due);
+        // Their starts left the window; their next requests are due: the
+        // others get one start of five.
+        assert_eq!(take(&mut s, "a.com", &active, 5, due), [1]);
+        for _ in 0..4 {
+            assert!(s.session_blocked("a.com", ip(1), due).is_none());
+            s.session_use("a.com", ip(1), due);
+        }
+        assert!(s.session_blocked("a.com", ip(1), due).is_some());
     }
 
     /// A request whose connect ended after its start left the window (its

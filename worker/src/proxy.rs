@@ -2364,7 +2364,10 @@ fn must_act(e: &ProxyError) -> Option<&'static (rotor_protocol::Moment, &'static
 pub fn say_failed_since() {
     for (said, what) in &MUST_ACT {
         if let Some(failed) = said.unsaid(SAID_EVERY) {
-            warn!(failed, "requests failed {what}, since the last warning of it (said once in 10 s)");
+            warn!(
+                failed,
+                "requests failed {what}, since the last warning of it (said once in 10 s)"
+            );
         }
     }
 }
