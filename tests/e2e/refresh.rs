@@ -191,8 +191,15 @@ async fn a_failed_read_keeps_the_last_good_pool_and_an_empty_file_empties_it() {
         .unwrap()
         .contains(":1"));
 
+    // Read well, and empty: said, and exit 3 (every request is a 503).
     std::fs::write(&file, "").unwrap();
-    assert_eq!(reload().0, Some(0));
+    let out = std::process::Command::new(ROTOR)
+        .args(["reload", "--socket", alloc.socket.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{said}");
+    assert!(said.contains("the pool is empty"), "{said}");
     assert!(pool_of(&status_json(&alloc.socket)).is_empty());
     assert_eq!(get(worker.addr, &origin.url("/")).await.status, 503);
     assert_eq!(origin.count(), 1);
