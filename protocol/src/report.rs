@@ -175,4 +175,23 @@ mod tests {
         assert_eq!(m.count_in(Duration::ZERO), Some(3));
         assert_eq!(m.count_in(Duration::ZERO), Some(1));
     }
+
+    /// What happened after a warning said once a period is said once
+    /// that warning is a period old (a storm's last count went unsaid).
+    #[test]
+    fn a_storms_last_count_is_said_once_its_warning_is_old() {
+        let m = Moment::new();
+        let d = Duration::from_millis(50);
+        assert_eq!(m.count_in(d), Some(1));
+        for _ in 0..5 {
+            assert_eq!(m.count_in(d), None);
+        }
+        assert_eq!(m.unsaid(d), None, "too soon");
+        std::thread::sleep(d);
+        assert_eq!(m.unsaid(d), Some(5));
+        assert_eq!(m.unsaid(d), None, "said");
+        std::thread::sleep(d);
+        assert_eq!(m.unsaid(d), None, "nothing since");
+        assert_eq!(m.count_in(d), Some(1));
+    }
 }

@@ -661,19 +661,8 @@ async fn a_client_gone_before_the_answer_has_its_request_given_up() {
         }
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
-    let w = Worker::start(
-        &alloc.socket,
-        &[
-            "--access-log",
-            log.to_str().unwrap(),
-            "--access-log-format",
-            "json",
-        ],
-    )
-    .await;
+    let (_dir, log, w) = worker_logging_json(&alloc.socket).await;
     let get = format!("GET http://{origin}/ HTTP/1.1\r\nHost: {origin}\r\n\r\n");
     // (Client, then how long it stays after its request reached the origin.)
     let requests = [
@@ -777,19 +766,8 @@ async fn an_access_line_says_a_response_was_cut_short() {
         let _ = s.write_all(answer).await;
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("access.log");
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
-    let w = Worker::start(
-        &alloc.socket,
-        &[
-            "--access-log",
-            log.to_str().unwrap(),
-            "--access-log-format",
-            "json",
-        ],
-    )
-    .await;
+    let (_dir, log, w) = worker_logging_json(&alloc.socket).await;
     for path in ["whole", "cut", "big"] {
         let mut s = TcpStream::connect(w.addr).await.unwrap();
         let req = format!("GET http://{origin}/{path} HTTP/1.1\r\nHost: {origin}\r\n\r\n");

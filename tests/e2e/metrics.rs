@@ -414,19 +414,8 @@ async fn an_address_taken_out_by_hand_stays_out_for_every_worker_until_released(
 async fn the_access_log_has_a_line_per_request_and_tunnel_and_reopens_on_sighup() {
     let origin = Origin::start().await;
     let echo = Echo::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("access.log");
     let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.4"]).await;
-    let w = Worker::start(
-        &alloc.socket,
-        &[
-            "--access-log",
-            path.to_str().unwrap(),
-            "--access-log-format",
-            "json",
-        ],
-    )
-    .await;
+    let (dir, path, w) = worker_logging_json(&alloc.socket).await;
     // A user with a session, a query the log must not keep.
     let mut conn = ProxyConn::open(w.addr).await;
     let req = hyper::Request::get(origin.url("/bytes/500?token=TopSecret"))

@@ -89,14 +89,8 @@ fn a_dual_stack_name_refused_over_ipv4_is_served_over_ipv6() {
             // Nothing listens on 127.0.0.1:port.
             let origin6 = Origin::start_on(format!("[fd00:9::1]:{port}").parse().unwrap()).await;
             let dns = Dns::start().await;
-            dns.answers
-                .lock()
-                .unwrap()
-                .insert("dual.test".into(), ("127.0.0.1".parse().unwrap(), 60));
-            dns.aaaa
-                .lock()
-                .unwrap()
-                .insert("dual.test".into(), ("fd00:9::1".parse().unwrap(), 60));
+            dns.set("dual.test", "127.0.0.1".parse().unwrap(), 60);
+            dns.set_v6("dual.test", "fd00:9::1".parse().unwrap(), 60);
             let alloc = Allocator::start(&["--pool", "127.0.0.2", "--pool", "fd00:1::2"]).await;
             let d = dns.addr.to_string();
             let w = Worker::start(
@@ -108,10 +102,7 @@ fn a_dual_stack_name_refused_over_ipv4_is_served_over_ipv6() {
             assert_eq!(r.status, 200, "{:?}", r.body);
             assert_eq!(origin6.sources(), ["fd00:1::2".parse::<IpAddr>().unwrap()]);
             // A name of one family that refuses is still a 502.
-            dns.answers
-                .lock()
-                .unwrap()
-                .insert("one.test".into(), ("127.0.0.1".parse().unwrap(), 60));
+            dns.set("one.test", "127.0.0.1".parse().unwrap(), 60);
             let r = get(w.addr, &format!("http://one.test:{port}/")).await;
             assert_eq!(r.status, 502);
         },
@@ -136,14 +127,8 @@ fn a_session_keeps_its_ipv6_address_for_a_dual_stack_name() {
             let origin4 = Origin::start_on(([127, 0, 0, 1], port).into()).await;
             let origin6 = Origin::start_on(format!("[fd00:9::1]:{port}").parse().unwrap()).await;
             let dns = Dns::start().await;
-            dns.answers
-                .lock()
-                .unwrap()
-                .insert("dual.test".into(), ("127.0.0.1".parse().unwrap(), 60));
-            dns.aaaa
-                .lock()
-                .unwrap()
-                .insert("dual.test".into(), ("fd00:9::1".parse().unwrap(), 60));
+            dns.set("dual.test", "127.0.0.1".parse().unwrap(), 60);
+            dns.set_v6("dual.test", "fd00:9::1".parse().unwrap(), 60);
             let alloc = Allocator::start(&[
                 "--pool",
                 "127.0.0.2-127.0.0.3",

@@ -1435,3 +1435,19 @@ pub fn confine_families(cmd: &mut Command, families: &[i32]) -> bool {
         false
     }
 }
+
+/// A worker of the allocator at `socket` writing its access log as JSON
+/// to a file of its own: the file's directory (kept while it runs), the
+/// file, and the worker.
+pub async fn worker_logging_json(socket: &Path) -> (tempfile::TempDir, std::path::PathBuf, Worker) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let args = [
+        "--access-log",
+        log.to_str().unwrap(),
+        "--access-log-format",
+        "json",
+    ];
+    let w = Worker::start(socket, &args).await;
+    (dir, log, w)
+}

@@ -412,10 +412,11 @@ impl Serving {
         let permit = match self.limit.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                if self.last_warned.first_in(Duration::from_secs(10)) {
+                if let Some(refused) = self.last_warned.count_in(Duration::from_secs(10)) {
                     warn!(
                         limit = self.config.max_connections,
-                        "connection limit reached; refusing new clients with 503"
+                        refused,
+                        "connection limit reached; refusing new clients with 503 (said once in 10 s, with how many since; raise --max-connections, and the descriptor limit with it, if the host has room)"
                     );
                 }
                 self.proxy.refused_at_limit(client, false, LIMIT_ERROR);
@@ -1104,8 +1105,9 @@ fn tls_handshake_failed(client: std::net::SocketAddr, e: &std::io::Error) {
 /// Logs a client refused at its address's limit, once in 10 s.
 fn client_limit_reached(client: std::net::SocketAddr, limit: usize) {
     static WARNED: crate::Moment = crate::Moment::new();
-    if WARNED.first_in(Duration::from_secs(10)) {
-        warn!(%client, limit, "a client address reached its connection limit; refusing its new connections with 503 (said once in 10 s)");
+    if let Some(refused) = WARNED.count_in(Duration::from_secs(10)) {
+        let client = client.ip();
+        warn!(%client, limit, refused, "a client address reached its connection limit; refusing its new connections with 503 (said once in 10 s, with how many since, of any address; --max-client-connections)");
     } else {
         debug!(%client, limit, "client connection limit reached; refused");
     }

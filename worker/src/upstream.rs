@@ -269,9 +269,8 @@ pub struct PooledBody {
     received: u64,
     /// The request's access log line, written when this body is done.
     access: Option<(Arc<crate::access::AccessLog>, Box<crate::access::Entry>)>,
-    /// The body's end was read.
-    ended: bool,
-    /// What broke it, as a `Proxy-Status` error type.
+    /// What broke it, as a `Proxy-Status` error type (a body that ended
+    /// whole says so: `is_end_stream`).
     broken: Option<&'static str>,
 }
 
@@ -287,7 +286,7 @@ impl Drop for PooledBody {
             // A response cut short says so (it read as a whole 200): what
             // broke it at the destination, or else its client went away,
             // stopped reading, or the worker stopped.
-            let whole = self.ended || self.inner.is_end_stream();
+            let whole = self.inner.is_end_stream();
             let cut = self.broken.or((!whole).then_some("client_closed"));
             e.error = e.error.or(cut);
             log.log(&e);
@@ -312,7 +311,6 @@ impl PooledBody {
             source,
             received: 0,
             access: None,
-            ended: false,
             broken: None,
         };
         // An empty body (HEAD, 204, 304, Content-Length: 0) may never be
@@ -356,10 +354,7 @@ impl Body for PooledBody {
             }
         }
         match &r {
-            Poll::Ready(None) => {
-                self.ended = self.broken.is_none();
-                self.go_home()
-            }
+            Poll::Ready(None) => self.go_home(),
             // A length-delimited body is complete with its last byte; the
             // server need not poll again to see the end.
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.go_home(),
