@@ -516,6 +516,28 @@ mod tests {
     use super::*;
 
     /// A share of a timeout is said to the millisecond.
+    /// A connect this host's routes or firewall forbid is told apart from
+    /// rotor's own faults (it was `proxy_internal_error`), and a blackhole
+    /// route is an unroutable destination.
+    #[test]
+    fn connects_this_host_forbids_say_so() {
+        let of =
+            |errno| ProxyError::from_connect("d:1".into(), io::Error::from_raw_os_error(errno));
+        for errno in [libc::EACCES, libc::EPERM] {
+            let e = of(errno);
+            assert_eq!(
+                e.classify(),
+                (StatusCode::BAD_GATEWAY, Some("destination_ip_prohibited"))
+            );
+            assert_eq!(e.reason(), "Destination Prohibited");
+        }
+        assert_eq!(
+            of(libc::EINVAL).classify(),
+            (StatusCode::BAD_GATEWAY, Some("destination_ip_unroutable"))
+        );
+        assert_eq!(of(libc::EIO).classify().1, Some("proxy_internal_error"));
+    }
+
     #[test]
     fn timeouts_are_said_to_the_millisecond() {
         let e = ProxyError::ConnectTimeout {
