@@ -716,12 +716,8 @@ async fn a_client_gone_before_the_answer_has_its_request_given_up() {
     }
     let want = requests.len();
     eventually("every given-up request logged", || {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines = json_lines(&log);
         async move {
-            let lines: Vec<serde_json::Value> = text
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
             // Each with the address it went out from (it said `-`).
             let given_up = lines
                 .iter()
@@ -800,14 +796,8 @@ async fn an_access_line_says_a_response_was_cut_short() {
         drop(s);
     }
     eventually("each response's line", || {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        async move {
-            let lines: Vec<serde_json::Value> = text
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect();
-            lines.len() == 3
-        }
+        let n = json_lines(&log).len();
+        async move { n == 3 }
     })
     .await;
     let text = std::fs::read_to_string(&log).unwrap();

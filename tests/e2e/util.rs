@@ -1284,12 +1284,20 @@ pub fn skip(why: &str) {
     println!("SKIPPED {why}");
 }
 
-/// The clients a JSON access log names, in order.
-pub fn logged_clients(log: &Path) -> Vec<String> {
+/// The whole lines of a JSON access log, in order (none if it is not
+/// there yet; a line half written is left out).
+pub fn json_lines(log: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The clients a JSON access log names, in order.
+pub fn logged_clients(log: &Path) -> Vec<String> {
+    json_lines(log)
+        .iter()
         .map(|l| l["client"].as_str().unwrap_or_default().to_string())
         .collect()
 }
