@@ -81,6 +81,8 @@ const LEASE_SLACK: Duration = Duration::from_millis(20);
 /// [`Pair::blocked`]): the session's next request, told to wait until its
 /// start frees, asks again a round trip later.
 const RESERVE_GRACE: Duration = Duration::from_secs(1);
+/// [`RESERVE_GRACE`] on the table's clock.
+const RESERVE_GRACE_MS: u64 = RESERVE_GRACE.as_millis() as u64;
 
 /// Sites and pairs held at most, unless configured.
 pub const DEFAULT_MAX_ENTRIES: usize = 400_000;
@@ -575,7 +577,7 @@ impl Pair {
             return;
         };
         if let Some(s) = &mut self.sessions {
-            let kept = w + RESERVE_GRACE.as_millis() as u64;
+            let kept = w + RESERVE_GRACE_MS;
             while s.front().is_some_and(|&t| now.saturating_sub(t) >= kept) {
                 s.pop_front();
             }
@@ -647,7 +649,7 @@ impl Pair {
         let Some(s) = &self.sessions else {
             return (0, 0);
         };
-        let grace = RESERVE_GRACE.as_millis() as u64;
+        let grace = RESERVE_GRACE_MS;
         let Some(&newest) = s.back().filter(|&&t| now < t + w + grace) else {
             return (0, 0);
         };
@@ -702,7 +704,7 @@ impl Pair {
                 .sessions
                 .as_ref()
                 .and_then(|s| s.iter().find(|&&t| now >= t + w))
-                .map(|&t| t + w + RESERVE_GRACE.as_millis() as u64)
+                .map(|&t| t + w + RESERVE_GRACE_MS)
                 .filter(|_| reserve > 1);
             by_starts.into_iter().chain(by_reserve).chain(shrinks).min()
         });
@@ -789,9 +791,7 @@ impl Pair {
             .sessions
             .as_ref()
             .and_then(|s| s.back())
-            .map_or(0, |t| {
-                t + u64::from(self.window) + RESERVE_GRACE.as_millis() as u64
-            });
+            .map_or(0, |t| t + u64::from(self.window) + RESERVE_GRACE_MS);
         last_start
             .max(self.cool_until)
             .max(strikes)
