@@ -222,6 +222,118 @@ fn bind_path(path: &Path) -> Result<UnixListener, BindError> {
     }
 }
 
+/// How often the socket's file is looked at (see [`SocketFile`]).
+const SOCKET_FILE_LOOK: Duration = Duration::from_secs(2);
+
+/// The socket's file, watched. Removed (a cleaning of its directory, an
+/// `rm`, another allocator started on the path that failed and took it
+/// with it), no worker or `rotor` command starting after could reach this
+/// allocator, which went on serving those it had, saying nothing: a
+/// worker restarted then answered 503 to its share of the port. A file
+/// gone (or a dead socket in its place) is bound again, and said; one
+/// another process listens on is left to it, and said.
+struct SocketFile {
+    path: PathBuf,
+    /// The file's device and inode as bound.
+    id: (u64, u64),
+    /// What was said of the path as it is now (said once).
+    said: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    /// `listener`'s file (none for an abstract or unnamed socket).
+    fn of(listener: &UnixListener) -> Option<SocketFile> {
+        let addr = listener.local_addr().ok()?;
+        let path = addr.as_pathname()?.to_path_buf();
+        let id = file_id(&path).ok()?;
+        Some(SocketFile {
+            path,
+            id,
+            said: None,
+        })
+    }
+
+    /// A listener bound again if the file is gone: the one to accept on
+    /// from now (the old one's connections are served on).
+    fn look(&mut self, access: &Access) -> Option<UnixListener> {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let path = self.path.display();
+        let now = match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == self.id => {
+                self.said = None;
+                return None;
+            }
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => {
+                say(
+                    &mut self.said,
+                    (0, 0),
+                    || warn!(socket = %path, error = %e, "cannot look at the allocator's socket file"),
+                );
+                return None;
+            }
+        };
+        if let Some(m) = &now {
+            let other = (m.dev(), m.ino());
+            if !m.file_type().is_socket() {
+                say(
+                    &mut self.said,
+                    other,
+                    || warn!(socket = %path, "the allocator's socket file was replaced by another kind of file: workers and `rotor` commands starting now cannot reach this allocator (it serves the workers it has); remove the file, and it is bound again"),
+                );
+                return None;
+            }
+            if std::os::unix::net::UnixStream::connect(&self.path).is_ok() {
+                say(
+                    &mut self.said,
+                    other,
+                    || warn!(socket = %path, "another process listens on the allocator's socket path (a second allocator?): workers and `rotor` commands starting now reach it, not this allocator, which serves the workers it has"),
+                );
+                return None;
+            }
+        }
+        match bind_socket(&self.path, access) {
+            Ok(listener) => {
+                let Ok(id) = file_id(&self.path) else {
+                    return None;
+                };
+                let was = match now {
+                    None => "was removed",
+                    Some(_) => "was replaced by a dead socket",
+                };
+                warn!(socket = %path, "the allocator's socket file {was}: bound again (a worker or `rotor` command that started since could not reach this allocator)");
+                self.id = id;
+                self.said = None;
+                Some(listener)
+            }
+            Err(e) => {
+                say(
+                    &mut self.said,
+                    (0, 1),
+                    || warn!(socket = %path, error = %error_chain(&e), "the allocator's socket file is gone, and cannot be bound again: workers and `rotor` commands starting now cannot reach this allocator (it serves the workers it has)"),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// `say`s once for the socket's path as it is `now` (what is there).
+fn say(said: &mut Option<(u64, u64)>, now: (u64, u64), say: impl FnOnce()) {
+    if *said != Some(now) {
+        say();
+        *said = Some(now);
+    }
+}
+
+/// `path`'s device and inode.
+fn file_id(path: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
 type ReloadReply = oneshot::Sender<RefreshOutcome>;
 
 /// Serves until `shutdown` is cancelled. Each change of `reload` (SIGHUP)
@@ -432,9 +544,19 @@ pub async fn run(
     // The same for peers without the right to connect (a user who may
     // reach the socket file, trying again and again).
     let strangers = rotor_protocol::Moment::new();
+    let mut listener = listener;
+    let mut socket_file = SocketFile::of(&listener);
+    let mut look = tokio::time::interval(SOCKET_FILE_LOOK);
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = look.tick(), if socket_file.is_some() => {
+                if let Some(again) = socket_file.as_mut().and_then(|f| f.look(&config.access)) {
+                    listener = again;
+                }
+                continue;
+            }
             r = listener.accept() => match r {
                 Ok((s, _)) => s,
                 Err(e) => {

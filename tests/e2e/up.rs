@@ -665,6 +665,33 @@ async fn a_stray_sigusr2_does_not_stop_an_allocator() {
     assert!(status.contains("in rotation"), "{status}");
 }
 
+/// The allocator's socket file removed (a cleaning of its directory, an
+/// `rm`): it is bound again within seconds, and said. Nothing told of it,
+/// and a worker restarted after answered 503 to its share of the port.
+#[tokio::test]
+async fn a_removed_socket_file_is_bound_again() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let log = dir.path().join("allocator.log");
+    let alloc = Allocator::start_logging(dir.clone(), &["--pool", "127.0.0.2"], &log).await;
+    std::fs::remove_file(&alloc.socket).unwrap();
+    assert!(!alloc.socket.exists());
+    eventually("the socket file to be bound again", || async {
+        alloc.socket.exists()
+    })
+    .await;
+    let status = rotor_control("status", &alloc.socket, &[]);
+    assert!(status.contains("in rotation"), "{status}");
+    assert_eq!(said(&log, "socket file was removed: bound again"), 1);
+    // A file of another kind in its place is not removed: said, once.
+    std::fs::remove_file(&alloc.socket).unwrap();
+    std::fs::write(&alloc.socket, "not a socket").unwrap();
+    eventually("the file in its place to be said", || async {
+        said(&log, "replaced by another kind of file") == 1
+    })
+    .await;
+    assert_eq!(std::fs::read(&alloc.socket).unwrap(), b"not a socket");
+}
+
 /// A SIGHUP to `rotor up` reloads each worker once: it goes to the
 /// allocator, whose reload reaches the workers (passed on to them as well,
 /// each re-read its users file, certificate and resolver twice).
