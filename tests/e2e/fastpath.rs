@@ -733,6 +733,69 @@ async fn a_client_gone_before_the_answer_has_its_request_given_up() {
     .await;
 }
 
+/// A client that goes away while the response's body stalls has the
+/// destination's connection closed then, not held until the destination
+/// writes again (or the idle timeout), and its access line says
+/// `client_closed`: a body of known length and a chunked one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_while_the_body_stalls_closes_the_destinations_connection() {
+    let (events, mut seen) = tokio::sync::mpsc::unbounded_channel::<&'static str>();
+    let (origin, _) = recording_server(move |mut s: TcpStream| {
+        let events = events.clone();
+        async move {
+            let head = read_head(&mut s).await;
+            let answer: &[u8] = match head.contains("/chunked") {
+                true => b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n",
+                false => b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",
+            };
+            let _ = s.write_all(answer).await;
+            let _ = events.send("head");
+            // The rest only after 10 s, unless the connection closes first.
+            let quiet = std::time::Duration::from_secs(10);
+            let mut buf = [0u8; 64];
+            match tokio::time::timeout(quiet, s.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => {
+                    let _ = events.send("closed");
+                }
+                _ => {}
+            }
+        }
+    })
+    .await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let (_dir, log, w) = worker_logging_json(&alloc.socket).await;
+    for path in ["/length", "/chunked"] {
+        let mut s = TcpStream::connect(w.addr).await.unwrap();
+        let get = format!("GET http://{origin}{path} HTTP/1.1\r\nHost: {origin}\r\n\r\n");
+        s.write_all(get.as_bytes()).await.unwrap();
+        let within = std::time::Duration::from_secs(5);
+        let got = tokio::time::timeout(within, seen.recv()).await;
+        assert_eq!(got, Ok(Some("head")), "{path}: the origin was not asked");
+        // The head and the first bytes reach the client.
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        drop(s);
+        let got = tokio::time::timeout(within, seen.recv()).await;
+        assert_eq!(
+            got,
+            Ok(Some("closed")),
+            "{path}: the destination's connection was held after the client went"
+        );
+    }
+    eventually("both logged as cut by their clients", || {
+        let lines = json_lines(&log);
+        async move {
+            let cut = lines
+                .iter()
+                .filter(|l| l["status"] == 200 && l["error"] == "client_closed")
+                .count();
+            cut == 2
+        }
+    })
+    .await;
+}
+
 /// A response cut short has its access line say so beside its status:
 /// the destination's close mid-body as `http_response_incomplete`, a
 /// client gone mid-body as `client_closed`; a whole one says nothing.

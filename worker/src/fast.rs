@@ -341,7 +341,7 @@ where
         let close = close || ours;
         let sent = tokio::select! {
             biased;
-            r = respond(&mut io, &mut out, resp, head, close) => r,
+            r = respond(&mut io, &mut out, resp, head, close, Some(&mut buf)) => r,
             // A client that stops reading, or a destination that stops
             // sending, for the idle timeout: the connection goes.
             _ = &mut idle => Err(io::ErrorKind::TimedOut.into()),
@@ -436,7 +436,7 @@ async fn refuse<I: ClientStream>(
     );
     let answer = crate::proxy::Answer::from(e);
     let sent = tokio::time::timeout(conn.grace, async {
-        respond(&mut io, out, answer, false, true).await?;
+        respond(&mut io, out, answer, false, true, None).await?;
         match linger {
             true => Ok(()),
             false => io.shutdown().await,
@@ -611,16 +611,19 @@ fn put_back(buf: &mut BytesMut, head: Bytes) -> Take {
 }
 
 /// Writes `resp` to the client: head and (if it is ready) the first of
-/// the body in one write, then the rest as it comes.
+/// the body in one write, then the rest as it comes. With `watch` (the
+/// connection's read buffer), a client that goes while the body stalls
+/// ends it (see [`next_frame`]).
 async fn respond<I>(
     io: &mut I,
     out: &mut Vec<u8>,
     resp: Answer,
     head_request: bool,
     close: bool,
+    mut watch: Option<&mut BytesMut>,
 ) -> io::Result<()>
 where
-    I: AsyncWrite + Unpin,
+    I: AsyncRead + AsyncWrite + Unpin,
 {
     let Answer {
         status,
@@ -714,8 +717,20 @@ where
         // that much back from the client. (A plain socket's flush does
         // nothing.)
         io.flush().await?;
+        // Bytes came from the client (a pipelined request): not watched.
+        let mut early = false;
         while !body.is_end_stream() {
-            let Some(frame) = body.frame().await else {
+            let frame = match watch.as_deref_mut() {
+                Some(buf) => match next_frame(&mut body, io, buf, &mut early).await {
+                    Some(frame) => frame,
+                    None => {
+                        let gone = "the client went away while the body stalled";
+                        return Err(io::Error::new(io::ErrorKind::ConnectionAborted, gone));
+                    }
+                },
+                None => body.frame().await,
+            };
+            let Some(frame) = frame else {
                 break;
             };
             let frame = frame.map_err(io::Error::other)?;
@@ -731,6 +746,53 @@ where
         }
     }
     io.flush().await
+}
+
+/// `body`'s next frame, unless its client goes first (`None`). A wait
+/// that lasts `WATCH_CLIENT_AFTER` looks at the client from then on, as
+/// the wait for the answer's head does (`h1::unless_gone`): an end of its
+/// stream or an error is its going, and the destination's connection goes
+/// with it (it was held until the destination wrote again). Bytes from the
+/// client (a pipelined request, kept in `buf`) end the watch for the rest
+/// of the response (`early`). A body that flows polls no timer.
+async fn next_frame<I>(
+    body: &mut ProxyBody,
+    io: &mut I,
+    buf: &mut BytesMut,
+    early: &mut bool,
+) -> Option<Option<Result<http_body::Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>>
+where
+    I: AsyncRead + Unpin,
+{
+    let mut next = body.frame();
+    // (Made, not yet armed: a timer is registered at its first poll.)
+    let mut after = std::pin::pin!(tokio::time::sleep(crate::h1::WATCH_CLIENT_AFTER));
+    let mut watching = false;
+    use std::future::Future;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(frame) = Pin::new(&mut next).poll(cx) {
+            return Poll::Ready(Some(frame));
+        }
+        *early |= !buf.is_empty();
+        if *early {
+            return Poll::Pending;
+        }
+        if !watching {
+            if after.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            watching = true;
+        }
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
+            Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(None),
+            Poll::Ready(Ok(_)) => {
+                *early = true;
+                Poll::Pending
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 enum Framing {
@@ -1040,11 +1102,13 @@ mod tests {
             } else {
                 resp.fields = Fields::Map(crate::fields::map_for_tests(fields));
             }
-            let (mut io, mut out) = (Vec::new(), Vec::new());
-            respond(&mut io, &mut out, resp, false, false)
+            let (mut io, mut out) = (io::Cursor::new(Vec::new()), Vec::new());
+            respond(&mut io, &mut out, resp, false, false, None)
                 .await
                 .unwrap();
-            String::from_utf8(io).unwrap().to_ascii_lowercase()
+            String::from_utf8(io.into_inner())
+                .unwrap()
+                .to_ascii_lowercase()
         };
         let count = |text: &str, field: &str| text.matches(&format!("\r\n{field}: ")).count();
         let plain = run(&[]).await;
