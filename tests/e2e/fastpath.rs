@@ -753,11 +753,8 @@ async fn a_client_gone_while_the_body_stalls_closes_the_destinations_connection(
             // The rest only after 10 s, unless the connection closes first.
             let quiet = std::time::Duration::from_secs(10);
             let mut buf = [0u8; 64];
-            match tokio::time::timeout(quiet, s.read(&mut buf)).await {
-                Ok(Ok(0) | Err(_)) => {
-                    let _ = events.send("closed");
-                }
-                _ => {}
+            if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(quiet, s.read(&mut buf)).await {
+                let _ = events.send("closed");
             }
         }
     })

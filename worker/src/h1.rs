@@ -48,7 +48,7 @@ pub enum Error {
     ClosedBeforeResponse,
     #[error("the destination closed the connection in the middle of the response head")]
     ClosedInHead,
-    #[error("connection to the destination failed")]
+    #[error("the connection to the destination broke")]
     Io(#[source] io::Error),
     #[error("the destination sent an invalid response head")]
     Parse(#[source] httparse::Error),

@@ -2308,8 +2308,10 @@ pub(crate) fn log_failed(
     ms: u64,
 ) {
     let error = error_chain(e);
-    let source = source.map(|ip| ip.to_string()).unwrap_or_default();
-    debug!(fault = ?e.fault(), %client, %method, %target, source, status, %error, ms, "request failed");
+    // Written as a served request's is (`source=127.0.0.2`, not quoted),
+    // `-` for none.
+    let source = source.map_or_else(|| "-".to_string(), |ip| ip.to_string());
+    debug!(fault = ?e.fault(), %client, %method, %target, source = %source, status, %error, ms, "request failed");
     if let Some((said, what)) = must_act(e) {
         if let Some(failed) = said.count_in(SAID_EVERY) {
             warn!(failed, %error, "requests failed {what} (said once in 10 s)");

@@ -806,7 +806,8 @@ impl Serving {
                 }
             };
             if let Err(e) = result {
-                if let Some(status) = hyper_answered(&e) {
+                let answered = hyper_answered(&e);
+                if let Some(status) = answered {
                     fast.proxy.answered_by_hyper(client, status);
                 }
                 // A response body that broke off (the destination cut it,
@@ -824,7 +825,13 @@ impl Serving {
                         arrivals.no_linger();
                     }
                 }
-                debug!(error = %error_chain(&e), "client connection ended with an error");
+                match answered {
+                    // A malformed request: its line says its answer.
+                    Some(status) => {
+                        debug!(status, error = %error_chain(&e), "request refused (malformed); connection closed")
+                    }
+                    None => debug!(error = %error_chain(&e), "client connection ended with an error"),
+                }
             }
         }
         .instrument(tracing::debug_span!("client", %client));
