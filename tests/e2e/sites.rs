@@ -581,6 +581,55 @@ impl StalledSite {
     }
 }
 
+/// A tunnel whose client leaves while its connect is slow (the site's
+/// SYNs dropped) spent a lease: its access line names the address, over
+/// HTTP CONNECT and SOCKS5, as a GET's does. Both said `-`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_given_up_as_it_connects_is_logged_with_its_source() {
+    let site = StalledSite::start(Duration::from_secs(5));
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let socks: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let (dir, s) = (tempfile::tempdir().unwrap(), socks.to_string());
+    let log = dir.path().join("access.log");
+    let args = [
+        "--socks-listen",
+        &s,
+        "--access-log",
+        log.to_str().unwrap(),
+        "--access-log-format",
+        "json",
+    ];
+    let w = Worker::start(&alloc.socket, &args).await;
+    let port = site.port;
+    let mut connect = TcpStream::connect(w.addr).await.unwrap();
+    let head = format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    connect.write_all(head.as_bytes()).await.unwrap();
+    let mut tunnel = TcpStream::connect(socks).await.unwrap();
+    tunnel.write_all(&[5, 1, 0]).await.unwrap();
+    let mut method = [0u8; 2];
+    tokio::io::AsyncReadExt::read_exact(&mut tunnel, &mut method)
+        .await
+        .unwrap();
+    let mut req = vec![5, 1, 0, 1, 127, 0, 0, 1];
+    req.extend_from_slice(&port.to_be_bytes());
+    tunnel.write_all(&req).await.unwrap();
+    // Past the 500 ms after which a waiting client is watched.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    drop((connect, tunnel));
+    eventually("both given up, each with its source", || {
+        let lines = json_lines(&log);
+        async move {
+            let given_up = |method: &str| {
+                lines.iter().any(|l| {
+                    l["method"] == method && l["status"] == 499 && l["source"] == "127.0.0.2"
+                })
+            };
+            given_up("CONNECT") && given_up("SOCKS5")
+        }
+    })
+    .await;
+}
+
 /// A site's budget holds from when a request reached the site, not from
 /// its lease: a request whose connect took a second, counted at its
 /// lease, let the next one in a second early (the site saw two requests

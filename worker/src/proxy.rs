@@ -356,6 +356,7 @@ impl Proxy {
                         (client, start),
                         (caller.sticky.as_ref(), caller.standing.clone()),
                         abandoned.entry.as_deref().cloned(),
+                        &mut abandoned.leased,
                     )
                     .await
                 }
@@ -368,7 +369,9 @@ impl Proxy {
                 // Boxed: inline, its state made every request's future
                 // larger (135 instructions a new connection's request,
                 // callgrind).
-                let handshake = self.websocket(parts, fields, (client, start), sticky, entry);
+                let leased = &mut abandoned.leased;
+                let handshake =
+                    self.websocket(parts, fields, (client, start), sticky, (entry, leased));
                 Box::pin(handshake).await
             }
             Ok(caller) => {
@@ -663,19 +666,25 @@ impl Proxy {
     /// drain, and only this worker can answer it (refused, it was lost to
     /// a client that does not ask again, as few do after a 503 to a
     /// CONNECT).
+    ///
+    /// `leased`: the address it goes out from, once leased (for the line
+    /// of a tunnel given up as it opens, its client gone).
     pub async fn open_tunnel(
         &self,
         (host, port, authority): (&str, u16, &str),
         sticky: Option<&Sticky>,
         kept_alive: bool,
+        leased: &mut Option<IpAddr>,
     ) -> Result<(TcpStream, Lease), Failed> {
         if kept_alive && self.tunnels.is_closed() {
             return Err(ProxyError::Stopping.into());
         }
         let (addrs, granted) = self.resolve_and_lease(host, port, sticky).await?;
+        *leased = Some(granted.0.ip);
         let (stream, (lease, _)) = self
             .connect_leased(granted, &addrs, (host, authority), sticky)
             .await?;
+        *leased = Some(lease.ip);
         Ok((stream, lease))
     }
 
@@ -1364,7 +1373,7 @@ impl Proxy {
         mut fields: Fields,
         (client, start): (SocketAddr, Instant),
         (sticky, standing): (Option<&Sticky>, Option<Standing>),
-        entry: Option<Entry>,
+        (entry, leased): (Option<Entry>, &mut Option<IpAddr>),
     ) -> Result<(Answer, Lease), Failed> {
         let target = absolute_target(&parts.uri, true)?;
         let authority = target.host_value;
@@ -1399,7 +1408,9 @@ impl Proxy {
         let named = (host.as_str(), uri_authority(&absolute));
         still_stands(standing.as_ref())?;
         let (addrs, granted) = self.resolve_and_lease(&host, port, sticky).await?;
+        *leased = Some(granted.0.ip);
         let (conn, (lease, watch)) = self.dial(granted, &addrs, named, sticky).await?;
+        *leased = Some(lease.ip);
         let timeout = self.config.response_timeout;
         let dest = Dest(&host, port);
         let switched = conn.upgrade(&parts, &fields, timeout).await.map_err(|e| {
@@ -1482,13 +1493,14 @@ impl Proxy {
         (client, start): (SocketAddr, Instant),
         (sticky, standing): (Option<&Sticky>, Option<Standing>),
         entry: Option<Entry>,
+        leased: &mut Option<IpAddr>,
     ) -> Result<(Answer, Lease), Failed> {
         let (host, port) = connect_target(req.uri())?;
         // 200 only once the upstream connection is up.
         let kept_alive = req.extensions().get::<KeptAlive>().is_some();
         let named = (host.as_str(), port, uri_authority(req.uri()));
         still_stands(standing.as_ref())?;
-        let (upstream, lease) = self.open_tunnel(named, sticky, kept_alive).await?;
+        let (upstream, lease) = self.open_tunnel(named, sticky, kept_alive, leased).await?;
         still_stands(standing.as_ref())?;
         let on_upgrade = hyper::upgrade::on(&mut req);
         let dest = format!("{host}:{port}");

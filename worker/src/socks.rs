@@ -481,6 +481,9 @@ pub async fn serve(
     // Counted and logged however this ends, also dropped at the drain's
     // cut while the tunnel opens.
     let pending = proxy.pending(entry, started);
+    // The address it goes out from, once leased (for its line should its
+    // client leave as it opens).
+    let mut leased = None;
     // A client gone while its tunnel waits has it given up; one that only
     // shut its side is answered (see `h1::unless_gone`). Bytes it sends
     // early are the tunnel's, left unread.
@@ -489,7 +492,12 @@ pub async fn serve(
             let standing = caller.standing.as_ref();
             crate::proxy::still_stands(standing)?;
             let opened = proxy
-                .open_tunnel((&hs.host, hs.port, &dest), caller.sticky.as_ref(), false)
+                .open_tunnel(
+                    (&hs.host, hs.port, &dest),
+                    caller.sticky.as_ref(),
+                    false,
+                    &mut leased,
+                )
                 .await?;
             crate::proxy::still_stands(standing)?;
             Ok(opened)
@@ -520,7 +528,7 @@ pub async fn serve(
                 crate::proxy::CLIENT_CLOSED,
                 Some(crate::proxy::CLIENT_CLOSED_ERROR),
             );
-            not_opened(entry, gone, None);
+            not_opened(entry, gone, leased);
             debug!(%client, %dest, "SOCKS5 client left before its tunnel opened");
             return;
         }
