@@ -1211,9 +1211,18 @@ async fn answer(
         Request::StatusV2 => Response::StatusV2(alloc.status_v2()),
         // (The reason is kept with the entry's quarantine and shown in
         // every status: cut, as a reload's report is.)
-        Request::Unusable { ip, reason } => Response::Noted {
-            quarantined: alloc.unusable(ip, &cut(reason)),
-        },
+        Request::Unusable { ip, reason } => {
+            let quarantined = alloc.unusable(ip, &cut(reason));
+            // The rest of the rotation checked before the answer: the
+            // worker's retry leases after it, from what is left.
+            if let Some(due) = alloc.sweep_due() {
+                let checks = tokio::task::spawn_blocking(move || check_all(due.iter()))
+                    .await
+                    .expect("checking pool addresses panicked");
+                alloc.apply_checks(&checks);
+            }
+            Response::Noted { quarantined }
+        }
         Request::Pool => alloc.pool_copy(),
         Request::LeaseSession {
             families,

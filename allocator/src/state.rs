@@ -102,7 +102,16 @@ struct Inner {
     changes_kept: u64,
     /// Requests waiting for a site's budget, in arrival order (bounded).
     waiters: crate::waiters::Waiters,
+    /// When the entries in the rotation were last checked after a worker
+    /// found one unusable (see [`Allocator::sweep_due`]), and whether a
+    /// report since asks for another.
+    swept: Option<Instant>,
+    sweep_asked: bool,
 }
+
+/// The least time between two checks of the whole rotation that workers'
+/// reports ask for (a withdrawn route reported address by address).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// The sticky sessions and the site state, copied under the lock (a few
 /// words an entry, no allocation each), to be made into what is kept and
@@ -1161,6 +1170,8 @@ impl Allocator {
                 changes: 0,
                 changes_kept: 0,
                 waiters: Default::default(),
+                swept: None,
+                sweep_asked: false,
                 sources: sources
                     .into_iter()
                     .map(|source| SourceState {
@@ -1594,7 +1605,31 @@ impl Allocator {
             &mut Told::default(),
         );
         inner.publish_quarantine();
+        // An address gone is seldom gone alone (a route withdrawn, an
+        // interface down): the rest of the rotation is checked too.
+        inner.sweep_asked = true;
         inner.pool.is_quarantined(&e)
+    }
+
+    /// The entries in the rotation, to check now, if a worker's report
+    /// found an address this host cannot use since the last such check
+    /// (at most one a [`SWEEP_EVERY`]). A route withdrawn took out only the
+    /// addresses workers reported, two a request (the leased one and the
+    /// retry's): a /24 withdrawn from a listed pool was 128 requests
+    /// answered 503 while other addresses worked.
+    pub fn sweep_due(&self) -> Option<Vec<Segment>> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        if !inner.sweep_asked || inner.swept.is_some_and(|t| now < t + SWEEP_EVERY) {
+            return None;
+        }
+        inner.sweep_asked = false;
+        inner.swept = Some(now);
+        let Inner {
+            pool, quarantine, ..
+        } = &*inner;
+        let due = pool.addrs().iter().filter(|e| !quarantine.contains_key(e));
+        Some(due.copied().collect())
     }
 
     /// Takes the entry holding `ip` out of the rotation by hand (for `for_`,
@@ -3378,6 +3413,30 @@ mod tests {
         a.apply_refresh(vec![Ok(vec![e])], &ok());
         assert!(!a.unusable("127.0.0.5".parse().unwrap(), "EADDRNOTAVAIL"));
         assert!(a.status_v2().pool[0].quarantine.is_none());
+    }
+
+    /// A worker's report of an address this host cannot use asks for a
+    /// check of the rest of the rotation (what is in it), once a second
+    /// at most; a report of one already out asks for none.
+    #[test]
+    fn a_report_of_an_unusable_address_asks_for_a_sweep_once_a_second() {
+        let a = Allocator::new(vec![Source::list("10.0.0.1-10.0.0.3").unwrap()]);
+        let e = |s: &str| Segment::single(s.parse().unwrap());
+        let all = vec![e("10.0.0.1"), e("10.0.0.2"), e("10.0.0.3")];
+        a.apply_refresh(vec![Ok(all)], &ok());
+        assert_eq!(a.sweep_due(), None, "nothing reported");
+        assert!(a.unusable("10.0.0.3".parse().unwrap(), "EADDRNOTAVAIL"));
+        assert_eq!(a.sweep_due(), Some(vec![e("10.0.0.1"), e("10.0.0.2")]));
+        assert_eq!(a.sweep_due(), None, "asked once");
+        // Found out by the sweep; its report then asks for nothing more.
+        let mut found = ok();
+        found.insert(e("10.0.0.2"), Err("gone too".into()));
+        a.apply_checks(&found);
+        assert!(a.unusable("10.0.0.2".parse().unwrap(), "EADDRNOTAVAIL"));
+        a.lock().swept = Some(Instant::now() - SWEEP_EVERY);
+        assert_eq!(a.sweep_due(), None, "a report of one already out");
+        assert!(a.unusable("10.0.0.1".parse().unwrap(), "EADDRNOTAVAIL"));
+        assert_eq!(a.sweep_due(), Some(vec![]));
     }
 
     #[test]

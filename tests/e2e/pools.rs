@@ -966,6 +966,49 @@ fn an_address_that_goes_away_is_reported_and_the_request_retried() {
     );
 }
 
+/// A route withdrawn under a listed pool takes its addresses out at the
+/// first worker's report, all at once: the allocator checks the rest of
+/// the rotation before it answers, and the retry leases from what is
+/// left. Each report took out only the address it named, and every
+/// request that leased two withdrawn addresses (its own and its retry's)
+/// was a 503: four of the eight here.
+#[test]
+fn a_withdrawn_route_takes_its_addresses_out_at_the_first_report() {
+    in_netns(
+        "a_withdrawn_route_takes_its_addresses_out_at_the_first_report",
+        &[
+            "route add local 203.0.113.0/28 dev lo",
+            "addr add 198.51.100.1/32 dev lo",
+            "addr add 192.0.2.1/32 dev lo",
+        ],
+        || async {
+            let origin = Origin::start_on("192.0.2.1:0".parse().unwrap()).await;
+            let pool = "198.51.100.1,203.0.113.1-203.0.113.8";
+            let alloc = Allocator::start(&["--pool", pool]).await;
+            let w = Worker::start(&alloc.socket, &["--allow-destination", "192.0.2.1"]).await;
+            for _ in 0..9 {
+                assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+            }
+            ip("route del local 203.0.113.0/28 dev lo");
+            for i in 0..8 {
+                let r = get(w.addr, &origin.url("/")).await;
+                assert_eq!(r.status, 200, "request {i}: {}", r.proxy_status());
+            }
+            let sources = origin.sources();
+            let one: IpAddr = "198.51.100.1".parse().unwrap();
+            assert_eq!(sources[9..], [one; 8]);
+            let status = status_json(&alloc.socket);
+            let out = status["pool"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| !e["quarantined"].is_null())
+                .count();
+            assert_eq!(out, 8, "{status}");
+        },
+    );
+}
+
 /// A prefix's local route deleted while the worker's reading of the
 /// routes (kept up to a second) still has it: the bind takes its next
 /// address with freebind, and the SYN's answers go nowhere. At the
