@@ -210,6 +210,7 @@ fn check(
             }
         }
     }
+    let listed = rotor_allocator::pool::distinct(listed, &Default::default());
     if let Some(text) = rotor_allocator::state::unreached_text(&listed) {
         say!("warning: {text}");
     }

@@ -114,6 +114,17 @@ fn new_table(
     )
 }
 
+/// The pool's entries from `addrs` as the sources list them: duplicates
+/// removed (the first kept), and the entries another holds
+/// ([`without_covered`]). `--check` judges the same list the allocator
+/// would serve (it warned of a /64 a /48 after it holds, which is left
+/// out).
+pub fn distinct(addrs: Vec<Segment>, quarantined: &HashSet<Segment>) -> Vec<Segment> {
+    let mut seen = HashSet::with_capacity(addrs.len());
+    let addrs: Vec<Segment> = addrs.into_iter().filter(|a| seen.insert(*a)).collect();
+    without_covered(addrs, quarantined)
+}
+
 /// `addrs` less the entries another (larger) entry of the list holds: an
 /// interface's address inside a /64 that is in the pool too is the same
 /// address twice in the rotation, and a /64 inside a /48 the same addresses.
@@ -249,9 +260,7 @@ impl Pool {
         addrs: Vec<Segment>,
         quarantined: HashSet<Segment>,
     ) -> Result<bool, TableError> {
-        let mut seen = HashSet::with_capacity(addrs.len());
-        let addrs: Vec<Segment> = addrs.into_iter().filter(|a| seen.insert(*a)).collect();
-        let addrs = without_covered(addrs, &quarantined);
+        let addrs = distinct(addrs, &quarantined);
         let seen: HashSet<Segment> = addrs.iter().copied().collect();
         let quarantined: HashSet<Segment> = quarantined
             .into_iter()

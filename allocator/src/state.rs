@@ -364,7 +364,7 @@ pub fn unreached_text(entries: &[rotor_protocol::Segment]) -> Option<String> {
         names.push_str(&format!(" and {} more", unreached.len() - NAMED));
     }
     Some(format!(
-        "{} pool entries are never leased while the prefixes listed before them are in the rotation: {names} come after 2^44 addresses of their family (behind a prefix of a /64 or wider, which the cursor never gets past). List such a prefix last in its family, or list the prefix that holds several /64s (a /56, a /48) instead of each",
+        "{} pool entries are never leased while the prefixes listed before them are in the rotation: {names} come after 2^44 addresses of their family (behind a prefix of a /64 or wider, which the cursor never gets past). List such a prefix last in its family (sources are combined by kind: --pool, then --pool-file, --interface, --metadata, --pool-command; so give it in the last kind that has that family's entries, or move those entries before it), or list the prefix that holds several /64s (a /56, a /48) instead of each",
         unreached.len()
     ))
 }

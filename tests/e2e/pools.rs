@@ -320,6 +320,16 @@ async fn entries_a_64_leaves_unreached_are_warned_of() {
         }
     })
     .await;
+    // A /64 a /48 after it holds is left out of the pool, as the
+    // allocator leaves it: nothing is behind it (`--check` warned).
+    let out = std::process::Command::new(ALLOCATOR)
+        .args(["--socket", "/nonexistent/s", "--no-state", "--check"])
+        .args(["--pool", "2001:db8:2:5::/64,2001:db8:2::/48"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ok: --pool"), "{err}");
+    assert!(!err.contains("never leased"), "{err}");
 }
 
 /// A listed block this host does not have, each of its 32 768 entries out
