@@ -264,8 +264,9 @@ async fn reload(control: &ControlArgs) -> ExitCode {
             };
             // Unknown is not good: said as such, and exit 3.
             if !known {
+                let entries = count(size, "entry", "entries");
                 say(&format!(
-                    "pool reloaded: {size} entries, generation {generation}"
+                    "pool reloaded: {entries}, generation {generation}"
                 ));
                 say!(
                     "rotor: whether every pool source could be read is unknown: the allocator is too old to say in its answer, and its status could not be read"
@@ -276,9 +277,12 @@ async fn reload(control: &ControlArgs) -> ExitCode {
         }
         other => return report(other, |_| None),
     };
-    let count = addresses.map_or(String::new(), |n| format!("{n} addresses in "));
+    let addresses = addresses.map_or(String::new(), |n| {
+        format!("{} in ", count(n, "address", "addresses"))
+    });
+    let entries = count(size, "entry", "entries");
     if !say(&format!(
-        "pool reloaded: {count}{size} entries, generation {generation}"
+        "pool reloaded: {addresses}{entries}, generation {generation}"
     )) {
         return ExitCode::FAILURE;
     }

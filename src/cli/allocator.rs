@@ -227,7 +227,19 @@ impl AllocatorFlags {
         }
         let mut sources = Vec::new();
         for spec in &a.pool {
-            sources.push(Source::list(spec)?);
+            // Which of the two it came from: the same text for both left
+            // an operator to guess.
+            let named = match flags_given {
+                true => "--pool",
+                false => "the configuration file's allocator.pool",
+            };
+            let list = Source::list(spec).map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "invalid pool specification `{spec}` in {named}: {}",
+                    rotor_protocol::error_chain(&e)
+                ))
+            })?;
+            sources.push(list);
         }
         sources.extend(a.pool_file.into_iter().map(Source::File));
         sources.extend(a.interface.iter().map(|i| Source::interface(i)));
@@ -410,7 +422,15 @@ mod tests {
             .pool(&f)
             .unwrap();
         assert_eq!(given.sources.len(), 2);
-        assert!(flags(&["--pool", "10.0.0.0/33"]).pool(&f).is_err());
+        let err = flags(&["--pool", "10.0.0.0/33"]).pool(&f).unwrap_err();
+        assert!(err.to_string().contains("`10.0.0.0/33` in --pool"), "{err}");
+        // A bad value of the file's says it is the file's.
+        let bad = file("[allocator]\npool = [\"10.0.0.1\", \"10.0.0.300\"]\n").unwrap();
+        let err = flags(&[]).pool(&bad).unwrap_err().to_string();
+        assert!(
+            err.contains("`10.0.0.300` in the configuration file's allocator.pool"),
+            "{err}"
+        );
         assert!(flags(&["--refresh", "0s"]).pool(&f).is_err());
         // Counts and intervals are refused, not silently made others.
         for (args, said) in [

@@ -368,7 +368,7 @@ async fn a_reload_of_a_pool_too_large_to_list_still_names_a_failed_source() {
     );
     assert_eq!(out.status.code(), Some(3), "{stdout}{stderr}");
     // 127.0.0.2 alone is in rotation: the prefixes are not this host's.
-    assert!(stdout.contains("1 addresses in 262145 entries"), "{stdout}");
+    assert!(stdout.contains("1 address in 262145 entries"), "{stdout}");
     assert!(
         stderr.contains("pool.txt could not be read") && stderr.contains("No such file"),
         "{stderr}"
