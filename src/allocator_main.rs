@@ -115,6 +115,7 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
                     use rotor_allocator::BindError as B;
                     return match e {
                         B::InUse(_)
+                        | B::NotASocket(..)
                         | B::WorldWritable(_)
                         | B::ForeignDir(..)
                         | B::LinkedDir(..)
@@ -187,7 +188,11 @@ fn check(
             Ok(addrs) => {
                 total += addrs.len();
                 listed.extend_from_slice(&addrs);
-                say!("ok: {name}: {} entries", addrs.len());
+                let entries = match addrs.len() {
+                    1 => "1 entry".to_string(),
+                    n => format!("{n} entries"),
+                };
+                say!("ok: {name}: {entries}");
                 for e in &addrs {
                     match checker.check(e) {
                         Ok(()) => usable += 1,

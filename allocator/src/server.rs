@@ -92,6 +92,8 @@ pub enum BindError {
     },
     #[error("an allocator is already serving {0}")]
     InUse(PathBuf),
+    #[error("{0} exists and is not a socket ({1}): not replaced; is --socket (or ROTOR_SOCKET, or the configuration's socket) the path meant?")]
+    NotASocket(PathBuf, &'static str),
     #[error("the socket path {0} is {1} bytes long; a Unix socket's path takes at most {SOCKET_PATH_MAX}: give --socket a shorter one")]
     TooLong(PathBuf, usize),
     #[error("the socket directory {0} is world-writable: put the socket where only rotor's user can write (e.g. /run/rotor)")]
@@ -137,7 +139,10 @@ pub fn socket_dir(path: &Path) -> Result<(), BindError> {
             })?;
         dir_is_ours(dir)?;
     }
-    Ok(())
+    match not_a_socket(path) {
+        Some(what) => Err(BindError::NotASocket(path.to_path_buf(), what)),
+        None => Ok(()),
+    }
 }
 
 /// As `socket_dir`, making nothing (`--check`): a directory that is not
@@ -145,8 +150,12 @@ pub fn socket_dir(path: &Path) -> Result<(), BindError> {
 pub fn socket_dir_unmade(path: &Path) -> Result<(), BindError> {
     fits(path)?;
     match socket_parent(path) {
-        Some(dir) if std::fs::symlink_metadata(dir).is_ok() => dir_is_ours(dir),
-        _ => Ok(()),
+        Some(dir) if std::fs::symlink_metadata(dir).is_ok() => dir_is_ours(dir)?,
+        _ => {}
+    }
+    match not_a_socket(path) {
+        Some(what) => Err(BindError::NotASocket(path.to_path_buf(), what)),
+        None => Ok(()),
     }
 }
 
@@ -200,6 +209,22 @@ fn dir_is_ours(dir: &Path) -> Result<(), BindError> {
     Ok(())
 }
 
+/// What is at `path`, if it is there and is not a socket (a file, a
+/// directory…): never replaced. A stale socket was removed whatever the
+/// path held, and `--socket` given a configuration file's path (or
+/// `/etc/passwd`) deleted it.
+pub fn not_a_socket(path: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = std::fs::symlink_metadata(path).ok()?.file_type();
+    match () {
+        _ if t.is_socket() => None,
+        _ if t.is_dir() => Some("a directory"),
+        _ if t.is_symlink() => Some("a symbolic link"),
+        _ if t.is_file() => Some("a regular file"),
+        _ => Some("a device or a pipe"),
+    }
+}
+
 fn bind_path(path: &Path) -> Result<UnixListener, BindError> {
     socket_dir(path)?;
     match UnixListener::bind(path) {
@@ -207,6 +232,10 @@ fn bind_path(path: &Path) -> Result<UnixListener, BindError> {
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
             if std::os::unix::net::UnixStream::connect(path).is_ok() {
                 return Err(BindError::InUse(path.to_path_buf()));
+            }
+            // (Made between the look and the bind: not ours either.)
+            if let Some(what) = not_a_socket(path) {
+                return Err(BindError::NotASocket(path.to_path_buf(), what));
             }
             info!(socket = %path.display(), "replacing a stale socket file");
             let _ = std::fs::remove_file(path);

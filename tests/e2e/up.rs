@@ -665,6 +665,51 @@ async fn a_stray_sigusr2_does_not_stop_an_allocator() {
     assert!(status.contains("in rotation"), "{status}");
 }
 
+/// A file that is not a socket at `--socket` (a configuration file's path
+/// given by mistake) is refused, exit 2, and kept; `--check` says so. A
+/// file at the lease table's path that is no table is kept too (the
+/// workers lease over the socket). Both were deleted ("replacing a stale
+/// socket file"), `/etc/passwd` too when given.
+#[tokio::test]
+async fn a_socket_path_holding_another_file_is_refused_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rotor.toml");
+    std::fs::write(&config, "important").unwrap();
+    let path = config.to_str().unwrap();
+    let said_to = dir.path().join("said");
+    // (Bounded: one that took the path would serve on it.)
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--socket", path, "--no-state", "--pool", "127.0.0.2"];
+        args.extend_from_slice(extra);
+        let mut p = Proc::spawn_cmd(logging_to(ALLOCATOR, &said_to), ALLOCATOR, &args);
+        let code = p.wait(Duration::from_secs(10)).code();
+        (code, std::fs::read_to_string(&said_to).unwrap())
+    };
+    let (code, err) = run(&[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("exists and is not a socket (a regular file)"),
+        "{err}"
+    );
+    let (code, err) = run(&["--check"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("error: ") && err.contains("is not a socket"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&config).unwrap(), b"important");
+    // The table's path.
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let table = dir.path().join("allocator.sock.leases");
+    std::fs::write(&table, "kept").unwrap();
+    let log = dir.path().join("allocator.log");
+    let alloc = Allocator::start_logging(dir.clone(), &["--pool", "127.0.0.2"], &log).await;
+    let status = rotor_control("status", &alloc.socket, &[]);
+    assert!(status.contains("in rotation"), "{status}");
+    assert_eq!(std::fs::read(&table).unwrap(), b"kept");
+    assert_eq!(said(&log, "is not a lease table: not replaced"), 1);
+}
+
 /// The allocator's socket file removed (a cleaning of its directory, an
 /// `rm`): it is bound again within seconds, and said. Nothing told of it,
 /// and a worker restarted after answered 503 to its share of the port.
