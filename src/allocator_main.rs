@@ -131,6 +131,7 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
             sources: pool.sources,
             refresh: pool.refresh,
             state_dir: pool.state_dir,
+            state_required: pool.state_given,
             access,
             max_sessions: pool.max_sessions,
             max_sessions_per_user: pool.max_sessions_per_user,
@@ -151,12 +152,21 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
         match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                error!("{}", error_chain(&e));
                 match e {
-                    rotor_allocator::RunError::State(
-                        rotor_allocator::persist::PersistError::Locked(_),
-                    ) => ExitCode::from(2),
-                    _ => ExitCode::FAILURE,
+                    // Another allocator's, or one given that cannot be
+                    // used: a configuration refused.
+                    rotor_allocator::RunError::State(e) => {
+                        let hint = match e {
+                            rotor_allocator::persist::PersistError::Locked(_) => "",
+                            _ => ": give a --state-dir this user can write, or --no-state",
+                        };
+                        error!("{}{hint}", error_chain(&e));
+                        ExitCode::from(2)
+                    }
+                    e => {
+                        error!("{}", error_chain(&e));
+                        ExitCode::FAILURE
+                    }
                 }
             }
         }

@@ -292,22 +292,23 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     };
     // Validate here, so a mistake is reported once, not by every child.
     let up = args.up.merge(&file.up);
-    let (tuning, max_peers, state_dir, metrics_listen) = match up.check().and_then(|()| {
-        let pool = args.allocator.pool(&file)?;
-        args.allocator.access(&file)?;
-        Ok((
-            args.worker.resolve(&file)?,
-            pool.max_peers,
-            pool.state_dir,
-            pool.metrics_listen,
-        ))
-    }) {
-        Ok(t) => t,
-        Err(e) => {
-            error!("{}", rotor_protocol::error_chain(&e));
-            return ExitCode::from(2);
-        }
-    };
+    let (tuning, max_peers, (state_dir, state_given), metrics_listen) =
+        match up.check().and_then(|()| {
+            let pool = args.allocator.pool(&file)?;
+            args.allocator.access(&file)?;
+            Ok((
+                args.worker.resolve(&file)?,
+                pool.max_peers,
+                (pool.state_dir, pool.state_given),
+                pool.metrics_listen,
+            ))
+        }) {
+            Ok(t) => t,
+            Err(e) => {
+                error!("{}", rotor_protocol::error_chain(&e));
+                return ExitCode::from(2);
+            }
+        };
     let workers = up.workers();
     // A worker the allocator turns away still accepts its share of the
     // clients, and answers each 503: refused here instead.
@@ -389,15 +390,25 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     }
     // The state directory another allocator holds: its allocator would
     // exit at every restart; said once, here.
+    // So is one given that cannot be used (the default one is run
+    // without, with a warning).
     if let Some(dir) = &state_dir {
-        if let Err(e @ rotor_allocator::persist::PersistError::Locked(_)) =
-            rotor_allocator::persist::probe(dir)
-        {
-            error!(
-                "{}: is another rotor up running? Stop it, or give this one its own --state-dir",
-                rotor_protocol::error_chain(&e)
-            );
-            return ExitCode::from(2);
+        match rotor_allocator::persist::probe(dir) {
+            Err(e @ rotor_allocator::persist::PersistError::Locked(_)) => {
+                error!(
+                    "{}: is another rotor up running? Stop it, or give this one its own --state-dir",
+                    rotor_protocol::error_chain(&e)
+                );
+                return ExitCode::from(2);
+            }
+            Err(e) if state_given => {
+                error!(
+                    "{}: give a --state-dir this user can write, or --no-state",
+                    rotor_protocol::error_chain(&e)
+                );
+                return ExitCode::from(2);
+            }
+            _ => {}
         }
     }
     // The metrics port another process holds: the allocator would exit at

@@ -40,6 +40,11 @@ pub struct Config {
     pub refresh: Duration,
     /// Where the rotation state is kept across restarts; `None`: nowhere.
     pub state_dir: Option<PathBuf>,
+    /// `state_dir` was given, not the default: if it cannot be used, the
+    /// allocator does not start (it ran without, with a warning: every
+    /// restart then started the rotation, sessions and quarantines by
+    /// hand over).
+    pub state_required: bool,
     /// Who may connect.
     pub access: Access,
     /// Sticky sessions held at most.
@@ -381,6 +386,7 @@ pub async fn run(
                 (Some(file), saved.unwrap_or_default())
             }
             Err(e @ PersistError::Locked(_)) => return Err(e.into()),
+            Err(e) if config.state_required => return Err(e.into()),
             Err(e) => {
                 warn!(error = %error_chain(&e), "running without a rotation state file: a restart starts the rotation over");
                 (None, Saved::default())

@@ -175,6 +175,9 @@ pub struct PoolSettings {
     pub sources: Vec<Source>,
     pub refresh: Duration,
     pub state_dir: Option<PathBuf>,
+    /// The state directory was given (a flag, the file), not the default:
+    /// one that cannot be used is refused, not run without.
+    pub state_given: bool,
     pub max_sessions: usize,
     pub max_sessions_per_user: usize,
     pub site_rules: rotor_allocator::sites::Rules,
@@ -327,6 +330,7 @@ impl AllocatorFlags {
                 (no_state, _) => no_state.unwrap_or(false),
             },
         };
+        let state_given = !no_state && a.state_dir.is_some();
         let state_dir = match no_state {
             true => None,
             false => Some(a.state_dir.unwrap_or_else(crate::paths::default_state_dir)),
@@ -335,6 +339,7 @@ impl AllocatorFlags {
             sources,
             refresh: a.refresh,
             state_dir,
+            state_given,
             max_sessions: a.max_sessions.max(1),
             max_sessions_per_user: a
                 .max_sessions_per_user

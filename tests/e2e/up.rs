@@ -710,6 +710,33 @@ async fn a_socket_path_holding_another_file_is_refused_and_kept() {
     assert_eq!(said(&log, "is not a lease table: not replaced"), 1);
 }
 
+/// A state directory given that cannot be used (here a file) is refused
+/// at start, exit 2, by the allocator and by `rotor up`: they ran
+/// without one, with a warning, and every restart started the rotation,
+/// the sessions and the quarantines by hand over.
+#[tokio::test]
+async fn a_state_directory_given_that_cannot_be_used_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, "").unwrap();
+    let (state, log) = (file.to_str().unwrap(), dir.path().join("said"));
+    let socket = dir.path().join("a.sock");
+    let socket = socket.to_str().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let runs: [(&str, Vec<&str>); 2] = [
+        (ALLOCATOR, vec!["--socket", socket]),
+        (ROTOR, vec!["up", "--socket", socket, "--listen", &listen]),
+    ];
+    for (program, mut args) in runs {
+        args.extend_from_slice(&["--state-dir", state, "--pool", "127.0.0.2"]);
+        let mut p = Proc::spawn_cmd(logging_to(program, &log), program, &args);
+        let code = p.wait(Duration::from_secs(10)).code();
+        let said = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(code, Some(2), "{program}: {said}");
+        assert!(said.contains("cannot use the state directory"), "{said}");
+    }
+}
+
 /// The allocator's socket file removed (a cleaning of its directory, an
 /// `rm`): it is bound again within seconds, and said. Nothing told of it,
 /// and a worker restarted after answered 503 to its share of the port.
