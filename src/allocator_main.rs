@@ -82,7 +82,10 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
                     // Another holds it: a configuration refused, as for
                     // the socket below.
                     return match e.kind() {
-                        std::io::ErrorKind::AddrInUse => ExitCode::from(2),
+                        // Another holds it, or it is not this host's.
+                        std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable => {
+                            ExitCode::from(2)
+                        }
                         _ => ExitCode::FAILURE,
                     };
                 }
@@ -116,6 +119,7 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
                     return match e {
                         B::InUse(_)
                         | B::NotASocket(..)
+                        | B::TooLong(..)
                         | B::WorldWritable(_)
                         | B::ForeignDir(..)
                         | B::LinkedDir(..)
@@ -189,6 +193,9 @@ fn check(
     let mut checker = rotor_allocator::usable::Checker::default();
     const NAMED: usize = 20;
     let mut unusable = 0;
+    // Said once all are checked: an error only if none can be used (then
+    // the check fails); else a warning, as the check passes.
+    let mut unusable_named = Vec::new();
     let mut listed = Vec::new();
     // Sources named as the log names them (a command by its place: its
     // text may carry a token, and this goes to the unit's journal).
@@ -209,7 +216,7 @@ fn check(
                         Err(why) => {
                             unusable += 1;
                             if unusable <= NAMED {
-                                say!("error: {e} cannot be used here: {why}");
+                                unusable_named.push(format!("{e} cannot be used here: {why}"));
                             }
                         }
                     }
@@ -225,13 +232,20 @@ fn check(
             }
         }
     }
+    let level = match usable {
+        0 => "error",
+        _ => "warning",
+    };
+    for line in &unusable_named {
+        say!("{level}: {line}");
+    }
     let listed = rotor_allocator::pool::distinct(listed, &Default::default());
     if let Some(text) = rotor_allocator::state::unreached_text(&listed) {
         say!("warning: {text}");
     }
     if unusable > NAMED {
         say!(
-            "error: {} more entries cannot be used here",
+            "{level}: {} more entries cannot be used here",
             unusable - NAMED
         );
     }

@@ -239,7 +239,7 @@ async fn reload(control: &ControlArgs) -> ExitCode {
             })
             .await
         }
-        Err(e) => Err(anyhow::anyhow!("{e}")),
+        Err(e) => Err(anyhow::anyhow!("{}", rotor_protocol::error_chain(&e))),
     };
     // The workers' reloads, when the allocator can say.
     let mut workers = None;
@@ -469,7 +469,7 @@ async fn steer(
             })
             .await
         }
-        Err(e) => Err(anyhow::anyhow!("{e}")),
+        Err(e) => Err(anyhow::anyhow!("{}", rotor_protocol::error_chain(&e))),
     };
     // Nothing changed is a failure a script must see (a mistyped address).
     let refused = match &answer {

@@ -205,6 +205,9 @@ impl Value for SiteLimitSpec {
     }
 }
 
+/// The most `--max-peers` takes.
+const MAX_PEERS: usize = 65_536;
+
 impl AllocatorFlags {
     /// The pool's sources, refresh and state directory.
     pub fn pool(&self, file: &FileConfig) -> Result<PoolSettings, ConfigError> {
@@ -291,6 +294,13 @@ impl AllocatorFlags {
             return Err(ConfigError::Invalid(
                 "max-peers must be 1 or more: the workers connect to the socket".into(),
             ));
+        }
+        // (Past tokio's semaphore bound, 2^61, the allocator panicked after
+        // it said it was ready.)
+        if a.max_peers > MAX_PEERS {
+            return Err(ConfigError::Invalid(format!(
+                "max-peers is at most {MAX_PEERS}: each is a file descriptor, and may hold a frame's 4 MiB"
+            )));
         }
         // Below this, every source (a pool command, the metadata service)
         // would be read again back to back.
@@ -437,6 +447,14 @@ mod tests {
             "{err}"
         );
         assert!(flags(&["--refresh", "0s"]).pool(&f).is_err());
+        let err = flags(&["--max-peers", "2305843009213693952"])
+            .pool(&f)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("max-peers is at most 65536"),
+            "{err}"
+        );
+        assert!(flags(&["--max-peers", "65536"]).pool(&f).is_ok());
         // Counts and intervals are refused, not silently made others.
         for (args, said) in [
             (&["--refresh", "50ms"][..], "refresh is at least 100ms"),

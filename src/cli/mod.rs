@@ -113,8 +113,8 @@ pub struct CommonArgs {
     /// metadata service slow at boot, a pool command's API down) is the
     /// running allocator's to retry every --refresh, not a reason to
     /// refuse to start — and a refused start repeated is a unit systemd
-    /// gives up on. A worker and `rotor up`, which read no source to
-    /// check, take it as --check.
+    /// gives up on. A worker, which reads no source, takes it as --check;
+    /// `rotor up` passes it to its allocator's check (sources not read).
     #[arg(long)]
     pub check_config: bool,
 }
