@@ -163,7 +163,7 @@ async fn tell_edits_unread(path: std::path::PathBuf, snap: Arc<Snapshot>, signal
             r = reloads.changed() => if r.is_err() { return },
             _ = signals.shutdown.cancelled() => return,
         }
-        match std::fs::read_to_string(&path) {
+        match rotor_protocol::read_text_file(&path) {
             Ok(text) if text == snap.text => {}
             Ok(_) => {
                 warn!(file = %path.display(), "the configuration file changed since rotor up started, and a reload does not read it again: restart rotor to apply it")
@@ -269,7 +269,7 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
     // The file as it is now, read once: every child, started again or
     // not, reads this copy (see `Snapshot`).
     let text = match &args.common.at.config {
-        Some(path) => match std::fs::read_to_string(path) {
+        Some(path) => match rotor_protocol::read_text_file(path) {
             Ok(t) => Some((path.clone(), t)),
             Err(e) => {
                 let e = crate::cli::ConfigError::Read(path.clone(), e);

@@ -799,7 +799,7 @@ fn read_token(path: &std::path::Path) -> Result<std::sync::Arc<str>, String> {
             path.display()
         ));
     }
-    let t = std::fs::read_to_string(path)
+    let t = rotor_protocol::read_text_file(path)
         .map_err(|e| format!("admin-token-file {}: {e}", path.display()))?;
     let t = t.trim();
     if t.len() < 16 || t.bytes().any(|b| !b.is_ascii_graphic()) {

@@ -65,6 +65,30 @@ pub use table::{
     TableError, TableSnapshot, Walk, MAX_FAMILY_TOTAL, PEER_SLOTS, TABLE_LAYOUT,
 };
 
+/// The text of a file an operator names (the configuration file, a users
+/// file, a token file): one that is no regular file (a pipe, a device, a
+/// directory) is refused, not read. A pipe's open waited for a writer for
+/// ever, and `rotor up --config FIFO --check` could not be stopped by
+/// SIGTERM.
+pub fn read_text_file(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // (Not blocking in the open: a pipe's open returns at once so.)
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file (a pipe, a device or a directory)",
+        ));
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text)?;
+    Ok(text)
+}
+
 /// FNV-1a, 64 bits: a checksum for the state file and an identity for a
 /// set of listening sockets; not for anything an attacker chooses.
 pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
@@ -79,3 +103,22 @@ pub type ClientChannel<S> = Channel<S, ClientFrame, ServerFrame>;
 
 /// The channel the allocator holds for one client.
 pub type ServerChannel<S> = Channel<S, ServerFrame, ClientFrame>;
+
+#[cfg(test)]
+mod tests {
+    /// A pipe, a directory are refused at once (a pipe's open waited for
+    /// a writer for ever); a file is read.
+    #[test]
+    fn only_regular_files_are_read_as_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        for path in [fifo.as_path(), dir.path()] {
+            let e = super::read_text_file(path).unwrap_err();
+            assert!(e.to_string().contains("not a regular file"), "{e}");
+        }
+        let file = dir.path().join("file");
+        std::fs::write(&file, "text").unwrap();
+        assert_eq!(super::read_text_file(&file).unwrap(), "text");
+    }
+}

@@ -69,7 +69,8 @@ impl FileConfig {
         let Some(path) = path else {
             return Ok(FileConfig::default());
         };
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.into(), e))?;
+        let text =
+            rotor_protocol::read_text_file(path).map_err(|e| ConfigError::Read(path.into(), e))?;
         FileConfig::parse(path, &text)
     }
 

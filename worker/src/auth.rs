@@ -265,7 +265,8 @@ impl Drop for Place {
 /// are still the ones to take (an argon2 hash, tens of milliseconds on
 /// the worker's thread, is not made again at each reload).
 fn load(path: &Path, previous: Option<&Users>) -> Result<Users, UsersError> {
-    let text = std::fs::read_to_string(path).map_err(|e| UsersError::Read(path.into(), e))?;
+    let text =
+        rotor_protocol::read_text_file(path).map_err(|e| UsersError::Read(path.into(), e))?;
     // A byte-order mark (an editor's) is no part of the first user's name.
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut hashes = HashMap::new();
