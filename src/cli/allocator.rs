@@ -248,6 +248,12 @@ impl AllocatorFlags {
             sources.push(list);
         }
         sources.extend(a.pool_file.into_iter().map(Source::File));
+        // (An empty name was taken, and its source failed at every refresh.)
+        if a.interface.iter().any(|i| i.trim().is_empty()) {
+            return Err(ConfigError::Invalid(
+                "interface: an empty name (give a name, eth0, or a MAC address)".into(),
+            ));
+        }
         sources.extend(a.interface.iter().map(|i| Source::interface(i)));
         let mut macs = Vec::new();
         for m in &a.metadata_mac {
@@ -447,6 +453,7 @@ mod tests {
             "{err}"
         );
         assert!(flags(&["--refresh", "0s"]).pool(&f).is_err());
+        assert!(flags(&["--interface", ""]).pool(&f).is_err());
         let err = flags(&["--max-peers", "2305843009213693952"])
             .pool(&f)
             .unwrap_err();

@@ -268,8 +268,15 @@ pub struct DnsServer(pub SocketAddr);
 impl Value for DnsServer {
     const NAME: &'static str = "IP[:PORT]";
     fn parse(s: &str) -> Result<Self, String> {
+        // Nothing answers at port 0 or the unspecified address: lookups
+        // went nowhere, each a DNS timeout.
+        let sound = |a: SocketAddr| match (a.port(), a.ip().is_unspecified()) {
+            (0, _) => Err(format!("`{s}`: a DNS server's port is not 0")),
+            (_, true) => Err(format!("`{s}`: the unspecified address is no DNS server")),
+            _ => Ok(DnsServer(a)),
+        };
         if let Ok(a) = s.parse::<SocketAddr>() {
-            return Ok(DnsServer(a));
+            return sound(a);
         }
         // `::1:5353` is an IPv6 address, and also reads as `::1` port
         // 5353: which was meant is asked, not guessed (it was taken as the
@@ -288,8 +295,8 @@ impl Value for DnsServer {
         }
         rotor_protocol::addr::unbracketed(s)
             .parse::<std::net::IpAddr>()
-            .map(|ip| DnsServer(SocketAddr::new(ip, 53)))
             .map_err(|_| format!("`{s}` is not an IP address or IP:PORT"))
+            .and_then(|ip| sound(SocketAddr::new(ip, 53)))
     }
     fn show(&self) -> String {
         self.0.to_string()
@@ -629,6 +636,9 @@ mod tests {
         // `fd00:` is no address: `fd00::53` reads one way only.
         assert_eq!(ok("fd00::53"), "[fd00::53]:53");
         assert_eq!(ok("2001:db8::a:b"), "[2001:db8::a:b]:53");
+        for none in ["127.0.0.1:0", "0.0.0.0", "[::]:53"] {
+            assert!(DnsServer::parse(none).is_err(), "{none}");
+        }
         for two in ["::1:5353", "2001:db8::1:53"] {
             let e = DnsServer::parse(two).unwrap_err();
             assert!(e.contains("reads both") && e.contains("]:"), "{e}");
