@@ -1250,10 +1250,16 @@ async fn answer(
             let quarantined = alloc.unusable(ip, &cut(reason));
             // The rest of the rotation checked before the answer: the
             // worker's retry leases after it, from what is left.
+            // By the routes alone: a lookup an entry, no bind (the
+            // peer's later requests wait behind this answer).
             if let Some(due) = alloc.sweep_due() {
-                let checks = tokio::task::spawn_blocking(move || check_all(due.iter()))
-                    .await
-                    .expect("checking pool addresses panicked");
+                let checks = tokio::task::spawn_blocking(move || {
+                    let mut checker = crate::usable::Checker::default();
+                    let checks = due.iter().map(|e| (*e, checker.check_routes(e)));
+                    checks.collect::<HashMap<_, _>>()
+                })
+                .await
+                .expect("checking pool addresses panicked");
                 alloc.apply_checks(&checks);
             }
             Response::Noted { quarantined }
