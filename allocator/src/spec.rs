@@ -38,8 +38,6 @@ pub enum SpecError {
     Backwards(String),
     #[error("range `{0}` holds {1} addresses, more than the {max} a range may hold (write a large block as a CIDR)", max = MAX_SPEC_ADDRESSES)]
     TooLarge(String, u128),
-    #[error("`{0}` has host bits set (as `ip addr` shows an address with its network's length): write `{1}` for the whole block, or `{2}` for the one address")]
-    HostBits(String, IpNet, IpAddr),
     #[error("`{0}` holds {1}, which cannot be a source address")]
     NotASource(String, &'static str),
     #[error("the list expands to more than {max} entries by here (write large blocks as one CIDR: one of more than 65 536 addresses is one entry)", max = MAX_READ_ENTRIES)]
@@ -99,12 +97,6 @@ fn expand_one(part: &str, out: &mut Vec<Segment>) -> Result<(), SpecError> {
             128 => u128::MAX,
             b => (1u128 << b) - 1,
         };
-        // Refused, as `ip route` and Python's `ip_network` refuse it: an
-        // address pasted from `ip addr` (`198.51.100.5/24`) stood for its
-        // whole block, 256 addresses where one was meant.
-        if to_u128(base) & span != 0 {
-            return Err(SpecError::HostBits(part.to_string(), net.trunc(), base));
-        }
         let lowest = to_u128(base) & !span;
         check_source(part, base.is_ipv4(), lowest, lowest | span)?;
         if host_bits >= 128 || 1u128 << host_bits > ENUMERATE_MAX {
@@ -202,14 +194,14 @@ mod tests {
             parse_spec("192.0.2.0/30").unwrap(),
             ips(&["192.0.2.0", "192.0.2.1", "192.0.2.2", "192.0.2.3"])
         );
-        // Host bits in the base are refused, as `ip route` refuses them.
-        let e = parse_spec("192.0.2.3/31").unwrap_err().to_string();
-        assert!(
-            e.contains("write `192.0.2.2/31` for the whole block, or `192.0.2.3` for the one"),
-            "{e}"
+        // Host bits in the base are ignored: the block is meant, as a pool
+        // command printing `ip -6 addr`'s `2001:db8::2/64` means the /64
+        // (`ip route` would refuse it; refused here, such a line failed
+        // its whole source at every refresh).
+        assert_eq!(
+            parse_spec("192.0.2.3/31").unwrap(),
+            ips(&["192.0.2.2", "192.0.2.3"])
         );
-        assert!(parse_spec("2001:db8::1/64").is_err());
-        assert!(parse_spec("2001:db8::/64").is_ok());
         assert_eq!(parse_spec("192.0.2.9/32").unwrap(), ips(&["192.0.2.9"]));
         assert_eq!(parse_spec("2001:db8::/126").unwrap().len(), 4);
     }
