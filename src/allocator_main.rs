@@ -149,8 +149,12 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
         };
         let result = rotor_allocator::run(listener, config, reloads, signals.shutdown).await;
         rotor_allocator::source::end_commands();
-        // A socket systemd passed is systemd's to remove.
-        if owned {
+        // A socket systemd passed is systemd's to remove. Only a socket
+        // nobody listens on now (this one's: its listener is closed) goes:
+        // a file put in its place, another allocator's, stay.
+        let ours = rotor_allocator::not_a_socket(&socket).is_none()
+            && !rotor_allocator::listened_on(&socket);
+        if owned && ours {
             let _ = std::fs::remove_file(&socket);
         }
         match result {

@@ -79,4 +79,7 @@ pub(crate) fn due(
     due
 }
 
-pub use server::{bind_socket, run, socket_dir, socket_dir_unmade, BindError, Config, RunError};
+pub use server::{
+    bind_socket, listened_on, not_a_socket, run, socket_dir, socket_dir_unmade, BindError, Config,
+    RunError,
+};

@@ -214,6 +214,29 @@ fn dir_is_ours(dir: &Path) -> Result<(), BindError> {
     Ok(())
 }
 
+/// Whether a process listens on the socket at `path`, asked without
+/// waiting: a listener whose queue is full (a stopped or hung allocator's)
+/// is one (EAGAIN). A blocking connect to it waited for ever, on the
+/// allocator's one thread.
+pub fn listened_on(path: &Path) -> bool {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let flags = SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC;
+    let Ok(fd) = socket(AddressFamily::Unix, SockType::Stream, flags, None) else {
+        return false;
+    };
+    let Ok(addr) = UnixAddr::new(path) else {
+        return false;
+    };
+    match connect(fd.as_raw_fd(), &addr) {
+        Ok(()) => true,
+        Err(e) => matches!(
+            e,
+            nix::errno::Errno::EAGAIN | nix::errno::Errno::EINPROGRESS
+        ),
+    }
+}
+
 /// What is at `path`, if it is there and is not a socket (a file, a
 /// directory…): never replaced. A stale socket was removed whatever the
 /// path held, and `--socket` given a configuration file's path (or
@@ -235,7 +258,7 @@ fn bind_path(path: &Path) -> Result<UnixListener, BindError> {
     match UnixListener::bind(path) {
         Ok(l) => Ok(l),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            if listened_on(path) {
                 return Err(BindError::InUse(path.to_path_buf()));
             }
             // (Made between the look and the bind: not ours either.)
@@ -310,6 +333,11 @@ impl SocketFile {
         };
         if let Some(m) = &now {
             let other = (m.dev(), m.ino());
+            // Said already: not looked at again (each look at another's
+            // listener is a connection it must take).
+            if self.said == Some(other) {
+                return None;
+            }
             if !m.file_type().is_socket() {
                 say(
                     &mut self.said,
@@ -318,7 +346,7 @@ impl SocketFile {
                 );
                 return None;
             }
-            if std::os::unix::net::UnixStream::connect(&self.path).is_ok() {
+            if listened_on(&self.path) {
                 say(
                     &mut self.said,
                     other,
@@ -423,10 +451,19 @@ pub async fn run(
     // that was killed holds the rotation exactly as it stopped: it is
     // closed (so no worker still mapping it leases from it) and, with a
     // state directory, resumed from when it is ahead of the state file.
+    // A file there that is no table is not replaced (nor opened): the
+    // workers lease over the socket.
     let table_path = listener
         .local_addr()
         .ok()
-        .and_then(|a| a.as_pathname().and_then(table_path_for));
+        .and_then(|a| a.as_pathname().and_then(table_path_for))
+        .filter(|path| match rotor_protocol::not_a_table(path) {
+            None => true,
+            Some(what) => {
+                warn!(file = %path.display(), "no lease table: the file at its path is {what}, and is not replaced (is --socket the path meant? the table goes beside the socket, as SOCKET.leases); workers lease over the socket");
+                false
+            }
+        });
     let mut saved = saved;
     if let Some(path) = &table_path {
         if let Ok(old) = LeaseTable::open(path, None) {
@@ -1260,6 +1297,11 @@ async fn answer(
                 })
                 .await
                 .expect("checking pool addresses panicked");
+                // Only what it took out: a pass read before another
+                // worker's report (of an address that went meanwhile)
+                // would put that address back.
+                let mut checks = checks;
+                checks.retain(|_, r| r.is_err());
                 alloc.apply_checks(&checks);
             }
             Response::Noted { quarantined }
@@ -1742,6 +1784,29 @@ async fn write_replies(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listener that takes no connection (a stopped allocator's) is
+    /// one, its queue full or not, and the look does not wait; a socket
+    /// nobody listens on is not; a file is none.
+    #[test]
+    fn a_listener_is_seen_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let t0 = std::time::Instant::now();
+        // Past its queue (128, or somaxconn).
+        for _ in 0..5000 {
+            assert!(listened_on(&path));
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        drop(listener);
+        assert!(!listened_on(&path));
+        assert_eq!(not_a_socket(&path), None);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, "x").unwrap();
+        assert!(!listened_on(&path));
+        assert_eq!(not_a_socket(&path), Some("a regular file"));
+    }
 
     /// A socket path past a Unix socket's 107 bytes is refused by the
     /// checks (it passed them, then failed each bind); one that fits

@@ -61,8 +61,8 @@ pub use segment::{
 };
 pub use site::{is_public_suffix, site_bit, site_of, SITE_FILTER_BITS};
 pub use table::{
-    address_at, family_total, index_of, unreached, LeaseTable, Position, Rotations, SiteMode,
-    TableError, TableSnapshot, Walk, MAX_FAMILY_TOTAL, PEER_SLOTS, TABLE_LAYOUT,
+    address_at, family_total, index_of, not_a_table, unreached, LeaseTable, Position, Rotations,
+    SiteMode, TableError, TableSnapshot, Walk, MAX_FAMILY_TOTAL, PEER_SLOTS, TABLE_LAYOUT,
 };
 
 /// The text of a file an operator names (the configuration file, a users

@@ -149,15 +149,15 @@ pub enum TableError {
     TooSmall { capacity: usize, wanted: usize },
     #[error("the lease table is closed")]
     Closed,
-    #[error("{0} exists and is {1}: not replaced by the lease table (is --socket the path meant? the table goes beside the socket, as SOCKET.leases)")]
-    NotATable(String, &'static str),
 }
 
-/// What is at `path`, if it is there and is no lease table: never
-/// replaced by one. (The table's path is the socket's with `.leases`
-/// added: `--socket` given another file's path had that file's
-/// `.leases` sibling replaced, whatever it was.)
-fn not_a_table(path: &Path) -> Option<&'static str> {
+/// What is at `path`, if it is there and is no lease table: an allocator
+/// starting does not replace it with one. (The table's path is the
+/// socket's with `.leases` added: `--socket` given another file's path
+/// had that file's `.leases` sibling replaced, whatever it was.) Asked
+/// only at the start: a running allocator replaces the table it made
+/// whatever was done to it (a first word overwritten), as it must.
+pub fn not_a_table(path: &Path) -> Option<&'static str> {
     use std::io::Read;
     let meta = std::fs::symlink_metadata(path).ok()?;
     if !meta.file_type().is_file() {
@@ -671,9 +671,6 @@ impl LeaseTable {
         group: Option<u32>,
     ) -> Result<LeaseTable, TableError> {
         let name = || path.display().to_string();
-        if let Some(what) = not_a_table(path) {
-            return Err(TableError::NotATable(name(), what));
-        }
         let mut tmp = path.as_os_str().to_owned();
         tmp.push(".new");
         let tmp = std::path::PathBuf::from(tmp);
