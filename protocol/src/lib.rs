@@ -66,22 +66,31 @@ pub use table::{
 };
 
 /// The text of a file an operator names (the configuration file, a users
-/// file, a token file): one that is no regular file (a pipe, a device, a
-/// directory) is refused, not read. A pipe's open waited for a writer for
-/// ever, and `rotor up --config FIFO --check` could not be stopped by
-/// SIGTERM.
+/// file, a token file). A pipe is read as far as its writer writes
+/// (`--config <(envsubst < rotor.toml.in)`), and one without a writer is
+/// empty: its open waited for a writer for ever, and `rotor up --config
+/// FIFO --check` could not be stopped by SIGTERM. A device or a directory
+/// is refused.
 pub fn read_text_file(path: &std::path::Path) -> std::io::Result<String> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     // (Not blocking in the open: a pipe's open returns at once so.)
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)?;
-    if !f.metadata()?.is_file() {
+    let kind = f.metadata()?.file_type();
+    if kind.is_fifo() {
+        // Read blocking from here: to its writer's end (none: at once).
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            FcntlArg::F_SETFL(OFlag::empty()),
+        )?;
+    } else if !kind.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            "not a regular file (a pipe, a device or a directory)",
+            "not a regular file (a device or a directory)",
         ));
     }
     let mut text = String::new();
@@ -106,17 +115,28 @@ pub type ServerChannel<S> = Channel<S, ServerFrame, ClientFrame>;
 
 #[cfg(test)]
 mod tests {
-    /// A pipe, a directory are refused at once (a pipe's open waited for
-    /// a writer for ever); a file is read.
+    /// A pipe without a writer is empty at once (its open waited for a
+    /// writer for ever), one with a writer is read to its end; a
+    /// directory is refused; a file is read.
     #[test]
-    fn only_regular_files_are_read_as_text() {
+    fn files_and_pipes_are_read_as_text_without_waiting() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
-        for path in [fifo.as_path(), dir.path()] {
-            let e = super::read_text_file(path).unwrap_err();
-            assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert_eq!(super::read_text_file(&fifo).unwrap(), "");
+        let writer = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::write(&fifo, "piped").unwrap())
+        };
+        // (Its open waits for this reader; this read, for its end.)
+        let mut read = String::new();
+        while read.is_empty() {
+            read = super::read_text_file(&fifo).unwrap();
         }
+        writer.join().unwrap();
+        assert_eq!(read, "piped");
+        let e = super::read_text_file(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
         let file = dir.path().join("file");
         std::fs::write(&file, "text").unwrap();
         assert_eq!(super::read_text_file(&file).unwrap(), "text");
