@@ -718,10 +718,12 @@ where
         // nothing.)
         io.flush().await?;
         // Bytes came from the client (a pipelined request): not watched.
-        let mut early = false;
+        // The client's watch: one timer a response, set again while the
+        // body flows (see `next_frame`).
+        let mut client = BodyWatch::default();
         while !body.is_end_stream() {
             let frame = match watch.as_deref_mut() {
-                Some(buf) => match next_frame(&mut body, io, buf, &mut early).await {
+                Some(buf) => match next_frame(&mut body, io, buf, &mut client).await {
                     Some(frame) => frame,
                     None => {
                         let gone = "the client went away while the body stalled";
@@ -748,45 +750,72 @@ where
     io.flush().await
 }
 
-/// `body`'s next frame, unless its client goes first (`None`). A wait
-/// that lasts `WATCH_CLIENT_AFTER` looks at the client from then on, as
-/// the wait for the answer's head does (`h1::unless_gone`): an end of its
-/// stream or an error is its going, and the destination's connection goes
-/// with it (it was held until the destination wrote again). Bytes from the
-/// client (a pipelined request, kept in `buf`) end the watch for the rest
-/// of the response (`early`). A body that flows polls no timer.
+/// A response's watch of its client while its body is awaited (see
+/// [`next_frame`]).
+#[derive(Default)]
+struct BodyWatch {
+    /// Fires `WATCH_CLIENT_AFTER` after it was set: made at the body's
+    /// first wait (boxed: a word in every connection's state, where the
+    /// timer inline was about a hundred bytes).
+    after: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A frame came since it was set.
+    came: bool,
+    /// The body stalled a whole `WATCH_CLIENT_AFTER`: the client is looked at.
+    watching: bool,
+    /// Bytes came from the client (a pipelined request): not watched.
+    early: bool,
+}
+
+/// `body`'s next frame, unless its client goes first (`None`). Once the
+/// body has brought no frame for `WATCH_CLIENT_AFTER`, the client is
+/// looked at, as in the wait for the answer's head (`h1::unless_gone`):
+/// an end of its stream or an error is its going, and the destination's
+/// connection goes with it (it was held until the destination wrote
+/// again). Bytes from the client (a pipelined request, kept in `buf`)
+/// end the watch for the rest of the response. One timer a response, set
+/// again when it fires while frames come (a timer a frame was a
+/// registration in the wheel for each wait of a streamed body).
 async fn next_frame<I>(
     body: &mut ProxyBody,
     io: &mut I,
     buf: &mut BytesMut,
-    early: &mut bool,
+    w: &mut BodyWatch,
 ) -> Option<Option<Result<http_body::Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>>>
 where
     I: AsyncRead + Unpin,
 {
     let mut next = body.frame();
-    // (Made, not yet armed: a timer is registered at its first poll.)
-    let mut after = std::pin::pin!(tokio::time::sleep(crate::h1::WATCH_CLIENT_AFTER));
-    let mut watching = false;
     use std::future::Future;
     std::future::poll_fn(|cx| {
         if let Poll::Ready(frame) = Pin::new(&mut next).poll(cx) {
+            w.came = true;
             return Poll::Ready(Some(frame));
         }
-        *early |= !buf.is_empty();
-        if *early {
+        w.early |= !buf.is_empty();
+        if w.early {
             return Poll::Pending;
         }
-        if !watching {
+        while !w.watching {
+            let after = w.after.get_or_insert_with(|| {
+                w.came = false;
+                Box::pin(tokio::time::sleep(crate::h1::WATCH_CLIENT_AFTER))
+            });
             if after.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            watching = true;
+            match std::mem::take(&mut w.came) {
+                // Frames came within it: set again from now.
+                true => {
+                    let again = tokio::time::Instant::now() + crate::h1::WATCH_CLIENT_AFTER;
+                    after.as_mut().reset(again);
+                }
+                false => w.watching = true,
+            }
         }
         match tokio_util::io::poll_read_buf(Pin::new(&mut *io), cx, buf) {
             Poll::Ready(Ok(0) | Err(_)) => Poll::Ready(None),
             Poll::Ready(Ok(_)) => {
-                *early = true;
+                w.early = true;
                 Poll::Pending
             }
             Poll::Pending => Poll::Pending,
