@@ -1284,6 +1284,9 @@ async fn answer(
         // (The reason is kept with the entry's quarantine and shown in
         // every status: cut, as a reload's report is.)
         Request::Unusable { ip, reason } => {
+            // One report at a time: a second waits for the first's check
+            // of the rotation (see `Allocator::reports`).
+            let _judging = alloc.reports.lock().await;
             let quarantined = alloc.unusable(ip, &cut(reason));
             // The rest of the rotation checked before the answer: the
             // worker's retry leases after it, from what is left.

@@ -29,6 +29,11 @@ pub struct Allocator {
     /// The last metrics scrape rendered, behind the one render running at
     /// a time (see `metrics::rendered`).
     pub rendered: tokio::sync::Mutex<Option<crate::metrics::Rendered>>,
+    /// Held by a worker's report of an address it cannot use while it is
+    /// judged, with the check of the rotation it may ask for: another
+    /// report waits for that check (answered before it, its worker's
+    /// retry leased from what the check was about to take out).
+    pub reports: tokio::sync::Mutex<()>,
     /// The places of the renders alive at once (`metrics::MAX_RENDERS`).
     pub renders: Arc<tokio::sync::Semaphore>,
     /// Until when the reports made for peers let in only to lease are
@@ -1190,6 +1195,7 @@ impl Allocator {
             started: Instant::now(),
             waiting: tokio::sync::Notify::new(),
             rendered: tokio::sync::Mutex::const_new(None),
+            reports: tokio::sync::Mutex::const_new(()),
             renders: Arc::new(tokio::sync::Semaphore::new(crate::metrics::MAX_RENDERS)),
             lease_only_reports: std::sync::Mutex::new(None),
         })
@@ -2483,7 +2489,10 @@ impl Allocator {
                 tracing::warn!(file = %state.path().display(), error = %e, "cannot sync the rotation state");
             }
         }
-        if let Some(path) = self.lock().pool.home() {
+        // Its own file only: another allocator may have made one at the
+        // path since (its socket file removed, this one's taken).
+        let inner = self.lock();
+        if let Some(path) = inner.pool.home().filter(|p| inner.pool.table().is_at(p)) {
             let _ = std::fs::remove_file(path);
         }
     }

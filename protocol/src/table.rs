@@ -709,6 +709,18 @@ impl LeaseTable {
         LeaseTable::init(None, capacity, seq)
     }
 
+    /// Whether the file at `path` is this table's (the same device and
+    /// inode): an allocator stopping removes its own table, not one
+    /// another allocator made at the path since.
+    pub fn is_at(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let (Some(file), Ok(there)) = (&self.file, std::fs::symlink_metadata(path)) else {
+            return false;
+        };
+        file.metadata()
+            .is_ok_and(|m| (m.dev(), m.ino()) == (there.dev(), there.ino()))
+    }
+
     fn init(file: Option<&File>, capacity: usize, seq: u64) -> Result<LeaseTable, TableError> {
         let words = words_for(capacity);
         let (base, guard) = map(file, words)?;

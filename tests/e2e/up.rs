@@ -710,6 +710,60 @@ async fn a_socket_path_holding_another_file_is_refused_and_kept() {
     assert_eq!(said(&log, "is not a lease table, and is not replaced"), 1);
 }
 
+/// An allocator whose socket and lease table were removed, and taken by
+/// another allocator since, leaves the other's at its stop: it removed
+/// both, and the other's workers leased over the socket from then on.
+#[tokio::test]
+async fn a_stopping_allocator_leaves_anothers_socket_and_table() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let log = dir.path().join("first.log");
+    let mut first = Allocator::start_logging(dir.clone(), &["--pool", "127.0.0.2"], &log).await;
+    let table = dir.path().join("allocator.sock.leases");
+    assert!(table.exists());
+    let other_state = dir.path().join("other-state");
+    let socket = first.socket.to_str().unwrap().to_string();
+    let args = [
+        "--socket",
+        &socket,
+        "--state-dir",
+        other_state.to_str().unwrap(),
+    ];
+    let args = [&args[..], &["--pool", "127.0.0.3"]].concat();
+    // (The first binds its path again within 2 s: should it do so before
+    // the second, the second is refused, and it is tried again.)
+    let mut tries = 0;
+    let _second = loop {
+        tries += 1;
+        let _ = std::fs::remove_file(&first.socket);
+        let _ = std::fs::remove_file(&table);
+        let mut second = Proc::spawn(ALLOCATOR, &args);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let taken = loop {
+            let status = std::process::Command::new(ROTOR)
+                .args(["status", "--socket", &socket])
+                .output()
+                .unwrap();
+            if table.exists() && String::from_utf8_lossy(&status.stdout).contains("127.0.0.3") {
+                break true;
+            }
+            if !second.is_running() || std::time::Instant::now() > deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        match taken {
+            true => break second,
+            false => assert!(tries < 5, "the second allocator never took the path"),
+        }
+    };
+    first.proc.signal(Signal::SIGTERM);
+    assert!(first.proc.wait(Duration::from_secs(10)).success());
+    assert!(first.socket.exists(), "the second's socket was removed");
+    assert!(table.exists(), "the second's table was removed");
+    let status = rotor_control("status", &first.socket, &[]);
+    assert!(status.contains("127.0.0.3"), "{status}");
+}
+
 /// A state directory given that cannot be used (here a file) is refused
 /// at start, exit 2, by the allocator and by `rotor up`: they ran
 /// without one, with a warning, and every restart started the rotation,
