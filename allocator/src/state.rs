@@ -578,11 +578,24 @@ impl Inner {
         if self.closing {
             return false;
         }
-        let Some(fault) = self.pool.table_fault() else {
-            return false;
-        };
-        tracing::error!(%fault, "the lease table was tampered with; replacing it");
-        self.rebuild_table()
+        if let Some(fault) = self.pool.table_fault() {
+            tracing::error!(%fault, "the lease table was tampered with; replacing it");
+            return self.rebuild_table();
+        }
+        // Its file removed (with the socket's directory, say): the
+        // workers mapping it lease on, but one that starts could not map
+        // it, and leased over the socket for the rest of this allocator's
+        // life. Made again (a file another put there is left).
+        let home = self.pool.home().cloned();
+        let gone = home.as_ref().is_some_and(|p| {
+            std::fs::symlink_metadata(p).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+        });
+        if gone {
+            let path = home.unwrap_or_default();
+            tracing::warn!(file = %path.display(), "the lease table's file was removed; made again");
+            return self.rebuild_table();
+        }
+        false
     }
 
     /// Replaces a tampered table (see `Pool::rebuild_table`); whether it

@@ -799,12 +799,19 @@ async fn a_removed_socket_file_is_bound_again() {
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
     let log = dir.path().join("allocator.log");
     let alloc = Allocator::start_logging(dir.clone(), &["--pool", "127.0.0.2"], &log).await;
+    let table = dir.path().join("allocator.sock.leases");
     std::fs::remove_file(&alloc.socket).unwrap();
+    std::fs::remove_file(&table).unwrap();
     assert!(!alloc.socket.exists());
+    // Both made again: a worker that starts can map the table.
     eventually("the socket file to be bound again", || async {
-        alloc.socket.exists()
+        alloc.socket.exists() && table.exists()
     })
     .await;
+    assert_eq!(
+        said(&log, "the lease table's file was removed; made again"),
+        1
+    );
     let status = rotor_control("status", &alloc.socket, &[]);
     assert!(status.contains("in rotation"), "{status}");
     assert_eq!(said(&log, "socket file was removed: bound again"), 1);
