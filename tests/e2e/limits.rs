@@ -133,22 +133,8 @@ async fn two_places_an_address(
 ) -> (Origin, Allocator, Worker, std::net::SocketAddr) {
     let origin = Origin::start().await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
-    let socks: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let s = socks.to_string();
-    let worker = Worker::start(
-        &alloc.socket,
-        &[
-            "--max-client-connections",
-            "2",
-            "--socks-listen",
-            &s,
-            "--access-log",
-            log.to_str().unwrap(),
-            "--access-log-format",
-            "json",
-        ],
-    )
-    .await;
+    let extra = ["--max-client-connections", "2"];
+    let (worker, socks) = socks_worker_logging_json(&alloc.socket, log, &extra).await;
     (origin, alloc, worker, socks)
 }
 

@@ -327,24 +327,13 @@ async fn a_front_proxys_header_names_the_client_for_limits_and_the_log() {
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
-    let socks: SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let s = socks.to_string();
-    let w = Worker::start(
-        &alloc.socket,
-        &[
-            "--proxy-protocol-from",
-            "127.0.0.1",
-            "--max-client-connections",
-            "1",
-            "--socks-listen",
-            &s,
-            "--access-log",
-            log.to_str().unwrap(),
-            "--access-log-format",
-            "json",
-        ],
-    )
-    .await;
+    let extra = [
+        "--proxy-protocol-from",
+        "127.0.0.1",
+        "--max-client-connections",
+        "1",
+    ];
+    let (w, socks) = socks_worker_logging_json(&alloc.socket, &log, &extra).await;
     let url = origin.url("/");
     let v1 = |client: &str| {
         format!(

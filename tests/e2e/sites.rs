@@ -588,18 +588,9 @@ impl StalledSite {
 async fn a_tunnel_given_up_as_it_connects_is_logged_with_its_source() {
     let site = StalledSite::start(Duration::from_secs(5));
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
-    let socks: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
-    let (dir, s) = (tempfile::tempdir().unwrap(), socks.to_string());
+    let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
-    let args = [
-        "--socks-listen",
-        &s,
-        "--access-log",
-        log.to_str().unwrap(),
-        "--access-log-format",
-        "json",
-    ];
-    let w = Worker::start(&alloc.socket, &args).await;
+    let (w, socks) = socks_worker_logging_json(&alloc.socket, &log, &[]).await;
     let port = site.port;
     let mut connect = TcpStream::connect(w.addr).await.unwrap();
     let head = format!("CONNECT 127.0.0.1:{port} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");

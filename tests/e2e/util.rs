@@ -1447,6 +1447,22 @@ pub fn confine_families(cmd: &mut Command, families: &[i32]) -> bool {
 /// A worker of the allocator at `socket` writing its access log as JSON
 /// to a file of its own: the file's directory (kept while it runs), the
 /// file, and the worker.
+/// A worker with a SOCKS5 listener of its own and a JSON access log at
+/// `log`, given `extra` flags too: the worker and its SOCKS5 address.
+pub async fn socks_worker_logging_json(
+    socket: &Path,
+    log: &Path,
+    extra: &[&str],
+) -> (Worker, std::net::SocketAddr) {
+    let socks: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let s = socks.to_string();
+    let log = log.to_str().unwrap();
+    let mut args = extra.to_vec();
+    args.extend_from_slice(&["--socks-listen", &s, "--access-log", log]);
+    args.extend_from_slice(&["--access-log-format", "json"]);
+    (Worker::start(socket, &args).await, socks)
+}
+
 pub async fn worker_logging_json(socket: &Path) -> (tempfile::TempDir, std::path::PathBuf, Worker) {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
