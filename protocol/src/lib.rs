@@ -124,17 +124,24 @@ mod tests {
         let fifo = dir.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
         assert_eq!(super::read_text_file(&fifo).unwrap(), "");
-        let writer = {
-            let fifo = fifo.clone();
-            std::thread::spawn(move || std::fs::write(&fifo, "piped").unwrap())
-        };
-        // (Its open waits for this reader; this read, for its end.)
-        let mut read = String::new();
-        while read.is_empty() {
-            read = super::read_text_file(&fifo).unwrap();
-        }
+        // A writer that wrote, and ends a moment later (a reader held
+        // open meanwhile, for the writer's open not to wait).
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let holder = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        w.write_all(b"piped").unwrap();
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            drop(w);
+        });
+        assert_eq!(super::read_text_file(&fifo).unwrap(), "piped");
         writer.join().unwrap();
-        assert_eq!(read, "piped");
+        drop(holder);
         let e = super::read_text_file(dir.path()).unwrap_err();
         assert!(e.to_string().contains("not a regular file"), "{e}");
         let file = dir.path().join("file");
