@@ -144,10 +144,7 @@ pub fn socket_dir(path: &Path) -> Result<(), BindError> {
             })?;
         dir_is_ours(dir)?;
     }
-    match not_a_socket(path) {
-        Some(what) => Err(BindError::NotASocket(path.to_path_buf(), what)),
-        None => Ok(()),
-    }
+    socket_or_nothing(path)
 }
 
 /// As `socket_dir`, making nothing (`--check`): a directory that is not
@@ -158,10 +155,7 @@ pub fn socket_dir_unmade(path: &Path) -> Result<(), BindError> {
         Some(dir) if std::fs::symlink_metadata(dir).is_ok() => dir_is_ours(dir)?,
         _ => {}
     }
-    match not_a_socket(path) {
-        Some(what) => Err(BindError::NotASocket(path.to_path_buf(), what)),
-        None => Ok(()),
-    }
+    socket_or_nothing(path)
 }
 
 /// The longest path a Unix socket takes (`sun_path`'s 108 bytes, less
@@ -253,6 +247,15 @@ pub fn not_a_socket(path: &Path) -> Option<&'static str> {
     }
 }
 
+/// `Ok` if `path` holds a socket or nothing, else the refusal that names
+/// what it holds (see [`not_a_socket`]).
+fn socket_or_nothing(path: &Path) -> Result<(), BindError> {
+    match not_a_socket(path) {
+        Some(what) => Err(BindError::NotASocket(path.to_path_buf(), what)),
+        None => Ok(()),
+    }
+}
+
 fn bind_path(path: &Path) -> Result<UnixListener, BindError> {
     socket_dir(path)?;
     match UnixListener::bind(path) {
@@ -262,9 +265,7 @@ fn bind_path(path: &Path) -> Result<UnixListener, BindError> {
                 return Err(BindError::InUse(path.to_path_buf()));
             }
             // (Made between the look and the bind: not ours either.)
-            if let Some(what) = not_a_socket(path) {
-                return Err(BindError::NotASocket(path.to_path_buf(), what));
-            }
+            socket_or_nothing(path)?;
             info!(socket = %path.display(), "replacing a stale socket file");
             let _ = std::fs::remove_file(path);
             UnixListener::bind(path).map_err(|source| BindError::Bind {
@@ -929,10 +930,18 @@ fn read_all(sources: &[Source]) -> Vec<Result<Vec<Segment>, crate::source::Sourc
 fn check_all<'a>(
     entries: impl Iterator<Item = &'a Segment>,
 ) -> HashMap<Segment, Result<(), String>> {
+    check_each(entries, crate::usable::Checker::check)
+}
+
+/// Each entry judged by `check`, with the local routes read once for all.
+fn check_each<'a>(
+    entries: impl Iterator<Item = &'a Segment>,
+    check: fn(&mut crate::usable::Checker, &Segment) -> Result<(), String>,
+) -> HashMap<Segment, Result<(), String>> {
     let mut out = HashMap::new();
     let mut checker = crate::usable::Checker::default();
     for e in entries {
-        out.entry(*e).or_insert_with(|| checker.check(e));
+        out.entry(*e).or_insert_with(|| check(&mut checker, e));
     }
     out
 }
@@ -1293,17 +1302,13 @@ async fn answer(
             // By the routes alone: a lookup an entry, no bind (the
             // peer's later requests wait behind this answer).
             if let Some(due) = alloc.sweep_due() {
-                let checks = tokio::task::spawn_blocking(move || {
-                    let mut checker = crate::usable::Checker::default();
-                    let checks = due.iter().map(|e| (*e, checker.check_routes(e)));
-                    checks.collect::<HashMap<_, _>>()
-                })
-                .await
-                .expect("checking pool addresses panicked");
+                let check = crate::usable::Checker::check_routes;
+                let mut checks = tokio::task::spawn_blocking(move || check_each(due.iter(), check))
+                    .await
+                    .expect("checking pool addresses panicked");
                 // Only what it took out: a pass read before another
                 // worker's report (of an address that went meanwhile)
                 // would put that address back.
-                let mut checks = checks;
                 checks.retain(|_, r| r.is_err());
                 alloc.apply_checks(&checks);
             }
