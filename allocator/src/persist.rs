@@ -67,7 +67,8 @@ pub fn probe_unmade(dir: &Path) -> Result<(), PersistError> {
     // (Not `exists`, which follows a link: a dangling one is no file to
     // make, and the allocator's open refuses it.)
     if std::fs::symlink_metadata(&path).is_ok() {
-        return open_and_lock(path, false).map(|_| ());
+        open_and_lock(path, false)?;
+        return file_made_there(dir).map_err(|e| PersistError::Dir(dir.into(), e));
     }
     // Tried for real (as root, access(2) passes most of what mkdir then
     // refuses), and undone: the directories made, a file made there.
@@ -94,24 +95,34 @@ pub fn probe_unmade(dir: &Path) -> Result<(), PersistError> {
             }
         }
     }
+    let made_there = file_made_there(dir);
+    undo(&made);
+    made_there.map_err(|e| PersistError::Open(path, e))
+}
+
+/// Whether a file can be made in `dir`: one made, then taken away. The
+/// state file is written in place, but the sessions and the quarantine
+/// are replaced by a rename there: a directory whose files were writable
+/// but which was not passed every check, and each later save failed.
+fn file_made_there(dir: &Path) -> io::Result<()> {
     let trial = dir.join(format!(".{FILE_NAME}.check-{}", std::process::id()));
-    let file = OpenOptions::new()
+    OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
-        .open(&trial);
-    if file.is_ok() {
-        let _ = std::fs::remove_file(&trial);
-    }
-    undo(&made);
-    file.map(|_| ()).map_err(|e| PersistError::Open(path, e))
+        .open(&trial)?;
+    let _ = std::fs::remove_file(&trial);
+    Ok(())
 }
 
-/// The state file in `dir` (both made if need be), opened and locked.
+/// The state file in `dir` (both made if need be), opened and locked, and
+/// `dir` one whose files can be replaced.
 fn open_locked(dir: &Path) -> Result<(Flock<File>, PathBuf), PersistError> {
     make_private_dir(dir).map_err(|e| PersistError::Dir(dir.into(), e))?;
-    open_and_lock(dir.join(FILE_NAME), true)
+    let locked = open_and_lock(dir.join(FILE_NAME), true)?;
+    file_made_there(dir).map_err(|e| PersistError::Dir(dir.into(), e))?;
+    Ok(locked)
 }
 
 /// The state file at `path` (made if `create`), opened and locked.

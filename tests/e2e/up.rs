@@ -791,6 +791,71 @@ async fn a_state_directory_given_that_cannot_be_used_is_refused() {
     }
 }
 
+/// A state directory whose files can be written but which takes no new
+/// file (here immutable, `chattr +i`; a directory of another user's,
+/// mode 555): the sessions and the quarantine are saved by a rename
+/// there, and every save failed with a warning after each check passed.
+/// Refused at start, exit 2, by the allocator and `rotor up`, and by
+/// their `--check`.
+#[tokio::test]
+async fn a_state_directory_that_takes_no_new_file_is_refused() {
+    let test = "a_state_directory_that_takes_no_new_file_is_refused";
+    if !root(test) || !have(test, &["chattr"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let socket = dir.path().join("a.sock");
+    let (state, socket) = (state.to_str().unwrap(), socket.to_str().unwrap());
+    let log = dir.path().join("said");
+    // Its files made by an allocator that ran there.
+    let run = [
+        "--socket",
+        socket,
+        "--state-dir",
+        state,
+        "--pool",
+        "127.0.0.2",
+    ];
+    let mut first = Proc::spawn(ALLOCATOR, &run);
+    eventually("the allocator to serve", || async {
+        std::path::Path::new(socket).exists()
+    })
+    .await;
+    first.signal(Signal::SIGTERM);
+    assert!(first.wait(Duration::from_secs(10)).success());
+    assert!(std::path::Path::new(state).join("rotation.state").exists());
+    struct Mutable<'a>(&'a str);
+    impl Drop for Mutable<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("chattr")
+                .args(["-i", self.0])
+                .status();
+        }
+    }
+    run_ok("chattr", &["+i", state], "chattr");
+    let _mutable = Mutable(state);
+    let listen = format!("127.0.0.1:{}", free_port());
+    // (`--check` exits 1 for what it found, as for any other.)
+    let up = [&["up", "--listen", &listen][..], &run].concat();
+    let runs: [(&str, Vec<&str>, i32); 4] = [
+        (ALLOCATOR, run.to_vec(), 2),
+        (ALLOCATOR, [&run[..], &["--check"]].concat(), 1),
+        (ROTOR, up.clone(), 2),
+        (ROTOR, [&up[..], &["--check"]].concat(), 1),
+    ];
+    for (program, args, exit) in runs {
+        // (`--check` says it on its output.)
+        let mut cmd = logging_to(program, &log);
+        cmd.stdout(std::fs::OpenOptions::new().append(true).open(&log).unwrap());
+        let mut p = Proc::spawn_cmd(cmd, program, &args);
+        let code = p.wait(Duration::from_secs(10)).code();
+        let said = std::fs::read_to_string(&log).unwrap();
+        assert_eq!(code, Some(exit), "{program} {args:?}: {said}");
+        assert!(said.contains("cannot use the state directory"), "{said}");
+    }
+}
+
 /// The allocator's socket file removed (a cleaning of its directory, an
 /// `rm`): it is bound again within seconds, and said. Nothing told of it,
 /// and a worker restarted after answered 503 to its share of the port.
