@@ -381,7 +381,9 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
         error!("{}", rotor_protocol::error_chain(&e));
         return ExitCode::from(2);
     }
-    if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+    // (Asked without waiting: a listener whose queue is full, one that
+    // is stopped, serves it all the same.)
+    if rotor_allocator::listened_on(&socket) {
         error!(
             socket = %socket.display(),
             "an allocator already serves this socket: is another rotor up running? Stop it, or give this one its own --socket and --listen"

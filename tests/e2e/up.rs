@@ -764,6 +764,45 @@ async fn a_stopping_allocator_leaves_anothers_socket_and_table() {
     assert!(status.contains("127.0.0.3"), "{status}");
 }
 
+/// A socket whose allocator takes no connection (stopped, its queue
+/// full) is one an allocator serves: `rotor up` asked by connecting, took
+/// it for none, and started an allocator that could not bind there.
+#[tokio::test]
+async fn rotor_up_refuses_a_socket_a_stopped_allocator_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let _stopped = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    // Its queue filled (128, or somaxconn): connections left there.
+    let to = socket2::SockAddr::unix(&socket).unwrap();
+    for _ in 0..5000 {
+        let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let _ = s.connect(&to);
+    }
+    let log = dir.path().join("said");
+    let (socket, listen) = (
+        socket.to_str().unwrap(),
+        format!("127.0.0.1:{}", free_port()),
+    );
+    let args = [
+        "up",
+        "--pool=127.0.0.2",
+        "--no-state",
+        "--socket",
+        socket,
+        "--listen",
+        &listen,
+    ];
+    let mut up = Proc::spawn_cmd(logging_to(ROTOR, &log), ROTOR, &args);
+    let code = up.wait(Duration::from_secs(10)).code();
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(code, Some(2), "{said}");
+    assert!(
+        said.contains("an allocator already serves this socket"),
+        "{said}"
+    );
+}
+
 /// A state directory given that cannot be used (here a file) is refused
 /// at start, exit 2, by the allocator and by `rotor up`: they ran
 /// without one, with a warning, and every restart started the rotation,
