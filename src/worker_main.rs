@@ -20,6 +20,11 @@ const EXIT_DRAIN_CUT: u8 = 3;
 /// SIGINT: stopped at once.
 const EXIT_FAST: u8 = 130;
 
+/// A certificate given with no TLS listener: every listener is plain, the
+/// proxy's passwords in clear where TLS was meant.
+const CERT_UNUSED: &str =
+    "tls-cert and tls-key are given but there is no TLS listener (tls-listen): every listener is plain";
+
 /// The whole life of worker process, after logging is set up. Must run
 /// before any other thread starts (socket activation clears variables).
 pub fn worker(args: WorkerArgs) -> ExitCode {
@@ -118,6 +123,9 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         for (what, a) in &named {
             say!("ok: {what} {a} (not bound by --check)");
         }
+        if tls.is_empty() && tuning.config.tls.is_some() {
+            say!("warning: {CERT_UNUSED} (unless systemd passes a socket named `tls`)");
+        }
         if !passed_any {
             // ExecStartPre gets no sockets: those systemd passes to the
             // start are checked then (a public one without --auth-file is
@@ -198,6 +206,9 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             "a TLS listener (tls-listen, or a socket named `tls`) needs tls-cert and tls-key"
                 .into(),
         ));
+    }
+    if tls_listeners.is_empty() && tuning.config.tls.is_some() {
+        tracing::warn!("{CERT_UNUSED}");
     }
     let socket = args.common.socket(&file);
     let report_to = socket.clone();

@@ -505,6 +505,53 @@ async fn a_certificate_near_its_end_is_warned_of_at_every_reload() {
     assert_eq!(said(&log, "Illegal SNI"), 0);
 }
 
+/// A certificate and key given with no TLS listener (`--tls-listen`
+/// forgotten): every listener is plain, the passwords in clear where TLS
+/// was meant. Said at start and by `--check`; it started without a word.
+#[tokio::test]
+async fn a_certificate_with_no_tls_listener_is_warned_of() {
+    if !have(
+        "a_certificate_with_no_tls_listener_is_warned_of",
+        &["openssl"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_ca, cert, key) = certificate(dir.path(), "idle");
+    let log = dir.path().join("worker.log");
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let (c, k) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let args = ["--tls-cert", c, "--tls-key", k];
+    let unused = "there is no TLS listener (tls-listen): every listener is plain";
+    let w = Worker::start_cmd(logging_to(WORKER, &log), &alloc.socket, free_port(), &args).await;
+    eventually("the start's warning", || async { said(&log, unused) == 1 }).await;
+    let check = [
+        &args[..],
+        &["--check", "--socket", alloc.socket.to_str().unwrap()],
+    ]
+    .concat();
+    let out = std::process::Command::new(WORKER)
+        .args(&check)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("warning: tls-cert and tls-key") && said.contains(unused),
+        "{said}"
+    );
+    // With one, nothing is said.
+    drop(w);
+    let tls = format!("127.0.0.1:{}", free_port());
+    let check = [&check[..], &["--tls-listen", &tls]].concat();
+    let out = std::process::Command::new(WORKER)
+        .args(&check)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !said.contains(unused), "{said}");
+}
+
 /// `rotor reload` says how each worker's reload went: a certificate or a
 /// users file that does not load (the one in use kept) names the worker
 /// and the part, and is exit 3, as a pool source that fails is: a

@@ -884,10 +884,7 @@ async fn a_state_directory_that_takes_no_new_file_is_refused() {
         (ROTOR, [&up[..], &["--check"]].concat(), 1),
     ];
     for (program, args, exit) in runs {
-        // (`--check` says it on its output.)
-        let mut cmd = logging_to(program, &log);
-        cmd.stdout(std::fs::OpenOptions::new().append(true).open(&log).unwrap());
-        let mut p = Proc::spawn_cmd(cmd, program, &args);
+        let mut p = Proc::spawn_cmd(logging_to(program, &log), program, &args);
         let code = p.wait(Duration::from_secs(10)).code();
         let said = std::fs::read_to_string(&log).unwrap();
         assert_eq!(code, Some(exit), "{program} {args:?}: {said}");
