@@ -298,7 +298,7 @@ pub fn write_hand(path: &Path, outs: &[HandOut]) -> io::Result<()> {
     replace_file(path, (text + "\n").as_bytes())
 }
 
-/// The host's order key (see `rotor_protocol::set_order_key`): four words
+/// The host's order key (see `rotor_protocol::set_order`): four words
 /// in hexadecimal on one line, made at the first start with a state
 /// directory and kept, so a restart leases prefixes in the same order and
 /// resumes it.

@@ -442,9 +442,10 @@ pub async fn run(
         _ => Err(()),
     };
     match key.or_else(|()| rotor_protocol::random_order_key()) {
-        Ok(key) => rotor_protocol::set_order_key(key),
+        Ok(key) => rotor_protocol::set_order(rotor_protocol::Order::of(key)),
         // No random source: the fixed order, said.
         Err(e) => {
+            rotor_protocol::set_order(rotor_protocol::Order::of([0; 4]));
             warn!(error = %e, "no random order key (getrandom failed): prefixes are leased in rotor's fixed order, the same on every host")
         }
     }
@@ -1342,15 +1343,13 @@ async fn answer(
             strict,
             Some(&site),
         ),
-        // A worker older than the order key would lease a keyed table's
-        // prefixes in the fixed order: over the socket instead.
-        Request::Attach
-            if peer.minor < rotor_protocol::MINOR_ORDER_KEY
-                && rotor_protocol::order_key() != [0; 4] =>
-        {
-            info!(peer = id, minor = peer.minor, "a worker older than the order key: not handed the lease table (it leases over the socket, more slowly, until it is upgraded)");
+        // A worker older than the order (the key, each prefix's own)
+        // would lease the table's prefixes in another: over the socket
+        // instead.
+        Request::Attach if peer.minor < rotor_protocol::order().minor_needed() => {
+            info!(peer = id, minor = peer.minor, "a worker older than the order prefixes are leased in: not handed the lease table (it leases over the socket, more slowly, until it is upgraded)");
             Response::Error {
-                message: "this worker is older than the allocator's order key: it leases over the socket (upgrade it to lease from the table)".into(),
+                message: "this worker is older than the allocator's order of prefixes: it leases over the socket (upgrade it to lease from the table)".into(),
             }
         }
         Request::Attach => alloc.attach(id, peer.rights == Rights::Lease),

@@ -23,7 +23,7 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 17;
+pub const PROTOCOL_MINOR: u16 = 18;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
@@ -60,7 +60,7 @@ pub const MINOR_SITES_V2: u16 = 9;
 /// site's budget).
 pub const MINOR_SESSION_SITE: u16 = 10;
 /// The first minor whose worker leases a prefix from the lease table in
-/// the order its key gives (`segment::set_order_key`): an older worker is
+/// the order its key gives (`segment::set_order`): an older worker is
 /// not handed a keyed table (it would lease in the fixed order on the
 /// shared cursor, repeating addresses of a small prefix within a cycle);
 /// it leases over the socket.
@@ -97,6 +97,11 @@ pub const MINOR_STATUS_CUT: u16 = 16;
 /// budget) and `Request::Clock` (the peer's clock, which those times are
 /// of).
 pub const MINOR_DEADLINE: u16 = 17;
+/// The first minor whose worker leases a prefix from the lease table in
+/// the prefix's own order (`segment::Order::by_prefix`, said in the
+/// table): an older worker is not handed such a table (it would lease in
+/// the key's order alone, off the allocator's); it leases over the socket.
+pub const MINOR_PREFIX_ORDER: u16 = 18;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
 /// sides; the last bucket (+Inf) is implicit. Up to an hour: what they

@@ -10,7 +10,7 @@
 //! address due next can be found again after a restart or a refresh.
 //!
 //! The permutation's constants are mixed with the host's order key
-//! ([`set_order_key`]: random, kept in the allocator's state directory,
+//! ([`set_order`]: random, kept in the allocator's state directory,
 //! handed to workers in the lease table). With fixed constants alone every
 //! rotor host leased the same host parts in the same order in every
 //! prefix: a destination could invert the public permutation, see that an
@@ -19,6 +19,14 @@
 //! a cipher: the key defeats inverting a public function, not a determined
 //! cryptanalysis of many leases.) A zero key is the fixed order: tests,
 //! and the tables of allocators from before the key.
+//!
+//! The key is mixed with each prefix's address ([`Order::by_prefix`]), so
+//! each prefix has an order of its own. With the host's key alone, every
+//! prefix of a size leased the same host parts in the same order: two /64s
+//! of one pool leased the same interface IDs side by side, and a
+//! renumbered prefix the old one's, which tied them together for any
+//! destination that saw both. Tables of allocators from before it are
+//! leased in the key's order alone.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -80,27 +88,80 @@ const M2: u128 = 0xbf58_476d_1ce4_e5b9_94d0_49bb_1331_11eb;
 /// fixed order.
 pub type OrderKey = [u64; 4];
 
-/// The key in use, swapped whole: one read sees one key (four words
-/// stored one by one could be read half old, half new by a lease on
-/// another thread while a worker maps a restarted allocator's table).
-/// Null: the zero key.
-static ORDER_KEY: AtomicPtr<OrderKey> = AtomicPtr::new(std::ptr::null_mut());
+/// The order prefixes are leased in (see the module's doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Order {
+    pub key: OrderKey,
+    /// Each prefix in an order of its own: the key mixed with the
+    /// prefix's address (an allocator of `MINOR_PREFIX_ORDER` or later).
+    pub by_prefix: bool,
+}
 
-/// Sets the order key every prefix of this process is leased in: the
-/// allocator's, before it computes an address; a worker's, from the lease
-/// table it maps. A key that changes is kept for the process's life (a
-/// few dozen bytes at each allocator restart with another key): a lease
-/// may still be reading the old one.
-pub fn set_order_key(key: OrderKey) {
-    if order_key() != key {
-        ORDER_KEY.store(Box::leak(Box::new(key)), Ordering::Release);
+impl Order {
+    /// The order of an allocator of this version with `key`.
+    pub fn of(key: OrderKey) -> Order {
+        Order {
+            key,
+            by_prefix: true,
+        }
+    }
+
+    /// The first protocol minor whose worker leases from a table in this
+    /// order (an older one is not handed the table: it leases over the
+    /// socket).
+    pub fn minor_needed(self) -> u16 {
+        match self {
+            Order {
+                by_prefix: true, ..
+            } => crate::MINOR_PREFIX_ORDER,
+            Order { key, .. } if key != [0; 4] => crate::MINOR_ORDER_KEY,
+            _ => 0,
+        }
+    }
+
+    /// The permutation's constants for the prefix at `base` (host bits
+    /// clear) with `host_bits`, of `family`.
+    fn keyed(self, family: Family, base: u128, host_bits: u8) -> Keyed {
+        if !self.by_prefix {
+            return Keyed::new(self.key);
+        }
+        // splitmix64's finaliser, chained through the prefix's words.
+        let mix = |mut z: u64| {
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        let at = (u64::from(host_bits) << 1) | family.index() as u64;
+        let h0 = mix((base >> 64) as u64 ^ 0x9e37_79b9_7f4a_7c15);
+        let h1 = mix(base as u64 ^ h0);
+        let h2 = mix(at ^ h1);
+        let h3 = mix(h2 ^ 0x6a09_e667_f3bc_c909);
+        let [a, b, c, d] = self.key;
+        Keyed::new([a ^ h0, b ^ h1, c ^ h2, d ^ h3])
     }
 }
 
-/// The order key in use.
-pub fn order_key() -> OrderKey {
-    let p = ORDER_KEY.load(Ordering::Acquire);
-    // SAFETY: null, or a key leaked by `set_order_key`, never freed.
+/// The order in use, swapped whole: one read sees one order (four words
+/// stored one by one could be read half old, half new by a lease on
+/// another thread while a worker maps a restarted allocator's table).
+/// Null: the zero key, by the key alone.
+static ORDER: AtomicPtr<Order> = AtomicPtr::new(std::ptr::null_mut());
+
+/// Sets the order every prefix of this process is leased in: the
+/// allocator's, before it computes an address; a worker's, from the lease
+/// table it maps. An order that changes is kept for the process's life (a
+/// few dozen bytes at each allocator restart with another key): a lease
+/// may still be reading the old one.
+pub fn set_order(order: Order) {
+    if self::order() != order {
+        ORDER.store(Box::leak(Box::new(order)), Ordering::Release);
+    }
+}
+
+/// The order in use.
+pub fn order() -> Order {
+    let p = ORDER.load(Ordering::Acquire);
+    // SAFETY: null, or an order leaked by `set_order`, never freed.
     #[allow(unsafe_code)]
     unsafe {
         p.as_ref().copied().unwrap_or_default()
@@ -221,24 +282,30 @@ impl Segment {
     /// The address lease `i` of this segment gets (`i` is taken modulo the
     /// size).
     pub fn at(&self, i: u128) -> IpAddr {
-        self.at_with(i, order_key())
+        self.at_with(i, order())
     }
 
-    /// The address lease `i` gets in the order of `key`.
-    pub fn at_with(&self, i: u128, key: OrderKey) -> IpAddr {
+    /// The address lease `i` gets in `order`.
+    pub fn at_with(&self, i: u128, order: Order) -> IpAddr {
         if self.host_bits == 0 {
             return self.base;
         }
-        lease_address_with(self.family(), to_u128(self.base), self.host_bits, i, key)
+        lease_address_with(self.family(), to_u128(self.base), self.host_bits, i, order)
     }
 
     /// Which lease of this segment gets `ip`, if `ip` is in it.
     pub fn index_of(&self, ip: IpAddr) -> Option<u128> {
+        self.index_with(ip, order())
+    }
+
+    /// Which lease of this segment gets `ip` in `order`.
+    fn index_with(&self, ip: IpAddr, order: Order) -> Option<u128> {
         if !self.contains(ip) {
             return None;
         }
         let host = to_u128(ip) & mask(self.host_bits);
-        Some(unpermute(host, self.host_bits, Keyed::new(order_key())))
+        let keyed = order.keyed(self.family(), to_u128(self.base), self.host_bits);
+        Some(unpermute(host, self.host_bits, keyed))
     }
 
     /// Whether `ip` is in the segment: its network bits compared, the
@@ -350,13 +417,14 @@ impl std::str::FromStr for Segment {
 /// Lease `i` of the prefix at `base` (host bits clear) with `host_bits`.
 #[inline]
 pub(crate) fn lease_address(family: Family, base: u128, host_bits: u8, i: u128) -> IpAddr {
-    lease_address_with(family, base, host_bits, i, order_key())
+    lease_address_with(family, base, host_bits, i, order())
 }
 
-/// `lease_address` in the order of `key`.
+/// `lease_address` in `order`.
 #[inline]
-fn lease_address_with(family: Family, base: u128, host_bits: u8, i: u128, key: OrderKey) -> IpAddr {
-    let offset = permute(i & mask(host_bits), host_bits, Keyed::new(key));
+fn lease_address_with(family: Family, base: u128, host_bits: u8, i: u128, order: Order) -> IpAddr {
+    let keyed = order.keyed(family, base, host_bits);
+    let offset = permute(i & mask(host_bits), host_bits, keyed);
     from_u128(family, base | offset)
 }
 
@@ -581,13 +649,21 @@ mod tests {
         }
     }
 
+    /// The key alone (a table of an older allocator).
+    fn by_key(key: OrderKey) -> Order {
+        Order {
+            key,
+            by_prefix: false,
+        }
+    }
+
     /// The zero key is the order before the key (a table of an older
     /// allocator, which carries none, is leased as it was); another key
     /// is another order, in every prefix size.
     #[test]
     fn the_order_key_makes_the_order_the_hosts_own() {
         let s = Segment::prefix("2001:db8:2::".parse().unwrap(), 64).unwrap();
-        let first = |key: OrderKey| s.at_with(0, key);
+        let first = |key: OrderKey| s.at_with(0, by_key(key));
         assert_eq!(
             first([0; 4]),
             "2001:db8:2:0:dce0:43dc:8366:9426"
@@ -598,8 +674,54 @@ mod tests {
         assert_ne!(first(KEYS[1]), first(KEYS[2]));
         for len in [64u8, 48, 112, 120] {
             let p = Segment::prefix("2001:db8::".parse().unwrap(), len).unwrap();
-            let walk = |key: OrderKey| (0..8u128).map(|i| p.at_with(i, key)).collect::<Vec<_>>();
+            let walk = |key: OrderKey| {
+                (0..8u128)
+                    .map(|i| p.at_with(i, by_key(key)))
+                    .collect::<Vec<_>>()
+            };
             assert_ne!(walk(KEYS[0]), walk(KEYS[1]), "/{len}");
+        }
+    }
+
+    /// Each prefix in an order of its own: prefixes of one size (two
+    /// /64s of a pool, a prefix and its renumbered successor) share no
+    /// host part in their first leases, where by the key alone they
+    /// leased the same ones in the same order. Each is walked whole
+    /// without a repeat and inverted, as by the key alone.
+    #[test]
+    fn each_prefix_is_leased_in_an_order_of_its_own() {
+        let host = |ip: IpAddr, len: u8| to_u128(ip) & mask(128 - len);
+        for key in KEYS {
+            for len in [64u8, 48, 112] {
+                let a = Segment::prefix("2001:db8:a::".parse().unwrap(), len).unwrap();
+                let b = Segment::prefix("2001:db8:b::".parse().unwrap(), len).unwrap();
+                let parts = |s: Segment, order: Order| -> HashSet<u128> {
+                    (0..64u128)
+                        .map(|i| host(s.at_with(i, order), len))
+                        .collect()
+                };
+                assert_eq!(parts(a, by_key(key)), parts(b, by_key(key)), "/{len}");
+                let shared = parts(a, Order::of(key))
+                    .intersection(&parts(b, Order::of(key)))
+                    .count();
+                // (A /112 has 65 536 host parts: two draws of 64 share
+                // none by chance at about 6 %; these keys share none.)
+                assert_eq!(shared, 0, "/{len}");
+            }
+            let p = Segment::prefix("10.1.2.0".parse().unwrap(), 24).unwrap();
+            let q = Segment::prefix("10.1.3.0".parse().unwrap(), 24).unwrap();
+            let walk = |s: Segment| -> Vec<u128> {
+                (0..256u128)
+                    .map(|i| host(s.at_with(i, Order::of(key)), 120))
+                    .collect()
+            };
+            assert_ne!(walk(p), walk(q));
+            assert_eq!(walk(p).into_iter().collect::<HashSet<_>>().len(), 256);
+        }
+        let s = Segment::prefix("2001:db8:c::".parse().unwrap(), 64).unwrap();
+        let order = Order::of(KEYS[1]);
+        for i in [0u128, 1, 77, 1 << 40] {
+            assert_eq!(s.index_with(s.at_with(i, order), order), Some(i));
         }
     }
 

@@ -12,7 +12,9 @@
 //!
 //! ```text
 //! line 0  magic, layout, capacity, peer slots, id, peer slots handed out,
-//!         reloads asked for
+//!         reloads asked for, order by prefix (1: each prefix in an order
+//!         of its own, `segment::Order`; zero in a table of an allocator
+//!         before it: the key's order alone)
 //! line 1  IPv4 state, seq, IPv6 state, site mode, order key (4 words;
 //!         zero in a table of an allocator before the key: the fixed order)
 //! line 2  half 0: generation, IPv4 entries, IPv6 entries, IPv4 total, IPv6 total
@@ -111,9 +113,11 @@ const SEQ: usize = LINE + 1;
 /// Line 1: which requests take the site path (see above).
 const SITE_MODE: usize = LINE + 3;
 /// Line 1: the host's order key, the order a prefix's addresses are leased
-/// in (`segment::set_order_key`), so that a worker leases from the table
-/// in the allocator's order.
+/// in (`segment::set_order`), so that a worker leases from the table in
+/// the allocator's order.
 const ORDER_KEY: usize = LINE + 4;
+/// Line 0: the order's `by_prefix`, 1 or 0 (see `ORDER_KEY`).
+const ORDER_BY_PREFIX: usize = 7;
 /// Line of each half's metadata: generation, then entries and total by
 /// family.
 const HALVES: usize = 2 * LINE;
@@ -736,9 +740,14 @@ impl LeaseTable {
         // A new file or anonymous mapping is zero-filled: state 0 is half 0,
         // empty, open.
         table.word(SEQ).store(seq, Ordering::Relaxed);
-        for (k, w) in crate::segment::order_key().into_iter().enumerate() {
+        let order = crate::segment::order();
+        for (k, w) in order.key.into_iter().enumerate() {
             table.word(ORDER_KEY + k).store(w, Ordering::Relaxed);
         }
+        let by_prefix = u64::from(order.by_prefix);
+        table
+            .word(ORDER_BY_PREFIX)
+            .store(by_prefix, Ordering::Relaxed);
         table.word(2).store(capacity as u64, Ordering::Relaxed);
         table.word(3).store(PEER_SLOTS as u64, Ordering::Relaxed);
         table.word(4).store(table.id, Ordering::Relaxed);
@@ -747,10 +756,14 @@ impl LeaseTable {
         Ok(table)
     }
 
-    /// The order key its allocator leases prefixes in (zero: the fixed
-    /// order of an allocator before the key).
-    pub fn order_key(&self) -> crate::segment::OrderKey {
-        std::array::from_fn(|k| self.word(ORDER_KEY + k).load(Ordering::Relaxed))
+    /// The order its allocator leases prefixes in (a zero key: the fixed
+    /// order of an allocator before the key; not by prefix: one before
+    /// that).
+    pub fn order(&self) -> crate::segment::Order {
+        crate::segment::Order {
+            key: std::array::from_fn(|k| self.word(ORDER_KEY + k).load(Ordering::Relaxed)),
+            by_prefix: self.word(ORDER_BY_PREFIX).load(Ordering::Relaxed) == 1,
+        }
     }
 
     /// Maps the table at `path`; with `id`, only if it is that table.
@@ -1214,8 +1227,8 @@ impl LeaseTable {
             return Some(format!("header word {i} changed"));
         }
         // (The allocator's: the key it made the table with.)
-        if self.order_key() != crate::segment::order_key() {
-            return Some("its order key changed".into());
+        if self.order() != crate::segment::order() {
+            return Some("its order changed".into());
         }
         let s = self.states();
         if s.iter().any(|s| s & CLOSED != 0) {

@@ -207,7 +207,7 @@ fn an_ipv6_64_routed_to_the_host_is_a_pool() {
             };
             let key = key_of(dir.path());
             assert_ne!(key, [0; 4]);
-            let at = |i: u128| prefix.at_with(i, key);
+            let at = |i: u128| prefix.at_with(i, rotor_protocol::Order::of(key));
             let want: Vec<IpAddr> = (0..40).map(at).collect();
             assert_eq!(origin.sources(), want);
             let status = status_json(&alloc.socket);
@@ -234,9 +234,14 @@ fn an_ipv6_64_routed_to_the_host_is_a_pool() {
             let status = status_json(&other.socket);
             assert_eq!(
                 status["families"][1]["next"],
-                prefix.at_with(0, other_key).to_string()
+                prefix
+                    .at_with(0, rotor_protocol::Order::of(other_key))
+                    .to_string()
             );
-            assert_ne!(prefix.at_with(0, other_key), at(0));
+            assert_ne!(
+                prefix.at_with(0, rotor_protocol::Order::of(other_key)),
+                at(0)
+            );
         },
     );
 }

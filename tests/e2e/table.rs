@@ -433,12 +433,13 @@ async fn a_family_the_pool_lacks_is_refused_by_the_table_without_the_allocator()
     }
 }
 
-/// A worker older than the order key (its Hello says minor 10) is not
-/// handed the lease table: it would lease the prefixes of a keyed table in
-/// the fixed order on the shared cursor. It leases over the socket; a
-/// worker of minor 11 is handed the table, whose header carries the key.
+/// A worker older than the order (its Hello says minor 10, before the
+/// key; 11, before each prefix's own order) is not handed the lease
+/// table: it would lease the table's prefixes in another order on the
+/// shared cursor. It leases over the socket; a worker of minor 18 is
+/// handed the table, whose header carries the key and the order.
 #[tokio::test]
-async fn a_worker_older_than_the_order_key_is_not_handed_the_table() {
+async fn a_worker_older_than_the_order_is_not_handed_the_table() {
     use rotor_protocol::{
         client_handshake, Channel, ClientChannel, ClientFrame, Envelope, Hello, Request, Response,
         Role, ServerFrame,
@@ -464,15 +465,22 @@ async fn a_worker_older_than_the_order_key_is_not_handed_the_table() {
             }
         }
     };
-    match attach(10).await {
-        Response::Error { message } => assert!(message.contains("older than"), "{message}"),
-        other => panic!("a table for an older worker: {other:?}"),
+    for older in [
+        10,
+        rotor_protocol::MINOR_ORDER_KEY,
+        rotor_protocol::MINOR_PREFIX_ORDER - 1,
+    ] {
+        match attach(older).await {
+            Response::Error { message } => assert!(message.contains("older than"), "{message}"),
+            other => panic!("a table for an older worker: {other:?}"),
+        }
     }
-    match attach(rotor_protocol::MINOR_ORDER_KEY).await {
+    match attach(rotor_protocol::MINOR_PREFIX_ORDER).await {
         Response::Attached { path, id, .. } => {
             let table =
                 rotor_protocol::LeaseTable::open(std::path::Path::new(&path), Some(id)).unwrap();
-            assert_ne!(table.order_key(), [0; 4]);
+            assert_ne!(table.order().key, [0; 4]);
+            assert!(table.order().by_prefix);
         }
         other => panic!("no table for a current worker: {other:?}"),
     }

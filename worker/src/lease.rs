@@ -1285,7 +1285,7 @@ async fn attach(conn: &Conn, id: u64) -> bool {
                     debug!(table = %path, ?slot, "leasing from the allocator's table");
                     // Prefixes leased from the table in the allocator's
                     // order, as it computes the addresses it is asked for.
-                    rotor_protocol::set_order_key(table.order_key());
+                    rotor_protocol::set_order(table.order());
                     conn.first_reloads
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
