@@ -22,10 +22,10 @@
 //!
 //! The key is mixed with each prefix's address ([`Order::by_prefix`]), so
 //! each prefix has an order of its own. With the host's key alone, every
-//! prefix of a size leased the same host parts in the same order: two /64s
-//! of one pool leased the same interface IDs side by side, and a
-//! renumbered prefix the old one's, which tied them together for any
-//! destination that saw both. Tables of allocators from before it are
+//! prefix of a size leased the same host parts in the same order: two /96s
+//! (or IPv4 /24s) of one pool leased the same host parts side by side, and
+//! a renumbered /64 the old one's interface IDs, which tied them together
+//! for any destination that saw both. Tables of allocators from before it are
 //! leased in the key's order alone.
 
 use std::fmt;
@@ -684,7 +684,7 @@ mod tests {
     }
 
     /// Each prefix in an order of its own: prefixes of one size (two
-    /// /64s of a pool, a prefix and its renumbered successor) share no
+    /// /96s of a pool, a /64 and its renumbered successor) share no
     /// host part in their first leases, where by the key alone they
     /// leased the same ones in the same order. Each is walked whole
     /// without a repeat and inverted, as by the key alone.
