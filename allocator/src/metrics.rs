@@ -392,7 +392,12 @@ impl HostMetrics {
     /// table count started over) carries what it had. `other`, a sum over
     /// the entries past the cap, also falls when some of them leave the
     /// pool: there it holds at what it was, and grows from there (taking
-    /// the fall for a start over would add the whole sum again).
+    /// the fall for a start over would add the whole sum again). So it
+    /// does when all of them leave (the pool shrunk below the cap): its
+    /// series stays, held, as `other`'s responses and bytes do, and goes
+    /// on from there when the pool grows past the cap again (it had gone,
+    /// and came back at the sum of the entries then past the cap: a
+    /// counter reset to Prometheus, fewer leases than responses).
     ///
     /// `number` is the snapshot's (`snapshot_number`): two scrapes at once
     /// may apply theirs out of order, and an older one's counts, below the
@@ -428,6 +433,12 @@ impl HostMetrics {
                 (k.clone(), *carried + *n)
             })
             .collect();
+        let mut out = out;
+        if !out.iter().any(|(k, _)| k == "other") {
+            if let Some((carried, last)) = self.leases_seen.get("other") {
+                out.push(("other".into(), carried + last));
+            }
+        }
         // Entries gone from the pool are forgotten (a return starts over).
         if self.leases_seen.len() > out.len() {
             let keep: std::collections::HashSet<&String> = out.iter().map(|(k, _)| k).collect();
@@ -1341,6 +1352,25 @@ mod tests {
         assert_eq!(
             h.leases(&[e("a", 1), e("other", 45)], 5),
             [("a".into(), 1), ("other".into(), 105)]
+        );
+        // The pool shrunk below the cap: `other` holds; past it again,
+        // the entries then past the cap (11 leases, counted before under
+        // their own labels) hold it still, and it grows from there.
+        assert_eq!(
+            h.leases(&[e("a", 2)], 6),
+            [("a".into(), 2), ("other".into(), 105)]
+        );
+        assert_eq!(
+            h.leases(&[e("a", 2)], 7),
+            [("a".into(), 2), ("other".into(), 105)]
+        );
+        assert_eq!(
+            h.leases(&[e("a", 2), e("other", 11)], 8),
+            [("a".into(), 2), ("other".into(), 105)]
+        );
+        assert_eq!(
+            h.leases(&[e("a", 2), e("other", 20)], 9),
+            [("a".into(), 2), ("other".into(), 114)]
         );
     }
 
