@@ -501,27 +501,61 @@ async fn a_408_on_a_reused_connection_sends_the_request_again() {
     let r = c.get(&format!("http://{timing_out}/")).await;
     assert_eq!(r.status, 408);
     assert_eq!(peers.lock().unwrap().len(), 1);
-    // On a reused connection, for a request that may not go again (a POST
-    // whose head went), the 408 is the answer too, not a 502.
-    let (keeps_one, peers) = recording_server(|mut s: TcpStream| async move {
-        if read_head(&mut s).await.is_empty() {
-            return;
-        }
-        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").await;
-        if !read_head(&mut s).await.is_empty() {
+}
+
+/// A request that may not be sent twice (a POST or PATCH without a body)
+/// goes on a new connection, as squid sends it: on a reused one, the
+/// destination's idle close crossing it was a 502 (it may not be sent
+/// again once its head went). One that may be (an `Idempotency-Key`)
+/// takes the reused one, and goes again on a new one after such a close.
+#[tokio::test]
+async fn a_request_that_may_not_go_twice_takes_a_new_connection() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Each connection's first request answered, its second met by the
+    // close (the idle close crossing it).
+    let heads = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = heads.clone();
+    let (keeps_one, peers) = recording_server(move |mut s: TcpStream| {
+        let heads = counted.clone();
+        async move {
+            if read_head(&mut s).await.is_empty() {
+                return;
+            }
+            heads.fetch_add(1, Ordering::SeqCst);
             let _ = s
-                .write_all(b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n")
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
                 .await;
+            if !read_head(&mut s).await.is_empty() {
+                heads.fetch_add(1, Ordering::SeqCst);
+            }
         }
     })
     .await;
     let url = format!("http://{keeps_one}/");
+    let mut c = ProxyConn::open(worker.addr).await;
+    let mut connections = 1;
     assert_eq!(c.get(&url).await.status, 200);
-    let post = hyper::Request::post(&url)
+    for method in ["POST", "PATCH"] {
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(&url)
+            .body(http_body_util::Full::default())
+            .unwrap();
+        assert_eq!(c.send(req).await.status, 200, "{method}");
+        connections += 1;
+        assert_eq!(peers.lock().unwrap().len(), connections, "{method}");
+        assert_eq!(heads.load(Ordering::SeqCst), connections, "{method}");
+    }
+    // (The PATCH's connection, pooled after it, is reused and closes.)
+    let keyed = hyper::Request::post(&url)
+        .header("idempotency-key", "k1")
         .body(http_body_util::Full::default())
         .unwrap();
-    assert_eq!(c.send(post).await.status, 408);
-    assert_eq!(peers.lock().unwrap().len(), 1);
+    assert_eq!(c.send(keyed).await.status, 200);
+    assert_eq!(peers.lock().unwrap().len(), connections + 1);
+    assert_eq!(heads.load(Ordering::SeqCst), connections + 2);
 }
 
 /// A peer's process is the one the kernel names, not the one its Hello

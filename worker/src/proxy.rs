@@ -1254,10 +1254,12 @@ impl Proxy {
         // a body is not pooled again after it (see `h1`), and on a reused
         // one the destination's idle close, crossing the upload, failed
         // the request with a 502 that could not be retried (the body is
-        // gone once sent).
+        // gone once sent). So does one that may not be sent twice (a
+        // POST without a body), as squid sends it: a reused connection's
+        // close crossing it was a 502 too.
         let pooled = match body {
-            None => self.upstream.checkout(&key),
-            Some(_) => None,
+            None if idempotent(&parts.method, &fields) => self.upstream.checkout(&key),
+            _ => None,
         };
         let (mut conn, reused) = match pooled {
             Some(c) => (c, true),
@@ -1939,12 +1941,18 @@ fn own_answer(parts: &request::Parts, fields: &Fields) -> Response<Full<Bytes>> 
 /// do (RFC 9110 §9.2.2), only idempotent requests are re-sent, unless
 /// nothing of the request was written.
 fn may_resend(method: &Method, fields: &Fields, e: &h1::Error, written: bool) -> bool {
+    e.before_response() && (!written || idempotent(method, fields))
+}
+
+/// Whether a request may be sent twice (RFC 9110 §9.2.2): its method is
+/// idempotent, or it carries an `Idempotency-Key`.
+#[inline]
+fn idempotent(method: &Method, fields: &Fields) -> bool {
     static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
-    let idempotent = matches!(
+    matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    ) || fields.get(&IDEMPOTENCY_KEY).is_some();
-    e.before_response() && (!written || idempotent)
+    ) || fields.get(&IDEMPOTENCY_KEY).is_some()
 }
 
 /// The method an access line names for a request not read (`-`), or a
