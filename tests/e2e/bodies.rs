@@ -168,6 +168,93 @@ async fn chunked_wins_over_a_content_length_from_the_origin() {
     }
 }
 
+/// A body whose end is the close (to an HTTP/1.0 client) that rotor cuts
+/// itself — the destination silent mid-body for `--idle-timeout` — ends
+/// in a reset, as one the destination breaks off does: it ended in a FIN,
+/// and the client stored the cut body as whole. Its access line says the
+/// destination stalled (`http_response_timeout`), not `client_closed`; so
+/// does an HTTP/1.1 client's (a chunked body without its last chunk).
+#[tokio::test]
+async fn a_body_rotor_cuts_reaches_an_http_1_0_client_as_a_reset() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let args = [
+        "--idle-timeout",
+        "1s",
+        "--access-log",
+        log.to_str().unwrap(),
+        "--access-log-format",
+        "json",
+    ];
+    let worker = Worker::start(&alloc.socket, &args).await;
+    // A chunk, then silence (the connection held open).
+    let (addr, _) = recording_server(|mut s: TcpStream| async move {
+        let mut b = [0u8; 4096];
+        let _ = s.read(&mut b).await;
+        let head = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\npart1-\r\n";
+        let _ = s.write_all(head.as_bytes()).await;
+        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+    })
+    .await;
+    for version in ["1.0", "1.1"] {
+        let mut s = TcpStream::connect(worker.addr).await.unwrap();
+        let req = format!("GET http://{addr}/ HTTP/{version}\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let end = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.contains("part1-"), "{text}");
+        match version {
+            "1.0" => {
+                let e = end.expect_err(&format!("a cut body ended cleanly: {text}"));
+                assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+            }
+            // (Its chunked body, without its last chunk, says so.)
+            _ => assert!(!text.ends_with("0\r\n\r\n"), "{text}"),
+        }
+    }
+    eventually("both lines", || async { json_lines(&log).len() == 2 }).await;
+    for line in json_lines(&log) {
+        assert_eq!(line["error"], "http_response_timeout", "{line}");
+    }
+    // Cut by the worker's stop (its drain ran out): a reset too, and
+    // `client_closed`, as the stop's warning says.
+    let log = dir.path().join("stopping.log");
+    let args = [
+        "--drain-timeout",
+        "1s",
+        "--access-log",
+        log.to_str().unwrap(),
+        "--access-log-format",
+        "json",
+    ];
+    let stopping = Worker::start(&alloc.socket, &args).await;
+    let mut s = TcpStream::connect(stopping.addr).await.unwrap();
+    let req = format!("GET http://{addr}/ HTTP/1.0\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    while !String::from_utf8_lossy(&out).contains("part1-") {
+        let mut b = [0u8; 1024];
+        let n = tokio::time::timeout(PATIENCE, s.read(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&b[..n]);
+    }
+    stopping.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    let end = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
+        .await
+        .unwrap();
+    let e = end.expect_err("a body cut by the stop ended cleanly");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
+    eventually("its line", || async { json_lines(&log).len() == 1 }).await;
+    assert_eq!(json_lines(&log)[0]["error"], "client_closed");
+}
+
 /// A body the destination cuts short reaches an HTTP/1.0 client (whose
 /// answer's end is the close: no length) as a reset, not a FIN: a client
 /// reading to the close took the cut body for the whole one. Cut mid-chunk,

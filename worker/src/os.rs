@@ -193,17 +193,22 @@ pub fn reset_at_close(fd: std::os::fd::RawFd) {
     let _ = socket2::SockRef::from(&fd).set_linger(Some(std::time::Duration::ZERO));
 }
 
+/// A descriptor of its own on the socket `fd` (open while the caller asks),
+/// which keeps the socket open until it closes too.
+pub fn held(fd: std::os::fd::RawFd) -> std::io::Result<std::os::fd::OwnedFd> {
+    // SAFETY: open while the caller asks; a borrow for the one call,
+    // duplicated into a descriptor of its own.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    fd.try_clone_to_owned()
+}
+
 /// A stream of its own on the client socket `fd`, to watch it for its end
 /// (a duplicate: registered with the reactor apart, closed apart).
 ///
 /// `fd` must be open: the caller's connection, whose request is being
 /// served (hyper's connection holds it while it polls the request).
 pub fn watchable(fd: std::os::fd::RawFd) -> std::io::Result<tokio::net::TcpStream> {
-    // SAFETY: open while the caller asks (above); a borrow for the one
-    // call, duplicated into a descriptor of its own.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let own = fd.try_clone_to_owned()?;
-    tokio::net::TcpStream::from_std(std::net::TcpStream::from(own))
+    tokio::net::TcpStream::from_std(std::net::TcpStream::from(held(fd)?))
 }
 
 /// The C library's text for getaddrinfo's error `code` (`gai_strerror`),

@@ -718,6 +718,7 @@ impl Proxy {
     /// Ends the tunnels still open (the drain's time is up), each with its
     /// bytes counted and its access-log line.
     pub fn cut_tunnels(&self) {
+        WORKER_CUT.store(true, std::sync::atomic::Ordering::Relaxed);
         self.tunnels_cut.cancel();
     }
 
@@ -2409,6 +2410,15 @@ pub(crate) fn still_stands(standing: Option<&Standing>) -> Result<(), ProxyError
 /// and its error.
 pub(crate) const CLIENT_CLOSED: u16 = 499;
 pub(crate) const CLIENT_CLOSED_ERROR: &str = "client_closed";
+
+/// The worker's stop cut what was still open (`Proxy::cut_tunnels`): a
+/// response cut then is `client_closed`, whatever it waited for.
+static WORKER_CUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the worker's stop cut what was still open.
+pub(crate) fn worker_cut() -> bool {
+    WORKER_CUT.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// The error of a request the worker dropped as it stopped (a drain that
 /// ran out): logged 503, as the connection closes with no answer.

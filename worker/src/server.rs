@@ -699,6 +699,7 @@ impl Serving {
                     // (the destination's was chunked, or ended at its
                     // close): its end is the close, and hyper's server
                     // said `keep-alive` on it to a keep-alive client.
+                    let mut ends_at_close = false;
                     if let Ok(r) = &mut resp {
                         let goes_on = (tunnel && r.status().is_success())
                             || r.status() == hyper::StatusCode::SWITCHING_PROTOCOLS;
@@ -707,6 +708,7 @@ impl Serving {
                             && !bodiless
                             && hyper::body::Body::size_hint(r.body()).exact().is_none()
                             && !r.headers().contains_key(hyper::header::CONTENT_LENGTH);
+                        ends_at_close = unframed;
                         // So does a 407 behind a front (see `fast::Conn::fronted`).
                         let relogin = crate::fast::relogin(fronted, r.status());
                         if (told.carried_body() || stopping.is_cancelled() || unframed || relogin)
@@ -724,9 +726,22 @@ impl Serving {
                         }
                     }
                     let Ok(resp) = resp;
+                    // A body whose end is the close, cut by rotor (the
+                    // destination silent for --idle-timeout, the drain cut,
+                    // a client not reading) ends in a reset, as one the
+                    // destination broke off does (`body_broke`): a FIN
+                    // passed for the whole body. (On the socket's own
+                    // descriptor, held till then: however the connection
+                    // ends, its close is the last holder's.)
+                    let resets = match (ends_at_close, watch_fd) {
+                        (true, Some(fd)) => crate::os::held(fd).ok(),
+                        _ => None,
+                    };
                     Ok(resp.map(|body| Streamed {
                         body,
                         _going: Sent::new(&sending),
+                        resets,
+                        ended: false,
                     }))
                 }
             });
@@ -902,7 +917,7 @@ where
             _ = activity.write_stuck_for(idle) => break Ok(()),
             _ = activity.idle_for(idle) => {
                 if waiting.load(Ordering::Relaxed) == 0 {
-                    debug!("client connection stuck (not reading); dropped");
+                    debug!("client connection idle (the client not reading, or the destination not sending); dropped");
                     break Ok(());
                 }
                 activity.touch();
@@ -1344,6 +1359,20 @@ const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
 struct Streamed {
     body: crate::proxy::ProxyBody,
     _going: Sent,
+    /// The client's socket, for a body whose end is its close: dropped
+    /// before that end, the close is made a reset.
+    resets: Option<std::os::fd::OwnedFd>,
+    ended: bool,
+}
+
+impl Drop for Streamed {
+    fn drop(&mut self) {
+        if let Some(fd) = &self.resets {
+            if !self.ended && !hyper::body::Body::is_end_stream(&self.body) {
+                crate::os::reset_at_close(std::os::fd::AsRawFd::as_raw_fd(fd));
+            }
+        }
+    }
 }
 
 /// A connection's responses whose body is still going out.
@@ -1394,7 +1423,11 @@ impl hyper::body::Body for Streamed {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let r = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(None) = r {
+            self.ended = true;
+        }
+        r
     }
 
     fn is_end_stream(&self) -> bool {

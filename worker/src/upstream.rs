@@ -272,6 +272,9 @@ pub struct PooledBody {
     /// What broke it, as a `Proxy-Status` error type (a body that ended
     /// whole says so: `is_end_stream`).
     broken: Option<&'static str>,
+    /// Its last poll waited for the destination: dropped so, it was cut
+    /// while the destination sent nothing.
+    awaiting: bool,
 }
 
 impl Drop for PooledBody {
@@ -284,10 +287,16 @@ impl Drop for PooledBody {
             e.sent = sent;
             e.received = self.received;
             // A response cut short says so (it read as a whole 200): what
-            // broke it at the destination, or else its client went away,
-            // stopped reading, or the worker stopped.
+            // broke it at the destination; its going silent till the
+            // connection was dropped as idle (it read as the client's
+            // going); or else its client went away, stopped reading, or
+            // the worker stopped.
             let whole = self.inner.is_end_stream();
-            let cut = self.broken.or((!whole).then_some("client_closed"));
+            let cut = match (self.awaiting, crate::proxy::worker_cut()) {
+                (true, false) => "http_response_timeout",
+                _ => "client_closed",
+            };
+            let cut = self.broken.or((!whole).then_some(cut));
             e.error = e.error.or(cut);
             log.log(&e);
         }
@@ -312,6 +321,7 @@ impl PooledBody {
             received: 0,
             access: None,
             broken: None,
+            awaiting: false,
         };
         // An empty body (HEAD, 204, 304, Content-Length: 0) may never be
         // polled.
@@ -348,6 +358,7 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, crate::h1::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
+        self.awaiting = r.is_pending();
         if let Poll::Ready(Some(Ok(f))) = &r {
             if let Some(d) = f.data_ref() {
                 self.received += d.len() as u64;
