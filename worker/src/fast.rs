@@ -512,6 +512,14 @@ fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
         }
         _ => return Take::NotMine,
     };
+    // A target with `"`, `<` or `>` (curl sends them as typed; `http::Uri`
+    // refuses them, and hyper's server answered a bare 400): encoded, as a
+    // browser sends them (the URL standard's percent-encode sets), for
+    // this path or hyper's, which is handed the bytes.
+    if let Some((at, len)) = unsafe_target(buf, req.path) {
+        encode_target(buf, at, len);
+        return take_request(buf, max_head);
+    }
     let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
         return Take::NotMine;
     };
@@ -571,7 +579,17 @@ fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
 pub fn take_all_for_fuzzing(data: &[u8]) {
     let mut buf = BytesMut::from(data);
     loop {
-        let before = buf.clone();
+        let mut before = buf.clone();
+        // (A target of `"`, `<` or `>` goes on encoded.)
+        let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut []);
+        if let Ok(httparse::Status::Complete(_)) =
+            req.parse_with_uninit_headers(&before, &mut slots)
+        {
+            if let Some((at, len)) = unsafe_target(&before, req.path) {
+                encode_target(&mut before, at, len);
+            }
+        }
         match take_request(&mut buf, 8192) {
             Take::Request { body, .. } => {
                 assert!(buf.len() < before.len(), "a request took no bytes");
@@ -598,6 +616,32 @@ pub fn take_all_for_fuzzing(data: &[u8]) {
 #[cfg(test)]
 pub(crate) fn take_for_tests(buf: &mut BytesMut) -> bool {
     matches!(take_request(buf, 8192), Take::Request { .. })
+}
+
+/// Where in `buf` the absolute-form target `path` (parsed from it) is, if
+/// it holds a `"`, `<` or `>`.
+fn unsafe_target(buf: &[u8], path: Option<&str>) -> Option<(usize, usize)> {
+    let path = path.filter(|p| p.starts_with("http://"))?;
+    path.bytes()
+        .any(|b| matches!(b, b'"' | b'<' | b'>'))
+        .then(|| (path.as_ptr() as usize - buf.as_ptr() as usize, path.len()))
+}
+
+/// The target at `at` (`len` bytes) of the head in `buf` with its `"`, `<`
+/// and `>` percent-encoded.
+fn encode_target(buf: &mut BytesMut, at: usize, len: usize) {
+    let mut out = BytesMut::with_capacity(buf.len() + 2 * len);
+    out.extend_from_slice(&buf[..at]);
+    for &b in &buf[at..at + len] {
+        match b {
+            b'"' => out.extend_from_slice(b"%22"),
+            b'<' => out.extend_from_slice(b"%3C"),
+            b'>' => out.extend_from_slice(b"%3E"),
+            b => out.extend_from_slice(&[b]),
+        }
+    }
+    out.extend_from_slice(&buf[at + len..]);
+    *buf = out;
 }
 
 /// Puts a head taken off `buf` back in front of it (a rare path: a target
@@ -1079,6 +1123,22 @@ mod tests {
             Take::Refused(crate::error::ProxyError::HeadTooLarge { .. })
         ));
         assert_eq!(big, before);
+    }
+
+    /// `"`, `<` and `>` in a target are encoded, for this path and for
+    /// hyper's (an HTTP/1.0 request, handed over encoded), the rest of
+    /// the buffer kept.
+    #[test]
+    fn quotes_and_angle_brackets_in_a_target_are_encoded() {
+        let (t, buf) = take("GET http://a.test/x?q=\"a\"&b=<c> HTTP/1.1\r\n\r\nnext");
+        let Take::Request { parts, .. } = t else {
+            panic!("not taken")
+        };
+        assert_eq!(parts.uri, "http://a.test/x?q=%22a%22&b=%3Cc%3E");
+        assert_eq!(&buf[..], b"next");
+        let (t, buf) = take("GET http://a.test/<x> HTTP/1.0\r\n\r\nnext");
+        assert!(matches!(t, Take::NotMine));
+        assert_eq!(&buf[..], b"GET http://a.test/%3Cx%3E HTTP/1.0\r\n\r\nnext");
     }
 
     #[test]
