@@ -304,6 +304,26 @@ pub fn write_hand(path: &Path, outs: &[HandOut]) -> io::Result<()> {
 /// resumes it.
 pub const ORDER_KEY_FILE_NAME: &str = "order.key";
 
+/// Made beside the key when prefixes are first leased each in an order of
+/// its own (`rotor_protocol::Order::by_prefix`; an allocator of an older
+/// release, the key's order alone, ignores it): a position saved without
+/// it was saved in the key's order.
+pub const ORDER_BY_PREFIX_FILE_NAME: &str = "order.by-prefix";
+
+/// Whether `dir`'s positions were saved in the key's order alone (no
+/// `ORDER_BY_PREFIX_FILE_NAME` there); the file made now, so this says
+/// so once.
+pub fn order_by_prefix_new(dir: &Path) -> bool {
+    let path = dir.join(ORDER_BY_PREFIX_FILE_NAME);
+    if std::fs::symlink_metadata(&path).is_ok() {
+        return false;
+    }
+    let text =
+        "prefixes are leased each in an order of its own (the order key mixed with the prefix)\n";
+    let _ = replace_file(&path, text.as_bytes());
+    true
+}
+
 /// The order key kept in `dir`, made (and kept) if there is none, and
 /// whether it was made now. One that does not read is set aside as
 /// `order.key.corrupt` and replaced: the order of prefixes starts over,

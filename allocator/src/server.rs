@@ -424,14 +424,14 @@ pub async fn run(
     };
     // The order prefixes are leased in: the state directory's key (the
     // lock on it held), else one of this run's own.
+    // A position saved under no key (an upgrade) or another (the key file
+    // lost), or in the key's order alone (an upgrade), is not one in this
+    // order: said once the position is known (below).
+    let mut order_new = None;
     let key = match (&config.state_dir, &state) {
         (Some(dir), Some(_)) => match crate::persist::order_key(dir) {
             Ok((key, made)) => {
-                // A position saved under no key (an upgrade) or another
-                // (the key file lost) is not one in this order.
-                if made && saved.seq > 0 {
-                    info!(dir = %dir.display(), "order key made: the pool's prefixes are leased in this host's own order from now on, each continuing at its saved address's place in that order (a /64's is past the cursor's reach: it starts at its first)");
-                }
+                order_new = Some((dir.clone(), made, crate::persist::order_by_prefix_new(dir)));
                 Ok(key)
             }
             Err(e) => {
@@ -480,6 +480,15 @@ pub async fn run(
                 };
             }
         }
+    }
+    match order_new {
+        Some((dir, true, _)) if saved.seq > 0 => {
+            info!(dir = %dir.display(), "order key made: the pool's prefixes are leased in this host's own order from now on, each continuing at its saved address's place in that order (a /64's is past the cursor's reach: it starts at its first)");
+        }
+        Some((dir, false, true)) if saved.seq > 0 => {
+            warn!(dir = %dir.display(), "prefixes are leased each in an order of its own from now on (this release's order: the key mixed with the prefix), each continuing at its saved address's place in that order (a /64's is past the cursor's reach: it starts at its first); a prefix partly leased may lease some of its addresses again before its cycle ends");
+        }
+        _ => {}
     }
     // Who may connect may map it: the socket's own mode and group (a
     // passed socket's are systemd's `SocketMode=` and `SocketGroup=`, not

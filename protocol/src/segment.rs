@@ -23,7 +23,7 @@
 //! The key is mixed with each prefix's address ([`Order::by_prefix`]), so
 //! each prefix has an order of its own. With the host's key alone, every
 //! prefix of a size leased the same host parts in the same order: two /96s
-//! (or IPv4 /24s) of one pool leased the same host parts side by side, and
+//! (or IPv4 /15s) of one pool leased the same host parts side by side, and
 //! a renumbered /64 the old one's interface IDs, which tied them together
 //! for any destination that saw both. Tables of allocators from before it are
 //! leased in the key's order alone.
@@ -692,7 +692,7 @@ mod tests {
     fn each_prefix_is_leased_in_an_order_of_its_own() {
         let host = |ip: IpAddr, len: u8| to_u128(ip) & mask(128 - len);
         for key in KEYS {
-            for len in [64u8, 48, 112] {
+            for len in [64u8, 48, 96] {
                 let a = Segment::prefix("2001:db8:a::".parse().unwrap(), len).unwrap();
                 let b = Segment::prefix("2001:db8:b::".parse().unwrap(), len).unwrap();
                 let parts = |s: Segment, order: Order| -> HashSet<u128> {
@@ -704,15 +704,15 @@ mod tests {
                 let shared = parts(a, Order::of(key))
                     .intersection(&parts(b, Order::of(key)))
                     .count();
-                // (A /112 has 65 536 host parts: two draws of 64 share
-                // none by chance at about 6 %; these keys share none.)
                 assert_eq!(shared, 0, "/{len}");
             }
-            let p = Segment::prefix("10.1.2.0".parse().unwrap(), 24).unwrap();
-            let q = Segment::prefix("10.1.3.0".parse().unwrap(), 24).unwrap();
+            // (IPv4 prefixes past 65 536 addresses: smaller ones are
+            // listed address by address.)
+            let p = Segment::prefix("10.2.0.0".parse().unwrap(), 15).unwrap();
+            let q = Segment::prefix("10.4.0.0".parse().unwrap(), 15).unwrap();
             let walk = |s: Segment| -> Vec<u128> {
                 (0..256u128)
-                    .map(|i| host(s.at_with(i, Order::of(key)), 120))
+                    .map(|i| host(s.at_with(i, Order::of(key)), 111))
                     .collect()
             };
             assert_ne!(walk(p), walk(q));

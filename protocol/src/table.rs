@@ -298,13 +298,17 @@ pub struct TableSnapshot {
     /// The pool in order (IPv4 entries, then IPv6), with the leases each
     /// entry was given.
     pub pool: Vec<(Segment, u64)>,
+    /// The order its prefixes were leased in (the table's).
+    pub order: crate::segment::Order,
 }
 
 impl TableSnapshot {
-    /// The address the next lease of `family` would return.
+    /// The address the next lease of `family` would return, in the
+    /// table's order (a killed allocator's, of an older release, is read
+    /// in its own).
     pub fn next_due(&self, family: Family) -> Option<IpAddr> {
         let entries: Vec<Segment> = self.pool.iter().map(|(s, _)| *s).collect();
-        address_at(&entries, family, self.cursors[family.index()])
+        address_at_in(&entries, family, self.cursors[family.index()], self.order)
     }
 
     /// The cursor of `family`.
@@ -343,11 +347,21 @@ pub fn unreached(entries: &[Segment]) -> Vec<Segment> {
 
 /// The address at index `i` of `family`'s rotation over `entries`.
 pub fn address_at(entries: &[Segment], family: Family, i: u64) -> Option<IpAddr> {
+    address_at_in(entries, family, i, crate::segment::order())
+}
+
+/// `address_at` in `order`.
+fn address_at_in(
+    entries: &[Segment],
+    family: Family,
+    i: u64,
+    order: crate::segment::Order,
+) -> Option<IpAddr> {
     let mut first = 0u64;
     for e in entries.iter().filter(|e| e.family() == family) {
         let len = u64::try_from(e.len()).unwrap_or(u64::MAX);
         if i - first < len {
-            return Some(e.at(u128::from(i - first)));
+            return Some(e.at_with(u128::from(i - first), order));
         }
         first = first.saturating_add(len);
         if first > i {
@@ -1372,6 +1386,7 @@ impl LeaseTable {
             seq: self.word(SEQ).load(Ordering::Relaxed),
             closed: s[0] & CLOSED != 0,
             pool,
+            order: self.order(),
         }
     }
 
@@ -1538,6 +1553,38 @@ mod tests {
     }
 
     use super::*;
+
+    /// A table's next address is read in the table's own order: a killed
+    /// allocator's of an older release (its prefixes by the key alone) was
+    /// read in this one's, and the rotation resumed at an address the old
+    /// one would never have handed out.
+    #[test]
+    fn a_tables_next_address_is_read_in_its_own_order() {
+        let seg: Segment = "2001:db8:5::/96".parse().unwrap();
+        let key = [7, 8, 9, 10];
+        let by_key = crate::segment::Order {
+            key,
+            by_prefix: false,
+        };
+        let snapshot = |order| TableSnapshot {
+            generation: 1,
+            cursors: [0, 500],
+            seq: 500,
+            closed: true,
+            pool: vec![(seg, 500)],
+            order,
+        };
+        for order in [by_key, crate::segment::Order::of(key)] {
+            assert_eq!(
+                snapshot(order).next_due(Family::V6),
+                Some(seg.at_with(500, order))
+            );
+        }
+        assert_ne!(
+            seg.at_with(500, by_key),
+            seg.at_with(500, crate::segment::Order::of(key))
+        );
+    }
 
     #[test]
     fn walks_follow_the_rotation_as_address_at_does() {

@@ -1588,3 +1588,33 @@ fn a_vast_prefix_leaves_no_idle_connections_but_a_session_keeps_one() {
         },
     );
 }
+
+/// A state directory whose position was saved in the key's order alone
+/// (an allocator of minor 17 or before: no `order.by-prefix` there) is
+/// said once, at the first start of this release: each prefix continues
+/// at its saved address's place in its own order, and one partly leased
+/// may lease some addresses again. Nothing told of it.
+#[tokio::test]
+async fn an_order_saved_by_the_key_alone_is_said_once() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let log = dir.path().join("allocator.log");
+    let pool = ["--pool", "127.0.0.2-127.0.0.3"];
+    let marker = dir.path().join("state/order.by-prefix");
+    let said_new = || said(&log, "prefixes are leased each in an order of its own");
+    {
+        let alloc = Allocator::start_logging(dir.clone(), &pool, &log).await;
+        // A fresh state directory is no upgrade.
+        assert!(marker.exists());
+        let worker = Worker::start(&alloc.socket, &[]).await;
+        let origin = Origin::start().await;
+        assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
+    }
+    assert_eq!(said_new(), 0);
+    // As an older release left it.
+    std::fs::remove_file(&marker).unwrap();
+    drop(Allocator::start_logging(dir.clone(), &pool, &log).await);
+    assert_eq!(said_new(), 1);
+    assert!(marker.exists());
+    drop(Allocator::start_logging(dir.clone(), &pool, &log).await);
+    assert_eq!(said_new(), 0, "said again");
+}
