@@ -488,7 +488,7 @@ fn check_summary(t: &crate::cli::worker::WorkerSettingsTuning) {
         d(p.connect_timeout),
         d(p.response_timeout),
         d(c.header_read_timeout),
-        d(c.idle_timeout),
+        d(p.idle_timeout),
         d(p.tunnel_idle_timeout),
         d(c.drain_timeout)
     );

@@ -486,6 +486,7 @@ impl WorkerFlags {
             config: rotor_worker::Config {
                 proxy: rotor_worker::proxy::ProxyConfig {
                     connect_timeout: w.connect_timeout,
+                    idle_timeout: w.idle_timeout,
                     response_timeout: w.response_timeout,
                     upstream_idle_timeout: w.upstream_idle_timeout,
                     upstream_max_idle: w.upstream_max_idle,
@@ -508,7 +509,6 @@ impl WorkerFlags {
                     // Opened by `open_access_log`, when the worker runs.
                     access_log: None,
                 },
-                idle_timeout: w.idle_timeout,
                 max_connections: w.max_connections,
                 max_client_connections: w.max_client_connections,
                 proxy_protocol: rotor_worker::proxied::Trusted::new(w.proxy_protocol_from),

@@ -197,9 +197,15 @@ async fn a_body_rotor_cuts_reaches_an_http_1_0_client_as_a_reset() {
         tokio::time::sleep(std::time::Duration::from_secs(30)).await;
     })
     .await;
-    for version in ["1.0", "1.1"] {
+    for (version, req) in [
+        ("1.0", "GET http://{addr}/ HTTP/1.0\r\n\r\n"),
+        (
+            "1.1",
+            "GET http://{addr}/ HTTP/1.1\r\nConnection: close\r\n\r\n",
+        ),
+    ] {
         let mut s = TcpStream::connect(worker.addr).await.unwrap();
-        let req = format!("GET http://{addr}/ HTTP/{version}\r\nConnection: close\r\n\r\n");
+        let req = req.replace("{addr}", &addr.to_string());
         s.write_all(req.as_bytes()).await.unwrap();
         let mut out = Vec::new();
         let end = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
@@ -220,39 +226,48 @@ async fn a_body_rotor_cuts_reaches_an_http_1_0_client_as_a_reset() {
     for line in json_lines(&log) {
         assert_eq!(line["error"], "http_response_timeout", "{line}");
     }
-    // Cut by the worker's stop (its drain ran out): a reset too, and
-    // `client_closed`, as the stop's warning says.
-    let log = dir.path().join("stopping.log");
-    let args = [
-        "--drain-timeout",
-        "1s",
-        "--access-log",
-        log.to_str().unwrap(),
-        "--access-log-format",
-        "json",
-    ];
-    let stopping = Worker::start(&alloc.socket, &args).await;
-    let mut s = TcpStream::connect(stopping.addr).await.unwrap();
-    let req = format!("GET http://{addr}/ HTTP/1.0\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    while !String::from_utf8_lossy(&out).contains("part1-") {
-        let mut b = [0u8; 1024];
-        let n = tokio::time::timeout(PATIENCE, s.read(&mut b))
+    // In the worker's stop: cut by its drain running out (`client_closed`,
+    // as the stop's warning says), and by the idle timeout within the
+    // drain, whose connection closes lingering (its shutdown sent a FIN
+    // before the reset). A reset both.
+    for (drain, idle, error) in [
+        ("1s", "60s", "client_closed"),
+        ("10s", "1s", "http_response_timeout"),
+    ] {
+        let log = dir.path().join(format!("stopping-{drain}.log"));
+        let args = [
+            "--drain-timeout",
+            drain,
+            "--idle-timeout",
+            idle,
+            "--access-log",
+            log.to_str().unwrap(),
+            "--access-log-format",
+            "json",
+        ];
+        let stopping = Worker::start(&alloc.socket, &args).await;
+        let mut s = TcpStream::connect(stopping.addr).await.unwrap();
+        let req = format!("GET http://{addr}/ HTTP/1.0\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        while !String::from_utf8_lossy(&out).contains("part1-") {
+            let mut b = [0u8; 1024];
+            let n = tokio::time::timeout(PATIENCE, s.read(&mut b))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "{}", String::from_utf8_lossy(&out));
+            out.extend_from_slice(&b[..n]);
+        }
+        stopping.proc.signal(nix::sys::signal::Signal::SIGTERM);
+        let end = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
             .await
-            .unwrap()
             .unwrap();
-        assert!(n > 0, "{}", String::from_utf8_lossy(&out));
-        out.extend_from_slice(&b[..n]);
+        let e = end.expect_err(&format!("a body cut in the stop ended cleanly ({drain})"));
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{drain}");
+        eventually("its line", || async { json_lines(&log).len() == 1 }).await;
+        assert_eq!(json_lines(&log)[0]["error"], error, "{drain}");
     }
-    stopping.proc.signal(nix::sys::signal::Signal::SIGTERM);
-    let end = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out))
-        .await
-        .unwrap();
-    let e = end.expect_err("a body cut by the stop ended cleanly");
-    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset);
-    eventually("its line", || async { json_lines(&log).len() == 1 }).await;
-    assert_eq!(json_lines(&log)[0]["error"], "client_closed");
 }
 
 /// A body the destination cuts short reaches an HTTP/1.0 client (whose

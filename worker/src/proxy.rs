@@ -107,6 +107,10 @@ type Exchanged = (h1::ResponseHead, ResponseBody);
 pub struct ProxyConfig {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    /// A client connection with no bytes moving for this long is closed
+    /// (after the request in flight, if any): a response body whose
+    /// destination was silent this long was cut by it.
+    pub idle_timeout: Duration,
     /// How long an idle upstream connection is kept for the next request
     /// from the same source address to the same destination; zero: never.
     pub upstream_idle_timeout: Duration,
@@ -1350,7 +1354,7 @@ impl Proxy {
         // will come from it in time: a source of a vast rotation (a /64),
         // outside a sticky session.
         let home = (sticky || crate::lease::source_recurs(lease.ip)).then(|| self.upstream.clone());
-        let body = PooledBody::new(body, home, key, &self.meter);
+        let body = PooledBody::new(body, home, key, &self.meter, self.config.idle_timeout);
         self.expose_source(&mut resp_fields, lease);
         // RFC 9110 §6.2: rotor's own version, whatever the destination's
         // (hyper answers an HTTP/1.0 client in 1.0).

@@ -30,9 +30,6 @@ pub struct Config {
     /// How long in-flight requests and tunnels may take to finish on
     /// shutdown.
     pub drain_timeout: Duration,
-    /// A client connection with no bytes moving for this long is closed
-    /// (after the request in flight, if any).
-    pub idle_timeout: Duration,
     /// Most client connections (tunnels included) served at once; past it,
     /// new ones get an immediate 503.
     pub max_connections: usize,
@@ -471,7 +468,7 @@ impl Serving {
         };
         let activity = Activity::new();
         let stream = IdleIo::new(stream, activity.clone());
-        let idle_timeout = self.config.idle_timeout;
+        let idle_timeout = self.config.proxy.idle_timeout;
         let proxy = self.proxy.clone();
         let fast = crate::fast::Conn {
             proxy: proxy.clone(),
@@ -492,7 +489,7 @@ impl Serving {
                     + self
                         .config
                         .header_read_timeout
-                        .max(self.config.idle_timeout)
+                        .max(self.config.proxy.idle_timeout)
             }),
         };
         let acceptor = match (is_tls, &self.config.tls) {
@@ -733,7 +730,7 @@ impl Serving {
                     // passed for the whole body. (On the socket's own
                     // descriptor, held till then: however the connection
                     // ends, its close is the last holder's.)
-                    let resets = match (ends_at_close, watch_fd) {
+                    let resets = match (ends_at_close, fd) {
                         (true, Some(fd)) => crate::os::held(fd).ok(),
                         _ => None,
                     };
@@ -763,13 +760,19 @@ impl Serving {
                     .serve_connection(TokioIo::new(io), service)
                     .with_upgrades(),
             );
+            // Set where the connection is cut (idle, or its client not
+            // reading) rather than ended.
+            let cut = std::sync::atomic::AtomicBool::new(false);
             let result = tokio::select! {
                 r = conn.as_mut() => r,
-                _ = activity.write_stuck_for(idle_timeout) => Ok(()),
+                _ = activity.write_stuck_for(idle_timeout) => {
+                    cut.store(true, Ordering::Relaxed);
+                    Ok(())
+                }
                 _ = activity.idle_for(idle_timeout) => {
                     debug!("client connection idle; closing");
                     conn.as_mut().graceful_shutdown();
-                    until_finished(conn.as_mut(), &activity, idle_timeout, &waiting).await
+                    until_finished(conn.as_mut(), &activity, idle_timeout, &waiting, &cut).await
                 }
                 _ = stop.cancelled() => {
                     // Boxed: inline, its timers were room in every
@@ -812,14 +815,27 @@ impl Serving {
                             Some(r) => r,
                             None => {
                                 conn.as_mut().graceful_shutdown();
-                                until_finished(conn.as_mut(), &activity, idle_timeout, &waiting)
-                                    .await
+                                until_finished(
+                                    conn.as_mut(),
+                                    &activity,
+                                    idle_timeout,
+                                    &waiting,
+                                    &cut,
+                                )
+                                .await
                             }
                         }
                     })
                     .await
                 }
             };
+            // A response cut mid-body closes at once, not lingering (after
+            // an upload, in the drain): the lingering close's shutdown sent
+            // a FIN first, the clean end of a body whose end is the close
+            // (`Streamed` makes its close a reset).
+            if cut.load(Ordering::Relaxed) && streaming.count.load(Ordering::SeqCst) > 0 {
+                arrivals.no_linger();
+            }
             if let Err(e) = result {
                 let answered = hyper_answered(&e);
                 if let Some(status) = answered {
@@ -901,12 +917,13 @@ fn hyper_answered(e: &hyper::Error) -> Option<u16> {
 /// flight may finish while bytes move or the destination is still to
 /// answer; a client that stops reading (a write that never ends) is
 /// dropped after `idle`, and its upstream with it (also while draining:
-/// it held the drain to `--drain-timeout`).
+/// it held the drain to `--drain-timeout`); `cut` is set then.
 async fn until_finished<C, E>(
     mut conn: C,
     activity: &Activity,
     idle: Duration,
     waiting: &AtomicUsize,
+    cut: &std::sync::atomic::AtomicBool,
 ) -> Result<(), E>
 where
     C: std::future::Future<Output = Result<(), E>> + Unpin,
@@ -914,9 +931,13 @@ where
     loop {
         tokio::select! {
             r = &mut conn => break r,
-            _ = activity.write_stuck_for(idle) => break Ok(()),
+            _ = activity.write_stuck_for(idle) => {
+                cut.store(true, Ordering::Relaxed);
+                break Ok(());
+            }
             _ = activity.idle_for(idle) => {
                 if waiting.load(Ordering::Relaxed) == 0 {
+                    cut.store(true, Ordering::Relaxed);
                     debug!("client connection idle (the client not reading, or the destination not sending); dropped");
                     break Ok(());
                 }

@@ -272,10 +272,18 @@ pub struct PooledBody {
     /// What broke it, as a `Proxy-Status` error type (a body that ended
     /// whole says so: `is_end_stream`).
     broken: Option<&'static str>,
-    /// Its last poll waited for the destination: dropped so, it was cut
-    /// while the destination sent nothing.
-    awaiting: bool,
+    /// Since when (`coarse_ms`) its polls have waited for the destination,
+    /// if they do now; and how long a wait the client connection's idle
+    /// timeout cuts. Dropped after such a wait, it was cut by that timeout
+    /// while the destination sent nothing: not its client's going (which
+    /// the fast path's watch sees after 500 ms of a stall).
+    stalled_since: Option<u64>,
+    idle_cut_ms: u64,
 }
+
+/// What the idle cut of a stalled body may come short of its timeout by
+/// (the coarse clock's steps, the timer's).
+const IDLE_CUT_SLACK_MS: u64 = 100;
 
 impl Drop for PooledBody {
     fn drop(&mut self) {
@@ -292,9 +300,14 @@ impl Drop for PooledBody {
             // going); or else its client went away, stopped reading, or
             // the worker stopped.
             let whole = self.inner.is_end_stream();
-            let cut = match (self.awaiting, crate::proxy::worker_cut()) {
-                (true, false) => "http_response_timeout",
-                _ => "client_closed",
+            // (The idle watch fires that long after the last byte the
+            // client took, a moment after the body's last frame.)
+            let stalled = self.stalled_since.is_some_and(|t| {
+                crate::os::coarse_ms().saturating_sub(t) + IDLE_CUT_SLACK_MS >= self.idle_cut_ms
+            });
+            let cut = match stalled && !crate::proxy::worker_cut() {
+                true => "http_response_timeout",
+                false => "client_closed",
             };
             let cut = self.broken.or((!whole).then_some(cut));
             e.error = e.error.or(cut);
@@ -305,12 +318,14 @@ impl Drop for PooledBody {
 
 impl PooledBody {
     /// `inner`, whose connection goes back to `pool` under `key` once it
-    /// is done (`None`: closed, as one no request would ask for).
+    /// is done (`None`: closed, as one no request would ask for);
+    /// `idle_cut`, the client connection's idle timeout (see `stalled_since`).
     pub fn new(
         inner: ResponseBody,
         pool: Option<Arc<UpstreamPool>>,
         key: Key,
         meter: &Arc<crate::meter::Meter>,
+        idle_cut: std::time::Duration,
     ) -> PooledBody {
         let source = key.source;
         let mut body = PooledBody {
@@ -321,7 +336,8 @@ impl PooledBody {
             received: 0,
             access: None,
             broken: None,
-            awaiting: false,
+            stalled_since: None,
+            idle_cut_ms: u64::try_from(idle_cut.as_millis()).unwrap_or(u64::MAX),
         };
         // An empty body (HEAD, 204, 304, Content-Length: 0) may never be
         // polled.
@@ -358,7 +374,14 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, crate::h1::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
-        self.awaiting = r.is_pending();
+        match r.is_pending() {
+            true => {
+                if self.stalled_since.is_none() {
+                    self.stalled_since = Some(crate::os::coarse_ms());
+                }
+            }
+            false => self.stalled_since = None,
+        }
         if let Poll::Ready(Some(Ok(f))) = &r {
             if let Some(d) = f.data_ref() {
                 self.received += d.len() as u64;
