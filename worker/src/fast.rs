@@ -512,10 +512,11 @@ fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
         }
         _ => return Take::NotMine,
     };
-    // A target with `"`, `<` or `>` (curl sends them as typed; `http::Uri`
-    // refuses them, and hyper's server answered a bare 400): encoded, as a
-    // browser sends them (the URL standard's percent-encode sets), for
-    // this path or hyper's, which is handed the bytes.
+    // A target with `"`, `<`, `>` or the like that `http::Uri` refuses
+    // (curl sends them as typed; hyper's server answered a bare 400):
+    // encoded, as a browser sends them (the URL standard's percent-encode
+    // sets), for this path or hyper's, which is handed the bytes. One it
+    // takes goes on as sent.
     if let Some((at, len)) = unsafe_target(buf, req.path) {
         encode_target(buf, at, len);
         return take_request(buf, max_head);
@@ -580,14 +581,32 @@ pub fn take_all_for_fuzzing(data: &[u8]) {
     let mut buf = BytesMut::from(data);
     loop {
         let mut before = buf.clone();
-        // (A target of `"`, `<` or `>` goes on encoded.)
+        // (A target `http::Uri` refuses for a character a browser would
+        // have encoded goes on encoded: worked out here on its own.)
         let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
         let mut req = httparse::Request::new(&mut []);
         if let Ok(httparse::Status::Complete(_)) =
             req.parse_with_uninit_headers(&before, &mut slots)
         {
-            if let Some((at, len)) = unsafe_target(&before, req.path) {
-                encode_target(&mut before, at, len);
+            let path = req.path.unwrap_or_default();
+            let odd = b"\"<>`{}|\\^";
+            if path.starts_with("http://")
+                && path.bytes().any(|b| odd.contains(&b))
+                && path.parse::<Uri>().is_err()
+            {
+                let encoded: String = path
+                    .chars()
+                    .map(|c| match c.is_ascii() && odd.contains(&(c as u8)) {
+                        true => format!("%{:02X}", c as u32),
+                        false => c.to_string(),
+                    })
+                    .collect();
+                let start = path.as_ptr() as usize - before.as_ptr() as usize;
+                let end = start + path.len();
+                let mut expected = BytesMut::from(&before[..start]);
+                expected.extend_from_slice(encoded.as_bytes());
+                expected.extend_from_slice(&before[end..]);
+                before = expected;
             }
         }
         match take_request(&mut buf, 8192) {
@@ -618,26 +637,35 @@ pub(crate) fn take_for_tests(buf: &mut BytesMut) -> bool {
     matches!(take_request(buf, 8192), Take::Request { .. })
 }
 
-/// Where in `buf` the absolute-form target `path` (parsed from it) is, if
-/// it holds a `"`, `<` or `>`.
-fn unsafe_target(buf: &[u8], path: Option<&str>) -> Option<(usize, usize)> {
-    let path = path.filter(|p| p.starts_with("http://"))?;
-    path.bytes()
-        .any(|b| matches!(b, b'"' | b'<' | b'>'))
-        .then(|| (path.as_ptr() as usize - buf.as_ptr() as usize, path.len()))
+/// What a browser percent-encodes in a URL's path or query (the URL
+/// standard's sets, less the space, which ends the target) and
+/// `http::Uri` may refuse.
+fn encoded_in_targets(b: u8) -> bool {
+    matches!(
+        b,
+        b'"' | b'<' | b'>' | b'`' | b'{' | b'}' | b'|' | b'\\' | b'^'
+    )
 }
 
-/// The target at `at` (`len` bytes) of the head in `buf` with its `"`, `<`
-/// and `>` percent-encoded.
+/// Where in `buf` the absolute-form target `path` (parsed from it) is, if
+/// `http::Uri` refuses it for a character a browser would have encoded.
+fn unsafe_target(buf: &[u8], path: Option<&str>) -> Option<(usize, usize)> {
+    let path = path.filter(|p| p.starts_with("http://"))?;
+    if !path.bytes().any(encoded_in_targets) || Uri::try_from(path).is_ok() {
+        return None;
+    }
+    Some((path.as_ptr() as usize - buf.as_ptr() as usize, path.len()))
+}
+
+/// The target at `at` (`len` bytes) of the head in `buf` with what
+/// [`encoded_in_targets`] percent-encoded.
 fn encode_target(buf: &mut BytesMut, at: usize, len: usize) {
     let mut out = BytesMut::with_capacity(buf.len() + 2 * len);
     out.extend_from_slice(&buf[..at]);
     for &b in &buf[at..at + len] {
-        match b {
-            b'"' => out.extend_from_slice(b"%22"),
-            b'<' => out.extend_from_slice(b"%3C"),
-            b'>' => out.extend_from_slice(b"%3E"),
-            b => out.extend_from_slice(&[b]),
+        match encoded_in_targets(b) {
+            true => out.extend_from_slice(format!("%{b:02X}").as_bytes()),
+            false => out.extend_from_slice(&[b]),
         }
     }
     out.extend_from_slice(&buf[at + len..]);
@@ -1125,20 +1153,27 @@ mod tests {
         assert_eq!(big, before);
     }
 
-    /// `"`, `<` and `>` in a target are encoded, for this path and for
-    /// hyper's (an HTTP/1.0 request, handed over encoded), the rest of
-    /// the buffer kept.
+    /// `"`, `<`, `>` and the like in a target `http::Uri` refuses are
+    /// encoded, for this path and for hyper's (an HTTP/1.0 request,
+    /// handed over encoded), the rest of the buffer kept; one it takes
+    /// goes on as sent.
     #[test]
     fn quotes_and_angle_brackets_in_a_target_are_encoded() {
-        let (t, buf) = take("GET http://a.test/x?q=\"a\"&b=<c> HTTP/1.1\r\n\r\nnext");
+        let (t, buf) = take("GET http://a.test/x?q=\"a\"&b=<c>`d HTTP/1.1\r\n\r\nnext");
         let Take::Request { parts, .. } = t else {
             panic!("not taken")
         };
-        assert_eq!(parts.uri, "http://a.test/x?q=%22a%22&b=%3Cc%3E");
+        assert_eq!(parts.uri, "http://a.test/x?q=%22a%22&b=%3Cc%3E%60d");
         assert_eq!(&buf[..], b"next");
         let (t, buf) = take("GET http://a.test/<x> HTTP/1.0\r\n\r\nnext");
         assert!(matches!(t, Take::NotMine));
         assert_eq!(&buf[..], b"GET http://a.test/%3Cx%3E HTTP/1.0\r\n\r\nnext");
+        let (t, _) = take("GET http://a.test/x\"y?{z} HTTP/1.1\r\n\r\n");
+        let Take::Request { parts, .. } = t else {
+            panic!("not taken")
+        };
+        assert_eq!(parts.uri, "http://a.test/x\"y?{z}");
+        take_all_for_fuzzing(b"GET http://a.test/<x>?\"%22\" HTTP/1.0\r\n\r\nGET");
     }
 
     #[test]
