@@ -410,13 +410,15 @@ impl HostMetrics {
         number: u64,
     ) -> Vec<(String, u64)> {
         if number < self.leases_applied {
-            return entries
+            let mut out: Vec<(String, u64)> = entries
                 .iter()
                 .map(|(k, n, ..)| {
                     let total = self.leases_seen.get(k).map_or(*n, |(c, last)| c + last);
                     (k.clone(), total)
                 })
                 .collect();
+            self.held_other(&mut out);
+            return out;
         }
         self.leases_applied = number;
         let out: Vec<(String, u64)> = entries
@@ -434,17 +436,24 @@ impl HostMetrics {
             })
             .collect();
         let mut out = out;
-        if !out.iter().any(|(k, _)| k == "other") {
-            if let Some((carried, last)) = self.leases_seen.get("other") {
-                out.push(("other".into(), carried + last));
-            }
-        }
+        self.held_other(&mut out);
         // Entries gone from the pool are forgotten (a return starts over).
         if self.leases_seen.len() > out.len() {
             let keep: std::collections::HashSet<&String> = out.iter().map(|(k, _)| k).collect();
             self.leases_seen.retain(|k, _| keep.contains(k));
         }
         out
+    }
+}
+
+impl HostMetrics {
+    /// `other` held in `out` where no entry is past the cap now.
+    fn held_other(&self, out: &mut Vec<(String, u64)>) {
+        if !out.iter().any(|(k, _)| k == "other") {
+            if let Some((carried, last)) = self.leases_seen.get("other") {
+                out.push(("other".into(), carried + last));
+            }
+        }
     }
 }
 

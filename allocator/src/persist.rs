@@ -106,6 +106,8 @@ pub fn probe_unmade(dir: &Path) -> Result<(), PersistError> {
 /// but which was not passed every check, and each later save failed.
 fn file_made_there(dir: &Path) -> io::Result<()> {
     let trial = dir.join(format!(".{FILE_NAME}.check-{}", std::process::id()));
+    // (One left by a run killed here, of this pid: a container's pid 1.)
+    let _ = std::fs::remove_file(&trial);
     OpenOptions::new()
         .write(true)
         .create_new(true)
