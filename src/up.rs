@@ -1031,12 +1031,18 @@ async fn supervise(
                     drain_pause = (drain_pause * 2).min(DRAIN_RESTART_MOST);
                     continue;
                 }
-                if restarts.failed(&slot.name, &streaks, &signals) {
+                let clean = s.as_ref().is_ok_and(|s| s.success());
+                // Stopped cleanly by a signal from outside (an operator's
+                // SIGTERM to one child): no failed start, restarted after
+                // the first pause. Counted as one, it doubled the pause
+                // at each such stop, and the tenth in a row stopped
+                // rotor up, "failed 10 starts".
+                if clean {
+                    restarts.steady(&streaks);
+                } else if restarts.failed(&slot.name, &streaks, &signals) {
                     return;
                 }
-                match s.as_ref().is_ok_and(|s| s.success()) {
-                    // Stopped cleanly by a signal from outside (an
-                    // operator's SIGTERM to one worker).
+                match clean {
                     true => {
                         info!(child = %slot.name, retry_in = ?restarts.backoff, "stopped cleanly, not by rotor up; restarting")
                     }

@@ -1422,3 +1422,54 @@ async fn a_sighup_to_rotor_up_says_an_edited_file_is_not_applied() {
     up.signal(Signal::SIGHUP);
     eventually("the edit told", || async { said().contains(warning) }).await;
 }
+
+/// An operator's SIGTERM to `rotor up`'s allocator (a clean stop, not
+/// rotor up's) is no failed start: it is restarted after the first pause
+/// each time. Each counted as a failure, doubling the pause (1.6 s of
+/// 503s by the fifth), and the tenth in a row stopped rotor up.
+#[tokio::test]
+async fn clean_stops_of_a_child_are_no_failed_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let log = dir.path().join("up.log");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = [
+        "up",
+        "--workers=1",
+        "--pool=127.0.0.2",
+        "--no-state",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--listen",
+        &listen,
+    ];
+    let mut up = Proc::spawn_cmd(logging_at_info(ROTOR, &log), ROTOR, &args);
+    let answers = || {
+        std::process::Command::new(ROTOR)
+            .args(["status", "--socket", socket.to_str().unwrap()])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    for n in 1..=11 {
+        eventually("the allocator answering", || async { answers() }).await;
+        let allocator = allocator_of(up.pid().as_raw() as u32);
+        kill(Pid::from_raw(allocator), Signal::SIGTERM).unwrap();
+        eventually("its clean stop said", || async {
+            said(&log, "stopped cleanly, not by rotor up; restarting") == n
+        })
+        .await;
+        assert!(up.is_running(), "rotor up stopped after {n} clean stops");
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let pauses: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("stopped cleanly, not by rotor up"))
+        .filter_map(|l| l.split("retry_in=").nth(1))
+        .collect();
+    assert_eq!(pauses, ["100ms"; 11], "{text}");
+    eventually("the last allocator answering", || async { answers() }).await;
+    up.signal(Signal::SIGTERM);
+    assert!(up.wait(Duration::from_secs(20)).success());
+}
