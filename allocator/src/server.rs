@@ -992,6 +992,7 @@ async fn refresh_loop(
     // Whether the pool was empty at the last refresh (said once as it
     // empties, and once as it fills again).
     let mut was_empty = empty;
+    let mut was_all_out = false;
     let sooner = |tries: u32| {
         let next = UNREAD_RETRY.saturating_mul(1 << tries.min(20));
         (next < every).then_some(next)
@@ -1053,6 +1054,16 @@ async fn refresh_loop(
             _ => {}
         }
         was_empty = outcome.size == 0;
+        // So is a pool of which nothing is in rotation: every entry one
+        // this host cannot use, or taken out (it read as a success,
+        // `rotor reload` exit 0, with only each entry's line logged).
+        let all_out = outcome.size > 0 && alloc.addresses_in_rotation() == 0;
+        match (all_out, was_all_out) {
+            (true, false) => warn!(why, pool = outcome.size, "no address of the pool is in rotation (every entry is one this host cannot use, or taken out): every request is answered 503 until one is back; see `rotor status`"),
+            (false, true) if outcome.size > 0 => info!(why, "addresses of the pool are in rotation again"),
+            _ => {}
+        }
+        was_all_out = all_out;
         if let Some(r) = reply {
             let _ = r.send(outcome);
         }

@@ -277,6 +277,7 @@ async fn reload(control: &ControlArgs) -> ExitCode {
         }
         other => return report(other, |_| None),
     };
+    let addresses_in = addresses;
     let addresses = addresses.map_or(String::new(), |n| {
         format!("{} in ", count(n, "address", "addresses"))
     });
@@ -293,6 +294,9 @@ async fn reload(control: &ControlArgs) -> ExitCode {
     if size == 0 {
         bad = true;
         say!("rotor: the pool is empty: every request is answered 503 until a source lists an address");
+    } else if addresses_in == Some(0) {
+        bad = true;
+        say!("rotor: no address of the pool is in rotation (every entry is one this host cannot use, or taken out; see rotor status): every request is answered 503");
     }
     for (name, error) in failed {
         let kept = match name.starts_with(rotor_allocator::metrics::ADMIN_TOKEN_SOURCE) {
