@@ -226,12 +226,12 @@ async fn a_body_rotor_cuts_reaches_an_http_1_0_client_as_a_reset() {
     for line in json_lines(&log) {
         assert_eq!(line["error"], "http_response_timeout", "{line}");
     }
-    // In the worker's stop: cut by its drain running out (`client_closed`,
+    // In the worker's stop: cut by its drain running out (`worker_stopped`,
     // as the stop's warning says), and by the idle timeout within the
     // drain, whose connection closes lingering (its shutdown sent a FIN
     // before the reset). A reset both.
     for (drain, idle, error) in [
-        ("1s", "60s", "client_closed"),
+        ("1s", "60s", "worker_stopped"),
         ("10s", "1s", "http_response_timeout"),
     ] {
         let log = dir.path().join(format!("stopping-{drain}.log"));

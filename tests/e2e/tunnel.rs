@@ -433,7 +433,8 @@ impl CutWorker {
 
 /// A tunnel still open when the drain's time is up ends with its bytes
 /// counted and its access-log line written (its task was dropped with the
-/// runtime, unlogged).
+/// runtime, unlogged), which says the stop cut it (`worker_stopped`: it
+/// read as a tunnel that ended).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tunnel_cut_by_the_stop_is_still_logged() {
     let echo = Echo::start().await;
@@ -455,6 +456,7 @@ async fn a_tunnel_cut_by_the_stop_is_still_logged() {
         (line["sent"].as_u64(), line["received"].as_u64()),
         (Some(4), Some(4))
     );
+    assert_eq!(line["error"], "worker_stopped", "{line}");
 }
 
 /// A request still waiting for its answer when the drain's time is up is

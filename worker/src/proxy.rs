@@ -1590,9 +1590,15 @@ impl Proxy {
 }
 
 /// A tunnel's access log line, when it closes: its bytes each way.
-fn log_tunnel(log: Option<(Arc<AccessLog>, Entry)>, lease: &Lease, bytes: (u64, u64)) {
+fn log_tunnel(
+    log: Option<(Arc<AccessLog>, Entry)>,
+    lease: &Lease,
+    bytes: (u64, u64),
+    error: Option<&'static str>,
+) {
     if let Some((log, mut e)) = log {
         e.source = Some(lease.ip);
+        e.error = e.error.or(error);
         // A CONNECT's or SOCKS5's success; a WebSocket's 101 is set.
         if e.status == 0 {
             e.status = 200;
@@ -1783,7 +1789,9 @@ fn log_tunnel_end(
 ) {
     counted.count(activity);
     let (up, down) = activity.bytes();
-    log_tunnel(log, lease, (up, down));
+    // One the worker's stop cut says so: it read as one that ended.
+    let cut = matches!(result, Ended::Cut).then_some(WORKER_STOPPED);
+    log_tunnel(log, lease, (up, down), cut);
     match result {
         Ended::Idle => debug!(%client, %dest, source = %lease.ip, up, down, "tunnel idle; closed"),
         Ended::Cut => {
@@ -2416,7 +2424,7 @@ pub(crate) const CLIENT_CLOSED: u16 = 499;
 pub(crate) const CLIENT_CLOSED_ERROR: &str = "client_closed";
 
 /// The worker's stop cut what was still open (`Proxy::cut_tunnels`): a
-/// response cut then is `client_closed`, whatever it waited for.
+/// response cut then is `worker_stopped`, whatever it waited for.
 static WORKER_CUT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether the worker's stop cut what was still open.
@@ -2426,7 +2434,7 @@ pub(crate) fn worker_cut() -> bool {
 
 /// The error of a request the worker dropped as it stopped (a drain that
 /// ran out): logged 503, as the connection closes with no answer.
-const WORKER_STOPPED: &str = "worker_stopped";
+pub(crate) const WORKER_STOPPED: &str = "worker_stopped";
 
 /// A request given up, by whom: with the runtime after a drain that ran
 /// out (`stopping`: the drain's cut made), `worker_stopped` and 503, else

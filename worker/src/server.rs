@@ -364,7 +364,7 @@ pub async fn run(
         warn!(
             connections = connections.len(),
             tunnels = tunnels.len(),
-            "{why}: cutting the connections and tunnels still open (requests waiting logged as worker_stopped, responses cut mid-body as client_closed)"
+            "{why}: cutting the connections and tunnels still open (logged as worker_stopped: requests waiting, responses cut mid-body, tunnels)"
         );
         // The tunnels still open end now, each counted and logged (their
         // tasks would otherwise be dropped with the runtime, unlogged).

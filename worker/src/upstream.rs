@@ -295,19 +295,20 @@ impl Drop for PooledBody {
             e.sent = sent;
             e.received = self.received;
             // A response cut short says so (it read as a whole 200): what
-            // broke it at the destination; its going silent till the
-            // connection was dropped as idle (it read as the client's
-            // going); or else its client went away, stopped reading, or
-            // the worker stopped.
+            // broke it at the destination; the worker's stop; its going
+            // silent till the connection was dropped as idle (it read as
+            // the client's going); or else its client went away or
+            // stopped reading.
             let whole = self.inner.is_end_stream();
             // (The idle watch fires that long after the last byte the
             // client took, a moment after the body's last frame.)
             let stalled = self.stalled_since.is_some_and(|t| {
                 crate::os::coarse_ms().saturating_sub(t) + IDLE_CUT_SLACK_MS >= self.idle_cut_ms
             });
-            let cut = match stalled && !crate::proxy::worker_cut() {
-                true => "http_response_timeout",
-                false => "client_closed",
+            let cut = match (crate::proxy::worker_cut(), stalled) {
+                (true, _) => crate::proxy::WORKER_STOPPED,
+                (false, true) => "http_response_timeout",
+                (false, false) => "client_closed",
             };
             let cut = self.broken.or((!whole).then_some(cut));
             e.error = e.error.or(cut);
