@@ -179,15 +179,7 @@ async fn a_body_rotor_cuts_reaches_an_http_1_0_client_as_a_reset() {
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
-    let args = [
-        "--idle-timeout",
-        "1s",
-        "--access-log",
-        log.to_str().unwrap(),
-        "--access-log-format",
-        "json",
-    ];
-    let worker = Worker::start(&alloc.socket, &args).await;
+    let worker = worker_logging_json_to(&alloc.socket, &log, &["--idle-timeout", "1s"]).await;
     // A chunk, then silence (the connection held open).
     let (addr, _) = recording_server(|mut s: TcpStream| async move {
         let mut b = [0u8; 4096];
@@ -235,17 +227,8 @@ async fn a_body_rotor_cuts_reaches_an_http_1_0_client_as_a_reset() {
         ("10s", "1s", "http_response_timeout"),
     ] {
         let log = dir.path().join(format!("stopping-{drain}.log"));
-        let args = [
-            "--drain-timeout",
-            drain,
-            "--idle-timeout",
-            idle,
-            "--access-log",
-            log.to_str().unwrap(),
-            "--access-log-format",
-            "json",
-        ];
-        let stopping = Worker::start(&alloc.socket, &args).await;
+        let args = ["--drain-timeout", drain, "--idle-timeout", idle];
+        let stopping = worker_logging_json_to(&alloc.socket, &log, &args).await;
         let mut s = TcpStream::connect(stopping.addr).await.unwrap();
         let req = format!("GET http://{addr}/ HTTP/1.0\r\n\r\n");
         s.write_all(req.as_bytes()).await.unwrap();

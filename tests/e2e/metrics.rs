@@ -815,15 +815,7 @@ async fn an_upload_that_ends_in_rotors_error_still_counts_its_bytes() {
     let alloc = Allocator::start(&["--pool", "127.0.0.2", "--metrics-listen", &listen]).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
-    let args = [
-        "--response-timeout",
-        "1s",
-        "--access-log",
-        log.to_str().unwrap(),
-        "--access-log-format",
-        "json",
-    ];
-    let worker = Worker::start(&alloc.socket, &args).await;
+    let worker = worker_logging_json_to(&alloc.socket, &log, &["--response-timeout", "1s"]).await;
     // Small (read whole by rotor's own path) and large (streamed).
     let mut want = 0;
     for n in [5_000usize, 200_000] {

@@ -1456,22 +1456,22 @@ pub async fn socks_worker_logging_json(
 ) -> (Worker, std::net::SocketAddr) {
     let socks: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let s = socks.to_string();
-    let log = log.to_str().unwrap();
     let mut args = extra.to_vec();
-    args.extend_from_slice(&["--socks-listen", &s, "--access-log", log]);
-    args.extend_from_slice(&["--access-log-format", "json"]);
-    (Worker::start(socket, &args).await, socks)
+    args.extend_from_slice(&["--socks-listen", &s]);
+    (worker_logging_json_to(socket, log, &args).await, socks)
 }
 
 pub async fn worker_logging_json(socket: &Path) -> (tempfile::TempDir, std::path::PathBuf, Worker) {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
-    let args = [
-        "--access-log",
-        log.to_str().unwrap(),
-        "--access-log-format",
-        "json",
-    ];
-    let w = Worker::start(socket, &args).await;
+    let w = worker_logging_json_to(socket, &log, &[]).await;
     (dir, log, w)
+}
+
+/// A worker with `extra` flags writing a JSON access log to `log`.
+pub async fn worker_logging_json_to(socket: &Path, log: &Path, extra: &[&str]) -> Worker {
+    let mut args = extra.to_vec();
+    args.extend_from_slice(&["--access-log", log.to_str().unwrap()]);
+    args.extend_from_slice(&["--access-log-format", "json"]);
+    Worker::start(socket, &args).await
 }
