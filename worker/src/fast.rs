@@ -512,17 +512,13 @@ fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
         }
         _ => return Take::NotMine,
     };
-    // A target with `"`, `<`, `>` or the like that `http::Uri` refuses
-    // (curl sends them as typed; hyper's server answered a bare 400):
-    // encoded, as a browser sends them (the URL standard's percent-encode
-    // sets), for this path or hyper's, which is handed the bytes. One it
-    // takes goes on as sent.
-    if let Some((at, len)) = unsafe_target(buf, req.path) {
-        encode_target(buf, at, len);
-        return take_request(buf, max_head);
-    }
+    // Where the target is, for a request handed to hyper's path (see
+    // `not_mine`).
+    let target = req
+        .path
+        .map(|p| (p.as_ptr() as usize - buf.as_ptr() as usize, p.len()));
     let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
-        return Take::NotMine;
+        return not_mine(buf, target, max_head);
     };
     if method == "CONNECT" || !path.starts_with("http://") {
         return Take::NotMine;
@@ -535,13 +531,13 @@ fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
             let n = crate::h1::decimal::<usize>(h.value);
             match (n, body) {
                 (Some(n), None) if n <= SMALL_BODY => body = Some(n),
-                _ => return Take::NotMine,
+                _ => return not_mine(buf, target, max_head),
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding")
             || name.eq_ignore_ascii_case(b"expect")
             || name.eq_ignore_ascii_case(b"upgrade")
         {
-            return Take::NotMine;
+            return not_mine(buf, target, max_head);
         } else if name.eq_ignore_ascii_case(b"connection") {
             close |= crate::h1::says_close(h.value);
         }
@@ -557,7 +553,8 @@ fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
     };
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path_at.0..path_at.0 + path_at.1)) else {
         // Its bytes are gone from the buffer: put them back for hyper.
-        return put_back(buf, head);
+        put_back(buf, head);
+        return not_mine(buf, Some(path_at), max_head);
     };
     let Some(fields) = Wire::new(head.clone(), spans) else {
         return put_back(buf, head);
@@ -647,14 +644,27 @@ fn encoded_in_targets(b: u8) -> bool {
     )
 }
 
-/// Where in `buf` the absolute-form target `path` (parsed from it) is, if
-/// `http::Uri` refuses it for a character a browser would have encoded.
-fn unsafe_target(buf: &[u8], path: Option<&str>) -> Option<(usize, usize)> {
-    let path = path.filter(|p| p.starts_with("http://"))?;
-    if !path.bytes().any(encoded_in_targets) || Uri::try_from(path).is_ok() {
-        return None;
+/// The request whose head starts `buf` (whole, its target at `target`)
+/// is not this path's: hyper's path gets it. A target with `"`, `<`, `>`
+/// or the like that `http::Uri` refuses (curl sends them as typed;
+/// hyper's server answered a bare 400) is encoded first, as a browser
+/// sends it (the URL standard's percent-encode sets), and the head looked
+/// at again, for this path or hyper's; one it takes goes on as sent.
+/// (Looked for here, where a request leaves this path, not at each one.)
+fn not_mine(buf: &mut BytesMut, target: Option<(usize, usize)>, max_head: usize) -> Take {
+    if let Some((at, len)) = target.filter(|&(at, len)| unsafe_target(&buf[at..at + len])) {
+        encode_target(buf, at, len);
+        return take_request(buf, max_head);
     }
-    Some((path.as_ptr() as usize - buf.as_ptr() as usize, path.len()))
+    Take::NotMine
+}
+
+/// Whether `path` is an absolute-form target `http::Uri` refuses for a
+/// character a browser would have encoded.
+fn unsafe_target(path: &[u8]) -> bool {
+    path.starts_with(b"http://")
+        && path.iter().copied().any(encoded_in_targets)
+        && std::str::from_utf8(path).map_or(true, |p| Uri::try_from(p).is_err())
 }
 
 /// The target at `at` (`len` bytes) of the head in `buf` with what
