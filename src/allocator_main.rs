@@ -164,11 +164,11 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
                     // Another allocator's, or one given that cannot be
                     // used: a configuration refused.
                     rotor_allocator::RunError::State(e) => {
-                        let hint = match e {
-                            rotor_allocator::persist::PersistError::Locked(_) => "",
-                            _ => ": give a --state-dir this user can write, or --no-state",
-                        };
-                        error!("{}{hint}", error_chain(&e));
+                        use rotor_allocator::persist::{PersistError, UNUSABLE_HINT};
+                        match e {
+                            PersistError::Locked(_) => error!("{}", error_chain(&e)),
+                            _ => error!("{}: {UNUSABLE_HINT}", error_chain(&e)),
+                        }
                         ExitCode::from(2)
                     }
                     e => {
@@ -209,11 +209,10 @@ fn check(
             Ok(addrs) => {
                 total += addrs.len();
                 listed.extend_from_slice(&addrs);
-                let entries = match addrs.len() {
-                    1 => "1 entry".to_string(),
-                    n => format!("{n} entries"),
-                };
-                say!("ok: {name}: {entries}");
+                say!(
+                    "ok: {name}: {}",
+                    crate::count(addrs.len() as u64, "entry", "entries")
+                );
                 for e in &addrs {
                     match checker.check(e) {
                         Ok(()) => usable += 1,

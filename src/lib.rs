@@ -17,6 +17,12 @@ macro_rules! say {
 /// when built in a git checkout (`0.1.0+0c0d455a1`; see src/build.rs).
 pub const VERSION: &str = env!("ROTOR_VERSION");
 
+/// `n` things, singular or plural as `n` says: `1 entry`, `2 entries`.
+pub fn count(n: impl Into<u64>, one: &str, many: &str) -> String {
+    let n = n.into();
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 pub mod activation;
 pub mod allocator_main;
 pub mod cli;

@@ -405,8 +405,9 @@ pub async fn run(args: UpArgs, signals: Signals) -> ExitCode {
             }
             Err(e) if state_given => {
                 error!(
-                    "{}: give a --state-dir this user can write, or --no-state",
-                    rotor_protocol::error_chain(&e)
+                    "{}: {}",
+                    rotor_protocol::error_chain(&e),
+                    rotor_allocator::persist::UNUSABLE_HINT
                 );
                 return ExitCode::from(2);
             }

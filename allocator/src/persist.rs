@@ -36,6 +36,10 @@ pub struct Saved {
     pub next_due: [Option<IpAddr>; 2],
 }
 
+/// What to do about a state directory that cannot be used, said after
+/// its error (by the allocator, and by `rotor up` before it starts one).
+pub const UNUSABLE_HINT: &str = "give a --state-dir this user can write, or --no-state";
+
 #[derive(Debug, thiserror::Error)]
 pub enum PersistError {
     #[error("cannot use the state directory {0}")]

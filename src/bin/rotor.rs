@@ -1,7 +1,7 @@
 //! `rotor`: the operator's command — start everything, ask for status,
 //! reload the pool.
 
-use rotor::say;
+use rotor::{count, say};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -277,13 +277,12 @@ async fn reload(control: &ControlArgs) -> ExitCode {
         }
         other => return report(other, |_| None),
     };
-    let addresses_in = addresses;
-    let addresses = addresses.map_or(String::new(), |n| {
+    let in_rotation = addresses.map_or(String::new(), |n| {
         format!("{} in ", count(n, "address", "addresses"))
     });
     let entries = count(size, "entry", "entries");
     if !say(&format!(
-        "pool reloaded: {addresses}{entries}, generation {generation}"
+        "pool reloaded: {in_rotation}{entries}, generation {generation}"
     )) {
         return ExitCode::FAILURE;
     }
@@ -294,7 +293,7 @@ async fn reload(control: &ControlArgs) -> ExitCode {
     if size == 0 {
         bad = true;
         say!("rotor: the pool is empty: every request is answered 503 until a source lists an address");
-    } else if addresses_in == Some(0) {
+    } else if addresses == Some(0) {
         bad = true;
         say!("rotor: no address of the pool is in rotation (every entry is one this host cannot use, or taken out; see rotor status): every request is answered 503");
     }
@@ -832,11 +831,6 @@ fn format_sites(r: &SitesReport, v6_prefix: Option<u8>) -> String {
 }
 
 /// `1 address`, `3 addresses`.
-fn count(n: impl Into<u64>, one: &str, many: &str) -> String {
-    let n = n.into();
-    format!("{n} {}", if n == 1 { one } else { many })
-}
-
 fn format_host(h: &rotor_protocol::HostReport) -> String {
     use std::fmt::Write;
     let mut out = String::new();
