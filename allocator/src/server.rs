@@ -1057,7 +1057,7 @@ async fn refresh_loop(
         // So is a pool of which nothing is in rotation: every entry one
         // this host cannot use, or taken out (it read as a success,
         // `rotor reload` exit 0, with only each entry's line logged).
-        let all_out = outcome.size > 0 && alloc.addresses_in_rotation() == 0;
+        let all_out = outcome.size > 0 && outcome.in_rotation == 0;
         match (all_out, was_all_out) {
             (true, false) => warn!(why, pool = outcome.size, "no address of the pool is in rotation (every entry is one this host cannot use, or taken out): every request is answered 503 until one is back; see `rotor status`"),
             (false, true) if outcome.size > 0 => info!(why, "addresses of the pool are in rotation again"),
@@ -1527,7 +1527,7 @@ async fn answer(
                     let report = ReloadReport {
                         generation: o.generation,
                         entries: o.size as u64,
-                        addresses: alloc.addresses_in_rotation(),
+                        addresses: o.in_rotation,
                         failed,
                     };
                     match workers {
@@ -1914,6 +1914,7 @@ mod tests {
                 changed: false,
                 generation: 3,
                 size: 0,
+                in_rotation: 0,
                 failed,
                 unread: false,
             });

@@ -393,6 +393,16 @@ pub const LEASE_ONLY_PUSHBACK_MOST: Duration = Duration::from_secs(600);
 pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 
 impl Inner {
+    /// The addresses in rotation (an entry may be a prefix of many).
+    fn in_rotation(&self) -> u64 {
+        let snap = self.pool.snapshot();
+        let active: Vec<Segment> = snap.pool.iter().map(|(e, _)| *e).collect();
+        Family::ALL
+            .into_iter()
+            .map(|f| family_total(&active, f))
+            .fold(0u64, u64::saturating_add)
+    }
+
     /// A lease for a request to `site` (see [`Allocator::lease_site`]).
     fn lease_site(&mut self, peer: u64, families: Families, site: &str, now: Instant) -> Response {
         // No state for what is no site's name (a worker sends a resolved
@@ -1134,6 +1144,8 @@ pub struct RefreshOutcome {
     pub changed: bool,
     pub generation: u64,
     pub size: usize,
+    /// The addresses in rotation then (an entry may be a prefix of many).
+    pub in_rotation: u64,
     /// The sources that could not be read this time: name and why.
     pub failed: Vec<(String, String)>,
     /// Whether a source has not been read once since the start (its
@@ -1476,6 +1488,7 @@ impl Allocator {
             changed,
             generation: inner.pool.generation(),
             size: inner.pool.len(),
+            in_rotation: inner.in_rotation(),
             failed,
             unread: inner.sources.iter().any(|s| !s.read_once),
         }
@@ -1483,13 +1496,7 @@ impl Allocator {
 
     /// The addresses in rotation (an entry may be a prefix of many).
     pub fn addresses_in_rotation(&self) -> u64 {
-        let inner = self.lock();
-        let snap = inner.pool.snapshot();
-        let active: Vec<Segment> = snap.pool.iter().map(|(e, _)| *e).collect();
-        Family::ALL
-            .into_iter()
-            .map(|f| family_total(&active, f))
-            .fold(0u64, u64::saturating_add)
+        self.lock().in_rotation()
     }
 
     /// The entries in rotation, for a worker to check its leases against.
