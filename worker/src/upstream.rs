@@ -295,22 +295,9 @@ impl Drop for PooledBody {
             e.sent = sent;
             e.received = self.received;
             // A response cut short says so (it read as a whole 200): what
-            // broke it at the destination; the worker's stop; its going
-            // silent till the connection was dropped as idle (it read as
-            // the client's going); or else its client went away or
-            // stopped reading.
+            // broke it at the destination, else what cut it (`cut_by`).
             let whole = self.inner.is_end_stream();
-            // (The idle watch fires that long after the last byte the
-            // client took, a moment after the body's last frame.)
-            let stalled = self.stalled_since.is_some_and(|t| {
-                crate::os::coarse_ms().saturating_sub(t) + IDLE_CUT_SLACK_MS >= self.idle_cut_ms
-            });
-            let cut = match (crate::proxy::worker_cut(), stalled) {
-                (true, _) => crate::proxy::WORKER_STOPPED,
-                (false, true) => "http_response_timeout",
-                (false, false) => "client_closed",
-            };
-            let cut = self.broken.or((!whole).then_some(cut));
+            let cut = self.broken.or_else(|| (!whole).then(|| self.cut_by()));
             e.error = e.error.or(cut);
             log.log(&e);
         }
@@ -318,6 +305,21 @@ impl Drop for PooledBody {
 }
 
 impl PooledBody {
+    /// What cut this body short, not the destination's error: the
+    /// worker's stop, the idle timeout while the destination sent nothing
+    /// (it fires that long after the last byte the client took, a moment
+    /// after the body's last frame), or else its client.
+    fn cut_by(&self) -> &'static str {
+        let stalled = self.stalled_since.is_some_and(|t| {
+            crate::os::coarse_ms().saturating_sub(t) + IDLE_CUT_SLACK_MS >= self.idle_cut_ms
+        });
+        match (crate::proxy::worker_cut(), stalled) {
+            (true, _) => crate::proxy::WORKER_STOPPED,
+            (false, true) => "http_response_timeout",
+            (false, false) => "client_closed",
+        }
+    }
+
     /// `inner`, whose connection goes back to `pool` under `key` once it
     /// is done (`None`: closed, as one no request would ask for);
     /// `idle_cut`, the client connection's idle timeout (see `stalled_since`).
