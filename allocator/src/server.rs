@@ -481,15 +481,6 @@ pub async fn run(
             }
         }
     }
-    match order_new {
-        Some((dir, true, _)) if saved.seq > 0 => {
-            info!(dir = %dir.display(), "order key made: the pool's prefixes are leased in this host's own order from now on, each continuing at its saved address's place in that order (a /64's is past the cursor's reach: it starts at its first)");
-        }
-        Some((dir, false, true)) if saved.seq > 0 => {
-            warn!(dir = %dir.display(), "prefixes are leased each in an order of its own from now on (this release's order: the key mixed with the prefix), each continuing at its saved address's place in that order (a /64's is past the cursor's reach: it starts at its first); a prefix partly leased may lease some of its addresses again before its cycle ends");
-        }
-        _ => {}
-    }
     // Who may connect may map it: the socket's own mode and group (a
     // passed socket's are systemd's `SocketMode=` and `SocketGroup=`, not
     // the settings), less what it gives others; with per-user rules, only
@@ -517,6 +508,7 @@ pub async fn run(
         },
         group,
     });
+    let resumed = saved.seq > 0;
     let sources = config.sources.clone();
     let alloc = match Allocator::resuming(sources.clone(), state, saved, home) {
         Ok(a) => a,
@@ -573,6 +565,17 @@ pub async fn run(
     );
     if outcome.size == 0 {
         warn!("the pool is empty: every proxy request will get 503 until it is not");
+    }
+    // Said once the pool is known: whether it has a prefix.
+    match order_new {
+        Some((dir, true, _)) if resumed && alloc.leases_a_prefix() => {
+            info!(dir = %dir.display(), "order key made: the pool's prefixes are leased in this host's own order from now on, each continuing at its saved address's place in that order (a /64's is past the cursor's reach: it starts at its first)");
+        }
+        // (Only a prefix is leased in an order: a listed address is not.)
+        Some((dir, false, true)) if resumed && alloc.leases_a_prefix() => {
+            warn!(dir = %dir.display(), "prefixes are leased each in an order of its own from now on (this release's order: the key mixed with the prefix), each continuing at its saved address's place in that order (a /64's is past the cursor's reach: it starts at its first); a prefix partly leased may lease some of its addresses again before its cycle ends");
+        }
+        _ => {}
     }
     alloc.persist();
     let _ = sd_notify::notify(&[

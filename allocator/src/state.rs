@@ -1499,6 +1499,12 @@ impl Allocator {
         self.lock().in_rotation()
     }
 
+    /// Whether the pool holds a prefix (an entry leased in an order, not
+    /// address by address).
+    pub fn leases_a_prefix(&self) -> bool {
+        self.lock().pool.addrs().iter().any(|e| !e.is_single())
+    }
+
     /// The entries in rotation, for a worker to check its leases against.
     /// Merged into blocks (the same addresses, in far fewer entries when
     /// they came from ranges and CIDRs), and only while that fits a frame.

@@ -1593,7 +1593,8 @@ fn a_vast_prefix_leaves_no_idle_connections_but_a_session_keeps_one() {
 /// (an allocator of minor 17 or before: no `order.by-prefix` there) is
 /// said once, at the first start of this release: each prefix continues
 /// at its saved address's place in its own order, and one partly leased
-/// may lease some addresses again. Nothing told of it.
+/// may lease some addresses again. Nothing told of it. A pool of listed
+/// addresses alone has nothing leased in an order: nothing is said.
 #[tokio::test]
 async fn an_order_saved_by_the_key_alone_is_said_once() {
     let dir = Arc::new(tempfile::tempdir().unwrap());
@@ -1610,11 +1611,18 @@ async fn an_order_saved_by_the_key_alone_is_said_once() {
         assert_eq!(get(worker.addr, &origin.url("/")).await.status, 200);
     }
     assert_eq!(said_new(), 0);
-    // As an older release left it.
+    // As an older release left it, with listed addresses alone: nothing
+    // of theirs is leased in an order, so nothing to say.
     std::fs::remove_file(&marker).unwrap();
     drop(Allocator::start_logging(dir.clone(), &pool, &log).await);
+    assert_eq!(said_new(), 0, "said for a pool without a prefix");
+    assert!(marker.exists());
+    // With a prefix (a /15 is leased in an order, not listed).
+    let with_prefix = ["--pool", "127.0.0.2-127.0.0.3", "--pool", "127.64.0.0/15"];
+    std::fs::remove_file(&marker).unwrap();
+    drop(Allocator::start_logging(dir.clone(), &with_prefix, &log).await);
     assert_eq!(said_new(), 1);
     assert!(marker.exists());
-    drop(Allocator::start_logging(dir.clone(), &pool, &log).await);
+    drop(Allocator::start_logging(dir.clone(), &with_prefix, &log).await);
     assert_eq!(said_new(), 0, "said again");
 }
