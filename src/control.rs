@@ -36,10 +36,19 @@ async fn greeted(socket: &Path) -> anyhow::Result<(ClientChannel<UnixStream>, He
             )))
         }
         Err(e) => {
+            use std::io::ErrorKind;
+            // Said as what it likely is: no socket there; one left by an
+            // allocator that stopped (killed, or crashed and about to be
+            // restarted by `rotor up`); one whose queue is full.
+            let why = match e.kind() {
+                ErrorKind::ConnectionRefused => "the socket file is there but nothing listens on it: the allocator stopped without removing it (under `rotor up`, a crashed one is restarted within seconds: see its log), or start it with `rotor up`",
+                ErrorKind::WouldBlock => "its queue of connections is full: it is stopped or overloaded",
+                _ => "is rotor running? start it with `rotor up`, or name its socket with --socket or ROTOR_SOCKET",
+            };
             return Err(anyhow::Error::new(e).context(format!(
-                "no allocator answers at {} (is rotor running? start it with `rotor up`, or name its socket with --socket or ROTOR_SOCKET)",
+                "no allocator answers at {} ({why})",
                 socket.display()
-            )))
+            )));
         }
     };
     let mut chan: ClientChannel<UnixStream> = Channel::new(stream);

@@ -586,6 +586,31 @@ async fn connections_past_max_peers_are_refused_with_the_reason() {
     .await;
 }
 
+/// `rotor status` with no allocator says which of two it is: no socket
+/// there (is rotor running?), or a socket file nothing listens on (one
+/// left by an allocator that stopped, as `rotor up` restarts a crashed
+/// one). Both were "is rotor running?".
+#[test]
+fn status_without_an_allocator_says_whether_its_socket_is_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("rotor.sock");
+    let status = || {
+        let out = std::process::Command::new(ROTOR)
+            .args(["status", "--socket", socket.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let none = status();
+    assert!(none.contains("is rotor running?"), "{none}");
+    // A listener dropped leaves its file, as a killed allocator does.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let left = status();
+    assert!(left.contains("nothing listens on it"), "{left}");
+    assert!(!left.contains("is rotor running?"), "{left}");
+}
+
 /// A small request body that stalls (rotor's 408) or is cut off by its
 /// client's close (400: the body ended short, as hyper's path says of a
 /// large one, and nginx logs) is counted and logged; a head that never
