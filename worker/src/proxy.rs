@@ -1033,11 +1033,7 @@ impl Proxy {
                 let next = self.lease_for(addrs, host, sticky).await?;
                 // (Its start, if a site's, was counted at this lease.)
                 leased = Instant::now();
-                let stream = self.connect_counted(next.0.ip, addrs, named).await;
-                if let Err(ProxyError::SourceUnavailable { ip, source }) = &stream {
-                    self.leases.report_unusable(*ip, source.to_string()).await;
-                }
-                (stream.map_err(|e| e.from_source(next.0.ip))?, next)
+                self.connect_again(next, addrs, named).await?
             }
             // A name of both families whose addresses of the leased one
             // refuse or cannot be reached: tried once over the other
@@ -1060,8 +1056,7 @@ impl Proxy {
                 };
                 debug!(host, from = %lease.ip, to = %next.0.ip, error = %e, "unreachable over one family; trying the other");
                 leased = Instant::now();
-                let stream = self.connect_counted(next.0.ip, addrs, named).await;
-                (stream.map_err(|e| e.from_source(next.0.ip))?, next)
+                self.connect_again(next, addrs, named).await?
             }
             r => (r.map_err(|e| e.from_source(lease.ip))?, (lease, watch)),
         };
@@ -1077,6 +1072,21 @@ impl Proxy {
             self.leases.site_started(granted.0.ip, host, since);
         }
         Ok((stream, granted))
+    }
+
+    /// The one retry of a connect that failed, from `next`'s address: one
+    /// this host cannot use either is reported too (and the request fails).
+    async fn connect_again(
+        &self,
+        next: Granted,
+        addrs: &[SocketAddr],
+        named: (&str, &str),
+    ) -> Result<(TcpStream, Granted), Failed> {
+        let stream = self.connect_counted(next.0.ip, addrs, named).await;
+        if let Err(ProxyError::SourceUnavailable { ip, source }) = &stream {
+            self.leases.report_unusable(*ip, source.to_string()).await;
+        }
+        Ok((stream.map_err(|e| e.from_source(next.0.ip))?, next))
     }
 
     /// One connect from `ip` to `addrs` (of `named`: the host, and the
