@@ -16,7 +16,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     rotor::forget_empty_env();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(rotor::cli::args());
     rotor::init_logging("info");
     rotor::allocator_main::allocator(cli.args)
 }

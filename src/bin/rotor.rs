@@ -94,7 +94,7 @@ enum UserCmd {
 
 fn main() -> ExitCode {
     rotor::forget_empty_env();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(rotor::cli::args());
     rotor::init_logging("info");
     let cli = match cli.command {
         Cmd::HashPassword => return hash_password(),

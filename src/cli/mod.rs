@@ -27,6 +27,40 @@ pub use control::ControlArgs;
 pub use up::UpFlags;
 pub use worker::{ResolverKind, WorkerArgs, WorkerFlags, WorkerSettingsTuning, DEFAULT_LISTEN};
 
+/// The command line, with a negative value given apart from its flag
+/// (`--refresh -1s`) joined to it (`--refresh=-1s`): clap reads a word
+/// beginning with `-` as flags (and said "unexpected argument '-1'",
+/// naming no flag), so the value's own error is said instead. (Taking
+/// such words as values everywhere would take a flag left without its
+/// value, `--refresh --pool …`, for the value.) Words after `--` are as
+/// given.
+pub fn args() -> Vec<OsString> {
+    joined_negatives(std::env::args_os())
+}
+
+fn joined_negatives(argv: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let mut out: Vec<OsString> = Vec::new();
+    let mut rest = false;
+    for word in argv {
+        let text = word.to_str().unwrap_or("");
+        let negative = text.starts_with('-') && text[1..].starts_with(|c: char| c.is_ascii_digit());
+        match out.last_mut() {
+            Some(flag) if !rest && negative => {
+                let f = flag.to_str().unwrap_or("");
+                if f.starts_with("--") && f.len() > 2 && !f.contains('=') {
+                    flag.push("=");
+                    flag.push(&word);
+                    continue;
+                }
+            }
+            _ => {}
+        }
+        rest |= text == "--";
+        out.push(word);
+    }
+    out
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read the configuration file {0}")]
@@ -173,5 +207,43 @@ mod tests {
         assert!(text.contains("`soon` is not a duration"), "{text}");
         let err = file("[worker]\nmax-connections = \"many\"\n").unwrap_err();
         assert!(rotor_protocol::error_chain(&err).contains("max-connections"));
+    }
+
+    #[test]
+    fn a_negative_value_given_apart_is_joined_to_its_flag() {
+        let j = |args: &[&str]| -> Vec<String> {
+            joined_negatives(args.iter().map(OsString::from))
+                .into_iter()
+                .map(|w| w.into_string().unwrap())
+                .collect()
+        };
+        assert_eq!(j(&["a", "--refresh", "-1s"]), ["a", "--refresh=-1s"]);
+        assert_eq!(
+            j(&["a", "--max-peers", "-3", "-v"]),
+            ["a", "--max-peers=-3", "-v"]
+        );
+        // A flag without its value, a value given joined, a short flag,
+        // and anything after `--` are as given.
+        for same in [
+            &["a", "--refresh", "--pool", "x"][..],
+            &["a", "--refresh=1s", "-1"],
+            &["a", "-r", "-1"],
+            &["a", "--", "--x", "-1"],
+            &["a", "--pool", "-x"],
+        ] {
+            assert_eq!(j(same), same);
+        }
+        // The value's own error, naming the flag (clap said "unexpected
+        // argument '-1'").
+        #[derive(clap::Parser)]
+        struct Alloc {
+            #[command(flatten)]
+            _args: AllocatorArgs,
+        }
+        let e = match <Alloc as clap::Parser>::try_parse_from(j(&["a", "--refresh", "-1s"])) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("taken"),
+        };
+        assert!(e.contains("--refresh") && e.contains("not negative"), "{e}");
     }
 }

@@ -39,6 +39,9 @@ const MAX_DURATION: Duration = Duration::from_secs(10 * 31_557_600);
 impl Value for Duration {
     const NAME: &'static str = "DURATION";
     fn parse(s: &str) -> Result<Self, String> {
+        if s.starts_with('-') {
+            return Err(format!("`{s}`: a duration is not negative"));
+        }
         let d = humantime::parse_duration(s)
             .map_err(|_| format!("`{s}` is not a duration (e.g. 500ms, 20s, 1m)"))?;
         // Every deadline is now + a duration: one past what a clock
@@ -103,7 +106,10 @@ macro_rules! number_values {
     ($($t:ty),*) => {$(
         impl Value for $t {
             const NAME: &'static str = "N";
-            fn parse(s: &str) -> Result<Self, String> {
+                    fn parse(s: &str) -> Result<Self, String> {
+                if s.starts_with('-') {
+                    return Err(format!("`{s}`: a number here is 0 or more"));
+                }
                 s.parse().map_err(|e| match s.contains(',') {
                     // A list's default is shown comma-separated
                     // (`--deny-port` 25,465,587); it is given a value a
