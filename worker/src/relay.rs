@@ -515,18 +515,10 @@ async fn splice_chunk(
             return Err(e);
         }
     };
-    let mut left = n;
-    while left > 0 {
-        writable(dst, (count, stall)).await?;
-        match dst.try_io(Interest::WRITABLE, || os::splice(&pipe.r, dst, left)) {
-            Ok(k) => {
-                left -= k;
-                count(k);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
+    send_counted(dst, n, (count, stall), |sent| {
+        dst.try_io(Interest::WRITABLE, || os::splice(&pipe.r, dst, n - sent))
+    })
+    .await?;
     give_back(pipe);
     Ok(n)
 }
@@ -550,10 +542,23 @@ async fn copy_chunk(
             r => r?,
         },
     };
+    send_counted(dst, n, (count, stall), |sent| dst.try_write(&buf[sent..n])).await?;
+    Ok(n)
+}
+
+/// `n` bytes to `dst` by `write` (given how many went so far, it sends
+/// some of the rest once `dst` is writable), each write counted by
+/// `count`: a chunk's way out, spliced or copied.
+async fn send_counted(
+    dst: &TcpStream,
+    n: usize,
+    (count, stall): (&impl Fn(usize), Duration),
+    mut write: impl FnMut(usize) -> io::Result<usize>,
+) -> io::Result<()> {
     let mut sent = 0;
     while sent < n {
         writable(dst, (count, stall)).await?;
-        match dst.try_write(&buf[sent..n]) {
+        match write(sent) {
             Ok(k) => {
                 sent += k;
                 count(k);
@@ -562,7 +567,7 @@ async fn copy_chunk(
             Err(e) => return Err(e),
         }
     }
-    Ok(n)
+    Ok(())
 }
 
 /// One `recv` from `src`, whatever tokio's readiness of it says.
