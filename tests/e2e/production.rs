@@ -21,9 +21,15 @@ use crate::util::*;
 /// A worker that accepts on the shared listening socket `fd` (as systemd's
 /// `Sockets=` or `rotor up` would pass it).
 fn worker_on_shared_socket(fd: RawFd, socket: &Path, extra: &[&str]) -> Proc {
+    worker_on_shared(("--listen-fd", fd), socket, extra)
+}
+
+/// A worker that accepts on the shared listening socket `fd`, passed as
+/// `flag` says (`--listen-fd`, `--socks-listen-fd`).
+fn worker_on_shared((flag, fd): (&str, RawFd), socket: &Path, extra: &[&str]) -> Proc {
     let mut cmd = Command::new(WORKER);
     pass_as_fd_3(&mut cmd, fd);
-    let mut args = vec!["--listen-fd", "3", "--socket", socket.to_str().unwrap()];
+    let mut args = vec![flag, "3", "--socket", socket.to_str().unwrap()];
     args.extend_from_slice(&ALLOW_LOOPBACK);
     args.extend_from_slice(extra);
     Proc::spawn_cmd(cmd, WORKER, &args)
@@ -1078,6 +1084,54 @@ async fn workers_sharing_a_socket_share_out_long_lived_connections() {
     // More of the burst to the idle one than to the busy one. (A busier
     // worker defers each accept by 1 ms for its sibling; a loaded machine
     // may not wake the sibling in time for some.)
+    assert!(
+        split[1] > 16 - split[1],
+        "the idle worker got too few: {split:?}"
+    );
+    drop(held);
+}
+
+/// A SOCKS5 listener is shared out as an HTTP one is: its accept loop was
+/// tokio's own, which no balance held back, so tunnels (long-lived, as
+/// SOCKS5 clients hold them) landed wherever the accept race fell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_sharing_a_socks5_socket_share_out_its_tunnels() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.9"]).await;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let shared = ("--socks-listen-fd", listener.as_raw_fd());
+    let workers: Vec<Proc> = (0..2)
+        .map(|_| worker_on_shared(shared, &alloc.socket, &[]))
+        .collect();
+    eventually("both workers attached", || async {
+        let status = status_json(&alloc.socket);
+        let peers = status["peers"].as_array().unwrap();
+        peers.iter().filter(|p| p["role"] == "Worker").count() == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pids: Vec<u32> = workers.iter().map(|w| w.child.id()).collect();
+    let open = |n: usize| {
+        let opens = (0..n).map(|_| async {
+            let port = origin.addr.port();
+            let (code, s) = crate::socks::connect(proxy, None, "127.0.0.1", port).await;
+            assert_eq!(code, 0, "the SOCKS5 reply");
+            s
+        });
+        futures_util::future::join_all(opens)
+    };
+    workers[1].signal(Signal::SIGSTOP);
+    stopped_for_sure(pids[1]).await;
+    let mut held = open(16).await;
+    assert_eq!(connections_held(proxy.port(), &pids), [16, 0]);
+    workers[1].signal(Signal::SIGCONT);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    held.extend(open(16).await);
+    let split = connections_held(proxy.port(), &pids);
+    assert_eq!(split.iter().sum::<usize>(), 32, "{split:?}");
+    // More of the burst to the idle one than to the busy one (a race for
+    // each accept gave about half).
     assert!(
         split[1] > 16 - split[1],
         "the idle worker got too few: {split:?}"

@@ -34,7 +34,7 @@ async fn socks_worker(
 
 /// A SOCKS5 CONNECT to `host:port` (a name, or an address) as `user`, if
 /// given: the reply code and the stream.
-async fn connect(
+pub(crate) async fn connect(
     proxy: SocketAddr,
     user: Option<(&str, &str)>,
     host: &str,

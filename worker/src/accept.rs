@@ -71,7 +71,7 @@ pub struct Balance {
 impl Balance {
     /// `limit` holds a permit per client connection and tunnel, out of
     /// `max`; `listeners` (every one whose accept loop this balance
-    /// holds back: HTTP and TLS) name the accept group.
+    /// holds back: HTTP, TLS and SOCKS5) name the accept group.
     pub fn new<'a>(
         leases: Arc<LeaseClient>,
         limit: Arc<Semaphore>,
@@ -246,7 +246,7 @@ pub async fn accept_loop(
                 debug!("listening socket shut; no more accepts");
                 return Ok(());
             }
-            Ok(Err(e)) => accept_failed("", &e).await,
+            Ok(Err(e)) => accept_failed(&e).await,
             // Nothing queued after all (a sibling took it): wait again.
             Err(_would_block) => {}
         }
@@ -346,13 +346,13 @@ impl Deferral {
 /// friends; the connection waits in the listen queue): logged once in
 /// 10 s with how many there were (one every 50 ms filled the log, for
 /// each listener), and waited on 50 ms rather than spun.
-pub(crate) async fn accept_failed(kind: &str, e: &io::Error) {
+pub(crate) async fn accept_failed(e: &io::Error) {
     static WARNED: crate::Moment = crate::Moment::new();
     match WARNED.count_in(Duration::from_secs(10)) {
         Some(n) => {
-            warn!(error = %e, failures = n, "{kind}accept failed (said once in 10 s: connections wait in the listen queue meanwhile; at the descriptor limit, raise LimitNOFILE or lower --max-connections)")
+            warn!(error = %e, failures = n, "accept failed (said once in 10 s: connections wait in the listen queue meanwhile; at the descriptor limit, raise LimitNOFILE or lower --max-connections)")
         }
-        None => debug!(error = %e, "{kind}accept failed"),
+        None => debug!(error = %e, "accept failed"),
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
 }

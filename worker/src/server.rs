@@ -120,9 +120,9 @@ pub async fn run(
         leases.clone(),
         limit.clone(),
         config.max_connections,
-        // Every listener whose accept loop it holds back (SOCKS5's are
-        // not): siblings are the workers that share all of them.
-        listeners.iter().chain(&tls_listeners),
+        // Every listener (their accept loops it holds back): siblings are
+        // the workers that share all of them.
+        listeners.iter().chain(&tls_listeners).chain(&socks),
     ));
     tokio::spawn(balance.clone().publish(shutdown.clone()));
     let acceptors = TaskTracker::new();
@@ -199,14 +199,16 @@ pub async fn run(
     }
     for l in socks {
         info!(listen = %l.local_addr()?, "listening for SOCKS5");
-        acceptors.spawn(socks_accept(
-            l,
-            proxy.clone(),
-            (limit.clone(), clients.clone()),
-            connections.clone(),
-            (config.header_read_timeout, config.proxy_protocol.clone()),
-            accepting.clone(),
-        ));
+        let serving = serving.clone();
+        let stop = accepting.clone();
+        let balance = balance.clone();
+        acceptors.spawn(async move {
+            let addr = l.local_addr().ok();
+            let serve = move |stream, client| serving.socks_accepted(stream, client);
+            if let Err(e) = accept_loop(l, balance, serve, stop).await {
+                error!(listen = ?addr, error = %e, "cannot accept on this SOCKS5 listener");
+            }
+        });
     }
     acceptors.close();
 
@@ -406,24 +408,13 @@ impl Serving {
     /// Spawns the task that serves `stream` (a 503 at once past the
     /// connection limit).
     fn accepted(self: &Arc<Self>, stream: ClientTcp, client: std::net::SocketAddr, is_tls: bool) {
-        let permit = match self.limit.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                if let Some(refused) = self.last_warned.count_in(Duration::from_secs(10)) {
-                    warn!(
-                        limit = self.config.max_connections,
-                        refused,
-                        "connection limit reached; refusing new clients with 503 (said once in 10 s, with how many since; raise --max-connections, and the descriptor limit with it, if the host has room)"
-                    );
-                }
-                self.proxy.refused_at_limit(client, false, LIMIT_ERROR);
-                if let Ok(stream) = stream.into_tokio() {
-                    // A 503 in plain text is no answer to a TLS hello (the
-                    // client reports a garbled record): closed.
-                    refuse_soon(stream, (!is_tls).then_some(HTTP_REFUSAL));
-                }
-                return;
+        let Some(permit) = self.place(client, false) else {
+            if let Ok(stream) = stream.into_tokio() {
+                // A 503 in plain text is no answer to a TLS hello (the
+                // client reports a garbled record): closed.
+                refuse_soon(stream, (!is_tls).then_some(HTTP_REFUSAL));
             }
+            return;
         };
         if self.config.proxy_protocol.covers(client.ip()) {
             // A front proxy's connection: the client's address comes
@@ -442,6 +433,80 @@ impl Serving {
             return;
         }
         self.admitted(stream, client, (is_tls, false), permit);
+    }
+
+    /// A place under the connection limit for `client`'s new connection,
+    /// or none: counted and said (once in 10 s) as refused.
+    fn place(
+        &self,
+        client: std::net::SocketAddr,
+        socks: bool,
+    ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if let Ok(permit) = self.limit.clone().try_acquire_owned() {
+            return Some(permit);
+        }
+        if let Some(refused) = self.last_warned.count_in(Duration::from_secs(10)) {
+            warn!(
+                limit = self.config.max_connections,
+                refused,
+                "connection limit reached; refusing new clients (HTTP with 503, SOCKS5 with no acceptable method; said once in 10 s, with how many since; raise --max-connections, and the descriptor limit with it, if the host has room)"
+            );
+        }
+        self.proxy.refused_at_limit(client, socks, LIMIT_ERROR);
+        None
+    }
+
+    /// Spawns the task that serves a SOCKS5 client (refused at once past
+    /// the connection limit, or its address's, with "no acceptable
+    /// method", the answer to the greeting it sends first, read by the
+    /// lingering close: a refusal, not a reset).
+    fn socks_accepted(self: &Arc<Self>, stream: ClientTcp, client: std::net::SocketAddr) {
+        const REFUSAL: &[u8] = &[5, 0xff];
+        let Some(permit) = self.place(client, true) else {
+            if let Ok(stream) = stream.into_tokio() {
+                refuse_soon(stream, Some(REFUSAL));
+            }
+            return;
+        };
+        let within = self.config.header_read_timeout;
+        let admit = move |this: &Self, stream: ClientTcp, client: std::net::SocketAddr| {
+            let Ok(slot) = this.clients.admit(client.ip()) else {
+                client_limit_reached(client, this.clients.max());
+                this.proxy
+                    .refused_at_limit(client, true, CLIENT_LIMIT_ERROR);
+                if let Ok(stream) = stream.into_tokio() {
+                    refuse_soon(stream, Some(REFUSAL));
+                }
+                return None;
+            };
+            let stream = stream.into_tokio().ok()?;
+            Some(crate::socks::serve(
+                this.proxy.clone(),
+                stream,
+                client,
+                (permit, slot),
+                within,
+                this.stop.clone(),
+                IDLE_CLOSE_GRACE,
+            ))
+        };
+        if !self.config.proxy_protocol.covers(client.ip()) {
+            if let Some(serve) = admit(self, stream, client) {
+                self.connections.spawn(serve);
+            }
+            return;
+        }
+        // A front proxy's connection: the client's address comes first,
+        // in its header.
+        let this = self.clone();
+        self.connections.spawn(async move {
+            let mut stream = stream;
+            let draining = (&this.stop, IDLE_CLOSE_GRACE);
+            let named = crate::proxied::client_of(&mut stream, client, within, draining).await;
+            if let Some(serve) = named.and_then(|client| admit(&this, stream, client)) {
+                serve.await
+            }
+        });
     }
 
     /// Spawns the task that serves `stream` from `client` (refused at the
@@ -981,108 +1046,6 @@ async fn notify_systemd(proxy: Arc<Proxy>, connections: TaskTracker, shutdown: C
         );
         last = now;
         let _ = notify(&[NotifyState::Status(&line)]);
-    }
-}
-
-/// Accepts SOCKS5 clients from `listener` until `shutdown`: each holds a
-/// place under the connection limit (a client past it is refused at once),
-/// has `within` for its handshake, and is tracked in `connections` for the
-/// drain.
-async fn socks_accept(
-    listener: std::net::TcpListener,
-    proxy: Arc<Proxy>,
-    (limit, clients): (Arc<Semaphore>, Arc<crate::clients::Clients>),
-    connections: TaskTracker,
-    (within, trusted): (Duration, crate::proxied::Trusted),
-    shutdown: CancellationToken,
-) {
-    let addr = listener.local_addr().ok();
-    let listener = match listener
-        .set_nonblocking(true)
-        .and_then(|()| tokio::net::TcpListener::from_std(listener))
-    {
-        Ok(l) => l,
-        Err(e) => {
-            error!(listen = ?addr, error = %e, "cannot accept on this SOCKS5 listener");
-            return;
-        }
-    };
-    // At the stop, what waits in its own queue (see `queued_at_stop`).
-    let mut at_stop: Option<std::vec::IntoIter<_>> = None;
-    loop {
-        let (stream, client) = match &mut at_stop {
-            Some(queued) => match queued.next() {
-                None => return,
-                Some((stream, client)) => match TcpStream::from_std(stream) {
-                    Ok(stream) => (stream, client),
-                    Err(_) => continue,
-                },
-            },
-            None => tokio::select! {
-            _ = shutdown.cancelled() => {
-                at_stop = Some(crate::accept::queued_at_stop(&listener).into_iter());
-                continue;
-            }
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) if crate::accept::is_transient(&e) => continue,
-                Err(e) if crate::accept::is_shut(&e) => {
-                    debug!("SOCKS5 listening socket shut; no more accepts");
-                    return;
-                }
-                Err(e) => {
-                    crate::accept::accept_failed("SOCKS5 ", &e).await;
-                    continue;
-                }
-            },
-            },
-        };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            debug!(%client, "connection limit reached; SOCKS5 client refused");
-            proxy.refused_at_limit(client, true, LIMIT_ERROR);
-            // "No acceptable method", the answer to the greeting it sends
-            // first (read by the lingering close): a refusal, not a reset.
-            refuse_soon(stream, Some(&[5, 0xff]));
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let admit = {
-            let (proxy, clients, shutdown) = (proxy.clone(), clients.clone(), shutdown.clone());
-            move |stream: TcpStream, client: std::net::SocketAddr| {
-                let Ok(slot) = clients.admit(client.ip()) else {
-                    client_limit_reached(client, clients.max());
-                    proxy.refused_at_limit(client, true, CLIENT_LIMIT_ERROR);
-                    refuse_soon(stream, Some(&[5, 0xff]));
-                    return None;
-                };
-                Some(crate::socks::serve(
-                    proxy,
-                    stream,
-                    client,
-                    (permit, slot),
-                    within,
-                    shutdown,
-                    IDLE_CLOSE_GRACE,
-                ))
-            }
-        };
-        if !trusted.covers(client.ip()) {
-            if let Some(serve) = admit(stream, client) {
-                connections.spawn(serve);
-            }
-            continue;
-        }
-        // A front proxy's connection: the client's address comes first,
-        // in its header.
-        let stop = shutdown.clone();
-        connections.spawn(async move {
-            let mut stream = stream;
-            let draining = (&stop, IDLE_CLOSE_GRACE);
-            let named = crate::proxied::client_of(&mut stream, client, within, draining).await;
-            if let Some(serve) = named.and_then(|client| admit(stream, client)) {
-                serve.await
-            }
-        });
     }
 }
 
