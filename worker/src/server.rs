@@ -246,6 +246,7 @@ pub async fn run(
     }
     if let Some(tls) = &reloading_tls {
         tls.reload_at_start();
+        tokio::spawn(tls.clone().watch_validity(shutdown.clone()));
     }
     let told = leases.clone();
     tokio::spawn(async move {
@@ -1100,11 +1101,11 @@ fn plain_http_on_tls(client: std::net::SocketAddr) {
 /// not trust its CA, fail every client while the worker looks idle.
 fn tls_handshake_failed(client: std::net::SocketAddr, e: &std::io::Error) {
     static SAID: crate::Moment = crate::Moment::new();
-    match SAID.first_in(Duration::from_secs(10)) {
-        true => {
-            info!(%client, error = %e, "a TLS handshake failed (said once in 10 s; each at debug)")
+    match SAID.count_in(Duration::from_secs(10)) {
+        Some(failed) => {
+            info!(%client, error = %e, failed, "a TLS handshake failed (said once in 10 s, with how many failed since; each at debug)")
         }
-        false => debug!(%client, error = %e, "TLS handshake failed"),
+        None => debug!(%client, error = %e, "TLS handshake failed"),
     }
 }
 

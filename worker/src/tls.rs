@@ -24,6 +24,16 @@ pub struct TlsFiles {
 pub struct Tls {
     files: TlsFiles,
     config: RwLock<Arc<ServerConfig>>,
+    /// The certificate's validity, if it reads (see `watch_validity`).
+    dates: std::sync::Mutex<Option<(i64, i64)>>,
+    swapped: tokio::sync::Notify,
+}
+
+/// The time in Unix seconds.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 impl std::fmt::Debug for Tls {
@@ -32,9 +42,12 @@ impl std::fmt::Debug for Tls {
     }
 }
 
-/// Reads the pair and makes a server configuration of it; a certificate
-/// past (or near) its dates is warned of, unless `quiet`.
-fn load(files: &TlsFiles, quiet: bool) -> Result<Arc<ServerConfig>, String> {
+type Loaded = (Arc<ServerConfig>, Option<(i64, i64)>);
+
+/// Reads the pair and makes a server configuration of it (with the
+/// certificate's validity, if it reads); a certificate past (or near) its
+/// dates is warned of, unless `quiet`.
+fn load(files: &TlsFiles, quiet: bool) -> Result<Loaded, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .map_err(|e| format!("tls-cert {}: {e}", files.cert.display()))?
         .collect::<Result<_, _>>()
@@ -45,21 +58,29 @@ fn load(files: &TlsFiles, quiet: bool) -> Result<Arc<ServerConfig>, String> {
             files.cert.display()
         ));
     }
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| match e {
-        // (Said as what to do: "no items found" named no cause.)
-        tokio_rustls::rustls::pki_types::pem::Error::NoItemsFound => format!(
-            "tls-key {}: no private key in it (a PEM `PRIVATE KEY`, `RSA PRIVATE KEY` or `EC PRIVATE KEY`; an encrypted one is not read: `openssl pkey -in KEY -out PLAIN` decrypts it)",
-            files.key.display()
-        ),
-        e => format!("tls-key {}: {e}", files.key.display()),
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+        // (Said as what to do: "no items found" named no cause, and an
+        // encrypted key of OpenSSL's older format, with its `Proc-Type`
+        // header, "base64 decode error".)
+        let encrypted = std::fs::read(&files.key)
+            .is_ok_and(|b| b.windows(9).any(|w| w == b"ENCRYPTED"));
+        match e {
+            _ if encrypted => format!(
+                "tls-key {}: the key is encrypted, and is not read (rotor asks for no passphrase): `openssl pkey -in KEY -out PLAIN` decrypts it",
+                files.key.display()
+            ),
+            tokio_rustls::rustls::pki_types::pem::Error::NoItemsFound => format!(
+                "tls-key {}: no private key in it (a PEM `PRIVATE KEY`, `RSA PRIVATE KEY` or `EC PRIVATE KEY`; an encrypted one is not read: `openssl pkey -in KEY -out PLAIN` decrypts it)",
+                files.key.display()
+            ),
+            e => format!("tls-key {}: {e}", files.key.display()),
+        }
     })?;
     // A pair past its dates still loads (a client that does not check may
     // use it), but the operator is told: clients that check refuse every
     // connection, and say only that the handshake failed.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64);
-    if let Some(why) = validity(&certs[0]).and_then(|v| validity_warning(v, now)) {
+    let dates = validity(&certs[0]);
+    if let Some(why) = dates.and_then(|v| validity_warning(v, unix_now())) {
         if !quiet {
             warn!(cert = %files.cert.display(), "TLS certificate {why}");
         }
@@ -91,7 +112,7 @@ fn load(files: &TlsFiles, quiet: bool) -> Result<Arc<ServerConfig>, String> {
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     // The server's order: AES-128-GCM first (see `provider`).
     config.ignore_client_order = true;
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), dates))
 }
 
 /// ring's suites with AES-128-GCM before AES-256-GCM. Most clients (curl,
@@ -149,7 +170,9 @@ fn validity_warning((not_before, not_after): (i64, i64), now: i64) -> Option<Str
         // (In hours under two days: "in 1 days" read for 47 h.)
         let left = not_after - now;
         let when = match left / 3600 {
-            h @ 0..48 => format!("{h} h"),
+            0 if left < 60 => format!("{left} s"),
+            0 => format!("{} min", left / 60),
+            h @ 1..48 => format!("{h} h"),
             _ => format!("{} days", left / 86_400),
         };
         format!(
@@ -157,6 +180,23 @@ fn validity_warning((not_before, not_after): (i64, i64), now: i64) -> Option<Str
             date(not_after)
         )
     })
+}
+
+/// How long until a certificate valid over `dates` is looked at again
+/// (see `Tls::watch_validity`).
+fn next_look(dates: Option<(i64, i64)>, now: i64) -> std::time::Duration {
+    const DAY: i64 = 86_400;
+    let wait = match dates {
+        None => DAY,
+        Some((_, to)) if to - now < 2 * DAY => 3600,
+        Some(_) => DAY,
+    };
+    // Its end, as it comes (a second past it).
+    let wait = match dates.map(|(_, to)| to + 1 - now) {
+        Some(end) if end > 0 => wait.min(end),
+        _ => wait,
+    };
+    std::time::Duration::from_secs(wait as u64)
 }
 
 /// A certificate's validity (notBefore, notAfter) in Unix seconds, read
@@ -247,11 +287,40 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 
 impl Tls {
     pub fn new(files: TlsFiles) -> Result<Arc<Tls>, String> {
-        let config = load(&files, false)?;
+        let (config, dates) = load(&files, false)?;
         Ok(Arc::new(Tls {
             files,
             config: RwLock::new(config),
+            dates: std::sync::Mutex::new(dates),
+            swapped: tokio::sync::Notify::new(),
         }))
+    }
+
+    /// Says that the certificate in use expires, as its end nears and
+    /// once it came (else a renewal that failed is found when clients
+    /// fail, and the worker looks idle): looked at once a day, every hour
+    /// in its last two days and after, at its end, and after each reload.
+    pub async fn watch_validity(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            let dates = *self.dates.lock().unwrap_or_else(|e| e.into_inner());
+            let wait = next_look(dates, unix_now());
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                // (A reload says the new one's dates itself.)
+                _ = self.swapped.notified() => continue,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let now = unix_now();
+            match dates.map(|d| (d, validity_warning(d, now))) {
+                Some(((_, to), Some(why))) if now > to => {
+                    tracing::error!(cert = %self.files.cert.display(), "TLS certificate {why}")
+                }
+                Some((_, Some(why))) => {
+                    warn!(cert = %self.files.cert.display(), "TLS certificate {why}")
+                }
+                _ => {}
+            }
+        }
     }
 
     /// An acceptor with the pair in use.
@@ -291,8 +360,10 @@ impl Tls {
     /// Loads the pair and puts it in use; else why it did not load.
     fn swap(&self, quiet: bool) -> Result<(), String> {
         match load(&self.files, quiet) {
-            Ok(c) => {
+            Ok((c, dates)) => {
                 *self.config.write().unwrap_or_else(|e| e.into_inner()) = c;
+                *self.dates.lock().unwrap_or_else(|e| e.into_inner()) = dates;
+                self.swapped.notify_waiters();
                 Ok(())
             }
             Err(e) => {
@@ -337,10 +408,27 @@ mod tests {
         // Under two days, in hours (it said "in 1 days" for 47 h).
         let hours = validity_warning(v, 1_100 * day - 47 * 3600 - 59).unwrap();
         assert!(hours.contains("in 47 h"), "{hours}");
+        // Under an hour, in minutes (it said "in 0 h").
+        let minutes = validity_warning(v, 1_100 * day - 15 * 60 - 59).unwrap();
+        assert!(minutes.contains("in 15 min"), "{minutes}");
         assert_eq!(validity_warning(v, 1_050 * day), None);
         // Dates past what is written are written as the last one.
         let far = validity_warning((253_402_300_800, 253_402_400_000), 0).unwrap();
         assert!(far.contains("9999-12-31T23:59:59Z"), "{far}");
+    }
+
+    #[test]
+    fn validity_is_looked_at_daily_hourly_at_the_end_and_its_end() {
+        let day = 86_400;
+        let at = |to: i64, now: i64| next_look(Some((0, to)), now).as_secs();
+        assert_eq!(next_look(None, 5).as_secs(), 86_400);
+        assert_eq!(at(30 * day, 0), 86_400);
+        assert_eq!(at(30 * day, 28 * day + 1), 3600);
+        // Its end, a second past it.
+        assert_eq!(at(30 * day, 30 * day - 600), 601);
+        assert_eq!(at(30 * day, 30 * day - 86_400 - 10), 3600);
+        // Past it: every hour.
+        assert_eq!(at(30 * day, 30 * day + 1), 3600);
     }
 
     /// The dates of a certificate the openssl command made (as operators
@@ -385,6 +473,31 @@ mod tests {
         let e = load(&twice, true).err().unwrap();
         assert!(
             e.contains("no private key in it") && e.contains("openssl pkey"),
+            "{e}"
+        );
+        // A key encrypted in OpenSSL's older format (`Proc-Type:
+        // 4,ENCRYPTED`), as `openssl ec -aes256` writes it: it said
+        // "base64 decode error".
+        let encrypted = dir.path().join("enc.pem");
+        let made = std::process::Command::new("openssl")
+            .args(["ec", "-aes256", "-passout", "pass:secret", "-in"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&encrypted)
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{made:?}");
+        let e = load(
+            &TlsFiles {
+                cert: cert.clone(),
+                key: encrypted,
+            },
+            true,
+        )
+        .err()
+        .unwrap();
+        assert!(
+            e.contains("is encrypted") && e.contains("openssl pkey"),
             "{e}"
         );
         assert!(load(
