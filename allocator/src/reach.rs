@@ -68,10 +68,10 @@ pub struct Out {
 struct Run {
     /// Confirmed failures since its last answer (or its return).
     failed: u64,
-    /// The first site they were to, and whether they were to another
-    /// too: failures to one site alone (on whatever ports and names) are
-    /// that site's refusal of this address (its firewall), not the
-    /// address's route, and take it out nowhere.
+    /// The first destination network they were to, and whether they were
+    /// to another too: failures to one alone (on whatever ports and names)
+    /// are that destination's refusal of this address (its firewall), not
+    /// the address's route, and take it out nowhere.
     dest: Option<u64>,
     several: bool,
     /// When the first of them was reported.
@@ -147,7 +147,8 @@ impl Reach {
         }
     }
 
-    /// A worker's confirmed failures by entry, and the sites they were to.
+    /// A worker's confirmed failures by entry, and the destination
+    /// networks they were to.
     /// Entries out of the rotation (`out`) are not counted (requests in
     /// flight as one went out tell nothing new); `room` says whether one
     /// more of an entry's family may go out (and counts it). The entries

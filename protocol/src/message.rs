@@ -592,9 +592,11 @@ pub const MAX_REPORTED_SOURCES: usize = 10_000;
 pub const MAX_REPORTED_ERRORS: usize = 256;
 
 /// A source's connects that failed where other sources' were answered
-/// (`Request::Unreached`): how many, and the sites they were to (the first
-/// `UNREACHED_DESTINATIONS`, each the FNV-1a hash of `site_of` the host,
-/// the same in every worker).
+/// (`Request::Unreached`): how many, and the destinations they were to
+/// (the first `UNREACHED_DESTINATIONS`, each the FNV-1a hash of the
+/// network of the address connected to, the same in every worker: see
+/// the worker's `witness::net_key`; workers before 2026-12-07 hashed
+/// `site_of` the host).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceUnreached {
     pub ip: IpAddr,

@@ -75,7 +75,7 @@ settings! {
         #[arg(value_name = "LEN")]
         site_v6_prefix: Option<u8> = "64",
         /// How long a pool entry is taken out of the rotation when its
-        /// connects keep failing, to two sites or more, where other
+        /// connects keep failing, to two destination networks or more, where other
         /// entries' are answered (an address the provider no longer routes
         /// here): then it is tried again, and out for twice as long (to 1h,
         /// or this if longer) if they fail again; 0s: never taken out for

@@ -840,6 +840,62 @@ fn a_site_that_refuses_one_address_cools_it_for_that_site_alone() {
     );
 }
 
+/// A destination that refuses one pool address, reached by two names
+/// (two sites) of one server, takes that address out nowhere: failures
+/// count by the network of the address connected to, not by the name. A
+/// client naming its own server twice took an address out of the
+/// rotation for every user (review).
+#[test]
+fn two_names_of_one_server_refusing_an_address_take_it_out_nowhere() {
+    in_netns(
+        "two_names_of_one_server_refusing_an_address_take_it_out_nowhere",
+        &[
+            "rule del pref 0",
+            "rule add pref 100 lookup local",
+            "rule add pref 10 from 127.0.0.4 to 127.0.0.1 unreachable",
+        ],
+        || async {
+            let dns = Dns::start().await;
+            for name in ["a1.test", "b1.test"] {
+                dns.set(name, std::net::Ipv4Addr::LOCALHOST, 60);
+            }
+            let origin = Origin::start().await;
+            let port = origin.addr.port();
+            let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.5"]).await;
+            let server = dns.addr.to_string();
+            let args = [
+                "--dns-server",
+                &server,
+                "--cooldown-connect-failures",
+                "false",
+            ];
+            let w = Worker::start(&alloc.socket, &args).await;
+            let client = |c: usize| async move {
+                let mut failed = 0;
+                for i in 0..24 {
+                    let host = ["a1.test", "b1.test"][(i + c) % 2];
+                    match get(w.addr, &format!("http://{host}:{port}/")).await.status {
+                        200 => {}
+                        502 => failed += 1,
+                        s => panic!("{s}"),
+                    }
+                }
+                failed
+            };
+            let failed: usize = futures_util::future::join_all((0..4).map(client))
+                .await
+                .into_iter()
+                .sum();
+            // Every fourth request left from 127.0.0.4, and failed.
+            assert!(failed >= 16, "{failed}");
+            // The worker's reports (every second) have told the allocator.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            let status = status_json(&alloc.socket);
+            assert!(status["pool"][2]["quarantined"].is_null(), "{status}");
+        },
+    );
+}
+
 /// Through CONNECT tunnels too, and a site that takes the address again
 /// clears it: a failure confirmed once is a suspicion, not a cooldown
 /// (a site restarting refuses every address for a moment), and the

@@ -192,13 +192,20 @@ impl Meter {
         });
     }
 
-    /// A connect from `ip` to `host` (of the request's `authority`),
-    /// begun at `started`, failed.
-    pub fn connect_failed(&self, ip: IpAddr, (host, authority): (&str, &str), started: Instant) {
+    /// A connect from `ip` to `host` (of the request's `authority`, at
+    /// address `to`), begun at `started`, failed.
+    pub fn connect_failed(
+        &self,
+        ip: IpAddr,
+        (host, authority): (&str, &str),
+        to: Option<IpAddr>,
+        started: Instant,
+    ) {
         let dest = crate::witness::dest_key(crate::witness::dest_base(authority), ip.is_ipv4());
         self.with(|a| {
             a.source(ip).connect_errors += 1;
-            a.witness.failed(ip, (dest, host), started, Instant::now());
+            a.witness
+                .failed(ip, (dest, host, to), started, Instant::now());
         });
     }
 

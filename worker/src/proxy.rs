@@ -1102,6 +1102,7 @@ impl Proxy {
         let mut dialing = Dialing {
             meter: &self.meter,
             ip,
+            addrs,
             named,
             started,
             armed: true,
@@ -1131,7 +1132,9 @@ impl Proxy {
                 | ProxyError::Ports { .. },
             ) => {}
             Err(_) if !addrs.iter().any(|d| d.is_ipv4() == ip.is_ipv4()) => {}
-            Err(_) => self.meter.connect_failed(ip, named, started),
+            Err(_) => self
+                .meter
+                .connect_failed(ip, named, to_of(ip, addrs), started),
         }
     }
 
@@ -1828,9 +1831,19 @@ struct LogTarget(Uri);
 struct Dialing<'a> {
     meter: &'a crate::meter::Meter,
     ip: IpAddr,
+    addrs: &'a [SocketAddr],
     named: (&'a str, &'a str),
     started: Instant,
     armed: bool,
+}
+
+/// The destination address a connect from `ip` to `addrs` went to first
+/// (of `ip`'s family), for a failure's count (see `witness::net_key`).
+fn to_of(ip: IpAddr, addrs: &[SocketAddr]) -> Option<IpAddr> {
+    addrs
+        .iter()
+        .find(|d| d.is_ipv4() == ip.is_ipv4())
+        .map(SocketAddr::ip)
 }
 
 /// Two SYNs sent again (at 1 s and 3 s) and no answer.
@@ -1839,7 +1852,12 @@ const ABANDONED_AFTER: Duration = Duration::from_secs(3);
 impl Drop for Dialing<'_> {
     fn drop(&mut self) {
         if self.armed && self.started.elapsed() >= ABANDONED_AFTER {
-            self.meter.connect_failed(self.ip, self.named, self.started);
+            self.meter.connect_failed(
+                self.ip,
+                self.named,
+                to_of(self.ip, self.addrs),
+                self.started,
+            );
         }
     }
 }

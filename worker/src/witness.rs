@@ -57,24 +57,30 @@ pub fn dest_key(base: u64, v4: bool) -> u64 {
     (base ^ u64::from(v4)).wrapping_mul(0x0000_0100_0000_01b3)
 }
 
-/// The site a destination's host is of (see `rotor_protocol::site_of`),
-/// as failures name it to the allocator: failures to one site alone, on
-/// whatever ports and names, are that site's refusal of the address. An
-/// address named as it is (a SOCKS5 client resolving names itself, a
-/// CONNECT to an address) counts by its /16 (IPv6: /32): one site's
-/// several addresses, round-robin DNS, are then one.
-pub fn site_key(host: &str) -> u64 {
+/// What failures to a destination count as toward the two destinations
+/// or more the allocator asks for (see the module's doc): the network
+/// (IPv4 /16, IPv6 /32) of the address connected to, `to`. One server's
+/// several names are then one (a client naming its own server twice, as
+/// two sites, took a pool address out for every user), and so are one
+/// site's several addresses (round-robin DNS). Without an address of the
+/// source's family, the host's: by its network if it is an address, else
+/// its site (see `rotor_protocol::site_of`).
+pub fn net_key(host: &str, to: Option<IpAddr>) -> u64 {
     let site = rotor_protocol::site_of(host);
-    match site.parse::<IpAddr>() {
-        Ok(IpAddr::V4(a)) => {
+    match to.or_else(|| site.parse::<IpAddr>().ok()) {
+        Some(IpAddr::V4(a)) => {
             let [x, y, ..] = a.octets();
             rotor_protocol::fnv1a([4, x, y])
         }
-        Ok(IpAddr::V6(a)) => {
+        Some(IpAddr::V6(a)) => {
+            // (An IPv4 address mapped into IPv6 is the IPv4 one's.)
+            if let Some(v4) = a.to_ipv4_mapped() {
+                return net_key(host, Some(IpAddr::V4(v4)));
+            }
             let o = a.octets();
             rotor_protocol::fnv1a([6, o[0], o[1], o[2], o[3]])
         }
-        Err(_) => rotor_protocol::fnv1a(site.bytes()),
+        None => rotor_protocol::fnv1a(site.bytes()),
     }
 }
 
@@ -99,14 +105,14 @@ struct Dest {
     /// Failures with an answer to another source just before, waiting
     /// for one just after: the source, and when the connect ended.
     pending: Vec<(IpAddr, Instant)>,
-    /// Its site: by `site_key`, and by name.
+    /// Its network (`net_key`), and its site by name.
     site: (u64, Arc<str>),
     /// Its last failed connect (answers do not keep it watched).
     last: Instant,
 }
 
-/// A source's confirmed failures since the last take, and the sites they
-/// were to (the first few, by `site_key`).
+/// A source's confirmed failures since the last take, and the networks
+/// they were to (the first few, by `net_key`).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Confirmed {
     pub failed: u64,
@@ -123,15 +129,15 @@ pub struct Witness {
 }
 
 impl Witness {
-    /// A connect from `source` to `dest` (of `host`), begun at `started`,
-    /// failed at `now`. It waits for an answer after only if the
+    /// A connect from `source` to `dest` (of `host`, at address `to`),
+    /// begun at `started`, failed at `now`. It waits for an answer after only if the
     /// destination answered another source within [`NEAR`] before it
     /// began (a connect begun after that long a silence, timed out as the
     /// destination came back, began while it was down).
     pub fn failed(
         &mut self,
         source: IpAddr,
-        (dest, host): (u64, &str),
+        (dest, host, to): (u64, &str, Option<IpAddr>),
         started: Instant,
         now: Instant,
     ) {
@@ -142,7 +148,7 @@ impl Witness {
             answering_since: None,
             recent: std::collections::VecDeque::new(),
             pending: Vec::new(),
-            site: (site_key(host), rotor_protocol::site_of(host).into()),
+            site: (net_key(host, to), rotor_protocol::site_of(host).into()),
             last: now,
         });
         d.last = now;
@@ -262,7 +268,7 @@ mod tests {
     /// An immediate failure (refused, unreachable): begun and ended at
     /// `at`.
     fn fail(w: &mut Witness, source: IpAddr, d: u64, at: Instant) {
-        w.failed(source, (d, "a.example"), at, at);
+        w.failed(source, (d, "a.example", None), at, at);
     }
 
     #[test]
@@ -286,7 +292,10 @@ mod tests {
         w.answered(ip("10.0.0.1"), d, t + Duration::from_millis(50));
         let c = w.take(t + Duration::from_millis(60));
         assert_eq!(c[&ip("10.0.0.4")].failed, 2);
-        assert_eq!(c[&ip("10.0.0.4")].destinations, [site_key("a.example")]);
+        assert_eq!(
+            c[&ip("10.0.0.4")].destinations,
+            [net_key("a.example", None)]
+        );
         assert_eq!(c[&ip("10.0.0.5")].failed, 1);
         // Each source once for the site, by name; but for one that has
         // connected to it since.
@@ -355,12 +364,12 @@ mod tests {
         w.answered(ip("10.0.0.1"), d, s(100));
         // Down from 0.2 s to 12 s: a connect begun at 5 s times out at 15
         // s, when the destination answers again.
-        w.failed(ip("10.0.0.4"), (d, "a"), s(5_000), s(15_000));
+        w.failed(ip("10.0.0.4"), (d, "a", None), s(5_000), s(15_000));
         w.answered(ip("10.0.0.2"), d, s(15_100));
         assert!(w.take(s(15_200)).is_empty());
         // One begun while it answered others, failed, answered after:
         // confirmed.
-        w.failed(ip("10.0.0.4"), (d, "a"), s(15_150), s(16_000));
+        w.failed(ip("10.0.0.4"), (d, "a", None), s(15_150), s(16_000));
         w.answered(ip("10.0.0.2"), d, s(16_100));
         assert_eq!(w.take(s(16_200))[&ip("10.0.0.4")].failed, 1);
         // Down again from 17 s to 24.5 s: a connect begun at 20 s that
@@ -368,7 +377,7 @@ mod tests {
         // (one of them within 2 s of its end): none came just before it.
         w.answered(ip("10.0.0.1"), d, s(17_000));
         w.answered(ip("10.0.0.2"), d, s(25_000));
-        w.failed(ip("10.0.0.4"), (d, "a"), s(20_000), s(28_000));
+        w.failed(ip("10.0.0.4"), (d, "a", None), s(20_000), s(28_000));
         w.answered(ip("10.0.0.3"), d, s(26_000));
         w.answered(ip("10.0.0.1"), d, s(28_100));
         assert!(w.take(s(28_200)).is_empty());
@@ -391,7 +400,7 @@ mod tests {
             );
         }
         // Begun at 5 s (an answer at 4 s), timed out at 15 s.
-        w.failed(ip("10.0.0.4"), (d, "a"), s(5_000), s(15_000));
+        w.failed(ip("10.0.0.4"), (d, "a", None), s(5_000), s(15_000));
         w.answered(ip("10.0.0.2"), d, s(16_000));
         assert_eq!(w.take(s(16_000))[&ip("10.0.0.4")].failed, 1);
     }
@@ -421,12 +430,41 @@ mod tests {
         let site: Arc<str> = "a.example".into();
         assert_eq!(w.take_refused(), [(ip("fd00:1::2"), site)]);
         assert_eq!(source_net(ip("fd00:1::2")), ip("fd00:1::"));
-        // Sites: a name's registrable domain; an address by its /16 (/32).
-        assert_eq!(site_key("www.example.com"), site_key("API.example.com"));
-        assert_ne!(site_key("example.com"), site_key("example.org"));
-        assert_eq!(site_key("93.184.216.34"), site_key("93.184.1.2"));
-        assert_ne!(site_key("93.184.216.34"), site_key("93.185.216.34"));
-        assert_eq!(site_key("[2001:db8::1]"), site_key("2001:db8:ffff::1"));
+        // Destinations: the network of the address connected to, /16
+        // (/32), whatever the name: two names of one server are one.
+        let at = |a: &str| Some(ip(a));
+        assert_eq!(
+            net_key("a.example", at("192.0.2.1")),
+            net_key("b.example", at("192.0.9.9"))
+        );
+        assert_ne!(
+            net_key("a.example", at("192.0.2.1")),
+            net_key("a.example", at("192.1.2.1"))
+        );
+        assert_eq!(
+            net_key("a.example", at("::ffff:192.0.2.1")),
+            net_key("x", at("192.0.2.1"))
+        );
+        assert_eq!(
+            net_key("a", at("2001:db8::1")),
+            net_key("b", at("2001:db8:ffff::1"))
+        );
+        // Without one: a name's registrable domain; an address by its
+        // network.
+        assert_eq!(
+            net_key("www.example.com", None),
+            net_key("API.example.com", None)
+        );
+        assert_ne!(net_key("example.com", None), net_key("example.org", None));
+        assert_eq!(net_key("93.184.216.34", None), net_key("93.184.1.2", None));
+        assert_ne!(
+            net_key("93.184.216.34", None),
+            net_key("93.185.216.34", None)
+        );
+        assert_eq!(
+            net_key("[2001:db8::1]", None),
+            net_key("2001:db8:ffff::1", None)
+        );
         assert_eq!(source_net(ip("10.0.0.2")), ip("10.0.0.2"));
     }
 }
