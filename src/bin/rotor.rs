@@ -1088,6 +1088,10 @@ fn user(cmd: &UserCmd) -> ExitCode {
             .collect();
         if add {
             let pw = read_password()?;
+            // (Taken: HTTP carries it.)
+            if name.len() > 255 || pw.len() > 255 {
+                say!("rotor: note: a SOCKS5 client cannot log in as this user: its name or password is over 255 bytes, all RFC 1929 carries (HTTP and TLS clients can)");
+            }
             lines.push(format!("{name}:{}", rotor_worker::auth::hash_password(&pw)));
         } else if !found {
             return Err(format!("no user {name} in {}", path.display()));
