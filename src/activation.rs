@@ -108,6 +108,33 @@ pub fn unix_listener(p: &Passed) -> Result<std::os::unix::net::UnixListener, Act
         .map(|s| std::os::unix::net::UnixListener::from(OwnedFd::from(s)))
 }
 
+/// The names a worker serves passed sockets by (`FileDescriptorName=`):
+/// HTTP, SOCKS5, HTTP over TLS.
+pub const WORKER_NAMES: [&str; 3] = ["proxy", "socks", "tls"];
+
+/// Why a worker cannot serve the sockets systemd passed as their names
+/// say, if it cannot: a socket of another name beside named ones (a typo
+/// in `FileDescriptorName=`: it was left unserved), or one whose name
+/// says TLS or SOCKS without being `tls` or `socks` (`https`, or a unit
+/// `rotor-worker-tls.socket` with no `FileDescriptorName=`: it was served
+/// as plain HTTP).
+pub fn misnamed(passed: &[Passed]) -> Option<String> {
+    let known = |p: &Passed| WORKER_NAMES.contains(&p.name.as_str());
+    let some_named = passed.iter().any(known);
+    let odd = passed.iter().find(|p| {
+        let lower = p.name.to_ascii_lowercase();
+        let says = ["tls", "ssl", "https", "socks"]
+            .iter()
+            .any(|w| lower.contains(w));
+        !known(p) && (some_named || says)
+    })?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&odd.fd);
+    Some(format!(
+        "the socket systemd passed as `{}` (descriptor {fd}) is of no kind a worker serves: name it (FileDescriptorName=) `proxy` for HTTP, `socks` for SOCKS5 or `tls` for HTTP over TLS",
+        odd.name
+    ))
+}
+
 /// The sockets named `name` if any has that name, else all of them: a unit
 /// that passes several kinds names them; one that passes one need not.
 pub fn select<'a>(passed: &'a [Passed], name: &str) -> Vec<&'a Passed> {

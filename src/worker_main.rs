@@ -41,6 +41,9 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(&e),
     };
+    if let Some(e) = activation::misnamed(&passed) {
+        return fail(&crate::cli::ConfigError::Invalid(e));
+    }
     let file = match FileConfig::load(args.common.at.config.as_deref()) {
         Ok(f) => f,
         Err(e) => return fail(&e),

@@ -990,6 +990,52 @@ async fn socket_activation_of_both_binaries_and_readiness() {
     assert!(w.contains("EXTEND_TIMEOUT_USEC=7210000000"), "{w}");
 }
 
+/// A socket systemd passes under a name no worker serves is a refused
+/// start, saying which: beside a `proxy` one it was left unserved, and
+/// alone, named as TLS (`https`), it was served as plain HTTP.
+#[tokio::test]
+async fn a_socket_passed_under_a_name_no_worker_serves_is_refused() {
+    if !have(
+        "a_socket_passed_under_a_name_no_worker_serves_is_refused",
+        &["systemd-socket-activate"],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("allocator.sock");
+    for names in ["proxy:https", "https"] {
+        let ports: Vec<u16> = names.split(':').map(|_| free_port()).collect();
+        let mut cmd = std::process::Command::new("systemd-socket-activate");
+        for p in &ports {
+            cmd.args(["-l", &format!("127.0.0.1:{p}")]);
+        }
+        cmd.arg(format!("--fdname={names}"))
+            .arg(WORKER)
+            .arg("--socket")
+            .arg(&socket)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let child = cmd.spawn().unwrap();
+        // Its first connection starts the worker.
+        let first: SocketAddr = ([127, 0, 0, 1], ports[0]).into();
+        eventually("the activation socket", || async move {
+            TcpStream::connect(first).await.is_ok()
+        })
+        .await;
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()),
+        )
+        .await
+        .expect("the worker stopped")
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{names}: {stderr}");
+        assert!(stderr.contains("passed as `https`"), "{stderr}");
+        assert!(stderr.contains("FileDescriptorName="), "{stderr}");
+    }
+}
+
 trait TapMkdir {
     fn tap_mkdir(self) -> Self;
 }
