@@ -496,7 +496,24 @@ async fn steer(
             return ExitCode::FAILURE;
         }
     }
-    report(answer, |r| match r {
+    // Taking out a family's last address in rotation is done as asked,
+    // but said: every request needing one is then a 503.
+    let emptied = match (release, &answer) {
+        (false, Ok(Response::Steered { entry: Some(e) })) => {
+            let family = rotor_protocol::Family::of(&e.base());
+            let left = match status(control).await.ok().map(|r| filled(r).0) {
+                Some(Response::StatusV2(r)) => r
+                    .families
+                    .iter()
+                    .find(|f| f.family == family)
+                    .map(|f| f.total),
+                _ => None,
+            };
+            (left == Some(0)).then_some(family)
+        }
+        _ => None,
+    };
+    let code = report(answer, |r| match r {
         Response::Steered { entry: Some(e) } => Some(match (release, for_) {
             (true, _) if serving == Some(e) => {
                 format!("{e} was not out of the rotation")
@@ -509,7 +526,11 @@ async fn steer(
             ),
         }),
         _ => None,
-    })
+    });
+    if let Some(family) = emptied {
+        say!("rotor: warning: no {family} address is left in the rotation: every request needing one gets 503 (and /health answers 503) until one is released (`rotor release ADDRESS`)");
+    }
+    code
 }
 
 /// Why the prefix `named` is no entry of the pool, if the status says so

@@ -328,6 +328,28 @@ fn alloc_addresses_in_rotation(socket: &std::path::Path) -> u64 {
         .sum()
 }
 
+/// Taking a family's last address out by hand is done, and said: every
+/// request needing one is a 503 then. It said only "out of the rotation".
+#[tokio::test]
+async fn taking_out_the_last_address_by_hand_is_said() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3"]).await;
+    let quarantine = |ip: &str| {
+        let out = std::process::Command::new(ROTOR)
+            .args(["quarantine", "--socket", alloc.socket.to_str().unwrap(), ip])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let first = quarantine("127.0.0.2");
+    assert!(!first.contains("no IPv4 address is left"), "{first}");
+    let last = quarantine("127.0.0.3");
+    assert!(
+        last.contains("warning: no IPv4 address is left in the rotation"),
+        "{last}"
+    );
+}
+
 #[tokio::test]
 async fn an_address_taken_out_by_hand_stays_out_for_every_worker_until_released() {
     let origin = Origin::start().await;
