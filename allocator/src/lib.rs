@@ -24,6 +24,7 @@ pub(crate) fn rss() -> usize {
     s.split(' ').nth(1).unwrap().parse::<usize>().unwrap() * 4096
 }
 pub mod state;
+pub mod tickets;
 pub mod usable;
 pub mod waiters;
 

@@ -1283,6 +1283,15 @@ async fn answer(
         },
         _ => (env, None),
     };
+    // (The ticket keys would let a user let in only to lease read the
+    // TLS sessions of every client that resumes one.)
+    if matches!(env.body, Request::TicketKeys) && rights != Rights::Control {
+        tracing::debug!(
+            peer = id,
+            "refused the TLS ticket keys to a peer let in only to lease"
+        );
+        return refused(env.id, "only root and the allocator's own user are given the TLS ticket keys (this user is let in to lease only): this worker seals tickets with a key of its own".into());
+    }
     let control = matches!(
         env.body,
         Request::Reload | Request::ReloadReport | Request::ReloadReportV2 | Request::Steer { .. }
@@ -1377,6 +1386,7 @@ async fn answer(
         }
         Request::Attach => alloc.attach(id, peer.rights == Rights::Lease),
         Request::Reloads => alloc.reloads_for(id),
+        Request::TicketKeys => alloc.tickets.answer(std::time::Instant::now()),
         Request::LeaseSite { families, site } => alloc.lease_site(id, families, &site),
         Request::LeaseSiteWait {
             families,

@@ -39,6 +39,8 @@ pub struct Allocator {
     /// Until when the reports made for peers let in only to lease are
     /// owed (see [`Allocator::lease_only_report_wait`]).
     lease_only_reports: std::sync::Mutex<Option<Instant>>,
+    /// The keys every worker seals TLS session tickets with.
+    pub tickets: crate::tickets::Tickets,
 }
 
 /// Reports (status, sites, host status) for the peers let in only to lease
@@ -1223,6 +1225,7 @@ impl Allocator {
             reports: tokio::sync::Mutex::const_new(()),
             renders: Arc::new(tokio::sync::Semaphore::new(crate::metrics::MAX_RENDERS)),
             lease_only_reports: std::sync::Mutex::new(None),
+            tickets: Default::default(),
         })
     }
 

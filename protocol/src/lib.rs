@@ -46,18 +46,19 @@ pub use message::{
     Histogram, HostReport, Lease, NoAddress, PairStatus, PeerStatus, QuarantineStatus, Refusal,
     ReloadReport, ReloadReportV2, Request, Response, Role, ServerFrame, SiteLimit, SiteStatus,
     SitesReport, SitesReportV2, SourceMetrics, SourceStatus, SourceUnreached, StatusReport,
-    StatusReportV2, WorkerMetrics, WorkerReload, WorkerReloadOutcome, WorkerStatus,
+    StatusReportV2, TicketKey, WorkerMetrics, WorkerReload, WorkerReloadOutcome, WorkerStatus,
     HISTOGRAM_BOUNDS, MAX_REPORTED_ERRORS, MAX_REPORTED_SOURCES, MAX_SESSION_KEY, MINOR_DEADLINE,
     MINOR_FAMILIES, MINOR_FIRST_RELOADS, MINOR_LEASE_TABLE, MINOR_METRICS, MINOR_ORDER_KEY,
     MINOR_PREFIX_ORDER, MINOR_RELOADS, MINOR_RELOAD_REPORT, MINOR_SESSIONS_FULL,
     MINOR_SESSION_SITE, MINOR_SITES, MINOR_SITES_V2, MINOR_SITE_UNREACHED, MINOR_SITE_WAIT,
-    MINOR_STATUS_CUT, MINOR_UNREACHED, MINOR_WORKER_RELOADS, POOL_TOO_LARGE, PROTOCOL_MAJOR,
-    PROTOCOL_MINOR, REPORT_TEXT_MAX, UNREACHED_DESTINATIONS, UNREACHED_LISTED, WORKERS_LISTED,
+    MINOR_STATUS_CUT, MINOR_TICKET_KEYS, MINOR_UNREACHED, MINOR_WORKER_RELOADS, POOL_TOO_LARGE,
+    PROTOCOL_MAJOR, PROTOCOL_MINOR, REPORT_TEXT_MAX, TICKET_KEY_SECS, UNREACHED_DESTINATIONS,
+    UNREACHED_LISTED, WORKERS_LISTED,
 };
 pub use report::{error_chain, Moment, ERROR_KINDS};
 pub use segment::{
-    cover, from_u128, order, random_order_key, set_order, to_u128, Family, Order, OrderKey,
-    PrefixSet, Segment,
+    cover, from_u128, order, random_bytes, random_order_key, set_order, to_u128, Family, Order,
+    OrderKey, PrefixSet, Segment,
 };
 pub use site::{is_public_suffix, site_bit, site_of, SITE_FILTER_BITS};
 pub use table::{

@@ -23,7 +23,7 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 18;
+pub const PROTOCOL_MINOR: u16 = 19;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
@@ -102,6 +102,14 @@ pub const MINOR_DEADLINE: u16 = 17;
 /// table): an older worker is not handed such a table (it would lease in
 /// the key's order alone, off the allocator's); it leases over the socket.
 pub const MINOR_PREFIX_ORDER: u16 = 18;
+/// The first minor whose allocator answers `Request::TicketKeys` (the
+/// keys every worker seals and opens TLS session tickets with, so a
+/// client resumes its session on whichever worker takes its connection).
+pub const MINOR_TICKET_KEYS: u16 = 19;
+/// How long the key new TLS session tickets are sealed with stays the one
+/// (the allocator's change of keys); a ticket opens for that long at
+/// least, which is the lifetime workers give their tickets.
+pub const TICKET_KEY_SECS: u64 = 6 * 3600;
 
 /// Upper bounds (seconds) of the histograms' buckets, the same on both
 /// sides; the last bucket (+Inf) is implicit. Up to an hour: what they
@@ -424,6 +432,12 @@ pub enum Request {
     /// samples (a worker sends one with each metrics report: one read
     /// late counts that much more). Answered `Noted`.
     Clock { now_us: u64 },
+    /// The keys TLS session tickets are sealed and opened with, the same
+    /// for every worker of the host (since minor 19), so that a client
+    /// resumes its session on whichever worker takes its next connection.
+    /// For root and the allocator's own user only (a user let in only to
+    /// lease is refused them). Answered `TicketKeys`.
+    TicketKeys,
 }
 
 thread_local! {
@@ -479,6 +493,7 @@ impl Request {
             Request::Until { .. } | Request::SiteStarted { .. } | Request::Clock { .. } => {
                 MINOR_DEADLINE
             }
+            Request::TicketKeys => MINOR_TICKET_KEYS,
         }
     }
 }
@@ -785,6 +800,32 @@ pub enum Response {
         report: StatusReportV2,
         unlisted: u64,
     },
+    /// The answer to `TicketKeys`: the key to seal new tickets with first,
+    /// then the others to open tickets with (the one it replaced, and the
+    /// one that replaces it next, which a worker may meet in a ticket
+    /// before it asks again); `next_secs`: when it asks again at the
+    /// latest (the next change of keys, or sooner).
+    TicketKeys {
+        keys: Vec<TicketKey>,
+        next_secs: u64,
+    },
+}
+
+/// A key TLS session tickets are sealed with (AES-256-GCM), and its name,
+/// which a ticket carries in clear to say which key opens it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketKey {
+    pub name: [u8; 16],
+    pub key: [u8; 32],
+}
+
+impl std::fmt::Debug for TicketKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // (The key itself is never written out.)
+        f.debug_struct("TicketKey")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The per-site state, and how its IPv6 entries are keyed.

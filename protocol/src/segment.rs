@@ -168,12 +168,20 @@ pub fn order() -> Order {
     }
 }
 
-/// A new order key from the kernel's random source: getrandom(2), which
-/// needs no /dev in a chroot, without waiting (early at boot, before the
-/// kernel's pool is ready, it would block the allocator's start), else
-/// /dev/urandom, which never waits.
+/// A new order key from the kernel's random source (see `random_bytes`).
 pub fn random_order_key() -> std::io::Result<OrderKey> {
     let mut b = [0u8; 32];
+    random_bytes(&mut b)?;
+    Ok(std::array::from_fn(|k| {
+        u64::from_le_bytes(b[k * 8..k * 8 + 8].try_into().expect("8 bytes"))
+    }))
+}
+
+/// `b` filled from the kernel's random source: getrandom(2), which needs
+/// no /dev in a chroot, without waiting (early at boot, before the
+/// kernel's pool is ready, it would block the allocator's start), else
+/// /dev/urandom, which never waits.
+pub fn random_bytes(b: &mut [u8]) -> std::io::Result<()> {
     let mut filled = 0;
     while filled < b.len() {
         let rest = &mut b[filled..];
@@ -189,14 +197,12 @@ pub fn random_order_key() -> std::io::Result<OrderKey> {
                     continue;
                 }
                 // Not ready yet (EAGAIN), or no getrandom (ENOSYS).
-                std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut b)?;
+                std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, b)?;
                 break;
             }
         }
     }
-    Ok(std::array::from_fn(|k| {
-        u64::from_le_bytes(b[k * 8..k * 8 + 8].try_into().expect("8 bytes"))
-    }))
+    Ok(())
 }
 
 /// The permutation's constants for `key`, on 128 bits: both multipliers

@@ -358,6 +358,14 @@ fn golden_client_frames() {
         }),
         "01071cfc40420f00",
     );
+    // Minor 19: the keys of TLS session tickets.
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::TicketKeys,
+        }),
+        "01071d",
+    );
 }
 
 #[test]
@@ -619,6 +627,18 @@ fn golden_server_frames() {
             unlisted: 7,
         }),
         "01091402000000000000000107",
+    );
+    // Minor 19: the keys of TLS session tickets, the one to seal with
+    // first.
+    check(
+        resp(Response::TicketKeys {
+            keys: vec![TicketKey {
+                name: [1; 16],
+                key: [2; 32],
+            }],
+            next_secs: 60,
+        }),
+        "010915010101010101010101010101010101010102020202020202020202020202020202020202020202020202020202020202023c",
     );
 }
 

@@ -537,6 +537,25 @@ impl LeaseClient {
         }
     }
 
+    /// The keys TLS session tickets are sealed with, the same for every
+    /// worker of the host (the key to seal with first), and when to ask
+    /// again at the latest; else why not (an allocator older than minor
+    /// 19, one that refuses them to a user let in only to lease, none
+    /// connected).
+    pub async fn ticket_keys(&self) -> Result<(Vec<rotor_protocol::TicketKey>, Duration), String> {
+        match self
+            .request_within(Request::TicketKeys, Duration::from_secs(2))
+            .await
+        {
+            Ok(Response::TicketKeys { keys, next_secs }) if !keys.is_empty() => {
+                Ok((keys, Duration::from_secs(next_secs)))
+            }
+            Ok(Response::Error { message }) => Err(message),
+            Ok(other) => Err(format!("an unexpected answer: {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// The allocator's process id (see `Conn::allocator_pid`), while
     /// connected.
     pub fn allocator_pid(&self) -> Option<u32> {

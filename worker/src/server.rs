@@ -247,6 +247,7 @@ pub async fn run(
     if let Some(tls) = &reloading_tls {
         tls.reload_at_start();
         tokio::spawn(tls.clone().watch_validity(shutdown.clone()));
+        tokio::spawn(tls.clone().share_tickets(leases.clone(), shutdown.clone()));
     }
     let told = leases.clone();
     tokio::spawn(async move {

@@ -27,6 +27,8 @@ pub struct Tls {
     /// The certificate's validity, if it reads (see `watch_validity`).
     dates: std::sync::Mutex<Option<(i64, i64)>>,
     swapped: tokio::sync::Notify,
+    /// What seals session tickets, the same across reloads.
+    tickets: Arc<Tickets>,
 }
 
 /// The time in Unix seconds.
@@ -47,7 +49,7 @@ type Loaded = (Arc<ServerConfig>, Option<(i64, i64)>);
 /// Reads the pair and makes a server configuration of it (with the
 /// certificate's validity, if it reads); a certificate past (or near) its
 /// dates is warned of, unless `quiet`.
-fn load(files: &TlsFiles, quiet: bool) -> Result<Loaded, String> {
+fn load(files: &TlsFiles, quiet: bool, tickets: &Arc<Tickets>) -> Result<Loaded, String> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
         .map_err(|e| format!("tls-cert {}: {e}", files.cert.display()))?
         .collect::<Result<_, _>>()
@@ -112,6 +114,9 @@ fn load(files: &TlsFiles, quiet: bool) -> Result<Loaded, String> {
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     // The server's order: AES-128-GCM first (see `provider`).
     config.ignore_client_order = true;
+    // Stateless tickets, sealed with the host's keys: any worker resumes
+    // a session another began (rustls's session cache is the process's).
+    config.ticketer = tickets.clone();
     Ok((Arc::new(config), dates))
 }
 
@@ -180,6 +185,117 @@ fn validity_warning((not_before, not_after): (i64, i64), now: i64) -> Option<Str
             date(not_after)
         )
     })
+}
+
+/// Seals and opens TLS session tickets (AES-256-GCM): each ticket is
+/// its key's name, a random nonce, then the session sealed with the name
+/// as associated data, as rustls's own ticketer writes them. The keys are
+/// the host's, from the allocator (see `Tls::share_tickets`), or until
+/// then one of this worker's own.
+pub struct Tickets {
+    /// The key to seal with first, then those that also open.
+    keys: RwLock<Vec<([u8; 16], ring::aead::LessSafeKey)>>,
+}
+
+/// A ticket longer than this is not opened (what rotor seals is a few
+/// hundred bytes: a session's secrets, its SNI and ALPN): an opening
+/// oracle is harder on short ciphertexts.
+const TICKET_MAX: usize = 4096;
+
+impl Tickets {
+    /// With a key of this worker's own.
+    fn own() -> Result<Tickets, String> {
+        let mut k = rotor_protocol::TicketKey {
+            name: [0; 16],
+            key: [0; 32],
+        };
+        rotor_protocol::random_bytes(&mut k.name)
+            .and_then(|()| rotor_protocol::random_bytes(&mut k.key))
+            .map_err(|e| {
+                format!("no key for TLS session tickets (the random source failed: {e})")
+            })?;
+        let t = Tickets {
+            keys: RwLock::new(Vec::new()),
+        };
+        t.share(&[k]);
+        Ok(t)
+    }
+
+    /// Seals with `keys` from now on (the first seals; all open); whether
+    /// they are new.
+    fn share(&self, keys: &[rotor_protocol::TicketKey]) -> bool {
+        let mut held = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        let names: Vec<[u8; 16]> = keys.iter().map(|k| k.name).collect();
+        if held.iter().map(|(n, _)| *n).eq(names.iter().copied()) {
+            return false;
+        }
+        *held = keys
+            .iter()
+            .filter_map(|k| {
+                let key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &k.key).ok()?;
+                Some((k.name, ring::aead::LessSafeKey::new(key)))
+            })
+            .collect();
+        true
+    }
+}
+
+impl std::fmt::Debug for Tickets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // (No key is written out.)
+        f.debug_struct("Tickets").finish_non_exhaustive()
+    }
+}
+
+impl tokio_rustls::rustls::server::ProducesTickets for Tickets {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn lifetime(&self) -> u32 {
+        rotor_protocol::TICKET_KEY_SECS as u32
+    }
+
+    fn encrypt(&self, plain: &[u8]) -> Option<Vec<u8>> {
+        use ring::aead::{Aad, Nonce, NONCE_LEN};
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let (name, key) = keys.first()?;
+        // A random nonce (a counter would tell how many were sealed).
+        let mut nonce = [0u8; NONCE_LEN];
+        rotor_protocol::random_bytes(&mut nonce).ok()?;
+        let mut out = Vec::with_capacity(16 + NONCE_LEN + plain.len() + 16);
+        out.extend_from_slice(name);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plain);
+        let tag = key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(name),
+                &mut out[16 + NONCE_LEN..],
+            )
+            .ok()?;
+        out.extend_from_slice(tag.as_ref());
+        Some(out)
+    }
+
+    fn decrypt(&self, ticket: &[u8]) -> Option<Vec<u8>> {
+        use ring::aead::{Aad, Nonce, NONCE_LEN};
+        if ticket.len() > TICKET_MAX || ticket.len() < 16 + NONCE_LEN {
+            return None;
+        }
+        let (name, rest) = ticket.split_at(16);
+        let (nonce, sealed) = rest.split_at(NONCE_LEN);
+        let keys = self.keys.read().unwrap_or_else(|e| e.into_inner());
+        let (name, key) = keys.iter().find(|(n, _)| n[..] == *name)?;
+        let mut out = sealed.to_vec();
+        let nonce = Nonce::try_assume_unique_for_key(nonce).ok()?;
+        let len = key
+            .open_in_place(nonce, Aad::from(*name), &mut out)
+            .ok()?
+            .len();
+        out.truncate(len);
+        Some(out)
+    }
 }
 
 /// How long until a certificate valid over `dates` is looked at again
@@ -287,13 +403,55 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 
 impl Tls {
     pub fn new(files: TlsFiles) -> Result<Arc<Tls>, String> {
-        let (config, dates) = load(&files, false)?;
+        let tickets = Arc::new(Tickets::own()?);
+        let (config, dates) = load(&files, false, &tickets)?;
         Ok(Arc::new(Tls {
             files,
             config: RwLock::new(config),
             dates: std::sync::Mutex::new(dates),
             swapped: tokio::sync::Notify::new(),
+            tickets,
         }))
+    }
+
+    /// Keeps the session tickets' keys those the allocator gives every
+    /// worker (`LeaseClient::ticket_keys`): asked when connected, then
+    /// every minute (a new allocator makes new keys) or at their change if
+    /// sooner. Until it gives them (or where it does not: an older
+    /// allocator, a worker let in only to lease), tickets are sealed with
+    /// a key of this worker's own, which resumes sessions on it alone.
+    pub async fn share_tickets(
+        self: Arc<Self>,
+        leases: Arc<crate::lease::LeaseClient>,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+        let mut said = false;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = leases.connected(std::time::Duration::MAX) => {}
+            }
+            let wait = match leases.ticket_keys().await {
+                Ok((keys, change)) => {
+                    if self.tickets.share(&keys) {
+                        tracing::debug!("TLS session tickets sealed with the host's keys");
+                    }
+                    // (A second past the change: the keys have turned.)
+                    EVERY.min(change + std::time::Duration::from_secs(1))
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut said, true) {
+                        info!(reason = %e, "TLS session tickets sealed with this worker's own key: a client resumes its session only on this worker (asked again every minute)");
+                    }
+                    EVERY
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
     }
 
     /// Says that the certificate in use expires, as its end nears and
@@ -359,7 +517,7 @@ impl Tls {
 
     /// Loads the pair and puts it in use; else why it did not load.
     fn swap(&self, quiet: bool) -> Result<(), String> {
-        match load(&self.files, quiet) {
+        match load(&self.files, quiet, &self.tickets) {
             Ok((c, dates)) => {
                 *self.config.write().unwrap_or_else(|e| e.into_inner()) = c;
                 *self.dates.lock().unwrap_or_else(|e| e.into_inner()) = dates;
@@ -378,6 +536,11 @@ impl Tls {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// As the worker loads a pair, with tickets of a key of its own.
+    fn load(files: &TlsFiles, quiet: bool) -> Result<Loaded, String> {
+        super::load(files, quiet, &Arc::new(Tickets::own().unwrap()))
+    }
 
     #[test]
     fn dates_of_der_times() {
@@ -415,6 +578,42 @@ mod tests {
         // Dates past what is written are written as the last one.
         let far = validity_warning((253_402_300_800, 253_402_400_000), 0).unwrap();
         assert!(far.contains("9999-12-31T23:59:59Z"), "{far}");
+    }
+
+    /// A ticket one worker sealed with the host's keys opens at another
+    /// given them, and after the keys turned (the one it was sealed with
+    /// still opens); not at a worker with a key of its own, nor altered.
+    #[test]
+    fn tickets_sealed_with_the_hosts_keys_open_at_every_worker() {
+        use tokio_rustls::rustls::server::ProducesTickets;
+        let key = |b: u8| rotor_protocol::TicketKey {
+            name: [b; 16],
+            key: [b; 32],
+        };
+        let (a, b) = (Tickets::own().unwrap(), Tickets::own().unwrap());
+        let own = a.encrypt(b"session").unwrap();
+        assert_eq!(a.decrypt(&own).unwrap(), b"session");
+        assert_eq!(b.decrypt(&own), None, "another worker's own key");
+        assert!(a.share(&[key(1), key(2)]));
+        assert!(!a.share(&[key(1), key(2)]), "the same keys again");
+        assert!(b.share(&[key(1), key(2)]));
+        let sealed = a.encrypt(b"session").unwrap();
+        assert_eq!(b.decrypt(&sealed).unwrap(), b"session");
+        assert_eq!(a.decrypt(&own), None, "its own key is gone");
+        // Turned: 2 seals, 1 still opens.
+        b.share(&[key(2), key(3), key(1)]);
+        assert_eq!(b.decrypt(&sealed).unwrap(), b"session");
+        let newer = b.encrypt(b"later").unwrap();
+        assert_eq!(
+            a.decrypt(&newer).unwrap(),
+            b"later",
+            "sealed with the next key"
+        );
+        let mut altered = sealed.clone();
+        *altered.last_mut().unwrap() ^= 1;
+        assert_eq!(b.decrypt(&altered), None);
+        assert_eq!(b.decrypt(&sealed[..20]), None);
+        assert_eq!(b.decrypt(&vec![1; TICKET_MAX + 1]), None);
     }
 
     #[test]
