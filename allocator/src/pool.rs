@@ -73,6 +73,14 @@ pub struct Pool {
     /// table holds the rotation's only), so one put back continues its
     /// count: within `addrs`, so bounded by the pool.
     parked: HashMap<Segment, u64>,
+    /// Where each listed prefix left off: the offset in its own order of
+    /// its address due next when the rotation last left it (a change of
+    /// the pool moved the cursor elsewhere: another entry quarantined or
+    /// released, a route withdrawn, a file edited), so it goes on there
+    /// when the rotation comes back to it. It started over at its first,
+    /// and a prefix that flapped leased the same few addresses each time.
+    /// Within `addrs`, so bounded by the pool; not kept over a restart.
+    places: HashMap<Segment, u128>,
 }
 
 /// Where the lease table's file goes, and who may map it.
@@ -182,6 +190,7 @@ impl Pool {
             resumed: [None, None],
             published: false,
             parked: HashMap::new(),
+            places: HashMap::new(),
         })
     }
 
@@ -319,6 +328,16 @@ impl Pool {
         let held = self.held_due;
         let resume = self.resume;
         let before = self.table.position().next_due;
+        // The prefix the rotation is in leaves off at its address due.
+        for due in before.into_iter().flatten() {
+            let Some(i) = was.index_of(due) else { continue };
+            if let Some((entry, _)) = was.entry_at(Family::of(&due), i) {
+                if let (false, Some(k)) = (entry.is_single(), entry.index_of(due)) {
+                    self.places.insert(entry, k);
+                }
+            }
+        }
+        let places = &self.places;
         let cursor = |family: Family, due: Option<IpAddr>, now: u64| {
             let i = family.index();
             let at = |ip: IpAddr| rotations.index_of(ip);
@@ -326,11 +345,24 @@ impl Pool {
             let listed = resume[i]
                 .and_then(at)
                 .or_else(|| due.or(held[i]).and_then(at));
-            match listed.or_else(|| due.and_then(|ip| was.next_kept(&rotations, ip))) {
+            let at = match listed.or_else(|| due.and_then(|ip| was.next_kept(&rotations, ip))) {
                 Some(at) => at,
                 // None of the old entries is left: the same place.
                 None if now < rotations.total(family) => now,
                 None => 0,
+            };
+            if listed.is_some() {
+                return at;
+            }
+            // Into a prefix from elsewhere: where it left off, if it did.
+            match rotations.entry_at(family, at) {
+                Some((entry, first)) => places
+                    .get(&entry)
+                    .and_then(|&k| u64::try_from(k).ok())
+                    .and_then(|k| first.checked_add(k))
+                    .filter(|&j| j < rotations.total(family))
+                    .unwrap_or(at),
+                None => at,
             }
         };
         // Counts follow their entry, out of the rotation and back (a
@@ -374,6 +406,8 @@ impl Pool {
             .filter_map(|e| old.get(e).map(|n| (*e, *n)))
             .collect();
         self.addrs = addrs;
+        let listed: HashSet<&Segment> = self.addrs.iter().collect();
+        self.places.retain(|e, _| listed.contains(e));
         self.quarantined = quarantined;
         self.active_singles = active
             .iter()
@@ -659,6 +693,40 @@ mod tests {
         pool.replace(ips(&["10.0.0.1"])).unwrap();
         assert_eq!(of(&pool, "10.0.0.2"), None, "gone from the pool");
         assert_eq!(of(&pool, "2001:db8::7"), None, "gone from the pool");
+    }
+
+    /// A prefix the rotation leaves (another entry quarantined or put
+    /// back, a refresh) goes on where it left off when the rotation comes
+    /// back to it: it started over at its first, and one that flapped
+    /// leased the same few addresses each time (review).
+    #[test]
+    fn a_prefix_goes_on_where_it_left_off_when_the_rotation_comes_back() {
+        let p64: Segment = "2001:db8:77::/64".parse().unwrap();
+        let p48: Segment = "2001:db8:48::/48".parse().unwrap();
+        let mut pool = Pool::new(vec![p64, p48]);
+        let walk = |e: Segment, from: u128, n: u128| -> Vec<String> {
+            (from..from + n).map(|k| e.at(k).to_string()).collect()
+        };
+        // The /48 is behind the /64 (a family's cursor counts 2^44 at most).
+        assert_eq!(take(&pool, 2, V6), walk(p64, 0, 2));
+        pool.set_quarantined(&[p64], true).unwrap();
+        assert_eq!(take(&pool, 3, V6), walk(p48, 0, 3));
+        pool.set_quarantined(&[p64], false).unwrap();
+        assert_eq!(take(&pool, 2, V6), walk(p64, 2, 2), "the /64 started over");
+        pool.set_quarantined(&[p64], true).unwrap();
+        assert_eq!(take(&pool, 3, V6), walk(p48, 3, 3), "the /48 started over");
+        // A refresh that lists only the /48, then a /64 before it, then
+        // the /48 alone again: the /48 goes on where it left off.
+        pool.replace(vec![p48]).unwrap();
+        assert_eq!(take(&pool, 1, V6), walk(p48, 6, 1));
+        assert!(
+            !pool.places.contains_key(&p64),
+            "gone from the pool: forgotten"
+        );
+        pool.replace(vec![p64, p48]).unwrap();
+        assert!(take(&pool, 1, V6)[0].starts_with("2001:db8:77:"));
+        pool.replace(vec![p48]).unwrap();
+        assert_eq!(take(&pool, 1, V6), walk(p48, 7, 1));
     }
 
     #[test]

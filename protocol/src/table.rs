@@ -469,6 +469,17 @@ impl Rotations {
         })
     }
 
+    /// The entry index `i` of `family`'s rotation is in, and the index
+    /// of its first address.
+    pub fn entry_at(&self, family: Family, i: u64) -> Option<(Segment, u64)> {
+        let r = &self.0[family.index()];
+        if i >= r.total {
+            return None;
+        }
+        let k = r.first.partition_point(|&f| f <= i).checked_sub(1)?;
+        Some((r.mine[k], r.first[k]))
+    }
+
     /// The index of `entry`'s first address, if it is one of the
     /// entries and the cursor reaches it.
     fn first_of(&self, entry: &Segment) -> Option<u64> {
