@@ -374,10 +374,15 @@ impl Metadata {
                 continue;
             }
             let mut addrs = Vec::new();
-            for list in ["local-ipv4s", "ipv6s", "ipv4-prefix", "ipv6-prefix"] {
+            for (list, shape) in [
+                ("local-ipv4s", Shape::Address),
+                ("ipv6s", Shape::Address),
+                ("ipv4-prefix", Shape::Prefix),
+                ("ipv6-prefix", Shape::Prefix),
+            ] {
                 let path = format!("{base}{mac_text}/{list}");
                 if let Some(body) = self.aws_get(&path)? {
-                    addrs.extend(self.specs(&body, &path, &mut room)?);
+                    addrs.extend(self.specs(&body, (&path, shape), &mut room)?);
                 }
             }
             out.push((mac, addrs));
@@ -398,12 +403,21 @@ impl Metadata {
                 continue;
             }
             let mut addrs = Vec::new();
-            let ip = iface["ip"].as_str().filter(|s| !s.is_empty());
-            let lists = ["ipAliases", "ipv6s"]
-                .into_iter()
-                .flat_map(|k| iface[k].as_array().into_iter().flatten());
-            for spec in ip.into_iter().chain(lists.filter_map(|v| v.as_str())) {
-                addrs.extend(self.specs(spec, path, &mut room)?);
+            // Each field as the service writes it, or the answer is
+            // garbled (a string where a list goes dropped its addresses,
+            // and the pool shrank with no error).
+            let ip = match &iface["ip"] {
+                serde_json::Value::Null => None,
+                v => Some(self.text(v, "ip", path)?).filter(|s| !s.is_empty()),
+            };
+            if let Some(ip) = ip {
+                addrs.extend(self.specs(ip, (path, Shape::Address), &mut room)?);
+            }
+            for (key, shape) in [("ipAliases", Shape::Prefix), ("ipv6s", Shape::Address)] {
+                for v in self.list(&iface[key], key, path)? {
+                    let spec = self.text(v, key, path)?;
+                    addrs.extend(self.specs(spec, (path, shape), &mut room)?);
+                }
             }
             out.push((mac, addrs));
         }
@@ -426,9 +440,13 @@ impl Metadata {
             }
             let mut addrs = Vec::new();
             for family in ["ipv4", "ipv6"] {
-                for a in iface[family]["ipAddress"].as_array().into_iter().flatten() {
-                    if let Some(ip) = a["privateIpAddress"].as_str().filter(|s| !s.is_empty()) {
-                        addrs.extend(self.specs(ip, path, &mut room)?);
+                for a in self.list(&iface[family]["ipAddress"], "ipAddress", path)? {
+                    let ip = match &a["privateIpAddress"] {
+                        serde_json::Value::Null => continue,
+                        v => self.text(v, "privateIpAddress", path)?,
+                    };
+                    if !ip.is_empty() {
+                        addrs.extend(self.specs(ip, (path, Shape::Address), &mut room)?);
                     }
                 }
             }
@@ -498,16 +516,68 @@ impl Metadata {
         })
     }
 
-    /// One address or CIDR a line (GCP's aliases are CIDRs), at most
-    /// `room` entries (taken from it).
+    /// A field that must be a list (absent: none), or the answer is
+    /// garbled.
+    fn list<'a>(
+        &self,
+        v: &'a serde_json::Value,
+        key: &str,
+        path: &str,
+    ) -> Result<&'a [serde_json::Value], MetadataError> {
+        match v {
+            serde_json::Value::Null => Ok(&[]),
+            serde_json::Value::Array(items) => Ok(items),
+            other => Err(self.garbled(path, format!("`{key}` is not a list: {other}"))),
+        }
+    }
+
+    /// A field that must be a string, or the answer is garbled.
+    fn text<'a>(
+        &self,
+        v: &'a serde_json::Value,
+        key: &str,
+        path: &str,
+    ) -> Result<&'a str, MetadataError> {
+        v.as_str()
+            .ok_or_else(|| self.garbled(path, format!("`{key}` holds {v}, not an address")))
+    }
+
+    fn garbled(&self, path: &str, what: String) -> MetadataError {
+        MetadataError::Invalid {
+            url: format!("{}{path}", self.endpoint),
+            what,
+        }
+    }
+
+    /// One entry a line, of `shape` (an address; a prefix: GCP's aliases,
+    /// AWS's delegated prefixes), at most `room` entries (taken from it).
+    /// A pool's other notations (a range, a comma list) are no answer of
+    /// a metadata service: a garbled one (an address written as a CIDR
+    /// listed its whole block).
     fn specs(
         &self,
         body: &str,
-        path: &str,
+        (path, shape): (&str, Shape),
         room: &mut usize,
     ) -> Result<Vec<Segment>, MetadataError> {
         let mut out = Vec::new();
         for line in lines(body) {
+            let fits = match shape {
+                Shape::Address => line.parse::<std::net::IpAddr>().is_ok(),
+                Shape::Prefix => !line.contains(['-', ',']),
+            };
+            if !fits {
+                return Err(self.garbled(
+                    path,
+                    format!(
+                        "`{line}` is not {}",
+                        match shape {
+                            Shape::Address => "one address",
+                            Shape::Prefix => "one prefix",
+                        }
+                    ),
+                ));
+            }
             parse_spec_into(line, &mut out, *room).map_err(|source| MetadataError::Spec {
                 url: format!("{}{path}", self.endpoint),
                 source,
@@ -516,6 +586,13 @@ impl Metadata {
         *room -= out.len();
         Ok(out)
     }
+}
+
+/// What a metadata list holds each line of.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    Address,
+    Prefix,
 }
 
 fn lines(body: &str) -> impl Iterator<Item = &str> {
@@ -728,15 +805,55 @@ mod tests {
             .read()
             .unwrap_err();
         assert!(err.to_string().contains("no address listed"), "{err}");
-        // Two lists of 40 /16s each: 2.6 M entries apiece, 5.2 M together.
+        // Two interfaces' lists of 40 /16s each: 2.6 M entries apiece,
+        // 5.2 M together.
         let sixteens: Vec<String> = (0..40).map(|i| format!("10.{i}.0.0/16")).collect();
         let sixteens = serde_json::to_string(&sixteens).unwrap();
-        let url = fake_gcp(gcp_one(&format!(
-            r#""ip":"127.0.0.2","ipAliases":{sixteens},"ipv6s":{sixteens}"#
-        )));
+        let url = fake_gcp(format!(
+            r#"[{{"mac":"{MAC1}","ip":"127.0.0.2","ipAliases":{sixteens}}},
+               {{"mac":"{MAC2}","ip":"127.0.0.3","ipAliases":{sixteens}}}]"#
+        ));
         match Metadata::new(Provider::Gcp, Some(&url), vec![]).read() {
             Err(err) => assert!(matches!(err, MetadataError::Spec { .. }), "{err}"),
             Ok(read) => panic!("{} entries read", read.len()),
+        }
+    }
+
+    /// A field of another shape than the service writes is a garbled
+    /// answer, which keeps the last good addresses: an alias list written
+    /// as a string dropped its aliases, and an address written as a CIDR
+    /// listed its whole block, each read as good.
+    #[test]
+    fn fields_of_another_shape_are_a_garbled_answer() {
+        for fields in [
+            r#""ip":"127.0.0.2","ipAliases":"127.0.1.0/30""#,
+            r#""ip":"127.0.0.2","ipAliases":[123]"#,
+            r#""ip":"127.0.0.2","ipv6s":["2001:db8::/64"]"#,
+            r#""ip":"127.0.0.0/24""#,
+            r#""ip":7"#,
+            r#""ip":"127.0.0.2","ipAliases":["127.0.1.0-127.0.1.9"]"#,
+        ] {
+            let url = fake_gcp(gcp_one(fields));
+            let err = Metadata::new(Provider::Gcp, Some(&url), vec![])
+                .read()
+                .unwrap_err();
+            assert!(
+                matches!(err, MetadataError::Invalid { .. }),
+                "{fields}: {err}"
+            );
+        }
+        for address in [r#""127.0.0.0/24""#, "7", r#""127.0.0.2,127.0.0.3""#] {
+            let doc = format!(
+                r#"{{"interface":[{{"macAddress":"02FC00000001","ipv4":{{"ipAddress":[{{"privateIpAddress":{address}}}]}}}}]}}"#
+            );
+            let url = fake(move |_, _, _| (200, doc.clone()));
+            let err = Metadata::new(Provider::Azure, Some(&url), vec![])
+                .read()
+                .unwrap_err();
+            assert!(
+                matches!(err, MetadataError::Invalid { .. }),
+                "{address}: {err}"
+            );
         }
     }
 
