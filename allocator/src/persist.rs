@@ -370,6 +370,20 @@ pub const SESSIONS_FILE_NAME: &str = "sessions.json";
 /// (JSON, as the sessions).
 pub const SITES_FILE_NAME: &str = "sites.json";
 
+/// The last good lists of the metadata services and pool commands an
+/// allocator left for the next one (JSON, as the sessions): a service
+/// down as the allocator restarts (a crash, an upgrade) keeps serving them
+/// until it reads again, as a failed read does while it runs.
+pub const SOURCES_FILE_NAME: &str = "sources.json";
+
+/// A source's last good list: the source by a hash of its name (a
+/// command's text may carry a token), its entries as a pool lists them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedSource {
+    pub source: String,
+    pub entries: Vec<String>,
+}
+
 /// How far past the later of the clock and its file's writing a kept
 /// item's own time (a session's start, a site's last start or strike) may
 /// be and still be believed. One far in the future (an edit, a bit

@@ -13,7 +13,9 @@ use rotor_protocol::{
     StatusReportV2, TableError, PEER_SLOTS,
 };
 
-use crate::persist::{HandOut, Saved, StateFile, SESSIONS_FILE_NAME, SITES_FILE_NAME};
+use crate::persist::{
+    HandOut, Saved, SavedSource, StateFile, SESSIONS_FILE_NAME, SITES_FILE_NAME, SOURCES_FILE_NAME,
+};
 use crate::pool::{Pool, TableHome};
 use crate::sessions::{Pinned, Sessions};
 use crate::sites::{Answer, Rules, Sites, DEFAULT_MAX_ENTRIES};
@@ -129,7 +131,27 @@ pub struct Kept {
     wall_ms: u64,
     sessions: crate::sessions::Copied,
     sites: crate::sites::Copied,
+    /// The last good lists of the sources kept over a restart (see
+    /// `kept_over_restart`), by source key.
+    sources: Vec<(String, Vec<Segment>)>,
 }
+
+/// Whether a source's last good list is kept over a restart: a service
+/// or a command (down as the allocator starts, it would leave no
+/// addresses where a running allocator keeps them); not a file, an
+/// interface or a list, which read as they are.
+fn kept_over_restart(source: &Source) -> bool {
+    matches!(source, Source::Metadata(_) | Source::Command { .. })
+}
+
+/// A source as its saved list names it (`SavedSource`).
+fn source_key(source: &Source) -> String {
+    format!("{:016x}", rotor_protocol::fnv1a(source.name().bytes()))
+}
+
+/// The most entries of a source's list kept over a restart (a larger
+/// one is not kept: its copy under the lock at each change would cost).
+const SOURCE_KEPT_MAX: usize = 65_536;
 
 impl Kept {
     /// Writes them for the next allocator (each file replaced whole:
@@ -153,7 +175,22 @@ impl Kept {
             &sites,
             stop,
         );
-        a && b
+        let sources: Vec<SavedSource> = self
+            .sources
+            .into_iter()
+            .map(|(source, entries)| SavedSource {
+                source,
+                entries: entries.iter().map(Segment::to_string).collect(),
+            })
+            .collect();
+        let c = keep(
+            &self.dir,
+            SOURCES_FILE_NAME,
+            "last good lists of the metadata services and pool commands",
+            &sources,
+            stop,
+        );
+        a && b && c
     }
 }
 
@@ -527,6 +564,13 @@ impl Inner {
             wall_ms,
             sessions: self.sessions.copy(now),
             sites: self.sites.copy(now),
+            sources: self
+                .sources
+                .iter()
+                .filter(|s| kept_over_restart(&s.source))
+                .filter(|s| !s.last_good.is_empty() && s.last_good.len() <= SOURCE_KEPT_MAX)
+                .map(|s| (source_key(&s.source), s.last_good.clone()))
+                .collect(),
         })
     }
 
@@ -1315,6 +1359,40 @@ impl Allocator {
                 inner.changes += 1;
             }
         }
+        // The metadata services' and commands' last good lists, served
+        // until they read (a failed first read keeps them, as any failed
+        // read keeps the last good list); checked for use as any read is.
+        let sources = &mut inner.sources;
+        if let Some((kept, n, _)) = take_kept(
+            dir,
+            SOURCES_FILE_NAME,
+            "last good lists of the metadata services and pool commands",
+            remove,
+            wall,
+            |saved: Vec<SavedSource>, _| {
+                let mut n = 0;
+                for s in sources.iter_mut().filter(|s| kept_over_restart(&s.source)) {
+                    let key = source_key(&s.source);
+                    let Some(saved) = saved.iter().find(|x| x.source == key) else {
+                        continue;
+                    };
+                    s.last_good = saved
+                        .entries
+                        .iter()
+                        .filter_map(|e| e.parse().ok())
+                        .collect();
+                    n += usize::from(!s.last_good.is_empty());
+                }
+                n
+            },
+        ) {
+            tracing::info!(
+                sources = n,
+                not_configured_now = kept - n,
+                "last good lists of metadata services and pool commands kept from before the restart: served until each reads"
+            );
+            inner.changes += usize::from(kept != n) as u64;
+        }
         inner.kept_dir = Some(dir.to_owned());
         let path = dir.join(crate::persist::HAND_FILE_NAME);
         match crate::persist::read_hand(&path) {
@@ -1403,6 +1481,7 @@ impl Allocator {
         let mut inner = self.lock();
         let mut failed = Vec::new();
         let mut inner_source_errors = 0;
+        let mut kept_changed = false;
         for (place, (state, read)) in inner.sources.iter_mut().zip(reads).enumerate() {
             match read {
                 Ok(mut addrs) => {
@@ -1418,6 +1497,7 @@ impl Allocator {
                             "pool source reads again"
                         );
                     }
+                    kept_changed |= kept_over_restart(&state.source) && state.last_good != addrs;
                     state.last_good = addrs;
                     state.warned = None;
                     state.read_once = true;
@@ -1446,6 +1526,11 @@ impl Allocator {
                     state.error = Some(msg);
                 }
             }
+        }
+        // (A new list of a source kept over a restart: for the next
+        // checkpoint.)
+        if kept_changed {
+            inner.changes += 1;
         }
         inner.metrics.refreshes += 1;
         inner.metrics.source_errors += inner_source_errors;

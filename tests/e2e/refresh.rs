@@ -151,6 +151,46 @@ async fn a_source_unread_at_the_start_is_read_again_sooner_than_the_interval() {
     wait_for_pool(&alloc.socket, &ips(2..=2)).await;
 }
 
+/// A pool command (or metadata service) down as the allocator restarts
+/// keeps its last good list from before the restart, as a failed read
+/// keeps it while the allocator runs: a crash during an outage had left
+/// the pool empty, every request a 503, until the service came back.
+#[tokio::test]
+async fn a_command_down_at_a_restart_keeps_its_last_good_list() {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let file = dir.path().join("pool.txt");
+    std::fs::write(&file, "127.0.0.2\n127.0.0.3\n").unwrap();
+    let cmd = format!("cat {}", file.display());
+    let args = [
+        "--pool-command",
+        cmd.as_str(),
+        "--checkpoint",
+        "1s",
+        "--refresh",
+        "1h",
+    ];
+    {
+        let alloc = Allocator::start_in(dir.clone(), &args).await;
+        assert_eq!(pool_of(&status_json(&alloc.socket)), ips(2..=3));
+        // A checkpoint, then killed outright.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+    std::fs::remove_file(&file).unwrap();
+    let alloc = Allocator::start_in(dir.clone(), &args).await;
+    let status = status_json(&alloc.socket);
+    assert_eq!(pool_of(&status), ips(2..=3), "{status}");
+    let error = status["sources"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("No such file"), "{status}");
+    // Reading again, it is what it reads.
+    std::fs::write(&file, "127.0.0.4\n").unwrap();
+    let out = std::process::Command::new(ROTOR)
+        .args(["reload", "--socket", alloc.socket.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(pool_of(&status_json(&alloc.socket)), ips(4..=4));
+}
+
 #[tokio::test]
 async fn a_failed_read_keeps_the_last_good_pool_and_an_empty_file_empties_it() {
     let origin = Origin::start().await;
