@@ -1290,7 +1290,7 @@ async fn the_pool_can_come_from_the_cloud_metadata_service() {
     let status = status_json(&alloc.socket);
     assert_eq!(status["pool"].as_array().unwrap().len(), 3);
     let err = status["sources"][0]["error"].as_str().unwrap();
-    assert!(err.contains("`garbage` is not an IP address"), "{err}");
+    assert!(err.contains("`garbage` is not one address"), "{err}");
 }
 
 /// With no pool flags the pool is the host's addresses that reach the
