@@ -451,7 +451,7 @@ impl Serving {
             warn!(
                 limit = self.config.max_connections,
                 refused,
-                "connection limit reached; refusing new clients (HTTP with 503, SOCKS5 with no acceptable method; said once in 10 s, with how many since; raise --max-connections, and the descriptor limit with it, if the host has room)"
+                "connection limit reached; refusing new clients (plain HTTP with a 503, TLS closed, SOCKS5 with no acceptable method; said once in 10 s, with how many since; raise --max-connections, and the descriptor limit with it, if the host has room)"
             );
         }
         self.proxy.refused_at_limit(client, socks, LIMIT_ERROR);
