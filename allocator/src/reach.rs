@@ -33,6 +33,10 @@ use rotor_protocol::Segment;
 
 /// The first time out by default (`--unreachable-quarantine`).
 pub const FIRST: Duration = Duration::from_secs(60);
+/// The top bit of a destination's name: set for a name by site (a worker
+/// older than `MINOR_UNREACHED_BY_NET`), clear for one by network. Names
+/// are compared with names of their own kind only.
+pub const BY_SITE: u64 = 1 << 63;
 /// The shortest run that takes an entry out, however rarely connects fail.
 pub const RUN_MIN: u64 = 8;
 /// Runs longer than this are never asked for: where the destinations fail
@@ -68,11 +72,12 @@ pub struct Out {
 struct Run {
     /// Confirmed failures since its last answer (or its return).
     failed: u64,
-    /// The first destination network they were to, and whether they were
-    /// to another too: failures to one alone (on whatever ports and names)
-    /// are that destination's refusal of this address (its firewall), not
-    /// the address's route, and take it out nowhere.
-    dest: Option<u64>,
+    /// The first destination network they were to, of each kind of name
+    /// (see [`BY_SITE`]), and whether they were to another of that kind
+    /// too: failures to one alone (on whatever ports and names) are that
+    /// destination's refusal of this address (its firewall), not the
+    /// address's route, and take it out nowhere.
+    dest: [Option<u64>; 2],
     several: bool,
     /// When the first of them was reported.
     since: Instant,
@@ -180,7 +185,7 @@ impl Reach {
             }
             let run = self.runs.entry(*e).or_insert(Run {
                 failed: 0,
-                dest: None,
+                dest: [None; 2],
                 several: false,
                 since: now,
                 out_for: Duration::ZERO,
@@ -190,8 +195,9 @@ impl Reach {
             }
             run.failed = run.failed.saturating_add(*n);
             for d in dests {
-                match run.dest {
-                    None => run.dest = Some(*d),
+                let dest = &mut run.dest[usize::from(*d & BY_SITE != 0)];
+                match *dest {
+                    None => *dest = Some(*d),
                     Some(first) => run.several |= first != *d,
                 }
             }
@@ -305,7 +311,7 @@ impl Run {
     /// A new run from `now` (its doubling kept).
     fn start_over(&mut self, now: Instant) {
         self.failed = 0;
-        self.dest = None;
+        self.dest = [None; 2];
         self.several = false;
         self.since = now;
     }
@@ -399,6 +405,21 @@ mod tests {
         // A second destination: out.
         let two = HashMap::from([(seg("10.0.0.2"), (1, vec![8]))]);
         assert_eq!(r.failures(t, &two, |_| false, |_| true).len(), 1);
+    }
+
+    /// One destination named by an older worker (by site) and by a newer
+    /// one (by network) is not two: names are compared within their kind
+    /// (in a rolling upgrade, one site that refused an address took it
+    /// out for every user).
+    #[test]
+    fn names_of_two_kinds_are_not_two_destinations() {
+        let mut r = Reach::new(Duration::from_secs(60));
+        let t = Instant::now();
+        r.answers(t, 5, &by(&[("10.0.0.1", 5)]));
+        let mixed = HashMap::from([(seg("10.0.0.2"), (50, vec![7, 9 | BY_SITE]))]);
+        assert!(r.failures(t, &mixed, |_| false, |_| true).is_empty());
+        let old_two = HashMap::from([(seg("10.0.0.2"), (1, vec![8 | BY_SITE]))]);
+        assert_eq!(r.failures(t, &old_two, |_| false, |_| true).len(), 1);
     }
 
     #[test]

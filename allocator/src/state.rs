@@ -850,6 +850,18 @@ impl Inner {
             .get_mut(&peer)
             .map(|p| std::mem::take(&mut p.answered))
             .unwrap_or_default();
+        // A worker of before `MINOR_UNREACHED_BY_NET` names destinations
+        // by site, a newer one by network: the kind is in the name's top
+        // bit, and only names of one kind are compared (in a rolling
+        // upgrade, one site's two names read as two destinations).
+        let by_site = self
+            .peers
+            .get(&peer)
+            .is_some_and(|p| p.hello.minor < rotor_protocol::MINOR_UNREACHED_BY_NET);
+        let kind = |k: u64| match by_site {
+            true => k | crate::reach::BY_SITE,
+            false => k & !crate::reach::BY_SITE,
+        };
         let mut failed: HashMap<Segment, (u64, Vec<u64>)> = HashMap::new();
         for s in by_source.iter().take(rotor_protocol::UNREACHED_LISTED) {
             let entry = self.pool.entry_of(s.ip).filter(|e| !answered.contains(e));
@@ -857,9 +869,12 @@ impl Inner {
                 let d = failed.entry(e).or_default();
                 d.0 = d.0.saturating_add(s.failed);
                 let dests = s.destinations.iter();
-                for k in dests.take(rotor_protocol::UNREACHED_DESTINATIONS) {
-                    if d.1.len() < rotor_protocol::UNREACHED_DESTINATIONS && !d.1.contains(k) {
-                        d.1.push(*k);
+                for k in dests
+                    .take(rotor_protocol::UNREACHED_DESTINATIONS)
+                    .map(|k| kind(*k))
+                {
+                    if d.1.len() < rotor_protocol::UNREACHED_DESTINATIONS && !d.1.contains(&k) {
+                        d.1.push(k);
                     }
                 }
             }

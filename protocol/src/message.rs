@@ -106,6 +106,10 @@ pub const MINOR_PREFIX_ORDER: u16 = 18;
 /// keys every worker seals and opens TLS session tickets with, so a
 /// client resumes its session on whichever worker takes its connection).
 pub const MINOR_TICKET_KEYS: u16 = 19;
+/// The first minor whose worker names the destinations of an `Unreached`
+/// by the network of the address connected to (an older one names them
+/// by site): the allocator compares only names of one kind.
+pub const MINOR_UNREACHED_BY_NET: u16 = 19;
 /// How long the key new TLS session tickets are sealed with stays the one
 /// (the allocator's change of keys); a ticket opens for that long at
 /// least, which is the lifetime workers give their tickets.
@@ -610,8 +614,8 @@ pub const MAX_REPORTED_ERRORS: usize = 256;
 /// (`Request::Unreached`): how many, and the destinations they were to
 /// (the first `UNREACHED_DESTINATIONS`, each the FNV-1a hash of the
 /// network of the address connected to, the same in every worker: see
-/// the worker's `witness::net_key`; workers before 2026-12-07 hashed
-/// `site_of` the host).
+/// the worker's `witness::net_key`; workers older than
+/// `MINOR_UNREACHED_BY_NET` hash `site_of` the host).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceUnreached {
     pub ip: IpAddr,
