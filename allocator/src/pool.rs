@@ -341,10 +341,26 @@ impl Pool {
         let cursor = |family: Family, due: Option<IpAddr>, now: u64| {
             let i = family.index();
             let at = |ip: IpAddr| rotations.index_of(ip);
+            let saved = resume[i].and_then(at);
+            // A prefix back in the rotation (put back, listed again, its
+            // route back) goes on where it left off, at once: reached by
+            // the rotation's own advance after the address due, it began
+            // at its first, and leased the same addresses again. (The
+            // entries due before it wait for the next cycle.)
+            let back = || {
+                rotations
+                    .reached_prefixes(family)
+                    .filter(|(e, _)| !was.reaches(e))
+                    .find_map(|(e, first)| {
+                        let k = u64::try_from(*places.get(&e)?).ok()?;
+                        Some(first.checked_add(k)?).filter(|&j| j < rotations.total(family))
+                    })
+            };
+            if let Some(j) = saved.is_none().then(back).flatten() {
+                return j;
+            }
             // The saved address if it is listed, else the one due (or held).
-            let listed = resume[i]
-                .and_then(at)
-                .or_else(|| due.or(held[i]).and_then(at));
+            let listed = saved.or_else(|| due.or(held[i]).and_then(at));
             let at = match listed.or_else(|| due.and_then(|ip| was.next_kept(&rotations, ip))) {
                 Some(at) => at,
                 // None of the old entries is left: the same place.
@@ -712,9 +728,9 @@ mod tests {
         pool.set_quarantined(&[p64], true).unwrap();
         assert_eq!(take(&pool, 3, V6), walk(p48, 0, 3));
         pool.set_quarantined(&[p64], false).unwrap();
-        assert_eq!(take(&pool, 2, V6), walk(p64, 2, 2), "the /64 started over");
+        assert_eq!(take(&pool, 2, V6), walk(p64, 2, 2), "the /64 goes on");
         pool.set_quarantined(&[p64], true).unwrap();
-        assert_eq!(take(&pool, 3, V6), walk(p48, 3, 3), "the /48 started over");
+        assert_eq!(take(&pool, 3, V6), walk(p48, 3, 3), "the /48 goes on");
         // A refresh that lists only the /48, then a /64 before it, then
         // the /48 alone again: the /48 goes on where it left off.
         pool.replace(vec![p48]).unwrap();
@@ -727,6 +743,26 @@ mod tests {
         assert!(take(&pool, 1, V6)[0].starts_with("2001:db8:77:"));
         pool.replace(vec![p48]).unwrap();
         assert_eq!(take(&pool, 1, V6), walk(p48, 7, 1));
+    }
+
+    /// The common case: a prefix and an address beside it (the prefix
+    /// small enough for the cursor to reach the address). Put back, the
+    /// prefix goes on where it left off at once: the address due next had
+    /// been served, then the prefix from its first, again (code review).
+    #[test]
+    fn a_prefix_put_back_beside_an_address_goes_on_where_it_left_off() {
+        let p: Segment = "2001:db8:70::/108".parse().unwrap();
+        let a = one("2001:db8:99::1");
+        let mut pool = Pool::new(vec![p, a]);
+        let walk = |from: u128, n: u128| -> Vec<String> {
+            (from..from + n).map(|k| p.at(k).to_string()).collect()
+        };
+        for round in 0..3u128 {
+            assert_eq!(take(&pool, 4, V6), walk(round * 4, 4), "round {round}");
+            pool.set_quarantined(&[p], true).unwrap();
+            assert_eq!(take(&pool, 1, V6), ["2001:db8:99::1"]);
+            pool.set_quarantined(&[p], false).unwrap();
+        }
     }
 
     #[test]

@@ -480,6 +480,21 @@ impl Rotations {
         Some((r.mine[k], r.first[k]))
     }
 
+    /// The prefixes of `family`'s rotation the cursor reaches, each with
+    /// the index of its first address, in the rotation's order.
+    pub fn reached_prefixes(&self, family: Family) -> impl Iterator<Item = (Segment, u64)> + '_ {
+        let r = &self.0[family.index()];
+        r.prefixes
+            .iter()
+            .map(|&k| (r.mine[k], r.first[k]))
+            .filter(|(_, first)| *first < r.total)
+    }
+
+    /// Whether `entry` is one of the entries and the cursor reaches it.
+    pub fn reaches(&self, entry: &Segment) -> bool {
+        self.first_of(entry).is_some()
+    }
+
     /// The index of `entry`'s first address, if it is one of the
     /// entries and the cursor reaches it.
     fn first_of(&self, entry: &Segment) -> Option<u64> {
