@@ -34,16 +34,6 @@ struct Keys {
     since: Instant,
 }
 
-fn new_key() -> std::io::Result<TicketKey> {
-    let mut k = TicketKey {
-        name: [0; 16],
-        key: [0; 32],
-    };
-    rotor_protocol::random_bytes(&mut k.name)?;
-    rotor_protocol::random_bytes(&mut k.key)?;
-    Ok(k)
-}
-
 impl Tickets {
     /// The answer to `Request::TicketKeys` at `now`: the keys (the one to
     /// seal with first), and when to ask again at the latest (the next
@@ -52,11 +42,11 @@ impl Tickets {
         let mut keys = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let made = match keys.take() {
             Some(k) => turned(k, now),
-            None => new_key().and_then(|current| {
+            None => TicketKey::random().and_then(|current| {
                 Ok(Keys {
                     previous: None,
                     current,
-                    next: new_key()?,
+                    next: TicketKey::random()?,
                     since: now,
                 })
             }),
@@ -86,7 +76,7 @@ impl Tickets {
 /// key became the one (twice or more: every key new but the last next).
 fn turned(mut k: Keys, now: Instant) -> std::io::Result<Keys> {
     while now.saturating_duration_since(k.since) >= ROTATE {
-        let next = new_key()?;
+        let next = TicketKey::random()?;
         k.previous = Some(std::mem::replace(
             &mut k.current,
             std::mem::replace(&mut k.next, next),

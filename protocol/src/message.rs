@@ -823,6 +823,19 @@ pub struct TicketKey {
     pub key: [u8; 32],
 }
 
+impl TicketKey {
+    /// A new key and name from the kernel's random source.
+    pub fn random() -> std::io::Result<TicketKey> {
+        let mut k = TicketKey {
+            name: [0; 16],
+            key: [0; 32],
+        };
+        crate::random_bytes(&mut k.name)?;
+        crate::random_bytes(&mut k.key)?;
+        Ok(k)
+    }
+}
+
 impl std::fmt::Debug for TicketKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // (The key itself is never written out.)

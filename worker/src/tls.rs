@@ -195,6 +195,8 @@ fn validity_warning((not_before, not_after): (i64, i64), now: i64) -> Option<Str
 pub struct Tickets {
     /// The key to seal with first, then those that also open.
     keys: RwLock<Vec<([u8; 16], ring::aead::LessSafeKey)>>,
+    /// When they were last known good: made here, or the host's, asked.
+    fresh: std::sync::Mutex<std::time::Instant>,
 }
 
 /// A ticket longer than this is not opened (what rotor seals is a few
@@ -205,25 +207,42 @@ const TICKET_MAX: usize = 4096;
 impl Tickets {
     /// With a key of this worker's own.
     fn own() -> Result<Tickets, String> {
-        let mut k = rotor_protocol::TicketKey {
-            name: [0; 16],
-            key: [0; 32],
-        };
-        rotor_protocol::random_bytes(&mut k.name)
-            .and_then(|()| rotor_protocol::random_bytes(&mut k.key))
-            .map_err(|e| {
-                format!("no key for TLS session tickets (the random source failed: {e})")
-            })?;
+        let k = rotor_protocol::TicketKey::random().map_err(|e| {
+            format!("no key for TLS session tickets (the random source failed: {e})")
+        })?;
         let t = Tickets {
             keys: RwLock::new(Vec::new()),
+            fresh: std::sync::Mutex::new(std::time::Instant::now()),
         };
         t.share(&[k]);
         Ok(t)
     }
 
+    /// Keys not known good for [`rotor_protocol::TICKET_KEY_SECS`] turn:
+    /// a new one of this worker's own seals, the one that sealed still
+    /// opens. Whether they turned.
+    fn turn_if_stale(&self) -> bool {
+        let fresh = *self.fresh.lock().unwrap_or_else(|e| e.into_inner());
+        if fresh.elapsed().as_secs() < rotor_protocol::TICKET_KEY_SECS {
+            return false;
+        }
+        let Ok(new) = rotor_protocol::TicketKey::random() else {
+            return false;
+        };
+        let Ok(key) = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &new.key) else {
+            return false;
+        };
+        let mut held = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        held.truncate(1);
+        held.insert(0, (new.name, ring::aead::LessSafeKey::new(key)));
+        *self.fresh.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
+        true
+    }
+
     /// Seals with `keys` from now on (the first seals; all open); whether
     /// they are new.
     fn share(&self, keys: &[rotor_protocol::TicketKey]) -> bool {
+        *self.fresh.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
         let mut held = self.keys.write().unwrap_or_else(|e| e.into_inner());
         let names: Vec<[u8; 16]> = keys.iter().map(|k| k.name).collect();
         if held.iter().map(|(n, _)| *n).eq(names.iter().copied()) {
@@ -428,11 +447,16 @@ impl Tls {
         const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
         let mut said = false;
         loop {
-            tokio::select! {
+            let waited = std::time::Instant::now();
+            let up = tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = leases.connected(std::time::Duration::MAX) => {}
-            }
-            let wait = match leases.ticket_keys().await {
+                up = leases.connected(EVERY) => up,
+            };
+            let asked = match up {
+                true => leases.ticket_keys().await,
+                false => Err("no allocator connected".into()),
+            };
+            let wait = match asked {
                 Ok((keys, change)) => {
                     if self.tickets.share(&keys) {
                         tracing::debug!("TLS session tickets sealed with the host's keys");
@@ -444,7 +468,20 @@ impl Tls {
                     if !std::mem::replace(&mut said, true) {
                         info!(reason = %e, "TLS session tickets sealed with this worker's own key: a client resumes its session only on this worker (asked again every minute)");
                     }
-                    EVERY
+                    // Keys no one turns (its own, or the host's while the
+                    // allocator is away) turn here, as the allocator's do:
+                    // a ticket opens for 6 to 12 hours, not for as long as
+                    // the worker runs.
+                    if self.tickets.turn_if_stale() {
+                        tracing::debug!(
+                            "TLS session tickets sealed with a new key of this worker's own"
+                        );
+                    }
+                    // (Not connected: the wait for it was the minute.)
+                    match up {
+                        true => EVERY,
+                        false => EVERY.saturating_sub(waited.elapsed()),
+                    }
                 }
             };
             tokio::select! {
@@ -614,6 +651,21 @@ mod tests {
         assert_eq!(b.decrypt(&altered), None);
         assert_eq!(b.decrypt(&sealed[..20]), None);
         assert_eq!(b.decrypt(&vec![1; TICKET_MAX + 1]), None);
+        // Keys no one turned for the period turn here: a new key of its
+        // own seals, the one that sealed still opens, the others go.
+        assert!(!b.turn_if_stale(), "fresh");
+        let old = std::time::Instant::now()
+            .checked_sub(std::time::Duration::from_secs(
+                rotor_protocol::TICKET_KEY_SECS + 1,
+            ))
+            .unwrap();
+        *b.fresh.lock().unwrap() = old;
+        assert!(b.turn_if_stale());
+        assert_eq!(b.decrypt(&newer).unwrap(), b"later", "the key that sealed");
+        assert_eq!(b.decrypt(&sealed), None, "an older key is gone");
+        let turned = b.encrypt(b"x").unwrap();
+        assert_eq!(a.decrypt(&turned), None, "sealed with its own new key");
+        assert_eq!(b.decrypt(&turned).unwrap(), b"x");
     }
 
     #[test]
