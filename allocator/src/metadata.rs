@@ -406,11 +406,7 @@ impl Metadata {
             // Each field as the service writes it, or the answer is
             // garbled (a string where a list goes dropped its addresses,
             // and the pool shrank with no error).
-            let ip = match &iface["ip"] {
-                serde_json::Value::Null => None,
-                v => Some(self.text(v, "ip", path)?).filter(|s| !s.is_empty()),
-            };
-            if let Some(ip) = ip {
+            if let Some(ip) = self.optional(&iface["ip"], "ip", path)? {
                 addrs.extend(self.specs(ip, (path, Shape::Address), &mut room)?);
             }
             for (key, shape) in [("ipAliases", Shape::Prefix), ("ipv6s", Shape::Address)] {
@@ -441,11 +437,9 @@ impl Metadata {
             let mut addrs = Vec::new();
             for family in ["ipv4", "ipv6"] {
                 for a in self.list(&iface[family]["ipAddress"], "ipAddress", path)? {
-                    let ip = match &a["privateIpAddress"] {
-                        serde_json::Value::Null => continue,
-                        v => self.text(v, "privateIpAddress", path)?,
-                    };
-                    if !ip.is_empty() {
+                    if let Some(ip) =
+                        self.optional(&a["privateIpAddress"], "privateIpAddress", path)?
+                    {
                         addrs.extend(self.specs(ip, (path, Shape::Address), &mut room)?);
                     }
                 }
@@ -540,6 +534,19 @@ impl Metadata {
     ) -> Result<&'a str, MetadataError> {
         v.as_str()
             .ok_or_else(|| self.garbled(path, format!("`{key}` holds {v}, not an address")))
+    }
+
+    /// A field that may be absent or empty (none), else a string.
+    fn optional<'a>(
+        &self,
+        v: &'a serde_json::Value,
+        key: &str,
+        path: &str,
+    ) -> Result<Option<&'a str>, MetadataError> {
+        match v {
+            serde_json::Value::Null => Ok(None),
+            v => Ok(Some(self.text(v, key, path)?).filter(|s| !s.is_empty())),
+        }
     }
 
     fn garbled(&self, path: &str, what: String) -> MetadataError {

@@ -136,6 +136,11 @@ pub struct Kept {
     sources: Vec<(String, Vec<Segment>)>,
 }
 
+/// What each kept file holds, as the log names it.
+const SESSIONS_WHAT: &str = "sticky sessions";
+const SITES_WHAT: &str = "site budgets and cooldowns";
+const SOURCES_WHAT: &str = "last good lists of the metadata services and pool commands";
+
 /// Whether a source's last good list is kept over a restart: a service
 /// or a command (down as the allocator starts, it would leave no
 /// addresses where a running allocator keeps them); not a file, an
@@ -163,18 +168,12 @@ impl Kept {
         let a = keep(
             &self.dir,
             SESSIONS_FILE_NAME,
-            "sticky sessions",
+            SESSIONS_WHAT,
             &sessions,
             stop,
         );
         let sites = self.sites.saved(self.wall_ms);
-        let b = keep(
-            &self.dir,
-            SITES_FILE_NAME,
-            "site budgets and cooldowns",
-            &sites,
-            stop,
-        );
+        let b = keep(&self.dir, SITES_FILE_NAME, SITES_WHAT, &sites, stop);
         let sources: Vec<SavedSource> = self
             .sources
             .into_iter()
@@ -183,13 +182,7 @@ impl Kept {
                 entries: entries.iter().map(Segment::to_string).collect(),
             })
             .collect();
-        let c = keep(
-            &self.dir,
-            SOURCES_FILE_NAME,
-            "last good lists of the metadata services and pool commands",
-            &sources,
-            stop,
-        );
+        let c = keep(&self.dir, SOURCES_FILE_NAME, SOURCES_WHAT, &sources, stop);
         a && b && c
     }
 }
@@ -1333,7 +1326,7 @@ impl Allocator {
         if let Some((kept, n, set_aside)) = take_kept(
             dir,
             SESSIONS_FILE_NAME,
-            "sticky sessions",
+            SESSIONS_WHAT,
             remove,
             wall,
             |saved, wall| inner.sessions.restore(saved, now, wall),
@@ -1353,7 +1346,7 @@ impl Allocator {
         if let Some((kept, n, set_aside)) = take_kept(
             dir,
             SITES_FILE_NAME,
-            "site budgets and cooldowns",
+            SITES_WHAT,
             remove,
             wall,
             |mut saved: Vec<crate::sites::SavedPair>, wall| {
@@ -1381,7 +1374,7 @@ impl Allocator {
         if let Some((kept, n, _)) = take_kept(
             dir,
             SOURCES_FILE_NAME,
-            "last good lists of the metadata services and pool commands",
+            SOURCES_WHAT,
             remove,
             wall,
             |saved: Vec<SavedSource>, _| {

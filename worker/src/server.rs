@@ -411,12 +411,9 @@ impl Serving {
     /// connection limit).
     fn accepted(self: &Arc<Self>, stream: ClientTcp, client: std::net::SocketAddr, is_tls: bool) {
         let Some(permit) = self.place(client, false) else {
-            if let Ok(stream) = stream.into_tokio() {
-                // A 503 in plain text is no answer to a TLS hello (the
-                // client reports a garbled record): closed.
-                refuse_soon(stream, (!is_tls).then_some(HTTP_REFUSAL));
-            }
-            return;
+            // A 503 in plain text is no answer to a TLS hello (the client
+            // reports a garbled record): closed.
+            return turn_away(stream, (!is_tls).then_some(HTTP_REFUSAL));
         };
         if self.config.proxy_protocol.covers(client.ip()) {
             // A front proxy's connection: the client's address comes
@@ -458,6 +455,15 @@ impl Serving {
         None
     }
 
+    /// A connection of `client` refused at its address's connection
+    /// limit: said (once in 10 s) and counted.
+    #[cold]
+    fn client_refused(&self, client: std::net::SocketAddr, socks: bool) {
+        client_limit_reached(client, self.config.max_client_connections);
+        self.proxy
+            .refused_at_limit(client, socks, CLIENT_LIMIT_ERROR);
+    }
+
     /// Spawns the task that serves a SOCKS5 client (refused at once past
     /// the connection limit, or its address's, with "no acceptable
     /// method", the answer to the greeting it sends first, read by the
@@ -465,20 +471,13 @@ impl Serving {
     fn socks_accepted(self: &Arc<Self>, stream: ClientTcp, client: std::net::SocketAddr) {
         const REFUSAL: &[u8] = &[5, 0xff];
         let Some(permit) = self.place(client, true) else {
-            if let Ok(stream) = stream.into_tokio() {
-                refuse_soon(stream, Some(REFUSAL));
-            }
-            return;
+            return turn_away(stream, Some(REFUSAL));
         };
         let within = self.config.header_read_timeout;
         let admit = move |this: &Self, stream: ClientTcp, client: std::net::SocketAddr| {
             let Ok(slot) = this.clients.admit(client.ip()) else {
-                client_limit_reached(client, this.clients.max());
-                this.proxy
-                    .refused_at_limit(client, true, CLIENT_LIMIT_ERROR);
-                if let Ok(stream) = stream.into_tokio() {
-                    refuse_soon(stream, Some(REFUSAL));
-                }
+                this.client_refused(client, true);
+                turn_away(stream, Some(REFUSAL));
                 return None;
             };
             let stream = stream.into_tokio().ok()?;
@@ -525,13 +524,8 @@ impl Serving {
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
         let Ok(slot) = self.clients.admit(client.ip()) else {
-            client_limit_reached(client, self.config.max_client_connections);
-            self.proxy
-                .refused_at_limit(client, false, CLIENT_LIMIT_ERROR);
-            if let Ok(stream) = stream.into_tokio() {
-                refuse_soon(stream, (!is_tls).then_some(HTTP_CLIENT_REFUSAL));
-            }
-            return;
+            self.client_refused(client, false);
+            return turn_away(stream, (!is_tls).then_some(HTTP_CLIENT_REFUSAL));
         };
         let activity = Activity::new();
         let stream = IdleIo::new(stream, activity.clone());
@@ -1127,6 +1121,13 @@ fn client_limit_reached(client: std::net::SocketAddr, limit: usize) {
 /// descriptors.
 const REFUSING_MAX: usize = 512;
 static REFUSING: Semaphore = Semaphore::const_new(REFUSING_MAX);
+
+/// An accepted connection refused, as `refuse_soon` refuses it.
+fn turn_away(stream: ClientTcp, answer: Option<&'static [u8]>) {
+    if let Ok(stream) = stream.into_tokio() {
+        refuse_soon(stream, answer);
+    }
+}
 
 /// Refuses `stream`: `answer` written (none: a lingering close alone), in
 /// a task of its own while fewer than [`REFUSING_MAX`] are; else closed

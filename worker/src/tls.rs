@@ -44,6 +44,9 @@ impl std::fmt::Debug for Tls {
     }
 }
 
+/// What to do with an encrypted key.
+const DECRYPT_HINT: &str = "`openssl pkey -in KEY -out PLAIN` decrypts it";
+
 type Loaded = (Arc<ServerConfig>, Option<(i64, i64)>);
 
 /// Reads the pair and makes a server configuration of it (with the
@@ -68,11 +71,11 @@ fn load(files: &TlsFiles, quiet: bool, tickets: &Arc<Tickets>) -> Result<Loaded,
             .is_ok_and(|b| b.windows(9).any(|w| w == b"ENCRYPTED"));
         match e {
             _ if encrypted => format!(
-                "tls-key {}: the key is encrypted, and is not read (rotor asks for no passphrase): `openssl pkey -in KEY -out PLAIN` decrypts it",
+                "tls-key {}: the key is encrypted, and is not read (rotor asks for no passphrase): {DECRYPT_HINT}",
                 files.key.display()
             ),
             tokio_rustls::rustls::pki_types::pem::Error::NoItemsFound => format!(
-                "tls-key {}: no private key in it (a PEM `PRIVATE KEY`, `RSA PRIVATE KEY` or `EC PRIVATE KEY`; an encrypted one is not read: `openssl pkey -in KEY -out PLAIN` decrypts it)",
+                "tls-key {}: no private key in it (a PEM `PRIVATE KEY`, `RSA PRIVATE KEY` or `EC PRIVATE KEY`; an encrypted one is not read: {DECRYPT_HINT})",
                 files.key.display()
             ),
             e => format!("tls-key {}: {e}", files.key.display()),
