@@ -849,12 +849,14 @@ async fn a_session_resumes_on_whichever_worker_takes_the_connection() {
         "127.0.0.1/32",
     ];
     let _second = Worker::start(&p.alloc.socket, &args).await;
-    // Both have asked for the keys (at their connection to the allocator).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Each asks for the keys as it connects to the allocator: a run is
+    // tried again (a second later, five times at most) in case one had
+    // not asked yet on a loaded machine. With a key each, every run
+    // resumes about half.
     let script = format!(
         r#"
-import socket, ssl
-for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+import socket, ssl, time
+def run(version):
     ctx = ssl.create_default_context(cafile="{ca}")
     ctx.minimum_version = ctx.maximum_version = version
     session, resumed = None, 0
@@ -871,8 +873,16 @@ for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
         resumed += s.session_reused
         session = s.session
         s.close()
-    # All but the first.
-    assert resumed == 19, (version, resumed)
+    return resumed
+for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+    runs = []
+    for attempt in range(5):
+        runs.append(run(version))
+        # All but the first.
+        if runs[-1] == 19:
+            break
+        time.sleep(1)
+    assert runs[-1] == 19, (version, runs)
 "#,
         ca = p.ca.display(),
         port = p.tls.port(),
