@@ -331,9 +331,9 @@ impl Pool {
         // The prefix the rotation is in leaves off at its address due.
         for due in before.into_iter().flatten() {
             let Some(i) = was.index_of(due) else { continue };
-            if let Some((entry, _)) = was.entry_at(Family::of(&due), i) {
-                if let (false, Some(k)) = (entry.is_single(), entry.index_of(due)) {
-                    self.places.insert(entry, k);
+            if let Some((entry, first)) = was.entry_at(Family::of(&due), i) {
+                if !entry.is_single() {
+                    self.places.insert(entry, u128::from(i - first));
                 }
             }
         }
@@ -341,6 +341,13 @@ impl Pool {
         let cursor = |family: Family, due: Option<IpAddr>, now: u64| {
             let i = family.index();
             let at = |ip: IpAddr| rotations.index_of(ip);
+            // Where prefix `e`, beginning at `first`, left off, if it did.
+            let place = |e: &Segment, first: u64| {
+                let k = u64::try_from(*places.get(e)?).ok()?;
+                first
+                    .checked_add(k)
+                    .filter(|&j| j < rotations.total(family))
+            };
             let saved = resume[i].and_then(at);
             // A prefix back in the rotation (put back, listed again, its
             // route back) goes on where it left off, at once: reached by
@@ -351,10 +358,7 @@ impl Pool {
                 rotations
                     .reached_prefixes(family)
                     .filter(|(e, _)| !was.reaches(e))
-                    .find_map(|(e, first)| {
-                        let k = u64::try_from(*places.get(&e)?).ok()?;
-                        Some(first.checked_add(k)?).filter(|&j| j < rotations.total(family))
-                    })
+                    .find_map(|(e, first)| place(&e, first))
             };
             if let Some(j) = saved.is_none().then(back).flatten() {
                 return j;
@@ -371,15 +375,10 @@ impl Pool {
                 return at;
             }
             // Into a prefix from elsewhere: where it left off, if it did.
-            match rotations.entry_at(family, at) {
-                Some((entry, first)) => places
-                    .get(&entry)
-                    .and_then(|&k| u64::try_from(k).ok())
-                    .and_then(|k| first.checked_add(k))
-                    .filter(|&j| j < rotations.total(family))
-                    .unwrap_or(at),
-                None => at,
-            }
+            rotations
+                .entry_at(family, at)
+                .and_then(|(e, first)| place(&e, first))
+                .unwrap_or(at)
         };
         // Counts follow their entry, out of the rotation and back (a
         // lease finishing meanwhile may go uncounted: they are for status).

@@ -395,6 +395,14 @@ struct Rotation {
     prefix_first: std::collections::HashMap<Segment, u64>,
 }
 
+impl Rotation {
+    /// The place in `mine` of the entry index `i` is in (the last one
+    /// beginning at or before it).
+    fn entry_of(&self, i: u64) -> Option<usize> {
+        self.first.partition_point(|&f| f <= i).checked_sub(1)
+    }
+}
+
 impl Rotations {
     pub fn new(entries: &[Segment]) -> Rotations {
         Rotations(Family::ALL.map(|family| {
@@ -454,7 +462,7 @@ impl Rotations {
         let family = Family::of(&due);
         let r = &self.0[family.index()];
         let at = self.index_of(due)?;
-        let own = r.first.partition_point(|&f| f <= at).checked_sub(1)?;
+        let own = r.entry_of(at)?;
         let n = r.mine.len();
         let (d, first) = (1..=n).find_map(|d| Some((d, next.first_of(&r.mine[(own + d) % n])?)))?;
         // The entry before `due`'s own held the last lease when `due`
@@ -476,7 +484,7 @@ impl Rotations {
         if i >= r.total {
             return None;
         }
-        let k = r.first.partition_point(|&f| f <= i).checked_sub(1)?;
+        let k = r.entry_of(i)?;
         Some((r.mine[k], r.first[k]))
     }
 
