@@ -427,11 +427,10 @@ pub const DEFAULT_MAX_SESSIONS: usize = 100_000;
 impl Inner {
     /// The addresses in rotation (an entry may be a prefix of many).
     fn in_rotation(&self) -> u64 {
-        let snap = self.pool.snapshot();
-        let active: Vec<Segment> = snap.pool.iter().map(|(e, _)| *e).collect();
+        let rotations = self.pool.rotations();
         Family::ALL
             .into_iter()
-            .map(|f| family_total(&active, f))
+            .map(|f| rotations.total(f))
             .fold(0u64, u64::saturating_add)
     }
 
@@ -1399,7 +1398,11 @@ impl Allocator {
                 not_configured_now = kept - n,
                 "last good lists of metadata services and pool commands kept from before the restart: served until each reads"
             );
-            inner.changes += usize::from(kept != n) as u64;
+            // (Lists of sources no longer configured: gone at the next
+            // checkpoint.)
+            if kept != n {
+                inner.changes += 1;
+            }
         }
         inner.kept_dir = Some(dir.to_owned());
         let path = dir.join(crate::persist::HAND_FILE_NAME);
