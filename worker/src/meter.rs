@@ -193,15 +193,21 @@ impl Meter {
     }
 
     /// A connect from `ip` to `host` (of the request's `authority`, at
-    /// address `to`), begun at `started`, failed.
+    /// addresses `addrs`), begun at `started`, failed.
     pub fn connect_failed(
         &self,
         ip: IpAddr,
         (host, authority): (&str, &str),
-        to: Option<IpAddr>,
+        addrs: &[std::net::SocketAddr],
         started: Instant,
     ) {
         let dest = crate::witness::dest_key(crate::witness::dest_base(authority), ip.is_ipv4());
+        // The address it went to first, of its source's family (see
+        // `witness::net_key`).
+        let to = addrs
+            .iter()
+            .find(|d| d.is_ipv4() == ip.is_ipv4())
+            .map(std::net::SocketAddr::ip);
         self.with(|a| {
             a.source(ip).connect_errors += 1;
             a.witness

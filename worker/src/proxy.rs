@@ -1132,9 +1132,7 @@ impl Proxy {
                 | ProxyError::Ports { .. },
             ) => {}
             Err(_) if !addrs.iter().any(|d| d.is_ipv4() == ip.is_ipv4()) => {}
-            Err(_) => self
-                .meter
-                .connect_failed(ip, named, to_of(ip, addrs), started),
+            Err(_) => self.meter.connect_failed(ip, named, addrs, started),
         }
     }
 
@@ -1837,27 +1835,14 @@ struct Dialing<'a> {
     armed: bool,
 }
 
-/// The destination address a connect from `ip` to `addrs` went to first
-/// (of `ip`'s family), for a failure's count (see `witness::net_key`).
-fn to_of(ip: IpAddr, addrs: &[SocketAddr]) -> Option<IpAddr> {
-    addrs
-        .iter()
-        .find(|d| d.is_ipv4() == ip.is_ipv4())
-        .map(SocketAddr::ip)
-}
-
 /// Two SYNs sent again (at 1 s and 3 s) and no answer.
 const ABANDONED_AFTER: Duration = Duration::from_secs(3);
 
 impl Drop for Dialing<'_> {
     fn drop(&mut self) {
         if self.armed && self.started.elapsed() >= ABANDONED_AFTER {
-            self.meter.connect_failed(
-                self.ip,
-                self.named,
-                to_of(self.ip, self.addrs),
-                self.started,
-            );
+            self.meter
+                .connect_failed(self.ip, self.named, self.addrs, self.started);
         }
     }
 }

@@ -173,16 +173,21 @@ pub async fn run(
         builder,
         last_warned: crate::Moment::new(),
     });
+    // Every listener through the one accept loop, which shares out
+    // connections between the workers; what serves one is its kind's.
     let every = listeners
         .into_iter()
-        .map(|l| (l, false))
-        .chain(tls_listeners.into_iter().map(|l| (l, true)));
-    for (l, is_tls) in every {
-        match is_tls {
-            true => info!(listen = %l.local_addr()?, "listening for TLS"),
-            false => info!(listen = %l.local_addr()?, "listening"),
-        }
-        if is_tls && config.tls.is_none() {
+        .map(|l| (l, Kind::Http))
+        .chain(tls_listeners.into_iter().map(|l| (l, Kind::Tls)))
+        .chain(socks.into_iter().map(|l| (l, Kind::Socks)));
+    for (l, kind) in every {
+        let what = match kind {
+            Kind::Http => "",
+            Kind::Tls => " for TLS",
+            Kind::Socks => " for SOCKS5",
+        };
+        info!(listen = %l.local_addr()?, "listening{what}");
+        if kind == Kind::Tls && config.tls.is_none() {
             error!("a TLS listener without --tls-cert and --tls-key; not served");
             continue;
         }
@@ -191,22 +196,12 @@ pub async fn run(
         let balance = balance.clone();
         acceptors.spawn(async move {
             let addr = l.local_addr().ok();
-            let serve = move |stream, client| serving.accepted(stream, client, is_tls);
+            let serve = move |stream, client| match kind {
+                Kind::Socks => serving.socks_accepted(stream, client),
+                _ => serving.accepted(stream, client, kind == Kind::Tls),
+            };
             if let Err(e) = accept_loop(l, balance, serve, stop).await {
-                error!(listen = ?addr, error = %e, "cannot accept on this listener");
-            }
-        });
-    }
-    for l in socks {
-        info!(listen = %l.local_addr()?, "listening for SOCKS5");
-        let serving = serving.clone();
-        let stop = accepting.clone();
-        let balance = balance.clone();
-        acceptors.spawn(async move {
-            let addr = l.local_addr().ok();
-            let serve = move |stream, client| serving.socks_accepted(stream, client);
-            if let Err(e) = accept_loop(l, balance, serve, stop).await {
-                error!(listen = ?addr, error = %e, "cannot accept on this SOCKS5 listener");
+                error!(listen = ?addr, error = %e, "cannot accept on this listener{what}");
             }
         });
     }
@@ -1043,6 +1038,14 @@ async fn notify_systemd(proxy: Arc<Proxy>, connections: TaskTracker, shutdown: C
         last = now;
         let _ = notify(&[NotifyState::Status(&line)]);
     }
+}
+
+/// What a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Http,
+    Tls,
+    Socks,
 }
 
 /// What an HTTP client past the connection limit is told.

@@ -229,15 +229,16 @@ impl Tickets {
         if fresh.elapsed().as_secs() < rotor_protocol::TICKET_KEY_SECS {
             return false;
         }
-        let Ok(new) = rotor_protocol::TicketKey::random() else {
-            return false;
-        };
-        let Ok(key) = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &new.key) else {
+        let Some(new) = rotor_protocol::TicketKey::random()
+            .ok()
+            .as_ref()
+            .and_then(sealing)
+        else {
             return false;
         };
         let mut held = self.keys.write().unwrap_or_else(|e| e.into_inner());
         held.truncate(1);
-        held.insert(0, (new.name, ring::aead::LessSafeKey::new(key)));
+        held.insert(0, new);
         *self.fresh.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now();
         true
     }
@@ -251,15 +252,15 @@ impl Tickets {
         if held.iter().map(|(n, _)| *n).eq(names.iter().copied()) {
             return false;
         }
-        *held = keys
-            .iter()
-            .filter_map(|k| {
-                let key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &k.key).ok()?;
-                Some((k.name, ring::aead::LessSafeKey::new(key)))
-            })
-            .collect();
+        *held = keys.iter().filter_map(sealing).collect();
         true
     }
+}
+
+/// `k` as it seals and opens: its name, and its AES-256-GCM key.
+fn sealing(k: &rotor_protocol::TicketKey) -> Option<([u8; 16], ring::aead::LessSafeKey)> {
+    let key = ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &k.key).ok()?;
+    Some((k.name, ring::aead::LessSafeKey::new(key)))
 }
 
 impl std::fmt::Debug for Tickets {
