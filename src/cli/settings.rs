@@ -106,7 +106,7 @@ macro_rules! number_values {
     ($($t:ty),*) => {$(
         impl Value for $t {
             const NAME: &'static str = "N";
-                    fn parse(s: &str) -> Result<Self, String> {
+            fn parse(s: &str) -> Result<Self, String> {
                 if s.starts_with('-') {
                     return Err(format!("`{s}`: a number here is 0 or more"));
                 }
