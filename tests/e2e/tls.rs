@@ -96,19 +96,7 @@ async fn tls_proxy(extra: &[&str]) -> TlsProxy {
     std::fs::copy(&key, dir.path().join("key.pem")).unwrap();
     let tls: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.5"]).await;
-    let listen = tls.to_string();
-    let c = dir.path().join("cert.pem");
-    let k = dir.path().join("key.pem");
-    let mut args = vec![
-        "--tls-listen",
-        &listen,
-        "--tls-cert",
-        c.to_str().unwrap(),
-        "--tls-key",
-        k.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let worker = Worker::start(&alloc.socket, &args).await;
+    let worker = tls_worker(&alloc.socket, (tls, dir.path()), extra).await;
     eventually("the TLS listener", || async {
         TcpStream::connect(tls).await.is_ok()
     })
@@ -120,6 +108,23 @@ async fn tls_proxy(extra: &[&str]) -> TlsProxy {
         ca,
         dir,
     }
+}
+
+/// A worker serving TLS on `tls` with the certificate and key in `dir`
+/// (as `tls_proxy` puts them).
+async fn tls_worker(socket: &Path, (tls, dir): (SocketAddr, &Path), extra: &[&str]) -> Worker {
+    let listen = tls.to_string();
+    let (c, k) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let mut args = vec![
+        "--tls-listen",
+        &listen,
+        "--tls-cert",
+        c.to_str().unwrap(),
+        "--tls-key",
+        k.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Worker::start(socket, &args).await
 }
 
 #[tokio::test]
@@ -835,20 +840,9 @@ async fn a_session_resumes_on_whichever_worker_takes_the_connection() {
         return;
     }
     let origin = Origin::start().await;
-    let p = tls_proxy(&["--allow-destination", "127.0.0.1/32"]).await;
-    let listen = p.tls.to_string();
-    let (c, k) = (p.dir.path().join("cert.pem"), p.dir.path().join("key.pem"));
-    let args = [
-        "--tls-listen",
-        &listen,
-        "--tls-cert",
-        c.to_str().unwrap(),
-        "--tls-key",
-        k.to_str().unwrap(),
-        "--allow-destination",
-        "127.0.0.1/32",
-    ];
-    let _second = Worker::start(&p.alloc.socket, &args).await;
+    let allow = ["--allow-destination", "127.0.0.1/32"];
+    let p = tls_proxy(&allow).await;
+    let _second = tls_worker(&p.alloc.socket, (p.tls, p.dir.path()), &allow).await;
     // Each asks for the keys as it connects to the allocator: a run is
     // tried again (a second later, five times at most) in case one had
     // not asked yet on a loaded machine. With a key each, every run
