@@ -14,7 +14,8 @@
 //! cooldown is set by a site's `429` (or `503` with `Retry-After`, or a
 //! status the operator counts): for the `Retry-After` given, else 30 s,
 //! doubling with each repeat up to 10 min, jittered; a normal answer clears
-//! the repeats.
+//! the repeats. Until it does, a pair whose cooldown ended takes one
+//! request at a time (its probe: see [`PROBE_HOLD`]).
 //!
 //! Bounded: at most `max_entries` sites and (address, site) pairs together;
 //! past it the least recently used sites are forgotten first. State expires
@@ -46,6 +47,19 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(600);
 pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(86_400);
 /// Repeats are forgotten this long after the last one.
 const STRIKES_KEPT: Duration = Duration::from_secs(1800);
+/// After a cooldown, until a normal answer (or a connect, after failed
+/// connects) clears its repeats, a pair takes one request for the site at
+/// a time, its probe: no other for this long after it, unless its answer
+/// comes first (it may never: a request that failed, a tunnel's). The
+/// requests held waiting for the site (`--budget-wait`) had all gone to
+/// the first address to stop cooling at once, into a site still limiting
+/// it (30 within 40 ms, each pushed back, doubling the next cooldown).
+/// Short: the refusal meanwhile says the hold's end, and a request with a
+/// shorter `--budget-wait` is refused at once; a site slower to answer
+/// sees one probe this often.
+pub const PROBE_HOLD: Duration = Duration::from_secs(2);
+/// [`PROBE_HOLD`] on the table's clock.
+const PROBE_HOLD_MS: u64 = PROBE_HOLD.as_millis() as u64;
 /// Reports of a failed connect (see [`Sites::unreached`]) this close to a
 /// suspicion are of the same event: a site's moment of refusing every
 /// address is confirmed by each worker, and for each of its hosts, at
@@ -554,6 +568,10 @@ struct Pair {
     /// the last one's time.
     unreached: u32,
     last_unreached: Ms,
+    /// Its cooldown over and its repeats not cleared ([`Pair::on_probation`]),
+    /// the pair's probe was leased [`PROBE_HOLD`] before then: no other
+    /// request until its answer, or then (0: none).
+    probe_until: Ms,
     /// Sticky sessions' starts here, oldest first, within the window and
     /// [`RESERVE_GRACE`] after ([`SESSION_STARTS`] at most; none: `None`,
     /// a word): the site's other requests leave the pair room for the
@@ -668,7 +686,12 @@ impl Pair {
     /// session's request, served on its address, went past the site's
     /// limit and was pushed back).
     fn blocked(&self, limit: Option<Limit>, now: Ms, shared: bool) -> Option<(Ms, bool)> {
-        let cooling = (self.cool_until > now).then_some(self.cool_until);
+        let cooling = match self.cool_until > now {
+            true => Some(self.cool_until),
+            // Its probe out (held as a cooldown is: a session's request
+            // waits, the site's others go elsewhere).
+            false => (self.probe_until > now && self.on_probation(now)).then_some(self.probe_until),
+        };
         let spent = limit.and_then(|l| {
             let w = l.window().as_millis() as u64;
             let (reserve, reserve_ends) = match shared {
@@ -763,6 +786,7 @@ impl Pair {
         self.last_strike = self.last_strike.max(other.last_strike);
         self.unreached = self.unreached.max(other.unreached);
         self.last_unreached = self.last_unreached.max(other.last_unreached);
+        self.probe_until = self.probe_until.max(other.probe_until);
         if let Some(theirs) = other.sessions {
             for t in *theirs {
                 self.session_started(t);
@@ -812,6 +836,34 @@ impl Pair {
     /// and its old push-back would have every tunnel told, for ever).
     fn watched(&self, now: Ms) -> bool {
         (self.strikes > 0 && !self.strikes_old(now)) || !self.unreached_old(now)
+    }
+
+    /// Whether its cooldown ended with its repeats (push-backs, or failed
+    /// connects that cooled it) not yet cleared: it takes one request at a
+    /// time ([`Pair::probe_until`]).
+    fn on_probation(&self, now: Ms) -> bool {
+        self.cool_until <= now
+            && ((self.strikes > 0 && !self.strikes_old(now))
+                || (self.unreached > 1 && !self.unreached_old(now)))
+    }
+
+    /// A request is leased here now: whether its answer is asked for
+    /// ([`Pair::watched`]). On probation, it is the pair's probe.
+    fn leased(&mut self, now: Ms) -> bool {
+        if self.on_probation(now) {
+            self.probe_until = now + PROBE_HOLD_MS;
+        }
+        self.watched(now)
+    }
+
+    /// Its repeats were cleared: whether that ended a probe's hold (the
+    /// requests waiting for the site may be served).
+    fn probe_cleared(&mut self, now: Ms) -> bool {
+        let held = self.probe_until > now && !self.on_probation(now);
+        if held {
+            self.probe_until = 0;
+        }
+        held
     }
 
     /// Its push-backs and failed connects, not forgotten.
@@ -1115,7 +1167,7 @@ impl Sites {
         let (id, limit) = (s.id, s.limit);
         let Some(limit) = limit else {
             let t = self.ms(now);
-            return Some(self.pairs.get(&(id, ip)).is_some_and(|p| p.watched(t)));
+            return Some(self.pairs.get_mut(&(id, ip)).is_some_and(|p| p.leased(t)));
         };
         if !self.pairs.contains_key(&(id, ip)) {
             // Rather than break the cap, or serve the address uncounted
@@ -1134,7 +1186,7 @@ impl Sites {
             ..Pair::default()
         });
         p.record(limit.count, t);
-        Some(p.watched(t))
+        Some(p.leased(t))
     }
 
     /// [`Sites::lease_in`] the rotations of `active` (the rotation's
@@ -1519,7 +1571,13 @@ impl Sites {
             None => backoff(p.strikes.max(1)),
         };
         p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
+        // Its next probe goes when this cooldown ends (a refusal until
+        // the hold's end would be late).
+        let held = std::mem::take(&mut p.probe_until) > t;
         self.site_cools(site, ip);
+        if held {
+            self.unrefuse(site);
+        }
         if !was_cooling {
             self.cooling_began(site, (ip, source), wait, Some(status), t);
         }
@@ -1607,7 +1665,11 @@ impl Sites {
         }
         let wait = backoff(p.unreached);
         p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
+        let held = std::mem::take(&mut p.probe_until) > t;
         self.site_cools(site, key);
+        if held {
+            self.unrefuse(site);
+        }
         if let Some(s) = self.sites.get_mut(site).filter(|_| first) {
             let (since, n) = &mut s.connect_cools[family];
             if *n == 0 || t.saturating_sub(*since) >= window {
@@ -1704,21 +1766,45 @@ impl Sites {
     /// the pair cools: that answer is to a request sent before the
     /// push-back (a rate limiter's 429 is quick, a page slow), and taking
     /// it for a sign of peace would keep the backoff from ever doubling.
-    pub fn answered(&mut self, site: &str, ip: IpAddr, now: Instant) {
-        if let Some(p) = self.uncooled(site, ip, now) {
-            p.strikes = 0;
-            p.last_strike = 0;
+    /// Whether it ended a probe's hold (see [`PROBE_HOLD`]): the site's
+    /// waiting requests may be served.
+    pub fn answered(&mut self, site: &str, ip: IpAddr, now: Instant) -> bool {
+        let t = self.ms(now);
+        let Some(p) = self.uncooled(site, ip, now) else {
+            return false;
+        };
+        p.strikes = 0;
+        p.last_strike = 0;
+        let freed = p.probe_cleared(t);
+        if freed {
+            self.unrefuse(site);
         }
+        freed
     }
 
     /// A new connect from `ip` to `site` was made: its failed connects
     /// start over (not its push-backs: a connect says nothing of rate
     /// limits; nor does an answer on a connection opened before, of a ban
-    /// on new ones). Not while the pair cools, as for an answer.
-    pub fn connected(&mut self, site: &str, ip: IpAddr, now: Instant) {
-        if let Some(p) = self.uncooled(site, ip, now) {
-            p.unreached = 0;
-            p.last_unreached = 0;
+    /// on new ones). Not while the pair cools, as for an answer. Whether
+    /// it ended a probe's hold, as [`Sites::answered`].
+    pub fn connected(&mut self, site: &str, ip: IpAddr, now: Instant) -> bool {
+        let t = self.ms(now);
+        let Some(p) = self.uncooled(site, ip, now) else {
+            return false;
+        };
+        p.unreached = 0;
+        p.last_unreached = 0;
+        let freed = p.probe_cleared(t);
+        if freed {
+            self.unrefuse(site);
+        }
+        freed
+    }
+
+    /// An address of `site` was freed: its remembered refusal is gone.
+    fn unrefuse(&mut self, site: &str) {
+        if let Some(s) = self.sites.get_mut(site) {
+            s.refused.until = 0;
         }
     }
 
@@ -2074,6 +2160,8 @@ impl Sites {
                     .and_then(ms)
                     .filter(|&l| l <= t)
                     .unwrap_or(0),
+                // Not kept: a pair on probation sends its probe again.
+                probe_until: 0,
                 // Not kept: a session's reserve begins again with its
                 // next request.
                 sessions: None,
@@ -3319,6 +3407,104 @@ mod tests {
             t0 + last + Duration::from_secs(1),
         );
         assert_eq!(s.pair("c.com", ip(1)).unwrap().1, 1);
+    }
+
+    /// A pair whose cooldown ended with its repeats not cleared takes one
+    /// request at a time, its probe: the next waits for its answer (a
+    /// normal one frees the pair; a push-back cools it again, and the next
+    /// probe goes when that ends), or for [`PROBE_HOLD`]. Sessions too.
+    /// Before, every request waiting for the site went to the address at
+    /// once, into a site still limiting it.
+    #[test]
+    fn a_pair_whose_cooldown_ended_takes_one_probe_at_a_time() {
+        let active = pool(1);
+        // A lease as the allocator makes it (a site's rotation starts on
+        // the shared rotation's next: the one address).
+        let lease =
+            |s: &mut Sites, at: Instant| match s.lease("a.com", Families::V4, &active, 0, at) {
+                Answer::Start(f) => {
+                    match s.started("a.com", ip(1), 0, family_total(&active, f), at) {
+                        Some(watch) => Answer::Address {
+                            ip: ip(1),
+                            index: 0,
+                            watch,
+                        },
+                        None => s.lease("a.com", Families::V4, &active, 0, at),
+                    }
+                }
+                other => other,
+            };
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut s = Sites::with_epoch(Rules::default(), 1000, t0);
+        let one_sec = Some(Duration::from_secs(1));
+        assert!(s.pushback("a.com", ip(1), 429, one_sec, t0));
+        let cooling = |until: u64, at: u64| Answer::Throttled {
+            retry_after: Duration::from_millis(until - at),
+            cooling: true,
+        };
+        assert_eq!(lease(&mut s, t0), cooling(1000, 0));
+        // Its cooldown over: one request, the probe, asks for its answer.
+        let probe = lease(&mut s, ms(1000));
+        assert!(
+            matches!(probe, Answer::Address { watch: true, .. }),
+            "{probe:?}"
+        );
+        // The next is held for the probe's answer, as by a cooldown.
+        assert_eq!(lease(&mut s, ms(1100)), cooling(1000 + PROBE_HOLD_MS, 1100));
+        assert_eq!(
+            s.session_blocked("a.com", ip(1), ms(1100)),
+            Some((Duration::from_millis(PROBE_HOLD_MS - 100), true))
+        );
+        // Pushed back again: it cools (its repeat counted), and the next
+        // probe goes when that cooldown ends, not the hold.
+        assert!(s.pushback("a.com", ip(1), 429, one_sec, ms(1200)));
+        assert_eq!(s.pair("a.com", ip(1)).unwrap().1, 2);
+        assert!(matches!(
+            lease(&mut s, ms(2200)),
+            Answer::Address { watch: true, .. }
+        ));
+        // No answer within the hold (a request that failed): another probe.
+        assert!(matches!(
+            lease(&mut s, ms(2300)),
+            Answer::Throttled { cooling: true, .. }
+        ));
+        let after_hold = 2200 + PROBE_HOLD_MS;
+        assert!(matches!(
+            lease(&mut s, ms(after_hold)),
+            Answer::Address { watch: true, .. }
+        ));
+        // A normal answer frees the pair (the remembered refusal too): the
+        // rest go, their answers no longer asked for.
+        assert!(matches!(
+            lease(&mut s, ms(after_hold + 10)),
+            Answer::Throttled { .. }
+        ));
+        assert!(s.answered("a.com", ip(1), ms(after_hold + 20)));
+        for n in 0..3 {
+            let got = lease(&mut s, ms(after_hold + 30 + n));
+            assert!(
+                matches!(got, Answer::Address { watch: false, .. }),
+                "{got:?}"
+            );
+        }
+        assert!(
+            !s.answered("a.com", ip(1), ms(after_hold + 40)),
+            "no probe held"
+        );
+        // A pair cooled by failed connects: its probe's connect frees it.
+        let active = pool(3);
+        let secs = |n: u64| t0 + Duration::from_secs(n);
+        let mut s = Sites::with_epoch(Rules::default(), 1000, t0);
+        assert!(!s.unreached("b.com", ip(2), (&active, 0), secs(0)));
+        assert!(s.unreached("b.com", ip(2), (&active, 0), secs(10)));
+        let until = s.pair("b.com", ip(2)).unwrap().0;
+        let over = until + Duration::from_secs(1);
+        let got = take(&mut s, "b.com", &active, 6, over);
+        assert_eq!(got.iter().filter(|a| **a == 2).count(), 1, "{got:?}");
+        assert!(s.connected("b.com", ip(2), over));
+        let got = take(&mut s, "b.com", &active, 6, over);
+        assert_eq!(got.iter().filter(|a| **a == 2).count(), 2, "{got:?}");
     }
 
     /// Connects from one address that fail while the site answers the

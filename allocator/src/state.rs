@@ -2287,7 +2287,8 @@ impl Allocator {
         next
     }
 
-    /// The held site waits are tried again now (the pool changed).
+    /// The held site waits are tried again now (the pool changed, or a
+    /// probe's answer freed an address).
     fn retry_waiters(&self, inner: &mut Inner) {
         if inner.waiters.try_all_now(Instant::now()) {
             self.waiting.notify_one();
@@ -2360,14 +2361,19 @@ impl Allocator {
     pub fn site_connected(&self, ip: IpAddr, site: &str) {
         let mut inner = self.lock();
         inner.changes += 1;
-        inner.sites.connected(site, ip, Instant::now());
+        if inner.sites.connected(site, ip, Instant::now()) {
+            self.retry_waiters(&mut inner);
+        }
     }
 
-    /// `site` answered `ip` normally: the pair's backoff starts over.
+    /// `site` answered `ip` normally: the pair's backoff starts over (and
+    /// the requests waiting for the site, held by its probe, are tried).
     pub fn site_answered(&self, ip: IpAddr, site: &str) {
         let mut inner = self.lock();
         inner.changes += 1;
-        inner.sites.answered(site, ip, Instant::now());
+        if inner.sites.answered(site, ip, Instant::now()) {
+            self.retry_waiters(&mut inner);
+        }
     }
 
     /// A request to `site` from `ip`, counted at its lease (about

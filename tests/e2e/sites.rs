@@ -284,6 +284,64 @@ async fn pushback_cools_only_that_address_for_that_site_for_as_long_as_said() {
     assert_eq!(get(w.addr, &other.url("/")).await.status, 200);
 }
 
+/// An address whose cooldown ended sends the site one request, its
+/// probe, and the requests waiting for the site (`--budget-wait`) go only
+/// once it is answered normally; pushed back again, the address cools
+/// again and the next probe goes after that. Before, every waiting request
+/// went to the site the moment the cooldown ended, into its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cooldown_ends_with_one_probe_not_every_waiting_request() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let w = Worker::start(&alloc.socket, &["--budget-wait", "6s"]).await;
+    let many = |path: &'static str, n: usize| {
+        let url = origin.url(path);
+        let t0 = Instant::now();
+        (0..n)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let r = get(w.addr, &url).await;
+                    (r.status, r.proxy_status(), t0.elapsed())
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    // A site that keeps pushing back (a second each time): eight requests
+    // waiting up to 6 s, and the site sees one a cooldown.
+    assert_eq!(get(w.addr, &origin.url("/status/429/1")).await.status, 429);
+    wait_cooling(&alloc.socket, "127.0.0.1", ip(2)).await;
+    let before = origin.count();
+    let mut got = Vec::new();
+    for r in many("/status/429/1", 8) {
+        got.push(r.await.unwrap());
+    }
+    let sent = origin.count() - before;
+    let by_rotor = got
+        .iter()
+        .filter(|(s, p, _)| *s == 429 && !p.is_empty())
+        .count();
+    assert!((1..=6).contains(&sent), "{sent} sent: {got:?}");
+    assert_eq!(sent + by_rotor, 8, "{got:?}");
+    // It answers normally again (a slow page): the probe goes alone, the
+    // rest once it is answered.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get(w.addr, &origin.url("/status/429/1")).await.status, 429);
+    wait_cooling(&alloc.socket, "127.0.0.1", ip(2)).await;
+    let mut got = Vec::new();
+    for r in many("/slow/700", 4) {
+        got.push(r.await.unwrap());
+    }
+    assert!(got.iter().all(|(s, ..)| *s == 200), "{got:?}");
+    let mut ends: Vec<Duration> = got.iter().map(|(.., at)| *at).collect();
+    ends.sort();
+    assert!(ends[1] >= ends[0] + Duration::from_millis(600), "{got:?}");
+    assert!(
+        ends[3] < ends[1] + Duration::from_millis(600),
+        "the rest together: {got:?}"
+    );
+}
+
 #[tokio::test]
 async fn forbidden_cools_only_when_counted() {
     let origin = Origin::start().await;
