@@ -677,6 +677,61 @@ fn an_address_whose_connects_fail_is_taken_out_and_tried_again() {
     );
 }
 
+/// A crawler meeting thousands of dead destinations (here: closed ports,
+/// more than the 4 096 a worker watches) does not blind the watch: a pool
+/// address that can connect nowhere is still taken out. Before, a full
+/// watch list took no new destination, and the live sites' failures went
+/// unseen.
+#[test]
+fn dead_destinations_past_the_watch_cap_do_not_hide_a_failing_address() {
+    const RULE: &str = "rule add pref 10 from 127.0.0.4 to 127.0.0.0/8 unreachable";
+    in_netns(
+        "dead_destinations_past_the_watch_cap_do_not_hide_a_failing_address",
+        &["rule del pref 0", "rule add pref 100 lookup local", RULE],
+        || async {
+            let origins = [
+                Origin::start().await,
+                Origin::start_on(SocketAddr::from(([127, 1, 0, 10], 0))).await,
+            ];
+            let alloc = Allocator::start(&[
+                "--pool",
+                "127.0.0.2-127.0.0.5",
+                "--unreachable-quarantine",
+                "60s",
+            ])
+            .await;
+            let w = Worker::start(&alloc.socket, &["--cooldown-connect-failures", "false"]).await;
+            // 4 500 dead destinations: ports nothing listens on, 16 at a
+            // time.
+            let mut ports = (20_000u16..24_500).collect::<Vec<_>>().into_iter();
+            let mut tasks = Vec::new();
+            for _ in 0..16 {
+                let chunk: Vec<u16> = ports.by_ref().take(4500 / 16 + 1).collect();
+                tasks.push(tokio::spawn(async move {
+                    for p in chunk {
+                        let r = get(w.addr, &format!("http://127.3.0.1:{p}/")).await;
+                        assert_eq!(r.status, 502, "port {p}");
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            // Then the live sites, every fourth request from 127.0.0.4.
+            for i in 0..48 {
+                let r = get(w.addr, &origins[(i / 4) % 2].url("/")).await;
+                assert!(matches!(r.status, 200 | 502), "{i}: {}", r.status);
+            }
+            let socket = alloc.socket.clone();
+            eventually("127.0.0.4 out of the rotation", move || {
+                let st = status_json(&socket);
+                async move { st["pool"][2]["quarantined"]["reason"].is_string() }
+            })
+            .await;
+        },
+    );
+}
+
 /// An address whose packets go nowhere (its SYNs are dropped on the way:
 /// here routed out of a veth pair to a next hop whose link-layer address
 /// is no one's, so the far end drops every frame) has every connect time

@@ -39,7 +39,8 @@ const WATCH_DEAD: Duration = Duration::from_secs(30);
 /// Its answers kept, the latest last: whether another source was
 /// answered just before a connect began, at any rate of answers.
 const ANSWERS_KEPT: usize = 8;
-/// Destinations watched at most (past it, a new one is not watched).
+/// Destinations watched at most (past it, room is made: see
+/// [`Witness::make_room`]).
 const MAX_WATCHED: usize = 4096;
 /// Failures waiting for their answer after, per destination.
 const MAX_PENDING: usize = 16;
@@ -142,7 +143,7 @@ impl Witness {
         now: Instant,
     ) {
         if !self.watched.contains_key(&dest) && self.watched.len() >= MAX_WATCHED {
-            return;
+            self.make_room();
         }
         let d = self.watched.entry(dest).or_insert_with(|| Dest {
             answering_since: None,
@@ -165,6 +166,29 @@ impl Witness {
                 .is_some_and(|(_, ip)| !same_source(*ip, source));
         if (just_before || throughout) && d.pending.len() < MAX_PENDING {
             d.pending.push((source, now));
+        }
+    }
+
+    /// Room for destinations in a full map: the eighth least worth
+    /// watching goes, those that never answered first (a dead site
+    /// confirms nothing, and a crawler meets thousands; one client asking
+    /// closed ports of one host makes as many), then those longest since a
+    /// failed connect. (Past the cap, a new destination had not been
+    /// watched: 800 dead ones a second kept a source that could connect
+    /// nowhere in the rotation, its failures to live sites unseen.) A
+    /// live destination new to the map answers within the time the next
+    /// eighth takes to fill.
+    fn make_room(&mut self) {
+        let mut rank: Vec<(bool, Instant, u64)> = (self.watched.iter())
+            .map(|(k, d)| (!d.recent.is_empty(), d.last, *k))
+            .collect();
+        let n = (MAX_WATCHED / 8).min(rank.len());
+        if n == 0 {
+            return;
+        }
+        rank.select_nth_unstable(n - 1);
+        for (_, _, k) in &rank[..n] {
+            self.watched.remove(k);
         }
     }
 
@@ -304,6 +328,37 @@ mod tests {
         let site: Arc<str> = "a.example".into();
         assert_eq!(w.take_refused(), [(ip("10.0.0.4"), site)]);
         assert!(w.take_refused().is_empty());
+    }
+
+    /// Dead destinations past the cap make room for a live one (the dead
+    /// first, the oldest of them): a source's failures to it are still
+    /// confirmed. Before, a full map watched nothing new.
+    #[test]
+    fn dead_destinations_past_the_cap_leave_room_for_live_ones() {
+        let mut w = Witness::default();
+        let t = Instant::now();
+        let live = dest_key(dest_base("live.example:80"), true);
+        let kept = dest_key(dest_base("kept.example:80"), true);
+        // A live destination watched early, answered since.
+        fail(&mut w, ip("10.0.0.9"), kept, t);
+        w.answered(ip("10.0.0.1"), kept, t);
+        for i in 0..3 * MAX_WATCHED as u64 {
+            let dead = dest_key(dest_base(&format!("dead.example:{i}")), true);
+            fail(&mut w, ip("10.0.0.1"), dead, t + Duration::from_micros(i));
+            assert!(w.watched() <= MAX_WATCHED);
+        }
+        let at = t + Duration::from_millis(100);
+        fail(&mut w, ip("10.0.0.9"), live, at);
+        w.answered(ip("10.0.0.1"), live, at);
+        fail(&mut w, ip("10.0.0.9"), live, at + Duration::from_millis(10));
+        w.answered(ip("10.0.0.2"), live, at + Duration::from_millis(20));
+        // The one watched before them, too.
+        w.answered(ip("10.0.0.1"), kept, at);
+        fail(&mut w, ip("10.0.0.8"), kept, at + Duration::from_millis(30));
+        w.answered(ip("10.0.0.2"), kept, at + Duration::from_millis(40));
+        let c = w.take(at + Duration::from_millis(50));
+        assert_eq!(c[&ip("10.0.0.9")].failed, 1, "{c:?}");
+        assert_eq!(c[&ip("10.0.0.8")].failed, 1, "{c:?}");
     }
 
     #[test]
