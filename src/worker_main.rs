@@ -220,7 +220,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
     let cut_meter = std::sync::Arc::new(std::sync::Mutex::new(None));
     let leaving = cut_meter.clone();
 
-    raise_fd_limit(tuning.config.max_connections);
+    fit_fd_limit(&mut tuning.config);
     let code = crate::run_daemon(tuning.threads, |signals| async move {
         let leases = LeaseClient::start(socket, tuning.lease_timeout, signals.fast.clone());
         if let Some(auth) = tuning.config.proxy.auth.clone() {
@@ -356,22 +356,21 @@ fn passed_or_bound(
     Ok((out, inherited))
 }
 
+/// Descriptors a worker keeps beside its connections: its listeners, its
+/// allocator connection, logs, files read, DNS sockets.
+const FD_RESERVE: u64 = 128;
+
 /// Raises the soft descriptor limit to the hard one, as nginx's
-/// `worker_rlimit_nofile` and Go's runtime do: the default soft limit of
-/// 1024 would refuse clients long before `max_connections`. Each client
-/// connection may hold its socket and an upstream one; idle upstream
-/// connections wait in the pool (up to `MAX_IDLE_TOTAL`), and tunnels'
-/// relays keep a few empty pipes (a tunnel takes one more only while bytes
-/// are in it, and copies through user space when none can be had). Warns
-/// if even the hard limit is short of one per connection, and says so if
-/// it is short of all of that.
-fn raise_fd_limit(max_connections: usize) {
+/// `worker_rlimit_nofile` and Go's runtime do (the default soft limit of
+/// 1024 would refuse clients long before `max_connections`), and fits the
+/// worker to it ([`fitted`]). The limit, or `None` if it cannot be read.
+fn raise_fd_limit() -> Option<u64> {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok(l) => l,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read the descriptor limit");
-            return;
+            return None;
         }
     };
     let mut limit = soft;
@@ -381,27 +380,46 @@ fn raise_fd_limit(max_connections: usize) {
             Err(e) => tracing::warn!(error = %e, soft, hard, "cannot raise the descriptor limit"),
         }
     }
-    let clients = max_connections as u64 + 256;
-    let busy = 2 * clients
-        + rotor_worker::upstream::MAX_IDLE_TOTAL as u64
-        + 2 * rotor_worker::relay::PIPES_KEPT as u64;
-    if limit < clients {
+    if limit > soft {
+        tracing::debug!(from = soft, to = limit, "descriptor limit raised");
+    }
+    Some(limit)
+}
+
+/// What a descriptor `limit` holds: `max_connections` clients at most, each
+/// busy upstream at once (two descriptors: the client's and its upstream
+/// one), beside the idle upstream pool (a quarter of the limit at most,
+/// `MAX_IDLE_TOTAL` at most), the relays' kept pipes (two each) and
+/// [`FD_RESERVE`]; and the idle pool's size. As HAProxy derives `maxconn`
+/// from `ulimit -n`: a worker under a limit of 1024 had accepted clients
+/// it could not serve, each answered 503 `Proxy Out Of Sockets` once its
+/// upstream socket failed, while the idle pool held descriptors.
+fn fitted(limit: u64, max_connections: usize) -> (usize, usize) {
+    let idle = (rotor_worker::upstream::MAX_IDLE_TOTAL as u64).min(limit / 4);
+    let pipes = 2 * rotor_worker::relay::PIPES_KEPT as u64;
+    let clients = (limit.saturating_sub(FD_RESERVE + pipes + idle) / 2).max(1);
+    let max = (max_connections as u64).min(clients);
+    (max as usize, idle as usize)
+}
+
+/// Fits `config` to the descriptor limit (see [`fitted`]), saying so when
+/// it lowers `max_connections`.
+fn fit_fd_limit(config: &mut rotor_worker::Config) {
+    let Some(limit) = raise_fd_limit() else {
+        return;
+    };
+    let asked = config.max_connections;
+    let (max, idle) = fitted(limit, asked);
+    config.max_connections = max;
+    config.proxy.upstream_idle_total = idle;
+    if max < asked {
         tracing::warn!(
             limit,
-            max_connections,
-            "the descriptor limit is below max_connections: clients past it wait unanswered in the listen queue; raise LimitNOFILE (ulimit -n) or lower max_connections"
+            max_connections = max,
+            asked,
+            idle_upstream = idle,
+            "the descriptor limit holds fewer clients than max_connections (two descriptors each, busy upstream, beside the idle upstream pool and the relays' pipes): max_connections lowered to fit, so that a client accepted is served (past it a new client gets 503 at once); raise LimitNOFILE (ulimit -n)"
         );
-    } else if limit < busy {
-        // Worth knowing when tuning, not at every start: it only matters
-        // if most connections are busy upstream at once.
-        tracing::debug!(
-            limit,
-            max_connections,
-            wanted = busy,
-            "the descriptor limit may run short with every connection busy upstream (2 each) and the idle upstream pool full: consider raising LimitNOFILE (ulimit -n)"
-        );
-    } else if limit > soft {
-        tracing::debug!(from = soft, to = limit, "descriptor limit raised");
     }
 }
 
@@ -534,7 +552,20 @@ fn check_summary(t: &crate::cli::worker::WorkerSettingsTuning) {
 
 #[cfg(test)]
 mod tests {
-    use super::{counted_from, reload_asked, restarted, started_after_this_worker};
+    use super::{counted_from, fitted, reload_asked, restarted, started_after_this_worker};
+
+    /// A descriptor limit holds the clients busy upstream, two each,
+    /// beside the idle pool (a quarter of it at most) and the pipes; a
+    /// large one leaves `max_connections` as asked.
+    #[test]
+    fn the_connection_cap_fits_the_descriptor_limit() {
+        assert_eq!(fitted(1 << 20, 10_000), (10_000, 4096));
+        assert_eq!(fitted(65_536, 10_000), (10_000, 4096));
+        assert_eq!(fitted(65_536, 50_000), (30_584, 4096));
+        assert_eq!(fitted(1024, 10_000), (248, 256));
+        assert_eq!(fitted(1024, 100), (100, 256));
+        assert_eq!(fitted(64, 10_000), (1, 16));
+    }
 
     /// Another allocator than the last look's is a restarted one; at the
     /// first look, one that started after this worker.

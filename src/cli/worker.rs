@@ -490,6 +490,8 @@ impl WorkerFlags {
                     response_timeout: w.response_timeout,
                     upstream_idle_timeout: w.upstream_idle_timeout,
                     upstream_max_idle: w.upstream_max_idle,
+                    // (Fitted to the descriptor limit as the worker starts.)
+                    upstream_idle_total: rotor_worker::upstream::MAX_IDLE_TOTAL,
                     acl: rotor_worker::acl::Acl::new(
                         w.allow_destination,
                         w.deny_destination,

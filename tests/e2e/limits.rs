@@ -298,6 +298,77 @@ async fn the_worker_raises_its_descriptor_limit_to_the_hard_one() {
     assert_eq!(soft_nofile(worker.proc.child.id()), hard);
 }
 
+/// Under a descriptor limit too low for `--max-connections`, the worker
+/// lowers its cap to what the limit holds (two descriptors a client busy
+/// upstream, beside the idle pool and the relays' pipes): a client it
+/// accepts is served, one past the cap is told 503 at once. Before, 400
+/// clients at once under a limit of 600 were all accepted, and those past
+/// the descriptors got 503 `Proxy Out Of Sockets` after their lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_descriptor_limit_lowers_the_connection_cap_to_fit() {
+    use std::os::unix::process::CommandExt;
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.9"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("worker.log");
+    let mut cmd = logging_to(WORKER, &log);
+    // SAFETY: setrlimit is async-signal-safe; it runs in the child before
+    // exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let l = libc::rlimit {
+                rlim_cur: 600,
+                rlim_max: 600,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let worker = Worker::start_cmd(cmd, &alloc.socket, free_port(), &ALLOW_LOOPBACK).await;
+    assert_eq!(said(&log, "max_connections lowered to fit"), 1);
+    // 400 clients at once, each keeping its connection after its answer.
+    let url = origin.url("/slow/300");
+    let tasks: Vec<_> = (0..400)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut s = TcpStream::connect(worker.addr).await.unwrap();
+                let req = format!("GET {url} HTTP/1.1\r\nHost: x\r\n\r\n");
+                let head = match s.write_all(req.as_bytes()).await {
+                    Ok(()) => read_head(&mut s).await,
+                    Err(e) => e.to_string(),
+                };
+                let line = head.lines().next().unwrap_or_default().to_string();
+                (line, s)
+            })
+        })
+        .collect();
+    let mut lines = Vec::new();
+    let mut held = Vec::new();
+    for t in tasks {
+        let (line, s) = t.await.unwrap();
+        lines.push(line);
+        held.push(s);
+    }
+    let served = lines
+        .iter()
+        .filter(|l| l.starts_with("HTTP/1.1 200"))
+        .count();
+    let refused = (lines.iter())
+        .filter(|l| l.starts_with("HTTP/1.1 503 Connection Limit Reached"))
+        .count();
+    assert!(
+        served + refused == lines.len() && served >= 50,
+        "{served} served, {refused} refused: {:?}",
+        lines
+            .iter()
+            .filter(|l| !l.starts_with("HTTP/1.1 200"))
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+}
+
 /// Clients that ask for a large body and never read it: once nothing has
 /// moved for --idle-timeout, their connections (and upstreams) are ended,
 /// so their slots come back and a new client is served.

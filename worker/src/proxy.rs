@@ -116,6 +116,9 @@ pub struct ProxyConfig {
     pub upstream_idle_timeout: Duration,
     /// Most idle connections kept per (source address, destination).
     pub upstream_max_idle: usize,
+    /// Most idle connections kept in all (`upstream::MAX_IDLE_TOTAL`, less
+    /// under a low descriptor limit).
+    pub upstream_idle_total: usize,
     /// Destinations the proxy may connect to.
     pub acl: Acl,
     /// A CONNECT tunnel with no bytes moving either way for this long is
@@ -236,7 +239,11 @@ impl Proxy {
     ) -> Proxy {
         Proxy {
             leases,
-            upstream: UpstreamPool::new(config.upstream_idle_timeout, config.upstream_max_idle),
+            upstream: UpstreamPool::capped(
+                config.upstream_idle_timeout,
+                config.upstream_max_idle,
+                config.upstream_idle_total,
+            ),
             dns: Resolver::new(&config.resolver, config.dns_cache_ttl),
             local: LocalAddrs::with_listeners(own),
             tunnels_cut: tokio_util::sync::CancellationToken::new(),
@@ -1107,7 +1114,15 @@ impl Proxy {
             started,
             armed: true,
         };
-        let r = connect_from(ip, addrs, self.config.connect_timeout).await;
+        let mut r = connect_from(ip, addrs, self.config.connect_timeout).await;
+        if let Err(ProxyError::Socket(e)) = &r {
+            // Out of descriptors: the idle pool's older half makes room.
+            let out = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+            if out && self.upstream.shed() > 0 {
+                debug!(source = %ip, "out of descriptors: idle upstream connections closed, connecting again");
+                r = connect_from(ip, addrs, self.config.connect_timeout).await;
+            }
+        }
         dialing.armed = false;
         self.count_connect(ip, (addrs, named), &r, started);
         r

@@ -99,7 +99,8 @@ impl UpstreamPool {
         UpstreamPool::capped(idle_timeout, max_idle_per_key, MAX_IDLE_TOTAL)
     }
 
-    fn capped(
+    /// … keeping `max_idle_total` in all at most.
+    pub fn capped(
         idle_timeout: Duration,
         max_idle_per_key: usize,
         max_idle_total: usize,
@@ -223,6 +224,30 @@ impl UpstreamPool {
             .filter(|l| !l.proven)
             .map(|l| l.idle.len())
             .sum();
+    }
+
+    /// Closes the older half of the idle connections (a worker out of
+    /// descriptors needs one for a connect: nginx frees idle keep-alive
+    /// connections so too). How many it closed.
+    pub fn shed(&self) -> usize {
+        let gone: Vec<(Key, Idle)> = {
+            let mut idles = self.lock();
+            let mut all: Vec<(Key, Idle)> = (idles.map.iter_mut())
+                .flat_map(|(k, l)| l.idle.drain(..).map(move |i| (k.clone(), i)))
+                .collect();
+            // The newer half stays: the likeliest to be asked for again.
+            all.sort_by_key(|(_, i)| i.since_ms);
+            let kept = all.split_off(all.len().div_ceil(2));
+            for (k, i) in kept {
+                if let Some(list) = idles.map.get_mut(&k) {
+                    list.idle.push(i);
+                }
+            }
+            self.sweep(&mut idles, crate::os::coarse_ms(), false);
+            all
+        };
+        // (Closed here, outside the lock.)
+        gone.len()
     }
 
     /// Idle connections now (for status and tests).
@@ -490,6 +515,29 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(pool.checkout(&key("127.0.0.2")).is_none());
         assert_eq!(pool.idle_count(), 0);
+    }
+
+    /// Out of descriptors, the older half of the idle connections is
+    /// closed (the newer kept, for the keys they serve).
+    #[tokio::test]
+    async fn shedding_closes_the_older_half() {
+        let pool = UpstreamPool::new(Duration::from_secs(10), 4);
+        assert_eq!(pool.shed(), 0);
+        let mut peers = Vec::new();
+        for source in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+            let (c, peer) = conn().await;
+            peers.push(peer);
+            pool.checkin(key(source), c);
+            // (The pool's clock is coarse: a few ms a tick.)
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        assert_eq!(pool.shed(), 2);
+        assert_eq!(pool.idle_count(), 1);
+        assert!(pool.checkout(&key("127.0.0.2")).is_none());
+        assert!(
+            pool.checkout(&key("127.0.0.4")).is_some(),
+            "the newest stays"
+        );
     }
 
     /// A pool of prefixes checks in connections no request will ask for:
