@@ -129,6 +129,10 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
                 }
             },
         };
+        let max_peers = match crate::raise_fd_limit() {
+            Some(limit) => fit_peers(limit, pool.max_peers),
+            None => pool.max_peers,
+        };
         let config = rotor_allocator::Config {
             metrics,
             admin_token: pool.admin_token.clone(),
@@ -143,7 +147,7 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
             max_site_entries: pool.max_site_entries,
             unreachable_quarantine: pool.unreachable_quarantine,
             checkpoint: pool.checkpoint,
-            max_peers: pool.max_peers,
+            max_peers,
             metrics_max_sources: pool.metrics_max_sources,
             orphaned: signals.orphaned.clone(),
         };
@@ -314,5 +318,46 @@ fn check(
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
+    }
+}
+
+/// Descriptors the allocator keeps beside its peers: its listeners, the
+/// metrics listener's 64 places, its state files, the pool commands and
+/// metadata requests it runs.
+const FD_RESERVE: u64 = 128;
+
+/// `max_peers` as the descriptor `limit` holds it (one each, beside
+/// [`FD_RESERVE`]): past the limit, a peer was not refused with a reason
+/// but left unaccepted, and lease-only peers filling the descriptors kept
+/// root's workers and `rotor status` out, their half share no bound.
+fn fitted_peers(limit: u64, max_peers: usize) -> usize {
+    (max_peers as u64).min(limit.saturating_sub(FD_RESERVE).max(1)) as usize
+}
+
+/// [`fitted_peers`], warning when it lowers `max_peers`.
+fn fit_peers(limit: u64, max_peers: usize) -> usize {
+    let fitted = fitted_peers(limit, max_peers);
+    if fitted < max_peers {
+        tracing::warn!(
+            limit,
+            max_peers = fitted,
+            asked = max_peers,
+            "the descriptor limit holds fewer peers than max_peers: max_peers lowered to fit (workers and commands past it are refused); raise LimitNOFILE (ulimit -n)"
+        );
+    }
+    fitted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fitted_peers;
+
+    /// One descriptor a peer, beside the allocator's own.
+    #[test]
+    fn max_peers_fits_the_descriptor_limit() {
+        assert_eq!(fitted_peers(1 << 20, 256), 256);
+        assert_eq!(fitted_peers(1024, 256), 256);
+        assert_eq!(fitted_peers(1024, 2048), 896);
+        assert_eq!(fitted_peers(128, 256), 1);
     }
 }

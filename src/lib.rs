@@ -32,6 +32,33 @@ pub mod signals;
 pub mod up;
 pub mod worker_main;
 
+/// Raises the soft descriptor limit to the hard one, as nginx's
+/// `worker_rlimit_nofile` and Go's runtime do (the default soft limit of
+/// 1024 would refuse clients long before a worker's `max_connections`, or
+/// peers before the allocator's `max_peers`); each fits itself to the
+/// result. The limit, or `None` if it cannot be read.
+pub fn raise_fd_limit() -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the descriptor limit");
+            return None;
+        }
+    };
+    let mut limit = soft;
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => limit = hard,
+            Err(e) => tracing::warn!(error = %e, soft, hard, "cannot raise the descriptor limit"),
+        }
+    }
+    if limit > soft {
+        tracing::debug!(from = soft, to = limit, "descriptor limit raised");
+    }
+    Some(limit)
+}
+
 /// Forgets `ROTOR_SOCKET` and `ROTOR_CONFIG` set empty (`ROTOR_SOCKET=`
 /// left in a shell), as `XDG_RUNTIME_DIR` empty is: clap took an empty
 /// one for a `--socket` given no value, and every command failed with

@@ -360,32 +360,6 @@ fn passed_or_bound(
 /// allocator connection, logs, files read, DNS sockets.
 const FD_RESERVE: u64 = 128;
 
-/// Raises the soft descriptor limit to the hard one, as nginx's
-/// `worker_rlimit_nofile` and Go's runtime do (the default soft limit of
-/// 1024 would refuse clients long before `max_connections`), and fits the
-/// worker to it ([`fitted`]). The limit, or `None` if it cannot be read.
-fn raise_fd_limit() -> Option<u64> {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the descriptor limit");
-            return None;
-        }
-    };
-    let mut limit = soft;
-    if soft < hard {
-        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => limit = hard,
-            Err(e) => tracing::warn!(error = %e, soft, hard, "cannot raise the descriptor limit"),
-        }
-    }
-    if limit > soft {
-        tracing::debug!(from = soft, to = limit, "descriptor limit raised");
-    }
-    Some(limit)
-}
-
 /// What a descriptor `limit` holds: `max_connections` clients at most, each
 /// busy upstream at once (two descriptors: the client's and its upstream
 /// one), beside the idle upstream pool (a quarter of the limit at most,
@@ -405,7 +379,7 @@ fn fitted(limit: u64, max_connections: usize) -> (usize, usize) {
 /// Fits `config` to the descriptor limit (see [`fitted`]), saying so when
 /// it lowers `max_connections`.
 fn fit_fd_limit(config: &mut rotor_worker::Config) {
-    let Some(limit) = raise_fd_limit() else {
+    let Some(limit) = crate::raise_fd_limit() else {
         return;
     };
     let asked = config.max_connections;

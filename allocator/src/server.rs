@@ -630,6 +630,8 @@ pub async fn run(
     // The same for peers without the right to connect (a user who may
     // reach the socket file, trying again and again).
     let strangers = rotor_protocol::Moment::new();
+    // And failed accepts (a descriptor limit reached: one every 100 ms).
+    let failed_accepts = rotor_protocol::Moment::new();
     let mut listener = listener;
     let mut socket_file = SocketFile::of(&listener);
     let mut look = tokio::time::interval(SOCKET_FILE_LOOK);
@@ -647,7 +649,12 @@ pub async fn run(
                 Ok((s, _)) => s,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
+                    match failed_accepts.count_in(Duration::from_secs(10)) {
+                        Some(n) => {
+                            warn!(error = %e, failed = n, "accept failed: peers wait unaccepted (said once in 10 s, with how many); at the descriptor limit, raise LimitNOFILE (ulimit -n)")
+                        }
+                        None => debug!(error = %e, "accept failed"),
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }

@@ -586,6 +586,59 @@ async fn connections_past_max_peers_are_refused_with_the_reason() {
     .await;
 }
 
+/// Under a descriptor limit below `--max-peers`, the allocator lowers its
+/// cap to what the limit holds: connections past it are refused with the
+/// reason, and `rotor status` is told so at once. Before, it accepted
+/// until its descriptors ran out, the rest waited unaccepted (`rotor
+/// status` hung), and it warned of each failed accept every 100 ms.
+#[tokio::test]
+async fn a_low_descriptor_limit_lowers_max_peers_to_fit() {
+    use std::os::unix::process::CommandExt;
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let log = dir.path().join("allocator.log");
+    let mut cmd = logging_to(ALLOCATOR, &log);
+    // SAFETY: setrlimit is async-signal-safe; it runs in the child before
+    // exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let l = libc::rlimit {
+                rlim_cur: 200,
+                rlim_max: 200,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let alloc =
+        Allocator::start_cmd(cmd, dir, &["--pool", "127.0.0.2", "--max-peers", "256"]).await;
+    assert_eq!(said(&log, "max_peers lowered to fit"), 1);
+    let mut silent = Vec::new();
+    for _ in 0..250 {
+        silent.push(UnixStream::connect(&alloc.socket).await.unwrap());
+    }
+    let out = tokio::time::timeout(
+        Duration::from_secs(4),
+        tokio::process::Command::new(ROTOR)
+            .args(["status", "--socket", alloc.socket.to_str().unwrap()])
+            .output(),
+    )
+    .await
+    .expect("rotor status hung")
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("--max-peers"),
+        "{stderr}"
+    );
+    assert!(
+        said(&log, "accept failed") <= 1,
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+}
+
 /// `rotor status` with no allocator says which of two it is: no socket
 /// there (is rotor running?), or a socket file nothing listens on (one
 /// left by an allocator that stopped, as `rotor up` restarts a crashed
