@@ -78,13 +78,19 @@ type Pending = Mutex<Option<HashMap<u64, oneshot::Sender<Response>>>>;
 /// every socket request of its outage queued here, long after each one's
 /// client was answered.
 struct Queue {
-    tx: mpsc::UnboundedSender<Envelope<Request>>,
+    tx: mpsc::UnboundedSender<Queued>,
     queued: Arc<std::sync::atomic::AtomicUsize>,
     /// A metrics report is queued, not yet taken by the writer: one at a
     /// time (each holds a copy of the worker's figures, up to a MB; an
     /// allocator not reading had every retry's kept, a report every 2 s).
     metrics: Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// A request queued for the allocator, and, for a push-back, when: its
+/// wait is told less its time in the queue ([`due`]), as a held one's is
+/// (an allocator that stopped reading had a site cooled for as long as it
+/// asked after that, not from when it asked).
+type Queued = (Envelope<Request>, Option<Instant>);
 
 /// Requests waiting for the allocator to read them, at most (≈ 220 bytes
 /// each, and a site's name or a session's key: about 15 MB a worker at
@@ -114,7 +120,8 @@ impl Queue {
             }
             return Err(Unsent::Full);
         }
-        self.tx.send(env).map_err(|_| {
+        let at = matches!(env.body, Request::Pushback { .. }).then(Instant::now);
+        self.tx.send((env, at)).map_err(|_| {
             self.queued.fetch_sub(1, Ordering::Relaxed);
             Unsent::Closed
         })
@@ -1379,7 +1386,7 @@ async fn manage(
         }
         announced = true;
 
-        let (requests_tx, mut requests_rx) = mpsc::unbounded_channel::<Envelope<Request>>();
+        let (requests_tx, mut requests_rx) = mpsc::unbounded_channel::<Queued>();
         let conn = Arc::new(Conn {
             requests: Queue {
                 tx: requests_tx,
@@ -1415,17 +1422,23 @@ async fn manage(
         // allocator stopped reading, and the requests queued behind it
         // timed out) is not sent when it reads again: each would move the
         // global rotation past an address nobody uses.
-        let wanted = |env: &Envelope<Request>| still_wanted(&conn.pending, env);
+        // A push-back, what is left of its wait (see `Queued`).
+        let going = |(env, at): Queued| {
+            conn.requests.taken(&env);
+            let env = match at {
+                Some(at) => due(&env, at.elapsed())?,
+                None => env,
+            };
+            still_wanted(&conn.pending, &env).then_some(env)
+        };
         let writer = async {
-            while let Some(env) = requests_rx.recv().await {
-                conn.requests.taken(&env);
-                if wanted(&env) {
+            while let Some(queued) = requests_rx.recv().await {
+                if let Some(env) = going(queued) {
                     tx.feed(&ClientFrame::Request(env)).await?;
                 }
                 // Batch whatever else is queued into one write.
-                while let Ok(env) = requests_rx.try_recv() {
-                    conn.requests.taken(&env);
-                    if wanted(&env) {
+                while let Ok(queued) = requests_rx.try_recv() {
+                    if let Some(env) = going(queued) {
                         tx.feed(&ClientFrame::Request(env)).await?;
                     }
                 }
@@ -1685,9 +1698,48 @@ mod tests {
         };
         assert_eq!(q.send(status), Ok(()));
         let first = rx.try_recv().unwrap();
-        q.taken(&first);
+        q.taken(&first.0);
         assert_eq!(q.send(report(4)), Ok(()));
         assert_eq!(q.queued.load(Ordering::Relaxed), 2);
+    }
+
+    /// A push-back is stamped as it is queued, and told with what is left
+    /// of its wait when the writer takes it (an allocator that stopped
+    /// reading, its socket's buffer full); other requests are not.
+    #[test]
+    fn a_queued_pushback_is_told_less_its_time_queued() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let q = Queue {
+            tx,
+            queued: Default::default(),
+            metrics: Default::default(),
+        };
+        let pushback = |secs| Request::Pushback {
+            ip: "127.0.0.2".parse().unwrap(),
+            site: "a.com".into(),
+            status: 429,
+            retry_after_secs: secs,
+        };
+        q.send(Envelope {
+            id: 1,
+            body: pushback(Some(10)),
+        })
+        .unwrap();
+        q.send(Envelope {
+            id: 2,
+            body: Request::Status,
+        })
+        .unwrap();
+        let (env, at) = rx.try_recv().unwrap();
+        let at = at.expect("a push-back is stamped");
+        assert!(at.elapsed() < Duration::from_secs(1));
+        let told = due(&env, Duration::from_secs(3)).unwrap();
+        assert_eq!(told.body, pushback(Some(7)));
+        assert!(
+            due(&env, Duration::from_secs(10)).is_none(),
+            "its wait ended"
+        );
+        assert!(rx.try_recv().unwrap().1.is_none());
     }
 
     #[test]
