@@ -1769,17 +1769,7 @@ impl Sites {
     /// Whether it ended a probe's hold (see [`PROBE_HOLD`]): the site's
     /// waiting requests may be served.
     pub fn answered(&mut self, site: &str, ip: IpAddr, now: Instant) -> bool {
-        let t = self.ms(now);
-        let Some(p) = self.uncooled(site, ip, now) else {
-            return false;
-        };
-        p.strikes = 0;
-        p.last_strike = 0;
-        let freed = p.probe_cleared(t);
-        if freed {
-            self.unrefuse(site);
-        }
-        freed
+        self.clear(site, ip, now, |p| (p.strikes, p.last_strike) = (0, 0))
     }
 
     /// A new connect from `ip` to `site` was made: its failed connects
@@ -1788,12 +1778,23 @@ impl Sites {
     /// on new ones). Not while the pair cools, as for an answer. Whether
     /// it ended a probe's hold, as [`Sites::answered`].
     pub fn connected(&mut self, site: &str, ip: IpAddr, now: Instant) -> bool {
+        self.clear(site, ip, now, |p| (p.unreached, p.last_unreached) = (0, 0))
+    }
+
+    /// The pair's repeats of one kind cleared by `clear`, unless it cools
+    /// (see [`Sites::answered`]): whether that ended a probe's hold.
+    fn clear(
+        &mut self,
+        site: &str,
+        ip: IpAddr,
+        now: Instant,
+        clear: impl FnOnce(&mut Pair),
+    ) -> bool {
         let t = self.ms(now);
         let Some(p) = self.uncooled(site, ip, now) else {
             return false;
         };
-        p.unreached = 0;
-        p.last_unreached = 0;
+        clear(p);
         let freed = p.probe_cleared(t);
         if freed {
             self.unrefuse(site);

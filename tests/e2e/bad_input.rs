@@ -593,24 +593,9 @@ async fn connections_past_max_peers_are_refused_with_the_reason() {
 /// status` hung), and it warned of each failed accept every 100 ms.
 #[tokio::test]
 async fn a_low_descriptor_limit_lowers_max_peers_to_fit() {
-    use std::os::unix::process::CommandExt;
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
     let log = dir.path().join("allocator.log");
-    let mut cmd = logging_to(ALLOCATOR, &log);
-    // SAFETY: setrlimit is async-signal-safe; it runs in the child before
-    // exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let l = libc::rlimit {
-                rlim_cur: 200,
-                rlim_max: 200,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let cmd = with_nofile(logging_to(ALLOCATOR, &log), 200, 200);
     let alloc =
         Allocator::start_cmd(cmd, dir, &["--pool", "127.0.0.2", "--max-peers", "256"]).await;
     assert_eq!(said(&log, "max_peers lowered to fit"), 1);

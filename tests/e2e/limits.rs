@@ -273,27 +273,12 @@ fn soft_nofile(pid: u32) -> u64 {
 
 #[tokio::test]
 async fn the_worker_raises_its_descriptor_limit_to_the_hard_one() {
-    use std::os::unix::process::CommandExt;
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
     let hard = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .unwrap()
         .1
         .min(65_536);
-    let mut cmd = std::process::Command::new(WORKER);
-    // SAFETY: setrlimit is async-signal-safe; it runs in the child before
-    // exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            let l = libc::rlimit {
-                rlim_cur: 256,
-                rlim_max: hard,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let cmd = with_nofile(std::process::Command::new(WORKER), 256, hard);
     let worker = Worker::start_cmd(cmd, &alloc.socket, free_port(), &ALLOW_LOOPBACK).await;
     assert_eq!(soft_nofile(worker.proc.child.id()), hard);
 }
@@ -306,26 +291,11 @@ async fn the_worker_raises_its_descriptor_limit_to_the_hard_one() {
 /// the descriptors got 503 `Proxy Out Of Sockets` after their lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_low_descriptor_limit_lowers_the_connection_cap_to_fit() {
-    use std::os::unix::process::CommandExt;
     let origin = Origin::start().await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.9"]).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("worker.log");
-    let mut cmd = logging_to(WORKER, &log);
-    // SAFETY: setrlimit is async-signal-safe; it runs in the child before
-    // exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let l = libc::rlimit {
-                rlim_cur: 600,
-                rlim_max: 600,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    let cmd = with_nofile(logging_to(WORKER, &log), 600, 600);
     let worker = Worker::start_cmd(cmd, &alloc.socket, free_port(), &ALLOW_LOOPBACK).await;
     assert_eq!(said(&log, "max_connections lowered to fit"), 1);
     // 400 clients at once, each keeping its connection after its answer.

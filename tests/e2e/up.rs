@@ -505,26 +505,11 @@ async fn pinned_workers_run_on_cpus_of_their_own_and_so_do_their_replacements() 
 /// refuses: every worker start failed, retried for ever.)
 #[tokio::test]
 async fn rotor_up_starts_its_workers_under_a_descriptor_limit_of_1024() {
-    use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("a.sock");
     let listen = format!("127.0.0.1:{}", free_port());
     let origin = Origin::start().await;
-    let mut cmd = std::process::Command::new(ROTOR);
-    // SAFETY: setrlimit is async-signal-safe; it runs in the child before
-    // exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            let lim = libc::rlimit {
-                rlim_cur: 1024,
-                rlim_max: 1024,
-            };
-            match libc::setrlimit(libc::RLIMIT_NOFILE, &lim) {
-                0 => Ok(()),
-                _ => Err(std::io::Error::last_os_error()),
-            }
-        });
-    }
+    let cmd = with_nofile(std::process::Command::new(ROTOR), 1024, 1024);
     let _up = Proc::spawn_cmd(
         cmd,
         ROTOR,

@@ -112,6 +112,27 @@ pub fn logging_to(program: &str, log: &Path) -> Command {
     cmd
 }
 
+/// `cmd` with the descriptor limit `soft` (hard limit `hard`), set in the
+/// child before it runs.
+pub fn with_nofile(mut cmd: Command, soft: u64, hard: u64) -> Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setrlimit is async-signal-safe; it runs in the child before
+    // exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let l = libc::rlimit {
+                rlim_cur: soft,
+                rlim_max: hard,
+            };
+            match libc::setrlimit(libc::RLIMIT_NOFILE, &l) {
+                0 => Ok(()),
+                _ => Err(std::io::Error::last_os_error()),
+            }
+        });
+    }
+    cmd
+}
+
 /// `logging_to`, at info.
 pub fn logging_at_info(program: &str, log: &Path) -> Command {
     let mut cmd = logging_to(program, log);
