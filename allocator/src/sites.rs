@@ -61,6 +61,12 @@ const STRIKES_KEPT: Duration = Duration::from_secs(1800);
 pub const PROBE_HOLD: Duration = Duration::from_secs(2);
 /// [`PROBE_HOLD`] on the table's clock.
 const PROBE_HOLD_MS: u64 = PROBE_HOLD.as_millis() as u64;
+/// … for a pair cooled by failed connects, whose probe ends at its
+/// connect: longer than a connect may take (`--connect-timeout`, 10 s by
+/// default), so that a ban that drops SYNs meets one probe, not one every
+/// [`PROBE_HOLD`] (five waited out the connect timeout each), and a
+/// connect made frees the pair at once.
+const CONNECT_PROBE_HOLD_MS: u64 = 15_000;
 /// Reports of a failed connect (see [`Sites::unreached`]) this close to a
 /// suspicion are of the same event: a site's moment of refusing every
 /// address is confirmed by each worker, and for each of its hosts, at
@@ -852,7 +858,12 @@ impl Pair {
     /// ([`Pair::watched`]). On probation, it is the pair's probe.
     fn leased(&mut self, now: Ms) -> bool {
         if self.on_probation(now) {
-            self.probe_until = now + PROBE_HOLD_MS;
+            let by_connects = self.unreached > 1 && !self.unreached_old(now);
+            self.probe_until = now
+                + match by_connects {
+                    true => CONNECT_PROBE_HOLD_MS,
+                    false => PROBE_HOLD_MS,
+                };
         }
         self.watched(now)
     }
@@ -3544,7 +3555,11 @@ mod tests {
         let over = until + Duration::from_secs(1);
         let got = take(&mut s, "b.com", &active, 6, over);
         assert_eq!(got.iter().filter(|a| **a == 2).count(), 1, "{got:?}");
-        assert!(s.connected("b.com", ip(2), over));
+        // Held while a connect may take (past a push-back's hold).
+        let later = over + PROBE_HOLD + Duration::from_secs(1);
+        let got = take(&mut s, "b.com", &active, 6, later);
+        assert!(!got.contains(&2), "{got:?}");
+        assert!(s.connected("b.com", ip(2), later));
         let got = take(&mut s, "b.com", &active, 6, over);
         assert_eq!(got.iter().filter(|a| **a == 2).count(), 2, "{got:?}");
     }

@@ -340,6 +340,45 @@ async fn a_cooldown_ends_with_one_probe_not_every_waiting_request() {
         ends[3] < ends[1] + Duration::from_millis(600),
         "the rest together: {got:?}"
     );
+    // Any answer but a push-back ends it (a 404: the site served the
+    // address), and a sticky session's request held by the probe goes as
+    // soon as it is answered, not at the hold's end.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get(w.addr, &origin.url("/status/429/1")).await.status, 429);
+    wait_cooling(&alloc.socket, "127.0.0.1", ip(2)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let session = |path: &str| {
+        let req = hyper::Request::get(origin.url(path))
+            .header("proxy-authorization", basic("u-session-s1", "pw"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        async move { ProxyConn::open(w.addr).await.send(req).await.status }
+    };
+    let t0 = Instant::now();
+    let probe = tokio::spawn(session("/slow/300"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let held = tokio::spawn(session("/status/404"));
+    assert_eq!(probe.await.unwrap(), 200);
+    assert_eq!(held.await.unwrap(), 404);
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        t0.elapsed()
+    );
+    // A probe answered 404 frees the address as a 200 does.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get(w.addr, &origin.url("/status/429/1")).await.status, 429);
+    wait_cooling(&alloc.socket, "127.0.0.1", ip(2)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get(w.addr, &origin.url("/status/404")).await.status, 404);
+    let t0 = Instant::now();
+    let r = get(w.addr, &origin.url("/")).await;
+    assert_eq!(r.status, 200, "{}", r.proxy_status());
+    assert!(
+        t0.elapsed() < Duration::from_millis(1000),
+        "held: {:?}",
+        t0.elapsed()
+    );
 }
 
 #[tokio::test]

@@ -842,7 +842,15 @@ impl Proxy {
                             held = self.leases.lease_site_wait(families, host, deadline).await;
                         }
                         if held.is_none() {
-                            tokio::time::sleep(retry_after).await;
+                            // A session's request (never held) asks again
+                            // sooner while its address cools: a probe's
+                            // answer ends the hold early, and it had waited
+                            // the whole hold out.
+                            let nap = match sticky.is_some() && cooling {
+                                true => retry_after.min(SESSION_LOOK_AGAIN),
+                                false => retry_after,
+                            };
+                            tokio::time::sleep(nap).await;
                         }
                         continue;
                     }
@@ -870,8 +878,11 @@ impl Proxy {
 
     /// Tells the allocator what the destination's response says of the
     /// address for its site (see `pushback`): push-back cools the pair for
-    /// every worker; a normal answer, when the allocator asked (`watch`),
-    /// clears its backoff.
+    /// every worker; any other answer, when the allocator asked (`watch`),
+    /// clears its backoff and ends its probe's hold: the site served the
+    /// address. (A 404 or a 500, not counted so, had left an address on
+    /// probation, a request every 2 s, for the 30 min its repeats are
+    /// kept.)
     fn observe(&self, host: &str, lease: &Lease, watch: bool, status: StatusCode, fields: &Fields) {
         match crate::pushback::judge(status, fields, &self.config.cooldown_status) {
             Verdict::Pushback { retry_after } => {
@@ -880,7 +891,7 @@ impl Proxy {
                 self.leases
                     .site_pushed_back(lease.ip, site, status.as_u16(), retry_after);
             }
-            Verdict::Normal if watch => {
+            Verdict::Normal | Verdict::Other if watch => {
                 self.leases
                     .site_answered(lease.ip, rotor_protocol::site_of(host));
             }
@@ -2379,6 +2390,10 @@ pub(crate) fn log_failed(
         }
     }
 }
+
+/// How soon a sticky session's request refused while its address cools
+/// asks again (see `Proxy::lease`).
+const SESSION_LOOK_AGAIN: Duration = Duration::from_millis(200);
 
 /// How often a failure an operator must act on is said at most.
 const SAID_EVERY: Duration = Duration::from_secs(10);
