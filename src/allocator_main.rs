@@ -170,7 +170,9 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
                     rotor_allocator::RunError::State(e) => {
                         use rotor_allocator::persist::{PersistError, UNUSABLE_HINT};
                         match e {
-                            PersistError::Locked(_) => error!("{}", error_chain(&e)),
+                            PersistError::Locked(_) | PersistError::Kept(..) => {
+                                error!("{}", error_chain(&e))
+                            }
                             _ => error!("{}: {UNUSABLE_HINT}", error_chain(&e)),
                         }
                         ExitCode::from(2)

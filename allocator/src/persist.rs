@@ -48,11 +48,17 @@ pub enum PersistError {
     Open(PathBuf, #[source] io::Error),
     #[error("another allocator is using the state file {0}")]
     Locked(PathBuf),
+    #[error("cannot read {0}, kept there by an earlier run (one of another user, root?): give it to this user (chown), or move it away")]
+    Kept(PathBuf, #[source] io::Error),
 }
 
 pub struct StateFile {
     file: Flock<File>,
     path: PathBuf,
+    /// The directory, locked too: the state file's lock alone let a
+    /// second allocator in once the file was removed (an operator's
+    /// `rm`), both then writing the sessions and site state.
+    _dir: Flock<File>,
 }
 
 /// Whether an allocator could keep its state in `dir`: the directory made
@@ -72,7 +78,8 @@ pub fn probe_unmade(dir: &Path) -> Result<(), PersistError> {
     // make, and the allocator's open refuses it.)
     if std::fs::symlink_metadata(&path).is_ok() {
         open_and_lock(path, false)?;
-        return file_made_there(dir).map_err(|e| PersistError::Dir(dir.into(), e));
+        file_made_there(dir).map_err(|e| PersistError::Dir(dir.into(), e))?;
+        return kept_readable(dir);
     }
     // Tried for real (as root, access(2) passes most of what mkdir then
     // refuses), and undone: the directories made, a file made there.
@@ -101,7 +108,8 @@ pub fn probe_unmade(dir: &Path) -> Result<(), PersistError> {
     }
     let made_there = file_made_there(dir);
     undo(&made);
-    made_there.map_err(|e| PersistError::Open(path, e))
+    made_there.map_err(|e| PersistError::Open(path, e))?;
+    kept_readable(dir)
 }
 
 /// Whether a file can be made in `dir`: one made, then taken away. The
@@ -124,11 +132,50 @@ fn file_made_there(dir: &Path) -> io::Result<()> {
 
 /// The state file in `dir` (both made if need be), opened and locked, and
 /// `dir` one whose files can be replaced.
-fn open_locked(dir: &Path) -> Result<(Flock<File>, PathBuf), PersistError> {
+fn open_locked(dir: &Path) -> Result<(Flock<File>, PathBuf, Flock<File>), PersistError> {
     make_private_dir(dir).map_err(|e| PersistError::Dir(dir.into(), e))?;
-    let locked = open_and_lock(dir.join(FILE_NAME), true)?;
+    let dir_lock = File::open(dir).map_err(|e| PersistError::Dir(dir.into(), e))?;
+    let dir_lock = match Flock::lock(dir_lock, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            return Err(PersistError::Locked(dir.join(FILE_NAME)))
+        }
+        Err((_, e)) => return Err(PersistError::Dir(dir.into(), e.into())),
+    };
+    let (file, path) = open_and_lock(dir.join(FILE_NAME), true)?;
     file_made_there(dir).map_err(|e| PersistError::Dir(dir.into(), e))?;
-    Ok(locked)
+    kept_readable(dir)?;
+    Ok((file, path, dir_lock))
+}
+
+/// Each file kept beside the state file that is there can be read by this
+/// user: one it cannot (made by an allocator run as root, this one run as
+/// `rotor`) had the next checkpoint replace what it held (the sticky
+/// sessions, the site state) or the addresses taken out by hand put back
+/// into the rotation, with a warning only; refused instead, as the state
+/// file is.
+fn kept_readable(dir: &Path) -> Result<(), PersistError> {
+    let kept = [
+        SESSIONS_FILE_NAME,
+        SITES_FILE_NAME,
+        SOURCES_FILE_NAME,
+        HAND_FILE_NAME,
+        ORDER_KEY_FILE_NAME,
+    ];
+    for name in kept {
+        let path = dir.join(name);
+        let opened = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path);
+        match opened {
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                return Err(PersistError::Kept(path, e))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The state file at `path` (made if `create`), opened and locked.
@@ -155,7 +202,8 @@ impl StateFile {
     /// Opens (or creates) the state file in `dir`, locks it, and returns the
     /// saved state, if a valid one is there.
     pub fn open(dir: &Path) -> Result<(StateFile, Option<Saved>), PersistError> {
-        let (file, path) = open_locked(dir)?;
+        let existed = std::fs::symlink_metadata(dir.join(FILE_NAME)).is_ok();
+        let (file, path, dir_lock) = open_locked(dir)?;
         // One an older rotor made under a looser umask is narrowed too.
         {
             use std::os::unix::fs::PermissionsExt;
@@ -178,12 +226,23 @@ impl StateFile {
                     tracing::warn!(file = %path.display(), format = %String::from_utf8_lossy(&buf[..4]), "the rotation state was written by a newer rotor, in a format this one does not read: the rotation starts over (and is kept in this one's format from now on)");
                 } else if n > 0 && saved.is_none() {
                     tracing::warn!(file = %path.display(), "the rotation state record is torn or corrupt (its checksum does not match): the rotation starts over");
+                } else if n == 0 && existed {
+                    // (It is synced at a clean stop only: a power loss
+                    // before its first write reached the disk.)
+                    tracing::warn!(file = %path.display(), "the rotation state file is empty: the rotation starts over");
                 }
                 saved
             }
             Err(_) => None,
         };
-        Ok((StateFile { file, path }, saved))
+        Ok((
+            StateFile {
+                file,
+                path,
+                _dir: dir_lock,
+            },
+            saved,
+        ))
     }
 
     pub fn path(&self) -> &Path {
@@ -336,8 +395,8 @@ pub fn order_by_prefix_new(dir: &Path) -> bool {
 /// which repeats nothing a destination could tell from a new host's.
 pub fn order_key(dir: &Path) -> io::Result<(rotor_protocol::OrderKey, bool)> {
     let path = dir.join(ORDER_KEY_FILE_NAME);
-    match std::fs::read(&path) {
-        Ok(bytes) => {
+    match read_text(&path) {
+        Ok(Some(bytes)) => {
             // (Bytes that are not text are a key that does not read too.)
             let words: Option<Vec<u64>> = String::from_utf8_lossy(&bytes)
                 .split_whitespace()
@@ -352,7 +411,7 @@ pub fn order_key(dir: &Path) -> io::Result<(rotor_protocol::OrderKey, bool)> {
                 path.with_file_name(format!("{ORDER_KEY_FILE_NAME}.corrupt")),
             );
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Ok(None) => {}
         Err(e) => return Err(e),
     }
     let key = rotor_protocol::random_order_key()?;
@@ -442,12 +501,29 @@ fn sync_dir(path: &Path) {
 
 /// A state file's bytes, if it is there. (Not checked as text here: bytes
 /// that are not UTF-8 are a file that does not parse, set aside as any.)
+/// Opened without blocking, and only a regular file is read: a FIFO put
+/// there had the allocator wait for a writer for ever, its socket bound
+/// and unanswered, deaf to SIGTERM.
 fn read_text(path: &Path) -> io::Result<Option<Vec<u8>>> {
-    match std::fs::read(path) {
-        Ok(t) => Ok(Some(t)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
+    use std::io::Read;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path);
+    let mut file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a regular file (a FIFO, a device or a directory is there)",
+        ));
     }
+    let mut text = Vec::new();
+    file.read_to_end(&mut text)?;
+    Ok(Some(text))
 }
 
 /// A state file's list of items, each read as a `T` as it comes (its
@@ -666,6 +742,22 @@ mod tests {
 
     /// `--check`'s probe leaves nothing made, finds a held state, and
     /// refuses a dangling link where the state file goes.
+    /// A FIFO (or another file that is not a regular one) where a kept
+    /// file goes is an error at once, not a wait for a writer for ever.
+    #[test]
+    fn a_kept_file_that_is_a_fifo_is_an_error_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [SESSIONS_FILE_NAME, HAND_FILE_NAME, ORDER_KEY_FILE_NAME] {
+            let path = dir.path().join(name);
+            nix::unistd::mkfifo(&path, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        }
+        let sessions = dir.path().join(SESSIONS_FILE_NAME);
+        let e = super::take_kept::<u32>(&sessions, false).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert!(read_hand(&dir.path().join(HAND_FILE_NAME)).is_err());
+        assert!(super::order_key(dir.path()).is_err());
+    }
+
     #[test]
     fn the_check_probe_makes_nothing_and_sees_what_the_allocator_would() {
         let dir = tempfile::tempdir().unwrap();
@@ -823,6 +915,12 @@ mod tests {
     fn a_second_allocator_cannot_share_the_directory() {
         let dir = tempfile::tempdir().unwrap();
         let (_first, _) = StateFile::open(dir.path()).unwrap();
+        assert!(matches!(
+            StateFile::open(dir.path()),
+            Err(PersistError::Locked(_))
+        ));
+        // Nor once the state file was removed under the first.
+        std::fs::remove_file(dir.path().join(FILE_NAME)).unwrap();
         assert!(matches!(
             StateFile::open(dir.path()),
             Err(PersistError::Locked(_))

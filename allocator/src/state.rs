@@ -1060,21 +1060,38 @@ impl Inner {
     }
 
     /// Writes the hand quarantines (in the pool and held) to the state
-    /// directory when they changed.
+    /// directory when they changed. Each end in the pool is written on the
+    /// wall clock of now, from its end on the monotonic one: a quarantine
+    /// made while the clock was a year off (a host before NTP), then put
+    /// right, had its end kept as made, and a restart had it end a year
+    /// early or late. Called at each pool load, so a clock that steps by a
+    /// minute or more is written again within a refresh.
     fn save_hand(&mut self) {
         let Some(path) = &self.hand_file else { return };
+        let (mono, wall) = (Instant::now(), unix_now());
         let mut now: Vec<HandOut> = self
             .quarantine
             .iter()
             .filter(|(_, q)| q.by_hand)
             .map(|(e, q)| HandOut {
                 entry: *e,
-                until: q.until,
+                until: q.until.map(|_| {
+                    let left = q.next_check.saturating_duration_since(mono);
+                    wall.saturating_add(left.as_secs().max(1))
+                }),
             })
             .chain(self.held.iter().copied())
             .collect();
         now.sort_by_key(|h| (h.entry.base(), h.entry.prefix_len()));
-        if now == self.hand_saved {
+        // (Ends within a minute of what was written are the same.)
+        let near = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => a.abs_diff(b) < 60,
+            (a, b) => a == b,
+        };
+        let same = now.len() == self.hand_saved.len()
+            && (now.iter().zip(&self.hand_saved))
+                .all(|(a, b)| a.entry == b.entry && near(a.until, b.until));
+        if same {
             return;
         }
         match crate::persist::write_hand(path, &now) {
@@ -4226,6 +4243,34 @@ mod tests {
         drop(a);
         let b = start();
         assert_eq!(out(&b), [wide, narrow]);
+    }
+
+    /// A hand quarantine's end is written on the clock of its writing,
+    /// from its monotonic end: made while the wall clock was a year off
+    /// (here: its wall end skewed), the file says the right end once a
+    /// pool load writes it again.
+    #[test]
+    fn a_hand_quarantines_end_is_written_on_the_clock_of_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let a = kept_in(dir.path());
+        a.apply_refresh(vec![Ok(three())], &ok());
+        a.steer(
+            ip("10.0.0.3"),
+            false,
+            Some(Duration::from_secs(3600)),
+            &usable,
+        );
+        let year = 365 * 86_400;
+        for q in a.lock().quarantine.values_mut() {
+            q.until = q.until.map(|u| u - year);
+        }
+        a.apply_refresh(vec![Ok(three())], &ok());
+        let path = dir.path().join(crate::persist::HAND_FILE_NAME);
+        let (kept, _) = crate::persist::read_hand(&path).unwrap();
+        let until = kept[0].until.unwrap();
+        let left = until.saturating_sub(unix_now());
+        assert!((3590..=3600).contains(&left), "{left}");
     }
 
     #[test]

@@ -1109,7 +1109,10 @@ impl LeaseTable {
                     if let Some(line) = slot.and_then(peer_line) {
                         self.word(line).fetch_add(1, Ordering::Relaxed);
                     }
-                    let seq = self.word(SEQ).fetch_add(1, Ordering::Relaxed) + 1;
+                    let seq = self
+                        .word(SEQ)
+                        .fetch_add(1, Ordering::Relaxed)
+                        .wrapping_add(1);
                     return Some(Ok(Lease {
                         ip,
                         seq,
@@ -1427,7 +1430,9 @@ impl LeaseTable {
     /// The next lease sequence number, for a lease not taken from the
     /// rotation (a sticky session's).
     pub fn next_seq(&self) -> u64 {
-        self.word(SEQ).fetch_add(1, Ordering::Relaxed) + 1
+        self.word(SEQ)
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1)
     }
 
     /// Counts a lease of index `i` of `family`'s rotation taken outside

@@ -274,6 +274,53 @@ fn as_nobody(args: &[&str], socket: &std::path::Path) -> std::process::Output {
         .unwrap()
 }
 
+/// A kept file the allocator's user cannot read (left by a run as root,
+/// the service run as its own user) is refused at the start, as the
+/// state file is: the next checkpoint had replaced the sessions it held,
+/// and the addresses taken out by hand went back into the rotation.
+#[test]
+fn a_kept_file_the_allocator_cannot_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !root("a_kept_file_the_allocator_cannot_read_is_refused") {
+        return;
+    }
+    let top = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = top.path().join("state");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let held = dir.join("quarantine.json");
+    std::fs::write(
+        &held,
+        r#"{"taken_out_by_hand":[{"entry":"127.0.0.9","until":null}]}"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&held, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let nobody = nix::unistd::Uid::from_raw(65534);
+    let group = nix::unistd::Gid::from_raw(65534);
+    nix::unistd::chown(&dir, Some(nobody), Some(group)).unwrap();
+    nix::unistd::chown(
+        &dir.join("quarantine.json"),
+        Some(nix::unistd::Uid::from_raw(0)),
+        None,
+    )
+    .unwrap();
+    let out = std::process::Command::new(ALLOCATOR)
+        .args(["--check", "--pool", "127.0.0.2-127.0.0.9", "--state-dir"])
+        .arg(&dir)
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("quarantine.json") && said.contains("chown"),
+        "{said}"
+    );
+}
+
 #[tokio::test]
 async fn only_allowed_users_may_use_the_allocator_socket() {
     use std::os::unix::fs::PermissionsExt;
