@@ -381,6 +381,27 @@ async fn a_cooldown_ends_with_one_probe_not_every_waiting_request() {
     );
 }
 
+/// A site's "retry now" (`Retry-After: 0`) cools the address for a
+/// second, as the allocator makes it (a worker had dropped it, as a wait
+/// that had ended); and once that ends, tunnels to the site flow: a
+/// tunnel's connect stands for the answer it cannot read (one tunnel in
+/// each 2 s hold went, for the 30 min the push-back is kept).
+#[tokio::test]
+async fn retry_now_cools_a_second_and_tunnels_end_the_probe() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    assert_eq!(get(w.addr, &origin.url("/status/429/0")).await.status, 429);
+    wait_cooling(&alloc.socket, "127.0.0.1", ip(2)).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let dest = origin.addr.to_string();
+    for i in 0..6 {
+        let (code, _tunnel) = connect_tunnel(w.addr, &dest).await;
+        assert_eq!(code, 200, "tunnel {i}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn forbidden_cools_only_when_counted() {
     let origin = Origin::start().await;

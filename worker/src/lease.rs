@@ -1625,9 +1625,12 @@ fn due(env: &Envelope<Request>, waited: Duration) -> Option<Envelope<Request>> {
             retry_after_secs: Some(secs),
             ..
         } => {
-            let left = u64::from(*secs).saturating_sub(waited.as_secs());
+            // ("Retry now", 0, is the allocator's to make a second of:
+            // sent as it is, not taken for a wait that ended.)
+            let asked = *secs;
+            let left = u64::from(asked).saturating_sub(waited.as_secs());
             *secs = left as u32;
-            left > 0
+            asked == 0 || left > 0
         }
         _ => waited < HELD_BARE,
     };
@@ -1739,6 +1742,12 @@ mod tests {
             due(&env, Duration::from_secs(10)).is_none(),
             "its wait ended"
         );
+        // "Retry now" goes (the allocator makes it a second), not dropped.
+        let now = Envelope {
+            id: 3,
+            body: pushback(Some(0)),
+        };
+        assert_eq!(due(&now, Duration::ZERO).unwrap().body, pushback(Some(0)));
         assert!(rx.try_recv().unwrap().1.is_none());
     }
 

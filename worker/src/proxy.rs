@@ -692,10 +692,18 @@ impl Proxy {
         }
         let (addrs, granted) = self.resolve_and_lease(host, port, sticky).await?;
         *leased = Some(granted.0.ip);
-        let (stream, (lease, _)) = self
+        let (stream, (lease, watch)) = self
             .connect_leased(granted, &addrs, (host, authority), sticky)
             .await?;
         *leased = Some(lease.ip);
+        // A tunnel's answers are encrypted: its connect made is all it
+        // tells of the site, and stands for its answer (a pair on
+        // probation after a plain request's push-back had let in one
+        // tunnel every 2 s, for the 30 min its repeats are kept).
+        if watch {
+            self.leases
+                .site_answered(lease.ip, rotor_protocol::site_of(host));
+        }
         Ok((stream, lease))
     }
 
