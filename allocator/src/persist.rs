@@ -55,10 +55,6 @@ pub enum PersistError {
 pub struct StateFile {
     file: Flock<File>,
     path: PathBuf,
-    /// The directory, locked too: the state file's lock alone let a
-    /// second allocator in once the file was removed (an operator's
-    /// `rm`), both then writing the sessions and site state.
-    _dir: Flock<File>,
 }
 
 /// Whether an allocator could keep its state in `dir`: the directory made
@@ -132,20 +128,12 @@ fn file_made_there(dir: &Path) -> io::Result<()> {
 
 /// The state file in `dir` (both made if need be), opened and locked, and
 /// `dir` one whose files can be replaced.
-fn open_locked(dir: &Path) -> Result<(Flock<File>, PathBuf, Flock<File>), PersistError> {
+fn open_locked(dir: &Path) -> Result<(Flock<File>, PathBuf), PersistError> {
     make_private_dir(dir).map_err(|e| PersistError::Dir(dir.into(), e))?;
-    let dir_lock = File::open(dir).map_err(|e| PersistError::Dir(dir.into(), e))?;
-    let dir_lock = match Flock::lock(dir_lock, FlockArg::LockExclusiveNonblock) {
-        Ok(l) => l,
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-            return Err(PersistError::Locked(dir.join(FILE_NAME)))
-        }
-        Err((_, e)) => return Err(PersistError::Dir(dir.into(), e.into())),
-    };
-    let (file, path) = open_and_lock(dir.join(FILE_NAME), true)?;
+    let locked = open_and_lock(dir.join(FILE_NAME), true)?;
     file_made_there(dir).map_err(|e| PersistError::Dir(dir.into(), e))?;
     kept_readable(dir)?;
-    Ok((file, path, dir_lock))
+    Ok(locked)
 }
 
 /// Each file kept beside the state file that is there can be read by this
@@ -202,8 +190,7 @@ impl StateFile {
     /// Opens (or creates) the state file in `dir`, locks it, and returns the
     /// saved state, if a valid one is there.
     pub fn open(dir: &Path) -> Result<(StateFile, Option<Saved>), PersistError> {
-        let existed = std::fs::symlink_metadata(dir.join(FILE_NAME)).is_ok();
-        let (file, path, dir_lock) = open_locked(dir)?;
+        let (file, path) = open_locked(dir)?;
         // One an older rotor made under a looser umask is narrowed too.
         {
             use std::os::unix::fs::PermissionsExt;
@@ -226,23 +213,12 @@ impl StateFile {
                     tracing::warn!(file = %path.display(), format = %String::from_utf8_lossy(&buf[..4]), "the rotation state was written by a newer rotor, in a format this one does not read: the rotation starts over (and is kept in this one's format from now on)");
                 } else if n > 0 && saved.is_none() {
                     tracing::warn!(file = %path.display(), "the rotation state record is torn or corrupt (its checksum does not match): the rotation starts over");
-                } else if n == 0 && existed {
-                    // (It is synced at a clean stop only: a power loss
-                    // before its first write reached the disk.)
-                    tracing::warn!(file = %path.display(), "the rotation state file is empty: the rotation starts over");
                 }
                 saved
             }
             Err(_) => None,
         };
-        Ok((
-            StateFile {
-                file,
-                path,
-                _dir: dir_lock,
-            },
-            saved,
-        ))
+        Ok((StateFile { file, path }, saved))
     }
 
     pub fn path(&self) -> &Path {
@@ -915,12 +891,6 @@ mod tests {
     fn a_second_allocator_cannot_share_the_directory() {
         let dir = tempfile::tempdir().unwrap();
         let (_first, _) = StateFile::open(dir.path()).unwrap();
-        assert!(matches!(
-            StateFile::open(dir.path()),
-            Err(PersistError::Locked(_))
-        ));
-        // Nor once the state file was removed under the first.
-        std::fs::remove_file(dir.path().join(FILE_NAME)).unwrap();
         assert!(matches!(
             StateFile::open(dir.path()),
             Err(PersistError::Locked(_))
