@@ -18,8 +18,7 @@
 //! request at a time (its probe: see [`PROBE_HOLD`]).
 //!
 //! Bounded: at most `max_entries` sites and (address, site) pairs together;
-//! past it the sites with fewest pairs are forgotten first, the least
-//! recently used among them. State expires
+//! past it the least recently used sites are forgotten first. State expires
 //! every second: a pair goes when its window is empty, it is not cooling
 //! and its repeats are old; a site when it holds no pair and was not used
 //! for its period.
@@ -1084,9 +1083,8 @@ impl Sites {
     }
 
     /// Room for `need` more entries: past the cap, expired state dropped,
-    /// then an eighth of the sites, those with fewest pairs first, the
-    /// least recently used among them (never `keep`, the one being
-    /// served).
+    /// then the least recently used eighth of the sites (never `keep`, the
+    /// one being served).
     fn make_room(&mut self, now: Instant, keep: &str, need: usize) {
         if self.entries() + need <= self.max_entries {
             return;
@@ -1106,56 +1104,47 @@ impl Sites {
         // Sites cooling on some address go last: a site that said "wait"
         // is, by that, one its polite clients stopped asking — the least
         // recently used — and forgetting it would send the next request
-        // from the address it asked to rest. Then those with state on more
-        // addresses: forgetting a site lets each of its addresses start
-        // over, so one met once (a crawler's many) costs least, and a busy
-        // site's budgets, spent across the pool, had gone first whenever
-        // new sites came faster than it was asked (a review saw one under
-        // 5 a minute an address served 49 times in 10 s). The least
-        // recently used first among those alike.
+        // from the address it asked to rest.
         #[cfg(test)]
         {
             self.room_looks += 1;
         }
         let t = self.ms(now);
-        let mut by_use: Vec<(bool, u32, Ms, u64, usize)> = self
+        let mut by_use: Vec<(bool, Ms, u64, usize)> = self
             .sites
             .iter()
             .filter(|(k, _)| &***k != keep)
-            .map(|(_, s)| {
-                let size = s.pairs as usize + 1;
-                (s.cool_until > t, s.pairs, s.last_used, s.id, size)
-            })
+            .map(|(_, s)| (s.cool_until > t, s.last_used, s.id, s.pairs as usize + 1))
             .collect();
         if by_use.is_empty() {
             return;
         }
-        // The first eighth of the sites so ordered, and more of the
+        // The least recently used eighth of the sites, and more of the
         // small ones (each under an eighth of the table) until an eighth of
         // the table is free: each pass goes over every pair, so it must
         // free enough not to be made again at the next new entry (a site
         // holding most of the table beside a few small ones had freed an
         // entry or two a pass, a pass a lease). A large site is forgotten
-        // only among the first eighth (the table holding little else).
+        // only as the least recently used, as before.
         let n = (by_use.len() / 8).max(1);
         by_use.select_nth_unstable(n - 1);
         let want = need.max(self.max_entries / 8);
-        let mut freed: usize = by_use[..n].iter().map(|v| v.4).sum();
-        let mut gone: std::collections::HashSet<u64> = by_use[..n].iter().map(|v| v.3).collect();
+        let mut freed: usize = by_use[..n].iter().map(|v| v.3).sum();
+        let mut gone: std::collections::HashSet<u64> = by_use[..n].iter().map(|v| v.2).collect();
         if freed < want && n < by_use.len() {
             // The least recently used of the rest first: a heap (made in
             // one pass) popped as far as needed, not a sort of them all.
             let mut rest: std::collections::BinaryHeap<_> = by_use[n..]
                 .iter()
-                .filter(|v| v.4 <= want)
+                .filter(|v| v.3 <= want)
                 .map(|&v| std::cmp::Reverse(v))
                 .collect();
             while freed < want {
                 let Some(std::cmp::Reverse(v)) = rest.pop() else {
                     break;
                 };
-                freed += v.4;
-                gone.insert(v.3);
+                freed += v.3;
+                gone.insert(v.2);
             }
         }
         let n = gone.len();
@@ -1172,7 +1161,7 @@ impl Sites {
             tracing::warn!(
                 max = self.max_entries,
                 forgot = n,
-                "the site table is full: sites were forgotten, those met on fewest addresses and least recently used first (their budgets start over); raise --max-site-entries"
+                "the site table is full: the least recently used sites were forgotten (their budgets start over); raise --max-site-entries"
             );
         }
     }
@@ -2684,36 +2673,6 @@ mod tests {
         assert!(s.room_looks - looks <= 5, "{}", s.room_looks - looks);
         // The big site, in use, was not forgotten to make the room.
         assert!(s.sites.contains_key("big.com"));
-    }
-
-    /// A full table forgets the sites met on fewest addresses first: a
-    /// crawler's new sites, each met once, churn among themselves, and a
-    /// busy site's budgets, spent across the pool, are kept though it was
-    /// used longer ago than they. Before, it went with the least recently
-    /// used, and its addresses started over.
-    #[test]
-    fn a_full_table_forgets_sites_met_once_before_a_busy_one() {
-        let mut s = Sites::new(rules(&["*=5/1m"]), 1000);
-        let t0 = Instant::now();
-        let v4 = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
-        for i in 0..6 {
-            s.session_use("busy.com", v4(i), t0);
-        }
-        for i in 0..3000u32 {
-            let now = t0 + Duration::from_millis(1 + u64::from(i));
-            s.session_use(&format!("new{i}.com"), v4(i % 8), now);
-            assert!(s.entries() <= 1000, "{}", s.entries());
-        }
-        assert!(s.sites.contains_key("busy.com"));
-        let id = s.sites["busy.com"].id;
-        assert_eq!(s.pairs[&(id, v4(0))].held, 1, "its start kept");
-        assert_eq!(
-            s.pairs
-                .keys()
-                .filter(|(id, _)| *id == s.sites["busy.com"].id)
-                .count(),
-            6
-        );
     }
 
     /// Push-backs from more addresses than the table holds, all for one
