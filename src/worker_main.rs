@@ -364,14 +364,16 @@ const FD_RESERVE: u64 = 128;
 /// busy upstream at once (two descriptors: the client's and its upstream
 /// one), beside the idle upstream pool (a quarter of the limit at most,
 /// `MAX_IDLE_TOTAL` at most), the relays' kept pipes (two each) and
-/// [`FD_RESERVE`]; and the idle pool's size. As HAProxy derives `maxconn`
+/// [`FD_RESERVE`], each of these an eighth of the limit at most (a limit
+/// of 300 had left one client); and the idle pool's size. As HAProxy derives `maxconn`
 /// from `ulimit -n`: a worker under a limit of 1024 had accepted clients
 /// it could not serve, each answered 503 `Proxy Out Of Sockets` once its
 /// upstream socket failed, while the idle pool held descriptors.
 fn fitted(limit: u64, max_connections: usize) -> (usize, usize) {
     let idle = (rotor_worker::upstream::MAX_IDLE_TOTAL as u64).min(limit / 4);
-    let pipes = 2 * rotor_worker::relay::PIPES_KEPT as u64;
-    let clients = (limit.saturating_sub(FD_RESERVE + pipes + idle) / 2).max(1);
+    let pipes = (2 * rotor_worker::relay::PIPES_KEPT as u64).min(limit / 8);
+    let reserve = FD_RESERVE.min(limit / 8);
+    let clients = (limit.saturating_sub(reserve + pipes + idle) / 2).max(1);
     let max = (max_connections as u64).min(clients);
     (max as usize, idle as usize)
 }
@@ -536,9 +538,11 @@ mod tests {
         assert_eq!(fitted(1 << 20, 10_000), (10_000, 4096));
         assert_eq!(fitted(65_536, 10_000), (10_000, 4096));
         assert_eq!(fitted(65_536, 50_000), (30_584, 4096));
-        assert_eq!(fitted(1024, 10_000), (248, 256));
+        assert_eq!(fitted(1024, 10_000), (256, 256));
         assert_eq!(fitted(1024, 100), (100, 256));
-        assert_eq!(fitted(64, 10_000), (1, 16));
+        assert_eq!(fitted(300, 10_000), (75, 75));
+        assert_eq!(fitted(64, 10_000), (16, 16));
+        assert_eq!(fitted(0, 10_000), (1, 0));
     }
 
     /// Another allocator than the last look's is a restarted one; at the

@@ -854,7 +854,10 @@ impl Proxy {
                             // sooner while its address cools: a probe's
                             // answer ends the hold early, and it had waited
                             // the whole hold out.
-                            let nap = match sticky.is_some() && cooling {
+                            // (A probe's hold is 2 s: a cooldown longer
+                            // ends when it says.)
+                            let probing = retry_after <= Duration::from_secs(2);
+                            let nap = match sticky.is_some() && cooling && probing {
                                 true => retry_after.min(SESSION_LOOK_AGAIN),
                                 false => retry_after,
                             };
