@@ -152,11 +152,7 @@ fn kept_readable(dir: &Path) -> Result<(), PersistError> {
     ];
     for name in kept {
         let path = dir.join(name);
-        let opened = OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&path);
-        match opened {
+        match open_kept(&path) {
             Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
                 return Err(PersistError::Kept(path, e))
             }
@@ -482,11 +478,7 @@ fn sync_dir(path: &Path) {
 /// and unanswered, deaf to SIGTERM.
 fn read_text(path: &Path) -> io::Result<Option<Vec<u8>>> {
     use std::io::Read;
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path);
-    let mut file = match file {
+    let mut file = match open_kept(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
@@ -500,6 +492,15 @@ fn read_text(path: &Path) -> io::Result<Option<Vec<u8>>> {
     let mut text = Vec::new();
     file.read_to_end(&mut text)?;
     Ok(Some(text))
+}
+
+/// A kept file opened to read, without blocking (a FIFO there waits for
+/// no writer).
+fn open_kept(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
 }
 
 /// A state file's list of items, each read as a `T` as it comes (its

@@ -849,17 +849,20 @@ impl Pair {
     /// time ([`Pair::probe_until`]).
     fn on_probation(&self, now: Ms) -> bool {
         self.cool_until <= now
-            && ((self.strikes > 0 && !self.strikes_old(now))
-                || (self.unreached > 1 && !self.unreached_old(now)))
+            && ((self.strikes > 0 && !self.strikes_old(now)) || self.cooled_by_connects(now))
+    }
+
+    /// Whether failed connects cooled it, not forgotten.
+    fn cooled_by_connects(&self, now: Ms) -> bool {
+        self.unreached > 1 && !self.unreached_old(now)
     }
 
     /// A request is leased here now: whether its answer is asked for
     /// ([`Pair::watched`]). On probation, it is the pair's probe.
     fn leased(&mut self, now: Ms) -> bool {
         if self.on_probation(now) {
-            let by_connects = self.unreached > 1 && !self.unreached_old(now);
             self.probe_until = now
-                + match by_connects {
+                + match self.cooled_by_connects(now) {
                     true => CONNECT_PROBE_HOLD_MS,
                     false => PROBE_HOLD_MS,
                 };
@@ -1582,13 +1585,8 @@ impl Sites {
             None => backoff(p.strikes.max(1)),
         };
         p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
-        // Its next probe goes when this cooldown ends (a refusal until
-        // the hold's end would be late).
         let held = std::mem::take(&mut p.probe_until) > t;
-        self.site_cools(site, ip);
-        if held {
-            self.unrefuse(site);
-        }
+        self.site_cools(site, ip, held);
         if !was_cooling {
             self.cooling_began(site, (ip, source), wait, Some(status), t);
         }
@@ -1677,10 +1675,7 @@ impl Sites {
         let wait = backoff(p.unreached);
         p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
         let held = std::mem::take(&mut p.probe_until) > t;
-        self.site_cools(site, key);
-        if held {
-            self.unrefuse(site);
-        }
+        self.site_cools(site, key, held);
         if let Some(s) = self.sites.get_mut(site).filter(|_| first) {
             let (since, n) = &mut s.connect_cools[family];
             if *n == 0 || t.saturating_sub(*since) >= window {
@@ -1728,8 +1723,14 @@ impl Sites {
         self.begun
     }
 
-    /// The site's latest cooldown end takes in its pair of `key`'s.
-    fn site_cools(&mut self, site: &str, key: IpAddr) {
+    /// The site's latest cooldown end takes in its pair of `key`'s, which
+    /// began cooling; `held`: a probe's hold ended with it (the site's
+    /// remembered refusal, until the hold's end, would be late: its next
+    /// probe goes when this cooldown ends).
+    fn site_cools(&mut self, site: &str, key: IpAddr, held: bool) {
+        if held {
+            self.unrefuse(site);
+        }
         let Some(s) = self.sites.get_mut(site) else {
             return;
         };

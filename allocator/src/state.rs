@@ -2376,19 +2376,21 @@ impl Allocator {
     /// A new connect from `ip` to `site` was made: the pair's failed
     /// connects start over.
     pub fn site_connected(&self, ip: IpAddr, site: &str) {
-        let mut inner = self.lock();
-        inner.changes += 1;
-        if inner.sites.connected(site, ip, Instant::now()) {
-            self.retry_waiters(&mut inner);
-        }
+        self.site_cleared(|sites, now| sites.connected(site, ip, now));
     }
 
     /// `site` answered `ip` normally: the pair's backoff starts over (and
     /// the requests waiting for the site, held by its probe, are tried).
     pub fn site_answered(&self, ip: IpAddr, site: &str) {
+        self.site_cleared(|sites, now| sites.answered(site, ip, now));
+    }
+
+    /// A pair's repeats cleared by `clear`; the held waits are tried if
+    /// that ended a probe's hold.
+    fn site_cleared(&self, clear: impl FnOnce(&mut crate::sites::Sites, Instant) -> bool) {
         let mut inner = self.lock();
         inner.changes += 1;
-        if inner.sites.answered(site, ip, Instant::now()) {
+        if clear(&mut inner.sites, Instant::now()) {
             self.retry_waiters(&mut inner);
         }
     }
