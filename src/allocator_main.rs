@@ -323,17 +323,12 @@ fn check(
     }
 }
 
-/// Descriptors the allocator keeps beside its peers: its listeners, the
-/// metrics listener's 64 places, its state files, the pool commands and
-/// metadata requests it runs.
-const FD_RESERVE: u64 = 128;
-
 /// `max_peers` as the descriptor `limit` holds it (one each, beside
-/// [`FD_RESERVE`]): past the limit, a peer was not refused with a reason
+/// [`crate::FD_RESERVE`]): past the limit, a peer was not refused with a reason
 /// but left unaccepted, and lease-only peers filling the descriptors kept
 /// root's workers and `rotor status` out, their half share no bound.
 fn fitted_peers(limit: u64, max_peers: usize) -> usize {
-    (max_peers as u64).min(limit.saturating_sub(FD_RESERVE).max(1)) as usize
+    (max_peers as u64).min(limit.saturating_sub(crate::FD_RESERVE).max(1)) as usize
 }
 
 /// [`fitted_peers`], warning when it lowers `max_peers`.

@@ -32,6 +32,13 @@ pub mod signals;
 pub mod up;
 pub mod worker_main;
 
+/// Descriptors a worker or the allocator keeps for itself beside its
+/// connections or peers, as it fits its cap to the descriptor limit: its
+/// listeners (the allocator's metrics listener's 64 places), the other
+/// daemon's socket, logs, files read, DNS sockets, pool commands and
+/// metadata requests.
+pub const FD_RESERVE: u64 = 128;
+
 /// Raises the soft descriptor limit to the hard one, as nginx's
 /// `worker_rlimit_nofile` and Go's runtime do (the default soft limit of
 /// 1024 would refuse clients long before a worker's `max_connections`, or

@@ -356,15 +356,11 @@ fn passed_or_bound(
     Ok((out, inherited))
 }
 
-/// Descriptors a worker keeps beside its connections: its listeners, its
-/// allocator connection, logs, files read, DNS sockets.
-const FD_RESERVE: u64 = 128;
-
 /// What a descriptor `limit` holds: `max_connections` clients at most, each
 /// busy upstream at once (two descriptors: the client's and its upstream
 /// one), beside the idle upstream pool (a quarter of the limit at most,
 /// `MAX_IDLE_TOTAL` at most), the relays' kept pipes (two each) and
-/// [`FD_RESERVE`], each of these an eighth of the limit at most (a limit
+/// [`crate::FD_RESERVE`], each of these an eighth of the limit at most (a limit
 /// of 300 had left one client); and the idle pool's size. As HAProxy derives `maxconn`
 /// from `ulimit -n`: a worker under a limit of 1024 had accepted clients
 /// it could not serve, each answered 503 `Proxy Out Of Sockets` once its
@@ -372,7 +368,7 @@ const FD_RESERVE: u64 = 128;
 fn fitted(limit: u64, max_connections: usize) -> (usize, usize) {
     let idle = (rotor_worker::upstream::MAX_IDLE_TOTAL as u64).min(limit / 4);
     let pipes = (2 * rotor_worker::relay::PIPES_KEPT as u64).min(limit / 8);
-    let reserve = FD_RESERVE.min(limit / 8);
+    let reserve = crate::FD_RESERVE.min(limit / 8);
     let clients = (limit.saturating_sub(reserve + pipes + idle) / 2).max(1);
     let max = (max_connections as u64).min(clients);
     (max as usize, idle as usize)

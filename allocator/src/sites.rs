@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use rotor_protocol::{
     from_u128, site_bit, site_of, to_u128, Families, Family, PairStatus, Rotations, Segment,
-    SiteLimit, SiteStatus, SitesReport, SITE_FILTER_BITS,
+    SiteLimit, SiteStatus, SitesReport, PROBE_HOLD, SITE_FILTER_BITS,
 };
 
 /// The first cooldown without a `Retry-After`; each repeat doubles it.
@@ -47,18 +47,8 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(600);
 pub const RETRY_AFTER_MAX: Duration = Duration::from_secs(86_400);
 /// Repeats are forgotten this long after the last one.
 const STRIKES_KEPT: Duration = Duration::from_secs(1800);
-/// After a cooldown, until a normal answer (or a connect, after failed
-/// connects) clears its repeats, a pair takes one request for the site at
-/// a time, its probe: no other for this long after it, unless its answer
-/// comes first (it may never: a request that failed, a tunnel's). The
-/// requests held waiting for the site (`--budget-wait`) had all gone to
-/// the first address to stop cooling at once, into a site still limiting
-/// it (30 within 40 ms, each pushed back, doubling the next cooldown).
-/// Short: the refusal meanwhile says the hold's end, and a request with a
-/// shorter `--budget-wait` is refused at once; a site slower to answer
-/// sees one probe this often.
-pub const PROBE_HOLD: Duration = Duration::from_secs(2);
-/// [`PROBE_HOLD`] on the table's clock.
+/// [`PROBE_HOLD`] on the table's clock (the protocol's: a worker's sticky
+/// session asks again sooner within it).
 const PROBE_HOLD_MS: u64 = PROBE_HOLD.as_millis() as u64;
 /// … for a pair cooled by failed connects, whose probe ends at its
 /// connect: longer than a connect may take (`--connect-timeout`, 10 s by
@@ -852,6 +842,13 @@ impl Pair {
             && ((self.strikes > 0 && !self.strikes_old(now)) || self.cooled_by_connects(now))
     }
 
+    /// It cools from `now` for `wait` (or longer, as it did): whether that
+    /// ended a probe's hold (its next probe goes when this cooldown ends).
+    fn cool(&mut self, now: Ms, wait: Duration) -> bool {
+        self.cool_until = self.cool_until.max(now + wait.as_millis() as u64);
+        std::mem::take(&mut self.probe_until) > now
+    }
+
     /// Whether failed connects cooled it, not forgotten.
     fn cooled_by_connects(&self, now: Ms) -> bool {
         self.unreached > 1 && !self.unreached_old(now)
@@ -1584,8 +1581,7 @@ impl Sites {
             Some(d) => d.clamp(Duration::from_secs(1), RETRY_AFTER_MAX),
             None => backoff(p.strikes.max(1)),
         };
-        p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
-        let held = std::mem::take(&mut p.probe_until) > t;
+        let held = p.cool(t, wait);
         self.site_cools(site, ip, held);
         if !was_cooling {
             self.cooling_began(site, (ip, source), wait, Some(status), t);
@@ -1673,8 +1669,7 @@ impl Sites {
             return false;
         }
         let wait = backoff(p.unreached);
-        p.cool_until = p.cool_until.max(t + wait.as_millis() as u64);
-        let held = std::mem::take(&mut p.probe_until) > t;
+        let held = p.cool(t, wait);
         self.site_cools(site, key, held);
         if let Some(s) = self.sites.get_mut(site).filter(|_| first) {
             let (since, n) = &mut s.connect_cools[family];

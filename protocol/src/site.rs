@@ -7,10 +7,23 @@
 //! names the sites of its configuration the same way, so both agree.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 /// Bits of the lease table's site filter (see `table`): a worker takes the
 /// allocator's site path for a site whose bit is set.
 pub const SITE_FILTER_BITS: usize = 1 << 16;
+
+/// After a cooldown, until a normal answer (or a connect, after failed
+/// connects) clears its repeats, a pair takes one request for the site at
+/// a time, its probe: no other for this long after it, unless its answer
+/// comes first (it may never: a request that failed, a tunnel's). The
+/// requests held waiting for the site (`--budget-wait`) had all gone to
+/// the first address to stop cooling at once, into a site still limiting
+/// it (30 within 40 ms, each pushed back, doubling the next cooldown).
+/// Short: the refusal meanwhile says the hold's end, and a request with a
+/// shorter `--budget-wait` is refused at once; a site slower to answer
+/// sees one probe this often.
+pub const PROBE_HOLD: Duration = Duration::from_secs(2);
 
 /// The site of `host` (a name or an address, brackets allowed), lower-case
 /// and without a trailing dot. A name with no registrable part (`localhost`,

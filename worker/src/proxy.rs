@@ -854,9 +854,9 @@ impl Proxy {
                             // sooner while its address cools: a probe's
                             // answer ends the hold early, and it had waited
                             // the whole hold out.
-                            // (A probe's hold is 2 s: a cooldown longer
-                            // ends when it says.)
-                            let probing = retry_after <= Duration::from_secs(2);
+                            // (A cooldown longer than a probe's hold ends
+                            // when it says.)
+                            let probing = retry_after <= rotor_protocol::PROBE_HOLD;
                             let nap = match sticky.is_some() && cooling && probing {
                                 true => retry_after.min(SESSION_LOOK_AGAIN),
                                 false => retry_after,
