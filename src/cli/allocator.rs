@@ -67,7 +67,7 @@ settings! {
         site_limit: Vec<SiteLimitSpec>,
         /// Most entries of per-site state (sites, and (address, site)
         /// pairs with a budget used or a cooldown) held; past it the least
-        /// recently used sites are forgotten.
+        /// recently used sites are forgotten, those asked once first.
         max_site_entries: Option<usize> = "400000",
         /// IPv6 sources count as one per prefix of this length for site
         /// budgets and cooldowns: sites count an IPv6 client by its /64,
