@@ -980,6 +980,10 @@ pub struct Sites {
     /// pair is idle, to be forgotten and make room: worked out once, not
     /// at each of its refused requests.
     full_frees: Option<(u64, Ms)>,
+    /// A cooldown ended a probe's hold since [`Sites::take_hold_ended`]
+    /// (the requests waiting for the site are tried again at once, not at
+    /// the hold's end).
+    hold_ended: bool,
     /// Times `make_room` looked for sites to forget (tests).
     #[cfg(test)]
     room_looks: usize,
@@ -1014,6 +1018,7 @@ impl Sites {
             begun: [0; 2],
             keys: None,
             full_frees: None,
+            hold_ended: false,
             #[cfg(test)]
             room_looks: 0,
             #[cfg(test)]
@@ -1771,6 +1776,7 @@ impl Sites {
     fn site_cools(&mut self, site: &str, key: IpAddr, held: bool) {
         if held {
             self.unrefuse(site);
+            self.hold_ended = true;
         }
         let Some(s) = self.sites.get_mut(site) else {
             return;
@@ -1778,6 +1784,11 @@ impl Sites {
         if let Some(p) = self.pairs.get(&(s.id, key)) {
             s.cool_until = s.cool_until.max(p.cool_until);
         }
+    }
+
+    /// Whether a cooldown ended a probe's hold since the last call.
+    pub fn take_hold_ended(&mut self) -> bool {
+        std::mem::take(&mut self.hold_ended)
     }
 
     /// The pair of `site` and `key` (a key: see [`Rules::key`]), made if

@@ -2312,6 +2312,16 @@ impl Allocator {
         }
     }
 
+    /// A probe's answer was a push-back or a failed connect: the requests
+    /// its hold kept waiting are tried now (another address may serve
+    /// them, or they are told how long the site wants), not at the hold's
+    /// end.
+    fn hold_ended(&self, inner: &mut Inner) {
+        if inner.sites.take_hold_ended() {
+            self.retry_waiters(inner);
+        }
+    }
+
     /// `site` pushed back on `ip` (a worker saw it): the pair cools, for
     /// every worker at once. Whether it started cooling now.
     ///
@@ -2343,6 +2353,7 @@ impl Allocator {
         inner.changes += 1;
         let started = inner.sites.pushback(site, ip, status, wait, Instant::now());
         inner.pool.table().flag_site(site);
+        self.hold_ended(&mut inner);
         started
     }
 
@@ -2370,6 +2381,7 @@ impl Allocator {
         // (A suspicion too: its leases must come by the site's path, which
         // asks for the answer that clears it.)
         inner.pool.table().flag_site(site);
+        self.hold_ended(&mut inner);
         started
     }
 
@@ -3472,6 +3484,47 @@ mod tests {
                 assert_eq!(leased_ip(env.body), v4, "the waiter's address kept for it");
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// A probe pushed back: the requests its hold kept waiting are tried
+    /// at once (here told the site's new wait), not at the hold's end.
+    #[tokio::test]
+    async fn a_probe_pushed_back_tries_its_waiters_at_once() {
+        let a = budgeted(&["10.0.0.1"], "example.com=100/1s");
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!(a.pushback(ip, "example.com", 429, Some(1), true));
+        std::thread::sleep(Duration::from_millis(1_050));
+        // The cooldown ended: this is the probe.
+        assert!(matches!(
+            a.lease_site(1, Families::V4, "example.com"),
+            Response::SiteLeased { .. }
+        ));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let reply = crate::waiters::Reply {
+            peer: 1,
+            id: 1,
+            tx,
+            given_up: None,
+        };
+        let wait = Duration::from_secs(5);
+        assert_eq!(
+            a.lease_site_wait(Families::V4, "example.com", wait, reply),
+            None,
+            "held by the probe"
+        );
+        a.serve_waiters();
+        assert!(rx.try_recv().is_err(), "held");
+        assert!(a.pushback(ip, "example.com", 429, Some(60), true));
+        a.serve_waiters();
+        match rx.try_recv() {
+            Ok(rotor_protocol::ServerFrame::Response(env)) => match env.body {
+                Response::Throttled { retry_after_ms, .. } => {
+                    assert!(retry_after_ms > 50_000, "{retry_after_ms}")
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("not tried at once: {other:?}"),
         }
     }
 
