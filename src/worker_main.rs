@@ -485,9 +485,20 @@ fn check_summary(t: &crate::cli::worker::WorkerSettingsTuning) {
         d(p.tunnel_idle_timeout),
         d(c.drain_timeout)
     );
+    // As the worker would fit it to its descriptor limit (raised to the
+    // hard one here as there).
+    let asked = c.max_connections;
+    let max = match crate::raise_fd_limit() {
+        Some(limit) if fitted(limit, asked).0 < asked => {
+            let max = fitted(limit, asked).0;
+            say!("warning: the descriptor limit ({limit}) holds {max} clients, not max-connections {asked} (two descriptors each, busy upstream, beside the idle upstream pool and the relays' pipes): the worker would serve {max} at most; raise LimitNOFILE (ulimit -n)");
+            max
+        }
+        _ => asked,
+    };
     say!(
         "ok: at most {} connections, {} from one client address (0: no limit); heads of {} bytes at most",
-        c.max_connections, c.max_client_connections, p.max_head_bytes
+        max, c.max_client_connections, p.max_head_bytes
     );
     let (allow, deny) = p.acl.operator_rules();
     say!(

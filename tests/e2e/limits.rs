@@ -283,6 +283,31 @@ async fn the_worker_raises_its_descriptor_limit_to_the_hard_one() {
     assert_eq!(soft_nofile(worker.proc.child.id()), hard);
 }
 
+/// `--check` says the cap the worker would run with under its
+/// descriptor limit, not the one asked (it said 10000 under a limit of
+/// 600, where the worker serves 150).
+#[test]
+fn check_says_the_connection_cap_the_descriptor_limit_holds() {
+    let run = |soft, hard| {
+        let mut cmd = with_nofile(std::process::Command::new(WORKER), soft, hard);
+        cmd.args(["--listen", "127.0.0.1:0", "--socket", "/nonexistent/a.sock"]);
+        cmd.args(["--max-connections", "1000", "--check"]);
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(600, 600);
+    assert!(err.contains("ok: at most 150 connections"), "{err}");
+    assert!(
+        err.contains("holds 150 clients, not max-connections 1000"),
+        "{err}"
+    );
+    // Raised to the hard limit, as the worker does.
+    let err = run(600, 4096);
+    assert!(err.contains("ok: at most 1000 connections"), "{err}");
+    assert!(!err.contains("warning: the descriptor limit"), "{err}");
+}
+
 /// Under a descriptor limit too low for `--max-connections`, the worker
 /// lowers its cap to what the limit holds (two descriptors a client busy
 /// upstream, beside the idle pool and the relays' pipes): a client it
