@@ -468,6 +468,10 @@ struct Site {
     /// Leases and session requests for it, up to 2: a site asked again
     /// is forgotten after those asked once (see [`Sites::make_room`]).
     uses: u8,
+    /// When a request outside sticky sessions was last refused for the
+    /// budget (0: never): sessions then keep to their share of each
+    /// address's budget (see [`Pair::sessions_over`]).
+    shared_refused: Ms,
     /// The latest end of a cooldown of its pairs (an early end or a pair
     /// forgotten leaves it later than true: the site is forgotten later):
     /// which sites cool, for `make_room`, without a look at every pair.
@@ -676,9 +680,16 @@ impl Pair {
     /// held waiting as their starts left). Past the window by the grace:
     /// a session's next request, told to wait until its start frees, asks
     /// again a round trip later.
-    fn reserve(&self, w: u64, now: Ms) -> (u32, Ms) {
+    /// Never past the sessions' share ([`Pair::sessions_over`]): a reserve
+    /// of four sessions' due starts of a budget of 5 left the others one.
+    fn reserve(&self, l: Limit, now: Ms) -> (u32, Ms) {
         let Some(s) = &self.sessions else {
             return (0, 0);
+        };
+        let w = l.window().as_millis() as u64;
+        let room = match self.sessions_in(l, now) {
+            (inside, share) if inside < share => share - inside,
+            _ => return (0, 0),
         };
         let grace = RESERVE_GRACE_MS;
         let Some(&newest) = s.back().filter(|&&t| now < t + w + grace) else {
@@ -688,7 +699,32 @@ impl Pair {
             .iter()
             .filter(|&&t| now >= t + w && now < t + w + grace)
             .count();
-        (due.max(1) as u32, newest + w + grace)
+        (due.clamp(1, room) as u32, newest + w + grace)
+    }
+
+    /// When the sticky sessions' starts within `l`'s window here fall
+    /// below their share of its budget, if they hold it now: half of it,
+    /// rounded up ([`SESSION_STARTS`] at most). Past it, while the site's
+    /// other requests are refused for the budget, a session's request waits
+    /// as theirs do, and keeps them no room: with 8 sessions and 20 other
+    /// clients of a `5/1s` site, the sessions had 604 requests served of
+    /// 604 and the others 4 of 144.
+    fn sessions_over(&self, l: Limit, now: Ms) -> Option<Ms> {
+        let s = self.sessions.as_ref()?;
+        let w = l.window().as_millis() as u64;
+        let (inside, share) = self.sessions_in(l, now);
+        let over = inside.checked_sub(share)?;
+        Some(s[s.len() - inside + over] + w)
+    }
+
+    /// The sessions' starts within `l`'s window here, and their share.
+    fn sessions_in(&self, l: Limit, now: Ms) -> (usize, usize) {
+        let share = (l.count.div_ceil(2) as usize).clamp(1, SESSION_STARTS);
+        let Some(s) = &self.sessions else {
+            return (0, share);
+        };
+        let w = l.window().as_millis() as u64;
+        (s.len() - s.partition_point(|&t| t + w <= now), share)
     }
 
     /// `None` if it may start a request now; else when it may, and
@@ -707,8 +743,10 @@ impl Pair {
         };
         let spent = limit.and_then(|l| {
             let w = l.window().as_millis() as u64;
+            // (Sessions past their share are kept no room: see
+            // `Pair::sessions_over`.)
             let (reserve, reserve_ends) = match shared {
-                true => self.reserve(w, now),
+                true => self.reserve(l, now),
                 false => (0, 0),
             };
             let reserved = reserve > 0;
@@ -1097,6 +1135,7 @@ impl Sites {
                 pairs: 0,
                 last_used,
                 uses: 0,
+                shared_refused: 0,
                 cool_until: 0,
                 refused: Refused::default(),
                 connect_cools: [(0, 0); 2],
@@ -1290,6 +1329,9 @@ impl Sites {
             {
                 self.refusals_remembered += 1;
             }
+            if !r.cooling {
+                s.shared_refused = t;
+            }
             return Answer::Throttled {
                 retry_after: Duration::from_millis(r.until - t),
                 cooling: r.cooling,
@@ -1464,6 +1506,9 @@ impl Sites {
                         families: (families.v4, families.v6),
                         cooling,
                     };
+                    if !cooling {
+                        s.shared_refused = t;
+                    }
                 }
                 Answer::Throttled {
                     retry_after: Duration::from_millis(until.saturating_sub(t)),
@@ -1945,12 +1990,23 @@ impl Sites {
         now: Instant,
     ) -> Option<(Duration, bool)> {
         let s = self.sites.get(site)?;
-        let (id, limit) = (s.id, s.limit);
+        let (id, limit, shared_refused) = (s.id, s.limit, s.shared_refused);
         let t = self.ms(now);
         let window = limit.map(|l| l.window().as_millis() as u64);
         let p = self.pairs.get_mut(&(id, self.rules.key(ip)))?;
         p.prune(window, t);
-        let (until, cooling) = p.blocked(limit, t, false)?;
+        let (until, cooling) = match p.blocked(limit, t, false) {
+            Some(b) => b,
+            // The site's other requests refused within the window: the
+            // sessions here keep to their share.
+            None => {
+                let (l, w) = limit.zip(window)?;
+                if shared_refused == 0 || t.saturating_sub(shared_refused) >= w {
+                    return None;
+                }
+                (p.sessions_over(l, t)?, false)
+            }
+        };
         Some((Duration::from_millis(until.saturating_sub(t)), cooling))
     }
 
@@ -2533,7 +2589,8 @@ mod tests {
     /// A session's reserve lives through the grace past its start's
     /// window: the table's expiry dropped the pair, reserve and all, as its
     /// last start left, and the site's other requests took the budget.
-    /// Several sessions on one address each keep room for their next.
+    /// Several sessions on one address each keep room for their next, up
+    /// to their share of the budget (half, rounded up).
     #[test]
     fn sessions_reserves_outlive_their_starts_and_add_up() {
         let mut s = Sites::new(rules(&["a.com=5/10s"]), 1000);
@@ -2551,13 +2608,45 @@ mod tests {
         let due = t0 + window + Duration::from_millis(100);
         s.expire(due);
         // Their starts left the window; their next requests are due: the
-        // others get one start of five.
-        assert_eq!(take(&mut s, "a.com", &active, 5, due), [1]);
-        for _ in 0..4 {
+        // others get two starts of five (the sessions' share is three).
+        assert_eq!(take(&mut s, "a.com", &active, 5, due), [1, 1]);
+        for _ in 0..3 {
             assert!(s.session_blocked("a.com", ip(1), due).is_none());
             s.session_use("a.com", ip(1), due);
         }
         assert!(s.session_blocked("a.com", ip(1), due).is_some());
+    }
+
+    /// Sessions asking as fast as they may, beside other requests for the
+    /// site refused for its budget: the sessions keep to half of it, and
+    /// the others get the rest (they got almost none: each start freed
+    /// went to a session, and the sessions' reserve kept the others off).
+    #[test]
+    fn sessions_keep_to_half_a_budget_the_sites_other_requests_want() {
+        let mut s = Sites::new(rules(&["a.com=4/1s"]), 1000);
+        let active = pool(1);
+        let t0 = Instant::now();
+        let (mut sessions, mut others) = (0, 0);
+        for step in 0..250u64 {
+            let t = t0 + Duration::from_millis(20 * step);
+            let mut session = |s: &mut Sites| {
+                if s.session_blocked("a.com", ip(1), t).is_none() {
+                    s.session_use("a.com", ip(1), t);
+                    sessions += 1;
+                }
+            };
+            // Sessions first at every step: they ask again at once.
+            session(&mut s);
+            session(&mut s);
+            others += take(&mut s, "a.com", &active, 1, t).len();
+        }
+        // 5 s of a budget of 4 a second.
+        assert!(
+            (20..=24).contains(&(sessions + others)),
+            "{sessions} {others}"
+        );
+        assert!(others >= 8, "sessions {sessions}, others {others}");
+        assert!(sessions >= 8, "sessions {sessions}, others {others}");
     }
 
     /// A request whose connect ended after its start left the window (its
