@@ -1167,3 +1167,55 @@ async fn a_sessions_address_never_goes_past_the_sites_budget() {
         assert!(n <= 3, "{ip}: {n} of {sources:?}");
     }
 }
+
+/// Sticky sessions asking as fast as they may beside other clients of the
+/// same site, all waiting for its budget (`--budget-wait`): each side is
+/// served, the sessions keeping to half of the address's budget (they
+/// took all of it: 8 sessions and 20 other clients of a `5/1s` site had
+/// 604 and 4 requests served).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_and_other_clients_share_a_sites_budget() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2", "--site-limit", "127.0.0.1=4/1s"]).await;
+    let w = Worker::start(&alloc.socket, &["--budget-wait", "5s"]).await;
+    let url = origin.url("/");
+    let until = Instant::now() + Duration::from_secs(4);
+    let client = |user: Option<String>| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let mut served = 0;
+            while Instant::now() < until {
+                let mut req = hyper::Request::get(url.as_str());
+                if let Some(user) = &user {
+                    req = req.header("proxy-authorization", basic(user, "pw"));
+                }
+                let req = req
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                let r = ProxyConn::open(w.addr).await.send(req).await;
+                if r.status == 200 {
+                    served += 1;
+                }
+            }
+            served
+        })
+    };
+    let sessions: Vec<_> = (0..4)
+        .map(|i| client(Some(format!("u-session-s{i}"))))
+        .collect();
+    let others: Vec<_> = (0..4).map(|_| client(None)).collect();
+    let (mut by_sessions, mut by_others) = (0, 0);
+    for t in sessions {
+        by_sessions += t.await.unwrap();
+    }
+    for t in others {
+        by_others += t.await.unwrap();
+    }
+    // About 16 served in 4 s (the waits of the last ones go past it).
+    let total = by_sessions + by_others;
+    assert!(total <= 24, "{by_sessions} {by_others}");
+    assert!(
+        by_others * 4 >= total && by_sessions * 4 >= total,
+        "sessions {by_sessions}, others {by_others}"
+    );
+}
