@@ -1307,14 +1307,28 @@ async fn admin(
                 "error": format!("{entry} stays out of the rotation: {reason}"),
             }),
         ),
-        None => json_reply(
-            StatusCode::OK,
-            serde_json::json!({
-                "entry": entry.to_string(),
-                "in_rotation": release,
-                "for_secs": for_.map(|d| d.as_secs()),
-            }),
-        ),
+        None => match alloc.hand_not_kept() {
+            // Done now, but a restart would undo it: a failure a script
+            // must see, as `rotor quarantine`'s exit 1.
+            Some(why) => json_reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                serde_json::json!({
+                    "entry": entry.to_string(),
+                    "in_rotation": release,
+                    "for_secs": for_.map(|d| d.as_secs()),
+                    "kept": false,
+                    "error": format!("done, but not kept over an allocator restart, which would undo it: {why}"),
+                }),
+            ),
+            None => json_reply(
+                StatusCode::OK,
+                serde_json::json!({
+                    "entry": entry.to_string(),
+                    "in_rotation": release,
+                    "for_secs": for_.map(|d| d.as_secs()),
+                }),
+            ),
+        },
     }
 }
 

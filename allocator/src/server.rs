@@ -1508,14 +1508,21 @@ async fn answer(
             ip,
             release,
             for_secs,
-        } => Response::Steered {
-            entry: alloc.steer(
+        } => {
+            let entry = alloc.steer(
                 ip,
                 release,
                 for_secs.map(Duration::from_secs),
                 &crate::usable::usable_now,
-            ),
-        },
+            );
+            match peer.minor >= rotor_protocol::MINOR_STEER_KEPT {
+                true => Response::SteeredV2 {
+                    entry,
+                    not_kept: alloc.hand_not_kept(),
+                },
+                false => Response::Steered { entry },
+            }
+        }
         Request::Until { .. } => Response::Error {
             message: "a deadline inside a deadline: send one".into(),
         },

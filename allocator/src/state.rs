@@ -99,8 +99,8 @@ struct Inner {
     /// (a first read that finds nothing, a source not up yet) however
     /// many, not cut to `MAX_HELD` and lost for good.
     hand_restored: usize,
-    /// Whether a failed write of it has already been logged.
-    hand_failed: bool,
+    /// Why its last write failed, if it did (logged once).
+    hand_failed: Option<String>,
     /// Where the sticky sessions and the site state go when the allocator
     /// stops cleanly and at each checkpoint (the state directory).
     kept_dir: Option<std::path::PathBuf>,
@@ -1097,13 +1097,13 @@ impl Inner {
         match crate::persist::write_hand(path, &now) {
             Ok(()) => {
                 self.hand_saved = now;
-                self.hand_failed = false;
+                self.hand_failed = None;
             }
             Err(e) => {
-                if !self.hand_failed {
+                if self.hand_failed.is_none() {
                     tracing::warn!(file = %path.display(), error = %e, "cannot keep the addresses taken out by hand: a restart would put them back");
                 }
-                self.hand_failed = true;
+                self.hand_failed = Some(format!("{}: {e}", path.display()));
             }
         }
     }
@@ -1265,7 +1265,7 @@ impl Allocator {
                 hand_file: None,
                 hand_restored: 0,
                 hand_saved: Vec::new(),
-                hand_failed: false,
+                hand_failed: None,
                 kept_dir: None,
                 changes: 0,
                 changes_kept: 0,
@@ -1838,6 +1838,12 @@ impl Allocator {
         inner.publish_quarantine();
         self.retry_waiters(&mut inner);
         Some(e)
+    }
+
+    /// Why the addresses out by hand cannot be kept over a restart now,
+    /// if they cannot (the last write of their file failed).
+    pub fn hand_not_kept(&self) -> Option<String> {
+        self.lock().hand_failed.clone()
     }
 
     /// Why `e` is out of the rotation, if it is.

@@ -23,7 +23,7 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 19;
+pub const PROTOCOL_MINOR: u16 = 20;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
@@ -110,6 +110,10 @@ pub const MINOR_TICKET_KEYS: u16 = 19;
 /// by the network of the address connected to (an older one names them
 /// by site): the allocator compares only names of one kind.
 pub const MINOR_UNREACHED_BY_NET: u16 = 19;
+/// The first minor whose control client reads `Response::SteeredV2`
+/// (whether an address taken out or put back by hand is kept over an
+/// allocator restart); an older one is answered `Steered`.
+pub const MINOR_STEER_KEPT: u16 = 20;
 /// How long the key new TLS session tickets are sealed with stays the one
 /// (the allocator's change of keys); a ticket opens for that long at
 /// least, which is the lifetime workers give their tickets.
@@ -812,6 +816,14 @@ pub enum Response {
     TicketKeys {
         keys: Vec<TicketKey>,
         next_secs: u64,
+    },
+    /// The answer to `Steer` to a client of `MINOR_STEER_KEPT` on: as
+    /// `Steered`, and why the addresses out by hand cannot be kept over
+    /// an allocator restart (its file's write failed: a full disk, a
+    /// read-only state directory), if they cannot.
+    SteeredV2 {
+        entry: Option<Segment>,
+        not_kept: Option<String>,
     },
 }
 

@@ -640,6 +640,14 @@ fn golden_server_frames() {
         }),
         "010915010101010101010101010101010101010102020202020202020202020202020202020202020202020202020202020202023c",
     );
+    // Minor 20: a steer's answer, with why it is not kept.
+    check(
+        resp(Response::SteeredV2 {
+            entry: Some(Segment::single(V4)),
+            not_kept: Some("full".into()),
+        }),
+        "0109160100c000020700010466756c6c",
+    );
 }
 
 /// An `Until` inside an `Until` does not decode, however deep the chain

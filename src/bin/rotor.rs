@@ -474,6 +474,11 @@ async fn steer(
         }
         Err(e) => Err(anyhow::anyhow!("{}", rotor_protocol::error_chain(&e))),
     };
+    // (An older allocator says nothing of keeping it.)
+    let (answer, not_kept) = match answer {
+        Ok(Response::SteeredV2 { entry, not_kept }) => (Ok(Response::Steered { entry }), not_kept),
+        other => (other, None),
+    };
     // Nothing changed is a failure a script must see (a mistyped address).
     let refused = match &answer {
         Ok(Response::Steered { entry: None }) => {
@@ -529,6 +534,12 @@ async fn steer(
     });
     if let Some(family) = emptied {
         say!("rotor: warning: no {family} address is left in the rotation: every request needing one gets 503 (and /health answers 503) until one is released (`rotor release ADDRESS`)");
+    }
+    // Done now, but an allocator restart would undo it: a failure a
+    // script must see.
+    if let (ExitCode::SUCCESS, Some(why)) = (code, not_kept) {
+        say!("rotor: error: done, but not kept over an allocator restart, which would undo it: {why} (the allocator writes it again at its next change or pool refresh, once it can)");
+        return ExitCode::FAILURE;
     }
     code
 }

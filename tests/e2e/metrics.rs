@@ -1028,3 +1028,69 @@ async fn health_says_503_when_the_host_serves_nothing() {
     assert!(w.proc.is_running(), "the drain is still on");
     drop(tunnel);
 }
+
+/// A change by hand that cannot be kept over an allocator restart (here
+/// `quarantine.json`'s write fails: a directory holds its name) is done,
+/// and said: `rotor quarantine` exits 1 saying why (it said the address
+/// was out, and a restart put it back). Once the file can be written, the
+/// next change keeps both.
+#[tokio::test]
+async fn a_quarantine_that_cannot_be_kept_is_done_and_fails_saying_so() {
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let token_file = dir.path().join("token");
+    let token = "k3y-0f-the-admin-api";
+    std::fs::write(&token_file, token).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let listen = metrics.to_string();
+    let args = [
+        "--pool",
+        "127.0.0.2-127.0.0.4",
+        "--metrics-listen",
+        &listen,
+        "--admin-token-file",
+        token_file.to_str().unwrap(),
+    ];
+    let alloc = Allocator::start_in(dir.clone(), &args).await;
+    let kept = dir.path().join("state/quarantine.json");
+    std::fs::create_dir_all(kept.join("x")).unwrap();
+    let quarantine = |ip: &str| {
+        Command::new(ROTOR)
+            .args(["quarantine", "--socket", alloc.socket.to_str().unwrap(), ip])
+            .output()
+            .unwrap()
+    };
+    let out = quarantine("127.0.0.3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("not kept over an allocator restart") && stderr.contains("quarantine.json"),
+        "{stderr}"
+    );
+    // Done all the same.
+    let out_of_rotation = |ip: &str| {
+        let status = status_json(&alloc.socket);
+        let pool = status["pool"].as_array().unwrap().clone();
+        pool.iter()
+            .any(|e| e["ip"] == ip && !e["quarantined"].is_null())
+    };
+    assert!(out_of_rotation("127.0.0.3"));
+    // The admin API: a 500 saying so, the change done.
+    let body = r#"{"address":"127.0.0.2","for":"10m"}"#;
+    let (code, said) = post(metrics, "/admin/quarantine", Some(token), body);
+    assert_eq!(code, 500, "{said}");
+    assert!(said.contains(r#""kept":false"#), "{said}");
+    assert!(out_of_rotation("127.0.0.2"));
+    std::fs::remove_dir_all(&kept).unwrap();
+    let out = quarantine("127.0.0.4");
+    assert!(out.status.success(), "{out:?}");
+    let file = std::fs::read_to_string(&kept).unwrap();
+    assert!(
+        file.contains("127.0.0.3") && file.contains("127.0.0.4"),
+        "{file}"
+    );
+    let body = r#"{"address":"127.0.0.2"}"#;
+    let (code, said) = post(metrics, "/admin/release", Some(token), body);
+    assert_eq!(code, 200, "{said}");
+}
