@@ -458,7 +458,10 @@ fn dns_error(host: &str, e: hickory_resolver::net::NetError) -> ProxyError {
 
 const HOSTS: &str = "/etc/hosts";
 
-/// The names of a hosts file and their addresses, in the file's order.
+/// The names of a hosts file and their addresses, in the file's order,
+/// IPv4 first, as the resolver answers names it asks (a name listed with
+/// `::1` first had plain requests lease IPv6 and its sticky sessions
+/// IPv4).
 #[derive(Debug, Default)]
 struct Hosts(HashMap<String, Vec<IpAddr>>);
 
@@ -482,6 +485,9 @@ impl Hosts {
                     ips.push(ip);
                 }
             }
+        }
+        for ips in names.values_mut() {
+            ips.sort_by_key(IpAddr::is_ipv6);
         }
         Hosts(names)
     }
@@ -987,13 +993,15 @@ mod tests {
     #[test]
     fn hosts_file_names_get_exactly_their_lines() {
         let h = Hosts::parse(
-            "127.0.0.1 localhost\n# c\n10.0.0.1 Db db.example # tail\n10.0.0.2 db\nbad line\n",
+            "127.0.0.1 localhost\n# c\n10.0.0.1 Db db.example # tail\n10.0.0.2 db\nbad line\n::1 both\n127.0.0.9 both\n",
         );
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(h.get("localhost"), Some(&vec![ip("127.0.0.1")]));
         assert_eq!(h.get("LOCALHOST."), Some(&vec![ip("127.0.0.1")]));
         assert_eq!(h.get("db"), Some(&vec![ip("10.0.0.1"), ip("10.0.0.2")]));
         assert_eq!(h.get("db.example"), Some(&vec![ip("10.0.0.1")]));
+        // IPv4 first, as the resolver answers.
+        assert_eq!(h.get("both"), Some(&vec![ip("127.0.0.9"), ip("::1")]));
         assert_eq!(h.get("c"), None);
         assert_eq!(h.get("line"), None);
     }
