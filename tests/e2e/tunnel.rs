@@ -102,6 +102,31 @@ async fn a_connect_with_content_is_refused() {
         1,
         "only the one without content"
     );
+    // Its head alone, the content not sent (yet), and a WebSocket
+    // handshake's: the 400 all the same. hyper's server, handed these,
+    // mostly closed the connection with the 400 unsent (its upgrade
+    // started as the unread body was dropped): 7 of 10, 10 of 20.
+    let ws = "GET http://{t}/ HTTP/1.1\r\nHost: {t}\r\nUpgrade: websocket\r\nConnection: upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n";
+    for field in ["Content-Length: 5", "Transfer-Encoding: chunked"] {
+        for head in [
+            format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"),
+            ws.replace("{t}", &target.to_string()),
+        ] {
+            for _ in 0..10 {
+                let mut s = TcpStream::connect(worker.addr).await.unwrap();
+                s.write_all(format!("{head}{field}\r\n\r\n").as_bytes())
+                    .await
+                    .unwrap();
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                let answer = read_head(&mut s).await;
+                assert!(
+                    answer.starts_with("HTTP/1.1 400"),
+                    "{head}{field}: {answer:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(echo.peers.lock().unwrap().len(), 1);
 }
 
 /// A CONNECT target with userinfo (`user:pw@host:port`) is refused with

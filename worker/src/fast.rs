@@ -101,6 +101,9 @@ enum Take {
     /// hyper's server, it answered a bare 431 or 400, or closed with no
     /// word (see `take_request`).
     Refused(crate::error::ProxyError),
+    /// A whole head refused here, as [`Take::Refused`], with its request
+    /// for its line in the access log.
+    RefusedRequest(crate::error::ProxyError, Box<http::request::Parts>),
     Request {
         parts: http::request::Parts,
         fields: Wire,
@@ -169,6 +172,11 @@ where
                     Take::Refused(e) => {
                         let began = head_began.unwrap_or_else(tokio::time::Instant::now);
                         return refuse(io, &mut out, conn, (None, began), &e, true).await;
+                    }
+                    Take::RefusedRequest(e, parts) => {
+                        let began = head_began.unwrap_or_else(tokio::time::Instant::now);
+                        let parts = Some(&*parts);
+                        return refuse(io, &mut out, conn, (parts, began), &e, true).await;
                     }
                     Take::Partial => scanned = buf.len(),
                 }
@@ -478,6 +486,32 @@ pub(crate) fn head_may_end(buf: &[u8], scanned: usize, max_head: usize) -> bool 
     })
 }
 
+/// Why a CONNECT or a WebSocket handshake (an HTTP/1.1 `GET` with
+/// `Upgrade: websocket` and `Connection: upgrade`) whose head says content
+/// follows (a `Transfer-Encoding`, a `Content-Length` other than 0) is
+/// refused, if it is one: here, not by hyper's server, which (its request
+/// body dropped unread, taken for the start of the upgrade) mostly closed
+/// the connection with the 400 unsent.
+fn upgrade_with_content(method: &str, headers: &[httparse::Header<'_>]) -> Option<&'static str> {
+    let named = |name: &str, token: &[u8]| {
+        headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case(name) && crate::proxy::names_token(h.value, token))
+    };
+    let content = headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("transfer-encoding")
+            || (h.name.eq_ignore_ascii_case("content-length") && h.value.trim_ascii() != b"0")
+    });
+    match method {
+        _ if !content => None,
+        "CONNECT" => Some(crate::proxy::CONNECT_CONTENT),
+        "GET" if named("upgrade", b"websocket") && named("connection", b"upgrade") => {
+            Some(crate::proxy::WEBSOCKET_CONTENT)
+        }
+        _ => None,
+    }
+}
+
 /// The request at the start of `buf`, if it is whole and the fast path's;
 /// its head leaves the buffer (its body stays).
 fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
@@ -520,8 +554,23 @@ fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
     let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
         return not_mine(buf, target, max_head);
     };
+    // (Looked at only for a request leaving this path: the common ones
+    // pay nothing.)
+    let refused = |headers: &[httparse::Header<'_>]| {
+        let why = upgrade_with_content(method, headers)?;
+        let parts = Request::builder()
+            .method(Method::from_bytes(method.as_bytes()).ok()?)
+            .uri(Uri::try_from(path).ok()?)
+            .body(())
+            .ok()?;
+        let parts = Box::new(parts.into_parts().0);
+        Some(Take::RefusedRequest(
+            ProxyError::BadRequest(why.into()),
+            parts,
+        ))
+    };
     if method == "CONNECT" || !path.starts_with("http://") {
-        return Take::NotMine;
+        return refused(req.headers).unwrap_or(Take::NotMine);
     }
     let mut body = None;
     let mut close = false;
@@ -531,13 +580,15 @@ fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
             let n = crate::h1::decimal::<usize>(h.value);
             match (n, body) {
                 (Some(n), None) if n <= SMALL_BODY => body = Some(n),
-                _ => return not_mine(buf, target, max_head),
+                _ => {
+                    return refused(req.headers).unwrap_or_else(|| not_mine(buf, target, max_head))
+                }
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding")
             || name.eq_ignore_ascii_case(b"expect")
             || name.eq_ignore_ascii_case(b"upgrade")
         {
-            return not_mine(buf, target, max_head);
+            return refused(req.headers).unwrap_or_else(|| not_mine(buf, target, max_head));
         } else if name.eq_ignore_ascii_case(b"connection") {
             close |= crate::h1::says_close(h.value);
         }
@@ -619,7 +670,7 @@ pub fn take_all_for_fuzzing(data: &[u8]) {
                 assert_eq!(buf, before, "bytes lost on the way to hyper");
                 return;
             }
-            Take::Partial | Take::Refused(_) => {
+            Take::Partial | Take::Refused(_) | Take::RefusedRequest(..) => {
                 assert_eq!(buf, before);
                 return;
             }

@@ -356,10 +356,9 @@ impl Proxy {
                 // A CONNECT has no content (RFC 9110 §9.3.6): hyper would read
                 // what follows its head as a body, and the first tunnel
                 // bytes (a ClientHello sent at once) would be lost.
-                Ok(_) if connect_with_content(&fields) => Err(ProxyError::BadRequest(
-                    "a CONNECT has no content: no Content-Length or Transfer-Encoding".into(),
-                )
-                .into()),
+                Ok(_) if connect_with_content(&fields) => {
+                    Err(ProxyError::BadRequest(CONNECT_CONTENT.into()).into())
+                }
                 Ok(_) => {
                     let req = Request::from_parts(parts, body);
                     self.connect(
@@ -1445,11 +1444,7 @@ impl Proxy {
         // A handshake has no content (RFC 6455 §4.1): what followed the
         // head would be read as the WebSocket's first bytes.
         if connect_with_content(&fields) {
-            return Err(ProxyError::BadRequest(
-                "a WebSocket handshake has no content: no Content-Length or Transfer-Encoding"
-                    .into(),
-            )
-            .into());
+            return Err(ProxyError::BadRequest(WEBSOCKET_CONTENT.into()).into());
         }
         let host = target.host.to_ascii_lowercase();
         let port = target.port;
@@ -1659,6 +1654,13 @@ fn log_tunnel(
 /// The request's `Host`, if it sent one; two are refused (RFC 9112 §3.2):
 /// a destination that read the second would serve another site than the
 /// one leased, budgeted and judged for.
+/// Why a CONNECT whose head says content follows is refused.
+pub(crate) const CONNECT_CONTENT: &str =
+    "a CONNECT has no content: no Content-Length or Transfer-Encoding";
+/// Why a WebSocket handshake whose head says content follows is refused.
+pub(crate) const WEBSOCKET_CONTENT: &str =
+    "a WebSocket handshake has no content: no Content-Length or Transfer-Encoding";
+
 /// Whether a CONNECT's head says content follows it: a Transfer-Encoding,
 /// or a Content-Length other than 0.
 fn connect_with_content(fields: &Fields) -> bool {
@@ -2060,7 +2062,7 @@ fn asks_websocket(parts: &request::Parts, fields: &Fields) -> bool {
 
 /// Whether a list field's value names `token` (case-insensitively): an
 /// `Expect` its `100-continue`, an `Upgrade` its `websocket`.
-fn names_token(value: &[u8], token: &[u8]) -> bool {
+pub(crate) fn names_token(value: &[u8], token: &[u8]) -> bool {
     value
         .split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
