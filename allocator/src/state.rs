@@ -1092,6 +1092,8 @@ impl Inner {
             && (now.iter().zip(&self.hand_saved))
                 .all(|(a, b)| a.entry == b.entry && near(a.until, b.until));
         if same {
+            // The file holds them (a failed write's wish undone since): kept.
+            self.hand_failed = None;
             return;
         }
         match crate::persist::write_hand(path, &now) {

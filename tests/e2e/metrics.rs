@@ -1076,6 +1076,19 @@ async fn a_quarantine_that_cannot_be_kept_is_done_and_fails_saying_so() {
             .any(|e| e["ip"] == ip && !e["quarantined"].is_null())
     };
     assert!(out_of_rotation("127.0.0.3"));
+    // Undone: the file (none) holds what is out by hand again, and that
+    // is said (a failure once said stayed said, for every change after).
+    let release = Command::new(ROTOR)
+        .args([
+            "release",
+            "--socket",
+            alloc.socket.to_str().unwrap(),
+            "127.0.0.3",
+        ])
+        .output()
+        .unwrap();
+    assert!(release.status.success(), "{release:?}");
+    assert_eq!(quarantine("127.0.0.3").status.code(), Some(1));
     // The admin API: a 500 saying so, the change done.
     let body = r#"{"address":"127.0.0.2","for":"10m"}"#;
     let (code, said) = post(metrics, "/admin/quarantine", Some(token), body);
