@@ -1997,7 +1997,13 @@ mod tests {
         assert!(matches!(body, Response::Leased(_)), "{body:?}");
         let body = answered(steer(), Rights::Control, &alloc, &reload).await;
         assert!(
-            matches!(body, Response::Steered { entry: Some(_) }),
+            matches!(
+                body,
+                Response::SteeredV2 {
+                    entry: Some(_),
+                    not_kept: None
+                }
+            ),
             "{body:?}"
         );
         assert_eq!(alloc.addresses_in_rotation(), 1);

@@ -469,8 +469,8 @@ struct Site {
     /// is forgotten after those asked once (see [`Sites::make_room`]).
     uses: u8,
     /// When a request outside sticky sessions was last refused for the
-    /// budget (0: never): sessions then keep to their share of each
-    /// address's budget (see [`Pair::sessions_over`]).
+    /// budget (0: never): sessions keep to their share of each address's
+    /// budget for [`SHARE_HELD`] after (see [`Pair::sessions_over`]).
     shared_refused: Ms,
     /// The latest end of a cooldown of its pairs (an early end or a pair
     /// forgotten leaves it later than true: the site is forgotten later):
@@ -531,6 +531,14 @@ struct Refused {
     families: (bool, bool),
     cooling: bool,
 }
+
+/// How long after a request outside sticky sessions was refused for a
+/// site's budget the sessions keep to their share of it (see
+/// [`Pair::sessions_over`]), beside the requests held waiting for it: a
+/// client refused without a wait asks again soon, or not at all (a whole
+/// window was too long: one refusal halved the sessions' budget for an
+/// hour of `100/1h`, nobody else asking).
+pub const SHARE_HELD: Duration = Duration::from_secs(2);
 
 /// The most of the site table's sites that sites asked again keep from
 /// being forgotten before sites asked once (see [`Sites::make_room`]), as
@@ -705,10 +713,11 @@ impl Pair {
     /// When the sticky sessions' starts within `l`'s window here fall
     /// below their share of its budget, if they hold it now: half of it,
     /// rounded up ([`SESSION_STARTS`] at most). Past it, while the site's
-    /// other requests are refused for the budget, a session's request waits
-    /// as theirs do, and keeps them no room: with 8 sessions and 20 other
-    /// clients of a `5/1s` site, the sessions had 604 requests served of
-    /// 604 and the others 4 of 144.
+    /// other requests wait for the budget (see [`Sites::session_blocked`]),
+    /// a session's request waits as theirs do, and keeps them no room:
+    /// with 8 sessions and 20 other clients of a `5/1s` site over 8
+    /// addresses, the sessions had 383 requests served in 10 s and the
+    /// others 25 (232 and 176 since).
     fn sessions_over(&self, l: Limit, now: Ms) -> Option<Ms> {
         let s = self.sessions.as_ref()?;
         let w = l.window().as_millis() as u64;
@@ -1329,9 +1338,6 @@ impl Sites {
             {
                 self.refusals_remembered += 1;
             }
-            if !r.cooling {
-                s.shared_refused = t;
-            }
             return Answer::Throttled {
                 retry_after: Duration::from_millis(r.until - t),
                 cooling: r.cooling,
@@ -1506,9 +1512,6 @@ impl Sites {
                         families: (families.v4, families.v6),
                         cooling,
                     };
-                    if !cooling {
-                        s.shared_refused = t;
-                    }
                 }
                 Answer::Throttled {
                     retry_after: Duration::from_millis(until.saturating_sub(t)),
@@ -1978,15 +1981,29 @@ impl Sites {
         (p.cool_until <= t).then_some(p)
     }
 
+    /// A request to `site` outside sticky sessions was refused for its
+    /// budget (not a new session's: sessions keep to their share only
+    /// beside other requests).
+    pub fn others_refused(&mut self, site: &str, now: Instant) {
+        let t = self.ms(now);
+        if let Some(s) = self.sites.get_mut(site) {
+            s.shared_refused = t;
+        }
+    }
+
     /// Whether a sticky session's request to `site` from its address `ip`
     /// must wait, as any other would: until how long from now, and whether
     /// by the site's push-back (else the address spent its budget there:
     /// sent on, the site would see more than its limit from it, and push
-    /// back). The session keeps its address meanwhile.
+    /// back). The session keeps its address meanwhile. `others_wait`:
+    /// requests outside sessions are held waiting for the site's budget
+    /// (with one refused within [`SHARE_HELD`], the sessions keep to their
+    /// share of it).
     pub fn session_blocked(
         &mut self,
         site: &str,
         ip: IpAddr,
+        others_wait: bool,
         now: Instant,
     ) -> Option<(Duration, bool)> {
         let s = self.sites.get(site)?;
@@ -2000,8 +2017,10 @@ impl Sites {
             // The site's other requests refused within the window: the
             // sessions here keep to their share.
             None => {
-                let (l, w) = limit.zip(window)?;
-                if shared_refused == 0 || t.saturating_sub(shared_refused) >= w {
+                let l = limit?;
+                let held = SHARE_HELD.as_millis() as u64;
+                let refused = shared_refused > 0 && t.saturating_sub(shared_refused) < held;
+                if !(others_wait || refused) {
                     return None;
                 }
                 (p.sessions_over(l, t)?, false)
@@ -2580,7 +2599,7 @@ mod tests {
         let freed = t0 + window + Duration::from_millis(10);
         assert_eq!(take(&mut s, "a.com", &active, 1, freed), Vec::<u8>::new());
         // ...and the session's request goes.
-        assert!(s.session_blocked("a.com", ip(1), freed).is_none());
+        assert!(s.session_blocked("a.com", ip(1), false, freed).is_none());
         // Past the grace, with no session request, the others go.
         let later = t0 + window + RESERVE_GRACE + Duration::from_millis(10);
         assert_eq!(take(&mut s, "a.com", &active, 1, later), [1]);
@@ -2611,10 +2630,10 @@ mod tests {
         // others get two starts of five (the sessions' share is three).
         assert_eq!(take(&mut s, "a.com", &active, 5, due), [1, 1]);
         for _ in 0..3 {
-            assert!(s.session_blocked("a.com", ip(1), due).is_none());
+            assert!(s.session_blocked("a.com", ip(1), false, due).is_none());
             s.session_use("a.com", ip(1), due);
         }
-        assert!(s.session_blocked("a.com", ip(1), due).is_some());
+        assert!(s.session_blocked("a.com", ip(1), false, due).is_some());
     }
 
     /// Sessions asking as fast as they may, beside other requests for the
@@ -2630,7 +2649,7 @@ mod tests {
         for step in 0..250u64 {
             let t = t0 + Duration::from_millis(20 * step);
             let mut session = |s: &mut Sites| {
-                if s.session_blocked("a.com", ip(1), t).is_none() {
+                if s.session_blocked("a.com", ip(1), false, t).is_none() {
                     s.session_use("a.com", ip(1), t);
                     sessions += 1;
                 }
@@ -2638,7 +2657,10 @@ mod tests {
             // Sessions first at every step: they ask again at once.
             session(&mut s);
             session(&mut s);
-            others += take(&mut s, "a.com", &active, 1, t).len();
+            match take(&mut s, "a.com", &active, 1, t).len() {
+                0 => s.others_refused("a.com", t),
+                n => others += n,
+            }
         }
         // 5 s of a budget of 4 a second.
         assert!(
@@ -3609,7 +3631,7 @@ mod tests {
         // The next is held for the probe's answer, as by a cooldown.
         assert_eq!(lease(&mut s, ms(1100)), cooling(1000 + PROBE_HOLD_MS, 1100));
         assert_eq!(
-            s.session_blocked("a.com", ip(1), ms(1100)),
+            s.session_blocked("a.com", ip(1), false, ms(1100)),
             Some((Duration::from_millis(PROBE_HOLD_MS - 100), true))
         );
         // Pushed back again: it cools (its repeat counted), and the next

@@ -434,6 +434,15 @@ impl Inner {
             .fold(0u64, u64::saturating_add)
     }
 
+    /// `answer`, to a request to `site` outside sticky sessions, refused
+    /// it for the site's budget: the sessions keep to their share of it
+    /// a while (see `Sites::others_refused`).
+    fn note_refused(&mut self, site: &str, answer: &Response, now: Instant) {
+        if let Response::Throttled { cooling: false, .. } = answer {
+            self.sites.others_refused(site, now);
+        }
+    }
+
     /// A lease for a request to `site` (see [`Allocator::lease_site`]).
     fn lease_site(&mut self, peer: u64, families: Families, site: &str, now: Instant) -> Response {
         // No state for what is no site's name (a worker sends a resolved
@@ -2127,9 +2136,10 @@ impl Allocator {
             let Inner { sessions, pool, .. } = &mut *inner;
             match sessions.pinned(key, family, now, |ip| pool.holds(ip)) {
                 Pinned::Address(ip) => {
-                    if let Some(b) =
-                        site.and_then(|site| inner.sites.session_blocked(site, ip, now))
-                    {
+                    if let Some(b) = site.and_then(|site| {
+                        let others = inner.waiters.ahead(site, Families::only(family));
+                        inner.sites.session_blocked(site, ip, others.is_some(), now)
+                    }) {
                         blocked = Some(blocked.map_or(b, |c| c.min(b)));
                         continue;
                     }
@@ -2248,8 +2258,10 @@ impl Allocator {
     /// the allocator holds state for the site; else from the shared one.
     pub fn lease_site(&self, peer: u64, families: Families, site: &str) -> Response {
         let now = Instant::now();
-        self.lock_timed(now)
-            .lease_site_behind(peer, families, site, now)
+        let mut inner = self.lock_timed(now);
+        let answer = inner.lease_site_behind(peer, families, site, now);
+        inner.note_refused(site, &answer, now);
+        answer
     }
 
     /// As `lease_site`, but a refusal that ends within `wait` is not
@@ -2267,6 +2279,7 @@ impl Allocator {
         let mut inner = self.lock_timed(now);
         let deadline = now + wait.min(crate::waiters::MAX_WAIT);
         let answer = inner.lease_site_behind(reply.peer, families, site, now);
+        inner.note_refused(site, &answer, now);
         let Some(refused) = refusal(&answer, now) else {
             return Some(answer);
         };
@@ -3494,6 +3507,56 @@ mod tests {
                 assert_eq!(leased_ip(env.body), v4, "the waiter's address kept for it");
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    /// Sessions keep to half a budget only beside other requests: a new
+    /// session refused is none (it capped the site's existing sessions),
+    /// and a plain request refused caps them for `SHARE_HELD`, not the
+    /// window (one refusal had halved them for a whole period).
+    #[test]
+    fn sessions_keep_to_their_share_only_beside_other_requests() {
+        let a = budgeted(&["10.0.0.1"], "example.com=4/1s");
+        let session = |key: &str| {
+            a.lease_session(
+                1,
+                Families::V4,
+                key,
+                Duration::from_secs(600),
+                false,
+                Some("example.com"),
+            )
+        };
+        let served = |r: &Response| matches!(r, Response::SiteLeased { .. });
+        for _ in 0..4 {
+            assert!(served(&session("u\0a")));
+        }
+        assert!(matches!(session("u\0b"), Response::Throttled { .. }));
+        std::thread::sleep(Duration::from_millis(1_100));
+        // The budget back: all of it the session's.
+        for _ in 0..4 {
+            assert!(
+                served(&session("u\0a")),
+                "capped by a new session's refusal"
+            );
+        }
+        // A plain request refused: the next window, the sessions keep to
+        // half while it may ask again...
+        assert!(matches!(
+            a.lease_site(1, Families::V4, "example.com"),
+            Response::Throttled { cooling: false, .. }
+        ));
+        std::thread::sleep(Duration::from_millis(1_100));
+        assert!(served(&session("u\0a")));
+        assert!(served(&session("u\0a")));
+        assert!(matches!(
+            session("u\0a"),
+            Response::Throttled { cooling: false, .. }
+        ));
+        // ...and not past `SHARE_HELD`.
+        std::thread::sleep(Duration::from_millis(2_100));
+        for _ in 0..4 {
+            assert!(served(&session("u\0a")), "capped past SHARE_HELD");
         }
     }
 
