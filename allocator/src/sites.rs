@@ -540,6 +540,15 @@ struct Refused {
 /// hour of `100/1h`, nobody else asking).
 pub const SHARE_HELD: Duration = Duration::from_secs(2);
 
+/// A site name's slot among `slots` ghosts (a power of two) and its
+/// fingerprint there (never 0).
+fn ghost_of(site: &str, slots: usize) -> (usize, u32) {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    let h =
+        BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(site);
+    ((h as usize) & (slots - 1), ((h >> 32) as u32).max(1))
+}
+
 /// The most of the site table's sites that sites asked again keep from
 /// being forgotten before sites asked once (see [`Sites::make_room`]), as
 /// a fraction: the share of a segmented LRU cache's protected segment.
@@ -1027,6 +1036,13 @@ pub struct Sites {
     /// pair is idle, to be forgotten and make room: worked out once, not
     /// at each of its refused requests.
     full_frees: Option<(u64, Ms)>,
+    /// Sites forgotten to make room, remembered by a fingerprint of their
+    /// name (0: none) in a slot its hash picks, twice as many slots as the
+    /// table has entries (a power of two; made when the table first fills,
+    /// 4 MB at the default cap): a site asked again within about a turn of
+    /// the table after it was forgotten comes back as asked again (see
+    /// [`Sites::make_room`]), as 2Q's list of keys evicted.
+    ghosts: Vec<u32>,
     /// A cooldown ended a probe's hold since [`Sites::take_hold_ended`]
     /// (the requests waiting for the site are tried again at once, not at
     /// the hold's end).
@@ -1065,6 +1081,7 @@ impl Sites {
             begun: [0; 2],
             keys: None,
             full_frees: None,
+            ghosts: Vec::new(),
             hold_ended: false,
             #[cfg(test)]
             room_looks: 0,
@@ -1133,6 +1150,14 @@ impl Sites {
         self.next_id += 1;
         let last_used = self.ms(now);
         self.bits[site_bit(site)] += 1;
+        // Forgotten a moment ago: its next use makes it asked again.
+        let uses = u8::from(self.ghost(site).is_some_and(|(slot, fp)| {
+            let was = self.ghosts[slot] == fp;
+            if was {
+                self.ghosts[slot] = 0;
+            }
+            was
+        }));
         self.sites.insert(
             site.into(),
             Site {
@@ -1143,7 +1168,7 @@ impl Sites {
                 placed: 0,
                 pairs: 0,
                 last_used,
-                uses: 0,
+                uses,
                 shared_refused: 0,
                 cool_until: 0,
                 refused: Refused::default(),
@@ -1165,7 +1190,11 @@ impl Sites {
     /// sites a second against 1 000 entries). Sites asked again keep at
     /// most [`PROTECTED_SHARE`] of the table: past it the least recently
     /// used of them count as asked once, so sites asked twice long ago do
-    /// not hold the table for ever.
+    /// not hold the table for ever. A site forgotten while asked once and
+    /// asked again soon after (its ghost kept: see [`Sites::ghosts`])
+    /// comes back asked again: asked once every 200 ms, with the table
+    /// turning over faster, it was forgotten between each two requests and
+    /// never asked again.
     fn make_room(&mut self, now: Instant, keep: &str, need: usize) {
         if self.entries() + need <= self.max_entries {
             return;
@@ -1247,14 +1276,21 @@ impl Sites {
             }
         }
         let n = gone.len();
+        if self.ghosts.is_empty() {
+            self.ghosts = vec![0; 2 * self.max_entries.next_power_of_two()];
+        }
+        let mut ghosts = std::mem::take(&mut self.ghosts);
         let bits = &mut self.bits;
         self.sites.retain(|k, s| {
             let keep = !gone.contains(&s.id);
             if !keep {
                 bits[site_bit(k)] -= 1;
+                let (slot, fp) = ghost_of(k, ghosts.len());
+                ghosts[slot] = fp;
             }
             keep
         });
+        self.ghosts = ghosts;
         self.pairs.retain(|(id, _), _| !gone.contains(id));
         if crate::due(&mut self.full_logged, now, Duration::from_secs(60)) {
             tracing::warn!(
@@ -1832,6 +1868,11 @@ impl Sites {
         if let Some(p) = self.pairs.get(&(s.id, key)) {
             s.cool_until = s.cool_until.max(p.cool_until);
         }
+    }
+
+    /// `site`'s ghost slot and fingerprint, once the table has ghosts.
+    fn ghost(&self, site: &str) -> Option<(usize, u32)> {
+        (!self.ghosts.is_empty()).then(|| ghost_of(site, self.ghosts.len()))
     }
 
     /// Whether a cooldown ended a probe's hold since the last call.
@@ -3991,6 +4032,30 @@ mod tests {
         // Sites asked once went first, all 2 000: the one asked twice long
         // ago is still there.
         assert!(s.sites.contains_key("old.com"));
+    }
+
+    /// A site asked once every round, the table turning over between its
+    /// requests: forgotten once, it comes back asked again (its ghost),
+    /// and from then keeps its budget (it started over at each request).
+    #[test]
+    fn a_site_forgotten_and_asked_again_soon_is_kept() {
+        let active = pool(8);
+        let t0 = Instant::now();
+        let mut s = Sites::with_epoch(rules(&["*=5/1h"]), 64, t0);
+        let mut served = 0;
+        for round in 0..60u64 {
+            let t = t0 + Duration::from_millis(1 + round * 200);
+            served += take(&mut s, "busy.com", &active, 1, t).len();
+            // More than the table holds (32 sites), fewer than its turn
+            // takes to forget.
+            for i in 0..40 {
+                let t = t + Duration::from_millis(1 + i);
+                take(&mut s, &format!("s{round}-{i}.com"), &active, 1, t);
+            }
+        }
+        // 8 addresses × 5, and the starts forgotten with it before its
+        // ghost was met (its slot taken by another's, at times).
+        assert!(served <= 44, "{served}");
     }
 
     /// Sites asked again past [`PROTECTED_SHARE`] of the sites: the least
