@@ -71,6 +71,10 @@ pub enum Error {
     ClientStalled { after: std::time::Duration },
 }
 
+/// How many times an upload's progress is looked at in a wait for it
+/// (see `Conn::exchange`).
+const STALL_LOOKS: u32 = 4;
+
 impl Error {
     /// The `Proxy-Status` error type (RFC 9209 §2.3).
     pub fn proxy_status(&self) -> &'static str {
@@ -283,9 +287,14 @@ impl Conn {
                     // An upload takes as long as it takes, as long as it
                     // moves: `wait` bounds a destination taking none of
                     // it, a client sending none of it, then the answer.
-                    let timer = tokio::time::sleep(wait);
+                    // Looked at four times a `wait`: a stall is cut within
+                    // a quarter of it late (looked at once a `wait`, it was
+                    // cut up to twice `wait` after the last byte).
+                    let tick = wait / STALL_LOOKS;
+                    let timer = tokio::time::sleep(tick);
                     tokio::pin!(timer);
                     let mut seen = (0, 0);
+                    let mut still = 0;
                     loop {
                         tokio::select! {
                             biased;
@@ -323,14 +332,18 @@ impl Conn {
                             r = &mut recv => break First::Answered(r),
                             () = &mut timer => {
                                 let moved = progress.moved();
-                                if moved == seen {
+                                still = match moved == seen {
+                                    true => still + 1,
+                                    false => 0,
+                                };
+                                if still >= STALL_LOOKS {
                                     return Err(match progress.writing.load(Ordering::Relaxed) {
                                         true => timed_out(true),
                                         false => Error::ClientStalled { after: wait },
                                     });
                                 }
                                 seen = moved;
-                                timer.as_mut().reset(tokio::time::Instant::now() + wait);
+                                timer.as_mut().reset(tokio::time::Instant::now() + tick);
                             }
                         }
                     }
