@@ -1326,6 +1326,9 @@ async fn admin(
                     "entry": entry.to_string(),
                     "in_rotation": release,
                     "for_secs": for_.map(|d| d.as_secs()),
+                    // Out by hand, inside a prefix that stays in the
+                    // rotation (no entry of its own in the status).
+                    "inside": (!release).then(|| alloc.held_by_wider(&entry)).flatten().map(|w| w.to_string()),
                 }),
             ),
         },

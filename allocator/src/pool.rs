@@ -469,6 +469,11 @@ impl Pool {
     /// 20 000 singles for each of 20 000 addresses gone from the pool
     /// (sessions keep them until their next request) held it for about
     /// a second.
+    /// The prefix in the rotation that holds `ip`, if one does.
+    pub fn prefix_in_rotation(&self, ip: IpAddr) -> Option<Segment> {
+        self.active_prefixes.holder(ip)
+    }
+
     pub fn entry_of(&self, ip: IpAddr) -> Option<Segment> {
         let single = Segment::single(ip);
         if self.active_singles.contains(&ip) || self.quarantined.contains(&single) {

@@ -1857,6 +1857,14 @@ impl Allocator {
         self.lock().hand_failed.clone()
     }
 
+    /// The wider entry (a prefix) in the rotation that holds `e`, leasing
+    /// its addresses all the same, if one does (`e` an address listed on
+    /// its own inside it, out by hand).
+    pub fn held_by_wider(&self, e: &Segment) -> Option<Segment> {
+        let held = self.lock().pool.prefix_in_rotation(e.base())?;
+        (held != *e).then_some(held)
+    }
+
     /// Why `e` is out of the rotation, if it is.
     pub fn out_reason(&self, e: &Segment) -> Option<String> {
         self.lock().quarantine.get(e).map(|q| q.reason.clone())

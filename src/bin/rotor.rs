@@ -493,6 +493,12 @@ async fn steer(
         say!("rotor: {why}");
         return ExitCode::FAILURE;
     }
+    // An address listed on its own inside a prefix the pool leases: out
+    // by hand, but no entry of its own `rotor status` could list.
+    let inside = match (release, &answer) {
+        (false, Ok(Response::Steered { entry: Some(e) })) => held_by_wider(control, *e).await,
+        _ => None,
+    };
     // A release puts back only what this host can use (an older allocator
     // put anything back, untested).
     if let (true, Ok(Response::Steered { entry: Some(e) })) = (release, &answer) {
@@ -534,6 +540,9 @@ async fn steer(
     });
     if let Some(family) = emptied {
         say!("rotor: warning: no {family} address is left in the rotation: every request needing one gets 503 (and /health answers 503) until one is released (`rotor release ADDRESS`)");
+    }
+    if let (ExitCode::SUCCESS, Some(wider)) = (code, inside) {
+        say!("rotor: note: it lies inside {wider}, which stays in the rotation (its rotation reaches an address once a pass over the prefix): `rotor status` lists no entry of its own for it until the pool lists it apart from {wider}");
     }
     // Done now, but an allocator restart would undo it: a failure a
     // script must see.
@@ -580,6 +589,23 @@ async fn serving(control: &ControlArgs, named: Segment) -> Option<Segment> {
         .filter(|x| x.entry == named || (named.is_single() && x.entry.contains(named.base())))
         .min_by_key(|x| x.entry.len())?;
     e.quarantine.is_none().then_some(e.entry)
+}
+
+/// The wider entry in rotation that holds `entry`, should the status
+/// list no entry `entry` (a whole status only: a cut one leaves entries
+/// in rotation out).
+async fn held_by_wider(control: &ControlArgs, entry: Segment) -> Option<Segment> {
+    let (Response::StatusV2(report), 0) = filled(status(control).await.ok()?) else {
+        return None;
+    };
+    if report.pool.iter().any(|x| x.entry == entry) {
+        return None;
+    }
+    report
+        .pool
+        .into_iter()
+        .find(|x| x.quarantine.is_none() && x.entry.contains(entry.base()))
+        .map(|x| x.entry)
 }
 
 /// Why `entry` is out of the rotation, if the allocator's status says it

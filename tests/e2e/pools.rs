@@ -1737,3 +1737,60 @@ async fn an_order_saved_by_the_key_alone_is_said_once() {
     drop(Allocator::start_logging(dir.clone(), &with_prefix, &log).await);
     assert_eq!(said_new(), 0, "said again");
 }
+
+/// An address listed on its own inside a /64 the pool leases: taken out by
+/// hand, it is said to lie inside the /64, which stays in the rotation
+/// (`rotor status` shows no entry of its own for it: it was said out, and
+/// the status showed nothing out).
+#[test]
+fn an_address_taken_out_inside_a_prefix_is_said_to_lie_inside_it() {
+    in_netns(
+        "an_address_taken_out_inside_a_prefix_is_said_to_lie_inside_it",
+        &["-6 route add local 2001:db8:8::/64 dev lo"],
+        || async {
+            let dir = Arc::new(tempfile::tempdir().unwrap());
+            let token_file = dir.path().join("token");
+            let token = "k3y-0f-the-admin-api";
+            std::fs::write(&token_file, token).unwrap();
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::Permissions::from_mode(0o600);
+            std::fs::set_permissions(&token_file, mode).unwrap();
+            let port = free_port();
+            let listen = format!("127.0.0.1:{port}");
+            let args = [
+                "--pool",
+                "2001:db8:8::/64",
+                "--pool",
+                "2001:db8:8::5",
+                "--metrics-listen",
+                &listen,
+                "--admin-token-file",
+                token_file.to_str().unwrap(),
+            ];
+            let alloc = Allocator::start_in(dir.clone(), &args).await;
+            let out = std::process::Command::new(ROTOR)
+                .args(["quarantine", "--socket", alloc.socket.to_str().unwrap()])
+                .arg("2001:db8:8::5")
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{err}");
+            assert!(
+                err.contains("it lies inside 2001:db8:8::/64, which stays in the rotation"),
+                "{err}"
+            );
+            let body = r#"{"address":"2001:db8:8::5"}"#;
+            let req = format!(
+                "POST /admin/quarantine HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let mut s = std::net::TcpStream::connect(&listen).unwrap();
+            use std::io::{Read, Write};
+            s.write_all(req.as_bytes()).unwrap();
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).unwrap();
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            assert!(answer.contains(r#""inside":"2001:db8:8::/64""#), "{answer}");
+        },
+    );
+}
