@@ -5,9 +5,9 @@ use super::settings::settings;
 settings! {
     /// `rotor up`'s own settings.
     pub struct UpFlags, file UpFile, resolved Up {
-        /// Worker processes sharing the listening sockets (1 to 1024); each
-        /// runs on one thread unless --threads says otherwise [default: one
-        /// per CPU, at most 256].
+        /// Worker processes sharing the listening sockets (1 to 1024; past
+        /// 504, raise --max-peers to N + 8); each runs on one thread unless
+        /// --threads says otherwise [default: one per CPU, at most 256].
         workers: Option<u16>,
         /// Bind each worker to CPUs of its own among those rotor up may run
         /// on: worker k to the k-th and every workers-th after it (2
