@@ -534,11 +534,12 @@ struct Refused {
 
 /// How long after a request outside sticky sessions was refused for a
 /// site's budget the sessions keep to their share of it (see
-/// [`Pair::sessions_over`]), beside the requests held waiting for it: a
-/// client refused without a wait asks again soon, or not at all (a whole
-/// window was too long: one refusal halved the sessions' budget for an
-/// hour of `100/1h`, nobody else asking).
-pub const SHARE_HELD: Duration = Duration::from_secs(2);
+/// [`Pair::sessions_over`]), beside the requests held waiting for it: the
+/// budget's window, up to a minute. A client refused without a wait asks
+/// again when it asks: held 2 s, a client polling every 4 s got 1 request
+/// of 15 beside a session; held a whole window, one refusal halved the
+/// sessions' budget for an hour of `100/1h`, nobody else asking.
+pub const SHARE_HELD: Duration = Duration::from_secs(60);
 
 /// A site name's slot among `slots` ghosts (a power of two) and its
 /// fingerprint there (never 0).
@@ -2058,8 +2059,8 @@ impl Sites {
             // The site's other requests refused within the window: the
             // sessions here keep to their share.
             None => {
-                let l = limit?;
-                let held = SHARE_HELD.as_millis() as u64;
+                let (l, w) = limit.zip(window)?;
+                let held = w.min(SHARE_HELD.as_millis() as u64);
                 let refused = shared_refused > 0 && t.saturating_sub(shared_refused) < held;
                 if !(others_wait || refused) {
                     return None;

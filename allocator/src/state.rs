@@ -3520,11 +3520,16 @@ mod tests {
 
     /// Sessions keep to half a budget only beside other requests: a new
     /// session refused is none (it capped the site's existing sessions),
-    /// and a plain request refused caps them for `SHARE_HELD`, not the
-    /// window (one refusal had halved them for a whole period).
+    /// and a plain request refused caps them for its window (up to
+    /// `SHARE_HELD`), not longer.
     #[test]
     fn sessions_keep_to_their_share_only_beside_other_requests() {
-        let a = budgeted(&["10.0.0.1"], "example.com=4/1s");
+        let a = budgeted(&["10.0.0.1"], "example.com=4/2s");
+        let t0 = Instant::now();
+        let at = |ms: u64| {
+            let until = t0 + Duration::from_millis(ms);
+            std::thread::sleep(until.saturating_duration_since(Instant::now()));
+        };
         let session = |key: &str| {
             a.lease_session(
                 1,
@@ -3539,9 +3544,10 @@ mod tests {
         for _ in 0..4 {
             assert!(served(&session("u\0a")));
         }
+        at(500);
         assert!(matches!(session("u\0b"), Response::Throttled { .. }));
-        std::thread::sleep(Duration::from_millis(1_100));
         // The budget back: all of it the session's.
+        at(2_100);
         for _ in 0..4 {
             assert!(
                 served(&session("u\0a")),
@@ -3550,22 +3556,22 @@ mod tests {
         }
         // A plain request refused: the next window, the sessions keep to
         // half while it may ask again...
+        at(2_600);
         assert!(matches!(
             a.lease_site(1, Families::V4, "example.com"),
             Response::Throttled { cooling: false, .. }
         ));
-        std::thread::sleep(Duration::from_millis(1_100));
+        at(4_200);
         assert!(served(&session("u\0a")));
         assert!(served(&session("u\0a")));
         assert!(matches!(
             session("u\0a"),
             Response::Throttled { cooling: false, .. }
         ));
-        // ...and not past `SHARE_HELD`.
-        std::thread::sleep(Duration::from_millis(2_100));
-        for _ in 0..4 {
-            assert!(served(&session("u\0a")), "capped past SHARE_HELD");
-        }
+        // ...and not past its window.
+        at(4_700);
+        assert!(served(&session("u\0a")), "capped past the window");
+        assert!(served(&session("u\0a")), "capped past the window");
     }
 
     /// A probe pushed back: the requests its hold kept waiting are tried

@@ -110,6 +110,7 @@ async fn a_connect_with_content_is_refused() {
     for field in ["Content-Length: 5", "Transfer-Encoding: chunked"] {
         for head in [
             format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n"),
+            format!("CONNECT {target} HTTP/1.0\r\nHost: {target}\r\n"),
             ws.replace("{t}", &target.to_string()),
         ] {
             for _ in 0..10 {

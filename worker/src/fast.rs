@@ -551,12 +551,9 @@ fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
     let target = req
         .path
         .map(|p| (p.as_ptr() as usize - buf.as_ptr() as usize, p.len()));
-    let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
-        return not_mine(buf, target, max_head);
-    };
     // (Looked at only for a request leaving this path: the common ones
     // pay nothing.)
-    let refused = |headers: &[httparse::Header<'_>]| {
+    let refused = |method: &str, path: &str, headers: &[httparse::Header<'_>]| {
         let why = upgrade_with_content(method, headers)?;
         let parts = Request::builder()
             .method(Method::from_bytes(method.as_bytes()).ok()?)
@@ -569,8 +566,18 @@ fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
             parts,
         ))
     };
+    let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+        // An HTTP/1.0 CONNECT with content too (hyper's server closed
+        // that unanswered as well).
+        if let (Some(m @ "CONNECT"), Some(path)) = (req.method, req.path) {
+            if let Some(take) = refused(m, path, req.headers) {
+                return take;
+            }
+        }
+        return not_mine(buf, target, max_head);
+    };
     if method == "CONNECT" || !path.starts_with("http://") {
-        return refused(req.headers).unwrap_or(Take::NotMine);
+        return refused(method, path, req.headers).unwrap_or(Take::NotMine);
     }
     let mut body = None;
     let mut close = false;
@@ -581,14 +588,16 @@ fn take_request(buf: &mut BytesMut, max_head: usize) -> Take {
             match (n, body) {
                 (Some(n), None) if n <= SMALL_BODY => body = Some(n),
                 _ => {
-                    return refused(req.headers).unwrap_or_else(|| not_mine(buf, target, max_head))
+                    return refused(method, path, req.headers)
+                        .unwrap_or_else(|| not_mine(buf, target, max_head))
                 }
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding")
             || name.eq_ignore_ascii_case(b"expect")
             || name.eq_ignore_ascii_case(b"upgrade")
         {
-            return refused(req.headers).unwrap_or_else(|| not_mine(buf, target, max_head));
+            return refused(method, path, req.headers)
+                .unwrap_or_else(|| not_mine(buf, target, max_head));
         } else if name.eq_ignore_ascii_case(b"connection") {
             close |= crate::h1::says_close(h.value);
         }
