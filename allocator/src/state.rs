@@ -3420,6 +3420,25 @@ mod tests {
 
     /// An allocator of 10.0.0.1 whose budget for example.com (`rule`) is
     /// spent by a first lease.
+    /// A request of peer 1 (envelope 1) for `site`, held to wait for it
+    /// (5 s at most); where its answer comes.
+    fn held_for(
+        a: &Allocator,
+        families: Families,
+        site: &str,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<rotor_protocol::ServerFrame> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let reply = crate::waiters::Reply {
+            peer: 1,
+            id: 1,
+            tx,
+            given_up: None,
+        };
+        let wait = Duration::from_secs(5);
+        assert_eq!(a.lease_site_wait(families, site, wait, reply), None, "held");
+        rx
+    }
+
     fn one_address_spent_for(rule: &str) -> Allocator {
         let a = budgeted(&["10.0.0.1"], rule);
         assert!(matches!(
@@ -3491,18 +3510,7 @@ mod tests {
         let v4: IpAddr = "10.0.0.1".parse().unwrap();
         let v6: IpAddr = "2001:db8::1".parse().unwrap();
         assert_eq!(leased_ip(a.lease_site(1, Families::V4, "example.com")), v4);
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let reply = crate::waiters::Reply {
-            peer: 1,
-            id: 1,
-            tx,
-            given_up: None,
-        };
-        let wait = Duration::from_secs(5);
-        assert_eq!(
-            a.lease_site_wait(Families::V4, "example.com", wait, reply),
-            None
-        );
+        let mut rx = held_for(&a, Families::V4, "example.com");
         std::thread::sleep(Duration::from_millis(450));
         assert_eq!(leased_ip(a.lease_site(2, Families::ANY, "example.com")), v6);
         assert!(matches!(
@@ -3587,19 +3595,8 @@ mod tests {
             a.lease_site(1, Families::V4, "example.com"),
             Response::SiteLeased { .. }
         ));
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let reply = crate::waiters::Reply {
-            peer: 1,
-            id: 1,
-            tx,
-            given_up: None,
-        };
-        let wait = Duration::from_secs(5);
-        assert_eq!(
-            a.lease_site_wait(Families::V4, "example.com", wait, reply),
-            None,
-            "held by the probe"
-        );
+        // Held by the probe.
+        let mut rx = held_for(&a, Families::V4, "example.com");
         a.serve_waiters();
         assert!(rx.try_recv().is_err(), "held");
         assert!(a.pushback(ip, "example.com", 429, Some(60), true));
