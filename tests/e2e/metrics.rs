@@ -1037,11 +1037,7 @@ async fn health_says_503_when_the_host_serves_nothing() {
 #[tokio::test]
 async fn a_quarantine_that_cannot_be_kept_is_done_and_fails_saying_so() {
     let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let token_file = dir.path().join("token");
-    let token = "k3y-0f-the-admin-api";
-    std::fs::write(&token_file, token).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (token_file, token) = admin_token_in(dir.path());
     let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let listen = metrics.to_string();
     let args = [

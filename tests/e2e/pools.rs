@@ -1749,12 +1749,7 @@ fn an_address_taken_out_inside_a_prefix_is_said_to_lie_inside_it() {
         &["-6 route add local 2001:db8:8::/64 dev lo"],
         || async {
             let dir = Arc::new(tempfile::tempdir().unwrap());
-            let token_file = dir.path().join("token");
-            let token = "k3y-0f-the-admin-api";
-            std::fs::write(&token_file, token).unwrap();
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::Permissions::from_mode(0o600);
-            std::fs::set_permissions(&token_file, mode).unwrap();
+            let (token_file, token) = admin_token_in(dir.path());
             let port = free_port();
             let listen = format!("127.0.0.1:{port}");
             let args = [

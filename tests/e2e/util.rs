@@ -1166,6 +1166,17 @@ where
     }
 }
 
+/// An admin token file in `dir` (mode 0600, as the allocator wants it),
+/// and its token.
+pub fn admin_token_in(dir: &Path) -> (PathBuf, &'static str) {
+    use std::os::unix::fs::PermissionsExt;
+    let file = dir.join("token");
+    let token = "k3y-0f-the-admin-api";
+    std::fs::write(&file, token).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    (file, token)
+}
+
 /// A users file (in a directory of its own, kept while the first half
 /// lives) with `users` (name, password) added by `rotor user add`.
 pub fn users_file(users: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf) {
