@@ -3552,7 +3552,7 @@ mod tests {
         for _ in 0..4 {
             assert!(served(&session("u\0a")));
         }
-        at(500);
+        at(1_500);
         assert!(matches!(session("u\0b"), Response::Throttled { .. }));
         // The budget back: all of it the session's.
         at(2_100);
@@ -3564,12 +3564,12 @@ mod tests {
         }
         // A plain request refused: the next window, the sessions keep to
         // half while it may ask again...
-        at(2_600);
+        at(3_100);
         assert!(matches!(
             a.lease_site(1, Families::V4, "example.com"),
             Response::Throttled { cooling: false, .. }
         ));
-        at(4_200);
+        at(4_300);
         assert!(served(&session("u\0a")));
         assert!(served(&session("u\0a")));
         assert!(matches!(
@@ -3577,7 +3577,7 @@ mod tests {
             Response::Throttled { cooling: false, .. }
         ));
         // ...and not past its window.
-        at(4_700);
+        at(5_300);
         assert!(served(&session("u\0a")), "capped past the window");
         assert!(served(&session("u\0a")), "capped past the window");
     }

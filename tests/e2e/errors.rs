@@ -168,10 +168,11 @@ async fn upstream_failures_map_to_502_and_504() {
         "{head}"
     );
     // Its stall looked at four times a timeout: cut 2 to 2.5 s after its
-    // last byte (looked at once a timeout, 4 s after: twice the timeout).
+    // last byte (looked at once a timeout, 4 s after: twice the timeout;
+    // the bound leaves a loaded machine a second).
     let took = t0.elapsed();
     assert!(
-        took >= Duration::from_millis(1900) && took < Duration::from_millis(3300),
+        took >= Duration::from_millis(1900) && took < Duration::from_millis(3600),
         "{took:?}"
     );
 }
