@@ -727,7 +727,7 @@ impl Pair {
     /// a session's request waits as theirs do, and keeps them no room:
     /// with 8 sessions and 20 other clients of a `5/1s` site over 8
     /// addresses, the sessions had 383 requests served in 10 s and the
-    /// others 25 (232 and 176 since).
+    /// others 25 (202 and 203 since).
     fn sessions_over(&self, l: Limit, now: Ms) -> Option<Ms> {
         let s = self.sessions.as_ref()?;
         let w = l.window().as_millis() as u64;
