@@ -488,14 +488,11 @@ fn check_summary(t: &crate::cli::worker::WorkerSettingsTuning) {
     // As the worker would fit it to its descriptor limit (raised to the
     // hard one here as there).
     let asked = c.max_connections;
-    let max = match crate::raise_fd_limit() {
-        Some(limit) if fitted(limit, asked).0 < asked => {
-            let max = fitted(limit, asked).0;
-            say!("warning: the descriptor limit ({limit}) holds {max} clients, not max-connections {asked} (two descriptors each, busy upstream, beside the idle upstream pool and the relays' pipes): the worker would serve {max} at most; raise LimitNOFILE (ulimit -n)");
-            max
-        }
-        _ => asked,
-    };
+    let limit = crate::raise_fd_limit();
+    let max = limit.map_or(asked, |limit| fitted(limit, asked).0);
+    if let (Some(limit), true) = (limit, max < asked) {
+        say!("warning: the descriptor limit ({limit}) holds {max} clients, not max-connections {asked} (two descriptors each, busy upstream, beside the idle upstream pool and the relays' pipes): the worker would serve {max} at most; raise LimitNOFILE (ulimit -n)");
+    }
     say!(
         "ok: at most {} connections, {} from one client address (0: no limit); heads of {} bytes at most",
         max, c.max_client_connections, p.max_head_bytes

@@ -498,12 +498,9 @@ fn upgrade_with_content(method: &str, headers: &[httparse::Header<'_>]) -> Optio
             .iter()
             .any(|h| h.name.eq_ignore_ascii_case(name) && crate::proxy::names_token(h.value, token))
     };
-    let content = headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("transfer-encoding")
-            || (h.name.eq_ignore_ascii_case("content-length") && h.value.trim_ascii() != b"0")
-    });
+    let fields = headers.iter().map(|h| (h.name.as_bytes(), h.value));
     match method {
-        _ if !content => None,
+        _ if !crate::proxy::declares_content(fields) => None,
         "CONNECT" => Some(crate::proxy::CONNECT_CONTENT),
         "GET" if named("upgrade", b"websocket") && named("connection", b"upgrade") => {
             Some(crate::proxy::WEBSOCKET_CONTENT)

@@ -356,7 +356,7 @@ impl Proxy {
                 // A CONNECT has no content (RFC 9110 §9.3.6): hyper would read
                 // what follows its head as a body, and the first tunnel
                 // bytes (a ClientHello sent at once) would be lost.
-                Ok(_) if connect_with_content(&fields) => {
+                Ok(_) if declares_content(fields.iter()) => {
                     Err(ProxyError::BadRequest(CONNECT_CONTENT.into()).into())
                 }
                 Ok(_) => {
@@ -1443,7 +1443,7 @@ impl Proxy {
             .ok_or_else(|| ProxyError::BadRequest("an upgrade on this connection".into()))?;
         // A handshake has no content (RFC 6455 §4.1): what followed the
         // head would be read as the WebSocket's first bytes.
-        if connect_with_content(&fields) {
+        if declares_content(fields.iter()) {
             return Err(ProxyError::BadRequest(WEBSOCKET_CONTENT.into()).into());
         }
         let host = target.host.to_ascii_lowercase();
@@ -1651,9 +1651,6 @@ fn log_tunnel(
     }
 }
 
-/// The request's `Host`, if it sent one; two are refused (RFC 9112 §3.2):
-/// a destination that read the second would serve another site than the
-/// one leased, budgeted and judged for.
 /// Why a CONNECT whose head says content follows is refused.
 pub(crate) const CONNECT_CONTENT: &str =
     "a CONNECT has no content: no Content-Length or Transfer-Encoding";
@@ -1661,15 +1658,19 @@ pub(crate) const CONNECT_CONTENT: &str =
 pub(crate) const WEBSOCKET_CONTENT: &str =
     "a WebSocket handshake has no content: no Content-Length or Transfer-Encoding";
 
-/// Whether a CONNECT's head says content follows it: a Transfer-Encoding,
-/// or a Content-Length other than 0.
-fn connect_with_content(fields: &Fields) -> bool {
-    fields.get(&header::TRANSFER_ENCODING).is_some()
-        || fields
-            .get(&header::CONTENT_LENGTH)
-            .is_some_and(|v| v.trim_ascii() != b"0")
+/// Whether a head's fields (name, value) say content follows it: a
+/// Transfer-Encoding, or a Content-Length other than 0 (a CONNECT and a
+/// WebSocket handshake have none). Hyper's path and the fast path's.
+pub(crate) fn declares_content<'a>(mut fields: impl Iterator<Item = (&'a [u8], &'a [u8])>) -> bool {
+    fields.any(|(name, value)| {
+        name.eq_ignore_ascii_case(b"transfer-encoding")
+            || (name.eq_ignore_ascii_case(b"content-length") && value.trim_ascii() != b"0")
+    })
 }
 
+/// The request's `Host`, if it sent one; two are refused (RFC 9112 §3.2):
+/// a destination that read the second would serve another site than the
+/// one leased, budgeted and judged for.
 fn only_host(fields: &Fields) -> Result<Option<&[u8]>, ProxyError> {
     fields
         .get_only(&header::HOST)
