@@ -1044,9 +1044,9 @@ pub struct Sites {
     /// the table after it was forgotten comes back as asked again (see
     /// [`Sites::make_room`]), as 2Q's list of keys evicted.
     ghosts: Vec<u32>,
-    /// A cooldown ended a probe's hold since [`Sites::take_hold_ended`]
-    /// (the requests waiting for the site are tried again at once, not at
-    /// the hold's end).
+    /// A probe's hold ended since [`Sites::take_hold_ended`], by its
+    /// answer or a new cooldown (the requests waiting for the site are
+    /// tried again at once, not at the hold's end).
     hold_ended: bool,
     /// Times `make_room` looked for sites to forget (tests).
     #[cfg(test)]
@@ -1860,8 +1860,7 @@ impl Sites {
     /// probe goes when this cooldown ends).
     fn site_cools(&mut self, site: &str, key: IpAddr, held: bool) {
         if held {
-            self.unrefuse(site);
-            self.hold_ended = true;
+            self.hold_freed(site);
         }
         let Some(s) = self.sites.get_mut(site) else {
             return;
@@ -1876,7 +1875,14 @@ impl Sites {
         (!self.ghosts.is_empty()).then(|| ghost_of(site, self.ghosts.len()))
     }
 
-    /// Whether a cooldown ended a probe's hold since the last call.
+    /// A probe's hold of `site` ended: its remembered refusal goes, and
+    /// the requests waiting for it are to be tried.
+    fn hold_freed(&mut self, site: &str) {
+        self.unrefuse(site);
+        self.hold_ended = true;
+    }
+
+    /// Whether a probe's hold ended since the last call.
     pub fn take_hold_ended(&mut self) -> bool {
         std::mem::take(&mut self.hold_ended)
     }
@@ -1951,7 +1957,7 @@ impl Sites {
         clear(p);
         let freed = p.probe_cleared(t);
         if freed {
-            self.unrefuse(site);
+            self.hold_freed(site);
         }
         freed
     }

@@ -2341,10 +2341,10 @@ impl Allocator {
         }
     }
 
-    /// A probe's answer was a push-back or a failed connect: the requests
-    /// its hold kept waiting are tried now (another address may serve
-    /// them, or they are told how long the site wants), not at the hold's
-    /// end.
+    /// A probe's hold ended (its answer, a push-back or a failed
+    /// connect): the requests it kept waiting are tried now (another
+    /// address may serve them, or they are told how long the site wants),
+    /// not at the hold's end.
     fn hold_ended(&self, inner: &mut Inner) {
         if inner.sites.take_hold_ended() {
             self.retry_waiters(inner);
@@ -2427,13 +2427,12 @@ impl Allocator {
     }
 
     /// A pair's repeats cleared by `clear`; the held waits are tried if
-    /// that ended a probe's hold.
+    /// that ended a probe's hold (see `hold_ended`).
     fn site_cleared(&self, clear: impl FnOnce(&mut crate::sites::Sites, Instant) -> bool) {
         let mut inner = self.lock();
         inner.changes += 1;
-        if clear(&mut inner.sites, Instant::now()) {
-            self.retry_waiters(&mut inner);
-        }
+        clear(&mut inner.sites, Instant::now());
+        self.hold_ended(&mut inner);
     }
 
     /// A request to `site` from `ip`, counted at its lease (about
