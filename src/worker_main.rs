@@ -220,7 +220,7 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
     let cut_meter = std::sync::Arc::new(std::sync::Mutex::new(None));
     let leaving = cut_meter.clone();
 
-    fit_fd_limit(&mut tuning.config);
+    fit_fd_limit(&mut tuning.config, tuning.max_connections_given);
     let code = crate::run_daemon(tuning.threads, |signals| async move {
         let leases = LeaseClient::start(socket, tuning.lease_timeout, signals.fast.clone());
         if let Some(auth) = tuning.config.proxy.auth.clone() {
@@ -375,8 +375,10 @@ fn fitted(limit: u64, max_connections: usize) -> (usize, usize) {
 }
 
 /// Fits `config` to the descriptor limit (see [`fitted`]), saying so when
-/// it lowers `max_connections`.
-fn fit_fd_limit(config: &mut rotor_worker::Config) {
+/// it lowers `max_connections`: with a warning when the cap was `given`,
+/// at info when it is the default (10 000 is more than a hard limit of
+/// 20 000 holds, and such a host warned at every start).
+fn fit_fd_limit(config: &mut rotor_worker::Config, given: bool) {
     let Some(limit) = crate::raise_fd_limit() else {
         return;
     };
@@ -384,14 +386,22 @@ fn fit_fd_limit(config: &mut rotor_worker::Config) {
     let (max, idle) = fitted(limit, asked);
     config.max_connections = max;
     config.proxy.upstream_idle_total = idle;
-    if max < asked {
-        tracing::warn!(
+    match (max < asked, given) {
+        (false, _) => {}
+        (true, true) => tracing::warn!(
             limit,
             max_connections = max,
             asked,
             idle_upstream = idle,
             "the descriptor limit holds fewer clients than max_connections (two descriptors each, busy upstream, beside the idle upstream pool and the relays' pipes): max_connections lowered to fit, so that a client accepted is served (past it a new client gets 503 at once); raise LimitNOFILE (ulimit -n)"
-        );
+        ),
+        (true, false) => tracing::info!(
+            limit,
+            max_connections = max,
+            default = asked,
+            idle_upstream = idle,
+            "max_connections fitted to the descriptor limit (two descriptors a client busy upstream, beside the idle upstream pool and the relays' pipes); raise LimitNOFILE (ulimit -n) for more"
+        ),
     }
 }
 
@@ -490,8 +500,10 @@ fn check_summary(t: &crate::cli::worker::WorkerSettingsTuning) {
     let asked = c.max_connections;
     let limit = crate::raise_fd_limit();
     let max = limit.map_or(asked, |limit| fitted(limit, asked).0);
-    if let (Some(limit), true) = (limit, max < asked) {
-        say!("warning: the descriptor limit ({limit}) holds {max} clients, not max-connections {asked} (two descriptors each, busy upstream, beside the idle upstream pool and the relays' pipes): the worker would serve {max} at most; raise LimitNOFILE (ulimit -n)");
+    match (limit, max < asked, t.max_connections_given) {
+        (Some(limit), true, true) => say!("warning: the descriptor limit ({limit}) holds {max} clients, not max-connections {asked} (two descriptors each, busy upstream, beside the idle upstream pool and the relays' pipes): the worker would serve {max} at most; raise LimitNOFILE (ulimit -n)"),
+        (Some(limit), true, false) => say!("ok: the descriptor limit ({limit}) holds {max} clients: the default max-connections ({asked}) is fitted to it; raise LimitNOFILE (ulimit -n) for more"),
+        _ => {}
     }
     say!(
         "ok: at most {} connections, {} from one client address (0: no limit); heads of {} bytes at most",

@@ -340,6 +340,10 @@ pub struct WorkerSettingsTuning {
     pub config: rotor_worker::Config,
     /// `--no-auth` (or the file's `no-auth = true`).
     pub no_auth: bool,
+    /// Whether `max-connections` was given (flag or file), not the
+    /// default: a default the descriptor limit cannot hold is fitted to it
+    /// without a warning, as HAProxy derives an unset `maxconn`.
+    pub max_connections_given: bool,
     /// Where the access log goes, checked but not yet opened: `--check`
     /// and `rotor up`'s own check of the settings make no file and start
     /// no writer.
@@ -482,6 +486,11 @@ impl WorkerFlags {
                 .threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             no_auth: w.no_auth.unwrap_or(false),
+            max_connections_given: Shape::given(
+                &self.max_connections,
+                &file.worker.max_connections,
+            )
+            .is_some(),
             lease_timeout: w.lease_timeout,
             config: rotor_worker::Config {
                 proxy: rotor_worker::proxy::ProxyConfig {

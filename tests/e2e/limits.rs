@@ -288,14 +288,15 @@ async fn the_worker_raises_its_descriptor_limit_to_the_hard_one() {
 /// 600, where the worker serves 150).
 #[test]
 fn check_says_the_connection_cap_the_descriptor_limit_holds() {
-    let run = |soft, hard| {
+    let run_with = |soft, hard, cap: &[&str]| {
         let mut cmd = with_nofile(std::process::Command::new(WORKER), soft, hard);
         cmd.args(["--listen", "127.0.0.1:0", "--socket", "/nonexistent/a.sock"]);
-        cmd.args(["--max-connections", "1000", "--check"]);
+        cmd.args(cap).arg("--check");
         let out = cmd.output().unwrap();
         assert!(out.status.success(), "{out:?}");
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
+    let run = |soft, hard| run_with(soft, hard, &["--max-connections", "1000"]);
     let err = run(600, 600);
     assert!(err.contains("ok: at most 150 connections"), "{err}");
     assert!(
@@ -306,6 +307,30 @@ fn check_says_the_connection_cap_the_descriptor_limit_holds() {
     let err = run(600, 4096);
     assert!(err.contains("ok: at most 1000 connections"), "{err}");
     assert!(!err.contains("warning: the descriptor limit"), "{err}");
+    // The default cap is fitted without a warning (a host whose hard
+    // limit held fewer than 10 000 warned at every start).
+    let err = run_with(600, 600, &[]);
+    assert!(err.contains("ok: at most 150 connections"), "{err}");
+    assert!(
+        err.contains("holds 150 clients: the default max-connections (10000) is fitted"),
+        "{err}"
+    );
+    assert!(!err.contains("warning"), "{err}");
+}
+
+/// A cap given (flag or file) that the descriptor limit cannot hold is
+/// lowered with a warning; the default is fitted at info (below).
+#[tokio::test]
+async fn a_given_connection_cap_past_the_descriptor_limit_is_warned_of() {
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("worker.log");
+    let cmd = with_nofile(logging_to(WORKER, &log), 600, 600);
+    let mut args = ALLOW_LOOPBACK.to_vec();
+    args.extend(["--max-connections", "1000"]);
+    let _worker = Worker::start_cmd(cmd, &alloc.socket, free_port(), &args).await;
+    assert_eq!(said(&log, "max_connections lowered to fit"), 1);
+    assert_eq!(said(&log, "asked=1000"), 1);
 }
 
 /// Under a descriptor limit too low for `--max-connections`, the worker
@@ -320,9 +345,15 @@ async fn a_low_descriptor_limit_lowers_the_connection_cap_to_fit() {
     let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.9"]).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("worker.log");
-    let cmd = with_nofile(logging_to(WORKER, &log), 600, 600);
+    let mut cmd = with_nofile(logging_to(WORKER, &log), 600, 600);
+    cmd.env("RUST_LOG", "info");
     let worker = Worker::start_cmd(cmd, &alloc.socket, free_port(), &ALLOW_LOOPBACK).await;
-    assert_eq!(said(&log, "max_connections lowered to fit"), 1);
+    // The default cap: fitted, said at info, no warning.
+    assert_eq!(
+        said(&log, "max_connections fitted to the descriptor limit"),
+        1
+    );
+    assert_eq!(said(&log, "WARN"), 0);
     // 400 clients at once, each keeping its connection after its answer.
     let url = origin.url("/slow/300");
     let tasks: Vec<_> = (0..400)
