@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rotor_protocol::{
-    from_u128, site_bit, site_of, to_u128, Families, Family, PairStatus, Rotations, Segment,
+    from_u128, site_bit, site_of, to_u128, Block, Families, Family, PairStatus, Rotations, Segment,
     SiteLimit, SiteStatus, SitesReport, PROBE_HOLD, SITE_FILTER_BITS,
 };
 
@@ -2040,28 +2040,29 @@ impl Sites {
     }
 
     /// Whether a sticky session's request to `site` from its address `ip`
-    /// must wait, as any other would: until how long from now, and whether
-    /// by the site's push-back (else the address spent its budget there:
-    /// sent on, the site would see more than its limit from it, and push
-    /// back). The session keeps its address meanwhile. `others_wait`:
-    /// requests outside sessions are held waiting for the site's budget
-    /// (with one refused within [`SHARE_HELD`], the sessions keep to their
-    /// share of it).
+    /// must wait, as any other would: until how long from now, and by
+    /// what: the site's push-back, the address's budget spent there (sent
+    /// on, the site would see more than its limit from it, and push
+    /// back), or the sessions' share of it. The session keeps its address
+    /// meanwhile. `others_wait`: requests outside sessions are held
+    /// waiting for the site's budget (with one refused within
+    /// [`SHARE_HELD`], the sessions keep to their share of it).
     pub fn session_blocked(
         &mut self,
         site: &str,
         ip: IpAddr,
         others_wait: bool,
         now: Instant,
-    ) -> Option<(Duration, bool)> {
+    ) -> Option<(Duration, Block)> {
         let s = self.sites.get(site)?;
         let (id, limit, shared_refused) = (s.id, s.limit, s.shared_refused);
         let t = self.ms(now);
         let window = limit.map(|l| l.window().as_millis() as u64);
         let p = self.pairs.get_mut(&(id, self.rules.key(ip)))?;
         p.prune(window, t);
-        let (until, cooling) = match p.blocked(limit, t, false) {
-            Some(b) => b,
+        let (until, block) = match p.blocked(limit, t, false) {
+            Some((until, true)) => (until, Block::Cooling),
+            Some((until, false)) => (until, Block::Budget),
             // The site's other requests refused within the window: the
             // sessions here keep to their share.
             None => {
@@ -2071,10 +2072,10 @@ impl Sites {
                 if !(others_wait || refused) {
                     return None;
                 }
-                (p.sessions_over(l, t)?, false)
+                (p.sessions_over(l, t)?, Block::Shared)
             }
         };
-        Some((Duration::from_millis(until.saturating_sub(t)), cooling))
+        Some((Duration::from_millis(until.saturating_sub(t)), block))
     }
 
     /// A sticky session's request to `site` from `ip`, the session's
@@ -2682,6 +2683,27 @@ mod tests {
             s.session_use("a.com", ip(1), due);
         }
         assert!(s.session_blocked("a.com", ip(1), false, due).is_some());
+    }
+
+    /// A session held back at the sessions' share says so (it was told
+    /// the address had spent its budget, with half of it left for the
+    /// others); one held back by the budget spent says that.
+    #[test]
+    fn a_session_held_at_its_share_is_told_so() {
+        let mut s = Sites::new(rules(&["a.com=4/1s"]), 1000);
+        let active = pool(1);
+        let t0 = Instant::now();
+        s.session_use("a.com", ip(1), t0);
+        s.session_use("a.com", ip(1), t0);
+        // Half of 4 served to sessions, the rest free: alone, they go on.
+        assert!(s.session_blocked("a.com", ip(1), false, t0).is_none());
+        // Others wait: the sessions keep to their half.
+        let (_, block) = s.session_blocked("a.com", ip(1), true, t0).unwrap();
+        assert_eq!(block, Block::Shared);
+        // The others take the rest: the budget is spent.
+        assert_eq!(take(&mut s, "a.com", &active, 2, t0), [1, 1]);
+        let (_, block) = s.session_blocked("a.com", ip(1), true, t0).unwrap();
+        assert_eq!(block, Block::Budget);
     }
 
     /// Sessions asking as fast as they may, beside other requests for the
@@ -3680,7 +3702,7 @@ mod tests {
         assert_eq!(lease(&mut s, ms(1100)), cooling(1000 + PROBE_HOLD_MS, 1100));
         assert_eq!(
             s.session_blocked("a.com", ip(1), false, ms(1100)),
-            Some((Duration::from_millis(PROBE_HOLD_MS - 100), true))
+            Some((Duration::from_millis(PROBE_HOLD_MS - 100), Block::Cooling))
         );
         // Pushed back again: it cools (its repeat counted), and the next
         // probe goes when that cooldown ends, not the hold.

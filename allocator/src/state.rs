@@ -2134,9 +2134,9 @@ impl Allocator {
             && inner.sessions.restored(key);
         let mut keep_pin = false;
         // The soonest end of the blocks of the session's addresses for the
-        // site (a push-back, else a budget spent), and whether by a
-        // push-back, should every address it holds be blocked.
-        let mut blocked: Option<(Duration, bool)> = None;
+        // site, and by what (a push-back, a budget spent, the sessions'
+        // share of it), should every address it holds be blocked.
+        let mut blocked: Option<(Duration, rotor_protocol::Block)> = None;
         for family in Family::ALL {
             if !families.accepts_family(family) {
                 continue;
@@ -2191,8 +2191,20 @@ impl Allocator {
         }
         // The session has its address, to use once the site's cooldown
         // ends or its budget frees (not a new one meanwhile, nor its loss).
-        if let Some((left, cooling)) = blocked {
-            return crate::waiters::throttled(now + left, cooling, now);
+        if let Some((left, block)) = blocked {
+            let minor = inner.peers.get(&peer).map_or(0, |p| p.hello.minor);
+            return match block {
+                rotor_protocol::Block::Shared if minor >= rotor_protocol::MINOR_SESSION_SHARE => {
+                    Response::SessionShared {
+                        retry_after_ms: left.as_millis().max(1) as u64,
+                    }
+                }
+                block => crate::waiters::throttled(
+                    now + left,
+                    block == rotor_protocol::Block::Cooling,
+                    now,
+                ),
+            };
         }
         if let Some(lost) = lost {
             return lost;

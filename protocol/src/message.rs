@@ -23,7 +23,7 @@ pub const POOL_TOO_LARGE: &str = "pool too large to describe";
 /// majors refuse each other with a reason.
 pub const PROTOCOL_MAJOR: u16 = 1;
 /// Bumped when something is appended that an older peer may ignore.
-pub const PROTOCOL_MINOR: u16 = 20;
+pub const PROTOCOL_MINOR: u16 = 21;
 /// The first minor whose allocator answers `Request::Attach`.
 pub const MINOR_LEASE_TABLE: u16 = 1;
 /// The first minor whose allocator answers `Request::StatusV2`,
@@ -114,6 +114,10 @@ pub const MINOR_UNREACHED_BY_NET: u16 = 19;
 /// (whether an address taken out or put back by hand is kept over an
 /// allocator restart); an older one is answered `Steered`.
 pub const MINOR_STEER_KEPT: u16 = 20;
+/// The first minor whose worker reads `Response::SessionShared` (a
+/// session's request held back at its share of the address's budget); an
+/// older one is answered `Throttled`, the budget spent.
+pub const MINOR_SESSION_SHARE: u16 = 21;
 /// How long the key new TLS session tickets are sealed with stays the one
 /// (the allocator's change of keys); a ticket opens for that long at
 /// least, which is the lifetime workers give their tickets.
@@ -824,6 +828,14 @@ pub enum Response {
     SteeredV2 {
         entry: Option<Segment>,
         not_kept: Option<String>,
+    },
+    /// The answer to `LeaseSession` for a site, to a worker of
+    /// `MINOR_SESSION_SHARE` on, when the session's address has served the
+    /// sessions' share of its budget for the site (half) while the site's
+    /// other requests want the rest: room frees in `retry_after_ms` (as
+    /// `Throttled`, which an older worker is told, the budget spent).
+    SessionShared {
+        retry_after_ms: u64,
     },
 }
 

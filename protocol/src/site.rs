@@ -25,6 +25,21 @@ pub const SITE_FILTER_BITS: usize = 1 << 16;
 /// sees one probe this often.
 pub const PROBE_HOLD: Duration = Duration::from_secs(2);
 
+/// Why no address may serve a site's request now: what the first to free
+/// is held by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Block {
+    /// It has spent its budget for the site.
+    Budget,
+    /// It is cooling down for the site after the site pushed back.
+    Cooling,
+    /// A sticky session's address has served the sessions' share of its
+    /// budget (half) while the site's other requests want the rest
+    /// (`Response::SessionShared`, minor [`crate::MINOR_SESSION_SHARE`]
+    /// on; an older peer is told `Budget`).
+    Shared,
+}
+
 /// The site of `host` (a name or an address, brackets allowed), lower-case
 /// and without a trailing dot. A name with no registrable part (`localhost`,
 /// a bare public suffix) is its own site.

@@ -648,6 +648,13 @@ fn golden_server_frames() {
         }),
         "0109160100c000020700010466756c6c",
     );
+    // Minor 21: a session's request held at the sessions' share.
+    check(
+        resp(Response::SessionShared {
+            retry_after_ms: 1500,
+        }),
+        "010917fbdc05",
+    );
 }
 
 /// An `Until` inside an `Until` does not decode, however deep the chain

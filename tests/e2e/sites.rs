@@ -1219,3 +1219,45 @@ async fn sessions_and_other_clients_share_a_sites_budget() {
         "sessions {by_sessions}, others {by_others}"
     );
 }
+
+/// A session's request held back at the sessions' share of its address's
+/// budget (half, while the site's other requests want the rest) is told
+/// so; it was told the address had spent its budget, with half of it left.
+#[tokio::test]
+async fn a_session_held_at_its_share_of_a_budget_is_told_so() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2", "--site-limit", "127.0.0.1=4/3s"]).await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    let url = origin.url("/");
+    let session = || async {
+        let req = hyper::Request::get(url.as_str())
+            .header("proxy-authorization", basic("u-session-s1", "pw"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        ProxyConn::open(w.addr).await.send(req).await
+    };
+    // The budget spent, half by the session, half by another client.
+    for _ in 0..2 {
+        assert_eq!(session().await.status, 200);
+        assert_eq!(get(w.addr, &url).await.status, 200);
+    }
+    let spent = Instant::now();
+    // The other client refused for it: the sessions keep to their share
+    // for the budget's window.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(get(w.addr, &url).await.status, 429);
+    // Those starts out of the window (3.06 s), the refusal not.
+    tokio::time::sleep_until((spent + Duration::from_millis(3300)).into()).await;
+    for _ in 0..2 {
+        assert_eq!(session().await.status, 200);
+    }
+    let r = session().await;
+    assert_eq!(r.status, 429);
+    let status = r.headers["proxy-status"].to_str().unwrap().to_string();
+    assert!(
+        status.contains("served the sessions' share of its budget for 127.0.0.1 (half)"),
+        "{status}"
+    );
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(origin.count(), 6);
+}

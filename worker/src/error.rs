@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
-use rotor_protocol::{error_chain, NoAddress};
+use rotor_protocol::{error_chain, Block, NoAddress};
 
 use crate::lease::LeaseError;
 
@@ -130,13 +130,14 @@ pub enum ProxyError {
         #[source]
         source: crate::h1::Error,
     },
-    #[error("{}", throttled_text(site, *cooling, *retry_after, *session))]
+    #[error("{}", throttled_text(site, *block, *retry_after, *session))]
     Throttled {
         site: String,
         retry_after: Duration,
-        cooling: bool,
-        /// A session's: its address was the one refused, cooling (it
-        /// keeps it for after the cooldown).
+        /// What holds the first address to free.
+        block: rotor_protocol::Block,
+        /// A session's: its address was the one refused (it keeps it for
+        /// after the block).
         session: bool,
     },
 }
@@ -207,12 +208,19 @@ fn dns_timeout_text(host: &str, timeout: Option<Duration>) -> String {
     }
 }
 
-fn throttled_text(site: &str, cooling: bool, retry_after: Duration, session: bool) -> String {
+fn throttled_text(site: &str, block: Block, retry_after: Duration, session: bool) -> String {
     let secs = retry_after_secs(retry_after);
     // Named by what frees first: the other addresses may be held by the
     // other block (a spent budget beside a cooldown), so "every address
     // is cooling" was said of addresses only out of budget.
+    let cooling = block == Block::Cooling;
     match (cooling, session) {
+        // (Only a session's request is held at the sessions' share; it
+        // was told the address had spent its budget, with half of it left
+        // for the site's other requests.)
+        _ if block == Block::Shared => format!(
+            "the session's address has served the sessions' share of its budget for {site} (half) while other requests wait for the rest; retry in {secs} s"
+        ),
         (true, false) => format!(
             "no address may serve {site} now; the first to free is cooling down for {site} after it pushed back; retry in {secs} s"
         ),
@@ -398,7 +406,10 @@ impl ProxyError {
             ResponseTimeout { .. } => "Response Timeout",
             WriteTimeout { .. } => "Request Write Timeout",
             Upstream { .. } => "Bad Upstream Response",
-            Throttled { cooling: true, .. } => "Site Cooling Down",
+            Throttled {
+                block: Block::Cooling,
+                ..
+            } => "Site Cooling Down",
             Throttled { .. } => "Site Budget Exhausted",
         }
     }

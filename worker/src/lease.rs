@@ -51,7 +51,7 @@ pub enum LeaseError {
     #[error("no address may serve the site for {retry_after:?}")]
     Throttled {
         retry_after: Duration,
-        cooling: bool,
+        block: rotor_protocol::Block,
     },
     #[error("the allocator (protocol minor {has}) is too old for this (minor {needs} or newer)")]
     TooOld { has: u16, needs: u16 },
@@ -1014,6 +1014,10 @@ impl LeaseClient {
             Response::SessionsFull { retry_after_ms } => Err(LeaseError::SessionsFull {
                 retry_after: Duration::from_millis(retry_after_ms),
             }),
+            Response::SessionShared { retry_after_ms } => Err(LeaseError::Throttled {
+                retry_after: Duration::from_millis(retry_after_ms),
+                block: rotor_protocol::Block::Shared,
+            }),
             other => site_answer(other),
         }
     }
@@ -1238,7 +1242,10 @@ fn site_answer(answer: Response) -> Result<Granted, LeaseError> {
             cooling,
         } => Err(LeaseError::Throttled {
             retry_after: Duration::from_millis(retry_after_ms),
-            cooling,
+            block: match cooling {
+                true => rotor_protocol::Block::Cooling,
+                false => rotor_protocol::Block::Budget,
+            },
         }),
         other => Err(LeaseError::Unexpected(format!("{other:?}"))),
     }

@@ -826,10 +826,7 @@ impl Proxy {
                     self.meter.leased(asked.elapsed());
                     return Ok(granted);
                 }
-                Err(LeaseError::Throttled {
-                    retry_after,
-                    cooling,
-                }) => {
+                Err(LeaseError::Throttled { retry_after, block }) => {
                     let now = tokio::time::Instant::now();
                     let wait = match may_wait {
                         true => self.config.budget_wait,
@@ -856,6 +853,7 @@ impl Proxy {
                             // (A cooldown longer than a probe's hold ends
                             // when it says.)
                             let probing = retry_after <= rotor_protocol::PROBE_HOLD;
+                            let cooling = block == rotor_protocol::Block::Cooling;
                             let nap = match sticky.is_some() && cooling && probing {
                                 true => retry_after.min(SESSION_LOOK_AGAIN),
                                 false => retry_after,
@@ -867,7 +865,7 @@ impl Proxy {
                     ProxyError::Throttled {
                         site: rotor_protocol::site_of(host),
                         retry_after,
-                        cooling,
+                        block,
                         session: sticky.is_some(),
                     }
                 }
