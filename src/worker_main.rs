@@ -326,7 +326,7 @@ fn report_left(socket: &std::path::Path, meter: &rotor_worker::meter::Meter) {
     let sent = rt.block_on(async {
         let ask = crate::control::request_by_minor(socket, |minor| {
             match minor >= rotor_protocol::MINOR_METRICS {
-                true => rotor_protocol::Request::Metrics(m),
+                true => m.request().for_minor(minor),
                 false => rotor_protocol::Request::Status,
             }
         });

@@ -88,6 +88,9 @@ pub struct HostMetrics {
     /// that failed (a file not written: the next start lacks it).
     pub checkpoints: u64,
     pub checkpoint_errors: u64,
+    /// Access-log lines the workers lost (their writer behind, a write
+    /// that failed).
+    pub access_log_lost: u64,
     /// The last report applied of each worker run (by its boot id), so a
     /// report sent again is not counted twice; runs not heard of for
     /// `RUNS_KEPT` are forgotten.
@@ -131,6 +134,7 @@ impl HostMetrics {
         peer: u64,
         pid: u32,
         m: &WorkerMetrics,
+        counters: &[(String, u64)],
         label: impl Fn(std::net::IpAddr) -> String,
     ) -> bool {
         // A report sent again (its acknowledgement lost) counts once.
@@ -168,6 +172,12 @@ impl HostMetrics {
         }
         // Sums saturate: a peer's report is not trusted not to wrap them.
         self.requests = self.requests.saturating_add(m.requests);
+        for (name, n) in counters {
+            // (Another name is a newer worker's: not read here.)
+            if name == rotor_protocol::COUNTER_ACCESS_LOG_LOST {
+                self.access_log_lost = self.access_log_lost.saturating_add(*n);
+            }
+        }
         for s in &m.by_source {
             let mut key = match s.ip.is_unspecified() {
                 // The worker's own `other`.
@@ -666,6 +676,12 @@ pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
         "rotor_state_checkpoint_errors",
         "Checkpoints that failed to write (logged; a crash now would lose what changed since the last good one)",
         [(vec![], m.checkpoint_errors)],
+    );
+    counter_family(
+        &mut r,
+        "rotor_access_log_lost_lines",
+        "Access-log lines the workers lost: dropped as a writer fell behind (16 MB waiting), or in a write that failed (a full disk)",
+        [(vec![], m.access_log_lost)],
     );
     counter_family(
         &mut r,
@@ -1498,13 +1514,13 @@ mod tests {
             ..WorkerMetrics::default()
         };
         for boot in 0..3000 {
-            h.add(1, 100, &report(boot), |ip| ip.to_string());
+            h.add(1, 100, &report(boot), &[], |ip| ip.to_string());
         }
         assert_eq!(h.applied.len(), 3000);
         assert!(h.prune_at >= 2048, "{}", h.prune_at);
         // Each report again: counted once.
         for boot in 0..3000 {
-            h.add(1, 100, &report(boot), |ip| ip.to_string());
+            h.add(1, 100, &report(boot), &[], |ip| ip.to_string());
         }
         assert_eq!(h.requests, 3000);
     }
@@ -1522,16 +1538,16 @@ mod tests {
         };
         for boot in 0..(3 * MAX_RUNS as u64) {
             report.boot = boot;
-            h.add(1, 100, &report, |ip| ip.to_string());
+            h.add(1, 100, &report, &[], |ip| ip.to_string());
             assert!(h.applied.len() <= MAX_RUNS + 1, "{}", h.applied.len());
         }
         assert_eq!(h.requests, 3 * MAX_RUNS as u64);
         // The latest run is remembered: sent again, it counts once.
-        h.add(1, 100, &report, |ip| ip.to_string());
+        h.add(1, 100, &report, &[], |ip| ip.to_string());
         assert_eq!(h.requests, 3 * MAX_RUNS as u64);
         report.boot += 1;
         report.listen = vec!["x".repeat(1000); 1000];
-        h.add(1, 100, &report, |ip| ip.to_string());
+        h.add(1, 100, &report, &[], |ip| ip.to_string());
         let w = &h.workers[&1];
         assert_eq!(w.listen.len(), MAX_LISTEN);
         assert!(w
@@ -1560,7 +1576,7 @@ mod tests {
                 .collect(),
             ..WorkerMetrics::default()
         };
-        h.add(1, 100, &m, |ip| ip.to_string());
+        h.add(1, 100, &m, &[], |ip| ip.to_string());
         assert!(h.errors.len() <= MAX_ERROR_KINDS + 1, "{}", h.errors.len());
         assert_eq!(h.errors.values().sum::<u64>(), 202, "none lost");
         assert!(h.errors["other"] >= 1);
@@ -1593,7 +1609,7 @@ mod tests {
                 request_seconds: big.clone(),
                 ..WorkerMetrics::default()
             };
-            h.add(1, 100, &m, |ip| ip.to_string());
+            h.add(1, 100, &m, &[], |ip| ip.to_string());
         }
         assert_eq!(h.requests, u64::MAX);
         let t = &h.by_source["10.0.0.1"];
@@ -1633,7 +1649,7 @@ mod tests {
                 }],
                 ..WorkerMetrics::default()
             };
-            h.add(1, 100, &m, |ip| ip.to_string());
+            h.add(1, 100, &m, &[], |ip| ip.to_string());
         }
         assert_eq!(h.by_source.len(), 2);
         h.track_sources(&["10.0.0.2".to_string()]);
@@ -1651,12 +1667,12 @@ mod tests {
             requests,
             ..WorkerMetrics::default()
         };
-        h.add(1, 100, &m(1, 5), |ip| ip.to_string());
+        h.add(1, 100, &m(1, 5), &[], |ip| ip.to_string());
         h.workers.remove(&1);
-        h.add(2, 100, &m(2, 3), |ip| ip.to_string());
+        h.add(2, 100, &m(2, 3), &[], |ip| ip.to_string());
         assert_eq!(h.workers[&2].requests, 8);
         // Both connections seen at once: one series.
-        h.add(1, 100, &m(3, 1), |ip| ip.to_string());
+        h.add(1, 100, &m(3, 1), &[], |ip| ip.to_string());
         let text = render(&h, &PoolFigures::default(), true);
         let lines: Vec<&str> = text
             .lines()
@@ -1675,8 +1691,8 @@ mod tests {
             requests: 5,
             ..WorkerMetrics::default()
         };
-        h.add(1, 100, &m, |ip| ip.to_string());
-        h.add(1, 100, &m, |ip| ip.to_string());
+        h.add(1, 100, &m, &[], |ip| ip.to_string());
+        h.add(1, 100, &m, &[], |ip| ip.to_string());
         assert_eq!(h.requests, 5);
         h.add(
             1,
@@ -1685,11 +1701,14 @@ mod tests {
                 seq: 2,
                 ..m.clone()
             },
+            &[],
             |ip| ip.to_string(),
         );
         assert_eq!(h.requests, 10);
         // Another run of a worker counts from its own first report.
-        h.add(2, 101, &WorkerMetrics { boot: 8, ..m }, |ip| ip.to_string());
+        h.add(2, 101, &WorkerMetrics { boot: 8, ..m }, &[], |ip| {
+            ip.to_string()
+        });
         assert_eq!(h.requests, 15);
     }
 }

@@ -1476,11 +1476,17 @@ async fn answer(
         Request::SitesV2 { max } => {
             Response::SitesV2(alloc.sites_report_v2(max.min(10_000) as usize))
         }
-        Request::Metrics(mut m) => {
-            // No more than a worker sends, cut before the lock.
-            m.by_source.truncate(rotor_protocol::MAX_REPORTED_SOURCES);
-            m.errors.truncate(rotor_protocol::MAX_REPORTED_ERRORS);
-            alloc.record_metrics(id, &m, rights == Rights::Control);
+        Request::Metrics(m) => {
+            alloc.record_metrics(id, m, &[], rights == Rights::Control);
+            Response::Noted { quarantined: false }
+        }
+        Request::MetricsV2 {
+            metrics,
+            mut counters,
+        } => {
+            // (What an allocator knows, WORKER_COUNTERS, is a few.)
+            counters.truncate(rotor_protocol::WORKER_COUNTERS.len() * 4);
+            alloc.record_metrics(id, metrics, &counters, rights == Rights::Control);
             Response::Noted { quarantined: false }
         }
         Request::Unreached { by_source } => {

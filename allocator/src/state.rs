@@ -1880,7 +1880,17 @@ impl Allocator {
     /// Adds what worker `peer` reported to the host's metrics; its answers
     /// by source count for `reach` if it may steer the pool (`trusted`, as
     /// `unreached`).
-    pub fn record_metrics(&self, peer: u64, m: &rotor_protocol::WorkerMetrics, trusted: bool) {
+    pub fn record_metrics(
+        &self,
+        peer: u64,
+        mut m: rotor_protocol::WorkerMetrics,
+        counters: &[(String, u64)],
+        trusted: bool,
+    ) {
+        // No more than a worker sends, cut before the lock.
+        m.by_source.truncate(rotor_protocol::MAX_REPORTED_SOURCES);
+        m.errors.truncate(rotor_protocol::MAX_REPORTED_ERRORS);
+        let m = &m;
         let mut inner = self.lock();
         let pid = match inner.peers.get_mut(&peer) {
             Some(p) => {
@@ -1891,7 +1901,7 @@ impl Allocator {
             None => 0,
         };
         let Inner { metrics, pool, .. } = &mut *inner;
-        let applied = metrics.add(peer, pid, m, |ip| match pool.entry_of(ip) {
+        let applied = metrics.add(peer, pid, m, counters, |ip| match pool.entry_of(ip) {
             Some(e) => e.to_string(),
             // Left the pool, or the worker's own `other`.
             None => "other".to_string(),
@@ -3835,7 +3845,7 @@ mod tests {
                 ..Default::default()
             };
             m.connect_seconds.observe(0.001);
-            a.record_metrics(1, &m, true);
+            a.record_metrics(1, m.clone(), &[], true);
             a.unreached(1, &[lost("10.0.0.2", failed)], true);
         };
         for _ in 0..7 {
@@ -3935,11 +3945,11 @@ mod tests {
             failed: 50,
             destinations: vec![1, 2],
         }];
-        a.record_metrics(9, &answers(1, &["10.0.0.1", "10.0.0.2"]), true);
+        a.record_metrics(9, answers(1, &["10.0.0.1", "10.0.0.2"]), &[], true);
         a.unreached(9, &lost, true);
         assert!(a.status_v2().pool[1].quarantine.is_none());
         // The next second it answered nothing: heard.
-        a.record_metrics(9, &answers(2, &["10.0.0.1"]), true);
+        a.record_metrics(9, answers(2, &["10.0.0.1"]), &[], true);
         a.unreached(9, &lost, true);
         assert!(a.status_v2().pool[1].quarantine.is_some());
     }

@@ -450,7 +450,27 @@ pub enum Request {
     /// For root and the allocator's own user only (a user let in only to
     /// lease is refused them). Answered `TicketKeys`.
     TicketKeys,
+    /// What a worker served since its last report, with counters by name
+    /// (since minor 21): as `Metrics`, and `counters`, deltas since the
+    /// last report, each of [`WORKER_COUNTERS`] or ignored (a counter
+    /// added later needs no new minor). A worker sends an allocator older
+    /// than minor 21 `Metrics` (see [`Request::for_minor`]).
+    MetricsV2 {
+        metrics: WorkerMetrics,
+        counters: Vec<(String, u64)>,
+    },
 }
+
+/// Access-log lines a worker lost: dropped as its writer fell behind, or
+/// in a write that failed (a full disk).
+pub const COUNTER_ACCESS_LOG_LOST: &str = "access_log_lost_lines";
+
+/// The counters a worker reports by name (`Request::MetricsV2`) that an
+/// allocator reads.
+pub const WORKER_COUNTERS: &[&str] = &[COUNTER_ACCESS_LOG_LOST];
+
+/// The first minor whose allocator reads `Request::MetricsV2`.
+pub const MINOR_COUNTERS: u16 = 21;
 
 thread_local! {
     /// Whether an `Until`'s request is being decoded on this thread.
@@ -506,7 +526,24 @@ impl Request {
                 MINOR_DEADLINE
             }
             Request::TicketKeys => MINOR_TICKET_KEYS,
+            Request::MetricsV2 { .. } => MINOR_COUNTERS,
         }
+    }
+
+    /// This request as an allocator of protocol `minor` reads it: a report
+    /// with counters goes to an older one without them.
+    pub fn for_minor(self, minor: u16) -> Request {
+        match self {
+            Request::MetricsV2 { metrics, .. } if minor < MINOR_COUNTERS => {
+                Request::Metrics(metrics)
+            }
+            other => other,
+        }
+    }
+
+    /// Whether this is a worker's metrics report (either form).
+    pub fn is_metrics(&self) -> bool {
+        matches!(self, Request::Metrics(_) | Request::MetricsV2 { .. })
     }
 }
 
@@ -1065,6 +1102,23 @@ pub struct QuarantineStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A report with counters goes to an older allocator without them;
+    /// other requests go as they are.
+    #[test]
+    fn a_report_with_counters_goes_to_an_older_allocator_without_them() {
+        let report = Request::MetricsV2 {
+            metrics: WorkerMetrics::default(),
+            counters: vec![(COUNTER_ACCESS_LOG_LOST.into(), 1)],
+        };
+        assert_eq!(
+            report.clone().for_minor(MINOR_COUNTERS - 1),
+            Request::Metrics(WorkerMetrics::default())
+        );
+        assert_eq!(report.clone().for_minor(MINOR_COUNTERS), report);
+        assert!(report.is_metrics());
+        assert_eq!(Request::Status.for_minor(0), Request::Status);
+    }
 
     /// Waits past 5 s fall in buckets of their own, up to an hour; an
     /// earlier worker's histogram (buckets ending at 5 s) is added in, its

@@ -366,6 +366,21 @@ fn golden_client_frames() {
         }),
         "01071d",
     );
+    // Minor 21: a report with counters by name.
+    check(
+        ClientFrame::Request(Envelope {
+            id: 7,
+            body: Request::MetricsV2 {
+                metrics: WorkerMetrics {
+                    boot: 42,
+                    seq: 1,
+                    ..WorkerMetrics::default()
+                },
+                counters: vec![("access_log_lost_lines".into(), 3)],
+            },
+        }),
+        "01071e2a0100000000000000000000000001156163636573735f6c6f675f6c6f73745f6c696e657303",
+    );
 }
 
 #[test]

@@ -1103,3 +1103,27 @@ async fn a_quarantine_that_cannot_be_kept_is_done_and_fails_saying_so() {
     let (code, said) = post(metrics, "/admin/release", Some(token), body);
     assert_eq!(code, 200, "{said}");
 }
+
+/// Access-log lines a worker loses (a write that fails: a full disk,
+/// here `/dev/full`) are counted in `rotor_access_log_lost_lines_total`,
+/// there at 0 from the start; before, only a log line said so.
+#[tokio::test]
+async fn access_log_lines_lost_are_counted() {
+    let origin = Origin::start().await;
+    let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    let listen = metrics.to_string();
+    let alloc = Allocator::start(&["--pool", "127.0.0.2", "--metrics-listen", &listen]).await;
+    assert_eq!(
+        sample(&scrape(metrics), "rotor_access_log_lost_lines_total"),
+        Some(0.0)
+    );
+    let w = Worker::start(&alloc.socket, &["--access-log", "/dev/full"]).await;
+    for _ in 0..5 {
+        assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+    }
+    eventually("the lost lines reported", || async {
+        sample(&scrape(metrics), "rotor_access_log_lost_lines_total") == Some(5.0)
+    })
+    .await;
+    promtool_check(&scrape(metrics));
+}

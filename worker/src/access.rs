@@ -301,6 +301,11 @@ impl std::fmt::Debug for AccessLog {
     }
 }
 
+/// Lines this worker's access log lost, not yet reported: dropped as its
+/// writer fell behind, or in a write that failed (a full disk). Its
+/// metrics report takes them (`rotor_access_log_lost_lines_total`).
+pub static LOST_LINES: AtomicU64 = AtomicU64::new(0);
+
 /// Text waiting for the writer at most; past it lines are dropped (and
 /// counted) rather than hold requests up or grow without bound.
 const MAX_PENDING: usize = 16 << 20;
@@ -334,6 +339,7 @@ impl AccessLog {
                 out.flush();
                 let n = d.swap(0, Ordering::Relaxed);
                 if n > 0 {
+                    LOST_LINES.fetch_add(n, Ordering::Relaxed);
                     warn!(lines = n, "the access log fell behind: lines dropped");
                 }
                 if closed {
@@ -470,7 +476,8 @@ impl Output {
             return;
         }
         let r = write_lines(self.to.writer(), text, &mut self.cut);
-        if let Err(e) = r {
+        if let Err((e, lost)) = r {
+            LOST_LINES.fetch_add(lost, Ordering::Relaxed);
             // Once in 10 s: a full disk fails every batch, 10 a second.
             static WARNED: crate::Moment = crate::Moment::new();
             if let Some(n) = WARNED.count_in(Duration::from_secs(10)) {
@@ -494,15 +501,20 @@ impl To {
 }
 
 /// Writes `text` (whole lines) to `w`, after a line end if the last write
-/// stopped within a line (`cut`, which this updates).
-fn write_lines(w: &mut dyn Write, text: &[u8], cut: &mut bool) -> std::io::Result<()> {
+/// stopped within a line (`cut`, which this updates). On a failure, the
+/// error and the lines of `text` not wholly written (a cut one counts).
+fn write_lines(
+    w: &mut dyn Write,
+    text: &[u8],
+    cut: &mut bool,
+) -> Result<(), (std::io::Error, u64)> {
     let joined;
-    let buf = match *cut {
+    let (buf, before) = match *cut {
         true => {
             joined = [b"\n".as_slice(), text].concat();
-            &joined[..]
+            (&joined[..], 1)
         }
-        false => text,
+        false => (text, 0),
     };
     let mut done = 0;
     while done < buf.len() {
@@ -518,7 +530,8 @@ fn write_lines(w: &mut dyn Write, text: &[u8], cut: &mut bool) -> std::io::Resul
         if done > 0 {
             *cut = buf[done - 1] != b'\n';
         }
-        return Err(e);
+        let unwritten = &text[done.saturating_sub(before)..];
+        return Err((e, unwritten.iter().filter(|b| **b == b'\n').count() as u64));
     }
     *cut = false;
     Ok(())
@@ -557,7 +570,9 @@ mod tests {
             room: 26,
         };
         let mut cut = false;
-        assert!(super::write_lines(&mut w, b"first line\nsecond line\nthird\n", &mut cut).is_err());
+        // One line lost: the cut one.
+        let lost = super::write_lines(&mut w, b"first line\nsecond line\nthird\n", &mut cut);
+        assert_eq!(lost.unwrap_err().1, 1);
         assert!(cut);
         w.room = 1000;
         super::write_lines(&mut w, b"next\n", &mut cut).unwrap();
@@ -573,8 +588,16 @@ mod tests {
             out: Vec::new(),
             room: 11,
         };
-        assert!(super::write_lines(&mut w, b"first line\nsecond\n", &mut cut).is_err());
+        let lost = super::write_lines(&mut w, b"first line\nsecond\n", &mut cut);
+        assert_eq!(lost.unwrap_err().1, 1);
         assert!(!cut);
+        // After a cut, the line end before the text is not one of its lines.
+        let mut w = Full {
+            out: Vec::new(),
+            room: 0,
+        };
+        let lost = super::write_lines(&mut w, b"a\nb\n", &mut true);
+        assert_eq!(lost.unwrap_err().1, 2);
     }
 
     #[test]

@@ -109,7 +109,7 @@ enum Unsent {
 impl Queue {
     /// Queues `env`, unless the connection is gone or the queue full.
     fn send(&self, env: Envelope<Request>) -> Result<(), Unsent> {
-        let metrics = matches!(env.body, Request::Metrics(_));
+        let metrics = env.body.is_metrics();
         if metrics && self.metrics.swap(true, Ordering::Relaxed) {
             return Err(Unsent::Full);
         }
@@ -130,7 +130,7 @@ impl Queue {
     /// The writer took `env` off the queue.
     fn taken(&self, env: &Envelope<Request>) {
         self.queued.fetch_sub(1, Ordering::Relaxed);
-        if matches!(env.body, Request::Metrics(_)) {
+        if env.body.is_metrics() {
             self.metrics.store(false, Ordering::Relaxed);
         }
     }
@@ -749,8 +749,8 @@ impl LeaseClient {
     /// to take them is not sent any.
     pub async fn report_metrics(
         &self,
-        m: rotor_protocol::WorkerMetrics,
-    ) -> Result<(), Box<rotor_protocol::WorkerMetrics>> {
+        m: crate::meter::Report,
+    ) -> Result<(), Box<crate::meter::Report>> {
         // This worker's clock again with each report: the allocator keeps
         // the least offset of the samples, so one it read late (stalled
         // at the connection's start) does not stand.
@@ -759,7 +759,7 @@ impl LeaseClient {
         });
         // An allocator too old for metrics (`TooOld`, checked on the
         // connection the report would go on) is not sent it.
-        match self.request(Request::Metrics(m.clone())).await {
+        match self.request(m.clone().request()).await {
             Ok(_) | Err(LeaseError::TooOld { .. }) => Ok(()),
             Err(_) => Err(Box::new(m)),
         }
@@ -1104,6 +1104,9 @@ impl LeaseClient {
             // a new one be an older allocator's): a request an older
             // allocator cannot read would make it close the connection,
             // and the retry on the next would close that one too.
+            // (As this connection's allocator reads it: a report with
+            // counters goes to an older one without them.)
+            let mut body = body.clone().for_minor(conn.minor);
             if conn.minor < body.min_minor() {
                 return Err(LeaseError::TooOld {
                     has: conn.minor,
@@ -1121,7 +1124,6 @@ impl LeaseClient {
                 wait_replaced(&mut watch, &conn, deadline).await;
                 continue;
             };
-            let mut body = body.clone();
             if let Request::LeaseSiteWait { wait_ms, .. } = &mut body {
                 // The wait left (sent again, its connection died: not the
                 // whole wait again), up to the answer's deadline less the
@@ -1853,7 +1855,7 @@ mod tests {
         assert!(client.connected(Duration::from_secs(2)).await);
         let started = Instant::now();
         assert!(client
-            .report_metrics(WorkerMetrics::default())
+            .report_metrics(crate::meter::Report::default())
             .await
             .is_ok());
         assert!(started.elapsed() < Duration::from_millis(500));

@@ -18,6 +18,24 @@ use tokio_util::sync::CancellationToken;
 
 use crate::lease::LeaseClient;
 
+/// A report as it goes to the allocator: what was served, and counters
+/// by name (`Request::MetricsV2`; an allocator older than minor 21 is
+/// sent the metrics alone).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    pub metrics: WorkerMetrics,
+    pub counters: Vec<(String, u64)>,
+}
+
+impl Report {
+    pub fn request(self) -> rotor_protocol::Request {
+        rotor_protocol::Request::MetricsV2 {
+            metrics: self.metrics,
+            counters: self.counters,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Acc {
     requests: u64,
@@ -243,7 +261,7 @@ impl Meter {
     /// Everything counted since the last take, and the failed connects
     /// confirmed as their source's fault (`witness`) of sources that got
     /// no answer meanwhile.
-    fn take(&self, connections_open: u64) -> (WorkerMetrics, Vec<SourceUnreached>) {
+    fn take(&self, connections_open: u64) -> (Report, Vec<SourceUnreached>) {
         let (acc, confirmed) = {
             let mut acc = self.acc.lock().unwrap_or_else(|e| e.into_inner());
             let confirmed = acc.witness.take(Instant::now());
@@ -278,7 +296,18 @@ impl Meter {
             connect_seconds: acc.connect_seconds,
             lease_wait_seconds: acc.lease_wait_seconds,
         };
-        (m, unreached)
+        let lost = crate::access::LOST_LINES.swap(0, Ordering::Relaxed);
+        let counters = match lost {
+            0 => Vec::new(),
+            n => vec![(rotor_protocol::COUNTER_ACCESS_LOG_LOST.to_string(), n)],
+        };
+        (
+            Report {
+                metrics: m,
+                counters,
+            },
+            unreached,
+        )
     }
 
     /// Each (source, site) of a failed connect confirmed since the last
@@ -328,14 +357,15 @@ impl Meter {
 
     /// What was counted since the last report, if anything: the requests a
     /// drain cut dropped with the runtime, after the last report went.
-    pub fn take_left(&self) -> Option<WorkerMetrics> {
+    pub fn take_left(&self) -> Option<Report> {
         let counted = {
             let acc = self.acc.lock().unwrap_or_else(|e| e.into_inner());
             acc.requests > 0 || !acc.errors.is_empty() || !acc.sources.is_empty()
         };
-        counted.then(|| WorkerMetrics {
-            tunnels_open: 0,
-            ..self.take(0).0
+        counted.then(|| {
+            let mut r = self.take(0).0;
+            r.metrics.tunnels_open = 0;
+            r
         })
     }
 
@@ -354,7 +384,7 @@ impl Meter {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // A report not acknowledged is sent again as it is (same number:
         // the allocator counts it once); what is counted meanwhile waits.
-        let mut unsent: Option<WorkerMetrics> = None;
+        let mut unsent: Option<Report> = None;
         loop {
             let last = tokio::select! {
                 _ = stop.cancelled() => true,
@@ -379,7 +409,7 @@ impl Meter {
             }
             let (m, unreached, resent) = match unsent.take() {
                 Some(mut m) => {
-                    m.connections_open = connections_open();
+                    m.metrics.connections_open = connections_open();
                     (m, Vec::new(), true)
                 }
                 None => {
@@ -449,7 +479,7 @@ mod tests {
         }
         // A source already counted apart stays apart past the cut.
         m.response(ip(0), || "a.test:80", 503, Duration::from_millis(1));
-        let (r, _) = m.take(0);
+        let r = m.take(0).0.metrics;
         assert_eq!(r.requests, n as u64 + 1);
         assert_eq!(r.by_source.len(), rotor_protocol::MAX_REPORTED_SOURCES);
         let other = r
@@ -469,7 +499,7 @@ mod tests {
         assert_eq!(all, n as u64 + 1);
         // The next report starts over: sources apart again.
         m.response(ip(n + 1), || "a.test:80", 200, Duration::from_millis(1));
-        let (r, _) = m.take(0);
+        let r = m.take(0).0.metrics;
         assert_eq!(r.by_source.len(), 1);
         assert_eq!(r.by_source[0].ip, ip(n + 1));
     }
