@@ -285,6 +285,12 @@ fn check(
                 Err(PersistError::Locked(_)) => {
                     say!("ok: state {} (held by a running allocator)", dir.display())
                 }
+                // The default directory, not given: the allocator runs
+                // without it, warning, as the check does.
+                Err(e) if !pool.state_given => say!(
+                    "warning: {}: the allocator would run without kept state (the rotation's place and the sessions lost at each restart); give --state-dir, or --no-state",
+                    error_chain(&e)
+                ),
                 Err(e) => {
                     ok = false;
                     say!("error: {}", error_chain(&e));

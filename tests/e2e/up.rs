@@ -367,6 +367,22 @@ async fn rotor_up_refuses_workers_past_max_peers_a_held_state_directory_and_a_ta
     let (code, err) = check("--state-dir=/proc/no-such-dir");
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("cannot use the state directory"), "{err}");
+    // The default directory (here systemd's $STATE_DIRECTORY), not given:
+    // the allocator runs without it, warning, and so --check passes with
+    // the warning (it failed, exit 1, where a start ran).
+    let out = std::process::Command::new(ALLOCATOR)
+        .args(["--pool=127.0.0.2", "--check"])
+        .arg(format!("--socket={}", other.display()))
+        .env("STATE_DIRECTORY", "/proc/no-such-dir")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("warning: cannot use the state directory")
+            && err.contains("would run without kept state"),
+        "{err}"
+    );
     // It makes nothing: a directory not there yet stays so.
     let fresh = held.path().join("not-yet").join("state");
     let (code, err) = check(&format!("--state-dir={}", fresh.display()));
