@@ -502,9 +502,7 @@ fn upgrade_with_content(method: &str, headers: &[httparse::Header<'_>]) -> Optio
     match method {
         _ if !crate::proxy::declares_content(fields) => None,
         "CONNECT" => Some(crate::proxy::CONNECT_CONTENT),
-        "GET" if named("upgrade", b"websocket") && named("connection", b"upgrade") => {
-            Some(crate::proxy::WEBSOCKET_CONTENT)
-        }
+        "GET" if crate::proxy::websocket_fields(named) => Some(crate::proxy::WEBSOCKET_CONTENT),
         _ => None,
     }
 }

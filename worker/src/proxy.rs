@@ -2046,17 +2046,22 @@ fn outgoing(fields: &mut Fields, authority: &str, host_as_sent: bool) -> Result<
 /// for unprompted) are not passed on: the request goes as a plain one,
 /// rotating as every request does.
 fn asks_websocket(parts: &request::Parts, fields: &Fields) -> bool {
-    let names = |name: &HeaderName, token: &[u8]| match fields {
+    let names = |name: &str, token: &[u8]| match fields {
         Fields::Map(m) => m
             .get_all(name)
             .iter()
             .any(|v| names_token(v.as_bytes(), token)),
         Fields::Wire(_) => false,
     };
-    parts.method == Method::GET
-        && parts.version == Version::HTTP_11
-        && names(&header::UPGRADE, b"websocket")
-        && names(&header::CONNECTION, b"upgrade")
+    parts.method == Method::GET && parts.version == Version::HTTP_11 && websocket_fields(names)
+}
+
+/// Whether a `GET`'s fields ask for a WebSocket: `Upgrade` names
+/// `websocket` and `Connection` names `upgrade`; `names(field, token)`
+/// whether a field of that (lower-case) name names the token. (The fast
+/// path's look at a head, and hyper's path's.)
+pub(crate) fn websocket_fields(names: impl Fn(&str, &[u8]) -> bool) -> bool {
+    names("upgrade", b"websocket") && names("connection", b"upgrade")
 }
 
 /// Whether a list field's value names `token` (case-insensitively): an
