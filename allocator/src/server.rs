@@ -1484,7 +1484,9 @@ async fn answer(
             metrics,
             mut counters,
         } => {
-            // (What an allocator knows, WORKER_COUNTERS, is a few.)
+            // Those this allocator knows (WORKER_COUNTERS) only: a newer
+            // worker's others, before them or not, take no room.
+            counters.retain(|(name, _)| rotor_protocol::WORKER_COUNTERS.contains(&name.as_str()));
             counters.truncate(rotor_protocol::WORKER_COUNTERS.len() * 4);
             alloc.record_metrics(id, metrics, &counters, rights == Rights::Control);
             Response::Noted { quarantined: false }
@@ -2123,6 +2125,32 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(900)).await;
         let body = answered(Request::HostStatus, Rights::Lease, &alloc, &reload).await;
         assert!(matches!(body, Response::HostStatus(_)));
+    }
+
+    /// A report's counters the allocator knows are added wherever they
+    /// stand among a newer worker's others (a cut to the first four had
+    /// dropped a known one listed fifth).
+    #[tokio::test]
+    async fn a_reports_known_counters_count_among_unknown_ones() {
+        let alloc = allocator_of("127.0.0.2");
+        let (reload, _rx) = mpsc::channel(1);
+        let mut counters: Vec<(String, u64)> = (0..10).map(|i| (format!("newer_{i}"), 1)).collect();
+        counters.push((rotor_protocol::COUNTER_ACCESS_LOG_LOST.into(), 7));
+        let body = Request::MetricsV2 {
+            metrics: rotor_protocol::WorkerMetrics {
+                boot: 1,
+                seq: 1,
+                ..Default::default()
+            },
+            counters,
+        };
+        let answer = answered(body, Rights::Lease, &alloc, &reload).await;
+        assert!(matches!(answer, Response::Noted { .. }), "{answer:?}");
+        let text = alloc.render_metrics(true);
+        assert!(
+            text.contains("rotor_access_log_lost_lines_total 7"),
+            "{text}"
+        );
     }
 
     /// A request read after its deadline is not served; one before it, or

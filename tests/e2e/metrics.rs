@@ -1126,4 +1126,29 @@ async fn access_log_lines_lost_are_counted() {
     })
     .await;
     promtool_check(&scrape(metrics));
+    // Those of the log's last write, at a stop (they were lost after the
+    // last report went): drained...
+    let mut w = w;
+    for _ in 0..3 {
+        assert_eq!(get(w.addr, &origin.url("/")).await.status, 200);
+    }
+    w.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(w.proc.wait(Duration::from_secs(10)).success());
+    let lost = sample(&scrape(metrics), "rotor_access_log_lost_lines_total");
+    assert_eq!(lost, Some(8.0));
+    // ...and cut: a tunnel open past the drain's end, logged as the
+    // runtime goes (`Meter::take_left` sent nothing, no request being
+    // left to count).
+    let echo = Echo::start().await;
+    let mut w = Worker::start(
+        &alloc.socket,
+        &["--access-log", "/dev/full", "--drain-timeout", "1s"],
+    )
+    .await;
+    let (status, _tunnel) = connect_tunnel(w.addr, &echo.addr.to_string()).await;
+    assert_eq!(status, 200);
+    w.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    w.proc.wait(Duration::from_secs(10));
+    let lost = sample(&scrape(metrics), "rotor_access_log_lost_lines_total");
+    assert_eq!(lost, Some(9.0));
 }

@@ -360,7 +360,11 @@ impl Meter {
     pub fn take_left(&self) -> Option<Report> {
         let counted = {
             let acc = self.acc.lock().unwrap_or_else(|e| e.into_inner());
-            acc.requests > 0 || !acc.errors.is_empty() || !acc.sources.is_empty()
+            acc.requests > 0
+                || !acc.errors.is_empty()
+                || !acc.sources.is_empty()
+                // (The access log's last write, as the runtime went.)
+                || crate::access::LOST_LINES.load(Ordering::Relaxed) > 0
         };
         counted.then(|| {
             let mut r = self.take(0).0;

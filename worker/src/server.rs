@@ -370,14 +370,16 @@ pub async fn run(
         proxy.cut_tunnels();
         let _ = tokio::time::timeout(Duration::from_secs(1), tunnels.wait()).await;
     }
-    reported.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(2), reporter).await;
     // After a cut, requests still in flight are dropped with the runtime,
     // each logged then (`worker_stopped`): the log closes when it goes.
+    // Drained, it closes before the last report, which counts the lines
+    // its last write lost (closed after, they went uncounted).
     if let (Some(log), Stopped::Drained) = (proxy.access_log(), stopped) {
         let log = log.clone();
         let _ = tokio::task::spawn_blocking(move || log.close()).await;
     }
+    reported.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), reporter).await;
     info!(?stopped, "stopped");
     // After a cut the requests still in flight are counted as they are
     // dropped with the runtime, after the last report: the caller sends
