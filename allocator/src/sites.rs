@@ -465,8 +465,9 @@ struct Site {
     /// Its pairs in `Sites::pairs`.
     pairs: u32,
     last_used: Ms,
-    /// Leases and session requests for it, up to 2: a site asked again
-    /// is forgotten after those asked once (see [`Sites::make_room`]).
+    /// Its uses (leases, session requests): 0 to 2, or [`ASKED_AGAIN`]
+    /// (see [`Site::used`]): a site asked again is forgotten after those
+    /// asked once (see [`Sites::make_room`]).
     uses: u8,
     /// When a request outside sticky sessions was last refused for the
     /// budget (0: never): sessions keep to their share of each address's
@@ -483,11 +484,27 @@ struct Site {
     connect_cools: [(Ms, u32); 2],
 }
 
+/// A site's second use within this of its first counts as asked again
+/// only with a third (2Q's correlated references): a crawler asks a
+/// site's `robots.txt` and then a page within moments, and its sites,
+/// asked again so, competed with a busy site by last use alone.
+const CORRELATED_MS: Ms = 5_000;
+
+/// `Site::uses` of a site asked again (kept before those asked once).
+const ASKED_AGAIN: u8 = 3;
+
 impl Site {
-    /// A lease or a session's request for it at `t`.
+    /// A lease or a session's request for it at `t`: its second makes it
+    /// asked again if it comes [`CORRELATED_MS`] or more after the first,
+    /// else its third does.
     fn used(&mut self, t: Ms) {
+        let gap = t.saturating_sub(self.last_used);
+        self.uses = match self.uses {
+            0 => 1,
+            1 if gap < CORRELATED_MS => 2,
+            _ => ASKED_AGAIN,
+        };
         self.last_used = t;
-        self.uses = self.uses.saturating_add(1).min(2);
     }
 }
 
@@ -1151,14 +1168,15 @@ impl Sites {
         self.next_id += 1;
         let last_used = self.ms(now);
         self.bits[site_bit(site)] += 1;
-        // Forgotten a moment ago: its next use makes it asked again.
-        let uses = u8::from(self.ghost(site).is_some_and(|(slot, fp)| {
-            let was = self.ghosts[slot] == fp;
-            if was {
-                self.ghosts[slot] = 0;
-            }
-            was
-        }));
+        // Forgotten a moment ago: asked again (its use now is one more).
+        let uses = ASKED_AGAIN
+            * u8::from(self.ghost(site).is_some_and(|(slot, fp)| {
+                let was = self.ghosts[slot] == fp;
+                if was {
+                    self.ghosts[slot] = 0;
+                }
+                was
+            }));
         self.sites.insert(
             site.into(),
             Site {
@@ -1226,7 +1244,7 @@ impl Sites {
         let mut again: Vec<(Ms, u64)> = self
             .sites
             .values()
-            .filter(|s| s.uses >= 2)
+            .filter(|s| s.uses >= ASKED_AGAIN)
             .map(|s| (s.last_used, s.id))
             .collect();
         let share = (self.sites.len() as u64 * PROTECTED_SHARE.0 / PROTECTED_SHARE.1) as usize;
@@ -1240,7 +1258,7 @@ impl Sites {
             .iter()
             .filter(|(k, _)| &***k != keep)
             .map(|(_, s)| {
-                let protected = s.uses >= 2 && (s.last_used, s.id) >= protected_from;
+                let protected = s.uses >= ASKED_AGAIN && (s.last_used, s.id) >= protected_from;
                 let size = s.pairs as usize + 1;
                 (s.cool_until > t, protected, s.last_used, s.id, size)
             })
@@ -2378,7 +2396,7 @@ impl Sites {
             };
             s.pairs += 1;
             // In use before the restart.
-            s.uses = 2;
+            s.uses = ASKED_AGAIN;
             s.cool_until = s.cool_until.max(pair.cool_until);
             self.pairs.insert((s.id, key), pair);
             n += 1;
@@ -4042,8 +4060,8 @@ mod tests {
         let active = pool(8);
         let t0 = Instant::now();
         let mut s = Sites::with_epoch(rules(&["*=5/1h"]), 64, t0);
-        // Asked twice at the start, never again.
-        take(&mut s, "old.com", &active, 2, t0);
+        // Asked again at the start (three times), never after.
+        take(&mut s, "old.com", &active, 3, t0);
         let mut served = 0;
         for round in 0..20u64 {
             let t = t0 + Duration::from_millis(1 + round * 200);
@@ -4058,9 +4076,56 @@ mod tests {
         }
         assert_eq!(served, 40, "the busy site's budget was forgotten");
         assert!(s.sites.contains_key("busy.com"));
-        // Sites asked once went first, all 2 000: the one asked twice long
+        // Sites asked once went first, all 2 000: the one asked again long
         // ago is still there.
         assert!(s.sites.contains_key("old.com"));
+    }
+
+    /// A crawler asking each site twice at once (`robots.txt`, then a
+    /// page) beside a busy site: its sites count as asked once, and the
+    /// busy site keeps its budget (they counted as asked again, and
+    /// pushed it out by last use: 100 served of a budget of 40).
+    #[test]
+    fn a_crawler_asking_each_site_twice_at_once_does_not_push_out_a_busy_site() {
+        let active = pool(8);
+        let t0 = Instant::now();
+        let mut s = Sites::with_epoch(rules(&["*=5/1h"]), 64, t0);
+        let mut served = 0;
+        for round in 0..20u64 {
+            let t = t0 + Duration::from_millis(1 + round * 200);
+            served += take(&mut s, "busy.com", &active, 5, t).len();
+            for i in 0..100 {
+                let t = t + Duration::from_millis(1 + i);
+                let site = format!("s{round}-{i}.com");
+                take(&mut s, &site, &active, 1, t);
+                take(&mut s, &site, &active, 1, t + Duration::from_micros(500));
+                assert!(s.entries() <= 64, "{}", s.entries());
+            }
+        }
+        assert_eq!(served, 40, "the busy site's budget was forgotten");
+    }
+
+    /// A site's second use counts as asked again when it comes
+    /// [`CORRELATED_MS`] or more after its first, else with a third.
+    #[test]
+    fn a_second_use_soon_after_the_first_is_not_asked_again() {
+        let site = |gaps: &[Ms]| {
+            let mut s = Sites::new(rules(&["*=5/1h"]), 100);
+            assert!(s.ensure("a.com", true, Instant::now()));
+            let a = s.sites.get_mut("a.com").unwrap();
+            let mut t = 1_000;
+            a.used(t);
+            for g in gaps {
+                t += g;
+                a.used(t);
+            }
+            a.uses
+        };
+        assert_eq!(site(&[]), 1);
+        assert_eq!(site(&[10]), 2);
+        assert_eq!(site(&[10, 10]), ASKED_AGAIN);
+        assert_eq!(site(&[CORRELATED_MS]), ASKED_AGAIN);
+        assert_eq!(site(&[CORRELATED_MS - 1]), 2);
     }
 
     /// A site asked once every round, the table turning over between its
@@ -4094,9 +4159,11 @@ mod tests {
     fn sites_asked_again_keep_a_share_of_the_table() {
         let t0 = Instant::now();
         let mut s = Sites::with_epoch(rules(&["*=5/1h"]), 64, t0);
+        // (Three uses at once: two are one of a crawler's.)
         let twice = |s: &mut Sites, site: &str, t| {
-            s.session_use(site, ip(1), t);
-            s.session_use(site, ip(1), t);
+            for _ in 0..3 {
+                s.session_use(site, ip(1), t);
+            }
         };
         twice(&mut s, "old.com", t0);
         let t = t0 + Duration::from_secs(5);
