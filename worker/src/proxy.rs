@@ -1655,11 +1655,11 @@ fn log_tunnel(
     }
 }
 
-/// Why a CONNECT whose head says content follows is refused.
 /// The body of a request refused for declaring content it may not have
 /// (a CONNECT's, a WebSocket handshake's), read and thrown away off the
-/// request's task until its connection closes after the 400 (5 s and
-/// 64 KiB at most). Dropped unread before the 400 was written, hyper's
+/// request's task while the 400 goes out: a second, 64 KiB at most
+/// (hyper's server closes the connection after the 400 once it is done
+/// with the body). Dropped unread before the 400 was written, hyper's
 /// server took the content for the start of the upgrade it asked for and
 /// closed the connection with the 400 unsent (3 in 20 on a connection it
 /// served after a chunked upload; the fast path refuses these heads itself
@@ -1678,10 +1678,11 @@ fn drain_refused<B: ClientBody>(body: B) {
                 }
             }
         };
-        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
     });
 }
 
+/// Why a CONNECT whose head says content follows is refused.
 pub(crate) const CONNECT_CONTENT: &str =
     "a CONNECT has no content: no Content-Length or Transfer-Encoding";
 /// Why a WebSocket handshake whose head says content follows is refused.
