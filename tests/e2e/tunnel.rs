@@ -144,7 +144,8 @@ async fn a_connect_with_content_is_refused_on_a_connection_hyper_serves() {
     let ws = format!("GET http://{host}/ HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n");
     let connect = format!("CONNECT {host} HTTP/1.1\r\nHost: {host}\r\n");
     for head in [connect, ws] {
-        for _ in 0..40 {
+        for i in 0..40 {
+            let last = i == 39;
             let mut s = TcpStream::connect(worker.addr).await.unwrap();
             let upload = format!(
                 "POST {url} HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
@@ -159,6 +160,16 @@ async fn a_connect_with_content_is_refused_on_a_connection_hyper_serves() {
                 .unwrap();
             let answer = read_head(&mut s).await;
             assert!(answer.starts_with("HTTP/1.1 400"), "{head}: {answer:?}");
+            if last {
+                // Closed after the 400 within the second its content is
+                // read for (5 s, before).
+                let mut rest = Vec::new();
+                let closed = tokio::time::timeout(
+                    std::time::Duration::from_secs(3),
+                    s.read_to_end(&mut rest),
+                );
+                assert!(closed.await.is_ok(), "still open");
+            }
         }
     }
 }
