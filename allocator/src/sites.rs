@@ -485,9 +485,12 @@ struct Site {
 }
 
 /// A site's second use within this of its first counts as asked again
-/// only with a third (2Q's correlated references): a crawler asks a
-/// site's `robots.txt` and then a page within moments, and its sites,
-/// asked again so, competed with a busy site by last use alone.
+/// only with a third (after 2Q's correlated references, which would not
+/// count the third either: a busy site's burst is asked again at once): a
+/// crawler asks a site's `robots.txt` and then a page within moments, and
+/// its sites, asked again so, competed with a busy site by last use alone.
+/// A crawler asking three times within it still makes its sites asked
+/// again.
 const CORRELATED_MS: Ms = 5_000;
 
 /// `Site::uses` of a site asked again (kept before those asked once).
@@ -559,12 +562,30 @@ struct Refused {
 pub const SHARE_HELD: Duration = Duration::from_secs(60);
 
 /// A site name's slot among `slots` ghosts (a power of two) and its
-/// fingerprint there (never 0).
+/// fingerprint there (22 bits, never 0: see [`ghost_word`]).
 fn ghost_of(site: &str, slots: usize) -> (usize, u32) {
     use std::hash::{BuildHasher, BuildHasherDefault};
     let h =
         BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(site);
-    ((h as usize) & (slots - 1), ((h >> 32) as u32).max(1))
+    ((h as usize) & (slots - 1), ((h >> 42) as u32).max(1))
+}
+
+/// A ghost: the fingerprint `fp` of a site forgotten (its high 22 bits),
+/// its `uses` then (2 bits) and the second of its last use, of 256 (8
+/// bits), so that the site asked again goes on from there (see
+/// [`Site::used`]): a crawler's second request to a site forgotten since
+/// its first, a moment before, is not one asking it again.
+fn ghost_word(fp: u32, uses: u8, last_used: Ms) -> u32 {
+    fp << 10 | u32::from(uses.min(ASKED_AGAIN)) << 8 | ((last_used / 1000) as u32 & 0xff)
+}
+
+/// The uses a ghost word kept, and its site's last use as a time of the
+/// table at `now` (to the second; one 256 s or more ago may read as a
+/// moment ago, and count as one use less than it was).
+fn from_ghost(word: u32, now: Ms) -> (u8, Ms) {
+    let uses = (word >> 8 & 3) as u8;
+    let ago = ((now / 1000) as u32).wrapping_sub(word & 0xff) & 0xff;
+    (uses, now.saturating_sub(u64::from(ago) * 1000))
 }
 
 /// The most of the site table's sites that sites asked again keep from
@@ -1055,11 +1076,13 @@ pub struct Sites {
     /// at each of its refused requests.
     full_frees: Option<(u64, Ms)>,
     /// Sites forgotten to make room, remembered by a fingerprint of their
-    /// name (0: none) in a slot its hash picks, twice as many slots as the
-    /// table has entries (a power of two; made when the table first fills,
-    /// 4 MB at the default cap): a site asked again within about a turn of
-    /// the table after it was forgotten comes back as asked again (see
-    /// [`Sites::make_room`]), as 2Q's list of keys evicted.
+    /// name with their uses and last use's second ([`ghost_word`]; 0:
+    /// none) in a slot its hash picks, twice as many slots as the table
+    /// has entries (a power of two; made when the table first fills, 4 MB
+    /// at the default cap): a site asked again within about a turn of the
+    /// table after it was forgotten goes on with its uses (see
+    /// [`Sites::make_room`], [`Site::used`]), as 2Q's list of keys
+    /// evicted.
     ghosts: Vec<u32>,
     /// A probe's hold ended since [`Sites::take_hold_ended`], by its
     /// answer or a new cooldown (the requests waiting for the site are
@@ -1166,17 +1189,18 @@ impl Sites {
         self.make_room(now, site, 1);
         let id = self.next_id;
         self.next_id += 1;
-        let last_used = self.ms(now);
+        let t = self.ms(now);
         self.bits[site_bit(site)] += 1;
-        // Forgotten a moment ago: asked again (its use now is one more).
-        let uses = ASKED_AGAIN
-            * u8::from(self.ghost(site).is_some_and(|(slot, fp)| {
-                let was = self.ghosts[slot] == fp;
-                if was {
-                    self.ghosts[slot] = 0;
-                }
-                was
-            }));
+        // Forgotten a while ago: its uses and its last use go on (its use
+        // now is one more, counted by `Site::used`).
+        let recalled = self.ghost(site).and_then(|(slot, fp)| {
+            let word = self.ghosts[slot];
+            (word >> 10 == fp).then(|| {
+                self.ghosts[slot] = 0;
+                word
+            })
+        });
+        let (uses, last_used) = recalled.map_or((0, t), |word| from_ghost(word, t));
         self.sites.insert(
             site.into(),
             Site {
@@ -1249,8 +1273,12 @@ impl Sites {
             .collect();
         let share = (self.sites.len() as u64 * PROTECTED_SHARE.0 / PROTECTED_SHARE.1) as usize;
         let protected_from = match again.len().checked_sub(share) {
-            Some(over) if over > 0 => *again.select_nth_unstable(over).1,
-            _ => (0, 0),
+            // All within the share.
+            None | Some(0) => (0, 0),
+            Some(over) if over < again.len() => *again.select_nth_unstable(over).1,
+            // A share of none (a table of one site): none protected. (An
+            // index past the end had panicked, a new site's lease with it.)
+            Some(_) => (Ms::MAX, u64::MAX),
         };
         drop(again);
         let mut by_use: Vec<(bool, bool, Ms, u64, usize)> = self
@@ -1305,7 +1333,7 @@ impl Sites {
             if !keep {
                 bits[site_bit(k)] -= 1;
                 let (slot, fp) = ghost_of(k, ghosts.len());
-                ghosts[slot] = fp;
+                ghosts[slot] = ghost_word(fp, s.uses, s.last_used);
             }
             keep
         });
@@ -4103,6 +4131,60 @@ mod tests {
             }
         }
         assert_eq!(served, 40, "the busy site's budget was forgotten");
+    }
+
+    /// A crawler asking each site's `robots.txt`, then (0.3 s later) its
+    /// page, the table turning over between the two: the page's request
+    /// finds the site's ghost, which goes on from one use a moment ago,
+    /// and the busy site keeps its budget (a ghost made a site asked
+    /// again outright: 50 served of a budget of 40).
+    #[test]
+    fn a_crawlers_second_request_after_its_site_was_forgotten_is_no_asking_again() {
+        let active = pool(8);
+        let t0 = Instant::now();
+        let mut s = Sites::with_epoch(rules(&["*=5/1h"]), 64, t0);
+        let mut served = 0;
+        for round in 0..10u64 {
+            let t = t0 + Duration::from_millis(1 + round * 700);
+            served += take(&mut s, "busy.com", &active, 5, t).len();
+            for pass in 0..2u64 {
+                for i in 0..100 {
+                    let t = t + Duration::from_millis(1 + pass * 300 + i);
+                    take(&mut s, &format!("s{round}-{i}.com"), &active, 1, t);
+                    assert!(s.entries() <= 64, "{}", s.entries());
+                }
+            }
+        }
+        assert_eq!(served, 40, "the busy site's budget was forgotten");
+    }
+
+    /// A site holding the whole table, and another asking: room is made
+    /// (the share of sites asked again is none of one site: an index past
+    /// the end panicked, and the new site's lease with it).
+    #[test]
+    fn a_new_site_beside_one_holding_the_table_is_served() {
+        let active = pool(40);
+        let t0 = Instant::now();
+        let mut s = Sites::with_epoch(rules(&["*=1/1h"]), 16, t0);
+        for i in 0..20u64 {
+            take(&mut s, "big.com", &active, 1, t0 + Duration::from_millis(i));
+        }
+        assert_eq!(s.sites.len(), 1);
+        let t = t0 + Duration::from_secs(1);
+        assert_eq!(take(&mut s, "new.com", &active, 1, t).len(), 1);
+    }
+
+    /// A ghost keeps a site's uses and the second of its last use, to the
+    /// second, 256 s around.
+    #[test]
+    fn a_ghost_keeps_uses_and_the_last_uses_second() {
+        let word = ghost_word(0x3f_ffff, ASKED_AGAIN, 123_456);
+        assert_eq!(word >> 10, 0x3f_ffff);
+        assert_eq!(from_ghost(word, 123_456), (ASKED_AGAIN, 123_456));
+        assert_eq!(from_ghost(word, 130_100), (ASKED_AGAIN, 123_100));
+        assert_eq!(from_ghost(ghost_word(1, 1, 5_000), 300_000).0, 1);
+        // 256 s on, it reads as a moment ago.
+        assert_eq!(from_ghost(ghost_word(1, 1, 5_000), 261_000).1, 261_000);
     }
 
     /// A site's second use counts as asked again when it comes
