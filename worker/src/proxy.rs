@@ -348,18 +348,33 @@ impl Proxy {
                 _ => {}
             }
         }
+        // A CONNECT or a WebSocket handshake whose head says content follows
+        // (RFC 9110 §9.3.6, RFC 6455 §4.1: they have none; hyper would read
+        // what follows the head as a body, and the first tunnel bytes, a
+        // ClientHello sent at once, would be lost): refused, whatever else
+        // is wrong with it (a 407 first), its body read and thrown away
+        // while the answer goes out (see `drain_refused`: dropped unread,
+        // hyper's server closed some such connections with the answer
+        // unsent, a 407 or a 400 alike).
+        let upgrade_content = (method == Method::CONNECT
+            || matches!(fields, Fields::Map(_)) && asks_websocket(&parts, &fields))
+            && declares_content(fields.iter());
         let result = match checked {
+            _ if upgrade_content => {
+                drain_refused(body);
+                Err(match (checked, only_host(&fields)) {
+                    (Err(e), _) => e.into(),
+                    (Ok(_), Err(e)) => e.into(),
+                    (Ok(_), Ok(_)) if method == Method::CONNECT => {
+                        ProxyError::BadRequest(CONNECT_CONTENT.into()).into()
+                    }
+                    (Ok(_), Ok(_)) => ProxyError::BadRequest(WEBSOCKET_CONTENT.into()).into(),
+                })
+            }
             Err(e) => Err(e.into()),
             // (A forward checks its Host where it replaces it.)
             Ok(caller) if method == Method::CONNECT => match only_host(&fields) {
                 Err(e) => Err(e.into()),
-                // A CONNECT has no content (RFC 9110 §9.3.6): hyper would read
-                // what follows its head as a body, and the first tunnel
-                // bytes (a ClientHello sent at once) would be lost.
-                Ok(_) if declares_content(fields.iter()) => {
-                    drain_refused(body);
-                    Err(ProxyError::BadRequest(CONNECT_CONTENT.into()).into())
-                }
                 Ok(_) => {
                     let req = Request::from_parts(parts, body);
                     self.connect(
@@ -374,16 +389,6 @@ impl Proxy {
             },
             // A WebSocket's opening handshake (hyper's server takes it; the
             // fast path's requests are never one): relayed as a tunnel.
-            Ok(_)
-                if matches!(fields, Fields::Map(_))
-                    && asks_websocket(&parts, &fields)
-                    && declares_content(fields.iter()) =>
-            {
-                // A handshake has no content (RFC 6455 §4.1): what followed
-                // the head would be read as the WebSocket's first bytes.
-                drain_refused(body);
-                Err(ProxyError::BadRequest(WEBSOCKET_CONTENT.into()).into())
-            }
             Ok(caller) if matches!(fields, Fields::Map(_)) && asks_websocket(&parts, &fields) => {
                 let sticky = (caller.sticky.as_ref(), caller.standing.clone());
                 let entry = abandoned.entry.as_deref().cloned();
