@@ -1233,11 +1233,11 @@ impl Sites {
     /// sites a second against 1 000 entries). Sites asked again keep at
     /// most [`PROTECTED_SHARE`] of the table: past it the least recently
     /// used of them count as asked once, so sites asked twice long ago do
-    /// not hold the table for ever. A site forgotten while asked once and
-    /// asked again soon after (its ghost kept: see [`Sites::ghosts`])
-    /// comes back asked again: asked once every 200 ms, with the table
-    /// turning over faster, it was forgotten between each two requests and
-    /// never asked again.
+    /// not hold the table for ever. A site forgotten and asked again soon
+    /// after (its ghost kept: see [`Sites::ghosts`]) comes back with its
+    /// uses and one more (see [`Site::used`]): asked once every 200 ms,
+    /// with the table turning over faster, it was forgotten between each
+    /// two requests and never asked again; now it is at its third.
     fn make_room(&mut self, now: Instant, keep: &str, need: usize) {
         if self.entries() + need <= self.max_entries {
             return;
@@ -4211,8 +4211,9 @@ mod tests {
     }
 
     /// A site asked once every round, the table turning over between its
-    /// requests: forgotten once, it comes back asked again (its ghost),
-    /// and from then keeps its budget (it started over at each request).
+    /// requests: forgotten, it comes back with its uses (its ghost), asked
+    /// again at its third, and from then keeps its budget (it started over
+    /// at each request).
     #[test]
     fn a_site_forgotten_and_asked_again_soon_is_kept() {
         let active = pool(8);

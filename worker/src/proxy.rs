@@ -356,9 +356,9 @@ impl Proxy {
         // while the answer goes out (see `drain_refused`: dropped unread,
         // hyper's server closed some such connections with the answer
         // unsent, a 407 or a 400 alike).
-        let upgrade_content = (method == Method::CONNECT
-            || matches!(fields, Fields::Map(_)) && asks_websocket(&parts, &fields))
-            && declares_content(fields.iter());
+        let websocket = matches!(fields, Fields::Map(_)) && asks_websocket(&parts, &fields);
+        let upgrade_content =
+            (method == Method::CONNECT || websocket) && declares_content(fields.iter());
         let result = match checked {
             _ if upgrade_content => {
                 drain_refused(body);
@@ -389,7 +389,7 @@ impl Proxy {
             },
             // A WebSocket's opening handshake (hyper's server takes it; the
             // fast path's requests are never one): relayed as a tunnel.
-            Ok(caller) if matches!(fields, Fields::Map(_)) && asks_websocket(&parts, &fields) => {
+            Ok(caller) if websocket => {
                 let sticky = (caller.sticky.as_ref(), caller.standing.clone());
                 let entry = abandoned.entry.as_deref().cloned();
                 // Boxed: inline, its state made every request's future
