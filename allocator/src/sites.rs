@@ -4115,22 +4115,37 @@ mod tests {
     /// pushed it out by last use: 100 served of a budget of 40).
     #[test]
     fn a_crawler_asking_each_site_twice_at_once_does_not_push_out_a_busy_site() {
+        let served = busy_beside_a_crawler(20, 200, |s, active, round, t| {
+            for i in 0..100 {
+                let t = t + Duration::from_millis(1 + i);
+                let site = format!("s{round}-{i}.com");
+                take(s, &site, active, 1, t);
+                take(s, &site, active, 1, t + Duration::from_micros(500));
+            }
+        });
+        assert_eq!(served, 40, "the busy site's budget was forgotten");
+    }
+
+    /// What a busy site asking 5 at a time at each of `rounds` rounds
+    /// `every` ms apart is served under `*=5/1h` over 8 addresses (40 at
+    /// most) in a table of 64 entries, `crawl(sites, pool, round, t)`
+    /// asking other sites after each of its rounds.
+    fn busy_beside_a_crawler(
+        rounds: u64,
+        every: u64,
+        mut crawl: impl FnMut(&mut Sites, &[Segment], u64, Instant),
+    ) -> usize {
         let active = pool(8);
         let t0 = Instant::now();
         let mut s = Sites::with_epoch(rules(&["*=5/1h"]), 64, t0);
         let mut served = 0;
-        for round in 0..20u64 {
-            let t = t0 + Duration::from_millis(1 + round * 200);
+        for round in 0..rounds {
+            let t = t0 + Duration::from_millis(1 + round * every);
             served += take(&mut s, "busy.com", &active, 5, t).len();
-            for i in 0..100 {
-                let t = t + Duration::from_millis(1 + i);
-                let site = format!("s{round}-{i}.com");
-                take(&mut s, &site, &active, 1, t);
-                take(&mut s, &site, &active, 1, t + Duration::from_micros(500));
-                assert!(s.entries() <= 64, "{}", s.entries());
-            }
+            crawl(&mut s, &active, round, t);
+            assert!(s.entries() <= 64, "{}", s.entries());
         }
-        assert_eq!(served, 40, "the busy site's budget was forgotten");
+        served
     }
 
     /// A crawler asking each site's `robots.txt`, then (0.3 s later) its
@@ -4140,21 +4155,14 @@ mod tests {
     /// again outright: 50 served of a budget of 40).
     #[test]
     fn a_crawlers_second_request_after_its_site_was_forgotten_is_no_asking_again() {
-        let active = pool(8);
-        let t0 = Instant::now();
-        let mut s = Sites::with_epoch(rules(&["*=5/1h"]), 64, t0);
-        let mut served = 0;
-        for round in 0..10u64 {
-            let t = t0 + Duration::from_millis(1 + round * 700);
-            served += take(&mut s, "busy.com", &active, 5, t).len();
+        let served = busy_beside_a_crawler(10, 700, |s, active, round, t| {
             for pass in 0..2u64 {
                 for i in 0..100 {
                     let t = t + Duration::from_millis(1 + pass * 300 + i);
-                    take(&mut s, &format!("s{round}-{i}.com"), &active, 1, t);
-                    assert!(s.entries() <= 64, "{}", s.entries());
+                    take(s, &format!("s{round}-{i}.com"), active, 1, t);
                 }
             }
-        }
+        });
         assert_eq!(served, 40, "the busy site's budget was forgotten");
     }
 
