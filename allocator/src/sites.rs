@@ -2107,8 +2107,7 @@ impl Sites {
         let p = self.pairs.get_mut(&(id, self.rules.key(ip)))?;
         p.prune(window, t);
         let (until, block) = match p.blocked(limit, t, false) {
-            Some((until, true)) => (until, Block::Cooling),
-            Some((until, false)) => (until, Block::Budget),
+            Some((until, cooling)) => (until, Block::of_throttled(cooling)),
             // The site's other requests refused within the window: the
             // sessions here keep to their share.
             None => {

@@ -40,6 +40,17 @@ pub enum Block {
     Shared,
 }
 
+impl Block {
+    /// A refusal's block as `Response::Throttled` says it (`cooling`, else
+    /// the budget spent).
+    pub fn of_throttled(cooling: bool) -> Block {
+        match cooling {
+            true => Block::Cooling,
+            false => Block::Budget,
+        }
+    }
+}
+
 /// The site of `host` (a name or an address, brackets allowed), lower-case
 /// and without a trailing dot. A name with no registrable part (`localhost`,
 /// a bare public suffix) is its own site.

@@ -213,28 +213,27 @@ fn throttled_text(site: &str, block: Block, retry_after: Duration, session: bool
     // Named by what frees first: the other addresses may be held by the
     // other block (a spent budget beside a cooldown), so "every address
     // is cooling" was said of addresses only out of budget.
-    let cooling = block == Block::Cooling;
-    match (cooling, session) {
+    match (block, session) {
         // (Only a session's request is held at the sessions' share; it
         // was told the address had spent its budget, with half of it left
         // for the site's other requests.)
-        _ if block == Block::Shared => format!(
+        (Block::Shared, _) => format!(
             "the session's address has served the sessions' share of its budget for {site} (half) while other requests wait for the rest; retry in {secs} s"
         ),
-        (true, false) => format!(
+        (Block::Cooling, false) => format!(
             "no address may serve {site} now; the first to free is cooling down for {site} after it pushed back; retry in {secs} s"
         ),
         // (A session keeps its address for after the cooldown; a new one
         // is refused only when no address may serve.)
-        (true, true) => format!(
+        (Block::Cooling, true) => format!(
             "the session's address is cooling down for {site} after it pushed back; retry in {secs} s (a session not yet started is refused so only when no address may serve {site}, the first to free cooling)"
         ),
-        (false, false) => format!(
+        (Block::Budget, false) => format!(
             "site budget exhausted for {site}: no address may serve it now, the first to free has spent its budget; retry in {secs} s"
         ),
         // (Sent on, the site would see more than its limit from the
         // address, and push back.)
-        (false, true) => format!(
+        (Block::Budget, true) => format!(
             "the session's address has spent its budget for {site}; retry in {secs} s (a session not yet started is refused so only when no address may serve {site}, the first to free out of budget)"
         ),
     }

@@ -1244,10 +1244,7 @@ fn site_answer(answer: Response) -> Result<Granted, LeaseError> {
             cooling,
         } => Err(LeaseError::Throttled {
             retry_after: Duration::from_millis(retry_after_ms),
-            block: match cooling {
-                true => rotor_protocol::Block::Cooling,
-                false => rotor_protocol::Block::Budget,
-            },
+            block: rotor_protocol::Block::of_throttled(cooling),
         }),
         other => Err(LeaseError::Unexpected(format!("{other:?}"))),
     }

@@ -1662,13 +1662,13 @@ fn log_tunnel(
 
 /// The body of a request refused for declaring content it may not have
 /// (a CONNECT's, a WebSocket handshake's), read and thrown away off the
-/// request's task while the 400 goes out: a second, 64 KiB at most
-/// (hyper's server closes the connection after the 400 once it is done
-/// with the body). Dropped unread before the 400 was written, hyper's
-/// server took the content for the start of the upgrade it asked for and
-/// closed the connection with the 400 unsent (3 in 20 on a connection it
-/// served after a chunked upload; the fast path refuses these heads itself
-/// on the connections it serves).
+/// request's task while the answer (a 400, a 407) goes out: a second,
+/// 64 KiB at most (hyper's server closes the connection after the answer
+/// once it is done with the body). Dropped unread before the answer was
+/// written, hyper's server took the content for the start of the upgrade
+/// it asked for and closed the connection with the answer unsent (3 in 20
+/// on a connection it served after a chunked upload; the fast path
+/// refuses these heads itself on the connections it serves).
 fn drain_refused<B: ClientBody>(body: B) {
     use http_body_util::BodyExt;
     tokio::spawn(async move {
