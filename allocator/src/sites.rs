@@ -1281,7 +1281,9 @@ impl Sites {
             Some(_) => (Ms::MAX, u64::MAX),
         };
         drop(again);
-        let mut by_use: Vec<(bool, bool, Ms, u64, usize)> = self
+        // (Cooling, protected, last use, id, entries.)
+        type Candidate = (bool, bool, Ms, u64, usize);
+        let mut by_use: Vec<Candidate> = self
             .sites
             .iter()
             .filter(|(k, _)| &***k != keep)
@@ -1299,13 +1301,27 @@ impl Sites {
         // the table is free: each pass goes over every pair, so it must
         // free enough not to be made again at the next new entry (a site
         // holding most of the table beside a few small ones had freed an
-        // entry or two a pass, a pass a lease). A large site is forgotten
-        // only as the least recently used, as before.
+        // entry or two a pass, a pass a lease). A large site is trimmed
+        // only as one of the least recently used (below).
         let n = (by_use.len() / 8).max(1);
         by_use.select_nth_unstable(n - 1);
         let want = need.max(self.max_entries / 8);
-        let mut freed: usize = by_use[..n].iter().map(|v| v.4).sum();
-        let mut gone: std::collections::HashSet<u64> = by_use[..n].iter().map(|v| v.3).collect();
+        // A large site (past an eighth of the table) among the least
+        // recently used loses its least recently used pairs, as many as
+        // make the room, not all of them: forgotten whole, every address
+        // it had spent served it again (a site of 15 entries under
+        // `1/1h` in a table of 16 had 15 more requests served after each
+        // other site's request; now 2, from the addresses nearest to
+        // freeing anyway).
+        let (large, small): (Vec<&Candidate>, Vec<_>) =
+            by_use[..n].iter().partition(|v| v.4 > want);
+        let mut freed: usize = small.iter().map(|v| v.4).sum();
+        let mut gone: std::collections::HashSet<u64> = small.iter().map(|v| v.3).collect();
+        let trimmed = match want.saturating_sub(freed) {
+            0 => HashSet::new(),
+            short => self.least_used_pairs(large.iter().map(|v| v.3).collect(), short, t),
+        };
+        freed += trimmed.len();
         if freed < want && n < by_use.len() {
             // The least recently used of the rest first: a heap (made in
             // one pass) popped as far as needed, not a sort of them all.
@@ -1338,14 +1354,54 @@ impl Sites {
             keep
         });
         self.ghosts = ghosts;
-        self.pairs.retain(|(id, _), _| !gone.contains(id));
+        self.pairs
+            .retain(|k, _| !gone.contains(&k.0) && !trimmed.contains(k));
+        if !trimmed.is_empty() {
+            let mut lost: HashMap<u64, u32> = HashMap::new();
+            for (id, _) in &trimmed {
+                *lost.entry(*id).or_default() += 1;
+            }
+            for s in self.sites.values_mut() {
+                if let Some(n) = lost.get(&s.id) {
+                    s.pairs -= n;
+                    // (Its last refusal counted the pairs forgotten.)
+                    s.refused = Refused::default();
+                }
+            }
+            if self
+                .full_frees
+                .is_some_and(|(id, _)| lost.contains_key(&id))
+            {
+                self.full_frees = None;
+            }
+        }
         if crate::due(&mut self.full_logged, now, Duration::from_secs(60)) {
             tracing::warn!(
                 max = self.max_entries,
                 forgot = n,
-                "the site table is full: the least recently used sites were forgotten (their budgets start over); raise --max-site-entries"
+                addresses = trimmed.len(),
+                "the site table is full: the least recently used sites, or a large site's least recently used addresses, were forgotten (their budgets start over); raise --max-site-entries"
             );
         }
+    }
+
+    /// Up to `n` pairs of the sites `ids` to forget, the least recently
+    /// used first: those free soonest (their last start leaves its window
+    /// first), cooling ones last (forgotten, the address it asked to rest
+    /// would serve the site's next request).
+    fn least_used_pairs(&self, ids: HashSet<u64>, n: usize, t: Ms) -> HashSet<(u64, IpAddr)> {
+        if ids.is_empty() {
+            return HashSet::new();
+        }
+        let mut pairs: Vec<((bool, Ms), (u64, IpAddr))> = (self.pairs.iter())
+            .filter(|((id, _), _)| ids.contains(id))
+            .map(|(k, p)| ((p.cool_until > t, p.idle_at()), *k))
+            .collect();
+        if pairs.len() > n {
+            pairs.select_nth_unstable(n - 1);
+            pairs.truncate(n);
+        }
+        pairs.into_iter().map(|(_, k)| k).collect()
     }
 
     /// Counts a request of `ip` (a key: see [`Rules::key`]) to the site
@@ -4179,6 +4235,54 @@ mod tests {
         assert_eq!(s.sites.len(), 1);
         let t = t0 + Duration::from_secs(1);
         assert_eq!(take(&mut s, "new.com", &active, 1, t).len(), 1);
+    }
+
+    /// A site holding most of the table, among the least recently used
+    /// when another site asks, loses only the room asked for (an eighth
+    /// of the table), from its pairs that free soonest and not cooling:
+    /// forgotten whole, each of its spent addresses served it again.
+    #[test]
+    fn a_large_site_loses_its_least_used_pairs_not_all() {
+        let active = pool(14);
+        let t0 = Instant::now();
+        let mut s = Sites::with_epoch(rules(&["*=1/1h"]), 16, t0);
+        let ms = |i: u64| t0 + Duration::from_millis(i);
+        // 15 entries: the site and 14 pairs (its whole pool spent), the
+        // first started first.
+        assert_eq!(take(&mut s, "big.com", &active, 14, ms(0)).len(), 14);
+        // One of its addresses cools: kept before the rest.
+        assert!(s.pushback(
+            "big.com",
+            ip(1),
+            429,
+            Some(Duration::from_secs(600)),
+            ms(200)
+        ));
+        assert_eq!(s.entries(), 15);
+        let spent = |s: &Sites| {
+            let id = s.sites["big.com"].id;
+            let mut v: Vec<u8> = (s.pairs.keys())
+                .filter(|(i, _)| *i == id)
+                .map(|(_, ip)| match ip {
+                    IpAddr::V4(a) => a.octets()[3],
+                    _ => 0,
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(spent(&s), (1..=14).collect::<Vec<u8>>());
+        // Another site asks: an eighth of 16 (2 entries) is made room for.
+        assert_eq!(take(&mut s, "new.com", &active, 1, ms(1_000)).len(), 1);
+        // Its two least used (2 and 3: 1 cools) forgotten; the rest kept.
+        assert_eq!(
+            spent(&s),
+            [&[1][..], &(4..=14).collect::<Vec<u8>>()].concat()
+        );
+        // The big site's next requests: from those two only (all 14 had
+        // been served again).
+        let again = take(&mut s, "big.com", &active, 40, ms(2_000));
+        assert_eq!(again, [2, 3]);
     }
 
     /// A ghost keeps a site's uses and the second of its last use, to the

@@ -484,6 +484,42 @@ async fn a_site_is_its_registrable_domain_for_plain_requests_and_tunnels() {
     );
 }
 
+/// A site holding most of a full site table keeps its budgets when
+/// another site asks: it loses only an eighth of the table (its two pairs
+/// nearest to freeing), not every entry (before, it was forgotten whole
+/// and each of its spent addresses served it again).
+#[tokio::test]
+async fn a_site_filling_the_table_keeps_its_budgets_when_another_asks() {
+    let origin = Origin::start().await;
+    let other = Origin::start_on("127.0.0.20:0".parse().unwrap()).await;
+    let alloc = Allocator::start(&[
+        "--pool",
+        "127.0.0.2-127.0.0.15",
+        "--site-limit",
+        "*=1/1h",
+        "--max-site-entries",
+        "16",
+    ])
+    .await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    let url = origin.url("/");
+    // Its 14 addresses spent: 15 entries of 16.
+    for i in 0..14 {
+        assert_eq!(get(w.addr, &url).await.status, 200, "request {i}");
+    }
+    assert_eq!(get(w.addr, &url).await.status, 429);
+    assert_eq!(status_json(&alloc.socket)["sites"]["entries"], 15);
+    assert_eq!(get(w.addr, &other.url("/")).await.status, 200);
+    let mut served = 0;
+    for _ in 0..14 {
+        if get(w.addr, &url).await.status == 200 {
+            served += 1;
+        }
+    }
+    assert_eq!(served, 2, "{:?}", sources_since(&origin, 14));
+    assert_eq!(origin.count(), 16);
+}
+
 #[tokio::test]
 async fn budgets_survive_a_worker_restart() {
     let origin = Origin::start().await;
