@@ -14,6 +14,7 @@ mod handshake;
 mod message;
 pub mod netlink;
 mod report;
+mod rewind;
 pub mod routes;
 mod segment;
 mod site;
@@ -57,6 +58,7 @@ pub use message::{
     UNREACHED_DESTINATIONS, UNREACHED_LISTED, WORKERS_LISTED, WORKER_COUNTERS,
 };
 pub use report::{error_chain, Moment, ERROR_KINDS};
+pub use rewind::Rewind;
 pub use segment::{
     cover, from_u128, order, random_bytes, random_order_key, set_order, to_u128, Family, Order,
     OrderKey, PrefixSet, Segment,

@@ -20,8 +20,10 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, StatusCode, Uri, Version};
 use http_body::Body;
 use http_body_util::{BodyExt, Either, Empty, Full};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
+
+pub use rotor_protocol::Rewind;
 
 use crate::fields::{Fields, Spans, Wire};
 use crate::h1::{write_data, MAX_HEADERS};
@@ -1016,79 +1018,6 @@ fn date(out: &mut Vec<u8>) {
     });
 }
 
-/// A connection with bytes already read of it in front: what hyper's server
-/// is given when the fast path hands a connection over.
-pub struct Rewind<I> {
-    prefix: Bytes,
-    inner: I,
-}
-
-impl<I> Rewind<I> {
-    pub fn new(prefix: Bytes, inner: I) -> Rewind<I> {
-        Rewind { prefix, inner }
-    }
-
-    /// The bytes not read yet, and the connection.
-    pub fn into_parts(self) -> (Bytes, I) {
-        (self.prefix, self.inner)
-    }
-
-    pub fn get_ref(&self) -> &I {
-        &self.inner
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            if self.prefix.is_empty() {
-                // Read whole: the fast path's buffer goes with it, not
-                // when the connection does.
-                self.prefix = Bytes::new();
-            }
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -1131,18 +1060,6 @@ mod tests {
         assert!(buf.capacity() <= super::KEEP_BUFFER);
     }
 
-    /// A handover's bytes, read whole, are let go (the buffer they are in
-    /// is the fast path's, up to 128 KiB).
-    #[tokio::test]
-    async fn a_rewind_read_whole_lets_its_buffer_go() {
-        use tokio::io::AsyncReadExt;
-        let prefix = bytes::Bytes::from(vec![7u8; 1000]);
-        let (a, _b) = tokio::io::duplex(64);
-        let mut r = super::Rewind::new(prefix.clone(), a);
-        let mut got = [0u8; 1000];
-        r.read_exact(&mut got).await.unwrap();
-        assert!(prefix.is_unique(), "the rewind still holds its buffer");
-    }
     use super::*;
 
     fn take(text: &str) -> (Take, BytesMut) {
