@@ -865,6 +865,8 @@ pub async fn serve(
     // most): past these, a connection is closed at once, so a flood
     // cannot take the allocator's descriptors.
     let refusing = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
+    // Scrapes served past the places (see `past_the_places`).
+    let scrapes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES_PAST));
     let peers = PeerCounts::default();
     loop {
         let (stream, peer) = tokio::select! {
@@ -887,33 +889,8 @@ pub async fn serve(
                 drop(stream);
                 continue;
             };
-            let alloc = alloc.clone();
-            tokio::spawn(async move {
-                let _refusal = refusal;
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut stream = stream;
-                let busy: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
-                // The answer, a FIN, and what the client sent read for a
-                // moment: closed unread, the kernel would reset the
-                // connection, perhaps before the client read the answer.
-                let _ = tokio::time::timeout(std::time::Duration::from_millis(500), async {
-                    // A load balancer's `GET /health` is answered as it
-                    // would be, full or not: clients holding every place
-                    // must not take the host out of its rotation.
-                    let mut head = [0u8; 64];
-                    let n = stream.read(&mut head).await?;
-                    let answer = match head[..n].starts_with(b"GET /health ") {
-                        true => health_line(&alloc),
-                        false => busy.to_vec(),
-                    };
-                    stream.write_all(&answer).await?;
-                    stream.shutdown().await?;
-                    let mut sink = [0u8; 1024];
-                    while stream.read(&mut sink).await? > 0 {}
-                    Ok::<_, std::io::Error>(())
-                })
-                .await;
-            });
+            let (alloc, scrapes, stop) = (alloc.clone(), scrapes.clone(), shutdown.clone());
+            tokio::spawn(past_the_places(stream, alloc, refusal, scrapes, stop));
             continue;
         };
         let alloc = alloc.clone();
@@ -921,39 +898,120 @@ pub async fn serve(
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let (_permit, _place) = (permit, place);
-            let svc =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let alloc = alloc.clone();
-                    // The token in use when the request came.
-                    let token = token.as_ref().map(|t| t.current());
-                    async move {
-                        Ok::<_, std::convert::Infallible>(
-                            answer(req, &alloc, token.as_deref()).await,
-                        )
-                    }
-                });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .timer(hyper_util::rt::TokioTimer::new())
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            // A connection is served a minute; then an answer in flight (a
-            // large pool's scrape to a slow scraper) is finished, for a
-            // minute more at most, and it closes: cut at once, a scrape
-            // kept alive across the minute would arrive truncated.
-            let lifetime = std::time::Duration::from_secs(60);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = tokio::time::sleep(lifetime) => {}
-                _ = stop.cancelled() => return,
-            }
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                _ = tokio::time::timeout(lifetime, conn) => {}
-                _ = stop.cancelled() => {}
-            }
+            serve_connection(stream, alloc, token, stop, true).await;
         });
     }
+}
+
+/// Serves one connection of the listener: its requests while `keep_alive`,
+/// else one; the admin API with `token`.
+async fn serve_connection<I>(
+    io: I,
+    alloc: std::sync::Arc<crate::state::Allocator>,
+    token: Option<std::sync::Arc<AdminToken>>,
+    stop: tokio_util::sync::CancellationToken,
+    keep_alive: bool,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let alloc = alloc.clone();
+        // The token in use when the request came.
+        let token = token.as_ref().map(|t| t.current());
+        async move { Ok::<_, std::convert::Infallible>(answer(req, &alloc, token.as_deref()).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .header_read_timeout(std::time::Duration::from_secs(10))
+        .keep_alive(keep_alive)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    // A connection is served a minute; then an answer in flight (a large
+    // pool's scrape to a slow scraper) is finished, for a minute more at
+    // most, and it closes: cut at once, a scrape kept alive across the
+    // minute would arrive truncated.
+    let lifetime = std::time::Duration::from_secs(60);
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = tokio::time::sleep(lifetime) => {}
+        _ = stop.cancelled() => return,
+    }
+    conn.as_mut().graceful_shutdown();
+    tokio::select! {
+        _ = tokio::time::timeout(lifetime, conn) => {}
+        _ = stop.cancelled() => {}
+    }
+}
+
+/// A connection past the listener's places (every one held, or its
+/// address's): answered at once, not left in the listen queue. A load
+/// balancer's `GET /health` is answered as it would be, and a scrape
+/// (`GET` or `HEAD /metrics`) is served, [`MAX_SCRAPES_PAST`] at once,
+/// that one request: clients holding every place (stalled, a flood) must
+/// neither take the host out of its rotation nor leave Prometheus without
+/// its scrape (it got 503s for up to 10 s, their header timeout). Else
+/// 503.
+async fn past_the_places(
+    mut stream: tokio::net::TcpStream,
+    alloc: std::sync::Arc<crate::state::Allocator>,
+    refusal: tokio::sync::OwnedSemaphorePermit,
+    scrapes: std::sync::Arc<tokio::sync::Semaphore>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Half a second for the request line, the answer and a FIN, and what
+    // the client sent read for a moment: closed unread, the kernel would
+    // reset the connection, perhaps before the client read the answer.
+    let by = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
+    let mut head = Vec::with_capacity(REQUEST_LINE);
+    let _ = tokio::time::timeout_at(by, async {
+        let mut buf = [0u8; REQUEST_LINE];
+        while head.len() < REQUEST_LINE && !head.contains(&b'\n') {
+            let n = stream.read(&mut buf[..REQUEST_LINE - head.len()]).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    if is_scrape(&head) {
+        if let Ok(slot) = scrapes.try_acquire_owned() {
+            drop(refusal);
+            let io = rotor_protocol::Rewind::new(head.into(), stream);
+            serve_connection(io, alloc, None, stop, false).await;
+            drop(slot);
+            return;
+        }
+    }
+    let answer = match head.starts_with(b"GET /health ") {
+        true => health_line(&alloc),
+        false => {
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                .to_vec()
+        }
+    };
+    let _ = tokio::time::timeout_at(by, async {
+        stream.write_all(&answer).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 1024];
+        while stream.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    drop(refusal);
+}
+
+/// Whether a request line (or its start) is a scrape: `GET` or `HEAD` of
+/// `/metrics`, a query or not.
+fn is_scrape(line: &[u8]) -> bool {
+    let Some(target) = (line.strip_prefix(b"GET ")).or_else(|| line.strip_prefix(b"HEAD ")) else {
+        return false;
+    };
+    target
+        .strip_prefix(b"/metrics")
+        .is_some_and(|rest| rest.starts_with(b" ") || rest.starts_with(b"?"))
 }
 
 /// The status and body of a `GET /health` (see `Allocator::health`).
@@ -994,6 +1052,10 @@ const MAX_CONNECTIONS: usize = 64;
 const MAX_PER_PEER: usize = 8;
 /// 503s being answered at once.
 const MAX_REFUSING: usize = 256;
+/// Scrapes served at once past the places (see `past_the_places`).
+const MAX_SCRAPES_PAST: usize = 4;
+/// The most of a request line read past the places.
+const REQUEST_LINE: usize = 256;
 
 /// Open connections by client address.
 #[derive(Default, Clone)]
@@ -1354,6 +1416,31 @@ async fn admin(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scrape past the places is a `GET` or `HEAD` of `/metrics`, and
+    /// only that: the admin API and other paths get their 503.
+    #[test]
+    fn a_scrape_is_a_get_or_head_of_metrics() {
+        for line in [
+            "GET /metrics HTTP/1.1\r\n",
+            "GET /metrics?name[]=x HTTP/1.1\r\n",
+            "HEAD /metrics HTTP/1.1\r\n",
+            "GET /metrics ",
+        ] {
+            assert!(is_scrape(line.as_bytes()), "{line}");
+        }
+        for line in [
+            "GET /metricsx HTTP/1.1\r\n",
+            "GET /metrics",
+            "POST /metrics HTTP/1.1\r\n",
+            "POST /admin/release HTTP/1.1\r\n",
+            "GET / HTTP/1.1\r\n",
+            "get /metrics HTTP/1.1\r\n",
+            "",
+        ] {
+            assert!(!is_scrape(line.as_bytes()), "{line}");
+        }
+    }
 
     #[test]
     fn openmetrics_when_preferred() {

@@ -871,8 +871,9 @@ async fn an_upload_that_ends_in_rotors_error_still_counts_its_bytes() {
 
 /// Connections held open on the metrics listener (idle, or a request never
 /// finished) starve nobody: past 8 from one address a new one is answered
-/// 503 at once, another address is still served, and the allocator stops
-/// at once with them open.
+/// at once (a scrape served, four at once, anything else 503), another
+/// address is still served, and the allocator stops at once with them
+/// open.
 #[tokio::test]
 async fn held_metrics_connections_starve_no_other_client_nor_the_stop() {
     let metrics: SocketAddr = ([127, 0, 0, 1], free_port()).into();
@@ -895,9 +896,37 @@ async fn held_metrics_connections_starve_no_other_client_nor_the_stop() {
         .collect();
     std::thread::sleep(Duration::from_millis(200));
     let started = std::time::Instant::now();
-    assert_eq!(http_get(metrics, "/metrics", "text/plain").0, 503);
+    assert_eq!(http_get(metrics, "/", "text/plain").0, 503);
     // (Held up, it would wait for a place: the held heads' 10 s.)
     assert!(started.elapsed() < Duration::from_secs(5));
+    // A scrape is served all the same (it was a 503, for up to the held
+    // heads' 10 s), in the format asked for, and the connection closes.
+    let (status, body) = http(
+        metrics,
+        &format!("GET /metrics?x=1 HTTP/1.1\r\nHost: {metrics}\r\nAccept: application/openmetrics-text\r\n\r\n"),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("rotor_pool_addresses") && body.contains("# EOF"),
+        "{body}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Four scrapes at once past the places: four heads never finished
+    // hold them, and the next is a 503.
+    let stalled: Vec<std::net::TcpStream> = (0..4)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(metrics).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(http_get(metrics, "/metrics", "text/plain").0, 503);
+    drop(stalled);
+    eventually("a scrape past the places again", || async move {
+        http_get(metrics, "/metrics", "text/plain").0 == 200
+    })
+    .await;
     // A load balancer's health check is still answered as it would be
     // (no worker here: 503 with its reason), not with the refusal.
     let (status, body) = http_get(metrics, "/health", "*/*");
