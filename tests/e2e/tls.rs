@@ -1112,6 +1112,74 @@ assert b"partial-data".startswith(answer), answer
     run_python(&script).await;
 }
 
+/// What rotor took of a destination's download before its reset reaches a
+/// TLS client reading slower than it came, whole, then the reset: the
+/// session's buffered records were dropped at the reset (372 736 bytes of
+/// 400 000 came through; a plain tunnel passed all of them).
+#[tokio::test]
+async fn a_tls_tunnel_passes_on_what_came_before_a_reset_to_a_slow_reader() {
+    if !have(
+        "a_tls_tunnel_passes_on_what_came_before_a_reset_to_a_slow_reader",
+        &["openssl", "curl", "python3"],
+    ) {
+        return;
+    }
+    const SENT: usize = 400_000;
+    let p = tls_proxy(&[]).await;
+    let dest_addr = one_connection(|mut s| async move {
+        s.write_all(&vec![b'd'; SENT]).await.unwrap();
+        // Reset once rotor's side took all of it (a reset discards what
+        // the sender's own socket holds unacknowledged).
+        for _ in 0..500 {
+            let mut unacked: libc::c_int = 0;
+            // SAFETY: TIOCOUTQ writes one int; `s` is open.
+            let r = unsafe {
+                libc::ioctl(
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                    libc::TIOCOUTQ,
+                    &mut unacked,
+                )
+            };
+            if r != 0 || unacked == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    })
+    .await;
+    let script = format!(
+        r#"{PY_TLS_OVER}
+import time
+s, tls, pump, fill, answer = tunnel_over("{ca}", {port}, "{dest}")
+got = len(answer)
+end = None
+while end is None:
+    try:
+        data = tls.read(16384)
+        if not data:
+            end = "close_notify"
+        got += len(data)
+    except ssl.SSLWantReadError:
+        time.sleep(0.03)
+        try:
+            if not fill():
+                end = "closed"
+        except ConnectionResetError:
+            end = "reset"
+    except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as e:
+        end = repr(e)
+assert (end, got) == ("reset", {SENT}), (end, got)
+"#,
+        ca = p.ca.display(),
+        port = p.tls.port(),
+        dest = dest_addr,
+    );
+    run_python(&script).await;
+}
+
 /// `rotor status` lists a worker's TLS listener beside its others.
 #[tokio::test]
 async fn status_lists_the_tls_listener() {

@@ -132,6 +132,16 @@ pub fn splice(from: &impl AsFd, to: &impl AsFd, len: usize) -> io::Result<usize>
 
 /// The kernel's smoothed round-trip estimate of a TCP socket, in µs.
 pub fn smoothed_rtt_us(sock: &impl AsRawFd) -> Option<u32> {
+    tcp_info(
+        sock.as_raw_fd(),
+        std::mem::offset_of!(libc::tcp_info, tcpi_rtt) + 4,
+    )
+    .map(|i| i.tcpi_rtt)
+}
+
+/// A TCP socket's `TCP_INFO`, if the kernel wrote `need` bytes of it at
+/// least.
+fn tcp_info(fd: std::os::fd::RawFd, need: usize) -> Option<libc::tcp_info> {
     let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: `info` is a zeroed tcp_info whose size `len` gives; the
@@ -139,7 +149,7 @@ pub fn smoothed_rtt_us(sock: &impl AsRawFd) -> Option<u32> {
     // TCP_INFO.)
     let r = unsafe {
         libc::getsockopt(
-            sock.as_raw_fd(),
+            fd,
             libc::IPPROTO_TCP,
             libc::TCP_INFO,
             info.as_mut_ptr().cast(),
@@ -148,8 +158,15 @@ pub fn smoothed_rtt_us(sock: &impl AsRawFd) -> Option<u32> {
     };
     // SAFETY: zeroed is a valid tcp_info (plain integers), written or not.
     let info = unsafe { info.assume_init() };
-    let need = std::mem::offset_of!(libc::tcp_info, tcpi_rtt) + std::mem::size_of::<u32>();
-    (r == 0 && len as usize >= need).then_some(info.tcpi_rtt)
+    (r == 0 && len as usize >= need).then_some(info)
+}
+
+/// Whether a TCP socket is closed (its peer reset it): what it holds
+/// unsent is never sent.
+pub fn is_closed(fd: std::os::fd::RawFd) -> bool {
+    // <netinet/tcp.h>'s TCP_CLOSE (libc does not name the states).
+    const TCP_CLOSE: u8 = 7;
+    tcp_info(fd, 1).is_some_and(|i| i.tcpi_state == TCP_CLOSE)
 }
 
 /// Whether a TCP socket's next byte to read is at the urgent mark (TCP
