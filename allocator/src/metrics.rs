@@ -867,7 +867,8 @@ pub async fn serve(
     let refusing = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING));
     // Scrapes served past the places (see `past_the_places`).
     let scrapes = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES_PAST));
-    let peers = PeerCounts::default();
+    let peers = PeerCounts::new(MAX_PER_PEER);
+    let scrapers = PeerCounts::new(1);
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -889,8 +890,9 @@ pub async fn serve(
                 drop(stream);
                 continue;
             };
-            let (alloc, scrapes, stop) = (alloc.clone(), scrapes.clone(), shutdown.clone());
-            tokio::spawn(past_the_places(stream, alloc, refusal, scrapes, stop));
+            let scraper = (scrapes.clone(), scrapers.clone(), peer.ip());
+            let (alloc, stop) = (alloc.clone(), shutdown.clone());
+            tokio::spawn(past_the_places(stream, alloc, refusal, scraper, stop));
             continue;
         };
         let alloc = alloc.clone();
@@ -898,19 +900,20 @@ pub async fn serve(
         let stop = shutdown.clone();
         tokio::spawn(async move {
             let (_permit, _place) = (permit, place);
-            serve_connection(stream, alloc, token, stop, true).await;
+            serve_connection(stream, alloc, token, stop, (true, LIFETIME)).await;
         });
     }
 }
 
 /// Serves one connection of the listener: its requests while `keep_alive`,
-/// else one; the admin API with `token`.
+/// else one; the admin API with `token`. Served `lifetime`, then what is
+/// in flight is finished for as long again at most, and it closes.
 async fn serve_connection<I>(
     io: I,
     alloc: std::sync::Arc<crate::state::Allocator>,
     token: Option<std::sync::Arc<AdminToken>>,
     stop: tokio_util::sync::CancellationToken,
-    keep_alive: bool,
+    (keep_alive, lifetime): (bool, std::time::Duration),
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -926,11 +929,9 @@ async fn serve_connection<I>(
         .timer(hyper_util::rt::TokioTimer::new())
         .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
     tokio::pin!(conn);
-    // A connection is served a minute; then an answer in flight (a large
-    // pool's scrape to a slow scraper) is finished, for a minute more at
-    // most, and it closes: cut at once, a scrape kept alive across the
-    // minute would arrive truncated.
-    let lifetime = std::time::Duration::from_secs(60);
+    // Then an answer in flight (a large pool's scrape to a slow scraper) is
+    // finished: cut at once, a scrape kept alive across the lifetime would
+    // arrive truncated.
     tokio::select! {
         _ = conn.as_mut() => return,
         _ = tokio::time::sleep(lifetime) => {}
@@ -946,53 +947,69 @@ async fn serve_connection<I>(
 /// A connection past the listener's places (every one held, or its
 /// address's): answered at once, not left in the listen queue. A load
 /// balancer's `GET /health` is answered as it would be, and a scrape
-/// (`GET` or `HEAD /metrics`) is served, [`MAX_SCRAPES_PAST`] at once,
-/// that one request: clients holding every place (stalled, a flood) must
-/// neither take the host out of its rotation nor leave Prometheus without
-/// its scrape (it got 503s for up to 10 s, their header timeout). Else
-/// 503.
+/// (`GET` or `HEAD /metrics`) is served that one request, its head whole
+/// within half a second, for [`SCRAPE_PAST_LIFETIME`], while one of
+/// `scraper`'s [`MAX_SCRAPES_PAST`] places is free, and its address's one
+/// (`scraper`: those places, and the client's address): clients
+/// holding every place (stalled, a flood) must neither take the host out
+/// of its rotation nor leave Prometheus without its scrape (it got 503s
+/// for up to their 10 s header timeout). Else 503, once what was read
+/// can be nothing else.
 async fn past_the_places(
     mut stream: tokio::net::TcpStream,
     alloc: std::sync::Arc<crate::state::Allocator>,
     refusal: tokio::sync::OwnedSemaphorePermit,
-    scrapes: std::sync::Arc<tokio::sync::Semaphore>,
+    (scrapes, scrapers, client): (
+        std::sync::Arc<tokio::sync::Semaphore>,
+        PeerCounts,
+        std::net::IpAddr,
+    ),
     stop: tokio_util::sync::CancellationToken,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // Half a second for the request line, the answer and a FIN, and what
-    // the client sent read for a moment: closed unread, the kernel would
-    // reset the connection, perhaps before the client read the answer.
+    // Half a second for the head, the answer and a FIN, and what the
+    // client sent read for a moment: closed unread, the kernel would reset
+    // the connection, perhaps before the client read the answer.
     let by = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
-    let mut head = Vec::with_capacity(REQUEST_LINE);
+    let mut head = Vec::new();
+    let mut seen = Past::Wait;
     let _ = tokio::time::timeout_at(by, async {
-        let mut buf = [0u8; REQUEST_LINE];
-        while head.len() < REQUEST_LINE && !head.contains(&b'\n') {
-            let n = stream.read(&mut buf[..REQUEST_LINE - head.len()]).await?;
+        let mut buf = [0u8; 1024];
+        loop {
+            seen = past(&head);
+            if seen != Past::Wait || head.len() >= HEAD_PAST {
+                return Ok(());
+            }
+            let n = stream.read(&mut buf).await?;
             if n == 0 {
-                break;
+                return Ok(());
             }
             head.extend_from_slice(&buf[..n]);
         }
-        Ok::<_, std::io::Error>(())
     })
-    .await;
-    if is_scrape(&head) {
-        if let Ok(slot) = scrapes.try_acquire_owned() {
-            drop(refusal);
-            let io = rotor_protocol::Rewind::new(head.into(), stream);
-            serve_connection(io, alloc, None, stop, false).await;
-            drop(slot);
-            return;
-        }
+    .await
+    .unwrap_or(Ok::<_, std::io::Error>(()));
+    let scraper = (seen == Past::Scrape)
+        .then(|| scrapes.try_acquire_owned().ok())
+        .flatten()
+        .and_then(|slot| {
+            let place = scrapers.enter(rotor_protocol::addr::client_key(client))?;
+            Some((slot, place))
+        });
+    if let Some(scraper) = scraper {
+        drop(refusal);
+        let io = rotor_protocol::Rewind::new(head.into(), stream);
+        serve_connection(io, alloc, None, stop, (false, SCRAPE_PAST_LIFETIME)).await;
+        drop(scraper);
+        return;
     }
-    let answer = match head.starts_with(b"GET /health ") {
-        true => health_line(&alloc),
-        false => {
-            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-                .to_vec()
-        }
+    let answer = match seen {
+        Past::Health => health_line(&alloc),
+        _ => b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            .to_vec(),
     };
-    let _ = tokio::time::timeout_at(by, async {
+    // (Its own half second: a head cut off by the first one is answered.)
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), async {
         stream.write_all(&answer).await?;
         stream.shutdown().await?;
         let mut sink = [0u8; 1024];
@@ -1001,6 +1018,43 @@ async fn past_the_places(
     })
     .await;
     drop(refusal);
+}
+
+/// What the start of a request past the places is (see
+/// `past_the_places`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Past {
+    /// A `GET /health`.
+    Health,
+    /// A scrape, its head whole.
+    Scrape,
+    /// Either, read only in part.
+    Wait,
+    /// Anything else.
+    Refuse,
+}
+
+fn past(head: &[u8]) -> Past {
+    if head.starts_with(b"GET /health ") {
+        return Past::Health;
+    }
+    if is_scrape(head) {
+        return match head.windows(4).any(|w| w == b"\r\n\r\n") {
+            true => Past::Scrape,
+            false => Past::Wait,
+        };
+    }
+    let starts: [&[u8]; 5] = [
+        b"GET /health ",
+        b"GET /metrics ",
+        b"GET /metrics?",
+        b"HEAD /metrics ",
+        b"HEAD /metrics?",
+    ];
+    match starts.iter().any(|p| p.starts_with(head)) {
+        true => Past::Wait,
+        false => Past::Refuse,
+    }
 }
 
 /// Whether a request line (or its start) is a scrape: `GET` or `HEAD` of
@@ -1052,23 +1106,41 @@ const MAX_CONNECTIONS: usize = 64;
 const MAX_PER_PEER: usize = 8;
 /// 503s being answered at once.
 const MAX_REFUSING: usize = 256;
-/// Scrapes served at once past the places (see `past_the_places`).
+/// Scrapes served at once past the places (see `past_the_places`), one
+/// an address.
 const MAX_SCRAPES_PAST: usize = 4;
-/// The most of a request line read past the places.
-const REQUEST_LINE: usize = 256;
+/// The most of a scrape's head read past the places.
+const HEAD_PAST: usize = 8192;
+/// How long a scrape past the places is served (and then finished for as
+/// long again at most): Prometheus gives a scrape 10 s by default.
+const SCRAPE_PAST_LIFETIME: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a connection of the listener is served (see
+/// `serve_connection`).
+const LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Open connections by client address.
-#[derive(Default, Clone)]
-struct PeerCounts(std::sync::Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>);
+#[derive(Clone)]
+struct PeerCounts {
+    counts: std::sync::Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>>,
+    /// The most an address holds.
+    most: usize,
+}
 
 /// A connection's place in its address's count, given back when dropped.
 struct Place(PeerCounts, std::net::IpAddr);
 
 impl PeerCounts {
+    fn new(most: usize) -> PeerCounts {
+        PeerCounts {
+            counts: Default::default(),
+            most,
+        }
+    }
+
     fn enter(&self, ip: std::net::IpAddr) -> Option<Place> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(ip).or_insert(0);
-        if *n >= MAX_PER_PEER {
+        if *n >= self.most {
             return None;
         }
         *n += 1;
@@ -1078,7 +1150,7 @@ impl PeerCounts {
 
 impl Drop for Place {
     fn drop(&mut self) {
-        let mut map = self.0 .0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.0.counts.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(n) = map.get_mut(&self.1) {
             *n -= 1;
             if *n == 0 {
@@ -1416,6 +1488,30 @@ async fn admin(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the start of a request past the places is: waited for only
+    /// while it may still be a health check or a scrape, a scrape only
+    /// once its head is whole.
+    #[test]
+    fn a_request_past_the_places_is_told_apart_as_it_comes() {
+        for (head, want) in [
+            ("", Past::Wait),
+            ("GET /he", Past::Wait),
+            ("GET /health ", Past::Health),
+            ("GET /health HTTP/1.1\r\n", Past::Health),
+            ("GET /metrics", Past::Wait),
+            ("HEAD /metrics?x HTTP/1.1\r\n", Past::Wait),
+            ("GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n", Past::Scrape),
+            ("GET /metricsx", Past::Refuse),
+            ("GET / HTTP/1.1\r\n", Past::Refuse),
+            ("POST /admin/release HTTP/1.1\r\n", Past::Refuse),
+            ("\x16\x03\x01", Past::Refuse),
+            ("G", Past::Wait),
+            ("X", Past::Refuse),
+        ] {
+            assert_eq!(past(head.as_bytes()), want, "{head:?}");
+        }
+    }
 
     /// A scrape past the places is a `GET` or `HEAD` of `/metrics`, and
     /// only that: the admin API and other paths get their 503.
