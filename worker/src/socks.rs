@@ -101,6 +101,10 @@ pub enum HandshakeError {
     Command(u8),
     #[error("address type {0} not supported")]
     AddressType(u8),
+    /// (Logged as address type 3 unsupported, which sent an operator the
+    /// wrong way: a name is the type SOCKS5 clients send most.)
+    #[error("the destination name is not a host name (letters, digits, '-', '_' and dots, or an IP address)")]
+    BadName,
     #[error("port 0 is not a destination")]
     PortZero,
     #[error(transparent)]
@@ -249,7 +253,7 @@ async fn read_string<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<String> {
 /// A domain name: read (the I/O error), then checked (the inner error).
 async fn read_name<S: AsyncRead + Unpin>(s: &mut S) -> io::Result<Result<String, HandshakeError>> {
     let name = read_string(s).await?;
-    Ok(host_name(name).ok_or(HandshakeError::AddressType(3)))
+    Ok(host_name(name).ok_or(HandshakeError::BadName))
 }
 
 /// A name a SOCKS5 client sent, as a host: letters, digits, `-`, `_` and
@@ -343,6 +347,7 @@ impl HandshakeError {
             HandshakeError::Command(_) => Some((StatusCode::NOT_IMPLEMENTED, None)),
             HandshakeError::Version(_)
             | HandshakeError::AddressType(_)
+            | HandshakeError::BadName
             | HandshakeError::PortZero => Some((StatusCode::BAD_REQUEST, None)),
             HandshakeError::Refused | HandshakeError::Io(_) => None,
         }
@@ -678,7 +683,7 @@ mod tests {
         assert_eq!(out[..4], [5, 0, 5, Reply::CommandNotSupported as u8]);
         // A CONNECT to an empty name: a general failure, once all was read.
         let (r, out) = run(&[5, 1, 0, 5, 1, 0, 3, 0, 0, 80], false).await;
-        assert!(matches!(r, Err(HandshakeError::AddressType(3))), "{r:?}");
+        assert!(matches!(r, Err(HandshakeError::BadName)), "{r:?}");
         assert_eq!(out[..4], [5, 0, 5, Reply::GeneralFailure as u8]);
         // A request of another version, and a subnegotiation of another
         // version: each answered before the close, not just closed.
@@ -731,7 +736,7 @@ mod tests {
         req.extend_from_slice(b"www.exampl\\e.com");
         req.extend_from_slice(&[1, 187]);
         let (r, out) = run(&req, false).await;
-        assert!(matches!(r, Err(HandshakeError::AddressType(3))), "{r:?}");
+        assert!(matches!(r, Err(HandshakeError::BadName)), "{r:?}");
         assert_eq!(out[..4], [5, 0, 5, Reply::GeneralFailure as u8]);
     }
 
