@@ -733,6 +733,27 @@ def tunnel_over(ca, port, dest):
             assert fill(), "closed before the CONNECT answer"
     assert reply.startswith(b"HTTP/1.1 200"), reply
     return s, tls, pump, fill, reply.split(b"\r\n\r\n", 1)[1]
+def read_to_end(tls, fill, answer, pause=0.0):
+    # What comes until the tunnel's end, and how it ended; `pause` s
+    # before each read of the socket (a slow reader).
+    import time
+    end = None
+    while end is None:
+        try:
+            data = tls.read(16384)
+            if not data:
+                end = "close_notify"
+            answer += data
+        except ssl.SSLWantReadError:
+            time.sleep(pause)
+            try:
+                if not fill():
+                    end = "closed"
+            except ConnectionResetError:
+                end = "reset"
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as e:
+            end = repr(e)
+    return end, answer
 "#;
 
 /// After the handshake, a client trickling one TLS record a byte at a time
@@ -1087,21 +1108,7 @@ async fn a_tls_tunnel_passes_on_a_reset() {
     let script = format!(
         r#"{PY_TLS_OVER}
 s, tls, pump, fill, answer = tunnel_over("{ca}", {port}, "{dest}")
-end = None
-while end is None:
-    try:
-        data = tls.read(65536)
-        if not data:
-            end = "close_notify"
-        answer += data
-    except ssl.SSLWantReadError:
-        try:
-            if not fill():
-                end = "closed"
-        except ConnectionResetError:
-            end = "reset"
-    except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as e:
-        end = repr(e)
+end, answer = read_to_end(tls, fill, answer)
 assert end == "reset", (end, answer)
 assert b"partial-data".startswith(answer), answer
 "#,
@@ -1128,50 +1135,14 @@ async fn a_tls_tunnel_passes_on_what_came_before_a_reset_to_a_slow_reader() {
     let p = tls_proxy(&[]).await;
     let dest_addr = one_connection(|mut s| async move {
         s.write_all(&vec![b'd'; SENT]).await.unwrap();
-        // Reset once rotor's side took all of it (a reset discards what
-        // the sender's own socket holds unacknowledged).
-        for _ in 0..500 {
-            let mut unacked: libc::c_int = 0;
-            // SAFETY: TIOCOUTQ writes one int; `s` is open.
-            let r = unsafe {
-                libc::ioctl(
-                    std::os::fd::AsRawFd::as_raw_fd(&s),
-                    libc::TIOCOUTQ,
-                    &mut unacked,
-                )
-            };
-            if r != 0 || unacked == 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        socket2::SockRef::from(&s)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
+        reset_once_taken(s).await;
     })
     .await;
     let script = format!(
         r#"{PY_TLS_OVER}
-import time
 s, tls, pump, fill, answer = tunnel_over("{ca}", {port}, "{dest}")
-got = len(answer)
-end = None
-while end is None:
-    try:
-        data = tls.read(16384)
-        if not data:
-            end = "close_notify"
-        got += len(data)
-    except ssl.SSLWantReadError:
-        time.sleep(0.03)
-        try:
-            if not fill():
-                end = "closed"
-        except ConnectionResetError:
-            end = "reset"
-    except (ssl.SSLEOFError, ssl.SSLZeroReturnError) as e:
-        end = repr(e)
-assert (end, got) == ("reset", {SENT}), (end, got)
+end, answer = read_to_end(tls, fill, answer, 0.03)
+assert (end, len(answer)) == ("reset", {SENT}), (end, len(answer))
 "#,
         ca = p.ca.display(),
         port = p.tls.port(),

@@ -348,26 +348,7 @@ async fn a_reset_comes_after_what_was_taken_before_it() {
     const SENT: usize = 1 << 20;
     let (server, _) = recording_server(|mut s: TcpStream| async move {
         s.write_all(&vec![b'x'; SENT]).await.unwrap();
-        // Reset once rotor has taken all of it (a reset discards what the
-        // sender's own socket holds unacknowledged).
-        for _ in 0..500 {
-            let mut unacked: libc::c_int = 0;
-            // SAFETY: TIOCOUTQ writes one int; `s` is open.
-            let r = unsafe {
-                libc::ioctl(
-                    std::os::fd::AsRawFd::as_raw_fd(&s),
-                    libc::TIOCOUTQ,
-                    &mut unacked,
-                )
-            };
-            if r != 0 || unacked == 0 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        socket2::SockRef::from(&s)
-            .set_linger(Some(std::time::Duration::ZERO))
-            .unwrap();
+        reset_once_taken(s).await;
     })
     .await;
     let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;

@@ -1507,3 +1507,27 @@ pub async fn worker_logging_json_to(socket: &Path, log: &Path, extra: &[&str]) -
     args.extend_from_slice(&["--access-log-format", "json"]);
     Worker::start(socket, &args).await
 }
+
+/// Resets `s` (a destination's side) once its peer took all it sent, 5 s
+/// at most: a reset discards what the sender's own socket holds
+/// unacknowledged.
+pub async fn reset_once_taken(s: tokio::net::TcpStream) {
+    for _ in 0..500 {
+        let mut unacked: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int; `s` is open.
+        let r = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::TIOCOUTQ,
+                &mut unacked,
+            )
+        };
+        if r != 0 || unacked == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+}

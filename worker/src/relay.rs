@@ -1216,6 +1216,23 @@ mod tests {
         }
     }
 
+    /// A tunnel relayed spliced (`pipes`), copied, or (`copied`) through
+    /// the copy path a TLS client takes.
+    fn spawn_in_mode(
+        client: TcpStream,
+        up: TcpStream,
+        (pipes, copied): (bool, bool),
+    ) -> tokio::task::JoinHandle<io::Result<()>> {
+        match copied {
+            false => spawn_relay(client, Bytes::new(), up, Activity::new(), pipes),
+            true => tokio::spawn(async move {
+                let fd = Some(client.as_raw_fd());
+                let (activity, stall) = (Activity::new(), Duration::from_secs(300));
+                copy_tunnel((client, fd), Bytes::new(), up, &activity, stall).await
+            }),
+        }
+    }
+
     /// A tunnel rotor ends itself (its relay dropped: the drain's cut,
     /// silence, a revoked user) is reset on both sides, not closed with
     /// the FIN that would tell a client reading to the end that a cut
@@ -1226,14 +1243,7 @@ mod tests {
         for (pipes, copied) in [(true, false), (false, false), (false, true)] {
             let (mut client, relay_client) = socket_pair().await;
             let (relay_up, mut server) = socket_pair().await;
-            let relay = match copied {
-                false => spawn_relay(relay_client, Bytes::new(), relay_up, Activity::new(), pipes),
-                true => tokio::spawn(async move {
-                    let fd = Some(relay_client.as_raw_fd());
-                    let (activity, stall) = (Activity::new(), Duration::from_secs(300));
-                    copy_tunnel((relay_client, fd), Bytes::new(), relay_up, &activity, stall).await
-                }),
-            };
+            let relay = spawn_in_mode(relay_client, relay_up, (pipes, copied));
             server.write_all(b"part of a download").await.unwrap();
             let mut got = [0u8; 18];
             client.read_exact(&mut got).await.unwrap();
@@ -1273,14 +1283,7 @@ mod tests {
             let case = format!("pipes {pipes}, copied {copied}");
             let (client, relay_client) = socket_pair().await;
             let (relay_up, mut server) = socket_pair().await;
-            let relay = match copied {
-                false => spawn_relay(relay_client, Bytes::new(), relay_up, Activity::new(), pipes),
-                true => tokio::spawn(async move {
-                    let fd = Some(relay_client.as_raw_fd());
-                    let (activity, stall) = (Activity::new(), Duration::from_secs(300));
-                    copy_tunnel((relay_client, fd), Bytes::new(), relay_up, &activity, stall).await
-                }),
-            };
+            let relay = spawn_in_mode(relay_client, relay_up, (pipes, copied));
             let (mut from, mut to) = client.into_split();
             let upload = tokio::spawn(async move {
                 let chunk = vec![b'u'; 64 << 10];
