@@ -148,7 +148,8 @@ where
     let client = IdleIo::new(client, activity.clone());
     let client = Stalls::new(client, client_fd, stall, activity.clone());
     let fd = Some(upstream.as_raw_fd());
-    let upstream = Stalls::new(upstream, fd, stall, activity.clone());
+    let mut upstream = Stalls::new(upstream, fd, stall, activity.clone());
+    upstream.taking = upstream.taking.watching(client_fd);
     // Each way on its own (see `both_ways`).
     let (mut client_r, mut client_w) = tokio::io::split(client);
     let (mut upstream_r, mut upstream_w) = tokio::io::split(upstream);
@@ -350,7 +351,7 @@ impl<T> Stalls<T> {
         if r.is_ready() {
             if self.waiting {
                 self.waiting = false;
-                self.taking = Taking::new(self.taking.fd, self.taking.stall);
+                self.taking = self.taking.fresh();
             }
             return r;
         }
@@ -556,6 +557,8 @@ async fn one_way(
 ) -> io::Result<()> {
     let mut total = 0u64;
     let mut buf: Option<Box<[u8]>> = None;
+    // An upload's waits watch the client's socket (see `Taking::watching`).
+    let client = up.then(|| src.as_raw_fd());
     // Reading past TCP urgent data (see below) until `src` has nothing.
     let mut past_mark = false;
     loop {
@@ -574,7 +577,7 @@ async fn one_way(
         // an error is counted.
         let count = |k: usize| activity.moved(up, k as u64);
         let spliced = match pipe {
-            Some(pipe) => match splice_chunk(src, dst, pipe, (&count, stall)).await {
+            Some(pipe) => match splice_chunk(src, dst, pipe, (&count, stall, client)).await {
                 // splice stops at TCP urgent data for good (0, as at the
                 // end, or EAGAIN): a read goes past the mark, so this
                 // chunk is copied (one ioctl, only when splice moved
@@ -601,7 +604,7 @@ async fn one_way(
             Some(r) => r,
             None => {
                 let buf = buf.get_or_insert_with(|| vec![0; COPY_BUFFER].into_boxed_slice());
-                copy_chunk(src, dst, buf, past_mark, (&count, stall)).await
+                copy_chunk(src, dst, buf, past_mark, (&count, stall, client)).await
             }
         };
         match moved {
@@ -629,7 +632,7 @@ async fn splice_chunk(
     src: &TcpStream,
     dst: &TcpStream,
     pipe: Pipe,
-    (count, stall): (&impl Fn(usize), Duration),
+    (count, stall, client): (&impl Fn(usize), Duration, Option<RawFd>),
 ) -> io::Result<usize> {
     let n = match src.try_io(Interest::READABLE, || os::splice(src, &pipe.w, CHUNK)) {
         Ok(n) => n,
@@ -638,7 +641,7 @@ async fn splice_chunk(
             return Err(e);
         }
     };
-    send_counted(dst, n, (count, stall), |sent| {
+    send_counted(dst, n, (count, stall, client), |sent| {
         dst.try_io(Interest::WRITABLE, || os::splice(&pipe.r, dst, n - sent))
     })
     .await?;
@@ -654,7 +657,7 @@ async fn copy_chunk(
     dst: &TcpStream,
     buf: &mut [u8],
     past_mark: bool,
-    (count, stall): (&impl Fn(usize), Duration),
+    (count, stall, client): (&impl Fn(usize), Duration, Option<RawFd>),
 ) -> io::Result<usize> {
     let n = match past_mark {
         false => src.try_read(buf)?,
@@ -665,7 +668,10 @@ async fn copy_chunk(
             r => r?,
         },
     };
-    send_counted(dst, n, (count, stall), |sent| dst.try_write(&buf[sent..n])).await?;
+    send_counted(dst, n, (count, stall, client), |sent| {
+        dst.try_write(&buf[sent..n])
+    })
+    .await?;
     Ok(n)
 }
 
@@ -675,12 +681,12 @@ async fn copy_chunk(
 async fn send_counted(
     dst: &TcpStream,
     n: usize,
-    (count, stall): (&impl Fn(usize), Duration),
+    (count, stall, client): (&impl Fn(usize), Duration, Option<RawFd>),
     mut write: impl FnMut(usize) -> io::Result<usize>,
 ) -> io::Result<()> {
     let mut sent = 0;
     while sent < n {
-        writable(dst, (count, stall)).await?;
+        writable(dst, (count, stall, client)).await?;
         match write(sent) {
             Ok(k) => {
                 sent += k;
@@ -704,8 +710,11 @@ fn read_raw(src: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
 /// that is an error, which ends the tunnel and frees its pipe. Bytes the
 /// peer takes meanwhile (see [`Taking`]) are counted as movement, none
 /// written (`count(0)`: the idle timer stays off).
-async fn writable(dst: &TcpStream, (count, stall): (&impl Fn(usize), Duration)) -> io::Result<()> {
-    let mut taking = Taking::new(Some(dst.as_raw_fd()), stall);
+async fn writable(
+    dst: &TcpStream,
+    (count, stall, client): (&impl Fn(usize), Duration, Option<RawFd>),
+) -> io::Result<()> {
+    let mut taking = Taking::new(Some(dst.as_raw_fd()), stall).watching(client);
     loop {
         match tokio::time::timeout(taking.next_look(), dst.writable()).await {
             Ok(r) => return r,
@@ -735,6 +744,8 @@ async fn writable(dst: &TcpStream, (count, stall): (&impl Fn(usize), Duration)) 
 struct Taking {
     fd: Option<RawFd>,
     stall: Duration,
+    /// The client's socket, for an upload's wait (see [`Taking::watching`]).
+    client: Option<RawFd>,
     /// The wait's start, or its last progress (from the first look on).
     since: Option<tokio::time::Instant>,
     queued: Option<u32>,
@@ -744,14 +755,33 @@ struct Taking {
 /// compare with. (Waits this long are rare in a bulk transfer.)
 const FIRST_LOOK: Duration = Duration::from_millis(50);
 
+/// How often an upload's wait looks at its client's socket at most (see
+/// [`Taking::watching`]).
+const CLIENT_LOOK: Duration = Duration::from_secs(1);
+
 impl Taking {
     fn new(fd: Option<RawFd>, stall: Duration) -> Taking {
         Taking {
             fd,
             stall,
+            client: None,
             since: None,
             queued: None,
         }
+    }
+
+    /// An upload's wait, whose `client` (its socket) may reset meanwhile:
+    /// the wait ends then, within [`CLIENT_LOOK`] (nothing else reads the
+    /// client's socket while its bytes wait for a destination that takes
+    /// none, and answers none: the tunnel, its sockets and its places were
+    /// held until the stall limit, 5 min by default).
+    fn watching(self, client: Option<RawFd>) -> Taking {
+        Taking { client, ..self }
+    }
+
+    /// The same, for a new wait.
+    fn fresh(&self) -> Taking {
+        Taking::new(self.fd, self.stall).watching(self.client)
     }
 
     /// How long until the next look: [`FIRST_LOOK`], then a quarter of the
@@ -762,7 +792,11 @@ impl Taking {
             Some(since) => {
                 let left =
                     (since + self.stall).saturating_duration_since(tokio::time::Instant::now());
-                (self.stall / 4).max(Duration::from_millis(1)).min(left)
+                let every = match self.client {
+                    Some(_) => (self.stall / 4).min(CLIENT_LOOK),
+                    None => self.stall / 4,
+                };
+                every.max(Duration::from_millis(1)).min(left)
             }
         }
     }
@@ -771,6 +805,12 @@ impl Taking {
     /// bytes since the last look; the stall error once the limit passed
     /// without.
     fn looked(&mut self) -> io::Result<bool> {
+        if self.client.is_some_and(os::is_closed) {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "the client reset its tunnel while its upload waited",
+            ));
+        }
         let now = tokio::time::Instant::now();
         let queued = self.fd.and_then(os::send_queue);
         let moved = matches!((self.queued, queued), (Some(before), Some(q)) if q < before);
@@ -1322,6 +1362,51 @@ mod tests {
                 reset.elapsed()
             );
             drop(upload.await);
+        }
+    }
+
+    /// A client that resets its tunnel while its upload waits for a
+    /// destination that takes nothing (and sends nothing): the tunnel
+    /// ends within seconds, the destination told by a reset (nothing read
+    /// the client's socket: it was held until the stall limit, 5 min).
+    #[tokio::test]
+    async fn a_client_reset_while_its_upload_waits_ends_the_tunnel() {
+        for (pipes, copied) in [(true, false), (false, false), (false, true)] {
+            let case = format!("pipes {pipes}, copied {copied}");
+            let (client, relay_client) = socket_pair().await;
+            let (relay_up, mut server) = socket_pair().await;
+            let relay = spawn_in_mode(relay_client, relay_up, (pipes, copied));
+            // Uploads until nothing more goes (the destination reads none).
+            let chunk = vec![b'u'; 64 << 10];
+            loop {
+                match client.try_write(&chunk) {
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{case}: {e}"),
+                }
+                let wait = tokio::time::timeout(Duration::from_millis(300), client.writable());
+                if wait.await.is_err() {
+                    break;
+                }
+            }
+            socket2::SockRef::from(&client)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            drop(client);
+            let ended = tokio::time::timeout(Duration::from_secs(10), relay)
+                .await
+                .unwrap_or_else(|_| panic!("{case}: the tunnel stays open"))
+                .unwrap();
+            assert!(ended.is_err_and(|e| os::is_reset(&e)), "{case}");
+            let mut rest = Vec::new();
+            let end = tokio::time::timeout(Duration::from_secs(5), server.read_to_end(&mut rest))
+                .await
+                .unwrap();
+            assert_eq!(
+                end.map_err(|e| e.kind()),
+                Err(io::ErrorKind::ConnectionReset),
+                "{case}: the destination"
+            );
         }
     }
 
