@@ -174,52 +174,136 @@ where
     relayed
 }
 
-/// Copies `r` into `w` until `r` ends, then shuts `w` for writing; what
-/// `w` buffers (a TLS session's records) is flushed whenever `r` has
-/// nothing, as `tokio::io::copy` does, and at a reset of `r`, for
-/// [`RESET_WAIT`] at most. Each read waits for the last one's bytes to be
-/// written: `tokio::io::copy` (and `copy_bidirectional`) reads on into
-/// its buffer's room while a write waits, and a reset read there ended it
-/// with what the buffer held, so a slow TLS client lost the destination's
-/// last bytes before its reset (372 736 of 400 000 came through; a plain
-/// tunnel, spliced, passed all of them).
+/// Copies `r` into `w` until `r` ends, then shuts `w` for writing, as
+/// `tokio::io::copy` does (reading on into the buffer's room while a write
+/// waits; what `w` buffers, a TLS session's records, flushed whenever `r`
+/// has nothing), but a read's error waits for what the buffer holds: at a
+/// reset of `r`, the buffer goes out and is flushed, for [`RESET_WAIT`]
+/// at most, before the reset is passed on. (`copy_bidirectional` returned
+/// the read-ahead's error at once, with what its buffer held: a slow TLS
+/// client lost the destination's last bytes before its reset, 372 736 of
+/// 400 000 came through, where a plain tunnel passed all of them.)
 async fn copy_one_way<R, W>(r: &mut R, w: &mut W, ends: &Ends) -> io::Result<()>
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
 {
-    use std::task::Poll;
-    use tokio::io::AsyncReadExt;
-    let mut buf = vec![0u8; COPY_BUFFER].into_boxed_slice();
-    loop {
-        // A read that has nothing now flushes first, then waits.
-        let now = std::future::poll_fn(|cx| {
-            let mut rb = tokio::io::ReadBuf::new(&mut buf);
-            match std::pin::Pin::new(&mut *r).poll_read(cx, &mut rb) {
-                Poll::Ready(got) => Poll::Ready(Some(got.map(|()| rb.filled().len()))),
-                Poll::Pending => Poll::Ready(None),
-            }
-        })
-        .await;
-        let read = match now {
-            Some(got) => got,
-            None => {
-                w.flush().await?;
-                r.read(&mut buf).await
-            }
-        };
-        match read {
-            Ok(0) => {
-                w.flush().await?;
-                ends.reset_end()?;
-                return w.shutdown().await;
-            }
-            Ok(n) => ends.noted(w.write_all(&buf[..n]).await)?,
-            Err(e) => {
-                if os::is_reset(&e) {
-                    let _ = tokio::time::timeout(RESET_WAIT, w.flush()).await;
+    let mut way = OneWay {
+        buf: vec![0u8; COPY_BUFFER].into_boxed_slice(),
+        pos: 0,
+        cap: 0,
+        eof: false,
+        read_err: None,
+        need_flush: false,
+    };
+    let moved = std::future::poll_fn(|cx| way.poll(cx, &mut *r, &mut *w)).await;
+    if let Err(e) = moved {
+        return ends.noted(Err(e));
+    }
+    if let Some(e) = way.read_err.take() {
+        if os::is_reset(&e) {
+            let rest = &way.buf[way.pos..way.cap];
+            let _ = tokio::time::timeout(RESET_WAIT, async {
+                w.write_all(rest).await?;
+                w.flush().await
+            })
+            .await;
+        }
+        return ends.noted(Err(e));
+    }
+    ends.noted(w.flush().await)?;
+    ends.reset_end()?;
+    ends.noted(w.shutdown().await)
+}
+
+/// One way's copy (see [`copy_one_way`]): `buf[pos..cap]` read and not
+/// written yet.
+struct OneWay {
+    buf: Box<[u8]>,
+    pos: usize,
+    cap: usize,
+    /// The source ended.
+    eof: bool,
+    /// The source's error, kept until the buffer before it is written.
+    read_err: Option<io::Error>,
+    /// Written since the last flush.
+    need_flush: bool,
+}
+
+impl OneWay {
+    /// Reads into the buffer's room, if there is room and the source goes
+    /// on: whether it read anything (or ended).
+    fn fill<R: tokio::io::AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        r: &mut R,
+    ) -> bool {
+        if self.eof || self.read_err.is_some() || self.cap == self.buf.len() {
+            return false;
+        }
+        let mut rb = tokio::io::ReadBuf::new(&mut self.buf[self.cap..]);
+        match std::pin::Pin::new(r).poll_read(cx, &mut rb) {
+            std::task::Poll::Ready(Ok(())) => {
+                match rb.filled().len() {
+                    0 => self.eof = true,
+                    n => self.cap += n,
                 }
-                return ends.noted(Err(e));
+                true
+            }
+            std::task::Poll::Ready(Err(e)) => {
+                self.read_err = Some(e);
+                true
+            }
+            std::task::Poll::Pending => false,
+        }
+    }
+
+    /// Until the source ends or fails (`Ok`: see `eof`, `read_err`), with
+    /// what was read before written; `Err`: the writer's error.
+    fn poll<R, W>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        r: &mut R,
+        w: &mut W,
+    ) -> std::task::Poll<io::Result<()>>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        use std::task::Poll;
+        loop {
+            if self.pos == self.cap {
+                self.pos = 0;
+                self.cap = 0;
+                if self.eof || self.read_err.is_some() {
+                    return Poll::Ready(Ok(()));
+                }
+                if !self.fill(cx, r) {
+                    // Nothing to read now: what the writer holds goes out.
+                    if self.need_flush {
+                        std::task::ready!(std::pin::Pin::new(&mut *w).poll_flush(cx))?;
+                        self.need_flush = false;
+                    }
+                    return Poll::Pending;
+                }
+                continue;
+            }
+            match std::pin::Pin::new(&mut *w).poll_write(cx, &self.buf[self.pos..self.cap]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.pos += n;
+                    self.need_flush = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    // Read on into the room meanwhile (a larger next write);
+                    // an error waits for the buffer (see `copy_one_way`).
+                    if self.read_err.is_some() && self.pos < self.cap {
+                        return Poll::Ready(Ok(()));
+                    }
+                    self.fill(cx, r);
+                    return Poll::Pending;
+                }
             }
         }
     }
