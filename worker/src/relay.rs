@@ -1340,6 +1340,19 @@ mod tests {
         }
     }
 
+    /// Reads `s` to its end, within 5 s, which must be a reset.
+    async fn ends_in_a_reset(s: &mut TcpStream, case: &str) {
+        let mut rest = Vec::new();
+        let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+            .await
+            .unwrap_or_else(|_| panic!("{case}: no end"));
+        assert_eq!(
+            end.map_err(|e| e.kind()),
+            Err(io::ErrorKind::ConnectionReset),
+            "{case}"
+        );
+    }
+
     /// A tunnel relayed spliced (`pipes`), copied, or (`copied`) through
     /// the copy path a TLS client takes.
     fn spawn_in_mode(
@@ -1373,23 +1386,16 @@ mod tests {
             client.read_exact(&mut got).await.unwrap();
             relay.abort();
             let _ = relay.await;
-            let mut rest = Vec::new();
-            let end = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
-                .await
-                .unwrap();
-            assert_eq!(
-                end.map_err(|e| e.kind()),
-                Err(io::ErrorKind::ConnectionReset),
-                "pipes {pipes}, copied {copied}: the client"
-            );
-            let end = tokio::time::timeout(Duration::from_secs(5), server.read_to_end(&mut rest))
-                .await
-                .unwrap();
-            assert_eq!(
-                end.map_err(|e| e.kind()),
-                Err(io::ErrorKind::ConnectionReset),
-                "pipes {pipes}, copied {copied}: the destination"
-            );
+            ends_in_a_reset(
+                &mut client,
+                &format!("pipes {pipes}, copied {copied}: the client"),
+            )
+            .await;
+            ends_in_a_reset(
+                &mut server,
+                &format!("pipes {pipes}, copied {copied}: the destination"),
+            )
+            .await;
         }
     }
 
@@ -1482,15 +1488,7 @@ mod tests {
                 .unwrap_or_else(|_| panic!("{case}: the tunnel stays open"))
                 .unwrap();
             assert!(ended.is_err_and(|e| os::is_reset(&e)), "{case}");
-            let mut rest = Vec::new();
-            let end = tokio::time::timeout(Duration::from_secs(5), server.read_to_end(&mut rest))
-                .await
-                .unwrap();
-            assert_eq!(
-                end.map_err(|e| e.kind()),
-                Err(io::ErrorKind::ConnectionReset),
-                "{case}: the destination"
-            );
+            ends_in_a_reset(&mut server, &format!("{case}: the destination")).await;
         }
     }
 
