@@ -115,19 +115,21 @@ pub async fn tunnel(
             match io {
                 tokio_util::either::Either::Left(plain) => {
                     let plain = plain.into_inner().into_tokio()?;
-                    splice_tcp(plain, early, upstream, activity, (true, stall)).await
+                    // (Boxed, as below: the tunnel's task, moved as it is
+                    // spawned, stays small.)
+                    Box::pin(splice_tcp(plain, early, upstream, activity, (true, stall))).await
                 }
                 // TLS: the bytes are the session's to decrypt; copied.
                 tokio_util::either::Either::Right(tls) => {
                     let fd = tls.get_ref().0.get_ref().raw_fd();
                     let client = (EndWithoutNotify(tls), fd);
-                    copy_tunnel(client, early, upstream, activity, stall).await
+                    Box::pin(copy_tunnel(client, early, upstream, activity, stall)).await
                 }
             }
         }
         Err(client) => {
             let client = (TokioIo::new(client), None);
-            copy_tunnel(client, Bytes::new(), upstream, activity, stall).await
+            Box::pin(copy_tunnel(client, Bytes::new(), upstream, activity, stall)).await
         }
     }
 }
@@ -323,27 +325,20 @@ async fn both_ways(
     client_fd: Option<RawFd>,
 ) -> io::Result<()> {
     tokio::pin!(up, down);
-    let mut up_ended: Option<io::Result<()>> = None;
-    let mut down_ended = false;
-    loop {
-        tokio::select! {
-            r = &mut up, if up_ended.is_none() => match r {
-                Err(e) if os::is_reset(&e) && !down_ended && !client_fd.is_some_and(os::is_closed) => {
-                    up_ended = Some(Err(e));
-                }
-                Err(e) => return Err(e),
-                Ok(()) if down_ended => return Ok(()),
-                Ok(()) => up_ended = Some(Ok(())),
-            },
-            r = &mut down, if !down_ended => match (r, up_ended.take()) {
-                (Err(e), _) => return Err(e),
-                (Ok(()), None) => down_ended = true,
-                (Ok(()), Some(up)) => return up,
-            },
-            _ = tokio::time::sleep(RESET_WAIT), if matches!(up_ended, Some(Err(_))) => {
-                return up_ended.take().expect("matched");
-            }
-        }
+    let reset = tokio::select! {
+        r = &mut up => match r {
+            Err(e) if os::is_reset(&e) && !client_fd.is_some_and(os::is_closed) => e,
+            Err(e) => return Err(e),
+            Ok(()) => return down.await,
+        },
+        r = &mut down => match r {
+            Err(e) => return Err(e),
+            Ok(()) => return up.await,
+        },
+    };
+    match tokio::time::timeout(RESET_WAIT, down).await {
+        Ok(Err(e)) => Err(e),
+        _ => Err(reset),
     }
 }
 
@@ -558,7 +553,14 @@ pub async fn tcp_tunnel(
     activity: &Activity,
     stall: Duration,
 ) -> io::Result<()> {
-    splice_tcp(client, Bytes::new(), upstream, activity, (true, stall)).await
+    Box::pin(splice_tcp(
+        client,
+        Bytes::new(),
+        upstream,
+        activity,
+        (true, stall),
+    ))
+    .await
 }
 
 /// The relay between two TCP sockets. `early` are bytes the client sent
