@@ -1342,9 +1342,19 @@ impl Sites {
         if self.ghosts.is_empty() {
             self.ghosts = vec![0; 2 * self.max_entries.next_power_of_two()];
         }
+        // The pairs each trimmed site loses.
+        let mut lost: HashMap<u64, u32> = HashMap::new();
+        for (id, _) in &trimmed {
+            *lost.entry(*id).or_default() += 1;
+        }
         let mut ghosts = std::mem::take(&mut self.ghosts);
         let bits = &mut self.bits;
         self.sites.retain(|k, s| {
+            if let Some(n) = lost.get(&s.id) {
+                s.pairs -= n;
+                // (Its last refusal counted the pairs forgotten.)
+                s.refused = Refused::default();
+            }
             let keep = !gone.contains(&s.id);
             if !keep {
                 bits[site_bit(k)] -= 1;
@@ -1356,24 +1366,11 @@ impl Sites {
         self.ghosts = ghosts;
         self.pairs
             .retain(|k, _| !gone.contains(&k.0) && !trimmed.contains(k));
-        if !trimmed.is_empty() {
-            let mut lost: HashMap<u64, u32> = HashMap::new();
-            for (id, _) in &trimmed {
-                *lost.entry(*id).or_default() += 1;
-            }
-            for s in self.sites.values_mut() {
-                if let Some(n) = lost.get(&s.id) {
-                    s.pairs -= n;
-                    // (Its last refusal counted the pairs forgotten.)
-                    s.refused = Refused::default();
-                }
-            }
-            if self
-                .full_frees
-                .is_some_and(|(id, _)| lost.contains_key(&id))
-            {
-                self.full_frees = None;
-            }
+        if self
+            .full_frees
+            .is_some_and(|(id, _)| lost.contains_key(&id))
+        {
+            self.full_frees = None;
         }
         if crate::due(&mut self.full_logged, now, Duration::from_secs(60)) {
             tracing::warn!(

@@ -300,7 +300,7 @@ impl OneWay {
                 Poll::Pending => {
                     // Read on into the room meanwhile (a larger next write);
                     // an error waits for the buffer (see `copy_one_way`).
-                    if self.read_err.is_some() && self.pos < self.cap {
+                    if self.read_err.is_some() {
                         return Poll::Ready(Ok(()));
                     }
                     self.fill(cx, r);
@@ -694,12 +694,16 @@ async fn one_way(
             }
         };
         match moved {
-            Ok(0) if ends.cut.load(Ordering::Relaxed) => return ends.reset_end(),
-            Ok(0) if ends.ended.swap(true, Ordering::Relaxed) => return Ok(()),
-            Ok(0) => match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
-                Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
-                _ => return Ok(()),
-            },
+            Ok(0) => {
+                ends.reset_end()?;
+                if ends.ended.swap(true, Ordering::Relaxed) {
+                    return Ok(());
+                }
+                return match socket2::SockRef::from(dst).shutdown(Shutdown::Write) {
+                    Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
+                    _ => Ok(()),
+                };
+            }
             Ok(n) => total += n as u64,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 past_mark = false;
