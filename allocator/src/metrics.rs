@@ -1044,28 +1044,25 @@ fn past(head: &[u8]) -> Past {
             false => Past::Wait,
         };
     }
-    let starts: [&[u8]; 5] = [
-        b"GET /health ",
-        b"GET /metrics ",
-        b"GET /metrics?",
-        b"HEAD /metrics ",
-        b"HEAD /metrics?",
-    ];
-    match starts.iter().any(|p| p.starts_with(head)) {
+    let may_be = |p: &&[u8]| p.starts_with(head);
+    match may_be(&&b"GET /health "[..]) || SCRAPES.iter().any(may_be) {
         true => Past::Wait,
         false => Past::Refuse,
     }
 }
 
-/// Whether a request line (or its start) is a scrape: `GET` or `HEAD` of
-/// `/metrics`, a query or not.
+/// How a scrape's request line starts: `GET` or `HEAD` of `/metrics`, a
+/// query or not.
+const SCRAPES: [&[u8]; 4] = [
+    b"GET /metrics ",
+    b"GET /metrics?",
+    b"HEAD /metrics ",
+    b"HEAD /metrics?",
+];
+
+/// Whether a request line (or its start) is a scrape (see [`SCRAPES`]).
 fn is_scrape(line: &[u8]) -> bool {
-    let Some(target) = (line.strip_prefix(b"GET ")).or_else(|| line.strip_prefix(b"HEAD ")) else {
-        return false;
-    };
-    target
-        .strip_prefix(b"/metrics")
-        .is_some_and(|rest| rest.starts_with(b" ") || rest.starts_with(b"?"))
+    SCRAPES.iter().any(|p| line.starts_with(p))
 }
 
 /// The status and body of a `GET /health` (see `Allocator::health`).
