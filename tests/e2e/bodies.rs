@@ -555,6 +555,57 @@ async fn a_100_continue_is_the_destinations_to_send() {
     assert_eq!(read_exactly(&mut c, 5).await, b"hello");
 }
 
+/// `100-continue` in a form hyper's server sends the client no `100` for
+/// (in a list, beside another `Expect` field, with an empty member) is
+/// answered 417 at once, before the destination is asked: rotor sent the
+/// destination `Expect: 100-continue`, swallowed its `100`, and the client
+/// waiting for one got a 408 after --response-timeout. The plain form,
+/// in any case, still has its `100` reach the client.
+#[tokio::test]
+async fn an_expectation_hyper_cannot_answer_is_refused_at_once() {
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2"]).await;
+    let worker = Worker::start(&alloc.socket, &[]).await;
+    let url = origin.url("/up");
+    let host = origin.addr;
+    for expect in [
+        "Expect: 100-continue, x-foo\r\n",
+        "Expect: 100-continue,\r\n",
+        "Expect: 100-continue\r\nExpect: x-foo\r\n",
+    ] {
+        let mut c = TcpStream::connect(worker.addr).await.unwrap();
+        let req =
+            format!("PUT {url} HTTP/1.1\r\nHost: {host}\r\n{expect}Content-Length: 5\r\n\r\n");
+        c.write_all(req.as_bytes()).await.unwrap();
+        // (No body: the client waits for a 100, as curl does.)
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(5), read_head(&mut c))
+            .await
+            .unwrap_or_else(|_| panic!("{expect:?}: no answer in 5 s"));
+        let lower = answer.to_ascii_lowercase();
+        assert!(answer.starts_with("HTTP/1.1 417"), "{expect:?}: {answer}");
+        assert!(
+            lower.contains("proxy-status: rotor; error=http_request_error"),
+            "{answer}"
+        );
+        assert!(lower.contains("connection: close"), "{answer}");
+    }
+    assert_eq!(origin.count(), 0, "the destination was asked");
+    // `100-Continue` alone, however spelt, is hyper's to answer.
+    let mut c = TcpStream::connect(worker.addr).await.unwrap();
+    let req = format!(
+        "PUT {url} HTTP/1.1\r\nHost: {host}\r\nExpect: 100-Continue\r\nContent-Length: 5\r\n\r\n"
+    );
+    c.write_all(req.as_bytes()).await.unwrap();
+    let interim = tokio::time::timeout(std::time::Duration::from_secs(5), read_head(&mut c))
+        .await
+        .expect("no 100 in 5 s");
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    c.write_all(b"hello").await.unwrap();
+    let answer = read_head(&mut c).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(origin.count(), 1);
+}
+
 /// A request hyper's server reads (a chunked upload) whose client shuts its
 /// side once it is sent (`nc -N`) is answered: its end was taken for its
 /// going, and the request dropped unanswered. A client that leaves for

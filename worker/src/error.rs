@@ -31,6 +31,10 @@ pub enum ProxyError {
     /// coding it does not understand is a 501).
     #[error("not implemented: {0}")]
     NotImplemented(&'static str),
+    /// `Expect: 100-continue` in a form rotor's server sends no `100` for
+    /// (see `proxy::Expectation::Unmet`).
+    #[error("the request's Expect names 100-continue in a list or beside another Expect field, for which rotor cannot send the 100 (Continue): send `Expect: 100-continue` as its only Expect field, or send the body without waiting")]
+    ExpectationFailed,
     /// (`size`: what was read of it, whole or not.)
     #[error("request head past the {limit} bytes accepted ({size} read)")]
     HeadTooLarge { size: usize, limit: usize },
@@ -279,6 +283,7 @@ impl ProxyError {
             | ClientTimeout { .. }
             | HeadTimeout { .. }
             | NotImplemented(_)
+            | ExpectationFailed
             | HeadTooLarge { .. }
             | TooManyFields { .. }
             | TargetTooLong { .. }
@@ -308,6 +313,7 @@ impl ProxyError {
                 (StatusCode::REQUEST_TIMEOUT, Some("http_request_error"))
             }
             NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, None),
+            ExpectationFailed => (StatusCode::EXPECTATION_FAILED, Some("http_request_error")),
             HeadTooLarge { .. } | TooManyFields { .. } => {
                 (StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, None)
             }
@@ -377,6 +383,7 @@ impl ProxyError {
             ClientTimeout { .. } => "Request Body Timeout",
             HeadTimeout { .. } => "Request Timeout",
             NotImplemented(_) => "Transfer Coding Not Implemented",
+            ExpectationFailed => "Expectation Failed",
             HeadTooLarge { .. } | TooManyFields { .. } => "Request Head Too Large",
             TargetTooLong { .. } => "URI Too Long",
             Http2Preface => "HTTP Version Not Supported",

@@ -1285,6 +1285,17 @@ impl Proxy {
         }
         // Names are case-insensitive: one lower-case copy serves the lookup,
         // the site and the pool's key.
+        // The client's `100-continue` is the destination's to answer (RFC
+        // 9110 §10.1.1), so that a body it would refuse is not sent: `h1`
+        // writes the field again (it goes with the hop-by-hop ones). One
+        // hyper's server will not answer is refused before a lease.
+        let expect_continue = parts.version == Version::HTTP_11
+            && !body.is_end_stream()
+            && match expectation(&fields) {
+                Expectation::None => false,
+                Expectation::Continue => true,
+                Expectation::Unmet => return Err(ProxyError::ExpectationFailed.into()),
+            };
         let host = target.host.to_ascii_lowercase();
         let port = target.port;
         let (addrs, (mut lease, mut watch)) = self.resolve_and_lease(&host, port, sticky).await?;
@@ -1300,14 +1311,6 @@ impl Proxy {
         // Formatted only for an error or a log line.
         let dest = Dest(host, port);
 
-        // The client's `100-continue` is the destination's to answer (RFC
-        // 9110 §10.1.1), so that a body it would refuse is not sent: `h1`
-        // writes the field again (it goes with the hop-by-hop ones).
-        let expect_continue = parts.version == Version::HTTP_11
-            && !body.is_end_stream()
-            && fields
-                .get(&header::EXPECT)
-                .is_some_and(|v| names_token(v, b"100-continue"));
         outgoing(&mut fields, authority, host_as_sent)?;
         // (The absolute form kept: its authority names the destination to
         // the witness, as the request's answer will.)
@@ -2102,6 +2105,42 @@ pub(crate) fn websocket_fields(names: impl Fn(&str, &[u8]) -> bool) -> bool {
     names("upgrade", b"websocket") && names("connection", b"upgrade")
 }
 
+/// What a request's `Expect` fields ask for.
+#[derive(Debug, PartialEq)]
+enum Expectation {
+    /// No `100-continue` (any other expectation is not rotor's to meet,
+    /// and goes no further: `Expect` is hop-by-hop here).
+    None,
+    /// `100-continue`, which the client's `100` answers.
+    Continue,
+    /// `100-continue` in a form hyper's server sends no `100` for: in a
+    /// list (`100-continue, foo`), beside another `Expect` field, or with
+    /// an empty member. hyper reads only the last field, whole; rotor
+    /// cannot write the `100` itself, so the client, waiting for one,
+    /// would wait until its own timer (or forever) and rotor's body
+    /// timeout answer it 408: a 417 at once tells it (curl then sends
+    /// the request again without `Expect`).
+    Unmet,
+}
+
+/// What `fields` expect (RFC 9110 §10.1.1), as hyper's server reads it.
+fn expectation(fields: &Fields) -> Expectation {
+    let mut asked = false;
+    let mut last = None;
+    for (name, value) in fields.iter() {
+        if name.eq_ignore_ascii_case(b"expect") {
+            asked |= names_token(value, b"100-continue");
+            last = Some(value);
+        }
+    }
+    match last {
+        _ if !asked => Expectation::None,
+        // hyper's own test (`proto::h1::role`, `Server::parse`).
+        Some(v) if v.eq_ignore_ascii_case(b"100-continue") => Expectation::Continue,
+        _ => Expectation::Unmet,
+    }
+}
+
 /// Whether a list field's value names `token` (case-insensitively): an
 /// `Expect` its `100-continue`, an `Upgrade` its `websocket`.
 pub(crate) fn names_token(value: &[u8], token: &[u8]) -> bool {
@@ -2587,6 +2626,33 @@ impl Drop for Abandoned<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Expect` read as hyper's server reads it: a `100` is asked for
+    /// only by a last field of `100-continue` alone.
+    #[test]
+    fn an_expectation_is_read_as_hyper_reads_it() {
+        for (pairs, want) in [
+            (&[][..], Expectation::None),
+            (&[("expect", "x-foo")][..], Expectation::None),
+            (&[("expect", "100-continue")][..], Expectation::Continue),
+            (&[("expect", "100-CONTINUE")][..], Expectation::Continue),
+            (
+                &[("expect", "x-foo"), ("expect", "100-continue")][..],
+                Expectation::Continue,
+            ),
+            (&[("expect", "100-continue, x-foo")][..], Expectation::Unmet),
+            (&[("expect", "100-continue,")][..], Expectation::Unmet),
+            (
+                &[("expect", "100-continue"), ("expect", "x-foo")][..],
+                Expectation::Unmet,
+            ),
+        ] {
+            let map = Fields::Map(crate::fields::map_for_tests(pairs));
+            assert_eq!(expectation(&map), want, "{pairs:?}");
+            let wire = Fields::Wire(crate::fields::wire_for_tests(pairs));
+            assert_eq!(expectation(&wire), want, "{pairs:?}");
+        }
+    }
 
     /// Two ends of a loopback TCP connection.
     async fn socket_pair() -> (TcpStream, TcpStream) {
