@@ -216,7 +216,8 @@ async fn garbage_on_the_proxy_port_never_takes_the_worker_down() {
     let text = String::from_utf8_lossy(&out);
     assert!(
         text.starts_with("HTTP/1.1 408 Request Timeout")
-            && text.contains("error=http_request_error"),
+            && text.contains("error=http_request_error")
+            && text.contains("no whole request head within 500ms of its first byte"),
         "{text}"
     );
     // Nor one that sends a small body a byte at a time, each within the
@@ -248,6 +249,11 @@ async fn garbage_on_the_proxy_port_never_takes_the_worker_down() {
         .expect("a slow body was kept");
     let text = String::from_utf8_lossy(&out);
     assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+    // (Its head's time is not the one that ran out: review am.)
+    assert!(
+        text.contains("sent its request head, but not its body whole within 500ms after it"),
+        "{text}"
+    );
     assert!(
         t0.elapsed() >= Duration::from_millis(400),
         "{:?}",

@@ -232,7 +232,10 @@ impl LocalAddrs {
 
 impl Acl {
     /// The default rules plus the operator's.
-    pub fn new(allow: Vec<Cidr>, deny: Vec<Cidr>, deny_ports: Vec<u16>) -> Acl {
+    /// (`--deny-port 0` denies none: no port 0 is listed, so `--check`
+    /// says none, as it says for an empty list.)
+    pub fn new(allow: Vec<Cidr>, deny: Vec<Cidr>, mut deny_ports: Vec<u16>) -> Acl {
+        deny_ports.retain(|&p| p != 0);
         Acl {
             allow,
             deny,
@@ -490,6 +493,10 @@ mod tests {
         assert!(acl.check("8.8.8.8:443".parse().unwrap()).is_ok());
         let acl = Acl::new(vec![], vec![], vec![]);
         assert!(acl.check("8.8.8.8:25".parse().unwrap()).is_ok());
+        // `--deny-port 0`: none, and said so.
+        let acl = Acl::new(vec![], vec![], vec![0]);
+        assert!(acl.check("8.8.8.8:25".parse().unwrap()).is_ok());
+        assert_eq!(acl.deny_ports(), &[] as &[u16]);
     }
 
     #[test]

@@ -23,10 +23,11 @@ pub enum ProxyError {
     ClientBody(#[source] crate::h1::BoxError),
     #[error("the client sent none of its request body for {timeout:?}")]
     ClientTimeout { timeout: Duration },
-    /// A head, or the small body the fast path reads with it, not whole
-    /// within `--header-read-timeout` of its first byte.
-    #[error("the client sent no whole request within {timeout:?} of its first byte")]
-    HeadTimeout { timeout: Duration },
+    /// A head not whole within `--header-read-timeout` of its first byte,
+    /// or (`body`) the small body the fast path reads with it not whole
+    /// within as long again after the head.
+    #[error("{}", head_timeout_text(*timeout, *body))]
+    HeadTimeout { timeout: Duration, body: bool },
     /// A request rotor cannot pass on as asked (RFC 9112 §6.1: a transfer
     /// coding it does not understand is a 501).
     #[error("not implemented: {0}")]
@@ -261,6 +262,17 @@ pub fn prohibited(e: &io::Error) -> bool {
 
 /// Whole seconds for `Retry-After`, rounded up (a client that waits them
 /// finds an address free).
+fn head_timeout_text(timeout: Duration, body: bool) -> String {
+    match body {
+        false => {
+            format!("the client sent no whole request head within {timeout:?} of its first byte")
+        }
+        true => format!(
+            "the client sent its request head, but not its body whole within {timeout:?} after it"
+        ),
+    }
+}
+
 fn retry_after_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }

@@ -411,6 +411,7 @@ async fn too_slow<I: ClientStream>(
 ) -> Outcome<I> {
     let e = crate::error::ProxyError::HeadTimeout {
         timeout: conn.header_timeout,
+        body: parts.is_some(),
     };
     refuse(io, out, conn, (parts, began), &e, false).await
 }
