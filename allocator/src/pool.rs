@@ -103,6 +103,11 @@ struct Carried {
     broken: bool,
 }
 
+/// More leases than one check of the table (each second) can see counted
+/// since the last: its sequence was written by someone else (gone back,
+/// or far on).
+const MOST_LEASES_A_CHECK: u64 = 1 << 30;
+
 /// A table at `home` (or in memory) with room for `capacity` addresses.
 fn new_table(
     home: Option<&TableHome>,
@@ -400,7 +405,7 @@ impl Pool {
                 // Then the old one is closed, so the rotation carries over
                 // exactly; workers find it closed and ask for the new one.
                 let table = new_table(self.home.as_ref(), active.len() * 2, 0)?;
-                let last = self.close_table();
+                let last = self.close_table(true);
                 table.set_seq(last.seq);
                 table.set_reloads(last.reloads);
                 table.publish(&active, &counts, generation, |f, _, _| {
@@ -506,6 +511,17 @@ impl Pool {
         let fault = self.table.fault(&self.active, self.generation);
         if fault.is_none() {
             let sound = (self.table.position(), self.table.reloads());
+            // The sequence only counts up, by what leases there were
+            // since the last check (a second or so, never a billion).
+            if let Some((was, _)) = &self.last_sound {
+                let step = sound.0.seq.wrapping_sub(was.seq);
+                if step > MOST_LEASES_A_CHECK {
+                    return Some(format!(
+                        "its lease sequence went from {} to {}",
+                        was.seq, sound.0.seq
+                    ));
+                }
+            }
             // Not if the file was cut while read.
             if !self.table.is_broken() {
                 self.last_sound = Some(sound);
@@ -515,12 +531,17 @@ impl Pool {
     }
 
     /// Closes the table (before a new one takes its place) and returns its
-    /// final rotation; for a table whose file was cut short, the rotation
-    /// of its last sound check (at most a second of leases back), and its
-    /// file is cut to nothing so every process still mapping it moves on.
-    fn close_table(&self) -> Carried {
+    /// final rotation; for a table whose file was cut short, or one found
+    /// tampered with (not `trusted`: its sequence and cursors are anyone's
+    /// words too, and a sequence written there had gone on into the new
+    /// table, `rotor_leases_total` and the saved state), the rotation of
+    /// its last sound check (at most a second of leases back). A cut-short
+    /// one's file is cut to nothing so every process still mapping it
+    /// moves on.
+    fn close_table(&self, trusted: bool) -> Carried {
         let last = self.table.close();
-        if !self.table.is_cut_short() {
+        let cut_short = self.table.is_cut_short();
+        if trusted && !cut_short {
             return Carried {
                 seq: last.seq,
                 reloads: self.table.reloads(),
@@ -529,7 +550,9 @@ impl Pool {
                 broken: false,
             };
         }
-        self.table.condemn();
+        if cut_short {
+            self.table.condemn();
+        }
         let Some((p, reloads)) = self.last_sound else {
             return Carried {
                 broken: true,
@@ -549,12 +572,14 @@ impl Pool {
         }
     }
 
-    /// A new table with the pool, in place of one that was tampered with:
-    /// the rotation continues from the old one's cursors where they are
-    /// still sane; the old one is closed, so workers attach to the new one.
-    pub fn rebuild_table(&mut self) -> Result<(), TableError> {
+    /// A new table with the pool, in place of one that was tampered with
+    /// (not `trusted`) or whose file was removed: the rotation continues
+    /// from the old one's cursors where they are still sane (see
+    /// `close_table`); the old one is closed, so workers attach to the new
+    /// one.
+    pub fn rebuild_table(&mut self, trusted: bool) -> Result<(), TableError> {
         let table = new_table(self.home.as_ref(), self.active.len() * 2, 0)?;
-        let last = self.close_table();
+        let last = self.close_table(trusted);
         table.set_seq(last.seq);
         table.set_reloads(last.reloads);
         let counts: Vec<u64> = vec![0; self.active.len()];

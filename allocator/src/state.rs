@@ -599,7 +599,7 @@ impl Inner {
                 (false, Some(Err(_))) => tracing::error!("the lease table refused a lease the pool has addresses for (its file was cut or overwritten under rotor); replacing it"),
                 (false, _) => tracing::error!("the lease table handed out an address not in the pool, or was closed by someone else; replacing it"),
             }
-            answer = match self.rebuild_table() {
+            answer = match self.rebuild_table(false) {
                 true => self.pool.lease(families),
                 // Never an address not in the pool: no answer this time.
                 false => None,
@@ -636,8 +636,8 @@ impl Inner {
             return false;
         }
         if let Some(fault) = self.pool.table_fault() {
-            tracing::error!(%fault, "the lease table was tampered with; replacing it");
-            return self.rebuild_table();
+            tracing::error!(%fault, "the lease table was tampered with; replacing it (its rotation and lease count taken from its last sound check)");
+            return self.rebuild_table(false);
         }
         // Its file removed (with the socket's directory, say): the
         // workers mapping it lease on, but one that starts could not map
@@ -650,32 +650,40 @@ impl Inner {
         if gone {
             let path = home.unwrap_or_default();
             tracing::warn!(file = %path.display(), "the lease table's file was removed; made again");
-            return self.rebuild_table();
+            return self.rebuild_table(true);
         }
         false
     }
 
-    /// Replaces a tampered table (see `Pool::rebuild_table`); whether it
-    /// was.
-    fn rebuild_table(&mut self) -> bool {
+    /// Replaces a tampered table (see `Pool::rebuild_table`; `trusted`:
+    /// its words are as rotor wrote them, its file only removed); whether
+    /// it was.
+    fn rebuild_table(&mut self, trusted: bool) -> bool {
         let old_table = self.pool.table().clone();
-        if let Err(e) = self.pool.rebuild_table() {
+        if let Err(e) = self.pool.rebuild_table(trusted) {
             tracing::error!(error = %error_chain(&e), "cannot replace the lease table");
             return false;
         }
-        self.table_moved(&old_table);
+        self.table_moved(&old_table, trusted);
         true
     }
 
     /// After the pool moved to a new table (grown or rebuilt): leases
     /// counted in `old` stay with their peers, which attach to the new one.
-    fn table_moved(&mut self, old: &Arc<rotor_protocol::LeaseTable>) {
+    /// From a table not `trusted` (its counts may be anyone's words), a
+    /// peer's count is no more than every lease counted (the sequence of
+    /// its last sound check, which the new table goes on from).
+    fn table_moved(&mut self, old: &Arc<rotor_protocol::LeaseTable>, trusted: bool) {
         if Arc::ptr_eq(old, self.pool.table()) {
             return;
         }
+        let most = match trusted {
+            true => u64::MAX,
+            false => self.pool.table().position().seq,
+        };
         for p in self.peers.values_mut() {
             if let Some(slot) = p.slot.take() {
-                p.leases += old.peer_leases(slot);
+                p.leases += old.peer_leases(slot).min(most);
             }
         }
         self.publish_sites();
@@ -1595,7 +1603,7 @@ impl Allocator {
                 false
             }
         };
-        inner.table_moved(&old_table);
+        inner.table_moved(&old_table, true);
         inner.save_hand();
         if changed {
             // Series of entries that left the pool go (an entry that comes

@@ -278,6 +278,11 @@ async fn a_tampered_lease_table_is_not_trusted_and_is_replaced() {
         }
     }
     assert!(rewritten > 0, "no entry found to rewrite");
+    // Its lease sequence too (word 9): the new table's is the old one's at
+    // its last sound check, not what was written (which went on into
+    // `rotor_leases_total` and the saved state).
+    const SEQ: usize = 9;
+    write_word(&path, SEQ, 5 * 10u64.pow(17));
     serve_all(&[&worker], &origin, 30).await;
     let own: IpAddr = Ipv4Addr::new(127, 0, 0, 1).into();
     assert!(
@@ -290,6 +295,11 @@ async fn a_tampered_lease_table_is_not_trusted_and_is_replaced() {
         async move { id(&p) != first }
     })
     .await;
+    assert!(
+        table_words(&path)[SEQ] < 1000,
+        "{}",
+        table_words(&path)[SEQ]
+    );
     // The closed bit, set by someone else: requests go on, and a new table
     // comes.
     let second = id(&path);
@@ -337,6 +347,24 @@ async fn a_tampered_lease_table_is_not_trusted_and_is_replaced() {
         async move { id(&p) != fourth }
     })
     .await;
+    serve_all(&[&worker], &origin, 10).await;
+    // The sequence alone, sent far on: noticed, and replaced.
+    let fifth = id(&path);
+    write_word(&path, SEQ, 1 << 60);
+    let p = path.clone();
+    eventually(
+        "the allocator replaces a table whose sequence leapt",
+        || {
+            let p = p.clone();
+            async move { id(&p) != fifth }
+        },
+    )
+    .await;
+    assert!(
+        table_words(&path)[SEQ] < 1000,
+        "{}",
+        table_words(&path)[SEQ]
+    );
     serve_all(&[&worker], &origin, 10).await;
     assert!(!origin.sources().contains(&own));
 }
