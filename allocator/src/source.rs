@@ -199,6 +199,11 @@ fn read_settled(path: &PathBuf, settle: Duration, looks: u32) -> Result<String, 
     let budget = settle * looks;
     loop {
         let before = std::fs::metadata(path).map_err(err)?;
+        if before.is_dir() {
+            return Err(err(std::io::Error::other(
+                "a directory, not a file of addresses",
+            )));
+        }
         if !before.is_file() {
             return Err(err(std::io::Error::other(
                 "not a regular file (a pipe or a device: use --pool-command to read one)",
@@ -834,6 +839,10 @@ garbage
         let err = read_settled(&fifo, settle, 10).unwrap_err();
         let text = rotor_protocol::error_chain(&err);
         assert!(text.contains("not a regular file"), "{text}");
+        // A directory is said to be one (it was called a pipe or a device).
+        let err = read_settled(dir.path(), settle, 10).unwrap_err();
+        let text = rotor_protocol::error_chain(&err);
+        assert!(text.contains("a directory"), "{text}");
     }
 
     #[test]
