@@ -840,7 +840,7 @@ garbage
         let text = rotor_protocol::error_chain(&err);
         assert!(text.contains("not a regular file"), "{text}");
         // A directory is said to be one (it was called a pipe or a device).
-        let err = read_settled(dir.path(), settle, 10).unwrap_err();
+        let err = read_settled(&dir.path().to_path_buf(), settle, 10).unwrap_err();
         let text = rotor_protocol::error_chain(&err);
         assert!(text.contains("a directory"), "{text}");
     }
