@@ -64,6 +64,11 @@ impl Checker {
         // address alone is (a /48 of which one /64 is routed) would fail
         // most of its leases, be taken out, and be put back at each look.
         let local = routes.holds_all(entry);
+        if entry.is_single() && routes.is_broadcast(ip) {
+            return Err(format!(
+                "{ip} is a broadcast address of this host's (the last address of a subnet on an interface: `ip -4 route show table local type broadcast`): it binds, but its connections leave from another address, the host's own"
+            ));
+        }
         // With `ip_nonlocal_bind` set every address binds: the routing
         // table has the last word where it can be read.
         if local == Some(false) {

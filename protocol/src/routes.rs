@@ -80,14 +80,24 @@ pub fn changed(departed: bool) {
 pub struct LocalRoutes {
     v4: Option<PrefixSet>,
     v6: Option<PrefixSet>,
+    /// IPv4's broadcast addresses of the main and local tables: inside a
+    /// local route (`ip addr add 10.0.0.1/29 dev lo` makes 10.0.0.0/29
+    /// local, 10.0.0.7 its broadcast), yet no source: bound, its
+    /// connections leave from another address, the host's own.
+    v4_broadcast: PrefixSet,
 }
 
 impl LocalRoutes {
     /// This host's, now.
     pub fn read() -> LocalRoutes {
         let file = |path| std::fs::read_to_string(path).ok();
+        let (v4, v4_broadcast) = match file("/proc/net/fib_trie").map(|t| parse_fib_trie(&t)) {
+            Some((local, broadcast)) => (Some(local), broadcast),
+            None => (None, PrefixSet::default()),
+        };
         LocalRoutes {
-            v4: file("/proc/net/fib_trie").map(|t| parse_fib_trie(&t)),
+            v4,
+            v4_broadcast,
             v6: match netlink::local_routes(crate::Family::V6) {
                 Ok(routes) => Some(routes),
                 // A sandbox refusing netlink sockets (a unit's
@@ -139,20 +149,33 @@ impl LocalRoutes {
         self.holds(ip).unwrap_or(false)
     }
 
-    /// Whether a local route covers `ip`; `None` if its family's table
-    /// could not be read.
+    /// Whether a local route covers `ip`, and it is no broadcast address
+    /// (see [`is_broadcast`](Self::is_broadcast)); `None` if its family's
+    /// table could not be read.
     pub fn holds(&self, ip: IpAddr) -> Option<bool> {
         let routes = match ip {
             IpAddr::V4(_) => self.v4.as_ref(),
             IpAddr::V6(_) => self.v6.as_ref(),
         };
-        routes.map(|r| r.holds(&Segment::single(ip), 128))
+        let one = Segment::single(ip);
+        routes.map(|r| r.holds(&one, 128) && !self.is_broadcast(ip))
+    }
+
+    /// Whether `ip` is one of this host's IPv4 broadcast addresses: bound,
+    /// its connections leave from another address (the host's own).
+    pub fn is_broadcast(&self, ip: IpAddr) -> bool {
+        ip.is_ipv4() && self.v4_broadcast.holds(&Segment::single(ip), 128)
     }
 
     /// Whether local routes cover every address of `entry` (see
-    /// [`PrefixSet::covers_all`]); `None` if its family's table could not
-    /// be read.
+    /// [`PrefixSet::covers_all`]), and a single one is no broadcast
+    /// address (a larger entry's leases that are one are refused by the
+    /// worker, which checks where each connection left from); `None` if
+    /// its family's table could not be read.
     pub fn holds_all(&self, entry: &Segment) -> Option<bool> {
+        if entry.is_single() {
+            return self.holds(entry.at(0));
+        }
         let routes = match entry.family() {
             crate::Family::V4 => self.v4.as_ref(),
             crate::Family::V6 => self.v6.as_ref(),
@@ -184,8 +207,10 @@ fn parse_ipv6_route(table: &str) -> PrefixSet {
 
 /// `fib_trie` lists each table as a tree whose leaves are `|-- ADDRESS`
 /// lines, each followed by its routes, one a line: `/LEN SCOPE TYPE`.
-fn parse_fib_trie(trie: &str) -> PrefixSet {
+/// Its local routes, and its broadcast addresses.
+fn parse_fib_trie(trie: &str) -> (PrefixSet, PrefixSet) {
     let mut prefixes = PrefixSet::default();
+    let mut broadcast = PrefixSet::default();
     let mut leaf: Option<Ipv4Addr> = None;
     // Whether the table being read counts (a header at the line's start:
     // `Main:`, `Local:`, `Id 100:`).
@@ -206,16 +231,22 @@ fn parse_fib_trie(trie: &str) -> PrefixSet {
             let mut f = route.split_whitespace();
             let len = f.next().and_then(|l| l.parse::<u8>().ok());
             let len = len.filter(|&l| l > 0);
-            if let (Some(net), Some(len), Some("LOCAL")) = (leaf, len, f.nth(1)) {
-                if let Some(p) = Segment::prefix(IpAddr::V4(net), len) {
-                    prefixes.insert(p);
-                }
+            let (Some(net), Some(len)) = (leaf, len) else {
+                continue;
+            };
+            let into = match f.nth(1) {
+                Some("LOCAL") => &mut prefixes,
+                Some("BROADCAST") => &mut broadcast,
+                _ => continue,
+            };
+            if let Some(p) = Segment::prefix(IpAddr::V4(net), len) {
+                into.insert(p);
             }
         } else {
             leaf = None;
         }
     }
-    prefixes
+    (prefixes, broadcast)
 }
 
 /// One family's local routes from a netlink route dump (`ip route show
@@ -390,6 +421,7 @@ mod tests {
         ];
         let r = LocalRoutes {
             v4: None,
+            v4_broadcast: PrefixSet::default(),
             v6: Some(v6_of(&table)),
         };
         assert!(r.covers(ip("2001:db8:77::5")));
@@ -427,6 +459,7 @@ mod tests {
         ]);
         let r = LocalRoutes {
             v4: None,
+            v4_broadcast: PrefixSet::default(),
             v6: Some(set),
         };
         for (addr, local) in [
@@ -465,6 +498,7 @@ mod tests {
         assert!(netlink::read(&last, V6, &mut set).unwrap());
         let r = LocalRoutes {
             v4: None,
+            v4_broadcast: PrefixSet::default(),
             v6: Some(set),
         };
         assert_eq!(r.holds(ip("2001:db8:97::1")), Some(true));
@@ -491,6 +525,7 @@ garbage
 ";
         let r = LocalRoutes {
             v4: None,
+            v4_broadcast: PrefixSet::default(),
             v6: Some(parse_ipv6_route(table)),
         };
         assert_eq!(r.holds(ip("2001:db8:77::5")), Some(true));
@@ -593,9 +628,11 @@ Local:
             route("2001:db8:9::", 64, LOCAL, 100),
             route("2001:db8:5::1", 128, LOCAL, 255),
         ];
+        let (v4, v4_broadcast) = parse_fib_trie(&trie);
         let r = LocalRoutes {
-            v4: Some(parse_fib_trie(&trie)),
+            v4: Some(v4),
             v6: Some(v6_of(&six)),
+            v4_broadcast,
         };
         for not in ["8.8.8.8", "203.0.113.5", "2001:db8:9::1"] {
             assert_eq!(r.holds(ip(not)), Some(false), "{not}");
@@ -607,9 +644,11 @@ Local:
 
     #[test]
     fn fib_trie_local_entries_are_the_hosts_ipv4_prefixes() {
+        let (v4, v4_broadcast) = parse_fib_trie(FIB_TRIE);
         let r = LocalRoutes {
-            v4: Some(parse_fib_trie(FIB_TRIE)),
+            v4: Some(v4),
             v6: None,
+            v4_broadcast,
         };
         for local in [
             "10.9.0.7",
@@ -627,9 +666,16 @@ Local:
             "192.0.2.255",
             "10.21.0.1",
             "10.9.1.1",
+            // A local /24's broadcast: inside its local route, yet bound,
+            // its connections left from the host's own address.
+            "10.9.0.255",
         ] {
             assert_eq!(r.holds(ip(not)), Some(false), "{not}");
         }
+        assert!(r.is_broadcast(ip("10.9.0.255")) && !r.is_broadcast(ip("10.9.0.254")));
+        let single = |s: &str| Segment::single(ip(s));
+        assert_eq!(r.holds_all(&single("10.9.0.255")), Some(false));
+        assert_eq!(r.holds_all(&single("10.9.0.254")), Some(true));
         assert_eq!(r.holds(ip("::1")), None);
     }
 

@@ -423,6 +423,37 @@ async fn a_status_read_in_part_is_no_failure() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
+/// A listed broadcast address of this host's (lo's 127.255.255.255, the
+/// last of its local 127.0.0.0/8) binds, but its connections left from
+/// 127.0.0.1, the host's own address, with `Rotor-Source` and the access
+/// log naming the pool address (review ao): out of the rotation from the
+/// start, saying why, and no request leaves from the host's address.
+#[tokio::test]
+async fn a_broadcast_address_is_quarantined_not_leased() {
+    let routes = std::process::Command::new("ip")
+        .args(["-4", "route", "show", "table", "local", "type", "broadcast"])
+        .output()
+        .unwrap();
+    if !String::from_utf8_lossy(&routes.stdout).contains("127.255.255.255") {
+        eprintln!("skipped: 127.255.255.255 is no broadcast address here");
+        return;
+    }
+    let origin = Origin::start().await;
+    let alloc = Allocator::start(&["--pool", "127.255.255.254-127.255.255.255"]).await;
+    let w = Worker::start(&alloc.socket, &[]).await;
+    for i in 0..6 {
+        let r = get(w.addr, &origin.url("/")).await;
+        assert_eq!(r.status, 200, "request {i}: {:?}", r.body);
+    }
+    let only: std::net::IpAddr = "127.255.255.254".parse().unwrap();
+    assert_eq!(origin.sources(), vec![only; 6]);
+    let status = status_json(&alloc.socket);
+    let entry = &status["pool"][1];
+    assert_eq!(entry["ip"], "127.255.255.255");
+    let reason = entry["quarantined"]["reason"].as_str().unwrap();
+    assert!(reason.contains("broadcast address"), "{reason}");
+}
+
 /// A listed address this host does not have: out of the rotation from the
 /// start, shown as such, and no request fails. (Nothing is sent from it:
 /// the allocator's check only binds, and no worker ever gets it.)

@@ -45,6 +45,23 @@ pub async fn connect_from(
             .ok_or(())
         {
             Ok(Ok(stream)) => {
+                // Where the kernel says it left from: a broadcast address
+                // of the host's (a subnet's last on an interface) binds,
+                // and its connection leaves from the host's own address,
+                // which a rotating proxy must never send from. Nothing is
+                // sent on it (the allocator, told, takes such an address
+                // out: see `routes::LocalRoutes::is_broadcast`).
+                if let Ok(at) = stream.local_addr() {
+                    if at.ip().to_canonical() != source.to_canonical() {
+                        return Err(ProxyError::SourceUnavailable {
+                            ip: source,
+                            source: io::Error::new(
+                                io::ErrorKind::AddrNotAvailable,
+                                format!("bound, its connection left from {} instead (a broadcast address?): closed unused", at.ip()),
+                            ),
+                        });
+                    }
+                }
                 let _ = stream.set_nodelay(true);
                 return Ok(stream);
             }
@@ -290,6 +307,31 @@ mod tests {
         let (_, peer) = listener.accept().await.unwrap();
         assert_eq!(peer.ip(), src);
         assert_eq!(client.local_addr().unwrap().ip(), src);
+    }
+
+    /// A broadcast address of the host's (lo's 127.255.255.255) binds, but
+    /// its connection leaves from another address: refused as the
+    /// source's fault, its connection unused (it left from 127.0.0.1,
+    /// which a rotating proxy must never send from).
+    #[tokio::test]
+    async fn a_connection_that_left_from_another_address_is_refused() {
+        let routes = rotor_protocol::routes::LocalRoutes::read();
+        let bcast: IpAddr = "127.255.255.255".parse().unwrap();
+        if !routes.is_broadcast(bcast) {
+            // (No loopback broadcast route here: nothing to try.)
+            eprintln!("skipped: 127.255.255.255 is no broadcast address here");
+            return;
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dest = listener.local_addr().unwrap();
+        let e = connect_from(bcast, &[dest], Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ProxyError::SourceUnavailable { ip, .. } if *ip == bcast),
+            "{e:?}"
+        );
+        assert!(format!("{e:?}").contains("left from 127.0.0.1"), "{e:?}");
     }
 
     /// A listener whose accept queue is full drops SYNs: a dead address.
