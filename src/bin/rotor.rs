@@ -512,15 +512,20 @@ async fn steer(
     let emptied = match (release, &answer) {
         (false, Ok(Response::Steered { entry: Some(e) })) => {
             let family = rotor_protocol::Family::of(&e.base());
+            // What is left of its family, and of both (/health answers
+            // 503 only with none of either: review ao).
             let left = match status(control).await.ok().map(|r| filled(r).0) {
                 Some(Response::StatusV2(r)) => r
                     .families
                     .iter()
                     .find(|f| f.family == family)
-                    .map(|f| f.total),
+                    .map(|f| (f.total, r.families.iter().map(|f| f.total).sum::<u64>())),
                 _ => None,
             };
-            (left == Some(0)).then_some(family)
+            match left {
+                Some((0, all)) => Some((family, all == 0)),
+                _ => None,
+            }
         }
         _ => None,
     };
@@ -538,8 +543,12 @@ async fn steer(
         }),
         _ => None,
     });
-    if let Some(family) = emptied {
-        say!("rotor: warning: no {family} address is left in the rotation: every request needing one gets 503 (and /health answers 503) until one is released (`rotor release ADDRESS`)");
+    if let Some((family, none)) = emptied {
+        let health = match none {
+            true => " (and /health answers 503: no address of either family is left)",
+            false => "",
+        };
+        say!("rotor: warning: no {family} address is left in the rotation: every request needing one gets 503{health} until one is released (`rotor release ADDRESS`)");
     }
     if let (ExitCode::SUCCESS, Some(wider)) = (code, inside) {
         say!("rotor: note: it lies inside {wider}, which stays in the rotation (its rotation reaches an address once a pass over the prefix): `rotor status` lists no entry of its own for it until the pool lists it apart from {wider}");

@@ -332,7 +332,7 @@ fn alloc_addresses_in_rotation(socket: &std::path::Path) -> u64 {
 /// request needing one is a 503 then. It said only "out of the rotation".
 #[tokio::test]
 async fn taking_out_the_last_address_by_hand_is_said() {
-    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3"]).await;
+    let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3", "--pool", "::1"]).await;
     let quarantine = |ip: &str| {
         let out = std::process::Command::new(ROTOR)
             .args(["quarantine", "--socket", alloc.socket.to_str().unwrap(), ip])
@@ -347,6 +347,15 @@ async fn taking_out_the_last_address_by_hand_is_said() {
     assert!(
         last.contains("warning: no IPv4 address is left in the rotation"),
         "{last}"
+    );
+    // IPv6's address serves on: /health does too (it said it answered
+    // 503). Once that goes as well, it does.
+    assert!(!last.contains("/health"), "{last}");
+    let six = quarantine("::1");
+    assert!(
+        six.contains("no IPv6 address is left in the rotation")
+            && six.contains("/health answers 503"),
+        "{six}"
     );
 }
 
