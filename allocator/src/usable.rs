@@ -74,7 +74,7 @@ impl Checker {
         if local == Some(false) {
             if !entry.is_single() {
                 return Err(format!(
-                    "not all of {entry} is this host's: local routes of the main or local table (its interfaces' addresses, or `ip route add local {entry} dev lo`) must cover every address of it; one in a table of its own (`table 100`) does not count"
+                    "not all of {entry} is this host's: local routes of the main or local table (its interfaces' addresses, or `ip route add local {entry} dev lo`) must cover every address of it, and no narrower route of the main table take part of it (`unreachable`, a gateway's); one in a table of its own (`table 100`) does not count"
                 ));
             }
             return Err(describe(&io::Error::from_raw_os_error(libc::EADDRNOTAVAIL)));

@@ -85,6 +85,45 @@ pub struct LocalRoutes {
     /// local, 10.0.0.7 its broadcast), yet no source: bound, its
     /// connections leave from another address, the host's own.
     v4_broadcast: PrefixSet,
+    /// IPv6's routes that take part of a local route from this host (see
+    /// [`Shadowed`]); `None` where there are none (nearly every host).
+    v6_shadowed: Option<Box<Shadowed>>,
+}
+
+/// Routes of the main table inside a local route of the main table (`ip
+/// -6 route add local 2001:db8::/63 dev lo table main`, then `ip -6 route
+/// add unreachable 2001:db8:0:1::/64`): the kernel takes the longest
+/// match, so the part they cover is not this host's, and a prefix entry
+/// holding it failed the leases that fell there (a local route of the
+/// local table, looked up first, wins whatever the main table holds).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Shadowed {
+    table_local: PrefixSet,
+    main_local: PrefixSet,
+    /// Each narrower than a local route of the main table holding it.
+    shadows: Vec<Segment>,
+}
+
+impl Shadowed {
+    /// Whether a shadow takes any address of `e` from this host.
+    fn takes_any(&self, e: &Segment) -> bool {
+        self.shadows.iter().any(|s| {
+            if !(s.contains(e.base()) || e.contains(s.base())) {
+                return false;
+            }
+            // Where they meet: the narrower of the two.
+            let b = match s.prefix_len() >= e.prefix_len() {
+                true => *s,
+                false => *e,
+            };
+            // The local table's routes win; so does a local route of the
+            // main table narrower than the shadow that holds it whole.
+            let narrower = self.main_local.holder(b.base()).is_some_and(|m| {
+                m.prefix_len() > s.prefix_len() && m.prefix_len() <= b.prefix_len()
+            });
+            !(narrower || self.table_local.covers_all(&b))
+        })
+    }
 }
 
 impl LocalRoutes {
@@ -95,11 +134,16 @@ impl LocalRoutes {
             Some((local, broadcast)) => (Some(local), broadcast),
             None => (None, PrefixSet::default()),
         };
+        let mut v6_shadowed = None;
         LocalRoutes {
             v4,
             v4_broadcast,
             v6: match netlink::local_routes(crate::Family::V6) {
-                Ok(routes) => Some(routes),
+                Ok(dumped) => {
+                    let (local, shadowed) = dumped.into_routes();
+                    v6_shadowed = shadowed;
+                    Some(local)
+                }
                 // A sandbox refusing netlink sockets (a unit's
                 // `RestrictAddressFamilies=` without AF_NETLINK, as the
                 // worker's own had): the file, which lists every table's
@@ -114,6 +158,7 @@ impl LocalRoutes {
                 }
                 Err(_) => None,
             },
+            v6_shadowed,
         }
     }
 
@@ -158,7 +203,13 @@ impl LocalRoutes {
             IpAddr::V6(_) => self.v6.as_ref(),
         };
         let one = Segment::single(ip);
-        routes.map(|r| r.holds(&one, 128) && !self.is_broadcast(ip))
+        routes.map(|r| r.holds(&one, 128) && !self.is_broadcast(ip) && !self.shadowed(&one))
+    }
+
+    /// Whether a route of the main table takes any of `e` from this host
+    /// (see [`Shadowed`]).
+    fn shadowed(&self, e: &Segment) -> bool {
+        e.family() == crate::Family::V6 && self.v6_shadowed.as_ref().is_some_and(|s| s.takes_any(e))
     }
 
     /// Whether `ip` is one of this host's IPv4 broadcast addresses: bound,
@@ -180,7 +231,7 @@ impl LocalRoutes {
             crate::Family::V4 => self.v4.as_ref(),
             crate::Family::V6 => self.v6.as_ref(),
         };
-        routes.map(|r| r.covers_all(entry))
+        routes.map(|r| r.covers_all(entry) && !self.shadowed(entry))
     }
 }
 
@@ -261,9 +312,51 @@ mod netlink {
     use crate::netlink::*;
     use crate::{Family, PrefixSet, Segment};
 
+    /// The routes of the main and local tables a dump gave.
+    #[derive(Default)]
+    pub struct Dumped {
+        /// Local routes, of either table.
+        pub local: PrefixSet,
+        table_local: Vec<Segment>,
+        main_local: Vec<Segment>,
+        /// The main table's others (a route to a gateway, an unreachable
+        /// one), but its catch-all.
+        main_other: Vec<Segment>,
+    }
+
+    impl Dumped {
+        /// The local routes, and those of the main table that take part
+        /// of one (see [`super::Shadowed`]), if any.
+        pub fn into_routes(self) -> (PrefixSet, Option<Box<super::Shadowed>>) {
+            if self.main_local.is_empty() {
+                return (self.local, None);
+            }
+            let mut main_local = PrefixSet::default();
+            for p in self.main_local {
+                main_local.insert(p);
+            }
+            let shadows: Vec<Segment> = (self.main_other.into_iter())
+                .filter(|s| main_local.holds(s, s.prefix_len() - 1))
+                .collect();
+            if shadows.is_empty() {
+                return (self.local, None);
+            }
+            let mut table_local = PrefixSet::default();
+            for p in self.table_local {
+                table_local.insert(p);
+            }
+            let shadowed = super::Shadowed {
+                table_local,
+                main_local,
+                shadows,
+            };
+            (self.local, Some(Box::new(shadowed)))
+        }
+    }
+
     /// This host's, now. A dump the kernel marks interrupted (the routes
     /// changed while it was read) is read again, three times at most.
-    pub fn local_routes(family: Family) -> io::Result<PrefixSet> {
+    pub fn local_routes(family: Family) -> io::Result<Dumped> {
         let mut tries = 0;
         loop {
             match dump(family) {
@@ -273,7 +366,7 @@ mod netlink {
         }
     }
 
-    fn dump(family: Family) -> io::Result<PrefixSet> {
+    fn dump(family: Family) -> io::Result<Dumped> {
         let mut socket = RouteSocket::open(Duration::from_secs(2))?;
         let mut rtmsg = [0; RTMSG];
         rtmsg[0] = af(family);
@@ -283,14 +376,14 @@ mod netlink {
             &rtmsg,
             &[],
         ))?;
-        let mut prefixes = PrefixSet::default();
-        while !read(socket.receive()?, family, &mut prefixes)? {}
-        Ok(prefixes)
+        let mut dumped = Dumped::default();
+        while !read(socket.receive()?, family, &mut dumped)? {}
+        Ok(dumped)
     }
 
-    /// Reads one datagram of a dump into `prefixes`; whether it ended the
+    /// Reads one datagram of a dump into `dumped`; whether it ended the
     /// dump.
-    pub(super) fn read(buf: &[u8], family: Family, prefixes: &mut PrefixSet) -> io::Result<bool> {
+    pub(super) fn read(buf: &[u8], family: Family, dumped: &mut Dumped) -> io::Result<bool> {
         for m in messages(buf)? {
             if m.flags & NLM_F_DUMP_INTR != 0 {
                 return Err(io::ErrorKind::Interrupted.into());
@@ -306,23 +399,30 @@ mod netlink {
                         .error()?
                         .unwrap_or_else(|| io::Error::other("an acknowledgement, not a dump")))
                 }
-                RTM_NEWROUTE => {
-                    if let Some(p) = local_route(m, family) {
-                        prefixes.insert(p);
+                RTM_NEWROUTE => match route(m, family) {
+                    Some((p, true, table)) => {
+                        dumped.local.insert(p);
+                        match table == RT_TABLE_MAIN {
+                            true => dumped.main_local.push(p),
+                            false => dumped.table_local.push(p),
+                        }
                     }
-                }
+                    Some((p, false, RT_TABLE_MAIN)) => dumped.main_other.push(p),
+                    _ => {}
+                },
                 _ => {}
             }
         }
         Ok(false)
     }
 
-    /// The prefix of a local route of the main or local table; `None` for
-    /// any other route (and a catch-all one).
-    fn local_route(m: Message<'_>, family: Family) -> Option<Segment> {
+    /// The prefix of a route of the main or local table, whether it is a
+    /// local one, and its table; `None` for any other route (and a
+    /// catch-all one).
+    fn route(m: Message<'_>, family: Family) -> Option<(Segment, bool, u32)> {
         let rtmsg = m.rtmsg()?;
         let (len, kind) = (rtmsg[1], rtmsg[7]);
-        if rtmsg[0] != af(family) || kind != RTN_LOCAL || len == 0 {
+        if rtmsg[0] != af(family) || len == 0 {
             return None;
         }
         // A table past 255 is named in its attribute only.
@@ -337,7 +437,7 @@ mod netlink {
         if table != RT_TABLE_MAIN && table != RT_TABLE_LOCAL {
             return None;
         }
-        Segment::prefix(dst?, len)
+        Some((Segment::prefix(dst?, len)?, kind == RTN_LOCAL, table))
     }
 
     /// A dump's datagram, as the kernel writes it, for the tests.
@@ -394,12 +494,17 @@ mod tests {
         s.parse().unwrap()
     }
 
-    /// The IPv6 routes a dump gives, read.
-    fn v6_of(routes: &[netlink::fake::Route<'_>]) -> PrefixSet {
-        let mut set = PrefixSet::default();
-        let done = netlink::read(&netlink::fake::dump(routes), crate::Family::V6, &mut set);
+    /// The IPv6 routes a dump gives, read (IPv4's unknown).
+    fn v6_only(routes: &[netlink::fake::Route<'_>]) -> LocalRoutes {
+        let mut dumped = netlink::Dumped::default();
+        let done = netlink::read(&netlink::fake::dump(routes), crate::Family::V6, &mut dumped);
         assert!(done.unwrap(), "the dump's end read");
-        set
+        let (local, shadowed) = dumped.into_routes();
+        LocalRoutes {
+            v6: Some(local),
+            v6_shadowed: shadowed,
+            ..LocalRoutes::default()
+        }
     }
 
     fn route(dst: &str, len: u8, kind: u8, table: u32) -> netlink::fake::Route<'_> {
@@ -419,11 +524,7 @@ mod tests {
             route("2001:db8:88::", 64, UNICAST, 254),
             route("2001:db8:5::1", 128, LOCAL, 255),
         ];
-        let r = LocalRoutes {
-            v4: None,
-            v4_broadcast: PrefixSet::default(),
-            v6: Some(v6_of(&table)),
-        };
+        let r = v6_only(&table);
         assert!(r.covers(ip("2001:db8:77::5")));
         assert!(r.covers(ip("2001:db8:77:0:ffff::1")));
         assert!(!r.covers(ip("2001:db8:78::5")));
@@ -449,7 +550,7 @@ mod tests {
     #[test]
     fn ipv6_local_routes_of_policy_tables_are_not_the_hosts() {
         use netlink::fake::LOCAL;
-        let set = v6_of(&[
+        let r = v6_only(&[
             route("2001:db8:99::", 64, LOCAL, 100),
             route("2001:db8:98::", 64, LOCAL, 1000),
             route("2001:db8:97::", 64, LOCAL, 254),
@@ -457,11 +558,6 @@ mod tests {
             route("::", 0, LOCAL, 255),
             route("10.0.0.0", 8, LOCAL, 255),
         ]);
-        let r = LocalRoutes {
-            v4: None,
-            v4_broadcast: PrefixSet::default(),
-            v6: Some(set),
-        };
         for (addr, local) in [
             ("2001:db8:99::1", false),
             ("2001:db8:98::1", false),
@@ -473,7 +569,7 @@ mod tests {
         }
         // A datagram cut inside a message is an error, not a short table.
         let dump = netlink::fake::dump(&[route("2001:db8:97::", 64, LOCAL, 254)]);
-        let mut set = PrefixSet::default();
+        let mut set = netlink::Dumped::default();
         assert!(netlink::read(&dump[..20], crate::Family::V6, &mut set).is_err());
     }
 
@@ -492,26 +588,66 @@ mod tests {
         let mut other = dump(&[route("2001:db8:95::", 64, LOCAL, 255)]);
         other.truncate(other.len() - end);
         other[8..12].copy_from_slice(&7u32.to_ne_bytes());
-        let mut set = PrefixSet::default();
+        let mut set = netlink::Dumped::default();
         assert!(!netlink::read(&first[..first.len() - end], V6, &mut set).unwrap());
         assert!(!netlink::read(&other, V6, &mut set).unwrap());
         assert!(netlink::read(&last, V6, &mut set).unwrap());
         let r = LocalRoutes {
-            v4: None,
-            v4_broadcast: PrefixSet::default(),
-            v6: Some(set),
+            v6: Some(set.local),
+            ..LocalRoutes::default()
         };
         assert_eq!(r.holds(ip("2001:db8:97::1")), Some(true));
         assert_eq!(r.holds(ip("2001:db8:96::1")), Some(true));
         assert_eq!(r.holds(ip("2001:db8:95::1")), Some(false));
         let failed = message(NLMSG_DONE, NLM_F_DUMP, &(-libc::EBUSY).to_ne_bytes(), &[]);
-        let mut set = PrefixSet::default();
+        let mut set = netlink::Dumped::default();
         let err = netlink::read(&failed, V6, &mut set).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EBUSY));
         let mut interrupted = first.clone();
         interrupted[6..8].copy_from_slice(&(NLM_F_DUMP | NLM_F_DUMP_INTR).to_ne_bytes());
         let err = netlink::read(&interrupted, V6, &mut set).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::Interrupted);
+    }
+
+    /// A route of the main table narrower than a local one of the main
+    /// table takes its part from the host (the kernel's longest match): a
+    /// prefix holding that part is not all the host's, and was served with
+    /// about half its leases timing out (review ao). A local route of the
+    /// local table wins whatever the main table holds, and so does a
+    /// narrower local route inside the shadow.
+    #[test]
+    fn a_narrower_route_of_the_main_table_takes_its_part_of_a_local_one() {
+        use netlink::fake::{LOCAL, UNICAST};
+        const UNREACHABLE: u8 = 7;
+        let r = v6_only(&[
+            route("2001:db8:e1::", 63, LOCAL, 254),
+            route("2001:db8:e1:1::", 64, UNREACHABLE, 254),
+            route("2001:db8:e5::", 64, LOCAL, 254),
+            route("2001:db8:e5:0:8000::", 65, UNICAST, 254),
+            route("2001:db8:e5:0:8000::", 80, LOCAL, 254),
+            // The local table's, with a narrower route of the main table
+            // inside it: still the host's.
+            route("2001:db8:f0::", 64, LOCAL, 255),
+            route("2001:db8:f0:0:8000::", 65, UNREACHABLE, 254),
+            // A wider route holding a local one takes nothing.
+            route("2001:db8::", 32, UNICAST, 254),
+        ]);
+        let seg = |s: &str| s.parse::<Segment>().unwrap();
+        assert_eq!(r.holds_all(&seg("2001:db8:e1::/63")), Some(false));
+        assert_eq!(r.holds_all(&seg("2001:db8:e1::/64")), Some(true));
+        assert_eq!(r.holds(ip("2001:db8:e1:1::5")), Some(false));
+        assert_eq!(r.holds(ip("2001:db8:e1::5")), Some(true));
+        assert_eq!(r.holds_all(&seg("2001:db8:e5::/64")), Some(false));
+        assert_eq!(r.holds_all(&seg("2001:db8:e5::/65")), Some(true));
+        assert_eq!(r.holds(ip("2001:db8:e5:0:8000::1")), Some(true), "its /80");
+        assert_eq!(r.holds(ip("2001:db8:e5:0:8001::1")), Some(false));
+        assert_eq!(r.holds_all(&seg("2001:db8:f0::/64")), Some(true));
+        // None of it, where no local route of the main table is.
+        let plain = v6_only(&[
+            route("2001:db8:f0::", 64, LOCAL, 255),
+            route("2001:db8:f0:0:8000::", 65, UNREACHABLE, 254),
+        ]);
+        assert!(plain.v6_shadowed.is_none());
     }
 
     /// Where netlink is refused, `/proc/net/ipv6_route`'s local routes.
@@ -524,9 +660,8 @@ mod tests {
 garbage
 ";
         let r = LocalRoutes {
-            v4: None,
-            v4_broadcast: PrefixSet::default(),
             v6: Some(parse_ipv6_route(table)),
+            ..LocalRoutes::default()
         };
         assert_eq!(r.holds(ip("2001:db8:77::5")), Some(true));
         assert_eq!(r.holds(ip("2001:db8:88::5")), Some(false), "not local");
@@ -631,8 +766,8 @@ Local:
         let (v4, v4_broadcast) = parse_fib_trie(&trie);
         let r = LocalRoutes {
             v4: Some(v4),
-            v6: Some(v6_of(&six)),
             v4_broadcast,
+            ..v6_only(&six)
         };
         for not in ["8.8.8.8", "203.0.113.5", "2001:db8:9::1"] {
             assert_eq!(r.holds(ip(not)), Some(false), "{not}");
@@ -647,8 +782,8 @@ Local:
         let (v4, v4_broadcast) = parse_fib_trie(FIB_TRIE);
         let r = LocalRoutes {
             v4: Some(v4),
-            v6: None,
             v4_broadcast,
+            ..LocalRoutes::default()
         };
         for local in [
             "10.9.0.7",
