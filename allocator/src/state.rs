@@ -1751,10 +1751,21 @@ impl Allocator {
                 Some(_) => {}
             }
         }
-        let checked = crate::usable::Checker::recent(rotor_protocol::routes::AFTER_A_FAILURE)
-            .check(&Segment::single(ip));
+        let mut checker = crate::usable::Checker::recent(rotor_protocol::routes::AFTER_A_FAILURE);
+        let checked = checker.check(&Segment::single(ip));
         if checked.is_ok() {
             tracing::debug!(%ip, reason, "a worker reported an address this host can use: left in the rotation");
+            return false;
+        }
+        let Some(e) = entry(&self.lock()) else {
+            return false;
+        };
+        // An address of a prefix the rest of which this host can use (a
+        // broadcast address inside it): that lease failed (the worker took
+        // the next), the prefix stays. It had left the rotation whole,
+        // each time its rotation came to that address (review ap).
+        if !e.is_single() && checker.check(&e).is_ok() {
+            tracing::debug!(%ip, entry = %e, reason, "a worker could not use an address of a prefix this host can use: the prefix stays in the rotation");
             return false;
         }
         let mut inner = self.lock();
@@ -3738,6 +3749,28 @@ mod tests {
         a.apply_refresh(vec![Ok(vec![e])], &ok());
         assert!(!a.unusable("127.0.0.5".parse().unwrap(), "EADDRNOTAVAIL"));
         assert!(a.status_v2().pool[0].quarantine.is_none());
+    }
+
+    /// A report of a broadcast address (lo's 127.255.255.255) inside a
+    /// prefix this host can use leaves the prefix in (it went out whole,
+    /// and came back, each time its rotation came to that address); the
+    /// address listed alone goes out.
+    #[test]
+    fn a_broadcast_address_inside_a_usable_prefix_leaves_it_in() {
+        let bcast: IpAddr = "127.255.255.255".parse().unwrap();
+        let routes = rotor_protocol::routes::LocalRoutes::read();
+        if !routes.is_broadcast(bcast) {
+            eprintln!("skipped: 127.255.255.255 is no broadcast address here");
+            return;
+        }
+        let prefix: Segment = "127.254.0.0/15".parse().unwrap();
+        let a = Allocator::new(vec![Source::list("127.254.0.0/15").unwrap()]);
+        a.apply_refresh(vec![Ok(vec![prefix])], &ok());
+        assert!(!a.unusable(bcast, "a broadcast address"));
+        assert!(a.status_v2().pool[0].quarantine.is_none());
+        let a = Allocator::new(vec![Source::list("127.255.255.255").unwrap()]);
+        a.apply_refresh(vec![Ok(vec![Segment::single(bcast)])], &ok());
+        assert!(a.unusable(bcast, "a broadcast address"));
     }
 
     /// A worker's report of an address this host cannot use asks for a

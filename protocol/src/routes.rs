@@ -116,11 +116,9 @@ impl Shadowed {
                 true => *s,
                 false => *e,
             };
-            // The local table's routes win; so does a local route of the
-            // main table narrower than the shadow that holds it whole.
-            let narrower = self.main_local.holder(b.base()).is_some_and(|m| {
-                m.prefix_len() > s.prefix_len() && m.prefix_len() <= b.prefix_len()
-            });
+            // The local table's routes win; so do local routes of the main
+            // table narrower than the shadow that cover it between them.
+            let narrower = self.main_local.covers_all_from(&b, s.prefix_len() + 1);
             !(narrower || self.table_local.covers_all(&b))
         })
     }
@@ -625,6 +623,13 @@ mod tests {
             route("2001:db8:e5::", 64, LOCAL, 254),
             route("2001:db8:e5:0:8000::", 65, UNICAST, 254),
             route("2001:db8:e5:0:8000::", 80, LOCAL, 254),
+            // Narrower local routes covering the shadow between them; a
+            // narrowest one inside them (review ap: both were refused).
+            route("2001:db8:e3::", 63, LOCAL, 254),
+            route("2001:db8:e3:1::", 64, UNREACHABLE, 254),
+            route("2001:db8:e3:1::", 65, LOCAL, 254),
+            route("2001:db8:e3:1:8000::", 65, LOCAL, 254),
+            route("2001:db8:e3:1::", 96, LOCAL, 254),
             // The local table's, with a narrower route of the main table
             // inside it: still the host's.
             route("2001:db8:f0::", 64, LOCAL, 255),
@@ -642,6 +647,8 @@ mod tests {
         assert_eq!(r.holds(ip("2001:db8:e5:0:8000::1")), Some(true), "its /80");
         assert_eq!(r.holds(ip("2001:db8:e5:0:8001::1")), Some(false));
         assert_eq!(r.holds_all(&seg("2001:db8:f0::/64")), Some(true));
+        assert_eq!(r.holds_all(&seg("2001:db8:e3::/63")), Some(true));
+        assert_eq!(r.holds_all(&seg("2001:db8:e3:1::/80")), Some(true));
         // None of it, where no local route of the main table is.
         let plain = v6_only(&[
             route("2001:db8:f0::", 64, LOCAL, 255),

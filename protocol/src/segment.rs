@@ -360,8 +360,14 @@ impl PrefixSet {
 
     /// Whether a member no longer than `max_len` holds all of `e`.
     pub fn holds(&self, e: &Segment, max_len: u8) -> bool {
+        self.holds_between(e, 0, max_len)
+    }
+
+    /// Whether a member of a length from `min_len` to `max_len` holds all
+    /// of `e`.
+    fn holds_between(&self, e: &Segment, min_len: u8, max_len: u8) -> bool {
         self.by_len.iter().any(|(len, set)| {
-            *len <= max_len.min(e.prefix_len())
+            (min_len..=max_len.min(e.prefix_len())).contains(len)
                 && Segment::prefix(e.base(), *len).is_some_and(|p| set.contains(&p))
         })
     }
@@ -373,13 +379,18 @@ impl PrefixSet {
     /// a prefix not held costs at most one descent, one that is, a look
     /// per member inside it.
     pub fn covers_all(&self, e: &Segment) -> bool {
-        let longest = self.by_len.iter().map(|(len, _)| *len).max().unwrap_or(0);
-        self.covers_within(e, longest)
+        self.covers_all_from(e, 0)
     }
 
-    /// [`PrefixSet::covers_all`], its members' longest length given.
-    fn covers_within(&self, e: &Segment, longest: u8) -> bool {
-        if self.holds(e, 128) {
+    /// [`PrefixSet::covers_all`] by the members of `min_len` or longer.
+    pub fn covers_all_from(&self, e: &Segment, min_len: u8) -> bool {
+        let longest = self.by_len.iter().map(|(len, _)| *len).max().unwrap_or(0);
+        self.covers_within(e, min_len, longest)
+    }
+
+    /// [`PrefixSet::covers_all_from`], its members' longest length given.
+    fn covers_within(&self, e: &Segment, min_len: u8, longest: u8) -> bool {
+        if self.holds_between(e, min_len, 128) {
             return true;
         }
         if e.is_single() || e.prefix_len() >= longest {
@@ -390,7 +401,7 @@ impl PrefixSet {
         let half = 1u128 << (e.host_bits() - 1);
         [base, base + half].into_iter().all(|b| {
             Segment::prefix(from_u128(e.family(), b), len)
-                .is_some_and(|h| self.covers_within(&h, longest))
+                .is_some_and(|h| self.covers_within(&h, min_len, longest))
         })
     }
 }
