@@ -266,6 +266,18 @@ async fn a_tampered_lease_table_is_not_trusted_and_is_replaced() {
     serve_all(&[&worker], &origin, 3).await;
     let path = alloc.socket.with_file_name("allocator.sock.leases");
     let id = |p: &std::path::Path| table_words(p)[4];
+    // Waits for the allocator to put a new table (another id) in place of
+    // the one whose id was `before`.
+    let replaced = |what: &'static str, before: u64| {
+        let path = path.clone();
+        async move {
+            eventually(what, || {
+                let p = path.clone();
+                async move { id(&p) != before }
+            })
+            .await
+        }
+    };
     let first = id(&path);
     // Every entry of 127.0.0.2 (family word 4, then 0, then the address)
     // now says 127.0.0.1.
@@ -289,12 +301,7 @@ async fn a_tampered_lease_table_is_not_trusted_and_is_replaced() {
         !origin.sources().contains(&own),
         "a request left from 127.0.0.1"
     );
-    let p = path.clone();
-    eventually("the allocator replaces the table", || {
-        let p = p.clone();
-        async move { id(&p) != first }
-    })
-    .await;
+    replaced("the allocator replaces the table", first).await;
     assert!(
         table_words(&path)[SEQ] < 1000,
         "{}",
@@ -306,25 +313,16 @@ async fn a_tampered_lease_table_is_not_trusted_and_is_replaced() {
     let state = table_words(&path)[8];
     write_word(&path, 8, state | 1 << 63);
     serve_all(&[&worker], &origin, 10).await;
-    let p = path.clone();
-    eventually("the allocator replaces the closed table", || {
-        let p = p.clone();
-        async move { id(&p) != second }
-    })
-    .await;
+    replaced("the allocator replaces the closed table", second).await;
     serve_all(&[&worker], &origin, 10).await;
     // The IPv6 state made to name the other half (its tag's low bit, bit
     // 44): noticed too, and replaced.
     let third = id(&path);
     let v6_state = table_words(&path)[10];
     write_word(&path, 10, v6_state ^ 1 << 44);
-    let p = path.clone();
-    eventually(
+    replaced(
         "the allocator replaces a table whose states disagree",
-        || {
-            let p = p.clone();
-            async move { id(&p) != third }
-        },
+        third,
     )
     .await;
     serve_all(&[&worker], &origin, 10).await;
@@ -341,25 +339,12 @@ async fn a_tampered_lease_table_is_not_trusted_and_is_replaced() {
         .unwrap()
         .set_len(len * 2)
         .unwrap();
-    let p = path.clone();
-    eventually("the allocator replaces a table with another layout", || {
-        let p = p.clone();
-        async move { id(&p) != fourth }
-    })
-    .await;
+    replaced("the allocator replaces a table with another layout", fourth).await;
     serve_all(&[&worker], &origin, 10).await;
     // The sequence alone, sent far on: noticed, and replaced.
     let fifth = id(&path);
     write_word(&path, SEQ, 1 << 60);
-    let p = path.clone();
-    eventually(
-        "the allocator replaces a table whose sequence leapt",
-        || {
-            let p = p.clone();
-            async move { id(&p) != fifth }
-        },
-    )
-    .await;
+    replaced("the allocator replaces a table whose sequence leapt", fifth).await;
     assert!(
         table_words(&path)[SEQ] < 1000,
         "{}",
