@@ -1741,31 +1741,28 @@ impl Allocator {
         // The entry serving it (an entry inside a prefix that is out
         // serves meanwhile: that one, not the prefix, is reported).
         let entry = |inner: &Inner| inner.pool.entry_of(ip);
-        {
+        let listed = {
             // Requests in flight on an address that went away report it
             // many times: once it is out, no check again.
             let inner = self.lock();
             match entry(&inner) {
                 None => return false,
                 Some(e) if inner.pool.is_quarantined(&e) => return true,
-                Some(_) => {}
+                Some(e) => e,
             }
-        }
+        };
         let mut checker = crate::usable::Checker::recent(rotor_protocol::routes::AFTER_A_FAILURE);
         let checked = checker.check(&Segment::single(ip));
         if checked.is_ok() {
             tracing::debug!(%ip, reason, "a worker reported an address this host can use: left in the rotation");
             return false;
         }
-        let Some(e) = entry(&self.lock()) else {
-            return false;
-        };
         // An address of a prefix the rest of which this host can use (a
         // broadcast address inside it): that lease failed (the worker took
         // the next), the prefix stays. It had left the rotation whole,
         // each time its rotation came to that address (review ap).
-        if !e.is_single() && checker.check(&e).is_ok() {
-            tracing::debug!(%ip, entry = %e, reason, "a worker could not use an address of a prefix this host can use: the prefix stays in the rotation");
+        if !listed.is_single() && checker.check(&listed).is_ok() {
+            tracing::debug!(%ip, entry = %listed, reason, "a worker could not use an address of a prefix this host can use: the prefix stays in the rotation");
             return false;
         }
         let mut inner = self.lock();

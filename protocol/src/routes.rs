@@ -132,30 +132,32 @@ impl LocalRoutes {
             Some((local, broadcast)) => (Some(local), broadcast),
             None => (None, PrefixSet::default()),
         };
-        let mut v6_shadowed = None;
+        let (v6, v6_shadowed) = match netlink::local_routes(crate::Family::V6) {
+            Ok(dumped) => {
+                let (local, shadowed) = dumped.into_routes();
+                (Some(local), shadowed)
+            }
+            // A sandbox refusing netlink sockets (a unit's
+            // `RestrictAddressFamilies=` without AF_NETLINK, as the
+            // worker's own had): the file, which lists every table's
+            // local routes without saying which.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAFNOSUPPORT | libc::EPERM | libc::EACCES)
+                ) =>
+            {
+                (
+                    file("/proc/net/ipv6_route").map(|t| parse_ipv6_route(&t)),
+                    None,
+                )
+            }
+            Err(_) => (None, None),
+        };
         LocalRoutes {
             v4,
             v4_broadcast,
-            v6: match netlink::local_routes(crate::Family::V6) {
-                Ok(dumped) => {
-                    let (local, shadowed) = dumped.into_routes();
-                    v6_shadowed = shadowed;
-                    Some(local)
-                }
-                // A sandbox refusing netlink sockets (a unit's
-                // `RestrictAddressFamilies=` without AF_NETLINK, as the
-                // worker's own had): the file, which lists every table's
-                // local routes without saying which.
-                Err(e)
-                    if matches!(
-                        e.raw_os_error(),
-                        Some(libc::EAFNOSUPPORT | libc::EPERM | libc::EACCES)
-                    ) =>
-                {
-                    file("/proc/net/ipv6_route").map(|t| parse_ipv6_route(&t))
-                }
-                Err(_) => None,
-            },
+            v6,
             v6_shadowed,
         }
     }
@@ -192,16 +194,17 @@ impl LocalRoutes {
         self.holds(ip).unwrap_or(false)
     }
 
-    /// Whether a local route covers `ip`, and it is no broadcast address
-    /// (see [`is_broadcast`](Self::is_broadcast)); `None` if its family's
-    /// table could not be read.
+    /// Whether a local route covers `ip` (and no narrower route takes it:
+    /// see [`Shadowed`]); `None` if its family's table could not be read.
+    /// (A broadcast address is the host's here, as the destination rules
+    /// ask; as a source it is not: see [`holds_all`](Self::holds_all).)
     pub fn holds(&self, ip: IpAddr) -> Option<bool> {
         let routes = match ip {
             IpAddr::V4(_) => self.v4.as_ref(),
             IpAddr::V6(_) => self.v6.as_ref(),
         };
         let one = Segment::single(ip);
-        routes.map(|r| r.holds(&one, 128) && !self.is_broadcast(ip) && !self.shadowed(&one))
+        routes.map(|r| r.holds(&one, 128) && !self.shadowed(&one))
     }
 
     /// Whether a route of the main table takes any of `e` from this host
@@ -223,7 +226,8 @@ impl LocalRoutes {
     /// its family's table could not be read.
     pub fn holds_all(&self, entry: &Segment) -> Option<bool> {
         if entry.is_single() {
-            return self.holds(entry.at(0));
+            let ip = entry.at(0);
+            return self.holds(ip).map(|h| h && !self.is_broadcast(ip));
         }
         let routes = match entry.family() {
             crate::Family::V4 => self.v4.as_ref(),
@@ -808,12 +812,13 @@ Local:
             "192.0.2.255",
             "10.21.0.1",
             "10.9.1.1",
-            // A local /24's broadcast: inside its local route, yet bound,
-            // its connections left from the host's own address.
-            "10.9.0.255",
         ] {
             assert_eq!(r.holds(ip(not)), Some(false), "{not}");
         }
+        // A local /24's broadcast: inside its local route (the host's, to
+        // the destination rules), yet no source: bound, its connections
+        // left from the host's own address.
+        assert_eq!(r.holds(ip("10.9.0.255")), Some(true));
         assert!(r.is_broadcast(ip("10.9.0.255")) && !r.is_broadcast(ip("10.9.0.254")));
         let single = |s: &str| Segment::single(ip(s));
         assert_eq!(r.holds_all(&single("10.9.0.255")), Some(false));

@@ -195,7 +195,10 @@ pub struct LocalAddrs {
     own: Vec<SocketAddr>,
 }
 
-const LOCAL_TTL: std::time::Duration = std::time::Duration::from_secs(5);
+/// How old a reading of this host's routes a request's checks take (its
+/// destination here, its source's broadcast check in `connect`); the
+/// kernel's word of a change, watched, makes it stale at once.
+pub(crate) const LOCAL_TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl LocalAddrs {
     /// With `own`, the addresses this worker's listeners are bound to.

@@ -53,13 +53,7 @@ pub async fn connect_from(
                 // out: see `routes::LocalRoutes::is_broadcast`).
                 if let Ok(at) = stream.local_addr() {
                     if at.ip().to_canonical() != source.to_canonical() {
-                        return Err(ProxyError::SourceUnavailable {
-                            ip: source,
-                            source: io::Error::new(
-                                io::ErrorKind::AddrNotAvailable,
-                                format!("bound, its connection left from {} instead (a broadcast address?): closed unused", at.ip()),
-                            ),
-                        });
+                        return Err(unavailable(source, format!("bound, its connection left from {} instead (a broadcast address?): closed unused", at.ip())));
                     }
                 }
                 let _ = stream.set_nodelay(true);
@@ -130,25 +124,16 @@ const ATTEMPT_MIN: Duration = Duration::from_secs(3);
 /// Whether it was bound with freebind, beside it.
 fn bound_socket(source: IpAddr, dest: SocketAddr) -> Result<(TcpSocket, bool), ProxyError> {
     if let Some(why) = rotor_protocol::addr::not_a_source_ip(source) {
-        return Err(ProxyError::SourceUnavailable {
-            ip: source,
-            source: io::Error::new(
-                io::ErrorKind::AddrNotAvailable,
-                format!("not a source: {why}"),
-            ),
-        });
+        return Err(unavailable(source, format!("not a source: {why}")));
     }
     // A broadcast address of the host's binds, but its connection leaves
     // from the host's own address: refused before a SYN goes (checked
     // again after the connect, where the routes could not be read).
     if source.is_ipv4() && broadcast(source) {
-        return Err(ProxyError::SourceUnavailable {
-            ip: source,
-            source: io::Error::new(
-                io::ErrorKind::AddrNotAvailable,
-                "a broadcast address of this host's: its connections would leave from another address",
-            ),
-        });
+        return Err(unavailable(
+            source,
+            "a broadcast address of this host's: its connections would leave from another address",
+        ));
     }
     let sock = Socket::new(
         Domain::for_address(dest),
@@ -180,10 +165,21 @@ fn bound_socket(source: IpAddr, dest: SocketAddr) -> Result<(TcpSocket, bool), P
     Ok((TcpSocket::from_std_stream(sock.into()), freebound))
 }
 
-/// Whether `ip` is one of this host's broadcast addresses, by a reading of
-/// the routes at most a second old (a lock and a hash probe).
+/// `ip` cannot be a source here, for `why`: the address's fault (the
+/// allocator is told, and another lease tried).
+fn unavailable(ip: IpAddr, why: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> ProxyError {
+    ProxyError::SourceUnavailable {
+        ip,
+        source: io::Error::new(io::ErrorKind::AddrNotAvailable, why),
+    }
+}
+
+/// Whether `ip` is one of this host's broadcast addresses, by the reading
+/// of the routes the destination rules take (`acl::LOCAL_TTL` old at most:
+/// a connect is no reason to read them each second; the kernel's word of
+/// a change, watched, makes it stale at once): a lock and a hash probe.
 fn broadcast(ip: IpAddr) -> bool {
-    rotor_protocol::routes::LocalRoutes::current(Duration::from_secs(1)).is_broadcast(ip)
+    rotor_protocol::routes::LocalRoutes::current(crate::acl::LOCAL_TTL).is_broadcast(ip)
 }
 
 /// Whether this host holds `ip` (a local route covers it), by a reading of
@@ -203,13 +199,8 @@ fn this_hosts(ip: IpAddr) -> bool {
 /// attempt `began` (one a connect timeout at most, however many time out).
 fn gone(source: IpAddr, began: tokio::time::Instant) -> Option<ProxyError> {
     let routes = rotor_protocol::routes::LocalRoutes::current(began.elapsed());
-    (routes.holds(source) == Some(false)).then(|| ProxyError::SourceUnavailable {
-        ip: source,
-        source: io::Error::new(
-            io::ErrorKind::AddrNotAvailable,
-            "no longer this host's: no local route covers it",
-        ),
-    })
+    (routes.holds(source) == Some(false))
+        .then(|| unavailable(source, "no longer this host's: no local route covers it"))
 }
 
 /// Listens to the kernel's word of changes to this host's addresses and

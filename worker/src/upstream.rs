@@ -272,7 +272,9 @@ impl UpstreamPool {
         }
         let mut tick =
             tokio::time::interval((self.idle_timeout / REAPS).max(Duration::from_millis(100)));
-        for n in 1u32.. {
+        // Rounds since the last look at closed connections.
+        let mut round = 0;
+        loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     *self.lock() = Idles::default();
@@ -280,7 +282,8 @@ impl UpstreamPool {
                 }
                 _ = tick.tick() => {}
             }
-            self.sweep(&mut self.lock(), crate::os::coarse_ms(), n % REAPS == 0);
+            round = (round + 1) % REAPS;
+            self.sweep(&mut self.lock(), crate::os::coarse_ms(), round == 0);
         }
     }
 }
