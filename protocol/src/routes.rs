@@ -117,28 +117,19 @@ impl Shadowed {
     /// table's, and the main table's others (but its catch-all); `None`
     /// where none of those takes part of a local one of the main table.
     fn find(
-        table_local: Vec<Segment>,
-        main_local: Vec<Segment>,
-        main_other: Vec<Segment>,
+        table_local: PrefixSet,
+        main_local: PrefixSet,
+        main_other: impl Iterator<Item = Segment>,
     ) -> Option<Box<Shadowed>> {
-        let set = |prefixes: Vec<Segment>| {
-            let mut set = PrefixSet::default();
-            for p in prefixes {
-                set.insert(p);
-            }
-            set
-        };
         if main_local.is_empty() {
             return None;
         }
-        let main_local = set(main_local);
-        let shadows: Vec<Segment> = (main_other.into_iter())
+        let shadows: Vec<Segment> = main_other
             .filter(|s| main_local.holds(s, s.prefix_len() - 1))
             .collect();
         if shadows.is_empty() {
             return None;
         }
-        let table_local = set(table_local);
         Some(Box::new(Shadowed {
             table_local,
             main_local,
@@ -327,75 +318,76 @@ enum Kind {
 /// Of the main and local tables (`Main:`, `Local:`; a policy table, `Id
 /// 100:`, is not looked at), the local routes, the broadcast addresses,
 /// and the routes that take part of a local route (see [`Shadowed`]).
+///
+/// Two passes over the text, the second only where the main table has a
+/// local route: the others are kept only if they lie inside one, so a
+/// host with a full BGP table keeps none of its routes.
 fn parse_fib_trie(trie: &str) -> FibTrie {
-    // Each table's routes, main's first.
-    let mut tables: [Vec<(Segment, Kind)>; 2] = Default::default();
-    let mut leaf: Option<Ipv4Addr> = None;
-    // The table being read, if it counts (a header at the line's start).
-    let mut table: Option<usize> = Some(0);
-    for line in trie.lines() {
+    // The tables' listings: a header at a line's start, its lines after.
+    let (mut main, mut table_local) = ("", "");
+    let mut at = 0;
+    let mut header: Option<(&str, usize)> = Some(("Main:", 0));
+    for line in trie.split_inclusive('\n').chain(["X"]) {
         if !line.starts_with(' ') {
-            table = match line.trim_end() {
-                "Main:" => Some(0),
-                "Local:" => Some(1),
-                _ => None,
-            };
-            leaf = None;
-            continue;
-        }
-        let Some(t) = table else {
-            continue;
-        };
-        let line = line.trim_start();
-        if let Some(addr) = line.strip_prefix("|-- ") {
-            leaf = addr.trim().parse().ok();
-        } else if let Some(route) = line.strip_prefix('/') {
-            let mut f = route.split_whitespace();
-            let len = f.next().and_then(|l| l.parse::<u8>().ok());
-            let len = len.filter(|&l| l > 0);
-            let (Some(net), Some(len)) = (leaf, len) else {
-                continue;
-            };
-            let kind = match f.nth(1) {
-                Some("LOCAL") => Kind::Local,
-                Some("BROADCAST") => Kind::Broadcast,
-                Some(_) => Kind::Other,
-                None => continue,
-            };
-            if let Some(p) = Segment::prefix(IpAddr::V4(net), len) {
-                tables[t].push((p, kind));
+            match header {
+                Some(("Main:", from)) => main = &trie[from..at],
+                Some(("Local:", from)) => table_local = &trie[from..at],
+                _ => {}
             }
-        } else {
-            leaf = None;
+            header = Some((line.trim_end(), at + line.len()));
         }
+        at += line.len();
     }
     let (mut local, mut broadcast) = (PrefixSet::default(), PrefixSet::default());
-    for &(p, kind) in tables.iter().flatten() {
-        match kind {
-            Kind::Local => local.insert(p),
-            Kind::Broadcast => broadcast.insert(p),
-            Kind::Other => {}
+    let (mut main_local, mut local_local) = (PrefixSet::default(), PrefixSet::default());
+    for (table, into) in [(main, &mut main_local), (table_local, &mut local_local)] {
+        for (p, kind) in fib_routes(table) {
+            match kind {
+                Kind::Local => {
+                    local.insert(p);
+                    into.insert(p);
+                }
+                Kind::Broadcast => broadcast.insert(p),
+                Kind::Other => {}
+            }
         }
     }
-    let of = |t: &[(Segment, Kind)], k: Kind| -> Vec<Segment> {
-        t.iter().filter(|r| r.1 == k).map(|r| r.0).collect()
-    };
-    let [main, table_local] = &tables;
     // Merged, the two listings are one trie's: one longest match over
     // both tables' routes, as if all were the main table's.
-    let shadowed = match main == table_local {
-        true => Shadowed::find(Vec::new(), of(main, Kind::Local), of(main, Kind::Other)),
-        false => Shadowed::find(
-            of(table_local, Kind::Local),
-            of(main, Kind::Local),
-            of(main, Kind::Other),
-        ),
-    };
+    if main == table_local {
+        (main_local, local_local) = (local.clone(), PrefixSet::default());
+    }
+    let others = fib_routes(main).filter_map(|(p, kind)| (kind == Kind::Other).then_some(p));
+    let shadowed = Shadowed::find(local_local, main_local, others);
     FibTrie {
         local,
         broadcast,
         shadowed,
     }
+}
+
+/// The routes of one table's listing in `fib_trie` (but catch-alls).
+fn fib_routes(table: &str) -> impl Iterator<Item = (Segment, Kind)> + '_ {
+    let mut leaf: Option<Ipv4Addr> = None;
+    table.lines().filter_map(move |line| {
+        let line = line.trim_start();
+        if let Some(addr) = line.strip_prefix("|-- ") {
+            leaf = addr.trim().parse().ok();
+            return None;
+        }
+        let Some(route) = line.strip_prefix('/') else {
+            leaf = None;
+            return None;
+        };
+        let mut f = route.split_whitespace();
+        let len = f.next()?.parse::<u8>().ok().filter(|&l| l > 0)?;
+        let kind = match f.nth(1)? {
+            "LOCAL" => Kind::Local,
+            "BROADCAST" => Kind::Broadcast,
+            _ => Kind::Other,
+        };
+        Some((Segment::prefix(IpAddr::V4(leaf?), len)?, kind))
+    })
 }
 
 /// One family's local routes from a netlink route dump (`ip route show
@@ -426,8 +418,16 @@ mod netlink {
         /// The local routes, and those of the main table that take part
         /// of one (see [`super::Shadowed`]), if any.
         pub fn into_routes(self) -> (PrefixSet, Option<Box<super::Shadowed>>) {
+            let set = |prefixes: Vec<Segment>| {
+                let mut set = PrefixSet::default();
+                for p in prefixes {
+                    set.insert(p);
+                }
+                set
+            };
+            let (table_local, main_local) = (set(self.table_local), set(self.main_local));
             let shadowed =
-                super::Shadowed::find(self.table_local, self.main_local, self.main_other);
+                super::Shadowed::find(table_local, main_local, self.main_other.into_iter());
             (self.local, shadowed)
         }
     }
