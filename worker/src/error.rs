@@ -244,13 +244,14 @@ fn throttled_text(site: &str, block: Block, retry_after: Duration, session: bool
     }
 }
 
-/// Why a strict session has no address: its address left the pool, or
+/// Why a strict session has no address: its address is out of the
+/// rotation (left the pool, quarantined, or of a source not read yet), or
 /// (unspecified, as the allocator answers then) the full table pushed the
 /// session out before its end.
 pub(crate) fn session_lost(ip: IpAddr) -> String {
     match ip.is_unspecified() {
         true => "the strict session was pushed out of the full session table before its end (a strict session does not move; raise --max-sessions)".to_string(),
-        false => format!("the session's address {ip} left the pool (a strict session does not move)"),
+        false => format!("the session's address {ip} is out of the rotation: it left the pool, is quarantined, or its pool source has not been read since the start (a strict session does not move)"),
     }
 }
 
@@ -469,7 +470,7 @@ impl ProxyError {
             // Not the pool's address either (`--expose-source` is the
             // operator's choice): the log line has it.
             ProxyError::SessionLost { ip } if !ip.is_unspecified() => {
-                "the session's address left the pool (a strict session does not move)".to_string()
+                "the session's address is out of the rotation: it left the pool, is quarantined, or its pool source has not been read since the start (a strict session does not move)".to_string()
             }
             ProxyError::SourceUnavailable { source, .. } => format!(
                 "a pool address cannot be used on this host ({source}); reported to the allocator"
