@@ -59,6 +59,10 @@ pub struct SourceTotals {
 #[derive(Debug, Default, Clone)]
 pub struct WorkerGauges {
     pub pid: u32,
+    /// Whether the kernel gave `pid` (the allocator sees the worker's
+    /// process); else it is the worker's own word, its pid in a namespace
+    /// of its own (a container's, where every worker may be pid 1).
+    pub seen: bool,
     pub listen: Vec<String>,
     pub connections_open: u64,
     pub tunnels_open: u64,
@@ -68,6 +72,18 @@ pub struct WorkerGauges {
     pub boot: u64,
     /// When its last report came, in Unix seconds.
     pub reported_at: u64,
+}
+
+impl WorkerGauges {
+    /// Its `worker` label: its pid, or, where that is only its word (a
+    /// pid of another namespace: two containers' workers are both pid 1,
+    /// and were one series), that and its run, `1@5f3a09c2`.
+    pub fn name(&self) -> String {
+        match self.seen {
+            true => self.pid.to_string(),
+            false => format!("{}@{:08x}", self.pid, self.boot as u32),
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone)]
@@ -132,7 +148,7 @@ impl HostMetrics {
     pub fn add(
         &mut self,
         peer: u64,
-        pid: u32,
+        (pid, seen): (u32, bool),
         m: &WorkerMetrics,
         counters: &[(String, u64)],
         label: impl Fn(std::net::IpAddr) -> String,
@@ -213,7 +229,7 @@ impl HostMetrics {
         self.connect_seconds.add(&m.connect_seconds);
         self.lease_wait_seconds.add(&m.lease_wait_seconds);
         let w = self.workers.entry(peer).or_default();
-        w.pid = pid;
+        (w.pid, w.seen) = (pid, seen);
         // (Cut: a peer's report is not trusted to be a worker's.)
         w.listen = m
             .listen
@@ -586,7 +602,7 @@ pub fn render(m: &HostMetrics, pool: &PoolFigures, classic: bool) -> String {
         "Time the allocator itself took to answer a lease over its socket (its own work, not the round trip: see rotor_lease_wait_seconds)",
         Counted(m.allocator_lease_seconds.clone()),
     );
-    let worker = |w: &WorkerGauges| label("worker", w.pid.to_string());
+    let worker = |w: &WorkerGauges| label("worker", w.name());
     gauge_family(
         &mut r,
         "rotor_worker_up",
@@ -1694,13 +1710,13 @@ mod tests {
             ..WorkerMetrics::default()
         };
         for boot in 0..3000 {
-            h.add(1, 100, &report(boot), &[], |ip| ip.to_string());
+            h.add(1, (100, true), &report(boot), &[], |ip| ip.to_string());
         }
         assert_eq!(h.applied.len(), 3000);
         assert!(h.prune_at >= 2048, "{}", h.prune_at);
         // Each report again: counted once.
         for boot in 0..3000 {
-            h.add(1, 100, &report(boot), &[], |ip| ip.to_string());
+            h.add(1, (100, true), &report(boot), &[], |ip| ip.to_string());
         }
         assert_eq!(h.requests, 3000);
     }
@@ -1718,16 +1734,16 @@ mod tests {
         };
         for boot in 0..(3 * MAX_RUNS as u64) {
             report.boot = boot;
-            h.add(1, 100, &report, &[], |ip| ip.to_string());
+            h.add(1, (100, true), &report, &[], |ip| ip.to_string());
             assert!(h.applied.len() <= MAX_RUNS + 1, "{}", h.applied.len());
         }
         assert_eq!(h.requests, 3 * MAX_RUNS as u64);
         // The latest run is remembered: sent again, it counts once.
-        h.add(1, 100, &report, &[], |ip| ip.to_string());
+        h.add(1, (100, true), &report, &[], |ip| ip.to_string());
         assert_eq!(h.requests, 3 * MAX_RUNS as u64);
         report.boot += 1;
         report.listen = vec!["x".repeat(1000); 1000];
-        h.add(1, 100, &report, &[], |ip| ip.to_string());
+        h.add(1, (100, true), &report, &[], |ip| ip.to_string());
         let w = &h.workers[&1];
         assert_eq!(w.listen.len(), MAX_LISTEN);
         assert!(w
@@ -1756,7 +1772,7 @@ mod tests {
                 .collect(),
             ..WorkerMetrics::default()
         };
-        h.add(1, 100, &m, &[], |ip| ip.to_string());
+        h.add(1, (100, true), &m, &[], |ip| ip.to_string());
         assert!(h.errors.len() <= MAX_ERROR_KINDS + 1, "{}", h.errors.len());
         assert_eq!(h.errors.values().sum::<u64>(), 202, "none lost");
         assert!(h.errors["other"] >= 1);
@@ -1789,7 +1805,7 @@ mod tests {
                 request_seconds: big.clone(),
                 ..WorkerMetrics::default()
             };
-            h.add(1, 100, &m, &[], |ip| ip.to_string());
+            h.add(1, (100, true), &m, &[], |ip| ip.to_string());
         }
         assert_eq!(h.requests, u64::MAX);
         let t = &h.by_source["10.0.0.1"];
@@ -1829,7 +1845,7 @@ mod tests {
                 }],
                 ..WorkerMetrics::default()
             };
-            h.add(1, 100, &m, &[], |ip| ip.to_string());
+            h.add(1, (100, true), &m, &[], |ip| ip.to_string());
         }
         assert_eq!(h.by_source.len(), 2);
         h.track_sources(&["10.0.0.2".to_string()]);
@@ -1847,12 +1863,12 @@ mod tests {
             requests,
             ..WorkerMetrics::default()
         };
-        h.add(1, 100, &m(1, 5), &[], |ip| ip.to_string());
+        h.add(1, (100, true), &m(1, 5), &[], |ip| ip.to_string());
         h.workers.remove(&1);
-        h.add(2, 100, &m(2, 3), &[], |ip| ip.to_string());
+        h.add(2, (100, true), &m(2, 3), &[], |ip| ip.to_string());
         assert_eq!(h.workers[&2].requests, 8);
         // Both connections seen at once: one series.
-        h.add(1, 100, &m(3, 1), &[], |ip| ip.to_string());
+        h.add(1, (100, true), &m(3, 1), &[], |ip| ip.to_string());
         let text = render(&h, &PoolFigures::default(), true);
         let lines: Vec<&str> = text
             .lines()
@@ -1860,6 +1876,33 @@ mod tests {
             .collect();
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert!(lines[0].ends_with(" 9"), "{lines:?}");
+    }
+
+    /// Workers the allocator cannot see (each in a PID namespace of its
+    /// own, as containers run them: both pid 1) are two series, not one
+    /// that sums their counters and takes either's gauges (review as).
+    #[test]
+    fn workers_of_other_namespaces_are_told_apart() {
+        let mut h = HostMetrics::default();
+        let m = |boot| WorkerMetrics {
+            boot,
+            seq: 1,
+            requests: 5,
+            ..WorkerMetrics::default()
+        };
+        h.add(1, (1, false), &m(0x1_0000_00aa), &[], |ip| ip.to_string());
+        h.add(2, (1, false), &m(0x2_0000_00bb), &[], |ip| ip.to_string());
+        h.add(3, (4242, true), &m(0xcc), &[], |ip| ip.to_string());
+        let text = render(&h, &PoolFigures::default(), true);
+        for family in ["rotor_worker_requests_total", "rotor_worker_up"] {
+            let mut names: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with(&format!("{family}{{")))
+                .map(|l| l.split('"').nth(1).unwrap())
+                .collect();
+            names.sort();
+            assert_eq!(names, ["1@000000aa", "1@000000bb", "4242"], "{family}");
+        }
     }
 
     #[test]
@@ -1871,12 +1914,12 @@ mod tests {
             requests: 5,
             ..WorkerMetrics::default()
         };
-        h.add(1, 100, &m, &[], |ip| ip.to_string());
-        h.add(1, 100, &m, &[], |ip| ip.to_string());
+        h.add(1, (100, true), &m, &[], |ip| ip.to_string());
+        h.add(1, (100, true), &m, &[], |ip| ip.to_string());
         assert_eq!(h.requests, 5);
         h.add(
             1,
-            100,
+            (100, true),
             &WorkerMetrics {
                 seq: 2,
                 ..m.clone()
@@ -1886,7 +1929,7 @@ mod tests {
         );
         assert_eq!(h.requests, 10);
         // Another run of a worker counts from its own first report.
-        h.add(2, 101, &WorkerMetrics { boot: 8, ..m }, &[], |ip| {
+        h.add(2, (101, true), &WorkerMetrics { boot: 8, ..m }, &[], |ip| {
             ip.to_string()
         });
         assert_eq!(h.requests, 15);

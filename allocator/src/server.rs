@@ -1731,10 +1731,11 @@ async fn serve(
     if let Some(pid) = pid {
         hello.pid = pid;
     }
+    let pid_seen = pid.is_some();
     let minor = hello.minor;
     // (Logged as kept: escaped and cut.)
     let (role, pid) = (hello.role, hello.pid);
-    let software = alloc.peer_connected(id, hello);
+    let software = alloc.peer_connected(id, hello, pid_seen);
     debug!(?role, pid, %software, "peer connected");
 
     let (mut tx, mut rx) = chan.split();

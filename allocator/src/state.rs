@@ -1156,6 +1156,8 @@ impl SourceState {
 
 struct Peer {
     hello: Hello,
+    /// Whether the kernel gave its pid (see `WorkerGauges::seen`).
+    pid_seen: bool,
     since: Instant,
     /// Leases asked over the socket, and those counted in a table the peer
     /// no longer uses.
@@ -1912,9 +1914,9 @@ impl Allocator {
             Some(p) => {
                 p.heard = Instant::now();
                 p.accepting = !m.listen.is_empty();
-                p.hello.pid
+                (p.hello.pid, p.pid_seen)
             }
-            None => 0,
+            None => (0, true),
         };
         let Inner { metrics, pool, .. } = &mut *inner;
         let applied = metrics.add(peer, pid, m, counters, |ip| match pool.entry_of(ip) {
@@ -2778,7 +2780,9 @@ impl Allocator {
 
     /// Keeps `hello` for peer `id`; its software name as kept (escaped and
     /// cut: see `crate::shown`).
-    pub fn peer_connected(&self, id: u64, mut hello: Hello) -> String {
+    /// A peer came (`pid_seen`: the kernel gave `hello.pid`, not only the
+    /// peer's word): what software it said it runs, as kept.
+    pub fn peer_connected(&self, id: u64, mut hello: Hello, pid_seen: bool) -> String {
         // Kept for each peer and copied into every status: a name, not
         // the megabytes a peer may send.
         hello.software = crate::shown(std::mem::take(&mut hello.software), MAX_SOFTWARE);
@@ -2795,6 +2799,7 @@ impl Allocator {
             id,
             Peer {
                 hello,
+                pid_seen,
                 since: Instant::now(),
                 leases: 0,
                 slot: None,
@@ -2925,8 +2930,14 @@ impl Allocator {
                     // With the protocol it speaks: in a rolling upgrade,
                     // which peers run the new build.
                     software: format!(
-                        "{}, protocol {}.{}",
-                        p.hello.software, p.hello.major, p.hello.minor
+                        "{}, protocol {}.{}{}",
+                        p.hello.software,
+                        p.hello.major,
+                        p.hello.minor,
+                        match p.pid_seen {
+                            true => "",
+                            false => ", its pid of another namespace (a container's)",
+                        }
                     ),
                     connected_secs: p.since.elapsed().as_secs(),
                     leases: p.leases + p.slot.map_or(0, |s| table.peer_leases(s)),
@@ -3012,7 +3023,7 @@ mod tests {
         let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
         let mut hello = Hello::new(rotor_protocol::Role::Worker, "rotor 1");
         hello.software = "é".repeat(1 << 20);
-        a.peer_connected(7, hello);
+        a.peer_connected(7, hello, true);
         let kept = a.lock().peers[&7].hello.software.clone();
         assert!(
             kept.len() <= MAX_SOFTWARE + '…'.len_utf8() && kept.starts_with('é'),
@@ -3021,7 +3032,7 @@ mod tests {
         );
         let mut hello = Hello::new(rotor_protocol::Role::Worker, "rotor 1");
         hello.software = "rotor\n  pid 1: forged".into();
-        a.peer_connected(8, hello);
+        a.peer_connected(8, hello, true);
         assert_eq!(a.lock().peers[&8].hello.software, "rotor\\n  pid 1: forged");
     }
 
@@ -3965,7 +3976,7 @@ mod tests {
             vec![Ok(vec![e("10.0.0.1"), e("10.0.0.2"), e("10.0.0.3")])],
             &ok(),
         );
-        a.peer_connected(9, Hello::new(rotor_protocol::Role::Worker, "t"));
+        a.peer_connected(9, Hello::new(rotor_protocol::Role::Worker, "t"), true);
         let answers = |seq, ips: &[&str]| rotor_protocol::WorkerMetrics {
             boot: 3,
             seq,
@@ -4623,7 +4634,7 @@ mod tests {
                 .collect())],
             &ok(),
         );
-        a.peer_connected(1, Hello::new(rotor_protocol::Role::Worker, "t"));
+        a.peer_connected(1, Hello::new(rotor_protocol::Role::Worker, "t"), true);
         for expect in 1..=3u64 {
             match a.lease(1, Families::ANY) {
                 Response::Leased(l) => assert_eq!(l.seq, expect),
@@ -4644,12 +4655,12 @@ mod tests {
     fn workers_say_how_their_reload_went() {
         use rotor_protocol::{Role, WorkerReloadOutcome as O};
         let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
-        a.peer_connected(1, Hello::new(Role::Worker, "t"));
-        a.peer_connected(2, Hello::new(Role::Worker, "t"));
+        a.peer_connected(1, Hello::new(Role::Worker, "t"), true);
+        a.peer_connected(2, Hello::new(Role::Worker, "t"), true);
         let mut old = Hello::new(Role::Worker, "t");
         old.minor = rotor_protocol::MINOR_WORKER_RELOADS - 1;
-        a.peer_connected(3, old);
-        a.peer_connected(4, Hello::new(Role::Control, "t"));
+        a.peer_connected(3, old, true);
+        a.peer_connected(4, Hello::new(Role::Control, "t"), true);
         let outcomes = |asked| {
             let (w, all) = a.worker_reloads(asked);
             (w.into_iter().map(|w| w.outcome).collect::<Vec<_>>(), all)
@@ -4684,7 +4695,7 @@ mod tests {
         // it started: done, though it will not make that reload.
         a.announce_reload();
         let asked = a.reloads_asked();
-        a.peer_connected(5, Hello::new(Role::Worker, "t"));
+        a.peer_connected(5, Hello::new(Role::Worker, "t"), true);
         let (w, _) = a.worker_reloads(asked);
         assert_eq!(
             w.iter().map(|w| &w.outcome).collect::<Vec<_>>(),
@@ -4699,7 +4710,7 @@ mod tests {
     fn a_worker_counts_reloads_from_the_first_count_it_is_told() {
         use rotor_protocol::{Role, WorkerReloadOutcome as O};
         let a = Allocator::new(vec![Source::list("10.0.0.1").unwrap()]);
-        a.peer_connected(1, Hello::new(Role::Worker, "t"));
+        a.peer_connected(1, Hello::new(Role::Worker, "t"), true);
         a.announce_reload();
         let between = a.reloads_asked();
         let outcome = |asked| a.worker_reloads(asked).0.remove(0).outcome;
@@ -4722,7 +4733,7 @@ mod tests {
         // table: its Hello's count stands.
         let mut old = Hello::new(Role::Worker, "t");
         old.minor = rotor_protocol::MINOR_FIRST_RELOADS - 1;
-        a.peer_connected(2, old);
+        a.peer_connected(2, old, true);
         a.announce_reload();
         let later = a.reloads_asked();
         let _ = a.reloads_for(2);
@@ -4748,7 +4759,7 @@ mod tests {
             &ok(),
         );
         for peer in [1, 2] {
-            a.peer_connected(peer, Hello::new(rotor_protocol::Role::Worker, "t"));
+            a.peer_connected(peer, Hello::new(rotor_protocol::Role::Worker, "t"), true);
         }
         let table = |peer| match a.attach(peer, false) {
             Response::Attached { path, id, slot } => (
@@ -4781,7 +4792,7 @@ mod tests {
         assert_eq!(t2.least_sibling_load(s2.unwrap(), 5), Some(0));
         a.peer_gone(1);
         assert_eq!(t2.least_sibling_load(s2.unwrap(), 5), None);
-        a.peer_connected(3, Hello::new(rotor_protocol::Role::Worker, "t"));
+        a.peer_connected(3, Hello::new(rotor_protocol::Role::Worker, "t"), true);
         assert_eq!(table(3).1, Some(0));
         assert_eq!(
             a.status()
@@ -4799,11 +4810,11 @@ mod tests {
         };
         let mut held = 0;
         for peer in 100..(100 + PEER_SLOTS as u64) {
-            a.peer_connected(peer, Hello::new(rotor_protocol::Role::Worker, "t"));
+            a.peer_connected(peer, Hello::new(rotor_protocol::Role::Worker, "t"), true);
             held += usize::from(slot(peer, true).is_some());
         }
         assert_eq!(held, PEER_SLOTS / 2);
-        a.peer_connected(4, Hello::new(rotor_protocol::Role::Worker, "t"));
+        a.peer_connected(4, Hello::new(rotor_protocol::Role::Worker, "t"), true);
         assert!(slot(4, false).is_some());
         // Closed at exit: workers fall back to the socket.
         a.close_table();
