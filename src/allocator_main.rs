@@ -123,6 +123,7 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
                         | B::WorldWritable(_)
                         | B::ForeignDir(..)
                         | B::LinkedDir(..)
+                        | B::Unwritable(..)
                         | B::Dir { .. } => ExitCode::from(2),
                         _ => ExitCode::FAILURE,
                     };

@@ -101,6 +101,8 @@ pub enum BindError {
     NotASocket(PathBuf, &'static str),
     #[error("the socket path {0} is {1} bytes long; a Unix socket's path takes at most {SOCKET_PATH_MAX}: give --socket a shorter one")]
     TooLong(PathBuf, usize),
+    #[error("this user (uid {1}) may not create files in {0}, so not the socket there: give --socket a directory rotor's user owns (e.g. /run/rotor, which the unit's RuntimeDirectory= makes)")]
+    Unwritable(PathBuf, u32),
     #[error("the socket directory {0} is world-writable: put the socket where only rotor's user can write (e.g. /run/rotor)")]
     WorldWritable(PathBuf),
     #[error("the socket directory {0} belongs to uid {1}, not to this user or root: its owner could replace the socket (e.g. a /tmp/rotor-UID made by another user); remove it, or give --socket elsewhere")]
@@ -143,19 +145,46 @@ pub fn socket_dir(path: &Path) -> Result<(), BindError> {
                 source,
             })?;
         dir_is_ours(dir)?;
+        writable(dir)?;
     }
     socket_or_nothing(path)
 }
 
 /// As `socket_dir`, making nothing (`--check`): a directory that is not
-/// there yet passes (it would be made).
+/// there yet passes if it can be made (the nearest one there is writable).
 pub fn socket_dir_unmade(path: &Path) -> Result<(), BindError> {
     fits(path)?;
+    let there = |d: &Path| std::fs::symlink_metadata(d).is_ok();
     match socket_parent(path) {
-        Some(dir) if std::fs::symlink_metadata(dir).is_ok() => dir_is_ours(dir)?,
-        _ => {}
+        Some(dir) if there(dir) => {
+            dir_is_ours(dir)?;
+            writable(dir)?;
+        }
+        Some(dir) => {
+            if let Some(above) = dir.ancestors().skip(1).find(|d| there(d)) {
+                writable(above).map_err(|_| BindError::Dir {
+                    path: dir.to_path_buf(),
+                    source: io::Error::from(io::ErrorKind::PermissionDenied),
+                })?;
+            }
+        }
+        None => {}
     }
     socket_or_nothing(path)
+}
+
+/// Whether this process may create the socket in `dir` (`--check` passed
+/// a root-owned 0755 directory for an allocator run as another user,
+/// which then failed at each start: review as).
+fn writable(dir: &Path) -> Result<(), BindError> {
+    use nix::unistd::{access, AccessFlags};
+    match access(dir, AccessFlags::W_OK | AccessFlags::X_OK) {
+        Ok(()) => Ok(()),
+        Err(_) => Err(BindError::Unwritable(
+            dir.to_path_buf(),
+            nix::unistd::Uid::effective().as_raw(),
+        )),
+    }
 }
 
 /// The longest path a Unix socket takes (`sun_path`'s 108 bytes, less

@@ -192,6 +192,49 @@ fn check_refuses_a_world_writable_socket_directory_and_makes_none() {
     assert!(!unmade.exists(), "--check made the socket directory");
 }
 
+/// Nor one this user may not write in (root's 0755, the allocator run as
+/// its own user), nor one it could not make: `--check` said ok, and the
+/// allocator then failed at each start, exit 1 (review as).
+#[test]
+fn a_socket_directory_this_user_cannot_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    if !root("a_socket_directory_this_user_cannot_write_is_refused") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |socket: &std::path::Path, check: bool| {
+        let mut cmd = std::process::Command::new(ALLOCATOR);
+        cmd.args(["--socket", socket.to_str().unwrap()])
+            .args(["--pool", "127.0.0.2", "--no-state"])
+            .uid(65534)
+            .gid(65534);
+        if check {
+            cmd.arg("--check");
+        }
+        let out = cmd.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        (out.status.code(), text)
+    };
+    let socket = dir.path().join("a.sock");
+    let (code, text) = as_nobody(&socket, true);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("may not create files in"), "{text}");
+    let (code, text) = as_nobody(&dir.path().join("run/a.sock"), true);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("cannot create the socket directory"),
+        "{text}"
+    );
+    // The start: refused as a configuration, at once.
+    let (code, text) = as_nobody(&socket, false);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("may not create files in"), "{text}");
+    assert!(!socket.exists());
+}
+
 /// Nor in one another user owns (a `/tmp/rotor-UID` made first by someone
 /// else could have its socket replaced by them).
 #[test]
