@@ -40,10 +40,15 @@ async fn greeted(socket: &Path) -> anyhow::Result<(ClientChannel<UnixStream>, He
             // Said as what it likely is: no socket there; one left by an
             // allocator that stopped (killed, or crashed and about to be
             // restarted by `rotor up`); one whose queue is full.
-            let why = match e.kind() {
-                ErrorKind::ConnectionRefused => "the socket file is there but nothing listens on it: the allocator stopped without removing it (under `rotor up`, a crashed one is restarted within seconds: see its log), or start it with `rotor up`",
-                ErrorKind::WouldBlock => "its queue of connections is full: it is stopped or overloaded",
-                _ => "is rotor running? start it with `rotor up`, or name its socket with --socket or ROTOR_SOCKET",
+            // (A path that holds no socket at all, a configuration file
+            // given as --socket, is refused so too: said as what it holds,
+            // not as a socket to remove.)
+            let not_a_socket = rotor_allocator::not_a_socket(socket);
+            let why = match (e.kind(), not_a_socket) {
+                (ErrorKind::ConnectionRefused, Some(what)) => format!("it is not a socket but {what}: is --socket (or ROTOR_SOCKET, or the configuration's socket) the path meant?"),
+                (ErrorKind::ConnectionRefused, None) => "the socket file is there but nothing listens on it: the allocator stopped without removing it (under `rotor up`, a crashed one is restarted within seconds: see its log), or start it with `rotor up`".to_string(),
+                (ErrorKind::WouldBlock, _) => "its queue of connections is full: it is stopped or overloaded".to_string(),
+                _ => "is rotor running? start it with `rotor up`, or name its socket with --socket or ROTOR_SOCKET".to_string(),
             };
             return Err(anyhow::Error::new(e).context(format!(
                 "no allocator answers at {} ({why})",

@@ -699,7 +699,16 @@ fn status_without_an_allocator_says_whether_its_socket_is_left() {
     drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
     let left = status();
     assert!(left.contains("nothing listens on it"), "{left}");
-    assert!(!left.contains("is rotor running?"), "{left}");
+    assert!(!left.contains("is rotor running?"), "{left}"); // A path that holds no socket (a configuration file given as the
+                                                            // socket) is said to be none, not a socket to remove (review as).
+    std::fs::remove_file(&socket).unwrap();
+    std::fs::write(&socket, "socket = \"/run/rotor/allocator.sock\"\n").unwrap();
+    let file = status();
+    assert!(
+        file.contains("it is not a socket but a regular file"),
+        "{file}"
+    );
+    assert!(!file.contains("nothing listens on it"), "{file}");
 }
 
 /// A small request body that stalls (rotor's 408) or is cut off by its
