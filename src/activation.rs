@@ -27,6 +27,8 @@ pub enum ActivationError {
     },
     #[error("file descriptor {0} is not open")]
     NotOpen(RawFd),
+    #[error("LISTEN_FDS says {count} sockets were passed (descriptors 3 on), but file descriptor {fd} is not open")]
+    PassedNotOpen { fd: RawFd, count: i32 },
     #[error("cannot prepare passed socket {0}")]
     Io(RawFd, #[source] io::Error),
 }
@@ -37,7 +39,7 @@ pub enum ActivationError {
 /// Must be called before any thread is started (it changes the environment).
 pub fn take_systemd() -> Result<Vec<Passed>, ActivationError> {
     let fds: Vec<(RawFd, String)> = sd_notify::listen_fds_with_names()
-        .map_err(ActivationError::Env)?
+        .map_err(|e| closed_passed().unwrap_or(ActivationError::Env(e)))?
         .collect();
     for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
         // SAFETY: documented precondition of this function: no other thread
@@ -54,6 +56,15 @@ pub fn take_systemd() -> Result<Vec<Passed>, ActivationError> {
             name,
         })
         .collect())
+}
+
+/// Which descriptor `LISTEN_FDS` counts that is not open, if one is
+/// (the error then was only "Bad file descriptor", naming none).
+fn closed_passed() -> Option<ActivationError> {
+    let n: i32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    (3..3i32.saturating_add(n.clamp(0, 1 << 16)))
+        .find(|&fd| nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_err())
+        .map(|fd| ActivationError::PassedNotOpen { fd, count: n })
 }
 
 /// Takes descriptor `fd`, inherited from `rotor up`.

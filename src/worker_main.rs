@@ -147,10 +147,12 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
     if let Err(e) = tuning.open_access_log() {
         return fail(&e);
     }
-    let (tls_listeners, tls_inherited) = match passed_or_bound(&tls_passed, &merged.tls_listen) {
-        Ok(x) => x,
-        Err(e) => return fail(e.as_ref()),
-    };
+    let given = (&args.settings.socks_listen, &args.settings.tls_listen);
+    let (tls_listeners, tls_inherited) =
+        match passed_or_bound(&tls_passed, &merged.tls_listen, given.1) {
+            Ok(x) => x,
+            Err(e) => return fail(e.as_ref()),
+        };
     let mut listeners = Vec::new();
     for p in activation::select(&http_passed, "proxy") {
         match activation::tcp_listener(p) {
@@ -158,10 +160,11 @@ pub fn worker(args: WorkerArgs) -> ExitCode {
             Err(e) => return fail(&e),
         }
     }
-    let (socks, socks_inherited) = match passed_or_bound(&socks_passed, &merged.socks_listen) {
-        Ok(x) => x,
-        Err(e) => return fail(e.as_ref()),
-    };
+    let (socks, socks_inherited) =
+        match passed_or_bound(&socks_passed, &merged.socks_listen, given.0) {
+            Ok(x) => x,
+            Err(e) => return fail(e.as_ref()),
+        };
     // The listeners hold copies: the descriptors as they came go now, so
     // that when the listeners close (at the drain) the port closes with
     // them, unless the one who passed it holds it (systemd does; `rotor
@@ -337,21 +340,29 @@ fn report_left(socket: &std::path::Path, meter: &rotor_worker::meter::Meter) {
     }
 }
 
-/// The listeners of one kind: those passed, or else those bound at
-/// `addrs` (SO_REUSEPORT); and how many were passed.
+/// The listeners of one kind: those passed and those given as `flags`,
+/// or else those bound at `addrs` (SO_REUSEPORT); and how many were
+/// passed.
 fn passed_or_bound(
     passed: &[activation::Passed],
     addrs: &[std::net::SocketAddr],
+    flags: &[std::net::SocketAddr],
 ) -> Result<(Vec<std::net::TcpListener>, usize), Box<dyn std::error::Error>> {
     let mut out = Vec::new();
     for p in passed {
         out.push(activation::tcp_listener(p)?);
     }
     let inherited = out.len();
-    if inherited == 0 {
-        for addr in addrs {
-            out.push(listener::bind_reuseport(*addr)?);
-        }
+    // Passed sockets replace the file's addresses (the socket unit's
+    // `ListenStream=` is where they are), not those given as flags, which
+    // are bound beside them, as `--listen` is (one was dropped without a
+    // word: review as). `rotor up` gives its children none.
+    let bound = match inherited {
+        0 => addrs,
+        _ => flags,
+    };
+    for addr in bound {
+        out.push(listener::bind_reuseport(*addr)?);
     }
     Ok((out, inherited))
 }

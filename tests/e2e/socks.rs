@@ -412,6 +412,9 @@ async fn a_socket_activated_socks5_only_worker_serves() {
     let alloc = Allocator::start(&["--pool", "127.0.0.2-127.0.0.3"]).await;
     let socks: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let listen = socks.to_string();
+    // A --socks-listen given as a flag is bound beside it, as --listen is
+    // beside a passed HTTP socket (it was dropped without a word).
+    let also: SocketAddr = ([127, 0, 0, 1], free_port()).into();
     let _worker = Proc::spawn(
         "systemd-socket-activate",
         &[
@@ -423,6 +426,8 @@ async fn a_socket_activated_socks5_only_worker_serves() {
             WORKER,
             "--allow-destination",
             "127.0.0.0/8",
+            "--socks-listen",
+            &also.to_string(),
         ],
     );
     eventually("the SOCKS5 socket", || async move {
@@ -440,6 +445,9 @@ async fn a_socket_activated_socks5_only_worker_serves() {
     }
     let seen = echo.peers.lock().unwrap().clone();
     assert_eq!(seen[seen.len() - 4..], [ips(2..=3), ips(2..=3)].concat());
+    let (code, mut s) = connect(also, None, "127.0.0.1", echo.addr.port()).await;
+    assert_eq!(code, 0, "the flag's listener");
+    echo_once(&mut s).await;
 }
 
 /// A SOCKS5 client past `--max-connections` has its greeting answered "no
