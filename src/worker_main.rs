@@ -385,6 +385,17 @@ fn fitted(limit: u64, max_connections: usize) -> (usize, usize) {
     (max as usize, idle as usize)
 }
 
+/// The descriptors pipes may hold (see `relay::set_pipe_budget`): what
+/// `limit` leaves beside `max` clients busy upstream, `idle` idle upstream
+/// connections and the reserve; at least what [`fitted`] set aside for
+/// them.
+fn pipe_budget(limit: u64, max: usize, idle: usize) -> usize {
+    let reserve = crate::FD_RESERVE.min(limit / 8);
+    let pipes = (2 * rotor_worker::relay::PIPES_KEPT as u64).min(limit / 8);
+    let left = limit.saturating_sub(reserve + idle as u64 + 2 * max as u64);
+    usize::try_from(left.max(pipes)).unwrap_or(usize::MAX)
+}
+
 /// Fits `config` to the descriptor limit (see [`fitted`]), saying so when
 /// it lowers `max_connections`: with a warning when the cap was `given`,
 /// at info when it is the default (10 000 is more than a hard limit of
@@ -397,6 +408,7 @@ fn fit_fd_limit(config: &mut rotor_worker::Config, given: bool) {
     let (max, idle) = fitted(limit, asked);
     config.max_connections = max;
     config.proxy.upstream_idle_total = idle;
+    rotor_worker::relay::set_pipe_budget(pipe_budget(limit, max, idle));
     match (max < asked, given) {
         (false, _) => {}
         (true, true) => tracing::warn!(
@@ -555,7 +567,9 @@ fn check_summary(t: &crate::cli::worker::WorkerSettingsTuning) {
 
 #[cfg(test)]
 mod tests {
-    use super::{counted_from, fitted, reload_asked, restarted, started_after_this_worker};
+    use super::{
+        counted_from, fitted, pipe_budget, reload_asked, restarted, started_after_this_worker,
+    };
 
     /// A descriptor limit holds the clients busy upstream, two each,
     /// beside the idle pool (a quarter of it at most) and the pipes; a
@@ -570,6 +584,13 @@ mod tests {
         assert_eq!(fitted(300, 10_000), (75, 75));
         assert_eq!(fitted(64, 10_000), (16, 16));
         assert_eq!(fitted(0, 10_000), (1, 0));
+        // Pipes take what the clients leave: at 256, the 32 set aside.
+        assert_eq!(pipe_budget(256, 64, 64), 32);
+        assert_eq!(
+            pipe_budget(1 << 20, 10_000, 4096),
+            (1 << 20) - 128 - 4096 - 20_000
+        );
+        assert_eq!(pipe_budget(1024, 256, 256), 1024 - 128 - 256 - 512);
     }
 
     /// Another allocator than the last look's is a restarted one; at the

@@ -27,7 +27,7 @@
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -85,6 +85,22 @@ pub const PIPES_KEPT: usize = POOL_MAX + BIG_POOL_MAX;
 
 static POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
 static BIG_POOL: Mutex<Vec<Pipe>> = Mutex::new(Vec::new());
+
+/// Pipes open, kept and in use (each two descriptors).
+static PIPES_OPEN: AtomicUsize = AtomicUsize::new(0);
+/// The most pipes open at once ([`set_pipe_budget`]); unbounded until set.
+static PIPES_MOST: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// The descriptors pipes may hold in all: what the descriptor limit
+/// leaves beside the clients' sockets, the idle upstream pool and the
+/// reserve. A tunnel whose reader stalls holds a full pipe each way it
+/// stalls, so pipes unbounded took the descriptors the connection cap had
+/// counted on, and new clients waited unanswered in the listen queue
+/// (review at: 60 stalled downloads under a limit of 256). Past it a chunk
+/// is copied through user space.
+pub fn set_pipe_budget(descriptors: usize) {
+    PIPES_MOST.store(descriptors / 2, Ordering::Relaxed);
+}
 
 /// How the client side of the tunnel was served, as hyper hands it back.
 type ClientIo = TokioIo<crate::server::Lingering<crate::fast::Rewind<crate::server::ClientIo>>>;
@@ -949,12 +965,27 @@ fn cap_if_short(sock: &TcpStream, buffer: Buffer) -> bool {
     true
 }
 
-/// The two ends of a non-blocking pipe.
+/// The two ends of a non-blocking pipe, counted in [`PIPES_OPEN`].
 struct Pipe {
     r: OwnedFd,
     w: OwnedFd,
     /// Grown to [`BIG_PIPE`].
     big: bool,
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        PIPES_OPEN.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One more counted in `open` if fewer than `most` are; whether it was.
+fn counted(open: &AtomicUsize, most: usize) -> bool {
+    if open.fetch_add(1, Ordering::AcqRel) >= most {
+        open.fetch_sub(1, Ordering::AcqRel);
+        return false;
+    }
+    true
 }
 
 /// The smallest pipe worth splicing through: the default 16 pages. Past
@@ -966,14 +997,25 @@ const SMALLEST_PIPE: usize = 16 * 4096;
 impl Pipe {
     /// A new pipe; `None` when the kernel made it too small to be worth
     /// using (the user's pipe budget is spent).
+    /// An error past [`set_pipe_budget`]'s.
     fn new(big: bool) -> io::Result<Option<Pipe>> {
-        let (r, w) = os::pipe()?;
-        if os::pipe_size(&w).is_some_and(|n| n < SMALLEST_PIPE) {
+        let most = PIPES_MOST.load(Ordering::Relaxed);
+        if !counted(&PIPES_OPEN, most) {
+            return Err(io::Error::other(format!(
+                "the {} descriptors the limit leaves pipes are in use (tunnels whose readers stall each hold theirs)",
+                most.saturating_mul(2)
+            )));
+        }
+        let (r, w) = os::pipe().inspect_err(|_| {
+            PIPES_OPEN.fetch_sub(1, Ordering::AcqRel);
+        })?;
+        let mut pipe = Pipe { r, w, big: false };
+        if os::pipe_size(&pipe.w).is_some_and(|n| n < SMALLEST_PIPE) {
             return Ok(None);
         }
         // Refused past the user's pipe budget: the pipe stays small.
-        let big = big && os::set_pipe_size(&w, BIG_PIPE);
-        Ok(Some(Pipe { r, w, big }))
+        pipe.big = big && os::set_pipe_size(&pipe.w, BIG_PIPE);
+        Ok(Some(pipe))
     }
 
     fn pool(big: bool) -> (&'static Mutex<Vec<Pipe>>, usize) {
@@ -1029,6 +1071,11 @@ fn take_pipe(big: bool) -> Option<Pipe> {
             None
         }
         Err(e) => {
+            // (Past the budget, kept pipes of the other size are open
+            // already: one of them rather than none.)
+            if let Some(p) = Pipe::pool(!big).0.lock().expect("pipe pool poisoned").pop() {
+                return Some(p);
+            }
             if WARNED.first_in(std::time::Duration::from_secs(60)) {
                 warn!(error = %e, "no pipe for a tunnel; copying through user space (raise the descriptor limit)");
             }
@@ -1562,6 +1609,18 @@ mod tests {
             rcv > 2 * SHORT_PATH_BUFFER || snd > 2 * SHORT_PATH_BUFFER,
             "{rcv} {snd}"
         );
+    }
+
+    /// Past the budget no pipe is counted (none is made: the chunk is
+    /// copied), and one closed makes room again.
+    #[test]
+    fn no_pipe_is_made_past_the_budget() {
+        let open = AtomicUsize::new(0);
+        assert!((0..3).all(|_| counted(&open, 3)));
+        assert!(!counted(&open, 3) && !counted(&open, 3));
+        assert_eq!(open.load(Ordering::Acquire), 3);
+        open.fetch_sub(1, Ordering::AcqRel);
+        assert!(counted(&open, 3));
     }
 
     #[test]
