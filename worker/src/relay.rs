@@ -397,7 +397,7 @@ impl Ends {
 /// at once discards what the socket still holds).
 /// (A socket its peer reset holds what it will never send: not waited
 /// for. Its queue stayed put, and each such tunnel took the whole wait.)
-async fn reset_once_sent(fds: impl IntoIterator<Item = RawFd>) {
+pub(crate) async fn reset_once_sent(fds: impl IntoIterator<Item = RawFd>) {
     let deadline = tokio::time::Instant::now() + RESET_WAIT;
     for fd in fds {
         while os::send_queue(fd).is_some_and(|n| n > 0)

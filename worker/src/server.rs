@@ -797,6 +797,7 @@ impl Serving {
                         _going: Sent::new(&sending),
                         resets,
                         ended: false,
+                        broke: None,
                     }))
                 }
             });
@@ -907,7 +908,9 @@ impl Serving {
                 // took the cut body for the whole one.
                 if body_broke(&e) {
                     if let Some(fd) = fd {
-                        crate::os::reset_at_close(fd);
+                        // Once the client has taken what was written (2 s
+                        // at most): a reset at once discards it.
+                        crate::relay::reset_once_sent([fd]).await;
                         // Closed at once: a lingering close (an upload
                         // left unread) shuts the sending side down first,
                         // and that FIN is the clean end this must not be.
@@ -1355,6 +1358,9 @@ struct Streamed {
     /// before that end, the close is made a reset.
     resets: Option<std::os::fd::OwnedFd>,
     ended: bool,
+    /// The body's error, given hyper one turn after it came (see
+    /// `poll_frame`).
+    broke: Option<<crate::proxy::ProxyBody as hyper::body::Body>::Error>,
 }
 
 impl Drop for Streamed {
@@ -1415,9 +1421,22 @@ impl hyper::body::Body for Streamed {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        if let Some(e) = self.broke.take() {
+            return Poll::Ready(Some(Err(e)));
+        }
         let r = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(None) = r {
-            self.ended = true;
+        match r {
+            Poll::Ready(None) => self.ended = true,
+            // Given one turn later: hyper stops at a body's error without
+            // writing what it holds, and flushes it while the body is
+            // pending. An HTTP/1.0 client of a body cut short got a reset
+            // and nothing of the head and the body before it (review at).
+            Poll::Ready(Some(Err(e))) => {
+                self.broke = Some(e);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            _ => {}
         }
         r
     }
