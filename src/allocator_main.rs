@@ -93,7 +93,23 @@ pub fn allocator(args: AllocatorArgs) -> ExitCode {
         };
         let (listener, owned) = match passed_socket {
             Some(l) => {
-                info!("using the socket passed by systemd");
+                // Workers and `rotor` commands find the allocator at the
+                // configured path: a passed socket elsewhere (the socket
+                // unit's `ListenStream=` and `socket =` disagreeing) left
+                // them never ready, with nothing said (review as).
+                let passed_at = l
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_pathname().map(std::path::Path::to_path_buf));
+                match passed_at {
+                    Some(at) if !same_path(&at, &socket) => tracing::warn!(
+                        passed = %at.display(),
+                        configured = %socket.display(),
+                        "the socket systemd passed is not at the configured socket path: workers and rotor commands that use the configured one will not reach this allocator; make ListenStream= and `socket` (--socket, ROTOR_SOCKET) agree"
+                    ),
+                    Some(at) => info!(socket = %at.display(), "using the socket passed by systemd"),
+                    None => info!("using the socket passed by systemd"),
+                }
                 match l
                     .set_nonblocking(true)
                     .and_then(|()| tokio::net::UnixListener::from_std(l))
@@ -350,6 +366,20 @@ fn fit_peers(limit: u64, max_peers: usize) -> usize {
         );
     }
     fitted
+}
+
+/// Whether `a` and `b` name one file, by their directories as they resolve
+/// (a symbolic link's and its target's are one) and their names.
+fn same_path(a: &std::path::Path, b: &std::path::Path) -> bool {
+    let resolved = |p: &std::path::Path| {
+        let dir = p.parent().filter(|d| !d.as_os_str().is_empty());
+        let dir = dir.unwrap_or(std::path::Path::new("."));
+        Some((std::fs::canonicalize(dir).ok()?, p.file_name()?.to_owned()))
+    };
+    match (resolved(a), resolved(b)) {
+        (Some(a), Some(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 #[cfg(test)]
