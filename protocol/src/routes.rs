@@ -757,24 +757,26 @@ mod tests {
     #[test]
     fn a_narrower_ipv4_route_takes_its_part_of_a_local_one() {
         let seg = |s: &str| s.parse::<Segment>().unwrap();
-        let merged = "\
-Main:
+        // lo's routes, as the kernel lists them.
+        const LO: &str = concat!(
+            "     +-- 127.0.0.0/8 2 0 2\n",
+            "        +-- 127.0.0.0/31 1 0 0\n",
+            "           |-- 127.0.0.0\n",
+            "              /8 host LOCAL\n",
+            "           |-- 127.0.0.1\n",
+            "              /32 host LOCAL\n",
+            "        |-- 127.255.255.255\n",
+            "           /32 link BROADCAST\n",
+        );
+        let merged = "
   +-- 0.0.0.0/1 2 0 2
      +-- 10.0.0.0/15 2 0 2
         |-- 10.0.0.0
            /15 host LOCAL
         |-- 10.1.0.0
            /16 universe UNREACHABLE
-     +-- 127.0.0.0/8 2 0 2
-        +-- 127.0.0.0/31 1 0 0
-           |-- 127.0.0.0
-              /8 host LOCAL
-           |-- 127.0.0.1
-              /32 host LOCAL
-        |-- 127.255.255.255
-           /32 link BROADCAST
 ";
-        let merged = format!("{merged}{}", merged.replacen("Main:", "Local:", 1));
+        let merged = format!("Main:{merged}{LO}Local:{merged}{LO}");
         let r = v4_only(&merged);
         assert_eq!(r.holds_all(&seg("10.0.0.0/15")), Some(false));
         assert_eq!(r.holds_all(&seg("10.0.0.0/16")), Some(true));
@@ -798,16 +800,8 @@ Local:
   +-- 0.0.0.0/1 2 0 2
      |-- 10.0.0.0
         /15 host LOCAL
-     +-- 127.0.0.0/8 2 0 2
-        +-- 127.0.0.0/31 1 0 0
-           |-- 127.0.0.0
-              /8 host LOCAL
-           |-- 127.0.0.1
-              /32 host LOCAL
-        |-- 127.255.255.255
-           /32 link BROADCAST
 ";
-        let r = v4_only(unmerged);
+        let r = v4_only(&format!("{unmerged}{LO}"));
         assert_eq!(r.holds_all(&seg("10.0.0.0/15")), Some(true));
         assert_eq!(r.holds(ip("10.1.0.5")), Some(true));
         assert_eq!(r.holds_all(&seg("10.4.0.0/15")), Some(false));
