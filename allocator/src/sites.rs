@@ -295,6 +295,14 @@ impl Rules {
             // A public suffix (`co.uk`, `github.io`, `com`) is no site: names
             // under it are each their own, and the budget would cover
             // only the bare suffix.
+            // Nor a number that is no dotted address (`127.1`,
+            // `2130706433`): a request to one is refused (400), so its
+            // budget matched nothing.
+            if bare.parse::<IpAddr>().is_err() && rotor_protocol::numeric_not_dotted(site) {
+                return Err(format!(
+                    "`{site}` is no site: a host ending in a number must be an IPv4 address in dotted decimal (a.b.c.d), as requests to one must (write 127.0.0.1, not 127.1)"
+                ));
+            }
             let name = site.trim_end_matches('.').to_ascii_lowercase();
             if bare.parse::<IpAddr>().is_err() && rotor_protocol::is_public_suffix(&name) {
                 return Err(format!(
@@ -3433,9 +3441,21 @@ mod tests {
             "example.com:8080=1/1s",
             "https://example.com=1/1s",
             "bücher.de=1/1s",
+            // Numbers no request may name (review ar: accepted, and
+            // matched nothing), and what the refusal of `127.0.1.02` had
+            // told to write.
+            "127.1=1/1s",
+            "2130706433=1/1s",
+            "0x7f000001=1/1s",
+            "1.02=1/1s",
+            "127.0.1.02=1/1s",
         ] {
             assert!(Rules::parse(&[bad.to_string()]).is_err(), "{bad}");
         }
+        let e = Rules::parse(&["127.1=1/1s".into()]).unwrap_err();
+        assert!(e.contains("dotted decimal"), "{e}");
+        let e = Rules::parse(&["127.0.1.02=1/1s".into()]).unwrap_err();
+        assert!(!e.contains("`1.02`"), "{e}");
         assert!(
             Rules::parse(&["[2001:db8::1]=1/1s".into(), "xn--bcher-kva.de=1/1s".into()]).is_ok()
         );

@@ -63,7 +63,10 @@ pub use segment::{
     cover, from_u128, order, random_bytes, random_order_key, set_order, to_u128, Family, Order,
     OrderKey, PrefixSet, Segment,
 };
-pub use site::{is_public_suffix, site_bit, site_of, Block, PROBE_HOLD, SITE_FILTER_BITS};
+pub use site::{
+    dotted_decimal, is_public_suffix, numeric_not_dotted, site_bit, site_of, Block, PROBE_HOLD,
+    SITE_FILTER_BITS,
+};
 pub use table::{
     address_at, family_total, index_of, not_a_table, unreached, LeaseTable, Position, Rotations,
     SiteMode, TableError, TableSnapshot, Walk, MAX_FAMILY_TOTAL, PEER_SLOTS, TABLE_LAYOUT,

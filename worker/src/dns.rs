@@ -581,44 +581,12 @@ pub fn check_spelling(host: &str) -> Result<(), ProxyError> {
             )),
         };
     }
-    let name = host.strip_suffix('.').unwrap_or(host);
-    let last = name.rsplit('.').next().unwrap_or(name).as_bytes();
-    let numeric = match last {
-        [b'0', b'x' | b'X', hex @ ..] => hex.iter().all(u8::is_ascii_hexdigit),
-        _ => !last.is_empty() && last.iter().all(u8::is_ascii_digit),
-    };
-    // (`10.0.0.1.` too: no resolver reads it as the address, and the site
-    // key would.)
-    if numeric && !dotted_decimal(host.as_bytes()) {
+    if rotor_protocol::numeric_not_dotted(host) {
         return Err(ProxyError::BadRequest(
             "a host ending in a number must be an IPv4 address in dotted decimal (a.b.c.d)".into(),
         ));
     }
     Ok(())
-}
-
-/// Whether `s` is an IPv4 address in dotted decimal as `Ipv4Addr` parses
-/// one (four numbers of 0 to 255, no leading zeros): by hand, for the
-/// request path (the parser cost a request to an IP-literal target some
-/// 30 instructions more, callgrind; the whole check costs it about 150).
-fn dotted_decimal(s: &[u8]) -> bool {
-    let mut parts = 0;
-    for part in s.split(|&b| b == b'.') {
-        parts += 1;
-        let ok = match part {
-            [b'0'] => true,
-            [b'1'..=b'9'] => true,
-            [b'1'..=b'9', b'0'..=b'9'] => true,
-            [a @ b'1'..=b'9', b, c] if b.is_ascii_digit() && c.is_ascii_digit() => {
-                (u16::from(a - b'0') * 100 + u16::from(b - b'0') * 10 + u16::from(c - b'0')) <= 255
-            }
-            _ => false,
-        };
-        if !ok || parts > 4 {
-            return false;
-        }
-    }
-    parts == 4
 }
 
 /// The first [`MAX_ADDRS_PER_FAMILY`] addresses of each family, in order.
@@ -725,33 +693,6 @@ fn is_eai_again(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    proptest::proptest! {
-        /// The hand-made check takes what `Ipv4Addr`'s parser takes.
-        #[test]
-        fn dotted_decimal_is_what_ipv4addr_parses(s in "[0-9.]{0,16}") {
-            proptest::prop_assert_eq!(dotted_decimal(s.as_bytes()), s.parse::<std::net::Ipv4Addr>().is_ok());
-        }
-    }
-
-    #[test]
-    fn dotted_decimal_cases() {
-        for good in ["0.0.0.0", "255.255.255.255", "10.0.0.1", "192.168.100.99"] {
-            assert!(dotted_decimal(good.as_bytes()), "{good}");
-        }
-        for bad in [
-            "256.0.0.1",
-            "01.0.0.1",
-            "1.2.3",
-            "1.2.3.4.5",
-            "1..2.3",
-            "",
-            "1.2.3.4.",
-            "999.1.1.1",
-        ] {
-            assert!(!dotted_decimal(bad.as_bytes()), "{bad}");
-        }
-    }
 
     /// An IPv6 answer of the C library keeps its scope (a link-local one
     /// connects only with it); an IPv4-mapped one is its IPv4 address.
