@@ -618,26 +618,6 @@ impl Sessions {
         self.user_listed = self.users.values().map(|l| l.order.len()).sum();
     }
 
-    /// A request for session `key` asks it last `ttl` from its first
-    /// lease: it ends at the soonest any of its requests asks for, so a
-    /// lowered `--session-max-ttl` or `--session-ttl` holds for sessions
-    /// begun before, and taken back at a restart, too (a review saw a
-    /// restored one keep the hour the old cap had given it). Never
-    /// lengthened. Whether it was shortened.
-    pub fn shorten(&mut self, key: &str, ttl: Duration) -> bool {
-        match self.map.get_mut(key) {
-            Some(s)
-                if s.created
-                    .checked_add(ttl)
-                    .is_some_and(|end| end < s.expires) =>
-            {
-                s.expires = s.created + ttl;
-                true
-            }
-            _ => false,
-        }
-    }
-
     /// Session `key`, asked for as strict, is strict from then on: one
     /// begun loose and later used strict is remembered when pushed out of
     /// a full table (it fails until its end), not quietly moved.
@@ -1403,18 +1383,6 @@ mod tests {
             Pinned::Nothing,
             "fixed from the first lease"
         );
-        // A request asking less shortens it (from its first lease); more
-        // lengthens nothing.
-        s.pin("e", ip("10.0.0.6"), ttl, false, t0);
-        assert!(!s.shorten("e", ttl * 2) && !s.shorten("nobody", ttl / 10));
-        assert!(s.shorten("e", ttl / 2) && !s.shorten("e", ttl / 2));
-        let half = t0 + ttl / 2;
-        let just_before = half - Duration::from_millis(1);
-        assert_eq!(
-            s.pinned("e", Family::V4, just_before, all_good),
-            Pinned::Address(ip("10.0.0.6"))
-        );
-        assert_eq!(s.pinned("e", Family::V4, half, all_good), Pinned::Nothing);
         // Bounded: the oldest goes first.
         s.pin("b", ip("10.0.0.3"), ttl, false, t0 + Duration::from_secs(1));
         s.pin("c", ip("10.0.0.4"), ttl, false, t0 + Duration::from_secs(2));

@@ -2140,10 +2140,6 @@ impl Allocator {
         if strict && inner.sessions.make_strict(key) {
             inner.changes += 1;
         }
-        // Nor longer than this request asks (a cap lowered since it began).
-        if inner.sessions.shorten(key, ttl) {
-            inner.changes += 1;
-        }
         let mut last = None;
         // With a site, its answer when no family served (a refusal rather
         // than a lease the session is not pinned to).
