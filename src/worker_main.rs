@@ -361,7 +361,10 @@ fn passed_or_bound(
         0 => addrs,
         _ => flags,
     };
-    for addr in bound {
+    // (A flag naming a passed socket's own address is that socket: bound
+    // again, the start failed, address in use.)
+    let held: Vec<std::net::SocketAddr> = out.iter().filter_map(|l| l.local_addr().ok()).collect();
+    for addr in bound.iter().filter(|a| !held.contains(a)) {
         out.push(listener::bind_reuseport(*addr)?);
     }
     Ok((out, inherited))
