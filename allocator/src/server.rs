@@ -161,7 +161,15 @@ pub fn socket_dir_unmade(path: &Path) -> Result<(), BindError> {
             writable(dir)?;
         }
         Some(dir) => {
-            if let Some(above) = dir.ancestors().skip(1).find(|d| there(d)) {
+            // (A relative path's ancestors end at "": the working
+            // directory's.)
+            fn dot(d: &Path) -> &Path {
+                match d.as_os_str().is_empty() {
+                    true => Path::new("."),
+                    false => d,
+                }
+            }
+            if let Some(above) = dir.ancestors().skip(1).map(dot).find(|d| there(d)) {
                 writable(above).map_err(|_| BindError::Dir {
                     path: dir.to_path_buf(),
                     source: io::Error::from(io::ErrorKind::PermissionDenied),
@@ -177,8 +185,17 @@ pub fn socket_dir_unmade(path: &Path) -> Result<(), BindError> {
 /// a root-owned 0755 directory for an allocator run as another user,
 /// which then failed at each start: review as).
 fn writable(dir: &Path) -> Result<(), BindError> {
-    use nix::unistd::{access, AccessFlags};
-    match access(dir, AccessFlags::W_OK | AccessFlags::X_OK) {
+    use nix::unistd::AccessFlags;
+    // As this process would create it: its effective ids and capabilities
+    // (a plain access(2) asks as the real uid, and refused a process with
+    // CAP_DAC_OVERRIDE: review au).
+    let asked = nix::unistd::faccessat(
+        None,
+        dir,
+        AccessFlags::W_OK | AccessFlags::X_OK,
+        nix::fcntl::AtFlags::AT_EACCESS,
+    );
+    match asked {
         Ok(()) => Ok(()),
         Err(_) => Err(BindError::Unwritable(
             dir.to_path_buf(),
