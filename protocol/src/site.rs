@@ -57,6 +57,7 @@ impl Block {
 /// request to one (400), and a site budget for one would match nothing.
 /// (`10.0.0.1.` too: no resolver reads it as the address, and the site
 /// key would.)
+#[inline]
 pub fn numeric_not_dotted(host: &str) -> bool {
     let name = host.strip_suffix('.').unwrap_or(host);
     let last = name.rsplit('.').next().unwrap_or(name).as_bytes();
@@ -71,6 +72,7 @@ pub fn numeric_not_dotted(host: &str) -> bool {
 /// one (four numbers of 0 to 255, no leading zeros): by hand, for the
 /// request path (the parser cost a request to an IP-literal target some
 /// 30 instructions more, callgrind; the whole check costs it about 150).
+#[inline]
 pub fn dotted_decimal(s: &[u8]) -> bool {
     let mut parts = 0;
     for part in s.split(|&b| b == b'.') {
