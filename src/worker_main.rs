@@ -380,12 +380,19 @@ fn passed_or_bound(
 /// it could not serve, each answered 503 `Proxy Out Of Sockets` once its
 /// upstream socket failed, while the idle pool held descriptors.
 fn fitted(limit: u64, max_connections: usize) -> (usize, usize) {
-    let idle = (rotor_worker::upstream::MAX_IDLE_TOTAL as u64).min(limit / 4);
-    let pipes = (2 * rotor_worker::relay::PIPES_KEPT as u64).min(limit / 8);
-    let reserve = crate::FD_RESERVE.min(limit / 8);
+    let (idle, pipes, reserve) = set_aside(limit);
     let clients = (limit.saturating_sub(reserve + pipes + idle) / 2).max(1);
     let max = (max_connections as u64).min(clients);
     (max as usize, idle as usize)
+}
+
+/// What [`fitted`] sets aside of `limit` beside the clients: the idle
+/// upstream pool's descriptors, the kept pipes', and the reserve.
+fn set_aside(limit: u64) -> (u64, u64, u64) {
+    let idle = (rotor_worker::upstream::MAX_IDLE_TOTAL as u64).min(limit / 4);
+    let pipes = (2 * rotor_worker::relay::PIPES_KEPT as u64).min(limit / 8);
+    let reserve = crate::FD_RESERVE.min(limit / 8);
+    (idle, pipes, reserve)
 }
 
 /// The descriptors pipes may hold (see `relay::set_pipe_budget`): what
@@ -393,8 +400,7 @@ fn fitted(limit: u64, max_connections: usize) -> (usize, usize) {
 /// connections and the reserve; at least what [`fitted`] set aside for
 /// them.
 fn pipe_budget(limit: u64, max: usize, idle: usize) -> usize {
-    let reserve = crate::FD_RESERVE.min(limit / 8);
-    let pipes = (2 * rotor_worker::relay::PIPES_KEPT as u64).min(limit / 8);
+    let (_, pipes, reserve) = set_aside(limit);
     let left = limit.saturating_sub(reserve + idle as u64 + 2 * max as u64);
     usize::try_from(left.max(pipes)).unwrap_or(usize::MAX)
 }

@@ -407,8 +407,8 @@ mod netlink {
     pub struct Dumped {
         /// Local routes, of either table.
         pub local: PrefixSet,
-        table_local: Vec<Segment>,
-        main_local: Vec<Segment>,
+        table_local: PrefixSet,
+        main_local: PrefixSet,
         /// The main table's others (a route to a gateway, an unreachable
         /// one), but its catch-all.
         main_other: Vec<Segment>,
@@ -418,16 +418,11 @@ mod netlink {
         /// The local routes, and those of the main table that take part
         /// of one (see [`super::Shadowed`]), if any.
         pub fn into_routes(self) -> (PrefixSet, Option<Box<super::Shadowed>>) {
-            let set = |prefixes: Vec<Segment>| {
-                let mut set = PrefixSet::default();
-                for p in prefixes {
-                    set.insert(p);
-                }
-                set
-            };
-            let (table_local, main_local) = (set(self.table_local), set(self.main_local));
-            let shadowed =
-                super::Shadowed::find(table_local, main_local, self.main_other.into_iter());
+            let shadowed = super::Shadowed::find(
+                self.table_local,
+                self.main_local,
+                self.main_other.into_iter(),
+            );
             (self.local, shadowed)
         }
     }
@@ -481,8 +476,8 @@ mod netlink {
                     Some((p, true, table)) => {
                         dumped.local.insert(p);
                         match table == RT_TABLE_MAIN {
-                            true => dumped.main_local.push(p),
-                            false => dumped.table_local.push(p),
+                            true => dumped.main_local.insert(p),
+                            false => dumped.table_local.insert(p),
                         }
                     }
                     Some((p, false, RT_TABLE_MAIN)) => dumped.main_other.push(p),
