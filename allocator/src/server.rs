@@ -163,13 +163,8 @@ pub fn socket_dir_unmade(path: &Path) -> Result<(), BindError> {
         Some(dir) => {
             // (A relative path's ancestors end at "": the working
             // directory's.)
-            fn dot(d: &Path) -> &Path {
-                match d.as_os_str().is_empty() {
-                    true => Path::new("."),
-                    false => d,
-                }
-            }
-            if let Some(above) = dir.ancestors().skip(1).map(dot).find(|d| there(d)) {
+            let mut above = dir.ancestors().skip(1).map(here_if_empty);
+            if let Some(above) = above.find(|d| there(d)) {
                 writable(above).map_err(|_| BindError::Dir {
                     path: dir.to_path_buf(),
                     source: io::Error::from(io::ErrorKind::PermissionDenied),
@@ -220,10 +215,16 @@ fn fits(path: &Path) -> Result<(), BindError> {
 /// The directory of socket `path` (a bare name's is the working
 /// directory, checked as any other).
 fn socket_parent(path: &Path) -> Option<&Path> {
-    path.parent().map(|d| match d.as_os_str().is_empty() {
+    path.parent().map(here_if_empty)
+}
+
+/// `dir`, or the working directory for the empty path a relative path's
+/// parent ends at.
+fn here_if_empty(dir: &Path) -> &Path {
+    match dir.as_os_str().is_empty() {
         true => Path::new("."),
-        false => d,
-    })
+        false => dir,
+    }
 }
 
 /// Whether `dir` is one only this user (or root) can change.
